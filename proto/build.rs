@@ -1,0 +1,20 @@
+//! Compiles `weft/v1/*.proto` with protox (pure Rust), so no system `protoc`
+//! is needed to build Weft.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let files = [
+        "weft/v1/common.proto",
+        "weft/v1/node.proto",
+        "weft/v1/task.proto",
+        "weft/v1/admin.proto",
+    ];
+    println!("cargo:rerun-if-changed=weft");
+    let fds = protox::compile(files, ["."])?;
+    tonic_prost_build::configure()
+        .bytes(".")
+        // `NodeService.Connect` would clash with the generated `connect`
+        // constructor; clients build their `Channel` explicitly instead.
+        .build_transport(false)
+        .compile_fds(fds)?;
+    Ok(())
+}

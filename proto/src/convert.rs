@@ -1,0 +1,114 @@
+//! Conversion errors and the time helpers shared by every crate.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Why a protocol message could not become a domain value. The coordinator
+/// answers these as `INVALID_ARGUMENT`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConversionError {
+    /// A field proto3 lets be empty was empty where a value is required.
+    #[error("missing required field `{0}`")]
+    MissingField(&'static str),
+    /// An id that does not parse.
+    #[error("invalid {what} {value:?}: expected a 26-character ULID")]
+    InvalidId {
+        /// Which kind of id.
+        what: &'static str,
+        /// The offending text (truncated).
+        value: String,
+    },
+    /// A value outside the allowed set.
+    #[error("invalid {what} {value:?}: expected one of {expected}")]
+    InvalidValue {
+        /// What was being parsed.
+        what: &'static str,
+        /// The offending text (truncated).
+        value: String,
+        /// The accepted values.
+        expected: String,
+    },
+    /// A field whose value breaks a rule of the spec.
+    #[error("invalid `{field}`: {reason}")]
+    Invalid {
+        /// The field, as named in the .proto file.
+        field: &'static str,
+        /// What is wrong, in words.
+        reason: String,
+    },
+}
+
+/// A `std` duration as its protobuf form.
+pub fn duration_to_pb(d: Duration) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
+    }
+}
+
+/// A protobuf duration as a `std` one; negative or malformed durations are refused.
+pub fn duration_from_pb(
+    field: &'static str,
+    d: &prost_types::Duration,
+) -> Result<Duration, ConversionError> {
+    if d.seconds < 0 || d.nanos < 0 || d.nanos >= 1_000_000_000 {
+        return Err(ConversionError::Invalid {
+            field,
+            reason: format!("negative or malformed duration {}s {}ns", d.seconds, d.nanos),
+        });
+    }
+    Ok(Duration::new(d.seconds as u64, d.nanos as u32))
+}
+
+/// A wall-clock time as a protobuf timestamp.
+pub fn timestamp(t: SystemTime) -> prost_types::Timestamp {
+    let since = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    prost_types::Timestamp {
+        seconds: since.as_secs() as i64,
+        nanos: since.subsec_nanos() as i32,
+    }
+}
+
+/// A protobuf timestamp as a wall-clock time (clamped at the epoch).
+pub fn system_time(t: &prost_types::Timestamp) -> SystemTime {
+    let secs = u64::try_from(t.seconds).unwrap_or(0);
+    let nanos = u32::try_from(t.nanos).unwrap_or(0).min(999_999_999);
+    UNIX_EPOCH + Duration::new(secs, nanos)
+}
+
+/// Parses a human duration: `250ms`, `2s`, `1m30s`, `1h`. A bare number is
+/// seconds. Used by the CLI flags and the `sleep`/`spin` handlers.
+pub fn parse_duration(text: &str) -> Result<Duration, ConversionError> {
+    let text = text.trim();
+    if let Ok(secs) = text.parse::<f64>() {
+        if secs.is_finite() && secs >= 0.0 {
+            return Ok(Duration::from_secs_f64(secs));
+        }
+    }
+    humantime::parse_duration(text).map_err(|_| ConversionError::InvalidValue {
+        what: "duration",
+        value: text.chars().take(64).collect(),
+        expected: "a duration such as 250ms, 2s, 1m30s".to_owned(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_in_human_units() {
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("2s").unwrap(), Duration::from_secs(2));
+        assert_eq!(parse_duration("1.5").unwrap(), Duration::from_millis(1500));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("-1").is_err());
+    }
+
+    #[test]
+    fn negative_pb_duration_is_refused() {
+        let d = prost_types::Duration { seconds: -1, nanos: 0 };
+        assert!(duration_from_pb("timeout", &d).is_err());
+        let back = duration_from_pb("timeout", &duration_to_pb(Duration::from_millis(1500)));
+        assert_eq!(back.unwrap(), Duration::from_millis(1500));
+    }
+}

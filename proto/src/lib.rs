@@ -1,0 +1,32 @@
+//! The `weft.v1` protocol shared by the coordinator, nodes and clients.
+//!
+//! The `.proto` files under `weft/v1/` are the contract; this crate compiles
+//! them (with protox, no system `protoc`) and adds the domain types every
+//! other crate works with, so nobody unwraps an `Option` that proto3 forced
+//! on a field.
+//!
+//! Layout:
+//! - [`pb`]: the generated messages, clients and servers. Only here.
+//! - [`ids`]: `TaskId`, `NodeId`, `Attempt` newtypes.
+//! - [`spec`]: the validated domain `TaskSpec` and its builders.
+//! - [`state`]: `TaskState`, `Outcome`, `OutputStream`, `NodeState` enums.
+//! - [`convert`]: `ConversionError` and time/duration helpers.
+
+pub mod convert;
+pub mod ids;
+pub mod spec;
+pub mod state;
+
+/// Generated code for package `weft.v1`.
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod pb {
+    tonic::include_proto!("weft.v1");
+}
+
+pub use convert::ConversionError;
+pub use ids::{Attempt, NodeId, TaskId};
+pub use spec::{CallSpec, ExecSpec, TaskKind, TaskSpec};
+pub use state::{NodeState, Outcome, OutputStream, TaskState};
+
+/// Protocol version spoken by this build (`Register.protocol_version`).
+pub const PROTOCOL_VERSION: pb::ProtocolVersion = pb::ProtocolVersion::ProtocolVersion1;

@@ -1,0 +1,172 @@
+//! The state enums of the domain, with their wire and text forms.
+//!
+//! The text forms (`queued`, `timed_out`, ...) are what the CLI prints and
+//! parses and what JSON output carries.
+
+use std::fmt;
+use std::str::FromStr;
+
+use crate::convert::ConversionError;
+use crate::pb;
+
+macro_rules! domain_enum {
+    (
+        $(#[$doc:meta])*
+        $name:ident, $pb:ident, $what:literal {
+            $($(#[$vdoc:meta])* $variant:ident = $text:literal),+ $(,)?
+        }
+    ) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+        pub enum $name {
+            $($(#[$vdoc])* $variant),+
+        }
+
+        impl $name {
+            /// Every value, in protocol order.
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+
+            /// The lower-case text form (`"timed_out"`).
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$variant => $text),+ }
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = ConversionError;
+
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                let wanted = s.trim().to_ascii_lowercase().replace('-', "_");
+                $name::ALL
+                    .iter()
+                    .copied()
+                    .find(|v| v.as_str() == wanted)
+                    .ok_or_else(|| ConversionError::InvalidValue {
+                        what: $what,
+                        value: s.chars().take(64).collect(),
+                        expected: $name::ALL.iter().map(|v| v.as_str()).collect::<Vec<_>>().join(", "),
+                    })
+            }
+        }
+
+        impl From<$name> for pb::$pb {
+            fn from(value: $name) -> Self {
+                match value { $($name::$variant => pb::$pb::$variant),+ }
+            }
+        }
+
+        impl From<$name> for i32 {
+            fn from(value: $name) -> Self {
+                pb::$pb::from(value) as i32
+            }
+        }
+
+        impl TryFrom<i32> for $name {
+            type Error = ConversionError;
+
+            fn try_from(value: i32) -> Result<Self, Self::Error> {
+                match pb::$pb::try_from(value) {
+                    $(Ok(pb::$pb::$variant) => Ok($name::$variant),)+
+                    _ => Err(ConversionError::MissingField($what)),
+                }
+            }
+        }
+    };
+}
+
+domain_enum!(
+    /// Where a task is in its life. See `TaskState` in `common.proto`.
+    TaskState, TaskState, "task state" {
+        /// Committed, waiting for a node with room.
+        Queued = "queued",
+        /// Sent to a node, not yet started.
+        Assigned = "assigned",
+        /// Running on a node.
+        Running = "running",
+        /// Final: succeeded.
+        Succeeded = "succeeded",
+        /// Final: failed on its last allowed attempt.
+        Failed = "failed",
+        /// Final: cancelled by a client.
+        Cancelled = "cancelled",
+        /// Final: killed for running past its timeout.
+        TimedOut = "timed_out",
+    }
+);
+
+impl TaskState {
+    /// True for the four states a task never leaves.
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            TaskState::Succeeded | TaskState::Failed | TaskState::Cancelled | TaskState::TimedOut
+        )
+    }
+}
+
+domain_enum!(
+    /// How one attempt ended, as its node reports it.
+    Outcome, Outcome, "outcome" {
+        /// Exit code 0 or handler returned a value.
+        Succeeded = "succeeded",
+        /// Non-zero exit, signal, handler error: retried under max attempts.
+        Failed = "failed",
+        /// Stopped on request.
+        Cancelled = "cancelled",
+        /// Killed for running past the timeout.
+        TimedOut = "timed_out",
+        /// Could not start (unknown handler, missing binary): not retried.
+        StartFailed = "start_failed",
+    }
+);
+
+domain_enum!(
+    /// Which stream an output chunk came from.
+    OutputStream, OutputStream, "output stream" {
+        /// Standard output.
+        Stdout = "stdout",
+        /// Standard error.
+        Stderr = "stderr",
+    }
+);
+
+domain_enum!(
+    /// Whether a node takes work.
+    NodeState, NodeState, "node state" {
+        /// Taking work.
+        Ready = "ready",
+        /// Finishing its work, taking none.
+        Draining = "draining",
+    }
+);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn task_state_text_form_round_trips() {
+        for state in TaskState::ALL {
+            assert_eq!(state.as_str().parse::<TaskState>().unwrap(), *state);
+            assert_eq!(TaskState::try_from(i32::from(*state)).unwrap(), *state);
+        }
+        assert_eq!("timed-out".parse::<TaskState>().unwrap(), TaskState::TimedOut);
+    }
+
+    #[test]
+    fn unknown_state_lists_the_valid_ones() {
+        let err = "done".parse::<TaskState>().unwrap_err().to_string();
+        assert!(err.contains("queued") && err.contains("timed_out"), "{err}");
+    }
+
+    #[test]
+    fn unspecified_state_is_refused() {
+        assert!(TaskState::try_from(0).is_err());
+    }
+}
