@@ -1,1 +1,213 @@
-fn main() {}
+//! The `weft-node` binary: parse flags, set up tracing, start the node,
+//! drain on SIGTERM/SIGINT. Nothing else.
+
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, ValueEnum};
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{error, info};
+use tracing_subscriber::EnvFilter;
+
+use weft_node::{HandlerRegistry, NodeConfig};
+
+/// Runs Weft tasks: connects to a coordinator, offers slots, and runs the
+/// child processes and handlers it is assigned, streaming their output back.
+/// Reconnects with backoff when the coordinator goes away; running tasks
+/// carry on.
+///
+/// SIGTERM or SIGINT drains the node: it takes no new work, lets running
+/// tasks finish within --drain-grace, cancels and reports the rest, then
+/// exits 0. A second signal exits at once (child processes are killed).
+#[derive(Debug, Parser)]
+#[command(name = "weft-node", version)]
+struct Args {
+    /// Coordinator URL.
+    #[arg(
+        long,
+        env = "WEFT_COORDINATOR",
+        default_value = "http://127.0.0.1:7070"
+    )]
+    coordinator: String,
+
+    /// Slots offered: how many task slots may run at once [default: number of CPUs].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    slots: Option<u32>,
+
+    /// Node name shown by `weft nodes` [default: the host name].
+    #[arg(long)]
+    name: Option<String>,
+
+    /// A label tasks can require, as key=value. Repeatable.
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
+    labels: Vec<(String, String)>,
+
+    /// On SIGTERM/SIGINT or a coordinator drain: how long running tasks may
+    /// take before they are cancelled (e.g. 500ms, 30s, 1m).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    drain_grace: Duration,
+
+    /// Threads for blocking handlers [default: number of CPUs].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    blocking_threads: Option<u64>,
+
+    /// Log format on stderr (level from RUST_LOG, default info).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+/// How log lines look.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl From<Args> for NodeConfig {
+    fn from(args: Args) -> Self {
+        let mut config = NodeConfig::new(args.coordinator);
+        if let Some(slots) = args.slots {
+            config.slots = slots;
+        }
+        if let Some(name) = args.name {
+            config.name = name;
+        }
+        if let Some(threads) = args.blocking_threads {
+            config.blocking_threads = usize::try_from(threads).unwrap_or(usize::MAX);
+        }
+        config.labels = args.labels.into_iter().collect::<BTreeMap<_, _>>();
+        config.drain_grace = args.drain_grace;
+        config
+    }
+}
+
+fn parse_label(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.trim().is_empty() => {
+            Ok((key.trim().to_owned(), value.trim().to_owned()))
+        }
+        _ => Err(format!("expected KEY=VALUE (e.g. gpu=1), got {text:?}")),
+    }
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    weft_proto::convert::parse_duration(text).map_err(|err| err.to_string())
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    init_tracing(args.log_format);
+    match run(args).await {
+        Ok(code) => code,
+        Err(err) => {
+            error!("{err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let config = NodeConfig::from(args);
+    let grace = config.drain_grace;
+    info!(coordinator = %config.coordinator, node_name = %config.name, slots = config.slots, "starting");
+    let mut node = weft_node::start(config, HandlerRegistry::with_builtins());
+
+    tokio::select! {
+        () = node.wait() => {
+            info!("node stopped (drained by the coordinator)");
+            return Ok(ExitCode::SUCCESS);
+        }
+        _ = sigterm.recv() => info!("SIGTERM: draining"),
+        _ = sigint.recv() => info!("SIGINT: draining"),
+    }
+    let drain = node.drain(grace);
+    tokio::select! {
+        result = drain => {
+            result.context("draining the node")?;
+            info!("drained; exiting");
+            Ok(ExitCode::SUCCESS)
+        }
+        // Dropping the drain future drops the node, which kills its children.
+        _ = sigterm.recv() => {
+            error!("second signal: exiting now");
+            Ok(ExitCode::from(130))
+        }
+        _ = sigint.recv() => {
+            error!("second signal: exiting now");
+            Ok(ExitCode::from(130))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn flags_parse_into_the_config() {
+        let args = Args::try_parse_from([
+            "weft-node",
+            "--coordinator",
+            "http://c:1",
+            "--slots",
+            "3",
+            "--name",
+            "n1",
+            "--label",
+            "gpu=1",
+            "--label",
+            "zone=a",
+            "--drain-grace",
+            "500ms",
+        ])
+        .unwrap();
+        let config = NodeConfig::from(args);
+        assert_eq!(
+            (
+                config.coordinator.as_str(),
+                config.slots,
+                config.name.as_str()
+            ),
+            ("http://c:1", 3, "n1")
+        );
+        assert_eq!(config.labels.get("gpu").map(String::as_str), Some("1"));
+        assert_eq!(config.drain_grace, Duration::from_millis(500));
+    }
+
+    #[test]
+    fn a_label_without_equals_is_a_clear_usage_error() {
+        let err = Args::try_parse_from(["weft-node", "--label", "gpu"]).unwrap_err();
+        assert!(err.to_string().contains("expected KEY=VALUE"), "{err}");
+        assert_eq!(err.exit_code(), 2);
+    }
+
+    #[test]
+    fn help_explains_defaults_and_sigterm() {
+        Args::command().debug_assert();
+        let help = Args::command().render_long_help().to_string();
+        assert!(
+            help.contains("SIGTERM") && help.contains("http://127.0.0.1:7070"),
+            "{help}"
+        );
+    }
+}

@@ -79,10 +79,11 @@ pub fn system_time(t: &prost_types::Timestamp) -> SystemTime {
 /// seconds. Used by the CLI flags and the `sleep`/`spin` handlers.
 pub fn parse_duration(text: &str) -> Result<Duration, ConversionError> {
     let text = text.trim();
-    if let Ok(secs) = text.parse::<f64>() {
-        if secs.is_finite() && secs >= 0.0 {
-            return Ok(Duration::from_secs_f64(secs));
-        }
+    if let Ok(secs) = text.parse::<f64>()
+        && secs.is_finite()
+        && secs >= 0.0
+    {
+        return Ok(Duration::from_secs_f64(secs));
     }
     humantime::parse_duration(text).map_err(|_| ConversionError::InvalidValue {
         what: "duration",

@@ -1,0 +1,74 @@
+//! `NodeConfig`: the node's settings as a plain struct with usable defaults.
+//!
+//! Libraries never see clap types; `main.rs` turns its flags into this.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// Node settings. `NodeConfig::new(url)` gives usable defaults.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    /// Coordinator URL, e.g. `http://127.0.0.1:7070`.
+    pub coordinator: String,
+    /// Node name (default: the host name).
+    pub name: String,
+    /// Slots offered (default: number of CPUs). At least 1.
+    pub slots: u32,
+    /// Labels tasks can require.
+    pub labels: BTreeMap<String, String>,
+    /// On drain (SIGTERM, `RunningNode::drain` without its own grace, or a
+    /// coordinator `Drain` without a grace): how long running attempts may
+    /// take before they are cancelled.
+    pub drain_grace: Duration,
+    /// Reconnect backoff: first delay, doubling up to `reconnect_max`.
+    pub reconnect_min: Duration,
+    /// Longest reconnect delay.
+    pub reconnect_max: Duration,
+    /// Threads for blocking handlers (default: number of CPUs). At least 1.
+    pub blocking_threads: usize,
+}
+
+impl NodeConfig {
+    /// Defaults: the host name, one slot and one blocking thread per CPU,
+    /// no labels, 30 s drain grace, reconnect backoff from 100 ms to 10 s.
+    pub fn new(coordinator: impl Into<String>) -> Self {
+        let cpus = cpu_count();
+        NodeConfig {
+            coordinator: coordinator.into(),
+            name: hostname(),
+            slots: u32::try_from(cpus).unwrap_or(u32::MAX),
+            labels: BTreeMap::new(),
+            drain_grace: Duration::from_secs(30),
+            reconnect_min: Duration::from_millis(100),
+            reconnect_max: Duration::from_secs(10),
+            blocking_threads: cpus,
+        }
+    }
+}
+
+/// Number of CPUs this process may use (at least 1).
+pub fn cpu_count() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
+}
+
+/// This machine's host name, or `weft-node` when it cannot be read.
+pub fn hostname() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .map(|name| name.to_string_lossy().into_owned())
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "weft-node".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_offer_a_slot_per_cpu_under_the_host_name() {
+        let config = NodeConfig::new("http://127.0.0.1:7070");
+        assert!(config.slots >= 1 && config.blocking_threads >= 1);
+        assert!(!config.name.is_empty());
+        assert!(config.reconnect_min <= config.reconnect_max);
+    }
+}

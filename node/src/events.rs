@@ -1,0 +1,161 @@
+//! The node's one outgoing event channel and the per-attempt [`Emitter`].
+//!
+//! Every attempt event (started, output, progress, finished) goes through one
+//! bounded channel that the session drains into `TaskEvents` batches. The
+//! bound is the node's buffer while it is disconnected: when it is full,
+//! attempts wait (their pipes fill, the children block) instead of the node
+//! dropping output or growing without limit.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::sync::{Mutex, mpsc};
+
+use weft_proto::pb::node_task_event::Body;
+use weft_proto::{Attempt, OutputStream, TaskId, pb};
+
+/// Events buffered between the attempts and the session.
+pub(crate) const EVENT_BUFFER: usize = 4096;
+
+/// Sending half of the outgoing event channel.
+pub(crate) type EventTx = mpsc::Sender<pb::NodeTaskEvent>;
+/// Receiving half, owned by the session loop.
+pub(crate) type EventRx = mpsc::Receiver<pb::NodeTaskEvent>;
+
+/// The node's outgoing event channel.
+pub(crate) fn channel() -> (EventTx, EventRx) {
+    mpsc::channel(EVENT_BUFFER)
+}
+
+/// Reports events of one attempt to the coordinator.
+///
+/// Output chunks are numbered per attempt from 0 with one counter across
+/// stdout and stderr; the counter is held while a chunk is queued, so chunk
+/// order in the channel is seq order even with concurrent emitters.
+/// Every method answers `false` once the node no longer listens (it was
+/// killed or stopped): the attempt is being torn down.
+#[derive(Clone, Debug)]
+pub struct Emitter {
+    tx: EventTx,
+    task_id: TaskId,
+    attempt: Attempt,
+    seq: Arc<Mutex<u64>>,
+}
+
+impl Emitter {
+    pub(crate) fn new(tx: EventTx, task_id: TaskId, attempt: Attempt) -> Self {
+        Emitter {
+            tx,
+            task_id,
+            attempt,
+            seq: Arc::new(Mutex::new(0)),
+        }
+    }
+
+    /// An emitter whose events go nowhere, for calling a handler directly
+    /// (tests, benchmarks).
+    pub fn detached(task_id: TaskId, attempt: Attempt) -> Self {
+        let (tx, _) = mpsc::channel(1);
+        Self::new(tx, task_id, attempt)
+    }
+
+    /// The task whose events this emits.
+    pub fn task_id(&self) -> TaskId {
+        self.task_id
+    }
+
+    /// The attempt whose events this emits.
+    pub fn attempt(&self) -> Attempt {
+        self.attempt
+    }
+
+    fn event(&self, body: Body) -> pb::NodeTaskEvent {
+        pb::NodeTaskEvent {
+            task_id: self.task_id.to_string(),
+            attempt: self.attempt.0,
+            body: Some(body),
+        }
+    }
+
+    async fn send(&self, body: Body) -> bool {
+        self.tx.send(self.event(body)).await.is_ok()
+    }
+
+    /// The attempt started (`pid` of the child for exec tasks, 0 for calls).
+    pub(crate) async fn started(&self, pid: u32) -> bool {
+        self.send(Body::Started(pb::Started { pid })).await
+    }
+
+    /// The attempt ended. Always its last event.
+    pub(crate) async fn finished(&self, finished: pb::Finished) -> bool {
+        self.send(Body::Finished(finished)).await
+    }
+
+    /// Queues `Finished` without waiting: `Err(Some(finished))` when the
+    /// channel is full (send it later), `Err(None)` when nobody listens.
+    pub(crate) fn try_finished(&self, finished: pb::Finished) -> Result<(), Option<pb::Finished>> {
+        match self.tx.try_send(self.event(Body::Finished(finished))) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(event)) => match event.body {
+                Some(Body::Finished(finished)) => Err(Some(finished)),
+                _ => Err(None),
+            },
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(None),
+        }
+    }
+
+    /// Streams a chunk of output. Empty chunks are skipped.
+    pub async fn output(&self, stream: OutputStream, data: impl Into<Bytes>) -> bool {
+        let data = data.into();
+        if data.is_empty() {
+            return true;
+        }
+        let mut seq = self.seq.lock().await;
+        let chunk = pb::OutputChunk {
+            stream: stream.into(),
+            data,
+            seq: *seq,
+        };
+        *seq += 1;
+        self.send(Body::Output(chunk)).await
+    }
+
+    /// Reports progress: `fraction` in 0.0..=1.0, or negative when unknown.
+    pub async fn progress(&self, fraction: f64, message: impl Into<String>) -> bool {
+        let progress = pb::Progress {
+            fraction,
+            message: message.into(),
+        };
+        self.send(Body::Progress(progress)).await
+    }
+
+    /// [`Emitter::output`] for blocking handlers (on a blocking thread, not
+    /// inside async code, where it would panic).
+    pub fn blocking_output(&self, stream: OutputStream, data: impl Into<Bytes>) -> bool {
+        let data = data.into();
+        if data.is_empty() {
+            return true;
+        }
+        let mut seq = self.seq.blocking_lock();
+        let chunk = pb::OutputChunk {
+            stream: stream.into(),
+            data,
+            seq: *seq,
+        };
+        *seq += 1;
+        self.tx
+            .blocking_send(self.event(Body::Output(chunk)))
+            .is_ok()
+    }
+
+    /// [`Emitter::progress`] for blocking handlers.
+    pub fn blocking_progress(&self, fraction: f64, message: impl Into<String>) -> bool {
+        let progress = pb::Progress {
+            fraction,
+            message: message.into(),
+        };
+        self.tx
+            .blocking_send(self.event(Body::Progress(progress)))
+            .is_ok()
+    }
+}

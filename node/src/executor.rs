@@ -1,0 +1,670 @@
+//! Runs assignments: one tracked task per attempt, each with its own
+//! cancellation token (so `Cancel` stops exactly that attempt), slot
+//! accounting (never more slots than configured), timeouts, and the credit
+//! window the session grants from.
+//!
+//! An attempt holds its slots until the session has taken its `Finished`
+//! event off the event channel ([`Executor::release`]), so credits are only
+//! granted back after the `Finished` they answer, and an attempt whose
+//! `Finished` is still buffered is reported as running after a reconnect.
+//! No network I/O here: events go to the channel, the session sends them.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use nix::sys::signal::Signal;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower::ServiceExt;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use weft_proto::{Attempt, CallSpec, Outcome, TaskId, TaskKind, TaskSpec, pb};
+
+use crate::events::{Emitter, EventTx};
+use crate::exec::{self, ExecEnd};
+use crate::handlers::{HandlerError, HandlerRegistry, HandlerRequest};
+
+/// An attempt's key: the unit of fencing.
+pub(crate) type AttemptKey = (TaskId, Attempt);
+
+/// Why the node stopped an attempt.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum StopReason {
+    /// The coordinator sent `Cancel` (with its reason).
+    Cancelled(String),
+    /// It ran past `spec.timeout`.
+    TimedOut(Duration),
+    /// The node drained and the attempt outlived the grace period.
+    Drained(Duration),
+    /// The node was killed: report nothing.
+    Killed,
+}
+
+/// Stops one attempt: its token, why it was stopped, and its process group.
+#[derive(Debug)]
+pub(crate) struct AttemptControl {
+    token: CancellationToken,
+    reason: OnceLock<StopReason>,
+    pgid: OnceLock<u32>,
+}
+
+impl AttemptControl {
+    fn new(token: CancellationToken) -> Self {
+        AttemptControl {
+            token,
+            reason: OnceLock::new(),
+            pgid: OnceLock::new(),
+        }
+    }
+
+    /// Stops the attempt; the first reason given wins.
+    pub(crate) fn stop(&self, reason: StopReason) {
+        let _ = self.reason.set(reason);
+        self.token.cancel();
+    }
+
+    /// Why it was stopped; a token cancelled by its parent (node kill)
+    /// without a reason counts as killed.
+    fn reason(&self) -> StopReason {
+        self.reason.get().cloned().unwrap_or(StopReason::Killed)
+    }
+
+    /// SIGKILLs the attempt's process group now, if it has one.
+    fn kill_group(&self) {
+        if let Some(pgid) = self.pgid.get() {
+            exec::kill_group(*pgid);
+        }
+    }
+}
+
+struct RunningAttempt {
+    slots: u32,
+    control: Arc<AttemptControl>,
+}
+
+/// Slots and credits. Invariant: `used + window <= total`, where `window`
+/// is what this session granted and the coordinator has not used yet.
+struct State {
+    total: u32,
+    used: u32,
+    window: u32,
+    draining: bool,
+    running: HashMap<AttemptKey, RunningAttempt>,
+}
+
+struct Inner {
+    handlers: HandlerRegistry,
+    events: EventTx,
+    tasks: TaskTracker,
+    /// Parent of every attempt token: cancelled when the node is killed.
+    kill: CancellationToken,
+    state: Mutex<State>,
+    /// Number of attempts holding slots, for waiting until idle.
+    running_count: watch::Sender<usize>,
+}
+
+/// Runs assignments. Cheap to clone (shared state).
+#[derive(Clone)]
+pub(crate) struct Executor {
+    inner: Arc<Inner>,
+}
+
+impl Executor {
+    pub(crate) fn new(
+        handlers: HandlerRegistry,
+        events: EventTx,
+        tasks: TaskTracker,
+        kill: CancellationToken,
+        slots: u32,
+    ) -> Self {
+        Executor {
+            inner: Arc::new(Inner {
+                handlers,
+                events,
+                tasks,
+                kill,
+                state: Mutex::new(State {
+                    total: slots.max(1),
+                    used: 0,
+                    window: 0,
+                    draining: false,
+                    running: HashMap::new(),
+                }),
+                running_count: watch::Sender::new(0),
+            }),
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // No code panics while holding this lock; recover anyway.
+        self.inner
+            .state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Names of the handlers this node serves.
+    pub(crate) fn handler_names(&self) -> Vec<String> {
+        self.inner.handlers.names()
+    }
+
+    /// A new session starts with an empty credit window.
+    pub(crate) fn reset_window(&self) {
+        self.state().window = 0;
+    }
+
+    /// Credits to grant now so that `used + window == total`, or `None`
+    /// (nothing free, or draining: a draining node never grants).
+    pub(crate) fn take_grant(&self) -> Option<u32> {
+        let mut state = self.state();
+        if state.draining {
+            return None;
+        }
+        let grant = state.total.saturating_sub(state.used + state.window);
+        state.window += grant;
+        (grant > 0).then_some(grant)
+    }
+
+    /// Stops granting and refuses new assignments.
+    pub(crate) fn set_draining(&self) {
+        self.state().draining = true;
+    }
+
+    /// The attempts holding slots, for `Register.running` after a reconnect.
+    pub(crate) fn running_refs(&self) -> Vec<pb::AttemptRef> {
+        let mut refs: Vec<_> = self
+            .state()
+            .running
+            .keys()
+            .map(|(task_id, attempt)| pb::AttemptRef {
+                task_id: task_id.to_string(),
+                attempt: attempt.0,
+            })
+            .collect();
+        refs.sort_by(|a, b| a.task_id.cmp(&b.task_id).then(a.attempt.cmp(&b.attempt)));
+        refs
+    }
+
+    /// Number of attempts holding slots.
+    pub(crate) fn running(&self) -> usize {
+        self.state().running.len()
+    }
+
+    /// Frees the slots of an attempt whose `Finished` the session took.
+    pub(crate) fn release(&self, key: AttemptKey) {
+        let mut state = self.state();
+        if let Some(done) = state.running.remove(&key) {
+            state.used = state.used.saturating_sub(done.slots);
+        }
+        self.inner.running_count.send_replace(state.running.len());
+    }
+
+    /// Resolves once no attempt holds slots.
+    pub(crate) async fn wait_idle(&self) {
+        let mut count = self.inner.running_count.subscribe();
+        // The sender lives as long as `self`, so this cannot fail.
+        let _ = count.wait_for(|n| *n == 0).await;
+    }
+
+    /// Starts one assignment, or reports at once why it cannot run.
+    pub(crate) fn assign(&self, assignment: pb::Assignment) {
+        let Ok(task_id) = assignment.task_id.parse::<TaskId>() else {
+            warn!(task_id = %assignment.task_id, "assignment with an invalid task id; ignored");
+            return;
+        };
+        let attempt = Attempt(assignment.attempt);
+        let key = (task_id, attempt);
+        let emit = Emitter::new(self.inner.events.clone(), task_id, attempt);
+        let wire_slots = assignment.spec.as_ref().map_or(1, |spec| spec.slots.max(1));
+        let spec = match assignment.spec.map(TaskSpec::try_from) {
+            Some(Ok(spec)) => spec,
+            Some(Err(err)) => {
+                self.consume_window(wire_slots);
+                return self.refuse(
+                    emit,
+                    Outcome::StartFailed,
+                    format!("invalid task spec: {err}"),
+                );
+            }
+            None => {
+                self.consume_window(wire_slots);
+                return self.refuse(
+                    emit,
+                    Outcome::StartFailed,
+                    "assignment without a spec".into(),
+                );
+            }
+        };
+        let control = Arc::new(AttemptControl::new(self.inner.kill.child_token()));
+        {
+            let mut state = self.state();
+            state.window = state.window.saturating_sub(spec.slots);
+            if state.running.contains_key(&key) {
+                warn!(%task_id, %attempt, "duplicate assignment; ignored");
+                return;
+            }
+            if state.draining {
+                drop(state);
+                return self.refuse(emit, Outcome::Cancelled, "node is draining".into());
+            }
+            if state.used + spec.slots > state.total {
+                let why = format!(
+                    "node over capacity: task needs {} slots, {} of {} free",
+                    spec.slots,
+                    state.total - state.used,
+                    state.total
+                );
+                drop(state);
+                warn!(%task_id, %attempt, "{why}");
+                return self.refuse(emit, Outcome::Cancelled, why);
+            }
+            state.used += spec.slots;
+            state.running.insert(
+                key,
+                RunningAttempt {
+                    slots: spec.slots,
+                    control: control.clone(),
+                },
+            );
+            self.inner.running_count.send_replace(state.running.len());
+        }
+        let span = info_span!("attempt", %task_id, %attempt);
+        let executor = self.clone();
+        self.inner
+            .tasks
+            .spawn(async move { executor.run_attempt(spec, control, emit).await }.instrument(span));
+    }
+
+    /// An assignment used `slots` of the granted window, whether it runs or not.
+    fn consume_window(&self, slots: u32) {
+        let mut state = self.state();
+        state.window = state.window.saturating_sub(slots);
+    }
+
+    /// Reports an assignment that never ran (its slots were never taken).
+    fn refuse(&self, emit: Emitter, outcome: Outcome, error: String) {
+        info!(task_id = %emit.task_id(), attempt = %emit.attempt(), %outcome, %error, "assignment refused");
+        let done = finished(outcome, None, Bytes::new(), error);
+        // Queued right away when there is room, so a drain that stops the
+        // node next still flushes it.
+        if let Err(Some(done)) = emit.try_finished(done) {
+            self.inner.tasks.spawn(async move {
+                emit.finished(done).await;
+            });
+        }
+    }
+
+    /// Stops one attempt for `Cancel`; an unknown attempt is ignored.
+    pub(crate) fn cancel(&self, key: AttemptKey, reason: String) {
+        match self.state().running.get(&key) {
+            Some(running) => {
+                info!(task_id = %key.0, attempt = %key.1, %reason, "cancelling attempt");
+                running.control.stop(StopReason::Cancelled(reason));
+            }
+            None => {
+                debug!(task_id = %key.0, attempt = %key.1, "cancel for an unknown attempt; ignored")
+            }
+        }
+    }
+
+    /// Stops every running attempt for `reason`; answers how many.
+    pub(crate) fn stop_all(&self, reason: &StopReason) -> usize {
+        let state = self.state();
+        for running in state.running.values() {
+            if *reason == StopReason::Killed {
+                running.control.kill_group();
+            }
+            running.control.stop(reason.clone());
+        }
+        state.running.len()
+    }
+
+    async fn run_attempt(&self, spec: TaskSpec, control: Arc<AttemptControl>, emit: Emitter) {
+        debug!(kind = spec.summary(), "attempt starting");
+        let work = async {
+            match &spec.kind {
+                TaskKind::Exec(exec_spec) => {
+                    let end = exec::run(exec_spec, &emit, &control.token, |pgid| {
+                        let _ = control.pgid.set(pgid);
+                    })
+                    .await;
+                    exec_finished(end, &control)
+                }
+                TaskKind::Call(call) => self.run_call(call, &emit, &control).await,
+            }
+        };
+        let result = match spec.timeout {
+            None => work.await,
+            Some(limit) => {
+                tokio::pin!(work);
+                tokio::select! {
+                    result = &mut work => result,
+                    () = tokio::time::sleep(limit) => {
+                        control.stop(StopReason::TimedOut(limit));
+                        work.await
+                    }
+                }
+            }
+        };
+        let Some(done) = result else {
+            debug!("attempt killed with the node; nothing reported");
+            return;
+        };
+        let outcome = Outcome::try_from(done.outcome).map_or("?", Outcome::as_str);
+        info!(outcome, exit_code = ?done.exit_code, error = %done.error, "attempt finished");
+        emit.finished(done).await;
+    }
+
+    async fn run_call(
+        &self,
+        call: &CallSpec,
+        emit: &Emitter,
+        control: &AttemptControl,
+    ) -> Option<pb::Finished> {
+        let Some(service) = self.inner.handlers.get(&call.handler) else {
+            let known = self.inner.handlers.names().join(", ");
+            let error = format!(
+                "unknown handler {:?} (this node serves: {known})",
+                call.handler
+            );
+            return Some(finished(Outcome::StartFailed, None, Bytes::new(), error));
+        };
+        emit.started(0).await;
+        let request = HandlerRequest {
+            task_id: emit.task_id(),
+            attempt: emit.attempt(),
+            input: call.input.clone(),
+            cancel: control.token.clone(),
+            emit: emit.clone(),
+        };
+        let result = tokio::select! {
+            result = service.oneshot(request) => result,
+            () = control.token.cancelled() => return stopped(control.reason()),
+        };
+        match result {
+            Ok(output) => Some(finished(Outcome::Succeeded, None, output, String::new())),
+            Err(HandlerError::Cancelled) if control.token.is_cancelled() => {
+                stopped(control.reason())
+            }
+            Err(err) => Some(finished(
+                Outcome::Failed,
+                None,
+                Bytes::new(),
+                err.to_string(),
+            )),
+        }
+    }
+}
+
+fn exec_finished(end: ExecEnd, control: &AttemptControl) -> Option<pb::Finished> {
+    Some(match end {
+        ExecEnd::Exited(0) => finished(Outcome::Succeeded, Some(0), Bytes::new(), String::new()),
+        ExecEnd::Exited(code) => finished(
+            Outcome::Failed,
+            Some(code),
+            Bytes::new(),
+            format!("exited with code {code}"),
+        ),
+        ExecEnd::Signaled(signal) => {
+            let name = Signal::try_from(signal).map_or("unknown signal", Signal::as_str);
+            let error = format!("killed by signal {signal} ({name})");
+            finished(Outcome::Failed, None, Bytes::new(), error)
+        }
+        ExecEnd::StartFailed(error) => finished(Outcome::StartFailed, None, Bytes::new(), error),
+        ExecEnd::Stopped => return stopped(control.reason()),
+    })
+}
+
+/// The `Finished` of a stopped attempt; `None` when killed (report nothing).
+fn stopped(reason: StopReason) -> Option<pb::Finished> {
+    let (outcome, error) = match reason {
+        StopReason::Killed => return None,
+        StopReason::Cancelled(why) if why.is_empty() => {
+            (Outcome::Cancelled, "cancelled".to_owned())
+        }
+        StopReason::Cancelled(why) => (Outcome::Cancelled, format!("cancelled: {why}")),
+        StopReason::TimedOut(limit) => (Outcome::TimedOut, format!("timed out after {limit:?}")),
+        StopReason::Drained(grace) => (
+            Outcome::Cancelled,
+            format!("cancelled by node drain: still running after the {grace:?} grace period"),
+        ),
+    };
+    Some(finished(outcome, None, Bytes::new(), error))
+}
+
+fn finished(
+    outcome: Outcome,
+    exit_code: Option<i32>,
+    output: Bytes,
+    error: String,
+) -> pb::Finished {
+    pb::Finished {
+        outcome: outcome.into(),
+        exit_code,
+        output,
+        error,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use weft_proto::pb::node_task_event::Body;
+
+    use super::*;
+    use crate::events::{self, EventRx};
+    use crate::exec::tests::assert_gone_soon;
+
+    fn executor(slots: u32) -> (Executor, EventRx) {
+        let (tx, rx) = events::channel();
+        let executor = Executor::new(
+            HandlerRegistry::with_builtins(),
+            tx,
+            TaskTracker::new(),
+            CancellationToken::new(),
+            slots,
+        );
+        (executor, rx)
+    }
+
+    fn assignment(spec: TaskSpec) -> (pb::Assignment, AttemptKey) {
+        let task_id = TaskId::new();
+        let wire = pb::Assignment {
+            task_id: task_id.to_string(),
+            attempt: 1,
+            spec: Some(spec.into()),
+        };
+        (wire, (task_id, Attempt::FIRST))
+    }
+
+    /// Events until the `Finished` of `key`, which is released like the
+    /// session would.
+    async fn until_finished(
+        executor: &Executor,
+        rx: &mut EventRx,
+        key: AttemptKey,
+    ) -> (Vec<pb::NodeTaskEvent>, pb::Finished) {
+        let mut seen = Vec::new();
+        loop {
+            let event = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+                .await
+                .expect("attempt finishes")
+                .expect("channel open");
+            let ours = event.task_id == key.0.to_string();
+            if let (true, Some(Body::Finished(done))) = (ours, &event.body) {
+                executor.release(key);
+                return (seen, done.clone());
+            }
+            seen.push(event);
+        }
+    }
+
+    fn outcome(done: &pb::Finished) -> Outcome {
+        Outcome::try_from(done.outcome).unwrap()
+    }
+
+    #[tokio::test]
+    async fn call_runs_its_handler_and_returns_the_output() {
+        let (executor, mut rx) = executor(1);
+        let (wire, key) = assignment(TaskSpec::call("sha256", "abc"));
+        executor.assign(wire);
+        let (seen, done) = until_finished(&executor, &mut rx, key).await;
+        assert!(matches!(seen[0].body, Some(Body::Started(_))));
+        assert_eq!(outcome(&done), Outcome::Succeeded);
+        assert!(done.output.starts_with(b"ba7816bf"));
+        assert_eq!(executor.running(), 0);
+    }
+
+    #[tokio::test]
+    async fn unknown_handler_cannot_start_and_names_the_known_ones() {
+        let (executor, mut rx) = executor(1);
+        let (wire, key) = assignment(TaskSpec::call("nope", ""));
+        executor.assign(wire);
+        let (_, done) = until_finished(&executor, &mut rx, key).await;
+        assert_eq!(outcome(&done), Outcome::StartFailed);
+        assert!(
+            done.error.contains("\"nope\"") && done.error.contains("sha256"),
+            "{}",
+            done.error
+        );
+    }
+
+    #[tokio::test]
+    async fn failures_report_exit_code_or_handler_error() {
+        let (executor, mut rx) = executor(2);
+        let (exit, exit_key) = assignment(TaskSpec::exec(["sh", "-c", "exit 3"]));
+        let (fail, fail_key) = assignment(TaskSpec::call("fail", "broken"));
+        executor.assign(exit);
+        let (_, done) = until_finished(&executor, &mut rx, exit_key).await;
+        assert_eq!((outcome(&done), done.exit_code), (Outcome::Failed, Some(3)));
+        assert_eq!(done.error, "exited with code 3");
+        executor.assign(fail);
+        let (_, done) = until_finished(&executor, &mut rx, fail_key).await;
+        assert_eq!(
+            (outcome(&done), done.error.as_str()),
+            (Outcome::Failed, "broken")
+        );
+    }
+
+    #[tokio::test]
+    async fn timeout_kills_the_process_group_and_reports_timed_out() {
+        let (executor, mut rx) = executor(1);
+        let spec = TaskSpec::exec(["sh", "-c", "sleep 100 & echo $!; wait"])
+            .timeout(Duration::from_millis(300));
+        let (wire, key) = assignment(spec);
+        let start = Instant::now();
+        executor.assign(wire);
+        let (seen, done) = until_finished(&executor, &mut rx, key).await;
+        assert_eq!(outcome(&done), Outcome::TimedOut);
+        assert_eq!(done.exit_code, None);
+        assert!(start.elapsed() < Duration::from_secs(3));
+        let grandchild = seen
+            .iter()
+            .find_map(|e| match &e.body {
+                Some(Body::Output(c)) => {
+                    String::from_utf8_lossy(&c.data).trim().parse::<u32>().ok()
+                }
+                _ => None,
+            })
+            .expect("the script printed its background pid");
+        assert_gone_soon(grandchild).await;
+    }
+
+    #[tokio::test]
+    async fn handler_timeout_reports_timed_out() {
+        let (executor, mut rx) = executor(1);
+        let (wire, key) =
+            assignment(TaskSpec::call("sleep", "1h").timeout(Duration::from_millis(50)));
+        executor.assign(wire);
+        let (_, done) = until_finished(&executor, &mut rx, key).await;
+        assert_eq!(outcome(&done), Outcome::TimedOut);
+    }
+
+    #[tokio::test]
+    async fn cancel_stops_exactly_that_attempt() {
+        let (executor, mut rx) = executor(2);
+        let (first, first_key) = assignment(TaskSpec::call("sleep", "1h"));
+        let (second, second_key) = assignment(TaskSpec::call("sleep", "1h"));
+        executor.assign(first);
+        executor.assign(second);
+        executor.cancel(first_key, "by test".into());
+        let (_, done) = until_finished(&executor, &mut rx, first_key).await;
+        assert_eq!(
+            (outcome(&done), done.error.as_str()),
+            (Outcome::Cancelled, "cancelled: by test")
+        );
+        assert_eq!(executor.running_refs().len(), 1);
+        assert_eq!(executor.running_refs()[0].task_id, second_key.0.to_string());
+        executor.cancel((TaskId::new(), Attempt::FIRST), "unknown".into()); // ignored
+        executor.stop_all(&StopReason::Cancelled(String::new()));
+        let (_, done) = until_finished(&executor, &mut rx, second_key).await;
+        assert_eq!(outcome(&done), Outcome::Cancelled);
+    }
+
+    #[tokio::test]
+    async fn slots_are_never_overcommitted_and_credits_top_up() {
+        let (executor, mut rx) = executor(2);
+        assert_eq!(executor.take_grant(), Some(2));
+        assert_eq!(executor.take_grant(), None);
+        let (big, big_key) = assignment(TaskSpec::call("sleep", "1h").slots(2));
+        executor.assign(big);
+        let (over, over_key) = assignment(TaskSpec::call("noop", ""));
+        executor.assign(over);
+        let (_, done) = until_finished(&executor, &mut rx, over_key).await;
+        assert_eq!(outcome(&done), Outcome::Cancelled);
+        assert!(done.error.contains("over capacity"), "{}", done.error);
+        assert_eq!(executor.take_grant(), None, "both slots are in use");
+        executor.cancel(big_key, String::new());
+        until_finished(&executor, &mut rx, big_key).await;
+        assert_eq!(executor.take_grant(), Some(2));
+        executor.set_draining();
+        executor.reset_window();
+        assert_eq!(executor.take_grant(), None, "a draining node never grants");
+    }
+
+    #[tokio::test]
+    async fn invalid_spec_cannot_start() {
+        let (executor, mut rx) = executor(1);
+        let task_id = TaskId::new();
+        executor.assign(pb::Assignment {
+            task_id: task_id.to_string(),
+            attempt: 2,
+            spec: Some(pb::TaskSpec::default()),
+        });
+        let (_, done) = until_finished(&executor, &mut rx, (task_id, Attempt(2))).await;
+        assert_eq!(outcome(&done), Outcome::StartFailed);
+        assert!(done.error.contains("invalid task spec"), "{}", done.error);
+    }
+
+    #[tokio::test]
+    async fn killed_attempts_report_nothing_and_leave_no_process() {
+        let (executor, mut rx) = executor(1);
+        let (wire, _key) = assignment(TaskSpec::exec(["sh", "-c", "sleep 100 & echo $!; wait"]));
+        executor.assign(wire);
+        let grandchild = loop {
+            let event = rx.recv().await.unwrap();
+            if let Some(Body::Output(c)) = event.body {
+                break String::from_utf8_lossy(&c.data)
+                    .trim()
+                    .parse::<u32>()
+                    .unwrap();
+            }
+        };
+        executor.stop_all(&StopReason::Killed);
+        assert_gone_soon(grandchild).await;
+        executor.inner.tasks.close();
+        tokio::time::timeout(Duration::from_secs(5), executor.inner.tasks.wait())
+            .await
+            .unwrap();
+        while let Ok(event) = rx.try_recv() {
+            assert!(
+                !matches!(event.body, Some(Body::Finished(_))),
+                "killed attempt reported {event:?}"
+            );
+        }
+    }
+}

@@ -1,0 +1,585 @@
+//! The node's session with the coordinator: dial, `Register`/`Registered`,
+//! credits, heartbeats both ways, event batches, and reconnecting with
+//! backoff when the coordinator goes away.
+//!
+//! One loop ([`run`]) owns the outgoing side: it dials, registers, then
+//! drains the event channel into `TaskEvents` batches, grants credits after
+//! `Finished` events, sends heartbeats and watches for silence. A spawned
+//! reader task handles what the coordinator sends (`Assign`, `Cancel`,
+//! `Drain`, `Heartbeat`); its end means the stream is gone and the loop
+//! reconnects. Running attempts carry on across a reconnect and are listed
+//! in the next `Register`; events produced while disconnected wait in the
+//! (bounded) event channel and go out after re-registering.
+
+use std::collections::hash_map::RandomState;
+use std::future::Future;
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::Streaming;
+use tonic::transport::{Channel, Endpoint};
+use tracing::{debug, info, warn};
+
+use weft_proto::pb::coordinator_message::Body as Inbound;
+use weft_proto::pb::node_message::Body as Outbound;
+use weft_proto::pb::node_service_client::NodeServiceClient;
+use weft_proto::pb::node_task_event::Body as EventBody;
+use weft_proto::{Attempt, NodeId, PROTOCOL_VERSION, TaskId, pb};
+
+use crate::config::NodeConfig;
+use crate::error::Error;
+use crate::events::EventRx;
+use crate::executor::{Executor, StopReason};
+
+/// Dial timeout for one connection attempt.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long the coordinator may take to answer `Register`.
+const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Heartbeat settings used when `Registered` leaves them unset.
+const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
+const DEFAULT_HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most events in one `TaskEvents` message.
+const MAX_BATCH_EVENTS: usize = 512;
+/// Payload bytes after which a batch is sent (well under gRPC's 4 MiB).
+const MAX_BATCH_BYTES: usize = 1024 * 1024;
+/// After a drain's grace, how long cancelled attempts may take to report.
+const DRAIN_REPORT_WAIT: Duration = Duration::from_secs(5);
+/// When closing, how long to wait for the coordinator to end its side.
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
+
+/// What the node's tasks share: config, executor and the stop signals.
+pub(crate) struct NodeCtx {
+    pub(crate) config: NodeConfig,
+    pub(crate) executor: Executor,
+    pub(crate) tasks: TaskTracker,
+    /// Cancelled when a drain starts (SIGTERM, `drain()`, or `Drain`).
+    pub(crate) drain: CancellationToken,
+    /// Cancelled when the drain is done: flush, close the stream, stop.
+    pub(crate) stop: CancellationToken,
+    /// Cancelled to die like a crash: drop everything, report nothing.
+    pub(crate) kill: CancellationToken,
+    /// The id of the current session; `None` while not registered.
+    pub(crate) node_id: watch::Sender<Option<NodeId>>,
+    draining: AtomicBool,
+}
+
+impl NodeCtx {
+    pub(crate) fn new(
+        config: NodeConfig,
+        executor: Executor,
+        tasks: TaskTracker,
+        kill: CancellationToken,
+    ) -> Self {
+        NodeCtx {
+            config,
+            executor,
+            tasks,
+            drain: CancellationToken::new(),
+            stop: CancellationToken::new(),
+            kill,
+            node_id: watch::Sender::new(None),
+            draining: AtomicBool::new(false),
+        }
+    }
+
+    /// Starts draining (once; later calls are ignored): no more credits,
+    /// `Draining` to the coordinator, running attempts get `grace` to
+    /// finish, the rest are cancelled and reported, then the node stops.
+    pub(crate) fn request_drain(self: &Arc<Self>, grace: Duration) {
+        if self.draining.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        info!(?grace, running = self.executor.running(), "draining");
+        self.executor.set_draining();
+        self.drain.cancel();
+        let ctx = self.clone();
+        self.tasks
+            .spawn(async move { ctx.supervise_drain(grace).await });
+    }
+
+    async fn supervise_drain(&self, grace: Duration) {
+        tokio::select! {
+            () = self.kill.cancelled() => return,
+            () = self.executor.wait_idle() => {}
+            () = tokio::time::sleep(grace) => {
+                let cancelled = self.executor.stop_all(&StopReason::Drained(grace));
+                info!(cancelled, "drain grace passed; cancelled the remaining attempts");
+                tokio::select! {
+                    () = self.kill.cancelled() => return,
+                    _ = tokio::time::timeout(DRAIN_REPORT_WAIT, self.executor.wait_idle()) => {}
+                }
+            }
+        }
+        info!("drained");
+        self.stop.cancel();
+    }
+}
+
+/// Exponential reconnect backoff with jitter: each delay is drawn from
+/// `[base/2, base]`, and `base` doubles from `min` up to `max`.
+#[derive(Debug)]
+pub(crate) struct Backoff {
+    min: Duration,
+    max: Duration,
+    base: Duration,
+    random: RandomState,
+    draws: u64,
+}
+
+impl Backoff {
+    pub(crate) fn new(min: Duration, max: Duration) -> Self {
+        let min = min.max(Duration::from_millis(1));
+        Backoff {
+            min,
+            max: max.max(min),
+            base: min,
+            random: RandomState::new(),
+            draws: 0,
+        }
+    }
+
+    /// The next delay to wait before dialing again.
+    pub(crate) fn next_delay(&mut self) -> Duration {
+        self.draws += 1;
+        let fraction = (self.random.hash_one(self.draws) % 1_000_001) as f64 / 1_000_000.0;
+        let delay = self.base.mul_f64(0.5 + 0.5 * fraction);
+        self.base = (self.base * 2).min(self.max);
+        delay
+    }
+
+    /// After a successful registration, start again from `min`.
+    pub(crate) fn reset(&mut self) {
+        self.base = self.min;
+    }
+}
+
+/// Dials the coordinator at `url`.
+pub(crate) async fn dial(url: String) -> Result<Channel, Error> {
+    let endpoint = Endpoint::from_shared(url.clone())
+        .map_err(|source| Error::InvalidUrl {
+            url: url.clone(),
+            source,
+        })?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .tcp_nodelay(true);
+    endpoint
+        .connect()
+        .await
+        .map_err(|source| Error::Connect { url, source })
+}
+
+/// How one session ended.
+enum SessionEnd {
+    /// Drained: the stream was closed on purpose. The node stops.
+    Stopped,
+    /// Killed: everything dropped. The node stops.
+    Killed,
+    /// The coordinator went away (or never answered); reconnect.
+    Lost { registered: bool, error: Error },
+}
+
+/// The node's main loop: sessions and reconnects until drained or killed.
+pub(crate) async fn run(ctx: Arc<NodeCtx>, events: EventRx) {
+    let url = ctx.config.coordinator.clone();
+    run_with(ctx, events, move || dial(url.clone())).await;
+}
+
+/// [`run`] with the dialer as a parameter, so tests can time reconnects.
+pub(crate) async fn run_with<D, F>(ctx: Arc<NodeCtx>, mut events: EventRx, mut dial: D)
+where
+    D: FnMut() -> F,
+    F: Future<Output = Result<Channel, Error>>,
+{
+    let mut backoff = Backoff::new(ctx.config.reconnect_min, ctx.config.reconnect_max);
+    let mut previous: Option<NodeId> = None;
+    loop {
+        let dialed = tokio::select! {
+            () = ctx.kill.cancelled() => break,
+            () = ctx.stop.cancelled() => break,
+            dialed = dial() => dialed,
+        };
+        match dialed {
+            Ok(channel) => match session(&ctx, channel, &mut events, &mut previous).await {
+                SessionEnd::Stopped | SessionEnd::Killed => break,
+                SessionEnd::Lost { registered, error } => {
+                    ctx.node_id.send_replace(None);
+                    warn!(%error, "lost the coordinator; reconnecting");
+                    if registered {
+                        backoff.reset();
+                    }
+                }
+            },
+            Err(error) => warn!(%error, "cannot reach the coordinator"),
+        }
+        let delay = backoff.next_delay();
+        debug!(?delay, "waiting before reconnecting");
+        tokio::select! {
+            () = ctx.kill.cancelled() => break,
+            () = ctx.stop.cancelled() => break,
+            () = tokio::time::sleep(delay) => {}
+        }
+    }
+    ctx.node_id.send_replace(None);
+}
+
+/// Aborts the reader task when the session ends, however it ends.
+struct Reader(JoinHandle<Error>);
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// One connected session, from `Register` to its end.
+async fn session(
+    ctx: &Arc<NodeCtx>,
+    channel: Channel,
+    events: &mut EventRx,
+    previous: &mut Option<NodeId>,
+) -> SessionEnd {
+    let lost = |error| SessionEnd::Lost {
+        registered: false,
+        error,
+    };
+    let (out, out_rx) = mpsc::channel::<pb::NodeMessage>(64);
+    let register = pb::Register {
+        name: ctx.config.name.clone(),
+        labels: ctx.config.labels.clone().into_iter().collect(),
+        slots: ctx.config.slots.max(1),
+        handlers: ctx.executor.handler_names(),
+        protocol_version: PROTOCOL_VERSION.into(),
+        running: ctx.executor.running_refs(),
+        previous_node_id: previous.map(|id| id.to_string()).unwrap_or_default(),
+    };
+    let running = register.running.len();
+    // Queued before the stream opens, so it is the first message.
+    if out
+        .send(message(Outbound::Register(register)))
+        .await
+        .is_err()
+    {
+        return lost(Error::StreamClosed);
+    }
+    let mut client = NodeServiceClient::new(channel);
+    let opened = tokio::select! {
+        () = ctx.kill.cancelled() => return SessionEnd::Killed,
+        opened = tokio::time::timeout(REGISTER_TIMEOUT, client.connect(ReceiverStream::new(out_rx))) => opened,
+    };
+    let mut inbound = match opened {
+        Ok(Ok(response)) => response.into_inner(),
+        Ok(Err(status)) => return lost(Error::Refused(status)),
+        Err(_) => return lost(Error::Protocol("no answer to Register".into())),
+    };
+    let first = tokio::select! {
+        () = ctx.kill.cancelled() => return SessionEnd::Killed,
+        first = tokio::time::timeout(REGISTER_TIMEOUT, inbound.message()) => first,
+    };
+    let registered = match first {
+        Ok(Ok(Some(pb::CoordinatorMessage {
+            body: Some(Inbound::Registered(registered)),
+        }))) => registered,
+        Ok(Ok(Some(other))) => {
+            return lost(Error::Protocol(format!(
+                "first message was not Registered: {other:?}"
+            )));
+        }
+        Ok(Ok(None)) => return lost(Error::StreamClosed),
+        Ok(Err(status)) => return lost(Error::Refused(status)),
+        Err(_) => return lost(Error::Protocol("no Registered within 10s".into())),
+    };
+    let node_id = match registered.node_id.parse::<NodeId>() {
+        Ok(id) => id,
+        Err(err) => return lost(Error::Protocol(format!("Registered.node_id: {err}"))),
+    };
+    let interval = pb_duration(
+        registered.heartbeat_interval.as_ref(),
+        DEFAULT_HEARTBEAT_INTERVAL,
+    );
+    let silence = pb_duration(
+        registered.heartbeat_timeout.as_ref(),
+        DEFAULT_HEARTBEAT_TIMEOUT,
+    );
+    *previous = Some(node_id);
+    info!(%node_id, node_name = %ctx.config.name, running, "registered");
+    ctx.node_id.send_replace(Some(node_id));
+
+    let last_heard = Arc::new(Mutex::new(Instant::now()));
+    let mut reader = Reader(
+        ctx.tasks
+            .spawn(read_loop(inbound, ctx.clone(), last_heard.clone())),
+    );
+    let end = connected(
+        ctx,
+        &out,
+        events,
+        &mut reader,
+        &last_heard,
+        interval,
+        silence,
+    )
+    .await;
+    if let SessionEnd::Stopped = end {
+        drop(out); // half-closes our side: the coordinator sees the end
+        let _ = tokio::time::timeout(CLOSE_WAIT, &mut reader.0).await;
+        info!(%node_id, "stream closed");
+    }
+    end
+}
+
+/// The registered part of a session.
+async fn connected(
+    ctx: &Arc<NodeCtx>,
+    out: &mpsc::Sender<pb::NodeMessage>,
+    events: &mut EventRx,
+    reader: &mut Reader,
+    last_heard: &Mutex<Instant>,
+    interval: Duration,
+    silence: Duration,
+) -> SessionEnd {
+    let lost = |error| SessionEnd::Lost {
+        registered: true,
+        error,
+    };
+    ctx.executor.reset_window();
+    let mut told_draining = false;
+    if let Err(error) = grant(ctx, out).await {
+        return lost(error);
+    }
+    let mut heartbeat = tokio::time::interval_at(Instant::now() + interval, interval);
+    heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let silence_check = tokio::time::sleep(silence);
+    tokio::pin!(silence_check);
+    loop {
+        tokio::select! {
+            biased;
+            () = ctx.kill.cancelled() => return SessionEnd::Killed,
+            () = ctx.drain.cancelled(), if !told_draining => {
+                told_draining = true;
+                if let Err(error) = send(out, Outbound::Draining(pb::Draining {})).await {
+                    return lost(error);
+                }
+            }
+            () = ctx.stop.cancelled() => {
+                // Everything already queued goes out before the stream closes.
+                while !events.is_empty() {
+                    if let Err(error) = send_batch(ctx, out, events, None).await {
+                        return lost(error);
+                    }
+                }
+                return SessionEnd::Stopped;
+            }
+            ended = &mut reader.0 => {
+                let error = ended.unwrap_or_else(|err| Error::Protocol(format!("reader task failed: {err}")));
+                return lost(error);
+            }
+            first = events.recv() => {
+                let Some(first) = first else { return SessionEnd::Stopped };
+                match send_batch(ctx, out, events, Some(first)).await {
+                    Ok(true) => {
+                        if let Err(error) = grant(ctx, out).await {
+                            return lost(error);
+                        }
+                    }
+                    Ok(false) => {}
+                    Err(error) => return lost(error),
+                }
+            }
+            _ = heartbeat.tick() => {
+                if let Err(error) = send(out, Outbound::Heartbeat(pb::Heartbeat {})).await {
+                    return lost(error);
+                }
+            }
+            () = &mut silence_check => {
+                let heard = *last_heard.lock().unwrap_or_else(|p| p.into_inner());
+                if heard.elapsed() >= silence {
+                    return lost(Error::HeartbeatTimeout(silence));
+                }
+                silence_check.as_mut().reset(heard + silence);
+            }
+        }
+    }
+}
+
+/// Sends one `TaskEvents` batch: `first` (if any) plus whatever else is
+/// ready, within the batch limits. Slots of finished attempts are released
+/// here, so the grant that follows comes after their `Finished`. Answers
+/// whether the batch held a `Finished`.
+async fn send_batch(
+    ctx: &NodeCtx,
+    out: &mpsc::Sender<pb::NodeMessage>,
+    events: &mut EventRx,
+    first: Option<pb::NodeTaskEvent>,
+) -> Result<bool, Error> {
+    let mut batch = Vec::new();
+    let mut bytes = 0;
+    let mut next = first.or_else(|| events.try_recv().ok());
+    while let Some(event) = next {
+        bytes += event_size(&event);
+        batch.push(event);
+        if batch.len() >= MAX_BATCH_EVENTS || bytes >= MAX_BATCH_BYTES {
+            break;
+        }
+        next = events.try_recv().ok();
+    }
+    let mut any_finished = false;
+    for event in &batch {
+        if let Some(EventBody::Finished(_)) = event.body {
+            any_finished = true;
+            if let Ok(task_id) = event.task_id.parse::<TaskId>() {
+                ctx.executor.release((task_id, Attempt(event.attempt)));
+            }
+        }
+    }
+    if batch.is_empty() {
+        return Ok(false);
+    }
+    send(out, Outbound::Events(pb::TaskEvents { events: batch })).await?;
+    Ok(any_finished)
+}
+
+fn event_size(event: &pb::NodeTaskEvent) -> usize {
+    match &event.body {
+        Some(EventBody::Output(chunk)) => chunk.data.len(),
+        Some(EventBody::Finished(done)) => done.output.len() + done.error.len(),
+        Some(EventBody::Progress(progress)) => progress.message.len(),
+        Some(EventBody::Started(_)) | None => 0,
+    }
+}
+
+/// Grants the free slots (none while draining).
+async fn grant(ctx: &NodeCtx, out: &mpsc::Sender<pb::NodeMessage>) -> Result<(), Error> {
+    match ctx.executor.take_grant() {
+        Some(grant) => {
+            debug!(grant, "granting credits");
+            send(out, Outbound::Credits(pb::Credits { grant })).await
+        }
+        None => Ok(()),
+    }
+}
+
+async fn send(out: &mpsc::Sender<pb::NodeMessage>, body: Outbound) -> Result<(), Error> {
+    out.send(message(body))
+        .await
+        .map_err(|_| Error::StreamClosed)
+}
+
+fn message(body: Outbound) -> pb::NodeMessage {
+    pb::NodeMessage { body: Some(body) }
+}
+
+fn pb_duration(value: Option<&prost_types::Duration>, default: Duration) -> Duration {
+    value
+        .and_then(|d| weft_proto::convert::duration_from_pb("heartbeat", d).ok())
+        .filter(|d| !d.is_zero())
+        .unwrap_or(default)
+}
+
+/// Handles what the coordinator sends, until the stream ends; answers why.
+async fn read_loop(
+    mut inbound: Streaming<pb::CoordinatorMessage>,
+    ctx: Arc<NodeCtx>,
+    last_heard: Arc<Mutex<Instant>>,
+) -> Error {
+    loop {
+        let message = match inbound.message().await {
+            Ok(Some(message)) => message,
+            Ok(None) => return Error::StreamClosed,
+            Err(status) => return Error::Refused(status),
+        };
+        *last_heard.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        match message.body {
+            Some(Inbound::Assign(assign)) => {
+                debug!(tasks = assign.tasks.len(), "assigned");
+                for assignment in assign.tasks {
+                    ctx.executor.assign(assignment);
+                }
+            }
+            Some(Inbound::Cancel(cancel)) => match cancel.task_id.parse::<TaskId>() {
+                Ok(task_id) => ctx
+                    .executor
+                    .cancel((task_id, Attempt(cancel.attempt)), cancel.reason),
+                Err(err) => warn!(error = %err, "Cancel with an invalid task id; ignored"),
+            },
+            Some(Inbound::Drain(drain)) => {
+                let grace = drain
+                    .grace
+                    .as_ref()
+                    .and_then(|d| weft_proto::convert::duration_from_pb("grace", d).ok())
+                    .unwrap_or(ctx.config.drain_grace);
+                info!(?grace, "coordinator asked this node to drain");
+                ctx.request_drain(grace);
+            }
+            Some(Inbound::Heartbeat(_)) => {}
+            Some(Inbound::Registered(_)) => warn!("second Registered on one session; ignored"),
+            None => debug!("coordinator message of an unknown kind; ignored"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use super::*;
+    use crate::events;
+    use crate::handlers::HandlerRegistry;
+
+    #[test]
+    fn backoff_doubles_with_jitter_up_to_its_max_and_resets() {
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_millis(800));
+        let bases = [100, 200, 400, 800, 800, 800];
+        for base in bases {
+            let delay = backoff.next_delay();
+            let base = Duration::from_millis(base);
+            assert!(
+                delay >= base / 2 && delay <= base,
+                "{delay:?} outside [{:?}, {base:?}]",
+                base / 2
+            );
+        }
+        backoff.reset();
+        assert!(backoff.next_delay() <= Duration::from_millis(100));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn reconnect_waits_grow_exponentially_while_the_coordinator_is_away() {
+        let mut config = NodeConfig::new("http://unused");
+        config.reconnect_min = Duration::from_millis(100);
+        config.reconnect_max = Duration::from_secs(1);
+        let (tx, rx) = events::channel();
+        let tasks = TaskTracker::new();
+        let kill = CancellationToken::new();
+        let executor = Executor::new(HandlerRegistry::new(), tx, tasks.clone(), kill.clone(), 1);
+        let ctx = Arc::new(NodeCtx::new(config, executor, tasks, kill));
+        let dials = Arc::new(Mutex::new(Vec::new()));
+        let count = Arc::new(AtomicUsize::new(0));
+        let (record, counter, stop) = (dials.clone(), count.clone(), ctx.stop.clone());
+        let dial = move || {
+            record.lock().unwrap().push(Instant::now());
+            if counter.fetch_add(1, Ordering::SeqCst) + 1 == 7 {
+                stop.cancel();
+            }
+            async { Err(Error::Protocol("coordinator away".into())) }
+        };
+        run_with(ctx, rx, dial).await;
+        let dials = dials.lock().unwrap();
+        assert_eq!(dials.len(), 7);
+        let gaps: Vec<Duration> = dials.windows(2).map(|w| w[1] - w[0]).collect();
+        for (gap, base) in gaps.iter().zip([100u64, 200, 400, 800, 1000, 1000]) {
+            let base = Duration::from_millis(base);
+            assert!(
+                *gap >= base / 2 && *gap <= base,
+                "gap {gap:?} for base {base:?}; all {gaps:?}"
+            );
+        }
+    }
+}

@@ -1,0 +1,495 @@
+//! The node's session against a tiny fake coordinator: a tonic
+//! `NodeService` on 127.0.0.1:0 that hands each connection to the test, which
+//! plays the coordinator's side message by message.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tonic::{Request, Response, Status, Streaming};
+
+use weft_node::{HandlerRegistry, NodeConfig, RunningNode};
+use weft_proto::convert::duration_to_pb;
+use weft_proto::pb::coordinator_message::Body as Inbound;
+use weft_proto::pb::node_message::Body as Outbound;
+use weft_proto::pb::node_service_server::{NodeService, NodeServiceServer};
+use weft_proto::pb::node_task_event::Body as EventBody;
+use weft_proto::{NodeId, Outcome, TaskId, TaskSpec, pb};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+struct Fake {
+    conns: mpsc::UnboundedSender<Conn>,
+}
+
+/// One node session, seen from the coordinator's side.
+struct Conn {
+    inbound: Streaming<pb::NodeMessage>,
+    out: mpsc::Sender<Result<pb::CoordinatorMessage, Status>>,
+}
+
+#[tonic::async_trait]
+impl NodeService for Fake {
+    type ConnectStream = ReceiverStream<Result<pb::CoordinatorMessage, Status>>;
+
+    async fn connect(
+        &self,
+        request: Request<Streaming<pb::NodeMessage>>,
+    ) -> Result<Response<Self::ConnectStream>, Status> {
+        let (out, rx) = mpsc::channel(64);
+        let conn = Conn {
+            inbound: request.into_inner(),
+            out,
+        };
+        self.conns
+            .send(conn)
+            .map_err(|_| Status::unavailable("test over"))?;
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// Starts the fake coordinator; answers its URL and its connections.
+async fn fake_coordinator() -> (String, mpsc::UnboundedReceiver<Conn>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (conns, rx) = mpsc::unbounded_channel();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(NodeServiceServer::new(Fake { conns }))
+            .serve_with_incoming(TcpListenerStream::new(listener)),
+    );
+    (url, rx)
+}
+
+async fn next_conn(conns: &mut mpsc::UnboundedReceiver<Conn>) -> Conn {
+    tokio::time::timeout(WAIT, conns.recv())
+        .await
+        .expect("node connects")
+        .expect("server running")
+}
+
+impl Conn {
+    /// The next message that is not a heartbeat; `None` when the node
+    /// closed the stream.
+    async fn next(&mut self) -> Option<Outbound> {
+        loop {
+            let message = tokio::time::timeout(WAIT, self.inbound.message())
+                .await
+                .expect("node sends something")
+                .ok()??;
+            match message.body {
+                Some(Outbound::Heartbeat(_)) => continue,
+                body => return body,
+            }
+        }
+    }
+
+    async fn send(&self, body: Inbound) {
+        let message = pb::CoordinatorMessage { body: Some(body) };
+        self.out.send(Ok(message)).await.expect("node listening");
+    }
+
+    /// Reads the Register, answers Registered; returns both.
+    async fn accept(&mut self, heartbeat: Duration, timeout: Duration) -> (pb::Register, NodeId) {
+        let Some(Outbound::Register(register)) = self.next().await else {
+            panic!("first message must be Register");
+        };
+        let node_id = NodeId::new();
+        self.send(Inbound::Registered(pb::Registered {
+            node_id: node_id.to_string(),
+            heartbeat_interval: Some(duration_to_pb(heartbeat)),
+            heartbeat_timeout: Some(duration_to_pb(timeout)),
+        }))
+        .await;
+        (register, node_id)
+    }
+
+    async fn credits(&mut self) -> u32 {
+        match self.next().await {
+            Some(Outbound::Credits(credits)) => credits.grant,
+            other => panic!("expected Credits, got {other:?}"),
+        }
+    }
+
+    async fn assign(&self, specs: Vec<TaskSpec>) -> Vec<TaskId> {
+        let ids: Vec<TaskId> = specs.iter().map(|_| TaskId::new()).collect();
+        let tasks = ids
+            .iter()
+            .zip(specs)
+            .map(|(id, spec)| pb::Assignment {
+                task_id: id.to_string(),
+                attempt: 1,
+                spec: Some(spec.into()),
+            })
+            .collect();
+        self.send(Inbound::Assign(pb::Assign { tasks })).await;
+        ids
+    }
+
+    /// Events until the Finished of `task`; other messages are collected.
+    async fn until_finished(&mut self, task: TaskId) -> (Vec<Outbound>, pb::Finished) {
+        let mut seen = Vec::new();
+        loop {
+            let message = self.next().await.expect("stream open until Finished");
+            if let Outbound::Events(batch) = &message {
+                for event in &batch.events {
+                    if let (true, Some(EventBody::Finished(done))) =
+                        (event.task_id == task.to_string(), &event.body)
+                    {
+                        return (seen, done.clone());
+                    }
+                }
+            }
+            seen.push(message);
+        }
+    }
+
+    /// The first output chunk's text.
+    async fn first_output(&mut self) -> String {
+        loop {
+            if let Some(Outbound::Events(batch)) = self.next().await {
+                for event in batch.events {
+                    if let Some(EventBody::Output(chunk)) = event.body {
+                        return String::from_utf8_lossy(&chunk.data).into_owned();
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn config(url: &str, slots: u32) -> NodeConfig {
+    let mut config = NodeConfig::new(url);
+    config.name = "test-node".into();
+    config.slots = slots;
+    config.labels = BTreeMap::from([("zone".to_owned(), "a".to_owned())]);
+    config.reconnect_min = Duration::from_millis(20);
+    config.reconnect_max = Duration::from_millis(200);
+    config.drain_grace = Duration::from_secs(5);
+    config
+}
+
+fn start(url: &str, slots: u32) -> RunningNode {
+    weft_node::start(config(url, slots), HandlerRegistry::with_builtins())
+}
+
+fn outcome(done: &pb::Finished) -> Outcome {
+    Outcome::try_from(done.outcome).unwrap()
+}
+
+fn process_is_gone(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state == "Z" || state == "X"),
+    }
+}
+
+async fn assert_gone_soon(pid: u32) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !process_is_gone(pid) {
+        assert!(Instant::now() < deadline, "process {pid} still runs");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+const SECOND: Duration = Duration::from_secs(1);
+
+#[tokio::test]
+async fn node_registers_first_then_grants_its_free_slots() {
+    let (url, mut conns) = fake_coordinator().await;
+    let node = start(&url, 3);
+    let mut conn = next_conn(&mut conns).await;
+    let (register, node_id) = conn.accept(SECOND, 5 * SECOND).await;
+    assert_eq!(register.name, "test-node");
+    assert_eq!(register.slots, 3);
+    assert_eq!(
+        register.protocol_version,
+        pb::ProtocolVersion::ProtocolVersion1 as i32
+    );
+    assert_eq!(register.labels.get("zone").map(String::as_str), Some("a"));
+    assert!(
+        register.handlers.contains(&"sleep".to_owned())
+            && register.handlers.contains(&"spin".to_owned())
+    );
+    assert!(register.running.is_empty() && register.previous_node_id.is_empty());
+    assert_eq!(conn.credits().await, 3);
+    assert_eq!(node.registered(WAIT).await, Some(node_id));
+    assert_eq!(node.node_id(), Some(node_id));
+    node.kill().await;
+}
+
+#[tokio::test]
+async fn finished_attempt_grants_its_slots_back_after_the_finished_event() {
+    let (url, mut conns) = fake_coordinator().await;
+    let node = start(&url, 2);
+    let mut conn = next_conn(&mut conns).await;
+    conn.accept(SECOND, 5 * SECOND).await;
+    assert_eq!(conn.credits().await, 2);
+    let ids = conn
+        .assign(vec![TaskSpec::call("echo", "hi").slots(2)])
+        .await;
+    let (seen, done) = conn.until_finished(ids[0]).await;
+    assert_eq!(outcome(&done), Outcome::Succeeded);
+    assert_eq!(done.output.as_ref(), b"hi");
+    assert!(
+        seen.iter().all(|m| !matches!(m, Outbound::Credits(_))),
+        "no grant before Finished"
+    );
+    assert_eq!(
+        conn.credits().await,
+        2,
+        "the slots come back after Finished"
+    );
+    node.kill().await;
+}
+
+#[tokio::test]
+async fn events_travel_in_batches() {
+    let (url, mut conns) = fake_coordinator().await;
+    let node = start(&url, 64);
+    let mut conn = next_conn(&mut conns).await;
+    conn.accept(SECOND, 5 * SECOND).await;
+    conn.credits().await;
+    let ids = conn.assign(vec![TaskSpec::call("noop", "x"); 64]).await;
+    let (mut finished, mut messages, mut largest) = (0, 0, 0);
+    while finished < ids.len() {
+        match conn.next().await.expect("stream open") {
+            Outbound::Events(batch) => {
+                messages += 1;
+                largest = largest.max(batch.events.len());
+                finished += batch
+                    .events
+                    .iter()
+                    .filter(|e| matches!(e.body, Some(EventBody::Finished(_))))
+                    .count();
+            }
+            Outbound::Credits(_) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(largest > 1, "some batch carried several events");
+    assert!(
+        messages < 2 * ids.len(),
+        "{messages} messages for {} events",
+        2 * ids.len()
+    );
+    node.kill().await;
+}
+
+#[tokio::test]
+async fn coordinator_cancel_stops_exactly_one_attempt() {
+    let (url, mut conns) = fake_coordinator().await;
+    let node = start(&url, 2);
+    let mut conn = next_conn(&mut conns).await;
+    conn.accept(SECOND, 5 * SECOND).await;
+    conn.credits().await;
+    let ids = conn
+        .assign(vec![
+            TaskSpec::call("sleep", "1h"),
+            TaskSpec::call("sleep", "300ms"),
+        ])
+        .await;
+    conn.send(Inbound::Cancel(pb::Cancel {
+        task_id: ids[0].to_string(),
+        attempt: 1,
+        reason: "client asked".into(),
+    }))
+    .await;
+    let (_, done) = conn.until_finished(ids[0]).await;
+    assert_eq!(outcome(&done), Outcome::Cancelled);
+    assert!(done.error.contains("client asked"), "{}", done.error);
+    let (_, done) = conn.until_finished(ids[1]).await;
+    assert_eq!(
+        outcome(&done),
+        Outcome::Succeeded,
+        "the other attempt ran to its end"
+    );
+    node.kill().await;
+}
+
+#[tokio::test]
+async fn coordinator_drain_finishes_work_cancels_past_grace_and_closes() {
+    let (url, mut conns) = fake_coordinator().await;
+    let mut node = start(&url, 2);
+    let mut conn = next_conn(&mut conns).await;
+    conn.accept(SECOND, 5 * SECOND).await;
+    conn.credits().await;
+    let ids = conn
+        .assign(vec![
+            TaskSpec::exec(["sh", "-c", "sleep 100 & echo $!; wait"]),
+            TaskSpec::call("sleep", "50ms"),
+        ])
+        .await;
+    let grandchild: u32 = conn.first_output().await.trim().parse().unwrap();
+    conn.send(Inbound::Drain(pb::Drain {
+        grace: Some(duration_to_pb(Duration::from_millis(400))),
+    }))
+    .await;
+    let mut order = Vec::new();
+    while let Some(message) = conn.next().await {
+        match message {
+            Outbound::Draining(_) => order.push("draining".to_owned()),
+            Outbound::Credits(c) => panic!("granted {} credits while draining", c.grant),
+            Outbound::Events(batch) => {
+                for event in batch.events {
+                    if let Some(EventBody::Finished(done)) = event.body {
+                        let which = if event.task_id == ids[0].to_string() {
+                            "exec"
+                        } else {
+                            "sleep"
+                        };
+                        order.push(format!("{which}:{}", outcome(&done).as_str()));
+                    }
+                }
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(order, ["draining", "sleep:succeeded", "exec:cancelled"]);
+    tokio::time::timeout(WAIT, node.wait())
+        .await
+        .expect("node stops after a drain");
+    assert_gone_soon(grandchild).await;
+}
+
+#[tokio::test]
+async fn drain_from_the_handle_lets_running_attempts_finish() {
+    let (url, mut conns) = fake_coordinator().await;
+    let node = start(&url, 1);
+    let mut conn = next_conn(&mut conns).await;
+    conn.accept(SECOND, 5 * SECOND).await;
+    conn.credits().await;
+    let ids = conn.assign(vec![TaskSpec::call("sleep", "200ms")]).await;
+    assert!(
+        matches!(conn.next().await, Some(Outbound::Events(_))),
+        "Started"
+    );
+    let drain = tokio::spawn(node.drain(Duration::from_secs(5)));
+    assert!(matches!(conn.next().await, Some(Outbound::Draining(_))));
+    let (_, done) = conn.until_finished(ids[0]).await;
+    assert_eq!(outcome(&done), Outcome::Succeeded);
+    assert!(conn.next().await.is_none(), "stream closed after the drain");
+    tokio::time::timeout(WAIT, drain)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test]
+async fn running_attempts_survive_a_reconnect_and_are_reported() {
+    let (url, mut conns) = fake_coordinator().await;
+    let node = start(&url, 3);
+    let mut conn = next_conn(&mut conns).await;
+    let (_, first_id) = conn.accept(SECOND, 5 * SECOND).await;
+    conn.credits().await;
+    let ids = conn
+        .assign(vec![TaskSpec::call("sleep", "1s").slots(2)])
+        .await;
+    // Wait for Started, then the coordinator goes away.
+    assert!(matches!(conn.next().await, Some(Outbound::Events(_))));
+    drop(conn);
+    let mut conn = next_conn(&mut conns).await;
+    let (register, second_id) = conn.accept(SECOND, 5 * SECOND).await;
+    assert_eq!(register.previous_node_id, first_id.to_string());
+    assert_eq!(
+        register.running,
+        vec![pb::AttemptRef {
+            task_id: ids[0].to_string(),
+            attempt: 1
+        }]
+    );
+    assert_eq!(conn.credits().await, 1, "only the free slot is granted");
+    assert_eq!(node.registered(WAIT).await, Some(second_id));
+    let (_, done) = conn.until_finished(ids[0]).await;
+    assert_eq!(
+        outcome(&done),
+        Outcome::Succeeded,
+        "the attempt carried on and reports to the new session"
+    );
+    assert_eq!(conn.credits().await, 2);
+    node.kill().await;
+}
+
+#[tokio::test]
+async fn silent_coordinator_is_dropped_and_the_node_reconnects_with_heartbeats_meanwhile() {
+    let (url, mut conns) = fake_coordinator().await;
+    let node = start(&url, 1);
+    let mut conn = next_conn(&mut conns).await;
+    conn.accept(Duration::from_millis(50), Duration::from_millis(400))
+        .await;
+    conn.credits().await;
+    let mut heartbeats = 0;
+    while heartbeats < 3 {
+        let message = tokio::time::timeout(WAIT, conn.inbound.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        if let Some(Outbound::Heartbeat(_)) = message.body {
+            heartbeats += 1;
+        }
+    }
+    // The fake never sends anything: the node gives up on it and redials.
+    let mut again = next_conn(&mut conns).await;
+    let (register, _) = again.accept(SECOND, 5 * SECOND).await;
+    assert!(!register.previous_node_id.is_empty());
+    drop(conn);
+    node.kill().await;
+}
+
+#[tokio::test]
+async fn kill_reports_nothing_and_leaves_no_process() {
+    let (url, mut conns) = fake_coordinator().await;
+    let node = start(&url, 1);
+    let mut conn = next_conn(&mut conns).await;
+    conn.accept(SECOND, 5 * SECOND).await;
+    conn.credits().await;
+    conn.assign(vec![TaskSpec::exec([
+        "sh",
+        "-c",
+        "sleep 100 & echo $!; wait",
+    ])])
+    .await;
+    let grandchild: u32 = conn.first_output().await.trim().parse().unwrap();
+    node.kill().await;
+    while let Some(message) = conn.next().await {
+        if let Outbound::Events(batch) = message {
+            assert!(
+                batch
+                    .events
+                    .iter()
+                    .all(|e| !matches!(e.body, Some(EventBody::Finished(_)))),
+                "a killed node reports nothing"
+            );
+        }
+    }
+    assert_gone_soon(grandchild).await;
+}
+
+#[tokio::test]
+async fn node_keeps_redialing_until_a_coordinator_appears() {
+    // Reserve a port, then free it so the first dials are refused.
+    let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = probe.local_addr().unwrap();
+    drop(probe);
+    let node = start(&format!("http://{addr}"), 1);
+    tokio::time::sleep(Duration::from_millis(300)).await; // let a few dials fail
+    assert_eq!(node.node_id(), None);
+    let listener = TcpListener::bind(addr).await.unwrap();
+    let (conns_tx, mut conns) = mpsc::unbounded_channel();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(NodeServiceServer::new(Fake { conns: conns_tx }))
+            .serve_with_incoming(TcpListenerStream::new(listener)),
+    );
+    let mut conn = next_conn(&mut conns).await;
+    let (_, node_id) = conn.accept(SECOND, 5 * SECOND).await;
+    assert_eq!(node.registered(WAIT).await, Some(node_id));
+    node.kill().await;
+}
