@@ -1,1 +1,451 @@
-//! placeholder
+//! The typed Rust client for Weft, and the code of the `weft` command line.
+//!
+//! [`Client`] wraps one gRPC channel to a coordinator and speaks the
+//! `TaskService` and `AdminService` of `weft.v1` in domain types: specs go in
+//! as [`TaskSpec`], answers come back as [`Task`], [`TaskEvent`],
+//! [`NodeInfo`] and [`ClusterInfo`], failures as a classified [`Error`].
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), weft_client::Error> {
+//! use weft_client::{Client, TaskSpec};
+//! let client = Client::connect("http://127.0.0.1:7070").await?;
+//! let id = client.submit(TaskSpec::call("sha256", "hello")).await?;
+//! let task = client.wait(id).await?;
+//! println!("{} {}", task.state, String::from_utf8_lossy(&task.output));
+//! # Ok(()) }
+//! ```
+//!
+//! Unary calls carry a client-side deadline ([`UNARY_DEADLINE`]); `watch` and
+//! `run` streams carry none, because a task may run for hours.
+//!
+//! Layout:
+//! - `lib.rs`: [`Client`] and its calls; [`Client::follow`] resumes a watch
+//!   across dropped connections.
+//! - [`error`]: [`Error`], the classification of `tonic::Status`.
+//! - [`types`]: the domain views of tasks, events, nodes, cluster figures.
+//! - [`cli`]: the `weft` command line (clap `Args`, one module per command
+//!   group, text/JSON output, exit codes); `bin/weft.rs` only calls it.
+
+pub mod cli;
+pub mod error;
+pub mod types;
+
+#[cfg(test)]
+mod tests;
+
+use std::pin::Pin;
+use std::time::{Duration, Instant};
+
+use futures::{Stream, StreamExt};
+use tonic::transport::{Channel, Endpoint};
+
+use weft_proto::convert::duration_to_pb;
+use weft_proto::pb;
+use weft_proto::pb::admin_service_client::AdminServiceClient;
+use weft_proto::pb::task_service_client::TaskServiceClient;
+
+pub use error::Error;
+pub use types::{ClusterInfo, EventBody, NodeInfo, Task, TaskEvent};
+pub use weft_proto::{
+    Attempt, CallSpec, ExecSpec, NodeId, NodeState, OutputStream, TaskId, TaskKind, TaskSpec,
+    TaskState,
+};
+
+/// How long [`Client::connect`] tries before an unreachable coordinator is an error.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Deadline of every unary call (submit, get, list, cancel, nodes, ...).
+pub const UNARY_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Specs sent per `Submit` call by [`Client::submit_many`].
+pub const SUBMIT_BATCH: usize = 5_000;
+
+/// How long [`Client::follow`] and [`Client::wait`] keep trying to resume a
+/// broken watch before they give up with [`Error::Unavailable`].
+pub const RESUME_WINDOW: Duration = Duration::from_secs(30);
+
+/// Largest `List` page the coordinator serves.
+const MAX_PAGE: u32 = 10_000;
+
+/// Largest answer accepted (a page of 10,000 tasks with their outputs).
+const MAX_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
+
+/// A stream of a task's events; it ends after the event with the final task.
+pub type EventStream = Pin<Box<dyn Stream<Item = Result<TaskEvent, Error>> + Send>>;
+
+/// A connection to one coordinator. Cheap to clone: clones share the channel.
+#[derive(Clone, Debug)]
+pub struct Client {
+    url: String,
+    tasks: TaskServiceClient<Channel>,
+    admin: AdminServiceClient<Channel>,
+}
+
+impl Client {
+    /// Connects to the coordinator at `url` (`http://host:port`; a bare
+    /// `host:port` means `http://`). An unreachable coordinator is an
+    /// [`Error::Unavailable`] within about [`CONNECT_TIMEOUT`].
+    pub async fn connect(url: &str) -> Result<Client, Error> {
+        let url = if url.contains("://") {
+            url.to_owned()
+        } else {
+            format!("http://{url}")
+        };
+        let endpoint = Endpoint::from_shared(url.clone())
+            .map_err(|err| Error::InvalidUrl {
+                url: url.clone(),
+                reason: err.to_string(),
+            })?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(20))
+            .keep_alive_while_idle(true);
+        // The endpoint's own connect timeout covers the TCP handshake; this
+        // one also bounds the HTTP/2 handshake with a peer that accepts but
+        // never answers.
+        let channel = match tokio::time::timeout(
+            CONNECT_TIMEOUT + Duration::from_secs(1),
+            endpoint.connect(),
+        )
+        .await
+        {
+            Err(_) => {
+                return Err(Error::Unavailable(format!(
+                    "cannot reach coordinator at {url}: timed out"
+                )));
+            }
+            Ok(Err(err)) => return Err(Error::unreachable(&url, &err)),
+            Ok(Ok(channel)) => channel,
+        };
+        Ok(Client::from_channel(url, channel))
+    }
+
+    /// Wraps an already made channel (custom TLS, interceptors, tests).
+    pub fn from_channel(url: impl Into<String>, channel: Channel) -> Client {
+        Client {
+            url: url.into(),
+            tasks: TaskServiceClient::new(channel.clone())
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+            admin: AdminServiceClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES),
+        }
+    }
+
+    /// The coordinator URL this client dialed.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Submits one task and answers its id.
+    pub async fn submit(&self, spec: TaskSpec) -> Result<TaskId, Error> {
+        let ids = self.submit_batch(vec![spec.into()]).await?;
+        ids.into_iter()
+            .next()
+            .ok_or(Error::Protocol(weft_proto::ConversionError::MissingField(
+                "SubmitResponse.task_ids",
+            )))
+    }
+
+    /// Submits many tasks, [`SUBMIT_BATCH`] per `Submit` call, and answers
+    /// their ids in order. Each batch is all or nothing; on an error, the
+    /// batches before it stay submitted.
+    pub async fn submit_many(&self, specs: Vec<TaskSpec>) -> Result<Vec<TaskId>, Error> {
+        let mut ids = Vec::with_capacity(specs.len());
+        let mut specs = specs.into_iter().peekable();
+        while specs.peek().is_some() {
+            let batch: Vec<pb::TaskSpec> =
+                specs.by_ref().take(SUBMIT_BATCH).map(Into::into).collect();
+            ids.extend(self.submit_batch(batch).await?);
+        }
+        Ok(ids)
+    }
+
+    async fn submit_batch(&self, tasks: Vec<pb::TaskSpec>) -> Result<Vec<TaskId>, Error> {
+        let sent = tasks.len();
+        let mut client = self.tasks.clone();
+        let answer = unary(client.submit(request(pb::SubmitRequest { tasks }))).await?;
+        if answer.task_ids.len() != sent {
+            return Err(Error::Protocol(weft_proto::ConversionError::Invalid {
+                field: "task_ids",
+                reason: format!("{} ids for {sent} specs", answer.task_ids.len()),
+            }));
+        }
+        answer
+            .task_ids
+            .iter()
+            .map(|id| id.parse().map_err(Error::from))
+            .collect()
+    }
+
+    /// One task's current record.
+    pub async fn get(&self, id: TaskId) -> Result<Task, Error> {
+        let mut client = self.tasks.clone();
+        let answer = unary(client.get(request(pb::GetRequest {
+            task_id: id.to_string(),
+        })))
+        .await?;
+        task_from(answer.task, "GetResponse.task")
+    }
+
+    /// Up to `limit` tasks (0: the coordinator's default page), newest first,
+    /// optionally only those in `state`.
+    pub async fn list(&self, state: Option<TaskState>, limit: u32) -> Result<Vec<Task>, Error> {
+        let state = state.map(i32::from).unwrap_or_default();
+        let mut tasks = Vec::new();
+        let mut page_token = String::new();
+        loop {
+            let want = if limit == 0 {
+                0
+            } else {
+                (limit - tasks.len() as u32).min(MAX_PAGE)
+            };
+            let mut client = self.tasks.clone();
+            let page = unary(client.list(request(pb::ListRequest {
+                state,
+                limit: want,
+                page_token,
+            })))
+            .await?;
+            for task in page.tasks {
+                tasks.push(Task::try_from(task)?);
+            }
+            let more = limit != 0 && (tasks.len() as u32) < limit;
+            if !more || page.next_page_token.is_empty() {
+                tasks.truncate(if limit == 0 {
+                    usize::MAX
+                } else {
+                    limit as usize
+                });
+                return Ok(tasks);
+            }
+            page_token = page.next_page_token;
+        }
+    }
+
+    /// A task's events from `from_seq` on: the recorded ones, then live
+    /// ones, ending after the final task. The stream fails if the
+    /// connection drops; see [`Client::follow`] for one that resumes.
+    pub async fn watch(&self, id: TaskId, from_seq: u64) -> Result<EventStream, Error> {
+        let mut client = self.tasks.clone();
+        let stream = client
+            .watch(pb::WatchRequest {
+                task_id: id.to_string(),
+                from_seq,
+            })
+            .await?
+            .into_inner();
+        Ok(events(stream))
+    }
+
+    /// Submits `spec` and streams its events: the first is the QUEUED state
+    /// change carrying the new id, the last carries the final task.
+    pub async fn run(&self, spec: TaskSpec) -> Result<EventStream, Error> {
+        let mut client = self.tasks.clone();
+        let stream = client
+            .run(pb::RunRequest {
+                spec: Some(spec.into()),
+            })
+            .await?
+            .into_inner();
+        Ok(events(stream))
+    }
+
+    /// Like [`Client::watch`], but when the stream breaks (the coordinator
+    /// restarted, the connection dropped) it watches again from the last
+    /// seen `seq + 1`, for up to `resume_window` of failing tries in a row,
+    /// then yields [`Error::Unavailable`] and ends. Errors that retrying
+    /// cannot fix (NotFound, ...) end it at once.
+    pub fn follow(&self, id: TaskId, from_seq: u64, resume_window: Duration) -> EventStream {
+        let state = Follow {
+            client: self.clone(),
+            id,
+            next_seq: from_seq,
+            inner: None,
+            resume_window,
+            failing_since: None,
+            backoff: FOLLOW_BACKOFF_MIN,
+            done: false,
+        };
+        Box::pin(futures::stream::unfold(state, Follow::next))
+    }
+
+    /// Waits until the task reaches a final state and answers it, resuming
+    /// the watch for up to [`RESUME_WINDOW`] if the connection drops.
+    pub async fn wait(&self, id: TaskId) -> Result<Task, Error> {
+        let mut events = self.follow(id, 0, RESUME_WINDOW);
+        while let Some(event) = events.next().await {
+            if let EventBody::Finished(task) = event?.body {
+                return Ok(task);
+            }
+        }
+        // `follow` ends only after `Finished` or an error; this is a guard.
+        self.get(id).await
+    }
+
+    /// Cancels a task; answers the task as it is after the cancel.
+    pub async fn cancel(&self, id: TaskId) -> Result<Task, Error> {
+        let mut client = self.tasks.clone();
+        let answer = unary(client.cancel(request(pb::CancelRequest {
+            task_id: id.to_string(),
+            reason: "cancelled by client".to_owned(),
+        })))
+        .await?;
+        task_from(answer.task, "CancelResponse.task")
+    }
+
+    /// Every node the coordinator knows, by name.
+    pub async fn nodes(&self) -> Result<Vec<NodeInfo>, Error> {
+        let mut client = self.admin.clone();
+        let answer = unary(client.list_nodes(request(pb::ListNodesRequest {}))).await?;
+        let mut nodes = answer
+            .nodes
+            .into_iter()
+            .map(NodeInfo::try_from)
+            .collect::<Result<Vec<_>, _>>()?;
+        nodes.sort_by(|a, b| a.name.cmp(&b.name).then(a.id.cmp(&b.id)));
+        Ok(nodes)
+    }
+
+    /// Asks a node (by id or name) to drain within `grace` (`None`: the
+    /// node's own default).
+    pub async fn drain(&self, node: &str, grace: Option<Duration>) -> Result<NodeInfo, Error> {
+        let mut client = self.admin.clone();
+        let answer = unary(client.drain_node(request(pb::DrainNodeRequest {
+            node: node.to_owned(),
+            grace: grace.map(duration_to_pb),
+        })))
+        .await?;
+        let node = answer
+            .node
+            .ok_or(weft_proto::ConversionError::MissingField(
+                "DrainNodeResponse.node",
+            ))?;
+        Ok(NodeInfo::try_from(node)?)
+    }
+
+    /// Cluster-wide figures.
+    pub async fn cluster_info(&self) -> Result<ClusterInfo, Error> {
+        let mut client = self.admin.clone();
+        let answer = unary(client.cluster_info(request(pb::ClusterInfoRequest {}))).await?;
+        Ok(ClusterInfo::try_from(answer)?)
+    }
+}
+
+/// A unary request carrying the deadline, so the coordinator can give up too.
+fn request<T>(message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.set_timeout(UNARY_DEADLINE);
+    request
+}
+
+/// Awaits a unary call under [`UNARY_DEADLINE`], enforced on this side too.
+async fn unary<T>(
+    call: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<T, Error> {
+    match tokio::time::timeout(UNARY_DEADLINE, call).await {
+        Err(_) => Err(Error::DeadlineExceeded(format!(
+            "no answer from the coordinator within {UNARY_DEADLINE:?}"
+        ))),
+        Ok(answer) => Ok(answer?.into_inner()),
+    }
+}
+
+fn task_from(task: Option<pb::Task>, field: &'static str) -> Result<Task, Error> {
+    let task = task.ok_or(weft_proto::ConversionError::MissingField(field))?;
+    Ok(Task::try_from(task)?)
+}
+
+fn events(stream: tonic::Streaming<pb::TaskEvent>) -> EventStream {
+    Box::pin(stream.map(|item| Ok(TaskEvent::try_from(item?)?)))
+}
+
+const FOLLOW_BACKOFF_MIN: Duration = Duration::from_millis(100);
+const FOLLOW_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// The state of a [`Client::follow`] stream.
+struct Follow {
+    client: Client,
+    id: TaskId,
+    /// Where to resume: the seq after the last event yielded.
+    next_seq: u64,
+    inner: Option<EventStream>,
+    resume_window: Duration,
+    /// Start of the current run of failed tries; `None` while healthy.
+    failing_since: Option<Instant>,
+    backoff: Duration,
+    done: bool,
+}
+
+impl Follow {
+    async fn next(mut self) -> Option<(Result<TaskEvent, Error>, Follow)> {
+        loop {
+            if self.done {
+                return None;
+            }
+            let inner = match &mut self.inner {
+                Some(inner) => inner,
+                None => match self.client.watch(self.id, self.next_seq).await {
+                    Ok(stream) => self.inner.insert(stream),
+                    Err(err) => {
+                        if let Some(err) = self.failed(err).await {
+                            return Some((Err(err), self));
+                        }
+                        continue;
+                    }
+                },
+            };
+            match inner.next().await {
+                Some(Ok(event)) => {
+                    if event.seq < self.next_seq {
+                        continue; // replayed after a resume; already yielded
+                    }
+                    self.next_seq = event.seq + 1;
+                    self.failing_since = None;
+                    self.backoff = FOLLOW_BACKOFF_MIN;
+                    self.done = event.finished().is_some();
+                    return Some((Ok(event), self));
+                }
+                Some(Err(err)) => {
+                    self.inner = None;
+                    if let Some(err) = self.failed(err).await {
+                        return Some((Err(err), self));
+                    }
+                }
+                None => {
+                    // Ended without the final event: the coordinator closed
+                    // the stream (shutting down). Resume like after an error.
+                    self.inner = None;
+                    let err = Error::Unavailable(format!(
+                        "the coordinator at {} closed the watch of task {}",
+                        self.client.url, self.id
+                    ));
+                    if let Some(err) = self.failed(err).await {
+                        return Some((Err(err), self));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Records a failed try. Answers the error to yield when it is final
+    /// (not retryable, or failing for longer than the window); otherwise
+    /// sleeps the backoff and answers `None` (try again).
+    async fn failed(&mut self, err: Error) -> Option<Error> {
+        let since = *self.failing_since.get_or_insert_with(Instant::now);
+        if !err.is_retryable() {
+            self.done = true;
+            return Some(err);
+        }
+        if since.elapsed() >= self.resume_window {
+            self.done = true;
+            return Some(Error::Unavailable(format!(
+                "lost the coordinator at {} while watching task {} and could not resume within {:?}: {err}",
+                self.client.url, self.id, self.resume_window
+            )));
+        }
+        tracing::debug!(task_id = %self.id, error = %err, "watch broke; resuming");
+        tokio::time::sleep(self.backoff).await;
+        self.backoff = (self.backoff * 2).min(FOLLOW_BACKOFF_MAX);
+        None
+    }
+}

@@ -1,1 +1,23 @@
-fn main() {}
+//! The `weft` command line: parse, set up logging on stderr, run, exit.
+//! Everything else lives in `weft_client::cli`.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+use weft_client::cli::{self, Args};
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    // Logs are for diagnosing; results and errors the user needs are
+    // printed by the commands. RUST_LOG=info shows the cluster's logs.
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    ExitCode::from(cli::main(args).await)
+}

@@ -1,0 +1,317 @@
+//! The `weft` command line: clap [`Args`] and [`Command`], and [`main`],
+//! which runs one command and answers the process exit code. The binary
+//! (`bin/weft.rs`) only calls [`main`].
+//!
+//! Results go to stdout; progress, warnings and errors to stderr. Every
+//! error is one line, `weft: error: ...`, and a non-zero exit code (see
+//! [`exit`]).
+//!
+//! Layout:
+//! - [`opts`]: flags shared by commands that make tasks; `k=v` parsing.
+//! - [`output`]: text and JSON formatting.
+//! - [`exit`]: exit codes and their mapping from tasks and errors.
+//! - [`stream`]: following a task's events (printing, resuming, Ctrl-C).
+//! - [`task`]: `run`, `call`, `submit`, `watch`, `wait`, `get`, `list`, `cancel`.
+//! - [`admin`]: `nodes`, `drain`, `info`.
+//! - [`map`]: `map`, one task per input line.
+//! - [`local`]: `local`, an in-process cluster; also used by `demo`.
+//! - [`demo`]: `demo`, a visible mixed workload on a local cluster.
+
+pub mod admin;
+pub mod demo;
+pub mod exit;
+pub mod local;
+pub mod map;
+pub mod opts;
+pub mod output;
+pub mod stream;
+pub mod task;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+use weft_proto::{TaskId, TaskState};
+
+use crate::Client;
+use crate::cli::opts::{TaskOpts, parse_duration_arg, parse_task_id, parse_task_state};
+use crate::cli::output::OutputFormat;
+
+/// Weft: run commands and handler calls on a cluster of nodes.
+///
+/// Start a cluster on this machine with `weft local` (or run
+/// `weft-coordinator` and `weft-node`), then `weft run -- CMD ARGS...`.
+#[derive(Parser, Debug)]
+#[command(name = "weft", version, after_help = exit::EXIT_CODES_HELP)]
+pub struct Args {
+    /// Coordinator URL.
+    #[arg(
+        long,
+        global = true,
+        env = "WEFT_COORDINATOR",
+        default_value = "http://127.0.0.1:7070",
+        value_name = "URL"
+    )]
+    pub coordinator: String,
+    /// Output format of results on stdout.
+    #[arg(long, short = 'o', global = true, value_enum, default_value_t = OutputFormat::Text)]
+    pub output: OutputFormat,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The `weft` subcommands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run a command on a node; stream its stdout/stderr here and exit with its code.
+    ///
+    /// Ctrl-C cancels the task (exit 130).
+    #[command(after_help = exit::EXIT_CODES_HELP)]
+    Run {
+        /// Task settings.
+        #[command(flatten)]
+        opts: TaskOpts,
+        /// The command and its arguments (after `--`).
+        #[arg(
+            required = true,
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "CMD"
+        )]
+        command: Vec<String>,
+    },
+    /// Call a handler on a node; stream its output, print what it returns.
+    ///
+    /// Ctrl-C cancels the task (exit 130).
+    #[command(after_help = exit::EXIT_CODES_HELP)]
+    Call {
+        /// Task settings.
+        #[command(flatten)]
+        opts: TaskOpts,
+        /// Handler name (built-ins: noop, echo, sleep, sha256, fail, spin).
+        handler: String,
+        /// Input bytes; `-` reads them from stdin; none is empty input.
+        input: Option<String>,
+    },
+    /// Submit a task and print only its id (`--call HANDLER [INPUT]`, or `-- CMD ARGS...`).
+    Submit {
+        /// Task settings.
+        #[command(flatten)]
+        opts: TaskOpts,
+        /// Submit a call of this handler; the argument after it is its input (`-`: stdin).
+        #[arg(long, value_name = "HANDLER")]
+        call: Option<String>,
+        /// The command and its arguments, or the call's input with `--call`.
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "CMD"
+        )]
+        command: Vec<String>,
+    },
+    /// Show one task.
+    Get {
+        /// The task id.
+        #[arg(value_parser = parse_task_id)]
+        id: TaskId,
+    },
+    /// Follow a task: print its output as `run` does and its state changes on stderr.
+    ///
+    /// Resumes after a dropped connection; exits with the task's code like `run`.
+    /// Ctrl-C stops watching (the task keeps running).
+    #[command(after_help = exit::EXIT_CODES_HELP)]
+    Watch {
+        /// The task id.
+        #[arg(value_parser = parse_task_id)]
+        id: TaskId,
+        /// First event to show (0: the whole history).
+        #[arg(long, default_value_t = 0, value_name = "N")]
+        from_seq: u64,
+    },
+    /// Wait for a task to finish, print it, and exit with its code like `run`.
+    #[command(after_help = exit::EXIT_CODES_HELP)]
+    Wait {
+        /// The task id.
+        #[arg(value_parser = parse_task_id)]
+        id: TaskId,
+    },
+    /// Cancel a task.
+    Cancel {
+        /// The task id.
+        #[arg(value_parser = parse_task_id)]
+        id: TaskId,
+    },
+    /// List tasks, newest first.
+    List {
+        /// Only tasks in this state (queued, assigned, running, succeeded, failed, cancelled, timed_out).
+        #[arg(long, value_parser = parse_task_state, value_name = "STATE")]
+        state: Option<TaskState>,
+        /// At most this many.
+        #[arg(long, default_value_t = 50, value_name = "N")]
+        limit: u32,
+    },
+    /// List the connected nodes.
+    Nodes,
+    /// Drain a node: it takes no new work and finishes what it runs, then stops.
+    Drain {
+        /// Node name or id.
+        node: String,
+        /// How long running tasks may take before they are cancelled (default: the node's own).
+        #[arg(long, value_parser = parse_duration_arg, value_name = "DURATION")]
+        grace: Option<Duration>,
+    },
+    /// Show cluster-wide figures.
+    Info,
+    /// Run a command once per line of stdin, in parallel across the cluster.
+    ///
+    /// Every `{}` in the arguments is replaced by the line; with no `{}`, the
+    /// line is appended as the last argument (like xargs). Blank lines are
+    /// skipped. Each task's stdout is printed when it finishes; exits 1 if
+    /// any task failed.
+    Map {
+        /// Tasks in flight at once (default: the cluster's free slots, at least 1).
+        #[arg(short = 'j', long = "jobs", value_name = "N")]
+        jobs: Option<usize>,
+        /// Print outputs in input order (default: completion order).
+        #[arg(long)]
+        keep_order: bool,
+        /// Task settings.
+        #[command(flatten)]
+        opts: TaskOpts,
+        /// The command template (after `--`).
+        #[arg(
+            required = true,
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "CMD"
+        )]
+        command: Vec<String>,
+    },
+    /// Run a coordinator and nodes in this process until Ctrl-C.
+    Local {
+        /// Nodes to start.
+        #[arg(long, default_value_t = 2, value_name = "N")]
+        nodes: usize,
+        /// Slots per node (default: number of CPUs).
+        #[arg(long, value_name = "S")]
+        slots: Option<u32>,
+        /// Address to listen on (falls back to a free port if it is taken).
+        #[arg(long, default_value = "127.0.0.1:7070", value_name = "ADDR")]
+        listen: SocketAddr,
+    },
+    /// Start a local cluster and run a mixed demo workload on it.
+    Demo {
+        /// Nodes to start.
+        #[arg(long, default_value_t = 3, value_name = "N")]
+        nodes: usize,
+        /// Slots per node.
+        #[arg(long, default_value_t = 2, value_name = "S")]
+        slots: u32,
+    },
+}
+
+/// Runs the command line in `args` and answers the exit code. Errors are
+/// printed here, as one line on stderr.
+pub async fn main(args: Args) -> u8 {
+    match dispatch(args).await {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("weft: error: {}", one_line(&err));
+            exit::for_error(&err)
+        }
+    }
+}
+
+async fn dispatch(args: Args) -> anyhow::Result<u8> {
+    let format = args.output;
+    let url = args.coordinator;
+    match args.command {
+        Command::Local {
+            nodes,
+            slots,
+            listen,
+        } => local::run(listen, nodes, slots).await,
+        Command::Demo { nodes, slots } => demo::run(nodes, slots).await,
+        command => {
+            let client = Client::connect(&url).await?;
+            match command {
+                Command::Run { opts, command } => task::run(&client, format, &opts, command).await,
+                Command::Call {
+                    opts,
+                    handler,
+                    input,
+                } => task::call(&client, format, &opts, handler, input).await,
+                Command::Submit {
+                    opts,
+                    call,
+                    command,
+                } => task::submit(&client, format, &opts, call, command).await,
+                Command::Get { id } => task::get(&client, format, id).await,
+                Command::Watch { id, from_seq } => task::watch(&client, format, id, from_seq).await,
+                Command::Wait { id } => task::wait(&client, format, id).await,
+                Command::Cancel { id } => task::cancel(&client, format, id).await,
+                Command::List { state, limit } => task::list(&client, format, state, limit).await,
+                Command::Nodes => admin::nodes(&client, format).await,
+                Command::Drain { node, grace } => admin::drain(&client, format, &node, grace).await,
+                Command::Info => admin::info(&client, format).await,
+                Command::Map {
+                    jobs,
+                    keep_order,
+                    opts,
+                    command,
+                } => map::run(&client, &opts, jobs, keep_order, command).await,
+                Command::Local { .. } | Command::Demo { .. } => {
+                    unreachable!("handled before connecting")
+                }
+            }
+        }
+    }
+}
+
+/// The error chain on one line (`context: cause: root`).
+fn one_line(err: &anyhow::Error) -> String {
+    format!("{err:#}").replace('\n', " ")
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        Args::command().debug_assert();
+    }
+
+    #[test]
+    fn run_takes_everything_after_the_double_dash_as_the_command() {
+        let args =
+            Args::try_parse_from(["weft", "run", "--slots", "2", "--", "sh", "-c", "exit 3"])
+                .unwrap();
+        let Command::Run { opts, command } = args.command else {
+            panic!("not run")
+        };
+        assert_eq!(opts.slots, Some(2));
+        assert_eq!(command, ["sh", "-c", "exit 3"]);
+    }
+
+    #[test]
+    fn a_label_without_equals_is_a_usage_error() {
+        let err =
+            Args::try_parse_from(["weft", "run", "--label", "gpu", "--", "true"]).unwrap_err();
+        assert_eq!(err.exit_code(), i32::from(exit::USAGE));
+        assert!(err.to_string().contains("KEY=VALUE"), "{err}");
+    }
+
+    #[test]
+    fn help_states_the_exit_codes() {
+        let help = Args::command().render_long_help().to_string();
+        assert!(
+            help.contains("69") && help.contains("127") && help.contains("130"),
+            "{help}"
+        );
+    }
+}

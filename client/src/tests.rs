@@ -1,0 +1,202 @@
+//! Client behaviour against a scripted in-process `TaskService`: resuming a
+//! broken watch from the last seq + 1, and batching submits. The real
+//! cluster is exercised by the `weft-tests` crate.
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::Stream;
+use tokio::net::TcpListener;
+use tonic::{Request, Response, Status};
+
+use weft_proto::pb;
+use weft_proto::pb::task_service_server::{TaskService, TaskServiceServer};
+
+use crate::{Client, Error, TaskId, TaskSpec, TaskState};
+
+type EventResult = Result<pb::TaskEvent, Status>;
+type Events = Pin<Box<dyn Stream<Item = EventResult> + Send>>;
+
+/// A coordinator that answers Watch from a script: the first watch breaks
+/// after two events, later ones finish the task. Records every from_seq.
+#[derive(Clone, Default)]
+struct Scripted {
+    id: String,
+    watches: Arc<Mutex<Vec<u64>>>,
+    submits: Arc<Mutex<Vec<usize>>>,
+}
+
+fn state_event(id: &str, seq: u64, state: TaskState) -> pb::TaskEvent {
+    pb::TaskEvent {
+        task_id: id.to_owned(),
+        seq,
+        attempt: 1,
+        time: None,
+        body: Some(pb::task_event::Body::State(pb::StateChanged {
+            state: state.into(),
+            ..Default::default()
+        })),
+    }
+}
+
+fn finished_event(id: &str, seq: u64) -> pb::TaskEvent {
+    pb::TaskEvent {
+        task_id: id.to_owned(),
+        seq,
+        attempt: 1,
+        time: None,
+        body: Some(pb::task_event::Body::Finished(pb::Task {
+            id: id.to_owned(),
+            state: TaskState::Succeeded.into(),
+            attempt: 1,
+            output: "done".into(),
+            ..Default::default()
+        })),
+    }
+}
+
+#[tonic::async_trait]
+impl TaskService for Scripted {
+    async fn submit(
+        &self,
+        request: Request<pb::SubmitRequest>,
+    ) -> Result<Response<pb::SubmitResponse>, Status> {
+        let n = request.into_inner().tasks.len();
+        self.submits.lock().unwrap().push(n);
+        let task_ids = (0..n).map(|_| TaskId::new().to_string()).collect();
+        Ok(Response::new(pb::SubmitResponse { task_ids }))
+    }
+
+    async fn get(
+        &self,
+        _request: Request<pb::GetRequest>,
+    ) -> Result<Response<pb::GetResponse>, Status> {
+        Err(Status::not_found("no such task"))
+    }
+
+    async fn list(
+        &self,
+        _request: Request<pb::ListRequest>,
+    ) -> Result<Response<pb::ListResponse>, Status> {
+        Ok(Response::new(pb::ListResponse::default()))
+    }
+
+    type WatchStream = Events;
+
+    async fn watch(
+        &self,
+        request: Request<pb::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let from_seq = request.into_inner().from_seq;
+        let first = {
+            let mut watches = self.watches.lock().unwrap();
+            watches.push(from_seq);
+            watches.len() == 1
+        };
+        let id = self.id.clone();
+        let events: Vec<EventResult> = if first {
+            vec![
+                Ok(state_event(&id, 0, TaskState::Queued)),
+                Ok(state_event(&id, 1, TaskState::Running)),
+                Err(Status::unavailable("coordinator restarting")),
+            ]
+        } else {
+            // Replays one already-seen event, as a coordinator may.
+            vec![
+                Ok(state_event(
+                    &id,
+                    from_seq.saturating_sub(1),
+                    TaskState::Running,
+                )),
+                Ok(finished_event(&id, from_seq)),
+            ]
+        };
+        Ok(Response::new(Box::pin(futures::stream::iter(events))))
+    }
+
+    async fn cancel(
+        &self,
+        _request: Request<pb::CancelRequest>,
+    ) -> Result<Response<pb::CancelResponse>, Status> {
+        Err(Status::failed_precondition("already finished"))
+    }
+
+    type RunStream = Events;
+
+    async fn run(
+        &self,
+        _request: Request<pb::RunRequest>,
+    ) -> Result<Response<Self::RunStream>, Status> {
+        Err(Status::unimplemented("not scripted"))
+    }
+}
+
+async fn serve(service: Scripted) -> Client {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(TaskServiceServer::new(service))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    Client::connect(&format!("http://{addr}")).await.unwrap()
+}
+
+#[tokio::test]
+async fn wait_resumes_a_broken_watch_from_the_next_seq() {
+    let id = TaskId::new();
+    let service = Scripted {
+        id: id.to_string(),
+        ..Default::default()
+    };
+    let client = serve(service.clone()).await;
+    let task = tokio::time::timeout(Duration::from_secs(10), client.wait(id))
+        .await
+        .expect("wait finished")
+        .unwrap();
+    assert_eq!(
+        (task.state, &task.output[..]),
+        (TaskState::Succeeded, &b"done"[..])
+    );
+    assert_eq!(*service.watches.lock().unwrap(), vec![0, 2]);
+}
+
+#[tokio::test]
+async fn submit_many_sends_batches_of_at_most_the_batch_size() {
+    let service = Scripted::default();
+    let client = serve(service.clone()).await;
+    let specs = vec![TaskSpec::call("noop", ""); crate::SUBMIT_BATCH + 3];
+    let ids = client.submit_many(specs).await.unwrap();
+    assert_eq!(ids.len(), crate::SUBMIT_BATCH + 3);
+    assert_eq!(
+        *service.submits.lock().unwrap(),
+        vec![crate::SUBMIT_BATCH, 3]
+    );
+}
+
+#[tokio::test]
+async fn not_found_is_classified_and_not_retryable() {
+    let client = serve(Scripted::default()).await;
+    // The scripted Get answers NOT_FOUND; Watch of an unknown id would too.
+    let err = client.get(TaskId::new()).await.unwrap_err();
+    assert!(matches!(err, Error::NotFound(_)), "{err:?}");
+    assert!(!err.is_retryable());
+}
+
+#[tokio::test]
+async fn an_unreachable_coordinator_fails_fast_with_unavailable() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    let started = std::time::Instant::now();
+    let err = Client::connect(&format!("http://{addr}"))
+        .await
+        .unwrap_err();
+    assert!(err.is_unavailable(), "{err:?}");
+    assert!(
+        err.to_string().contains("cannot reach coordinator"),
+        "{err}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+}

@@ -1,0 +1,290 @@
+//! Domain views of what the coordinator answers: [`Task`], [`TaskEvent`],
+//! [`NodeInfo`], [`ClusterInfo`], each converted from its `pb` message with
+//! `TryFrom`, so callers never unwrap an `Option` proto3 forced on a field.
+//! No I/O here.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+
+use weft_proto::convert::{duration_from_pb, system_time};
+use weft_proto::{
+    Attempt, ConversionError, NodeId, NodeState, OutputStream, TaskId, TaskSpec, TaskState, pb,
+};
+
+/// A task's record, as the coordinator holds it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Task {
+    /// The task's id.
+    pub id: TaskId,
+    /// What it runs (absent only if the coordinator did not send it).
+    pub spec: Option<TaskSpec>,
+    /// Where it is in its life.
+    pub state: TaskState,
+    /// The latest attempt, from 1; 0 before the first assignment.
+    pub attempt: Attempt,
+    /// Node of the latest attempt, if it was ever assigned.
+    pub node_id: Option<NodeId>,
+    /// Name of that node.
+    pub node_name: Option<String>,
+    /// Exit code of the latest attempt's process, if it exited.
+    pub exit_code: Option<i32>,
+    /// The handler's return value (call tasks).
+    pub output: Bytes,
+    /// Why it failed, was cancelled or timed out; empty otherwise.
+    pub error: String,
+    /// For a queued task: why it is still waiting.
+    pub pending_reason: String,
+    /// Attempts that ended in failure.
+    pub failures: u32,
+    /// Attempts lost with their node.
+    pub node_losses: u32,
+    /// When it was submitted.
+    pub created_at: Option<SystemTime>,
+    /// When its record last changed.
+    pub updated_at: Option<SystemTime>,
+    /// Sequence number its next event will get (where a watcher that has
+    /// seen everything so far would resume).
+    pub next_seq: u64,
+}
+
+impl TryFrom<pb::Task> for Task {
+    type Error = ConversionError;
+
+    fn try_from(task: pb::Task) -> Result<Self, Self::Error> {
+        Ok(Task {
+            id: task.id.parse()?,
+            spec: task.spec.map(TaskSpec::try_from).transpose()?,
+            state: TaskState::try_from(task.state)?,
+            attempt: Attempt(task.attempt),
+            node_id: optional_id(&task.node_id)?,
+            node_name: non_empty(task.node_name),
+            exit_code: task.exit_code,
+            output: task.output,
+            error: task.error,
+            pending_reason: task.pending_reason,
+            failures: task.failures,
+            node_losses: task.node_losses,
+            created_at: task.created_at.as_ref().map(system_time),
+            updated_at: task.updated_at.as_ref().map(system_time),
+            next_seq: task.next_seq,
+        })
+    }
+}
+
+/// One event of a task's history. `seq` counts from 0 with no gaps, so a
+/// watcher that lost its stream resumes at `seq + 1`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TaskEvent {
+    /// The task it belongs to.
+    pub task_id: TaskId,
+    /// Its place in the task's history.
+    pub seq: u64,
+    /// The attempt it belongs to (0 before any assignment).
+    pub attempt: Attempt,
+    /// What happened.
+    pub body: EventBody,
+}
+
+/// What a [`TaskEvent`] says.
+// `Finished` is much larger than the other arms, but events are handled one
+// at a time, never stored in bulk, so boxing it would only cost callers a deref.
+#[allow(clippy::large_enum_variant)]
+#[derive(Clone, Debug, PartialEq)]
+pub enum EventBody {
+    /// The task changed state.
+    State {
+        /// The new state.
+        state: TaskState,
+        /// The node involved, if any.
+        node_name: Option<String>,
+        /// Why, in words.
+        reason: String,
+    },
+    /// A chunk of output.
+    Output {
+        /// Which stream.
+        stream: OutputStream,
+        /// The bytes.
+        data: Bytes,
+    },
+    /// Progress reported by the running attempt.
+    Progress {
+        /// From 0 to 1.
+        fraction: f64,
+        /// In words.
+        message: String,
+    },
+    /// The task reached a final state; always the last event.
+    Finished(Task),
+}
+
+impl TaskEvent {
+    /// The final task, when this is the last event.
+    pub fn finished(&self) -> Option<&Task> {
+        match &self.body {
+            EventBody::Finished(task) => Some(task),
+            _ => None,
+        }
+    }
+}
+
+impl TryFrom<pb::TaskEvent> for TaskEvent {
+    type Error = ConversionError;
+
+    fn try_from(event: pb::TaskEvent) -> Result<Self, Self::Error> {
+        use pb::task_event::Body;
+        let body = match event.body {
+            None => return Err(ConversionError::MissingField("TaskEvent.body")),
+            Some(Body::State(state)) => EventBody::State {
+                state: TaskState::try_from(state.state)?,
+                node_name: non_empty(state.node_name),
+                reason: state.reason,
+            },
+            Some(Body::Output(output)) => EventBody::Output {
+                stream: OutputStream::try_from(output.stream)?,
+                data: output.data,
+            },
+            Some(Body::Progress(progress)) => EventBody::Progress {
+                fraction: progress.fraction,
+                message: progress.message,
+            },
+            Some(Body::Finished(task)) => EventBody::Finished(Task::try_from(task)?),
+        };
+        Ok(TaskEvent {
+            task_id: event.task_id.parse()?,
+            seq: event.seq,
+            attempt: Attempt(event.attempt),
+            body,
+        })
+    }
+}
+
+/// One node as the coordinator sees it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NodeInfo {
+    /// The node's id.
+    pub id: NodeId,
+    /// The node's name.
+    pub name: String,
+    /// Labels tasks can require.
+    pub labels: BTreeMap<String, String>,
+    /// Slots it offers.
+    pub slots: u32,
+    /// Slots taken by attempts assigned to it.
+    pub slots_used: u32,
+    /// Slots it granted that are not used.
+    pub slots_free: u32,
+    /// The attempts it runs.
+    pub running: Vec<(TaskId, Attempt)>,
+    /// Time since its last heartbeat.
+    pub last_heartbeat_age: Duration,
+    /// Whether it takes work.
+    pub state: NodeState,
+    /// Handlers it serves.
+    pub handlers: Vec<String>,
+    /// Attempts it finished since it connected.
+    pub finished: u64,
+}
+
+impl TryFrom<pb::NodeInfo> for NodeInfo {
+    type Error = ConversionError;
+
+    fn try_from(node: pb::NodeInfo) -> Result<Self, Self::Error> {
+        let running = node
+            .running
+            .into_iter()
+            .map(|r| Ok((r.task_id.parse()?, Attempt(r.attempt))))
+            .collect::<Result<Vec<_>, ConversionError>>()?;
+        let last_heartbeat_age = match &node.last_heartbeat_age {
+            Some(d) => duration_from_pb("last_heartbeat_age", d)?,
+            None => Duration::ZERO,
+        };
+        let mut handlers = node.handlers;
+        handlers.sort();
+        Ok(NodeInfo {
+            id: node.node_id.parse()?,
+            name: node.name,
+            labels: node.labels.into_iter().collect(),
+            slots: node.slots,
+            slots_used: node.slots_used,
+            slots_free: node.slots_free,
+            running,
+            last_heartbeat_age,
+            state: NodeState::try_from(node.state)?,
+            handlers,
+            finished: node.finished,
+        })
+    }
+}
+
+/// Cluster-wide figures.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClusterInfo {
+    /// The coordinator's version.
+    pub version: String,
+    /// Connected nodes.
+    pub nodes: u32,
+    /// Slots of all connected nodes.
+    pub slots: u32,
+    /// Slots granted and unused.
+    pub slots_free: u32,
+    /// How many tasks are in each state.
+    pub tasks: Vec<(TaskState, u64)>,
+    /// Time since the coordinator started.
+    pub uptime: Duration,
+    /// Node events refused by fencing.
+    pub stale_events_refused: u64,
+    /// Nodes declared lost since start.
+    pub nodes_lost: u64,
+}
+
+impl ClusterInfo {
+    /// Tasks in `state` (0 when the coordinator did not list it).
+    pub fn count(&self, state: TaskState) -> u64 {
+        self.tasks
+            .iter()
+            .filter(|(s, _)| *s == state)
+            .map(|(_, n)| n)
+            .sum()
+    }
+}
+
+impl TryFrom<pb::ClusterInfoResponse> for ClusterInfo {
+    type Error = ConversionError;
+
+    fn try_from(info: pb::ClusterInfoResponse) -> Result<Self, Self::Error> {
+        let tasks = info
+            .tasks
+            .iter()
+            .map(|c| Ok((TaskState::try_from(c.state)?, c.count)))
+            .collect::<Result<Vec<_>, ConversionError>>()?;
+        let uptime = match &info.uptime {
+            Some(d) => duration_from_pb("uptime", d)?,
+            None => Duration::ZERO,
+        };
+        Ok(ClusterInfo {
+            version: info.version,
+            nodes: info.nodes,
+            slots: info.slots,
+            slots_free: info.slots_free,
+            tasks,
+            uptime,
+            stale_events_refused: info.stale_events_refused,
+            nodes_lost: info.nodes_lost,
+        })
+    }
+}
+
+fn non_empty(text: String) -> Option<String> {
+    (!text.is_empty()).then_some(text)
+}
+
+fn optional_id(text: &str) -> Result<Option<NodeId>, ConversionError> {
+    if text.is_empty() {
+        Ok(None)
+    } else {
+        text.parse().map(Some)
+    }
+}
