@@ -1,70 +1,133 @@
-//! STUB: public API of weft-coordinator, to be filled in.
-#![allow(missing_docs, dead_code, unused_variables)]
+//! The Weft coordinator: node registry, scheduler, task store and client API.
+//!
+//! Nodes hold one `Connect` stream each; clients submit, watch and cancel
+//! tasks. Everything that decides lives in the sans-I/O [`scheduler`]; one
+//! driver task owns it, applies inbox batches, group-commits them to the
+//! [`store`] and only then answers and sends.
+//!
+//! Layout:
+//! - [`config`] — `CoordinatorConfig`.
+//! - [`error`] — `Error` and its one mapping to `tonic::Status`.
+//! - [`scheduler`] — the core: queue, node registry, task state machine, fencing.
+//! - `driver` — the task that owns the scheduler: batches, group commit, effects.
+//! - [`store`] — the `Store` trait and the in-memory store.
+//! - `service` — tonic adapters for `NodeService`, `TaskService`, `AdminService`.
+//! - `server` — the tonic server, health, serve-with-shutdown.
+
+pub mod config;
+mod driver;
+pub mod error;
+pub mod scheduler;
+mod server;
+mod service;
+pub mod store;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
 
-/// Coordinator settings. `Default` is usable by tests.
-#[derive(Clone, Debug)]
-pub struct CoordinatorConfig {
-    /// How often each side of a node stream sends a heartbeat (default 1 s).
-    pub heartbeat_interval: Duration,
-    /// Silence after which a node is lost (default 5 s).
-    pub heartbeat_timeout: Duration,
-    /// Where the durable store lives; `None` keeps everything in memory.
-    pub data_dir: Option<PathBuf>,
-    /// Most tasks queued (not final) at once; Submit past it is RESOURCE_EXHAUSTED.
-    pub max_queued: usize,
-    /// First retry delay; doubles per attempt up to `retry_backoff_max`.
-    pub retry_backoff_base: Duration,
-    /// Longest retry delay.
-    pub retry_backoff_max: Duration,
-}
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic_health::ServingStatus;
 
-impl Default for CoordinatorConfig {
-    fn default() -> Self {
-        CoordinatorConfig {
-            heartbeat_interval: Duration::from_secs(1),
-            heartbeat_timeout: Duration::from_secs(5),
-            data_dir: None,
-            max_queued: 10_000_000,
-            retry_backoff_base: Duration::from_millis(100),
-            retry_backoff_max: Duration::from_secs(10),
-        }
-    }
-}
+pub use config::CoordinatorConfig;
+pub use error::Error;
 
+use scheduler::{Now, Scheduler};
+use store::{MemoryStore, Store};
+
+/// `shutdown` did not finish within its grace period.
 #[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("stub")]
-    Stub,
-}
-
-#[derive(Debug, thiserror::Error)]
-#[error("shutdown timed out")]
+#[error("coordinator shutdown timed out")]
 pub struct ShutdownTimedOut;
 
+/// A running coordinator. Dropping it stops it (without waiting); tests
+/// should call [`shutdown`](RunningCoordinator::shutdown).
+#[derive(Debug)]
 pub struct RunningCoordinator {
     addr: SocketAddr,
+    cancel: CancellationToken,
+    tasks: TaskTracker,
 }
 
 impl RunningCoordinator {
+    /// The address it listens on.
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }
+
     /// `http://ADDR`, what nodes and clients dial.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
+
+    /// Stops accepting, ends node sessions and watch streams, and waits up
+    /// to `grace` for every task to finish.
     pub async fn shutdown(self, grace: Duration) -> Result<(), ShutdownTimedOut> {
-        todo!()
+        self.cancel.cancel();
+        self.tasks.close();
+        tokio::time::timeout(grace, self.tasks.wait())
+            .await
+            .map_err(|_| ShutdownTimedOut)
     }
 }
 
+impl Drop for RunningCoordinator {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+/// Starts a coordinator on an already bound listener (so callers can bind
+/// port 0 and know the address first). Returns once it serves.
 pub async fn start(
     config: CoordinatorConfig,
-    listener: tokio::net::TcpListener,
+    listener: TcpListener,
 ) -> Result<RunningCoordinator, Error> {
-    todo!()
+    let addr = listener.local_addr().map_err(Error::Listener)?;
+    let cancel = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+
+    if let Some(dir) = &config.data_dir {
+        tracing::warn!(data_dir = %dir.display(), "the durable store is not implemented yet; tasks are kept in memory only");
+    }
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let loaded = store.load()?;
+    let mut scheduler = Scheduler::new((&config).into());
+    scheduler.restore(
+        loaded,
+        Now {
+            instant: Instant::now(),
+            wall: SystemTime::now(),
+        },
+    );
+
+    let config = Arc::new(config);
+    let (driver, handle) = driver::new(
+        scheduler,
+        store,
+        Arc::clone(&config),
+        cancel.clone(),
+        tasks.clone(),
+    );
+    tasks.spawn(driver.run());
+    server::mark_serving(&reporter).await;
+    let server_cancel = cancel.clone();
+    tasks.spawn(async move {
+        if let Err(err) = server::serve(listener, handle, health, server_cancel.clone()).await {
+            tracing::error!(error = %err, "server failed");
+            server_cancel.cancel();
+        }
+    });
+    tracing::info!(%addr, "listening");
+    Ok(RunningCoordinator {
+        addr,
+        cancel,
+        tasks,
+    })
 }

@@ -1,1 +1,143 @@
-fn main() {}
+//! `weft-coordinator`: parse flags, install tracing, bind, start, wait for
+//! a signal, shut down. Everything else is in the library.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, ValueEnum};
+use tracing_subscriber::EnvFilter;
+
+use weft_coordinator::CoordinatorConfig;
+use weft_proto::convert::parse_duration;
+
+/// The Weft coordinator: keeps the task queue, matches tasks to connected
+/// nodes, and serves the client and admin APIs over gRPC.
+///
+/// SIGINT or SIGTERM shuts down gracefully (up to --shutdown-grace); a
+/// second signal exits at once. Logs go to stderr; RUST_LOG filters them
+/// (default `info`).
+#[derive(Debug, Parser)]
+#[command(name = "weft-coordinator", version)]
+struct Args {
+    /// Address to listen on. Port 0 picks a free port (see --addr-file).
+    #[arg(long, env = "WEFT_LISTEN", default_value = "127.0.0.1:7070")]
+    listen: String,
+
+    /// Write the bound `host:port` to this file once listening.
+    #[arg(long)]
+    addr_file: Option<PathBuf>,
+
+    /// How often the coordinator and each node send heartbeats.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    heartbeat_interval: Duration,
+
+    /// Silence after which a node is declared lost and its tasks requeued.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    heartbeat_timeout: Duration,
+
+    /// Directory for the durable store. Reserved: not durable yet, tasks
+    /// are kept in memory whatever this says.
+    #[arg(long, env = "WEFT_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+
+    /// Most tasks not yet final at once; Submit past it answers RESOURCE_EXHAUSTED.
+    #[arg(long, default_value_t = 10_000_000)]
+    max_queued: usize,
+
+    /// First retry delay after a failed attempt; doubles per attempt.
+    #[arg(long, default_value = "100ms", value_parser = parse_duration)]
+    retry_backoff: Duration,
+
+    /// Longest retry delay.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    retry_backoff_max: Duration,
+
+    /// How long a graceful shutdown waits for sessions and streams to end.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    shutdown_grace: Duration,
+
+    /// Log line format on stderr.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+impl From<&Args> for CoordinatorConfig {
+    fn from(args: &Args) -> Self {
+        CoordinatorConfig {
+            heartbeat_interval: args.heartbeat_interval,
+            heartbeat_timeout: args.heartbeat_timeout,
+            data_dir: args.data_dir.clone(),
+            max_queued: args.max_queued,
+            retry_backoff_base: args.retry_backoff,
+            retry_backoff_max: args.retry_backoff_max,
+            ..CoordinatorConfig::default()
+        }
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Writes the address next to `path` then renames, so a reader never sees
+/// half a line.
+fn write_addr_file(path: &PathBuf, addr: std::net::SocketAddr) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, addr.to_string()).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+    Ok(())
+}
+
+async fn signal() -> anyhow::Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    tokio::select! {
+        result = tokio::signal::ctrl_c() => result.context("waiting for SIGINT")?,
+        _ = term.recv() => {}
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    init_tracing(args.log_format);
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("binding coordinator listener on {}", args.listen))?;
+    let addr = listener.local_addr().context("reading the bound address")?;
+    let coordinator = weft_coordinator::start(CoordinatorConfig::from(&args), listener)
+        .await
+        .context("starting the coordinator")?;
+    if let Some(path) = &args.addr_file {
+        write_addr_file(path, addr)?;
+    }
+    signal().await?;
+    tracing::info!(grace = ?args.shutdown_grace, "shutting down");
+    tokio::select! {
+        result = coordinator.shutdown(args.shutdown_grace) => {
+            if result.is_err() {
+                tracing::warn!("shutdown grace period ran out");
+            }
+        }
+        _ = signal() => {
+            tracing::warn!("second signal; exiting now");
+            std::process::exit(130);
+        }
+    }
+    Ok(())
+}

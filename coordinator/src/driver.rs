@@ -1,0 +1,477 @@
+//! The one task that owns the [`Scheduler`].
+//!
+//! It drains its inbox in batches (wait for one command, then take what is
+//! already there, up to `max_batch`), applies them to the scheduler, writes
+//! the batch's records in ONE store commit (group commit), and only then
+//! answers callers, sends node sessions their messages and publishes task
+//! events to watchers. Ticks (heartbeat deadlines, retry backoff) run at the
+//! scheduler's next wakeup.
+//!
+//! Watchers register here, so the registration and the live feed are
+//! ordered with the commits: a watcher registered in batch N is answered
+//! after N's commit and gets live every event from N on, so "read history
+//! from the store, then live" has no gap. Live watchers get bounded
+//! channels; one that falls behind is dropped from live delivery (never
+//! slowing this loop) and resumes from the store by seq.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+
+use weft_proto::convert::duration_to_pb;
+use weft_proto::{TaskId, TaskSpec, TaskState, pb};
+
+use crate::config::CoordinatorConfig;
+use crate::error::Error;
+use crate::scheduler::{
+    ClusterStats, Effects, NodeInfo, NodeOut, NodeRegistration, NodeTaskEvent, Now, Scheduler,
+    SessionId,
+};
+use crate::store::{Record, Store, StoreError, TaskEvent, TaskRecord};
+
+/// Messages to a node session's Connect response stream.
+pub(crate) type NodeTx = mpsc::Sender<Result<pb::CoordinatorMessage, Status>>;
+
+/// What services ask of the driver.
+pub(crate) enum Command {
+    Submit {
+        specs: Vec<TaskSpec>,
+        reply: oneshot::Sender<Result<Vec<TaskId>, Error>>,
+    },
+    Get {
+        id: TaskId,
+        reply: oneshot::Sender<Result<TaskRecord, Error>>,
+    },
+    List {
+        state: Option<TaskState>,
+        before: Option<TaskId>,
+        limit: usize,
+        reply: oneshot::Sender<Result<Vec<TaskRecord>, Error>>,
+    },
+    Cancel {
+        id: TaskId,
+        reason: String,
+        reply: oneshot::Sender<Result<TaskRecord, Error>>,
+    },
+    /// Registers a live watcher; `None` when the task is already final.
+    Watch {
+        id: TaskId,
+        reply: oneshot::Sender<Result<Option<mpsc::Receiver<TaskEvent>>, Error>>,
+    },
+    Register {
+        session: SessionId,
+        registration: NodeRegistration,
+        tx: NodeTx,
+        token: CancellationToken,
+        reply: oneshot::Sender<Result<(), Error>>,
+    },
+    Credits {
+        session: SessionId,
+        grant: u32,
+    },
+    Heartbeat {
+        session: SessionId,
+    },
+    NodeEvents {
+        session: SessionId,
+        events: Vec<NodeTaskEvent>,
+    },
+    Draining {
+        session: SessionId,
+    },
+    NodeGone {
+        session: SessionId,
+    },
+    ListNodes {
+        reply: oneshot::Sender<Vec<NodeInfo>>,
+    },
+    DrainNode {
+        node: String,
+        grace: Option<Duration>,
+        reply: oneshot::Sender<Result<NodeInfo, Error>>,
+    },
+    ClusterInfo {
+        reply: oneshot::Sender<(ClusterStats, Duration)>,
+    },
+}
+
+/// What services hold: the inbox, the store for reads, and settings.
+#[derive(Clone)]
+pub(crate) struct Handle {
+    pub inbox: mpsc::Sender<Command>,
+    pub store: Arc<dyn Store>,
+    pub config: Arc<CoordinatorConfig>,
+    pub cancel: CancellationToken,
+    pub tasks: tokio_util::task::TaskTracker,
+    sessions: Arc<AtomicU64>,
+}
+
+impl Handle {
+    /// Sends a command and waits for its reply. A stopped driver is
+    /// `ShuttingDown`.
+    pub async fn call<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> Result<T, Error> {
+        let (tx, rx) = oneshot::channel();
+        self.inbox
+            .send(make(tx))
+            .await
+            .map_err(|_| Error::ShuttingDown)?;
+        rx.await.map_err(|_| Error::ShuttingDown)
+    }
+
+    /// Sends a command that has no reply.
+    pub async fn tell(&self, command: Command) -> Result<(), Error> {
+        self.inbox
+            .send(command)
+            .await
+            .map_err(|_| Error::ShuttingDown)
+    }
+
+    /// A fresh node session id.
+    pub fn next_session(&self) -> SessionId {
+        SessionId(self.sessions.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+struct Session {
+    tx: NodeTx,
+    token: CancellationToken,
+}
+
+type Deferred = Box<dyn FnOnce(&Scheduler, &dyn Store, Option<&StoreError>) + Send>;
+
+/// The driver task's state.
+pub(crate) struct Driver {
+    scheduler: Scheduler,
+    store: Arc<dyn Store>,
+    inbox: mpsc::Receiver<Command>,
+    config: Arc<CoordinatorConfig>,
+    sessions: HashMap<SessionId, Session>,
+    watchers: HashMap<TaskId, Vec<mpsc::Sender<TaskEvent>>>,
+    ids: ulid::Generator,
+    started: Instant,
+    cancel: CancellationToken,
+}
+
+/// Makes the driver and the handle services use to reach it.
+pub(crate) fn new(
+    scheduler: Scheduler,
+    store: Arc<dyn Store>,
+    config: Arc<CoordinatorConfig>,
+    cancel: CancellationToken,
+    tasks: tokio_util::task::TaskTracker,
+) -> (Driver, Handle) {
+    let (tx, rx) = mpsc::channel(config.max_batch.max(64) * 4);
+    let handle = Handle {
+        inbox: tx,
+        store: Arc::clone(&store),
+        config: Arc::clone(&config),
+        cancel: cancel.clone(),
+        tasks,
+        sessions: Arc::new(AtomicU64::new(1)),
+    };
+    let driver = Driver {
+        scheduler,
+        store,
+        inbox: rx,
+        config,
+        sessions: HashMap::new(),
+        watchers: HashMap::new(),
+        ids: ulid::Generator::new(),
+        started: Instant::now(),
+        cancel,
+    };
+    (driver, handle)
+}
+
+fn now() -> Now {
+    Now {
+        instant: Instant::now(),
+        wall: SystemTime::now(),
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Adds the scheduler-derived `pending_reason` to a stored record.
+fn with_pending(scheduler: &Scheduler, mut record: TaskRecord) -> TaskRecord {
+    if record.state == TaskState::Queued {
+        record.pending_reason = scheduler.pending_reason(record.id).unwrap_or_default();
+    }
+    record
+}
+
+fn read_task(scheduler: &Scheduler, store: &dyn Store, id: TaskId) -> Result<TaskRecord, Error> {
+    match store.task(id)? {
+        Some(record) => Ok(with_pending(scheduler, record)),
+        None => Err(Error::TaskNotFound(id)),
+    }
+}
+
+impl Driver {
+    /// Runs until the coordinator shuts down.
+    #[tracing::instrument(name = "driver", skip_all)]
+    pub async fn run(mut self) {
+        let max_batch = self.config.max_batch.max(1);
+        let mut batch = Vec::with_capacity(max_batch);
+        // Anything restore produced (requeues) is committed before serving.
+        self.step(&mut batch);
+        loop {
+            let wake = self.scheduler.next_wakeup();
+            tokio::select! {
+                biased;
+                _ = self.cancel.cancelled() => break,
+                received = self.inbox.recv_many(&mut batch, max_batch) => {
+                    if received == 0 {
+                        break;
+                    }
+                }
+                _ = sleep_until(wake) => {}
+            }
+            self.step(&mut batch);
+        }
+        for session in self.sessions.values() {
+            session.token.cancel();
+        }
+        tracing::debug!("driver stopped");
+    }
+
+    fn step(&mut self, batch: &mut Vec<Command>) {
+        let now = now();
+        self.scheduler.tick(now);
+        let mut deferred: Vec<Deferred> = Vec::new();
+        for command in batch.drain(..) {
+            self.apply(command, now, &mut deferred);
+        }
+        let Effects {
+            records,
+            nodes,
+            disconnect,
+        } = self.scheduler.take_effects(now);
+        let committed = self.store.commit(&records);
+        if let Err(err) = &committed {
+            tracing::error!(error = %err, records = records.len(), "store commit failed");
+        }
+        for reply in deferred {
+            reply(&self.scheduler, &*self.store, committed.as_ref().err());
+        }
+        for (session, out) in nodes {
+            self.send_to_node(session, out);
+        }
+        self.publish(&records);
+        for session in disconnect {
+            if let Some(session) = self.sessions.remove(&session) {
+                session.token.cancel();
+            }
+        }
+    }
+
+    fn apply(&mut self, command: Command, now: Now, deferred: &mut Vec<Deferred>) {
+        match command {
+            Command::Submit { specs, reply } => {
+                let ids: Vec<TaskId> = specs
+                    .iter()
+                    .map(|_| {
+                        let ulid = self.ids.generate().unwrap_or_else(|_| ulid::Ulid::new());
+                        TaskId::from_ulid(ulid)
+                    })
+                    .collect();
+                let batch = ids.iter().copied().zip(specs).collect();
+                let result = self.scheduler.submit(batch, now).map(|()| ids);
+                deferred.push(Box::new(move |_, _, failed| {
+                    let result = match failed {
+                        Some(err) => Err(Error::Store(err.clone())),
+                        None => result,
+                    };
+                    let _ = reply.send(result);
+                }));
+            }
+            Command::Get { id, reply } => {
+                deferred.push(Box::new(move |scheduler, store, _| {
+                    let _ = reply.send(read_task(scheduler, store, id));
+                }));
+            }
+            Command::List {
+                state,
+                before,
+                limit,
+                reply,
+            } => {
+                deferred.push(Box::new(move |scheduler, store, _| {
+                    let result = store
+                        .list(state, before, limit)
+                        .map(|records| {
+                            records
+                                .into_iter()
+                                .map(|r| with_pending(scheduler, r))
+                                .collect()
+                        })
+                        .map_err(Error::from);
+                    let _ = reply.send(result);
+                }));
+            }
+            Command::Cancel { id, reason, reply } => {
+                let live = self.scheduler.cancel(id, &reason, now);
+                deferred.push(Box::new(move |scheduler, store, failed| {
+                    let result = match failed {
+                        Some(err) => Err(Error::Store(err.clone())),
+                        None => read_task(scheduler, store, id).and_then(|record| {
+                            if !live && record.state.is_final() {
+                                Err(Error::TaskFinal {
+                                    id,
+                                    state: record.state,
+                                })
+                            } else {
+                                Ok(record)
+                            }
+                        }),
+                    };
+                    let _ = reply.send(result);
+                }));
+            }
+            Command::Watch { id, reply } => {
+                if self.scheduler.is_live(id) {
+                    let (tx, rx) = mpsc::channel(self.config.watch_buffer.max(16));
+                    self.watchers.entry(id).or_default().push(tx);
+                    deferred.push(Box::new(move |_, _, _| {
+                        let _ = reply.send(Ok(Some(rx)));
+                    }));
+                } else {
+                    deferred.push(Box::new(move |_, store, _| {
+                        let result = match store.task(id) {
+                            Ok(Some(_)) => Ok(None),
+                            Ok(None) => Err(Error::TaskNotFound(id)),
+                            Err(err) => Err(Error::Store(err)),
+                        };
+                        let _ = reply.send(result);
+                    }));
+                }
+            }
+            Command::Register {
+                session,
+                registration,
+                tx,
+                token,
+                reply,
+            } => {
+                let registered = pb::CoordinatorMessage {
+                    body: Some(pb::coordinator_message::Body::Registered(pb::Registered {
+                        node_id: registration.node_id.to_string(),
+                        heartbeat_interval: Some(duration_to_pb(self.config.heartbeat_interval)),
+                        heartbeat_timeout: Some(duration_to_pb(self.config.heartbeat_timeout)),
+                    })),
+                };
+                // Registered goes first on the stream, before any Cancel or
+                // Assign this registration leads to.
+                if tx.try_send(Ok(registered)).is_err() {
+                    token.cancel();
+                    let _ = reply.send(Err(Error::ShuttingDown));
+                    return;
+                }
+                self.sessions.insert(session, Session { tx, token });
+                self.scheduler.register_node(session, registration, now);
+                deferred.push(Box::new(move |_, _, _| {
+                    let _ = reply.send(Ok(()));
+                }));
+            }
+            Command::Credits { session, grant } => self.scheduler.credits(session, grant, now),
+            Command::Heartbeat { session } => self.scheduler.heartbeat(session, now),
+            Command::NodeEvents { session, events } => {
+                self.scheduler.node_events(session, events, now);
+            }
+            Command::Draining { session } => self.scheduler.node_draining(session, now),
+            Command::NodeGone { session } => self.scheduler.node_gone(session, now),
+            Command::ListNodes { reply } => {
+                let instant = now.instant;
+                deferred.push(Box::new(move |scheduler, _, _| {
+                    let _ = reply.send(scheduler.nodes(instant));
+                }));
+            }
+            Command::DrainNode { node, grace, reply } => {
+                let result = self.scheduler.drain_node(&node, grace, now.instant);
+                deferred.push(Box::new(move |_, _, _| {
+                    let _ = reply.send(result);
+                }));
+            }
+            Command::ClusterInfo { reply } => {
+                let uptime = now.instant.saturating_duration_since(self.started);
+                deferred.push(Box::new(move |scheduler, _, _| {
+                    let _ = reply.send((scheduler.stats(), uptime));
+                }));
+            }
+        }
+    }
+
+    fn send_to_node(&mut self, session: SessionId, out: NodeOut) {
+        let Some(target) = self.sessions.get(&session) else {
+            return;
+        };
+        let mut messages = Vec::new();
+        if !out.assign.is_empty() {
+            let tasks = out
+                .assign
+                .into_iter()
+                .map(|a| pb::Assignment {
+                    task_id: a.task_id.to_string(),
+                    attempt: a.attempt.0,
+                    spec: Some(pb::TaskSpec::from(TaskSpec::clone(&a.spec))),
+                })
+                .collect();
+            messages.push(pb::coordinator_message::Body::Assign(pb::Assign { tasks }));
+        }
+        for cancel in out.cancel {
+            messages.push(pb::coordinator_message::Body::Cancel(pb::Cancel {
+                task_id: cancel.task_id.to_string(),
+                attempt: cancel.attempt.0,
+                reason: cancel.reason,
+            }));
+        }
+        if let Some(grace) = out.drain {
+            messages.push(pb::coordinator_message::Body::Drain(pb::Drain {
+                grace: grace.map(duration_to_pb),
+            }));
+        }
+        for body in messages {
+            let message = pb::CoordinatorMessage { body: Some(body) };
+            if let Err(err) = target.tx.try_send(Ok(message)) {
+                // A node this far behind (or gone) cannot be trusted with
+                // work: end its session; the reader reports it gone and its
+                // attempts are requeued.
+                tracing::warn!(session = session.0, error = %err, "node session cannot keep up; closing it");
+                target.token.cancel();
+                break;
+            }
+        }
+    }
+
+    fn publish(&mut self, records: &[Record]) {
+        if self.watchers.is_empty() {
+            return;
+        }
+        for record in records {
+            let Record::Event(event) = record else {
+                continue;
+            };
+            let Some(watchers) = self.watchers.get_mut(&event.task_id) else {
+                continue;
+            };
+            // Full or closed: drop it from live; it resumes from the store.
+            watchers.retain(|w| w.try_send(event.clone()).is_ok());
+            if event.body.is_finished() || watchers.is_empty() {
+                self.watchers.remove(&event.task_id);
+            }
+        }
+    }
+}

@@ -1,0 +1,610 @@
+//! The sans-I/O core: events in, effects out.
+//!
+//! [`Scheduler`] owns the live tasks, the ready queues and the node registry.
+//! Its methods are the events (a submit batch, a node registered, credits,
+//! node task events, a node stream ended, drain, cancel, a tick); each may
+//! answer a reply directly and leaves its side effects in a buffer that
+//! [`Scheduler::take_effects`] hands out: assignments, cancels and drains per
+//! node session, sessions to disconnect, and the store records to write
+//! (which include every client event with its per-task seq).
+//!
+//! No tokio, no clock, no sockets here: time comes in as [`Now`], so every
+//! rule is tested directly and deterministically.
+
+mod nodes;
+pub mod queue;
+pub mod registry;
+pub(crate) mod task;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+
+use weft_proto::{Attempt, Outcome, OutputStream, TaskId, TaskKind, TaskSpec, TaskState};
+
+use crate::config::CoordinatorConfig;
+use crate::error::Error;
+use crate::store::{EventBody, Loaded, Record};
+use queue::{ClassId, Queue};
+use registry::{NodeEntry, Registry};
+pub use registry::{NodeInfo, NodeRegistration, SessionId};
+use task::{LiveTask, Placement, state_index};
+
+/// The moment an event is applied: a monotonic instant for deadlines and a
+/// wall-clock time for records.
+#[derive(Clone, Copy, Debug)]
+pub struct Now {
+    /// For deadlines and backoff.
+    pub instant: Instant,
+    /// For `created_at`, `updated_at` and event times.
+    pub wall: SystemTime,
+}
+
+/// The part of the configuration the scheduler's rules depend on.
+#[derive(Clone, Debug)]
+pub struct SchedulerConfig {
+    /// Silence after which a node is lost.
+    pub heartbeat_timeout: Duration,
+    /// First retry delay.
+    pub retry_backoff_base: Duration,
+    /// Longest retry delay.
+    pub retry_backoff_max: Duration,
+    /// Most tasks not final at once.
+    pub max_queued: usize,
+}
+
+impl From<&CoordinatorConfig> for SchedulerConfig {
+    fn from(config: &CoordinatorConfig) -> Self {
+        SchedulerConfig {
+            heartbeat_timeout: config.heartbeat_timeout,
+            retry_backoff_base: config.retry_backoff_base,
+            retry_backoff_max: config.retry_backoff_max,
+            max_queued: config.max_queued,
+        }
+    }
+}
+
+/// Run this attempt (one entry of an `Assign`).
+#[derive(Clone, Debug)]
+pub struct Assignment {
+    /// The task.
+    pub task_id: TaskId,
+    /// Its attempt.
+    pub attempt: Attempt,
+    /// What to run.
+    pub spec: Arc<TaskSpec>,
+}
+
+/// Stop this attempt.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CancelOrder {
+    /// The task.
+    pub task_id: TaskId,
+    /// The attempt to stop.
+    pub attempt: Attempt,
+    /// Why, in words.
+    pub reason: String,
+}
+
+/// What one node session is to be sent.
+#[derive(Clone, Debug, Default)]
+pub struct NodeOut {
+    /// Attempts to start, sent as one `Assign`.
+    pub assign: Vec<Assignment>,
+    /// Attempts to stop.
+    pub cancel: Vec<CancelOrder>,
+    /// `Some(grace)` when the node must drain (`None` grace: its default).
+    pub drain: Option<Option<Duration>>,
+}
+
+/// Everything the scheduler wants done, in the order: commit `records`,
+/// then send to nodes, publish events, disconnect sessions.
+#[derive(Debug, Default)]
+pub struct Effects {
+    /// Store writes; the `Event` ones are also what watchers get.
+    pub records: Vec<Record>,
+    /// Messages per node session.
+    pub nodes: BTreeMap<SessionId, NodeOut>,
+    /// Sessions whose streams must be closed (lost or replaced).
+    pub disconnect: Vec<SessionId>,
+}
+
+/// One event a node reported about one attempt.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NodeTaskEvent {
+    /// The task.
+    pub task_id: TaskId,
+    /// The attempt it is about.
+    pub attempt: Attempt,
+    /// What happened.
+    pub body: NodeEventBody,
+}
+
+/// What a node reported.
+#[derive(Clone, Debug, PartialEq)]
+pub enum NodeEventBody {
+    /// The attempt started.
+    Started,
+    /// A chunk of output with the node's per-attempt chunk seq.
+    Output {
+        /// Which stream.
+        stream: OutputStream,
+        /// The bytes.
+        data: Bytes,
+        /// Per-attempt chunk seq, for dedupe.
+        seq: u64,
+    },
+    /// Progress.
+    Progress {
+        /// 0..=1 or negative.
+        fraction: f64,
+        /// Free text.
+        message: String,
+    },
+    /// The attempt ended.
+    Finished {
+        /// How.
+        outcome: Outcome,
+        /// Process exit code, if it exited.
+        exit_code: Option<i32>,
+        /// Handler result.
+        output: Bytes,
+        /// Why it failed.
+        error: String,
+    },
+}
+
+/// Cluster-wide figures for `ClusterInfo`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClusterStats {
+    /// Connected nodes.
+    pub nodes: u32,
+    /// Their slots in all.
+    pub slots: u32,
+    /// Granted, unused slots.
+    pub slots_free: u32,
+    /// Tasks per state (every state listed).
+    pub tasks: Vec<(TaskState, u64)>,
+    /// Node events refused by fencing.
+    pub stale_events_refused: u64,
+    /// Nodes declared lost.
+    pub nodes_lost: u64,
+}
+
+/// The scheduler. See the module docs.
+#[derive(Debug)]
+pub struct Scheduler {
+    config: SchedulerConfig,
+    tasks: HashMap<TaskId, LiveTask>,
+    queue: Queue,
+    nodes: Registry,
+    counts: [u64; 7],
+    stale_events_refused: u64,
+    nodes_lost: u64,
+    /// Restored attempts waiting for their node to reconnect, with deadlines.
+    orphans: Vec<(TaskId, Instant)>,
+    next_liveness_check: Option<Instant>,
+    out: Effects,
+}
+
+impl Scheduler {
+    /// An empty scheduler.
+    pub fn new(config: SchedulerConfig) -> Self {
+        Scheduler {
+            config,
+            tasks: HashMap::new(),
+            queue: Queue::default(),
+            nodes: Registry::default(),
+            counts: [0; 7],
+            stale_events_refused: 0,
+            nodes_lost: 0,
+            orphans: Vec::new(),
+            next_liveness_check: None,
+            out: Effects::default(),
+        }
+    }
+
+    /// Puts back what the store held at startup. Queued tasks are ready at
+    /// once; assigned or running ones wait up to the heartbeat timeout for
+    /// their node to reconnect and claim them, then are requeued.
+    pub fn restore(&mut self, loaded: Loaded, now: Now) {
+        for (state, count) in loaded.final_counts {
+            self.counts[state_index(state)] += count;
+        }
+        for record in loaded.live {
+            let class = self.queue.class_for(&record.spec);
+            let mut task = LiveTask::new(Arc::clone(&record.spec), class, record.created_at);
+            task.updated_at = record.updated_at;
+            task.next_seq = record.next_seq;
+            task.attempt = record.attempt.0;
+            task.failures = record.failures;
+            task.node_losses = record.node_losses;
+            task.state = record.state;
+            self.counts[state_index(record.state)] += 1;
+            match (record.state, record.node_id) {
+                (TaskState::Assigned | TaskState::Running, Some(node_id)) => {
+                    task.placement = Some(Placement {
+                        session: SessionId::RESTORED,
+                        node_id,
+                        node_name: record.node_name.unwrap_or_else(|| Arc::from("unknown")),
+                    });
+                    self.orphans
+                        .push((record.id, now.instant + self.config.heartbeat_timeout));
+                    self.tasks.insert(record.id, task);
+                }
+                _ => {
+                    self.tasks.insert(record.id, task);
+                    if record.state != TaskState::Queued {
+                        self.change_state(
+                            record.id,
+                            TaskState::Queued,
+                            None,
+                            "restored without a node".into(),
+                            now.wall,
+                        );
+                    }
+                    self.queue.push_ready(class, record.id);
+                }
+            }
+        }
+    }
+
+    /// Accepts a batch of new tasks (ids chosen by the caller), all or
+    /// nothing. A call task whose handler no connected node serves fails at
+    /// once (when nodes are connected).
+    pub fn submit(&mut self, batch: Vec<(TaskId, TaskSpec)>, now: Now) -> Result<(), Error> {
+        let queued = self.tasks.len().saturating_add(batch.len());
+        if queued > self.config.max_queued {
+            return Err(Error::QueueFull {
+                queued,
+                max: self.config.max_queued,
+            });
+        }
+        let mut served: Vec<(ClassId, bool)> = Vec::new();
+        for (id, spec) in batch {
+            let spec = Arc::new(spec);
+            let class = self.queue.class_for(&spec);
+            let is_served = match served.iter().find(|(c, _)| *c == class) {
+                Some((_, s)) => *s,
+                None => {
+                    let s = self.nodes.nodes.is_empty()
+                        || self.nodes.nodes.values().any(|n| n.serves(&spec));
+                    served.push((class, s));
+                    s
+                }
+            };
+            let task = LiveTask::new(Arc::clone(&spec), class, now.wall);
+            self.out.records.push(Record::Task(task.record(id)));
+            self.tasks.insert(id, task);
+            self.counts[state_index(TaskState::Queued)] += 1;
+            self.emit(
+                id,
+                EventBody::State {
+                    state: TaskState::Queued,
+                    node_id: None,
+                    node_name: None,
+                    reason: "submitted".into(),
+                },
+                now.wall,
+            );
+            if is_served {
+                self.queue.push_ready(class, id);
+            } else {
+                let handler = match &spec.kind {
+                    TaskKind::Call(call) => call.handler.as_str(),
+                    TaskKind::Exec(_) => "",
+                };
+                let error = format!(
+                    "unknown handler '{handler}': no connected node serves it (known: {})",
+                    self.nodes.known_handlers().join(", ")
+                );
+                self.finalize(id, TaskState::Failed, error, Bytes::new(), now.wall);
+            }
+        }
+        Ok(())
+    }
+
+    /// A client cancels a task. Returns false when the task is not live
+    /// (unknown or already final: the caller tells which from the store).
+    /// A queued task ends CANCELLED at once; a running one is sent Cancel and
+    /// ends CANCELLED when its node reports or is lost.
+    pub fn cancel(&mut self, id: TaskId, reason: &str, now: Now) -> bool {
+        let Some(task) = self.tasks.get_mut(&id) else {
+            return false;
+        };
+        let reason = if reason.trim().is_empty() {
+            "cancelled by client".to_owned()
+        } else {
+            reason.to_owned()
+        };
+        match task.state {
+            TaskState::Assigned | TaskState::Running => {
+                if task.cancel.is_none() {
+                    task.cancel = Some(reason.clone().into_boxed_str());
+                    if let Some(p) = &task.placement {
+                        let session = p.session;
+                        let attempt = Attempt(task.attempt);
+                        self.order_cancel(session, id, attempt, reason);
+                    }
+                }
+            }
+            _ => self.finalize(id, TaskState::Cancelled, reason, Bytes::new(), now.wall),
+        }
+        true
+    }
+
+    /// Advances time: retries whose backoff is over become ready, nodes
+    /// silent past the heartbeat timeout are lost, restored attempts whose
+    /// node did not come back are requeued.
+    pub fn tick(&mut self, now: Now) {
+        while let Some((id, attempt)) = self.queue.pop_due(now.instant) {
+            if let Some(task) = self.tasks.get_mut(&id)
+                && task.state == TaskState::Queued
+                && task.delayed
+                && task.attempt == attempt
+            {
+                task.delayed = false;
+                self.queue.push_ready(task.class, id);
+            }
+        }
+        if let Some(check) = self.next_liveness_check
+            && now.instant >= check
+        {
+            let timeout = self.config.heartbeat_timeout;
+            let silent: Vec<SessionId> = self
+                .nodes
+                .nodes
+                .iter()
+                .filter(|(_, n)| now.instant.saturating_duration_since(n.last_seen) > timeout)
+                .map(|(s, _)| *s)
+                .collect();
+            for session in silent {
+                let why = format!("no heartbeat for {timeout:?}");
+                self.lose_node(session, &why, now);
+            }
+            self.next_liveness_check =
+                (!self.nodes.nodes.is_empty()).then(|| now.instant + self.liveness_interval());
+        }
+        if !self.orphans.is_empty() {
+            let (expired, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.orphans)
+                .into_iter()
+                .partition(|(_, deadline)| *deadline <= now.instant);
+            self.orphans = waiting;
+            for (id, _) in expired {
+                let orphaned = self.tasks.get(&id).and_then(|t| {
+                    let p = t.placement.as_ref()?;
+                    (p.session == SessionId::RESTORED).then(|| (Attempt(t.attempt), p.clone()))
+                });
+                if let Some((attempt, placement)) = orphaned {
+                    self.lose_attempt(id, attempt, &placement.node_name, placement.node_id, now);
+                }
+            }
+        }
+    }
+
+    /// When [`tick`](Self::tick) next has something to do.
+    pub fn next_wakeup(&self) -> Option<Instant> {
+        let orphan = self.orphans.iter().map(|(_, d)| *d).min();
+        [self.queue.next_due(), self.next_liveness_check, orphan]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    fn liveness_interval(&self) -> Duration {
+        (self.config.heartbeat_timeout / 10)
+            .clamp(Duration::from_millis(5), Duration::from_millis(500))
+    }
+
+    /// Matches ready tasks to nodes with credits, then hands out everything
+    /// the events since the last call produced.
+    pub fn take_effects(&mut self, now: Now) -> Effects {
+        self.dispatch(now);
+        std::mem::take(&mut self.out)
+    }
+
+    /// Round-robin over nodes with credits, one assignment per node per
+    /// pass, so work spreads; each assignment looks at one head per class,
+    /// never at the whole queue.
+    fn dispatch(&mut self, now: Now) {
+        if !self.queue.any_ready() {
+            return;
+        }
+        let mut active: Vec<SessionId> = self
+            .nodes
+            .nodes
+            .iter()
+            .filter(|(_, n)| !n.draining && n.credits > 0)
+            .map(|(s, _)| *s)
+            .collect();
+        while !active.is_empty() {
+            active.retain(|session| self.assign_one(*session, now));
+        }
+    }
+
+    /// Assigns the oldest ready task this node can take. Returns whether
+    /// the node may take more.
+    fn assign_one(&mut self, session: SessionId, now: Now) -> bool {
+        let Some(node) = self.nodes.nodes.get(&session) else {
+            return false;
+        };
+        if node.draining || node.credits == 0 {
+            return false;
+        }
+        let mut best: Option<(TaskId, usize)> = None;
+        for (index, class) in self.queue.classes.iter_mut().enumerate() {
+            while let Some(head) = class.ready.front() {
+                let ready = self
+                    .tasks
+                    .get(head)
+                    .is_some_and(|t| t.state == TaskState::Queued && !t.delayed);
+                if ready {
+                    break;
+                }
+                class.ready.pop_front();
+            }
+            let Some(head) = class.ready.front() else {
+                continue;
+            };
+            if class.example.slots > node.credits || !node.can_run(&class.example) {
+                continue;
+            }
+            if best.is_none_or(|(b, _)| *head < b) {
+                best = Some((*head, index));
+            }
+        }
+        let Some((id, index)) = best else {
+            return false;
+        };
+        self.queue.classes[index].ready.pop_front();
+        let (Some(node), Some(task)) =
+            (self.nodes.nodes.get_mut(&session), self.tasks.get_mut(&id))
+        else {
+            return false;
+        };
+        if task.attempt == 0 {
+            task.attempt = 1;
+        }
+        let attempt = Attempt(task.attempt);
+        node.credits -= task.spec.slots;
+        node.used += task.spec.slots;
+        node.running.insert(id, attempt);
+        task.placement = Some(Placement {
+            session,
+            node_id: node.id,
+            node_name: Arc::clone(&node.name),
+        });
+        task.next_chunk = 0;
+        let more = node.credits > 0;
+        tracing::debug!(task_id = %id, attempt = attempt.0, node_id = %node.id, node_name = %node.name, "assigned");
+        self.out
+            .nodes
+            .entry(session)
+            .or_default()
+            .assign
+            .push(Assignment {
+                task_id: id,
+                attempt,
+                spec: Arc::clone(&task.spec),
+            });
+        self.change_state(id, TaskState::Assigned, None, String::new(), now.wall);
+        more
+    }
+
+    /// Queues a Cancel for a node session, once per attempt per batch.
+    pub(crate) fn order_cancel(
+        &mut self,
+        session: SessionId,
+        task_id: TaskId,
+        attempt: Attempt,
+        reason: String,
+    ) {
+        let out = self.out.nodes.entry(session).or_default();
+        if !out
+            .cancel
+            .iter()
+            .any(|c| c.task_id == task_id && c.attempt == attempt)
+        {
+            out.cancel.push(CancelOrder {
+                task_id,
+                attempt,
+                reason,
+            });
+        }
+    }
+
+    /// True while the task is not final.
+    pub fn is_live(&self, id: TaskId) -> bool {
+        self.tasks.contains_key(&id)
+    }
+
+    /// Why a queued task waits; `None` when it is not queued here.
+    pub fn pending_reason(&self, id: TaskId) -> Option<String> {
+        let task = self.tasks.get(&id)?;
+        if task.state != TaskState::Queued {
+            return None;
+        }
+        if task.delayed {
+            return Some(format!(
+                "waiting out the retry backoff before attempt {}",
+                task.attempt
+            ));
+        }
+        let spec = &task.spec;
+        let nodes: Vec<&NodeEntry> = self.nodes.nodes.values().collect();
+        if nodes.is_empty() {
+            return Some("no nodes connected".into());
+        }
+        if let TaskKind::Call(call) = &spec.kind
+            && !nodes.iter().any(|n| n.serves(spec))
+        {
+            return Some(format!(
+                "no connected node serves handler '{}'",
+                call.handler
+            ));
+        }
+        for (key, value) in &spec.labels {
+            if !nodes.iter().any(|n| n.labels.get(key) == Some(value)) {
+                return Some(format!("no connected node has label {key}={value}"));
+            }
+        }
+        let matching: Vec<&&NodeEntry> = nodes
+            .iter()
+            .filter(|n| n.serves(spec) && spec.matches_labels(&n.labels))
+            .collect();
+        if matching.is_empty() {
+            let labels: Vec<String> = spec
+                .labels
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            return Some(format!(
+                "no connected node has all of the labels {}",
+                labels.join(", ")
+            ));
+        }
+        let largest = matching.iter().map(|n| n.slots).max().unwrap_or(0);
+        if largest < spec.slots {
+            return Some(format!(
+                "needs {} slots; largest node has {largest}",
+                spec.slots
+            ));
+        }
+        if matching
+            .iter()
+            .filter(|n| n.slots >= spec.slots)
+            .all(|n| n.draining)
+        {
+            return Some("every node that could run it is draining".into());
+        }
+        Some("waiting for a free slot".into())
+    }
+
+    /// Every connected node.
+    pub fn nodes(&self, now: Instant) -> Vec<NodeInfo> {
+        self.nodes.nodes.values().map(|n| n.info(now)).collect()
+    }
+
+    /// Cluster-wide figures.
+    pub fn stats(&self) -> ClusterStats {
+        let nodes = &self.nodes.nodes;
+        ClusterStats {
+            nodes: u32::try_from(nodes.len()).unwrap_or(u32::MAX),
+            slots: nodes.values().map(|n| n.slots).fold(0, u32::saturating_add),
+            slots_free: nodes
+                .values()
+                .map(|n| n.credits)
+                .fold(0, u32::saturating_add),
+            tasks: TaskState::ALL
+                .iter()
+                .map(|s| (*s, self.counts[state_index(*s)]))
+                .collect(),
+            stale_events_refused: self.stale_events_refused,
+            nodes_lost: self.nodes_lost,
+        }
+    }
+}

@@ -1,0 +1,368 @@
+//! Node sessions as the scheduler sees them: registration (and taking back
+//! attempts after a reconnect), credits, heartbeats, draining, attempt
+//! events with fencing, and node loss.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use weft_proto::{Attempt, NodeId, Outcome, TaskId, TaskState};
+
+use super::queue::backoff;
+use super::registry::{NodeEntry, NodeInfo, NodeRegistration, SessionId};
+use super::{NodeEventBody, NodeTaskEvent, Now, Scheduler};
+use crate::error::Error;
+use crate::store::EventBody;
+
+impl Scheduler {
+    /// A node registered on `session`. Attempts it reports running carry on
+    /// when they are still current and were on this node id; it is told to
+    /// cancel the others. If the node id was already connected on another
+    /// session, that session is replaced (its unreported attempts are lost).
+    pub fn register_node(&mut self, session: SessionId, reg: NodeRegistration, now: Now) {
+        let reported: HashSet<(TaskId, Attempt)> = reg.running.iter().copied().collect();
+        if let Some(old) = self.nodes.by_id.get(&reg.node_id).copied()
+            && old != session
+            && let Some(entry) = self.nodes.remove(old)
+        {
+            tracing::info!(node_id = %entry.id, node_name = %entry.name, "node reconnected; replacing its old session");
+            self.out.disconnect.push(old);
+            let mut lost: Vec<(TaskId, Attempt)> = entry
+                .running
+                .iter()
+                .map(|(t, a)| (*t, *a))
+                .filter(|r| !reported.contains(r))
+                .collect();
+            lost.sort();
+            if !lost.is_empty() {
+                self.nodes_lost += 1;
+            }
+            for (id, attempt) in lost {
+                self.lose_attempt(id, attempt, &entry.name, entry.id, now);
+            }
+        }
+        let node_id = reg.node_id;
+        let running = reg.running.clone();
+        let mut entry = NodeEntry::new(reg, now.instant);
+        let name = std::sync::Arc::clone(&entry.name);
+        let mut refused = Vec::new();
+        for (id, attempt) in running {
+            let adoptable = self.tasks.get(&id).is_some_and(|t| {
+                matches!(t.state, TaskState::Assigned | TaskState::Running)
+                    && t.attempt == attempt.0
+                    && t.placement.as_ref().is_some_and(|p| p.node_id == node_id)
+            });
+            match self.tasks.get_mut(&id) {
+                Some(task) if adoptable => {
+                    if let Some(p) = task.placement.as_mut() {
+                        p.session = session;
+                        p.node_name = std::sync::Arc::clone(&name);
+                    }
+                    entry.used = entry.used.saturating_add(task.spec.slots);
+                    entry.running.insert(id, attempt);
+                }
+                _ => refused.push((id, attempt)),
+            }
+        }
+        tracing::info!(node_id = %node_id, node_name = %entry.name, slots = entry.slots, adopted = entry.running.len(), "node registered");
+        self.nodes.insert(session, entry);
+        for (id, attempt) in refused {
+            self.order_cancel(session, id, attempt, "attempt is no longer current".into());
+        }
+        if self.next_liveness_check.is_none() {
+            self.next_liveness_check = Some(now.instant + self.liveness_interval());
+        }
+    }
+
+    /// The node granted `grant` more slots. Ignored while it drains.
+    pub fn credits(&mut self, session: SessionId, grant: u32, now: Now) {
+        if let Some(node) = self.nodes.nodes.get_mut(&session) {
+            node.last_seen = now.instant;
+            if !node.draining {
+                node.grant(grant);
+            }
+        }
+    }
+
+    /// The node is alive (a heartbeat or any other message).
+    pub fn heartbeat(&mut self, session: SessionId, now: Now) {
+        if let Some(node) = self.nodes.nodes.get_mut(&session) {
+            node.last_seen = now.instant;
+        }
+    }
+
+    /// The node says it is draining: it gets no new work.
+    pub fn node_draining(&mut self, session: SessionId, now: Now) {
+        if let Some(node) = self.nodes.nodes.get_mut(&session) {
+            node.last_seen = now.instant;
+            node.draining = true;
+            node.credits = 0;
+            tracing::info!(node_id = %node.id, node_name = %node.name, "node draining");
+        }
+    }
+
+    /// The node's stream ended: it is lost at once (quietly when it had
+    /// drained and runs nothing).
+    pub fn node_gone(&mut self, session: SessionId, now: Now) {
+        self.lose_node(session, "stream ended", now);
+    }
+
+    /// An operator drains a node, found by id or name. It is sent `Drain`
+    /// and gets no new work from now on.
+    pub fn drain_node(
+        &mut self,
+        selector: &str,
+        grace: Option<Duration>,
+        now: Instant,
+    ) -> Result<NodeInfo, Error> {
+        let session = self
+            .nodes
+            .find(selector)
+            .ok_or_else(|| Error::NodeNotFound(selector.to_owned()))?;
+        let node = self
+            .nodes
+            .nodes
+            .get_mut(&session)
+            .ok_or_else(|| Error::NodeNotFound(selector.to_owned()))?;
+        node.draining = true;
+        node.credits = 0;
+        tracing::info!(node_id = %node.id, node_name = %node.name, ?grace, "draining node");
+        let info = node.info(now);
+        self.out.nodes.entry(session).or_default().drain = Some(grace);
+        Ok(info)
+    }
+
+    /// A batch of attempt events from a node, in order.
+    pub fn node_events(&mut self, session: SessionId, events: Vec<NodeTaskEvent>, now: Now) {
+        match self.nodes.nodes.get_mut(&session) {
+            Some(node) => node.last_seen = now.instant,
+            None => {
+                // The session was already lost or replaced: nothing it says counts.
+                self.stale_events_refused += events.len() as u64;
+                return;
+            }
+        }
+        for event in events {
+            self.node_event(session, event, now);
+        }
+    }
+
+    fn node_event(&mut self, session: SessionId, event: NodeTaskEvent, now: Now) {
+        let id = event.task_id;
+        let Some(task) = self
+            .tasks
+            .get_mut(&id)
+            .filter(|t| t.is_current(event.attempt, session))
+        else {
+            self.stale_events_refused += 1;
+            tracing::debug!(task_id = %id, attempt = event.attempt.0, "refused event for a stale attempt");
+            self.order_cancel(
+                session,
+                id,
+                event.attempt,
+                "stale attempt: not the task's current attempt on this node".into(),
+            );
+            return;
+        };
+        match event.body {
+            NodeEventBody::Started => {
+                if task.state == TaskState::Assigned {
+                    self.change_state(id, TaskState::Running, None, String::new(), now.wall);
+                }
+            }
+            NodeEventBody::Output { stream, data, seq } => {
+                if seq < task.next_chunk {
+                    return; // a chunk we already have (resent after a reconnect)
+                }
+                task.next_chunk = seq + 1;
+                self.emit(id, EventBody::Output { stream, data }, now.wall);
+            }
+            NodeEventBody::Progress { fraction, message } => {
+                self.emit(id, EventBody::Progress { fraction, message }, now.wall);
+            }
+            NodeEventBody::Finished {
+                outcome,
+                exit_code,
+                output,
+                error,
+            } => self.attempt_finished(session, id, outcome, exit_code, output, error, now),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attempt_finished(
+        &mut self,
+        session: SessionId,
+        id: TaskId,
+        outcome: Outcome,
+        exit_code: Option<i32>,
+        output: Bytes,
+        error: String,
+        now: Now,
+    ) {
+        let Some(task) = self.tasks.get_mut(&id) else {
+            return;
+        };
+        task.exit_code = exit_code;
+        let attempt = task.attempt;
+        let max = task.spec.max_attempts;
+        let slots = task.spec.slots;
+        let cancel = task.cancel.clone();
+        let node_ref = task
+            .placement
+            .as_ref()
+            .map(|p| (p.node_id, p.node_name.clone()));
+        if let Some(node) = self.nodes.nodes.get_mut(&session) {
+            node.running.remove(&id);
+            node.used = node.used.saturating_sub(slots);
+            node.finished += 1;
+        }
+        if outcome == Outcome::Succeeded {
+            self.finalize(id, TaskState::Succeeded, String::new(), output, now.wall);
+            return;
+        }
+        if let Some(reason) = cancel {
+            self.finalize(
+                id,
+                TaskState::Cancelled,
+                reason.into(),
+                Bytes::new(),
+                now.wall,
+            );
+            return;
+        }
+        let error = if !error.is_empty() {
+            error
+        } else if let Some(code) = exit_code {
+            format!("exited with code {code}")
+        } else {
+            format!("attempt ended {outcome}")
+        };
+        match outcome {
+            Outcome::Succeeded => {}
+            Outcome::Failed => {
+                task.failures += 1;
+                if attempt < max {
+                    let delay = backoff(
+                        self.config.retry_backoff_base,
+                        self.config.retry_backoff_max,
+                        attempt,
+                    );
+                    let reason = format!(
+                        "attempt {attempt} failed: {error}; retrying as attempt {} in {delay:?}",
+                        attempt + 1
+                    );
+                    self.requeue(id, Some(delay), node_ref, reason, now);
+                } else {
+                    let error = format!("{error} (attempt {attempt} of {max})");
+                    self.finalize(id, TaskState::Failed, error, Bytes::new(), now.wall);
+                }
+            }
+            Outcome::StartFailed => {
+                task.failures += 1;
+                let error = format!("failed to start: {error}");
+                self.finalize(id, TaskState::Failed, error, Bytes::new(), now.wall);
+            }
+            Outcome::TimedOut => {
+                let error = match task.spec.timeout {
+                    Some(t) if error.starts_with("attempt ended") => {
+                        format!("timed out after {t:?}")
+                    }
+                    _ => error,
+                };
+                self.finalize(id, TaskState::TimedOut, error, Bytes::new(), now.wall);
+            }
+            Outcome::Cancelled => {
+                // Not asked for by a client: the node drained past its grace.
+                // That is the node's doing, not the task's, so it counts like
+                // a node loss.
+                let name = node_ref
+                    .as_ref()
+                    .map_or_else(|| "?".to_owned(), |(_, n)| n.to_string());
+                task.node_losses += 1;
+                if attempt < max {
+                    let reason = format!(
+                        "attempt {attempt} cancelled by node {name}; retrying as attempt {}",
+                        attempt + 1
+                    );
+                    self.requeue(id, None, node_ref, reason, now);
+                } else {
+                    let error = format!(
+                        "attempt {attempt} of {max} cancelled by node {name}; no attempts left"
+                    );
+                    self.finalize(id, TaskState::Failed, error, Bytes::new(), now.wall);
+                }
+            }
+        }
+    }
+
+    /// Declares the node on `session` lost and requeues its attempts.
+    pub(crate) fn lose_node(&mut self, session: SessionId, why: &str, now: Now) {
+        let Some(entry) = self.nodes.remove(session) else {
+            return;
+        };
+        self.out.disconnect.push(session);
+        if entry.draining && entry.running.is_empty() {
+            tracing::info!(node_id = %entry.id, node_name = %entry.name, "drained node left");
+        } else {
+            self.nodes_lost += 1;
+            tracing::warn!(node_id = %entry.id, node_name = %entry.name, attempts = entry.running.len(), why, "node lost");
+        }
+        let mut running: Vec<(TaskId, Attempt)> =
+            entry.running.iter().map(|(t, a)| (*t, *a)).collect();
+        running.sort();
+        for (id, attempt) in running {
+            self.lose_attempt(id, attempt, &entry.name, entry.id, now);
+        }
+        if self.nodes.nodes.is_empty() {
+            self.next_liveness_check = None;
+        }
+    }
+
+    /// An attempt went down with its node: requeued as the next attempt,
+    /// CANCELLED if a client had cancelled it, FAILED when no attempts are left.
+    pub(crate) fn lose_attempt(
+        &mut self,
+        id: TaskId,
+        attempt: Attempt,
+        node_name: &std::sync::Arc<str>,
+        node_id: NodeId,
+        now: Now,
+    ) {
+        let Some(task) = self.tasks.get_mut(&id) else {
+            return;
+        };
+        if !matches!(task.state, TaskState::Assigned | TaskState::Running)
+            || task.attempt != attempt.0
+        {
+            return;
+        }
+        if let Some(reason) = task.cancel.clone() {
+            self.finalize(
+                id,
+                TaskState::Cancelled,
+                reason.into(),
+                Bytes::new(),
+                now.wall,
+            );
+            return;
+        }
+        task.node_losses += 1;
+        let max = task.spec.max_attempts;
+        let node = Some((node_id, std::sync::Arc::clone(node_name)));
+        if attempt.0 < max {
+            let reason = format!(
+                "node {node_name} lost; retrying as attempt {}",
+                attempt.0 + 1
+            );
+            self.requeue(id, None, node, reason, now);
+        } else {
+            let error = format!(
+                "node {node_name} lost during attempt {} of {max}; no attempts left",
+                attempt.0
+            );
+            self.finalize(id, TaskState::Failed, error, Bytes::new(), now.wall);
+        }
+    }
+}

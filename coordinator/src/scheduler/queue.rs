@@ -1,0 +1,162 @@
+//! The ready queue and retry backoff.
+//!
+//! Queued tasks are grouped by requirement class (handler, labels, slots):
+//! every task of a class can run on exactly the same nodes, so dispatch
+//! looks at one queue head per class instead of scanning tasks. A queue
+//! entry is just a 16-byte [`TaskId`]; a task cancelled while queued leaves
+//! its entry behind and dispatch skips it (lazy deletion), so cancel is O(1).
+
+use std::cmp::Reverse;
+use std::collections::hash_map::DefaultHasher;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use weft_proto::{TaskId, TaskKind, TaskSpec};
+
+/// Index of a requirement class.
+pub(crate) type ClassId = u32;
+
+/// Tasks that need the same kind of node.
+#[derive(Debug)]
+pub(crate) struct Class {
+    /// The first spec seen of this class; matching reads only its handler,
+    /// labels and slots, which every member shares.
+    pub example: Arc<TaskSpec>,
+    /// Ready task ids, oldest first (may hold stale entries).
+    pub ready: VecDeque<TaskId>,
+}
+
+/// Ready queues per class plus the retry timer heap.
+#[derive(Debug, Default)]
+pub(crate) struct Queue {
+    pub classes: Vec<Class>,
+    index: HashMap<u64, Vec<ClassId>>,
+    delayed: BinaryHeap<Reverse<(Instant, TaskId, u32)>>,
+    last: Option<ClassId>,
+}
+
+fn class_hash(spec: &TaskSpec) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    match &spec.kind {
+        TaskKind::Exec(_) => 0u8.hash(&mut hasher),
+        TaskKind::Call(call) => {
+            1u8.hash(&mut hasher);
+            call.handler.hash(&mut hasher);
+        }
+    }
+    spec.labels.hash(&mut hasher);
+    spec.slots.hash(&mut hasher);
+    hasher.finish()
+}
+
+fn same_class(a: &TaskSpec, b: &TaskSpec) -> bool {
+    fn handler(s: &TaskSpec) -> Option<&str> {
+        match &s.kind {
+            TaskKind::Exec(_) => None,
+            TaskKind::Call(call) => Some(call.handler.as_str()),
+        }
+    }
+    handler(a) == handler(b) && a.slots == b.slots && a.labels == b.labels
+}
+
+/// The delay before retrying after attempt `attempt` failed: `base`
+/// doubled per earlier attempt, at most `max`.
+pub fn backoff(base: Duration, max: Duration, attempt: u32) -> Duration {
+    let shift = attempt.saturating_sub(1).min(31);
+    base.saturating_mul(1u32 << shift).min(max)
+}
+
+impl Queue {
+    /// The class of `spec`, made on first sight. Submits of many alike
+    /// tasks hit the one-entry cache and allocate nothing.
+    pub fn class_for(&mut self, spec: &Arc<TaskSpec>) -> ClassId {
+        if let Some(last) = self.last
+            && same_class(&self.classes[last as usize].example, spec)
+        {
+            return last;
+        }
+        let hash = class_hash(spec);
+        let candidates = self.index.entry(hash).or_default();
+        let found = candidates
+            .iter()
+            .copied()
+            .find(|c| same_class(&self.classes[*c as usize].example, spec));
+        let class = match found {
+            Some(class) => class,
+            None => {
+                let class = u32::try_from(self.classes.len()).unwrap_or(u32::MAX);
+                self.classes.push(Class {
+                    example: Arc::clone(spec),
+                    ready: VecDeque::new(),
+                });
+                candidates.push(class);
+                class
+            }
+        };
+        self.last = Some(class);
+        class
+    }
+
+    /// Puts a task at the back of its class's ready queue.
+    pub fn push_ready(&mut self, class: ClassId, id: TaskId) {
+        if let Some(c) = self.classes.get_mut(class as usize) {
+            c.ready.push_back(id);
+        }
+    }
+
+    /// True when some class may have a ready task.
+    pub fn any_ready(&self) -> bool {
+        self.classes.iter().any(|c| !c.ready.is_empty())
+    }
+
+    /// Schedules attempt `attempt` of `id` to become ready at `at`.
+    pub fn delay(&mut self, at: Instant, id: TaskId, attempt: u32) {
+        self.delayed.push(Reverse((at, id, attempt)));
+    }
+
+    /// The next delayed entry due at or before `now`.
+    pub fn pop_due(&mut self, now: Instant) -> Option<(TaskId, u32)> {
+        match self.delayed.peek() {
+            Some(Reverse((at, _, _))) if *at <= now => self
+                .delayed
+                .pop()
+                .map(|Reverse((_, id, attempt))| (id, attempt)),
+            _ => None,
+        }
+    }
+
+    /// When the earliest delayed entry is due.
+    pub fn next_due(&self) -> Option<Instant> {
+        self.delayed.peek().map(|Reverse((at, _, _))| *at)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_per_attempt_up_to_the_cap() {
+        let base = Duration::from_millis(100);
+        let max = Duration::from_secs(1);
+        let delays: Vec<u128> = (1..=6).map(|a| backoff(base, max, a).as_millis()).collect();
+        assert_eq!(delays, [100, 200, 400, 800, 1000, 1000]);
+        assert_eq!(backoff(base, max, 500), max);
+    }
+
+    #[test]
+    fn alike_specs_share_a_class_and_different_labels_do_not() {
+        let mut queue = Queue::default();
+        let a = queue.class_for(&Arc::new(TaskSpec::call("noop", "x")));
+        let b = queue.class_for(&Arc::new(TaskSpec::call("noop", "y")));
+        let c = queue.class_for(&Arc::new(TaskSpec::call("noop", "").label("gpu", "1")));
+        let d = queue.class_for(&Arc::new(TaskSpec::call("noop", "z")));
+        let e = queue.class_for(&Arc::new(TaskSpec::exec(["true"])));
+        assert_eq!(a, b);
+        assert_eq!(a, d);
+        assert_ne!(a, c);
+        assert_ne!(a, e);
+    }
+}

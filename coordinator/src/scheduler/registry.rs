@@ -1,0 +1,185 @@
+//! Connected nodes: what they offer, the credits they granted, the attempts
+//! they run, and when they were last heard from. Plain data; the scheduler
+//! decides what to do with it.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use weft_proto::{Attempt, NodeId, NodeState, TaskId, TaskKind, TaskSpec};
+
+/// One Connect stream. A node that reconnects gets a new session but may
+/// keep its [`NodeId`]; effects are addressed to sessions so a message for a
+/// dead stream never reaches the new one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SessionId(pub u64);
+
+impl SessionId {
+    /// Placeholder session of attempts restored from the store whose node
+    /// has not reconnected yet. Real sessions start at 1.
+    pub const RESTORED: SessionId = SessionId(0);
+}
+
+/// What a node said about itself in `Register`, validated.
+#[derive(Clone, Debug)]
+pub struct NodeRegistration {
+    /// The id this node gets (its previous one after a reconnect).
+    pub node_id: NodeId,
+    /// Display name.
+    pub name: String,
+    /// Labels tasks can require.
+    pub labels: BTreeMap<String, String>,
+    /// Total slots, at least 1.
+    pub slots: u32,
+    /// Call handlers it serves.
+    pub handlers: Vec<String>,
+    /// Attempts it says it still runs (after a reconnect).
+    pub running: Vec<(TaskId, Attempt)>,
+}
+
+/// One connected node.
+#[derive(Debug)]
+pub(crate) struct NodeEntry {
+    pub id: NodeId,
+    pub name: Arc<str>,
+    pub labels: BTreeMap<String, String>,
+    pub slots: u32,
+    pub handlers: BTreeSet<String>,
+    /// Slots granted and not yet used by an assignment.
+    pub credits: u32,
+    /// Slots taken by attempts assigned here and not finished.
+    pub used: u32,
+    pub running: HashMap<TaskId, Attempt>,
+    pub last_seen: Instant,
+    pub draining: bool,
+    pub finished: u64,
+}
+
+impl NodeEntry {
+    pub fn new(reg: NodeRegistration, now: Instant) -> Self {
+        NodeEntry {
+            id: reg.node_id,
+            name: Arc::from(reg.name),
+            labels: reg.labels,
+            slots: reg.slots,
+            handlers: reg.handlers.into_iter().collect(),
+            credits: 0,
+            used: 0,
+            running: HashMap::new(),
+            last_seen: now,
+            draining: false,
+            finished: 0,
+        }
+    }
+
+    /// True when this node could ever run `spec` (ignoring free slots).
+    pub fn can_run(&self, spec: &TaskSpec) -> bool {
+        self.serves(spec) && spec.matches_labels(&self.labels) && spec.slots <= self.slots
+    }
+
+    /// True when the node has the handler a call task needs.
+    pub fn serves(&self, spec: &TaskSpec) -> bool {
+        match &spec.kind {
+            TaskKind::Exec(_) => true,
+            TaskKind::Call(call) => self.handlers.contains(&call.handler),
+        }
+    }
+
+    /// Adds a grant, never letting credits exceed the slots not in use, so a
+    /// node that grants twice is not sent more than it has.
+    pub fn grant(&mut self, grant: u32) {
+        let room = self.slots.saturating_sub(self.used);
+        self.credits = self.credits.saturating_add(grant).min(room);
+    }
+
+    pub fn info(&self, now: Instant) -> NodeInfo {
+        let mut running: Vec<(TaskId, Attempt)> =
+            self.running.iter().map(|(t, a)| (*t, *a)).collect();
+        running.sort();
+        NodeInfo {
+            id: self.id,
+            name: self.name.to_string(),
+            labels: self.labels.clone(),
+            slots: self.slots,
+            slots_used: self.used,
+            slots_free: self.credits,
+            running,
+            last_heartbeat_age: now.saturating_duration_since(self.last_seen),
+            state: if self.draining {
+                NodeState::Draining
+            } else {
+                NodeState::Ready
+            },
+            handlers: self.handlers.iter().cloned().collect(),
+            finished: self.finished,
+        }
+    }
+}
+
+/// A node as the admin API shows it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NodeInfo {
+    /// Its id.
+    pub id: NodeId,
+    /// Its name.
+    pub name: String,
+    /// Its labels.
+    pub labels: BTreeMap<String, String>,
+    /// Total slots.
+    pub slots: u32,
+    /// Slots taken by unfinished attempts.
+    pub slots_used: u32,
+    /// Slots granted and unused.
+    pub slots_free: u32,
+    /// Attempts assigned to it and not finished.
+    pub running: Vec<(TaskId, Attempt)>,
+    /// Time since it was last heard from.
+    pub last_heartbeat_age: Duration,
+    /// Ready or draining.
+    pub state: NodeState,
+    /// Handlers it serves.
+    pub handlers: Vec<String>,
+    /// Attempts it finished since it connected.
+    pub finished: u64,
+}
+
+/// All connected nodes, by session, with an index by node id.
+#[derive(Debug, Default)]
+pub(crate) struct Registry {
+    pub nodes: BTreeMap<SessionId, NodeEntry>,
+    pub by_id: HashMap<NodeId, SessionId>,
+}
+
+impl Registry {
+    pub fn insert(&mut self, session: SessionId, entry: NodeEntry) {
+        self.by_id.insert(entry.id, session);
+        self.nodes.insert(session, entry);
+    }
+
+    pub fn remove(&mut self, session: SessionId) -> Option<NodeEntry> {
+        let entry = self.nodes.remove(&session)?;
+        if self.by_id.get(&entry.id) == Some(&session) {
+            self.by_id.remove(&entry.id);
+        }
+        Some(entry)
+    }
+
+    /// Finds a node by id text or by name.
+    pub fn find(&self, selector: &str) -> Option<SessionId> {
+        if let Ok(id) = selector.parse::<NodeId>()
+            && let Some(session) = self.by_id.get(&id)
+        {
+            return Some(*session);
+        }
+        self.nodes
+            .iter()
+            .find(|(_, n)| &*n.name == selector)
+            .map(|(s, _)| *s)
+    }
+
+    /// Sorted names of every handler some connected node serves.
+    pub fn known_handlers(&self) -> Vec<String> {
+        let set: BTreeSet<&String> = self.nodes.values().flat_map(|n| &n.handlers).collect();
+        set.into_iter().cloned().collect()
+    }
+}

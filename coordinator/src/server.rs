@@ -1,0 +1,57 @@
+//! The tonic server: services, health, and serve-with-shutdown over the
+//! listener the caller already bound.
+//!
+//! No tower layer wraps the services on purpose: `Connect` and `Watch`
+//! streams live for hours, so a timeout or concurrency limit counting
+//! in-flight requests would count every connected node and watcher.
+//! Deadlines on unary calls are the client's to set.
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+
+use weft_proto::pb::admin_service_server::AdminServiceServer;
+use weft_proto::pb::node_service_server::NodeServiceServer;
+use weft_proto::pb::task_service_server::TaskServiceServer;
+
+use crate::driver::Handle;
+use crate::service::admin::AdminApi;
+use crate::service::node::NodeApi;
+use crate::service::task::TaskApi;
+
+/// Marks every service serving in `grpc.health.v1`; called once the store
+/// is open and the driver runs.
+pub(crate) async fn mark_serving(reporter: &HealthReporter) {
+    reporter.set_serving::<NodeServiceServer<NodeApi>>().await;
+    reporter.set_serving::<TaskServiceServer<TaskApi>>().await;
+    reporter.set_serving::<AdminServiceServer<AdminApi>>().await;
+    reporter
+        .set_service_status("", ServingStatus::Serving)
+        .await;
+}
+
+/// Serves until `cancel` fires, then stops accepting and lets open streams end.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    handle: Handle,
+    health: tonic_health::pb::health_server::HealthServer<
+        impl tonic_health::pb::health_server::Health,
+    >,
+    cancel: CancellationToken,
+) -> Result<(), tonic::transport::Error> {
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    Server::builder()
+        .add_service(health)
+        .add_service(NodeServiceServer::new(NodeApi {
+            handle: handle.clone(),
+        }))
+        .add_service(TaskServiceServer::new(TaskApi {
+            handle: handle.clone(),
+        }))
+        .add_service(AdminServiceServer::new(AdminApi { handle }))
+        .serve_with_incoming_shutdown(incoming, cancel.cancelled_owned())
+        .await
+}

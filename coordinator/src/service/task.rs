@@ -1,0 +1,224 @@
+//! `TaskService`: Submit, Get, List, Watch, Cancel, Run.
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use weft_proto::{TaskId, TaskSpec, pb};
+
+use super::{event_to_pb, parse_task_id, state_filter, task_to_pb};
+use crate::driver::{Command, Handle};
+use crate::error::Error;
+
+/// Events of one task, from the store then live.
+pub(crate) type EventStream = ReceiverStream<Result<pb::TaskEvent, Status>>;
+
+/// Events read from the store per page when replaying history.
+const HISTORY_PAGE: usize = 256;
+/// Largest `List` page.
+const MAX_LIST: u32 = 10_000;
+
+/// The client API.
+pub(crate) struct TaskApi {
+    pub handle: Handle,
+}
+
+impl TaskApi {
+    async fn submit_specs(&self, specs: Vec<pb::TaskSpec>) -> Result<Vec<TaskId>, Error> {
+        let specs = specs
+            .into_iter()
+            .enumerate()
+            .map(|(index, spec)| {
+                TaskSpec::try_from(spec).map_err(|source| Error::InvalidSpec { index, source })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if specs.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.handle
+            .call(|reply| Command::Submit { specs, reply })
+            .await?
+    }
+
+    fn watch_stream(&self, id: TaskId, from_seq: u64) -> EventStream {
+        let (tx, rx) = mpsc::channel(64);
+        let handle = self.handle.clone();
+        self.handle.tasks.spawn(pump(handle, id, from_seq, tx));
+        ReceiverStream::new(rx)
+    }
+}
+
+/// Feeds one watcher: registers with the driver, replays history from the
+/// store, then forwards live events, deduplicating by seq. Dropped from
+/// live for lagging, it goes round again from the last seq it sent.
+async fn pump(
+    handle: Handle,
+    id: TaskId,
+    mut next: u64,
+    out: mpsc::Sender<Result<pb::TaskEvent, Status>>,
+) {
+    loop {
+        // Register first, then read history: the driver guarantees that
+        // everything not in the live feed is already in the store.
+        let live = match handle.call(|reply| Command::Watch { id, reply }).await {
+            Ok(Ok(live)) => live,
+            Ok(Err(err)) | Err(err) => {
+                let _ = out.send(Err(err.into())).await;
+                return;
+            }
+        };
+        loop {
+            let page = match handle.store.events(id, next, HISTORY_PAGE) {
+                Ok(page) => page,
+                Err(err) => {
+                    let _ = out.send(Err(Error::from(err).into())).await;
+                    return;
+                }
+            };
+            if page.is_empty() {
+                break;
+            }
+            for event in page {
+                next = event.seq + 1;
+                let last = event.body.is_finished();
+                if out.send(Ok(event_to_pb(&event))).await.is_err() || last {
+                    return;
+                }
+            }
+        }
+        let Some(mut live) = live else {
+            return; // final before we registered: history had it all
+        };
+        loop {
+            let event = tokio::select! {
+                _ = handle.cancel.cancelled() => return,
+                _ = out.closed() => return,
+                event = live.recv() => event,
+            };
+            let Some(event) = event else {
+                break; // dropped for lagging: resume from the store
+            };
+            if event.seq < next {
+                continue;
+            }
+            if event.seq > next {
+                break; // a gap can only be filled from the store
+            }
+            next = event.seq + 1;
+            let last = event.body.is_finished();
+            if out.send(Ok(event_to_pb(&event))).await.is_err() || last {
+                return;
+            }
+        }
+        if handle.cancel.is_cancelled() {
+            return;
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::task_service_server::TaskService for TaskApi {
+    async fn submit(
+        &self,
+        request: Request<pb::SubmitRequest>,
+    ) -> Result<Response<pb::SubmitResponse>, Status> {
+        let ids = self.submit_specs(request.into_inner().tasks).await?;
+        Ok(Response::new(pb::SubmitResponse {
+            task_ids: ids.iter().map(TaskId::to_string).collect(),
+        }))
+    }
+
+    async fn get(
+        &self,
+        request: Request<pb::GetRequest>,
+    ) -> Result<Response<pb::GetResponse>, Status> {
+        let id = parse_task_id(&request.into_inner().task_id)?;
+        let record = self
+            .handle
+            .call(|reply| Command::Get { id, reply })
+            .await??;
+        Ok(Response::new(pb::GetResponse {
+            task: Some(task_to_pb(&record)),
+        }))
+    }
+
+    async fn list(
+        &self,
+        request: Request<pb::ListRequest>,
+    ) -> Result<Response<pb::ListResponse>, Status> {
+        let request = request.into_inner();
+        let state = state_filter(request.state)?;
+        let limit = match request.limit {
+            0 => 100,
+            n => n.min(MAX_LIST),
+        } as usize;
+        let before = match request.page_token.as_str() {
+            "" => None,
+            token => Some(parse_task_id(token)?),
+        };
+        let records = self
+            .handle
+            .call(|reply| Command::List {
+                state,
+                before,
+                limit,
+                reply,
+            })
+            .await??;
+        let next_page_token = match records.last() {
+            Some(last) if records.len() == limit => last.id.to_string(),
+            _ => String::new(),
+        };
+        Ok(Response::new(pb::ListResponse {
+            tasks: records.iter().map(task_to_pb).collect(),
+            next_page_token,
+        }))
+    }
+
+    type WatchStream = EventStream;
+
+    async fn watch(
+        &self,
+        request: Request<pb::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let request = request.into_inner();
+        let id = parse_task_id(&request.task_id)?;
+        // Unknown ids fail the call itself, not the stream.
+        if self.handle.store.task(id).map_err(Error::from)?.is_none() {
+            return Err(Error::TaskNotFound(id).into());
+        }
+        Ok(Response::new(self.watch_stream(id, request.from_seq)))
+    }
+
+    async fn cancel(
+        &self,
+        request: Request<pb::CancelRequest>,
+    ) -> Result<Response<pb::CancelResponse>, Status> {
+        let request = request.into_inner();
+        let id = parse_task_id(&request.task_id)?;
+        let reason = request.reason;
+        let record = self
+            .handle
+            .call(|reply| Command::Cancel { id, reason, reply })
+            .await??;
+        Ok(Response::new(pb::CancelResponse {
+            task: Some(task_to_pb(&record)),
+        }))
+    }
+
+    type RunStream = EventStream;
+
+    async fn run(
+        &self,
+        request: Request<pb::RunRequest>,
+    ) -> Result<Response<Self::RunStream>, Status> {
+        let spec = request.into_inner().spec.ok_or(Error::InvalidArgument(
+            weft_proto::ConversionError::MissingField("spec"),
+        ))?;
+        let ids = self.submit_specs(vec![spec]).await?;
+        let id = ids.first().copied().ok_or(Error::InvalidArgument(
+            weft_proto::ConversionError::MissingField("spec"),
+        ))?;
+        Ok(Response::new(self.watch_stream(id, 0)))
+    }
+}

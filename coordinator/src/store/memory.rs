@@ -1,0 +1,267 @@
+//! The in-memory store: the default until the durable one lands, and what
+//! tests use. Nothing survives the process.
+
+use std::collections::BTreeMap;
+use std::sync::RwLock;
+
+use weft_proto::{TaskId, TaskState};
+
+use super::{Loaded, Record, Store, StoreError, TaskEvent, TaskRecord};
+
+/// Tasks in a `BTreeMap` keyed by id; ULIDs sort by creation time, so
+/// "newest first" is a reverse range scan.
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    tasks: RwLock<BTreeMap<TaskId, Entry>>,
+}
+
+#[derive(Debug)]
+struct Entry {
+    record: TaskRecord,
+    events: Vec<TaskEvent>,
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+fn with_seq(entry: &Entry) -> TaskRecord {
+    let mut record = entry.record.clone();
+    record.next_seq = entry.events.len() as u64;
+    record
+}
+
+impl Store for MemoryStore {
+    fn commit(&self, records: &[Record]) -> Result<(), StoreError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let mut tasks = self.tasks.write().map_err(|_| StoreError::Poisoned)?;
+        // Check first so that a bad commit changes nothing.
+        let mut pending: BTreeMap<TaskId, u64> = BTreeMap::new();
+        for record in records {
+            match record {
+                Record::Task(task) => {
+                    let len = tasks.get(&task.id).map_or(0, |e| e.events.len() as u64);
+                    pending.entry(task.id).or_insert(len);
+                }
+                Record::Event(event) => {
+                    let next = match pending.get_mut(&event.task_id) {
+                        Some(next) => next,
+                        None => match tasks.get(&event.task_id) {
+                            Some(entry) => pending
+                                .entry(event.task_id)
+                                .or_insert(entry.events.len() as u64),
+                            None => {
+                                return Err(StoreError::Inconsistent(format!(
+                                    "event for unknown task {}",
+                                    event.task_id
+                                )));
+                            }
+                        },
+                    };
+                    if event.seq != *next {
+                        return Err(StoreError::Inconsistent(format!(
+                            "task {} event seq {} where {} was next",
+                            event.task_id, event.seq, next
+                        )));
+                    }
+                    *next += 1;
+                }
+            }
+        }
+        for record in records {
+            match record {
+                Record::Task(task) => match tasks.get_mut(&task.id) {
+                    Some(entry) => entry.record = task.clone(),
+                    None => {
+                        tasks.insert(
+                            task.id,
+                            Entry {
+                                record: task.clone(),
+                                events: Vec::new(),
+                            },
+                        );
+                    }
+                },
+                Record::Event(event) => {
+                    if let Some(entry) = tasks.get_mut(&event.task_id) {
+                        entry.events.push(event.clone());
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn task(&self, id: TaskId) -> Result<Option<TaskRecord>, StoreError> {
+        let tasks = self.tasks.read().map_err(|_| StoreError::Poisoned)?;
+        Ok(tasks.get(&id).map(with_seq))
+    }
+
+    fn list(
+        &self,
+        state: Option<TaskState>,
+        before: Option<TaskId>,
+        limit: usize,
+    ) -> Result<Vec<TaskRecord>, StoreError> {
+        let tasks = self.tasks.read().map_err(|_| StoreError::Poisoned)?;
+        let range = match before {
+            Some(before) => tasks.range(..before),
+            None => tasks.range(..),
+        };
+        Ok(range
+            .rev()
+            .filter(|(_, e)| state.is_none_or(|s| e.record.state == s))
+            .take(limit)
+            .map(|(_, e)| with_seq(e))
+            .collect())
+    }
+
+    fn events(
+        &self,
+        id: TaskId,
+        from_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<TaskEvent>, StoreError> {
+        let tasks = self.tasks.read().map_err(|_| StoreError::Poisoned)?;
+        let Some(entry) = tasks.get(&id) else {
+            return Ok(Vec::new());
+        };
+        let from = usize::try_from(from_seq).unwrap_or(usize::MAX);
+        Ok(entry
+            .events
+            .iter()
+            .skip(from)
+            .take(limit)
+            .cloned()
+            .collect())
+    }
+
+    fn load(&self) -> Result<Loaded, StoreError> {
+        let tasks = self.tasks.read().map_err(|_| StoreError::Poisoned)?;
+        let mut loaded = Loaded::default();
+        let mut counts: BTreeMap<&'static str, (TaskState, u64)> = BTreeMap::new();
+        for entry in tasks.values() {
+            if entry.record.state.is_final() {
+                counts
+                    .entry(entry.record.state.as_str())
+                    .or_insert((entry.record.state, 0))
+                    .1 += 1;
+            } else {
+                loaded.live.push(with_seq(entry));
+            }
+        }
+        loaded.final_counts = counts.into_values().collect();
+        Ok(loaded)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::SystemTime;
+
+    use weft_proto::{Attempt, TaskSpec};
+
+    use super::*;
+    use crate::store::EventBody;
+
+    fn record(id: TaskId, state: TaskState) -> TaskRecord {
+        TaskRecord {
+            id,
+            spec: Arc::new(TaskSpec::call("noop", "")),
+            state,
+            attempt: Attempt(0),
+            node_id: None,
+            node_name: None,
+            exit_code: None,
+            output: Default::default(),
+            error: String::new(),
+            pending_reason: String::new(),
+            failures: 0,
+            node_losses: 0,
+            created_at: SystemTime::UNIX_EPOCH,
+            updated_at: SystemTime::UNIX_EPOCH,
+            next_seq: 0,
+        }
+    }
+
+    fn event(id: TaskId, seq: u64) -> Record {
+        Record::Event(TaskEvent {
+            task_id: id,
+            seq,
+            attempt: Attempt(0),
+            time: SystemTime::UNIX_EPOCH,
+            body: EventBody::Progress {
+                fraction: 0.5,
+                message: String::new(),
+            },
+        })
+    }
+
+    #[test]
+    fn events_are_appended_in_seq_order_and_counted_in_next_seq() {
+        let store = MemoryStore::new();
+        let id = TaskId::new();
+        store
+            .commit(&[
+                Record::Task(record(id, TaskState::Queued)),
+                event(id, 0),
+                event(id, 1),
+            ])
+            .unwrap();
+        store.commit(&[event(id, 2)]).unwrap();
+        assert_eq!(store.task(id).unwrap().unwrap().next_seq, 3);
+        let events = store.events(id, 1, 10).unwrap();
+        assert_eq!(events.iter().map(|e| e.seq).collect::<Vec<_>>(), [1, 2]);
+    }
+
+    #[test]
+    fn a_commit_with_a_seq_gap_changes_nothing() {
+        let store = MemoryStore::new();
+        let id = TaskId::new();
+        let err = store
+            .commit(&[Record::Task(record(id, TaskState::Queued)), event(id, 1)])
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Inconsistent(_)));
+        assert!(store.task(id).unwrap().is_none());
+    }
+
+    #[test]
+    fn list_is_newest_first_and_filters_by_state() {
+        let store = MemoryStore::new();
+        let mut ids_gen = ulid::Generator::new();
+        let ids: Vec<TaskId> = (0..4)
+            .map(|_| TaskId::from_ulid(ids_gen.generate().unwrap()))
+            .collect();
+        for (i, id) in ids.iter().enumerate() {
+            let state = if i % 2 == 0 {
+                TaskState::Queued
+            } else {
+                TaskState::Succeeded
+            };
+            store.commit(&[Record::Task(record(*id, state))]).unwrap();
+        }
+        let all: Vec<TaskId> = store
+            .list(None, None, 10)
+            .unwrap()
+            .iter()
+            .map(|r| r.id)
+            .collect();
+        assert_eq!(all, [ids[3], ids[2], ids[1], ids[0]]);
+        let queued: Vec<TaskId> = store
+            .list(Some(TaskState::Queued), Some(ids[2]), 10)
+            .unwrap()
+            .iter()
+            .map(|r| r.id)
+            .collect();
+        assert_eq!(queued, [ids[0]]);
+        let loaded = store.load().unwrap();
+        assert_eq!(loaded.live.len(), 2);
+        assert_eq!(loaded.final_counts, [(TaskState::Succeeded, 2)]);
+    }
+}

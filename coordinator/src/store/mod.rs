@@ -1,0 +1,166 @@
+//! The task store: durable task records and per-task event logs.
+//!
+//! The store is written only by the driver, once per inbox batch, through
+//! [`Store::commit`] (group commit). Services read it directly (`Get`, `List`,
+//! `Watch` history) because every reply is sent only after its batch is
+//! committed, so a reader never sees less than what was acknowledged.
+//!
+//! Records are plain data (no channels, no tonic types), so a durable
+//! implementation only has to serialize them.
+
+pub mod memory;
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+
+use weft_proto::{Attempt, NodeId, OutputStream, TaskId, TaskSpec, TaskState};
+
+pub use memory::MemoryStore;
+
+/// A task's record as stored: everything `Get` answers except
+/// `pending_reason`, which the scheduler derives when it is read.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TaskRecord {
+    /// The task.
+    pub id: TaskId,
+    /// What it runs; shared with the scheduler so it is kept once in memory.
+    pub spec: Arc<TaskSpec>,
+    /// Where it is in its life.
+    pub state: TaskState,
+    /// Latest attempt, from 1; 0 before the first assignment.
+    pub attempt: Attempt,
+    /// Node of the latest attempt, if any.
+    pub node_id: Option<NodeId>,
+    /// Name of that node.
+    pub node_name: Option<Arc<str>>,
+    /// Exit code of the latest attempt's process, if it exited.
+    pub exit_code: Option<i32>,
+    /// The handler result of the succeeding attempt.
+    pub output: Bytes,
+    /// Why the task failed, was cancelled or timed out.
+    pub error: String,
+    /// Why a queued task waits; filled on read, never stored.
+    pub pending_reason: String,
+    /// Attempts that ended in failure.
+    pub failures: u32,
+    /// Attempts lost with their node.
+    pub node_losses: u32,
+    /// When it was submitted.
+    pub created_at: SystemTime,
+    /// When its record last changed.
+    pub updated_at: SystemTime,
+    /// Sequence number the next event will get.
+    pub next_seq: u64,
+}
+
+/// One event in a task's history. Seqs start at 0 and have no gaps.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TaskEvent {
+    /// The task.
+    pub task_id: TaskId,
+    /// Position in the task's history.
+    pub seq: u64,
+    /// Attempt it belongs to (0 before any assignment).
+    pub attempt: Attempt,
+    /// When the coordinator recorded it.
+    pub time: SystemTime,
+    /// What happened.
+    pub body: EventBody,
+}
+
+/// What a [`TaskEvent`] says.
+#[derive(Clone, Debug, PartialEq)]
+pub enum EventBody {
+    /// The task changed state.
+    State {
+        /// The new state.
+        state: TaskState,
+        /// Node involved (assigned to, running on, or lost).
+        node_id: Option<NodeId>,
+        /// Its name.
+        node_name: Option<Arc<str>>,
+        /// Why, in words.
+        reason: String,
+    },
+    /// A chunk of output.
+    Output {
+        /// Which stream.
+        stream: OutputStream,
+        /// The bytes.
+        data: Bytes,
+    },
+    /// Progress reported by the attempt.
+    Progress {
+        /// 0..=1, or negative when unknown.
+        fraction: f64,
+        /// Free text.
+        message: String,
+    },
+    /// The task reached a final state; always the last event.
+    Finished(Box<TaskRecord>),
+}
+
+impl EventBody {
+    /// True for the last event of a task.
+    pub fn is_finished(&self) -> bool {
+        matches!(self, EventBody::Finished(_))
+    }
+}
+
+/// One write of a commit.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Record {
+    /// Insert or replace a task's record.
+    Task(TaskRecord),
+    /// Append an event to a task's log (its task record comes first).
+    Event(TaskEvent),
+}
+
+/// What a store holds when the coordinator starts.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    /// Tasks not in a final state, to put back in the scheduler.
+    pub live: Vec<TaskRecord>,
+    /// How many tasks ended in each final state.
+    pub final_counts: Vec<(TaskState, u64)>,
+}
+
+/// Why the store failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// A thread panicked while holding the store's lock.
+    #[error("store lock poisoned")]
+    Poisoned,
+    /// A commit broke an invariant of the event log (gap in seqs, event
+    /// without its task): a bug in the writer, refused rather than stored.
+    #[error("inconsistent commit: {0}")]
+    Inconsistent(String),
+}
+
+/// Where tasks and their events live. Implementations must make a
+/// [`commit`](Store::commit) all-or-nothing.
+pub trait Store: Send + Sync + 'static {
+    /// Writes `records` in order, atomically.
+    fn commit(&self, records: &[Record]) -> Result<(), StoreError>;
+
+    /// One task, with `next_seq` filled in.
+    fn task(&self, id: TaskId) -> Result<Option<TaskRecord>, StoreError>;
+
+    /// Up to `limit` tasks, newest first, older than `before` if given,
+    /// in `state` if given.
+    fn list(
+        &self,
+        state: Option<TaskState>,
+        before: Option<TaskId>,
+        limit: usize,
+    ) -> Result<Vec<TaskRecord>, StoreError>;
+
+    /// Up to `limit` events of a task from `from_seq` on.
+    fn events(&self, id: TaskId, from_seq: u64, limit: usize)
+    -> Result<Vec<TaskEvent>, StoreError>;
+
+    /// Everything the scheduler needs after a restart.
+    fn load(&self) -> Result<Loaded, StoreError>;
+}

@@ -1,0 +1,477 @@
+//! The coordinator over a real loopback socket: a fake node speaks the node
+//! protocol with the generated client, and a client uses the task and
+//! admin APIs.
+
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Streaming};
+
+use weft_coordinator::{CoordinatorConfig, RunningCoordinator};
+use weft_proto::pb::admin_service_client::AdminServiceClient;
+use weft_proto::pb::coordinator_message::Body as Out;
+use weft_proto::pb::node_message::Body as In;
+use weft_proto::pb::node_service_client::NodeServiceClient;
+use weft_proto::pb::task_service_client::TaskServiceClient;
+use weft_proto::{TaskSpec, TaskState, pb};
+
+const DEADLINE: Duration = Duration::from_secs(10);
+
+async fn coordinator(config: CoordinatorConfig) -> RunningCoordinator {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    weft_coordinator::start(config, listener).await.unwrap()
+}
+
+async fn channel(url: String) -> Channel {
+    Endpoint::from_shared(url)
+        .unwrap()
+        .connect_timeout(Duration::from_secs(3))
+        .connect()
+        .await
+        .unwrap()
+}
+
+struct FakeNode {
+    tx: mpsc::Sender<pb::NodeMessage>,
+    rx: Streaming<pb::CoordinatorMessage>,
+    node_id: String,
+}
+
+fn register(name: &str, slots: u32) -> pb::Register {
+    pb::Register {
+        name: name.into(),
+        slots,
+        handlers: vec!["noop".into()],
+        protocol_version: pb::ProtocolVersion::ProtocolVersion1 as i32,
+        ..Default::default()
+    }
+}
+
+async fn connect(url: String, first: In) -> Result<FakeNode, tonic::Status> {
+    let (tx, rx) = mpsc::channel(64);
+    tx.send(pb::NodeMessage { body: Some(first) })
+        .await
+        .unwrap();
+    let mut client = NodeServiceClient::new(channel(url).await);
+    let mut inbound = client.connect(ReceiverStream::new(rx)).await?.into_inner();
+    let first = tokio::time::timeout(DEADLINE, inbound.message())
+        .await
+        .expect("Registered in time")?
+        .expect("a first message");
+    let Some(Out::Registered(registered)) = first.body else {
+        panic!("first message must be Registered, got {first:?}");
+    };
+    Ok(FakeNode {
+        tx,
+        rx: inbound,
+        node_id: registered.node_id,
+    })
+}
+
+impl FakeNode {
+    async fn send(&self, body: In) {
+        self.tx
+            .send(pb::NodeMessage { body: Some(body) })
+            .await
+            .unwrap();
+    }
+
+    async fn credits(&self, grant: u32) {
+        self.send(In::Credits(pb::Credits { grant })).await;
+    }
+
+    async fn events(&self, events: Vec<pb::NodeTaskEvent>) {
+        self.send(In::Events(pb::TaskEvents { events })).await;
+    }
+
+    /// The next message that is not a heartbeat.
+    async fn next(&mut self) -> Out {
+        loop {
+            let message = tokio::time::timeout(DEADLINE, self.rx.message())
+                .await
+                .expect("a message in time")
+                .expect("stream ok")
+                .expect("stream open");
+            match message.body {
+                Some(Out::Heartbeat(_)) => continue,
+                Some(body) => return body,
+                None => panic!("empty message"),
+            }
+        }
+    }
+
+    async fn assignments(&mut self) -> Vec<pb::Assignment> {
+        match self.next().await {
+            Out::Assign(assign) => assign.tasks,
+            other => panic!("expected Assign, got {other:?}"),
+        }
+    }
+}
+
+fn event(task_id: &str, attempt: u32, body: pb::node_task_event::Body) -> pb::NodeTaskEvent {
+    pb::NodeTaskEvent {
+        task_id: task_id.into(),
+        attempt,
+        body: Some(body),
+    }
+}
+
+fn finished_ok(task_id: &str, attempt: u32) -> pb::NodeTaskEvent {
+    event(
+        task_id,
+        attempt,
+        pb::node_task_event::Body::Finished(pb::Finished {
+            outcome: pb::Outcome::Succeeded as i32,
+            output: "done".into(),
+            ..Default::default()
+        }),
+    )
+}
+
+async fn submit(tasks: &mut TaskServiceClient<Channel>, specs: Vec<TaskSpec>) -> Vec<String> {
+    tasks
+        .submit(pb::SubmitRequest {
+            tasks: specs.into_iter().map(pb::TaskSpec::from).collect(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .task_ids
+}
+
+async fn get(tasks: &mut TaskServiceClient<Channel>, id: &str) -> pb::Task {
+    tasks
+        .get(pb::GetRequest { task_id: id.into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .task
+        .unwrap()
+}
+
+/// Polls `check` until it returns Some or the deadline passes.
+async fn wait_until<T, F, Fut>(mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "condition not reached in time");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn cluster(admin: &mut AdminServiceClient<Channel>) -> pb::ClusterInfoResponse {
+    admin
+        .cluster_info(pb::ClusterInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+#[tokio::test]
+async fn node_is_assigned_within_its_credits_and_its_result_is_recorded() {
+    let c = coordinator(CoordinatorConfig::default()).await;
+    let mut node = connect(c.url(), In::Register(register("n1", 2)))
+        .await
+        .unwrap();
+    node.credits(1).await;
+    let mut tasks = TaskServiceClient::new(channel(c.url()).await);
+    let mut admin = AdminServiceClient::new(channel(c.url()).await);
+    let ids = submit(&mut tasks, vec![TaskSpec::call("noop", "a"); 3]).await;
+
+    let first = node.assignments().await;
+    assert_eq!(first.len(), 1, "one credit, one assignment");
+    assert_eq!(
+        (first[0].task_id.as_str(), first[0].attempt),
+        (ids[0].as_str(), 1)
+    );
+    let nodes = admin
+        .list_nodes(pb::ListNodesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .nodes;
+    assert_eq!((nodes[0].slots_used, nodes[0].slots_free), (1, 0));
+    assert_eq!(nodes[0].node_id, node.node_id);
+
+    node.events(vec![
+        event(
+            &ids[0],
+            1,
+            pb::node_task_event::Body::Started(pb::Started { pid: 0 }),
+        ),
+        finished_ok(&ids[0], 1),
+    ])
+    .await;
+    node.credits(1).await;
+    let second = node.assignments().await;
+    assert_eq!(second[0].task_id, ids[1]);
+    let done = get(&mut tasks, &ids[0]).await;
+    assert_eq!(done.state, i32::from(TaskState::Succeeded));
+    assert_eq!(
+        (done.output.as_ref(), done.node_name.as_str()),
+        (&b"done"[..], "n1")
+    );
+    assert_eq!(
+        done.next_seq, 5,
+        "queued, assigned, running, succeeded, finished"
+    );
+    let queued = get(&mut tasks, &ids[2]).await;
+    assert_eq!(queued.pending_reason, "waiting for a free slot");
+    c.shutdown(DEADLINE).await.unwrap();
+}
+
+#[tokio::test]
+async fn registration_is_checked() {
+    let c = coordinator(CoordinatorConfig::default()).await;
+    let err = connect(c.url(), In::Heartbeat(pb::Heartbeat {}))
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let err = connect(c.url(), In::Register(register("n", 0)))
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let mut old = register("n", 1);
+    old.protocol_version = 7;
+    let err = connect(c.url(), In::Register(old)).await.err().unwrap();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    c.shutdown(DEADLINE).await.unwrap();
+}
+
+#[tokio::test]
+async fn events_for_a_stale_attempt_are_refused_and_answered_with_cancel() {
+    let c = coordinator(CoordinatorConfig::default()).await;
+    let mut node = connect(c.url(), In::Register(register("n1", 1)))
+        .await
+        .unwrap();
+    node.credits(1).await;
+    let mut tasks = TaskServiceClient::new(channel(c.url()).await);
+    let mut admin = AdminServiceClient::new(channel(c.url()).await);
+    let id = submit(&mut tasks, vec![TaskSpec::call("noop", "")])
+        .await
+        .remove(0);
+    node.assignments().await;
+    node.events(vec![finished_ok(&id, 2)]).await;
+    match node.next().await {
+        Out::Cancel(cancel) => {
+            assert_eq!((cancel.task_id.as_str(), cancel.attempt), (id.as_str(), 2))
+        }
+        other => panic!("expected Cancel, got {other:?}"),
+    }
+    assert_eq!(cluster(&mut admin).await.stale_events_refused, 1);
+    assert_eq!(
+        get(&mut tasks, &id).await.state,
+        i32::from(TaskState::Assigned)
+    );
+    c.shutdown(DEADLINE).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_node_that_stops_heartbeating_is_lost_and_its_task_requeued() {
+    let config = CoordinatorConfig {
+        heartbeat_interval: Duration::from_millis(50),
+        heartbeat_timeout: Duration::from_millis(300),
+        ..CoordinatorConfig::default()
+    };
+    let c = coordinator(config).await;
+    let mut node = connect(c.url(), In::Register(register("quiet", 1)))
+        .await
+        .unwrap();
+    node.credits(1).await;
+    let mut tasks = TaskServiceClient::new(channel(c.url()).await);
+    let admin = AdminServiceClient::new(channel(c.url()).await);
+    let id = submit(&mut tasks, vec![TaskSpec::call("noop", "")])
+        .await
+        .remove(0);
+    node.assignments().await;
+    // The node now says nothing; its stream stays open.
+    wait_until(|| {
+        let mut admin = admin.clone();
+        async move { (cluster(&mut admin).await.nodes_lost == 1).then_some(()) }
+    })
+    .await;
+    let task = get(&mut tasks, &id).await;
+    assert_eq!(
+        (task.state, task.attempt, task.node_losses),
+        (i32::from(TaskState::Queued), 2, 1)
+    );
+    assert_eq!(task.pending_reason, "no nodes connected");
+    // The coordinator closed its side of the stream.
+    let end = tokio::time::timeout(DEADLINE, async {
+        while let Ok(Some(_)) = node.rx.message().await {}
+    })
+    .await;
+    assert!(end.is_ok(), "stream ends");
+    c.shutdown(DEADLINE).await.unwrap();
+}
+
+#[tokio::test]
+async fn run_streams_queued_first_then_output_then_finished() {
+    let c = coordinator(CoordinatorConfig::default()).await;
+    let mut node = connect(c.url(), In::Register(register("n1", 1)))
+        .await
+        .unwrap();
+    node.credits(1).await;
+    let mut tasks = TaskServiceClient::new(channel(c.url()).await);
+    let mut stream = tasks
+        .run(pb::RunRequest {
+            spec: Some(TaskSpec::call("noop", "x").into()),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.message().await.unwrap().unwrap();
+    let Some(pb::task_event::Body::State(state)) = &first.body else {
+        panic!("first event is a state change: {first:?}");
+    };
+    assert_eq!((first.seq, state.state), (0, i32::from(TaskState::Queued)));
+    let id = first.task_id.clone();
+    let assignment = node.assignments().await.remove(0);
+    assert_eq!(assignment.task_id, id);
+    let chunk = |seq: u64| {
+        event(
+            &id,
+            1,
+            pb::node_task_event::Body::Output(pb::OutputChunk {
+                stream: pb::OutputStream::Stdout as i32,
+                data: format!("line{seq}\n").into(),
+                seq,
+            }),
+        )
+    };
+    node.events(vec![
+        event(
+            &id,
+            1,
+            pb::node_task_event::Body::Started(pb::Started { pid: 1 }),
+        ),
+        chunk(0),
+        chunk(0),
+        chunk(1),
+        finished_ok(&id, 1),
+    ])
+    .await;
+    let mut seen = vec![first];
+    while let Some(event) = stream.message().await.unwrap() {
+        seen.push(event);
+    }
+    let seqs: Vec<u64> = seen.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, (0..seen.len() as u64).collect::<Vec<_>>());
+    let output: Vec<u8> = seen
+        .iter()
+        .filter_map(|e| match &e.body {
+            Some(pb::task_event::Body::Output(o)) => Some(o.data.to_vec()),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    assert_eq!(output, b"line0\nline1\n");
+    let Some(pb::task_event::Body::Finished(task)) = &seen.last().unwrap().body else {
+        panic!("last event is finished");
+    };
+    assert_eq!(task.state, i32::from(TaskState::Succeeded));
+
+    // A late watcher gets the whole history, from the first event.
+    let mut late = tasks
+        .watch(pb::WatchRequest {
+            task_id: id.clone(),
+            from_seq: 2,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut replayed = Vec::new();
+    while let Some(event) = late.message().await.unwrap() {
+        replayed.push(event.seq);
+    }
+    assert_eq!(replayed, seqs[2..]);
+    c.shutdown(DEADLINE).await.unwrap();
+}
+
+#[tokio::test]
+async fn bad_requests_get_the_right_codes() {
+    let config = CoordinatorConfig {
+        max_queued: 2,
+        ..CoordinatorConfig::default()
+    };
+    let c = coordinator(config).await;
+    let mut tasks = TaskServiceClient::new(channel(c.url()).await);
+    let bad = pb::SubmitRequest {
+        tasks: vec![TaskSpec::call("noop", "").into(), pb::TaskSpec::default()],
+    };
+    let err = tasks.submit(bad).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("task 1"), "{}", err.message());
+    let listed = tasks
+        .list(pb::ListRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.tasks.is_empty(), "all or nothing");
+
+    let err = tasks
+        .get(pb::GetRequest {
+            task_id: "nope".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let unknown = weft_proto::TaskId::new().to_string();
+    let err = tasks
+        .get(pb::GetRequest {
+            task_id: unknown.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let err = tasks
+        .watch(pb::WatchRequest {
+            task_id: unknown,
+            from_seq: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+
+    let err = tasks
+        .submit(pb::SubmitRequest {
+            tasks: vec![TaskSpec::call("noop", "").into(); 3],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted);
+
+    let id = submit(&mut tasks, vec![TaskSpec::call("noop", "")])
+        .await
+        .remove(0);
+    let cancelled = tasks
+        .cancel(pb::CancelRequest {
+            task_id: id.clone(),
+            reason: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .task
+        .unwrap();
+    assert_eq!(cancelled.state, i32::from(TaskState::Cancelled));
+    let err = tasks
+        .cancel(pb::CancelRequest {
+            task_id: id,
+            reason: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    c.shutdown(DEADLINE).await.unwrap();
+}
