@@ -26,11 +26,24 @@ pub struct NodeConfig {
     pub reconnect_max: Duration,
     /// Threads for blocking handlers (default: number of CPUs). At least 1.
     pub blocking_threads: usize,
+    /// How long running attempts may go on while nothing is heard from the
+    /// coordinator. Past it the coordinator has declared this node lost and
+    /// given its attempts to other nodes, so the node stops them itself
+    /// rather than run a task twice. `None`: the `heartbeat_timeout` the
+    /// coordinator sent in `Registered` (the silence after which it gives
+    /// up on this node).
+    pub lease: Option<Duration>,
+    /// How long a sent `Finished` event is kept to be sent again after a
+    /// reconnect, in case the coordinator crashed before recording it
+    /// (default 60 s; zero keeps none).
+    pub redeliver_window: Duration,
 }
 
 impl NodeConfig {
     /// Defaults: the host name, one slot and one blocking thread per CPU,
-    /// no labels, 30 s drain grace, reconnect backoff from 100 ms to 10 s.
+    /// no labels, 30 s drain grace, reconnect backoff from 100 ms to 10 s,
+    /// the coordinator's heartbeat timeout as the lease, finished events
+    /// kept 60 s for redelivery.
     pub fn new(coordinator: impl Into<String>) -> Self {
         let cpus = cpu_count();
         NodeConfig {
@@ -42,6 +55,8 @@ impl NodeConfig {
             reconnect_min: Duration::from_millis(100),
             reconnect_max: Duration::from_secs(10),
             blocking_threads: cpus,
+            lease: None,
+            redeliver_window: Duration::from_secs(60),
         }
     }
 }

@@ -40,6 +40,11 @@ pub enum Error {
     /// Nothing was heard from the coordinator for its heartbeat timeout.
     #[error("coordinator silent for {0:?}")]
     HeartbeatTimeout(Duration),
+    /// Nothing was heard from the coordinator for this long, past the
+    /// node's lease: its running attempts were stopped and the session is
+    /// dropped (the coordinator has declared this node lost).
+    #[error("coordinator silent for {0:?}, past the node's lease")]
+    LeaseExpired(Duration),
     /// A drain did not finish within its grace period plus a margin; the
     /// node was killed instead.
     #[error("node did not stop within {0:?} of the drain; killed it")]

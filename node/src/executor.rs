@@ -8,6 +8,11 @@
 //! granted back after the `Finished` they answer, and an attempt whose
 //! `Finished` is still buffered is reported as running after a reconnect.
 //! No network I/O here: events go to the channel, the session sends them.
+//!
+//! An assignment is only started while the node's lease holds (checked
+//! under the same lock that stopping every attempt takes), so an `Assign`
+//! that races the lease's expiry is refused rather than started on a node
+//! the coordinator already gave up on.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
@@ -16,6 +21,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use nix::sys::signal::Signal;
 use tokio::sync::watch;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
@@ -26,6 +32,7 @@ use weft_proto::{Attempt, CallSpec, Outcome, TaskId, TaskKind, TaskSpec, pb};
 use crate::events::{Emitter, EventTx};
 use crate::exec::{self, ExecEnd};
 use crate::handlers::{HandlerError, HandlerRegistry, HandlerRequest};
+use crate::lease::{self, Lease};
 
 /// An attempt's key: the unit of fencing.
 pub(crate) type AttemptKey = (TaskId, Attempt);
@@ -39,6 +46,9 @@ pub(crate) enum StopReason {
     TimedOut(Duration),
     /// The node drained and the attempt outlived the grace period.
     Drained(Duration),
+    /// Nothing was heard from the coordinator for this long, past the
+    /// node's lease: the coordinator has given the attempt to another node.
+    LeaseExpired(Duration),
     /// The node was killed: report nothing.
     Killed,
 }
@@ -101,6 +111,8 @@ struct Inner {
     tasks: TaskTracker,
     /// Parent of every attempt token: cancelled when the node is killed.
     kill: CancellationToken,
+    /// Asked before starting an assignment.
+    lease: Arc<Lease>,
     state: Mutex<State>,
     /// Number of attempts holding slots, for waiting until idle.
     running_count: watch::Sender<usize>,
@@ -118,6 +130,7 @@ impl Executor {
         events: EventTx,
         tasks: TaskTracker,
         kill: CancellationToken,
+        lease: Arc<Lease>,
         slots: u32,
     ) -> Self {
         Executor {
@@ -126,6 +139,7 @@ impl Executor {
                 events,
                 tasks,
                 kill,
+                lease,
                 state: Mutex::new(State {
                     total: slots.max(1),
                     used: 0,
@@ -249,6 +263,14 @@ impl Executor {
             if state.draining {
                 drop(state);
                 return self.refuse(emit, Outcome::Cancelled, "node is draining".into());
+            }
+            // Under the state lock: the lease's expiry marks it expired, then
+            // stops every attempt under this lock, so an attempt inserted
+            // here is either refused now or stopped by that.
+            if let Some(silence) = self.inner.lease.overdue(Instant::now()) {
+                drop(state);
+                let why = lease::expired_message(silence);
+                return self.refuse(emit, Outcome::Cancelled, why);
             }
             if state.used + spec.slots > state.total {
                 let why = format!(
@@ -431,6 +453,7 @@ fn stopped(reason: StopReason) -> Option<pb::Finished> {
             Outcome::Cancelled,
             format!("cancelled by node drain: still running after the {grace:?} grace period"),
         ),
+        StopReason::LeaseExpired(silence) => (Outcome::Cancelled, lease::expired_message(silence)),
     };
     Some(finished(outcome, None, Bytes::new(), error))
 }
@@ -451,7 +474,7 @@ fn finished(
 
 #[cfg(test)]
 mod tests {
-    use std::time::Instant;
+    use std::time::Instant as StdInstant;
 
     use weft_proto::pb::node_task_event::Body;
 
@@ -460,12 +483,17 @@ mod tests {
     use crate::exec::tests::assert_gone_soon;
 
     fn executor(slots: u32) -> (Executor, EventRx) {
+        executor_with_lease(slots, Arc::new(Lease::new(None)))
+    }
+
+    fn executor_with_lease(slots: u32, lease: Arc<Lease>) -> (Executor, EventRx) {
         let (tx, rx) = events::channel();
         let executor = Executor::new(
             HandlerRegistry::with_builtins(),
             tx,
             TaskTracker::new(),
             CancellationToken::new(),
+            lease,
             slots,
         );
         (executor, rx)
@@ -556,7 +584,7 @@ mod tests {
         let spec = TaskSpec::exec(["sh", "-c", "sleep 100 & echo $!; wait"])
             .timeout(Duration::from_millis(300));
         let (wire, key) = assignment(spec);
-        let start = Instant::now();
+        let start = StdInstant::now();
         executor.assign(wire);
         let (seen, done) = until_finished(&executor, &mut rx, key).await;
         assert_eq!(outcome(&done), Outcome::TimedOut);
@@ -666,5 +694,38 @@ mod tests {
                 "killed attempt reported {event:?}"
             );
         }
+    }
+
+    #[tokio::test]
+    async fn lease_expiry_stops_running_attempts_and_refuses_new_ones() {
+        let lease = Arc::new(Lease::new(Some(Duration::from_millis(200))));
+        let (executor, mut rx) = executor_with_lease(2, lease.clone());
+        lease.begin(
+            Duration::from_secs(5),
+            Duration::from_secs(1),
+            Instant::now(),
+        );
+        let (running, running_key) = assignment(TaskSpec::call("sleep", "1h"));
+        executor.assign(running);
+        let silence = lease
+            .check(Instant::now() + Duration::from_secs(3))
+            .expect("the lease ran out");
+        executor.stop_all(&StopReason::LeaseExpired(silence));
+        let (_, done) = until_finished(&executor, &mut rx, running_key).await;
+        assert_eq!(outcome(&done), Outcome::Cancelled);
+        assert!(
+            done.error
+                .starts_with("lease expired: coordinator unreachable for 3."),
+            "{}",
+            done.error
+        );
+        // An Assign read after the expiry (it raced the disconnect) never runs.
+        let (late, late_key) = assignment(TaskSpec::call("sleep", "1h"));
+        executor.assign(late);
+        let (seen, done) = until_finished(&executor, &mut rx, late_key).await;
+        assert!(seen.is_empty(), "not even Started: {seen:?}");
+        assert_eq!(outcome(&done), Outcome::Cancelled);
+        assert!(done.error.starts_with("lease expired"), "{}", done.error);
+        assert_eq!(executor.running(), 0);
     }
 }

@@ -15,6 +15,9 @@
 //!   tokens, slot accounting, timeouts.
 //! - `exec`: child processes in their own process group, streamed output.
 //! - `events`: the one outgoing event channel and the per-attempt [`Emitter`].
+//! - `lease`: how long attempts may run without word from the coordinator.
+//! - `redeliver`: sent `Finished` events kept to send again after a
+//!   reconnect (the coordinator may have crashed before recording them).
 //! - [`handlers`]: the registry of handlers as tower services
 //!   ([`HandlerRegistry`]), and the built-ins.
 
@@ -24,6 +27,8 @@ mod events;
 mod exec;
 mod executor;
 pub mod handlers;
+mod lease;
+mod redeliver;
 mod session;
 
 use std::sync::Arc;
@@ -43,6 +48,7 @@ pub use crate::events::Emitter;
 pub use crate::handlers::{HandlerError, HandlerRegistry, HandlerRequest, HandlerService};
 
 use crate::executor::{Executor, StopReason};
+use crate::lease::Lease;
 use crate::session::NodeCtx;
 
 /// After a drain's grace, how long the node may take to report and close
@@ -59,15 +65,17 @@ pub fn start(config: NodeConfig, mut handlers: HandlerRegistry) -> RunningNode {
     let tasks = TaskTracker::new();
     let kill = CancellationToken::new();
     let (events_tx, events_rx) = events::channel();
+    let lease = Arc::new(Lease::new(config.lease));
     let executor = Executor::new(
         handlers,
         events_tx,
         tasks.clone(),
         kill.clone(),
+        lease.clone(),
         config.slots,
     );
     let name = config.name.clone();
-    let ctx = Arc::new(NodeCtx::new(config, executor, tasks.clone(), kill));
+    let ctx = Arc::new(NodeCtx::new(config, executor, lease, tasks.clone(), kill));
     let node_id = ctx.node_id.subscribe();
     let span = info_span!("node", node_name = %name);
     let main = {

@@ -16,7 +16,9 @@ use weft_node::{HandlerRegistry, NodeConfig};
 /// Runs Weft tasks: connects to a coordinator, offers slots, and runs the
 /// child processes and handlers it is assigned, streaming their output back.
 /// Reconnects with backoff when the coordinator goes away; running tasks
-/// carry on.
+/// carry on for up to --lease, then are stopped (the coordinator will have
+/// given them to another node). Results sent just before a coordinator
+/// crash are sent again after reconnecting.
 ///
 /// SIGTERM or SIGINT drains the node: it takes no new work, lets running
 /// tasks finish within --drain-grace, cancels and reports the rest, then
@@ -48,6 +50,13 @@ struct Args {
     /// take before they are cancelled (e.g. 500ms, 30s, 1m).
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     drain_grace: Duration,
+
+    /// How long running attempts may continue while the coordinator is
+    /// unreachable; after that they are stopped because the coordinator will
+    /// have given them to another node (e.g. 5s) [default: the coordinator's
+    /// heartbeat timeout].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    lease: Option<Duration>,
 
     /// Threads for blocking handlers [default: number of CPUs].
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
@@ -81,6 +90,7 @@ impl From<Args> for NodeConfig {
         }
         config.labels = args.labels.into_iter().collect::<BTreeMap<_, _>>();
         config.drain_grace = args.drain_grace;
+        config.lease = args.lease;
         config
     }
 }
@@ -179,6 +189,8 @@ mod tests {
             "zone=a",
             "--drain-grace",
             "500ms",
+            "--lease",
+            "2s",
         ])
         .unwrap();
         let config = NodeConfig::from(args);
@@ -192,6 +204,9 @@ mod tests {
         );
         assert_eq!(config.labels.get("gpu").map(String::as_str), Some("1"));
         assert_eq!(config.drain_grace, Duration::from_millis(500));
+        assert_eq!(config.lease, Some(Duration::from_secs(2)));
+        let defaults = NodeConfig::from(Args::try_parse_from(["weft-node"]).unwrap());
+        assert_eq!(defaults.lease, None, "the coordinator's heartbeat timeout");
     }
 
     #[test]
@@ -207,6 +222,12 @@ mod tests {
         let help = Args::command().render_long_help().to_string();
         assert!(
             help.contains("SIGTERM") && help.contains("http://127.0.0.1:7070"),
+            "{help}"
+        );
+        assert!(
+            help.contains("--lease <DURATION>")
+                && help.contains("coordinator is unreachable")
+                && help.contains("given them to another node"),
             "{help}"
         );
     }

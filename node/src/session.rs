@@ -10,12 +10,20 @@
 //! reconnects. Running attempts carry on across a reconnect and are listed
 //! in the next `Register`; events produced while disconnected wait in the
 //! (bounded) event channel and go out after re-registering.
+//!
+//! Two things make that safe. The lease (`lease.rs`): once nothing has been
+//! heard from the coordinator for longer than it, the coordinator has given
+//! this node's attempts to others, so a watchdog running beside the
+//! sessions stops them (their `Finished` waits for the next session, where
+//! the coordinator fences it), and a message read after such a gap is not
+//! acted on. And redelivery (`redeliver.rs`): `Finished` events sent to a
+//! coordinator that then crashed are sent again after re-registering.
 
 use std::collections::hash_map::RandomState;
 use std::future::Future;
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
@@ -38,6 +46,8 @@ use crate::config::NodeConfig;
 use crate::error::Error;
 use crate::events::EventRx;
 use crate::executor::{Executor, StopReason};
+use crate::lease::Lease;
+use crate::redeliver::Redelivery;
 
 /// Dial timeout for one connection attempt.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -59,6 +69,10 @@ const CLOSE_WAIT: Duration = Duration::from_secs(2);
 pub(crate) struct NodeCtx {
     pub(crate) config: NodeConfig,
     pub(crate) executor: Executor,
+    /// Shared with the executor, which asks it before starting work.
+    pub(crate) lease: Arc<Lease>,
+    /// Sent `Finished` events, kept to be sent again after a reconnect.
+    redelivery: Mutex<Redelivery>,
     pub(crate) tasks: TaskTracker,
     /// Cancelled when a drain starts (SIGTERM, `drain()`, or `Drain`).
     pub(crate) drain: CancellationToken,
@@ -75,12 +89,15 @@ impl NodeCtx {
     pub(crate) fn new(
         config: NodeConfig,
         executor: Executor,
+        lease: Arc<Lease>,
         tasks: TaskTracker,
         kill: CancellationToken,
     ) -> Self {
         NodeCtx {
+            redelivery: Mutex::new(Redelivery::new(config.redeliver_window)),
             config,
             executor,
+            lease,
             tasks,
             drain: CancellationToken::new(),
             stop: CancellationToken::new(),
@@ -120,6 +137,39 @@ impl NodeCtx {
         }
         info!("drained");
         self.stop.cancel();
+    }
+
+    /// If the lease ran out at `now`, stops every running attempt (once per
+    /// lease): the coordinator has given them to other nodes.
+    pub(crate) fn check_lease(&self, now: Instant) {
+        if let Some(silence) = self.lease.check(now) {
+            let stopped = self.executor.stop_all(&StopReason::LeaseExpired(silence));
+            warn!(
+                ?silence,
+                stopped, "lease expired: coordinator unreachable; stopping running attempts"
+            );
+        }
+    }
+
+    fn redelivery(&self) -> MutexGuard<'_, Redelivery> {
+        // No code panics while holding this lock; recover anyway.
+        self.redelivery
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// Checks the lease at its deadline and at least every heartbeat interval,
+/// whatever the sessions are doing (dialing, waiting to redial, blocked on
+/// a full stream). Runs as long as [`run_with`].
+async fn watch_lease(ctx: &NodeCtx) {
+    loop {
+        let next = ctx.lease.next_check(Instant::now());
+        tokio::select! {
+            () = tokio::time::sleep_until(next) => {}
+            () = ctx.lease.begun() => {}
+        }
+        ctx.check_lease(Instant::now());
     }
 }
 
@@ -193,7 +243,20 @@ pub(crate) async fn run(ctx: Arc<NodeCtx>, events: EventRx) {
 }
 
 /// [`run`] with the dialer as a parameter, so tests can time reconnects.
-pub(crate) async fn run_with<D, F>(ctx: Arc<NodeCtx>, mut events: EventRx, mut dial: D)
+pub(crate) async fn run_with<D, F>(ctx: Arc<NodeCtx>, events: EventRx, dial: D)
+where
+    D: FnMut() -> F,
+    F: Future<Output = Result<Channel, Error>>,
+{
+    tokio::select! {
+        () = sessions(&ctx, events, dial) => {}
+        () = watch_lease(&ctx) => {}
+    }
+    ctx.node_id.send_replace(None);
+}
+
+/// Sessions and reconnects until drained or killed.
+async fn sessions<D, F>(ctx: &Arc<NodeCtx>, mut events: EventRx, mut dial: D)
 where
     D: FnMut() -> F,
     F: Future<Output = Result<Channel, Error>>,
@@ -207,7 +270,7 @@ where
             dialed = dial() => dialed,
         };
         match dialed {
-            Ok(channel) => match session(&ctx, channel, &mut events, &mut previous).await {
+            Ok(channel) => match session(ctx, channel, &mut events, &mut previous).await {
                 SessionEnd::Stopped | SessionEnd::Killed => break,
                 SessionEnd::Lost { registered, error } => {
                     ctx.node_id.send_replace(None);
@@ -227,7 +290,6 @@ where
             () = tokio::time::sleep(delay) => {}
         }
     }
-    ctx.node_id.send_replace(None);
 }
 
 /// Aborts the reader task when the session ends, however it ends.
@@ -251,13 +313,20 @@ async fn session(
         error,
     };
     let (out, out_rx) = mpsc::channel::<pb::NodeMessage>(64);
+    // Attempts whose lease ran out are stopped before they are listed (the
+    // watchdog may not have run yet after a long pause).
+    let now = Instant::now();
+    ctx.check_lease(now);
+    // Exactly these are sent again after Registered, so every attempt listed
+    // as finished here gets its result.
+    let redeliver = ctx.redelivery().snapshot(now);
     let register = pb::Register {
         name: ctx.config.name.clone(),
         labels: ctx.config.labels.clone().into_iter().collect(),
         slots: ctx.config.slots.max(1),
         handlers: ctx.executor.handler_names(),
         protocol_version: PROTOCOL_VERSION.into(),
-        running: ctx.executor.running_refs(),
+        running: register_running(ctx.executor.running_refs(), &redeliver),
         previous_node_id: previous.map(|id| id.to_string()).unwrap_or_default(),
     };
     let running = register.running.len();
@@ -308,25 +377,23 @@ async fn session(
         registered.heartbeat_timeout.as_ref(),
         DEFAULT_HEARTBEAT_TIMEOUT,
     );
+    // The previous lease, if one runs, is judged before the new one starts.
+    let now = Instant::now();
+    ctx.check_lease(now);
+    ctx.lease.begin(silence, interval, now);
     *previous = Some(node_id);
-    info!(%node_id, node_name = %ctx.config.name, running, "registered");
+    info!(
+        %node_id,
+        node_name = %ctx.config.name,
+        running,
+        redelivered = redeliver.len(),
+        lease = ?ctx.lease.length(),
+        "registered"
+    );
     ctx.node_id.send_replace(Some(node_id));
 
-    let last_heard = Arc::new(Mutex::new(Instant::now()));
-    let mut reader = Reader(
-        ctx.tasks
-            .spawn(read_loop(inbound, ctx.clone(), last_heard.clone())),
-    );
-    let end = connected(
-        ctx,
-        &out,
-        events,
-        &mut reader,
-        &last_heard,
-        interval,
-        silence,
-    )
-    .await;
+    let mut reader = Reader(ctx.tasks.spawn(read_loop(inbound, ctx.clone())));
+    let end = connected(ctx, &out, events, &mut reader, redeliver, interval, silence).await;
     if let SessionEnd::Stopped = end {
         drop(out); // half-closes our side: the coordinator sees the end
         let _ = tokio::time::timeout(CLOSE_WAIT, &mut reader.0).await;
@@ -335,13 +402,33 @@ async fn session(
     end
 }
 
+/// `Register.running`: the attempts this node still runs (or whose
+/// `Finished` has not been sent yet) AND the recently finished attempts
+/// whose `Finished` was sent before and is sent again right after
+/// `Registered`. Listing the latter makes a coordinator that restarted
+/// before recording their results keep those attempts (rather than requeue
+/// them) until the result arrives; one that already recorded them ignores
+/// the repeat (or answers Cancel, which drops them from redelivery).
+fn register_running(
+    mut running: Vec<pb::AttemptRef>,
+    redeliver: &[pb::NodeTaskEvent],
+) -> Vec<pb::AttemptRef> {
+    running.extend(redeliver.iter().map(|event| pb::AttemptRef {
+        task_id: event.task_id.clone(),
+        attempt: event.attempt,
+    }));
+    running.sort_by(|a, b| a.task_id.cmp(&b.task_id).then(a.attempt.cmp(&b.attempt)));
+    running.dedup();
+    running
+}
+
 /// The registered part of a session.
 async fn connected(
     ctx: &Arc<NodeCtx>,
     out: &mpsc::Sender<pb::NodeMessage>,
     events: &mut EventRx,
     reader: &mut Reader,
-    last_heard: &Mutex<Instant>,
+    redeliver: Vec<pb::NodeTaskEvent>,
     interval: Duration,
     silence: Duration,
 ) -> SessionEnd {
@@ -354,6 +441,10 @@ async fn connected(
     if let Err(error) = grant(ctx, out).await {
         return lost(error);
     }
+    if let Err(error) = send_redelivery(out, redeliver).await {
+        return lost(error);
+    }
+    let mut lease_expired = ctx.lease.subscribe();
     let mut heartbeat = tokio::time::interval_at(Instant::now() + interval, interval);
     heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let silence_check = tokio::time::sleep(silence);
@@ -381,6 +472,12 @@ async fn connected(
                 let error = ended.unwrap_or_else(|err| Error::Protocol(format!("reader task failed: {err}")));
                 return lost(error);
             }
+            // Ahead of the events: what the stopped attempts report waits
+            // for the next session.
+            () = lease_expired_signal(&mut lease_expired) => {
+                let silence = ctx.lease.overdue(Instant::now()).unwrap_or_default();
+                return lost(Error::LeaseExpired(silence));
+            }
             first = events.recv() => {
                 let Some(first) = first else { return SessionEnd::Stopped };
                 match send_batch(ctx, out, events, Some(first)).await {
@@ -399,13 +496,21 @@ async fn connected(
                 }
             }
             () = &mut silence_check => {
-                let heard = *last_heard.lock().unwrap_or_else(|p| p.into_inner());
+                let heard = ctx.lease.last_heard().unwrap_or_else(Instant::now);
                 if heard.elapsed() >= silence {
                     return lost(Error::HeartbeatTimeout(silence));
                 }
                 silence_check.as_mut().reset(heard + silence);
             }
         }
+    }
+}
+
+/// Resolves when the lease expires.
+async fn lease_expired_signal(expired: &mut watch::Receiver<bool>) {
+    if expired.wait_for(|expired| *expired).await.is_err() {
+        // The lease outlives every session; never happens.
+        std::future::pending::<()>().await;
     }
 }
 
@@ -431,11 +536,14 @@ async fn send_batch(
         next = events.try_recv().ok();
     }
     let mut any_finished = false;
+    let mut sent_finished = Vec::new();
     for event in &batch {
         if let Some(EventBody::Finished(_)) = event.body {
             any_finished = true;
             if let Ok(task_id) = event.task_id.parse::<TaskId>() {
-                ctx.executor.release((task_id, Attempt(event.attempt)));
+                let key = (task_id, Attempt(event.attempt));
+                ctx.executor.release(key);
+                sent_finished.push((key, event.clone()));
             }
         }
     }
@@ -443,7 +551,40 @@ async fn send_batch(
         return Ok(false);
     }
     send(out, Outbound::Events(pb::TaskEvents { events: batch })).await?;
+    if !sent_finished.is_empty() {
+        let now = Instant::now();
+        let mut redelivery = ctx.redelivery();
+        for (key, event) in sent_finished {
+            redelivery.record(key, event, now);
+        }
+    }
     Ok(any_finished)
+}
+
+/// Sends again the `Finished` events of an earlier session: one batch, or
+/// as few as the batch limits allow.
+async fn send_redelivery(
+    out: &mpsc::Sender<pb::NodeMessage>,
+    redeliver: Vec<pb::NodeTaskEvent>,
+) -> Result<(), Error> {
+    if redeliver.is_empty() {
+        return Ok(());
+    }
+    debug!(events = redeliver.len(), "sending finished events again");
+    let mut batch = Vec::new();
+    let mut bytes = 0;
+    for event in redeliver {
+        if !batch.is_empty()
+            && (batch.len() >= MAX_BATCH_EVENTS || bytes + event_size(&event) > MAX_BATCH_BYTES)
+        {
+            let events = std::mem::take(&mut batch);
+            send(out, Outbound::Events(pb::TaskEvents { events })).await?;
+            bytes = 0;
+        }
+        bytes += event_size(&event);
+        batch.push(event);
+    }
+    send(out, Outbound::Events(pb::TaskEvents { events: batch })).await
 }
 
 fn event_size(event: &pb::NodeTaskEvent) -> usize {
@@ -484,54 +625,222 @@ fn pb_duration(value: Option<&prost_types::Duration>, default: Duration) -> Dura
 }
 
 /// Handles what the coordinator sends, until the stream ends; answers why.
-async fn read_loop(
-    mut inbound: Streaming<pb::CoordinatorMessage>,
-    ctx: Arc<NodeCtx>,
-    last_heard: Arc<Mutex<Instant>>,
-) -> Error {
+async fn read_loop(mut inbound: Streaming<pb::CoordinatorMessage>, ctx: Arc<NodeCtx>) -> Error {
     loop {
         let message = match inbound.message().await {
             Ok(Some(message)) => message,
             Ok(None) => return Error::StreamClosed,
             Err(status) => return Error::Refused(status),
         };
-        *last_heard.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
-        match message.body {
-            Some(Inbound::Assign(assign)) => {
-                debug!(tasks = assign.tasks.len(), "assigned");
-                for assignment in assign.tasks {
-                    ctx.executor.assign(assignment);
-                }
-            }
-            Some(Inbound::Cancel(cancel)) => match cancel.task_id.parse::<TaskId>() {
-                Ok(task_id) => ctx
-                    .executor
-                    .cancel((task_id, Attempt(cancel.attempt)), cancel.reason),
-                Err(err) => warn!(error = %err, "Cancel with an invalid task id; ignored"),
-            },
-            Some(Inbound::Drain(drain)) => {
-                let grace = drain
-                    .grace
-                    .as_ref()
-                    .and_then(|d| weft_proto::convert::duration_from_pb("grace", d).ok())
-                    .unwrap_or(ctx.config.drain_grace);
-                info!(?grace, "coordinator asked this node to drain");
-                ctx.request_drain(grace);
-            }
-            Some(Inbound::Heartbeat(_)) => {}
-            Some(Inbound::Registered(_)) => warn!("second Registered on one session; ignored"),
-            None => debug!("coordinator message of an unknown kind; ignored"),
+        if let Err(error) = handle(&ctx, message, Instant::now()) {
+            return error;
         }
     }
+}
+
+/// Acts on one message from the coordinator, read at `now`.
+///
+/// A message read after the lease ran out (the process was paused, or the
+/// network stalled, and this is what was buffered meanwhile) is not acted
+/// on: it was sent before the coordinator gave up on this node. The
+/// attempts are stopped first and the session ends (`Err`).
+fn handle(ctx: &Arc<NodeCtx>, message: pb::CoordinatorMessage, now: Instant) -> Result<(), Error> {
+    ctx.check_lease(now);
+    ctx.lease.heard(now).map_err(Error::LeaseExpired)?;
+    match message.body {
+        Some(Inbound::Assign(assign)) => {
+            debug!(tasks = assign.tasks.len(), "assigned");
+            for assignment in assign.tasks {
+                ctx.executor.assign(assignment);
+            }
+        }
+        Some(Inbound::Cancel(cancel)) => match cancel.task_id.parse::<TaskId>() {
+            Ok(task_id) => {
+                let key = (task_id, Attempt(cancel.attempt));
+                // Stale on the coordinator: never send its result again.
+                ctx.redelivery().forget(key);
+                ctx.executor.cancel(key, cancel.reason);
+            }
+            Err(err) => warn!(error = %err, "Cancel with an invalid task id; ignored"),
+        },
+        Some(Inbound::Drain(drain)) => {
+            let grace = drain
+                .grace
+                .as_ref()
+                .and_then(|d| weft_proto::convert::duration_from_pb("grace", d).ok())
+                .unwrap_or(ctx.config.drain_grace);
+            info!(?grace, "coordinator asked this node to drain");
+            ctx.request_drain(grace);
+        }
+        Some(Inbound::Heartbeat(_)) => {}
+        Some(Inbound::Registered(_)) => warn!("second Registered on one session; ignored"),
+        None => debug!("coordinator message of an unknown kind; ignored"),
+    }
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::AtomicUsize;
 
+    use weft_proto::{Outcome, TaskSpec};
+
     use super::*;
     use crate::events;
     use crate::handlers::HandlerRegistry;
+
+    fn node_ctx(config: NodeConfig, handlers: HandlerRegistry) -> (Arc<NodeCtx>, EventRx) {
+        let (tx, rx) = events::channel();
+        let tasks = TaskTracker::new();
+        let kill = CancellationToken::new();
+        let lease = Arc::new(Lease::new(config.lease));
+        let slots = config.slots;
+        let executor = Executor::new(
+            handlers,
+            tx,
+            tasks.clone(),
+            kill.clone(),
+            lease.clone(),
+            slots,
+        );
+        (
+            Arc::new(NodeCtx::new(config, executor, lease, tasks, kill)),
+            rx,
+        )
+    }
+
+    fn assignment(spec: TaskSpec) -> (pb::Assignment, TaskId) {
+        let task_id = TaskId::new();
+        let wire = pb::Assignment {
+            task_id: task_id.to_string(),
+            attempt: 1,
+            spec: Some(spec.into()),
+        };
+        (wire, task_id)
+    }
+
+    fn assign(assignments: Vec<pb::Assignment>) -> pb::CoordinatorMessage {
+        pb::CoordinatorMessage {
+            body: Some(Inbound::Assign(pb::Assign { tasks: assignments })),
+        }
+    }
+
+    /// The `Finished` of `task_id`, skipping other events, and when it came.
+    async fn finished_of(rx: &mut EventRx, task_id: TaskId) -> (pb::Finished, Instant) {
+        loop {
+            let event = rx.recv().await.expect("event channel open");
+            if let (true, Some(EventBody::Finished(done))) =
+                (event.task_id == task_id.to_string(), event.body)
+            {
+                return (done, Instant::now());
+            }
+        }
+    }
+
+    fn assert_lease_expired(done: &pb::Finished) {
+        assert_eq!(done.outcome, i32::from(Outcome::Cancelled), "{done:?}");
+        assert!(
+            done.error
+                .starts_with("lease expired: coordinator unreachable for ")
+                && done
+                    .error
+                    .ends_with("; the coordinator has reassigned this attempt"),
+            "{}",
+            done.error
+        );
+    }
+
+    const SECOND: Duration = Duration::from_secs(1);
+
+    #[tokio::test(start_paused = true)]
+    async fn the_watchdog_stops_attempts_when_the_lease_runs_out_and_not_before() {
+        let mut config = NodeConfig::new("http://unused");
+        config.slots = 2;
+        let (ctx, mut rx) = node_ctx(config, HandlerRegistry::with_builtins());
+        // The watchdog runs from the start, idle until the first lease.
+        let watchdog = {
+            let ctx = ctx.clone();
+            tokio::spawn(async move { watch_lease(&ctx).await })
+        };
+        tokio::task::yield_now().await;
+        tokio::time::advance(SECOND / 10).await;
+        let registered = Instant::now();
+        ctx.lease.begin(5 * SECOND, SECOND, registered);
+        let (wire, task_id) = assignment(TaskSpec::call("sleep", "1h"));
+        handle(&ctx, assign(vec![wire]), registered).unwrap();
+        // Heard from the coordinator 2 s in; then nothing more.
+        tokio::time::advance(2 * SECOND).await;
+        handle(&ctx, heartbeat(), Instant::now()).unwrap();
+        let (done, at) = finished_of(&mut rx, task_id).await;
+        assert_lease_expired(&done);
+        assert_eq!(at - registered, 7 * SECOND, "5 s after the last heartbeat");
+        assert!(done.error.contains("for 5.0s"), "{}", done.error);
+        watchdog.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn messages_read_after_a_gap_past_the_lease_are_not_acted_on() {
+        let mut config = NodeConfig::new("http://unused");
+        config.slots = 2;
+        let (ctx, mut rx) = node_ctx(config, HandlerRegistry::with_builtins());
+        ctx.lease.begin(5 * SECOND, SECOND, Instant::now());
+        let (wire, running) = assignment(TaskSpec::call("sleep", "1h"));
+        handle(&ctx, assign(vec![wire]), Instant::now()).unwrap();
+        // The process was stopped for a minute (no timer ran); the first thing
+        // it does on resume is read an Assign buffered meanwhile.
+        tokio::time::advance(60 * SECOND).await;
+        let (late, late_id) = assignment(TaskSpec::call("sleep", "1h"));
+        let err = handle(&ctx, assign(vec![late]), Instant::now()).unwrap_err();
+        assert!(
+            matches!(err, Error::LeaseExpired(gap) if gap == 60 * SECOND),
+            "{err}"
+        );
+        let (done, _) = finished_of(&mut rx, running).await;
+        assert_lease_expired(&done);
+        assert!(done.error.contains("for 60.0s"), "{}", done.error);
+        ctx.executor.release((running, Attempt::FIRST));
+        assert_eq!(ctx.executor.running(), 0, "the late Assign was not started");
+        while let Ok(event) = rx.try_recv() {
+            assert_ne!(event.task_id, late_id.to_string(), "{event:?}");
+        }
+        // Still expired until the next Registered, whatever arrives.
+        assert!(handle(&ctx, heartbeat(), Instant::now()).is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_message_within_the_lease_renews_it() {
+        let (ctx, _rx) = node_ctx(NodeConfig::new("http://unused"), HandlerRegistry::new());
+        ctx.lease.begin(5 * SECOND, SECOND, Instant::now());
+        for _ in 0..10 {
+            tokio::time::advance(4 * SECOND).await;
+            handle(&ctx, heartbeat(), Instant::now()).unwrap();
+        }
+        assert_eq!(ctx.lease.overdue(Instant::now()), None);
+    }
+
+    fn heartbeat() -> pb::CoordinatorMessage {
+        pb::CoordinatorMessage {
+            body: Some(Inbound::Heartbeat(pb::Heartbeat {})),
+        }
+    }
+
+    #[test]
+    fn register_lists_running_and_redelivered_attempts_once_each() {
+        let (a, b) = (TaskId::new(), TaskId::new());
+        let aref = |task_id: TaskId, attempt| pb::AttemptRef {
+            task_id: task_id.to_string(),
+            attempt,
+        };
+        let finished = pb::NodeTaskEvent {
+            task_id: b.to_string(),
+            attempt: 2,
+            body: Some(EventBody::Finished(pb::Finished::default())),
+        };
+        let listed = register_running(vec![aref(a, 1), aref(b, 2)], &[finished]);
+        let mut expected = vec![aref(a, 1), aref(b, 2)];
+        expected.sort_by(|x, y| x.task_id.cmp(&y.task_id));
+        assert_eq!(listed, expected);
+    }
 
     #[test]
     fn backoff_doubles_with_jitter_up_to_its_max_and_resets() {
@@ -555,11 +864,7 @@ mod tests {
         let mut config = NodeConfig::new("http://unused");
         config.reconnect_min = Duration::from_millis(100);
         config.reconnect_max = Duration::from_secs(1);
-        let (tx, rx) = events::channel();
-        let tasks = TaskTracker::new();
-        let kill = CancellationToken::new();
-        let executor = Executor::new(HandlerRegistry::new(), tx, tasks.clone(), kill.clone(), 1);
-        let ctx = Arc::new(NodeCtx::new(config, executor, tasks, kill));
+        let (ctx, rx) = node_ctx(config, HandlerRegistry::new());
         let dials = Arc::new(Mutex::new(Vec::new()));
         let count = Arc::new(AtomicUsize::new(0));
         let (record, counter, stop) = (dials.clone(), count.clone(), ctx.stop.clone());

@@ -3,10 +3,13 @@
 //! plays the coordinator's side message by message.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::{Request, Response, Status, Streaming};
 
@@ -61,6 +64,57 @@ async fn fake_coordinator() -> (String, mpsc::UnboundedReceiver<Conn>) {
             .serve_with_incoming(TcpListenerStream::new(listener)),
     );
     (url, rx)
+}
+
+/// A fake coordinator that can be stopped and started again on the same
+/// address, like a restarted coordinator.
+struct FakeServer {
+    addr: SocketAddr,
+    shutdown: oneshot::Sender<()>,
+    handle: JoinHandle<()>,
+}
+
+impl FakeServer {
+    /// Serves on `addr` (port 0 picks one); answers the server and its
+    /// connections.
+    async fn start(addr: SocketAddr) -> (FakeServer, mpsc::UnboundedReceiver<Conn>) {
+        // tokio sets SO_REUSEADDR, so a stopped server's port can be bound again.
+        let listener = TcpListener::bind(addr).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (conns, rx) = mpsc::unbounded_channel();
+        let (shutdown, stop) = oneshot::channel::<()>();
+        let handle = tokio::spawn(async move {
+            let _ = tonic::transport::Server::builder()
+                .add_service(NodeServiceServer::new(Fake { conns }))
+                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+                    let _ = stop.await;
+                })
+                .await;
+        });
+        (
+            FakeServer {
+                addr,
+                shutdown,
+                handle,
+            },
+            rx,
+        )
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stops serving and frees the port (after the open streams ended, or
+    /// at once if they do not end in time).
+    async fn stop(self) {
+        let _ = self.shutdown.send(());
+        let mut handle = self.handle;
+        if tokio::time::timeout(WAIT, &mut handle).await.is_err() {
+            handle.abort();
+            let _ = handle.await;
+        }
+    }
 }
 
 async fn next_conn(conns: &mut mpsc::UnboundedReceiver<Conn>) -> Conn {
@@ -169,6 +223,19 @@ fn config(url: &str, slots: u32) -> NodeConfig {
     config.reconnect_max = Duration::from_millis(200);
     config.drain_grace = Duration::from_secs(5);
     config
+}
+
+/// Polls `check` until it holds, failing after [`WAIT`].
+async fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn touch(path: &Path) {
+    std::fs::write(path, b"").unwrap();
 }
 
 fn start(url: &str, slots: u32) -> RunningNode {
@@ -474,22 +541,312 @@ async fn kill_reports_nothing_and_leaves_no_process() {
 
 #[tokio::test]
 async fn node_keeps_redialing_until_a_coordinator_appears() {
-    // Reserve a port, then free it so the first dials are refused.
-    let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = probe.local_addr().unwrap();
-    drop(probe);
+    // At first something that is no coordinator holds the port: it accepts
+    // each dial and hangs up at once, counting them.
+    let refuser = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = refuser.local_addr().unwrap();
+    let (dialed, mut dials) = mpsc::unbounded_channel();
+    let refuser = tokio::spawn(async move {
+        loop {
+            let (socket, _) = refuser.accept().await.unwrap();
+            drop(socket);
+            let _ = dialed.send(());
+        }
+    });
     let node = start(&format!("http://{addr}"), 1);
-    tokio::time::sleep(Duration::from_millis(300)).await; // let a few dials fail
+    for _ in 0..3 {
+        tokio::time::timeout(WAIT, dials.recv())
+            .await
+            .expect("the node dials again")
+            .unwrap();
+    }
     assert_eq!(node.node_id(), None);
-    let listener = TcpListener::bind(addr).await.unwrap();
-    let (conns_tx, mut conns) = mpsc::unbounded_channel();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(NodeServiceServer::new(Fake { conns: conns_tx }))
-            .serve_with_incoming(TcpListenerStream::new(listener)),
-    );
+    refuser.abort();
+    let _ = refuser.await; // the listener is closed once the task is gone
+    let (server, mut conns) = FakeServer::start(addr).await;
     let mut conn = next_conn(&mut conns).await;
     let (_, node_id) = conn.accept(SECOND, 5 * SECOND).await;
     assert_eq!(node.registered(WAIT).await, Some(node_id));
     node.kill().await;
+    drop(conn);
+    server.stop().await;
+}
+
+/// Output chunks and the `Finished` of `task` (other events skipped) until
+/// its `Finished`; panics on a `Started` (the attempt must not restart).
+async fn output_until_finished(
+    conn: &mut Conn,
+    task: TaskId,
+) -> (Vec<(u64, String)>, pb::Finished) {
+    let mut chunks = Vec::new();
+    loop {
+        let Some(Outbound::Events(batch)) = conn.next().await else {
+            continue;
+        };
+        for event in batch.events {
+            if event.task_id != task.to_string() {
+                continue;
+            }
+            match event.body {
+                Some(EventBody::Output(chunk)) => {
+                    chunks.push((chunk.seq, String::from_utf8_lossy(&chunk.data).into_owned()));
+                }
+                Some(EventBody::Finished(done)) => return (chunks, done),
+                Some(EventBody::Started(started)) => panic!("started again: {started:?}"),
+                _ => {}
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn attempt_keeps_running_across_a_coordinator_restart_within_the_lease() {
+    let dir = tempfile::tempdir().unwrap();
+    let (away, after) = (dir.path().join("away"), dir.path().join("after"));
+    let script = format!(
+        "echo before; until [ -e {away} ]; do sleep 0.01; done; echo away; \
+         until [ -e {after} ]; do sleep 0.01; done; echo after",
+        away = away.display(),
+        after = after.display()
+    );
+    let (server, mut conns) = FakeServer::start("127.0.0.1:0".parse().unwrap()).await;
+    let addr = server.addr;
+    let node = start(&server.url(), 2);
+    let mut conn = next_conn(&mut conns).await;
+    // The lease is the heartbeat timeout: 20 s, far longer than the restart.
+    let (_, first_id) = conn.accept(SECOND, 20 * SECOND).await;
+    conn.credits().await;
+    let ids = conn
+        .assign(vec![TaskSpec::exec(["sh", "-c", &script])])
+        .await;
+    let (mut pid, mut before) = (None, None);
+    while pid.is_none() || before.is_none() {
+        let Some(Outbound::Events(batch)) = conn.next().await else {
+            continue;
+        };
+        for event in batch.events {
+            match event.body {
+                Some(EventBody::Started(started)) => pid = Some(started.pid),
+                Some(EventBody::Output(chunk)) => {
+                    before = Some((chunk.seq, String::from_utf8_lossy(&chunk.data).into_owned()));
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+    let pid = pid.unwrap();
+    assert_eq!(before, Some((0, "before\n".to_owned())));
+
+    // The coordinator restarts: its stream ends and the port is free a while.
+    drop(conn);
+    server.stop().await;
+    wait_until("the node noticed", || node.node_id().is_none()).await;
+    touch(&away); // output while disconnected waits in the node
+    let (server, mut conns) = FakeServer::start(addr).await;
+    let mut conn = next_conn(&mut conns).await;
+    let (register, _) = conn.accept(SECOND, 20 * SECOND).await;
+    assert_eq!(register.previous_node_id, first_id.to_string());
+    assert_eq!(
+        register.running,
+        vec![pb::AttemptRef {
+            task_id: ids[0].to_string(),
+            attempt: 1
+        }]
+    );
+    assert!(!process_is_gone(pid), "the same process still runs");
+    assert_eq!(conn.credits().await, 1, "the attempt still holds its slot");
+    touch(&after);
+    let (chunks, done) = output_until_finished(&mut conn, ids[0]).await;
+    assert_eq!(outcome(&done), Outcome::Succeeded, "{done:?}");
+    let seqs: Vec<u64> = chunks.iter().map(|(seq, _)| *seq).collect();
+    let expected: Vec<u64> = (1..=seqs.len() as u64).collect();
+    assert_eq!(
+        seqs, expected,
+        "seqs carry on from the first stream, no gap, no repeat"
+    );
+    let text: String = chunks.iter().map(|(_, data)| data.as_str()).collect();
+    assert_eq!(text, "away\nafter\n");
+    node.kill().await;
+    drop(conn);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn silent_coordinator_past_the_lease_gets_the_attempt_killed_and_reported_after_reconnecting()
+{
+    let (url, mut conns) = fake_coordinator().await;
+    let mut config = config(&url, 1);
+    config.lease = Some(Duration::from_millis(300));
+    let node = weft_node::start(config, HandlerRegistry::with_builtins());
+    let mut conn = next_conn(&mut conns).await;
+    // The stream stays open but the coordinator never says a word. (Its
+    // heartbeat timeout is long: the lease is what runs out.)
+    let (_, first_id) = conn.accept(Duration::from_millis(50), 20 * SECOND).await;
+    conn.credits().await;
+    let ids = conn
+        .assign(vec![TaskSpec::exec([
+            "sh",
+            "-c",
+            "sleep 100 & echo $!; wait",
+        ])])
+        .await;
+    let grandchild: u32 = conn.first_output().await.trim().parse().unwrap();
+    assert_gone_soon(grandchild).await;
+    // The node dropped the stream itself, with no Finished on it...
+    while let Some(message) = conn.next().await {
+        if let Outbound::Events(batch) = message {
+            assert!(
+                batch
+                    .events
+                    .iter()
+                    .all(|e| !matches!(e.body, Some(EventBody::Finished(_)))),
+                "{batch:?}"
+            );
+        }
+    }
+    // ...and reports the attempt on the next session, where the coordinator
+    // fences it.
+    let mut again = next_conn(&mut conns).await;
+    let (register, _) = again.accept(SECOND, 20 * SECOND).await;
+    assert_eq!(register.previous_node_id, first_id.to_string());
+    assert_eq!(register.running.len(), 1, "its Finished is not sent yet");
+    let (_, done) = again.until_finished(ids[0]).await;
+    assert_eq!(outcome(&done), Outcome::Cancelled);
+    assert!(
+        done.error
+            .starts_with("lease expired: coordinator unreachable for 0.")
+            && done
+                .error
+                .ends_with("; the coordinator has reassigned this attempt"),
+        "{}",
+        done.error
+    );
+    node.kill().await;
+}
+
+#[tokio::test]
+async fn sent_results_are_sent_again_after_a_reconnect_until_the_coordinator_cancels_them() {
+    let (url, mut conns) = fake_coordinator().await;
+    let node = start(&url, 2);
+    let mut conn = next_conn(&mut conns).await;
+    conn.accept(SECOND, 20 * SECOND).await;
+    conn.credits().await;
+    let ids = conn.assign(vec![TaskSpec::call("echo", "result")]).await;
+    let (_, done) = conn.until_finished(ids[0]).await;
+    assert_eq!(done.output.as_ref(), b"result");
+    // The coordinator crashes before it recorded the result.
+    drop(conn);
+    let mut conn = next_conn(&mut conns).await;
+    let (register, _) = conn.accept(SECOND, 20 * SECOND).await;
+    let attempt = pb::AttemptRef {
+        task_id: ids[0].to_string(),
+        attempt: 1,
+    };
+    assert_eq!(
+        register.running,
+        vec![attempt.clone()],
+        "listed so the coordinator keeps it"
+    );
+    assert_eq!(conn.credits().await, 2);
+    match conn.next().await {
+        Some(Outbound::Events(batch)) => {
+            assert_eq!(batch.events.len(), 1);
+            let event = &batch.events[0];
+            assert_eq!((&event.task_id, event.attempt), (&attempt.task_id, 1));
+            assert_eq!(event.body, Some(EventBody::Finished(done.clone())));
+        }
+        other => panic!("expected the Finished again right after Credits, got {other:?}"),
+    }
+    // A coordinator that no longer wants it (stale) says Cancel: dropped.
+    conn.send(Inbound::Cancel(pb::Cancel {
+        task_id: ids[0].to_string(),
+        attempt: 1,
+        reason: "stale".into(),
+    }))
+    .await;
+    drop(conn);
+    let mut conn = next_conn(&mut conns).await;
+    let (register, _) = conn.accept(SECOND, 20 * SECOND).await;
+    assert!(register.running.is_empty(), "{:?}", register.running);
+    assert_eq!(conn.credits().await, 2);
+    let fresh = conn.assign(vec![TaskSpec::call("noop", "")]).await;
+    match conn.next().await {
+        Some(Outbound::Events(batch)) => {
+            assert!(
+                batch
+                    .events
+                    .iter()
+                    .all(|e| e.task_id == fresh[0].to_string()),
+                "{batch:?}"
+            );
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    node.kill().await;
+}
+
+#[tokio::test]
+async fn a_node_resumed_after_a_pause_past_its_lease_kills_its_attempts_at_once() {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+
+    let (url, mut conns) = fake_coordinator().await;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_weft-node"))
+        .args(["--coordinator", &url, "--slots", "1", "--name", "paused"])
+        .args(["--lease", "1s"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let node = Pid::from_raw(i32::try_from(child.id().unwrap()).unwrap());
+    let mut conn = next_conn(&mut conns).await;
+    // The coordinator's own timeout is long: only the lease can stop the attempt.
+    conn.accept(Duration::from_millis(50), 60 * SECOND).await;
+    conn.credits().await;
+    let heartbeats = {
+        let out = conn.out.clone();
+        tokio::spawn(async move {
+            let beat = pb::CoordinatorMessage {
+                body: Some(Inbound::Heartbeat(pb::Heartbeat {})),
+            };
+            while out.send(Ok(beat.clone())).await.is_ok() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+    let ids = conn
+        .assign(vec![TaskSpec::exec([
+            "sh",
+            "-c",
+            "sleep 100 & echo $!; wait",
+        ])])
+        .await;
+    let grandchild: u32 = conn.first_output().await.trim().parse().unwrap();
+    kill(node, Signal::SIGSTOP).unwrap();
+    // The pause itself is the scenario: the node is stopped past its lease
+    // while the coordinator's heartbeats pile up unread.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!process_is_gone(grandchild), "a stopped node kills nothing");
+    kill(node, Signal::SIGCONT).unwrap();
+    let resumed = Instant::now();
+    assert_gone_soon(grandchild).await;
+    assert!(
+        resumed.elapsed() < SECOND,
+        "killed {:?} after resuming",
+        resumed.elapsed()
+    );
+    let mut again = next_conn(&mut conns).await;
+    again.accept(SECOND, 60 * SECOND).await;
+    let (_, done) = again.until_finished(ids[0]).await;
+    assert_eq!(outcome(&done), Outcome::Cancelled);
+    assert!(
+        done.error
+            .starts_with("lease expired: coordinator unreachable for "),
+        "{}",
+        done.error
+    );
+    heartbeats.abort();
+    child.kill().await.unwrap();
 }
