@@ -1,0 +1,127 @@
+#!/usr/bin/env python3
+"""A Weft worker in Python, serving handlers of all three kinds.
+
+    pip install ./sdk/python
+    python examples/python/worker.py --coordinator http://127.0.0.1:7070 --slots 4
+
+Then, from anywhere:
+
+    weft call echo hello                 # asyncio handler, output streamed
+    weft call sha256 hello               # thread handler
+    weft call primes 200000              # process handler: CPU-bound, own core
+    weft call burn 2s                    # burns a core for 2 s in a pool process
+    weft call sleep 2s                   # cancel it with `weft cancel ID`
+
+It serves the same handler names as `weft-node`'s built-ins (noop, echo,
+sleep, sha256, fail, spin), so the conformance kit can drive it like the Rust
+node, plus `countdown` (asyncio), `wordcount` (thread), `primes` and `burn`
+(process).
+"""
+
+import argparse
+import asyncio
+import hashlib
+import logging
+import os
+import time
+
+import weft
+
+# -- asyncio: coroutines on the worker's event loop (I/O-bound work) ---------
+
+
+async def noop(data: bytes) -> bytes:
+    return data
+
+
+async def echo(data: bytes, ctx: weft.Context) -> bytes:
+    ctx.output(data)  # streamed to watchers as stdout
+    return data
+
+
+async def sleep(data: bytes) -> None:
+    await asyncio.sleep(weft.parse_duration(data.decode() or "0"))
+
+
+async def fail(data: bytes) -> None:
+    raise weft.HandlerError(data.decode(errors="replace"))
+
+
+async def countdown(data: bytes, ctx: weft.Context) -> str:
+    n = int(data or b"3")
+    for i in range(n, 0, -1):
+        ctx.print(i)
+        ctx.progress((n - i + 1) / n, f"{i} to go")
+        await asyncio.sleep(0.1)
+    return "liftoff"
+
+
+# -- thread: blocking library code on a thread pool --------------------------
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def spin(data: bytes, ctx: weft.Context) -> None:
+    deadline = time.monotonic() + weft.parse_duration(data.decode() or "0")
+    while time.monotonic() < deadline:
+        ctx.check_cancelled()  # threads cannot be killed: poll for cancel
+        sum(i * i for i in range(2000))
+
+
+def wordcount(data: bytes) -> dict:
+    words = data.decode(errors="replace").split()
+    return {"words": len(words), "distinct": len(set(words))}  # sent as JSON
+
+
+# -- process: CPU-bound work on a process pool (one core per process) --------
+
+
+def primes(data: bytes) -> str:
+    """Counts the primes below N by trial division: pure CPU, no GIL contention."""
+    n = int(data or b"100000")
+    count = 0
+    for candidate in range(2, n):
+        if all(candidate % d for d in range(2, int(candidate**0.5) + 1)):
+            count += 1
+    return f"{count} primes below {n} (pid {os.getpid()})"
+
+
+def burn(data: bytes) -> dict:
+    """Burns CPU for the duration in its input; returns its pid and CPU seconds."""
+    started = time.process_time()
+    deadline = time.monotonic() + weft.parse_duration(data.decode() or "1s")
+    while time.monotonic() < deadline:
+        sum(i * i for i in range(2000))
+    return {"pid": os.getpid(), "cpu": time.process_time() - started}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    parser.add_argument("--coordinator", default=os.environ.get("WEFT_COORDINATOR", "http://127.0.0.1:7070"))
+    parser.add_argument("--slots", type=int, default=None)
+    parser.add_argument("--name", default=None)
+    parser.add_argument("--label", action="append", default=[], metavar="K=V")
+    parser.add_argument("--drain-grace", default="30s")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    worker = weft.Worker(
+        args.coordinator,
+        slots=args.slots,
+        name=args.name,
+        labels=dict(label.split("=", 1) for label in args.label),
+        drain_grace=args.drain_grace,
+    )
+    for fn in (noop, echo, sleep, fail, countdown):
+        worker.register(fn.__name__, fn, kind="asyncio")
+    for fn in (sha256, spin, wordcount):
+        worker.register(fn.__name__, fn, kind="thread")
+    for fn in (primes, burn):
+        worker.register(fn.__name__, fn, kind="process")
+    worker.run()  # until drained: SIGTERM/SIGINT or `weft drain NAME`
+
+
+if __name__ == "__main__":
+    main()

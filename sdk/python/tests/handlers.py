@@ -1,0 +1,28 @@
+"""Module-level handlers for the in-process worker tests (process handlers must be importable)."""
+
+import os
+import time
+
+
+def burn(data: bytes) -> str:
+    """Burns CPU for the seconds in its input; returns pid and CPU seconds used."""
+    start = time.process_time()
+    deadline = time.monotonic() + float(data or b"0.5")
+    x = 0
+    while time.monotonic() < deadline:
+        x += sum(i * i for i in range(1000))
+    return f"{os.getpid()} {time.process_time() - start:.3f}"
+
+
+def report(data: bytes, ctx) -> bytes:
+    ctx.output(b"from a process\n")
+    ctx.progress(0.5, "half")
+    return data.upper()
+
+
+def crash(data: bytes) -> None:
+    os._exit(3)
+
+
+def hang(data: bytes) -> None:
+    time.sleep(60)

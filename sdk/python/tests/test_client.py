@@ -1,0 +1,176 @@
+"""The client against a scripted TaskService/AdminService: typed errors, conversions."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from concurrent import futures
+
+import grpc
+import pytest
+
+import weft
+import weft.aio
+from weft._proto import admin_pb2, admin_pb2_grpc, common_pb2, task_pb2, task_pb2_grpc
+from weft.errors import from_status
+
+
+def _task(task_id: str, state: int, **fields) -> task_pb2.Task:
+    return task_pb2.Task(id=task_id, state=state, **fields)
+
+
+class Tasks(task_pb2_grpc.TaskServiceServicer):
+    def __init__(self):
+        self.submitted = []
+
+    def Submit(self, request, context):
+        if len(request.tasks) > 2:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full")
+        for spec in request.tasks:
+            if spec.WhichOneof("kind") == "exec" and not spec.exec.argv:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "exec argv must not be empty")
+        self.submitted += list(request.tasks)
+        return task_pb2.SubmitResponse(task_ids=[f"T{i}" for i in range(len(request.tasks))])
+
+    def Get(self, request, context):
+        if request.task_id == "T0":
+            return task_pb2.GetResponse(task=_task("T0", common_pb2.TASK_STATE_RUNNING, next_seq=2))
+        if request.task_id == "T1":
+            return task_pb2.GetResponse(task=_task("T1", common_pb2.TASK_STATE_FAILED, error="boom", exit_code=3))
+        context.abort(grpc.StatusCode.NOT_FOUND, f"no task {request.task_id}")
+
+    def Watch(self, request, context):
+        assert request.from_seq in (0, 2)
+        events = [
+            task_pb2.TaskEvent(task_id="T0", seq=0, state=task_pb2.StateChanged(state=common_pb2.TASK_STATE_QUEUED)),
+            task_pb2.TaskEvent(task_id="T0", seq=1, attempt=1, state=task_pb2.StateChanged(state=common_pb2.TASK_STATE_RUNNING, node_name="n1")),
+            task_pb2.TaskEvent(task_id="T0", seq=2, attempt=1, output=task_pb2.TaskOutput(stream=common_pb2.OUTPUT_STREAM_STDERR, data=b"oops")),
+            task_pb2.TaskEvent(task_id="T0", seq=3, attempt=1, progress=task_pb2.TaskProgress(fraction=0.5, message="half")),
+            task_pb2.TaskEvent(
+                task_id="T0", seq=4, attempt=1,
+                finished=_task("T0", common_pb2.TASK_STATE_SUCCEEDED, output=b"done", attempt=1, node_name="n1"),
+            ),
+        ]
+        yield from events[request.from_seq:]
+
+    def Cancel(self, request, context):
+        context.abort(grpc.StatusCode.FAILED_PRECONDITION, "task T1 already finished")
+
+
+class Admin(admin_pb2_grpc.AdminServiceServicer):
+    def ListNodes(self, request, context):
+        node = admin_pb2.NodeInfo(node_id="N1", name="n1", slots=4, slots_free=3, handlers=["echo"], state=admin_pb2.NODE_STATE_READY)
+        node.labels["gpu"] = "1"
+        node.running.add(task_id="T0", attempt=2)
+        node.last_heartbeat_age.FromTimedelta(dt.timedelta(milliseconds=250))
+        return admin_pb2.ListNodesResponse(nodes=[node])
+
+    def DrainNode(self, request, context):
+        context.abort(grpc.StatusCode.NOT_FOUND, f"no node {request.node}")
+
+
+@pytest.fixture
+def server():
+    srv = grpc.server(futures.ThreadPoolExecutor(8))
+    tasks = Tasks()
+    task_pb2_grpc.add_TaskServiceServicer_to_server(tasks, srv)
+    admin_pb2_grpc.add_AdminServiceServicer_to_server(Admin(), srv)
+    port = srv.add_insecure_port("127.0.0.1:0")
+    srv.start()
+    yield f"http://127.0.0.1:{port}", tasks
+    srv.stop(0)
+
+
+def test_grpc_codes_become_typed_errors():
+    assert isinstance(from_status(grpc.StatusCode.NOT_FOUND, "x"), weft.NotFound)
+    assert isinstance(from_status(grpc.StatusCode.UNAVAILABLE), ConnectionError)
+    assert isinstance(from_status(grpc.StatusCode.DEADLINE_EXCEEDED), TimeoutError)
+    assert isinstance(from_status(grpc.StatusCode.DATA_LOSS), weft.Internal)
+    assert from_status(grpc.StatusCode.RESOURCE_EXHAUSTED).is_retryable()
+    assert not from_status(grpc.StatusCode.INVALID_ARGUMENT).is_retryable()
+
+
+def test_durations_parse_like_the_rust_side():
+    assert weft.parse_duration("250ms") == 0.25
+    assert weft.parse_duration("1m30s") == 90
+    assert weft.parse_duration("1.5") == 1.5
+    assert weft.parse_duration(dt.timedelta(seconds=2)) == 2
+    for bad in ("soon", "-1", "", "5 parsecs"):
+        with pytest.raises(ValueError):
+            weft.parse_duration(bad)
+
+
+def test_specs_carry_every_option():
+    spec = weft.exec_spec(["sh", "-c", "true"], env={"A": "1"}, cwd="/tmp", stdin="in", slots=2,
+                          labels={"gpu": "1"}, timeout="1.5s", max_attempts=5, name="n")
+    assert list(spec.exec.argv) == ["sh", "-c", "true"] and spec.exec.stdin == b"in"
+    assert (spec.slots, dict(spec.labels), spec.max_attempts, spec.name) == (2, {"gpu": "1"}, 5, "n")
+    assert (spec.timeout.seconds, spec.timeout.nanos) == (1, 500_000_000)
+    with pytest.raises(TypeError):
+        weft.exec_spec("sh -c true")
+    assert weft.call_spec("echo", "hi").call.input == b"hi"
+
+
+def test_sync_client_maps_errors_and_converts_results(server):
+    url, tasks = server
+    with weft.Client(url) as client:
+        assert client.submit_call("echo", b"x") == "T0"
+        with pytest.raises(weft.ResourceExhausted, match="queue full"):
+            client.submit_many([weft.call_spec("echo")] * 3)
+        with pytest.raises(weft.InvalidArgument):
+            client.submit(weft.exec_spec([]))
+        with pytest.raises(weft.NotFound):
+            client.get("nope")
+        with pytest.raises(weft.FailedPrecondition):
+            client.cancel("T1")
+        with pytest.raises(weft.NotFound):
+            client.drain("ghost")
+        events = list(client.watch("T0"))
+        assert [e.kind for e in events] == ["state", "state", "output", "progress", "finished"]
+        assert events[1].state == weft.TaskState.RUNNING and events[1].node_name == "n1"
+        assert (events[2].stream, events[2].data) == (weft.OutputStream.STDERR, b"oops")
+        assert (events[3].fraction, events[3].message) == (0.5, "half")
+        assert list(client.output("T0")) == [(weft.OutputStream.STDERR, b"oops")]
+        task = client.wait("T0", timeout=5)  # Get says RUNNING, Watch from next_seq finishes it
+        assert task.state == "SUCCEEDED" and task.output == b"done" and task.is_final
+        failed = client.get("T1")
+        assert failed.exit_code == 3 and failed.error == "boom"
+        [node] = client.nodes()
+        assert (node.name, node.labels, node.running, node.state) == ("n1", {"gpu": "1"}, [("T0", 2)], weft.NodeState.READY)
+        assert node.last_heartbeat_age == pytest.approx(0.25)
+
+
+def test_call_raises_task_failed_with_the_final_task(server):
+    url, _ = server
+
+    class Failing(weft.Client):
+        def submit(self, spec):
+            return "T1"
+
+    with Failing(url) as client, pytest.raises(weft.TaskFailed) as info:
+        client.call("fail", b"boom")
+    assert info.value.task.error == "boom" and "exit code 3" in str(info.value)
+
+
+def test_asyncio_client_watches_with_async_for(server):
+    url, _ = server
+
+    async def scenario():
+        async with weft.aio.Client(url) as client:
+            kinds = [event.kind async for event in client.watch("T0")]
+            assert kinds == ["state", "state", "output", "progress", "finished"]
+            assert (await client.wait("T0", timeout=5)).output == b"done"
+            with pytest.raises(weft.NotFound):
+                await client.get("nope")
+            assert [n.name for n in await client.nodes()] == ["n1"]
+
+    asyncio.run(scenario())
+
+
+def test_an_unreachable_coordinator_is_unavailable_within_seconds():
+    import time
+
+    started = time.monotonic()
+    with weft.Client("http://127.0.0.1:9") as client, pytest.raises(weft.Unavailable):
+        client.get("T0")
+    assert time.monotonic() - started < 5

@@ -1,0 +1,257 @@
+"""End to end: the real weft-coordinator, weft-node and weft CLI with Python workers and clients.
+
+Skipped (with the reason) when the binaries are not built: run `cargo build
+--bins` at the repository root, or point WEFT_BIN_DIR at them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import List
+
+import pytest
+
+import weft
+import weft.aio
+
+from conftest import EXAMPLES_DIR, check_parallel, poll, require_binary
+
+
+class Cluster:
+    """A coordinator process plus whatever workers a test starts on it."""
+
+    def __init__(self, spawn, tmp_path: Path):
+        self._spawn = spawn
+        self._tmp = tmp_path
+        coordinator = require_binary("weft-coordinator")
+        self.weft_bin = require_binary("weft")
+        self.node_bin = require_binary("weft-node")
+        addr_file = tmp_path / "coordinator.addr"
+        self.coordinator = spawn(
+            [str(coordinator), "--listen", "127.0.0.1:0", "--addr-file", str(addr_file),
+             "--heartbeat-interval", "500ms", "--heartbeat-timeout", "5s"],
+            name="coordinator",
+        )
+
+        def address():
+            if self.coordinator.popen.poll() is not None:
+                raise AssertionError(f"coordinator exited:\n{self.coordinator.output()}")
+            return addr_file.exists() and addr_file.read_text().strip()
+
+        self.url = "http://" + poll(address, timeout=20, what="the coordinator's address file")
+        self.client = weft.Client(self.url)
+
+    def rust_node(self, name: str = "rust", slots: int = 2, labels=("lang=rust",)):
+        argv = [str(self.node_bin), "--coordinator", self.url, "--slots", str(slots), "--name", name]
+        for label in labels:
+            argv += ["--label", label]
+        return self._spawn(argv, name=name)
+
+    def python_worker(self, name: str = "py", slots: int = 2, labels=("lang=py",)):
+        argv = [sys.executable, str(EXAMPLES_DIR / "worker.py"), "--coordinator", self.url, "--slots", str(slots), "--name", name]
+        for label in labels:
+            argv += ["--label", label]
+        return self._spawn(argv, name=name)
+
+    def wait_nodes(self, *names: str, timeout: float = 20) -> List[weft.NodeInfo]:
+        def ready():
+            nodes = self.client.nodes()
+            return nodes if set(names) <= {n.name for n in nodes} else None
+
+        return poll(ready, timeout=timeout, what=f"nodes {names}")
+
+    def weft(self, *args: str, timeout: float = 60, input: bytes = None) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(self.weft_bin), "--coordinator", self.url, *args],
+            capture_output=True, timeout=timeout, input=input, cwd=self._tmp,
+        )
+
+
+@pytest.fixture
+def cluster(spawn, tmp_path):
+    c = Cluster(spawn, tmp_path)
+    yield c
+    c.client.close()
+
+
+def test_a_python_worker_and_a_rust_node_serve_one_coordinator(cluster):
+    cluster.rust_node("rust")
+    cluster.python_worker("py")
+    nodes = {n.name: n for n in cluster.wait_nodes("rust", "py")}
+    assert {"primes", "burn", "countdown", "wordcount", "echo", "sleep"} <= set(nodes["py"].handlers)
+    assert {"noop", "echo", "sleep", "sha256", "fail", "spin"} <= set(nodes["rust"].handlers)
+    assert nodes["py"].labels == {"lang": "py"} and nodes["py"].slots == 2
+
+    # A Python client running a shell command on the Rust node.
+    task = cluster.client.exec(["sh", "-c", "echo hello from $(uname -s)"], labels={"lang": "rust"}, wait_timeout=30)
+    assert task.state == weft.TaskState.SUCCEEDED and task.exit_code == 0
+    assert task.node_name == "rust"
+    output = b"".join(data for _, data in cluster.client.output(task.id))
+    assert output.startswith(b"hello from ")
+
+    # The same call lands on either kind of node, by label.
+    for lang in ("py", "rust"):
+        digest = cluster.client.call("sha256", b"abc", labels={"lang": lang}, wait_timeout=30)
+        assert digest == b"ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+
+    # A handler only the Python worker has goes there.
+    task_id = cluster.client.submit_call("wordcount", b"to be or not to be")
+    task = cluster.client.wait(task_id, timeout=30)
+    assert task.node_name == "py" and json.loads(task.output) == {"words": 6, "distinct": 4}
+
+
+def test_weft_call_reaches_python_handlers_of_all_three_kinds(cluster):
+    cluster.python_worker("py")
+    cluster.wait_nodes("py")
+    # asyncio: output streamed, return value printed
+    result = cluster.weft("call", "countdown", "3")
+    assert result.returncode == 0, result.stderr.decode()
+    assert b"3\n2\n1\n" in result.stdout and b"liftoff" in result.stdout
+    # thread
+    result = cluster.weft("call", "wordcount", "a b a")
+    assert result.returncode == 0, result.stderr.decode()
+    assert json.loads(result.stdout.decode().strip().splitlines()[-1]) == {"words": 3, "distinct": 2}
+    # process
+    result = cluster.weft("call", "primes", "1000")
+    assert result.returncode == 0, result.stderr.decode()
+    assert b"168 primes below 1000" in result.stdout
+    # a handler error: exit 1, the error on stderr
+    result = cluster.weft("call", "--max-attempts", "1", "fail", "boom")
+    assert result.returncode == 1 and b"boom" in result.stderr
+
+
+def test_a_cpu_bound_process_handler_uses_more_than_one_core(cluster):
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("needs at least 2 CPUs")
+    cluster.python_worker("py", slots=2)
+    cluster.wait_nodes("py")
+    cluster.client.call("burn", b"10ms", wait_timeout=30)  # warm the pool up
+
+    def trial():
+        alone = json.loads(cluster.client.call("burn", b"1s", wait_timeout=30))["cpu"]
+        started = time.monotonic()
+        ids = cluster.client.submit_many([weft.call_spec("burn", b"1s") for _ in range(2)])
+        results = [json.loads(cluster.client.wait(i, timeout=30).output) for i in ids]
+        assert len({r["pid"] for r in results}) == 2, f"both ran in one process: {results}"
+        return sum(r["cpu"] for r in results), alone, time.monotonic() - started
+
+    check_parallel(trial)
+
+
+def _children(pid: int) -> List[int]:
+    out = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            out += [int(c) for c in Path(f"/proc/{pid}/task/{tid}/children").read_text().split()]
+        except OSError:
+            pass
+    return out
+
+
+def _pool_processes(pid: int) -> List[int]:
+    """Children of ``pid`` that are multiprocessing pool processes."""
+    out = []
+    for child in _children(pid):
+        try:
+            cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"spawn_main" in cmdline and _alive(child):
+            out.append(child)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def test_cancel_stops_running_python_handlers_of_every_kind(cluster):
+    worker = cluster.python_worker("py", slots=3)
+    cluster.wait_nodes("py")
+    client = cluster.client
+    asyncio_id = client.submit_call("sleep", b"60s")
+    thread_id = client.submit_call("spin", b"60s")
+    process_id = client.submit_call("burn", b"60s")
+    for task_id in (asyncio_id, thread_id, process_id):
+        poll(lambda: client.get(task_id).state == weft.TaskState.RUNNING, timeout=20, what=f"{task_id} running")
+    pool = poll(lambda: _pool_processes(worker.pid), timeout=10, what="the pool process")
+
+    started = time.monotonic()
+    for task_id in (asyncio_id, thread_id, process_id):
+        client.cancel(task_id, reason="test")
+    for task_id in (asyncio_id, thread_id, process_id):
+        assert client.wait(task_id, timeout=10).state == weft.TaskState.CANCELLED
+    assert time.monotonic() - started < 5
+    # The burning pool process was killed (a fresh one may be spawned later).
+    poll(lambda: not any(_alive(p) for p in pool), timeout=5, what="the pool process to be killed")
+    # All three slots come back: three more calls run at once.
+    ids = client.submit_many([weft.call_spec("sleep", b"300ms") for _ in range(3)])
+    for task_id in ids:
+        assert client.wait(task_id, timeout=30).state == weft.TaskState.SUCCEEDED
+
+
+def test_the_asyncio_client_streams_events_and_errors_are_typed(cluster):
+    cluster.rust_node("rust")
+    cluster.wait_nodes("rust")
+
+    async def scenario():
+        async with weft.aio.Client(cluster.url) as client:
+            task_id = await client.submit_exec(["sh", "-c", "echo one; echo two >&2"])
+            events = [event async for event in client.watch(task_id)]
+            assert [e.seq for e in events] == list(range(len(events)))
+            assert events[0].kind == "state" and events[0].state == weft.TaskState.QUEUED
+            assert events[-1].kind == "finished" and events[-1].task.state == weft.TaskState.SUCCEEDED
+            out = {e.stream: e.data for e in events if e.kind == "output"}
+            assert out == {weft.OutputStream.STDOUT: b"one\n", weft.OutputStream.STDERR: b"two\n"}
+            with pytest.raises(weft.FailedPrecondition):
+                await client.cancel(task_id)
+            with pytest.raises((weft.NotFound, weft.InvalidArgument)):
+                await client.get("not-a-task")
+            with pytest.raises(weft.InvalidArgument):
+                await client.submit(weft.exec_spec([]))
+            with pytest.raises(weft.TaskFailed, match="unknown handler"):
+                await client.call("no_such_handler", wait_timeout=10)
+            nodes = await client.nodes()
+            assert [n.name for n in nodes] == ["rust"]
+
+    asyncio.run(scenario())
+
+
+def test_draining_a_python_worker_through_the_admin_api_stops_it(cluster):
+    worker = cluster.python_worker("py")
+    cluster.wait_nodes("py")
+    task_id = cluster.client.submit_call("sleep", b"500ms")
+    poll(lambda: cluster.client.get(task_id).state == weft.TaskState.RUNNING, timeout=20, what="running")
+    cluster.client.drain("py", grace=10)
+    assert cluster.client.wait(task_id, timeout=20).state == weft.TaskState.SUCCEEDED
+    assert worker.wait_exit(15) == 0
+    poll(lambda: "py" not in {n.name for n in cluster.client.nodes()}, timeout=10, what="py gone from the node list")
+
+
+def test_a_python_worker_reconnects_after_a_coordinator_restart(cluster, spawn, tmp_path):
+    cluster.python_worker("py")
+    cluster.wait_nodes("py")
+    address = cluster.url[len("http://"):]
+    cluster.coordinator.kill()
+    # Same address, fresh (in-memory) coordinator.
+    coordinator = require_binary("weft-coordinator")
+    spawn([str(coordinator), "--listen", address, "--heartbeat-interval", "500ms"], name="coordinator-again")
+    nodes = poll(lambda: _nodes_or_none(cluster.client), timeout=30, what="the worker to re-register")
+    assert [n.name for n in nodes] == ["py"]
+    assert cluster.client.call("sha256", b"", wait_timeout=30).startswith(b"e3b0c442")
+
+
+def _nodes_or_none(client):
+    try:
+        return client.nodes() or None
+    except weft.Unavailable:
+        return None

@@ -1,0 +1,371 @@
+"""Unit tests of weft.Worker, in-process, against the fake coordinator."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+
+import pytest
+
+import weft
+from weft import call_spec
+from weft._proto import common_pb2
+from weft.testing import FakeCoordinator, new_ulid
+
+NODE_U = new_ulid()
+NODE_S = new_ulid()
+
+import handlers
+from conftest import check_parallel
+
+
+class RunningWorker:
+    """A weft.Worker serving on its own event loop in a background thread."""
+
+    def __init__(self, worker: weft.Worker):
+        self.worker = worker
+        self.loop = asyncio.new_event_loop()
+        self.error = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_until_complete(self.worker.serve())
+        except BaseException as e:  # noqa: BLE001
+            self.error = e
+
+    def stop(self) -> None:
+        if self.thread.is_alive():
+            self.loop.call_soon_threadsafe(self.worker.stop)
+            self.thread.join(5)
+
+
+@pytest.fixture
+def fake():
+    coordinator = FakeCoordinator()
+    yield coordinator
+    coordinator.stop()
+
+
+@pytest.fixture
+def run_worker(fake):
+    running = []
+
+    def start(slots: int = 2, setup=None) -> tuple:
+        worker = weft.Worker(fake.url, slots=slots, name="unit", labels={"lang": "py"}, process_workers=slots)
+        if setup:
+            setup(worker)
+        rw = RunningWorker(worker)
+        running.append(rw)
+        session = fake.accept(timeout=10)
+        assert session.recv(timeout=5, skip_heartbeats=False).WhichOneof("body") == "register"
+        session.registered(NODE_U)
+        session.wait_for(lambda: session.credits_granted() >= slots, what="credits")
+        return rw, session
+
+    yield start
+    for rw in running:
+        rw.stop()
+
+
+def outcome(events) -> int:
+    return events[-1].finished.outcome
+
+
+def test_register_lists_handlers_labels_and_slots(fake, run_worker):
+    def setup(w):
+        w.register("a", handlers.burn, "process")
+
+        @w.handler()
+        async def b(data):
+            return data
+
+    rw, session = run_worker(slots=3, setup=setup)
+    reg = session.received[0].message.register
+    assert sorted(reg.handlers) == ["a", "b"]
+    assert dict(reg.labels) == {"lang": "py"}
+    assert reg.slots == 3 and reg.name == "unit"
+    assert rw.worker.node_id == NODE_U
+
+
+def test_handler_kind_must_match_the_function():
+    w = weft.Worker("http://127.0.0.1:1", slots=1)
+
+    async def coro(data):
+        return data
+
+    with pytest.raises(TypeError):
+        w.register("x", handlers.burn, "asyncio")
+    with pytest.raises(TypeError):
+        w.register("y", coro, "thread")
+    with pytest.raises(ValueError):
+        w.register("z", handlers.burn, "greenlet")
+    assert w.register("c", coro).kind == "asyncio"
+    assert w.register("d", handlers.burn).kind == "thread"
+
+
+def test_return_values_become_bytes(fake, run_worker):
+    def setup(w):
+        w.register("none", lambda data: None, "thread")
+        w.register("text", lambda data: "héllo", "thread")
+        w.register("json", lambda data: {"n": 1}, "thread")
+
+    _, session = run_worker(setup=setup)
+    session.assign(("t1", 1, call_spec("none")), ("t2", 1, call_spec("text")))
+    assert session.events("t1", 1)[-1].finished.output == b""
+    assert session.events("t2", 1)[-1].finished.output == "héllo".encode()
+    session.assign(("t3", 1, call_spec("json")))
+    assert session.events("t3", 1)[-1].finished.output == b'{"n": 1}'
+
+
+def test_context_output_and_progress_from_every_kind(fake, run_worker):
+    async def a(data, ctx):
+        ctx.print("async", data.decode())
+        ctx.progress(0.25, "quarter")
+        return b"a"
+
+    def t(data, ctx):
+        ctx.output(b"thread\n", stream="stderr")
+        return b"t"
+
+    def setup(w):
+        w.register("a", a, "asyncio")
+        w.register("t", t, "thread")
+        w.register("p", handlers.report, "process")
+
+    _, session = run_worker(setup=setup)
+    session.assign(("ta", 1, call_spec("a", b"x")))
+    events = session.events("ta", 1)
+    assert [e.WhichOneof("body") for e in events] == ["started", "output", "progress", "finished"]
+    assert events[1].output.data == b"async x\n" and events[2].progress.fraction == 0.25
+    session.assign(("tt", 1, call_spec("t")))
+    events = session.events("tt", 1)
+    assert events[1].output.stream == common_pb2.OUTPUT_STREAM_STDERR
+    session.assign(("tp", 1, call_spec("p", b"abc")))
+    events = session.events("tp", 1, timeout=20)
+    assert events[0].started.pid not in (0, os.getpid())
+    assert [e.WhichOneof("body") for e in events] == ["started", "output", "progress", "finished"]
+    assert events[-1].finished.output == b"ABC"
+
+
+def test_process_handlers_run_on_more_than_one_core(fake, run_worker):
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("needs at least 2 CPUs")
+
+    def setup(w):
+        w.register("burn", handlers.burn, "process")
+
+    _, session = run_worker(slots=2, setup=setup)
+    # Warm both pool processes up, so spawn time does not count.
+    session.assign(("w1", 1, call_spec("burn", b"0.01")), ("w2", 1, call_spec("burn", b"0.01")))
+    session.events("w1", 1, timeout=20)
+    session.events("w2", 1, timeout=20)
+    session.wait_for(lambda: session.credits_granted() >= 4, what="slots back")
+    counter = iter(range(100))
+
+    def trial():
+        n = next(counter)
+        granted = session.credits_granted()
+        session.assign((f"alone{n}", 1, call_spec("burn", b"1.0")))
+        alone = float(session.events(f"alone{n}", 1, timeout=20)[-1].finished.output.split()[1])
+        session.wait_for(lambda: session.credits_granted() >= granted + 1, what="slot back")
+        started = time.monotonic()
+        session.assign((f"a{n}", 1, call_spec("burn", b"1.0")), (f"b{n}", 1, call_spec("burn", b"1.0")))
+        results = [session.events(f"{x}{n}", 1, timeout=20)[-1].finished.output for x in "ab"]
+        wall = time.monotonic() - started
+        assert len({r.split()[0] for r in results}) == 2, f"both calls ran in one process: {results}"
+        session.wait_for(lambda: session.credits_granted() >= granted + 3, what="slots back")
+        return sum(float(r.split()[1]) for r in results), alone, wall
+
+    check_parallel(trial)
+
+
+def test_cancelled_process_handler_is_killed_and_the_pool_recovers(fake, run_worker):
+    def setup(w):
+        w.register("hang", handlers.hang, "process")
+        w.register("burn", handlers.burn, "process")
+
+    _, session = run_worker(slots=1, setup=setup)
+    session.assign(("h", 1, call_spec("hang")))
+    pid = session.events("h", 1, until="started", timeout=20)[-1].started.pid
+    sent = time.monotonic()
+    session.cancel("h", 1)
+    assert outcome(session.events("h", 1)) == common_pb2.OUTCOME_CANCELLED
+    assert time.monotonic() - sent < 1.0
+
+    def gone():
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        with open(f"/proc/{pid}/stat") as f:  # a zombie counts as gone
+            return f.read().split()[2] == "Z"
+
+    session.wait_for(gone, timeout=5, what=f"pool process {pid} killed")
+    session.wait_for(lambda: session.credits_granted() >= 2, what="slot back")
+    session.assign(("b", 1, call_spec("burn", b"0.01")))
+    assert outcome(session.events("b", 1, timeout=20)) == common_pb2.OUTCOME_SUCCEEDED
+
+
+def test_a_crashing_process_handler_fails_the_attempt(fake, run_worker):
+    def setup(w):
+        w.register("crash", handlers.crash, "process")
+
+    _, session = run_worker(slots=1, setup=setup)
+    session.assign(("c", 1, call_spec("crash")))
+    finished = session.events("c", 1, timeout=20)[-1].finished
+    assert finished.outcome == common_pb2.OUTCOME_FAILED
+    assert "died" in finished.error
+
+
+def test_cancelled_thread_handler_reports_at_once_but_keeps_its_slot_until_it_returns(fake, run_worker):
+    release = threading.Event()
+
+    def stubborn(data, ctx):
+        release.wait(10)  # ignores ctx.cancelled
+        return b"late"
+
+    def setup(w):
+        w.register("stubborn", stubborn, "thread")
+
+    _, session = run_worker(slots=1, setup=setup)
+    session.assign(("s", 1, call_spec("stubborn")))
+    session.events("s", 1, until="started")
+    sent = time.monotonic()
+    session.cancel("s", 1)
+    assert outcome(session.events("s", 1)) == common_pb2.OUTCOME_CANCELLED
+    assert time.monotonic() - sent < 1.0
+    time.sleep(0.2)
+    assert session.credits_granted() == 1, "slot granted back while the thread still runs"
+    release.set()
+    session.wait_for(lambda: session.credits_granted() == 2, what="slot back once the thread returned")
+    # Exactly one Finished.
+    finished = [e for r in session.of_kind("events") for e in r.message.events.events if e.WhichOneof("body") == "finished"]
+    assert len(finished) == 1
+
+
+def test_cooperative_thread_handler_stops_on_cancel(fake, run_worker):
+    stopped = threading.Event()
+
+    def polite(data, ctx):
+        while not ctx.cancelled:
+            time.sleep(0.01)
+        stopped.set()
+
+    def setup(w):
+        w.register("polite", polite, "thread")
+
+    _, session = run_worker(slots=1, setup=setup)
+    session.assign(("p", 1, call_spec("polite")))
+    session.events("p", 1, until="started")
+    session.cancel("p", 1)
+    assert outcome(session.events("p", 1)) == common_pb2.OUTCOME_CANCELLED
+    assert stopped.wait(2)
+    session.wait_for(lambda: session.credits_granted() == 2, what="slot back")
+
+
+def test_asyncio_handler_that_swallows_cancel_is_still_reported_cancelled(fake, run_worker):
+    async def deaf(data):
+        for _ in range(3):
+            try:
+                await asyncio.sleep(0.4)
+            except asyncio.CancelledError:
+                pass
+        return b"done"
+
+    def setup(w):
+        w.register("deaf", deaf, "asyncio")
+
+    _, session = run_worker(slots=1, setup=setup)
+    session.assign(("d", 1, call_spec("deaf")))
+    session.events("d", 1, until="started")
+    sent = time.monotonic()
+    session.cancel("d", 1)
+    assert outcome(session.events("d", 1)) == common_pb2.OUTCOME_CANCELLED
+    assert time.monotonic() - sent < 1.0
+
+
+def test_output_chunks_are_split_and_numbered(fake, run_worker):
+    async def big(data, ctx):
+        ctx.output(b"x" * (weft.worker.CHUNK_LIMIT * 2 + 10))
+        ctx.output(b"tail")
+
+    def setup(w):
+        w.register("big", big, "asyncio")
+
+    _, session = run_worker(setup=setup)
+    session.assign(("big", 1, call_spec("big")))
+    chunks = [e.output for e in session.events("big", 1) if e.WhichOneof("body") == "output"]
+    assert [c.seq for c in chunks] == [0, 1, 2, 3]
+    assert sum(len(c.data) for c in chunks) == weft.worker.CHUNK_LIMIT * 2 + 14
+
+
+def test_assignment_while_draining_is_cancelled_without_running(fake, run_worker):
+    ran = threading.Event()
+
+    def work(data):
+        ran.set()
+
+    def setup(w):
+        w.register("work", work, "thread")
+        w.register("sleep", handlers_sleep, "asyncio")
+
+    rw, session = run_worker(slots=2, setup=setup)
+    session.assign(("long", 1, call_spec("sleep", b"0.5")))
+    session.events("long", 1, until="started")
+    session.drain(grace=5)
+    session.expect("draining")
+    session.assign(("late", 1, call_spec("work")))
+    assert outcome(session.events("late", 1)) == common_pb2.OUTCOME_CANCELLED
+    assert not ran.is_set()
+    assert outcome(session.events("long", 1)) == common_pb2.OUTCOME_SUCCEEDED
+    session.wait_ended()
+    rw.thread.join(5)
+    assert not rw.thread.is_alive() and rw.error is None
+
+
+async def handlers_sleep(data):
+    await asyncio.sleep(float(data))
+
+
+def test_coordinator_silence_past_heartbeat_timeout_makes_the_worker_reconnect(fake):
+    worker = weft.Worker(fake.url, slots=1, name="silent")
+    rw = RunningWorker(worker)
+    try:
+        session = fake.accept()
+        session.recv(skip_heartbeats=False)
+        session.registered(NODE_S, heartbeat_interval=0.1, heartbeat_timeout=0.5)
+        # The fake never sends a heartbeat: the worker must give up and come back.
+        again = fake.accept(timeout=5)
+        reg = again.recv(skip_heartbeats=False).register
+        assert reg.previous_node_id == NODE_S
+    finally:
+        rw.stop()
+
+
+def test_a_refused_register_is_a_typed_error(fake):
+    import grpc
+
+    from weft._proto import node_pb2_grpc
+
+    class Refuse(node_pb2_grpc.NodeServiceServicer):
+        def Connect(self, request_iterator, context):
+            next(request_iterator)
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "protocol version 1 not spoken here")
+
+    from concurrent import futures
+
+    server = grpc.server(futures.ThreadPoolExecutor(4))
+    node_pb2_grpc.add_NodeServiceServicer_to_server(Refuse(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        worker = weft.Worker(f"http://127.0.0.1:{port}", slots=1)
+        with pytest.raises(weft.FailedPrecondition, match="protocol version"):
+            asyncio.run(asyncio.wait_for(worker.serve(), 10))
+    finally:
+        server.stop(0)

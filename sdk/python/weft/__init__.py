@@ -1,0 +1,54 @@
+"""Python SDK for Weft, a gRPC-native task fabric.
+
+- :class:`Client` / :class:`weft.aio.Client`: submit ``exec`` and ``call``
+  tasks, wait, stream events and output, cancel, list nodes.
+- :class:`Worker`: serve Python functions (``asyncio``, ``thread`` or
+  ``process`` handlers) to a coordinator over the node protocol.
+- Typed errors (:class:`WeftError` and subclasses) mapped from gRPC codes.
+
+The generated ``weft.v1`` stubs live in ``weft._proto`` (``node_pb2``,
+``task_pb2``, ... and their ``*_pb2_grpc`` services).
+"""
+
+from .client import Client
+from .errors import (
+    AlreadyExists,
+    Cancelled,
+    DeadlineExceeded,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    TaskCancelled,
+    TaskFailed,
+    TaskTimedOut,
+    Unauthenticated,
+    Unavailable,
+    Unimplemented,
+    WeftError,
+)
+from .models import (
+    ClusterInfo,
+    NodeInfo,
+    NodeState,
+    OutputStream,
+    Task,
+    TaskEvent,
+    TaskState,
+    call_spec,
+    exec_spec,
+    parse_duration,
+)
+from .worker import PROTOCOL_VERSION, Context, HandlerError, Worker
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AlreadyExists", "Cancelled", "Client", "ClusterInfo", "Context", "DeadlineExceeded",
+    "FailedPrecondition", "HandlerError", "Internal", "InvalidArgument", "NodeInfo", "NodeState",
+    "NotFound", "OutputStream", "PROTOCOL_VERSION", "PermissionDenied", "ResourceExhausted", "Task",
+    "TaskCancelled", "TaskEvent", "TaskFailed", "TaskState", "TaskTimedOut", "Unauthenticated",
+    "Unavailable", "Unimplemented", "WeftError", "Worker", "call_spec", "exec_spec", "parse_duration",
+]

@@ -1,0 +1,182 @@
+"""The asyncio client: the same calls as :class:`weft.Client`, awaitable.
+
+>>> import weft.aio
+>>> async def main():
+...     async with weft.aio.Client("http://127.0.0.1:7070") as client:
+...         task_id = await client.submit_exec(["sh", "-c", "echo hi"])
+...         async for event in client.watch(task_id):
+...             print(event.kind, event.data)
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import AsyncIterator, Iterable, List, Optional, Sequence, Tuple, Union
+
+import grpc
+
+from . import errors
+from ._channel import aio_channel
+from ._proto import admin_pb2, admin_pb2_grpc, common_pb2, task_pb2, task_pb2_grpc
+from .client import UNARY_TIMEOUT, _deadline, _remaining
+from .models import (
+    ClusterInfo,
+    DurationLike,
+    NodeInfo,
+    OutputStream,
+    Task,
+    TaskEvent,
+    TaskState,
+    call_spec,
+    duration_to_pb,
+    exec_spec,
+    parse_duration,
+)
+
+
+class Client:
+    """An asyncio connection to a coordinator (see :class:`weft.Client`)."""
+
+    def __init__(self, url: Optional[str] = None, *, channel: Optional[grpc.aio.Channel] = None):
+        self._channel = channel or aio_channel(url)
+        self._tasks = task_pb2_grpc.TaskServiceStub(self._channel)
+        self._admin = admin_pb2_grpc.AdminServiceStub(self._channel)
+
+    async def close(self) -> None:
+        """Closes the channel."""
+        await self._channel.close()
+
+    async def __aenter__(self) -> "Client":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def _unary(self, method, request, timeout: Optional[float] = None):
+        try:
+            return await method(request, timeout=timeout or UNARY_TIMEOUT)
+        except grpc.RpcError as e:
+            raise errors.from_rpc_error(e) from None
+
+    async def submit(self, spec: common_pb2.TaskSpec) -> str:
+        """Commits one task; returns its id."""
+        return (await self.submit_many([spec]))[0]
+
+    async def submit_many(self, specs: Iterable[common_pb2.TaskSpec]) -> List[str]:
+        """Commits many tasks in one transaction; returns their ids."""
+        response = await self._unary(self._tasks.Submit, task_pb2.SubmitRequest(tasks=list(specs)))
+        return list(response.task_ids)
+
+    async def submit_call(self, handler: str, input: Union[bytes, str, None] = b"", **options) -> str:
+        """Submits a call of ``handler``; returns the id."""
+        return await self.submit(call_spec(handler, input, **options))
+
+    async def submit_exec(self, argv: Sequence[str], **options) -> str:
+        """Submits a program run; returns the id."""
+        return await self.submit(exec_spec(argv, **options))
+
+    async def call(
+        self,
+        handler: str,
+        input: Union[bytes, str, None] = b"",
+        *,
+        wait_timeout: Optional[DurationLike] = None,
+        **options,
+    ) -> bytes:
+        """Calls ``handler`` on some node and returns its output (raises TaskFailed)."""
+        task = await self.wait(await self.submit_call(handler, input, **options), timeout=wait_timeout)
+        if not task.succeeded:
+            raise errors.task_error(task)
+        return task.output
+
+    async def exec(
+        self,
+        argv: Sequence[str],
+        *,
+        check: bool = True,
+        wait_timeout: Optional[DurationLike] = None,
+        **options,
+    ) -> Task:
+        """Runs ``argv`` on some node, waits, returns the final Task."""
+        task = await self.wait(await self.submit_exec(argv, **options), timeout=wait_timeout)
+        if check and not task.succeeded:
+            raise errors.task_error(task)
+        return task
+
+    async def get(self, task_id: str) -> Task:
+        """A task's current record."""
+        response = await self._unary(self._tasks.Get, task_pb2.GetRequest(task_id=task_id))
+        return Task.from_pb(response.task)
+
+    async def list(self, state: Union[TaskState, str, None] = None, limit: int = 100) -> List[Task]:
+        """Tasks, newest first."""
+        request = task_pb2.ListRequest(limit=limit)
+        if state is not None:
+            request.state = TaskState(state).to_pb()
+        return [Task.from_pb(t) for t in (await self._unary(self._tasks.List, request)).tasks]
+
+    async def _stream(self, call) -> AsyncIterator[TaskEvent]:
+        try:
+            async for event in call:
+                yield TaskEvent.from_pb(event)
+        except grpc.RpcError as e:
+            raise errors.from_rpc_error(e) from None
+        finally:
+            call.cancel()
+
+    def watch(self, task_id: str, from_seq: int = 0, *, timeout: Optional[DurationLike] = None) -> AsyncIterator[TaskEvent]:
+        """``async for event in client.watch(id)``: recorded events, then live ones."""
+        call = self._tasks.Watch(
+            task_pb2.WatchRequest(task_id=task_id, from_seq=from_seq),
+            timeout=None if timeout is None else parse_duration(timeout),
+        )
+        return self._stream(call)
+
+    async def output(self, task_id: str, from_seq: int = 0) -> AsyncIterator[Tuple[OutputStream, bytes]]:
+        """``async for stream, data in client.output(id)``."""
+        async for event in self.watch(task_id, from_seq):
+            if event.kind == "output":
+                yield event.stream, event.data
+
+    def run(self, spec: common_pb2.TaskSpec) -> AsyncIterator[TaskEvent]:
+        """Submits ``spec`` and streams its events."""
+        return self._stream(self._tasks.Run(task_pb2.RunRequest(spec=spec)))
+
+    async def wait(self, task_id: str, timeout: Optional[DurationLike] = None) -> Task:
+        """Until the task reaches a final state; DeadlineExceeded after ``timeout``."""
+        deadline = _deadline(timeout)
+        while True:
+            task = await self.get(task_id)
+            if task.is_final:
+                return task
+            try:
+                async for event in self.watch(task_id, task.next_seq, timeout=_remaining(deadline)):
+                    if event.kind == "finished" and event.task is not None:
+                        return event.task
+            except errors.Unavailable:
+                await asyncio.sleep(0.2)
+            _remaining(deadline)
+
+    async def cancel(self, task_id: str, reason: str = "") -> Task:
+        """Cancels a task; returns it as recorded after the cancel."""
+        response = await self._unary(self._tasks.Cancel, task_pb2.CancelRequest(task_id=task_id, reason=reason))
+        return Task.from_pb(response.task)
+
+    async def nodes(self) -> List[NodeInfo]:
+        """Every node the coordinator knows."""
+        response = await self._unary(self._admin.ListNodes, admin_pb2.ListNodesRequest())
+        return [NodeInfo.from_pb(n) for n in response.nodes]
+
+    async def drain(self, node: str, grace: Optional[DurationLike] = None) -> NodeInfo:
+        """Asks a node to drain."""
+        request = admin_pb2.DrainNodeRequest(node=node)
+        if grace is not None:
+            request.grace.CopyFrom(duration_to_pb(grace))
+        return NodeInfo.from_pb((await self._unary(self._admin.DrainNode, request)).node)
+
+    async def cluster_info(self) -> ClusterInfo:
+        """Cluster-wide figures."""
+        return ClusterInfo.from_pb(await self._unary(self._admin.ClusterInfo, admin_pb2.ClusterInfoRequest()))
+
+
+__all__ = ["Client"]

@@ -1,0 +1,227 @@
+"""The blocking client: submit tasks, follow them, cancel them, list nodes.
+
+>>> import weft
+>>> with weft.Client("http://127.0.0.1:7070") as client:
+...     digest = client.call("sha256", b"hello")            # submit + wait
+...     task = client.exec(["sh", "-c", "echo hi"])          # runs on some node
+...     for event in client.watch(task.id):                  # replayed history
+...         print(event.kind, event.data)
+
+Every method raises a :class:`weft.WeftError` subclass on a gRPC error; the
+calls that wait for a result raise :class:`weft.TaskFailed` when the task did
+not succeed. The asyncio twin is :class:`weft.aio.Client`.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+
+import grpc
+
+from . import errors
+from ._channel import sync_channel
+from ._proto import admin_pb2, admin_pb2_grpc, common_pb2, task_pb2, task_pb2_grpc
+from .models import (
+    ClusterInfo,
+    DurationLike,
+    NodeInfo,
+    OutputStream,
+    Task,
+    TaskEvent,
+    TaskState,
+    call_spec,
+    duration_to_pb,
+    exec_spec,
+    parse_duration,
+)
+
+#: Deadline of unary calls, in seconds.
+UNARY_TIMEOUT = 30.0
+
+
+def _deadline(timeout: Optional[DurationLike]) -> Optional[float]:
+    return None if timeout is None else time.monotonic() + parse_duration(timeout)
+
+
+def _remaining(deadline: Optional[float]) -> Optional[float]:
+    if deadline is None:
+        return None
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise errors.DeadlineExceeded("timed out waiting for the task")
+    return left
+
+
+class Client:
+    """A connection to a coordinator's TaskService and AdminService.
+
+    ``url`` is like ``http://127.0.0.1:7070`` (default: ``$WEFT_COORDINATOR``,
+    else that). The channel connects lazily; a call to an unreachable
+    coordinator raises :class:`weft.Unavailable` within a few seconds.
+    """
+
+    def __init__(self, url: Optional[str] = None, *, channel: Optional[grpc.Channel] = None):
+        self._channel = channel or sync_channel(url)
+        self._tasks = task_pb2_grpc.TaskServiceStub(self._channel)
+        self._admin = admin_pb2_grpc.AdminServiceStub(self._channel)
+
+    def close(self) -> None:
+        """Closes the channel."""
+        self._channel.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _unary(self, method, request, timeout: Optional[float] = None):
+        try:
+            return method(request, timeout=timeout or UNARY_TIMEOUT)
+        except grpc.RpcError as e:
+            raise errors.from_rpc_error(e) from None
+
+    # -- submitting ---------------------------------------------------------
+
+    def submit(self, spec: common_pb2.TaskSpec) -> str:
+        """Commits one task; returns its id."""
+        return self.submit_many([spec])[0]
+
+    def submit_many(self, specs: Iterable[common_pb2.TaskSpec]) -> List[str]:
+        """Commits many tasks in one transaction (all or nothing); returns their ids."""
+        response = self._unary(self._tasks.Submit, task_pb2.SubmitRequest(tasks=list(specs)))
+        return list(response.task_ids)
+
+    def submit_call(self, handler: str, input: Union[bytes, str, None] = b"", **options) -> str:
+        """Submits a call of ``handler``; options as :func:`weft.call_spec`. Returns the id."""
+        return self.submit(call_spec(handler, input, **options))
+
+    def submit_exec(self, argv: Sequence[str], **options) -> str:
+        """Submits a program run; options as :func:`weft.exec_spec`. Returns the id."""
+        return self.submit(exec_spec(argv, **options))
+
+    def call(
+        self,
+        handler: str,
+        input: Union[bytes, str, None] = b"",
+        *,
+        wait_timeout: Optional[DurationLike] = None,
+        **options,
+    ) -> bytes:
+        """Calls ``handler`` on some node and returns its output bytes.
+
+        Raises :class:`weft.TaskFailed` (or ``TaskCancelled``/``TaskTimedOut``)
+        when the task does not succeed.
+        """
+        task = self.wait(self.submit_call(handler, input, **options), timeout=wait_timeout)
+        if not task.succeeded:
+            raise errors.task_error(task)
+        return task.output
+
+    def exec(
+        self,
+        argv: Sequence[str],
+        *,
+        check: bool = True,
+        wait_timeout: Optional[DurationLike] = None,
+        **options,
+    ) -> Task:
+        """Runs ``argv`` on some node, waits, and returns the final Task.
+
+        With ``check`` (the default) an unsuccessful task raises
+        :class:`weft.TaskFailed`. The output is in the task's events:
+        see :meth:`watch` and :meth:`output`.
+        """
+        task = self.wait(self.submit_exec(argv, **options), timeout=wait_timeout)
+        if check and not task.succeeded:
+            raise errors.task_error(task)
+        return task
+
+    # -- following ----------------------------------------------------------
+
+    def get(self, task_id: str) -> Task:
+        """A task's current record; :class:`weft.NotFound` for an unknown id."""
+        return Task.from_pb(self._unary(self._tasks.Get, task_pb2.GetRequest(task_id=task_id)).task)
+
+    def list(self, state: Union[TaskState, str, None] = None, limit: int = 100) -> List[Task]:
+        """Tasks, newest first, optionally only those in ``state``."""
+        request = task_pb2.ListRequest(limit=limit)
+        if state is not None:
+            request.state = TaskState(state).to_pb()
+        return [Task.from_pb(t) for t in self._unary(self._tasks.List, request).tasks]
+
+    def _stream(self, call) -> Iterator[TaskEvent]:
+        try:
+            for event in call:
+                yield TaskEvent.from_pb(event)
+        except grpc.RpcError as e:
+            raise errors.from_rpc_error(e) from None
+        finally:
+            call.cancel()
+
+    def watch(self, task_id: str, from_seq: int = 0, *, timeout: Optional[DurationLike] = None) -> Iterator[TaskEvent]:
+        """The task's events from ``from_seq``: recorded ones, then live ones.
+
+        Ends after the ``finished`` event. ``timeout`` bounds the whole stream.
+        """
+        call = self._tasks.Watch(
+            task_pb2.WatchRequest(task_id=task_id, from_seq=from_seq),
+            timeout=None if timeout is None else parse_duration(timeout),
+        )
+        return self._stream(call)
+
+    def output(self, task_id: str, from_seq: int = 0) -> Iterator[Tuple[OutputStream, bytes]]:
+        """The task's output chunks ``(stream, data)`` as they are produced."""
+        for event in self.watch(task_id, from_seq):
+            if event.kind == "output":
+                yield event.stream, event.data
+
+    def run(self, spec: common_pb2.TaskSpec) -> Iterator[TaskEvent]:
+        """Submits ``spec`` and streams its events; the first names the new task id."""
+        return self._stream(self._tasks.Run(task_pb2.RunRequest(spec=spec)))
+
+    def wait(self, task_id: str, timeout: Optional[DurationLike] = None) -> Task:
+        """Blocks until the task reaches a final state and returns it.
+
+        Raises :class:`weft.DeadlineExceeded` (a ``TimeoutError``) after ``timeout``.
+        """
+        deadline = _deadline(timeout)
+        while True:
+            task = self.get(task_id)
+            if task.is_final:
+                return task
+            try:
+                for event in self.watch(task_id, task.next_seq, timeout=_remaining(deadline)):
+                    if event.kind == "finished" and event.task is not None:
+                        return event.task
+            except errors.Unavailable:
+                # The coordinator went away mid-watch; retry until the deadline.
+                time.sleep(0.2)
+            _remaining(deadline)
+
+    def cancel(self, task_id: str, reason: str = "") -> Task:
+        """Cancels a task; returns it as recorded after the cancel.
+
+        :class:`weft.FailedPrecondition` if it had already finished.
+        """
+        response = self._unary(self._tasks.Cancel, task_pb2.CancelRequest(task_id=task_id, reason=reason))
+        return Task.from_pb(response.task)
+
+    # -- admin --------------------------------------------------------------
+
+    def nodes(self) -> List[NodeInfo]:
+        """Every node the coordinator knows."""
+        response = self._unary(self._admin.ListNodes, admin_pb2.ListNodesRequest())
+        return [NodeInfo.from_pb(n) for n in response.nodes]
+
+    def drain(self, node: str, grace: Optional[DurationLike] = None) -> NodeInfo:
+        """Asks a node (id or name) to drain; returns it, now draining."""
+        request = admin_pb2.DrainNodeRequest(node=node)
+        if grace is not None:
+            request.grace.CopyFrom(duration_to_pb(grace))
+        return NodeInfo.from_pb(self._unary(self._admin.DrainNode, request).node)
+
+    def cluster_info(self) -> ClusterInfo:
+        """Cluster-wide figures."""
+        return ClusterInfo.from_pb(self._unary(self._admin.ClusterInfo, admin_pb2.ClusterInfoRequest()))

@@ -1,0 +1,136 @@
+"""A demo worker: the Rust node's built-in handlers, in Python, plus one per kind.
+
+Run it with ``python -m weft.worker_demo --coordinator http://127.0.0.1:7070``
+(or the ``weft-py-worker`` script). It takes the same flags as ``weft-node``:
+``--slots N --name NAME --label k=v ... --drain-grace 30s``.
+
+Handlers (input and output are bytes):
+
+=========== ========= =======================================================
+name        kind      what it does
+=========== ========= =======================================================
+noop        asyncio   returns its input unchanged
+echo        asyncio   writes the input to stdout (an output chunk), returns it
+sleep       asyncio   sleeps for the duration in its input (``250ms``)
+sha256      thread    returns the lowercase hex SHA-256 of the input
+fail        asyncio   fails with the input as the error message
+spin        thread    burns CPU for the duration in its input, checking cancel
+py_spin     process   burns CPU in a pool process for the duration in its input
+py_pid      process   returns ``pid`` of the pool process that ran it
+py_info     asyncio   returns JSON about this worker (pid, kinds)
+=========== ========= =======================================================
+
+``sleep``/``spin`` are the names the conformance kit uses on every worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+
+from .models import parse_duration
+from .worker import Context, HandlerError, Worker
+
+
+async def noop(data: bytes) -> bytes:
+    return data
+
+
+async def echo(data: bytes, ctx: Context) -> bytes:
+    ctx.output(data)
+    return data
+
+
+async def sleep(data: bytes) -> None:
+    await asyncio.sleep(parse_duration(data.decode() or "0"))
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+async def fail(data: bytes) -> None:
+    raise HandlerError(data.decode(errors="replace"))
+
+
+def spin(data: bytes, ctx: Context) -> None:
+    """Burns CPU on a worker thread (holds the GIL: one core at most)."""
+    deadline = time.monotonic() + parse_duration(data.decode() or "0")
+    while time.monotonic() < deadline:
+        ctx.check_cancelled()
+        sum(i * i for i in range(2000))
+
+
+def py_spin(data: bytes) -> str:
+    """Burns CPU in a pool process (one core per process): returns the pid and CPU seconds."""
+    start = time.process_time()
+    deadline = time.monotonic() + parse_duration(data.decode() or "0")
+    while time.monotonic() < deadline:
+        sum(i * i for i in range(2000))
+    return json.dumps({"pid": os.getpid(), "cpu": time.process_time() - start})
+
+
+def py_pid(data: bytes) -> str:
+    return str(os.getpid())
+
+
+async def py_info(data: bytes) -> str:
+    return json.dumps({"pid": os.getpid(), "python": sys.version.split()[0], "kinds": ["asyncio", "thread", "process"]})
+
+
+def build_worker(args: argparse.Namespace) -> Worker:
+    """A Worker with the demo handlers, configured from the parsed flags."""
+    labels = {}
+    for item in args.label or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--label wants key=value, not {item!r}")
+        labels[key] = value
+    worker = Worker(
+        args.coordinator,
+        slots=args.slots,
+        labels=labels,
+        name=args.name,
+        drain_grace=args.drain_grace,
+    )
+    worker.register("noop", noop, "asyncio")
+    worker.register("echo", echo, "asyncio")
+    worker.register("sleep", sleep, "asyncio")
+    worker.register("sha256", sha256, "thread")
+    worker.register("fail", fail, "asyncio")
+    worker.register("spin", spin, "thread")
+    worker.register("py_spin", py_spin, "process")
+    worker.register("py_pid", py_pid, "process")
+    worker.register("py_info", py_info, "asyncio")
+    return worker
+
+
+def parser(prog: str = "python -m weft.worker_demo") -> argparse.ArgumentParser:
+    """The weft-node-compatible command line."""
+    p = argparse.ArgumentParser(prog=prog, description="A Weft worker written in Python.")
+    p.add_argument("--coordinator", default=os.environ.get("WEFT_COORDINATOR", "http://127.0.0.1:7070"))
+    p.add_argument("--slots", type=int, default=None, help="slots offered (default: number of CPUs)")
+    p.add_argument("--name", default=None, help="node name (default: host-pyPID)")
+    p.add_argument("--label", action="append", metavar="K=V", help="a label tasks can require (repeatable)")
+    p.add_argument("--drain-grace", default="30s", help="grace period when draining on a signal")
+    p.add_argument("--log-level", default=os.environ.get("WEFT_LOG", "info"))
+    return p
+
+
+def main(argv=None) -> None:
+    args = parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    build_worker(args).run()
+
+
+if __name__ == "__main__":
+    main()
