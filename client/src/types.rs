@@ -10,7 +10,8 @@ use bytes::Bytes;
 
 use weft_proto::convert::{duration_from_pb, system_time};
 use weft_proto::{
-    Attempt, ConversionError, NodeId, NodeState, OutputStream, TaskId, TaskSpec, TaskState, pb,
+    Attempt, ConversionError, NodeId, NodeState, Outcome, OutputStream, TaskId, TaskSpec,
+    TaskState, pb,
 };
 
 /// A task's record, as the coordinator holds it.
@@ -47,6 +48,9 @@ pub struct Task {
     /// Sequence number its next event will get (where a watcher that has
     /// seen everything so far would resume).
     pub next_seq: u64,
+    /// How the latest attempt ended, as its node reported it; `None` before
+    /// any attempt, while one runs, and when it was lost with its node.
+    pub last_outcome: Option<Outcome>,
 }
 
 impl TryFrom<pb::Task> for Task {
@@ -69,6 +73,8 @@ impl TryFrom<pb::Task> for Task {
             created_at: task.created_at.as_ref().map(system_time),
             updated_at: task.updated_at.as_ref().map(system_time),
             next_seq: task.next_seq,
+            // UNSPECIFIED (or a value this client does not know) is None.
+            last_outcome: Outcome::try_from(task.last_outcome).ok(),
         })
     }
 }

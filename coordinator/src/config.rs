@@ -11,8 +11,8 @@ pub struct CoordinatorConfig {
     pub heartbeat_interval: Duration,
     /// Silence after which a node is lost (default 5 s).
     pub heartbeat_timeout: Duration,
-    /// Where the durable store will live. Reserved: the store is in memory
-    /// for now whatever this says.
+    /// The data dir of the durable store (redb); `None` keeps everything in
+    /// memory (tests, `weft local`). The binary's default is `weft-data`.
     pub data_dir: Option<PathBuf>,
     /// Most tasks not yet final at once; a Submit past it is RESOURCE_EXHAUSTED.
     pub max_queued: usize,
@@ -26,6 +26,24 @@ pub struct CoordinatorConfig {
     /// Events buffered per live watcher; a watcher further behind is
     /// dropped from live delivery and resumes from the store.
     pub watch_buffer: usize,
+    /// After a restart, how long attempts the store has on a node wait for
+    /// that node to reconnect and claim them before they are requeued.
+    /// `None`: twice the heartbeat timeout.
+    pub restart_grace: Option<Duration>,
+    /// A task lost with this many different nodes while running ends
+    /// FAILED instead of being retried on another (poison task); 0: no limit.
+    pub max_node_losses: u32,
+    /// How long final tasks and their events are kept before a sweep
+    /// deletes them; zero keeps them forever.
+    pub retention: Duration,
+}
+
+impl CoordinatorConfig {
+    /// The restart grace in effect (see [`restart_grace`](Self::restart_grace)).
+    pub fn restart_grace(&self) -> Duration {
+        self.restart_grace
+            .unwrap_or_else(|| self.heartbeat_timeout.saturating_mul(2))
+    }
 }
 
 impl Default for CoordinatorConfig {
@@ -39,6 +57,9 @@ impl Default for CoordinatorConfig {
             retry_backoff_max: Duration::from_secs(10),
             max_batch: 1024,
             watch_buffer: 1024,
+            restart_grace: None,
+            max_node_losses: 2,
+            retention: Duration::from_secs(24 * 60 * 60),
         }
     }
 }

@@ -13,6 +13,14 @@
 //! from the store, then live" has no gap. Live watchers get bounded
 //! channels; one that falls behind is dropped from live delivery (never
 //! slowing this loop) and resumes from the store by seq.
+//!
+//! The commit (an fsync with the durable store) runs on the blocking pool;
+//! the driver waits for it before the next batch, so commands arriving
+//! meanwhile pile up in the inbox and share the next commit. Reads (`Get`,
+//! `List`, watch history) never pass through here: services read the
+//! store on the blocking pool themselves, and only ask the driver for what
+//! the scheduler alone knows (`pending_reason`). A periodic sweep deletes
+//! final tasks past the retention, a bounded number per sweep.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -24,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
 use weft_proto::convert::duration_to_pb;
-use weft_proto::{TaskId, TaskSpec, TaskState, pb};
+use weft_proto::{TaskId, TaskSpec, pb};
 
 use crate::config::CoordinatorConfig;
 use crate::error::Error;
@@ -32,7 +40,7 @@ use crate::scheduler::{
     ClusterStats, Effects, NodeInfo, NodeOut, NodeRegistration, NodeTaskEvent, Now, Scheduler,
     SessionId,
 };
-use crate::store::{Record, Store, StoreError, TaskEvent, TaskRecord};
+use crate::store::{Record, Store, StoreError, TaskEvent};
 
 /// Messages to a node session's Connect response stream.
 pub(crate) type NodeTx = mpsc::Sender<Result<pb::CoordinatorMessage, Status>>;
@@ -43,22 +51,20 @@ pub(crate) enum Command {
         specs: Vec<TaskSpec>,
         reply: oneshot::Sender<Result<Vec<TaskId>, Error>>,
     },
-    Get {
-        id: TaskId,
-        reply: oneshot::Sender<Result<TaskRecord, Error>>,
+    /// Why each of these queued tasks waits (`None`: not queued here).
+    PendingReasons {
+        ids: Vec<TaskId>,
+        reply: oneshot::Sender<Vec<Option<String>>>,
     },
-    List {
-        state: Option<TaskState>,
-        before: Option<TaskId>,
-        limit: usize,
-        reply: oneshot::Sender<Result<Vec<TaskRecord>, Error>>,
-    },
+    /// Answers after the cancel is committed: true when the task was live
+    /// (the caller then reads the record from the store).
     Cancel {
         id: TaskId,
         reason: String,
-        reply: oneshot::Sender<Result<TaskRecord, Error>>,
+        reply: oneshot::Sender<Result<bool, Error>>,
     },
-    /// Registers a live watcher; `None` when the task is already final.
+    /// Registers a live watcher; `None` when the task is not live (final,
+    /// or unknown: the caller checked the store first).
     Watch {
         id: TaskId,
         reply: oneshot::Sender<Result<Option<mpsc::Receiver<TaskEvent>>, Error>>,
@@ -145,7 +151,10 @@ struct Session {
     token: CancellationToken,
 }
 
-type Deferred = Box<dyn FnOnce(&Scheduler, &dyn Store, Option<&StoreError>) + Send>;
+type Deferred = Box<dyn FnOnce(&Scheduler, Option<&StoreError>) + Send>;
+
+/// Most final tasks one retention sweep deletes (one commit).
+const SWEEP_LIMIT: usize = 2_000;
 
 /// The driver task's state.
 pub(crate) struct Driver {
@@ -158,6 +167,8 @@ pub(crate) struct Driver {
     ids: ulid::Generator,
     started: Instant,
     cancel: CancellationToken,
+    /// When the next retention sweep runs (`None`: retention is off).
+    next_sweep: Option<Instant>,
 }
 
 /// Makes the driver and the handle services use to reach it.
@@ -177,6 +188,7 @@ pub(crate) fn new(
         tasks,
         sessions: Arc::new(AtomicU64::new(1)),
     };
+    let next_sweep = (!config.retention.is_zero()).then(Instant::now);
     let driver = Driver {
         scheduler,
         store,
@@ -186,6 +198,7 @@ pub(crate) fn new(
         watchers: HashMap::new(),
         ids: ulid::Generator::new(),
         started: Instant::now(),
+        next_sweep,
         cancel,
     };
     (driver, handle)
@@ -198,6 +211,12 @@ fn now() -> Now {
     }
 }
 
+/// How often retention sweeps run: a tenth of the retention, between
+/// 10 ms and a minute.
+fn sweep_interval(retention: Duration) -> Duration {
+    (retention / 10).clamp(Duration::from_millis(10), Duration::from_secs(60))
+}
+
 async fn sleep_until(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at.into()).await,
@@ -205,19 +224,21 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
-/// Adds the scheduler-derived `pending_reason` to a stored record.
-fn with_pending(scheduler: &Scheduler, mut record: TaskRecord) -> TaskRecord {
-    if record.state == TaskState::Queued {
-        record.pending_reason = scheduler.pending_reason(record.id).unwrap_or_default();
-    }
-    record
-}
-
-fn read_task(scheduler: &Scheduler, store: &dyn Store, id: TaskId) -> Result<TaskRecord, Error> {
-    match store.task(id)? {
-        Some(record) => Ok(with_pending(scheduler, record)),
-        None => Err(Error::TaskNotFound(id)),
-    }
+/// Runs a store call on the blocking pool. A panic in it is a store error.
+pub(crate) async fn blocking<T: Send + 'static>(
+    store: &Arc<dyn Store>,
+    op: &'static str,
+    f: impl FnOnce(&dyn Store) -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    let store = Arc::clone(store);
+    tokio::task::spawn_blocking(move || f(&*store))
+        .await
+        .unwrap_or_else(|err| {
+            Err(StoreError::Backend {
+                op,
+                message: err.to_string(),
+            })
+        })
 }
 
 impl Driver {
@@ -227,7 +248,7 @@ impl Driver {
         let max_batch = self.config.max_batch.max(1);
         let mut batch = Vec::with_capacity(max_batch);
         // Anything restore produced (requeues) is committed before serving.
-        self.step(&mut batch);
+        self.step(&mut batch).await;
         loop {
             let wake = self.scheduler.next_wakeup();
             tokio::select! {
@@ -239,8 +260,12 @@ impl Driver {
                     }
                 }
                 _ = sleep_until(wake) => {}
+                _ = sleep_until(self.next_sweep) => {
+                    self.sweep().await;
+                    continue;
+                }
             }
-            self.step(&mut batch);
+            self.step(&mut batch).await;
         }
         for session in self.sessions.values() {
             session.token.cancel();
@@ -248,7 +273,7 @@ impl Driver {
         tracing::debug!("driver stopped");
     }
 
-    fn step(&mut self, batch: &mut Vec<Command>) {
+    async fn step(&mut self, batch: &mut Vec<Command>) {
         let now = now();
         self.scheduler.tick(now);
         let mut deferred: Vec<Deferred> = Vec::new();
@@ -260,12 +285,37 @@ impl Driver {
             nodes,
             disconnect,
         } = self.scheduler.take_effects(now);
-        let committed = self.store.commit(&records);
+        let (records, committed) = if records.is_empty() {
+            (records, Ok(()))
+        } else {
+            let store = Arc::clone(&self.store);
+            tokio::task::spawn_blocking(move || {
+                let committed = store.commit(&records);
+                (records, committed)
+            })
+            .await
+            .unwrap_or_else(|err| {
+                let err = StoreError::Backend {
+                    op: "committing",
+                    message: err.to_string(),
+                };
+                (Vec::new(), Err(err))
+            })
+        };
         if let Err(err) = &committed {
-            tracing::error!(error = %err, records = records.len(), "store commit failed");
+            // The scheduler already moved on from what the store refused;
+            // carrying on would record later events against a history the
+            // store does not have. Stop, so a restart reloads what was
+            // committed (nothing acknowledged is lost: this batch's callers
+            // get the error).
+            tracing::error!(error = %err, "store commit failed; stopping the coordinator");
+            self.cancel.cancel();
         }
         for reply in deferred {
-            reply(&self.scheduler, &*self.store, committed.as_ref().err());
+            reply(&self.scheduler, committed.as_ref().err());
+        }
+        if committed.is_err() {
+            return;
         }
         for (session, out) in nodes {
             self.send_to_node(session, out);
@@ -290,7 +340,7 @@ impl Driver {
                     .collect();
                 let batch = ids.iter().copied().zip(specs).collect();
                 let result = self.scheduler.submit(batch, now).map(|()| ids);
-                deferred.push(Box::new(move |_, _, failed| {
+                deferred.push(Box::new(move |_, failed| {
                     let result = match failed {
                         Some(err) => Err(Error::Store(err.clone())),
                         None => result,
@@ -298,45 +348,19 @@ impl Driver {
                     let _ = reply.send(result);
                 }));
             }
-            Command::Get { id, reply } => {
-                deferred.push(Box::new(move |scheduler, store, _| {
-                    let _ = reply.send(read_task(scheduler, store, id));
-                }));
-            }
-            Command::List {
-                state,
-                before,
-                limit,
-                reply,
-            } => {
-                deferred.push(Box::new(move |scheduler, store, _| {
-                    let result = store
-                        .list(state, before, limit)
-                        .map(|records| {
-                            records
-                                .into_iter()
-                                .map(|r| with_pending(scheduler, r))
-                                .collect()
-                        })
-                        .map_err(Error::from);
-                    let _ = reply.send(result);
-                }));
+            Command::PendingReasons { ids, reply } => {
+                let reasons = ids
+                    .iter()
+                    .map(|id| self.scheduler.pending_reason(*id))
+                    .collect();
+                let _ = reply.send(reasons);
             }
             Command::Cancel { id, reason, reply } => {
                 let live = self.scheduler.cancel(id, &reason, now);
-                deferred.push(Box::new(move |scheduler, store, failed| {
+                deferred.push(Box::new(move |_, failed| {
                     let result = match failed {
                         Some(err) => Err(Error::Store(err.clone())),
-                        None => read_task(scheduler, store, id).and_then(|record| {
-                            if !live && record.state.is_final() {
-                                Err(Error::TaskFinal {
-                                    id,
-                                    state: record.state,
-                                })
-                            } else {
-                                Ok(record)
-                            }
-                        }),
+                        None => Ok(live),
                     };
                     let _ = reply.send(result);
                 }));
@@ -345,17 +369,12 @@ impl Driver {
                 if self.scheduler.is_live(id) {
                     let (tx, rx) = mpsc::channel(self.config.watch_buffer.max(16));
                     self.watchers.entry(id).or_default().push(tx);
-                    deferred.push(Box::new(move |_, _, _| {
+                    deferred.push(Box::new(move |_, _| {
                         let _ = reply.send(Ok(Some(rx)));
                     }));
                 } else {
-                    deferred.push(Box::new(move |_, store, _| {
-                        let result = match store.task(id) {
-                            Ok(Some(_)) => Ok(None),
-                            Ok(None) => Err(Error::TaskNotFound(id)),
-                            Err(err) => Err(Error::Store(err)),
-                        };
-                        let _ = reply.send(result);
+                    deferred.push(Box::new(move |_, _| {
+                        let _ = reply.send(Ok(None));
                     }));
                 }
             }
@@ -382,7 +401,7 @@ impl Driver {
                 }
                 self.sessions.insert(session, Session { tx, token });
                 self.scheduler.register_node(session, registration, now);
-                deferred.push(Box::new(move |_, _, _| {
+                deferred.push(Box::new(move |_, _| {
                     let _ = reply.send(Ok(()));
                 }));
             }
@@ -395,23 +414,55 @@ impl Driver {
             Command::NodeGone { session } => self.scheduler.node_gone(session, now),
             Command::ListNodes { reply } => {
                 let instant = now.instant;
-                deferred.push(Box::new(move |scheduler, _, _| {
+                deferred.push(Box::new(move |scheduler, _| {
                     let _ = reply.send(scheduler.nodes(instant));
                 }));
             }
             Command::DrainNode { node, grace, reply } => {
                 let result = self.scheduler.drain_node(&node, grace, now.instant);
-                deferred.push(Box::new(move |_, _, _| {
+                deferred.push(Box::new(move |_, _| {
                     let _ = reply.send(result);
                 }));
             }
             Command::ClusterInfo { reply } => {
                 let uptime = now.instant.saturating_duration_since(self.started);
-                deferred.push(Box::new(move |scheduler, _, _| {
+                deferred.push(Box::new(move |scheduler, _| {
                     let _ = reply.send((scheduler.stats(), uptime));
                 }));
             }
         }
+    }
+
+    /// Deletes final tasks past the retention (at most [`SWEEP_LIMIT`]) and
+    /// schedules the next sweep: soon when there was more to delete.
+    async fn sweep(&mut self) {
+        let retention = self.config.retention;
+        let Some(cutoff) = SystemTime::now().checked_sub(retention) else {
+            self.next_sweep = Some(Instant::now() + sweep_interval(retention));
+            return;
+        };
+        let removed = blocking(&self.store, "expiring", move |store| {
+            store.expire(cutoff, SWEEP_LIMIT)
+        })
+        .await;
+        let next = match removed {
+            Ok(removed) => {
+                if !removed.is_empty() {
+                    tracing::debug!(tasks = removed.len(), "expired finished tasks");
+                }
+                self.scheduler.forget_expired(&removed);
+                if removed.len() >= SWEEP_LIMIT {
+                    Duration::from_millis(10)
+                } else {
+                    sweep_interval(retention)
+                }
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "retention sweep failed; retrying later");
+                sweep_interval(retention)
+            }
+        };
+        self.next_sweep = Some(Instant::now() + next);
     }
 
     fn send_to_node(&mut self, session: SessionId, out: NodeOut) {

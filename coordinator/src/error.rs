@@ -1,6 +1,7 @@
 //! The crate's one error enum and its one mapping to gRPC status codes.
 
 use std::net::SocketAddr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tonic::Status;
 
@@ -32,6 +33,14 @@ pub enum Error {
     /// No such task. Not retryable.
     #[error("task {0} not found")]
     TaskNotFound(TaskId),
+    /// The task finished longer ago than the retention and was removed.
+    #[error("task {id} expired: finished tasks are removed after {} (--retention)", short_duration(*.retention))]
+    TaskExpired {
+        /// The task.
+        id: TaskId,
+        /// The configured retention.
+        retention: Duration,
+    },
     /// No connected node with that id or name.
     #[error("node {0:?} not found")]
     NodeNotFound(String),
@@ -54,8 +63,8 @@ pub enum Error {
     /// The coordinator is stopping.
     #[error("coordinator is shutting down")]
     ShuttingDown,
-    /// The store failed.
-    #[error("store: {0}")]
+    /// The store failed (or could not be opened: see [`StoreError`]).
+    #[error(transparent)]
     Store(#[from] StoreError),
     /// The listener could not report its address.
     #[error("listener address: {0}")]
@@ -79,7 +88,9 @@ impl From<Error> for Status {
             Error::ProtocolVersion(_) | Error::TaskFinal { .. } => {
                 Status::failed_precondition(err.to_string())
             }
-            Error::TaskNotFound(_) | Error::NodeNotFound(_) => Status::not_found(err.to_string()),
+            Error::TaskNotFound(_) | Error::TaskExpired { .. } | Error::NodeNotFound(_) => {
+                Status::not_found(err.to_string())
+            }
             Error::QueueFull { .. } => Status::resource_exhausted(err.to_string()),
             Error::ShuttingDown => Status::unavailable(err.to_string()),
             Error::Store(_) | Error::Listener(_) | Error::AddrFile { .. } => {
@@ -87,5 +98,60 @@ impl From<Error> for Status {
                 Status::internal("internal coordinator error")
             }
         }
+    }
+}
+
+impl Error {
+    /// The error for a task id the store does not have: expired when the
+    /// id (a ULID, so it carries its creation time) is older than the
+    /// retention, else not found.
+    pub fn missing_task(id: TaskId, retention: Duration, now: SystemTime) -> Error {
+        let created = UNIX_EPOCH + Duration::from_millis(id.timestamp_ms());
+        let age = now.duration_since(created).unwrap_or_default();
+        if !retention.is_zero() && age > retention {
+            Error::TaskExpired { id, retention }
+        } else {
+            Error::TaskNotFound(id)
+        }
+    }
+}
+
+/// `24h`, `90m`, `30s`, `250ms`: the largest whole unit, as flags are written.
+fn short_duration(d: Duration) -> String {
+    let secs = d.as_secs();
+    if d.subsec_nanos() != 0 || secs == 0 {
+        format!("{}ms", d.as_millis())
+    } else if secs.is_multiple_of(86_400) && secs >= 86_400 * 2 {
+        format!("{}d", secs / 86_400)
+    } else if secs.is_multiple_of(3600) {
+        format!("{}h", secs / 3600)
+    } else if secs.is_multiple_of(60) {
+        format!("{}m", secs / 60)
+    } else {
+        format!("{secs}s")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_old_task_is_expired_and_a_missing_new_one_not_found() {
+        let day = Duration::from_secs(86_400);
+        let id = TaskId::new();
+        let later = SystemTime::now() + day + Duration::from_secs(60);
+        let expired = Error::missing_task(id, day, later);
+        assert_eq!(
+            expired.to_string(),
+            format!("task {id} expired: finished tasks are removed after 24h (--retention)")
+        );
+        assert_eq!(Status::from(expired).code(), tonic::Code::NotFound);
+        let fresh = Error::missing_task(id, day, SystemTime::now());
+        assert_eq!(fresh.to_string(), format!("task {id} not found"));
+        assert!(matches!(
+            Error::missing_task(id, Duration::ZERO, later),
+            Error::TaskNotFound(_)
+        ));
     }
 }

@@ -10,7 +10,7 @@
 //! - [`error`] — `Error` and its one mapping to `tonic::Status`.
 //! - [`scheduler`] — the core: queue, node registry, task state machine, fencing.
 //! - `driver` — the task that owns the scheduler: batches, group commit, effects.
-//! - [`store`] — the `Store` trait and the in-memory store.
+//! - [`store`] — the `Store` trait, the durable redb store and the in-memory one.
 //! - `service` — tonic adapters for `NodeService`, `TaskService`, `AdminService`.
 //! - `server` — the tonic server, health, serve-with-shutdown.
 
@@ -34,8 +34,9 @@ use tonic_health::ServingStatus;
 pub use config::CoordinatorConfig;
 pub use error::Error;
 
+use scheduler::recent;
 use scheduler::{Now, Scheduler};
-use store::{MemoryStore, Store};
+use store::{MemoryStore, RedbStore, Store, StoreError};
 
 /// `shutdown` did not finish within its grace period.
 #[derive(Debug, thiserror::Error)]
@@ -93,11 +94,33 @@ pub async fn start(
         .set_service_status("", ServingStatus::NotServing)
         .await;
 
-    if let Some(dir) = &config.data_dir {
-        tracing::warn!(data_dir = %dir.display(), "the durable store is not implemented yet; tasks are kept in memory only");
+    // Opening may repair the file after a crash and loading reads every
+    // live task: both on the blocking pool.
+    let data_dir = config.data_dir.clone();
+    let (store, loaded) = tokio::task::spawn_blocking(move || {
+        let store: Arc<dyn Store> = match &data_dir {
+            Some(dir) => Arc::new(RedbStore::open(dir)?),
+            None => Arc::new(MemoryStore::new()),
+        };
+        let since = SystemTime::now()
+            .checked_sub(recent::WINDOW)
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        let loaded = store.load(since)?;
+        Ok::<_, StoreError>((store, loaded))
+    })
+    .await
+    .map_err(|err| StoreError::Open {
+        path: config.data_dir.clone().unwrap_or_default(),
+        message: err.to_string(),
+    })??;
+    match &config.data_dir {
+        Some(dir) => tracing::info!(
+            data_dir = %dir.display(),
+            live = loaded.live.len(),
+            "store open"
+        ),
+        None => tracing::info!("in-memory store: tasks do not survive a restart"),
     }
-    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
-    let loaded = store.load()?;
     let mut scheduler = Scheduler::new((&config).into());
     scheduler.restore(
         loaded,

@@ -36,10 +36,29 @@ struct Args {
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     heartbeat_timeout: Duration,
 
-    /// Directory for the durable store. Reserved: not durable yet, tasks
-    /// are kept in memory whatever this says.
-    #[arg(long, env = "WEFT_DATA_DIR")]
-    data_dir: Option<PathBuf>,
+    /// Directory of the durable store (created if missing). Tasks, their
+    /// events and results survive restarts there; one coordinator per dir.
+    #[arg(long, env = "WEFT_DATA_DIR", default_value = "weft-data")]
+    data_dir: PathBuf,
+
+    /// Keep everything in memory instead (nothing survives a restart).
+    #[arg(long)]
+    in_memory: bool,
+
+    /// After a restart, how long tasks that were running wait for their
+    /// node to reconnect and claim them before they are requeued.
+    /// Default: twice --heartbeat-timeout.
+    #[arg(long, value_parser = parse_duration)]
+    restart_grace: Option<Duration>,
+
+    /// A task lost with this many different nodes while running fails
+    /// instead of being retried on another (poison task). 0: no limit.
+    #[arg(long, default_value_t = 2)]
+    max_node_losses: u32,
+
+    /// How long finished tasks and their output are kept; 0 keeps them forever.
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    retention: Duration,
 
     /// Most tasks not yet final at once; Submit past it answers RESOURCE_EXHAUSTED.
     #[arg(long, default_value_t = 10_000_000)]
@@ -73,10 +92,13 @@ impl From<&Args> for CoordinatorConfig {
         CoordinatorConfig {
             heartbeat_interval: args.heartbeat_interval,
             heartbeat_timeout: args.heartbeat_timeout,
-            data_dir: args.data_dir.clone(),
+            data_dir: (!args.in_memory).then(|| args.data_dir.clone()),
             max_queued: args.max_queued,
             retry_backoff_base: args.retry_backoff,
             retry_backoff_max: args.retry_backoff_max,
+            restart_grace: args.restart_grace,
+            max_node_losses: args.max_node_losses,
+            retention: args.retention,
             ..CoordinatorConfig::default()
         }
     }

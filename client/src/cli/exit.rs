@@ -2,7 +2,7 @@
 //! maps to one. The table is printed in `weft --help` ([`EXIT_CODES_HELP`]);
 //! keep the two in step.
 
-use weft_proto::TaskState;
+use weft_proto::{Outcome, TaskState};
 
 use crate::{Error, Task};
 
@@ -39,17 +39,31 @@ Exit codes (task codes from run, call, wait, watch; map exits 1 if any task fail
 
 /// The exit code for a task in its final state (or [`FAILURE`] if it is not
 /// final, which a caller should not ask).
+///
+/// A failed task is classified by `last_outcome` (how its latest attempt
+/// ended) when the coordinator sends it; the error-text heuristics are only
+/// the fallback for coordinators that do not, and for failures decided by
+/// the coordinator itself (e.g. an unknown handler at submit).
 pub fn for_task(task: &Task) -> u8 {
     match task.state {
         TaskState::Succeeded => SUCCESS,
         TaskState::TimedOut => TIMED_OUT,
         TaskState::Cancelled => CANCELLED,
-        TaskState::Failed => match task.exit_code {
-            Some(code) if code != 0 => u8::try_from(code & 0xff)
+        TaskState::Failed => match (task.exit_code, task.last_outcome) {
+            (Some(code), _) if code != 0 => u8::try_from(code & 0xff)
                 .ok()
                 .filter(|c| *c != 0)
                 .unwrap_or(FAILURE),
+            (_, Some(Outcome::StartFailed)) => START_FAILED,
+            (_, Some(Outcome::TimedOut)) => TIMED_OUT,
+            // Cancelled by its node (a drain past its grace), not by a
+            // client: the coordinator counts that as a node loss.
+            (_, Some(Outcome::Cancelled)) => NODE_LOST,
+            (_, Some(Outcome::Failed | Outcome::Succeeded)) => FAILURE,
             _ if is_start_failure(&task.error) => START_FAILED,
+            // No outcome: the latest attempt was lost with its node (or
+            // the task never ran).
+            (_, None) if task.node_losses > 0 && task.attempt.0 > 0 => NODE_LOST,
             _ if lost_with_node(task) => NODE_LOST,
             _ => FAILURE,
         },
@@ -120,6 +134,7 @@ mod tests {
             created_at: None,
             updated_at: None,
             next_seq: 0,
+            last_outcome: None,
         }
     }
 
@@ -161,6 +176,31 @@ mod tests {
         handler_error.failures = 3;
         handler_error.error = "boom".into();
         assert_eq!(for_task(&handler_error), FAILURE);
+    }
+
+    #[test]
+    fn last_outcome_decides_before_the_error_text() {
+        let mut start = task(TaskState::Failed);
+        start.last_outcome = Some(Outcome::StartFailed);
+        start.error = "something odd".into();
+        assert_eq!(for_task(&start), START_FAILED);
+        let mut handler = task(TaskState::Failed);
+        handler.last_outcome = Some(Outcome::Failed);
+        handler.node_losses = 1;
+        handler.error = "lost my temper".into();
+        assert_eq!(for_task(&handler), FAILURE);
+        let mut poison = task(TaskState::Failed);
+        poison.node_losses = 2;
+        poison.failures = 1;
+        poison.error = "lost with 2 different nodes (a, b) while running; not retried to protect the cluster (--max-node-losses)".into();
+        assert_eq!(for_task(&poison), NODE_LOST);
+        let mut drained = task(TaskState::Failed);
+        drained.last_outcome = Some(Outcome::Cancelled);
+        drained.node_losses = 3;
+        assert_eq!(for_task(&drained), NODE_LOST);
+        let mut cancelled = task(TaskState::Cancelled);
+        cancelled.last_outcome = Some(Outcome::Cancelled);
+        assert_eq!(for_task(&cancelled), CANCELLED);
     }
 
     #[test]

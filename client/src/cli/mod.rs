@@ -16,8 +16,10 @@
 //! - [`map`]: `map`, one task per input line.
 //! - [`local`]: `local`, an in-process cluster; also used by `demo`.
 //! - [`demo`]: `demo`, a visible mixed workload on a local cluster.
+//! - [`bench`]: `bench`, the workload protocol with ratios to raw gRPC.
 
 pub mod admin;
+pub mod bench;
 pub mod demo;
 pub mod exit;
 pub mod local;
@@ -30,7 +32,8 @@ pub mod task;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use weft_proto::{TaskId, TaskState};
 
@@ -60,6 +63,23 @@ pub struct Args {
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
+    /// Whether `--coordinator` came from the command line or the
+    /// environment rather than its default (set by [`parse`]; `bench`
+    /// starts its own cluster unless it is set).
+    #[arg(skip)]
+    pub coordinator_given: bool,
+}
+
+/// Parses the process's command line (exiting on a usage error like
+/// `Args::parse`) and notes whether `--coordinator` was given.
+pub fn parse() -> Args {
+    let matches = Args::command().get_matches();
+    let mut args = Args::from_arg_matches(&matches).unwrap_or_else(|err| err.exit());
+    args.coordinator_given = matches!(
+        matches.value_source("coordinator"),
+        Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+    );
+    args
 }
 
 /// The `weft` subcommands.
@@ -210,6 +230,13 @@ pub enum Command {
         #[arg(long, default_value_t = 2, value_name = "S")]
         slots: u32,
     },
+    /// Benchmark: the peers' workload protocol against Weft, beside raw gRPC.
+    ///
+    /// Starts its own cluster (weft-coordinator + 2 × weft-node --slots 1,
+    /// found next to this executable or in WEFT_BIN_DIR) unless
+    /// --coordinator is given. Build first: `cargo build --release --bins`.
+    /// Exits 1 if a step failed.
+    Bench(bench::BenchArgs),
 }
 
 /// Runs the command line in `args` and answers the exit code. Errors are
@@ -234,6 +261,10 @@ async fn dispatch(args: Args) -> anyhow::Result<u8> {
             listen,
         } => local::run(listen, nodes, slots).await,
         Command::Demo { nodes, slots } => demo::run(nodes, slots).await,
+        Command::Bench(bench_args) => {
+            let external = args.coordinator_given.then_some(url);
+            bench::run(bench_args, external, format).await
+        }
         command => {
             let client = Client::connect(&url).await?;
             match command {
@@ -262,7 +293,7 @@ async fn dispatch(args: Args) -> anyhow::Result<u8> {
                     opts,
                     command,
                 } => map::run(&client, &opts, jobs, keep_order, command).await,
-                Command::Local { .. } | Command::Demo { .. } => {
+                Command::Local { .. } | Command::Demo { .. } | Command::Bench(_) => {
                     unreachable!("handled before connecting")
                 }
             }

@@ -373,6 +373,7 @@ mod tests {
             created_at: Some(SystemTime::UNIX_EPOCH),
             updated_at: None,
             next_seq: 9,
+            last_outcome: Some(weft_proto::Outcome::Failed),
         }
     }
 

@@ -13,6 +13,7 @@
 
 mod nodes;
 pub mod queue;
+pub mod recent;
 pub mod registry;
 pub(crate) mod task;
 #[cfg(test)]
@@ -30,9 +31,17 @@ use crate::config::CoordinatorConfig;
 use crate::error::Error;
 use crate::store::{EventBody, Loaded, Record};
 use queue::{ClassId, Queue};
+use recent::RecentResults;
 use registry::{NodeEntry, Registry};
 pub use registry::{NodeInfo, NodeRegistration, SessionId};
 use task::{LiveTask, Placement, state_index};
+
+/// Bytes of one live task's entry in the scheduler, without its spec or
+/// its map and queue slots (for measurements).
+#[doc(hidden)]
+pub fn live_task_size() -> usize {
+    std::mem::size_of::<LiveTask>()
+}
 
 /// The moment an event is applied: a monotonic instant for deadlines and a
 /// wall-clock time for records.
@@ -55,6 +64,12 @@ pub struct SchedulerConfig {
     pub retry_backoff_max: Duration,
     /// Most tasks not final at once.
     pub max_queued: usize,
+    /// After a restart, how long attempts the store has on a node wait for
+    /// that node to reconnect before they are requeued as node losses.
+    pub restart_grace: Duration,
+    /// A task lost with this many different nodes while running ends
+    /// FAILED instead of taking down another (0: no limit).
+    pub max_node_losses: u32,
 }
 
 impl From<&CoordinatorConfig> for SchedulerConfig {
@@ -64,6 +79,8 @@ impl From<&CoordinatorConfig> for SchedulerConfig {
             retry_backoff_base: config.retry_backoff_base,
             retry_backoff_max: config.retry_backoff_max,
             max_queued: config.max_queued,
+            restart_grace: config.restart_grace(),
+            max_node_losses: config.max_node_losses,
         }
     }
 }
@@ -173,6 +190,9 @@ pub struct ClusterStats {
     pub stale_events_refused: u64,
     /// Nodes declared lost.
     pub nodes_lost: u64,
+    /// Attempts restored from the store at start that their node came back
+    /// and claimed (they carried on instead of running again).
+    pub recovered_attempts: u64,
 }
 
 /// The scheduler. See the module docs.
@@ -185,8 +205,11 @@ pub struct Scheduler {
     counts: [u64; 7],
     stale_events_refused: u64,
     nodes_lost: u64,
+    recovered_attempts: u64,
     /// Restored attempts waiting for their node to reconnect, with deadlines.
     orphans: Vec<(TaskId, Instant)>,
+    /// Results recorded recently, to recognise redelivered ones.
+    recent: RecentResults,
     next_liveness_check: Option<Instant>,
     out: Effects,
 }
@@ -202,19 +225,28 @@ impl Scheduler {
             counts: [0; 7],
             stale_events_refused: 0,
             nodes_lost: 0,
+            recovered_attempts: 0,
             orphans: Vec::new(),
+            recent: RecentResults::default(),
             next_liveness_check: None,
             out: Effects::default(),
         }
     }
 
     /// Puts back what the store held at startup. Queued tasks are ready at
-    /// once; assigned or running ones wait up to the heartbeat timeout for
-    /// their node to reconnect and claim them, then are requeued.
+    /// once; assigned or running ones stay on their node and attempt, and
+    /// wait up to the restart grace for that node to reconnect and claim
+    /// them (see [`register_node`](Self::register_node)); then they are
+    /// requeued as node losses.
     pub fn restore(&mut self, loaded: Loaded, now: Now) {
         for (state, count) in loaded.final_counts {
             self.counts[state_index(state)] += count;
         }
+        for done in loaded.recently_final {
+            self.recent
+                .insert(done.task_id, done.attempt, done.outcome, now.instant);
+        }
+        let grace_ends = now.instant + self.config.restart_grace;
         for record in loaded.live {
             let class = self.queue.class_for(&record.spec);
             let mut task = LiveTask::new(Arc::clone(&record.spec), class, record.created_at);
@@ -223,6 +255,10 @@ impl Scheduler {
             task.attempt = record.attempt.0;
             task.failures = record.failures;
             task.node_losses = record.node_losses;
+            task.last_outcome = record.last_outcome;
+            for node in record.lost_nodes {
+                task.add_lost_node(node);
+            }
             task.state = record.state;
             self.counts[state_index(record.state)] += 1;
             match (record.state, record.node_id) {
@@ -232,8 +268,7 @@ impl Scheduler {
                         node_id,
                         node_name: record.node_name.unwrap_or_else(|| Arc::from("unknown")),
                     });
-                    self.orphans
-                        .push((record.id, now.instant + self.config.heartbeat_timeout));
+                    self.orphans.push((record.id, grace_ends));
                     self.tasks.insert(record.id, task);
                 }
                 _ => {
@@ -323,8 +358,8 @@ impl Scheduler {
         };
         match task.state {
             TaskState::Assigned | TaskState::Running => {
-                if task.cancel.is_none() {
-                    task.cancel = Some(reason.clone().into_boxed_str());
+                if task.cancel_reason().is_none() {
+                    task.set_cancel(reason.clone());
                     if let Some(p) = &task.placement {
                         let session = p.session;
                         let attempt = Attempt(task.attempt);
@@ -341,6 +376,7 @@ impl Scheduler {
     /// silent past the heartbeat timeout are lost, restored attempts whose
     /// node did not come back are requeued.
     pub fn tick(&mut self, now: Now) {
+        self.recent.expire(now.instant);
         while let Some((id, attempt)) = self.queue.pop_due(now.instant) {
             if let Some(task) = self.tasks.get_mut(&id)
                 && task.state == TaskState::Queued
@@ -473,6 +509,7 @@ impl Scheduler {
         node.credits -= task.spec.slots;
         node.used += task.spec.slots;
         node.running.insert(id, attempt);
+        task.last_outcome = None;
         task.placement = Some(Placement {
             session,
             node_id: node.id,
@@ -605,6 +642,15 @@ impl Scheduler {
                 .collect(),
             stale_events_refused: self.stale_events_refused,
             nodes_lost: self.nodes_lost,
+            recovered_attempts: self.recovered_attempts,
+        }
+    }
+
+    /// The store deleted final tasks past retention: stop counting them.
+    pub fn forget_expired(&mut self, states: &[TaskState]) {
+        for state in states {
+            let count = &mut self.counts[state_index(*state)];
+            *count = count.saturating_sub(1);
         }
     }
 }

@@ -17,9 +17,13 @@ use crate::store::EventBody;
 
 impl Scheduler {
     /// A node registered on `session`. Attempts it reports running carry on
-    /// when they are still current and were on this node id; it is told to
-    /// cancel the others. If the node id was already connected on another
-    /// session, that session is replaced (its unreported attempts are lost).
+    /// when they are still current and were on this node id (also those
+    /// restored from the store after a coordinator restart); it is told to
+    /// cancel the others, except attempts whose result is already recorded
+    /// (it is about to redeliver those). Attempts restored on this node id
+    /// that it does not report are requeued at once: it does not run them.
+    /// If the node id was already connected on another session, that
+    /// session is replaced (its unreported attempts are lost).
     pub fn register_node(&mut self, session: SessionId, reg: NodeRegistration, now: Now) {
         let reported: HashSet<(TaskId, Attempt)> = reg.running.iter().copied().collect();
         if let Some(old) = self.nodes.by_id.get(&reg.node_id).copied()
@@ -56,12 +60,17 @@ impl Scheduler {
             match self.tasks.get_mut(&id) {
                 Some(task) if adoptable => {
                     if let Some(p) = task.placement.as_mut() {
+                        if p.session == SessionId::RESTORED {
+                            self.recovered_attempts += 1;
+                            tracing::info!(task_id = %id, attempt = attempt.0, node_id = %node_id, node_name = %name, "restored attempt claimed by its node");
+                        }
                         p.session = session;
                         p.node_name = std::sync::Arc::clone(&name);
                     }
                     entry.used = entry.used.saturating_add(task.spec.slots);
                     entry.running.insert(id, attempt);
                 }
+                _ if self.recent.contains(id, attempt) => {}
                 _ => refused.push((id, attempt)),
             }
         }
@@ -70,8 +79,38 @@ impl Scheduler {
         for (id, attempt) in refused {
             self.order_cancel(session, id, attempt, "attempt is no longer current".into());
         }
+        self.requeue_unclaimed(node_id, &name, now);
         if self.next_liveness_check.is_none() {
             self.next_liveness_check = Some(now.instant + self.liveness_interval());
+        }
+    }
+
+    /// Requeues the attempts restored on `node_id` that it did not claim
+    /// when it registered, and forgets orphans that are settled.
+    fn requeue_unclaimed(&mut self, node_id: NodeId, name: &std::sync::Arc<str>, now: Now) {
+        if self.orphans.is_empty() {
+            return;
+        }
+        let mut unclaimed = Vec::new();
+        self.orphans.retain(|(id, _)| {
+            let Some(task) = self.tasks.get(id) else {
+                return false;
+            };
+            match &task.placement {
+                Some(p) if p.session == SessionId::RESTORED => {
+                    if p.node_id == node_id {
+                        unclaimed.push((*id, Attempt(task.attempt)));
+                        false
+                    } else {
+                        true
+                    }
+                }
+                _ => false,
+            }
+        });
+        for (id, attempt) in unclaimed {
+            tracing::info!(task_id = %id, attempt = attempt.0, node_id = %node_id, node_name = %name, "node came back without a restored attempt; requeueing it");
+            self.lose_attempt(id, attempt, name, node_id, now);
         }
     }
 
@@ -155,6 +194,13 @@ impl Scheduler {
             .get_mut(&id)
             .filter(|t| t.is_current(event.attempt, session))
         else {
+            if let NodeEventBody::Finished { outcome, .. } = &event.body
+                && self.recent.is_duplicate(id, event.attempt, *outcome)
+            {
+                // A node redelivering a result we already recorded.
+                tracing::debug!(task_id = %id, attempt = event.attempt.0, "ignored a redelivered result");
+                return;
+            }
             self.stale_events_refused += 1;
             tracing::debug!(task_id = %id, attempt = event.attempt.0, "refused event for a stale attempt");
             self.order_cancel(
@@ -205,10 +251,13 @@ impl Scheduler {
             return;
         };
         task.exit_code = exit_code;
+        task.last_outcome = Some(outcome);
         let attempt = task.attempt;
+        self.recent
+            .insert(id, Attempt(attempt), Some(outcome), now.instant);
         let max = task.spec.max_attempts;
         let slots = task.spec.slots;
-        let cancel = task.cancel.clone();
+        let cancel = task.cancel_reason().map(str::to_owned);
         let node_ref = task
             .placement
             .as_ref()
@@ -223,13 +272,7 @@ impl Scheduler {
             return;
         }
         if let Some(reason) = cancel {
-            self.finalize(
-                id,
-                TaskState::Cancelled,
-                reason.into(),
-                Bytes::new(),
-                now.wall,
-            );
+            self.finalize(id, TaskState::Cancelled, reason, Bytes::new(), now.wall);
             return;
         }
         let error = if !error.is_empty() {
@@ -321,7 +364,9 @@ impl Scheduler {
     }
 
     /// An attempt went down with its node: requeued as the next attempt,
-    /// CANCELLED if a client had cancelled it, FAILED when no attempts are left.
+    /// CANCELLED if a client had cancelled it, FAILED when no attempts are
+    /// left or when it has now been running on `max_node_losses` different
+    /// nodes that were lost (a poison task: not retried, to spare the rest).
     pub(crate) fn lose_attempt(
         &mut self,
         id: TaskId,
@@ -338,18 +383,28 @@ impl Scheduler {
         {
             return;
         }
-        if let Some(reason) = task.cancel.clone() {
-            self.finalize(
-                id,
-                TaskState::Cancelled,
-                reason.into(),
-                Bytes::new(),
-                now.wall,
-            );
+        if let Some(reason) = task.cancel_reason().map(str::to_owned) {
+            self.finalize(id, TaskState::Cancelled, reason, Bytes::new(), now.wall);
             return;
         }
         task.node_losses += 1;
+        task.last_outcome = None;
+        if task.state == TaskState::Running {
+            task.add_lost_node((node_id, std::sync::Arc::clone(node_name)));
+        }
         let max = task.spec.max_attempts;
+        let limit = self.config.max_node_losses;
+        if limit > 0 && task.lost_nodes().len() >= limit as usize {
+            let names: Vec<&str> = task.lost_nodes().iter().map(|(_, n)| &**n).collect();
+            let error = format!(
+                "lost with {} different nodes ({}) while running; not retried to protect the cluster (--max-node-losses)",
+                names.len(),
+                names.join(", ")
+            );
+            tracing::warn!(task_id = %id, attempt = attempt.0, node_id = %node_id, node_name = %node_name, "poison task: failing it instead of retrying");
+            self.finalize(id, TaskState::Failed, error, Bytes::new(), now.wall);
+            return;
+        }
         let node = Some((node_id, std::sync::Arc::clone(node_name)));
         if attempt.0 < max {
             let reason = format!(

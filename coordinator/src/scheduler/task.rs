@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 
-use weft_proto::{Attempt, NodeId, TaskId, TaskSpec, TaskState};
+use weft_proto::{Attempt, NodeId, Outcome, TaskId, TaskSpec, TaskState};
 
 use super::Scheduler;
 use super::queue::ClassId;
@@ -37,15 +37,17 @@ pub(crate) struct LiveTask {
     pub exit_code: Option<i32>,
     /// Node of the current attempt; `None` while queued.
     pub placement: Option<Placement>,
-    /// Set when a client cancelled a running task: the reason, recorded as
-    /// the error once the node reports or is lost.
-    pub cancel: Option<Box<str>>,
+    /// What few tasks need (a pending cancel, lost nodes), boxed so the
+    /// common task pays one pointer for it.
+    pub rare: Option<Box<Rare>>,
     pub class: ClassId,
     /// Latest attempt (0 before the first assignment).
     pub attempt: u32,
     pub failures: u32,
     pub node_losses: u32,
     pub state: TaskState,
+    /// How the latest attempt ended (`None` while it runs or was lost).
+    pub last_outcome: Option<Outcome>,
     /// Queued but waiting out a retry backoff (not in a ready queue).
     pub delayed: bool,
 }
@@ -60,12 +62,13 @@ impl LiveTask {
             next_chunk: 0,
             exit_code: None,
             placement: None,
-            cancel: None,
+            rare: None,
             class,
             attempt: 0,
             failures: 0,
             node_losses: 0,
             state: TaskState::Queued,
+            last_outcome: None,
             delayed: false,
         }
     }
@@ -88,6 +91,31 @@ impl LiveTask {
             created_at: self.created_at,
             updated_at: self.updated_at,
             next_seq: self.next_seq,
+            last_outcome: self.last_outcome,
+            lost_nodes: self.lost_nodes().to_vec(),
+        }
+    }
+
+    /// The reason a client gave when it cancelled this task while it ran;
+    /// recorded as the error once the node reports or is lost.
+    pub fn cancel_reason(&self) -> Option<&str> {
+        self.rare.as_ref()?.cancel.as_deref()
+    }
+
+    /// Records a client's cancel of the running attempt.
+    pub fn set_cancel(&mut self, reason: String) {
+        self.rare.get_or_insert_default().cancel = Some(reason.into_boxed_str());
+    }
+
+    /// Different nodes lost while this task ran on them, oldest first.
+    pub fn lost_nodes(&self) -> &[NodeRef] {
+        self.rare.as_ref().map_or(&[], |r| &r.lost_nodes)
+    }
+
+    /// Notes that `node` was lost while this task ran on it (once per node).
+    pub fn add_lost_node(&mut self, node: NodeRef) {
+        if !self.lost_nodes().iter().any(|(id, _)| *id == node.0) {
+            self.rare.get_or_insert_default().lost_nodes.push(node);
         }
     }
 
@@ -108,6 +136,15 @@ impl LiveTask {
             None => (None, None),
         }
     }
+}
+
+/// The rarely needed part of a [`LiveTask`].
+#[derive(Debug, Default)]
+pub(crate) struct Rare {
+    /// Set when a client cancelled a running task.
+    pub cancel: Option<Box<str>>,
+    /// Different nodes lost while this task ran on them (poison evidence).
+    pub lost_nodes: Vec<NodeRef>,
 }
 
 /// Index of a state in the per-state counters.

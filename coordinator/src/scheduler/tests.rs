@@ -26,6 +26,8 @@ fn config() -> SchedulerConfig {
         retry_backoff_base: Duration::from_millis(100),
         retry_backoff_max: Duration::from_secs(10),
         max_queued: 10_000,
+        restart_grace: Duration::from_secs(10),
+        max_node_losses: 2,
     }
 }
 
@@ -56,6 +58,21 @@ impl Harness {
             records: Vec::new(),
             ids: ulid::Generator::new(),
         }
+    }
+
+    /// A coordinator restart: everything written so far goes through a
+    /// store and is loaded into a fresh scheduler, `downtime` later.
+    fn restart(&self, downtime: Duration) -> Harness {
+        let store = crate::store::MemoryStore::new();
+        crate::store::Store::commit(&store, &self.records).expect("records commit");
+        let loaded =
+            crate::store::Store::load(&store, SystemTime::UNIX_EPOCH).expect("store loads");
+        let mut h = Harness::with(self.s.config.clone());
+        h.now.instant = self.now.instant + downtime;
+        h.now.wall = self.now.wall + downtime;
+        h.s.restore(loaded, h.now);
+        h.records = self.records.clone();
+        h
     }
 
     fn advance(&mut self, by: Duration) {
@@ -659,4 +676,212 @@ fn a_queued_task_stays_small_in_the_scheduler() {
     assert_eq!(std::mem::size_of::<TaskId>(), 16);
     let size = std::mem::size_of::<task::LiveTask>();
     assert!(size <= 160, "LiveTask is {size} bytes");
+}
+
+/// Node `n1` on S1 runs `ids[0]` (started) of two submitted tasks; the
+/// other stays queued. Returns the harness, the node's registration and ids.
+fn one_running_one_queued() -> (Harness, NodeRegistration, Vec<TaskId>) {
+    let mut h = Harness::new();
+    let first = reg("n1", 1);
+    h.node(S1, first.clone(), 1);
+    let ids = h.submit(vec![TaskSpec::call("noop", ""), TaskSpec::call("noop", "")]);
+    h.effects();
+    h.event(S1, ids[0], 1, NodeEventBody::Started);
+    h.effects();
+    assert_eq!(h.record(ids[0]).state, TaskState::Running);
+    (h, first, ids)
+}
+
+#[test]
+fn after_a_restart_a_running_attempt_claimed_by_its_node_carries_on() {
+    let (h, first, ids) = one_running_one_queued();
+    let mut h = h.restart(Duration::from_secs(1));
+    let mut again = first;
+    again.running = vec![(ids[0], Attempt(1))];
+    h.node(S2, again, 0);
+    let e = h.effects();
+    assert!(cancels(&e, S2).is_empty());
+    assert_eq!(h.s.stats().recovered_attempts, 1);
+    // Well past the grace: nothing is requeued, it still runs.
+    for _ in 0..4 {
+        h.advance(Duration::from_secs(4));
+        h.s.heartbeat(S2, h.now);
+        h.effects();
+    }
+    assert_eq!(h.record(ids[0]).state, TaskState::Running);
+    h.finish(S2, ids[0], 1, Outcome::Succeeded);
+    h.s.credits(S2, 1, h.now);
+    let e = h.effects();
+    let done = h.record(ids[0]);
+    assert_eq!(
+        (done.state, done.attempt, done.node_losses),
+        (TaskState::Succeeded, Attempt(1), 0)
+    );
+    assert_eq!(done.last_outcome, Some(Outcome::Succeeded));
+    assert_eq!(h.s.stats().stale_events_refused, 0);
+    // The task that was queued before the restart is still there and runs.
+    assert_eq!(assigned(&e, S2), [(ids[1], Attempt(1))]);
+}
+
+#[test]
+fn after_a_restart_an_absent_nodes_attempts_are_requeued_only_after_the_grace() {
+    let (h, _, ids) = one_running_one_queued();
+    let mut h = h.restart(Duration::from_secs(1));
+    h.effects();
+    // Past the heartbeat timeout (5 s) but inside the restart grace (10 s).
+    h.advance(Duration::from_secs(9));
+    h.effects();
+    assert_eq!(h.record(ids[0]).state, TaskState::Running);
+    h.advance(Duration::from_secs(1));
+    h.effects();
+    let record = h.record(ids[0]);
+    assert_eq!(
+        (record.state, record.attempt, record.node_losses),
+        (TaskState::Queued, Attempt(2), 1)
+    );
+}
+
+#[test]
+fn after_a_restart_a_node_that_does_not_list_its_attempt_has_it_requeued_at_once() {
+    let (h, first, ids) = one_running_one_queued();
+    let mut h = h.restart(Duration::from_secs(1));
+    h.node(S2, first, 0);
+    let e = h.effects();
+    assert!(cancels(&e, S2).is_empty());
+    let record = h.record(ids[0]);
+    assert_eq!(
+        (record.state, record.attempt, record.node_losses),
+        (TaskState::Queued, Attempt(2), 1)
+    );
+    assert!(h.s.orphans.is_empty(), "no orphan left waiting");
+}
+
+#[test]
+fn a_task_lost_with_two_different_nodes_while_running_fails_as_poison() {
+    let mut h = Harness::new();
+    let id = h.submit(vec![TaskSpec::call("noop", "").max_attempts(5)])[0];
+    for (session, name) in [(S1, "node-a"), (S2, "node-b")] {
+        h.node(session, reg(name, 1), 1);
+        h.effects();
+        h.event(session, id, h.record(id).attempt.0, NodeEventBody::Started);
+        h.effects();
+        h.s.node_gone(session, h.now);
+        h.effects();
+    }
+    let record = h.record(id);
+    assert_eq!(
+        (record.state, record.failures, record.node_losses),
+        (TaskState::Failed, 0, 2)
+    );
+    assert_eq!(
+        record.error,
+        "lost with 2 different nodes (node-a, node-b) while running; not retried to protect the cluster (--max-node-losses)"
+    );
+    assert_eq!(record.last_outcome, None);
+    // A third node is never given it.
+    h.node(SessionId(3), reg("node-c", 1), 1);
+    assert!(assigned(&h.effects(), SessionId(3)).is_empty());
+}
+
+#[test]
+fn the_same_node_lost_twice_or_a_loss_before_start_is_not_poison() {
+    let mut h = Harness::new();
+    let id = h.submit(vec![TaskSpec::call("noop", "").max_attempts(5)])[0];
+    let node = reg("node-a", 1);
+    // Lost twice with the same node id (it reconnects between losses).
+    for session in [S1, S2] {
+        h.node(session, node.clone(), 1);
+        h.effects();
+        h.event(session, id, h.record(id).attempt.0, NodeEventBody::Started);
+        h.s.node_gone(session, h.now);
+        h.effects();
+    }
+    // Lost with another node before it started there.
+    h.node(SessionId(3), reg("node-b", 1), 1);
+    h.effects();
+    h.s.node_gone(SessionId(3), h.now);
+    h.effects();
+    let record = h.record(id);
+    assert_eq!(
+        (record.state, record.node_losses, record.attempt),
+        (TaskState::Queued, 3, Attempt(4))
+    );
+    assert_eq!(record.lost_nodes.len(), 1);
+}
+
+#[test]
+fn a_redelivered_result_is_ignored_quietly() {
+    let mut h = Harness::new();
+    let first = reg("n1", 2);
+    h.node(S1, first.clone(), 2);
+    let ids = h.submit(vec![
+        TaskSpec::call("noop", ""),
+        TaskSpec::call("noop", "").max_attempts(2),
+    ]);
+    h.effects();
+    h.finish(S1, ids[0], 1, Outcome::Succeeded);
+    h.finish(S1, ids[1], 1, Outcome::Failed);
+    h.effects();
+    // The node reconnects, lists both attempts and sends both results again.
+    let mut again = first;
+    again.running = vec![(ids[0], Attempt(1)), (ids[1], Attempt(1))];
+    h.node(S2, again, 0);
+    h.finish(S2, ids[0], 1, Outcome::Succeeded);
+    h.finish(S2, ids[1], 1, Outcome::Failed);
+    let e = h.effects();
+    assert!(cancels(&e, S2).is_empty(), "{:?}", cancels(&e, S2));
+    assert_eq!(h.s.stats().stale_events_refused, 0);
+    assert_eq!(h.record(ids[0]).state, TaskState::Succeeded);
+    assert_eq!(h.events(ids[0]).len(), 4, "no event added by the duplicate");
+    assert_eq!(
+        (h.record(ids[1]).state, h.record(ids[1]).attempt),
+        (TaskState::Queued, Attempt(2))
+    );
+    // A different result for that attempt is not a duplicate: refused.
+    h.finish(S2, ids[0], 1, Outcome::Failed);
+    let e = h.effects();
+    assert_eq!(cancels(&e, S2), [(ids[0], Attempt(1))]);
+    assert_eq!(h.s.stats().stale_events_refused, 1);
+}
+
+#[test]
+fn a_result_redelivered_after_a_restart_is_ignored_quietly() {
+    let mut h = Harness::new();
+    let first = reg("n1", 1);
+    h.node(S1, first.clone(), 1);
+    let id = h.submit(vec![TaskSpec::call("noop", "")])[0];
+    h.effects();
+    h.finish(S1, id, 1, Outcome::Succeeded);
+    h.effects();
+    let mut h = h.restart(Duration::from_secs(1));
+    let mut again = first;
+    again.running = vec![(id, Attempt(1))];
+    h.node(S2, again, 1);
+    h.finish(S2, id, 1, Outcome::Succeeded);
+    let e = h.effects();
+    assert!(cancels(&e, S2).is_empty());
+    assert_eq!(h.s.stats().stale_events_refused, 0);
+}
+
+#[test]
+fn last_outcome_says_how_the_latest_attempt_ended() {
+    let mut h = Harness::new();
+    h.node(S1, reg("n1", 1), 1);
+    let id = h.submit(vec![TaskSpec::call("noop", "").max_attempts(2)])[0];
+    h.effects();
+    assert_eq!(h.record(id).last_outcome, None);
+    h.finish(S1, id, 1, Outcome::Failed);
+    h.effects();
+    assert_eq!(h.record(id).last_outcome, Some(Outcome::Failed));
+    h.s.credits(S1, 1, h.now);
+    h.advance(Duration::from_secs(1));
+    h.effects();
+    assert_eq!(h.record(id).state, TaskState::Assigned);
+    assert_eq!(h.record(id).last_outcome, None);
+    h.finish(S1, id, 2, Outcome::StartFailed);
+    h.effects();
+    assert_eq!(
+        (h.record(id).state, h.record(id).last_outcome),
+        (TaskState::Failed, Some(Outcome::StartFailed))
+    );
 }

@@ -97,6 +97,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
             uptime: Some(duration_to_pb(uptime)),
             stale_events_refused: stats.stale_events_refused,
             nodes_lost: stats.nodes_lost,
+            recovered_attempts: stats.recovered_attempts,
         }))
     }
 }

@@ -4,11 +4,14 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use weft_proto::{TaskId, TaskSpec, pb};
+use std::time::SystemTime;
+
+use weft_proto::{TaskId, TaskSpec, TaskState, pb};
 
 use super::{event_to_pb, parse_task_id, state_filter, task_to_pb};
-use crate::driver::{Command, Handle};
+use crate::driver::{Command, Handle, blocking};
 use crate::error::Error;
+use crate::store::TaskRecord;
 
 /// Events of one task, from the store then live.
 pub(crate) type EventStream = ReceiverStream<Result<pb::TaskEvent, Status>>;
@@ -40,6 +43,36 @@ impl TaskApi {
             .await?
     }
 
+    /// A task's stored record, read on the blocking pool; a missing one is
+    /// NOT_FOUND (or expired, by the id's age).
+    async fn read_task(&self, id: TaskId) -> Result<TaskRecord, Error> {
+        let found = blocking(&self.handle.store, "reading a task", move |store| {
+            store.task(id)
+        })
+        .await?;
+        found
+            .ok_or_else(|| Error::missing_task(id, self.handle.config.retention, SystemTime::now()))
+    }
+
+    /// Fills `pending_reason` of the queued records from the scheduler.
+    async fn with_pending(&self, records: &mut [TaskRecord]) -> Result<(), Error> {
+        let queued: Vec<usize> = (0..records.len())
+            .filter(|i| records[*i].state == TaskState::Queued)
+            .collect();
+        if queued.is_empty() {
+            return Ok(());
+        }
+        let ids = queued.iter().map(|i| records[*i].id).collect();
+        let reasons = self
+            .handle
+            .call(|reply| Command::PendingReasons { ids, reply })
+            .await?;
+        for (i, reason) in queued.into_iter().zip(reasons) {
+            records[i].pending_reason = reason.unwrap_or_default();
+        }
+        Ok(())
+    }
+
     fn watch_stream(&self, id: TaskId, from_seq: u64) -> EventStream {
         let (tx, rx) = mpsc::channel(64);
         let handle = self.handle.clone();
@@ -68,7 +101,12 @@ async fn pump(
             }
         };
         loop {
-            let page = match handle.store.events(id, next, HISTORY_PAGE) {
+            let from = next;
+            let page = blocking(&handle.store, "reading events", move |store| {
+                store.events(id, from, HISTORY_PAGE)
+            })
+            .await;
+            let page = match page {
                 Ok(page) => page,
                 Err(err) => {
                     let _ = out.send(Err(Error::from(err).into())).await;
@@ -133,12 +171,10 @@ impl pb::task_service_server::TaskService for TaskApi {
         request: Request<pb::GetRequest>,
     ) -> Result<Response<pb::GetResponse>, Status> {
         let id = parse_task_id(&request.into_inner().task_id)?;
-        let record = self
-            .handle
-            .call(|reply| Command::Get { id, reply })
-            .await??;
+        let mut record = [self.read_task(id).await?];
+        self.with_pending(&mut record).await?;
         Ok(Response::new(pb::GetResponse {
-            task: Some(task_to_pb(&record)),
+            task: Some(task_to_pb(&record[0])),
         }))
     }
 
@@ -156,15 +192,12 @@ impl pb::task_service_server::TaskService for TaskApi {
             "" => None,
             token => Some(parse_task_id(token)?),
         };
-        let records = self
-            .handle
-            .call(|reply| Command::List {
-                state,
-                before,
-                limit,
-                reply,
-            })
-            .await??;
+        let mut records = blocking(&self.handle.store, "listing tasks", move |store| {
+            store.list(state, before, limit)
+        })
+        .await
+        .map_err(Error::from)?;
+        self.with_pending(&mut records).await?;
         let next_page_token = match records.last() {
             Some(last) if records.len() == limit => last.id.to_string(),
             _ => String::new(),
@@ -184,9 +217,7 @@ impl pb::task_service_server::TaskService for TaskApi {
         let request = request.into_inner();
         let id = parse_task_id(&request.task_id)?;
         // Unknown ids fail the call itself, not the stream.
-        if self.handle.store.task(id).map_err(Error::from)?.is_none() {
-            return Err(Error::TaskNotFound(id).into());
-        }
+        self.read_task(id).await?;
         Ok(Response::new(self.watch_stream(id, request.from_seq)))
     }
 
@@ -197,12 +228,23 @@ impl pb::task_service_server::TaskService for TaskApi {
         let request = request.into_inner();
         let id = parse_task_id(&request.task_id)?;
         let reason = request.reason;
-        let record = self
+        let live = self
             .handle
             .call(|reply| Command::Cancel { id, reason, reply })
             .await??;
+        // The cancel is committed; the store has the record as it left it.
+        let mut record = [self.read_task(id).await?];
+        if !live && record[0].state.is_final() {
+            return Err(Error::TaskFinal {
+                id,
+                state: record[0].state,
+            }
+            .into());
+        }
+        self.with_pending(&mut record).await?;
+        let record = &record[0];
         Ok(Response::new(pb::CancelResponse {
-            task: Some(task_to_pb(&record)),
+            task: Some(task_to_pb(record)),
         }))
     }
 

@@ -1,18 +1,28 @@
-//! The in-memory store: the default until the durable one lands, and what
-//! tests use. Nothing survives the process.
+//! The in-memory store: what tests and `--in-memory` use. Nothing survives
+//! the process.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::RwLock;
+use std::time::SystemTime;
 
 use weft_proto::{TaskId, TaskState};
 
-use super::{Loaded, Record, Store, StoreError, TaskEvent, TaskRecord};
+use super::{
+    FinalAttempt, Loaded, MAX_RECENTLY_FINAL, Record, Store, StoreError, TaskEvent, TaskRecord,
+};
 
 /// Tasks in a `BTreeMap` keyed by id; ULIDs sort by creation time, so
 /// "newest first" is a reverse range scan.
 #[derive(Debug, Default)]
 pub struct MemoryStore {
-    tasks: RwLock<BTreeMap<TaskId, Entry>>,
+    inner: RwLock<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    tasks: BTreeMap<TaskId, Entry>,
+    /// Final tasks by when they became final, for retention.
+    final_by_time: BTreeSet<(SystemTime, TaskId)>,
 }
 
 #[derive(Debug)]
@@ -39,7 +49,11 @@ impl Store for MemoryStore {
         if records.is_empty() {
             return Ok(());
         }
-        let mut tasks = self.tasks.write().map_err(|_| StoreError::Poisoned)?;
+        let mut inner = self.inner.write().map_err(|_| StoreError::Poisoned)?;
+        let Inner {
+            tasks,
+            final_by_time,
+        } = &mut *inner;
         // Check first so that a bad commit changes nothing.
         let mut pending: BTreeMap<TaskId, u64> = BTreeMap::new();
         for record in records {
@@ -75,18 +89,28 @@ impl Store for MemoryStore {
         }
         for record in records {
             match record {
-                Record::Task(task) => match tasks.get_mut(&task.id) {
-                    Some(entry) => entry.record = task.clone(),
-                    None => {
-                        tasks.insert(
-                            task.id,
-                            Entry {
-                                record: task.clone(),
-                                events: Vec::new(),
-                            },
-                        );
+                Record::Task(task) => {
+                    if task.state.is_final() {
+                        final_by_time.insert((task.updated_at, task.id));
                     }
-                },
+                    match tasks.get_mut(&task.id) {
+                        Some(entry) => {
+                            if entry.record.state.is_final() {
+                                final_by_time.remove(&(entry.record.updated_at, task.id));
+                            }
+                            entry.record = task.clone();
+                        }
+                        None => {
+                            tasks.insert(
+                                task.id,
+                                Entry {
+                                    record: task.clone(),
+                                    events: Vec::new(),
+                                },
+                            );
+                        }
+                    }
+                }
                 Record::Event(event) => {
                     if let Some(entry) = tasks.get_mut(&event.task_id) {
                         entry.events.push(event.clone());
@@ -98,7 +122,8 @@ impl Store for MemoryStore {
     }
 
     fn task(&self, id: TaskId) -> Result<Option<TaskRecord>, StoreError> {
-        let tasks = self.tasks.read().map_err(|_| StoreError::Poisoned)?;
+        let inner = self.inner.read().map_err(|_| StoreError::Poisoned)?;
+        let tasks = &inner.tasks;
         Ok(tasks.get(&id).map(with_seq))
     }
 
@@ -108,7 +133,8 @@ impl Store for MemoryStore {
         before: Option<TaskId>,
         limit: usize,
     ) -> Result<Vec<TaskRecord>, StoreError> {
-        let tasks = self.tasks.read().map_err(|_| StoreError::Poisoned)?;
+        let inner = self.inner.read().map_err(|_| StoreError::Poisoned)?;
+        let tasks = &inner.tasks;
         let range = match before {
             Some(before) => tasks.range(..before),
             None => tasks.range(..),
@@ -127,7 +153,8 @@ impl Store for MemoryStore {
         from_seq: u64,
         limit: usize,
     ) -> Result<Vec<TaskEvent>, StoreError> {
-        let tasks = self.tasks.read().map_err(|_| StoreError::Poisoned)?;
+        let inner = self.inner.read().map_err(|_| StoreError::Poisoned)?;
+        let tasks = &inner.tasks;
         let Some(entry) = tasks.get(&id) else {
             return Ok(Vec::new());
         };
@@ -141,8 +168,9 @@ impl Store for MemoryStore {
             .collect())
     }
 
-    fn load(&self) -> Result<Loaded, StoreError> {
-        let tasks = self.tasks.read().map_err(|_| StoreError::Poisoned)?;
+    fn load(&self, final_since: SystemTime) -> Result<Loaded, StoreError> {
+        let inner = self.inner.read().map_err(|_| StoreError::Poisoned)?;
+        let tasks = &inner.tasks;
         let mut loaded = Loaded::default();
         let mut counts: BTreeMap<&'static str, (TaskState, u64)> = BTreeMap::new();
         for entry in tasks.values() {
@@ -156,7 +184,41 @@ impl Store for MemoryStore {
             }
         }
         loaded.final_counts = counts.into_values().collect();
+        loaded.recently_final = inner
+            .final_by_time
+            .range((final_since, TaskId::from_u128(0))..)
+            .rev()
+            .take(MAX_RECENTLY_FINAL)
+            .filter_map(|(_, id)| tasks.get(id))
+            .map(|e| FinalAttempt {
+                task_id: e.record.id,
+                attempt: e.record.attempt,
+                outcome: e.record.last_outcome,
+            })
+            .collect();
         Ok(loaded)
+    }
+
+    fn expire(
+        &self,
+        finished_before: SystemTime,
+        limit: usize,
+    ) -> Result<Vec<TaskState>, StoreError> {
+        let mut inner = self.inner.write().map_err(|_| StoreError::Poisoned)?;
+        let due: Vec<(SystemTime, TaskId)> = inner
+            .final_by_time
+            .range(..(finished_before, TaskId::from_u128(0)))
+            .take(limit)
+            .copied()
+            .collect();
+        let mut removed = Vec::with_capacity(due.len());
+        for key in due {
+            inner.final_by_time.remove(&key);
+            if let Some(entry) = inner.tasks.remove(&key.1) {
+                removed.push(entry.record.state);
+            }
+        }
+        Ok(removed)
     }
 }
 
@@ -187,6 +249,8 @@ mod tests {
             created_at: SystemTime::UNIX_EPOCH,
             updated_at: SystemTime::UNIX_EPOCH,
             next_seq: 0,
+            last_outcome: None,
+            lost_nodes: Vec::new(),
         }
     }
 
@@ -260,7 +324,7 @@ mod tests {
             .map(|r| r.id)
             .collect();
         assert_eq!(queued, [ids[0]]);
-        let loaded = store.load().unwrap();
+        let loaded = store.load(SystemTime::UNIX_EPOCH).unwrap();
         assert_eq!(loaded.live.len(), 2);
         assert_eq!(loaded.final_counts, [(TaskState::Succeeded, 2)]);
     }

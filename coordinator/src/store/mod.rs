@@ -6,17 +6,25 @@
 //! committed, so a reader never sees less than what was acknowledged.
 //!
 //! Records are plain data (no channels, no tonic types), so a durable
-//! implementation only has to serialize them.
+//! implementation only has to serialize them ([`codec`] does, with prost).
+//!
+//! Reads and commits may touch the disk: async callers run them on the
+//! blocking pool (`spawn_blocking`), never on a runtime worker.
 
+pub(crate) mod codec;
 pub mod memory;
+pub mod redb;
+#[cfg(test)]
+mod tests;
 
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use bytes::Bytes;
 
-use weft_proto::{Attempt, NodeId, OutputStream, TaskId, TaskSpec, TaskState};
+use weft_proto::{Attempt, NodeId, Outcome, OutputStream, TaskId, TaskSpec, TaskState};
 
+pub use self::redb::RedbStore;
 pub use memory::MemoryStore;
 
 /// A task's record as stored: everything `Get` answers except
@@ -53,6 +61,13 @@ pub struct TaskRecord {
     pub updated_at: SystemTime,
     /// Sequence number the next event will get.
     pub next_seq: u64,
+    /// How the latest attempt ended, as its node reported it; `None`
+    /// before any attempt, while one runs, and when it was lost with its node.
+    pub last_outcome: Option<Outcome>,
+    /// The different nodes lost while this task was running on them, oldest
+    /// first: the evidence for `--max-node-losses` (poison tasks), kept so
+    /// a restart does not forget it.
+    pub lost_nodes: Vec<(NodeId, Arc<str>)>,
 }
 
 /// One event in a task's history. Seqs start at 0 and have no gaps.
@@ -125,9 +140,28 @@ pub struct Loaded {
     pub live: Vec<TaskRecord>,
     /// How many tasks ended in each final state.
     pub final_counts: Vec<(TaskState, u64)>,
+    /// Tasks that became final since the time `load` was given, newest
+    /// first (bounded): their results may still be redelivered by nodes and
+    /// must then be recognised as duplicates.
+    pub recently_final: Vec<FinalAttempt>,
 }
 
-/// Why the store failed.
+/// The attempt that ended a final task, and how it ended.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct FinalAttempt {
+    /// The task.
+    pub task_id: TaskId,
+    /// Its last attempt.
+    pub attempt: Attempt,
+    /// How that attempt ended, if its node reported it.
+    pub outcome: Option<Outcome>,
+}
+
+/// Most [`Loaded::recently_final`] entries a store returns.
+pub const MAX_RECENTLY_FINAL: usize = 100_000;
+
+/// Why the store failed. `Clone` because one failed group commit fails
+/// every reply of its batch.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// A thread panicked while holding the store's lock.
@@ -137,6 +171,37 @@ pub enum StoreError {
     /// without its task): a bug in the writer, refused rather than stored.
     #[error("inconsistent commit: {0}")]
     Inconsistent(String),
+    /// Another process (or another coordinator in this one) has the data
+    /// dir's database open.
+    #[error(
+        "data dir {} is in use by another coordinator (its database file is locked); stop that one or pass another --data-dir",
+        .0.display()
+    )]
+    Locked(std::path::PathBuf),
+    /// The data dir could not be created or opened.
+    #[error("opening data dir {}: {message}", path.display())]
+    Open {
+        /// The data dir.
+        path: std::path::PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+    /// The database engine failed (I/O error, full disk, ...).
+    #[error("{op}: {message}")]
+    Backend {
+        /// What the store was doing.
+        op: &'static str,
+        /// The engine's error.
+        message: String,
+    },
+    /// A stored record could not be decoded.
+    #[error("corrupt record ({what}): {message}")]
+    Corrupt {
+        /// Which kind of record.
+        what: &'static str,
+        /// Why.
+        message: String,
+    },
 }
 
 /// Where tasks and their events live. Implementations must make a
@@ -161,6 +226,16 @@ pub trait Store: Send + Sync + 'static {
     fn events(&self, id: TaskId, from_seq: u64, limit: usize)
     -> Result<Vec<TaskEvent>, StoreError>;
 
-    /// Everything the scheduler needs after a restart.
-    fn load(&self) -> Result<Loaded, StoreError>;
+    /// Everything the scheduler needs after a restart; tasks final since
+    /// `final_since` are listed in [`Loaded::recently_final`].
+    fn load(&self, final_since: SystemTime) -> Result<Loaded, StoreError>;
+
+    /// Deletes up to `limit` final tasks whose record last changed before
+    /// `finished_before`, with their events, atomically. Returns the states
+    /// of the deleted tasks (so counters can follow).
+    fn expire(
+        &self,
+        finished_before: SystemTime,
+        limit: usize,
+    ) -> Result<Vec<TaskState>, StoreError>;
 }

@@ -1,0 +1,299 @@
+//! Records <-> protobuf: the one place that knows how a [`TaskRecord`] or a
+//! [`TaskEvent`] looks as bytes. The wire messages (`pb::Task`,
+//! `pb::TaskEvent`) are reused as the stored form, so the services and the
+//! durable store share one translation and the file format inherits
+//! protobuf's rules for adding fields.
+//!
+//! Stored forms are made compact where the key already says it: the task id
+//! is left out of stored tasks and events, and a stored `finished` event
+//! leaves out the spec (its task record has it).
+
+use std::sync::Arc;
+
+use prost::Message;
+
+use weft_proto::convert::{system_time, timestamp};
+use weft_proto::{Attempt, NodeId, Outcome, OutputStream, TaskId, TaskSpec, TaskState, pb};
+
+use super::{EventBody, StoreError, TaskEvent, TaskRecord};
+
+/// A task as the wire shows it.
+pub(crate) fn task_to_pb(record: &TaskRecord) -> pb::Task {
+    pb::Task {
+        id: record.id.to_string(),
+        spec: Some(pb::TaskSpec::from(TaskSpec::clone(&record.spec))),
+        state: i32::from(record.state),
+        attempt: record.attempt.0,
+        node_id: record.node_id.map(|n| n.to_string()).unwrap_or_default(),
+        node_name: record.node_name.as_deref().unwrap_or_default().to_owned(),
+        exit_code: record.exit_code,
+        output: record.output.clone(),
+        error: record.error.clone(),
+        pending_reason: record.pending_reason.clone(),
+        created_at: Some(timestamp(record.created_at)),
+        updated_at: Some(timestamp(record.updated_at)),
+        failures: record.failures,
+        node_losses: record.node_losses,
+        next_seq: record.next_seq,
+        last_outcome: record.last_outcome.map_or(0, i32::from),
+    }
+}
+
+/// An event as the wire shows it.
+pub(crate) fn event_to_pb(event: &TaskEvent) -> pb::TaskEvent {
+    use pb::task_event::Body;
+    let body = match &event.body {
+        EventBody::State {
+            state,
+            node_id,
+            node_name,
+            reason,
+        } => Body::State(pb::StateChanged {
+            state: i32::from(*state),
+            node_id: node_id.map(|n| n.to_string()).unwrap_or_default(),
+            node_name: node_name.as_deref().unwrap_or_default().to_owned(),
+            reason: reason.clone(),
+        }),
+        EventBody::Output { stream, data } => Body::Output(pb::TaskOutput {
+            stream: i32::from(*stream),
+            data: data.clone(),
+        }),
+        EventBody::Progress { fraction, message } => Body::Progress(pb::TaskProgress {
+            fraction: *fraction,
+            message: message.clone(),
+        }),
+        EventBody::Finished(record) => Body::Finished(task_to_pb(record)),
+    };
+    pb::TaskEvent {
+        task_id: event.task_id.to_string(),
+        seq: event.seq,
+        attempt: event.attempt.0,
+        time: Some(timestamp(event.time)),
+        body: Some(body),
+    }
+}
+
+/// The stored form of a task: the wire record plus what only the
+/// coordinator needs.
+#[derive(Clone, PartialEq, Message)]
+struct StoredTask {
+    #[prost(message, optional, tag = "1")]
+    task: Option<pb::Task>,
+    #[prost(message, repeated, tag = "2")]
+    lost_nodes: Vec<StoredNode>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct StoredNode {
+    #[prost(string, tag = "1")]
+    node_id: String,
+    #[prost(string, tag = "2")]
+    node_name: String,
+}
+
+fn corrupt(what: &'static str, message: impl ToString) -> StoreError {
+    StoreError::Corrupt {
+        what,
+        message: message.to_string(),
+    }
+}
+
+/// A task record as stored bytes.
+pub(crate) fn encode_task(record: &TaskRecord) -> Vec<u8> {
+    let mut task = task_to_pb(record);
+    task.id.clear();
+    task.pending_reason.clear();
+    task.next_seq = 0;
+    StoredTask {
+        task: Some(task),
+        lost_nodes: record
+            .lost_nodes
+            .iter()
+            .map(|(id, name)| StoredNode {
+                node_id: id.to_string(),
+                node_name: name.to_string(),
+            })
+            .collect(),
+    }
+    .encode_to_vec()
+}
+
+/// A task record from stored bytes (`next_seq` is left 0 for the caller).
+pub(crate) fn decode_task(id: TaskId, bytes: &[u8]) -> Result<TaskRecord, StoreError> {
+    let stored = StoredTask::decode(bytes).map_err(|e| corrupt("task", e))?;
+    let task = stored.task.ok_or_else(|| corrupt("task", "no task"))?;
+    let spec = task
+        .spec
+        .clone()
+        .ok_or_else(|| corrupt("task", "no spec"))?;
+    let spec = Arc::new(TaskSpec::try_from(spec).map_err(|e| corrupt("task spec", e))?);
+    let mut record = record_from_pb(id, task, spec)?;
+    record.lost_nodes = stored
+        .lost_nodes
+        .into_iter()
+        .map(|n| {
+            let id = n
+                .node_id
+                .parse::<NodeId>()
+                .map_err(|e| corrupt("node", e))?;
+            Ok((id, Arc::from(n.node_name)))
+        })
+        .collect::<Result<_, StoreError>>()?;
+    Ok(record)
+}
+
+fn record_from_pb(
+    id: TaskId,
+    task: pb::Task,
+    spec: Arc<TaskSpec>,
+) -> Result<TaskRecord, StoreError> {
+    let state = TaskState::try_from(task.state).map_err(|e| corrupt("task state", e))?;
+    let node_id = match task.node_id.as_str() {
+        "" => None,
+        text => Some(text.parse::<NodeId>().map_err(|e| corrupt("node id", e))?),
+    };
+    let node_name = (!task.node_name.is_empty()).then(|| Arc::from(task.node_name));
+    Ok(TaskRecord {
+        id,
+        spec,
+        state,
+        attempt: Attempt(task.attempt),
+        node_id,
+        node_name,
+        exit_code: task.exit_code,
+        output: task.output,
+        error: task.error,
+        pending_reason: String::new(),
+        failures: task.failures,
+        node_losses: task.node_losses,
+        created_at: task
+            .created_at
+            .as_ref()
+            .map_or(std::time::UNIX_EPOCH, system_time),
+        updated_at: task
+            .updated_at
+            .as_ref()
+            .map_or(std::time::UNIX_EPOCH, system_time),
+        next_seq: task.next_seq,
+        last_outcome: Outcome::try_from(task.last_outcome).ok(),
+        lost_nodes: Vec::new(),
+    })
+}
+
+/// An event as stored bytes.
+pub(crate) fn encode_event(event: &TaskEvent) -> Vec<u8> {
+    let mut message = event_to_pb(event);
+    message.task_id.clear();
+    if let Some(pb::task_event::Body::Finished(task)) = &mut message.body {
+        task.id.clear();
+        task.spec = None;
+    }
+    message.encode_to_vec()
+}
+
+/// An event from stored bytes. `spec` is the task's spec, put back into a
+/// `finished` event's record.
+pub(crate) fn decode_event(
+    task_id: TaskId,
+    bytes: &[u8],
+    spec: &Arc<TaskSpec>,
+) -> Result<TaskEvent, StoreError> {
+    use pb::task_event::Body;
+    let message = pb::TaskEvent::decode(bytes).map_err(|e| corrupt("event", e))?;
+    let body = match message.body.ok_or_else(|| corrupt("event", "no body"))? {
+        Body::State(s) => EventBody::State {
+            state: TaskState::try_from(s.state).map_err(|e| corrupt("event state", e))?,
+            node_id: match s.node_id.as_str() {
+                "" => None,
+                text => Some(text.parse::<NodeId>().map_err(|e| corrupt("node id", e))?),
+            },
+            node_name: (!s.node_name.is_empty()).then(|| Arc::from(s.node_name)),
+            reason: s.reason,
+        },
+        Body::Output(o) => EventBody::Output {
+            stream: OutputStream::try_from(o.stream).unwrap_or(OutputStream::Stdout),
+            data: o.data,
+        },
+        Body::Progress(p) => EventBody::Progress {
+            fraction: p.fraction,
+            message: p.message,
+        },
+        Body::Finished(task) => {
+            EventBody::Finished(Box::new(record_from_pb(task_id, task, Arc::clone(spec))?))
+        }
+    };
+    Ok(TaskEvent {
+        task_id,
+        seq: message.seq,
+        attempt: Attempt(message.attempt),
+        time: message
+            .time
+            .as_ref()
+            .map_or(std::time::UNIX_EPOCH, system_time),
+        body,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, UNIX_EPOCH};
+
+    use bytes::Bytes;
+
+    use super::*;
+
+    fn record() -> TaskRecord {
+        TaskRecord {
+            id: TaskId::new(),
+            spec: Arc::new(TaskSpec::exec(["echo", "hi"]).label("gpu", "1").slots(2)),
+            state: TaskState::Failed,
+            attempt: Attempt(2),
+            node_id: Some(NodeId::new()),
+            node_name: Some(Arc::from("n1")),
+            exit_code: Some(3),
+            output: Bytes::from_static(b"out"),
+            error: "boom".into(),
+            pending_reason: String::new(),
+            failures: 1,
+            node_losses: 1,
+            created_at: UNIX_EPOCH + Duration::from_millis(1_700_000_000_123),
+            updated_at: UNIX_EPOCH + Duration::from_millis(1_700_000_001_456),
+            next_seq: 0,
+            last_outcome: Some(Outcome::Failed),
+            lost_nodes: vec![(NodeId::new(), Arc::from("n0"))],
+        }
+    }
+
+    #[test]
+    fn a_task_record_survives_encoding() {
+        let record = record();
+        let back = decode_task(record.id, &encode_task(&record)).unwrap();
+        assert_eq!(back, record);
+    }
+
+    #[test]
+    fn a_finished_event_is_stored_without_its_spec_and_read_back_whole() {
+        let record = record();
+        let event = TaskEvent {
+            task_id: record.id,
+            seq: 7,
+            attempt: Attempt(2),
+            time: record.updated_at,
+            body: EventBody::Finished(Box::new(TaskRecord {
+                lost_nodes: Vec::new(),
+                next_seq: 8,
+                ..record.clone()
+            })),
+        };
+        let bytes = encode_event(&event);
+        assert!(!bytes.windows(4).any(|w| w == b"echo"), "spec stored twice");
+        let back = decode_event(record.id, &bytes, &record.spec).unwrap();
+        assert_eq!(back, event);
+    }
+
+    #[test]
+    fn garbage_is_a_corrupt_record_not_a_panic() {
+        let err = decode_task(TaskId::new(), &[0xff, 0xff, 0xff]).unwrap_err();
+        assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
+    }
+}

@@ -1,0 +1,267 @@
+//! The `Store` contract, checked against both implementations: the redb
+//! store on a temp dir and the in-memory one.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+
+use weft_proto::{Attempt, NodeId, Outcome, OutputStream, TaskId, TaskSpec, TaskState};
+
+use super::*;
+
+fn at(ms: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(1_700_000_000_000 + ms)
+}
+
+fn record(id: TaskId, state: TaskState, updated: SystemTime) -> TaskRecord {
+    TaskRecord {
+        id,
+        spec: Arc::new(TaskSpec::call("noop", "in")),
+        state,
+        attempt: Attempt(1),
+        node_id: Some(NodeId::new()),
+        node_name: Some(Arc::from("n1")),
+        exit_code: None,
+        output: Bytes::from_static(b"out"),
+        error: String::new(),
+        pending_reason: String::new(),
+        failures: 0,
+        node_losses: 0,
+        created_at: at(0),
+        updated_at: updated,
+        next_seq: 0,
+        last_outcome: state.is_final().then_some(Outcome::Succeeded),
+        lost_nodes: Vec::new(),
+    }
+}
+
+fn output(id: TaskId, seq: u64) -> Record {
+    Record::Event(TaskEvent {
+        task_id: id,
+        seq,
+        attempt: Attempt(1),
+        time: at(seq),
+        body: EventBody::Output {
+            stream: OutputStream::Stdout,
+            data: Bytes::from(format!("chunk {seq}")),
+        },
+    })
+}
+
+fn finished(record: &TaskRecord, seq: u64) -> Record {
+    Record::Event(TaskEvent {
+        task_id: record.id,
+        seq,
+        attempt: record.attempt,
+        time: record.updated_at,
+        body: EventBody::Finished(Box::new(TaskRecord {
+            next_seq: seq + 1,
+            ..record.clone()
+        })),
+    })
+}
+
+fn ids(n: usize) -> Vec<TaskId> {
+    let mut generator = ulid::Generator::new();
+    (0..n)
+        .map(|_| TaskId::from_ulid(generator.generate().expect("ulid")))
+        .collect()
+}
+
+/// Runs `check` against a fresh redb store and a fresh memory store.
+fn both(check: impl Fn(&dyn Store)) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    check(&RedbStore::open(dir.path()).expect("store opens"));
+    check(&MemoryStore::new());
+}
+
+#[test]
+fn committed_tasks_and_events_read_back_with_next_seq() {
+    both(|store| {
+        let id = ids(1)[0];
+        let queued = record(id, TaskState::Queued, at(1));
+        store
+            .commit(&[Record::Task(queued.clone()), output(id, 0), output(id, 1)])
+            .unwrap();
+        let done = record(id, TaskState::Succeeded, at(5));
+        store
+            .commit(&[Record::Task(done.clone()), finished(&done, 2)])
+            .unwrap();
+        let read = store.task(id).unwrap().unwrap();
+        assert_eq!(
+            read,
+            TaskRecord {
+                next_seq: 3,
+                ..done.clone()
+            }
+        );
+        let events = store.events(id, 1, 10).unwrap();
+        assert_eq!(events.iter().map(|e| e.seq).collect::<Vec<_>>(), [1, 2]);
+        match &events[1].body {
+            EventBody::Finished(r) => assert_eq!(r.spec, done.spec),
+            other => panic!("expected finished, got {other:?}"),
+        }
+        assert_eq!(store.events(id, 0, 1).unwrap().len(), 1);
+        assert!(store.task(TaskId::new()).unwrap().is_none());
+    });
+}
+
+#[test]
+fn a_commit_with_a_seq_gap_or_an_unknown_task_changes_nothing() {
+    both(|store| {
+        let [a, b] = ids(2)[..] else { unreachable!() };
+        store
+            .commit(&[
+                Record::Task(record(a, TaskState::Queued, at(1))),
+                output(a, 0),
+            ])
+            .unwrap();
+        // One good write and one gap in the same commit: neither is kept.
+        let err = store
+            .commit(&[
+                Record::Task(record(b, TaskState::Queued, at(2))),
+                output(a, 2),
+            ])
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Inconsistent(_)), "{err}");
+        assert!(store.task(b).unwrap().is_none());
+        assert_eq!(store.task(a).unwrap().unwrap().next_seq, 1);
+        let err = store.commit(&[output(TaskId::new(), 0)]).unwrap_err();
+        assert!(matches!(err, StoreError::Inconsistent(_)), "{err}");
+        // The log goes on where it was.
+        store.commit(&[output(a, 1)]).unwrap();
+        assert_eq!(store.task(a).unwrap().unwrap().next_seq, 2);
+    });
+}
+
+#[test]
+fn list_is_newest_first_filters_by_state_and_pages() {
+    both(|store| {
+        let ids = ids(6);
+        for (i, id) in ids.iter().enumerate() {
+            let state = if i % 2 == 0 {
+                TaskState::Queued
+            } else {
+                TaskState::Succeeded
+            };
+            store
+                .commit(&[Record::Task(record(*id, state, at(i as u64)))])
+                .unwrap();
+        }
+        let listed = |state, before, limit| -> Vec<TaskId> {
+            store
+                .list(state, before, limit)
+                .unwrap()
+                .iter()
+                .map(|r| r.id)
+                .collect()
+        };
+        assert_eq!(listed(None, None, 3), [ids[5], ids[4], ids[3]]);
+        assert_eq!(listed(None, Some(ids[3]), 3), [ids[2], ids[1], ids[0]]);
+        assert_eq!(listed(None, Some(ids[0]), 3), []);
+        let queued = Some(TaskState::Queued);
+        assert_eq!(listed(queued, None, 2), [ids[4], ids[2]]);
+        assert_eq!(listed(queued, Some(ids[2]), 2), [ids[0]]);
+        // A task that changes state moves between the state lists.
+        store
+            .commit(&[Record::Task(record(ids[4], TaskState::Running, at(9)))])
+            .unwrap();
+        assert_eq!(listed(queued, None, 10), [ids[2], ids[0]]);
+        assert_eq!(listed(Some(TaskState::Running), None, 10), [ids[4]]);
+    });
+}
+
+#[test]
+fn load_returns_live_tasks_final_counts_and_recent_results() {
+    both(|store| {
+        let ids = ids(4);
+        store
+            .commit(&[
+                Record::Task(record(ids[0], TaskState::Queued, at(1))),
+                Record::Task(record(ids[1], TaskState::Running, at(2))),
+                Record::Task(record(ids[2], TaskState::Succeeded, at(3))),
+                Record::Task(record(ids[3], TaskState::Succeeded, at(10_000))),
+                output(ids[1], 0),
+            ])
+            .unwrap();
+        let loaded = store.load(at(5_000)).unwrap();
+        let live: Vec<(TaskId, u64)> = loaded.live.iter().map(|r| (r.id, r.next_seq)).collect();
+        assert_eq!(live, [(ids[0], 0), (ids[1], 1)]);
+        assert_eq!(loaded.final_counts, [(TaskState::Succeeded, 2)]);
+        assert_eq!(
+            loaded.recently_final,
+            [FinalAttempt {
+                task_id: ids[3],
+                attempt: Attempt(1),
+                outcome: Some(Outcome::Succeeded),
+            }]
+        );
+    });
+}
+
+#[test]
+fn expire_deletes_old_final_tasks_with_their_events_a_bounded_number_at_a_time() {
+    both(|store| {
+        let ids = ids(4);
+        for (i, id) in ids.iter().take(3).enumerate() {
+            let done = record(*id, TaskState::Succeeded, at(i as u64));
+            store
+                .commit(&[
+                    Record::Task(done.clone()),
+                    output(*id, 0),
+                    finished(&done, 1),
+                ])
+                .unwrap();
+        }
+        // Live, and old: never expired.
+        store
+            .commit(&[Record::Task(record(ids[3], TaskState::Running, at(0)))])
+            .unwrap();
+        assert_eq!(store.expire(at(100), 2).unwrap(), [TaskState::Succeeded; 2]);
+        assert!(store.task(ids[0]).unwrap().is_none());
+        assert!(store.events(ids[0], 0, 10).unwrap().is_empty());
+        assert!(store.task(ids[2]).unwrap().is_some());
+        assert_eq!(store.expire(at(100), 2).unwrap(), [TaskState::Succeeded]);
+        assert!(store.expire(at(100), 2).unwrap().is_empty());
+        assert!(store.task(ids[3]).unwrap().is_some());
+        let loaded = store.load(UNIX_EPOCH).unwrap();
+        assert!(loaded.final_counts.is_empty(), "{:?}", loaded.final_counts);
+        assert_eq!(loaded.live.len(), 1);
+    });
+}
+
+#[test]
+fn the_redb_store_keeps_what_was_committed_across_reopening() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let id = ids(1)[0];
+    let mut running = record(id, TaskState::Running, at(1));
+    running.lost_nodes = vec![(NodeId::new(), Arc::from("n0"))];
+    {
+        let store = RedbStore::open(dir.path()).unwrap();
+        store
+            .commit(&[Record::Task(running.clone()), output(id, 0)])
+            .unwrap();
+    }
+    let store = RedbStore::open(dir.path()).unwrap();
+    let loaded = store.load(UNIX_EPOCH).unwrap();
+    assert_eq!(
+        loaded.live,
+        [TaskRecord {
+            next_seq: 1,
+            ..running
+        }]
+    );
+}
+
+#[test]
+fn a_second_redb_store_on_the_same_dir_is_refused_clearly() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let _first = RedbStore::open(dir.path()).unwrap();
+    let err = RedbStore::open(dir.path()).unwrap_err();
+    assert!(matches!(err, StoreError::Locked(_)), "{err}");
+    assert!(
+        err.to_string().contains("in use by another coordinator"),
+        "{err}"
+    );
+}

@@ -1,0 +1,413 @@
+//! Durability over a real socket: a coordinator on a data dir is stopped
+//! and started again on the same dir, and a fake node (the generated node
+//! client) reconnects the way `weft-node` does.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Streaming;
+use tonic::transport::{Channel, Endpoint};
+
+use weft_coordinator::{CoordinatorConfig, RunningCoordinator};
+use weft_proto::pb::admin_service_client::AdminServiceClient;
+use weft_proto::pb::coordinator_message::Body as Out;
+use weft_proto::pb::node_message::Body as In;
+use weft_proto::pb::node_service_client::NodeServiceClient;
+use weft_proto::pb::task_service_client::TaskServiceClient;
+use weft_proto::{TaskSpec, TaskState, pb};
+
+const DEADLINE: Duration = Duration::from_secs(10);
+
+fn config(dir: &Path) -> CoordinatorConfig {
+    CoordinatorConfig {
+        heartbeat_interval: Duration::from_millis(100),
+        heartbeat_timeout: Duration::from_millis(500),
+        data_dir: Some(dir.to_owned()),
+        ..CoordinatorConfig::default()
+    }
+}
+
+/// Starts a coordinator on a fresh port. The previous one on the same dir
+/// may still be closing its file for a moment after `shutdown`: retry while
+/// the dir is locked, up to the deadline.
+async fn coordinator(config: CoordinatorConfig) -> RunningCoordinator {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        match weft_coordinator::start(config.clone(), listener).await {
+            Ok(c) => return c,
+            Err(err) if err.to_string().contains("in use") && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(err) => panic!("coordinator did not start: {err}"),
+        }
+    }
+}
+
+async fn channel(url: String) -> Channel {
+    Endpoint::from_shared(url)
+        .unwrap()
+        .connect_timeout(Duration::from_secs(3))
+        .connect()
+        .await
+        .unwrap()
+}
+
+struct FakeNode {
+    tx: mpsc::Sender<pb::NodeMessage>,
+    rx: Streaming<pb::CoordinatorMessage>,
+    node_id: String,
+}
+
+async fn connect(url: String, register: pb::Register) -> FakeNode {
+    let (tx, rx) = mpsc::channel(64);
+    tx.send(pb::NodeMessage {
+        body: Some(In::Register(register)),
+    })
+    .await
+    .unwrap();
+    let mut client = NodeServiceClient::new(channel(url).await);
+    let mut inbound = client
+        .connect(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = tokio::time::timeout(DEADLINE, inbound.message())
+        .await
+        .expect("Registered in time")
+        .unwrap()
+        .expect("a first message");
+    let Some(Out::Registered(registered)) = first.body else {
+        panic!("first message must be Registered, got {first:?}");
+    };
+    FakeNode {
+        tx,
+        rx: inbound,
+        node_id: registered.node_id,
+    }
+}
+
+fn register(previous_node_id: &str, running: &[(&str, u32)]) -> pb::Register {
+    pb::Register {
+        name: "n1".into(),
+        slots: 1,
+        handlers: vec!["noop".into()],
+        protocol_version: pb::ProtocolVersion::ProtocolVersion1 as i32,
+        running: running
+            .iter()
+            .map(|(task_id, attempt)| pb::AttemptRef {
+                task_id: (*task_id).into(),
+                attempt: *attempt,
+            })
+            .collect(),
+        previous_node_id: previous_node_id.into(),
+        ..Default::default()
+    }
+}
+
+impl FakeNode {
+    async fn send(&self, body: In) {
+        self.tx
+            .send(pb::NodeMessage { body: Some(body) })
+            .await
+            .unwrap();
+    }
+
+    async fn credits(&self, grant: u32) {
+        self.send(In::Credits(pb::Credits { grant })).await;
+    }
+
+    async fn event(&self, task_id: &str, attempt: u32, body: pb::node_task_event::Body) {
+        let event = pb::NodeTaskEvent {
+            task_id: task_id.into(),
+            attempt,
+            body: Some(body),
+        };
+        self.send(In::Events(pb::TaskEvents {
+            events: vec![event],
+        }))
+        .await;
+    }
+
+    async fn finished(&self, task_id: &str, attempt: u32) {
+        let finished = pb::Finished {
+            outcome: pb::Outcome::Succeeded as i32,
+            output: "done".into(),
+            ..Default::default()
+        };
+        self.event(
+            task_id,
+            attempt,
+            pb::node_task_event::Body::Finished(finished),
+        )
+        .await;
+    }
+
+    /// The next message that is not a heartbeat.
+    async fn next(&mut self) -> Out {
+        loop {
+            let message = tokio::time::timeout(DEADLINE, self.rx.message())
+                .await
+                .expect("a message in time")
+                .expect("stream ok")
+                .expect("stream open");
+            match message.body {
+                Some(Out::Heartbeat(_)) => continue,
+                Some(body) => return body,
+                None => panic!("empty message"),
+            }
+        }
+    }
+
+    async fn assignments(&mut self) -> Vec<(String, u32)> {
+        match self.next().await {
+            Out::Assign(assign) => assign
+                .tasks
+                .into_iter()
+                .map(|a| (a.task_id, a.attempt))
+                .collect(),
+            other => panic!("expected Assign, got {other:?}"),
+        }
+    }
+}
+
+async fn submit(url: String, specs: Vec<TaskSpec>) -> Vec<String> {
+    TaskServiceClient::new(channel(url).await)
+        .submit(pb::SubmitRequest {
+            tasks: specs.into_iter().map(pb::TaskSpec::from).collect(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .task_ids
+}
+
+async fn get(url: &str, id: &str) -> Result<pb::Task, tonic::Status> {
+    let mut tasks = TaskServiceClient::new(channel(url.to_owned()).await);
+    let response = tasks.get(pb::GetRequest { task_id: id.into() }).await?;
+    Ok(response.into_inner().task.expect("a task"))
+}
+
+/// Polls the task until `check` holds or the deadline passes.
+async fn wait_for(url: &str, id: &str, check: impl Fn(&pb::Task) -> bool) -> pb::Task {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let task = get(url, id).await.unwrap();
+        if check(&task) {
+            return task;
+        }
+        assert!(Instant::now() < deadline, "task never got there: {task:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn state(task: &pb::Task) -> TaskState {
+    TaskState::try_from(task.state).unwrap()
+}
+
+/// Node n1 runs the first of three submitted tasks (it reported Started).
+async fn one_running_two_queued(c: &RunningCoordinator) -> (FakeNode, Vec<String>) {
+    let mut node = connect(c.url(), register("", &[])).await;
+    node.credits(1).await;
+    let ids = submit(c.url(), vec![TaskSpec::call("noop", "x"); 3]).await;
+    assert_eq!(node.assignments().await, [(ids[0].clone(), 1)]);
+    node.event(
+        &ids[0],
+        1,
+        pb::node_task_event::Body::Started(pb::Started { pid: 0 }),
+    )
+    .await;
+    wait_for(&c.url(), &ids[0], |t| state(t) == TaskState::Running).await;
+    (node, ids)
+}
+
+#[tokio::test]
+async fn after_a_restart_a_running_attempt_finishes_once_and_queued_tasks_remain() {
+    let dir = tempfile::tempdir().unwrap();
+    let c1 = coordinator(config(dir.path())).await;
+    let (node, ids) = one_running_two_queued(&c1).await;
+    let node_id = node.node_id.clone();
+    c1.shutdown(Duration::from_secs(5)).await.unwrap();
+    drop(node);
+
+    let c2 = coordinator(config(dir.path())).await;
+    let url = c2.url();
+    let running = get(&url, &ids[0]).await.unwrap();
+    assert_eq!((state(&running), running.attempt), (TaskState::Running, 1));
+    for id in &ids[1..] {
+        assert_eq!(state(&get(&url, id).await.unwrap()), TaskState::Queued);
+    }
+
+    // The node reconnects under its id, still running attempt 1, and
+    // reports the result it had when the coordinator went away.
+    let mut node = connect(url.clone(), register(&node_id, &[(&ids[0], 1)])).await;
+    assert_eq!(node.node_id, node_id);
+    node.finished(&ids[0], 1).await;
+    let done = wait_for(&url, &ids[0], |t| state(t).is_final()).await;
+    assert_eq!(
+        (
+            state(&done),
+            done.attempt,
+            done.node_losses,
+            done.last_outcome
+        ),
+        (TaskState::Succeeded, 1, 0, pb::Outcome::Succeeded as i32)
+    );
+    assert_eq!(&done.output[..], b"done");
+
+    // Redelivered once more (as a node does after re-registering): ignored
+    // quietly, so the next message is the next assignment, not a Cancel.
+    node.finished(&ids[0], 1).await;
+    node.credits(1).await;
+    assert_eq!(node.assignments().await, [(ids[1].clone(), 1)]);
+    let mut admin = AdminServiceClient::new(channel(url.clone()).await);
+    let info = admin
+        .cluster_info(pb::ClusterInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((info.stale_events_refused, info.recovered_attempts), (0, 1));
+
+    // The history from before the restart is there, seqs without gaps.
+    let mut tasks = TaskServiceClient::new(channel(url.clone()).await);
+    let mut events = tasks
+        .watch(pb::WatchRequest {
+            task_id: ids[0].clone(),
+            from_seq: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut seqs = Vec::new();
+    while let Some(event) = tokio::time::timeout(DEADLINE, events.message())
+        .await
+        .unwrap()
+        .unwrap()
+    {
+        seqs.push(event.seq);
+    }
+    assert_eq!(seqs, (0..seqs.len() as u64).collect::<Vec<_>>());
+    assert_eq!(
+        seqs.len(),
+        5,
+        "queued, assigned, running, succeeded, finished"
+    );
+    c2.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
+#[tokio::test]
+async fn after_a_restart_an_absent_nodes_attempt_is_requeued_only_after_the_grace() {
+    let dir = tempfile::tempdir().unwrap();
+    let grace = Duration::from_millis(800);
+    let config = CoordinatorConfig {
+        restart_grace: Some(grace),
+        ..config(dir.path())
+    };
+    let c1 = coordinator(config.clone()).await;
+    let (node, ids) = one_running_two_queued(&c1).await;
+    c1.shutdown(Duration::from_secs(5)).await.unwrap();
+    drop(node);
+
+    let started = Instant::now();
+    let c2 = coordinator(config).await;
+    let requeued = wait_for(&c2.url(), &ids[0], |t| t.attempt == 2).await;
+    assert!(
+        started.elapsed() >= grace,
+        "requeued after {:?}, before the grace",
+        started.elapsed()
+    );
+    assert_eq!(
+        (state(&requeued), requeued.node_losses),
+        (TaskState::Queued, 1)
+    );
+    c2.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
+#[tokio::test]
+async fn every_acknowledged_submit_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let c1 = coordinator(config(dir.path())).await;
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        ids.extend(submit(c1.url(), vec![TaskSpec::call("noop", ""); 200]).await);
+    }
+    // Not a graceful stop: dropped, as close to a crash as in-process gets.
+    drop(c1);
+    let c2 = coordinator(config(dir.path())).await;
+    let mut tasks = TaskServiceClient::new(channel(c2.url()).await);
+    let mut listed = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = tasks
+            .list(pb::ListRequest {
+                state: pb::TaskState::Queued as i32,
+                limit: 300,
+                page_token,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        listed.extend(page.tasks.into_iter().map(|t| t.id));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    listed.reverse();
+    assert_eq!(listed, ids);
+    c2.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_second_coordinator_on_the_same_data_dir_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let c1 = coordinator(config(dir.path())).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let err = weft_coordinator::start(config(dir.path()), listener)
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("in use by another coordinator"),
+        "{err}"
+    );
+    c1.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
+#[tokio::test]
+async fn finished_tasks_expire_after_the_retention() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = CoordinatorConfig {
+        retention: Duration::from_millis(300),
+        ..config(dir.path())
+    };
+    let c = coordinator(config).await;
+    let mut node = connect(c.url(), register("", &[])).await;
+    node.credits(1).await;
+    let id = submit(c.url(), vec![TaskSpec::call("noop", "")])
+        .await
+        .remove(0);
+    node.assignments().await;
+    node.finished(&id, 1).await;
+    wait_for(&c.url(), &id, |t| state(t).is_final()).await;
+    let deadline = Instant::now() + DEADLINE;
+    let status = loop {
+        match get(&c.url(), &id).await {
+            Err(status) => break status,
+            Ok(_) => {
+                assert!(Instant::now() < deadline, "never expired");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    assert_eq!(status.code(), tonic::Code::NotFound);
+    assert_eq!(
+        status.message(),
+        format!("task {id} expired: finished tasks are removed after 300ms (--retention)")
+    );
+    let unknown = weft_proto::TaskId::new().to_string();
+    let status = get(&c.url(), &unknown).await.unwrap_err();
+    assert_eq!(status.message(), format!("task {unknown} not found"));
+    c.shutdown(Duration::from_secs(5)).await.unwrap();
+}
