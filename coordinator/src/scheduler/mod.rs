@@ -384,7 +384,7 @@ impl Scheduler {
                 && task.attempt == attempt
             {
                 task.delayed = false;
-                self.queue.push_ready(task.class, id);
+                self.queue.push_front_ready(task.class, id);
             }
         }
         if let Some(check) = self.next_liveness_check

@@ -106,6 +106,15 @@ impl Queue {
         }
     }
 
+    /// Puts a task at the front of its class's ready queue: for attempts
+    /// that were already running (node lost) or waited out a retry backoff,
+    /// so they are not sent behind the whole backlog again.
+    pub fn push_front_ready(&mut self, class: ClassId, id: TaskId) {
+        if let Some(c) = self.classes.get_mut(class as usize) {
+            c.ready.push_front(id);
+        }
+    }
+
     /// True when some class may have a ready task.
     pub fn any_ready(&self) -> bool {
         self.classes.iter().any(|c| !c.ready.is_empty())

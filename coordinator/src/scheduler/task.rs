@@ -229,7 +229,7 @@ impl Scheduler {
         self.change_state(id, TaskState::Queued, lost, reason, now.wall);
         match delay {
             Some(delay) => self.queue.delay(now.instant + delay, id, attempt),
-            None => self.queue.push_ready(class, id),
+            None => self.queue.push_front_ready(class, id),
         }
     }
 

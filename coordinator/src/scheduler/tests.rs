@@ -442,6 +442,21 @@ fn lost_node_requeues_its_attempts_as_the_next_attempt() {
 }
 
 #[test]
+fn lost_attempts_go_before_the_backlog() {
+    let mut h = Harness::new();
+    h.node(S1, reg("n1", 1), 1);
+    let first = h.submit(vec![TaskSpec::call("noop", "")])[0];
+    h.effects();
+    h.submit((0..10).map(|_| TaskSpec::call("noop", "")).collect());
+    h.node(S2, reg("n2", 1), 0);
+    h.effects();
+    h.s.node_gone(S1, h.now);
+    h.effects();
+    h.s.credits(S2, 1, h.now);
+    assert_eq!(assigned(&h.effects(), S2), [(first, Attempt(2))]);
+}
+
+#[test]
 fn node_losses_count_against_max_attempts() {
     let mut h = Harness::new();
     let id = h.submit(vec![TaskSpec::call("noop", "").max_attempts(2)])[0];
