@@ -1,1 +1,45 @@
-//! placeholder
+//! End-to-end test harness for Weft: a real coordinator and real nodes on
+//! loopback, driven through the public client API.
+//!
+//! ```ignore
+//! let cluster = TestCluster::builder().nodes(2).heartbeat(Duration::from_millis(100)).start().await;
+//! let client = cluster.client().await;
+//! let id = client.submit(TaskSpec::call("sleep", "300ms")).await?;
+//! let first = cluster.wait_for_running(id).await;
+//! cluster.kill_node(first).await;
+//! ```
+//!
+//! Layout:
+//! - [`cluster`]: `TestCluster` and its builder: in-process or real
+//!   processes, node kill/stop/add, waits on task and node state.
+//! - [`process`]: finding the binaries and running them as child processes
+//!   with log files.
+//! - [`fake_node`]: a raw `NodeService` session for playing a misbehaving node.
+//! - [`cli`]: running the `weft` binary and capturing its output.
+//! - [`wait`]: `wait_until` and friends; process liveness checks.
+//!
+//! The scenarios live in `tests/e2e/`, one file per concern.
+
+pub mod cli;
+pub mod cluster;
+pub mod fake_node;
+pub mod process;
+pub mod wait;
+
+pub use cli::CliOutput;
+pub use cluster::{Stopped, TestCluster, TestClusterBuilder, weft_at};
+pub use fake_node::FakeNode;
+pub use wait::{default_timeout, process_is_alive, read_pid_file, wait_for, wait_until};
+
+/// Installs a test-friendly tracing subscriber once per test binary:
+/// output is captured per test and shown only when it fails. `RUST_LOG`
+/// overrides the default filter.
+pub fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("warn,weft_coordinator=info,weft_node=info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
+}

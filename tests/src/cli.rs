@@ -1,0 +1,79 @@
+//! Running the `weft` CLI binary the way a user does, and capturing what
+//! it printed, its exit code and how long it took.
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use tokio::io::AsyncWriteExt;
+use tokio::process::Command;
+
+use crate::process::bin_path;
+
+/// What one `weft` invocation did.
+#[derive(Debug, Clone)]
+pub struct CliOutput {
+    /// Exit code; `None` if it was killed by a signal (or by the harness's
+    /// 60 s limit).
+    pub code: Option<i32>,
+    /// Everything it wrote to stdout.
+    pub stdout: String,
+    /// Everything it wrote to stderr.
+    pub stderr: String,
+    /// Wall time from spawn to exit.
+    pub elapsed: Duration,
+}
+
+impl std::fmt::Display for CliOutput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "exit {:?} after {:?}\n--- stdout ---\n{}--- stderr ---\n{}",
+            self.code, self.elapsed, self.stdout, self.stderr
+        )
+    }
+}
+
+/// Runs `weft ARGS` with `WEFT_COORDINATOR=url`, feeding `stdin` if given.
+/// Killed after 60 s so a hanging CLI fails its test instead of the suite.
+pub async fn run_weft(url: &str, args: &[&str], stdin: Option<&[u8]>) -> CliOutput {
+    let mut cmd = Command::new(bin_path("weft"));
+    cmd.args(args)
+        .env("WEFT_COORDINATOR", url)
+        .env("NO_COLOR", "1")
+        .env_remove("RUST_LOG")
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let start = Instant::now();
+    let mut child = cmd.spawn().expect("starting the weft CLI");
+    if let (Some(data), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        let data = data.to_vec();
+        // Written beside the wait, so a CLI that reads lazily cannot deadlock us.
+        tokio::spawn(async move {
+            let _ = pipe.write_all(&data).await;
+            let _ = pipe.shutdown().await;
+        });
+    }
+    let output = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output()).await;
+    let elapsed = start.elapsed();
+    match output {
+        Ok(Ok(out)) => CliOutput {
+            code: out.status.code(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            elapsed,
+        },
+        Ok(Err(e)) => panic!("waiting for weft {args:?}: {e}"),
+        Err(_) => CliOutput {
+            code: None,
+            stdout: String::new(),
+            stderr: format!("weft {args:?} still running after 60 s; killed"),
+            elapsed,
+        },
+    }
+}

@@ -1,0 +1,236 @@
+//! The `weft` CLI binary against a cluster of real processes: output,
+//! exit codes, JSON, and failing fast when the coordinator is unreachable.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use weft_client::{TaskSpec, TaskState};
+use weft_tests::{TestCluster, weft_at};
+
+async fn cli_cluster() -> TestCluster {
+    TestCluster::builder()
+        .nodes(2)
+        .slots(4)
+        .processes()
+        .start()
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weft_run_passes_output_through_and_exits_with_the_tasks_code() {
+    let cluster = cli_cluster().await;
+    let out = cluster
+        .weft(&["run", "--", "sh", "-c", "echo out; echo err >&2; exit 7"])
+        .await;
+    assert_eq!(out.code, Some(7), "{out}");
+    // A failing command is not run again behind the user's back: one
+    // attempt, its output once (as if it had run locally).
+    assert_eq!(out.stdout, "out\n", "{out}");
+    assert!(out.stderr.contains("err"), "{out}");
+
+    let out = cluster.weft(&["run", "--", "sh", "-c", "echo fine"]).await;
+    assert_eq!(
+        (out.code, out.stdout.as_str()),
+        (Some(0), "fine\n"),
+        "{out}"
+    );
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weft_run_with_one_attempt_prints_each_stream_once() {
+    let cluster = cli_cluster().await;
+    let out = cluster
+        .weft(&[
+            "run",
+            "--max-attempts",
+            "1",
+            "--",
+            "sh",
+            "-c",
+            "echo out; echo err >&2; exit 7",
+        ])
+        .await;
+    assert_eq!(out.code, Some(7), "{out}");
+    assert_eq!(out.stdout, "out\n", "{out}");
+    assert_eq!(out.stderr.matches("err\n").count(), 1, "{out}");
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weft_exit_codes_follow_the_documented_table() {
+    let cluster = cli_cluster().await;
+    let out = cluster.weft(&["call", "nope"]).await;
+    assert_eq!(out.code, Some(127), "unknown handler: {out}");
+    assert!(out.stderr.contains("unknown handler"), "{out}");
+
+    let out = cluster
+        .weft(&["run", "--timeout", "300ms", "--", "sleep", "30"])
+        .await;
+    assert_eq!(out.code, Some(124), "timed out: {out}");
+
+    let out = cluster
+        .weft(&["call", "--max-attempts", "1", "fail", "boom"])
+        .await;
+    assert_eq!(out.code, Some(1), "handler error: {out}");
+    assert!(out.stderr.contains("boom"), "{out}");
+
+    let out = cluster
+        .weft(&["run", "--", "/nonexistent/weft-test-binary"])
+        .await;
+    assert_eq!(out.code, Some(127), "missing binary: {out}");
+
+    let out = cluster.weft(&["get", "not-an-id"]).await;
+    assert_eq!(out.code, Some(2), "usage error: {out}");
+
+    let out = cluster.weft(&["call", "sha256", "abc"]).await;
+    assert_eq!(out.code, Some(0), "{out}");
+    assert!(
+        out.stdout
+            .contains("ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"),
+        "{out}"
+    );
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weft_map_keep_order_prints_outputs_in_input_order() {
+    let cluster = cli_cluster().await;
+    // Later lines finish first, so completion order is the reverse of input order.
+    let script = r#"sleep "0.$1"; echo "line $1""#;
+    let out = cluster
+        .weft_with_stdin(
+            &[
+                "map",
+                "--keep-order",
+                "-j",
+                "5",
+                "--",
+                "sh",
+                "-c",
+                script,
+                "sh",
+            ],
+            b"5\n4\n3\n2\n1\n",
+        )
+        .await;
+    assert_eq!(out.code, Some(0), "{out}");
+    assert_eq!(
+        out.stdout, "line 5\nline 4\nline 3\nline 2\nline 1\n",
+        "{out}"
+    );
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weft_get_with_json_output_has_the_documented_fields() {
+    let cluster = cli_cluster().await;
+    let client = cluster.client().await;
+    let id = client
+        .submit(TaskSpec::exec(["sh", "-c", "exit 3"]).max_attempts(1))
+        .await
+        .expect("submit");
+    let task = cluster.wait_for_final(id).await;
+    assert_eq!(task.state, TaskState::Failed);
+
+    let out = cluster
+        .weft(&["get", &id.to_string(), "--output", "json"])
+        .await;
+    assert_eq!(out.code, Some(0), "{out}");
+    let json: Value = serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(json["id"], id.to_string());
+    assert_eq!(json["state"], "failed");
+    assert_eq!(json["attempt"], 1);
+    assert_eq!(json["exit_code"], 3);
+    assert_eq!(json["kind"], "exec");
+    assert_eq!(json["command"], serde_json::json!(["sh", "-c", "exit 3"]));
+    assert_eq!(
+        json["node"],
+        task.node_name.clone().expect("a node ran it").as_str()
+    );
+    assert_eq!(
+        (json["failures"].clone(), json["node_losses"].clone()),
+        (1.into(), 0.into())
+    );
+    for field in [
+        "name",
+        "handler",
+        "max_attempts",
+        "node_id",
+        "error",
+        "pending_reason",
+        "output",
+        "output_base64",
+        "created_at",
+        "updated_at",
+    ] {
+        assert!(json.get(field).is_some(), "field {field} missing: {json}");
+    }
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_weft_watch_still_prints_the_whole_output() {
+    let cluster = cli_cluster().await;
+    let client = cluster.client().await;
+    let script = "for i in 1 2 3 4 5; do echo line$i; done; echo oops >&2";
+    let id = client
+        .submit(TaskSpec::exec(["sh", "-c", script]))
+        .await
+        .expect("submit");
+    cluster.wait_for_state(id, TaskState::Succeeded).await;
+
+    let out = cluster.weft(&["watch", &id.to_string()]).await;
+    assert_eq!(out.code, Some(0), "{out}");
+    assert_eq!(out.stdout, "line1\nline2\nline3\nline4\nline5\n", "{out}");
+    assert!(out.stderr.contains("oops"), "{out}");
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weft_submit_prints_the_id_and_weft_wait_exits_with_the_tasks_code() {
+    let cluster = cli_cluster().await;
+    let out = cluster.weft(&["submit", "--", "sh", "-c", "exit 5"]).await;
+    assert_eq!(out.code, Some(0), "{out}");
+    let id = out.stdout.trim().to_owned();
+    assert!(
+        id.parse::<weft_client::TaskId>().is_ok(),
+        "not an id: {out}"
+    );
+    let out = cluster.weft(&["wait", &id]).await;
+    assert_eq!(out.code, Some(5), "{out}");
+
+    let out = cluster.weft(&["nodes"]).await;
+    assert_eq!(out.code, Some(0), "{out}");
+    assert!(
+        out.stdout.contains("node-0") && out.stdout.contains("node-1"),
+        "{out}"
+    );
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_coordinator_gives_a_one_line_error_and_exit_69_quickly() {
+    // A port that was free a moment ago: nothing listens there.
+    let port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.local_addr().expect("addr").port()
+    };
+    let url = format!("http://127.0.0.1:{port}");
+    for args in [&["list"][..], &["run", "--", "true"][..]] {
+        let out = weft_at(&url, args).await;
+        assert_eq!(out.code, Some(69), "{out}");
+        assert!(
+            out.elapsed < Duration::from_secs(6),
+            "took {:?}: {out}",
+            out.elapsed
+        );
+        assert_eq!(out.stderr.trim_end().lines().count(), 1, "one line: {out}");
+        assert!(
+            out.stderr.contains(&url) || out.stderr.contains("reach"),
+            "{out}"
+        );
+        assert!(out.stdout.is_empty(), "{out}");
+    }
+}

@@ -1,0 +1,114 @@
+//! The built-in handlers, and how a call to a handler nobody serves fails.
+
+use futures::StreamExt;
+
+use weft_client::{Attempt, EventBody, OutputStream, TaskSpec, TaskState};
+use weft_tests::TestCluster;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sha256_handler_returns_the_hex_digest() {
+    let cluster = TestCluster::builder().nodes(1).start().await;
+    let client = cluster.client().await;
+    let id = client
+        .submit(TaskSpec::call("sha256", "abc"))
+        .await
+        .expect("submit");
+    let done = cluster.wait_for_final(id).await;
+    assert_eq!(done.state, TaskState::Succeeded, "{done:?}");
+    assert_eq!(
+        &done.output[..],
+        b"ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    );
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn echo_handler_streams_its_input_and_returns_it() {
+    let cluster = TestCluster::builder().nodes(1).start().await;
+    let client = cluster.client().await;
+    let mut events = client
+        .run(TaskSpec::call("echo", "hello"))
+        .await
+        .expect("run");
+    let mut stdout = Vec::new();
+    let mut last = None;
+    while let Some(event) = events.next().await {
+        let event = event.expect("event");
+        match event.body {
+            EventBody::Output {
+                stream: OutputStream::Stdout,
+                data,
+            } => stdout.extend_from_slice(&data),
+            EventBody::Finished(task) => last = Some(task),
+            _ => {}
+        }
+    }
+    let task = last.expect("a finished event");
+    assert_eq!(task.state, TaskState::Succeeded, "{task:?}");
+    assert_eq!(&task.output[..], b"hello");
+    assert_eq!(stdout, b"hello");
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fail_handler_fails_with_its_input_as_the_error_after_its_attempts() {
+    let cluster = TestCluster::builder().nodes(1).start().await;
+    let client = cluster.client().await;
+    let id = client
+        .submit(TaskSpec::call("fail", "boom").max_attempts(2))
+        .await
+        .expect("submit");
+    let done = cluster.wait_for_final(id).await;
+    assert_eq!(done.state, TaskState::Failed, "{done:?}");
+    assert_eq!((done.attempt, done.failures), (Attempt(2), 2), "{done:?}");
+    assert!(done.error.contains("boom"), "{done:?}");
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_handler_fails_at_once_with_a_clear_reason() {
+    let cluster = TestCluster::builder().nodes(1).start().await;
+    let client = cluster.client().await;
+    let id = client
+        .submit(TaskSpec::call("nope", "").max_attempts(3))
+        .await
+        .expect("submit");
+    let done = cluster.wait_for_final(id).await;
+    assert_eq!(done.state, TaskState::Failed, "{done:?}");
+    assert!(
+        done.error.contains("unknown handler 'nope'"),
+        "{}",
+        done.error
+    );
+    assert!(
+        done.error.contains("no connected node serves it"),
+        "{}",
+        done.error
+    );
+    assert!(
+        done.error.contains("sha256"),
+        "the reason lists known handlers: {}",
+        done.error
+    );
+    assert!(done.attempt <= Attempt(1), "not retried: {done:?}");
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_binary_fails_to_start_without_retries() {
+    let cluster = TestCluster::builder().nodes(1).start().await;
+    let client = cluster.client().await;
+    let id = client
+        .submit(TaskSpec::exec(["/nonexistent/weft-test-binary"]).max_attempts(3))
+        .await
+        .expect("submit");
+    let done = cluster.wait_for_final(id).await;
+    assert_eq!(done.state, TaskState::Failed, "{done:?}");
+    assert_eq!(
+        done.attempt,
+        Attempt(1),
+        "start failures are not retried: {done:?}"
+    );
+    assert!(!done.error.is_empty(), "{done:?}");
+    cluster.shutdown().await;
+}

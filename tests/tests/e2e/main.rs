@@ -1,0 +1,19 @@
+//! End-to-end scenarios against a real Weft cluster (see `weft_tests`).
+//!
+//! One test binary with one module per concern, so the suite links once.
+//! In-process clusters need nothing else; process-mode and CLI tests need
+//! the binaries: run `cargo build --bins` first.
+
+mod cancel_and_timeout;
+mod cli;
+mod drain;
+mod failover;
+mod fencing;
+mod handlers;
+mod node_protocol;
+mod output;
+mod scale;
+mod scheduling;
+mod shutdown;
+mod slots;
+mod validation;
