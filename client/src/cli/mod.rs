@@ -268,12 +268,14 @@ async fn dispatch(args: Args) -> anyhow::Result<u8> {
         command => {
             let client = Client::connect(&url).await?;
             match command {
-                Command::Run { opts, command } => task::run(&client, format, &opts, command).await,
+                Command::Run { opts, command } => {
+                    task::run(&client, format, &opts.interactive(), command).await
+                }
                 Command::Call {
                     opts,
                     handler,
                     input,
-                } => task::call(&client, format, &opts, handler, input).await,
+                } => task::call(&client, format, &opts.interactive(), handler, input).await,
                 Command::Submit {
                     opts,
                     call,

@@ -26,7 +26,9 @@ pub struct TaskOpts {
     /// Kill an attempt that runs longer than this (e.g. 500ms, 30s, 5m); it ends TIMED_OUT.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration_arg)]
     pub timeout: Option<Duration>,
-    /// Attempts allowed in all (default 3). Failures AND lost nodes both count against it.
+    /// Attempts allowed in all: default 1 for `run` and `call` (a failure is
+    /// shown, not rerun with its output repeated), 3 for `submit` and `map`.
+    /// Failures AND lost nodes both count against it.
     #[arg(long, value_name = "N")]
     pub max_attempts: Option<u32>,
     /// Environment variable for the process, as KEY=VALUE (repeatable; exec tasks).
@@ -44,6 +46,16 @@ pub struct TaskOpts {
 }
 
 impl TaskOpts {
+    /// These settings for a command a person watches (`run`, `call`): one
+    /// attempt unless `--max-attempts` says otherwise, so a failing command's
+    /// output is not streamed again by retries.
+    pub fn interactive(&self) -> TaskOpts {
+        TaskOpts {
+            max_attempts: Some(self.max_attempts.unwrap_or(1)),
+            ..self.clone()
+        }
+    }
+
     /// `spec` with these settings applied; reads `--stdin-file` if given.
     pub fn apply(&self, spec: TaskSpec) -> anyhow::Result<TaskSpec> {
         let stdin = match &self.stdin_file {
@@ -124,6 +136,18 @@ mod tests {
     use weft_proto::TaskKind;
 
     use super::*;
+
+    #[test]
+    fn run_and_call_make_one_attempt_unless_told_otherwise() {
+        let spec = |opts: TaskOpts| opts.apply_with_stdin(TaskSpec::exec(["true"]), None);
+        assert_eq!(spec(TaskOpts::default()).max_attempts, 3);
+        assert_eq!(spec(TaskOpts::default().interactive()).max_attempts, 1);
+        let five = TaskOpts {
+            max_attempts: Some(5),
+            ..TaskOpts::default()
+        };
+        assert_eq!(spec(five.interactive()).max_attempts, 5);
+    }
 
     #[test]
     fn key_value_splits_at_the_first_equals_sign() {
