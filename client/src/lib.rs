@@ -273,13 +273,19 @@ impl Client {
     /// the watch for up to [`RESUME_WINDOW`] if the connection drops.
     pub async fn wait(&self, id: TaskId) -> Result<Task, Error> {
         let mut events = self.follow(id, 0, RESUME_WINDOW);
+        let mut finished = None;
         while let Some(event) = events.next().await {
             if let EventBody::Finished(task) = event?.body {
-                return Ok(task);
+                // Keep polling: `follow` then reads the watch to its end,
+                // which closes the HTTP/2 stream cleanly (see `Follow::next`).
+                finished = Some(task);
             }
         }
-        // `follow` ends only after `Finished` or an error; this is a guard.
-        self.get(id).await
+        match finished {
+            Some(task) => Ok(task),
+            // `follow` ends only after `Finished` or an error; this is a guard.
+            None => self.get(id).await,
+        }
     }
 
     /// Cancels a task; answers the task as it is after the cancel.
@@ -359,6 +365,22 @@ fn events(stream: tonic::Streaming<pb::TaskEvent>) -> EventStream {
     Box::pin(stream.map(|item| Ok(TaskEvent::try_from(item?)?)))
 }
 
+/// Reads a finished task's event stream to its end (the gRPC trailers,
+/// which the coordinator sends right after the final event), for at most
+/// [`DRAIN_TIMEOUT`]. Dropping the stream before that makes h2 reset it,
+/// and trailers then arriving for the forgotten stream count against h2's
+/// limit of 1,024 library-initiated resets per connection; past it h2
+/// closes the whole connection (GOAWAY ENHANCE_YOUR_CALM), failing every
+/// other call on the channel. A client that waits on thousands of tasks
+/// over one channel hits that within seconds.
+pub(crate) async fn drain(mut events: EventStream) {
+    let rest = async { while events.next().await.is_some() {} };
+    let _ = tokio::time::timeout(DRAIN_TIMEOUT, rest).await;
+}
+
+/// How long [`drain`] waits for a finished stream's end.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
+
 const FOLLOW_BACKOFF_MIN: Duration = Duration::from_millis(100);
 const FOLLOW_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
@@ -380,6 +402,9 @@ impl Follow {
     async fn next(mut self) -> Option<(Result<TaskEvent, Error>, Follow)> {
         loop {
             if self.done {
+                if let Some(inner) = self.inner.take() {
+                    drain(inner).await;
+                }
                 return None;
             }
             let inner = match &mut self.inner {

@@ -53,7 +53,10 @@ pub fn duration_from_pb(
     if d.seconds < 0 || d.nanos < 0 || d.nanos >= 1_000_000_000 {
         return Err(ConversionError::Invalid {
             field,
-            reason: format!("negative or malformed duration {}s {}ns", d.seconds, d.nanos),
+            reason: format!(
+                "negative or malformed duration {}s {}ns",
+                d.seconds, d.nanos
+            ),
         });
     }
     Ok(Duration::new(d.seconds as u64, d.nanos as u32))
@@ -107,7 +110,10 @@ mod tests {
 
     #[test]
     fn negative_pb_duration_is_refused() {
-        let d = prost_types::Duration { seconds: -1, nanos: 0 };
+        let d = prost_types::Duration {
+            seconds: -1,
+            nanos: 0,
+        };
         assert!(duration_from_pb("timeout", &d).is_err());
         let back = duration_from_pb("timeout", &duration_to_pb(Duration::from_millis(1500)));
         assert_eq!(back.unwrap(), Duration::from_millis(1500));

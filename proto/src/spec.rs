@@ -186,8 +186,15 @@ impl TryFrom<pb::TaskSpec> for TaskSpec {
                 if exec.argv.iter().any(|a| a.contains('\0')) {
                     return Err(invalid("exec.argv", "arguments must not contain NUL bytes"));
                 }
-                if exec.env.keys().any(|k| k.is_empty() || k.contains(['=', '\0'])) {
-                    return Err(invalid("exec.env", "names must be non-empty, without '=' or NUL"));
+                if exec
+                    .env
+                    .keys()
+                    .any(|k| k.is_empty() || k.contains(['=', '\0']))
+                {
+                    return Err(invalid(
+                        "exec.env",
+                        "names must be non-empty, without '=' or NUL",
+                    ));
                 }
                 if exec.env.values().any(|v| v.contains('\0')) {
                     return Err(invalid("exec.env", "values must not contain NUL bytes"));
@@ -310,14 +317,26 @@ mod tests {
         let err = TaskSpec::try_from(pb::TaskSpec::default()).unwrap_err();
         assert_eq!(err, ConversionError::MissingField("kind (exec or call)"));
         let empty = pb::TaskSpec::from(TaskSpec::exec(Vec::<String>::new()));
-        assert!(TaskSpec::try_from(empty).unwrap_err().to_string().contains("exec.argv"));
+        assert!(
+            TaskSpec::try_from(empty)
+                .unwrap_err()
+                .to_string()
+                .contains("exec.argv")
+        );
         let blank = pb::TaskSpec::from(TaskSpec::call(" ", ""));
-        assert!(TaskSpec::try_from(blank).unwrap_err().to_string().contains("call.handler"));
+        assert!(
+            TaskSpec::try_from(blank)
+                .unwrap_err()
+                .to_string()
+                .contains("call.handler")
+        );
     }
 
     #[test]
     fn labels_must_all_match() {
-        let spec = TaskSpec::call("noop", "").label("gpu", "1").label("zone", "a");
+        let spec = TaskSpec::call("noop", "")
+            .label("gpu", "1")
+            .label("zone", "a");
         let mut labels = BTreeMap::from([("gpu".to_owned(), "1".to_owned())]);
         assert!(!spec.matches_labels(&labels));
         labels.insert("zone".into(), "a".into());

@@ -156,7 +156,10 @@ mod tests {
             assert_eq!(state.as_str().parse::<TaskState>().unwrap(), *state);
             assert_eq!(TaskState::try_from(i32::from(*state)).unwrap(), *state);
         }
-        assert_eq!("timed-out".parse::<TaskState>().unwrap(), TaskState::TimedOut);
+        assert_eq!(
+            "timed-out".parse::<TaskState>().unwrap(),
+            TaskState::TimedOut
+        );
     }
 
     #[test]

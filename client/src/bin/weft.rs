@@ -3,14 +3,13 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
-use weft_client::cli::{self, Args};
+use weft_client::cli;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let args = Args::parse();
+    let args = cli::parse();
     // Logs are for diagnosing; results and errors the user needs are
     // printed by the commands. RUST_LOG=info shows the cluster's logs.
     tracing_subscriber::fmt()
