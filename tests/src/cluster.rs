@@ -55,10 +55,20 @@ impl Default for TestClusterBuilder {
             heartbeat_timeout: Duration::from_secs(3),
             drain_grace: Duration::from_secs(5),
             labels: BTreeMap::new(),
-            processes: false,
+            processes: processes_by_default(),
             durable: false,
             max_queued: None,
         }
+    }
+}
+
+/// `WEFT_TEST_MODE=processes` runs every scenario against the real
+/// binaries instead of in-process libraries (CI runs the suite both ways).
+fn processes_by_default() -> bool {
+    match std::env::var("WEFT_TEST_MODE").as_deref() {
+        Ok("processes") => true,
+        Ok("in-process") | Ok("") | Err(_) => false,
+        Ok(other) => panic!("WEFT_TEST_MODE={other:?}: expected `processes` or `in-process`"),
     }
 }
 
@@ -117,6 +127,13 @@ impl TestClusterBuilder {
     /// the libraries in this process.
     pub fn processes(mut self) -> Self {
         self.processes = true;
+        self
+    }
+
+    /// Runs the libraries in this process, whatever `WEFT_TEST_MODE` says:
+    /// for scenarios about in-process handles (e.g. `RunningNode::kill`).
+    pub fn in_process(mut self) -> Self {
+        self.processes = false;
         self
     }
 

@@ -100,7 +100,7 @@ async fn sigterm_to_a_node_process_leaves_no_orphan_child_processes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_in_process_node_kills_its_child_processes() {
-    let cluster = TestCluster::builder().nodes(1).start().await;
+    let cluster = TestCluster::builder().nodes(1).in_process().start().await;
     let client = cluster.client().await;
     let pidfile = cluster.dir().join("killed.pid");
     let id = client.submit(sleeper(&pidfile)).await.expect("submit");
