@@ -607,12 +607,28 @@ impl TestCluster {
     /// Stops the coordinator (SIGTERM / `shutdown`) and starts it again on
     /// the same address and data dir; nodes reconnect by themselves.
     pub async fn restart_coordinator(&self) {
+        self.restart_coordinator_after(false).await;
+    }
+
+    /// Process mode: kills the coordinator with SIGKILL, as a crash would,
+    /// and starts it again on the same address and data dir.
+    pub async fn crash_and_restart_coordinator(&self) {
+        self.restart_coordinator_after(true).await;
+    }
+
+    async fn restart_coordinator_after(&self, crash: bool) {
         let old = self
             .coordinator
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take();
         match old {
+            Some(Coordinator::Process(child)) if crash => {
+                child.kill().await;
+            }
+            Some(Coordinator::InProcess(_)) if crash => {
+                panic!("crash_and_restart_coordinator needs TestCluster::builder().processes()")
+            }
             Some(Coordinator::InProcess(running)) => {
                 let stopped = running.shutdown(Duration::from_secs(5)).await;
                 assert!(

@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
-use weft_client::{Attempt, TaskSpec, TaskState};
+use futures::StreamExt;
+
+use weft_client::{Attempt, EventBody, TaskSpec, TaskState};
 use weft_tests::{TestCluster, default_timeout, process_is_alive, read_pid_file, wait_until};
 
 fn sleeper(pidfile: &std::path::Path) -> TaskSpec {
@@ -208,5 +210,53 @@ async fn a_task_running_across_a_coordinator_restart_carries_on_as_the_same_atte
     );
     let runs = std::fs::read_to_string(&marker).expect("the task ran");
     assert_eq!(runs.lines().count(), 1, "the task ran more than once");
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weft_watch_resumes_after_a_coordinator_crash_without_repeating_or_missing_output() {
+    let cluster = TestCluster::builder()
+        .nodes(1)
+        .durable()
+        .processes()
+        .start()
+        .await;
+    let client = cluster.client().await;
+    let script = "for i in $(seq 1 40); do echo line-$i; sleep 0.05; done";
+    let id = client
+        .submit(TaskSpec::exec(["sh", "-c", script]))
+        .await
+        .expect("submit");
+    let id_text = id.to_string();
+    let watch_args = ["watch", id_text.as_str()];
+    let watch = cluster.weft(&watch_args);
+    let crash = async {
+        // Crash once the task is visibly streaming, so the watcher has
+        // printed some lines and must resume after the rest.
+        let mut events = client.watch(id, 0).await.expect("watch");
+        while let Some(event) = events.next().await {
+            if let EventBody::Output { data, .. } = event.expect("event").body
+                && String::from_utf8_lossy(&data).contains("line-5\n")
+            {
+                break;
+            }
+        }
+        drop(events);
+        cluster.crash_and_restart_coordinator().await;
+    };
+    let (watched, ()) = tokio::join!(watch, crash);
+    let expected: Vec<String> = (1..=40).map(|i| format!("line-{i}")).collect();
+    assert_eq!(
+        watched.stdout.lines().collect::<Vec<_>>(),
+        expected,
+        "weft watch printed lines repeated, missing or out of order; stderr: {}",
+        watched.stderr
+    );
+    assert_eq!(watched.code, Some(0), "stderr: {}", watched.stderr);
+    let done = cluster.wait_for_final(id).await;
+    assert_eq!(
+        (done.state, done.attempt),
+        (TaskState::Succeeded, Attempt(1))
+    );
     cluster.shutdown().await;
 }
