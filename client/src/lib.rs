@@ -36,7 +36,7 @@ mod tests;
 use std::pin::Pin;
 use std::time::{Duration, Instant};
 
-use futures::{Stream, StreamExt};
+use futures::{Stream, StreamExt, TryStreamExt};
 use tonic::transport::{Channel, Endpoint};
 
 use weft_proto::convert::duration_to_pb;
@@ -60,6 +60,10 @@ pub const UNARY_DEADLINE: Duration = Duration::from_secs(30);
 /// Specs sent per `Submit` call by [`Client::submit_many`].
 pub const SUBMIT_BATCH: usize = 5_000;
 
+/// Ids sent per `WaitMany` call by [`Client::wait_many`] (the
+/// coordinator's limit).
+pub const WAIT_MANY_BATCH: usize = 100_000;
+
 /// How long [`Client::follow`] and [`Client::wait`] keep trying to resume a
 /// broken watch before they give up with [`Error::Unavailable`].
 pub const RESUME_WINDOW: Duration = Duration::from_secs(30);
@@ -72,6 +76,9 @@ const MAX_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
 
 /// A stream of a task's events; it ends after the event with the final task.
 pub type EventStream = Pin<Box<dyn Stream<Item = Result<TaskEvent, Error>> + Send>>;
+
+/// A stream of final tasks (see [`Client::wait_many`]).
+pub type TaskStream = Pin<Box<dyn Stream<Item = Result<Task, Error>> + Send>>;
 
 /// A connection to one coordinator. Cheap to clone: clones share the channel.
 #[derive(Clone, Debug)]
@@ -286,6 +293,34 @@ impl Client {
             // `follow` ends only after `Finished` or an error; this is a guard.
             None => self.get(id).await,
         }
+    }
+
+    /// Waits for many tasks at once: yields each task's final record as
+    /// soon as it is final (those already final first), in completion
+    /// order, once per distinct id, and ends when all are done. Ids go
+    /// [`WAIT_MANY_BATCH`] per `WaitMany` call, one call after the other.
+    /// An unknown id fails the stream (NotFound). Unlike [`Client::wait`]
+    /// it does not resume a dropped connection: on an error, wait again
+    /// for the ids not yet yielded.
+    pub fn wait_many(&self, ids: Vec<TaskId>) -> TaskStream {
+        let client = self.tasks.clone();
+        let chunks: Vec<Vec<String>> = ids
+            .chunks(WAIT_MANY_BATCH)
+            .map(|chunk| chunk.iter().map(TaskId::to_string).collect())
+            .collect();
+        let stream = futures::stream::iter(chunks)
+            .then(move |task_ids| {
+                let mut client = client.clone();
+                async move {
+                    let stream = client
+                        .wait_many(pb::WaitManyRequest { task_ids })
+                        .await?
+                        .into_inner();
+                    Ok::<_, Error>(stream.map(|item| Ok(Task::try_from(item?)?)))
+                }
+            })
+            .try_flatten();
+        Box::pin(stream)
     }
 
     /// Cancels a task; answers the task as it is after the cancel.

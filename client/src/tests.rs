@@ -25,6 +25,7 @@ struct Scripted {
     id: String,
     watches: Arc<Mutex<Vec<u64>>>,
     submits: Arc<Mutex<Vec<usize>>>,
+    wait_many: Arc<Mutex<Vec<usize>>>,
 }
 
 fn state_event(id: &str, seq: u64, state: TaskState) -> pb::TaskEvent {
@@ -122,6 +123,32 @@ impl TaskService for Scripted {
         Err(Status::failed_precondition("already finished"))
     }
 
+    type WaitManyStream = Pin<Box<dyn Stream<Item = Result<pb::Task, Status>> + Send>>;
+
+    /// Answers every id as succeeded, last id first (completion order is
+    /// the coordinator's to choose).
+    async fn wait_many(
+        &self,
+        request: Request<pb::WaitManyRequest>,
+    ) -> Result<Response<Self::WaitManyStream>, Status> {
+        let ids = request.into_inner().task_ids;
+        self.wait_many.lock().unwrap().push(ids.len());
+        let tasks: Vec<Result<pb::Task, Status>> = ids
+            .into_iter()
+            .rev()
+            .map(|id| {
+                Ok(pb::Task {
+                    output: id.clone().into(),
+                    id,
+                    state: TaskState::Succeeded.into(),
+                    attempt: 1,
+                    ..Default::default()
+                })
+            })
+            .collect();
+        Ok(Response::new(Box::pin(futures::stream::iter(tasks))))
+    }
+
     type RunStream = Events;
 
     async fn run(
@@ -173,6 +200,35 @@ async fn submit_many_sends_batches_of_at_most_the_batch_size() {
         *service.submits.lock().unwrap(),
         vec![crate::SUBMIT_BATCH, 3]
     );
+}
+
+#[tokio::test]
+async fn wait_many_splits_ids_into_calls_of_the_batch_size_and_yields_every_task() {
+    use futures::TryStreamExt;
+    let service = Scripted::default();
+    let client = serve(service.clone()).await;
+    let ids: Vec<TaskId> = (0..crate::WAIT_MANY_BATCH + 2)
+        .map(|_| TaskId::new())
+        .collect();
+    let tasks: Vec<_> = client.wait_many(ids.clone()).try_collect().await.unwrap();
+    assert_eq!(
+        *service.wait_many.lock().unwrap(),
+        vec![crate::WAIT_MANY_BATCH, 2]
+    );
+    assert_eq!(tasks.len(), ids.len());
+    assert_eq!(
+        tasks[0].id,
+        ids[crate::WAIT_MANY_BATCH - 1],
+        "server order kept"
+    );
+    let mut got: Vec<TaskId> = tasks.iter().map(|t| t.id).collect();
+    let mut want = ids;
+    got.sort();
+    want.sort();
+    assert_eq!(got, want);
+    assert!(tasks.iter().all(|t| t.state == TaskState::Succeeded));
+    let none: Vec<_> = client.wait_many(Vec::new()).try_collect().await.unwrap();
+    assert!(none.is_empty());
 }
 
 #[tokio::test]

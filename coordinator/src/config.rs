@@ -36,6 +36,10 @@ pub struct CoordinatorConfig {
     /// How long final tasks and their events are kept before a sweep
     /// deletes them; zero keeps them forever.
     pub retention: Duration,
+    /// Most bytes the durable store's page cache holds (redb's read cache
+    /// and write buffer). Part of the coordinator's memory, whatever the
+    /// queue's length.
+    pub store_cache_size: usize,
 }
 
 impl CoordinatorConfig {
@@ -60,6 +64,7 @@ impl Default for CoordinatorConfig {
             restart_grace: None,
             max_node_losses: 2,
             retention: Duration::from_secs(24 * 60 * 60),
+            store_cache_size: crate::store::redb::DEFAULT_CACHE_SIZE,
         }
     }
 }

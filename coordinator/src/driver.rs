@@ -14,6 +14,12 @@
 //! channels; one that falls behind is dropped from live delivery (never
 //! slowing this loop) and resumes from the store by seq.
 //!
+//! `WaitMany` waiters register the same way for many ids at once: when
+//! tasks finalize, their final records go to each waiter as one batch per
+//! commit. A waiter whose (bounded) channel is full is dropped, never
+//! waited for; it registers again for the ids it still lacks and reads the
+//! final ones from the store.
+//!
 //! The commit (an fsync with the durable store) runs on the blocking pool;
 //! the driver waits for it before the next batch, so commands arriving
 //! meanwhile pile up in the inbox and share the next commit. Reads (`Get`,
@@ -40,7 +46,7 @@ use crate::scheduler::{
     ClusterStats, Effects, NodeInfo, NodeOut, NodeRegistration, NodeTaskEvent, Now, Scheduler,
     SessionId,
 };
-use crate::store::{Record, Store, StoreError, TaskEvent};
+use crate::store::{EventBody, Record, Store, StoreError, TaskEvent, TaskRecord};
 
 /// Messages to a node session's Connect response stream.
 pub(crate) type NodeTx = mpsc::Sender<Result<pb::CoordinatorMessage, Status>>;
@@ -68,6 +74,14 @@ pub(crate) enum Command {
     Watch {
         id: TaskId,
         reply: oneshot::Sender<Result<Option<mpsc::Receiver<TaskEvent>>, Error>>,
+    },
+    /// Registers one waiter for the final records of the live tasks among
+    /// `ids`. Answers (after the batch's commit) the ids that were NOT live
+    /// (final or unknown: read them from the store), and the receiver of
+    /// the live ones' final records, in batches (`None` when none was live).
+    WaitMany {
+        ids: Vec<TaskId>,
+        reply: oneshot::Sender<WaitRegistration>,
     },
     Register {
         session: SessionId,
@@ -151,6 +165,35 @@ struct Session {
     token: CancellationToken,
 }
 
+/// Final task records for a `WaitMany` waiter, one batch per commit.
+pub(crate) type FinalTx = mpsc::Sender<Vec<TaskRecord>>;
+/// Receiving half of [`FinalTx`].
+pub(crate) type FinalRx = mpsc::Receiver<Vec<TaskRecord>>;
+
+/// The driver's answer to [`Command::WaitMany`].
+pub(crate) struct WaitRegistration {
+    /// Ids that were not live: final (or unknown) in the store.
+    pub not_live: Vec<TaskId>,
+    /// Final records of the live ones as they finalize; closed when the
+    /// waiter was dropped for lagging (register again for what is missing).
+    pub live: Option<FinalRx>,
+}
+
+/// Batches a `WaitMany` waiter may have queued before it counts as lagging.
+const WAIT_MANY_BUFFER: usize = 256;
+
+/// Live `WaitMany` waiters and the ids they wait for. An id's entry may
+/// name waiters that are gone (dropped for lagging, or the client left):
+/// they are skipped and forgotten when the task finalizes.
+#[derive(Default)]
+struct ManyWaiters {
+    next: u64,
+    /// Each waiter's channel and how many of its ids are not final yet
+    /// (it is forgotten at 0).
+    waiters: HashMap<u64, (FinalTx, usize)>,
+    by_task: HashMap<TaskId, Vec<u64>>,
+}
+
 type Deferred = Box<dyn FnOnce(&Scheduler, Option<&StoreError>) + Send>;
 
 /// Most final tasks one retention sweep deletes (one commit).
@@ -164,6 +207,7 @@ pub(crate) struct Driver {
     config: Arc<CoordinatorConfig>,
     sessions: HashMap<SessionId, Session>,
     watchers: HashMap<TaskId, Vec<mpsc::Sender<TaskEvent>>>,
+    many: ManyWaiters,
     ids: ulid::Generator,
     started: Instant,
     cancel: CancellationToken,
@@ -196,6 +240,7 @@ pub(crate) fn new(
         config,
         sessions: HashMap::new(),
         watchers: HashMap::new(),
+        many: ManyWaiters::default(),
         ids: ulid::Generator::new(),
         started: Instant::now(),
         next_sweep,
@@ -378,6 +423,30 @@ impl Driver {
                     }));
                 }
             }
+            Command::WaitMany { ids, reply } => {
+                let mut not_live = Vec::new();
+                let mut live = Vec::new();
+                for id in ids {
+                    if self.scheduler.is_live(id) {
+                        live.push(id);
+                    } else {
+                        not_live.push(id);
+                    }
+                }
+                let rx = (!live.is_empty()).then(|| {
+                    let (tx, rx) = mpsc::channel(WAIT_MANY_BUFFER);
+                    let waiter = self.many.next;
+                    self.many.next += 1;
+                    self.many.waiters.insert(waiter, (tx, live.len()));
+                    for id in live {
+                        self.many.by_task.entry(id).or_default().push(waiter);
+                    }
+                    rx
+                });
+                deferred.push(Box::new(move |_, _| {
+                    let _ = reply.send(WaitRegistration { not_live, live: rx });
+                }));
+            }
             Command::Register {
                 session,
                 registration,
@@ -508,6 +577,7 @@ impl Driver {
     }
 
     fn publish(&mut self, records: &[Record]) {
+        self.publish_final(records);
         if self.watchers.is_empty() {
             return;
         }
@@ -522,6 +592,50 @@ impl Driver {
             watchers.retain(|w| w.try_send(event.clone()).is_ok());
             if event.body.is_finished() || watchers.is_empty() {
                 self.watchers.remove(&event.task_id);
+            }
+        }
+    }
+
+    /// Hands the final records of this commit to the `WaitMany` waiters,
+    /// one batch per waiter. A full or closed waiter is dropped (its
+    /// service registers again and reads the store), never waited for.
+    fn publish_final(&mut self, records: &[Record]) {
+        if self.many.by_task.is_empty() {
+            return;
+        }
+        let mut batches: HashMap<u64, Vec<TaskRecord>> = HashMap::new();
+        for record in records {
+            let Record::Event(TaskEvent {
+                task_id,
+                body: EventBody::Finished(task),
+                ..
+            }) = record
+            else {
+                continue;
+            };
+            let Some(waiters) = self.many.by_task.remove(task_id) else {
+                continue;
+            };
+            for waiter in waiters {
+                if self.many.waiters.contains_key(&waiter) {
+                    batches
+                        .entry(waiter)
+                        .or_default()
+                        .push(TaskRecord::clone(task));
+                }
+            }
+        }
+        for (waiter, batch) in batches {
+            let Some((tx, pending)) = self.many.waiters.get_mut(&waiter) else {
+                continue;
+            };
+            *pending = pending.saturating_sub(batch.len());
+            let done = *pending == 0;
+            if tx.try_send(batch).is_err() {
+                tracing::debug!(waiter, "WaitMany waiter lagging or gone; dropped from live");
+                self.many.waiters.remove(&waiter);
+            } else if done {
+                self.many.waiters.remove(&waiter);
             }
         }
     }

@@ -97,9 +97,10 @@ pub async fn start(
     // Opening may repair the file after a crash and loading reads every
     // live task: both on the blocking pool.
     let data_dir = config.data_dir.clone();
+    let cache_size = config.store_cache_size;
     let (store, loaded) = tokio::task::spawn_blocking(move || {
         let store: Arc<dyn Store> = match &data_dir {
-            Some(dir) => Arc::new(RedbStore::open(dir)?),
+            Some(dir) => Arc::new(RedbStore::open_with_cache(dir, cache_size)?),
             None => Arc::new(MemoryStore::new()),
         };
         let since = SystemTime::now()

@@ -64,6 +64,12 @@ struct Args {
     #[arg(long, default_value_t = 10_000_000)]
     max_queued: usize,
 
+    /// Most memory the durable store's page cache may use: bytes, or a
+    /// number with KiB, MiB or GiB (e.g. 64MiB). It holds recently read and
+    /// written pages of the database file.
+    #[arg(long, default_value = "64MiB", value_parser = parse_size)]
+    store_cache_size: usize,
+
     /// First retry delay after a failed attempt; doubles per attempt.
     #[arg(long, default_value = "100ms", value_parser = parse_duration)]
     retry_backoff: Duration,
@@ -99,9 +105,33 @@ impl From<&Args> for CoordinatorConfig {
             restart_grace: args.restart_grace,
             max_node_losses: args.max_node_losses,
             retention: args.retention,
+            store_cache_size: args.store_cache_size,
             ..CoordinatorConfig::default()
         }
     }
+}
+
+/// Parses a byte count: `4096`, `512KiB`, `64MiB`, `1GiB` (also `K`, `M`, `G`
+/// and `KB`, `MB`, `GB`, all as powers of 1024).
+fn parse_size(text: &str) -> Result<usize, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: usize = number
+        .parse()
+        .map_err(|_| format!("'{text}' is not a size (like 64MiB)"))?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        other => return Err(format!("unknown size unit '{other}' (use KiB, MiB or GiB)")),
+    };
+    number
+        .checked_mul(1 << shift)
+        .ok_or_else(|| format!("'{text}' is too large"))
 }
 
 fn init_tracing(format: LogFormat) {
@@ -162,4 +192,20 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_parse_with_binary_units_and_bad_ones_are_refused() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64MiB"), Ok(64 << 20));
+        assert_eq!(parse_size("512 KiB"), Ok(512 << 10));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("0"), Ok(0));
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("5 parsecs").is_err());
+    }
 }

@@ -475,3 +475,130 @@ async fn bad_requests_get_the_right_codes() {
     assert_eq!(err.code(), Code::FailedPrecondition);
     c.shutdown(DEADLINE).await.unwrap();
 }
+
+#[tokio::test]
+async fn wait_many_streams_final_tasks_in_completion_order_and_ends() {
+    let c = coordinator(CoordinatorConfig::default()).await;
+    let mut node = connect(c.url(), In::Register(register("n1", 4)))
+        .await
+        .unwrap();
+    node.credits(4).await;
+    let mut tasks = TaskServiceClient::new(channel(c.url()).await);
+    let ids = submit(&mut tasks, vec![TaskSpec::call("noop", "a"); 3]).await;
+    let assigned = node.assignments().await;
+    assert_eq!(assigned.len(), 3);
+    // One final before the wait starts: it comes first.
+    node.events(vec![finished_ok(&ids[1], 1)]).await;
+    wait_until(|| {
+        let mut tasks = tasks.clone();
+        let id = ids[1].clone();
+        async move {
+            (get(&mut tasks, &id).await.state == i32::from(TaskState::Succeeded)).then_some(())
+        }
+    })
+    .await;
+    let mut request = ids.clone();
+    request.push(ids[0].clone()); // a repeated id is answered once
+    let mut finals = tasks
+        .wait_many(pb::WaitManyRequest { task_ids: request })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = tokio::time::timeout(DEADLINE, finals.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.id, ids[1]);
+    node.events(vec![finished_ok(&ids[2], 1)]).await;
+    node.events(vec![finished_ok(&ids[0], 1)]).await;
+    let mut rest = Vec::new();
+    while let Some(task) = tokio::time::timeout(DEADLINE, finals.message())
+        .await
+        .unwrap()
+        .unwrap()
+    {
+        assert_eq!(task.state, i32::from(TaskState::Succeeded));
+        rest.push(task.id);
+    }
+    assert_eq!(
+        rest,
+        vec![ids[2].clone(), ids[0].clone()],
+        "completion order, then the end"
+    );
+
+    let unknown = weft_proto::TaskId::new().to_string();
+    let err = tasks
+        .wait_many(pb::WaitManyRequest {
+            task_ids: vec![ids[0].clone(), unknown],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let err = tasks
+        .wait_many(pb::WaitManyRequest {
+            task_ids: vec!["nope".into()],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let too_many = vec![ids[0].clone(); 100_001];
+    let err = tasks
+        .wait_many(pb::WaitManyRequest { task_ids: too_many })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    c.shutdown(DEADLINE).await.unwrap();
+}
+
+#[tokio::test]
+async fn prefetch_credits_are_honoured_and_an_unstarted_return_costs_no_attempt() {
+    let c = coordinator(CoordinatorConfig::default()).await;
+    let mut reg = register("n1", 1);
+    reg.prefetch = 1;
+    let mut node = connect(c.url(), In::Register(reg)).await.unwrap();
+    node.credits(2).await;
+    let mut tasks = TaskServiceClient::new(channel(c.url()).await);
+    let spec = TaskSpec::call("noop", "a").max_attempts(1);
+    let ids = submit(&mut tasks, vec![spec; 3]).await;
+    let assigned = node.assignments().await;
+    assert_eq!(assigned.len(), 2, "one slot plus one prefetched");
+    // The second was held queued and is handed back unstarted (drain).
+    node.events(vec![
+        event(
+            &ids[0],
+            1,
+            pb::node_task_event::Body::Started(pb::Started { pid: 0 }),
+        ),
+        finished_ok(&ids[0], 1),
+        event(
+            &ids[1],
+            1,
+            pb::node_task_event::Body::Finished(pb::Finished {
+                outcome: pb::Outcome::Cancelled as i32,
+                error: "node is draining: returned before it started".into(),
+                ..Default::default()
+            }),
+        ),
+    ])
+    .await;
+    node.credits(2).await;
+    let again = node.assignments().await;
+    let attempts: Vec<(String, u32)> = again.into_iter().map(|a| (a.task_id, a.attempt)).collect();
+    assert!(attempts.contains(&(ids[1].clone(), 2)), "{attempts:?}");
+    node.events(vec![finished_ok(&ids[1], 2)]).await;
+    let done = wait_until(|| {
+        let mut tasks = tasks.clone();
+        let id = ids[1].clone();
+        async move {
+            let task = get(&mut tasks, &id).await;
+            (task.state != i32::from(TaskState::Queued)
+                && task.state != i32::from(TaskState::Assigned))
+            .then_some(task)
+        }
+    })
+    .await;
+    assert_eq!(done.state, i32::from(TaskState::Succeeded), "{done:?}");
+    assert_eq!((done.node_losses, done.failures), (0, 0));
+    c.shutdown(DEADLINE).await.unwrap();
+}

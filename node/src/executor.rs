@@ -3,6 +3,18 @@
 //! accounting (never more slots than configured), timeouts, and the credit
 //! window the session grants from.
 //!
+//! Prefetch: the node grants `slots + prefetch` credits, so the coordinator
+//! may assign more than the free slots. An assignment that finds no free
+//! slot waits in a local FIFO (assigned, not started: no `Started` sent) and
+//! starts as soon as a slot frees, so the next task is already here when
+//! one ends. How much it holds adapts to the work: enough queued attempts
+//! per slot to cover [`REFILL_TIME`] at the average run time seen so far,
+//! never more than the configured prefetch (none before the first attempt
+//! ends), so short tasks stream while long ones stay spread over the nodes.
+//! Never more than `slots` run at once. A queued attempt that is
+//! cancelled, drained or stopped (lease) is reported `CANCELLED` without
+//! ever running.
+//!
 //! An attempt holds its slots until the session has taken its `Finished`
 //! event off the event channel ([`Executor::release`]), so credits are only
 //! granted back after the `Finished` they answer, and an attempt whose
@@ -14,7 +26,7 @@
 //! that races the lease's expiry is refused rather than started on a node
 //! the coordinator already gave up on.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
@@ -33,6 +45,11 @@ use crate::events::{Emitter, EventTx};
 use crate::exec::{self, ExecEnd};
 use crate::handlers::{HandlerError, HandlerRegistry, HandlerRequest};
 use crate::lease::{self, Lease};
+
+/// How long the coordinator takes to refill a freed credit (the node's
+/// `Finished` and `Credits`, a commit, the next `Assign`), with margin: the
+/// node keeps enough queued work to cover it.
+pub(crate) const REFILL_TIME: Duration = Duration::from_millis(10);
 
 /// An attempt's key: the unit of fencing.
 pub(crate) type AttemptKey = (TaskId, Attempt);
@@ -95,14 +112,84 @@ struct RunningAttempt {
     control: Arc<AttemptControl>,
 }
 
-/// Slots and credits. Invariant: `used + window <= total`, where `window`
-/// is what this session granted and the coordinator has not used yet.
+/// An assignment waiting for a free slot (prefetched).
+struct QueuedAttempt {
+    key: AttemptKey,
+    spec: TaskSpec,
+    control: Arc<AttemptControl>,
+    emit: Emitter,
+}
+
+/// An attempt taken off the queue, to start or to report outside the lock.
+type Dequeued = Vec<QueuedAttempt>;
+
+/// Slots and credits. Invariants: `used <= total`, and
+/// `used + queued_slots + window <= total + prefetch`, where `window` is
+/// what this session granted and the coordinator has not used yet.
 struct State {
     total: u32,
+    /// The most prefetch allowed (configured).
+    prefetch: u32,
+    /// Average run time of the attempts that ended (EWMA), if any did.
+    run_time: Option<Duration>,
     used: u32,
+    /// Slots of the attempts waiting in `queued`.
+    queued_slots: u32,
     window: u32,
     draining: bool,
     running: HashMap<AttemptKey, RunningAttempt>,
+    /// Assigned, not started: FIFO, started as slots free.
+    queued: VecDeque<QueuedAttempt>,
+}
+
+impl State {
+    /// Prefetch in use now: enough to cover [`REFILL_TIME`] at the average
+    /// run time, per slot, within the configured prefetch; none before an
+    /// attempt has ended.
+    fn prefetch_now(&self) -> u32 {
+        let Some(run_time) = self.run_time else {
+            return 0;
+        };
+        let per_slot = REFILL_TIME.as_nanos() / run_time.as_nanos().max(1) + 1;
+        let wanted = u32::try_from(per_slot).unwrap_or(u32::MAX);
+        wanted.saturating_mul(self.total).min(self.prefetch)
+    }
+
+    /// Attempts the node holds: running or queued.
+    fn held(&self) -> usize {
+        self.running.len() + self.queued.len()
+    }
+
+    /// Moves the queue's head attempts into `running` while their slots
+    /// fit; answers them, to be spawned outside the lock.
+    fn start_queued(&mut self) -> Dequeued {
+        let mut ready = Vec::new();
+        while let Some(head) = self.queued.front() {
+            if self.used + head.spec.slots > self.total {
+                break;
+            }
+            let Some(next) = self.queued.pop_front() else {
+                break;
+            };
+            self.queued_slots = self.queued_slots.saturating_sub(next.spec.slots);
+            self.used += next.spec.slots;
+            self.running.insert(
+                next.key,
+                RunningAttempt {
+                    slots: next.spec.slots,
+                    control: next.control.clone(),
+                },
+            );
+            ready.push(next);
+        }
+        ready
+    }
+
+    /// Empties the queue (its attempts never ran).
+    fn take_queued(&mut self) -> Dequeued {
+        self.queued_slots = 0;
+        self.queued.drain(..).collect()
+    }
 }
 
 struct Inner {
@@ -132,6 +219,7 @@ impl Executor {
         kill: CancellationToken,
         lease: Arc<Lease>,
         slots: u32,
+        prefetch: u32,
     ) -> Self {
         Executor {
             inner: Arc::new(Inner {
@@ -142,10 +230,14 @@ impl Executor {
                 lease,
                 state: Mutex::new(State {
                     total: slots.max(1),
+                    prefetch,
+                    run_time: None,
                     used: 0,
+                    queued_slots: 0,
                     window: 0,
                     draining: false,
                     running: HashMap::new(),
+                    queued: VecDeque::new(),
                 }),
                 running_count: watch::Sender::new(0),
             }),
@@ -170,29 +262,52 @@ impl Executor {
         self.state().window = 0;
     }
 
-    /// Credits to grant now so that `used + window == total`, or `None`
-    /// (nothing free, or draining: a draining node never grants).
+    /// Credits to grant now so that `used + queued + window == total +
+    /// prefetch`, or `None` (nothing free, or draining: a draining node
+    /// never grants).
     pub(crate) fn take_grant(&self) -> Option<u32> {
         let mut state = self.state();
         if state.draining {
             return None;
         }
-        let grant = state.total.saturating_sub(state.used + state.window);
+        let capacity = state.total.saturating_add(state.prefetch_now());
+        let grant = capacity.saturating_sub(state.used + state.queued_slots + state.window);
         state.window += grant;
         (grant > 0).then_some(grant)
     }
 
-    /// Stops granting and refuses new assignments.
+    /// Stops granting and refuses new assignments. Queued attempts (never
+    /// started) are reported `CANCELLED` at once, so the coordinator gives
+    /// them to other nodes instead of waiting for this one's grace.
     pub(crate) fn set_draining(&self) {
-        self.state().draining = true;
+        let dropped = {
+            let mut state = self.state();
+            state.draining = true;
+            let dropped = state.take_queued();
+            self.publish_held(&state);
+            dropped
+        };
+        for queued in dropped {
+            self.refuse(
+                queued.emit,
+                Outcome::Cancelled,
+                "node is draining: returned before it started".into(),
+            );
+        }
     }
 
-    /// The attempts holding slots, for `Register.running` after a reconnect.
+    fn publish_held(&self, state: &State) {
+        self.inner.running_count.send_replace(state.held());
+    }
+
+    /// The attempts holding slots or queued for one, for `Register.running`
+    /// after a reconnect (the coordinator keeps them assigned here).
     pub(crate) fn running_refs(&self) -> Vec<pb::AttemptRef> {
-        let mut refs: Vec<_> = self
-            .state()
+        let state = self.state();
+        let mut refs: Vec<_> = state
             .running
             .keys()
+            .chain(state.queued.iter().map(|q| &q.key))
             .map(|(task_id, attempt)| pb::AttemptRef {
                 task_id: task_id.to_string(),
                 attempt: attempt.0,
@@ -207,16 +322,30 @@ impl Executor {
         self.state().running.len()
     }
 
-    /// Frees the slots of an attempt whose `Finished` the session took.
-    pub(crate) fn release(&self, key: AttemptKey) {
-        let mut state = self.state();
-        if let Some(done) = state.running.remove(&key) {
-            state.used = state.used.saturating_sub(done.slots);
-        }
-        self.inner.running_count.send_replace(state.running.len());
+    /// Number of assigned attempts waiting for a slot.
+    #[cfg(test)]
+    pub(crate) fn queued(&self) -> usize {
+        self.state().queued.len()
     }
 
-    /// Resolves once no attempt holds slots.
+    /// Frees the slots of an attempt whose `Finished` the session took,
+    /// and starts the queued attempts that now fit.
+    pub(crate) fn release(&self, key: AttemptKey) {
+        let ready = {
+            let mut state = self.state();
+            if let Some(done) = state.running.remove(&key) {
+                state.used = state.used.saturating_sub(done.slots);
+            }
+            let ready = state.start_queued();
+            self.publish_held(&state);
+            ready
+        };
+        for queued in ready {
+            self.spawn_attempt(queued);
+        }
+    }
+
+    /// Resolves once no attempt holds slots or waits for one.
     pub(crate) async fn wait_idle(&self) {
         let mut count = self.inner.running_count.subscribe();
         // The sender lives as long as `self`, so this cannot fail.
@@ -253,10 +382,10 @@ impl Executor {
             }
         };
         let control = Arc::new(AttemptControl::new(self.inner.kill.child_token()));
-        {
+        let ready = {
             let mut state = self.state();
             state.window = state.window.saturating_sub(spec.slots);
-            if state.running.contains_key(&key) {
+            if state.running.contains_key(&key) || state.queued.iter().any(|q| q.key == key) {
                 warn!(%task_id, %attempt, "duplicate assignment; ignored");
                 return;
             }
@@ -272,27 +401,44 @@ impl Executor {
                 let why = lease::expired_message(silence);
                 return self.refuse(emit, Outcome::Cancelled, why);
             }
-            if state.used + spec.slots > state.total {
+            let capacity = state.total.saturating_add(state.prefetch);
+            if spec.slots > state.total || state.used + state.queued_slots + spec.slots > capacity {
                 let why = format!(
-                    "node over capacity: task needs {} slots, {} of {} free",
+                    "node over capacity: task needs {} slots, {} of {} free, {} queued (prefetch {})",
                     spec.slots,
                     state.total - state.used,
-                    state.total
+                    state.total,
+                    state.queued_slots,
+                    state.prefetch
                 );
                 drop(state);
                 warn!(%task_id, %attempt, "{why}");
                 return self.refuse(emit, Outcome::Cancelled, why);
             }
-            state.used += spec.slots;
-            state.running.insert(
+            state.queued_slots += spec.slots;
+            state.queued.push_back(QueuedAttempt {
                 key,
-                RunningAttempt {
-                    slots: spec.slots,
-                    control: control.clone(),
-                },
-            );
-            self.inner.running_count.send_replace(state.running.len());
+                spec,
+                control,
+                emit,
+            });
+            let ready = state.start_queued();
+            self.publish_held(&state);
+            ready
+        };
+        for queued in ready {
+            self.spawn_attempt(queued);
         }
+    }
+
+    /// Runs an attempt that was given its slots.
+    fn spawn_attempt(&self, queued: QueuedAttempt) {
+        let QueuedAttempt {
+            key: (task_id, attempt),
+            spec,
+            control,
+            emit,
+        } = queued;
         let span = info_span!("attempt", %task_id, %attempt);
         let executor = self.clone();
         self.inner
@@ -309,7 +455,11 @@ impl Executor {
     /// Reports an assignment that never ran (its slots were never taken).
     fn refuse(&self, emit: Emitter, outcome: Outcome, error: String) {
         info!(task_id = %emit.task_id(), attempt = %emit.attempt(), %outcome, %error, "assignment refused");
-        let done = finished(outcome, None, Bytes::new(), error);
+        self.report(emit, finished(outcome, None, Bytes::new(), error));
+    }
+
+    /// Reports the `Finished` of an attempt that never ran.
+    fn report(&self, emit: Emitter, done: pb::Finished) {
         // Queued right away when there is room, so a drain that stops the
         // node next still flushes it.
         if let Err(Some(done)) = emit.try_finished(done) {
@@ -319,33 +469,67 @@ impl Executor {
         }
     }
 
-    /// Stops one attempt for `Cancel`; an unknown attempt is ignored.
+    /// Stops one attempt for `Cancel` (a queued one is reported at once,
+    /// never started); an unknown attempt is ignored.
     pub(crate) fn cancel(&self, key: AttemptKey, reason: String) {
-        match self.state().running.get(&key) {
-            Some(running) => {
-                info!(task_id = %key.0, attempt = %key.1, %reason, "cancelling attempt");
-                running.control.stop(StopReason::Cancelled(reason));
-            }
-            None => {
-                debug!(task_id = %key.0, attempt = %key.1, "cancel for an unknown attempt; ignored")
-            }
+        let mut state = self.state();
+        if let Some(running) = state.running.get(&key) {
+            info!(task_id = %key.0, attempt = %key.1, %reason, "cancelling attempt");
+            running.control.stop(StopReason::Cancelled(reason));
+            return;
+        }
+        let Some(index) = state.queued.iter().position(|q| q.key == key) else {
+            drop(state);
+            debug!(task_id = %key.0, attempt = %key.1, "cancel for an unknown attempt; ignored");
+            return;
+        };
+        let Some(queued) = state.queued.remove(index) else {
+            return;
+        };
+        state.queued_slots = state.queued_slots.saturating_sub(queued.spec.slots);
+        self.publish_held(&state);
+        drop(state);
+        info!(task_id = %key.0, attempt = %key.1, %reason, "cancelling queued attempt");
+        if let Some(done) = stopped(StopReason::Cancelled(reason)) {
+            self.report(queued.emit, done);
         }
     }
 
-    /// Stops every running attempt for `reason`; answers how many.
+    /// Stops every attempt for `reason` (queued ones are reported without
+    /// running, or dropped when killed); answers how many.
     pub(crate) fn stop_all(&self, reason: &StopReason) -> usize {
-        let state = self.state();
-        for running in state.running.values() {
-            if *reason == StopReason::Killed {
-                running.control.kill_group();
+        let (count, dropped) = {
+            let mut state = self.state();
+            for running in state.running.values() {
+                if *reason == StopReason::Killed {
+                    running.control.kill_group();
+                }
+                running.control.stop(reason.clone());
             }
-            running.control.stop(reason.clone());
+            let dropped = state.take_queued();
+            self.publish_held(&state);
+            (state.running.len() + dropped.len(), dropped)
+        };
+        for queued in dropped {
+            if let Some(done) = stopped(reason.clone()) {
+                self.report(queued.emit, done);
+            }
         }
-        state.running.len()
+        count
+    }
+
+    /// Folds one attempt's run time into the average prefetch follows.
+    fn record_run_time(&self, took: Duration) {
+        let mut state = self.state();
+        state.run_time = Some(match state.run_time {
+            None => took,
+            Some(average) => (average * 7 + took) / 8,
+        });
     }
 
     async fn run_attempt(&self, spec: TaskSpec, control: Arc<AttemptControl>, emit: Emitter) {
         debug!(kind = spec.summary(), "attempt starting");
+        let began = Instant::now();
         let work = async {
             match &spec.kind {
                 TaskKind::Exec(exec_spec) => {
@@ -375,6 +559,7 @@ impl Executor {
             debug!("attempt killed with the node; nothing reported");
             return;
         };
+        self.record_run_time(began.elapsed());
         let outcome = Outcome::try_from(done.outcome).map_or("?", Outcome::as_str);
         info!(outcome, exit_code = ?done.exit_code, error = %done.error, "attempt finished");
         emit.finished(done).await;
@@ -495,8 +680,95 @@ mod tests {
             CancellationToken::new(),
             lease,
             slots,
+            0,
         );
         (executor, rx)
+    }
+
+    fn prefetching(slots: u32, prefetch: u32) -> (Executor, EventRx) {
+        let (tx, rx) = events::channel();
+        let executor = Executor::new(
+            HandlerRegistry::with_builtins(),
+            tx,
+            TaskTracker::new(),
+            CancellationToken::new(),
+            Arc::new(Lease::new(None)),
+            slots,
+            prefetch,
+        );
+        (executor, rx)
+    }
+
+    #[tokio::test]
+    async fn prefetched_attempts_wait_for_a_slot_and_never_overcommit() {
+        let (executor, mut rx) = prefetching(1, 2);
+        assert_eq!(
+            executor.take_grant(),
+            Some(1),
+            "no prefetch before a run time is known"
+        );
+        let (first, first_key) = assignment(TaskSpec::call("noop", "1"));
+        executor.assign(first);
+        until_finished(&executor, &mut rx, first_key).await;
+        // A noop is short: the whole prefetch is used now (slot + 2).
+        assert_eq!(executor.take_grant(), Some(3));
+        let (long, long_key) = assignment(TaskSpec::call("sleep", "1h"));
+        let (queued, queued_key) = assignment(TaskSpec::call("noop", "2"));
+        let (cancelled, cancelled_key) = assignment(TaskSpec::call("noop", "3"));
+        executor.assign(long);
+        executor.assign(queued);
+        executor.assign(cancelled);
+        assert_eq!((executor.running(), executor.queued()), (1, 2));
+        let (over, over_key) = assignment(TaskSpec::call("noop", "4"));
+        executor.assign(over);
+        let (_, done) = until_finished(&executor, &mut rx, over_key).await;
+        assert!(done.error.contains("over capacity"), "{}", done.error);
+        // Cancelling a queued attempt reports it without running it.
+        executor.cancel(cancelled_key, "by test".into());
+        let (seen, done) = until_finished(&executor, &mut rx, cancelled_key).await;
+        assert_eq!(
+            (outcome(&done), done.error.as_str()),
+            (Outcome::Cancelled, "cancelled: by test")
+        );
+        assert!(
+            seen.iter()
+                .all(|e| e.task_id != cancelled_key.0.to_string()),
+            "never started: {seen:?}"
+        );
+        assert_eq!(
+            executor.running_refs().len(),
+            2,
+            "running and queued listed"
+        );
+        executor.cancel(long_key, String::new());
+        until_finished(&executor, &mut rx, long_key).await;
+        // The slot freed: the queued one runs.
+        let (seen, done) = until_finished(&executor, &mut rx, queued_key).await;
+        assert!(matches!(
+            seen.last().and_then(|e| e.body.as_ref()),
+            Some(Body::Started(_))
+        ));
+        assert_eq!(outcome(&done), Outcome::Succeeded);
+        assert_eq!((executor.running(), executor.queued()), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn draining_reports_queued_attempts_cancelled_at_once() {
+        let (executor, mut rx) = prefetching(1, 1);
+        let (warm, warm_key) = assignment(TaskSpec::call("noop", ""));
+        executor.assign(warm);
+        until_finished(&executor, &mut rx, warm_key).await;
+        let (long, long_key) = assignment(TaskSpec::call("sleep", "1h"));
+        let (queued, queued_key) = assignment(TaskSpec::call("noop", ""));
+        executor.assign(long);
+        executor.assign(queued);
+        executor.set_draining();
+        let (_, done) = until_finished(&executor, &mut rx, queued_key).await;
+        assert_eq!(outcome(&done), Outcome::Cancelled);
+        assert!(done.error.contains("before it started"), "{}", done.error);
+        assert_eq!((executor.running(), executor.queued()), (1, 0));
+        executor.stop_all(&StopReason::Drained(Duration::ZERO));
+        until_finished(&executor, &mut rx, long_key).await;
     }
 
     fn assignment(spec: TaskSpec) -> (pb::Assignment, AttemptKey) {

@@ -73,6 +73,7 @@ pub fn start(config: NodeConfig, mut handlers: HandlerRegistry) -> RunningNode {
         kill.clone(),
         lease.clone(),
         config.slots,
+        config.prefetch,
     );
     let name = config.name.clone();
     let ctx = Arc::new(NodeCtx::new(config, executor, lease, tasks.clone(), kill));

@@ -324,6 +324,7 @@ async fn session(
         name: ctx.config.name.clone(),
         labels: ctx.config.labels.clone().into_iter().collect(),
         slots: ctx.config.slots.max(1),
+        prefetch: ctx.config.prefetch,
         handlers: ctx.executor.handler_names(),
         protocol_version: PROTOCOL_VERSION.into(),
         running: register_running(ctx.executor.running_refs(), &redeliver),
@@ -694,7 +695,7 @@ mod tests {
         let tasks = TaskTracker::new();
         let kill = CancellationToken::new();
         let lease = Arc::new(Lease::new(config.lease));
-        let slots = config.slots;
+        let (slots, prefetch) = (config.slots, config.prefetch);
         let executor = Executor::new(
             handlers,
             tx,
@@ -702,6 +703,7 @@ mod tests {
             kill.clone(),
             lease.clone(),
             slots,
+            prefetch,
         );
         (
             Arc::new(NodeCtx::new(config, executor, lease, tasks, kill)),

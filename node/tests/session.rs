@@ -218,6 +218,8 @@ fn config(url: &str, slots: u32) -> NodeConfig {
     let mut config = NodeConfig::new(url);
     config.name = "test-node".into();
     config.slots = slots;
+    // These scenarios check the strict window (credits = free slots).
+    config.prefetch = 0;
     config.labels = BTreeMap::from([("zone".to_owned(), "a".to_owned())]);
     config.reconnect_min = Duration::from_millis(20);
     config.reconnect_max = Duration::from_millis(200);

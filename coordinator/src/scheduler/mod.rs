@@ -11,6 +11,7 @@
 //! No tokio, no clock, no sockets here: time comes in as [`Now`], so every
 //! rule is tested directly and deterministically.
 
+mod live;
 mod nodes;
 pub mod queue;
 pub mod recent;
@@ -19,7 +20,7 @@ pub(crate) mod task;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -30,14 +31,15 @@ use weft_proto::{Attempt, Outcome, OutputStream, TaskId, TaskKind, TaskSpec, Tas
 use crate::config::CoordinatorConfig;
 use crate::error::Error;
 use crate::store::{EventBody, Loaded, Record};
+use live::LiveTasks;
 use queue::{ClassId, Queue};
 use recent::RecentResults;
 use registry::{NodeEntry, Registry};
 pub use registry::{NodeInfo, NodeRegistration, SessionId};
-use task::{LiveTask, Placement, state_index};
+use task::{LiveSpec, LiveTask, Placement, state_index};
 
-/// Bytes of one live task's entry in the scheduler, without its spec or
-/// its map and queue slots (for measurements).
+/// Bytes of one live task's entry in the scheduler, without its id, its
+/// index and queue slots, or what it keeps on the heap (for measurements).
 #[doc(hidden)]
 pub fn live_task_size() -> usize {
     std::mem::size_of::<LiveTask>()
@@ -199,7 +201,7 @@ pub struct ClusterStats {
 #[derive(Debug)]
 pub struct Scheduler {
     config: SchedulerConfig,
-    tasks: HashMap<TaskId, LiveTask>,
+    tasks: LiveTasks,
     queue: Queue,
     nodes: Registry,
     counts: [u64; 7],
@@ -219,7 +221,7 @@ impl Scheduler {
     pub fn new(config: SchedulerConfig) -> Self {
         Scheduler {
             config,
-            tasks: HashMap::new(),
+            tasks: LiveTasks::new(),
             queue: Queue::default(),
             nodes: Registry::default(),
             counts: [0; 7],
@@ -249,8 +251,9 @@ impl Scheduler {
         let grace_ends = now.instant + self.config.restart_grace;
         for record in loaded.live {
             let class = self.queue.class_for(&record.spec);
-            let mut task = LiveTask::new(Arc::clone(&record.spec), class, record.created_at);
-            task.updated_at = record.updated_at;
+            let spec = LiveSpec::compact(&record.spec, self.queue.example(class))
+                .unwrap_or_else(|| LiveSpec::Full(Arc::clone(&record.spec)));
+            let mut task = LiveTask::new(spec, class, record.created_at);
             task.next_seq = record.next_seq;
             task.attempt = record.attempt.0;
             task.failures = record.failures;
@@ -263,7 +266,7 @@ impl Scheduler {
             self.counts[state_index(record.state)] += 1;
             match (record.state, record.node_id) {
                 (TaskState::Assigned | TaskState::Running, Some(node_id)) => {
-                    task.placement = Some(Placement {
+                    task.place(Placement {
                         session: SessionId::RESTORED,
                         node_id,
                         node_name: record.node_name.unwrap_or_else(|| Arc::from("unknown")),
@@ -293,16 +296,18 @@ impl Scheduler {
     /// once (when nodes are connected).
     pub fn submit(&mut self, batch: Vec<(TaskId, TaskSpec)>, now: Now) -> Result<(), Error> {
         let queued = self.tasks.len().saturating_add(batch.len());
-        if queued > self.config.max_queued {
-            return Err(Error::QueueFull {
-                queued,
-                max: self.config.max_queued,
-            });
+        let max = self.config.max_queued.min(live::CAPACITY);
+        if queued > max {
+            return Err(Error::QueueFull { queued, max });
         }
         let mut served: Vec<(ClassId, bool)> = Vec::new();
         for (id, spec) in batch {
-            let spec = Arc::new(spec);
             let class = self.queue.class_for(&spec);
+            // A queued task keeps only what its class's example lacks.
+            let (live, spec) = match LiveSpec::compact(&spec, self.queue.example(class)) {
+                Some(live) => (live, Arc::new(spec)),
+                None => LiveSpec::full(spec),
+            };
             let is_served = match served.iter().find(|(c, _)| *c == class) {
                 Some((_, s)) => *s,
                 None => {
@@ -312,8 +317,10 @@ impl Scheduler {
                     s
                 }
             };
-            let task = LiveTask::new(Arc::clone(&spec), class, now.wall);
-            self.out.records.push(Record::Task(task.record(id)));
+            let task = LiveTask::new(live, class, now.wall);
+            self.out
+                .records
+                .push(Record::Task(task.record(id, Arc::clone(&spec), now.wall)));
             self.tasks.insert(id, task);
             self.counts[state_index(TaskState::Queued)] += 1;
             self.emit(
@@ -360,7 +367,7 @@ impl Scheduler {
             TaskState::Assigned | TaskState::Running => {
                 if task.cancel_reason().is_none() {
                     task.set_cancel(reason.clone());
-                    if let Some(p) = &task.placement {
+                    if let Some(p) = task.placement() {
                         let session = p.session;
                         let attempt = Attempt(task.attempt);
                         self.order_cancel(session, id, attempt, reason);
@@ -412,7 +419,7 @@ impl Scheduler {
             self.orphans = waiting;
             for (id, _) in expired {
                 let orphaned = self.tasks.get(&id).and_then(|t| {
-                    let p = t.placement.as_ref()?;
+                    let p = t.placement()?;
                     (p.session == SessionId::RESTORED).then(|| (Attempt(t.attempt), p.clone()))
                 });
                 if let Some((attempt, placement)) = orphaned {
@@ -445,30 +452,35 @@ impl Scheduler {
 
     /// Round-robin over nodes with credits, one assignment per node per
     /// pass, so work spreads; each assignment looks at one head per class,
-    /// never at the whole queue.
+    /// never at the whole queue. Free slots first, then prefetch credits: a
+    /// task waits queued on a busy node only when no node has a slot free.
     fn dispatch(&mut self, now: Now) {
-        if !self.queue.any_ready() {
-            return;
-        }
-        let mut active: Vec<SessionId> = self
-            .nodes
-            .nodes
-            .iter()
-            .filter(|(_, n)| !n.draining && n.credits > 0)
-            .map(|(s, _)| *s)
-            .collect();
-        while !active.is_empty() {
-            active.retain(|session| self.assign_one(*session, now));
+        for prefetch in [false, true] {
+            if !self.queue.any_ready() {
+                return;
+            }
+            let mut active: Vec<SessionId> = self
+                .nodes
+                .nodes
+                .iter()
+                .filter(|(_, n)| !n.draining && n.room(prefetch) > 0)
+                .map(|(s, _)| *s)
+                .collect();
+            while !active.is_empty() {
+                active.retain(|session| self.assign_one(*session, prefetch, now));
+            }
         }
     }
 
-    /// Assigns the oldest ready task this node can take. Returns whether
-    /// the node may take more.
-    fn assign_one(&mut self, session: SessionId, now: Now) -> bool {
+    /// Assigns the oldest ready task this node can take (within its free
+    /// slots, or its credits when `prefetch`). Returns whether the node may
+    /// take more.
+    fn assign_one(&mut self, session: SessionId, prefetch: bool, now: Now) -> bool {
         let Some(node) = self.nodes.nodes.get(&session) else {
             return false;
         };
-        if node.draining || node.credits == 0 {
+        let room = node.room(prefetch);
+        if node.draining || room == 0 {
             return false;
         }
         let mut best: Option<(TaskId, usize)> = None;
@@ -486,7 +498,7 @@ impl Scheduler {
             let Some(head) = class.ready.front() else {
                 continue;
             };
-            if class.example.slots > node.credits || !node.can_run(&class.example) {
+            if class.example.slots > room || !node.can_run(&class.example) {
                 continue;
             }
             if best.is_none_or(|(b, _)| *head < b) {
@@ -506,17 +518,19 @@ impl Scheduler {
             task.attempt = 1;
         }
         let attempt = Attempt(task.attempt);
-        node.credits -= task.spec.slots;
-        node.used += task.spec.slots;
+        // From here on its records and the assignment share one whole spec.
+        let spec = task.spec.to_spec(self.queue.example(task.class));
+        task.spec = LiveSpec::Full(Arc::clone(&spec));
+        node.credits -= spec.slots;
+        node.used += spec.slots;
         node.running.insert(id, attempt);
         task.last_outcome = None;
-        task.placement = Some(Placement {
+        task.place(Placement {
             session,
             node_id: node.id,
             node_name: Arc::clone(&node.name),
         });
-        task.next_chunk = 0;
-        let more = node.credits > 0;
+        let more = node.room(prefetch) > 0;
         tracing::debug!(task_id = %id, attempt = attempt.0, node_id = %node.id, node_name = %node.name, "assigned");
         self.out
             .nodes
@@ -526,7 +540,7 @@ impl Scheduler {
             .push(Assignment {
                 task_id: id,
                 attempt,
-                spec: Arc::clone(&task.spec),
+                spec,
             });
         self.change_state(id, TaskState::Assigned, None, String::new(), now.wall);
         more
@@ -571,7 +585,7 @@ impl Scheduler {
                 task.attempt
             ));
         }
-        let spec = &task.spec;
+        let spec = task.spec.template(self.queue.example(task.class));
         let nodes: Vec<&NodeEntry> = self.nodes.nodes.values().collect();
         if nodes.is_empty() {
             return Some("no nodes connected".into());

@@ -55,11 +55,11 @@ impl Scheduler {
             let adoptable = self.tasks.get(&id).is_some_and(|t| {
                 matches!(t.state, TaskState::Assigned | TaskState::Running)
                     && t.attempt == attempt.0
-                    && t.placement.as_ref().is_some_and(|p| p.node_id == node_id)
+                    && t.placement().is_some_and(|p| p.node_id == node_id)
             });
             match self.tasks.get_mut(&id) {
                 Some(task) if adoptable => {
-                    if let Some(p) = task.placement.as_mut() {
+                    if let Some(p) = task.placement_mut() {
                         if p.session == SessionId::RESTORED {
                             self.recovered_attempts += 1;
                             tracing::info!(task_id = %id, attempt = attempt.0, node_id = %node_id, node_name = %name, "restored attempt claimed by its node");
@@ -67,7 +67,8 @@ impl Scheduler {
                         p.session = session;
                         p.node_name = std::sync::Arc::clone(&name);
                     }
-                    entry.used = entry.used.saturating_add(task.spec.slots);
+                    let slots = self.queue.example(task.class).slots;
+                    entry.used = entry.used.saturating_add(slots);
                     entry.running.insert(id, attempt);
                 }
                 _ if self.recent.contains(id, attempt) => {}
@@ -96,7 +97,7 @@ impl Scheduler {
             let Some(task) = self.tasks.get(id) else {
                 return false;
             };
-            match &task.placement {
+            match task.placement() {
                 Some(p) if p.session == SessionId::RESTORED => {
                     if p.node_id == node_id {
                         unclaimed.push((*id, Attempt(task.attempt)));
@@ -218,10 +219,10 @@ impl Scheduler {
                 }
             }
             NodeEventBody::Output { stream, data, seq } => {
-                if seq < task.next_chunk {
+                if seq < task.next_chunk() {
                     return; // a chunk we already have (resent after a reconnect)
                 }
-                task.next_chunk = seq + 1;
+                task.set_next_chunk(seq + 1);
                 self.emit(id, EventBody::Output { stream, data }, now.wall);
             }
             NodeEventBody::Progress { fraction, message } => {
@@ -250,18 +251,18 @@ impl Scheduler {
         let Some(task) = self.tasks.get_mut(&id) else {
             return;
         };
-        task.exit_code = exit_code;
+        task.set_exit_code(exit_code);
         task.last_outcome = Some(outcome);
+        // No `Started` came: the node never ran it (e.g. prefetched, then
+        // the node drained).
+        let started = task.state == TaskState::Running;
         let attempt = task.attempt;
         self.recent
             .insert(id, Attempt(attempt), Some(outcome), now.instant);
-        let max = task.spec.max_attempts;
-        let slots = task.spec.slots;
+        let spec = task.spec.template(self.queue.example(task.class));
+        let (max, slots, timeout) = (spec.max_attempts, spec.slots, spec.timeout);
         let cancel = task.cancel_reason().map(str::to_owned);
-        let node_ref = task
-            .placement
-            .as_ref()
-            .map(|p| (p.node_id, p.node_name.clone()));
+        let node_ref = task.placement().map(|p| (p.node_id, p.node_name.clone()));
         if let Some(node) = self.nodes.nodes.get_mut(&session) {
             node.running.remove(&id);
             node.used = node.used.saturating_sub(slots);
@@ -286,7 +287,7 @@ impl Scheduler {
             Outcome::Succeeded => {}
             Outcome::Failed => {
                 task.failures += 1;
-                if attempt < max {
+                if task.failures.saturating_add(task.node_losses) < max {
                     let delay = backoff(
                         self.config.retry_backoff_base,
                         self.config.retry_backoff_max,
@@ -308,13 +309,26 @@ impl Scheduler {
                 self.finalize(id, TaskState::Failed, error, Bytes::new(), now.wall);
             }
             Outcome::TimedOut => {
-                let error = match task.spec.timeout {
+                let error = match timeout {
                     Some(t) if error.starts_with("attempt ended") => {
                         format!("timed out after {t:?}")
                     }
                     _ => error,
                 };
                 self.finalize(id, TaskState::TimedOut, error, Bytes::new(), now.wall);
+            }
+            Outcome::Cancelled if !started => {
+                // Handed back before it ran (a draining node returns what it
+                // held queued): neither a failure nor a lost run, so it costs
+                // no attempt; it only takes a new attempt number (fencing).
+                let name = node_ref
+                    .as_ref()
+                    .map_or_else(|| "?".to_owned(), |(_, n)| n.to_string());
+                let reason = format!(
+                    "attempt {attempt} returned unstarted by node {name} ({error}); retrying as attempt {}",
+                    attempt + 1
+                );
+                self.requeue(id, None, node_ref, reason, now);
             }
             Outcome::Cancelled => {
                 // Not asked for by a client: the node drained past its grace.
@@ -324,7 +338,7 @@ impl Scheduler {
                     .as_ref()
                     .map_or_else(|| "?".to_owned(), |(_, n)| n.to_string());
                 task.node_losses += 1;
-                if attempt < max {
+                if task.failures.saturating_add(task.node_losses) < max {
                     let reason = format!(
                         "attempt {attempt} cancelled by node {name}; retrying as attempt {}",
                         attempt + 1
@@ -392,7 +406,10 @@ impl Scheduler {
         if task.state == TaskState::Running {
             task.add_lost_node((node_id, std::sync::Arc::clone(node_name)));
         }
-        let max = task.spec.max_attempts;
+        let max = task
+            .spec
+            .template(self.queue.example(task.class))
+            .max_attempts;
         let limit = self.config.max_node_losses;
         if limit > 0 && task.lost_nodes().len() >= limit as usize {
             let names: Vec<&str> = task.lost_nodes().iter().map(|(_, n)| &**n).collect();
@@ -406,7 +423,7 @@ impl Scheduler {
             return;
         }
         let node = Some((node_id, std::sync::Arc::clone(node_name)));
-        if attempt.0 < max {
+        if task.failures.saturating_add(task.node_losses) < max {
             let reason = format!(
                 "node {node_name} lost; retrying as attempt {}",
                 attempt.0 + 1

@@ -13,6 +13,8 @@ use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+
 use weft_proto::{TaskId, TaskKind, TaskSpec};
 
 /// Index of a requirement class.
@@ -21,8 +23,10 @@ pub(crate) type ClassId = u32;
 /// Tasks that need the same kind of node.
 #[derive(Debug)]
 pub(crate) struct Class {
-    /// The first spec seen of this class; matching reads only its handler,
-    /// labels and slots, which every member shares.
+    /// The first spec seen of this class, without its input (or stdin).
+    /// Matching reads only its handler, labels and slots, which every
+    /// member shares; members that also share its timeout, attempts and
+    /// name keep only their input (see `task::LiveSpec`).
     pub example: Arc<TaskSpec>,
     /// Ready task ids, oldest first (may hold stale entries).
     pub ready: VecDeque<TaskId>,
@@ -71,7 +75,7 @@ pub fn backoff(base: Duration, max: Duration, attempt: u32) -> Duration {
 impl Queue {
     /// The class of `spec`, made on first sight. Submits of many alike
     /// tasks hit the one-entry cache and allocate nothing.
-    pub fn class_for(&mut self, spec: &Arc<TaskSpec>) -> ClassId {
+    pub fn class_for(&mut self, spec: &TaskSpec) -> ClassId {
         if let Some(last) = self.last
             && same_class(&self.classes[last as usize].example, spec)
         {
@@ -87,8 +91,13 @@ impl Queue {
             Some(class) => class,
             None => {
                 let class = u32::try_from(self.classes.len()).unwrap_or(u32::MAX);
+                let mut example = spec.clone();
+                match &mut example.kind {
+                    TaskKind::Call(call) => call.input = Bytes::new(),
+                    TaskKind::Exec(exec) => exec.stdin = Bytes::new(),
+                }
                 self.classes.push(Class {
-                    example: Arc::clone(spec),
+                    example: Arc::new(example),
                     ready: VecDeque::new(),
                 });
                 candidates.push(class);
@@ -97,6 +106,11 @@ impl Queue {
         };
         self.last = Some(class);
         class
+    }
+
+    /// The example spec of `class` (see [`Class::example`]).
+    pub fn example(&self, class: ClassId) -> &TaskSpec {
+        &self.classes[class as usize].example
     }
 
     /// Puts a task at the back of its class's ready queue.
@@ -158,11 +172,11 @@ mod tests {
     #[test]
     fn alike_specs_share_a_class_and_different_labels_do_not() {
         let mut queue = Queue::default();
-        let a = queue.class_for(&Arc::new(TaskSpec::call("noop", "x")));
-        let b = queue.class_for(&Arc::new(TaskSpec::call("noop", "y")));
-        let c = queue.class_for(&Arc::new(TaskSpec::call("noop", "").label("gpu", "1")));
-        let d = queue.class_for(&Arc::new(TaskSpec::call("noop", "z")));
-        let e = queue.class_for(&Arc::new(TaskSpec::exec(["true"])));
+        let a = queue.class_for(&TaskSpec::call("noop", "x"));
+        let b = queue.class_for(&TaskSpec::call("noop", "y"));
+        let c = queue.class_for(&TaskSpec::call("noop", "").label("gpu", "1"));
+        let d = queue.class_for(&TaskSpec::call("noop", "z"));
+        let e = queue.class_for(&TaskSpec::exec(["true"]));
         assert_eq!(a, b);
         assert_eq!(a, d);
         assert_ne!(a, c);

@@ -31,6 +31,9 @@ pub struct NodeRegistration {
     pub labels: BTreeMap<String, String>,
     /// Total slots, at least 1.
     pub slots: u32,
+    /// Extra slots of work it holds queued beyond `slots` (its credits may
+    /// reach `slots + prefetch`).
+    pub prefetch: u32,
     /// Call handlers it serves.
     pub handlers: Vec<String>,
     /// Attempts it says it still runs (after a reconnect).
@@ -44,6 +47,8 @@ pub(crate) struct NodeEntry {
     pub name: Arc<str>,
     pub labels: BTreeMap<String, String>,
     pub slots: u32,
+    /// Slots of work it holds queued beyond `slots` (see `NodeRegistration`).
+    pub prefetch: u32,
     pub handlers: BTreeSet<String>,
     /// Slots granted and not yet used by an assignment.
     pub credits: u32,
@@ -62,6 +67,7 @@ impl NodeEntry {
             name: Arc::from(reg.name),
             labels: reg.labels,
             slots: reg.slots,
+            prefetch: reg.prefetch,
             handlers: reg.handlers.into_iter().collect(),
             credits: 0,
             used: 0,
@@ -69,6 +75,16 @@ impl NodeEntry {
             last_seen: now,
             draining: false,
             finished: 0,
+        }
+    }
+
+    /// Slots it may be assigned now: its credits, limited to its free slots
+    /// unless `prefetch` (then queued work beyond its slots counts too).
+    pub fn room(&self, prefetch: bool) -> u32 {
+        if prefetch {
+            self.credits
+        } else {
+            self.credits.min(self.slots.saturating_sub(self.used))
         }
     }
 
@@ -85,10 +101,14 @@ impl NodeEntry {
         }
     }
 
-    /// Adds a grant, never letting credits exceed the slots not in use, so a
-    /// node that grants twice is not sent more than it has.
+    /// Adds a grant, never letting credits exceed the slots (plus the
+    /// prefetch it offered) not in use, so a node that grants twice is not
+    /// sent more than it can hold.
     pub fn grant(&mut self, grant: u32) {
-        let room = self.slots.saturating_sub(self.used);
+        let room = self
+            .slots
+            .saturating_add(self.prefetch)
+            .saturating_sub(self.used);
         self.credits = self.credits.saturating_add(grant).min(room);
     }
 
@@ -101,8 +121,8 @@ impl NodeEntry {
             name: self.name.to_string(),
             labels: self.labels.clone(),
             slots: self.slots,
-            slots_used: self.used,
-            slots_free: self.credits,
+            slots_used: self.used.min(self.slots),
+            slots_free: self.credits.min(self.slots.saturating_sub(self.used)),
             running,
             last_heartbeat_age: now.saturating_duration_since(self.last_seen),
             state: if self.draining {

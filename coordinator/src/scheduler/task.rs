@@ -3,13 +3,18 @@
 //! attempt + 1 on a retry or a node loss. Every transition writes the task's
 //! record and a `StateChanged` event; reaching a final state also writes the
 //! `finished` event and forgets the task (the store keeps it).
+//!
+//! A million tasks may wait at once, so a [`LiveTask`] keeps only what
+//! differs per task: the spec's shared part (handler, labels, slots, ...)
+//! lives once in its queue class's example, and what only a placed task
+//! needs sits behind one optional box ([`Extra`]).
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 
-use weft_proto::{Attempt, NodeId, Outcome, TaskId, TaskSpec, TaskState};
+use weft_proto::{Attempt, NodeId, Outcome, TaskId, TaskKind, TaskSpec, TaskState};
 
 use super::Scheduler;
 use super::queue::ClassId;
@@ -24,22 +29,106 @@ pub(crate) struct Placement {
     pub node_name: Arc<str>,
 }
 
-/// A task that is not final yet. Kept small: a million of these may wait.
+/// Inputs up to this many bytes are kept inside the [`LiveSpec`] itself.
+pub(crate) const INLINE_INPUT: usize = 22;
+
+/// The per-task part of a live task's spec. Most tasks are calls that
+/// differ from their class's example (see `queue::Class`) only in their
+/// input, so only the input is kept; the whole spec is rebuilt when it is
+/// needed (a record to write, an assignment), which is rare next to waiting.
+///
+/// Inputs are always copies: a spec decoded from a `Submit` slices the
+/// request's buffer, and one long-lived task would otherwise keep the whole
+/// buffer (thousands of specs) alive.
+#[derive(Debug)]
+pub(crate) enum LiveSpec {
+    /// A call like its class's example but for this input, held inline.
+    Inline { len: u8, data: [u8; INLINE_INPUT] },
+    /// A call like its class's example but for this larger input.
+    Input(Box<[u8]>),
+    /// Any other spec, whole (its bytes its own).
+    Full(Arc<TaskSpec>),
+}
+
+impl LiveSpec {
+    /// Only the input of `spec`, when `example` (its class's example) has
+    /// everything else.
+    pub fn compact(spec: &TaskSpec, example: &TaskSpec) -> Option<LiveSpec> {
+        let (TaskKind::Call(call), TaskKind::Call(like)) = (&spec.kind, &example.kind) else {
+            return None;
+        };
+        let alike = call.handler == like.handler
+            && spec.slots == example.slots
+            && spec.timeout == example.timeout
+            && spec.max_attempts == example.max_attempts
+            && spec.name == example.name
+            && spec.labels == example.labels;
+        if !alike {
+            return None;
+        }
+        let input = &call.input[..];
+        Some(match u8::try_from(input.len()) {
+            Ok(len) if input.len() <= INLINE_INPUT => {
+                let mut data = [0; INLINE_INPUT];
+                data[..input.len()].copy_from_slice(input);
+                LiveSpec::Inline { len, data }
+            }
+            _ => LiveSpec::Input(input.into()),
+        })
+    }
+
+    /// `spec` whole, with its bytes copied out of whatever buffer they
+    /// share (see the type's docs).
+    pub fn full(mut spec: TaskSpec) -> (LiveSpec, Arc<TaskSpec>) {
+        let bytes = match &mut spec.kind {
+            TaskKind::Call(call) => &mut call.input,
+            TaskKind::Exec(exec) => &mut exec.stdin,
+        };
+        if !bytes.is_empty() {
+            *bytes = Bytes::copy_from_slice(bytes);
+        }
+        let spec = Arc::new(spec);
+        (LiveSpec::Full(Arc::clone(&spec)), spec)
+    }
+
+    /// The spec as far as scheduling goes: right in everything but
+    /// possibly the input (handler, labels, slots, timeout, attempts).
+    pub fn template<'a>(&'a self, example: &'a TaskSpec) -> &'a TaskSpec {
+        match self {
+            LiveSpec::Full(spec) => spec,
+            LiveSpec::Inline { .. } | LiveSpec::Input(_) => example,
+        }
+    }
+
+    /// The whole spec, rebuilt from `example` unless kept whole.
+    pub fn to_spec(&self, example: &TaskSpec) -> Arc<TaskSpec> {
+        let input = match self {
+            LiveSpec::Full(spec) => return Arc::clone(spec),
+            LiveSpec::Inline { len, data } => &data[..usize::from(*len)],
+            LiveSpec::Input(input) => &input[..],
+        };
+        let mut spec = example.clone();
+        if let TaskKind::Call(call) = &mut spec.kind {
+            call.input = Bytes::copy_from_slice(input);
+        }
+        Arc::new(spec)
+    }
+}
+
+/// A task that is not final yet. Kept small: a million of these may wait
+/// (the size is pinned by a test). Its id is kept by the table that holds it.
 #[derive(Debug)]
 pub(crate) struct LiveTask {
-    pub spec: Arc<TaskSpec>,
-    pub created_at: SystemTime,
-    pub updated_at: SystemTime,
+    /// The per-task part of the spec; the rest is the class's example.
+    pub spec: LiveSpec,
+    /// Submission time, in nanoseconds since the Unix epoch.
+    created_at: u64,
     /// Seq the next event of this task gets.
     pub next_seq: u64,
-    /// Next output chunk seq expected from the current attempt (dedupe).
-    pub next_chunk: u64,
-    pub exit_code: Option<i32>,
-    /// Node of the current attempt; `None` while queued.
-    pub placement: Option<Placement>,
-    /// What few tasks need (a pending cancel, lost nodes), boxed so the
-    /// common task pays one pointer for it.
-    pub rare: Option<Box<Rare>>,
+    /// What placed or unlucky tasks need (the node of the current attempt,
+    /// a pending cancel, lost nodes), boxed so a queued task pays one
+    /// pointer for it.
+    extra: Option<Box<Extra>>,
     pub class: ClassId,
     /// Latest attempt (0 before the first assignment).
     pub attempt: u32,
@@ -52,17 +141,33 @@ pub(crate) struct LiveTask {
     pub delayed: bool,
 }
 
+/// The rarely needed part of a [`LiveTask`].
+#[derive(Debug, Default)]
+pub(crate) struct Extra {
+    /// Node of the current attempt; `None` while queued.
+    placement: Option<Placement>,
+    /// Next output chunk seq expected from the current attempt (dedupe).
+    next_chunk: u64,
+    /// Exit code of the attempt that just ended, for the final record.
+    exit_code: Option<i32>,
+    /// Set when a client cancelled a running task.
+    cancel: Option<Box<str>>,
+    /// Different nodes lost while this task ran on them (poison evidence).
+    lost_nodes: Vec<NodeRef>,
+}
+
+fn nanos(t: SystemTime) -> u64 {
+    let since = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    u64::try_from(since.as_nanos()).unwrap_or(u64::MAX)
+}
+
 impl LiveTask {
-    pub fn new(spec: Arc<TaskSpec>, class: ClassId, now: SystemTime) -> Self {
+    pub fn new(spec: LiveSpec, class: ClassId, created_at: SystemTime) -> Self {
         LiveTask {
             spec,
-            created_at: now,
-            updated_at: now,
+            created_at: nanos(created_at),
             next_seq: 0,
-            next_chunk: 0,
-            exit_code: None,
-            placement: None,
-            rare: None,
+            extra: None,
             class,
             attempt: 0,
             failures: 0,
@@ -73,49 +178,106 @@ impl LiveTask {
         }
     }
 
-    /// The record as the store keeps it.
-    pub fn record(&self, id: TaskId) -> TaskRecord {
+    /// When it was submitted.
+    pub fn created_at(&self) -> SystemTime {
+        UNIX_EPOCH + Duration::from_nanos(self.created_at)
+    }
+
+    /// The record as the store keeps it, last changed at `updated_at`.
+    pub fn record(&self, id: TaskId, spec: Arc<TaskSpec>, updated_at: SystemTime) -> TaskRecord {
+        let placement = self.placement();
         TaskRecord {
             id,
-            spec: Arc::clone(&self.spec),
+            spec,
             state: self.state,
             attempt: Attempt(self.attempt),
-            node_id: self.placement.as_ref().map(|p| p.node_id),
-            node_name: self.placement.as_ref().map(|p| Arc::clone(&p.node_name)),
-            exit_code: self.exit_code,
+            node_id: placement.map(|p| p.node_id),
+            node_name: placement.map(|p| Arc::clone(&p.node_name)),
+            exit_code: self.extra.as_ref().and_then(|e| e.exit_code),
             output: Bytes::new(),
             error: String::new(),
             pending_reason: String::new(),
             failures: self.failures,
             node_losses: self.node_losses,
-            created_at: self.created_at,
-            updated_at: self.updated_at,
+            created_at: self.created_at(),
+            updated_at,
             next_seq: self.next_seq,
             last_outcome: self.last_outcome,
             lost_nodes: self.lost_nodes().to_vec(),
         }
     }
 
+    /// Node of the current attempt; `None` while queued.
+    pub fn placement(&self) -> Option<&Placement> {
+        self.extra.as_ref()?.placement.as_ref()
+    }
+
+    /// The same, to change the session or name of a reclaimed attempt.
+    pub fn placement_mut(&mut self) -> Option<&mut Placement> {
+        self.extra.as_mut()?.placement.as_mut()
+    }
+
+    /// The current attempt now runs at `placement`; its output chunks
+    /// start from 0.
+    pub fn place(&mut self, placement: Placement) {
+        let extra = self.extra.get_or_insert_default();
+        extra.placement = Some(placement);
+        extra.next_chunk = 0;
+        extra.exit_code = None;
+    }
+
+    /// The attempt is over and the task waits again: forgets its node,
+    /// chunk seq and exit code (and the box, when nothing else is in it).
+    pub fn unplace(&mut self) {
+        if let Some(extra) = &mut self.extra {
+            extra.placement = None;
+            extra.next_chunk = 0;
+            extra.exit_code = None;
+            if extra.cancel.is_none() && extra.lost_nodes.is_empty() {
+                self.extra = None;
+            }
+        }
+    }
+
+    /// Next output chunk seq expected from the current attempt.
+    pub fn next_chunk(&self) -> u64 {
+        self.extra.as_ref().map_or(0, |e| e.next_chunk)
+    }
+
+    /// Notes that chunks before `next` arrived.
+    pub fn set_next_chunk(&mut self, next: u64) {
+        self.extra.get_or_insert_default().next_chunk = next;
+    }
+
+    /// Exit code of the attempt that just ended.
+    pub fn set_exit_code(&mut self, code: Option<i32>) {
+        match (&mut self.extra, code) {
+            (Some(extra), code) => extra.exit_code = code,
+            (None, None) => {}
+            (None, Some(code)) => self.extra.get_or_insert_default().exit_code = Some(code),
+        }
+    }
+
     /// The reason a client gave when it cancelled this task while it ran;
     /// recorded as the error once the node reports or is lost.
     pub fn cancel_reason(&self) -> Option<&str> {
-        self.rare.as_ref()?.cancel.as_deref()
+        self.extra.as_ref()?.cancel.as_deref()
     }
 
     /// Records a client's cancel of the running attempt.
     pub fn set_cancel(&mut self, reason: String) {
-        self.rare.get_or_insert_default().cancel = Some(reason.into_boxed_str());
+        self.extra.get_or_insert_default().cancel = Some(reason.into_boxed_str());
     }
 
     /// Different nodes lost while this task ran on them, oldest first.
     pub fn lost_nodes(&self) -> &[NodeRef] {
-        self.rare.as_ref().map_or(&[], |r| &r.lost_nodes)
+        self.extra.as_ref().map_or(&[], |e| &e.lost_nodes)
     }
 
     /// Notes that `node` was lost while this task ran on it (once per node).
     pub fn add_lost_node(&mut self, node: NodeRef) {
         if !self.lost_nodes().iter().any(|(id, _)| *id == node.0) {
-            self.rare.get_or_insert_default().lost_nodes.push(node);
+            self.extra.get_or_insert_default().lost_nodes.push(node);
         }
     }
 
@@ -124,27 +286,15 @@ impl LiveTask {
     pub fn is_current(&self, attempt: Attempt, session: SessionId) -> bool {
         matches!(self.state, TaskState::Assigned | TaskState::Running)
             && self.attempt == attempt.0
-            && self
-                .placement
-                .as_ref()
-                .is_some_and(|p| p.session == session)
+            && self.placement().is_some_and(|p| p.session == session)
     }
 
     fn node(&self) -> (Option<NodeId>, Option<Arc<str>>) {
-        match &self.placement {
+        match self.placement() {
             Some(p) => (Some(p.node_id), Some(Arc::clone(&p.node_name))),
             None => (None, None),
         }
     }
-}
-
-/// The rarely needed part of a [`LiveTask`].
-#[derive(Debug, Default)]
-pub(crate) struct Rare {
-    /// Set when a client cancelled a running task.
-    pub cancel: Option<Box<str>>,
-    /// Different nodes lost while this task ran on them (poison evidence).
-    pub lost_nodes: Vec<NodeRef>,
 }
 
 /// Index of a state in the per-state counters.
@@ -189,12 +339,14 @@ impl Scheduler {
             self.counts[state_index(task.state)].saturating_sub(1);
         self.counts[state_index(state)] += 1;
         task.state = state;
-        task.updated_at = wall;
         let (node_id, node_name) = match node {
             Some((id, name)) => (Some(id), Some(name)),
             None => task.node(),
         };
-        self.out.records.push(Record::Task(task.record(id)));
+        let spec = task.spec.to_spec(self.queue.example(task.class));
+        self.out
+            .records
+            .push(Record::Task(task.record(id, spec, wall)));
         self.emit(
             id,
             EventBody::State {
@@ -221,9 +373,7 @@ impl Scheduler {
             return;
         };
         task.attempt = task.attempt.saturating_add(1);
-        task.placement = None;
-        task.next_chunk = 0;
-        task.exit_code = None;
+        task.unplace();
         task.delayed = delay.is_some();
         let (class, attempt) = (task.class, task.attempt);
         self.change_state(id, TaskState::Queued, lost, reason, now.wall);
@@ -250,8 +400,8 @@ impl Scheduler {
             self.counts[state_index(task.state)].saturating_sub(1);
         self.counts[state_index(state)] += 1;
         task.state = state;
-        task.updated_at = wall;
-        let mut record = task.record(id);
+        let spec = task.spec.to_spec(self.queue.example(task.class));
+        let mut record = task.record(id, spec, wall);
         record.error = error.clone();
         record.output = output;
         record.next_seq = task.next_seq + 2;

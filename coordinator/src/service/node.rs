@@ -61,6 +61,7 @@ fn registration(register: pb::Register) -> Result<NodeRegistration, Error> {
         name,
         labels: register.labels.into_iter().collect::<BTreeMap<_, _>>(),
         slots: register.slots,
+        prefetch: register.prefetch,
         handlers: register.handlers,
         running,
     })

@@ -1,4 +1,6 @@
-//! `TaskService`: Submit, Get, List, Watch, Cancel, Run.
+//! `TaskService`: Submit, Get, List, Watch, Cancel, Run, WaitMany.
+
+use std::collections::HashSet;
 
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -9,7 +11,7 @@ use std::time::SystemTime;
 use weft_proto::{TaskId, TaskSpec, TaskState, pb};
 
 use super::{event_to_pb, parse_task_id, state_filter, task_to_pb};
-use crate::driver::{Command, Handle, blocking};
+use crate::driver::{Command, FinalRx, Handle, WaitRegistration, blocking};
 use crate::error::Error;
 use crate::store::TaskRecord;
 
@@ -20,6 +22,13 @@ pub(crate) type EventStream = ReceiverStream<Result<pb::TaskEvent, Status>>;
 const HISTORY_PAGE: usize = 256;
 /// Largest `List` page.
 const MAX_LIST: u32 = 10_000;
+/// Most ids one `WaitMany` call may name.
+pub(crate) const MAX_WAIT_MANY: usize = 100_000;
+/// Final tasks `WaitMany` queues towards its client.
+const WAIT_MANY_OUT: usize = 1024;
+
+/// Final tasks of one `WaitMany` call.
+pub(crate) type TaskStream = ReceiverStream<Result<pb::Task, Status>>;
 
 /// The client API.
 pub(crate) struct TaskApi {
@@ -71,6 +80,33 @@ impl TaskApi {
             records[i].pending_reason = reason.unwrap_or_default();
         }
         Ok(())
+    }
+
+    /// Registers `ids` with the driver and reads the ones that were not
+    /// live from the store. An id the store does not have is an error.
+    async fn wait_register(
+        handle: &Handle,
+        ids: Vec<TaskId>,
+    ) -> Result<(Vec<TaskRecord>, Option<FinalRx>), Error> {
+        let WaitRegistration { not_live, live } = handle
+            .call(|reply| Command::WaitMany { ids, reply })
+            .await?;
+        if not_live.is_empty() {
+            return Ok((Vec::new(), live));
+        }
+        let retention = handle.config.retention;
+        let found = blocking(&handle.store, "reading tasks", move |store| {
+            not_live
+                .into_iter()
+                .map(|id| store.task(id).map(|found| found.ok_or(id)))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .await?;
+        let records = found
+            .into_iter()
+            .map(|found| found.map_err(|id| Error::missing_task(id, retention, SystemTime::now())))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((records, live))
     }
 
     fn watch_stream(&self, id: TaskId, from_seq: u64) -> EventStream {
@@ -150,6 +186,63 @@ async fn pump(
         }
         if handle.cancel.is_cancelled() {
             return;
+        }
+    }
+}
+
+/// Feeds one `WaitMany` call: the already-final records first, then the
+/// live ones as they finalize. Dropped by the driver for lagging, it
+/// registers again for the ids still missing.
+async fn pump_final(
+    handle: Handle,
+    mut pending: HashSet<TaskId>,
+    mut ready: Vec<TaskRecord>,
+    mut live: Option<FinalRx>,
+    out: mpsc::Sender<Result<pb::Task, Status>>,
+) {
+    loop {
+        for record in ready.drain(..) {
+            if record.state.is_final()
+                && pending.remove(&record.id)
+                && out.send(Ok(task_to_pb(&record))).await.is_err()
+            {
+                return;
+            }
+        }
+        if pending.is_empty() {
+            return;
+        }
+        if let Some(rx) = live.as_mut() {
+            let batch = tokio::select! {
+                _ = handle.cancel.cancelled() => return,
+                _ = out.closed() => return,
+                batch = rx.recv() => batch,
+            };
+            if let Some(batch) = batch {
+                ready = batch;
+                continue;
+            }
+        }
+        // Dropped for lagging (or nothing was live: a task not final in
+        // the store was live a moment ago): register again for the rest.
+        if handle.cancel.is_cancelled() {
+            return;
+        }
+        if live.is_none() {
+            // Not live, yet not final in the store: only a transient state
+            // (a restart restoring it); do not spin.
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let ids: Vec<TaskId> = pending.iter().copied().collect();
+        match TaskApi::wait_register(&handle, ids).await {
+            Ok((records, rx)) => {
+                ready = records;
+                live = rx;
+            }
+            Err(err) => {
+                let _ = out.send(Err(err.into())).await;
+                return;
+            }
         }
     }
 }
@@ -246,6 +339,42 @@ impl pb::task_service_server::TaskService for TaskApi {
         Ok(Response::new(pb::CancelResponse {
             task: Some(task_to_pb(record)),
         }))
+    }
+
+    type WaitManyStream = TaskStream;
+
+    async fn wait_many(
+        &self,
+        request: Request<pb::WaitManyRequest>,
+    ) -> Result<Response<Self::WaitManyStream>, Status> {
+        let request = request.into_inner();
+        if request.task_ids.len() > MAX_WAIT_MANY {
+            return Err(
+                Error::InvalidArgument(weft_proto::ConversionError::Invalid {
+                    field: "task_ids",
+                    reason: format!(
+                        "{} ids; at most {MAX_WAIT_MANY} per call",
+                        request.task_ids.len()
+                    ),
+                })
+                .into(),
+            );
+        }
+        let mut pending = HashSet::with_capacity(request.task_ids.len());
+        let mut ids = Vec::with_capacity(request.task_ids.len());
+        for text in &request.task_ids {
+            let id = parse_task_id(text)?;
+            if pending.insert(id) {
+                ids.push(id);
+            }
+        }
+        // Unknown ids fail the call itself, before anything is streamed.
+        let (ready, live) = Self::wait_register(&self.handle, ids).await?;
+        let (tx, rx) = mpsc::channel(WAIT_MANY_OUT);
+        self.handle
+            .tasks
+            .spawn(pump_final(self.handle.clone(), pending, ready, live, tx));
+        Ok(Response::new(ReceiverStream::new(rx)))
     }
 
     type RunStream = EventStream;

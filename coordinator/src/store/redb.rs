@@ -47,6 +47,12 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const SCHEMA_VERSION: u64 = 1;
 /// The database file's name inside the data dir.
 pub const FILE_NAME: &str = "weft.redb";
+/// Bytes of redb's page cache (read cache plus write buffer) when not
+/// configured. redb's own default is 1 GiB, and pages it wrote stay cached,
+/// so with it a big queue would keep most of the file in the coordinator's
+/// memory; the store reads little on the hot path (the scheduler has the
+/// live state), so a modest cache is enough.
+pub const DEFAULT_CACHE_SIZE: usize = 64 * 1024 * 1024;
 
 /// Tasks and events in a redb file. See the module docs.
 pub struct RedbStore {
@@ -91,15 +97,22 @@ fn millis(t: SystemTime) -> u64 {
 const LIVE_STATES: [TaskState; 3] = [TaskState::Queued, TaskState::Assigned, TaskState::Running];
 
 impl RedbStore {
-    /// Opens (or creates) the store in `dir`, creating the directory.
+    /// Opens (or creates) the store in `dir`, creating the directory, with
+    /// a [`DEFAULT_CACHE_SIZE`] page cache.
     pub fn open(dir: &Path) -> Result<RedbStore, StoreError> {
+        Self::open_with_cache(dir, DEFAULT_CACHE_SIZE)
+    }
+
+    /// Like [`open`](Self::open), with a page cache of at most `cache_size`
+    /// bytes.
+    pub fn open_with_cache(dir: &Path, cache_size: usize) -> Result<RedbStore, StoreError> {
         let open_err = |message: String| StoreError::Open {
             path: dir.to_owned(),
             message,
         };
         std::fs::create_dir_all(dir).map_err(|e| open_err(e.to_string()))?;
         let path = dir.join(FILE_NAME);
-        let db = match Database::builder().create(&path) {
+        let db = match Database::builder().set_cache_size(cache_size).create(&path) {
             Ok(db) => db,
             Err(DatabaseError::DatabaseAlreadyOpen) => return Err(StoreError::Locked(dir.into())),
             Err(err) => return Err(open_err(err.to_string())),

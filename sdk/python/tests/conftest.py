@@ -53,7 +53,7 @@ WorkerCommand = Callable[[str, str, int], List[str]]
 
 
 def _weft_node(url: str, name: str, slots: int) -> List[str]:
-    return [str(require_binary("weft-node")), "--coordinator", url, "--slots", str(slots), "--name", name]
+    return [str(require_binary("weft-node")), "--coordinator", url, "--slots", str(slots), "--name", name, "--prefetch", "0"]
 
 
 def _python_demo(url: str, name: str, slots: int) -> List[str]:

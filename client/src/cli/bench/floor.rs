@@ -128,6 +128,15 @@ impl TaskService for FakeTasks {
         Err(Status::unimplemented("not part of the floor"))
     }
 
+    type WaitManyStream = Pin<Box<dyn Stream<Item = Result<pb::Task, Status>> + Send>>;
+
+    async fn wait_many(
+        &self,
+        _: Request<pb::WaitManyRequest>,
+    ) -> Result<Response<Self::WaitManyStream>, Status> {
+        Err(Status::unimplemented("not part of the floor"))
+    }
+
     type RunStream = EventStream;
 
     async fn run(&self, _: Request<pb::RunRequest>) -> Result<Response<Self::RunStream>, Status> {

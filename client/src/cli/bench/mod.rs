@@ -122,7 +122,8 @@ pub struct BenchArgs {
     /// Idle window over which the many-nodes step measures coordinator CPU.
     #[arg(long, value_parser = parse_duration_arg, value_name = "DURATION")]
     pub idle_window: Option<Duration>,
-    /// Watches open at once while waiting for a batch's results.
+    /// `WaitMany` streams (one per submitted chunk of 2,000) open at once
+    /// while waiting for results.
     #[arg(long, default_value_t = 256, value_name = "N")]
     pub wait_concurrency: usize,
     /// Append the protocol figures to this results.jsonl (peers kit format,

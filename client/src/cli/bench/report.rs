@@ -248,7 +248,7 @@ impl Report {
             }
             None => "weft-coordinator (--data-dir on a temp dir) + 2 x weft-node --slots 1, \
                      real processes on 127.0.0.1; client = the weft bench process \
-                     (submit_many batches + Watch per task, <=256 open; Run for round trips)"
+                     (submit_many batches + one WaitMany stream per 2,000-task chunk; Run for round trips)"
                 .to_owned(),
         }
     }

@@ -3,6 +3,7 @@
 //! sleeps, CPU fan-out. Every batch's results are checked (a wrong result
 //! is an error, not a data point).
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
@@ -88,8 +89,9 @@ pub fn noop(x: usize) -> TaskSpec {
 
 /// Submits `specs` (pipelined: chunks of [`PIPELINE_CHUNK`] through
 /// `submit_many` while earlier ones are already being waited on) and waits
-/// for every result with at most `concurrency` watches open; answers the
-/// final tasks in submission order. Any task not SUCCEEDED is an error.
+/// for every chunk's results through one `WaitMany` stream per chunk, at
+/// most `concurrency` open at once; answers the final tasks in submission
+/// order. Any task not SUCCEEDED is an error.
 pub async fn run_all(
     client: &Client,
     specs: Vec<TaskSpec>,
@@ -109,18 +111,11 @@ pub async fn run_all(
         anyhow::Ok(())
     };
     let waiter = ReceiverStream::new(rx)
-        .flat_map(stream::iter)
-        .map(|id| async move {
-            let task = client
-                .wait(id)
-                .await
-                .with_context(|| format!("waiting for {id}"))?;
-            if task.state != TaskState::Succeeded {
-                bail!("task {id} ended {} ({})", task.state, task.error);
-            }
-            Ok(task)
-        })
+        .map(|ids| async move { wait_chunk(client, ids).await })
         .buffered(concurrency.max(1))
+        .map_ok(stream::iter)
+        .map_ok(|tasks| tasks.map(anyhow::Ok))
+        .try_flatten()
         .try_collect::<Vec<Task>>();
     let ((), tasks) = futures::try_join!(submitter, waiter)?;
     ensure!(
@@ -129,6 +124,26 @@ pub async fn run_all(
         tasks.len()
     );
     Ok(tasks)
+}
+
+/// Waits for one chunk of tasks through `WaitMany`; answers them in the
+/// order of `ids`. Any task not SUCCEEDED is an error.
+async fn wait_chunk(client: &Client, ids: Vec<crate::TaskId>) -> anyhow::Result<Vec<Task>> {
+    let mut done: HashMap<crate::TaskId, Task> = HashMap::with_capacity(ids.len());
+    let mut finals = client.wait_many(ids.clone());
+    while let Some(task) = finals.next().await {
+        let task = task.context("waiting for a batch")?;
+        if task.state != TaskState::Succeeded {
+            bail!("task {} ended {} ({})", task.id, task.state, task.error);
+        }
+        done.insert(task.id, task);
+    }
+    ids.iter()
+        .map(|id| {
+            done.remove(id)
+                .with_context(|| format!("no result for task {id}"))
+        })
+        .collect()
 }
 
 /// Checks that the outputs are the inputs, in submission order.
