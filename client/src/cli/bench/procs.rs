@@ -162,6 +162,10 @@ impl Cluster {
         if plan.durable {
             args.push("--data-dir".to_owned());
             args.push(data_dir.display().to_string());
+        } else {
+            // Without a flag the coordinator would open its default durable
+            // store; say explicitly that this run keeps nothing.
+            args.push("--in-memory".to_owned());
         }
         let mut coordinator = ChildProcess::spawn(
             &coordinator_bin,
