@@ -20,15 +20,20 @@
 //! waited for; it registers again for the ids it still lacks and reads the
 //! final ones from the store.
 //!
-//! The commit (an fsync with the durable store) runs on the blocking pool;
-//! the driver waits for it before the next batch, so commands arriving
-//! meanwhile pile up in the inbox and share the next commit. Reads (`Get`,
+//! The commit (an fsync with the durable store) runs on the blocking pool,
+//! pipelined: while batch N commits, the driver applies batch N+1 to the
+//! scheduler (commands arriving meanwhile share it); N+1's commit starts
+//! once N's returned, and N's effects leave only then, so effects leave in
+//! commit order and never before their records are durable. Replies that
+//! read the scheduler (`ListNodes`, `ClusterInfo`) read it at the end of
+//! their own batch. Within a batch each task's record is written once, in
+//! its latest state (every event is kept). Reads (`Get`,
 //! `List`, watch history) never pass through here: services read the
 //! store on the blocking pool themselves, and only ask the driver for what
 //! the scheduler alone knows (`pending_reason`). A periodic sweep deletes
 //! final tasks past the retention, a bounded number per sweep.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
@@ -194,7 +199,12 @@ struct ManyWaiters {
     by_task: HashMap<TaskId, Vec<u64>>,
 }
 
-type Deferred = Box<dyn FnOnce(&Scheduler, Option<&StoreError>) + Send>;
+/// Answers a caller once its batch's commit returned (with its error, if
+/// it failed).
+type Reply = Box<dyn FnOnce(Option<&StoreError>) + Send>;
+/// Reads the scheduler as of the end of its batch, before the next batch
+/// is applied; answered like a [`Reply`].
+type Deferred = Box<dyn FnOnce(&Scheduler) -> Reply + Send>;
 
 /// Most final tasks one retention sweep deletes (one commit).
 const SWEEP_LIMIT: usize = 2_000;
@@ -286,14 +296,82 @@ pub(crate) async fn blocking<T: Send + 'static>(
         })
 }
 
+/// One batch applied to the scheduler, waiting for its commit before its
+/// effects leave the coordinator.
+struct Prepared {
+    records: Vec<Record>,
+    nodes: BTreeMap<SessionId, NodeOut>,
+    disconnect: Vec<SessionId>,
+    deferred: Vec<Reply>,
+}
+
+/// A batch whose commit runs on the blocking pool.
+struct InFlight {
+    commit: tokio::task::JoinHandle<(Vec<Record>, Result<(), StoreError>)>,
+    nodes: BTreeMap<SessionId, NodeOut>,
+    disconnect: Vec<SessionId>,
+    deferred: Vec<Reply>,
+}
+
+/// Waits for the commit in flight (never resolves when there is none).
+async fn wait_commit(in_flight: &mut Option<InFlight>) -> (Vec<Record>, Result<(), StoreError>) {
+    match in_flight {
+        Some(f) => join(&mut f.commit).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A commit's records and result; a panic in it is a store error.
+async fn join(
+    commit: &mut tokio::task::JoinHandle<(Vec<Record>, Result<(), StoreError>)>,
+) -> (Vec<Record>, Result<(), StoreError>) {
+    commit.await.unwrap_or_else(|err| {
+        let err = StoreError::Backend {
+            op: "committing",
+            message: err.to_string(),
+        };
+        (Vec::new(), Err(err))
+    })
+}
+
+/// Keeps each task's record once per commit: its latest state, at the
+/// position of its first write (so it still precedes the task's events).
+/// Every event stays, in order.
+fn coalesce(records: Vec<Record>) -> Vec<Record> {
+    let mut out: Vec<Record> = Vec::with_capacity(records.len());
+    let mut at: HashMap<TaskId, usize> = HashMap::new();
+    for record in records {
+        match record {
+            Record::Task(task) => match at.get(&task.id) {
+                Some(&index) => out[index] = Record::Task(task),
+                None => {
+                    at.insert(task.id, out.len());
+                    out.push(Record::Task(task));
+                }
+            },
+            event @ Record::Event(_) => out.push(event),
+        }
+    }
+    out
+}
+
 impl Driver {
     /// Runs until the coordinator shuts down.
+    ///
+    /// Commits are pipelined: while batch N's commit runs on the blocking
+    /// pool, batch N+1 is applied to the scheduler; N's effects (replies,
+    /// node messages, published events) leave only after N's commit
+    /// returns, and batches are committed and released in order.
     #[tracing::instrument(name = "driver", skip_all)]
     pub async fn run(mut self) {
         let max_batch = self.config.max_batch.max(1);
         let mut batch = Vec::with_capacity(max_batch);
+        let mut in_flight: Option<InFlight> = None;
         // Anything restore produced (requeues) is committed before serving.
-        self.step(&mut batch).await;
+        let prepared = self.prepare(&mut batch);
+        if self.submit(&mut in_flight, prepared).await {
+            self.finish(&mut in_flight).await;
+        }
         loop {
             let wake = self.scheduler.next_wakeup();
             tokio::select! {
@@ -304,49 +382,125 @@ impl Driver {
                         break;
                     }
                 }
+                result = wait_commit(&mut in_flight), if in_flight.is_some() => {
+                    if let Some(f) = in_flight.take() {
+                        self.release(f.nodes, f.disconnect, f.deferred, result);
+                    }
+                    continue;
+                }
                 _ = sleep_until(wake) => {}
                 _ = sleep_until(self.next_sweep) => {
-                    self.sweep().await;
+                    if self.finish(&mut in_flight).await {
+                        self.sweep().await;
+                    }
                     continue;
                 }
             }
-            self.step(&mut batch).await;
+            let prepared = self.prepare(&mut batch);
+            if !self.submit(&mut in_flight, prepared).await {
+                break;
+            }
         }
+        self.finish(&mut in_flight).await;
         for session in self.sessions.values() {
             session.token.cancel();
         }
         tracing::debug!("driver stopped");
     }
 
-    async fn step(&mut self, batch: &mut Vec<Command>) {
+    /// Applies a batch of commands (and a tick) to the scheduler.
+    fn prepare(&mut self, batch: &mut Vec<Command>) -> Prepared {
         let now = now();
         self.scheduler.tick(now);
-        let mut deferred: Vec<Deferred> = Vec::new();
+        let mut deferred: Vec<Reply> = Vec::new();
+        let mut reads: Vec<Deferred> = Vec::new();
         for command in batch.drain(..) {
-            self.apply(command, now, &mut deferred);
+            self.apply(command, now, &mut deferred, &mut reads);
         }
         let Effects {
             records,
             nodes,
             disconnect,
         } = self.scheduler.take_effects(now);
-        let (records, committed) = if records.is_empty() {
-            (records, Ok(()))
-        } else {
-            let store = Arc::clone(&self.store);
-            tokio::task::spawn_blocking(move || {
-                let committed = store.commit(&records);
-                (records, committed)
-            })
-            .await
-            .unwrap_or_else(|err| {
+        // Replies that read the scheduler read it now, as of this batch.
+        deferred.extend(reads.into_iter().map(|read| read(&self.scheduler)));
+        Prepared {
+            records: coalesce(records),
+            nodes,
+            disconnect,
+            deferred,
+        }
+    }
+
+    /// Starts `prepared`'s commit once the one in flight returned, then
+    /// releases that one's effects (so the store is idle as little as
+    /// possible, and effects still leave in commit order). Returns false
+    /// when a commit failed (the coordinator is stopping).
+    async fn submit(&mut self, in_flight: &mut Option<InFlight>, prepared: Prepared) -> bool {
+        let Prepared {
+            records,
+            nodes,
+            disconnect,
+            deferred,
+        } = prepared;
+        let mut previous = None;
+        if let Some(mut f) = in_flight.take() {
+            let result = join(&mut f.commit).await;
+            if result.1.is_err() {
+                self.release(f.nodes, f.disconnect, f.deferred, result);
+                // Nothing after a failed commit may be committed or sent.
                 let err = StoreError::Backend {
                     op: "committing",
-                    message: err.to_string(),
+                    message: "an earlier commit failed".into(),
                 };
-                (Vec::new(), Err(err))
-            })
+                for reply in deferred {
+                    reply(Some(&err));
+                }
+                return false;
+            }
+            previous = Some((f, result));
+        }
+        if records.is_empty() {
+            if let Some((f, result)) = previous {
+                self.release(f.nodes, f.disconnect, f.deferred, result);
+            }
+            return self.release(nodes, disconnect, deferred, (records, Ok(())));
+        }
+        let store = Arc::clone(&self.store);
+        *in_flight = Some(InFlight {
+            commit: tokio::task::spawn_blocking(move || {
+                let committed = store.commit(&records);
+                (records, committed)
+            }),
+            nodes,
+            disconnect,
+            deferred,
+        });
+        match previous {
+            Some((f, result)) => self.release(f.nodes, f.disconnect, f.deferred, result),
+            None => true,
+        }
+    }
+
+    /// Waits for the commit in flight (if any) and releases its effects.
+    /// Returns false when it failed.
+    async fn finish(&mut self, in_flight: &mut Option<InFlight>) -> bool {
+        let Some(mut f) = in_flight.take() else {
+            return true;
         };
+        let result = join(&mut f.commit).await;
+        self.release(f.nodes, f.disconnect, f.deferred, result)
+    }
+
+    /// Sends a committed batch's effects: replies, node messages, events.
+    /// On a failed commit, fails the replies and stops the coordinator.
+    fn release(
+        &mut self,
+        nodes: BTreeMap<SessionId, NodeOut>,
+        disconnect: Vec<SessionId>,
+        deferred: Vec<Reply>,
+        (records, committed): (Vec<Record>, Result<(), StoreError>),
+    ) -> bool {
         if let Err(err) = &committed {
             // The scheduler already moved on from what the store refused;
             // carrying on would record later events against a history the
@@ -357,10 +511,10 @@ impl Driver {
             self.cancel.cancel();
         }
         for reply in deferred {
-            reply(&self.scheduler, committed.as_ref().err());
+            reply(committed.as_ref().err());
         }
         if committed.is_err() {
-            return;
+            return false;
         }
         for (session, out) in nodes {
             self.send_to_node(session, out);
@@ -371,9 +525,16 @@ impl Driver {
                 session.token.cancel();
             }
         }
+        true
     }
 
-    fn apply(&mut self, command: Command, now: Now, deferred: &mut Vec<Deferred>) {
+    fn apply(
+        &mut self,
+        command: Command,
+        now: Now,
+        deferred: &mut Vec<Reply>,
+        reads: &mut Vec<Deferred>,
+    ) {
         match command {
             Command::Submit { specs, reply } => {
                 let ids: Vec<TaskId> = specs
@@ -385,7 +546,7 @@ impl Driver {
                     .collect();
                 let batch = ids.iter().copied().zip(specs).collect();
                 let result = self.scheduler.submit(batch, now).map(|()| ids);
-                deferred.push(Box::new(move |_, failed| {
+                deferred.push(Box::new(move |failed| {
                     let result = match failed {
                         Some(err) => Err(Error::Store(err.clone())),
                         None => result,
@@ -402,7 +563,7 @@ impl Driver {
             }
             Command::Cancel { id, reason, reply } => {
                 let live = self.scheduler.cancel(id, &reason, now);
-                deferred.push(Box::new(move |_, failed| {
+                deferred.push(Box::new(move |failed| {
                     let result = match failed {
                         Some(err) => Err(Error::Store(err.clone())),
                         None => Ok(live),
@@ -414,11 +575,11 @@ impl Driver {
                 if self.scheduler.is_live(id) {
                     let (tx, rx) = mpsc::channel(self.config.watch_buffer.max(16));
                     self.watchers.entry(id).or_default().push(tx);
-                    deferred.push(Box::new(move |_, _| {
+                    deferred.push(Box::new(move |_| {
                         let _ = reply.send(Ok(Some(rx)));
                     }));
                 } else {
-                    deferred.push(Box::new(move |_, _| {
+                    deferred.push(Box::new(move |_| {
                         let _ = reply.send(Ok(None));
                     }));
                 }
@@ -443,7 +604,7 @@ impl Driver {
                     }
                     rx
                 });
-                deferred.push(Box::new(move |_, _| {
+                deferred.push(Box::new(move |_| {
                     let _ = reply.send(WaitRegistration { not_live, live: rx });
                 }));
             }
@@ -470,7 +631,7 @@ impl Driver {
                 }
                 self.sessions.insert(session, Session { tx, token });
                 self.scheduler.register_node(session, registration, now);
-                deferred.push(Box::new(move |_, _| {
+                deferred.push(Box::new(move |_| {
                     let _ = reply.send(Ok(()));
                 }));
             }
@@ -483,20 +644,26 @@ impl Driver {
             Command::NodeGone { session } => self.scheduler.node_gone(session, now),
             Command::ListNodes { reply } => {
                 let instant = now.instant;
-                deferred.push(Box::new(move |scheduler, _| {
-                    let _ = reply.send(scheduler.nodes(instant));
+                reads.push(Box::new(move |scheduler| {
+                    let nodes = scheduler.nodes(instant);
+                    Box::new(move |_| {
+                        let _ = reply.send(nodes);
+                    })
                 }));
             }
             Command::DrainNode { node, grace, reply } => {
                 let result = self.scheduler.drain_node(&node, grace, now.instant);
-                deferred.push(Box::new(move |_, _| {
+                deferred.push(Box::new(move |_| {
                     let _ = reply.send(result);
                 }));
             }
             Command::ClusterInfo { reply } => {
                 let uptime = now.instant.saturating_duration_since(self.started);
-                deferred.push(Box::new(move |scheduler, _| {
-                    let _ = reply.send((scheduler.stats(), uptime));
+                reads.push(Box::new(move |scheduler| {
+                    let stats = scheduler.stats();
+                    Box::new(move |_| {
+                        let _ = reply.send((stats, uptime));
+                    })
                 }));
             }
         }
@@ -638,5 +805,77 @@ impl Driver {
                 self.many.waiters.remove(&waiter);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::UNIX_EPOCH;
+
+    use bytes::Bytes;
+    use weft_proto::{Attempt, TaskState};
+
+    use super::*;
+
+    fn task(id: TaskId, state: TaskState) -> Record {
+        Record::Task(TaskRecord {
+            id,
+            spec: Arc::new(TaskSpec::call("noop", "in")),
+            state,
+            attempt: Attempt(1),
+            node_id: None,
+            node_name: None,
+            exit_code: None,
+            output: Bytes::new(),
+            error: String::new(),
+            pending_reason: String::new(),
+            failures: 0,
+            node_losses: 0,
+            created_at: UNIX_EPOCH,
+            updated_at: UNIX_EPOCH,
+            next_seq: 0,
+            last_outcome: None,
+            lost_nodes: Vec::new(),
+        })
+    }
+
+    fn event(id: TaskId, seq: u64, state: TaskState) -> Record {
+        Record::Event(TaskEvent {
+            task_id: id,
+            seq,
+            attempt: Attempt(1),
+            time: UNIX_EPOCH,
+            body: EventBody::State {
+                state,
+                node_id: None,
+                node_name: None,
+                reason: String::new(),
+            },
+        })
+    }
+
+    #[test]
+    fn a_batch_writes_each_task_once_with_its_latest_state_before_its_events() {
+        let (a, b) = (TaskId::new(), TaskId::new());
+        let records = vec![
+            task(a, TaskState::Queued),
+            event(a, 0, TaskState::Queued),
+            task(b, TaskState::Running),
+            task(a, TaskState::Assigned),
+            event(a, 1, TaskState::Assigned),
+            event(b, 3, TaskState::Succeeded),
+            task(a, TaskState::Running),
+            event(a, 2, TaskState::Running),
+            task(b, TaskState::Succeeded),
+        ];
+        let expected = vec![
+            task(a, TaskState::Running),
+            event(a, 0, TaskState::Queued),
+            task(b, TaskState::Succeeded),
+            event(a, 1, TaskState::Assigned),
+            event(b, 3, TaskState::Succeeded),
+            event(a, 2, TaskState::Running),
+        ];
+        assert_eq!(coalesce(records), expected);
     }
 }

@@ -9,6 +9,7 @@
 //! leaves out the spec (its task record has it).
 
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use prost::Message;
 
@@ -19,9 +20,20 @@ use super::{EventBody, StoreError, TaskEvent, TaskRecord};
 
 /// A task as the wire shows it.
 pub(crate) fn task_to_pb(record: &TaskRecord) -> pb::Task {
+    let mut task = stored_task_pb(record, true);
+    task.id = record.id.to_string();
+    task.pending_reason.clone_from(&record.pending_reason);
+    task.next_seq = record.next_seq;
+    task
+}
+
+/// The stored part of a task's wire form: no id, pending reason or
+/// `next_seq` (the key and the event log say them), and the spec only
+/// when `with_spec`. Builds no string it would throw away.
+fn stored_task_pb(record: &TaskRecord, with_spec: bool) -> pb::Task {
     pb::Task {
-        id: record.id.to_string(),
-        spec: Some(pb::TaskSpec::from(TaskSpec::clone(&record.spec))),
+        id: String::new(),
+        spec: with_spec.then(|| pb::TaskSpec::from(TaskSpec::clone(&record.spec))),
         state: i32::from(record.state),
         attempt: record.attempt.0,
         node_id: record.node_id.map(|n| n.to_string()).unwrap_or_default(),
@@ -29,18 +41,26 @@ pub(crate) fn task_to_pb(record: &TaskRecord) -> pb::Task {
         exit_code: record.exit_code,
         output: record.output.clone(),
         error: record.error.clone(),
-        pending_reason: record.pending_reason.clone(),
+        pending_reason: String::new(),
         created_at: Some(timestamp(record.created_at)),
         updated_at: Some(timestamp(record.updated_at)),
         failures: record.failures,
         node_losses: record.node_losses,
-        next_seq: record.next_seq,
+        next_seq: 0,
         last_outcome: record.last_outcome.map_or(0, i32::from),
     }
 }
 
 /// An event as the wire shows it.
 pub(crate) fn event_to_pb(event: &TaskEvent) -> pb::TaskEvent {
+    let mut message = event_pb(event, false);
+    message.task_id = event.task_id.to_string();
+    message
+}
+
+/// An event's wire form without its task id; `stored` also leaves the
+/// spec out of a `finished` event's record (the task record has it).
+fn event_pb(event: &TaskEvent, stored: bool) -> pb::TaskEvent {
     use pb::task_event::Body;
     let body = match &event.body {
         EventBody::State {
@@ -62,10 +82,17 @@ pub(crate) fn event_to_pb(event: &TaskEvent) -> pb::TaskEvent {
             fraction: *fraction,
             message: message.clone(),
         }),
+        EventBody::Finished(record) if stored => {
+            // The record as the watcher saw it, less id and spec.
+            let mut task = stored_task_pb(record, false);
+            task.pending_reason.clone_from(&record.pending_reason);
+            task.next_seq = record.next_seq;
+            Body::Finished(task)
+        }
         EventBody::Finished(record) => Body::Finished(task_to_pb(record)),
     };
     pb::TaskEvent {
-        task_id: event.task_id.to_string(),
+        task_id: String::new(),
         seq: event.seq,
         attempt: event.attempt.0,
         time: Some(timestamp(event.time)),
@@ -91,6 +118,35 @@ struct StoredNode {
     node_name: String,
 }
 
+/// The part of a stored task the store's indexes need when the task is
+/// rewritten: prost skips every other field, so no spec, string or node
+/// id is decoded.
+#[derive(Clone, PartialEq, Message)]
+struct StoredHead {
+    #[prost(message, optional, tag = "1")]
+    task: Option<TaskHead>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct TaskHead {
+    #[prost(int32, tag = "3")]
+    state: i32,
+    #[prost(message, optional, tag = "12")]
+    updated_at: Option<prost_types::Timestamp>,
+}
+
+/// A stored task's state and last change, without decoding the rest.
+pub(crate) fn decode_task_head(bytes: &[u8]) -> Result<(TaskState, SystemTime), StoreError> {
+    let head = StoredHead::decode(bytes).map_err(|e| corrupt("task", e))?;
+    let task = head.task.ok_or_else(|| corrupt("task", "no task"))?;
+    let state = TaskState::try_from(task.state).map_err(|e| corrupt("task state", e))?;
+    let updated_at = task
+        .updated_at
+        .as_ref()
+        .map_or(std::time::UNIX_EPOCH, system_time);
+    Ok((state, updated_at))
+}
+
 fn corrupt(what: &'static str, message: impl ToString) -> StoreError {
     StoreError::Corrupt {
         what,
@@ -100,12 +156,8 @@ fn corrupt(what: &'static str, message: impl ToString) -> StoreError {
 
 /// A task record as stored bytes.
 pub(crate) fn encode_task(record: &TaskRecord) -> Vec<u8> {
-    let mut task = task_to_pb(record);
-    task.id.clear();
-    task.pending_reason.clear();
-    task.next_seq = 0;
     StoredTask {
-        task: Some(task),
+        task: Some(stored_task_pb(record, true)),
         lost_nodes: record
             .lost_nodes
             .iter()
@@ -182,13 +234,7 @@ fn record_from_pb(
 
 /// An event as stored bytes.
 pub(crate) fn encode_event(event: &TaskEvent) -> Vec<u8> {
-    let mut message = event_to_pb(event);
-    message.task_id.clear();
-    if let Some(pb::task_event::Body::Finished(task)) = &mut message.body {
-        task.id.clear();
-        task.spec = None;
-    }
-    message.encode_to_vec()
+    event_pb(event, true).encode_to_vec()
 }
 
 /// An event from stored bytes. `spec` is the task's spec, put back into a
@@ -289,6 +335,13 @@ mod tests {
         assert!(!bytes.windows(4).any(|w| w == b"echo"), "spec stored twice");
         let back = decode_event(record.id, &bytes, &record.spec).unwrap();
         assert_eq!(back, event);
+    }
+
+    #[test]
+    fn the_head_of_a_stored_task_is_its_state_and_last_change() {
+        let record = record();
+        let (state, updated_at) = decode_task_head(&encode_task(&record)).unwrap();
+        assert_eq!((state, updated_at), (record.state, record.updated_at));
     }
 
     #[test]

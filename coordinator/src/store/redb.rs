@@ -31,7 +31,7 @@ use redb::{
 
 use weft_proto::{TaskId, TaskSpec, TaskState};
 
-use super::codec::{decode_event, decode_task, encode_event, encode_task};
+use super::codec::{decode_event, decode_task, decode_task_head, encode_event, encode_task};
 use super::{
     FinalAttempt, Loaded, MAX_RECENTLY_FINAL, Record, Store, StoreError, TaskEvent, TaskRecord,
 };
@@ -192,17 +192,24 @@ impl RedbStore {
                     let old = tasks
                         .get(key)
                         .or_backend(op)?
-                        .map(|v| decode_task(task.id, v.value()))
+                        .map(|v| decode_task_head(v.value()))
                         .transpose()?;
                     match old {
-                        Some(old) => {
+                        Some((old_state, old_updated_at)) => {
+                            // Its events in this commit need not look the
+                            // task up again.
+                            if let std::collections::hash_map::Entry::Vacant(entry) =
+                                next_seq.entry(key)
+                            {
+                                entry.insert(last_seq(&events, key)?.map_or(0, |s| s + 1));
+                            }
                             by_state
-                                .remove((state_key(old.state), key))
+                                .remove((state_key(old_state), key))
                                 .or_backend(op)?;
-                            deltas[usize::from(state_key(old.state)) & 7] -= 1;
-                            if old.state.is_final() {
+                            deltas[usize::from(state_key(old_state)) & 7] -= 1;
+                            if old_state.is_final() {
                                 by_time
-                                    .remove((millis(old.updated_at), key))
+                                    .remove((millis(old_updated_at), key))
                                     .or_backend(op)?;
                             }
                         }
