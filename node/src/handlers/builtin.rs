@@ -37,13 +37,33 @@ pub async fn echo(request: HandlerRequest) -> Result<Bytes, HandlerError> {
 }
 
 /// Sleeps for the duration in its input (`250ms`, `2s`); returns nothing.
+///
+/// tokio's timer works in whole milliseconds and rounds deadlines up, so a
+/// plain `tokio::time::sleep(50ms)` lasts about 51 ms. The wait runs on the
+/// timer until [`TIMER_SLACK`] before the deadline and sleeps the rest on
+/// the blocking pool, so `sleep` lasts what it says to a fraction of a
+/// millisecond without holding a thread for the whole wait.
 pub async fn sleep(request: HandlerRequest) -> Result<Bytes, HandlerError> {
     let duration = duration_input(&request.input)?;
+    let deadline = Instant::now() + duration;
+    let wait = async move {
+        if let Some(coarse) = duration.checked_sub(TIMER_SLACK) {
+            tokio::time::sleep(coarse).await;
+        }
+        let rest = deadline.saturating_duration_since(Instant::now());
+        if !rest.is_zero() {
+            // A join error only means the runtime is shutting down.
+            let _ = tokio::task::spawn_blocking(move || std::thread::sleep(rest)).await;
+        }
+    };
     tokio::select! {
-        () = tokio::time::sleep(duration) => Ok(Bytes::new()),
+        () = wait => Ok(Bytes::new()),
         () = request.cancel.cancelled() => Err(HandlerError::Cancelled),
     }
 }
+
+/// How much of a `sleep` is left to a precise thread sleep (see [`sleep`]).
+const TIMER_SLACK: Duration = Duration::from_millis(2);
 
 /// Returns the lowercase hex SHA-256 digest of its input.
 pub async fn sha256(request: HandlerRequest) -> Result<Bytes, HandlerError> {
