@@ -1,17 +1,16 @@
 //! Domain views of what the coordinator answers: [`Task`], [`TaskEvent`],
-//! [`NodeInfo`], [`ClusterInfo`], each converted from its `pb` message with
-//! `TryFrom`, so callers never unwrap an `Option` proto3 forced on a field.
+//! [`ClusterInfo`], each converted from its `pb` message with `TryFrom`, so
+//! callers never unwrap an `Option` proto3 forced on a field. (`NodeInfo`
+//! lives in `weft-proto`, shared with the coordinator.)
 //! No I/O here.
 
-use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 
 use weft_proto::convert::{duration_from_pb, system_time};
 use weft_proto::{
-    Attempt, ConversionError, NodeId, NodeState, Outcome, OutputStream, TaskId, TaskSpec,
-    TaskState, pb,
+    Attempt, ConversionError, NodeId, Outcome, OutputStream, TaskId, TaskSpec, TaskState, pb,
 };
 
 /// A task's record, as the coordinator holds it.
@@ -163,64 +162,6 @@ impl TryFrom<pb::TaskEvent> for TaskEvent {
             seq: event.seq,
             attempt: Attempt(event.attempt),
             body,
-        })
-    }
-}
-
-/// One node as the coordinator sees it.
-#[derive(Clone, Debug, PartialEq)]
-pub struct NodeInfo {
-    /// The node's id.
-    pub id: NodeId,
-    /// The node's name.
-    pub name: String,
-    /// Labels tasks can require.
-    pub labels: BTreeMap<String, String>,
-    /// Slots it offers.
-    pub slots: u32,
-    /// Slots taken by attempts assigned to it.
-    pub slots_used: u32,
-    /// Slots it granted that are not used.
-    pub slots_free: u32,
-    /// The attempts it runs.
-    pub running: Vec<(TaskId, Attempt)>,
-    /// Time since its last heartbeat.
-    pub last_heartbeat_age: Duration,
-    /// Whether it takes work.
-    pub state: NodeState,
-    /// Handlers it serves.
-    pub handlers: Vec<String>,
-    /// Attempts it finished since it connected.
-    pub finished: u64,
-}
-
-impl TryFrom<pb::NodeInfo> for NodeInfo {
-    type Error = ConversionError;
-
-    fn try_from(node: pb::NodeInfo) -> Result<Self, Self::Error> {
-        let running = node
-            .running
-            .into_iter()
-            .map(|r| Ok((r.task_id.parse()?, Attempt(r.attempt))))
-            .collect::<Result<Vec<_>, ConversionError>>()?;
-        let last_heartbeat_age = match &node.last_heartbeat_age {
-            Some(d) => duration_from_pb("last_heartbeat_age", d)?,
-            None => Duration::ZERO,
-        };
-        let mut handlers = node.handlers;
-        handlers.sort();
-        Ok(NodeInfo {
-            id: node.node_id.parse()?,
-            name: node.name,
-            labels: node.labels.into_iter().collect(),
-            slots: node.slots,
-            slots_used: node.slots_used,
-            slots_free: node.slots_free,
-            running,
-            last_heartbeat_age,
-            state: NodeState::try_from(node.state)?,
-            handlers,
-            finished: node.finished,
         })
     }
 }

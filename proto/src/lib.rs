@@ -8,12 +8,14 @@
 //! Layout:
 //! - [`pb`]: the generated messages, clients and servers. Only here.
 //! - [`ids`]: `TaskId`, `NodeId`, `Attempt` newtypes.
+//! - [`node`]: `NodeInfo`, a node as the admin API shows it.
 //! - [`spec`]: the validated domain `TaskSpec` and its builders.
 //! - [`state`]: `TaskState`, `Outcome`, `OutputStream`, `NodeState` enums.
 //! - [`convert`]: `ConversionError` and time/duration helpers.
 
 pub mod convert;
 pub mod ids;
+pub mod node;
 pub mod spec;
 pub mod state;
 
@@ -25,6 +27,7 @@ pub mod pb {
 
 pub use convert::ConversionError;
 pub use ids::{Attempt, NodeId, TaskId};
+pub use node::NodeInfo;
 pub use spec::{CallSpec, ExecSpec, TaskKind, TaskSpec};
 pub use state::{NodeState, Outcome, OutputStream, TaskState};
 

@@ -35,8 +35,9 @@ use live::LiveTasks;
 use queue::{ClassId, Queue};
 use recent::RecentResults;
 use registry::{NodeEntry, Registry};
-pub use registry::{NodeInfo, NodeRegistration, SessionId};
+pub use registry::{NodeRegistration, SessionId};
 use task::{LiveSpec, LiveTask, Placement, state_index};
+pub use weft_proto::NodeInfo;
 
 /// Bytes of one live task's entry in the scheduler, without its id, its
 /// index and queue slots, or what it keeps on the heap (for measurements).

@@ -7,10 +7,10 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use weft_proto::{Attempt, NodeId, Outcome, TaskId, TaskState};
+use weft_proto::{Attempt, NodeId, NodeInfo, Outcome, TaskId, TaskState};
 
 use super::queue::backoff;
-use super::registry::{NodeEntry, NodeInfo, NodeRegistration, SessionId};
+use super::registry::{NodeEntry, NodeRegistration, SessionId};
 use super::{NodeEventBody, NodeTaskEvent, Now, Scheduler};
 use crate::error::Error;
 use crate::store::EventBody;

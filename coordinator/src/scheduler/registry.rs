@@ -4,9 +4,9 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use weft_proto::{Attempt, NodeId, NodeState, TaskId, TaskKind, TaskSpec};
+use weft_proto::{Attempt, NodeId, NodeInfo, NodeState, TaskId, TaskKind, TaskSpec};
 
 /// One Connect stream. A node that reconnects gets a new session but may
 /// keep its [`NodeId`]; effects are addressed to sessions so a message for a
@@ -134,33 +134,6 @@ impl NodeEntry {
             finished: self.finished,
         }
     }
-}
-
-/// A node as the admin API shows it.
-#[derive(Clone, Debug, PartialEq)]
-pub struct NodeInfo {
-    /// Its id.
-    pub id: NodeId,
-    /// Its name.
-    pub name: String,
-    /// Its labels.
-    pub labels: BTreeMap<String, String>,
-    /// Total slots.
-    pub slots: u32,
-    /// Slots taken by unfinished attempts.
-    pub slots_used: u32,
-    /// Slots granted and unused.
-    pub slots_free: u32,
-    /// Attempts assigned to it and not finished.
-    pub running: Vec<(TaskId, Attempt)>,
-    /// Time since it was last heard from.
-    pub last_heartbeat_age: Duration,
-    /// Ready or draining.
-    pub state: NodeState,
-    /// Handlers it serves.
-    pub handlers: Vec<String>,
-    /// Attempts it finished since it connected.
-    pub finished: u64,
 }
 
 /// All connected nodes, by session, with an index by node id.

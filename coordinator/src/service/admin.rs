@@ -7,34 +7,10 @@ use weft_proto::pb;
 
 use crate::driver::{Command, Handle};
 use crate::error::Error;
-use crate::scheduler::NodeInfo;
 
 /// The operator API.
 pub(crate) struct AdminApi {
     pub handle: Handle,
-}
-
-fn node_to_pb(node: NodeInfo) -> pb::NodeInfo {
-    pb::NodeInfo {
-        node_id: node.id.to_string(),
-        name: node.name,
-        labels: node.labels.into_iter().collect(),
-        slots: node.slots,
-        slots_used: node.slots_used,
-        slots_free: node.slots_free,
-        running: node
-            .running
-            .into_iter()
-            .map(|(task_id, attempt)| pb::AttemptRef {
-                task_id: task_id.to_string(),
-                attempt: attempt.0,
-            })
-            .collect(),
-        last_heartbeat_age: Some(duration_to_pb(node.last_heartbeat_age)),
-        state: i32::from(node.state),
-        handlers: node.handlers,
-        finished: node.finished,
-    }
 }
 
 #[tonic::async_trait]
@@ -48,7 +24,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
             .call(|reply| Command::ListNodes { reply })
             .await?;
         Ok(Response::new(pb::ListNodesResponse {
-            nodes: nodes.into_iter().map(node_to_pb).collect(),
+            nodes: nodes.into_iter().map(pb::NodeInfo::from).collect(),
         }))
     }
 
@@ -69,7 +45,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
             .call(|reply| Command::DrainNode { node, grace, reply })
             .await??;
         Ok(Response::new(pb::DrainNodeResponse {
-            node: Some(node_to_pb(info)),
+            node: Some(pb::NodeInfo::from(info)),
         }))
     }
 
