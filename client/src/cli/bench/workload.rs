@@ -87,7 +87,7 @@ pub fn noop(x: usize) -> TaskSpec {
     TaskSpec::call("noop", x.to_string())
 }
 
-/// Submits `specs` (pipelined: chunks of [`PIPELINE_CHUNK`] through
+/// Submits `specs` (pipelined: chunks of `PIPELINE_CHUNK` through
 /// `submit_many` while earlier ones are already being waited on) and waits
 /// for every chunk's results through one `WaitMany` stream per chunk, at
 /// most `concurrency` open at once; answers the final tasks in submission
