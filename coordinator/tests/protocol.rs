@@ -2,41 +2,24 @@
 //! protocol with the generated client, and a client uses the task and
 //! admin APIs.
 
+mod common;
+
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Channel, Endpoint};
-use tonic::{Code, Streaming};
+use tonic::Code;
+use tonic::transport::Channel;
 
+use common::{DEADLINE, channel, connect};
 use weft_coordinator::{CoordinatorConfig, RunningCoordinator};
 use weft_proto::pb::admin_service_client::AdminServiceClient;
 use weft_proto::pb::coordinator_message::Body as Out;
 use weft_proto::pb::node_message::Body as In;
-use weft_proto::pb::node_service_client::NodeServiceClient;
 use weft_proto::pb::task_service_client::TaskServiceClient;
 use weft_proto::{TaskSpec, TaskState, pb};
-
-const DEADLINE: Duration = Duration::from_secs(10);
 
 async fn coordinator(config: CoordinatorConfig) -> RunningCoordinator {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     weft_coordinator::start(config, listener).await.unwrap()
-}
-
-async fn channel(url: String) -> Channel {
-    Endpoint::from_shared(url)
-        .unwrap()
-        .connect_timeout(Duration::from_secs(3))
-        .connect()
-        .await
-        .unwrap()
-}
-
-struct FakeNode {
-    tx: mpsc::Sender<pb::NodeMessage>,
-    rx: Streaming<pb::CoordinatorMessage>,
-    node_id: String,
 }
 
 fn register(name: &str, slots: u32) -> pb::Register {
@@ -46,67 +29,6 @@ fn register(name: &str, slots: u32) -> pb::Register {
         handlers: vec!["noop".into()],
         protocol_version: pb::ProtocolVersion::ProtocolVersion1 as i32,
         ..Default::default()
-    }
-}
-
-async fn connect(url: String, first: In) -> Result<FakeNode, tonic::Status> {
-    let (tx, rx) = mpsc::channel(64);
-    tx.send(pb::NodeMessage { body: Some(first) })
-        .await
-        .unwrap();
-    let mut client = NodeServiceClient::new(channel(url).await);
-    let mut inbound = client.connect(ReceiverStream::new(rx)).await?.into_inner();
-    let first = tokio::time::timeout(DEADLINE, inbound.message())
-        .await
-        .expect("Registered in time")?
-        .expect("a first message");
-    let Some(Out::Registered(registered)) = first.body else {
-        panic!("first message must be Registered, got {first:?}");
-    };
-    Ok(FakeNode {
-        tx,
-        rx: inbound,
-        node_id: registered.node_id,
-    })
-}
-
-impl FakeNode {
-    async fn send(&self, body: In) {
-        self.tx
-            .send(pb::NodeMessage { body: Some(body) })
-            .await
-            .unwrap();
-    }
-
-    async fn credits(&self, grant: u32) {
-        self.send(In::Credits(pb::Credits { grant })).await;
-    }
-
-    async fn events(&self, events: Vec<pb::NodeTaskEvent>) {
-        self.send(In::Events(pb::TaskEvents { events })).await;
-    }
-
-    /// The next message that is not a heartbeat.
-    async fn next(&mut self) -> Out {
-        loop {
-            let message = tokio::time::timeout(DEADLINE, self.rx.message())
-                .await
-                .expect("a message in time")
-                .expect("stream ok")
-                .expect("stream open");
-            match message.body {
-                Some(Out::Heartbeat(_)) => continue,
-                Some(body) => return body,
-                None => panic!("empty message"),
-            }
-        }
-    }
-
-    async fn assignments(&mut self) -> Vec<pb::Assignment> {
-        match self.next().await {
-            Out::Assign(assign) => assign.tasks,
-            other => panic!("expected Assign, got {other:?}"),
-        }
     }
 }
 

@@ -2,23 +2,17 @@
 //! and started again on the same dir, and a fake node (the generated node
 //! client) reconnects the way `weft-node` does.
 
+mod common;
+
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::Streaming;
-use tonic::transport::{Channel, Endpoint};
-
+use common::{DEADLINE, FakeNode, channel, connect};
 use weft_coordinator::{CoordinatorConfig, RunningCoordinator};
 use weft_proto::pb::admin_service_client::AdminServiceClient;
-use weft_proto::pb::coordinator_message::Body as Out;
 use weft_proto::pb::node_message::Body as In;
-use weft_proto::pb::node_service_client::NodeServiceClient;
 use weft_proto::pb::task_service_client::TaskServiceClient;
 use weft_proto::{TaskSpec, TaskState, pb};
-
-const DEADLINE: Duration = Duration::from_secs(10);
 
 fn config(dir: &Path) -> CoordinatorConfig {
     CoordinatorConfig {
@@ -46,49 +40,6 @@ async fn coordinator(config: CoordinatorConfig) -> RunningCoordinator {
     }
 }
 
-async fn channel(url: String) -> Channel {
-    Endpoint::from_shared(url)
-        .unwrap()
-        .connect_timeout(Duration::from_secs(3))
-        .connect()
-        .await
-        .unwrap()
-}
-
-struct FakeNode {
-    tx: mpsc::Sender<pb::NodeMessage>,
-    rx: Streaming<pb::CoordinatorMessage>,
-    node_id: String,
-}
-
-async fn connect(url: String, register: pb::Register) -> FakeNode {
-    let (tx, rx) = mpsc::channel(64);
-    tx.send(pb::NodeMessage {
-        body: Some(In::Register(register)),
-    })
-    .await
-    .unwrap();
-    let mut client = NodeServiceClient::new(channel(url).await);
-    let mut inbound = client
-        .connect(ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
-    let first = tokio::time::timeout(DEADLINE, inbound.message())
-        .await
-        .expect("Registered in time")
-        .unwrap()
-        .expect("a first message");
-    let Some(Out::Registered(registered)) = first.body else {
-        panic!("first message must be Registered, got {first:?}");
-    };
-    FakeNode {
-        tx,
-        rx: inbound,
-        node_id: registered.node_id,
-    }
-}
-
 fn register(previous_node_id: &str, running: &[(&str, u32)]) -> pb::Register {
     pb::Register {
         name: "n1".into(),
@@ -104,72 +55,6 @@ fn register(previous_node_id: &str, running: &[(&str, u32)]) -> pb::Register {
             .collect(),
         previous_node_id: previous_node_id.into(),
         ..Default::default()
-    }
-}
-
-impl FakeNode {
-    async fn send(&self, body: In) {
-        self.tx
-            .send(pb::NodeMessage { body: Some(body) })
-            .await
-            .unwrap();
-    }
-
-    async fn credits(&self, grant: u32) {
-        self.send(In::Credits(pb::Credits { grant })).await;
-    }
-
-    async fn event(&self, task_id: &str, attempt: u32, body: pb::node_task_event::Body) {
-        let event = pb::NodeTaskEvent {
-            task_id: task_id.into(),
-            attempt,
-            body: Some(body),
-        };
-        self.send(In::Events(pb::TaskEvents {
-            events: vec![event],
-        }))
-        .await;
-    }
-
-    async fn finished(&self, task_id: &str, attempt: u32) {
-        let finished = pb::Finished {
-            outcome: pb::Outcome::Succeeded as i32,
-            output: "done".into(),
-            ..Default::default()
-        };
-        self.event(
-            task_id,
-            attempt,
-            pb::node_task_event::Body::Finished(finished),
-        )
-        .await;
-    }
-
-    /// The next message that is not a heartbeat.
-    async fn next(&mut self) -> Out {
-        loop {
-            let message = tokio::time::timeout(DEADLINE, self.rx.message())
-                .await
-                .expect("a message in time")
-                .expect("stream ok")
-                .expect("stream open");
-            match message.body {
-                Some(Out::Heartbeat(_)) => continue,
-                Some(body) => return body,
-                None => panic!("empty message"),
-            }
-        }
-    }
-
-    async fn assignments(&mut self) -> Vec<(String, u32)> {
-        match self.next().await {
-            Out::Assign(assign) => assign
-                .tasks
-                .into_iter()
-                .map(|a| (a.task_id, a.attempt))
-                .collect(),
-            other => panic!("expected Assign, got {other:?}"),
-        }
     }
 }
 
@@ -209,10 +94,12 @@ fn state(task: &pb::Task) -> TaskState {
 
 /// Node n1 runs the first of three submitted tasks (it reported Started).
 async fn one_running_two_queued(c: &RunningCoordinator) -> (FakeNode, Vec<String>) {
-    let mut node = connect(c.url(), register("", &[])).await;
+    let mut node = connect(c.url(), In::Register(register("", &[])))
+        .await
+        .unwrap();
     node.credits(1).await;
     let ids = submit(c.url(), vec![TaskSpec::call("noop", "x"); 3]).await;
-    assert_eq!(node.assignments().await, [(ids[0].clone(), 1)]);
+    assert_eq!(node.assigned_ids().await, [(ids[0].clone(), 1)]);
     node.event(
         &ids[0],
         1,
@@ -242,7 +129,12 @@ async fn after_a_restart_a_running_attempt_finishes_once_and_queued_tasks_remain
 
     // The node reconnects under its id, still running attempt 1, and
     // reports the result it had when the coordinator went away.
-    let mut node = connect(url.clone(), register(&node_id, &[(&ids[0], 1)])).await;
+    let mut node = connect(
+        url.clone(),
+        In::Register(register(&node_id, &[(&ids[0], 1)])),
+    )
+    .await
+    .unwrap();
     assert_eq!(node.node_id, node_id);
     node.finished(&ids[0], 1).await;
     let done = wait_for(&url, &ids[0], |t| state(t).is_final()).await;
@@ -261,7 +153,7 @@ async fn after_a_restart_a_running_attempt_finishes_once_and_queued_tasks_remain
     // quietly, so the next message is the next assignment, not a Cancel.
     node.finished(&ids[0], 1).await;
     node.credits(1).await;
-    assert_eq!(node.assignments().await, [(ids[1].clone(), 1)]);
+    assert_eq!(node.assigned_ids().await, [(ids[1].clone(), 1)]);
     let mut admin = AdminServiceClient::new(channel(url.clone()).await);
     let info = admin
         .cluster_info(pb::ClusterInfoRequest {})
@@ -383,12 +275,14 @@ async fn finished_tasks_expire_after_the_retention() {
         ..config(dir.path())
     };
     let c = coordinator(config).await;
-    let mut node = connect(c.url(), register("", &[])).await;
+    let mut node = connect(c.url(), In::Register(register("", &[])))
+        .await
+        .unwrap();
     node.credits(1).await;
     let id = submit(c.url(), vec![TaskSpec::call("noop", "")])
         .await
         .remove(0);
-    node.assignments().await;
+    node.assigned_ids().await;
     node.finished(&id, 1).await;
     wait_for(&c.url(), &id, |t| state(t).is_final()).await;
     let deadline = Instant::now() + DEADLINE;
