@@ -73,6 +73,9 @@ pub(crate) struct NodeCtx {
     pub(crate) lease: Arc<Lease>,
     /// Sent `Finished` events, kept to be sent again after a reconnect.
     redelivery: Mutex<Redelivery>,
+    /// Events taken from the event channel whose batch could not be sent
+    /// because the stream broke; the next session sends them first.
+    unsent: Mutex<Vec<pb::NodeTaskEvent>>,
     pub(crate) tasks: TaskTracker,
     /// Cancelled when a drain starts (SIGTERM, `drain()`, or `Drain`).
     pub(crate) drain: CancellationToken,
@@ -95,6 +98,7 @@ impl NodeCtx {
     ) -> Self {
         NodeCtx {
             redelivery: Mutex::new(Redelivery::new(config.redeliver_window)),
+            unsent: Mutex::new(Vec::new()),
             config,
             executor,
             lease,
@@ -154,6 +158,13 @@ impl NodeCtx {
     fn redelivery(&self) -> MutexGuard<'_, Redelivery> {
         // No code panics while holding this lock; recover anyway.
         self.redelivery
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn unsent(&self) -> MutexGuard<'_, Vec<pb::NodeTaskEvent>> {
+        // No code panics while holding this lock; recover anyway.
+        self.unsent
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
@@ -327,7 +338,7 @@ async fn session(
         prefetch: ctx.config.prefetch,
         handlers: ctx.executor.handler_names(),
         protocol_version: PROTOCOL_VERSION.into(),
-        running: register_running(ctx.executor.running_refs(), &redeliver),
+        running: register_running(ctx, &redeliver),
         previous_node_id: previous.map(|id| id.to_string()).unwrap_or_default(),
     };
     let running = register.running.len();
@@ -404,23 +415,32 @@ async fn session(
 }
 
 /// `Register.running`: the attempts this node still runs (or whose
-/// `Finished` has not been sent yet) AND the recently finished attempts
+/// `Finished` has not been sent yet, also one whose batch broke with the
+/// last stream) AND the recently finished attempts
 /// whose `Finished` was sent before and is sent again right after
 /// `Registered`. Listing the latter makes a coordinator that restarted
 /// before recording their results keep those attempts (rather than requeue
 /// them) until the result arrives; one that already recorded them ignores
 /// the repeat (or answers Cancel, which drops them from redelivery).
-fn register_running(
-    mut running: Vec<pb::AttemptRef>,
-    redeliver: &[pb::NodeTaskEvent],
-) -> Vec<pb::AttemptRef> {
-    running.extend(redeliver.iter().map(|event| pb::AttemptRef {
-        task_id: event.task_id.clone(),
-        attempt: event.attempt,
-    }));
+fn register_running(ctx: &NodeCtx, redeliver: &[pb::NodeTaskEvent]) -> Vec<pb::AttemptRef> {
+    let mut running = ctx.executor.running_refs();
+    running.extend(
+        ctx.unsent()
+            .iter()
+            .filter(|event| matches!(event.body, Some(EventBody::Finished(_))))
+            .map(attempt_ref),
+    );
+    running.extend(redeliver.iter().map(attempt_ref));
     running.sort_by(|a, b| a.task_id.cmp(&b.task_id).then(a.attempt.cmp(&b.attempt)));
     running.dedup();
     running
+}
+
+fn attempt_ref(event: &pb::NodeTaskEvent) -> pb::AttemptRef {
+    pb::AttemptRef {
+        task_id: event.task_id.clone(),
+        attempt: event.attempt,
+    }
 }
 
 /// The registered part of a session.
@@ -444,6 +464,17 @@ async fn connected(
     }
     if let Err(error) = send_redelivery(out, redeliver).await {
         return lost(error);
+    }
+    // What the last stream broke on goes out before anything newer.
+    let unsent = std::mem::take(&mut *ctx.unsent());
+    if !unsent.is_empty() {
+        debug!(
+            events = unsent.len(),
+            "sending events the last stream broke on"
+        );
+        if let Err(error) = send_events(ctx, out, unsent).await {
+            return lost(error);
+        }
     }
     let mut lease_expired = ctx.lease.subscribe();
     let mut heartbeat = tokio::time::interval_at(Instant::now() + interval, interval);
@@ -516,9 +547,8 @@ async fn lease_expired_signal(expired: &mut watch::Receiver<bool>) {
 }
 
 /// Sends one `TaskEvents` batch: `first` (if any) plus whatever else is
-/// ready, within the batch limits. Slots of finished attempts are released
-/// here, so the grant that follows comes after their `Finished`. Answers
-/// whether the batch held a `Finished`.
+/// ready, within the batch limits. Answers whether the batch held a
+/// `Finished`.
 async fn send_batch(
     ctx: &NodeCtx,
     out: &mpsc::Sender<pb::NodeMessage>,
@@ -536,27 +566,62 @@ async fn send_batch(
         }
         next = events.try_recv().ok();
     }
-    let mut any_finished = false;
-    let mut sent_finished = Vec::new();
-    for event in &batch {
-        if let Some(EventBody::Finished(_)) = event.body {
-            any_finished = true;
-            if let Ok(task_id) = event.task_id.parse::<TaskId>() {
-                let key = (task_id, Attempt(event.attempt));
-                ctx.executor.release(key);
-                sent_finished.push((key, event.clone()));
-            }
-        }
-    }
     if batch.is_empty() {
         return Ok(false);
     }
-    send(out, Outbound::Events(pb::TaskEvents { events: batch })).await?;
-    if !sent_finished.is_empty() {
-        let now = Instant::now();
-        let mut redelivery = ctx.redelivery();
-        for (key, event) in sent_finished {
-            redelivery.record(key, event, now);
+    send_events(ctx, out, batch).await
+}
+
+/// Sends `batch` as `TaskEvents` messages within the batch limits. Slots
+/// of finished attempts are released here, so the grant that follows comes
+/// after their `Finished`; sent `Finished` events are kept for
+/// redelivery. If the stream is gone, the events not sent are kept for the
+/// next session (which lists their attempts in `Register`), so a result is
+/// never dropped between the channel and a broken stream. Answers whether
+/// the batch held a `Finished`.
+async fn send_events(
+    ctx: &NodeCtx,
+    out: &mpsc::Sender<pb::NodeMessage>,
+    batch: Vec<pb::NodeTaskEvent>,
+) -> Result<bool, Error> {
+    let mut any_finished = false;
+    let mut rest = batch.into_iter().peekable();
+    while rest.peek().is_some() {
+        let mut chunk = Vec::new();
+        let mut bytes = 0;
+        while let Some(event) = rest.next_if(|event| {
+            chunk.is_empty()
+                || (chunk.len() < MAX_BATCH_EVENTS && bytes + event_size(event) <= MAX_BATCH_BYTES)
+        }) {
+            bytes += event_size(&event);
+            chunk.push(event);
+        }
+        let mut sent_finished = Vec::new();
+        for event in &chunk {
+            if let Some(EventBody::Finished(_)) = event.body {
+                any_finished = true;
+                if let Ok(task_id) = event.task_id.parse::<TaskId>() {
+                    let key = (task_id, Attempt(event.attempt));
+                    ctx.executor.release(key);
+                    sent_finished.push((key, event.clone()));
+                }
+            }
+        }
+        let message = message(Outbound::Events(pb::TaskEvents { events: chunk }));
+        if let Err(mpsc::error::SendError(unsent)) = out.send(message).await {
+            let mut kept = ctx.unsent();
+            if let Some(Outbound::Events(pb::TaskEvents { events })) = unsent.body {
+                kept.extend(events);
+            }
+            kept.extend(rest);
+            return Err(Error::StreamClosed);
+        }
+        if !sent_finished.is_empty() {
+            let now = Instant::now();
+            let mut redelivery = ctx.redelivery();
+            for (key, event) in sent_finished {
+                redelivery.record(key, event, now);
+            }
         }
     }
     Ok(any_finished)
@@ -826,22 +891,78 @@ mod tests {
         }
     }
 
-    #[test]
-    fn register_lists_running_and_redelivered_attempts_once_each() {
-        let (a, b) = (TaskId::new(), TaskId::new());
-        let aref = |task_id: TaskId, attempt| pb::AttemptRef {
+    fn aref(task_id: TaskId, attempt: u32) -> pb::AttemptRef {
+        pb::AttemptRef {
             task_id: task_id.to_string(),
             attempt,
-        };
-        let finished = pb::NodeTaskEvent {
-            task_id: b.to_string(),
-            attempt: 2,
+        }
+    }
+
+    fn finished_event(task_id: TaskId) -> pb::NodeTaskEvent {
+        pb::NodeTaskEvent {
+            task_id: task_id.to_string(),
+            attempt: 1,
             body: Some(EventBody::Finished(pb::Finished::default())),
-        };
-        let listed = register_running(vec![aref(a, 1), aref(b, 2)], &[finished]);
-        let mut expected = vec![aref(a, 1), aref(b, 2)];
+        }
+    }
+
+    /// A node with one `sleep 1h` attempt running; answers its task id.
+    fn running_one(ctx: &Arc<NodeCtx>) -> TaskId {
+        ctx.lease.begin(5 * SECOND, SECOND, Instant::now());
+        let (wire, task_id) = assignment(TaskSpec::call("sleep", "1h"));
+        handle(ctx, assign(vec![wire]), Instant::now()).unwrap();
+        task_id
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn register_lists_running_and_redelivered_attempts_once_each() {
+        let (ctx, _rx) = node_ctx(
+            NodeConfig::new("http://unused"),
+            HandlerRegistry::with_builtins(),
+        );
+        let running = running_one(&ctx);
+        let finished = TaskId::new();
+        let redeliver = [finished_event(running), finished_event(finished)];
+        let listed = register_running(&ctx, &redeliver);
+        let mut expected = vec![aref(running, 1), aref(finished, 1)];
         expected.sort_by(|x, y| x.task_id.cmp(&y.task_id));
         assert_eq!(listed, expected);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_result_the_broken_stream_did_not_take_is_listed_and_sent_in_the_next_session() {
+        let (ctx, _rx) = node_ctx(
+            NodeConfig::new("http://unused"),
+            HandlerRegistry::with_builtins(),
+        );
+        let task_id = running_one(&ctx);
+        let done = finished_event(task_id);
+
+        // The stream is gone by the time the batch holding the result is
+        // sent: the slot is free, and the result waits for the next session.
+        let (out, out_rx) = mpsc::channel(4);
+        drop(out_rx);
+        let sent = send_events(&ctx, &out, vec![done.clone()]).await;
+        assert!(matches!(sent, Err(Error::StreamClosed)), "{sent:?}");
+        assert!(
+            ctx.executor.running_refs().is_empty(),
+            "the slot is released"
+        );
+        assert_eq!(register_running(&ctx, &[]), vec![aref(task_id, 1)]);
+
+        // The next session sends it and keeps it for redelivery.
+        let (out, mut out_rx) = mpsc::channel(4);
+        let unsent = std::mem::take(&mut *ctx.unsent());
+        assert!(
+            send_events(&ctx, &out, unsent).await.unwrap(),
+            "held a Finished"
+        );
+        let Some(Outbound::Events(batch)) = out_rx.recv().await.unwrap().body else {
+            panic!("expected a TaskEvents message");
+        };
+        assert_eq!(batch.events, vec![done]);
+        assert!(ctx.unsent().is_empty());
+        assert_eq!(ctx.redelivery().snapshot(Instant::now()).len(), 1);
     }
 
     #[test]

@@ -25,7 +25,7 @@ use weft_proto::{Attempt, TaskId, TaskState};
 use weft_tests::process::bin_path;
 use weft_tests::wait::wait_for;
 
-use crate::lab::{COORDINATOR_HOST, NODE_HOSTS, address, namespace, say};
+use crate::lab::{COORDINATOR_HOST, NODE_HOSTS, address, failure, namespace, say};
 
 /// How often the coordinator and the nodes send heartbeats.
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(200);
@@ -322,6 +322,9 @@ impl Drop for LabCluster {
                     process.log.display(),
                     process.log_tail(30)
                 ));
+            }
+            if let Some(failure) = failure() {
+                say(&format!("--- the scenario failed (logs above): {failure}"));
             }
         }
         if std::env::var_os("WEFT_TEST_KEEP").is_some()

@@ -42,6 +42,18 @@ const SCENARIO_LIMIT: Duration = Duration::from_secs(300);
 /// Serializes scenarios in this process: the lab's names are global.
 static LAB_LOCK: Mutex<()> = Mutex::new(());
 
+/// The inner run's panic message, repeated after the host logs (which
+/// follow it and can push it out of a CI log's tail).
+static FAILURE: Mutex<Option<String>> = Mutex::new(None);
+
+/// The scenario's panic message, if it panicked.
+pub fn failure() -> Option<String> {
+    FAILURE
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone()
+}
+
 /// Writes one line to the process's stderr directly, past libtest's
 /// output capture, so skips and figures show in CI logs without
 /// `--nocapture`.
@@ -169,6 +181,11 @@ where
     Fut: Future<Output = ()>,
 {
     if std::env::var_os(INNER_ENV).is_some() {
+        let default_hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            *FAILURE.lock().unwrap_or_else(PoisonError::into_inner) = Some(info.to_string());
+            default_hook(info);
+        }));
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(4)
             .enable_all()
