@@ -459,9 +459,9 @@ async fn connected(
     };
     ctx.executor.reset_window();
     let mut told_draining = false;
-    if let Err(error) = grant(ctx, out).await {
-        return lost(error);
-    }
+    // Results first: listed attempts that no longer run stop counting
+    // against the slots once their Finished is in; then the free slots are
+    // granted.
     if let Err(error) = send_redelivery(out, redeliver).await {
         return lost(error);
     }
@@ -475,6 +475,9 @@ async fn connected(
         if let Err(error) = send_events(ctx, out, unsent).await {
             return lost(error);
         }
+    }
+    if let Err(error) = grant(ctx, out).await {
+        return lost(error);
     }
     let mut lease_expired = ctx.lease.subscribe();
     let mut heartbeat = tokio::time::interval_at(Instant::now() + interval, interval);

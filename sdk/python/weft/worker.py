@@ -67,6 +67,11 @@ BATCH_BYTES = 1024 * 1024
 REGISTER_TIMEOUT = 10.0
 #: A cancelled handler that has not stopped by then is reported CANCELLED anyway.
 CANCEL_REPORT_WITHIN = 0.75
+#: How long a sent Finished is kept to be sent again after a reconnect (the
+#: coordinator may have crashed before recording it).
+REDELIVER_WINDOW = 60.0
+#: Most sent Finished events kept for redelivery.
+REDELIVER_MAX = 10_000
 
 
 class HandlerError(Exception):
@@ -188,6 +193,7 @@ class _Session:
         self.heartbeat_timeout = 5.0
         self.closing = False
         self.dropped = False  # this side cancelled the call
+        self.redeliver: List[node_pb2.NodeTaskEvent] = []  # listed in Register, sent after Registered
 
 
 def _handler_wants_context(fn: Callable) -> bool:
@@ -255,6 +261,10 @@ class Worker:
         self._attempts: Dict[Tuple[str, int], _Attempt] = {}
         self._used = 0
         self._out: Deque[Any] = collections.deque()
+        # Sent Finished events within the redelivery window: key -> (sent at, event).
+        self._redeliver: "collections.OrderedDict[Tuple[str, int], Tuple[float, node_pb2.NodeTaskEvent]]" = (
+            collections.OrderedDict()
+        )
         self._out_ready: Optional[asyncio.Event] = None
         self._session: Optional[_Session] = None
         self._node_id = ""
@@ -416,11 +426,22 @@ class Worker:
         session = _Session()
         # Control messages of a dead session are meaningless; events are kept.
         self._out = collections.deque(item for item in self._out if isinstance(item, node_pb2.NodeTaskEvent))
-        running = [
-            node_pb2.AttemptRef(task_id=a.task_id, attempt=a.attempt)
-            for a in self._attempts.values()
-            if not a.finished_sent
-        ]
+        # Listed as running: attempts still running, finished ones whose
+        # Finished is not sent yet, and sent ones within the redelivery
+        # window (a restarted coordinator may not have recorded them; they
+        # are sent again right after Registered, before any credits).
+        now = time.monotonic()
+        while self._redeliver and next(iter(self._redeliver.values()))[0] + REDELIVER_WINDOW < now:
+            self._redeliver.popitem(last=False)
+        session.redeliver = [event for _, event in self._redeliver.values()]
+        keys = {a.key for a in self._attempts.values() if not a.finished_sent}
+        keys.update(
+            (e.task_id, e.attempt)
+            for e in self._out
+            if isinstance(e, node_pb2.NodeTaskEvent) and e.WhichOneof("body") == "finished"
+        )
+        keys.update((e.task_id, e.attempt) for e in session.redeliver)
+        running = [node_pb2.AttemptRef(task_id=t, attempt=n) for t, n in sorted(keys)]
         register = node_pb2.Register(
             name=self.name,
             labels=self.labels,
@@ -511,11 +532,17 @@ class Worker:
                 ):
                     batch.append(self._out.popleft())
                     size += batch[-1].ByteSize()
+                now = time.monotonic()
                 for event in batch:
                     if event.WhichOneof("body") == "finished":
-                        attempt = self._attempts.get((event.task_id, event.attempt))
+                        key = (event.task_id, event.attempt)
+                        attempt = self._attempts.get(key)
                         if attempt is not None:
                             attempt.finished_sent = True
+                        if key not in self._redeliver:
+                            self._redeliver[key] = (now, event)
+                            if len(self._redeliver) > REDELIVER_MAX:
+                                self._redeliver.popitem(last=False)
                 yield node_pb2.NodeMessage(events=node_pb2.TaskEvents(events=batch))
             else:
                 yield item
@@ -529,6 +556,8 @@ class Worker:
         session.heartbeat_timeout = max(0.05, timeout) if timeout > 0 else 5.0
         log.info("registered as node %s", registered.node_id)
         session.registered.set()
+        # Results an earlier stream took go out again first, then credits.
+        self._out.extendleft(reversed(session.redeliver))
         if self._draining:
             self._out.appendleft(node_pb2.NodeMessage(draining=node_pb2.Draining()))
         else:
@@ -558,6 +587,8 @@ class Worker:
             for assignment in message.assign.tasks:
                 self._assign(assignment)
         elif body == "cancel":
+            # Stale at the coordinator: its result is not sent again.
+            self._redeliver.pop((message.cancel.task_id, message.cancel.attempt), None)
             attempt = self._attempts.get((message.cancel.task_id, message.cancel.attempt))
             if attempt is None:
                 log.debug("cancel for unknown attempt %s#%s ignored", message.cancel.task_id, message.cancel.attempt)
