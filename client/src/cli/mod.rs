@@ -104,7 +104,10 @@ pub enum Command {
     },
     /// Call a handler on a node; stream its output, print what it returns.
     ///
-    /// Ctrl-C cancels the task (exit 130).
+    /// What the handler writes while it runs goes to stdout/stderr as it
+    /// comes; what it returns is printed on stdout at the end, unless it is
+    /// exactly what it already wrote on stdout (so `weft call echo hi`
+    /// prints `hi` once). Ctrl-C cancels the task (exit 130).
     #[command(after_help = exit::EXIT_CODES_HELP)]
     Call {
         /// Task settings.

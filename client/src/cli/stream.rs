@@ -171,7 +171,16 @@ pub struct Printer {
     verbose: bool,
     /// Print the handler's returned output at the end (`call`, `run`).
     print_result: bool,
+    /// What the latest attempt streamed on stdout (up to
+    /// [`MAX_STREAMED_KEPT`]), so a returned output that only repeats it
+    /// (the built-in `echo`) is not printed twice.
+    streamed: Vec<u8>,
+    streamed_attempt: u32,
+    streamed_overflow: bool,
 }
+
+/// Streamed stdout kept to compare with the returned output.
+const MAX_STREAMED_KEPT: usize = 1024 * 1024;
 
 impl Printer {
     /// A printer for `format`.
@@ -180,7 +189,34 @@ impl Printer {
             format,
             verbose,
             print_result,
+            streamed: Vec::new(),
+            streamed_attempt: 0,
+            streamed_overflow: false,
         }
+    }
+
+    fn keep_streamed(&mut self, attempt: u32, data: &[u8]) {
+        if !self.print_result {
+            return;
+        }
+        if attempt != self.streamed_attempt {
+            self.streamed.clear();
+            self.streamed_overflow = false;
+            self.streamed_attempt = attempt;
+        }
+        if self.streamed.len() + data.len() > MAX_STREAMED_KEPT {
+            self.streamed_overflow = true;
+        } else {
+            self.streamed.extend_from_slice(data);
+        }
+    }
+
+    /// True when the task's returned output is exactly what its attempt
+    /// already streamed on stdout.
+    fn repeats_stream(&self, task: &Task) -> bool {
+        !self.streamed_overflow
+            && self.streamed_attempt == task.attempt.0
+            && self.streamed == task.output.as_ref()
     }
 
     /// Handles one event.
@@ -191,7 +227,10 @@ impl Printer {
         }
         match &event.body {
             EventBody::Output { stream, data } => match stream {
-                OutputStream::Stdout => write_stdout(data),
+                OutputStream::Stdout => {
+                    write_stdout(data);
+                    self.keep_streamed(event.attempt.0, data);
+                }
                 OutputStream::Stderr => write_stderr(data),
             },
             EventBody::State {
@@ -236,7 +275,7 @@ impl Printer {
         if self.format == OutputFormat::Json {
             return; // the `finished` event line carried the task
         }
-        if self.print_result && !task.output.is_empty() {
+        if self.print_result && !task.output.is_empty() && !self.repeats_stream(task) {
             write_stdout(&task.output);
             if std::io::stdout().is_terminal() && !task.output.ends_with(b"\n") {
                 write_stdout(b"\n");

@@ -91,6 +91,11 @@ async fn weft_exit_codes_follow_the_documented_table() {
             .contains("ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"),
         "{out}"
     );
+
+    // `echo` streams its input and returns it: printed once.
+    let out = cluster.weft(&["call", "echo", "hello"]).await;
+    assert_eq!(out.code, Some(0), "{out}");
+    assert_eq!(out.stdout, "hello", "{out}");
     cluster.shutdown().await;
 }
 
