@@ -218,6 +218,67 @@ async fn after_a_restart_an_absent_nodes_attempt_is_requeued_only_after_the_grac
 }
 
 #[tokio::test]
+async fn a_node_back_without_its_attempts_gets_them_requeued_at_once_and_only_a_started_one_counts_as_lost()
+ {
+    let dir = tempfile::tempdir().unwrap();
+    // A long grace: what follows must not wait for it.
+    let config = CoordinatorConfig {
+        restart_grace: Some(Duration::from_secs(600)),
+        ..config(dir.path())
+    };
+    let c1 = coordinator(config.clone()).await;
+    let two_slots = |previous: &str| pb::Register {
+        slots: 2,
+        ..register(previous, &[])
+    };
+    let mut node = connect(c1.url(), In::Register(two_slots("")))
+        .await
+        .unwrap();
+    node.credits(2).await;
+    let ids = submit(c1.url(), vec![TaskSpec::call("noop", "x"); 2]).await;
+    let mut assigned = node.assigned_ids().await;
+    if assigned.len() < 2 {
+        assigned.extend(node.assigned_ids().await);
+    }
+    assert_eq!(assigned, [(ids[0].clone(), 1), (ids[1].clone(), 1)]);
+    // The first one started; the second one's Assign is as good as lost.
+    node.event(
+        &ids[0],
+        1,
+        pb::node_task_event::Body::Started(pb::Started { pid: 0 }),
+    )
+    .await;
+    wait_for(&c1.url(), &ids[0], |t| state(t) == TaskState::Running).await;
+    let node_id = node.node_id.clone();
+    c1.shutdown(Duration::from_secs(5)).await.unwrap();
+    drop(node);
+
+    // Back under its id, running neither.
+    let c2 = coordinator(config).await;
+    let url = c2.url();
+    let _node = connect(url.clone(), In::Register(two_slots(&node_id)))
+        .await
+        .unwrap();
+    let started = wait_for(&url, &ids[0], |t| t.attempt == 2).await;
+    let never_arrived = wait_for(&url, &ids[1], |t| t.attempt == 2).await;
+    assert_eq!(
+        (state(&started), started.node_losses, started.failures),
+        (TaskState::Queued, 1, 0),
+        "it ran on that node and is gone: a node loss"
+    );
+    assert_eq!(
+        (
+            state(&never_arrived),
+            never_arrived.node_losses,
+            never_arrived.failures
+        ),
+        (TaskState::Queued, 0, 0),
+        "it never reached the node: it costs the task nothing"
+    );
+    c2.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
+#[tokio::test]
 async fn every_acknowledged_submit_survives_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let c1 = coordinator(config(dir.path())).await;

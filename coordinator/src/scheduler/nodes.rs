@@ -110,9 +110,48 @@ impl Scheduler {
             }
         });
         for (id, attempt) in unclaimed {
-            tracing::info!(task_id = %id, attempt = attempt.0, node_id = %node_id, node_name = %name, "node came back without a restored attempt; requeueing it");
-            self.lose_attempt(id, attempt, name, node_id, now);
+            let started = self
+                .tasks
+                .get(&id)
+                .is_some_and(|t| t.state == TaskState::Running);
+            tracing::info!(task_id = %id, attempt = attempt.0, node_id = %node_id, node_name = %name, started, "node came back without a restored attempt; requeueing it");
+            if started {
+                self.lose_attempt(id, attempt, name, node_id, now);
+            } else {
+                self.requeue_undelivered(id, attempt, name, node_id, now);
+            }
         }
+    }
+
+    /// Requeues an attempt recorded as assigned to a node that, back after
+    /// a coordinator restart, says it does not have it: the `Assign` was
+    /// lost with the old process before it reached the node. It never ran,
+    /// so it costs the task nothing (no node loss, no failure); it still
+    /// gets a new attempt number, so nothing of the old one is accepted.
+    fn requeue_undelivered(
+        &mut self,
+        id: TaskId,
+        attempt: Attempt,
+        node_name: &std::sync::Arc<str>,
+        node_id: NodeId,
+        now: Now,
+    ) {
+        let Some(task) = self.tasks.get(&id) else {
+            return;
+        };
+        if task.state != TaskState::Assigned || task.attempt != attempt.0 {
+            return;
+        }
+        if let Some(reason) = task.cancel_reason().map(str::to_owned) {
+            self.finalize(id, TaskState::Cancelled, reason, Bytes::new(), now.wall);
+            return;
+        }
+        let reason = format!(
+            "the assignment to node {node_name} was lost in a coordinator restart before it arrived; retrying as attempt {}",
+            attempt.0 + 1
+        );
+        let node = Some((node_id, std::sync::Arc::clone(node_name)));
+        self.requeue(id, None, node, reason, now);
     }
 
     /// The node granted `grant` more slots. Ignored while it drains.
