@@ -110,6 +110,14 @@ async fn scenario() {
         .filter_map(|id| tasks.get(id))
         .filter(|t| t.attempt.0 > 1)
         .count();
+    // No node was lost: a requeue caused by a restart (an assignment that
+    // never arrived) must not be charged to the task as a node loss.
+    let charged = submitted
+        .acked
+        .iter()
+        .filter_map(|id| tasks.get(id))
+        .filter(|t| t.node_losses > 0)
+        .count();
     let counts = run_counts(&runs);
     let ran_twice: Vec<(&String, &usize)> = counts.iter().filter(|(_, n)| **n > 1).collect();
     let max_down = downtimes.iter().max().copied().unwrap_or_default();
@@ -117,7 +125,7 @@ async fn scenario() {
 
     say(&format!(
         "fault-figures: coordinator-crash tasks={} crashes={CRASHES} lost={} ran_twice={} \
-         requeued={} unacked_batches={} tasks_held={} max_restart_ms={} restarts_ms={:?} \
+         requeued={} charged_node_losses={charged} unacked_batches={} tasks_held={} max_restart_ms={} restarts_ms={:?} \
          crashed_at_succeeded={crashed_at_succeeded:?} stale_refused={}",
         submitted.acked.len(),
         lost.len(),
@@ -135,4 +143,5 @@ async fn scenario() {
         ran_twice.is_empty(),
         "attempts run twice across coordinator restarts (key, runs): {ran_twice:?}"
     );
+    assert_eq!(charged, 0, "tasks charged a node loss with no node lost");
 }
