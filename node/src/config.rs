@@ -3,6 +3,7 @@
 //! Libraries never see clap types; `main.rs` turns its flags into this.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// Node settings. `NodeConfig::new(url)` gives usable defaults.
@@ -48,6 +49,13 @@ pub struct NodeConfig {
     /// reconnect, in case the coordinator crashed before recording it
     /// (default 60 s; zero keeps none).
     pub redeliver_window: Duration,
+    /// The program exec tasks are started through: `weft-node` itself,
+    /// which runs as an exec guard when its first argument is
+    /// [`GUARD_ARG`](crate::guard::GUARD_ARG), so tasks die with a node
+    /// that is killed outright (see [`guard`](crate::guard)). `None` (the
+    /// default for an embedded node, whose executable is not `weft-node`):
+    /// tasks are started directly and survive such a kill.
+    pub exec_guard: Option<PathBuf>,
 }
 
 impl NodeConfig {
@@ -70,6 +78,7 @@ impl NodeConfig {
             blocking_threads: cpus,
             lease: None,
             redeliver_window: Duration::from_secs(60),
+            exec_guard: None,
         }
     }
 }

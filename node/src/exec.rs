@@ -5,11 +5,17 @@
 //! stdout and stderr are read concurrently by one loop that numbers chunks
 //! with one counter and streams them live. Whatever ends the attempt (exit,
 //! cancel, timeout, drain, kill), the group is killed and the child reaped:
-//! no orphans, no zombies. This module reports output and `Started` only;
-//! the executor turns an [`ExecEnd`] into the attempt's `Finished`.
+//! no orphans, no zombies. With an exec guard (`weft-node` sets one; see
+//! `guard.rs`) the group's leader is the guard and the program its child,
+//! so the group also dies when the node itself is killed outright; the
+//! program is then looked up here first, so a missing one is still a clear
+//! start failure. This module reports output and `Started` only; the
+//! executor turns an [`ExecEnd`] into the attempt's `Finished`.
 
 use std::io;
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
@@ -47,11 +53,13 @@ pub(crate) enum ExecEnd {
     Stopped,
 }
 
-/// Runs `spec` to its end. `on_spawn` gets the child's process group id
-/// (= its pid) as soon as it exists, so a crash-style kill can SIGKILL the
-/// group without waiting for this future.
+/// Runs `spec` to its end, through the exec `guard` program when given.
+/// `on_spawn` gets the child's process group id (= its pid) as soon as it
+/// exists, so a crash-style kill can SIGKILL the group without waiting for
+/// this future.
 pub(crate) async fn run(
     spec: &ExecSpec,
+    guard: Option<&Path>,
     emit: &Emitter,
     cancel: &CancellationToken,
     on_spawn: impl FnOnce(u32),
@@ -72,9 +80,22 @@ pub(crate) async fn run(
             }
         }
     }
-    let mut command = Command::new(program);
+    let mut command = match guard {
+        None => {
+            let mut command = Command::new(program);
+            command.args(&spec.argv[1..]);
+            command
+        }
+        Some(guard) => {
+            if let Err(why) = find_program(program, spec) {
+                return ExecEnd::StartFailed(why);
+            }
+            let mut command = Command::new(guard);
+            command.args(crate::guard::guard_args(std::process::id(), &spec.argv));
+            command
+        }
+    };
     command
-        .args(&spec.argv[1..])
         .envs(&spec.env)
         .stdin(if spec.stdin.is_empty() {
             Stdio::null()
@@ -173,6 +194,47 @@ async fn reap(child: &mut Child) {
     if let Err(err) = child.wait().await {
         warn!(error = %err, "reaping the child failed");
     }
+}
+
+/// Looks `program` up the way `execvp` will (in the task's `PATH` and
+/// working directory), so a guard is only started for a program that
+/// exists and may be executed. Errs with the same texts as a failed spawn.
+fn find_program(program: &str, spec: &ExecSpec) -> Result<PathBuf, String> {
+    let cwd = spec.cwd.as_deref().map(Path::new);
+    let within_cwd = |path: PathBuf| match cwd {
+        Some(cwd) if path.is_relative() => cwd.join(path),
+        _ => path,
+    };
+    let candidates: Vec<PathBuf> = if program.contains('/') {
+        vec![within_cwd(PathBuf::from(program))]
+    } else {
+        let path = spec
+            .env
+            .get("PATH")
+            .map(std::ffi::OsString::from)
+            .or_else(|| std::env::var_os("PATH"))
+            .unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
+        std::env::split_paths(&path)
+            .map(|dir| within_cwd(dir.join(program)))
+            .collect()
+    };
+    let mut denied = false;
+    for candidate in candidates {
+        match std::fs::metadata(&candidate) {
+            Ok(meta) if meta.is_file() && meta.permissions().mode() & 0o111 != 0 => {
+                return Ok(candidate);
+            }
+            Ok(_) => denied = true,
+            Err(err) if err.kind() == io::ErrorKind::PermissionDenied => denied = true,
+            Err(_) => {}
+        }
+    }
+    let kind = if denied {
+        io::ErrorKind::PermissionDenied
+    } else {
+        io::ErrorKind::NotFound
+    };
+    Err(spawn_error(program, &io::Error::from(kind)))
 }
 
 fn spawn_error(program: &str, err: &io::Error) -> String {
@@ -358,7 +420,7 @@ pub(crate) mod tests {
     async fn run_spec(spec: &ExecSpec) -> Run {
         let (tx, rx) = events::channel();
         let emit = Emitter::new(tx, TaskId::new(), Attempt::FIRST);
-        let end = run(spec, &emit, &CancellationToken::new(), |_| {}).await;
+        let end = run(spec, None, &emit, &CancellationToken::new(), |_| {}).await;
         drop(emit);
         Run {
             end,
@@ -451,7 +513,7 @@ pub(crate) mod tests {
         let emit = Emitter::new(tx, TaskId::new(), Attempt::FIRST);
         let task = tokio::spawn(async move {
             let s = spec(&["sh", "-c", "sleep 100 & echo $!; wait"]);
-            run(&s, &emit, &cancel, |_| {}).await
+            run(&s, None, &emit, &cancel, |_| {}).await
         });
         let grandchild = loop {
             let event = rx.recv().await.expect("child output");

@@ -27,6 +27,7 @@
 //! the coordinator already gave up on.
 
 use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
@@ -203,6 +204,8 @@ struct Inner {
     state: Mutex<State>,
     /// Number of attempts holding slots, for waiting until idle.
     running_count: watch::Sender<usize>,
+    /// Exec tasks start through this guard program (see `guard.rs`).
+    exec_guard: Option<PathBuf>,
 }
 
 /// Runs assignments. Cheap to clone (shared state).
@@ -240,8 +243,19 @@ impl Executor {
                     queued: VecDeque::new(),
                 }),
                 running_count: watch::Sender::new(0),
+                exec_guard: None,
             }),
         }
+    }
+
+    /// Starts exec tasks through `guard` (the node's own executable, which
+    /// runs as an exec guard; see `guard.rs`). Call before the executor is
+    /// shared.
+    pub(crate) fn with_exec_guard(mut self, guard: Option<PathBuf>) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.exec_guard = guard;
+        }
+        self
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -533,7 +547,8 @@ impl Executor {
         let work = async {
             match &spec.kind {
                 TaskKind::Exec(exec_spec) => {
-                    let end = exec::run(exec_spec, &emit, &control.token, |pgid| {
+                    let guard = self.inner.exec_guard.as_deref();
+                    let end = exec::run(exec_spec, guard, &emit, &control.token, |pgid| {
                         let _ = control.pgid.set(pgid);
                     })
                     .await;

@@ -14,6 +14,8 @@
 //! - `executor`: runs assignments: task tracker, per-attempt cancellation
 //!   tokens, slot accounting, timeouts.
 //! - `exec`: child processes in their own process group, streamed output.
+//! - [`guard`]: the exec guard process between the node and each exec task,
+//!   so tasks die with a node that is killed outright.
 //! - `events`: the one outgoing event channel and the per-attempt [`Emitter`].
 //! - `lease`: how long attempts may run without word from the coordinator.
 //! - `redeliver`: sent `Finished` events kept to send again after a
@@ -26,6 +28,7 @@ pub mod error;
 mod events;
 mod exec;
 mod executor;
+pub mod guard;
 pub mod handlers;
 mod lease;
 mod redeliver;
@@ -74,7 +77,8 @@ pub fn start(config: NodeConfig, mut handlers: HandlerRegistry) -> RunningNode {
         lease.clone(),
         config.slots,
         config.prefetch,
-    );
+    )
+    .with_exec_guard(config.exec_guard.clone());
     let name = config.name.clone();
     let ctx = Arc::new(NodeCtx::new(config, executor, lease, tasks.clone(), kill));
     let node_id = ctx.node_id.subscribe();

@@ -132,11 +132,22 @@ fn init_tracing(format: LogFormat) {
     }
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
+    // Exec tasks start through this same executable; that process must not
+    // start a runtime or threads.
+    if let Some(code) = weft_node::guard::run_if_guard() {
+        return code;
+    }
     let args = Args::parse();
     init_tracing(args.log_format);
-    match run(args).await {
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            error!("starting the runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
         Ok(code) => code,
         Err(err) => {
             error!("{err:#}");
@@ -148,7 +159,10 @@ async fn main() -> ExitCode {
 async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let config = NodeConfig::from(args);
+    let mut config = NodeConfig::from(args);
+    // This executable, as the kernel knows it (still right if the file was
+    // replaced since the node started).
+    config.exec_guard = Some("/proc/self/exe".into());
     let grace = config.drain_grace;
     info!(coordinator = %config.coordinator, node_name = %config.name, slots = config.slots, "starting");
     let mut node = weft_node::start(config, HandlerRegistry::with_builtins());

@@ -1,5 +1,6 @@
 //! Stopping nodes: a drained or SIGTERMed node finishes its running
-//! attempts within its grace, and no child process outlives it.
+//! attempts within its grace, and no child process outlives it, not even
+//! when the node is SIGKILLed.
 
 use std::time::Duration;
 
@@ -97,6 +98,27 @@ async fn sigterm_to_a_node_process_leaves_no_orphan_child_processes() {
     // Cancelled by the drain, not by a client: back in the queue, not final.
     let task = client.get(id).await.expect("get");
     assert!(!task.state.is_final(), "{task:?}");
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigkilled_node_process_takes_its_tasks_processes_with_it() {
+    // No drain, no cleanup in weft-node: its exec guards see it die.
+    let cluster = TestCluster::builder().nodes(1).processes().start().await;
+    let client = cluster.client().await;
+    let pidfile = cluster.dir().join("sigkilled.pid");
+    let id = client.submit(sleeper(&pidfile)).await.expect("submit");
+    cluster.wait_for_running(id).await;
+    let pid = read_pid_file(&pidfile, default_timeout())
+        .await
+        .expect("pid file");
+    assert!(process_is_alive(pid));
+    cluster.kill_node("node-0").await; // SIGKILL of the weft-node process
+    wait_until(Duration::from_secs(5), async || !process_is_alive(pid))
+        .await
+        .unwrap_or_else(|e| {
+            panic!("the task's grandchild {pid} outlived a SIGKILLed weft-node: {e}")
+        });
     cluster.shutdown().await;
 }
 
