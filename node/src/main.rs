@@ -18,7 +18,9 @@ use weft_node::{HandlerRegistry, NodeConfig};
 /// Reconnects with backoff when the coordinator goes away; running tasks
 /// carry on for up to --lease, then are stopped (the coordinator will have
 /// given them to another node). Results sent just before a coordinator
-/// crash are sent again after reconnecting.
+/// crash are sent again after reconnecting. Exec tasks run in their own
+/// process group under a small guard process (this executable), so they
+/// die with the node even when it is killed outright.
 ///
 /// SIGTERM or SIGINT drains the node: it takes no new work, lets running
 /// tasks finish within --drain-grace, cancels and reports the rest, then
