@@ -12,7 +12,10 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
+use common::process_is_gone;
 use weft_node::guard::guard_args;
+
+mod common;
 
 const WEFT_NODE: &str = env!("CARGO_BIN_EXE_weft-node");
 
@@ -36,20 +39,9 @@ fn guarded(argv: &[&str], stdin: &[u8]) -> Output {
     child.wait_with_output().expect("waiting for the guard")
 }
 
-/// True when `pid` no longer runs (gone, or a zombie).
-fn gone(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Err(_) => true,
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().next())
-            .is_some_and(|state| state == "Z" || state == "X"),
-    }
-}
-
-fn assert_gone_soon(pid: i32, what: &str) {
+fn assert_gone_soon(pid: u32, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(5);
-    while !gone(pid) {
+    while !process_is_gone(pid) {
         assert!(Instant::now() < deadline, "{what} (pid {pid}) still runs");
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -140,11 +132,14 @@ fn when_its_parent_is_killed_the_guard_kills_the_program_and_its_children() {
     for _ in 0..2 {
         let mut line = String::new();
         stdout.read_line(&mut line).expect("reading pids");
-        pids.extend(line.split_whitespace().map(|p| p.parse::<i32>().unwrap()));
+        pids.extend(line.split_whitespace().map(|p| p.parse::<u32>().unwrap()));
     }
     assert_eq!(pids.len(), 3, "guard, program, grandchild: {pids:?}");
     for pid in &pids {
-        assert!(!gone(*pid), "pid {pid} runs before the parent dies");
+        assert!(
+            !process_is_gone(*pid),
+            "pid {pid} runs before the parent dies"
+        );
     }
 
     parent.kill().expect("SIGKILL the parent");

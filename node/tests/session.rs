@@ -2,6 +2,8 @@
 //! `NodeService` on 127.0.0.1:0 that hands each connection to the test, which
 //! plays the coordinator's side message by message.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -13,6 +15,7 @@ use tokio::task::JoinHandle;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::{Request, Response, Status, Streaming};
 
+use common::process_is_gone;
 use weft_node::{HandlerRegistry, NodeConfig, RunningNode};
 use weft_proto::convert::duration_to_pb;
 use weft_proto::pb::coordinator_message::Body as Inbound;
@@ -246,16 +249,6 @@ fn start(url: &str, slots: u32) -> RunningNode {
 
 fn outcome(done: &pb::Finished) -> Outcome {
     Outcome::try_from(done.outcome).unwrap()
-}
-
-fn process_is_gone(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Err(_) => true,
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().next())
-            .is_some_and(|state| state == "Z" || state == "X"),
-    }
 }
 
 async fn assert_gone_soon(pid: u32) {

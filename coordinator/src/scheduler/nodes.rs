@@ -136,14 +136,7 @@ impl Scheduler {
         node_id: NodeId,
         now: Now,
     ) {
-        let Some(task) = self.tasks.get(&id) else {
-            return;
-        };
-        if task.state != TaskState::Assigned || task.attempt != attempt.0 {
-            return;
-        }
-        if let Some(reason) = task.cancel_reason().map(str::to_owned) {
-            self.finalize(id, TaskState::Cancelled, reason, Bytes::new(), now.wall);
+        if !self.take_back(id, attempt, &[TaskState::Assigned], now) {
             return;
         }
         let reason = format!(
@@ -152,6 +145,23 @@ impl Scheduler {
         );
         let node = Some((node_id, std::sync::Arc::clone(node_name)));
         self.requeue(id, None, node, reason, now);
+    }
+
+    /// Whether `attempt` is the current attempt of task `id`, in one of
+    /// `states`, and so to be taken back from its node. A task cancelled
+    /// meanwhile ends `cancelled` here instead (answers false).
+    fn take_back(&mut self, id: TaskId, attempt: Attempt, states: &[TaskState], now: Now) -> bool {
+        let Some(task) = self.tasks.get(&id) else {
+            return false;
+        };
+        if !states.contains(&task.state) || task.attempt != attempt.0 {
+            return false;
+        }
+        if let Some(reason) = task.cancel_reason().map(str::to_owned) {
+            self.finalize(id, TaskState::Cancelled, reason, Bytes::new(), now.wall);
+            return false;
+        }
+        true
     }
 
     /// The node granted `grant` more slots. Ignored while it drains.
@@ -428,18 +438,13 @@ impl Scheduler {
         node_id: NodeId,
         now: Now,
     ) {
+        let out_on_a_node = [TaskState::Assigned, TaskState::Running];
+        if !self.take_back(id, attempt, &out_on_a_node, now) {
+            return;
+        }
         let Some(task) = self.tasks.get_mut(&id) else {
             return;
         };
-        if !matches!(task.state, TaskState::Assigned | TaskState::Running)
-            || task.attempt != attempt.0
-        {
-            return;
-        }
-        if let Some(reason) = task.cancel_reason().map(str::to_owned) {
-            self.finalize(id, TaskState::Cancelled, reason, Bytes::new(), now.wall);
-            return;
-        }
         task.node_losses += 1;
         task.last_outcome = None;
         if task.state == TaskState::Running {

@@ -101,30 +101,9 @@ async fn sigterm_to_a_node_process_leaves_no_orphan_child_processes() {
     cluster.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_sigkilled_node_process_takes_its_tasks_processes_with_it() {
-    // No drain, no cleanup in weft-node: its exec guards see it die.
-    let cluster = TestCluster::builder().nodes(1).processes().start().await;
-    let client = cluster.client().await;
-    let pidfile = cluster.dir().join("sigkilled.pid");
-    let id = client.submit(sleeper(&pidfile)).await.expect("submit");
-    cluster.wait_for_running(id).await;
-    let pid = read_pid_file(&pidfile, default_timeout())
-        .await
-        .expect("pid file");
-    assert!(process_is_alive(pid));
-    cluster.kill_node("node-0").await; // SIGKILL of the weft-node process
-    wait_until(Duration::from_secs(5), async || !process_is_alive(pid))
-        .await
-        .unwrap_or_else(|e| {
-            panic!("the task's grandchild {pid} outlived a SIGKILLed weft-node: {e}")
-        });
-    cluster.shutdown().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_killed_in_process_node_kills_its_child_processes() {
-    let cluster = TestCluster::builder().nodes(1).in_process().start().await;
+/// Kills node-0 abruptly with a task running and waits for the task's
+/// grandchild to be gone.
+async fn killing_the_node_kills_the_tasks_processes(cluster: TestCluster) {
     let client = cluster.client().await;
     let pidfile = cluster.dir().join("killed.pid");
     let id = client.submit(sleeper(&pidfile)).await.expect("submit");
@@ -132,11 +111,25 @@ async fn a_killed_in_process_node_kills_its_child_processes() {
     let pid = read_pid_file(&pidfile, default_timeout())
         .await
         .expect("pid file");
+    assert!(process_is_alive(pid));
     cluster.kill_node("node-0").await;
     wait_until(Duration::from_secs(5), async || !process_is_alive(pid))
         .await
         .unwrap_or_else(|e| panic!("the task's grandchild {pid} outlived its node: {e}"));
     cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigkilled_node_process_takes_its_tasks_processes_with_it() {
+    // SIGKILL: no drain, no cleanup in weft-node; its exec guards see it die.
+    let cluster = TestCluster::builder().nodes(1).processes().start().await;
+    killing_the_node_kills_the_tasks_processes(cluster).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_in_process_node_kills_its_child_processes() {
+    let cluster = TestCluster::builder().nodes(1).in_process().start().await;
+    killing_the_node_kills_the_tasks_processes(cluster).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
