@@ -26,7 +26,9 @@
 
 use std::ffi::{CString, OsString};
 use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use nix::errno::Errno;
 use nix::spawn::{PosixSpawnAttr, PosixSpawnFileActions, PosixSpawnFlags, posix_spawnp};
@@ -66,12 +68,18 @@ pub fn guard_args(parent: u32, argv: &[String]) -> Vec<OsString> {
     args
 }
 
+/// Set once `main` has called [`run_if_guard`]: this executable can act
+/// as a guard.
+static HOOKED: AtomicBool = AtomicBool::new(false);
+
 /// If this process was started as a guard (`args[1] == GUARD_ARG`), runs
 /// it to the end and answers its exit code; `None` otherwise. Call first
-/// thing in `main`, before any thread is started.
+/// thing in `main`, before any thread is started; a binary that does can
+/// start its exec tasks through itself ([`self_as_guard`]).
 pub fn run_if_guard() -> Option<ExitCode> {
     let mut args = std::env::args_os().skip(1);
-    if args.next()? != GUARD_ARG {
+    if args.next().is_none_or(|first| first != GUARD_ARG) {
+        HOOKED.store(true, Ordering::Relaxed);
         return None;
     }
     let parent = args
@@ -88,6 +96,16 @@ pub fn run_if_guard() -> Option<ExitCode> {
         return Some(ExitCode::from(2));
     }
     Some(guard(Pid::from_raw(parent), &argv))
+}
+
+/// This executable as the exec guard for [`NodeConfig::exec_guard`](crate::NodeConfig::exec_guard),
+/// if its `main` called [`run_if_guard`]; `None` otherwise (a test binary,
+/// an embedding program). `/proc/self/exe` names the running executable
+/// even if its file was replaced since.
+pub fn self_as_guard() -> Option<PathBuf> {
+    HOOKED
+        .load(Ordering::Relaxed)
+        .then(|| PathBuf::from("/proc/self/exe"))
 }
 
 fn guard(parent: Pid, argv: &[OsString]) -> ExitCode {

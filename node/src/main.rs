@@ -162,9 +162,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut config = NodeConfig::from(args);
-    // This executable, as the kernel knows it (still right if the file was
-    // replaced since the node started).
-    config.exec_guard = Some("/proc/self/exe".into());
+    config.exec_guard = weft_node::guard::self_as_guard();
     let grace = config.drain_grace;
     info!(coordinator = %config.coordinator, node_name = %config.name, slots = config.slots, "starting");
     let mut node = weft_node::start(config, HandlerRegistry::with_builtins());

@@ -7,8 +7,22 @@ use tracing_subscriber::EnvFilter;
 
 use weft_client::cli;
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
+    // `weft local` and `weft demo` run nodes in this process; their exec
+    // tasks start through this executable as a guard (see weft_node::guard).
+    if let Some(code) = weft_node::guard::run_if_guard() {
+        return code;
+    }
+    match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime.block_on(run()),
+        Err(err) => {
+            eprintln!("weft: cannot start the runtime: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> ExitCode {
     let args = cli::parse();
     // Logs are for diagnosing; results and errors the user needs are
     // printed by the commands. RUST_LOG=info shows the cluster's logs.
