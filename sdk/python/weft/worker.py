@@ -434,6 +434,10 @@ class Worker:
         while self._redeliver and next(iter(self._redeliver.values()))[0] + REDELIVER_WINDOW < now:
             self._redeliver.popitem(last=False)
         session.redeliver = [event for _, event in self._redeliver.values()]
+        # A redelivered result the last stream did not take is sent once.
+        self._out = collections.deque(
+            e for e in self._out if not (e.WhichOneof("body") == "finished" and (e.task_id, e.attempt) in self._redeliver)
+        )
         keys = {a.key for a in self._attempts.values() if not a.finished_sent}
         keys.update(
             (e.task_id, e.attempt)
