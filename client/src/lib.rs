@@ -47,8 +47,8 @@ use weft_proto::pb::task_service_client::TaskServiceClient;
 pub use error::Error;
 pub use types::{ClusterInfo, EventBody, Task, TaskEvent};
 pub use weft_proto::{
-    Attempt, CallSpec, ExecSpec, NodeId, NodeInfo, NodeState, OutputStream, TaskId, TaskKind,
-    TaskSpec, TaskState,
+    Attempt, CallSpec, ExecSpec, NodeId, NodeInfo, NodeState, Outcome, OutputStream, TaskId,
+    TaskKind, TaskSpec, TaskState,
 };
 
 /// How long [`Client::connect`] tries before an unreachable coordinator is an error.

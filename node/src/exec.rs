@@ -83,20 +83,26 @@ pub(crate) async fn run(
     let mut command = match guard {
         None => {
             let mut command = Command::new(program);
-            command.args(&spec.argv[1..]);
+            command.args(&spec.argv[1..]).envs(&spec.env);
             command
         }
         Some(guard) => {
-            if let Err(why) = find_program(program, spec) {
-                return ExecEnd::StartFailed(why);
-            }
+            let path = match find_program(program, spec) {
+                Ok(path) => path,
+                Err(why) => return ExecEnd::StartFailed(why),
+            };
+            // The task's environment is for the program, not the guard.
             let mut command = Command::new(guard);
-            command.args(crate::guard::guard_args(std::process::id(), &spec.argv));
+            command.args(crate::guard::guard_args(
+                std::process::id(),
+                &path,
+                &spec.env,
+                &spec.argv,
+            ));
             command
         }
     };
     command
-        .envs(&spec.env)
         .stdin(if spec.stdin.is_empty() {
             Stdio::null()
         } else {
@@ -111,7 +117,14 @@ pub(crate) async fn run(
     }
     let mut child = match command.spawn() {
         Ok(child) => child,
-        Err(err) => return ExecEnd::StartFailed(spawn_error(program, &err)),
+        Err(err) => {
+            return ExecEnd::StartFailed(match guard {
+                None => spawn_error(program, &err),
+                Some(guard) => format!(
+                    "cannot start {program:?}: its exec guard {guard:?} did not start: {err}"
+                ),
+            });
+        }
     };
     let Some(pid) = child.id() else {
         // Only possible if the child was already reaped, which nobody did.
@@ -119,16 +132,24 @@ pub(crate) async fn run(
     };
     on_spawn(pid);
     emit.started(pid).await;
-    supervise(&mut child, pid, spec, emit, cancel).await
+    let (end, pipes) = supervise(&mut child, pid, spec, emit, cancel).await;
+    match (guard, &end) {
+        (Some(_), ExecEnd::Exited(code)) if *code == i32::from(crate::guard::CANNOT_START) => pipes
+            .guard_start_failure()
+            .map_or(end, ExecEnd::StartFailed),
+        _ => end,
+    }
 }
 
+/// Runs the child to its end; answers how it ended and its pipes (with
+/// what they saw).
 async fn supervise(
     child: &mut Child,
     pgid: u32,
     spec: &ExecSpec,
     emit: &Emitter,
     cancel: &CancellationToken,
-) -> ExecEnd {
+) -> (ExecEnd, Pipes) {
     let mut pipes = Pipes::new(child);
     let stdin_bytes = spec.stdin.clone();
     let mut stdin = child.stdin.take();
@@ -151,7 +172,7 @@ async fn supervise(
                 kill_group(pgid);
                 reap(child).await;
                 pipes.drain(emit, cancel).await;
-                return ExecEnd::Stopped;
+                return (ExecEnd::Stopped, pipes);
             }
             status = child.wait() => break status,
             () = &mut write_stdin, if !stdin_done => stdin_done = true,
@@ -161,13 +182,14 @@ async fn supervise(
     // The leader is gone; whatever it left in its group goes with it.
     kill_group(pgid);
     pipes.drain(emit, cancel).await;
-    match status {
+    let end = match status {
         Ok(status) => end_of(status),
         Err(err) => {
             warn!(error = %err, "waiting for the child failed");
             ExecEnd::Signaled(Signal::SIGKILL as i32)
         }
-    }
+    };
+    (end, pipes)
 }
 
 fn end_of(status: ExitStatus) -> ExecEnd {
@@ -213,7 +235,7 @@ fn find_program(program: &str, spec: &ExecSpec) -> Result<PathBuf, String> {
             .get("PATH")
             .map(std::ffi::OsString::from)
             .or_else(|| std::env::var_os("PATH"))
-            .unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
+            .unwrap_or_else(|| "/bin:/usr/bin".into()); // glibc's default
         std::env::split_paths(&path)
             .map(|dir| within_cwd(dir.join(program)))
             .collect()
@@ -239,6 +261,10 @@ fn find_program(program: &str, spec: &ExecSpec) -> Result<PathBuf, String> {
 
 fn spawn_error(program: &str, err: &io::Error) -> String {
     match err.kind() {
+        // A script whose `#!` interpreter is missing exists itself.
+        io::ErrorKind::NotFound if Path::new(program).exists() => {
+            format!("cannot start {program:?}: {err}")
+        }
         io::ErrorKind::NotFound => format!("program {program:?} not found"),
         io::ErrorKind::PermissionDenied => format!("program {program:?}: permission denied"),
         _ => format!("cannot start {program:?}: {err}"),
@@ -252,7 +278,15 @@ struct Pipes {
     stderr: Option<tokio::process::ChildStderr>,
     buf_out: BytesMut,
     buf_err: BytesMut,
+    /// Bytes seen on stdout.
+    stdout_seen: usize,
+    /// The first [`STDERR_HEAD`] bytes seen on stderr, and how many in all.
+    stderr_head: Vec<u8>,
+    stderr_seen: usize,
 }
+
+/// Stderr bytes kept to recognise a guard's start-failure line.
+const STDERR_HEAD: usize = 4096;
 
 impl Pipes {
     fn new(child: &mut Child) -> Self {
@@ -261,7 +295,25 @@ impl Pipes {
             stderr: child.stderr.take(),
             buf_out: BytesMut::with_capacity(READ_CHUNK),
             buf_err: BytesMut::with_capacity(READ_CHUNK),
+            stdout_seen: 0,
+            stderr_head: Vec::new(),
+            stderr_seen: 0,
         }
+    }
+
+    /// If all the child wrote is one stderr line from the exec guard saying
+    /// the program could not be started, that line (without the
+    /// `weft-node: ` prefix).
+    fn guard_start_failure(&self) -> Option<String> {
+        if self.stdout_seen != 0 || self.stderr_seen != self.stderr_head.len() {
+            return None;
+        }
+        let text = std::str::from_utf8(&self.stderr_head).ok()?;
+        let line = text.strip_suffix('\n')?;
+        if line.contains('\n') || !line.starts_with(crate::guard::START_FAILED_PREFIX) {
+            return None;
+        }
+        Some(line.trim_start_matches("weft-node: ").to_owned())
     }
 
     fn open(&self) -> bool {
@@ -291,6 +343,15 @@ impl Pipes {
     ) {
         match data {
             Some(data) => {
+                match stream {
+                    OutputStream::Stdout => self.stdout_seen += data.len(),
+                    OutputStream::Stderr => {
+                        let room = STDERR_HEAD.saturating_sub(self.stderr_head.len());
+                        self.stderr_head
+                            .extend_from_slice(&data[..room.min(data.len())]);
+                        self.stderr_seen += data.len();
+                    }
+                }
                 // Cancellation must not wait on a full event channel.
                 tokio::select! {
                     _ = emit.output(stream, data) => {}

@@ -13,17 +13,36 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
 use common::process_is_gone;
-use weft_node::guard::guard_args;
+use weft_node::guard::{START_FAILED_PREFIX, guard_args};
 
 mod common;
 
 const WEFT_NODE: &str = env!("CARGO_BIN_EXE_weft-node");
 
-/// Runs `argv` under a guard whose parent is this test process.
-fn guarded(argv: &[&str], stdin: &[u8]) -> Output {
+/// The guard's arguments for `argv` (program looked up in PATH) with
+/// `env` added, parent this test process.
+fn args(argv: &[&str], env: &[(&str, &str)]) -> Vec<std::ffi::OsString> {
     let argv: Vec<String> = argv.iter().map(|a| (*a).to_owned()).collect();
+    let path = std::env::split_paths(&std::env::var_os("PATH").unwrap())
+        .map(|dir| dir.join(&argv[0]))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| argv[0].clone().into());
+    let env: Vec<(String, String)> = env
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    guard_args(
+        std::process::id(),
+        &path,
+        env.iter().map(|(k, v)| (k, v)),
+        &argv,
+    )
+}
+
+/// Runs `argv` under a guard and waits for it.
+fn guarded(argv: &[&str], env: &[(&str, &str)], stdin: &[u8]) -> Output {
     let mut child = Command::new(WEFT_NODE)
-        .args(guard_args(std::process::id(), &argv))
+        .args(args(argv, env))
         .process_group(0)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -48,26 +67,49 @@ fn assert_gone_soon(pid: u32, what: &str) {
 }
 
 #[test]
-fn stdio_and_the_exit_code_pass_through() {
-    let out = guarded(&["sh", "-c", "cat; echo err >&2; exit 7"], b"fed in");
+fn stdio_environment_and_the_exit_code_pass_through() {
+    let script = "cat; echo \"$WEFT_GUARD_TEST\"; echo err >&2; exit 7";
+    let out = guarded(
+        &["sh", "-c", script],
+        &[("WEFT_GUARD_TEST", "from the task")],
+        b"fed in ",
+    );
     assert_eq!(out.status.code(), Some(7), "{out:?}");
-    assert_eq!(out.stdout, b"fed in");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "fed in from the task\n"
+    );
     assert_eq!(out.stderr, b"err\n");
 }
 
 #[test]
+fn the_tasks_environment_is_not_the_guards() {
+    // A preload that cannot load would make the loader complain in every
+    // process it applies to: only the program's stderr may show it.
+    let out = guarded(
+        &["sh", "-c", "exit 0"],
+        &[("LD_PRELOAD", "/nonexistent/weft-preload.so")],
+        b"",
+    );
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.matches("weft-preload.so").count() <= 1, "{stderr}");
+}
+
+#[test]
 fn a_program_killed_by_a_signal_kills_its_guard_with_the_same_signal() {
-    // SIGTERM is one the guard waits for itself: it must still die of it.
-    for signal in [Signal::SIGTERM, Signal::SIGSEGV] {
+    // SIGTERM is blocked in the guard, SIGSEGV caught by the Rust runtime,
+    // SIGPIPE ignored by it: each must still come through.
+    for signal in [Signal::SIGTERM, Signal::SIGSEGV, Signal::SIGPIPE] {
         let script = format!("kill -{} $$", signal.as_str().trim_start_matches("SIG"));
-        let out = guarded(&["sh", "-c", &script], b"");
+        let out = guarded(&["sh", "-c", &script], &[], b"");
         assert_eq!(out.status.signal(), Some(signal as i32), "{out:?}");
     }
 }
 
 #[test]
 fn the_program_starts_with_no_blocked_signals() {
-    let out = guarded(&["sh", "-c", "grep SigBlk /proc/self/status"], b"");
+    let out = guarded(&["sh", "-c", "grep SigBlk /proc/self/status"], &[], b"");
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
         "SigBlk:\t0000000000000000"
@@ -75,26 +117,32 @@ fn the_program_starts_with_no_blocked_signals() {
 }
 
 #[test]
-fn a_missing_program_exits_127_with_the_reason() {
-    let out = guarded(&["/weft/no/such/program"], b"");
-    assert_eq!(out.status.code(), Some(127), "{out:?}");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("cannot start \"/weft/no/such/program\""),
-        "{stderr}"
-    );
+fn a_program_that_cannot_be_started_exits_127_with_one_line_saying_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let not_a_program = dir.path().join("not-a-program");
+    std::fs::write(&not_a_program, [0x7f, b'E', b'L', b'F', 0, 0, 0, 0]).unwrap();
+    std::fs::set_permissions(
+        &not_a_program,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    for program in [
+        "/weft/no/such/program",
+        &not_a_program.display().to_string(),
+    ] {
+        let out = guarded(&[program], &[], b"");
+        assert_eq!(out.status.code(), Some(127), "{out:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.starts_with(START_FAILED_PREFIX), "{stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    }
 }
 
-#[test]
-fn sigterm_sent_to_the_guard_reaches_the_program() {
-    let argv = [
-        "sh",
-        "-c",
-        "trap 'echo got TERM; exit 3' TERM; echo ready; while :; do sleep 0.05; done",
-    ]
-    .map(str::to_owned);
+/// Starts `sh -c SCRIPT` under a guard; answers the child and a reader of
+/// its stdout after the script printed `ready`.
+fn started(script: &str) -> (std::process::Child, BufReader<std::process::ChildStdout>) {
     let mut child = Command::new(WEFT_NODE)
-        .args(guard_args(std::process::id(), &argv))
+        .args(args(&["sh", "-c", script], &[]))
         .process_group(0)
         .stdout(Stdio::piped())
         .spawn()
@@ -105,14 +153,82 @@ fn sigterm_sent_to_the_guard_reaches_the_program() {
         .read_line(&mut line)
         .expect("reading the program's output");
     assert_eq!(line, "ready\n");
-    let guard = Pid::from_raw(i32::try_from(child.id()).unwrap());
-    kill(guard, Signal::SIGTERM).expect("signalling the guard");
+    (child, stdout)
+}
+
+#[test]
+fn a_signal_to_the_process_group_reaches_the_program_once() {
+    let script = "n=0; trap 'n=$((n+1)); echo INT $n' INT; trap 'exit 3' TERM; \
+                  echo ready; while :; do sleep 0.05; done";
+    let (mut child, mut stdout) = started(script);
+    let group = Pid::from_raw(-i32::try_from(child.id()).unwrap());
+    kill(group, Signal::SIGINT).expect("signalling the group");
+    let mut line = String::new();
+    stdout
+        .read_line(&mut line)
+        .expect("reading the program's output");
+    assert_eq!(line, "INT 1\n");
+    kill(group, Signal::SIGTERM).expect("signalling the group");
+    assert_eq!(child.wait().unwrap().code(), Some(3), "no second INT first");
+    line.clear();
+    stdout.read_line(&mut line).expect("reading to the end");
+    assert_eq!(line, "", "nothing after the first INT");
+}
+
+/// The signals pending for `pid` as a whole process (`ShdPnd`).
+fn pending_signals(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("ShdPnd:")).unwrap();
+    u64::from_str_radix(line["ShdPnd:".len()..].trim(), 16).unwrap()
+}
+
+#[test]
+fn a_signal_to_the_guard_alone_does_not_stop_the_task() {
+    let mut child = Command::new(WEFT_NODE)
+        .args(args(
+            &["sh", "-c", "echo ready; read line; echo \"got $line\""],
+            &[],
+        ))
+        .process_group(0)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("starting weft-node as a guard");
+    let pid = child.id();
+    let guard = Pid::from_raw(i32::try_from(pid).unwrap());
+    // The program runs, so the guard has blocked its signals.
+    let mut stdout = BufReader::new(child.stdout.take().expect("stdout is piped"));
+    let mut line = String::new();
+    stdout
+        .read_line(&mut line)
+        .expect("reading the program's output");
+    assert_eq!(line, "ready\n");
+    for signal in [
+        Signal::SIGTERM,
+        Signal::SIGHUP,
+        Signal::SIGUSR1,
+        Signal::SIGALRM,
+    ] {
+        kill(guard, signal).expect("signalling the guard");
+    }
+    // The guard has taken them all (none pending) and is still there.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pending_signals(pid) != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the guard never took its signals"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mut stdin = child.stdin.take().expect("stdin is piped");
+    stdin.write_all(b"on\n").expect("the program still reads");
+    drop(stdin);
     line.clear();
     stdout
         .read_line(&mut line)
         .expect("reading the program's output");
-    assert_eq!(line, "got TERM\n");
-    assert_eq!(child.wait().unwrap().code(), Some(3));
+    assert_eq!(line, "got on\n");
+    assert_eq!(child.wait().unwrap().code(), Some(0));
 }
 
 #[test]
@@ -120,7 +236,7 @@ fn when_its_parent_is_killed_the_guard_kills_the_program_and_its_children() {
     // The parent: a shell that starts the guard and waits. The program
     // prints its own pid and a background child's.
     let script = format!(
-        "{WEFT_NODE} __weft-exec-guard $$ -- sh -c 'sleep 300 & echo $$ $!; wait' & echo $!; wait"
+        "{WEFT_NODE} __weft-exec-guard $$ /bin/sh -- sh -c 'sleep 300 & echo $$ $!; wait' & echo $!; wait"
     );
     let mut parent = Command::new("sh")
         .args(["-c", &script])

@@ -275,8 +275,11 @@ impl Printer {
         if self.format == OutputFormat::Json {
             return; // the `finished` event line carried the task
         }
-        if self.print_result && !task.output.is_empty() && !self.repeats_stream(task) {
-            write_stdout(&task.output);
+        if self.print_result && !task.output.is_empty() {
+            // Printed already if it only repeats what was streamed.
+            if !self.repeats_stream(task) {
+                write_stdout(&task.output);
+            }
             if std::io::stdout().is_terminal() && !task.output.ends_with(b"\n") {
                 write_stdout(b"\n");
             }

@@ -125,9 +125,11 @@ impl Scheduler {
 
     /// Requeues an attempt recorded as assigned to a node that, back after
     /// a coordinator restart, says it does not have it: the `Assign` was
-    /// lost with the old process before it reached the node. It never ran,
-    /// so it costs the task nothing (no node loss, no failure); it still
-    /// gets a new attempt number, so nothing of the old one is accepted.
+    /// lost with the old process before it reached the node (a node lists
+    /// every attempt it runs, holds queued, or finished within its
+    /// redelivery window). It is charged nothing (no node loss, no
+    /// failure); it still gets a new attempt number, so nothing of the old
+    /// one is accepted.
     fn requeue_undelivered(
         &mut self,
         id: TaskId,

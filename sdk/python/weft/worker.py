@@ -70,8 +70,9 @@ CANCEL_REPORT_WITHIN = 0.75
 #: How long a sent Finished is kept to be sent again after a reconnect (the
 #: coordinator may have crashed before recording it).
 REDELIVER_WINDOW = 60.0
-#: Most sent Finished events kept for redelivery.
+#: Most sent Finished events kept for redelivery, and most payload bytes.
 REDELIVER_MAX = 10_000
+REDELIVER_MAX_BYTES = 64 * 1024 * 1024
 
 
 class HandlerError(Exception):
@@ -196,6 +197,10 @@ class _Session:
         self.redeliver: List[node_pb2.NodeTaskEvent] = []  # listed in Register, sent after Registered
 
 
+def _payload_bytes(event: node_pb2.NodeTaskEvent) -> int:
+    return len(event.finished.output) + len(event.finished.error)
+
+
 def _handler_wants_context(fn: Callable) -> bool:
     try:
         params = list(inspect.signature(fn).parameters.values())
@@ -261,10 +266,11 @@ class Worker:
         self._attempts: Dict[Tuple[str, int], _Attempt] = {}
         self._used = 0
         self._out: Deque[Any] = collections.deque()
-        # Sent Finished events within the redelivery window: key -> (sent at, event).
+        # Sent Finished events within the redelivery window: key -> (sent at, event), oldest first.
         self._redeliver: "collections.OrderedDict[Tuple[str, int], Tuple[float, node_pb2.NodeTaskEvent]]" = (
             collections.OrderedDict()
         )
+        self._redeliver_bytes = 0
         self._out_ready: Optional[asyncio.Event] = None
         self._session: Optional[_Session] = None
         self._node_id = ""
@@ -430,9 +436,7 @@ class Worker:
         # Finished is not sent yet, and sent ones within the redelivery
         # window (a restarted coordinator may not have recorded them; they
         # are sent again right after Registered, before any credits).
-        now = time.monotonic()
-        while self._redeliver and next(iter(self._redeliver.values()))[0] + REDELIVER_WINDOW < now:
-            self._redeliver.popitem(last=False)
+        self._prune_redelivery(time.monotonic())
         session.redeliver = [event for _, event in self._redeliver.values()]
         # A redelivered result the last stream did not take is sent once.
         self._out = collections.deque(
@@ -545,8 +549,8 @@ class Worker:
                             attempt.finished_sent = True
                         if key not in self._redeliver:
                             self._redeliver[key] = (now, event)
-                            if len(self._redeliver) > REDELIVER_MAX:
-                                self._redeliver.popitem(last=False)
+                            self._redeliver_bytes += _payload_bytes(event)
+                self._prune_redelivery(now)
                 yield node_pb2.NodeMessage(events=node_pb2.TaskEvents(events=batch))
             else:
                 yield item
@@ -592,7 +596,9 @@ class Worker:
                 self._assign(assignment)
         elif body == "cancel":
             # Stale at the coordinator: its result is not sent again.
-            self._redeliver.pop((message.cancel.task_id, message.cancel.attempt), None)
+            forgotten = self._redeliver.pop((message.cancel.task_id, message.cancel.attempt), None)
+            if forgotten is not None:
+                self._redeliver_bytes -= _payload_bytes(forgotten[1])
             attempt = self._attempts.get((message.cancel.task_id, message.cancel.attempt))
             if attempt is None:
                 log.debug("cancel for unknown attempt %s#%s ignored", message.cancel.task_id, message.cancel.attempt)
@@ -605,6 +611,19 @@ class Worker:
             pass
         else:
             log.warning("unknown coordinator message %r ignored", body)
+
+    def _prune_redelivery(self, now: float) -> None:
+        """Drops results past the redelivery window or beyond its bounds, oldest first."""
+        while self._redeliver:
+            sent_at, event = next(iter(self._redeliver.values()))
+            if (
+                sent_at + REDELIVER_WINDOW >= now
+                and len(self._redeliver) <= REDELIVER_MAX
+                and self._redeliver_bytes <= REDELIVER_MAX_BYTES
+            ):
+                return
+            self._redeliver.popitem(last=False)
+            self._redeliver_bytes -= _payload_bytes(event)
 
     # -- outgoing -----------------------------------------------------------
 

@@ -2,7 +2,7 @@
 
 use futures::StreamExt;
 
-use weft_client::{Attempt, EventBody, OutputStream, TaskSpec, TaskState};
+use weft_client::{Attempt, EventBody, Outcome, OutputStream, TaskSpec, TaskState};
 use weft_tests::TestCluster;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -110,5 +110,38 @@ async fn a_missing_binary_fails_to_start_without_retries() {
         "start failures are not retried: {done:?}"
     );
     assert!(!done.error.is_empty(), "{done:?}");
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn programs_the_kernel_cannot_execute_fail_to_start_without_retries() {
+    let cluster = TestCluster::builder().nodes(1).start().await;
+    let client = cluster.client().await;
+    // A script whose interpreter is missing, and a file that is not a
+    // program at all: both exist and are executable, and exec refuses them.
+    let dir = cluster.dir();
+    let no_interpreter = dir.join("no-interpreter.sh");
+    std::fs::write(
+        &no_interpreter,
+        "#!/nonexistent/weft-interpreter\necho hi\n",
+    )
+    .unwrap();
+    let not_a_program = dir.join("not-a-program");
+    std::fs::write(&not_a_program, [0x7f, b'E', b'L', b'F', 0, 0, 0, 0]).unwrap();
+    for path in [&no_interpreter, &not_a_program] {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    for path in [no_interpreter, not_a_program] {
+        let spec = TaskSpec::exec([path.display().to_string()]).max_attempts(3);
+        let id = client.submit(spec).await.expect("submit");
+        let done = cluster.wait_for_final(id).await;
+        assert_eq!(
+            (done.state, done.attempt, done.last_outcome),
+            (TaskState::Failed, Attempt(1), Some(Outcome::StartFailed)),
+            "{done:?}"
+        );
+        assert!(done.error.contains("cannot start"), "{done:?}");
+    }
     cluster.shutdown().await;
 }
