@@ -87,8 +87,9 @@ pub(crate) async fn run(
             command
         }
         Some(guard) => {
+            // Absolute: the guard runs in the task's directory, not ours.
             let path = match find_program(program, spec) {
-                Ok(path) => path,
+                Ok(path) => std::path::absolute(&path).unwrap_or(path),
                 Err(why) => return ExecEnd::StartFailed(why),
             };
             // The task's environment is for the program, not the guard.
