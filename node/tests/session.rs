@@ -247,6 +247,18 @@ fn start(url: &str, slots: u32) -> RunningNode {
     weft_node::start(config(url, slots), HandlerRegistry::with_builtins())
 }
 
+/// A node with `slots` slots, registered with a fresh fake coordinator
+/// (heartbeats every second, 5 s timeout), its first grant taken. Keep the
+/// connection receiver alive: dropping it stops taking reconnects.
+async fn registered(slots: u32) -> (mpsc::UnboundedReceiver<Conn>, RunningNode, Conn) {
+    let (url, mut conns) = fake_coordinator().await;
+    let node = start(&url, slots);
+    let mut conn = next_conn(&mut conns).await;
+    conn.accept(SECOND, 5 * SECOND).await;
+    conn.credits().await;
+    (conns, node, conn)
+}
+
 fn outcome(done: &pb::Finished) -> Outcome {
     Outcome::try_from(done.outcome).unwrap()
 }
@@ -312,11 +324,7 @@ async fn finished_attempt_grants_its_slots_back_after_the_finished_event() {
 
 #[tokio::test]
 async fn events_travel_in_batches() {
-    let (url, mut conns) = fake_coordinator().await;
-    let node = start(&url, 64);
-    let mut conn = next_conn(&mut conns).await;
-    conn.accept(SECOND, 5 * SECOND).await;
-    conn.credits().await;
+    let (_conns, node, mut conn) = registered(64).await;
     let ids = conn.assign(vec![TaskSpec::call("noop", "x"); 64]).await;
     let (mut finished, mut messages, mut largest) = (0, 0, 0);
     while finished < ids.len() {
@@ -345,11 +353,7 @@ async fn events_travel_in_batches() {
 
 #[tokio::test]
 async fn coordinator_cancel_stops_exactly_one_attempt() {
-    let (url, mut conns) = fake_coordinator().await;
-    let node = start(&url, 2);
-    let mut conn = next_conn(&mut conns).await;
-    conn.accept(SECOND, 5 * SECOND).await;
-    conn.credits().await;
+    let (_conns, node, mut conn) = registered(2).await;
     let ids = conn
         .assign(vec![
             TaskSpec::call("sleep", "1h"),
@@ -376,11 +380,7 @@ async fn coordinator_cancel_stops_exactly_one_attempt() {
 
 #[tokio::test]
 async fn coordinator_drain_finishes_work_cancels_past_grace_and_closes() {
-    let (url, mut conns) = fake_coordinator().await;
-    let mut node = start(&url, 2);
-    let mut conn = next_conn(&mut conns).await;
-    conn.accept(SECOND, 5 * SECOND).await;
-    conn.credits().await;
+    let (_conns, mut node, mut conn) = registered(2).await;
     let ids = conn
         .assign(vec![
             TaskSpec::exec(["sh", "-c", "sleep 100 & echo $!; wait"]),
@@ -421,11 +421,7 @@ async fn coordinator_drain_finishes_work_cancels_past_grace_and_closes() {
 
 #[tokio::test]
 async fn drain_from_the_handle_lets_running_attempts_finish() {
-    let (url, mut conns) = fake_coordinator().await;
-    let node = start(&url, 1);
-    let mut conn = next_conn(&mut conns).await;
-    conn.accept(SECOND, 5 * SECOND).await;
-    conn.credits().await;
+    let (_conns, node, mut conn) = registered(1).await;
     let ids = conn.assign(vec![TaskSpec::call("sleep", "200ms")]).await;
     assert!(
         matches!(conn.next().await, Some(Outbound::Events(_))),
@@ -507,11 +503,7 @@ async fn silent_coordinator_is_dropped_and_the_node_reconnects_with_heartbeats_m
 
 #[tokio::test]
 async fn kill_reports_nothing_and_leaves_no_process() {
-    let (url, mut conns) = fake_coordinator().await;
-    let node = start(&url, 1);
-    let mut conn = next_conn(&mut conns).await;
-    conn.accept(SECOND, 5 * SECOND).await;
-    conn.credits().await;
+    let (_conns, node, mut conn) = registered(1).await;
     conn.assign(vec![TaskSpec::exec([
         "sh",
         "-c",
