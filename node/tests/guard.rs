@@ -138,12 +138,14 @@ fn a_program_that_cannot_be_started_exits_127_with_one_line_saying_why() {
     }
 }
 
-/// Starts `sh -c SCRIPT` under a guard; answers the child and a reader of
-/// its stdout after the script printed `ready`.
+/// Starts `sh -c SCRIPT` under a guard (stdin and stdout piped); answers
+/// the child and a reader of its stdout once the script printed `ready`
+/// (so the guard has blocked its signals).
 fn started(script: &str) -> (std::process::Child, BufReader<std::process::ChildStdout>) {
     let mut child = Command::new(WEFT_NODE)
         .args(args(&["sh", "-c", script], &[]))
         .process_group(0)
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
         .expect("starting weft-node as a guard");
@@ -184,25 +186,9 @@ fn pending_signals(pid: u32) -> u64 {
 
 #[test]
 fn a_signal_to_the_guard_alone_does_not_stop_the_task() {
-    let mut child = Command::new(WEFT_NODE)
-        .args(args(
-            &["sh", "-c", "echo ready; read line; echo \"got $line\""],
-            &[],
-        ))
-        .process_group(0)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("starting weft-node as a guard");
+    let (mut child, mut stdout) = started("echo ready; read line; echo \"got $line\"");
     let pid = child.id();
     let guard = Pid::from_raw(i32::try_from(pid).unwrap());
-    // The program runs, so the guard has blocked its signals.
-    let mut stdout = BufReader::new(child.stdout.take().expect("stdout is piped"));
-    let mut line = String::new();
-    stdout
-        .read_line(&mut line)
-        .expect("reading the program's output");
-    assert_eq!(line, "ready\n");
     for signal in [
         Signal::SIGTERM,
         Signal::SIGHUP,
@@ -223,7 +209,7 @@ fn a_signal_to_the_guard_alone_does_not_stop_the_task() {
     let mut stdin = child.stdin.take().expect("stdin is piped");
     stdin.write_all(b"on\n").expect("the program still reads");
     drop(stdin);
-    line.clear();
+    let mut line = String::new();
     stdout
         .read_line(&mut line)
         .expect("reading the program's output");
