@@ -49,13 +49,13 @@ pub struct NodeConfig {
     /// reconnect, in case the coordinator crashed before recording it
     /// (default 60 s; zero keeps none).
     pub redeliver_window: Duration,
-    /// The program exec tasks are started through: `weft-node` itself,
-    /// which runs as an exec guard when its first argument is
-    /// [`GUARD_ARG`](crate::guard::GUARD_ARG), so tasks die with a node
-    /// that is killed outright (see [`guard`](crate::guard)). `None` (the
-    /// default for an embedded node, whose executable is not `weft-node`):
-    /// tasks are started directly and survive such a kill.
-    pub exec_guard: Option<PathBuf>,
+    /// The program started beside the node as its reaper (`weft-node`
+    /// itself, which runs as one when its first argument is
+    /// [`REAPER_ARG`](crate::reaper::REAPER_ARG)): it kills the node's exec
+    /// tasks if the node is killed outright (see [`reaper`](crate::reaper)).
+    /// `None` (the default for an embedded node, whose executable is not
+    /// `weft-node`): no reaper, and such a kill leaves exec tasks running.
+    pub reaper: Option<PathBuf>,
 }
 
 impl NodeConfig {
@@ -78,7 +78,7 @@ impl NodeConfig {
             blocking_threads: cpus,
             lease: None,
             redeliver_window: Duration::from_secs(60),
-            exec_guard: None,
+            reaper: None,
         }
     }
 }

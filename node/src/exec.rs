@@ -5,17 +5,13 @@
 //! stdout and stderr are read concurrently by one loop that numbers chunks
 //! with one counter and streams them live. Whatever ends the attempt (exit,
 //! cancel, timeout, drain, kill), the group is killed and the child reaped:
-//! no orphans, no zombies. With an exec guard (`weft-node` sets one; see
-//! `guard.rs`) the group's leader is the guard and the program its child,
-//! so the group also dies when the node itself is killed outright; the
-//! program is then looked up here first, so a missing one is still a clear
-//! start failure. This module reports output and `Started` only; the
-//! executor turns an [`ExecEnd`] into the attempt's `Finished`.
+//! no orphans, no zombies; and if the node itself is killed outright, its
+//! reaper (`reaper.rs`) kills the groups it was told about. This module
+//! reports output and `Started` only; the executor turns an [`ExecEnd`]
+//! into the attempt's `Finished`.
 
 use std::io;
-use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::ExitStatusExt;
-use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
@@ -53,13 +49,11 @@ pub(crate) enum ExecEnd {
     Stopped,
 }
 
-/// Runs `spec` to its end, through the exec `guard` program when given.
-/// `on_spawn` gets the child's process group id (= its pid) as soon as it
-/// exists, so a crash-style kill can SIGKILL the group without waiting for
-/// this future.
+/// Runs `spec` to its end. `on_spawn` gets the child's process group id
+/// (= its pid) as soon as it exists, so a crash-style kill can SIGKILL the
+/// group without waiting for this future.
 pub(crate) async fn run(
     spec: &ExecSpec,
-    guard: Option<&Path>,
     emit: &Emitter,
     cancel: &CancellationToken,
     on_spawn: impl FnOnce(u32),
@@ -80,30 +74,10 @@ pub(crate) async fn run(
             }
         }
     }
-    let mut command = match guard {
-        None => {
-            let mut command = Command::new(program);
-            command.args(&spec.argv[1..]).envs(&spec.env);
-            command
-        }
-        Some(guard) => {
-            // Absolute: the guard runs in the task's directory, not ours.
-            let path = match find_program(program, spec) {
-                Ok(path) => std::path::absolute(&path).unwrap_or(path),
-                Err(why) => return ExecEnd::StartFailed(why),
-            };
-            // The task's environment is for the program, not the guard.
-            let mut command = Command::new(guard);
-            command.args(crate::guard::guard_args(
-                std::process::id(),
-                &path,
-                &spec.env,
-                &spec.argv,
-            ));
-            command
-        }
-    };
+    let mut command = Command::new(program);
     command
+        .args(&spec.argv[1..])
+        .envs(&spec.env)
         .stdin(if spec.stdin.is_empty() {
             Stdio::null()
         } else {
@@ -118,14 +92,7 @@ pub(crate) async fn run(
     }
     let mut child = match command.spawn() {
         Ok(child) => child,
-        Err(err) => {
-            return ExecEnd::StartFailed(match guard {
-                None => spawn_error(program, &err),
-                Some(guard) => format!(
-                    "cannot start {program:?}: its exec guard {guard:?} did not start: {err}"
-                ),
-            });
-        }
+        Err(err) => return ExecEnd::StartFailed(spawn_error(program, &err)),
     };
     let Some(pid) = child.id() else {
         // Only possible if the child was already reaped, which nobody did.
@@ -133,24 +100,16 @@ pub(crate) async fn run(
     };
     on_spawn(pid);
     emit.started(pid).await;
-    let (end, pipes) = supervise(&mut child, pid, spec, emit, cancel).await;
-    match (guard, &end) {
-        (Some(_), ExecEnd::Exited(code)) if *code == i32::from(crate::guard::CANNOT_START) => pipes
-            .guard_start_failure()
-            .map_or(end, ExecEnd::StartFailed),
-        _ => end,
-    }
+    supervise(&mut child, pid, spec, emit, cancel).await
 }
 
-/// Runs the child to its end; answers how it ended and its pipes (with
-/// what they saw).
 async fn supervise(
     child: &mut Child,
     pgid: u32,
     spec: &ExecSpec,
     emit: &Emitter,
     cancel: &CancellationToken,
-) -> (ExecEnd, Pipes) {
+) -> ExecEnd {
     let mut pipes = Pipes::new(child);
     let stdin_bytes = spec.stdin.clone();
     let mut stdin = child.stdin.take();
@@ -173,7 +132,7 @@ async fn supervise(
                 kill_group(pgid);
                 reap(child).await;
                 pipes.drain(emit, cancel).await;
-                return (ExecEnd::Stopped, pipes);
+                return ExecEnd::Stopped;
             }
             status = child.wait() => break status,
             () = &mut write_stdin, if !stdin_done => stdin_done = true,
@@ -183,14 +142,13 @@ async fn supervise(
     // The leader is gone; whatever it left in its group goes with it.
     kill_group(pgid);
     pipes.drain(emit, cancel).await;
-    let end = match status {
+    match status {
         Ok(status) => end_of(status),
         Err(err) => {
             warn!(error = %err, "waiting for the child failed");
             ExecEnd::Signaled(Signal::SIGKILL as i32)
         }
-    };
-    (end, pipes)
+    }
 }
 
 fn end_of(status: ExitStatus) -> ExecEnd {
@@ -219,51 +177,10 @@ async fn reap(child: &mut Child) {
     }
 }
 
-/// Looks `program` up the way `execvp` will (in the task's `PATH` and
-/// working directory), so a guard is only started for a program that
-/// exists and may be executed. Errs with the same texts as a failed spawn.
-fn find_program(program: &str, spec: &ExecSpec) -> Result<PathBuf, String> {
-    let cwd = spec.cwd.as_deref().map(Path::new);
-    let within_cwd = |path: PathBuf| match cwd {
-        Some(cwd) if path.is_relative() => cwd.join(path),
-        _ => path,
-    };
-    let candidates: Vec<PathBuf> = if program.contains('/') {
-        vec![within_cwd(PathBuf::from(program))]
-    } else {
-        let path = spec
-            .env
-            .get("PATH")
-            .map(std::ffi::OsString::from)
-            .or_else(|| std::env::var_os("PATH"))
-            .unwrap_or_else(|| "/bin:/usr/bin".into()); // glibc's default
-        std::env::split_paths(&path)
-            .map(|dir| within_cwd(dir.join(program)))
-            .collect()
-    };
-    let mut denied = false;
-    for candidate in candidates {
-        match std::fs::metadata(&candidate) {
-            Ok(meta) if meta.is_file() && meta.permissions().mode() & 0o111 != 0 => {
-                return Ok(candidate);
-            }
-            Ok(_) => denied = true,
-            Err(err) if err.kind() == io::ErrorKind::PermissionDenied => denied = true,
-            Err(_) => {}
-        }
-    }
-    let kind = if denied {
-        io::ErrorKind::PermissionDenied
-    } else {
-        io::ErrorKind::NotFound
-    };
-    Err(spawn_error(program, &io::Error::from(kind)))
-}
-
 fn spawn_error(program: &str, err: &io::Error) -> String {
     match err.kind() {
         // A script whose `#!` interpreter is missing exists itself.
-        io::ErrorKind::NotFound if Path::new(program).exists() => {
+        io::ErrorKind::NotFound if std::path::Path::new(program).exists() => {
             format!("cannot start {program:?}: {err}")
         }
         io::ErrorKind::NotFound => format!("program {program:?} not found"),
@@ -279,15 +196,7 @@ struct Pipes {
     stderr: Option<tokio::process::ChildStderr>,
     buf_out: BytesMut,
     buf_err: BytesMut,
-    /// Bytes seen on stdout.
-    stdout_seen: usize,
-    /// The first [`STDERR_HEAD`] bytes seen on stderr, and how many in all.
-    stderr_head: Vec<u8>,
-    stderr_seen: usize,
 }
-
-/// Stderr bytes kept to recognise a guard's start-failure line.
-const STDERR_HEAD: usize = 4096;
 
 impl Pipes {
     fn new(child: &mut Child) -> Self {
@@ -296,25 +205,7 @@ impl Pipes {
             stderr: child.stderr.take(),
             buf_out: BytesMut::with_capacity(READ_CHUNK),
             buf_err: BytesMut::with_capacity(READ_CHUNK),
-            stdout_seen: 0,
-            stderr_head: Vec::new(),
-            stderr_seen: 0,
         }
-    }
-
-    /// If all the child wrote is one stderr line from the exec guard saying
-    /// the program could not be started, that line (without the
-    /// `weft-node: ` prefix).
-    fn guard_start_failure(&self) -> Option<String> {
-        if self.stdout_seen != 0 || self.stderr_seen != self.stderr_head.len() {
-            return None;
-        }
-        let text = std::str::from_utf8(&self.stderr_head).ok()?;
-        let line = text.strip_suffix('\n')?;
-        if line.contains('\n') || !line.starts_with(crate::guard::START_FAILED_PREFIX) {
-            return None;
-        }
-        Some(line.trim_start_matches("weft-node: ").to_owned())
     }
 
     fn open(&self) -> bool {
@@ -344,15 +235,6 @@ impl Pipes {
     ) {
         match data {
             Some(data) => {
-                match stream {
-                    OutputStream::Stdout => self.stdout_seen += data.len(),
-                    OutputStream::Stderr => {
-                        let room = STDERR_HEAD.saturating_sub(self.stderr_head.len());
-                        self.stderr_head
-                            .extend_from_slice(&data[..room.min(data.len())]);
-                        self.stderr_seen += data.len();
-                    }
-                }
                 // Cancellation must not wait on a full event channel.
                 tokio::select! {
                     _ = emit.output(stream, data) => {}
@@ -482,7 +364,7 @@ pub(crate) mod tests {
     async fn run_spec(spec: &ExecSpec) -> Run {
         let (tx, rx) = events::channel();
         let emit = Emitter::new(tx, TaskId::new(), Attempt::FIRST);
-        let end = run(spec, None, &emit, &CancellationToken::new(), |_| {}).await;
+        let end = run(spec, &emit, &CancellationToken::new(), |_| {}).await;
         drop(emit);
         Run {
             end,
@@ -575,7 +457,7 @@ pub(crate) mod tests {
         let emit = Emitter::new(tx, TaskId::new(), Attempt::FIRST);
         let task = tokio::spawn(async move {
             let s = spec(&["sh", "-c", "sleep 100 & echo $!; wait"]);
-            run(&s, None, &emit, &cancel, |_| {}).await
+            run(&s, &emit, &cancel, |_| {}).await
         });
         let grandchild = loop {
             let event = rx.recv().await.expect("child output");

@@ -27,7 +27,6 @@
 //! the coordinator already gave up on.
 
 use std::collections::{HashMap, VecDeque};
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
@@ -46,6 +45,7 @@ use crate::events::{Emitter, EventTx};
 use crate::exec::{self, ExecEnd};
 use crate::handlers::{HandlerError, HandlerRegistry, HandlerRequest};
 use crate::lease::{self, Lease};
+use crate::reaper::Reaper;
 
 /// How long the coordinator takes to refill a freed credit (the node's
 /// `Finished` and `Credits`, a commit, the next `Assign`), with margin: the
@@ -204,8 +204,8 @@ struct Inner {
     state: Mutex<State>,
     /// Number of attempts holding slots, for waiting until idle.
     running_count: watch::Sender<usize>,
-    /// Exec tasks start through this guard program (see `guard.rs`).
-    exec_guard: Option<PathBuf>,
+    /// Told about every exec task's process group (see `reaper.rs`).
+    reaper: Option<Reaper>,
 }
 
 /// Runs assignments. Cheap to clone (shared state).
@@ -243,17 +243,16 @@ impl Executor {
                     queued: VecDeque::new(),
                 }),
                 running_count: watch::Sender::new(0),
-                exec_guard: None,
+                reaper: None,
             }),
         }
     }
 
-    /// Starts exec tasks through `guard` (the node's own executable, which
-    /// runs as an exec guard; see `guard.rs`). Call before the executor is
-    /// shared.
-    pub(crate) fn with_exec_guard(mut self, guard: Option<PathBuf>) -> Self {
+    /// Tells `reaper` about every exec task's process group. Call before
+    /// the executor is shared.
+    pub(crate) fn with_reaper(mut self, reaper: Option<Reaper>) -> Self {
         if let Some(inner) = Arc::get_mut(&mut self.inner) {
-            inner.exec_guard = guard;
+            inner.reaper = reaper;
         }
         self
     }
@@ -547,11 +546,18 @@ impl Executor {
         let work = async {
             match &spec.kind {
                 TaskKind::Exec(exec_spec) => {
-                    let guard = self.inner.exec_guard.as_deref();
-                    let end = exec::run(exec_spec, guard, &emit, &control.token, |pgid| {
+                    let reaper = self.inner.reaper.as_ref();
+                    let end = exec::run(exec_spec, &emit, &control.token, |pgid| {
                         let _ = control.pgid.set(pgid);
+                        if let Some(reaper) = reaper {
+                            reaper.watch(pgid);
+                        }
                     })
                     .await;
+                    // The group is gone once `run` returns (killed, reaped).
+                    if let (Some(reaper), Some(pgid)) = (reaper, control.pgid.get()) {
+                        reaper.forget(*pgid);
+                    }
                     exec_finished(end, &control)
                 }
                 TaskKind::Call(call) => self.run_call(call, &emit, &control).await,

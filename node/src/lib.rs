@@ -14,8 +14,8 @@
 //! - `executor`: runs assignments: task tracker, per-attempt cancellation
 //!   tokens, slot accounting, timeouts.
 //! - `exec`: child processes in their own process group, streamed output.
-//! - [`guard`]: the exec guard process between the node and each exec task,
-//!   so tasks die with a node that is killed outright.
+//! - [`reaper`]: the process beside the node that kills its exec tasks if
+//!   the node is killed outright.
 //! - `events`: the one outgoing event channel and the per-attempt [`Emitter`].
 //! - `lease`: how long attempts may run without word from the coordinator.
 //! - `redeliver`: sent `Finished` events kept to send again after a
@@ -28,9 +28,9 @@ pub mod error;
 mod events;
 mod exec;
 mod executor;
-pub mod guard;
 pub mod handlers;
 mod lease;
+pub mod reaper;
 mod redeliver;
 mod session;
 
@@ -52,6 +52,7 @@ pub use crate::handlers::{HandlerError, HandlerRegistry, HandlerRequest, Handler
 
 use crate::executor::{Executor, StopReason};
 use crate::lease::Lease;
+use crate::reaper::Reaper;
 use crate::session::NodeCtx;
 
 /// After a drain's grace, how long the node may take to report and close
@@ -78,7 +79,7 @@ pub fn start(config: NodeConfig, mut handlers: HandlerRegistry) -> RunningNode {
         config.slots,
         config.prefetch,
     )
-    .with_exec_guard(config.exec_guard.clone());
+    .with_reaper(config.reaper.as_deref().and_then(Reaper::start));
     let name = config.name.clone();
     let ctx = Arc::new(NodeCtx::new(config, executor, lease, tasks.clone(), kill));
     let node_id = ctx.node_id.subscribe();

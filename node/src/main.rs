@@ -18,9 +18,8 @@ use weft_node::{HandlerRegistry, NodeConfig};
 /// Reconnects with backoff when the coordinator goes away; running tasks
 /// carry on for up to --lease, then are stopped (the coordinator will have
 /// given them to another node). Results sent just before a coordinator
-/// crash are sent again after reconnecting. Exec tasks run in their own
-/// process group under a small guard process (this executable), so they
-/// die with the node even when it is killed outright.
+/// crash are sent again after reconnecting. A small reaper process (this
+/// executable) kills the node's exec tasks if the node is killed outright.
 ///
 /// SIGTERM or SIGINT drains the node: it takes no new work, lets running
 /// tasks finish within --drain-grace, cancels and reports the rest, then
@@ -74,14 +73,6 @@ struct Args {
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     blocking_threads: Option<u64>,
 
-    /// Start exec tasks directly, without the guard process that kills a
-    /// task's processes when this node is killed outright (SIGKILL, the
-    /// OOM killer). Saves about a millisecond per exec task; a node killed
-    /// that way then leaves its tasks running while the coordinator gives
-    /// them to other nodes.
-    #[arg(long)]
-    no_exec_guard: bool,
-
     /// Log format on stderr (level from RUST_LOG, default info).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -114,10 +105,7 @@ impl From<Args> for NodeConfig {
         config.labels = args.labels.into_iter().collect::<BTreeMap<_, _>>();
         config.drain_grace = args.drain_grace;
         config.lease = args.lease;
-        // Only a binary whose main installed the guard hook can be one.
-        if !args.no_exec_guard {
-            config.exec_guard = weft_node::guard::self_as_guard();
-        }
+        config.reaper = weft_node::reaper::self_as_reaper();
         config
     }
 }
@@ -147,9 +135,8 @@ fn init_tracing(format: LogFormat) {
 }
 
 fn main() -> ExitCode {
-    // Exec tasks start through this same executable; that process must not
-    // start a runtime or threads.
-    if let Some(code) = weft_node::guard::run_if_guard() {
+    // The node's reaper is this same executable (see weft_node::reaper).
+    if let Some(code) = weft_node::reaper::run_if_reaper() {
         return code;
     }
     let args = Args::parse();
@@ -231,12 +218,10 @@ mod tests {
             "2s",
             "--prefetch",
             "7",
-            "--no-exec-guard",
         ])
         .unwrap();
-        assert!(args.no_exec_guard);
         let config = NodeConfig::from(args);
-        assert_eq!(config.exec_guard, None);
+        assert_eq!(config.reaper, None, "a test binary cannot be a reaper");
         assert_eq!(
             (
                 config.coordinator.as_str(),

@@ -8,9 +8,9 @@ use tracing_subscriber::EnvFilter;
 use weft_client::cli;
 
 fn main() -> ExitCode {
-    // `weft local` and `weft demo` run nodes in this process; their exec
-    // tasks start through this executable as a guard (see weft_node::guard).
-    if let Some(code) = weft_node::guard::run_if_guard() {
+    // `weft local` and `weft demo` run nodes in this process; their reaper
+    // is this executable (see weft_node::reaper).
+    if let Some(code) = weft_node::reaper::run_if_reaper() {
         return code;
     }
     match tokio::runtime::Runtime::new() {

@@ -47,7 +47,7 @@ impl LocalCluster {
                     config.slots = slots.max(1);
                 }
                 config.reconnect_min = Duration::from_millis(50);
-                config.exec_guard = weft_node::guard::self_as_guard();
+                config.reaper = weft_node::reaper::self_as_reaper();
                 weft_node::start(config, HandlerRegistry::with_builtins())
             })
             .collect();

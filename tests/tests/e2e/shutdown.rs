@@ -121,7 +121,7 @@ async fn killing_the_node_kills_the_tasks_processes(cluster: TestCluster) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sigkilled_node_process_takes_its_tasks_processes_with_it() {
-    // SIGKILL: no drain, no cleanup in weft-node; its exec guards see it die.
+    // SIGKILL: no drain, no cleanup in weft-node; its reaper sees it die.
     let cluster = TestCluster::builder().nodes(1).processes().start().await;
     killing_the_node_kills_the_tasks_processes(cluster).await;
 }
