@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -255,3 +256,17 @@ def _nodes_or_none(client):
         return client.nodes() or None
     except weft.Unavailable:
         return None
+
+
+def test_a_sigkilled_python_worker_takes_its_exec_tasks_processes_with_it(cluster, tmp_path):
+    worker = cluster.python_worker("py", slots=1)
+    cluster.wait_nodes("py")
+    pidfile = tmp_path / "grandchild.pid"
+    task_id = cluster.client.submit_exec(["sh", "-c", 'sleep 300 & echo $! > "$1"; wait', "sh", str(pidfile)])
+    pid = poll(lambda: pidfile.exists() and pidfile.read_text().strip().isdigit() and int(pidfile.read_text()),
+               timeout=20, what="the task's background child")
+    assert _alive(pid)
+    worker.signal(signal.SIGKILL)  # the worker alone: no drain, no cleanup of its own
+    assert worker.wait_exit(10) is not None
+    poll(lambda: not _alive(pid), timeout=5, what=f"the task's background child {pid} to die with its worker")
+    assert cluster.client.get(task_id).state != weft.TaskState.SUCCEEDED

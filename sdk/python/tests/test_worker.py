@@ -393,3 +393,10 @@ def test_redelivery_keeps_results_within_its_window_and_bounds(monkeypatch):
     assert "big" not in [k for k, _ in w._redeliver] and w._redeliver_bytes <= 10
     w._prune_redelivery(100.0 + worker_mod.REDELIVER_WINDOW + 1)
     assert not w._redeliver and w._redeliver_bytes == 0, "past the window: nothing kept"
+
+
+def test_the_reaper_keeps_groups_started_and_not_gone():
+    from weft._reaper import watch
+
+    lines = [b"+100\n", b"+200\n", b"-100\n", b"+300\n", b"nonsense\n", b"+1\n", b"+-5\n", b"-999\n", b"+\n", b"\n", b"+400"]
+    assert watch(lines) == {200, 300, 400}

@@ -38,6 +38,8 @@ import os
 import random
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -181,6 +183,51 @@ class _Attempt:
 _CLOSE = object()
 
 
+class _Reaper:
+    """The process beside this worker that kills its exec tasks' process
+    groups if the worker dies outright (see ``weft._reaper``)."""
+
+    def __init__(self) -> None:
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_reaper.py")
+        try:
+            self._proc: Optional[subprocess.Popen] = subprocess.Popen(
+                [sys.executable, "-I", "-S", script],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                start_new_session=True,  # a Ctrl-C meant for the worker is not for it
+            )
+        except OSError as e:
+            log.warning("cannot start the reaper (%s): exec tasks will outlive a worker that is killed outright", e)
+            self._proc = None
+
+    def watch(self, pgid: int) -> None:
+        self._send(f"+{pgid}\n")
+
+    def forget(self, pgid: int) -> None:
+        self._send(f"-{pgid}\n")
+
+    def _send(self, line: str) -> None:
+        if self._proc is None or self._proc.stdin is None:
+            return
+        try:
+            self._proc.stdin.write(line.encode())
+            self._proc.stdin.flush()
+        except (OSError, ValueError):
+            log.warning("the reaper is gone: exec tasks will outlive a worker that is killed outright")
+            self._proc = None
+
+    def close(self) -> None:
+        """Closes the pipe (the reaper exits at once) and reaps it."""
+        if self._proc is None:
+            return
+        proc, self._proc = self._proc, None
+        try:
+            proc.stdin.close()
+            proc.wait(timeout=1)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+
+
 class _Session:
     """One Connect stream."""
 
@@ -282,6 +329,7 @@ class Worker:
         self._threads: Optional[concurrent.futures.ThreadPoolExecutor] = None
         self._processes: Optional[ProcessPool] = None
         self._tasks: set = set()
+        self._reaper: Optional[_Reaper] = None
 
     # -- registration -------------------------------------------------------
 
@@ -362,6 +410,7 @@ class Worker:
         self._threads = concurrent.futures.ThreadPoolExecutor(self._thread_workers, thread_name_prefix="weft-handler")
         if any(h.kind == "process" for h in self._handlers.values()):
             self._processes = ProcessPool(self._process_workers)
+        self._reaper = _Reaper()
         backoff = self.reconnect_min
         try:
             while not self._stopped.is_set():
@@ -393,6 +442,7 @@ class Worker:
             for task in list(self._tasks):
                 task.cancel()
             self._threads.shutdown(wait=False, cancel_futures=True)
+            self._reaper.close()
 
     async def registered(self, timeout: Optional[float] = None) -> str:
         """Waits until the first Registered; returns the node id."""
@@ -827,6 +877,9 @@ class Worker:
                 pass
 
         attempt.kill = kill
+        reaper = self._reaper
+        if reaper is not None:
+            reaper.watch(proc.pid)
         self._event(attempt, started=node_pb2.Started(pid=proc.pid))
 
         async def pump(reader: asyncio.StreamReader, stream: str) -> None:
@@ -850,6 +903,7 @@ class Worker:
             io.append(asyncio.ensure_future(feed()))
         try:
             code = await proc.wait()
+            kill()  # what it left running in its group goes with it
             await asyncio.gather(*io)
         except asyncio.CancelledError:
             kill()
@@ -857,6 +911,9 @@ class Worker:
             for task in io:
                 task.cancel()
             raise
+        finally:
+            if reaper is not None:
+                reaper.forget(proc.pid)
         if attempt.stop_reason is not None:
             raise asyncio.CancelledError()
         if code == 0:

@@ -1,0 +1,46 @@
+"""The reaper beside a Python worker: kills the worker's exec tasks if the
+worker dies without doing it itself (SIGKILL, the OOM killer), instead of
+leaving them running while the coordinator gives the same tasks to other
+nodes. The same protocol as ``weft-node``'s reaper.
+
+The worker starts it once (``python -I -S _reaper.py``, standard library
+only, so it starts fast) in a session of its own, with a pipe on its stdin,
+and writes ``+PGID`` when an exec task's process group starts and ``-PGID``
+when it is gone. At EOF (the worker closed the pipe, or died and the kernel
+closed it) the reaper SIGKILLs every group still registered and exits.
+"""
+
+import os
+import signal
+import sys
+
+
+def watch(lines) -> set:
+    """The groups registered and not gone when ``lines`` ends."""
+    groups = set()
+    for raw in lines:
+        line = raw.strip()
+        sign, number = line[:1], line[1:]
+        try:
+            pgid = int(number)
+        except ValueError:
+            continue
+        if pgid <= 1:
+            continue  # never "every process" or init's group
+        if sign == b"+":
+            groups.add(pgid)
+        elif sign == b"-":
+            groups.discard(pgid)
+    return groups
+
+
+def main() -> None:
+    for pgid in watch(sys.stdin.buffer):
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except OSError:
+            pass  # already gone
+
+
+if __name__ == "__main__":
+    main()
