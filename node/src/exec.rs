@@ -27,6 +27,7 @@ use tracing::{debug, warn};
 use weft_proto::{ExecSpec, OutputStream};
 
 use crate::events::Emitter;
+use crate::reaper::Reaper;
 
 /// Bytes read from a pipe at a time (the largest output chunk).
 const READ_CHUNK: usize = 32 * 1024;
@@ -49,13 +50,16 @@ pub(crate) enum ExecEnd {
     Stopped,
 }
 
-/// Runs `spec` to its end. `on_spawn` gets the child's process group id
+/// Runs `spec` to its end, telling `reaper` (if any) about the child's
+/// process group from its start until it is killed and reaped. `on_spawn`
+/// gets the child's process group id
 /// (= its pid) as soon as it exists, so a crash-style kill can SIGKILL the
 /// group without waiting for this future.
 pub(crate) async fn run(
     spec: &ExecSpec,
     emit: &Emitter,
     cancel: &CancellationToken,
+    reaper: Option<&Reaper>,
     on_spawn: impl FnOnce(u32),
 ) -> ExecEnd {
     let Some(program) = spec.argv.first() else {
@@ -98,9 +102,12 @@ pub(crate) async fn run(
         // Only possible if the child was already reaped, which nobody did.
         return ExecEnd::StartFailed(format!("{program:?} exited before it could be tracked"));
     };
+    if let Some(reaper) = reaper {
+        reaper.watch(pid);
+    }
     on_spawn(pid);
     emit.started(pid).await;
-    supervise(&mut child, pid, spec, emit, cancel).await
+    supervise(&mut child, pid, spec, emit, cancel, reaper).await
 }
 
 async fn supervise(
@@ -109,6 +116,7 @@ async fn supervise(
     spec: &ExecSpec,
     emit: &Emitter,
     cancel: &CancellationToken,
+    reaper: Option<&Reaper>,
 ) -> ExecEnd {
     let mut pipes = Pipes::new(child);
     let stdin_bytes = spec.stdin.clone();
@@ -131,6 +139,9 @@ async fn supervise(
             () = cancel.cancelled() => {
                 kill_group(pgid);
                 reap(child).await;
+                if let Some(reaper) = reaper {
+                    reaper.forget(pgid);
+                }
                 pipes.drain(emit, cancel).await;
                 return ExecEnd::Stopped;
             }
@@ -141,6 +152,9 @@ async fn supervise(
     };
     // The leader is gone; whatever it left in its group goes with it.
     kill_group(pgid);
+    if let Some(reaper) = reaper {
+        reaper.forget(pgid);
+    }
     pipes.drain(emit, cancel).await;
     match status {
         Ok(status) => end_of(status),
@@ -364,7 +378,7 @@ pub(crate) mod tests {
     async fn run_spec(spec: &ExecSpec) -> Run {
         let (tx, rx) = events::channel();
         let emit = Emitter::new(tx, TaskId::new(), Attempt::FIRST);
-        let end = run(spec, &emit, &CancellationToken::new(), |_| {}).await;
+        let end = run(spec, &emit, &CancellationToken::new(), None, |_| {}).await;
         drop(emit);
         Run {
             end,
@@ -457,7 +471,7 @@ pub(crate) mod tests {
         let emit = Emitter::new(tx, TaskId::new(), Attempt::FIRST);
         let task = tokio::spawn(async move {
             let s = spec(&["sh", "-c", "sleep 100 & echo $!; wait"]);
-            run(&s, &emit, &cancel, |_| {}).await
+            run(&s, &emit, &cancel, None, |_| {}).await
         });
         let grandchild = loop {
             let event = rx.recv().await.expect("child output");

@@ -547,17 +547,10 @@ impl Executor {
             match &spec.kind {
                 TaskKind::Exec(exec_spec) => {
                     let reaper = self.inner.reaper.as_ref();
-                    let end = exec::run(exec_spec, &emit, &control.token, |pgid| {
+                    let end = exec::run(exec_spec, &emit, &control.token, reaper, |pgid| {
                         let _ = control.pgid.set(pgid);
-                        if let Some(reaper) = reaper {
-                            reaper.watch(pgid);
-                        }
                     })
                     .await;
-                    // The group is gone once `run` returns (killed, reaped).
-                    if let (Some(reaper), Some(pgid)) = (reaper, control.pgid.get()) {
-                        reaper.forget(*pgid);
-                    }
                     exec_finished(end, &control)
                 }
                 TaskKind::Call(call) => self.run_call(call, &emit, &control).await,

@@ -14,7 +14,7 @@
 //! The reaper side ([`run_if_reaper`]) runs before any runtime or thread
 //! exists; the node side is [`Reaper`].
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::io::{BufRead, Write};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{Signal, killpg};
+use nix::sys::signal::{SigSet, Signal, killpg};
 use nix::unistd::Pid;
 use tracing::warn;
 
@@ -46,6 +46,22 @@ pub fn run_if_reaper() -> Option<ExitCode> {
         HOOKED.store(true, Ordering::Relaxed);
         return None;
     }
+    // Only EOF ends it: a stray SIGTERM/SIGINT/SIGHUP (`pkill -f weft`)
+    // must not leave the node without its reaper. Blocked, they stay
+    // pending and harmless; this process has no other thread.
+    let mut stray = SigSet::empty();
+    for signal in [
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGHUP,
+        Signal::SIGQUIT,
+        Signal::SIGPIPE,
+        Signal::SIGUSR1,
+        Signal::SIGUSR2,
+    ] {
+        stray.add(signal);
+    }
+    let _ = stray.thread_block();
     let groups = watch(std::io::stdin().lock());
     for pgid in groups {
         kill_group(pgid);
@@ -65,9 +81,11 @@ pub fn self_as_reaper() -> Option<PathBuf> {
 }
 
 /// Reads `+PGID` / `-PGID` lines to EOF (or a read error); answers the
-/// groups still registered then. Other lines are ignored.
-fn watch(input: impl BufRead) -> HashSet<i32> {
-    let mut groups = HashSet::new();
+/// groups still registered then (counted, so a `-` for an old group whose
+/// id a new one reuses leaves the new one registered). Other lines are
+/// ignored.
+fn watch(input: impl BufRead) -> Vec<i32> {
+    let mut groups: HashMap<i32, u32> = HashMap::new();
     for line in input.lines() {
         let Ok(line) = line else { break };
         let (sign, number) = line.split_at(line.len().min(1));
@@ -78,16 +96,19 @@ fn watch(input: impl BufRead) -> HashSet<i32> {
             continue; // never "every process" or init's group
         }
         match sign {
-            "+" => {
-                groups.insert(pgid);
-            }
+            "+" => *groups.entry(pgid).or_insert(0) += 1,
             "-" => {
-                groups.remove(&pgid);
+                if let Some(count) = groups.get_mut(&pgid) {
+                    *count -= 1;
+                    if *count == 0 {
+                        groups.remove(&pgid);
+                    }
+                }
             }
             _ => {}
         }
     }
-    groups
+    groups.into_keys().collect()
 }
 
 fn kill_group(pgid: i32) {
@@ -137,10 +158,12 @@ impl Reaper {
 
     fn send(&self, line: &str) {
         let mut inner = self.inner();
-        if let Some((_, stdin)) = inner.as_mut()
+        if let Some((child, stdin)) = inner.as_mut()
             && let Err(err) = stdin.write_all(line.as_bytes())
         {
             warn!(error = %err, "the reaper is gone; exec tasks will outlive a node that is killed outright");
+            // It exited (its pipe is closed): reap it, leave no zombie.
+            let _ = child.try_wait();
             *inner = None;
         }
     }
@@ -176,9 +199,9 @@ mod tests {
 
     #[test]
     fn the_groups_left_at_eof_are_those_started_and_not_gone() {
-        let input = "+100\n+200\n-100\n+300\nnonsense\n+1\n+-5\n-999\n+\n\n+400";
-        let mut left: Vec<i32> = watch(input.as_bytes()).into_iter().collect();
+        let input = "+100\n+200\n-100\n+300\nnonsense\n+1\n+-5\n-999\n+\n\n+400\n+500\n+500\n-500";
+        let mut left = watch(input.as_bytes());
         left.sort_unstable();
-        assert_eq!(left, [200, 300, 400]);
+        assert_eq!(left, [200, 300, 400, 500]);
     }
 }

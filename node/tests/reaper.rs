@@ -72,3 +72,36 @@ fn at_the_end_of_its_input_the_reaper_kills_the_groups_still_registered() {
     );
     gone.wait().expect("reaping the shell");
 }
+
+#[test]
+fn a_stray_sigterm_does_not_stop_the_reaper() {
+    let mut reaper = Command::new(WEFT_NODE)
+        .arg(REAPER_ARG)
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("starting weft-node as a reaper");
+    let pid = reaper.id();
+    // Ready once it has blocked the stray signals.
+    let blocked = || {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let line = status.lines().find(|l| l.starts_with("SigBlk:")).unwrap();
+        u64::from_str_radix(line["SigBlk:".len()..].trim(), 16).unwrap() != 0
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !blocked() {
+        assert!(Instant::now() < deadline, "the reaper never got ready");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let (mut task, leader, child) = task_group();
+    let reaper_pid = nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap());
+    nix::sys::signal::kill(reaper_pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let mut input = reaper.stdin.take().expect("stdin is piped");
+    writeln!(input, "+{leader}").expect("the reaper still reads");
+    drop(input);
+    assert!(
+        reaper.wait().unwrap().success(),
+        "it ended at EOF, not by SIGTERM"
+    );
+    assert_eq!(task.wait().unwrap().signal(), Some(9));
+    assert_gone_soon(child);
+}

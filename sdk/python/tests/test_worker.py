@@ -400,3 +400,34 @@ def test_the_reaper_keeps_groups_started_and_not_gone():
 
     lines = [b"+100\n", b"+200\n", b"-100\n", b"+300\n", b"nonsense\n", b"+1\n", b"+-5\n", b"-999\n", b"+\n", b"\n", b"+400"]
     assert watch(lines) == {200, 300, 400}
+
+
+def test_the_reaper_counts_a_reused_group_id():
+    from weft._reaper import watch
+
+    assert watch([b"+500\n", b"+500\n", b"-500\n"]) == {500}
+
+
+def test_the_reaper_survives_a_stray_sigterm_and_kills_what_is_left_at_eof():
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import weft._reaper
+    from conftest import poll
+
+    reaper = subprocess.Popen([sys.executable, "-I", "-S", weft._reaper.__file__], stdin=subprocess.PIPE, start_new_session=True)
+
+    def ignores_term() -> bool:
+        status = Path(f"/proc/{reaper.pid}/status").read_text()
+        ignored = int(next(l for l in status.splitlines() if l.startswith("SigIgn:")).split()[1], 16)
+        return bool(ignored & (1 << (signal.SIGTERM - 1)))
+
+    poll(ignores_term, timeout=10, what="the reaper to be ready")
+    task = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    os.kill(reaper.pid, signal.SIGTERM)
+    reaper.stdin.write(f"+{task.pid}\n".encode())
+    reaper.stdin.close()
+    assert reaper.wait(timeout=10) == 0, "it ended at EOF, not by SIGTERM"
+    assert task.wait(timeout=10) == -signal.SIGKILL

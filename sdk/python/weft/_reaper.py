@@ -16,8 +16,9 @@ import sys
 
 
 def watch(lines) -> set:
-    """The groups registered and not gone when ``lines`` ends."""
-    groups = set()
+    """The groups registered and not gone when ``lines`` ends (counted, so a
+    ``-`` for an old group whose id a new one reuses leaves the new one)."""
+    groups = {}
     for raw in lines:
         line = raw.strip()
         sign, number = line[:1], line[1:]
@@ -28,13 +29,19 @@ def watch(lines) -> set:
         if pgid <= 1:
             continue  # never "every process" or init's group
         if sign == b"+":
-            groups.add(pgid)
-        elif sign == b"-":
-            groups.discard(pgid)
-    return groups
+            groups[pgid] = groups.get(pgid, 0) + 1
+        elif sign == b"-" and pgid in groups:
+            groups[pgid] -= 1
+            if not groups[pgid]:
+                del groups[pgid]
+    return set(groups)
 
 
 def main() -> None:
+    # Only EOF ends it: a stray signal (`pkill -f weft`) must not leave the
+    # worker without its reaper.
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)
     for pgid in watch(sys.stdin.buffer):
         try:
             os.killpg(pgid, signal.SIGKILL)

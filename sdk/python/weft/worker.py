@@ -183,12 +183,35 @@ class _Attempt:
 _CLOSE = object()
 
 
+#: Write ends of reaper pipes, closed in any child forked without exec (a
+#: ``fork`` multiprocessing process in handler code) so the reaper still
+#: sees EOF when the worker dies.
+_REAPER_FDS: set = set()
+
+
+def _close_reaper_fds_in_child() -> None:
+    for fd in _REAPER_FDS:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _REAPER_FDS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_reaper_fds_in_child)
+
+
 class _Reaper:
     """The process beside this worker that kills its exec tasks' process
     groups if the worker dies outright (see ``weft._reaper``)."""
 
     def __init__(self) -> None:
+        self._proc: Optional[subprocess.Popen] = None
         script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_reaper.py")
+        if getattr(sys, "frozen", False) or not os.path.isfile(script) or not sys.executable:
+            log.warning("no reaper in this packaging: exec tasks will outlive a worker that is killed outright")
+            return
         try:
             self._proc: Optional[subprocess.Popen] = subprocess.Popen(
                 [sys.executable, "-I", "-S", script],
@@ -199,6 +222,8 @@ class _Reaper:
         except OSError as e:
             log.warning("cannot start the reaper (%s): exec tasks will outlive a worker that is killed outright", e)
             self._proc = None
+            return
+        _REAPER_FDS.add(self._proc.stdin.fileno())
 
     def watch(self, pgid: int) -> None:
         self._send(f"+{pgid}\n")
@@ -214,12 +239,21 @@ class _Reaper:
             self._proc.stdin.flush()
         except (OSError, ValueError):
             log.warning("the reaper is gone: exec tasks will outlive a worker that is killed outright")
+            self._forget_fd()
+            self._proc.poll()  # it exited: leave no zombie
             self._proc = None
+
+    def _forget_fd(self) -> None:
+        try:
+            _REAPER_FDS.discard(self._proc.stdin.fileno())
+        except (AttributeError, ValueError):
+            pass
 
     def close(self) -> None:
         """Closes the pipe (the reaper exits at once) and reaps it."""
         if self._proc is None:
             return
+        self._forget_fd()
         proc, self._proc = self._proc, None
         try:
             proc.stdin.close()
@@ -901,19 +935,26 @@ class Worker:
         io = [asyncio.ensure_future(pump(proc.stdout, "stdout")), asyncio.ensure_future(pump(proc.stderr, "stderr"))]
         if spec.stdin:
             io.append(asyncio.ensure_future(feed()))
+        told_gone = False
+
+        def gone() -> None:
+            nonlocal told_gone
+            if reaper is not None and not told_gone:
+                told_gone = True
+                reaper.forget(proc.pid)
+
         try:
             code = await proc.wait()
             kill()  # what it left running in its group goes with it
+            gone()
             await asyncio.gather(*io)
         except asyncio.CancelledError:
             kill()
             await asyncio.shield(proc.wait())
+            gone()
             for task in io:
                 task.cancel()
             raise
-        finally:
-            if reaper is not None:
-                reaper.forget(proc.pid)
         if attempt.stop_reason is not None:
             raise asyncio.CancelledError()
         if code == 0:
