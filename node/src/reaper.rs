@@ -6,10 +6,12 @@
 //! The node starts it once, as `weft-node __weft-reaper` (the node's own
 //! executable) in a process group of its own, with a pipe on its stdin.
 //! The node writes `+PGID` when an exec task's process group starts and
-//! `-PGID` when it is gone. The reaper keeps that set; when its stdin
+//! `-PGID` as soon as it is killed and its leader reaped. The reaper keeps
+//! those groups (counted, so a reused id stays covered); when its stdin
 //! reaches EOF (the node closed it, or died and the kernel closed it) it
-//! SIGKILLs every group still in the set and exits. Nothing runs per task
-//! but one short write to a pipe.
+//! SIGKILLs every group still registered and exits. Nothing else ends it:
+//! stray SIGTERM/SIGINT/SIGHUP are blocked. Nothing runs per task but two
+//! short writes to a pipe.
 //!
 //! The reaper side ([`run_if_reaper`]) runs before any runtime or thread
 //! exists; the node side is [`Reaper`].
