@@ -14,7 +14,7 @@
 //! short writes to a pipe.
 //!
 //! The reaper side ([`run_if_reaper`]) runs before any runtime or thread
-//! exists; the node side is [`Reaper`].
+//! exists; the node side is `Reaper`.
 
 use std::collections::HashMap;
 use std::io::{BufRead, Write};

@@ -40,7 +40,7 @@ pub async fn echo(request: HandlerRequest) -> Result<Bytes, HandlerError> {
 ///
 /// tokio's timer works in whole milliseconds and rounds deadlines up, so a
 /// plain `tokio::time::sleep(50ms)` lasts about 51 ms. The wait runs on the
-/// timer until [`TIMER_SLACK`] before the deadline and sleeps the rest on
+/// timer until `TIMER_SLACK` before the deadline and sleeps the rest on
 /// the blocking pool, so `sleep` lasts what it says to a fraction of a
 /// millisecond without holding a thread for the whole wait.
 pub async fn sleep(request: HandlerRequest) -> Result<Bytes, HandlerError> {
