@@ -590,15 +590,7 @@ async fn send_events(
     let mut any_finished = false;
     let mut rest = batch.into_iter().peekable();
     while rest.peek().is_some() {
-        let mut chunk = Vec::new();
-        let mut bytes = 0;
-        while let Some(event) = rest.next_if(|event| {
-            chunk.is_empty()
-                || (chunk.len() < MAX_BATCH_EVENTS && bytes + event_size(event) <= MAX_BATCH_BYTES)
-        }) {
-            bytes += event_size(&event);
-            chunk.push(event);
-        }
+        let chunk = next_chunk(&mut rest);
         let mut sent_finished = Vec::new();
         for event in &chunk {
             if let Some(EventBody::Finished(_)) = event.body {
@@ -640,20 +632,29 @@ async fn send_redelivery(
         return Ok(());
     }
     debug!(events = redeliver.len(), "sending finished events again");
-    let mut batch = Vec::new();
-    let mut bytes = 0;
-    for event in redeliver {
-        if !batch.is_empty()
-            && (batch.len() >= MAX_BATCH_EVENTS || bytes + event_size(&event) > MAX_BATCH_BYTES)
-        {
-            let events = std::mem::take(&mut batch);
-            send(out, Outbound::Events(pb::TaskEvents { events })).await?;
-            bytes = 0;
-        }
-        bytes += event_size(&event);
-        batch.push(event);
+    let mut rest = redeliver.into_iter().peekable();
+    while rest.peek().is_some() {
+        let events = next_chunk(&mut rest);
+        send(out, Outbound::Events(pb::TaskEvents { events })).await?;
     }
-    send(out, Outbound::Events(pb::TaskEvents { events: batch })).await
+    Ok(())
+}
+
+/// The next `TaskEvents` worth of `rest`: at least one event, then as many
+/// as the batch limits allow.
+fn next_chunk(
+    rest: &mut std::iter::Peekable<std::vec::IntoIter<pb::NodeTaskEvent>>,
+) -> Vec<pb::NodeTaskEvent> {
+    let mut chunk = Vec::new();
+    let mut bytes = 0;
+    while let Some(event) = rest.next_if(|event| {
+        chunk.is_empty()
+            || (chunk.len() < MAX_BATCH_EVENTS && bytes + event_size(event) <= MAX_BATCH_BYTES)
+    }) {
+        bytes += event_size(&event);
+        chunk.push(event);
+    }
+    chunk
 }
 
 fn event_size(event: &pb::NodeTaskEvent) -> usize {
