@@ -208,6 +208,15 @@ where
         }
     };
     let exe = std::env::current_exe().expect("the test executable has a path");
+    // The inner run's stdout holds only libtest's own report ("running 1
+    // test ... 1 passed; 3 filtered out"), which would repeat once per
+    // scenario in the outer run's log: keep it in a file and show it only
+    // when the scenario fails. Its stderr (figures, skips, panics, host
+    // logs) goes straight through.
+    let report = tempfile::NamedTempFile::new().expect("creating a file for the inner report");
+    let report_out = report
+        .reopen()
+        .expect("opening the inner report file for writing");
     let mut child = Command::new("ip")
         .args(["netns", "exec", &namespace(CLIENT_HOST)])
         .arg(&exe)
@@ -216,6 +225,7 @@ where
         .env(SCRIPT_ENV, &lab.script)
         .env("WEFT_BIN_DIR", bin_dir())
         .stdin(Stdio::null())
+        .stdout(Stdio::from(report_out))
         .spawn()
         .unwrap_or_else(|e| panic!("starting scenario {name} inside fab-h{CLIENT_HOST}: {e}"));
     let started = Instant::now();
@@ -233,6 +243,10 @@ where
         std::thread::sleep(Duration::from_millis(100));
     };
     drop(lab);
+    if !status.success() {
+        let text = std::fs::read_to_string(report.path()).unwrap_or_default();
+        say(&format!("inner run of {name}:\n{}", text.trim_end()));
+    }
     assert!(
         status.success(),
         "scenario {name} failed inside fab-h{CLIENT_HOST} ({status}); its output is above"
