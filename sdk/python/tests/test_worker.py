@@ -372,7 +372,7 @@ def test_a_refused_register_is_a_typed_error(fake):
 
 
 def test_redelivery_keeps_results_within_its_window_and_bounds(monkeypatch):
-    from weft import worker as worker_mod
+    from weft.worker import outbox as worker_mod
     from weft._proto import node_pb2
 
     w = weft.Worker("http://127.0.0.1:1", slots=1)
@@ -396,14 +396,14 @@ def test_redelivery_keeps_results_within_its_window_and_bounds(monkeypatch):
 
 
 def test_the_reaper_keeps_groups_started_and_not_gone():
-    from weft._reaper import watch
+    from weft.worker.reaper import watch
 
     lines = [b"+100\n", b"+200\n", b"-100\n", b"+300\n", b"nonsense\n", b"+1\n", b"+-5\n", b"-999\n", b"+\n", b"\n", b"+400"]
     assert watch(lines) == {200, 300, 400}
 
 
 def test_the_reaper_counts_a_reused_group_id():
-    from weft._reaper import watch
+    from weft.worker.reaper import watch
 
     assert watch([b"+500\n", b"+500\n", b"-500\n"]) == {500}
 
@@ -414,10 +414,10 @@ def test_the_reaper_survives_a_stray_sigterm_and_kills_what_is_left_at_eof():
     import sys
     from pathlib import Path
 
-    import weft._reaper
+    import weft.worker.reaper
     from conftest import poll
 
-    reaper = subprocess.Popen([sys.executable, "-I", "-S", weft._reaper.__file__], stdin=subprocess.PIPE, start_new_session=True)
+    reaper = subprocess.Popen([sys.executable, "-I", "-S", weft.worker.reaper.__file__], stdin=subprocess.PIPE, start_new_session=True)
 
     def ignores_term() -> bool:
         status = Path(f"/proc/{reaper.pid}/status").read_text()

@@ -1,0 +1,90 @@
+"""Unit tests of the worker's plain parts (``weft.worker.slots``,
+``weft.worker.outbox``), without a loop, a stream or a coordinator; and of
+the package's shape (no import cycle between its modules)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import weft.worker
+from weft._proto import node_pb2
+from weft.worker.outbox import BATCH_LIMIT, CLOSE, Outbox
+from weft.worker.slots import Slots
+
+
+def test_slots_count_what_attempts_hold_and_drain_once():
+    slots = Slots(3)
+    assert slots.take(2) and slots.free == 1
+    assert not slots.take(2), "beyond the total: counted, but reported"
+    assert slots.free == -1
+    slots.give_back(2)
+    slots.give_back(2)
+    assert slots.free == 3
+    assert slots.drain() and slots.draining
+    assert not slots.drain(), "draining twice is one drain"
+
+
+def finished(task_id: str, output: bytes = b"") -> node_pb2.NodeTaskEvent:
+    return node_pb2.NodeTaskEvent(task_id=task_id, attempt=1, finished=node_pb2.Finished(output=output))
+
+
+def test_outbox_batches_events_between_control_messages_and_keeps_sent_results():
+    outbox = Outbox()
+    outbox.control(node_pb2.NodeMessage(heartbeat=node_pb2.Heartbeat()))
+    assert not outbox.queue, "no session: control messages are dropped"
+    outbox.attached = True
+    for i in range(BATCH_LIMIT + 1):
+        outbox.event(f"t{i}", 1, progress=node_pb2.Progress(fraction=0.5))
+    outbox.queue.append(finished("done", b"out"))
+    outbox.control(node_pb2.NodeMessage(heartbeat=node_pb2.Heartbeat()))
+    outbox.event("late", 1, progress=node_pb2.Progress(fraction=0.1))
+    sent = []
+    first = outbox.take(sent.append)
+    assert len(first.events.events) == BATCH_LIMIT
+    second = outbox.take(sent.append)
+    assert [e.task_id for e in second.events.events] == [f"t{BATCH_LIMIT}", "done"]
+    assert sent == [("done", 1)] and ("done", 1) in outbox.redeliver and outbox.redeliver_bytes == 3
+    assert outbox.take(sent.append).WhichOneof("body") == "heartbeat"
+    assert [e.task_id for e in outbox.take(sent.append).events.events] == ["late"]
+    outbox.close()
+    assert outbox.closing and outbox.take(sent.append) is CLOSE and not outbox.closing
+
+
+def test_a_new_session_drops_control_messages_and_lists_kept_and_queued_results():
+    outbox = Outbox()
+    outbox.attached = True
+    outbox.queue.append(finished("sent"))
+    outbox.take(lambda key: None)
+    outbox.control(node_pb2.NodeMessage(credits=node_pb2.Credits(grant=1)))
+    outbox.queue.append(finished("queued"))
+    outbox.queue.append(finished("sent"))  # the same result, queued again
+    redeliver, keys = outbox.begin_session()
+    assert [e.task_id for e in redeliver] == ["sent"]
+    assert keys == {("sent", 1), ("queued", 1)}
+    assert [e.task_id for e in outbox.queue] == ["queued"], "controls dropped, a kept result queued once"
+    outbox.forget(("sent", 1))
+    assert not outbox.redeliver and outbox.redeliver_bytes == 0
+
+
+def test_the_worker_modules_import_each_other_without_a_cycle():
+    package = Path(weft.worker.__file__).parent
+    deps = {}
+    for path in package.glob("*.py"):
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                names.add(node.module or "__init__")
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("weft.worker"):
+                names.add((node.module.split(".") + ["__init__"])[2])
+        deps[path.stem] = names
+    assert all("__init__" not in names for names in deps.values()), "nothing imports the package's __init__"
+
+    def visit(module, path):
+        assert module not in path, f"import cycle: {' -> '.join(path + [module])}"
+        for dep in deps.get(module, ()):
+            visit(dep, path + [module])
+
+    for module in deps:
+        visit(module, [])
+    assert not deps["reaper"] and not deps["slots"], "leaf modules"

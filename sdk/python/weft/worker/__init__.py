@@ -1,0 +1,53 @@
+"""A Weft worker in Python: serve Python functions to a coordinator.
+
+>>> import weft
+>>> worker = weft.Worker("http://127.0.0.1:7070", slots=4, labels={"lang": "py"})
+>>> @worker.handler(kind="asyncio")          # a coroutine on the worker's loop
+... async def fetch(data: bytes) -> bytes: ...
+>>> @worker.handler(kind="thread")           # blocking code, on a thread pool
+... def resize(data: bytes) -> bytes: ...
+>>> @worker.handler(kind="process")          # CPU-bound, on a process pool
+... def crunch(data: bytes) -> bytes: ...
+>>> worker.run()                             # until drained (SIGTERM/SIGINT)
+
+The worker speaks the node protocol (``proto/README.md``) over one
+``NodeService.Connect`` stream: Register first (protocol version 1, slots,
+labels, handler names, and after a reconnect the attempts it still runs and
+its previous node id), incremental credits, heartbeats both ways, events
+named by (task_id, attempt), Cancel within a second, Drain, and reconnect
+with backoff when the stream ends or the coordinator falls silent.
+
+It runs ``exec`` tasks too (a child process in its own process group, output
+streamed), because a coordinator may assign those to any node.
+
+A handler takes ``(input: bytes)`` or ``(input: bytes, ctx: weft.Context)``
+and returns bytes, str, None (empty output) or anything JSON-serialisable.
+Raising fails the attempt (retried under the task's max_attempts);
+``raise weft.HandlerError("msg")`` fails it with exactly "msg" as the error.
+
+Layout (each module mirrors the Rust node's file of the same name, so a
+protocol change touches same-named files on both sides):
+
+- ``node.py``: :class:`Worker`, settings, serving, drain (``lib.rs``)
+- ``session.py``: the Connect stream, Register/Registered, heartbeats, reconnect
+- ``outbox.py``: outgoing queue, event batches, redelivery window, credit grants
+- ``slots.py``: slot accounting and the draining flag, plain state
+- ``attempt.py``: running attempts, stop reasons, the Finished, :class:`Context`
+- ``process.py``: exec tasks' child processes
+- ``handlers.py``: the handler registry and how a handler's result is read
+- ``reaper.py``: the reaper process and the worker's handle on it
+
+This file only re-exports; nothing in the package imports it.
+"""
+
+from .attempt import CANCEL_REPORT_WITHIN, Context
+from .handlers import KINDS, Handler, HandlerError, StartFailed
+from .node import Worker
+from .outbox import BATCH_BYTES, BATCH_LIMIT, CHUNK_LIMIT, REDELIVER_MAX, REDELIVER_MAX_BYTES, REDELIVER_WINDOW
+from .session import PROTOCOL_VERSION, REGISTER_TIMEOUT
+
+__all__ = [
+    "BATCH_BYTES", "BATCH_LIMIT", "CANCEL_REPORT_WITHIN", "CHUNK_LIMIT", "Context", "Handler", "HandlerError",
+    "KINDS", "PROTOCOL_VERSION", "REDELIVER_MAX", "REDELIVER_MAX_BYTES", "REDELIVER_WINDOW", "REGISTER_TIMEOUT",
+    "StartFailed", "Worker",
+]

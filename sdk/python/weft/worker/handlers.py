@@ -1,0 +1,103 @@
+"""The handlers a Python worker serves: the registry, how a handler is
+called (its signature, what it returns) and the errors that fail an
+attempt.
+
+The counterpart of ``node/src/handlers/``. It knows nothing of attempts,
+sessions or messages: ``attempt.py`` looks handlers up here and runs them,
+and turns what they return or raise into a ``Finished`` with the helpers
+below.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional
+
+#: How handlers run.
+KINDS = ("asyncio", "thread", "process")
+
+
+class HandlerError(Exception):
+    """Raise from a handler to fail the attempt with exactly this message."""
+
+    weft_plain_message = True
+
+
+class StartFailed(Exception):
+    """The attempt could not start (unknown handler, missing binary): not retried."""
+
+
+@dataclass
+class Handler:
+    """A registered handler: the function, its name and how it runs."""
+
+    name: str
+    fn: Callable
+    kind: str
+    wants_context: bool
+
+
+class Handlers:
+    """The registered handlers, by name."""
+
+    def __init__(self) -> None:
+        self._by_name: Dict[str, Handler] = {}
+
+    def register(self, name: str, fn: Callable, kind: Optional[str] = None) -> Handler:
+        """Registers ``fn`` as ``name`` (see ``Worker.register``)."""
+        if kind is None:
+            kind = "asyncio" if inspect.iscoroutinefunction(fn) else "thread"
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {', '.join(KINDS)}, not {kind!r}")
+        if kind == "asyncio" and not inspect.iscoroutinefunction(fn):
+            raise TypeError(f"handler {name!r}: kind='asyncio' needs an `async def` function (use kind='thread' for blocking code)")
+        if kind != "asyncio" and inspect.iscoroutinefunction(fn):
+            raise TypeError(f"handler {name!r}: an `async def` function must use kind='asyncio'")
+        if not name:
+            raise ValueError("handler name must not be empty")
+        handler = Handler(name=name, fn=fn, kind=kind, wants_context=wants_context(fn))
+        self._by_name[name] = handler
+        return handler
+
+    def get(self, name: str) -> Optional[Handler]:
+        """The handler registered as ``name``, if any."""
+        return self._by_name.get(name)
+
+    def names(self) -> List[str]:
+        """Names of the registered handlers, sorted."""
+        return sorted(self._by_name)
+
+    def any_process(self) -> bool:
+        """Whether a handler needs the process pool."""
+        return any(h.kind == "process" for h in self._by_name.values())
+
+
+def wants_context(fn: Callable) -> bool:
+    """Whether ``fn`` takes a second positional argument (the ``Context``)."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 2 or any(p.kind == p.VAR_POSITIONAL for p in params)
+
+
+def to_output(value: Any) -> bytes:
+    """A handler's return value as the attempt's output bytes."""
+    if value is None:
+        return b""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    if isinstance(value, str):
+        return value.encode()
+    return json.dumps(value).encode()
+
+
+def error_text(e: BaseException) -> str:
+    """What a handler's exception says in the attempt's error."""
+    if getattr(e, "weft_plain_message", False):
+        return str(e)
+    text = str(e)
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__

@@ -1,0 +1,253 @@
+"""The :class:`Worker`: what a program builds and runs. It holds the
+settings and the handler registry, starts and ends serving (pools, reaper,
+signals), and supervises a drain.
+
+The counterpart of ``node/src/lib.rs`` (``start``, ``RunningNode``). It
+wires the parts together and owns none of their logic: the stream is
+``session.py``'s, outgoing messages ``outbox.py``'s, attempts
+``attempt.py``'s, slot counts ``slots.py``'s, handlers ``handlers.py``'s
+and the reaper ``reaper.py``'s. Nothing in those modules imports this one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import signal
+import socket
+import time
+from typing import Callable, List, Mapping, Optional
+
+from .._channel import coordinator_url
+from .._pool import ProcessPool
+from .._proto import node_pb2
+from ..models import DurationLike, parse_duration
+from .attempt import Attempts
+from .handlers import Handler, Handlers
+from .outbox import Outbox
+from .reaper import Reaper
+from .session import Sessions
+from .slots import Slots
+
+log = logging.getLogger("weft.worker")
+
+
+class Worker:
+    """A node that serves registered Python functions (and exec tasks).
+
+    ``coordinator``: URL like ``http://127.0.0.1:7070`` (default
+    ``$WEFT_COORDINATOR``). ``slots``: how many slots of work it takes at
+    once (default: number of CPUs). ``labels``: key=value pairs tasks can
+    require. ``process_workers``: size of the process pool (default: slots).
+    ``drain_grace``: how long running attempts may finish when draining on a
+    signal or a Drain without a grace.
+    """
+
+    def __init__(
+        self,
+        coordinator: Optional[str] = None,
+        *,
+        slots: Optional[int] = None,
+        labels: Optional[Mapping[str, str]] = None,
+        name: Optional[str] = None,
+        drain_grace: DurationLike = 30.0,
+        reconnect_min: DurationLike = 0.1,
+        reconnect_max: DurationLike = 5.0,
+        process_workers: Optional[int] = None,
+        thread_workers: Optional[int] = None,
+    ):
+        self.coordinator = coordinator_url(coordinator)
+        self._slots = Slots(int(slots if slots is not None else (os.cpu_count() or 1)))
+        if self.slots < 1:
+            raise ValueError("slots must be at least 1")
+        self.labels = dict(labels or {})
+        self.name = name or f"{socket.gethostname()}-py{os.getpid()}"
+        self.drain_grace = parse_duration(drain_grace)
+        self.reconnect_min = parse_duration(reconnect_min)
+        self.reconnect_max = parse_duration(reconnect_max)
+        self._process_workers = process_workers or self.slots
+        self._thread_workers = thread_workers or self.slots
+        self._handlers = Handlers()
+        self._outbox = Outbox()
+        self._attempts = Attempts(self._handlers, self._slots, self._outbox)
+        self._sessions = Sessions(self, self._attempts, self._outbox, self._slots, self.start_drain, self._spawn)
+        self._drain_task: Optional[asyncio.Task] = None
+        self._stopped: Optional[asyncio.Event] = None
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._tasks: set = set()
+
+    @property
+    def slots(self) -> int:
+        """How many slots of work it takes at once."""
+        return self._slots.total
+
+    @slots.setter
+    def slots(self, total: int) -> None:
+        self._slots.total = total
+
+    # -- registration -------------------------------------------------------
+
+    def register(self, name: str, fn: Callable, kind: Optional[str] = None) -> Handler:
+        """Registers ``fn`` as the handler ``name``.
+
+        ``kind`` is ``"asyncio"`` (default for ``async def``), ``"thread"``
+        (default for plain functions) or ``"process"`` (CPU-bound work; the
+        function must be importable: defined at module level).
+        """
+        return self._handlers.register(name, fn, kind)
+
+    def handler(self, name: Optional[str] = None, *, kind: Optional[str] = None) -> Callable:
+        """Decorator form of :meth:`register`; the name defaults to the function's."""
+
+        def decorate(fn: Callable) -> Callable:
+            self.register(name or fn.__name__, fn, kind)
+            return fn
+
+        return decorate
+
+    @property
+    def handlers(self) -> List[str]:
+        """Names of the registered handlers."""
+        return self._handlers.names()
+
+    @property
+    def node_id(self) -> str:
+        """The node id the coordinator gave this worker ("" before registering)."""
+        return self._sessions.node_id
+
+    # -- running ------------------------------------------------------------
+
+    def run(self) -> None:
+        """Serves until drained. SIGTERM/SIGINT drain; a second signal exits at once."""
+        asyncio.run(self._run_with_signals())
+
+    async def _run_with_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        signals = 0
+
+        def on_signal() -> None:
+            nonlocal signals
+            signals += 1
+            if signals == 1:
+                log.info("signal received: draining (again to exit at once)")
+                self.start_drain()
+            else:
+                log.warning("second signal: exiting at once")
+                self._kill_everything()
+                os._exit(130)
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                loop.add_signal_handler(sig, on_signal)
+            except (NotImplementedError, RuntimeError):
+                pass
+        await self.serve()
+
+    async def serve(self) -> None:
+        """Connects, serves, reconnects; returns once the worker has drained."""
+        self._loop = asyncio.get_running_loop()
+        self._outbox.start()
+        self._stopped = asyncio.Event()
+        self._sessions.start()
+        threads = concurrent.futures.ThreadPoolExecutor(self._thread_workers, thread_name_prefix="weft-handler")
+        processes = ProcessPool(self._process_workers) if self._handlers.any_process() else None
+        reaper = Reaper()
+        self._attempts.start(self._loop, self._spawn, threads, processes, reaper)
+        try:
+            await self._sessions.run(self._stopped)
+        finally:
+            self._stopped.set()
+            self._kill_everything()
+            for task in list(self._tasks):
+                task.cancel()
+            threads.shutdown(wait=False, cancel_futures=True)
+            reaper.close()
+
+    async def registered(self, timeout: Optional[float] = None) -> str:
+        """Waits until the first Registered; returns the node id."""
+        while self._sessions.registered_once is None:
+            await asyncio.sleep(0.01)
+        await asyncio.wait_for(self._sessions.registered_once.wait(), timeout)
+        return self.node_id
+
+    def start_drain(self, grace: Optional[DurationLike] = None) -> None:
+        """Starts draining (like SIGTERM): no new work, finish or cancel, close, stop."""
+        if self._slots.draining or self._loop is None:
+            return
+        self._slots.drain()
+        grace_s = self.drain_grace if grace is None else parse_duration(grace)
+        self._outbox.control(node_pb2.NodeMessage(draining=node_pb2.Draining()))
+        self._drain_task = self._spawn(self._drain(grace_s))
+
+    async def drain(self, grace: Optional[DurationLike] = None) -> None:
+        """Drains and waits until the worker has stopped."""
+        self.start_drain(grace)
+        if self._stopped is not None:
+            await self._stopped.wait()
+
+    def stop(self) -> None:
+        """Stops at once, like a crash: kills running work, reports nothing."""
+        self._kill_everything()
+        if self._stopped is not None:
+            self._stopped.set()
+        self._sessions.drop()
+
+    # -- inside -------------------------------------------------------------
+
+    def _spawn(self, coro) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _drain(self, grace: float) -> None:
+        attempts = self._attempts
+        log.info("draining: %d running, grace %.1fs", len(attempts.table), grace)
+        deadline = time.monotonic() + grace
+        while attempts.any_running() and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        for attempt in list(attempts.table.values()):
+            attempts.stop(attempt, "cancelled", "node drained past its grace period")
+        while attempts.any_running():
+            await asyncio.sleep(0.02)
+        # Let the queued events go out, then close the stream and stop.
+        session = self._sessions.current
+        if session is not None and session.registered.is_set():
+            self._outbox.close()
+            flush_deadline = time.monotonic() + 5.0
+            while self._outbox.closing and time.monotonic() < flush_deadline:
+                await asyncio.sleep(0.01)
+            # Give the coordinator a moment to end its side after our half-close.
+            end_deadline = time.monotonic() + 2.0
+            while self._sessions.current is session and time.monotonic() < end_deadline:
+                await asyncio.sleep(0.01)
+            if self._sessions.current is session and session.call is not None:
+                session.dropped = True
+                session.call.cancel()
+        log.info("drained")
+        self._stopped.set()
+        self._sessions.drop()
+
+    def _kill_everything(self) -> None:
+        self._attempts.kill_all()
+        if self._attempts.processes is not None:
+            self._attempts.processes.shutdown()
+
+    # -- the redelivery window, as tests of the single-module worker knew it --
+
+    @property
+    def _redeliver(self):
+        return self._outbox.redeliver
+
+    @property
+    def _redeliver_bytes(self) -> int:
+        return self._outbox.redeliver_bytes
+
+    @_redeliver_bytes.setter
+    def _redeliver_bytes(self, value: int) -> None:
+        self._outbox.redeliver_bytes = value
+
+    def _prune_redelivery(self, now: float) -> None:
+        self._outbox.prune(now)

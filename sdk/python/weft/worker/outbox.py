@@ -1,0 +1,186 @@
+"""What a Python worker sends: the outgoing queue, event batching, the
+redelivery window and credit grants.
+
+The counterpart of ``node/src/outbox.rs``. Events (``NodeTaskEvent``) wait
+here across reconnects; control messages (credits, heartbeats, draining)
+belong to one session and are dropped when it ends. :meth:`Outbox.take`
+turns the queue into the messages the stream sends, batching events, and
+keeps each sent ``Finished`` for a window (bounded in count and bytes): a
+coordinator that crashed before recording it gets it again after the next
+``Register``.
+
+Plain state plus one ``asyncio.Event`` to wake the sender. It does not own
+the stream (``session.py`` pulls from it), the attempts (``attempt.py``
+pushes their events) or the slot counts (``slots.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from typing import Any, Callable, Deque, List, Optional, Set, Tuple
+
+from .._proto import node_pb2
+
+#: Largest output chunk sent in one event.
+CHUNK_LIMIT = 64 * 1024
+#: Most events in one TaskEvents batch.
+BATCH_LIMIT = 512
+#: Payload bytes after which a batch is sent (well under gRPC's 4 MiB limit).
+BATCH_BYTES = 1024 * 1024
+#: How long a sent Finished is kept to be sent again after a reconnect (the
+#: coordinator may have crashed before recording it).
+REDELIVER_WINDOW = 60.0
+#: Most sent Finished events kept for redelivery, and most payload bytes.
+REDELIVER_MAX = 10_000
+REDELIVER_MAX_BYTES = 64 * 1024 * 1024
+
+#: Queued by a drain after the last event: the stream half-closes there.
+CLOSE = object()
+
+#: An attempt's key: (task_id, attempt).
+Key = Tuple[str, int]
+
+
+def payload_bytes(event: node_pb2.NodeTaskEvent) -> int:
+    """The bytes a kept ``Finished`` counts against ``REDELIVER_MAX_BYTES``."""
+    return len(event.finished.output) + len(event.finished.error)
+
+
+class Outbox:
+    """The worker's outgoing messages, across sessions."""
+
+    def __init__(self) -> None:
+        self.queue: Deque[Any] = collections.deque()
+        # Sent Finished events within the redelivery window: key -> (sent at, event), oldest first.
+        self.redeliver: "collections.OrderedDict[Key, Tuple[float, node_pb2.NodeTaskEvent]]" = collections.OrderedDict()
+        self.redeliver_bytes = 0
+        self.ready: Optional[asyncio.Event] = None
+        #: A session is current: control messages are queued (else dropped).
+        self.attached = False
+        #: The current session has registered: releases grant credits.
+        self.credits_open = False
+
+    def start(self) -> None:
+        """Creates the wake-up event on the running loop (``Worker.serve``)."""
+        self.ready = asyncio.Event()
+
+    def wake(self) -> None:
+        """Wakes the session's sender."""
+        if self.ready is not None:
+            self.ready.set()
+
+    # -- what goes in --------------------------------------------------------
+
+    def control(self, message: node_pb2.NodeMessage) -> None:
+        """Queues a control message for the current session (none: dropped)."""
+        if not self.attached:
+            return
+        self.queue.append(message)
+        self.wake()
+
+    def event(self, task_id: str, attempt: int, **body) -> None:
+        """Queues an event about (task_id, attempt); it waits for a session."""
+        self.queue.append(node_pb2.NodeTaskEvent(task_id=task_id, attempt=attempt, **body))
+        self.wake()
+
+    def grant(self, slots: int) -> None:
+        """Grants ``slots`` credits for released slots, once credits are open."""
+        if self.credits_open:
+            self.control(node_pb2.NodeMessage(credits=node_pb2.Credits(grant=slots)))
+
+    def open_credits(self, free: int) -> None:
+        """After Registered: grants the free slots, and later releases."""
+        if free > 0:
+            self.control(node_pb2.NodeMessage(credits=node_pb2.Credits(grant=free)))
+        self.credits_open = True
+
+    def close(self) -> None:
+        """Queues the end of the stream after what is queued (a drain)."""
+        self.queue.append(CLOSE)
+        self.wake()
+
+    @property
+    def closing(self) -> bool:
+        """Whether the end of the stream is queued and not yet reached."""
+        return CLOSE in self.queue
+
+    # -- sessions ------------------------------------------------------------
+
+    def begin_session(self) -> Tuple[List[node_pb2.NodeTaskEvent], Set[Key]]:
+        """Prepares the queue for a new session. Answers the results to send
+        again right after Registered (sent ones within the redelivery
+        window), and the keys to list as running in Register besides the
+        attempts that have not sent their Finished: those whose Finished
+        is queued or kept."""
+        # Control messages of a dead session are meaningless; events are kept.
+        self.queue = collections.deque(item for item in self.queue if isinstance(item, node_pb2.NodeTaskEvent))
+        # A restarted coordinator may not have recorded results sent within
+        # the window: they are listed and sent again, before any credits.
+        self.prune(time.monotonic())
+        redeliver = [event for _, event in self.redeliver.values()]
+        # A redelivered result the last stream did not take is sent once.
+        self.queue = collections.deque(
+            e for e in self.queue if not (e.WhichOneof("body") == "finished" and (e.task_id, e.attempt) in self.redeliver)
+        )
+        keys = {
+            (e.task_id, e.attempt)
+            for e in self.queue
+            if isinstance(e, node_pb2.NodeTaskEvent) and e.WhichOneof("body") == "finished"
+        }
+        keys.update((e.task_id, e.attempt) for e in redeliver)
+        return redeliver, keys
+
+    def resend_first(self, events: List[node_pb2.NodeTaskEvent]) -> None:
+        """Puts ``events`` (from :meth:`begin_session`) at the head of the queue."""
+        self.queue.extendleft(reversed(events))
+
+    def control_first(self, message: node_pb2.NodeMessage) -> None:
+        """Puts a control message at the head of the queue."""
+        self.queue.appendleft(message)
+
+    # -- what goes out -------------------------------------------------------
+
+    def take(self, finished_sent: Callable[[Key], None]) -> Any:
+        """The next message to send, or :data:`CLOSE`; the queue must not be
+        empty. Events go out in batches; each ``Finished`` in one is kept for
+        redelivery and reported to ``finished_sent``."""
+        item = self.queue.popleft()
+        if not isinstance(item, node_pb2.NodeTaskEvent):
+            return item
+        batch, size = [item], item.ByteSize()
+        while self.queue and isinstance(self.queue[0], node_pb2.NodeTaskEvent) and len(batch) < BATCH_LIMIT and size < BATCH_BYTES:
+            batch.append(self.queue.popleft())
+            size += batch[-1].ByteSize()
+        now = time.monotonic()
+        for event in batch:
+            if event.WhichOneof("body") == "finished":
+                key = (event.task_id, event.attempt)
+                finished_sent(key)
+                if key not in self.redeliver:
+                    self.redeliver[key] = (now, event)
+                    self.redeliver_bytes += payload_bytes(event)
+        self.prune(now)
+        return node_pb2.NodeMessage(events=node_pb2.TaskEvents(events=batch))
+
+    # -- the redelivery window -----------------------------------------------
+
+    def forget(self, key: Key) -> None:
+        """Drops a kept result (the coordinator cancelled it: stale there)."""
+        forgotten = self.redeliver.pop(key, None)
+        if forgotten is not None:
+            self.redeliver_bytes -= payload_bytes(forgotten[1])
+
+    def prune(self, now: float) -> None:
+        """Drops results past the redelivery window or beyond its bounds, oldest first."""
+        while self.redeliver:
+            sent_at, event = next(iter(self.redeliver.values()))
+            if (
+                sent_at + REDELIVER_WINDOW >= now
+                and len(self.redeliver) <= REDELIVER_MAX
+                and self.redeliver_bytes <= REDELIVER_MAX_BYTES
+            ):
+                return
+            self.redeliver.popitem(last=False)
+            self.redeliver_bytes -= payload_bytes(event)
