@@ -28,6 +28,9 @@ if [[ ! -x "$venv/bin/python" ]]; then
     "$python" -m venv "$venv"
 fi
 echo "==> installing weft[test] from $here"
+# setuptools reuses build/ from an earlier install; a module moved or removed
+# since would be installed again beside its new home.
+rm -rf "$here/build"
 "$venv/bin/python" -m pip install --quiet --upgrade pip
 "$venv/bin/python" -m pip install --quiet "$here[test]"
 
