@@ -42,7 +42,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use weft_proto::{Attempt, CallSpec, Outcome, TaskId, TaskKind, TaskSpec, pb};
 
 use crate::events::{Emitter, EventTx};
-use crate::exec::{self, ExecEnd};
+use crate::process::{self, ExecEnd};
 use crate::handlers::{HandlerError, HandlerRegistry, HandlerRequest};
 use crate::lease::{self, Lease};
 use crate::reaper::Reaper;
@@ -103,7 +103,7 @@ impl AttemptControl {
     /// SIGKILLs the attempt's process group now, if it has one.
     fn kill_group(&self) {
         if let Some(pgid) = self.pgid.get() {
-            exec::kill_group(*pgid);
+            process::kill_group(*pgid);
         }
     }
 }
@@ -547,7 +547,7 @@ impl Executor {
             match &spec.kind {
                 TaskKind::Exec(exec_spec) => {
                     let reaper = self.inner.reaper.as_ref();
-                    let end = exec::run(exec_spec, &emit, &control.token, reaper, |pgid| {
+                    let end = process::run(exec_spec, &emit, &control.token, reaper, |pgid| {
                         let _ = control.pgid.set(pgid);
                     })
                     .await;
@@ -679,7 +679,7 @@ mod tests {
 
     use super::*;
     use crate::events::{self, EventRx};
-    use crate::exec::tests::assert_gone_soon;
+    use crate::process::tests::assert_gone_soon;
 
     fn executor(slots: u32) -> (Executor, EventRx) {
         executor_with_lease(slots, Arc::new(Lease::new(None)))

@@ -13,7 +13,7 @@
 //!   batches, reconnect with backoff, drain supervision.
 //! - `executor`: runs assignments: task tracker, per-attempt cancellation
 //!   tokens, slot accounting, timeouts.
-//! - `exec`: child processes in their own process group, streamed output.
+//! - `process`: child processes in their own process group, streamed output.
 //! - [`reaper`]: the process beside the node that kills its exec tasks if
 //!   the node is killed outright.
 //! - `events`: the one outgoing event channel and the per-attempt [`Emitter`].
@@ -26,7 +26,7 @@
 pub mod config;
 pub mod error;
 mod events;
-mod exec;
+mod process;
 mod executor;
 pub mod handlers;
 mod lease;

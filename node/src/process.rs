@@ -1,4 +1,5 @@
-//! Child processes for exec tasks.
+//! Child processes for exec tasks (named `process` so it is not mistaken
+//! for the executor, which decides when attempts run).
 //!
 //! Each child runs in its own process group, so one `killpg(SIGKILL)` stops
 //! it and everything it started. stdin gets the spec's bytes and is closed;
