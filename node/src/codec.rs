@@ -1,7 +1,7 @@
 //! The node stream's wire format, both ways, in one place: what the
 //! coordinator sends (`Registered`, `Assign`, `Cancel`, `Drain`) is decoded
 //! here into domain types once, at the session's edge; what the node sends
-//! (its events, attempt lists, messages) is encoded here.
+//! (`Register`, its events, the envelope) is encoded here.
 //!
 //! Pure functions: no state, no I/O, no decisions (a decoded message is
 //! acted on by the session and the executor). Past this module, task ids
@@ -11,9 +11,10 @@ use std::time::Duration;
 
 use weft_proto::convert::{ConversionError, duration_from_pb};
 use weft_proto::pb::node_message::Body as Outbound;
-use weft_proto::{Attempt, NodeId, TaskId, TaskSpec, pb};
+use weft_proto::{Attempt, NodeId, PROTOCOL_VERSION, TaskId, TaskSpec, pb};
 
 use crate::attempt::{Assignment, InvalidSpec};
+use crate::config::NodeConfig;
 use crate::error::Error;
 use crate::events::{AttemptKey, Event};
 
@@ -30,6 +31,27 @@ pub(crate) struct Registered {
     pub(crate) heartbeat_interval: Duration,
     /// Silence after which the coordinator counts as gone.
     pub(crate) heartbeat_timeout: Duration,
+}
+
+/// Encodes `Register`: the node as configured, the handlers it serves, the
+/// attempts it lists as its own (`running`, sorted), and the node id of
+/// its previous session, if any.
+pub(crate) fn register(
+    config: &NodeConfig,
+    handlers: Vec<String>,
+    running: &[AttemptKey],
+    previous: Option<NodeId>,
+) -> pb::Register {
+    pb::Register {
+        name: config.name.clone(),
+        labels: config.labels.clone().into_iter().collect(),
+        slots: config.slots.max(1),
+        prefetch: config.prefetch,
+        handlers,
+        protocol_version: PROTOCOL_VERSION.into(),
+        running: running.iter().copied().map(attempt_ref).collect(),
+        previous_node_id: previous.map(|id| id.to_string()).unwrap_or_default(),
+    }
 }
 
 /// Decodes `Registered`; unset (or zero) heartbeat settings take their

@@ -36,7 +36,7 @@ use tracing::{debug, info, warn};
 use weft_proto::pb::coordinator_message::Body as Inbound;
 use weft_proto::pb::node_message::Body as Outbound;
 use weft_proto::pb::node_service_client::NodeServiceClient;
-use weft_proto::{NodeId, PROTOCOL_VERSION, pb};
+use weft_proto::{NodeId, pb};
 
 use crate::codec;
 use crate::config::NodeConfig;
@@ -178,16 +178,12 @@ pub(crate) async fn run(
     // Exactly these are sent again after Registered, so every attempt listed
     // as finished here gets its result.
     let redeliver = ctx.outbox.redeliverable(now);
-    let register = pb::Register {
-        name: ctx.config.name.clone(),
-        labels: ctx.config.labels.clone().into_iter().collect(),
-        slots: ctx.config.slots.max(1),
-        prefetch: ctx.config.prefetch,
-        handlers: ctx.executor.handler_names(),
-        protocol_version: PROTOCOL_VERSION.into(),
-        running: register_running(ctx, &redeliver),
-        previous_node_id: previous.map(|id| id.to_string()).unwrap_or_default(),
-    };
+    let register = codec::register(
+        &ctx.config,
+        ctx.executor.handler_names(),
+        &ctx.outbox.listed(&redeliver),
+        *previous,
+    );
     let running = register.running.len();
     // Queued before the stream opens, so it is the first message.
     if outbox::send(&out, Outbound::Register(register))
@@ -254,15 +250,6 @@ pub(crate) async fn run(
         info!(%node_id, "stream closed");
     }
     end
-}
-
-/// `Register.running`, encoded (see [`Outbox::listed`]).
-fn register_running(ctx: &NodeCtx, redeliver: &[events::Event]) -> Vec<pb::AttemptRef> {
-    ctx.outbox
-        .listed(redeliver)
-        .into_iter()
-        .map(codec::attempt_ref)
-        .collect()
 }
 
 /// The registered part of a session.

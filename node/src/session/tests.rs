@@ -9,6 +9,13 @@ use weft_proto::{Attempt, Outcome, TaskId, TaskSpec};
 use super::*;
 use crate::events::Event;
 
+/// `Register.running` as sent.
+fn register_running(ctx: &NodeCtx, redeliver: &[Event]) -> Vec<pb::AttemptRef> {
+    let listed = ctx.outbox.listed(redeliver);
+    let register = codec::register(&ctx.config, Vec::new(), &listed, None);
+    register.running
+}
+
 fn node_ctx(config: NodeConfig, handlers: HandlerRegistry) -> (Arc<NodeCtx>, EventRx) {
     NodeCtx::new(config, handlers, None)
 }
