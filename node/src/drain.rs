@@ -1,11 +1,11 @@
-//! Drain supervision: the node's graceful stop, in the order the design
-//! gives (SIGTERM, [`RunningNode::drain`](crate::RunningNode::drain), or
-//! the coordinator's `Drain`). Stop granting credits and taking work
-//! (queued attempts are handed back at once), tell the coordinator (the
-//! session sends `Draining` when [`Drain::started`] fires), let running
-//! attempts finish within the grace period, cancel the rest and give them
-//! a moment to report, then fire [`Drain::done`]: the session flushes what
-//! is queued, closes the stream, and the node stops.
+//! Drain supervision: the node's graceful stop (SIGTERM,
+//! `RunningNode::drain`, or the coordinator's `Drain`), in the design's
+//! order. Stop granting credits and taking work (queued attempts are handed
+//! back at once), tell the coordinator (the session sends `Draining` when
+//! [`Drain::started`] fires), let running attempts finish within the grace
+//! period, cancel the rest and give them a moment to report, then fire
+//! [`Drain::done`]: the session flushes what is queued, closes the stream,
+//! and the node stops.
 //!
 //! This module only sequences; the executor stops attempts and the session
 //! sends. A kill (crash-style stop) cuts the supervision short.
