@@ -1,10 +1,14 @@
-//! The node's one outgoing event channel and the per-attempt [`Emitter`].
+//! The node's one outgoing event channel, the [`Event`]s it carries and the
+//! per-attempt [`Emitter`] that produces them.
 //!
 //! Every attempt event (started, output, progress, finished) goes through one
-//! bounded channel that the session drains into `TaskEvents` batches. The
-//! bound is the node's buffer while it is disconnected: when it is full,
-//! attempts wait (their pipes fill, the children block) instead of the node
-//! dropping output or growing without limit.
+//! bounded channel that the outbox (`outbox/`) drains into `TaskEvents`
+//! batches. The bound is the node's buffer while it is disconnected: when it
+//! is full, attempts wait (their pipes fill, the children block) instead of
+//! the node dropping output or growing without limit. Events carry typed
+//! ids ([`AttemptKey`]); they become wire messages only when the outbox
+//! sends them (`codec.rs`). This is the producer side: nothing here sends
+//! on the stream or knows about sessions.
 
 use std::sync::Arc;
 
@@ -17,10 +21,36 @@ use weft_proto::{Attempt, OutputStream, TaskId, pb};
 /// Events buffered between the attempts and the session.
 pub(crate) const EVENT_BUFFER: usize = 4096;
 
+/// An attempt's key: the unit of fencing, slot accounting and redelivery.
+pub(crate) type AttemptKey = (TaskId, Attempt);
+
+/// One event of one attempt, as it waits to be sent.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct Event {
+    /// The task.
+    pub(crate) task_id: TaskId,
+    /// Its attempt.
+    pub(crate) attempt: Attempt,
+    /// What happened (the wire body: it is sent as it is).
+    pub(crate) body: Body,
+}
+
+impl Event {
+    /// The attempt this event is about.
+    pub(crate) fn key(&self) -> AttemptKey {
+        (self.task_id, self.attempt)
+    }
+
+    /// Whether this is the attempt's `Finished` (its last event).
+    pub(crate) fn is_finished(&self) -> bool {
+        matches!(self.body, Body::Finished(_))
+    }
+}
+
 /// Sending half of the outgoing event channel.
-pub(crate) type EventTx = mpsc::Sender<pb::NodeTaskEvent>;
+pub(crate) type EventTx = mpsc::Sender<Event>;
 /// Receiving half, owned by the session loop.
-pub(crate) type EventRx = mpsc::Receiver<pb::NodeTaskEvent>;
+pub(crate) type EventRx = mpsc::Receiver<Event>;
 
 /// The node's outgoing event channel.
 pub(crate) fn channel() -> (EventTx, EventRx) {
@@ -69,11 +99,11 @@ impl Emitter {
         self.attempt
     }
 
-    fn event(&self, body: Body) -> pb::NodeTaskEvent {
-        pb::NodeTaskEvent {
-            task_id: self.task_id.to_string(),
-            attempt: self.attempt.0,
-            body: Some(body),
+    fn event(&self, body: Body) -> Event {
+        Event {
+            task_id: self.task_id,
+            attempt: self.attempt,
+            body,
         }
     }
 
@@ -97,7 +127,7 @@ impl Emitter {
         match self.tx.try_send(self.event(Body::Finished(finished))) {
             Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Full(event)) => match event.body {
-                Some(Body::Finished(finished)) => Err(Some(finished)),
+                Body::Finished(finished) => Err(Some(finished)),
                 _ => Err(None),
             },
             Err(mpsc::error::TrySendError::Closed(_)) => Err(None),

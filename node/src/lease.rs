@@ -9,8 +9,8 @@
 //! that was stopped (SIGSTOP) and resumed later finds its lease expired.
 //!
 //! Plain state with `now` passed in: no timers and no I/O here. The session
-//! asks before acting on a message, the watchdog in `session.rs` checks on a
-//! timer, and the executor asks before starting an assignment.
+//! asks before acting on a message, the watchdog (`lease_watchdog.rs`)
+//! checks on a timer, and the executor asks before starting an assignment.
 
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;

@@ -9,37 +9,54 @@
 //! - `main.rs`: the `weft-node` binary: flags, tracing, signals. Nothing else.
 //! - [`config`]: the node's settings, [`NodeConfig`].
 //! - [`error`]: the node's error type, [`Error`].
-//! - `session`: dial, Register/Registered, heartbeats, credits, event
-//!   batches, reconnect with backoff, drain supervision.
-//! - `executor`: runs assignments: task tracker, per-attempt cancellation
-//!   tokens, slot accounting, timeouts.
-//! - `exec`: child processes in their own process group, streamed output.
+//! - `reconnect`: the main loop: one session after another, reconnect
+//!   backoff, the lease watchdog beside it.
+//! - `session`: one session: dial, Register/Registered, the select loop
+//!   (heartbeats, silence, `Draining`), the reader; the shared `NodeCtx`.
+//! - `codec`: the node stream's wire format both ways: assignments,
+//!   cancels and `Registered` decoded once; events and attempt refs encoded.
+//! - `outbox`: event batching, the unsent buffer, credit grants, and
+//!   (`outbox::redelivery`) sent results kept to send again after a
+//!   reconnect (the coordinator may have crashed before recording them).
+//! - `events`: the one outgoing event channel, its typed events, and the
+//!   per-attempt [`Emitter`].
+//! - `drain`: drain supervision: stop taking work, grace, cancel, stop.
+//! - `lease`: how long attempts may run without word from the coordinator
+//!   (plain state); `lease_watchdog`: stops them when it runs out.
+//! - `executor`: takes assignments, spawns started attempts on the task
+//!   tracker, reports the ones that never run, cancels and stops.
+//! - `slots`: slot and credit accounting and the prefetch queue: a plain
+//!   struct, no runtime.
+//! - `attempt`: running one attempt: its control, stop reasons, and the
+//!   `Finished` it reports.
+//! - `process`: child processes in their own process group, streamed output.
 //! - [`reaper`]: the process beside the node that kills its exec tasks if
 //!   the node is killed outright.
-//! - `events`: the one outgoing event channel and the per-attempt [`Emitter`].
-//! - `lease`: how long attempts may run without word from the coordinator.
-//! - `redeliver`: sent `Finished` events kept to send again after a
-//!   reconnect (the coordinator may have crashed before recording them).
 //! - [`handlers`]: the registry of handlers as tower services
 //!   ([`HandlerRegistry`]), and the built-ins.
 
+mod attempt;
+mod codec;
 pub mod config;
+mod drain;
 pub mod error;
 mod events;
-mod exec;
 mod executor;
 pub mod handlers;
 mod lease;
+mod lease_watchdog;
+mod outbox;
+mod process;
 pub mod reaper;
-mod redeliver;
+mod reconnect;
 mod session;
+mod slots;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, info_span, warn};
 
@@ -50,8 +67,7 @@ pub use crate::error::Error;
 pub use crate::events::Emitter;
 pub use crate::handlers::{HandlerError, HandlerRegistry, HandlerRequest, HandlerService};
 
-use crate::executor::{Executor, StopReason};
-use crate::lease::Lease;
+use crate::attempt::StopReason;
 use crate::reaper::Reaper;
 use crate::session::NodeCtx;
 
@@ -66,29 +82,17 @@ const KILL_WAIT: Duration = Duration::from_secs(5);
 /// background. Must be called inside a tokio runtime.
 pub fn start(config: NodeConfig, mut handlers: HandlerRegistry) -> RunningNode {
     handlers.set_blocking_threads(config.blocking_threads);
-    let tasks = TaskTracker::new();
-    let kill = CancellationToken::new();
-    let (events_tx, events_rx) = events::channel();
-    let lease = Arc::new(Lease::new(config.lease));
-    let executor = Executor::new(
-        handlers,
-        events_tx,
-        tasks.clone(),
-        kill.clone(),
-        lease.clone(),
-        config.slots,
-        config.prefetch,
-    )
-    .with_reaper(config.reaper.as_deref().and_then(Reaper::start));
+    let reaper = config.reaper.as_deref().and_then(Reaper::start);
     let name = config.name.clone();
-    let ctx = Arc::new(NodeCtx::new(config, executor, lease, tasks.clone(), kill));
+    let (ctx, events_rx) = NodeCtx::new(config, handlers, reaper);
+    let tasks = ctx.tasks.clone();
     let node_id = ctx.node_id.subscribe();
     let span = info_span!("node", node_name = %name);
     let main = {
         let ctx = ctx.clone();
         tasks.spawn(
             async move {
-                session::run(ctx.clone(), events_rx).await;
+                reconnect::run(ctx.clone(), events_rx).await;
                 // Whatever still runs (a drain that gave up waiting) dies
                 // with the node: no orphans.
                 ctx.executor.stop_all(&StopReason::Killed);

@@ -132,7 +132,7 @@ mod tests {
         let out = echo(request).await.unwrap();
         assert_eq!(out, "hello");
         let event = rx.recv().await.unwrap();
-        let Some(weft_proto::pb::node_task_event::Body::Output(chunk)) = event.body else {
+        let weft_proto::pb::node_task_event::Body::Output(chunk) = event.body else {
             panic!("expected an output chunk, got {event:?}");
         };
         assert_eq!((chunk.data.as_ref(), chunk.seq), (b"hello".as_ref(), 0));

@@ -7,7 +7,7 @@
 //! (CPU-bound or blocking code: `spawn_blocking` on a pool bounded by the
 //! node's `blocking_threads`). Built-ins live in [`builtin`].
 //! This module runs handlers; it does not know about attempts, slots or
-//! timeouts (the executor does).
+//! timeouts (`slots.rs`, `attempt.rs` and the executor do).
 
 pub mod builtin;
 

@@ -8,16 +8,17 @@
 //! `Register.running`, and sends them again right after re-registering. The
 //! coordinator ignores a result it already recorded, so this is idempotent.
 //! An attempt the coordinator sent `Cancel` for is forgotten: it is stale
-//! there. Plain state with `now` passed in; the session does the sending.
+//! there. Plain state with `now` passed in: no timers, no locks, no I/O;
+//! the outbox sends.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
 use tokio::time::Instant;
 
-use weft_proto::pb;
+use weft_proto::pb::node_task_event::Body;
 
-use crate::executor::AttemptKey;
+use crate::events::{AttemptKey, Event};
 
 /// Most attempts kept.
 const MAX_KEPT: usize = 10_000;
@@ -42,7 +43,7 @@ pub(crate) struct Redelivery {
 struct Entry {
     seq: u64,
     sent_at: Instant,
-    event: pb::NodeTaskEvent,
+    event: Event,
     bytes: usize,
 }
 
@@ -64,7 +65,7 @@ impl Redelivery {
     }
 
     /// Keeps `event` (a `Finished`, sent at `now`) for the window.
-    pub(crate) fn record(&mut self, key: AttemptKey, event: pb::NodeTaskEvent, now: Instant) {
+    pub(crate) fn record(&mut self, key: AttemptKey, event: Event, now: Instant) {
         if self.window.is_zero() {
             return;
         }
@@ -99,7 +100,7 @@ impl Redelivery {
 
     /// The events still within the window at `now`, in the order they were
     /// first sent (sending them again does not extend the window).
-    pub(crate) fn snapshot(&mut self, now: Instant) -> Vec<pb::NodeTaskEvent> {
+    pub(crate) fn snapshot(&mut self, now: Instant) -> Vec<Event> {
         self.prune(now);
         self.order
             .iter()
@@ -133,39 +134,39 @@ impl Redelivery {
     }
 }
 
-fn payload_bytes(event: &pb::NodeTaskEvent) -> usize {
+fn payload_bytes(event: &Event) -> usize {
     match &event.body {
-        Some(pb::node_task_event::Body::Finished(done)) => done.output.len() + done.error.len(),
+        Body::Finished(done) => done.output.len() + done.error.len(),
         _ => 0,
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use weft_proto::{Attempt, TaskId};
+    use weft_proto::{Attempt, TaskId, pb};
 
     use super::*;
 
     const SECOND: Duration = Duration::from_secs(1);
 
-    fn finished(error: &str) -> (AttemptKey, pb::NodeTaskEvent) {
+    fn finished(error: &str) -> (AttemptKey, Event) {
         let task_id = TaskId::new();
-        let event = pb::NodeTaskEvent {
-            task_id: task_id.to_string(),
-            attempt: 1,
-            body: Some(pb::node_task_event::Body::Finished(pb::Finished {
+        let event = Event {
+            task_id,
+            attempt: Attempt::FIRST,
+            body: Body::Finished(pb::Finished {
                 error: error.to_owned(),
                 ..Default::default()
-            })),
+            }),
         };
         ((task_id, Attempt::FIRST), event)
     }
 
-    fn errors(events: &[pb::NodeTaskEvent]) -> Vec<String> {
+    fn errors(events: &[Event]) -> Vec<String> {
         events
             .iter()
             .map(|e| match &e.body {
-                Some(pb::node_task_event::Body::Finished(done)) => done.error.clone(),
+                Body::Finished(done) => done.error.clone(),
                 _ => String::new(),
             })
             .collect()

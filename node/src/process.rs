@@ -1,4 +1,5 @@
-//! Child processes for exec tasks.
+//! Child processes for exec tasks (named `process` so it is not mistaken
+//! for the executor, which decides when attempts run).
 //!
 //! Each child runs in its own process group, so one `killpg(SIGKILL)` stops
 //! it and everything it started. stdin gets the spec's bytes and is closed;
@@ -7,8 +8,9 @@
 //! cancel, timeout, drain, kill), the group is killed and the child reaped:
 //! no orphans, no zombies; and if the node itself is killed outright, its
 //! reaper (`reaper.rs`) kills the groups it was told about. This module
-//! reports output and `Started` only; the executor turns an [`ExecEnd`]
-//! into the attempt's `Finished`.
+//! reports output and `Started` only; `attempt.rs` turns an [`ExecEnd`]
+//! into the attempt's `Finished`. It decides nothing about when a process
+//! runs.
 
 use std::io;
 use std::os::unix::process::ExitStatusExt;
@@ -306,7 +308,7 @@ pub(crate) mod tests {
     use weft_proto::{Attempt, TaskId, pb};
 
     use super::*;
-    use crate::events::{self, EventRx};
+    use crate::events::{self, Event, EventRx};
 
     /// True when `pid` no longer runs (gone, or a zombie nobody reaped yet
     /// because its parent died and init is slow or absent).
@@ -340,14 +342,14 @@ pub(crate) mod tests {
 
     struct Run {
         end: ExecEnd,
-        events: Vec<pb::NodeTaskEvent>,
+        events: Vec<Event>,
     }
 
     impl Run {
         fn output(&self, stream: OutputStream) -> String {
             let mut text = String::new();
             for event in &self.events {
-                if let Some(Body::Output(chunk)) = &event.body
+                if let Body::Output(chunk) = &event.body
                     && chunk.stream == i32::from(stream)
                 {
                     text.push_str(&String::from_utf8_lossy(&chunk.data));
@@ -360,14 +362,14 @@ pub(crate) mod tests {
             self.events
                 .iter()
                 .filter_map(|e| match &e.body {
-                    Some(Body::Output(chunk)) => Some(chunk.seq),
+                    Body::Output(chunk) => Some(chunk.seq),
                     _ => None,
                 })
                 .collect()
         }
     }
 
-    fn collect(mut rx: EventRx) -> Vec<pb::NodeTaskEvent> {
+    fn collect(mut rx: EventRx) -> Vec<Event> {
         let mut events = Vec::new();
         while let Ok(event) = rx.try_recv() {
             events.push(event);
@@ -391,7 +393,7 @@ pub(crate) mod tests {
         let script = "echo one; sleep 0.05; echo two >&2; sleep 0.05; echo three";
         let run = run_spec(&spec(&["sh", "-c", script])).await;
         assert_eq!(run.end, ExecEnd::Exited(0));
-        assert!(matches!(run.events[0].body, Some(Body::Started(pb::Started { pid })) if pid > 0));
+        assert!(matches!(run.events[0].body, Body::Started(pb::Started { pid }) if pid > 0));
         assert_eq!(run.output(OutputStream::Stdout), "one\nthree\n");
         assert_eq!(run.output(OutputStream::Stderr), "two\n");
         let seqs = run.seqs();
@@ -399,7 +401,7 @@ pub(crate) mod tests {
         let order: Vec<_> = run.events[1..]
             .iter()
             .filter_map(|e| match &e.body {
-                Some(Body::Output(c)) => Some(String::from_utf8_lossy(&c.data).into_owned()),
+                Body::Output(c) => Some(String::from_utf8_lossy(&c.data).into_owned()),
                 _ => None,
             })
             .collect();
@@ -475,7 +477,7 @@ pub(crate) mod tests {
         });
         let grandchild = loop {
             let event = rx.recv().await.expect("child output");
-            if let Some(Body::Output(chunk)) = event.body {
+            if let Body::Output(chunk) = event.body {
                 break String::from_utf8_lossy(&chunk.data)
                     .trim()
                     .parse::<u32>()

@@ -1,0 +1,284 @@
+//! Running one attempt: its [`AttemptControl`] (token, stop reason, process
+//! group), why the node stops attempts ([`StopReason`]), running an exec or
+//! call spec to its end under the spec's timeout, and the `Finished` the
+//! attempt reports. Also the [`Assignment`] the session decodes for the
+//! executor.
+//!
+//! Nothing here decides whether or when an attempt runs (slots, prefetch,
+//! drain: `slots.rs` and the executor do), and nothing here talks to the
+//! coordinator: events go to the attempt's [`Emitter`].
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use bytes::Bytes;
+use nix::sys::signal::Signal;
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
+use tracing::{debug, info};
+
+use weft_proto::{CallSpec, Outcome, TaskKind, TaskSpec, pb};
+
+use crate::events::{AttemptKey, Emitter};
+use crate::handlers::{HandlerError, HandlerRegistry, HandlerRequest};
+use crate::lease;
+use crate::process::{self, ExecEnd};
+use crate::reaper::Reaper;
+
+/// An assignment from the coordinator, decoded once at the session's edge.
+#[derive(Debug)]
+pub(crate) struct Assignment {
+    /// The attempt to run.
+    pub(crate) key: AttemptKey,
+    /// Its validated spec, or why it cannot start.
+    pub(crate) spec: Result<TaskSpec, InvalidSpec>,
+}
+
+/// A spec that failed validation: the attempt is reported `START_FAILED`.
+#[derive(Debug)]
+pub(crate) struct InvalidSpec {
+    /// The slots the wire spec asked for: what it used of the credit window.
+    pub(crate) slots: u32,
+    /// Why it cannot start.
+    pub(crate) error: String,
+}
+
+/// Why the node stopped an attempt.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum StopReason {
+    /// The coordinator sent `Cancel` (with its reason).
+    Cancelled(String),
+    /// It ran past `spec.timeout`.
+    TimedOut(Duration),
+    /// The node drained and the attempt outlived the grace period.
+    Drained(Duration),
+    /// Nothing was heard from the coordinator for this long, past the
+    /// node's lease: the coordinator has given the attempt to another node.
+    LeaseExpired(Duration),
+    /// The node was killed: report nothing.
+    Killed,
+}
+
+/// Stops one attempt: its token, why it was stopped, and its process group.
+#[derive(Debug)]
+pub(crate) struct AttemptControl {
+    token: CancellationToken,
+    reason: OnceLock<StopReason>,
+    pgid: OnceLock<u32>,
+}
+
+impl AttemptControl {
+    /// A control whose token is `token` (a child of the node's kill token).
+    pub(crate) fn new(token: CancellationToken) -> Self {
+        AttemptControl {
+            token,
+            reason: OnceLock::new(),
+            pgid: OnceLock::new(),
+        }
+    }
+
+    /// Stops the attempt; the first reason given wins.
+    pub(crate) fn stop(&self, reason: StopReason) {
+        let _ = self.reason.set(reason);
+        self.token.cancel();
+    }
+
+    /// Why it was stopped; a token cancelled by its parent (node kill)
+    /// without a reason counts as killed.
+    fn reason(&self) -> StopReason {
+        self.reason.get().cloned().unwrap_or(StopReason::Killed)
+    }
+
+    /// SIGKILLs the attempt's process group now, if it has one.
+    pub(crate) fn kill_group(&self) {
+        if let Some(pgid) = self.pgid.get() {
+            process::kill_group(*pgid);
+        }
+    }
+}
+
+/// Runs one attempt to its end (or its timeout): answers its `Finished`,
+/// not yet sent, or `None` when it was killed with the node (report
+/// nothing).
+pub(crate) async fn run(
+    spec: &TaskSpec,
+    control: &AttemptControl,
+    emit: &Emitter,
+    handlers: &HandlerRegistry,
+    reaper: Option<&Reaper>,
+) -> Option<pb::Finished> {
+    debug!(kind = spec.summary(), "attempt starting");
+    let work = async {
+        match &spec.kind {
+            TaskKind::Exec(exec_spec) => {
+                let end = process::run(exec_spec, emit, &control.token, reaper, |pgid| {
+                    let _ = control.pgid.set(pgid);
+                })
+                .await;
+                exec_finished(end, control)
+            }
+            TaskKind::Call(call) => run_call(call, emit, control, handlers).await,
+        }
+    };
+    match spec.timeout {
+        None => work.await,
+        Some(limit) => {
+            tokio::pin!(work);
+            tokio::select! {
+                result = &mut work => result,
+                () = tokio::time::sleep(limit) => {
+                    control.stop(StopReason::TimedOut(limit));
+                    work.await
+                }
+            }
+        }
+    }
+}
+
+/// Sends the `Finished` of an attempt that ran: always its last event.
+pub(crate) async fn report(emit: &Emitter, done: pb::Finished) {
+    let outcome = Outcome::try_from(done.outcome).map_or("?", Outcome::as_str);
+    info!(outcome, exit_code = ?done.exit_code, error = %done.error, "attempt finished");
+    emit.finished(done).await;
+}
+
+async fn run_call(
+    call: &CallSpec,
+    emit: &Emitter,
+    control: &AttemptControl,
+    handlers: &HandlerRegistry,
+) -> Option<pb::Finished> {
+    let Some(service) = handlers.get(&call.handler) else {
+        let known = handlers.names().join(", ");
+        let error = format!(
+            "unknown handler {:?} (this node serves: {known})",
+            call.handler
+        );
+        return Some(finished(Outcome::StartFailed, None, Bytes::new(), error));
+    };
+    emit.started(0).await;
+    let request = HandlerRequest {
+        task_id: emit.task_id(),
+        attempt: emit.attempt(),
+        input: call.input.clone(),
+        cancel: control.token.clone(),
+        emit: emit.clone(),
+    };
+    let result = tokio::select! {
+        result = service.oneshot(request) => result,
+        () = control.token.cancelled() => return stopped(control.reason()),
+    };
+    match result {
+        Ok(output) => Some(finished(Outcome::Succeeded, None, output, String::new())),
+        Err(HandlerError::Cancelled) if control.token.is_cancelled() => stopped(control.reason()),
+        Err(err) => Some(finished(
+            Outcome::Failed,
+            None,
+            Bytes::new(),
+            err.to_string(),
+        )),
+    }
+}
+
+fn exec_finished(end: ExecEnd, control: &AttemptControl) -> Option<pb::Finished> {
+    Some(match end {
+        ExecEnd::Exited(0) => finished(Outcome::Succeeded, Some(0), Bytes::new(), String::new()),
+        ExecEnd::Exited(code) => finished(
+            Outcome::Failed,
+            Some(code),
+            Bytes::new(),
+            format!("exited with code {code}"),
+        ),
+        ExecEnd::Signaled(signal) => {
+            let name = Signal::try_from(signal).map_or("unknown signal", Signal::as_str);
+            let error = format!("killed by signal {signal} ({name})");
+            finished(Outcome::Failed, None, Bytes::new(), error)
+        }
+        ExecEnd::StartFailed(error) => finished(Outcome::StartFailed, None, Bytes::new(), error),
+        ExecEnd::Stopped => return stopped(control.reason()),
+    })
+}
+
+/// The `Finished` of a stopped attempt; `None` when killed (report nothing).
+pub(crate) fn stopped(reason: StopReason) -> Option<pb::Finished> {
+    let (outcome, error) = match reason {
+        StopReason::Killed => return None,
+        StopReason::Cancelled(why) if why.is_empty() => {
+            (Outcome::Cancelled, "cancelled".to_owned())
+        }
+        StopReason::Cancelled(why) => (Outcome::Cancelled, format!("cancelled: {why}")),
+        StopReason::TimedOut(limit) => (Outcome::TimedOut, format!("timed out after {limit:?}")),
+        StopReason::Drained(grace) => (
+            Outcome::Cancelled,
+            format!("cancelled by node drain: still running after the {grace:?} grace period"),
+        ),
+        StopReason::LeaseExpired(silence) => (Outcome::Cancelled, lease::expired_message(silence)),
+    };
+    Some(finished(outcome, None, Bytes::new(), error))
+}
+
+/// A `Finished` body.
+pub(crate) fn finished(
+    outcome: Outcome,
+    exit_code: Option<i32>,
+    output: Bytes,
+    error: String,
+) -> pb::Finished {
+    pb::Finished {
+        outcome: outcome.into(),
+        exit_code,
+        output,
+        error,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stop_reasons_read_as_their_finished() {
+        let text = |reason| {
+            let done = stopped(reason).expect("reported");
+            (Outcome::try_from(done.outcome).unwrap(), done.error)
+        };
+        assert_eq!(
+            text(StopReason::Cancelled(String::new())),
+            (Outcome::Cancelled, "cancelled".to_owned())
+        );
+        assert_eq!(
+            text(StopReason::TimedOut(Duration::from_millis(300))),
+            (Outcome::TimedOut, "timed out after 300ms".to_owned())
+        );
+        assert_eq!(
+            text(StopReason::Drained(Duration::from_secs(2))).1,
+            "cancelled by node drain: still running after the 2s grace period"
+        );
+        assert!(
+            text(StopReason::LeaseExpired(Duration::from_secs(5)))
+                .1
+                .starts_with("lease expired")
+        );
+        assert_eq!(
+            stopped(StopReason::Killed),
+            None,
+            "a killed attempt reports nothing"
+        );
+    }
+
+    #[test]
+    fn the_first_stop_reason_wins_and_a_parent_cancel_counts_as_killed() {
+        let parent = CancellationToken::new();
+        let control = AttemptControl::new(parent.child_token());
+        parent.cancel();
+        assert_eq!(control.reason(), StopReason::Killed);
+        let control = AttemptControl::new(CancellationToken::new());
+        control.stop(StopReason::TimedOut(Duration::from_secs(1)));
+        control.stop(StopReason::Cancelled("later".into()));
+        assert!(control.token.is_cancelled());
+        assert_eq!(
+            control.reason(),
+            StopReason::TimedOut(Duration::from_secs(1))
+        );
+    }
+}

@@ -1,0 +1,309 @@
+//! The node's outgoing work messages: attempt events drained from the event
+//! channel into `TaskEvents` batches, the unsent buffer (events whose batch
+//! the broken stream did not take), the redelivery window
+//! ([`redelivery`]: sent `Finished` events kept to send again after a
+//! reconnect), and credit grants.
+//!
+//! Two orders are kept here. Within a session, an attempt's slots are
+//! released when its `Finished` is put in a batch, so the `Credits` that
+//! follow come after the `Finished` they answer. After `Registered`,
+//! [`Outbox::resume`] sends the redelivered results first, then what the
+//! last stream broke on, then the free credits.
+//!
+//! The session owns the stream and decides when to send; this module does
+//! not dial, read, or know about heartbeats and the lease. Events are
+//! encoded only here (`codec.rs`), as they go out.
+
+pub(crate) mod redelivery;
+
+use std::iter::Peekable;
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+use std::vec;
+
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tracing::debug;
+
+use weft_proto::pb;
+use weft_proto::pb::node_message::Body as Outbound;
+use weft_proto::pb::node_task_event::Body;
+
+use crate::codec;
+use crate::error::Error;
+use crate::events::{AttemptKey, Event, EventRx};
+use crate::executor::Executor;
+use crate::outbox::redelivery::Redelivery;
+
+/// Most events in one `TaskEvents` message.
+const MAX_BATCH_EVENTS: usize = 512;
+/// Payload bytes after which a batch is sent (well under gRPC's 4 MiB).
+const MAX_BATCH_BYTES: usize = 1024 * 1024;
+
+/// The sending half of a session's stream.
+pub(crate) type Out = mpsc::Sender<pb::NodeMessage>;
+
+/// What outlives a session on the way out: the unsent buffer and the
+/// redelivery window, and the executor whose slots sent results free.
+pub(crate) struct Outbox {
+    executor: Executor,
+    /// Sent `Finished` events, kept to be sent again after a reconnect.
+    redelivery: Mutex<Redelivery>,
+    /// Events taken from the event channel whose batch could not be sent
+    /// because the stream broke; the next session sends them first.
+    unsent: Mutex<Vec<Event>>,
+}
+
+impl Outbox {
+    /// An empty outbox keeping sent results for `redeliver_window`.
+    pub(crate) fn new(executor: Executor, redeliver_window: Duration) -> Self {
+        Outbox {
+            executor,
+            redelivery: Mutex::new(Redelivery::new(redeliver_window)),
+            unsent: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn redelivery(&self) -> MutexGuard<'_, Redelivery> {
+        // No code panics while holding this lock; recover anyway.
+        self.redelivery
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn unsent(&self) -> MutexGuard<'_, Vec<Event>> {
+        // No code panics while holding this lock; recover anyway.
+        self.unsent
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The results to send again after the next `Registered`, as of `now`.
+    /// Exactly these are sent, so every attempt listed as finished in
+    /// `Register` gets its result.
+    pub(crate) fn redeliverable(&self, now: Instant) -> Vec<Event> {
+        self.redelivery().snapshot(now)
+    }
+
+    /// Never sends the result of `key` again: the coordinator cancelled it,
+    /// so it is stale there.
+    pub(crate) fn forget(&self, key: AttemptKey) {
+        self.redelivery().forget(key);
+    }
+
+    /// `Register.running`, sorted: the attempts this node still runs (or
+    /// whose `Finished` has not been sent yet, also one whose batch broke
+    /// with the last stream) AND the recently finished attempts whose
+    /// `Finished` was sent before and is sent again right after
+    /// `Registered` (`redeliver`). Listing the latter makes a coordinator
+    /// that restarted before recording their results keep those attempts
+    /// (rather than requeue them) until the result arrives; one that
+    /// already recorded them ignores the repeat (or answers Cancel, which
+    /// drops them from redelivery).
+    pub(crate) fn listed(&self, redeliver: &[Event]) -> Vec<AttemptKey> {
+        let mut running = self.executor.running_keys();
+        running.extend(
+            self.unsent()
+                .iter()
+                .filter(|event| event.is_finished())
+                .map(Event::key),
+        );
+        running.extend(redeliver.iter().map(Event::key));
+        running.sort_unstable();
+        running.dedup();
+        running
+    }
+
+    /// Right after `Registered`, in this order: the results of an earlier
+    /// session (`redeliver`: listed attempts that no longer run stop
+    /// counting against the slots once their `Finished` is in), then what
+    /// the last stream broke on (before anything newer), then the free
+    /// slots as credits.
+    pub(crate) async fn resume(&self, out: &Out, redeliver: Vec<Event>) -> Result<(), Error> {
+        send_redelivery(out, redeliver).await?;
+        let unsent = std::mem::take(&mut *self.unsent());
+        if !unsent.is_empty() {
+            debug!(
+                events = unsent.len(),
+                "sending events the last stream broke on"
+            );
+            self.send_events(out, unsent).await?;
+        }
+        self.grant(out).await
+    }
+
+    /// Sends one `TaskEvents` batch: `first` (if any) plus whatever else is
+    /// ready, within the batch limits. Answers whether the batch held a
+    /// `Finished`.
+    pub(crate) async fn send_batch(
+        &self,
+        out: &Out,
+        events: &mut EventRx,
+        first: Option<Event>,
+    ) -> Result<bool, Error> {
+        let mut batch = Vec::new();
+        let mut bytes = 0;
+        let mut next = first.or_else(|| events.try_recv().ok());
+        while let Some(event) = next {
+            bytes += event_size(&event);
+            batch.push(event);
+            if batch.len() >= MAX_BATCH_EVENTS || bytes >= MAX_BATCH_BYTES {
+                break;
+            }
+            next = events.try_recv().ok();
+        }
+        if batch.is_empty() {
+            return Ok(false);
+        }
+        self.send_events(out, batch).await
+    }
+
+    /// Sends `batch` as `TaskEvents` messages within the batch limits.
+    /// Slots of finished attempts are released here, so the grant that
+    /// follows comes after their `Finished`; sent `Finished` events are
+    /// kept for redelivery. If the stream is gone, the events not sent are
+    /// kept for the next session (which lists their attempts in
+    /// `Register`), so a result is never dropped between the channel and a
+    /// broken stream. Answers whether the batch held a `Finished`.
+    pub(crate) async fn send_events(&self, out: &Out, batch: Vec<Event>) -> Result<bool, Error> {
+        let mut any_finished = false;
+        let mut rest = batch.into_iter().peekable();
+        while rest.peek().is_some() {
+            let chunk = next_chunk(&mut rest);
+            let mut sent_finished = Vec::new();
+            for event in &chunk {
+                if event.is_finished() {
+                    any_finished = true;
+                    let key = event.key();
+                    self.executor.release(key);
+                    sent_finished.push((key, event.clone()));
+                }
+            }
+            // Room first, so a closed stream hands the chunk back typed.
+            let Ok(permit) = out.reserve().await else {
+                let mut kept = self.unsent();
+                kept.extend(chunk);
+                kept.extend(rest);
+                return Err(Error::StreamClosed);
+            };
+            permit.send(codec::events(chunk));
+            if !sent_finished.is_empty() {
+                let now = Instant::now();
+                let mut redelivery = self.redelivery();
+                for (key, event) in sent_finished {
+                    redelivery.record(key, event, now);
+                }
+            }
+        }
+        Ok(any_finished)
+    }
+
+    /// Grants the free slots (none while draining).
+    pub(crate) async fn grant(&self, out: &Out) -> Result<(), Error> {
+        match self.executor.take_grant() {
+            Some(grant) => {
+                debug!(grant, "granting credits");
+                send(out, Outbound::Credits(pb::Credits { grant })).await
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Takes the unsent buffer (tests look at what a broken stream left).
+    #[cfg(test)]
+    pub(crate) fn take_unsent(&self) -> Vec<Event> {
+        std::mem::take(&mut *self.unsent())
+    }
+}
+
+/// Sends one message on the stream.
+pub(crate) async fn send(out: &Out, body: Outbound) -> Result<(), Error> {
+    out.send(codec::message(body))
+        .await
+        .map_err(|_| Error::StreamClosed)
+}
+
+/// Sends again the `Finished` events of an earlier session: one batch, or
+/// as few as the batch limits allow.
+async fn send_redelivery(out: &Out, redeliver: Vec<Event>) -> Result<(), Error> {
+    if redeliver.is_empty() {
+        return Ok(());
+    }
+    debug!(events = redeliver.len(), "sending finished events again");
+    let mut rest = redeliver.into_iter().peekable();
+    while rest.peek().is_some() {
+        let chunk = next_chunk(&mut rest);
+        out.send(codec::events(chunk))
+            .await
+            .map_err(|_| Error::StreamClosed)?;
+    }
+    Ok(())
+}
+
+/// The next `TaskEvents` worth of `rest`: at least one event, then as many
+/// as the batch limits allow.
+fn next_chunk(rest: &mut Peekable<vec::IntoIter<Event>>) -> Vec<Event> {
+    let mut chunk = Vec::new();
+    let mut bytes = 0;
+    while let Some(event) = rest.next_if(|event| {
+        chunk.is_empty()
+            || (chunk.len() < MAX_BATCH_EVENTS && bytes + event_size(event) <= MAX_BATCH_BYTES)
+    }) {
+        bytes += event_size(&event);
+        chunk.push(event);
+    }
+    chunk
+}
+
+fn event_size(event: &Event) -> usize {
+    match &event.body {
+        Body::Output(chunk) => chunk.data.len(),
+        Body::Finished(done) => done.output.len() + done.error.len(),
+        Body::Progress(progress) => progress.message.len(),
+        Body::Started(_) => 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use weft_proto::{Attempt, OutputStream, TaskId};
+
+    use super::*;
+
+    fn output(bytes: usize) -> Event {
+        Event {
+            task_id: TaskId::new(),
+            attempt: Attempt::FIRST,
+            body: Body::Output(pb::OutputChunk {
+                stream: OutputStream::Stdout.into(),
+                data: Bytes::from(vec![b'x'; bytes]),
+                seq: 0,
+            }),
+        }
+    }
+
+    #[test]
+    fn chunks_keep_the_event_and_byte_limits_and_take_at_least_one_event() {
+        let events: Vec<_> = (0..MAX_BATCH_EVENTS + 3).map(|_| output(1)).collect();
+        let mut rest = events.into_iter().peekable();
+        assert_eq!(next_chunk(&mut rest).len(), MAX_BATCH_EVENTS);
+        assert_eq!(next_chunk(&mut rest).len(), 3);
+        assert!(rest.peek().is_none());
+
+        let big = MAX_BATCH_BYTES / 2 + 1;
+        let huge = vec![output(MAX_BATCH_BYTES * 2), output(big), output(big)];
+        let mut rest = huge.into_iter().peekable();
+        assert_eq!(
+            next_chunk(&mut rest).len(),
+            1,
+            "an oversized event goes alone"
+        );
+        assert_eq!(
+            next_chunk(&mut rest).len(),
+            1,
+            "two halves exceed the limit"
+        );
+        assert_eq!(next_chunk(&mut rest).len(), 1);
+    }
+}

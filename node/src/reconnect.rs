@@ -1,0 +1,178 @@
+//! The node's main loop: one session after another, reconnecting with
+//! exponential backoff and jitter while the coordinator is away, until the
+//! node is drained or killed; the lease watchdog runs beside it all along.
+//!
+//! The backoff starts again from its minimum once a session registered.
+//! Running attempts are not touched here: they carry on across reconnects
+//! (the lease decides when they must stop). One session itself (dial,
+//! `Register`, the stream) is `session.rs`.
+
+use std::collections::hash_map::RandomState;
+use std::future::Future;
+use std::hash::BuildHasher;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tonic::transport::Channel;
+use tracing::{debug, warn};
+
+use weft_proto::NodeId;
+
+use crate::error::Error;
+use crate::events::EventRx;
+use crate::lease_watchdog;
+use crate::session::{self, NodeCtx, SessionEnd};
+
+/// Exponential reconnect backoff with jitter: each delay is drawn from
+/// `[base/2, base]`, and `base` doubles from `min` up to `max`.
+#[derive(Debug)]
+pub(crate) struct Backoff {
+    min: Duration,
+    max: Duration,
+    base: Duration,
+    random: RandomState,
+    draws: u64,
+}
+
+impl Backoff {
+    /// Delays from about `min` (at least 1 ms) doubling up to `max`.
+    pub(crate) fn new(min: Duration, max: Duration) -> Self {
+        let min = min.max(Duration::from_millis(1));
+        Backoff {
+            min,
+            max: max.max(min),
+            base: min,
+            random: RandomState::new(),
+            draws: 0,
+        }
+    }
+
+    /// The next delay to wait before dialing again.
+    pub(crate) fn next_delay(&mut self) -> Duration {
+        self.draws += 1;
+        let fraction = (self.random.hash_one(self.draws) % 1_000_001) as f64 / 1_000_000.0;
+        let delay = self.base.mul_f64(0.5 + 0.5 * fraction);
+        self.base = (self.base * 2).min(self.max);
+        delay
+    }
+
+    /// After a successful registration, start again from `min`.
+    pub(crate) fn reset(&mut self) {
+        self.base = self.min;
+    }
+}
+
+/// The node's main loop: sessions and reconnects until drained or killed.
+pub(crate) async fn run(ctx: Arc<NodeCtx>, events: EventRx) {
+    let url = ctx.config.coordinator.clone();
+    run_with(ctx, events, move || session::dial(url.clone())).await;
+}
+
+/// [`run`] with the dialer as a parameter, so tests can time reconnects.
+pub(crate) async fn run_with<D, F>(ctx: Arc<NodeCtx>, events: EventRx, dial: D)
+where
+    D: FnMut() -> F,
+    F: Future<Output = Result<Channel, Error>>,
+{
+    tokio::select! {
+        () = sessions(&ctx, events, dial) => {}
+        () = lease_watchdog::watch(&ctx.lease, &ctx.executor) => {}
+    }
+    ctx.node_id.send_replace(None);
+}
+
+/// Sessions and reconnects until drained or killed.
+async fn sessions<D, F>(ctx: &Arc<NodeCtx>, mut events: EventRx, mut dial: D)
+where
+    D: FnMut() -> F,
+    F: Future<Output = Result<Channel, Error>>,
+{
+    let mut backoff = Backoff::new(ctx.config.reconnect_min, ctx.config.reconnect_max);
+    let mut previous: Option<NodeId> = None;
+    let stop = ctx.drain.done();
+    loop {
+        let dialed = tokio::select! {
+            () = ctx.kill.cancelled() => break,
+            () = stop.cancelled() => break,
+            dialed = dial() => dialed,
+        };
+        match dialed {
+            Ok(channel) => match session::run(ctx, channel, &mut events, &mut previous).await {
+                SessionEnd::Stopped | SessionEnd::Killed => break,
+                SessionEnd::Lost { registered, error } => {
+                    ctx.node_id.send_replace(None);
+                    warn!(%error, "lost the coordinator; reconnecting");
+                    if registered {
+                        backoff.reset();
+                    }
+                }
+            },
+            Err(error) => warn!(%error, "cannot reach the coordinator"),
+        }
+        let delay = backoff.next_delay();
+        debug!(?delay, "waiting before reconnecting");
+        tokio::select! {
+            () = ctx.kill.cancelled() => break,
+            () = stop.cancelled() => break,
+            () = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use tokio::time::Instant;
+
+    use super::*;
+    use crate::config::NodeConfig;
+    use crate::handlers::HandlerRegistry;
+
+    #[test]
+    fn backoff_doubles_with_jitter_up_to_its_max_and_resets() {
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_millis(800));
+        let bases = [100, 200, 400, 800, 800, 800];
+        for base in bases {
+            let delay = backoff.next_delay();
+            let base = Duration::from_millis(base);
+            assert!(
+                delay >= base / 2 && delay <= base,
+                "{delay:?} outside [{:?}, {base:?}]",
+                base / 2
+            );
+        }
+        backoff.reset();
+        assert!(backoff.next_delay() <= Duration::from_millis(100));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn reconnect_waits_grow_exponentially_while_the_coordinator_is_away() {
+        let mut config = NodeConfig::new("http://unused");
+        config.reconnect_min = Duration::from_millis(100);
+        config.reconnect_max = Duration::from_secs(1);
+        let (ctx, rx) = NodeCtx::new(config, HandlerRegistry::new(), None);
+        let dials = Arc::new(Mutex::new(Vec::new()));
+        let count = Arc::new(AtomicUsize::new(0));
+        let (record, counter, stop) = (dials.clone(), count.clone(), ctx.drain.done().clone());
+        let dial = move || {
+            record.lock().unwrap().push(Instant::now());
+            if counter.fetch_add(1, Ordering::SeqCst) + 1 == 7 {
+                stop.cancel();
+            }
+            async { Err(Error::Protocol("coordinator away".into())) }
+        };
+        run_with(ctx, rx, dial).await;
+        let dials = dials.lock().unwrap();
+        assert_eq!(dials.len(), 7);
+        let gaps: Vec<Duration> = dials.windows(2).map(|w| w[1] - w[0]).collect();
+        for (gap, base) in gaps.iter().zip([100u64, 200, 400, 800, 1000, 1000]) {
+            let base = Duration::from_millis(base);
+            assert!(
+                *gap >= base / 2 && *gap <= base,
+                "gap {gap:?} for base {base:?}; all {gaps:?}"
+            );
+        }
+    }
+}

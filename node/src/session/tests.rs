@@ -1,0 +1,208 @@
+//! The session's tests under a paused clock: acting on coordinator
+//! messages against the lease, the watchdog, and what `Register` lists and
+//! the next session sends after a stream broke. Over real sockets, the
+//! session is tested in `node/tests/session.rs`.
+
+use weft_proto::pb::node_task_event::Body as EventBody;
+use weft_proto::{Attempt, Outcome, TaskId, TaskSpec};
+
+use super::*;
+use crate::events::Event;
+
+/// `Register.running` as sent.
+fn register_running(ctx: &NodeCtx, redeliver: &[Event]) -> Vec<pb::AttemptRef> {
+    let listed = ctx.outbox.listed(redeliver);
+    let register = codec::register(&ctx.config, Vec::new(), &listed, None);
+    register.running
+}
+
+fn node_ctx(config: NodeConfig, handlers: HandlerRegistry) -> (Arc<NodeCtx>, EventRx) {
+    NodeCtx::new(config, handlers, None)
+}
+
+fn assignment(spec: TaskSpec) -> (pb::Assignment, TaskId) {
+    let task_id = TaskId::new();
+    let wire = pb::Assignment {
+        task_id: task_id.to_string(),
+        attempt: 1,
+        spec: Some(spec.into()),
+    };
+    (wire, task_id)
+}
+
+fn assign(assignments: Vec<pb::Assignment>) -> pb::CoordinatorMessage {
+    pb::CoordinatorMessage {
+        body: Some(Inbound::Assign(pb::Assign { tasks: assignments })),
+    }
+}
+
+/// The `Finished` of `task_id`, skipping other events, and when it came.
+async fn finished_of(rx: &mut EventRx, task_id: TaskId) -> (pb::Finished, Instant) {
+    loop {
+        let event = rx.recv().await.expect("event channel open");
+        if let (true, EventBody::Finished(done)) = (event.task_id == task_id, event.body) {
+            return (done, Instant::now());
+        }
+    }
+}
+
+fn assert_lease_expired(done: &pb::Finished) {
+    assert_eq!(done.outcome, i32::from(Outcome::Cancelled), "{done:?}");
+    assert!(
+        done.error
+            .starts_with("lease expired: coordinator unreachable for ")
+            && done
+                .error
+                .ends_with("; the coordinator has reassigned this attempt"),
+        "{}",
+        done.error
+    );
+}
+
+const SECOND: Duration = Duration::from_secs(1);
+
+#[tokio::test(start_paused = true)]
+async fn the_watchdog_stops_attempts_when_the_lease_runs_out_and_not_before() {
+    let mut config = NodeConfig::new("http://unused");
+    config.slots = 2;
+    let (ctx, mut rx) = node_ctx(config, HandlerRegistry::with_builtins());
+    // The watchdog runs from the start, idle until the first lease.
+    let watchdog = {
+        let ctx = ctx.clone();
+        tokio::spawn(async move { lease_watchdog::watch(&ctx.lease, &ctx.executor).await })
+    };
+    tokio::task::yield_now().await;
+    tokio::time::advance(SECOND / 10).await;
+    let registered = Instant::now();
+    ctx.lease.begin(5 * SECOND, SECOND, registered);
+    let (wire, task_id) = assignment(TaskSpec::call("sleep", "1h"));
+    handle(&ctx, assign(vec![wire]), registered).unwrap();
+    // Heard from the coordinator 2 s in; then nothing more.
+    tokio::time::advance(2 * SECOND).await;
+    handle(&ctx, heartbeat(), Instant::now()).unwrap();
+    let (done, at) = finished_of(&mut rx, task_id).await;
+    assert_lease_expired(&done);
+    assert_eq!(at - registered, 7 * SECOND, "5 s after the last heartbeat");
+    assert!(done.error.contains("for 5.0s"), "{}", done.error);
+    watchdog.abort();
+}
+
+#[tokio::test(start_paused = true)]
+async fn messages_read_after_a_gap_past_the_lease_are_not_acted_on() {
+    let mut config = NodeConfig::new("http://unused");
+    config.slots = 2;
+    let (ctx, mut rx) = node_ctx(config, HandlerRegistry::with_builtins());
+    ctx.lease.begin(5 * SECOND, SECOND, Instant::now());
+    let (wire, running) = assignment(TaskSpec::call("sleep", "1h"));
+    handle(&ctx, assign(vec![wire]), Instant::now()).unwrap();
+    // The process was stopped for a minute (no timer ran); the first thing
+    // it does on resume is read an Assign buffered meanwhile.
+    tokio::time::advance(60 * SECOND).await;
+    let (late, late_id) = assignment(TaskSpec::call("sleep", "1h"));
+    let err = handle(&ctx, assign(vec![late]), Instant::now()).unwrap_err();
+    assert!(
+        matches!(err, Error::LeaseExpired(gap) if gap == 60 * SECOND),
+        "{err}"
+    );
+    let (done, _) = finished_of(&mut rx, running).await;
+    assert_lease_expired(&done);
+    assert!(done.error.contains("for 60.0s"), "{}", done.error);
+    ctx.executor.release((running, Attempt::FIRST));
+    assert_eq!(ctx.executor.running(), 0, "the late Assign was not started");
+    while let Ok(event) = rx.try_recv() {
+        assert_ne!(event.task_id, late_id, "{event:?}");
+    }
+    // Still expired until the next Registered, whatever arrives.
+    assert!(handle(&ctx, heartbeat(), Instant::now()).is_err());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_message_within_the_lease_renews_it() {
+    let (ctx, _rx) = node_ctx(NodeConfig::new("http://unused"), HandlerRegistry::new());
+    ctx.lease.begin(5 * SECOND, SECOND, Instant::now());
+    for _ in 0..10 {
+        tokio::time::advance(4 * SECOND).await;
+        handle(&ctx, heartbeat(), Instant::now()).unwrap();
+    }
+    assert_eq!(ctx.lease.overdue(Instant::now()), None);
+}
+
+fn heartbeat() -> pb::CoordinatorMessage {
+    pb::CoordinatorMessage {
+        body: Some(Inbound::Heartbeat(pb::Heartbeat {})),
+    }
+}
+
+fn aref(task_id: TaskId, attempt: u32) -> pb::AttemptRef {
+    pb::AttemptRef {
+        task_id: task_id.to_string(),
+        attempt,
+    }
+}
+
+fn finished_event(task_id: TaskId) -> Event {
+    Event {
+        task_id,
+        attempt: Attempt::FIRST,
+        body: EventBody::Finished(pb::Finished::default()),
+    }
+}
+
+/// A node with one `sleep 1h` attempt running; answers its task id.
+fn running_one(ctx: &Arc<NodeCtx>) -> TaskId {
+    ctx.lease.begin(5 * SECOND, SECOND, Instant::now());
+    let (wire, task_id) = assignment(TaskSpec::call("sleep", "1h"));
+    handle(ctx, assign(vec![wire]), Instant::now()).unwrap();
+    task_id
+}
+
+#[tokio::test(start_paused = true)]
+async fn register_lists_running_and_redelivered_attempts_once_each() {
+    let (ctx, _rx) = node_ctx(
+        NodeConfig::new("http://unused"),
+        HandlerRegistry::with_builtins(),
+    );
+    let running = running_one(&ctx);
+    let finished = TaskId::new();
+    let redeliver = [finished_event(running), finished_event(finished)];
+    let listed = register_running(&ctx, &redeliver);
+    let mut expected = vec![aref(running, 1), aref(finished, 1)];
+    expected.sort_by(|x, y| x.task_id.cmp(&y.task_id));
+    assert_eq!(listed, expected);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_result_the_broken_stream_did_not_take_is_listed_and_sent_in_the_next_session() {
+    let (ctx, _rx) = node_ctx(
+        NodeConfig::new("http://unused"),
+        HandlerRegistry::with_builtins(),
+    );
+    let task_id = running_one(&ctx);
+    let done = finished_event(task_id);
+
+    // The stream is gone by the time the batch holding the result is
+    // sent: the slot is free, and the result waits for the next session.
+    let (out, out_rx) = mpsc::channel(4);
+    drop(out_rx);
+    let sent = ctx.outbox.send_events(&out, vec![done.clone()]).await;
+    assert!(matches!(sent, Err(Error::StreamClosed)), "{sent:?}");
+    assert!(
+        ctx.executor.running_keys().is_empty(),
+        "the slot is released"
+    );
+    assert_eq!(register_running(&ctx, &[]), vec![aref(task_id, 1)]);
+
+    // The next session sends it and keeps it for redelivery.
+    let (out, mut out_rx) = mpsc::channel(4);
+    let unsent = ctx.outbox.take_unsent();
+    assert!(
+        ctx.outbox.send_events(&out, unsent).await.unwrap(),
+        "held a Finished"
+    );
+    let Some(Outbound::Events(batch)) = out_rx.recv().await.unwrap().body else {
+        panic!("expected a TaskEvents message");
+    };
+    assert_eq!(batch.events, vec![codec::event(done)]);
+    assert!(ctx.outbox.take_unsent().is_empty());
+    assert_eq!(ctx.outbox.redeliverable(Instant::now()).len(), 1);
+}

@@ -1,0 +1,175 @@
+//! Reconnects against a fake coordinator (`fake/`): running attempts
+//! survive and are listed in the next `Register`, a silent coordinator is
+//! dropped, the node redials until one appears, and sent results are sent
+//! again after a reconnect until the coordinator cancels them.
+
+mod common;
+mod fake;
+
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+
+use weft_proto::pb::coordinator_message::Body as Inbound;
+use weft_proto::pb::node_message::Body as Outbound;
+use weft_proto::pb::node_task_event::Body as EventBody;
+use weft_proto::{Outcome, TaskSpec, pb};
+
+use fake::*;
+
+#[tokio::test]
+async fn running_attempts_survive_a_reconnect_and_are_reported() {
+    let (url, mut conns) = fake_coordinator().await;
+    let node = start(&url, 3);
+    let mut conn = next_conn(&mut conns).await;
+    let (_, first_id) = conn.accept(SECOND, 5 * SECOND).await;
+    conn.credits().await;
+    let ids = conn
+        .assign(vec![TaskSpec::call("sleep", "1s").slots(2)])
+        .await;
+    // Wait for Started, then the coordinator goes away.
+    assert!(matches!(conn.next().await, Some(Outbound::Events(_))));
+    drop(conn);
+    let mut conn = next_conn(&mut conns).await;
+    let (register, second_id) = conn.accept(SECOND, 5 * SECOND).await;
+    assert_eq!(register.previous_node_id, first_id.to_string());
+    assert_eq!(
+        register.running,
+        vec![pb::AttemptRef {
+            task_id: ids[0].to_string(),
+            attempt: 1
+        }]
+    );
+    assert_eq!(conn.credits().await, 1, "only the free slot is granted");
+    assert_eq!(node.registered(WAIT).await, Some(second_id));
+    let (_, done) = conn.until_finished(ids[0]).await;
+    assert_eq!(
+        outcome(&done),
+        Outcome::Succeeded,
+        "the attempt carried on and reports to the new session"
+    );
+    assert_eq!(conn.credits().await, 2);
+    node.kill().await;
+}
+
+#[tokio::test]
+async fn silent_coordinator_is_dropped_and_the_node_reconnects_with_heartbeats_meanwhile() {
+    let (url, mut conns) = fake_coordinator().await;
+    let node = start(&url, 1);
+    let mut conn = next_conn(&mut conns).await;
+    conn.accept(Duration::from_millis(50), Duration::from_millis(400))
+        .await;
+    conn.credits().await;
+    let mut heartbeats = 0;
+    while heartbeats < 3 {
+        let message = tokio::time::timeout(WAIT, conn.inbound.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        if let Some(Outbound::Heartbeat(_)) = message.body {
+            heartbeats += 1;
+        }
+    }
+    // The fake never sends anything: the node gives up on it and redials.
+    let mut again = next_conn(&mut conns).await;
+    let (register, _) = again.accept(SECOND, 5 * SECOND).await;
+    assert!(!register.previous_node_id.is_empty());
+    drop(conn);
+    node.kill().await;
+}
+
+#[tokio::test]
+async fn node_keeps_redialing_until_a_coordinator_appears() {
+    // At first something that is no coordinator holds the port: it accepts
+    // each dial and hangs up at once, counting them.
+    let refuser = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = refuser.local_addr().unwrap();
+    let (dialed, mut dials) = mpsc::unbounded_channel();
+    let refuser = tokio::spawn(async move {
+        loop {
+            let (socket, _) = refuser.accept().await.unwrap();
+            drop(socket);
+            let _ = dialed.send(());
+        }
+    });
+    let node = start(&format!("http://{addr}"), 1);
+    for _ in 0..3 {
+        tokio::time::timeout(WAIT, dials.recv())
+            .await
+            .expect("the node dials again")
+            .unwrap();
+    }
+    assert_eq!(node.node_id(), None);
+    refuser.abort();
+    let _ = refuser.await; // the listener is closed once the task is gone
+    let (server, mut conns) = FakeServer::start(addr).await;
+    let mut conn = next_conn(&mut conns).await;
+    let (_, node_id) = conn.accept(SECOND, 5 * SECOND).await;
+    assert_eq!(node.registered(WAIT).await, Some(node_id));
+    node.kill().await;
+    drop(conn);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn sent_results_are_sent_again_after_a_reconnect_until_the_coordinator_cancels_them() {
+    let (url, mut conns) = fake_coordinator().await;
+    let node = start(&url, 2);
+    let mut conn = next_conn(&mut conns).await;
+    conn.accept(SECOND, 20 * SECOND).await;
+    conn.credits().await;
+    let ids = conn.assign(vec![TaskSpec::call("echo", "result")]).await;
+    let (_, done) = conn.until_finished(ids[0]).await;
+    assert_eq!(done.output.as_ref(), b"result");
+    // The coordinator crashes before it recorded the result.
+    drop(conn);
+    let mut conn = next_conn(&mut conns).await;
+    let (register, _) = conn.accept(SECOND, 20 * SECOND).await;
+    let attempt = pb::AttemptRef {
+        task_id: ids[0].to_string(),
+        attempt: 1,
+    };
+    assert_eq!(
+        register.running,
+        vec![attempt.clone()],
+        "listed so the coordinator keeps it"
+    );
+    // The result again, before the credits: until it is in, the listed
+    // attempt counts against the slots.
+    match conn.next().await {
+        Some(Outbound::Events(batch)) => {
+            assert_eq!(batch.events.len(), 1);
+            let event = &batch.events[0];
+            assert_eq!((&event.task_id, event.attempt), (&attempt.task_id, 1));
+            assert_eq!(event.body, Some(EventBody::Finished(done.clone())));
+        }
+        other => panic!("expected the Finished again right after Registered, got {other:?}"),
+    }
+    assert_eq!(conn.credits().await, 2);
+    // A coordinator that no longer wants it (stale) says Cancel: dropped.
+    // The node reads in order, so once the probe assigned after the Cancel
+    // has finished, the Cancel was handled.
+    conn.send(Inbound::Cancel(pb::Cancel {
+        task_id: ids[0].to_string(),
+        attempt: 1,
+        reason: "stale".into(),
+    }))
+    .await;
+    let probe = conn.assign(vec![TaskSpec::call("noop", "")]).await;
+    conn.until_finished(probe[0]).await;
+    drop(conn);
+    let mut conn = next_conn(&mut conns).await;
+    let (register, _) = conn.accept(SECOND, 20 * SECOND).await;
+    let probe_ref = pb::AttemptRef {
+        task_id: probe[0].to_string(),
+        attempt: 1,
+    };
+    assert_eq!(
+        register.running,
+        vec![probe_ref],
+        "the cancelled one is gone"
+    );
+    node.kill().await;
+}
