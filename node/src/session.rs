@@ -217,7 +217,11 @@ pub(crate) async fn run(
         }
         Ok(Ok(None)) => return lost(Error::StreamClosed),
         Ok(Err(status)) => return lost(Error::Refused(status)),
-        Err(_) => return lost(Error::Protocol("no Registered within 10s".into())),
+        Err(_) => {
+            return lost(Error::Protocol(format!(
+                "no Registered within {REGISTER_TIMEOUT:?}"
+            )));
+        }
     };
     let codec::Registered {
         node_id,
