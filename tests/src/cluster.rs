@@ -4,6 +4,8 @@
 //! In-process mode binds the coordinator on `127.0.0.1:0` before starting
 //! it, so tests never fight over ports and run in parallel. Process mode
 //! runs the same cluster as `weft-coordinator` and `weft-node` binaries.
+//! Both start through `weft_cluster`, the one way every tool starts a
+//! cluster; this file adds the scenario API and turns errors into panics.
 //! Nothing here sleeps to wait for state: every wait polls real state
 //! through the client API with a deadline.
 
@@ -19,13 +21,17 @@ use tempfile::TempDir;
 use tokio::sync::OnceCell;
 
 use weft_client::{Client, NodeInfo, Task};
+use weft_cluster::Error as ClusterError;
 use weft_coordinator::{CoordinatorConfig, RunningCoordinator};
-use weft_node::{HandlerRegistry, NodeConfig, RunningNode};
+use weft_node::{NodeConfig, RunningNode};
 use weft_proto::{TaskId, TaskState};
 
 use crate::cli::{CliOutput, run_weft};
-use crate::process::{ChildProcess, bin_path};
+use crate::process::{ChildProcess, bin_path, spawn};
 use crate::wait::{default_timeout, wait_for};
+
+/// How often a starting coordinator's address file is read.
+const ADDR_POLL: Duration = Duration::from_millis(10);
 
 /// Labels of one node.
 type Labels = BTreeMap<String, String>;
@@ -207,9 +213,14 @@ async fn start_coordinator(
             max_queued: settings.max_queued.unwrap_or(config.max_queued),
             ..config
         };
-        let running = weft_coordinator::start(config, listener)
+        let running = weft_cluster::start_coordinator(config, listener)
             .await
-            .expect("starting the in-process coordinator");
+            .unwrap_or_else(|e| {
+                panic!(
+                    "starting the in-process coordinator: {}",
+                    crate::process::source_of(&e)
+                )
+            });
         let addr = running.addr();
         return (Coordinator::InProcess(Box::new(running)), addr);
     }
@@ -242,30 +253,21 @@ async fn start_coordinator(
         0 => "coordinator".to_owned(),
         n => format!("coordinator-restart-{n}"),
     };
-    let mut child = ChildProcess::spawn("weft-coordinator", &args, dir, &label);
-    let addr = wait_for(default_timeout(), || {
-        let exited = child.try_wait();
-        let addr_file = addr_file.clone();
-        async move {
-            if let Some(status) = exited {
-                return Some(Err(status));
-            }
-            let text = tokio::fs::read_to_string(&addr_file).await.ok()?;
-            text.trim().parse::<SocketAddr>().ok().map(Ok)
-        }
-    })
-    .await;
+    let mut child = spawn("weft-coordinator", &args, dir, &label);
+    let addr =
+        weft_cluster::wait_for_addr_file(&mut child, &addr_file, default_timeout(), ADDR_POLL)
+            .await;
     match addr {
-        Ok(Ok(addr)) => (Coordinator::Process(Box::new(child)), addr),
-        Ok(Err(status)) => panic!(
+        Ok(addr) => (Coordinator::Process(Box::new(child)), addr),
+        Err(ClusterError::Exited { status, .. }) => panic!(
             "weft-coordinator exited early ({status})\n--- {} ---\n{}",
-            child.log.display(),
+            child.log().display(),
             child.log_text()
         ),
         Err(e) => panic!(
             "weft-coordinator wrote no address to {}: {e}\n--- {} ---\n{}",
             addr_file.display(),
-            child.log.display(),
+            child.log().display(),
             child.log_text()
         ),
     }
@@ -504,7 +506,10 @@ impl TestCluster {
         match self.take_node(name.as_ref()) {
             Node::InProcess(node) => node.kill().await,
             Node::Process(child) => {
-                child.kill().await;
+                child
+                    .kill()
+                    .await
+                    .expect("waiting for a killed child process");
             }
         }
     }
@@ -524,7 +529,7 @@ impl TestCluster {
                 }
             }
             Node::Process(child) => {
-                let (status, in_time) = child.terminate(deadline).await;
+                let (status, in_time) = terminate(*child, deadline).await;
                 Stopped {
                     in_time,
                     status: Some(status),
@@ -568,7 +573,7 @@ impl TestCluster {
                     if let Some(status) = child.try_wait().filter(|s| !s.success()) {
                         problems.push(format!("weft-node {name} died during the test ({status})"));
                     }
-                    child.terminate(Duration::from_secs(3)).await;
+                    terminate(*child, Duration::from_secs(3)).await;
                 }
             }
         }
@@ -588,7 +593,7 @@ impl TestCluster {
                 if let Some(status) = child.try_wait() {
                     problems.push(format!("weft-coordinator died during the test ({status})"));
                 }
-                let (status, in_time) = child.terminate(Duration::from_secs(5)).await;
+                let (status, in_time) = terminate(*child, Duration::from_secs(5)).await;
                 if !in_time {
                     problems.push(format!(
                         "weft-coordinator ignored SIGTERM for 5 s ({status})"
@@ -624,7 +629,10 @@ impl TestCluster {
             .take();
         match old {
             Some(Coordinator::Process(child)) if crash => {
-                child.kill().await;
+                child
+                    .kill()
+                    .await
+                    .expect("waiting for a killed child process");
             }
             Some(Coordinator::InProcess(_)) if crash => {
                 panic!("crash_and_restart_coordinator needs TestCluster::builder().processes()")
@@ -637,7 +645,7 @@ impl TestCluster {
                 );
             }
             Some(Coordinator::Process(child)) => {
-                let (status, in_time) = child.terminate(Duration::from_secs(5)).await;
+                let (status, in_time) = terminate(*child, Duration::from_secs(5)).await;
                 assert!(
                     in_time,
                     "weft-coordinator ignored SIGTERM for 5 s ({status})"
@@ -671,12 +679,7 @@ impl TestCluster {
                 args.push("--label".to_owned());
                 args.push(format!("{k}={v}"));
             }
-            Node::Process(Box::new(ChildProcess::spawn(
-                "weft-node",
-                &args,
-                self.dir(),
-                &name,
-            )))
+            Node::Process(Box::new(spawn("weft-node", &args, self.dir(), &name)))
         } else {
             let mut config = NodeConfig::new(self.url.clone());
             config.name = name.clone();
@@ -686,10 +689,7 @@ impl TestCluster {
             config.reconnect_min = Duration::from_millis(20);
             config.reconnect_max = Duration::from_millis(500);
             config.blocking_threads = 2;
-            Node::InProcess(Box::new(weft_node::start(
-                config,
-                HandlerRegistry::with_builtins(),
-            )))
+            Node::InProcess(Box::new(weft_cluster::start_node(config)))
         };
         self.lock_nodes().insert(name.clone(), node);
         name
@@ -747,6 +747,15 @@ impl Drop for TestCluster {
             );
         }
     }
+}
+
+/// SIGTERM, then SIGKILL after `deadline`: the exit status and whether it
+/// stopped by itself in time.
+async fn terminate(child: ChildProcess, deadline: Duration) -> (ExitStatus, bool) {
+    child
+        .terminate(deadline)
+        .await
+        .expect("waiting for a killed child process")
 }
 
 /// Runs `weft` with `args` against `url`; a helper for tests with no cluster.

@@ -1,4 +1,4 @@
-//! `weft demo`: starts a [`LocalCluster`] on a free port and runs a mixed,
+//! `weft demo`: starts a local cluster (see [`local`]) on a free port and runs a mixed,
 //! visible workload on it (subprocesses, async and blocking handlers, a
 //! retry, a cancel, a timeout, a failure), then prints a summary and checks
 //! that every task ended as it should. Narrative goes to stdout, task
@@ -11,13 +11,13 @@ use std::time::{Duration, Instant};
 use futures::future::join_all;
 use tokio::net::TcpListener;
 
+use weft_client::{Client, Error, EventBody, Task, TaskEvent, TaskSpec};
 use weft_proto::{OutputStream, TaskState};
 
-use crate::cli::exit;
-use crate::cli::local::LocalCluster;
-use crate::cli::output::short_duration;
-use crate::cli::stream::{LastAttemptOutput, Seen, drive, write_stderr};
-use crate::{Client, Error, EventBody, Task, TaskEvent, TaskSpec};
+use crate::exit;
+use crate::local;
+use crate::output::short_duration;
+use crate::stream::{LastAttemptOutput, Seen, drive, write_stderr};
 
 /// A finished demo task with its collected stdout.
 struct Ran {
@@ -37,11 +37,11 @@ struct Check {
 pub async fn run(nodes: usize, slots: u32) -> anyhow::Result<u8> {
     let nodes = nodes.max(1);
     let listener = TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))).await?;
-    let cluster = LocalCluster::start(listener, nodes, Some(slots)).await?;
+    let cluster = local::start(listener, nodes, Some(slots)).await?;
     let url = cluster.url();
     println!("demo: local cluster at {url}: {nodes} nodes x {slots} slots");
     let client = Client::connect(&url).await?;
-    let outcome = match cluster.wait_ready(&client, Duration::from_secs(10)).await {
+    let outcome = match local::wait_ready(&cluster, &client, Duration::from_secs(10)).await {
         Ok(()) => workload(&client).await,
         Err(err) => Err(err),
     };

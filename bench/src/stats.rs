@@ -88,6 +88,11 @@ pub fn round(value: f64, digits: i32) -> f64 {
     (value * scale).round() / scale
 }
 
+/// Median of the runs' values (for the report).
+pub fn median_of(values: impl Iterator<Item = f64>) -> Option<f64> {
+    median(&values.collect::<Vec<_>>())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

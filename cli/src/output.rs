@@ -9,9 +9,8 @@ use base64::Engine;
 use clap::ValueEnum;
 use serde_json::{Value, json};
 
+use weft_client::{ClusterInfo, EventBody, NodeInfo, Task, TaskEvent};
 use weft_proto::TaskKind;
-
-use crate::{ClusterInfo, EventBody, NodeInfo, Task, TaskEvent};
 
 /// The `--output` format.
 #[derive(ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -5,9 +5,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use crate::Client;
-use crate::cli::exit;
-use crate::cli::output::{OutputFormat, cluster_json, cluster_text, node_json, nodes_table};
+use weft_client::Client;
+
+use crate::exit;
+use crate::output::{OutputFormat, cluster_json, cluster_text, node_json, nodes_table};
 
 /// `weft nodes`.
 pub async fn nodes(client: &Client, format: OutputFormat) -> anyhow::Result<u8> {

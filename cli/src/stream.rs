@@ -9,11 +9,11 @@ use std::time::Duration;
 
 use futures::StreamExt;
 
+use weft_client::{Client, Error, EventBody, EventStream, Task, TaskEvent};
 use weft_proto::{Attempt, OutputStream, TaskId, TaskState};
 
-use crate::cli::exit;
-use crate::cli::output::{OutputFormat, event_json};
-use crate::{Client, Error, EventBody, EventStream, Task, TaskEvent};
+use crate::exit;
+use crate::output::{OutputFormat, event_json};
 
 /// How long a CLI command keeps trying to resume a watch whose connection
 /// dropped before it exits 69.

@@ -1,33 +1,6 @@
-//! The `weft` command line: clap [`Args`] and [`Command`], and [`main`],
-//! which runs one command and answers the process exit code. The binary
-//! (`bin/weft.rs`) only calls [`main`].
-//!
-//! Results go to stdout; progress, warnings and errors to stderr. Every
-//! error is one line, `weft: error: ...`, and a non-zero exit code (see
-//! [`exit`]).
-//!
-//! Layout:
-//! - [`opts`]: flags shared by commands that make tasks; `k=v` parsing.
-//! - [`output`]: text and JSON formatting.
-//! - [`exit`]: exit codes and their mapping from tasks and errors.
-//! - [`stream`]: following a task's events (printing, resuming, Ctrl-C).
-//! - [`task`]: `run`, `call`, `submit`, `watch`, `wait`, `get`, `list`, `cancel`.
-//! - [`admin`]: `nodes`, `drain`, `info`.
-//! - [`map`]: `map`, one task per input line.
-//! - [`local`]: `local`, an in-process cluster; also used by `demo`.
-//! - [`demo`]: `demo`, a visible mixed workload on a local cluster.
-//! - [`bench`]: `bench`, the workload protocol with ratios to raw gRPC.
-
-pub mod admin;
-pub mod bench;
-pub mod demo;
-pub mod exit;
-pub mod local;
-pub mod map;
-pub mod opts;
-pub mod output;
-pub mod stream;
-pub mod task;
+//! The `weft` command line's definition: clap [`Args`] and [`Command`]
+//! (the `///` comments are the help text), and [`parse`]. Running a
+//! command is `run.rs`'s job; nothing here does I/O.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -37,9 +10,9 @@ use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use weft_proto::{TaskId, TaskState};
 
-use crate::Client;
-use crate::cli::opts::{TaskOpts, parse_duration_arg, parse_task_id, parse_task_state};
-use crate::cli::output::OutputFormat;
+use crate::exit;
+use crate::opts::{TaskOpts, parse_duration_arg, parse_task_id, parse_task_state};
+use crate::output::OutputFormat;
 
 /// Weft: run commands and handler calls on a cluster of nodes.
 ///
@@ -239,76 +212,7 @@ pub enum Command {
     /// found next to this executable or in WEFT_BIN_DIR) unless
     /// --coordinator is given. Build first: `cargo build --release --bins`.
     /// Exits 1 if a step failed.
-    Bench(bench::BenchArgs),
-}
-
-/// Runs the command line in `args` and answers the exit code. Errors are
-/// printed here, as one line on stderr.
-pub async fn main(args: Args) -> u8 {
-    match dispatch(args).await {
-        Ok(code) => code,
-        Err(err) => {
-            eprintln!("weft: error: {}", one_line(&err));
-            exit::for_error(&err)
-        }
-    }
-}
-
-async fn dispatch(args: Args) -> anyhow::Result<u8> {
-    let format = args.output;
-    let url = args.coordinator;
-    match args.command {
-        Command::Local {
-            nodes,
-            slots,
-            listen,
-        } => local::run(listen, nodes, slots).await,
-        Command::Demo { nodes, slots } => demo::run(nodes, slots).await,
-        Command::Bench(bench_args) => {
-            let external = args.coordinator_given.then_some(url);
-            bench::run(bench_args, external, format).await
-        }
-        command => {
-            let client = Client::connect(&url).await?;
-            match command {
-                Command::Run { opts, command } => {
-                    task::run(&client, format, &opts.interactive(), command).await
-                }
-                Command::Call {
-                    opts,
-                    handler,
-                    input,
-                } => task::call(&client, format, &opts.interactive(), handler, input).await,
-                Command::Submit {
-                    opts,
-                    call,
-                    command,
-                } => task::submit(&client, format, &opts, call, command).await,
-                Command::Get { id } => task::get(&client, format, id).await,
-                Command::Watch { id, from_seq } => task::watch(&client, format, id, from_seq).await,
-                Command::Wait { id } => task::wait(&client, format, id).await,
-                Command::Cancel { id } => task::cancel(&client, format, id).await,
-                Command::List { state, limit } => task::list(&client, format, state, limit).await,
-                Command::Nodes => admin::nodes(&client, format).await,
-                Command::Drain { node, grace } => admin::drain(&client, format, &node, grace).await,
-                Command::Info => admin::info(&client, format).await,
-                Command::Map {
-                    jobs,
-                    keep_order,
-                    opts,
-                    command,
-                } => map::run(&client, &opts, jobs, keep_order, command).await,
-                Command::Local { .. } | Command::Demo { .. } | Command::Bench(_) => {
-                    unreachable!("handled before connecting")
-                }
-            }
-        }
-    }
-}
-
-/// The error chain on one line (`context: cause: root`).
-fn one_line(err: &anyhow::Error) -> String {
-    format!("{err:#}").replace('\n', " ")
+    Bench(weft_bench::BenchArgs),
 }
 
 #[cfg(test)]

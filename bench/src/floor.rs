@@ -25,7 +25,7 @@ use weft_proto::pb::node_service_server::{NodeService, NodeServiceServer};
 use weft_proto::pb::task_service_client::TaskServiceClient;
 use weft_proto::pb::task_service_server::{TaskService, TaskServiceServer};
 
-use super::stats::Latency;
+use crate::stats::Latency;
 
 /// How much of each floor measurement to do.
 #[derive(Debug, Clone, Copy)]

@@ -10,11 +10,11 @@ use std::time::SystemTime;
 
 use serde_json::{Map, Value, json};
 
-use super::floor::Floor;
-use super::procs::Machine;
-use super::stats::{Latency, round};
-use super::workload::Metered;
-use super::{Step, median_of};
+use crate::args::Step;
+use crate::floor::Floor;
+use crate::machine::Machine;
+use crate::stats::{Latency, median_of, round};
+use crate::workload::Metered;
 
 /// Step (e).
 #[derive(Debug, Clone)]
@@ -33,7 +33,7 @@ pub struct Throughput {
 }
 
 impl Throughput {
-    /// From the runs of [`super::workload::throughput`].
+    /// From the runs of [`crate::workload::throughput`].
     pub fn new(n: usize, runs: Vec<(f64, Metered)>) -> Throughput {
         Throughput { n, runs }
     }

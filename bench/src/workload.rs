@@ -11,10 +11,10 @@ use futures::{StreamExt, TryStreamExt, stream};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::{Client, EventBody, Task, TaskSpec, TaskState};
+use weft_client::{Client, EventBody, Task, TaskId, TaskSpec, TaskState};
+use weft_cluster::procfs;
 
-use super::procs;
-use super::stats::Latency;
+use crate::stats::Latency;
 
 /// Specs per `submit_many` call while waiting starts on earlier ones.
 const PIPELINE_CHUNK: usize = 2_000;
@@ -51,20 +51,20 @@ impl Meter {
     pub fn start(cluster: Option<f64>) -> Meter {
         Meter {
             wall: Instant::now(),
-            client: procs::own_cpu_seconds(),
+            client: procfs::own_cpu_seconds(),
             cluster,
-            host: procs::host_cpu_seconds(),
+            host: procfs::host_cpu_seconds(),
         }
     }
 
     /// Stops metering; `cluster` as in [`Meter::start`].
     pub fn stop(self, cluster: Option<f64>) -> Metered {
         let wall = self.wall.elapsed();
-        let client_cpu = procs::own_cpu_seconds()
+        let client_cpu = procfs::own_cpu_seconds()
             .zip(self.client)
             .map(|(b, a)| b - a);
         let cluster_cpu = cluster.zip(self.cluster).map(|(b, a)| b - a);
-        let host = procs::host_cpu_seconds()
+        let host = procfs::host_cpu_seconds()
             .zip(self.host)
             .map(|(b, a)| (b.0 - a.0, b.1 - a.1));
         // /proc/stat ticks are 10 ms: too coarse for short phases.
@@ -98,7 +98,7 @@ pub async fn run_all(
     concurrency: usize,
 ) -> anyhow::Result<Vec<Task>> {
     let total = specs.len();
-    let (tx, rx) = mpsc::channel::<Vec<crate::TaskId>>(64);
+    let (tx, rx) = mpsc::channel::<Vec<TaskId>>(64);
     let submitter = async move {
         let mut specs = specs.into_iter().peekable();
         while specs.peek().is_some() {
@@ -128,8 +128,8 @@ pub async fn run_all(
 
 /// Waits for one chunk of tasks through `WaitMany`; answers them in the
 /// order of `ids`. Any task not SUCCEEDED is an error.
-async fn wait_chunk(client: &Client, ids: Vec<crate::TaskId>) -> anyhow::Result<Vec<Task>> {
-    let mut done: HashMap<crate::TaskId, Task> = HashMap::with_capacity(ids.len());
+async fn wait_chunk(client: &Client, ids: Vec<TaskId>) -> anyhow::Result<Vec<Task>> {
+    let mut done: HashMap<TaskId, Task> = HashMap::with_capacity(ids.len());
     let mut finals = client.wait_many(ids.clone());
     while let Some(task) = finals.next().await {
         let task = task.context("waiting for a batch")?;
@@ -167,7 +167,7 @@ pub async fn round_trip(client: &Client, spec: TaskSpec) -> anyhow::Result<Task>
     while let Some(event) = events.next().await {
         if let EventBody::Finished(task) = event?.body {
             // Read to the trailers so the stream closes cleanly.
-            crate::drain(events).await;
+            weft_client::drain(events).await;
             return Ok(task);
         }
     }
@@ -272,5 +272,5 @@ pub async fn burn_single(client: &Client) -> anyhow::Result<f64> {
     for _ in 0..3 {
         times.push(once().await?);
     }
-    super::stats::median(&times).context("no burn samples")
+    crate::stats::median(&times).context("no burn samples")
 }

@@ -9,10 +9,9 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 
+use weft_client::TaskSpec;
 use weft_proto::convert::parse_duration;
 use weft_proto::{TaskId, TaskState};
-
-use crate::TaskSpec;
 
 /// Constraints and settings of the task(s) a command makes.
 #[derive(Args, Debug, Clone, Default)]
@@ -98,6 +97,7 @@ impl TaskOpts {
     }
 
     /// The labels as a map.
+    #[cfg(test)]
     pub fn label_map(&self) -> BTreeMap<String, String> {
         self.labels.iter().cloned().collect()
     }

@@ -2,9 +2,8 @@
 //! maps to one. The table is printed in `weft --help` ([`EXIT_CODES_HELP`]);
 //! keep the two in step.
 
+use weft_client::{Error, Task};
 use weft_proto::{Outcome, TaskState};
-
-use crate::{Error, Task};
 
 /// The task succeeded (or the command did its job).
 pub const SUCCESS: u8 = 0;

@@ -1,19 +1,19 @@
 //! The task commands: `run`, `call`, `submit`, `watch`, `wait`, `get`,
 //! `list`, `cancel`. Each builds a request from its flags, calls the
-//! [`Client`], and prints the result with [`output`](crate::cli::output).
+//! [`Client`], and prints the result with [`output`](crate::output).
 
 use anyhow::Context;
 use bytes::Bytes;
 use serde_json::json;
 use tokio::io::AsyncReadExt;
 
+use weft_client::{Client, TaskSpec};
 use weft_proto::{TaskId, TaskState};
 
-use crate::cli::exit::{self, UsageError};
-use crate::cli::opts::TaskOpts;
-use crate::cli::output::{OutputFormat, task_json, task_text, tasks_table};
-use crate::cli::stream::{CLI_RESUME_WINDOW, Printer, drive, follow_to_end, write_stdout};
-use crate::{Client, TaskSpec};
+use crate::exit::{self, UsageError};
+use crate::opts::TaskOpts;
+use crate::output::{OutputFormat, task_json, task_text, tasks_table};
+use crate::stream::{CLI_RESUME_WINDOW, Printer, drive, follow_to_end, write_stdout};
 
 /// `weft run -- CMD ARGS...`.
 pub async fn run(
@@ -138,7 +138,7 @@ pub async fn list(
     Ok(exit::SUCCESS)
 }
 
-fn print_task(format: OutputFormat, task: &crate::Task) {
+fn print_task(format: OutputFormat, task: &weft_client::Task) {
     let text = match format {
         OutputFormat::Text => task_text(task),
         OutputFormat::Json => task_json(task).to_string(),

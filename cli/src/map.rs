@@ -9,14 +9,12 @@ use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tokio::io::AsyncBufReadExt;
 
+use weft_client::{Client, EventBody, Task, TaskSpec};
 use weft_proto::{OutputStream, TaskState};
 
-use crate::cli::exit;
-use crate::cli::opts::TaskOpts;
-use crate::cli::stream::{
-    LastAttemptOutput, Seen, drive, failure_line, write_stderr, write_stdout,
-};
-use crate::{Client, EventBody, Task, TaskSpec};
+use crate::exit;
+use crate::opts::TaskOpts;
+use crate::stream::{LastAttemptOutput, Seen, drive, failure_line, write_stderr, write_stdout};
 
 /// The placeholder replaced by each input line.
 pub const PLACEHOLDER: &str = "{}";
@@ -40,7 +38,7 @@ pub fn substitute(template: &[String], line: &str) -> Vec<String> {
 /// followed), and its collected stdout.
 struct Done {
     line: String,
-    result: Result<Task, crate::Error>,
+    result: Result<Task, weft_client::Error>,
     stdout: Vec<u8>,
 }
 
