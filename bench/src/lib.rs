@@ -9,12 +9,12 @@
 //! `WEFT_BIN_DIR`); the client is this process. With `--coordinator URL`
 //! it benches that cluster instead (the steps that need their own processes are skipped).
 //!
-//! The `weft` CLI parses [`BenchArgs`], calls [`run`] and prints the
+//! The `weft` CLI parses [`BenchArgs`], calls [`run()`] and prints the
 //! [`Report`] it answers (table, JSON, results.jsonl lines).
 //!
 //! Layout:
 //! - [`args`]: the steps, the flags, the counts of a run.
-//! - [`run`]: one run: which steps on which cluster, failures recorded.
+//! - [`mod@run`]: one run: which steps on which cluster, failures recorded.
 //! - [`own_processes`]: the steps that start their own processes (startup,
 //!   scale, many nodes) and the waits the run shares with them.
 //! - [`cluster`]: the bench's coordinator and nodes as processes (via `weft_cluster`).

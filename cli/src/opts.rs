@@ -2,7 +2,6 @@
 //! `map`), the value parsers behind them (`k=v`, durations, ids), and how
 //! they apply to a [`TaskSpec`]. No I/O except reading `--stdin-file`.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -98,7 +97,7 @@ impl TaskOpts {
 
     /// The labels as a map.
     #[cfg(test)]
-    pub fn label_map(&self) -> BTreeMap<String, String> {
+    pub fn label_map(&self) -> std::collections::BTreeMap<String, String> {
         self.labels.iter().cloned().collect()
     }
 }
