@@ -8,6 +8,12 @@
 //! cluster; this file adds the scenario API and turns errors into panics.
 //! Nothing here sleeps to wait for state: every wait polls real state
 //! through the client API with a deadline.
+//!
+//! Layout: `builder.rs` (the settings), `members.rs` (starting and stopping
+//! the coordinator and a node), this file (the running cluster and its waits).
+
+mod builder;
+mod members;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -21,142 +27,17 @@ use tempfile::TempDir;
 use tokio::sync::OnceCell;
 
 use weft_client::{Client, NodeInfo, Task};
-use weft_cluster::Error as ClusterError;
-use weft_coordinator::{CoordinatorConfig, RunningCoordinator};
-use weft_node::{NodeConfig, RunningNode};
 use weft_proto::{TaskId, TaskState};
 
 use crate::cli::{CliOutput, run_weft};
-use crate::process::{ChildProcess, bin_path, spawn};
+use crate::process::bin_path;
 use crate::wait::{default_timeout, wait_for};
 
-/// How often a starting coordinator's address file is read.
-const ADDR_POLL: Duration = Duration::from_millis(10);
-
-/// Labels of one node.
-type Labels = BTreeMap<String, String>;
-
-/// Settings of a cluster, chosen with [`TestCluster::builder`].
-#[derive(Clone, Debug)]
-pub struct TestClusterBuilder {
-    nodes: usize,
-    slots: u32,
-    heartbeat: Duration,
-    heartbeat_timeout: Duration,
-    drain_grace: Duration,
-    labels: BTreeMap<usize, Labels>,
-    processes: bool,
-    durable: bool,
-    max_queued: Option<usize>,
-}
-
-impl Default for TestClusterBuilder {
-    fn default() -> Self {
-        TestClusterBuilder {
-            nodes: 1,
-            slots: 4,
-            heartbeat: Duration::from_millis(100),
-            // Generous against a loaded 2-core CI box; tests about lost
-            // nodes set their own.
-            heartbeat_timeout: Duration::from_secs(3),
-            drain_grace: Duration::from_secs(5),
-            labels: BTreeMap::new(),
-            processes: processes_by_default(),
-            durable: false,
-            max_queued: None,
-        }
-    }
-}
-
-/// `WEFT_TEST_MODE=processes` runs every scenario against the real
-/// binaries instead of in-process libraries (CI runs the suite both ways).
-fn processes_by_default() -> bool {
-    match std::env::var("WEFT_TEST_MODE").as_deref() {
-        Ok("processes") => true,
-        Ok("in-process") | Ok("") | Err(_) => false,
-        Ok(other) => panic!("WEFT_TEST_MODE={other:?}: expected `processes` or `in-process`"),
-    }
-}
+use self::builder::Labels;
+pub use self::builder::TestClusterBuilder;
+use self::members::{Coordinator, Node, start_coordinator, start_node, terminate};
 
 impl TestClusterBuilder {
-    /// How many nodes to start (`node-0`, `node-1`, ...). Default 1.
-    pub fn nodes(mut self, n: usize) -> Self {
-        self.nodes = n;
-        self
-    }
-
-    /// Slots of each node. Default 4.
-    pub fn slots(mut self, slots: u32) -> Self {
-        self.slots = slots;
-        self
-    }
-
-    /// Heartbeat interval of the coordinator (and so of the nodes). Default 100 ms.
-    pub fn heartbeat(mut self, interval: Duration) -> Self {
-        self.heartbeat = interval;
-        self
-    }
-
-    /// Silence after which a node is lost. Default 3 s.
-    pub fn heartbeat_timeout(mut self, timeout: Duration) -> Self {
-        self.heartbeat_timeout = timeout;
-        self
-    }
-
-    /// Each node's drain grace (SIGTERM / `stop_node`). Default 5 s.
-    pub fn drain_grace(mut self, grace: Duration) -> Self {
-        self.drain_grace = grace;
-        self
-    }
-
-    /// Labels of node `index`.
-    pub fn node_labels<K, V>(
-        mut self,
-        index: usize,
-        labels: impl IntoIterator<Item = (K, V)>,
-    ) -> Self
-    where
-        K: Into<String>,
-        V: Into<String>,
-    {
-        self.labels.insert(
-            index,
-            labels
-                .into_iter()
-                .map(|(k, v)| (k.into(), v.into()))
-                .collect(),
-        );
-        self
-    }
-
-    /// Runs the real `weft-coordinator` and `weft-node` binaries instead of
-    /// the libraries in this process.
-    pub fn processes(mut self) -> Self {
-        self.processes = true;
-        self
-    }
-
-    /// Runs the libraries in this process, whatever `WEFT_TEST_MODE` says:
-    /// for scenarios about in-process handles (e.g. `RunningNode::kill`).
-    pub fn in_process(mut self) -> Self {
-        self.processes = false;
-        self
-    }
-
-    /// Caps the tasks the coordinator holds unfinished (Submit past it is
-    /// RESOURCE_EXHAUSTED). Default: the coordinator's own.
-    pub fn max_queued(mut self, n: usize) -> Self {
-        self.max_queued = Some(n);
-        self
-    }
-
-    /// Gives the coordinator a data dir in the cluster's temp dir, so it
-    /// keeps committed tasks across [`TestCluster::restart_coordinator`].
-    pub fn durable(mut self) -> Self {
-        self.durable = true;
-        self
-    }
-
     /// Starts the coordinator, then the nodes, and waits until every node
     /// is registered.
     pub async fn start(self) -> TestCluster {
@@ -184,104 +65,6 @@ impl TestClusterBuilder {
         cluster.wait_for_nodes(self.nodes).await;
         cluster
     }
-}
-
-/// Starts the coordinator (the `generation`-th time) on `listen`, or on a
-/// free port; answers its handle and bound address.
-async fn start_coordinator(
-    settings: &TestClusterBuilder,
-    dir: &Path,
-    listen: Option<SocketAddr>,
-    generation: usize,
-) -> (Coordinator, SocketAddr) {
-    let listen = listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
-    let data_dir = settings.durable.then(|| dir.join("coordinator-data"));
-    if !settings.processes {
-        crate::init_tracing();
-        let listener = tokio::net::TcpListener::bind(listen)
-            .await
-            .unwrap_or_else(|e| panic!("binding the coordinator listener on {listen}: {e}"));
-        let config = CoordinatorConfig {
-            heartbeat_interval: settings.heartbeat,
-            heartbeat_timeout: settings.heartbeat_timeout,
-            retry_backoff_base: Duration::from_millis(20),
-            retry_backoff_max: Duration::from_millis(500),
-            data_dir,
-            ..CoordinatorConfig::default()
-        };
-        let config = CoordinatorConfig {
-            max_queued: settings.max_queued.unwrap_or(config.max_queued),
-            ..config
-        };
-        let running = weft_cluster::start_coordinator(config, listener)
-            .await
-            .unwrap_or_else(|e| {
-                panic!(
-                    "starting the in-process coordinator: {}",
-                    crate::process::source_of(&e)
-                )
-            });
-        let addr = running.addr();
-        return (Coordinator::InProcess(Box::new(running)), addr);
-    }
-
-    let addr_file = dir.join("coordinator.addr");
-    let _ = std::fs::remove_file(&addr_file);
-    let mut args = vec![
-        "--listen".to_owned(),
-        listen.to_string(),
-        "--addr-file".to_owned(),
-        addr_file.display().to_string(),
-        "--heartbeat-interval".to_owned(),
-        format!("{}ms", settings.heartbeat.as_millis()),
-        "--heartbeat-timeout".to_owned(),
-        format!("{}ms", settings.heartbeat_timeout.as_millis()),
-        "--log-format".to_owned(),
-        "text".to_owned(),
-    ];
-    if let Some(n) = settings.max_queued {
-        args.push("--max-queued".to_owned());
-        args.push(n.to_string());
-    }
-    // The binary keeps a durable store (default `./weft-data`): each
-    // cluster gets its own, so parallel tests never share one. Without
-    // `durable()` a fresh one per start.
-    let data_dir = data_dir.unwrap_or_else(|| dir.join(format!("coordinator-data-{generation}")));
-    args.push("--data-dir".to_owned());
-    args.push(data_dir.display().to_string());
-    let label = match generation {
-        0 => "coordinator".to_owned(),
-        n => format!("coordinator-restart-{n}"),
-    };
-    let mut child = spawn("weft-coordinator", &args, dir, &label);
-    let addr =
-        weft_cluster::wait_for_addr_file(&mut child, &addr_file, default_timeout(), ADDR_POLL)
-            .await;
-    match addr {
-        Ok(addr) => (Coordinator::Process(Box::new(child)), addr),
-        Err(ClusterError::Exited { status, .. }) => panic!(
-            "weft-coordinator exited early ({status})\n--- {} ---\n{}",
-            child.log().display(),
-            child.log_text()
-        ),
-        Err(e) => panic!(
-            "weft-coordinator wrote no address to {}: {e}\n--- {} ---\n{}",
-            addr_file.display(),
-            child.log().display(),
-            child.log_text()
-        ),
-    }
-}
-
-// Boxed: the in-process handles and a child process differ a lot in size.
-enum Coordinator {
-    InProcess(Box<RunningCoordinator>),
-    Process(Box<ChildProcess>),
-}
-
-enum Node {
-    InProcess(Box<RunningNode>),
-    Process(Box<ChildProcess>),
 }
 
 /// How a node stopped after [`TestCluster::stop_node`].
@@ -662,35 +445,7 @@ impl TestCluster {
 
     fn spawn_node(&self, slots: u32, labels: Labels) -> String {
         let name = format!("node-{}", self.next_node.fetch_add(1, Ordering::SeqCst));
-        let node = if self.settings.processes {
-            let mut args = vec![
-                "--coordinator".to_owned(),
-                self.url.clone(),
-                "--name".to_owned(),
-                name.clone(),
-                "--slots".to_owned(),
-                slots.to_string(),
-                "--drain-grace".to_owned(),
-                format!("{}ms", self.settings.drain_grace.as_millis()),
-                "--log-format".to_owned(),
-                "text".to_owned(),
-            ];
-            for (k, v) in &labels {
-                args.push("--label".to_owned());
-                args.push(format!("{k}={v}"));
-            }
-            Node::Process(Box::new(spawn("weft-node", &args, self.dir(), &name)))
-        } else {
-            let mut config = NodeConfig::new(self.url.clone());
-            config.name = name.clone();
-            config.slots = slots;
-            config.labels = labels;
-            config.drain_grace = self.settings.drain_grace;
-            config.reconnect_min = Duration::from_millis(20);
-            config.reconnect_max = Duration::from_millis(500);
-            config.blocking_threads = 2;
-            Node::InProcess(Box::new(weft_cluster::start_node(config)))
-        };
+        let node = start_node(&self.settings, &self.url, self.dir(), &name, slots, labels);
         self.lock_nodes().insert(name.clone(), node);
         name
     }
@@ -747,15 +502,6 @@ impl Drop for TestCluster {
             );
         }
     }
-}
-
-/// SIGTERM, then SIGKILL after `deadline`: the exit status and whether it
-/// stopped by itself in time.
-async fn terminate(child: ChildProcess, deadline: Duration) -> (ExitStatus, bool) {
-    child
-        .terminate(deadline)
-        .await
-        .expect("waiting for a killed child process")
 }
 
 /// Runs `weft` with `args` against `url`; a helper for tests with no cluster.
