@@ -131,3 +131,55 @@ fn numbers_get_thousands_separators() {
     assert_eq!(ratio(50.0, 10.0), "5.00×");
     assert_eq!(ratio(1.0, 0.0), "n/a");
 }
+
+#[test]
+fn the_figures_list_each_step_once_in_run_order_with_its_result_or_error() {
+    let r = report();
+    let figures = r.figures();
+    let steps: Vec<Step> = figures.iter().map(|f| f.step).collect();
+    assert_eq!(
+        steps,
+        [
+            Step::Startup,
+            Step::Throughput,
+            Step::Latency,
+            Step::Sleep,
+            Step::Burn
+        ]
+    );
+    assert!(matches!(
+        figures[1].outcome,
+        figures::Outcome::Measured(figures::Measured::Throughput(ref t))
+            if t.median_tps == Some(10_000.0) && t.runs == [10_000.0, 8_000.0, 12_000.0]
+    ));
+    assert!(matches!(
+        figures[4].outcome,
+        figures::Outcome::Failed("boom")
+    ));
+}
+
+#[test]
+fn a_skipped_step_shows_its_reason_in_every_rendering() {
+    let mut r = report();
+    r.external = Some("http://10.0.0.1:7070".into());
+    r.errors.push(StepError {
+        step: Step::Scale,
+        error: "skipped: needs its own processes (not with --coordinator)".into(),
+    });
+    let table = r.table();
+    assert!(
+        table.contains("| scale | failed: skipped: needs its own"),
+        "{table}"
+    );
+    assert!(table.ends_with("scale: skipped: needs its own processes (not with --coordinator)"));
+    let doc = r.json();
+    assert_eq!(doc["scale"], Value::Null);
+    assert!(
+        doc["errors"]["scale"]
+            .as_str()
+            .unwrap()
+            .starts_with("skipped")
+    );
+    // Not a protocol metric: no results.jsonl record.
+    assert!(r.jsonl_records().iter().all(|rec| rec["metric"] != "scale"));
+}
