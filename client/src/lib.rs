@@ -1,4 +1,5 @@
-//! The typed Rust client for Weft, and the code of the `weft` command line.
+//! The typed Rust client for Weft: a library that depends on `weft-proto`
+//! and the gRPC stack only (the `weft` command line is the `weft-cli` crate).
 //!
 //! [`Client`] wraps one gRPC channel to a coordinator and speaks the
 //! `TaskService` and `AdminService` of `weft.v1` in domain types: specs go in
@@ -23,10 +24,7 @@
 //!   across dropped connections.
 //! - [`error`]: [`Error`], the classification of `tonic::Status`.
 //! - [`types`]: the domain views of tasks, events, nodes, cluster figures.
-//! - [`cli`]: the `weft` command line (clap `Args`, one module per command
-//!   group, text/JSON output, exit codes); `bin/weft.rs` only calls it.
 
-pub mod cli;
 pub mod error;
 pub mod types;
 
@@ -402,13 +400,13 @@ fn events(stream: tonic::Streaming<pb::TaskEvent>) -> EventStream {
 
 /// Reads a finished task's event stream to its end (the gRPC trailers,
 /// which the coordinator sends right after the final event), for at most
-/// [`DRAIN_TIMEOUT`]. Dropping the stream before that makes h2 reset it,
+/// a second (`DRAIN_TIMEOUT`). Dropping the stream before that makes h2 reset it,
 /// and trailers then arriving for the forgotten stream count against h2's
 /// limit of 1,024 library-initiated resets per connection; past it h2
 /// closes the whole connection (GOAWAY ENHANCE_YOUR_CALM), failing every
 /// other call on the channel. A client that waits on thousands of tasks
 /// over one channel hits that within seconds.
-pub(crate) async fn drain(mut events: EventStream) {
+pub async fn drain(mut events: EventStream) {
     let rest = async { while events.next().await.is_some() {} };
     let _ = tokio::time::timeout(DRAIN_TIMEOUT, rest).await;
 }

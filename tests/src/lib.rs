@@ -12,8 +12,8 @@
 //! Layout:
 //! - [`cluster`]: `TestCluster` and its builder: in-process or real
 //!   processes, node kill/stop/add, waits on task and node state.
-//! - [`process`]: finding the binaries and running them as child processes
-//!   with log files.
+//! - [`process`]: `weft_cluster`'s finding and spawning of the binaries,
+//!   its errors turned into test failures.
 //! - [`fake_node`]: a raw `NodeService` session for playing a misbehaving node.
 //! - [`cli`]: running the `weft` binary and capturing its output.
 //! - [`wait`]: `wait_until` and friends; process liveness checks.

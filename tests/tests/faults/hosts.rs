@@ -9,20 +9,16 @@
 //! scenario fails (`WEFT_TEST_KEEP=1` keeps the dir).
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 use tempfile::TempDir;
-use tokio::process::{Child, Command};
 
 use weft_client::{Client, ClusterInfo, EventBody, NodeInfo, Task, TaskSpec};
 use weft_proto::{Attempt, TaskId, TaskState};
-use weft_tests::process::bin_path;
+use weft_tests::process::{ChildProcess, Spawn, bin_path, source_of};
 use weft_tests::wait::wait_for;
 
 use crate::lab::{COORDINATOR_HOST, NODE_HOSTS, address, failure, namespace, say};
@@ -39,67 +35,27 @@ const PORT: u16 = 7070;
 /// Generous deadline for waits on a loaded 2-core machine.
 pub const PATIENCE: Duration = Duration::from_secs(120);
 
-/// One real process inside a lab host, logging to a file.
-pub struct LabProcess {
-    label: String,
-    log: PathBuf,
-    child: Child,
+/// Starts binary `bin` inside `host` through `ip netns exec` (which execs
+/// it: the child's pid is the binary's), logging to `<dir>/<label>.log`
+/// (appending, so restarts keep one log).
+fn spawn_in(host: u8, bin: &str, args: &[String], dir: &Path, label: &str) -> ChildProcess {
+    Spawn::new(bin_path(bin), dir, label)
+        .wrapper(["ip", "netns", "exec", &namespace(host)])
+        .args(args)
+        .append_log()
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!(
+                "starting {bin} in {}: {e}: {}",
+                namespace(host),
+                source_of(&e)
+            )
+        })
 }
 
-impl LabProcess {
-    /// Starts binary `bin` inside `host` (`ip netns exec`, which execs it:
-    /// the child's pid is the binary's), logging to `<dir>/<label>.log`
-    /// (appending, so restarts keep one log).
-    fn spawn(host: u8, bin: &str, args: &[String], dir: &Path, label: &str) -> LabProcess {
-        let log = dir.join(format!("{label}.log"));
-        let out = File::options()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .expect("opening a log file in the cluster temp dir");
-        let err = out.try_clone().expect("cloning a log file handle");
-        let child = Command::new("ip")
-            .args(["netns", "exec", &namespace(host)])
-            .arg(bin_path(bin))
-            .args(args)
-            .current_dir(dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(out))
-            .stderr(Stdio::from(err))
-            .env("NO_COLOR", "1")
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_owned()),
-            )
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {bin} in {}: {e}", namespace(host)));
-        LabProcess {
-            label: label.to_owned(),
-            log,
-            child,
-        }
-    }
-
-    /// Sends `signal` to the binary; one that already exited is no error.
-    pub fn signal(&self, signal: Signal) {
-        if let Some(pid) = self.child.id().and_then(|p| i32::try_from(p).ok()) {
-            let _ = kill(Pid::from_raw(pid), signal);
-        }
-    }
-
-    /// SIGKILL and reap.
-    async fn kill(mut self) {
-        self.signal(Signal::SIGKILL);
-        let _ = self.child.wait().await;
-    }
-
-    /// The last `lines` lines of its log.
-    fn log_tail(&self, lines: usize) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let all: Vec<&str> = text.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
-    }
+/// SIGKILL and reap; one already gone is no error.
+async fn kill(child: ChildProcess) {
+    let _ = child.kill().await;
 }
 
 /// How a [`LabCluster`] is started.
@@ -115,9 +71,9 @@ pub struct LabSettings {
 pub struct LabCluster {
     dir: Option<TempDir>,
     coordinator_args: Vec<String>,
-    coordinator: Option<LabProcess>,
+    coordinator: Option<ChildProcess>,
     restarts: u32,
-    nodes: BTreeMap<u8, LabProcess>,
+    nodes: BTreeMap<u8, ChildProcess>,
     /// A client in the scenario's host, connected to the coordinator.
     pub client: Client,
 }
@@ -147,7 +103,7 @@ impl LabCluster {
         } else {
             coordinator_args.push("--in-memory".to_owned());
         }
-        let coordinator = LabProcess::spawn(
+        let coordinator = spawn_in(
             COORDINATOR_HOST,
             "weft-coordinator",
             &coordinator_args,
@@ -177,10 +133,7 @@ impl LabCluster {
                 settings.slots.to_string(),
             ];
             let label = node_name(host);
-            nodes.insert(
-                host,
-                LabProcess::spawn(host, "weft-node", &args, dir.path(), &label),
-            );
+            nodes.insert(host, spawn_in(host, "weft-node", &args, dir.path(), &label));
         }
         let cluster = LabCluster {
             dir: Some(dir),
@@ -246,7 +199,7 @@ impl LabCluster {
             .remove(&host)
             .unwrap_or_else(|| panic!("no node runs on h{host}"));
         let at = Instant::now();
-        node.kill().await;
+        kill(node).await;
         at
     }
 
@@ -256,10 +209,10 @@ impl LabCluster {
     pub async fn crash_and_restart_coordinator(&mut self) -> Duration {
         let old = self.coordinator.take().expect("the coordinator is running");
         let at = Instant::now();
-        old.kill().await;
+        kill(old).await;
         self.restarts += 1;
         let label = "coordinator";
-        let new = LabProcess::spawn(
+        let new = spawn_in(
             COORDINATOR_HOST,
             "weft-coordinator",
             &self.coordinator_args,
@@ -313,13 +266,13 @@ impl LabCluster {
 impl Drop for LabCluster {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            let mut procs: Vec<&LabProcess> = self.nodes.values().collect();
+            let mut procs: Vec<&ChildProcess> = self.nodes.values().collect();
             procs.extend(self.coordinator.as_ref());
             for process in procs {
                 say(&format!(
                     "--- {} (last 30 lines of {}) ---\n{}",
-                    process.label,
-                    process.log.display(),
+                    process.label(),
+                    process.log().display(),
                     process.log_tail(30)
                 ));
             }

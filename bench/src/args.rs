@@ -1,0 +1,213 @@
+//! What `weft bench` is asked to do: the [`Step`]s, the flags
+//! ([`BenchArgs`], clap derive: the bench is a command, and its flags are
+//! its interface), and the counts of one run ([`Plan`]). No I/O.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::ValueEnum;
+
+use weft_proto::convert::parse_duration;
+
+use crate::floor;
+
+/// The steps of `weft bench`.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Raw tonic: unary and streaming round trips, messages over one stream.
+    Floor,
+    /// (e) launching coordinator and nodes to the first result, median of 3.
+    Startup,
+    /// (a) 20,000 noop tasks submitted and awaited, median of 3.
+    Throughput,
+    /// (b) 2,000 sequential noop round trips.
+    Latency,
+    /// (c) 200 × sleep 50ms on 2 slots (ideal 5.0 s).
+    Sleep,
+    /// (d) 40 × spin 100ms on 2 slots (ideal 2.0 s).
+    Burn,
+    /// 1,000,000 tasks queued with no node: memory per task, submit rate.
+    Scale,
+    /// 1,000 simulated idle nodes: coordinator memory and CPU.
+    ManyNodes,
+}
+
+impl Step {
+    /// Every step, in the order they run.
+    pub const ALL: [Step; 8] = [
+        Step::Floor,
+        Step::Startup,
+        Step::Throughput,
+        Step::Latency,
+        Step::Sleep,
+        Step::Burn,
+        Step::Scale,
+        Step::ManyNodes,
+    ];
+
+    /// Whether the step needs processes of its own (not possible against
+    /// `--coordinator`).
+    pub(crate) fn needs_own_processes(self) -> bool {
+        matches!(self, Step::Startup | Step::Scale | Step::ManyNodes)
+    }
+
+    /// Whether the step runs on the two-node cluster.
+    pub(crate) fn needs_cluster(self) -> bool {
+        matches!(
+            self,
+            Step::Throughput | Step::Latency | Step::Sleep | Step::Burn
+        )
+    }
+
+    /// The step's name on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Step::Floor => "floor",
+            Step::Startup => "startup",
+            Step::Throughput => "throughput",
+            Step::Latency => "latency",
+            Step::Sleep => "sleep",
+            Step::Burn => "burn",
+            Step::Scale => "scale",
+            Step::ManyNodes => "many-nodes",
+        }
+    }
+}
+
+/// Flags of `weft bench`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// Scale every count down for a smoke test (numbers are not comparable).
+    #[arg(long)]
+    pub quick: bool,
+    /// Run only these steps (comma-separated; default: all).
+    #[arg(long, value_enum, value_delimiter = ',', value_name = "STEP,...")]
+    pub only: Vec<Step>,
+    /// Tasks queued in the scale step [default: 1000000; 20000 with --quick].
+    #[arg(long, value_name = "N")]
+    pub scale_tasks: Option<usize>,
+    /// Simulated nodes in the many-nodes step [default: 1000; 100 with --quick].
+    #[arg(long, value_name = "N")]
+    pub sim_nodes: Option<usize>,
+    /// Idle window over which the many-nodes step measures coordinator CPU.
+    #[arg(long, value_parser = parse_duration_arg, value_name = "DURATION")]
+    pub idle_window: Option<Duration>,
+    /// `WaitMany` streams (one per submitted chunk of 2,000) open at once
+    /// while waiting for results.
+    #[arg(long, default_value_t = 256, value_name = "N")]
+    pub wait_concurrency: usize,
+    /// Append the protocol figures to this results.jsonl (peers kit format,
+    /// `"peer": "fabric"`).
+    #[arg(long, value_name = "PATH")]
+    pub results_jsonl: Option<PathBuf>,
+    /// `run_id` of the results.jsonl lines [default: the start time, UTC, like 20261125T151207Z].
+    #[arg(long, value_name = "ID")]
+    pub run_id: Option<String>,
+    /// RUST_LOG of the coordinator and nodes the bench starts (their logs go
+    /// to files in a temp dir).
+    #[arg(long, default_value = "warn", value_name = "FILTER")]
+    pub child_log: String,
+    /// Start coordinators without `--data-dir` (in-memory store), to see
+    /// what durability costs. Not the protocol's configuration.
+    #[arg(long)]
+    pub memory_store: bool,
+}
+
+/// The counts of one run: the protocol's, or scaled down by `--quick`.
+#[derive(Debug, Clone, Copy)]
+pub struct Plan {
+    /// (e) cluster launches.
+    pub startup_runs: usize,
+    /// Untimed noop tasks before (a).
+    pub warmup: usize,
+    /// (a) tasks per run.
+    pub throughput_n: usize,
+    /// (a) runs.
+    pub throughput_runs: usize,
+    /// (b) untimed round trips.
+    pub latency_warmup: usize,
+    /// (b) timed round trips.
+    pub latency_n: usize,
+    /// (c) sleep tasks.
+    pub sleep_n: usize,
+    /// (d) burn tasks.
+    pub burn_n: usize,
+    /// (c), (d) runs.
+    pub par_runs: usize,
+    /// Scale step: tasks queued.
+    pub scale_tasks: usize,
+    /// Many-nodes step: simulated nodes.
+    pub sim_nodes: usize,
+    /// Many-nodes step: idle window.
+    pub idle_window: Duration,
+    /// The floor's counts.
+    pub floor: floor::FloorPlan,
+}
+
+impl Plan {
+    /// The protocol's counts, or the `--quick` ones, with overrides applied.
+    pub fn from_args(args: &BenchArgs) -> Plan {
+        let mut plan = if args.quick {
+            Plan {
+                startup_runs: 1,
+                warmup: 200,
+                throughput_n: 2_000,
+                throughput_runs: 1,
+                latency_warmup: 20,
+                latency_n: 200,
+                sleep_n: 20,
+                burn_n: 4,
+                par_runs: 1,
+                scale_tasks: 20_000,
+                sim_nodes: 100,
+                idle_window: Duration::from_secs(3),
+                floor: floor::FloorPlan {
+                    round_trips: 200,
+                    unary_calls: 2_000,
+                    concurrency: 64,
+                    stream_messages: 20_000,
+                    submit_batch: 5_000,
+                    submit_calls: 2,
+                },
+            }
+        } else {
+            Plan {
+                startup_runs: 3,
+                warmup: 200,
+                throughput_n: 20_000,
+                throughput_runs: 3,
+                latency_warmup: 100,
+                latency_n: 2_000,
+                sleep_n: 200,
+                burn_n: 40,
+                par_runs: 3,
+                scale_tasks: 1_000_000,
+                sim_nodes: 1_000,
+                idle_window: Duration::from_secs(10),
+                floor: floor::FloorPlan {
+                    round_trips: 2_000,
+                    unary_calls: 20_000,
+                    concurrency: 64,
+                    stream_messages: 200_000,
+                    submit_batch: 5_000,
+                    submit_calls: 20,
+                },
+            }
+        };
+        if let Some(n) = args.scale_tasks {
+            plan.scale_tasks = n;
+        }
+        if let Some(n) = args.sim_nodes {
+            plan.sim_nodes = n;
+        }
+        if let Some(window) = args.idle_window {
+            plan.idle_window = window;
+        }
+        plan
+    }
+}
+
+/// Parses a duration flag (`500ms`, `2s`, `1m`).
+fn parse_duration_arg(text: &str) -> Result<Duration, String> {
+    parse_duration(text).map_err(|err| err.to_string())
+}

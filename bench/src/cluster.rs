@@ -1,0 +1,191 @@
+//! The bench's own cluster: `weft-coordinator` (store under a temp dir,
+//! or `--in-memory`) and N `weft-node`s as real processes on loopback,
+//! started through `weft_cluster` (which finds the binaries and owns the
+//! child processes), plus the CPU readings the timed steps take of them.
+//!
+//! Every child is started with `kill_on_drop(true)`: an error or Ctrl-C in
+//! the bench drops the cluster and kills it.
+
+use std::time::Duration;
+
+use anyhow::Context;
+
+use weft_cluster::{ChildProcess, Error as ClusterError, Spawn, procfs};
+
+/// How often the coordinator's address file is polled at start-up (the
+/// startup step times it, so often).
+const ADDR_POLL: Duration = Duration::from_millis(5);
+
+/// How long a coordinator may take to write its address file.
+const ADDR_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Lines of a child's log shown when it exited.
+const LOG_TAIL: usize = 10;
+
+/// What a [`Cluster`] is made of.
+#[derive(Debug, Clone)]
+pub struct ClusterPlan {
+    /// Nodes to start (0 for the scale and many-nodes steps).
+    pub nodes: usize,
+    /// Slots per node.
+    pub slots: u32,
+    /// `RUST_LOG` of the children.
+    pub log_filter: String,
+    /// Whether the coordinator gets `--data-dir` (its durable store).
+    pub durable: bool,
+}
+
+/// A coordinator (durable store under a temp dir) and its nodes, as real
+/// processes on loopback.
+#[derive(Debug)]
+pub struct Cluster {
+    /// `http://127.0.0.1:PORT`.
+    pub url: String,
+    /// The coordinator process.
+    pub coordinator: ChildProcess,
+    /// The node processes.
+    pub nodes: Vec<ChildProcess>,
+    /// Holds logs and the store; removed on drop.
+    pub dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    /// Fails with how to build them unless `weft-coordinator` and
+    /// `weft-node` are where [`weft_cluster::bin_dir`] looks.
+    pub fn check_binaries() -> anyhow::Result<()> {
+        for name in ["weft-coordinator", "weft-node"] {
+            bin_path(name)?;
+        }
+        Ok(())
+    }
+
+    /// Spawns the coordinator, polls its address file every 5 ms until it
+    /// is listening, then spawns the nodes at once. Returns without waiting
+    /// for the nodes to register.
+    pub async fn start(plan: &ClusterPlan) -> anyhow::Result<Cluster> {
+        let coordinator_bin = bin_path("weft-coordinator")?;
+        let node_bin = bin_path("weft-node")?;
+        let dir = tempfile::Builder::new()
+            .prefix("weft-bench-")
+            .tempdir()
+            .context("creating the bench temp dir")?;
+        let addr_file = dir.path().join("coordinator.addr");
+        let data_dir = dir.path().join("data");
+        let mut args = vec![
+            "--listen".to_owned(),
+            "127.0.0.1:0".to_owned(),
+            "--addr-file".to_owned(),
+            addr_file.display().to_string(),
+        ];
+        if plan.durable {
+            args.push("--data-dir".to_owned());
+            args.push(data_dir.display().to_string());
+        } else {
+            // Without a flag the coordinator would open its default durable
+            // store; say explicitly that this run keeps nothing.
+            args.push("--in-memory".to_owned());
+        }
+        let mut coordinator = Spawn::new(coordinator_bin, dir.path(), "coordinator")
+            .args(args)
+            .log_filter(&plan.log_filter)
+            .spawn()?;
+        let addr =
+            weft_cluster::wait_for_addr_file(&mut coordinator, &addr_file, ADDR_TIMEOUT, ADDR_POLL)
+                .await
+                .map_err(|err| explain(err, &coordinator))?;
+        let url = format!("http://{addr}");
+        let nodes = (1..=plan.nodes)
+            .map(|i| {
+                let args = vec![
+                    "--coordinator".to_owned(),
+                    url.clone(),
+                    "--slots".to_owned(),
+                    plan.slots.to_string(),
+                    "--name".to_owned(),
+                    format!("bench-{i}"),
+                ];
+                Spawn::new(&node_bin, dir.path(), &format!("node-{i}"))
+                    .args(args)
+                    .log_filter(&plan.log_filter)
+                    .spawn()
+                    .map_err(anyhow::Error::from)
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(Cluster {
+            url,
+            coordinator,
+            nodes,
+            dir,
+        })
+    }
+
+    /// Process ids of the coordinator and nodes still running.
+    pub fn pids(&self) -> Vec<u32> {
+        std::iter::once(&self.coordinator)
+            .chain(&self.nodes)
+            .filter_map(ChildProcess::pid)
+            .collect()
+    }
+
+    /// CPU seconds used so far by the coordinator and every node.
+    pub fn cpu_seconds(&self) -> Option<f64> {
+        self.pids().into_iter().map(procfs::cpu_seconds).sum()
+    }
+
+    /// Fails with a log tail if any process has exited.
+    pub fn check_alive(&mut self) -> anyhow::Result<()> {
+        let Cluster {
+            coordinator, nodes, ..
+        } = self;
+        for child in std::iter::once(coordinator).chain(nodes.iter_mut()) {
+            if let Err(err) = child.check_alive() {
+                return Err(explain(err, child));
+            }
+        }
+        Ok(())
+    }
+
+    /// Kills every process (nodes first) and removes the temp dir.
+    pub async fn stop(self) {
+        for node in self.nodes {
+            kill(node).await;
+        }
+        kill(self.coordinator).await;
+    }
+}
+
+/// The path of binary `name`, or an error saying how to build it for a
+/// benchmark (release).
+fn bin_path(name: &str) -> anyhow::Result<std::path::PathBuf> {
+    weft_cluster::bin_path(name).map_err(|err| match err {
+        ClusterError::BinaryNotFound { path } => anyhow::anyhow!(
+            "{} not found: build with `cargo build --release --bins` (or set WEFT_BIN_DIR)",
+            path.display()
+        ),
+        other => other.into(),
+    })
+}
+
+/// `err`, with the tail of `child`'s log when it says the child exited;
+/// the wording of the messages the bench printed before.
+fn explain(err: ClusterError, child: &ChildProcess) -> anyhow::Error {
+    match err {
+        ClusterError::Exited { label, status, log } => anyhow::anyhow!(
+            "{label} exited ({status}); log {}:\n{}",
+            log.display(),
+            child.log_tail(LOG_TAIL)
+        ),
+        ClusterError::NoAddress { .. } => {
+            anyhow::anyhow!("the coordinator wrote no address within {ADDR_TIMEOUT:?}")
+        }
+        other => other.into(),
+    }
+}
+
+/// Kills `child` (SIGKILL) and reaps it; one already gone is no error.
+async fn kill(child: ChildProcess) {
+    let label = child.label().to_owned();
+    if let Err(err) = child.kill().await {
+        tracing::debug!(label = %label, error = %err, "kill failed (already gone?)");
+    }
+}

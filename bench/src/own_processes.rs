@@ -1,0 +1,170 @@
+//! The steps that start processes of their own: (e) startup, the scale
+//! step (a million queued tasks, no node) and the many-nodes step (a
+//! thousand simulated idle nodes); and the waits they share with the run.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+use weft_client::Client;
+use weft_cluster::procfs;
+use weft_proto::NodeState;
+
+use crate::cluster::{Cluster, ClusterPlan};
+use crate::report::{ManyNodes, Scale};
+use crate::{swarm, workload};
+
+/// How long nodes (real or simulated) may take to register.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// (e): `runs` cold launches, each timed from just before spawning the
+/// coordinator to the first noop result at the client. The last cluster
+/// (and its client) is kept.
+pub async fn startup(
+    plan: &ClusterPlan,
+    runs: usize,
+) -> anyhow::Result<(Vec<f64>, Cluster, Client)> {
+    let mut times = Vec::new();
+    for i in 0..runs.max(1) {
+        let t0 = Instant::now();
+        let mut cluster = Cluster::start(plan).await?;
+        let client = connect_retrying(&cluster.url).await?;
+        let first = workload::noop_round_trip(&client, 7).await;
+        let took = t0.elapsed();
+        if let Err(err) = first {
+            cluster.check_alive()?;
+            return Err(err);
+        }
+        times.push(took.as_secs_f64());
+        if i + 1 == runs.max(1) {
+            return Ok((times, cluster, client));
+        }
+        drop(client);
+        cluster.stop().await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    unreachable!("the loop returns on its last iteration")
+}
+
+/// The scale step: a coordinator with no node; `n` noops submitted in
+/// `submit_many` chunks; resident memory before and after.
+pub async fn scale(base: &ClusterPlan, n: usize) -> anyhow::Result<Scale> {
+    const CHUNK: usize = 10_000;
+    let plan = ClusterPlan {
+        nodes: 0,
+        ..base.clone()
+    };
+    let mut cluster = Cluster::start(&plan).await?;
+    let client = connect_retrying(&cluster.url).await?;
+    let pid = cluster
+        .coordinator
+        .pid()
+        .context("the coordinator exited")?;
+    // One small submit first, so lazily built state is in the baseline.
+    client.submit_many(vec![workload::noop(0)]).await?;
+    let rss_before = procfs::rss_bytes(pid);
+    let cpu_before = procfs::cpu_seconds(pid);
+    let t0 = Instant::now();
+    let mut submitted = 0;
+    while submitted < n {
+        let count = CHUNK.min(n - submitted);
+        let specs = (submitted..submitted + count).map(workload::noop).collect();
+        if let Err(err) = client.submit_many(specs).await {
+            cluster.check_alive()?;
+            return Err(err).with_context(|| format!("after {submitted} tasks"));
+        }
+        submitted += count;
+    }
+    let submit_s = t0.elapsed().as_secs_f64();
+    let cpu_after = procfs::cpu_seconds(pid);
+    let rss_after = procfs::rss_bytes(pid);
+    let info = client.cluster_info().await?;
+    let queued = info.count(weft_proto::TaskState::Queued);
+    drop(client);
+    cluster.stop().await;
+    Ok(Scale {
+        tasks: n,
+        queued_seen: queued,
+        submit_s,
+        rss_before,
+        rss_after,
+        coordinator_cpu_s: cpu_after.zip(cpu_before).map(|(a, b)| a - b),
+    })
+}
+
+/// The many-nodes step: `n` simulated nodes registered and heartbeating;
+/// coordinator memory and CPU over an idle `window`.
+pub async fn many_nodes(
+    base: &ClusterPlan,
+    n: usize,
+    window: Duration,
+) -> anyhow::Result<ManyNodes> {
+    let plan = ClusterPlan {
+        nodes: 0,
+        ..base.clone()
+    };
+    let cluster = Cluster::start(&plan).await?;
+    let client = connect_retrying(&cluster.url).await?;
+    let pid = cluster
+        .coordinator
+        .pid()
+        .context("the coordinator exited")?;
+    let rss_before = procfs::rss_bytes(pid);
+    let t0 = Instant::now();
+    let mut swarm = swarm::Swarm::connect(&cluster.url, n).await?;
+    wait_nodes_ready(&client, n).await?;
+    let connect_s = t0.elapsed().as_secs_f64();
+    let rss_idle_start = procfs::rss_bytes(pid);
+    let cpu0 = procfs::cpu_seconds(pid);
+    let w0 = Instant::now();
+    tokio::time::sleep(window).await; // a measurement window, not a wait for state
+    let cpu1 = procfs::cpu_seconds(pid);
+    let elapsed = w0.elapsed().as_secs_f64();
+    let rss_idle = procfs::rss_bytes(pid);
+    let connected_after = client.nodes().await?.len();
+    let alive = swarm.alive();
+    drop(swarm);
+    drop(client);
+    cluster.stop().await;
+    Ok(ManyNodes {
+        nodes: n,
+        connect_s,
+        rss_before,
+        rss_idle_start,
+        rss_idle,
+        cpu_pct: cpu1.zip(cpu0).map(|(b, a)| 100.0 * (b - a) / elapsed),
+        window_s: elapsed,
+        connected_after,
+        streams_alive: alive,
+    })
+}
+
+/// Connects, retrying for up to 30 s (a just-started coordinator).
+pub async fn connect_retrying(url: &str) -> anyhow::Result<Client> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match Client::connect(url).await {
+            Ok(client) => return Ok(client),
+            Err(err) if Instant::now() < deadline && err.is_retryable() => {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Err(err) => return Err(err.into()),
+        }
+    }
+}
+
+/// Polls `ListNodes` until `n` nodes are ready.
+pub async fn wait_nodes_ready(client: &Client, n: usize) -> anyhow::Result<()> {
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        let nodes = client.nodes().await?;
+        let ready = nodes.iter().filter(|n| n.state == NodeState::Ready).count();
+        if ready >= n {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!("only {ready} of {n} nodes ready within {READY_TIMEOUT:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -1,0 +1,287 @@
+//! The one list of figures of a run: every step that ran or failed, in run
+//! order, each with the numbers its renderings show, computed once here
+//! (medians, per-task CPU, efficiencies, the floor figures it compares
+//! with, the noise of its timed phases). The table, the JSON document and
+//! the results.jsonl lines only round and format these.
+
+use crate::args::Step;
+use crate::floor::Floor;
+use crate::stats::{Latency, median_of};
+use crate::workload::Metered;
+
+use super::{Burn, ManyNodes, Parallel, Report, Scale, Startup, Throughput};
+
+/// One step of the run: what it measured, or why it did not.
+#[derive(Debug, Clone)]
+pub struct Figure<'a> {
+    /// Which step.
+    pub step: Step,
+    /// Its figures, or its error.
+    pub outcome: Outcome<'a>,
+}
+
+/// A step's figures, or the one-line error of a failed or skipped step.
+#[derive(Debug, Clone)]
+pub enum Outcome<'a> {
+    /// The step ran.
+    Measured(Measured<'a>),
+    /// The step failed or was skipped: why.
+    Failed(&'a str),
+}
+
+/// The figures of one step that ran.
+#[derive(Debug, Clone)]
+pub enum Measured<'a> {
+    /// Raw tonic, what the other figures are compared with.
+    Floor(&'a Floor),
+    /// (e).
+    Startup(StartupFigures),
+    /// (a).
+    Throughput(ThroughputFigures),
+    /// (b).
+    Latency(LatencyFigures<'a>),
+    /// (c).
+    Sleep(ParallelFigures),
+    /// (d).
+    Burn(BurnFigures),
+    /// The scale step.
+    Scale(ScaleFigures<'a>),
+    /// The many-nodes step.
+    ManyNodes(ManyNodesFigures<'a>),
+}
+
+/// The worst noise over a step's timed phases (the peers kit's `merge_noise`):
+/// `None` where any phase lacks the reading.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Noise {
+    /// Host busy CPU, percent of all cores.
+    pub host_busy_pct: Option<f64>,
+    /// CPU seconds burnt by other processes.
+    pub foreign_cpu_s: Option<f64>,
+    /// CPU seconds the hypervisor withheld.
+    pub steal_s: Option<f64>,
+}
+
+/// (e) startup.
+#[derive(Debug, Clone)]
+pub struct StartupFigures {
+    /// Seconds per launch.
+    pub runs: Vec<f64>,
+    /// Median of `runs`.
+    pub median: Option<f64>,
+}
+
+/// (a) throughput.
+#[derive(Debug, Clone)]
+pub struct ThroughputFigures {
+    /// Tasks per run.
+    pub n: usize,
+    /// Tasks/s of each run.
+    pub runs: Vec<f64>,
+    /// Median tasks/s.
+    pub median_tps: Option<f64>,
+    /// Median CPU µs per task of the client.
+    pub client_cpu_us: Option<f64>,
+    /// Median CPU µs per task of the coordinator and nodes.
+    pub cluster_cpu_us: Option<f64>,
+    /// The floor's unary calls/s, if it was measured.
+    pub floor_unary_per_s: Option<f64>,
+    /// Noise over the runs.
+    pub noise: Noise,
+}
+
+/// (b) latency.
+#[derive(Debug, Clone)]
+pub struct LatencyFigures<'a> {
+    /// The round trips' summary.
+    pub latency: &'a Latency,
+    /// The floor's `Run` stream and unary round trips, if measured.
+    pub floor: Option<(&'a Latency, &'a Latency)>,
+    /// Noise over the timed phase.
+    pub noise: Noise,
+}
+
+/// (c), and the batch runs of (d).
+#[derive(Debug, Clone)]
+pub struct ParallelFigures {
+    /// Tasks per run.
+    pub n: usize,
+    /// `n × duration / slots`.
+    pub ideal_s: f64,
+    /// Wall seconds of each run.
+    pub walls: Vec<f64>,
+    /// Median wall seconds.
+    pub median_wall: Option<f64>,
+    /// Noise over the runs.
+    pub noise: Noise,
+}
+
+/// (d) burn.
+#[derive(Debug, Clone)]
+pub struct BurnFigures {
+    /// The batch runs.
+    pub parallel: ParallelFigures,
+    /// One `spin 100ms` alone, seconds.
+    pub single_s: f64,
+    /// `ceil(n / slots) × single_s`.
+    pub ideal_measured_s: f64,
+}
+
+/// The scale step.
+#[derive(Debug, Clone)]
+pub struct ScaleFigures<'a> {
+    /// What it measured.
+    pub scale: &'a Scale,
+    /// Submitted tasks per second.
+    pub submit_rate: f64,
+    /// Resident bytes per queued task.
+    pub bytes_per_task: Option<f64>,
+    /// Coordinator CPU µs per submitted task.
+    pub coordinator_cpu_us: Option<f64>,
+    /// The floor's specs/s through `Submit`, if measured.
+    pub floor_submit_per_s: Option<f64>,
+}
+
+/// The many-nodes step.
+#[derive(Debug, Clone)]
+pub struct ManyNodesFigures<'a> {
+    /// What it measured.
+    pub many: &'a ManyNodes,
+    /// Resident bytes per connected node.
+    pub bytes_per_node: Option<f64>,
+}
+
+impl Report {
+    /// Every step that ran or failed, in run order ([`Step::ALL`]); a
+    /// step with neither a result nor an error is left out.
+    pub fn figures(&self) -> Vec<Figure<'_>> {
+        Step::ALL
+            .into_iter()
+            .filter_map(|step| {
+                let outcome = match self.measured(step) {
+                    Some(measured) => Outcome::Measured(measured),
+                    None => Outcome::Failed(self.error_of(step)?),
+                };
+                Some(Figure { step, outcome })
+            })
+            .collect()
+    }
+
+    /// The largest foreign-CPU and steal readings of any timed phase, for
+    /// the table's noise line; `None` unless both were read somewhere.
+    pub fn noise_max(&self) -> Option<(f64, f64)> {
+        let all = self.metered();
+        let foreign = all
+            .iter()
+            .filter_map(|m| m.foreign_cpu_s)
+            .reduce(f64::max)?;
+        let steal = all.iter().filter_map(|m| m.steal_s).reduce(f64::max)?;
+        Some((foreign, steal))
+    }
+
+    fn measured(&self, step: Step) -> Option<Measured<'_>> {
+        let floor = self.floor.as_ref();
+        Some(match step {
+            Step::Floor => Measured::Floor(floor?),
+            Step::Startup => Measured::Startup(startup(self.startup.as_ref()?)),
+            Step::Throughput => Measured::Throughput(throughput(self.throughput.as_ref()?, floor)),
+            Step::Latency => {
+                let (latency, metered) = self.latency.as_ref()?;
+                Measured::Latency(LatencyFigures {
+                    latency,
+                    floor: floor.map(|f| (&f.run, &f.unary)),
+                    noise: noise(std::iter::once(metered)),
+                })
+            }
+            Step::Sleep => Measured::Sleep(parallel(self.sleep.as_ref()?)),
+            Step::Burn => Measured::Burn(burn(self.burn.as_ref()?)),
+            Step::Scale => Measured::Scale(scale(self.scale.as_ref()?, floor)),
+            Step::ManyNodes => {
+                let many = self.many_nodes.as_ref()?;
+                Measured::ManyNodes(ManyNodesFigures {
+                    many,
+                    bytes_per_node: many.bytes_per_node(),
+                })
+            }
+        })
+    }
+
+    /// Every timed phase's meter.
+    fn metered(&self) -> Vec<&Metered> {
+        let mut all: Vec<&Metered> = Vec::new();
+        if let Some(t) = &self.throughput {
+            all.extend(t.runs.iter().map(|(_, m)| m));
+        }
+        if let Some((_, m)) = &self.latency {
+            all.push(m);
+        }
+        if let Some(s) = &self.sleep {
+            all.extend(&s.runs);
+        }
+        if let Some(b) = &self.burn {
+            all.extend(&b.parallel.runs);
+        }
+        all
+    }
+}
+
+fn startup(s: &Startup) -> StartupFigures {
+    StartupFigures {
+        runs: s.runs.clone(),
+        median: median_of(s.runs.iter().copied()),
+    }
+}
+
+fn throughput(t: &Throughput, floor: Option<&Floor>) -> ThroughputFigures {
+    ThroughputFigures {
+        n: t.n,
+        runs: t.runs.iter().map(|(tps, _)| *tps).collect(),
+        median_tps: t.median_tps(),
+        client_cpu_us: t.client_cpu_us(),
+        cluster_cpu_us: t.cluster_cpu_us(),
+        floor_unary_per_s: floor.map(|f| f.unary_per_s),
+        noise: noise(t.runs.iter().map(|(_, m)| m)),
+    }
+}
+
+fn parallel(p: &Parallel) -> ParallelFigures {
+    ParallelFigures {
+        n: p.n,
+        ideal_s: p.ideal_s,
+        walls: p.runs.iter().map(|m| m.wall.as_secs_f64()).collect(),
+        median_wall: p.median_wall(),
+        noise: noise(p.runs.iter()),
+    }
+}
+
+fn burn(b: &Burn) -> BurnFigures {
+    BurnFigures {
+        parallel: parallel(&b.parallel),
+        single_s: b.single_s,
+        ideal_measured_s: b.ideal_measured_s,
+    }
+}
+
+fn scale<'a>(s: &'a Scale, floor: Option<&Floor>) -> ScaleFigures<'a> {
+    ScaleFigures {
+        scale: s,
+        submit_rate: s.submit_rate(),
+        bytes_per_task: s.bytes_per_task(),
+        coordinator_cpu_us: s.coordinator_cpu_s.map(|c| c / s.tasks.max(1) as f64 * 1e6),
+        floor_submit_per_s: floor.map(|f| f.submit_specs_per_s),
+    }
+}
+
+/// The worst of each noise reading over `runs`.
+fn noise<'a>(runs: impl Iterator<Item = &'a Metered>) -> Noise {
+    let runs: Vec<&Metered> = runs.collect();
+    let worst = |pick: fn(&Metered) -> Option<f64>| -> Option<f64> {
+        let values: Option<Vec<f64>> = runs.iter().map(|m| pick(m)).collect();
+        values.and_then(|v| v.into_iter().reduce(f64::max))
+    };
+    Noise {
+        host_busy_pct: worst(|m| m.host_busy_pct),
+        foreign_cpu_s: worst(|m| m.foreign_cpu_s),
+        steal_s: worst(|m| m.steal_s),
+    }
+}

@@ -1,0 +1,310 @@
+//! The readable rendering of [`Report::figures`]: a header line, then a
+//! Markdown table (so it pastes into BENCHMARKS.md) with each figure beside
+//! its floor, then detail lines. Formatting only.
+
+use crate::args::Step;
+
+use super::Report;
+use super::figures::{Figure, Measured, Outcome};
+
+/// One table row: figure, Weft, floor, Weft / floor.
+type Row = [String; 4];
+
+impl Report {
+    /// The readable table: a header line, then a Markdown table.
+    pub fn table(&self) -> String {
+        let m = &self.machine;
+        let mut out = vec![format!(
+            "weft bench {} — {}, {} CPUs ({}), {:.1} GiB, {} {}{}",
+            env!("CARGO_PKG_VERSION"),
+            humantime::format_rfc3339_seconds(self.started),
+            m.cpus,
+            m.cpu_model.as_deref().unwrap_or("cpu ?"),
+            m.mem_gib.unwrap_or(0.0),
+            m.os,
+            m.kernel.as_deref().unwrap_or(""),
+            if self.quick {
+                " — QUICK RUN: scaled-down counts, not comparable"
+            } else {
+                ""
+            }
+        )];
+        out.push(format!("cluster: {}", self.config()));
+        out.push(String::new());
+        out.push("| figure | Weft | floor (raw tonic, same run) | Weft / floor |".to_owned());
+        out.push("|---|---:|---:|---:|".to_owned());
+        let mut figures = self.figures();
+        // The protocol's letters first, (e) after (d), then Weft's own steps.
+        figures.sort_by_key(|f| row_order(f.step));
+        for figure in &figures {
+            for [what, weft, floor, ratio] in rows(figure) {
+                out.push(format!("| {what} | {weft} | {floor} | {ratio} |"));
+            }
+        }
+        for figure in &figures {
+            if let Outcome::Measured(Measured::Floor(f)) = &figure.outcome {
+                out.push(String::new());
+                out.push(format!(
+                    "floor detail: unary p50/p99 {}/{} µs; Run (server stream, 1 event) p50/p99 {}/{} µs; \
+                     {} unary calls/s (64 in flight); {} msgs/s over one bidi stream (echoed); \
+                     {} specs/s through 5,000-spec Submit calls",
+                    num(f.unary.p50_us, 0),
+                    num(f.unary.p99_us, 0),
+                    num(f.run.p50_us, 0),
+                    num(f.run.p99_us, 0),
+                    num(f.unary_per_s, 0),
+                    num(f.stream_msgs_per_s, 0),
+                    num(f.submit_specs_per_s, 0)
+                ));
+            }
+        }
+        for figure in &figures {
+            if let Outcome::Measured(Measured::Latency(l)) = &figure.outcome {
+                let lat = l.latency;
+                out.push(format!(
+                    "latency detail: p90 {} / mean {} / min {} / max {} µs",
+                    num(lat.p90_us, 0),
+                    num(lat.mean_us, 0),
+                    num(lat.min_us, 0),
+                    num(lat.max_us, 0)
+                ));
+            }
+        }
+        if let Some((foreign, steal)) = self.noise_max() {
+            out.push(format!(
+                "noise: max foreign CPU {foreign:.2} s / steal {steal:.2} s in a timed phase \
+                 (CPU used by other processes on this host; ≈0 for a clean run)"
+            ));
+        }
+        for e in &self.errors {
+            if e.error.starts_with("skipped") {
+                out.push(format!("{}: {}", e.step.name(), e.error));
+            }
+        }
+        out.join("\n")
+    }
+}
+
+/// Where a step's rows sit in the table.
+fn row_order(step: Step) -> u8 {
+    match step {
+        Step::Floor => 0,
+        Step::Throughput => 1,
+        Step::Latency => 2,
+        Step::Sleep => 3,
+        Step::Burn => 4,
+        Step::Startup => 5,
+        Step::Scale => 6,
+        Step::ManyNodes => 7,
+    }
+}
+
+/// The short name of a step's failure row (`None`: the step has no row).
+fn failure_label(step: Step) -> Option<&'static str> {
+    Some(match step {
+        Step::Floor => return None,
+        Step::Throughput => "(a) throughput",
+        Step::Latency => "(b) latency",
+        Step::Sleep => "(c) sleep",
+        Step::Burn => "(d) burn",
+        Step::Startup => "(e) startup",
+        Step::Scale => "scale",
+        Step::ManyNodes => "many nodes",
+    })
+}
+
+/// The table rows of one figure.
+fn rows(figure: &Figure<'_>) -> Vec<Row> {
+    let none = || "—".to_owned();
+    let measured = match &figure.outcome {
+        Outcome::Failed(err) => {
+            return failure_label(figure.step)
+                .map(|what| [what.to_owned(), failed(err), none(), none()])
+                .into_iter()
+                .collect();
+        }
+        Outcome::Measured(measured) => measured,
+    };
+    match measured {
+        Measured::Floor(_) => Vec::new(),
+        Measured::Throughput(t) => {
+            let tps = t.median_tps.unwrap_or(0.0);
+            let runs: Vec<String> = t.runs.iter().map(|r| num(*r, 0)).collect();
+            vec![
+                [
+                    format!(
+                        "(a) throughput, {} noop, tasks/s (median of {})",
+                        t.n,
+                        t.runs.len()
+                    ),
+                    format!("{} ({})", num(tps, 0), runs.join(", ")),
+                    t.floor_unary_per_s.map_or_else(none, |f| {
+                        format!("{} unary calls/s, 64 in flight", num(f, 0))
+                    }),
+                    t.floor_unary_per_s.map_or_else(none, |f| ratio(tps, f)),
+                ],
+                [
+                    "(a) CPU per task: client / cluster".to_owned(),
+                    format!(
+                        "{} / {} µs",
+                        opt(t.client_cpu_us, 1),
+                        opt(t.cluster_cpu_us, 0)
+                    ),
+                    none(),
+                    none(),
+                ],
+            ]
+        }
+        Measured::Latency(l) => {
+            let lat = l.latency;
+            let floor = |pick: fn(&crate::stats::Latency) -> f64| {
+                l.floor.map_or_else(none, |(run, _)| {
+                    format!("{} (Run stream)", num(pick(run), 0))
+                })
+            };
+            let against = |weft: f64, pick: fn(&crate::stats::Latency) -> f64| {
+                l.floor.map_or_else(none, |(run, _)| ratio(weft, pick(run)))
+            };
+            vec![
+                [
+                    format!("(b) round trip p50, µs ({} sequential)", lat.n),
+                    num(lat.p50_us, 0),
+                    floor(|f| f.p50_us),
+                    against(lat.p50_us, |f| f.p50_us),
+                ],
+                [
+                    "(b) round trip p99, µs".to_owned(),
+                    num(lat.p99_us, 0),
+                    floor(|f| f.p99_us),
+                    against(lat.p99_us, |f| f.p99_us),
+                ],
+            ]
+        }
+        Measured::Sleep(s) => {
+            let wall = s.median_wall.unwrap_or(0.0);
+            vec![[
+                format!("(c) {} × sleep 50ms on 2 slots, wall s", s.n),
+                format!("{} (eff {})", num(wall, 2), num(s.ideal_s / wall, 2)),
+                format!("ideal {}", num(s.ideal_s, 2)),
+                ratio(wall, s.ideal_s),
+            ]]
+        }
+        Measured::Burn(b) => {
+            let p = &b.parallel;
+            let wall = p.median_wall.unwrap_or(0.0);
+            vec![[
+                format!("(d) {} × spin 100ms on 2 slots, wall s", p.n),
+                format!(
+                    "{} (eff {}; t1 {} ms → ideal {})",
+                    num(wall, 2),
+                    num(p.ideal_s / wall, 2),
+                    num(b.single_s * 1e3, 0),
+                    num(b.ideal_measured_s, 2)
+                ),
+                format!("ideal {}", num(p.ideal_s, 2)),
+                ratio(wall, p.ideal_s),
+            ]]
+        }
+        Measured::Startup(s) => {
+            let runs: Vec<String> = s.runs.iter().map(|r| num(*r, 3)).collect();
+            vec![[
+                format!(
+                    "(e) startup to first result, s (median of {})",
+                    s.runs.len()
+                ),
+                format!("{} ({})", num(s.median.unwrap_or(0.0), 3), runs.join(", ")),
+                none(),
+                none(),
+            ]]
+        }
+        Measured::Scale(s) => vec![
+            [
+                format!(
+                    "scale: submit rate, {} tasks queued, tasks/s",
+                    s.scale.tasks
+                ),
+                num(s.submit_rate, 0),
+                s.floor_submit_per_s
+                    .map_or_else(none, |f| format!("{} specs/s through Submit", num(f, 0))),
+                s.floor_submit_per_s
+                    .map_or_else(none, |f| ratio(s.submit_rate, f)),
+            ],
+            [
+                "scale: coordinator memory per queued task".to_owned(),
+                format!(
+                    "{} B (RSS {} → {} MiB; coordinator CPU {} µs/task)",
+                    opt(s.bytes_per_task, 0),
+                    mib(s.scale.rss_before),
+                    mib(s.scale.rss_after),
+                    opt(s.coordinator_cpu_us, 1)
+                ),
+                none(),
+                none(),
+            ],
+        ],
+        Measured::ManyNodes(m) => {
+            let many = m.many;
+            vec![[
+                format!("many nodes: {} idle simulated nodes", many.nodes),
+                format!(
+                    "RSS {} MiB (+{} KiB/node), CPU {} % of a core over {} s; \
+                     registered in {} s; {} listed, {} streams up",
+                    mib(many.rss_idle),
+                    opt(m.bytes_per_node.map(|b| b / 1024.0), 1),
+                    opt(many.cpu_pct, 2),
+                    num(many.window_s, 1),
+                    num(many.connect_s, 2),
+                    many.connected_after,
+                    many.streams_alive
+                ),
+                none(),
+                none(),
+            ]]
+        }
+    }
+}
+
+/// A number with thousands separators and `digits` decimals.
+pub(super) fn num(value: f64, digits: usize) -> String {
+    let text = format!("{:.*}", digits, value.abs());
+    let (int, frac) = text
+        .split_once('.')
+        .map_or((text.as_str(), ""), |(i, f)| (i, f));
+    let mut grouped = String::new();
+    for (i, c) in int.chars().enumerate() {
+        if i > 0 && (int.len() - i) % 3 == 0 {
+            grouped.push(',');
+        }
+        grouped.push(c);
+    }
+    let sign = if value < 0.0 { "-" } else { "" };
+    if frac.is_empty() {
+        format!("{sign}{grouped}")
+    } else {
+        format!("{sign}{grouped}.{frac}")
+    }
+}
+
+fn opt(value: Option<f64>, digits: usize) -> String {
+    value.map_or_else(|| "n/a".to_owned(), |v| num(v, digits))
+}
+
+fn mib(bytes: Option<u64>) -> String {
+    opt(bytes.map(|b| b as f64 / (1024.0 * 1024.0)), 1)
+}
+
+pub(super) fn ratio(weft: f64, floor: f64) -> String {
+    if floor > 0.0 {
+        format!(
+            "{}×",
+            num(weft / floor, if weft / floor < 10.0 { 2 } else { 1 })
+        )
+    } else {
+        "n/a".to_owned()
+    }
+}
+
+fn failed(err: &str) -> String {
+    let short: String = err.chars().take(120).collect();
+    format!("failed: {short}")
+}

@@ -1,0 +1,185 @@
+//! The report's renderings of a fixed run: the jsonl records follow the
+//! peers kit's format, the table shows figures and failures.
+
+use std::time::{Duration, SystemTime};
+
+use serde_json::{Value, json};
+
+use super::table::{num, ratio};
+use super::*;
+
+fn metered(wall_ms: u64) -> Metered {
+    Metered {
+        wall: Duration::from_millis(wall_ms),
+        client_cpu: Some(0.2),
+        cluster_cpu: Some(1.0),
+        host_busy_pct: Some(90.0),
+        foreign_cpu_s: Some(0.01),
+        steal_s: Some(0.0),
+    }
+}
+
+fn report() -> Report {
+    let machine = Machine {
+        cpus: 2,
+        cpu_model: Some("AMD EPYC".into()),
+        mem_gib: Some(23.5),
+        kernel: Some("6.1".into()),
+        os: "linux-x86_64".into(),
+    };
+    let started = SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_000_000);
+    let mut r = Report::new(machine, started, None, false, None);
+    r.startup = Some(Startup {
+        runs: vec![0.2, 0.1, 0.3],
+    });
+    r.throughput = Some(Throughput::new(
+        20_000,
+        vec![
+            (10_000.0, metered(2000)),
+            (8_000.0, metered(2500)),
+            (12_000.0, metered(1666)),
+        ],
+    ));
+    let samples: Vec<Duration> = (1..=2000).map(Duration::from_micros).collect();
+    r.latency = Some((Latency::from_samples(&samples).unwrap(), metered(3000)));
+    r.sleep = Some(Parallel {
+        n: 200,
+        ideal_s: 5.0,
+        runs: vec![metered(5100), metered(5050), metered(5200)],
+    });
+    r.errors.push(StepError {
+        step: Step::Burn,
+        error: "boom".into(),
+    });
+    r
+}
+
+#[test]
+fn jsonl_lines_follow_the_peers_kit_format() {
+    let recs = report().jsonl_records();
+    let by: std::collections::BTreeMap<&str, &Value> = recs
+        .iter()
+        .map(|r| (r["metric"].as_str().unwrap(), r))
+        .collect();
+    for r in &recs {
+        assert_eq!(r["peer"], "fabric");
+        assert_eq!(r["run_id"], "20261118T110640Z");
+        assert!(r["ts"].as_str().unwrap().starts_with("2026-11-18T"));
+    }
+    assert!(by["env"]["config"].as_str().unwrap().contains("weft-node"));
+    let st = by["startup_s"];
+    assert_eq!(
+        (st["value"].clone(), st["unit"].clone()),
+        (json!(0.2), json!("s"))
+    );
+    assert_eq!(st["runs"], json!([0.2, 0.1, 0.3]));
+    assert_eq!(st["loopback_only"], true);
+    let tp = by["throughput_tps"];
+    assert_eq!(tp["value"], json!(10_000.0));
+    assert_eq!(tp["n"], 20_000);
+    // median client CPU 0.2 s over 20,000 tasks = 10 µs/task
+    assert_eq!(tp["client_cpu_us_per_task"], json!(10.0));
+    assert_eq!(tp["cluster_cpu_us_per_task"], json!(50.0));
+    assert_eq!(tp["foreign_cpu_s"], json!(0.01));
+    let lat = by["latency_us"];
+    assert_eq!(lat["value"], lat["p50_us"]);
+    assert_eq!(
+        (lat["p99_us"].clone(), lat["n"].clone()),
+        (json!(1980.0), json!(2000))
+    );
+    let sl = by["sleep_wall_s"];
+    assert_eq!(sl["value"], json!(5.1));
+    assert_eq!(sl["ideal_s"], json!(5.0));
+    assert_eq!(sl["efficiency"], json!(0.98));
+    assert_eq!(sl["runs"], json!([5.1, 5.05, 5.2]));
+    let bu = by["burn_wall_s"];
+    assert_eq!(
+        (bu["value"].clone(), bu["error"].clone()),
+        (Value::Null, json!("boom"))
+    );
+}
+
+#[test]
+fn every_jsonl_record_is_one_line_of_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("results.jsonl");
+    let r = report();
+    r.append_jsonl(&path).unwrap();
+    r.append_jsonl(&path).unwrap();
+    let text = std::fs::read_to_string(&path).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2 * r.jsonl_records().len());
+    for line in lines {
+        let v: Value = serde_json::from_str(line).unwrap();
+        assert!(v.get("metric").is_some() && v.get("value").is_some());
+    }
+}
+
+#[test]
+fn the_table_shows_figures_and_failures() {
+    let table = report().table();
+    assert!(table.contains("| (a) throughput, 20000 noop"), "{table}");
+    assert!(table.contains("10,000 (10,000, 8,000, 12,000)"), "{table}");
+    assert!(table.contains("| (d) burn | failed: boom"), "{table}");
+}
+
+#[test]
+fn numbers_get_thousands_separators() {
+    assert_eq!(num(1234567.891, 1), "1,234,567.9");
+    assert_eq!(num(999.0, 0), "999");
+    assert_eq!(num(-1500.0, 0), "-1,500");
+    assert_eq!(ratio(50.0, 10.0), "5.00×");
+    assert_eq!(ratio(1.0, 0.0), "n/a");
+}
+
+#[test]
+fn the_figures_list_each_step_once_in_run_order_with_its_result_or_error() {
+    let r = report();
+    let figures = r.figures();
+    let steps: Vec<Step> = figures.iter().map(|f| f.step).collect();
+    assert_eq!(
+        steps,
+        [
+            Step::Startup,
+            Step::Throughput,
+            Step::Latency,
+            Step::Sleep,
+            Step::Burn
+        ]
+    );
+    assert!(matches!(
+        figures[1].outcome,
+        figures::Outcome::Measured(figures::Measured::Throughput(ref t))
+            if t.median_tps == Some(10_000.0) && t.runs == [10_000.0, 8_000.0, 12_000.0]
+    ));
+    assert!(matches!(
+        figures[4].outcome,
+        figures::Outcome::Failed("boom")
+    ));
+}
+
+#[test]
+fn a_skipped_step_shows_its_reason_in_every_rendering() {
+    let mut r = report();
+    r.external = Some("http://10.0.0.1:7070".into());
+    r.errors.push(StepError {
+        step: Step::Scale,
+        error: "skipped: needs its own processes (not with --coordinator)".into(),
+    });
+    let table = r.table();
+    assert!(
+        table.contains("| scale | failed: skipped: needs its own"),
+        "{table}"
+    );
+    assert!(table.ends_with("scale: skipped: needs its own processes (not with --coordinator)"));
+    let doc = r.json();
+    assert_eq!(doc["scale"], Value::Null);
+    assert!(
+        doc["errors"]["scale"]
+            .as_str()
+            .unwrap()
+            .starts_with("skipped")
+    );
+    // Not a protocol metric: no results.jsonl record.
+    assert!(r.jsonl_records().iter().all(|rec| rec["metric"] != "scale"));
+}

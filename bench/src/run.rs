@@ -1,0 +1,242 @@
+//! One `weft bench` run: which steps, on which cluster (the bench's own
+//! processes, or `--coordinator`), in which order, each failure recorded
+//! in the [`Report`] rather than ending the run. The steps' own work is
+//! in [`crate::own_processes`] and [`crate::workload`].
+
+use std::time::SystemTime;
+
+use weft_client::Client;
+
+use crate::args::{BenchArgs, Plan, Step};
+use crate::cluster::{Cluster, ClusterPlan};
+use crate::machine::Machine;
+use crate::own_processes::{self, connect_retrying, wait_nodes_ready};
+use crate::report::{Burn, Parallel, Report, Startup, StepError, Throughput};
+use crate::{floor, workload};
+
+/// Slots per node and nodes in the protocol's cluster.
+const NODES: usize = 2;
+const SLOTS: u32 = 1;
+
+/// Runs the steps `args` asks for and answers what they measured; a step
+/// that fails is recorded in the report (the run goes on). `external` is
+/// the `--coordinator` URL when the user gave one.
+pub async fn run(args: &BenchArgs, external: Option<String>) -> anyhow::Result<Report> {
+    let plan = Plan::from_args(args);
+    let started = SystemTime::now();
+    let steps: Vec<Step> = Step::ALL
+        .into_iter()
+        .filter(|s| args.only.is_empty() || args.only.contains(s))
+        .collect();
+    let mut report = Report::new(
+        Machine::detect(),
+        started,
+        args.run_id.clone(),
+        args.quick,
+        external.clone(),
+    );
+    report.memory_store = args.memory_store;
+    // Without --coordinator the bench starts processes of its own.
+    let own = external.is_none();
+    if own {
+        // Fail before measuring anything when the binaries are missing.
+        Cluster::check_binaries()?;
+    }
+    let cluster_plan = ClusterPlan {
+        nodes: NODES,
+        slots: SLOTS,
+        log_filter: args.child_log.clone(),
+        durable: !args.memory_store,
+    };
+
+    if steps.contains(&Step::Floor) {
+        progress("floor: raw tonic round trips and stream");
+        match floor::measure(plan.floor).await {
+            Ok(f) => report.floor = Some(f),
+            Err(err) => report.fail(Step::Floor, &err),
+        }
+    }
+
+    for step in &steps {
+        if external.is_some() && step.needs_own_processes() {
+            report.errors.push(StepError {
+                step: *step,
+                error: "skipped: needs its own processes (not with --coordinator)".to_owned(),
+            });
+        }
+    }
+
+    // The two-node cluster: the last startup's, or one started untimed.
+    let mut cluster: Option<Cluster> = None;
+    let mut client: Option<Client> = None;
+    if own && steps.contains(&Step::Startup) {
+        progress(&format!("startup: {} cold launches", plan.startup_runs));
+        match own_processes::startup(&cluster_plan, plan.startup_runs).await {
+            Ok((runs, kept, kept_client)) => {
+                report.startup = Some(Startup { runs });
+                cluster = Some(kept);
+                client = Some(kept_client);
+            }
+            Err(err) => report.fail(Step::Startup, &err),
+        }
+    }
+    if steps.iter().any(|s| s.needs_cluster()) && client.is_none() {
+        match &external {
+            Some(url) => client = Some(Client::connect(url).await?),
+            None => {
+                let started = Cluster::start(&cluster_plan).await?;
+                client = Some(connect_retrying(&started.url).await?);
+                cluster = Some(started);
+            }
+        }
+    }
+    if let Some(client) = &client
+        && steps.iter().any(|s| s.needs_cluster())
+    {
+        cluster_steps(client, cluster.as_ref(), &steps, &plan, args, &mut report).await?;
+    }
+    if let Some(cluster) = cluster.take() {
+        cluster.stop().await;
+    }
+    drop(client);
+
+    if own {
+        if steps.contains(&Step::Scale) {
+            progress(&format!(
+                "scale: {} tasks queued on a coordinator with no node",
+                plan.scale_tasks
+            ));
+            match own_processes::scale(&cluster_plan, plan.scale_tasks).await {
+                Ok(s) => report.scale = Some(s),
+                Err(err) => report.fail(Step::Scale, &err),
+            }
+        }
+        if steps.contains(&Step::ManyNodes) {
+            progress(&format!(
+                "many-nodes: {} simulated nodes, {:?} idle window",
+                plan.sim_nodes, plan.idle_window
+            ));
+            match own_processes::many_nodes(&cluster_plan, plan.sim_nodes, plan.idle_window).await {
+                Ok(m) => report.many_nodes = Some(m),
+                Err(err) => report.fail(Step::ManyNodes, &err),
+            }
+        }
+    }
+    report.finished = Some(SystemTime::now());
+    Ok(report)
+}
+
+/// Steps (a) to (d) on the two-node cluster.
+async fn cluster_steps(
+    client: &Client,
+    cluster: Option<&Cluster>,
+    steps: &[Step],
+    plan: &Plan,
+    args: &BenchArgs,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    wait_nodes_ready(client, NODES).await?;
+    let info = client.cluster_info().await?;
+    if info.slots != NODES as u32 * SLOTS {
+        eprintln!(
+            "weft bench: warning: the cluster has {} slots; the protocol wants {}",
+            info.slots,
+            NODES as u32 * SLOTS
+        );
+    }
+    let cluster_cpu = || cluster.and_then(Cluster::cpu_seconds);
+    let concurrency = args.wait_concurrency;
+
+    if steps.contains(&Step::Throughput) {
+        progress(&format!(
+            "throughput: {} × {} noop tasks",
+            plan.throughput_runs, plan.throughput_n
+        ));
+        let result = async {
+            let warm = (0..plan.warmup).map(workload::noop).collect();
+            let tasks = workload::run_all(client, warm, concurrency).await?;
+            workload::check_noop(&tasks, 0..plan.warmup)?;
+            workload::throughput(
+                client,
+                plan.throughput_n,
+                plan.throughput_runs,
+                concurrency,
+                &cluster_cpu,
+            )
+            .await
+        }
+        .await;
+        match result {
+            Ok(runs) => report.throughput = Some(Throughput::new(plan.throughput_n, runs)),
+            Err(err) => report.fail(Step::Throughput, &err),
+        }
+    }
+    if steps.contains(&Step::Latency) {
+        progress(&format!(
+            "latency: {} sequential round trips",
+            plan.latency_n
+        ));
+        match workload::latency(client, plan.latency_warmup, plan.latency_n, &cluster_cpu).await {
+            Ok(lat) => report.latency = Some(lat),
+            Err(err) => report.fail(Step::Latency, &err),
+        }
+    }
+    if steps.contains(&Step::Sleep) {
+        progress(&format!("sleep: {} × sleep 50ms", plan.sleep_n));
+        let ideal = plan.sleep_n as f64 * 0.05 / (NODES as f64 * SLOTS as f64);
+        match workload::parallel(
+            client,
+            "sleep",
+            "50ms",
+            plan.sleep_n,
+            plan.par_runs,
+            &cluster_cpu,
+        )
+        .await
+        {
+            Ok(runs) => {
+                report.sleep = Some(Parallel {
+                    n: plan.sleep_n,
+                    ideal_s: ideal,
+                    runs,
+                })
+            }
+            Err(err) => report.fail(Step::Sleep, &err),
+        }
+    }
+    if steps.contains(&Step::Burn) {
+        progress(&format!("burn: {} × spin 100ms", plan.burn_n));
+        let slots = (NODES as f64) * SLOTS as f64;
+        let result = async {
+            let t1 = workload::burn_single(client).await?;
+            let runs = workload::parallel(
+                client,
+                "spin",
+                "100ms",
+                plan.burn_n,
+                plan.par_runs,
+                &cluster_cpu,
+            )
+            .await?;
+            anyhow::Ok(Burn {
+                parallel: Parallel {
+                    n: plan.burn_n,
+                    ideal_s: plan.burn_n as f64 * 0.1 / slots,
+                    runs,
+                },
+                single_s: t1,
+                ideal_measured_s: (plan.burn_n as f64 / slots).ceil() * t1,
+            })
+        }
+        .await;
+        match result {
+            Ok(burn) => report.burn = Some(burn),
+            Err(err) => report.fail(Step::Burn, &err),
+        }
+    }
+    Ok(())
+}
+
+fn progress(what: &str) {
+    eprintln!("weft bench: {what}");
+}

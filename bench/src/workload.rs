@@ -1,0 +1,276 @@
+//! The timed steps of the workload protocol that run through a [`Client`]
+//! on a cluster with two one-slot nodes: throughput, latency, parallel
+//! sleeps, CPU fan-out. Every batch's results are checked (a wrong result
+//! is an error, not a data point).
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+use futures::{StreamExt, TryStreamExt, stream};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use weft_client::{Client, EventBody, Task, TaskId, TaskSpec, TaskState};
+use weft_cluster::procfs;
+
+use crate::stats::Latency;
+
+/// Specs per `submit_many` call while waiting starts on earlier ones.
+const PIPELINE_CHUNK: usize = 2_000;
+
+/// CPU and wall accounting of one timed phase: the bench process (the
+/// client), the cluster processes, and the whole host (for noise).
+#[derive(Debug, Clone, Copy)]
+pub struct Meter {
+    wall: Instant,
+    client: Option<f64>,
+    cluster: Option<f64>,
+    host: Option<(f64, f64)>,
+}
+
+/// What a [`Meter`] saw over its phase.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Metered {
+    /// Wall time of the phase.
+    pub wall: Duration,
+    /// CPU seconds of the bench process.
+    pub client_cpu: Option<f64>,
+    /// CPU seconds of the coordinator and nodes (None on an external cluster).
+    pub cluster_cpu: Option<f64>,
+    /// Host busy CPU as a percentage of all cores over the phase.
+    pub host_busy_pct: Option<f64>,
+    /// Host CPU seconds burnt by anything but the bench and its cluster.
+    pub foreign_cpu_s: Option<f64>,
+    /// CPU seconds the hypervisor withheld.
+    pub steal_s: Option<f64>,
+}
+
+impl Meter {
+    /// Starts metering; `cluster` reads the cluster's CPU seconds.
+    pub fn start(cluster: Option<f64>) -> Meter {
+        Meter {
+            wall: Instant::now(),
+            client: procfs::own_cpu_seconds(),
+            cluster,
+            host: procfs::host_cpu_seconds(),
+        }
+    }
+
+    /// Stops metering; `cluster` as in [`Meter::start`].
+    pub fn stop(self, cluster: Option<f64>) -> Metered {
+        let wall = self.wall.elapsed();
+        let client_cpu = procfs::own_cpu_seconds()
+            .zip(self.client)
+            .map(|(b, a)| b - a);
+        let cluster_cpu = cluster.zip(self.cluster).map(|(b, a)| b - a);
+        let host = procfs::host_cpu_seconds()
+            .zip(self.host)
+            .map(|(b, a)| (b.0 - a.0, b.1 - a.1));
+        // /proc/stat ticks are 10 ms: too coarse for short phases.
+        let host = host.filter(|_| wall >= Duration::from_millis(500));
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        Metered {
+            wall,
+            client_cpu,
+            cluster_cpu,
+            host_busy_pct: host.map(|(busy, _)| 100.0 * busy / (wall.as_secs_f64() * cpus)),
+            foreign_cpu_s: host
+                .map(|(busy, _)| busy - client_cpu.unwrap_or(0.0) - cluster_cpu.unwrap_or(0.0)),
+            steal_s: host.map(|(_, steal)| steal),
+        }
+    }
+}
+
+/// The noop task carrying `x`.
+pub fn noop(x: usize) -> TaskSpec {
+    TaskSpec::call("noop", x.to_string())
+}
+
+/// Submits `specs` (pipelined: chunks of `PIPELINE_CHUNK` through
+/// `submit_many` while earlier ones are already being waited on) and waits
+/// for every chunk's results through one `WaitMany` stream per chunk, at
+/// most `concurrency` open at once; answers the final tasks in submission
+/// order. Any task not SUCCEEDED is an error.
+pub async fn run_all(
+    client: &Client,
+    specs: Vec<TaskSpec>,
+    concurrency: usize,
+) -> anyhow::Result<Vec<Task>> {
+    let total = specs.len();
+    let (tx, rx) = mpsc::channel::<Vec<TaskId>>(64);
+    let submitter = async move {
+        let mut specs = specs.into_iter().peekable();
+        while specs.peek().is_some() {
+            let chunk: Vec<TaskSpec> = specs.by_ref().take(PIPELINE_CHUNK).collect();
+            let ids = client.submit_many(chunk).await.context("submitting")?;
+            if tx.send(ids).await.is_err() {
+                break; // the waiter failed; its error is the one to report
+            }
+        }
+        anyhow::Ok(())
+    };
+    let waiter = ReceiverStream::new(rx)
+        .map(|ids| async move { wait_chunk(client, ids).await })
+        .buffered(concurrency.max(1))
+        .map_ok(stream::iter)
+        .map_ok(|tasks| tasks.map(anyhow::Ok))
+        .try_flatten()
+        .try_collect::<Vec<Task>>();
+    let ((), tasks) = futures::try_join!(submitter, waiter)?;
+    ensure!(
+        tasks.len() == total,
+        "{} results for {total} tasks",
+        tasks.len()
+    );
+    Ok(tasks)
+}
+
+/// Waits for one chunk of tasks through `WaitMany`; answers them in the
+/// order of `ids`. Any task not SUCCEEDED is an error.
+async fn wait_chunk(client: &Client, ids: Vec<TaskId>) -> anyhow::Result<Vec<Task>> {
+    let mut done: HashMap<TaskId, Task> = HashMap::with_capacity(ids.len());
+    let mut finals = client.wait_many(ids.clone());
+    while let Some(task) = finals.next().await {
+        let task = task.context("waiting for a batch")?;
+        if task.state != TaskState::Succeeded {
+            bail!("task {} ended {} ({})", task.id, task.state, task.error);
+        }
+        done.insert(task.id, task);
+    }
+    ids.iter()
+        .map(|id| {
+            done.remove(id)
+                .with_context(|| format!("no result for task {id}"))
+        })
+        .collect()
+}
+
+/// Checks that the outputs are the inputs, in submission order.
+pub fn check_noop(tasks: &[Task], inputs: impl Iterator<Item = usize>) -> anyhow::Result<()> {
+    for (task, x) in tasks.iter().zip(inputs) {
+        if task.output[..] != *x.to_string().as_bytes() {
+            bail!(
+                "wrong result for noop({x}) (task {}): {:?}",
+                task.id,
+                String::from_utf8_lossy(&task.output)
+            );
+        }
+    }
+    Ok(())
+}
+
+/// One submit-then-wait round trip (`Run`: submit and watch in one call);
+/// answers the final task.
+pub async fn round_trip(client: &Client, spec: TaskSpec) -> anyhow::Result<Task> {
+    let mut events = client.run(spec).await?;
+    while let Some(event) = events.next().await {
+        if let EventBody::Finished(task) = event?.body {
+            // Read to the trailers so the stream closes cleanly.
+            weft_client::drain(events).await;
+            return Ok(task);
+        }
+    }
+    bail!("the run stream ended before the task finished")
+}
+
+/// One noop round trip, checked.
+pub async fn noop_round_trip(client: &Client, x: usize) -> anyhow::Result<()> {
+    let task = round_trip(client, noop(x)).await?;
+    if task.state != TaskState::Succeeded || task.output[..] != *x.to_string().as_bytes() {
+        bail!(
+            "noop({x}) ended {} with {:?} ({})",
+            task.state,
+            String::from_utf8_lossy(&task.output),
+            task.error
+        );
+    }
+    Ok(())
+}
+
+/// Throughput: `runs` × (submit `n` noops, wait for all); tasks/s per run
+/// and the meter of each run.
+pub async fn throughput(
+    client: &Client,
+    n: usize,
+    runs: usize,
+    concurrency: usize,
+    cluster_cpu: &dyn Fn() -> Option<f64>,
+) -> anyhow::Result<Vec<(f64, Metered)>> {
+    let mut out = Vec::new();
+    for _ in 0..runs {
+        let specs: Vec<TaskSpec> = (0..n).map(noop).collect();
+        let meter = Meter::start(cluster_cpu());
+        let tasks = run_all(client, specs, concurrency).await?;
+        let metered = meter.stop(cluster_cpu());
+        check_noop(&tasks, 0..n)?;
+        out.push((n as f64 / metered.wall.as_secs_f64(), metered));
+    }
+    Ok(out)
+}
+
+/// Latency: `warmup` untimed then `n` timed sequential noop round trips.
+pub async fn latency(
+    client: &Client,
+    warmup: usize,
+    n: usize,
+    cluster_cpu: &dyn Fn() -> Option<f64>,
+) -> anyhow::Result<(Latency, Metered)> {
+    for i in 0..warmup {
+        noop_round_trip(client, i).await?;
+    }
+    let mut samples = Vec::with_capacity(n);
+    let meter = Meter::start(cluster_cpu());
+    for i in 0..n {
+        let t0 = Instant::now();
+        noop_round_trip(client, i).await?;
+        samples.push(t0.elapsed());
+    }
+    let metered = meter.stop(cluster_cpu());
+    Ok((
+        Latency::from_samples(&samples).context("no latency samples")?,
+        metered,
+    ))
+}
+
+/// Parallel step: `runs` × (submit `n` calls of `handler(input)` at once,
+/// wait for all); the meter of each run.
+pub async fn parallel(
+    client: &Client,
+    handler: &str,
+    input: &'static str,
+    n: usize,
+    runs: usize,
+    cluster_cpu: &dyn Fn() -> Option<f64>,
+) -> anyhow::Result<Vec<Metered>> {
+    let mut out = Vec::new();
+    for _ in 0..runs {
+        let specs: Vec<TaskSpec> = (0..n).map(|_| TaskSpec::call(handler, input)).collect();
+        let meter = Meter::start(cluster_cpu());
+        run_all(client, specs, n).await?;
+        out.push(meter.stop(cluster_cpu()));
+    }
+    Ok(out)
+}
+
+/// The standalone time of one `spin 100ms` task through the cluster: one
+/// untimed, then the median of 3 round trips.
+pub async fn burn_single(client: &Client) -> anyhow::Result<f64> {
+    let once = || async {
+        let t0 = Instant::now();
+        let task = round_trip(client, TaskSpec::call("spin", "100ms")).await?;
+        ensure!(
+            task.state == TaskState::Succeeded,
+            "spin ended {}: {}",
+            task.state,
+            task.error
+        );
+        anyhow::Ok(t0.elapsed().as_secs_f64())
+    };
+    once().await?;
+    let mut times = Vec::new();
+    for _ in 0..3 {
+        times.push(once().await?);
+    }
+    crate::stats::median(&times).context("no burn samples")
+}

@@ -1,0 +1,257 @@
+//! The `weft` command line's definition: clap [`Args`] and [`Command`]
+//! (the `///` comments are the help text), and [`parse`]. Running a
+//! command is `run.rs`'s job; nothing here does I/O.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+
+use weft_proto::{TaskId, TaskState};
+
+use crate::exit;
+use crate::opts::{TaskOpts, parse_duration_arg, parse_task_id, parse_task_state};
+use crate::output::OutputFormat;
+
+/// Weft: run commands and handler calls on a cluster of nodes.
+///
+/// Start a cluster on this machine with `weft local` (or run
+/// `weft-coordinator` and `weft-node`), then `weft run -- CMD ARGS...`.
+#[derive(Parser, Debug)]
+#[command(name = "weft", version, after_help = exit::EXIT_CODES_HELP)]
+pub struct Args {
+    /// Coordinator URL.
+    #[arg(
+        long,
+        global = true,
+        env = "WEFT_COORDINATOR",
+        default_value = "http://127.0.0.1:7070",
+        value_name = "URL"
+    )]
+    pub coordinator: String,
+    /// Output format of results on stdout.
+    #[arg(long, short = 'o', global = true, value_enum, default_value_t = OutputFormat::Text)]
+    pub output: OutputFormat,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+    /// Whether `--coordinator` came from the command line or the
+    /// environment rather than its default (set by [`parse`]; `bench`
+    /// starts its own cluster unless it is set).
+    #[arg(skip)]
+    pub coordinator_given: bool,
+}
+
+/// Parses the process's command line (exiting on a usage error like
+/// `Args::parse`) and notes whether `--coordinator` was given.
+pub fn parse() -> Args {
+    let matches = Args::command().get_matches();
+    let mut args = Args::from_arg_matches(&matches).unwrap_or_else(|err| err.exit());
+    args.coordinator_given = matches!(
+        matches.value_source("coordinator"),
+        Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+    );
+    args
+}
+
+/// The `weft` subcommands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run a command on a node; stream its stdout/stderr here and exit with its code.
+    ///
+    /// Ctrl-C cancels the task (exit 130).
+    #[command(after_help = exit::EXIT_CODES_HELP)]
+    Run {
+        /// Task settings.
+        #[command(flatten)]
+        opts: TaskOpts,
+        /// The command and its arguments (after `--`).
+        #[arg(
+            required = true,
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "CMD"
+        )]
+        command: Vec<String>,
+    },
+    /// Call a handler on a node; stream its output, print what it returns.
+    ///
+    /// What the handler writes while it runs goes to stdout/stderr as it
+    /// comes; what it returns is printed on stdout at the end, unless it is
+    /// exactly what it already wrote on stdout (so `weft call echo hi`
+    /// prints `hi` once). Ctrl-C cancels the task (exit 130).
+    #[command(after_help = exit::EXIT_CODES_HELP)]
+    Call {
+        /// Task settings.
+        #[command(flatten)]
+        opts: TaskOpts,
+        /// Handler name (built-ins: noop, echo, sleep, sha256, fail, spin).
+        handler: String,
+        /// Input bytes; `-` reads them from stdin; none is empty input.
+        input: Option<String>,
+    },
+    /// Submit a task and print only its id (`--call HANDLER [INPUT]`, or `-- CMD ARGS...`).
+    Submit {
+        /// Task settings.
+        #[command(flatten)]
+        opts: TaskOpts,
+        /// Submit a call of this handler; the argument after it is its input (`-`: stdin).
+        #[arg(long, value_name = "HANDLER")]
+        call: Option<String>,
+        /// The command and its arguments, or the call's input with `--call`.
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "CMD"
+        )]
+        command: Vec<String>,
+    },
+    /// Show one task.
+    Get {
+        /// The task id.
+        #[arg(value_parser = parse_task_id)]
+        id: TaskId,
+    },
+    /// Follow a task: print its output as `run` does and its state changes on stderr.
+    ///
+    /// Resumes after a dropped connection; exits with the task's code like `run`.
+    /// Ctrl-C stops watching (the task keeps running).
+    #[command(after_help = exit::EXIT_CODES_HELP)]
+    Watch {
+        /// The task id.
+        #[arg(value_parser = parse_task_id)]
+        id: TaskId,
+        /// First event to show (0: the whole history).
+        #[arg(long, default_value_t = 0, value_name = "N")]
+        from_seq: u64,
+    },
+    /// Wait for a task to finish, print it, and exit with its code like `run`.
+    #[command(after_help = exit::EXIT_CODES_HELP)]
+    Wait {
+        /// The task id.
+        #[arg(value_parser = parse_task_id)]
+        id: TaskId,
+    },
+    /// Cancel a task.
+    Cancel {
+        /// The task id.
+        #[arg(value_parser = parse_task_id)]
+        id: TaskId,
+    },
+    /// List tasks, newest first.
+    List {
+        /// Only tasks in this state (queued, assigned, running, succeeded, failed, cancelled, timed_out).
+        #[arg(long, value_parser = parse_task_state, value_name = "STATE")]
+        state: Option<TaskState>,
+        /// At most this many.
+        #[arg(long, default_value_t = 50, value_name = "N")]
+        limit: u32,
+    },
+    /// List the connected nodes.
+    Nodes,
+    /// Drain a node: it takes no new work and finishes what it runs, then stops.
+    Drain {
+        /// Node name or id.
+        node: String,
+        /// How long running tasks may take before they are cancelled (default: the node's own).
+        #[arg(long, value_parser = parse_duration_arg, value_name = "DURATION")]
+        grace: Option<Duration>,
+    },
+    /// Show cluster-wide figures.
+    Info,
+    /// Run a command once per line of stdin, in parallel across the cluster.
+    ///
+    /// Every `{}` in the arguments is replaced by the line; with no `{}`, the
+    /// line is appended as the last argument (like xargs). Blank lines are
+    /// skipped. Each task's stdout is printed when it finishes; exits 1 if
+    /// any task failed.
+    Map {
+        /// Tasks in flight at once (default: the cluster's free slots, at least 1).
+        #[arg(short = 'j', long = "jobs", value_name = "N")]
+        jobs: Option<usize>,
+        /// Print outputs in input order (default: completion order).
+        #[arg(long)]
+        keep_order: bool,
+        /// Task settings.
+        #[command(flatten)]
+        opts: TaskOpts,
+        /// The command template (after `--`).
+        #[arg(
+            required = true,
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "CMD"
+        )]
+        command: Vec<String>,
+    },
+    /// Run a coordinator and nodes in this process until Ctrl-C.
+    Local {
+        /// Nodes to start.
+        #[arg(long, default_value_t = 2, value_name = "N")]
+        nodes: usize,
+        /// Slots per node (default: number of CPUs).
+        #[arg(long, value_name = "S")]
+        slots: Option<u32>,
+        /// Address to listen on (falls back to a free port if it is taken).
+        #[arg(long, default_value = "127.0.0.1:7070", value_name = "ADDR")]
+        listen: SocketAddr,
+    },
+    /// Start a local cluster and run a mixed demo workload on it.
+    Demo {
+        /// Nodes to start.
+        #[arg(long, default_value_t = 3, value_name = "N")]
+        nodes: usize,
+        /// Slots per node.
+        #[arg(long, default_value_t = 2, value_name = "S")]
+        slots: u32,
+    },
+    /// Benchmark: the peers' workload protocol against Weft, beside raw gRPC.
+    ///
+    /// Starts its own cluster (weft-coordinator + 2 × weft-node --slots 1,
+    /// found next to this executable or in WEFT_BIN_DIR) unless
+    /// --coordinator is given. Build first: `cargo build --release --bins`.
+    /// Exits 1 if a step failed.
+    Bench(weft_bench::BenchArgs),
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        Args::command().debug_assert();
+    }
+
+    #[test]
+    fn run_takes_everything_after_the_double_dash_as_the_command() {
+        let args =
+            Args::try_parse_from(["weft", "run", "--slots", "2", "--", "sh", "-c", "exit 3"])
+                .unwrap();
+        let Command::Run { opts, command } = args.command else {
+            panic!("not run")
+        };
+        assert_eq!(opts.slots, Some(2));
+        assert_eq!(command, ["sh", "-c", "exit 3"]);
+    }
+
+    #[test]
+    fn a_label_without_equals_is_a_usage_error() {
+        let err =
+            Args::try_parse_from(["weft", "run", "--label", "gpu", "--", "true"]).unwrap_err();
+        assert_eq!(err.exit_code(), i32::from(exit::USAGE));
+        assert!(err.to_string().contains("KEY=VALUE"), "{err}");
+    }
+
+    #[test]
+    fn help_states_the_exit_codes() {
+        let help = Args::command().render_long_help().to_string();
+        assert!(
+            help.contains("69") && help.contains("127") && help.contains("130"),
+            "{help}"
+        );
+    }
+}

@@ -1,0 +1,327 @@
+//! `weft demo`: starts a local cluster (see [`local`]) on a free port and runs a mixed,
+//! visible workload on it (subprocesses, async and blocking handlers, a
+//! retry, a cancel, a timeout, a failure), then prints a summary and checks
+//! that every task ended as it should. Narrative goes to stdout, task
+//! stderr to stderr.
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use futures::future::join_all;
+use tokio::net::TcpListener;
+
+use weft_client::{Client, Error, EventBody, Task, TaskEvent, TaskSpec};
+use weft_proto::{OutputStream, TaskState};
+
+use crate::exit;
+use crate::local;
+use crate::output::short_duration;
+use crate::stream::{LastAttemptOutput, Seen, drive, write_stderr};
+
+/// A finished demo task with its collected stdout.
+struct Ran {
+    task: Task,
+    stdout: String,
+    took: Duration,
+}
+
+/// One expectation of the demo and whether it held.
+struct Check {
+    what: &'static str,
+    ok: bool,
+    detail: String,
+}
+
+/// `weft demo [--nodes N] [--slots S]`.
+pub async fn run(nodes: usize, slots: u32) -> anyhow::Result<u8> {
+    let nodes = nodes.max(1);
+    let listener = TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))).await?;
+    let cluster = local::start(listener, nodes, Some(slots)).await?;
+    let url = cluster.url();
+    println!("demo: local cluster at {url}: {nodes} nodes x {slots} slots");
+    let client = Client::connect(&url).await?;
+    let outcome = match local::wait_ready(&cluster, &client, Duration::from_secs(10)).await {
+        Ok(()) => workload(&client).await,
+        Err(err) => Err(err),
+    };
+    cluster.shutdown(Duration::from_secs(2)).await;
+    let (checks, tasks, elapsed) = outcome?;
+    Ok(summary(&checks, &tasks, elapsed))
+}
+
+async fn workload(client: &Client) -> anyhow::Result<(Vec<Check>, Vec<Task>, Duration)> {
+    let started = Instant::now();
+    let marker_dir = tempfile::tempdir()?;
+    let marker = marker_dir.path().join("first-attempt-failed");
+
+    println!("demo: phase 1: subprocesses, async handlers and blocking handlers, all at once");
+    let execs = (1..=12).map(|i| {
+        let spec = TaskSpec::exec([
+            "sh",
+            "-c",
+            "echo \"hello from $0 (pid $$ on $(uname -n))\"",
+            &format!("task-{i}"),
+        ])
+        .name(format!("hello-{i}"));
+        announce(client, "exec", spec)
+    });
+    let sleeps = (1..=8).map(|_| announce(client, "async", TaskSpec::call("sleep", "200ms")));
+    let echoes = (1..=4).map(|i| {
+        announce(
+            client,
+            "async",
+            TaskSpec::call("echo", format!("echo #{i}")),
+        )
+    });
+    let spins = (1..=6).map(|_| announce(client, "blocking", TaskSpec::call("spin", "100ms")));
+    let (execs, sleeps, echoes, spins) = tokio::join!(
+        join_all(execs),
+        join_all(sleeps),
+        join_all(echoes),
+        join_all(spins)
+    );
+    let mut checks = Vec::new();
+    let mut tasks = Vec::new();
+    for (what, batch) in [
+        ("12 subprocesses succeed", execs),
+        ("8 async sleep calls succeed", sleeps),
+        ("4 async echo calls succeed", echoes),
+        ("6 blocking spin calls succeed", spins),
+    ] {
+        let total = batch.len();
+        let mut ok = 0;
+        for ran in batch.into_iter().flatten() {
+            ok += usize::from(ran.task.state == TaskState::Succeeded);
+            tasks.push(ran.task);
+        }
+        checks.push(Check {
+            what,
+            ok: ok == total,
+            detail: format!("{ok} of {total} succeeded"),
+        });
+    }
+
+    println!("demo: phase 2: a retry, a cancel, a timeout and a failure");
+    let retry_script = "if [ -e \"$1\" ]; then echo \"attempt after the failure succeeded\"; \
+         else touch \"$1\"; echo \"first attempt fails on purpose\" >&2; exit 3; fi";
+    let retry = TaskSpec::exec(["sh", "-c", retry_script, "sh", &marker.to_string_lossy()])
+        .name("retry-once")
+        .max_attempts(3);
+    let timeout = TaskSpec::exec(["sleep", "10"])
+        .name("too-slow")
+        .timeout(Duration::from_millis(300));
+    let fail = TaskSpec::call("fail", "boom: the fail handler always fails").max_attempts(2);
+    let (retry, cancelled, timed_out, failed) = tokio::join!(
+        announce(client, "retry", retry),
+        cancel_while_running(client),
+        announce(client, "timeout", timeout),
+        announce(client, "fail", fail),
+    );
+    checks.push(expect(
+        "a failing first attempt is retried and succeeds",
+        &retry,
+        |t| t.state == TaskState::Succeeded && t.attempt.0 >= 2,
+    ));
+    checks.push(expect("a running task is cancelled", &cancelled, |t| {
+        t.state == TaskState::Cancelled
+    }));
+    checks.push(expect(
+        "a task past its timeout is killed",
+        &timed_out,
+        |t| t.state == TaskState::TimedOut,
+    ));
+    checks.push(expect("a failing handler ends failed", &failed, |t| {
+        t.state == TaskState::Failed && t.error.contains("boom")
+    }));
+    tasks.extend(
+        [retry, cancelled, timed_out, failed]
+            .into_iter()
+            .flatten()
+            .map(|ran| ran.task),
+    );
+    Ok((checks, tasks, started.elapsed()))
+}
+
+/// Runs `spec`, printing a line when it finishes (and its retries live).
+async fn announce(client: &Client, tag: &'static str, spec: TaskSpec) -> Option<Ran> {
+    let what = describe(&spec);
+    let result = run_collecting(client, spec, &mut |event| {
+        if let EventBody::State {
+            state: TaskState::Queued,
+            reason,
+            ..
+        } = &event.body
+            && event.attempt.0 > 0
+        {
+            println!(
+                "  [{tag:<8}] {what}: requeued (attempt {}): {reason}",
+                event.attempt
+            );
+        }
+    })
+    .await;
+    match result {
+        Ok(ran) => {
+            let node = ran.task.node_name.as_deref().unwrap_or("?");
+            let mut line = format!(
+                "  [{tag:<8}] {what} -> {} on {node} (attempt {}, {})",
+                ran.task.state,
+                ran.task.attempt,
+                short_duration(ran.took)
+            );
+            let out = ran.stdout.trim_end();
+            if !out.is_empty() {
+                line.push_str(&format!(": {out}"));
+            } else if !ran.task.output.is_empty() {
+                line.push_str(&format!(": {}", String::from_utf8_lossy(&ran.task.output)));
+            }
+            if !ran.task.error.is_empty() {
+                line.push_str(&format!(" [{}]", ran.task.error));
+            }
+            println!("{line}");
+            Some(ran)
+        }
+        Err(err) => {
+            println!("  [{tag:<8}] {what}: weft: error: {err}");
+            None
+        }
+    }
+}
+
+/// Starts a long task, waits until it runs, cancels it, and waits for the end.
+async fn cancel_while_running(client: &Client) -> Option<Ran> {
+    let started = Instant::now();
+    let spec = TaskSpec::exec(["sleep", "30"]).name("cancel-me");
+    let outcome: Result<Task, Error> = async {
+        let id = client.submit(spec).await?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while client.get(id).await?.state != TaskState::Running && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        println!("  [cancel  ] sleep 30 is running; cancelling it");
+        client.cancel(id).await?;
+        client.wait(id).await
+    }
+    .await;
+    match outcome {
+        Ok(task) => {
+            println!(
+                "  [cancel  ] sleep 30 -> {} on {} ({})",
+                task.state,
+                task.node_name.as_deref().unwrap_or("?"),
+                short_duration(started.elapsed())
+            );
+            Some(Ran {
+                task,
+                stdout: String::new(),
+                took: started.elapsed(),
+            })
+        }
+        Err(err) => {
+            println!("  [cancel  ] weft: error: {err}");
+            None
+        }
+    }
+}
+
+async fn run_collecting(
+    client: &Client,
+    spec: TaskSpec,
+    on_event: &mut (dyn FnMut(&TaskEvent) + Send),
+) -> Result<Ran, Error> {
+    let started = Instant::now();
+    let stream = client.run(spec).await?;
+    let mut stdout = LastAttemptOutput::default();
+    let mut seen = Seen::default();
+    let task = drive(client, stream, &mut seen, &mut |event| {
+        if let EventBody::Output { stream, data } = &event.body {
+            match stream {
+                OutputStream::Stdout => stdout.push(event.attempt, data),
+                OutputStream::Stderr => write_stderr(data),
+            }
+        }
+        on_event(event);
+    })
+    .await?;
+    Ok(Ran {
+        task,
+        stdout: String::from_utf8_lossy(&stdout.into_bytes()).into_owned(),
+        took: started.elapsed(),
+    })
+}
+
+fn describe(spec: &TaskSpec) -> String {
+    match &spec.kind {
+        weft_proto::TaskKind::Call(call) => {
+            format!("{} {}", call.handler, String::from_utf8_lossy(&call.input))
+        }
+        weft_proto::TaskKind::Exec(_) => spec.summary(),
+    }
+}
+
+fn expect(what: &'static str, ran: &Option<Ran>, ok: impl Fn(&Task) -> bool) -> Check {
+    match ran {
+        Some(ran) => Check {
+            what,
+            ok: ok(&ran.task),
+            detail: format!(
+                "ended {} after {} attempt(s){}",
+                ran.task.state,
+                ran.task.attempt,
+                if ran.task.error.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", ran.task.error)
+                }
+            ),
+        },
+        None => Check {
+            what,
+            ok: false,
+            detail: "could not be followed".into(),
+        },
+    }
+}
+
+fn summary(checks: &[Check], tasks: &[Task], elapsed: Duration) -> u8 {
+    let mut per_node: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut per_state: BTreeMap<&str, usize> = BTreeMap::new();
+    for task in tasks {
+        *per_node
+            .entry(task.node_name.as_deref().unwrap_or("(none)"))
+            .or_default() += 1;
+        *per_state.entry(task.state.as_str()).or_default() += 1;
+    }
+    let join = |map: &BTreeMap<&str, usize>| {
+        map.iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    println!("demo: summary");
+    println!(
+        "  tasks:     {} in {} ({:.1} tasks/s)",
+        tasks.len(),
+        short_duration(elapsed),
+        tasks.len() as f64 / elapsed.as_secs_f64().max(0.001)
+    );
+    println!("  per node:  {}", join(&per_node));
+    println!("  states:    {}", join(&per_state));
+    let failed: Vec<&Check> = checks.iter().filter(|c| !c.ok).collect();
+    for check in checks {
+        let mark = if check.ok { "ok  " } else { "FAIL" };
+        println!("  {mark} {}: {}", check.what, check.detail);
+    }
+    if failed.is_empty() {
+        println!("demo: everything behaved as expected");
+        exit::SUCCESS
+    } else {
+        eprintln!(
+            "weft: error: demo: {} of {} checks failed",
+            failed.len(),
+            checks.len()
+        );
+        exit::FAILURE
+    }
+}

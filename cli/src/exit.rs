@@ -1,0 +1,216 @@
+//! Exit codes of the `weft` command line, and how a final task or an error
+//! maps to one. The table is printed in `weft --help` ([`EXIT_CODES_HELP`]);
+//! keep the two in step.
+
+use weft_client::{Error, Task};
+use weft_proto::{Outcome, TaskState};
+
+/// The task succeeded (or the command did its job).
+pub const SUCCESS: u8 = 0;
+/// The task failed without an exit code (signal, handler error), or the
+/// command failed for another reason.
+pub const FAILURE: u8 = 1;
+/// Bad usage: a malformed flag, id or spec.
+pub const USAGE: u8 = 2;
+/// The coordinator is unreachable, or the connection to it was lost.
+pub const UNAVAILABLE: u8 = 69;
+/// The task failed because the nodes running it were lost.
+pub const NODE_LOST: u8 = 75;
+/// The task ran past its timeout.
+pub const TIMED_OUT: u8 = 124;
+/// The task could not start (unknown handler, missing binary, bad cwd).
+pub const START_FAILED: u8 = 127;
+/// The task was cancelled (also: Ctrl-C cancelled it).
+pub const CANCELLED: u8 = 130;
+
+/// The exit code table, as shown after `weft --help`.
+pub const EXIT_CODES_HELP: &str = "\
+Exit codes (task codes from run, call, wait, watch; map exits 1 if any task failed):
+  0    the task succeeded
+  N    the task's process exited with code N
+  1    the task failed without an exit code (signal, handler error), or another error
+  2    usage error (bad flag, id, or task spec)
+  69   coordinator unreachable, or the connection to it was lost
+  75   the task failed because its nodes were lost (attempts used up by node losses)
+  124  the task timed out
+  127  the task failed to start (unknown handler, missing binary, bad cwd)
+  130  the task was cancelled (Ctrl-C while running cancels it)";
+
+/// The exit code for a task in its final state (or [`FAILURE`] if it is not
+/// final, which a caller should not ask).
+///
+/// A failed task is classified by `last_outcome` (how its latest attempt
+/// ended) when the coordinator sends it; the error-text heuristics are only
+/// the fallback for coordinators that do not, and for failures decided by
+/// the coordinator itself (e.g. an unknown handler at submit).
+pub fn for_task(task: &Task) -> u8 {
+    match task.state {
+        TaskState::Succeeded => SUCCESS,
+        TaskState::TimedOut => TIMED_OUT,
+        TaskState::Cancelled => CANCELLED,
+        TaskState::Failed => match (task.exit_code, task.last_outcome) {
+            (Some(code), _) if code != 0 => u8::try_from(code & 0xff)
+                .ok()
+                .filter(|c| *c != 0)
+                .unwrap_or(FAILURE),
+            (_, Some(Outcome::StartFailed)) => START_FAILED,
+            (_, Some(Outcome::TimedOut)) => TIMED_OUT,
+            // Cancelled by its node (a drain past its grace), not by a
+            // client: the coordinator counts that as a node loss.
+            (_, Some(Outcome::Cancelled)) => NODE_LOST,
+            (_, Some(Outcome::Failed | Outcome::Succeeded)) => FAILURE,
+            _ if is_start_failure(&task.error) => START_FAILED,
+            // No outcome: the latest attempt was lost with its node (or
+            // the task never ran).
+            (_, None) if task.node_losses > 0 && task.attempt.0 > 0 => NODE_LOST,
+            _ if lost_with_node(task) => NODE_LOST,
+            _ => FAILURE,
+        },
+        TaskState::Queued | TaskState::Assigned | TaskState::Running => FAILURE,
+    }
+}
+
+/// A command line that parses but makes no sense (exit [`USAGE`]).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+/// The exit code for a command that ended with `err`.
+pub fn for_error(err: &anyhow::Error) -> u8 {
+    if err.chain().any(|cause| cause.is::<UsageError>()) {
+        return USAGE;
+    }
+    match err.chain().find_map(|cause| cause.downcast_ref::<Error>()) {
+        Some(Error::Unavailable(_)) => UNAVAILABLE,
+        Some(Error::InvalidArgument(_) | Error::InvalidUrl { .. }) => USAGE,
+        Some(_) | None => FAILURE,
+    }
+}
+
+/// The coordinator records why an attempt could not start in the task's
+/// error; these are the forms it and the node use.
+fn is_start_failure(error: &str) -> bool {
+    let error = error.to_ascii_lowercase();
+    [
+        "unknown handler",
+        "failed to start",
+        "could not start",
+        "start failed",
+        "cannot start",
+        "no such file or directory",
+    ]
+    .iter()
+    .any(|needle| error.contains(needle))
+}
+
+/// True when the attempt that ended the task was lost with its node.
+fn lost_with_node(task: &Task) -> bool {
+    task.node_losses > 0 && (task.failures == 0 || task.error.to_ascii_lowercase().contains("lost"))
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use weft_proto::{Attempt, TaskId};
+
+    use super::*;
+
+    fn task(state: TaskState) -> Task {
+        Task {
+            id: TaskId::new(),
+            spec: None,
+            state,
+            attempt: Attempt(1),
+            node_id: None,
+            node_name: None,
+            exit_code: None,
+            output: Bytes::new(),
+            error: String::new(),
+            pending_reason: String::new(),
+            failures: 0,
+            node_losses: 0,
+            created_at: None,
+            updated_at: None,
+            next_seq: 0,
+            last_outcome: None,
+        }
+    }
+
+    #[test]
+    fn final_states_map_to_their_documented_codes() {
+        assert_eq!(for_task(&task(TaskState::Succeeded)), SUCCESS);
+        assert_eq!(for_task(&task(TaskState::TimedOut)), TIMED_OUT);
+        assert_eq!(for_task(&task(TaskState::Cancelled)), CANCELLED);
+        assert_eq!(for_task(&task(TaskState::Failed)), FAILURE);
+    }
+
+    #[test]
+    fn a_failed_process_exits_with_its_own_code() {
+        let mut failed = task(TaskState::Failed);
+        failed.exit_code = Some(3);
+        assert_eq!(for_task(&failed), 3);
+        failed.exit_code = Some(256); // wraps to 0 on Unix; still a failure
+        assert_eq!(for_task(&failed), FAILURE);
+        failed.exit_code = Some(-1);
+        assert_eq!(for_task(&failed), 255);
+    }
+
+    #[test]
+    fn start_failures_exit_127() {
+        let mut failed = task(TaskState::Failed);
+        failed.error = "unknown handler 'nope': no connected node serves it (known: echo)".into();
+        assert_eq!(for_task(&failed), START_FAILED);
+        failed.error = "failed to start `nope`: No such file or directory".into();
+        assert_eq!(for_task(&failed), START_FAILED);
+    }
+
+    #[test]
+    fn a_task_lost_with_its_nodes_exits_75() {
+        let mut lost = task(TaskState::Failed);
+        lost.node_losses = 3;
+        lost.error = "node n1 lost".into();
+        assert_eq!(for_task(&lost), NODE_LOST);
+        let mut handler_error = task(TaskState::Failed);
+        handler_error.failures = 3;
+        handler_error.error = "boom".into();
+        assert_eq!(for_task(&handler_error), FAILURE);
+    }
+
+    #[test]
+    fn last_outcome_decides_before_the_error_text() {
+        let mut start = task(TaskState::Failed);
+        start.last_outcome = Some(Outcome::StartFailed);
+        start.error = "something odd".into();
+        assert_eq!(for_task(&start), START_FAILED);
+        let mut handler = task(TaskState::Failed);
+        handler.last_outcome = Some(Outcome::Failed);
+        handler.node_losses = 1;
+        handler.error = "lost my temper".into();
+        assert_eq!(for_task(&handler), FAILURE);
+        let mut poison = task(TaskState::Failed);
+        poison.node_losses = 2;
+        poison.failures = 1;
+        poison.error = "lost with 2 different nodes (a, b) while running; not retried to protect the cluster (--max-node-losses)".into();
+        assert_eq!(for_task(&poison), NODE_LOST);
+        let mut drained = task(TaskState::Failed);
+        drained.last_outcome = Some(Outcome::Cancelled);
+        drained.node_losses = 3;
+        assert_eq!(for_task(&drained), NODE_LOST);
+        let mut cancelled = task(TaskState::Cancelled);
+        cancelled.last_outcome = Some(Outcome::Cancelled);
+        assert_eq!(for_task(&cancelled), CANCELLED);
+    }
+
+    #[test]
+    fn errors_map_unreachable_to_69_and_bad_input_to_2() {
+        let down = anyhow::Error::new(Error::Unavailable("cannot reach".into()));
+        assert_eq!(for_error(&down), UNAVAILABLE);
+        let context = down.context("submitting");
+        assert_eq!(for_error(&context), UNAVAILABLE);
+        let bad = anyhow::Error::new(Error::InvalidArgument("bad spec".into()));
+        assert_eq!(for_error(&bad), USAGE);
+        assert_eq!(for_error(&anyhow::anyhow!("other")), FAILURE);
+        assert_eq!(for_error(&UsageError("two inputs".into()).into()), USAGE);
+    }
+}

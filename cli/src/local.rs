@@ -1,0 +1,129 @@
+//! `weft local`: a coordinator and N nodes in this process, until Ctrl-C,
+//! on `weft_cluster`'s [`LocalCluster`]; [`start`] and [`wait_ready`] are
+//! also what `weft demo` runs its workload on.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+
+use weft_client::Client;
+use weft_cluster::LocalCluster;
+use weft_coordinator::CoordinatorConfig;
+use weft_proto::NodeState;
+
+use crate::exit;
+
+/// How long nodes may take to register before `local` warns and `demo` fails.
+const READY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long running tasks get to finish when the cluster stops.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Starts a coordinator on `listener` and `nodes` nodes named `local-1`,
+/// `local-2`, ... with `slots` slots each (default: CPUs) and the built-in
+/// handlers, all in this process.
+pub async fn start(
+    listener: TcpListener,
+    nodes: usize,
+    slots: Option<u32>,
+) -> anyhow::Result<LocalCluster> {
+    let mut cluster = LocalCluster::start(CoordinatorConfig::default(), listener).await?;
+    for i in 1..=nodes {
+        let mut config = cluster.node_config();
+        config.name = format!("local-{i}");
+        if let Some(slots) = slots {
+            config.slots = slots.max(1);
+        }
+        config.reconnect_min = Duration::from_millis(50);
+        cluster.add_node(config);
+    }
+    Ok(cluster)
+}
+
+/// Waits until every node of `cluster` is connected and ready (or `timeout` passes).
+pub async fn wait_ready(
+    cluster: &LocalCluster,
+    client: &Client,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    let wanted = cluster.node_count();
+    loop {
+        let ready = client
+            .nodes()
+            .await?
+            .iter()
+            .filter(|n| n.state == NodeState::Ready)
+            .count();
+        if ready >= wanted {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            anyhow::bail!("only {ready} of {wanted} nodes registered within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Binds `listen`; if the address is taken, a free port on the same host,
+/// with a note on stderr.
+pub async fn bind(listen: SocketAddr) -> anyhow::Result<TcpListener> {
+    match TcpListener::bind(listen).await {
+        Ok(listener) => Ok(listener),
+        Err(err) if err.kind() == std::io::ErrorKind::AddrInUse && listen.port() != 0 => {
+            let listener = TcpListener::bind(SocketAddr::new(listen.ip(), 0))
+                .await
+                .with_context(|| format!("binding a free port on {}", listen.ip()))?;
+            eprintln!(
+                "weft: note: {listen} is in use; listening on {} instead",
+                listener.local_addr()?
+            );
+            Ok(listener)
+        }
+        Err(err) => Err(err).with_context(|| format!("binding {listen}")),
+    }
+}
+
+/// `weft local [--nodes N] [--slots S] [--listen ADDR]`.
+pub async fn run(listen: SocketAddr, nodes: usize, slots: Option<u32>) -> anyhow::Result<u8> {
+    let listener = bind(listen).await?;
+    let cluster = start(listener, nodes, slots).await?;
+    let url = cluster.url();
+    let client = Client::connect(&url).await?;
+    if let Err(err) = wait_ready(&cluster, &client, READY_TIMEOUT).await {
+        eprintln!("weft: warning: {err:#}");
+    }
+    let slots_text = match slots {
+        Some(s) => format!("{s} slots"),
+        None => "one slot per CPU".to_owned(),
+    };
+    println!(
+        "weft local: coordinator at {url}, {nodes} nodes with {slots_text} each (Ctrl-C to stop)"
+    );
+    println!("export WEFT_COORDINATOR={url}");
+    shutdown_signal().await;
+    eprintln!("weft local: shutting down (Ctrl-C again to exit at once)");
+    tokio::select! {
+        () = cluster.shutdown(SHUTDOWN_GRACE) => {}
+        () = shutdown_signal() => eprintln!("weft local: exiting at once"),
+    }
+    Ok(exit::SUCCESS)
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}

@@ -1,0 +1,65 @@
+//! The `weft` command line: act as a node's reaper if started as one,
+//! parse, set up logging on stderr, run, exit.
+//!
+//! Results go to stdout; progress, warnings and errors to stderr. Every
+//! error is one line, `weft: error: ...`, and a non-zero exit code (see
+//! [`exit`]).
+//!
+//! Layout:
+//! - [`args`]: clap `Args` and `Command`, the help text.
+//! - [`run`]: dispatching a command, the one-line error, the exit code.
+//! - [`opts`]: flags shared by commands that make tasks; `k=v` parsing.
+//! - [`output`]: text and JSON formatting.
+//! - [`exit`]: exit codes and their mapping from tasks and errors.
+//! - [`stream`]: following a task's events (printing, resuming, Ctrl-C).
+//! - [`task`]: `run`, `call`, `submit`, `watch`, `wait`, `get`, `list`, `cancel`.
+//! - [`admin`]: `nodes`, `drain`, `info`.
+//! - [`map`]: `map`, one task per input line.
+//! - [`local`]: `local`, an in-process cluster (`weft_cluster`); also used by `demo`.
+//! - [`demo`]: `demo`, a visible mixed workload on a local cluster.
+//! - [`bench`]: `bench`, printing what `weft_bench` measured.
+
+mod admin;
+mod args;
+mod bench;
+mod demo;
+mod exit;
+mod local;
+mod map;
+mod opts;
+mod output;
+mod run;
+mod stream;
+mod task;
+
+use std::process::ExitCode;
+
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    // `weft local` and `weft demo` run nodes in this process; their reaper
+    // is this executable (see weft_node::reaper).
+    if let Some(code) = weft_node::reaper::run_if_reaper() {
+        return code;
+    }
+    match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime.block_on(start()),
+        Err(err) => {
+            eprintln!("weft: cannot start the runtime: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn start() -> ExitCode {
+    let args = args::parse();
+    // Logs are for diagnosing; results and errors the user needs are
+    // printed by the commands. RUST_LOG=info shows the cluster's logs.
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    ExitCode::from(run::run(args).await)
+}

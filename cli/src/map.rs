@@ -1,0 +1,210 @@
+//! `weft map`: one exec task per line of stdin, at most N in flight. Each
+//! task's stdout is printed whole when it finishes (completion or input
+//! order), its stderr streamed to stderr; a progress bar shows on stderr
+//! when stderr is a terminal. [`substitute`] is the xargs-like templating.
+
+use std::io::IsTerminal;
+
+use futures::StreamExt;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use tokio::io::AsyncBufReadExt;
+
+use weft_client::{Client, EventBody, Task, TaskSpec};
+use weft_proto::{OutputStream, TaskState};
+
+use crate::exit;
+use crate::opts::TaskOpts;
+use crate::stream::{LastAttemptOutput, Seen, drive, failure_line, write_stderr, write_stdout};
+
+/// The placeholder replaced by each input line.
+pub const PLACEHOLDER: &str = "{}";
+
+/// The argv for one input `line`: every `{}` in `template` replaced by the
+/// line, or, when no argument has a `{}`, the line appended (like xargs).
+pub fn substitute(template: &[String], line: &str) -> Vec<String> {
+    if template.iter().any(|arg| arg.contains(PLACEHOLDER)) {
+        template
+            .iter()
+            .map(|arg| arg.replace(PLACEHOLDER, line))
+            .collect()
+    } else {
+        let mut argv = template.to_vec();
+        argv.push(line.to_owned());
+        argv
+    }
+}
+
+/// One finished line: its input, the final task (or why it could not be
+/// followed), and its collected stdout.
+struct Done {
+    line: String,
+    result: Result<Task, weft_client::Error>,
+    stdout: Vec<u8>,
+}
+
+/// `weft map [-j N] [--keep-order] [OPTS] -- CMD ARGS...`.
+pub async fn run(
+    client: &Client,
+    opts: &TaskOpts,
+    jobs: Option<usize>,
+    keep_order: bool,
+    template: Vec<String>,
+) -> anyhow::Result<u8> {
+    let lines = read_lines().await?;
+    if lines.is_empty() {
+        eprintln!("weft: map: no input lines on stdin");
+        return Ok(exit::SUCCESS);
+    }
+    let stdin = match &opts.stdin_file {
+        Some(path) => Some(std::fs::read(path)?),
+        None => None,
+    };
+    let jobs = match jobs {
+        Some(n) => n.max(1),
+        None => {
+            let info = client.cluster_info().await?;
+            let free = if info.slots_free > 0 {
+                info.slots_free
+            } else {
+                info.slots
+            };
+            usize::try_from(free).unwrap_or(1).max(1)
+        }
+    };
+    let bar = progress_bar(lines.len() as u64);
+    let total = lines.len();
+    let bar_for_tasks = bar.clone();
+    let tasks = futures::stream::iter(lines).map(|line| {
+        let spec =
+            opts.apply_with_stdin(TaskSpec::exec(substitute(&template, &line)), stdin.clone());
+        let bar = bar_for_tasks.clone();
+        async move { run_one(client, spec, line, bar).await }
+    });
+    let mut finished: futures::stream::BoxStream<'_, Done> = if keep_order {
+        tasks.buffered(jobs).boxed()
+    } else {
+        tasks.buffer_unordered(jobs).boxed()
+    };
+    let mut failures = Vec::new();
+    let mut unreachable = false;
+    while let Some(done) = finished.next().await {
+        bar.suspend(|| write_stdout(&done.stdout));
+        bar.inc(1);
+        match done.result {
+            Ok(task) if task.state == TaskState::Succeeded => {}
+            Ok(task) => failures.push(format!(
+                "{:?}: {}",
+                done.line,
+                failure_line(&task).unwrap_or_default()
+            )),
+            Err(err) => {
+                unreachable |= err.is_unavailable();
+                failures.push(format!("{:?}: weft: error: {err}", done.line));
+            }
+        }
+    }
+    bar.finish_and_clear();
+    if failures.is_empty() {
+        return Ok(exit::SUCCESS);
+    }
+    eprintln!("weft: map: {} of {total} tasks failed:", failures.len());
+    for failure in &failures {
+        eprintln!("  {failure}");
+    }
+    Ok(if unreachable {
+        exit::UNAVAILABLE
+    } else {
+        exit::FAILURE
+    })
+}
+
+async fn run_one(client: &Client, spec: TaskSpec, line: String, bar: ProgressBar) -> Done {
+    let mut stdout = LastAttemptOutput::default();
+    let result = match client.run(spec).await {
+        Err(err) => Err(err),
+        Ok(stream) => {
+            let mut seen = Seen::default();
+            drive(client, stream, &mut seen, &mut |event| {
+                if let EventBody::Output { stream, data } = &event.body {
+                    match stream {
+                        OutputStream::Stdout => stdout.push(event.attempt, data),
+                        OutputStream::Stderr => bar.suspend(|| write_stderr(data)),
+                    }
+                }
+            })
+            .await
+        }
+    };
+    Done {
+        line,
+        result,
+        stdout: stdout.into_bytes(),
+    }
+}
+
+/// Non-blank lines of stdin, without their line endings.
+async fn read_lines() -> anyhow::Result<Vec<String>> {
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    let mut all = Vec::new();
+    while let Some(line) = lines.next_line().await? {
+        let line = line.trim_end_matches('\r');
+        if !line.trim().is_empty() {
+            all.push(line.to_owned());
+        }
+    }
+    Ok(all)
+}
+
+/// A progress bar on stderr, hidden unless stderr is a terminal.
+fn progress_bar(len: u64) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::with_draw_target(Some(len), ProgressDrawTarget::stderr());
+    if let Ok(style) =
+        ProgressStyle::with_template("{bar:40} {pos}/{len} tasks  {elapsed_precise}  eta {eta}")
+    {
+        bar.set_style(style);
+    }
+    bar
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn argv(args: &[&str]) -> Vec<String> {
+        args.iter().map(|a| (*a).to_owned()).collect()
+    }
+
+    #[test]
+    fn every_placeholder_is_replaced_by_the_line() {
+        let template = argv(&["cp", "{}", "{}.bak"]);
+        assert_eq!(
+            substitute(&template, "a.txt"),
+            argv(&["cp", "a.txt", "a.txt.bak"])
+        );
+    }
+
+    #[test]
+    fn without_a_placeholder_the_line_is_appended() {
+        let template = argv(&["echo", "hello"]);
+        assert_eq!(
+            substitute(&template, "world"),
+            argv(&["echo", "hello", "world"])
+        );
+    }
+
+    #[test]
+    fn the_line_is_one_argument_even_with_spaces() {
+        let template = argv(&["sh", "-c", "echo {} | wc -c"]);
+        assert_eq!(
+            substitute(&template, "two words"),
+            argv(&["sh", "-c", "echo two words | wc -c"])
+        );
+        assert_eq!(
+            substitute(&argv(&["echo"]), "two words"),
+            argv(&["echo", "two words"])
+        );
+    }
+}

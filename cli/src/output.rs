@@ -1,0 +1,428 @@
+//! How the CLI prints results: `--output text` (readable blocks and tables)
+//! or `--output json` (one JSON object per result, or one per line for
+//! event streams). Pure formatting: functions build strings and
+//! `serde_json::Value`s; the commands decide where they go.
+
+use std::time::{Duration, SystemTime};
+
+use base64::Engine;
+use clap::ValueEnum;
+use serde_json::{Value, json};
+
+use weft_client::{ClusterInfo, EventBody, NodeInfo, Task, TaskEvent};
+use weft_proto::TaskKind;
+
+/// The `--output` format.
+#[derive(ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum OutputFormat {
+    /// Readable text and tables.
+    #[default]
+    Text,
+    /// JSON: one object per result (one per line for event streams).
+    Json,
+}
+
+/// A task as a JSON object. `node` is the node name of the latest attempt;
+/// `output` is the handler's output as UTF-8 (lossy), `output_base64` the
+/// exact bytes.
+pub fn task_json(task: &Task) -> Value {
+    let (kind, command, handler, max_attempts) = match &task.spec {
+        Some(spec) => match &spec.kind {
+            TaskKind::Exec(exec) => (
+                Value::from("exec"),
+                Value::from(exec.argv.clone()),
+                Value::Null,
+                Value::from(spec.max_attempts),
+            ),
+            TaskKind::Call(call) => (
+                Value::from("call"),
+                Value::Null,
+                Value::from(call.handler.clone()),
+                Value::from(spec.max_attempts),
+            ),
+        },
+        None => (Value::Null, Value::Null, Value::Null, Value::Null),
+    };
+    json!({
+        "id": task.id.to_string(),
+        "name": task.spec.as_ref().map(|s| s.name.clone()).unwrap_or_default(),
+        "kind": kind,
+        "command": command,
+        "handler": handler,
+        "state": task.state.as_str(),
+        "attempt": task.attempt.0,
+        "max_attempts": max_attempts,
+        "node": task.node_name,
+        "node_id": task.node_id.map(|id| id.to_string()),
+        "exit_code": task.exit_code,
+        "error": task.error,
+        "pending_reason": task.pending_reason,
+        "failures": task.failures,
+        "node_losses": task.node_losses,
+        "output": String::from_utf8_lossy(&task.output),
+        "output_base64": base64::engine::general_purpose::STANDARD.encode(&task.output),
+        "created_at": task.created_at.map(rfc3339),
+        "updated_at": task.updated_at.map(rfc3339),
+    })
+}
+
+/// A task as a readable block of `key: value` lines.
+pub fn task_text(task: &Task) -> String {
+    let mut lines = vec![
+        format!("id:            {}", task.id),
+        format!("state:         {}", task.state),
+    ];
+    if let Some(spec) = &task.spec {
+        if !spec.name.is_empty() {
+            lines.push(format!("name:          {}", spec.name));
+        }
+        match &spec.kind {
+            TaskKind::Exec(exec) => {
+                lines.push(format!("command:       {}", shell_words(&exec.argv)))
+            }
+            TaskKind::Call(call) => lines.push(format!("handler:       {}", call.handler)),
+        }
+        lines.push(format!(
+            "attempt:       {} of {}",
+            task.attempt, spec.max_attempts
+        ));
+    } else {
+        lines.push(format!("attempt:       {}", task.attempt));
+    }
+    if let Some(node) = &task.node_name {
+        lines.push(format!("node:          {node}"));
+    }
+    if let Some(code) = task.exit_code {
+        lines.push(format!("exit code:     {code}"));
+    }
+    if !task.error.is_empty() {
+        lines.push(format!("error:         {}", task.error));
+    }
+    if !task.pending_reason.is_empty() {
+        lines.push(format!("waiting:       {}", task.pending_reason));
+    }
+    if task.failures > 0 || task.node_losses > 0 {
+        lines.push(format!(
+            "failures:      {} (node losses: {})",
+            task.failures, task.node_losses
+        ));
+    }
+    if let Some(created) = task.created_at {
+        lines.push(format!("created:       {}", rfc3339(created)));
+    }
+    if let Some(updated) = task.updated_at {
+        lines.push(format!("updated:       {}", rfc3339(updated)));
+    }
+    if !task.output.is_empty() {
+        lines.push(format!(
+            "output:        {}",
+            String::from_utf8_lossy(&task.output).trim_end()
+        ));
+    }
+    lines.join("\n")
+}
+
+/// Tasks as a table: id, state, attempt, node, what.
+pub fn tasks_table(tasks: &[Task]) -> String {
+    let rows = tasks
+        .iter()
+        .map(|task| {
+            vec![
+                task.id.to_string(),
+                task.state.to_string(),
+                task.attempt.to_string(),
+                task.node_name.clone().unwrap_or_else(|| "-".into()),
+                task.spec
+                    .as_ref()
+                    .map(|s| s.summary())
+                    .unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect::<Vec<_>>();
+    table(&["ID", "STATE", "ATTEMPT", "NODE", "TASK"], &rows)
+}
+
+/// A node as a JSON object.
+pub fn node_json(node: &NodeInfo) -> Value {
+    json!({
+        "id": node.id.to_string(),
+        "name": node.name,
+        "state": node.state.as_str(),
+        "labels": node.labels,
+        "slots": node.slots,
+        "slots_used": node.slots_used,
+        "slots_free": node.slots_free,
+        "running": node.running.iter()
+            .map(|(id, attempt)| json!({"task_id": id.to_string(), "attempt": attempt.0}))
+            .collect::<Vec<_>>(),
+        "last_heartbeat_age_ms": u64::try_from(node.last_heartbeat_age.as_millis()).unwrap_or(u64::MAX),
+        "handlers": node.handlers,
+        "finished": node.finished,
+    })
+}
+
+/// Nodes as a table: name, id, state, slots, running, heartbeat age, labels.
+pub fn nodes_table(nodes: &[NodeInfo]) -> String {
+    let rows = nodes
+        .iter()
+        .map(|node| {
+            let labels = node
+                .labels
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(",");
+            vec![
+                node.name.clone(),
+                node.id.to_string(),
+                node.state.to_string(),
+                format!("{}/{}", node.slots_used, node.slots),
+                node.slots_free.to_string(),
+                node.running.len().to_string(),
+                short_duration(node.last_heartbeat_age),
+                if labels.is_empty() {
+                    "-".into()
+                } else {
+                    labels
+                },
+            ]
+        })
+        .collect::<Vec<_>>();
+    table(
+        &[
+            "NAME",
+            "ID",
+            "STATE",
+            "USED/SLOTS",
+            "FREE",
+            "RUNNING",
+            "HEARTBEAT",
+            "LABELS",
+        ],
+        &rows,
+    )
+}
+
+/// Cluster figures as a JSON object.
+pub fn cluster_json(info: &ClusterInfo) -> Value {
+    let tasks: serde_json::Map<String, Value> = info
+        .tasks
+        .iter()
+        .map(|(state, n)| (state.as_str().to_owned(), Value::from(*n)))
+        .collect();
+    json!({
+        "version": info.version,
+        "nodes": info.nodes,
+        "slots": info.slots,
+        "slots_free": info.slots_free,
+        "tasks": tasks,
+        "uptime_s": info.uptime.as_secs_f64(),
+        "stale_events_refused": info.stale_events_refused,
+        "nodes_lost": info.nodes_lost,
+    })
+}
+
+/// Cluster figures as readable text.
+pub fn cluster_text(info: &ClusterInfo) -> String {
+    let tasks = info
+        .tasks
+        .iter()
+        .filter(|(_, n)| *n > 0)
+        .map(|(state, n)| format!("{state} {n}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "version:       {}\nuptime:        {}\nnodes:         {} ({} lost since start)\nslots:         {} ({} free)\ntasks:         {}\nstale events:  {}",
+        info.version,
+        short_duration(info.uptime),
+        info.nodes,
+        info.nodes_lost,
+        info.slots,
+        info.slots_free,
+        if tasks.is_empty() {
+            "none".into()
+        } else {
+            tasks
+        },
+        info.stale_events_refused,
+    )
+}
+
+/// An event as one JSON object (a line of `run`/`watch --output json`).
+pub fn event_json(event: &TaskEvent) -> Value {
+    let mut value = json!({
+        "task_id": event.task_id.to_string(),
+        "seq": event.seq,
+        "attempt": event.attempt.0,
+    });
+    let body = match &event.body {
+        EventBody::State {
+            state,
+            node_name,
+            reason,
+        } => json!({"type": "state", "state": state.as_str(), "node": node_name, "reason": reason}),
+        EventBody::Output { stream, data } => json!({
+            "type": "output",
+            "stream": stream.as_str(),
+            "data": String::from_utf8_lossy(data),
+        }),
+        EventBody::Progress { fraction, message } => {
+            json!({"type": "progress", "fraction": fraction, "message": message})
+        }
+        EventBody::Finished(task) => json!({"type": "finished", "task": task_json(task)}),
+    };
+    if let (Value::Object(into), Value::Object(from)) = (&mut value, body) {
+        into.extend(from);
+    }
+    value
+}
+
+/// A plain table with a header row; columns padded to their widest cell.
+pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let last = cells.len().saturating_sub(1);
+        cells
+            .iter()
+            .enumerate()
+            .map(|(i, cell)| {
+                if i == last {
+                    (*cell).to_owned()
+                } else {
+                    format!("{cell:<width$}", width = widths[i])
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("  ")
+    };
+    let mut out = vec![line(header.to_vec())];
+    out.extend(
+        rows.iter()
+            .map(|row| line(row.iter().map(String::as_str).collect())),
+    );
+    out.join("\n")
+}
+
+/// `1.2s`, `340ms`, `3m12s`: a short age or span for tables.
+pub fn short_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms < 1_000 {
+        format!("{ms}ms")
+    } else if ms < 60_000 {
+        format!("{:.1}s", d.as_secs_f64())
+    } else {
+        let secs = d.as_secs();
+        if secs < 3_600 {
+            format!("{}m{}s", secs / 60, secs % 60)
+        } else {
+            format!("{}h{}m", secs / 3_600, (secs % 3_600) / 60)
+        }
+    }
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// Arguments joined for display, quoting the ones a shell would split.
+pub fn shell_words(argv: &[String]) -> String {
+    argv.iter()
+        .map(|arg| {
+            if !arg.is_empty()
+                && arg
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c))
+            {
+                arg.clone()
+            } else {
+                format!("'{}'", arg.replace('\'', r"'\''"))
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use weft_proto::{Attempt, NodeId, TaskId, TaskSpec, TaskState};
+
+    use super::*;
+
+    fn failed_task() -> Task {
+        Task {
+            id: TaskId::new(),
+            spec: Some(TaskSpec::exec(["sh", "-c", "exit 3"]).name("three")),
+            state: TaskState::Failed,
+            attempt: Attempt(2),
+            node_id: Some(NodeId::new()),
+            node_name: Some("n1".into()),
+            exit_code: Some(3),
+            output: Bytes::from_static(b"\xffhi"),
+            error: "exited with code 3".into(),
+            pending_reason: String::new(),
+            failures: 2,
+            node_losses: 0,
+            created_at: Some(SystemTime::UNIX_EPOCH),
+            updated_at: None,
+            next_seq: 9,
+            last_outcome: Some(weft_proto::Outcome::Failed),
+        }
+    }
+
+    #[test]
+    fn task_json_has_the_documented_fields() {
+        let task = failed_task();
+        let value = task_json(&task);
+        assert_eq!(value["id"], task.id.to_string());
+        assert_eq!(value["state"], "failed");
+        assert_eq!(value["attempt"], 2);
+        assert_eq!(value["node"], "n1");
+        assert_eq!(value["exit_code"], 3);
+        assert_eq!(value["error"], "exited with code 3");
+        assert_eq!(value["pending_reason"], "");
+        assert_eq!(
+            (value["failures"].clone(), value["node_losses"].clone()),
+            (json!(2), json!(0))
+        );
+        assert_eq!(value["kind"], "exec");
+        assert_eq!(value["command"], json!(["sh", "-c", "exit 3"]));
+        assert_eq!(value["output"], "\u{fffd}hi");
+        assert_eq!(value["output_base64"], "/2hp");
+        assert_eq!(value["created_at"], "1970-01-01T00:00:00.000Z");
+        assert_eq!(value["updated_at"], Value::Null);
+    }
+
+    #[test]
+    fn task_json_of_an_unassigned_task_has_null_node_and_exit_code() {
+        let mut task = failed_task();
+        task.state = TaskState::Queued;
+        task.node_name = None;
+        task.node_id = None;
+        task.exit_code = None;
+        let value = task_json(&task);
+        assert_eq!(
+            (value["node"].clone(), value["exit_code"].clone()),
+            (Value::Null, Value::Null)
+        );
+        assert_eq!(value["state"], "queued");
+    }
+
+    #[test]
+    fn tables_pad_every_column_but_the_last() {
+        let text = table(&["A", "BB"], &[vec!["long".into(), "x".into()]]);
+        assert_eq!(text, "A     BB\nlong  x");
+    }
+
+    #[test]
+    fn shell_words_quote_what_a_shell_would_split() {
+        let argv = vec!["sh".to_owned(), "-c".to_owned(), "echo it's".to_owned()];
+        assert_eq!(shell_words(&argv), r"sh -c 'echo it'\''s'");
+    }
+}

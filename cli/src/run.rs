@@ -1,0 +1,77 @@
+//! Running one parsed command line: connect where the command needs a
+//! coordinator, dispatch to its command group, print a failure as one
+//! line on stderr, and answer the exit code (see [`crate::exit`]).
+
+use weft_client::Client;
+
+use crate::args::{Args, Command};
+use crate::{admin, bench, demo, exit, local, map, task};
+
+/// Runs the command line in `args` and answers the exit code. Errors are
+/// printed here, as one line on stderr.
+pub async fn run(args: Args) -> u8 {
+    match dispatch(args).await {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("weft: error: {}", one_line(&err));
+            exit::for_error(&err)
+        }
+    }
+}
+
+async fn dispatch(args: Args) -> anyhow::Result<u8> {
+    let format = args.output;
+    let url = args.coordinator;
+    match args.command {
+        Command::Local {
+            nodes,
+            slots,
+            listen,
+        } => local::run(listen, nodes, slots).await,
+        Command::Demo { nodes, slots } => demo::run(nodes, slots).await,
+        Command::Bench(bench_args) => {
+            let external = args.coordinator_given.then_some(url);
+            bench::run(bench_args, external, format).await
+        }
+        command => {
+            let client = Client::connect(&url).await?;
+            match command {
+                Command::Run { opts, command } => {
+                    task::run(&client, format, &opts.interactive(), command).await
+                }
+                Command::Call {
+                    opts,
+                    handler,
+                    input,
+                } => task::call(&client, format, &opts.interactive(), handler, input).await,
+                Command::Submit {
+                    opts,
+                    call,
+                    command,
+                } => task::submit(&client, format, &opts, call, command).await,
+                Command::Get { id } => task::get(&client, format, id).await,
+                Command::Watch { id, from_seq } => task::watch(&client, format, id, from_seq).await,
+                Command::Wait { id } => task::wait(&client, format, id).await,
+                Command::Cancel { id } => task::cancel(&client, format, id).await,
+                Command::List { state, limit } => task::list(&client, format, state, limit).await,
+                Command::Nodes => admin::nodes(&client, format).await,
+                Command::Drain { node, grace } => admin::drain(&client, format, &node, grace).await,
+                Command::Info => admin::info(&client, format).await,
+                Command::Map {
+                    jobs,
+                    keep_order,
+                    opts,
+                    command,
+                } => map::run(&client, &opts, jobs, keep_order, command).await,
+                Command::Local { .. } | Command::Demo { .. } | Command::Bench(_) => {
+                    unreachable!("handled before connecting")
+                }
+            }
+        }
+    }
+}
+
+/// The error chain on one line (`context: cause: root`).
+fn one_line(err: &anyhow::Error) -> String {
+    format!("{err:#}").replace('\n', " ")
+}

@@ -1,0 +1,371 @@
+//! Following one task's events to its end, for `run`, `call`, `watch` and
+//! `map`: [`drive`] resumes a broken stream from the last seq + 1, and
+//! [`Printer`] writes output chunks to stdout/stderr as they come. Ctrl-C
+//! handling ([`follow_to_end`]) cancels the task when the command owns it.
+
+use std::io::{IsTerminal, Write};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use futures::StreamExt;
+
+use weft_client::{Client, Error, EventBody, EventStream, Task, TaskEvent};
+use weft_proto::{Attempt, OutputStream, TaskId, TaskState};
+
+use crate::exit;
+use crate::output::{OutputFormat, event_json};
+
+/// How long a CLI command keeps trying to resume a watch whose connection
+/// dropped before it exits 69.
+pub const CLI_RESUME_WINDOW: Duration = Duration::from_secs(10);
+
+/// How long a task may stay queued before `run`/`call` say why it waits.
+const PENDING_HINT_AFTER: Duration = Duration::from_secs(2);
+
+/// How long to wait for a cancelled task's final event after Ctrl-C.
+const CANCEL_WAIT: Duration = Duration::from_secs(5);
+
+/// What a command has learned of the task it follows. Kept outside the
+/// [`drive`] future so it survives that future being dropped (Ctrl-C).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Seen {
+    /// The task, once its first event came.
+    pub id: Option<TaskId>,
+    /// Where to resume: the seq after the last event handled.
+    pub next_seq: u64,
+}
+
+/// Reads `stream` to the final event, handing each event to `sink` once,
+/// and answers the final task. If the stream breaks after the task's id is
+/// known, it resumes with [`Client::follow`] (for [`CLI_RESUME_WINDOW`]).
+pub async fn drive(
+    client: &Client,
+    mut stream: EventStream,
+    seen: &mut Seen,
+    sink: &mut (dyn FnMut(&TaskEvent) + Send),
+) -> Result<Task, Error> {
+    let mut resumed = false;
+    loop {
+        let broken = match stream.next().await {
+            Some(Ok(event)) => {
+                seen.id.get_or_insert(event.task_id);
+                if event.seq < seen.next_seq {
+                    continue;
+                }
+                seen.next_seq = event.seq + 1;
+                sink(&event);
+                if let EventBody::Finished(task) = event.body {
+                    return Ok(task);
+                }
+                continue;
+            }
+            Some(Err(err)) => err,
+            None => Error::Unavailable("the event stream ended before the task finished".into()),
+        };
+        match seen.id {
+            Some(id) if !resumed && broken.is_retryable() => {
+                tracing::debug!(task_id = %id, error = %broken, "event stream broke; resuming");
+                stream = client.follow(id, seen.next_seq, CLI_RESUME_WINDOW);
+                resumed = true;
+            }
+            _ => return Err(broken),
+        }
+    }
+}
+
+/// Follows `stream` to the end, printing with `printer`, and answers the
+/// exit code. On Ctrl-C: if `owns_task`, cancels the task, waits a moment
+/// for its final event, and answers 130; otherwise stops watching (130).
+pub async fn follow_to_end(
+    client: &Client,
+    stream: EventStream,
+    printer: &mut Printer,
+    owns_task: bool,
+) -> anyhow::Result<u8> {
+    let mut seen = Seen::default();
+    // The latest (id, state), for the "still waiting" hint; shared with the
+    // sink because `seen` is borrowed by the drive future.
+    let latest: Mutex<Option<(TaskId, TaskState)>> = Mutex::new(None);
+    let outcome = {
+        let mut sink = |event: &TaskEvent| {
+            if let EventBody::State { state, .. } = &event.body
+                && let Ok(mut latest) = latest.lock()
+            {
+                *latest = Some((event.task_id, *state));
+            }
+            printer.event(event);
+        };
+        let driving = drive(client, stream, &mut seen, &mut sink);
+        tokio::pin!(driving);
+        let hint = tokio::time::sleep(PENDING_HINT_AFTER);
+        tokio::pin!(hint);
+        let mut hinted = false;
+        loop {
+            tokio::select! {
+                result = &mut driving => break Some(result),
+                _ = tokio::signal::ctrl_c() => break None,
+                () = &mut hint, if !hinted => {
+                    hinted = true;
+                    let queued = latest.lock().ok().and_then(|l| *l);
+                    if let Some((id, TaskState::Queued)) = queued {
+                        pending_hint(client, id).await;
+                    }
+                }
+            }
+        }
+    };
+    match outcome {
+        Some(Ok(task)) => {
+            printer.finished(&task);
+            Ok(exit::for_task(&task))
+        }
+        Some(Err(err)) => Err(err.into()),
+        None if !owns_task => Ok(exit::CANCELLED),
+        None => {
+            let Some(id) = seen.id else {
+                eprintln!("weft: interrupted before the task was submitted");
+                return Ok(exit::CANCELLED);
+            };
+            eprintln!("weft: interrupted; cancelling task {id}");
+            match client.cancel(id).await {
+                Ok(_) | Err(Error::FailedPrecondition(_)) => {}
+                Err(err) => eprintln!("weft: warning: could not cancel task {id}: {err}"),
+            }
+            let rest = client.follow(id, seen.next_seq, CANCEL_WAIT);
+            let mut sink = |event: &TaskEvent| printer.event(event);
+            let settle =
+                tokio::time::timeout(CANCEL_WAIT, drive(client, rest, &mut seen, &mut sink));
+            tokio::select! {
+                result = settle => {
+                    // It may have finished before the cancel landed.
+                    if let Ok(Ok(task)) = result
+                        && task.state != TaskState::Cancelled
+                    {
+                        printer.finished(&task);
+                        return Ok(exit::for_task(&task));
+                    }
+                }
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            Ok(exit::CANCELLED)
+        }
+    }
+}
+
+/// Prints why a queued task is still waiting, if the coordinator says.
+async fn pending_hint(client: &Client, id: TaskId) {
+    if let Ok(task) = client.get(id).await
+        && task.state == TaskState::Queued
+        && !task.pending_reason.is_empty()
+    {
+        eprintln!("weft: task {id} is waiting: {}", task.pending_reason);
+    }
+}
+
+/// Writes a followed task's events: output chunks to stdout/stderr as they
+/// come (text), or one JSON object per event (json).
+#[derive(Debug)]
+pub struct Printer {
+    format: OutputFormat,
+    /// Print every state change on stderr (`watch`), not just requeues.
+    verbose: bool,
+    /// Print the handler's returned output at the end (`call`, `run`).
+    print_result: bool,
+    /// What the latest attempt streamed on stdout (up to
+    /// [`MAX_STREAMED_KEPT`]), so a returned output that only repeats it
+    /// (the built-in `echo`) is not printed twice.
+    streamed: Vec<u8>,
+    streamed_attempt: u32,
+    streamed_overflow: bool,
+}
+
+/// Streamed stdout kept to compare with the returned output.
+const MAX_STREAMED_KEPT: usize = 1024 * 1024;
+
+impl Printer {
+    /// A printer for `format`.
+    pub fn new(format: OutputFormat, verbose: bool, print_result: bool) -> Self {
+        Printer {
+            format,
+            verbose,
+            print_result,
+            streamed: Vec::new(),
+            streamed_attempt: 0,
+            streamed_overflow: false,
+        }
+    }
+
+    fn keep_streamed(&mut self, attempt: u32, data: &[u8]) {
+        if !self.print_result {
+            return;
+        }
+        if attempt != self.streamed_attempt {
+            self.streamed.clear();
+            self.streamed_overflow = false;
+            self.streamed_attempt = attempt;
+        }
+        if self.streamed.len() + data.len() > MAX_STREAMED_KEPT {
+            self.streamed_overflow = true;
+        } else {
+            self.streamed.extend_from_slice(data);
+        }
+    }
+
+    /// True when the task's returned output is exactly what its attempt
+    /// already streamed on stdout.
+    fn repeats_stream(&self, task: &Task) -> bool {
+        !self.streamed_overflow
+            && self.streamed_attempt == task.attempt.0
+            && self.streamed == task.output.as_ref()
+    }
+
+    /// Handles one event.
+    pub fn event(&mut self, event: &TaskEvent) {
+        if self.format == OutputFormat::Json {
+            write_stdout(format!("{}\n", event_json(event)).as_bytes());
+            return;
+        }
+        match &event.body {
+            EventBody::Output { stream, data } => match stream {
+                OutputStream::Stdout => {
+                    write_stdout(data);
+                    self.keep_streamed(event.attempt.0, data);
+                }
+                OutputStream::Stderr => write_stderr(data),
+            },
+            EventBody::State {
+                state,
+                node_name,
+                reason,
+            } => {
+                let requeued = *state == TaskState::Queued && event.attempt.0 > 0;
+                if requeued && !self.verbose {
+                    eprintln!("weft: task {}: {reason}", event.task_id);
+                } else if self.verbose {
+                    let node = node_name
+                        .as_deref()
+                        .map(|n| format!(" on {n}"))
+                        .unwrap_or_default();
+                    let reason = if reason.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {reason}")
+                    };
+                    eprintln!(
+                        "weft: task {} {state}{node} (attempt {}){reason}",
+                        event.task_id, event.attempt
+                    );
+                }
+            }
+            EventBody::Progress { fraction, message } => {
+                if self.verbose {
+                    eprintln!(
+                        "weft: task {} progress {:.0}% {message}",
+                        event.task_id,
+                        fraction * 100.0
+                    );
+                }
+            }
+            EventBody::Finished(_) => {}
+        }
+    }
+
+    /// Handles the final task (after its `Finished` event).
+    pub fn finished(&mut self, task: &Task) {
+        if self.format == OutputFormat::Json {
+            return; // the `finished` event line carried the task
+        }
+        if self.print_result && !task.output.is_empty() {
+            // Printed already if it only repeats what was streamed.
+            if !self.repeats_stream(task) {
+                write_stdout(&task.output);
+            }
+            if std::io::stdout().is_terminal() && !task.output.ends_with(b"\n") {
+                write_stdout(b"\n");
+            }
+        }
+        if let Some(line) = failure_line(task) {
+            eprintln!("{line}");
+        }
+        if self.verbose && task.state == TaskState::Succeeded {
+            eprintln!("weft: task {} succeeded", task.id);
+        }
+    }
+}
+
+/// The stderr line for a task that did not succeed (`None` if it did).
+pub fn failure_line(task: &Task) -> Option<String> {
+    let what = match task.state {
+        TaskState::Succeeded => return None,
+        TaskState::Failed => "failed",
+        TaskState::Cancelled => "was cancelled",
+        TaskState::TimedOut => "timed out",
+        TaskState::Queued | TaskState::Assigned | TaskState::Running => "did not finish",
+    };
+    let mut line = format!("weft: task {} {what}", task.id);
+    if let Some(node) = &task.node_name {
+        line.push_str(&format!(" on {node}"));
+    }
+    line.push_str(&format!(" (attempt {}", task.attempt));
+    if let Some(code) = task.exit_code {
+        line.push_str(&format!(", exit code {code}"));
+    }
+    line.push(')');
+    if !task.error.is_empty() {
+        line.push_str(&format!(": {}", task.error));
+    }
+    Some(line)
+}
+
+/// Collects a task's stdout, keeping only the latest attempt's (an earlier
+/// attempt's output is dropped when a retry starts producing its own).
+#[derive(Debug, Default)]
+pub struct LastAttemptOutput {
+    attempt: Attempt,
+    data: Vec<u8>,
+}
+
+impl LastAttemptOutput {
+    /// Adds a chunk of `attempt`'s output.
+    pub fn push(&mut self, attempt: Attempt, chunk: &[u8]) {
+        if attempt > self.attempt {
+            self.attempt = attempt;
+            self.data.clear();
+        }
+        if attempt == self.attempt {
+            self.data.extend_from_slice(chunk);
+        }
+    }
+
+    /// The collected bytes.
+    pub fn into_bytes(self) -> Vec<u8> {
+        self.data
+    }
+}
+
+/// Writes to stdout and flushes, ignoring a closed pipe (`| head`).
+pub fn write_stdout(data: &[u8]) {
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(data).and_then(|()| out.flush());
+}
+
+/// Writes to stderr, ignoring errors.
+pub fn write_stderr(data: &[u8]) {
+    let mut err = std::io::stderr().lock();
+    let _ = err.write_all(data).and_then(|()| err.flush());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_latest_attempts_output_is_kept() {
+        let mut out = LastAttemptOutput::default();
+        out.push(Attempt(1), b"first ");
+        out.push(Attempt(1), b"try");
+        out.push(Attempt(2), b"second");
+        out.push(Attempt(1), b" late chunk of attempt 1");
+        assert_eq!(out.into_bytes(), b"second");
+    }
+}

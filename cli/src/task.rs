@@ -1,0 +1,163 @@
+//! The task commands: `run`, `call`, `submit`, `watch`, `wait`, `get`,
+//! `list`, `cancel`. Each builds a request from its flags, calls the
+//! [`Client`], and prints the result with [`output`](crate::output).
+
+use anyhow::Context;
+use bytes::Bytes;
+use serde_json::json;
+use tokio::io::AsyncReadExt;
+
+use weft_client::{Client, TaskSpec};
+use weft_proto::{TaskId, TaskState};
+
+use crate::exit::{self, UsageError};
+use crate::opts::TaskOpts;
+use crate::output::{OutputFormat, task_json, task_text, tasks_table};
+use crate::stream::{CLI_RESUME_WINDOW, Printer, drive, follow_to_end, write_stdout};
+
+/// `weft run -- CMD ARGS...`.
+pub async fn run(
+    client: &Client,
+    format: OutputFormat,
+    opts: &TaskOpts,
+    command: Vec<String>,
+) -> anyhow::Result<u8> {
+    let spec = opts.apply(TaskSpec::exec(command))?;
+    let stream = client.run(spec).await?;
+    let mut printer = Printer::new(format, false, true);
+    follow_to_end(client, stream, &mut printer, true).await
+}
+
+/// `weft call HANDLER [INPUT]`.
+pub async fn call(
+    client: &Client,
+    format: OutputFormat,
+    opts: &TaskOpts,
+    handler: String,
+    input: Option<String>,
+) -> anyhow::Result<u8> {
+    let input = read_input(input).await?;
+    let spec = opts.apply(TaskSpec::call(handler, input))?;
+    let stream = client.run(spec).await?;
+    let mut printer = Printer::new(format, false, true);
+    follow_to_end(client, stream, &mut printer, true).await
+}
+
+/// `weft submit -- CMD ARGS...` or `weft submit --call HANDLER [INPUT]`.
+pub async fn submit(
+    client: &Client,
+    format: OutputFormat,
+    opts: &TaskOpts,
+    call: Option<String>,
+    command: Vec<String>,
+) -> anyhow::Result<u8> {
+    let spec = match call {
+        Some(handler) => {
+            if command.len() > 1 {
+                return Err(UsageError(format!(
+                    "`submit --call {handler}` takes one INPUT argument, got {}",
+                    command.len()
+                ))
+                .into());
+            }
+            TaskSpec::call(handler, read_input(command.into_iter().next()).await?)
+        }
+        None if command.is_empty() => {
+            return Err(UsageError(
+                "nothing to submit: give `-- CMD ARGS...` or `--call HANDLER [INPUT]`".into(),
+            )
+            .into());
+        }
+        None => TaskSpec::exec(command),
+    };
+    let id = client.submit(opts.apply(spec)?).await?;
+    match format {
+        OutputFormat::Text => println!("{id}"),
+        OutputFormat::Json => println!("{}", json!({ "id": id.to_string() })),
+    }
+    Ok(exit::SUCCESS)
+}
+
+/// `weft get ID`.
+pub async fn get(client: &Client, format: OutputFormat, id: TaskId) -> anyhow::Result<u8> {
+    let task = client.get(id).await?;
+    print_task(format, &task);
+    Ok(exit::SUCCESS)
+}
+
+/// `weft watch ID [--from-seq N]`.
+pub async fn watch(
+    client: &Client,
+    format: OutputFormat,
+    id: TaskId,
+    from_seq: u64,
+) -> anyhow::Result<u8> {
+    let stream = client.follow(id, from_seq, CLI_RESUME_WINDOW);
+    let mut printer = Printer::new(format, true, false);
+    follow_to_end(client, stream, &mut printer, false).await
+}
+
+/// `weft wait ID`: prints the final task, exits with its code.
+pub async fn wait(client: &Client, format: OutputFormat, id: TaskId) -> anyhow::Result<u8> {
+    let stream = client.follow(id, 0, CLI_RESUME_WINDOW);
+    let mut seen = Default::default();
+    let task = drive(client, stream, &mut seen, &mut |_| {}).await?;
+    print_task(format, &task);
+    Ok(exit::for_task(&task))
+}
+
+/// `weft cancel ID`.
+pub async fn cancel(client: &Client, format: OutputFormat, id: TaskId) -> anyhow::Result<u8> {
+    let task = client
+        .cancel(id)
+        .await
+        .with_context(|| format!("cancelling task {id}"))?;
+    match format {
+        OutputFormat::Text if task.state.is_final() => println!("task {id} {}", task.state),
+        OutputFormat::Text => println!("task {id} cancelling (was {})", task.state),
+        OutputFormat::Json => println!("{}", task_json(&task)),
+    }
+    Ok(exit::SUCCESS)
+}
+
+/// `weft list [--state S] [--limit N]`.
+pub async fn list(
+    client: &Client,
+    format: OutputFormat,
+    state: Option<TaskState>,
+    limit: u32,
+) -> anyhow::Result<u8> {
+    let tasks = client.list(state, limit).await?;
+    match format {
+        OutputFormat::Text => println!("{}", tasks_table(&tasks)),
+        OutputFormat::Json => {
+            let all: Vec<_> = tasks.iter().map(task_json).collect();
+            println!("{}", serde_json::Value::from(all));
+        }
+    }
+    Ok(exit::SUCCESS)
+}
+
+fn print_task(format: OutputFormat, task: &weft_client::Task) {
+    let text = match format {
+        OutputFormat::Text => task_text(task),
+        OutputFormat::Json => task_json(task).to_string(),
+    };
+    write_stdout(format!("{text}\n").as_bytes());
+}
+
+/// A call's input: the argument's bytes, stdin for `-`, empty for none.
+async fn read_input(input: Option<String>) -> anyhow::Result<Bytes> {
+    match input.as_deref() {
+        None => Ok(Bytes::new()),
+        Some("-") => {
+            let mut buf = Vec::new();
+            tokio::io::stdin()
+                .read_to_end(&mut buf)
+                .await
+                .context("reading the input from stdin")?;
+            Ok(buf.into())
+        }
+        Some(text) => Ok(Bytes::from(text.to_owned())),
+    }
+}

@@ -1,0 +1,132 @@
+//! [`TestClusterBuilder`]: the settings of a test cluster (nodes, slots,
+//! timings, labels, in-process or real processes) and the defaults every
+//! scenario starts from. Plain settings; starting is in `mod.rs` and
+//! `members.rs`.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// Labels of one node.
+pub(super) type Labels = BTreeMap<String, String>;
+
+/// Settings of a cluster, chosen with [`TestCluster::builder`](super::TestCluster::builder).
+#[derive(Clone, Debug)]
+pub struct TestClusterBuilder {
+    pub(super) nodes: usize,
+    pub(super) slots: u32,
+    pub(super) heartbeat: Duration,
+    pub(super) heartbeat_timeout: Duration,
+    pub(super) drain_grace: Duration,
+    pub(super) labels: BTreeMap<usize, Labels>,
+    pub(super) processes: bool,
+    pub(super) durable: bool,
+    pub(super) max_queued: Option<usize>,
+}
+
+impl Default for TestClusterBuilder {
+    fn default() -> Self {
+        TestClusterBuilder {
+            nodes: 1,
+            slots: 4,
+            heartbeat: Duration::from_millis(100),
+            // Generous against a loaded 2-core CI box; tests about lost
+            // nodes set their own.
+            heartbeat_timeout: Duration::from_secs(3),
+            drain_grace: Duration::from_secs(5),
+            labels: BTreeMap::new(),
+            processes: processes_by_default(),
+            durable: false,
+            max_queued: None,
+        }
+    }
+}
+
+/// `WEFT_TEST_MODE=processes` runs every scenario against the real
+/// binaries instead of in-process libraries (CI runs the suite both ways).
+fn processes_by_default() -> bool {
+    match std::env::var("WEFT_TEST_MODE").as_deref() {
+        Ok("processes") => true,
+        Ok("in-process") | Ok("") | Err(_) => false,
+        Ok(other) => panic!("WEFT_TEST_MODE={other:?}: expected `processes` or `in-process`"),
+    }
+}
+
+impl TestClusterBuilder {
+    /// How many nodes to start (`node-0`, `node-1`, ...). Default 1.
+    pub fn nodes(mut self, n: usize) -> Self {
+        self.nodes = n;
+        self
+    }
+
+    /// Slots of each node. Default 4.
+    pub fn slots(mut self, slots: u32) -> Self {
+        self.slots = slots;
+        self
+    }
+
+    /// Heartbeat interval of the coordinator (and so of the nodes). Default 100 ms.
+    pub fn heartbeat(mut self, interval: Duration) -> Self {
+        self.heartbeat = interval;
+        self
+    }
+
+    /// Silence after which a node is lost. Default 3 s.
+    pub fn heartbeat_timeout(mut self, timeout: Duration) -> Self {
+        self.heartbeat_timeout = timeout;
+        self
+    }
+
+    /// Each node's drain grace (SIGTERM / `stop_node`). Default 5 s.
+    pub fn drain_grace(mut self, grace: Duration) -> Self {
+        self.drain_grace = grace;
+        self
+    }
+
+    /// Labels of node `index`.
+    pub fn node_labels<K, V>(
+        mut self,
+        index: usize,
+        labels: impl IntoIterator<Item = (K, V)>,
+    ) -> Self
+    where
+        K: Into<String>,
+        V: Into<String>,
+    {
+        self.labels.insert(
+            index,
+            labels
+                .into_iter()
+                .map(|(k, v)| (k.into(), v.into()))
+                .collect(),
+        );
+        self
+    }
+
+    /// Runs the real `weft-coordinator` and `weft-node` binaries instead of
+    /// the libraries in this process.
+    pub fn processes(mut self) -> Self {
+        self.processes = true;
+        self
+    }
+
+    /// Runs the libraries in this process, whatever `WEFT_TEST_MODE` says:
+    /// for scenarios about in-process handles (e.g. `RunningNode::kill`).
+    pub fn in_process(mut self) -> Self {
+        self.processes = false;
+        self
+    }
+
+    /// Caps the tasks the coordinator holds unfinished (Submit past it is
+    /// RESOURCE_EXHAUSTED). Default: the coordinator's own.
+    pub fn max_queued(mut self, n: usize) -> Self {
+        self.max_queued = Some(n);
+        self
+    }
+
+    /// Gives the coordinator a data dir in the cluster's temp dir, so it
+    /// keeps committed tasks across [`TestCluster::restart_coordinator`].
+    pub fn durable(mut self) -> Self {
+        self.durable = true;
+        self
+    }
+}

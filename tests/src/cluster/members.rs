@@ -1,0 +1,169 @@
+//! The members of a test cluster, each in-process or as a real process:
+//! starting the coordinator (through `weft_cluster`; in process mode it
+//! tells its address through `--addr-file`) and a node, and stopping a
+//! child. Failures panic with what went wrong and the child's log.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::ExitStatus;
+use std::time::Duration;
+
+use weft_cluster::Error as ClusterError;
+use weft_coordinator::{CoordinatorConfig, RunningCoordinator};
+use weft_node::{NodeConfig, RunningNode};
+
+use crate::process::{ChildProcess, spawn};
+use crate::wait::default_timeout;
+
+use super::builder::{Labels, TestClusterBuilder};
+
+/// How often a starting coordinator's address file is read.
+const ADDR_POLL: Duration = Duration::from_millis(10);
+
+/// Starts the coordinator (the `generation`-th time) on `listen`, or on a
+/// free port; answers its handle and bound address.
+pub(super) async fn start_coordinator(
+    settings: &TestClusterBuilder,
+    dir: &Path,
+    listen: Option<SocketAddr>,
+    generation: usize,
+) -> (Coordinator, SocketAddr) {
+    let listen = listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
+    let data_dir = settings.durable.then(|| dir.join("coordinator-data"));
+    if !settings.processes {
+        crate::init_tracing();
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .unwrap_or_else(|e| panic!("binding the coordinator listener on {listen}: {e}"));
+        let config = CoordinatorConfig {
+            heartbeat_interval: settings.heartbeat,
+            heartbeat_timeout: settings.heartbeat_timeout,
+            retry_backoff_base: Duration::from_millis(20),
+            retry_backoff_max: Duration::from_millis(500),
+            data_dir,
+            ..CoordinatorConfig::default()
+        };
+        let config = CoordinatorConfig {
+            max_queued: settings.max_queued.unwrap_or(config.max_queued),
+            ..config
+        };
+        let running = weft_cluster::start_coordinator(config, listener)
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "starting the in-process coordinator: {}",
+                    crate::process::source_of(&e)
+                )
+            });
+        let addr = running.addr();
+        return (Coordinator::InProcess(Box::new(running)), addr);
+    }
+
+    let addr_file = dir.join("coordinator.addr");
+    let _ = std::fs::remove_file(&addr_file);
+    let mut args = vec![
+        "--listen".to_owned(),
+        listen.to_string(),
+        "--addr-file".to_owned(),
+        addr_file.display().to_string(),
+        "--heartbeat-interval".to_owned(),
+        format!("{}ms", settings.heartbeat.as_millis()),
+        "--heartbeat-timeout".to_owned(),
+        format!("{}ms", settings.heartbeat_timeout.as_millis()),
+        "--log-format".to_owned(),
+        "text".to_owned(),
+    ];
+    if let Some(n) = settings.max_queued {
+        args.push("--max-queued".to_owned());
+        args.push(n.to_string());
+    }
+    // The binary keeps a durable store (default `./weft-data`): each
+    // cluster gets its own, so parallel tests never share one. Without
+    // `durable()` a fresh one per start.
+    let data_dir = data_dir.unwrap_or_else(|| dir.join(format!("coordinator-data-{generation}")));
+    args.push("--data-dir".to_owned());
+    args.push(data_dir.display().to_string());
+    let label = match generation {
+        0 => "coordinator".to_owned(),
+        n => format!("coordinator-restart-{n}"),
+    };
+    let mut child = spawn("weft-coordinator", &args, dir, &label);
+    let addr =
+        weft_cluster::wait_for_addr_file(&mut child, &addr_file, default_timeout(), ADDR_POLL)
+            .await;
+    match addr {
+        Ok(addr) => (Coordinator::Process(Box::new(child)), addr),
+        Err(ClusterError::Exited { status, .. }) => panic!(
+            "weft-coordinator exited early ({status})\n--- {} ---\n{}",
+            child.log().display(),
+            child.log_text()
+        ),
+        Err(e) => panic!(
+            "weft-coordinator wrote no address to {}: {e}\n--- {} ---\n{}",
+            addr_file.display(),
+            child.log().display(),
+            child.log_text()
+        ),
+    }
+}
+
+// Boxed: the in-process handles and a child process differ a lot in size.
+pub(super) enum Coordinator {
+    InProcess(Box<RunningCoordinator>),
+    Process(Box<ChildProcess>),
+}
+
+pub(super) enum Node {
+    InProcess(Box<RunningNode>),
+    Process(Box<ChildProcess>),
+}
+
+/// Starts node `name` with `slots` and `labels`, pointed at `url`: the
+/// `weft-node` binary logging into `dir`, or the library in this process.
+pub(super) fn start_node(
+    settings: &TestClusterBuilder,
+    url: &str,
+    dir: &Path,
+    name: &str,
+    slots: u32,
+    labels: Labels,
+) -> Node {
+    if settings.processes {
+        let mut args = vec![
+            "--coordinator".to_owned(),
+            url.to_owned(),
+            "--name".to_owned(),
+            name.to_owned(),
+            "--slots".to_owned(),
+            slots.to_string(),
+            "--drain-grace".to_owned(),
+            format!("{}ms", settings.drain_grace.as_millis()),
+            "--log-format".to_owned(),
+            "text".to_owned(),
+        ];
+        for (k, v) in &labels {
+            args.push("--label".to_owned());
+            args.push(format!("{k}={v}"));
+        }
+        Node::Process(Box::new(spawn("weft-node", &args, dir, name)))
+    } else {
+        let mut config = NodeConfig::new(url.to_owned());
+        config.name = name.to_owned();
+        config.slots = slots;
+        config.labels = labels;
+        config.drain_grace = settings.drain_grace;
+        config.reconnect_min = Duration::from_millis(20);
+        config.reconnect_max = Duration::from_millis(500);
+        config.blocking_threads = 2;
+        Node::InProcess(Box::new(weft_cluster::start_node(config)))
+    }
+}
+
+/// SIGTERM, then SIGKILL after `deadline`: the exit status and whether it
+/// stopped by itself in time.
+pub(super) async fn terminate(child: ChildProcess, deadline: Duration) -> (ExitStatus, bool) {
+    child
+        .terminate(deadline)
+        .await
+        .expect("waiting for a killed child process")
+}

@@ -1,0 +1,512 @@
+//! `TestCluster`: a coordinator and N nodes on loopback, in-process or as
+//! real processes, with the waits that scenario tests need.
+//!
+//! In-process mode binds the coordinator on `127.0.0.1:0` before starting
+//! it, so tests never fight over ports and run in parallel. Process mode
+//! runs the same cluster as `weft-coordinator` and `weft-node` binaries.
+//! Both start through `weft_cluster`, the one way every tool starts a
+//! cluster; this file adds the scenario API and turns errors into panics.
+//! Nothing here sleeps to wait for state: every wait polls real state
+//! through the client API with a deadline.
+//!
+//! Layout: `builder.rs` (the settings), `members.rs` (starting and stopping
+//! the coordinator and a node), this file (the running cluster and its waits).
+
+mod builder;
+mod members;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tempfile::TempDir;
+use tokio::sync::OnceCell;
+
+use weft_client::{Client, NodeInfo, Task};
+use weft_proto::{TaskId, TaskState};
+
+use crate::cli::{CliOutput, run_weft};
+use crate::process::bin_path;
+use crate::wait::{default_timeout, wait_for};
+
+use self::builder::Labels;
+pub use self::builder::TestClusterBuilder;
+use self::members::{Coordinator, Node, start_coordinator, start_node, terminate};
+
+impl TestClusterBuilder {
+    /// Starts the coordinator, then the nodes, and waits until every node
+    /// is registered.
+    pub async fn start(self) -> TestCluster {
+        let dir = tempfile::Builder::new()
+            .prefix("weft-test-")
+            .tempdir()
+            .expect("creating the cluster temp dir");
+        let (coordinator, addr) = start_coordinator(&self, dir.path(), None, 0).await;
+        let url = format!("http://{addr}");
+        let cluster = TestCluster {
+            url,
+            addr,
+            restarts: AtomicUsize::new(0),
+            dir: Some(dir),
+            coordinator: Mutex::new(Some(coordinator)),
+            nodes: Mutex::new(BTreeMap::new()),
+            next_node: AtomicUsize::new(0),
+            client: OnceCell::new(),
+            settings: self.clone(),
+        };
+        for index in 0..self.nodes {
+            let labels = self.labels.get(&index).cloned().unwrap_or_default();
+            cluster.spawn_node(self.slots, labels);
+        }
+        cluster.wait_for_nodes(self.nodes).await;
+        cluster
+    }
+}
+
+/// How a node stopped after [`TestCluster::stop_node`].
+#[derive(Debug)]
+pub struct Stopped {
+    /// It stopped by itself within the deadline (no SIGKILL needed).
+    pub in_time: bool,
+    /// Process mode: its exit status.
+    pub status: Option<ExitStatus>,
+}
+
+/// A running coordinator and its nodes. See the module docs.
+pub struct TestCluster {
+    url: String,
+    addr: SocketAddr,
+    restarts: AtomicUsize,
+    dir: Option<TempDir>,
+    // std mutexes, never held across an await.
+    coordinator: Mutex<Option<Coordinator>>,
+    nodes: Mutex<BTreeMap<String, Node>>,
+    next_node: AtomicUsize,
+    client: OnceCell<Client>,
+    settings: TestClusterBuilder,
+}
+
+impl TestCluster {
+    /// A builder with 1 node, 4 slots, 100 ms heartbeats, in-process.
+    pub fn builder() -> TestClusterBuilder {
+        TestClusterBuilder::default()
+    }
+
+    /// The coordinator's URL, `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        self.url.clone()
+    }
+
+    /// The cluster's temp dir: logs, pid files, markers of tests.
+    pub fn dir(&self) -> &Path {
+        self.dir
+            .as_ref()
+            .map(TempDir::path)
+            .expect("the temp dir lives as long as the cluster")
+    }
+
+    /// True in process mode.
+    pub fn is_processes(&self) -> bool {
+        self.settings.processes
+    }
+
+    /// A client connected to the coordinator (one shared connection).
+    pub async fn client(&self) -> Client {
+        self.client
+            .get_or_init(|| async {
+                Client::connect(&self.url)
+                    .await
+                    .unwrap_or_else(|e| panic!("connecting a client to {}: {e}", self.url))
+            })
+            .await
+            .clone()
+    }
+
+    /// Runs the `weft` CLI binary against this cluster.
+    pub async fn weft(&self, args: &[&str]) -> CliOutput {
+        run_weft(&self.url, args, None).await
+    }
+
+    /// Runs the `weft` CLI binary with `stdin` fed to it.
+    pub async fn weft_with_stdin(&self, args: &[&str], stdin: &[u8]) -> CliOutput {
+        run_weft(&self.url, args, Some(stdin)).await
+    }
+
+    /// Names of the nodes the harness started and has not stopped.
+    pub fn node_names(&self) -> Vec<String> {
+        self.lock_nodes().keys().cloned().collect()
+    }
+
+    /// Process mode: the OS pid of node `name`'s `weft-node` process.
+    pub fn node_pid(&self, name: &str) -> Option<u32> {
+        match self.lock_nodes().get(name) {
+            Some(Node::Process(child)) => child.pid(),
+            _ => None,
+        }
+    }
+
+    /// Waits until the coordinator lists exactly `n` nodes; returns them.
+    pub async fn wait_for_nodes(&self, n: usize) -> Vec<NodeInfo> {
+        let client = self.client().await;
+        let found = wait_for(default_timeout(), || {
+            let client = client.clone();
+            async move {
+                let nodes = client.nodes().await.ok()?;
+                (nodes.len() == n).then_some(nodes)
+            }
+        })
+        .await;
+        match found {
+            Ok(nodes) => nodes,
+            Err(e) => {
+                let seen = client.nodes().await.map(|v| v.len());
+                panic!("{e}: waiting for {n} nodes; the coordinator lists {seen:?}")
+            }
+        }
+    }
+
+    /// Waits until task `id` is RUNNING; returns the name of its node.
+    pub async fn wait_for_running(&self, id: TaskId) -> String {
+        let task = self.wait_for_state(id, TaskState::Running).await;
+        match task.node_name {
+            Some(name) => name,
+            None => panic!("running task {id} has no node name"),
+        }
+    }
+
+    /// Waits until task `id` is in `state`; returns the task. Fails at once
+    /// when the task reaches a different final state.
+    pub async fn wait_for_state(&self, id: TaskId, state: TaskState) -> Task {
+        let client = self.client().await;
+        let found = wait_for(default_timeout(), || {
+            let client = client.clone();
+            async move {
+                let task = client.get(id).await.ok()?;
+                if task.state == state {
+                    return Some(task);
+                }
+                if task.state.is_final() {
+                    panic!(
+                        "task {id} ended {} while waiting for {state}: {task:?}",
+                        task.state
+                    );
+                }
+                None
+            }
+        })
+        .await;
+        match found {
+            Ok(task) => task,
+            Err(e) => {
+                let now = client.get(id).await;
+                panic!("{e}: waiting for task {id} to be {state}; it is {now:?}")
+            }
+        }
+    }
+
+    /// Waits until task `id` satisfies `check` (e.g. "running as attempt
+    /// 2"); returns it.
+    pub async fn wait_for_task(&self, id: TaskId, check: impl Fn(&Task) -> bool) -> Task {
+        let client = self.client().await;
+        let check = &check;
+        let found = wait_for(default_timeout(), || {
+            let client = client.clone();
+            async move {
+                let task = client.get(id).await.ok()?;
+                check(&task).then_some(task)
+            }
+        })
+        .await;
+        match found {
+            Ok(task) => task,
+            Err(e) => {
+                let now = client.get(id).await;
+                panic!("{e}: task {id} never met the condition; it is {now:?}")
+            }
+        }
+    }
+
+    /// Waits until task `id` reaches a final state; returns it.
+    pub async fn wait_for_final(&self, id: TaskId) -> Task {
+        let client = self.client().await;
+        let found = wait_for(default_timeout(), || {
+            let client = client.clone();
+            async move {
+                let task = client.get(id).await.ok()?;
+                task.state.is_final().then_some(task)
+            }
+        })
+        .await;
+        match found {
+            Ok(task) => task,
+            Err(e) => {
+                let now = client.get(id).await;
+                panic!("{e}: waiting for task {id} to finish; it is {now:?}")
+            }
+        }
+    }
+
+    /// Starts one more node with `slots` and `labels`; waits until it is
+    /// registered and returns its name.
+    pub async fn add_node<K, V>(
+        &self,
+        slots: u32,
+        labels: impl IntoIterator<Item = (K, V)>,
+    ) -> String
+    where
+        K: Into<String>,
+        V: Into<String>,
+    {
+        let labels = labels
+            .into_iter()
+            .map(|(k, v)| (k.into(), v.into()))
+            .collect();
+        let name = self.spawn_node(slots, labels);
+        let client = self.client().await;
+        let wanted = name.clone();
+        let seen = wait_for(default_timeout(), || {
+            let client = client.clone();
+            let wanted = wanted.clone();
+            async move {
+                let nodes = client.nodes().await.ok()?;
+                nodes.iter().any(|n| n.name == wanted).then_some(())
+            }
+        })
+        .await;
+        if let Err(e) = seen {
+            panic!("{e}: waiting for added node {name} to register");
+        }
+        name
+    }
+
+    /// Kills node `name` abruptly, like a crash: in-process
+    /// `RunningNode::kill`, in process mode SIGKILL.
+    pub async fn kill_node(&self, name: impl AsRef<str>) {
+        match self.take_node(name.as_ref()) {
+            Node::InProcess(node) => node.kill().await,
+            Node::Process(child) => {
+                child
+                    .kill()
+                    .await
+                    .expect("waiting for a killed child process");
+            }
+        }
+    }
+
+    /// Stops node `name` gracefully: in-process `RunningNode::drain` with
+    /// the cluster's drain grace; in process mode SIGTERM, then SIGKILL
+    /// if it has not exited after the grace plus 10 s.
+    pub async fn stop_node(&self, name: impl AsRef<str>) -> Stopped {
+        let grace = self.settings.drain_grace;
+        let deadline = grace + Duration::from_secs(10);
+        match self.take_node(name.as_ref()) {
+            Node::InProcess(node) => {
+                let done = tokio::time::timeout(deadline, node.drain(grace)).await;
+                Stopped {
+                    in_time: matches!(done, Ok(Ok(()))),
+                    status: None,
+                }
+            }
+            Node::Process(child) => {
+                let (status, in_time) = terminate(*child, deadline).await;
+                Stopped {
+                    in_time,
+                    status: Some(status),
+                }
+            }
+        }
+    }
+
+    /// Waits until node `name` stops by itself (after a `Drain` from the
+    /// coordinator); true if it did within the default timeout.
+    pub async fn wait_node_stopped(&self, name: impl AsRef<str>) -> bool {
+        let timeout = default_timeout();
+        match self.take_node(name.as_ref()) {
+            Node::InProcess(mut node) => tokio::time::timeout(timeout, node.wait()).await.is_ok(),
+            Node::Process(mut child) => tokio::time::timeout(timeout, child.wait()).await.is_ok(),
+        }
+    }
+
+    /// Stops everything: nodes first (killed in-process; SIGTERM for
+    /// processes), then the coordinator, which must stop within 5 s.
+    pub async fn shutdown(self) {
+        // A coordinator that crashed or wedged during the test fails it
+        // here, loudly, rather than passing by accident.
+        let answering = tokio::time::timeout(Duration::from_secs(10), async {
+            self.client().await.cluster_info().await
+        })
+        .await;
+        let mut problems = Vec::new();
+        match answering {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => problems.push(format!("the coordinator stopped answering: {e}")),
+            Err(_) => problems.push("the coordinator did not answer ClusterInfo in 10 s".into()),
+        }
+        let nodes = std::mem::take(&mut *self.lock_nodes());
+        for (name, node) in nodes {
+            match node {
+                Node::InProcess(node) => node.kill().await,
+                Node::Process(mut child) => {
+                    // Exited by itself before we asked: fine if drained
+                    // (status 0), a crash otherwise.
+                    if let Some(status) = child.try_wait().filter(|s| !s.success()) {
+                        problems.push(format!("weft-node {name} died during the test ({status})"));
+                    }
+                    terminate(*child, Duration::from_secs(3)).await;
+                }
+            }
+        }
+        let coordinator = self
+            .coordinator
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        match coordinator {
+            Some(Coordinator::InProcess(running)) => {
+                let stopped = running.shutdown(Duration::from_secs(5)).await;
+                if stopped.is_err() {
+                    problems.push("the coordinator did not shut down within 5 s".into());
+                }
+            }
+            Some(Coordinator::Process(mut child)) => {
+                if let Some(status) = child.try_wait() {
+                    problems.push(format!("weft-coordinator died during the test ({status})"));
+                }
+                let (status, in_time) = terminate(*child, Duration::from_secs(5)).await;
+                if !in_time {
+                    problems.push(format!(
+                        "weft-coordinator ignored SIGTERM for 5 s ({status})"
+                    ));
+                }
+            }
+            None => {}
+        }
+        assert!(
+            problems.is_empty(),
+            "cluster shutdown: {}",
+            problems.join("; ")
+        );
+    }
+
+    /// Stops the coordinator (SIGTERM / `shutdown`) and starts it again on
+    /// the same address and data dir; nodes reconnect by themselves.
+    pub async fn restart_coordinator(&self) {
+        self.restart_coordinator_after(false).await;
+    }
+
+    /// Process mode: kills the coordinator with SIGKILL, as a crash would,
+    /// and starts it again on the same address and data dir.
+    pub async fn crash_and_restart_coordinator(&self) {
+        self.restart_coordinator_after(true).await;
+    }
+
+    async fn restart_coordinator_after(&self, crash: bool) {
+        let old = self
+            .coordinator
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        match old {
+            Some(Coordinator::Process(child)) if crash => {
+                child
+                    .kill()
+                    .await
+                    .expect("waiting for a killed child process");
+            }
+            Some(Coordinator::InProcess(_)) if crash => {
+                panic!("crash_and_restart_coordinator needs TestCluster::builder().processes()")
+            }
+            Some(Coordinator::InProcess(running)) => {
+                let stopped = running.shutdown(Duration::from_secs(5)).await;
+                assert!(
+                    stopped.is_ok(),
+                    "the coordinator did not shut down within 5 s"
+                );
+            }
+            Some(Coordinator::Process(child)) => {
+                let (status, in_time) = terminate(*child, Duration::from_secs(5)).await;
+                assert!(
+                    in_time,
+                    "weft-coordinator ignored SIGTERM for 5 s ({status})"
+                );
+            }
+            None => panic!("the coordinator is not running"),
+        }
+        let generation = self.restarts.fetch_add(1, Ordering::SeqCst) + 1;
+        let (coordinator, addr) =
+            start_coordinator(&self.settings, self.dir(), Some(self.addr), generation).await;
+        assert_eq!(addr, self.addr, "the restarted coordinator moved");
+        *self.coordinator.lock().unwrap_or_else(|p| p.into_inner()) = Some(coordinator);
+    }
+
+    fn spawn_node(&self, slots: u32, labels: Labels) -> String {
+        let name = format!("node-{}", self.next_node.fetch_add(1, Ordering::SeqCst));
+        let node = start_node(&self.settings, &self.url, self.dir(), &name, slots, labels);
+        self.lock_nodes().insert(name.clone(), node);
+        name
+    }
+
+    fn take_node(&self, name: &str) -> Node {
+        self.lock_nodes()
+            .remove(name)
+            .unwrap_or_else(|| panic!("the harness runs no node named {name:?}"))
+    }
+
+    fn lock_nodes(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Node>> {
+        self.nodes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Every process log of the cluster, for failure messages.
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        let Ok(entries) = std::fs::read_dir(self.dir()) else {
+            return out;
+        };
+        let mut logs: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "log"))
+            .collect();
+        logs.sort();
+        for path in logs {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(200)..];
+            out.push_str(&format!(
+                "--- {} (last {} lines) ---\n",
+                path.display(),
+                tail.len()
+            ));
+            for line in tail {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+        out
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        let keep = std::env::var("WEFT_TEST_KEEP").is_ok_and(|v| v == "1");
+        if std::thread::panicking() && self.settings.processes {
+            eprintln!("{}", self.logs());
+        }
+        if keep && let Some(dir) = self.dir.take() {
+            eprintln!(
+                "WEFT_TEST_KEEP=1: cluster files kept in {}",
+                dir.keep().display()
+            );
+        }
+    }
+}
+
+/// Runs `weft` with `args` against `url`; a helper for tests with no cluster.
+pub async fn weft_at(url: &str, args: &[&str]) -> CliOutput {
+    // Fail early with the build hint rather than inside the runner.
+    bin_path("weft");
+    run_weft(url, args, None).await
+}
