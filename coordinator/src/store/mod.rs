@@ -204,6 +204,24 @@ pub enum StoreError {
     },
 }
 
+/// Runs a store call on the blocking pool, for async callers (the driver's
+/// commits and sweeps, the services' reads). A panic in it is a store error.
+pub(crate) async fn blocking<T: Send + 'static>(
+    store: &Arc<dyn Store>,
+    op: &'static str,
+    f: impl FnOnce(&dyn Store) -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    let store = Arc::clone(store);
+    tokio::task::spawn_blocking(move || f(&*store))
+        .await
+        .unwrap_or_else(|err| {
+            Err(StoreError::Backend {
+                op,
+                message: err.to_string(),
+            })
+        })
+}
+
 /// Where tasks and their events live. Implementations must make a
 /// [`commit`](Store::commit) all-or-nothing.
 pub trait Store: Send + Sync + 'static {
