@@ -28,6 +28,8 @@ mod commit;
 mod inbox;
 mod retention;
 mod sessions;
+#[cfg(test)]
+mod tests;
 mod watch;
 
 use std::sync::Arc;
