@@ -16,6 +16,7 @@ mod nodes;
 pub mod queue;
 pub mod recent;
 pub mod registry;
+mod retry;
 pub(crate) mod task;
 #[cfg(test)]
 mod tests;
@@ -36,6 +37,7 @@ use queue::{ClassId, Queue};
 use recent::RecentResults;
 use registry::{NodeEntry, Registry};
 pub use registry::{NodeRegistration, SessionId};
+use retry::RetryRule;
 use task::{LiveSpec, LiveTask, Placement, state_index};
 pub use weft_proto::NodeInfo;
 
@@ -202,6 +204,8 @@ pub struct ClusterStats {
 #[derive(Debug)]
 pub struct Scheduler {
     config: SchedulerConfig,
+    /// The retry rule with the configured backoff.
+    retry: RetryRule,
     tasks: LiveTasks,
     queue: Queue,
     nodes: Registry,
@@ -221,6 +225,10 @@ impl Scheduler {
     /// An empty scheduler.
     pub fn new(config: SchedulerConfig) -> Self {
         Scheduler {
+            retry: RetryRule {
+                backoff_base: config.retry_backoff_base,
+                backoff_max: config.retry_backoff_max,
+            },
             config,
             tasks: LiveTasks::new(),
             queue: Queue::default(),

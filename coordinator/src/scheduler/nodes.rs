@@ -9,8 +9,8 @@ use bytes::Bytes;
 
 use weft_proto::{Attempt, NodeId, NodeInfo, Outcome, TaskId, TaskState};
 
-use super::queue::backoff;
 use super::registry::{NodeEntry, NodeRegistration, SessionId};
+use super::retry::{Setback, Verdict};
 use super::{NodeEventBody, NodeTaskEvent, Now, Scheduler};
 use crate::error::Error;
 use crate::store::EventBody;
@@ -336,24 +336,20 @@ impl Scheduler {
         };
         match outcome {
             Outcome::Succeeded => {}
-            Outcome::Failed => {
-                task.failures += 1;
-                if task.failures.saturating_add(task.node_losses) < max {
-                    let delay = backoff(
-                        self.config.retry_backoff_base,
-                        self.config.retry_backoff_max,
-                        attempt,
-                    );
+            Outcome::Failed => match self.retry.judge(task, Setback::Failed, max) {
+                Verdict::Requeue { delay } => {
+                    let after = delay.map_or_else(String::new, |d| format!(" in {d:?}"));
                     let reason = format!(
-                        "attempt {attempt} failed: {error}; retrying as attempt {} in {delay:?}",
+                        "attempt {attempt} failed: {error}; retrying as attempt {}{after}",
                         attempt + 1
                     );
-                    self.requeue(id, Some(delay), node_ref, reason, now);
-                } else {
+                    self.requeue(id, delay, node_ref, reason, now);
+                }
+                Verdict::Fail => {
                     let error = format!("{error} (attempt {attempt} of {max})");
                     self.finalize(id, TaskState::Failed, error, Bytes::new(), now.wall);
                 }
-            }
+            },
             Outcome::StartFailed => {
                 task.failures += 1;
                 let error = format!("failed to start: {error}");
@@ -388,18 +384,20 @@ impl Scheduler {
                 let name = node_ref
                     .as_ref()
                     .map_or_else(|| "?".to_owned(), |(_, n)| n.to_string());
-                task.node_losses += 1;
-                if task.failures.saturating_add(task.node_losses) < max {
-                    let reason = format!(
-                        "attempt {attempt} cancelled by node {name}; retrying as attempt {}",
-                        attempt + 1
-                    );
-                    self.requeue(id, None, node_ref, reason, now);
-                } else {
-                    let error = format!(
-                        "attempt {attempt} of {max} cancelled by node {name}; no attempts left"
-                    );
-                    self.finalize(id, TaskState::Failed, error, Bytes::new(), now.wall);
+                match self.retry.judge(task, Setback::NodeLost, max) {
+                    Verdict::Requeue { delay } => {
+                        let reason = format!(
+                            "attempt {attempt} cancelled by node {name}; retrying as attempt {}",
+                            attempt + 1
+                        );
+                        self.requeue(id, delay, node_ref, reason, now);
+                    }
+                    Verdict::Fail => {
+                        let error = format!(
+                            "attempt {attempt} of {max} cancelled by node {name}; no attempts left"
+                        );
+                        self.finalize(id, TaskState::Failed, error, Bytes::new(), now.wall);
+                    }
                 }
             }
         }
@@ -447,15 +445,15 @@ impl Scheduler {
         let Some(task) = self.tasks.get_mut(&id) else {
             return;
         };
-        task.node_losses += 1;
-        task.last_outcome = None;
-        if task.state == TaskState::Running {
-            task.add_lost_node((node_id, std::sync::Arc::clone(node_name)));
-        }
         let max = task
             .spec
             .template(self.queue.example(task.class))
             .max_attempts;
+        let verdict = self.retry.judge(task, Setback::NodeLost, max);
+        task.last_outcome = None;
+        if task.state == TaskState::Running {
+            task.add_lost_node((node_id, std::sync::Arc::clone(node_name)));
+        }
         let limit = self.config.max_node_losses;
         if limit > 0 && task.lost_nodes().len() >= limit as usize {
             let names: Vec<&str> = task.lost_nodes().iter().map(|(_, n)| &**n).collect();
@@ -469,18 +467,21 @@ impl Scheduler {
             return;
         }
         let node = Some((node_id, std::sync::Arc::clone(node_name)));
-        if task.failures.saturating_add(task.node_losses) < max {
-            let reason = format!(
-                "node {node_name} lost; retrying as attempt {}",
-                attempt.0 + 1
-            );
-            self.requeue(id, None, node, reason, now);
-        } else {
-            let error = format!(
-                "node {node_name} lost during attempt {} of {max}; no attempts left",
-                attempt.0
-            );
-            self.finalize(id, TaskState::Failed, error, Bytes::new(), now.wall);
+        match verdict {
+            Verdict::Requeue { delay } => {
+                let reason = format!(
+                    "node {node_name} lost; retrying as attempt {}",
+                    attempt.0 + 1
+                );
+                self.requeue(id, delay, node, reason, now);
+            }
+            Verdict::Fail => {
+                let error = format!(
+                    "node {node_name} lost during attempt {} of {max}; no attempts left",
+                    attempt.0
+                );
+                self.finalize(id, TaskState::Failed, error, Bytes::new(), now.wall);
+            }
         }
     }
 }
