@@ -320,8 +320,7 @@ impl Scheduler {
             let is_served = match served.iter().find(|(c, _)| *c == class) {
                 Some((_, s)) => *s,
                 None => {
-                    let s = self.nodes.nodes.is_empty()
-                        || self.nodes.nodes.values().any(|n| n.serves(&spec));
+                    let s = self.nodes.is_empty() || self.nodes.values().any(|n| n.serves(&spec));
                     served.push((class, s));
                     s
                 }
@@ -409,17 +408,16 @@ impl Scheduler {
             let timeout = self.config.heartbeat_timeout;
             let silent: Vec<SessionId> = self
                 .nodes
-                .nodes
                 .iter()
                 .filter(|(_, n)| now.instant.saturating_duration_since(n.last_seen) > timeout)
-                .map(|(s, _)| *s)
+                .map(|(s, _)| s)
                 .collect();
             for session in silent {
                 let why = format!("no heartbeat for {timeout:?}");
                 self.lose_node(session, &why, now);
             }
             self.next_liveness_check =
-                (!self.nodes.nodes.is_empty()).then(|| now.instant + self.liveness_interval());
+                (!self.nodes.is_empty()).then(|| now.instant + self.liveness_interval());
         }
         if !self.orphans.is_empty() {
             let (expired, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.orphans)
@@ -470,10 +468,9 @@ impl Scheduler {
             }
             let mut active: Vec<SessionId> = self
                 .nodes
-                .nodes
                 .iter()
                 .filter(|(_, n)| !n.draining && n.room(prefetch) > 0)
-                .map(|(s, _)| *s)
+                .map(|(s, _)| s)
                 .collect();
             while !active.is_empty() {
                 active.retain(|session| self.assign_one(*session, prefetch, now));
@@ -485,7 +482,7 @@ impl Scheduler {
     /// slots, or its credits when `prefetch`). Returns whether the node may
     /// take more.
     fn assign_one(&mut self, session: SessionId, prefetch: bool, now: Now) -> bool {
-        let Some(node) = self.nodes.nodes.get(&session) else {
+        let Some(node) = self.nodes.get(session) else {
             return false;
         };
         let room = node.room(prefetch);
@@ -518,8 +515,7 @@ impl Scheduler {
             return false;
         };
         self.queue.classes[index].ready.pop_front();
-        let (Some(node), Some(task)) =
-            (self.nodes.nodes.get_mut(&session), self.tasks.get_mut(&id))
+        let (Some(node), Some(task)) = (self.nodes.get_mut(session), self.tasks.get_mut(&id))
         else {
             return false;
         };
@@ -536,11 +532,11 @@ impl Scheduler {
         task.last_outcome = None;
         task.place(Placement {
             session,
-            node_id: node.id,
+            node_id: node.id(),
             node_name: Arc::clone(&node.name),
         });
         let more = node.room(prefetch) > 0;
-        tracing::debug!(task_id = %id, attempt = attempt.0, node_id = %node.id, node_name = %node.name, "assigned");
+        tracing::debug!(task_id = %id, attempt = attempt.0, node_id = %node.id(), node_name = %node.name, "assigned");
         self.out
             .nodes
             .entry(session)
@@ -595,7 +591,7 @@ impl Scheduler {
             ));
         }
         let spec = task.spec.template(self.queue.example(task.class));
-        let nodes: Vec<&NodeEntry> = self.nodes.nodes.values().collect();
+        let nodes: Vec<&NodeEntry> = self.nodes.values().collect();
         if nodes.is_empty() {
             return Some("no nodes connected".into());
         }
@@ -646,12 +642,12 @@ impl Scheduler {
 
     /// Every connected node.
     pub fn nodes(&self, now: Instant) -> Vec<NodeInfo> {
-        self.nodes.nodes.values().map(|n| n.info(now)).collect()
+        self.nodes.values().map(|n| n.info(now)).collect()
     }
 
     /// Cluster-wide figures.
     pub fn stats(&self) -> ClusterStats {
-        let nodes = &self.nodes.nodes;
+        let nodes = &self.nodes;
         ClusterStats {
             nodes: u32::try_from(nodes.len()).unwrap_or(u32::MAX),
             slots: nodes.values().map(|n| n.slots).fold(0, u32::saturating_add),

@@ -26,11 +26,11 @@ impl Scheduler {
     /// session is replaced (its unreported attempts are lost).
     pub fn register_node(&mut self, session: SessionId, reg: NodeRegistration, now: Now) {
         let reported: HashSet<(TaskId, Attempt)> = reg.running.iter().copied().collect();
-        if let Some(old) = self.nodes.by_id.get(&reg.node_id).copied()
+        if let Some(old) = self.nodes.session_of(reg.node_id)
             && old != session
             && let Some(entry) = self.nodes.remove(old)
         {
-            tracing::info!(node_id = %entry.id, node_name = %entry.name, "node reconnected; replacing its old session");
+            tracing::info!(node_id = %entry.id(), node_name = %entry.name, "node reconnected; replacing its old session");
             self.out.disconnect.push(old);
             let mut lost: Vec<(TaskId, Attempt)> = entry
                 .running
@@ -43,7 +43,7 @@ impl Scheduler {
                 self.nodes_lost += 1;
             }
             for (id, attempt) in lost {
-                self.lose_attempt(id, attempt, &entry.name, entry.id, now);
+                self.lose_attempt(id, attempt, &entry.name, entry.id(), now);
             }
         }
         let node_id = reg.node_id;
@@ -168,7 +168,7 @@ impl Scheduler {
 
     /// The node granted `grant` more slots. Ignored while it drains.
     pub fn credits(&mut self, session: SessionId, grant: u32, now: Now) {
-        if let Some(node) = self.nodes.nodes.get_mut(&session) {
+        if let Some(node) = self.nodes.get_mut(session) {
             node.last_seen = now.instant;
             if !node.draining {
                 node.grant(grant);
@@ -178,18 +178,18 @@ impl Scheduler {
 
     /// The node is alive (a heartbeat or any other message).
     pub fn heartbeat(&mut self, session: SessionId, now: Now) {
-        if let Some(node) = self.nodes.nodes.get_mut(&session) {
+        if let Some(node) = self.nodes.get_mut(session) {
             node.last_seen = now.instant;
         }
     }
 
     /// The node says it is draining: it gets no new work.
     pub fn node_draining(&mut self, session: SessionId, now: Now) {
-        if let Some(node) = self.nodes.nodes.get_mut(&session) {
+        if let Some(node) = self.nodes.get_mut(session) {
             node.last_seen = now.instant;
             node.draining = true;
             node.credits = 0;
-            tracing::info!(node_id = %node.id, node_name = %node.name, "node draining");
+            tracing::info!(node_id = %node.id(), node_name = %node.name, "node draining");
         }
     }
 
@@ -213,12 +213,11 @@ impl Scheduler {
             .ok_or_else(|| Error::NodeNotFound(selector.to_owned()))?;
         let node = self
             .nodes
-            .nodes
-            .get_mut(&session)
+            .get_mut(session)
             .ok_or_else(|| Error::NodeNotFound(selector.to_owned()))?;
         node.draining = true;
         node.credits = 0;
-        tracing::info!(node_id = %node.id, node_name = %node.name, ?grace, "draining node");
+        tracing::info!(node_id = %node.id(), node_name = %node.name, ?grace, "draining node");
         let info = node.info(now);
         self.out.nodes.entry(session).or_default().drain = Some(grace);
         Ok(info)
@@ -226,7 +225,7 @@ impl Scheduler {
 
     /// A batch of attempt events from a node, in order.
     pub fn node_events(&mut self, session: SessionId, events: Vec<NodeTaskEvent>, now: Now) {
-        match self.nodes.nodes.get_mut(&session) {
+        match self.nodes.get_mut(session) {
             Some(node) => node.last_seen = now.instant,
             None => {
                 // The session was already lost or replaced: nothing it says counts.
@@ -314,7 +313,7 @@ impl Scheduler {
         let (max, slots, timeout) = (spec.max_attempts, spec.slots, spec.timeout);
         let cancel = task.cancel_reason().map(str::to_owned);
         let node_ref = task.placement().map(|p| (p.node_id, p.node_name.clone()));
-        if let Some(node) = self.nodes.nodes.get_mut(&session) {
+        if let Some(node) = self.nodes.get_mut(session) {
             node.running.remove(&id);
             node.used = node.used.saturating_sub(slots);
             node.finished += 1;
@@ -410,18 +409,18 @@ impl Scheduler {
         };
         self.out.disconnect.push(session);
         if entry.draining && entry.running.is_empty() {
-            tracing::info!(node_id = %entry.id, node_name = %entry.name, "drained node left");
+            tracing::info!(node_id = %entry.id(), node_name = %entry.name, "drained node left");
         } else {
             self.nodes_lost += 1;
-            tracing::warn!(node_id = %entry.id, node_name = %entry.name, attempts = entry.running.len(), why, "node lost");
+            tracing::warn!(node_id = %entry.id(), node_name = %entry.name, attempts = entry.running.len(), why, "node lost");
         }
         let mut running: Vec<(TaskId, Attempt)> =
             entry.running.iter().map(|(t, a)| (*t, *a)).collect();
         running.sort();
         for (id, attempt) in running {
-            self.lose_attempt(id, attempt, &entry.name, entry.id, now);
+            self.lose_attempt(id, attempt, &entry.name, entry.id(), now);
         }
-        if self.nodes.nodes.is_empty() {
+        if self.nodes.is_empty() {
             self.next_liveness_check = None;
         }
     }
