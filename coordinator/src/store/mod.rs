@@ -6,7 +6,7 @@
 //! committed, so a reader never sees less than what was acknowledged.
 //!
 //! Records are plain data (no channels, no tonic types), so a durable
-//! implementation only has to serialize them ([`codec`] does, with prost).
+//! implementation only has to serialize them (`codec` does, with prost).
 //!
 //! Reads and commits may touch the disk: async callers run them on the
 //! blocking pool (`spawn_blocking`), never on a runtime worker.
