@@ -210,10 +210,10 @@ pub(crate) fn encode_task(record: &TaskRecord) -> Vec<u8> {
 /// A task record from stored bytes (`next_seq` is left 0 for the caller).
 pub(crate) fn decode_task(id: TaskId, bytes: &[u8]) -> Result<TaskRecord, StoreError> {
     let stored = StoredTask::decode(bytes).map_err(|e| corrupt("task", e))?;
-    let task = stored.task.ok_or_else(|| corrupt("task", "no task"))?;
+    let mut task = stored.task.ok_or_else(|| corrupt("task", "no task"))?;
     let spec = task
         .spec
-        .clone()
+        .take()
         .ok_or_else(|| corrupt("task", "no spec"))?;
     let spec = Arc::new(TaskSpec::try_from(spec).map_err(|e| corrupt("task spec", e))?);
     let mut record = record_from_pb(id, task, spec)?;
