@@ -211,10 +211,7 @@ pub(crate) fn encode_task(record: &TaskRecord) -> Vec<u8> {
 pub(crate) fn decode_task(id: TaskId, bytes: &[u8]) -> Result<TaskRecord, StoreError> {
     let stored = StoredTask::decode(bytes).map_err(|e| corrupt("task", e))?;
     let mut task = stored.task.ok_or_else(|| corrupt("task", "no task"))?;
-    let spec = task
-        .spec
-        .take()
-        .ok_or_else(|| corrupt("task", "no spec"))?;
+    let spec = task.spec.take().ok_or_else(|| corrupt("task", "no spec"))?;
     let spec = Arc::new(TaskSpec::try_from(spec).map_err(|e| corrupt("task spec", e))?);
     let mut record = record_from_pb(id, task, spec)?;
     record.lost_nodes = stored
