@@ -128,11 +128,15 @@ impl Scheduler {
             Outcome::Succeeded => {}
             Outcome::Failed => match self.retry.judge(task, Setback::Failed, max) {
                 Verdict::Requeue { delay } => {
-                    let after = delay.map_or_else(String::new, |d| format!(" in {d:?}"));
-                    let reason = format!(
-                        "attempt {attempt} failed: {error}; retrying as attempt {}{after}",
-                        attempt + 1
-                    );
+                    let next = attempt + 1;
+                    let reason = match delay {
+                        Some(delay) => format!(
+                            "attempt {attempt} failed: {error}; retrying as attempt {next} in {delay:?}"
+                        ),
+                        None => {
+                            format!("attempt {attempt} failed: {error}; retrying as attempt {next}")
+                        }
+                    };
                     self.requeue(id, delay, node_ref, reason, now);
                 }
                 Verdict::Fail => {
