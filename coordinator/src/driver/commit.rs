@@ -218,14 +218,135 @@ pub(super) fn coalesce(records: Vec<Record>) -> Vec<Record> {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Mutex;
     use std::time::UNIX_EPOCH;
 
     use bytes::Bytes;
 
     use weft_proto::{Attempt, TaskSpec, TaskState};
 
+    use super::super::tests::{Verdict, held_store};
     use super::*;
     use crate::store::{EventBody, TaskEvent, TaskRecord};
+
+    type Log = Arc<Mutex<Vec<String>>>;
+
+    /// A batch writing `records` whose one reply logs `name` (or
+    /// `name!` when it is answered with an error).
+    fn batch(records: Vec<Record>, log: &Log, name: &'static str) -> Batch {
+        let log = Arc::clone(log);
+        let reply: Reply = Box::new(move |failed| {
+            let entry = match failed {
+                Some(_) => format!("{name}!"),
+                None => name.to_owned(),
+            };
+            log.lock().unwrap_or_else(|e| e.into_inner()).push(entry);
+        });
+        Batch {
+            records,
+            held: Held {
+                replies: vec![reply],
+                ..Held::default()
+            },
+        }
+    }
+
+    /// Answers the replies of what came back, as the driver would.
+    fn release(done: [Option<Committed>; 2]) {
+        for committed in done.into_iter().flatten() {
+            let err = committed.result.err();
+            for reply in committed.held.replies {
+                reply(err.as_ref());
+            }
+        }
+    }
+
+    fn logged(log: &Log) -> Vec<String> {
+        log.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    #[tokio::test]
+    async fn batches_come_back_in_commit_order_and_an_empty_one_waits_its_turn() {
+        let (store, mut gate) = held_store();
+        let mut pipeline = Pipeline::new(Arc::clone(&store) as Arc<dyn Store>);
+        let log = Log::default();
+        let (a, b) = (TaskId::new(), TaskId::new());
+
+        let Started::Done(done) = pipeline
+            .start(batch(vec![task(a, TaskState::Queued)], &log, "a"))
+            .await
+        else {
+            panic!("refused");
+        };
+        assert!(
+            done.iter().all(Option::is_none),
+            "a came back before its commit"
+        );
+        assert!(pipeline.is_busy());
+        gate.held().await;
+        gate.release(Verdict::Commit);
+
+        // b's commit starts only once a's returned; a comes back then.
+        let Started::Done(done) = pipeline
+            .start(batch(vec![task(b, TaskState::Queued)], &log, "b"))
+            .await
+        else {
+            panic!("refused");
+        };
+        release(done);
+        assert_eq!(logged(&log), ["a"]);
+        assert!(
+            store.task(a).ok().flatten().is_some(),
+            "a released unwritten"
+        );
+        gate.held().await;
+
+        // Nothing to write: it still waits for b, and comes back after it.
+        gate.release(Verdict::Commit);
+        let Started::Done(done) = pipeline.start(batch(Vec::new(), &log, "c")).await else {
+            panic!("refused");
+        };
+        release(done);
+        assert_eq!(logged(&log), ["a", "b", "c"]);
+        assert!(!pipeline.is_busy());
+        assert!(pipeline.flush().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn after_a_failed_commit_the_next_batch_is_refused_and_not_written() {
+        let (store, mut gate) = held_store();
+        let mut pipeline = Pipeline::new(Arc::clone(&store) as Arc<dyn Store>);
+        let log = Log::default();
+        let (a, b) = (TaskId::new(), TaskId::new());
+        let Started::Done(done) = pipeline
+            .start(batch(vec![task(a, TaskState::Queued)], &log, "a"))
+            .await
+        else {
+            panic!("refused");
+        };
+        release(done);
+        gate.held().await;
+        gate.release(Verdict::Fail);
+
+        let started = pipeline
+            .start(batch(vec![task(b, TaskState::Queued)], &log, "b"))
+            .await;
+        let Started::AfterFailure { failed, refused } = started else {
+            panic!("a batch was committed after a failed commit");
+        };
+        let err = failed.result.err();
+        assert!(err.is_some());
+        for reply in failed.held.replies {
+            reply(err.as_ref());
+        }
+        if let Some(err) = &err {
+            refused.refuse(err);
+        }
+        assert_eq!(logged(&log), ["a!", "b!"]);
+        assert!(!pipeline.is_busy(), "something is still committing");
+        assert!(gate.entered.try_recv().is_err(), "b reached the store");
+        assert!(store.list(None, None, 10).unwrap_or_default().is_empty());
+    }
 
     fn task(id: TaskId, state: TaskState) -> Record {
         Record::Task(TaskRecord {

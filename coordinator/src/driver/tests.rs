@@ -12,6 +12,8 @@
 //! applied, without waiting for any commit) is the probe that tells when
 //! the driver has applied what was sent before it. The timeouts only turn
 //! a hang into a failure.
+//!
+//! The held store is shared with the pipeline's own tests in `commit.rs`.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -44,41 +46,42 @@ async fn soon<T>(what: &str, future: impl Future<Output = T>) -> T {
 }
 
 /// How a held commit ends.
-enum Verdict {
+pub(super) enum Verdict {
     Commit,
     Fail,
 }
 
 /// The memory store, but each commit announces itself and waits for the
 /// test's verdict: written, or failed.
-struct HeldStore {
+pub(super) struct HeldStore {
     memory: MemoryStore,
     entered: mpsc::UnboundedSender<Vec<Record>>,
     verdicts: Mutex<std_mpsc::Receiver<Verdict>>,
 }
 
 /// The test's end of a [`HeldStore`].
-struct Gate {
-    entered: mpsc::UnboundedReceiver<Vec<Record>>,
+pub(super) struct Gate {
+    /// Each held commit's records, as it starts.
+    pub(super) entered: mpsc::UnboundedReceiver<Vec<Record>>,
     verdicts: std_mpsc::Sender<Verdict>,
 }
 
 impl Gate {
     /// Waits until a commit is held; returns its records.
-    async fn held(&mut self) -> Vec<Record> {
+    pub(super) async fn held(&mut self) -> Vec<Record> {
         soon("a commit", self.entered.recv())
             .await
             .unwrap_or_else(|| panic!("the store is gone"))
     }
 
-    fn release(&self, verdict: Verdict) {
+    pub(super) fn release(&self, verdict: Verdict) {
         self.verdicts
             .send(verdict)
             .unwrap_or_else(|_| panic!("no commit waits"));
     }
 }
 
-fn held_store() -> (Arc<HeldStore>, Gate) {
+pub(super) fn held_store() -> (Arc<HeldStore>, Gate) {
     let (entered, entered_rx) = mpsc::unbounded_channel();
     let (verdicts, verdicts_rx) = std_mpsc::channel();
     let store = HeldStore {
