@@ -15,14 +15,17 @@
 //!
 //! Layout:
 //! - `inbox` — [`Command`], [`Handle`]: what services send and get back.
-//! - `commit` — the pipelined group commit (prepare, start, await, release).
+//! - `commit` — the pipelined group commit: one commit in flight, each
+//!   batch's effects held until its commit returned, handed back in order.
 //! - `sessions` — the fan-out to node sessions.
 //! - `watch` — watchers and `WaitMany` waiters: registry, publishing, and
 //!   the streams that resume from the store.
 //! - `retention` — the sweep of old final tasks.
 //!
-//! This file is the run loop and what each command does to the scheduler;
-//! no I/O of its own beyond handing batches to the pipeline.
+//! This file is the run loop and its stages (prepare a batch, start its
+//! commit, await the commit in flight, release a committed batch's
+//! effects) and what each command does to the scheduler; no I/O of its own
+//! beyond handing batches to the pipeline.
 
 mod commit;
 mod inbox;

@@ -9,7 +9,8 @@
 //! implementation only has to serialize them (`codec` does, with prost).
 //!
 //! Reads and commits may touch the disk: async callers run them on the
-//! blocking pool (`spawn_blocking`), never on a runtime worker.
+//! blocking pool (the crate-private `store::blocking` helper), never on a
+//! runtime worker.
 
 pub(crate) mod codec;
 pub mod memory;
