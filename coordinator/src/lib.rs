@@ -8,10 +8,17 @@
 //! Layout:
 //! - [`config`] — `CoordinatorConfig`.
 //! - [`error`] — `Error` and its one mapping to `tonic::Status`.
-//! - [`scheduler`] — the core: queue, node registry, task state machine, fencing.
-//! - `driver` — the task that owns the scheduler: batches, group commit, effects.
+//! - [`scheduler`] — the sans-I/O core: queue, node registry, task state
+//!   machine, fencing (`scheduler/attempts.rs`), the retry rule
+//!   (`scheduler/retry.rs`), dispatch.
+//! - `driver` — the task that owns the scheduler: `inbox` (commands and
+//!   handle), `commit` (the pipelined group commit), `sessions` (fan-out to
+//!   nodes), `watch` (watchers and `WaitMany`: publishing and the resume
+//!   loops), `retention` (the sweep).
 //! - [`store`] — the `Store` trait, the durable redb store and the in-memory one.
-//! - `service` — tonic adapters for `NodeService`, `TaskService`, `AdminService`.
+//! - `service` — tonic adapters for `NodeService` (`service/node/codec.rs`:
+//!   the node stream's wire form, both directions), `TaskService`,
+//!   `AdminService`.
 //! - `server` — the tonic server, health, serve-with-shutdown.
 
 pub mod config;

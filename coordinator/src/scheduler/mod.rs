@@ -10,15 +10,34 @@
 //!
 //! No tokio, no clock, no sockets here: time comes in as [`Now`], so every
 //! rule is tested directly and deterministically.
+//!
+//! Layout (the `impl Scheduler` blocks are split by concern):
+//! - this file — `Scheduler`, its inputs and effects; submit, cancel, tick,
+//!   restore, and the read-only views (stats, nodes).
+//! - `membership` — nodes registering (reclaiming attempts), granting,
+//!   draining, and being lost.
+//! - `attempts` — attempt events with fencing, how an attempt ends, an
+//!   attempt lost with its node.
+//! - `retry` — the one retry rule and the backoff.
+//! - `dispatch` — matching ready tasks to nodes; why a task still waits.
+//! - `transitions` — the state changes that write records and events.
+//! - `task` — a live task's compact state; `live` — the table of them.
+//! - [`queue`] — ready queues per requirement class, the retry timer heap.
+//! - [`registry`] — connected nodes (fields private, index by node id).
+//! - [`recent`] — recently recorded results, to spot redeliveries.
 
+mod attempts;
+mod dispatch;
 mod live;
-mod nodes;
+mod membership;
 pub mod queue;
 pub mod recent;
 pub mod registry;
+mod retry;
 pub(crate) mod task;
 #[cfg(test)]
 mod tests;
+mod transitions;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -34,8 +53,9 @@ use crate::store::{EventBody, Loaded, Record};
 use live::LiveTasks;
 use queue::{ClassId, Queue};
 use recent::RecentResults;
-use registry::{NodeEntry, Registry};
+use registry::Registry;
 pub use registry::{NodeRegistration, SessionId};
+use retry::RetryRule;
 use task::{LiveSpec, LiveTask, Placement, state_index};
 pub use weft_proto::NodeInfo;
 
@@ -202,6 +222,8 @@ pub struct ClusterStats {
 #[derive(Debug)]
 pub struct Scheduler {
     config: SchedulerConfig,
+    /// The retry rule with the configured backoff.
+    retry: RetryRule,
     tasks: LiveTasks,
     queue: Queue,
     nodes: Registry,
@@ -221,6 +243,10 @@ impl Scheduler {
     /// An empty scheduler.
     pub fn new(config: SchedulerConfig) -> Self {
         Scheduler {
+            retry: RetryRule {
+                backoff_base: config.retry_backoff_base,
+                backoff_max: config.retry_backoff_max,
+            },
             config,
             tasks: LiveTasks::new(),
             queue: Queue::default(),
@@ -312,8 +338,7 @@ impl Scheduler {
             let is_served = match served.iter().find(|(c, _)| *c == class) {
                 Some((_, s)) => *s,
                 None => {
-                    let s = self.nodes.nodes.is_empty()
-                        || self.nodes.nodes.values().any(|n| n.serves(&spec));
+                    let s = self.nodes.is_empty() || self.nodes.values().any(|n| n.serves(&spec));
                     served.push((class, s));
                     s
                 }
@@ -401,17 +426,16 @@ impl Scheduler {
             let timeout = self.config.heartbeat_timeout;
             let silent: Vec<SessionId> = self
                 .nodes
-                .nodes
                 .iter()
                 .filter(|(_, n)| now.instant.saturating_duration_since(n.last_seen) > timeout)
-                .map(|(s, _)| *s)
+                .map(|(s, _)| s)
                 .collect();
             for session in silent {
                 let why = format!("no heartbeat for {timeout:?}");
                 self.lose_node(session, &why, now);
             }
             self.next_liveness_check =
-                (!self.nodes.nodes.is_empty()).then(|| now.instant + self.liveness_interval());
+                (!self.nodes.is_empty()).then(|| now.instant + self.liveness_interval());
         }
         if !self.orphans.is_empty() {
             let (expired, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.orphans)
@@ -451,102 +475,6 @@ impl Scheduler {
         std::mem::take(&mut self.out)
     }
 
-    /// Round-robin over nodes with credits, one assignment per node per
-    /// pass, so work spreads; each assignment looks at one head per class,
-    /// never at the whole queue. Free slots first, then prefetch credits: a
-    /// task waits queued on a busy node only when no node has a slot free.
-    fn dispatch(&mut self, now: Now) {
-        for prefetch in [false, true] {
-            if !self.queue.any_ready() {
-                return;
-            }
-            let mut active: Vec<SessionId> = self
-                .nodes
-                .nodes
-                .iter()
-                .filter(|(_, n)| !n.draining && n.room(prefetch) > 0)
-                .map(|(s, _)| *s)
-                .collect();
-            while !active.is_empty() {
-                active.retain(|session| self.assign_one(*session, prefetch, now));
-            }
-        }
-    }
-
-    /// Assigns the oldest ready task this node can take (within its free
-    /// slots, or its credits when `prefetch`). Returns whether the node may
-    /// take more.
-    fn assign_one(&mut self, session: SessionId, prefetch: bool, now: Now) -> bool {
-        let Some(node) = self.nodes.nodes.get(&session) else {
-            return false;
-        };
-        let room = node.room(prefetch);
-        if node.draining || room == 0 {
-            return false;
-        }
-        let mut best: Option<(TaskId, usize)> = None;
-        for (index, class) in self.queue.classes.iter_mut().enumerate() {
-            while let Some(head) = class.ready.front() {
-                let ready = self
-                    .tasks
-                    .get(head)
-                    .is_some_and(|t| t.state == TaskState::Queued && !t.delayed);
-                if ready {
-                    break;
-                }
-                class.ready.pop_front();
-            }
-            let Some(head) = class.ready.front() else {
-                continue;
-            };
-            if class.example.slots > room || !node.can_run(&class.example) {
-                continue;
-            }
-            if best.is_none_or(|(b, _)| *head < b) {
-                best = Some((*head, index));
-            }
-        }
-        let Some((id, index)) = best else {
-            return false;
-        };
-        self.queue.classes[index].ready.pop_front();
-        let (Some(node), Some(task)) =
-            (self.nodes.nodes.get_mut(&session), self.tasks.get_mut(&id))
-        else {
-            return false;
-        };
-        if task.attempt == 0 {
-            task.attempt = 1;
-        }
-        let attempt = Attempt(task.attempt);
-        // From here on its records and the assignment share one whole spec.
-        let spec = task.spec.to_spec(self.queue.example(task.class));
-        task.spec = LiveSpec::Full(Arc::clone(&spec));
-        node.credits -= spec.slots;
-        node.used += spec.slots;
-        node.running.insert(id, attempt);
-        task.last_outcome = None;
-        task.place(Placement {
-            session,
-            node_id: node.id,
-            node_name: Arc::clone(&node.name),
-        });
-        let more = node.room(prefetch) > 0;
-        tracing::debug!(task_id = %id, attempt = attempt.0, node_id = %node.id, node_name = %node.name, "assigned");
-        self.out
-            .nodes
-            .entry(session)
-            .or_default()
-            .assign
-            .push(Assignment {
-                task_id: id,
-                attempt,
-                spec,
-            });
-        self.change_state(id, TaskState::Assigned, None, String::new(), now.wall);
-        more
-    }
-
     /// Queues a Cancel for a node session, once per attempt per batch.
     pub(crate) fn order_cancel(
         &mut self,
@@ -574,76 +502,14 @@ impl Scheduler {
         self.tasks.contains_key(&id)
     }
 
-    /// Why a queued task waits; `None` when it is not queued here.
-    pub fn pending_reason(&self, id: TaskId) -> Option<String> {
-        let task = self.tasks.get(&id)?;
-        if task.state != TaskState::Queued {
-            return None;
-        }
-        if task.delayed {
-            return Some(format!(
-                "waiting out the retry backoff before attempt {}",
-                task.attempt
-            ));
-        }
-        let spec = task.spec.template(self.queue.example(task.class));
-        let nodes: Vec<&NodeEntry> = self.nodes.nodes.values().collect();
-        if nodes.is_empty() {
-            return Some("no nodes connected".into());
-        }
-        if let TaskKind::Call(call) = &spec.kind
-            && !nodes.iter().any(|n| n.serves(spec))
-        {
-            return Some(format!(
-                "no connected node serves handler '{}'",
-                call.handler
-            ));
-        }
-        for (key, value) in &spec.labels {
-            if !nodes.iter().any(|n| n.labels.get(key) == Some(value)) {
-                return Some(format!("no connected node has label {key}={value}"));
-            }
-        }
-        let matching: Vec<&&NodeEntry> = nodes
-            .iter()
-            .filter(|n| n.serves(spec) && spec.matches_labels(&n.labels))
-            .collect();
-        if matching.is_empty() {
-            let labels: Vec<String> = spec
-                .labels
-                .iter()
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect();
-            return Some(format!(
-                "no connected node has all of the labels {}",
-                labels.join(", ")
-            ));
-        }
-        let largest = matching.iter().map(|n| n.slots).max().unwrap_or(0);
-        if largest < spec.slots {
-            return Some(format!(
-                "needs {} slots; largest node has {largest}",
-                spec.slots
-            ));
-        }
-        if matching
-            .iter()
-            .filter(|n| n.slots >= spec.slots)
-            .all(|n| n.draining)
-        {
-            return Some("every node that could run it is draining".into());
-        }
-        Some("waiting for a free slot".into())
-    }
-
     /// Every connected node.
     pub fn nodes(&self, now: Instant) -> Vec<NodeInfo> {
-        self.nodes.nodes.values().map(|n| n.info(now)).collect()
+        self.nodes.values().map(|n| n.info(now)).collect()
     }
 
     /// Cluster-wide figures.
     pub fn stats(&self) -> ClusterStats {
-        let nodes = &self.nodes.nodes;
+        let nodes = &self.nodes;
         ClusterStats {
             nodes: u32::try_from(nodes.len()).unwrap_or(u32::MAX),
             slots: nodes.values().map(|n| n.slots).fold(0, u32::saturating_add),

@@ -1,4 +1,5 @@
-//! The ready queue and retry backoff.
+//! The ready queues and the timer heap of retries waiting out their
+//! backoff (the delay itself is `retry.rs`'s).
 //!
 //! Queued tasks are grouped by requirement class (handler, labels, slots):
 //! every task of a class can run on exactly the same nodes, so dispatch
@@ -11,7 +12,7 @@ use std::collections::hash_map::DefaultHasher;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
 
@@ -63,13 +64,6 @@ fn same_class(a: &TaskSpec, b: &TaskSpec) -> bool {
         }
     }
     handler(a) == handler(b) && a.slots == b.slots && a.labels == b.labels
-}
-
-/// The delay before retrying after attempt `attempt` failed: `base`
-/// doubled per earlier attempt, at most `max`.
-pub fn backoff(base: Duration, max: Duration, attempt: u32) -> Duration {
-    let shift = attempt.saturating_sub(1).min(31);
-    base.saturating_mul(1u32 << shift).min(max)
 }
 
 impl Queue {
@@ -159,15 +153,6 @@ impl Queue {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_doubles_per_attempt_up_to_the_cap() {
-        let base = Duration::from_millis(100);
-        let max = Duration::from_secs(1);
-        let delays: Vec<u128> = (1..=6).map(|a| backoff(base, max, a).as_millis()).collect();
-        assert_eq!(delays, [100, 200, 400, 800, 1000, 1000]);
-        assert_eq!(backoff(base, max, 500), max);
-    }
 
     #[test]
     fn alike_specs_share_a_class_and_different_labels_do_not() {

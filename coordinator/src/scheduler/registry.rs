@@ -43,7 +43,8 @@ pub struct NodeRegistration {
 /// One connected node.
 #[derive(Debug)]
 pub(crate) struct NodeEntry {
-    pub id: NodeId,
+    /// Private: the registry indexes nodes by it (see [`NodeEntry::id`]).
+    id: NodeId,
     pub name: Arc<str>,
     pub labels: BTreeMap<String, String>,
     pub slots: u32,
@@ -76,6 +77,12 @@ impl NodeEntry {
             draining: false,
             finished: 0,
         }
+    }
+
+    /// The node's id; fixed for the entry's life, so the registry's index
+    /// by id stays right.
+    pub fn id(&self) -> NodeId {
+        self.id
     }
 
     /// Slots it may be assigned now: its credits, limited to its free slots
@@ -136,25 +143,65 @@ impl NodeEntry {
     }
 }
 
-/// All connected nodes, by session, with an index by node id.
+/// All connected nodes, by session, with an index by node id. The fields
+/// are private so that every change goes through [`insert`](Self::insert)
+/// and [`remove`](Self::remove), which keep the index right.
 #[derive(Debug, Default)]
 pub(crate) struct Registry {
-    pub nodes: BTreeMap<SessionId, NodeEntry>,
-    pub by_id: HashMap<NodeId, SessionId>,
+    nodes: BTreeMap<SessionId, NodeEntry>,
+    by_id: HashMap<NodeId, SessionId>,
 }
 
 impl Registry {
+    /// Adds the node on `session`; its id now finds that session.
     pub fn insert(&mut self, session: SessionId, entry: NodeEntry) {
         self.by_id.insert(entry.id, session);
         self.nodes.insert(session, entry);
     }
 
+    /// Takes the node on `session` out; its id stops finding it (unless
+    /// the id already moved to a newer session).
     pub fn remove(&mut self, session: SessionId) -> Option<NodeEntry> {
         let entry = self.nodes.remove(&session)?;
         if self.by_id.get(&entry.id) == Some(&session) {
             self.by_id.remove(&entry.id);
         }
         Some(entry)
+    }
+
+    /// The node on `session`.
+    pub fn get(&self, session: SessionId) -> Option<&NodeEntry> {
+        self.nodes.get(&session)
+    }
+
+    /// The node on `session`, to change (its id cannot be).
+    pub fn get_mut(&mut self, session: SessionId) -> Option<&mut NodeEntry> {
+        self.nodes.get_mut(&session)
+    }
+
+    /// The session of the node with this id.
+    pub fn session_of(&self, id: NodeId) -> Option<SessionId> {
+        self.by_id.get(&id).copied()
+    }
+
+    /// Every node with its session, in session order.
+    pub fn iter(&self) -> impl Iterator<Item = (SessionId, &NodeEntry)> {
+        self.nodes.iter().map(|(s, n)| (*s, n))
+    }
+
+    /// Every node, in session order.
+    pub fn values(&self) -> impl Iterator<Item = &NodeEntry> {
+        self.nodes.values()
+    }
+
+    /// How many nodes are connected.
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// True when no node is connected.
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
     }
 
     /// Finds a node by id text or by name.
@@ -174,5 +221,37 @@ impl Registry {
     pub fn known_handlers(&self) -> Vec<String> {
         let set: BTreeSet<&String> = self.nodes.values().flat_map(|n| &n.handlers).collect();
         set.into_iter().cloned().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(id: NodeId, name: &str) -> NodeEntry {
+        let reg = NodeRegistration {
+            node_id: id,
+            name: name.into(),
+            labels: BTreeMap::new(),
+            slots: 1,
+            prefetch: 0,
+            handlers: Vec::new(),
+            running: Vec::new(),
+        };
+        NodeEntry::new(reg, Instant::now())
+    }
+
+    #[test]
+    fn a_reconnected_node_is_found_on_its_new_session_after_the_old_one_goes() {
+        let mut registry = Registry::default();
+        let id = NodeId::new();
+        registry.insert(SessionId(1), entry(id, "n1"));
+        registry.insert(SessionId(2), entry(id, "n1"));
+        assert!(registry.remove(SessionId(1)).is_some());
+        assert_eq!(registry.session_of(id), Some(SessionId(2)));
+        assert_eq!(registry.find(&id.to_string()), Some(SessionId(2)));
+        assert!(registry.remove(SessionId(2)).is_some());
+        assert_eq!(registry.session_of(id), None);
+        assert!(registry.is_empty());
     }
 }

@@ -1,34 +1,41 @@
 //! `TaskService`: Submit, Get, List, Watch, Cancel, Run, WaitMany.
+//!
+//! Translates and forwards: commands to the driver, reads to the store (on
+//! the blocking pool), and the watch streams to `driver::watch`, which
+//! owns history, live delivery and resuming; here their domain values are
+//! only encoded as they leave.
 
 use std::collections::HashSet;
+use std::time::SystemTime;
 
-use tokio::sync::mpsc;
+use futures::StreamExt;
+use futures::stream::Map;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
-
-use std::time::SystemTime;
 
 use weft_proto::{TaskId, TaskSpec, TaskState, pb};
 
 use super::{event_to_pb, parse_task_id, state_filter, task_to_pb};
-use crate::driver::{Command, FinalRx, Handle, WaitRegistration, blocking};
+use crate::driver::{Command, Handle, follow, wait_final};
 use crate::error::Error;
-use crate::store::TaskRecord;
+use crate::store::{TaskEvent, TaskRecord, blocking};
 
-/// Events of one task, from the store then live.
-pub(crate) type EventStream = ReceiverStream<Result<pb::TaskEvent, Status>>;
+/// Events of one task, from the store then live, encoded as they leave.
+pub(crate) type EventStream = Map<
+    ReceiverStream<Result<TaskEvent, Error>>,
+    fn(Result<TaskEvent, Error>) -> Result<pb::TaskEvent, Status>,
+>;
 
-/// Events read from the store per page when replaying history.
-const HISTORY_PAGE: usize = 256;
+/// Final tasks of one `WaitMany` call, encoded as they leave.
+pub(crate) type TaskStream = Map<
+    ReceiverStream<Result<TaskRecord, Error>>,
+    fn(Result<TaskRecord, Error>) -> Result<pb::Task, Status>,
+>;
+
 /// Largest `List` page.
 const MAX_LIST: u32 = 10_000;
 /// Most ids one `WaitMany` call may name.
 pub(crate) const MAX_WAIT_MANY: usize = 100_000;
-/// Final tasks `WaitMany` queues towards its client.
-const WAIT_MANY_OUT: usize = 1024;
-
-/// Final tasks of one `WaitMany` call.
-pub(crate) type TaskStream = ReceiverStream<Result<pb::Task, Status>>;
 
 /// The client API.
 pub(crate) struct TaskApi {
@@ -82,168 +89,10 @@ impl TaskApi {
         Ok(())
     }
 
-    /// Registers `ids` with the driver and reads the ones that were not
-    /// live from the store. An id the store does not have is an error.
-    async fn wait_register(
-        handle: &Handle,
-        ids: Vec<TaskId>,
-    ) -> Result<(Vec<TaskRecord>, Option<FinalRx>), Error> {
-        let WaitRegistration { not_live, live } = handle
-            .call(|reply| Command::WaitMany { ids, reply })
-            .await?;
-        if not_live.is_empty() {
-            return Ok((Vec::new(), live));
-        }
-        let retention = handle.config.retention;
-        let found = blocking(&handle.store, "reading tasks", move |store| {
-            not_live
-                .into_iter()
-                .map(|id| store.task(id).map(|found| found.ok_or(id)))
-                .collect::<Result<Vec<_>, _>>()
-        })
-        .await?;
-        let records = found
-            .into_iter()
-            .map(|found| found.map_err(|id| Error::missing_task(id, retention, SystemTime::now())))
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok((records, live))
-    }
-
     fn watch_stream(&self, id: TaskId, from_seq: u64) -> EventStream {
-        let (tx, rx) = mpsc::channel(64);
-        let handle = self.handle.clone();
-        self.handle.tasks.spawn(pump(handle, id, from_seq, tx));
-        ReceiverStream::new(rx)
-    }
-}
-
-/// Feeds one watcher: registers with the driver, replays history from the
-/// store, then forwards live events, deduplicating by seq. Dropped from
-/// live for lagging, it goes round again from the last seq it sent.
-async fn pump(
-    handle: Handle,
-    id: TaskId,
-    mut next: u64,
-    out: mpsc::Sender<Result<pb::TaskEvent, Status>>,
-) {
-    loop {
-        // Register first, then read history: the driver guarantees that
-        // everything not in the live feed is already in the store.
-        let live = match handle.call(|reply| Command::Watch { id, reply }).await {
-            Ok(Ok(live)) => live,
-            Ok(Err(err)) | Err(err) => {
-                let _ = out.send(Err(err.into())).await;
-                return;
-            }
-        };
-        loop {
-            let from = next;
-            let page = blocking(&handle.store, "reading events", move |store| {
-                store.events(id, from, HISTORY_PAGE)
-            })
-            .await;
-            let page = match page {
-                Ok(page) => page,
-                Err(err) => {
-                    let _ = out.send(Err(Error::from(err).into())).await;
-                    return;
-                }
-            };
-            if page.is_empty() {
-                break;
-            }
-            for event in page {
-                next = event.seq + 1;
-                let last = event.body.is_finished();
-                if out.send(Ok(event_to_pb(&event))).await.is_err() || last {
-                    return;
-                }
-            }
-        }
-        let Some(mut live) = live else {
-            return; // final before we registered: history had it all
-        };
-        loop {
-            let event = tokio::select! {
-                _ = handle.cancel.cancelled() => return,
-                _ = out.closed() => return,
-                event = live.recv() => event,
-            };
-            let Some(event) = event else {
-                break; // dropped for lagging: resume from the store
-            };
-            if event.seq < next {
-                continue;
-            }
-            if event.seq > next {
-                break; // a gap can only be filled from the store
-            }
-            next = event.seq + 1;
-            let last = event.body.is_finished();
-            if out.send(Ok(event_to_pb(&event))).await.is_err() || last {
-                return;
-            }
-        }
-        if handle.cancel.is_cancelled() {
-            return;
-        }
-    }
-}
-
-/// Feeds one `WaitMany` call: the already-final records first, then the
-/// live ones as they finalize. Dropped by the driver for lagging, it
-/// registers again for the ids still missing.
-async fn pump_final(
-    handle: Handle,
-    mut pending: HashSet<TaskId>,
-    mut ready: Vec<TaskRecord>,
-    mut live: Option<FinalRx>,
-    out: mpsc::Sender<Result<pb::Task, Status>>,
-) {
-    loop {
-        for record in ready.drain(..) {
-            if record.state.is_final()
-                && pending.remove(&record.id)
-                && out.send(Ok(task_to_pb(&record))).await.is_err()
-            {
-                return;
-            }
-        }
-        if pending.is_empty() {
-            return;
-        }
-        if let Some(rx) = live.as_mut() {
-            let batch = tokio::select! {
-                _ = handle.cancel.cancelled() => return,
-                _ = out.closed() => return,
-                batch = rx.recv() => batch,
-            };
-            if let Some(batch) = batch {
-                ready = batch;
-                continue;
-            }
-        }
-        // Dropped for lagging (or nothing was live: a task not final in
-        // the store was live a moment ago): register again for the rest.
-        if handle.cancel.is_cancelled() {
-            return;
-        }
-        if live.is_none() {
-            // Not live, yet not final in the store: only a transient state
-            // (a restart restoring it); do not spin.
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
-        let ids: Vec<TaskId> = pending.iter().copied().collect();
-        match TaskApi::wait_register(&handle, ids).await {
-            Ok((records, rx)) => {
-                ready = records;
-                live = rx;
-            }
-            Err(err) => {
-                let _ = out.send(Err(err.into())).await;
-                return;
-            }
-        }
+        let events: fn(Result<TaskEvent, Error>) -> Result<pb::TaskEvent, Status> =
+            |event| event.map(|e| event_to_pb(&e)).map_err(Status::from);
+        ReceiverStream::new(follow(&self.handle, id, from_seq)).map(events)
     }
 }
 
@@ -369,12 +218,10 @@ impl pb::task_service_server::TaskService for TaskApi {
             }
         }
         // Unknown ids fail the call itself, before anything is streamed.
-        let (ready, live) = Self::wait_register(&self.handle, ids).await?;
-        let (tx, rx) = mpsc::channel(WAIT_MANY_OUT);
-        self.handle
-            .tasks
-            .spawn(pump_final(self.handle.clone(), pending, ready, live, tx));
-        Ok(Response::new(ReceiverStream::new(rx)))
+        let finals = wait_final(&self.handle, ids, pending).await?;
+        let tasks: fn(Result<TaskRecord, Error>) -> Result<pb::Task, Status> =
+            |task| task.map(|t| task_to_pb(&t)).map_err(Status::from);
+        Ok(Response::new(ReceiverStream::new(finals).map(tasks)))
     }
 
     type RunStream = EventStream;

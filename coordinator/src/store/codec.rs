@@ -13,8 +13,10 @@ use std::time::SystemTime;
 
 use prost::Message;
 
-use weft_proto::convert::{system_time, timestamp};
-use weft_proto::{Attempt, NodeId, Outcome, OutputStream, TaskId, TaskSpec, TaskState, pb};
+use weft_proto::convert::{duration_to_pb, system_time, timestamp};
+use weft_proto::{
+    Attempt, NodeId, Outcome, OutputStream, TaskId, TaskKind, TaskSpec, TaskState, pb,
+};
 
 use super::{EventBody, StoreError, TaskEvent, TaskRecord};
 
@@ -27,13 +29,48 @@ pub(crate) fn task_to_pb(record: &TaskRecord) -> pb::Task {
     task
 }
 
+/// A spec's wire form, built from a borrow: the same message as
+/// `pb::TaskSpec::from(spec.clone())` without first copying the whole
+/// spec (its maps and strings) only to take it apart. Used for every
+/// stored task record and every assignment sent to a node.
+pub(crate) fn spec_to_pb(spec: &TaskSpec) -> pb::TaskSpec {
+    let kind = match &spec.kind {
+        TaskKind::Exec(exec) => pb::task_spec::Kind::Exec(pb::ExecSpec {
+            argv: exec.argv.clone(),
+            env: exec
+                .env
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            cwd: exec.cwd.clone().unwrap_or_default(),
+            stdin: exec.stdin.clone(),
+        }),
+        TaskKind::Call(call) => pb::task_spec::Kind::Call(pb::CallSpec {
+            handler: call.handler.clone(),
+            input: call.input.clone(),
+        }),
+    };
+    pb::TaskSpec {
+        kind: Some(kind),
+        slots: spec.slots,
+        labels: spec
+            .labels
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        timeout: spec.timeout.map(duration_to_pb),
+        max_attempts: spec.max_attempts,
+        name: spec.name.clone(),
+    }
+}
+
 /// The stored part of a task's wire form: no id, pending reason or
 /// `next_seq` (the key and the event log say them), and the spec only
 /// when `with_spec`. Builds no string it would throw away.
 fn stored_task_pb(record: &TaskRecord, with_spec: bool) -> pb::Task {
     pb::Task {
         id: String::new(),
-        spec: with_spec.then(|| pb::TaskSpec::from(TaskSpec::clone(&record.spec))),
+        spec: with_spec.then(|| spec_to_pb(&record.spec)),
         state: i32::from(record.state),
         attempt: record.attempt.0,
         node_id: record.node_id.map(|n| n.to_string()).unwrap_or_default(),
@@ -173,11 +210,8 @@ pub(crate) fn encode_task(record: &TaskRecord) -> Vec<u8> {
 /// A task record from stored bytes (`next_seq` is left 0 for the caller).
 pub(crate) fn decode_task(id: TaskId, bytes: &[u8]) -> Result<TaskRecord, StoreError> {
     let stored = StoredTask::decode(bytes).map_err(|e| corrupt("task", e))?;
-    let task = stored.task.ok_or_else(|| corrupt("task", "no task"))?;
-    let spec = task
-        .spec
-        .clone()
-        .ok_or_else(|| corrupt("task", "no spec"))?;
+    let mut task = stored.task.ok_or_else(|| corrupt("task", "no task"))?;
+    let spec = task.spec.take().ok_or_else(|| corrupt("task", "no spec"))?;
     let spec = Arc::new(TaskSpec::try_from(spec).map_err(|e| corrupt("task spec", e))?);
     let mut record = record_from_pb(id, task, spec)?;
     record.lost_nodes = stored
@@ -342,6 +376,21 @@ mod tests {
         let record = record();
         let (state, updated_at) = decode_task_head(&encode_task(&record)).unwrap();
         assert_eq!((state, updated_at), (record.state, record.updated_at));
+    }
+
+    #[test]
+    fn a_borrowed_spec_encodes_like_an_owned_one() {
+        let exec = TaskSpec::exec(["sh", "-c", "cat"])
+            .env("A", "1")
+            .cwd("/tmp")
+            .name("cat")
+            .label("zone", "a")
+            .timeout(Duration::from_secs(3))
+            .slots(2);
+        let call = TaskSpec::call("noop", Bytes::from_static(b"in")).label("gpu", "1");
+        for spec in [exec, call] {
+            assert_eq!(spec_to_pb(&spec), pb::TaskSpec::from(spec.clone()));
+        }
     }
 
     #[test]

@@ -6,10 +6,11 @@
 //! committed, so a reader never sees less than what was acknowledged.
 //!
 //! Records are plain data (no channels, no tonic types), so a durable
-//! implementation only has to serialize them ([`codec`] does, with prost).
+//! implementation only has to serialize them (`codec` does, with prost).
 //!
 //! Reads and commits may touch the disk: async callers run them on the
-//! blocking pool (`spawn_blocking`), never on a runtime worker.
+//! blocking pool (the crate-private `store::blocking` helper), never on a
+//! runtime worker.
 
 pub(crate) mod codec;
 pub mod memory;
@@ -202,6 +203,24 @@ pub enum StoreError {
         /// Why.
         message: String,
     },
+}
+
+/// Runs a store call on the blocking pool, for async callers (the driver's
+/// commits and sweeps, the services' reads). A panic in it is a store error.
+pub(crate) async fn blocking<T: Send + 'static>(
+    store: &Arc<dyn Store>,
+    op: &'static str,
+    f: impl FnOnce(&dyn Store) -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    let store = Arc::clone(store);
+    tokio::task::spawn_blocking(move || f(&*store))
+        .await
+        .unwrap_or_else(|err| {
+            Err(StoreError::Backend {
+                op,
+                message: err.to_string(),
+            })
+        })
 }
 
 /// Where tasks and their events live. Implementations must make a

@@ -7,7 +7,7 @@
 //! inbox batch, so a sync is shared by every task of the batch.
 //!
 //! Tables (keys are big-endian tuples, so ranges are in id = time order):
-//! - `tasks`: task id (u128) -> `StoredTask` (prost, see [`codec`](super::codec)).
+//! - `tasks`: task id (u128) -> `StoredTask` (prost, see `codec.rs`).
 //! - `events`: (task id, seq) -> `pb::TaskEvent` without the task id.
 //! - `tasks_by_state`: (state, task id) -> () — `List` by state and `load`.
 //! - `final_by_time`: (updated_at ms, task id) -> () for final tasks —

@@ -1,0 +1,412 @@
+//! The pipelined group commit: each inbox batch's records are written in
+//! ONE store commit, and what the batch would make leave the coordinator
+//! (replies, node messages, events for watchers) is held until that commit
+//! returned.
+//!
+//! The commit (an fsync with the durable store) runs on the blocking pool.
+//! One commit is in flight at a time; while it runs, the driver applies the
+//! next batch to the scheduler (commands arriving meanwhile share it). That
+//! batch's commit starts once the one in flight returned, and only then
+//! are the earlier batch's effects handed back for release, so effects
+//! leave in commit order and never before their records are durable.
+//!
+//! After a failed commit nothing more is committed: the batch prepared
+//! meanwhile is refused (its callers get an error) and the driver stops.
+//!
+//! This file knows nothing of sessions, watchers or the scheduler: it moves
+//! batches through the store and hands back what may leave, in order.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use tokio::task::JoinHandle;
+
+use weft_proto::TaskId;
+
+use crate::scheduler::{NodeOut, SessionId};
+use crate::store::{Record, Store, StoreError};
+
+/// Answers a caller once its batch's commit returned (with its error, if
+/// it failed).
+pub(super) type Reply = Box<dyn FnOnce(Option<&StoreError>) + Send>;
+
+/// One batch applied to the scheduler: what to write, and what may leave
+/// once it is written.
+pub(super) struct Batch {
+    /// The store writes, each task's record once (see [`coalesce`]).
+    pub records: Vec<Record>,
+    /// Held until the commit returned.
+    pub held: Held,
+}
+
+/// A batch's effects, held back until its commit returned.
+#[derive(Default)]
+pub(super) struct Held {
+    /// Messages per node session.
+    pub nodes: BTreeMap<SessionId, NodeOut>,
+    /// Sessions to close.
+    pub disconnect: Vec<SessionId>,
+    /// Callers to answer.
+    pub replies: Vec<Reply>,
+}
+
+impl Held {
+    /// Answers every caller with `err`; nothing else leaves.
+    pub fn refuse(self, err: &StoreError) {
+        for reply in self.replies {
+            reply(Some(err));
+        }
+    }
+}
+
+/// A batch whose commit returned.
+pub(super) struct Committed {
+    /// What may leave now (if the commit succeeded).
+    pub held: Held,
+    /// What was written: its events are what watchers get. Empty when
+    /// the commit panicked.
+    pub records: Vec<Record>,
+    /// The commit's result.
+    pub result: Result<(), StoreError>,
+}
+
+/// What [`Pipeline::start`] did with a batch.
+pub(super) enum Started {
+    /// Batches whose commits returned, oldest first, to release: the one
+    /// that was in flight, and this one when it had nothing to write.
+    Done([Option<Committed>; 2]),
+    /// The commit in flight failed: release it (its callers get the error)
+    /// and refuse this batch, which was not committed.
+    AfterFailure {
+        /// The batch whose commit failed.
+        failed: Committed,
+        /// The batch that was not committed.
+        refused: Held,
+    },
+}
+
+/// The commit in flight and the effects it holds.
+struct InFlight {
+    commit: JoinHandle<(Vec<Record>, Result<(), StoreError>)>,
+    held: Held,
+}
+
+/// The store and the one commit in flight. See the module docs.
+pub(super) struct Pipeline {
+    store: Arc<dyn Store>,
+    in_flight: Option<InFlight>,
+}
+
+impl Pipeline {
+    /// An idle pipeline into `store`.
+    pub fn new(store: Arc<dyn Store>) -> Self {
+        Pipeline {
+            store,
+            in_flight: None,
+        }
+    }
+
+    /// True while a commit runs.
+    pub fn is_busy(&self) -> bool {
+        self.in_flight.is_some()
+    }
+
+    /// Waits for the commit in flight (if any), then starts `batch`'s
+    /// commit, and hands back what may leave now. Starting the next commit
+    /// before releasing the previous one's effects keeps the store idle as
+    /// little as possible; the order of release stays the commit order.
+    pub async fn start(&mut self, batch: Batch) -> Started {
+        let previous = match self.in_flight.take() {
+            Some(mut in_flight) => Some(wait_for(&mut in_flight).await),
+            None => None,
+        };
+        let previous = match previous {
+            // Nothing after a failed commit may be committed or sent.
+            Some(failed) if failed.result.is_err() => {
+                return Started::AfterFailure {
+                    failed,
+                    refused: batch.held,
+                };
+            }
+            previous => previous,
+        };
+        if batch.records.is_empty() {
+            let this = Committed {
+                held: batch.held,
+                records: batch.records,
+                result: Ok(()),
+            };
+            return Started::Done([previous, Some(this)]);
+        }
+        let store = Arc::clone(&self.store);
+        let records = batch.records;
+        self.in_flight = Some(InFlight {
+            commit: tokio::task::spawn_blocking(move || {
+                let committed = store.commit(&records);
+                (records, committed)
+            }),
+            held: batch.held,
+        });
+        Started::Done([previous, None])
+    }
+
+    /// Waits for the commit in flight to return; never resolves when there
+    /// is none. Cancel-safe: dropped before it resolves, the commit stays
+    /// in flight.
+    pub async fn returned(&mut self) -> Committed {
+        let Some(in_flight) = self.in_flight.as_mut() else {
+            return std::future::pending().await;
+        };
+        let committed = wait_for(in_flight).await;
+        self.in_flight = None;
+        committed
+    }
+
+    /// Waits for the commit in flight, if any.
+    pub async fn flush(&mut self) -> Option<Committed> {
+        match self.in_flight.take() {
+            Some(mut in_flight) => Some(wait_for(&mut in_flight).await),
+            None => None,
+        }
+    }
+}
+
+/// Waits for `in_flight`'s commit and pairs the result with its effects
+/// (taken only once the commit returned, so dropping this early is safe).
+async fn wait_for(in_flight: &mut InFlight) -> Committed {
+    let (records, result) = join(&mut in_flight.commit).await;
+    Committed {
+        held: std::mem::take(&mut in_flight.held),
+        records,
+        result,
+    }
+}
+
+/// A commit's records and result; a panic in it is a store error.
+async fn join(
+    commit: &mut JoinHandle<(Vec<Record>, Result<(), StoreError>)>,
+) -> (Vec<Record>, Result<(), StoreError>) {
+    commit.await.unwrap_or_else(|err| {
+        let err = StoreError::Backend {
+            op: "committing",
+            message: err.to_string(),
+        };
+        (Vec::new(), Err(err))
+    })
+}
+
+/// Keeps each task's record once per commit: its latest state, at the
+/// position of its first write (so it still precedes the task's events).
+/// Every event stays, in order.
+pub(super) fn coalesce(records: Vec<Record>) -> Vec<Record> {
+    let mut out: Vec<Record> = Vec::with_capacity(records.len());
+    let mut at: HashMap<TaskId, usize> = HashMap::new();
+    for record in records {
+        match record {
+            Record::Task(task) => match at.get(&task.id) {
+                Some(&index) => out[index] = Record::Task(task),
+                None => {
+                    at.insert(task.id, out.len());
+                    out.push(Record::Task(task));
+                }
+            },
+            event @ Record::Event(_) => out.push(event),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::time::UNIX_EPOCH;
+
+    use bytes::Bytes;
+
+    use weft_proto::{Attempt, TaskSpec, TaskState};
+
+    use super::super::tests::{Verdict, held_store};
+    use super::*;
+    use crate::store::{EventBody, TaskEvent, TaskRecord};
+
+    type Log = Arc<Mutex<Vec<String>>>;
+
+    /// A batch writing `records` whose one reply logs `name` (or
+    /// `name!` when it is answered with an error).
+    fn batch(records: Vec<Record>, log: &Log, name: &'static str) -> Batch {
+        let log = Arc::clone(log);
+        let reply: Reply = Box::new(move |failed| {
+            let entry = match failed {
+                Some(_) => format!("{name}!"),
+                None => name.to_owned(),
+            };
+            log.lock().unwrap_or_else(|e| e.into_inner()).push(entry);
+        });
+        Batch {
+            records,
+            held: Held {
+                replies: vec![reply],
+                ..Held::default()
+            },
+        }
+    }
+
+    /// Answers the replies of what came back, as the driver would.
+    fn release(done: [Option<Committed>; 2]) {
+        for committed in done.into_iter().flatten() {
+            let err = committed.result.err();
+            for reply in committed.held.replies {
+                reply(err.as_ref());
+            }
+        }
+    }
+
+    fn logged(log: &Log) -> Vec<String> {
+        log.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    #[tokio::test]
+    async fn batches_come_back_in_commit_order_and_an_empty_one_waits_its_turn() {
+        let (store, mut gate) = held_store();
+        let mut pipeline = Pipeline::new(Arc::clone(&store) as Arc<dyn Store>);
+        let log = Log::default();
+        let (a, b) = (TaskId::new(), TaskId::new());
+
+        let Started::Done(done) = pipeline
+            .start(batch(vec![task(a, TaskState::Queued)], &log, "a"))
+            .await
+        else {
+            panic!("refused");
+        };
+        assert!(
+            done.iter().all(Option::is_none),
+            "a came back before its commit"
+        );
+        assert!(pipeline.is_busy());
+        gate.held().await;
+        gate.release(Verdict::Commit);
+
+        // b's commit starts only once a's returned; a comes back then.
+        let Started::Done(done) = pipeline
+            .start(batch(vec![task(b, TaskState::Queued)], &log, "b"))
+            .await
+        else {
+            panic!("refused");
+        };
+        release(done);
+        assert_eq!(logged(&log), ["a"]);
+        assert!(
+            store.task(a).ok().flatten().is_some(),
+            "a released unwritten"
+        );
+        gate.held().await;
+
+        // Nothing to write: it still waits for b, and comes back after it.
+        gate.release(Verdict::Commit);
+        let Started::Done(done) = pipeline.start(batch(Vec::new(), &log, "c")).await else {
+            panic!("refused");
+        };
+        release(done);
+        assert_eq!(logged(&log), ["a", "b", "c"]);
+        assert!(!pipeline.is_busy());
+        assert!(pipeline.flush().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn after_a_failed_commit_the_next_batch_is_refused_and_not_written() {
+        let (store, mut gate) = held_store();
+        let mut pipeline = Pipeline::new(Arc::clone(&store) as Arc<dyn Store>);
+        let log = Log::default();
+        let (a, b) = (TaskId::new(), TaskId::new());
+        let Started::Done(done) = pipeline
+            .start(batch(vec![task(a, TaskState::Queued)], &log, "a"))
+            .await
+        else {
+            panic!("refused");
+        };
+        release(done);
+        gate.held().await;
+        gate.release(Verdict::Fail);
+
+        let started = pipeline
+            .start(batch(vec![task(b, TaskState::Queued)], &log, "b"))
+            .await;
+        let Started::AfterFailure { failed, refused } = started else {
+            panic!("a batch was committed after a failed commit");
+        };
+        let err = failed.result.err();
+        assert!(err.is_some());
+        for reply in failed.held.replies {
+            reply(err.as_ref());
+        }
+        if let Some(err) = &err {
+            refused.refuse(err);
+        }
+        assert_eq!(logged(&log), ["a!", "b!"]);
+        assert!(!pipeline.is_busy(), "something is still committing");
+        assert!(gate.entered.try_recv().is_err(), "b reached the store");
+        assert!(store.list(None, None, 10).unwrap_or_default().is_empty());
+    }
+
+    fn task(id: TaskId, state: TaskState) -> Record {
+        Record::Task(TaskRecord {
+            id,
+            spec: Arc::new(TaskSpec::call("noop", "in")),
+            state,
+            attempt: Attempt(1),
+            node_id: None,
+            node_name: None,
+            exit_code: None,
+            output: Bytes::new(),
+            error: String::new(),
+            pending_reason: String::new(),
+            failures: 0,
+            node_losses: 0,
+            created_at: UNIX_EPOCH,
+            updated_at: UNIX_EPOCH,
+            next_seq: 0,
+            last_outcome: None,
+            lost_nodes: Vec::new(),
+        })
+    }
+
+    fn event(id: TaskId, seq: u64, state: TaskState) -> Record {
+        Record::Event(TaskEvent {
+            task_id: id,
+            seq,
+            attempt: Attempt(1),
+            time: UNIX_EPOCH,
+            body: EventBody::State {
+                state,
+                node_id: None,
+                node_name: None,
+                reason: String::new(),
+            },
+        })
+    }
+
+    #[test]
+    fn a_batch_writes_each_task_once_with_its_latest_state_before_its_events() {
+        let (a, b) = (TaskId::new(), TaskId::new());
+        let records = vec![
+            task(a, TaskState::Queued),
+            event(a, 0, TaskState::Queued),
+            task(b, TaskState::Running),
+            task(a, TaskState::Assigned),
+            event(a, 1, TaskState::Assigned),
+            event(b, 3, TaskState::Succeeded),
+            task(a, TaskState::Running),
+            event(a, 2, TaskState::Running),
+            task(b, TaskState::Succeeded),
+        ];
+        let expected = vec![
+            task(a, TaskState::Running),
+            event(a, 0, TaskState::Queued),
+            task(b, TaskState::Succeeded),
+            event(a, 1, TaskState::Assigned),
+            event(b, 3, TaskState::Succeeded),
+            event(a, 2, TaskState::Running),
+        ];
+        assert_eq!(coalesce(records), expected);
+    }
+}

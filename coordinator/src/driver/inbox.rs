@@ -1,0 +1,196 @@
+//! The driver's protocol with the services: the [`Command`]s they send to
+//! its inbox, the [`Handle`] they hold to send them, and what comes back
+//! (replies, a node session's outgoing messages, `WaitMany` batches).
+//!
+//! Plain types and channels only: what a command does is the driver's
+//! business (`driver/mod.rs`); how a message looks on the wire is the
+//! services' (`service/node/codec.rs` for the node stream).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use weft_proto::{NodeId, TaskId, TaskSpec};
+
+use crate::config::CoordinatorConfig;
+use crate::error::Error;
+use crate::scheduler::{
+    Assignment, CancelOrder, ClusterStats, NodeInfo, NodeRegistration, NodeTaskEvent, SessionId,
+};
+use crate::store::{Store, TaskEvent, TaskRecord};
+
+/// One message for a node session's `Connect` response stream, as domain
+/// values; `service/node/codec.rs` encodes it as it leaves.
+#[derive(Debug)]
+pub(crate) enum ToNode {
+    /// Always the first message of a session.
+    Registered {
+        /// The id the node has from now on.
+        node_id: NodeId,
+        /// How often the node sends heartbeats.
+        heartbeat_interval: Duration,
+        /// Silence after which the coordinator declares it lost.
+        heartbeat_timeout: Duration,
+    },
+    /// Attempts to start, in one message.
+    Assign(Vec<Assignment>),
+    /// An attempt to stop.
+    Cancel(CancelOrder),
+    /// Drain, within `grace` (`None`: the node's default).
+    Drain(Option<Duration>),
+    /// Keeps an idle stream from looking dead.
+    Heartbeat,
+}
+
+/// Messages to a node session's Connect response stream.
+pub(crate) type NodeTx = mpsc::Sender<ToNode>;
+
+/// What services ask of the driver.
+pub(crate) enum Command {
+    /// New tasks; answered with their ids once committed.
+    Submit {
+        specs: Vec<TaskSpec>,
+        reply: oneshot::Sender<Result<Vec<TaskId>, Error>>,
+    },
+    /// Why each of these queued tasks waits (`None`: not queued here).
+    /// Answered at once: it reads the scheduler and writes nothing.
+    PendingReasons {
+        ids: Vec<TaskId>,
+        reply: oneshot::Sender<Vec<Option<String>>>,
+    },
+    /// Answers after the cancel is committed: true when the task was live
+    /// (the caller then reads the record from the store).
+    Cancel {
+        id: TaskId,
+        reason: String,
+        reply: oneshot::Sender<Result<bool, Error>>,
+    },
+    /// Registers a live watcher; `None` when the task is not live (final,
+    /// or unknown: the caller checked the store first).
+    Watch {
+        id: TaskId,
+        reply: oneshot::Sender<Result<Option<mpsc::Receiver<TaskEvent>>, Error>>,
+    },
+    /// Registers one waiter for the final records of the live tasks among
+    /// `ids`. Answers (after the batch's commit) the ids that were NOT live
+    /// (final or unknown: read them from the store), and the receiver of
+    /// the live ones' final records, in batches (`None` when none was live).
+    WaitMany {
+        ids: Vec<TaskId>,
+        reply: oneshot::Sender<WaitRegistration>,
+    },
+    /// A node's validated `Register`; `tx` is its session's outgoing
+    /// stream, `token` ends the session.
+    Register {
+        session: SessionId,
+        registration: NodeRegistration,
+        tx: NodeTx,
+        token: CancellationToken,
+        reply: oneshot::Sender<Result<(), Error>>,
+    },
+    /// The node granted more slots.
+    Credits { session: SessionId, grant: u32 },
+    /// The node is alive.
+    Heartbeat { session: SessionId },
+    /// Attempt events from the node, in order.
+    NodeEvents {
+        session: SessionId,
+        events: Vec<NodeTaskEvent>,
+    },
+    /// The node says it drains.
+    Draining { session: SessionId },
+    /// The node's stream ended.
+    NodeGone { session: SessionId },
+    /// Every connected node, as of the end of the batch.
+    ListNodes {
+        reply: oneshot::Sender<Vec<NodeInfo>>,
+    },
+    /// An operator drains a node (by id or name).
+    DrainNode {
+        node: String,
+        grace: Option<Duration>,
+        reply: oneshot::Sender<Result<NodeInfo, Error>>,
+    },
+    /// Cluster figures as of the end of the batch, and the uptime.
+    ClusterInfo {
+        reply: oneshot::Sender<(ClusterStats, Duration)>,
+    },
+}
+
+/// Final task records for a `WaitMany` waiter, one batch per commit.
+pub(crate) type FinalTx = mpsc::Sender<Vec<TaskRecord>>;
+/// Receiving half of [`FinalTx`].
+pub(crate) type FinalRx = mpsc::Receiver<Vec<TaskRecord>>;
+
+/// The driver's answer to [`Command::WaitMany`].
+pub(crate) struct WaitRegistration {
+    /// Ids that were not live: final (or unknown) in the store.
+    pub not_live: Vec<TaskId>,
+    /// Final records of the live ones as they finalize; closed when the
+    /// waiter was dropped for lagging (register again for what is missing).
+    pub live: Option<FinalRx>,
+}
+
+/// What services hold: the inbox, the store for reads, and settings.
+#[derive(Clone)]
+pub(crate) struct Handle {
+    pub inbox: mpsc::Sender<Command>,
+    pub store: Arc<dyn Store>,
+    pub config: Arc<CoordinatorConfig>,
+    pub cancel: CancellationToken,
+    pub tasks: TaskTracker,
+    sessions: Arc<AtomicU64>,
+}
+
+impl Handle {
+    /// A handle on an inbox of `capacity` commands, and the inbox.
+    pub(super) fn new(
+        capacity: usize,
+        store: Arc<dyn Store>,
+        config: Arc<CoordinatorConfig>,
+        cancel: CancellationToken,
+        tasks: TaskTracker,
+    ) -> (Handle, mpsc::Receiver<Command>) {
+        let (tx, rx) = mpsc::channel(capacity);
+        let handle = Handle {
+            inbox: tx,
+            store,
+            config,
+            cancel,
+            tasks,
+            sessions: Arc::new(AtomicU64::new(1)),
+        };
+        (handle, rx)
+    }
+
+    /// Sends a command and waits for its reply. A stopped driver is
+    /// `ShuttingDown`.
+    pub async fn call<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> Result<T, Error> {
+        let (tx, rx) = oneshot::channel();
+        self.inbox
+            .send(make(tx))
+            .await
+            .map_err(|_| Error::ShuttingDown)?;
+        rx.await.map_err(|_| Error::ShuttingDown)
+    }
+
+    /// Sends a command that has no reply.
+    pub async fn tell(&self, command: Command) -> Result<(), Error> {
+        self.inbox
+            .send(command)
+            .await
+            .map_err(|_| Error::ShuttingDown)
+    }
+
+    /// A fresh node session id.
+    pub fn next_session(&self) -> SessionId {
+        SessionId(self.sessions.fetch_add(1, Ordering::Relaxed))
+    }
+}

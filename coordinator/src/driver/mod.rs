@@ -1,0 +1,397 @@
+//! The one task that owns the [`Scheduler`].
+//!
+//! It drains its inbox in batches (wait for one command, then take what is
+//! already there, up to `max_batch`), applies them to the scheduler, writes
+//! the batch's records in ONE store commit, and only then answers callers,
+//! sends node sessions their messages and publishes task events to
+//! watchers. Ticks (heartbeat deadlines, retry backoff) run at the
+//! scheduler's next wakeup; retention sweeps between commits.
+//!
+//! Replies that read the scheduler (`ListNodes`, `ClusterInfo`) read it at
+//! the end of their own batch. Reads (`Get`, `List`, watch history) never
+//! pass through here: services read the store on the blocking pool
+//! themselves, and only ask the driver for what the scheduler alone knows
+//! (`pending_reason`).
+//!
+//! Layout:
+//! - `inbox` — [`Command`], [`Handle`]: what services send and get back.
+//! - `commit` — the pipelined group commit: one commit in flight, each
+//!   batch's effects held until its commit returned, handed back in order.
+//! - `sessions` — the fan-out to node sessions.
+//! - `watch` — watchers and `WaitMany` waiters: registry, publishing, and
+//!   the streams that resume from the store.
+//! - `retention` — the sweep of old final tasks.
+//!
+//! This file is the run loop and its stages (prepare a batch, start its
+//! commit, await the commit in flight, release a committed batch's
+//! effects) and what each command does to the scheduler; no I/O of its own
+//! beyond handing batches to the pipeline.
+
+mod commit;
+mod inbox;
+mod retention;
+mod sessions;
+#[cfg(test)]
+mod tests;
+mod watch;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use weft_proto::{TaskId, TaskSpec};
+
+use crate::config::CoordinatorConfig;
+use crate::error::Error;
+use crate::scheduler::{
+    ClusterStats, Effects, NodeInfo, NodeRegistration, Now, Scheduler, SessionId,
+};
+use crate::store::{Store, StoreError};
+use commit::{Batch, Committed, Held, Pipeline, Reply, Started, coalesce};
+pub(crate) use inbox::{Command, Handle, NodeTx, ToNode};
+use retention::Retention;
+use sessions::Sessions;
+use watch::Watchers;
+pub(crate) use watch::{follow, wait_final};
+
+/// Reads the scheduler as of the end of its batch, before the next batch
+/// is applied; the answer then waits for the commit like any [`Reply`].
+type BatchRead = Box<dyn FnOnce(&Scheduler) -> Reply + Send>;
+
+/// The driver task's state.
+pub(crate) struct Driver {
+    scheduler: Scheduler,
+    store: Arc<dyn Store>,
+    inbox: mpsc::Receiver<Command>,
+    config: Arc<CoordinatorConfig>,
+    pipeline: Pipeline,
+    sessions: Sessions,
+    watchers: Watchers,
+    retention: Retention,
+    ids: ulid::Generator,
+    started: Instant,
+    cancel: CancellationToken,
+}
+
+/// Makes the driver and the handle services use to reach it.
+pub(crate) fn new(
+    scheduler: Scheduler,
+    store: Arc<dyn Store>,
+    config: Arc<CoordinatorConfig>,
+    cancel: CancellationToken,
+    tasks: TaskTracker,
+) -> (Driver, Handle) {
+    let (handle, inbox) = Handle::new(
+        config.max_batch.max(64) * 4,
+        Arc::clone(&store),
+        Arc::clone(&config),
+        cancel.clone(),
+        tasks,
+    );
+    let driver = Driver {
+        scheduler,
+        pipeline: Pipeline::new(Arc::clone(&store)),
+        store,
+        inbox,
+        sessions: Sessions::default(),
+        watchers: Watchers::new(config.watch_buffer),
+        retention: Retention::new(config.retention),
+        config,
+        ids: ulid::Generator::new(),
+        started: Instant::now(),
+        cancel,
+    };
+    (driver, handle)
+}
+
+fn now() -> Now {
+    Now {
+        instant: Instant::now(),
+        wall: SystemTime::now(),
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A reply that does not depend on the commit's result.
+fn answer<T: Send + 'static>(reply: oneshot::Sender<T>, value: T) -> Reply {
+    Box::new(move |_| {
+        let _ = reply.send(value);
+    })
+}
+
+/// A reply that becomes the store's error when the commit failed.
+fn answer_committed<T: Send + 'static>(
+    reply: oneshot::Sender<Result<T, Error>>,
+    result: Result<T, Error>,
+) -> Reply {
+    Box::new(move |failed| {
+        let result = match failed {
+            Some(err) => Err(Error::Store(err.clone())),
+            None => result,
+        };
+        let _ = reply.send(result);
+    })
+}
+
+impl Driver {
+    /// Runs until the coordinator shuts down, or a commit fails.
+    ///
+    /// Commits are pipelined: while batch N's commit runs on the blocking
+    /// pool, batch N+1 is applied to the scheduler; N's effects (replies,
+    /// node messages, published events) leave only after N's commit
+    /// returns, and batches are committed and released in order.
+    #[tracing::instrument(name = "driver", skip_all)]
+    pub async fn run(mut self) {
+        let max_batch = self.config.max_batch.max(1);
+        let mut commands = Vec::with_capacity(max_batch);
+        // Anything restore produced (requeues) is committed before serving.
+        let batch = self.prepare(&mut commands);
+        if self.start_commit(batch).await {
+            self.await_commit().await;
+        }
+        loop {
+            let wake = self.scheduler.next_wakeup();
+            let busy = self.pipeline.is_busy();
+            tokio::select! {
+                biased;
+                _ = self.cancel.cancelled() => break,
+                received = self.inbox.recv_many(&mut commands, max_batch) => {
+                    if received == 0 {
+                        break;
+                    }
+                }
+                committed = self.pipeline.returned(), if busy => {
+                    self.release_effects(committed);
+                    continue;
+                }
+                _ = sleep_until(wake) => {}
+                _ = sleep_until(self.retention.next_sweep()) => {
+                    if self.await_commit().await {
+                        self.retention.sweep(&self.store, &mut self.scheduler).await;
+                    }
+                    continue;
+                }
+            }
+            let batch = self.prepare(&mut commands);
+            if !self.start_commit(batch).await {
+                break;
+            }
+        }
+        self.await_commit().await;
+        self.sessions.close_all();
+        tracing::debug!("driver stopped");
+    }
+
+    /// Applies a batch of commands (and a tick) to the scheduler and takes
+    /// what it produced: the records to commit and the effects they hold.
+    fn prepare(&mut self, commands: &mut Vec<Command>) -> Batch {
+        let now = now();
+        self.scheduler.tick(now);
+        let mut replies: Vec<Reply> = Vec::new();
+        let mut reads: Vec<BatchRead> = Vec::new();
+        for command in commands.drain(..) {
+            self.apply(command, now, &mut replies, &mut reads);
+        }
+        let Effects {
+            records,
+            nodes,
+            disconnect,
+        } = self.scheduler.take_effects(now);
+        // Replies that read the scheduler read it now, as of this batch.
+        replies.extend(reads.into_iter().map(|read| read(&self.scheduler)));
+        Batch {
+            records: coalesce(records),
+            held: Held {
+                nodes,
+                disconnect,
+                replies,
+            },
+        }
+    }
+
+    /// Hands a prepared batch to the pipeline and releases what it hands
+    /// back. Returns false when a commit failed (the coordinator stops).
+    async fn start_commit(&mut self, batch: Batch) -> bool {
+        match self.pipeline.start(batch).await {
+            Started::Done(done) => {
+                let mut ok = true;
+                for committed in done.into_iter().flatten() {
+                    ok &= self.release_effects(committed);
+                }
+                ok
+            }
+            Started::AfterFailure { failed, refused } => {
+                self.release_effects(failed);
+                refused.refuse(&StoreError::Backend {
+                    op: "committing",
+                    message: "an earlier commit failed".into(),
+                });
+                false
+            }
+        }
+    }
+
+    /// Waits for the commit in flight (if any) and releases its effects.
+    /// Returns false when it failed.
+    async fn await_commit(&mut self) -> bool {
+        match self.pipeline.flush().await {
+            Some(committed) => self.release_effects(committed),
+            None => true,
+        }
+    }
+
+    /// Lets a committed batch's effects leave: replies, node messages,
+    /// events for watchers, closed sessions. On a failed commit, fails the
+    /// replies, sends nothing else and stops the coordinator.
+    fn release_effects(&mut self, committed: Committed) -> bool {
+        let Committed {
+            held,
+            records,
+            result,
+        } = committed;
+        if let Err(err) = &result {
+            // The scheduler already moved on from what the store refused;
+            // carrying on would record later events against a history the
+            // store does not have. Stop, so a restart reloads what was
+            // committed (nothing acknowledged is lost: this batch's callers
+            // get the error).
+            tracing::error!(error = %err, "store commit failed; stopping the coordinator");
+            self.cancel.cancel();
+            held.refuse(err);
+            return false;
+        }
+        for reply in held.replies {
+            reply(None);
+        }
+        for (session, out) in held.nodes {
+            self.sessions.send(session, out);
+        }
+        self.watchers.publish(&records);
+        for session in held.disconnect {
+            self.sessions.close(session);
+        }
+        true
+    }
+
+    /// Applies one command. Replies that must wait for the commit go to
+    /// `replies`; those that read the scheduler at the end of the batch go
+    /// to `reads`.
+    fn apply(
+        &mut self,
+        command: Command,
+        now: Now,
+        replies: &mut Vec<Reply>,
+        reads: &mut Vec<BatchRead>,
+    ) {
+        match command {
+            Command::Submit { specs, reply } => replies.push(self.submit(specs, reply, now)),
+            Command::PendingReasons { ids, reply } => {
+                let reasons = ids
+                    .iter()
+                    .map(|id| self.scheduler.pending_reason(*id))
+                    .collect();
+                let _ = reply.send(reasons);
+            }
+            Command::Cancel { id, reason, reply } => {
+                let live = self.scheduler.cancel(id, &reason, now);
+                replies.push(answer_committed(reply, Ok(live)));
+            }
+            Command::Watch { id, reply } => {
+                replies.push(self.watchers.watch(&self.scheduler, id, reply));
+            }
+            Command::WaitMany { ids, reply } => {
+                replies.push(self.watchers.wait_many(&self.scheduler, ids, reply));
+            }
+            Command::Register {
+                session,
+                registration,
+                tx,
+                token,
+                reply,
+            } => {
+                if let Some(reply) = self.register(session, registration, tx, token, reply, now) {
+                    replies.push(reply);
+                }
+            }
+            Command::Credits { session, grant } => self.scheduler.credits(session, grant, now),
+            Command::Heartbeat { session } => self.scheduler.heartbeat(session, now),
+            Command::NodeEvents { session, events } => {
+                self.scheduler.node_events(session, events, now);
+            }
+            Command::Draining { session } => self.scheduler.node_draining(session, now),
+            Command::NodeGone { session } => self.scheduler.node_gone(session, now),
+            Command::ListNodes { reply } => reads.push(list_nodes(reply, now.instant)),
+            Command::DrainNode { node, grace, reply } => {
+                let result = self.scheduler.drain_node(&node, grace, now.instant);
+                replies.push(answer(reply, result));
+            }
+            Command::ClusterInfo { reply } => {
+                let uptime = now.instant.saturating_duration_since(self.started);
+                reads.push(cluster_info(reply, uptime));
+            }
+        }
+    }
+
+    /// [`Command::Submit`]: gives the specs ids and queues them, all or
+    /// nothing.
+    fn submit(
+        &mut self,
+        specs: Vec<TaskSpec>,
+        reply: oneshot::Sender<Result<Vec<TaskId>, Error>>,
+        now: Now,
+    ) -> Reply {
+        let ids: Vec<TaskId> = specs
+            .iter()
+            .map(|_| {
+                let ulid = self.ids.generate().unwrap_or_else(|_| ulid::Ulid::new());
+                TaskId::from_ulid(ulid)
+            })
+            .collect();
+        let batch = ids.iter().copied().zip(specs).collect();
+        let result = self.scheduler.submit(batch, now).map(|()| ids);
+        answer_committed(reply, result)
+    }
+
+    /// [`Command::Register`]: opens the session (`Registered` goes out at
+    /// once, first on its stream) and registers the node. `None` when the
+    /// session could not even take `Registered` (answered at once).
+    fn register(
+        &mut self,
+        session: SessionId,
+        registration: NodeRegistration,
+        tx: NodeTx,
+        token: CancellationToken,
+        reply: oneshot::Sender<Result<(), Error>>,
+        now: Now,
+    ) -> Option<Reply> {
+        let node_id = registration.node_id;
+        if !self
+            .sessions
+            .open(session, node_id, &self.config, tx, token)
+        {
+            let _ = reply.send(Err(Error::ShuttingDown));
+            return None;
+        }
+        self.scheduler.register_node(session, registration, now);
+        Some(answer(reply, Ok(())))
+    }
+}
+
+/// [`Command::ListNodes`], read at the end of the batch.
+fn list_nodes(reply: oneshot::Sender<Vec<NodeInfo>>, instant: Instant) -> BatchRead {
+    Box::new(move |scheduler| answer(reply, scheduler.nodes(instant)))
+}
+
+/// [`Command::ClusterInfo`], read at the end of the batch.
+fn cluster_info(reply: oneshot::Sender<(ClusterStats, Duration)>, uptime: Duration) -> BatchRead {
+    Box::new(move |scheduler| answer(reply, (scheduler.stats(), uptime)))
+}

@@ -1,0 +1,462 @@
+//! The commit pipeline as users rely on it, driven through the inbox: with
+//! the memory store, everything that leaves (replies, node messages,
+//! watcher events) is already in the store; with a store that holds each
+//! commit until the test releases it, nothing of a batch leaves before its
+//! commit returned, batches leave in commit order, and a failed commit
+//! sends none of its batch's acknowledgements or assignments and stops the
+//! driver.
+//!
+//! Deterministic: the tests run on a current-thread runtime (commands sent
+//! together without yielding land in one batch), a held commit is what
+//! keeps a batch back, and `PendingReasons` (answered while the batch is
+//! applied, without waiting for any commit) is the probe that tells when
+//! the driver has applied what was sent before it. The timeouts only turn
+//! a hang into a failure.
+//!
+//! The held store is shared with the pipeline's own tests in `commit.rs`.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex, mpsc as std_mpsc};
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use weft_proto::{Attempt, NodeId, TaskId, TaskSpec, TaskState};
+
+use super::{Command, Handle, ToNode};
+use crate::config::CoordinatorConfig;
+use crate::error::Error;
+use crate::scheduler::{NodeEventBody, NodeRegistration, NodeTaskEvent, Scheduler, SessionId};
+use crate::store::{
+    EventBody, Loaded, MemoryStore, Record, Store, StoreError, TaskEvent, TaskRecord,
+};
+
+/// Guards against a hang; never what a test waits for.
+const HANG: Duration = Duration::from_secs(30);
+
+async fn soon<T>(what: &str, future: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(HANG, future).await {
+        Ok(value) => value,
+        Err(_) => panic!("timed out waiting for {what}"),
+    }
+}
+
+/// How a held commit ends.
+pub(super) enum Verdict {
+    Commit,
+    Fail,
+}
+
+/// The memory store, but each commit announces itself and waits for the
+/// test's verdict: written, or failed.
+pub(super) struct HeldStore {
+    memory: MemoryStore,
+    entered: mpsc::UnboundedSender<Vec<Record>>,
+    verdicts: Mutex<std_mpsc::Receiver<Verdict>>,
+}
+
+/// The test's end of a [`HeldStore`].
+pub(super) struct Gate {
+    /// Each held commit's records, as it starts.
+    pub(super) entered: mpsc::UnboundedReceiver<Vec<Record>>,
+    verdicts: std_mpsc::Sender<Verdict>,
+}
+
+impl Gate {
+    /// Waits until a commit is held; returns its records.
+    pub(super) async fn held(&mut self) -> Vec<Record> {
+        soon("a commit", self.entered.recv())
+            .await
+            .unwrap_or_else(|| panic!("the store is gone"))
+    }
+
+    pub(super) fn release(&self, verdict: Verdict) {
+        self.verdicts
+            .send(verdict)
+            .unwrap_or_else(|_| panic!("no commit waits"));
+    }
+}
+
+pub(super) fn held_store() -> (Arc<HeldStore>, Gate) {
+    let (entered, entered_rx) = mpsc::unbounded_channel();
+    let (verdicts, verdicts_rx) = std_mpsc::channel();
+    let store = HeldStore {
+        memory: MemoryStore::new(),
+        entered,
+        verdicts: Mutex::new(verdicts_rx),
+    };
+    let gate = Gate {
+        entered: entered_rx,
+        verdicts,
+    };
+    (Arc::new(store), gate)
+}
+
+impl Store for HeldStore {
+    fn commit(&self, records: &[Record]) -> Result<(), StoreError> {
+        let _ = self.entered.send(records.to_vec());
+        let verdict = self
+            .verdicts
+            .lock()
+            .map_err(|_| StoreError::Poisoned)?
+            .recv()
+            .unwrap_or(Verdict::Fail);
+        match verdict {
+            Verdict::Commit => self.memory.commit(records),
+            Verdict::Fail => Err(StoreError::Backend {
+                op: "committing",
+                message: "disk full".into(),
+            }),
+        }
+    }
+
+    fn task(&self, id: TaskId) -> Result<Option<TaskRecord>, StoreError> {
+        self.memory.task(id)
+    }
+
+    fn list(
+        &self,
+        state: Option<TaskState>,
+        before: Option<TaskId>,
+        limit: usize,
+    ) -> Result<Vec<TaskRecord>, StoreError> {
+        self.memory.list(state, before, limit)
+    }
+
+    fn events(&self, id: TaskId, from: u64, limit: usize) -> Result<Vec<TaskEvent>, StoreError> {
+        self.memory.events(id, from, limit)
+    }
+
+    fn load(&self, since: SystemTime) -> Result<Loaded, StoreError> {
+        self.memory.load(since)
+    }
+
+    fn expire(&self, before: SystemTime, limit: usize) -> Result<Vec<TaskState>, StoreError> {
+        self.memory.expire(before, limit)
+    }
+}
+
+/// A driver running on `store`, and one node connected to it.
+struct Harness {
+    handle: Handle,
+    cancel: CancellationToken,
+    run: JoinHandle<()>,
+    session: SessionId,
+    node: mpsc::Receiver<ToNode>,
+}
+
+impl Harness {
+    /// Starts the driver and registers a node serving `noop` (that batch
+    /// writes nothing, so no commit is involved).
+    async fn start(store: Arc<dyn Store>) -> Harness {
+        let config = CoordinatorConfig {
+            heartbeat_timeout: Duration::from_secs(600),
+            retention: Duration::ZERO,
+            ..CoordinatorConfig::default()
+        };
+        let scheduler = Scheduler::new((&config).into());
+        let cancel = CancellationToken::new();
+        let (driver, handle) = super::new(
+            scheduler,
+            store,
+            Arc::new(config),
+            cancel.clone(),
+            TaskTracker::new(),
+        );
+        let run = tokio::spawn(driver.run());
+        let session = handle.next_session();
+        let (tx, mut node) = mpsc::channel(64);
+        let registration = NodeRegistration {
+            node_id: NodeId::new(),
+            name: "n1".into(),
+            labels: BTreeMap::new(),
+            slots: 4,
+            prefetch: 0,
+            handlers: vec!["noop".into()],
+            running: Vec::new(),
+        };
+        let registered = handle.call(|reply| Command::Register {
+            session,
+            registration,
+            tx,
+            token: cancel.child_token(),
+            reply,
+        });
+        soon("Register", registered)
+            .await
+            .unwrap_or_else(|err| panic!("{err}"))
+            .unwrap_or_else(|err| panic!("{err}"));
+        let first = soon("Registered", node.recv()).await;
+        assert!(
+            matches!(first, Some(ToNode::Registered { .. })),
+            "{first:?}"
+        );
+        Harness {
+            handle,
+            cancel,
+            run,
+            session,
+            node,
+        }
+    }
+
+    /// Puts `command` in the inbox now, without yielding.
+    fn send(&self, command: Command) {
+        if self.handle.inbox.try_send(command).is_err() {
+            panic!("inbox full or closed");
+        }
+    }
+
+    fn submit(&self, input: &str) -> oneshot::Receiver<Result<Vec<TaskId>, Error>> {
+        let (reply, rx) = oneshot::channel();
+        let specs = vec![TaskSpec::call("noop", input.to_owned())];
+        self.send(Command::Submit { specs, reply });
+        rx
+    }
+
+    fn credits(&self, grant: u32) {
+        self.send(Command::Credits {
+            session: self.session,
+            grant,
+        });
+    }
+
+    fn node_event(&self, task_id: TaskId, body: NodeEventBody) {
+        let events = vec![NodeTaskEvent {
+            task_id,
+            attempt: Attempt(1),
+            body,
+        }];
+        self.send(Command::NodeEvents {
+            session: self.session,
+            events,
+        });
+    }
+
+    /// Sends a probe and waits for its answer: once it arrives, everything
+    /// sent before it has been applied to the scheduler.
+    async fn applied(&self) {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::PendingReasons {
+            ids: Vec::new(),
+            reply,
+        });
+        soon("the probe", rx)
+            .await
+            .unwrap_or_else(|_| panic!("the driver stopped"));
+    }
+
+    async fn watch(&self, id: TaskId) -> mpsc::Receiver<TaskEvent> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Watch { id, reply });
+        match soon("Watch", rx).await {
+            Ok(Ok(Some(events))) => events,
+            other => panic!("not watching: {:?}", other.map(|r| r.map(|o| o.is_some()))),
+        }
+    }
+
+    /// The next message the node got.
+    async fn next_message(&mut self) -> ToNode {
+        soon("a node message", self.node.recv())
+            .await
+            .unwrap_or_else(|| panic!("the session ended"))
+    }
+
+    async fn stop(self) {
+        self.cancel.cancel();
+        soon("the driver to stop", self.run)
+            .await
+            .unwrap_or_else(|err| panic!("{err}"));
+    }
+}
+
+fn ids(reply: Result<Result<Vec<TaskId>, Error>, oneshot::error::RecvError>) -> Vec<TaskId> {
+    match reply {
+        Ok(Ok(ids)) => ids,
+        other => panic!("submit failed: {other:?}"),
+    }
+}
+
+fn assigned(message: ToNode) -> Vec<TaskId> {
+    match message {
+        ToNode::Assign(tasks) => tasks.iter().map(|a| a.task_id).collect(),
+        other => panic!("not an Assign: {other:?}"),
+    }
+}
+
+/// The tasks whose records a commit writes.
+fn tasks_in(records: &[Record]) -> Vec<TaskId> {
+    records
+        .iter()
+        .filter_map(|r| match r {
+            Record::Task(t) => Some(t.id),
+            Record::Event(_) => None,
+        })
+        .collect()
+}
+
+fn state_of(event: &TaskEvent) -> Option<TaskState> {
+    match &event.body {
+        EventBody::State { state, .. } => Some(*state),
+        _ => None,
+    }
+}
+
+fn succeeded() -> NodeEventBody {
+    NodeEventBody::Finished {
+        outcome: weft_proto::Outcome::Succeeded,
+        exit_code: None,
+        output: bytes::Bytes::new(),
+        error: String::new(),
+    }
+}
+
+#[tokio::test]
+async fn with_the_memory_store_whatever_leaves_is_already_stored() {
+    let store = Arc::new(MemoryStore::new());
+    let mut h = Harness::start(Arc::clone(&store) as Arc<dyn Store>).await;
+    h.credits(1);
+    let id = ids(soon("Submit", h.submit("a")).await)[0];
+    let stored = store.task(id).unwrap_or_default();
+    assert!(stored.is_some(), "acknowledged before it was stored");
+
+    assert_eq!(assigned(h.next_message().await), [id]);
+    let stored = store.task(id).ok().flatten().map(|t| t.state);
+    assert_eq!(
+        stored,
+        Some(TaskState::Assigned),
+        "assigned before it was stored"
+    );
+
+    let mut events = h.watch(id).await;
+    h.node_event(id, NodeEventBody::Started);
+    let running = soon("Running", events.recv()).await.map(|e| e.seq);
+    let logged: Vec<u64> = store
+        .events(id, 0, 100)
+        .unwrap_or_default()
+        .iter()
+        .map(|e| e.seq)
+        .collect();
+    assert!(
+        running.is_some_and(|seq| logged.contains(&seq)),
+        "event {running:?} published before it was stored ({logged:?})"
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn nothing_of_a_batch_leaves_before_its_commit_returned() {
+    let (store, mut gate) = held_store();
+    let mut h = Harness::start(store).await;
+    h.credits(1);
+    let mut acked = h.submit("a");
+    let records = gate.held().await;
+    h.applied().await; // the driver now waits for that commit
+    assert!(acked.try_recv().is_err(), "acknowledged before the commit");
+    assert!(h.node.try_recv().is_err(), "assigned before the commit");
+
+    gate.release(Verdict::Commit);
+    let id = ids(soon("Submit", acked).await)[0];
+    assert_eq!(tasks_in(&records), [id]);
+    assert_eq!(assigned(h.next_message().await), [id]);
+
+    // A watcher's events wait for their commit too.
+    let mut events = h.watch(id).await;
+    h.node_event(id, NodeEventBody::Started);
+    gate.held().await;
+    h.applied().await;
+    assert!(events.try_recv().is_err(), "published before the commit");
+    gate.release(Verdict::Commit);
+    let running = soon("Running", events.recv()).await;
+    assert_eq!(
+        running.as_ref().and_then(state_of),
+        Some(TaskState::Running)
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn batches_leave_in_commit_order() {
+    let (store, mut gate) = held_store();
+    let mut h = Harness::start(store).await;
+    h.credits(1);
+    let first = h.submit("a");
+    gate.held().await;
+    gate.release(Verdict::Commit);
+    let a = ids(soon("Submit", first).await)[0];
+    assert_eq!(assigned(h.next_message().await), [a]);
+    let mut events = h.watch(a).await;
+
+    // Batch 2 (a finishes) is held; batch 3 (b submitted) is applied
+    // meanwhile and waits behind it.
+    h.node_event(a, succeeded());
+    let second = gate.held().await;
+    let mut third = h.submit("b");
+    h.applied().await;
+    gate.release(Verdict::Commit);
+    let third_records = gate.held().await;
+    assert_eq!(tasks_in(&second), [a], "batch 2 is a's");
+    // Batch 2's effects are out while batch 3 is still being committed.
+    let mut seen = Vec::new();
+    while let Ok(event) = events.try_recv() {
+        seen.push((state_of(&event), event.body.is_finished()));
+    }
+    assert_eq!(
+        seen,
+        [(Some(TaskState::Succeeded), false), (None, true)],
+        "a's final events leave with batch 2"
+    );
+    assert!(
+        third.try_recv().is_err(),
+        "batch 3 acknowledged before its commit"
+    );
+    gate.release(Verdict::Commit);
+    let b = ids(soon("Submit", third).await)[0];
+    assert_eq!(tasks_in(&third_records), [b], "batch 3 is b's");
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_failed_commit_sends_nothing_of_its_batch_and_stops_the_driver() {
+    let (store, mut gate) = held_store();
+    let mut h = Harness::start(Arc::clone(&store) as Arc<dyn Store>).await;
+    h.credits(2);
+    let first = h.submit("a");
+    gate.held().await;
+    // Applied while the failing commit is held: never committed.
+    let second = h.submit("b");
+    h.applied().await;
+    gate.release(Verdict::Fail);
+
+    match soon("Submit a", first).await {
+        Ok(Err(Error::Store(StoreError::Backend { message, .. }))) => {
+            assert_eq!(message, "disk full");
+        }
+        other => panic!("a was acknowledged: {other:?}"),
+    }
+    match soon("Submit b", second).await {
+        Ok(Err(Error::Store(StoreError::Backend { message, .. }))) => {
+            assert_eq!(message, "an earlier commit failed");
+        }
+        other => panic!("b was acknowledged: {other:?}"),
+    }
+    soon("the driver to stop", &mut h.run)
+        .await
+        .unwrap_or_else(|err| panic!("{err}"));
+    assert!(h.cancel.is_cancelled(), "the coordinator keeps running");
+    // The session ended without an Assign; nothing more was committed.
+    let mut sent = Vec::new();
+    while let Some(message) = soon("the session to end", h.node.recv()).await {
+        sent.push(message);
+    }
+    assert!(sent.is_empty(), "sent after a failed commit: {sent:?}");
+    assert!(
+        gate.entered.try_recv().is_err(),
+        "committed after a failure"
+    );
+    assert!(store.list(None, None, 10).unwrap_or_default().is_empty());
+}

@@ -1,0 +1,281 @@
+//! Attempts as their nodes report them: fencing (only the current attempt
+//! on its own session counts; anything else is refused and told to stop),
+//! output dedupe, how an attempt ends (success, failure, timeout, cancel)
+//! and what a lost node means for the attempt it ran. Whether a task gets
+//! another attempt is `retry.rs`'s rule.
+
+use bytes::Bytes;
+
+use weft_proto::{Attempt, NodeId, Outcome, TaskId, TaskState};
+
+use super::registry::SessionId;
+use super::retry::{Setback, Verdict};
+use super::{NodeEventBody, NodeTaskEvent, Now, Scheduler};
+use crate::store::EventBody;
+
+impl Scheduler {
+    /// A batch of attempt events from a node, in order.
+    pub fn node_events(&mut self, session: SessionId, events: Vec<NodeTaskEvent>, now: Now) {
+        match self.nodes.get_mut(session) {
+            Some(node) => node.last_seen = now.instant,
+            None => {
+                // The session was already lost or replaced: nothing it says counts.
+                self.stale_events_refused += events.len() as u64;
+                return;
+            }
+        }
+        for event in events {
+            self.node_event(session, event, now);
+        }
+    }
+
+    fn node_event(&mut self, session: SessionId, event: NodeTaskEvent, now: Now) {
+        let id = event.task_id;
+        let Some(task) = self
+            .tasks
+            .get_mut(&id)
+            .filter(|t| t.is_current(event.attempt, session))
+        else {
+            if let NodeEventBody::Finished { outcome, .. } = &event.body
+                && self.recent.is_duplicate(id, event.attempt, *outcome)
+            {
+                // A node redelivering a result we already recorded.
+                tracing::debug!(task_id = %id, attempt = event.attempt.0, "ignored a redelivered result");
+                return;
+            }
+            self.stale_events_refused += 1;
+            tracing::debug!(task_id = %id, attempt = event.attempt.0, "refused event for a stale attempt");
+            self.order_cancel(
+                session,
+                id,
+                event.attempt,
+                "stale attempt: not the task's current attempt on this node".into(),
+            );
+            return;
+        };
+        match event.body {
+            NodeEventBody::Started => {
+                if task.state == TaskState::Assigned {
+                    self.change_state(id, TaskState::Running, None, String::new(), now.wall);
+                }
+            }
+            NodeEventBody::Output { stream, data, seq } => {
+                if seq < task.next_chunk() {
+                    return; // a chunk we already have (resent after a reconnect)
+                }
+                task.set_next_chunk(seq + 1);
+                self.emit(id, EventBody::Output { stream, data }, now.wall);
+            }
+            NodeEventBody::Progress { fraction, message } => {
+                self.emit(id, EventBody::Progress { fraction, message }, now.wall);
+            }
+            NodeEventBody::Finished {
+                outcome,
+                exit_code,
+                output,
+                error,
+            } => self.attempt_finished(session, id, outcome, exit_code, output, error, now),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attempt_finished(
+        &mut self,
+        session: SessionId,
+        id: TaskId,
+        outcome: Outcome,
+        exit_code: Option<i32>,
+        output: Bytes,
+        error: String,
+        now: Now,
+    ) {
+        let Some(task) = self.tasks.get_mut(&id) else {
+            return;
+        };
+        task.set_exit_code(exit_code);
+        task.last_outcome = Some(outcome);
+        // No `Started` came: the node never ran it (e.g. prefetched, then
+        // the node drained).
+        let started = task.state == TaskState::Running;
+        let attempt = task.attempt;
+        self.recent
+            .insert(id, Attempt(attempt), Some(outcome), now.instant);
+        let spec = task.spec.template(self.queue.example(task.class));
+        let (max, slots, timeout) = (spec.max_attempts, spec.slots, spec.timeout);
+        let cancel = task.cancel_reason().map(str::to_owned);
+        let node_ref = task.placement().map(|p| (p.node_id, p.node_name.clone()));
+        if let Some(node) = self.nodes.get_mut(session) {
+            node.running.remove(&id);
+            node.used = node.used.saturating_sub(slots);
+            node.finished += 1;
+        }
+        if outcome == Outcome::Succeeded {
+            self.finalize(id, TaskState::Succeeded, String::new(), output, now.wall);
+            return;
+        }
+        if let Some(reason) = cancel {
+            self.finalize(id, TaskState::Cancelled, reason, Bytes::new(), now.wall);
+            return;
+        }
+        let error = if !error.is_empty() {
+            error
+        } else if let Some(code) = exit_code {
+            format!("exited with code {code}")
+        } else {
+            format!("attempt ended {outcome}")
+        };
+        match outcome {
+            Outcome::Succeeded => {}
+            Outcome::Failed => match self.retry.judge(task, Setback::Failed, max) {
+                Verdict::Requeue { delay } => {
+                    let next = attempt + 1;
+                    let reason = match delay {
+                        Some(delay) => format!(
+                            "attempt {attempt} failed: {error}; retrying as attempt {next} in {delay:?}"
+                        ),
+                        None => {
+                            format!("attempt {attempt} failed: {error}; retrying as attempt {next}")
+                        }
+                    };
+                    self.requeue(id, delay, node_ref, reason, now);
+                }
+                Verdict::Fail => {
+                    let error = format!("{error} (attempt {attempt} of {max})");
+                    self.finalize(id, TaskState::Failed, error, Bytes::new(), now.wall);
+                }
+            },
+            Outcome::StartFailed => {
+                task.failures += 1;
+                let error = format!("failed to start: {error}");
+                self.finalize(id, TaskState::Failed, error, Bytes::new(), now.wall);
+            }
+            Outcome::TimedOut => {
+                let error = match timeout {
+                    Some(t) if error.starts_with("attempt ended") => {
+                        format!("timed out after {t:?}")
+                    }
+                    _ => error,
+                };
+                self.finalize(id, TaskState::TimedOut, error, Bytes::new(), now.wall);
+            }
+            Outcome::Cancelled if !started => {
+                // Handed back before it ran (a draining node returns what it
+                // held queued): neither a failure nor a lost run, so it costs
+                // no attempt; it only takes a new attempt number (fencing).
+                let name = node_ref
+                    .as_ref()
+                    .map_or_else(|| "?".to_owned(), |(_, n)| n.to_string());
+                let reason = format!(
+                    "attempt {attempt} returned unstarted by node {name} ({error}); retrying as attempt {}",
+                    attempt + 1
+                );
+                self.requeue(id, None, node_ref, reason, now);
+            }
+            Outcome::Cancelled => {
+                // Not asked for by a client: the node drained past its grace.
+                // That is the node's doing, not the task's, so it counts like
+                // a node loss.
+                let name = node_ref
+                    .as_ref()
+                    .map_or_else(|| "?".to_owned(), |(_, n)| n.to_string());
+                match self.retry.judge(task, Setback::NodeLost, max) {
+                    Verdict::Requeue { delay } => {
+                        let reason = format!(
+                            "attempt {attempt} cancelled by node {name}; retrying as attempt {}",
+                            attempt + 1
+                        );
+                        self.requeue(id, delay, node_ref, reason, now);
+                    }
+                    Verdict::Fail => {
+                        let error = format!(
+                            "attempt {attempt} of {max} cancelled by node {name}; no attempts left"
+                        );
+                        self.finalize(id, TaskState::Failed, error, Bytes::new(), now.wall);
+                    }
+                }
+            }
+        }
+    }
+
+    /// An attempt went down with its node: requeued as the next attempt,
+    /// CANCELLED if a client had cancelled it, FAILED when no attempts are
+    /// left or when it has now been running on `max_node_losses` different
+    /// nodes that were lost (a poison task: not retried, to spare the rest).
+    pub(crate) fn lose_attempt(
+        &mut self,
+        id: TaskId,
+        attempt: Attempt,
+        node_name: &std::sync::Arc<str>,
+        node_id: NodeId,
+        now: Now,
+    ) {
+        let out_on_a_node = [TaskState::Assigned, TaskState::Running];
+        if !self.take_back(id, attempt, &out_on_a_node, now) {
+            return;
+        }
+        let Some(task) = self.tasks.get_mut(&id) else {
+            return;
+        };
+        let max = task
+            .spec
+            .template(self.queue.example(task.class))
+            .max_attempts;
+        let verdict = self.retry.judge(task, Setback::NodeLost, max);
+        task.last_outcome = None;
+        if task.state == TaskState::Running {
+            task.add_lost_node((node_id, std::sync::Arc::clone(node_name)));
+        }
+        let limit = self.config.max_node_losses;
+        if limit > 0 && task.lost_nodes().len() >= limit as usize {
+            let names: Vec<&str> = task.lost_nodes().iter().map(|(_, n)| &**n).collect();
+            let error = format!(
+                "lost with {} different nodes ({}) while running; not retried to protect the cluster (--max-node-losses)",
+                names.len(),
+                names.join(", ")
+            );
+            tracing::warn!(task_id = %id, attempt = attempt.0, node_id = %node_id, node_name = %node_name, "poison task: failing it instead of retrying");
+            self.finalize(id, TaskState::Failed, error, Bytes::new(), now.wall);
+            return;
+        }
+        let node = Some((node_id, std::sync::Arc::clone(node_name)));
+        match verdict {
+            Verdict::Requeue { delay } => {
+                let reason = format!(
+                    "node {node_name} lost; retrying as attempt {}",
+                    attempt.0 + 1
+                );
+                self.requeue(id, delay, node, reason, now);
+            }
+            Verdict::Fail => {
+                let error = format!(
+                    "node {node_name} lost during attempt {} of {max}; no attempts left",
+                    attempt.0
+                );
+                self.finalize(id, TaskState::Failed, error, Bytes::new(), now.wall);
+            }
+        }
+    }
+
+    /// Whether `attempt` is the current attempt of task `id`, in one of
+    /// `states`, and so to be taken back from its node. A task cancelled
+    /// meanwhile ends `cancelled` here instead (answers false).
+    pub(super) fn take_back(
+        &mut self,
+        id: TaskId,
+        attempt: Attempt,
+        states: &[TaskState],
+        now: Now,
+    ) -> bool {
+        let Some(task) = self.tasks.get(&id) else {
+            return false;
+        };
+        if !states.contains(&task.state) || task.attempt != attempt.0 {
+            return false;
+        }
+        if let Some(reason) = task.cancel_reason().map(str::to_owned) {
+            self.finalize(id, TaskState::Cancelled, reason, Bytes::new(), now.wall);
+            return false;
+        }
+        true
+    }
+}

@@ -1,0 +1,172 @@
+//! Dispatch: matching ready tasks to nodes with credits, and saying why a
+//! queued task is not matched yet (`pending_reason`).
+//!
+//! Each assignment looks at one queue head per requirement class, never at
+//! the whole queue; work spreads round-robin over nodes, free slots before
+//! prefetch credits.
+
+use std::sync::Arc;
+
+use weft_proto::{Attempt, TaskId, TaskKind, TaskState};
+
+use super::registry::{NodeEntry, SessionId};
+use super::task::{LiveSpec, Placement};
+use super::{Assignment, Now, Scheduler};
+
+impl Scheduler {
+    /// Round-robin over nodes with credits, one assignment per node per
+    /// pass, so work spreads; each assignment looks at one head per class,
+    /// never at the whole queue. Free slots first, then prefetch credits: a
+    /// task waits queued on a busy node only when no node has a slot free.
+    pub(super) fn dispatch(&mut self, now: Now) {
+        for prefetch in [false, true] {
+            if !self.queue.any_ready() {
+                return;
+            }
+            let mut active: Vec<SessionId> = self
+                .nodes
+                .iter()
+                .filter(|(_, n)| !n.draining && n.room(prefetch) > 0)
+                .map(|(s, _)| s)
+                .collect();
+            while !active.is_empty() {
+                active.retain(|session| self.assign_one(*session, prefetch, now));
+            }
+        }
+    }
+
+    /// Assigns the oldest ready task this node can take (within its free
+    /// slots, or its credits when `prefetch`). Returns whether the node may
+    /// take more.
+    fn assign_one(&mut self, session: SessionId, prefetch: bool, now: Now) -> bool {
+        let Some(node) = self.nodes.get(session) else {
+            return false;
+        };
+        let room = node.room(prefetch);
+        if node.draining || room == 0 {
+            return false;
+        }
+        let mut best: Option<(TaskId, usize)> = None;
+        for (index, class) in self.queue.classes.iter_mut().enumerate() {
+            while let Some(head) = class.ready.front() {
+                let ready = self
+                    .tasks
+                    .get(head)
+                    .is_some_and(|t| t.state == TaskState::Queued && !t.delayed);
+                if ready {
+                    break;
+                }
+                class.ready.pop_front();
+            }
+            let Some(head) = class.ready.front() else {
+                continue;
+            };
+            if class.example.slots > room || !node.can_run(&class.example) {
+                continue;
+            }
+            if best.is_none_or(|(b, _)| *head < b) {
+                best = Some((*head, index));
+            }
+        }
+        let Some((id, index)) = best else {
+            return false;
+        };
+        self.queue.classes[index].ready.pop_front();
+        let (Some(node), Some(task)) = (self.nodes.get_mut(session), self.tasks.get_mut(&id))
+        else {
+            return false;
+        };
+        if task.attempt == 0 {
+            task.attempt = 1;
+        }
+        let attempt = Attempt(task.attempt);
+        // From here on its records and the assignment share one whole spec.
+        let spec = task.spec.to_spec(self.queue.example(task.class));
+        task.spec = LiveSpec::Full(Arc::clone(&spec));
+        node.credits -= spec.slots;
+        node.used += spec.slots;
+        node.running.insert(id, attempt);
+        task.last_outcome = None;
+        task.place(Placement {
+            session,
+            node_id: node.id(),
+            node_name: Arc::clone(&node.name),
+        });
+        let more = node.room(prefetch) > 0;
+        tracing::debug!(task_id = %id, attempt = attempt.0, node_id = %node.id(), node_name = %node.name, "assigned");
+        self.out
+            .nodes
+            .entry(session)
+            .or_default()
+            .assign
+            .push(Assignment {
+                task_id: id,
+                attempt,
+                spec,
+            });
+        self.change_state(id, TaskState::Assigned, None, String::new(), now.wall);
+        more
+    }
+
+    /// Why a queued task waits; `None` when it is not queued here.
+    pub fn pending_reason(&self, id: TaskId) -> Option<String> {
+        let task = self.tasks.get(&id)?;
+        if task.state != TaskState::Queued {
+            return None;
+        }
+        if task.delayed {
+            return Some(format!(
+                "waiting out the retry backoff before attempt {}",
+                task.attempt
+            ));
+        }
+        let spec = task.spec.template(self.queue.example(task.class));
+        let nodes: Vec<&NodeEntry> = self.nodes.values().collect();
+        if nodes.is_empty() {
+            return Some("no nodes connected".into());
+        }
+        if let TaskKind::Call(call) = &spec.kind
+            && !nodes.iter().any(|n| n.serves(spec))
+        {
+            return Some(format!(
+                "no connected node serves handler '{}'",
+                call.handler
+            ));
+        }
+        for (key, value) in &spec.labels {
+            if !nodes.iter().any(|n| n.labels.get(key) == Some(value)) {
+                return Some(format!("no connected node has label {key}={value}"));
+            }
+        }
+        let matching: Vec<&&NodeEntry> = nodes
+            .iter()
+            .filter(|n| n.serves(spec) && spec.matches_labels(&n.labels))
+            .collect();
+        if matching.is_empty() {
+            let labels: Vec<String> = spec
+                .labels
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            return Some(format!(
+                "no connected node has all of the labels {}",
+                labels.join(", ")
+            ));
+        }
+        let largest = matching.iter().map(|n| n.slots).max().unwrap_or(0);
+        if largest < spec.slots {
+            return Some(format!(
+                "needs {} slots; largest node has {largest}",
+                spec.slots
+            ));
+        }
+        if matching
+            .iter()
+            .filter(|n| n.slots >= spec.slots)
+            .all(|n| n.draining)
+        {
+            return Some("every node that could run it is draining".into());
+        }
+        Some("waiting for a free slot".into())
+    }
+}

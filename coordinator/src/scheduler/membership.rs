@@ -1,0 +1,229 @@
+//! Nodes joining and leaving, as the scheduler sees them: registration
+//! (taking back its attempts after a reconnect or a coordinator restart),
+//! credits, heartbeats, draining, and losing a node (its attempts go to
+//! `attempts.rs`). No I/O: the driver turns what is decided here into
+//! messages.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use weft_proto::{Attempt, NodeId, NodeInfo, TaskId, TaskState};
+
+use super::registry::{NodeEntry, NodeRegistration, SessionId};
+use super::{Now, Scheduler};
+use crate::error::Error;
+
+impl Scheduler {
+    /// A node registered on `session`. Attempts it reports running carry on
+    /// when they are still current and were on this node id (also those
+    /// restored from the store after a coordinator restart); it is told to
+    /// cancel the others, except attempts whose result is already recorded
+    /// (it is about to redeliver those). Attempts restored on this node id
+    /// that it does not report are requeued at once: it does not run them.
+    /// If the node id was already connected on another session, that
+    /// session is replaced (its unreported attempts are lost).
+    pub fn register_node(&mut self, session: SessionId, reg: NodeRegistration, now: Now) {
+        let reported: HashSet<(TaskId, Attempt)> = reg.running.iter().copied().collect();
+        if let Some(old) = self.nodes.session_of(reg.node_id)
+            && old != session
+            && let Some(entry) = self.nodes.remove(old)
+        {
+            tracing::info!(node_id = %entry.id(), node_name = %entry.name, "node reconnected; replacing its old session");
+            self.out.disconnect.push(old);
+            let mut lost: Vec<(TaskId, Attempt)> = entry
+                .running
+                .iter()
+                .map(|(t, a)| (*t, *a))
+                .filter(|r| !reported.contains(r))
+                .collect();
+            lost.sort();
+            if !lost.is_empty() {
+                self.nodes_lost += 1;
+            }
+            for (id, attempt) in lost {
+                self.lose_attempt(id, attempt, &entry.name, entry.id(), now);
+            }
+        }
+        let node_id = reg.node_id;
+        let running = reg.running.clone();
+        let mut entry = NodeEntry::new(reg, now.instant);
+        let name = std::sync::Arc::clone(&entry.name);
+        let mut refused = Vec::new();
+        for (id, attempt) in running {
+            let adoptable = self.tasks.get(&id).is_some_and(|t| {
+                matches!(t.state, TaskState::Assigned | TaskState::Running)
+                    && t.attempt == attempt.0
+                    && t.placement().is_some_and(|p| p.node_id == node_id)
+            });
+            match self.tasks.get_mut(&id) {
+                Some(task) if adoptable => {
+                    if let Some(p) = task.placement_mut() {
+                        if p.session == SessionId::RESTORED {
+                            self.recovered_attempts += 1;
+                            tracing::info!(task_id = %id, attempt = attempt.0, node_id = %node_id, node_name = %name, "restored attempt claimed by its node");
+                        }
+                        p.session = session;
+                        p.node_name = std::sync::Arc::clone(&name);
+                    }
+                    let slots = self.queue.example(task.class).slots;
+                    entry.used = entry.used.saturating_add(slots);
+                    entry.running.insert(id, attempt);
+                }
+                _ if self.recent.contains(id, attempt) => {}
+                _ => refused.push((id, attempt)),
+            }
+        }
+        tracing::info!(node_id = %node_id, node_name = %entry.name, slots = entry.slots, adopted = entry.running.len(), "node registered");
+        self.nodes.insert(session, entry);
+        for (id, attempt) in refused {
+            self.order_cancel(session, id, attempt, "attempt is no longer current".into());
+        }
+        self.requeue_unclaimed(node_id, &name, now);
+        if self.next_liveness_check.is_none() {
+            self.next_liveness_check = Some(now.instant + self.liveness_interval());
+        }
+    }
+
+    /// Requeues the attempts restored on `node_id` that it did not claim
+    /// when it registered, and forgets orphans that are settled.
+    fn requeue_unclaimed(&mut self, node_id: NodeId, name: &std::sync::Arc<str>, now: Now) {
+        if self.orphans.is_empty() {
+            return;
+        }
+        let mut unclaimed = Vec::new();
+        self.orphans.retain(|(id, _)| {
+            let Some(task) = self.tasks.get(id) else {
+                return false;
+            };
+            match task.placement() {
+                Some(p) if p.session == SessionId::RESTORED => {
+                    if p.node_id == node_id {
+                        unclaimed.push((*id, Attempt(task.attempt)));
+                        false
+                    } else {
+                        true
+                    }
+                }
+                _ => false,
+            }
+        });
+        for (id, attempt) in unclaimed {
+            let started = self
+                .tasks
+                .get(&id)
+                .is_some_and(|t| t.state == TaskState::Running);
+            tracing::info!(task_id = %id, attempt = attempt.0, node_id = %node_id, node_name = %name, started, "node came back without a restored attempt; requeueing it");
+            if started {
+                self.lose_attempt(id, attempt, name, node_id, now);
+            } else {
+                self.requeue_undelivered(id, attempt, name, node_id, now);
+            }
+        }
+    }
+
+    /// Requeues an attempt recorded as assigned to a node that, back after
+    /// a coordinator restart, says it does not have it: the `Assign` was
+    /// lost with the old process before it reached the node (a node lists
+    /// every attempt it runs, holds queued, or finished within its
+    /// redelivery window). It is charged nothing (no node loss, no
+    /// failure); it still gets a new attempt number, so nothing of the old
+    /// one is accepted.
+    fn requeue_undelivered(
+        &mut self,
+        id: TaskId,
+        attempt: Attempt,
+        node_name: &std::sync::Arc<str>,
+        node_id: NodeId,
+        now: Now,
+    ) {
+        if !self.take_back(id, attempt, &[TaskState::Assigned], now) {
+            return;
+        }
+        let reason = format!(
+            "the assignment to node {node_name} was lost in a coordinator restart before it arrived; retrying as attempt {}",
+            attempt.0 + 1
+        );
+        let node = Some((node_id, std::sync::Arc::clone(node_name)));
+        self.requeue(id, None, node, reason, now);
+    }
+
+    /// The node granted `grant` more slots. Ignored while it drains.
+    pub fn credits(&mut self, session: SessionId, grant: u32, now: Now) {
+        if let Some(node) = self.nodes.get_mut(session) {
+            node.last_seen = now.instant;
+            if !node.draining {
+                node.grant(grant);
+            }
+        }
+    }
+
+    /// The node is alive (a heartbeat or any other message).
+    pub fn heartbeat(&mut self, session: SessionId, now: Now) {
+        if let Some(node) = self.nodes.get_mut(session) {
+            node.last_seen = now.instant;
+        }
+    }
+
+    /// The node says it is draining: it gets no new work.
+    pub fn node_draining(&mut self, session: SessionId, now: Now) {
+        if let Some(node) = self.nodes.get_mut(session) {
+            node.last_seen = now.instant;
+            node.draining = true;
+            node.credits = 0;
+            tracing::info!(node_id = %node.id(), node_name = %node.name, "node draining");
+        }
+    }
+
+    /// The node's stream ended: it is lost at once (quietly when it had
+    /// drained and runs nothing).
+    pub fn node_gone(&mut self, session: SessionId, now: Now) {
+        self.lose_node(session, "stream ended", now);
+    }
+
+    /// An operator drains a node, found by id or name. It is sent `Drain`
+    /// and gets no new work from now on.
+    pub fn drain_node(
+        &mut self,
+        selector: &str,
+        grace: Option<Duration>,
+        now: Instant,
+    ) -> Result<NodeInfo, Error> {
+        let session = self
+            .nodes
+            .find(selector)
+            .ok_or_else(|| Error::NodeNotFound(selector.to_owned()))?;
+        let node = self
+            .nodes
+            .get_mut(session)
+            .ok_or_else(|| Error::NodeNotFound(selector.to_owned()))?;
+        node.draining = true;
+        node.credits = 0;
+        tracing::info!(node_id = %node.id(), node_name = %node.name, ?grace, "draining node");
+        let info = node.info(now);
+        self.out.nodes.entry(session).or_default().drain = Some(grace);
+        Ok(info)
+    }
+
+    /// Declares the node on `session` lost and requeues its attempts.
+    pub(crate) fn lose_node(&mut self, session: SessionId, why: &str, now: Now) {
+        let Some(entry) = self.nodes.remove(session) else {
+            return;
+        };
+        self.out.disconnect.push(session);
+        if entry.draining && entry.running.is_empty() {
+            tracing::info!(node_id = %entry.id(), node_name = %entry.name, "drained node left");
+        } else {
+            self.nodes_lost += 1;
+            tracing::warn!(node_id = %entry.id(), node_name = %entry.name, attempts = entry.running.len(), why, "node lost");
+        }
+        let mut running: Vec<(TaskId, Attempt)> =
+            entry.running.iter().map(|(t, a)| (*t, *a)).collect();
+        running.sort();
+        for (id, attempt) in running {
+            self.lose_attempt(id, attempt, &entry.name, entry.id(), now);
+        }
+        if self.nodes.is_empty() {
+            self.next_liveness_check = None;
+        }
+    }
+}

@@ -1,0 +1,227 @@
+//! Dispatch: credits, slots, spreading, labels and handlers, why a task waits, classes, stats and the compact spec.
+
+use super::*;
+
+#[test]
+fn assignments_never_exceed_granted_credits() {
+    let mut h = Harness::new();
+    h.node(S1, reg("n1", 4), 2);
+    h.submit((0..5).map(|_| TaskSpec::call("noop", "")).collect());
+    let e = h.effects();
+    assert_eq!(assigned(&e, S1).len(), 2);
+    // Nothing more until the node grants again.
+    assert!(assigned(&h.effects(), S1).is_empty());
+    h.s.credits(S1, 1, h.now);
+    assert_eq!(assigned(&h.effects(), S1).len(), 1);
+    // Grants past the free slots are capped at the slots not in use.
+    h.s.credits(S1, 100, h.now);
+    assert_eq!(assigned(&h.effects(), S1).len(), 1);
+    let info = &h.s.nodes(h.now.instant)[0];
+    assert_eq!((info.slots_used, info.slots_free), (4, 0));
+}
+
+#[test]
+fn multi_slot_tasks_use_that_many_credits() {
+    let mut h = Harness::new();
+    h.node(S1, reg("n1", 4), 3);
+    let ids = h.submit(vec![
+        TaskSpec::call("noop", "").slots(2),
+        TaskSpec::call("noop", "").slots(2),
+    ]);
+    let e = h.effects();
+    assert_eq!(assigned(&e, S1), [(ids[0], Attempt(1))]);
+    assert_eq!(h.s.nodes(h.now.instant)[0].slots_free, 1);
+}
+
+#[test]
+fn work_is_spread_round_robin_over_nodes() {
+    let mut h = Harness::new();
+    h.node(S1, reg("n1", 4), 4);
+    h.node(S2, reg("n2", 4), 4);
+    h.submit((0..4).map(|_| TaskSpec::call("noop", "")).collect());
+    let e = h.effects();
+    assert_eq!((assigned(&e, S1).len(), assigned(&e, S2).len()), (2, 2));
+}
+
+#[test]
+fn tasks_go_only_to_nodes_with_their_labels_and_handlers() {
+    let mut h = Harness::new();
+    h.node(S1, reg("plain", 4), 4);
+    let mut gpu = reg("gpu", 4);
+    gpu.labels.insert("gpu".into(), "1".into());
+    gpu.handlers = vec!["train".into()];
+    h.node(S2, gpu, 4);
+    let ids = h.submit(vec![
+        TaskSpec::call("noop", "").label("gpu", "1"),
+        TaskSpec::call("train", ""),
+        TaskSpec::exec(["true"]).label("gpu", "1"),
+    ]);
+    let e = h.effects();
+    assert!(assigned(&e, S1).is_empty());
+    let on_gpu: Vec<TaskId> = assigned(&e, S2).iter().map(|(t, _)| *t).collect();
+    assert_eq!(on_gpu, [ids[1], ids[2]]);
+    // noop+gpu=1: the gpu node has the label but not the handler.
+    assert_eq!(
+        h.s.pending_reason(ids[0]).unwrap(),
+        "no connected node has all of the labels gpu=1"
+    );
+}
+
+#[test]
+fn pending_reason_says_why_a_task_waits() {
+    let mut h = Harness::new();
+    let ids = h.submit(vec![
+        TaskSpec::call("noop", ""),
+        TaskSpec::call("noop", "").label("gpu", "1"),
+        TaskSpec::call("noop", "").slots(4),
+        TaskSpec::call("noop", ""),
+    ]);
+    h.effects();
+    assert_eq!(h.s.pending_reason(ids[0]).unwrap(), "no nodes connected");
+    h.node(S1, reg("n1", 2), 1);
+    h.effects();
+    assert_eq!(
+        h.s.pending_reason(ids[1]).unwrap(),
+        "no connected node has label gpu=1"
+    );
+    assert_eq!(
+        h.s.pending_reason(ids[2]).unwrap(),
+        "needs 4 slots; largest node has 2"
+    );
+    assert_eq!(
+        h.s.pending_reason(ids[3]).unwrap(),
+        "waiting for a free slot"
+    );
+    assert_eq!(
+        h.s.pending_reason(ids[0]),
+        None,
+        "assigned tasks have no pending reason"
+    );
+}
+
+#[test]
+fn unknown_handler_with_nodes_connected_fails_at_once() {
+    let mut h = Harness::new();
+    h.node(S1, reg("n1", 2), 2);
+    let ids = h.submit(vec![TaskSpec::call("nope", "")]);
+    h.effects();
+    let record = h.record(ids[0]);
+    assert_eq!(record.state, TaskState::Failed);
+    assert_eq!(
+        record.error,
+        "unknown handler 'nope': no connected node serves it (known: noop, sleep)"
+    );
+    assert!(!h.s.is_live(ids[0]));
+    let events = h.events(ids[0]);
+    assert!(events.last().unwrap().body.is_finished());
+    assert_eq!(events.iter().map(|e| e.seq).collect::<Vec<_>>(), [0, 1, 2]);
+}
+
+#[test]
+fn unknown_handler_without_nodes_stays_queued() {
+    let mut h = Harness::new();
+    let ids = h.submit(vec![TaskSpec::call("nope", "")]);
+    h.effects();
+    assert_eq!(h.record(ids[0]).state, TaskState::Queued);
+    h.node(S1, reg("n1", 2), 2);
+    h.effects();
+    assert_eq!(
+        h.s.pending_reason(ids[0]).unwrap(),
+        "no connected node serves handler 'nope'"
+    );
+}
+
+#[test]
+fn submit_past_max_queued_is_refused_whole() {
+    let mut h = Harness::with(SchedulerConfig {
+        max_queued: 3,
+        ..config()
+    });
+    h.submit(vec![TaskSpec::call("noop", ""); 2]);
+    let batch = vec![
+        (TaskId::new(), TaskSpec::call("noop", "")),
+        (TaskId::new(), TaskSpec::call("noop", "")),
+    ];
+    let err = h.s.submit(batch, h.now).unwrap_err();
+    assert!(matches!(err, Error::QueueFull { queued: 4, max: 3 }));
+    assert_eq!(h.s.stats().tasks[0], (TaskState::Queued, 2));
+}
+
+#[test]
+fn dispatch_skips_classes_no_node_can_run() {
+    let mut h = Harness::new();
+    h.node(S1, reg("n1", 1), 1);
+    // Many tasks no node can take, then one it can: it is found at once.
+    h.submit(
+        (0..1000)
+            .map(|_| TaskSpec::call("noop", "").label("gpu", "1"))
+            .collect(),
+    );
+    let id = h.submit(vec![TaskSpec::call("noop", "")])[0];
+    let e = h.effects();
+    assert_eq!(assigned(&e, S1), [(id, Attempt(1))]);
+    assert_eq!(h.s.queue.classes.len(), 2);
+}
+
+#[test]
+fn cluster_stats_count_tasks_by_state() {
+    let mut h = Harness::new();
+    h.node(S1, reg("n1", 1), 1);
+    let ids = h.submit(vec![TaskSpec::call("noop", ""); 3]);
+    h.effects();
+    h.finish(S1, ids[0], 1, Outcome::Succeeded);
+    h.s.cancel(ids[1], "", h.now);
+    h.effects();
+    let stats = h.s.stats();
+    let count = |s: TaskState| stats.tasks.iter().find(|(t, _)| *t == s).map(|(_, c)| *c);
+    assert_eq!(count(TaskState::Succeeded), Some(1));
+    assert_eq!(count(TaskState::Cancelled), Some(1));
+    assert_eq!(count(TaskState::Assigned), Some(0));
+    assert_eq!(count(TaskState::Queued), Some(1));
+    assert_eq!((stats.nodes, stats.slots, stats.slots_free), (1, 1, 0));
+}
+
+#[test]
+fn a_queued_task_stays_small_in_the_scheduler() {
+    // The queue entry is a bare TaskId; the live entry keeps only what its
+    // spec does not share with its class (a small input inline), and its
+    // slab slot adds the id. The scale bench's bytes per queued task rest
+    // on these figures: grow them only on purpose.
+    assert_eq!(std::mem::size_of::<TaskId>(), 16);
+    let size = std::mem::size_of::<task::LiveTask>();
+    assert!(size <= 72, "LiveTask is {size} bytes");
+    assert!(std::mem::size_of::<task::LiveSpec>() <= 24);
+}
+
+#[test]
+fn specs_kept_compact_come_back_whole_in_records_assignments_and_after_a_restart() {
+    let mut h = Harness::new();
+    let long = "an input too long to be kept inline: ".repeat(3);
+    let specs = vec![
+        TaskSpec::call("noop", "first"),
+        TaskSpec::call("noop", "7"),
+        TaskSpec::call("noop", long.clone()),
+        TaskSpec::call("noop", "").name("named"),
+        TaskSpec::call("noop", "t").timeout(Duration::from_secs(3)),
+        TaskSpec::call("noop", "a").max_attempts(5),
+        TaskSpec::exec(["echo", "hi"]).stdin("in"),
+    ];
+    let ids = h.submit(specs.clone());
+    h.effects();
+    for (id, spec) in ids.iter().zip(&specs) {
+        assert_eq!(*h.record(*id).spec, *spec);
+    }
+    let mut h = h.restart(Duration::from_secs(1));
+    h.node(S1, reg("n1", 10), 10);
+    let effects = h.effects();
+    let sent: Vec<(TaskId, TaskSpec)> = effects.nodes[&S1]
+        .assign
+        .iter()
+        .map(|a| (a.task_id, TaskSpec::clone(&a.spec)))
+        .collect();
+    let expected: Vec<(TaskId, TaskSpec)> = ids.iter().copied().zip(specs.clone()).collect();
+    assert_eq!(sent, expected);
+    h.finish(S1, ids[2], 1, Outcome::Succeeded);
+    h.effects();
+    assert_eq!(*h.record(ids[2]).spec, specs[2]);
+}

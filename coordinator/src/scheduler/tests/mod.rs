@@ -1,0 +1,193 @@
+//! Deterministic tests of the scheduler rules: no runtime, time passed in.
+//! This file is the harness; the tests sit in one file per concern.
+
+mod attempts;
+mod dispatch;
+mod membership;
+mod restart;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+
+use weft_proto::{Attempt, NodeId, Outcome, OutputStream, TaskId, TaskSpec, TaskState};
+
+use super::*;
+use crate::store::{EventBody, Record, TaskEvent};
+
+struct Harness {
+    s: Scheduler,
+    now: Now,
+    records: Vec<Record>,
+    ids: ulid::Generator,
+}
+
+const S1: SessionId = SessionId(1);
+const S2: SessionId = SessionId(2);
+
+fn config() -> SchedulerConfig {
+    SchedulerConfig {
+        heartbeat_timeout: Duration::from_secs(5),
+        retry_backoff_base: Duration::from_millis(100),
+        retry_backoff_max: Duration::from_secs(10),
+        max_queued: 10_000,
+        restart_grace: Duration::from_secs(10),
+        max_node_losses: 2,
+    }
+}
+
+fn reg(name: &str, slots: u32) -> NodeRegistration {
+    NodeRegistration {
+        node_id: NodeId::new(),
+        name: name.into(),
+        labels: BTreeMap::new(),
+        slots,
+        prefetch: 0,
+        handlers: vec!["noop".into(), "sleep".into()],
+        running: Vec::new(),
+    }
+}
+
+impl Harness {
+    fn new() -> Self {
+        Self::with(config())
+    }
+
+    fn with(config: SchedulerConfig) -> Self {
+        let t0 = Instant::now();
+        Harness {
+            s: Scheduler::new(config),
+            now: Now {
+                instant: t0,
+                wall: SystemTime::UNIX_EPOCH,
+            },
+            records: Vec::new(),
+            ids: ulid::Generator::new(),
+        }
+    }
+
+    /// A coordinator restart: everything written so far goes through a
+    /// store and is loaded into a fresh scheduler, `downtime` later.
+    fn restart(&self, downtime: Duration) -> Harness {
+        let store = crate::store::MemoryStore::new();
+        crate::store::Store::commit(&store, &self.records).expect("records commit");
+        let loaded =
+            crate::store::Store::load(&store, SystemTime::UNIX_EPOCH).expect("store loads");
+        let mut h = Harness::with(self.s.config.clone());
+        h.now.instant = self.now.instant + downtime;
+        h.now.wall = self.now.wall + downtime;
+        h.s.restore(loaded, h.now);
+        h.records = self.records.clone();
+        h
+    }
+
+    fn advance(&mut self, by: Duration) {
+        self.now.instant += by;
+        self.now.wall += by;
+        self.s.tick(self.now);
+    }
+
+    fn effects(&mut self) -> Effects {
+        let effects = self.s.take_effects(self.now);
+        self.records.extend(effects.records.iter().cloned());
+        effects
+    }
+
+    fn node(&mut self, session: SessionId, reg: NodeRegistration, credits: u32) -> NodeId {
+        let id = reg.node_id;
+        self.s.register_node(session, reg, self.now);
+        if credits > 0 {
+            self.s.credits(session, credits, self.now);
+        }
+        id
+    }
+
+    fn submit(&mut self, specs: Vec<TaskSpec>) -> Vec<TaskId> {
+        let batch: Vec<(TaskId, TaskSpec)> = specs
+            .into_iter()
+            .map(|s| (TaskId::from_ulid(self.ids.generate().expect("ulid")), s))
+            .collect();
+        let ids = batch.iter().map(|(id, _)| *id).collect();
+        self.s.submit(batch, self.now).expect("submit");
+        ids
+    }
+
+    fn event(&mut self, session: SessionId, id: TaskId, attempt: u32, body: NodeEventBody) {
+        self.s.node_events(
+            session,
+            vec![NodeTaskEvent {
+                task_id: id,
+                attempt: Attempt(attempt),
+                body,
+            }],
+            self.now,
+        );
+    }
+
+    fn finish(&mut self, session: SessionId, id: TaskId, attempt: u32, outcome: Outcome) {
+        self.event(
+            session,
+            id,
+            attempt,
+            NodeEventBody::Finished {
+                outcome,
+                exit_code: None,
+                output: Bytes::from_static(b"out"),
+                error: if outcome == Outcome::Succeeded {
+                    String::new()
+                } else {
+                    "boom".into()
+                },
+            },
+        );
+    }
+
+    /// The task's latest record written so far.
+    fn record(&self, id: TaskId) -> crate::store::TaskRecord {
+        self.records
+            .iter()
+            .rev()
+            .find_map(|r| match r {
+                Record::Task(t) if t.id == id => Some(t.clone()),
+                _ => None,
+            })
+            .expect("task record")
+    }
+
+    fn events(&self, id: TaskId) -> Vec<TaskEvent> {
+        self.records
+            .iter()
+            .filter_map(|r| match r {
+                Record::Event(e) if e.task_id == id => Some(e.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn states(&self, id: TaskId) -> Vec<TaskState> {
+        self.events(id)
+            .iter()
+            .filter_map(|e| match &e.body {
+                EventBody::State { state, .. } => Some(*state),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+fn assigned(effects: &Effects, session: SessionId) -> Vec<(TaskId, Attempt)> {
+    effects
+        .nodes
+        .get(&session)
+        .map(|o| o.assign.iter().map(|a| (a.task_id, a.attempt)).collect())
+        .unwrap_or_default()
+}
+
+fn cancels(effects: &Effects, session: SessionId) -> Vec<(TaskId, Attempt)> {
+    effects
+        .nodes
+        .get(&session)
+        .map(|o| o.cancel.iter().map(|c| (c.task_id, c.attempt)).collect())
+        .unwrap_or_default()
+}

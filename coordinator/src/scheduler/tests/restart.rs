@@ -1,0 +1,100 @@
+//! After a coordinator restart: restored attempts claimed, requeued, or recognised as redelivered.
+
+use super::*;
+
+/// Node `n1` on S1 runs `ids[0]` (started) of two submitted tasks; the
+/// other stays queued. Returns the harness, the node's registration and ids.
+fn one_running_one_queued() -> (Harness, NodeRegistration, Vec<TaskId>) {
+    let mut h = Harness::new();
+    let first = reg("n1", 1);
+    h.node(S1, first.clone(), 1);
+    let ids = h.submit(vec![TaskSpec::call("noop", ""), TaskSpec::call("noop", "")]);
+    h.effects();
+    h.event(S1, ids[0], 1, NodeEventBody::Started);
+    h.effects();
+    assert_eq!(h.record(ids[0]).state, TaskState::Running);
+    (h, first, ids)
+}
+
+#[test]
+fn after_a_restart_a_running_attempt_claimed_by_its_node_carries_on() {
+    let (h, first, ids) = one_running_one_queued();
+    let mut h = h.restart(Duration::from_secs(1));
+    let mut again = first;
+    again.running = vec![(ids[0], Attempt(1))];
+    h.node(S2, again, 0);
+    let e = h.effects();
+    assert!(cancels(&e, S2).is_empty());
+    assert_eq!(h.s.stats().recovered_attempts, 1);
+    // Well past the grace: nothing is requeued, it still runs.
+    for _ in 0..4 {
+        h.advance(Duration::from_secs(4));
+        h.s.heartbeat(S2, h.now);
+        h.effects();
+    }
+    assert_eq!(h.record(ids[0]).state, TaskState::Running);
+    h.finish(S2, ids[0], 1, Outcome::Succeeded);
+    h.s.credits(S2, 1, h.now);
+    let e = h.effects();
+    let done = h.record(ids[0]);
+    assert_eq!(
+        (done.state, done.attempt, done.node_losses),
+        (TaskState::Succeeded, Attempt(1), 0)
+    );
+    assert_eq!(done.last_outcome, Some(Outcome::Succeeded));
+    assert_eq!(h.s.stats().stale_events_refused, 0);
+    // The task that was queued before the restart is still there and runs.
+    assert_eq!(assigned(&e, S2), [(ids[1], Attempt(1))]);
+}
+
+#[test]
+fn after_a_restart_an_absent_nodes_attempts_are_requeued_only_after_the_grace() {
+    let (h, _, ids) = one_running_one_queued();
+    let mut h = h.restart(Duration::from_secs(1));
+    h.effects();
+    // Past the heartbeat timeout (5 s) but inside the restart grace (10 s).
+    h.advance(Duration::from_secs(9));
+    h.effects();
+    assert_eq!(h.record(ids[0]).state, TaskState::Running);
+    h.advance(Duration::from_secs(1));
+    h.effects();
+    let record = h.record(ids[0]);
+    assert_eq!(
+        (record.state, record.attempt, record.node_losses),
+        (TaskState::Queued, Attempt(2), 1)
+    );
+}
+
+#[test]
+fn after_a_restart_a_node_that_does_not_list_its_attempt_has_it_requeued_at_once() {
+    let (h, first, ids) = one_running_one_queued();
+    let mut h = h.restart(Duration::from_secs(1));
+    h.node(S2, first, 0);
+    let e = h.effects();
+    assert!(cancels(&e, S2).is_empty());
+    let record = h.record(ids[0]);
+    assert_eq!(
+        (record.state, record.attempt, record.node_losses),
+        (TaskState::Queued, Attempt(2), 1)
+    );
+    assert!(h.s.orphans.is_empty(), "no orphan left waiting");
+}
+
+#[test]
+fn a_result_redelivered_after_a_restart_is_ignored_quietly() {
+    let mut h = Harness::new();
+    let first = reg("n1", 1);
+    h.node(S1, first.clone(), 1);
+    let id = h.submit(vec![TaskSpec::call("noop", "")])[0];
+    h.effects();
+    h.finish(S1, id, 1, Outcome::Succeeded);
+    h.effects();
+    let mut h = h.restart(Duration::from_secs(1));
+    let mut again = first;
+    again.running = vec![(id, Attempt(1))];
+    h.node(S2, again, 1);
+    h.finish(S2, id, 1, Outcome::Succeeded);
+    let e = h.effects();
+    assert!(cancels(&e, S2).is_empty());
+    assert_eq!(h.s.stats().stale_events_refused, 0);
+}

@@ -1,0 +1,141 @@
+//! The transitions of a live task's state machine, as the scheduler makes
+//! them: appending an event, moving to a non-final state, requeueing as
+//! the next attempt, and finalizing. Each writes the task's record and its
+//! events to the effects (the only place that does), and keeps the
+//! per-state counters right.
+
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+
+use weft_proto::{Attempt, TaskId, TaskState};
+
+use super::task::{NodeRef, state_index};
+use super::{Now, Scheduler};
+use crate::store::{EventBody, Record, TaskEvent};
+
+impl Scheduler {
+    /// Appends an event to a live task's history.
+    pub(crate) fn emit(&mut self, id: TaskId, body: EventBody, wall: SystemTime) {
+        let Some(task) = self.tasks.get_mut(&id) else {
+            return;
+        };
+        let seq = task.next_seq;
+        task.next_seq += 1;
+        self.out.records.push(Record::Event(TaskEvent {
+            task_id: id,
+            seq,
+            attempt: Attempt(task.attempt),
+            time: wall,
+            body,
+        }));
+    }
+
+    /// Moves a live task to a non-final `state`, writing its record and a
+    /// `StateChanged` event. `node` overrides the node named in the event.
+    pub(crate) fn change_state(
+        &mut self,
+        id: TaskId,
+        state: TaskState,
+        node: Option<NodeRef>,
+        reason: String,
+        wall: SystemTime,
+    ) {
+        let Some(task) = self.tasks.get_mut(&id) else {
+            return;
+        };
+        self.counts[state_index(task.state)] =
+            self.counts[state_index(task.state)].saturating_sub(1);
+        self.counts[state_index(state)] += 1;
+        task.state = state;
+        let (node_id, node_name) = match node {
+            Some((id, name)) => (Some(id), Some(name)),
+            None => task.node(),
+        };
+        let spec = task.spec.to_spec(self.queue.example(task.class));
+        self.out
+            .records
+            .push(Record::Task(task.record(id, spec, wall)));
+        self.emit(
+            id,
+            EventBody::State {
+                state,
+                node_id,
+                node_name,
+                reason,
+            },
+            wall,
+        );
+    }
+
+    /// Puts a task back in the queue as its next attempt, at once or after
+    /// `delay` (retry backoff).
+    pub(crate) fn requeue(
+        &mut self,
+        id: TaskId,
+        delay: Option<Duration>,
+        lost: Option<NodeRef>,
+        reason: String,
+        now: Now,
+    ) {
+        let Some(task) = self.tasks.get_mut(&id) else {
+            return;
+        };
+        task.attempt = task.attempt.saturating_add(1);
+        task.unplace();
+        task.delayed = delay.is_some();
+        let (class, attempt) = (task.class, task.attempt);
+        self.change_state(id, TaskState::Queued, lost, reason, now.wall);
+        match delay {
+            Some(delay) => self.queue.delay(now.instant + delay, id, attempt),
+            None => self.queue.push_front_ready(class, id),
+        }
+    }
+
+    /// Ends a task in a final `state`: writes its record, the final
+    /// `StateChanged` and the `finished` event, and forgets it.
+    pub(crate) fn finalize(
+        &mut self,
+        id: TaskId,
+        state: TaskState,
+        error: String,
+        output: Bytes,
+        wall: SystemTime,
+    ) {
+        let Some(mut task) = self.tasks.remove(&id) else {
+            return;
+        };
+        self.counts[state_index(task.state)] =
+            self.counts[state_index(task.state)].saturating_sub(1);
+        self.counts[state_index(state)] += 1;
+        task.state = state;
+        let spec = task.spec.to_spec(self.queue.example(task.class));
+        let mut record = task.record(id, spec, wall);
+        record.error = error.clone();
+        record.output = output;
+        record.next_seq = task.next_seq + 2;
+        let (node_id, node_name) = task.node();
+        let attempt = Attempt(task.attempt);
+        self.out.records.push(Record::Task(record.clone()));
+        self.out.records.push(Record::Event(TaskEvent {
+            task_id: id,
+            seq: task.next_seq,
+            attempt,
+            time: wall,
+            body: EventBody::State {
+                state,
+                node_id,
+                node_name,
+                reason: error,
+            },
+        }));
+        self.out.records.push(Record::Event(TaskEvent {
+            task_id: id,
+            seq: task.next_seq + 1,
+            attempt,
+            time: wall,
+            body: EventBody::Finished(Box::new(record)),
+        }));
+        tracing::debug!(task_id = %id, attempt = task.attempt, state = %state, "task finished");
+    }
+}

@@ -1,0 +1,260 @@
+//! The node stream's messages, both directions: `pb::NodeMessage` in,
+//! decoded to scheduler values (a validated [`NodeRegistration`], attempt
+//! events), and [`ToNode`] out, encoded as `pb::CoordinatorMessage`.
+//!
+//! The one place that knows how the `Connect` stream looks on the wire;
+//! the driver hands domain values and never builds a `pb` message. Pure
+//! functions: no channels, no state.
+
+use std::collections::BTreeMap;
+
+use tonic::Status;
+
+use weft_proto::convert::duration_to_pb;
+use weft_proto::{Attempt, NodeId, Outcome, OutputStream, PROTOCOL_VERSION, TaskId, pb};
+
+use crate::driver::ToNode;
+use crate::error::Error;
+use crate::scheduler::{NodeEventBody, NodeRegistration, NodeTaskEvent};
+use crate::store::codec::spec_to_pb;
+
+/// A node's `Register`, validated.
+pub(super) fn registration(register: pb::Register) -> Result<NodeRegistration, Error> {
+    if register.protocol_version != PROTOCOL_VERSION as i32 {
+        return Err(Error::ProtocolVersion(register.protocol_version));
+    }
+    if register.slots == 0 {
+        return Err(Error::BadRegistration("slots must be at least 1"));
+    }
+    let node_id = register
+        .previous_node_id
+        .parse::<NodeId>()
+        .unwrap_or_else(|_| NodeId::new());
+    let name = if register.name.trim().is_empty() {
+        node_id.to_string()
+    } else {
+        register.name
+    };
+    let running = register
+        .running
+        .iter()
+        .filter_map(|r| match r.task_id.parse::<TaskId>() {
+            Ok(id) => Some((id, Attempt(r.attempt))),
+            Err(err) => {
+                tracing::warn!(node_name = %name, error = %err, "ignoring a running attempt with a bad task id");
+                None
+            }
+        })
+        .collect();
+    Ok(NodeRegistration {
+        node_id,
+        name,
+        labels: register.labels.into_iter().collect::<BTreeMap<_, _>>(),
+        slots: register.slots,
+        prefetch: register.prefetch,
+        handlers: register.handlers,
+        running,
+    })
+}
+
+/// What a node's message after `Register` says.
+pub(super) enum FromNode {
+    /// More slots granted.
+    Credits(u32),
+    /// Alive (also an empty message).
+    Heartbeat,
+    /// Attempt events, in order.
+    Events(Vec<NodeTaskEvent>),
+    /// The node drains.
+    Draining,
+    /// A second `Register`: a protocol error.
+    RegisterAgain,
+}
+
+/// Decodes a message the node sent after `Register`.
+pub(super) fn from_node(message: pb::NodeMessage) -> FromNode {
+    use pb::node_message::Body;
+    match message.body {
+        Some(Body::Credits(c)) => FromNode::Credits(c.grant),
+        Some(Body::Heartbeat(_)) | None => FromNode::Heartbeat,
+        Some(Body::Events(events)) => FromNode::Events(node_events(events)),
+        Some(Body::Draining(_)) => FromNode::Draining,
+        Some(Body::Register(_)) => FromNode::RegisterAgain,
+    }
+}
+
+/// A node's event batch as domain events; malformed entries are dropped.
+fn node_events(events: pb::TaskEvents) -> Vec<NodeTaskEvent> {
+    use pb::node_task_event::Body;
+    events
+        .events
+        .into_iter()
+        .filter_map(|event| {
+            let Ok(task_id) = event.task_id.parse::<TaskId>() else {
+                tracing::warn!(task_id = %event.task_id, "dropping node event with a bad task id");
+                return None;
+            };
+            let body = match event.body? {
+                Body::Started(_) => NodeEventBody::Started,
+                Body::Output(chunk) => NodeEventBody::Output {
+                    stream: OutputStream::try_from(chunk.stream).unwrap_or(OutputStream::Stdout),
+                    data: chunk.data,
+                    seq: chunk.seq,
+                },
+                Body::Progress(p) => NodeEventBody::Progress {
+                    fraction: p.fraction,
+                    message: p.message,
+                },
+                Body::Finished(f) => match Outcome::try_from(f.outcome) {
+                    Ok(outcome) => NodeEventBody::Finished {
+                        outcome,
+                        exit_code: f.exit_code,
+                        output: f.output,
+                        error: f.error,
+                    },
+                    Err(_) => NodeEventBody::Finished {
+                        outcome: Outcome::Failed,
+                        exit_code: f.exit_code,
+                        output: f.output,
+                        error: format!("node reported no outcome ({})", f.outcome),
+                    },
+                },
+            };
+            Some(NodeTaskEvent {
+                task_id,
+                attempt: Attempt(event.attempt),
+                body,
+            })
+        })
+        .collect()
+}
+
+/// Encodes a message for the node, as it leaves on the stream. A
+/// function pointer (not a closure) so the stream's type can be named.
+pub(super) fn to_node(message: ToNode) -> Result<pb::CoordinatorMessage, Status> {
+    use pb::coordinator_message::Body;
+    let body = match message {
+        ToNode::Registered {
+            node_id,
+            heartbeat_interval,
+            heartbeat_timeout,
+        } => Body::Registered(pb::Registered {
+            node_id: node_id.to_string(),
+            heartbeat_interval: Some(duration_to_pb(heartbeat_interval)),
+            heartbeat_timeout: Some(duration_to_pb(heartbeat_timeout)),
+        }),
+        ToNode::Assign(assignments) => Body::Assign(pb::Assign {
+            tasks: assignments
+                .iter()
+                .map(|a| pb::Assignment {
+                    task_id: a.task_id.to_string(),
+                    attempt: a.attempt.0,
+                    spec: Some(spec_to_pb(&a.spec)),
+                })
+                .collect(),
+        }),
+        ToNode::Cancel(cancel) => Body::Cancel(pb::Cancel {
+            task_id: cancel.task_id.to_string(),
+            attempt: cancel.attempt.0,
+            reason: cancel.reason,
+        }),
+        ToNode::Drain(grace) => Body::Drain(pb::Drain {
+            grace: grace.map(duration_to_pb),
+        }),
+        ToNode::Heartbeat => Body::Heartbeat(pb::Heartbeat {}),
+    };
+    Ok(pb::CoordinatorMessage { body: Some(body) })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use weft_proto::TaskSpec;
+
+    use super::*;
+    use crate::scheduler::{Assignment, CancelOrder};
+
+    fn body(message: ToNode) -> pb::coordinator_message::Body {
+        match to_node(message) {
+            Ok(pb::CoordinatorMessage { body: Some(body) }) => body,
+            other => panic!("no body: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn assignments_and_cancels_carry_task_id_and_attempt() {
+        use pb::coordinator_message::Body;
+        let id = TaskId::new();
+        let spec = Arc::new(TaskSpec::call("noop", "in"));
+        let assign = body(ToNode::Assign(vec![Assignment {
+            task_id: id,
+            attempt: Attempt(2),
+            spec: Arc::clone(&spec),
+        }]));
+        let Body::Assign(assign) = assign else {
+            panic!("not an Assign: {assign:?}");
+        };
+        assert_eq!(assign.tasks.len(), 1);
+        assert_eq!(
+            (assign.tasks[0].task_id.as_str(), assign.tasks[0].attempt),
+            (id.to_string().as_str(), 2)
+        );
+        let sent = assign.tasks[0].spec.clone().map(TaskSpec::try_from);
+        assert_eq!(sent.and_then(Result::ok), Some(TaskSpec::clone(&spec)));
+        let cancel = body(ToNode::Cancel(CancelOrder {
+            task_id: id,
+            attempt: Attempt(2),
+            reason: "why".into(),
+        }));
+        let Body::Cancel(cancel) = cancel else {
+            panic!("not a Cancel: {cancel:?}");
+        };
+        assert_eq!(
+            (cancel.task_id, cancel.attempt, cancel.reason.as_str()),
+            (id.to_string(), 2, "why")
+        );
+        let drain = body(ToNode::Drain(Some(Duration::from_secs(2))));
+        assert!(matches!(drain, Body::Drain(pb::Drain { grace: Some(_) })));
+    }
+
+    #[test]
+    fn a_register_of_another_protocol_version_is_refused() {
+        let register = pb::Register {
+            protocol_version: PROTOCOL_VERSION as i32 + 1,
+            slots: 1,
+            ..pb::Register::default()
+        };
+        assert!(matches!(
+            registration(register),
+            Err(Error::ProtocolVersion(_))
+        ));
+    }
+
+    #[test]
+    fn an_event_with_a_bad_task_id_is_dropped_and_the_rest_kept() {
+        let started = |task_id: String| pb::NodeTaskEvent {
+            task_id,
+            attempt: 1,
+            body: Some(pb::node_task_event::Body::Started(pb::Started::default())),
+        };
+        let id = TaskId::new();
+        let message = pb::NodeMessage {
+            body: Some(pb::node_message::Body::Events(pb::TaskEvents {
+                events: vec![started("nope".into()), started(id.to_string())],
+            })),
+        };
+        let FromNode::Events(events) = from_node(message) else {
+            panic!("not events");
+        };
+        assert_eq!(
+            events,
+            [NodeTaskEvent {
+                task_id: id,
+                attempt: Attempt(1),
+                body: NodeEventBody::Started,
+            }]
+        );
+    }
+}
