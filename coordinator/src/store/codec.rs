@@ -18,7 +18,8 @@ use weft_proto::{
     Attempt, NodeId, Outcome, OutputStream, TaskId, TaskKind, TaskSpec, TaskState, pb,
 };
 
-use super::{EventBody, StoreError, TaskEvent, TaskRecord};
+use super::engine::StoreError;
+use super::record::{EventBody, TaskEvent, TaskRecord};
 
 /// A task as the wire shows it.
 pub(crate) fn task_to_pb(record: &TaskRecord) -> pb::Task {

@@ -7,9 +7,8 @@ use std::time::SystemTime;
 
 use weft_proto::{TaskId, TaskState};
 
-use super::{
-    FinalAttempt, Loaded, MAX_RECENTLY_FINAL, Record, Store, StoreError, TaskEvent, TaskRecord,
-};
+use super::engine::{Store, StoreError};
+use super::record::{FinalAttempt, Loaded, MAX_RECENTLY_FINAL, Record, TaskEvent, TaskRecord};
 
 /// Tasks in a `BTreeMap` keyed by id; ULIDs sort by creation time, so
 /// "newest first" is a reverse range scan.

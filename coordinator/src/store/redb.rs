@@ -32,9 +32,8 @@ use redb::{
 use weft_proto::{TaskId, TaskSpec, TaskState};
 
 use super::codec::{decode_event, decode_task, decode_task_head, encode_event, encode_task};
-use super::{
-    FinalAttempt, Loaded, MAX_RECENTLY_FINAL, Record, Store, StoreError, TaskEvent, TaskRecord,
-};
+use super::engine::{Store, StoreError};
+use super::record::{FinalAttempt, Loaded, MAX_RECENTLY_FINAL, Record, TaskEvent, TaskRecord};
 
 const TASKS: TableDefinition<u128, &[u8]> = TableDefinition::new("tasks");
 const EVENTS: TableDefinition<(u128, u64), &[u8]> = TableDefinition::new("events");

@@ -11,6 +11,15 @@ use weft_proto::convert::parse_duration;
 
 use super::{HandlerError, HandlerRegistry, HandlerRequest};
 
+impl HandlerRegistry {
+    /// The built-ins: noop, echo, sleep, sha256, fail, spin.
+    pub fn with_builtins() -> Self {
+        let mut registry = Self::new();
+        register(&mut registry);
+        registry
+    }
+}
+
 /// Registers every built-in on `registry`.
 pub fn register(registry: &mut HandlerRegistry) {
     registry

@@ -123,13 +123,6 @@ impl HandlerRegistry {
         Self::default()
     }
 
-    /// The built-ins: noop, echo, sleep, sha256, fail, spin.
-    pub fn with_builtins() -> Self {
-        let mut registry = Self::new();
-        builtin::register(&mut registry);
-        registry
-    }
-
     /// Registers any tower service under `name` (replacing one of the same
     /// name), so timeouts and limits can be layers.
     pub fn register_service<S>(&mut self, name: impl Into<String>, service: S) -> &mut Self

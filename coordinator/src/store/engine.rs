@@ -1,0 +1,107 @@
+//! The [`Store`] trait every storage engine implements, its error, and the
+//! helper that runs store calls on the blocking pool. No engine lives here.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use weft_proto::{TaskId, TaskState};
+
+use super::record::{Loaded, Record, TaskEvent, TaskRecord};
+
+/// Why the store failed. `Clone` because one failed group commit fails
+/// every reply of its batch.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// A thread panicked while holding the store's lock.
+    #[error("store lock poisoned")]
+    Poisoned,
+    /// A commit broke an invariant of the event log (gap in seqs, event
+    /// without its task): a bug in the writer, refused rather than stored.
+    #[error("inconsistent commit: {0}")]
+    Inconsistent(String),
+    /// Another process (or another coordinator in this one) has the data
+    /// dir's database open.
+    #[error(
+        "data dir {} is in use by another coordinator (its database file is locked); stop that one or pass another --data-dir",
+        .0.display()
+    )]
+    Locked(std::path::PathBuf),
+    /// The data dir could not be created or opened.
+    #[error("opening data dir {}: {message}", path.display())]
+    Open {
+        /// The data dir.
+        path: std::path::PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+    /// The database engine failed (I/O error, full disk, ...).
+    #[error("{op}: {message}")]
+    Backend {
+        /// What the store was doing.
+        op: &'static str,
+        /// The engine's error.
+        message: String,
+    },
+    /// A stored record could not be decoded.
+    #[error("corrupt record ({what}): {message}")]
+    Corrupt {
+        /// Which kind of record.
+        what: &'static str,
+        /// Why.
+        message: String,
+    },
+}
+
+/// Runs a store call on the blocking pool, for async callers (the driver's
+/// commits and sweeps, the services' reads). A panic in it is a store error.
+pub(crate) async fn blocking<T: Send + 'static>(
+    store: &Arc<dyn Store>,
+    op: &'static str,
+    f: impl FnOnce(&dyn Store) -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    let store = Arc::clone(store);
+    tokio::task::spawn_blocking(move || f(&*store))
+        .await
+        .unwrap_or_else(|err| {
+            Err(StoreError::Backend {
+                op,
+                message: err.to_string(),
+            })
+        })
+}
+
+/// Where tasks and their events live. Implementations must make a
+/// [`commit`](Store::commit) all-or-nothing.
+pub trait Store: Send + Sync + 'static {
+    /// Writes `records` in order, atomically.
+    fn commit(&self, records: &[Record]) -> Result<(), StoreError>;
+
+    /// One task, with `next_seq` filled in.
+    fn task(&self, id: TaskId) -> Result<Option<TaskRecord>, StoreError>;
+
+    /// Up to `limit` tasks, newest first, older than `before` if given,
+    /// in `state` if given.
+    fn list(
+        &self,
+        state: Option<TaskState>,
+        before: Option<TaskId>,
+        limit: usize,
+    ) -> Result<Vec<TaskRecord>, StoreError>;
+
+    /// Up to `limit` events of a task from `from_seq` on.
+    fn events(&self, id: TaskId, from_seq: u64, limit: usize)
+    -> Result<Vec<TaskEvent>, StoreError>;
+
+    /// Everything the scheduler needs after a restart; tasks final since
+    /// `final_since` are listed in [`Loaded::recently_final`].
+    fn load(&self, final_since: SystemTime) -> Result<Loaded, StoreError>;
+
+    /// Deletes up to `limit` final tasks whose record last changed before
+    /// `finished_before`, with their events, atomically. Returns the states
+    /// of the deleted tasks (so counters can follow).
+    fn expire(
+        &self,
+        finished_before: SystemTime,
+        limit: usize,
+    ) -> Result<Vec<TaskState>, StoreError>;
+}

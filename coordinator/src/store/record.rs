@@ -1,0 +1,144 @@
+//! What the store keeps: task records, per-task events, and what a restart
+//! loads. Plain data only (no channels, no tonic types, no I/O), so every
+//! engine serializes the same values and the scheduler builds them without
+//! knowing which engine is behind the trait.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+
+use weft_proto::{Attempt, NodeId, Outcome, OutputStream, TaskId, TaskSpec, TaskState};
+
+/// A task's record as stored: everything `Get` answers except
+/// `pending_reason`, which the scheduler derives when it is read.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TaskRecord {
+    /// The task.
+    pub id: TaskId,
+    /// What it runs; shared with the scheduler so it is kept once in memory.
+    pub spec: Arc<TaskSpec>,
+    /// Where it is in its life.
+    pub state: TaskState,
+    /// Latest attempt, from 1; 0 before the first assignment.
+    pub attempt: Attempt,
+    /// Node of the latest attempt, if any.
+    pub node_id: Option<NodeId>,
+    /// Name of that node.
+    pub node_name: Option<Arc<str>>,
+    /// Exit code of the latest attempt's process, if it exited.
+    pub exit_code: Option<i32>,
+    /// The handler result of the succeeding attempt.
+    pub output: Bytes,
+    /// Why the task failed, was cancelled or timed out.
+    pub error: String,
+    /// Why a queued task waits; filled on read, never stored.
+    pub pending_reason: String,
+    /// Attempts that ended in failure.
+    pub failures: u32,
+    /// Attempts lost with their node.
+    pub node_losses: u32,
+    /// When it was submitted.
+    pub created_at: SystemTime,
+    /// When its record last changed.
+    pub updated_at: SystemTime,
+    /// Sequence number the next event will get.
+    pub next_seq: u64,
+    /// How the latest attempt ended, as its node reported it; `None`
+    /// before any attempt, while one runs, and when it was lost with its node.
+    pub last_outcome: Option<Outcome>,
+    /// The different nodes lost while this task was running on them, oldest
+    /// first: the evidence for `--max-node-losses` (poison tasks), kept so
+    /// a restart does not forget it.
+    pub lost_nodes: Vec<(NodeId, Arc<str>)>,
+}
+
+/// One event in a task's history. Seqs start at 0 and have no gaps.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TaskEvent {
+    /// The task.
+    pub task_id: TaskId,
+    /// Position in the task's history.
+    pub seq: u64,
+    /// Attempt it belongs to (0 before any assignment).
+    pub attempt: Attempt,
+    /// When the coordinator recorded it.
+    pub time: SystemTime,
+    /// What happened.
+    pub body: EventBody,
+}
+
+/// What a [`TaskEvent`] says.
+#[derive(Clone, Debug, PartialEq)]
+pub enum EventBody {
+    /// The task changed state.
+    State {
+        /// The new state.
+        state: TaskState,
+        /// Node involved (assigned to, running on, or lost).
+        node_id: Option<NodeId>,
+        /// Its name.
+        node_name: Option<Arc<str>>,
+        /// Why, in words.
+        reason: String,
+    },
+    /// A chunk of output.
+    Output {
+        /// Which stream.
+        stream: OutputStream,
+        /// The bytes.
+        data: Bytes,
+    },
+    /// Progress reported by the attempt.
+    Progress {
+        /// 0..=1, or negative when unknown.
+        fraction: f64,
+        /// Free text.
+        message: String,
+    },
+    /// The task reached a final state; always the last event.
+    Finished(Box<TaskRecord>),
+}
+
+impl EventBody {
+    /// True for the last event of a task.
+    pub fn is_finished(&self) -> bool {
+        matches!(self, EventBody::Finished(_))
+    }
+}
+
+/// One write of a commit.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Record {
+    /// Insert or replace a task's record.
+    Task(TaskRecord),
+    /// Append an event to a task's log (its task record comes first).
+    Event(TaskEvent),
+}
+
+/// What a store holds when the coordinator starts.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    /// Tasks not in a final state, to put back in the scheduler.
+    pub live: Vec<TaskRecord>,
+    /// How many tasks ended in each final state.
+    pub final_counts: Vec<(TaskState, u64)>,
+    /// Tasks that became final since the time `load` was given, newest
+    /// first (bounded): their results may still be redelivered by nodes and
+    /// must then be recognised as duplicates.
+    pub recently_final: Vec<FinalAttempt>,
+}
+
+/// The attempt that ended a final task, and how it ended.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct FinalAttempt {
+    /// The task.
+    pub task_id: TaskId,
+    /// Its last attempt.
+    pub attempt: Attempt,
+    /// How that attempt ended, if its node reported it.
+    pub outcome: Option<Outcome>,
+}
+
+/// Most [`Loaded::recently_final`] entries a store returns.
+pub const MAX_RECENTLY_FINAL: usize = 100_000;
