@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 
+use weft_client::Task;
 use weft_proto::{Attempt, TaskId, TaskState};
 use weft_tests::wait::wait_for;
 
@@ -86,8 +87,12 @@ async fn scenario() {
             let elsewhere = moved
                 && task.state != TaskState::Queued
                 && task.node_name.as_deref() != Some(node_name(VICTIM).as_str());
-            all_requeued &= moved;
-            all_elsewhere &= elsewhere;
+            // The victim's result for this attempt may have been on the
+            // wire when it was stopped: then it is recorded, and the
+            // attempt was not one the node held when it died.
+            let finished_before_death = finished_by_victim(&task, *attempt);
+            all_requeued &= moved || finished_before_death;
+            all_elsewhere &= elsewhere || finished_before_death;
         }
         if all_requeued && requeued_after.is_none() {
             requeued_after = Some(killed_at.elapsed());
@@ -111,20 +116,29 @@ async fn scenario() {
         .iter()
         .filter(|(_, h)| !h.single_result())
         .collect();
+    let finished_before_death = in_flight
+        .iter()
+        .filter(|(id, attempt)| {
+            tasks
+                .get(id)
+                .is_some_and(|t| finished_by_victim(t, *attempt))
+        })
+        .count();
     let counts = run_counts(&runs);
     let executed_twice = counts.values().filter(|n| **n > 1).count();
     let info = cluster.info().await;
 
     say(&format!(
         "fault-figures: node-kill tasks={TASKS} lost={} duplicate_results={} reassign_ms={} \
-         rerun_elsewhere_ms={} limit_ms={} victim_in_flight={} executed_twice={} nodes_lost={} \
-         stale_refused={}",
+         rerun_elsewhere_ms={} limit_ms={} victim_in_flight={} finished_before_death={} \
+         executed_twice={} nodes_lost={} stale_refused={}",
         lost.len(),
         duplicates.len(),
         ms(requeued_after),
         ms(rerun_after),
         ms(limit),
         in_flight.len(),
+        finished_before_death,
         executed_twice,
         info.nodes_lost,
         info.stale_events_refused,
@@ -151,4 +165,12 @@ async fn scenario() {
         "{executed_twice} tasks ran twice, but the victim held only {}",
         in_flight.len()
     );
+}
+
+/// True when the victim's own result for `attempt` was recorded: it was
+/// sent before the node was stopped and arrived after the snapshot.
+fn finished_by_victim(task: &Task, attempt: Attempt) -> bool {
+    task.attempt == attempt
+        && task.state.is_final()
+        && task.node_name.as_deref() == Some(node_name(VICTIM).as_str())
 }
