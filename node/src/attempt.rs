@@ -17,9 +17,9 @@ use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 use tracing::{debug, info};
 
-use weft_proto::{CallSpec, Outcome, TaskKind, TaskSpec, pb};
+use weft_proto::{CallSpec, Outcome, TaskKind, TaskSpec};
 
-use crate::events::{AttemptKey, Emitter};
+use crate::events::{AttemptKey, Emitter, Finished};
 use crate::handlers::{HandlerError, HandlerRegistry, HandlerRequest};
 use crate::lease;
 use crate::process::{self, ExecEnd};
@@ -106,7 +106,7 @@ pub(crate) async fn run(
     emit: &Emitter,
     handlers: &HandlerRegistry,
     reaper: Option<&Reaper>,
-) -> Option<pb::Finished> {
+) -> Option<Finished> {
     debug!(kind = spec.summary(), "attempt starting");
     let work = async {
         match &spec.kind {
@@ -136,8 +136,8 @@ pub(crate) async fn run(
 }
 
 /// Sends the `Finished` of an attempt that ran: always its last event.
-pub(crate) async fn report(emit: &Emitter, done: pb::Finished) {
-    let outcome = Outcome::try_from(done.outcome).map_or("?", Outcome::as_str);
+pub(crate) async fn report(emit: &Emitter, done: Finished) {
+    let outcome = done.outcome.as_str();
     info!(outcome, exit_code = ?done.exit_code, error = %done.error, "attempt finished");
     emit.finished(done).await;
 }
@@ -147,7 +147,7 @@ async fn run_call(
     emit: &Emitter,
     control: &AttemptControl,
     handlers: &HandlerRegistry,
-) -> Option<pb::Finished> {
+) -> Option<Finished> {
     let Some(service) = handlers.get(&call.handler) else {
         let known = handlers.names().join(", ");
         let error = format!(
@@ -180,7 +180,7 @@ async fn run_call(
     }
 }
 
-fn exec_finished(end: ExecEnd, control: &AttemptControl) -> Option<pb::Finished> {
+fn exec_finished(end: ExecEnd, control: &AttemptControl) -> Option<Finished> {
     Some(match end {
         ExecEnd::Exited(0) => finished(Outcome::Succeeded, Some(0), Bytes::new(), String::new()),
         ExecEnd::Exited(code) => finished(
@@ -200,7 +200,7 @@ fn exec_finished(end: ExecEnd, control: &AttemptControl) -> Option<pb::Finished>
 }
 
 /// The `Finished` of a stopped attempt; `None` when killed (report nothing).
-pub(crate) fn stopped(reason: StopReason) -> Option<pb::Finished> {
+pub(crate) fn stopped(reason: StopReason) -> Option<Finished> {
     let (outcome, error) = match reason {
         StopReason::Killed => return None,
         StopReason::Cancelled(why) if why.is_empty() => {
@@ -217,15 +217,15 @@ pub(crate) fn stopped(reason: StopReason) -> Option<pb::Finished> {
     Some(finished(outcome, None, Bytes::new(), error))
 }
 
-/// A `Finished` body.
+/// How an attempt ended, for its `Finished` event.
 pub(crate) fn finished(
     outcome: Outcome,
     exit_code: Option<i32>,
     output: Bytes,
     error: String,
-) -> pb::Finished {
-    pb::Finished {
-        outcome: outcome.into(),
+) -> Finished {
+    Finished {
+        outcome,
         exit_code,
         output,
         error,
@@ -240,7 +240,7 @@ mod tests {
     fn stop_reasons_read_as_their_finished() {
         let text = |reason| {
             let done = stopped(reason).expect("reported");
-            (Outcome::try_from(done.outcome).unwrap(), done.error)
+            (done.outcome, done.error)
         };
         assert_eq!(
             text(StopReason::Cancelled(String::new())),

@@ -1,22 +1,29 @@
 //! The node stream's wire format, both ways, in one place: what the
 //! coordinator sends (`Registered`, `Assign`, `Cancel`, `Drain`) is decoded
-//! here into domain types once, at the session's edge; what the node sends
-//! (`Register`, its events, the envelope) is encoded here.
+//! here into domain types once, at the session's edge; every message the
+//! node sends (`Register`, `TaskEvents`, `Credits`, `Draining`,
+//! `Heartbeat`) is built here, in its `NodeMessage` envelope, from domain
+//! values: events are [`Event`]s with a domain [`EventBody`] until
+//! [`events`] encodes them as they go out.
 //!
 //! Pure functions: no state, no I/O, no decisions (a decoded message is
-//! acted on by the session and the executor). Past this module, task ids
-//! are [`TaskId`]s and attempts [`Attempt`]s, never strings.
+//! acted on by the session and the executor; the outbox decides what goes
+//! into a batch and when). Past this module, task ids are [`TaskId`]s and
+//! attempts [`Attempt`]s, never strings. The coordinator's envelope
+//! (`CoordinatorMessage`) is still matched by the session, which then
+//! decodes each body here.
 
 use std::time::Duration;
 
 use weft_proto::convert::{ConversionError, duration_from_pb};
 use weft_proto::pb::node_message::Body as Outbound;
+use weft_proto::pb::node_task_event::Body as WireBody;
 use weft_proto::{Attempt, NodeId, PROTOCOL_VERSION, TaskId, TaskSpec, pb};
 
 use crate::attempt::{Assignment, InvalidSpec};
 use crate::config::NodeConfig;
 use crate::error::Error;
-use crate::events::{AttemptKey, Event};
+use crate::events::{AttemptKey, Event, EventBody, Finished};
 
 /// Heartbeat settings used when `Registered` leaves them unset.
 const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
@@ -41,8 +48,8 @@ pub(crate) fn register(
     handlers: Vec<String>,
     running: &[AttemptKey],
     previous: Option<NodeId>,
-) -> pb::Register {
-    pb::Register {
+) -> pb::NodeMessage {
+    message(Outbound::Register(pb::Register {
         name: config.name.clone(),
         labels: config.labels.clone().into_iter().collect(),
         slots: config.slots.max(1),
@@ -51,7 +58,7 @@ pub(crate) fn register(
         protocol_version: PROTOCOL_VERSION.into(),
         running: running.iter().copied().map(attempt_ref).collect(),
         previous_node_id: previous.map(|id| id.to_string()).unwrap_or_default(),
-    }
+    }))
 }
 
 /// Decodes `Registered`; unset (or zero) heartbeat settings take their
@@ -63,12 +70,18 @@ pub(crate) fn registered(wire: pb::Registered) -> Result<Registered, Error> {
         .map_err(|err| Error::Protocol(format!("Registered.node_id: {err}")))?;
     Ok(Registered {
         node_id,
-        heartbeat_interval: heartbeat(wire.heartbeat_interval.as_ref(), DEFAULT_HEARTBEAT_INTERVAL),
-        heartbeat_timeout: heartbeat(wire.heartbeat_timeout.as_ref(), DEFAULT_HEARTBEAT_TIMEOUT),
+        heartbeat_interval: heartbeat_setting(
+            wire.heartbeat_interval.as_ref(),
+            DEFAULT_HEARTBEAT_INTERVAL,
+        ),
+        heartbeat_timeout: heartbeat_setting(
+            wire.heartbeat_timeout.as_ref(),
+            DEFAULT_HEARTBEAT_TIMEOUT,
+        ),
     })
 }
 
-fn heartbeat(value: Option<&prost_types::Duration>, default: Duration) -> Duration {
+fn heartbeat_setting(value: Option<&prost_types::Duration>, default: Duration) -> Duration {
     value
         .and_then(|d| duration_from_pb("heartbeat", d).ok())
         .filter(|d| !d.is_zero())
@@ -109,12 +122,34 @@ pub(crate) fn drain_grace(wire: &pb::Drain) -> Option<Duration> {
         .and_then(|d| duration_from_pb("grace", d).ok())
 }
 
-/// Encodes one event.
+/// Encodes one event. Output and results move into the message as the
+/// `Bytes` they are (no copy).
 pub(crate) fn event(event: Event) -> pb::NodeTaskEvent {
+    let body = match event.body {
+        EventBody::Started { pid } => WireBody::Started(pb::Started { pid }),
+        EventBody::Output { stream, seq, data } => WireBody::Output(pb::OutputChunk {
+            stream: stream.into(),
+            data,
+            seq,
+        }),
+        EventBody::Progress { fraction, message } => {
+            WireBody::Progress(pb::Progress { fraction, message })
+        }
+        EventBody::Finished(done) => WireBody::Finished(finished(done)),
+    };
     pb::NodeTaskEvent {
         task_id: event.task_id.to_string(),
         attempt: event.attempt.0,
-        body: Some(event.body),
+        body: Some(body),
+    }
+}
+
+fn finished(done: Finished) -> pb::Finished {
+    pb::Finished {
+        outcome: done.outcome.into(),
+        exit_code: done.exit_code,
+        output: done.output,
+        error: done.error,
     }
 }
 
@@ -124,8 +159,23 @@ pub(crate) fn events(events: Vec<Event>) -> pb::NodeMessage {
     message(Outbound::Events(pb::TaskEvents { events }))
 }
 
+/// Encodes `Credits`: `grant` more slots' worth of assignments.
+pub(crate) fn credits(grant: u32) -> pb::NodeMessage {
+    message(Outbound::Credits(pb::Credits { grant }))
+}
+
+/// Encodes `Draining`: this node takes no more work.
+pub(crate) fn draining() -> pb::NodeMessage {
+    message(Outbound::Draining(pb::Draining {}))
+}
+
+/// Encodes the node's `Heartbeat`.
+pub(crate) fn heartbeat() -> pb::NodeMessage {
+    message(Outbound::Heartbeat(pb::Heartbeat {}))
+}
+
 /// Encodes an attempt as listed in `Register.running`.
-pub(crate) fn attempt_ref((task_id, attempt): AttemptKey) -> pb::AttemptRef {
+fn attempt_ref((task_id, attempt): AttemptKey) -> pb::AttemptRef {
     pb::AttemptRef {
         task_id: task_id.to_string(),
         attempt: attempt.0,
@@ -133,13 +183,15 @@ pub(crate) fn attempt_ref((task_id, attempt): AttemptKey) -> pb::AttemptRef {
 }
 
 /// Wraps a body in the node's stream envelope.
-pub(crate) fn message(body: Outbound) -> pb::NodeMessage {
+fn message(body: Outbound) -> pb::NodeMessage {
     pb::NodeMessage { body: Some(body) }
 }
 
 #[cfg(test)]
 mod tests {
+    use bytes::Bytes;
     use weft_proto::convert::duration_to_pb;
+    use weft_proto::{Outcome, OutputStream};
 
     use super::*;
 
@@ -220,7 +272,7 @@ mod tests {
         let wire = event(Event {
             task_id,
             attempt: Attempt(3),
-            body: pb::node_task_event::Body::Started(pb::Started { pid: 7 }),
+            body: EventBody::Started { pid: 7 },
         });
         assert_eq!((wire.task_id, wire.attempt), (task_id.to_string(), 3));
         assert_eq!(
@@ -229,6 +281,75 @@ mod tests {
                 task_id: task_id.to_string(),
                 attempt: 3
             }
+        );
+    }
+
+    #[test]
+    fn each_event_body_encodes_to_its_wire_body_and_output_moves_uncopied() {
+        let key = (TaskId::new(), Attempt::FIRST);
+        let encode = |body| {
+            let (task_id, attempt) = key;
+            event(Event {
+                task_id,
+                attempt,
+                body,
+            })
+            .body
+        };
+        assert_eq!(
+            encode(EventBody::Started { pid: 7 }),
+            Some(WireBody::Started(pb::Started { pid: 7 }))
+        );
+        let data = Bytes::from(vec![b'x'; 64]);
+        let output = encode(EventBody::Output {
+            stream: OutputStream::Stderr,
+            seq: 4,
+            data: data.clone(),
+        });
+        let Some(WireBody::Output(chunk)) = output else {
+            panic!("expected an output chunk, got {output:?}");
+        };
+        assert_eq!(
+            (chunk.stream, chunk.seq, chunk.data.as_ptr()),
+            (i32::from(OutputStream::Stderr), 4, data.as_ptr()),
+            "the same bytes, not a copy"
+        );
+        assert_eq!(
+            encode(EventBody::Progress {
+                fraction: 0.5,
+                message: "half".into()
+            }),
+            Some(WireBody::Progress(pb::Progress {
+                fraction: 0.5,
+                message: "half".into()
+            }))
+        );
+        assert_eq!(
+            encode(EventBody::Finished(Finished {
+                outcome: Outcome::TimedOut,
+                exit_code: Some(3),
+                output: Bytes::from_static(b"out"),
+                error: "late".into(),
+            })),
+            Some(WireBody::Finished(pb::Finished {
+                outcome: pb::Outcome::TimedOut.into(),
+                exit_code: Some(3),
+                output: Bytes::from_static(b"out"),
+                error: "late".into(),
+            }))
+        );
+    }
+
+    #[test]
+    fn credits_draining_and_heartbeats_come_in_the_node_envelope() {
+        assert_eq!(
+            credits(3).body,
+            Some(Outbound::Credits(pb::Credits { grant: 3 }))
+        );
+        assert_eq!(draining().body, Some(Outbound::Draining(pb::Draining {})));
+        assert_eq!(
+            heartbeat().body,
+            Some(Outbound::Heartbeat(pb::Heartbeat {}))
         );
     }
 }

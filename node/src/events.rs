@@ -5,18 +5,20 @@
 //! bounded channel that the outbox (`outbox/`) drains into `TaskEvents`
 //! batches. The bound is the node's buffer while it is disconnected: when it
 //! is full, attempts wait (their pipes fill, the children block) instead of
-//! the node dropping output or growing without limit. Events carry typed
-//! ids ([`AttemptKey`]); they become wire messages only when the outbox
-//! sends them (`codec.rs`). This is the producer side: nothing here sends
-//! on the stream or knows about sessions.
+//! the node dropping output or growing without limit. Events are domain
+//! values: typed ids ([`AttemptKey`]) and an [`EventBody`] typed with
+//! `weft_proto`'s domain enums ([`Outcome`], [`OutputStream`]); output moves
+//! as the `Bytes` it was read into. Nothing here knows the wire format: an
+//! event becomes a protobuf message only in `codec.rs`, when the outbox
+//! sends it. This is the producer side: nothing here sends on the stream or
+//! knows about sessions.
 
 use std::sync::Arc;
 
 use bytes::Bytes;
 use tokio::sync::{Mutex, mpsc};
 
-use weft_proto::pb::node_task_event::Body;
-use weft_proto::{Attempt, OutputStream, TaskId, pb};
+use weft_proto::{Attempt, Outcome, OutputStream, TaskId};
 
 /// Events buffered between the attempts and the session.
 pub(crate) const EVENT_BUFFER: usize = 4096;
@@ -31,8 +33,64 @@ pub(crate) struct Event {
     pub(crate) task_id: TaskId,
     /// Its attempt.
     pub(crate) attempt: Attempt,
-    /// What happened (the wire body: it is sent as it is).
-    pub(crate) body: Body,
+    /// What happened.
+    pub(crate) body: EventBody,
+}
+
+/// What happened to an attempt: the body of an [`Event`].
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum EventBody {
+    /// The attempt started (`pid` of the child for exec tasks, 0 for calls).
+    Started {
+        /// The child's process id, or 0.
+        pid: u32,
+    },
+    /// A chunk of output.
+    Output {
+        /// Which stream it came from.
+        stream: OutputStream,
+        /// Its number within the attempt, from 0, one counter for both
+        /// streams.
+        seq: u64,
+        /// The bytes, never empty.
+        data: Bytes,
+    },
+    /// Progress: `fraction` in 0.0..=1.0, or negative when unknown.
+    Progress {
+        /// How far along.
+        fraction: f64,
+        /// In words.
+        message: String,
+    },
+    /// The attempt ended: always its last event.
+    Finished(Finished),
+}
+
+impl EventBody {
+    /// The payload bytes it carries (output, error and progress texts): what
+    /// the outbox's batch limit and the redelivery window's byte limit count.
+    pub(crate) fn payload_len(&self) -> usize {
+        match self {
+            EventBody::Started { .. } => 0,
+            EventBody::Output { data, .. } => data.len(),
+            EventBody::Progress { message, .. } => message.len(),
+            EventBody::Finished(done) => done.output.len() + done.error.len(),
+        }
+    }
+}
+
+/// How an attempt ended, as the node reports it.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct Finished {
+    /// The outcome.
+    pub(crate) outcome: Outcome,
+    /// The process's exit code, when it exited (not when killed by a
+    /// signal, and never for calls).
+    pub(crate) exit_code: Option<i32>,
+    /// The handler's return value (call tasks).
+    pub(crate) output: Bytes,
+    /// Why it failed, in words; empty when it succeeded.
+    pub(crate) error: String,
 }
 
 impl Event {
@@ -43,7 +101,7 @@ impl Event {
 
     /// Whether this is the attempt's `Finished` (its last event).
     pub(crate) fn is_finished(&self) -> bool {
-        matches!(self.body, Body::Finished(_))
+        matches!(self.body, EventBody::Finished(_))
     }
 }
 
@@ -99,7 +157,7 @@ impl Emitter {
         self.attempt
     }
 
-    fn event(&self, body: Body) -> Event {
+    fn event(&self, body: EventBody) -> Event {
         Event {
             task_id: self.task_id,
             attempt: self.attempt,
@@ -107,27 +165,27 @@ impl Emitter {
         }
     }
 
-    async fn send(&self, body: Body) -> bool {
+    async fn send(&self, body: EventBody) -> bool {
         self.tx.send(self.event(body)).await.is_ok()
     }
 
     /// The attempt started (`pid` of the child for exec tasks, 0 for calls).
     pub(crate) async fn started(&self, pid: u32) -> bool {
-        self.send(Body::Started(pb::Started { pid })).await
+        self.send(EventBody::Started { pid }).await
     }
 
     /// The attempt ended. Always its last event.
-    pub(crate) async fn finished(&self, finished: pb::Finished) -> bool {
-        self.send(Body::Finished(finished)).await
+    pub(crate) async fn finished(&self, finished: Finished) -> bool {
+        self.send(EventBody::Finished(finished)).await
     }
 
     /// Queues `Finished` without waiting: `Err(Some(finished))` when the
     /// channel is full (send it later), `Err(None)` when nobody listens.
-    pub(crate) fn try_finished(&self, finished: pb::Finished) -> Result<(), Option<pb::Finished>> {
-        match self.tx.try_send(self.event(Body::Finished(finished))) {
+    pub(crate) fn try_finished(&self, finished: Finished) -> Result<(), Option<Finished>> {
+        match self.tx.try_send(self.event(EventBody::Finished(finished))) {
             Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Full(event)) => match event.body {
-                Body::Finished(finished) => Err(Some(finished)),
+                EventBody::Finished(finished) => Err(Some(finished)),
                 _ => Err(None),
             },
             Err(mpsc::error::TrySendError::Closed(_)) => Err(None),
@@ -141,22 +199,22 @@ impl Emitter {
             return true;
         }
         let mut seq = self.seq.lock().await;
-        let chunk = pb::OutputChunk {
-            stream: stream.into(),
-            data,
+        let chunk = EventBody::Output {
+            stream,
             seq: *seq,
+            data,
         };
         *seq += 1;
-        self.send(Body::Output(chunk)).await
+        self.send(chunk).await
     }
 
     /// Reports progress: `fraction` in 0.0..=1.0, or negative when unknown.
     pub async fn progress(&self, fraction: f64, message: impl Into<String>) -> bool {
-        let progress = pb::Progress {
+        let progress = EventBody::Progress {
             fraction,
             message: message.into(),
         };
-        self.send(Body::Progress(progress)).await
+        self.send(progress).await
     }
 
     /// [`Emitter::output`] for blocking handlers (on a blocking thread, not
@@ -167,25 +225,21 @@ impl Emitter {
             return true;
         }
         let mut seq = self.seq.blocking_lock();
-        let chunk = pb::OutputChunk {
-            stream: stream.into(),
-            data,
+        let chunk = EventBody::Output {
+            stream,
             seq: *seq,
+            data,
         };
         *seq += 1;
-        self.tx
-            .blocking_send(self.event(Body::Output(chunk)))
-            .is_ok()
+        self.tx.blocking_send(self.event(chunk)).is_ok()
     }
 
     /// [`Emitter::progress`] for blocking handlers.
     pub fn blocking_progress(&self, fraction: f64, message: impl Into<String>) -> bool {
-        let progress = pb::Progress {
+        let progress = EventBody::Progress {
             fraction,
             message: message.into(),
         };
-        self.tx
-            .blocking_send(self.event(Body::Progress(progress)))
-            .is_ok()
+        self.tx.blocking_send(self.event(progress)).is_ok()
     }
 }

@@ -26,10 +26,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use weft_proto::{Outcome, TaskSpec, pb};
+use weft_proto::{Outcome, TaskSpec};
 
 use crate::attempt::{self, Assignment, AttemptControl, StopReason};
-use crate::events::{AttemptKey, Emitter, EventTx};
+use crate::events::{AttemptKey, Emitter, EventTx, Finished};
 use crate::handlers::HandlerRegistry;
 use crate::lease::{self, Lease};
 use crate::reaper::Reaper;
@@ -279,7 +279,7 @@ impl Executor {
     }
 
     /// Reports the `Finished` of an attempt that never ran.
-    fn report(&self, emit: Emitter, done: pb::Finished) {
+    fn report(&self, emit: Emitter, done: Finished) {
         // Queued right away when there is room, so a drain that stops the
         // node next still flushes it.
         if let Err(Some(done)) = emit.try_finished(done) {

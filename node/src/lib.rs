@@ -14,12 +14,13 @@
 //! - `session`: one session: dial, Register/Registered, the select loop
 //!   (heartbeats, silence, `Draining`), the reader; the shared `NodeCtx`.
 //! - `codec`: the node stream's wire format both ways: assignments,
-//!   cancels and `Registered` decoded once; events and attempt refs encoded.
+//!   cancels and `Registered` decoded once; every message the node sends
+//!   (`Register`, events, `Credits`, `Draining`, `Heartbeat`) encoded.
 //! - `outbox`: event batching, the unsent buffer, credit grants, and
 //!   (`outbox::redelivery`) sent results kept to send again after a
 //!   reconnect (the coordinator may have crashed before recording them).
-//! - `events`: the one outgoing event channel, its typed events, and the
-//!   per-attempt [`Emitter`].
+//! - `events`: the one outgoing event channel, its events (typed ids, a
+//!   domain body, no protobuf), and the per-attempt [`Emitter`].
 //! - `drain`: drain supervision: stop taking work, grace, cancel, stop.
 //! - `lease`: how long attempts may run without word from the coordinator
 //!   (plain state); `lease_watchdog`: stops them when it runs out.

@@ -304,11 +304,10 @@ pub(crate) mod tests {
     use std::collections::BTreeMap;
     use std::time::Instant;
 
-    use weft_proto::pb::node_task_event::Body;
-    use weft_proto::{Attempt, TaskId, pb};
+    use weft_proto::{Attempt, TaskId};
 
     use super::*;
-    use crate::events::{self, Event, EventRx};
+    use crate::events::{self, Event, EventBody as Body, EventRx};
 
     /// True when `pid` no longer runs (gone, or a zombie nobody reaped yet
     /// because its parent died and init is slow or absent).
@@ -349,10 +348,12 @@ pub(crate) mod tests {
         fn output(&self, stream: OutputStream) -> String {
             let mut text = String::new();
             for event in &self.events {
-                if let Body::Output(chunk) = &event.body
-                    && chunk.stream == i32::from(stream)
+                if let Body::Output {
+                    stream: from, data, ..
+                } = &event.body
+                    && *from == stream
                 {
-                    text.push_str(&String::from_utf8_lossy(&chunk.data));
+                    text.push_str(&String::from_utf8_lossy(data));
                 }
             }
             text
@@ -362,7 +363,7 @@ pub(crate) mod tests {
             self.events
                 .iter()
                 .filter_map(|e| match &e.body {
-                    Body::Output(chunk) => Some(chunk.seq),
+                    Body::Output { seq, .. } => Some(*seq),
                     _ => None,
                 })
                 .collect()
@@ -393,7 +394,7 @@ pub(crate) mod tests {
         let script = "echo one; sleep 0.05; echo two >&2; sleep 0.05; echo three";
         let run = run_spec(&spec(&["sh", "-c", script])).await;
         assert_eq!(run.end, ExecEnd::Exited(0));
-        assert!(matches!(run.events[0].body, Body::Started(pb::Started { pid }) if pid > 0));
+        assert!(matches!(run.events[0].body, Body::Started { pid } if pid > 0));
         assert_eq!(run.output(OutputStream::Stdout), "one\nthree\n");
         assert_eq!(run.output(OutputStream::Stderr), "two\n");
         let seqs = run.seqs();
@@ -401,7 +402,7 @@ pub(crate) mod tests {
         let order: Vec<_> = run.events[1..]
             .iter()
             .filter_map(|e| match &e.body {
-                Body::Output(c) => Some(String::from_utf8_lossy(&c.data).into_owned()),
+                Body::Output { data, .. } => Some(String::from_utf8_lossy(data).into_owned()),
                 _ => None,
             })
             .collect();
@@ -477,8 +478,8 @@ pub(crate) mod tests {
         });
         let grandchild = loop {
             let event = rx.recv().await.expect("child output");
-            if let Body::Output(chunk) = event.body {
-                break String::from_utf8_lossy(&chunk.data)
+            if let Body::Output { data, .. } = event.body {
+                break String::from_utf8_lossy(&data)
                     .trim()
                     .parse::<u32>()
                     .unwrap();

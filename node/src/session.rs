@@ -4,7 +4,8 @@
 //!
 //! The select loop drains the event channel into batches (through the
 //! outbox, `outbox/`), grants credits after `Finished` events, sends
-//! heartbeats and `Draining`, and watches for silence and for the lease's
+//! heartbeats and `Draining` (every message encoded by `codec.rs`), and
+//! watches for silence and for the lease's
 //! expiry. A spawned reader task handles what the coordinator sends
 //! (`Assign`, `Cancel`, `Drain`, `Heartbeat`), decoded once here through
 //! `codec.rs`; its end means the stream is gone and the session ends.
@@ -34,7 +35,6 @@ use tonic::transport::{Channel, Endpoint};
 use tracing::{debug, info, warn};
 
 use weft_proto::pb::coordinator_message::Body as Inbound;
-use weft_proto::pb::node_message::Body as Outbound;
 use weft_proto::pb::node_service_client::NodeServiceClient;
 use weft_proto::{NodeId, pb};
 
@@ -178,18 +178,16 @@ pub(crate) async fn run(
     // Exactly these are sent again after Registered, so every attempt listed
     // as finished here gets its result.
     let redeliver = ctx.outbox.redeliverable(now);
+    let listed = ctx.outbox.listed(&redeliver);
+    let running = listed.len();
     let register = codec::register(
         &ctx.config,
         ctx.executor.handler_names(),
-        &ctx.outbox.listed(&redeliver),
+        &listed,
         *previous,
     );
-    let running = register.running.len();
     // Queued before the stream opens, so it is the first message.
-    if outbox::send(&out, Outbound::Register(register))
-        .await
-        .is_err()
-    {
+    if outbox::send(&out, register).await.is_err() {
         return lost(Error::StreamClosed);
     }
     let mut client = NodeServiceClient::new(channel);
@@ -288,7 +286,7 @@ async fn connected(
             () = ctx.kill.cancelled() => return SessionEnd::Killed,
             () = drain_started.cancelled(), if !told_draining => {
                 told_draining = true;
-                if let Err(error) = outbox::send(out, Outbound::Draining(pb::Draining {})).await {
+                if let Err(error) = outbox::send(out, codec::draining()).await {
                     return lost(error);
                 }
             }
@@ -324,7 +322,7 @@ async fn connected(
                 }
             }
             _ = heartbeat.tick() => {
-                if let Err(error) = outbox::send(out, Outbound::Heartbeat(pb::Heartbeat {})).await {
+                if let Err(error) = outbox::send(out, codec::heartbeat()).await {
                     return lost(error);
                 }
             }

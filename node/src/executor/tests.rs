@@ -5,12 +5,11 @@
 
 use std::time::Instant as StdInstant;
 
-use weft_proto::pb::node_task_event::Body;
-use weft_proto::{Attempt, TaskId};
+use weft_proto::{Attempt, TaskId, pb};
 
 use super::*;
 use crate::codec;
-use crate::events::{self, Event, EventRx};
+use crate::events::{self, Event, EventBody as Body, EventRx};
 use crate::process::tests::assert_gone_soon;
 
 fn executor(slots: u32) -> (Executor, EventRx) {
@@ -91,7 +90,7 @@ async fn prefetched_attempts_wait_for_a_slot_and_never_overcommit() {
     let (seen, done) = until_finished(&executor, &mut rx, queued_key).await;
     assert!(matches!(
         seen.last().map(|e| &e.body),
-        Some(Body::Started(_))
+        Some(Body::Started { .. })
     ));
     assert_eq!(outcome(&done), Outcome::Succeeded);
     assert_eq!((executor.running(), executor.queued()), (0, 0));
@@ -137,7 +136,7 @@ async fn until_finished(
     executor: &Executor,
     rx: &mut EventRx,
     key: AttemptKey,
-) -> (Vec<Event>, pb::Finished) {
+) -> (Vec<Event>, Finished) {
     let mut seen = Vec::new();
     loop {
         let event = tokio::time::timeout(Duration::from_secs(10), rx.recv())
@@ -153,8 +152,8 @@ async fn until_finished(
     }
 }
 
-fn outcome(done: &pb::Finished) -> Outcome {
-    Outcome::try_from(done.outcome).unwrap()
+fn outcome(done: &Finished) -> Outcome {
+    done.outcome
 }
 
 #[tokio::test]
@@ -163,7 +162,7 @@ async fn call_runs_its_handler_and_returns_the_output() {
     let (wire, key) = assignment(TaskSpec::call("sha256", "abc"));
     executor.assign(wire);
     let (seen, done) = until_finished(&executor, &mut rx, key).await;
-    assert!(matches!(seen[0].body, Body::Started(_)));
+    assert!(matches!(seen[0].body, Body::Started { .. }));
     assert_eq!(outcome(&done), Outcome::Succeeded);
     assert!(done.output.starts_with(b"ba7816bf"));
     assert_eq!(executor.running(), 0);
@@ -215,7 +214,7 @@ async fn timeout_kills_the_process_group_and_reports_timed_out() {
     let grandchild = seen
         .iter()
         .find_map(|e| match &e.body {
-            Body::Output(c) => String::from_utf8_lossy(&c.data).trim().parse::<u32>().ok(),
+            Body::Output { data, .. } => String::from_utf8_lossy(data).trim().parse::<u32>().ok(),
             _ => None,
         })
         .expect("the script printed its background pid");
@@ -294,8 +293,8 @@ async fn killed_attempts_report_nothing_and_leave_no_process() {
     executor.assign(wire);
     let grandchild = loop {
         let event = rx.recv().await.unwrap();
-        if let Body::Output(c) = event.body {
-            break String::from_utf8_lossy(&c.data)
+        if let Body::Output { data, .. } = event.body {
+            break String::from_utf8_lossy(&data)
                 .trim()
                 .parse::<u32>()
                 .unwrap();

@@ -141,11 +141,11 @@ mod tests {
         let out = echo(request).await.unwrap();
         assert_eq!(out, "hello");
         let event = rx.recv().await.unwrap();
-        let weft_proto::pb::node_task_event::Body::Output(chunk) = event.body else {
+        let events::EventBody::Output { stream, seq, data } = event.body else {
             panic!("expected an output chunk, got {event:?}");
         };
-        assert_eq!((chunk.data.as_ref(), chunk.seq), (b"hello".as_ref(), 0));
-        assert_eq!(chunk.stream, i32::from(OutputStream::Stdout));
+        assert_eq!((data.as_ref(), seq), (b"hello".as_ref(), 0));
+        assert_eq!(stream, OutputStream::Stdout);
     }
 
     #[tokio::test]

@@ -11,8 +11,12 @@
 //! last stream broke on, then the free credits.
 //!
 //! The session owns the stream and decides when to send; this module does
-//! not dial, read, or know about heartbeats and the lease. Events are
-//! encoded only here (`codec.rs`), as they go out.
+//! not dial, read, or know about heartbeats and the lease. It holds events
+//! as domain values ([`Event`]) and never builds a wire message itself:
+//! each batch, and each `Credits`, is encoded by `codec.rs` as it goes
+//! out. The batch limits count events and payload bytes (output, error and
+//! progress texts: `EventBody::payload_len`), not encoded sizes: the ids
+//! and framing of at most 512 events keep a batch far under gRPC's 4 MiB.
 
 pub(crate) mod redelivery;
 
@@ -26,8 +30,6 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use weft_proto::pb;
-use weft_proto::pb::node_message::Body as Outbound;
-use weft_proto::pb::node_task_event::Body;
 
 use crate::codec;
 use crate::error::Error;
@@ -145,7 +147,7 @@ impl Outbox {
         let mut bytes = 0;
         let mut next = first.or_else(|| events.try_recv().ok());
         while let Some(event) = next {
-            bytes += event_size(&event);
+            bytes += event.body.payload_len();
             batch.push(event);
             if batch.len() >= MAX_BATCH_EVENTS || bytes >= MAX_BATCH_BYTES {
                 break;
@@ -203,7 +205,7 @@ impl Outbox {
         match self.executor.take_grant() {
             Some(grant) => {
                 debug!(grant, "granting credits");
-                send(out, Outbound::Credits(pb::Credits { grant })).await
+                send(out, codec::credits(grant)).await
             }
             None => Ok(()),
         }
@@ -216,11 +218,9 @@ impl Outbox {
     }
 }
 
-/// Sends one message on the stream.
-pub(crate) async fn send(out: &Out, body: Outbound) -> Result<(), Error> {
-    out.send(codec::message(body))
-        .await
-        .map_err(|_| Error::StreamClosed)
+/// Sends one message (encoded by `codec`) on the stream.
+pub(crate) async fn send(out: &Out, message: pb::NodeMessage) -> Result<(), Error> {
+    out.send(message).await.map_err(|_| Error::StreamClosed)
 }
 
 /// Sends again the `Finished` events of an earlier session: one batch, or
@@ -247,21 +247,13 @@ fn next_chunk(rest: &mut Peekable<vec::IntoIter<Event>>) -> Vec<Event> {
     let mut bytes = 0;
     while let Some(event) = rest.next_if(|event| {
         chunk.is_empty()
-            || (chunk.len() < MAX_BATCH_EVENTS && bytes + event_size(event) <= MAX_BATCH_BYTES)
+            || (chunk.len() < MAX_BATCH_EVENTS
+                && bytes + event.body.payload_len() <= MAX_BATCH_BYTES)
     }) {
-        bytes += event_size(&event);
+        bytes += event.body.payload_len();
         chunk.push(event);
     }
     chunk
-}
-
-fn event_size(event: &Event) -> usize {
-    match &event.body {
-        Body::Output(chunk) => chunk.data.len(),
-        Body::Finished(done) => done.output.len() + done.error.len(),
-        Body::Progress(progress) => progress.message.len(),
-        Body::Started(_) => 0,
-    }
 }
 
 #[cfg(test)]
@@ -270,16 +262,17 @@ mod tests {
     use weft_proto::{Attempt, OutputStream, TaskId};
 
     use super::*;
+    use crate::events::EventBody;
 
     fn output(bytes: usize) -> Event {
         Event {
             task_id: TaskId::new(),
             attempt: Attempt::FIRST,
-            body: Body::Output(pb::OutputChunk {
-                stream: OutputStream::Stdout.into(),
-                data: Bytes::from(vec![b'x'; bytes]),
+            body: EventBody::Output {
+                stream: OutputStream::Stdout,
                 seq: 0,
-            }),
+                data: Bytes::from(vec![b'x'; bytes]),
+            },
         }
     }
 

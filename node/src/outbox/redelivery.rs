@@ -16,8 +16,6 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use weft_proto::pb::node_task_event::Body;
-
 use crate::events::{AttemptKey, Event};
 
 /// Most attempts kept.
@@ -71,7 +69,7 @@ impl Redelivery {
         }
         let seq = self.next_seq;
         self.next_seq += 1;
-        let bytes = payload_bytes(&event);
+        let bytes = event.body.payload_len();
         let entry = Entry {
             seq,
             sent_at: now,
@@ -134,18 +132,13 @@ impl Redelivery {
     }
 }
 
-fn payload_bytes(event: &Event) -> usize {
-    match &event.body {
-        Body::Finished(done) => done.output.len() + done.error.len(),
-        _ => 0,
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use weft_proto::{Attempt, TaskId, pb};
+    use bytes::Bytes;
+    use weft_proto::{Attempt, Outcome, TaskId};
 
     use super::*;
+    use crate::events::{EventBody as Body, Finished};
 
     const SECOND: Duration = Duration::from_secs(1);
 
@@ -154,9 +147,11 @@ mod tests {
         let event = Event {
             task_id,
             attempt: Attempt::FIRST,
-            body: Body::Finished(pb::Finished {
+            body: Body::Finished(Finished {
+                outcome: Outcome::Failed,
+                exit_code: None,
+                output: Bytes::new(),
                 error: error.to_owned(),
-                ..Default::default()
             }),
         };
         ((task_id, Attempt::FIRST), event)

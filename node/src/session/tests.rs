@@ -3,16 +3,20 @@
 //! the next session sends after a stream broke. Over real sockets, the
 //! session is tested in `node/tests/session.rs`.
 
-use weft_proto::pb::node_task_event::Body as EventBody;
+use bytes::Bytes;
+use weft_proto::pb::node_message::Body as Outbound;
 use weft_proto::{Attempt, Outcome, TaskId, TaskSpec};
 
 use super::*;
-use crate::events::Event;
+use crate::events::{Event, EventBody, Finished};
 
 /// `Register.running` as sent.
 fn register_running(ctx: &NodeCtx, redeliver: &[Event]) -> Vec<pb::AttemptRef> {
     let listed = ctx.outbox.listed(redeliver);
-    let register = codec::register(&ctx.config, Vec::new(), &listed, None);
+    let message = codec::register(&ctx.config, Vec::new(), &listed, None);
+    let Some(Outbound::Register(register)) = message.body else {
+        panic!("expected Register, got {message:?}");
+    };
     register.running
 }
 
@@ -37,7 +41,7 @@ fn assign(assignments: Vec<pb::Assignment>) -> pb::CoordinatorMessage {
 }
 
 /// The `Finished` of `task_id`, skipping other events, and when it came.
-async fn finished_of(rx: &mut EventRx, task_id: TaskId) -> (pb::Finished, Instant) {
+async fn finished_of(rx: &mut EventRx, task_id: TaskId) -> (Finished, Instant) {
     loop {
         let event = rx.recv().await.expect("event channel open");
         if let (true, EventBody::Finished(done)) = (event.task_id == task_id, event.body) {
@@ -46,8 +50,8 @@ async fn finished_of(rx: &mut EventRx, task_id: TaskId) -> (pb::Finished, Instan
     }
 }
 
-fn assert_lease_expired(done: &pb::Finished) {
-    assert_eq!(done.outcome, i32::from(Outcome::Cancelled), "{done:?}");
+fn assert_lease_expired(done: &Finished) {
+    assert_eq!(done.outcome, Outcome::Cancelled, "{done:?}");
     assert!(
         done.error
             .starts_with("lease expired: coordinator unreachable for ")
@@ -144,7 +148,12 @@ fn finished_event(task_id: TaskId) -> Event {
     Event {
         task_id,
         attempt: Attempt::FIRST,
-        body: EventBody::Finished(pb::Finished::default()),
+        body: EventBody::Finished(Finished {
+            outcome: Outcome::Succeeded,
+            exit_code: None,
+            output: Bytes::new(),
+            error: String::new(),
+        }),
     }
 }
 
