@@ -4,18 +4,17 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 
 use weft_client::Client;
-use weft_cluster::procfs;
-use weft_proto::NodeState;
+use weft_cluster::{procfs, wait_nodes_ready};
 
 use crate::cluster::{Cluster, ClusterPlan};
 use crate::report::{ManyNodes, Scale};
 use crate::{swarm, workload};
 
 /// How long nodes (real or simulated) may take to register.
-const READY_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// (e): `runs` cold launches, each timed from just before spawning the
 /// coordinator to the first noop result at the client. The last cluster
@@ -112,7 +111,7 @@ pub async fn many_nodes(
     let rss_before = procfs::rss_bytes(pid);
     let t0 = Instant::now();
     let mut swarm = swarm::Swarm::connect(&cluster.url, n).await?;
-    wait_nodes_ready(&client, n).await?;
+    wait_nodes_ready(&client, n, READY_TIMEOUT).await?;
     let connect_s = t0.elapsed().as_secs_f64();
     let rss_idle_start = procfs::rss_bytes(pid);
     let cpu0 = procfs::cpu_seconds(pid);
@@ -150,21 +149,5 @@ pub async fn connect_retrying(url: &str) -> anyhow::Result<Client> {
             }
             Err(err) => return Err(err.into()),
         }
-    }
-}
-
-/// Polls `ListNodes` until `n` nodes are ready.
-pub async fn wait_nodes_ready(client: &Client, n: usize) -> anyhow::Result<()> {
-    let deadline = Instant::now() + READY_TIMEOUT;
-    loop {
-        let nodes = client.nodes().await?;
-        let ready = nodes.iter().filter(|n| n.state == NodeState::Ready).count();
-        if ready >= n {
-            return Ok(());
-        }
-        if Instant::now() >= deadline {
-            bail!("only {ready} of {n} nodes ready within {READY_TIMEOUT:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

@@ -6,11 +6,12 @@
 use std::time::SystemTime;
 
 use weft_client::Client;
+use weft_cluster::wait_nodes_ready;
 
 use crate::args::{BenchArgs, Plan, Step};
 use crate::cluster::{Cluster, ClusterPlan};
 use crate::machine::Machine;
-use crate::own_processes::{self, connect_retrying, wait_nodes_ready};
+use crate::own_processes::{self, connect_retrying};
 use crate::report::{Burn, Parallel, Report, Startup, StepError, Throughput};
 use crate::{floor, workload};
 
@@ -135,7 +136,7 @@ async fn cluster_steps(
     args: &BenchArgs,
     report: &mut Report,
 ) -> anyhow::Result<()> {
-    wait_nodes_ready(client, NODES).await?;
+    wait_nodes_ready(client, NODES, own_processes::READY_TIMEOUT).await?;
     let info = client.cluster_info().await?;
     if info.slots != NODES as u32 * SLOTS {
         eprintln!(

@@ -12,6 +12,7 @@ use futures::future::join_all;
 use tokio::net::TcpListener;
 
 use weft_client::{Client, Error, EventBody, Task, TaskEvent, TaskSpec};
+use weft_cluster::wait_nodes_ready;
 use weft_proto::{OutputStream, TaskState};
 
 use crate::exit;
@@ -41,9 +42,10 @@ pub async fn run(nodes: usize, slots: u32) -> anyhow::Result<u8> {
     let url = cluster.url();
     println!("demo: local cluster at {url}: {nodes} nodes x {slots} slots");
     let client = Client::connect(&url).await?;
-    let outcome = match local::wait_ready(&cluster, &client, Duration::from_secs(10)).await {
+    let ready = wait_nodes_ready(&client, cluster.node_count(), Duration::from_secs(10)).await;
+    let outcome = match ready {
         Ok(()) => workload(&client).await,
-        Err(err) => Err(err),
+        Err(err) => Err(err.into()),
     };
     cluster.shutdown(Duration::from_secs(2)).await;
     let (checks, tasks, elapsed) = outcome?;

@@ -1,17 +1,17 @@
 //! `weft local`: a coordinator and N nodes in this process, until Ctrl-C,
-//! on `weft_cluster`'s [`LocalCluster`]; [`start`] and [`wait_ready`] are
-//! also what `weft demo` runs its workload on.
+//! on `weft_cluster`'s [`LocalCluster`]; [`start`] is also what `weft demo`
+//! runs its workload on. Both wait for the nodes with
+//! [`weft_cluster::wait_nodes_ready`].
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
 
 use weft_client::Client;
-use weft_cluster::LocalCluster;
+use weft_cluster::{LocalCluster, wait_nodes_ready};
 use weft_coordinator::CoordinatorConfig;
-use weft_proto::NodeState;
 
 use crate::exit;
 
@@ -42,31 +42,6 @@ pub async fn start(
     Ok(cluster)
 }
 
-/// Waits until every node of `cluster` is connected and ready (or `timeout` passes).
-pub async fn wait_ready(
-    cluster: &LocalCluster,
-    client: &Client,
-    timeout: Duration,
-) -> anyhow::Result<()> {
-    let deadline = Instant::now() + timeout;
-    let wanted = cluster.node_count();
-    loop {
-        let ready = client
-            .nodes()
-            .await?
-            .iter()
-            .filter(|n| n.state == NodeState::Ready)
-            .count();
-        if ready >= wanted {
-            return Ok(());
-        }
-        if Instant::now() >= deadline {
-            anyhow::bail!("only {ready} of {wanted} nodes registered within {timeout:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// Binds `listen`; if the address is taken, a free port on the same host,
 /// with a note on stderr.
 pub async fn bind(listen: SocketAddr) -> anyhow::Result<TcpListener> {
@@ -92,8 +67,8 @@ pub async fn run(listen: SocketAddr, nodes: usize, slots: Option<u32>) -> anyhow
     let cluster = start(listener, nodes, slots).await?;
     let url = cluster.url();
     let client = Client::connect(&url).await?;
-    if let Err(err) = wait_ready(&cluster, &client, READY_TIMEOUT).await {
-        eprintln!("weft: warning: {err:#}");
+    if let Err(err) = wait_nodes_ready(&client, cluster.node_count(), READY_TIMEOUT).await {
+        eprintln!("weft: warning: {:#}", anyhow::Error::new(err));
     }
     let slots_text = match slots {
         Some(s) => format!("{s} slots"),

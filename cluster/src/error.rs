@@ -71,6 +71,19 @@ pub enum Error {
         /// How long it was polled.
         waited: Duration,
     },
+    /// Fewer nodes than wanted were ready when the wait ran out.
+    #[error("only {ready} of {wanted} nodes ready within {waited:?}")]
+    NodesNotReady {
+        /// Nodes ready at the last look.
+        ready: usize,
+        /// Nodes waited for.
+        wanted: usize,
+        /// How long it waited.
+        waited: Duration,
+    },
+    /// The coordinator could not be asked for its nodes.
+    #[error("listing the coordinator's nodes")]
+    ListNodes(#[source] weft_client::Error),
     /// The in-process coordinator did not start.
     #[error("starting the coordinator")]
     Coordinator(#[source] weft_coordinator::Error),

@@ -12,6 +12,9 @@
 //!   built-in handlers, this executable as reaper where it can be one),
 //!   and [`LocalCluster`], a coordinator and its nodes as one handle.
 //!
+//! Either way, [`wait_nodes_ready`] waits until the coordinator lists the
+//! nodes as ready.
+//!
 //! Errors are values ([`Error`]); the test harness turns them into panics.
 //! Nothing here prints: saying what happened is the caller's job.
 //!
@@ -22,6 +25,7 @@
 //! - [`addr_file`]: waiting for a coordinator's `--addr-file`.
 //! - [`procfs`]: `/proc` readings of processes and the host (CPU, memory).
 //! - [`in_process`]: coordinator and nodes as libraries in this process.
+//! - [`ready`]: waiting until the coordinator lists N ready nodes.
 
 pub mod addr_file;
 pub mod bins;
@@ -29,9 +33,11 @@ pub mod child;
 pub mod error;
 pub mod in_process;
 pub mod procfs;
+pub mod ready;
 
 pub use addr_file::wait_for_addr_file;
 pub use bins::{bin_dir, bin_path};
 pub use child::{ChildProcess, Spawn};
 pub use error::Error;
 pub use in_process::{LocalCluster, start_coordinator, start_node};
+pub use ready::wait_nodes_ready;

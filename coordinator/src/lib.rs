@@ -8,14 +8,25 @@
 //! Layout:
 //! - [`config`] — `CoordinatorConfig`.
 //! - [`error`] — `Error` and its one mapping to `tonic::Status`.
-//! - [`scheduler`] — the sans-I/O core: queue, node registry, task state
-//!   machine, fencing (`scheduler/attempts.rs`), the retry rule
-//!   (`scheduler/retry.rs`), dispatch.
+//! - [`scheduler`] — the sans-I/O core (its own Layout list says which
+//!   file holds what): `dispatch` (matching ready tasks to nodes),
+//!   [`queue`](scheduler::queue) (ready queues, the retry timer heap),
+//!   `retry` (the one retry rule and the backoff), `task` (a live task's
+//!   compact state) and `live` (the table of them), `transitions` (state
+//!   changes that write records and events), `attempts` (attempt events
+//!   with fencing, how an attempt ends), `membership` (nodes registering,
+//!   granting, draining, lost), [`registry`](scheduler::registry)
+//!   (connected nodes), [`recent`](scheduler::recent) (recent results, to
+//!   spot redeliveries).
 //! - `driver` — the task that owns the scheduler: `inbox` (commands and
 //!   handle), `commit` (the pipelined group commit), `sessions` (fan-out to
 //!   nodes), `watch` (watchers and `WaitMany`: publishing and the resume
 //!   loops), `retention` (the sweep).
-//! - [`store`] — the `Store` trait, the durable redb store and the in-memory one.
+//! - [`store`] — task records and event logs (its own Layout list says
+//!   which file holds what): `record` (the records), `engine` (the `Store`
+//!   trait, `StoreError`, the blocking helper), `codec` (records as
+//!   protobuf bytes), [`redb`](store::redb) (the durable store),
+//!   [`memory`](store::memory) (the in-memory one).
 //! - `service` — tonic adapters for `NodeService` (`service/node/codec.rs`:
 //!   the node stream's wire form, both directions), `TaskService`,
 //!   `AdminService`.

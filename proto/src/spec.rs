@@ -250,28 +250,48 @@ impl TryFrom<pb::TaskSpec> for TaskSpec {
     }
 }
 
-impl From<TaskSpec> for pb::TaskSpec {
-    fn from(spec: TaskSpec) -> Self {
-        let kind = match spec.kind {
+/// The wire form, built from a borrow: what the coordinator sends with
+/// every assignment and writes with every task record, without first
+/// copying the whole spec only to take it apart.
+impl From<&TaskSpec> for pb::TaskSpec {
+    fn from(spec: &TaskSpec) -> Self {
+        let kind = match &spec.kind {
             TaskKind::Exec(exec) => pb::task_spec::Kind::Exec(pb::ExecSpec {
-                argv: exec.argv,
-                env: exec.env.into_iter().collect(),
-                cwd: exec.cwd.unwrap_or_default(),
-                stdin: exec.stdin,
+                argv: exec.argv.clone(),
+                env: exec
+                    .env
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+                cwd: exec.cwd.clone().unwrap_or_default(),
+                stdin: exec.stdin.clone(),
             }),
             TaskKind::Call(call) => pb::task_spec::Kind::Call(pb::CallSpec {
-                handler: call.handler,
-                input: call.input,
+                handler: call.handler.clone(),
+                input: call.input.clone(),
             }),
         };
         pb::TaskSpec {
             kind: Some(kind),
             slots: spec.slots,
-            labels: spec.labels.into_iter().collect(),
+            labels: spec
+                .labels
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
             timeout: spec.timeout.map(duration_to_pb),
             max_attempts: spec.max_attempts,
-            name: spec.name,
+            name: spec.name.clone(),
         }
+    }
+}
+
+/// The wire form of an owned spec (what a client submits): the same
+/// message as from a borrow. Payloads (`stdin`, `input`) are shared, not
+/// copied.
+impl From<TaskSpec> for pb::TaskSpec {
+    fn from(spec: TaskSpec) -> Self {
+        pb::TaskSpec::from(&spec)
     }
 }
 

@@ -14,16 +14,17 @@
 //! meanwhile is refused (its callers get an error) and the driver stops.
 //!
 //! This file knows nothing of sessions, watchers or the scheduler: it moves
-//! batches through the store and hands back what may leave, in order.
+//! batches through the store and hands back what may leave, in order. What
+//! a batch holds back (`H`: replies, node messages, sessions to close) is
+//! the driver's; the pipeline only carries it.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use tokio::task::JoinHandle;
 
 use weft_proto::TaskId;
 
-use crate::scheduler::{NodeOut, SessionId};
 use crate::store::{Record, Store, StoreError};
 
 /// Answers a caller once its batch's commit returned (with its error, if
@@ -32,37 +33,17 @@ pub(super) type Reply = Box<dyn FnOnce(Option<&StoreError>) + Send>;
 
 /// One batch applied to the scheduler: what to write, and what may leave
 /// once it is written.
-pub(super) struct Batch {
+pub(super) struct Batch<H> {
     /// The store writes, each task's record once (see [`coalesce`]).
     pub records: Vec<Record>,
     /// Held until the commit returned.
-    pub held: Held,
-}
-
-/// A batch's effects, held back until its commit returned.
-#[derive(Default)]
-pub(super) struct Held {
-    /// Messages per node session.
-    pub nodes: BTreeMap<SessionId, NodeOut>,
-    /// Sessions to close.
-    pub disconnect: Vec<SessionId>,
-    /// Callers to answer.
-    pub replies: Vec<Reply>,
-}
-
-impl Held {
-    /// Answers every caller with `err`; nothing else leaves.
-    pub fn refuse(self, err: &StoreError) {
-        for reply in self.replies {
-            reply(Some(err));
-        }
-    }
+    pub held: H,
 }
 
 /// A batch whose commit returned.
-pub(super) struct Committed {
+pub(super) struct Committed<H> {
     /// What may leave now (if the commit succeeded).
-    pub held: Held,
+    pub held: H,
     /// What was written: its events are what watchers get. Empty when
     /// the commit panicked.
     pub records: Vec<Record>,
@@ -71,33 +52,34 @@ pub(super) struct Committed {
 }
 
 /// What [`Pipeline::start`] did with a batch.
-pub(super) enum Started {
+pub(super) enum Started<H> {
     /// Batches whose commits returned, oldest first, to release: the one
     /// that was in flight, and this one when it had nothing to write.
-    Done([Option<Committed>; 2]),
+    Done([Option<Committed<H>>; 2]),
     /// The commit in flight failed: release it (its callers get the error)
     /// and refuse this batch, which was not committed.
     AfterFailure {
         /// The batch whose commit failed.
-        failed: Committed,
+        failed: Committed<H>,
         /// The batch that was not committed.
-        refused: Held,
+        refused: H,
     },
 }
 
 /// The commit in flight and the effects it holds.
-struct InFlight {
+struct InFlight<H> {
     commit: JoinHandle<(Vec<Record>, Result<(), StoreError>)>,
-    held: Held,
+    held: H,
 }
 
-/// The store and the one commit in flight. See the module docs.
-pub(super) struct Pipeline {
+/// The store and the one commit in flight, holding back `H` per batch.
+/// See the module docs.
+pub(super) struct Pipeline<H> {
     store: Arc<dyn Store>,
-    in_flight: Option<InFlight>,
+    in_flight: Option<InFlight<H>>,
 }
 
-impl Pipeline {
+impl<H: Default> Pipeline<H> {
     /// An idle pipeline into `store`.
     pub fn new(store: Arc<dyn Store>) -> Self {
         Pipeline {
@@ -115,7 +97,7 @@ impl Pipeline {
     /// commit, and hands back what may leave now. Starting the next commit
     /// before releasing the previous one's effects keeps the store idle as
     /// little as possible; the order of release stays the commit order.
-    pub async fn start(&mut self, batch: Batch) -> Started {
+    pub async fn start(&mut self, batch: Batch<H>) -> Started<H> {
         let previous = match self.in_flight.take() {
             Some(mut in_flight) => Some(wait_for(&mut in_flight).await),
             None => None,
@@ -153,7 +135,7 @@ impl Pipeline {
     /// Waits for the commit in flight to return; never resolves when there
     /// is none. Cancel-safe: dropped before it resolves, the commit stays
     /// in flight.
-    pub async fn returned(&mut self) -> Committed {
+    pub async fn returned(&mut self) -> Committed<H> {
         let Some(in_flight) = self.in_flight.as_mut() else {
             return std::future::pending().await;
         };
@@ -163,7 +145,7 @@ impl Pipeline {
     }
 
     /// Waits for the commit in flight, if any.
-    pub async fn flush(&mut self) -> Option<Committed> {
+    pub async fn flush(&mut self) -> Option<Committed<H>> {
         match self.in_flight.take() {
             Some(mut in_flight) => Some(wait_for(&mut in_flight).await),
             None => None,
@@ -173,7 +155,7 @@ impl Pipeline {
 
 /// Waits for `in_flight`'s commit and pairs the result with its effects
 /// (taken only once the commit returned, so dropping this early is safe).
-async fn wait_for(in_flight: &mut InFlight) -> Committed {
+async fn wait_for<H: Default>(in_flight: &mut InFlight<H>) -> Committed<H> {
     let (records, result) = join(&mut in_flight.commit).await;
     Committed {
         held: std::mem::take(&mut in_flight.held),
@@ -225,15 +207,18 @@ mod tests {
 
     use weft_proto::{Attempt, TaskSpec, TaskState};
 
-    use super::super::tests::{Verdict, held_store};
+    use super::super::tests::{CommitVerdict, held_store};
     use super::*;
     use crate::store::{EventBody, TaskEvent, TaskRecord};
 
     type Log = Arc<Mutex<Vec<String>>>;
 
+    /// What a test batch holds back: its callers.
+    type Replies = Vec<Reply>;
+
     /// A batch writing `records` whose one reply logs `name` (or
     /// `name!` when it is answered with an error).
-    fn batch(records: Vec<Record>, log: &Log, name: &'static str) -> Batch {
+    fn batch(records: Vec<Record>, log: &Log, name: &'static str) -> Batch<Replies> {
         let log = Arc::clone(log);
         let reply: Reply = Box::new(move |failed| {
             let entry = match failed {
@@ -244,18 +229,26 @@ mod tests {
         });
         Batch {
             records,
-            held: Held {
-                replies: vec![reply],
-                ..Held::default()
-            },
+            held: vec![reply],
+        }
+    }
+
+    /// Starts `batch` on `pipeline`, which must take it (no commit failed).
+    async fn start(
+        pipeline: &mut Pipeline<Replies>,
+        batch: Batch<Replies>,
+    ) -> [Option<Committed<Replies>>; 2] {
+        match pipeline.start(batch).await {
+            Started::Done(done) => done,
+            Started::AfterFailure { .. } => panic!("refused"),
         }
     }
 
     /// Answers the replies of what came back, as the driver would.
-    fn release(done: [Option<Committed>; 2]) {
+    fn release(done: [Option<Committed<Replies>>; 2]) {
         for committed in done.into_iter().flatten() {
             let err = committed.result.err();
-            for reply in committed.held.replies {
+            for reply in committed.held {
                 reply(err.as_ref());
             }
         }
@@ -272,27 +265,25 @@ mod tests {
         let log = Log::default();
         let (a, b) = (TaskId::new(), TaskId::new());
 
-        let Started::Done(done) = pipeline
-            .start(batch(vec![task(a, TaskState::Queued)], &log, "a"))
-            .await
-        else {
-            panic!("refused");
-        };
+        let done = start(
+            &mut pipeline,
+            batch(vec![task(a, TaskState::Queued)], &log, "a"),
+        )
+        .await;
         assert!(
             done.iter().all(Option::is_none),
             "a came back before its commit"
         );
         assert!(pipeline.is_busy());
         gate.held().await;
-        gate.release(Verdict::Commit);
+        gate.release(CommitVerdict::Commit);
 
         // b's commit starts only once a's returned; a comes back then.
-        let Started::Done(done) = pipeline
-            .start(batch(vec![task(b, TaskState::Queued)], &log, "b"))
-            .await
-        else {
-            panic!("refused");
-        };
+        let done = start(
+            &mut pipeline,
+            batch(vec![task(b, TaskState::Queued)], &log, "b"),
+        )
+        .await;
         release(done);
         assert_eq!(logged(&log), ["a"]);
         assert!(
@@ -302,10 +293,8 @@ mod tests {
         gate.held().await;
 
         // Nothing to write: it still waits for b, and comes back after it.
-        gate.release(Verdict::Commit);
-        let Started::Done(done) = pipeline.start(batch(Vec::new(), &log, "c")).await else {
-            panic!("refused");
-        };
+        gate.release(CommitVerdict::Commit);
+        let done = start(&mut pipeline, batch(Vec::new(), &log, "c")).await;
         release(done);
         assert_eq!(logged(&log), ["a", "b", "c"]);
         assert!(!pipeline.is_busy());
@@ -318,15 +307,14 @@ mod tests {
         let mut pipeline = Pipeline::new(Arc::clone(&store) as Arc<dyn Store>);
         let log = Log::default();
         let (a, b) = (TaskId::new(), TaskId::new());
-        let Started::Done(done) = pipeline
-            .start(batch(vec![task(a, TaskState::Queued)], &log, "a"))
-            .await
-        else {
-            panic!("refused");
-        };
+        let done = start(
+            &mut pipeline,
+            batch(vec![task(a, TaskState::Queued)], &log, "a"),
+        )
+        .await;
         release(done);
         gate.held().await;
-        gate.release(Verdict::Fail);
+        gate.release(CommitVerdict::Fail);
 
         let started = pipeline
             .start(batch(vec![task(b, TaskState::Queued)], &log, "b"))
@@ -336,11 +324,11 @@ mod tests {
         };
         let err = failed.result.err();
         assert!(err.is_some());
-        for reply in failed.held.replies {
+        for reply in failed.held {
             reply(err.as_ref());
         }
-        if let Some(err) = &err {
-            refused.refuse(err);
+        for reply in refused {
+            reply(err.as_ref());
         }
         assert_eq!(logged(&log), ["a!", "b!"]);
         assert!(!pipeline.is_busy(), "something is still committing");

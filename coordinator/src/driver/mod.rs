@@ -24,7 +24,8 @@
 //!
 //! This file is the run loop and its stages (prepare a batch, start its
 //! commit, await the commit in flight, release a committed batch's
-//! effects) and what each command does to the scheduler; no I/O of its own
+//! effects), what a batch holds back (`Held`, which the pipeline carries
+//! without looking at) and what each command does to the scheduler; no I/O of its own
 //! beyond handing batches to the pipeline.
 
 mod commit;
@@ -35,6 +36,7 @@ mod sessions;
 mod tests;
 mod watch;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -47,15 +49,36 @@ use weft_proto::{TaskId, TaskSpec};
 use crate::config::CoordinatorConfig;
 use crate::error::Error;
 use crate::scheduler::{
-    ClusterStats, Effects, NodeInfo, NodeRegistration, Now, Scheduler, SessionId,
+    ClusterStats, Effects, NodeInfo, NodeOut, NodeRegistration, Now, Scheduler, SessionId,
 };
 use crate::store::{Store, StoreError};
-use commit::{Batch, Committed, Held, Pipeline, Reply, Started, coalesce};
+use commit::{Batch, Committed, Pipeline, Reply, Started, coalesce};
 pub(crate) use inbox::{Command, Handle, NodeTx, ToNode};
 use retention::Retention;
 use sessions::Sessions;
 use watch::Watchers;
 pub(crate) use watch::{follow, wait_final};
+
+/// A batch's effects, held back in the commit pipeline until its commit
+/// returned.
+#[derive(Default)]
+struct Held {
+    /// Messages per node session.
+    nodes: BTreeMap<SessionId, NodeOut>,
+    /// Sessions to close.
+    disconnect: Vec<SessionId>,
+    /// Callers to answer.
+    replies: Vec<Reply>,
+}
+
+impl Held {
+    /// Answers every caller with `err`; nothing else leaves.
+    fn refuse(self, err: &StoreError) {
+        for reply in self.replies {
+            reply(Some(err));
+        }
+    }
+}
 
 /// Reads the scheduler as of the end of its batch, before the next batch
 /// is applied; the answer then waits for the commit like any [`Reply`].
@@ -67,7 +90,7 @@ pub(crate) struct Driver {
     store: Arc<dyn Store>,
     inbox: mpsc::Receiver<Command>,
     config: Arc<CoordinatorConfig>,
-    pipeline: Pipeline,
+    pipeline: Pipeline<Held>,
     sessions: Sessions,
     watchers: Watchers,
     retention: Retention,
@@ -193,7 +216,7 @@ impl Driver {
 
     /// Applies a batch of commands (and a tick) to the scheduler and takes
     /// what it produced: the records to commit and the effects they hold.
-    fn prepare(&mut self, commands: &mut Vec<Command>) -> Batch {
+    fn prepare(&mut self, commands: &mut Vec<Command>) -> Batch<Held> {
         let now = now();
         self.scheduler.tick(now);
         let mut replies: Vec<Reply> = Vec::new();
@@ -220,7 +243,7 @@ impl Driver {
 
     /// Hands a prepared batch to the pipeline and releases what it hands
     /// back. Returns false when a commit failed (the coordinator stops).
-    async fn start_commit(&mut self, batch: Batch) -> bool {
+    async fn start_commit(&mut self, batch: Batch<Held>) -> bool {
         match self.pipeline.start(batch).await {
             Started::Done(done) => {
                 let mut ok = true;
@@ -252,7 +275,7 @@ impl Driver {
     /// Lets a committed batch's effects leave: replies, node messages,
     /// events for watchers, closed sessions. On a failed commit, fails the
     /// replies, sends nothing else and stops the coordinator.
-    fn release_effects(&mut self, committed: Committed) -> bool {
+    fn release_effects(&mut self, committed: Committed<Held>) -> bool {
         let Committed {
             held,
             records,

@@ -46,7 +46,7 @@ async fn soon<T>(what: &str, future: impl Future<Output = T>) -> T {
 }
 
 /// How a held commit ends.
-pub(super) enum Verdict {
+pub(super) enum CommitVerdict {
     Commit,
     Fail,
 }
@@ -56,14 +56,14 @@ pub(super) enum Verdict {
 pub(super) struct HeldStore {
     memory: MemoryStore,
     entered: mpsc::UnboundedSender<Vec<Record>>,
-    verdicts: Mutex<std_mpsc::Receiver<Verdict>>,
+    verdicts: Mutex<std_mpsc::Receiver<CommitVerdict>>,
 }
 
 /// The test's end of a [`HeldStore`].
 pub(super) struct Gate {
     /// Each held commit's records, as it starts.
     pub(super) entered: mpsc::UnboundedReceiver<Vec<Record>>,
-    verdicts: std_mpsc::Sender<Verdict>,
+    verdicts: std_mpsc::Sender<CommitVerdict>,
 }
 
 impl Gate {
@@ -74,7 +74,7 @@ impl Gate {
             .unwrap_or_else(|| panic!("the store is gone"))
     }
 
-    pub(super) fn release(&self, verdict: Verdict) {
+    pub(super) fn release(&self, verdict: CommitVerdict) {
         self.verdicts
             .send(verdict)
             .unwrap_or_else(|_| panic!("no commit waits"));
@@ -104,10 +104,10 @@ impl Store for HeldStore {
             .lock()
             .map_err(|_| StoreError::Poisoned)?
             .recv()
-            .unwrap_or(Verdict::Fail);
+            .unwrap_or(CommitVerdict::Fail);
         match verdict {
-            Verdict::Commit => self.memory.commit(records),
-            Verdict::Fail => Err(StoreError::Backend {
+            CommitVerdict::Commit => self.memory.commit(records),
+            CommitVerdict::Fail => Err(StoreError::Backend {
                 op: "committing",
                 message: "disk full".into(),
             }),
@@ -359,7 +359,7 @@ async fn nothing_of_a_batch_leaves_before_its_commit_returned() {
     assert!(acked.try_recv().is_err(), "acknowledged before the commit");
     assert!(h.node.try_recv().is_err(), "assigned before the commit");
 
-    gate.release(Verdict::Commit);
+    gate.release(CommitVerdict::Commit);
     let id = ids(soon("Submit", acked).await)[0];
     assert_eq!(tasks_in(&records), [id]);
     assert_eq!(assigned(h.next_message().await), [id]);
@@ -370,7 +370,7 @@ async fn nothing_of_a_batch_leaves_before_its_commit_returned() {
     gate.held().await;
     h.applied().await;
     assert!(events.try_recv().is_err(), "published before the commit");
-    gate.release(Verdict::Commit);
+    gate.release(CommitVerdict::Commit);
     let running = soon("Running", events.recv()).await;
     assert_eq!(
         running.as_ref().and_then(state_of),
@@ -386,7 +386,7 @@ async fn batches_leave_in_commit_order() {
     h.credits(1);
     let first = h.submit("a");
     gate.held().await;
-    gate.release(Verdict::Commit);
+    gate.release(CommitVerdict::Commit);
     let a = ids(soon("Submit", first).await)[0];
     assert_eq!(assigned(h.next_message().await), [a]);
     let mut events = h.watch(a).await;
@@ -397,7 +397,7 @@ async fn batches_leave_in_commit_order() {
     let second = gate.held().await;
     let mut third = h.submit("b");
     h.applied().await;
-    gate.release(Verdict::Commit);
+    gate.release(CommitVerdict::Commit);
     let third_records = gate.held().await;
     assert_eq!(tasks_in(&second), [a], "batch 2 is a's");
     // Batch 2's effects are out while batch 3 is still being committed.
@@ -414,7 +414,7 @@ async fn batches_leave_in_commit_order() {
         third.try_recv().is_err(),
         "batch 3 acknowledged before its commit"
     );
-    gate.release(Verdict::Commit);
+    gate.release(CommitVerdict::Commit);
     let b = ids(soon("Submit", third).await)[0];
     assert_eq!(tasks_in(&third_records), [b], "batch 3 is b's");
     h.stop().await;
@@ -430,7 +430,7 @@ async fn a_failed_commit_sends_nothing_of_its_batch_and_stops_the_driver() {
     // Applied while the failing commit is held: never committed.
     let second = h.submit("b");
     h.applied().await;
-    gate.release(Verdict::Fail);
+    gate.release(CommitVerdict::Fail);
 
     match soon("Submit a", first).await {
         Ok(Err(Error::Store(StoreError::Backend { message, .. }))) => {

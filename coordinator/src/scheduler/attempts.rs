@@ -9,7 +9,7 @@ use bytes::Bytes;
 use weft_proto::{Attempt, NodeId, Outcome, TaskId, TaskState};
 
 use super::registry::SessionId;
-use super::retry::{Setback, Verdict};
+use super::retry::Verdict;
 use super::{NodeEventBody, NodeTaskEvent, Now, Scheduler};
 use crate::store::EventBody;
 
@@ -126,18 +126,13 @@ impl Scheduler {
         };
         match outcome {
             Outcome::Succeeded => {}
-            Outcome::Failed => match self.retry.judge(task, Setback::Failed, max) {
-                Verdict::Requeue { delay } => {
-                    let next = attempt + 1;
-                    let reason = match delay {
-                        Some(delay) => format!(
-                            "attempt {attempt} failed: {error}; retrying as attempt {next} in {delay:?}"
-                        ),
-                        None => {
-                            format!("attempt {attempt} failed: {error}; retrying as attempt {next}")
-                        }
-                    };
-                    self.requeue(id, delay, node_ref, reason, now);
+            Outcome::Failed => match self.retry.after_failure(task, max) {
+                Verdict::Requeue(delay) => {
+                    let reason = format!(
+                        "attempt {attempt} failed: {error}; retrying as attempt {} in {delay:?}",
+                        attempt + 1
+                    );
+                    self.requeue(id, Some(delay), node_ref, reason, now);
                 }
                 Verdict::Fail => {
                     let error = format!("{error} (attempt {attempt} of {max})");
@@ -178,13 +173,13 @@ impl Scheduler {
                 let name = node_ref
                     .as_ref()
                     .map_or_else(|| "?".to_owned(), |(_, n)| n.to_string());
-                match self.retry.judge(task, Setback::NodeLost, max) {
-                    Verdict::Requeue { delay } => {
+                match self.retry.after_node_loss(task, max) {
+                    Verdict::Requeue(()) => {
                         let reason = format!(
                             "attempt {attempt} cancelled by node {name}; retrying as attempt {}",
                             attempt + 1
                         );
-                        self.requeue(id, delay, node_ref, reason, now);
+                        self.requeue(id, None, node_ref, reason, now);
                     }
                     Verdict::Fail => {
                         let error = format!(
@@ -220,7 +215,7 @@ impl Scheduler {
             .spec
             .template(self.queue.example(task.class))
             .max_attempts;
-        let verdict = self.retry.judge(task, Setback::NodeLost, max);
+        let verdict = self.retry.after_node_loss(task, max);
         task.last_outcome = None;
         if task.state == TaskState::Running {
             task.add_lost_node((node_id, std::sync::Arc::clone(node_name)));
@@ -239,12 +234,12 @@ impl Scheduler {
         }
         let node = Some((node_id, std::sync::Arc::clone(node_name)));
         match verdict {
-            Verdict::Requeue { delay } => {
+            Verdict::Requeue(()) => {
                 let reason = format!(
                     "node {node_name} lost; retrying as attempt {}",
                     attempt.0 + 1
                 );
-                self.requeue(id, delay, node, reason, now);
+                self.requeue(id, None, node, reason, now);
             }
             Verdict::Fail => {
                 let error = format!(

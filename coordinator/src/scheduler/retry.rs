@@ -4,9 +4,11 @@
 //! requeued as its next attempt (after a backoff for failures, at once for
 //! node losses), otherwise it ends FAILED.
 //!
-//! A plain function of the task's counters: the callers say why the
-//! attempt ended and word the reason; what happens to the task (requeue,
-//! finalize) is theirs. Not covered here: a client's cancel, a failure to
+//! Plain functions of the task's counters: the callers say why the
+//! attempt ended (by the method they call) and word the reason; what
+//! happens to the task (requeue, finalize) is theirs. The types say what a
+//! requeue waits for, so a failure cannot be retried without its backoff.
+//! Not covered here: a client's cancel, a failure to
 //! start and a timeout end the task whatever its counters say, and the
 //! poison rule (`--max-node-losses`) may fail a task the rule would retry.
 
@@ -14,24 +16,14 @@ use std::time::Duration;
 
 use super::task::LiveTask;
 
-/// How an attempt ended short of success, as the rule counts it.
+/// What becomes of the task after a setback.
+///
+/// `D` is what its retry waits for: the backoff (a `Duration`) after a
+/// failure, nothing (`()`) after a node loss, which is retried at once.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Setback {
-    /// The attempt failed: a failure; the retry waits out the backoff.
-    Failed,
-    /// The attempt went down with its node, or the node cancelled it
-    /// while draining: a node loss, not the task's fault; retried at once.
-    NodeLost,
-}
-
-/// What becomes of the task.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Verdict {
-    /// Requeue it as the next attempt, after `delay` or (`None`) at once.
-    Requeue {
-        /// The retry backoff, for failures.
-        delay: Option<Duration>,
-    },
+pub(crate) enum Verdict<D> {
+    /// Requeue it as the next attempt, after the wait.
+    Requeue(D),
     /// No attempts left: it ends FAILED.
     Fail,
 }
@@ -46,23 +38,32 @@ pub(crate) struct RetryRule {
 }
 
 impl RetryRule {
-    /// Counts `setback` against `task` (its current attempt just ended)
-    /// and decides: requeue while failures + node losses are below
-    /// `max_attempts`, else fail.
-    pub fn judge(&self, task: &mut LiveTask, setback: Setback, max_attempts: u32) -> Verdict {
-        match setback {
-            Setback::Failed => task.failures += 1,
-            Setback::NodeLost => task.node_losses += 1,
-        }
-        if task.failures.saturating_add(task.node_losses) >= max_attempts {
+    /// Counts a failure of `task`'s current attempt and decides: requeue
+    /// after the backoff while attempts remain, else fail.
+    pub fn after_failure(&self, task: &mut LiveTask, max_attempts: u32) -> Verdict<Duration> {
+        task.failures += 1;
+        if out_of_attempts(task, max_attempts) {
             return Verdict::Fail;
         }
-        let delay = match setback {
-            Setback::Failed => Some(backoff(self.backoff_base, self.backoff_max, task.attempt)),
-            Setback::NodeLost => None,
-        };
-        Verdict::Requeue { delay }
+        Verdict::Requeue(backoff(self.backoff_base, self.backoff_max, task.attempt))
     }
+
+    /// Counts a node loss of `task`'s current attempt (it went down with
+    /// its node, or the node cancelled it while draining: not the task's
+    /// fault) and decides: requeue at once while attempts remain, else fail.
+    pub fn after_node_loss(&self, task: &mut LiveTask, max_attempts: u32) -> Verdict<()> {
+        task.node_losses += 1;
+        if out_of_attempts(task, max_attempts) {
+            return Verdict::Fail;
+        }
+        Verdict::Requeue(())
+    }
+}
+
+/// The rule itself: failures and node losses together have used up the
+/// spec's `max_attempts`.
+fn out_of_attempts(task: &LiveTask, max_attempts: u32) -> bool {
+    task.failures.saturating_add(task.node_losses) >= max_attempts
 }
 
 /// The delay before retrying after attempt `attempt` failed: `base`
@@ -108,17 +109,17 @@ mod tests {
     #[test]
     fn a_failure_is_retried_after_the_backoff_while_attempts_remain() {
         let mut t = task(2, 1, 0);
-        let verdict = RULE.judge(&mut t, Setback::Failed, 3);
-        let delay = Some(Duration::from_millis(200));
-        assert_eq!(verdict, Verdict::Requeue { delay });
+        let verdict = RULE.after_failure(&mut t, 3);
+        let delay = Duration::from_millis(200);
+        assert_eq!(verdict, Verdict::Requeue(delay));
         assert_eq!((t.failures, t.node_losses), (2, 0));
     }
 
     #[test]
     fn a_node_loss_is_retried_at_once_and_counted_apart() {
         let mut t = task(1, 0, 0);
-        let verdict = RULE.judge(&mut t, Setback::NodeLost, 3);
-        assert_eq!(verdict, Verdict::Requeue { delay: None });
+        let verdict = RULE.after_node_loss(&mut t, 3);
+        assert_eq!(verdict, Verdict::Requeue(()));
         assert_eq!((t.failures, t.node_losses), (0, 1));
     }
 
@@ -126,12 +127,13 @@ mod tests {
     fn failures_and_node_losses_together_use_up_the_attempts() {
         // One failure and one node loss before: the third setback, of
         // either kind, is the last of three attempts.
-        for setback in [Setback::Failed, Setback::NodeLost] {
-            let mut t = task(3, 1, 1);
-            assert_eq!(RULE.judge(&mut t, setback, 3), Verdict::Fail, "{setback:?}");
-            assert_eq!(t.failures + t.node_losses, 3);
-        }
+        let mut t = task(3, 1, 1);
+        assert_eq!(RULE.after_failure(&mut t, 3), Verdict::Fail, "Failed");
+        assert_eq!(t.failures + t.node_losses, 3);
+        let mut t = task(3, 1, 1);
+        assert_eq!(RULE.after_node_loss(&mut t, 3), Verdict::Fail, "NodeLost");
+        assert_eq!(t.failures + t.node_losses, 3);
         let mut once = task(1, 0, 0);
-        assert_eq!(RULE.judge(&mut once, Setback::Failed, 1), Verdict::Fail);
+        assert_eq!(RULE.after_failure(&mut once, 1), Verdict::Fail);
     }
 }

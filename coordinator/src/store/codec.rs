@@ -13,10 +13,8 @@ use std::time::SystemTime;
 
 use prost::Message;
 
-use weft_proto::convert::{duration_to_pb, system_time, timestamp};
-use weft_proto::{
-    Attempt, NodeId, Outcome, OutputStream, TaskId, TaskKind, TaskSpec, TaskState, pb,
-};
+use weft_proto::convert::{system_time, timestamp};
+use weft_proto::{Attempt, NodeId, Outcome, OutputStream, TaskId, TaskSpec, TaskState, pb};
 
 use super::engine::StoreError;
 use super::record::{EventBody, TaskEvent, TaskRecord};
@@ -30,48 +28,13 @@ pub(crate) fn task_to_pb(record: &TaskRecord) -> pb::Task {
     task
 }
 
-/// A spec's wire form, built from a borrow: the same message as
-/// `pb::TaskSpec::from(spec.clone())` without first copying the whole
-/// spec (its maps and strings) only to take it apart. Used for every
-/// stored task record and every assignment sent to a node.
-pub(crate) fn spec_to_pb(spec: &TaskSpec) -> pb::TaskSpec {
-    let kind = match &spec.kind {
-        TaskKind::Exec(exec) => pb::task_spec::Kind::Exec(pb::ExecSpec {
-            argv: exec.argv.clone(),
-            env: exec
-                .env
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
-            cwd: exec.cwd.clone().unwrap_or_default(),
-            stdin: exec.stdin.clone(),
-        }),
-        TaskKind::Call(call) => pb::task_spec::Kind::Call(pb::CallSpec {
-            handler: call.handler.clone(),
-            input: call.input.clone(),
-        }),
-    };
-    pb::TaskSpec {
-        kind: Some(kind),
-        slots: spec.slots,
-        labels: spec
-            .labels
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect(),
-        timeout: spec.timeout.map(duration_to_pb),
-        max_attempts: spec.max_attempts,
-        name: spec.name.clone(),
-    }
-}
-
 /// The stored part of a task's wire form: no id, pending reason or
 /// `next_seq` (the key and the event log say them), and the spec only
 /// when `with_spec`. Builds no string it would throw away.
 fn stored_task_pb(record: &TaskRecord, with_spec: bool) -> pb::Task {
     pb::Task {
         id: String::new(),
-        spec: with_spec.then(|| spec_to_pb(&record.spec)),
+        spec: with_spec.then(|| pb::TaskSpec::from(&*record.spec)),
         state: i32::from(record.state),
         attempt: record.attempt.0,
         node_id: record.node_id.map(|n| n.to_string()).unwrap_or_default(),
@@ -390,7 +353,7 @@ mod tests {
             .slots(2);
         let call = TaskSpec::call("noop", Bytes::from_static(b"in")).label("gpu", "1");
         for spec in [exec, call] {
-            assert_eq!(spec_to_pb(&spec), pb::TaskSpec::from(spec.clone()));
+            assert_eq!(pb::TaskSpec::from(&spec), pb::TaskSpec::from(spec.clone()));
         }
     }
 

@@ -11,6 +11,18 @@
 //! Reads and commits may touch the disk: async callers run them on the
 //! blocking pool (the crate-private `store::blocking` helper), never on a
 //! runtime worker.
+//!
+//! Layout:
+//! - `record` — what is stored: [`TaskRecord`], [`TaskEvent`] and
+//!   [`EventBody`], [`Record`] (one write), [`Loaded`] (what a restart
+//!   reads back).
+//! - `engine` — the [`Store`] trait every engine implements,
+//!   [`StoreError`], and the blocking-pool helper.
+//! - `codec` — records <-> protobuf bytes, and a record's wire form for
+//!   the services.
+//! - [`redb`] — [`RedbStore`], the durable store (one file).
+//! - [`memory`] — [`MemoryStore`], the in-memory store (tests, `weft local`,
+//!   `--in-memory`).
 
 pub(crate) mod codec;
 mod engine;

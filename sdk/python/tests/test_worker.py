@@ -375,24 +375,24 @@ def test_redelivery_keeps_results_within_its_window_and_bounds(monkeypatch):
     from weft.worker import outbox as worker_mod
     from weft._proto import node_pb2
 
-    w = weft.Worker("http://127.0.0.1:1", slots=1)
+    box = worker_mod.Outbox()
     monkeypatch.setattr(worker_mod, "REDELIVER_MAX", 3)
     monkeypatch.setattr(worker_mod, "REDELIVER_MAX_BYTES", 10)
 
     def sent(task_id: str, at: float, output: bytes = b"") -> None:
         event = node_pb2.NodeTaskEvent(task_id=task_id, attempt=1, finished=node_pb2.Finished(output=output))
-        w._redeliver[(task_id, 1)] = (at, event)
-        w._redeliver_bytes += len(output)
-        w._prune_redelivery(at)
+        box.redeliver[(task_id, 1)] = (at, event)
+        box.redeliver_bytes += len(output)
+        box.prune(at)
 
     for i in range(4):
         sent(f"t{i}", at=100.0)
-    assert [k for k, _ in w._redeliver] == ["t1", "t2", "t3"], "at most REDELIVER_MAX, oldest dropped"
+    assert [k for k, _ in box.redeliver] == ["t1", "t2", "t3"], "at most REDELIVER_MAX, oldest dropped"
     sent("big", at=100.0, output=b"x" * 8)
     sent("bigger", at=100.0, output=b"y" * 8)
-    assert "big" not in [k for k, _ in w._redeliver] and w._redeliver_bytes <= 10
-    w._prune_redelivery(100.0 + worker_mod.REDELIVER_WINDOW + 1)
-    assert not w._redeliver and w._redeliver_bytes == 0, "past the window: nothing kept"
+    assert "big" not in [k for k, _ in box.redeliver] and box.redeliver_bytes <= 10
+    box.prune(100.0 + worker_mod.REDELIVER_WINDOW + 1)
+    assert not box.redeliver and box.redeliver_bytes == 0, "past the window: nothing kept"
 
 
 def test_the_reaper_keeps_groups_started_and_not_gone():

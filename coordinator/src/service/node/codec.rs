@@ -16,7 +16,6 @@ use weft_proto::{Attempt, NodeId, Outcome, OutputStream, PROTOCOL_VERSION, TaskI
 use crate::driver::ToNode;
 use crate::error::Error;
 use crate::scheduler::{NodeEventBody, NodeRegistration, NodeTaskEvent};
-use crate::store::codec::spec_to_pb;
 
 /// A node's `Register`, validated.
 pub(super) fn registration(register: pb::Register) -> Result<NodeRegistration, Error> {
@@ -149,7 +148,7 @@ pub(super) fn to_node(message: ToNode) -> Result<pb::CoordinatorMessage, Status>
                 .map(|a| pb::Assignment {
                     task_id: a.task_id.to_string(),
                     attempt: a.attempt.0,
-                    spec: Some(spec_to_pb(&a.spec)),
+                    spec: Some(pb::TaskSpec::from(&*a.spec)),
                 })
                 .collect(),
         }),

@@ -29,7 +29,8 @@ Layout (each module mirrors the Rust node's file of the same name, so a
 protocol change touches same-named files on both sides):
 
 - ``node.py``: :class:`Worker`, settings, serving, drain (``lib.rs``)
-- ``session.py``: the Connect stream, Register/Registered, heartbeats, reconnect
+- ``session.py``: the Connect stream, Register/Registered, heartbeats
+- ``reconnect.py``: one session after another, the reconnect backoff
 - ``outbox.py``: outgoing queue, event batches, redelivery window, credit grants
 - ``slots.py``: slot accounting and the draining flag, plain state
 - ``attempt.py``: running attempts, stop reasons, the Finished, :class:`Context`

@@ -4,9 +4,9 @@ signals), and supervises a drain.
 
 The counterpart of ``node/src/lib.rs`` (``start``, ``RunningNode``). It
 wires the parts together and owns none of their logic: the stream is
-``session.py``'s, outgoing messages ``outbox.py``'s, attempts
-``attempt.py``'s, slot counts ``slots.py``'s, handlers ``handlers.py``'s
-and the reaper ``reaper.py``'s. Nothing in those modules imports this one.
+``session.py``'s, reconnecting ``reconnect.py``'s, outgoing messages
+``outbox.py``'s, attempts ``attempt.py``'s, slot counts ``slots.py``'s,
+handlers ``handlers.py``'s and the reaper ``reaper.py``'s. Nothing in those modules imports this one.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from .attempt import Attempts
 from .handlers import Handler, Handlers
 from .outbox import Outbox
 from .reaper import Reaper
+from .reconnect import run as reconnect
 from .session import Sessions
 from .slots import Slots
 
@@ -156,7 +157,7 @@ class Worker:
         reaper = Reaper()
         self._attempts.start(self._loop, self._spawn, threads, processes, reaper)
         try:
-            await self._sessions.run(self._stopped)
+            await reconnect(self._sessions, self, self._slots, self._stopped)
         finally:
             self._stopped.set()
             self._kill_everything()
@@ -234,20 +235,3 @@ class Worker:
         self._attempts.kill_all()
         if self._attempts.processes is not None:
             self._attempts.processes.shutdown()
-
-    # -- the redelivery window, as tests of the single-module worker knew it --
-
-    @property
-    def _redeliver(self):
-        return self._outbox.redeliver
-
-    @property
-    def _redeliver_bytes(self) -> int:
-        return self._outbox.redeliver_bytes
-
-    @_redeliver_bytes.setter
-    def _redeliver_bytes(self, value: int) -> None:
-        self._outbox.redeliver_bytes = value
-
-    def _prune_redelivery(self, now: float) -> None:
-        self._outbox.prune(now)

@@ -1,21 +1,19 @@
 """The Python worker's session with the coordinator: dial, Register and
-Registered, heartbeats both ways, what the coordinator sends, and
-reconnecting with backoff when the stream ends or the coordinator falls
-silent.
+Registered, heartbeats both ways (a silent coordinator ends the stream),
+and what the coordinator sends.
 
 The counterpart of ``node/src/session.rs``. One ``NodeService.Connect``
-stream per :class:`Session`; :meth:`Sessions.run` reconnects until the
-worker stops. Outgoing messages come from the outbox (``outbox.py``),
-which also keeps what must survive a reconnect; ``Assign`` and ``Cancel``
-go to the attempts (``attempt.py``). It must not run or finish attempts
-itself, nor batch events.
+stream per :class:`Session`, run by :meth:`Sessions.run_session`;
+reconnecting with backoff is ``reconnect.py``'s. Outgoing messages come
+from the outbox (``outbox.py``), which also keeps what must survive a
+reconnect; ``Assign`` and ``Cancel`` go to the attempts (``attempt.py``).
+It must not run or finish attempts itself, nor batch events.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from typing import Callable, List, Optional
 
@@ -64,10 +62,10 @@ class Sessions:
     """The worker's sessions, one after another, and what outlives them
     (the node id, the first registration).
 
-    ``worker`` is read for its public settings at each Register and
-    reconnect (``coordinator``, ``name``, ``labels``, ``slots``,
-    ``handlers``, ``reconnect_min``/``reconnect_max``); ``start_drain`` is
-    called on a Drain, ``spawn`` starts a task the worker tracks."""
+    ``worker`` is read for its public settings at each Register
+    (``coordinator``, ``name``, ``labels``, ``slots``, ``handlers``);
+    ``start_drain`` is called on a Drain, ``spawn`` starts a task the
+    worker tracks."""
 
     def __init__(self, worker, attempts: Attempts, outbox: Outbox, slots: Slots, start_drain: Callable, spawn: Callable):
         self._worker = worker
@@ -91,35 +89,10 @@ class Sessions:
             session.closing = session.dropped = True
             session.call.cancel()
 
-    async def run(self, stopped: asyncio.Event) -> None:
-        """Connects, serves and reconnects with backoff until ``stopped``;
-        raises the coordinator's refusal as a typed error."""
-        backoff = self._worker.reconnect_min
-        while not stopped.is_set():
-            started = time.monotonic()
-            try:
-                await self._run_session()
-            except Fatal as e:
-                raise e.error from None
-            except Exception as e:  # noqa: BLE001 - any session failure reconnects
-                log.warning("session ended: %s", e)
-            if stopped.is_set():
-                break
-            if self._slots.draining:
-                # The drain finishes locally and stops the worker.
-                await stopped.wait()
-                break
-            if time.monotonic() - started > 5.0:
-                backoff = self._worker.reconnect_min
-            delay = backoff * (0.5 + random.random() / 2)
-            backoff = min(self._worker.reconnect_max, max(backoff * 2, self._worker.reconnect_min))
-            log.info("reconnecting in %.2fs", delay)
-            try:
-                await asyncio.wait_for(stopped.wait(), delay)
-            except asyncio.TimeoutError:
-                pass
-
-    async def _run_session(self) -> None:
+    async def run_session(self) -> None:
+        """One Connect stream, from dial to its end: returns when it closed
+        cleanly, raises :class:`Fatal` when the coordinator refused this
+        worker, and any other error when the stream was lost."""
         worker, outbox = self._worker, self._outbox
         session = Session()
         # Listed as running: attempts still running, finished ones whose
