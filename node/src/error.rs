@@ -2,14 +2,19 @@
 //!
 //! The node serves no gRPC itself, so there is no mapping to `Status` here;
 //! these errors are what a session ends with (logged, then the node
-//! reconnects) and what `RunningNode::drain` can answer.
+//! reconnects, unless [`Error::is_fatal`]: then it stops) and what
+//! `RunningNode::wait` and `RunningNode::drain` can answer.
 
 use std::time::Duration;
 
 /// What can go wrong in a node.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The coordinator URL does not parse as an endpoint.
+    /// The coordinator address is none of the accepted forms (`HOST:PORT`,
+    /// `http(s)://HOST:PORT`). Fatal.
+    #[error(transparent)]
+    InvalidAddress(#[from] weft_proto::AddressError),
+    /// The coordinator URL does not parse as an endpoint. Fatal.
     #[error("invalid coordinator url {url:?}: {source}")]
     InvalidUrl {
         /// The URL as configured.
@@ -52,4 +57,34 @@ pub enum Error {
     /// The node's background task panicked.
     #[error("node task panicked: {0}")]
     Panicked(String),
+}
+
+impl Error {
+    /// True when reconnecting cannot help, so the node stops: the address
+    /// is wrong.
+    pub fn is_fatal(&self) -> bool {
+        match self {
+            Error::InvalidAddress(_) | Error::InvalidUrl { .. } => true,
+            Error::Connect { .. }
+            | Error::Refused(_)
+            | Error::Protocol(_)
+            | Error::StreamClosed
+            | Error::HeartbeatTimeout(_)
+            | Error::LeaseExpired(_)
+            | Error::DrainTimedOut(_)
+            | Error::Panicked(_) => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_malformed_address_is_fatal_and_a_lost_stream_is_not() {
+        let address = weft_proto::CoordinatorAddr::parse("nope").unwrap_err();
+        assert!(Error::from(address).is_fatal());
+        assert!(!Error::StreamClosed.is_fatal());
+    }
 }

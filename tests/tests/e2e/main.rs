@@ -4,6 +4,7 @@
 //! In-process clusters need nothing else; process-mode and CLI tests need
 //! the binaries: run `cargo build --bins` first.
 
+mod addresses;
 mod cancel_and_timeout;
 mod cli;
 mod drain;
