@@ -4,8 +4,9 @@
 //! [`start`] returns a [`RunningNode`] at once; the node dials, registers
 //! and reconnects in the background until it is drained (SIGTERM,
 //! [`RunningNode::drain`], or the coordinator's `Drain`) or killed, or
-//! until reconnecting cannot help (a malformed coordinator address:
-//! [`Error::is_fatal`]), which [`RunningNode::wait`] answers.
+//! until reconnecting cannot help (a malformed coordinator address, a
+//! `Register` the coordinator refuses for good: [`Error::is_fatal`]), which
+//! [`RunningNode::wait`] answers.
 //!
 //! Layout:
 //! - `main.rs`: the `weft-node` binary: flags, tracing, signals. Nothing else.

@@ -29,7 +29,8 @@ use weft_proto::CoordinatorAddr;
 #[command(name = "weft-node", version)]
 struct Args {
     /// Coordinator address: HOST:PORT or http(s)://HOST:PORT (no scheme
-    /// means http://).
+    /// means http://). A node the coordinator refuses for good (e.g. more
+    /// --slots than its --max-node-slots) exits 1 with the reason.
     #[arg(
         long,
         env = "WEFT_COORDINATOR",

@@ -1,8 +1,8 @@
 //! The node's main loop: one session after another, reconnecting with
 //! exponential backoff and jitter while the coordinator is away, until the
 //! node is drained or killed, or meets an error reconnecting cannot fix (a
-//! malformed coordinator address: see [`Error::is_fatal`]); the lease
-//! watchdog runs beside it all along.
+//! malformed coordinator address, a `Register` refused for good: see
+//! [`Error::is_fatal`]); the lease watchdog runs beside it all along.
 //!
 //! The backoff starts again from its minimum once a session registered.
 //! Running attempts are not touched here: they carry on across reconnects
@@ -113,6 +113,7 @@ where
         match dialed {
             Ok(channel) => match session::run(ctx, channel, &mut events, &mut previous).await {
                 SessionEnd::Stopped | SessionEnd::Killed => break,
+                SessionEnd::Fatal(error) => return Err(error),
                 SessionEnd::Lost { registered, error } => {
                     ctx.node_id.send_replace(None);
                     warn!(%error, "lost the coordinator; reconnecting");

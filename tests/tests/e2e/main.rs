@@ -11,6 +11,7 @@ mod drain;
 mod failover;
 mod fencing;
 mod handlers;
+mod node_limits;
 mod node_protocol;
 mod output;
 mod scale;
