@@ -21,13 +21,14 @@ use crate::output::OutputFormat;
 #[derive(Parser, Debug)]
 #[command(name = "weft", version, after_help = exit::EXIT_CODES_HELP)]
 pub struct Args {
-    /// Coordinator URL.
+    /// Coordinator address: HOST:PORT or http(s)://HOST:PORT (no scheme
+    /// means http://); anything else is a usage error (exit 2).
     #[arg(
         long,
         global = true,
         env = "WEFT_COORDINATOR",
         default_value = "http://127.0.0.1:7070",
-        value_name = "URL"
+        value_name = "ADDRESS"
     )]
     pub coordinator: String,
     /// Output format of results on stdout.

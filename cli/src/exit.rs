@@ -82,7 +82,9 @@ pub fn for_error(err: &anyhow::Error) -> u8 {
     }
     match err.chain().find_map(|cause| cause.downcast_ref::<Error>()) {
         Some(Error::Unavailable(_)) => UNAVAILABLE,
-        Some(Error::InvalidArgument(_) | Error::InvalidUrl { .. }) => USAGE,
+        Some(Error::InvalidArgument(_) | Error::InvalidAddress(_) | Error::InvalidUrl { .. }) => {
+            USAGE
+        }
         Some(_) | None => FAILURE,
     }
 }
@@ -212,5 +214,7 @@ mod tests {
         assert_eq!(for_error(&bad), USAGE);
         assert_eq!(for_error(&anyhow::anyhow!("other")), FAILURE);
         assert_eq!(for_error(&UsageError("two inputs".into()).into()), USAGE);
+        let address = weft_proto::CoordinatorAddr::parse("x").unwrap_err();
+        assert_eq!(for_error(&Error::InvalidAddress(address).into()), USAGE);
     }
 }

@@ -29,7 +29,14 @@ pub async fn start(
     nodes: usize,
     slots: Option<u32>,
 ) -> anyhow::Result<LocalCluster> {
-    let mut cluster = LocalCluster::start(CoordinatorConfig::default(), listener).await?;
+    let defaults = CoordinatorConfig::default();
+    // Nodes and coordinator are both this command's: a node asked for
+    // more slots than the default limit raises the limit, not a refusal.
+    let config = CoordinatorConfig {
+        max_node_slots: defaults.max_node_slots.max(slots.unwrap_or(0)),
+        ..defaults
+    };
+    let mut cluster = LocalCluster::start(config, listener).await?;
     for i in 1..=nodes {
         let mut config = cluster.node_config();
         config.name = format!("local-{i}");

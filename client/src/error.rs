@@ -9,7 +9,7 @@
 
 use tonic::{Code, Status};
 
-use weft_proto::ConversionError;
+use weft_proto::{AddressError, ConversionError};
 
 /// What went wrong talking to the coordinator.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -46,7 +46,12 @@ pub enum Error {
     /// does not understand. Not retryable.
     #[error("internal error: {0}")]
     Internal(String),
-    /// The coordinator URL does not parse. Not retryable.
+    /// The coordinator address is none of the accepted forms (`HOST:PORT`,
+    /// `http(s)://HOST:PORT`). Not retryable.
+    #[error(transparent)]
+    InvalidAddress(#[from] AddressError),
+    /// The coordinator URL, though a valid address, was refused by the
+    /// transport. Not retryable.
     #[error("invalid coordinator URL {url:?}: {reason}")]
     InvalidUrl {
         /// The URL as given.
@@ -103,6 +108,7 @@ impl Error {
             | Error::NotFound(_)
             | Error::FailedPrecondition(_)
             | Error::Internal(_)
+            | Error::InvalidAddress(_)
             | Error::InvalidUrl { .. }
             | Error::Protocol(_)
             | Error::Other { .. } => false,

@@ -38,9 +38,9 @@ use futures::{Stream, StreamExt, TryStreamExt};
 use tonic::transport::{Channel, Endpoint};
 
 use weft_proto::convert::duration_to_pb;
-use weft_proto::pb;
 use weft_proto::pb::admin_service_client::AdminServiceClient;
 use weft_proto::pb::task_service_client::TaskServiceClient;
+use weft_proto::{CoordinatorAddr, pb};
 
 pub use error::Error;
 pub use types::{ClusterInfo, EventBody, Task, TaskEvent};
@@ -87,15 +87,13 @@ pub struct Client {
 }
 
 impl Client {
-    /// Connects to the coordinator at `url` (`http://host:port`; a bare
-    /// `host:port` means `http://`). An unreachable coordinator is an
+    /// Connects to the coordinator at `url`: `http://HOST:PORT`,
+    /// `https://HOST:PORT`, or `HOST:PORT` (the scheme is then
+    /// [`weft_proto::address::DEFAULT_SCHEME`]); anything else is an
+    /// [`Error::InvalidAddress`]. An unreachable coordinator is an
     /// [`Error::Unavailable`] within about [`CONNECT_TIMEOUT`].
     pub async fn connect(url: &str) -> Result<Client, Error> {
-        let url = if url.contains("://") {
-            url.to_owned()
-        } else {
-            format!("http://{url}")
-        };
+        let url = CoordinatorAddr::parse(url)?.url();
         let endpoint = Endpoint::from_shared(url.clone())
             .map_err(|err| Error::InvalidUrl {
                 url: url.clone(),

@@ -256,3 +256,24 @@ async fn an_unreachable_coordinator_fails_fast_with_unavailable() {
     );
     assert!(started.elapsed() < Duration::from_secs(5));
 }
+
+#[tokio::test]
+async fn a_bare_host_and_port_connects_and_garbage_is_an_invalid_address() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(TaskServiceServer::new(Scripted::default()))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let client = Client::connect(&addr.to_string()).await.unwrap();
+    assert_eq!(client.url(), format!("http://{addr}"));
+
+    let err = Client::connect("not an address").await.unwrap_err();
+    assert!(matches!(err, Error::InvalidAddress(_)), "{err:?}");
+    assert!(!err.is_retryable());
+    assert_eq!(
+        err.to_string(),
+        "invalid coordinator address 'not an address': expected HOST:PORT or http(s)://HOST:PORT"
+    );
+}

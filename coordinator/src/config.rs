@@ -40,7 +40,15 @@ pub struct CoordinatorConfig {
     /// and write buffer). Part of the coordinator's memory, whatever the
     /// queue's length.
     pub store_cache_size: usize,
+    /// Most slots one node may declare; a node declaring more is refused
+    /// at `Register`. Its prefetch is capped at the same number, so its
+    /// credits never exceed twice this (see `proto/README.md`).
+    pub max_node_slots: u32,
 }
+
+/// Default of [`CoordinatorConfig::max_node_slots`]: far above any one
+/// machine's cores, far below what would pull in the whole queue.
+pub const DEFAULT_MAX_NODE_SLOTS: u32 = 1024;
 
 impl CoordinatorConfig {
     /// The restart grace in effect (see [`restart_grace`](Self::restart_grace)).
@@ -65,6 +73,7 @@ impl Default for CoordinatorConfig {
             max_node_losses: 2,
             retention: Duration::from_secs(24 * 60 * 60),
             store_cache_size: crate::store::redb::DEFAULT_CACHE_SIZE,
+            max_node_slots: DEFAULT_MAX_NODE_SLOTS,
         }
     }
 }

@@ -27,6 +27,17 @@ pub enum Error {
     /// The node's first message was not Register, or Register was invalid.
     #[error("bad registration: {0}")]
     BadRegistration(&'static str),
+    /// The node declares more slots than this coordinator accepts from one
+    /// node. Not retryable: the same Register is refused the same way.
+    #[error(
+        "node declares {slots} slots; this coordinator accepts at most {max} (--max-node-slots)"
+    )]
+    TooManySlots {
+        /// What the node declared.
+        slots: u32,
+        /// The configured limit.
+        max: u32,
+    },
     /// The node speaks a protocol version this coordinator does not.
     #[error("unsupported protocol version {0}; this coordinator speaks 1")]
     ProtocolVersion(i32),
@@ -82,9 +93,10 @@ pub enum Error {
 impl From<Error> for Status {
     fn from(err: Error) -> Self {
         match &err {
-            Error::InvalidSpec { .. } | Error::InvalidArgument(_) | Error::BadRegistration(_) => {
-                Status::invalid_argument(err.to_string())
-            }
+            Error::InvalidSpec { .. }
+            | Error::InvalidArgument(_)
+            | Error::BadRegistration(_)
+            | Error::TooManySlots { .. } => Status::invalid_argument(err.to_string()),
             Error::ProtocolVersion(_) | Error::TaskFinal { .. } => {
                 Status::failed_precondition(err.to_string())
             }

@@ -64,6 +64,20 @@ struct Args {
     #[arg(long, default_value_t = 10_000_000)]
     max_queued: usize,
 
+    /// Most slots one node may declare: a node offering more is refused at
+    /// registration (INVALID_ARGUMENT, and weft-node exits 1 with the
+    /// reason). A node's prefetch (work it holds queued beyond its slots)
+    /// is capped at the same number, so no node is ever given more than
+    /// twice this many slots of work at once.
+    #[arg(
+        long,
+        env = "WEFT_MAX_NODE_SLOTS",
+        value_name = "N",
+        default_value_t = weft_coordinator::config::DEFAULT_MAX_NODE_SLOTS,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    max_node_slots: u32,
+
     /// Most memory the durable store's page cache may use: bytes, or a
     /// number with KiB, MiB or GiB (e.g. 64MiB). It holds recently read and
     /// written pages of the database file.
@@ -106,6 +120,7 @@ impl From<&Args> for CoordinatorConfig {
             max_node_losses: args.max_node_losses,
             retention: args.retention,
             store_cache_size: args.store_cache_size,
+            max_node_slots: args.max_node_slots,
             ..CoordinatorConfig::default()
         }
     }
@@ -196,7 +211,29 @@ async fn main() -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_size;
+    use clap::{CommandFactory, Parser};
+
+    use super::{Args, parse_size};
+
+    #[test]
+    fn max_node_slots_defaults_to_1024_and_is_documented() {
+        let args = Args::try_parse_from(["weft-coordinator"]).unwrap();
+        assert_eq!(args.max_node_slots, 1024);
+        let args = Args::try_parse_from(["weft-coordinator", "--max-node-slots", "8"]).unwrap();
+        assert_eq!(
+            weft_coordinator::CoordinatorConfig::from(&args).max_node_slots,
+            8
+        );
+        assert!(Args::try_parse_from(["weft-coordinator", "--max-node-slots", "0"]).is_err());
+        let help = Args::command().render_long_help().to_string();
+        assert!(
+            help.contains("--max-node-slots <N>")
+                && help.contains("WEFT_MAX_NODE_SLOTS")
+                && help.contains("prefetch")
+                && help.contains("twice"),
+            "{help}"
+        );
+    }
 
     #[test]
     fn sizes_parse_with_binary_units_and_bad_ones_are_refused() {

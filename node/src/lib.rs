@@ -3,7 +3,10 @@
 //!
 //! [`start`] returns a [`RunningNode`] at once; the node dials, registers
 //! and reconnects in the background until it is drained (SIGTERM,
-//! [`RunningNode::drain`], or the coordinator's `Drain`) or killed.
+//! [`RunningNode::drain`], or the coordinator's `Drain`) or killed, or
+//! until reconnecting cannot help (a malformed coordinator address, a
+//! `Register` the coordinator refuses for good: [`Error::is_fatal`]), which
+//! [`RunningNode::wait`] answers.
 //!
 //! Layout:
 //! - `main.rs`: the `weft-node` binary: flags, tracing, signals. Nothing else.
@@ -93,10 +96,11 @@ pub fn start(config: NodeConfig, mut handlers: HandlerRegistry) -> RunningNode {
         let ctx = ctx.clone();
         tasks.spawn(
             async move {
-                reconnect::run(ctx.clone(), events_rx).await;
+                let result = reconnect::run(ctx.clone(), events_rx).await;
                 // Whatever still runs (a drain that gave up waiting) dies
                 // with the node: no orphans.
                 ctx.executor.stop_all(&StopReason::Killed);
+                result
             }
             .instrument(span),
         )
@@ -117,7 +121,9 @@ pub struct RunningNode {
     node_id: watch::Receiver<Option<NodeId>>,
     ctx: Arc<NodeCtx>,
     tasks: TaskTracker,
-    main: Option<JoinHandle<()>>,
+    /// The main loop; it ends with `Err` when the node stopped on a fatal
+    /// error.
+    main: Option<JoinHandle<Result<(), Error>>>,
 }
 
 impl std::fmt::Debug for RunningNode {
@@ -162,7 +168,7 @@ impl RunningNode {
         };
         let limit = grace + DRAIN_MARGIN;
         let result = match tokio::time::timeout(limit, main).await {
-            Ok(Ok(())) => Ok(()),
+            Ok(Ok(result)) => result,
             Ok(Err(err)) => Err(Error::Panicked(err.to_string())),
             Err(_) => {
                 warn!(node_name = %self.name, "drain overran; killing the node");
@@ -187,11 +193,18 @@ impl RunningNode {
         let _ = tokio::time::timeout(KILL_WAIT, self.tasks.wait()).await;
     }
 
-    /// Waits until the node stops by itself (drained by the coordinator).
-    pub async fn wait(&mut self) {
-        if let Some(main) = self.main.as_mut() {
-            let _ = main.await;
-            self.main = None;
+    /// Waits until the node stops by itself: `Ok` when the coordinator
+    /// drained it, the error when it stopped because reconnecting could
+    /// not help (see [`Error::is_fatal`]). `Ok` again after that.
+    pub async fn wait(&mut self) -> Result<(), Error> {
+        let Some(main) = self.main.as_mut() else {
+            return Ok(());
+        };
+        let result = main.await;
+        self.main = None;
+        match result {
+            Ok(result) => result,
+            Err(err) => Err(Error::Panicked(err.to_string())),
         }
     }
 

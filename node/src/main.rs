@@ -12,6 +12,7 @@ use tracing::{error, info};
 use tracing_subscriber::EnvFilter;
 
 use weft_node::{HandlerRegistry, NodeConfig};
+use weft_proto::CoordinatorAddr;
 
 /// Runs Weft tasks: connects to a coordinator, offers slots, and runs the
 /// child processes and handlers it is assigned, streaming their output back.
@@ -27,11 +28,15 @@ use weft_node::{HandlerRegistry, NodeConfig};
 #[derive(Debug, Parser)]
 #[command(name = "weft-node", version)]
 struct Args {
-    /// Coordinator URL.
+    /// Coordinator address: HOST:PORT or http(s)://HOST:PORT (no scheme
+    /// means http://). A node the coordinator refuses for good (e.g. more
+    /// --slots than its --max-node-slots) exits 1 with the reason.
     #[arg(
         long,
         env = "WEFT_COORDINATOR",
-        default_value = "http://127.0.0.1:7070"
+        default_value = "http://127.0.0.1:7070",
+        value_name = "ADDRESS",
+        value_parser = parse_coordinator
     )]
     coordinator: String,
 
@@ -119,6 +124,14 @@ fn parse_label(text: &str) -> Result<(String, String), String> {
     }
 }
 
+/// The address as a URL with its scheme, or the error that names the
+/// forms that work (a usage error: exit 2).
+fn parse_coordinator(text: &str) -> Result<String, String> {
+    CoordinatorAddr::parse(text)
+        .map(|address| address.url())
+        .map_err(|err| err.to_string())
+}
+
 fn parse_duration(text: &str) -> Result<Duration, String> {
     weft_proto::convert::parse_duration(text).map_err(|err| err.to_string())
 }
@@ -166,9 +179,15 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let mut node = weft_node::start(config, HandlerRegistry::with_builtins());
 
     tokio::select! {
-        () = node.wait() => {
-            info!("node stopped (drained by the coordinator)");
-            return Ok(ExitCode::SUCCESS);
+        result = node.wait() => {
+            return Ok(match result {
+                Ok(()) => {
+                    info!("node stopped (drained by the coordinator)");
+                    ExitCode::SUCCESS
+                }
+                // The node logged why it stopped.
+                Err(_) => ExitCode::FAILURE,
+            });
         }
         _ = sigterm.recv() => info!("SIGTERM: draining"),
         _ = sigint.recv() => info!("SIGINT: draining"),
@@ -238,6 +257,22 @@ mod tests {
         assert_eq!(three.prefetch, weft_node::config::default_prefetch(3));
         let defaults = NodeConfig::from(Args::try_parse_from(["weft-node"]).unwrap());
         assert_eq!(defaults.lease, None, "the coordinator's heartbeat timeout");
+    }
+
+    #[test]
+    fn a_coordinator_without_a_scheme_is_taken_and_garbage_is_a_usage_error() {
+        let bare = Args::try_parse_from(["weft-node", "--coordinator", "127.0.0.1:7171"]).unwrap();
+        assert_eq!(NodeConfig::from(bare).coordinator, "http://127.0.0.1:7171");
+        let v6 = Args::try_parse_from(["weft-node", "--coordinator", "[::1]:7171"]).unwrap();
+        assert_eq!(v6.coordinator, "http://[::1]:7171");
+        let err = Args::try_parse_from(["weft-node", "--coordinator", "x"]).unwrap_err();
+        assert!(
+            err.to_string().contains(
+                "invalid coordinator address 'x': expected HOST:PORT or http(s)://HOST:PORT"
+            ),
+            "{err}"
+        );
+        assert_eq!(err.exit_code(), 2);
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! The node's main loop: one session after another, reconnecting with
 //! exponential backoff and jitter while the coordinator is away, until the
-//! node is drained or killed; the lease watchdog runs beside it all along.
+//! node is drained or killed, or meets an error reconnecting cannot fix (a
+//! malformed coordinator address, a `Register` refused for good: see
+//! [`Error::is_fatal`]); the lease watchdog runs beside it all along.
 //!
 //! The backoff starts again from its minimum once a session registered.
 //! Running attempts are not touched here: they carry on across reconnects
@@ -14,9 +16,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tonic::transport::Channel;
-use tracing::{debug, warn};
+use tracing::{debug, error, warn};
 
-use weft_proto::NodeId;
+use weft_proto::{CoordinatorAddr, NodeId};
 
 use crate::error::Error;
 use crate::events::EventRx;
@@ -62,27 +64,39 @@ impl Backoff {
     }
 }
 
-/// The node's main loop: sessions and reconnects until drained or killed.
-pub(crate) async fn run(ctx: Arc<NodeCtx>, events: EventRx) {
-    let url = ctx.config.coordinator.clone();
-    run_with(ctx, events, move || session::dial(url.clone())).await;
+/// The node's main loop: sessions and reconnects until drained or killed
+/// (`Ok`), or until a fatal error (`Err`, logged here).
+pub(crate) async fn run(ctx: Arc<NodeCtx>, events: EventRx) -> Result<(), Error> {
+    let url = match CoordinatorAddr::parse(&ctx.config.coordinator) {
+        Ok(address) => address.url(),
+        Err(err) => {
+            let err = Error::from(err);
+            error!(error = %err, "stopping the node: reconnecting would not help");
+            return Err(err);
+        }
+    };
+    run_with(ctx, events, move || session::dial(url.clone())).await
 }
 
 /// [`run`] with the dialer as a parameter, so tests can time reconnects.
-pub(crate) async fn run_with<D, F>(ctx: Arc<NodeCtx>, events: EventRx, dial: D)
+pub(crate) async fn run_with<D, F>(ctx: Arc<NodeCtx>, events: EventRx, dial: D) -> Result<(), Error>
 where
     D: FnMut() -> F,
     F: Future<Output = Result<Channel, Error>>,
 {
-    tokio::select! {
-        () = sessions(&ctx, events, dial) => {}
-        () = lease_watchdog::watch(&ctx.lease, &ctx.executor) => {}
-    }
+    let result = tokio::select! {
+        result = sessions(&ctx, events, dial) => result,
+        () = lease_watchdog::watch(&ctx.lease, &ctx.executor) => Ok(()),
+    };
     ctx.node_id.send_replace(None);
+    if let Err(err) = &result {
+        error!(error = %err, "stopping the node: reconnecting would not help");
+    }
+    result
 }
 
-/// Sessions and reconnects until drained or killed.
-async fn sessions<D, F>(ctx: &Arc<NodeCtx>, mut events: EventRx, mut dial: D)
+/// Sessions and reconnects until drained or killed, or a fatal error.
+async fn sessions<D, F>(ctx: &Arc<NodeCtx>, mut events: EventRx, mut dial: D) -> Result<(), Error>
 where
     D: FnMut() -> F,
     F: Future<Output = Result<Channel, Error>>,
@@ -99,6 +113,7 @@ where
         match dialed {
             Ok(channel) => match session::run(ctx, channel, &mut events, &mut previous).await {
                 SessionEnd::Stopped | SessionEnd::Killed => break,
+                SessionEnd::Fatal(error) => return Err(error),
                 SessionEnd::Lost { registered, error } => {
                     ctx.node_id.send_replace(None);
                     warn!(%error, "lost the coordinator; reconnecting");
@@ -107,6 +122,7 @@ where
                     }
                 }
             },
+            Err(error) if error.is_fatal() => return Err(error),
             Err(error) => warn!(%error, "cannot reach the coordinator"),
         }
         let delay = backoff.next_delay();
@@ -117,6 +133,7 @@ where
             () = tokio::time::sleep(delay) => {}
         }
     }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -163,7 +180,9 @@ mod tests {
             }
             async { Err(Error::Protocol("coordinator away".into())) }
         };
-        run_with(ctx, rx, dial).await;
+        run_with(ctx, rx, dial)
+            .await
+            .expect("stopped by the drain, not by an error");
         let dials = dials.lock().unwrap();
         assert_eq!(dials.len(), 7);
         let gaps: Vec<Duration> = dials.windows(2).map(|w| w[1] - w[0]).collect();
@@ -174,5 +193,37 @@ mod tests {
                 "gap {gap:?} for base {base:?}; all {gaps:?}"
             );
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_error_reconnecting_cannot_fix_stops_the_node_at_once() {
+        let (ctx, rx) = NodeCtx::new(
+            NodeConfig::new("http://unused"),
+            HandlerRegistry::new(),
+            None,
+        );
+        let count = Arc::new(AtomicUsize::new(0));
+        let counter = count.clone();
+        let dial = move || {
+            counter.fetch_add(1, Ordering::SeqCst);
+            let bad = weft_proto::CoordinatorAddr::parse("nope").unwrap_err();
+            async move { Err(Error::from(bad)) }
+        };
+        let result = run_with(ctx, rx, dial).await;
+        assert!(
+            matches!(result, Err(Error::InvalidAddress(_))),
+            "{result:?}"
+        );
+        assert_eq!(count.load(Ordering::SeqCst), 1, "dialed once, no retry");
+    }
+
+    #[tokio::test]
+    async fn a_malformed_coordinator_address_stops_the_node_with_its_error() {
+        let (ctx, rx) = NodeCtx::new(NodeConfig::new("garbage"), HandlerRegistry::new(), None);
+        let err = run(ctx, rx).await.unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid coordinator address 'garbage': expected HOST:PORT or http(s)://HOST:PORT"
+        );
     }
 }

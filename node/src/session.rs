@@ -123,7 +123,8 @@ impl NodeCtx {
     }
 }
 
-/// Dials the coordinator at `url`.
+/// Dials the coordinator at `url` (a URL with its scheme: see
+/// [`weft_proto::CoordinatorAddr::url`]).
 pub(crate) async fn dial(url: String) -> Result<Channel, Error> {
     let endpoint = Endpoint::from_shared(url.clone())
         .map_err(|source| Error::InvalidUrl {
@@ -146,6 +147,9 @@ pub(crate) enum SessionEnd {
     Killed,
     /// The coordinator went away (or never answered); reconnect.
     Lost { registered: bool, error: Error },
+    /// The coordinator refused the node for good (see
+    /// [`Error::is_fatal`]). The node stops.
+    Fatal(Error),
 }
 
 /// Aborts the reader task when the session ends, however it ends.
@@ -169,6 +173,10 @@ pub(crate) async fn run(
     let lost = |error| SessionEnd::Lost {
         registered: false,
         error,
+    };
+    let refused = |status| match Error::register_refused(status) {
+        error if error.is_fatal() => SessionEnd::Fatal(error),
+        error => lost(error),
     };
     let (out, out_rx) = mpsc::channel::<pb::NodeMessage>(64);
     // Attempts whose lease ran out are stopped before they are listed (the
@@ -197,7 +205,7 @@ pub(crate) async fn run(
     };
     let mut inbound = match opened {
         Ok(Ok(response)) => response.into_inner(),
-        Ok(Err(status)) => return lost(Error::Refused(status)),
+        Ok(Err(status)) => return refused(status),
         Err(_) => return lost(Error::Protocol("no answer to Register".into())),
     };
     let first = tokio::select! {
@@ -214,7 +222,7 @@ pub(crate) async fn run(
             )));
         }
         Ok(Ok(None)) => return lost(Error::StreamClosed),
-        Ok(Err(status)) => return lost(Error::Refused(status)),
+        Ok(Err(status)) => return refused(status),
         Err(_) => {
             return lost(Error::Protocol(format!(
                 "no Registered within {REGISTER_TIMEOUT:?}"

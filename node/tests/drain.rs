@@ -52,7 +52,8 @@ async fn coordinator_drain_finishes_work_cancels_past_grace_and_closes() {
     assert_eq!(order, ["draining", "sleep:succeeded", "exec:cancelled"]);
     tokio::time::timeout(WAIT, node.wait())
         .await
-        .expect("node stops after a drain");
+        .expect("node stops after a drain")
+        .expect("a drain is a clean stop");
     assert_gone_soon(grandchild).await;
 }
 

@@ -173,3 +173,47 @@ async fn sent_results_are_sent_again_after_a_reconnect_until_the_coordinator_can
     );
     node.kill().await;
 }
+
+/// Reads the node's `Register` on `conn` and answers it with `status`.
+async fn refuse(conn: &mut Conn, status: tonic::Status) {
+    let register = conn.next().await;
+    assert!(
+        matches!(register, Some(Outbound::Register(_))),
+        "{register:?}"
+    );
+    conn.out.send(Err(status)).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_register_refused_as_invalid_stops_the_node_instead_of_retrying() {
+    let (url, mut conns) = fake_coordinator().await;
+    let mut node = start(&url, 3);
+    let mut conn = next_conn(&mut conns).await;
+    let why = "node declares 3 slots; this coordinator accepts at most 2 (--max-node-slots)";
+    refuse(&mut conn, tonic::Status::invalid_argument(why)).await;
+    let stopped = tokio::time::timeout(WAIT, node.wait())
+        .await
+        .expect("the node stops by itself");
+    let err = stopped.expect_err("a refused node stops with the refusal");
+    assert!(err.is_fatal());
+    assert_eq!(
+        err.to_string(),
+        format!("coordinator refused to register this node: {why}")
+    );
+    assert!(
+        conns.try_recv().is_err(),
+        "the node dialed again after a refusal that cannot pass"
+    );
+}
+
+#[tokio::test]
+async fn a_register_refused_as_unavailable_is_retried() {
+    let (url, mut conns) = fake_coordinator().await;
+    let node = start(&url, 1);
+    let mut conn = next_conn(&mut conns).await;
+    refuse(&mut conn, tonic::Status::unavailable("shutting down")).await;
+    let mut again = next_conn(&mut conns).await;
+    again.accept(SECOND, 5 * SECOND).await;
+    assert!(node.registered(WAIT).await.is_some());
+    node.kill().await;
+}

@@ -7,12 +7,15 @@
 //!
 //! Layout:
 //! - [`pb`]: the generated messages, clients and servers. Only here.
+//! - [`address`]: `CoordinatorAddr`, the one parser of coordinator
+//!   addresses (`HOST:PORT` or `http(s)://HOST:PORT`).
 //! - [`ids`]: `TaskId`, `NodeId`, `Attempt` newtypes.
 //! - [`node`]: `NodeInfo`, a node as the admin API shows it.
 //! - [`spec`]: the validated domain `TaskSpec` and its builders.
 //! - [`state`]: `TaskState`, `Outcome`, `OutputStream`, `NodeState` enums.
 //! - [`convert`]: `ConversionError` and time/duration helpers.
 
+pub mod address;
 pub mod convert;
 pub mod ids;
 pub mod node;
@@ -25,6 +28,7 @@ pub mod pb {
     tonic::include_proto!("weft.v1");
 }
 
+pub use address::{AddressError, CoordinatorAddr};
 pub use convert::ConversionError;
 pub use ids::{Attempt, NodeId, TaskId};
 pub use node::NodeInfo;

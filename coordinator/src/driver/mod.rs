@@ -384,9 +384,11 @@ impl Driver {
         answer_committed(reply, result)
     }
 
-    /// [`Command::Register`]: opens the session (`Registered` goes out at
+    /// [`Command::Register`]: admits the node (or refuses it: nothing is
+    /// sent on its stream), opens the session (`Registered` goes out at
     /// once, first on its stream) and registers the node. `None` when the
-    /// session could not even take `Registered` (answered at once).
+    /// node was refused or the session could not even take `Registered`
+    /// (answered at once).
     fn register(
         &mut self,
         session: SessionId,
@@ -396,6 +398,13 @@ impl Driver {
         reply: oneshot::Sender<Result<(), Error>>,
         now: Now,
     ) -> Option<Reply> {
+        let registration = match self.scheduler.admit_node(registration) {
+            Ok(registration) => registration,
+            Err(err) => {
+                let _ = reply.send(Err(err));
+                return None;
+            }
+        };
         let node_id = registration.node_id;
         if !self
             .sessions

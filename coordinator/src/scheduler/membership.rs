@@ -14,6 +14,27 @@ use super::{Now, Scheduler};
 use crate::error::Error;
 
 impl Scheduler {
+    /// Whether a node may register as it declared itself, before anything
+    /// is sent to it: more than `max_node_slots` slots is refused; its
+    /// prefetch is capped at `max_node_slots`. So a node's credits never
+    /// exceed `slots + min(prefetch, max_node_slots)`, at most twice the
+    /// limit, however much it declares or grants. Answers the
+    /// registration to pass to [`register_node`](Self::register_node).
+    pub fn admit_node(&self, mut reg: NodeRegistration) -> Result<NodeRegistration, Error> {
+        let max = self.config.max_node_slots;
+        if reg.slots > max {
+            return Err(Error::TooManySlots {
+                slots: reg.slots,
+                max,
+            });
+        }
+        if reg.prefetch > max {
+            tracing::info!(node_name = %reg.name, prefetch = reg.prefetch, max, "capping the node's prefetch at --max-node-slots");
+            reg.prefetch = max;
+        }
+        Ok(reg)
+    }
+
     /// A node registered on `session`. Attempts it reports running carry on
     /// when they are still current and were on this node id (also those
     /// restored from the store after a coordinator restart); it is told to

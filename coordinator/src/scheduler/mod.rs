@@ -93,6 +93,8 @@ pub struct SchedulerConfig {
     /// A task lost with this many different nodes while running ends
     /// FAILED instead of taking down another (0: no limit).
     pub max_node_losses: u32,
+    /// Most slots a node may declare, and most prefetch it gets.
+    pub max_node_slots: u32,
 }
 
 impl From<&CoordinatorConfig> for SchedulerConfig {
@@ -104,6 +106,7 @@ impl From<&CoordinatorConfig> for SchedulerConfig {
             max_queued: config.max_queued,
             restart_grace: config.restart_grace(),
             max_node_losses: config.max_node_losses,
+            max_node_slots: config.max_node_slots,
         }
     }
 }

@@ -54,8 +54,8 @@ class Cluster:
             argv += ["--label", label]
         return self._spawn(argv, name=name)
 
-    def python_worker(self, name: str = "py", slots: int = 2, labels=("lang=py",)):
-        argv = [sys.executable, str(EXAMPLES_DIR / "worker.py"), "--coordinator", self.url, "--slots", str(slots), "--name", name]
+    def python_worker(self, name: str = "py", slots: int = 2, labels=("lang=py",), url: str = None):
+        argv = [sys.executable, str(EXAMPLES_DIR / "worker.py"), "--coordinator", url or self.url, "--slots", str(slots), "--name", name]
         for label in labels:
             argv += ["--label", label]
         return self._spawn(argv, name=name)
@@ -105,6 +105,20 @@ def test_a_python_worker_and_a_rust_node_serve_one_coordinator(cluster):
     task_id = cluster.client.submit_call("wordcount", b"to be or not to be")
     task = cluster.client.wait(task_id, timeout=30)
     assert task.node_name == "py" and json.loads(task.output) == {"words": 6, "distinct": 4}
+
+
+def test_a_python_client_and_worker_take_host_and_port_without_a_scheme(cluster):
+    bare = cluster.url[len("http://"):]
+    cluster.python_worker("bare", url=bare)
+    cluster.wait_nodes("bare")
+    with weft.Client(bare) as client:
+        assert json.loads(client.call("wordcount", b"a b a", wait_timeout=30)) == {"words": 3, "distinct": 2}
+
+    async def via_aio():
+        async with weft.aio.Client(bare) as client:
+            return [n.name for n in await client.nodes()]
+
+    assert asyncio.run(via_aio()) == ["bare"]
 
 
 def test_weft_call_reaches_python_handlers_of_all_three_kinds(cluster):

@@ -21,6 +21,7 @@ pub struct TestClusterBuilder {
     pub(super) processes: bool,
     pub(super) durable: bool,
     pub(super) max_queued: Option<usize>,
+    pub(super) max_node_slots: Option<u32>,
 }
 
 impl Default for TestClusterBuilder {
@@ -37,6 +38,7 @@ impl Default for TestClusterBuilder {
             processes: processes_by_default(),
             durable: false,
             max_queued: None,
+            max_node_slots: None,
         }
     }
 }
@@ -120,6 +122,13 @@ impl TestClusterBuilder {
     /// RESOURCE_EXHAUSTED). Default: the coordinator's own.
     pub fn max_queued(mut self, n: usize) -> Self {
         self.max_queued = Some(n);
+        self
+    }
+
+    /// Caps the slots one node may declare (and its prefetch). Default:
+    /// the coordinator's own.
+    pub fn max_node_slots(mut self, n: u32) -> Self {
+        self.max_node_slots = Some(n);
         self
     }
 

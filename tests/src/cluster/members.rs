@@ -45,6 +45,7 @@ pub(super) async fn start_coordinator(
         };
         let config = CoordinatorConfig {
             max_queued: settings.max_queued.unwrap_or(config.max_queued),
+            max_node_slots: settings.max_node_slots.unwrap_or(config.max_node_slots),
             ..config
         };
         let running = weft_cluster::start_coordinator(config, listener)
@@ -75,6 +76,10 @@ pub(super) async fn start_coordinator(
     ];
     if let Some(n) = settings.max_queued {
         args.push("--max-queued".to_owned());
+        args.push(n.to_string());
+    }
+    if let Some(n) = settings.max_node_slots {
+        args.push("--max-node-slots".to_owned());
         args.push(n.to_string());
     }
     // The binary keeps a durable store (default `./weft-data`): each

@@ -4,12 +4,14 @@
 //! In-process clusters need nothing else; process-mode and CLI tests need
 //! the binaries: run `cargo build --bins` first.
 
+mod addresses;
 mod cancel_and_timeout;
 mod cli;
 mod drain;
 mod failover;
 mod fencing;
 mod handlers;
+mod node_limits;
 mod node_protocol;
 mod output;
 mod scale;

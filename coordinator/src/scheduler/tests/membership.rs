@@ -181,3 +181,43 @@ fn the_same_node_lost_twice_or_a_loss_before_start_is_not_poison() {
     );
     assert_eq!(record.lost_nodes.len(), 1);
 }
+
+#[test]
+fn a_node_declaring_more_slots_than_the_limit_is_refused_by_name() {
+    let h = Harness::new();
+    let err = h.s.admit_node(reg("huge", 5000)).unwrap_err();
+    assert!(matches!(
+        err,
+        Error::TooManySlots {
+            slots: 5000,
+            max: 1024
+        }
+    ));
+    assert_eq!(
+        err.to_string(),
+        "node declares 5000 slots; this coordinator accepts at most 1024 (--max-node-slots)"
+    );
+    assert_eq!(h.s.admit_node(reg("max", 1024)).unwrap().slots, 1024);
+}
+
+#[test]
+fn a_node_gets_at_most_its_slots_plus_a_prefetch_capped_at_the_limit() {
+    let mut h = Harness::with(SchedulerConfig {
+        max_node_slots: 4,
+        ..config()
+    });
+    let greedy = NodeRegistration {
+        prefetch: 1_000_000,
+        ..reg("greedy", 4)
+    };
+    let admitted = h.s.admit_node(greedy).unwrap();
+    assert_eq!(admitted.prefetch, 4);
+    h.submit((0..20).map(|_| TaskSpec::call("noop", "")).collect());
+    h.node(S1, admitted, u32::MAX);
+    assert_eq!(assigned(&h.effects(), S1).len(), 8, "4 slots + 4 prefetch");
+    h.s.credits(S1, u32::MAX, h.now);
+    assert!(
+        assigned(&h.effects(), S1).is_empty(),
+        "granting again adds nothing"
+    );
+}

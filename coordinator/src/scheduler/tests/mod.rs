@@ -34,6 +34,7 @@ fn config() -> SchedulerConfig {
         max_queued: 10_000,
         restart_grace: Duration::from_secs(10),
         max_node_losses: 2,
+        max_node_slots: 1024,
     }
 }
 

@@ -20,7 +20,7 @@ import socket
 import time
 from typing import Callable, List, Mapping, Optional
 
-from .._channel import coordinator_url
+from .._channel import coordinator_url, parse_address
 from .._pool import ProcessPool
 from .._proto import node_pb2
 from ..models import DurationLike, parse_duration
@@ -38,8 +38,9 @@ log = logging.getLogger("weft.worker")
 class Worker:
     """A node that serves registered Python functions (and exec tasks).
 
-    ``coordinator``: URL like ``http://127.0.0.1:7070`` (default
-    ``$WEFT_COORDINATOR``). ``slots``: how many slots of work it takes at
+    ``coordinator``: address like ``http://127.0.0.1:7070`` or
+    ``127.0.0.1:7070`` (default ``$WEFT_COORDINATOR``); a malformed one is a
+    ValueError here, not a retry loop later. ``slots``: how many slots of work it takes at
     once (default: number of CPUs). ``labels``: key=value pairs tasks can
     require. ``process_workers``: size of the process pool (default: slots).
     ``drain_grace``: how long running attempts may finish when draining on a
@@ -60,6 +61,7 @@ class Worker:
         thread_workers: Optional[int] = None,
     ):
         self.coordinator = coordinator_url(coordinator)
+        parse_address(self.coordinator)
         self._slots = Slots(int(slots if slots is not None else (os.cpu_count() or 1)))
         if self.slots < 1:
             raise ValueError("slots must be at least 1")
