@@ -42,6 +42,7 @@ pub(crate) fn register(
     running: &[AttemptKey],
     previous: Option<NodeId>,
 ) -> pb::Register {
+    let (exec, exec_allow) = config.exec.to_pb();
     pb::Register {
         name: config.name.clone(),
         labels: config.labels.clone().into_iter().collect(),
@@ -51,6 +52,8 @@ pub(crate) fn register(
         protocol_version: PROTOCOL_VERSION.into(),
         running: running.iter().copied().map(attempt_ref).collect(),
         previous_node_id: previous.map(|id| id.to_string()).unwrap_or_default(),
+        exec: exec.into(),
+        exec_allow,
     }
 }
 

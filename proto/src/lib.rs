@@ -10,10 +10,12 @@
 //! - [`ids`]: `TaskId`, `NodeId`, `Attempt` newtypes.
 //! - [`node`]: `NodeInfo`, a node as the admin API shows it.
 //! - [`spec`]: the validated domain `TaskSpec` and its builders.
+//! - [`exec_policy`]: `ExecPolicy`, which exec tasks a node runs.
 //! - [`state`]: `TaskState`, `Outcome`, `OutputStream`, `NodeState` enums.
 //! - [`convert`]: `ConversionError` and time/duration helpers.
 
 pub mod convert;
+pub mod exec_policy;
 pub mod ids;
 pub mod node;
 pub mod spec;
@@ -26,6 +28,7 @@ pub mod pb {
 }
 
 pub use convert::ConversionError;
+pub use exec_policy::ExecPolicy;
 pub use ids::{Attempt, NodeId, TaskId};
 pub use node::NodeInfo;
 pub use spec::{CallSpec, ExecSpec, TaskKind, TaskSpec};

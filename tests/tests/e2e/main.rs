@@ -7,6 +7,7 @@
 mod cancel_and_timeout;
 mod cli;
 mod drain;
+mod exec_policy;
 mod failover;
 mod fencing;
 mod handlers;
