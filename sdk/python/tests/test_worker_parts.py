@@ -101,6 +101,8 @@ def test_a_worker_refuses_exec_tasks_unless_told_otherwise():
     assert allow.refusal(weft.exec_spec(["anything"]).exec) is None
     deny = ExecPolicy("deny")
     assert "does not run exec tasks" in deny.refusal(weft.exec_spec(["true"]).exec)
+    listed = weft.Worker("http://127.0.0.1:1", slots=1, exec=ExecPolicy(["echo"])).exec_policy
+    assert listed.register_fields() == (node_pb2.EXEC_POLICY_ALLOW_LIST, ["echo"])
 
 
 def test_an_exec_allow_list_matches_argv0_exactly_as_weft_node_does():

@@ -16,8 +16,9 @@ from typing import FrozenSet, Iterable, Optional, Tuple, Union
 
 from .._proto import common_pb2, node_pb2
 
-#: What ``Worker(exec=...)`` takes: "allow", "deny", or the programs allowed.
-ExecSetting = Union[str, Iterable[str], None]
+#: What ``Worker(exec=...)`` takes: "allow", "deny", the programs allowed,
+#: or an :class:`ExecPolicy`.
+ExecSetting = Union[str, Iterable[str], "ExecPolicy", None]
 
 MAX_EXEC_ALLOW = 1024
 MAX_EXEC_ALLOW_LEN = 4096
@@ -28,7 +29,9 @@ class ExecPolicy:
 
     def __init__(self, setting: ExecSetting = "deny"):
         self.programs: Optional[FrozenSet[str]] = None
-        if setting is None or setting == "deny":
+        if isinstance(setting, ExecPolicy):
+            self.mode, self.programs = setting.mode, setting.programs
+        elif setting is None or setting == "deny":
             self.mode = "deny"
         elif setting == "allow":
             self.mode = "allow"
