@@ -103,10 +103,16 @@ impl ExecPolicy {
             ExecPolicy::Deny => {
                 Some("this node does not run exec tasks (its exec policy is deny)".into())
             }
-            ExecPolicy::Programs(set) if !set.contains(program) => Some(format!(
-                "this node does not run program {program:?} (its exec allow-list: {})",
-                set.iter().cloned().collect::<Vec<_>>().join(", ")
-            )),
+            ExecPolicy::Programs(set) if !set.contains(program) => {
+                let mut listed: Vec<&str> = set.iter().take(10).map(String::as_str).collect();
+                if set.len() > listed.len() {
+                    listed.push("...");
+                }
+                Some(format!(
+                    "this node does not run program {program:?} (its exec allow-list: {})",
+                    listed.join(", ")
+                ))
+            }
             ExecPolicy::Programs(_) if !program.contains('/') && exec.env.contains_key("PATH") => {
                 Some(format!(
                     "this node runs {program:?} only from its own PATH; the task sets PATH"
