@@ -4,6 +4,8 @@
     pip install ./sdk/python
     python examples/python/worker.py --coordinator http://127.0.0.1:7070 --slots 4
 
+It runs no exec tasks (shell commands) unless started with `--exec allow`.
+
 Then, from anywhere:
 
     weft call echo hello                 # asyncio handler, output streamed
@@ -104,6 +106,10 @@ def main() -> None:
     parser.add_argument("--name", default=None)
     parser.add_argument("--label", action="append", default=[], metavar="K=V")
     parser.add_argument("--drain-grace", default="30s")
+    # Exec tasks are shell commands anyone who may submit can send; this
+    # worker serves handlers and refuses them unless told otherwise.
+    parser.add_argument("--exec", choices=["allow", "deny"], default=os.environ.get("WEFT_EXEC", "deny"),
+                        help="run exec tasks of any program (allow) or none (deny, the default)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -113,6 +119,7 @@ def main() -> None:
         name=args.name,
         labels=dict(label.split("=", 1) for label in args.label),
         drain_grace=args.drain_grace,
+        exec=args.exec,
     )
     for fn in (noop, echo, sleep, fail, countdown):
         worker.register(fn.__name__, fn, kind="asyncio")

@@ -49,6 +49,7 @@ pub(crate) fn register(
     running: &[AttemptKey],
     previous: Option<NodeId>,
 ) -> pb::NodeMessage {
+    let (exec, exec_allow) = config.exec.to_pb();
     message(Outbound::Register(pb::Register {
         name: config.name.clone(),
         labels: config.labels.clone().into_iter().collect(),
@@ -58,6 +59,8 @@ pub(crate) fn register(
         protocol_version: PROTOCOL_VERSION.into(),
         running: running.iter().copied().map(attempt_ref).collect(),
         previous_node_id: previous.map(|id| id.to_string()).unwrap_or_default(),
+        exec: exec.into(),
+        exec_allow,
     }))
 }
 

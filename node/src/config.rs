@@ -6,6 +6,8 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use weft_proto::ExecPolicy;
+
 /// Node settings. `NodeConfig::new(url)` gives usable defaults.
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
@@ -56,6 +58,10 @@ pub struct NodeConfig {
     /// `None` (the default for an embedded node, whose executable is not
     /// `weft-node`): no reaper, and such a kill leaves exec tasks running.
     pub reaper: Option<PathBuf>,
+    /// Which exec tasks this node runs (declared in `Register`; an exec
+    /// task it refuses is reported `START_FAILED`, never run). Default:
+    /// [`ExecPolicy::Allow`].
+    pub exec: ExecPolicy,
 }
 
 impl NodeConfig {
@@ -79,6 +85,7 @@ impl NodeConfig {
             lease: None,
             redeliver_window: Duration::from_secs(60),
             reaper: None,
+            exec: ExecPolicy::Allow,
         }
     }
 }

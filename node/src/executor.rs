@@ -1,8 +1,9 @@
 //! Runs assignments: takes them into the slot accounting (`slots.rs`),
 //! spawns each started attempt as one tracked task with its own
 //! cancellation token (so `Cancel` stops exactly that attempt), and reports
-//! the attempts that never run (refused, cancelled or drained while queued)
-//! `CANCELLED` or `START_FAILED` at once, without a `Started`.
+//! the attempts that never run (refused, cancelled or drained while queued,
+//! or exec tasks its exec policy refuses) `CANCELLED` or `START_FAILED` at
+//! once, without a `Started`.
 //!
 //! This is the orchestration around [`Slots`], which decides, and
 //! `attempt.rs`, which runs one attempt. An attempt holds its slots until
@@ -26,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use weft_proto::{Outcome, TaskSpec};
+use weft_proto::{ExecPolicy, Outcome, TaskKind, TaskSpec};
 
 use crate::attempt::{self, Assignment, AttemptControl, StopReason};
 use crate::events::{AttemptKey, Emitter, EventTx, Finished};
@@ -57,6 +58,10 @@ struct Inner {
     running_count: watch::Sender<usize>,
     /// Told about every exec task's process group (see `reaper.rs`).
     reaper: Option<Reaper>,
+    /// Which exec tasks this node runs. The coordinator matches tasks to
+    /// it already; this refuses (`START_FAILED`, never run) what an older
+    /// or wrong coordinator assigns anyway.
+    exec: ExecPolicy,
 }
 
 /// Runs assignments. Cheap to clone (shared state).
@@ -85,6 +90,7 @@ impl Executor {
                 slots: Mutex::new(Slots::new(slots, prefetch)),
                 running_count: watch::Sender::new(0),
                 reaper: None,
+                exec: ExecPolicy::Allow,
             }),
         }
     }
@@ -94,6 +100,15 @@ impl Executor {
     pub(crate) fn with_reaper(mut self, reaper: Option<Reaper>) -> Self {
         if let Some(inner) = Arc::get_mut(&mut self.inner) {
             inner.reaper = reaper;
+        }
+        self
+    }
+
+    /// Runs only the exec tasks `exec` allows (the default allows all).
+    /// Call before the executor is shared.
+    pub(crate) fn with_exec(mut self, exec: ExecPolicy) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.exec = exec;
         }
         self
     }
@@ -196,6 +211,13 @@ impl Executor {
                 return self.refuse(emit, Outcome::StartFailed, invalid.error);
             }
         };
+        if let TaskKind::Exec(exec) = &spec.kind
+            && let Some(why) = self.inner.exec.refusal(exec)
+        {
+            warn!(%task_id, %attempt, "{why}");
+            self.slots().consume_window(spec.slots);
+            return self.refuse(emit, Outcome::StartFailed, why);
+        }
         let control = Arc::new(AttemptControl::new(self.inner.kill.child_token()));
         let queued = Queued {
             key,

@@ -12,7 +12,7 @@ use tracing::{error, info};
 use tracing_subscriber::EnvFilter;
 
 use weft_node::{HandlerRegistry, NodeConfig};
-use weft_proto::CoordinatorAddr;
+use weft_proto::{CoordinatorAddr, ExecPolicy};
 
 /// Runs Weft tasks: connects to a coordinator, offers slots, and runs the
 /// child processes and handlers it is assigned, streaming their output back.
@@ -74,6 +74,22 @@ struct Args {
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     lease: Option<Duration>,
 
+    /// Whether this node runs exec tasks (shell commands anyone who may
+    /// submit can send): allow runs any program as this node's user, deny
+    /// runs none (call tasks only). The coordinator never assigns an exec
+    /// task to a node that refuses it [default: allow].
+    #[arg(long, env = "WEFT_EXEC", value_enum, conflicts_with = "exec_allow")]
+    exec: Option<ExecMode>,
+
+    /// Run only exec tasks of this program: a bare name (matches argv[0]
+    /// spelled exactly so, looked up in this node's PATH; a task that sets
+    /// PATH is refused) or an absolute path (matches argv[0] spelled exactly
+    /// so). Nothing is resolved: `python3` does not allow `/usr/bin/python3`.
+    /// Repeatable, or comma-separated. Arguments, env and stdin still come
+    /// from the submitter: list only programs that are safe with any.
+    #[arg(long, env = "WEFT_EXEC_ALLOW", value_name = "PROGRAM", value_delimiter = ',', value_parser = parse_program)]
+    exec_allow: Vec<String>,
+
     /// Threads for blocking handlers [default: number of CPUs].
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     blocking_threads: Option<u64>,
@@ -81,6 +97,15 @@ struct Args {
     /// Log format on stderr (level from RUST_LOG, default info).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+}
+
+/// Whether the node runs exec tasks (`--exec`).
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum ExecMode {
+    /// Any program.
+    Allow,
+    /// None: call tasks only.
+    Deny,
 }
 
 /// How log lines look.
@@ -92,8 +117,10 @@ enum LogFormat {
     Json,
 }
 
-impl From<Args> for NodeConfig {
-    fn from(args: Args) -> Self {
+impl TryFrom<Args> for NodeConfig {
+    type Error = anyhow::Error;
+
+    fn try_from(args: Args) -> anyhow::Result<Self> {
         let mut config = NodeConfig::new(args.coordinator);
         if let Some(slots) = args.slots {
             config.slots = slots;
@@ -111,8 +138,18 @@ impl From<Args> for NodeConfig {
         config.drain_grace = args.drain_grace;
         config.lease = args.lease;
         config.reaper = weft_node::reaper::self_as_reaper();
-        config
+        config.exec = match (args.exec, args.exec_allow.is_empty()) {
+            (Some(ExecMode::Deny), _) => ExecPolicy::Deny,
+            (_, false) => ExecPolicy::programs(args.exec_allow).context("--exec-allow")?,
+            (Some(ExecMode::Allow) | None, true) => ExecPolicy::Allow,
+        };
+        Ok(config)
     }
+}
+
+fn parse_program(text: &str) -> Result<String, String> {
+    ExecPolicy::programs([text]).map_err(|err| err.to_string())?;
+    Ok(text.to_owned())
 }
 
 fn parse_label(text: &str) -> Result<(String, String), String> {
@@ -173,9 +210,9 @@ fn main() -> ExitCode {
 async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let config = NodeConfig::from(args);
+    let config = NodeConfig::try_from(args)?;
     let grace = config.drain_grace;
-    info!(coordinator = %config.coordinator, node_name = %config.name, slots = config.slots, "starting");
+    info!(coordinator = %config.coordinator, node_name = %config.name, slots = config.slots, exec = ?config.exec, "starting");
     let mut node = weft_node::start(config, HandlerRegistry::with_builtins());
 
     tokio::select! {
@@ -239,7 +276,7 @@ mod tests {
             "7",
         ])
         .unwrap();
-        let config = NodeConfig::from(args);
+        let config = NodeConfig::try_from(args).unwrap();
         assert_eq!(config.reaper, None, "a test binary cannot be a reaper");
         assert_eq!(
             (
@@ -253,16 +290,39 @@ mod tests {
         assert_eq!(config.drain_grace, Duration::from_millis(500));
         assert_eq!(config.lease, Some(Duration::from_secs(2)));
         assert_eq!(config.prefetch, 7);
-        let three = NodeConfig::from(Args::try_parse_from(["weft-node", "--slots", "3"]).unwrap());
+        let three =
+            NodeConfig::try_from(Args::try_parse_from(["weft-node", "--slots", "3"]).unwrap())
+                .unwrap();
         assert_eq!(three.prefetch, weft_node::config::default_prefetch(3));
-        let defaults = NodeConfig::from(Args::try_parse_from(["weft-node"]).unwrap());
+        let defaults = NodeConfig::try_from(Args::try_parse_from(["weft-node"]).unwrap()).unwrap();
         assert_eq!(defaults.lease, None, "the coordinator's heartbeat timeout");
+        assert_eq!(defaults.exec, ExecPolicy::Allow, "today's behaviour");
+    }
+
+    #[test]
+    fn exec_flags_choose_the_policy_and_refuse_contradictions() {
+        let config = |argv: &[&str]| {
+            let args = Args::try_parse_from(["weft-node"].iter().chain(argv))?;
+            Ok::<_, anyhow::Error>(NodeConfig::try_from(args)?.exec)
+        };
+        assert_eq!(config(&["--exec", "deny"]).unwrap(), ExecPolicy::Deny);
+        assert_eq!(config(&["--exec", "allow"]).unwrap(), ExecPolicy::Allow);
+        assert_eq!(
+            config(&["--exec-allow", "echo", "--exec-allow", "/bin/true,cat"]).unwrap(),
+            ExecPolicy::programs(["echo", "/bin/true", "cat"]).unwrap()
+        );
+        assert!(config(&["--exec", "deny", "--exec-allow", "echo"]).is_err());
+        let relative = config(&["--exec-allow", "./run.sh"]).unwrap_err();
+        assert!(relative.to_string().contains("absolute path"), "{relative}");
     }
 
     #[test]
     fn a_coordinator_without_a_scheme_is_taken_and_garbage_is_a_usage_error() {
         let bare = Args::try_parse_from(["weft-node", "--coordinator", "127.0.0.1:7171"]).unwrap();
-        assert_eq!(NodeConfig::from(bare).coordinator, "http://127.0.0.1:7171");
+        assert_eq!(
+            NodeConfig::try_from(bare).unwrap().coordinator,
+            "http://127.0.0.1:7171"
+        );
         let v6 = Args::try_parse_from(["weft-node", "--coordinator", "[::1]:7171"]).unwrap();
         assert_eq!(v6.coordinator, "http://[::1]:7171");
         let err = Args::try_parse_from(["weft-node", "--coordinator", "x"]).unwrap_err();

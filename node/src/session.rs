@@ -97,7 +97,8 @@ impl NodeCtx {
             config.slots,
             config.prefetch,
         )
-        .with_reaper(reaper);
+        .with_reaper(reaper)
+        .with_exec(config.exec.clone());
         let ctx = NodeCtx {
             outbox: Outbox::new(executor.clone(), config.redeliver_window),
             config,

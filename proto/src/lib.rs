@@ -12,11 +12,13 @@
 //! - [`ids`]: `TaskId`, `NodeId`, `Attempt` newtypes.
 //! - [`node`]: `NodeInfo`, a node as the admin API shows it.
 //! - [`spec`]: the validated domain `TaskSpec` and its builders.
+//! - [`exec_policy`]: `ExecPolicy`, which exec tasks a node runs.
 //! - [`state`]: `TaskState`, `Outcome`, `OutputStream`, `NodeState` enums.
 //! - [`convert`]: `ConversionError` and time/duration helpers.
 
 pub mod address;
 pub mod convert;
+pub mod exec_policy;
 pub mod ids;
 pub mod node;
 pub mod spec;
@@ -30,6 +32,7 @@ pub mod pb {
 
 pub use address::{AddressError, CoordinatorAddr};
 pub use convert::ConversionError;
+pub use exec_policy::ExecPolicy;
 pub use ids::{Attempt, NodeId, TaskId};
 pub use node::NodeInfo;
 pub use spec::{CallSpec, ExecSpec, TaskKind, TaskSpec};

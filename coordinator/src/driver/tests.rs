@@ -177,6 +177,7 @@ impl Harness {
             slots: 4,
             prefetch: 0,
             handlers: vec!["noop".into()],
+            exec: weft_proto::ExecPolicy::Allow,
             running: Vec::new(),
         };
         let registered = handle.call(|reply| Command::Register {

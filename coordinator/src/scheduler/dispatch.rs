@@ -1,13 +1,16 @@
 //! Dispatch: matching ready tasks to nodes with credits, and saying why a
 //! queued task is not matched yet (`pending_reason`).
 //!
+//! A node is matched on what a class shares: handler (call tasks) or
+//! program (exec tasks, against the node's exec policy), labels, slots.
+//!
 //! Each assignment looks at one queue head per requirement class, never at
 //! the whole queue; work spreads round-robin over nodes, free slots before
 //! prefetch credits.
 
 use std::sync::Arc;
 
-use weft_proto::{Attempt, TaskId, TaskKind, TaskState};
+use weft_proto::{Attempt, ExecPolicy, TaskId, TaskKind, TaskState};
 
 use super::registry::{NodeEntry, SessionId};
 use super::task::{LiveSpec, Placement};
@@ -132,6 +135,16 @@ impl Scheduler {
                 "no connected node serves handler '{}'",
                 call.handler
             ));
+        }
+        if let TaskKind::Exec(exec) = &spec.kind
+            && !nodes.iter().any(|n| n.serves(spec))
+        {
+            return Some(match exec.argv.first() {
+                Some(program) if nodes.iter().any(|n| n.exec != ExecPolicy::Deny) => {
+                    format!("no connected node allows program '{program}'")
+                }
+                _ => "no connected node accepts exec tasks".into(),
+            });
         }
         for (key, value) in &spec.labels {
             if !nodes.iter().any(|n| n.labels.get(key) == Some(value)) {

@@ -1,7 +1,8 @@
 //! The ready queues and the timer heap of retries waiting out their
 //! backoff (the delay itself is `retry.rs`'s).
 //!
-//! Queued tasks are grouped by requirement class (handler, labels, slots):
+//! Queued tasks are grouped by requirement class (handler or exec program,
+//! labels, slots):
 //! every task of a class can run on exactly the same nodes, so dispatch
 //! looks at one queue head per class instead of scanning tasks. A queue
 //! entry is just a 16-byte [`TaskId`]; a task cancelled while queued leaves
@@ -25,7 +26,8 @@ pub(crate) type ClassId = u32;
 #[derive(Debug)]
 pub(crate) struct Class {
     /// The first spec seen of this class, without its input (or stdin).
-    /// Matching reads only its handler, labels and slots, which every
+    /// Matching reads only its handler (or exec program: `argv[0]`, which
+    /// nodes' exec policies match), labels and slots, which every
     /// member shares; members that also share its timeout, attempts and
     /// name keep only their input (see `task::LiveSpec`).
     pub example: Arc<TaskSpec>,
@@ -45,7 +47,10 @@ pub(crate) struct Queue {
 fn class_hash(spec: &TaskSpec) -> u64 {
     let mut hasher = DefaultHasher::new();
     match &spec.kind {
-        TaskKind::Exec(_) => 0u8.hash(&mut hasher),
+        TaskKind::Exec(exec) => {
+            0u8.hash(&mut hasher);
+            exec.argv.first().hash(&mut hasher);
+        }
         TaskKind::Call(call) => {
             1u8.hash(&mut hasher);
             call.handler.hash(&mut hasher);
@@ -57,13 +62,15 @@ fn class_hash(spec: &TaskSpec) -> u64 {
 }
 
 fn same_class(a: &TaskSpec, b: &TaskSpec) -> bool {
-    fn handler(s: &TaskSpec) -> Option<&str> {
+    /// What a node must offer: a handler, or (for exec) leave to run the
+    /// program (`None` for an empty argv).
+    fn needs(s: &TaskSpec) -> (bool, Option<&str>) {
         match &s.kind {
-            TaskKind::Exec(_) => None,
-            TaskKind::Call(call) => Some(call.handler.as_str()),
+            TaskKind::Exec(exec) => (false, exec.argv.first().map(String::as_str)),
+            TaskKind::Call(call) => (true, Some(call.handler.as_str())),
         }
     }
-    handler(a) == handler(b) && a.slots == b.slots && a.labels == b.labels
+    needs(a) == needs(b) && a.slots == b.slots && a.labels == b.labels
 }
 
 impl Queue {
@@ -162,9 +169,16 @@ mod tests {
         let c = queue.class_for(&TaskSpec::call("noop", "").label("gpu", "1"));
         let d = queue.class_for(&TaskSpec::call("noop", "z"));
         let e = queue.class_for(&TaskSpec::exec(["true"]));
+        let f = queue.class_for(&TaskSpec::exec(["true", "x"]));
+        let g = queue.class_for(&TaskSpec::exec(["false"]));
+        let h = queue.class_for(&TaskSpec::exec(["noop"]));
         assert_eq!(a, b);
         assert_eq!(a, d);
         assert_ne!(a, c);
         assert_ne!(a, e);
+        // Exec policies match the program, so it is part of the class.
+        assert_eq!(e, f);
+        assert_ne!(e, g);
+        assert_ne!(a, h);
     }
 }

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Instant;
 
-use weft_proto::{Attempt, NodeId, NodeInfo, NodeState, TaskId, TaskKind, TaskSpec};
+use weft_proto::{Attempt, ExecPolicy, NodeId, NodeInfo, NodeState, TaskId, TaskKind, TaskSpec};
 
 /// One Connect stream. A node that reconnects gets a new session but may
 /// keep its [`NodeId`]; effects are addressed to sessions so a message for a
@@ -36,6 +36,8 @@ pub struct NodeRegistration {
     pub prefetch: u32,
     /// Call handlers it serves.
     pub handlers: Vec<String>,
+    /// Which exec tasks it runs.
+    pub exec: ExecPolicy,
     /// Attempts it says it still runs (after a reconnect).
     pub running: Vec<(TaskId, Attempt)>,
 }
@@ -51,6 +53,9 @@ pub(crate) struct NodeEntry {
     /// Slots of work it holds queued beyond `slots` (see `NodeRegistration`).
     pub prefetch: u32,
     pub handlers: BTreeSet<String>,
+    /// Which exec tasks it runs: an exec task it refuses is never assigned
+    /// here.
+    pub exec: ExecPolicy,
     /// Slots granted and not yet used by an assignment.
     pub credits: u32,
     /// Slots taken by attempts assigned here and not finished.
@@ -70,6 +75,7 @@ impl NodeEntry {
             slots: reg.slots,
             prefetch: reg.prefetch,
             handlers: reg.handlers.into_iter().collect(),
+            exec: reg.exec,
             credits: 0,
             used: 0,
             running: HashMap::new(),
@@ -100,10 +106,11 @@ impl NodeEntry {
         self.serves(spec) && spec.matches_labels(&self.labels) && spec.slots <= self.slots
     }
 
-    /// True when the node has the handler a call task needs.
+    /// True when the node has the handler a call task needs, or its exec
+    /// policy allows an exec task's program.
     pub fn serves(&self, spec: &TaskSpec) -> bool {
         match &spec.kind {
-            TaskKind::Exec(_) => true,
+            TaskKind::Exec(_) => self.exec.allows(spec),
             TaskKind::Call(call) => self.handlers.contains(&call.handler),
         }
     }
@@ -236,6 +243,7 @@ mod tests {
             slots: 1,
             prefetch: 0,
             handlers: Vec::new(),
+            exec: ExecPolicy::Allow,
             running: Vec::new(),
         };
         NodeEntry::new(reg, Instant::now())

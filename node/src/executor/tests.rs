@@ -169,6 +169,37 @@ async fn call_runs_its_handler_and_returns_the_output() {
 }
 
 #[tokio::test]
+async fn an_exec_task_the_policy_refuses_is_start_failed_and_never_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("ran");
+    let touch = |program: &str| TaskSpec::exec([program.to_owned(), marker.display().to_string()]);
+    let listed = ExecPolicy::programs(["/bin/echo"]).unwrap();
+    for (policy, why) in [
+        (ExecPolicy::Deny, "does not run exec tasks"),
+        (listed, "does not run program \"touch\""),
+    ] {
+        let (executor, mut rx) = executor(1);
+        let executor = executor.with_exec(policy);
+        let (wire, key) = assignment(touch("touch"));
+        executor.assign(wire);
+        let (seen, done) = until_finished(&executor, &mut rx, key).await;
+        assert_eq!(outcome(&done), Outcome::StartFailed);
+        assert!(done.error.contains(why), "{}", done.error);
+        assert!(
+            seen.iter().all(|e| e.task_id != key.0),
+            "no Started: {seen:?}"
+        );
+        // A call task still runs on the same node.
+        let (wire, key) = assignment(TaskSpec::call("noop", "x"));
+        executor.assign(wire);
+        let (_, done) = until_finished(&executor, &mut rx, key).await;
+        assert_eq!(outcome(&done), Outcome::Succeeded);
+        assert_eq!(executor.running(), 0);
+    }
+    assert!(!marker.exists(), "a refused exec task ran");
+}
+
+#[tokio::test]
 async fn unknown_handler_cannot_start_and_names_the_known_ones() {
     let (executor, mut rx) = executor(1);
     let (wire, key) = assignment(TaskSpec::call("nope", ""));

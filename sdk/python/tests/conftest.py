@@ -48,25 +48,31 @@ def require_binary(name: str) -> Path:
     return path
 
 
-#: Worker implementations under test: name -> argv builder (url, name, slots).
-WorkerCommand = Callable[[str, str, int], List[str]]
+#: Worker implementations under test: name -> argv builder (url, name,
+#: slots, exec), where exec is "allow" or "deny" (``--exec``; the kit runs
+#: exec tasks, so it starts workers with "allow" unless a test checks "deny").
+WorkerCommand = Callable[[str, str, int, str], List[str]]
 
 
-def _weft_node(url: str, name: str, slots: int) -> List[str]:
-    return [str(require_binary("weft-node")), "--coordinator", url, "--slots", str(slots), "--name", name, "--prefetch", "0"]
+def _weft_node(url: str, name: str, slots: int, exec: str = "allow") -> List[str]:
+    return [str(require_binary("weft-node")), "--coordinator", url, "--slots", str(slots), "--name", name, "--prefetch", "0",
+            "--exec", exec]
 
 
-def _python_demo(url: str, name: str, slots: int) -> List[str]:
-    return [sys.executable, "-m", "weft.worker_demo", "--coordinator", url, "--slots", str(slots), "--name", name]
+def _python_demo(url: str, name: str, slots: int, exec: str = "allow") -> List[str]:
+    return [sys.executable, "-m", "weft.worker_demo", "--coordinator", url, "--slots", str(slots), "--name", name, "--exec", exec]
 
 
-def _python_example(url: str, name: str, slots: int) -> List[str]:
-    return [sys.executable, str(EXAMPLES_DIR / "worker.py"), "--coordinator", url, "--slots", str(slots), "--name", name]
+def _python_example(url: str, name: str, slots: int, exec: str = "allow") -> List[str]:
+    return [sys.executable, str(EXAMPLES_DIR / "worker.py"), "--coordinator", url, "--slots", str(slots), "--name", name,
+            "--exec", exec]
 
 
-def _custom(url: str, name: str, slots: int) -> List[str]:
+def _custom(url: str, name: str, slots: int, exec: str = "allow") -> List[str]:
     template = os.environ["WEFT_CONFORMANCE_WORKER"]
-    return shlex.split(template.format(url=url, name=name, slots=slots))
+    if exec != "allow" and "{exec}" not in template:
+        pytest.skip("WEFT_CONFORMANCE_WORKER has no {exec} placeholder (e.g. `--exec {exec}`)")
+    return shlex.split(template.format(url=url, name=name, slots=slots, exec=exec))
 
 
 WORKERS: Dict[str, WorkerCommand] = {

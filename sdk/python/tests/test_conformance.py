@@ -8,12 +8,14 @@ drain and a coordinator restart. Every test runs against every worker
 implementation: ``weft-node`` (skipped when the binary is not built), the
 Python demo worker, the Python example worker, and any command in
 ``$WEFT_CONFORMANCE_WORKER`` (a template with ``{url}``, ``{name}``,
-``{slots}``). So the protocol is defined by these tests, not by one
-implementation.
+``{slots}``, and ``{exec}``: ``allow`` or ``deny``). So the protocol is
+defined by these tests, not by one implementation.
 
 Every worker must serve the handlers ``echo`` (output chunk + return the
 input), ``sleep`` (input like ``250ms``) and ``fail`` (fail with the input as
-the error), and run ``exec`` tasks.
+the error), and run ``exec`` tasks when started with exec allowed (the kit
+starts it so); started with exec denied it declares that in Register and
+runs none.
 """
 
 from __future__ import annotations
@@ -60,9 +62,10 @@ def fake():
     coordinator.stop()
 
 
-def connect(fake: FakeCoordinator, spawn, impl: str, slots: int = SLOTS) -> Conn:
-    """Starts the worker, takes its Register, answers Registered, waits for its credits."""
-    proc = spawn(WORKERS[impl](fake.url, "conf", slots), name=impl)
+def connect(fake: FakeCoordinator, spawn, impl: str, slots: int = SLOTS, exec: str = "allow") -> Conn:
+    """Starts the worker (with exec tasks allowed unless ``exec="deny"``), takes
+    its Register, answers Registered, waits for its credits."""
+    proc = spawn(WORKERS[impl](fake.url, "conf", slots, exec), name=impl)
     session = fake.accept(timeout=20)
     first = session.recv(timeout=10, skip_heartbeats=False)
     assert first is not None, "worker closed the stream without a message"
@@ -180,6 +183,37 @@ def test_exec_streams_stdout_and_stderr_and_reports_the_exit_code(fake, spawn, i
     assert finished.HasField("exit_code") and finished.exit_code == 3
     session.assign((ids["t-missing"], 1, exec_spec(["/nonexistent/weft-binary"])))
     assert finished_of(session.events(ids["t-missing"], 1)).outcome == common_pb2.OUTCOME_START_FAILED
+
+
+def test_a_worker_started_with_exec_denied_declares_it_in_register(fake, spawn, impl):
+    conn = connect(fake, spawn, impl, exec="deny")
+    assert conn.register.exec == node_pb2.EXEC_POLICY_DENY
+    assert list(conn.register.exec_allow) == []
+
+
+def test_a_worker_started_with_exec_allowed_does_not_declare_deny(fake, spawn, impl):
+    conn = connect(fake, spawn, impl)
+    # Unset (a worker from before the field) counts as allow.
+    assert conn.register.exec in (node_pb2.EXEC_POLICY_UNSPECIFIED, node_pb2.EXEC_POLICY_ALLOW)
+    assert list(conn.register.exec_allow) == []
+
+
+def test_an_exec_task_assigned_to_a_worker_denying_exec_is_start_failed_and_never_runs(fake, spawn, impl, ids, tmp_path):
+    conn = connect(fake, spawn, impl, exec="deny")
+    session = conn.session
+    marker = tmp_path / "ran"
+    session.assign((ids["t-denied"], 1, exec_spec(["sh", "-c", 'touch "$1"', "sh", str(marker)])))
+    events = session.events(ids["t-denied"], 1)
+    assert [e.WhichOneof("body") for e in events] == ["finished"], "no Started: it must not run"
+    finished = finished_of(events)
+    assert finished.outcome == common_pb2.OUTCOME_START_FAILED
+    assert "exec" in finished.error, finished.error
+    # Call tasks still run, and the slot comes back.
+    session.assign((ids["t-call"], 1, call_spec("echo", b"hi")))
+    assert finished_of(session.events(ids["t-call"], 1)).outcome == common_pb2.OUTCOME_SUCCEEDED
+    session.wait_for(lambda: session.credits_granted() >= SLOTS + 2, timeout=2, what="both slots granted back")
+    assert not marker.exists(), "the refused exec task ran"
+    no_violations(conn)
 
 
 def test_cancel_reports_cancelled_within_one_second(fake, spawn, impl, ids):

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 import pytest
 
@@ -54,8 +54,10 @@ class Cluster:
             argv += ["--label", label]
         return self._spawn(argv, name=name)
 
-    def python_worker(self, name: str = "py", slots: int = 2, labels=("lang=py",), url: str = None):
+    def python_worker(self, name: str = "py", slots: int = 2, labels=("lang=py",), url: str = None, exec: Optional[str] = None):
         argv = [sys.executable, str(EXAMPLES_DIR / "worker.py"), "--coordinator", url or self.url, "--slots", str(slots), "--name", name]
+        if exec is not None:
+            argv += ["--exec", exec]
         for label in labels:
             argv += ["--label", label]
         return self._spawn(argv, name=name)
@@ -273,7 +275,7 @@ def _nodes_or_none(client):
 
 
 def test_a_sigkilled_python_worker_takes_its_exec_tasks_processes_with_it(cluster, tmp_path):
-    worker = cluster.python_worker("py", slots=1)
+    worker = cluster.python_worker("py", slots=1, exec="allow")
     cluster.wait_nodes("py")
     pidfile = tmp_path / "grandchild.pid"
     task_id = cluster.client.submit_exec(["sh", "-c", 'sleep 300 & echo $! > "$1"; wait', "sh", str(pidfile)])
@@ -284,3 +286,21 @@ def test_a_sigkilled_python_worker_takes_its_exec_tasks_processes_with_it(cluste
     assert worker.wait_exit(10) is not None
     poll(lambda: not _alive(pid), timeout=5, what=f"the task's background child {pid} to die with its worker")
     assert cluster.client.get(task_id).state != weft.TaskState.SUCCEEDED
+
+
+def test_a_default_python_worker_never_receives_an_exec_task(cluster):
+    cluster.python_worker("py")
+    cluster.wait_nodes("py")
+    first = cluster.client.submit_exec(["sh", "-c", "echo first"])
+    waiting = poll(lambda: cluster.client.get(first).pending_reason or None, timeout=10, what="a pending reason")
+    assert waiting == "no connected node accepts exec tasks"
+    assert cluster.client.get(first).state == weft.TaskState.QUEUED
+    # Calls still run on it.
+    assert cluster.client.call("sha256", b"", wait_timeout=30).startswith(b"e3b0c442")
+    # With a Rust node (exec allowed) in the cluster, every exec task goes there.
+    cluster.rust_node("rust", slots=1)
+    cluster.wait_nodes("py", "rust")
+    ids = [first] + cluster.client.submit_many([weft.exec_spec(["sh", "-c", "echo hi"]) for _ in range(6)])
+    for task_id in ids:
+        task = cluster.client.wait(task_id, timeout=30)
+        assert (task.state, task.node_name) == (weft.TaskState.SUCCEEDED, "rust")

@@ -1,5 +1,5 @@
 """Unit tests of the worker's plain parts (``weft.worker.slots``,
-``weft.worker.outbox``), without a loop, a stream or a coordinator; and of
+``weft.worker.outbox``, ``weft.worker.exec_policy``), without a loop, a stream or a coordinator; and of
 the package's shape (no import cycle between its modules)."""
 
 from __future__ import annotations
@@ -7,8 +7,12 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
+import weft
 import weft.worker
 from weft._proto import node_pb2
+from weft.worker.exec_policy import ExecPolicy, from_flags
 from weft.worker.outbox import BATCH_LIMIT, CLOSE, Outbox
 from weft.worker.slots import Slots
 
@@ -88,3 +92,31 @@ def test_the_worker_modules_import_each_other_without_a_cycle():
     for module in deps:
         visit(module, [])
     assert not deps["reaper"] and not deps["slots"], "leaf modules"
+
+
+def test_a_worker_refuses_exec_tasks_unless_told_otherwise():
+    assert weft.Worker("http://127.0.0.1:1", slots=1).exec_policy.register_fields() == (node_pb2.EXEC_POLICY_DENY, [])
+    allow = weft.Worker("http://127.0.0.1:1", slots=1, exec="allow").exec_policy
+    assert allow.register_fields() == (node_pb2.EXEC_POLICY_ALLOW, [])
+    assert allow.refusal(weft.exec_spec(["anything"]).exec) is None
+    deny = ExecPolicy("deny")
+    assert "does not run exec tasks" in deny.refusal(weft.exec_spec(["true"]).exec)
+    listed = weft.Worker("http://127.0.0.1:1", slots=1, exec=ExecPolicy(["echo"])).exec_policy
+    assert listed.register_fields() == (node_pb2.EXEC_POLICY_ALLOW_LIST, ["echo"])
+
+
+def test_an_exec_allow_list_matches_argv0_exactly_as_weft_node_does():
+    policy = ExecPolicy(["echo", "/bin/true"])
+    assert policy.register_fields() == (node_pb2.EXEC_POLICY_ALLOW_LIST, ["/bin/true", "echo"])
+    assert policy.refusal(weft.exec_spec(["echo", "hi"]).exec) is None
+    assert policy.refusal(weft.exec_spec(["/bin/true"]).exec) is None
+    for refused in (["/bin/echo"], ["true"], ["sh", "-c", "echo"]):
+        assert policy.refusal(weft.exec_spec(refused).exec) is not None, refused
+    assert "PATH" in policy.refusal(weft.exec_spec(["echo"], env={"PATH": "/tmp"}).exec)
+    for bad in ([], ["./x"], ["bin/x"], [""], "sometimes"):
+        with pytest.raises(ValueError):
+            ExecPolicy(bad)
+    assert from_flags(None, ["echo,/bin/true"]).register_fields()[1] == ["/bin/true", "echo"]
+    assert from_flags(None, None).register_fields()[0] == node_pb2.EXEC_POLICY_DENY
+    with pytest.raises(ValueError):
+        from_flags("allow", ["echo"])

@@ -35,7 +35,7 @@ import sys
 import time
 
 from .models import parse_duration
-from .worker import Context, HandlerError, Worker
+from .worker import Context, HandlerError, Worker, exec_policy
 
 
 async def noop(data: bytes) -> bytes:
@@ -92,12 +92,17 @@ def build_worker(args: argparse.Namespace) -> Worker:
         if not sep or not key:
             raise SystemExit(f"--label wants key=value, not {item!r}")
         labels[key] = value
+    try:
+        policy = exec_policy.from_flags(args.exec, args.exec_allow)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     worker = Worker(
         args.coordinator,
         slots=args.slots,
         labels=labels,
         name=args.name,
         drain_grace=args.drain_grace,
+        exec=policy,
     )
     worker.register("noop", noop, "asyncio")
     worker.register("echo", echo, "asyncio")
@@ -119,6 +124,10 @@ def parser(prog: str = "python -m weft.worker_demo") -> argparse.ArgumentParser:
     p.add_argument("--name", default=None, help="node name (default: host-pyPID)")
     p.add_argument("--label", action="append", metavar="K=V", help="a label tasks can require (repeatable)")
     p.add_argument("--drain-grace", default="30s", help="grace period when draining on a signal")
+    p.add_argument("--exec", choices=["allow", "deny"], default=os.environ.get("WEFT_EXEC"),
+                   help="run exec tasks (shell commands) of any program, or none (default: deny)")
+    p.add_argument("--exec-allow", action="append", metavar="PROGRAM",
+                   help="run only exec tasks of this program (bare name or absolute path; repeatable)")
     p.add_argument("--log-level", default=os.environ.get("WEFT_LOG", "info"))
     return p
 

@@ -1,10 +1,12 @@
 //! [`TestClusterBuilder`]: the settings of a test cluster (nodes, slots,
-//! timings, labels, in-process or real processes) and the defaults every
+//! timings, labels, exec policies, in-process or real processes) and the defaults every
 //! scenario starts from. Plain settings; starting is in `mod.rs` and
 //! `members.rs`.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
+
+use weft_proto::ExecPolicy;
 
 /// Labels of one node.
 pub(super) type Labels = BTreeMap<String, String>;
@@ -18,6 +20,7 @@ pub struct TestClusterBuilder {
     pub(super) heartbeat_timeout: Duration,
     pub(super) drain_grace: Duration,
     pub(super) labels: BTreeMap<usize, Labels>,
+    pub(super) exec: BTreeMap<usize, ExecPolicy>,
     pub(super) processes: bool,
     pub(super) durable: bool,
     pub(super) max_queued: Option<usize>,
@@ -35,6 +38,7 @@ impl Default for TestClusterBuilder {
             heartbeat_timeout: Duration::from_secs(3),
             drain_grace: Duration::from_secs(5),
             labels: BTreeMap::new(),
+            exec: BTreeMap::new(),
             processes: processes_by_default(),
             durable: false,
             max_queued: None,
@@ -101,6 +105,12 @@ impl TestClusterBuilder {
                 .map(|(k, v)| (k.into(), v.into()))
                 .collect(),
         );
+        self
+    }
+
+    /// Exec policy of node `index` (default: allow, as `weft-node`'s).
+    pub fn node_exec(mut self, index: usize, exec: ExecPolicy) -> Self {
+        self.exec.insert(index, exec);
         self
     }
 

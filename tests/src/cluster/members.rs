@@ -11,6 +11,7 @@ use std::time::Duration;
 use weft_cluster::Error as ClusterError;
 use weft_coordinator::{CoordinatorConfig, RunningCoordinator};
 use weft_node::{NodeConfig, RunningNode};
+use weft_proto::ExecPolicy;
 
 use crate::process::{ChildProcess, spawn};
 use crate::wait::default_timeout;
@@ -123,7 +124,7 @@ pub(super) enum Node {
     Process(Box<ChildProcess>),
 }
 
-/// Starts node `name` with `slots` and `labels`, pointed at `url`: the
+/// Starts node `name` with `slots`, `labels` and `exec`, pointed at `url`: the
 /// `weft-node` binary logging into `dir`, or the library in this process.
 pub(super) fn start_node(
     settings: &TestClusterBuilder,
@@ -132,6 +133,7 @@ pub(super) fn start_node(
     name: &str,
     slots: u32,
     labels: Labels,
+    exec: ExecPolicy,
 ) -> Node {
     if settings.processes {
         let mut args = vec![
@@ -150,12 +152,22 @@ pub(super) fn start_node(
             args.push("--label".to_owned());
             args.push(format!("{k}={v}"));
         }
+        match &exec {
+            ExecPolicy::Allow => {}
+            ExecPolicy::Deny => args.extend(["--exec".to_owned(), "deny".to_owned()]),
+            ExecPolicy::Programs(programs) => {
+                for program in programs {
+                    args.extend(["--exec-allow".to_owned(), program.clone()]);
+                }
+            }
+        }
         Node::Process(Box::new(spawn("weft-node", &args, dir, name)))
     } else {
         let mut config = NodeConfig::new(url.to_owned());
         config.name = name.to_owned();
         config.slots = slots;
         config.labels = labels;
+        config.exec = exec;
         config.drain_grace = settings.drain_grace;
         config.reconnect_min = Duration::from_millis(20);
         config.reconnect_max = Duration::from_millis(500);

@@ -27,7 +27,7 @@ use tempfile::TempDir;
 use tokio::sync::OnceCell;
 
 use weft_client::{Client, NodeInfo, Task};
-use weft_proto::{TaskId, TaskState};
+use weft_proto::{ExecPolicy, TaskId, TaskState};
 
 use crate::cli::{CliOutput, run_weft};
 use crate::process::bin_path;
@@ -60,7 +60,8 @@ impl TestClusterBuilder {
         };
         for index in 0..self.nodes {
             let labels = self.labels.get(&index).cloned().unwrap_or_default();
-            cluster.spawn_node(self.slots, labels);
+            let exec = self.exec.get(&index).cloned().unwrap_or_default();
+            cluster.spawn_node(self.slots, labels, exec);
         }
         cluster.wait_for_nodes(self.nodes).await;
         cluster
@@ -265,7 +266,17 @@ impl TestCluster {
             .into_iter()
             .map(|(k, v)| (k.into(), v.into()))
             .collect();
-        let name = self.spawn_node(slots, labels);
+        self.add_node_with(slots, labels, ExecPolicy::Allow).await
+    }
+
+    /// Starts one more node with `slots`, no labels and exec policy
+    /// `exec`; waits until it is registered and returns its name.
+    pub async fn add_node_with_exec(&self, slots: u32, exec: ExecPolicy) -> String {
+        self.add_node_with(slots, Labels::new(), exec).await
+    }
+
+    async fn add_node_with(&self, slots: u32, labels: Labels, exec: ExecPolicy) -> String {
+        let name = self.spawn_node(slots, labels, exec);
         let client = self.client().await;
         let wanted = name.clone();
         let seen = wait_for(default_timeout(), || {
@@ -443,9 +454,17 @@ impl TestCluster {
         *self.coordinator.lock().unwrap_or_else(|p| p.into_inner()) = Some(coordinator);
     }
 
-    fn spawn_node(&self, slots: u32, labels: Labels) -> String {
+    fn spawn_node(&self, slots: u32, labels: Labels, exec: ExecPolicy) -> String {
         let name = format!("node-{}", self.next_node.fetch_add(1, Ordering::SeqCst));
-        let node = start_node(&self.settings, &self.url, self.dir(), &name, slots, labels);
+        let node = start_node(
+            &self.settings,
+            &self.url,
+            self.dir(),
+            &name,
+            slots,
+            labels,
+            exec,
+        );
         self.lock_nodes().insert(name.clone(), node);
         name
     }

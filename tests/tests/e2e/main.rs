@@ -8,6 +8,7 @@ mod addresses;
 mod cancel_and_timeout;
 mod cli;
 mod drain;
+mod exec_policy;
 mod failover;
 mod fencing;
 mod handlers;

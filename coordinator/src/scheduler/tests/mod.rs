@@ -3,6 +3,7 @@
 
 mod attempts;
 mod dispatch;
+mod exec_policy;
 mod membership;
 mod restart;
 
@@ -46,6 +47,7 @@ fn reg(name: &str, slots: u32) -> NodeRegistration {
         slots,
         prefetch: 0,
         handlers: vec!["noop".into(), "sleep".into()],
+        exec: weft_proto::ExecPolicy::Allow,
         running: Vec::new(),
     }
 }

@@ -11,7 +11,9 @@ use std::collections::BTreeMap;
 use tonic::Status;
 
 use weft_proto::convert::duration_to_pb;
-use weft_proto::{Attempt, NodeId, Outcome, OutputStream, PROTOCOL_VERSION, TaskId, pb};
+use weft_proto::{
+    Attempt, ExecPolicy, NodeId, Outcome, OutputStream, PROTOCOL_VERSION, TaskId, pb,
+};
 
 use crate::driver::ToNode;
 use crate::error::Error;
@@ -29,6 +31,7 @@ pub(super) fn registration(register: pb::Register) -> Result<NodeRegistration, E
         .previous_node_id
         .parse::<NodeId>()
         .unwrap_or_else(|_| NodeId::new());
+    let exec = ExecPolicy::from_pb(register.exec, register.exec_allow)?;
     let name = if register.name.trim().is_empty() {
         node_id.to_string()
     } else {
@@ -52,6 +55,7 @@ pub(super) fn registration(register: pb::Register) -> Result<NodeRegistration, E
         slots: register.slots,
         prefetch: register.prefetch,
         handlers: register.handlers,
+        exec,
         running,
     })
 }
@@ -229,6 +233,35 @@ mod tests {
             registration(register),
             Err(Error::ProtocolVersion(_))
         ));
+    }
+
+    #[test]
+    fn a_register_declares_its_exec_policy_and_an_old_node_allows_exec() {
+        let register = |exec: pb::ExecPolicy, exec_allow: &[&str]| pb::Register {
+            protocol_version: PROTOCOL_VERSION as i32,
+            slots: 1,
+            exec: exec as i32,
+            exec_allow: exec_allow.iter().map(|p| (*p).to_owned()).collect(),
+            ..pb::Register::default()
+        };
+        let old = registration(register(pb::ExecPolicy::Unspecified, &[])).unwrap();
+        assert_eq!(old.exec, ExecPolicy::Allow);
+        let deny = registration(register(pb::ExecPolicy::Deny, &[])).unwrap();
+        assert_eq!(deny.exec, ExecPolicy::Deny);
+        let listed = registration(register(pb::ExecPolicy::AllowList, &["echo"])).unwrap();
+        assert!(listed.exec.allows_program("echo") && !listed.exec.allows_program("sh"));
+        for bad in [
+            register(pb::ExecPolicy::AllowList, &[]),
+            register(pb::ExecPolicy::AllowList, &["bin/x"]),
+            register(pb::ExecPolicy::Deny, &["echo"]),
+        ] {
+            let err = registration(bad).unwrap_err();
+            assert!(err.to_string().contains("exec_allow"), "{err}");
+            assert_eq!(
+                tonic::Status::from(err).code(),
+                tonic::Code::InvalidArgument
+            );
+        }
     }
 
     #[test]

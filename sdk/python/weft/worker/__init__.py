@@ -17,8 +17,11 @@ its previous node id), incremental credits, heartbeats both ways, events
 named by (task_id, attempt), Cancel within a second, Drain, and reconnect
 with backoff when the stream ends or the coordinator falls silent.
 
-It runs ``exec`` tasks too (a child process in its own process group, output
-streamed), because a coordinator may assign those to any node.
+It runs ``exec`` tasks only when told to (``Worker(exec="allow")`` or a list
+of programs): by default it declares in Register that it refuses them, so
+the coordinator never assigns it one, and reports one assigned anyway
+START_FAILED without running it. Allowed exec tasks run as a child process
+in its own process group, output streamed.
 
 A handler takes ``(input: bytes)`` or ``(input: bytes, ctx: weft.Context)``
 and returns bytes, str, None (empty output) or anything JSON-serialisable.
@@ -35,6 +38,7 @@ protocol change touches same-named files on both sides):
 - ``slots.py``: slot accounting and the draining flag, plain state
 - ``attempt.py``: running attempts, stop reasons, the Finished, :class:`Context`
 - ``process.py``: exec tasks' child processes
+- ``exec_policy.py``: which exec tasks it runs (``proto/src/exec_policy.rs``)
 - ``handlers.py``: the handler registry and how a handler's result is read
 - ``reaper.py``: the reaper process and the worker's handle on it
 
@@ -42,13 +46,14 @@ This file only re-exports; nothing in the package imports it.
 """
 
 from .attempt import CANCEL_REPORT_WITHIN, Context
+from .exec_policy import ExecPolicy
 from .handlers import KINDS, Handler, HandlerError, StartFailed
 from .node import Worker
 from .outbox import BATCH_BYTES, BATCH_LIMIT, CHUNK_LIMIT, REDELIVER_MAX, REDELIVER_MAX_BYTES, REDELIVER_WINDOW
 from .session import PROTOCOL_VERSION, REGISTER_TIMEOUT
 
 __all__ = [
-    "BATCH_BYTES", "BATCH_LIMIT", "CANCEL_REPORT_WITHIN", "CHUNK_LIMIT", "Context", "Handler", "HandlerError",
+    "BATCH_BYTES", "BATCH_LIMIT", "CANCEL_REPORT_WITHIN", "CHUNK_LIMIT", "Context", "ExecPolicy", "Handler", "HandlerError",
     "KINDS", "PROTOCOL_VERSION", "REDELIVER_MAX", "REDELIVER_MAX_BYTES", "REDELIVER_WINDOW", "REGISTER_TIMEOUT",
     "StartFailed", "Worker",
 ]

@@ -20,6 +20,7 @@ from typing import Any, Callable, Dict, Optional, Tuple, Union
 from .._pool import PoolCallError
 from .._proto import common_pb2, node_pb2
 from ..models import duration_from_pb
+from .exec_policy import ExecPolicy
 from .handlers import Handlers, StartFailed, error_text, to_output
 from .outbox import CHUNK_LIMIT, Outbox
 from .process import run_exec
@@ -121,8 +122,9 @@ class Attempts:
     a way to spawn tasks, the thread pool, the process pool (if a handler
     needs one) and the reaper (if one started)."""
 
-    def __init__(self, handlers: Handlers, slots: Slots, outbox: Outbox):
+    def __init__(self, handlers: Handlers, slots: Slots, outbox: Outbox, exec_policy: Optional[ExecPolicy] = None):
         self.handlers = handlers
+        self.exec_policy = exec_policy if exec_policy is not None else ExecPolicy("deny")
         self.slots = slots
         self.outbox = outbox
         self.table: Dict[Tuple[str, int], Attempt] = {}
@@ -321,6 +323,12 @@ class Attempts:
             pcall.kill()  # no-op when it already finished
 
     async def _run_exec(self, attempt: Attempt) -> None:
+        # The coordinator matches exec tasks to the policy in Register; this
+        # refuses what one assigns anyway, before anything starts.
+        refusal = self.exec_policy.refusal(attempt.spec.exec)
+        if refusal is not None:
+            log.warning("refusing task %s attempt %d: %s", attempt.task_id, attempt.attempt, refusal)
+            raise StartFailed(refusal)
         def set_kill(kill: Callable[[], None]) -> None:
             attempt.kill = kill
 

@@ -25,6 +25,7 @@ from .._pool import ProcessPool
 from .._proto import node_pb2
 from ..models import DurationLike, parse_duration
 from .attempt import Attempts
+from .exec_policy import ExecPolicy, ExecSetting
 from .handlers import Handler, Handlers
 from .outbox import Outbox
 from .reaper import Reaper
@@ -36,7 +37,8 @@ log = logging.getLogger("weft.worker")
 
 
 class Worker:
-    """A node that serves registered Python functions (and exec tasks).
+    """A node that serves registered Python functions (and, when allowed,
+    exec tasks).
 
     ``coordinator``: address like ``http://127.0.0.1:7070`` or
     ``127.0.0.1:7070`` (default ``$WEFT_COORDINATOR``); a malformed one is a
@@ -44,7 +46,14 @@ class Worker:
     once (default: number of CPUs). ``labels``: key=value pairs tasks can
     require. ``process_workers``: size of the process pool (default: slots).
     ``drain_grace``: how long running attempts may finish when draining on a
-    signal or a Drain without a grace.
+    signal or a Drain without a grace. ``exec``: whether it runs exec tasks
+    (shell commands anyone who may submit can send): ``"deny"`` (the
+    default: handlers only), ``"allow"`` (any program, as this process's
+    user), or a list of programs (bare names or absolute paths, matched
+    against ``argv[0]`` exactly, as ``weft-node --exec-allow`` does). It is
+    declared in Register, so the coordinator never assigns this worker an
+    exec task it refuses; one assigned anyway is reported START_FAILED and
+    never run.
     """
 
     def __init__(
@@ -59,6 +68,7 @@ class Worker:
         reconnect_max: DurationLike = 5.0,
         process_workers: Optional[int] = None,
         thread_workers: Optional[int] = None,
+        exec: ExecSetting = "deny",
     ):
         self.coordinator = coordinator_url(coordinator)
         parse_address(self.coordinator)
@@ -74,7 +84,8 @@ class Worker:
         self._thread_workers = thread_workers or self.slots
         self._handlers = Handlers()
         self._outbox = Outbox()
-        self._attempts = Attempts(self._handlers, self._slots, self._outbox)
+        self.exec_policy = ExecPolicy(exec)
+        self._attempts = Attempts(self._handlers, self._slots, self._outbox, self.exec_policy)
         self._sessions = Sessions(self, self._attempts, self._outbox, self._slots, self.start_drain, self._spawn)
         self._drain_task: Optional[asyncio.Task] = None
         self._stopped: Optional[asyncio.Event] = None

@@ -101,6 +101,7 @@ class Sessions:
         session.redeliver, keys = outbox.begin_session()
         keys.update(a.key for a in self._attempts.table.values() if not a.finished_sent)
         running = [node_pb2.AttemptRef(task_id=t, attempt=n) for t, n in sorted(keys)]
+        exec_mode, exec_allow = worker.exec_policy.register_fields()
         register = node_pb2.Register(
             name=worker.name,
             labels=worker.labels,
@@ -109,6 +110,8 @@ class Sessions:
             protocol_version=PROTOCOL_VERSION,
             running=running,
             previous_node_id=self.node_id,
+            exec=exec_mode,
+            exec_allow=exec_allow,
         )
         log.info("connecting to %s as %s (%d running)", worker.coordinator, worker.name, len(running))
         channel = aio_channel(worker.coordinator)
