@@ -111,13 +111,14 @@ pub(crate) async fn run(
     let work = async {
         match &spec.kind {
             TaskKind::Exec(exec_spec) => {
-                let end = process::run(exec_spec, emit, &control.token, reaper, |pgid| {
+                let secrets = &spec.secret_env;
+                let end = process::run(exec_spec, secrets, emit, &control.token, reaper, |pgid| {
                     let _ = control.pgid.set(pgid);
                 })
                 .await;
                 exec_finished(end, control)
             }
-            TaskKind::Call(call) => run_call(call, emit, control, handlers).await,
+            TaskKind::Call(call) => run_call(call, spec, emit, control, handlers).await,
         }
     };
     match spec.timeout {
@@ -144,6 +145,7 @@ pub(crate) async fn report(emit: &Emitter, done: pb::Finished) {
 
 async fn run_call(
     call: &CallSpec,
+    spec: &TaskSpec,
     emit: &Emitter,
     control: &AttemptControl,
     handlers: &HandlerRegistry,
@@ -161,6 +163,7 @@ async fn run_call(
         task_id: emit.task_id(),
         attempt: emit.attempt(),
         input: call.input.clone(),
+        secret_env: spec.secret_env.clone(),
         cancel: control.token.clone(),
         emit: emit.clone(),
     };

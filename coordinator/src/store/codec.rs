@@ -15,7 +15,7 @@ use prost::Message;
 
 use weft_proto::convert::{duration_to_pb, system_time, timestamp};
 use weft_proto::{
-    Attempt, NodeId, Outcome, OutputStream, TaskId, TaskKind, TaskSpec, TaskState, pb,
+    Attempt, NodeId, Outcome, OutputStream, SecretEnv, TaskId, TaskKind, TaskSpec, TaskState, pb,
 };
 
 use super::engine::StoreError;
@@ -62,6 +62,9 @@ pub(crate) fn spec_to_pb(spec: &TaskSpec) -> pb::TaskSpec {
         timeout: spec.timeout.map(duration_to_pb),
         max_attempts: spec.max_attempts,
         name: spec.name.clone(),
+        // Never here: this is the form every reader and the stored record
+        // get. An assignment adds the secrets itself (service/node/codec.rs).
+        secret_env: Default::default(),
     }
 }
 
@@ -206,6 +209,25 @@ pub(crate) fn encode_task(record: &TaskRecord) -> Vec<u8> {
             .collect(),
     }
     .encode_to_vec()
+}
+
+/// A task's secret environment as stored: in a table of its own, never
+/// inside the task record that readers decode.
+#[derive(Clone, PartialEq, Message)]
+struct StoredSecrets {
+    #[prost(map = "string, string", tag = "1")]
+    env: std::collections::HashMap<String, String>,
+}
+
+/// A task's secret environment as stored bytes.
+pub(crate) fn encode_secrets(env: &SecretEnv) -> Vec<u8> {
+    StoredSecrets { env: env.to_pb() }.encode_to_vec()
+}
+
+/// A task's secret environment from stored bytes.
+pub(crate) fn decode_secrets(bytes: &[u8]) -> Result<SecretEnv, StoreError> {
+    let stored = StoredSecrets::decode(bytes).map_err(|e| corrupt("secrets", e))?;
+    Ok(stored.env.into_iter().collect())
 }
 
 /// A task record from stored bytes (`next_seq` is left 0 for the caller).

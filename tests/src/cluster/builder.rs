@@ -21,6 +21,7 @@ pub struct TestClusterBuilder {
     pub(super) processes: bool,
     pub(super) durable: bool,
     pub(super) max_queued: Option<usize>,
+    pub(super) log_filter: Option<String>,
 }
 
 impl Default for TestClusterBuilder {
@@ -37,6 +38,7 @@ impl Default for TestClusterBuilder {
             processes: processes_by_default(),
             durable: false,
             max_queued: None,
+            log_filter: None,
         }
     }
 }
@@ -120,6 +122,14 @@ impl TestClusterBuilder {
     /// RESOURCE_EXHAUSTED). Default: the coordinator's own.
     pub fn max_queued(mut self, n: usize) -> Self {
         self.max_queued = Some(n);
+        self
+    }
+
+    /// Process mode: the `RUST_LOG` of the coordinator and node processes
+    /// (default: this process's `RUST_LOG`, else `info`), e.g. `debug` for a
+    /// scenario that reads their log files.
+    pub fn log_filter(mut self, filter: &str) -> Self {
+        self.log_filter = Some(filter.to_owned());
         self
     }
 

@@ -12,7 +12,7 @@ use weft_cluster::Error as ClusterError;
 use weft_coordinator::{CoordinatorConfig, RunningCoordinator};
 use weft_node::{NodeConfig, RunningNode};
 
-use crate::process::{ChildProcess, spawn};
+use crate::process::{ChildProcess, Spawn, bin_path};
 use crate::wait::default_timeout;
 
 use super::builder::{Labels, TestClusterBuilder};
@@ -87,7 +87,7 @@ pub(super) async fn start_coordinator(
         0 => "coordinator".to_owned(),
         n => format!("coordinator-restart-{n}"),
     };
-    let mut child = spawn("weft-coordinator", &args, dir, &label);
+    let mut child = spawn("weft-coordinator", &args, dir, &label, settings);
     let addr =
         weft_cluster::wait_for_addr_file(&mut child, &addr_file, default_timeout(), ADDR_POLL)
             .await;
@@ -145,7 +145,7 @@ pub(super) fn start_node(
             args.push("--label".to_owned());
             args.push(format!("{k}={v}"));
         }
-        Node::Process(Box::new(spawn("weft-node", &args, dir, name)))
+        Node::Process(Box::new(spawn("weft-node", &args, dir, name, settings)))
     } else {
         let mut config = NodeConfig::new(url.to_owned());
         config.name = name.to_owned();
@@ -166,4 +166,22 @@ pub(super) async fn terminate(child: ChildProcess, deadline: Duration) -> (ExitS
         .terminate(deadline)
         .await
         .expect("waiting for a killed child process")
+}
+
+/// Starts binary `bin` for the cluster, logging to `<dir>/<label>.log`
+/// under the builder's log filter.
+fn spawn(
+    bin: &str,
+    args: &[String],
+    dir: &Path,
+    label: &str,
+    settings: &TestClusterBuilder,
+) -> ChildProcess {
+    let mut spawn = Spawn::new(bin_path(bin), dir, label).args(args);
+    if let Some(filter) = &settings.log_filter {
+        spawn = spawn.log_filter(filter);
+    }
+    spawn
+        .spawn()
+        .unwrap_or_else(|e| panic!("{e}: {}", crate::process::source_of(&e)))
 }
