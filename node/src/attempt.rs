@@ -269,6 +269,26 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn a_call_handler_reads_the_tasks_secret_env_on_its_request() {
+        let mut handlers = HandlerRegistry::new();
+        handlers.register_async("key", |request: HandlerRequest| async move {
+            let value = request.secret_env.get("API_KEY").unwrap_or("missing");
+            Ok(Bytes::from(value.to_uppercase()))
+        });
+        let spec = TaskSpec::call("key", "").secret_env("API_KEY", "s3cr3t");
+        let (tx, _rx) = crate::events::channel();
+        let emit = Emitter::new(tx, weft_proto::TaskId::new(), weft_proto::Attempt::FIRST);
+        let control = AttemptControl::new(CancellationToken::new());
+        let done = run(&spec, &control, &emit, &handlers, None)
+            .await
+            .expect("reported");
+        assert_eq!(
+            (Outcome::try_from(done.outcome), &done.output[..]),
+            (Ok(Outcome::Succeeded), &b"S3CR3T"[..])
+        );
+    }
+
     #[test]
     fn the_first_stop_reason_wins_and_a_parent_cancel_counts_as_killed() {
         let parent = CancellationToken::new();

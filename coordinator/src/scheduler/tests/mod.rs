@@ -5,6 +5,7 @@ mod attempts;
 mod dispatch;
 mod membership;
 mod restart;
+mod secrets;
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant, SystemTime};
