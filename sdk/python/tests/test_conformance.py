@@ -182,6 +182,19 @@ def test_exec_streams_stdout_and_stderr_and_reports_the_exit_code(fake, spawn, i
     assert finished_of(session.events(ids["t-missing"], 1)).outcome == common_pb2.OUTCOME_START_FAILED
 
 
+def test_exec_gets_secret_env_after_env(fake, spawn, impl, ids):
+    conn = connect(fake, spawn, impl)
+    session = conn.session
+    spec = exec_spec(["sh", "-c", 'printf "%s %s" "$API_KEY" "$PLAIN"'], env={"API_KEY": "plain", "PLAIN": "p"},
+                     secret_env={"API_KEY": "s3cr3t"})
+    session.assign((ids["t-secret"], 1, spec))
+    events = session.events(ids["t-secret"], 1)
+    out = b"".join(e.output.data for e in events if e.WhichOneof("body") == "output")
+    assert out == b"s3cr3t p", "secret_env goes into the environment after env (the secret wins)"
+    assert finished_of(events).outcome == common_pb2.OUTCOME_SUCCEEDED
+    no_violations(conn)
+
+
 def test_cancel_reports_cancelled_within_one_second(fake, spawn, impl, ids):
     conn = connect(fake, spawn, impl)
     session = conn.session

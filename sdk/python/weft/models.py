@@ -255,7 +255,7 @@ class Task:
 
     @property
     def spec(self) -> common_pb2.TaskSpec:
-        """The task's spec as submitted."""
+        """The task's spec as submitted, less ``secret_env``, which no answer carries."""
         return self.pb.spec
 
     @property
