@@ -140,7 +140,8 @@ impl fmt::Debug for Redacted {
 
 /// Written by hand (`build.rs` skips the derived one) so that
 /// `secret_env` shows its names only: every message that holds a spec
-/// (`Assignment`, `Task`, `SubmitRequest`, ...) prints through this.
+/// (`Assignment`, `Task`, `SubmitRequest`, ...) prints through this. A new
+/// field of `TaskSpec` is to be added here too.
 impl fmt::Debug for pb::TaskSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TaskSpec")
