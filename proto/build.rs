@@ -15,6 +15,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // `NodeService.Connect` would clash with the generated `connect`
         // constructor; clients build their `Channel` explicitly instead.
         .build_transport(false)
+        // Its Debug is written by hand (spec.rs) so that `secret_env` values
+        // never reach a log through a stray `{:?}`.
+        .skip_debug(["weft.v1.TaskSpec"])
         .compile_fds(fds)?;
     Ok(())
 }

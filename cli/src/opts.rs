@@ -32,6 +32,14 @@ pub struct TaskOpts {
     /// Environment variable for the process, as KEY=VALUE (repeatable; exec tasks).
     #[arg(long = "env", value_name = "KEY=VALUE", value_parser = parse_key_value)]
     pub env: Vec<(String, String)>,
+    /// Secret environment variable, as KEY=VALUE or as KEY alone to take the
+    /// value from this shell's environment (so it shows in neither the shell
+    /// history nor `ps`); repeatable. For exec tasks (in the process's
+    /// environment, winning over `--env`) and calls (on the handler's
+    /// request). Given only to the node running the attempt: `weft get`,
+    /// `list` and `watch` never show it, nor does any rpc answer.
+    #[arg(long = "secret-env", value_name = "KEY[=VALUE]", value_parser = parse_secret_env)]
+    pub secret_env: Vec<SecretArg>,
     /// Working directory on the node (exec tasks; default: the node's own).
     #[arg(long, value_name = "DIR")]
     pub cwd: Option<String>,
@@ -83,6 +91,9 @@ impl TaskOpts {
         for (key, value) in &self.env {
             spec = spec.env(key, value);
         }
+        for secret in &self.secret_env {
+            spec = spec.secret_env(&secret.name, &secret.value);
+        }
         if let Some(cwd) = &self.cwd {
             spec = spec.cwd(cwd);
         }
@@ -113,6 +124,49 @@ pub fn parse_key_value(text: &str) -> Result<(String, String), String> {
     }
 }
 
+/// One `--secret-env`: its `Debug` shows the name only, like the spec's.
+#[derive(Clone, PartialEq)]
+pub struct SecretArg {
+    /// The variable's name.
+    pub name: String,
+    /// Its value.
+    pub value: String,
+}
+
+impl std::fmt::Debug for SecretArg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}=<redacted>", self.name)
+    }
+}
+
+/// Parses `--secret-env KEY=VALUE`, or `--secret-env KEY` with the value
+/// from this process's environment.
+pub fn parse_secret_env(text: &str) -> Result<SecretArg, String> {
+    secret_from(text, |name| std::env::var(name).ok())
+}
+
+fn secret_from(text: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<SecretArg, String> {
+    let (name, value) = match text.split_once('=') {
+        Some((name, value)) => (name.trim(), value.to_owned()),
+        None => {
+            let name = text.trim();
+            let value = lookup(name).ok_or_else(|| {
+                format!(
+                    "{name:?} is not set in this environment (give KEY=VALUE, or export {name} first)"
+                )
+            })?;
+            (name, value)
+        }
+    };
+    if name.is_empty() {
+        return Err("expected KEY or KEY=VALUE: the key is empty".to_owned());
+    }
+    Ok(SecretArg {
+        name: name.to_owned(),
+        value,
+    })
+}
+
 /// Parses a duration flag (`250ms`, `30s`, `1m30s`).
 pub fn parse_duration_arg(text: &str) -> Result<Duration, String> {
     parse_duration(text).map_err(|err| err.to_string())
@@ -135,6 +189,31 @@ mod tests {
     use weft_proto::TaskKind;
 
     use super::*;
+
+    #[test]
+    fn a_secret_takes_its_value_inline_or_from_the_environment() {
+        let env = |name: &str| (name == "API_KEY").then(|| "from-env".to_owned());
+        let inline = secret_from("TOKEN=a=b", env).unwrap();
+        assert_eq!(
+            (inline.name.as_str(), inline.value.as_str()),
+            ("TOKEN", "a=b")
+        );
+        let from_env = secret_from("API_KEY", env).unwrap();
+        assert_eq!(from_env.value, "from-env");
+        let missing = secret_from("NOT_SET", env).unwrap_err();
+        assert!(
+            missing.contains("NOT_SET") && missing.contains("export"),
+            "{missing}"
+        );
+        assert!(secret_from("=v", env).is_err());
+        assert!(!format!("{inline:?}").contains("a=b"));
+        let opts = TaskOpts {
+            secret_env: vec![from_env],
+            ..TaskOpts::default()
+        };
+        let spec = opts.apply_with_stdin(TaskSpec::exec(["true"]), None);
+        assert_eq!(spec.secret_env.get("API_KEY"), Some("from-env"));
+    }
 
     #[test]
     fn run_and_call_make_one_attempt_unless_told_otherwise() {
@@ -182,6 +261,7 @@ mod tests {
             timeout: Some(Duration::from_secs(3)),
             max_attempts: Some(5),
             env: vec![("A".into(), "1".into())],
+            secret_env: Vec::new(),
             cwd: Some("/tmp".into()),
             name: Some("job".into()),
             stdin_file: None,

@@ -111,13 +111,14 @@ pub(crate) async fn run(
     let work = async {
         match &spec.kind {
             TaskKind::Exec(exec_spec) => {
-                let end = process::run(exec_spec, emit, &control.token, reaper, |pgid| {
+                let secrets = &spec.secret_env;
+                let end = process::run(exec_spec, secrets, emit, &control.token, reaper, |pgid| {
                     let _ = control.pgid.set(pgid);
                 })
                 .await;
                 exec_finished(end, control)
             }
-            TaskKind::Call(call) => run_call(call, emit, control, handlers).await,
+            TaskKind::Call(call) => run_call(call, spec, emit, control, handlers).await,
         }
     };
     match spec.timeout {
@@ -144,6 +145,7 @@ pub(crate) async fn report(emit: &Emitter, done: Finished) {
 
 async fn run_call(
     call: &CallSpec,
+    spec: &TaskSpec,
     emit: &Emitter,
     control: &AttemptControl,
     handlers: &HandlerRegistry,
@@ -161,6 +163,7 @@ async fn run_call(
         task_id: emit.task_id(),
         attempt: emit.attempt(),
         input: call.input.clone(),
+        secret_env: spec.secret_env.clone(),
         cancel: control.token.clone(),
         emit: emit.clone(),
     };
@@ -263,6 +266,26 @@ mod tests {
             stopped(StopReason::Killed),
             None,
             "a killed attempt reports nothing"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_call_handler_reads_the_tasks_secret_env_on_its_request() {
+        let mut handlers = HandlerRegistry::new();
+        handlers.register_async("key", |request: HandlerRequest| async move {
+            let value = request.secret_env.get("API_KEY").unwrap_or("missing");
+            Ok(Bytes::from(value.to_uppercase()))
+        });
+        let spec = TaskSpec::call("key", "").secret_env("API_KEY", "s3cr3t");
+        let (tx, _rx) = crate::events::channel();
+        let emit = Emitter::new(tx, weft_proto::TaskId::new(), weft_proto::Attempt::FIRST);
+        let control = AttemptControl::new(CancellationToken::new());
+        let done = run(&spec, &control, &emit, &handlers, None)
+            .await
+            .expect("reported");
+        assert_eq!(
+            (done.outcome, &done.output[..]),
+            (Outcome::Succeeded, &b"S3CR3T"[..])
         );
     }
 

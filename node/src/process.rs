@@ -26,7 +26,7 @@ use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use weft_proto::{ExecSpec, OutputStream};
+use weft_proto::{ExecSpec, OutputStream, SecretEnv};
 
 use crate::events::Emitter;
 use crate::reaper::Reaper;
@@ -59,6 +59,7 @@ pub(crate) enum ExecEnd {
 /// group without waiting for this future.
 pub(crate) async fn run(
     spec: &ExecSpec,
+    secret_env: &SecretEnv,
     emit: &Emitter,
     cancel: &CancellationToken,
     reaper: Option<&Reaper>,
@@ -84,6 +85,8 @@ pub(crate) async fn run(
     command
         .args(&spec.argv[1..])
         .envs(&spec.env)
+        // After `env`: a secret wins over a plain value of the same name.
+        .envs(secret_env.iter())
         .stdin(if spec.stdin.is_empty() {
             Stdio::null()
         } else {
@@ -379,9 +382,21 @@ pub(crate) mod tests {
     }
 
     async fn run_spec(spec: &ExecSpec) -> Run {
+        run_with_secrets(spec, &SecretEnv::new()).await
+    }
+
+    async fn run_with_secrets(spec: &ExecSpec, secrets: &SecretEnv) -> Run {
         let (tx, rx) = events::channel();
         let emit = Emitter::new(tx, TaskId::new(), Attempt::FIRST);
-        let end = run(spec, &emit, &CancellationToken::new(), None, |_| {}).await;
+        let end = run(
+            spec,
+            secrets,
+            &emit,
+            &CancellationToken::new(),
+            None,
+            |_| {},
+        )
+        .await;
         drop(emit);
         Run {
             end,
@@ -434,6 +449,18 @@ pub(crate) mod tests {
     }
 
     #[tokio::test]
+    async fn secret_env_reaches_the_child_and_wins_over_plain_env() {
+        let mut s = spec(&["sh", "-c", "printf '%s %s' \"$API_KEY\" \"$PLAIN\""]);
+        s.env.insert("API_KEY".into(), "plain-value".into());
+        s.env.insert("PLAIN".into(), "p".into());
+        let mut secrets = SecretEnv::new();
+        secrets.insert("API_KEY", "s3cr3t");
+        let run = run_with_secrets(&s, &secrets).await;
+        assert_eq!(run.end, ExecEnd::Exited(0));
+        assert_eq!(run.output(OutputStream::Stdout), "s3cr3t p");
+    }
+
+    #[tokio::test]
     async fn env_and_cwd_are_applied() {
         let dir = tempfile::tempdir().unwrap();
         let mut s = spec(&["sh", "-c", "echo $WEFT_TEST_VAR; pwd"]);
@@ -474,7 +501,7 @@ pub(crate) mod tests {
         let emit = Emitter::new(tx, TaskId::new(), Attempt::FIRST);
         let task = tokio::spawn(async move {
             let s = spec(&["sh", "-c", "sleep 100 & echo $!; wait"]);
-            run(&s, &emit, &cancel, None, |_| {}).await
+            run(&s, &SecretEnv::new(), &emit, &cancel, None, |_| {}).await
         });
         let grandchild = loop {
             let event = rx.recv().await.expect("child output");

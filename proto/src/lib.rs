@@ -35,7 +35,7 @@ pub use convert::ConversionError;
 pub use exec_policy::ExecPolicy;
 pub use ids::{Attempt, NodeId, TaskId};
 pub use node::NodeInfo;
-pub use spec::{CallSpec, ExecSpec, TaskKind, TaskSpec};
+pub use spec::{CallSpec, ExecSpec, SecretEnv, TaskKind, TaskSpec};
 pub use state::{NodeState, Outcome, OutputStream, TaskState};
 
 /// Protocol version spoken by this build (`Register.protocol_version`).

@@ -6,6 +6,7 @@
 //! use to make specs.
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -34,6 +35,135 @@ pub struct TaskSpec {
     pub max_attempts: u32,
     /// Free-form display name.
     pub name: String,
+    /// Secret environment variables: given only to the node running an
+    /// attempt, never shown to readers (see [`SecretEnv`]).
+    pub secret_env: SecretEnv,
+}
+
+/// Secret environment variables of a task (name -> value). Its `Debug` and
+/// `Display` print the names only, so a spec that ends up in a log line
+/// never carries the values with it. The values are read only where they
+/// are used: [`iter`](Self::iter), [`get`](Self::get).
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct SecretEnv(BTreeMap<String, String>);
+
+impl SecretEnv {
+    /// No secrets.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// True when there are none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// How many there are.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Sets `name` to `value`.
+    pub fn insert(&mut self, name: impl Into<String>, value: impl Into<String>) {
+        self.0.insert(name.into(), value.into());
+    }
+
+    /// The value of `name`.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.0.get(name).map(String::as_str)
+    }
+
+    /// The names, sorted.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.0.keys().map(String::as_str)
+    }
+
+    /// Names and values, sorted by name.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+
+    /// The wire form (for `TaskSpec.secret_env` and the store).
+    pub fn to_pb(&self) -> std::collections::HashMap<String, String> {
+        self.0.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+}
+
+impl FromIterator<(String, String)> for SecretEnv {
+    fn from_iter<I: IntoIterator<Item = (String, String)>>(iter: I) -> Self {
+        SecretEnv(iter.into_iter().collect())
+    }
+}
+
+impl fmt::Debug for SecretEnv {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map()
+            .entries(self.0.keys().map(|k| (k, Redacted)))
+            .finish()
+    }
+}
+
+/// A wire-form secret map as `Debug` may show it: names only.
+struct RedactedValues<'a>(&'a std::collections::HashMap<String, String>);
+
+impl fmt::Debug for RedactedValues<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut names: Vec<&String> = self.0.keys().collect();
+        names.sort();
+        f.debug_map()
+            .entries(names.into_iter().map(|k| (k, Redacted)))
+            .finish()
+    }
+}
+
+impl fmt::Display for SecretEnv {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[")?;
+        for (i, name) in self.0.keys().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            f.write_str(name)?;
+        }
+        f.write_str("]")
+    }
+}
+
+/// Stands in for a secret value in `Debug` output.
+struct Redacted;
+
+impl fmt::Debug for Redacted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// Written by hand (`build.rs` skips the derived one) so that
+/// `secret_env` shows its names only: every message that holds a spec
+/// (`Assignment`, `Task`, `SubmitRequest`, ...) prints through this. A new
+/// field of `TaskSpec` is to be added here too.
+impl fmt::Debug for pb::TaskSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TaskSpec")
+            .field("kind", &self.kind)
+            .field("slots", &self.slots)
+            .field("labels", &self.labels)
+            .field("timeout", &self.timeout)
+            .field("max_attempts", &self.max_attempts)
+            .field("name", &self.name)
+            .field("secret_env", &RedactedValues(&self.secret_env))
+            .finish()
+    }
+}
+
+/// Skipped with its message by `build.rs`'s `skip_debug`, so written here.
+impl fmt::Debug for pb::task_spec::Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            pb::task_spec::Kind::Exec(exec) => f.debug_tuple("Exec").field(exec).finish(),
+            pb::task_spec::Kind::Call(call) => f.debug_tuple("Call").field(call).finish(),
+        }
+    }
 }
 
 /// The two kinds of work.
@@ -76,6 +206,7 @@ impl TaskSpec {
             timeout: None,
             max_attempts: DEFAULT_MAX_ATTEMPTS,
             name: String::new(),
+            secret_env: SecretEnv::new(),
         }
     }
 
@@ -137,6 +268,14 @@ impl TaskSpec {
         self
     }
 
+    /// Sets a secret environment variable (exec and call tasks): the process
+    /// gets it in its environment, a handler on its request; no reader of
+    /// the task ever sees it.
+    pub fn secret_env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.secret_env.insert(key, value);
+        self
+    }
+
     /// Sets the working directory (exec tasks; ignored for calls).
     pub fn cwd(mut self, cwd: impl Into<String>) -> Self {
         if let TaskKind::Exec(exec) = &mut self.kind {
@@ -186,19 +325,7 @@ impl TryFrom<pb::TaskSpec> for TaskSpec {
                 if exec.argv.iter().any(|a| a.contains('\0')) {
                     return Err(invalid("exec.argv", "arguments must not contain NUL bytes"));
                 }
-                if exec
-                    .env
-                    .keys()
-                    .any(|k| k.is_empty() || k.contains(['=', '\0']))
-                {
-                    return Err(invalid(
-                        "exec.env",
-                        "names must be non-empty, without '=' or NUL",
-                    ));
-                }
-                if exec.env.values().any(|v| v.contains('\0')) {
-                    return Err(invalid("exec.env", "values must not contain NUL bytes"));
-                }
+                check_env("exec.env", &exec.env)?;
                 TaskKind::Exec(ExecSpec {
                     argv: exec.argv,
                     env: exec.env.into_iter().collect(),
@@ -216,6 +343,7 @@ impl TryFrom<pb::TaskSpec> for TaskSpec {
                 })
             }
         };
+        check_env("secret_env", &spec.secret_env)?;
         if spec.labels.keys().any(|k| k.is_empty()) {
             return Err(invalid("labels", "label keys must not be empty"));
         }
@@ -246,8 +374,27 @@ impl TryFrom<pb::TaskSpec> for TaskSpec {
             timeout,
             max_attempts,
             name: spec.name,
+            secret_env: spec.secret_env.into_iter().collect(),
         })
     }
+}
+
+/// Environment names must be non-empty, without '=' or NUL; values
+/// without NUL (the OS could not pass them on).
+fn check_env(
+    field: &'static str,
+    env: &std::collections::HashMap<String, String>,
+) -> Result<(), ConversionError> {
+    if env.keys().any(|k| k.is_empty() || k.contains(['=', '\0'])) {
+        return Err(invalid(
+            field,
+            "names must be non-empty, without '=' or NUL",
+        ));
+    }
+    if env.values().any(|v| v.contains('\0')) {
+        return Err(invalid(field, "values must not contain NUL bytes"));
+    }
+    Ok(())
 }
 
 /// The wire form, built from a borrow: what the coordinator sends with
@@ -282,6 +429,7 @@ impl From<&TaskSpec> for pb::TaskSpec {
             timeout: spec.timeout.map(duration_to_pb),
             max_attempts: spec.max_attempts,
             name: spec.name.clone(),
+            secret_env: spec.secret_env.to_pb(),
         }
     }
 }
@@ -350,6 +498,40 @@ mod tests {
                 .to_string()
                 .contains("call.handler")
         );
+    }
+
+    #[test]
+    fn secret_env_round_trips_and_is_checked_like_env() {
+        let spec = TaskSpec::call("echo", "").secret_env("API_KEY", "s3cr3t");
+        let back = TaskSpec::try_from(pb::TaskSpec::from(spec.clone())).unwrap();
+        assert_eq!(back.secret_env.get("API_KEY"), Some("s3cr3t"));
+        for (name, value) in [("", "v"), ("A=B", "v"), ("A", "x\0y")] {
+            let mut wire = pb::TaskSpec::from(TaskSpec::call("echo", ""));
+            wire.secret_env.insert(name.into(), value.into());
+            let err = TaskSpec::try_from(wire).unwrap_err().to_string();
+            assert!(err.contains("secret_env"), "{err}");
+        }
+    }
+
+    #[test]
+    fn debug_and_display_never_show_a_secret_value() {
+        let spec = TaskSpec::exec(["true"]).secret_env("API_KEY", "s3cr3t");
+        let wire = pb::TaskSpec::from(spec.clone());
+        let assign = pb::Assignment {
+            task_id: "t".into(),
+            attempt: 1,
+            spec: Some(wire.clone()),
+        };
+        for shown in [
+            format!("{spec:?}"),
+            format!("{spec:#?}"),
+            format!("{}", spec.secret_env),
+            format!("{wire:?}"),
+            format!("{assign:?}"),
+        ] {
+            assert!(shown.contains("API_KEY"), "{shown}");
+            assert!(!shown.contains("s3cr3t"), "{shown}");
+        }
     }
 
     #[test]

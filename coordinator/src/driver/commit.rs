@@ -192,7 +192,9 @@ pub(super) fn coalesce(records: Vec<Record>) -> Vec<Record> {
                     out.push(Record::Task(task));
                 }
             },
-            event @ Record::Event(_) => out.push(event),
+            other @ (Record::Event(_) | Record::Secrets(..) | Record::ForgetSecrets(_)) => {
+                out.push(other);
+            }
         }
     }
     out

@@ -295,7 +295,7 @@ fn tasks_in(records: &[Record]) -> Vec<TaskId> {
         .iter()
         .filter_map(|r| match r {
             Record::Task(t) => Some(t.id),
-            Record::Event(_) => None,
+            Record::Event(_) | Record::Secrets(..) | Record::ForgetSecrets(_) => None,
         })
         .collect()
 }

@@ -96,6 +96,10 @@ impl Scheduler {
             node_name: Arc::clone(&node.name),
         });
         let more = node.room(prefetch) > 0;
+        let secret_env = match self.secrets.is_empty() {
+            true => None,
+            false => self.secrets.get(&id).cloned(),
+        };
         tracing::debug!(task_id = %id, attempt = attempt.0, node_id = %node.id(), node_name = %node.name, "assigned");
         self.out
             .nodes
@@ -106,6 +110,7 @@ impl Scheduler {
                 task_id: id,
                 attempt,
                 spec,
+                secret_env,
             });
         self.change_state(id, TaskState::Assigned, None, String::new(), now.wall);
         more

@@ -39,13 +39,15 @@ pub(crate) mod task;
 mod tests;
 mod transitions;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 
-use weft_proto::{Attempt, Outcome, OutputStream, TaskId, TaskKind, TaskSpec, TaskState};
+use weft_proto::{
+    Attempt, Outcome, OutputStream, SecretEnv, TaskId, TaskKind, TaskSpec, TaskState,
+};
 
 use crate::config::CoordinatorConfig;
 use crate::error::Error;
@@ -118,8 +120,11 @@ pub struct Assignment {
     pub task_id: TaskId,
     /// Its attempt.
     pub attempt: Attempt,
-    /// What to run.
+    /// What to run (never with secrets: see `secret_env`).
     pub spec: Arc<TaskSpec>,
+    /// The task's secret environment, for this attempt's node only; kept
+    /// apart from `spec`, which is also what readers see.
+    pub secret_env: Option<Arc<SecretEnv>>,
 }
 
 /// Stop this attempt.
@@ -239,6 +244,10 @@ pub struct Scheduler {
     /// Results recorded recently, to recognise redelivered ones.
     recent: RecentResults,
     next_liveness_check: Option<Instant>,
+    /// Secret environments of live tasks that have one (most have none, and
+    /// cost nothing here), apart from their specs; dropped when the task
+    /// becomes final.
+    secrets: HashMap<TaskId, Arc<SecretEnv>>,
     out: Effects,
 }
 
@@ -261,6 +270,7 @@ impl Scheduler {
             orphans: Vec::new(),
             recent: RecentResults::default(),
             next_liveness_check: None,
+            secrets: HashMap::new(),
             out: Effects::default(),
         }
     }
@@ -279,7 +289,12 @@ impl Scheduler {
                 .insert(done.task_id, done.attempt, done.outcome, now.instant);
         }
         let grace_ends = now.instant + self.config.restart_grace;
+        // Only for tasks still live: a final task needs none.
+        let mut secrets: HashMap<TaskId, Arc<SecretEnv>> = loaded.secrets.into_iter().collect();
         for record in loaded.live {
+            if let Some(env) = secrets.remove(&record.id) {
+                self.secrets.insert(record.id, env);
+            }
             let class = self.queue.class_for(&record.spec);
             let spec = LiveSpec::compact(&record.spec, self.queue.example(class))
                 .unwrap_or_else(|| LiveSpec::Full(Arc::clone(&record.spec)));
@@ -331,7 +346,10 @@ impl Scheduler {
             return Err(Error::QueueFull { queued, max });
         }
         let mut served: Vec<(ClassId, bool)> = Vec::new();
-        for (id, spec) in batch {
+        for (id, mut spec) in batch {
+            // Kept apart from the spec, which records, events and queue
+            // classes share with every reader.
+            let secret_env = std::mem::take(&mut spec.secret_env);
             let class = self.queue.class_for(&spec);
             // A queued task keeps only what its class's example lacks.
             let (live, spec) = match LiveSpec::compact(&spec, self.queue.example(class)) {
@@ -355,6 +373,12 @@ impl Scheduler {
             self.out
                 .records
                 .push(Record::Task(task.record(id, Arc::clone(&spec), now.wall)));
+            if !secret_env.is_empty() {
+                // In the same commit as the task's first record.
+                let env = Arc::new(secret_env);
+                self.out.records.push(Record::Secrets(id, Arc::clone(&env)));
+                self.secrets.insert(id, env);
+            }
             self.tasks.insert(id, task);
             self.counts[state_index(TaskState::Queued)] += 1;
             self.emit(

@@ -136,6 +136,11 @@ impl Scheduler {
             time: wall,
             body: EventBody::Finished(Box::new(record)),
         }));
+        // Nothing can need its secrets any more: gone from memory, and from
+        // the store in the commit that makes the task final.
+        if !self.secrets.is_empty() && self.secrets.remove(&id).is_some() {
+            self.out.records.push(Record::ForgetSecrets(id));
+        }
         tracing::debug!(task_id = %id, attempt = task.attempt, state = %state, "task finished");
     }
 }

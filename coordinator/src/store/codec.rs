@@ -14,7 +14,9 @@ use std::time::SystemTime;
 use prost::Message;
 
 use weft_proto::convert::{system_time, timestamp};
-use weft_proto::{Attempt, NodeId, Outcome, OutputStream, TaskId, TaskSpec, TaskState, pb};
+use weft_proto::{
+    Attempt, NodeId, Outcome, OutputStream, SecretEnv, TaskId, TaskSpec, TaskState, pb,
+};
 
 use super::engine::StoreError;
 use super::record::{EventBody, TaskEvent, TaskRecord};
@@ -34,7 +36,14 @@ pub(crate) fn task_to_pb(record: &TaskRecord) -> pb::Task {
 fn stored_task_pb(record: &TaskRecord, with_spec: bool) -> pb::Task {
     pb::Task {
         id: String::new(),
-        spec: with_spec.then(|| pb::TaskSpec::from(&*record.spec)),
+        spec: with_spec.then(|| {
+            let mut spec = pb::TaskSpec::from(&*record.spec);
+            // The scheduler takes secrets out of a spec at submit, so a
+            // record never holds them; this is also what every reader
+            // gets, so make sure of it here (an empty map costs nothing).
+            spec.secret_env.clear();
+            spec
+        }),
         state: i32::from(record.state),
         attempt: record.attempt.0,
         node_id: record.node_id.map(|n| n.to_string()).unwrap_or_default(),
@@ -169,6 +178,25 @@ pub(crate) fn encode_task(record: &TaskRecord) -> Vec<u8> {
             .collect(),
     }
     .encode_to_vec()
+}
+
+/// A task's secret environment as stored: in a table of its own, never
+/// inside the task record that readers decode.
+#[derive(Clone, PartialEq, Message)]
+struct StoredSecrets {
+    #[prost(map = "string, string", tag = "1")]
+    env: std::collections::HashMap<String, String>,
+}
+
+/// A task's secret environment as stored bytes.
+pub(crate) fn encode_secrets(env: &SecretEnv) -> Vec<u8> {
+    StoredSecrets { env: env.to_pb() }.encode_to_vec()
+}
+
+/// A task's secret environment from stored bytes.
+pub(crate) fn decode_secrets(bytes: &[u8]) -> Result<SecretEnv, StoreError> {
+    let stored = StoredSecrets::decode(bytes).map_err(|e| corrupt("secrets", e))?;
+    Ok(stored.env.into_iter().collect())
 }
 
 /// A task record from stored bytes (`next_seq` is left 0 for the caller).

@@ -97,7 +97,8 @@ pub trait Store: Send + Sync + 'static {
     fn load(&self, final_since: SystemTime) -> Result<Loaded, StoreError>;
 
     /// Deletes up to `limit` final tasks whose record last changed before
-    /// `finished_before`, with their events, atomically. Returns the states
+    /// `finished_before`, with their events (and secrets, should any be
+    /// left), atomically. Returns the states
     /// of the deleted tasks (so counters can follow).
     fn expire(
         &self,

@@ -1,11 +1,11 @@
 //! The in-memory store: what tests and `--in-memory` use. Nothing survives
 //! the process.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::sync::RwLock;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, RwLock};
 use std::time::SystemTime;
 
-use weft_proto::{TaskId, TaskState};
+use weft_proto::{SecretEnv, TaskId, TaskState};
 
 use super::engine::{Store, StoreError};
 use super::record::{FinalAttempt, Loaded, MAX_RECENTLY_FINAL, Record, TaskEvent, TaskRecord};
@@ -22,6 +22,9 @@ struct Inner {
     tasks: BTreeMap<TaskId, Entry>,
     /// Final tasks by when they became final, for retention.
     final_by_time: BTreeSet<(SystemTime, TaskId)>,
+    /// Secret environments of tasks not yet final, apart from the records
+    /// that readers get.
+    secrets: HashMap<TaskId, Arc<SecretEnv>>,
 }
 
 #[derive(Debug)]
@@ -52,6 +55,7 @@ impl Store for MemoryStore {
         let Inner {
             tasks,
             final_by_time,
+            secrets,
         } = &mut *inner;
         // Check first so that a bad commit changes nothing.
         let mut pending: BTreeMap<TaskId, u64> = BTreeMap::new();
@@ -84,6 +88,7 @@ impl Store for MemoryStore {
                     }
                     *next += 1;
                 }
+                Record::Secrets(..) | Record::ForgetSecrets(_) => {}
             }
         }
         for record in records {
@@ -114,6 +119,12 @@ impl Store for MemoryStore {
                     if let Some(entry) = tasks.get_mut(&event.task_id) {
                         entry.events.push(event.clone());
                     }
+                }
+                Record::Secrets(id, env) => {
+                    secrets.insert(*id, Arc::clone(env));
+                }
+                Record::ForgetSecrets(id) => {
+                    secrets.remove(id);
                 }
             }
         }
@@ -183,6 +194,11 @@ impl Store for MemoryStore {
             }
         }
         loaded.final_counts = counts.into_values().collect();
+        loaded.secrets = inner
+            .secrets
+            .iter()
+            .map(|(id, env)| (*id, Arc::clone(env)))
+            .collect();
         loaded.recently_final = inner
             .final_by_time
             .range((final_since, TaskId::from_u128(0))..)
@@ -216,6 +232,8 @@ impl Store for MemoryStore {
             if let Some(entry) = inner.tasks.remove(&key.1) {
                 removed.push(entry.record.state);
             }
+            // Gone when the task became final; never outlives it.
+            inner.secrets.remove(&key.1);
         }
         Ok(removed)
     }

@@ -8,7 +8,7 @@ use std::time::SystemTime;
 
 use bytes::Bytes;
 
-use weft_proto::{Attempt, NodeId, Outcome, OutputStream, TaskId, TaskSpec, TaskState};
+use weft_proto::{Attempt, NodeId, Outcome, OutputStream, SecretEnv, TaskId, TaskSpec, TaskState};
 
 /// A task's record as stored: everything `Get` answers except
 /// `pending_reason`, which the scheduler derives when it is read.
@@ -114,6 +114,13 @@ pub enum Record {
     Task(TaskRecord),
     /// Append an event to a task's log (its task record comes first).
     Event(TaskEvent),
+    /// Keep a task's secret environment, apart from its record (which
+    /// `Get`, `List` and `Watch` read, and which never holds it). Written
+    /// in the commit that submits the task.
+    Secrets(TaskId, Arc<SecretEnv>),
+    /// Delete a task's secret environment: written in the commit that makes
+    /// the task final, since nothing can need it after that.
+    ForgetSecrets(TaskId),
 }
 
 /// What a store holds when the coordinator starts.
@@ -123,6 +130,9 @@ pub struct Loaded {
     pub live: Vec<TaskRecord>,
     /// How many tasks ended in each final state.
     pub final_counts: Vec<(TaskState, u64)>,
+    /// The secret environments the store holds, by task (only tasks not
+    /// yet final have one).
+    pub secrets: Vec<(TaskId, Arc<SecretEnv>)>,
     /// Tasks that became final since the time `load` was given, newest
     /// first (bounded): their results may still be redelivered by nodes and
     /// must then be recognised as duplicates.

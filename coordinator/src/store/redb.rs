@@ -31,7 +31,10 @@ use redb::{
 
 use weft_proto::{TaskId, TaskSpec, TaskState};
 
-use super::codec::{decode_event, decode_task, decode_task_head, encode_event, encode_task};
+use super::codec::{
+    decode_event, decode_secrets, decode_task, decode_task_head, encode_event, encode_secrets,
+    encode_task,
+};
 use super::engine::{Store, StoreError};
 use super::record::{FinalAttempt, Loaded, MAX_RECENTLY_FINAL, Record, TaskEvent, TaskRecord};
 
@@ -41,6 +44,9 @@ const BY_STATE: TableDefinition<(u8, u128), ()> = TableDefinition::new("tasks_by
 const FINAL_BY_TIME: TableDefinition<(u64, u128), ()> = TableDefinition::new("final_by_time");
 const COUNTS: TableDefinition<u8, u64> = TableDefinition::new("state_counts");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// Secret environments by task id: apart from `tasks`, which every reader
+/// decodes, and only while the task is not final.
+const SECRETS: TableDefinition<u128, &[u8]> = TableDefinition::new("secrets");
 
 /// The file format this code writes; a newer one is refused.
 const SCHEMA_VERSION: u64 = 1;
@@ -137,6 +143,7 @@ impl RedbStore {
             txn.open_table(FINAL_BY_TIME)
                 .or_backend("creating tables")?;
             txn.open_table(COUNTS).or_backend("creating tables")?;
+            txn.open_table(SECRETS).or_backend("creating tables")?;
             let mut meta = txn.open_table(META).or_backend("creating tables")?;
             let found = meta
                 .get("schema")
@@ -253,6 +260,20 @@ impl RedbStore {
                         .insert((key, event.seq), encode_event(event).as_slice())
                         .or_backend(op)?;
                     next_seq.insert(key, next + 1);
+                }
+                // Rare (only tasks that carry secrets): the table is opened
+                // for these records alone.
+                Record::Secrets(id, env) => {
+                    txn.open_table(SECRETS)
+                        .or_backend(op)?
+                        .insert(id.as_u128(), encode_secrets(env).as_slice())
+                        .or_backend(op)?;
+                }
+                Record::ForgetSecrets(id) => {
+                    txn.open_table(SECRETS)
+                        .or_backend(op)?
+                        .remove(id.as_u128())
+                        .or_backend(op)?;
                 }
             }
         }
@@ -419,6 +440,14 @@ impl Store for RedbStore {
             }
         }
         loaded.live.sort_by_key(|r| r.id);
+        let secrets = txn.open_table(SECRETS).or_backend(op)?;
+        for entry in secrets.iter().or_backend(op)? {
+            let (key, value) = entry.or_backend(op)?;
+            let env = decode_secrets(value.value())?;
+            loaded
+                .secrets
+                .push((TaskId::from_u128(key.value()), Arc::new(env)));
+        }
         let counts = txn.open_table(COUNTS).or_backend(op)?;
         for state in TaskState::ALL.iter().filter(|s| s.is_final()) {
             let count = counts
@@ -477,6 +506,7 @@ impl Store for RedbStore {
             let mut tasks = txn.open_table(TASKS).or_backend(op)?;
             let mut events = txn.open_table(EVENTS).or_backend(op)?;
             let mut by_state = txn.open_table(BY_STATE).or_backend(op)?;
+            let mut secrets = txn.open_table(SECRETS).or_backend(op)?;
             let mut deltas = [0i64; 8];
             let mut removed = Vec::with_capacity(due.len());
             for (at, key) in due {
@@ -496,6 +526,8 @@ impl Store for RedbStore {
                 events
                     .retain_in((key, 0)..=(key, u64::MAX), |_, _| false)
                     .or_backend(op)?;
+                // Gone when the task became final; never outlives it.
+                secrets.remove(key).or_backend(op)?;
             }
             apply_counts(&txn, &deltas)?;
             Ok(removed)

@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 
-use weft_proto::{Attempt, NodeId, Outcome, OutputStream, TaskId, TaskSpec, TaskState};
+use weft_proto::{Attempt, NodeId, Outcome, OutputStream, SecretEnv, TaskId, TaskSpec, TaskState};
 
 use super::*;
 
@@ -252,6 +252,90 @@ fn the_redb_store_keeps_what_was_committed_across_reopening() {
             ..running
         }]
     );
+}
+
+fn secret(value: &str) -> Arc<SecretEnv> {
+    Arc::new(
+        [("API_KEY".to_owned(), value.to_owned())]
+            .into_iter()
+            .collect(),
+    )
+}
+
+fn stored_secrets(store: &dyn Store) -> Vec<(TaskId, Option<String>)> {
+    let mut found: Vec<(TaskId, Option<String>)> = store
+        .load(UNIX_EPOCH)
+        .unwrap()
+        .secrets
+        .iter()
+        .map(|(id, env)| (*id, env.get("API_KEY").map(str::to_owned)))
+        .collect();
+    found.sort_by_key(|(id, _)| *id);
+    found
+}
+
+#[test]
+fn secrets_are_kept_apart_from_the_record_and_gone_once_the_task_is_final() {
+    both(|store| {
+        let [a, b] = ids(2)[..] else { unreachable!() };
+        let queued = |id| record(id, TaskState::Queued, at(1));
+        store
+            .commit(&[
+                Record::Task(queued(a)),
+                Record::Secrets(a, secret("value-a")),
+                Record::Task(queued(b)),
+                Record::Secrets(b, secret("value-b")),
+            ])
+            .unwrap();
+        // No reader's path holds them.
+        let read = store.task(a).unwrap().unwrap();
+        assert!(read.spec.secret_env.is_empty());
+        assert!(
+            store
+                .list(None, None, 10)
+                .unwrap()
+                .iter()
+                .all(|r| r.spec.secret_env.is_empty())
+        );
+        // A restart gets them back for tasks not yet final.
+        assert_eq!(
+            stored_secrets(store),
+            [(a, Some("value-a".into())), (b, Some("value-b".into()))]
+        );
+        // The commit that makes `a` final deletes its secrets with it.
+        let done = record(a, TaskState::Succeeded, at(5));
+        store
+            .commit(&[
+                Record::Task(done.clone()),
+                finished(&done, 0),
+                Record::ForgetSecrets(a),
+            ])
+            .unwrap();
+        assert_eq!(stored_secrets(store), [(b, Some("value-b".into()))]);
+        // Retention takes whatever a final task left.
+        let gone = record(b, TaskState::Cancelled, at(6));
+        store.commit(&[Record::Task(gone)]).unwrap();
+        assert_eq!(store.expire(at(100), 10).unwrap().len(), 2);
+        assert!(stored_secrets(store).is_empty());
+    });
+}
+
+#[test]
+fn the_redb_store_keeps_secrets_of_live_tasks_across_reopening() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let id = ids(1)[0];
+    {
+        let store = RedbStore::open(dir.path()).unwrap();
+        store
+            .commit(&[
+                Record::Task(record(id, TaskState::Queued, at(1))),
+                Record::Secrets(id, secret("kept")),
+            ])
+            .unwrap();
+    }
+    let store = RedbStore::open(dir.path()).unwrap();
+    assert_eq!(stored_secrets(&store), [(id, Some("kept".into()))]);
+    assert!(store.task(id).unwrap().unwrap().spec.secret_env.is_empty());
 }
 
 #[test]

@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tower::util::BoxCloneSyncService;
 use tower::{BoxError, Service, ServiceExt};
 
-use weft_proto::{Attempt, TaskId};
+use weft_proto::{Attempt, SecretEnv, TaskId};
 
 use crate::config::cpu_count;
 use crate::events::Emitter;
@@ -41,6 +41,9 @@ pub struct HandlerRequest {
     pub attempt: Attempt,
     /// The task's input bytes.
     pub input: Bytes,
+    /// The task's secret environment (`--secret-env`): for this handler to
+    /// read, never to log or return. Its `Debug` shows the names only.
+    pub secret_env: SecretEnv,
     /// Cancelled when the attempt is cancelled, times out or the node stops.
     /// Async handlers are also dropped then; blocking ones must check it.
     pub cancel: CancellationToken,
@@ -57,6 +60,7 @@ impl HandlerRequest {
             task_id,
             attempt: Attempt::FIRST,
             input: input.into(),
+            secret_env: SecretEnv::new(),
             cancel: CancellationToken::new(),
             emit: Emitter::detached(task_id, Attempt::FIRST),
         }

@@ -20,6 +20,11 @@ def report(data: bytes, ctx) -> bytes:
     return data.upper()
 
 
+def secret_upper(data: bytes, ctx) -> str:
+    """The task's API_KEY secret, upper-cased (proof it arrived, without echoing it)."""
+    return ctx.secret_env.get("API_KEY", "missing").upper()
+
+
 def crash(data: bytes) -> None:
     os._exit(3)
 

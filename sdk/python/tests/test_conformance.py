@@ -213,6 +213,18 @@ def test_an_exec_task_assigned_to_a_worker_denying_exec_is_start_failed_and_neve
     assert finished_of(session.events(ids["t-call"], 1)).outcome == common_pb2.OUTCOME_SUCCEEDED
     session.wait_for(lambda: session.credits_granted() >= SLOTS + 2, timeout=2, what="both slots granted back")
     assert not marker.exists(), "the refused exec task ran"
+
+
+def test_exec_gets_secret_env_after_env(fake, spawn, impl, ids):
+    conn = connect(fake, spawn, impl)
+    session = conn.session
+    spec = exec_spec(["sh", "-c", 'printf "%s %s" "$API_KEY" "$PLAIN"'], env={"API_KEY": "plain", "PLAIN": "p"},
+                     secret_env={"API_KEY": "s3cr3t"})
+    session.assign((ids["t-secret"], 1, spec))
+    events = session.events(ids["t-secret"], 1)
+    out = b"".join(e.output.data for e in events if e.WhichOneof("body") == "output")
+    assert out == b"s3cr3t p", "secret_env goes into the environment after env (the secret wins)"
+    assert finished_of(events).outcome == common_pb2.OUTCOME_SUCCEEDED
     no_violations(conn)
 
 

@@ -304,3 +304,37 @@ def test_a_default_python_worker_never_receives_an_exec_task(cluster):
     for task_id in ids:
         task = cluster.client.wait(task_id, timeout=30)
         assert (task.state, task.node_name) == (weft.TaskState.SUCCEEDED, "rust")
+
+
+def test_a_secret_reaches_the_process_and_a_python_handler_but_no_answer(cluster):
+    from test_worker import RunningWorker
+    from weft.testing import new_ulid
+
+    cluster.rust_node("rust")
+    worker = weft.Worker(cluster.url, slots=2, name="py-secret", labels={"lang": "py-secret"})
+
+    @worker.handler(kind="thread")
+    def secret_upper(data: bytes, ctx: weft.Context) -> str:
+        return ctx.secret_env.get("API_KEY", "missing").upper()
+
+    running = RunningWorker(worker)
+    try:
+        cluster.wait_nodes("rust", "py-secret")
+        secret = "s3cr3t-" + new_ulid().lower()
+        task = cluster.client.exec(
+            ["sh", "-c", 'printf %s "$API_KEY" | tr a-z A-Z'], labels={"lang": "rust"},
+            secret_env={"API_KEY": secret}, wait_timeout=30,
+        )
+        output = b"".join(data for _, data in cluster.client.output(task.id))
+        assert output == secret.upper().encode()
+        assert cluster.client.call("secret_upper", secret_env={"API_KEY": secret}, wait_timeout=30) == secret.upper().encode()
+        # No answer carries it: the records, their specs, the events.
+        for t in cluster.client.list(limit=10):
+            assert len(t.spec.secret_env) == 0
+            assert secret.encode() not in t.pb.SerializeToString()
+        for event in cluster.client.watch(task.id):
+            assert event.pb is not None and secret.encode() not in event.pb.SerializeToString()
+        shown = cluster.weft("get", task.id, "--output", "json")
+        assert shown.returncode == 0 and secret.encode() not in shown.stdout
+    finally:
+        running.stop()

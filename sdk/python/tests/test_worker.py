@@ -152,6 +152,31 @@ def test_context_output_and_progress_from_every_kind(fake, run_worker):
     assert events[-1].finished.output == b"ABC"
 
 
+def test_secret_env_reaches_handlers_of_every_kind_and_exec_processes(fake, run_worker):
+    async def a(data, ctx):
+        return ctx.secret_env["API_KEY"].upper()
+
+    def t(data, ctx):
+        return ctx.secret_env["API_KEY"].upper()
+
+    def setup(w):
+        w.register("a", a, "asyncio")
+        w.register("t", t, "thread")
+        w.register("p", handlers.secret_upper, "process")
+
+    _, session = run_worker(setup=setup)
+    secret = {"API_KEY": "s3cr3t"}
+    for name in ("a", "t", "p"):
+        session.assign((f"t{name}", 1, call_spec(name, secret_env=secret)))
+        events = session.events(f"t{name}", 1, timeout=20)
+        assert events[-1].finished.output == b"S3CR3T", (name, events[-1])
+    # An exec process gets it after env: the secret wins over a plain value.
+    spec = weft.exec_spec(["sh", "-c", 'printf %s "$API_KEY"'], env={"API_KEY": "plain"}, secret_env=secret)
+    session.assign(("tx", 1, spec))
+    events = session.events("tx", 1, timeout=20)
+    assert b"".join(e.output.data for e in events if e.WhichOneof("body") == "output") == b"s3cr3t"
+
+
 def test_process_handlers_run_on_more_than_one_core(fake, run_worker):
     if (os.cpu_count() or 1) < 2:
         pytest.skip("needs at least 2 CPUs")

@@ -26,11 +26,12 @@ log = logging.getLogger("weft.worker")
 class _ChildContext:
     """The handler context inside a pool process: output and progress go over the pipe."""
 
-    def __init__(self, conn, task_id: str, attempt: int, input: bytes):
+    def __init__(self, conn, task_id: str, attempt: int, input: bytes, secret_env: Optional[dict] = None):
         self._conn = conn
         self.task_id = task_id
         self.attempt = attempt
         self.input = input
+        self.secret_env = dict(secret_env or {})
         self.kind = "process"
 
     @property
@@ -58,7 +59,7 @@ def _child_main(conn) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     while True:
         try:
-            fn, input, task_id, attempt, wants_context = conn.recv()
+            fn, input, task_id, attempt, wants_context, secret_env = conn.recv()
         except (EOFError, OSError):
             return
         except Exception as e:  # unpicklable handler: report, keep serving
@@ -66,7 +67,7 @@ def _child_main(conn) -> None:
             continue
         try:
             if wants_context:
-                result = fn(input, _ChildContext(conn, task_id, attempt, input))
+                result = fn(input, _ChildContext(conn, task_id, attempt, input, secret_env))
             else:
                 result = fn(input)
             conn.send(("ok", result))
@@ -179,7 +180,7 @@ class ProcessPool:
 
     async def call(
         self, fn: Callable, input: bytes, task_id: str, attempt: int, wants_context: bool,
-        on_message: Callable[[tuple], None],
+        on_message: Callable[[tuple], None], secret_env: Optional[dict] = None,
     ) -> ProcessCall:
         """Starts ``fn(input[, ctx])`` in an idle process (waiting for one if all are busy)."""
         if self._free is None:
@@ -194,7 +195,7 @@ class ProcessPool:
                 self._all.append(proc)
             proc.busy = True
             call = ProcessCall(self, proc, on_message)
-            proc.conn.send((fn, input, task_id, attempt, wants_context))
+            proc.conn.send((fn, input, task_id, attempt, wants_context, secret_env or {}))
             asyncio.get_running_loop().add_reader(proc.conn.fileno(), call._readable)
             return call
         except BaseException:

@@ -148,8 +148,10 @@ def _common(
     timeout: Optional[DurationLike],
     max_attempts: int,
     name: str,
+    secret_env: Optional[Mapping[str, str]] = None,
 ) -> common_pb2.TaskSpec:
     spec.slots = slots
+    spec.secret_env.update(dict(secret_env or {}))
     spec.labels.update(dict(labels or {}))
     if timeout is not None:
         spec.timeout.CopyFrom(duration_to_pb(timeout))
@@ -167,10 +169,15 @@ def call_spec(
     timeout: Optional[DurationLike] = None,
     max_attempts: int = 0,
     name: str = "",
+    secret_env: Optional[Mapping[str, str]] = None,
 ) -> common_pb2.TaskSpec:
-    """A task that calls the handler ``handler`` on a node with ``input`` bytes."""
+    """A task that calls the handler ``handler`` on a node with ``input`` bytes.
+
+    ``secret_env`` (name -> value) reaches only the node running the attempt
+    (the handler reads it as ``ctx.secret_env``); no rpc answer ever shows it.
+    """
     spec = common_pb2.TaskSpec(call=common_pb2.CallSpec(handler=handler, input=_to_bytes(input)))
-    return _common(spec, slots, labels, timeout, max_attempts, name)
+    return _common(spec, slots, labels, timeout, max_attempts, name, secret_env)
 
 
 def exec_spec(
@@ -184,14 +191,20 @@ def exec_spec(
     timeout: Optional[DurationLike] = None,
     max_attempts: int = 0,
     name: str = "",
+    secret_env: Optional[Mapping[str, str]] = None,
 ) -> common_pb2.TaskSpec:
-    """A task that runs ``argv`` as a child process on a node."""
+    """A task that runs ``argv`` as a child process on a node.
+
+    ``secret_env`` (name -> value) is added to the process's environment after
+    ``env`` (a secret wins over a plain value of the same name); it reaches
+    only the node running the attempt, and no rpc answer ever shows it.
+    """
     if isinstance(argv, str):
         raise TypeError("argv must be a list of strings, e.g. ['sh', '-c', 'echo hi']")
     spec = common_pb2.TaskSpec(
         exec=common_pb2.ExecSpec(argv=list(argv), env=dict(env or {}), cwd=cwd, stdin=_to_bytes(stdin))
     )
-    return _common(spec, slots, labels, timeout, max_attempts, name)
+    return _common(spec, slots, labels, timeout, max_attempts, name, secret_env)
 
 
 def _time(ts) -> Optional[_dt.datetime]:
@@ -242,7 +255,7 @@ class Task:
 
     @property
     def spec(self) -> common_pb2.TaskSpec:
-        """The task's spec as submitted."""
+        """The task's spec as submitted, less ``secret_env``, which no answer carries."""
         return self.pb.spec
 
     @property

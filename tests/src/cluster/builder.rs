@@ -25,6 +25,7 @@ pub struct TestClusterBuilder {
     pub(super) durable: bool,
     pub(super) max_queued: Option<usize>,
     pub(super) max_node_slots: Option<u32>,
+    pub(super) log_filter: Option<String>,
 }
 
 impl Default for TestClusterBuilder {
@@ -43,6 +44,7 @@ impl Default for TestClusterBuilder {
             durable: false,
             max_queued: None,
             max_node_slots: None,
+            log_filter: None,
         }
     }
 }
@@ -139,6 +141,14 @@ impl TestClusterBuilder {
     /// the coordinator's own.
     pub fn max_node_slots(mut self, n: u32) -> Self {
         self.max_node_slots = Some(n);
+        self
+    }
+
+    /// Process mode: the `RUST_LOG` of the coordinator and node processes
+    /// (default: this process's `RUST_LOG`, else `info`), e.g. `debug` for a
+    /// scenario that reads their log files.
+    pub fn log_filter(mut self, filter: &str) -> Self {
+        self.log_filter = Some(filter.to_owned());
         self
     }
 

@@ -13,7 +13,7 @@ use weft_coordinator::{CoordinatorConfig, RunningCoordinator};
 use weft_node::{NodeConfig, RunningNode};
 use weft_proto::ExecPolicy;
 
-use crate::process::{ChildProcess, spawn};
+use crate::process::{ChildProcess, Spawn, bin_path};
 use crate::wait::default_timeout;
 
 use super::builder::{Labels, TestClusterBuilder};
@@ -93,7 +93,7 @@ pub(super) async fn start_coordinator(
         0 => "coordinator".to_owned(),
         n => format!("coordinator-restart-{n}"),
     };
-    let mut child = spawn("weft-coordinator", &args, dir, &label);
+    let mut child = spawn("weft-coordinator", &args, dir, &label, settings);
     let addr =
         weft_cluster::wait_for_addr_file(&mut child, &addr_file, default_timeout(), ADDR_POLL)
             .await;
@@ -161,7 +161,7 @@ pub(super) fn start_node(
                 }
             }
         }
-        Node::Process(Box::new(spawn("weft-node", &args, dir, name)))
+        Node::Process(Box::new(spawn("weft-node", &args, dir, name, settings)))
     } else {
         let mut config = NodeConfig::new(url.to_owned());
         config.name = name.to_owned();
@@ -183,4 +183,22 @@ pub(super) async fn terminate(child: ChildProcess, deadline: Duration) -> (ExitS
         .terminate(deadline)
         .await
         .expect("waiting for a killed child process")
+}
+
+/// Starts binary `bin` for the cluster, logging to `<dir>/<label>.log`
+/// under the builder's log filter.
+fn spawn(
+    bin: &str,
+    args: &[String],
+    dir: &Path,
+    label: &str,
+    settings: &TestClusterBuilder,
+) -> ChildProcess {
+    let mut spawn = Spawn::new(bin_path(bin), dir, label).args(args);
+    if let Some(filter) = &settings.log_filter {
+        spawn = spawn.log_filter(filter);
+    }
+    spawn
+        .spawn()
+        .unwrap_or_else(|e| panic!("{e}: {}", crate::process::source_of(&e)))
 }

@@ -17,6 +17,7 @@ mod node_protocol;
 mod output;
 mod scale;
 mod scheduling;
+mod secrets;
 mod shutdown;
 mod slots;
 mod validation;

@@ -6,6 +6,7 @@ mod dispatch;
 mod exec_policy;
 mod membership;
 mod restart;
+mod secrets;
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant, SystemTime};

@@ -149,10 +149,18 @@ pub(super) fn to_node(message: ToNode) -> Result<pb::CoordinatorMessage, Status>
         ToNode::Assign(assignments) => Body::Assign(pb::Assign {
             tasks: assignments
                 .iter()
-                .map(|a| pb::Assignment {
-                    task_id: a.task_id.to_string(),
-                    attempt: a.attempt.0,
-                    spec: Some(pb::TaskSpec::from(&*a.spec)),
+                .map(|a| {
+                    let mut spec = pb::TaskSpec::from(&*a.spec);
+                    // The one place secrets leave the coordinator: in the
+                    // spec of the attempt's own Assign (proto/README.md).
+                    if let Some(env) = &a.secret_env {
+                        spec.secret_env = env.to_pb();
+                    }
+                    pb::Assignment {
+                        task_id: a.task_id.to_string(),
+                        attempt: a.attempt.0,
+                        spec: Some(spec),
+                    }
                 })
                 .collect(),
         }),
@@ -195,6 +203,7 @@ mod tests {
             task_id: id,
             attempt: Attempt(2),
             spec: Arc::clone(&spec),
+            secret_env: None,
         }]));
         let Body::Assign(assign) = assign else {
             panic!("not an Assign: {assign:?}");
@@ -220,6 +229,28 @@ mod tests {
         );
         let drain = body(ToNode::Drain(Some(Duration::from_secs(2))));
         assert!(matches!(drain, Body::Drain(pb::Drain { grace: Some(_) })));
+    }
+
+    #[test]
+    fn an_assignment_carries_its_secrets_in_its_spec() {
+        use pb::coordinator_message::Body;
+        let env = Arc::new(
+            [("API_KEY".to_owned(), "s3cr3t".to_owned())]
+                .into_iter()
+                .collect(),
+        );
+        let assign = body(ToNode::Assign(vec![Assignment {
+            task_id: TaskId::new(),
+            attempt: Attempt(1),
+            spec: Arc::new(TaskSpec::exec(["true"])),
+            secret_env: Some(env),
+        }]));
+        let Body::Assign(assign) = assign else {
+            panic!("not an Assign");
+        };
+        let spec = assign.tasks[0].spec.clone().map(TaskSpec::try_from);
+        let spec = spec.and_then(Result::ok).expect("a valid spec");
+        assert_eq!(spec.secret_env.get("API_KEY"), Some("s3cr3t"));
     }
 
     #[test]

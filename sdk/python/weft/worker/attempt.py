@@ -75,6 +75,9 @@ class Context:
         self.input = input
         self.task_id = attempt.task_id
         self.attempt = attempt.attempt
+        #: The task's secret environment (name -> value), given only to the
+        #: node running this attempt: read it, never log or return it.
+        self.secret_env: Dict[str, str] = dict(attempt.spec.secret_env)
         self._cancel = threading.Event()
 
     @property
@@ -314,7 +317,10 @@ class Attempts:
             else:
                 self.progress(attempt, message[1], message[2])
 
-        pcall = await self.processes.call(handler.fn, data, attempt.task_id, attempt.attempt, handler.wants_context, on_message)
+        pcall = await self.processes.call(
+            handler.fn, data, attempt.task_id, attempt.attempt, handler.wants_context, on_message,
+            secret_env=dict(attempt.spec.secret_env),
+        )
         attempt.kill = pcall.kill
         self._event(attempt, started=node_pb2.Started(pid=pcall.pid))
         try:
@@ -338,6 +344,7 @@ class Attempts:
             set_kill,
             lambda pid: self._event(attempt, started=node_pb2.Started(pid=pid)),
             lambda chunk, stream: self.output(attempt, chunk, stream),
+            secret_env=attempt.spec.secret_env,
         )
         if attempt.stop_reason is not None:
             raise asyncio.CancelledError()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from typing import Callable
+from typing import Callable, Mapping, Optional
 
 from .._proto import common_pb2
 from .handlers import StartFailed
@@ -26,6 +26,7 @@ async def run_exec(
     set_kill: Callable[[Callable[[], None]], None],
     started: Callable[[int], None],
     output: Callable[[bytes, str], None],
+    secret_env: Optional[Mapping[str, str]] = None,
 ) -> int:
     """Runs ``spec`` to its end and answers its return code (negative: the
     signal that killed it). ``set_kill`` receives the hard stop (SIGKILL to
@@ -36,6 +37,8 @@ async def run_exec(
         raise StartFailed("exec task with an empty argv")
     env = dict(os.environ)
     env.update(spec.env)
+    # After env: a secret wins over a plain value of the same name.
+    env.update(secret_env or {})
     try:
         proc = await asyncio.create_subprocess_exec(
             *spec.argv,
