@@ -44,6 +44,14 @@ pub struct CoordinatorConfig {
     /// at `Register`. Its prefetch is capped at the same number, so its
     /// credits never exceed twice this (see `proto/README.md`).
     pub max_node_slots: u32,
+    /// TLS on the listener: `Some` serves TLS with the cluster CA (what
+    /// the binary does unless `--insecure`); `None` serves plaintext.
+    /// `Default` is `None` so library tests can dial plainly; the test
+    /// harness and `weft local` set it.
+    pub tls: Option<crate::tls::TlsConfig>,
+    /// Plaintext was asked for (`--insecure`): only then may a coordinator
+    /// without TLS listen on a non-loopback address.
+    pub insecure: bool,
 }
 
 /// Default of [`CoordinatorConfig::max_node_slots`]: far above any one
@@ -74,6 +82,8 @@ impl Default for CoordinatorConfig {
             retention: Duration::from_secs(24 * 60 * 60),
             store_cache_size: crate::store::redb::DEFAULT_CACHE_SIZE,
             max_node_slots: DEFAULT_MAX_NODE_SLOTS,
+            tls: None,
+            insecure: false,
         }
     }
 }

@@ -80,6 +80,9 @@ pub enum Error {
     /// The listener could not report its address.
     #[error("listener address: {0}")]
     Listener(#[source] std::io::Error),
+    /// The cluster CA or the serving certificate could not be set up.
+    #[error("setting up TLS: {0}")]
+    Tls(String),
     /// The address file could not be written (binary only).
     #[error("writing address {addr} to file: {source}")]
     AddrFile {
@@ -105,7 +108,7 @@ impl From<Error> for Status {
             }
             Error::QueueFull { .. } => Status::resource_exhausted(err.to_string()),
             Error::ShuttingDown => Status::unavailable(err.to_string()),
-            Error::Store(_) | Error::Listener(_) | Error::AddrFile { .. } => {
+            Error::Store(_) | Error::Listener(_) | Error::Tls(_) | Error::AddrFile { .. } => {
                 tracing::error!(error = %err, "internal failure");
                 Status::internal("internal coordinator error")
             }

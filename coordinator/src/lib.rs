@@ -31,6 +31,8 @@
 //!   the node stream's wire form, both directions), `TaskService`,
 //!   `AdminService`.
 //! - `server` — the tonic server, health, serve-with-shutdown.
+//! - [`tls`] — the cluster CA and serving certificates ([`tls::pki`]),
+//!   rotation, the TLS accept loop.
 
 pub mod config;
 mod driver;
@@ -39,6 +41,7 @@ pub mod scheduler;
 mod server;
 mod service;
 pub mod store;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -66,6 +69,7 @@ pub struct ShutdownTimedOut;
 #[derive(Debug)]
 pub struct RunningCoordinator {
     addr: SocketAddr,
+    tls: Option<Arc<tls::ServerTls>>,
     cancel: CancellationToken,
     tasks: TaskTracker,
 }
@@ -76,9 +80,30 @@ impl RunningCoordinator {
         self.addr
     }
 
-    /// `http://ADDR`, what nodes and clients dial.
+    /// `https://ADDR` (or `http://ADDR` without TLS), what nodes and
+    /// clients dial.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
+    }
+
+    /// Where the cluster's `ca.pem` is, when serving TLS.
+    pub fn ca_file(&self) -> Option<std::path::PathBuf> {
+        self.tls.as_ref().map(|tls| tls.ca_file())
+    }
+
+    /// The CA pin (`sha256:HEX`), when serving TLS.
+    pub fn ca_pin(&self) -> Option<String> {
+        self.tls.as_ref().map(|tls| tls.ca_pin())
+    }
+
+    /// Issues a new serving certificate now (what the rotation timer
+    /// does at 2/3 of each certificate's life); for tests.
+    pub fn rotate_certificate(&self) -> Result<(), tls::pki::PkiError> {
+        match &self.tls {
+            Some(tls) => tls.rotate().map(|_| ()),
+            None => Ok(()),
+        }
     }
 
     /// Stops accepting, ends node sessions and watch streams, and waits up
@@ -105,6 +130,25 @@ pub async fn start(
     listener: TcpListener,
 ) -> Result<RunningCoordinator, Error> {
     let addr = listener.local_addr().map_err(Error::Listener)?;
+    if config.tls.is_none() && !config.insecure && !addr.ip().is_loopback() {
+        return Err(Error::Tls(format!(
+            "refusing to serve plaintext on {addr}, which is not a loopback address: \
+             serve TLS (the default) or pass --insecure"
+        )));
+    }
+    // The CA first: a broken PKI dir fails the start before anything else.
+    let server_tls = match &config.tls {
+        Some(tls_config) => {
+            let tls_config = tls_config.clone();
+            let server_tls =
+                tokio::task::spawn_blocking(move || tls::ServerTls::new(&tls_config, addr))
+                    .await
+                    .map_err(|err| Error::Tls(err.to_string()))?
+                    .map_err(|err| Error::Tls(err.to_string()))?;
+            Some(Arc::new(server_tls))
+        }
+        None => None,
+    };
     let cancel = CancellationToken::new();
     let tasks = TaskTracker::new();
     let (reporter, health) = tonic_health::server::health_reporter();
@@ -160,15 +204,38 @@ pub async fn start(
     tasks.spawn(driver.run());
     server::mark_serving(&reporter).await;
     let server_cancel = cancel.clone();
+    let serve_tls = server_tls.clone();
+    let serve_tasks = tasks.clone();
     tasks.spawn(async move {
-        if let Err(err) = server::serve(listener, handle, health, server_cancel.clone()).await {
+        let result = server::serve(
+            listener,
+            serve_tls.as_deref(),
+            &serve_tasks,
+            handle,
+            health,
+            server_cancel.clone(),
+        )
+        .await;
+        if let Err(err) = result {
             tracing::error!(error = %err, "server failed");
             server_cancel.cancel();
         }
     });
-    tracing::info!(%addr, "listening");
+    match &server_tls {
+        Some(server_tls) => {
+            tasks.spawn(Arc::clone(server_tls).rotate_until(cancel.clone()));
+            tracing::info!(
+                %addr,
+                ca_file = %server_tls.ca_file().display(),
+                ca_pin = %server_tls.ca_pin(),
+                "listening (TLS); clients and nodes trust the cluster CA with --ca-file CA_FILE or --ca-pin CA_PIN"
+            );
+        }
+        None => tracing::info!(%addr, "listening (plaintext)"),
+    }
     Ok(RunningCoordinator {
         addr,
+        tls: server_tls,
         cancel,
         tasks,
     })

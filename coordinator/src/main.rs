@@ -9,6 +9,7 @@ use clap::{Parser, ValueEnum};
 use tracing_subscriber::EnvFilter;
 
 use weft_coordinator::CoordinatorConfig;
+use weft_coordinator::tls::TlsConfig;
 use weft_proto::convert::parse_duration;
 
 /// The Weft coordinator: keeps the task queue, matches tasks to connected
@@ -99,6 +100,28 @@ struct Args {
     /// Log line format on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+
+    /// Serve plaintext gRPC instead of TLS: anyone who reaches the port can
+    /// read and forge all traffic. Logs a warning at every start. Clients
+    /// then dial http://HOST:PORT.
+    #[arg(long, env = "WEFT_INSECURE")]
+    insecure: bool,
+
+    /// Another name clients and nodes dial this coordinator by (a DNS name
+    /// or an IP address), added to its serving certificate; repeatable.
+    /// The listen address, the host name, and (when listening on loopback
+    /// or on every address) localhost, 127.0.0.1 and ::1 are always in it.
+    #[arg(long, value_name = "NAME")]
+    advertise: Vec<String>,
+
+    /// Directory of the cluster CA (ca.pem, ca.key) [default: the data dir;
+    /// with --in-memory, a private temp dir removed on exit].
+    #[arg(long, env = "WEFT_PKI_DIR", value_name = "DIR")]
+    pki_dir: Option<PathBuf>,
+
+    /// Lifetime of each serving certificate (rotated at 2/3 of it). Testing.
+    #[arg(long, default_value = "7d", value_parser = parse_duration, hide = true)]
+    cert_lifetime: Duration,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -121,6 +144,15 @@ impl From<&Args> for CoordinatorConfig {
             retention: args.retention,
             store_cache_size: args.store_cache_size,
             max_node_slots: args.max_node_slots,
+            insecure: args.insecure,
+            tls: (!args.insecure).then(|| TlsConfig {
+                pki_dir: args
+                    .pki_dir
+                    .clone()
+                    .or_else(|| (!args.in_memory).then(|| args.data_dir.clone())),
+                advertise: args.advertise.clone(),
+                cert_lifetime: args.cert_lifetime,
+            }),
             ..CoordinatorConfig::default()
         }
     }
@@ -183,6 +215,12 @@ async fn signal() -> anyhow::Result<()> {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     init_tracing(args.log_format);
+    if args.insecure {
+        tracing::warn!(
+            "--insecure: serving plaintext; anyone who reaches {} can read and forge all traffic",
+            args.listen
+        );
+    }
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("binding coordinator listener on {}", args.listen))?;
@@ -233,6 +271,35 @@ mod tests {
                 && help.contains("twice"),
             "{help}"
         );
+    }
+
+    #[test]
+    fn tls_is_the_default_and_insecure_turns_it_off() {
+        let args = Args::try_parse_from(["weft-coordinator"]).unwrap();
+        let config = weft_coordinator::CoordinatorConfig::from(&args);
+        let tls = config.tls.expect("TLS by default");
+        assert_eq!(tls.pki_dir, Some(std::path::PathBuf::from("weft-data")));
+        assert_eq!(
+            tls.cert_lifetime,
+            std::time::Duration::from_secs(7 * 24 * 3600)
+        );
+        let args = Args::try_parse_from([
+            "weft-coordinator",
+            "--in-memory",
+            "--advertise",
+            "a.example",
+            "--advertise",
+            "10.0.0.1",
+        ])
+        .unwrap();
+        let tls = weft_coordinator::CoordinatorConfig::from(&args)
+            .tls
+            .unwrap();
+        assert_eq!(tls.pki_dir, None);
+        assert_eq!(tls.advertise, ["a.example", "10.0.0.1"]);
+        let args = Args::try_parse_from(["weft-coordinator", "--insecure"]).unwrap();
+        let config = weft_coordinator::CoordinatorConfig::from(&args);
+        assert!(config.tls.is_none() && config.insecure);
     }
 
     #[test]

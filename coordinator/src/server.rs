@@ -8,6 +8,7 @@
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
@@ -21,6 +22,7 @@ use crate::driver::Handle;
 use crate::service::admin::AdminApi;
 use crate::service::node::NodeApi;
 use crate::service::task::TaskApi;
+use crate::tls::ServerTls;
 
 /// Marks every service serving in `grpc.health.v1`; called once the store
 /// is open and the driver runs.
@@ -33,17 +35,21 @@ pub(crate) async fn mark_serving(reporter: &HealthReporter) {
         .await;
 }
 
-/// Serves until `cancel` fires, then stops accepting and lets open streams end.
+/// Serves until `cancel` fires, then stops accepting and lets open streams
+/// end: over TLS when `tls` is given (handshakes done by
+/// [`ServerTls::incoming`], so tonic sees finished TLS streams and
+/// `Request::peer_certs()` works), plaintext otherwise.
 pub(crate) async fn serve(
     listener: TcpListener,
+    tls: Option<&ServerTls>,
+    tasks: &TaskTracker,
     handle: Handle,
     health: tonic_health::pb::health_server::HealthServer<
         impl tonic_health::pb::health_server::Health,
     >,
     cancel: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    Server::builder()
+    let router = Server::builder()
         .add_service(health)
         .add_service(NodeServiceServer::new(NodeApi {
             handle: handle.clone(),
@@ -51,7 +57,19 @@ pub(crate) async fn serve(
         .add_service(TaskServiceServer::new(TaskApi {
             handle: handle.clone(),
         }))
-        .add_service(AdminServiceServer::new(AdminApi { handle }))
-        .serve_with_incoming_shutdown(incoming, cancel.cancelled_owned())
-        .await
+        .add_service(AdminServiceServer::new(AdminApi { handle }));
+    match tls {
+        Some(tls) => {
+            let incoming = tls.incoming(listener, cancel.clone(), tasks);
+            router
+                .serve_with_incoming_shutdown(incoming, cancel.cancelled_owned())
+                .await
+        }
+        None => {
+            let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+            router
+                .serve_with_incoming_shutdown(incoming, cancel.cancelled_owned())
+                .await
+        }
+    }
 }

@@ -17,7 +17,7 @@ use std::str::FromStr;
 /// default this turns to [`Scheme::Https`], and reaching an `--insecure`
 /// coordinator then takes an explicit `http://`. Change it here only: the
 /// Python SDK's `DEFAULT_SCHEME` must follow.
-pub const DEFAULT_SCHEME: Scheme = Scheme::Http;
+pub const DEFAULT_SCHEME: Scheme = Scheme::Https;
 
 /// How the coordinator is reached.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -23,6 +23,7 @@ pub mod ids;
 pub mod node;
 pub mod spec;
 pub mod state;
+pub mod tls;
 
 /// Generated code for package `weft.v1`.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]

@@ -1,0 +1,299 @@
+//! TLS on the coordinator's listener: the cluster CA and serving
+//! certificates ([`pki`]), the rustls server configuration with a
+//! certificate that rotates without a restart ([`RotatingCert`]), and the
+//! accept loop that hands finished TLS streams to tonic ([`incoming`]).
+//!
+//! Clients are asked for a certificate but not required to give one; one
+//! that is given must chain to the cluster CA. Node certificates (issued
+//! on join) will be read from `Request::peer_certs()` by the node service.
+
+pub mod pki;
+
+use std::fmt;
+use std::io;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use futures::Stream;
+use rcgen::SanType;
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
+use rustls::{RootCertStore, ServerConfig};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use pki::{Ca, PkiError};
+
+/// Default lifetime of a serving certificate.
+pub const DEFAULT_CERT_LIFETIME: Duration = Duration::from_secs(7 * 24 * 60 * 60);
+
+/// How long a peer may take to finish the TLS handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connections whose handshake is in progress, at most; more wait in the
+/// kernel's backlog.
+const MAX_HANDSHAKES: usize = 1024;
+
+/// TLS settings of a coordinator.
+#[derive(Clone, Debug)]
+pub struct TlsConfig {
+    /// Where `ca.pem` and `ca.key` live (made if missing). `None`: a
+    /// private temp dir removed when the coordinator stops (a CA that
+    /// lives as long as the process: `weft local`, tests).
+    pub pki_dir: Option<PathBuf>,
+    /// More names (DNS or IP) for the serving certificate, besides the
+    /// listen address, the host name and the loopback names.
+    pub advertise: Vec<String>,
+    /// Lifetime of each serving certificate; the next is issued at 2/3 of it.
+    pub cert_lifetime: Duration,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        TlsConfig {
+            pki_dir: None,
+            advertise: Vec::new(),
+            cert_lifetime: DEFAULT_CERT_LIFETIME,
+        }
+    }
+}
+
+/// The serving certificate new handshakes get; swapped by the rotation
+/// task. Live connections keep the certificate they were made with.
+pub struct RotatingCert {
+    current: RwLock<Arc<CertifiedKey>>,
+}
+
+impl fmt::Debug for RotatingCert {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RotatingCert").finish_non_exhaustive()
+    }
+}
+
+impl RotatingCert {
+    fn new(key: Arc<CertifiedKey>) -> RotatingCert {
+        RotatingCert {
+            current: RwLock::new(key),
+        }
+    }
+
+    fn set(&self, key: Arc<CertifiedKey>) {
+        match self.current.write() {
+            Ok(mut current) => *current = key,
+            Err(poisoned) => *poisoned.into_inner() = key,
+        }
+    }
+
+    fn get(&self) -> Arc<CertifiedKey> {
+        match self.current.read() {
+            Ok(current) => Arc::clone(&current),
+            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        }
+    }
+}
+
+impl ResolvesServerCert for RotatingCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.get())
+    }
+}
+
+/// The coordinator's PKI while it runs: the CA, the rotating serving
+/// certificate, and the temp dir that holds a throw-away CA.
+pub struct ServerTls {
+    ca: Ca,
+    names: Vec<SanType>,
+    lifetime: Duration,
+    cert: Arc<RotatingCert>,
+    acceptor: TlsAcceptor,
+    _temp: Option<tempfile::TempDir>,
+}
+
+impl fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServerTls")
+            .field("ca", &self.ca)
+            .field("lifetime", &self.lifetime)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why TLS could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsSetupError {
+    /// The CA or a certificate.
+    #[error(transparent)]
+    Pki(#[from] PkiError),
+    /// rustls refused the configuration.
+    #[error("TLS configuration: {0}")]
+    Rustls(String),
+    /// The temp dir for a throw-away CA.
+    #[error("creating a temp dir for the CA: {0}")]
+    TempDir(io::Error),
+}
+
+impl ServerTls {
+    /// Loads or makes the CA, issues the first serving certificate for the
+    /// names of `listen`, and builds the rustls configuration.
+    pub fn new(
+        config: &TlsConfig,
+        listen: std::net::SocketAddr,
+    ) -> Result<ServerTls, TlsSetupError> {
+        let (dir, temp) = match &config.pki_dir {
+            Some(dir) => (dir.clone(), None),
+            None => {
+                let temp = tempfile::Builder::new()
+                    .prefix("weft-pki-")
+                    .tempdir()
+                    .map_err(TlsSetupError::TempDir)?;
+                (temp.path().to_owned(), Some(temp))
+            }
+        };
+        let (ca, created) = Ca::load_or_create(&dir)?;
+        if created {
+            tracing::info!(ca_file = %ca.cert_path().display(), "made a new cluster CA");
+        }
+        let names = pki::server_names(listen, pki::host_name().as_deref(), &config.advertise);
+        let lifetime = config.cert_lifetime.max(Duration::from_secs(1));
+        let first = ca.issue_server(&names, lifetime)?;
+        let cert = Arc::new(RotatingCert::new(first.key));
+        let provider = weft_proto::tls::provider();
+        let mut roots = RootCertStore::empty();
+        roots
+            .add(ca.cert_der().clone())
+            .map_err(|err| TlsSetupError::Rustls(err.to_string()))?;
+        let verifier =
+            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&provider))
+                .allow_unauthenticated()
+                .build()
+                .map_err(|err| TlsSetupError::Rustls(err.to_string()))?;
+        let mut server = ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|err| TlsSetupError::Rustls(err.to_string()))?
+            .with_client_cert_verifier(verifier)
+            .with_cert_resolver(Arc::clone(&cert) as Arc<dyn ResolvesServerCert>);
+        server.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(ServerTls {
+            ca,
+            names,
+            lifetime,
+            cert,
+            acceptor: TlsAcceptor::from(Arc::new(server)),
+            _temp: temp,
+        })
+    }
+
+    /// Where `ca.pem` is.
+    pub fn ca_file(&self) -> PathBuf {
+        self.ca.cert_path().to_owned()
+    }
+
+    /// The CA pin (`sha256:HEX`).
+    pub fn ca_pin(&self) -> String {
+        self.ca.pin()
+    }
+
+    /// Issues the next serving certificate and makes it the one new
+    /// handshakes get; answers its expiry.
+    pub fn rotate(&self) -> Result<SystemTime, PkiError> {
+        let next = self.ca.issue_server(&self.names, self.lifetime)?;
+        self.cert.set(next.key);
+        Ok(next.not_after)
+    }
+
+    /// Rotates the serving certificate at 2/3 of each one's life until
+    /// `cancel`; a failure is logged and retried a little later.
+    pub async fn rotate_until(self: Arc<Self>, cancel: CancellationToken) {
+        let mut wait = self.lifetime * 2 / 3;
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(wait) => {}
+            }
+            wait = match self.rotate() {
+                Ok(not_after) => {
+                    tracing::info!(
+                        not_after = %humantime_like(not_after),
+                        "rotated the serving certificate"
+                    );
+                    self.lifetime * 2 / 3
+                }
+                Err(err) => {
+                    tracing::error!(error = %err, "rotating the serving certificate failed; retrying");
+                    (self.lifetime / 10).max(Duration::from_millis(100))
+                }
+            };
+        }
+    }
+
+    /// Accepts TCP connections on `listener` and yields those whose TLS
+    /// handshake finished within [`HANDSHAKE_TIMEOUT`]; handshakes run
+    /// concurrently, so a slow peer holds no one else up.
+    pub fn incoming(
+        &self,
+        listener: TcpListener,
+        cancel: CancellationToken,
+        tasks: &TaskTracker,
+    ) -> impl Stream<Item = io::Result<TlsStream<TcpStream>>> + use<> {
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let acceptor = self.acceptor.clone();
+        let limit = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+        let handshakes = tasks.clone();
+        tasks.spawn(async move {
+            loop {
+                let Ok(permit) = Arc::clone(&limit).acquire_owned().await else {
+                    return;
+                };
+                let accepted = tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    accepted = listener.accept() => accepted,
+                };
+                let (tcp, peer) = match accepted {
+                    Ok(accepted) => accepted,
+                    Err(err) => {
+                        // Out of descriptors and the like: wait, go on.
+                        tracing::warn!(error = %err, "accepting a connection failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = tcp.set_nodelay(true);
+                let acceptor = acceptor.clone();
+                let tx = tx.clone();
+                let cancel = cancel.clone();
+                handshakes.spawn(async move {
+                    let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp));
+                    let result = tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        result = handshake => result,
+                    };
+                    drop(permit);
+                    match result {
+                        Ok(Ok(stream)) => {
+                            let _ = tx.send(Ok(stream)).await;
+                        }
+                        Ok(Err(err)) => {
+                            tracing::debug!(%peer, error = %err, "TLS handshake failed");
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "TLS handshake timed out");
+                        }
+                    }
+                });
+            }
+        });
+        tokio_stream::wrappers::ReceiverStream::new(rx)
+    }
+}
+
+/// A `SystemTime` as seconds since the epoch (for logs).
+fn humantime_like(time: SystemTime) -> String {
+    match time.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(since) => format!("unix:{}", since.as_secs()),
+        Err(_) => "before 1970".to_owned(),
+    }
+}

@@ -1,0 +1,406 @@
+//! The cluster CA and the coordinator's serving certificates: plain code,
+//! files and `rcgen`, no I/O besides the PKI dir.
+//!
+//! Files in the PKI dir (the data dir by default; 0700):
+//! - `ca.pem`: the CA certificate (0600) — what clients and nodes trust.
+//! - `ca.key`: the CA private key (0600). Never sent anywhere; read only here.
+//!
+//! The serving certificate is not stored: each start issues a fresh one,
+//! and [`Ca::issue_server`] issues the next before the current expires.
+//! Node certificates (issued on join) will be signed by the same CA.
+
+use std::io::Write;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls::sign::CertifiedKey;
+use time::OffsetDateTime;
+
+/// The CA certificate's file name in the PKI dir.
+pub const CA_CERT_FILE: &str = "ca.pem";
+/// The CA key's file name in the PKI dir.
+pub const CA_KEY_FILE: &str = "ca.key";
+/// The CA's common name.
+const CA_NAME: &str = "Weft cluster CA";
+/// How long the CA is valid.
+const CA_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 60 * 60);
+/// Backdating of `not_before`, for clocks a little behind.
+const CLOCK_SKEW: Duration = Duration::from_secs(5 * 60);
+
+/// A PKI failure; the message names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    /// A file or dir could not be read, written or created.
+    #[error("{what} {path}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A certificate or key could not be made or parsed.
+    #[error("{what}: {source}")]
+    Cert {
+        /// What was being done.
+        what: String,
+        /// Why.
+        source: rcgen::Error,
+    },
+    /// rustls refused a key.
+    #[error("loading the serving key: {0}")]
+    Key(#[from] rustls::Error),
+}
+
+fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> PkiError + 'a {
+    move |source| PkiError::Io {
+        what,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// The cluster CA, loaded or made.
+pub struct Ca {
+    cert_der: CertificateDer<'static>,
+    issuer: Issuer<'static, KeyPair>,
+    cert_path: PathBuf,
+}
+
+impl std::fmt::Debug for Ca {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ca")
+            .field("cert_path", &self.cert_path)
+            .field("pin", &self.pin())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The CA's fixed parameters: the same on every start, so the issuer made
+/// from them and the saved key matches the saved certificate.
+fn ca_params() -> CertificateParams {
+    let mut params = CertificateParams::default();
+    let mut name = DistinguishedName::new();
+    name.push(DnType::CommonName, CA_NAME);
+    params.distinguished_name = name;
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params
+}
+
+fn to_offset(time: SystemTime) -> OffsetDateTime {
+    OffsetDateTime::from(time)
+}
+
+/// Makes `dir` (and parents) if missing and sets it to 0700.
+pub fn private_dir(dir: &Path) -> Result<(), PkiError> {
+    std::fs::create_dir_all(dir).map_err(io_err("creating", dir))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(io_err("setting 0700 on", dir))
+}
+
+/// Writes `bytes` to `path` as 0600, through a temp file and a rename.
+fn write_private(path: &Path, bytes: &[u8]) -> Result<(), PkiError> {
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io_err("creating", &tmp))?;
+    file.write_all(bytes).map_err(io_err("writing", &tmp))?;
+    file.sync_all().map_err(io_err("syncing", &tmp))?;
+    std::fs::rename(&tmp, path).map_err(io_err("renaming to", path))
+}
+
+impl Ca {
+    /// Loads the CA from `dir`, or makes one there (dir 0700, files 0600)
+    /// if it has none. Answers the CA and whether it was made now.
+    pub fn load_or_create(dir: &Path) -> Result<(Ca, bool), PkiError> {
+        private_dir(dir)?;
+        let cert_path = dir.join(CA_CERT_FILE);
+        let key_path = dir.join(CA_KEY_FILE);
+        if cert_path.exists() && key_path.exists() {
+            let cert_pem =
+                std::fs::read_to_string(&cert_path).map_err(io_err("reading", &cert_path))?;
+            let key_pem =
+                std::fs::read_to_string(&key_path).map_err(io_err("reading", &key_path))?;
+            let key = KeyPair::from_pem(&key_pem).map_err(|source| PkiError::Cert {
+                what: format!("parsing {}", key_path.display()),
+                source,
+            })?;
+            let cert_der = rustls::pki_types::pem::PemObject::from_pem_slice(cert_pem.as_bytes())
+                .map_err(|err| PkiError::Io {
+                what: "parsing",
+                path: cert_path.clone(),
+                source: std::io::Error::other(err.to_string()),
+            })?;
+            let issuer = Issuer::new(ca_params(), key);
+            return Ok((
+                Ca {
+                    cert_der,
+                    issuer,
+                    cert_path,
+                },
+                false,
+            ));
+        }
+        let key = KeyPair::generate().map_err(|source| PkiError::Cert {
+            what: "making the CA key".into(),
+            source,
+        })?;
+        let now = SystemTime::now();
+        let mut params = ca_params();
+        params.not_before = to_offset(now - CLOCK_SKEW);
+        params.not_after = to_offset(now + CA_LIFETIME);
+        let cert = params.self_signed(&key).map_err(|source| PkiError::Cert {
+            what: "making the CA certificate".into(),
+            source,
+        })?;
+        // The key first: a crash between the two leaves no certificate
+        // without its key (and a key alone is replaced on the next start).
+        write_private(&key_path, key.serialize_pem().as_bytes())?;
+        write_private(&cert_path, cert.pem().as_bytes())?;
+        Ok((
+            Ca {
+                cert_der: cert.der().clone(),
+                issuer: Issuer::new(ca_params(), key),
+                cert_path,
+            },
+            true,
+        ))
+    }
+
+    /// The CA certificate (DER).
+    pub fn cert_der(&self) -> &CertificateDer<'static> {
+        &self.cert_der
+    }
+
+    /// Where `ca.pem` is.
+    pub fn cert_path(&self) -> &Path {
+        &self.cert_path
+    }
+
+    /// `sha256:HEX` of the CA certificate (see [`weft_proto::tls::ca_pin`]).
+    pub fn pin(&self) -> String {
+        weft_proto::tls::ca_pin(&self.cert_der)
+    }
+
+    /// Issues a serving certificate for `names`, valid from a little
+    /// before now for `lifetime`, with a random serial. The chain is the
+    /// leaf then the CA (so a client can match a pin against it).
+    pub fn issue_server(
+        &self,
+        names: &[SanType],
+        lifetime: Duration,
+    ) -> Result<IssuedCert, PkiError> {
+        let key = KeyPair::generate().map_err(|source| PkiError::Cert {
+            what: "making a serving key".into(),
+            source,
+        })?;
+        let now = SystemTime::now();
+        let not_after = now + lifetime;
+        let mut params = CertificateParams::default();
+        let mut name = DistinguishedName::new();
+        name.push(DnType::CommonName, "weft-coordinator");
+        params.distinguished_name = name;
+        params.subject_alt_names = names.to_vec();
+        params.not_before = to_offset(now - CLOCK_SKEW.min(lifetime));
+        params.not_after = to_offset(not_after);
+        params.serial_number = Some(SerialNumber::from_slice(&random_serial()));
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .map_err(|source| PkiError::Cert {
+                what: "signing the serving certificate".into(),
+                source,
+            })?;
+        let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        let signing_key = weft_proto::tls::provider()
+            .key_provider
+            .load_private_key(key_der)?;
+        let chain = vec![cert.der().clone(), self.cert_der.clone()];
+        Ok(IssuedCert {
+            key: Arc::new(CertifiedKey::new(chain, signing_key)),
+            not_after,
+        })
+    }
+}
+
+/// A serving certificate with its key, ready for rustls.
+#[derive(Debug, Clone)]
+pub struct IssuedCert {
+    /// Chain (leaf, CA) and signing key.
+    pub key: Arc<CertifiedKey>,
+    /// When it expires.
+    pub not_after: SystemTime,
+}
+
+/// 16 bytes (a ULID: time and 80 random bits), positive as a DER integer.
+fn random_serial() -> [u8; 16] {
+    let mut bytes = ulid::Ulid::new().to_bytes();
+    bytes[0] &= 0x7f;
+    bytes[0] |= 0x01;
+    bytes
+}
+
+/// The names of the serving certificate: the listen address (unless it is
+/// the unspecified address), `host_name`, `localhost`/127.0.0.1/::1 when
+/// listening on loopback or on every address, and every `advertise`d name
+/// (an IP address or a DNS name). No duplicates; order kept.
+pub fn server_names(
+    listen: SocketAddr,
+    host_name: Option<&str>,
+    advertise: &[String],
+) -> Vec<SanType> {
+    let mut names: Vec<SanType> = Vec::new();
+    let mut push = |san: SanType| {
+        if !names.contains(&san) {
+            names.push(san);
+        }
+    };
+    let ip = listen.ip();
+    if !ip.is_unspecified() {
+        push(SanType::IpAddress(ip));
+    }
+    if ip.is_loopback() || ip.is_unspecified() {
+        push(SanType::DnsName(
+            "localhost".try_into().expect("a valid name"),
+        ));
+        push(SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)));
+        push(SanType::IpAddress(IpAddr::V6(Ipv6Addr::LOCALHOST)));
+    }
+    for name in host_name
+        .into_iter()
+        .chain(advertise.iter().map(String::as_str))
+    {
+        let name = name.trim().trim_start_matches('[').trim_end_matches(']');
+        if name.is_empty() {
+            continue;
+        }
+        match name.parse::<IpAddr>() {
+            Ok(ip) => push(SanType::IpAddress(ip)),
+            Err(_) => {
+                if let Ok(dns) = name.to_ascii_lowercase().try_into() {
+                    push(SanType::DnsName(dns));
+                }
+            }
+        }
+    }
+    names
+}
+
+/// This machine's host name, if it has a usable one.
+pub fn host_name() -> Option<String> {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|name| name.into_string().ok())
+        .filter(|name| !name.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use x509_parser::prelude::*;
+
+    use super::*;
+
+    fn mode(path: &Path) -> u32 {
+        std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn first_start_makes_a_private_ca_and_later_starts_reuse_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("data");
+        let (ca, created) = Ca::load_or_create(&dir).unwrap();
+        assert!(created);
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(&dir.join(CA_CERT_FILE)), 0o600);
+        assert_eq!(mode(&dir.join(CA_KEY_FILE)), 0o600);
+        assert!(ca.pin().starts_with("sha256:") && ca.pin().len() == 7 + 64);
+        let (again, created) = Ca::load_or_create(&dir).unwrap();
+        assert!(!created);
+        assert_eq!(again.cert_der(), ca.cert_der());
+        assert_eq!(again.pin(), ca.pin());
+        // A certificate issued after the restart chains to the saved CA.
+        let names = server_names("127.0.0.1:7070".parse().unwrap(), None, &[]);
+        let issued = again.issue_server(&names, Duration::from_secs(60)).unwrap();
+        let (_, leaf) = X509Certificate::from_der(issued.key.cert[0].as_ref()).unwrap();
+        let (_, root) = X509Certificate::from_der(ca.cert_der().as_ref()).unwrap();
+        leaf.verify_signature(Some(root.public_key())).unwrap();
+        assert_eq!(leaf.issuer(), root.subject());
+    }
+
+    #[test]
+    fn serving_names_cover_listen_host_loopback_and_advertised() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (ca, _) = Ca::load_or_create(tmp.path()).unwrap();
+        let names = server_names(
+            "0.0.0.0:7070".parse().unwrap(),
+            Some("build-7"),
+            &[
+                "10.1.2.3".into(),
+                "weft.example.com".into(),
+                "[fd00::1]".into(),
+            ],
+        );
+        let issued = ca.issue_server(&names, Duration::from_secs(3600)).unwrap();
+        let (_, leaf) = X509Certificate::from_der(issued.key.cert[0].as_ref()).unwrap();
+        let sans = leaf.subject_alternative_name().unwrap().unwrap();
+        let mut dns = Vec::new();
+        let mut ips = Vec::new();
+        for name in &sans.value.general_names {
+            match name {
+                GeneralName::DNSName(d) => dns.push(d.to_string()),
+                GeneralName::IPAddress(b) => ips.push(match b.len() {
+                    4 => IpAddr::from(<[u8; 4]>::try_from(*b).unwrap()),
+                    _ => IpAddr::from(<[u8; 16]>::try_from(*b).unwrap()),
+                }),
+                other => panic!("unexpected name {other:?}"),
+            }
+        }
+        assert_eq!(dns, ["localhost", "build-7", "weft.example.com"]);
+        assert_eq!(
+            ips,
+            ["127.0.0.1", "::1", "10.1.2.3", "fd00::1"].map(|ip| ip.parse::<IpAddr>().unwrap())
+        );
+        let lifetime =
+            leaf.validity().not_after.timestamp() - leaf.validity().not_before.timestamp();
+        assert!((3600..=3600 + 300).contains(&lifetime), "{lifetime}");
+
+        // A specific listen address names itself, and no loopback names.
+        let names = server_names("10.0.0.5:7070".parse().unwrap(), None, &[]);
+        assert_eq!(names, [SanType::IpAddress("10.0.0.5".parse().unwrap())]);
+    }
+
+    #[test]
+    fn each_serving_certificate_has_its_own_serial_and_key() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (ca, _) = Ca::load_or_create(tmp.path()).unwrap();
+        let names = server_names("127.0.0.1:1".parse().unwrap(), None, &[]);
+        let a = ca.issue_server(&names, Duration::from_secs(5)).unwrap();
+        let b = ca.issue_server(&names, Duration::from_secs(5)).unwrap();
+        assert_ne!(a.key.cert[0], b.key.cert[0]);
+        let (_, a) = X509Certificate::from_der(a.key.cert[0].as_ref()).unwrap();
+        let (_, b) = X509Certificate::from_der(b.key.cert[0].as_ref()).unwrap();
+        assert_ne!(a.serial, b.serial);
+    }
+}

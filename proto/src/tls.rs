@@ -1,0 +1,401 @@
+//! Client-side TLS to a coordinator, shared by `weft-client`, `weft-node`
+//! and the `weft` CLI: the CA pin format, how a client decides to trust a
+//! coordinator ([`Trust`]), and the connector that dials TCP and runs the
+//! TLS handshake for a tonic `Endpoint` ([`TlsConnector`]).
+//!
+//! The coordinator's certificates come from its own cluster CA (`ca.pem` in
+//! its data dir), never from a public CA, so a client trusts either:
+//! - that CA's certificate, given as a PEM file ([`Trust::CaFile`]): the
+//!   usual WebPKI chain check (signature chain up to the CA, validity
+//!   dates, the server name in the leaf's SANs); or
+//! - its pin ([`Trust::Pin`], `sha256:` + the hex SHA-256 of the CA
+//!   certificate's DER, what [`ca_pin`] computes): the coordinator sends its
+//!   chain (leaf, then the CA); the certificate of that chain whose SHA-256
+//!   equals the pin becomes the only trust anchor, and the same WebPKI check
+//!   as with a file then runs on the leaf (signed by that anchor, within its
+//!   dates, valid for the name dialed). A chain with no certificate matching
+//!   the pin is refused.
+//!
+//! Ring is the only crypto provider. Handshake failures are turned into
+//! messages that say what to pass instead (see [`TlsConnector`]).
+
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use hyper_util::rt::TokioIo;
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
+};
+use sha2::{Digest, Sha256};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+
+/// Prefix of a CA pin.
+pub const PIN_PREFIX: &str = "sha256:";
+
+/// The pin of a CA certificate: `sha256:` + the lowercase hex SHA-256 of
+/// its DER. Join tokens and `--ca-pin` carry this form.
+pub fn ca_pin(cert_der: &[u8]) -> String {
+    format!("{PIN_PREFIX}{}", hex::encode(Sha256::digest(cert_der)))
+}
+
+/// The one crypto provider (ring; rustls marks it deprecated for lacking
+/// post-quantum key exchange, which only aws-lc offers, and the project
+/// builds without aws-lc).
+#[allow(deprecated)]
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Why a trust setting could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// The CA file could not be read.
+    #[error("reading the CA file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+    /// The CA file holds no usable certificate.
+    #[error("the CA file {0} holds no PEM certificate (expected the cluster's ca.pem)")]
+    NoCertificate(PathBuf),
+    /// A pin that is not `sha256:` + 64 hex digits.
+    #[error("invalid CA pin '{0}': expected sha256: followed by 64 hex digits")]
+    BadPin(String),
+    /// rustls refused the settings.
+    #[error("TLS settings: {0}")]
+    Rustls(#[from] rustls::Error),
+    /// An `https://` coordinator with nothing to trust it by.
+    #[error(
+        "the coordinator at {0} serves TLS: pass the cluster's ca.pem (--ca-file / WEFT_CA) \
+         or its pin (--ca-pin / WEFT_CA_PIN); for a coordinator started with --insecure, \
+         use http://HOST:PORT"
+    )]
+    NoTrust(String),
+}
+
+/// How a client trusts the coordinator's certificate.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Trust {
+    /// The cluster CA certificate(s) from this PEM file.
+    CaFile(PathBuf),
+    /// The CA whose certificate has this SHA-256 (raw digest).
+    Pin([u8; 32]),
+}
+
+impl fmt::Debug for Trust {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Trust::CaFile(path) => write!(f, "CaFile({})", path.display()),
+            Trust::Pin(digest) => write!(f, "Pin({PIN_PREFIX}{})", hex::encode(digest)),
+        }
+    }
+}
+
+impl Trust {
+    /// Parses a pin (`sha256:HEX`, case-insensitive hex, blanks trimmed).
+    pub fn pin(text: &str) -> Result<Trust, TlsError> {
+        let bad = || TlsError::BadPin(text.to_owned());
+        let trimmed = text.trim();
+        let hex_part = trimmed
+            .strip_prefix(PIN_PREFIX)
+            .or_else(|| trimmed.strip_prefix("SHA256:"))
+            .ok_or_else(bad)?;
+        let bytes = hex::decode(hex_part).map_err(|_| bad())?;
+        let digest: [u8; 32] = bytes.try_into().map_err(|_| bad())?;
+        Ok(Trust::Pin(digest))
+    }
+
+    /// What is trusted, for messages: `the CA in FILE` or `the CA pin sha256:...`.
+    pub fn describe(&self) -> String {
+        match self {
+            Trust::CaFile(path) => format!("the CA in {}", path.display()),
+            Trust::Pin(digest) => format!("the CA pin {PIN_PREFIX}{}", hex::encode(digest)),
+        }
+    }
+
+    /// A rustls client configuration (ALPN h2) trusting this.
+    pub fn client_config(&self) -> Result<Arc<ClientConfig>, TlsError> {
+        let provider = provider();
+        let builder = ClientConfig::builder_with_provider(Arc::clone(&provider))
+            .with_safe_default_protocol_versions()?;
+        let mut config = match self {
+            Trust::CaFile(path) => {
+                let roots = Arc::new(read_roots(path)?);
+                let verifier = WebPkiServerVerifier::builder_with_provider(roots, provider)
+                    .build()
+                    .map_err(|err| TlsError::Rustls(rustls::Error::General(err.to_string())))?;
+                builder.with_webpki_verifier(verifier).with_no_client_auth()
+            }
+            Trust::Pin(digest) => builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(PinVerifier {
+                    digest: *digest,
+                    provider,
+                }))
+                .with_no_client_auth(),
+        };
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(Arc::new(config))
+    }
+}
+
+/// The certificates of a PEM file as trust anchors.
+pub fn read_roots(path: &Path) -> Result<RootCertStore, TlsError> {
+    let pem = std::fs::read(path).map_err(|source| TlsError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&pem).flatten() {
+        // A certificate rustls cannot use as an anchor is skipped; none at
+        // all is the error below.
+        let _ = roots.add(cert);
+    }
+    if roots.is_empty() {
+        return Err(TlsError::NoCertificate(path.to_owned()));
+    }
+    Ok(roots)
+}
+
+/// Trusts the chain's certificate whose SHA-256 is the pin as the only
+/// anchor, then checks the leaf against it as WebPKI does.
+#[derive(Debug)]
+struct PinVerifier {
+    digest: [u8; 32],
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let pinned = std::iter::once(end_entity)
+            .chain(intermediates)
+            .find(|cert| Sha256::digest(cert.as_ref()).as_slice() == self.digest)
+            .ok_or(rustls::Error::InvalidCertificate(
+                CertificateError::ApplicationVerificationFailure,
+            ))?;
+        let mut roots = RootCertStore::empty();
+        roots.add(pinned.clone().into_owned())?;
+        let verifier = WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            Arc::clone(&self.provider),
+        )
+        .build()
+        .map_err(|err| rustls::Error::General(err.to_string()))?;
+        verifier.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// A tower connector for `Endpoint::connect_with_connector`: dials TCP
+/// (no delay), runs the TLS handshake for `host`, and turns a refused
+/// certificate into a message that says what to pass. The endpoint's own
+/// URL must then be `http://` (tonic would otherwise want its own TLS).
+#[derive(Clone)]
+pub struct TlsConnector {
+    config: Arc<ClientConfig>,
+    trust: Arc<Trust>,
+    host: String,
+    port: u16,
+}
+
+impl TlsConnector {
+    /// A connector to `addr` trusting `trust`.
+    pub fn new(addr: &crate::CoordinatorAddr, trust: &Trust) -> Result<TlsConnector, TlsError> {
+        Ok(TlsConnector {
+            config: trust.client_config()?,
+            trust: Arc::new(trust.clone()),
+            host: addr.host().to_owned(),
+            port: addr.port(),
+        })
+    }
+
+    /// Dials and runs the handshake.
+    pub async fn connect(&self) -> io::Result<TlsStream<TcpStream>> {
+        let host = self
+            .host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(&self.host);
+        let name = ServerName::try_from(host.to_owned()).map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("invalid host name '{host}'"),
+            )
+        })?;
+        let tcp = TcpStream::connect((host, self.port)).await?;
+        let _ = tcp.set_nodelay(true);
+        tokio_rustls::TlsConnector::from(Arc::clone(&self.config))
+            .connect(name, tcp)
+            .await
+            .map_err(|err| explain(err, &self.trust, host, self.port))
+    }
+}
+
+impl fmt::Debug for TlsConnector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TlsConnector")
+            .field("trust", &self.trust)
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .finish()
+    }
+}
+
+/// A handshake error as a message that says what to do.
+fn explain(err: io::Error, trust: &Trust, host: &str, port: u16) -> io::Error {
+    let rustls_error = err
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        .cloned();
+    let message = match rustls_error {
+        Some(rustls::Error::InvalidCertificate(CertificateError::NotValidForName))
+        | Some(rustls::Error::InvalidCertificate(CertificateError::NotValidForNameContext {
+            ..
+        })) => format!(
+            "the coordinator's certificate does not name '{host}': dial a name it was \
+             started with, or restart it with --advertise {host}"
+        ),
+        Some(rustls::Error::InvalidCertificate(
+            CertificateError::Expired | CertificateError::ExpiredContext { .. },
+        )) => {
+            "the coordinator's certificate has expired (is this machine's clock right?)".to_owned()
+        }
+        Some(rustls::Error::InvalidCertificate(_)) => match trust {
+            Trust::CaFile(path) => format!(
+                "the coordinator's certificate is not signed by the CA in {}: pass the \
+                 cluster's ca.pem (--ca-file / WEFT_CA) or its pin (--ca-pin / WEFT_CA_PIN)",
+                path.display()
+            ),
+            Trust::Pin(_) => format!(
+                "the coordinator's certificate chain does not match {}: pass the pin the \
+                 coordinator printed (--ca-pin / WEFT_CA_PIN) or its ca.pem (--ca-file / WEFT_CA)",
+                trust.describe()
+            ),
+        },
+        Some(rustls::Error::InvalidMessage(_)) => {
+            format!(
+                "the coordinator at {host}:{port} does not speak TLS: if it was started \
+                 with --insecure, dial http://{host}:{port}"
+            )
+        }
+        Some(other) => format!("TLS handshake with the coordinator failed: {other}"),
+        None if err.kind() == io::ErrorKind::UnexpectedEof => format!(
+            "the coordinator at {host}:{port} closed the connection during the TLS handshake \
+             (is it started with --insecure? then dial http://{host}:{port})"
+        ),
+        None => return err,
+    };
+    io::Error::new(io::ErrorKind::PermissionDenied, message)
+}
+
+impl tower_service::Service<http::Uri> for TlsConnector {
+    type Response = TokioIo<TlsStream<TcpStream>>;
+    type Error = io::Error;
+    type Future = Pin<Box<dyn Future<Output = io::Result<Self::Response>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _uri: http::Uri) -> Self::Future {
+        let connector = self.clone();
+        Box::pin(async move { connector.connect().await.map(TokioIo::new) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pins_are_sha256_of_the_der_and_parse_back() {
+        let pin = ca_pin(b"abc");
+        assert_eq!(
+            pin,
+            "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        let Trust::Pin(digest) = Trust::pin(&pin).unwrap() else {
+            panic!("not a pin")
+        };
+        assert_eq!(format!("sha256:{}", hex::encode(digest)), pin);
+        assert_eq!(
+            Trust::pin(&pin.to_uppercase().replace("SHA256", "sha256")).unwrap(),
+            Trust::Pin(digest)
+        );
+        for bad in ["", "ba7816bf", "sha256:xyz", "md5:ba78", "sha256:ba78"] {
+            let err = Trust::pin(bad).unwrap_err();
+            assert!(err.to_string().contains("expected sha256:"), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_ca_file_without_a_certificate_is_refused_by_name() {
+        let dir = std::env::temp_dir().join(format!("weft-tls-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("empty.pem");
+        std::fs::write(&path, "not a certificate").unwrap();
+        let err = Trust::CaFile(path.clone()).client_config().unwrap_err();
+        assert!(
+            err.to_string().contains("holds no PEM certificate"),
+            "{err}"
+        );
+        let missing = Trust::CaFile(dir.join("missing.pem"))
+            .client_config()
+            .unwrap_err();
+        assert!(missing.to_string().contains("missing.pem"), "{missing}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
