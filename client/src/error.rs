@@ -50,6 +50,10 @@ pub enum Error {
     /// `http(s)://HOST:PORT`). Not retryable.
     #[error(transparent)]
     InvalidAddress(#[from] AddressError),
+    /// The TLS settings cannot be used: an `https://` coordinator with no
+    /// CA file or pin, an unreadable CA file, a malformed pin.
+    #[error("{0}")]
+    Tls(String),
     /// The coordinator URL, though a valid address, was refused by the
     /// transport. Not retryable.
     #[error("invalid coordinator URL {url:?}: {reason}")]
@@ -109,6 +113,7 @@ impl Error {
             | Error::FailedPrecondition(_)
             | Error::Internal(_)
             | Error::InvalidAddress(_)
+            | Error::Tls(_)
             | Error::InvalidUrl { .. }
             | Error::Protocol(_)
             | Error::Other { .. } => false,

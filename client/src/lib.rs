@@ -40,10 +40,11 @@ use tonic::transport::{Channel, Endpoint};
 use weft_proto::convert::duration_to_pb;
 use weft_proto::pb::admin_service_client::AdminServiceClient;
 use weft_proto::pb::task_service_client::TaskServiceClient;
-use weft_proto::{CoordinatorAddr, pb};
+use weft_proto::{CoordinatorAddr, address, pb};
 
 pub use error::Error;
 pub use types::{ClusterInfo, EventBody, Task, TaskEvent};
+pub use weft_proto::tls::Trust;
 pub use weft_proto::{
     Attempt, CallSpec, ExecSpec, NodeId, NodeInfo, NodeState, Outcome, OutputStream, TaskId,
     TaskKind, TaskSpec, TaskState,
@@ -92,9 +93,26 @@ impl Client {
     /// [`weft_proto::address::DEFAULT_SCHEME`]); anything else is an
     /// [`Error::InvalidAddress`]. An unreachable coordinator is an
     /// [`Error::Unavailable`] within about [`CONNECT_TIMEOUT`].
+    ///
+    /// An `https://` address (or one without a scheme) needs a [`Trust`]:
+    /// use [`Client::connect_with`].
     pub async fn connect(url: &str) -> Result<Client, Error> {
-        let url = CoordinatorAddr::parse(url)?.url();
-        let endpoint = Endpoint::from_shared(url.clone())
+        Client::connect_with(url, None).await
+    }
+
+    /// Like [`Client::connect`], trusting the coordinator's certificate by
+    /// `trust` (the cluster's `ca.pem`, or its pin; see
+    /// [`weft_proto::tls`] for what is checked). `http://` addresses dial
+    /// plainly and ignore it. A certificate that does not match is an
+    /// [`Error::Unavailable`] whose message says what to pass instead; an
+    /// `https://` address without a trust, or an unreadable CA file, is
+    /// [`Error::Tls`].
+    pub async fn connect_with(url: &str, trust: Option<&Trust>) -> Result<Client, Error> {
+        let address = CoordinatorAddr::parse(url)?;
+        let url = address.url();
+        let (dial_url, connector) =
+            weft_proto::tls::dial_plan(&address, trust).map_err(|err| Error::Tls(err.to_string()))?;
+        let endpoint = Endpoint::from_shared(dial_url)
             .map_err(|err| Error::InvalidUrl {
                 url: url.clone(),
                 reason: err.to_string(),
@@ -107,18 +125,32 @@ impl Client {
         // The endpoint's own connect timeout covers the TCP handshake; this
         // one also bounds the HTTP/2 handshake with a peer that accepts but
         // never answers.
-        let channel = match tokio::time::timeout(
-            CONNECT_TIMEOUT + Duration::from_secs(1),
-            endpoint.connect(),
-        )
-        .await
+        let connect = async {
+            match connector {
+                Some(connector) => endpoint.connect_with_connector(connector).await,
+                None => endpoint.connect().await,
+            }
+        };
+        let channel = match tokio::time::timeout(CONNECT_TIMEOUT + Duration::from_secs(1), connect)
+            .await
         {
             Err(_) => {
                 return Err(Error::Unavailable(format!(
                     "cannot reach coordinator at {url}: timed out"
                 )));
             }
-            Ok(Err(err)) => return Err(Error::unreachable(&url, &err)),
+            Ok(Err(err)) => {
+                let mut error = Error::unreachable(&url, &err);
+                if let (Error::Unavailable(message), address::Scheme::Http) =
+                    (&mut error, address.scheme())
+                {
+                    if !message.contains("refused") {
+                        message.push_str("; ");
+                        message.push_str(&weft_proto::tls::plaintext_hint(&address));
+                    }
+                }
+                return Err(error);
+            }
             Ok(Ok(channel)) => channel,
         };
         Ok(Client::from_channel(url, channel))

@@ -11,7 +11,8 @@ use weft_proto::ExecPolicy;
 /// Node settings. `NodeConfig::new(url)` gives usable defaults.
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
-    /// Coordinator URL, e.g. `http://127.0.0.1:7070`.
+    /// Coordinator URL, e.g. `https://127.0.0.1:7070` (`http://` for an
+    /// `--insecure` coordinator).
     pub coordinator: String,
     /// Node name (default: the host name).
     pub name: String,
@@ -62,6 +63,10 @@ pub struct NodeConfig {
     /// task it refuses is reported `START_FAILED`, never run). Default:
     /// [`ExecPolicy::Allow`].
     pub exec: ExecPolicy,
+    /// How the coordinator's TLS certificate is trusted (the cluster's
+    /// `ca.pem` or its pin). Needed for an `https://` coordinator (the
+    /// default scheme); ignored for `http://`.
+    pub trust: Option<weft_proto::tls::Trust>,
 }
 
 impl NodeConfig {
@@ -86,6 +91,7 @@ impl NodeConfig {
             redeliver_window: Duration::from_secs(60),
             reaper: None,
             exec: ExecPolicy::Allow,
+            trust: None,
         }
     }
 }

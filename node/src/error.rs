@@ -24,13 +24,20 @@ pub enum Error {
     },
     /// Dialing the coordinator failed (unreachable, refused, timed out).
     /// Retried with backoff.
-    #[error("cannot reach coordinator at {url}: {source}")]
+    #[error("cannot reach coordinator at {url}: {reason}")]
     Connect {
         /// The URL dialed.
         url: String,
+        /// The innermost cause (e.g. that the certificate is not signed
+        /// by the CA trusted), what a person can act on.
+        reason: String,
         /// The transport error.
         source: tonic::transport::Error,
     },
+    /// The TLS settings cannot be used (an `https://` coordinator with no
+    /// CA file or pin, an unreadable CA file). Fatal.
+    #[error("{0}")]
+    Tls(String),
     /// The coordinator answered the session with an error status that
     /// may pass (it is shutting down, say). Retried with backoff.
     #[error("coordinator refused the session: {0}")]
@@ -70,7 +77,10 @@ impl Error {
     /// is wrong, or the coordinator refused the node's `Register` for good.
     pub fn is_fatal(&self) -> bool {
         match self {
-            Error::InvalidAddress(_) | Error::InvalidUrl { .. } | Error::RegisterRefused(_) => true,
+            Error::InvalidAddress(_)
+            | Error::InvalidUrl { .. }
+            | Error::Tls(_)
+            | Error::RegisterRefused(_) => true,
             Error::Connect { .. }
             | Error::Refused(_)
             | Error::Protocol(_)

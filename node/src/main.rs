@@ -2,6 +2,7 @@
 //! drain on SIGTERM/SIGINT. Nothing else.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -12,6 +13,7 @@ use tracing::{error, info};
 use tracing_subscriber::EnvFilter;
 
 use weft_node::{HandlerRegistry, NodeConfig};
+use weft_proto::tls::Trust;
 use weft_proto::{CoordinatorAddr, ExecPolicy};
 
 /// Runs Weft tasks: connects to a coordinator, offers slots, and runs the
@@ -29,12 +31,13 @@ use weft_proto::{CoordinatorAddr, ExecPolicy};
 #[command(name = "weft-node", version)]
 struct Args {
     /// Coordinator address: HOST:PORT or http(s)://HOST:PORT (no scheme
-    /// means http://). A node the coordinator refuses for good (e.g. more
+    /// means https://; http:// reaches a coordinator started with
+    /// --insecure). A node the coordinator refuses for good (e.g. more
     /// --slots than its --max-node-slots) exits 1 with the reason.
     #[arg(
         long,
         env = "WEFT_COORDINATOR",
-        default_value = "http://127.0.0.1:7070",
+        default_value = "https://127.0.0.1:7070",
         value_name = "ADDRESS",
         value_parser = parse_coordinator
     )]
@@ -94,6 +97,16 @@ struct Args {
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     blocking_threads: Option<u64>,
 
+    /// The cluster CA's certificate (the coordinator's ca.pem): the node
+    /// trusts only a coordinator whose certificate it signed.
+    #[arg(long, env = "WEFT_CA", value_name = "FILE", conflicts_with = "ca_pin")]
+    ca_file: Option<PathBuf>,
+
+    /// The cluster CA's pin (sha256:HEX, which the coordinator logs at
+    /// start), instead of --ca-file.
+    #[arg(long, env = "WEFT_CA_PIN", value_name = "PIN", value_parser = parse_pin)]
+    ca_pin: Option<Trust>,
+
     /// Log format on stderr (level from RUST_LOG, default info).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -122,6 +135,7 @@ impl TryFrom<Args> for NodeConfig {
 
     fn try_from(args: Args) -> anyhow::Result<Self> {
         let mut config = NodeConfig::new(args.coordinator);
+        config.trust = args.ca_file.map(Trust::CaFile).or(args.ca_pin);
         if let Some(slots) = args.slots {
             config.slots = slots;
         }
@@ -150,6 +164,10 @@ impl TryFrom<Args> for NodeConfig {
 fn parse_program(text: &str) -> Result<String, String> {
     ExecPolicy::programs([text]).map_err(|err| err.to_string())?;
     Ok(text.to_owned())
+}
+
+fn parse_pin(text: &str) -> Result<Trust, String> {
+    Trust::pin(text).map_err(|err| err.to_string())
 }
 
 fn parse_label(text: &str) -> Result<(String, String), String> {

@@ -67,15 +67,20 @@ impl Backoff {
 /// The node's main loop: sessions and reconnects until drained or killed
 /// (`Ok`), or until a fatal error (`Err`, logged here).
 pub(crate) async fn run(ctx: Arc<NodeCtx>, events: EventRx) -> Result<(), Error> {
-    let url = match CoordinatorAddr::parse(&ctx.config.coordinator) {
-        Ok(address) => address.url(),
+    let plan = CoordinatorAddr::parse(&ctx.config.coordinator)
+        .map_err(Error::from)
+        .and_then(|address| {
+            weft_proto::tls::dial_plan(&address, ctx.config.trust.as_ref())
+                .map_err(|err| Error::Tls(err.to_string()))
+        });
+    let (url, connector) = match plan {
+        Ok(plan) => plan,
         Err(err) => {
-            let err = Error::from(err);
             error!(error = %err, "stopping the node: reconnecting would not help");
             return Err(err);
         }
     };
-    run_with(ctx, events, move || session::dial(url.clone())).await
+    run_with(ctx, events, move || session::dial(url.clone(), connector.clone())).await
 }
 
 /// [`run`] with the dialer as a parameter, so tests can time reconnects.

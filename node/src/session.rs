@@ -124,9 +124,12 @@ impl NodeCtx {
     }
 }
 
-/// Dials the coordinator at `url` (a URL with its scheme: see
-/// [`weft_proto::CoordinatorAddr::url`]).
-pub(crate) async fn dial(url: String) -> Result<Channel, Error> {
+/// Dials the coordinator at `url` (as [`weft_proto::tls::dial_plan`]
+/// made it: the URL tonic dials and, for TLS, the connector).
+pub(crate) async fn dial(
+    url: String,
+    connector: Option<weft_proto::tls::TlsConnector>,
+) -> Result<Channel, Error> {
     let endpoint = Endpoint::from_shared(url.clone())
         .map_err(|source| Error::InvalidUrl {
             url: url.clone(),
@@ -134,10 +137,29 @@ pub(crate) async fn dial(url: String) -> Result<Channel, Error> {
         })?
         .connect_timeout(CONNECT_TIMEOUT)
         .tcp_nodelay(true);
-    endpoint
-        .connect()
-        .await
-        .map_err(|source| Error::Connect { url, source })
+    let plaintext = connector.is_none();
+    let result = match connector {
+        Some(connector) => endpoint.connect_with_connector(connector).await,
+        None => endpoint.connect().await,
+    };
+    result.map_err(|source| {
+        let mut cause: &(dyn std::error::Error + 'static) = &source;
+        while let Some(next) = cause.source() {
+            cause = next;
+        }
+        let mut reason = cause.to_string();
+        if plaintext && !reason.contains("refused") {
+            if let Ok(address) = weft_proto::CoordinatorAddr::parse(&url) {
+                reason.push_str("; ");
+                reason.push_str(&weft_proto::tls::plaintext_hint(&address));
+            }
+        }
+        Error::Connect {
+            url,
+            reason,
+            source,
+        }
+    })
 }
 
 /// How one session ended.

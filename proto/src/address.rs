@@ -13,10 +13,9 @@ use std::str::FromStr;
 
 /// The scheme of an address written without one.
 ///
-/// `http` while the coordinator serves plaintext. When TLS becomes the
-/// default this turns to [`Scheme::Https`], and reaching an `--insecure`
-/// coordinator then takes an explicit `http://`. Change it here only: the
-/// Python SDK's `DEFAULT_SCHEME` must follow.
+/// `https`: the coordinator serves TLS by default, and reaching an
+/// `--insecure` coordinator takes an explicit `http://`. Change it here
+/// only: the Python SDK's `DEFAULT_SCHEME` must follow.
 pub const DEFAULT_SCHEME: Scheme = Scheme::Https;
 
 /// How the coordinator is reached.
@@ -162,18 +161,21 @@ mod tests {
             url("https://weft.example.com:443"),
             "https://weft.example.com:443"
         );
-        assert_eq!(url("127.0.0.1:7070"), "http://127.0.0.1:7070");
-        assert_eq!(url("localhost:7070"), "http://localhost:7070");
-        assert_eq!(url("[::1]:7070"), "http://[::1]:7070");
+        assert_eq!(url("127.0.0.1:7070"), "https://127.0.0.1:7070");
+        assert_eq!(url("localhost:7070"), "https://localhost:7070");
+        assert_eq!(url("[::1]:7070"), "https://[::1]:7070");
         assert_eq!(url("https://[fe80::1]:9"), "https://[fe80::1]:9");
         assert_eq!(url("HTTP://node-1.lan:7070/"), "http://node-1.lan:7070");
-        assert_eq!(url("  my_host:1 "), "http://my_host:1");
+        assert_eq!(url("  my_host:1 "), "https://my_host:1");
     }
 
     #[test]
     fn a_missing_scheme_means_the_default_one() {
         let addr = CoordinatorAddr::parse("[::1]:7070").unwrap();
         assert_eq!(addr.scheme(), DEFAULT_SCHEME);
+        assert_eq!(DEFAULT_SCHEME, Scheme::Https);
+        let plain = CoordinatorAddr::parse("http://c:1").unwrap();
+        assert_eq!(plain.scheme(), Scheme::Http);
         assert_eq!(
             (addr.host(), addr.port(), addr.authority().as_str()),
             ("[::1]", 7070, "[::1]:7070")

@@ -294,6 +294,35 @@ impl fmt::Debug for TlsConnector {
     }
 }
 
+/// How to dial `addr`: the URL to give tonic's `Endpoint` and, for
+/// `https://`, the connector that runs TLS trusting `trust` (the URL is
+/// then `http://`, since the connector already does TLS). `http://` dials
+/// plainly and ignores `trust`; `https://` without a trust is
+/// [`TlsError::NoTrust`].
+pub fn dial_plan(
+    addr: &crate::CoordinatorAddr,
+    trust: Option<&Trust>,
+) -> Result<(String, Option<TlsConnector>), TlsError> {
+    match addr.scheme() {
+        crate::address::Scheme::Http => Ok((addr.url(), None)),
+        crate::address::Scheme::Https => {
+            let trust = trust.ok_or_else(|| TlsError::NoTrust(addr.url()))?;
+            let connector = TlsConnector::new(addr, trust)?;
+            Ok((format!("http://{}", addr.authority()), Some(connector)))
+        }
+    }
+}
+
+/// A hint added to a failed plaintext dial: the coordinator probably
+/// serves TLS.
+pub fn plaintext_hint(addr: &crate::CoordinatorAddr) -> String {
+    format!(
+        "if the coordinator serves TLS (the default), dial https://{0} (or {0}) and pass \
+         its ca.pem (--ca-file / WEFT_CA) or pin (--ca-pin / WEFT_CA_PIN)",
+        addr.authority()
+    )
+}
+
 /// A handshake error as a message that says what to do.
 fn explain(err: io::Error, trust: &Trust, host: &str, port: u16) -> io::Error {
     let rustls_error = err
