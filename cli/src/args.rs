@@ -3,6 +3,7 @@
 //! command is `run.rs`'s job; nothing here does I/O.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::parser::ValueSource;
@@ -13,6 +14,7 @@ use weft_proto::{TaskId, TaskState};
 use crate::exit;
 use crate::opts::{TaskOpts, parse_duration_arg, parse_task_id, parse_task_state};
 use crate::output::OutputFormat;
+use weft_client::Trust;
 
 /// Weft: run commands and handler calls on a cluster of nodes.
 ///
@@ -22,15 +24,31 @@ use crate::output::OutputFormat;
 #[command(name = "weft", version, after_help = exit::EXIT_CODES_HELP)]
 pub struct Args {
     /// Coordinator address: HOST:PORT or http(s)://HOST:PORT (no scheme
-    /// means http://); anything else is a usage error (exit 2).
+    /// means https://; http:// reaches a coordinator started with
+    /// --insecure); anything else is a usage error (exit 2).
     #[arg(
         long,
         global = true,
         env = "WEFT_COORDINATOR",
-        default_value = "http://127.0.0.1:7070",
+        default_value = "https://127.0.0.1:7070",
         value_name = "ADDRESS"
     )]
     pub coordinator: String,
+    /// The cluster CA's certificate (the coordinator's ca.pem, in its data
+    /// dir): only a coordinator whose certificate it signed is trusted.
+    #[arg(long, global = true, env = "WEFT_CA", value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
+    /// The cluster CA's pin (sha256:HEX, logged by the coordinator at
+    /// start), instead of --ca-file.
+    #[arg(
+        long,
+        global = true,
+        env = "WEFT_CA_PIN",
+        value_name = "PIN",
+        value_parser = parse_pin,
+        conflicts_with = "ca_file"
+    )]
+    pub ca_pin: Option<Trust>,
     /// Output format of results on stdout.
     #[arg(long, short = 'o', global = true, value_enum, default_value_t = OutputFormat::Text)]
     pub output: OutputFormat,
@@ -42,6 +60,20 @@ pub struct Args {
     /// starts its own cluster unless it is set).
     #[arg(skip)]
     pub coordinator_given: bool,
+}
+
+fn parse_pin(text: &str) -> Result<Trust, String> {
+    Trust::pin(text).map_err(|err| err.to_string())
+}
+
+impl Args {
+    /// How the coordinator's certificate is trusted: --ca-file, else --ca-pin.
+    pub fn trust(&self) -> Option<Trust> {
+        self.ca_file
+            .clone()
+            .map(Trust::CaFile)
+            .or_else(|| self.ca_pin.clone())
+    }
 }
 
 /// Parses the process's command line (exiting on a usage error like

@@ -41,7 +41,7 @@ pub async fn run(nodes: usize, slots: u32) -> anyhow::Result<u8> {
     let cluster = local::start(listener, nodes, Some(slots)).await?;
     let url = cluster.url();
     println!("demo: local cluster at {url}: {nodes} nodes x {slots} slots");
-    let client = Client::connect(&url).await?;
+    let client = Client::connect_with(&url, cluster.trust().as_ref()).await?;
     let ready = wait_nodes_ready(&client, cluster.node_count(), Duration::from_secs(10)).await;
     let outcome = match ready {
         Ok(()) => workload(&client).await,

@@ -12,6 +12,7 @@ use tokio::net::TcpListener;
 use weft_client::Client;
 use weft_cluster::{LocalCluster, wait_nodes_ready};
 use weft_coordinator::CoordinatorConfig;
+use weft_coordinator::tls::TlsConfig;
 
 use crate::exit;
 
@@ -34,6 +35,9 @@ pub async fn start(
     // more slots than the default limit raises the limit, not a refusal.
     let config = CoordinatorConfig {
         max_node_slots: defaults.max_node_slots.max(slots.unwrap_or(0)),
+        // The same TLS path as a real cluster, with a CA that lives as
+        // long as this process (in a private temp dir).
+        tls: Some(TlsConfig::default()),
         ..defaults
     };
     let mut cluster = LocalCluster::start(config, listener).await?;
@@ -73,7 +77,7 @@ pub async fn run(listen: SocketAddr, nodes: usize, slots: Option<u32>) -> anyhow
     let listener = bind(listen).await?;
     let cluster = start(listener, nodes, slots).await?;
     let url = cluster.url();
-    let client = Client::connect(&url).await?;
+    let client = Client::connect_with(&url, cluster.trust().as_ref()).await?;
     if let Err(err) = wait_nodes_ready(&client, cluster.node_count(), READY_TIMEOUT).await {
         eprintln!("weft: warning: {:#}", anyhow::Error::new(err));
     }
@@ -84,7 +88,13 @@ pub async fn run(listen: SocketAddr, nodes: usize, slots: Option<u32>) -> anyhow
     println!(
         "weft local: coordinator at {url}, {nodes} nodes with {slots_text} each (Ctrl-C to stop)"
     );
-    println!("export WEFT_COORDINATOR={url}");
+    match cluster.ca_file() {
+        Some(ca_file) => println!(
+            "export WEFT_COORDINATOR={url} WEFT_CA={}",
+            ca_file.display()
+        ),
+        None => println!("export WEFT_COORDINATOR={url}"),
+    }
     shutdown_signal().await;
     eprintln!("weft local: shutting down (Ctrl-C again to exit at once)");
     tokio::select! {

@@ -21,6 +21,7 @@ pub async fn run(args: Args) -> u8 {
 
 async fn dispatch(args: Args) -> anyhow::Result<u8> {
     let format = args.output;
+    let trust = args.trust();
     let url = args.coordinator;
     match args.command {
         Command::Local {
@@ -34,7 +35,7 @@ async fn dispatch(args: Args) -> anyhow::Result<u8> {
             bench::run(bench_args, external, format).await
         }
         command => {
-            let client = Client::connect(&url).await?;
+            let client = Client::connect_with(&url, trust.as_ref()).await?;
             match command {
                 Command::Run { opts, command } => {
                     task::run(&client, format, &opts.interactive(), command).await

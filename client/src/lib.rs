@@ -110,8 +110,8 @@ impl Client {
     pub async fn connect_with(url: &str, trust: Option<&Trust>) -> Result<Client, Error> {
         let address = CoordinatorAddr::parse(url)?;
         let url = address.url();
-        let (dial_url, connector) =
-            weft_proto::tls::dial_plan(&address, trust).map_err(|err| Error::Tls(err.to_string()))?;
+        let (dial_url, connector) = weft_proto::tls::dial_plan(&address, trust)
+            .map_err(|err| Error::Tls(err.to_string()))?;
         let endpoint = Endpoint::from_shared(dial_url)
             .map_err(|err| Error::InvalidUrl {
                 url: url.clone(),
@@ -131,28 +131,27 @@ impl Client {
                 None => endpoint.connect().await,
             }
         };
-        let channel = match tokio::time::timeout(CONNECT_TIMEOUT + Duration::from_secs(1), connect)
-            .await
-        {
-            Err(_) => {
-                return Err(Error::Unavailable(format!(
-                    "cannot reach coordinator at {url}: timed out"
-                )));
-            }
-            Ok(Err(err)) => {
-                let mut error = Error::unreachable(&url, &err);
-                if let (Error::Unavailable(message), address::Scheme::Http) =
-                    (&mut error, address.scheme())
-                {
-                    if !message.contains("refused") {
-                        message.push_str("; ");
-                        message.push_str(&weft_proto::tls::plaintext_hint(&address));
-                    }
+        let channel =
+            match tokio::time::timeout(CONNECT_TIMEOUT + Duration::from_secs(1), connect).await {
+                Err(_) => {
+                    return Err(Error::Unavailable(format!(
+                        "cannot reach coordinator at {url}: timed out"
+                    )));
                 }
-                return Err(error);
-            }
-            Ok(Ok(channel)) => channel,
-        };
+                Ok(Err(err)) => {
+                    let mut error = Error::unreachable(&url, &err);
+                    if let (Error::Unavailable(message), address::Scheme::Http) =
+                        (&mut error, address.scheme())
+                    {
+                        if !message.contains("refused") {
+                            message.push_str("; ");
+                            message.push_str(&weft_proto::tls::plaintext_hint(&address));
+                        }
+                    }
+                    return Err(error);
+                }
+                Ok(Ok(channel)) => channel,
+            };
         Ok(Client::from_channel(url, channel))
     }
 

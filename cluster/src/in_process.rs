@@ -58,9 +58,22 @@ impl LocalCluster {
         })
     }
 
-    /// `http://ADDR` of the coordinator.
+    /// `https://ADDR` of the coordinator (`http://` without TLS).
     pub fn url(&self) -> String {
         self.coordinator.url()
+    }
+
+    /// How clients and nodes trust this coordinator: its `ca.pem`
+    /// (`None` when it serves plaintext).
+    pub fn trust(&self) -> Option<weft_proto::tls::Trust> {
+        self.coordinator
+            .ca_file()
+            .map(weft_proto::tls::Trust::CaFile)
+    }
+
+    /// Where the coordinator's `ca.pem` is (`None` without TLS).
+    pub fn ca_file(&self) -> Option<std::path::PathBuf> {
+        self.coordinator.ca_file()
     }
 
     /// The coordinator's bound address.
@@ -71,7 +84,9 @@ impl LocalCluster {
     /// A node's settings pointed at this coordinator (the caller names it
     /// and sets slots, labels, timings).
     pub fn node_config(&self) -> NodeConfig {
-        NodeConfig::new(self.url())
+        let mut config = NodeConfig::new(self.url());
+        config.trust = self.trust();
+        config
     }
 
     /// Starts one more node (see [`start_node`]).

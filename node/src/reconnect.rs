@@ -80,7 +80,10 @@ pub(crate) async fn run(ctx: Arc<NodeCtx>, events: EventRx) -> Result<(), Error>
             return Err(err);
         }
     };
-    run_with(ctx, events, move || session::dial(url.clone(), connector.clone())).await
+    run_with(ctx, events, move || {
+        session::dial(url.clone(), connector.clone())
+    })
+    .await
 }
 
 /// [`run`] with the dialer as a parameter, so tests can time reconnects.

@@ -33,11 +33,19 @@ impl std::fmt::Display for CliOutput {
     }
 }
 
-/// Runs `weft ARGS` with `WEFT_COORDINATOR=url`, feeding `stdin` if given.
-/// Killed after 60 s so a hanging CLI fails its test instead of the suite.
+/// Runs `weft ARGS` with `WEFT_COORDINATOR=url` (and `WEFT_CA`, the CA
+/// registered for `url` in [`crate::trust`], if any), feeding `stdin` if
+/// given. Killed after 60 s so a hanging CLI fails its test instead of the
+/// suite.
 pub async fn run_weft(url: &str, args: &[&str], stdin: Option<&[u8]>) -> CliOutput {
     let mut cmd = Command::new(bin_path("weft"));
+    if let Some(weft_proto::tls::Trust::CaFile(ca)) = crate::trust::for_url(url) {
+        cmd.env("WEFT_CA", ca);
+    } else {
+        cmd.env_remove("WEFT_CA");
+    }
     cmd.args(args)
+        .env_remove("WEFT_CA_PIN")
         .env("WEFT_COORDINATOR", url)
         .env("NO_COLOR", "1")
         .env_remove("RUST_LOG")

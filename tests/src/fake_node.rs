@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Status, Streaming};
 
 use weft_proto::pb::coordinator_message::Body as FromCoordinator;
@@ -20,12 +20,11 @@ use weft_proto::pb::node_service_client::NodeServiceClient;
 use weft_proto::pb::node_task_event::Body as EventBody;
 use weft_proto::{Outcome, PROTOCOL_VERSION, TaskId, pb};
 
-/// A `Channel` to `url` (the generated clients have no `connect()`).
+/// A `Channel` to `url` (the generated clients have no `connect()`);
+/// over TLS with the cluster's CA for an `https://` cluster (see
+/// [`crate::trust`]).
 pub async fn channel(url: &str) -> Channel {
-    Endpoint::from_shared(url.to_owned())
-        .expect("a valid coordinator URL")
-        .connect_timeout(Duration::from_secs(3))
-        .connect()
+    crate::trust::try_channel(url)
         .await
         .unwrap_or_else(|e| panic!("connecting to {url}: {e}"))
 }

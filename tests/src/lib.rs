@@ -17,6 +17,8 @@
 //! - [`fake_node`]: a raw `NodeService` session for playing a misbehaving node.
 //! - [`cli`]: running the `weft` binary and capturing its output.
 //! - [`wait`]: `wait_until` and friends; process liveness checks.
+//! - [`trust`]: which CA each running test cluster's URL is trusted by,
+//!   so raw channels ([`fake_node::channel`]) dial its TLS like clients.
 //!
 //! The scenarios live in `tests/e2e/`, one file per concern.
 
@@ -24,6 +26,7 @@ pub mod cli;
 pub mod cluster;
 pub mod fake_node;
 pub mod process;
+pub mod trust;
 pub mod wait;
 
 pub use cli::CliOutput;

@@ -26,6 +26,8 @@ pub struct TestClusterBuilder {
     pub(super) max_queued: Option<usize>,
     pub(super) max_node_slots: Option<u32>,
     pub(super) log_filter: Option<String>,
+    pub(super) insecure: bool,
+    pub(super) cert_lifetime: Option<Duration>,
 }
 
 impl Default for TestClusterBuilder {
@@ -45,6 +47,8 @@ impl Default for TestClusterBuilder {
             max_queued: None,
             max_node_slots: None,
             log_filter: None,
+            insecure: false,
+            cert_lifetime: None,
         }
     }
 }
@@ -149,6 +153,20 @@ impl TestClusterBuilder {
     /// scenario that reads their log files.
     pub fn log_filter(mut self, filter: &str) -> Self {
         self.log_filter = Some(filter.to_owned());
+        self
+    }
+
+    /// Serves plaintext (`--insecure`) instead of TLS with the cluster CA,
+    /// the default; clients, nodes and the CLI then dial `http://`.
+    pub fn insecure(mut self) -> Self {
+        self.insecure = true;
+        self
+    }
+
+    /// Lifetime of the coordinator's serving certificates (rotated at 2/3
+    /// of it). Default: the coordinator's own (7 days).
+    pub fn cert_lifetime(mut self, lifetime: Duration) -> Self {
+        self.cert_lifetime = Some(lifetime);
         self
     }
 

@@ -9,6 +9,7 @@ use std::process::ExitStatus;
 use std::time::Duration;
 
 use weft_cluster::Error as ClusterError;
+use weft_coordinator::tls::TlsConfig;
 use weft_coordinator::{CoordinatorConfig, RunningCoordinator};
 use weft_node::{NodeConfig, RunningNode};
 use weft_proto::ExecPolicy;
@@ -31,6 +32,9 @@ pub(super) async fn start_coordinator(
 ) -> (Coordinator, SocketAddr) {
     let listen = listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
     let data_dir = settings.durable.then(|| dir.join("coordinator-data"));
+    // One CA per cluster, kept across coordinator restarts (so clients and
+    // nodes keep trusting it).
+    let pki_dir = dir.join("pki");
     if !settings.processes {
         crate::init_tracing();
         let listener = tokio::net::TcpListener::bind(listen)
@@ -42,6 +46,14 @@ pub(super) async fn start_coordinator(
             retry_backoff_base: Duration::from_millis(20),
             retry_backoff_max: Duration::from_millis(500),
             data_dir,
+            tls: (!settings.insecure).then(|| TlsConfig {
+                pki_dir: Some(pki_dir.clone()),
+                cert_lifetime: settings
+                    .cert_lifetime
+                    .unwrap_or(weft_coordinator::tls::DEFAULT_CERT_LIFETIME),
+                ..TlsConfig::default()
+            }),
+            insecure: settings.insecure,
             ..CoordinatorConfig::default()
         };
         let config = CoordinatorConfig {
@@ -82,6 +94,16 @@ pub(super) async fn start_coordinator(
     if let Some(n) = settings.max_node_slots {
         args.push("--max-node-slots".to_owned());
         args.push(n.to_string());
+    }
+    if settings.insecure {
+        args.push("--insecure".to_owned());
+    } else {
+        args.push("--pki-dir".to_owned());
+        args.push(pki_dir.display().to_string());
+        if let Some(lifetime) = settings.cert_lifetime {
+            args.push("--cert-lifetime".to_owned());
+            args.push(format!("{}ms", lifetime.as_millis()));
+        }
     }
     // The binary keeps a durable store (default `./weft-data`): each
     // cluster gets its own, so parallel tests never share one. Without
@@ -129,6 +151,7 @@ pub(super) enum Node {
 pub(super) fn start_node(
     settings: &TestClusterBuilder,
     url: &str,
+    ca_file: Option<&Path>,
     dir: &Path,
     name: &str,
     slots: u32,
@@ -148,6 +171,10 @@ pub(super) fn start_node(
             "--log-format".to_owned(),
             "text".to_owned(),
         ];
+        if let Some(ca) = ca_file {
+            args.push("--ca-file".to_owned());
+            args.push(ca.display().to_string());
+        }
         for (k, v) in &labels {
             args.push("--label".to_owned());
             args.push(format!("{k}={v}"));
@@ -168,6 +195,7 @@ pub(super) fn start_node(
         config.slots = slots;
         config.labels = labels;
         config.exec = exec;
+        config.trust = ca_file.map(|ca| weft_proto::tls::Trust::CaFile(ca.to_owned()));
         config.drain_grace = settings.drain_grace;
         config.reconnect_min = Duration::from_millis(20);
         config.reconnect_max = Duration::from_millis(500);

@@ -46,9 +46,17 @@ impl TestClusterBuilder {
             .tempdir()
             .expect("creating the cluster temp dir");
         let (coordinator, addr) = start_coordinator(&self, dir.path(), None, 0).await;
-        let url = format!("http://{addr}");
+        let (url, ca_file) = if self.insecure {
+            (format!("http://{addr}"), None)
+        } else {
+            let ca_file = dir.path().join("pki").join("ca.pem");
+            let url = format!("https://{addr}");
+            crate::trust::register(&url, ca_file.clone());
+            (url, Some(ca_file))
+        };
         let cluster = TestCluster {
             url,
+            ca_file,
             addr,
             restarts: AtomicUsize::new(0),
             dir: Some(dir),
@@ -80,6 +88,7 @@ pub struct Stopped {
 /// A running coordinator and its nodes. See the module docs.
 pub struct TestCluster {
     url: String,
+    ca_file: Option<PathBuf>,
     addr: SocketAddr,
     restarts: AtomicUsize,
     dir: Option<TempDir>,
@@ -97,9 +106,20 @@ impl TestCluster {
         TestClusterBuilder::default()
     }
 
-    /// The coordinator's URL, `http://127.0.0.1:PORT`.
+    /// The coordinator's URL, `https://127.0.0.1:PORT` (`http://` for an
+    /// [`insecure`](TestClusterBuilder::insecure) cluster).
     pub fn url(&self) -> String {
         self.url.clone()
+    }
+
+    /// The cluster CA's `ca.pem` (`None` for an insecure cluster).
+    pub fn ca_file(&self) -> Option<&Path> {
+        self.ca_file.as_deref()
+    }
+
+    /// How clients trust the coordinator (`None` for an insecure cluster).
+    pub fn trust(&self) -> Option<weft_client::Trust> {
+        self.ca_file.clone().map(weft_client::Trust::CaFile)
     }
 
     /// The cluster's temp dir: logs, pid files, markers of tests.
@@ -119,7 +139,7 @@ impl TestCluster {
     pub async fn client(&self) -> Client {
         self.client
             .get_or_init(|| async {
-                Client::connect(&self.url)
+                Client::connect_with(&self.url, self.trust().as_ref())
                     .await
                     .unwrap_or_else(|e| panic!("connecting a client to {}: {e}", self.url))
             })
@@ -459,6 +479,7 @@ impl TestCluster {
         let node = start_node(
             &self.settings,
             &self.url,
+            self.ca_file.as_deref(),
             self.dir(),
             &name,
             slots,
