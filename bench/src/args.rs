@@ -80,6 +80,14 @@ pub struct BenchArgs {
     /// Scale every count down for a smoke test (numbers are not comparable).
     #[arg(long)]
     pub quick: bool,
+    /// Run the bench's own cluster in plaintext (`--insecure`) instead of
+    /// TLS, the default: run both to see what TLS costs.
+    #[arg(long)]
+    pub insecure: bool,
+    /// How an external coordinator (`--coordinator`) is trusted: the CLI's
+    /// `--ca-file` / `--ca-pin`.
+    #[arg(skip)]
+    pub trust: Option<weft_proto::tls::Trust>,
     /// Run only these steps (comma-separated; default: all).
     #[arg(long, value_enum, value_delimiter = ',', value_name = "STEP,...")]
     pub only: Vec<Step>,

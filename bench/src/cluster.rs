@@ -7,6 +7,7 @@
 //! the bench drops the cluster and kills it.
 
 use std::time::Duration;
+use weft_proto::tls::Trust;
 
 use anyhow::Context;
 
@@ -33,14 +34,18 @@ pub struct ClusterPlan {
     pub log_filter: String,
     /// Whether the coordinator gets `--data-dir` (its durable store).
     pub durable: bool,
+    /// Plaintext (`--insecure`) instead of TLS with the cluster CA.
+    pub insecure: bool,
 }
 
 /// A coordinator (durable store under a temp dir) and its nodes, as real
 /// processes on loopback.
 #[derive(Debug)]
 pub struct Cluster {
-    /// `http://127.0.0.1:PORT`.
+    /// `https://127.0.0.1:PORT` (`http://` with `insecure`).
     pub url: String,
+    /// The cluster CA (`None` with `insecure`).
+    pub trust: Option<Trust>,
     /// The coordinator process.
     pub coordinator: ChildProcess,
     /// The node processes.
@@ -85,6 +90,13 @@ impl Cluster {
             // store; say explicitly that this run keeps nothing.
             args.push("--in-memory".to_owned());
         }
+        let pki_dir = dir.path().join("pki");
+        if plan.insecure {
+            args.push("--insecure".to_owned());
+        } else {
+            args.push("--pki-dir".to_owned());
+            args.push(pki_dir.display().to_string());
+        }
         let mut coordinator = Spawn::new(coordinator_bin, dir.path(), "coordinator")
             .args(args)
             .log_filter(&plan.log_filter)
@@ -93,10 +105,17 @@ impl Cluster {
             weft_cluster::wait_for_addr_file(&mut coordinator, &addr_file, ADDR_TIMEOUT, ADDR_POLL)
                 .await
                 .map_err(|err| explain(err, &coordinator))?;
-        let url = format!("http://{addr}");
+        let (url, trust) = if plan.insecure {
+            (format!("http://{addr}"), None)
+        } else {
+            (
+                format!("https://{addr}"),
+                Some(Trust::CaFile(pki_dir.join("ca.pem"))),
+            )
+        };
         let nodes = (1..=plan.nodes)
             .map(|i| {
-                let args = vec![
+                let mut args = vec![
                     "--coordinator".to_owned(),
                     url.clone(),
                     "--slots".to_owned(),
@@ -104,6 +123,10 @@ impl Cluster {
                     "--name".to_owned(),
                     format!("bench-{i}"),
                 ];
+                if let Some(Trust::CaFile(ca)) = &trust {
+                    args.push("--ca-file".to_owned());
+                    args.push(ca.display().to_string());
+                }
                 Spawn::new(&node_bin, dir.path(), &format!("node-{i}"))
                     .args(args)
                     .log_filter(&plan.log_filter)
@@ -113,6 +136,7 @@ impl Cluster {
             .collect::<anyhow::Result<Vec<_>>>()?;
         Ok(Cluster {
             url,
+            trust,
             coordinator,
             nodes,
             dir,

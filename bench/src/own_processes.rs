@@ -3,6 +3,7 @@
 //! thousand simulated idle nodes); and the waits they share with the run.
 
 use std::time::{Duration, Instant};
+use weft_proto::tls::Trust;
 
 use anyhow::Context;
 
@@ -27,7 +28,7 @@ pub async fn startup(
     for i in 0..runs.max(1) {
         let t0 = Instant::now();
         let mut cluster = Cluster::start(plan).await?;
-        let client = connect_retrying(&cluster.url).await?;
+        let client = connect_retrying(&cluster.url, cluster.trust.as_ref()).await?;
         let first = workload::noop_round_trip(&client, 7).await;
         let took = t0.elapsed();
         if let Err(err) = first {
@@ -54,7 +55,7 @@ pub async fn scale(base: &ClusterPlan, n: usize) -> anyhow::Result<Scale> {
         ..base.clone()
     };
     let mut cluster = Cluster::start(&plan).await?;
-    let client = connect_retrying(&cluster.url).await?;
+    let client = connect_retrying(&cluster.url, cluster.trust.as_ref()).await?;
     let pid = cluster
         .coordinator
         .pid()
@@ -103,14 +104,14 @@ pub async fn many_nodes(
         ..base.clone()
     };
     let cluster = Cluster::start(&plan).await?;
-    let client = connect_retrying(&cluster.url).await?;
+    let client = connect_retrying(&cluster.url, cluster.trust.as_ref()).await?;
     let pid = cluster
         .coordinator
         .pid()
         .context("the coordinator exited")?;
     let rss_before = procfs::rss_bytes(pid);
     let t0 = Instant::now();
-    let mut swarm = swarm::Swarm::connect(&cluster.url, n).await?;
+    let mut swarm = swarm::Swarm::connect(&cluster.url, n, cluster.trust.as_ref()).await?;
     wait_nodes_ready(&client, n, READY_TIMEOUT).await?;
     let connect_s = t0.elapsed().as_secs_f64();
     let rss_idle_start = procfs::rss_bytes(pid);
@@ -139,10 +140,10 @@ pub async fn many_nodes(
 }
 
 /// Connects, retrying for up to 30 s (a just-started coordinator).
-pub async fn connect_retrying(url: &str) -> anyhow::Result<Client> {
+pub async fn connect_retrying(url: &str, trust: Option<&Trust>) -> anyhow::Result<Client> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        match Client::connect(url).await {
+        match Client::connect_with(url, trust).await {
             Ok(client) => return Ok(client),
             Err(err) if Instant::now() < deadline && err.is_retryable() => {
                 tokio::time::sleep(Duration::from_millis(5)).await;

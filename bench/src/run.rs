@@ -48,6 +48,7 @@ pub async fn run(args: &BenchArgs, external: Option<String>) -> anyhow::Result<R
         slots: SLOTS,
         log_filter: args.child_log.clone(),
         durable: !args.memory_store,
+        insecure: args.insecure,
     };
 
     if steps.contains(&Step::Floor) {
@@ -83,10 +84,10 @@ pub async fn run(args: &BenchArgs, external: Option<String>) -> anyhow::Result<R
     }
     if steps.iter().any(|s| s.needs_cluster()) && client.is_none() {
         match &external {
-            Some(url) => client = Some(Client::connect(url).await?),
+            Some(url) => client = Some(Client::connect_with(url, args.trust.as_ref()).await?),
             None => {
                 let started = Cluster::start(&cluster_plan).await?;
-                client = Some(connect_retrying(&started.url).await?);
+                client = Some(connect_retrying(&started.url, started.trust.as_ref()).await?);
                 cluster = Some(started);
             }
         }

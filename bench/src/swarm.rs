@@ -32,15 +32,23 @@ pub struct Swarm {
 impl Swarm {
     /// Opens `n` node sessions against `url` and returns once every one got
     /// its `Registered`.
-    pub async fn connect(url: &str, n: usize) -> anyhow::Result<Swarm> {
+    pub async fn connect(
+        url: &str,
+        n: usize,
+        trust: Option<&weft_proto::tls::Trust>,
+    ) -> anyhow::Result<Swarm> {
+        let address = weft_proto::CoordinatorAddr::parse(url)?;
+        let (dial, connector) = weft_proto::tls::dial_plan(&address, trust)?;
         let mut channels = Vec::new();
         for _ in 0..n.div_ceil(STREAMS_PER_CHANNEL).max(1) {
-            let channel = Endpoint::from_shared(url.to_owned())?
+            let endpoint = Endpoint::from_shared(dial.clone())?
                 .tcp_nodelay(true)
-                .connect_timeout(Duration::from_secs(3))
-                .connect()
-                .await
-                .with_context(|| format!("connecting to {url}"))?;
+                .connect_timeout(Duration::from_secs(3));
+            let channel = match connector.clone() {
+                Some(connector) => endpoint.connect_with_connector(connector).await,
+                None => endpoint.connect().await,
+            }
+            .with_context(|| format!("connecting to {url}"))?;
             channels.push(channel);
         }
         let mut sessions = JoinSet::new();

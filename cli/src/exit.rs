@@ -82,9 +82,12 @@ pub fn for_error(err: &anyhow::Error) -> u8 {
     }
     match err.chain().find_map(|cause| cause.downcast_ref::<Error>()) {
         Some(Error::Unavailable(_)) => UNAVAILABLE,
-        Some(Error::InvalidArgument(_) | Error::InvalidAddress(_) | Error::InvalidUrl { .. }) => {
-            USAGE
-        }
+        Some(
+            Error::InvalidArgument(_)
+            | Error::InvalidAddress(_)
+            | Error::InvalidUrl { .. }
+            | Error::Tls(_),
+        ) => USAGE,
         Some(_) | None => FAILURE,
     }
 }

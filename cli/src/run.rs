@@ -30,7 +30,8 @@ async fn dispatch(args: Args) -> anyhow::Result<u8> {
             listen,
         } => local::run(listen, nodes, slots).await,
         Command::Demo { nodes, slots } => demo::run(nodes, slots).await,
-        Command::Bench(bench_args) => {
+        Command::Bench(mut bench_args) => {
+            bench_args.trust = trust;
             let external = args.coordinator_given.then_some(url);
             bench::run(bench_args, external, format).await
         }

@@ -152,7 +152,33 @@ impl Client {
                 }
                 Ok(Ok(channel)) => channel,
             };
-        Ok(Client::from_channel(url, channel))
+        let client = Client::from_channel(url, channel);
+        if address.scheme() == address::Scheme::Http {
+            client.probe_plaintext(&address).await?;
+        }
+        Ok(client)
+    }
+
+    /// A plaintext channel "connects" to a TLS coordinator too (HTTP/2
+    /// does not wait for the server's answer): one small call finds out,
+    /// so the error says to dial https rather than "h2 protocol error" at
+    /// the first real call. Only a broken connection counts; any answer
+    /// (even a refusal) means plaintext works.
+    async fn probe_plaintext(&self, address: &CoordinatorAddr) -> Result<(), Error> {
+        let mut admin = self.admin.clone();
+        let mut probe = tonic::Request::new(pb::ClusterInfoRequest {});
+        probe.set_timeout(CONNECT_TIMEOUT);
+        match tokio::time::timeout(CONNECT_TIMEOUT, admin.cluster_info(probe)).await {
+            Ok(Err(status)) if matches!(Error::from(status.clone()), Error::Unavailable(_)) => {
+                Err(Error::Unavailable(format!(
+                    "cannot reach coordinator at {}: {}; {}",
+                    self.url,
+                    status.message(),
+                    weft_proto::tls::plaintext_hint(address)
+                )))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Wraps an already made channel (custom TLS, interceptors, tests).

@@ -11,9 +11,19 @@ const FORMS: &str = "expected HOST:PORT or http(s)://HOST:PORT";
 /// `127.0.0.1:PORT`: the cluster's address without its scheme.
 fn bare(cluster: &TestCluster) -> String {
     let url = cluster.url();
-    url.strip_prefix("http://")
+    url.strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"))
         .map(str::to_owned)
         .unwrap_or_else(|| panic!("the harness's URL is {url}"))
+}
+
+/// The cluster's `ca.pem`, as an argument.
+fn ca_file(cluster: &TestCluster) -> String {
+    cluster
+        .ca_file()
+        .expect("a TLS cluster")
+        .display()
+        .to_string()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -26,13 +36,17 @@ async fn a_weft_node_given_host_and_port_without_a_scheme_registers_and_runs_a_t
         "bare",
         "--slots",
         "1",
+        "--ca-file",
+        &ca_file(&cluster),
     ]
     .map(str::to_owned)
     .to_vec();
     let node = spawn("weft-node", &args, cluster.dir(), "bare");
     let nodes = cluster.wait_for_nodes(1).await;
     assert_eq!(nodes[0].name, "bare");
-    let client = Client::connect(&bare(&cluster)).await.expect("client");
+    let client = Client::connect_with(&bare(&cluster), cluster.trust().as_ref())
+        .await
+        .expect("client");
     let id = client
         .submit(TaskSpec::exec(["echo", "hi"]))
         .await

@@ -85,9 +85,21 @@ async fn a_node_is_sent_at_most_its_slots_plus_a_prefetch_capped_at_the_limit() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_weft_node_with_more_slots_than_the_limit_exits_with_the_reason() {
     let cluster = TestCluster::builder().nodes(0).start().await;
-    let args: Vec<String> = ["--coordinator", &cluster.url(), "--slots", "5000"]
-        .map(str::to_owned)
-        .to_vec();
+    let ca = cluster
+        .ca_file()
+        .expect("a TLS cluster")
+        .display()
+        .to_string();
+    let args: Vec<String> = [
+        "--coordinator",
+        &cluster.url(),
+        "--slots",
+        "5000",
+        "--ca-file",
+        &ca,
+    ]
+    .map(str::to_owned)
+    .to_vec();
     let mut node = spawn("weft-node", &args, cluster.dir(), "huge");
     let status = tokio::time::timeout(default_timeout(), node.wait())
         .await
