@@ -169,7 +169,17 @@ impl Client {
         let mut probe = tonic::Request::new(pb::ClusterInfoRequest {});
         probe.set_timeout(CONNECT_TIMEOUT);
         match tokio::time::timeout(CONNECT_TIMEOUT, admin.cluster_info(probe)).await {
-            Ok(Err(status)) if matches!(Error::from(status.clone()), Error::Unavailable(_)) => {
+            // A broken HTTP/2 connection shows as one of these; a real
+            // answer (even a refusal) as any other code.
+            Ok(Err(status))
+                if matches!(
+                    status.code(),
+                    tonic::Code::Unavailable
+                        | tonic::Code::Cancelled
+                        | tonic::Code::Unknown
+                        | tonic::Code::Internal
+                ) =>
+            {
                 Err(Error::Unavailable(format!(
                     "cannot reach coordinator at {}: {}; {}",
                     self.url,

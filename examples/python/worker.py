@@ -101,7 +101,11 @@ def burn(data: bytes) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
-    parser.add_argument("--coordinator", default=os.environ.get("WEFT_COORDINATOR", "http://127.0.0.1:7070"))
+    parser.add_argument("--coordinator", default=os.environ.get("WEFT_COORDINATOR", "https://127.0.0.1:7070"))
+    parser.add_argument("--ca-file", default=os.environ.get("WEFT_CA"),
+                        help="the cluster CA's certificate (the coordinator's ca.pem)")
+    parser.add_argument("--ca-pin", default=os.environ.get("WEFT_CA_PIN"),
+                        help="the cluster CA's pin (sha256:HEX); alone it needs Python 3.13+")
     parser.add_argument("--slots", type=int, default=None)
     parser.add_argument("--name", default=None)
     parser.add_argument("--label", action="append", default=[], metavar="K=V")
@@ -120,6 +124,8 @@ def main() -> None:
         labels=dict(label.split("=", 1) for label in args.label),
         drain_grace=args.drain_grace,
         exec=args.exec,
+        ca_file=args.ca_file,
+        ca_pin=args.ca_pin,
     )
     for fn in (noop, echo, sleep, fail, countdown):
         worker.register(fn.__name__, fn, kind="asyncio")

@@ -179,12 +179,12 @@ def test_an_unreachable_coordinator_is_unavailable_within_seconds():
 def test_addresses_take_every_form_and_refuse_garbage_naming_the_forms():
     from weft._channel import DEFAULT_SCHEME, parse_target
 
-    assert DEFAULT_SCHEME == "http"
+    assert DEFAULT_SCHEME == "https"
     assert parse_target("http://10.0.0.5:7070") == ("10.0.0.5:7070", False)
     assert parse_target("https://weft.example.com:443") == ("weft.example.com:443", True)
-    assert parse_target("127.0.0.1:7070") == ("127.0.0.1:7070", False)
-    assert parse_target("localhost:7070") == ("localhost:7070", False)
-    assert parse_target("[::1]:7070") == ("[::1]:7070", False)
+    assert parse_target("127.0.0.1:7070") == ("127.0.0.1:7070", True)
+    assert parse_target("localhost:7070") == ("localhost:7070", True)
+    assert parse_target("[::1]:7070") == ("[::1]:7070", True)
     assert parse_target(" HTTP://node-1.lan:7070/ ") == ("node-1.lan:7070", False)
     for bad in ["", "x", "localhost", "http://localhost", "127.0.0.1:", ":7070", "127.0.0.1:0",
                 "127.0.0.1:65536", "127.0.0.1:70x", "::1:7070", "[::1]", "[nope]:7070",

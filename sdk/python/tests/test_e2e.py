@@ -34,8 +34,12 @@ class Cluster:
         self.weft_bin = require_binary("weft")
         self.node_bin = require_binary("weft-node")
         addr_file = tmp_path / "coordinator.addr"
+        # TLS, the default: the CA lives in the data dir, as on a real machine.
+        self.data_dir = tmp_path / "weft-data"
+        self.ca_file = str(self.data_dir / "ca.pem")
         self.coordinator = spawn(
             [str(coordinator), "--listen", "127.0.0.1:0", "--addr-file", str(addr_file),
+             "--data-dir", str(self.data_dir),
              "--heartbeat-interval", "500ms", "--heartbeat-timeout", "5s"],
             name="coordinator",
         )
@@ -45,17 +49,19 @@ class Cluster:
                 raise AssertionError(f"coordinator exited:\n{self.coordinator.output()}")
             return addr_file.exists() and addr_file.read_text().strip()
 
-        self.url = "http://" + poll(address, timeout=20, what="the coordinator's address file")
-        self.client = weft.Client(self.url)
+        self.url = "https://" + poll(address, timeout=20, what="the coordinator's address file")
+        self.client = weft.Client(self.url, ca_file=self.ca_file)
 
     def rust_node(self, name: str = "rust", slots: int = 2, labels=("lang=rust",)):
-        argv = [str(self.node_bin), "--coordinator", self.url, "--slots", str(slots), "--name", name]
+        argv = [str(self.node_bin), "--coordinator", self.url, "--ca-file", self.ca_file, "--slots", str(slots),
+                "--name", name]
         for label in labels:
             argv += ["--label", label]
         return self._spawn(argv, name=name)
 
     def python_worker(self, name: str = "py", slots: int = 2, labels=("lang=py",), url: str = None, exec: Optional[str] = None):
-        argv = [sys.executable, str(EXAMPLES_DIR / "worker.py"), "--coordinator", url or self.url, "--slots", str(slots), "--name", name]
+        argv = [sys.executable, str(EXAMPLES_DIR / "worker.py"), "--coordinator", url or self.url, "--ca-file", self.ca_file,
+                "--slots", str(slots), "--name", name]
         if exec is not None:
             argv += ["--exec", exec]
         for label in labels:
@@ -71,7 +77,7 @@ class Cluster:
 
     def weft(self, *args: str, timeout: float = 60, input: bytes = None) -> subprocess.CompletedProcess:
         return subprocess.run(
-            [str(self.weft_bin), "--coordinator", self.url, *args],
+            [str(self.weft_bin), "--coordinator", self.url, "--ca-file", self.ca_file, *args],
             capture_output=True, timeout=timeout, input=input, cwd=self._tmp,
         )
 
@@ -110,14 +116,14 @@ def test_a_python_worker_and_a_rust_node_serve_one_coordinator(cluster):
 
 
 def test_a_python_client_and_worker_take_host_and_port_without_a_scheme(cluster):
-    bare = cluster.url[len("http://"):]
+    bare = cluster.url[len("https://"):]
     cluster.python_worker("bare", url=bare)
     cluster.wait_nodes("bare")
-    with weft.Client(bare) as client:
+    with weft.Client(bare, ca_file=cluster.ca_file) as client:
         assert json.loads(client.call("wordcount", b"a b a", wait_timeout=30)) == {"words": 3, "distinct": 2}
 
     async def via_aio():
-        async with weft.aio.Client(bare) as client:
+        async with weft.aio.Client(bare, ca_file=cluster.ca_file) as client:
             return [n.name for n in await client.nodes()]
 
     assert asyncio.run(via_aio()) == ["bare"]
@@ -221,7 +227,7 @@ def test_the_asyncio_client_streams_events_and_errors_are_typed(cluster):
     cluster.wait_nodes("rust")
 
     async def scenario():
-        async with weft.aio.Client(cluster.url) as client:
+        async with weft.aio.Client(cluster.url, ca_file=cluster.ca_file) as client:
             task_id = await client.submit_exec(["sh", "-c", "echo one; echo two >&2"])
             events = [event async for event in client.watch(task_id)]
             assert [e.seq for e in events] == list(range(len(events)))
@@ -257,11 +263,12 @@ def test_draining_a_python_worker_through_the_admin_api_stops_it(cluster):
 def test_a_python_worker_reconnects_after_a_coordinator_restart(cluster, spawn, tmp_path):
     cluster.python_worker("py")
     cluster.wait_nodes("py")
-    address = cluster.url[len("http://"):]
+    address = cluster.url[len("https://"):]
     cluster.coordinator.kill()
-    # Same address, fresh (in-memory) coordinator.
+    # Same address, fresh (in-memory) coordinator with the same CA.
     coordinator = require_binary("weft-coordinator")
-    spawn([str(coordinator), "--listen", address, "--heartbeat-interval", "500ms"], name="coordinator-again")
+    spawn([str(coordinator), "--listen", address, "--in-memory", "--pki-dir", str(cluster.data_dir),
+           "--heartbeat-interval", "500ms"], name="coordinator-again")
     nodes = poll(lambda: _nodes_or_none(cluster.client), timeout=30, what="the worker to re-register")
     assert [n.name for n in nodes] == ["py"]
     assert cluster.client.call("sha256", b"", wait_timeout=30).startswith(b"e3b0c442")
@@ -311,7 +318,8 @@ def test_a_secret_reaches_the_process_and_a_python_handler_but_no_answer(cluster
     from weft.testing import new_ulid
 
     cluster.rust_node("rust")
-    worker = weft.Worker(cluster.url, slots=2, name="py-secret", labels={"lang": "py-secret"})
+    worker = weft.Worker(cluster.url, slots=2, name="py-secret", labels={"lang": "py-secret"},
+                         ca_file=cluster.ca_file)
 
     @worker.handler(kind="thread")
     def secret_upper(data: bytes, ctx: weft.Context) -> str:
@@ -338,3 +346,43 @@ def test_a_secret_reaches_the_process_and_a_python_handler_but_no_answer(cluster
         assert shown.returncode == 0 and secret.encode() not in shown.stdout
     finally:
         running.stop()
+
+
+def test_tls_the_client_trusts_the_cluster_ca_and_refuses_others(cluster, tmp_path, monkeypatch):
+    from weft._channel import ca_pin
+
+    cluster.rust_node("rust")
+    cluster.wait_nodes("rust")
+    # $WEFT_CA is the default CA file.
+    monkeypatch.setenv("WEFT_CA", cluster.ca_file)
+    with weft.Client(cluster.url) as client:
+        assert [n.name for n in client.nodes()] == ["rust"]
+    monkeypatch.delenv("WEFT_CA")
+    # A pin that matches the file is accepted; one that does not is refused.
+    with open(cluster.ca_file, "rb") as f:
+        import ssl
+        der = ssl.PEM_cert_to_DER_cert(f.read().decode())
+    with weft.Client(cluster.url, ca_file=cluster.ca_file, ca_pin=ca_pin(der)) as client:
+        assert len(client.nodes()) == 1
+    with pytest.raises(ValueError, match="does not match the CA pin"):
+        weft.Client(cluster.url, ca_file=cluster.ca_file, ca_pin="sha256:" + "0" * 64)
+    # No CA at all: says what to pass.
+    with pytest.raises(ValueError, match="ca_file= / WEFT_CA"):
+        weft.Client(cluster.url)
+    # Another cluster's CA: the call fails, never reaching the coordinator.
+    other = tmp_path / "other-data"
+    spawn_other = [str(require_binary("weft-coordinator")), "--listen", "127.0.0.1:0", "--addr-file",
+                   str(tmp_path / "other.addr"), "--data-dir", str(other)]
+    proc = subprocess.Popen(spawn_other, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        poll(lambda: (other / "ca.pem").exists(), timeout=20, what="another CA")
+        with weft.Client(cluster.url, ca_file=str(other / "ca.pem")) as client:
+            with pytest.raises(weft.Unavailable):
+                client.nodes()
+    finally:
+        proc.kill()
+        proc.wait()
+    # A plaintext client against the TLS coordinator fails too.
+    with weft.Client("http://" + cluster.url[len("https://"):]) as client:
+        with pytest.raises(weft.WeftError):
+            client.nodes()

@@ -8,20 +8,23 @@ same forms and refuse the same garbage with the same message.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import os
 import re
-from typing import Tuple
+import socket
+import ssl
+from typing import Optional, Tuple
 
 import grpc
 
 #: Where clients and workers look when given no URL.
-DEFAULT_COORDINATOR = "http://127.0.0.1:7070"
+DEFAULT_COORDINATOR = "https://127.0.0.1:7070"
 
-#: The scheme of an address written without one. ``http`` while the
-#: coordinator serves plaintext; when TLS becomes the default this turns to
-#: ``https`` (together with ``DEFAULT_SCHEME`` in ``proto/src/address.rs``).
-DEFAULT_SCHEME = "http"
+#: The scheme of an address written without one: ``https``, as
+#: ``DEFAULT_SCHEME`` in ``proto/src/address.rs`` (the coordinator serves
+#: TLS by default; ``http://`` reaches one started with ``--insecure``).
+DEFAULT_SCHEME = "https"
 
 _HOST_NAME = re.compile(r"[A-Za-z0-9._-]+\Z")
 _PORT = re.compile(r"[0-9]+\Z")
@@ -88,17 +91,97 @@ def parse_target(url: str) -> Tuple[str, bool]:
     return f"{host}:{port}", scheme == "https"
 
 
-def sync_channel(url: str | None) -> grpc.Channel:
-    """A blocking-API channel to the coordinator at ``url``."""
+def ca_pin(der: bytes) -> str:
+    """The pin of a CA certificate: ``sha256:`` + the hex SHA-256 of its
+    DER (what the coordinator logs and ``weft --ca-pin`` takes)."""
+    return "sha256:" + hashlib.sha256(der).hexdigest()
+
+
+def _pin_digest(pin: str) -> str:
+    text = pin.strip()
+    if not text.lower().startswith("sha256:"):
+        raise ValueError(f"invalid CA pin '{pin}': expected sha256: followed by 64 hex digits")
+    digest = text[len("sha256:"):].lower()
+    if not re.fullmatch(r"[0-9a-f]{64}", digest):
+        raise ValueError(f"invalid CA pin '{pin}': expected sha256: followed by 64 hex digits")
+    return digest
+
+
+def _pem_certificates(pem: bytes):
+    """The DER of each certificate in a PEM bundle."""
+    text = pem.decode("ascii", "replace")
+    return [ssl.PEM_cert_to_DER_cert(block + "-----END CERTIFICATE-----\n")
+            for block in re.findall(r"-----BEGIN CERTIFICATE-----.*?(?=-----END CERTIFICATE-----)", text, re.S)]
+
+
+def _fetch_pinned_ca(target: str, digest: str) -> bytes:
+    """The coordinator's chain as it sends it (leaf, then CA), unverified;
+    the PEM of the certificate whose SHA-256 is ``digest``, which then
+    becomes the only trusted root (so gRPC's usual check runs against it).
+    Needs Python 3.13+ (``get_unverified_chain``)."""
+    host, _, port = target.rpartition(":")
+    host = host.strip("[]")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        with context.wrap_socket(sock, server_hostname=host) as tls:
+            chain = [bytes(cert) for cert in tls.get_unverified_chain()]
+    for der in chain:
+        if hashlib.sha256(der).hexdigest() == digest:
+            return ssl.DER_cert_to_PEM_cert(der).encode()
+    raise ValueError(f"the coordinator's certificate chain does not match the CA pin sha256:{digest}: "
+                     "pass the pin the coordinator printed, or its ca.pem (ca_file= / WEFT_CA)")
+
+
+def root_certificates(target: str, ca_file: Optional[str], ca_pin: Optional[str]) -> bytes:
+    """The PEM of the CA to trust for ``target``.
+
+    ``ca_file`` (else ``$WEFT_CA``): the cluster's ``ca.pem``. ``ca_pin``
+    (else ``$WEFT_CA_PIN``): with a file, the file must match the pin;
+    without one, the CA is taken from the chain the coordinator sends, if
+    a certificate in it matches the pin (Python 3.13+; older Pythons need
+    the file). Raises ValueError when neither is given or they disagree.
+    """
+    ca_file = ca_file or os.environ.get("WEFT_CA") or None
+    ca_pin = ca_pin or os.environ.get("WEFT_CA_PIN") or None
+    digest = _pin_digest(ca_pin) if ca_pin else None
+    if ca_file:
+        with open(ca_file, "rb") as f:
+            pem = f.read()
+        ders = _pem_certificates(pem)
+        if not ders:
+            raise ValueError(f"the CA file {ca_file} holds no PEM certificate (expected the cluster's ca.pem)")
+        if digest and not any(hashlib.sha256(d).hexdigest() == digest for d in ders):
+            raise ValueError(f"the CA file {ca_file} does not match the CA pin {ca_pin}")
+        return pem
+    if digest:
+        if not hasattr(ssl.SSLSocket, "get_unverified_chain"):
+            raise ValueError("ca_pin alone needs Python 3.13 or later: pass the cluster's ca.pem "
+                             "(ca_file= / WEFT_CA), with or without the pin")
+        return _fetch_pinned_ca(target, digest)
+    raise ValueError(f"the coordinator at https://{target} serves TLS: pass the cluster's ca.pem "
+                     "(ca_file= / WEFT_CA) or its pin (ca_pin= / WEFT_CA_PIN); for a coordinator "
+                     "started with --insecure, use http://HOST:PORT")
+
+
+def _credentials(target: str, ca_file: Optional[str], ca_pin: Optional[str]) -> grpc.ChannelCredentials:
+    return grpc.ssl_channel_credentials(root_certificates=root_certificates(target, ca_file, ca_pin))
+
+
+def sync_channel(url: str | None, ca_file: Optional[str] = None, ca_pin: Optional[str] = None) -> grpc.Channel:
+    """A blocking-API channel to the coordinator at ``url``: TLS trusting
+    the cluster CA for ``https://`` and bare ``HOST:PORT`` (see
+    :func:`root_certificates`), plaintext for ``http://``."""
     target, secure = parse_target(coordinator_url(url))
     if secure:
-        return grpc.secure_channel(target, grpc.ssl_channel_credentials(), options=_OPTIONS)
+        return grpc.secure_channel(target, _credentials(target, ca_file, ca_pin), options=_OPTIONS)
     return grpc.insecure_channel(target, options=_OPTIONS)
 
 
-def aio_channel(url: str | None) -> grpc.aio.Channel:
-    """An asyncio-API channel to the coordinator at ``url``."""
+def aio_channel(url: str | None, ca_file: Optional[str] = None, ca_pin: Optional[str] = None) -> grpc.aio.Channel:
+    """An asyncio-API channel to the coordinator at ``url`` (as :func:`sync_channel`)."""
     target, secure = parse_target(coordinator_url(url))
     if secure:
-        return grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(), options=_OPTIONS)
+        return grpc.aio.secure_channel(target, _credentials(target, ca_file, ca_pin), options=_OPTIONS)
     return grpc.aio.insecure_channel(target, options=_OPTIONS)

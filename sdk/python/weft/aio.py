@@ -37,8 +37,9 @@ from .models import (
 class Client:
     """An asyncio connection to a coordinator (see :class:`weft.Client`)."""
 
-    def __init__(self, url: Optional[str] = None, *, channel: Optional[grpc.aio.Channel] = None):
-        self._channel = channel or aio_channel(url)
+    def __init__(self, url: Optional[str] = None, *, channel: Optional[grpc.aio.Channel] = None,
+                 ca_file: Optional[str] = None, ca_pin: Optional[str] = None):
+        self._channel = channel or aio_channel(url, ca_file=ca_file, ca_pin=ca_pin)
         self._tasks = task_pb2_grpc.TaskServiceStub(self._channel)
         self._admin = admin_pb2_grpc.AdminServiceStub(self._channel)
 

@@ -56,13 +56,20 @@ def _remaining(deadline: Optional[float]) -> Optional[float]:
 class Client:
     """A connection to a coordinator's TaskService and AdminService.
 
-    ``url`` is like ``http://127.0.0.1:7070`` (default: ``$WEFT_COORDINATOR``,
-    else that). The channel connects lazily; a call to an unreachable
-    coordinator raises :class:`weft.Unavailable` within a few seconds.
+    ``url`` is like ``127.0.0.1:7070`` or ``https://127.0.0.1:7070`` (TLS,
+    the default) or ``http://127.0.0.1:7070`` (a coordinator started with
+    ``--insecure``); default ``$WEFT_COORDINATOR``, else
+    ``https://127.0.0.1:7070``. Over TLS the coordinator is trusted by
+    ``ca_file`` (the cluster's ``ca.pem``; default ``$WEFT_CA``) or
+    ``ca_pin`` (``sha256:HEX``; default ``$WEFT_CA_PIN``; alone it needs
+    Python 3.13+, with a file it checks the file). The channel connects
+    lazily; a call to an unreachable coordinator raises
+    :class:`weft.Unavailable` within a few seconds.
     """
 
-    def __init__(self, url: Optional[str] = None, *, channel: Optional[grpc.Channel] = None):
-        self._channel = channel or sync_channel(url)
+    def __init__(self, url: Optional[str] = None, *, channel: Optional[grpc.Channel] = None,
+                 ca_file: Optional[str] = None, ca_pin: Optional[str] = None):
+        self._channel = channel or sync_channel(url, ca_file=ca_file, ca_pin=ca_pin)
         self._tasks = task_pb2_grpc.TaskServiceStub(self._channel)
         self._admin = admin_pb2_grpc.AdminServiceStub(self._channel)
 

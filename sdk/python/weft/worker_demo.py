@@ -103,6 +103,8 @@ def build_worker(args: argparse.Namespace) -> Worker:
         name=args.name,
         drain_grace=args.drain_grace,
         exec=policy,
+        ca_file=args.ca_file,
+        ca_pin=args.ca_pin,
     )
     worker.register("noop", noop, "asyncio")
     worker.register("echo", echo, "asyncio")
@@ -119,7 +121,11 @@ def build_worker(args: argparse.Namespace) -> Worker:
 def parser(prog: str = "python -m weft.worker_demo") -> argparse.ArgumentParser:
     """The weft-node-compatible command line."""
     p = argparse.ArgumentParser(prog=prog, description="A Weft worker written in Python.")
-    p.add_argument("--coordinator", default=os.environ.get("WEFT_COORDINATOR", "http://127.0.0.1:7070"))
+    p.add_argument("--coordinator", default=os.environ.get("WEFT_COORDINATOR", "https://127.0.0.1:7070"))
+    p.add_argument("--ca-file", default=os.environ.get("WEFT_CA"),
+                   help="the cluster CA's certificate (the coordinator's ca.pem)")
+    p.add_argument("--ca-pin", default=os.environ.get("WEFT_CA_PIN"),
+                   help="the cluster CA's pin (sha256:HEX); alone it needs Python 3.13+")
     p.add_argument("--slots", type=int, default=None, help="slots offered (default: number of CPUs)")
     p.add_argument("--name", default=None, help="node name (default: host-pyPID)")
     p.add_argument("--label", action="append", metavar="K=V", help="a label tasks can require (repeatable)")

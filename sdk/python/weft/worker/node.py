@@ -40,9 +40,12 @@ class Worker:
     """A node that serves registered Python functions (and, when allowed,
     exec tasks).
 
-    ``coordinator``: address like ``http://127.0.0.1:7070`` or
-    ``127.0.0.1:7070`` (default ``$WEFT_COORDINATOR``); a malformed one is a
-    ValueError here, not a retry loop later. ``slots``: how many slots of work it takes at
+    ``coordinator``: address like ``127.0.0.1:7070`` or
+    ``https://127.0.0.1:7070`` (TLS, the default) or ``http://...`` (a
+    coordinator started with ``--insecure``); default ``$WEFT_COORDINATOR``;
+    a malformed one is a ValueError here, not a retry loop later.
+    ``ca_file`` / ``ca_pin``: how the coordinator's certificate is trusted,
+    as for :class:`weft.Client` (defaults ``$WEFT_CA`` / ``$WEFT_CA_PIN``). ``slots``: how many slots of work it takes at
     once (default: number of CPUs). ``labels``: key=value pairs tasks can
     require. ``process_workers``: size of the process pool (default: slots).
     ``drain_grace``: how long running attempts may finish when draining on a
@@ -69,9 +72,13 @@ class Worker:
         process_workers: Optional[int] = None,
         thread_workers: Optional[int] = None,
         exec: ExecSetting = "deny",
+        ca_file: Optional[str] = None,
+        ca_pin: Optional[str] = None,
     ):
         self.coordinator = coordinator_url(coordinator)
         parse_address(self.coordinator)
+        self.ca_file = ca_file
+        self.ca_pin = ca_pin
         self._slots = Slots(int(slots if slots is not None else (os.cpu_count() or 1)))
         if self.slots < 1:
             raise ValueError("slots must be at least 1")

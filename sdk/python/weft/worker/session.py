@@ -114,7 +114,7 @@ class Sessions:
             exec_allow=exec_allow,
         )
         log.info("connecting to %s as %s (%d running)", worker.coordinator, worker.name, len(running))
-        channel = aio_channel(worker.coordinator)
+        channel = aio_channel(worker.coordinator, ca_file=worker.ca_file, ca_pin=worker.ca_pin)
         self.current = session
         outbox.attached = True
         heartbeat: Optional[asyncio.Task] = None
