@@ -65,7 +65,9 @@ def fake():
 def connect(fake: FakeCoordinator, spawn, impl: str, slots: int = SLOTS, exec: str = "allow") -> Conn:
     """Starts the worker (with exec tasks allowed unless ``exec="deny"``), takes
     its Register, answers Registered, waits for its credits."""
-    proc = spawn(WORKERS[impl](fake.url, "conf", slots, exec), name=impl)
+    # Over TLS, as against a real coordinator: the worker gets the CA by
+    # WEFT_CA, which weft-node and the Python workers all read.
+    proc = spawn(WORKERS[impl](fake.url, "conf", slots, exec), name=impl, env={"WEFT_CA": fake.ca_file or ""})
     session = fake.accept(timeout=20)
     first = session.recv(timeout=10, skip_heartbeats=False)
     assert first is not None, "worker closed the stream without a message"

@@ -56,7 +56,8 @@ def run_worker(fake):
     running = []
 
     def start(slots: int = 2, setup=None) -> tuple:
-        worker = weft.Worker(fake.url, slots=slots, name="unit", labels={"lang": "py"}, process_workers=slots)
+        worker = weft.Worker(fake.url, slots=slots, name="unit", labels={"lang": "py"}, process_workers=slots,
+                             ca_file=fake.ca_file)
         if setup:
             setup(worker)
         rw = RunningWorker(worker)
@@ -358,7 +359,7 @@ async def handlers_sleep(data):
 
 
 def test_coordinator_silence_past_heartbeat_timeout_makes_the_worker_reconnect(fake):
-    worker = weft.Worker(fake.url, slots=1, name="silent")
+    worker = weft.Worker(fake.url, slots=1, name="silent", ca_file=fake.ca_file)
     rw = RunningWorker(worker)
     try:
         session = fake.accept()

@@ -270,22 +270,96 @@ class _Servicer(node_pb2_grpc.NodeServiceServicer):
             yield item
 
 
-class FakeCoordinator:
-    """A NodeService server on 127.0.0.1:0 whose sessions the test drives."""
+def make_test_pki(directory: str) -> Tuple[str, bytes, bytes]:
+    """A throw-away CA and a serving certificate for 127.0.0.1/localhost,
+    as a real coordinator makes them (ECDSA P-256): writes ``ca.pem`` in
+    ``directory`` and answers ``(ca_file, key_pem, chain_pem)``. Needs the
+    ``cryptography`` package (a test extra)."""
+    import datetime
+    import ipaddress
 
-    def __init__(self) -> None:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Weft test CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                     content_commitment=False, key_encipherment=False, data_encipherment=False,
+                                     key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    leaf = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "weft-fake-coordinator")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([
+            x509.DNSName("localhost"),
+            x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+            x509.IPAddress(ipaddress.ip_address("::1")),
+        ]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    ca_pem = ca.public_bytes(serialization.Encoding.PEM)
+    ca_file = os.path.join(directory, "ca.pem")
+    with open(ca_file, "wb") as f:
+        f.write(ca_pem)
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    return ca_file, key_pem, leaf.public_bytes(serialization.Encoding.PEM) + ca_pem
+
+
+class FakeCoordinator:
+    """A NodeService server on 127.0.0.1:0 whose sessions the test drives.
+
+    It serves TLS like a real coordinator (``tls=True``, the default), with
+    a throw-away CA whose ``ca.pem`` is :attr:`ca_file`: give workers that
+    (``--ca-file``, or ``WEFT_CA`` in their environment). ``tls=False``
+    serves plaintext (``http://``).
+    """
+
+    def __init__(self, tls: bool = True) -> None:
+        import tempfile
+
         self.ledger = Ledger()
         self._slots_of: Dict[Tuple[str, int], int] = {}
         self._sessions: "queue.Queue[FakeSession]" = queue.Queue()
         self.all_sessions: List[FakeSession] = []
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
         node_pb2_grpc.add_NodeServiceServicer_to_server(_Servicer(self), self._server)
-        self.port = self._server.add_insecure_port("127.0.0.1:0")
+        self._pki = tempfile.TemporaryDirectory(prefix="weft-fake-pki-") if tls else None
+        self.ca_file: Optional[str] = None
+        if self._pki is not None:
+            self.ca_file, key_pem, chain_pem = make_test_pki(self._pki.name)
+            credentials = grpc.ssl_server_credentials([(key_pem, chain_pem)])
+            self.port = self._server.add_secure_port("127.0.0.1:0", credentials)
+        else:
+            self.port = self._server.add_insecure_port("127.0.0.1:0")
         self._server.start()
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        scheme = "https" if self.ca_file else "http"
+        return f"{scheme}://127.0.0.1:{self.port}"
 
     def accept(self, timeout: float = 10.0) -> FakeSession:
         """The next Connect stream (AssertionError if none arrives in time)."""
@@ -298,6 +372,8 @@ class FakeCoordinator:
         for session in self.all_sessions:
             session.close()
         self._server.stop(grace=0.5).wait(2)
+        if self._pki is not None:
+            self._pki.cleanup()
 
     def __enter__(self) -> "FakeCoordinator":
         return self
