@@ -142,11 +142,10 @@ impl Client {
                     let mut error = Error::unreachable(&url, &err);
                     if let (Error::Unavailable(message), address::Scheme::Http) =
                         (&mut error, address.scheme())
+                        && !message.contains("refused")
                     {
-                        if !message.contains("refused") {
-                            message.push_str("; ");
-                            message.push_str(&weft_proto::tls::plaintext_hint(&address));
-                        }
+                        message.push_str("; ");
+                        message.push_str(&weft_proto::tls::plaintext_hint(&address));
                     }
                     return Err(error);
                 }

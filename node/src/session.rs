@@ -148,11 +148,12 @@ pub(crate) async fn dial(
             cause = next;
         }
         let mut reason = cause.to_string();
-        if plaintext && !reason.contains("refused") {
-            if let Ok(address) = weft_proto::CoordinatorAddr::parse(&url) {
-                reason.push_str("; ");
-                reason.push_str(&weft_proto::tls::plaintext_hint(&address));
-            }
+        if plaintext
+            && !reason.contains("refused")
+            && let Ok(address) = weft_proto::CoordinatorAddr::parse(&url)
+        {
+            reason.push_str("; ");
+            reason.push_str(&weft_proto::tls::plaintext_hint(&address));
         }
         Error::Connect {
             url,

@@ -146,12 +146,12 @@ pub(super) enum Node {
     Process(Box<ChildProcess>),
 }
 
-/// Starts node `name` with `slots`, `labels` and `exec`, pointed at `url`: the
+/// Starts node `name` with `slots`, `labels` and `exec`, pointed at `url`
+/// (trusting `ca_file`, the cluster CA, when it serves TLS): the
 /// `weft-node` binary logging into `dir`, or the library in this process.
 pub(super) fn start_node(
     settings: &TestClusterBuilder,
-    url: &str,
-    ca_file: Option<&Path>,
+    (url, ca_file): (&str, Option<&Path>),
     dir: &Path,
     name: &str,
     slots: u32,

@@ -478,8 +478,7 @@ impl TestCluster {
         let name = format!("node-{}", self.next_node.fetch_add(1, Ordering::SeqCst));
         let node = start_node(
             &self.settings,
-            &self.url,
-            self.ca_file.as_deref(),
+            (&self.url, self.ca_file.as_deref()),
             self.dir(),
             &name,
             slots,
