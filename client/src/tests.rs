@@ -266,7 +266,15 @@ async fn a_bare_host_and_port_connects_and_garbage_is_an_invalid_address() {
             .add_service(TaskServiceServer::new(Scripted::default()))
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
-    let client = Client::connect(&addr.to_string()).await.unwrap();
+    // No scheme means https: without a CA that is a clear error, and an
+    // explicit http:// reaches this plaintext server.
+    let err = Client::connect(&addr.to_string()).await.unwrap_err();
+    assert!(matches!(err, Error::Tls(_)), "{err:?}");
+    assert!(
+        err.to_string().contains(&format!("https://{addr} serves TLS")),
+        "{err}"
+    );
+    let client = Client::connect(&format!("http://{addr}")).await.unwrap();
     assert_eq!(client.url(), format!("http://{addr}"));
 
     let err = Client::connect("not an address").await.unwrap_err();
