@@ -339,10 +339,10 @@ mod tests {
         let bare = Args::try_parse_from(["weft-node", "--coordinator", "127.0.0.1:7171"]).unwrap();
         assert_eq!(
             NodeConfig::try_from(bare).unwrap().coordinator,
-            "http://127.0.0.1:7171"
+            "https://127.0.0.1:7171"
         );
         let v6 = Args::try_parse_from(["weft-node", "--coordinator", "[::1]:7171"]).unwrap();
-        assert_eq!(v6.coordinator, "http://[::1]:7171");
+        assert_eq!(v6.coordinator, "https://[::1]:7171");
         let err = Args::try_parse_from(["weft-node", "--coordinator", "x"]).unwrap_err();
         assert!(
             err.to_string().contains(
@@ -351,6 +351,26 @@ mod tests {
             "{err}"
         );
         assert_eq!(err.exit_code(), 2);
+    }
+
+    #[test]
+    fn the_ca_comes_from_a_file_or_a_pin_and_a_bad_pin_is_a_usage_error() {
+        let file = Args::try_parse_from(["weft-node", "--ca-file", "/x/ca.pem"]).unwrap();
+        assert_eq!(
+            NodeConfig::try_from(file).unwrap().trust,
+            Some(Trust::CaFile("/x/ca.pem".into()))
+        );
+        let pin = format!("sha256:{}", "ab".repeat(32));
+        let pinned = Args::try_parse_from(["weft-node", "--ca-pin", &pin]).unwrap();
+        assert_eq!(
+            NodeConfig::try_from(pinned).unwrap().trust,
+            Some(Trust::pin(&pin).unwrap())
+        );
+        let err = Args::try_parse_from(["weft-node", "--ca-pin", "sha256:xyz"]).unwrap_err();
+        assert!(err.to_string().contains("expected sha256:"), "{err}");
+        assert_eq!(err.exit_code(), 2);
+        let both = Args::try_parse_from(["weft-node", "--ca-file", "f", "--ca-pin", &pin]);
+        assert!(both.is_err());
     }
 
     #[test]
@@ -365,7 +385,7 @@ mod tests {
         Args::command().debug_assert();
         let help = Args::command().render_long_help().to_string();
         assert!(
-            help.contains("SIGTERM") && help.contains("http://127.0.0.1:7070"),
+            help.contains("SIGTERM") && help.contains("https://127.0.0.1:7070"),
             "{help}"
         );
         assert!(
