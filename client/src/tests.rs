@@ -271,7 +271,8 @@ async fn a_bare_host_and_port_connects_and_garbage_is_an_invalid_address() {
     let err = Client::connect(&addr.to_string()).await.unwrap_err();
     assert!(matches!(err, Error::Tls(_)), "{err:?}");
     assert!(
-        err.to_string().contains(&format!("https://{addr} serves TLS")),
+        err.to_string()
+            .contains(&format!("https://{addr} serves TLS")),
         "{err}"
     );
     let client = Client::connect(&format!("http://{addr}")).await.unwrap();

@@ -16,7 +16,7 @@ use futures::StreamExt;
 use nix::sys::signal::Signal;
 use tempfile::TempDir;
 
-use weft_client::{Client, ClusterInfo, EventBody, NodeInfo, Task, TaskSpec};
+use weft_client::{Client, ClusterInfo, EventBody, NodeInfo, Task, TaskSpec, Trust};
 use weft_proto::{Attempt, TaskId, TaskState};
 use weft_tests::process::{ChildProcess, Spawn, bin_path, source_of};
 use weft_tests::wait::wait_for;
@@ -97,6 +97,11 @@ impl LabCluster {
             "--shutdown-grace".to_owned(),
             "1s".to_owned(),
         ];
+        // TLS, as by default; the CA outlives coordinator restarts.
+        let ca_file = dir.path().join("pki").join("ca.pem");
+        coordinator_args.push("--pki-dir".to_owned());
+        coordinator_args.push(dir.path().join("pki").display().to_string());
+        let trust = Trust::CaFile(ca_file.clone());
         if settings.durable {
             coordinator_args.push("--data-dir".to_owned());
             coordinator_args.push(dir.path().join("data").display().to_string());
@@ -111,7 +116,7 @@ impl LabCluster {
             "coordinator",
         );
         let client = wait_for(PATIENCE, || async {
-            let client = Client::connect(&url()).await.ok()?;
+            let client = Client::connect_with(&url(), Some(&trust)).await.ok()?;
             client.cluster_info().await.ok().map(|_| client)
         })
         .await
@@ -131,6 +136,8 @@ impl LabCluster {
                 node_name(host),
                 "--slots".to_owned(),
                 settings.slots.to_string(),
+                "--ca-file".to_owned(),
+                ca_file.display().to_string(),
             ];
             let label = node_name(host);
             nodes.insert(host, spawn_in(host, "weft-node", &args, dir.path(), &label));
@@ -290,9 +297,10 @@ impl Drop for LabCluster {
     }
 }
 
-/// The coordinator's URL as lab hosts dial it.
+/// The coordinator's URL as lab hosts dial it (TLS: its certificate names
+/// the listen address).
 pub fn url() -> String {
-    format!("http://{}:{PORT}", address(COORDINATOR_HOST))
+    format!("https://{}:{PORT}", address(COORDINATOR_HOST))
 }
 
 /// The name the node on `host` registers with.
