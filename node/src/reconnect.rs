@@ -64,6 +64,22 @@ impl Backoff {
     }
 }
 
+/// For a plaintext (`http://`) coordinator address whose session broke
+/// before registering the way HTTP/2 breaks against a TLS listener: the
+/// hint to dial https with the cluster CA.
+fn plaintext_hint(coordinator: &str, error: &Error) -> Option<String> {
+    let address = CoordinatorAddr::parse(coordinator).ok()?;
+    let broken = matches!(
+        error,
+        Error::Refused(status) if matches!(
+            status.code(),
+            tonic::Code::Unknown | tonic::Code::Cancelled | tonic::Code::Internal
+        )
+    );
+    (address.scheme() == weft_proto::address::Scheme::Http && broken)
+        .then(|| weft_proto::tls::plaintext_hint(&address))
+}
+
 /// The node's main loop: sessions and reconnects until drained or killed
 /// (`Ok`), or until a fatal error (`Err`, logged here).
 pub(crate) async fn run(ctx: Arc<NodeCtx>, events: EventRx) -> Result<(), Error> {
@@ -124,7 +140,12 @@ where
                 SessionEnd::Fatal(error) => return Err(error),
                 SessionEnd::Lost { registered, error } => {
                     ctx.node_id.send_replace(None);
-                    warn!(%error, "lost the coordinator; reconnecting");
+                    match (registered, plaintext_hint(&ctx.config.coordinator, &error)) {
+                        (false, Some(hint)) => {
+                            warn!(%error, hint, "lost the coordinator; reconnecting");
+                        }
+                        _ => warn!(%error, "lost the coordinator; reconnecting"),
+                    }
                     if registered {
                         backoff.reset();
                     }
@@ -152,6 +173,19 @@ mod tests {
     use tokio::time::Instant;
 
     use super::*;
+
+    #[test]
+    fn a_plaintext_session_broken_like_http2_against_tls_gets_the_tls_hint() {
+        let broken = Error::Refused(tonic::Status::internal("h2 protocol error: http2 error"));
+        let hint = plaintext_hint("http://c:1", &broken).expect("a hint");
+        assert!(
+            hint.contains("https://c:1") && hint.contains("--ca-file"),
+            "{hint}"
+        );
+        assert!(plaintext_hint("https://c:1", &broken).is_none());
+        let busy = Error::Refused(tonic::Status::unavailable("shutting down"));
+        assert!(plaintext_hint("http://c:1", &busy).is_none());
+    }
     use crate::config::NodeConfig;
     use crate::handlers::HandlerRegistry;
 
