@@ -27,7 +27,7 @@ pub async fn startup(
     for i in 0..runs.max(1) {
         let t0 = Instant::now();
         let mut cluster = Cluster::start(plan).await?;
-        let client = connect_retrying(&cluster.url).await?;
+        let client = connect_retrying(&cluster.url, cluster.token.as_deref()).await?;
         let first = workload::noop_round_trip(&client, 7).await;
         let took = t0.elapsed();
         if let Err(err) = first {
@@ -54,7 +54,7 @@ pub async fn scale(base: &ClusterPlan, n: usize) -> anyhow::Result<Scale> {
         ..base.clone()
     };
     let mut cluster = Cluster::start(&plan).await?;
-    let client = connect_retrying(&cluster.url).await?;
+    let client = connect_retrying(&cluster.url, cluster.token.as_deref()).await?;
     let pid = cluster
         .coordinator
         .pid()
@@ -103,7 +103,7 @@ pub async fn many_nodes(
         ..base.clone()
     };
     let cluster = Cluster::start(&plan).await?;
-    let client = connect_retrying(&cluster.url).await?;
+    let client = connect_retrying(&cluster.url, cluster.token.as_deref()).await?;
     let pid = cluster
         .coordinator
         .pid()
@@ -139,10 +139,10 @@ pub async fn many_nodes(
 }
 
 /// Connects, retrying for up to 30 s (a just-started coordinator).
-pub async fn connect_retrying(url: &str) -> anyhow::Result<Client> {
+pub async fn connect_retrying(url: &str, token: Option<&str>) -> anyhow::Result<Client> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        match Client::connect(url).await {
+        match Client::connect_with_token(url, token).await {
             Ok(client) => return Ok(client),
             Err(err) if Instant::now() < deadline && err.is_retryable() => {
                 tokio::time::sleep(Duration::from_millis(5)).await;

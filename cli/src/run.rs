@@ -5,7 +5,7 @@
 use weft_client::Client;
 
 use crate::args::{Args, Command};
-use crate::{admin, bench, demo, exit, local, map, task};
+use crate::{admin, bench, demo, exit, local, map, task, token};
 
 /// Runs the command line in `args` and answers the exit code. Errors are
 /// printed here, as one line on stderr.
@@ -21,8 +21,26 @@ pub async fn run(args: Args) -> u8 {
 
 async fn dispatch(args: Args) -> anyhow::Result<u8> {
     let format = args.output;
-    let url = args.coordinator;
+    // Flags > environment > the `weft login` context.
+    let context = token::Context::load();
+    let url = match (&context.coordinator, args.coordinator_given) {
+        (Some(saved), false) => saved.clone(),
+        _ => args.coordinator,
+    };
+    let token = token::resolve(args.token.as_deref(), args.token_file.as_deref(), &context)?;
     match args.command {
+        Command::Login {
+            url,
+            login_token,
+            ca_file,
+            ca_pin,
+        } => {
+            let login_token = match login_token {
+                Some(t) => Some(t),
+                None => token,
+            };
+            token::login(url, login_token, ca_file, ca_pin).await
+        }
         Command::Local {
             nodes,
             slots,
@@ -31,10 +49,10 @@ async fn dispatch(args: Args) -> anyhow::Result<u8> {
         Command::Demo { nodes, slots } => demo::run(nodes, slots).await,
         Command::Bench(bench_args) => {
             let external = args.coordinator_given.then_some(url);
-            bench::run(bench_args, external, format).await
+            bench::run(bench_args, external, token, format).await
         }
         command => {
-            let client = Client::connect(&url).await?;
+            let client = Client::connect_with_token(&url, token.as_deref()).await?;
             match command {
                 Command::Run { opts, command } => {
                     task::run(&client, format, &opts.interactive(), command).await
@@ -57,13 +75,17 @@ async fn dispatch(args: Args) -> anyhow::Result<u8> {
                 Command::Nodes => admin::nodes(&client, format).await,
                 Command::Drain { node, grace } => admin::drain(&client, format, &node, grace).await,
                 Command::Info => admin::info(&client, format).await,
+                Command::Token(command) => token::run(&client, format, command).await,
                 Command::Map {
                     jobs,
                     keep_order,
                     opts,
                     command,
                 } => map::run(&client, &opts, jobs, keep_order, command).await,
-                Command::Local { .. } | Command::Demo { .. } | Command::Bench(_) => {
+                Command::Local { .. }
+                | Command::Demo { .. }
+                | Command::Bench(_)
+                | Command::Login { .. } => {
                     unreachable!("handled before connecting")
                 }
             }

@@ -44,6 +44,13 @@ pub struct CoordinatorConfig {
     /// at `Register`. Its prefetch is capped at the same number, so its
     /// credits never exceed twice this (see `proto/README.md`).
     pub max_node_slots: u32,
+    /// Whether TaskService and AdminService calls need a client token
+    /// (default true). `false` is `--no-auth`: every caller is admin.
+    pub auth: bool,
+    /// Where the admin token is written on first start (no token stored
+    /// yet). `None`: `DATA_DIR/admin.token`, or with no data dir a fresh
+    /// private temp dir (logged).
+    pub admin_token_file: Option<PathBuf>,
 }
 
 /// Default of [`CoordinatorConfig::max_node_slots`]: far above any one
@@ -74,6 +81,8 @@ impl Default for CoordinatorConfig {
             retention: Duration::from_secs(24 * 60 * 60),
             store_cache_size: crate::store::redb::DEFAULT_CACHE_SIZE,
             max_node_slots: DEFAULT_MAX_NODE_SLOTS,
+            auth: true,
+            admin_token_file: None,
         }
     }
 }

@@ -80,6 +80,14 @@ pub enum Error {
     /// The listener could not report its address.
     #[error("listener address: {0}")]
     Listener(#[source] std::io::Error),
+    /// The admin token could not be made or written on first start.
+    #[error("writing the admin token to {}: {message}", path.display())]
+    AdminToken {
+        /// Where it was to go.
+        path: std::path::PathBuf,
+        /// Why.
+        message: String,
+    },
     /// The address file could not be written (binary only).
     #[error("writing address {addr} to file: {source}")]
     AddrFile {
@@ -105,7 +113,10 @@ impl From<Error> for Status {
             }
             Error::QueueFull { .. } => Status::resource_exhausted(err.to_string()),
             Error::ShuttingDown => Status::unavailable(err.to_string()),
-            Error::Store(_) | Error::Listener(_) | Error::AddrFile { .. } => {
+            Error::Store(_)
+            | Error::Listener(_)
+            | Error::AddrFile { .. }
+            | Error::AdminToken { .. } => {
                 tracing::error!(error = %err, "internal failure");
                 Status::internal("internal coordinator error")
             }

@@ -32,6 +32,7 @@
 //!   `AdminService`.
 //! - `server` — the tonic server, health, serve-with-shutdown.
 
+pub mod auth;
 pub mod config;
 mod driver;
 pub mod error;
@@ -68,9 +69,16 @@ pub struct RunningCoordinator {
     addr: SocketAddr,
     cancel: CancellationToken,
     tasks: TaskTracker,
+    admin_token_file: Option<std::path::PathBuf>,
 }
 
 impl RunningCoordinator {
+    /// Where this start wrote the admin token (first start only: `None`
+    /// when tokens already existed or with `--no-auth`).
+    pub fn admin_token_file(&self) -> Option<&std::path::Path> {
+        self.admin_token_file.as_deref()
+    }
+
     /// The address it listens on.
     pub fn addr(&self) -> SocketAddr {
         self.addr
@@ -116,7 +124,7 @@ pub async fn start(
     // live task: both on the blocking pool.
     let data_dir = config.data_dir.clone();
     let cache_size = config.store_cache_size;
-    let (store, loaded) = tokio::task::spawn_blocking(move || {
+    let (store, loaded, tokens) = tokio::task::spawn_blocking(move || {
         let store: Arc<dyn Store> = match &data_dir {
             Some(dir) => Arc::new(RedbStore::open_with_cache(dir, cache_size)?),
             None => Arc::new(MemoryStore::new()),
@@ -125,7 +133,8 @@ pub async fn start(
             .checked_sub(recent::WINDOW)
             .unwrap_or(SystemTime::UNIX_EPOCH);
         let loaded = store.load(since)?;
-        Ok::<_, StoreError>((store, loaded))
+        let tokens = store.tokens()?;
+        Ok::<_, StoreError>((store, loaded, tokens))
     })
     .await
     .map_err(|err| StoreError::Open {
@@ -140,6 +149,17 @@ pub async fn start(
         ),
         None => tracing::info!("in-memory store: tasks do not survive a restart"),
     }
+    let tokens = Arc::new(auth::TokenIndex::new(tokens));
+    let admin_token_file = if config.auth && tokens.is_empty() {
+        Some(create_admin_token(&config, &store, &tokens).await?)
+    } else {
+        None
+    };
+    if !config.auth {
+        tracing::warn!(
+            "--no-auth: every client is admin without a token; anyone who reaches this port can run commands on every node"
+        );
+    }
     let mut scheduler = Scheduler::new((&config).into());
     scheduler.restore(
         loaded,
@@ -149,6 +169,7 @@ pub async fn start(
         },
     );
 
+    let auth_on = config.auth;
     let config = Arc::new(config);
     let (driver, handle) = driver::new(
         scheduler,
@@ -161,7 +182,14 @@ pub async fn start(
     server::mark_serving(&reporter).await;
     let server_cancel = cancel.clone();
     tasks.spawn(async move {
-        if let Err(err) = server::serve(listener, handle, health, server_cancel.clone()).await {
+        if let Err(err) = server::serve(
+            listener,
+            handle,
+            tokens,
+            auth_on,
+            health,
+            server_cancel.clone(),
+        ).await {
             tracing::error!(error = %err, "server failed");
             server_cancel.cancel();
         }
@@ -171,5 +199,42 @@ pub async fn start(
         addr,
         cancel,
         tasks,
+        admin_token_file,
     })
+}
+
+/// First start (no token stored): makes an admin token, stores its hash
+/// and writes the token to its file (0600). Logs the path, never the token.
+async fn create_admin_token(
+    config: &CoordinatorConfig,
+    store: &Arc<dyn Store>,
+    tokens: &Arc<auth::TokenIndex>,
+) -> Result<std::path::PathBuf, Error> {
+    let path = auth::admin_token_path(
+        config.admin_token_file.as_deref(),
+        config.data_dir.as_deref(),
+    );
+    let (record, token) = auth::new_token("admin", auth::Scopes::ADMIN, None, SystemTime::now())
+        .map_err(|status| Error::AdminToken {
+            path: path.clone(),
+            message: status.message().to_owned(),
+        })?;
+    let file = path.clone();
+    tokio::task::spawn_blocking(move || auth::write_token_file(&file, &token))
+        .await
+        .map_err(|err| err.to_string())
+        .and_then(|r| r.map_err(|err| err.to_string()))
+        .map_err(|message| Error::AdminToken {
+            path: path.clone(),
+            message,
+        })?;
+    let stored = record.clone();
+    store::blocking(store, "writing a token", move |store| store.put_token(&stored)).await?;
+    tokens.put(record);
+    tracing::info!(
+        path = %path.display(),
+        "created the admin token (first start); pass it with --token-file {} or make scoped ones with `weft token create`",
+        path.display()
+    );
+    Ok(path)
 }

@@ -96,6 +96,18 @@ struct Args {
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     shutdown_grace: Duration,
 
+    /// Where the admin token is written on first start (no token stored
+    /// yet), mode 0600. Default: DATA_DIR/admin.token; with --in-memory a
+    /// fresh private temp dir (the path is logged).
+    #[arg(long, env = "WEFT_ADMIN_TOKEN_FILE", value_name = "FILE")]
+    admin_token_file: Option<PathBuf>,
+
+    /// Turns client tokens off: every client is admin without a token.
+    /// Only for experiments on a machine nobody else reaches; logs a
+    /// warning at every start.
+    #[arg(long)]
+    no_auth: bool,
+
     /// Log line format on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -121,6 +133,8 @@ impl From<&Args> for CoordinatorConfig {
             retention: args.retention,
             store_cache_size: args.store_cache_size,
             max_node_slots: args.max_node_slots,
+            auth: !args.no_auth,
+            admin_token_file: args.admin_token_file.clone(),
             ..CoordinatorConfig::default()
         }
     }
