@@ -179,13 +179,11 @@ pub enum Command {
     /// Written to $XDG_CONFIG_HOME/weft/context.json (or
     /// ~/.config/weft/context.json). Precedence: flags, then environment
     /// (WEFT_COORDINATOR, WEFT_TOKEN), then this context. The token is
-    /// checked against the coordinator before it is saved.
+    /// checked against the coordinator before it is saved; it is the global
+    /// --token (or --token-file's, or $WEFT_TOKEN).
     Login {
         /// Coordinator address (HOST:PORT or http(s)://HOST:PORT).
         url: String,
-        /// The client token to save (default: --token-file's or $WEFT_TOKEN's).
-        #[arg(long = "token", id = "login_token", value_name = "TOKEN")]
-        login_token: Option<String>,
         /// PEM file of the cluster CA, saved for when TLS is on.
         #[arg(long, value_name = "FILE")]
         ca_file: Option<std::path::PathBuf>,
@@ -257,7 +255,12 @@ pub enum TokenCommand {
         /// Scopes, comma separated or repeated: read (get, list, watch,
         /// wait, nodes, info), submit (run, submit, call, map), cancel,
         /// admin (drain, tokens; implies all).
-        #[arg(long = "scope", required = true, value_delimiter = ',', value_name = "SCOPES")]
+        #[arg(
+            long = "scope",
+            required = true,
+            value_delimiter = ',',
+            value_name = "SCOPES"
+        )]
         scopes: Vec<String>,
         /// A name for people, shown by `weft token list`.
         #[arg(long, default_value = "", value_name = "NAME")]
@@ -310,7 +313,10 @@ mod tests {
     fn help_states_the_exit_codes() {
         let help = Args::command().render_long_help().to_string();
         assert!(
-            help.contains("69") && help.contains("77") && help.contains("127") && help.contains("130"),
+            help.contains("69")
+                && help.contains("77")
+                && help.contains("127")
+                && help.contains("130"),
             "{help}"
         );
     }

@@ -31,16 +31,9 @@ async fn dispatch(args: Args) -> anyhow::Result<u8> {
     match args.command {
         Command::Login {
             url,
-            login_token,
             ca_file,
             ca_pin,
-        } => {
-            let login_token = match login_token {
-                Some(t) => Some(t),
-                None => token,
-            };
-            token::login(url, login_token, ca_file, ca_pin).await
-        }
+        } => token::login(url, token, ca_file, ca_pin).await,
         Command::Local {
             nodes,
             slots,

@@ -55,10 +55,7 @@ impl Context {
             return Context::default();
         };
         let Ok(value) = serde_json::from_str::<Value>(&text) else {
-            eprintln!(
-                "weft: warning: ignoring {}: not valid JSON",
-                path.display()
-            );
+            eprintln!("weft: warning: ignoring {}: not valid JSON", path.display());
             return Context::default();
         };
         let field = |name: &str| value.get(name).and_then(Value::as_str).map(str::to_owned);
@@ -73,8 +70,7 @@ impl Context {
     /// Writes the context to `path` (0600; its directory 0700).
     pub fn save(&self, path: &Path) -> anyhow::Result<()> {
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)
-                .with_context(|| format!("creating {}", dir.display()))?;
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
             #[cfg(unix)]
             {
                 use std::os::unix::fs::PermissionsExt;
@@ -178,9 +174,15 @@ fn status(info: &pb::TokenInfo) -> &'static str {
 }
 
 /// `weft token create|list|revoke`.
-pub async fn run(client: &Client, format: OutputFormat, command: TokenCommand) -> anyhow::Result<u8> {
+pub async fn run(
+    client: &Client,
+    format: OutputFormat,
+    command: TokenCommand,
+) -> anyhow::Result<u8> {
     match command {
-        TokenCommand::Create { scopes, name, ttl } => create(client, format, scopes, &name, ttl).await,
+        TokenCommand::Create { scopes, name, ttl } => {
+            create(client, format, scopes, &name, ttl).await
+        }
         TokenCommand::List => list(client, format).await,
         TokenCommand::Revoke { id } => {
             let info = client
@@ -235,7 +237,11 @@ async fn list(client: &Client, format: OutputFormat) -> anyhow::Result<u8> {
                 .map(|t| {
                     vec![
                         t.id.clone(),
-                        if t.name.is_empty() { "-".into() } else { t.name.clone() },
+                        if t.name.is_empty() {
+                            "-".into()
+                        } else {
+                            t.name.clone()
+                        },
                         t.scopes.join(","),
                         status(t).to_owned(),
                         when(t.created.as_ref()),
@@ -245,7 +251,10 @@ async fn list(client: &Client, format: OutputFormat) -> anyhow::Result<u8> {
                 .collect();
             println!(
                 "{}",
-                table(&["ID", "NAME", "SCOPES", "STATUS", "CREATED", "EXPIRES"], &rows)
+                table(
+                    &["ID", "NAME", "SCOPES", "STATUS", "CREATED", "EXPIRES"],
+                    &rows
+                )
             );
         }
         OutputFormat::Json => {
@@ -287,9 +296,8 @@ pub async fn login(
         .cluster_info()
         .await
         .with_context(|| format!("checking the token against {url}"))?;
-    let path = context_path().ok_or_else(|| {
-        anyhow::anyhow!("no place for the context: set XDG_CONFIG_HOME or HOME")
-    })?;
+    let path = context_path()
+        .ok_or_else(|| anyhow::anyhow!("no place for the context: set XDG_CONFIG_HOME or HOME"))?;
     let ca_file = ca_file
         .map(|f| std::path::absolute(&f).unwrap_or(f))
         .map(|f| f.display().to_string());

@@ -100,7 +100,11 @@ pub struct BearerToken(Option<MetadataValue<Ascii>>);
 impl std::fmt::Debug for BearerToken {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never the token itself.
-        f.write_str(if self.0.is_some() { "BearerToken(set)" } else { "BearerToken(none)" })
+        f.write_str(if self.0.is_some() {
+            "BearerToken(set)"
+        } else {
+            "BearerToken(none)"
+        })
     }
 }
 
@@ -121,9 +125,14 @@ impl BearerToken {
 }
 
 impl Interceptor for BearerToken {
-    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
         if let Some(value) = &self.0 {
-            request.metadata_mut().insert("authorization", value.clone());
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
         }
         Ok(request)
     }
@@ -181,7 +190,11 @@ impl Client {
     }
 
     /// Wraps a channel, adding `token` to every call.
-    pub fn from_channel_with(url: impl Into<String>, channel: Channel, token: BearerToken) -> Client {
+    pub fn from_channel_with(
+        url: impl Into<String>,
+        channel: Channel,
+        token: BearerToken,
+    ) -> Client {
         Client {
             url: url.into(),
             tasks: TaskServiceClient::with_interceptor(channel.clone(), token.clone())
@@ -441,9 +454,11 @@ impl Client {
             role: String::new(),
         })))
         .await?;
-        let info = answer.info.ok_or(weft_proto::ConversionError::MissingField(
-            "CreateTokenResponse.info",
-        ))?;
+        let info = answer
+            .info
+            .ok_or(weft_proto::ConversionError::MissingField(
+                "CreateTokenResponse.info",
+            ))?;
         Ok((answer.token, info))
     }
 
@@ -459,13 +474,14 @@ impl Client {
     /// scope `admin`.
     pub async fn revoke_token(&self, id: &str) -> Result<pb::TokenInfo, Error> {
         let mut client = self.admin.clone();
-        let answer = unary(client.revoke_token(request(pb::RevokeTokenRequest {
-            id: id.to_owned(),
-        })))
-        .await?;
-        Ok(answer.info.ok_or(weft_proto::ConversionError::MissingField(
-            "RevokeTokenResponse.info",
-        ))?)
+        let answer =
+            unary(client.revoke_token(request(pb::RevokeTokenRequest { id: id.to_owned() })))
+                .await?;
+        Ok(answer
+            .info
+            .ok_or(weft_proto::ConversionError::MissingField(
+                "RevokeTokenResponse.info",
+            ))?)
     }
 }
 

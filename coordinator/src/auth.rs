@@ -190,10 +190,14 @@ pub enum AuthError {
     )]
     Invalid,
     /// Past its expiry.
-    #[error("token {0} has expired; an admin creates a new one with `weft token create --scope ...`")]
+    #[error(
+        "token {0} has expired; an admin creates a new one with `weft token create --scope ...`"
+    )]
     Expired(String),
     /// Revoked by an admin.
-    #[error("token {0} was revoked; an admin creates a new one with `weft token create --scope ...`")]
+    #[error(
+        "token {0} was revoked; an admin creates a new one with `weft token create --scope ...`"
+    )]
     Revoked(String),
 }
 
@@ -251,6 +255,22 @@ pub fn new_token(
         id: id.clone(),
     };
     Ok((record, format!("{TOKEN_PREFIX}{id}_{secret}")))
+}
+
+/// The record of an existing admin token (e.g. read from `admin.token`),
+/// or `None` when `text` is not a well-formed token.
+pub fn adopt_token(text: &str, name: &str, now: SystemTime) -> Option<TokenRecord> {
+    let (id, secret) = parse_token(text)?;
+    Some(TokenRecord {
+        id: id.to_ascii_lowercase(),
+        name: name.to_owned(),
+        kind: TokenKind::Client,
+        scopes: Scopes::ADMIN,
+        created: now,
+        expires: None,
+        revoked: None,
+        secret_hash: hash_secret(secret),
+    })
 }
 
 /// Who made a request: put in the request's extensions by the server's
@@ -482,7 +502,10 @@ mod tests {
         wrong.pop();
         wrong.push(last);
         assert_eq!(index.authenticate(&wrong, now()), Err(AuthError::Invalid));
-        assert_eq!(index.authenticate("nonsense", now()), Err(AuthError::Invalid));
+        assert_eq!(
+            index.authenticate("nonsense", now()),
+            Err(AuthError::Invalid)
+        );
         let (_, other) = new_token("o", Scopes::ADMIN, None, now()).unwrap();
         assert_eq!(index.authenticate(&other, now()), Err(AuthError::Invalid));
         assert!(index.authenticate(&token, now()).is_ok());
@@ -498,6 +521,18 @@ mod tests {
             index.authenticate(&token, now()),
             Err(AuthError::Revoked(record.id.clone()))
         );
+    }
+
+    #[test]
+    fn an_admin_token_file_is_adopted() {
+        let (_, token) = new_token("admin", Scopes::ADMIN, None, now()).unwrap();
+        let record = adopt_token(&format!("{token}\n"), "admin", now()).unwrap();
+        let index = TokenIndex::new(vec![record]);
+        assert_eq!(
+            index.authenticate(&token, now()).unwrap().scopes,
+            Scopes::ADMIN
+        );
+        assert!(adopt_token("garbage", "admin", now()).is_none());
     }
 
     #[test]

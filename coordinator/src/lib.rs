@@ -189,7 +189,9 @@ pub async fn start(
             auth_on,
             health,
             server_cancel.clone(),
-        ).await {
+        )
+        .await
+        {
             tracing::error!(error = %err, "server failed");
             server_cancel.cancel();
         }
@@ -204,7 +206,10 @@ pub async fn start(
 }
 
 /// First start (no token stored): makes an admin token, stores its hash
-/// and writes the token to its file (0600). Logs the path, never the token.
+/// and writes the token to its file (0600). A token already in that file
+/// (the store was wiped, or `--in-memory` restarts with the same
+/// `--admin-token-file`) is adopted instead of replaced, so clients holding
+/// it keep working. Logs the path, never the token.
 async fn create_admin_token(
     config: &CoordinatorConfig,
     store: &Arc<dyn Store>,
@@ -214,26 +219,38 @@ async fn create_admin_token(
         config.admin_token_file.as_deref(),
         config.data_dir.as_deref(),
     );
-    let (record, token) = auth::new_token("admin", auth::Scopes::ADMIN, None, SystemTime::now())
-        .map_err(|status| Error::AdminToken {
-            path: path.clone(),
-            message: status.message().to_owned(),
-        })?;
+    let fail = |message: String| Error::AdminToken {
+        path: path.clone(),
+        message,
+    };
     let file = path.clone();
-    tokio::task::spawn_blocking(move || auth::write_token_file(&file, &token))
-        .await
-        .map_err(|err| err.to_string())
-        .and_then(|r| r.map_err(|err| err.to_string()))
-        .map_err(|message| Error::AdminToken {
-            path: path.clone(),
-            message,
-        })?;
+    let (record, adopted) = tokio::task::spawn_blocking(move || {
+        if let Some(record) = std::fs::read_to_string(&file)
+            .ok()
+            .and_then(|text| auth::adopt_token(&text, "admin", SystemTime::now()))
+        {
+            return Ok((record, true));
+        }
+        let (record, token) =
+            auth::new_token("admin", auth::Scopes::ADMIN, None, SystemTime::now())
+                .map_err(|status| status.message().to_owned())?;
+        auth::write_token_file(&file, &token).map_err(|err| err.to_string())?;
+        Ok::<_, String>((record, false))
+    })
+    .await
+    .map_err(|err| fail(err.to_string()))?
+    .map_err(fail)?;
     let stored = record.clone();
-    store::blocking(store, "writing a token", move |store| store.put_token(&stored)).await?;
+    store::blocking(store, "writing a token", move |store| {
+        store.put_token(&stored)
+    })
+    .await?;
     tokens.put(record);
     tracing::info!(
         path = %path.display(),
-        "created the admin token (first start); pass it with --token-file {} or make scoped ones with `weft token create`",
+        adopted,
+        "admin token (first start) in {}; use it with `weft --token-file {}` or make scoped ones with `weft token create --scope ...`",
+        path.display(),
         path.display()
     );
     Ok(path)

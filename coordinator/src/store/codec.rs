@@ -19,8 +19,8 @@ use weft_proto::{
 };
 
 use super::engine::StoreError;
-use crate::auth::{Scopes, TokenKind, TokenRecord};
 use super::record::{EventBody, TaskEvent, TaskRecord};
+use crate::auth::{Scopes, TokenKind, TokenRecord};
 
 /// A task as the wire shows it.
 pub(crate) fn task_to_pb(record: &TaskRecord) -> pb::Task {

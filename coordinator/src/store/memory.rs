@@ -8,8 +8,8 @@ use std::time::SystemTime;
 use weft_proto::{SecretEnv, TaskId, TaskState};
 
 use super::engine::{Store, StoreError};
-use crate::auth::TokenRecord;
 use super::record::{FinalAttempt, Loaded, MAX_RECENTLY_FINAL, Record, TaskEvent, TaskRecord};
+use crate::auth::TokenRecord;
 
 /// Tasks in a `BTreeMap` keyed by id; ULIDs sort by creation time, so
 /// "newest first" is a reverse range scan.

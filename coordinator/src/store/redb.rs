@@ -38,8 +38,8 @@ use super::codec::{
     encode_secrets, encode_task, encode_token,
 };
 use super::engine::{Store, StoreError};
-use crate::auth::TokenRecord;
 use super::record::{FinalAttempt, Loaded, MAX_RECENTLY_FINAL, Record, TaskEvent, TaskRecord};
+use crate::auth::TokenRecord;
 
 const TASKS: TableDefinition<u128, &[u8]> = TableDefinition::new("tasks");
 const EVENTS: TableDefinition<(u128, u64), &[u8]> = TableDefinition::new("events");

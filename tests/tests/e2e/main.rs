@@ -20,4 +20,5 @@ mod scheduling;
 mod secrets;
 mod shutdown;
 mod slots;
+mod tokens;
 mod validation;

@@ -96,6 +96,8 @@ impl LabCluster {
             format!("{}ms", HEARTBEAT_TIMEOUT.as_millis()),
             "--shutdown-grace".to_owned(),
             "1s".to_owned(),
+            "--admin-token-file".to_owned(),
+            dir.path().join("admin.token").display().to_string(),
         ];
         if settings.durable {
             coordinator_args.push("--data-dir".to_owned());
@@ -111,7 +113,10 @@ impl LabCluster {
             "coordinator",
         );
         let client = wait_for(PATIENCE, || async {
-            let client = Client::connect(&url()).await.ok()?;
+            let token = std::fs::read_to_string(dir.path().join("admin.token")).ok()?;
+            let client = Client::connect_with_token(&url(), Some(token.trim()))
+                .await
+                .ok()?;
             client.cluster_info().await.ok().map(|_| client)
         })
         .await
