@@ -34,9 +34,11 @@ class Cluster:
         self.weft_bin = require_binary("weft")
         self.node_bin = require_binary("weft-node")
         addr_file = tmp_path / "coordinator.addr"
+        self.token_file = tmp_path / "admin.token"
         self.coordinator = spawn(
             [str(coordinator), "--listen", "127.0.0.1:0", "--addr-file", str(addr_file),
-             "--heartbeat-interval", "500ms", "--heartbeat-timeout", "5s"],
+             "--heartbeat-interval", "500ms", "--heartbeat-timeout", "5s",
+             "--admin-token-file", str(self.token_file)],
             name="coordinator",
         )
 
@@ -46,7 +48,9 @@ class Cluster:
             return addr_file.exists() and addr_file.read_text().strip()
 
         self.url = "http://" + poll(address, timeout=20, what="the coordinator's address file")
-        self.client = weft.Client(self.url)
+        # Written before the coordinator listens (first start).
+        self.token = self.token_file.read_text().strip()
+        self.client = weft.Client(self.url, token=self.token)
 
     def rust_node(self, name: str = "rust", slots: int = 2, labels=("lang=rust",)):
         argv = [str(self.node_bin), "--coordinator", self.url, "--slots", str(slots), "--name", name]
@@ -70,9 +74,10 @@ class Cluster:
         return poll(ready, timeout=timeout, what=f"nodes {names}")
 
     def weft(self, *args: str, timeout: float = 60, input: bytes = None) -> subprocess.CompletedProcess:
+        env = {**os.environ, "WEFT_TOKEN": self.token, "XDG_CONFIG_HOME": str(self._tmp / "config")}
         return subprocess.run(
             [str(self.weft_bin), "--coordinator", self.url, *args],
-            capture_output=True, timeout=timeout, input=input, cwd=self._tmp,
+            capture_output=True, timeout=timeout, input=input, cwd=self._tmp, env=env,
         )
 
 
@@ -113,11 +118,11 @@ def test_a_python_client_and_worker_take_host_and_port_without_a_scheme(cluster)
     bare = cluster.url[len("http://"):]
     cluster.python_worker("bare", url=bare)
     cluster.wait_nodes("bare")
-    with weft.Client(bare) as client:
+    with weft.Client(bare, token=cluster.token) as client:
         assert json.loads(client.call("wordcount", b"a b a", wait_timeout=30)) == {"words": 3, "distinct": 2}
 
     async def via_aio():
-        async with weft.aio.Client(bare) as client:
+        async with weft.aio.Client(bare, token=cluster.token) as client:
             return [n.name for n in await client.nodes()]
 
     assert asyncio.run(via_aio()) == ["bare"]
@@ -221,7 +226,7 @@ def test_the_asyncio_client_streams_events_and_errors_are_typed(cluster):
     cluster.wait_nodes("rust")
 
     async def scenario():
-        async with weft.aio.Client(cluster.url) as client:
+        async with weft.aio.Client(cluster.url, token=cluster.token) as client:
             task_id = await client.submit_exec(["sh", "-c", "echo one; echo two >&2"])
             events = [event async for event in client.watch(task_id)]
             assert [e.seq for e in events] == list(range(len(events)))
@@ -261,7 +266,9 @@ def test_a_python_worker_reconnects_after_a_coordinator_restart(cluster, spawn, 
     cluster.coordinator.kill()
     # Same address, fresh (in-memory) coordinator.
     coordinator = require_binary("weft-coordinator")
-    spawn([str(coordinator), "--listen", address, "--heartbeat-interval", "500ms"], name="coordinator-again")
+    # The same admin token file: the new coordinator adopts its token.
+    spawn([str(coordinator), "--listen", address, "--heartbeat-interval", "500ms",
+           "--admin-token-file", str(cluster.token_file)], name="coordinator-again")
     nodes = poll(lambda: _nodes_or_none(cluster.client), timeout=30, what="the worker to re-register")
     assert [n.name for n in nodes] == ["py"]
     assert cluster.client.call("sha256", b"", wait_timeout=30).startswith(b"e3b0c442")
@@ -338,3 +345,35 @@ def test_a_secret_reaches_the_process_and_a_python_handler_but_no_answer(cluster
         assert shown.returncode == 0 and secret.encode() not in shown.stdout
     finally:
         running.stop()
+
+
+def test_clients_carry_tokens_and_refusals_are_typed(cluster, monkeypatch):
+    # No token at all: Unauthenticated, with how to get one.
+    monkeypatch.delenv("WEFT_TOKEN", raising=False)
+    with weft.Client(cluster.url) as client:
+        with pytest.raises(weft.Unauthenticated) as err:
+            client.nodes()
+        assert "weft token create" in err.value.details
+    # A read-only token made by the admin CLI: reads work, submitting is
+    # PermissionDenied naming the scope.
+    made = cluster.weft("token", "create", "--scope", "read", "--name", "py")
+    assert made.returncode == 0, made.stderr
+    reader_token = made.stdout.decode().strip()
+    with weft.Client(cluster.url, token=reader_token) as client:
+        assert client.nodes() == []
+        with pytest.raises(weft.PermissionDenied) as err:
+            client.submit_exec(["true"])
+        assert "'submit'" in err.value.details
+    # $WEFT_TOKEN is the default; the asyncio client sends it on streams too.
+    monkeypatch.setenv("WEFT_TOKEN", cluster.token)
+
+    async def via_aio():
+        async with weft.aio.Client(cluster.url) as client:
+            await client.nodes()
+        async with weft.aio.Client(cluster.url, token="weft_wrong") as client:
+            with pytest.raises(weft.Unauthenticated):
+                await client.nodes()
+
+    asyncio.run(via_aio())
+    with weft.Client(cluster.url) as client:
+        assert client.nodes() == []

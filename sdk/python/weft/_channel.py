@@ -8,10 +8,11 @@ same forms and refuse the same garbage with the same message.
 
 from __future__ import annotations
 
+import collections
 import ipaddress
 import os
 import re
-from typing import Tuple
+from typing import Optional, Tuple
 
 import grpc
 
@@ -88,17 +89,117 @@ def parse_target(url: str) -> Tuple[str, bool]:
     return f"{host}:{port}", scheme == "https"
 
 
-def sync_channel(url: str | None) -> grpc.Channel:
-    """A blocking-API channel to the coordinator at ``url``."""
-    target, secure = parse_target(coordinator_url(url))
-    if secure:
-        return grpc.secure_channel(target, grpc.ssl_channel_credentials(), options=_OPTIONS)
-    return grpc.insecure_channel(target, options=_OPTIONS)
+def client_token(token: str | None) -> Optional[str]:
+    """``token``, else ``$WEFT_TOKEN``, else None (surrounding blanks dropped)."""
+    value = token if token is not None else os.environ.get("WEFT_TOKEN")
+    value = (value or "").strip()
+    return value or None
 
 
-def aio_channel(url: str | None) -> grpc.aio.Channel:
-    """An asyncio-API channel to the coordinator at ``url``."""
+def _with_token(metadata, token: str):
+    return tuple(metadata or ()) + (("authorization", f"Bearer {token}"),)
+
+
+class _CallDetails(
+    collections.namedtuple("_CallDetails", ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression")),
+    grpc.ClientCallDetails,
+):
+    pass
+
+
+class _Bearer(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
+    """Adds ``authorization: Bearer <token>`` to every call of a sync channel."""
+
+    def __init__(self, token: str):
+        self._token = token
+
+    def __repr__(self) -> str:  # never the token itself
+        return "_Bearer(<token>)"
+
+    def _details(self, d):
+        return _CallDetails(
+            d.method,
+            d.timeout,
+            _with_token(d.metadata, self._token),
+            d.credentials,
+            getattr(d, "wait_for_ready", None),
+            getattr(d, "compression", None),
+        )
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation, details, request_iterator):
+        return continuation(self._details(details), request_iterator)
+
+    def intercept_stream_stream(self, continuation, details, request_iterator):
+        return continuation(self._details(details), request_iterator)
+
+
+class _AioBearer(
+    grpc.aio.UnaryUnaryClientInterceptor,
+    grpc.aio.UnaryStreamClientInterceptor,
+    grpc.aio.StreamUnaryClientInterceptor,
+    grpc.aio.StreamStreamClientInterceptor,
+):
+    """Adds ``authorization: Bearer <token>`` to every call of an asyncio channel."""
+
+    def __init__(self, token: str):
+        self._token = token
+
+    def __repr__(self) -> str:  # never the token itself
+        return "_AioBearer(<token>)"
+
+    def _details(self, d):
+        return grpc.aio.ClientCallDetails(
+            d.method,
+            d.timeout,
+            grpc.aio.Metadata(*_with_token(d.metadata, self._token)),
+            d.credentials,
+            d.wait_for_ready,
+        )
+
+    async def intercept_unary_unary(self, continuation, details, request):
+        return await continuation(self._details(details), request)
+
+    async def intercept_unary_stream(self, continuation, details, request):
+        return await continuation(self._details(details), request)
+
+    async def intercept_stream_unary(self, continuation, details, request_iterator):
+        return await continuation(self._details(details), request_iterator)
+
+    async def intercept_stream_stream(self, continuation, details, request_iterator):
+        return await continuation(self._details(details), request_iterator)
+
+
+def sync_channel(url: str | None, token: str | None = None) -> grpc.Channel:
+    """A blocking-API channel to the coordinator at ``url``; with a ``token``,
+    every call carries it as ``authorization: Bearer`` metadata."""
     target, secure = parse_target(coordinator_url(url))
     if secure:
-        return grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(), options=_OPTIONS)
-    return grpc.aio.insecure_channel(target, options=_OPTIONS)
+        channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(), options=_OPTIONS)
+    else:
+        channel = grpc.insecure_channel(target, options=_OPTIONS)
+    if token:
+        channel = grpc.intercept_channel(channel, _Bearer(token))
+    return channel
+
+
+def aio_channel(url: str | None, token: str | None = None) -> grpc.aio.Channel:
+    """An asyncio-API channel to the coordinator at ``url`` (``token`` as in
+    :func:`sync_channel`)."""
+    target, secure = parse_target(coordinator_url(url))
+    interceptors = [_AioBearer(token)] if token else None
+    if secure:
+        return grpc.aio.secure_channel(
+            target, grpc.ssl_channel_credentials(), options=_OPTIONS, interceptors=interceptors
+        )
+    return grpc.aio.insecure_channel(target, options=_OPTIONS, interceptors=interceptors)

@@ -20,7 +20,7 @@ from typing import Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 import grpc
 
 from . import errors
-from ._channel import sync_channel
+from ._channel import client_token, sync_channel
 from ._proto import admin_pb2, admin_pb2_grpc, common_pb2, task_pb2, task_pb2_grpc
 from .models import (
     ClusterInfo,
@@ -57,12 +57,22 @@ class Client:
     """A connection to a coordinator's TaskService and AdminService.
 
     ``url`` is like ``http://127.0.0.1:7070`` (default: ``$WEFT_COORDINATOR``,
-    else that). The channel connects lazily; a call to an unreachable
-    coordinator raises :class:`weft.Unavailable` within a few seconds.
+    else that). ``token`` is a client token (default: ``$WEFT_TOKEN``), sent
+    as ``authorization: Bearer`` metadata on every call; without a valid one
+    calls raise :class:`weft.Unauthenticated`, and with one lacking the
+    call's scope :class:`weft.PermissionDenied`. The channel connects
+    lazily; a call to an unreachable coordinator raises
+    :class:`weft.Unavailable` within a few seconds.
     """
 
-    def __init__(self, url: Optional[str] = None, *, channel: Optional[grpc.Channel] = None):
-        self._channel = channel or sync_channel(url)
+    def __init__(
+        self,
+        url: Optional[str] = None,
+        *,
+        token: Optional[str] = None,
+        channel: Optional[grpc.Channel] = None,
+    ):
+        self._channel = channel or sync_channel(url, client_token(token))
         self._tasks = task_pb2_grpc.TaskServiceStub(self._channel)
         self._admin = admin_pb2_grpc.AdminServiceStub(self._channel)
 

@@ -257,6 +257,7 @@ async fn the_cli_takes_a_secret_from_its_own_environment() {
             ECHO_UPPER,
         ])
         .env("WEFT_COORDINATOR", cluster.url())
+        .env("WEFT_TOKEN", cluster.admin_token())
         .env("API_KEY", &secret)
         .env("NO_COLOR", "1")
         .env_remove("RUST_LOG")
