@@ -144,40 +144,48 @@ class _Bearer(
         return continuation(self._details(details), request_iterator)
 
 
-class _AioBearer(
-    grpc.aio.UnaryUnaryClientInterceptor,
-    grpc.aio.UnaryStreamClientInterceptor,
-    grpc.aio.StreamUnaryClientInterceptor,
-    grpc.aio.StreamStreamClientInterceptor,
-):
-    """Adds ``authorization: Bearer <token>`` to every call of an asyncio channel."""
+class _AioBearer:
+    """Adds ``authorization: Bearer <token>`` to calls of an asyncio channel.
+
+    grpc.aio files each interceptor under the first call type it implements,
+    so there is one subclass per call type (see :func:`_aio_bearers`)."""
 
     def __init__(self, token: str):
         self._token = token
 
     def __repr__(self) -> str:  # never the token itself
-        return "_AioBearer(<token>)"
+        return f"{type(self).__name__}(<token>)"
 
     def _details(self, d):
-        return grpc.aio.ClientCallDetails(
-            d.method,
-            d.timeout,
-            grpc.aio.Metadata(*_with_token(d.metadata, self._token)),
-            d.credentials,
-            d.wait_for_ready,
-        )
+        metadata = grpc.aio.Metadata()
+        for key, value in (d.metadata or ()):
+            metadata.add(key, value)
+        metadata.add("authorization", f"Bearer {self._token}")
+        return grpc.aio.ClientCallDetails(d.method, d.timeout, metadata, d.credentials, d.wait_for_ready)
 
+
+class _AioBearerUU(_AioBearer, grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation, details, request):
         return await continuation(self._details(details), request)
 
+
+class _AioBearerUS(_AioBearer, grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(self, continuation, details, request):
         return await continuation(self._details(details), request)
 
+
+class _AioBearerSU(_AioBearer, grpc.aio.StreamUnaryClientInterceptor):
     async def intercept_stream_unary(self, continuation, details, request_iterator):
         return await continuation(self._details(details), request_iterator)
 
+
+class _AioBearerSS(_AioBearer, grpc.aio.StreamStreamClientInterceptor):
     async def intercept_stream_stream(self, continuation, details, request_iterator):
         return await continuation(self._details(details), request_iterator)
+
+
+def _aio_bearers(token: str):
+    return [cls(token) for cls in (_AioBearerUU, _AioBearerUS, _AioBearerSU, _AioBearerSS)]
 
 
 def sync_channel(url: str | None, token: str | None = None) -> grpc.Channel:
@@ -197,7 +205,7 @@ def aio_channel(url: str | None, token: str | None = None) -> grpc.aio.Channel:
     """An asyncio-API channel to the coordinator at ``url`` (``token`` as in
     :func:`sync_channel`)."""
     target, secure = parse_target(coordinator_url(url))
-    interceptors = [_AioBearer(token)] if token else None
+    interceptors = _aio_bearers(token) if token else None
     if secure:
         return grpc.aio.secure_channel(
             target, grpc.ssl_channel_credentials(), options=_OPTIONS, interceptors=interceptors
