@@ -84,7 +84,6 @@ async fn call_every_rpc(
                 tasks
                     .wait_many(pb::WaitManyRequest {
                         task_ids: vec![SOME_ID.into()],
-                        ..Default::default()
                     })
                     .await,
             ),
