@@ -55,8 +55,8 @@ def fake():
 def run_worker(fake):
     running = []
 
-    def start(slots: int = 2, setup=None) -> tuple:
-        worker = weft.Worker(fake.url, slots=slots, name="unit", labels={"lang": "py"}, process_workers=slots)
+    def start(slots: int = 2, setup=None, exec: str = "deny") -> tuple:
+        worker = weft.Worker(fake.url, slots=slots, name="unit", labels={"lang": "py"}, process_workers=slots, exec=exec)
         if setup:
             setup(worker)
         rw = RunningWorker(worker)
@@ -164,7 +164,7 @@ def test_secret_env_reaches_handlers_of_every_kind_and_exec_processes(fake, run_
         w.register("t", t, "thread")
         w.register("p", handlers.secret_upper, "process")
 
-    _, session = run_worker(setup=setup)
+    _, session = run_worker(setup=setup, exec="allow")
     secret = {"API_KEY": "s3cr3t"}
     for name in ("a", "t", "p"):
         session.assign((f"t{name}", 1, call_spec(name, secret_env=secret)))
