@@ -52,6 +52,8 @@ pub struct Cluster {
     pub nodes: Vec<ChildProcess>,
     /// Holds logs and the store; removed on drop.
     pub dir: tempfile::TempDir,
+    /// The coordinator's admin token (the bench's client uses it).
+    pub token: Option<String>,
 }
 
 impl Cluster {
@@ -76,11 +78,14 @@ impl Cluster {
             .context("creating the bench temp dir")?;
         let addr_file = dir.path().join("coordinator.addr");
         let data_dir = dir.path().join("data");
+        let token_file = dir.path().join("admin.token");
         let mut args = vec![
             "--listen".to_owned(),
             "127.0.0.1:0".to_owned(),
             "--addr-file".to_owned(),
             addr_file.display().to_string(),
+            "--admin-token-file".to_owned(),
+            token_file.display().to_string(),
         ];
         if plan.durable {
             args.push("--data-dir".to_owned());
@@ -113,6 +118,10 @@ impl Cluster {
                 Some(Trust::CaFile(pki_dir.join("ca.pem"))),
             )
         };
+        // Written before the coordinator listens (first start).
+        let token = std::fs::read_to_string(&token_file)
+            .ok()
+            .map(|t| t.trim().to_owned());
         let nodes = (1..=plan.nodes)
             .map(|i| {
                 let mut args = vec![
@@ -140,6 +149,7 @@ impl Cluster {
             coordinator,
             nodes,
             dir,
+            token,
         })
     }
 

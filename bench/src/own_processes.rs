@@ -28,7 +28,12 @@ pub async fn startup(
     for i in 0..runs.max(1) {
         let t0 = Instant::now();
         let mut cluster = Cluster::start(plan).await?;
-        let client = connect_retrying(&cluster.url, cluster.trust.as_ref()).await?;
+        let client = connect_retrying(
+            &cluster.url,
+            cluster.trust.as_ref(),
+            cluster.token.as_deref(),
+        )
+        .await?;
         let first = workload::noop_round_trip(&client, 7).await;
         let took = t0.elapsed();
         if let Err(err) = first {
@@ -55,7 +60,12 @@ pub async fn scale(base: &ClusterPlan, n: usize) -> anyhow::Result<Scale> {
         ..base.clone()
     };
     let mut cluster = Cluster::start(&plan).await?;
-    let client = connect_retrying(&cluster.url, cluster.trust.as_ref()).await?;
+    let client = connect_retrying(
+        &cluster.url,
+        cluster.trust.as_ref(),
+        cluster.token.as_deref(),
+    )
+    .await?;
     let pid = cluster
         .coordinator
         .pid()
@@ -104,7 +114,12 @@ pub async fn many_nodes(
         ..base.clone()
     };
     let cluster = Cluster::start(&plan).await?;
-    let client = connect_retrying(&cluster.url, cluster.trust.as_ref()).await?;
+    let client = connect_retrying(
+        &cluster.url,
+        cluster.trust.as_ref(),
+        cluster.token.as_deref(),
+    )
+    .await?;
     let pid = cluster
         .coordinator
         .pid()
@@ -140,10 +155,14 @@ pub async fn many_nodes(
 }
 
 /// Connects, retrying for up to 30 s (a just-started coordinator).
-pub async fn connect_retrying(url: &str, trust: Option<&Trust>) -> anyhow::Result<Client> {
+pub async fn connect_retrying(
+    url: &str,
+    trust: Option<&Trust>,
+    token: Option<&str>,
+) -> anyhow::Result<Client> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        match Client::connect_with(url, trust).await {
+        match Client::connect_secure(url, trust, token).await {
             Ok(client) => return Ok(client),
             Err(err) if Instant::now() < deadline && err.is_retryable() => {
                 tokio::time::sleep(Duration::from_millis(5)).await;

@@ -22,7 +22,11 @@ const SLOTS: u32 = 1;
 /// Runs the steps `args` asks for and answers what they measured; a step
 /// that fails is recorded in the report (the run goes on). `external` is
 /// the `--coordinator` URL when the user gave one.
-pub async fn run(args: &BenchArgs, external: Option<String>) -> anyhow::Result<Report> {
+pub async fn run(
+    args: &BenchArgs,
+    external: Option<String>,
+    token: Option<String>,
+) -> anyhow::Result<Report> {
     let plan = Plan::from_args(args);
     let started = SystemTime::now();
     let steps: Vec<Step> = Step::ALL
@@ -84,10 +88,20 @@ pub async fn run(args: &BenchArgs, external: Option<String>) -> anyhow::Result<R
     }
     if steps.iter().any(|s| s.needs_cluster()) && client.is_none() {
         match &external {
-            Some(url) => client = Some(Client::connect_with(url, args.trust.as_ref()).await?),
+            Some(url) => {
+                client =
+                    Some(Client::connect_secure(url, args.trust.as_ref(), token.as_deref()).await?)
+            }
             None => {
                 let started = Cluster::start(&cluster_plan).await?;
-                client = Some(connect_retrying(&started.url, started.trust.as_ref()).await?);
+                client = Some(
+                    connect_retrying(
+                        &started.url,
+                        started.trust.as_ref(),
+                        started.token.as_deref(),
+                    )
+                    .await?,
+                );
                 cluster = Some(started);
             }
         }

@@ -49,6 +49,15 @@ pub struct Args {
         conflicts_with = "ca_file"
     )]
     pub ca_pin: Option<Trust>,
+    /// Client token (`weft_<id>_<secret>`), sent as `authorization: Bearer`
+    /// on every call. Default: $WEFT_TOKEN, then the context saved by
+    /// `weft login`.
+    #[arg(long, global = true, value_name = "TOKEN")]
+    pub token: Option<String>,
+    /// File holding the client token (e.g. DATA_DIR/admin.token on the
+    /// coordinator's machine). --token wins over it; it wins over $WEFT_TOKEN.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub token_file: Option<std::path::PathBuf>,
     /// Output format of results on stdout.
     #[arg(long, short = 'o', global = true, value_enum, default_value_t = OutputFormat::Text)]
     pub output: OutputFormat,
@@ -193,6 +202,21 @@ pub enum Command {
     },
     /// Show cluster-wide figures.
     Info,
+    /// Client tokens: create (printed once), list, revoke. Needs scope admin.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Save a coordinator address and token (per user, 0600) for later
+    /// commands given neither flags nor environment.
+    ///
+    /// Written to $XDG_CONFIG_HOME/weft/context.json (or
+    /// ~/.config/weft/context.json). Precedence: flags, then environment
+    /// (WEFT_COORDINATOR, WEFT_TOKEN), then this context. The token is
+    /// checked against the coordinator before it is saved; it is the global
+    /// --token (or --token-file's, or $WEFT_TOKEN).
+    Login {
+        /// Coordinator address (HOST:PORT or http(s)://HOST:PORT).
+        url: String,
+    },
     /// Run a command once per line of stdin, in parallel across the cluster.
     ///
     /// Every `{}` in the arguments is replaced by the line; with no `{}`, the
@@ -248,6 +272,38 @@ pub enum Command {
     Bench(weft_bench::BenchArgs),
 }
 
+/// `weft token ...`.
+#[derive(Subcommand, Debug)]
+pub enum TokenCommand {
+    /// Make a client token; prints the token alone on stdout (shown once:
+    /// the coordinator keeps only its hash).
+    Create {
+        /// Scopes, comma separated or repeated: read (get, list, watch,
+        /// wait, nodes, info), submit (run, submit, call, map), cancel,
+        /// admin (drain, tokens; implies all).
+        #[arg(
+            long = "scope",
+            required = true,
+            value_delimiter = ',',
+            value_name = "SCOPES"
+        )]
+        scopes: Vec<String>,
+        /// A name for people, shown by `weft token list`.
+        #[arg(long, default_value = "", value_name = "NAME")]
+        name: String,
+        /// Lifetime (e.g. 1h, 30d); default: no expiry.
+        #[arg(long, value_parser = parse_duration_arg, value_name = "DURATION")]
+        ttl: Option<Duration>,
+    },
+    /// List tokens (ids, names, scopes, times; never secrets).
+    List,
+    /// Revoke a token by id: refused from the moment this returns.
+    Revoke {
+        /// The token's id (`weft token list`).
+        id: String,
+    },
+}
+
 #[cfg(test)]
 mod tests {
     use clap::CommandFactory;
@@ -283,7 +339,10 @@ mod tests {
     fn help_states_the_exit_codes() {
         let help = Args::command().render_long_help().to_string();
         assert!(
-            help.contains("69") && help.contains("127") && help.contains("130"),
+            help.contains("69")
+                && help.contains("77")
+                && help.contains("127")
+                && help.contains("130"),
             "{help}"
         );
     }

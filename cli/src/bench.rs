@@ -10,14 +10,17 @@ use weft_bench::BenchArgs;
 use crate::exit;
 use crate::output::OutputFormat;
 
-/// `weft bench`. `external` is the `--coordinator` URL when the user gave one.
+/// `weft bench`. `external` is the `--coordinator` URL when the user gave
+/// one, `token` the client token for it (its own cluster's admin token
+/// otherwise).
 pub async fn run(
     args: BenchArgs,
     external: Option<String>,
+    token: Option<String>,
     format: OutputFormat,
 ) -> anyhow::Result<u8> {
     let report = tokio::select! {
-        report = weft_bench::run(&args, external) => report?,
+        report = weft_bench::run(&args, external, token) => report?,
         _ = tokio::signal::ctrl_c() => bail!("interrupted; the cluster was stopped"),
     };
     match format {

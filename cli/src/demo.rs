@@ -38,10 +38,16 @@ struct Check {
 pub async fn run(nodes: usize, slots: u32) -> anyhow::Result<u8> {
     let nodes = nodes.max(1);
     let listener = TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))).await?;
-    let cluster = local::start(listener, nodes, Some(slots)).await?;
+    let token_dir = tempfile::Builder::new().prefix("weft-demo-").tempdir()?;
+    let cluster = local::start(listener, nodes, Some(slots), token_dir.path()).await?;
     let url = cluster.url();
     println!("demo: local cluster at {url}: {nodes} nodes x {slots} slots");
-    let client = Client::connect_with(&url, cluster.trust().as_ref()).await?;
+    let client = Client::connect_secure(
+        &url,
+        cluster.trust().as_ref(),
+        cluster.admin_token().as_deref(),
+    )
+    .await?;
     let ready = wait_nodes_ready(&client, cluster.node_count(), Duration::from_secs(10)).await;
     let outcome = match ready {
         Ok(()) => workload(&client).await,

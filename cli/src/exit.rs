@@ -14,6 +14,9 @@ pub const FAILURE: u8 = 1;
 pub const USAGE: u8 = 2;
 /// The coordinator is unreachable, or the connection to it was lost.
 pub const UNAVAILABLE: u8 = 69;
+/// No valid token (UNAUTHENTICATED) or a token without the scope the call
+/// needs (PERMISSION_DENIED); like sysexits' NOPERM.
+pub const NO_PERMISSION: u8 = 77;
 /// The task failed because the nodes running it were lost.
 pub const NODE_LOST: u8 = 75;
 /// The task ran past its timeout.
@@ -31,6 +34,8 @@ Exit codes (task codes from run, call, wait, watch; map exits 1 if any task fail
   1    the task failed without an exit code (signal, handler error), or another error
   2    usage error (bad flag, id, or task spec)
   69   coordinator unreachable, or the connection to it was lost
+  77   permission denied: no valid token (pass --token / WEFT_TOKEN / --token-file),
+       or the token lacks the scope the command needs
   75   the task failed because its nodes were lost (attempts used up by node losses)
   124  the task timed out
   127  the task failed to start (unknown handler, missing binary, bad cwd)
@@ -82,6 +87,10 @@ pub fn for_error(err: &anyhow::Error) -> u8 {
     }
     match err.chain().find_map(|cause| cause.downcast_ref::<Error>()) {
         Some(Error::Unavailable(_)) => UNAVAILABLE,
+        Some(Error::Other {
+            code: tonic::Code::Unauthenticated | tonic::Code::PermissionDenied,
+            ..
+        }) => NO_PERMISSION,
         Some(
             Error::InvalidArgument(_)
             | Error::InvalidAddress(_)

@@ -25,10 +25,14 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// Starts a coordinator on `listener` and `nodes` nodes named `local-1`,
 /// `local-2`, ... with `slots` slots each (default: CPUs) and the built-in
 /// handlers, all in this process.
+///
+/// The admin token goes to `token_dir/admin.token` (0600); the caller
+/// keeps the dir and reads the token with [`LocalCluster::admin_token`].
 pub async fn start(
     listener: TcpListener,
     nodes: usize,
     slots: Option<u32>,
+    token_dir: &std::path::Path,
 ) -> anyhow::Result<LocalCluster> {
     let defaults = CoordinatorConfig::default();
     // Nodes and coordinator are both this command's: a node asked for
@@ -38,6 +42,7 @@ pub async fn start(
         // The same TLS path as a real cluster, with a CA that lives as
         // long as this process (in a private temp dir).
         tls: Some(TlsConfig::default()),
+        admin_token_file: Some(token_dir.join(weft_coordinator::auth::ADMIN_TOKEN_FILE)),
         ..defaults
     };
     let mut cluster = LocalCluster::start(config, listener).await?;
@@ -75,9 +80,15 @@ pub async fn bind(listen: SocketAddr) -> anyhow::Result<TcpListener> {
 /// `weft local [--nodes N] [--slots S] [--listen ADDR]`.
 pub async fn run(listen: SocketAddr, nodes: usize, slots: Option<u32>) -> anyhow::Result<u8> {
     let listener = bind(listen).await?;
-    let cluster = start(listener, nodes, slots).await?;
+    // Private (0700), removed when `weft local` exits.
+    let token_dir = tempfile::Builder::new()
+        .prefix("weft-local-")
+        .tempdir()
+        .context("creating a dir for the admin token")?;
+    let cluster = start(listener, nodes, slots, token_dir.path()).await?;
     let url = cluster.url();
-    let client = Client::connect_with(&url, cluster.trust().as_ref()).await?;
+    let token = cluster.admin_token();
+    let client = Client::connect_secure(&url, cluster.trust().as_ref(), token.as_deref()).await?;
     if let Err(err) = wait_nodes_ready(&client, cluster.node_count(), READY_TIMEOUT).await {
         eprintln!("weft: warning: {:#}", anyhow::Error::new(err));
     }
@@ -94,6 +105,10 @@ pub async fn run(listen: SocketAddr, nodes: usize, slots: Option<u32>) -> anyhow
             ca_file.display()
         ),
         None => println!("export WEFT_COORDINATOR={url}"),
+    }
+    if let Some(token) = &token {
+        // The admin token of this throwaway cluster, for another terminal.
+        println!("export WEFT_TOKEN={token}");
     }
     shutdown_signal().await;
     eprintln!("weft local: shutting down (Ctrl-C again to exit at once)");

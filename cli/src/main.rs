@@ -14,6 +14,7 @@
 //! - [`stream`]: following a task's events (printing, resuming, Ctrl-C).
 //! - [`task`]: `run`, `call`, `submit`, `watch`, `wait`, `get`, `list`, `cancel`.
 //! - [`admin`]: `nodes`, `drain`, `info`.
+//! - [`token`]: `token create|list|revoke`, `login`, where a command's token comes from.
 //! - [`map`]: `map`, one task per input line.
 //! - [`local`]: `local`, an in-process cluster (`weft_cluster`); also used by `demo`.
 //! - [`demo`]: `demo`, a visible mixed workload on a local cluster.
@@ -31,6 +32,7 @@ mod output;
 mod run;
 mod stream;
 mod task;
+mod token;
 
 use std::process::ExitCode;
 

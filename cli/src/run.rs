@@ -5,7 +5,7 @@
 use weft_client::Client;
 
 use crate::args::{Args, Command};
-use crate::{admin, bench, demo, exit, local, map, task};
+use crate::{admin, bench, demo, exit, local, map, task, token};
 
 /// Runs the command line in `args` and answers the exit code. Errors are
 /// printed here, as one line on stderr.
@@ -21,9 +21,17 @@ pub async fn run(args: Args) -> u8 {
 
 async fn dispatch(args: Args) -> anyhow::Result<u8> {
     let format = args.output;
-    let trust = args.trust();
-    let url = args.coordinator;
+    // Flags > environment > the `weft login` context.
+    let context = token::Context::load();
+    // The CA likewise: flags or environment, else the context's.
+    let trust = args.trust().or_else(|| context.trust());
+    let url = match (&context.coordinator, args.coordinator_given) {
+        (Some(saved), false) => saved.clone(),
+        _ => args.coordinator,
+    };
+    let token = token::resolve(args.token.as_deref(), args.token_file.as_deref(), &context)?;
     match args.command {
+        Command::Login { url } => token::login(url, token, trust).await,
         Command::Local {
             nodes,
             slots,
@@ -33,10 +41,10 @@ async fn dispatch(args: Args) -> anyhow::Result<u8> {
         Command::Bench(mut bench_args) => {
             bench_args.trust = trust;
             let external = args.coordinator_given.then_some(url);
-            bench::run(bench_args, external, format).await
+            bench::run(bench_args, external, token, format).await
         }
         command => {
-            let client = Client::connect_with(&url, trust.as_ref()).await?;
+            let client = Client::connect_secure(&url, trust.as_ref(), token.as_deref()).await?;
             match command {
                 Command::Run { opts, command } => {
                     task::run(&client, format, &opts.interactive(), command).await
@@ -59,13 +67,17 @@ async fn dispatch(args: Args) -> anyhow::Result<u8> {
                 Command::Nodes => admin::nodes(&client, format).await,
                 Command::Drain { node, grace } => admin::drain(&client, format, &node, grace).await,
                 Command::Info => admin::info(&client, format).await,
+                Command::Token(command) => token::run(&client, format, command).await,
                 Command::Map {
                     jobs,
                     keep_order,
                     opts,
                     command,
                 } => map::run(&client, &opts, jobs, keep_order, command).await,
-                Command::Local { .. } | Command::Demo { .. } | Command::Bench(_) => {
+                Command::Local { .. }
+                | Command::Demo { .. }
+                | Command::Bench(_)
+                | Command::Login { .. } => {
                     unreachable!("handled before connecting")
                 }
             }

@@ -35,6 +35,9 @@ use std::pin::Pin;
 use std::time::{Duration, Instant};
 
 use futures::{Stream, StreamExt, TryStreamExt};
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 use weft_proto::convert::duration_to_pb;
@@ -83,8 +86,57 @@ pub type TaskStream = Pin<Box<dyn Stream<Item = Result<Task, Error>> + Send>>;
 #[derive(Clone, Debug)]
 pub struct Client {
     url: String,
-    tasks: TaskServiceClient<Channel>,
-    admin: AdminServiceClient<Channel>,
+    tasks: TaskServiceClient<AuthChannel>,
+    admin: AdminServiceClient<AuthChannel>,
+}
+
+/// The channel with the client token added to every call.
+type AuthChannel = InterceptedService<Channel, BearerToken>;
+
+/// Adds `authorization: Bearer <token>` to every request (nothing when no
+/// token was given).
+#[derive(Clone)]
+pub struct BearerToken(Option<MetadataValue<Ascii>>);
+
+impl std::fmt::Debug for BearerToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the token itself.
+        f.write_str(if self.0.is_some() {
+            "BearerToken(set)"
+        } else {
+            "BearerToken(none)"
+        })
+    }
+}
+
+impl BearerToken {
+    /// From a token string (`weft_<id>_<secret>`); surrounding whitespace
+    /// (a file's newline) is dropped.
+    pub fn new(token: Option<&str>) -> Result<BearerToken, Error> {
+        match token.map(str::trim).filter(|t| !t.is_empty()) {
+            None => Ok(BearerToken(None)),
+            Some(token) => MetadataValue::try_from(format!("Bearer {token}"))
+                .map(|mut value| {
+                    value.set_sensitive(true);
+                    BearerToken(Some(value))
+                })
+                .map_err(|_| Error::InvalidArgument("token: not printable ASCII".into())),
+        }
+    }
+}
+
+impl Interceptor for BearerToken {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
 }
 
 impl Client {
@@ -97,17 +149,35 @@ impl Client {
     /// An `https://` address (or one without a scheme) needs a [`Trust`]:
     /// use [`Client::connect_with`].
     pub async fn connect(url: &str) -> Result<Client, Error> {
-        Client::connect_with(url, None).await
+        Client::connect_secure(url, None, None).await
+    }
+
+    /// Like [`connect`](Self::connect), sending `token` as
+    /// `authorization: Bearer <token>` on every call (the coordinator
+    /// refuses TaskService and AdminService calls without one).
+    pub async fn connect_with_token(url: &str, token: Option<&str>) -> Result<Client, Error> {
+        Client::connect_secure(url, None, token).await
     }
 
     /// Like [`Client::connect`], trusting the coordinator's certificate by
     /// `trust` (the cluster's `ca.pem`, or its pin; see
-    /// [`weft_proto::tls`] for what is checked). `http://` addresses dial
-    /// plainly and ignore it. A certificate that does not match is an
+    /// [`weft_proto::tls`] for what is checked).
+    pub async fn connect_with(url: &str, trust: Option<&Trust>) -> Result<Client, Error> {
+        Client::connect_secure(url, trust, None).await
+    }
+
+    /// Connects trusting the coordinator's certificate by `trust` and
+    /// sending `token` on every call. `http://` addresses dial plainly and
+    /// ignore `trust`. A certificate that does not match is an
     /// [`Error::Unavailable`] whose message says what to pass instead; an
     /// `https://` address without a trust, or an unreadable CA file, is
     /// [`Error::Tls`].
-    pub async fn connect_with(url: &str, trust: Option<&Trust>) -> Result<Client, Error> {
+    pub async fn connect_secure(
+        url: &str,
+        trust: Option<&Trust>,
+        token: Option<&str>,
+    ) -> Result<Client, Error> {
+        let bearer = BearerToken::new(token)?;
         let address = CoordinatorAddr::parse(url)?;
         let url = address.url();
         let (dial_url, connector) = weft_proto::tls::dial_plan(&address, trust)
@@ -151,7 +221,7 @@ impl Client {
                 }
                 Ok(Ok(channel)) => channel,
             };
-        let client = Client::from_channel(url, channel);
+        let client = Client::from_channel_with(url, channel, bearer);
         if address.scheme() == address::Scheme::Http {
             client.probe_plaintext(&address).await?;
         }
@@ -192,11 +262,21 @@ impl Client {
 
     /// Wraps an already made channel (custom TLS, interceptors, tests).
     pub fn from_channel(url: impl Into<String>, channel: Channel) -> Client {
+        Self::from_channel_with(url, channel, BearerToken(None))
+    }
+
+    /// Wraps a channel, adding `token` to every call.
+    pub fn from_channel_with(
+        url: impl Into<String>,
+        channel: Channel,
+        token: BearerToken,
+    ) -> Client {
         Client {
             url: url.into(),
-            tasks: TaskServiceClient::new(channel.clone())
+            tasks: TaskServiceClient::with_interceptor(channel.clone(), token.clone())
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
-            admin: AdminServiceClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES),
+            admin: AdminServiceClient::with_interceptor(channel, token)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
         }
     }
 
@@ -431,6 +511,53 @@ impl Client {
         let mut client = self.admin.clone();
         let answer = unary(client.cluster_info(request(pb::ClusterInfoRequest {}))).await?;
         Ok(ClusterInfo::try_from(answer)?)
+    }
+
+    /// Makes a client token with `scopes` (names: read, submit, cancel,
+    /// admin), valid for `ttl` (`None`: no expiry). Needs scope `admin`.
+    /// Returns the token string (shown this once) and its record.
+    pub async fn create_token(
+        &self,
+        scopes: Vec<String>,
+        name: &str,
+        ttl: Option<Duration>,
+    ) -> Result<(String, pb::TokenInfo), Error> {
+        let mut client = self.admin.clone();
+        let answer = unary(client.create_token(request(pb::CreateTokenRequest {
+            scopes,
+            name: name.to_owned(),
+            ttl: ttl.map(duration_to_pb),
+            role: String::new(),
+        })))
+        .await?;
+        let info = answer
+            .info
+            .ok_or(weft_proto::ConversionError::MissingField(
+                "CreateTokenResponse.info",
+            ))?;
+        Ok((answer.token, info))
+    }
+
+    /// Every token's record (never a secret). Needs scope `admin`.
+    pub async fn list_tokens(&self) -> Result<Vec<pb::TokenInfo>, Error> {
+        let mut client = self.admin.clone();
+        Ok(unary(client.list_tokens(request(pb::ListTokensRequest {})))
+            .await?
+            .tokens)
+    }
+
+    /// Revokes a token by id; refused from the moment this returns. Needs
+    /// scope `admin`.
+    pub async fn revoke_token(&self, id: &str) -> Result<pb::TokenInfo, Error> {
+        let mut client = self.admin.clone();
+        let answer =
+            unary(client.revoke_token(request(pb::RevokeTokenRequest { id: id.to_owned() })))
+                .await?;
+        Ok(answer
+            .info
+            .ok_or(weft_proto::ConversionError::MissingField(
+                "RevokeTokenResponse.info",
+            ))?)
     }
 }
 

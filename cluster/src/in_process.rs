@@ -58,6 +58,20 @@ impl LocalCluster {
         })
     }
 
+    /// The admin token the coordinator wrote on its first start (read
+    /// from its file), for this process's own clients.
+    pub fn admin_token(&self) -> Option<String> {
+        let path = self.coordinator.admin_token_file()?;
+        std::fs::read_to_string(path)
+            .ok()
+            .map(|t| t.trim().to_owned())
+    }
+
+    /// Where the coordinator wrote the admin token.
+    pub fn admin_token_file(&self) -> Option<&std::path::Path> {
+        self.coordinator.admin_token_file()
+    }
+
     /// `https://ADDR` of the coordinator (`http://` without TLS).
     pub fn url(&self) -> String {
         self.coordinator.url()

@@ -70,7 +70,9 @@ mod tests {
         config.name = "ready-1".into();
         config.slots = 1;
         cluster.add_node(config);
-        let client = Client::connect(&cluster.url()).await.unwrap();
+        let client = Client::connect_with_token(&cluster.url(), cluster.admin_token().as_deref())
+            .await
+            .unwrap();
 
         wait_nodes_ready(&client, 1, Duration::from_secs(30))
             .await

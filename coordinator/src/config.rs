@@ -52,6 +52,13 @@ pub struct CoordinatorConfig {
     /// Plaintext was asked for (`--insecure`): only then may a coordinator
     /// without TLS listen on a non-loopback address.
     pub insecure: bool,
+    /// Whether TaskService and AdminService calls need a client token
+    /// (default true). `false` is `--no-auth`: every caller is admin.
+    pub auth: bool,
+    /// Where the admin token is written on first start (no token stored
+    /// yet). `None`: `DATA_DIR/admin.token`, or with no data dir a fresh
+    /// private temp dir (logged).
+    pub admin_token_file: Option<PathBuf>,
 }
 
 /// Default of [`CoordinatorConfig::max_node_slots`]: far above any one
@@ -84,6 +91,8 @@ impl Default for CoordinatorConfig {
             max_node_slots: DEFAULT_MAX_NODE_SLOTS,
             tls: None,
             insecure: false,
+            auth: true,
+            admin_token_file: None,
         }
     }
 }

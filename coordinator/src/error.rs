@@ -83,6 +83,14 @@ pub enum Error {
     /// The cluster CA or the serving certificate could not be set up.
     #[error("setting up TLS: {0}")]
     Tls(String),
+    /// The admin token could not be made or written on first start.
+    #[error("writing the admin token to {}: {message}", path.display())]
+    AdminToken {
+        /// Where it was to go.
+        path: std::path::PathBuf,
+        /// Why.
+        message: String,
+    },
     /// The address file could not be written (binary only).
     #[error("writing address {addr} to file: {source}")]
     AddrFile {
@@ -108,7 +116,11 @@ impl From<Error> for Status {
             }
             Error::QueueFull { .. } => Status::resource_exhausted(err.to_string()),
             Error::ShuttingDown => Status::unavailable(err.to_string()),
-            Error::Store(_) | Error::Listener(_) | Error::Tls(_) | Error::AddrFile { .. } => {
+            Error::Store(_)
+            | Error::Listener(_)
+            | Error::Tls(_)
+            | Error::AddrFile { .. }
+            | Error::AdminToken { .. } => {
                 tracing::error!(error = %err, "internal failure");
                 Status::internal("internal coordinator error")
             }

@@ -34,6 +34,7 @@
 //! - [`tls`] — the cluster CA and serving certificates ([`tls::pki`]),
 //!   rotation, the TLS accept loop.
 
+pub mod auth;
 pub mod config;
 mod driver;
 pub mod error;
@@ -72,9 +73,16 @@ pub struct RunningCoordinator {
     tls: Option<Arc<tls::ServerTls>>,
     cancel: CancellationToken,
     tasks: TaskTracker,
+    admin_token_file: Option<std::path::PathBuf>,
 }
 
 impl RunningCoordinator {
+    /// Where this start wrote the admin token (first start only: `None`
+    /// when tokens already existed or with `--no-auth`).
+    pub fn admin_token_file(&self) -> Option<&std::path::Path> {
+        self.admin_token_file.as_deref()
+    }
+
     /// The address it listens on.
     pub fn addr(&self) -> SocketAddr {
         self.addr
@@ -160,7 +168,7 @@ pub async fn start(
     // live task: both on the blocking pool.
     let data_dir = config.data_dir.clone();
     let cache_size = config.store_cache_size;
-    let (store, loaded) = tokio::task::spawn_blocking(move || {
+    let (store, loaded, tokens) = tokio::task::spawn_blocking(move || {
         let store: Arc<dyn Store> = match &data_dir {
             Some(dir) => Arc::new(RedbStore::open_with_cache(dir, cache_size)?),
             None => Arc::new(MemoryStore::new()),
@@ -169,7 +177,8 @@ pub async fn start(
             .checked_sub(recent::WINDOW)
             .unwrap_or(SystemTime::UNIX_EPOCH);
         let loaded = store.load(since)?;
-        Ok::<_, StoreError>((store, loaded))
+        let tokens = store.tokens()?;
+        Ok::<_, StoreError>((store, loaded, tokens))
     })
     .await
     .map_err(|err| StoreError::Open {
@@ -184,6 +193,17 @@ pub async fn start(
         ),
         None => tracing::info!("in-memory store: tasks do not survive a restart"),
     }
+    let tokens = Arc::new(auth::TokenIndex::new(tokens));
+    let admin_token_file = if config.auth && tokens.is_empty() {
+        Some(create_admin_token(&config, &store, &tokens).await?)
+    } else {
+        None
+    };
+    if !config.auth {
+        tracing::warn!(
+            "--no-auth: every client is admin without a token; anyone who reaches this port can run commands on every node"
+        );
+    }
     let mut scheduler = Scheduler::new((&config).into());
     scheduler.restore(
         loaded,
@@ -193,6 +213,7 @@ pub async fn start(
         },
     );
 
+    let auth_on = config.auth;
     let config = Arc::new(config);
     let (driver, handle) = driver::new(
         scheduler,
@@ -208,10 +229,10 @@ pub async fn start(
     let serve_tasks = tasks.clone();
     tasks.spawn(async move {
         let result = server::serve(
-            listener,
-            serve_tls.as_deref(),
-            &serve_tasks,
+            (listener, serve_tls.as_deref(), &serve_tasks),
             handle,
+            tokens,
+            auth_on,
             health,
             server_cancel.clone(),
         )
@@ -238,5 +259,57 @@ pub async fn start(
         tls: server_tls,
         cancel,
         tasks,
+        admin_token_file,
     })
+}
+
+/// First start (no token stored): makes an admin token, stores its hash
+/// and writes the token to its file (0600). A token already in that file
+/// (the store was wiped, or `--in-memory` restarts with the same
+/// `--admin-token-file`) is adopted instead of replaced, so clients holding
+/// it keep working. Logs the path, never the token.
+async fn create_admin_token(
+    config: &CoordinatorConfig,
+    store: &Arc<dyn Store>,
+    tokens: &Arc<auth::TokenIndex>,
+) -> Result<std::path::PathBuf, Error> {
+    let path = auth::admin_token_path(
+        config.admin_token_file.as_deref(),
+        config.data_dir.as_deref(),
+    );
+    let fail = |message: String| Error::AdminToken {
+        path: path.clone(),
+        message,
+    };
+    let file = path.clone();
+    let (record, adopted) = tokio::task::spawn_blocking(move || {
+        if let Some(record) = std::fs::read_to_string(&file)
+            .ok()
+            .and_then(|text| auth::adopt_token(&text, "admin", SystemTime::now()))
+        {
+            return Ok((record, true));
+        }
+        let (record, token) =
+            auth::new_token("admin", auth::Scopes::ADMIN, None, SystemTime::now())
+                .map_err(|status| status.message().to_owned())?;
+        auth::write_token_file(&file, &token).map_err(|err| err.to_string())?;
+        Ok::<_, String>((record, false))
+    })
+    .await
+    .map_err(|err| fail(err.to_string()))?
+    .map_err(fail)?;
+    let stored = record.clone();
+    store::blocking(store, "writing a token", move |store| {
+        store.put_token(&stored)
+    })
+    .await?;
+    tokens.put(record);
+    tracing::info!(
+        path = %path.display(),
+        adopted,
+        "admin token (first start) in {}; use it with `weft --token-file {}` or make scoped ones with `weft token create --scope ...`",
+        path.display(),
+        path.display()
+    );
+    Ok(path)
 }

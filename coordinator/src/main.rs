@@ -97,6 +97,18 @@ struct Args {
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     shutdown_grace: Duration,
 
+    /// Where the admin token is written on first start (no token stored
+    /// yet), mode 0600. Default: DATA_DIR/admin.token; with --in-memory a
+    /// fresh private temp dir (the path is logged).
+    #[arg(long, env = "WEFT_ADMIN_TOKEN_FILE", value_name = "FILE")]
+    admin_token_file: Option<PathBuf>,
+
+    /// Turns client tokens off: every client is admin without a token.
+    /// Only for experiments on a machine nobody else reaches; logs a
+    /// warning at every start.
+    #[arg(long)]
+    no_auth: bool,
+
     /// Log line format on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -153,6 +165,8 @@ impl From<&Args> for CoordinatorConfig {
                 advertise: args.advertise.clone(),
                 cert_lifetime: args.cert_lifetime,
             }),
+            auth: !args.no_auth,
+            admin_token_file: args.admin_token_file.clone(),
             ..CoordinatorConfig::default()
         }
     }

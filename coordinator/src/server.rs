@@ -1,7 +1,8 @@
 //! The tonic server: services, health, and serve-with-shutdown over the
 //! listener the caller already bound.
 //!
-//! No tower layer wraps the services on purpose: `Connect` and `Watch`
+//! Client authentication is one interceptor per client service (see
+//! `crate::auth`). No tower layer wraps the services on purpose: `Connect` and `Watch`
 //! streams live for hours, so a timeout or concurrency limit counting
 //! in-flight requests would count every connected node and watcher.
 //! Deadlines on unary calls are the client's to set.
@@ -18,6 +19,9 @@ use weft_proto::pb::admin_service_server::AdminServiceServer;
 use weft_proto::pb::node_service_server::NodeServiceServer;
 use weft_proto::pb::task_service_server::TaskServiceServer;
 
+use std::sync::Arc;
+
+use crate::auth::{Authenticator, TokenIndex};
 use crate::driver::Handle;
 use crate::service::admin::AdminApi;
 use crate::service::node::NodeApi;
@@ -40,24 +44,38 @@ pub(crate) async fn mark_serving(reporter: &HealthReporter) {
 /// [`ServerTls::incoming`], so tonic sees finished TLS streams and
 /// `Request::peer_certs()` works), plaintext otherwise.
 pub(crate) async fn serve(
-    listener: TcpListener,
-    tls: Option<&ServerTls>,
-    tasks: &TaskTracker,
+    (listener, tls, tasks): (TcpListener, Option<&ServerTls>, &TaskTracker),
     handle: Handle,
+    tokens: Arc<TokenIndex>,
+    auth: bool,
     health: tonic_health::pb::health_server::HealthServer<
         impl tonic_health::pb::health_server::Health,
     >,
     cancel: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
+    // The edge for clients: every TaskService and AdminService call passes
+    // the Authenticator, which puts the caller's token scopes into the
+    // request; each method then requires its one scope. Health stays open.
+    let authenticator = Authenticator {
+        index: auth.then(|| Arc::clone(&tokens)),
+    };
     let router = Server::builder()
         .add_service(health)
+        // NOT checked by client tokens: nodes will authenticate with their
+        // certificates (node join tokens and certificates are the next step).
         .add_service(NodeServiceServer::new(NodeApi {
             handle: handle.clone(),
         }))
-        .add_service(TaskServiceServer::new(TaskApi {
-            handle: handle.clone(),
-        }))
-        .add_service(AdminServiceServer::new(AdminApi { handle }));
+        .add_service(TaskServiceServer::with_interceptor(
+            TaskApi {
+                handle: handle.clone(),
+            },
+            authenticator.clone(),
+        ))
+        .add_service(AdminServiceServer::with_interceptor(
+            AdminApi { handle, tokens },
+            authenticator,
+        ));
     match tls {
         Some(tls) => {
             let incoming = tls.incoming(listener, cancel.clone(), tasks);

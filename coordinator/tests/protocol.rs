@@ -17,8 +17,15 @@ use weft_proto::pb::node_message::Body as In;
 use weft_proto::pb::task_service_client::TaskServiceClient;
 use weft_proto::{TaskSpec, TaskState, pb};
 
+/// Client tokens are off here (`--no-auth`): these tests are about the
+/// node protocol and the task API's answers; tokens are tested end to end
+/// in `tests/tests/e2e/tokens.rs`.
 async fn coordinator(config: CoordinatorConfig) -> RunningCoordinator {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let config = CoordinatorConfig {
+        auth: false,
+        ..config
+    };
     weft_coordinator::start(config, listener).await.unwrap()
 }
 

@@ -19,6 +19,8 @@ fn config(dir: &Path) -> CoordinatorConfig {
         heartbeat_interval: Duration::from_millis(100),
         heartbeat_timeout: Duration::from_millis(500),
         data_dir: Some(dir.to_owned()),
+        // Restart behaviour, not tokens (tested end to end in weft-tests).
+        auth: false,
         ..CoordinatorConfig::default()
     }
 }

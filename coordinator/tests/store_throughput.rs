@@ -15,6 +15,8 @@ async fn coordinator(data_dir: Option<std::path::PathBuf>) -> RunningCoordinator
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let config = CoordinatorConfig {
         data_dir,
+        // Store throughput, not tokens.
+        auth: false,
         ..CoordinatorConfig::default()
     };
     weft_coordinator::start(config, listener).await.unwrap()

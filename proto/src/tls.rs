@@ -118,6 +118,14 @@ impl Trust {
         Ok(Trust::Pin(digest))
     }
 
+    /// The pin as text (`sha256:HEX`), for a pin; `None` for a file.
+    pub fn pin_text(&self) -> Option<String> {
+        match self {
+            Trust::Pin(digest) => Some(format!("{PIN_PREFIX}{}", hex::encode(digest))),
+            Trust::CaFile(_) => None,
+        }
+    }
+
     /// What is trusted, for messages: `the CA in FILE` or `the CA pin sha256:...`.
     pub fn describe(&self) -> String {
         match self {

@@ -33,20 +33,49 @@ impl std::fmt::Display for CliOutput {
     }
 }
 
-/// Runs `weft ARGS` with `WEFT_COORDINATOR=url` (and `WEFT_CA`, the CA
-/// registered for `url` in [`crate::trust`], if any), feeding `stdin` if
-/// given. Killed after 60 s so a hanging CLI fails its test instead of the
-/// suite.
-pub async fn run_weft(url: &str, args: &[&str], stdin: Option<&[u8]>) -> CliOutput {
+/// Runs `weft ARGS` with `WEFT_COORDINATOR=url`, `WEFT_TOKEN=token` (if
+/// given) and `WEFT_CA` (the CA registered for `url` in [`crate::trust`],
+/// if any), feeding `stdin` if given. Killed after 60 s so a hanging CLI
+/// fails its test instead of the suite.
+pub async fn run_weft(
+    url: &str,
+    token: Option<&str>,
+    args: &[&str],
+    stdin: Option<&[u8]>,
+) -> CliOutput {
+    run_weft_env(url, token, &[], args, stdin).await
+}
+
+/// [`run_weft`] with extra environment variables (set last). The user's
+/// own `weft login` context is never read: `XDG_CONFIG_HOME` points at a
+/// missing dir unless `env` sets it.
+pub async fn run_weft_env(
+    url: &str,
+    token: Option<&str>,
+    env: &[(&str, &str)],
+    args: &[&str],
+    stdin: Option<&[u8]>,
+) -> CliOutput {
     let mut cmd = Command::new(bin_path("weft"));
+    cmd.env_remove("WEFT_TOKEN")
+        .env("XDG_CONFIG_HOME", "/nonexistent/weft-test-config");
+    if let Some(token) = token {
+        cmd.env("WEFT_TOKEN", token);
+    }
+    if url.is_empty() {
+        cmd.env_remove("WEFT_COORDINATOR");
+    } else {
+        cmd.env("WEFT_COORDINATOR", url);
+    }
+    // The CA registered for `url` in [`crate::trust`], if any.
     if let Some(weft_proto::tls::Trust::CaFile(ca)) = crate::trust::for_url(url) {
         cmd.env("WEFT_CA", ca);
     } else {
         cmd.env_remove("WEFT_CA");
     }
+    cmd.env_remove("WEFT_CA_PIN");
+    cmd.envs(env.iter().copied());
     cmd.args(args)
-        .env_remove("WEFT_CA_PIN")
-        .env("WEFT_COORDINATOR", url)
         .env("NO_COLOR", "1")
         .env_remove("RUST_LOG")
         .stdin(if stdin.is_some() {

@@ -138,6 +138,14 @@ impl Store for HeldStore {
     fn expire(&self, before: SystemTime, limit: usize) -> Result<Vec<TaskState>, StoreError> {
         self.memory.expire(before, limit)
     }
+
+    fn tokens(&self) -> Result<Vec<crate::auth::TokenRecord>, StoreError> {
+        self.memory.tokens()
+    }
+
+    fn put_token(&self, token: &crate::auth::TokenRecord) -> Result<(), StoreError> {
+        self.memory.put_token(token)
+    }
 }
 
 /// A driver running on `store`, and one node connected to it.

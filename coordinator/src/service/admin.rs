@@ -1,24 +1,62 @@
-//! `AdminService`: ListNodes, DrainNode, ClusterInfo.
+//! `AdminService`: ListNodes, DrainNode, ClusterInfo, and the token rpcs.
+
+use std::sync::Arc;
+use std::time::SystemTime;
 
 use tonic::{Request, Response, Status};
 
-use weft_proto::convert::{duration_from_pb, duration_to_pb};
+use weft_proto::convert::{duration_from_pb, duration_to_pb, timestamp};
 use weft_proto::pb;
 
+use crate::auth::{self, Scope, Scopes, TokenIndex, TokenKind, TokenRecord};
 use crate::driver::{Command, Handle};
 use crate::error::Error;
+use crate::store::blocking;
 
 /// The operator API.
 pub(crate) struct AdminApi {
     pub handle: Handle,
+    /// The tokens the edge checks; the token rpcs write through it.
+    pub tokens: Arc<TokenIndex>,
+}
+
+fn token_info(record: &TokenRecord) -> pb::TokenInfo {
+    pb::TokenInfo {
+        id: record.id.clone(),
+        name: record.name.clone(),
+        scopes: record.scopes.names(),
+        created: Some(timestamp(record.created)),
+        expires: record.expires.map(timestamp),
+        revoked: record.revoked.map(timestamp),
+        role: match record.kind {
+            TokenKind::Client => "client",
+            TokenKind::NodeJoin => "node",
+        }
+        .to_owned(),
+    }
+}
+
+impl AdminApi {
+    /// Stores `record` durably, then makes it the one the edge checks.
+    async fn put_token(&self, record: TokenRecord) -> Result<(), Status> {
+        let stored = record.clone();
+        blocking(&self.handle.store, "writing a token", move |store| {
+            store.put_token(&stored)
+        })
+        .await
+        .map_err(Error::from)?;
+        self.tokens.put(record);
+        Ok(())
+    }
 }
 
 #[tonic::async_trait]
 impl pb::admin_service_server::AdminService for AdminApi {
     async fn list_nodes(
         &self,
-        _request: Request<pb::ListNodesRequest>,
+        request: Request<pb::ListNodesRequest>,
     ) -> Result<Response<pb::ListNodesResponse>, Status> {
+        auth::require(&request, Scope::Read)?;
         let nodes = self
             .handle
             .call(|reply| Command::ListNodes { reply })
@@ -32,6 +70,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
         &self,
         request: Request<pb::DrainNodeRequest>,
     ) -> Result<Response<pb::DrainNodeResponse>, Status> {
+        auth::require(&request, Scope::Admin)?;
         let request = request.into_inner();
         let grace = request
             .grace
@@ -51,8 +90,9 @@ impl pb::admin_service_server::AdminService for AdminApi {
 
     async fn cluster_info(
         &self,
-        _request: Request<pb::ClusterInfoRequest>,
+        request: Request<pb::ClusterInfoRequest>,
     ) -> Result<Response<pb::ClusterInfoResponse>, Status> {
+        auth::require(&request, Scope::Read)?;
         let (stats, uptime) = self
             .handle
             .call(|reply| Command::ClusterInfo { reply })
@@ -74,6 +114,78 @@ impl pb::admin_service_server::AdminService for AdminApi {
             stale_events_refused: stats.stale_events_refused,
             nodes_lost: stats.nodes_lost,
             recovered_attempts: stats.recovered_attempts,
+        }))
+    }
+
+    async fn create_token(
+        &self,
+        request: Request<pb::CreateTokenRequest>,
+    ) -> Result<Response<pb::CreateTokenResponse>, Status> {
+        auth::require(&request, Scope::Admin)?;
+        let request = request.into_inner();
+        match request.role.as_str() {
+            "" | "client" => {}
+            "node" => {
+                return Err(Status::unimplemented(
+                    "node join tokens are not available yet (nodes will join with a token and a certificate)",
+                ));
+            }
+            other => {
+                return Err(Status::invalid_argument(format!(
+                    "role: unknown role '{other}' (known: client)"
+                )));
+            }
+        }
+        let scopes = Scopes::parse_list(&request.scopes)
+            .map_err(|err| Status::invalid_argument(format!("scopes: {err}")))?;
+        let ttl = request
+            .ttl
+            .as_ref()
+            .map(|t| duration_from_pb("ttl", t))
+            .transpose()
+            .map_err(Error::from)?;
+        if request.name.len() > 256 {
+            return Err(Status::invalid_argument("name: longer than 256 bytes"));
+        }
+        let _writer = self.tokens.write.lock().await;
+        let (record, token) = auth::new_token(&request.name, scopes, ttl, SystemTime::now())?;
+        let info = token_info(&record);
+        self.put_token(record).await?;
+        tracing::info!(token_id = %info.id, name = %info.name, scopes = ?info.scopes, "token created");
+        Ok(Response::new(pb::CreateTokenResponse {
+            token,
+            info: Some(info),
+        }))
+    }
+
+    async fn list_tokens(
+        &self,
+        request: Request<pb::ListTokensRequest>,
+    ) -> Result<Response<pb::ListTokensResponse>, Status> {
+        auth::require(&request, Scope::Admin)?;
+        Ok(Response::new(pb::ListTokensResponse {
+            tokens: self.tokens.list().iter().map(token_info).collect(),
+        }))
+    }
+
+    async fn revoke_token(
+        &self,
+        request: Request<pb::RevokeTokenRequest>,
+    ) -> Result<Response<pb::RevokeTokenResponse>, Status> {
+        auth::require(&request, Scope::Admin)?;
+        let id = request.into_inner().id;
+        let _writer = self.tokens.write.lock().await;
+        let mut record = self
+            .tokens
+            .get(id.trim())
+            .ok_or_else(|| Status::not_found(format!("no token with id '{id}'")))?;
+        if record.revoked.is_none() {
+            record.revoked = Some(SystemTime::now());
+            self.put_token(record.clone()).await?;
+            tracing::info!(token_id = %record.id, "token revoked");
+        }
+        Ok(Response::new(pb::RevokeTokenResponse {
+            info: Some(token_info(&record)),
         }))
     }
 }

@@ -16,6 +16,7 @@ use tonic::{Request, Response, Status};
 use weft_proto::{TaskId, TaskSpec, TaskState, pb};
 
 use super::{event_to_pb, parse_task_id, state_filter, task_to_pb};
+use crate::auth::{self, Scope};
 use crate::driver::{Command, Handle, follow, wait_final};
 use crate::error::Error;
 use crate::store::{TaskEvent, TaskRecord, blocking};
@@ -102,6 +103,7 @@ impl pb::task_service_server::TaskService for TaskApi {
         &self,
         request: Request<pb::SubmitRequest>,
     ) -> Result<Response<pb::SubmitResponse>, Status> {
+        auth::require(&request, Scope::Submit)?;
         let ids = self.submit_specs(request.into_inner().tasks).await?;
         Ok(Response::new(pb::SubmitResponse {
             task_ids: ids.iter().map(TaskId::to_string).collect(),
@@ -112,6 +114,7 @@ impl pb::task_service_server::TaskService for TaskApi {
         &self,
         request: Request<pb::GetRequest>,
     ) -> Result<Response<pb::GetResponse>, Status> {
+        auth::require(&request, Scope::Read)?;
         let id = parse_task_id(&request.into_inner().task_id)?;
         let mut record = [self.read_task(id).await?];
         self.with_pending(&mut record).await?;
@@ -124,6 +127,7 @@ impl pb::task_service_server::TaskService for TaskApi {
         &self,
         request: Request<pb::ListRequest>,
     ) -> Result<Response<pb::ListResponse>, Status> {
+        auth::require(&request, Scope::Read)?;
         let request = request.into_inner();
         let state = state_filter(request.state)?;
         let limit = match request.limit {
@@ -156,6 +160,7 @@ impl pb::task_service_server::TaskService for TaskApi {
         &self,
         request: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
+        auth::require(&request, Scope::Read)?;
         let request = request.into_inner();
         let id = parse_task_id(&request.task_id)?;
         // Unknown ids fail the call itself, not the stream.
@@ -167,6 +172,7 @@ impl pb::task_service_server::TaskService for TaskApi {
         &self,
         request: Request<pb::CancelRequest>,
     ) -> Result<Response<pb::CancelResponse>, Status> {
+        auth::require(&request, Scope::Cancel)?;
         let request = request.into_inner();
         let id = parse_task_id(&request.task_id)?;
         let reason = request.reason;
@@ -196,6 +202,7 @@ impl pb::task_service_server::TaskService for TaskApi {
         &self,
         request: Request<pb::WaitManyRequest>,
     ) -> Result<Response<Self::WaitManyStream>, Status> {
+        auth::require(&request, Scope::Read)?;
         let request = request.into_inner();
         if request.task_ids.len() > MAX_WAIT_MANY {
             return Err(
@@ -230,6 +237,7 @@ impl pb::task_service_server::TaskService for TaskApi {
         &self,
         request: Request<pb::RunRequest>,
     ) -> Result<Response<Self::RunStream>, Status> {
+        auth::require(&request, Scope::Submit)?;
         let spec = request.into_inner().spec.ok_or(Error::InvalidArgument(
             weft_proto::ConversionError::MissingField("spec"),
         ))?;

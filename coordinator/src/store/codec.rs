@@ -20,6 +20,7 @@ use weft_proto::{
 
 use super::engine::StoreError;
 use super::record::{EventBody, TaskEvent, TaskRecord};
+use crate::auth::{Scopes, TokenKind, TokenRecord};
 
 /// A task as the wire shows it.
 pub(crate) fn task_to_pb(record: &TaskRecord) -> pb::Task {
@@ -390,4 +391,75 @@ mod tests {
         let err = decode_task(TaskId::new(), &[0xff, 0xff, 0xff]).unwrap_err();
         assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
     }
+}
+
+/// A token record as stored: never the secret, only its SHA-256. Times are
+/// milliseconds since the epoch (0: unset).
+#[derive(Clone, PartialEq, Message)]
+struct StoredToken {
+    #[prost(string, tag = "1")]
+    id: String,
+    #[prost(string, tag = "2")]
+    name: String,
+    #[prost(uint32, tag = "3")]
+    kind: u32,
+    #[prost(uint32, tag = "4")]
+    scopes: u32,
+    #[prost(uint64, tag = "5")]
+    created_ms: u64,
+    #[prost(uint64, tag = "6")]
+    expires_ms: u64,
+    #[prost(uint64, tag = "7")]
+    revoked_ms: u64,
+    #[prost(bytes = "vec", tag = "8")]
+    secret_hash: Vec<u8>,
+}
+
+fn to_ms(t: SystemTime) -> u64 {
+    u64::try_from(
+        t.duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis(),
+    )
+    .unwrap_or(u64::MAX)
+    .max(1)
+}
+
+fn from_ms(ms: u64) -> Option<SystemTime> {
+    (ms != 0).then(|| std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms))
+}
+
+/// A token record as stored bytes.
+pub(crate) fn encode_token(record: &TokenRecord) -> Vec<u8> {
+    StoredToken {
+        id: record.id.clone(),
+        name: record.name.clone(),
+        kind: u32::from(record.kind.to_u8()),
+        scopes: u32::from(record.scopes.bits()),
+        created_ms: to_ms(record.created),
+        expires_ms: record.expires.map_or(0, to_ms),
+        revoked_ms: record.revoked.map_or(0, to_ms),
+        secret_hash: record.secret_hash.to_vec(),
+    }
+    .encode_to_vec()
+}
+
+/// A token record from stored bytes.
+pub(crate) fn decode_token(bytes: &[u8]) -> Result<TokenRecord, StoreError> {
+    let stored = StoredToken::decode(bytes).map_err(|e| corrupt("token", e))?;
+    let secret_hash: [u8; 32] = stored
+        .secret_hash
+        .as_slice()
+        .try_into()
+        .map_err(|_| corrupt("token", "hash is not 32 bytes"))?;
+    Ok(TokenRecord {
+        id: stored.id,
+        name: stored.name,
+        kind: TokenKind::from_u8(u8::try_from(stored.kind).unwrap_or(u8::MAX)),
+        scopes: Scopes::from_bits(u8::try_from(stored.scopes).unwrap_or(0)),
+        created: from_ms(stored.created_ms).unwrap_or(std::time::UNIX_EPOCH),
+        expires: from_ms(stored.expires_ms),
+        revoked: from_ms(stored.revoked_ms),
+        secret_hash,
+    })
 }

@@ -7,6 +7,7 @@ use std::time::SystemTime;
 use weft_proto::{TaskId, TaskState};
 
 use super::record::{Loaded, Record, TaskEvent, TaskRecord};
+use crate::auth::TokenRecord;
 
 /// Why the store failed. `Clone` because one failed group commit fails
 /// every reply of its batch.
@@ -105,4 +106,13 @@ pub trait Store: Send + Sync + 'static {
         finished_before: SystemTime,
         limit: usize,
     ) -> Result<Vec<TaskState>, StoreError>;
+
+    /// Every token record (client tokens, later node join tokens): the
+    /// index the server's edge checks is built from it at start.
+    fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError>;
+
+    /// Writes one token record (new, or revoked) in a transaction of its
+    /// own, durable when it returns: token writes are rare and are not
+    /// part of the driver's group commit. Never stores a secret.
+    fn put_token(&self, token: &TokenRecord) -> Result<(), StoreError>;
 }

@@ -9,6 +9,7 @@ use weft_proto::{SecretEnv, TaskId, TaskState};
 
 use super::engine::{Store, StoreError};
 use super::record::{FinalAttempt, Loaded, MAX_RECENTLY_FINAL, Record, TaskEvent, TaskRecord};
+use crate::auth::TokenRecord;
 
 /// Tasks in a `BTreeMap` keyed by id; ULIDs sort by creation time, so
 /// "newest first" is a reverse range scan.
@@ -25,6 +26,8 @@ struct Inner {
     /// Secret environments of tasks not yet final, apart from the records
     /// that readers get.
     secrets: HashMap<TaskId, Arc<SecretEnv>>,
+    /// Token records by id.
+    tokens: HashMap<String, TokenRecord>,
 }
 
 #[derive(Debug)]
@@ -47,6 +50,17 @@ fn with_seq(entry: &Entry) -> TaskRecord {
 }
 
 impl Store for MemoryStore {
+    fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
+        let inner = self.inner.read().map_err(|_| StoreError::Poisoned)?;
+        Ok(inner.tokens.values().cloned().collect())
+    }
+
+    fn put_token(&self, token: &TokenRecord) -> Result<(), StoreError> {
+        let mut inner = self.inner.write().map_err(|_| StoreError::Poisoned)?;
+        inner.tokens.insert(token.id.clone(), token.clone());
+        Ok(())
+    }
+
     fn commit(&self, records: &[Record]) -> Result<(), StoreError> {
         if records.is_empty() {
             return Ok(());
@@ -56,6 +70,7 @@ impl Store for MemoryStore {
             tasks,
             final_by_time,
             secrets,
+            ..
         } = &mut *inner;
         // Check first so that a bad commit changes nothing.
         let mut pending: BTreeMap<TaskId, u64> = BTreeMap::new();

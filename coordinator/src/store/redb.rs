@@ -14,6 +14,8 @@
 //!   retention sweeps and recently finished results.
 //! - `state_counts`: state -> number of tasks, so `load` does not count.
 //! - `meta`: schema version.
+//! - `tokens`: token id -> token record (the SHA-256 of its secret, never
+//!   the secret), written synchronously by the token rpcs.
 //!
 //! Opening takes redb's exclusive file lock: a second coordinator on the same
 //! data dir gets [`StoreError::Locked`]. All methods block; callers on the
@@ -32,11 +34,12 @@ use redb::{
 use weft_proto::{TaskId, TaskSpec, TaskState};
 
 use super::codec::{
-    decode_event, decode_secrets, decode_task, decode_task_head, encode_event, encode_secrets,
-    encode_task,
+    decode_event, decode_secrets, decode_task, decode_task_head, decode_token, encode_event,
+    encode_secrets, encode_task, encode_token,
 };
 use super::engine::{Store, StoreError};
 use super::record::{FinalAttempt, Loaded, MAX_RECENTLY_FINAL, Record, TaskEvent, TaskRecord};
+use crate::auth::TokenRecord;
 
 const TASKS: TableDefinition<u128, &[u8]> = TableDefinition::new("tasks");
 const EVENTS: TableDefinition<(u128, u64), &[u8]> = TableDefinition::new("events");
@@ -47,6 +50,8 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// Secret environments by task id: apart from `tasks`, which every reader
 /// decodes, and only while the task is not final.
 const SECRETS: TableDefinition<u128, &[u8]> = TableDefinition::new("secrets");
+/// Token records by id: hashes of secrets only.
+const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
 
 /// The file format this code writes; a newer one is refused.
 const SCHEMA_VERSION: u64 = 1;
@@ -144,6 +149,7 @@ impl RedbStore {
                 .or_backend("creating tables")?;
             txn.open_table(COUNTS).or_backend("creating tables")?;
             txn.open_table(SECRETS).or_backend("creating tables")?;
+            txn.open_table(TOKENS).or_backend("creating tables")?;
             let mut meta = txn.open_table(META).or_backend("creating tables")?;
             let found = meta
                 .get("schema")
@@ -332,6 +338,30 @@ fn apply_counts(txn: &WriteTransaction, deltas: &[i64; 8]) -> Result<(), StoreEr
 }
 
 impl Store for RedbStore {
+    fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
+        let op = "reading tokens";
+        let txn = self.db.begin_read().or_backend(op)?;
+        let table = txn.open_table(TOKENS).or_backend(op)?;
+        let mut all = Vec::new();
+        for entry in table.iter().or_backend(op)? {
+            let (_, value) = entry.or_backend(op)?;
+            all.push(decode_token(value.value())?);
+        }
+        Ok(all)
+    }
+
+    fn put_token(&self, token: &TokenRecord) -> Result<(), StoreError> {
+        let op = "writing a token";
+        let txn = self.write_txn()?;
+        {
+            let mut table = txn.open_table(TOKENS).or_backend(op)?;
+            table
+                .insert(token.id.as_str(), encode_token(token).as_slice())
+                .or_backend(op)?;
+        }
+        txn.commit().or_backend(op)
+    }
+
     fn commit(&self, records: &[Record]) -> Result<(), StoreError> {
         if records.is_empty() {
             return Ok(());

@@ -349,3 +349,34 @@ fn a_second_redb_store_on_the_same_dir_is_refused_clearly() {
         "{err}"
     );
 }
+
+#[test]
+fn token_records_round_trip_revocation_replaces_and_survive_reopening() {
+    use crate::auth::{Scope, Scopes, new_token};
+    both(|store| {
+        assert!(store.tokens().unwrap().is_empty());
+        let (mut record, _) = new_token(
+            "ci",
+            Scopes::of([Scope::Read, Scope::Cancel]),
+            Some(Duration::from_secs(60)),
+            at(5_000),
+        )
+        .unwrap();
+        store.put_token(&record).unwrap();
+        assert_eq!(store.tokens().unwrap(), vec![record.clone()]);
+        record.revoked = Some(at(6_000));
+        store.put_token(&record).unwrap();
+        assert_eq!(store.tokens().unwrap(), vec![record.clone()]);
+    });
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (record, token) = new_token("admin", Scopes::ADMIN, None, at(1_000)).unwrap();
+    RedbStore::open(dir.path())
+        .unwrap()
+        .put_token(&record)
+        .unwrap();
+    let reopened = RedbStore::open(dir.path()).unwrap();
+    assert_eq!(reopened.tokens().unwrap(), vec![record]);
+    let secret = token.rsplit_once('_').unwrap().1;
+    let bytes = std::fs::read(reopened.path()).unwrap();
+    assert!(!bytes.windows(secret.len()).any(|w| w == secret.as_bytes()));
+}

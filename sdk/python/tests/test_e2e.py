@@ -37,10 +37,12 @@ class Cluster:
         # TLS, the default: the CA lives in the data dir, as on a real machine.
         self.data_dir = tmp_path / "weft-data"
         self.ca_file = str(self.data_dir / "ca.pem")
+        self.token_file = tmp_path / "admin.token"
         self.coordinator = spawn(
             [str(coordinator), "--listen", "127.0.0.1:0", "--addr-file", str(addr_file),
              "--data-dir", str(self.data_dir),
-             "--heartbeat-interval", "500ms", "--heartbeat-timeout", "5s"],
+             "--heartbeat-interval", "500ms", "--heartbeat-timeout", "5s",
+             "--admin-token-file", str(self.token_file)],
             name="coordinator",
         )
 
@@ -50,7 +52,9 @@ class Cluster:
             return addr_file.exists() and addr_file.read_text().strip()
 
         self.url = "https://" + poll(address, timeout=20, what="the coordinator's address file")
-        self.client = weft.Client(self.url, ca_file=self.ca_file)
+        # Written before the coordinator listens (first start).
+        self.token = self.token_file.read_text().strip()
+        self.client = weft.Client(self.url, token=self.token, ca_file=self.ca_file)
 
     def rust_node(self, name: str = "rust", slots: int = 2, labels=("lang=rust",)):
         argv = [str(self.node_bin), "--coordinator", self.url, "--ca-file", self.ca_file, "--slots", str(slots),
@@ -76,9 +80,10 @@ class Cluster:
         return poll(ready, timeout=timeout, what=f"nodes {names}")
 
     def weft(self, *args: str, timeout: float = 60, input: bytes = None) -> subprocess.CompletedProcess:
+        env = {**os.environ, "WEFT_TOKEN": self.token, "XDG_CONFIG_HOME": str(self._tmp / "config")}
         return subprocess.run(
             [str(self.weft_bin), "--coordinator", self.url, "--ca-file", self.ca_file, *args],
-            capture_output=True, timeout=timeout, input=input, cwd=self._tmp,
+            capture_output=True, timeout=timeout, input=input, cwd=self._tmp, env=env,
         )
 
 
@@ -119,11 +124,11 @@ def test_a_python_client_and_worker_take_host_and_port_without_a_scheme(cluster)
     bare = cluster.url[len("https://"):]
     cluster.python_worker("bare", url=bare)
     cluster.wait_nodes("bare")
-    with weft.Client(bare, ca_file=cluster.ca_file) as client:
+    with weft.Client(bare, token=cluster.token, ca_file=cluster.ca_file) as client:
         assert json.loads(client.call("wordcount", b"a b a", wait_timeout=30)) == {"words": 3, "distinct": 2}
 
     async def via_aio():
-        async with weft.aio.Client(bare, ca_file=cluster.ca_file) as client:
+        async with weft.aio.Client(bare, token=cluster.token, ca_file=cluster.ca_file) as client:
             return [n.name for n in await client.nodes()]
 
     assert asyncio.run(via_aio()) == ["bare"]
@@ -227,7 +232,7 @@ def test_the_asyncio_client_streams_events_and_errors_are_typed(cluster):
     cluster.wait_nodes("rust")
 
     async def scenario():
-        async with weft.aio.Client(cluster.url, ca_file=cluster.ca_file) as client:
+        async with weft.aio.Client(cluster.url, token=cluster.token, ca_file=cluster.ca_file) as client:
             task_id = await client.submit_exec(["sh", "-c", "echo one; echo two >&2"])
             events = [event async for event in client.watch(task_id)]
             assert [e.seq for e in events] == list(range(len(events)))
@@ -267,8 +272,9 @@ def test_a_python_worker_reconnects_after_a_coordinator_restart(cluster, spawn, 
     cluster.coordinator.kill()
     # Same address, fresh (in-memory) coordinator with the same CA.
     coordinator = require_binary("weft-coordinator")
+    # The same admin token file and CA: the new coordinator adopts both.
     spawn([str(coordinator), "--listen", address, "--in-memory", "--pki-dir", str(cluster.data_dir),
-           "--heartbeat-interval", "500ms"], name="coordinator-again")
+           "--heartbeat-interval", "500ms", "--admin-token-file", str(cluster.token_file)], name="coordinator-again")
     nodes = poll(lambda: _nodes_or_none(cluster.client), timeout=30, what="the worker to re-register")
     assert [n.name for n in nodes] == ["py"]
     assert cluster.client.call("sha256", b"", wait_timeout=30).startswith(b"e3b0c442")
@@ -348,6 +354,39 @@ def test_a_secret_reaches_the_process_and_a_python_handler_but_no_answer(cluster
         running.stop()
 
 
+def test_clients_carry_tokens_and_refusals_are_typed(cluster, monkeypatch):
+    monkeypatch.setenv("WEFT_CA", cluster.ca_file)
+    # No token at all: Unauthenticated, with how to get one.
+    monkeypatch.delenv("WEFT_TOKEN", raising=False)
+    with weft.Client(cluster.url) as client:
+        with pytest.raises(weft.Unauthenticated) as err:
+            client.nodes()
+        assert "weft token create" in err.value.details
+    # A read-only token made by the admin CLI: reads work, submitting is
+    # PermissionDenied naming the scope.
+    made = cluster.weft("token", "create", "--scope", "read", "--name", "py")
+    assert made.returncode == 0, made.stderr
+    reader_token = made.stdout.decode().strip()
+    with weft.Client(cluster.url, token=reader_token) as client:
+        assert client.nodes() == []
+        with pytest.raises(weft.PermissionDenied) as err:
+            client.submit_exec(["true"])
+        assert "'submit'" in err.value.details
+    # $WEFT_TOKEN is the default; the asyncio client sends it on streams too.
+    monkeypatch.setenv("WEFT_TOKEN", cluster.token)
+
+    async def via_aio():
+        async with weft.aio.Client(cluster.url) as client:
+            await client.nodes()
+        async with weft.aio.Client(cluster.url, token="weft_wrong") as client:
+            with pytest.raises(weft.Unauthenticated):
+                await client.nodes()
+
+    asyncio.run(via_aio())
+    with weft.Client(cluster.url) as client:
+        assert client.nodes() == []
+
+
 def test_tls_the_client_trusts_the_cluster_ca_and_refuses_others(cluster, tmp_path, monkeypatch):
     from weft._channel import ca_pin
 
@@ -355,6 +394,7 @@ def test_tls_the_client_trusts_the_cluster_ca_and_refuses_others(cluster, tmp_pa
     cluster.wait_nodes("rust")
     # $WEFT_CA is the default CA file.
     monkeypatch.setenv("WEFT_CA", cluster.ca_file)
+    monkeypatch.setenv("WEFT_TOKEN", cluster.token)
     with weft.Client(cluster.url) as client:
         assert [n.name for n in client.nodes()] == ["rust"]
     monkeypatch.delenv("WEFT_CA")

@@ -8,6 +8,7 @@ same forms and refuse the same garbage with the same message.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import ipaddress
 import os
@@ -169,19 +170,128 @@ def _credentials(target: str, ca_file: Optional[str], ca_pin: Optional[str]) -> 
     return grpc.ssl_channel_credentials(root_certificates=root_certificates(target, ca_file, ca_pin))
 
 
-def sync_channel(url: str | None, ca_file: Optional[str] = None, ca_pin: Optional[str] = None) -> grpc.Channel:
+def client_token(token: str | None) -> Optional[str]:
+    """``token``, else ``$WEFT_TOKEN``, else None (surrounding blanks dropped)."""
+    value = token if token is not None else os.environ.get("WEFT_TOKEN")
+    value = (value or "").strip()
+    return value or None
+
+
+def _with_token(metadata, token: str):
+    return tuple(metadata or ()) + (("authorization", f"Bearer {token}"),)
+
+
+class _CallDetails(
+    collections.namedtuple("_CallDetails", ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression")),
+    grpc.ClientCallDetails,
+):
+    pass
+
+
+class _Bearer(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
+    """Adds ``authorization: Bearer <token>`` to every call of a sync channel."""
+
+    def __init__(self, token: str):
+        self._token = token
+
+    def __repr__(self) -> str:  # never the token itself
+        return "_Bearer(<token>)"
+
+    def _details(self, d):
+        return _CallDetails(
+            d.method,
+            d.timeout,
+            _with_token(d.metadata, self._token),
+            d.credentials,
+            getattr(d, "wait_for_ready", None),
+            getattr(d, "compression", None),
+        )
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation, details, request_iterator):
+        return continuation(self._details(details), request_iterator)
+
+    def intercept_stream_stream(self, continuation, details, request_iterator):
+        return continuation(self._details(details), request_iterator)
+
+
+class _AioBearer:
+    """Adds ``authorization: Bearer <token>`` to calls of an asyncio channel.
+
+    grpc.aio files each interceptor under the first call type it implements,
+    so there is one subclass per call type (see :func:`_aio_bearers`)."""
+
+    def __init__(self, token: str):
+        self._token = token
+
+    def __repr__(self) -> str:  # never the token itself
+        return f"{type(self).__name__}(<token>)"
+
+    def _details(self, d):
+        metadata = grpc.aio.Metadata()
+        for key, value in (d.metadata or ()):
+            metadata.add(key, value)
+        metadata.add("authorization", f"Bearer {self._token}")
+        return grpc.aio.ClientCallDetails(d.method, d.timeout, metadata, d.credentials, d.wait_for_ready)
+
+
+class _AioBearerUU(_AioBearer, grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(self, continuation, details, request):
+        return await continuation(self._details(details), request)
+
+
+class _AioBearerUS(_AioBearer, grpc.aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(self, continuation, details, request):
+        return await continuation(self._details(details), request)
+
+
+class _AioBearerSU(_AioBearer, grpc.aio.StreamUnaryClientInterceptor):
+    async def intercept_stream_unary(self, continuation, details, request_iterator):
+        return await continuation(self._details(details), request_iterator)
+
+
+class _AioBearerSS(_AioBearer, grpc.aio.StreamStreamClientInterceptor):
+    async def intercept_stream_stream(self, continuation, details, request_iterator):
+        return await continuation(self._details(details), request_iterator)
+
+
+def _aio_bearers(token: str):
+    return [cls(token) for cls in (_AioBearerUU, _AioBearerUS, _AioBearerSU, _AioBearerSS)]
+
+
+def sync_channel(url: str | None, token: str | None = None, ca_file: Optional[str] = None,
+                 ca_pin: Optional[str] = None) -> grpc.Channel:
     """A blocking-API channel to the coordinator at ``url``: TLS trusting
     the cluster CA for ``https://`` and bare ``HOST:PORT`` (see
-    :func:`root_certificates`), plaintext for ``http://``."""
+    :func:`root_certificates`), plaintext for ``http://``; with a ``token``,
+    every call carries it as ``authorization: Bearer`` metadata."""
     target, secure = parse_target(coordinator_url(url))
     if secure:
-        return grpc.secure_channel(target, _credentials(target, ca_file, ca_pin), options=_OPTIONS)
-    return grpc.insecure_channel(target, options=_OPTIONS)
+        channel = grpc.secure_channel(target, _credentials(target, ca_file, ca_pin), options=_OPTIONS)
+    else:
+        channel = grpc.insecure_channel(target, options=_OPTIONS)
+    if token:
+        channel = grpc.intercept_channel(channel, _Bearer(token))
+    return channel
 
 
-def aio_channel(url: str | None, ca_file: Optional[str] = None, ca_pin: Optional[str] = None) -> grpc.aio.Channel:
+def aio_channel(url: str | None, token: str | None = None, ca_file: Optional[str] = None,
+                ca_pin: Optional[str] = None) -> grpc.aio.Channel:
     """An asyncio-API channel to the coordinator at ``url`` (as :func:`sync_channel`)."""
     target, secure = parse_target(coordinator_url(url))
+    interceptors = _aio_bearers(token) if token else None
     if secure:
-        return grpc.aio.secure_channel(target, _credentials(target, ca_file, ca_pin), options=_OPTIONS)
-    return grpc.aio.insecure_channel(target, options=_OPTIONS)
+        return grpc.aio.secure_channel(
+            target, _credentials(target, ca_file, ca_pin), options=_OPTIONS, interceptors=interceptors
+        )
+    return grpc.aio.insecure_channel(target, options=_OPTIONS, interceptors=interceptors)

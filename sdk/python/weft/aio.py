@@ -16,7 +16,7 @@ from typing import AsyncIterator, Iterable, List, Optional, Sequence, Tuple, Uni
 import grpc
 
 from . import errors
-from ._channel import aio_channel
+from ._channel import client_token, aio_channel
 from ._proto import admin_pb2, admin_pb2_grpc, common_pb2, task_pb2, task_pb2_grpc
 from .client import UNARY_TIMEOUT, _deadline, _remaining
 from .models import (
@@ -37,9 +37,16 @@ from .models import (
 class Client:
     """An asyncio connection to a coordinator (see :class:`weft.Client`)."""
 
-    def __init__(self, url: Optional[str] = None, *, channel: Optional[grpc.aio.Channel] = None,
-                 ca_file: Optional[str] = None, ca_pin: Optional[str] = None):
-        self._channel = channel or aio_channel(url, ca_file=ca_file, ca_pin=ca_pin)
+    def __init__(
+        self,
+        url: Optional[str] = None,
+        *,
+        token: Optional[str] = None,
+        channel: Optional[grpc.aio.Channel] = None,
+        ca_file: Optional[str] = None,
+        ca_pin: Optional[str] = None,
+    ):
+        self._channel = channel or aio_channel(url, client_token(token), ca_file=ca_file, ca_pin=ca_pin)
         self._tasks = task_pb2_grpc.TaskServiceStub(self._channel)
         self._admin = admin_pb2_grpc.AdminServiceStub(self._channel)
 

@@ -20,7 +20,7 @@ from typing import Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 import grpc
 
 from . import errors
-from ._channel import sync_channel
+from ._channel import client_token, sync_channel
 from ._proto import admin_pb2, admin_pb2_grpc, common_pb2, task_pb2, task_pb2_grpc
 from .models import (
     ClusterInfo,
@@ -62,14 +62,25 @@ class Client:
     ``https://127.0.0.1:7070``. Over TLS the coordinator is trusted by
     ``ca_file`` (the cluster's ``ca.pem``; default ``$WEFT_CA``) or
     ``ca_pin`` (``sha256:HEX``; default ``$WEFT_CA_PIN``; alone it needs
-    Python 3.13+, with a file it checks the file). The channel connects
+    Python 3.13+, with a file it checks the file). ``token`` is a client
+    token (default: ``$WEFT_TOKEN``), sent as ``authorization: Bearer``
+    metadata on every call; without a valid one calls raise
+    :class:`weft.Unauthenticated`, and with one lacking the call's scope
+    :class:`weft.PermissionDenied`. The channel connects
     lazily; a call to an unreachable coordinator raises
     :class:`weft.Unavailable` within a few seconds.
     """
 
-    def __init__(self, url: Optional[str] = None, *, channel: Optional[grpc.Channel] = None,
-                 ca_file: Optional[str] = None, ca_pin: Optional[str] = None):
-        self._channel = channel or sync_channel(url, ca_file=ca_file, ca_pin=ca_pin)
+    def __init__(
+        self,
+        url: Optional[str] = None,
+        *,
+        token: Optional[str] = None,
+        channel: Optional[grpc.Channel] = None,
+        ca_file: Optional[str] = None,
+        ca_pin: Optional[str] = None,
+    ):
+        self._channel = channel or sync_channel(url, client_token(token), ca_file=ca_file, ca_pin=ca_pin)
         self._tasks = task_pb2_grpc.TaskServiceStub(self._channel)
         self._admin = admin_pb2_grpc.AdminServiceStub(self._channel)
 

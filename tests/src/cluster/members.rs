@@ -19,6 +19,11 @@ use crate::wait::default_timeout;
 
 use super::builder::{Labels, TestClusterBuilder};
 
+/// The admin token's file in the cluster's dir: the same one across
+/// restarts (a restarted coordinator without its store adopts it), so the
+/// harness's clients keep working.
+pub(super) const ADMIN_TOKEN_FILE: &str = "admin.token";
+
 /// How often a starting coordinator's address file is read.
 const ADDR_POLL: Duration = Duration::from_millis(10);
 
@@ -54,6 +59,7 @@ pub(super) async fn start_coordinator(
                 ..TlsConfig::default()
             }),
             insecure: settings.insecure,
+            admin_token_file: Some(dir.join(ADMIN_TOKEN_FILE)),
             ..CoordinatorConfig::default()
         };
         let config = CoordinatorConfig {
@@ -86,6 +92,8 @@ pub(super) async fn start_coordinator(
         format!("{}ms", settings.heartbeat_timeout.as_millis()),
         "--log-format".to_owned(),
         "text".to_owned(),
+        "--admin-token-file".to_owned(),
+        dir.join(ADMIN_TOKEN_FILE).display().to_string(),
     ];
     if let Some(n) = settings.max_queued {
         args.push("--max-queued".to_owned());

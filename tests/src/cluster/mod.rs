@@ -26,16 +26,22 @@ use std::time::Duration;
 use tempfile::TempDir;
 use tokio::sync::OnceCell;
 
-use weft_client::{Client, NodeInfo, Task};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+use weft_client::{BearerToken, Client, NodeInfo, Task};
+use weft_proto::pb::admin_service_client::AdminServiceClient;
+use weft_proto::pb::task_service_client::TaskServiceClient;
 use weft_proto::{ExecPolicy, TaskId, TaskState};
 
-use crate::cli::{CliOutput, run_weft};
+use crate::cli::{CliOutput, run_weft, run_weft_env};
 use crate::process::bin_path;
 use crate::wait::{default_timeout, wait_for};
 
 use self::builder::Labels;
 pub use self::builder::TestClusterBuilder;
-use self::members::{Coordinator, Node, start_coordinator, start_node, terminate};
+use self::members::{
+    ADMIN_TOKEN_FILE, Coordinator, Node, start_coordinator, start_node, terminate,
+};
 
 impl TestClusterBuilder {
     /// Starts the coordinator, then the nodes, and waits until every node
@@ -74,6 +80,15 @@ impl TestClusterBuilder {
         cluster.wait_for_nodes(self.nodes).await;
         cluster
     }
+}
+
+/// A raw `TaskService` client with a bearer token.
+pub type RawTasks = TaskServiceClient<InterceptedService<Channel, BearerToken>>;
+/// A raw `AdminService` client with a bearer token.
+pub type RawAdmin = AdminServiceClient<InterceptedService<Channel, BearerToken>>;
+
+fn bearer(token: Option<&str>) -> BearerToken {
+    BearerToken::new(token).unwrap_or_else(|e| panic!("a bad token: {e}"))
 }
 
 /// How a node stopped after [`TestCluster::stop_node`].
@@ -135,26 +150,80 @@ impl TestCluster {
         self.settings.processes
     }
 
-    /// A client connected to the coordinator (one shared connection).
+    /// A client connected to the coordinator (one shared connection),
+    /// with the admin token.
     pub async fn client(&self) -> Client {
         self.client
-            .get_or_init(|| async {
-                Client::connect_with(&self.url, self.trust().as_ref())
-                    .await
-                    .unwrap_or_else(|e| panic!("connecting a client to {}: {e}", self.url))
-            })
+            .get_or_init(|| async { self.client_with(Some(&self.admin_token())).await })
             .await
             .clone()
     }
 
-    /// Runs the `weft` CLI binary against this cluster.
+    /// A new client with `token` (`None`: no token at all).
+    pub async fn client_with(&self, token: Option<&str>) -> Client {
+        Client::connect_secure(&self.url, self.trust().as_ref(), token)
+            .await
+            .unwrap_or_else(|e| panic!("connecting a client to {}: {e}", self.url))
+    }
+
+    /// The admin token the coordinator wrote on its first start.
+    pub fn admin_token(&self) -> String {
+        let path = self.admin_token_file();
+        std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("reading the admin token {}: {e}", path.display()))
+            .trim()
+            .to_owned()
+    }
+
+    /// Where the coordinator wrote its admin token.
+    pub fn admin_token_file(&self) -> PathBuf {
+        self.dir().join(ADMIN_TOKEN_FILE)
+    }
+
+    /// Makes a token with `scopes` (e.g. `["read"]`) through the admin
+    /// client; returns the token string.
+    pub async fn scoped_token(&self, scopes: &[&str]) -> String {
+        let scopes = scopes.iter().map(|s| (*s).to_owned()).collect();
+        self.client()
+            .await
+            .create_token(scopes, "test", None)
+            .await
+            .unwrap_or_else(|e| panic!("creating a token: {e}"))
+            .0
+    }
+
+    /// A raw `TaskService` client (proto types) sending `token` (`None`:
+    /// none) on every call.
+    pub async fn raw_tasks(&self, token: Option<&str>) -> RawTasks {
+        let channel = crate::fake_node::channel(&self.url).await;
+        TaskServiceClient::with_interceptor(channel, bearer(token))
+    }
+
+    /// A raw `AdminService` client sending `token` (`None`: none).
+    pub async fn raw_admin(&self, token: Option<&str>) -> RawAdmin {
+        let channel = crate::fake_node::channel(&self.url).await;
+        AdminServiceClient::with_interceptor(channel, bearer(token))
+    }
+
+    /// Runs the `weft` CLI binary against this cluster, with the admin token.
     pub async fn weft(&self, args: &[&str]) -> CliOutput {
-        run_weft(&self.url, args, None).await
+        run_weft(&self.url, Some(&self.admin_token()), args, None).await
+    }
+
+    /// Runs the `weft` CLI binary with `token` (`None`: none) and extra
+    /// environment variables.
+    pub async fn weft_as(
+        &self,
+        token: Option<&str>,
+        env: &[(&str, &str)],
+        args: &[&str],
+    ) -> CliOutput {
+        run_weft_env(&self.url, token, env, args, None).await
     }
 
     /// Runs the `weft` CLI binary with `stdin` fed to it.
     pub async fn weft_with_stdin(&self, args: &[&str], stdin: &[u8]) -> CliOutput {
-        run_weft(&self.url, args, Some(stdin)).await
+        run_weft(&self.url, Some(&self.admin_token()), args, Some(stdin)).await
     }
 
     /// Names of the nodes the harness started and has not stopped.
@@ -547,5 +616,5 @@ impl Drop for TestCluster {
 pub async fn weft_at(url: &str, args: &[&str]) -> CliOutput {
     // Fail early with the build hint rather than inside the runner.
     bin_path("weft");
-    run_weft(url, args, None).await
+    run_weft(url, None, args, None).await
 }

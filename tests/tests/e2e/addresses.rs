@@ -44,9 +44,13 @@ async fn a_weft_node_given_host_and_port_without_a_scheme_registers_and_runs_a_t
     let node = spawn("weft-node", &args, cluster.dir(), "bare");
     let nodes = cluster.wait_for_nodes(1).await;
     assert_eq!(nodes[0].name, "bare");
-    let client = Client::connect_with(&bare(&cluster), cluster.trust().as_ref())
-        .await
-        .expect("client");
+    let client = Client::connect_secure(
+        &bare(&cluster),
+        cluster.trust().as_ref(),
+        Some(&cluster.admin_token()),
+    )
+    .await
+    .expect("client");
     let id = client
         .submit(TaskSpec::exec(["echo", "hi"]))
         .await
@@ -86,7 +90,12 @@ async fn a_weft_node_given_garbage_exits_at_once_naming_the_forms() {
 async fn the_cli_takes_host_and_port_without_a_scheme_and_refuses_garbage_as_usage() {
     let cluster = TestCluster::builder().nodes(1).start().await;
     let url = cluster.url();
-    let nodes = weft_at(&url, &["--coordinator", &bare(&cluster), "nodes"]).await;
+    let token = cluster.admin_token();
+    let nodes = weft_at(
+        &url,
+        &["--coordinator", &bare(&cluster), "--token", &token, "nodes"],
+    )
+    .await;
     assert_eq!(nodes.code, Some(0), "{nodes}");
     assert!(nodes.stdout.contains("node-0"), "{nodes}");
 

@@ -21,4 +21,5 @@ mod secrets;
 mod shutdown;
 mod slots;
 mod tls;
+mod tokens;
 mod validation;

@@ -9,11 +9,9 @@ use std::path::Path;
 use futures::StreamExt;
 use prost::Message;
 use tonic::Streaming;
-use tonic::transport::Channel;
 
 use weft_client::{TaskSpec, TaskState};
 use weft_proto::pb;
-use weft_proto::pb::task_service_client::TaskServiceClient;
 use weft_tests::process::bin_path;
 use weft_tests::{FakeNode, TestCluster, default_timeout, fake_node};
 
@@ -89,8 +87,8 @@ async fn read_events(
     }
 }
 
-async fn task_service(cluster: &TestCluster) -> TaskServiceClient<Channel> {
-    TaskServiceClient::new(fake_node::channel(&cluster.url()).await)
+async fn task_service(cluster: &TestCluster) -> weft_tests::RawTasks {
+    cluster.raw_tasks(Some(&cluster.admin_token())).await
 }
 
 /// Every process log file of the cluster (process mode), with its name.
@@ -260,6 +258,7 @@ async fn the_cli_takes_a_secret_from_its_own_environment() {
         ])
         .env("WEFT_COORDINATOR", cluster.url())
         .env("WEFT_CA", cluster.ca_file().expect("a TLS cluster"))
+        .env("WEFT_TOKEN", cluster.admin_token())
         .env("API_KEY", &secret)
         .env("NO_COLOR", "1")
         .env_remove("RUST_LOG")

@@ -123,7 +123,8 @@ async fn a_client_with_the_wrong_ca_file_or_pin_refuses_the_coordinator() {
     // The right pin works, as the right file does.
     let ca = cluster.ca_file().expect("a TLS cluster").to_owned();
     let pin = pin_of(&ca);
-    let client = Client::connect_with(&url, Some(&Trust::pin(&pin).expect("pin")))
+    let token = cluster.admin_token();
+    let client = Client::connect_secure(&url, Some(&Trust::pin(&pin).expect("pin")), Some(&token))
         .await
         .expect("the cluster's pin");
     assert_eq!(client.nodes().await.expect("nodes").len(), 1);
@@ -264,9 +265,7 @@ async fn the_serving_certificate_rotates_while_streams_and_sessions_carry_on() {
     assert_eq!(nodes.len(), 1);
     assert_eq!(nodes[0].id, node_before, "the node session was replaced");
     // A new client handshakes with the new certificate.
-    let fresh = Client::connect_with(&cluster.url(), cluster.trust().as_ref())
-        .await
-        .expect("a client after rotation");
+    let fresh = cluster.client_with(Some(&cluster.admin_token())).await;
     assert_eq!(fresh.nodes().await.expect("nodes").len(), 1);
     cluster.shutdown().await;
 }

@@ -7,9 +7,7 @@ use tonic::Code;
 use weft_client::{Error, TaskId, TaskSpec};
 use weft_proto::convert::duration_to_pb;
 use weft_proto::pb;
-use weft_proto::pb::task_service_client::TaskServiceClient;
 use weft_tests::TestCluster;
-use weft_tests::fake_node::channel;
 
 fn exec(argv: &[&str]) -> pb::TaskSpec {
     pb::TaskSpec {
@@ -22,7 +20,7 @@ fn exec(argv: &[&str]) -> pb::TaskSpec {
 }
 
 async fn submit(cluster: &TestCluster, tasks: Vec<pb::TaskSpec>) -> tonic::Status {
-    let mut raw = TaskServiceClient::new(channel(&cluster.url()).await);
+    let mut raw = cluster.raw_tasks(Some(&cluster.admin_token())).await;
     raw.submit(pb::SubmitRequest { tasks })
         .await
         .expect_err("the spec is refused")
@@ -72,7 +70,7 @@ async fn invalid_specs_are_invalid_argument_with_a_clear_message() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_malformed_id_is_invalid_argument_and_an_unknown_one_not_found() {
     let cluster = TestCluster::builder().nodes(0).start().await;
-    let mut raw = TaskServiceClient::new(channel(&cluster.url()).await);
+    let mut raw = cluster.raw_tasks(Some(&cluster.admin_token())).await;
     let status = raw
         .get(pb::GetRequest {
             task_id: "not-an-id".to_owned(),

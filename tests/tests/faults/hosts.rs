@@ -96,6 +96,8 @@ impl LabCluster {
             format!("{}ms", HEARTBEAT_TIMEOUT.as_millis()),
             "--shutdown-grace".to_owned(),
             "1s".to_owned(),
+            "--admin-token-file".to_owned(),
+            dir.path().join("admin.token").display().to_string(),
         ];
         // TLS, as by default; the CA outlives coordinator restarts.
         let ca_file = dir.path().join("pki").join("ca.pem");
@@ -116,7 +118,10 @@ impl LabCluster {
             "coordinator",
         );
         let client = wait_for(PATIENCE, || async {
-            let client = Client::connect_with(&url(), Some(&trust)).await.ok()?;
+            let token = std::fs::read_to_string(dir.path().join("admin.token")).ok()?;
+            let client = Client::connect_secure(&url(), Some(&trust), Some(token.trim()))
+                .await
+                .ok()?;
             client.cluster_info().await.ok().map(|_| client)
         })
         .await

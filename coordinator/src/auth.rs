@@ -1,0 +1,596 @@
+//! Client tokens: the token model, the in-memory index the server's edge
+//! checks, and the typed [`Caller`] each service method asks for its scope.
+//!
+//! A client token reads `weft_<id>_<secret>`: `id` (16 hex digits) is looked
+//! up, `secret` (256 random bits, URL-safe base64) is checked against the
+//! SHA-256 stored for that id, in constant time. Only the hash is stored
+//! (see [`TokenRecord`]); the token string exists once, in the answer to
+//! `CreateToken` (or in `admin.token`).
+//!
+//! Node join tokens (role `node`, with uses and the CA pin) come with node
+//! certificates; [`TokenKind`] leaves room for them. The node service
+//! (`Connect`) is not checked by client tokens: nodes will authenticate with
+//! their certificates.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use base64::Engine;
+use sha2::{Digest, Sha256};
+use tonic::{Request, Status};
+
+/// What a client token allows. `Admin` implies every other scope.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Scope {
+    /// Get, List, Watch, WaitMany, ListNodes, ClusterInfo.
+    Read,
+    /// Submit, Run.
+    Submit,
+    /// Cancel.
+    Cancel,
+    /// DrainNode, the token rpcs.
+    Admin,
+}
+
+impl Scope {
+    /// Every scope, in display order.
+    pub const ALL: [Scope; 4] = [Scope::Read, Scope::Submit, Scope::Cancel, Scope::Admin];
+
+    /// Its name on the command line and in the proto.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Read => "read",
+            Scope::Submit => "submit",
+            Scope::Cancel => "cancel",
+            Scope::Admin => "admin",
+        }
+    }
+
+    fn bit(self) -> u8 {
+        match self {
+            Scope::Read => 1,
+            Scope::Submit => 2,
+            Scope::Cancel => 4,
+            Scope::Admin => 8,
+        }
+    }
+}
+
+impl std::str::FromStr for Scope {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Scope, String> {
+        Scope::ALL
+            .into_iter()
+            .find(|s| s.as_str() == text.trim())
+            .ok_or_else(|| format!("unknown scope '{text}' (known: read, submit, cancel, admin)"))
+    }
+}
+
+/// A set of scopes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Scopes(u8);
+
+impl Scopes {
+    /// Every scope (what the admin token has).
+    pub const ADMIN: Scopes = Scopes(15);
+
+    /// From a list of scopes.
+    pub fn of(scopes: impl IntoIterator<Item = Scope>) -> Scopes {
+        Scopes(scopes.into_iter().fold(0, |bits, s| bits | s.bit()))
+    }
+
+    /// From the stored bits (unknown bits dropped).
+    pub fn from_bits(bits: u8) -> Scopes {
+        Scopes(bits & 15)
+    }
+
+    /// The stored bits.
+    pub fn bits(self) -> u8 {
+        self.0
+    }
+
+    /// Whether `scope` is allowed: held directly, or through `admin`.
+    pub fn allows(self, scope: Scope) -> bool {
+        self.0 & (scope.bit() | Scope::Admin.bit()) != 0
+    }
+
+    /// The scopes held, by name.
+    pub fn names(self) -> Vec<String> {
+        Scope::ALL
+            .into_iter()
+            .filter(|s| self.0 & s.bit() != 0)
+            .map(|s| s.as_str().to_owned())
+            .collect()
+    }
+
+    /// Parses `read,submit` (names, comma separated; at least one).
+    pub fn parse_list<S: AsRef<str>>(names: &[S]) -> Result<Scopes, String> {
+        let mut scopes = Scopes::default();
+        for name in names.iter().flat_map(|n| n.as_ref().split(',')) {
+            if name.trim().is_empty() {
+                continue;
+            }
+            scopes.0 |= name.parse::<Scope>()?.bit();
+        }
+        if scopes.0 == 0 {
+            return Err("no scope given (read, submit, cancel, admin)".into());
+        }
+        Ok(scopes)
+    }
+}
+
+/// What a token is for. Only client tokens exist today; node join tokens
+/// (role `node`: ttl, uses, the CA pin) come with node certificates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TokenKind {
+    /// A client (CLI, SDK): bearer token with scopes.
+    Client,
+    /// A node's join token (reserved; not issued yet).
+    NodeJoin,
+}
+
+impl TokenKind {
+    /// Stored form.
+    pub fn to_u8(self) -> u8 {
+        match self {
+            TokenKind::Client => 0,
+            TokenKind::NodeJoin => 1,
+        }
+    }
+
+    /// From the stored form; unknown kinds read as join tokens, which no
+    /// client can use.
+    pub fn from_u8(value: u8) -> TokenKind {
+        match value {
+            0 => TokenKind::Client,
+            _ => TokenKind::NodeJoin,
+        }
+    }
+}
+
+/// A stored token: everything but the secret, of which only the SHA-256
+/// is kept.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenRecord {
+    /// Public id (16 hex digits), the part of the token that is looked up.
+    pub id: String,
+    /// A name for people (`weft token list`).
+    pub name: String,
+    /// Client or node join token.
+    pub kind: TokenKind,
+    /// What it allows.
+    pub scopes: Scopes,
+    /// When it was made.
+    pub created: SystemTime,
+    /// When it stops working; `None`: never.
+    pub expires: Option<SystemTime>,
+    /// When it was revoked; `None`: not revoked.
+    pub revoked: Option<SystemTime>,
+    /// SHA-256 of the secret.
+    pub secret_hash: [u8; 32],
+}
+
+/// The prefix of every client token.
+pub const TOKEN_PREFIX: &str = "weft_";
+
+/// Why a token was not accepted. The message says how to get one.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    /// No `authorization: Bearer` metadata.
+    #[error(
+        "no token: pass --token / WEFT_TOKEN (or --token-file); an admin creates one with `weft token create --scope ...`; on the coordinator's machine the admin token is in DATA_DIR/admin.token"
+    )]
+    Missing,
+    /// Malformed, unknown id, or wrong secret (not told apart).
+    #[error(
+        "invalid token: it is not one this coordinator issued; an admin creates one with `weft token create --scope ...`"
+    )]
+    Invalid,
+    /// Past its expiry.
+    #[error(
+        "token {0} has expired; an admin creates a new one with `weft token create --scope ...`"
+    )]
+    Expired(String),
+    /// Revoked by an admin.
+    #[error(
+        "token {0} was revoked; an admin creates a new one with `weft token create --scope ...`"
+    )]
+    Revoked(String),
+}
+
+impl From<AuthError> for Status {
+    fn from(err: AuthError) -> Status {
+        Status::unauthenticated(err.to_string())
+    }
+}
+
+/// SHA-256 of a secret.
+pub fn hash_secret(secret: &str) -> [u8; 32] {
+    Sha256::digest(secret.as_bytes()).into()
+}
+
+/// Compares two hashes without an early exit.
+pub fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Splits `weft_<id>_<secret>` into id and secret.
+pub fn parse_token(token: &str) -> Option<(&str, &str)> {
+    let rest = token.trim().strip_prefix(TOKEN_PREFIX)?;
+    let (id, secret) = rest.split_once('_')?;
+    if id.len() != 16 || !id.bytes().all(|b| b.is_ascii_hexdigit()) || secret.len() < 32 {
+        return None;
+    }
+    Some((id, secret))
+}
+
+fn random_bytes<const N: usize>() -> Result<[u8; N], Status> {
+    let mut buf = [0u8; N];
+    getrandom::fill(&mut buf)
+        .map_err(|err| Status::internal(format!("no randomness for a token: {err}")))?;
+    Ok(buf)
+}
+
+/// Makes a new client token: its record (to store) and the token string
+/// (to show once).
+pub fn new_token(
+    name: &str,
+    scopes: Scopes,
+    ttl: Option<Duration>,
+    now: SystemTime,
+) -> Result<(TokenRecord, String), Status> {
+    let id = hex::encode(random_bytes::<8>()?);
+    let secret = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(random_bytes::<32>()?);
+    let record = TokenRecord {
+        name: name.to_owned(),
+        kind: TokenKind::Client,
+        scopes,
+        created: now,
+        expires: ttl.and_then(|ttl| now.checked_add(ttl)),
+        revoked: None,
+        secret_hash: hash_secret(&secret),
+        id: id.clone(),
+    };
+    Ok((record, format!("{TOKEN_PREFIX}{id}_{secret}")))
+}
+
+/// The record of an existing admin token (e.g. read from `admin.token`),
+/// or `None` when `text` is not a well-formed token.
+pub fn adopt_token(text: &str, name: &str, now: SystemTime) -> Option<TokenRecord> {
+    let (id, secret) = parse_token(text)?;
+    Some(TokenRecord {
+        id: id.to_ascii_lowercase(),
+        name: name.to_owned(),
+        kind: TokenKind::Client,
+        scopes: Scopes::ADMIN,
+        created: now,
+        expires: None,
+        revoked: None,
+        secret_hash: hash_secret(secret),
+    })
+}
+
+/// Who made a request: put in the request's extensions by the server's
+/// edge ([`Authenticator`]); each service method asks it for its one scope.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Caller {
+    /// The token's id (`None` with `--no-auth`).
+    pub token_id: Option<String>,
+    /// What it may do.
+    pub scopes: Scopes,
+}
+
+impl Caller {
+    /// `PERMISSION_DENIED` naming the scope when the caller lacks it.
+    pub fn require(&self, scope: Scope) -> Result<(), Status> {
+        if self.scopes.allows(scope) {
+            return Ok(());
+        }
+        Err(Status::permission_denied(format!(
+            "this token (id {}, scopes: {}) lacks the '{}' scope; an admin creates one with `weft token create --scope {}`",
+            self.token_id.as_deref().unwrap_or("-"),
+            self.scopes.names().join(","),
+            scope.as_str(),
+            scope.as_str(),
+        )))
+    }
+}
+
+/// Checks that the request's [`Caller`] (set by the [`Authenticator`]) has
+/// `scope`. A request without one (the edge did not run) is refused.
+pub fn require<T>(request: &Request<T>, scope: Scope) -> Result<(), Status> {
+    match request.extensions().get::<Caller>() {
+        Some(caller) => caller.require(scope),
+        None => Err(AuthError::Missing.into()),
+    }
+}
+
+/// Every token by id, as the edge checks them. Writers (`CreateToken`,
+/// `RevokeToken`) commit to the store first and update this before they
+/// answer, so a revocation holds from the moment it is acknowledged.
+#[derive(Debug, Default)]
+pub struct TokenIndex {
+    tokens: RwLock<HashMap<String, TokenRecord>>,
+    /// Serializes writers (read-modify-write of one record).
+    pub(crate) write: tokio::sync::Mutex<()>,
+}
+
+impl TokenIndex {
+    /// An index of `records`.
+    pub fn new(records: Vec<TokenRecord>) -> TokenIndex {
+        TokenIndex {
+            tokens: RwLock::new(records.into_iter().map(|r| (r.id.clone(), r)).collect()),
+            write: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// Whether no token exists yet (first start).
+    pub fn is_empty(&self) -> bool {
+        self.tokens.read().map(|t| t.is_empty()).unwrap_or(false)
+    }
+
+    /// Adds or replaces a record.
+    pub fn put(&self, record: TokenRecord) {
+        if let Ok(mut tokens) = self.tokens.write() {
+            tokens.insert(record.id.clone(), record);
+        }
+    }
+
+    /// One record.
+    pub fn get(&self, id: &str) -> Option<TokenRecord> {
+        self.tokens.read().ok()?.get(id).cloned()
+    }
+
+    /// Every record, oldest first.
+    pub fn list(&self) -> Vec<TokenRecord> {
+        let mut all: Vec<TokenRecord> = self
+            .tokens
+            .read()
+            .map(|t| t.values().cloned().collect())
+            .unwrap_or_default();
+        all.sort_by(|a, b| a.created.cmp(&b.created).then(a.id.cmp(&b.id)));
+        all
+    }
+
+    /// Checks a bearer token at `now`.
+    pub fn authenticate(&self, token: &str, now: SystemTime) -> Result<Caller, AuthError> {
+        let (id, secret) = parse_token(token).ok_or(AuthError::Invalid)?;
+        let tokens = self.tokens.read().map_err(|_| AuthError::Invalid)?;
+        let record = tokens.get(id).ok_or(AuthError::Invalid)?;
+        if !constant_time_eq(&record.secret_hash, &hash_secret(secret))
+            || record.kind != TokenKind::Client
+        {
+            return Err(AuthError::Invalid);
+        }
+        if record.revoked.is_some() {
+            return Err(AuthError::Revoked(record.id.clone()));
+        }
+        if record.expires.is_some_and(|at| at <= now) {
+            return Err(AuthError::Expired(record.id.clone()));
+        }
+        Ok(Caller {
+            token_id: Some(record.id.clone()),
+            scopes: record.scopes,
+        })
+    }
+}
+
+/// The server's edge for `TaskService` and `AdminService`: reads
+/// `authorization: Bearer <token>`, checks it against the [`TokenIndex`]
+/// and puts the [`Caller`] into the request's extensions; no token, or a
+/// wrong, expired or revoked one, is `UNAUTHENTICATED` here. With
+/// `--no-auth` every caller is admin.
+#[derive(Clone, Debug)]
+pub struct Authenticator {
+    /// The tokens; `None`: authentication is off (`--no-auth`).
+    pub index: Option<Arc<TokenIndex>>,
+}
+
+impl tonic::service::Interceptor for Authenticator {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        let caller = match &self.index {
+            None => Caller {
+                token_id: None,
+                scopes: Scopes::ADMIN,
+            },
+            Some(index) => {
+                let token = request
+                    .metadata()
+                    .get("authorization")
+                    .ok_or(AuthError::Missing)?
+                    .to_str()
+                    .map_err(|_| AuthError::Invalid)?;
+                let token = token
+                    .strip_prefix("Bearer ")
+                    .or_else(|| token.strip_prefix("bearer "))
+                    .ok_or(AuthError::Invalid)?;
+                index.authenticate(token, SystemTime::now())?
+            }
+        };
+        request.extensions_mut().insert(caller);
+        Ok(request)
+    }
+}
+
+/// The admin token's file name in the data dir.
+pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+
+/// Writes `token` to `path` (mode 0600, parent dir created 0700), replacing
+/// any old file.
+pub fn write_token_file(path: &Path, token: &str) -> std::io::Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        }
+    }
+    let _ = std::fs::remove_file(path);
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file = options.open(path)?;
+    std::io::Write::write_all(&mut file, format!("{token}\n").as_bytes())?;
+    file.sync_all()
+}
+
+/// Where the admin token goes: `explicit`, else `DATA_DIR/admin.token`,
+/// else a fresh private temp dir (in-memory store).
+pub fn admin_token_path(explicit: Option<&Path>, data_dir: Option<&Path>) -> PathBuf {
+    if let Some(path) = explicit {
+        return path.to_owned();
+    }
+    match data_dir {
+        Some(dir) => dir.join(ADMIN_TOKEN_FILE),
+        None => std::env::temp_dir()
+            .join(format!(
+                "weft-{}-{}",
+                std::process::id(),
+                SystemTime::now()
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_nanos()
+            ))
+            .join(ADMIN_TOKEN_FILE),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn now() -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000)
+    }
+
+    #[test]
+    fn token_round_trip_and_only_hash_kept() {
+        let scopes = Scopes::of([Scope::Read, Scope::Submit]);
+        let (record, token) = new_token("ci", scopes, None, now()).unwrap();
+        let (id, secret) = parse_token(&token).unwrap();
+        assert_eq!(id, record.id);
+        assert_eq!(secret.len(), 43, "256 bits, URL-safe base64");
+        assert!(
+            secret
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        );
+        assert_eq!(record.secret_hash, hash_secret(secret));
+        assert!(!format!("{record:?}").contains(secret));
+        let index = TokenIndex::new(vec![record.clone()]);
+        let caller = index.authenticate(&token, now()).unwrap();
+        assert_eq!(caller.token_id.as_deref(), Some(record.id.as_str()));
+        assert_eq!(caller.scopes, scopes);
+    }
+
+    #[test]
+    fn wrong_unknown_expired_revoked_are_refused() {
+        let (record, token) =
+            new_token("t", Scopes::ADMIN, Some(Duration::from_secs(1)), now()).unwrap();
+        let index = TokenIndex::new(vec![record.clone()]);
+        // One character of the secret changed.
+        let mut wrong = token.clone();
+        let last = if wrong.ends_with('A') { 'B' } else { 'A' };
+        wrong.pop();
+        wrong.push(last);
+        assert_eq!(index.authenticate(&wrong, now()), Err(AuthError::Invalid));
+        assert_eq!(
+            index.authenticate("nonsense", now()),
+            Err(AuthError::Invalid)
+        );
+        let (_, other) = new_token("o", Scopes::ADMIN, None, now()).unwrap();
+        assert_eq!(index.authenticate(&other, now()), Err(AuthError::Invalid));
+        assert!(index.authenticate(&token, now()).is_ok());
+        assert_eq!(
+            index.authenticate(&token, now() + Duration::from_secs(1)),
+            Err(AuthError::Expired(record.id.clone()))
+        );
+        index.put(TokenRecord {
+            revoked: Some(now()),
+            ..record.clone()
+        });
+        assert_eq!(
+            index.authenticate(&token, now()),
+            Err(AuthError::Revoked(record.id.clone()))
+        );
+    }
+
+    #[test]
+    fn an_admin_token_file_is_adopted() {
+        let (_, token) = new_token("admin", Scopes::ADMIN, None, now()).unwrap();
+        let record = adopt_token(&format!("{token}\n"), "admin", now()).unwrap();
+        let index = TokenIndex::new(vec![record]);
+        assert_eq!(
+            index.authenticate(&token, now()).unwrap().scopes,
+            Scopes::ADMIN
+        );
+        assert!(adopt_token("garbage", "admin", now()).is_none());
+    }
+
+    #[test]
+    fn join_tokens_are_not_client_tokens() {
+        let (mut record, token) = new_token("n", Scopes::ADMIN, None, now()).unwrap();
+        record.kind = TokenKind::NodeJoin;
+        let index = TokenIndex::new(vec![record]);
+        assert_eq!(index.authenticate(&token, now()), Err(AuthError::Invalid));
+    }
+
+    #[test]
+    fn scopes_admin_implies_all_and_denial_names_scope() {
+        for scope in Scope::ALL {
+            assert!(Scopes::ADMIN.allows(scope));
+            assert!(Scopes::of([Scope::Admin]).allows(scope));
+        }
+        let read = Scopes::parse_list(&["read"]).unwrap();
+        assert!(read.allows(Scope::Read) && !read.allows(Scope::Submit));
+        assert_eq!(
+            Scopes::parse_list(&["read,submit", "cancel"]).unwrap(),
+            Scopes::of([Scope::Read, Scope::Submit, Scope::Cancel])
+        );
+        assert!(Scopes::parse_list(&["reed"]).is_err());
+        assert!(Scopes::parse_list::<&str>(&[]).is_err());
+        let caller = Caller {
+            token_id: Some("x".into()),
+            scopes: read,
+        };
+        let err = caller.require(Scope::Submit).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::PermissionDenied);
+        assert!(err.message().contains("'submit'"), "{}", err.message());
+    }
+
+    #[test]
+    fn constant_time_eq_compares_all() {
+        let a = [1u8; 32];
+        let mut b = a;
+        assert!(constant_time_eq(&a, &b));
+        b[31] = 2;
+        assert!(!constant_time_eq(&a, &b));
+    }
+
+    #[test]
+    fn token_file_is_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("data").join(ADMIN_TOKEN_FILE);
+        write_token_file(&path, "weft_x").unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "weft_x\n");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+            let mode = std::fs::metadata(path.parent().unwrap())
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o700);
+        }
+    }
+}

@@ -1,0 +1,434 @@
+//! Client tokens: every TaskService and AdminService rpc needs one, each
+//! rpc checks one scope, revoked and expired tokens are refused, the token
+//! commands and `weft login` work end to end, and no secret is stored.
+
+use std::time::Duration;
+
+use tonic::Code;
+
+use weft_proto::pb;
+use weft_tests::{RawAdmin, RawTasks, TestCluster, default_timeout, wait_for};
+
+const SOME_ID: &str = "01J00000000000000000000000";
+
+/// Calls every TaskService and AdminService rpc once; answers each one's
+/// name and status (`Ok` when it got past authentication and its scope,
+/// whatever the rpc itself then answered).
+async fn call_every_rpc(
+    tasks: &mut RawTasks,
+    admin: &mut RawAdmin,
+) -> Vec<(&'static str, Result<(), tonic::Status>)> {
+    fn past_auth<T>(r: Result<T, tonic::Status>) -> Result<(), tonic::Status> {
+        match r {
+            Err(s) if matches!(s.code(), Code::Unauthenticated | Code::PermissionDenied) => Err(s),
+            _ => Ok(()),
+        }
+    }
+    let spec = || pb::TaskSpec {
+        kind: Some(pb::task_spec::Kind::Exec(pb::ExecSpec {
+            argv: vec!["true".into()],
+            ..Default::default()
+        })),
+        ..Default::default()
+    };
+    vec![
+        (
+            "Submit",
+            past_auth(
+                tasks
+                    .submit(pb::SubmitRequest {
+                        tasks: vec![spec()],
+                    })
+                    .await,
+            ),
+        ),
+        (
+            "Get",
+            past_auth(
+                tasks
+                    .get(pb::GetRequest {
+                        task_id: SOME_ID.into(),
+                    })
+                    .await,
+            ),
+        ),
+        (
+            "List",
+            past_auth(tasks.list(pb::ListRequest::default()).await),
+        ),
+        (
+            "Watch",
+            past_auth(
+                tasks
+                    .watch(pb::WatchRequest {
+                        task_id: SOME_ID.into(),
+                        ..Default::default()
+                    })
+                    .await,
+            ),
+        ),
+        (
+            "Cancel",
+            past_auth(
+                tasks
+                    .cancel(pb::CancelRequest {
+                        task_id: SOME_ID.into(),
+                        ..Default::default()
+                    })
+                    .await,
+            ),
+        ),
+        (
+            "WaitMany",
+            past_auth(
+                tasks
+                    .wait_many(pb::WaitManyRequest {
+                        task_ids: vec![SOME_ID.into()],
+                    })
+                    .await,
+            ),
+        ),
+        (
+            "Run",
+            past_auth(tasks.run(pb::RunRequest { spec: Some(spec()) }).await),
+        ),
+        (
+            "ListNodes",
+            past_auth(admin.list_nodes(pb::ListNodesRequest {}).await),
+        ),
+        (
+            "DrainNode",
+            past_auth(
+                admin
+                    .drain_node(pb::DrainNodeRequest {
+                        node: "no-such-node".into(),
+                        grace: None,
+                    })
+                    .await,
+            ),
+        ),
+        (
+            "ClusterInfo",
+            past_auth(admin.cluster_info(pb::ClusterInfoRequest {}).await),
+        ),
+        (
+            "CreateToken",
+            past_auth(
+                admin
+                    .create_token(pb::CreateTokenRequest {
+                        scopes: vec!["read".into()],
+                        ..Default::default()
+                    })
+                    .await,
+            ),
+        ),
+        (
+            "ListTokens",
+            past_auth(admin.list_tokens(pb::ListTokensRequest {}).await),
+        ),
+        (
+            "RevokeToken",
+            past_auth(
+                admin
+                    .revoke_token(pb::RevokeTokenRequest {
+                        id: "0000000000000000".into(),
+                    })
+                    .await,
+            ),
+        ),
+    ]
+}
+
+/// The scope each rpc needs (the contract in admin.proto).
+fn scope_of(rpc: &str) -> &'static str {
+    match rpc {
+        "Submit" | "Run" => "submit",
+        "Cancel" => "cancel",
+        "DrainNode" | "CreateToken" | "ListTokens" | "RevokeToken" => "admin",
+        _ => "read",
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_rpc_without_a_valid_token_is_unauthenticated_and_says_how_to_get_one() {
+    let cluster = TestCluster::builder().nodes(0).start().await;
+    let wrong = "weft_0123456789abcdef_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA";
+    for token in [None, Some("nonsense"), Some(wrong)] {
+        let mut tasks = cluster.raw_tasks(token).await;
+        let mut admin = cluster.raw_admin(token).await;
+        let results = call_every_rpc(&mut tasks, &mut admin).await;
+        assert_eq!(results.len(), 13, "every TaskService and AdminService rpc");
+        for (rpc, result) in results {
+            let status = result.expect_err(rpc);
+            assert_eq!(
+                status.code(),
+                Code::Unauthenticated,
+                "{rpc} with {token:?}: {status:?}"
+            );
+            assert!(
+                status.message().contains("weft token create"),
+                "{rpc}: {}",
+                status.message()
+            );
+        }
+    }
+    let mut tasks = cluster.raw_tasks(None).await;
+    let status = tasks.list(pb::ListRequest::default()).await.unwrap_err();
+    assert!(
+        status.message().contains("--token") && status.message().contains("admin.token"),
+        "{}",
+        status.message()
+    );
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_rpc_checks_its_one_scope_and_names_the_one_it_lacks() {
+    let cluster = TestCluster::builder().nodes(0).start().await;
+    for scope in ["read", "submit", "cancel", "admin"] {
+        let token = cluster.scoped_token(&[scope]).await;
+        let mut tasks = cluster.raw_tasks(Some(&token)).await;
+        let mut admin = cluster.raw_admin(Some(&token)).await;
+        for (rpc, result) in call_every_rpc(&mut tasks, &mut admin).await {
+            let needed = scope_of(rpc);
+            if scope == "admin" || scope == needed {
+                assert!(result.is_ok(), "{rpc} with scope {scope}: {result:?}");
+            } else {
+                let status = result.expect_err(rpc);
+                assert_eq!(status.code(), Code::PermissionDenied, "{rpc} with {scope}");
+                assert!(
+                    status.message().contains(&format!("'{needed}'")),
+                    "{rpc} with {scope}: {}",
+                    status.message()
+                );
+            }
+        }
+    }
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_token_is_refused_at_once_and_an_expired_one_once_its_time_passed() {
+    let cluster = TestCluster::builder().nodes(0).start().await;
+    let admin = cluster.client().await;
+    let (token, info) = admin
+        .create_token(vec!["read".into()], "ci", None)
+        .await
+        .unwrap();
+    let reader = cluster.client_with(Some(&token)).await;
+    reader.list(None, 1).await.expect("a fresh token works");
+    let revoked = admin.revoke_token(&info.id).await.unwrap();
+    assert!(revoked.revoked.is_some());
+    let err = reader.list(None, 1).await.unwrap_err();
+    assert!(
+        matches!(&err, weft_client::Error::Other { code: Code::Unauthenticated, message } if message.contains("revoked")),
+        "{err:?}"
+    );
+
+    // Expiry is decided by the clock: a 1 s token works, then (polling
+    // real state until the clock has passed its expiry) is refused.
+    let (short, _) = admin
+        .create_token(vec!["read".into()], "short", Some(Duration::from_secs(1)))
+        .await
+        .unwrap();
+    let short_client = cluster.client_with(Some(&short)).await;
+    let refused = wait_for(default_timeout(), || {
+        let client = short_client.clone();
+        async move {
+            match client.list(None, 1).await {
+                Err(weft_client::Error::Other {
+                    code: Code::Unauthenticated,
+                    message,
+                }) => Some(message),
+                _ => None,
+            }
+        }
+    })
+    .await
+    .expect("the 1 s token expires");
+    assert!(refused.contains("expired"), "{refused}");
+
+    let listed = admin.list_tokens().await.unwrap();
+    assert!(
+        listed
+            .iter()
+            .any(|t| t.id == info.id && t.revoked.is_some())
+    );
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_commands_work_end_to_end_and_refusals_exit_77() {
+    let cluster = TestCluster::builder().nodes(1).start().await;
+    let created = cluster
+        .weft(&["token", "create", "--scope", "read", "--name", "dash"])
+        .await;
+    assert_eq!(created.code, Some(0), "{created}");
+    let token = created.stdout.trim().to_owned();
+    assert!(
+        token.starts_with("weft_") && !token.contains(char::is_whitespace),
+        "{created}"
+    );
+    assert_eq!(
+        created.stdout.lines().count(),
+        1,
+        "the token alone on stdout"
+    );
+
+    let listed = cluster.weft(&["token", "list", "-o", "json"]).await;
+    assert_eq!(listed.code, Some(0), "{listed}");
+    let secret = token
+        .rsplit_once('_')
+        .map(|(_, s)| s.to_owned())
+        .unwrap_or_default();
+    assert!(
+        !listed.stdout.contains(&secret),
+        "list never shows a secret: {listed}"
+    );
+    let all: serde_json::Value = serde_json::from_str(&listed.stdout).expect("json");
+    let entry = all
+        .as_array()
+        .and_then(|a| a.iter().find(|t| t["name"] == "dash"))
+        .unwrap_or_else(|| panic!("the new token is listed: {listed}"))
+        .clone();
+    let id = entry["id"].as_str().unwrap().to_owned();
+    assert_eq!(entry["scopes"], serde_json::json!(["read"]));
+    let table = cluster.weft(&["token", "list"]).await;
+    assert!(
+        table.stdout.contains(&id) && table.stdout.contains("active"),
+        "{table}"
+    );
+
+    let nodes = cluster.weft_as(Some(&token), &[], &["nodes"]).await;
+    assert_eq!(nodes.code, Some(0), "a read token lists nodes: {nodes}");
+    let denied = cluster
+        .weft_as(Some(&token), &[], &["run", "--", "true"])
+        .await;
+    assert_eq!(denied.code, Some(77), "{denied}");
+    assert!(denied.stderr.contains("'submit'"), "{denied}");
+    let none = cluster.weft_as(None, &[], &["list"]).await;
+    assert_eq!(none.code, Some(77), "{none}");
+    assert!(none.stderr.contains("--token"), "{none}");
+
+    let file = cluster.dir().join("dash.token");
+    std::fs::write(&file, format!("{token}\n")).unwrap();
+    let by_file = cluster
+        .weft_as(None, &[], &["--token-file", file.to_str().unwrap(), "list"])
+        .await;
+    assert_eq!(by_file.code, Some(0), "{by_file}");
+
+    let revoked = cluster.weft(&["token", "revoke", &id]).await;
+    assert_eq!(revoked.code, Some(0), "{revoked}");
+    let after = cluster.weft_as(Some(&token), &[], &["nodes"]).await;
+    assert_eq!(after.code, Some(77), "{after}");
+    assert!(after.stderr.contains("revoked"), "{after}");
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weft_login_saves_a_private_context_that_later_commands_use() {
+    let cluster = TestCluster::builder().nodes(1).start().await;
+    let token = cluster.scoped_token(&["read"]).await;
+    let config = cluster.dir().join("config");
+    let config_env = [("XDG_CONFIG_HOME", config.to_str().unwrap())];
+    let login = weft_tests::cli::run_weft_env(
+        "",
+        None,
+        &config_env,
+        &["login", &cluster.url(), "--token", &token],
+        None,
+    )
+    .await;
+    assert_eq!(login.code, Some(0), "{login}");
+    let context = config.join("weft").join("context.json");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&context).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "the context file is private");
+    }
+    // No --coordinator, no WEFT_COORDINATOR, no token: the context's.
+    let nodes = weft_tests::cli::run_weft_env("", None, &config_env, &["nodes"], None).await;
+    assert_eq!(nodes.code, Some(0), "{nodes}");
+    assert!(nodes.stdout.contains("node-0"), "{nodes}");
+    // A flag still wins over the context.
+    let flagged = weft_tests::cli::run_weft_env(
+        "",
+        None,
+        &config_env,
+        &["--token", "weft_bad", "nodes"],
+        None,
+    )
+    .await;
+    assert_eq!(flagged.code, Some(77), "{flagged}");
+    // A bad token is not saved.
+    let bad = weft_tests::cli::run_weft_env(
+        "",
+        None,
+        &config_env,
+        &["login", &cluster.url(), "--token", "weft_nope"],
+        None,
+    )
+    .await;
+    assert_eq!(bad.code, Some(77), "{bad}");
+    assert!(std::fs::read_to_string(&context).unwrap().contains(&token));
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_token_file_is_private_and_no_secret_is_in_the_store_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let config = weft_coordinator::CoordinatorConfig {
+        data_dir: Some(data.clone()),
+        ..Default::default()
+    };
+    let running = weft_coordinator::start(config, listener).await.unwrap();
+    let file = data.join("admin.token");
+    assert_eq!(running.admin_token_file(), Some(file.as_path()));
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "admin.token is 0600");
+        let mode = std::fs::metadata(&data).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700, "the data dir is 0700");
+    }
+    let admin_token = std::fs::read_to_string(&file).unwrap().trim().to_owned();
+    let client = weft_client::Client::connect_with_token(&running.url(), Some(&admin_token))
+        .await
+        .unwrap();
+    let (token, _) = client
+        .create_token(vec!["read".into()], "x", None)
+        .await
+        .unwrap();
+    running.shutdown(Duration::from_secs(5)).await.unwrap();
+
+    let bytes = std::fs::read(data.join("weft.redb")).unwrap();
+    for token in [&admin_token, &token] {
+        let secret = token.rsplit_once('_').unwrap().1;
+        assert!(
+            !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+            "a token's secret is in the store file"
+        );
+    }
+
+    // Restarted on the same data dir: the stored tokens still work and no
+    // new admin token is made.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let config = weft_coordinator::CoordinatorConfig {
+        data_dir: Some(data.clone()),
+        ..Default::default()
+    };
+    let running = weft_coordinator::start(config, listener).await.unwrap();
+    assert_eq!(running.admin_token_file(), None);
+    let client = weft_client::Client::connect_with_token(&running.url(), Some(&token))
+        .await
+        .unwrap();
+    client
+        .list(None, 1)
+        .await
+        .expect("the token survives a restart");
+    running.shutdown(Duration::from_secs(5)).await.unwrap();
+}
