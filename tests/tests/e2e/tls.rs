@@ -133,7 +133,15 @@ async fn a_client_with_the_wrong_ca_file_or_pin_refuses_the_coordinator() {
     let unregistered = "https://unregistered";
     let ok = weft_at(
         unregistered,
-        &["--coordinator", &url, "--ca-pin", &pin, "nodes"],
+        &[
+            "--coordinator",
+            &url,
+            "--token",
+            &token,
+            "--ca-pin",
+            &pin,
+            "nodes",
+        ],
     )
     .await;
     assert_eq!(ok.code, Some(0), "{ok}");

@@ -331,11 +331,16 @@ async fn weft_login_saves_a_private_context_that_later_commands_use() {
     let token = cluster.scoped_token(&["read"]).await;
     let config = cluster.dir().join("config");
     let config_env = [("XDG_CONFIG_HOME", config.to_str().unwrap())];
+    let ca = cluster
+        .ca_file()
+        .expect("a TLS cluster")
+        .display()
+        .to_string();
     let login = weft_tests::cli::run_weft_env(
         "",
         None,
         &config_env,
-        &["login", &cluster.url(), "--token", &token],
+        &["login", &cluster.url(), "--token", &token, "--ca-file", &ca],
         None,
     )
     .await;
@@ -366,7 +371,14 @@ async fn weft_login_saves_a_private_context_that_later_commands_use() {
         "",
         None,
         &config_env,
-        &["login", &cluster.url(), "--token", "weft_nope"],
+        &[
+            "login",
+            &cluster.url(),
+            "--token",
+            "weft_nope",
+            "--ca-file",
+            &ca,
+        ],
         None,
     )
     .await;
