@@ -212,7 +212,7 @@ impl Executor {
             }
         };
         if let TaskKind::Exec(exec) = &spec.kind
-            && let Some(why) = self.inner.exec.refusal(exec)
+            && let Some(why) = self.inner.exec.refusal(exec, spec.secret_env.names())
         {
             warn!(%task_id, %attempt, "{why}");
             self.slots().consume_window(spec.slots);

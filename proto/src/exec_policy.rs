@@ -12,6 +12,12 @@
 //! (`./x`, `bin/x`) are refused as entries: they would depend on the task's
 //! `cwd`, which the submitter chooses.
 //!
+//! An allow-list also refuses a task whose `env` or `secret_env` sets a
+//! variable that chooses which code runs (see [`loader_variable`]):
+//! `LD_PRELOAD` and the other dynamic-loader variables for any program,
+//! and `PATH` when `argv[0]` is a bare name. Both maps count: the node
+//! applies `secret_env` after `env`, so either may set them.
+//!
 //! No I/O here.
 
 use std::collections::BTreeSet;
@@ -80,23 +86,28 @@ impl ExecPolicy {
     }
 
     /// True when this node may be given `spec`: any call task, and the
-    /// exec tasks whose program it allows. An exec task with an empty
-    /// argv counts as allowed only where every program is (the node then
-    /// fails it `START_FAILED` as it always did).
+    /// exec tasks it would run ([`refusal`](Self::refusal) with the
+    /// names of `spec.secret_env`). An exec task with an empty argv counts
+    /// as allowed only where every program is (the node then fails it
+    /// `START_FAILED` as it always did).
     pub fn allows(&self, spec: &TaskSpec) -> bool {
         match &spec.kind {
             TaskKind::Call(_) => true,
-            TaskKind::Exec(exec) => match exec.argv.first() {
-                Some(program) => self.allows_program(program),
-                None => *self == ExecPolicy::Allow,
-            },
+            TaskKind::Exec(exec) if exec.argv.is_empty() => *self == ExecPolicy::Allow,
+            TaskKind::Exec(exec) => self.refusal(exec, spec.secret_env.names()).is_none(),
         }
     }
 
-    /// Why a node with this policy refuses to run `exec`, or `None` when
-    /// it runs it. Besides the program, an allow-list refuses a bare name
-    /// whose task sets `PATH`: that `PATH` would choose which file runs.
-    pub fn refusal(&self, exec: &ExecSpec) -> Option<String> {
+    /// Why a node with this policy refuses to run `exec`, whose task's
+    /// `secret_env` has the names `secret_names`, or `None` when it runs
+    /// it. Besides the program, an allow-list refuses a task that sets a
+    /// [`loader_variable`] in `env` or `secret_env` (`PATH` only with a
+    /// bare name): that variable would choose which code runs.
+    pub fn refusal<'a>(
+        &self,
+        exec: &ExecSpec,
+        secret_names: impl IntoIterator<Item = &'a str>,
+    ) -> Option<String> {
         let program = exec.argv.first().map_or("", String::as_str);
         match self {
             ExecPolicy::Allow => None,
@@ -113,12 +124,15 @@ impl ExecPolicy {
                     listed.join(", ")
                 ))
             }
-            ExecPolicy::Programs(_) if !program.contains('/') && exec.env.contains_key("PATH") => {
-                Some(format!(
-                    "this node runs {program:?} only from its own PATH; the task sets PATH"
-                ))
+            ExecPolicy::Programs(_) => {
+                if let Some(name) = exec.env.keys().find(|n| loader_variable(program, n)) {
+                    return Some(unsafe_env(program, "env", name));
+                }
+                let name = secret_names
+                    .into_iter()
+                    .find(|n| loader_variable(program, n))?;
+                Some(unsafe_env(program, "secret_env", name))
             }
-            ExecPolicy::Programs(_) => None,
         }
     }
 
@@ -150,6 +164,48 @@ impl ExecPolicy {
             ExecPolicy::Deny => (pb::ExecPolicy::Deny, Vec::new()),
             ExecPolicy::Programs(set) => (pb::ExecPolicy::AllowList, set.iter().cloned().collect()),
         }
+    }
+}
+
+/// Environment variables a task may not set on an allow-list node, besides
+/// every `LD_*` and `DYLD_*`: glibc's list of variables it drops for
+/// set-user-id programs (they choose files that are loaded or read as
+/// code or configuration), less `TMPDIR`.
+const LOADER_VARIABLES: [&str; 11] = [
+    "GCONV_PATH",
+    "GETCONF_DIR",
+    "HOSTALIASES",
+    "LOCALDOMAIN",
+    "LOCPATH",
+    "MALLOC_TRACE",
+    "NIS_PATH",
+    "NLSPATH",
+    "RESOLV_HOST_CONF",
+    "RES_OPTIONS",
+    "TZDIR",
+];
+
+/// True when a task running `program` (its `argv[0]`) may not set `name`
+/// on an allow-list node: `LD_*`, `DYLD_*` and the other variables that
+/// make the dynamic loader or libc load other code, and `PATH` when
+/// `program` is a bare name (that `PATH` would choose the file).
+pub fn loader_variable(program: &str, name: &str) -> bool {
+    name.starts_with("LD_")
+        || name.starts_with("DYLD_")
+        || LOADER_VARIABLES.contains(&name)
+        || (name == "PATH" && !program.contains('/'))
+}
+
+fn unsafe_env(program: &str, field: &str, name: &str) -> String {
+    let shown: String = name.chars().take(80).collect();
+    if name == "PATH" {
+        format!(
+            "this node runs {program:?} only from its own PATH; the task sets PATH in {field}"
+        )
+    } else {
+        format!(
+            "this node's exec allow-list refuses tasks that set {shown} (in {field}): it would change which code {program:?} loads"
+        )
     }
 }
 
@@ -211,21 +267,57 @@ mod tests {
             argv: vec!["echo".into()],
             ..ExecSpec::default()
         };
-        assert_eq!(policy.refusal(&spec), None);
+        assert_eq!(policy.refusal(&spec, []), None);
         spec.env.insert("PATH".into(), "/tmp/evil".into());
         assert!(
             policy
-                .refusal(&spec)
+                .refusal(&spec, [])
                 .is_some_and(|why| why.contains("PATH"))
         );
         spec.argv = vec!["/bin/true".into()];
-        assert_eq!(policy.refusal(&spec), None);
+        assert_eq!(policy.refusal(&spec, []), None);
         spec.argv = vec!["sh".into()];
         assert!(
             policy
-                .refusal(&spec)
+                .refusal(&spec, [])
                 .is_some_and(|why| why.contains("\"sh\""))
         );
+    }
+
+    #[test]
+    fn an_allow_list_refuses_path_and_loader_variables_from_secret_env_too() {
+        let policy = list(&["echo", "/bin/true"]);
+        let bare = TaskSpec::exec(["echo"]);
+        let absolute = TaskSpec::exec(["/bin/true"]);
+        assert!(policy.allows(&bare) && policy.allows(&absolute));
+        // PATH through secret_env: refused for a bare name, in both the
+        // node's check and the coordinator's.
+        let sneaky = bare.clone().secret_env("PATH", "/tmp/x");
+        assert!(!policy.allows(&sneaky));
+        let TaskKind::Exec(exec) = &sneaky.kind else {
+            unreachable!()
+        };
+        let why = policy.refusal(exec, ["PATH"]).expect("refused");
+        assert!(why.contains("PATH") && why.contains("secret_env"), "{why}");
+        assert!(policy.allows(&absolute.clone().secret_env("PATH", "/tmp/x")));
+        // Loader variables: refused for every program, from either map.
+        for name in ["LD_PRELOAD", "LD_LIBRARY_PATH", "GCONV_PATH", "DYLD_INSERT_LIBRARIES"] {
+            for spec in [&bare, &absolute] {
+                let secret = spec.clone().secret_env(name, "/tmp/x.so");
+                assert!(!policy.allows(&secret), "{name} in secret_env");
+                let mut env = spec.clone();
+                if let TaskKind::Exec(exec) = &mut env.kind {
+                    exec.env.insert(name.into(), "/tmp/x.so".into());
+                    let why = policy.refusal(exec, []).expect("refused");
+                    assert!(why.contains(name) && why.contains("(in env)"), "{why}");
+                }
+                assert!(!policy.allows(&env), "{name} in env");
+                // Nodes without an allow-list are not affected.
+                assert!(ExecPolicy::Allow.allows(&secret) && ExecPolicy::Allow.allows(&env));
+            }
+        }
+        // Ordinary variables stay fine.
+        assert!(policy.allows(&bare.clone().secret_env("API_KEY", "k").secret_env("HOME", "/h")));
     }
 
     #[test]

@@ -141,15 +141,25 @@ impl Scheduler {
                 call.handler
             ));
         }
-        if let TaskKind::Exec(exec) = &spec.kind
-            && !nodes.iter().any(|n| n.serves(spec))
-        {
-            return Some(match exec.argv.first() {
-                Some(program) if nodes.iter().any(|n| n.exec != ExecPolicy::Deny) => {
-                    format!("no connected node allows program '{program}'")
-                }
-                _ => "no connected node accepts exec tasks".into(),
-            });
+        if let TaskKind::Exec(exec) = &spec.kind {
+            // Its secrets' names count too: an allow-list refuses loader
+            // variables from either map (the class's example carries them).
+            let secrets = self.secrets.get(&id);
+            let names = || secrets.into_iter().flat_map(|s| s.names());
+            if !nodes.iter().any(|n| n.exec.refusal(exec, names()).is_none()) {
+                let program = exec.argv.first();
+                let listing = program.and_then(|p| nodes.iter().find(|n| n.exec.allows_program(p)));
+                return Some(match (program, listing) {
+                    (Some(_), Some(node)) => format!(
+                        "no connected node runs it: {}",
+                        node.exec.refusal(exec, names()).unwrap_or_default()
+                    ),
+                    (Some(program), None) if nodes.iter().any(|n| n.exec != ExecPolicy::Deny) => {
+                        format!("no connected node allows program '{program}'")
+                    }
+                    _ => "no connected node accepts exec tasks".into(),
+                });
+            }
         }
         for (key, value) in &spec.labels {
             if !nodes.iter().any(|n| n.labels.get(key) == Some(value)) {

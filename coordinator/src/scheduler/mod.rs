@@ -292,10 +292,21 @@ impl Scheduler {
         // Only for tasks still live: a final task needs none.
         let mut secrets: HashMap<TaskId, Arc<SecretEnv>> = loaded.secrets.into_iter().collect();
         for record in loaded.live {
-            if let Some(env) = secrets.remove(&record.id) {
-                self.secrets.insert(record.id, env);
-            }
-            let class = self.queue.class_for(&record.spec);
+            let class = match secrets.remove(&record.id) {
+                Some(env) => {
+                    let class = match record.spec.kind {
+                        TaskKind::Exec(_) => {
+                            let mut spec = TaskSpec::clone(&record.spec);
+                            spec.secret_env = SecretEnv::clone(&env);
+                            self.queue.class_for(&spec)
+                        }
+                        TaskKind::Call(_) => self.queue.class_for(&record.spec),
+                    };
+                    self.secrets.insert(record.id, env);
+                    class
+                }
+                None => self.queue.class_for(&record.spec),
+            };
             let spec = LiveSpec::compact(&record.spec, self.queue.example(class))
                 .unwrap_or_else(|| LiveSpec::Full(Arc::clone(&record.spec)));
             let mut task = LiveTask::new(spec, class, record.created_at);
@@ -349,8 +360,8 @@ impl Scheduler {
         for (id, mut spec) in batch {
             // Kept apart from the spec, which records, events and queue
             // classes share with every reader.
-            let secret_env = std::mem::take(&mut spec.secret_env);
             let class = self.queue.class_for(&spec);
+            let secret_env = std::mem::take(&mut spec.secret_env);
             // A queued task keeps only what its class's example lacks.
             let (live, spec) = match LiveSpec::compact(&spec, self.queue.example(class)) {
                 Some(live) => (live, Arc::new(spec)),

@@ -17,7 +17,8 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
-use weft_proto::{TaskId, TaskKind, TaskSpec};
+use weft_proto::exec_policy::loader_variable;
+use weft_proto::{SecretEnv, TaskId, TaskKind, TaskSpec};
 
 /// Index of a requirement class.
 pub(crate) type ClassId = u32;
@@ -70,11 +71,30 @@ fn same_class(a: &TaskSpec, b: &TaskSpec) -> bool {
             TaskKind::Call(call) => (true, Some(call.handler.as_str())),
         }
     }
-    needs(a) == needs(b) && a.slots == b.slots && a.labels == b.labels
+    needs(a) == needs(b)
+        && a.slots == b.slots
+        && a.labels == b.labels
+        && sets_loader_env(a) == sets_loader_env(b)
+}
+
+/// True when an exec task sets a variable an allow-list refuses (in `env`
+/// or `secret_env`; see `weft_proto::exec_policy::loader_variable`): such
+/// tasks get a class of their own, so matching its example matches them.
+fn sets_loader_env(spec: &TaskSpec) -> bool {
+    let TaskKind::Exec(exec) = &spec.kind else {
+        return false;
+    };
+    let program = exec.argv.first().map_or("", String::as_str);
+    exec.env
+        .keys()
+        .map(String::as_str)
+        .chain(spec.secret_env.names())
+        .any(|name| loader_variable(program, name))
 }
 
 impl Queue {
-    /// The class of `spec`, made on first sight. Submits of many alike
+    /// The class of `spec` (with its `secret_env`, whose names may set it
+    /// apart: see `sets_loader_env`), made on first sight. Submits of many alike
     /// tasks hit the one-entry cache and allocate nothing.
     pub fn class_for(&mut self, spec: &TaskSpec) -> ClassId {
         if let Some(last) = self.last
@@ -93,6 +113,19 @@ impl Queue {
             None => {
                 let class = u32::try_from(self.classes.len()).unwrap_or(u32::MAX);
                 let mut example = spec.clone();
+                // The secrets' values never go in the example; the names an
+                // allow-list refuses stay, so nodes are matched against them.
+                example.secret_env = match &spec.kind {
+                    TaskKind::Exec(exec) => {
+                        let program = exec.argv.first().map_or("", String::as_str);
+                        spec.secret_env
+                            .names()
+                            .filter(|name| loader_variable(program, name))
+                            .map(|name| (name.to_string(), String::new()))
+                            .collect()
+                    }
+                    TaskKind::Call(_) => SecretEnv::new(),
+                };
                 match &mut example.kind {
                     TaskKind::Call(call) => call.input = Bytes::new(),
                     TaskKind::Exec(exec) => exec.stdin = Bytes::new(),

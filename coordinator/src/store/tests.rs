@@ -339,6 +339,52 @@ fn the_redb_store_keeps_secrets_of_live_tasks_across_reopening() {
 }
 
 #[test]
+fn weft_redb_no_longer_holds_a_secret_once_its_task_is_final() {
+    // Read the file's secrets table directly (not through `load`), after
+    // reopening: the commit that makes the task final deletes the entry.
+    // (A logical delete: redb may keep the freed page's bytes in the file
+    // until it reuses them; the README says so.)
+    use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+    const SECRETS: TableDefinition<u128, &[u8]> = TableDefinition::new("secrets");
+    let table_ids = |dir: &std::path::Path| -> Vec<u128> {
+        let db = redb::Database::open(dir.join(FILE_NAME)).expect("open weft.redb");
+        let txn = db.begin_read().expect("read");
+        let table = txn.open_table(SECRETS).expect("secrets table");
+        table
+            .iter()
+            .expect("iter")
+            .map(|entry| entry.expect("entry").0.value())
+            .collect()
+    };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let [done, live] = ids(2)[..] else {
+        unreachable!()
+    };
+    {
+        let store = RedbStore::open(dir.path()).unwrap();
+        store
+            .commit(&[
+                Record::Task(record(done, TaskState::Queued, at(1))),
+                Record::Secrets(done, secret("gone-when-final")),
+                Record::Task(record(live, TaskState::Queued, at(1))),
+                Record::Secrets(live, secret("still-needed")),
+            ])
+            .unwrap();
+        let finished_record = record(done, TaskState::Succeeded, at(5));
+        store
+            .commit(&[
+                Record::Task(finished_record.clone()),
+                finished(&finished_record, 0),
+                Record::ForgetSecrets(done),
+            ])
+            .unwrap();
+    }
+    assert_eq!(table_ids(dir.path()), [live.as_u128()]);
+    let store = RedbStore::open(dir.path()).unwrap();
+    assert_eq!(stored_secrets(&store), [(live, Some("still-needed".into()))]);
+}
+
+#[test]
 fn a_second_redb_store_on_the_same_dir_is_refused_clearly() {
     let dir = tempfile::tempdir().expect("temp dir");
     let _first = RedbStore::open(dir.path()).unwrap();

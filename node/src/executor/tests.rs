@@ -200,6 +200,50 @@ async fn an_exec_task_the_policy_refuses_is_start_failed_and_never_runs() {
 }
 
 #[tokio::test]
+async fn an_allow_list_refuses_path_and_ld_preload_set_through_secret_env() {
+    // `secret_env` is applied after `env`, so a secret PATH would choose
+    // which `echo` runs: a planted one that leaves a marker.
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("ran");
+    let planted = dir.path().join("bin");
+    std::fs::create_dir(&planted).unwrap();
+    let echo = planted.join("echo");
+    std::fs::write(&echo, format!("#!/bin/sh\ntouch {}\n", marker.display())).unwrap();
+    std::fs::set_permissions(&echo, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = planted.display().to_string();
+    let listed = ExecPolicy::programs(["echo", "/bin/echo"]).unwrap();
+    let (executor, mut rx) = executor(1);
+    let executor = executor.with_exec(listed);
+    for (spec, why) in [
+        (
+            TaskSpec::exec(["echo", "hi"]).secret_env("PATH", path.as_str()),
+            "PATH in secret_env",
+        ),
+        (
+            TaskSpec::exec(["/bin/echo", "hi"]).secret_env("LD_PRELOAD", "/tmp/x.so"),
+            "LD_PRELOAD (in secret_env)",
+        ),
+    ] {
+        let (wire, key) = assignment(spec);
+        executor.assign(wire);
+        let (seen, done) = until_finished(&executor, &mut rx, key).await;
+        assert_eq!(outcome(&done), Outcome::StartFailed);
+        assert!(done.error.contains(why), "{}", done.error);
+        assert!(
+            seen.iter().all(|e| e.task_id != key.0),
+            "no Started: {seen:?}"
+        );
+    }
+    // An ordinary secret is fine.
+    let (wire, key) = assignment(TaskSpec::exec(["echo", "hi"]).secret_env("API_KEY", "k"));
+    executor.assign(wire);
+    let (_, done) = until_finished(&executor, &mut rx, key).await;
+    assert_eq!(outcome(&done), Outcome::Succeeded);
+    assert!(!marker.exists(), "the planted echo ran");
+}
+
+#[tokio::test]
 async fn unknown_handler_cannot_start_and_names_the_known_ones() {
     let (executor, mut rx) = executor(1);
     let (wire, key) = assignment(TaskSpec::call("nope", ""));

@@ -120,3 +120,25 @@ def test_an_exec_allow_list_matches_argv0_exactly_as_weft_node_does():
     assert from_flags(None, None).register_fields()[0] == node_pb2.EXEC_POLICY_DENY
     with pytest.raises(ValueError):
         from_flags("allow", ["echo"])
+
+
+def test_an_exec_allow_list_refuses_path_and_loader_variables_from_secret_env_too():
+    policy = ExecPolicy(["echo", "/bin/true"])
+    # PATH from secret_env (applied after env) would choose which echo runs.
+    spec = weft.exec_spec(["echo"], secret_env={"PATH": "/tmp/x"})
+    why = policy.refusal(spec.exec, spec.secret_env)
+    assert why is not None and "PATH" in why and "secret_env" in why
+    spec = weft.exec_spec(["/bin/true"], secret_env={"PATH": "/tmp/x"})
+    assert policy.refusal(spec.exec, spec.secret_env) is None
+    for name in ("LD_PRELOAD", "LD_LIBRARY_PATH", "GCONV_PATH", "DYLD_INSERT_LIBRARIES"):
+        for argv in (["echo"], ["/bin/true"]):
+            spec = weft.exec_spec(argv, secret_env={name: "/tmp/x.so"})
+            why = policy.refusal(spec.exec, spec.secret_env)
+            assert why is not None and name in why and "secret_env" in why, (name, argv)
+            spec = weft.exec_spec(argv, env={name: "/tmp/x.so"})
+            why = policy.refusal(spec.exec, spec.secret_env)
+            assert why is not None and name in why and "(in env)" in why, (name, argv)
+            assert ExecPolicy("allow").refusal(spec.exec, {name: "x"}) is None
+    spec = weft.exec_spec(["echo"], secret_env={"API_KEY": "k"})
+    assert policy.refusal(spec.exec, spec.secret_env) is None
+

@@ -125,3 +125,50 @@ async fn a_program_off_the_allow_list_never_runs_on_that_node() {
     assert!(marker.exists(), "it ran on the allowing node");
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_allow_list_node_is_not_given_tasks_that_set_path_or_ld_preload_in_secret_env() {
+    // `secret_env` is applied after `env`: a secret PATH would choose which
+    // `echo` runs (here a planted one that leaves a marker).
+    use std::os::unix::fs::PermissionsExt;
+    let listed = ExecPolicy::programs(["echo", "/bin/echo"]).expect("valid list");
+    let cluster = TestCluster::builder()
+        .nodes(1)
+        .node_exec(0, listed)
+        .start()
+        .await;
+    let client = cluster.client().await;
+    let marker = cluster.dir().join("planted-echo-ran");
+    let planted = cluster.dir().join("planted-bin");
+    std::fs::create_dir_all(&planted).expect("mkdir");
+    let echo = planted.join("echo");
+    std::fs::write(&echo, format!("#!/bin/sh\ntouch {}\n", marker.display())).expect("write");
+    std::fs::set_permissions(&echo, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let path = planted.display().to_string();
+
+    let by_path = client
+        .submit(TaskSpec::exec(["echo", "hi"]).secret_env("PATH", path.as_str()))
+        .await
+        .expect("submit");
+    let why = waiting_reason(&cluster, by_path).await;
+    assert!(why.contains("PATH") && why.contains("secret_env"), "{why}");
+    let by_preload = client
+        .submit(TaskSpec::exec(["/bin/echo", "hi"]).secret_env("LD_PRELOAD", "/nonexistent.so"))
+        .await
+        .expect("submit");
+    let why = waiting_reason(&cluster, by_preload).await;
+    assert!(why.contains("LD_PRELOAD") && why.contains("secret_env"), "{why}");
+
+    // The same program without them runs there.
+    let plain = client
+        .submit(TaskSpec::exec(["echo", "hi"]).secret_env("API_KEY", "k"))
+        .await
+        .expect("submit");
+    let done = cluster.wait_for_final(plain).await;
+    assert_eq!(done.state, TaskState::Succeeded, "{done:?}");
+    for id in [by_path, by_preload] {
+        assert_eq!(client.get(id).await.expect("get").state, TaskState::Queued);
+    }
+    assert!(!marker.exists(), "the planted echo ran on the allow-list node");
+    cluster.shutdown().await;
+}

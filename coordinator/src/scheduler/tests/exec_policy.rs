@@ -109,3 +109,35 @@ fn exec_tasks_of_different_programs_do_not_block_each_other() {
     let got: Vec<TaskId> = assigned(&h.effects(), S1).iter().map(|(t, _)| *t).collect();
     assert_eq!(got, ids[3..]);
 }
+
+#[test]
+fn an_allow_list_node_is_never_given_a_task_setting_path_or_ld_preload() {
+    // The node refuses these (its PATH, the loader's variables), from env
+    // or secret_env alike, so the coordinator must not assign them there.
+    let mut h = Harness::new();
+    h.node(S1, with_exec("listed", list(&["echo", "/bin/true"])), 8);
+    let mut preload = TaskSpec::exec(["/bin/true"]);
+    if let TaskKind::Exec(exec) = &mut preload.kind {
+        exec.env.insert("LD_PRELOAD".into(), "/tmp/x.so".into());
+    }
+    let ids = h.submit(vec![
+        TaskSpec::exec(["echo"]).secret_env("PATH", "/tmp/x"),
+        TaskSpec::exec(["/bin/true"]).secret_env("LD_PRELOAD", "/tmp/x.so"),
+        preload,
+        TaskSpec::exec(["echo"]).secret_env("API_KEY", "k"),
+        TaskSpec::exec(["/bin/true"]).secret_env("PATH", "/tmp/x"),
+        TaskSpec::exec(["echo"]),
+    ]);
+    let got: Vec<TaskId> = assigned(&h.effects(), S1).iter().map(|(t, _)| *t).collect();
+    assert_eq!(got, [ids[3], ids[4], ids[5]]);
+    let why = h.s.pending_reason(ids[0]).expect("waits");
+    assert!(why.contains("PATH") && why.contains("secret_env"), "{why}");
+    let why = h.s.pending_reason(ids[1]).expect("waits");
+    assert!(why.contains("LD_PRELOAD") && why.contains("secret_env"), "{why}");
+    let why = h.s.pending_reason(ids[2]).expect("waits");
+    assert!(why.contains("LD_PRELOAD") && why.contains("(in env)"), "{why}");
+    // A node that runs any program takes them.
+    h.node(S2, with_exec("allow", ExecPolicy::Allow), 8);
+    let got: Vec<TaskId> = assigned(&h.effects(), S2).iter().map(|(t, _)| *t).collect();
+    assert_eq!(got, ids[..3]);
+}

@@ -331,7 +331,7 @@ class Attempts:
     async def _run_exec(self, attempt: Attempt) -> None:
         # The coordinator matches exec tasks to the policy in Register; this
         # refuses what one assigns anyway, before anything starts.
-        refusal = self.exec_policy.refusal(attempt.spec.exec)
+        refusal = self.exec_policy.refusal(attempt.spec.exec, attempt.spec.secret_env)
         if refusal is not None:
             log.warning("refusing task %s attempt %d: %s", attempt.task_id, attempt.attempt, refusal)
             raise StartFailed(refusal)

@@ -4,15 +4,18 @@ the one matching rule, the same as ``weft-node``'s (``proto/src/exec_policy.rs``
 An allow-list entry is a bare name (no ``/``: matches only an ``argv[0]``
 spelled exactly so, looked up in the worker's ``PATH``) or an absolute path
 (matches only that exact ``argv[0]``). Nothing is resolved: ``python3`` does
-not allow ``/usr/bin/python3``. A task that runs a bare name and sets
-``PATH`` is refused by an allow-list (its ``PATH`` would choose the file).
+not allow ``/usr/bin/python3``. An allow-list also refuses a task whose
+``env`` or ``secret_env`` sets ``LD_*``, ``DYLD_*`` or another variable that
+makes the loader or libc load other code (see :func:`loader_variable`), and
+``PATH`` when ``argv[0]`` is a bare name (that ``PATH`` would choose the
+file). Both maps count: ``secret_env`` is applied after ``env``.
 
 Plain state, no I/O.
 """
 
 from __future__ import annotations
 
-from typing import FrozenSet, Iterable, Optional, Tuple, Union
+from typing import FrozenSet, Iterable, Mapping, Optional, Tuple, Union
 
 from .._proto import common_pb2, node_pb2
 
@@ -22,6 +25,33 @@ ExecSetting = Union[str, Iterable[str], "ExecPolicy", None]
 
 MAX_EXEC_ALLOW = 1024
 MAX_EXEC_ALLOW_LEN = 4096
+
+#: Besides every ``LD_*`` and ``DYLD_*``: glibc's list of variables it drops
+#: for set-user-id programs, less ``TMPDIR`` (the same list as weft-node's).
+LOADER_VARIABLES = frozenset({
+    "GCONV_PATH", "GETCONF_DIR", "HOSTALIASES", "LOCALDOMAIN", "LOCPATH", "MALLOC_TRACE",
+    "NIS_PATH", "NLSPATH", "RESOLV_HOST_CONF", "RES_OPTIONS", "TZDIR",
+})
+
+
+def loader_variable(program: str, name: str) -> bool:
+    """True when a task running ``program`` (its ``argv[0]``) may not set
+    ``name`` on an allow-list worker."""
+    return (
+        name.startswith("LD_")
+        or name.startswith("DYLD_")
+        or name in LOADER_VARIABLES
+        or (name == "PATH" and "/" not in program)
+    )
+
+
+def _unsafe_env(program: str, field: str, name: str) -> str:
+    if name == "PATH":
+        return f"this worker runs {program!r} only from its own PATH; the task sets PATH in {field}"
+    return (
+        f"this worker's exec allow-list refuses tasks that set {name[:80]} (in {field}): "
+        f"it would change which code {program!r} loads"
+    )
 
 
 class ExecPolicy:
@@ -56,8 +86,11 @@ class ExecPolicy:
             return node_pb2.EXEC_POLICY_DENY, []
         return node_pb2.EXEC_POLICY_ALLOW_LIST, sorted(self.programs or ())
 
-    def refusal(self, exec_spec: common_pb2.ExecSpec) -> Optional[str]:
-        """Why this worker refuses to run ``exec_spec``, or None when it runs it."""
+    def refusal(
+        self, exec_spec: common_pb2.ExecSpec, secret_env: Optional[Mapping[str, str]] = None
+    ) -> Optional[str]:
+        """Why this worker refuses to run ``exec_spec`` (whose task has
+        ``secret_env``), or None when it runs it."""
         program = exec_spec.argv[0] if exec_spec.argv else ""
         if self.mode == "allow":
             return None
@@ -66,8 +99,10 @@ class ExecPolicy:
         programs = self.programs or frozenset()
         if program not in programs:
             return f"this worker does not run program {program!r} (its exec allow-list: {', '.join(sorted(programs))})"
-        if "/" not in program and "PATH" in exec_spec.env:
-            return f"this worker runs {program!r} only from its own PATH; the task sets PATH"
+        for field, names in (("env", exec_spec.env), ("secret_env", secret_env or {})):
+            for name in sorted(names):
+                if loader_variable(program, name):
+                    return _unsafe_env(program, field, name)
         return None
 
     def __repr__(self) -> str:
