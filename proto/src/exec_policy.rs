@@ -199,9 +199,7 @@ pub fn loader_variable(program: &str, name: &str) -> bool {
 fn unsafe_env(program: &str, field: &str, name: &str) -> String {
     let shown: String = name.chars().take(80).collect();
     if name == "PATH" {
-        format!(
-            "this node runs {program:?} only from its own PATH; the task sets PATH in {field}"
-        )
+        format!("this node runs {program:?} only from its own PATH; the task sets PATH in {field}")
     } else {
         format!(
             "this node's exec allow-list refuses tasks that set {shown} (in {field}): it would change which code {program:?} loads"
@@ -301,7 +299,12 @@ mod tests {
         assert!(why.contains("PATH") && why.contains("secret_env"), "{why}");
         assert!(policy.allows(&absolute.clone().secret_env("PATH", "/tmp/x")));
         // Loader variables: refused for every program, from either map.
-        for name in ["LD_PRELOAD", "LD_LIBRARY_PATH", "GCONV_PATH", "DYLD_INSERT_LIBRARIES"] {
+        for name in [
+            "LD_PRELOAD",
+            "LD_LIBRARY_PATH",
+            "GCONV_PATH",
+            "DYLD_INSERT_LIBRARIES",
+        ] {
             for spec in [&bare, &absolute] {
                 let secret = spec.clone().secret_env(name, "/tmp/x.so");
                 assert!(!policy.allows(&secret), "{name} in secret_env");
@@ -317,7 +320,14 @@ mod tests {
             }
         }
         // Ordinary variables stay fine.
-        assert!(policy.allows(&bare.clone().secret_env("API_KEY", "k").secret_env("HOME", "/h")));
+        assert!(
+            policy.allows(
+                &bare
+                    .clone()
+                    .secret_env("API_KEY", "k")
+                    .secret_env("HOME", "/h")
+            )
+        );
     }
 
     #[test]

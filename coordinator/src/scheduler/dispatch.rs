@@ -146,7 +146,10 @@ impl Scheduler {
             // variables from either map (the class's example carries them).
             let secrets = self.secrets.get(&id);
             let names = || secrets.into_iter().flat_map(|s| s.names());
-            if !nodes.iter().any(|n| n.exec.refusal(exec, names()).is_none()) {
+            if !nodes
+                .iter()
+                .any(|n| n.exec.refusal(exec, names()).is_none())
+            {
                 let program = exec.argv.first();
                 let listing = program.and_then(|p| nodes.iter().find(|n| n.exec.allows_program(p)));
                 return Some(match (program, listing) {

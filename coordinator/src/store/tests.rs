@@ -344,10 +344,10 @@ fn weft_redb_no_longer_holds_a_secret_once_its_task_is_final() {
     // reopening: the commit that makes the task final deletes the entry.
     // (A logical delete: redb may keep the freed page's bytes in the file
     // until it reuses them; the README says so.)
-    use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+    use ::redb::{ReadableDatabase, ReadableTable, TableDefinition};
     const SECRETS: TableDefinition<u128, &[u8]> = TableDefinition::new("secrets");
     let table_ids = |dir: &std::path::Path| -> Vec<u128> {
-        let db = redb::Database::open(dir.join(FILE_NAME)).expect("open weft.redb");
+        let db = ::redb::Database::open(dir.join(super::redb::FILE_NAME)).expect("open weft.redb");
         let txn = db.begin_read().expect("read");
         let table = txn.open_table(SECRETS).expect("secrets table");
         table
@@ -381,7 +381,10 @@ fn weft_redb_no_longer_holds_a_secret_once_its_task_is_final() {
     }
     assert_eq!(table_ids(dir.path()), [live.as_u128()]);
     let store = RedbStore::open(dir.path()).unwrap();
-    assert_eq!(stored_secrets(&store), [(live, Some("still-needed".into()))]);
+    assert_eq!(
+        stored_secrets(&store),
+        [(live, Some("still-needed".into()))]
+    );
 }
 
 #[test]

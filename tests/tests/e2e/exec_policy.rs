@@ -157,7 +157,10 @@ async fn an_allow_list_node_is_not_given_tasks_that_set_path_or_ld_preload_in_se
         .await
         .expect("submit");
     let why = waiting_reason(&cluster, by_preload).await;
-    assert!(why.contains("LD_PRELOAD") && why.contains("secret_env"), "{why}");
+    assert!(
+        why.contains("LD_PRELOAD") && why.contains("secret_env"),
+        "{why}"
+    );
 
     // The same program without them runs there.
     let plain = client
@@ -169,6 +172,9 @@ async fn an_allow_list_node_is_not_given_tasks_that_set_path_or_ld_preload_in_se
     for id in [by_path, by_preload] {
         assert_eq!(client.get(id).await.expect("get").state, TaskState::Queued);
     }
-    assert!(!marker.exists(), "the planted echo ran on the allow-list node");
+    assert!(
+        !marker.exists(),
+        "the planted echo ran on the allow-list node"
+    );
     cluster.shutdown().await;
 }

@@ -133,9 +133,15 @@ fn an_allow_list_node_is_never_given_a_task_setting_path_or_ld_preload() {
     let why = h.s.pending_reason(ids[0]).expect("waits");
     assert!(why.contains("PATH") && why.contains("secret_env"), "{why}");
     let why = h.s.pending_reason(ids[1]).expect("waits");
-    assert!(why.contains("LD_PRELOAD") && why.contains("secret_env"), "{why}");
+    assert!(
+        why.contains("LD_PRELOAD") && why.contains("secret_env"),
+        "{why}"
+    );
     let why = h.s.pending_reason(ids[2]).expect("waits");
-    assert!(why.contains("LD_PRELOAD") && why.contains("(in env)"), "{why}");
+    assert!(
+        why.contains("LD_PRELOAD") && why.contains("(in env)"),
+        "{why}"
+    );
     // A node that runs any program takes them.
     h.node(S2, with_exec("allow", ExecPolicy::Allow), 8);
     let got: Vec<TaskId> = assigned(&h.effects(), S2).iter().map(|(t, _)| *t).collect();
