@@ -497,7 +497,13 @@ mod tests {
     fn a_pin_accepts_a_leaf_its_ca_signed_for_the_name() {
         let (ca_der, issuer) = ca();
         let leaf = leaf("coordinator.test", &issuer);
-        verify_pinned(&ca_der, &leaf, &[ca_der.clone()], "coordinator.test").unwrap();
+        verify_pinned(
+            &ca_der,
+            &leaf,
+            std::slice::from_ref(&ca_der),
+            "coordinator.test",
+        )
+        .unwrap();
     }
 
     #[test]
@@ -505,8 +511,13 @@ mod tests {
         let (ca_der, _issuer) = ca();
         let (_forged_der, forged) = ca();
         let leaf = leaf("coordinator.test", &forged);
-        let err = verify_pinned(&ca_der, &leaf, &[ca_der.clone()], "coordinator.test")
-            .expect_err("a leaf the pinned CA did not sign");
+        let err = verify_pinned(
+            &ca_der,
+            &leaf,
+            std::slice::from_ref(&ca_der),
+            "coordinator.test",
+        )
+        .expect_err("a leaf the pinned CA did not sign");
         assert!(
             matches!(err, rustls::Error::InvalidCertificate(_)),
             "{err:?}"
@@ -517,8 +528,13 @@ mod tests {
     fn a_pin_refuses_a_leaf_for_another_name() {
         let (ca_der, issuer) = ca();
         let leaf = leaf("coordinator.test", &issuer);
-        let err = verify_pinned(&ca_der, &leaf, &[ca_der.clone()], "elsewhere.test")
-            .expect_err("a leaf for another name");
+        let err = verify_pinned(
+            &ca_der,
+            &leaf,
+            std::slice::from_ref(&ca_der),
+            "elsewhere.test",
+        )
+        .expect_err("a leaf for another name");
         assert!(
             matches!(
                 err,
@@ -536,8 +552,13 @@ mod tests {
         let (ca_der, issuer) = ca();
         let (other_der, _) = ca();
         let leaf = leaf("coordinator.test", &issuer);
-        verify_pinned(&other_der, &leaf, &[ca_der.clone()], "coordinator.test")
-            .expect_err("the pinned certificate is not in the chain");
+        verify_pinned(
+            &other_der,
+            &leaf,
+            std::slice::from_ref(&ca_der),
+            "coordinator.test",
+        )
+        .expect_err("the pinned certificate is not in the chain");
     }
 
     #[test]
