@@ -210,7 +210,8 @@ pub enum Command {
     ///
     /// Written to $XDG_CONFIG_HOME/weft/context.json (or
     /// ~/.config/weft/context.json). Precedence: flags, then environment
-    /// (WEFT_COORDINATOR, WEFT_TOKEN), then this context. The token is
+    /// (WEFT_COORDINATOR, WEFT_TOKEN), then this context; its token and
+    /// CA are used only for its own coordinator. The token is
     /// checked against the coordinator before it is saved; it is the global
     /// --token (or --token-file's, or $WEFT_TOKEN).
     Login {

@@ -21,15 +21,7 @@ pub async fn run(args: Args) -> u8 {
 
 async fn dispatch(args: Args) -> anyhow::Result<u8> {
     let format = args.output;
-    // Flags > environment > the `weft login` context.
-    let context = token::Context::load();
-    // The CA likewise: flags or environment, else the context's.
-    let trust = args.trust().or_else(|| context.trust());
-    let url = match (&context.coordinator, args.coordinator_given) {
-        (Some(saved), false) => saved.clone(),
-        _ => args.coordinator,
-    };
-    let token = token::resolve(args.token.as_deref(), args.token_file.as_deref(), &context)?;
+    let (url, trust, token) = credentials(&args, token::Context::load())?;
     match args.command {
         Command::Login { url } => token::login(url, token, trust).await,
         Command::Local {
@@ -85,7 +77,96 @@ async fn dispatch(args: Args) -> anyhow::Result<u8> {
     }
 }
 
+/// The coordinator URL, trust and token a command uses: flags >
+/// environment > the `weft login` context. The context's token and CA
+/// belong to the context's coordinator: they are used only when the
+/// command dials that coordinator (for `weft login URL`, when URL is it).
+fn credentials(
+    args: &Args,
+    context: token::Context,
+) -> anyhow::Result<(String, Option<weft_client::Trust>, Option<String>)> {
+    let url = match (&context.coordinator, args.coordinator_given) {
+        (Some(saved), false) => saved.clone(),
+        _ => args.coordinator.clone(),
+    };
+    let target = match &args.command {
+        Command::Login { url } => url,
+        _ => &url,
+    };
+    let context = context.for_coordinator(target);
+    let trust = args.trust().or_else(|| context.trust());
+    let token = token::resolve(args.token.as_deref(), args.token_file.as_deref(), &context)?;
+    Ok((url, trust, token))
+}
+
 /// The error chain on one line (`context: cause: root`).
 fn one_line(err: &anyhow::Error) -> String {
     format!("{err:#}").replace('\n', " ")
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    fn saved() -> token::Context {
+        token::Context {
+            coordinator: Some("https://a.test:7070".into()),
+            token: Some("weft_saved".into()),
+            ca_file: Some("/a/ca.pem".into()),
+            ca_pin: None,
+        }
+    }
+
+    fn args(line: &[&str], coordinator_given: bool) -> Args {
+        let mut args = Args::try_parse_from(line).unwrap();
+        args.coordinator_given = coordinator_given;
+        args
+    }
+
+    #[test]
+    fn the_saved_token_and_ca_go_to_the_saved_coordinator_only() {
+        // No --coordinator: the context's coordinator, token and CA.
+        let (url, trust, token) = credentials(&args(&["weft", "info"], false), saved()).unwrap();
+        assert_eq!(url, "https://a.test:7070");
+        assert_eq!(token.as_deref(), Some("weft_saved"));
+        assert!(trust.is_some());
+        // The same coordinator spelled without the scheme: still it.
+        let line = ["weft", "--coordinator", "a.test:7070", "info"];
+        let (_, trust, token) = credentials(&args(&line, true), saved()).unwrap();
+        assert_eq!(token.as_deref(), Some("weft_saved"));
+        assert!(trust.is_some());
+        // Another coordinator (flag or WEFT_COORDINATOR): neither.
+        for other in ["http://b.test:7070", "https://a.test:7071", "b.test:7070"] {
+            let line = ["weft", "--coordinator", other, "info"];
+            let (url, trust, token) = credentials(&args(&line, true), saved()).unwrap();
+            assert_eq!(url, other);
+            assert_eq!(token, None, "{other}");
+            assert!(trust.is_none(), "{other}");
+        }
+        // An explicit token still goes where it is sent.
+        let line = [
+            "weft",
+            "--coordinator",
+            "b.test:7070",
+            "--token",
+            "weft_t",
+            "info",
+        ];
+        let (_, _, token) = credentials(&args(&line, true), saved()).unwrap();
+        assert_eq!(token.as_deref(), Some("weft_t"));
+    }
+
+    #[test]
+    fn login_to_a_new_coordinator_does_not_reuse_the_saved_token() {
+        let line = ["weft", "login", "http://b.test:7070"];
+        let (_, trust, token) = credentials(&args(&line, false), saved()).unwrap();
+        assert_eq!(token, None);
+        assert!(trust.is_none());
+        let line = ["weft", "login", "https://a.test:7070"];
+        let (_, trust, token) = credentials(&args(&line, false), saved()).unwrap();
+        assert_eq!(token.as_deref(), Some("weft_saved"));
+        assert!(trust.is_some());
+    }
 }

@@ -56,6 +56,26 @@ impl Context {
         }
     }
 
+    /// The context as it applies to a command dialing `url`: all of it
+    /// when `url` is the saved coordinator (compared as parsed addresses),
+    /// else without the token and CA (they are for that coordinator only).
+    pub fn for_coordinator(self, url: &str) -> Context {
+        let same = |a: &str, b: &str| match (
+            weft_proto::CoordinatorAddr::parse(a),
+            weft_proto::CoordinatorAddr::parse(b),
+        ) {
+            (Ok(a), Ok(b)) => a.url() == b.url(),
+            _ => a == b,
+        };
+        match &self.coordinator {
+            Some(saved) if same(saved, url) => self,
+            _ => Context {
+                coordinator: self.coordinator,
+                ..Context::default()
+            },
+        }
+    }
+
     /// The saved context; empty when there is none (or it is unreadable).
     pub fn load() -> Context {
         let Some(path) = context_path() else {

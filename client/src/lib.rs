@@ -167,8 +167,10 @@ impl Client {
     }
 
     /// Connects trusting the coordinator's certificate by `trust` and
-    /// sending `token` on every call. `http://` addresses dial plainly and
-    /// ignore `trust`. A certificate that does not match is an
+    /// sending `token` on every call. `http://` addresses dial plainly: with
+    /// a `trust` they are refused ([`Error::Tls`]), and a token sent over
+    /// one is warned about (tracing); the first call that checks the
+    /// address speaks plaintext is sent without the token. A certificate that does not match is an
     /// [`Error::Unavailable`] whose message says what to pass instead; an
     /// `https://` address without a trust, or an unreadable CA file, is
     /// [`Error::Tls`].
@@ -221,43 +223,18 @@ impl Client {
                 }
                 Ok(Ok(channel)) => channel,
             };
-        let client = Client::from_channel_with(url, channel, bearer);
         if address.scheme() == address::Scheme::Http {
-            client.probe_plaintext(&address).await?;
-        }
-        Ok(client)
-    }
-
-    /// A plaintext channel "connects" to a TLS coordinator too (HTTP/2
-    /// does not wait for the server's answer): one small call finds out,
-    /// so the error says to dial https rather than "h2 protocol error" at
-    /// the first real call. Only a broken connection counts; any answer
-    /// (even a refusal) means plaintext works.
-    async fn probe_plaintext(&self, address: &CoordinatorAddr) -> Result<(), Error> {
-        let mut admin = self.admin.clone();
-        let mut probe = tonic::Request::new(pb::ClusterInfoRequest {});
-        probe.set_timeout(CONNECT_TIMEOUT);
-        match tokio::time::timeout(CONNECT_TIMEOUT, admin.cluster_info(probe)).await {
-            // A broken HTTP/2 connection shows as one of these; a real
-            // answer (even a refusal) as any other code.
-            Ok(Err(status))
-                if matches!(
-                    status.code(),
-                    tonic::Code::Unavailable
-                        | tonic::Code::Cancelled
-                        | tonic::Code::Unknown
-                        | tonic::Code::Internal
-                ) =>
-            {
-                Err(Error::Unavailable(format!(
-                    "cannot reach coordinator at {}: {}; {}",
-                    self.url,
-                    status.message(),
-                    weft_proto::tls::plaintext_hint(address)
-                )))
+            // The probe carries no token: a plaintext peer may not be the
+            // coordinator at all.
+            probe_plaintext(&url, channel.clone(), &address).await?;
+            if bearer.0.is_some() {
+                tracing::warn!(
+                    coordinator = %url,
+                    "sending the client token over plaintext http://: anyone on the path can read it; dial https:// with the cluster CA"
+                );
             }
-            _ => Ok(()),
         }
+        Ok(Client::from_channel_with(url, channel, bearer))
     }
 
     /// Wraps an already made channel (custom TLS, interceptors, tests).
@@ -696,5 +673,42 @@ impl Follow {
         tokio::time::sleep(self.backoff).await;
         self.backoff = (self.backoff * 2).min(FOLLOW_BACKOFF_MAX);
         None
+    }
+}
+
+/// A plaintext channel "connects" to a TLS coordinator too (HTTP/2
+/// does not wait for the server's answer): one small call finds out,
+/// so the error says to dial https rather than "h2 protocol error" at
+/// the first real call. Only a broken connection counts; any answer
+/// (even a refusal) means plaintext works. The probe is sent without the
+/// client token.
+async fn probe_plaintext(
+    url: &str,
+    channel: Channel,
+    address: &CoordinatorAddr,
+) -> Result<(), Error> {
+    let mut admin = AdminServiceClient::new(channel);
+    let mut probe = tonic::Request::new(pb::ClusterInfoRequest {});
+    probe.set_timeout(CONNECT_TIMEOUT);
+    match tokio::time::timeout(CONNECT_TIMEOUT, admin.cluster_info(probe)).await {
+        // A broken HTTP/2 connection shows as one of these; a real
+        // answer (even a refusal) as any other code.
+        Ok(Err(status))
+            if matches!(
+                status.code(),
+                tonic::Code::Unavailable
+                    | tonic::Code::Cancelled
+                    | tonic::Code::Unknown
+                    | tonic::Code::Internal
+            ) =>
+        {
+            Err(Error::Unavailable(format!(
+                "cannot reach coordinator at {}: {}; {}",
+                url,
+                status.message(),
+                weft_proto::tls::plaintext_hint(address)
+            )))
+        }
+        _ => Ok(()),
     }
 }

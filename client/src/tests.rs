@@ -286,3 +286,47 @@ async fn a_bare_host_and_port_connects_and_garbage_is_an_invalid_address() {
         "invalid coordinator address 'not an address': expected HOST:PORT or http(s)://HOST:PORT"
     );
 }
+
+#[tokio::test]
+async fn the_plaintext_probe_carries_no_token_and_later_calls_do() {
+    let seen: Arc<Mutex<Vec<Option<String>>>> = Arc::default();
+    let record = Arc::clone(&seen);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .layer(tonic::service::InterceptorLayer::new(
+                move |request: Request<()>| {
+                    let auth = request
+                        .metadata()
+                        .get("authorization")
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_owned);
+                    record.lock().unwrap().push(auth);
+                    Ok(request)
+                },
+            ))
+            .add_service(TaskServiceServer::new(Scripted::default()))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let client = Client::connect_secure(&format!("http://{addr}"), None, Some("weft_id_secret"))
+        .await
+        .unwrap();
+    // The probe (the one call made while connecting) had no token.
+    assert_eq!(*seen.lock().unwrap(), vec![None]);
+    let _ = client.get(TaskId::new()).await;
+    assert_eq!(
+        *seen.lock().unwrap(),
+        vec![None, Some("Bearer weft_id_secret".to_owned())]
+    );
+}
+
+#[tokio::test]
+async fn http_with_a_ca_or_pin_is_refused() {
+    let pin = crate::Trust::pin(&weft_proto::tls::ca_pin(b"abc")).unwrap();
+    let err = Client::connect_secure("http://127.0.0.1:9", Some(&pin), Some("weft_id_secret"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Tls(_)), "{err}");
+    assert!(err.to_string().contains("https://127.0.0.1:9"), "{err}");
+}

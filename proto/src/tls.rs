@@ -84,6 +84,13 @@ pub enum TlsError {
          use http://HOST:PORT"
     )]
     NoTrust(String),
+    /// An `http://` coordinator with a CA or pin given: plaintext would
+    /// quietly drop the check the trust asks for.
+    #[error(
+        "{0} is plaintext, but a CA or pin was given: dial https://{1} (or {1}) to check the \
+         coordinator's certificate, or drop the CA/pin for a coordinator started with --insecure"
+    )]
+    PlaintextWithTrust(String, String),
 }
 
 /// How a client trusts the coordinator's certificate.
@@ -305,14 +312,21 @@ impl fmt::Debug for TlsConnector {
 /// How to dial `addr`: the URL to give tonic's `Endpoint` and, for
 /// `https://`, the connector that runs TLS trusting `trust` (the URL is
 /// then `http://`, since the connector already does TLS). `http://` dials
-/// plainly and ignores `trust`; `https://` without a trust is
-/// [`TlsError::NoTrust`].
+/// plainly; with a `trust` it is [`TlsError::PlaintextWithTrust`] (the
+/// caller asked for a check plaintext cannot make). `https://` without a
+/// trust is [`TlsError::NoTrust`].
 pub fn dial_plan(
     addr: &crate::CoordinatorAddr,
     trust: Option<&Trust>,
 ) -> Result<(String, Option<TlsConnector>), TlsError> {
     match addr.scheme() {
-        crate::address::Scheme::Http => Ok((addr.url(), None)),
+        crate::address::Scheme::Http => match trust {
+            None => Ok((addr.url(), None)),
+            Some(_) => Err(TlsError::PlaintextWithTrust(
+                addr.url(),
+                addr.authority().to_string(),
+            )),
+        },
         crate::address::Scheme::Https => {
             let trust = trust.ok_or_else(|| TlsError::NoTrust(addr.url()))?;
             let connector = TlsConnector::new(addr, trust)?;
@@ -434,5 +448,130 @@ mod tests {
             .unwrap_err();
         assert!(missing.to_string().contains("missing.pem"), "{missing}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A CA with rcgen's default name (so a forged CA has the same one).
+    fn ca() -> (
+        CertificateDer<'static>,
+        rcgen::Issuer<'static, rcgen::KeyPair>,
+    ) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::DigitalSignature,
+        ];
+        let cert = params.self_signed(&key).unwrap();
+        (cert.der().clone(), rcgen::Issuer::new(params, key))
+    }
+
+    fn leaf(
+        name: &str,
+        issuer: &rcgen::Issuer<'static, rcgen::KeyPair>,
+    ) -> CertificateDer<'static> {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec![name.to_owned()]).unwrap();
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+        params.signed_by(&key, issuer).unwrap().der().clone()
+    }
+
+    fn verify_pinned(
+        pinned: &CertificateDer<'_>,
+        leaf: &CertificateDer<'_>,
+        chain: &[CertificateDer<'_>],
+        name: &str,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let Trust::Pin(digest) = Trust::pin(&ca_pin(pinned)).unwrap() else {
+            panic!("not a pin")
+        };
+        let verifier = PinVerifier {
+            digest,
+            provider: provider(),
+        };
+        let name = ServerName::try_from(name.to_owned()).unwrap();
+        verifier.verify_server_cert(leaf, chain, &name, &[], UnixTime::now())
+    }
+
+    #[test]
+    fn a_pin_accepts_a_leaf_its_ca_signed_for_the_name() {
+        let (ca_der, issuer) = ca();
+        let leaf = leaf("coordinator.test", &issuer);
+        verify_pinned(
+            &ca_der,
+            &leaf,
+            std::slice::from_ref(&ca_der),
+            "coordinator.test",
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn a_pin_refuses_a_leaf_signed_by_another_key_though_the_chain_holds_the_ca() {
+        let (ca_der, _issuer) = ca();
+        let (_forged_der, forged) = ca();
+        let leaf = leaf("coordinator.test", &forged);
+        let err = verify_pinned(
+            &ca_der,
+            &leaf,
+            std::slice::from_ref(&ca_der),
+            "coordinator.test",
+        )
+        .expect_err("a leaf the pinned CA did not sign");
+        assert!(
+            matches!(err, rustls::Error::InvalidCertificate(_)),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn a_pin_refuses_a_leaf_for_another_name() {
+        let (ca_der, issuer) = ca();
+        let leaf = leaf("coordinator.test", &issuer);
+        let err = verify_pinned(
+            &ca_der,
+            &leaf,
+            std::slice::from_ref(&ca_der),
+            "elsewhere.test",
+        )
+        .expect_err("a leaf for another name");
+        assert!(
+            matches!(
+                err,
+                rustls::Error::InvalidCertificate(CertificateError::NotValidForName)
+                    | rustls::Error::InvalidCertificate(
+                        CertificateError::NotValidForNameContext { .. }
+                    )
+            ),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn a_pin_refuses_a_chain_without_the_pinned_certificate() {
+        let (ca_der, issuer) = ca();
+        let (other_der, _) = ca();
+        let leaf = leaf("coordinator.test", &issuer);
+        verify_pinned(
+            &other_der,
+            &leaf,
+            std::slice::from_ref(&ca_der),
+            "coordinator.test",
+        )
+        .expect_err("the pinned certificate is not in the chain");
+    }
+
+    #[test]
+    fn http_with_a_ca_or_pin_is_refused() {
+        let addr = crate::CoordinatorAddr::parse("http://127.0.0.1:7070").unwrap();
+        assert!(dial_plan(&addr, None).unwrap().1.is_none());
+        for trust in [
+            Trust::CaFile("ca.pem".into()),
+            Trust::pin(&ca_pin(b"abc")).unwrap(),
+        ] {
+            let err = dial_plan(&addr, Some(&trust)).unwrap_err();
+            assert!(matches!(err, TlsError::PlaintextWithTrust(..)), "{err}");
+            assert!(err.to_string().contains("https://127.0.0.1:7070"), "{err}");
+        }
     }
 }

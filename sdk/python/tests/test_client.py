@@ -198,3 +198,26 @@ def test_clients_and_workers_refuse_a_malformed_address_when_made():
     for make in (weft.Client, weft.aio.Client, weft.Worker):
         with pytest.raises(ValueError, match="invalid coordinator address 'nope'"):
             make("nope")
+
+
+def test_http_with_a_ca_or_pin_is_refused_and_a_token_over_it_warned(monkeypatch, recwarn):
+    from weft._channel import PlaintextTokenWarning
+
+    monkeypatch.delenv("WEFT_CA", raising=False)
+    monkeypatch.delenv("WEFT_CA_PIN", raising=False)
+    pin = "sha256:" + "ab" * 32
+    for kwargs in [{"ca_file": "ca.pem"}, {"ca_pin": pin}]:
+        with pytest.raises(ValueError, match="dial https://127.0.0.1:9"):
+            weft.Client("http://127.0.0.1:9", **kwargs)
+        with pytest.raises(ValueError, match="dial https://127.0.0.1:9"):
+            weft.aio.Client("http://127.0.0.1:9", **kwargs)
+    monkeypatch.setenv("WEFT_CA", "ca.pem")
+    with pytest.raises(ValueError, match="CA or pin"):
+        weft.Client("http://127.0.0.1:9")
+    monkeypatch.delenv("WEFT_CA")
+
+    # Plaintext without a token: no warning; with one: a warning.
+    weft.Client("http://127.0.0.1:9", token="").close()
+    assert not [w for w in recwarn if issubclass(w.category, PlaintextTokenWarning)]
+    with pytest.warns(PlaintextTokenWarning, match="plaintext http://127.0.0.1:9"):
+        weft.Client("http://127.0.0.1:9", token="weft_x_y").close()

@@ -15,6 +15,7 @@ import os
 import re
 import socket
 import ssl
+import warnings
 from typing import Optional, Tuple
 
 import grpc
@@ -269,13 +270,37 @@ def _aio_bearers(token: str):
     return [cls(token) for cls in (_AioBearerUU, _AioBearerUS, _AioBearerSU, _AioBearerSS)]
 
 
+class PlaintextTokenWarning(UserWarning):
+    """A client token is sent over plaintext ``http://``: anyone on the path can read it."""
+
+
+def _check_plaintext(url: str, target: str, token: Optional[str], ca_file: Optional[str],
+                     ca_pin: Optional[str]) -> None:
+    """The rules for an ``http://`` address (as ``weft_proto::tls::dial_plan``
+    and the Rust client): a CA or pin (given, or ``$WEFT_CA`` /
+    ``$WEFT_CA_PIN``) is refused, since plaintext cannot check it; a token is
+    warned about (:class:`PlaintextTokenWarning`)."""
+    if ca_file or ca_pin or os.environ.get("WEFT_CA") or os.environ.get("WEFT_CA_PIN"):
+        raise ValueError(f"{url} is plaintext, but a CA or pin was given: dial https://{target} "
+                         f"(or {target}) to check the coordinator's certificate, or drop the CA/pin "
+                         "(ca_file= / WEFT_CA, ca_pin= / WEFT_CA_PIN) for a coordinator started with --insecure")
+    if token:
+        warnings.warn(f"sending the client token over plaintext {url}: anyone on the path can read it; "
+                      "dial https:// with the cluster CA", PlaintextTokenWarning, stacklevel=4)
+
+
 def sync_channel(url: str | None, token: str | None = None, ca_file: Optional[str] = None,
                  ca_pin: Optional[str] = None) -> grpc.Channel:
     """A blocking-API channel to the coordinator at ``url``: TLS trusting
     the cluster CA for ``https://`` and bare ``HOST:PORT`` (see
-    :func:`root_certificates`), plaintext for ``http://``; with a ``token``,
-    every call carries it as ``authorization: Bearer`` metadata."""
-    target, secure = parse_target(coordinator_url(url))
+    :func:`root_certificates`), plaintext for ``http://`` (where a CA or pin
+    is refused and a token warned about: see :func:`_check_plaintext`);
+    with a ``token``, every call carries it as ``authorization: Bearer``
+    metadata."""
+    url = coordinator_url(url)
+    target, secure = parse_target(url)
+    if not secure:
+        _check_plaintext(url, target, token, ca_file, ca_pin)
     if secure:
         channel = grpc.secure_channel(target, _credentials(target, ca_file, ca_pin), options=_OPTIONS)
     else:
@@ -288,7 +313,10 @@ def sync_channel(url: str | None, token: str | None = None, ca_file: Optional[st
 def aio_channel(url: str | None, token: str | None = None, ca_file: Optional[str] = None,
                 ca_pin: Optional[str] = None) -> grpc.aio.Channel:
     """An asyncio-API channel to the coordinator at ``url`` (as :func:`sync_channel`)."""
-    target, secure = parse_target(coordinator_url(url))
+    url = coordinator_url(url)
+    target, secure = parse_target(url)
+    if not secure:
+        _check_plaintext(url, target, token, ca_file, ca_pin)
     interceptors = _aio_bearers(token) if token else None
     if secure:
         return grpc.aio.secure_channel(

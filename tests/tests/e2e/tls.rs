@@ -293,6 +293,13 @@ async fn an_insecure_cluster_serves_plaintext_to_clients_nodes_and_the_cli() {
     let out = cluster.weft(&["run", "--", "echo", "cli"]).await;
     assert_eq!(out.code, Some(0), "{out}");
     assert_eq!(out.stdout, "cli\n");
+    // The token went over plaintext: said so on stderr.
+    assert!(out.stderr.contains("over plaintext"), "{out}");
+    // A CA pin with http:// asks for a check plaintext cannot make: refused.
+    let pin = format!("sha256:{}", "ab".repeat(32));
+    let pinned = cluster.weft(&["--ca-pin", &pin, "nodes"]).await;
+    assert_ne!(pinned.code, Some(0), "{pinned}");
+    assert!(pinned.stderr.contains("CA or pin was given"), "{pinned}");
     cluster.shutdown().await;
 }
 

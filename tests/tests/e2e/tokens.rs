@@ -384,6 +384,18 @@ async fn weft_login_saves_a_private_context_that_later_commands_use() {
     .await;
     assert_eq!(bad.code, Some(77), "{bad}");
     assert!(std::fs::read_to_string(&context).unwrap().contains(&token));
+    // Another coordinator gets neither the saved token nor its CA: a login
+    // there needs its own token.
+    let elsewhere = weft_tests::cli::run_weft_env(
+        "",
+        None,
+        &config_env,
+        &["login", "http://127.0.0.1:9"],
+        None,
+    )
+    .await;
+    assert_eq!(elsewhere.code, Some(2), "{elsewhere}");
+    assert!(elsewhere.stderr.contains("needs a token"), "{elsewhere}");
     cluster.shutdown().await;
 }
 
