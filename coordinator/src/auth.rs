@@ -245,7 +245,10 @@ pub fn new_token(
     let expires = match ttl {
         None => None,
         Some(ttl) => Some(now.checked_add(ttl).ok_or_else(|| {
-            Status::invalid_argument(format!("ttl: {}s is too long (its expiry overflows)", ttl.as_secs()))
+            Status::invalid_argument(format!(
+                "ttl: {}s is too long (its expiry overflows)",
+                ttl.as_secs()
+            ))
         })?),
     };
     let id = hex::encode(random_bytes::<8>()?);
