@@ -242,6 +242,15 @@ pub fn new_token(
     ttl: Option<Duration>,
     now: SystemTime,
 ) -> Result<(TokenRecord, String), Status> {
+    let expires = match ttl {
+        None => None,
+        Some(ttl) => Some(now.checked_add(ttl).ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "ttl: {}s is too long (its expiry overflows)",
+                ttl.as_secs()
+            ))
+        })?),
+    };
     let id = hex::encode(random_bytes::<8>()?);
     let secret = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(random_bytes::<32>()?);
     let record = TokenRecord {
@@ -249,7 +258,7 @@ pub fn new_token(
         kind: TokenKind::Client,
         scopes,
         created: now,
-        expires: ttl.and_then(|ttl| now.checked_add(ttl)),
+        expires,
         revoked: None,
         secret_hash: hash_secret(&secret),
         id: id.clone(),
@@ -308,6 +317,14 @@ pub fn require<T>(request: &Request<T>, scope: Scope) -> Result<(), Status> {
     }
 }
 
+/// Whether the request's [`Caller`] has `scope` (no caller: no).
+pub fn allows<T>(request: &Request<T>, scope: Scope) -> bool {
+    request
+        .extensions()
+        .get::<Caller>()
+        .is_some_and(|caller| caller.scopes.allows(scope))
+}
+
 /// Every token by id, as the edge checks them. Writers (`CreateToken`,
 /// `RevokeToken`) commit to the store first and update this before they
 /// answer, so a revocation holds from the moment it is acknowledged.
@@ -358,8 +375,11 @@ impl TokenIndex {
     /// Checks a bearer token at `now`.
     pub fn authenticate(&self, token: &str, now: SystemTime) -> Result<Caller, AuthError> {
         let (id, secret) = parse_token(token).ok_or(AuthError::Invalid)?;
+        // Ids are stored lower-case (adopt_token); the hex may come in
+        // either case.
+        let id = id.to_ascii_lowercase();
         let tokens = self.tokens.read().map_err(|_| AuthError::Invalid)?;
-        let record = tokens.get(id).ok_or(AuthError::Invalid)?;
+        let record = tokens.get(&id).ok_or(AuthError::Invalid)?;
         if !constant_time_eq(&record.secret_hash, &hash_secret(secret))
             || record.kind != TokenKind::Client
         {
@@ -418,16 +438,21 @@ impl tonic::service::Interceptor for Authenticator {
 /// The admin token's file name in the data dir.
 pub const ADMIN_TOKEN_FILE: &str = "admin.token";
 
-/// Writes `token` to `path` (mode 0600, parent dir created 0700), replacing
-/// any old file.
+/// Writes `token` to `path` (mode 0600), replacing any old file. A missing
+/// parent dir is created 0700; an existing one (e.g. `/tmp`) is left as it
+/// is.
 pub fn write_token_file(path: &Path, token: &str) -> std::io::Result<()> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+        && !dir.exists()
+    {
+        let mut builder = std::fs::DirBuilder::new();
+        builder.recursive(true);
         #[cfg(unix)]
         {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+            use std::os::unix::fs::DirBuilderExt;
+            builder.mode(0o700);
         }
+        builder.create(dir)?;
     }
     let _ = std::fs::remove_file(path);
     let mut options = std::fs::OpenOptions::new();
@@ -440,6 +465,41 @@ pub fn write_token_file(path: &Path, token: &str) -> std::io::Result<()> {
     let mut file = options.open(path)?;
     std::io::Write::write_all(&mut file, format!("{token}\n").as_bytes())?;
     file.sync_all()
+}
+
+/// The text of an existing admin token file to adopt: `Ok(None)` when
+/// there is none; an error when it is not a regular file owned by this
+/// user with no group/other permissions (another local user could have
+/// planted it).
+pub fn read_own_token_file(path: &Path) -> Result<Option<String>, String> {
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(meta) => meta,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(err) => return Err(err.to_string()),
+    };
+    if !meta.file_type().is_file() {
+        return Err("an existing admin token file must be a regular file (not a link); remove it or choose another --admin-token-file".into());
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        let me = nix::unistd::geteuid().as_raw();
+        if meta.uid() != me {
+            return Err(format!(
+                "refusing to adopt an admin token file owned by uid {} (this process runs as uid {me}); remove it or choose another --admin-token-file",
+                meta.uid()
+            ));
+        }
+        if meta.mode() & 0o077 != 0 {
+            return Err(format!(
+                "refusing to adopt an admin token file with mode {:o} (group or others may read or write it); make it 0600 or remove it",
+                meta.mode() & 0o777
+            ));
+        }
+    }
+    std::fs::read_to_string(path)
+        .map(Some)
+        .map_err(|err| err.to_string())
 }
 
 /// Where the admin token goes: `explicit`, else `DATA_DIR/admin.token`,
@@ -573,6 +633,52 @@ mod tests {
         assert!(constant_time_eq(&a, &b));
         b[31] = 2;
         assert!(!constant_time_eq(&a, &b));
+    }
+
+    #[test]
+    fn a_ttl_whose_expiry_overflows_is_invalid_not_forever() {
+        let err = new_token("t", Scopes::ADMIN, Some(Duration::MAX), now()).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(err.message().contains("ttl"), "{}", err.message());
+    }
+
+    #[test]
+    fn an_upper_case_id_authenticates_as_its_lower_case_record() {
+        let (record, token) = new_token("t", Scopes::ADMIN, None, now()).unwrap();
+        let (id, secret) = parse_token(&token).unwrap();
+        let upper = format!("{TOKEN_PREFIX}{}_{secret}", id.to_ascii_uppercase());
+        assert_ne!(upper, token);
+        let index = TokenIndex::new(vec![record.clone()]);
+        let caller = index.authenticate(&upper, now()).unwrap();
+        assert_eq!(caller.token_id, Some(record.id));
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn an_existing_parent_dir_keeps_its_mode() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o1777)).unwrap();
+        write_token_file(&dir.path().join(ADMIN_TOKEN_FILE), "weft_x").unwrap();
+        let mode = std::fs::metadata(dir.path()).unwrap().permissions().mode();
+        assert_eq!(mode & 0o7777, 0o1777, "sticky bit and mode kept");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn only_a_private_own_token_file_is_adopted() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(ADMIN_TOKEN_FILE);
+        assert_eq!(read_own_token_file(&path), Ok(None));
+        write_token_file(&path, "weft_x").unwrap();
+        assert_eq!(read_own_token_file(&path), Ok(Some("weft_x\n".into())));
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = read_own_token_file(&path).unwrap_err();
+        assert!(err.contains("644"), "{err}");
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&path, &link).unwrap();
+        assert!(read_own_token_file(&link).is_err());
     }
 
     #[test]

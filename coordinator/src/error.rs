@@ -83,6 +83,11 @@ pub enum Error {
     /// The cluster CA or the serving certificate could not be set up.
     #[error("setting up TLS: {0}")]
     Tls(String),
+    /// `--no-auth` on an address other hosts can reach.
+    #[error(
+        "refusing --no-auth on {0}, which is not a loopback address: anyone who reaches it could run commands on every node; listen on 127.0.0.1 or use client tokens"
+    )]
+    NoAuthNotLoopback(SocketAddr),
     /// The admin token could not be made or written on first start.
     #[error("writing the admin token to {}: {message}", path.display())]
     AdminToken {
@@ -119,6 +124,7 @@ impl From<Error> for Status {
             Error::Store(_)
             | Error::Listener(_)
             | Error::Tls(_)
+            | Error::NoAuthNotLoopback(_)
             | Error::AddrFile { .. }
             | Error::AdminToken { .. } => {
                 tracing::error!(error = %err, "internal failure");

@@ -144,6 +144,9 @@ pub async fn start(
              serve TLS (the default) or pass --insecure"
         )));
     }
+    if !config.auth && !addr.ip().is_loopback() {
+        return Err(Error::NoAuthNotLoopback(addr));
+    }
     // The CA first: a broken PKI dir fails the start before anything else.
     let server_tls = match &config.tls {
         Some(tls_config) => {
@@ -283,8 +286,7 @@ async fn create_admin_token(
     };
     let file = path.clone();
     let (record, adopted) = tokio::task::spawn_blocking(move || {
-        if let Some(record) = std::fs::read_to_string(&file)
-            .ok()
+        if let Some(record) = auth::read_own_token_file(&file)?
             .and_then(|text| auth::adopt_token(&text, "admin", SystemTime::now()))
         {
             return Ok((record, true));

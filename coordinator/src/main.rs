@@ -104,8 +104,9 @@ struct Args {
     admin_token_file: Option<PathBuf>,
 
     /// Turns client tokens off: every client is admin without a token.
-    /// Only for experiments on a machine nobody else reaches; logs a
-    /// warning at every start.
+    /// Only for experiments on a machine nobody else reaches: refused
+    /// unless the listen address is loopback; logs a warning at every
+    /// start.
     #[arg(long)]
     no_auth: bool,
 

@@ -331,6 +331,20 @@ async fn a_second_coordinator_on_the_same_data_dir_is_refused() {
 }
 
 #[tokio::test]
+async fn no_auth_is_refused_on_an_address_other_hosts_reach() {
+    let dir = tempfile::tempdir().unwrap();
+    let listener = tokio::net::TcpListener::bind("0.0.0.0:0").await.unwrap();
+    let config = CoordinatorConfig {
+        insecure: true,
+        ..config(dir.path())
+    };
+    let err = weft_coordinator::start(config, listener)
+        .await
+        .expect_err("--no-auth on 0.0.0.0 is refused");
+    assert!(err.to_string().contains("refusing --no-auth"), "{err}");
+}
+
+#[tokio::test]
 async fn finished_tasks_expire_after_the_retention() {
     let dir = tempfile::tempdir().unwrap();
     let config = CoordinatorConfig {

@@ -173,6 +173,7 @@ impl pb::task_service_server::TaskService for TaskApi {
         request: Request<pb::CancelRequest>,
     ) -> Result<Response<pb::CancelResponse>, Status> {
         auth::require(&request, Scope::Cancel)?;
+        let can_read = auth::allows(&request, Scope::Read);
         let request = request.into_inner();
         let id = parse_task_id(&request.task_id)?;
         let reason = request.reason;
@@ -188,6 +189,17 @@ impl pb::task_service_server::TaskService for TaskApi {
                 state: record[0].state,
             }
             .into());
+        }
+        // A token without `read` learns only the id and the state, not
+        // the task's argv, env, stdin, input or output.
+        if !can_read {
+            return Ok(Response::new(pb::CancelResponse {
+                task: Some(pb::Task {
+                    id: id.to_string(),
+                    state: i32::from(record[0].state),
+                    ..Default::default()
+                }),
+            }));
         }
         self.with_pending(&mut record).await?;
         let record = &record[0];

@@ -106,6 +106,36 @@ fn millis(t: SystemTime) -> u64 {
 
 const LIVE_STATES: [TaskState; 3] = [TaskState::Queued, TaskState::Assigned, TaskState::Running];
 
+/// Makes `dir` private (0700: it holds the secrets table and maybe the
+/// admin token): created 0700 when missing; an existing one that group or
+/// others can reach is tightened to 0700, with a warning.
+fn private_data_dir(dir: &Path) -> std::io::Result<()> {
+    if !dir.exists() {
+        let mut builder = std::fs::DirBuilder::new();
+        builder.recursive(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            builder.mode(0o700);
+        }
+        builder.create(dir)?;
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir)?.permissions().mode();
+        if mode & 0o077 != 0 {
+            tracing::warn!(
+                data_dir = %dir.display(),
+                mode = format!("{:o}", mode & 0o777),
+                "the data dir was open to group or others; made it 0700"
+            );
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        }
+    }
+    Ok(())
+}
+
 impl RedbStore {
     /// Opens (or creates) the store in `dir`, creating the directory, with
     /// a [`DEFAULT_CACHE_SIZE`] page cache.
@@ -120,7 +150,7 @@ impl RedbStore {
             path: dir.to_owned(),
             message,
         };
-        std::fs::create_dir_all(dir).map_err(|e| open_err(e.to_string()))?;
+        private_data_dir(dir).map_err(|e| open_err(e.to_string()))?;
         let path = dir.join(FILE_NAME);
         let db = match Database::builder().set_cache_size(cache_size).create(&path) {
             Ok(db) => db,

@@ -425,7 +425,35 @@ fn token_records_round_trip_revocation_replaces_and_survive_reopening() {
         .unwrap();
     let reopened = RedbStore::open(dir.path()).unwrap();
     assert_eq!(reopened.tokens().unwrap(), vec![record]);
-    let secret = token.rsplit_once('_').unwrap().1;
+    let secret = token_secret(&token);
     let bytes = std::fs::read(reopened.path()).unwrap();
     assert!(!bytes.windows(secret.len()).any(|w| w == secret.as_bytes()));
+}
+
+#[cfg(unix)]
+#[test]
+fn the_redb_store_keeps_its_data_dir_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let dir = tempfile::tempdir().expect("temp dir");
+    // Created by the store: 0700.
+    let fresh = dir.path().join("data");
+    drop(RedbStore::open(&fresh).unwrap());
+    assert_eq!(mode(&fresh), 0o700);
+    // An existing dir open to others is tightened.
+    let open = dir.path().join("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o755)).unwrap();
+    drop(RedbStore::open(&open).unwrap());
+    assert_eq!(mode(&open), 0o700);
+}
+
+/// The secret part of a `weft_<id>_<secret>` token: the id is hex, the
+/// secret base64url, which may itself contain `_`.
+fn token_secret(token: &str) -> &str {
+    token
+        .strip_prefix("weft_")
+        .and_then(|rest| rest.split_once('_'))
+        .map(|(_, secret)| secret)
+        .expect("a weft_<id>_<secret> token")
 }

@@ -127,6 +127,33 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<(), PkiError> {
     std::fs::rename(&tmp, path).map_err(io_err("renaming to", path))
 }
 
+/// Refuses a `ca.pem` whose public key is not `key`'s (the two files were
+/// mixed up or one was replaced): certificates signed with the key would
+/// not chain to the CA clients trust.
+fn check_ca_key_matches(
+    cert_der: &CertificateDer<'_>,
+    key: &KeyPair,
+    cert_path: &Path,
+    key_path: &Path,
+) -> Result<(), PkiError> {
+    use rcgen::PublicKeyData;
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let mismatch = |message: String| PkiError::Io {
+        what: "checking",
+        path: cert_path.to_owned(),
+        source: std::io::Error::other(message),
+    };
+    let (_, cert) = X509Certificate::from_der(cert_der.as_ref())
+        .map_err(|err| mismatch(format!("not a certificate: {err}")))?;
+    if cert.public_key().raw != key.subject_public_key_info().as_slice() {
+        return Err(mismatch(format!(
+            "the CA certificate's public key is not the one of {}; restore the matching pair (or move both away to make a new CA)",
+            key_path.display()
+        )));
+    }
+    Ok(())
+}
+
 impl Ca {
     /// Loads the CA from `dir`, or makes one there (dir 0700, files 0600)
     /// if it has none. Answers the CA and whether it was made now.
@@ -137,6 +164,22 @@ impl Ca {
         if cert_path.exists() && key_path.exists() {
             let cert_pem =
                 std::fs::read_to_string(&cert_path).map_err(io_err("reading", &cert_path))?;
+            {
+                let mode = std::fs::metadata(&key_path)
+                    .map_err(io_err("reading", &key_path))?
+                    .permissions()
+                    .mode();
+                if mode & 0o077 != 0 {
+                    return Err(PkiError::Io {
+                        what: "checking",
+                        path: key_path.clone(),
+                        source: std::io::Error::other(format!(
+                            "the CA key has mode {:o}: group or others may read it; make it 0600 (chmod 600) and consider the CA compromised if others could read it",
+                            mode & 0o777
+                        )),
+                    });
+                }
+            }
             let key_pem =
                 std::fs::read_to_string(&key_path).map_err(io_err("reading", &key_path))?;
             let key = KeyPair::from_pem(&key_pem).map_err(|source| PkiError::Cert {
@@ -149,6 +192,7 @@ impl Ca {
                 path: cert_path.clone(),
                 source: std::io::Error::other(err.to_string()),
             })?;
+            check_ca_key_matches(&cert_der, &key, &cert_path, &key_path)?;
             let issuer = Issuer::new(ca_params(), key);
             return Ok((
                 Ca {
@@ -347,6 +391,24 @@ mod tests {
         let (_, root) = X509Certificate::from_der(ca.cert_der().as_ref()).unwrap();
         leaf.verify_signature(Some(root.public_key())).unwrap();
         assert_eq!(leaf.issuer(), root.subject());
+    }
+
+    #[test]
+    fn a_ca_key_others_can_read_or_that_is_not_the_certificates_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+        Ca::load_or_create(&a).unwrap();
+        Ca::load_or_create(&b).unwrap();
+        let key = a.join(CA_KEY_FILE);
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = Ca::load_or_create(&a).unwrap_err().to_string();
+        assert!(err.contains("644") && err.contains(CA_KEY_FILE), "{err}");
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        Ca::load_or_create(&a).unwrap();
+        // b's certificate with a's key: refused, naming the mismatch.
+        std::fs::copy(b.join(CA_CERT_FILE), a.join(CA_CERT_FILE)).unwrap();
+        let err = Ca::load_or_create(&a).unwrap_err().to_string();
+        assert!(err.contains("public key"), "{err}");
     }
 
     #[test]

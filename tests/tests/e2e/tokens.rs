@@ -208,6 +208,48 @@ async fn each_rpc_checks_its_one_scope_and_names_the_one_it_lacks() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_only_token_learns_the_id_and_state_but_not_the_task() {
+    // No node: the task stays queued, so it is live when cancelled.
+    let cluster = TestCluster::builder().nodes(0).start().await;
+    let admin = cluster.client().await;
+    let spec = || {
+        weft_proto::TaskSpec::exec(["echo", "private-argv"])
+            .stdin("private-stdin")
+            .env("PRIVATE_ENV", "private-value")
+    };
+    let mut answers = Vec::new();
+    for scopes in [&["cancel"][..], &["cancel", "read"][..]] {
+        let id = admin.submit(spec()).await.unwrap();
+        let token = cluster.scoped_token(scopes).await;
+        let mut tasks = cluster.raw_tasks(Some(&token)).await;
+        let task = tasks
+            .cancel(pb::CancelRequest {
+                task_id: id.to_string(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .task
+            .unwrap();
+        assert_eq!(task.id, id.to_string());
+        assert_eq!(task.state(), pb::TaskState::Cancelled, "{scopes:?}");
+        answers.push(task);
+    }
+    let [cancel_only, with_read] = &answers[..] else {
+        unreachable!()
+    };
+    assert_eq!(cancel_only.spec, None, "no spec without read");
+    assert!(cancel_only.output.is_empty() && cancel_only.error.is_empty());
+    assert!(!format!("{cancel_only:?}").contains("private"));
+    assert!(
+        format!("{with_read:?}").contains("private-argv"),
+        "with read the full record: {with_read:?}"
+    );
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_token_is_refused_at_once_and_an_expired_one_once_its_time_passed() {
     let cluster = TestCluster::builder().nodes(0).start().await;
     let admin = cluster.client().await;
@@ -277,10 +319,7 @@ async fn token_commands_work_end_to_end_and_refusals_exit_77() {
 
     let listed = cluster.weft(&["token", "list", "-o", "json"]).await;
     assert_eq!(listed.code, Some(0), "{listed}");
-    let secret = token
-        .rsplit_once('_')
-        .map(|(_, s)| s.to_owned())
-        .unwrap_or_default();
+    let secret = token_secret(&token).to_owned();
     assert!(
         !listed.stdout.contains(&secret),
         "list never shows a secret: {listed}"
@@ -431,7 +470,7 @@ async fn the_admin_token_file_is_private_and_no_secret_is_in_the_store_file() {
 
     let bytes = std::fs::read(data.join("weft.redb")).unwrap();
     for token in [&admin_token, &token] {
-        let secret = token.rsplit_once('_').unwrap().1;
+        let secret = token_secret(token);
         assert!(
             !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
             "a token's secret is in the store file"
@@ -455,4 +494,14 @@ async fn the_admin_token_file_is_private_and_no_secret_is_in_the_store_file() {
         .await
         .expect("the token survives a restart");
     running.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
+/// The secret part of a `weft_<id>_<secret>` token: the id is hex, the
+/// secret base64url, which may itself contain `_`.
+fn token_secret(token: &str) -> &str {
+    token
+        .strip_prefix("weft_")
+        .and_then(|rest| rest.split_once('_'))
+        .map(|(_, secret)| secret)
+        .expect("a weft_<id>_<secret> token")
 }
