@@ -20,32 +20,37 @@
 //! `run` streams carry none, because a task may run for hours.
 //!
 //! Layout:
-//! - `lib.rs`: [`Client`] and its calls; [`Client::follow`] resumes a watch
-//!   across dropped connections.
+//! - `lib.rs`: [`Client`] and its calls.
+//! - `connect.rs`: connecting (address forms, TLS trust, the plaintext
+//!   probe) and wrapping a channel.
+//! - `token.rs`: [`BearerToken`], the client token on every call.
+//! - `follow.rs`: [`Client::follow`], a watch that resumes across dropped
+//!   connections and coordinator restarts.
 //! - [`error`]: [`Error`], the classification of `tonic::Status`.
 //! - [`types`]: the domain views of tasks, events, nodes, cluster figures.
 
+mod connect;
 pub mod error;
+mod follow;
+mod token;
 pub mod types;
 
 #[cfg(test)]
 mod tests;
 
 use std::pin::Pin;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::{Stream, StreamExt, TryStreamExt};
-use tonic::metadata::{Ascii, MetadataValue};
-use tonic::service::Interceptor;
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
 
 use weft_proto::convert::duration_to_pb;
+use weft_proto::pb;
 use weft_proto::pb::admin_service_client::AdminServiceClient;
 use weft_proto::pb::task_service_client::TaskServiceClient;
-use weft_proto::{CoordinatorAddr, address, pb};
 
 pub use error::Error;
+use token::AuthChannel;
+pub use token::BearerToken;
 pub use types::{ClusterInfo, EventBody, Task, TaskEvent};
 pub use weft_proto::tls::Trust;
 pub use weft_proto::{
@@ -90,173 +95,7 @@ pub struct Client {
     admin: AdminServiceClient<AuthChannel>,
 }
 
-/// The channel with the client token added to every call.
-type AuthChannel = InterceptedService<Channel, BearerToken>;
-
-/// Adds `authorization: Bearer <token>` to every request (nothing when no
-/// token was given).
-#[derive(Clone)]
-pub struct BearerToken(Option<MetadataValue<Ascii>>);
-
-impl std::fmt::Debug for BearerToken {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // Never the token itself.
-        f.write_str(if self.0.is_some() {
-            "BearerToken(set)"
-        } else {
-            "BearerToken(none)"
-        })
-    }
-}
-
-impl BearerToken {
-    /// From a token string (`weft_<id>_<secret>`); surrounding whitespace
-    /// (a file's newline) is dropped.
-    pub fn new(token: Option<&str>) -> Result<BearerToken, Error> {
-        match token.map(str::trim).filter(|t| !t.is_empty()) {
-            None => Ok(BearerToken(None)),
-            Some(token) => MetadataValue::try_from(format!("Bearer {token}"))
-                .map(|mut value| {
-                    value.set_sensitive(true);
-                    BearerToken(Some(value))
-                })
-                .map_err(|_| Error::InvalidArgument("token: not printable ASCII".into())),
-        }
-    }
-}
-
-impl Interceptor for BearerToken {
-    fn call(
-        &mut self,
-        mut request: tonic::Request<()>,
-    ) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(value) = &self.0 {
-            request
-                .metadata_mut()
-                .insert("authorization", value.clone());
-        }
-        Ok(request)
-    }
-}
-
 impl Client {
-    /// Connects to the coordinator at `url`: `http://HOST:PORT`,
-    /// `https://HOST:PORT`, or `HOST:PORT` (the scheme is then
-    /// [`weft_proto::address::DEFAULT_SCHEME`]); anything else is an
-    /// [`Error::InvalidAddress`]. An unreachable coordinator is an
-    /// [`Error::Unavailable`] within about [`CONNECT_TIMEOUT`].
-    ///
-    /// An `https://` address (or one without a scheme) needs a [`Trust`]:
-    /// use [`Client::connect_with`].
-    pub async fn connect(url: &str) -> Result<Client, Error> {
-        Client::connect_secure(url, None, None).await
-    }
-
-    /// Like [`connect`](Self::connect), sending `token` as
-    /// `authorization: Bearer <token>` on every call (the coordinator
-    /// refuses TaskService and AdminService calls without one).
-    pub async fn connect_with_token(url: &str, token: Option<&str>) -> Result<Client, Error> {
-        Client::connect_secure(url, None, token).await
-    }
-
-    /// Like [`Client::connect`], trusting the coordinator's certificate by
-    /// `trust` (the cluster's `ca.pem`, or its pin; see
-    /// [`weft_proto::tls`] for what is checked).
-    pub async fn connect_with(url: &str, trust: Option<&Trust>) -> Result<Client, Error> {
-        Client::connect_secure(url, trust, None).await
-    }
-
-    /// Connects trusting the coordinator's certificate by `trust` and
-    /// sending `token` on every call. `http://` addresses dial plainly: with
-    /// a `trust` they are refused ([`Error::Tls`]), and a token sent over
-    /// one is warned about (tracing); the first call that checks the
-    /// address speaks plaintext is sent without the token. A certificate that does not match is an
-    /// [`Error::Unavailable`] whose message says what to pass instead; an
-    /// `https://` address without a trust, or an unreadable CA file, is
-    /// [`Error::Tls`].
-    pub async fn connect_secure(
-        url: &str,
-        trust: Option<&Trust>,
-        token: Option<&str>,
-    ) -> Result<Client, Error> {
-        let bearer = BearerToken::new(token)?;
-        let address = CoordinatorAddr::parse(url)?;
-        let url = address.url();
-        let (dial_url, connector) = weft_proto::tls::dial_plan(&address, trust)
-            .map_err(|err| Error::Tls(err.to_string()))?;
-        let endpoint = Endpoint::from_shared(dial_url)
-            .map_err(|err| Error::InvalidUrl {
-                url: url.clone(),
-                reason: err.to_string(),
-            })?
-            .connect_timeout(CONNECT_TIMEOUT)
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(20))
-            .keep_alive_while_idle(true);
-        // The endpoint's own connect timeout covers the TCP handshake; this
-        // one also bounds the HTTP/2 handshake with a peer that accepts but
-        // never answers.
-        let connect = async {
-            match connector {
-                Some(connector) => endpoint.connect_with_connector(connector).await,
-                None => endpoint.connect().await,
-            }
-        };
-        let channel =
-            match tokio::time::timeout(CONNECT_TIMEOUT + Duration::from_secs(1), connect).await {
-                Err(_) => {
-                    return Err(Error::Unavailable(format!(
-                        "cannot reach coordinator at {url}: timed out"
-                    )));
-                }
-                Ok(Err(err)) => {
-                    let mut error = Error::unreachable(&url, &err);
-                    if let (Error::Unavailable(message), address::Scheme::Http) =
-                        (&mut error, address.scheme())
-                        && !message.contains("refused")
-                    {
-                        message.push_str("; ");
-                        message.push_str(&weft_proto::tls::plaintext_hint(&address));
-                    }
-                    return Err(error);
-                }
-                Ok(Ok(channel)) => channel,
-            };
-        if address.scheme() == address::Scheme::Http {
-            // The probe carries no token: a plaintext peer may not be the
-            // coordinator at all.
-            probe_plaintext(&url, channel.clone(), &address).await?;
-            if bearer.0.is_some() {
-                tracing::warn!(
-                    coordinator = %url,
-                    "sending the client token over plaintext http://: anyone on the path can read it; dial https:// with the cluster CA"
-                );
-            }
-        }
-        Ok(Client::from_channel_with(url, channel, bearer))
-    }
-
-    /// Wraps an already made channel (custom TLS, interceptors, tests).
-    pub fn from_channel(url: impl Into<String>, channel: Channel) -> Client {
-        Self::from_channel_with(url, channel, BearerToken(None))
-    }
-
-    /// Wraps a channel, adding `token` to every call.
-    pub fn from_channel_with(
-        url: impl Into<String>,
-        channel: Channel,
-        token: BearerToken,
-    ) -> Client {
-        Client {
-            url: url.into(),
-            tasks: TaskServiceClient::with_interceptor(channel.clone(), token.clone())
-                .max_decoding_message_size(MAX_MESSAGE_BYTES),
-            admin: AdminServiceClient::with_interceptor(channel, token)
-                .max_decoding_message_size(MAX_MESSAGE_BYTES),
-        }
-    }
-
     /// The coordinator URL this client dialed.
     pub fn url(&self) -> &str {
         &self.url
@@ -374,25 +213,6 @@ impl Client {
             .await?
             .into_inner();
         Ok(events(stream))
-    }
-
-    /// Like [`Client::watch`], but when the stream breaks (the coordinator
-    /// restarted, the connection dropped) it watches again from the last
-    /// seen `seq + 1`, for up to `resume_window` of failing tries in a row,
-    /// then yields [`Error::Unavailable`] and ends. Errors that retrying
-    /// cannot fix (NotFound, ...) end it at once.
-    pub fn follow(&self, id: TaskId, from_seq: u64, resume_window: Duration) -> EventStream {
-        let state = Follow {
-            client: self.clone(),
-            id,
-            next_seq: from_seq,
-            inner: None,
-            resume_window,
-            failing_since: None,
-            backoff: FOLLOW_BACKOFF_MIN,
-            done: false,
-        };
-        Box::pin(futures::stream::unfold(state, Follow::next))
     }
 
     /// Waits until the task reaches a final state and answers it, resuming
@@ -581,134 +401,3 @@ pub async fn drain(mut events: EventStream) {
 
 /// How long [`drain`] waits for a finished stream's end.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
-
-const FOLLOW_BACKOFF_MIN: Duration = Duration::from_millis(100);
-const FOLLOW_BACKOFF_MAX: Duration = Duration::from_secs(1);
-
-/// The state of a [`Client::follow`] stream.
-struct Follow {
-    client: Client,
-    id: TaskId,
-    /// Where to resume: the seq after the last event yielded.
-    next_seq: u64,
-    inner: Option<EventStream>,
-    resume_window: Duration,
-    /// Start of the current run of failed tries; `None` while healthy.
-    failing_since: Option<Instant>,
-    backoff: Duration,
-    done: bool,
-}
-
-impl Follow {
-    async fn next(mut self) -> Option<(Result<TaskEvent, Error>, Follow)> {
-        loop {
-            if self.done {
-                if let Some(inner) = self.inner.take() {
-                    drain(inner).await;
-                }
-                return None;
-            }
-            let inner = match &mut self.inner {
-                Some(inner) => inner,
-                None => match self.client.watch(self.id, self.next_seq).await {
-                    Ok(stream) => self.inner.insert(stream),
-                    Err(err) => {
-                        if let Some(err) = self.failed(err).await {
-                            return Some((Err(err), self));
-                        }
-                        continue;
-                    }
-                },
-            };
-            match inner.next().await {
-                Some(Ok(event)) => {
-                    if event.seq < self.next_seq {
-                        continue; // replayed after a resume; already yielded
-                    }
-                    self.next_seq = event.seq + 1;
-                    self.failing_since = None;
-                    self.backoff = FOLLOW_BACKOFF_MIN;
-                    self.done = event.finished().is_some();
-                    return Some((Ok(event), self));
-                }
-                Some(Err(err)) => {
-                    self.inner = None;
-                    if let Some(err) = self.failed(err).await {
-                        return Some((Err(err), self));
-                    }
-                }
-                None => {
-                    // Ended without the final event: the coordinator closed
-                    // the stream (shutting down). Resume like after an error.
-                    self.inner = None;
-                    let err = Error::Unavailable(format!(
-                        "the coordinator at {} closed the watch of task {}",
-                        self.client.url, self.id
-                    ));
-                    if let Some(err) = self.failed(err).await {
-                        return Some((Err(err), self));
-                    }
-                }
-            }
-        }
-    }
-
-    /// Records a failed try. Answers the error to yield when it is final
-    /// (not retryable, or failing for longer than the window); otherwise
-    /// sleeps the backoff and answers `None` (try again).
-    async fn failed(&mut self, err: Error) -> Option<Error> {
-        let since = *self.failing_since.get_or_insert_with(Instant::now);
-        if !err.is_retryable() {
-            self.done = true;
-            return Some(err);
-        }
-        if since.elapsed() >= self.resume_window {
-            self.done = true;
-            return Some(Error::Unavailable(format!(
-                "lost the coordinator at {} while watching task {} and could not resume within {:?}: {err}",
-                self.client.url, self.id, self.resume_window
-            )));
-        }
-        tracing::debug!(task_id = %self.id, error = %err, "watch broke; resuming");
-        tokio::time::sleep(self.backoff).await;
-        self.backoff = (self.backoff * 2).min(FOLLOW_BACKOFF_MAX);
-        None
-    }
-}
-
-/// A plaintext channel "connects" to a TLS coordinator too (HTTP/2
-/// does not wait for the server's answer): one small call finds out,
-/// so the error says to dial https rather than "h2 protocol error" at
-/// the first real call. Only a broken connection counts; any answer
-/// (even a refusal) means plaintext works. The probe is sent without the
-/// client token.
-async fn probe_plaintext(
-    url: &str,
-    channel: Channel,
-    address: &CoordinatorAddr,
-) -> Result<(), Error> {
-    let mut admin = AdminServiceClient::new(channel);
-    let mut probe = tonic::Request::new(pb::ClusterInfoRequest {});
-    probe.set_timeout(CONNECT_TIMEOUT);
-    match tokio::time::timeout(CONNECT_TIMEOUT, admin.cluster_info(probe)).await {
-        // A broken HTTP/2 connection shows as one of these; a real
-        // answer (even a refusal) as any other code.
-        Ok(Err(status))
-            if matches!(
-                status.code(),
-                tonic::Code::Unavailable
-                    | tonic::Code::Cancelled
-                    | tonic::Code::Unknown
-                    | tonic::Code::Internal
-            ) =>
-        {
-            Err(Error::Unavailable(format!(
-                "cannot reach coordinator at {}: {}; {}",
-                url,
-                status.message(),
-                weft_proto::tls::plaintext_hint(address)
-            )))
-        }
-        _ => Ok(()),
-    }
-}

@@ -1,0 +1,128 @@
+//! [`Client::follow`]: a task's event stream that survives a broken
+//! connection or a coordinator restart by watching again from the last
+//! seen seq + 1, within a resume window. Nothing else here.
+
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+
+use weft_proto::TaskId;
+
+use crate::error::Error;
+use crate::types::TaskEvent;
+use crate::{Client, EventStream, drain};
+
+impl Client {
+    /// Like [`Client::watch`], but when the stream breaks (the coordinator
+    /// restarted, the connection dropped) it watches again from the last
+    /// seen `seq + 1`, for up to `resume_window` of failing tries in a row,
+    /// then yields [`Error::Unavailable`] and ends. Errors that retrying
+    /// cannot fix (NotFound, ...) end it at once.
+    pub fn follow(&self, id: TaskId, from_seq: u64, resume_window: Duration) -> EventStream {
+        let state = Follow {
+            client: self.clone(),
+            id,
+            next_seq: from_seq,
+            inner: None,
+            resume_window,
+            failing_since: None,
+            backoff: FOLLOW_BACKOFF_MIN,
+            done: false,
+        };
+        Box::pin(futures::stream::unfold(state, Follow::next))
+    }
+}
+
+const FOLLOW_BACKOFF_MIN: Duration = Duration::from_millis(100);
+const FOLLOW_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// The state of a [`Client::follow`] stream.
+struct Follow {
+    client: Client,
+    id: TaskId,
+    /// Where to resume: the seq after the last event yielded.
+    next_seq: u64,
+    inner: Option<EventStream>,
+    resume_window: Duration,
+    /// Start of the current run of failed tries; `None` while healthy.
+    failing_since: Option<Instant>,
+    backoff: Duration,
+    done: bool,
+}
+
+impl Follow {
+    async fn next(mut self) -> Option<(Result<TaskEvent, Error>, Follow)> {
+        loop {
+            if self.done {
+                if let Some(inner) = self.inner.take() {
+                    drain(inner).await;
+                }
+                return None;
+            }
+            let inner = match &mut self.inner {
+                Some(inner) => inner,
+                None => match self.client.watch(self.id, self.next_seq).await {
+                    Ok(stream) => self.inner.insert(stream),
+                    Err(err) => {
+                        if let Some(err) = self.failed(err).await {
+                            return Some((Err(err), self));
+                        }
+                        continue;
+                    }
+                },
+            };
+            match inner.next().await {
+                Some(Ok(event)) => {
+                    if event.seq < self.next_seq {
+                        continue; // replayed after a resume; already yielded
+                    }
+                    self.next_seq = event.seq + 1;
+                    self.failing_since = None;
+                    self.backoff = FOLLOW_BACKOFF_MIN;
+                    self.done = event.finished().is_some();
+                    return Some((Ok(event), self));
+                }
+                Some(Err(err)) => {
+                    self.inner = None;
+                    if let Some(err) = self.failed(err).await {
+                        return Some((Err(err), self));
+                    }
+                }
+                None => {
+                    // Ended without the final event: the coordinator closed
+                    // the stream (shutting down). Resume like after an error.
+                    self.inner = None;
+                    let err = Error::Unavailable(format!(
+                        "the coordinator at {} closed the watch of task {}",
+                        self.client.url, self.id
+                    ));
+                    if let Some(err) = self.failed(err).await {
+                        return Some((Err(err), self));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Records a failed try. Answers the error to yield when it is final
+    /// (not retryable, or failing for longer than the window); otherwise
+    /// sleeps the backoff and answers `None` (try again).
+    async fn failed(&mut self, err: Error) -> Option<Error> {
+        let since = *self.failing_since.get_or_insert_with(Instant::now);
+        if !err.is_retryable() {
+            self.done = true;
+            return Some(err);
+        }
+        if since.elapsed() >= self.resume_window {
+            self.done = true;
+            return Some(Error::Unavailable(format!(
+                "lost the coordinator at {} while watching task {} and could not resume within {:?}: {err}",
+                self.client.url, self.id, self.resume_window
+            )));
+        }
+        tracing::debug!(task_id = %self.id, error = %err, "watch broke; resuming");
+        tokio::time::sleep(self.backoff).await;
+        self.backoff = (self.backoff * 2).min(FOLLOW_BACKOFF_MAX);
+        None
+    }
+}
