@@ -6,12 +6,13 @@
 //! Every child is started with `kill_on_drop(true)`: an error or Ctrl-C in
 //! the bench drops the cluster and kills it.
 
-use std::time::Duration;
-use weft_proto::tls::Trust;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
+use weft_client::Client;
 use weft_cluster::{ChildProcess, Error as ClusterError, Spawn, procfs};
+use weft_proto::tls::Trust;
 
 /// How often the coordinator's address file is polled at start-up (the
 /// startup step times it, so often).
@@ -57,6 +58,23 @@ pub struct Cluster {
 }
 
 impl Cluster {
+    /// A client of this cluster (its CA and admin token), retrying for up
+    /// to 30 s while the just-started coordinator comes up.
+    pub async fn client(&self) -> anyhow::Result<Client> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match Client::connect_secure(&self.url, self.trust.as_ref(), self.token.as_deref())
+                .await
+            {
+                Ok(client) => return Ok(client),
+                Err(err) if Instant::now() < deadline && err.is_retryable() => {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err(err) => return Err(err.into()),
+            }
+        }
+    }
+
     /// Fails with how to build them unless `weft-coordinator` and
     /// `weft-node` are where [`weft_cluster::bin_dir`] looks.
     pub fn check_binaries() -> anyhow::Result<()> {

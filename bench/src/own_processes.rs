@@ -3,7 +3,6 @@
 //! thousand simulated idle nodes); and the waits they share with the run.
 
 use std::time::{Duration, Instant};
-use weft_proto::tls::Trust;
 
 use anyhow::Context;
 
@@ -28,12 +27,7 @@ pub async fn startup(
     for i in 0..runs.max(1) {
         let t0 = Instant::now();
         let mut cluster = Cluster::start(plan).await?;
-        let client = connect_retrying(
-            &cluster.url,
-            cluster.trust.as_ref(),
-            cluster.token.as_deref(),
-        )
-        .await?;
+        let client = cluster.client().await?;
         let first = workload::noop_round_trip(&client, 7).await;
         let took = t0.elapsed();
         if let Err(err) = first {
@@ -60,12 +54,7 @@ pub async fn scale(base: &ClusterPlan, n: usize) -> anyhow::Result<Scale> {
         ..base.clone()
     };
     let mut cluster = Cluster::start(&plan).await?;
-    let client = connect_retrying(
-        &cluster.url,
-        cluster.trust.as_ref(),
-        cluster.token.as_deref(),
-    )
-    .await?;
+    let client = cluster.client().await?;
     let pid = cluster
         .coordinator
         .pid()
@@ -114,12 +103,7 @@ pub async fn many_nodes(
         ..base.clone()
     };
     let cluster = Cluster::start(&plan).await?;
-    let client = connect_retrying(
-        &cluster.url,
-        cluster.trust.as_ref(),
-        cluster.token.as_deref(),
-    )
-    .await?;
+    let client = cluster.client().await?;
     let pid = cluster
         .coordinator
         .pid()
@@ -152,22 +136,4 @@ pub async fn many_nodes(
         connected_after,
         streams_alive: alive,
     })
-}
-
-/// Connects, retrying for up to 30 s (a just-started coordinator).
-pub async fn connect_retrying(
-    url: &str,
-    trust: Option<&Trust>,
-    token: Option<&str>,
-) -> anyhow::Result<Client> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        match Client::connect_secure(url, trust, token).await {
-            Ok(client) => return Ok(client),
-            Err(err) if Instant::now() < deadline && err.is_retryable() => {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            Err(err) => return Err(err.into()),
-        }
-    }
 }

@@ -11,7 +11,7 @@ use weft_cluster::wait_nodes_ready;
 use crate::args::{BenchArgs, Plan, Step};
 use crate::cluster::{Cluster, ClusterPlan};
 use crate::machine::Machine;
-use crate::own_processes::{self, connect_retrying};
+use crate::own_processes;
 use crate::report::{Burn, Parallel, Report, Startup, StepError, Throughput};
 use crate::{floor, workload};
 
@@ -94,14 +94,7 @@ pub async fn run(
             }
             None => {
                 let started = Cluster::start(&cluster_plan).await?;
-                client = Some(
-                    connect_retrying(
-                        &started.url,
-                        started.trust.as_ref(),
-                        started.token.as_deref(),
-                    )
-                    .await?,
-                );
+                client = Some(started.client().await?);
                 cluster = Some(started);
             }
         }
