@@ -170,6 +170,13 @@ impl NodeService for EchoNodes {
         });
         Ok(Response::new(Box::pin(echo)))
     }
+
+    async fn join(
+        &self,
+        _request: Request<pb::JoinRequest>,
+    ) -> Result<Response<pb::JoinResponse>, Status> {
+        Err(Status::unimplemented("the floor's fake has no Join"))
+    }
 }
 
 /// The fake server on its own thread and runtime; stops when dropped.

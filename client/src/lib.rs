@@ -325,6 +325,8 @@ impl Client {
             name: name.to_owned(),
             ttl: ttl.map(duration_to_pb),
             role: String::new(),
+            uses: 0,
+            join_address: String::new(),
         })))
         .await?;
         let info = answer
@@ -333,6 +335,46 @@ impl Client {
                 "CreateTokenResponse.info",
             ))?;
         Ok((answer.token, info))
+    }
+
+    /// Makes a node join token (`weftjoin_...`) for `uses` joins (0: no
+    /// limit), valid for `ttl` (`None`: no expiry), naming `join_address`
+    /// (empty: the coordinator's advertised address, else the address
+    /// this call reached). Needs scope `admin`. Returns the token (shown
+    /// this once) and its record.
+    pub async fn create_join_token(
+        &self,
+        name: &str,
+        ttl: Option<Duration>,
+        uses: u32,
+        join_address: &str,
+    ) -> Result<(String, pb::TokenInfo), Error> {
+        let mut client = self.admin.clone();
+        let answer = unary(client.create_token(request(pb::CreateTokenRequest {
+            scopes: Vec::new(),
+            name: name.to_owned(),
+            ttl: ttl.map(duration_to_pb),
+            role: "node".to_owned(),
+            uses,
+            join_address: join_address.to_owned(),
+        })))
+        .await?;
+        let info = answer
+            .info
+            .ok_or(weft_proto::ConversionError::MissingField(
+                "CreateTokenResponse.info",
+            ))?;
+        Ok((answer.token, info))
+    }
+
+    /// Revokes a node by id or name (scope `admin`): its stream is closed,
+    /// its attempts requeued, its certificate refused from now on.
+    pub async fn revoke_node(&self, node: &str) -> Result<pb::RevokeNodeResponse, Error> {
+        let mut client = self.admin.clone();
+        unary(client.revoke_node(request(pb::RevokeNodeRequest {
+            node: node.to_owned(),
+        })))
+        .await
     }
 
     /// Every token's record (never a secret). Needs scope `admin`.

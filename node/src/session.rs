@@ -425,6 +425,7 @@ fn handle(ctx: &NodeCtx, message: pb::CoordinatorMessage, now: Instant) -> Resul
             ctx.request_drain(grace);
         }
         Some(Inbound::Heartbeat(_)) => {}
+        Some(Inbound::Certificate(_)) => debug!("certificate renewal answer; not asked for"),
         Some(Inbound::Registered(_)) => warn!("second Registered on one session; ignored"),
         None => debug!("coordinator message of an unknown kind; ignored"),
     }

@@ -10,9 +10,12 @@
 //! - [`address`]: `CoordinatorAddr`, the one parser of coordinator
 //!   addresses (`HOST:PORT` or `http(s)://HOST:PORT`).
 //! - [`ids`]: `TaskId`, `NodeId`, `Attempt` newtypes.
+//! - [`join`]: `JoinToken`, the one string a new node joins with.
 //! - [`node`]: `NodeInfo`, a node as the admin API shows it.
 //! - [`spec`]: the validated domain `TaskSpec` and its builders.
 //! - [`exec_policy`]: `ExecPolicy`, which exec tasks a node runs.
+//! - [`tls`]: client-side TLS (trust by CA file or pin; a node's own
+//!   certificate, [`tls::ClientIdentity`]).
 //! - [`state`]: `TaskState`, `Outcome`, `OutputStream`, `NodeState` enums.
 //! - [`convert`]: `ConversionError` and time/duration helpers.
 
@@ -20,6 +23,7 @@ pub mod address;
 pub mod convert;
 pub mod exec_policy;
 pub mod ids;
+pub mod join;
 pub mod node;
 pub mod spec;
 pub mod state;
@@ -35,6 +39,7 @@ pub use address::{AddressError, CoordinatorAddr};
 pub use convert::ConversionError;
 pub use exec_policy::ExecPolicy;
 pub use ids::{Attempt, NodeId, TaskId};
+pub use join::{JoinToken, JoinTokenError};
 pub use node::NodeInfo;
 pub use spec::{CallSpec, ExecSpec, SecretEnv, TaskKind, TaskSpec};
 pub use state::{NodeState, Outcome, OutputStream, TaskState};

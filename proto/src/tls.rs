@@ -32,7 +32,8 @@ use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::sign::CertifiedKey;
 use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
 };
@@ -77,6 +78,9 @@ pub enum TlsError {
     /// rustls refused the settings.
     #[error("TLS settings: {0}")]
     Rustls(#[from] rustls::Error),
+    /// A node's own certificate or key could not be used.
+    #[error("the node's certificate: {0}")]
+    Identity(String),
     /// An `https://` coordinator with nothing to trust it by.
     #[error(
         "the coordinator at {0} serves TLS: pass the cluster's ca.pem (--ca-file / WEFT_CA) \
@@ -143,6 +147,15 @@ impl Trust {
 
     /// A rustls client configuration (ALPN h2) trusting this.
     pub fn client_config(&self) -> Result<Arc<ClientConfig>, TlsError> {
+        self.client_config_as(None)
+    }
+
+    /// [`client_config`](Self::client_config) that also presents
+    /// `identity` (a node's certificate) when the server asks for one.
+    pub fn client_config_as(
+        &self,
+        identity: Option<Arc<ClientIdentity>>,
+    ) -> Result<Arc<ClientConfig>, TlsError> {
         let provider = provider();
         let builder = ClientConfig::builder_with_provider(Arc::clone(&provider))
             .with_safe_default_protocol_versions()?;
@@ -152,18 +165,104 @@ impl Trust {
                 let verifier = WebPkiServerVerifier::builder_with_provider(roots, provider)
                     .build()
                     .map_err(|err| TlsError::Rustls(rustls::Error::General(err.to_string())))?;
-                builder.with_webpki_verifier(verifier).with_no_client_auth()
+                let builder = builder.with_webpki_verifier(verifier);
+                match identity {
+                    Some(identity) => builder.with_client_cert_resolver(identity),
+                    None => builder.with_no_client_auth(),
+                }
             }
-            Trust::Pin(digest) => builder
-                .dangerous()
-                .with_custom_certificate_verifier(Arc::new(PinVerifier {
-                    digest: *digest,
-                    provider,
-                }))
-                .with_no_client_auth(),
+            Trust::Pin(digest) => {
+                let builder = builder
+                    .dangerous()
+                    .with_custom_certificate_verifier(Arc::new(PinVerifier {
+                        digest: *digest,
+                        provider,
+                    }));
+                match identity {
+                    Some(identity) => builder.with_client_cert_resolver(identity),
+                    None => builder.with_no_client_auth(),
+                }
+            }
         };
         config.alpn_protocols = vec![b"h2".to_vec()];
         Ok(Arc::new(config))
+    }
+}
+
+/// A node's TLS client certificate and key, presented when the
+/// coordinator asks for one. Swappable: after a renewal, [`set_pem`]
+/// makes the new certificate the one the next handshakes present, while
+/// connections already made keep theirs.
+///
+/// [`set_pem`]: ClientIdentity::set_pem
+pub struct ClientIdentity {
+    current: std::sync::RwLock<Arc<CertifiedKey>>,
+}
+
+impl fmt::Debug for ClientIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientIdentity").finish_non_exhaustive()
+    }
+}
+
+/// A certificate chain (PEM, leaf first) and its PKCS#8 key (PEM) as a
+/// rustls signing identity.
+fn certified_key(chain_pem: &str, key_pem: &str) -> Result<Arc<CertifiedKey>, TlsError> {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .map_err(|err| TlsError::Identity(format!("reading the certificate: {err}")))?;
+    if chain.is_empty() {
+        return Err(TlsError::Identity("no certificate in the chain".into()));
+    }
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+        .map_err(|err| TlsError::Identity(format!("reading the private key: {err}")))?;
+    let signing = provider()
+        .key_provider
+        .load_private_key(key)
+        .map_err(|err| TlsError::Identity(format!("loading the private key: {err}")))?;
+    let key = CertifiedKey::new(chain, signing);
+    key.keys_match()
+        .map_err(|err| TlsError::Identity(format!("the key is not the certificate's: {err}")))?;
+    Ok(Arc::new(key))
+}
+
+impl ClientIdentity {
+    /// An identity from a PEM chain (leaf first) and a PEM private key.
+    pub fn from_pem(chain_pem: &str, key_pem: &str) -> Result<Arc<ClientIdentity>, TlsError> {
+        Ok(Arc::new(ClientIdentity {
+            current: std::sync::RwLock::new(certified_key(chain_pem, key_pem)?),
+        }))
+    }
+
+    /// Replaces the certificate and key the next handshakes present.
+    pub fn set_pem(&self, chain_pem: &str, key_pem: &str) -> Result<(), TlsError> {
+        let key = certified_key(chain_pem, key_pem)?;
+        match self.current.write() {
+            Ok(mut current) => *current = key,
+            Err(poisoned) => *poisoned.into_inner() = key,
+        }
+        Ok(())
+    }
+
+    fn get(&self) -> Arc<CertifiedKey> {
+        match self.current.read() {
+            Ok(current) => Arc::clone(&current),
+            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        }
+    }
+}
+
+impl rustls::client::ResolvesClientCert for ClientIdentity {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        Some(self.get())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
     }
 }
 
@@ -269,8 +368,18 @@ pub struct TlsConnector {
 impl TlsConnector {
     /// A connector to `addr` trusting `trust`.
     pub fn new(addr: &crate::CoordinatorAddr, trust: &Trust) -> Result<TlsConnector, TlsError> {
+        TlsConnector::new_as(addr, trust, None)
+    }
+
+    /// A connector to `addr` trusting `trust` that presents `identity` (a
+    /// node's certificate) when asked.
+    pub fn new_as(
+        addr: &crate::CoordinatorAddr,
+        trust: &Trust,
+        identity: Option<Arc<ClientIdentity>>,
+    ) -> Result<TlsConnector, TlsError> {
         Ok(TlsConnector {
-            config: trust.client_config()?,
+            config: trust.client_config_as(identity)?,
             trust: Arc::new(trust.clone()),
             host: addr.host().to_owned(),
             port: addr.port(),
@@ -319,6 +428,17 @@ pub fn dial_plan(
     addr: &crate::CoordinatorAddr,
     trust: Option<&Trust>,
 ) -> Result<(String, Option<TlsConnector>), TlsError> {
+    dial_plan_as(addr, trust, None)
+}
+
+/// [`dial_plan`] presenting `identity` (a node's certificate) over
+/// `https://`; plaintext has no client certificates, so it is unused
+/// there.
+pub fn dial_plan_as(
+    addr: &crate::CoordinatorAddr,
+    trust: Option<&Trust>,
+    identity: Option<Arc<ClientIdentity>>,
+) -> Result<(String, Option<TlsConnector>), TlsError> {
     match addr.scheme() {
         crate::address::Scheme::Http => match trust {
             None => Ok((addr.url(), None)),
@@ -329,7 +449,7 @@ pub fn dial_plan(
         },
         crate::address::Scheme::Https => {
             let trust = trust.ok_or_else(|| TlsError::NoTrust(addr.url()))?;
-            let connector = TlsConnector::new(addr, trust)?;
+            let connector = TlsConnector::new_as(addr, trust, identity)?;
             Ok((format!("http://{}", addr.authority()), Some(connector)))
         }
     }

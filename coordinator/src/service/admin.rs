@@ -33,6 +33,8 @@ fn token_info(record: &TokenRecord) -> pb::TokenInfo {
             TokenKind::NodeJoin => "node",
         }
         .to_owned(),
+        uses: 0,
+        used: 0,
     }
 }
 
@@ -114,7 +116,17 @@ impl pb::admin_service_server::AdminService for AdminApi {
             stale_events_refused: stats.stale_events_refused,
             nodes_lost: stats.nodes_lost,
             recovered_attempts: stats.recovered_attempts,
+            revoked_node_refusals: 0,
+            foreign_events_refused: 0,
         }))
+    }
+
+    async fn revoke_node(
+        &self,
+        request: Request<pb::RevokeNodeRequest>,
+    ) -> Result<Response<pb::RevokeNodeResponse>, Status> {
+        auth::require(&request, Scope::Admin)?;
+        Err(Status::unimplemented("RevokeNode"))
     }
 
     async fn create_token(

@@ -57,6 +57,13 @@ impl NodeService for Fake {
             .map_err(|_| Status::unavailable("test over"))?;
         Ok(Response::new(ReceiverStream::new(rx)))
     }
+
+    async fn join(
+        &self,
+        _request: Request<pb::JoinRequest>,
+    ) -> Result<Response<pb::JoinResponse>, Status> {
+        Err(Status::unimplemented("the fake coordinator has no Join"))
+    }
 }
 
 /// Starts the fake coordinator; answers its URL and its connections.

@@ -83,6 +83,7 @@ pub(super) fn from_node(message: pb::NodeMessage) -> FromNode {
         Some(Body::Events(events)) => FromNode::Events(node_events(events)),
         Some(Body::Draining(_)) => FromNode::Draining,
         Some(Body::Register(_)) => FromNode::RegisterAgain,
+        Some(Body::RenewCertificate(_)) => FromNode::Heartbeat,
     }
 }
 

@@ -138,4 +138,11 @@ impl pb::node_service_server::NodeService for NodeApi {
         let encode: Encode = codec::to_node;
         Ok(Response::new(ReceiverStream::new(rx).map(encode)))
     }
+
+    async fn join(
+        &self,
+        _request: Request<pb::JoinRequest>,
+    ) -> Result<Response<pb::JoinResponse>, Status> {
+        Err(Status::unimplemented("Join"))
+    }
 }
