@@ -1,4 +1,4 @@
-//! The operator commands: `nodes`, `drain`, `info`. Thin: call the
+//! The operator commands: `nodes`, `nodes revoke`, `drain`, `info`. Thin: call the
 //! [`Client`], print the answer.
 
 use std::time::Duration;
@@ -44,6 +44,39 @@ pub async fn drain(
             info.running.len()
         ),
         OutputFormat::Json => println!("{}", node_json(&info)),
+    }
+    Ok(exit::SUCCESS)
+}
+
+/// `weft nodes revoke NODE`.
+pub async fn revoke(client: &Client, format: OutputFormat, node: &str) -> anyhow::Result<u8> {
+    let answer = client
+        .revoke_node(node)
+        .await
+        .with_context(|| format!("revoking node {node}"))?;
+    match format {
+        OutputFormat::Text => eprintln!(
+            "weft: node {} ({}) revoked{}; its certificate is refused from now on",
+            answer.name,
+            answer.node_id,
+            if answer.was_connected {
+                format!(
+                    ": its stream is closed and {} task(s) went back to the queue",
+                    answer.requeued
+                )
+            } else {
+                String::new()
+            }
+        ),
+        OutputFormat::Json => println!(
+            "{}",
+            serde_json::json!({
+                "node_id": answer.node_id,
+                "name": answer.name,
+                "was_connected": answer.was_connected,
+                "requeued": answer.requeued,
+            })
+        ),
     }
     Ok(exit::SUCCESS)
 }

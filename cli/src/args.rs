@@ -56,7 +56,7 @@ pub struct Args {
     pub token: Option<String>,
     /// File holding the client token (e.g. DATA_DIR/admin.token on the
     /// coordinator's machine). --token wins over it; it wins over $WEFT_TOKEN.
-    #[arg(long, global = true, value_name = "FILE")]
+    #[arg(long, global = true, env = "WEFT_TOKEN_FILE", value_name = "FILE")]
     pub token_file: Option<std::path::PathBuf>,
     /// Output format of results on stdout.
     #[arg(long, short = 'o', global = true, value_enum, default_value_t = OutputFormat::Text)]
@@ -190,8 +190,13 @@ pub enum Command {
         #[arg(long, default_value_t = 50, value_name = "N")]
         limit: u32,
     },
-    /// List the connected nodes.
-    Nodes,
+    /// List the connected nodes (`weft nodes`), or revoke one (`weft nodes
+    /// revoke NODE`).
+    Nodes {
+        /// What to do; none: list.
+        #[command(subcommand)]
+        command: Option<NodesCommand>,
+    },
     /// Drain a node: it takes no new work and finishes what it runs, then stops.
     Drain {
         /// Node name or id.
@@ -202,7 +207,8 @@ pub enum Command {
     },
     /// Show cluster-wide figures.
     Info,
-    /// Client tokens: create (printed once), list, revoke. Needs scope admin.
+    /// Client tokens and node join tokens: create (printed once), list,
+    /// revoke. Needs scope admin.
     #[command(subcommand)]
     Token(TokenCommand),
     /// Save a coordinator address and token (per user, 0600) for later
@@ -273,28 +279,64 @@ pub enum Command {
     Bench(weft_bench::BenchArgs),
 }
 
+/// `weft nodes ...`.
+#[derive(Subcommand, Debug)]
+pub enum NodesCommand {
+    /// Revoke a node (by name or id), connected or not: its stream is
+    /// closed at once, its tasks go back to the queue, and its certificate
+    /// is refused from then on. Needs scope admin.
+    Revoke {
+        /// Node name or id.
+        node: String,
+    },
+}
+
+/// What `weft token create --role` makes.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TokenRole {
+    /// A client token with scopes (`--scope`).
+    Client,
+    /// A node join token, for `weft-node --join TOKEN`.
+    Node,
+}
+
 /// `weft token ...`.
 #[derive(Subcommand, Debug)]
 pub enum TokenCommand {
-    /// Make a client token; prints the token alone on stdout (shown once:
-    /// the coordinator keeps only its hash).
+    /// Make a token; prints it alone on stdout (shown once: the
+    /// coordinator keeps only its hash).
+    ///
+    /// `--role client` (the default) makes a client token with `--scope`.
+    /// `--role node` makes a join token: `weft-node --join TOKEN` (or
+    /// WEFT_JOIN_TOKEN) trades it for the node's certificate; it carries
+    /// the coordinator's address and the CA pin, so a new machine needs
+    /// nothing else.
     Create {
-        /// Scopes, comma separated or repeated: read (get, list, watch,
-        /// wait, nodes, info), submit (run, submit, call, map), cancel,
-        /// admin (drain, tokens; implies all).
-        #[arg(
-            long = "scope",
-            required = true,
-            value_delimiter = ',',
-            value_name = "SCOPES"
-        )]
+        /// client (a bearer token for the CLI and SDKs) or node (a join
+        /// token).
+        #[arg(long, value_enum, default_value_t = TokenRole::Client)]
+        role: TokenRole,
+        /// Client tokens: scopes, comma separated or repeated: read (get,
+        /// list, watch, wait, nodes, info), submit (run, submit, call,
+        /// map), cancel, admin (drain, revoke, tokens; implies all).
+        #[arg(long = "scope", value_delimiter = ',', value_name = "SCOPES")]
         scopes: Vec<String>,
         /// A name for people, shown by `weft token list`.
         #[arg(long, default_value = "", value_name = "NAME")]
         name: String,
-        /// Lifetime (e.g. 1h, 30d); default: no expiry.
+        /// Lifetime (e.g. 1h, 30d); default: no expiry for client tokens,
+        /// 1h for join tokens.
         #[arg(long, value_parser = parse_duration_arg, value_name = "DURATION")]
         ttl: Option<Duration>,
+        /// Join tokens: how many nodes may join with it (default 1; 0: no
+        /// limit).
+        #[arg(long, value_name = "N")]
+        uses: Option<u32>,
+        /// Join tokens: the coordinator address the token names, as the
+        /// nodes will reach it (HOST:PORT); default: the coordinator's
+        /// first --advertise name, else the address this command reached.
+        #[arg(long, value_name = "HOST:PORT")]
+        address: Option<String>,
     },
     /// List tokens (ids, names, scopes, times; never secrets).
     List,

@@ -219,6 +219,8 @@ pub fn cluster_json(info: &ClusterInfo) -> Value {
         "uptime_s": info.uptime.as_secs_f64(),
         "stale_events_refused": info.stale_events_refused,
         "nodes_lost": info.nodes_lost,
+        "revoked_node_refusals": info.revoked_node_refusals,
+        "foreign_events_refused": info.foreign_events_refused,
     })
 }
 
@@ -232,7 +234,7 @@ pub fn cluster_text(info: &ClusterInfo) -> String {
         .collect::<Vec<_>>()
         .join(", ");
     format!(
-        "version:       {}\nuptime:        {}\nnodes:         {} ({} lost since start)\nslots:         {} ({} free)\ntasks:         {}\nstale events:  {}",
+        "version:       {}\nuptime:        {}\nnodes:         {} ({} lost since start)\nslots:         {} ({} free)\ntasks:         {}\nstale events:  {}\nrefused:       {} from revoked nodes, {} for another node's attempts",
         info.version,
         short_duration(info.uptime),
         info.nodes,
@@ -245,6 +247,8 @@ pub fn cluster_text(info: &ClusterInfo) -> String {
             tasks
         },
         info.stale_events_refused,
+        info.revoked_node_refusals,
+        info.foreign_events_refused,
     )
 }
 

@@ -4,7 +4,7 @@
 
 use weft_client::Client;
 
-use crate::args::{Args, Command};
+use crate::args::{Args, Command, NodesCommand};
 use crate::{admin, bench, demo, exit, local, map, task, token};
 
 /// Runs the command line in `args` and answers the exit code. Errors are
@@ -56,7 +56,10 @@ async fn dispatch(args: Args) -> anyhow::Result<u8> {
                 Command::Wait { id } => task::wait(&client, format, id).await,
                 Command::Cancel { id } => task::cancel(&client, format, id).await,
                 Command::List { state, limit } => task::list(&client, format, state, limit).await,
-                Command::Nodes => admin::nodes(&client, format).await,
+                Command::Nodes { command: None } => admin::nodes(&client, format).await,
+                Command::Nodes {
+                    command: Some(NodesCommand::Revoke { node }),
+                } => admin::revoke(&client, format, &node).await,
                 Command::Drain { node, grace } => admin::drain(&client, format, &node, grace).await,
                 Command::Info => admin::info(&client, format).await,
                 Command::Token(command) => token::run(&client, format, command).await,

@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 use weft_client::Client;
 use weft_proto::pb;
 
-use crate::args::TokenCommand;
+use crate::args::{TokenCommand, TokenRole};
 use crate::exit;
 use crate::output::{OutputFormat, table};
 
@@ -182,6 +182,8 @@ fn token_json(info: &pb::TokenInfo) -> Value {
         "name": info.name,
         "role": info.role,
         "scopes": info.scopes,
+        "uses": info.uses,
+        "used": info.used,
         "created": when(info.created.as_ref()),
         "expires": info.expires.as_ref().map(|t| when(Some(t))),
         "revoked": info.revoked.as_ref().map(|t| when(Some(t))),
@@ -198,6 +200,8 @@ fn status(info: &pb::TokenInfo) -> &'static str {
         .is_some_and(|t| weft_proto::convert::system_time(t) <= now)
     {
         "expired"
+    } else if info.role == "node" && info.uses > 0 && info.used >= info.uses {
+        "used up"
     } else {
         "active"
     }
@@ -210,8 +214,44 @@ pub async fn run(
     command: TokenCommand,
 ) -> anyhow::Result<u8> {
     match command {
-        TokenCommand::Create { scopes, name, ttl } => {
+        TokenCommand::Create {
+            role: TokenRole::Client,
+            scopes,
+            name,
+            ttl,
+            uses,
+            address,
+        } => {
+            if uses.is_some() || address.is_some() {
+                return Err(exit::UsageError(
+                    "--uses and --address are for join tokens: add --role node".into(),
+                )
+                .into());
+            }
+            if scopes.is_empty() {
+                return Err(exit::UsageError(
+                    "a client token needs --scope (read, submit, cancel, admin); for a node join token pass --role node".into(),
+                )
+                .into());
+            }
             create(client, format, scopes, &name, ttl).await
+        }
+        TokenCommand::Create {
+            role: TokenRole::Node,
+            scopes,
+            name,
+            ttl,
+            uses,
+            address,
+        } => {
+            if !scopes.is_empty() {
+                return Err(exit::UsageError(
+                    "a join token (--role node) has no scopes: drop --scope".into(),
+                )
+                .into());
+            }
+            let ttl = ttl.unwrap_or(DEFAULT_JOIN_TTL);
+            create_join(client, format, &name, ttl, uses.unwrap_or(1), address).await
         }
         TokenCommand::List => list(client, format).await,
         TokenCommand::Revoke { id } => {
@@ -258,6 +298,47 @@ async fn create(
     Ok(exit::SUCCESS)
 }
 
+/// How long a join token lives unless `--ttl` says otherwise.
+pub const DEFAULT_JOIN_TTL: Duration = Duration::from_secs(60 * 60);
+
+async fn create_join(
+    client: &Client,
+    format: OutputFormat,
+    name: &str,
+    ttl: Duration,
+    uses: u32,
+    address: Option<String>,
+) -> anyhow::Result<u8> {
+    let (token, info) = client
+        .create_join_token(name, Some(ttl), uses, address.as_deref().unwrap_or(""))
+        .await
+        .context("creating a join token")?;
+    match format {
+        OutputFormat::Text => {
+            println!("{token}");
+            let joins = match uses {
+                0 => "any number of nodes".to_owned(),
+                1 => "one node".to_owned(),
+                n => format!("{n} nodes"),
+            };
+            let address = weft_proto::JoinToken::parse(&token)
+                .map(|t| t.address)
+                .unwrap_or_default();
+            eprintln!(
+                "weft: join token {} created for {joins}, valid {}, naming {address}; shown only this once. On each machine: weft-node --join TOKEN",
+                info.id,
+                humantime::format_duration(ttl),
+            );
+        }
+        OutputFormat::Json => {
+            let mut value = token_json(&info);
+            value["token"] = Value::from(token);
+            println!("{value}");
+        }
+    }
+    Ok(exit::SUCCESS)
+}
+
 async fn list(client: &Client, format: OutputFormat) -> anyhow::Result<u8> {
     let tokens = client.list_tokens().await?;
     match format {
@@ -272,7 +353,14 @@ async fn list(client: &Client, format: OutputFormat) -> anyhow::Result<u8> {
                         } else {
                             t.name.clone()
                         },
-                        t.scopes.join(","),
+                        t.role.clone(),
+                        match t.role.as_str() {
+                            "node" => match t.uses {
+                                0 => format!("joins: {}", t.used),
+                                n => format!("joins: {}/{n}", t.used),
+                            },
+                            _ => t.scopes.join(","),
+                        },
                         status(t).to_owned(),
                         when(t.created.as_ref()),
                         when(t.expires.as_ref()),
@@ -282,7 +370,7 @@ async fn list(client: &Client, format: OutputFormat) -> anyhow::Result<u8> {
             println!(
                 "{}",
                 table(
-                    &["ID", "NAME", "SCOPES", "STATUS", "CREATED", "EXPIRES"],
+                    &["ID", "NAME", "ROLE", "SCOPES", "STATUS", "CREATED", "EXPIRES"],
                     &rows
                 )
             );

@@ -185,6 +185,12 @@ pub struct ClusterInfo {
     pub stale_events_refused: u64,
     /// Nodes declared lost since start.
     pub nodes_lost: u64,
+    /// What revoked nodes tried since start (connects, renewals, events),
+    /// all refused.
+    pub revoked_node_refusals: u64,
+    /// Node events refused since start because their attempt is leased to
+    /// another node.
+    pub foreign_events_refused: u64,
 }
 
 impl ClusterInfo {
@@ -220,6 +226,8 @@ impl TryFrom<pb::ClusterInfoResponse> for ClusterInfo {
             uptime,
             stale_events_refused: info.stale_events_refused,
             nodes_lost: info.nodes_lost,
+            revoked_node_refusals: info.revoked_node_refusals,
+            foreign_events_refused: info.foreign_events_refused,
         })
     }
 }
