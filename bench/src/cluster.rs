@@ -21,6 +21,9 @@ const ADDR_POLL: Duration = Duration::from_millis(5);
 /// How long a coordinator may take to write its address file.
 const ADDR_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long the join token for the bench's own nodes is valid.
+const JOIN_TTL: Duration = Duration::from_secs(10 * 60);
+
 /// Lines of a child's log shown when it exited.
 const LOG_TAIL: usize = 10;
 
@@ -85,8 +88,9 @@ impl Cluster {
     }
 
     /// Spawns the coordinator, polls its address file every 5 ms until it
-    /// is listening, then spawns the nodes at once. Returns without waiting
-    /// for the nodes to register.
+    /// is listening, makes a join token (with TLS), then spawns the nodes
+    /// at once, each joining with it. Returns without waiting for the
+    /// nodes to register.
     pub async fn start(plan: &ClusterPlan) -> anyhow::Result<Cluster> {
         let coordinator_bin = bin_path("weft-coordinator")?;
         let node_bin = bin_path("weft-node")?;
@@ -140,35 +144,55 @@ impl Cluster {
         let token = std::fs::read_to_string(&token_file)
             .ok()
             .map(|t| t.trim().to_owned());
-        let nodes = (1..=plan.nodes)
+        let mut cluster = Cluster {
+            url,
+            trust,
+            coordinator,
+            nodes: Vec::new(),
+            dir,
+            token,
+        };
+        // With TLS, nodes join as on a real network: one join token for
+        // all of them, each node its own key and certificate.
+        let join = match (&cluster.trust, plan.nodes) {
+            (Some(_), 1..) => {
+                let client = cluster.client().await?;
+                let uses = u32::try_from(plan.nodes).unwrap_or(u32::MAX);
+                let (token, _) = client
+                    .create_join_token("weft bench", Some(JOIN_TTL), uses, "")
+                    .await
+                    .context("creating a join token for the bench's nodes")?;
+                Some(token)
+            }
+            _ => None,
+        };
+        let node_bin = &node_bin;
+        let dir = cluster.dir.path().to_owned();
+        cluster.nodes = (1..=plan.nodes)
             .map(|i| {
                 let mut args = vec![
-                    "--coordinator".to_owned(),
-                    url.clone(),
                     "--slots".to_owned(),
                     plan.slots.to_string(),
                     "--name".to_owned(),
                     format!("bench-{i}"),
                 ];
-                if let Some(Trust::CaFile(ca)) = &trust {
-                    args.push("--ca-file".to_owned());
-                    args.push(ca.display().to_string());
+                match &join {
+                    Some(token) => args.extend([
+                        "--join".to_owned(),
+                        token.clone(),
+                        "--state-dir".to_owned(),
+                        dir.join(format!("node-{i}-state")).display().to_string(),
+                    ]),
+                    None => args.extend(["--coordinator".to_owned(), cluster.url.clone()]),
                 }
-                Spawn::new(&node_bin, dir.path(), &format!("node-{i}"))
+                Spawn::new(node_bin, &dir, &format!("node-{i}"))
                     .args(args)
                     .log_filter(&plan.log_filter)
                     .spawn()
                     .map_err(anyhow::Error::from)
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
-        Ok(Cluster {
-            url,
-            trust,
-            coordinator,
-            nodes,
-            dir,
-            token,
-        })
+        Ok(cluster)
     }
 
     /// Process ids of the coordinator and nodes still running.
