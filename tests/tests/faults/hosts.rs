@@ -99,7 +99,8 @@ impl LabCluster {
             "--admin-token-file".to_owned(),
             dir.path().join("admin.token").display().to_string(),
         ];
-        // TLS, as by default; the CA outlives coordinator restarts.
+        // TLS and node certificates, as by default; the CA outlives
+        // coordinator restarts.
         let ca_file = dir.path().join("pki").join("ca.pem");
         coordinator_args.push("--pki-dir".to_owned());
         coordinator_args.push(dir.path().join("pki").display().to_string());
@@ -132,17 +133,28 @@ impl LabCluster {
                 coordinator.log_tail(40)
             )
         });
+        // Nodes join as on a real network: one join token (it names the
+        // coordinator's address on fab-h1 and the CA pin), then each node
+        // its own key and certificate, kept in its state dir.
+        let uses = u32::try_from(NODE_HOSTS.len()).unwrap_or(u32::MAX);
+        let (join_token, _) = client
+            .create_join_token("fault suite", Some(PATIENCE), uses, &url())
+            .await
+            .unwrap_or_else(|e| panic!("creating a join token: {e}"));
         let mut nodes = BTreeMap::new();
         for host in NODE_HOSTS {
             let args = vec![
-                "--coordinator".to_owned(),
-                url(),
+                "--join".to_owned(),
+                join_token.clone(),
+                "--state-dir".to_owned(),
+                dir.path()
+                    .join(format!("{}-state", node_name(host)))
+                    .display()
+                    .to_string(),
                 "--name".to_owned(),
                 node_name(host),
                 "--slots".to_owned(),
                 settings.slots.to_string(),
-                "--ca-file".to_owned(),
-                ca_file.display().to_string(),
             ];
             let label = node_name(host);
             nodes.insert(host, spawn_in(host, "weft-node", &args, dir.path(), &label));
