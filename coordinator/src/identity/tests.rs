@@ -2,7 +2,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use tonic::Code;
+use tonic::{Code, Status};
 
 use super::*;
 

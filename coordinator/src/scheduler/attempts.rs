@@ -52,6 +52,9 @@ impl Scheduler {
                 // The current attempt, but leased to another node: this
                 // node has no say over it. The real attempt is untouched;
                 // the sender is told to stop whatever it thinks it runs.
+                // Refused by fencing like any event not from the attempt's
+                // own session, and counted apart as well.
+                self.stale_events_refused += 1;
                 self.foreign_events_refused += 1;
                 tracing::warn!(task_id = %id, attempt = event.attempt.0, session = session.0, "refused an event for an attempt leased to another node");
                 self.order_cancel(

@@ -227,7 +227,8 @@ pub struct ClusterStats {
     /// Registers of revoked nodes refused, and events that arrived from a
     /// session after its node was revoked (the edge adds its own refusals).
     pub revoked_node_refusals: u64,
-    /// Node events refused because their attempt is leased to another node.
+    /// Node events refused because their attempt is leased to another node
+    /// (also counted in `stale_events_refused`: fencing refused them).
     pub foreign_events_refused: u64,
 }
 

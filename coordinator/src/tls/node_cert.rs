@@ -183,7 +183,7 @@ mod tests {
         assert_eq!(node_id_of(&chain[0]), Some(id));
         assert_eq!(
             leaf.public_key().raw,
-            key.public_key_der().as_slice(),
+            rcgen::PublicKeyData::subject_public_key_info(&key).as_slice(),
             "the request's key"
         );
         let mut eku = None;
