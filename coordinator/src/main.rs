@@ -144,7 +144,7 @@ struct Args {
 
     /// Accept nodes that did not join (no certificate), as with
     /// --insecure. Testing only, until every test node joins.
-    #[arg(long, hide = true)]
+    #[arg(long, env = "WEFT_ALLOW_UNJOINED_NODES", hide = true)]
     allow_unjoined_nodes: bool,
 }
 

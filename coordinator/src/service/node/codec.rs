@@ -333,4 +333,38 @@ mod tests {
             }]
         );
     }
+
+    #[test]
+    fn a_renewal_goes_in_and_its_certificate_or_refusal_comes_out() {
+        use pb::coordinator_message::Body;
+        let message = pb::NodeMessage {
+            body: Some(pb::node_message::Body::RenewCertificate(
+                pb::RenewCertificate {
+                    csr_der: bytes::Bytes::from_static(b"csr"),
+                },
+            )),
+        };
+        let FromNode::RenewCertificate(csr) = from_node(message) else {
+            panic!("not a renewal");
+        };
+        assert_eq!(csr, b"csr");
+        let at = std::time::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let Body::Certificate(cert) = body(ToNode::Certificate(Ok(("PEM".into(), at)))) else {
+            panic!("not a NodeCertificate");
+        };
+        assert_eq!(cert.certificate_chain_pem, "PEM");
+        assert_eq!(cert.not_after.map(|t| t.seconds), Some(1_800_000_000));
+        assert!(cert.error.is_empty());
+        let Body::Certificate(refused) = body(ToNode::Certificate(Err("no".into()))) else {
+            panic!("not a NodeCertificate");
+        };
+        assert_eq!(
+            (
+                refused.certificate_chain_pem.as_str(),
+                refused.error.as_str()
+            ),
+            ("", "no")
+        );
+        assert!(refused.not_after.is_none());
+    }
 }
