@@ -566,3 +566,40 @@ async fn without_node_authentication_there_are_no_join_tokens_and_names_stay_uni
     assert!(info(&mut admin).await.revoked_node_refusals >= 1);
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identities_and_token_uses_survive_a_coordinator_restart() {
+    let cluster = TestCluster::builder()
+        .nodes(0)
+        .node_certs()
+        .durable()
+        .start()
+        .await;
+    let mut admin = admin(&cluster).await;
+    let (token, _) = join_token(&mut admin, 2, None).await;
+    let kept = join(&token, "kept").await.expect("join");
+    let gone = join(&token, "gone").await.expect("join");
+    admin
+        .revoke_node(pb::RevokeNodeRequest {
+            node: "gone".into(),
+        })
+        .await
+        .expect("revoke");
+    cluster.restart_coordinator().await;
+
+    // The joined node connects with the certificate it has; the revoked
+    // one stays refused; the token's two uses stay used.
+    let node = FakeNode::connect_as(&cluster.url(), kept.identity(), register("kept", 1, &[]))
+        .await
+        .expect("a joined node connects after a restart");
+    assert_eq!(node.node_id, kept.node_id);
+    let err = FakeNode::connect_as(&cluster.url(), gone.identity(), register("gone", 1, &[]))
+        .await
+        .err()
+        .expect("refused");
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    let err = join(&token, "third").await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    assert!(err.message().contains("used up"), "{}", err.message());
+    cluster.shutdown().await;
+}
