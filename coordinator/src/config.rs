@@ -59,7 +59,19 @@ pub struct CoordinatorConfig {
     /// yet). `None`: `DATA_DIR/admin.token`, or with no data dir a fresh
     /// private temp dir (logged).
     pub admin_token_file: Option<PathBuf>,
+    /// Lifetime of each node certificate issued by `Join` or renewed over
+    /// a session (default 7 days; `--node-cert-lifetime`).
+    pub node_cert_lifetime: Duration,
+    /// Whether `Connect` requires a node certificate (node authentication)
+    /// when serving TLS with auth. The binary sets it unless `--insecure`
+    /// or `--no-auth`; `Default` is false for now, so library and harness
+    /// nodes that do not join yet are still accepted (see
+    /// [`node_auth`](Self::node_auth)).
+    pub require_node_certs: bool,
 }
+
+/// Default of [`CoordinatorConfig::node_cert_lifetime`].
+pub const DEFAULT_NODE_CERT_LIFETIME: Duration = Duration::from_secs(7 * 24 * 60 * 60);
 
 /// Default of [`CoordinatorConfig::max_node_slots`]: far above any one
 /// machine's cores, far below what would pull in the whole queue.
@@ -70,6 +82,18 @@ impl CoordinatorConfig {
     pub fn restart_grace(&self) -> Duration {
         self.restart_grace
             .unwrap_or_else(|| self.heartbeat_timeout.saturating_mul(2))
+    }
+
+    /// Whether nodes are authenticated by their certificates: TLS, client
+    /// auth, and [`require_node_certs`](Self::require_node_certs).
+    pub fn node_auth(&self) -> bool {
+        self.tls.is_some() && self.auth && self.require_node_certs
+    }
+
+    /// Whether nodes can join (`Join`, join tokens): only a coordinator
+    /// serving TLS with client auth can authenticate them.
+    pub fn can_join(&self) -> bool {
+        self.tls.is_some() && self.auth
     }
 }
 
@@ -93,6 +117,8 @@ impl Default for CoordinatorConfig {
             insecure: false,
             auth: true,
             admin_token_file: None,
+            node_cert_lifetime: DEFAULT_NODE_CERT_LIFETIME,
+            require_node_certs: false,
         }
     }
 }

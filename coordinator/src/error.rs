@@ -55,6 +55,23 @@ pub enum Error {
     /// No connected node with that id or name.
     #[error("node {0:?} not found")]
     NodeNotFound(String),
+    /// The node was revoked by an admin (`weft nodes revoke`). Final: it
+    /// must not reconnect.
+    #[error(
+        "node {0} was revoked by an admin; it may not connect again (join as a new node with a new token)"
+    )]
+    NodeRevoked(weft_proto::NodeId),
+    /// Another connected node holds the name. Not retryable while it is
+    /// connected.
+    #[error(
+        "node name '{name}' is held by another connected node ({holder}); give this node another --name"
+    )]
+    NodeNameTaken {
+        /// The name asked for.
+        name: String,
+        /// The node holding it.
+        holder: weft_proto::NodeId,
+    },
     /// The queue is full. Safe to retry later: nothing was committed.
     #[error("queue full: {queued} tasks not final, at most {max}")]
     QueueFull {
@@ -120,6 +137,8 @@ impl From<Error> for Status {
                 Status::not_found(err.to_string())
             }
             Error::QueueFull { .. } => Status::resource_exhausted(err.to_string()),
+            Error::NodeRevoked(_) => Status::permission_denied(err.to_string()),
+            Error::NodeNameTaken { .. } => Status::already_exists(err.to_string()),
             Error::ShuttingDown => Status::unavailable(err.to_string()),
             Error::Store(_)
             | Error::Listener(_)

@@ -28,16 +28,22 @@
 //!   protobuf bytes), [`redb`](store::redb) (the durable store),
 //!   [`memory`](store::memory) (the in-memory one).
 //! - `service` — tonic adapters for `NodeService` (`service/node/codec.rs`:
-//!   the node stream's wire form, both directions), `TaskService`,
-//!   `AdminService`.
+//!   the node stream's wire form, both directions; `join.rs`, `identity.rs`,
+//!   `renew.rs`: joining, certified sessions, renewal), `TaskService`,
+//!   `AdminService` (`node_admin.rs`: join tokens, `RevokeNode`).
 //! - `server` — the tonic server, health, serve-with-shutdown.
+//! - [`identity`] — joined nodes: the index `Join`, `Connect` and
+//!   `RevokeNode` check, and the rules (names, what a certified node may
+//!   claim).
 //! - [`tls`] — the cluster CA and serving certificates ([`tls::pki`]),
+//!   node certificates ([`tls::node_cert`]), interface addresses,
 //!   rotation, the TLS accept loop.
 
 pub mod auth;
 pub mod config;
 mod driver;
 pub mod error;
+pub mod identity;
 pub mod scheduler;
 mod server;
 mod service;
@@ -171,7 +177,7 @@ pub async fn start(
     // live task: both on the blocking pool.
     let data_dir = config.data_dir.clone();
     let cache_size = config.store_cache_size;
-    let (store, loaded, tokens) = tokio::task::spawn_blocking(move || {
+    let (store, loaded, tokens, identities) = tokio::task::spawn_blocking(move || {
         let store: Arc<dyn Store> = match &data_dir {
             Some(dir) => Arc::new(RedbStore::open_with_cache(dir, cache_size)?),
             None => Arc::new(MemoryStore::new()),
@@ -181,7 +187,8 @@ pub async fn start(
             .unwrap_or(SystemTime::UNIX_EPOCH);
         let loaded = store.load(since)?;
         let tokens = store.tokens()?;
-        Ok::<_, StoreError>((store, loaded, tokens))
+        let identities = store.node_identities()?;
+        Ok::<_, StoreError>((store, loaded, tokens, identities))
     })
     .await
     .map_err(|err| StoreError::Open {
@@ -197,6 +204,7 @@ pub async fn start(
         None => tracing::info!("in-memory store: tasks do not survive a restart"),
     }
     let tokens = Arc::new(auth::TokenIndex::new(tokens));
+    let identities = Arc::new(identity::Identities::new(identities));
     let admin_token_file = if config.auth && tokens.is_empty() {
         Some(create_admin_token(&config, &store, &tokens).await?)
     } else {
@@ -215,8 +223,10 @@ pub async fn start(
             wall: SystemTime::now(),
         },
     );
+    scheduler.restore_revoked(identities.revoked());
 
     let auth_on = config.auth;
+    let node_auth = config.node_auth();
     let config = Arc::new(config);
     let (driver, handle) = driver::new(
         scheduler,
@@ -232,9 +242,9 @@ pub async fn start(
     let serve_tasks = tasks.clone();
     tasks.spawn(async move {
         let result = server::serve(
-            (listener, serve_tls.as_deref(), &serve_tasks),
+            (listener, addr, serve_tls, &serve_tasks),
             handle,
-            tokens,
+            (tokens, identities),
             auth_on,
             health,
             server_cancel.clone(),
@@ -256,6 +266,19 @@ pub async fn start(
             );
         }
         None => tracing::info!(%addr, "listening (plaintext)"),
+    }
+    if node_auth {
+        tracing::info!(
+            "nodes must join: make a join token with `weft token create --role node [--ttl 1h] [--uses N]`, then start each node with `weft-node --join TOKEN`"
+        );
+    } else if server_tls.is_some() && auth_on {
+        tracing::warn!(
+            "nodes are not required to join (node certificates not required): any process that reaches this port can register as a node"
+        );
+    } else {
+        tracing::warn!(
+            "nodes are not authenticated (--insecure or --no-auth): any process that reaches this port can register as a node"
+        );
     }
     Ok(RunningCoordinator {
         addr,

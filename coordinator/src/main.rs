@@ -135,6 +135,17 @@ struct Args {
     /// Lifetime of each serving certificate (rotated at 2/3 of it). Testing.
     #[arg(long, default_value = "7d", value_parser = parse_duration, hide = true)]
     cert_lifetime: Duration,
+
+    /// Lifetime of each node certificate (issued when a node joins;
+    /// nodes renew theirs over their session at 2/3 of it). A node away
+    /// for longer than this must join again with a new token.
+    #[arg(long, default_value = "7d", value_parser = parse_duration)]
+    node_cert_lifetime: Duration,
+
+    /// Accept nodes that did not join (no certificate), as with
+    /// --insecure. Testing only, until every test node joins.
+    #[arg(long, env = "WEFT_ALLOW_UNJOINED_NODES", hide = true)]
+    allow_unjoined_nodes: bool,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -168,6 +179,8 @@ impl From<&Args> for CoordinatorConfig {
             }),
             auth: !args.no_auth,
             admin_token_file: args.admin_token_file.clone(),
+            node_cert_lifetime: args.node_cert_lifetime,
+            require_node_certs: !args.insecure && !args.no_auth && !args.allow_unjoined_nodes,
             ..CoordinatorConfig::default()
         }
     }
@@ -232,7 +245,7 @@ async fn main() -> anyhow::Result<()> {
     init_tracing(args.log_format);
     if args.insecure {
         tracing::warn!(
-            "--insecure: serving plaintext; anyone who reaches {} can read and forge all traffic",
+            "--insecure: serving plaintext; anyone who reaches {} can read and forge all traffic, and nodes are not authenticated (any process can register as a node)",
             args.listen
         );
     }
@@ -315,6 +328,26 @@ mod tests {
         let args = Args::try_parse_from(["weft-coordinator", "--insecure"]).unwrap();
         let config = weft_coordinator::CoordinatorConfig::from(&args);
         assert!(config.tls.is_none() && config.insecure);
+    }
+
+    #[test]
+    fn nodes_must_join_by_default_and_node_certificates_live_seven_days() {
+        let config = |args: &[&str]| {
+            let args = Args::try_parse_from([&["weft-coordinator"], args].concat()).unwrap();
+            weft_coordinator::CoordinatorConfig::from(&args)
+        };
+        let default = config(&[]);
+        assert!(default.require_node_certs && default.node_auth());
+        assert_eq!(
+            default.node_cert_lifetime,
+            std::time::Duration::from_secs(7 * 24 * 3600)
+        );
+        assert!(!config(&["--insecure"]).node_auth());
+        assert!(!config(&["--no-auth"]).node_auth());
+        assert_eq!(
+            config(&["--node-cert-lifetime", "90s"]).node_cert_lifetime,
+            std::time::Duration::from_secs(90)
+        );
     }
 
     #[test]

@@ -23,6 +23,7 @@ use std::sync::Arc;
 
 use crate::auth::{Authenticator, TokenIndex};
 use crate::driver::Handle;
+use crate::identity::Identities;
 use crate::service::admin::AdminApi;
 use crate::service::node::NodeApi;
 use crate::service::task::TaskApi;
@@ -44,9 +45,14 @@ pub(crate) async fn mark_serving(reporter: &HealthReporter) {
 /// [`ServerTls::incoming`], so tonic sees finished TLS streams and
 /// `Request::peer_certs()` works), plaintext otherwise.
 pub(crate) async fn serve(
-    (listener, tls, tasks): (TcpListener, Option<&ServerTls>, &TaskTracker),
+    (listener, listen, tls, tasks): (
+        TcpListener,
+        std::net::SocketAddr,
+        Option<Arc<ServerTls>>,
+        &TaskTracker,
+    ),
     handle: Handle,
-    tokens: Arc<TokenIndex>,
+    (tokens, identities): (Arc<TokenIndex>, Arc<Identities>),
     auth: bool,
     health: tonic_health::pb::health_server::HealthServer<
         impl tonic_health::pb::health_server::Health,
@@ -61,10 +67,13 @@ pub(crate) async fn serve(
     };
     let router = Server::builder()
         .add_service(health)
-        // NOT checked by client tokens: nodes will authenticate with their
-        // certificates (node join tokens and certificates are the next step).
+        // NOT checked by client tokens: nodes authenticate with their
+        // certificates (`Connect`) or a join token (`Join`).
         .add_service(NodeServiceServer::new(NodeApi {
             handle: handle.clone(),
+            tokens: Arc::clone(&tokens),
+            identities: Arc::clone(&identities),
+            tls: tls.clone(),
         }))
         .add_service(TaskServiceServer::with_interceptor(
             TaskApi {
@@ -73,10 +82,16 @@ pub(crate) async fn serve(
             authenticator.clone(),
         ))
         .add_service(AdminServiceServer::with_interceptor(
-            AdminApi { handle, tokens },
+            AdminApi {
+                handle,
+                tokens,
+                identities,
+                tls: tls.clone(),
+                listen,
+            },
             authenticator,
         ));
-    match tls {
+    match tls.as_deref() {
         Some(tls) => {
             let incoming = tls.incoming(listener, cancel.clone(), tasks);
             router

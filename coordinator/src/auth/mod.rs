@@ -7,10 +7,13 @@
 //! (see [`TokenRecord`]); the token string exists once, in the answer to
 //! `CreateToken` (or in `admin.token`).
 //!
-//! Node join tokens (role `node`, with uses and the CA pin) come with node
-//! certificates; [`TokenKind`] leaves room for them. The node service
-//! (`Connect`) is not checked by client tokens: nodes will authenticate with
-//! their certificates.
+//! Node join tokens (role `node`) are records of the same index with kind
+//! [`TokenKind::NodeJoin`], a number of uses, and no scopes: their
+//! credential `<id>_<secret>` travels inside a `weftjoin_...` token and is
+//! checked only by `NodeService.Join` ([`TokenIndex::check_join`]); the
+//! edge never accepts one as a bearer token. The node service (`Connect`)
+//! is not checked by client tokens: nodes authenticate with their
+//! certificates (see `crate::identity`).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -20,6 +23,10 @@ use std::time::{Duration, SystemTime};
 use base64::Engine;
 use sha2::{Digest, Sha256};
 use tonic::{Request, Status};
+
+mod join;
+
+pub use join::{JoinRefused, new_join_token};
 
 /// What a client token allows. `Admin` implies every other scope.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -122,13 +129,13 @@ impl Scopes {
     }
 }
 
-/// What a token is for. Only client tokens exist today; node join tokens
-/// (role `node`: ttl, uses, the CA pin) come with node certificates.
+/// What a token is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TokenKind {
     /// A client (CLI, SDK): bearer token with scopes.
     Client,
-    /// A node's join token (reserved; not issued yet).
+    /// A node's join token: traded once per use for a node certificate
+    /// (`NodeService.Join`); never a bearer token.
     NodeJoin,
 }
 
@@ -171,6 +178,10 @@ pub struct TokenRecord {
     pub revoked: Option<SystemTime>,
     /// SHA-256 of the secret.
     pub secret_hash: [u8; 32],
+    /// Join tokens: how many joins it allows; 0: no limit (client tokens: 0).
+    pub uses: u32,
+    /// Join tokens: how many nodes joined with it.
+    pub used: u32,
 }
 
 /// The prefix of every client token.
@@ -262,6 +273,8 @@ pub fn new_token(
         revoked: None,
         secret_hash: hash_secret(&secret),
         id: id.clone(),
+        uses: 0,
+        used: 0,
     };
     Ok((record, format!("{TOKEN_PREFIX}{id}_{secret}")))
 }
@@ -279,6 +292,8 @@ pub fn adopt_token(text: &str, name: &str, now: SystemTime) -> Option<TokenRecor
         expires: None,
         revoked: None,
         secret_hash: hash_secret(secret),
+        uses: 0,
+        used: 0,
     })
 }
 

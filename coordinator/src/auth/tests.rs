@@ -173,3 +173,62 @@ fn token_file_is_private() {
         assert_eq!(mode & 0o777, 0o700);
     }
 }
+
+#[test]
+fn join_tokens_join_until_used_up_expired_or_revoked_and_never_act_as_client_tokens() {
+    let index = TokenIndex::default();
+    let (record, credential) =
+        new_join_token("rack-1", Some(Duration::from_secs(60)), 2, now()).unwrap();
+    assert_eq!(
+        (record.kind, record.uses, record.used),
+        (TokenKind::NodeJoin, 2, 0)
+    );
+    assert!(!credential.starts_with(TOKEN_PREFIX));
+    index.put(record.clone());
+    // Not a bearer token, with or without the client prefix.
+    let as_bearer = format!("{TOKEN_PREFIX}{credential}");
+    assert_eq!(
+        index.authenticate(&as_bearer, now()),
+        Err(AuthError::Invalid)
+    );
+    assert_eq!(index.check_join(&credential, now()).unwrap().id, record.id);
+    // A client token is not a join token.
+    let (client, client_token) = new_token("c", Scopes::ADMIN, None, now()).unwrap();
+    index.put(client);
+    assert_eq!(
+        index.check_join(&client_token, now()),
+        Err(JoinRefused::Invalid)
+    );
+    // A wrong secret.
+    let (id, _) = credential.split_once('_').unwrap();
+    let wrong = format!("{id}_{}", "A".repeat(43));
+    assert_eq!(index.check_join(&wrong, now()), Err(JoinRefused::Invalid));
+    // Used up.
+    index.put(TokenRecord {
+        used: 2,
+        ..record.clone()
+    });
+    let err = index.check_join(&credential, now()).unwrap_err();
+    assert!(matches!(err, JoinRefused::UsedUp { uses: 2, .. }), "{err}");
+    assert!(err.to_string().contains("weft token create --role node"));
+    // Unlimited uses.
+    index.put(TokenRecord {
+        uses: 0,
+        used: 1000,
+        ..record.clone()
+    });
+    assert!(index.check_join(&credential, now()).is_ok());
+    // Expired, revoked.
+    assert_eq!(
+        index.check_join(&credential, now() + Duration::from_secs(61)),
+        Err(JoinRefused::Expired(record.id.clone()))
+    );
+    index.put(TokenRecord {
+        revoked: Some(now()),
+        ..record.clone()
+    });
+    assert_eq!(
+        index.check_join(&credential, now()),
+        Err(JoinRefused::Revoked(record.id.clone()))
+    );
+}

@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -44,6 +44,9 @@ pub(crate) enum ToNode {
     Drain(Option<Duration>),
     /// Keeps an idle stream from looking dead.
     Heartbeat,
+    /// The answer to the node's `RenewCertificate` (sent by the service,
+    /// not the driver): a new certificate chain, or why none.
+    Certificate(Result<(String, SystemTime), String>),
 }
 
 /// Messages to a node session's Connect response stream.
@@ -114,6 +117,20 @@ pub(crate) enum Command {
         node: String,
         grace: Option<Duration>,
         reply: oneshot::Sender<Result<NodeInfo, Error>>,
+    },
+    /// The connected node with this id or name: its id and name. Answered
+    /// at once (a read).
+    FindNode {
+        selector: String,
+        reply: oneshot::Sender<Option<(NodeId, String)>>,
+    },
+    /// An admin revoked this node (its identity is already stored as
+    /// revoked): it may not register again; if connected, its session is
+    /// closed and its attempts requeued. Answers (after the commit)
+    /// whether it was connected and how many attempts were requeued.
+    RevokeNode {
+        node_id: NodeId,
+        reply: oneshot::Sender<Result<(bool, u32), Error>>,
     },
     /// Cluster figures as of the end of the batch, and the uptime.
     ClusterInfo {

@@ -357,6 +357,13 @@ impl Driver {
                 let result = self.scheduler.drain_node(&node, grace, now.instant);
                 replies.push(answer(reply, result));
             }
+            Command::FindNode { selector, reply } => {
+                let _ = reply.send(self.scheduler.find_node(&selector));
+            }
+            Command::RevokeNode { node_id, reply } => {
+                let result = self.scheduler.revoke_node(node_id, now);
+                replies.push(answer_committed(reply, Ok(result)));
+            }
             Command::ClusterInfo { reply } => {
                 let uptime = now.instant.saturating_duration_since(self.started);
                 reads.push(cluster_info(reply, uptime));

@@ -146,6 +146,18 @@ impl Store for HeldStore {
     fn put_token(&self, token: &crate::auth::TokenRecord) -> Result<(), StoreError> {
         self.memory.put_token(token)
     }
+
+    fn node_identities(&self) -> Result<Vec<crate::store::NodeIdentityRecord>, StoreError> {
+        self.memory.node_identities()
+    }
+
+    fn put_node_identity(
+        &self,
+        identity: &crate::store::NodeIdentityRecord,
+        token: Option<&crate::auth::TokenRecord>,
+    ) -> Result<(), StoreError> {
+        self.memory.put_node_identity(identity, token)
+    }
 }
 
 /// A driver running on `store`, and one node connected to it.

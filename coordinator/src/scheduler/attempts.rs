@@ -1,5 +1,7 @@
 //! Attempts as their nodes report them: fencing (only the current attempt
-//! on its own session counts; anything else is refused and told to stop),
+//! on its own session counts; anything else is refused and told to stop;
+//! an event for an attempt leased to another node is counted apart, as
+//! foreign),
 //! output dedupe, how an attempt ends (success, failure, timeout, cancel)
 //! and what a lost node means for the attempt it ran. Whether a task gets
 //! another attempt is `retry.rs`'s rule.
@@ -19,8 +21,14 @@ impl Scheduler {
         match self.nodes.get_mut(session) {
             Some(node) => node.last_seen = now.instant,
             None => {
-                // The session was already lost or replaced: nothing it says counts.
-                self.stale_events_refused += events.len() as u64;
+                // The session was already lost or replaced: nothing it says
+                // counts. A revoked node's late reports are counted apart.
+                let refused = events.len() as u64;
+                if self.revoked_sessions.contains(&session) {
+                    self.revoked_node_refusals += refused;
+                } else {
+                    self.stale_events_refused += refused;
+                }
                 return;
             }
         }
@@ -36,6 +44,27 @@ impl Scheduler {
             .get_mut(&id)
             .filter(|t| t.is_current(event.attempt, session))
         else {
+            if self.tasks.get(&id).is_some_and(|t| {
+                t.attempt == event.attempt.0
+                    && matches!(t.state, TaskState::Assigned | TaskState::Running)
+                    && t.placement().is_some_and(|p| p.session != session)
+            }) {
+                // The current attempt, but leased to another node: this
+                // node has no say over it. The real attempt is untouched;
+                // the sender is told to stop whatever it thinks it runs.
+                // Refused by fencing like any event not from the attempt's
+                // own session, and counted apart as well.
+                self.stale_events_refused += 1;
+                self.foreign_events_refused += 1;
+                tracing::warn!(task_id = %id, attempt = event.attempt.0, session = session.0, "refused an event for an attempt leased to another node");
+                self.order_cancel(
+                    session,
+                    id,
+                    event.attempt,
+                    "attempt is leased to another node".into(),
+                );
+                return;
+            }
             if let NodeEventBody::Finished { outcome, .. } = &event.body
                 && self.recent.is_duplicate(id, event.attempt, *outcome)
             {

@@ -20,7 +20,27 @@ impl Scheduler {
     /// exceed `slots + min(prefetch, max_node_slots)`, at most twice the
     /// limit, however much it declares or grants. Answers the
     /// registration to pass to [`register_node`](Self::register_node).
-    pub fn admit_node(&self, mut reg: NodeRegistration) -> Result<NodeRegistration, Error> {
+    ///
+    /// A revoked node id is refused (`NodeRevoked`, counted in
+    /// `revoked_node_refusals`). A name held by another connected node
+    /// (a different node id) is refused (`NodeNameTaken`): two nodes never
+    /// share a name, so `weft drain NAME` means one node. The same node id
+    /// reconnecting keeps its name (its old session is replaced).
+    pub fn admit_node(&mut self, mut reg: NodeRegistration) -> Result<NodeRegistration, Error> {
+        if self.revoked.contains(&reg.node_id) {
+            self.revoked_node_refusals += 1;
+            return Err(Error::NodeRevoked(reg.node_id));
+        }
+        if let Some(holder) = self
+            .nodes
+            .values()
+            .find(|n| *n.name == *reg.name && n.id() != reg.node_id)
+        {
+            return Err(Error::NodeNameTaken {
+                name: reg.name,
+                holder: holder.id(),
+            });
+        }
         let max = self.config.max_node_slots;
         if reg.slots > max {
             return Err(Error::TooManySlots {
@@ -198,6 +218,8 @@ impl Scheduler {
     /// The node's stream ended: it is lost at once (quietly when it had
     /// drained and runs nothing).
     pub fn node_gone(&mut self, session: SessionId, now: Now) {
+        // Nothing more comes from a session whose stream ended.
+        self.revoked_sessions.remove(&session);
         self.lose_node(session, "stream ended", now);
     }
 
@@ -223,6 +245,48 @@ impl Scheduler {
         let info = node.info(now);
         self.out.nodes.entry(session).or_default().drain = Some(grace);
         Ok(info)
+    }
+
+    /// The node with this id or name, if connected: its id and name.
+    pub fn find_node(&self, selector: &str) -> Option<(NodeId, String)> {
+        let session = self.nodes.find(selector)?;
+        let node = self.nodes.get(session)?;
+        Some((node.id(), node.name.to_string()))
+    }
+
+    /// An admin revoked node `node_id`: from now on it may not register
+    /// (`admit_node`), and if it is connected its session is closed at once
+    /// and its attempts go back to the queue as the next attempt (the
+    /// node-lost path); events its session still sends are refused and
+    /// counted in `revoked_node_refusals`. Answers whether it was
+    /// connected and how many of its attempts were requeued.
+    pub fn revoke_node(&mut self, node_id: NodeId, now: Now) -> (bool, u32) {
+        self.revoked.insert(node_id);
+        let Some(session) = self.nodes.session_of(node_id) else {
+            return (false, 0);
+        };
+        let running: Vec<TaskId> = self
+            .nodes
+            .get(session)
+            .map(|n| n.running.keys().copied().collect())
+            .unwrap_or_default();
+        self.revoked_sessions.insert(session);
+        self.lose_node(session, "revoked by an admin", now);
+        let requeued = running
+            .iter()
+            .filter(|id| {
+                self.tasks
+                    .get(id)
+                    .is_some_and(|t| t.state == TaskState::Queued)
+            })
+            .count();
+        (true, u32::try_from(requeued).unwrap_or(u32::MAX))
+    }
+
+    /// Node ids revoked before this start (from the store): they may not
+    /// register.
+    pub fn restore_revoked(&mut self, ids: impl IntoIterator<Item = NodeId>) {
+        self.revoked.extend(ids);
     }
 
     /// Declares the node on `session` lost and requeues its attempts.

@@ -39,14 +39,14 @@ pub(crate) mod task;
 mod tests;
 mod transitions;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 
 use weft_proto::{
-    Attempt, Outcome, OutputStream, SecretEnv, TaskId, TaskKind, TaskSpec, TaskState,
+    Attempt, NodeId, Outcome, OutputStream, SecretEnv, TaskId, TaskKind, TaskSpec, TaskState,
 };
 
 use crate::config::CoordinatorConfig;
@@ -224,6 +224,12 @@ pub struct ClusterStats {
     /// Attempts restored from the store at start that their node came back
     /// and claimed (they carried on instead of running again).
     pub recovered_attempts: u64,
+    /// Registers of revoked nodes refused, and events that arrived from a
+    /// session after its node was revoked (the edge adds its own refusals).
+    pub revoked_node_refusals: u64,
+    /// Node events refused because their attempt is leased to another node
+    /// (also counted in `stale_events_refused`: fencing refused them).
+    pub foreign_events_refused: u64,
 }
 
 /// The scheduler. See the module docs.
@@ -239,6 +245,14 @@ pub struct Scheduler {
     stale_events_refused: u64,
     nodes_lost: u64,
     recovered_attempts: u64,
+    revoked_node_refusals: u64,
+    foreign_events_refused: u64,
+    /// Node ids an admin revoked: never registered again. Revocations are
+    /// rare admin acts, so this stays small.
+    revoked: HashSet<NodeId>,
+    /// Sessions closed by a revocation whose stream has not ended yet:
+    /// what they still send is counted as a revoked node's.
+    revoked_sessions: HashSet<SessionId>,
     /// Restored attempts waiting for their node to reconnect, with deadlines.
     orphans: Vec<(TaskId, Instant)>,
     /// Results recorded recently, to recognise redelivered ones.
@@ -267,6 +281,10 @@ impl Scheduler {
             stale_events_refused: 0,
             nodes_lost: 0,
             recovered_attempts: 0,
+            revoked_node_refusals: 0,
+            foreign_events_refused: 0,
+            revoked: HashSet::new(),
+            revoked_sessions: HashSet::new(),
             orphans: Vec::new(),
             recent: RecentResults::default(),
             next_liveness_check: None,
@@ -567,6 +585,8 @@ impl Scheduler {
             stale_events_refused: self.stale_events_refused,
             nodes_lost: self.nodes_lost,
             recovered_attempts: self.recovered_attempts,
+            revoked_node_refusals: self.revoked_node_refusals,
+            foreign_events_refused: self.foreign_events_refused,
         }
     }
 

@@ -1,5 +1,7 @@
-//! `AdminService`: ListNodes, DrainNode, ClusterInfo, and the token rpcs.
+//! `AdminService`: ListNodes, DrainNode, ClusterInfo, and the token rpcs;
+//! join tokens and `RevokeNode` are in `service/node_admin.rs`.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -11,16 +13,25 @@ use weft_proto::pb;
 use crate::auth::{self, Scope, Scopes, TokenIndex, TokenKind, TokenRecord};
 use crate::driver::{Command, Handle};
 use crate::error::Error;
+use crate::identity::Identities;
 use crate::store::blocking;
+use crate::tls::ServerTls;
 
 /// The operator API.
 pub(crate) struct AdminApi {
     pub handle: Handle,
     /// The tokens the edge checks; the token rpcs write through it.
     pub tokens: Arc<TokenIndex>,
+    /// Joined nodes (`RevokeNode` writes through it).
+    pub identities: Arc<Identities>,
+    /// The cluster CA (its pin goes into join tokens); `None`: plaintext.
+    pub tls: Option<Arc<ServerTls>>,
+    /// The listen address (its port goes into join tokens).
+    pub listen: SocketAddr,
 }
 
-fn token_info(record: &TokenRecord) -> pb::TokenInfo {
+/// A token's record as `TokenInfo`.
+pub(super) fn token_info(record: &TokenRecord) -> pb::TokenInfo {
     pb::TokenInfo {
         id: record.id.clone(),
         name: record.name.clone(),
@@ -33,14 +44,14 @@ fn token_info(record: &TokenRecord) -> pb::TokenInfo {
             TokenKind::NodeJoin => "node",
         }
         .to_owned(),
-        uses: 0,
-        used: 0,
+        uses: record.uses,
+        used: record.used,
     }
 }
 
 impl AdminApi {
     /// Stores `record` durably, then makes it the one the edge checks.
-    async fn put_token(&self, record: TokenRecord) -> Result<(), Status> {
+    pub(super) async fn put_token(&self, record: TokenRecord) -> Result<(), Status> {
         let stored = record.clone();
         blocking(&self.handle.store, "writing a token", move |store| {
             store.put_token(&stored)
@@ -116,8 +127,8 @@ impl pb::admin_service_server::AdminService for AdminApi {
             stale_events_refused: stats.stale_events_refused,
             nodes_lost: stats.nodes_lost,
             recovered_attempts: stats.recovered_attempts,
-            revoked_node_refusals: 0,
-            foreign_events_refused: 0,
+            revoked_node_refusals: stats.revoked_node_refusals + self.identities.refusals(),
+            foreign_events_refused: stats.foreign_events_refused,
         }))
     }
 
@@ -126,7 +137,10 @@ impl pb::admin_service_server::AdminService for AdminApi {
         request: Request<pb::RevokeNodeRequest>,
     ) -> Result<Response<pb::RevokeNodeResponse>, Status> {
         auth::require(&request, Scope::Admin)?;
-        Err(Status::unimplemented("RevokeNode"))
+        let node = request.into_inner().node;
+        super::node_admin::revoke_node(self, &node)
+            .await
+            .map(Response::new)
     }
 
     async fn create_token(
@@ -134,19 +148,25 @@ impl pb::admin_service_server::AdminService for AdminApi {
         request: Request<pb::CreateTokenRequest>,
     ) -> Result<Response<pb::CreateTokenResponse>, Status> {
         auth::require(&request, Scope::Admin)?;
+        let reached = request.local_addr();
         let request = request.into_inner();
         match request.role.as_str() {
             "" | "client" => {}
             "node" => {
-                return Err(Status::unimplemented(
-                    "node join tokens are not available yet (nodes will join with a token and a certificate)",
-                ));
+                return super::node_admin::create_join_token(self, request, reached)
+                    .await
+                    .map(Response::new);
             }
             other => {
                 return Err(Status::invalid_argument(format!(
-                    "role: unknown role '{other}' (known: client)"
+                    "role: unknown role '{other}' (known: client, node)"
                 )));
             }
+        }
+        if request.uses != 0 || !request.join_address.is_empty() {
+            return Err(Status::invalid_argument(
+                "uses, join_address: only for join tokens (role node)",
+            ));
         }
         let scopes = Scopes::parse_list(&request.scopes)
             .map_err(|err| Status::invalid_argument(format!("scopes: {err}")))?;

@@ -4,6 +4,7 @@
 
 pub(crate) mod admin;
 pub(crate) mod node;
+mod node_admin;
 pub(crate) mod task;
 
 use weft_proto::{TaskId, TaskState};

@@ -19,7 +19,7 @@ use weft_proto::{
 };
 
 use super::engine::StoreError;
-use super::record::{EventBody, TaskEvent, TaskRecord};
+use super::record::{EventBody, NodeIdentityRecord, TaskEvent, TaskRecord};
 use crate::auth::{Scopes, TokenKind, TokenRecord};
 
 /// A task as the wire shows it.
@@ -413,6 +413,13 @@ struct StoredToken {
     revoked_ms: u64,
     #[prost(bytes = "vec", tag = "8")]
     secret_hash: Vec<u8>,
+    /// Join tokens: joins allowed (0: no limit). Absent in records from
+    /// before join tokens, which read as 0.
+    #[prost(uint32, tag = "9")]
+    uses: u32,
+    /// Join tokens: joins made.
+    #[prost(uint32, tag = "10")]
+    used: u32,
 }
 
 fn to_ms(t: SystemTime) -> u64 {
@@ -440,6 +447,8 @@ pub(crate) fn encode_token(record: &TokenRecord) -> Vec<u8> {
         expires_ms: record.expires.map_or(0, to_ms),
         revoked_ms: record.revoked.map_or(0, to_ms),
         secret_hash: record.secret_hash.to_vec(),
+        uses: record.uses,
+        used: record.used,
     }
     .encode_to_vec()
 }
@@ -461,5 +470,51 @@ pub(crate) fn decode_token(bytes: &[u8]) -> Result<TokenRecord, StoreError> {
         expires: from_ms(stored.expires_ms),
         revoked: from_ms(stored.revoked_ms),
         secret_hash,
+        uses: stored.uses,
+        used: stored.used,
+    })
+}
+
+/// A node identity as stored. Times as for tokens.
+#[derive(Clone, PartialEq, Message)]
+struct StoredNodeIdentity {
+    #[prost(bytes = "vec", tag = "1")]
+    id: Vec<u8>,
+    #[prost(string, tag = "2")]
+    name: String,
+    #[prost(uint64, tag = "3")]
+    created_ms: u64,
+    #[prost(string, tag = "4")]
+    token_id: String,
+    #[prost(uint64, tag = "5")]
+    revoked_ms: u64,
+}
+
+/// A node identity as stored bytes.
+pub(crate) fn encode_node_identity(record: &NodeIdentityRecord) -> Vec<u8> {
+    StoredNodeIdentity {
+        id: record.id.as_u128().to_be_bytes().to_vec(),
+        name: record.name.clone(),
+        created_ms: to_ms(record.created),
+        token_id: record.token_id.clone(),
+        revoked_ms: record.revoked.map_or(0, to_ms),
+    }
+    .encode_to_vec()
+}
+
+/// A node identity from stored bytes.
+pub(crate) fn decode_node_identity(bytes: &[u8]) -> Result<NodeIdentityRecord, StoreError> {
+    let stored = StoredNodeIdentity::decode(bytes).map_err(|e| corrupt("node identity", e))?;
+    let id: [u8; 16] = stored
+        .id
+        .as_slice()
+        .try_into()
+        .map_err(|_| corrupt("node identity", "id is not 16 bytes"))?;
+    Ok(NodeIdentityRecord {
+        id: NodeId::from_u128(u128::from_be_bytes(id)),
+        name: stored.name,
+        created: from_ms(stored.created_ms).unwrap_or(std::time::UNIX_EPOCH),
+        token_id: stored.token_id,
+        revoked: from_ms(stored.revoked_ms),
     })
 }

@@ -6,7 +6,7 @@ use std::time::SystemTime;
 
 use weft_proto::{TaskId, TaskState};
 
-use super::record::{Loaded, Record, TaskEvent, TaskRecord};
+use super::record::{Loaded, NodeIdentityRecord, Record, TaskEvent, TaskRecord};
 use crate::auth::TokenRecord;
 
 /// Why the store failed. `Clone` because one failed group commit fails
@@ -115,4 +115,18 @@ pub trait Store: Send + Sync + 'static {
     /// own, durable when it returns: token writes are rare and are not
     /// part of the driver's group commit. Never stores a secret.
     fn put_token(&self, token: &TokenRecord) -> Result<(), StoreError>;
+
+    /// Every node identity (joined nodes, revoked ones included): the
+    /// index `Connect` and `Join` check is built from it at start.
+    fn node_identities(&self) -> Result<Vec<NodeIdentityRecord>, StoreError>;
+
+    /// Writes one node identity record (new, or revoked) and, for a join,
+    /// the join token's record with its use counted, in ONE transaction of
+    /// its own, durable when it returns: a crash never leaves a use
+    /// counted without its node, or a node without its use.
+    fn put_node_identity(
+        &self,
+        identity: &NodeIdentityRecord,
+        token: Option<&TokenRecord>,
+    ) -> Result<(), StoreError>;
 }

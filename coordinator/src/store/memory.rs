@@ -5,10 +5,12 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, RwLock};
 use std::time::SystemTime;
 
-use weft_proto::{SecretEnv, TaskId, TaskState};
+use weft_proto::{NodeId, SecretEnv, TaskId, TaskState};
 
 use super::engine::{Store, StoreError};
-use super::record::{FinalAttempt, Loaded, MAX_RECENTLY_FINAL, Record, TaskEvent, TaskRecord};
+use super::record::{
+    FinalAttempt, Loaded, MAX_RECENTLY_FINAL, NodeIdentityRecord, Record, TaskEvent, TaskRecord,
+};
 use crate::auth::TokenRecord;
 
 /// Tasks in a `BTreeMap` keyed by id; ULIDs sort by creation time, so
@@ -28,6 +30,8 @@ struct Inner {
     secrets: HashMap<TaskId, Arc<SecretEnv>>,
     /// Token records by id.
     tokens: HashMap<String, TokenRecord>,
+    /// Node identities by node id.
+    identities: HashMap<NodeId, NodeIdentityRecord>,
 }
 
 #[derive(Debug)]
@@ -58,6 +62,24 @@ impl Store for MemoryStore {
     fn put_token(&self, token: &TokenRecord) -> Result<(), StoreError> {
         let mut inner = self.inner.write().map_err(|_| StoreError::Poisoned)?;
         inner.tokens.insert(token.id.clone(), token.clone());
+        Ok(())
+    }
+
+    fn node_identities(&self) -> Result<Vec<NodeIdentityRecord>, StoreError> {
+        let inner = self.inner.read().map_err(|_| StoreError::Poisoned)?;
+        Ok(inner.identities.values().cloned().collect())
+    }
+
+    fn put_node_identity(
+        &self,
+        identity: &NodeIdentityRecord,
+        token: Option<&TokenRecord>,
+    ) -> Result<(), StoreError> {
+        let mut inner = self.inner.write().map_err(|_| StoreError::Poisoned)?;
+        inner.identities.insert(identity.id, identity.clone());
+        if let Some(token) = token {
+            inner.tokens.insert(token.id.clone(), token.clone());
+        }
         Ok(())
     }
 

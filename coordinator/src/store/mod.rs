@@ -15,7 +15,7 @@
 //! Layout:
 //! - `record` — what is stored: [`TaskRecord`], [`TaskEvent`] and
 //!   [`EventBody`], [`Record`] (one write), [`Loaded`] (what a restart
-//!   reads back).
+//!   reads back), [`NodeIdentityRecord`] (a joined node).
 //! - `engine` — the [`Store`] trait every engine implements,
 //!   [`StoreError`], and the blocking-pool helper.
 //! - `codec` — records <-> protobuf bytes, and a record's wire form for
@@ -36,6 +36,7 @@ pub(crate) use engine::blocking;
 pub use engine::{Store, StoreError};
 pub use memory::MemoryStore;
 pub use record::{
-    EventBody, FinalAttempt, Loaded, MAX_RECENTLY_FINAL, Record, TaskEvent, TaskRecord,
+    EventBody, FinalAttempt, Loaded, MAX_RECENTLY_FINAL, NodeIdentityRecord, Record, TaskEvent,
+    TaskRecord,
 };
 pub use redb::RedbStore;

@@ -152,3 +152,20 @@ pub struct FinalAttempt {
 
 /// Most [`Loaded::recently_final`] entries a store returns.
 pub const MAX_RECENTLY_FINAL: usize = 100_000;
+
+/// A node that joined (or, with node authentication off, a node an admin
+/// revoked): what `Connect` checks a node certificate's id against.
+/// Written synchronously by `Join` and `RevokeNode`, not by the driver.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeIdentityRecord {
+    /// The node id its certificate names.
+    pub id: NodeId,
+    /// The name it joined with (unique among identities not revoked).
+    pub name: String,
+    /// When it joined (or was recorded).
+    pub created: SystemTime,
+    /// The join token it joined with (empty for a node that never joined).
+    pub token_id: String,
+    /// When an admin revoked it; `None`: not revoked.
+    pub revoked: Option<SystemTime>,
+}

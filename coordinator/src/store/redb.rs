@@ -34,11 +34,13 @@ use redb::{
 use weft_proto::{TaskId, TaskSpec, TaskState};
 
 use super::codec::{
-    decode_event, decode_secrets, decode_task, decode_task_head, decode_token, encode_event,
-    encode_secrets, encode_task, encode_token,
+    decode_event, decode_node_identity, decode_secrets, decode_task, decode_task_head,
+    decode_token, encode_event, encode_node_identity, encode_secrets, encode_task, encode_token,
 };
 use super::engine::{Store, StoreError};
-use super::record::{FinalAttempt, Loaded, MAX_RECENTLY_FINAL, Record, TaskEvent, TaskRecord};
+use super::record::{
+    FinalAttempt, Loaded, MAX_RECENTLY_FINAL, NodeIdentityRecord, Record, TaskEvent, TaskRecord,
+};
 use crate::auth::TokenRecord;
 
 const TASKS: TableDefinition<u128, &[u8]> = TableDefinition::new("tasks");
@@ -52,6 +54,8 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const SECRETS: TableDefinition<u128, &[u8]> = TableDefinition::new("secrets");
 /// Token records by id: hashes of secrets only.
 const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
+/// Node identities (joined or revoked nodes) by node id.
+const NODE_IDENTITIES: TableDefinition<u128, &[u8]> = TableDefinition::new("node_identities");
 
 /// The file format this code writes; a newer one is refused.
 const SCHEMA_VERSION: u64 = 1;
@@ -180,6 +184,8 @@ impl RedbStore {
             txn.open_table(COUNTS).or_backend("creating tables")?;
             txn.open_table(SECRETS).or_backend("creating tables")?;
             txn.open_table(TOKENS).or_backend("creating tables")?;
+            txn.open_table(NODE_IDENTITIES)
+                .or_backend("creating tables")?;
             let mut meta = txn.open_table(META).or_backend("creating tables")?;
             let found = meta
                 .get("schema")
@@ -388,6 +394,45 @@ impl Store for RedbStore {
             table
                 .insert(token.id.as_str(), encode_token(token).as_slice())
                 .or_backend(op)?;
+        }
+        txn.commit().or_backend(op)
+    }
+
+    fn node_identities(&self) -> Result<Vec<NodeIdentityRecord>, StoreError> {
+        let op = "reading node identities";
+        let txn = self.db.begin_read().or_backend(op)?;
+        // `init` made the table, also in a data dir from before node
+        // identities.
+        let table = txn.open_table(NODE_IDENTITIES).or_backend(op)?;
+        let mut all = Vec::new();
+        for entry in table.iter().or_backend(op)? {
+            let (_, value) = entry.or_backend(op)?;
+            all.push(decode_node_identity(value.value())?);
+        }
+        Ok(all)
+    }
+
+    fn put_node_identity(
+        &self,
+        identity: &NodeIdentityRecord,
+        token: Option<&TokenRecord>,
+    ) -> Result<(), StoreError> {
+        let op = "writing a node identity";
+        let txn = self.write_txn()?;
+        {
+            let mut table = txn.open_table(NODE_IDENTITIES).or_backend(op)?;
+            table
+                .insert(
+                    identity.id.as_u128(),
+                    encode_node_identity(identity).as_slice(),
+                )
+                .or_backend(op)?;
+            if let Some(token) = token {
+                let mut tokens = txn.open_table(TOKENS).or_backend(op)?;
+                tokens
+                    .insert(token.id.as_str(), encode_token(token).as_slice())
+                    .or_backend(op)?;
+            }
         }
         txn.commit().or_backend(op)
     }

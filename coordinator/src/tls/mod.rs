@@ -4,9 +4,14 @@
 //! accept loop that hands finished TLS streams to tonic ([`incoming`]).
 //!
 //! Clients are asked for a certificate but not required to give one; one
-//! that is given must chain to the cluster CA. Node certificates (issued
-//! on join) will be read from `Request::peer_certs()` by the node service.
+//! that is given must chain to the cluster CA (and, for rustls's client
+//! verifier, have the clientAuth usage). Node certificates ([`node_cert`],
+//! issued on join) are read from `Request::peer_certs()` by the node
+//! service: the accept loop yields `tokio_rustls` server streams, for
+//! which tonic records the peer's chain.
 
+pub mod interfaces;
+pub mod node_cert;
 pub mod pki;
 
 use std::fmt;
@@ -157,7 +162,11 @@ impl ServerTls {
         if created {
             tracing::info!(ca_file = %ca.cert_path().display(), "made a new cluster CA");
         }
-        let names = pki::server_names(listen, pki::host_name().as_deref(), &config.advertise);
+        // On every address: each interface's address too, so a node that
+        // joins through any of them can check the name.
+        let mut advertise = config.advertise.clone();
+        advertise.extend(interfaces::names_for_listen(listen));
+        let names = pki::server_names(listen, pki::host_name().as_deref(), &advertise);
         let lifetime = config.cert_lifetime.max(Duration::from_secs(1));
         let first = ca.issue_server(&names, lifetime)?;
         let cert = Arc::new(RotatingCert::new(first.key));
@@ -195,6 +204,16 @@ impl ServerTls {
     /// The CA pin (`sha256:HEX`).
     pub fn ca_pin(&self) -> String {
         self.ca.pin()
+    }
+
+    /// The cluster CA, which signs node certificates.
+    pub fn ca(&self) -> &Ca {
+        &self.ca
+    }
+
+    /// The CA certificate as PEM.
+    pub fn ca_pem(&self) -> String {
+        node_cert::pem_certificate(self.ca.cert_der())
     }
 
     /// Issues the next serving certificate and makes it the one new

@@ -7,7 +7,8 @@
 //!
 //! The serving certificate is not stored: each start issues a fresh one,
 //! and [`Ca::issue_server`] issues the next before the current expires.
-//! Node certificates (issued on join) will be signed by the same CA.
+//! Node certificates (issued on join) are signed by the same CA
+//! (`tls::node_cert`).
 
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -33,7 +34,7 @@ const CA_NAME: &str = "Weft cluster CA";
 /// How long the CA is valid.
 const CA_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 60 * 60);
 /// Backdating of `not_before`, for clocks a little behind.
-const CLOCK_SKEW: Duration = Duration::from_secs(5 * 60);
+pub(super) const CLOCK_SKEW: Duration = Duration::from_secs(5 * 60);
 
 /// A PKI failure; the message names the file.
 #[derive(Debug, thiserror::Error)]
@@ -101,7 +102,7 @@ fn ca_params() -> CertificateParams {
     params
 }
 
-fn to_offset(time: SystemTime) -> OffsetDateTime {
+pub(super) fn to_offset(time: SystemTime) -> OffsetDateTime {
     OffsetDateTime::from(time)
 }
 
@@ -234,6 +235,12 @@ impl Ca {
         &self.cert_der
     }
 
+    /// The CA as an issuer (signing key and name), for the certificates
+    /// `tls::node_cert` issues.
+    pub(super) fn issuer(&self) -> &Issuer<'static, KeyPair> {
+        &self.issuer
+    }
+
     /// Where `ca.pem` is.
     pub fn cert_path(&self) -> &Path {
         &self.cert_path
@@ -297,7 +304,7 @@ pub struct IssuedCert {
 }
 
 /// 16 bytes (a ULID: time and 80 random bits), positive as a DER integer.
-fn random_serial() -> [u8; 16] {
+pub(super) fn random_serial() -> [u8; 16] {
     let mut bytes = ulid::Ulid::new().to_bytes();
     bytes[0] &= 0x7f;
     bytes[0] |= 0x01;

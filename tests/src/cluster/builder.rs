@@ -28,6 +28,8 @@ pub struct TestClusterBuilder {
     pub(super) log_filter: Option<String>,
     pub(super) insecure: bool,
     pub(super) cert_lifetime: Option<Duration>,
+    pub(super) node_certs: bool,
+    pub(super) node_cert_lifetime: Option<Duration>,
 }
 
 impl Default for TestClusterBuilder {
@@ -49,6 +51,8 @@ impl Default for TestClusterBuilder {
             log_filter: None,
             insecure: false,
             cert_lifetime: None,
+            node_certs: false,
+            node_cert_lifetime: None,
         }
     }
 }
@@ -167,6 +171,20 @@ impl TestClusterBuilder {
     /// of it). Default: the coordinator's own (7 days).
     pub fn cert_lifetime(mut self, lifetime: Duration) -> Self {
         self.cert_lifetime = Some(lifetime);
+        self
+    }
+
+    /// Requires node certificates (node authentication, what the binary
+    /// does by default): only nodes that joined may connect. Off by
+    /// default until the harness's own nodes join.
+    pub fn node_certs(mut self) -> Self {
+        self.node_certs = true;
+        self
+    }
+
+    /// Lifetime of the node certificates the coordinator issues.
+    pub fn node_cert_lifetime(mut self, lifetime: Duration) -> Self {
+        self.node_cert_lifetime = Some(lifetime);
         self
     }
 

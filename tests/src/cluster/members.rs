@@ -65,6 +65,10 @@ pub(super) async fn start_coordinator(
         let config = CoordinatorConfig {
             max_queued: settings.max_queued.unwrap_or(config.max_queued),
             max_node_slots: settings.max_node_slots.unwrap_or(config.max_node_slots),
+            require_node_certs: settings.node_certs,
+            node_cert_lifetime: settings
+                .node_cert_lifetime
+                .unwrap_or(config.node_cert_lifetime),
             ..config
         };
         let running = weft_cluster::start_coordinator(config, listener)
@@ -110,6 +114,14 @@ pub(super) async fn start_coordinator(
         args.push(pki_dir.display().to_string());
         if let Some(lifetime) = settings.cert_lifetime {
             args.push("--cert-lifetime".to_owned());
+            args.push(format!("{}ms", lifetime.as_millis()));
+        }
+        if !settings.node_certs {
+            // The harness's nodes do not join yet.
+            args.push("--allow-unjoined-nodes".to_owned());
+        }
+        if let Some(lifetime) = settings.node_cert_lifetime {
+            args.push("--node-cert-lifetime".to_owned());
             args.push(format!("{}ms", lifetime.as_millis()));
         }
     }

@@ -12,6 +12,7 @@ mod exec_policy;
 mod failover;
 mod fencing;
 mod handlers;
+mod node_identity;
 mod node_limits;
 mod node_protocol;
 mod output;

@@ -184,7 +184,7 @@ fn the_same_node_lost_twice_or_a_loss_before_start_is_not_poison() {
 
 #[test]
 fn a_node_declaring_more_slots_than_the_limit_is_refused_by_name() {
-    let h = Harness::new();
+    let mut h = Harness::new();
     let err = h.s.admit_node(reg("huge", 5000)).unwrap_err();
     assert!(matches!(
         err,

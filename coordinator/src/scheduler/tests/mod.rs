@@ -4,6 +4,7 @@
 mod attempts;
 mod dispatch;
 mod exec_policy;
+mod identity;
 mod membership;
 mod restart;
 mod secrets;

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 
 use tonic::Status;
 
-use weft_proto::convert::duration_to_pb;
+use weft_proto::convert::{duration_to_pb, timestamp};
 use weft_proto::{
     Attempt, ExecPolicy, NodeId, Outcome, OutputStream, PROTOCOL_VERSION, TaskId, pb,
 };
@@ -72,6 +72,8 @@ pub(super) enum FromNode {
     Draining,
     /// A second `Register`: a protocol error.
     RegisterAgain,
+    /// The node asks for a new certificate (PKCS#10 request, DER).
+    RenewCertificate(Vec<u8>),
 }
 
 /// Decodes a message the node sent after `Register`.
@@ -83,7 +85,7 @@ pub(super) fn from_node(message: pb::NodeMessage) -> FromNode {
         Some(Body::Events(events)) => FromNode::Events(node_events(events)),
         Some(Body::Draining(_)) => FromNode::Draining,
         Some(Body::Register(_)) => FromNode::RegisterAgain,
-        Some(Body::RenewCertificate(_)) => FromNode::Heartbeat,
+        Some(Body::RenewCertificate(renew)) => FromNode::RenewCertificate(renew.csr_der.to_vec()),
     }
 }
 
@@ -174,6 +176,16 @@ pub(super) fn to_node(message: ToNode) -> Result<pb::CoordinatorMessage, Status>
             grace: grace.map(duration_to_pb),
         }),
         ToNode::Heartbeat => Body::Heartbeat(pb::Heartbeat {}),
+        ToNode::Certificate(Ok((chain_pem, not_after))) => Body::Certificate(pb::NodeCertificate {
+            certificate_chain_pem: chain_pem,
+            not_after: Some(timestamp(not_after)),
+            error: String::new(),
+        }),
+        ToNode::Certificate(Err(error)) => Body::Certificate(pb::NodeCertificate {
+            certificate_chain_pem: String::new(),
+            not_after: None,
+            error,
+        }),
     };
     Ok(pb::CoordinatorMessage { body: Some(body) })
 }
@@ -320,5 +332,39 @@ mod tests {
                 body: NodeEventBody::Started,
             }]
         );
+    }
+
+    #[test]
+    fn a_renewal_goes_in_and_its_certificate_or_refusal_comes_out() {
+        use pb::coordinator_message::Body;
+        let message = pb::NodeMessage {
+            body: Some(pb::node_message::Body::RenewCertificate(
+                pb::RenewCertificate {
+                    csr_der: bytes::Bytes::from_static(b"csr"),
+                },
+            )),
+        };
+        let FromNode::RenewCertificate(csr) = from_node(message) else {
+            panic!("not a renewal");
+        };
+        assert_eq!(csr, b"csr");
+        let at = std::time::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let Body::Certificate(cert) = body(ToNode::Certificate(Ok(("PEM".into(), at)))) else {
+            panic!("not a NodeCertificate");
+        };
+        assert_eq!(cert.certificate_chain_pem, "PEM");
+        assert_eq!(cert.not_after.map(|t| t.seconds), Some(1_800_000_000));
+        assert!(cert.error.is_empty());
+        let Body::Certificate(refused) = body(ToNode::Certificate(Err("no".into()))) else {
+            panic!("not a NodeCertificate");
+        };
+        assert_eq!(
+            (
+                refused.certificate_chain_pem.as_str(),
+                refused.error.as_str()
+            ),
+            ("", "no")
+        );
+        assert!(refused.not_after.is_none());
     }
 }

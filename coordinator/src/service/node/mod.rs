@@ -1,7 +1,12 @@
-//! `NodeService.Connect`: one session per node.
+//! `NodeService`: `Connect` (one session per node) and `Join` ([`join`]).
 //!
-//! The first message must be `Register`; it is validated here and handed to
-//! the driver, which puts `Registered` first on the outgoing stream. Then a
+//! With node authentication on (TLS and auth), the node's TLS client
+//! certificate is its identity: checked here against the identity index
+//! (`crate::identity`) before anything reaches the driver, and its node id
+//! is the session's ([`identity`]). The first message must be `Register`;
+//! it is validated here and handed to the driver, which puts `Registered`
+//! first on the outgoing stream. `RenewCertificate` on the session is
+//! answered here too ([`renew`]), not by the driver. Then a
 //! reader task forwards the node's messages to the driver (its end, for any
 //! reason, is reported as the node gone) and a heartbeat task sends
 //! `Heartbeat` every interval. Outgoing messages go through a bounded
@@ -10,6 +15,12 @@
 //! the driver drops it.
 
 mod codec;
+mod identity;
+mod join;
+pub(crate) use join::no_node_auth;
+mod renew;
+
+use std::sync::Arc;
 
 use futures::StreamExt;
 use futures::stream::Map;
@@ -20,10 +31,14 @@ use tonic::{Request, Response, Status, Streaming};
 
 use weft_proto::pb;
 
+use crate::auth::TokenIndex;
 use crate::driver::{Command, Handle, NodeTx, ToNode};
 use crate::error::Error;
+use crate::identity::Identities;
 use crate::scheduler::SessionId;
+use crate::tls::ServerTls;
 use codec::FromNode;
+use renew::Renewal;
 
 /// Messages buffered per node session. Assignments are bounded by credits
 /// and batched, so this only fills when the node stops reading.
@@ -35,6 +50,12 @@ type Encode = fn(ToNode) -> Result<pb::CoordinatorMessage, Status>;
 /// The node API.
 pub(crate) struct NodeApi {
     pub handle: Handle,
+    /// Join tokens (`Join` checks and counts them).
+    pub tokens: Arc<TokenIndex>,
+    /// Joined nodes (`Join` adds them, `Connect` checks them).
+    pub identities: Arc<Identities>,
+    /// The CA that signs node certificates (`None`: plaintext).
+    pub tls: Option<Arc<ServerTls>>,
 }
 
 /// Forwards the node's messages to the driver until the stream ends, the
@@ -45,6 +66,7 @@ async fn read_session(
     session: SessionId,
     mut inbound: Streaming<pb::NodeMessage>,
     token: CancellationToken,
+    renewal: Renewal,
 ) {
     loop {
         let message = tokio::select! {
@@ -60,6 +82,11 @@ async fn read_session(
                 FromNode::RegisterAgain => {
                     tracing::warn!("node sent Register twice; closing its session");
                     break;
+                }
+                FromNode::RenewCertificate(csr_der) => {
+                    renewal.answer(&csr_der);
+                    // Any message shows the node alive.
+                    Command::Heartbeat { session }
                 }
             },
             Ok(None) => {
@@ -102,6 +129,11 @@ impl pb::node_service_server::NodeService for NodeApi {
         &self,
         request: Request<Streaming<pb::NodeMessage>>,
     ) -> Result<Response<Self::ConnectStream>, Status> {
+        let node_auth = self.handle.config.node_auth();
+        let peer_certs = request.peer_certs();
+        if node_auth {
+            identity::require_certificate(peer_certs.as_deref())?;
+        }
         let mut inbound = request.into_inner();
         let timeout = self.handle.config.heartbeat_timeout;
         let first = tokio::time::timeout(timeout, inbound.message())
@@ -111,12 +143,32 @@ impl pb::node_service_server::NodeService for NodeApi {
             Some(pb::node_message::Body::Register(register)) => register,
             _ => return Err(Error::BadRegistration("the first message must be Register").into()),
         };
-        let registration = codec::registration(register)?;
+        let certified = match node_auth {
+            true => Some(self.certified(peer_certs.as_deref(), &register)?),
+            false => None,
+        };
+        let mut registration = codec::registration(register)?;
+        if let Some((node_id, name)) = &certified {
+            registration.node_id = *node_id;
+            registration.name.clone_from(name);
+        }
         let (node_id, node_name) = (registration.node_id, registration.name.clone());
         let session = self.handle.next_session();
         let (tx, rx) = mpsc::channel(SESSION_BUFFER);
         let token = self.handle.cancel.child_token();
         let heartbeat_tx = tx.clone();
+        let renewal = Renewal {
+            tx: tx.clone(),
+            certified: certified.and_then(|(node_id, _)| {
+                let tls = Arc::clone(self.tls.as_ref()?);
+                Some(renew::Certified {
+                    node_id,
+                    tls,
+                    identities: Arc::clone(&self.identities),
+                    lifetime: self.handle.config.node_cert_lifetime,
+                })
+            }),
+        };
         let session_token = token.clone();
         self.handle
             .call(|reply| Command::Register {
@@ -132,17 +184,23 @@ impl pb::node_service_server::NodeService for NodeApi {
         self.handle
             .tasks
             .spawn(send_heartbeats(heartbeat_tx, interval, token.clone()));
-        self.handle
-            .tasks
-            .spawn(read_session(self.handle.clone(), session, inbound, token));
+        self.handle.tasks.spawn(read_session(
+            self.handle.clone(),
+            session,
+            inbound,
+            token,
+            renewal,
+        ));
         let encode: Encode = codec::to_node;
         Ok(Response::new(ReceiverStream::new(rx).map(encode)))
     }
 
     async fn join(
         &self,
-        _request: Request<pb::JoinRequest>,
+        request: Request<pb::JoinRequest>,
     ) -> Result<Response<pb::JoinResponse>, Status> {
-        Err(Status::unimplemented("Join"))
+        join::join(self, request.into_inner())
+            .await
+            .map(Response::new)
     }
 }

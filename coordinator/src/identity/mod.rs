@@ -1,0 +1,119 @@
+//! Node identities: who may hold a node session. A node that joined has a
+//! [`NodeIdentityRecord`] (its node id, the name it joined with, the join
+//! token it used, whether an admin revoked it); its certificate names the
+//! id. [`Identities`] is the in-memory index `Join`, `Connect`, renewal and
+//! `RevokeNode` check, built from the store at start and written through
+//! (store first, then the index) by `Join` and `RevokeNode`, which hold
+//! [`Identities::write`] so joins are serialized (a join token's uses are
+//! never exceeded, two joins never take one name).
+//!
+//! Layout:
+//! - this file — the index.
+//! - [`rules`] — the plain rules: node names, and what a `Connect` with a
+//!   certificate may claim.
+
+pub mod rules;
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+use std::sync::RwLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use weft_proto::NodeId;
+
+use crate::store::NodeIdentityRecord;
+pub use rules::{ConnectRefusal, admit_connect, validate_name};
+
+/// Every node identity by node id. See the module docs.
+#[derive(Debug, Default)]
+pub struct Identities {
+    records: RwLock<HashMap<NodeId, NodeIdentityRecord>>,
+    /// Serializes writers (`Join`, `RevokeNode`): check, store, index.
+    pub(crate) write: tokio::sync::Mutex<()>,
+    /// Connects and renewals of revoked nodes refused here, at the edge
+    /// (the scheduler counts the rest of `revoked_node_refusals`).
+    refusals: AtomicU64,
+}
+
+impl Identities {
+    /// An index of `records`.
+    pub fn new(records: Vec<NodeIdentityRecord>) -> Identities {
+        Identities {
+            records: RwLock::new(records.into_iter().map(|r| (r.id, r)).collect()),
+            ..Identities::default()
+        }
+    }
+
+    /// Adds or replaces a record (after the store has it).
+    pub fn put(&self, record: NodeIdentityRecord) {
+        match self.records.write() {
+            Ok(mut records) => records.insert(record.id, record),
+            Err(poisoned) => poisoned.into_inner().insert(record.id, record),
+        };
+    }
+
+    /// One identity.
+    pub fn get(&self, id: NodeId) -> Option<NodeIdentityRecord> {
+        self.read(|records| records.get(&id).cloned())
+    }
+
+    /// The identity holding `name`: the one not revoked (there is at most
+    /// one).
+    pub fn holder(&self, name: &str) -> Option<NodeIdentityRecord> {
+        self.read(|records| {
+            records
+                .values()
+                .find(|r| r.revoked.is_none() && r.name == name)
+                .cloned()
+        })
+    }
+
+    /// The identity an admin means by `selector`: a node id, else the name
+    /// of the one holding it, else the newest revoked one with that name.
+    pub fn find(&self, selector: &str) -> Option<NodeIdentityRecord> {
+        let selector = selector.trim();
+        if let Ok(id) = selector.parse::<NodeId>()
+            && let Some(record) = self.get(id)
+        {
+            return Some(record);
+        }
+        self.holder(selector).or_else(|| {
+            self.read(|records| {
+                records
+                    .values()
+                    .filter(|r| r.name == selector)
+                    .max_by_key(|r| r.created)
+                    .cloned()
+            })
+        })
+    }
+
+    /// Every revoked node id (for the scheduler at start).
+    pub fn revoked(&self) -> Vec<NodeId> {
+        self.read(|records| {
+            records
+                .values()
+                .filter(|r| r.revoked.is_some())
+                .map(|r| r.id)
+                .collect()
+        })
+    }
+
+    /// Counts a refused Connect or renewal of a revoked node.
+    pub fn count_refusal(&self) {
+        self.refusals.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Refusals counted by [`count_refusal`](Self::count_refusal).
+    pub fn refusals(&self) -> u64 {
+        self.refusals.load(Ordering::Relaxed)
+    }
+
+    fn read<T>(&self, f: impl FnOnce(&HashMap<NodeId, NodeIdentityRecord>) -> T) -> T {
+        match self.records.read() {
+            Ok(records) => f(&records),
+            Err(poisoned) => f(&poisoned.into_inner()),
+        }
+    }
+}

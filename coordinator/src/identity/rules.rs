@@ -1,0 +1,125 @@
+//! The rules of node identity, as plain functions: what a node name may
+//! be, and what a node presenting a certificate may claim in its
+//! `Register`. No I/O, no state; the services call them and send the
+//! refusal's status.
+
+use tonic::Status;
+
+use weft_proto::NodeId;
+
+use crate::store::NodeIdentityRecord;
+
+/// Longest node name, in bytes.
+pub const MAX_NAME_BYTES: usize = 128;
+
+/// A node name: 1 to 128 bytes of letters, digits, `.`, `-` and `_`.
+/// The error names the field and the rule (`INVALID_ARGUMENT`).
+pub fn validate_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err(
+            "name: empty; give the node a name (1 to 128 bytes of letters, digits, '.', '-', '_')"
+                .into(),
+        );
+    }
+    if name.len() > MAX_NAME_BYTES {
+        return Err(format!(
+            "name: {} bytes, longer than {MAX_NAME_BYTES}",
+            name.len()
+        ));
+    }
+    if let Some(bad) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_')))
+    {
+        return Err(format!(
+            "name: {bad:?} is not allowed (only letters, digits, '.', '-', '_')"
+        ));
+    }
+    Ok(())
+}
+
+/// Why a node's `Connect` was refused before it registered. Each says
+/// what the node (or its admin) must do.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ConnectRefusal {
+    /// No client certificate: the node never joined.
+    #[error(
+        "this coordinator requires nodes to join: an admin runs `weft token create --role node`, then `weft-node --join TOKEN`"
+    )]
+    NoCertificate,
+    /// A certificate of the cluster CA that names no node (or an
+    /// identity this coordinator does not know, e.g. its data was wiped).
+    #[error(
+        "the node certificate names no node this coordinator knows; join again with a new token (`weft token create --role node`, then `weft-node --join TOKEN`)"
+    )]
+    Unknown,
+    /// An admin revoked the node.
+    #[error(
+        "node {0} was revoked by an admin; it may not connect again (join as a new node with a new token)"
+    )]
+    Revoked(NodeId),
+    /// `previous_node_id` names another node.
+    #[error(
+        "previous_node_id {claimed} is not this node's id: its certificate names node {certified}"
+    )]
+    NotItsId {
+        /// The certificate's node id.
+        certified: NodeId,
+        /// What the node claimed.
+        claimed: String,
+    },
+    /// `Register.name` is not the name the node joined with.
+    #[error(
+        "name '{claimed}' is not the name this node joined with ('{joined}'); start it with --name {joined} or join again under the new name"
+    )]
+    NameMismatch {
+        /// The name it joined with.
+        joined: String,
+        /// What it sent.
+        claimed: String,
+    },
+}
+
+impl From<ConnectRefusal> for Status {
+    fn from(refusal: ConnectRefusal) -> Status {
+        let message = refusal.to_string();
+        match refusal {
+            ConnectRefusal::NoCertificate | ConnectRefusal::Unknown => {
+                Status::unauthenticated(message)
+            }
+            ConnectRefusal::Revoked(_) | ConnectRefusal::NotItsId { .. } => {
+                Status::permission_denied(message)
+            }
+            ConnectRefusal::NameMismatch { .. } => Status::failed_precondition(message),
+        }
+    }
+}
+
+/// What a node whose certificate names `identity` may register as: its
+/// certified id, and its name (the joined one; `name` must be empty or
+/// that). `previous_node_id`, when set, must be the certified id.
+pub fn admit_connect(
+    identity: Option<&NodeIdentityRecord>,
+    previous_node_id: &str,
+    name: &str,
+) -> Result<(NodeId, String), ConnectRefusal> {
+    let identity = identity.ok_or(ConnectRefusal::Unknown)?;
+    if identity.revoked.is_some() {
+        return Err(ConnectRefusal::Revoked(identity.id));
+    }
+    let previous = previous_node_id.trim();
+    if !previous.is_empty() && previous.parse::<NodeId>().ok() != Some(identity.id) {
+        return Err(ConnectRefusal::NotItsId {
+            certified: identity.id,
+            claimed: previous.to_owned(),
+        });
+    }
+    let name = name.trim();
+    if !name.is_empty() && name != identity.name {
+        return Err(ConnectRefusal::NameMismatch {
+            joined: identity.name.clone(),
+            claimed: name.to_owned(),
+        });
+    }
+    Ok((identity.id, identity.name.clone()))
+}

@@ -1,0 +1,98 @@
+//! The identity index and rules.
+
+use std::time::{Duration, SystemTime};
+
+use tonic::{Code, Status};
+
+use super::*;
+
+fn record(name: &str, created_s: u64) -> NodeIdentityRecord {
+    NodeIdentityRecord {
+        id: NodeId::new(),
+        name: name.into(),
+        created: SystemTime::UNIX_EPOCH + Duration::from_secs(created_s),
+        token_id: "0123456789abcdef".into(),
+        revoked: None,
+    }
+}
+
+#[test]
+fn node_names_are_short_plain_words() {
+    for good in ["a", "gpu-1", "rack_2.host", &"x".repeat(128)] {
+        assert_eq!(validate_name(good), Ok(()), "{good}");
+    }
+    for bad in ["", "two words", "é", "a/b", &"x".repeat(129)] {
+        let err = validate_name(bad).unwrap_err();
+        assert!(err.starts_with("name: "), "{err}");
+    }
+}
+
+#[test]
+fn a_name_is_held_by_the_identity_not_revoked_and_selectors_find_ids_and_names() {
+    let old = NodeIdentityRecord {
+        revoked: Some(SystemTime::UNIX_EPOCH),
+        ..record("gpu-1", 1)
+    };
+    let live = record("gpu-1", 2);
+    let other = record("cpu-1", 3);
+    let index = Identities::new(vec![old.clone(), live.clone(), other.clone()]);
+    assert_eq!(index.holder("gpu-1"), Some(live.clone()));
+    assert_eq!(index.holder("nope"), None);
+    assert_eq!(index.find("gpu-1"), Some(live.clone()));
+    assert_eq!(index.find(&old.id.to_string()), Some(old.clone()));
+    assert_eq!(index.find("cpu-1"), Some(other.clone()));
+    assert_eq!(index.revoked(), vec![old.id]);
+    // Revoking the holder frees the name; the selector then finds the
+    // newest revoked one.
+    index.put(NodeIdentityRecord {
+        revoked: Some(SystemTime::UNIX_EPOCH + Duration::from_secs(9)),
+        ..live.clone()
+    });
+    assert_eq!(index.holder("gpu-1"), None);
+    assert_eq!(index.find("gpu-1").map(|r| r.id), Some(live.id));
+    assert_eq!(index.refusals(), 0);
+    index.count_refusal();
+    assert_eq!(index.refusals(), 1);
+}
+
+#[test]
+fn a_certified_node_registers_only_as_itself_with_its_joined_name() {
+    let joined = record("gpu-1", 1);
+    let id = joined.id;
+    assert_eq!(
+        admit_connect(Some(&joined), "", ""),
+        Ok((id, "gpu-1".to_owned()))
+    );
+    assert_eq!(
+        admit_connect(Some(&joined), &id.to_string(), "gpu-1"),
+        Ok((id, "gpu-1".to_owned()))
+    );
+    let status = |r: Result<(NodeId, String), ConnectRefusal>| Status::from(r.unwrap_err());
+    let other = NodeId::new().to_string();
+    let stolen = status(admit_connect(Some(&joined), &other, ""));
+    assert_eq!(stolen.code(), Code::PermissionDenied);
+    assert!(stolen.message().contains(&other), "{}", stolen.message());
+    assert_eq!(
+        status(admit_connect(Some(&joined), "garbage", "")).code(),
+        Code::PermissionDenied
+    );
+    let renamed = status(admit_connect(Some(&joined), "", "gpu-2"));
+    assert_eq!(renamed.code(), Code::FailedPrecondition);
+    assert!(renamed.message().contains("gpu-1"));
+    assert_eq!(
+        status(admit_connect(None, "", "")).code(),
+        Code::Unauthenticated
+    );
+    let revoked = NodeIdentityRecord {
+        revoked: Some(SystemTime::UNIX_EPOCH),
+        ..joined
+    };
+    assert_eq!(
+        status(admit_connect(Some(&revoked), "", "")).code(),
+        Code::PermissionDenied
+    );
+    let none = Status::from(ConnectRefusal::NoCertificate);
+    assert_eq!(none.code(), Code::Unauthenticated);
+    assert!(none.message().contains("weft token create --role node"));
+    assert!(none.message().contains("weft-node --join TOKEN"));
+}
