@@ -13,7 +13,7 @@ use std::collections::hash_map::RandomState;
 use std::future::Future;
 use std::hash::BuildHasher;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tonic::transport::Channel;
 use tracing::{debug, error, warn};
@@ -86,7 +86,10 @@ pub(crate) async fn run(ctx: Arc<NodeCtx>, events: EventRx) -> Result<(), Error>
     let plan = CoordinatorAddr::parse(&ctx.config.coordinator)
         .map_err(Error::from)
         .and_then(|address| {
-            weft_proto::tls::dial_plan(&address, ctx.config.trust.as_ref())
+            // One identity for the node's life: a renewal swaps what it
+            // presents, so the connector made here stays right.
+            let identity = ctx.credentials.get().map(|c| c.client());
+            weft_proto::tls::dial_plan_as(&address, ctx.config.trust.as_ref(), identity)
                 .map_err(|err| Error::Tls(err.to_string()))
         });
     let (url, connector) = match plan {
@@ -126,9 +129,14 @@ where
     F: Future<Output = Result<Channel, Error>>,
 {
     let mut backoff = Backoff::new(ctx.config.reconnect_min, ctx.config.reconnect_max);
-    let mut previous: Option<NodeId> = None;
+    // A node with a certificate is that certificate's node from its first
+    // session on.
+    let mut previous: Option<NodeId> = ctx.credentials.get().map(|c| c.node_id());
     let stop = ctx.drain.done();
     loop {
+        if let Some(expired) = expired(ctx, SystemTime::now()) {
+            return Err(expired);
+        }
         let dialed = tokio::select! {
             () = ctx.kill.cancelled() => break,
             () = stop.cancelled() => break,
@@ -163,6 +171,20 @@ where
         }
     }
     Ok(())
+}
+
+/// The error to stop with when the node's certificate expired by `now`
+/// (it was away longer than its lifetime): no coordinator accepts it.
+fn expired(ctx: &NodeCtx, now: SystemTime) -> Option<Error> {
+    let credentials = ctx.credentials.get()?;
+    let not_after = credentials.not_after();
+    (not_after <= now).then(|| Error::CertificateExpired {
+        not_after: humantime::format_rfc3339_seconds(not_after).to_string(),
+        state_dir: credentials.store().map_or_else(
+            || "(none)".to_owned(),
+            |dir| dir.path().display().to_string(),
+        ),
+    })
 }
 
 #[cfg(test)]
