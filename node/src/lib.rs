@@ -1,17 +1,26 @@
 //! `weft-node`: connects to a Weft coordinator and runs the tasks it is
 //! assigned: child processes (exec), async handlers and blocking handlers.
 //!
-//! [`start`] returns a [`RunningNode`] at once; the node dials, registers
-//! and reconnects in the background until it is drained (SIGTERM,
-//! [`RunningNode::drain`], or the coordinator's `Drain`) or killed, or
-//! until reconnecting cannot help (a malformed coordinator address, a
-//! `Register` the coordinator refuses for good: [`Error::is_fatal`]), which
-//! [`RunningNode::wait`] answers.
+//! [`start`] returns a [`RunningNode`] at once; the node takes its
+//! identity (the one in its state dir, or one it joins for with a join
+//! token, or none for a coordinator that authenticates no nodes), then
+//! dials, registers and reconnects in the background until it is drained
+//! (SIGTERM, [`RunningNode::drain`], or the coordinator's `Drain`) or
+//! killed, or until reconnecting cannot help (a malformed coordinator
+//! address, a refused join token, a revoked node, a `Register` the
+//! coordinator refuses for good: [`Error::is_fatal`]; its running tasks
+//! are then stopped), which [`RunningNode::wait`] answers.
 //!
 //! Layout:
 //! - `main.rs`: the `weft-node` binary: flags, tracing, signals. Nothing else.
 //! - [`config`]: the node's settings, [`NodeConfig`].
 //! - [`error`]: the node's error type, [`Error`].
+//! - [`identity`]: the state dir (key, certificate, CA, `node.conf`):
+//!   loading and atomic saving.
+//! - `resolve`: which identity, coordinator and trust a node starts with.
+//! - `join`: trading a join token for the node's certificate.
+//! - `renewal`: the certificate while the node runs, and its renewal over
+//!   the session.
 //! - `reconnect`: the main loop: one session after another, reconnect
 //!   backoff, the lease watchdog beside it.
 //! - `session`: one session: dial, Register/Registered, the select loop

@@ -4,7 +4,8 @@
 //!
 //! The select loop drains the event channel into batches (through the
 //! outbox, `outbox/`), grants credits after `Finished` events, sends
-//! heartbeats and `Draining` (every message encoded by `codec.rs`), and
+//! heartbeats, `Draining` and, when due, `RenewCertificate` (every message
+//! encoded by `codec.rs`; the answer is handed to `renewal.rs`), and
 //! watches for silence and for the lease's
 //! expiry. A spawned reader task handles what the coordinator sends
 //! (`Assign`, `Cancel`, `Drain`, `Heartbeat`), decoded once here through
@@ -143,6 +144,13 @@ pub(crate) async fn dial(
         .connect_timeout(CONNECT_TIMEOUT)
         .tcp_nodelay(true);
     let plaintext = connector.is_none();
+    // With TLS tonic dials `http://` over the connector; say what was
+    // really dialed.
+    let shown = if plaintext {
+        url.clone()
+    } else {
+        url.replacen("http://", "https://", 1)
+    };
     let result = match connector {
         Some(connector) => endpoint.connect_with_connector(connector).await,
         None => endpoint.connect().await,
@@ -161,7 +169,7 @@ pub(crate) async fn dial(
             reason.push_str(&weft_proto::tls::plaintext_hint(&address));
         }
         Error::Connect {
-            url,
+            url: shown,
             reason,
             source,
         }
