@@ -281,6 +281,41 @@ mod tests {
         assert_eq!(count.load(Ordering::SeqCst), 1, "dialed once, no retry");
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_node_whose_certificate_expired_stops_instead_of_dialing() {
+        let (ctx, rx) = NodeCtx::new(
+            NodeConfig::new("http://unused"),
+            HandlerRegistry::new(),
+            None,
+        );
+        let (key_pem, chain_pem, ca_pem) = crate::identity::tests::issued(Duration::from_secs(60));
+        let stored = crate::identity::Stored {
+            node_id: NodeId::new(),
+            name: "n1".into(),
+            coordinator: "c:1".into(),
+            key_pem,
+            chain_pem,
+            ca_pem,
+        };
+        let expired = std::time::SystemTime::now() - Duration::from_secs(10);
+        let validity = crate::identity::Validity {
+            not_before: expired - Duration::from_secs(60),
+            not_after: expired,
+        };
+        let credentials = crate::renewal::Credentials::new(&stored, validity, None).unwrap();
+        ctx.credentials.set(Arc::new(credentials)).unwrap();
+        let count = Arc::new(AtomicUsize::new(0));
+        let counter = count.clone();
+        let dial = move || {
+            counter.fetch_add(1, Ordering::SeqCst);
+            async { Err(Error::Protocol("unreachable".into())) }
+        };
+        let err = run_with(ctx, rx, dial).await.unwrap_err();
+        assert!(matches!(err, Error::CertificateExpired { .. }), "{err:?}");
+        assert!(err.to_string().contains("join again"), "{err}");
+        assert_eq!(count.load(Ordering::SeqCst), 0, "never dialed");
+    }
+
     #[tokio::test]
     async fn a_malformed_coordinator_address_stops_the_node_with_its_error() {
         let (ctx, rx) = NodeCtx::new(NodeConfig::new("garbage"), HandlerRegistry::new(), None);
