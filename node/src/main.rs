@@ -298,8 +298,12 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let config = NodeConfig::try_from(args)?;
     let grace = config.drain_grace;
+    let coordinator = match config.coordinator.as_str() {
+        "" => "(from the state dir or the join token)",
+        given => given,
+    };
     info!(
-        coordinator = %config.coordinator,
+        coordinator,
         state_dir = ?config.state_dir,
         joining = config.join_token.is_some(),
         node_name = %config.name,
