@@ -1,9 +1,9 @@
 //! The node stream's wire format, both ways, in one place: what the
-//! coordinator sends (`Registered`, `Assign`, `Cancel`, `Drain`) is decoded
-//! here into domain types once, at the session's edge; every message the
-//! node sends (`Register`, `TaskEvents`, `Credits`, `Draining`,
-//! `Heartbeat`) is built here, in its `NodeMessage` envelope, from domain
-//! values: events are [`Event`]s with a domain [`EventBody`] until
+//! coordinator sends (`Registered`, `Assign`, `Cancel`, `Drain`,
+//! `NodeCertificate`) is decoded here into domain types once, at the
+//! session's edge; every message the node sends (`Register`, `TaskEvents`,
+//! `Credits`, `Draining`, `Heartbeat`, `RenewCertificate`) is built here,
+//! in its `NodeMessage` envelope, from domain values: events are [`Event`]s with a domain [`EventBody`] until
 //! [`events`] encodes them as they go out.
 //!
 //! Pure functions: no state, no I/O, no decisions (a decoded message is
@@ -177,6 +177,24 @@ pub(crate) fn heartbeat() -> pb::NodeMessage {
     message(Outbound::Heartbeat(pb::Heartbeat {}))
 }
 
+/// Encodes `RenewCertificate`: a certificate request (DER) signed with
+/// the node's new key.
+pub(crate) fn renew_certificate(csr_der: Vec<u8>) -> pb::NodeMessage {
+    message(Outbound::RenewCertificate(pb::RenewCertificate {
+        csr_der: csr_der.into(),
+    }))
+}
+
+/// Decodes `NodeCertificate`: the new chain (PEM), or why the coordinator
+/// refused the request.
+pub(crate) fn certificate(wire: pb::NodeCertificate) -> Result<String, String> {
+    match (wire.certificate_chain_pem, wire.error) {
+        (_, error) if !error.is_empty() => Err(error),
+        (chain, _) if chain.trim().is_empty() => Err("an answer without a certificate".into()),
+        (chain, _) => Ok(chain),
+    }
+}
+
 /// Encodes an attempt as listed in `Register.running`.
 fn attempt_ref((task_id, attempt): AttemptKey) -> pb::AttemptRef {
     pb::AttemptRef {
@@ -341,6 +359,27 @@ mod tests {
                 error: "late".into(),
             }))
         );
+    }
+
+    #[test]
+    fn a_renewal_goes_out_as_its_csr_and_its_answer_is_the_chain_or_the_refusal() {
+        assert_eq!(
+            renew_certificate(vec![1, 2]).body,
+            Some(Outbound::RenewCertificate(pb::RenewCertificate {
+                csr_der: Bytes::from(vec![1, 2])
+            }))
+        );
+        let chain = "-----BEGIN CERTIFICATE-----\n".to_owned();
+        let answer = |chain: &str, error: &str| {
+            certificate(pb::NodeCertificate {
+                certificate_chain_pem: chain.into(),
+                not_after: None,
+                error: error.into(),
+            })
+        };
+        assert_eq!(answer(&chain, ""), Ok(chain.clone()));
+        assert_eq!(answer("", "bad CSR"), Err("bad CSR".into()));
+        assert!(answer(" ", "").is_err());
     }
 
     #[test]

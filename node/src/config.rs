@@ -12,7 +12,9 @@ use weft_proto::ExecPolicy;
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
     /// Coordinator URL, e.g. `https://127.0.0.1:7070` (`http://` for an
-    /// `--insecure` coordinator).
+    /// `--insecure` coordinator). Empty: the one the node joined through
+    /// (kept in `state_dir`), else the join token's, else
+    /// [`DEFAULT_COORDINATOR`].
     pub coordinator: String,
     /// Node name (default: the host name).
     pub name: String,
@@ -66,7 +68,23 @@ pub struct NodeConfig {
     /// How the coordinator's TLS certificate is trusted (the cluster's
     /// `ca.pem` or its pin). Needed for an `https://` coordinator (the
     /// default scheme); ignored for `http://`.
+    /// `None`: the cluster CA in `state_dir` when the node has an
+    /// identity there, the join token's pin when it joins without a state
+    /// dir, else nothing.
     pub trust: Option<weft_proto::tls::Trust>,
+    /// Where the node keeps its identity: its private key, its
+    /// certificate, the cluster CA and `node.conf` (see
+    /// [`identity`](crate::identity)). A node with an identity there uses
+    /// it (and needs no join token); one without joins with `join_token`
+    /// and saves it there. `None` (the default for an embedded node): an
+    /// identity got by joining lives in memory only, so the next start
+    /// must join again.
+    pub state_dir: Option<PathBuf>,
+    /// A join token (`weft token create --role node`): with no identity
+    /// in `state_dir`, the node joins with it before its first session.
+    /// Ignored (and logged) when `state_dir` holds an identity. Its
+    /// `Debug` hides the secret.
+    pub join_token: Option<weft_proto::JoinToken>,
 }
 
 impl NodeConfig {
@@ -92,9 +110,18 @@ impl NodeConfig {
             reaper: None,
             exec: ExecPolicy::Allow,
             trust: None,
+            state_dir: None,
+            join_token: None,
         }
     }
 }
+
+/// The coordinator a node dials when neither its config, its state dir
+/// nor a join token names one.
+pub const DEFAULT_COORDINATOR: &str = "https://127.0.0.1:7070";
+
+/// The state dir `weft-node` uses when `--state-dir` is not given.
+pub const DEFAULT_STATE_DIR: &str = "weft-node-state";
 
 /// Default prefetch per slot (see [`NodeConfig::prefetch`]).
 pub const DEFAULT_PREFETCH_PER_SLOT: u32 = 256;

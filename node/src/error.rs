@@ -48,6 +48,61 @@ pub enum Error {
     /// protocol version). Fatal: the node stops instead of reconnecting.
     #[error("coordinator refused to register this node: {}", .0.message())]
     RegisterRefused(tonic::Status),
+    /// The coordinator refused the node's certificate, or the node
+    /// presented none where one is needed: `UNAUTHENTICATED` on
+    /// `Connect`. Fatal: the node must join.
+    #[error(
+        "the coordinator refused this node ({}): it needs a node certificate; join with a join \
+         token: weft token create --role node, then weft-node --join TOKEN",
+        .0.message()
+    )]
+    NotJoined(tonic::Status),
+    /// The coordinator refused the node's certificate for good:
+    /// `PERMISSION_DENIED` on `Connect` (the node was revoked). Fatal.
+    #[error(
+        "this node was revoked by an admin (the coordinator said: {}); its tasks were stopped. \
+         To serve again, move its state dir away and join with a new token: \
+         weft token create --role node, then weft-node --join TOKEN",
+        .0.message()
+    )]
+    Revoked(tonic::Status),
+    /// `Join` was refused for a reason joining again would meet the same
+    /// way. Fatal.
+    #[error("{}", join_refusal(.0))]
+    JoinRefused(tonic::Status),
+    /// The node's certificate or key cannot be used, or `Join` answered
+    /// something that does not fit the request. Fatal.
+    #[error("the node's identity: {0}")]
+    Identity(String),
+    /// The state dir cannot be read or written. Fatal.
+    #[error(transparent)]
+    State(#[from] crate::identity::StateError),
+    /// The name configured is not the one the node joined with. Fatal.
+    #[error(
+        "this node joined as '{joined}' (state dir {state_dir}), so it cannot register as \
+         '{configured}': drop --name, or join again with a new --state-dir to take another name"
+    )]
+    NameMismatch {
+        /// The name configured (`--name`).
+        configured: String,
+        /// The name in the state dir.
+        joined: String,
+        /// The state dir.
+        state_dir: String,
+    },
+    /// The node's certificate expired (the node was away longer than its
+    /// lifetime). Fatal: it must join again.
+    #[error(
+        "the node's certificate expired at {not_after} (the node was away longer than its \
+         lifetime): move the state dir {state_dir} away and join again with a new token \
+         (weft token create --role node, then weft-node --join TOKEN)"
+    )]
+    CertificateExpired {
+        /// When it expired (RFC 3339).
+        not_after: String,
+        /// The state dir, or `(memory)`.
+        state_dir: String,
+    },
     /// The coordinator broke a rule of the protocol (e.g. its first message
     /// was not `Registered`).
     #[error("protocol violation by the coordinator: {0}")]
@@ -80,7 +135,14 @@ impl Error {
             Error::InvalidAddress(_)
             | Error::InvalidUrl { .. }
             | Error::Tls(_)
-            | Error::RegisterRefused(_) => true,
+            | Error::RegisterRefused(_)
+            | Error::NotJoined(_)
+            | Error::Revoked(_)
+            | Error::JoinRefused(_)
+            | Error::Identity(_)
+            | Error::State(_)
+            | Error::NameMismatch { .. }
+            | Error::CertificateExpired { .. } => true,
             Error::Connect { .. }
             | Error::Refused(_)
             | Error::Protocol(_)
@@ -100,8 +162,45 @@ impl Error {
             tonic::Code::InvalidArgument | tonic::Code::FailedPrecondition => {
                 Error::RegisterRefused(status)
             }
+            _ => Error::stream_ended(status),
+        }
+    }
+
+    /// The error for a status the coordinator ended a live stream with:
+    /// a refused certificate ([`Error::NotJoined`], [`Error::Revoked`]) is
+    /// final, anything else [`Error::Refused`] (retried).
+    pub(crate) fn stream_ended(status: tonic::Status) -> Error {
+        match status.code() {
+            tonic::Code::Unauthenticated => Error::NotJoined(status),
+            tonic::Code::PermissionDenied => Error::Revoked(status),
             _ => Error::Refused(status),
         }
+    }
+}
+
+/// What a refused `Join` means, and what to do.
+fn join_refusal(status: &tonic::Status) -> String {
+    let said = status.message();
+    match status.code() {
+        tonic::Code::Unauthenticated => format!(
+            "the coordinator refused the join token ({said}): it is wrong, expired, revoked or \
+             used up; ask an admin for a new one (weft token create --role node)"
+        ),
+        tonic::Code::AlreadyExists => format!(
+            "the coordinator refused the node's name ({said}): another node holds it; pick \
+             another --name, or free it with weft nodes revoke NAME"
+        ),
+        tonic::Code::InvalidArgument => {
+            format!("the coordinator refused to join this node: {said}")
+        }
+        tonic::Code::FailedPrecondition => format!(
+            "the coordinator does not take join tokens ({said}): drop --join and connect with \
+             --coordinator and --ca-pin (or http:// for a coordinator started with --insecure)"
+        ),
+        tonic::Code::Unimplemented => format!(
+            "the coordinator cannot join nodes ({said}): it is older than this node; upgrade it"
+        ),
+        code => format!("the coordinator refused to join this node ({code:?}): {said}"),
     }
 }
 
@@ -121,6 +220,51 @@ mod tests {
         assert!(version.is_fatal());
         let stopping = Error::register_refused(tonic::Status::unavailable("shutting down"));
         assert!(!stopping.is_fatal(), "{stopping}");
+    }
+
+    #[test]
+    fn a_refused_certificate_is_final_and_says_what_to_do() {
+        let must_join = Error::register_refused(tonic::Status::unauthenticated("no certificate"));
+        assert!(must_join.is_fatal());
+        let message = must_join.to_string();
+        assert!(
+            message.contains("no certificate")
+                && message.contains(
+                    "join with a join token: weft token create --role node, then weft-node --join TOKEN"
+                ),
+            "{message}"
+        );
+        let revoked = Error::stream_ended(tonic::Status::permission_denied("node was revoked"));
+        assert!(revoked.is_fatal());
+        assert!(
+            revoked
+                .to_string()
+                .starts_with("this node was revoked by an admin"),
+            "{revoked}"
+        );
+        assert!(matches!(
+            Error::register_refused(tonic::Status::permission_denied("x")),
+            Error::Revoked(_)
+        ));
+        let gone = Error::stream_ended(tonic::Status::unavailable("restarting"));
+        assert!(!gone.is_fatal());
+    }
+
+    #[test]
+    fn a_refused_join_names_the_cause_and_the_fix() {
+        let token = Error::JoinRefused(tonic::Status::unauthenticated("unknown token"));
+        assert!(token.is_fatal());
+        let message = token.to_string();
+        assert!(
+            message.contains("wrong, expired, revoked or used up")
+                && message.contains("weft token create --role node"),
+            "{message}"
+        );
+        let taken = Error::JoinRefused(tonic::Status::already_exists("held by 01H")).to_string();
+        assert!(
+            taken.contains("held by 01H") && taken.contains("weft nodes revoke NAME"),
+            "{taken}"
+        );
     }
 
     #[test]

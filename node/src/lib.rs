@@ -1,17 +1,26 @@
 //! `weft-node`: connects to a Weft coordinator and runs the tasks it is
 //! assigned: child processes (exec), async handlers and blocking handlers.
 //!
-//! [`start`] returns a [`RunningNode`] at once; the node dials, registers
-//! and reconnects in the background until it is drained (SIGTERM,
-//! [`RunningNode::drain`], or the coordinator's `Drain`) or killed, or
-//! until reconnecting cannot help (a malformed coordinator address, a
-//! `Register` the coordinator refuses for good: [`Error::is_fatal`]), which
-//! [`RunningNode::wait`] answers.
+//! [`start`] returns a [`RunningNode`] at once; the node takes its
+//! identity (the one in its state dir, or one it joins for with a join
+//! token, or none for a coordinator that authenticates no nodes), then
+//! dials, registers and reconnects in the background until it is drained
+//! (SIGTERM, [`RunningNode::drain`], or the coordinator's `Drain`) or
+//! killed, or until reconnecting cannot help (a malformed coordinator
+//! address, a refused join token, a revoked node, a `Register` the
+//! coordinator refuses for good: [`Error::is_fatal`]; its running tasks
+//! are then stopped), which [`RunningNode::wait`] answers.
 //!
 //! Layout:
 //! - `main.rs`: the `weft-node` binary: flags, tracing, signals. Nothing else.
 //! - [`config`]: the node's settings, [`NodeConfig`].
 //! - [`error`]: the node's error type, [`Error`].
+//! - [`identity`]: the state dir (key, certificate, CA, `node.conf`):
+//!   loading and atomic saving.
+//! - `resolve`: which identity, coordinator and trust a node starts with.
+//! - `join`: trading a join token for the node's certificate.
+//! - `renewal`: the certificate while the node runs, and its renewal over
+//!   the session.
 //! - `reconnect`: the main loop: one session after another, reconnect
 //!   backoff, the lease watchdog beside it.
 //! - `session`: one session: dial, Register/Registered, the select loop
@@ -47,22 +56,26 @@ pub mod error;
 mod events;
 mod executor;
 pub mod handlers;
+pub mod identity;
+mod join;
 mod lease;
 mod lease_watchdog;
 mod outbox;
 mod process;
 pub mod reaper;
 mod reconnect;
+mod renewal;
+mod resolve;
 mod session;
 mod slots;
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument, info_span, warn};
+use tracing::{Instrument, error, info, info_span, warn};
 
 use weft_proto::NodeId;
 
@@ -72,7 +85,11 @@ pub use crate::events::Emitter;
 pub use crate::handlers::{HandlerError, HandlerRegistry, HandlerRequest, HandlerService};
 
 use crate::attempt::StopReason;
+use crate::events::EventRx;
+use crate::identity::StateDir;
 use crate::reaper::Reaper;
+use crate::renewal::Credentials;
+use crate::resolve::Plan;
 use crate::session::NodeCtx;
 
 /// After a drain's grace, how long the node may take to report and close
@@ -84,8 +101,12 @@ const KILL_WAIT: Duration = Duration::from_secs(5);
 
 /// Starts a node: returns at once; the session dials and reconnects in the
 /// background. Must be called inside a tokio runtime.
-pub fn start(config: NodeConfig, mut handlers: HandlerRegistry) -> RunningNode {
+pub fn start(mut config: NodeConfig, mut handlers: HandlerRegistry) -> RunningNode {
     handlers.set_blocking_threads(config.blocking_threads);
+    // Which identity, coordinator and trust: decided before the node's
+    // shared state is made from the config. An error stops the node at
+    // once (`wait` answers it).
+    let plan = resolve::plan(&mut config, SystemTime::now());
     let reaper = config.reaper.as_deref().and_then(Reaper::start);
     let name = config.name.clone();
     let (ctx, events_rx) = NodeCtx::new(config, handlers, reaper);
@@ -96,7 +117,7 @@ pub fn start(config: NodeConfig, mut handlers: HandlerRegistry) -> RunningNode {
         let ctx = ctx.clone();
         tasks.spawn(
             async move {
-                let result = reconnect::run(ctx.clone(), events_rx).await;
+                let result = run(ctx.clone(), events_rx, plan).await;
                 // Whatever still runs (a drain that gave up waiting) dies
                 // with the node: no orphans.
                 ctx.executor.stop_all(&StopReason::Killed);
@@ -111,6 +132,41 @@ pub fn start(config: NodeConfig, mut handlers: HandlerRegistry) -> RunningNode {
         ctx,
         tasks,
         main: Some(main),
+    }
+}
+
+/// The node's life: its identity first (loaded, or got by joining), then
+/// sessions until it stops.
+async fn run(ctx: Arc<NodeCtx>, events: EventRx, plan: Result<Plan, Error>) -> Result<(), Error> {
+    let credentials = match plan {
+        Ok(Plan::Anonymous) => Ok(None),
+        Ok(Plan::Stored(stored, validity)) => {
+            let store = ctx.config.state_dir.clone().map(StateDir::new);
+            Credentials::new(&stored, validity, store).map(Some)
+        }
+        Ok(Plan::Join(token)) => match join::join(&ctx, &token).await {
+            // Drained or killed before it could join.
+            Ok(None) => return Ok(()),
+            joined => joined,
+        },
+        Err(err) => Err(err),
+    };
+    match credentials {
+        Ok(credentials) => {
+            if let Some(credentials) = credentials {
+                info!(
+                    node_id = %credentials.node_id(),
+                    coordinator = %ctx.config.coordinator,
+                    "connecting with the node's certificate"
+                );
+                let _ = ctx.credentials.set(Arc::new(credentials));
+            }
+            reconnect::run(ctx, events).await
+        }
+        Err(err) => {
+            error!(error = %err, "stopping the node");
+            Err(err)
+        }
     }
 }
 

@@ -14,7 +14,7 @@ use tracing_subscriber::EnvFilter;
 
 use weft_node::{HandlerRegistry, NodeConfig};
 use weft_proto::tls::Trust;
-use weft_proto::{CoordinatorAddr, ExecPolicy};
+use weft_proto::{CoordinatorAddr, ExecPolicy, JoinToken};
 
 /// Runs Weft tasks: connects to a coordinator, offers slots, and runs the
 /// child processes and handlers it is assigned, streaming their output back.
@@ -23,6 +23,12 @@ use weft_proto::{CoordinatorAddr, ExecPolicy};
 /// given them to another node). Results sent just before a coordinator
 /// crash are sent again after reconnecting. A small reaper process (this
 /// executable) kills the node's exec tasks if the node is killed outright.
+///
+/// A new node joins a cluster with a join token (--join, from `weft token
+/// create --role node`) and keeps its identity (private key, certificate,
+/// the cluster CA) in --state-dir; restarted, it needs no token. A node the
+/// coordinator refuses for good (revoked, or not joined) stops its tasks
+/// and exits 1 saying what to do.
 ///
 /// SIGTERM or SIGINT drains the node: it takes no new work, lets running
 /// tasks finish within --drain-grace, cancels and reports the rest, then
@@ -34,14 +40,45 @@ struct Args {
     /// means https://; http:// reaches a coordinator started with
     /// --insecure). A node the coordinator refuses for good (e.g. more
     /// --slots than its --max-node-slots) exits 1 with the reason.
+    /// [default: the address the node joined through (kept in
+    /// --state-dir), else the --join token's, else https://127.0.0.1:7070]
     #[arg(
         long,
         env = "WEFT_COORDINATOR",
-        default_value = "https://127.0.0.1:7070",
         value_name = "ADDRESS",
         value_parser = parse_coordinator
     )]
-    coordinator: String,
+    coordinator: Option<String>,
+
+    /// Join the cluster with this join token (`weft token create --role
+    /// node` prints one): the node checks the coordinator against the CA
+    /// pin in the token, makes its own private key, and gets its
+    /// certificate, kept in --state-dir. Needed once: a node whose
+    /// --state-dir holds its identity ignores it. Unreachable coordinators
+    /// are retried; a token that is wrong, expired, revoked or used up, or
+    /// a name another node holds, exits 1 saying so. The value is never
+    /// logged.
+    #[arg(
+        long = "join",
+        env = "WEFT_JOIN_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true,
+        value_parser = parse_secret
+    )]
+    join: Option<Secret>,
+
+    /// Where the node keeps its identity: its private key (never sent
+    /// anywhere; keep this dir private), its certificate, the cluster CA
+    /// and node.conf (its node id, name and coordinator). Made 0700 on
+    /// join, files 0600. One node per dir: to run a second node on this
+    /// machine, or to join again under another name, use another dir.
+    #[arg(
+        long,
+        env = "WEFT_NODE_STATE_DIR",
+        value_name = "DIR",
+        default_value = weft_node::config::DEFAULT_STATE_DIR
+    )]
+    state_dir: PathBuf,
 
     /// Slots offered: how many task slots may run at once [default: number of CPUs].
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
@@ -57,7 +94,11 @@ struct Args {
     #[arg(long, env = "WEFT_NODE_PREFETCH", value_name = "N")]
     prefetch: Option<u32>,
 
-    /// Node name shown by `weft nodes` [default: the host name].
+    /// Node name shown by `weft nodes`: 1 to 128 letters, digits, '.', '-'
+    /// or '_', unique in the cluster. A node that joined keeps the name it
+    /// joined with (another one is refused at start: join again with a new
+    /// --state-dir to take another name) [default: the name in
+    /// --state-dir, else the host name].
     #[arg(long)]
     name: Option<String>,
 
@@ -98,7 +139,8 @@ struct Args {
     blocking_threads: Option<u64>,
 
     /// The cluster CA's certificate (the coordinator's ca.pem): the node
-    /// trusts only a coordinator whose certificate it signed.
+    /// trusts only a coordinator whose certificate it signed [default:
+    /// the ca.pem in --state-dir, for a node that joined].
     #[arg(long, env = "WEFT_CA", value_name = "FILE", conflicts_with = "ca_pin")]
     ca_file: Option<PathBuf>,
 
@@ -110,6 +152,22 @@ struct Args {
     /// Log format on stderr (level from RUST_LOG, default info).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+}
+
+/// A secret flag value (the join token): its `Debug` hides it.
+#[derive(Clone)]
+struct Secret(String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+/// Takes the value as it is: read as a token in `TryFrom`, where a
+/// damaged one is refused without echoing it (clap's own errors would).
+fn parse_secret(text: &str) -> Result<Secret, String> {
+    Ok(Secret(text.to_owned()))
 }
 
 /// Whether the node runs exec tasks (`--exec`).
@@ -134,8 +192,18 @@ impl TryFrom<Args> for NodeConfig {
     type Error = anyhow::Error;
 
     fn try_from(args: Args) -> anyhow::Result<Self> {
-        let mut config = NodeConfig::new(args.coordinator);
+        let mut config = NodeConfig::new(args.coordinator.unwrap_or_default());
         config.trust = args.ca_file.map(Trust::CaFile).or(args.ca_pin);
+        config.join_token = args
+            .join
+            .map(|Secret(text)| JoinToken::parse(&text))
+            .transpose()
+            .context("--join")?;
+        let state = weft_node::identity::StateDir::new(&args.state_dir);
+        if let Some(name) = state.stored_name() {
+            config.name = name;
+        }
+        config.state_dir = Some(args.state_dir);
         if let Some(slots) = args.slots {
             config.slots = slots;
         }
@@ -230,7 +298,19 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let config = NodeConfig::try_from(args)?;
     let grace = config.drain_grace;
-    info!(coordinator = %config.coordinator, node_name = %config.name, slots = config.slots, exec = ?config.exec, "starting");
+    let coordinator = match config.coordinator.as_str() {
+        "" => "(from the state dir or the join token)",
+        given => given,
+    };
+    info!(
+        coordinator,
+        state_dir = ?config.state_dir,
+        joining = config.join_token.is_some(),
+        node_name = %config.name,
+        slots = config.slots,
+        exec = ?config.exec,
+        "starting"
+    );
     let mut node = weft_node::start(config, HandlerRegistry::with_builtins());
 
     tokio::select! {
@@ -342,7 +422,7 @@ mod tests {
             "https://127.0.0.1:7171"
         );
         let v6 = Args::try_parse_from(["weft-node", "--coordinator", "[::1]:7171"]).unwrap();
-        assert_eq!(v6.coordinator, "https://[::1]:7171");
+        assert_eq!(v6.coordinator.as_deref(), Some("https://[::1]:7171"));
         let err = Args::try_parse_from(["weft-node", "--coordinator", "x"]).unwrap_err();
         assert!(
             err.to_string().contains(
@@ -371,6 +451,71 @@ mod tests {
         assert_eq!(err.exit_code(), 2);
         let both = Args::try_parse_from(["weft-node", "--ca-file", "f", "--ca-pin", &pin]);
         assert!(both.is_err());
+    }
+
+    fn join_token() -> JoinToken {
+        JoinToken {
+            address: "10.0.0.5:7070".into(),
+            ca_pin: format!("sha256:{}", "ab".repeat(32)),
+            credential: format!("0123456789abcdef_{}", "s".repeat(43)),
+        }
+    }
+
+    #[test]
+    fn a_join_token_reaches_the_config_and_is_never_shown() {
+        let text = join_token().encode();
+        let args = Args::try_parse_from(["weft-node", "--join", &text]).unwrap();
+        assert!(!format!("{args:?}").contains(&text));
+        let config = NodeConfig::try_from(args).unwrap();
+        assert_eq!(config.join_token, Some(join_token()));
+        assert_eq!(config.coordinator, "", "the token's, resolved at start");
+        assert!(!format!("{config:?}").contains("sssss"), "{config:?}");
+        assert_eq!(
+            config.state_dir.as_deref(),
+            Some(std::path::Path::new("weft-node-state"))
+        );
+
+        let damaged = format!("{}x", &text[..text.len() - 10]);
+        let args = Args::try_parse_from(["weft-node", "--join", &damaged]).unwrap();
+        let err = format!("{:#}", NodeConfig::try_from(args).unwrap_err());
+        assert!(err.contains("--join") && err.contains("damaged"), "{err}");
+        assert!(!err.contains(&damaged[10..]), "{err}");
+        let client = Args::try_parse_from(["weft-node", "--join", "weft_0123"]).unwrap();
+        let err = format!("{:#}", NodeConfig::try_from(client).unwrap_err());
+        assert!(err.contains("weft token create --role node"), "{err}");
+    }
+
+    #[test]
+    fn a_node_that_joined_takes_its_name_from_the_state_dir_unless_named() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_str().unwrap();
+        let id = weft_proto::NodeId::new();
+        std::fs::write(
+            tmp.path().join("node.conf"),
+            format!("node_id={id}\nname=joined-1\ncoordinator=c:1\n"),
+        )
+        .unwrap();
+        let args = Args::try_parse_from(["weft-node", "--state-dir", dir]).unwrap();
+        let config = NodeConfig::try_from(args).unwrap();
+        assert_eq!(config.name, "joined-1");
+        assert_eq!(config.state_dir.as_deref(), Some(tmp.path()));
+        let named =
+            Args::try_parse_from(["weft-node", "--state-dir", dir, "--name", "other"]).unwrap();
+        // Refused when the node starts (see resolve.rs), not here.
+        assert_eq!(NodeConfig::try_from(named).unwrap().name, "other");
+    }
+
+    #[test]
+    fn help_says_where_the_private_key_lives_and_hides_the_token() {
+        let help = Args::command().render_long_help().to_string();
+        assert!(
+            help.contains("--join <TOKEN>")
+                && help.contains("WEFT_JOIN_TOKEN")
+                && help.contains("--state-dir <DIR>")
+                && help.contains("private key")
+                && help.contains("[default: weft-node-state]"),
+            "{help}"
+        );
     }
 
     #[test]

@@ -13,7 +13,7 @@ use std::collections::hash_map::RandomState;
 use std::future::Future;
 use std::hash::BuildHasher;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tonic::transport::Channel;
 use tracing::{debug, error, warn};
@@ -86,7 +86,10 @@ pub(crate) async fn run(ctx: Arc<NodeCtx>, events: EventRx) -> Result<(), Error>
     let plan = CoordinatorAddr::parse(&ctx.config.coordinator)
         .map_err(Error::from)
         .and_then(|address| {
-            weft_proto::tls::dial_plan(&address, ctx.config.trust.as_ref())
+            // One identity for the node's life: a renewal swaps what it
+            // presents, so the connector made here stays right.
+            let identity = ctx.credentials.get().map(|c| c.client());
+            weft_proto::tls::dial_plan_as(&address, ctx.config.trust.as_ref(), identity)
                 .map_err(|err| Error::Tls(err.to_string()))
         });
     let (url, connector) = match plan {
@@ -126,9 +129,14 @@ where
     F: Future<Output = Result<Channel, Error>>,
 {
     let mut backoff = Backoff::new(ctx.config.reconnect_min, ctx.config.reconnect_max);
-    let mut previous: Option<NodeId> = None;
+    // A node with a certificate is that certificate's node from its first
+    // session on.
+    let mut previous: Option<NodeId> = ctx.credentials.get().map(|c| c.node_id());
     let stop = ctx.drain.done();
     loop {
+        if let Some(expired) = expired(ctx, SystemTime::now()) {
+            return Err(expired);
+        }
         let dialed = tokio::select! {
             () = ctx.kill.cancelled() => break,
             () = stop.cancelled() => break,
@@ -163,6 +171,20 @@ where
         }
     }
     Ok(())
+}
+
+/// The error to stop with when the node's certificate expired by `now`
+/// (it was away longer than its lifetime): no coordinator accepts it.
+fn expired(ctx: &NodeCtx, now: SystemTime) -> Option<Error> {
+    let credentials = ctx.credentials.get()?;
+    let not_after = credentials.not_after();
+    (not_after <= now).then(|| Error::CertificateExpired {
+        not_after: humantime::format_rfc3339_seconds(not_after).to_string(),
+        state_dir: credentials.store().map_or_else(
+            || "(none)".to_owned(),
+            |dir| dir.path().display().to_string(),
+        ),
+    })
 }
 
 #[cfg(test)]
@@ -257,6 +279,41 @@ mod tests {
             "{result:?}"
         );
         assert_eq!(count.load(Ordering::SeqCst), 1, "dialed once, no retry");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_node_whose_certificate_expired_stops_instead_of_dialing() {
+        let (ctx, rx) = NodeCtx::new(
+            NodeConfig::new("http://unused"),
+            HandlerRegistry::new(),
+            None,
+        );
+        let (key_pem, chain_pem, ca_pem) = crate::identity::tests::issued(Duration::from_secs(60));
+        let stored = crate::identity::Stored {
+            node_id: NodeId::new(),
+            name: "n1".into(),
+            coordinator: "c:1".into(),
+            key_pem,
+            chain_pem,
+            ca_pem,
+        };
+        let expired = std::time::SystemTime::now() - Duration::from_secs(10);
+        let validity = crate::identity::Validity {
+            not_before: expired - Duration::from_secs(60),
+            not_after: expired,
+        };
+        let credentials = crate::renewal::Credentials::new(&stored, validity, None).unwrap();
+        ctx.credentials.set(Arc::new(credentials)).unwrap();
+        let count = Arc::new(AtomicUsize::new(0));
+        let counter = count.clone();
+        let dial = move || {
+            counter.fetch_add(1, Ordering::SeqCst);
+            async { Err(Error::Protocol("unreachable".into())) }
+        };
+        let err = run_with(ctx, rx, dial).await.unwrap_err();
+        assert!(matches!(err, Error::CertificateExpired { .. }), "{err:?}");
+        assert!(err.to_string().contains("join again"), "{err}");
+        assert_eq!(count.load(Ordering::SeqCst), 0, "never dialed");
     }
 
     #[tokio::test]

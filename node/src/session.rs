@@ -4,7 +4,8 @@
 //!
 //! The select loop drains the event channel into batches (through the
 //! outbox, `outbox/`), grants credits after `Finished` events, sends
-//! heartbeats and `Draining` (every message encoded by `codec.rs`), and
+//! heartbeats, `Draining` and, when due, `RenewCertificate` (every message
+//! encoded by `codec.rs`; the answer is handed to `renewal.rs`), and
 //! watches for silence and for the lease's
 //! expiry. A spawned reader task handles what the coordinator sends
 //! (`Assign`, `Cancel`, `Drain`, `Heartbeat`), decoded once here through
@@ -21,8 +22,8 @@
 //! after re-registering. This module decides nothing about slots or
 //! attempts: it forwards to the executor.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime};
 
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -49,6 +50,7 @@ use crate::lease::Lease;
 use crate::lease_watchdog;
 use crate::outbox::{self, Out, Outbox};
 use crate::reaper::Reaper;
+use crate::renewal::Credentials;
 
 /// Dial timeout for one connection attempt.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -73,6 +75,9 @@ pub(crate) struct NodeCtx {
     pub(crate) kill: CancellationToken,
     /// The id of the current session; `None` while not registered.
     pub(crate) node_id: watch::Sender<Option<NodeId>>,
+    /// The node's certificate, once it has one (loaded at start, or got
+    /// by joining); unset for a node without an identity.
+    pub(crate) credentials: OnceLock<Arc<Credentials>>,
 }
 
 impl NodeCtx {
@@ -108,6 +113,7 @@ impl NodeCtx {
             drain: Drain::default(),
             kill,
             node_id: watch::Sender::new(None),
+            credentials: OnceLock::new(),
         };
         (Arc::new(ctx), events_rx)
     }
@@ -138,6 +144,13 @@ pub(crate) async fn dial(
         .connect_timeout(CONNECT_TIMEOUT)
         .tcp_nodelay(true);
     let plaintext = connector.is_none();
+    // With TLS tonic dials `http://` over the connector; say what was
+    // really dialed.
+    let shown = if plaintext {
+        url.clone()
+    } else {
+        url.replacen("http://", "https://", 1)
+    };
     let result = match connector {
         Some(connector) => endpoint.connect_with_connector(connector).await,
         None => endpoint.connect().await,
@@ -156,7 +169,7 @@ pub(crate) async fn dial(
             reason.push_str(&weft_proto::tls::plaintext_hint(&address));
         }
         Error::Connect {
-            url,
+            url: shown,
             reason,
             source,
         }
@@ -312,6 +325,11 @@ async fn connected(
     let silence_check = tokio::time::sleep(silence);
     tokio::pin!(silence_check);
     let (drain_started, stop) = (ctx.drain.started(), ctx.drain.done());
+    // Renewal requests go out on this session when due; the answer comes
+    // back through the reader (`handle`).
+    let credentials = ctx.credentials.get().cloned();
+    let renew = tokio::time::sleep_until(renewal_deadline(credentials.as_deref()));
+    tokio::pin!(renew);
     loop {
         tokio::select! {
             biased;
@@ -333,6 +351,9 @@ async fn connected(
             }
             ended = &mut reader.0 => {
                 let error = ended.unwrap_or_else(|err| Error::Protocol(format!("reader task failed: {err}")));
+                if error.is_fatal() {
+                    return SessionEnd::Fatal(error);
+                }
                 return lost(error);
             }
             // Ahead of the events: what the stopped attempts report waits
@@ -358,6 +379,23 @@ async fn connected(
                     return lost(error);
                 }
             }
+            () = &mut renew, if credentials.is_some() => {
+                if let Some(credentials) = &credentials {
+                    match credentials.request(SystemTime::now()) {
+                        Some(Ok(csr)) => {
+                            debug!("asking to renew the node's certificate");
+                            if let Err(error) = outbox::send(out, codec::renew_certificate(csr)).await {
+                                return lost(error);
+                            }
+                        }
+                        Some(Err(error)) => {
+                            warn!(%error, "renewing the node's certificate failed; trying again");
+                        }
+                        None => {}
+                    }
+                    renew.as_mut().reset(renewal_deadline(Some(credentials)));
+                }
+            }
             () = &mut silence_check => {
                 let heard = ctx.lease.last_heard().unwrap_or_else(Instant::now);
                 if heard.elapsed() >= silence {
@@ -367,6 +405,19 @@ async fn connected(
             }
         }
     }
+}
+
+/// When the session should next ask `credentials` for a renewal request
+/// (far away for a node without a certificate).
+fn renewal_deadline(credentials: Option<&Credentials>) -> Instant {
+    let wait = match credentials {
+        Some(credentials) => credentials
+            .next_at()
+            .duration_since(SystemTime::now())
+            .unwrap_or_default(),
+        None => Duration::from_secs(24 * 3600),
+    };
+    Instant::now() + wait
 }
 
 /// Resolves when the lease expires.
@@ -383,7 +434,7 @@ async fn read_loop(mut inbound: Streaming<pb::CoordinatorMessage>, ctx: Arc<Node
         let message = match inbound.message().await {
             Ok(Some(message)) => message,
             Ok(None) => return Error::StreamClosed,
-            Err(status) => return Error::Refused(status),
+            Err(status) => return Error::stream_ended(status),
         };
         if let Err(error) = handle(&ctx, message, Instant::now()) {
             return error;
@@ -425,7 +476,10 @@ fn handle(ctx: &NodeCtx, message: pb::CoordinatorMessage, now: Instant) -> Resul
             ctx.request_drain(grace);
         }
         Some(Inbound::Heartbeat(_)) => {}
-        Some(Inbound::Certificate(_)) => debug!("certificate renewal answer; not asked for"),
+        Some(Inbound::Certificate(answer)) => match ctx.credentials.get() {
+            Some(credentials) => credentials.answer(codec::certificate(answer), SystemTime::now()),
+            None => debug!("certificate renewal answer; not asked for"),
+        },
         Some(Inbound::Registered(_)) => warn!("second Registered on one session; ignored"),
         None => debug!("coordinator message of an unknown kind; ignored"),
     }

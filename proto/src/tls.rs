@@ -152,6 +152,8 @@ impl Trust {
 
     /// [`client_config`](Self::client_config) that also presents
     /// `identity` (a node's certificate) when the server asks for one.
+    /// With an identity, sessions are never resumed, so every connection
+    /// presents the identity's current certificate.
     pub fn client_config_as(
         &self,
         identity: Option<Arc<ClientIdentity>>,
@@ -159,6 +161,12 @@ impl Trust {
         let provider = provider();
         let builder = ClientConfig::builder_with_provider(Arc::clone(&provider))
             .with_safe_default_protocol_versions()?;
+        // A resumed TLS session carries the client certificate of the one
+        // it resumes: after a renewal the node would go on presenting its
+        // old certificate (and, once that expired, one the coordinator must
+        // refuse). A node's connections therefore always run a full
+        // handshake; they are few and long-lived.
+        let resume = identity.is_none();
         let mut config = match self {
             Trust::CaFile(path) => {
                 let roots = Arc::new(read_roots(path)?);
@@ -185,6 +193,9 @@ impl Trust {
             }
         };
         config.alpn_protocols = vec![b"h2".to_vec()];
+        if !resume {
+            config.resumption = rustls::client::Resumption::disabled();
+        }
         Ok(Arc::new(config))
     }
 }

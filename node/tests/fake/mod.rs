@@ -27,6 +27,8 @@ use weft_proto::{NodeId, Outcome, TaskId, TaskSpec, pb};
 
 use crate::common::process_is_gone;
 
+pub mod tls;
+
 pub const WAIT: Duration = Duration::from_secs(10);
 
 struct Fake {
@@ -37,6 +39,8 @@ struct Fake {
 pub struct Conn {
     pub inbound: Streaming<pb::NodeMessage>,
     pub out: mpsc::Sender<Result<pb::CoordinatorMessage, Status>>,
+    /// The certificate the node presented (DER), over TLS (`tls.rs`).
+    pub peer: Option<Vec<u8>>,
 }
 
 #[tonic::async_trait]
@@ -51,6 +55,7 @@ impl NodeService for Fake {
         let conn = Conn {
             inbound: request.into_inner(),
             out,
+            peer: None,
         };
         self.conns
             .send(conn)
@@ -151,6 +156,11 @@ impl Conn {
                 body => return body,
             }
         }
+    }
+
+    /// Ends the stream with `status`, as a refusing coordinator does.
+    pub async fn refuse(&self, status: Status) {
+        self.out.send(Err(status)).await.expect("node listening");
     }
 
     pub async fn send(&self, body: Inbound) {

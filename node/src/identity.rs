@@ -1,0 +1,531 @@
+//! The node's state dir: its identity on disk, and reading a certificate.
+//!
+//! The layout (`--state-dir`, default `weft-node-state`; the Python worker
+//! uses the same names):
+//! - `node.key`: the node's private key, PKCS#8 PEM. Never sent anywhere.
+//! - `node.pem`: its certificate chain, PEM, the node's certificate first.
+//! - `ca.pem`: the cluster CA, PEM: what the node trusts the coordinator by.
+//! - `node.conf`: `key=value` lines: `node_id`, `name`, `coordinator`.
+//!
+//! The dir is 0700 and every file 0600, written atomically (a temp file,
+//! synced, then renamed). `node.conf` is written last: a dir without it
+//! holds no identity (a join that crashed half way is simply done again).
+//! A key file group or others may read is refused, naming the fix.
+//!
+//! Files and parsing only: when to join or renew is decided elsewhere
+//! (`lib.rs`, `join.rs`, `renewal.rs`).
+
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use weft_proto::NodeId;
+
+/// The private key's file name.
+pub const KEY_FILE: &str = "node.key";
+/// The certificate chain's file name.
+pub const CHAIN_FILE: &str = "node.pem";
+/// The cluster CA's file name.
+pub const CA_FILE: &str = "ca.pem";
+/// The settings file's name.
+pub const CONF_FILE: &str = "node.conf";
+
+/// Why the state dir could not be read or written. The message names the
+/// file and, where there is one, the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// A file or the dir could not be read, written or created.
+    #[error("{what} {path}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A file does not hold what it should.
+    #[error(
+        "{path}: {why}; restore the state dir, or move it away and join again with a new token \
+         (weft token create --role node)"
+    )]
+    Damaged {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        why: String,
+    },
+    /// The private key may be read by group or others.
+    #[error(
+        "the node's private key {path} has mode {mode:o}: group or others may read it; make it \
+         0600 (chmod 600 {path}), and if others could read it, revoke this node \
+         (weft nodes revoke NAME) and join again"
+    )]
+    KeyReadable {
+        /// The key file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+}
+
+/// A node's identity as kept in its state dir.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Stored {
+    /// The node id its certificate names.
+    pub node_id: NodeId,
+    /// The name it joined with.
+    pub name: String,
+    /// The coordinator address it joined through.
+    pub coordinator: String,
+    /// The private key, PKCS#8 PEM.
+    pub key_pem: String,
+    /// The certificate chain, PEM, leaf first.
+    pub chain_pem: String,
+    /// The cluster CA, PEM.
+    pub ca_pem: String,
+}
+
+impl std::fmt::Debug for Stored {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stored")
+            .field("node_id", &self.node_id)
+            .field("name", &self.name)
+            .field("coordinator", &self.coordinator)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `node.conf`: what is not a certificate or a key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct NodeConf {
+    pub(crate) node_id: NodeId,
+    pub(crate) name: String,
+    pub(crate) coordinator: String,
+}
+
+impl NodeConf {
+    /// Reads `key=value` lines; blank lines and `#` comments are skipped,
+    /// unknown keys ignored (a later version may add some).
+    pub(crate) fn parse(text: &str) -> Result<NodeConf, String> {
+        let (mut node_id, mut name, mut coordinator) = (None, None, None);
+        for (number, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let Some((key, value)) = line.split_once('=') else {
+                return Err(format!("line {}: expected key=value", number + 1));
+            };
+            let value = value.trim().to_owned();
+            match key.trim() {
+                "node_id" => node_id = Some(value),
+                "name" => name = Some(value),
+                "coordinator" => coordinator = Some(value),
+                _ => {}
+            }
+        }
+        let required = |value: Option<String>, key: &str| {
+            value
+                .filter(|v| !v.is_empty())
+                .ok_or_else(|| format!("no {key}= line"))
+        };
+        let node_id = required(node_id, "node_id")?;
+        let node_id = node_id
+            .parse::<NodeId>()
+            .map_err(|err| format!("node_id '{node_id}': {err}"))?;
+        Ok(NodeConf {
+            node_id,
+            name: required(name, "name")?,
+            coordinator: required(coordinator, "coordinator")?,
+        })
+    }
+
+    /// The file's text.
+    pub(crate) fn format(&self) -> String {
+        format!(
+            "node_id={}\nname={}\ncoordinator={}\n",
+            self.node_id, self.name, self.coordinator
+        )
+    }
+}
+
+/// When the node's certificate is valid: what renewal and expiry go by.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Validity {
+    /// Valid from.
+    pub not_before: SystemTime,
+    /// Valid until.
+    pub not_after: SystemTime,
+}
+
+/// The first certificate of a PEM chain: its validity, and whether
+/// `public_key` (the raw subject public key, what rcgen's
+/// `public_key_raw` answers) is the one it certifies.
+pub(crate) fn leaf_validity(chain_pem: &str, public_key: &[u8]) -> Result<Validity, String> {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(chain_pem.as_bytes())
+        .map_err(|err| format!("no PEM certificate: {err}"))?;
+    let cert = pem
+        .parse_x509()
+        .map_err(|err| format!("the certificate does not parse: {err}"))?;
+    if cert.public_key().subject_public_key.data.as_ref() != public_key {
+        return Err("the certificate is not for the node's key".into());
+    }
+    let time = |t: x509_parser::time::ASN1Time| {
+        let secs = u64::try_from(t.timestamp()).unwrap_or(0);
+        SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
+    };
+    let validity = cert.validity();
+    Ok(Validity {
+        not_before: time(validity.not_before),
+        not_after: time(validity.not_after),
+    })
+}
+
+/// The raw public key of a PEM private key.
+pub(crate) fn public_key_of(key_pem: &str) -> Result<Vec<u8>, String> {
+    let key = rcgen::KeyPair::from_pem(key_pem).map_err(|err| err.to_string())?;
+    Ok(key.public_key_raw().to_vec())
+}
+
+/// The state dir.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StateDir {
+    path: PathBuf,
+}
+
+impl StateDir {
+    /// The state dir at `path` (nothing is read or made yet).
+    pub fn new(path: impl Into<PathBuf>) -> StateDir {
+        StateDir { path: path.into() }
+    }
+
+    /// Where it is.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The name in `node.conf`, if it can be read: the name a node that
+    /// joined registers with (`weft-node` uses it when `--name` is not
+    /// given).
+    pub fn stored_name(&self) -> Option<String> {
+        let text = std::fs::read_to_string(self.path.join(CONF_FILE)).ok()?;
+        NodeConf::parse(&text).ok().map(|conf| conf.name)
+    }
+
+    /// Where the cluster CA is kept.
+    pub fn ca_file(&self) -> PathBuf {
+        self.path.join(CA_FILE)
+    }
+
+    /// The identity kept here, if any: `None` when there is no `node.conf`
+    /// (no dir, an empty one, or a join that did not finish). Every file
+    /// is then checked: the key readable by nobody else and matching the
+    /// certificate.
+    pub fn load(&self) -> Result<Option<(Stored, Validity)>, StateError> {
+        let conf_path = self.path.join(CONF_FILE);
+        let conf = match std::fs::read_to_string(&conf_path) {
+            Ok(text) => text,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => {
+                return Err(StateError::Io {
+                    what: "reading",
+                    path: conf_path,
+                    source,
+                });
+            }
+        };
+        let conf = NodeConf::parse(&conf).map_err(|why| StateError::Damaged {
+            path: conf_path,
+            why,
+        })?;
+        let key_path = self.path.join(KEY_FILE);
+        let mode = std::fs::metadata(&key_path)
+            .map_err(io_err("reading", &key_path))?
+            .permissions()
+            .mode();
+        if mode & 0o077 != 0 {
+            return Err(StateError::KeyReadable {
+                path: key_path,
+                mode: mode & 0o777,
+            });
+        }
+        let key_pem = read(&key_path)?;
+        let chain_path = self.path.join(CHAIN_FILE);
+        let chain_pem = read(&chain_path)?;
+        let ca_pem = read(&self.ca_file())?;
+        let public_key = public_key_of(&key_pem).map_err(|why| StateError::Damaged {
+            path: key_path.clone(),
+            why: format!("not a private key ({why})"),
+        })?;
+        let validity =
+            leaf_validity(&chain_pem, &public_key).map_err(|why| StateError::Damaged {
+                path: chain_path,
+                why: format!("{why} (in {})", key_path.display()),
+            })?;
+        let stored = Stored {
+            node_id: conf.node_id,
+            name: conf.name,
+            coordinator: conf.coordinator,
+            key_pem,
+            chain_pem,
+            ca_pem,
+        };
+        Ok(Some((stored, validity)))
+    }
+
+    /// Saves a whole identity (after a join): the dir made 0700, the key,
+    /// the chain and the CA, then `node.conf` last.
+    pub fn save(&self, stored: &Stored) -> Result<(), StateError> {
+        self.make_dir()?;
+        self.save_certificate(&stored.key_pem, &stored.chain_pem)?;
+        write_private(&self.ca_file(), stored.ca_pem.as_bytes())?;
+        let conf = NodeConf {
+            node_id: stored.node_id,
+            name: stored.name.clone(),
+            coordinator: stored.coordinator.clone(),
+        };
+        write_private(&self.path.join(CONF_FILE), conf.format().as_bytes())
+    }
+
+    /// Replaces the key and the chain (after a renewal). Each file is
+    /// replaced atomically; both are written to temp files first, so only
+    /// a crash between the two renames leaves a key that does not match
+    /// the chain (which `load` names).
+    pub fn save_certificate(&self, key_pem: &str, chain_pem: &str) -> Result<(), StateError> {
+        self.make_dir()?;
+        let key = self.path.join(KEY_FILE);
+        let chain = self.path.join(CHAIN_FILE);
+        let key_tmp = write_temp(&key, key_pem.as_bytes())?;
+        let chain_tmp = write_temp(&chain, chain_pem.as_bytes())?;
+        std::fs::rename(&key_tmp, &key).map_err(io_err("renaming to", &key))?;
+        std::fs::rename(&chain_tmp, &chain).map_err(io_err("renaming to", &chain))?;
+        self.sync_dir();
+        Ok(())
+    }
+
+    /// Makes the dir (0700) if missing and checks that a file can be
+    /// written in it.
+    pub fn check_writable(&self) -> Result<(), StateError> {
+        self.make_dir()?;
+        let probe = write_temp(&self.path.join(".probe"), b"")?;
+        std::fs::remove_file(&probe).map_err(io_err("removing", &probe))
+    }
+
+    /// Makes the dir (and parents) if missing and sets it to 0700.
+    fn make_dir(&self) -> Result<(), StateError> {
+        std::fs::create_dir_all(&self.path).map_err(io_err("creating", &self.path))?;
+        std::fs::set_permissions(&self.path, std::fs::Permissions::from_mode(0o700))
+            .map_err(io_err("setting 0700 on", &self.path))
+    }
+
+    /// Makes the renames durable; a failure only loses durability.
+    fn sync_dir(&self) {
+        if let Ok(dir) = std::fs::File::open(&self.path) {
+            let _ = dir.sync_all();
+        }
+    }
+}
+
+fn io_err<'a>(
+    what: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(std::io::Error) -> StateError + 'a {
+    move |source| StateError::Io {
+        what,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+fn read(path: &Path) -> Result<String, StateError> {
+    std::fs::read_to_string(path).map_err(io_err("reading", path))
+}
+
+/// Writes `bytes` to a new 0600 temp file beside `path`, synced; answers
+/// the temp file's path.
+fn write_temp(path: &Path, bytes: &[u8]) -> Result<PathBuf, StateError> {
+    let mut name = path.file_name().unwrap_or_default().to_owned();
+    name.push(".tmp");
+    let tmp = path.with_file_name(name);
+    let _ = std::fs::remove_file(&tmp);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io_err("creating", &tmp))?;
+    file.write_all(bytes).map_err(io_err("writing", &tmp))?;
+    file.sync_all().map_err(io_err("syncing", &tmp))?;
+    Ok(tmp)
+}
+
+/// Writes `bytes` to `path` as 0600, through a temp file and a rename.
+fn write_private(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
+    let tmp = write_temp(path, bytes)?;
+    std::fs::rename(&tmp, path).map_err(io_err("renaming to", path))
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A CA, and a node certificate it signed for a fresh key, valid for
+    /// `lifetime` from now: (key PEM, chain PEM, CA PEM).
+    pub(crate) fn issued(lifetime: Duration) -> (String, String, String) {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca_cert = ca.self_signed(&ca_key).unwrap();
+        let issuer = rcgen::Issuer::new(ca, ca_key);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let chain = leaf(&key, &issuer, lifetime);
+        (key.serialize_pem(), chain + &ca_cert.pem(), ca_cert.pem())
+    }
+
+    /// A leaf for `key` signed by `issuer`, valid from now for `lifetime`.
+    pub(crate) fn leaf(
+        key: &rcgen::KeyPair,
+        issuer: &rcgen::Issuer<'_, rcgen::KeyPair>,
+        lifetime: Duration,
+    ) -> String {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now;
+        params.not_after = now + lifetime;
+        params.signed_by(key, issuer).unwrap().pem()
+    }
+
+    fn stored() -> Stored {
+        let (key_pem, chain_pem, ca_pem) = issued(Duration::from_secs(3600));
+        Stored {
+            node_id: NodeId::new(),
+            name: "n1".into(),
+            coordinator: "10.0.0.5:7070".into(),
+            key_pem,
+            chain_pem,
+            ca_pem,
+        }
+    }
+
+    fn mode(path: &Path) -> u32 {
+        std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn a_saved_identity_loads_back_private_and_whole() {
+        let tmp = tempfile::tempdir().unwrap();
+        let state = StateDir::new(tmp.path().join("deep/state"));
+        assert_eq!(state.load().unwrap(), None, "no dir: no identity");
+        let identity = stored();
+        state.save(&identity).unwrap();
+        let (loaded, validity) = state.load().unwrap().expect("an identity");
+        assert_eq!(loaded, identity);
+        let lifetime = validity
+            .not_after
+            .duration_since(validity.not_before)
+            .unwrap();
+        assert!(lifetime.abs_diff(Duration::from_secs(3600)) <= Duration::from_secs(2));
+        assert_eq!(mode(state.path()), 0o700);
+        for file in [KEY_FILE, CHAIN_FILE, CA_FILE, CONF_FILE] {
+            assert_eq!(mode(&state.path().join(file)), 0o600, "{file}");
+        }
+        let conf = std::fs::read_to_string(state.path().join(CONF_FILE)).unwrap();
+        assert_eq!(
+            conf,
+            format!(
+                "node_id={}\nname=n1\ncoordinator=10.0.0.5:7070\n",
+                identity.node_id
+            )
+        );
+        let names: Vec<_> = std::fs::read_dir(state.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert!(names.iter().all(|n| !n.ends_with(".tmp")), "{names:?}");
+        assert!(!format!("{identity:?}").contains("PRIVATE KEY"));
+    }
+
+    #[test]
+    fn a_renewed_certificate_replaces_key_and_chain() {
+        let tmp = tempfile::tempdir().unwrap();
+        let state = StateDir::new(tmp.path());
+        let identity = stored();
+        state.save(&identity).unwrap();
+        let (key_pem, chain_pem, _) = issued(Duration::from_secs(60));
+        state.save_certificate(&key_pem, &chain_pem).unwrap();
+        let (loaded, validity) = state.load().unwrap().unwrap();
+        assert_eq!((loaded.key_pem, loaded.chain_pem), (key_pem, chain_pem));
+        assert_eq!(loaded.node_id, identity.node_id);
+        assert!(
+            validity
+                .not_after
+                .duration_since(validity.not_before)
+                .unwrap()
+                <= Duration::from_secs(61)
+        );
+    }
+
+    #[test]
+    fn a_key_others_may_read_is_refused_naming_the_fix() {
+        let tmp = tempfile::tempdir().unwrap();
+        let state = StateDir::new(tmp.path());
+        state.save(&stored()).unwrap();
+        let key = tmp.path().join(KEY_FILE);
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let err = state.load().unwrap_err();
+        assert!(matches!(err, StateError::KeyReadable { mode: 0o640, .. }));
+        let message = err.to_string();
+        assert!(
+            message.contains("chmod 600") && message.contains("node.key"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn a_half_written_dir_holds_no_identity_and_a_mismatched_key_is_damage() {
+        let tmp = tempfile::tempdir().unwrap();
+        let state = StateDir::new(tmp.path());
+        let identity = stored();
+        // A join that crashed before node.conf: joining again is right.
+        state
+            .save_certificate(&identity.key_pem, &identity.chain_pem)
+            .unwrap();
+        assert_eq!(state.load().unwrap(), None);
+        state.save(&identity).unwrap();
+        let (other_key, _, _) = issued(Duration::from_secs(60));
+        state
+            .save_certificate(&other_key, &identity.chain_pem)
+            .unwrap();
+        let err = state.load().unwrap_err().to_string();
+        assert!(
+            err.contains("not for the node's key") && err.contains("join again"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn node_conf_reads_key_value_lines_and_names_what_is_missing() {
+        let id = NodeId::new();
+        let text = format!(
+            "# a comment\n\nnode_id = {id}\nname=n-1.a_b\ncoordinator=https://c:1\nlater=x\n"
+        );
+        assert_eq!(
+            NodeConf::parse(&text).unwrap(),
+            NodeConf {
+                node_id: id,
+                name: "n-1.a_b".into(),
+                coordinator: "https://c:1".into(),
+            }
+        );
+        let conf = NodeConf::parse(&text).unwrap();
+        assert_eq!(NodeConf::parse(&conf.format()).unwrap(), conf);
+        let err = NodeConf::parse(&format!("node_id={id}\nname=n\n")).unwrap_err();
+        assert_eq!(err, "no coordinator= line");
+        let err = NodeConf::parse("node_id=nope\nname=n\ncoordinator=c\n").unwrap_err();
+        assert!(err.starts_with("node_id 'nope'"), "{err}");
+        let err = NodeConf::parse("garbage\n").unwrap_err();
+        assert_eq!(err, "line 1: expected key=value");
+    }
+}
