@@ -62,12 +62,6 @@ pub struct CoordinatorConfig {
     /// Lifetime of each node certificate issued by `Join` or renewed over
     /// a session (default 7 days; `--node-cert-lifetime`).
     pub node_cert_lifetime: Duration,
-    /// Whether `Connect` requires a node certificate (node authentication)
-    /// when serving TLS with auth. The binary sets it unless `--insecure`
-    /// or `--no-auth`; `Default` is false for now, so library and harness
-    /// nodes that do not join yet are still accepted (see
-    /// [`node_auth`](Self::node_auth)).
-    pub require_node_certs: bool,
 }
 
 /// Default of [`CoordinatorConfig::node_cert_lifetime`].
@@ -84,10 +78,11 @@ impl CoordinatorConfig {
             .unwrap_or_else(|| self.heartbeat_timeout.saturating_mul(2))
     }
 
-    /// Whether nodes are authenticated by their certificates: TLS, client
-    /// auth, and [`require_node_certs`](Self::require_node_certs).
+    /// Whether nodes are authenticated by their certificates: whenever
+    /// the coordinator serves TLS with authentication on (no `--insecure`,
+    /// no `--no-auth`).
     pub fn node_auth(&self) -> bool {
-        self.tls.is_some() && self.auth && self.require_node_certs
+        self.tls.is_some() && self.auth
     }
 
     /// Whether nodes can join (`Join`, join tokens): only a coordinator
@@ -118,7 +113,6 @@ impl Default for CoordinatorConfig {
             auth: true,
             admin_token_file: None,
             node_cert_lifetime: DEFAULT_NODE_CERT_LIFETIME,
-            require_node_certs: false,
         }
     }
 }

@@ -141,11 +141,6 @@ struct Args {
     /// for longer than this must join again with a new token.
     #[arg(long, default_value = "7d", value_parser = parse_duration)]
     node_cert_lifetime: Duration,
-
-    /// Accept nodes that did not join (no certificate), as with
-    /// --insecure. Testing only, until every test node joins.
-    #[arg(long, env = "WEFT_ALLOW_UNJOINED_NODES", hide = true)]
-    allow_unjoined_nodes: bool,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -180,7 +175,6 @@ impl From<&Args> for CoordinatorConfig {
             auth: !args.no_auth,
             admin_token_file: args.admin_token_file.clone(),
             node_cert_lifetime: args.node_cert_lifetime,
-            require_node_certs: !args.insecure && !args.no_auth && !args.allow_unjoined_nodes,
             ..CoordinatorConfig::default()
         }
     }
@@ -337,7 +331,7 @@ mod tests {
             weft_coordinator::CoordinatorConfig::from(&args)
         };
         let default = config(&[]);
-        assert!(default.require_node_certs && default.node_auth());
+        assert!(default.node_auth());
         assert_eq!(
             default.node_cert_lifetime,
             std::time::Duration::from_secs(7 * 24 * 3600)

@@ -2,7 +2,8 @@
 //! issuing its certificate with the cluster CA, and reading the node id
 //! back from a certificate a node presents. Plain code and `rcgen`; no I/O.
 //!
-//! A node certificate names the node id as its subject's common name, has
+//! A node certificate names the node id as its subject's common name and
+//! the node's name as its organizational unit, has
 //! the extended key usage clientAuth only (so it cannot serve), key usage
 //! digitalSignature, a random serial, and a `not_before` backdated like
 //! serving certificates. The request's subject and extensions are ignored:
@@ -91,7 +92,7 @@ impl Ca {
     pub fn issue_node(
         &self,
         csr_der: &[u8],
-        node_id: NodeId,
+        (node_id, node_name): (NodeId, &str),
         lifetime: Duration,
     ) -> Result<NodeCert, NodeCertError> {
         let key = requested_key(csr_der)?;
@@ -101,6 +102,7 @@ impl Ca {
         let mut params = CertificateParams::default();
         let mut name = DistinguishedName::new();
         name.push(DnType::CommonName, node_id.to_string());
+        name.push(DnType::OrganizationalUnitName, node_name);
         params.distinguished_name = name;
         params.not_before = to_offset(now - CLOCK_SKEW.min(lifetime));
         params.not_after = to_offset(not_after);
@@ -128,6 +130,28 @@ pub fn node_id_of(cert_der: &[u8]) -> Option<NodeId> {
     let (_, cert) = x509_parser::certificate::X509Certificate::from_der(cert_der).ok()?;
     let cn = cert.subject().iter_common_name().next()?;
     cn.as_str().ok()?.parse::<NodeId>().ok()
+}
+
+/// The node id and name a node certificate (DER) names (common name and
+/// organizational unit); `None` when it names either not.
+pub fn node_of(cert_der: &[u8]) -> Option<(NodeId, String)> {
+    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(cert_der).ok()?;
+    let id = cert
+        .subject()
+        .iter_common_name()
+        .next()?
+        .as_str()
+        .ok()?
+        .parse::<NodeId>()
+        .ok()?;
+    let name = cert
+        .subject()
+        .iter_organizational_unit()
+        .next()?
+        .as_str()
+        .ok()?
+        .to_owned();
+    Some((id, name))
 }
 
 #[cfg(test)]
@@ -170,7 +194,7 @@ mod tests {
         let key = KeyPair::generate().unwrap();
         let id = NodeId::new();
         let issued = ca
-            .issue_node(&csr(&key), id, Duration::from_secs(3600))
+            .issue_node(&csr(&key), (id, "gpu-7"), Duration::from_secs(3600))
             .unwrap();
         let chain = pem_blocks(&issued.chain_pem);
         assert_eq!(chain.len(), 2, "leaf then CA");
@@ -181,6 +205,7 @@ mod tests {
         assert_eq!(leaf.issuer(), root.subject());
         // The subject is the node id, whatever the request asked for.
         assert_eq!(node_id_of(&chain[0]), Some(id));
+        assert_eq!(node_of(&chain[0]), Some((id, "gpu-7".to_owned())));
         assert_eq!(
             leaf.public_key().raw,
             rcgen::PublicKeyData::subject_public_key_info(&key).as_slice(),
@@ -209,7 +234,7 @@ mod tests {
         assert!((leaf.validity().not_after.timestamp() - not_after).abs() <= 1);
         // Each certificate has its own serial.
         let again = ca
-            .issue_node(&csr(&key), id, Duration::from_secs(3600))
+            .issue_node(&csr(&key), (id, "gpu-7"), Duration::from_secs(3600))
             .unwrap();
         let again = pem_blocks(&again.chain_pem);
         let (_, other) = X509Certificate::from_der(&again[0]).unwrap();
@@ -221,7 +246,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let (ca, _) = Ca::load_or_create(tmp.path()).unwrap();
         let id = NodeId::new();
-        let refused = |der: &[u8]| match ca.issue_node(der, id, Duration::from_secs(60)) {
+        let refused = |der: &[u8]| match ca.issue_node(der, (id, "n"), Duration::from_secs(60)) {
             Err(NodeCertError::BadRequest(why)) => why,
             other => panic!("expected a refusal, got {other:?}"),
         };
@@ -236,7 +261,7 @@ mod tests {
         assert!(refused(&vec![0u8; MAX_CSR_BYTES + 1]).contains("bytes"));
         // The error names the field.
         let err = ca
-            .issue_node(b"x", id, Duration::from_secs(60))
+            .issue_node(b"x", (id, "n"), Duration::from_secs(60))
             .unwrap_err();
         assert!(err.to_string().starts_with("csr_der: "), "{err}");
     }
@@ -249,6 +274,7 @@ mod tests {
             .self_signed(&key)
             .unwrap();
         assert_eq!(node_id_of(cert.der()), None);
+        assert_eq!(node_of(cert.der()), None);
         assert_eq!(node_id_of(b"garbage"), None);
     }
 }

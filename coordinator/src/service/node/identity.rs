@@ -10,7 +10,8 @@ use weft_proto::{NodeId, pb};
 
 use super::NodeApi;
 use crate::identity::{ConnectRefusal, admit_connect};
-use crate::tls::node_cert::node_id_of;
+use crate::store::NodeIdentityRecord;
+use crate::tls::node_cert::{node_id_of, node_of};
 
 /// The node's certificate (leaf first), or UNAUTHENTICATED saying how to
 /// join. rustls already checked that it chains to the cluster CA.
@@ -23,6 +24,31 @@ pub(super) fn require_certificate<'a>(
 }
 
 impl NodeApi {
+    /// The identity of a certificate this coordinator's CA signed for a
+    /// node it has no record of (its store was wiped, or it keeps none:
+    /// `--in-memory`): the signature is the proof the node joined, so it
+    /// is recorded (in memory; `RevokeNode` stores it) from the
+    /// certificate's node id and name. `None` when the certificate names
+    /// no name, or its name is held by another node.
+    fn adopt(&self, leaf: &[u8]) -> Option<NodeIdentityRecord> {
+        let (id, name) = node_of(leaf)?;
+        if let Some(holder) = self.identities.holder(&name)
+            && holder.id != id
+        {
+            return None;
+        }
+        let record = NodeIdentityRecord {
+            id,
+            name,
+            created: std::time::SystemTime::now(),
+            token_id: String::new(),
+            revoked: None,
+        };
+        tracing::info!(node_id = %record.id, node_name = %record.name, "a node certificate of this cluster's CA names a node not on record; recorded it");
+        self.identities.put(record.clone());
+        Some(record)
+    }
+
     /// The node id and name a certified node registers with, or the
     /// refusal (a revoked node's is counted).
     pub(super) fn certified(
@@ -31,7 +57,13 @@ impl NodeApi {
         register: &pb::Register,
     ) -> Result<(NodeId, String), Status> {
         let leaf = require_certificate(peer_certs)?;
-        let identity = node_id_of(leaf.as_ref()).and_then(|id| self.identities.get(id));
+        let identity = match node_id_of(leaf.as_ref()) {
+            Some(id) => self
+                .identities
+                .get(id)
+                .or_else(|| self.adopt(leaf.as_ref())),
+            None => None,
+        };
         let admitted = admit_connect(
             identity.as_ref(),
             &register.previous_node_id,

@@ -73,7 +73,11 @@ pub(super) async fn join(
     let node_id = NodeId::new();
     let cert = tls
         .ca()
-        .issue_node(&request.csr_der, node_id, config.node_cert_lifetime)
+        .issue_node(
+            &request.csr_der,
+            (node_id, &request.name),
+            config.node_cert_lifetime,
+        )
         .map_err(|err| match err {
             NodeCertError::BadRequest(_) => Status::invalid_argument(err.to_string()),
             NodeCertError::Pki(_) => {

@@ -58,7 +58,7 @@ impl Renewal {
 
 impl Certified {
     fn renew(&self, csr_der: &[u8]) -> Result<(String, std::time::SystemTime), String> {
-        match self.identities.get(self.node_id) {
+        let name = match self.identities.get(self.node_id) {
             None => return Err(format!("node {} is not known; join again", self.node_id)),
             Some(identity) if identity.revoked.is_some() => {
                 self.identities.count_refusal();
@@ -67,12 +67,12 @@ impl Certified {
                     self.node_id
                 ));
             }
-            Some(_) => {}
-        }
+            Some(identity) => identity.name,
+        };
         let cert = self
             .tls
             .ca()
-            .issue_node(csr_der, self.node_id, self.lifetime)
+            .issue_node(csr_der, (self.node_id, &name), self.lifetime)
             .map_err(|err| err.to_string())?;
         tracing::info!(node_id = %self.node_id, "renewed a node certificate");
         Ok((cert.chain_pem, cert.not_after))
