@@ -105,7 +105,7 @@ def main() -> None:
     parser.add_argument("--ca-file", default=os.environ.get("WEFT_CA"),
                         help="the cluster CA's certificate (the coordinator's ca.pem)")
     parser.add_argument("--ca-pin", default=os.environ.get("WEFT_CA_PIN"),
-                        help="the cluster CA's pin (sha256:HEX); alone it needs Python 3.13+")
+                        help="the cluster CA's pin (sha256:HEX)")
     parser.add_argument("--slots", type=int, default=None)
     parser.add_argument("--name", default=None)
     parser.add_argument("--label", action="append", default=[], metavar="K=V")

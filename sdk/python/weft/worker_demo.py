@@ -125,7 +125,7 @@ def parser(prog: str = "python -m weft.worker_demo") -> argparse.ArgumentParser:
     p.add_argument("--ca-file", default=os.environ.get("WEFT_CA"),
                    help="the cluster CA's certificate (the coordinator's ca.pem)")
     p.add_argument("--ca-pin", default=os.environ.get("WEFT_CA_PIN"),
-                   help="the cluster CA's pin (sha256:HEX); alone it needs Python 3.13+")
+                   help="the cluster CA's pin (sha256:HEX)")
     p.add_argument("--slots", type=int, default=None, help="slots offered (default: number of CPUs)")
     p.add_argument("--name", default=None, help="node name (default: host-pyPID)")
     p.add_argument("--label", action="append", metavar="K=V", help="a label tasks can require (repeatable)")
