@@ -554,6 +554,8 @@ class FakeCoordinator:
         #: (node id, csr_der, chain_pem) of each certificate renewal answered.
         self.renewals: List[Tuple[str, bytes, str]] = []
         self.revoked: set = set()
+        #: Connect calls refused for want of a (valid, unrevoked) node certificate.
+        self.refused: List[str] = []
         self.auto_renew = True
         self._credentials: Dict[str, int] = {}  # join credential -> uses left (0: no limit)
         self._lock = threading.Lock()
@@ -644,10 +646,12 @@ class FakeCoordinator:
 
         der = self._front.certificate_of(context.peer())
         if not der:
+            self.refused.append("no certificate")
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "no node certificate: join first with a join token "
                                                            "(weft-node --join TOKEN)")
         certificate = x509.load_der_x509_certificate(der)
         if _common_name(certificate) in self.revoked:
+            self.refused.append("revoked")
             context.abort(grpc.StatusCode.PERMISSION_DENIED, f"node {_common_name(certificate)} was revoked")
         return certificate
 
