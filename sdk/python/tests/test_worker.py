@@ -52,12 +52,13 @@ def fake():
 
 
 @pytest.fixture
-def run_worker(fake):
+def run_worker(fake, tmp_path):
     running = []
 
     def start(slots: int = 2, setup=None, exec: str = "deny") -> tuple:
-        worker = weft.Worker(fake.url, slots=slots, name="unit", labels={"lang": "py"}, process_workers=slots, exec=exec,
-                             ca_file=fake.ca_file)
+        # It joins the fake (which authenticates nodes, as a coordinator does).
+        worker = weft.Worker(slots=slots, name="unit", labels={"lang": "py"}, process_workers=slots, exec=exec,
+                             join_token=fake.join_token(), state_dir=str(tmp_path / f"state-{len(running)}"))
         if setup:
             setup(worker)
         rw = RunningWorker(worker)
@@ -358,8 +359,8 @@ async def handlers_sleep(data):
     await asyncio.sleep(float(data))
 
 
-def test_coordinator_silence_past_heartbeat_timeout_makes_the_worker_reconnect(fake):
-    worker = weft.Worker(fake.url, slots=1, name="silent", ca_file=fake.ca_file)
+def test_coordinator_silence_past_heartbeat_timeout_makes_the_worker_reconnect(fake, tmp_path):
+    worker = weft.Worker(slots=1, name="silent", join_token=fake.join_token(), state_dir=str(tmp_path / "state"))
     rw = RunningWorker(worker)
     try:
         session = fake.accept()
