@@ -26,7 +26,7 @@ import grpc
 from .. import errors
 from .._channel import _OPTIONS, _pem_certificates, _pin_digest, ca_pin, fetch_pinned_ca, parse_address
 from .._proto import node_pb2, node_pb2_grpc
-from . import identity as ident
+from .identity import Identity, check_chain, check_name, new_key_and_csr, save
 
 #: The prefix of every join token.
 JOIN_PREFIX = "weftjoin_"
@@ -108,7 +108,7 @@ def new_credential() -> str:
     return secrets.token_hex(8) + "_" + secrets.token_urlsafe(32)
 
 
-def join(token: JoinToken, name: str, state_dir: str) -> ident.Identity:
+def join(token: JoinToken, name: str, state_dir: str) -> Identity:
     """Joins the cluster the token names as ``name`` and saves the identity
     in ``state_dir``.
 
@@ -120,13 +120,13 @@ def join(token: JoinToken, name: str, state_dir: str) -> ident.Identity:
     revoked; ``AlreadyExists``: another node holds the name;
     ``FailedPrecondition``: the coordinator does not authenticate nodes).
     """
-    ident.check_name(name)
+    check_name(name)
     scheme, host, port = parse_address(token.address)
     if scheme != "https":
         raise ValueError(f"the join token names a plaintext address ({token.address}): joining needs TLS")
     target = f"{host}:{port}"
     ca_pem = fetch_pinned_ca(target, token.ca_pin)
-    key_pem, csr_der = ident.new_key_and_csr(name)
+    key_pem, csr_der = new_key_and_csr(name)
     channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=ca_pem), options=_OPTIONS)
     try:
         stub = node_pb2_grpc.NodeServiceStub(channel)
@@ -139,10 +139,10 @@ def join(token: JoinToken, name: str, state_dir: str) -> ident.Identity:
         channel.close()
     chain_pem = answer.certificate_chain_pem.encode()
     answered_ca = answer.ca_pem.encode()
-    ident.check_chain(chain_pem, key_pem, answer.node_id)
+    check_chain(chain_pem, key_pem, answer.node_id)
     ders = _pem_certificates(answered_ca)
     if not ders or ca_pin(ders[0]) != "sha256:" + _pin_digest(token.ca_pin):
         raise ValueError("the coordinator answered Join with a CA that is not the one the token's pin names")
-    identity = ident.Identity(answer.node_id, name, token.address, key_pem, chain_pem, answered_ca)
-    ident.save(state_dir, identity)
+    identity = Identity(answer.node_id, name, token.address, key_pem, chain_pem, answered_ca)
+    save(state_dir, identity)
     return identity

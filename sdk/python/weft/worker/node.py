@@ -26,7 +26,7 @@ from .._proto import node_pb2
 from ..models import DurationLike, parse_duration
 from .attempt import Attempts
 from .exec_policy import ExecPolicy, ExecSetting
-from . import identity as ident
+from .identity import Identity, check_name, load, state_dir_of
 from .handlers import Handler, Handlers
 from .join import JoinToken
 from .outbox import Outbox
@@ -95,8 +95,8 @@ class Worker:
     ):
         token_text = join_token if join_token is not None else os.environ.get("WEFT_JOIN_TOKEN", "")
         self.join_token: Optional[JoinToken] = JoinToken.parse(token_text) if token_text.strip() else None
-        self.state_dir = ident.state_dir_of(state_dir)
-        self.identity: Optional[ident.Identity] = ident.load(self.state_dir)
+        self.state_dir = state_dir_of(state_dir)
+        self.identity: Optional[Identity] = load(self.state_dir)
         if self.identity is not None and self.join_token is not None and self.identity.ca_pin() != \
                 "sha256:" + _pin_digest(self.join_token.ca_pin):
             log.info("the state dir %s holds a node of another cluster than the token's: joining anew", self.state_dir)
@@ -122,7 +122,7 @@ class Worker:
         else:
             self.name = name or f"{socket.gethostname()}-py{os.getpid()}"
         if self.join_token is not None:
-            ident.check_name(self.name)
+            check_name(self.name)
         self.drain_grace = parse_duration(drain_grace)
         self.reconnect_min = parse_duration(reconnect_min)
         self.reconnect_max = parse_duration(reconnect_max)

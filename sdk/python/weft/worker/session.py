@@ -27,7 +27,7 @@ from .. import errors
 from .._channel import PinMismatch, aio_channel
 from .._proto import node_pb2, node_pb2_grpc
 from ..models import duration_from_pb
-from . import identity as ident
+from .identity import Identity, RENEW_AT, check_chain, new_key_and_csr, retry_delay, save_renewed, utc
 from .attempt import Attempts
 from .join import JoinTokenError, join
 from .outbox import CLOSE, Outbox
@@ -276,7 +276,7 @@ class Sessions:
 
     # -- identity -----------------------------------------------------------
 
-    async def _identity(self) -> Optional[ident.Identity]:
+    async def _identity(self) -> Optional[Identity]:
         """The identity to connect with: the kept one while its certificate
         lives, else a new one from joining with the worker's token; None
         for a worker that never joined (it connects without a client
@@ -293,7 +293,7 @@ class Sessions:
                 return None
             raise Fatal(errors.Unauthenticated(
                 f"this node's certificate (state dir {worker.state_dir}) expired at "
-                f"{ident.utc(current.validity()[1])}: join again with a new token (join_token= / "
+                f"{utc(current.validity()[1])}: join again with a new token (join_token= / "
                 "WEFT_JOIN_TOKEN / --join), made with `weft token create --role node`"))
         log.info("joining %s as %s (token %s)", token.address, worker.name, token.id)
         try:
@@ -310,7 +310,7 @@ class Sessions:
         log.info("joined as node %s; identity kept in %s", joined.node_id, worker.state_dir)
         return joined
 
-    def _refusal(self, e: grpc.RpcError, identity: Optional[ident.Identity]) -> errors.WeftError:
+    def _refusal(self, e: grpc.RpcError, identity: Optional[Identity]) -> errors.WeftError:
         error = errors.from_rpc_error(e)
         if error.code == grpc.StatusCode.UNAUTHENTICATED and identity is None:
             hint = ("this worker has no node certificate: start it with a join token (join_token= / "
@@ -319,11 +319,11 @@ class Sessions:
         log.error("the coordinator refused this node (%s): %s; not reconnecting", error.code.name, error.details)
         return error
 
-    async def _renewal(self, session: Session, identity: ident.Identity) -> None:
+    async def _renewal(self, session: Session, identity: Identity) -> None:
         """Asks for a new certificate at 2/3 of the current one's lifetime,
         and again at a tenth of the time left while no answer is usable."""
         not_before, not_after = identity.validity()
-        session.renew_at = not_before + (not_after - not_before) * ident.RENEW_AT
+        session.renew_at = not_before + (not_after - not_before) * RENEW_AT
         while not session.closing:
             delay = session.renew_at - time.time()
             if delay > 0:
@@ -334,11 +334,11 @@ class Sessions:
                     pass
                 continue
             current = self._worker.identity
-            key_pem, csr_der = ident.new_key_and_csr(current.name)
+            key_pem, csr_der = new_key_and_csr(current.name)
             session.renew_key = key_pem
             now = time.time()
-            session.renew_at = now + ident.retry_delay(current.validity()[1], now)
-            log.info("renewing the node certificate (it expires %s)", ident.utc(current.validity()[1]))
+            session.renew_at = now + retry_delay(current.validity()[1], now)
+            log.info("renewing the node certificate (it expires %s)", utc(current.validity()[1]))
             self._outbox.control(node_pb2.NodeMessage(renew_certificate=node_pb2.RenewCertificate(csr_der=csr_der)))
             self._outbox.wake()
 
@@ -350,27 +350,27 @@ class Sessions:
         now = time.time()
         current = worker.identity
         if answer.error or not answer.certificate_chain_pem:
-            session.renew_at = now + ident.retry_delay(current.validity()[1], now)
+            session.renew_at = now + retry_delay(current.validity()[1], now)
             session.renew_wake.set()
             log.warning("certificate renewal refused: %s; asking again at %s", answer.error or "no certificate",
-                        ident.utc(session.renew_at))
+                        utc(session.renew_at))
             return
         chain = answer.certificate_chain_pem.encode()
         try:
-            ident.check_chain(chain, session.renew_key, current.node_id)
+            check_chain(chain, session.renew_key, current.node_id)
         except ValueError as e:
-            log.warning("renewed certificate not used (%s); asking again at %s", e, ident.utc(session.renew_at))
+            log.warning("renewed certificate not used (%s); asking again at %s", e, utc(session.renew_at))
             return
         renewed = current.renewed(session.renew_key, chain)
         try:
-            ident.save_renewed(worker.state_dir, renewed)
+            save_renewed(worker.state_dir, renewed)
         except OSError as e:
             log.error("could not save the renewed certificate in %s (%s); asking again at %s", worker.state_dir, e,
-                      ident.utc(session.renew_at))
+                      utc(session.renew_at))
             return
         worker.identity = renewed
         session.renew_key = None
         not_before, not_after = renewed.validity()
-        session.renew_at = max(now, not_before + (not_after - not_before) * ident.RENEW_AT)
+        session.renew_at = max(now, not_before + (not_after - not_before) * RENEW_AT)
         session.renew_wake.set()
-        log.info("node certificate renewed: it expires %s; the next connection uses it", ident.utc(not_after))
+        log.info("node certificate renewed: it expires %s; the next connection uses it", utc(not_after))
