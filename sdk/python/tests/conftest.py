@@ -70,13 +70,23 @@ def _node_flags(url: Optional[str], join: Optional[str], state_dir: Optional[str
 _HELP: Dict[str, str] = {}
 
 
+def require_join(impl: str) -> None:
+    """Skips the test when the worker under test cannot join yet (a
+    ``weft-node`` built before it learned ``--join``)."""
+    if impl != "weft-node":
+        return
+    node = str(require_binary("weft-node"))
+    if "--join" not in _HELP.setdefault(node, subprocess.run([node, "--help"], capture_output=True, text=True,
+                                                             timeout=30).stdout):
+        pytest.skip(f"{node} takes no --join: it was built before weft-node learned to join (node/**); "
+                    "rebuild it with node join to run the kit against it")
+
+
 def _weft_node(url: Optional[str], name: str, slots: int, exec: str = "allow", join: Optional[str] = None,
                state_dir: Optional[str] = None) -> List[str]:
     node = str(require_binary("weft-node"))
-    if (join or state_dir) and "--join" not in _HELP.setdefault(node, subprocess.run(
-            [node, "--help"], capture_output=True, text=True, timeout=30).stdout):
-        pytest.skip(f"{node} takes no --join: it was built before weft-node learned to join (node/**); "
-                    "rebuild it with node join to run the kit against it")
+    if join or state_dir:
+        require_join("weft-node")
     return [node, *_node_flags(url, join, state_dir), "--slots", str(slots), "--name", name, "--prefetch", "0",
             "--exec", exec]
 
