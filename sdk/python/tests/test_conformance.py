@@ -83,7 +83,9 @@ def start(fake: FakeCoordinator, spawn, impl: str, slots: int = SLOTS, exec: str
           join: bool = True) -> Proc:
     """Starts the worker with a join token (``token``, else a fresh one;
     none with ``join=False``) and the kit's state dir."""
-    if join and token is None:
+    if token is None and (join or impl == "custom"):
+        # A custom command always has {join}: restarted, the worker must
+        # use its state dir and leave the token unused.
         token = fake.join_token()
     argv = WORKERS[impl](fake.url, "conf", slots, exec, join=token, state_dir=str(fake.state_dir))
     return spawn(argv, name=impl, env=CLEAN_ENV)
