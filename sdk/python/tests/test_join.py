@@ -187,6 +187,8 @@ def test_a_worker_with_an_identity_takes_its_name_and_address_and_needs_no_token
     assert (worker.name, worker.node_id, worker.coordinator) == ("py-1", joined.node_id, joined.coordinator)
     with pytest.raises(ValueError, match="holds node 'py-1', not 'py-2'"):
         weft.Worker(slots=1, name="py-2", state_dir=state)
+    # A plaintext coordinator (--insecure) authenticates no one: the identity is left aside.
+    assert weft.Worker("http://127.0.0.1:1", slots=1, state_dir=state).identity is None
     # A token of another cluster (another CA) means joining anew.
     with FakeCoordinator() as other:
         worker = weft.Worker(slots=1, name="py-2", state_dir=state, join_token=other.join_token())

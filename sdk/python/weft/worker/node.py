@@ -26,8 +26,8 @@ from .._proto import node_pb2
 from ..models import DurationLike, parse_duration
 from .attempt import Attempts
 from .exec_policy import ExecPolicy, ExecSetting
-from .identity import Identity, check_name, load, state_dir_of
 from .handlers import Handler, Handlers
+from .identity import Identity, check_name, load, state_dir_of
 from .join import JoinToken
 from .outbox import Outbox
 from .reaper import Reaper
@@ -101,16 +101,19 @@ class Worker:
                 "sha256:" + _pin_digest(self.join_token.ca_pin):
             log.info("the state dir %s holds a node of another cluster than the token's: joining anew", self.state_dir)
             self.identity = None
-        if self.identity is not None and name and name != self.identity.name:
-            raise ValueError(f"the state dir {self.state_dir} holds node '{self.identity.name}', not '{name}': "
-                             "drop the name, or use another state dir (state_dir= / WEFT_NODE_STATE_DIR)")
         joined_at = (self.identity.coordinator if self.identity is not None
                      else self.join_token.address if self.join_token is not None else None)
         self.coordinator = coordinator_url(coordinator or os.environ.get("WEFT_COORDINATOR") or joined_at)
         parse_address(self.coordinator)
         if joined_at is not None and not parse_target(self.coordinator)[1]:
-            raise ValueError(f"{self.coordinator} is plaintext: a node that joins connects over TLS with its "
-                             "certificate (https://HOST:PORT or HOST:PORT)")
+            if self.join_token is not None:
+                raise ValueError(f"{self.coordinator} is plaintext: a node that joins connects over TLS with its "
+                                 "certificate (https://HOST:PORT or HOST:PORT)")
+            log.warning("%s is plaintext: the identity in %s is not used", self.coordinator, self.state_dir)
+            self.identity = None
+        if self.identity is not None and name and name != self.identity.name:
+            raise ValueError(f"the state dir {self.state_dir} holds node '{self.identity.name}', not '{name}': "
+                             "drop the name, or use another state dir (state_dir= / WEFT_NODE_STATE_DIR)")
         self.ca_file = ca_file
         self.ca_pin = ca_pin
         self._slots = Slots(int(slots if slots is not None else (os.cpu_count() or 1)))
