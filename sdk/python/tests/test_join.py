@@ -170,6 +170,10 @@ def test_an_empty_state_dir_holds_no_identity_and_a_damaged_one_says_what_to_do(
     (state / "node.key").write_bytes(ident.new_key_and_csr("x")[0])  # a key that is not the certificate's
     with pytest.raises(ValueError, match=r"state dir .* unusable identity .*join again"):
         ident.load(str(state))
+    os.chmod(state / "node.key", 0o644)
+    with pytest.raises(ValueError, match=r"may be read by others \(mode 644\).*chmod 600"):
+        ident.load(str(state))
+    os.chmod(state / "node.key", 0o600)
     (state / "node.pem").unlink()
     with pytest.raises(ValueError, match="no node.pem"):
         ident.load(str(state))
@@ -189,10 +193,9 @@ def test_a_worker_with_an_identity_takes_its_name_and_address_and_needs_no_token
         weft.Worker(slots=1, name="py-2", state_dir=state)
     # A plaintext coordinator (--insecure) authenticates no one: the identity is left aside.
     assert weft.Worker("http://127.0.0.1:1", slots=1, state_dir=state).identity is None
-    # A token of another cluster (another CA) means joining anew.
-    with FakeCoordinator() as other:
-        worker = weft.Worker(slots=1, name="py-2", state_dir=state, join_token=other.join_token())
-        assert worker.identity is None and worker.name == "py-2"
+    # A token given as well is not needed, and ignored (as by weft-node).
+    worker = weft.Worker(slots=1, state_dir=state, join_token=fake.join_token())
+    assert worker.identity == joined and worker.coordinator == joined.coordinator
 
 
 def test_a_renewed_identity_is_saved_in_place(fake, tmp_path):

@@ -208,6 +208,14 @@ def load(state_dir: str) -> Optional[Identity]:
     if missing:
         raise ValueError(f"{conf_path} lacks {', '.join(missing)}: the state dir is damaged; "
                          "remove it and join again with a new token")
+    key_path = os.path.join(state_dir, KEY_FILE)
+    try:
+        key_mode = os.stat(key_path).st_mode & 0o777
+    except FileNotFoundError:
+        key_mode = 0
+    if key_mode & 0o077:
+        raise ValueError(f"{key_path} may be read by others (mode {key_mode:o}): the node's private key must "
+                         f"be private: chmod 600 {key_path}")
     files = {}
     for name in (KEY_FILE, CHAIN_FILE, CA_FILE):
         try:

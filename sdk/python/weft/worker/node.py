@@ -20,7 +20,7 @@ import socket
 import time
 from typing import Callable, List, Mapping, Optional
 
-from .._channel import _pin_digest, coordinator_url, parse_address, parse_target
+from .._channel import coordinator_url, parse_address, parse_target
 from .._pool import ProcessPool
 from .._proto import node_pb2
 from ..models import DurationLike, parse_duration
@@ -66,8 +66,9 @@ class Worker:
     for a certificate naming its node id (``NodeService.Join``), kept with
     the key in ``state_dir`` (default ``$WEFT_NODE_STATE_DIR``, else
     ``weft-node-state``; the layout of ``weft-node --state-dir``). A worker
-    whose state dir holds an identity needs no token: it connects with its
-    certificate as its name, and renews it over its session. The
+    whose state dir holds an identity needs no token (one given is
+    ignored, as by ``weft-node``): it connects with its certificate as its
+    name, and renews it over its session. The
     coordinator address defaults to the one in the token (or the state
     dir). A malformed token is a ValueError here; a refused one
     (``weft.Unauthenticated``), a coordinator that is not the one the pin
@@ -97,10 +98,10 @@ class Worker:
         self.join_token: Optional[JoinToken] = JoinToken.parse(token_text) if token_text.strip() else None
         self.state_dir = state_dir_of(state_dir)
         self.identity: Optional[Identity] = load(self.state_dir)
-        if self.identity is not None and self.join_token is not None and self.identity.ca_pin() != \
-                "sha256:" + _pin_digest(self.join_token.ca_pin):
-            log.info("the state dir %s holds a node of another cluster than the token's: joining anew", self.state_dir)
-            self.identity = None
+        if self.identity is not None and self.join_token is not None:
+            # As weft-node: a node that joined needs its token no more.
+            log.info("this node already joined (its identity is in %s): the join token is not needed and is "
+                     "ignored", self.state_dir)
         joined_at = (self.identity.coordinator if self.identity is not None
                      else self.join_token.address if self.join_token is not None else None)
         self.coordinator = coordinator_url(coordinator or os.environ.get("WEFT_COORDINATOR") or joined_at)
