@@ -9,8 +9,8 @@ stream per :class:`Session`, run by :meth:`Sessions.run_session`;
 reconnecting with backoff is ``reconnect.py``'s. Outgoing messages come
 from the outbox (``outbox.py``), which also keeps what must survive a
 reconnect; ``Assign`` and ``Cancel`` go to the attempts (``attempt.py``).
-The state dir and the
-certificate requests are ``identity.py``'s, the token and Join ``join.py``'s.
+The state dir and the certificate requests are ``identity.py``'s, the
+token and Join ``join.py``'s.
 It must not run or finish attempts itself, nor batch events.
 """
 
@@ -27,8 +27,8 @@ from .. import errors
 from .._channel import PinMismatch, aio_channel
 from .._proto import node_pb2, node_pb2_grpc
 from ..models import duration_from_pb
-from .identity import Identity, RENEW_AT, check_chain, new_key_and_csr, retry_delay, save_renewed, utc
 from .attempt import Attempts
+from .identity import Identity, RENEW_AT, check_chain, new_key_and_csr, retry_delay, save_renewed, utc
 from .join import JoinTokenError, join
 from .outbox import CLOSE, Outbox
 from .slots import Slots
