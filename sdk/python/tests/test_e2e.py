@@ -85,6 +85,10 @@ class Cluster:
     def state_dir(self, name: str) -> Path:
         return self._tmp / f"state-{name}"
 
+    def join_kwargs(self, name: str) -> dict:
+        """What an in-process ``weft.Worker`` named ``name`` needs to join (nothing while nodes need not)."""
+        return {"join_token": self.join_token(), "state_dir": str(self.state_dir(name))} if self.joins else {}
+
     def rust_node(self, name: str = "rust", slots: int = 2, labels=("lang=rust",)):
         if self.joins:
             argv = [str(self.node_bin), "--join", self.join_token(), "--state-dir", str(self.state_dir(name)),
@@ -305,11 +309,13 @@ def test_a_python_worker_reconnects_after_a_coordinator_restart(cluster, spawn, 
     cluster.wait_nodes("py")
     address = cluster.url[len("https://"):]
     cluster.coordinator.kill()
-    # Same address, fresh (in-memory) coordinator with the same CA.
     coordinator = require_binary("weft-coordinator")
-    # The same admin token file and CA: the new coordinator adopts both.
-    spawn([str(coordinator), "--listen", address, "--in-memory", "--pki-dir", str(cluster.data_dir),
-           "--heartbeat-interval", "500ms", "--admin-token-file", str(cluster.token_file)], name="coordinator-again")
+    # The same address and admin token file. Nodes that joined are known
+    # only to a coordinator on the same data dir (its store keeps them):
+    # one that lost its store refuses them until they join again.
+    keep = ["--data-dir", str(cluster.data_dir)] if cluster.joins else ["--in-memory", "--pki-dir", str(cluster.data_dir)]
+    spawn([str(coordinator), "--listen", address, *keep, "--heartbeat-interval", "500ms",
+           "--admin-token-file", str(cluster.token_file)], name="coordinator-again")
     nodes = poll(lambda: _nodes_or_none(cluster.client), timeout=30, what="the worker to re-register")
     assert [n.name for n in nodes] == ["py"]
     assert cluster.client.call("sha256", b"", wait_timeout=30).startswith(b"e3b0c442")
@@ -360,7 +366,7 @@ def test_a_secret_reaches_the_process_and_a_python_handler_but_no_answer(cluster
 
     cluster.rust_node("rust")
     worker = weft.Worker(cluster.url, slots=2, name="py-secret", labels={"lang": "py-secret"},
-                         ca_file=cluster.ca_file)
+                         ca_file=cluster.ca_file, **cluster.join_kwargs("py-secret"))
 
     @worker.handler(kind="thread")
     def secret_upper(data: bytes, ctx: weft.Context) -> str:
