@@ -525,18 +525,15 @@ def test_a_client_token_is_not_a_join_token(fake, spawn, impl):
 
 def test_a_used_up_token_is_refused_and_the_worker_stops(fake, spawn, impl):
     token = fake.join_token(uses=1)
-    first = connect(fake, spawn, impl)  # uses a token of its own
-    first.proc.kill()
-    fake.state_dir = fake.state_dir.parent / "other-state"
     # The one-use token works once...
-    fake.node_id = None
-    conn = start(fake, spawn, impl, token=token)
+    first = start(fake, spawn, impl, token=token)
     fake.accept(timeout=20)
-    conn.kill()
-    # ...and not for a second node.
-    fake.state_dir = fake.state_dir.parent / "third-state"
+    first.kill()
+    # ...and not for a second node (another state dir).
+    fake.state_dir = fake.state_dir.parent / "second-state"
     out = exits_refused(start(fake, spawn, impl, token=token))
     assert "UNAUTHENTICATED" in out or "join token" in out, out
+    assert len(fake.joins) == 1 and len(fake.join_requests) == 2
 
 
 def test_a_worker_without_a_certificate_is_refused_and_stops(fake, spawn, impl):
