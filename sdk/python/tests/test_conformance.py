@@ -28,7 +28,6 @@ runs none.
 
 from __future__ import annotations
 
-import os
 import signal
 import stat
 import time
