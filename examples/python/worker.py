@@ -2,7 +2,12 @@
 """A Weft worker in Python, serving handlers of all three kinds.
 
     pip install ./sdk/python
-    python examples/python/worker.py --coordinator http://127.0.0.1:7070 --slots 4
+    python examples/python/worker.py --join "$(weft token create --role node)" --slots 4
+
+The join token carries the coordinator's address and its CA's pin: the
+worker checks the coordinator, gets its own certificate and keeps it in
+--state-dir (default weft-node-state); started again, it needs no token.
+For a coordinator started with --insecure: --coordinator http://HOST:PORT.
 
 It runs no exec tasks (shell commands) unless started with `--exec allow`.
 
@@ -25,6 +30,7 @@ import asyncio
 import hashlib
 import logging
 import os
+import sys
 import time
 
 import weft
@@ -101,11 +107,16 @@ def burn(data: bytes) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
-    parser.add_argument("--coordinator", default=os.environ.get("WEFT_COORDINATOR", "https://127.0.0.1:7070"))
+    parser.add_argument("--coordinator", default=os.environ.get("WEFT_COORDINATOR"),
+                        help="HOST:PORT or a URL (default: the join token's or the state dir's address)")
+    parser.add_argument("--join", default=os.environ.get("WEFT_JOIN_TOKEN"), metavar="TOKEN",
+                        help="a join token (weft token create --role node); not needed once joined")
+    parser.add_argument("--state-dir", default=os.environ.get("WEFT_NODE_STATE_DIR"),
+                        help="where the node's key and certificate live (default weft-node-state)")
     parser.add_argument("--ca-file", default=os.environ.get("WEFT_CA"),
                         help="the cluster CA's certificate (the coordinator's ca.pem)")
     parser.add_argument("--ca-pin", default=os.environ.get("WEFT_CA_PIN"),
-                        help="the cluster CA's pin (sha256:HEX); alone it needs Python 3.13+")
+                        help="the cluster CA's pin (sha256:HEX)")
     parser.add_argument("--slots", type=int, default=None)
     parser.add_argument("--name", default=None)
     parser.add_argument("--label", action="append", default=[], metavar="K=V")
@@ -117,6 +128,16 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
+    try:
+        worker = build(args)
+        worker.run()  # until drained: SIGTERM/SIGINT or `weft drain NAME`
+    except (weft.WeftError, ValueError, OSError) as e:
+        # A refusal reconnecting would not fix: a bad or used-up token, a
+        # coordinator the pin does not name, a revoked node.
+        sys.exit(f"worker stopped: {e}")
+
+
+def build(args) -> weft.Worker:
     worker = weft.Worker(
         args.coordinator,
         slots=args.slots,
@@ -126,6 +147,8 @@ def main() -> None:
         exec=args.exec,
         ca_file=args.ca_file,
         ca_pin=args.ca_pin,
+        join_token=args.join,
+        state_dir=args.state_dir,
     )
     for fn in (noop, echo, sleep, fail, countdown):
         worker.register(fn.__name__, fn, kind="asyncio")
@@ -133,7 +156,7 @@ def main() -> None:
         worker.register(fn.__name__, fn, kind="thread")
     for fn in (primes, burn):
         worker.register(fn.__name__, fn, kind="process")
-    worker.run()  # until drained: SIGTERM/SIGINT or `weft drain NAME`
+    return worker
 
 
 if __name__ == "__main__":

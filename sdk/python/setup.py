@@ -94,10 +94,12 @@ class SdistWithProtos(sdist):
 
 
 def runtime_requirements() -> list:
-    """The generated code needs a runtime at least as new as its generator."""
+    """The generated code needs a runtime at least as new as its generator;
+    a worker that joins makes its key and certificate requests with
+    `cryptography`."""
     from importlib.metadata import version
 
-    return [f"grpcio>={version('grpcio-tools')}", f"protobuf>={version('protobuf')}"]
+    return [f"grpcio>={version('grpcio-tools')}", f"protobuf>={version('protobuf')}", "cryptography>=42"]
 
 
 setup(install_requires=runtime_requirements(), cmdclass={"build_py": BuildPyWithProtos, "sdist": SdistWithProtos})

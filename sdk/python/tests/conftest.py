@@ -49,30 +49,70 @@ def require_binary(name: str) -> Path:
 
 
 #: Worker implementations under test: name -> argv builder (url, name,
-#: slots, exec), where exec is "allow" or "deny" (``--exec``; the kit runs
-#: exec tasks, so it starts workers with "allow" unless a test checks "deny").
-WorkerCommand = Callable[[str, str, int, str], List[str]]
+#: slots, exec, join, state_dir). ``exec`` is "allow" or "deny" (``--exec``; the kit runs exec tasks, so it
+#: starts workers with "allow" unless a test checks "deny"); ``join`` and
+#: ``state_dir`` become ``--join TOKEN`` and ``--state-dir DIR``, as
+#: ``weft-node`` takes them; with either, the built-in workers get no
+#: ``--coordinator`` (the token, or the state dir, names the address).
+WorkerCommand = Callable[..., List[str]]
 
 
-def _weft_node(url: str, name: str, slots: int, exec: str = "allow") -> List[str]:
-    return [str(require_binary("weft-node")), "--coordinator", url, "--slots", str(slots), "--name", name, "--prefetch", "0",
+def _node_flags(url: Optional[str], join: Optional[str], state_dir: Optional[str]) -> List[str]:
+    # A joining worker takes the address from its token, a joined one from its state dir.
+    flags = ["--coordinator", url] if url and not (join or state_dir) else []
+    if join:
+        flags += ["--join", join]
+    if state_dir:
+        flags += ["--state-dir", str(state_dir)]
+    return flags
+
+
+_HELP: Dict[str, str] = {}
+
+
+def require_join(impl: str) -> None:
+    """Skips the test when the worker under test cannot join yet (a
+    ``weft-node`` built before it learned ``--join``)."""
+    if impl != "weft-node":
+        return
+    node = str(require_binary("weft-node"))
+    if "--join" not in _HELP.setdefault(node, subprocess.run([node, "--help"], capture_output=True, text=True,
+                                                             timeout=30).stdout):
+        pytest.skip(f"{node} takes no --join: it was built before weft-node learned to join (node/**); "
+                    "rebuild it with node join to run the kit against it")
+
+
+def _weft_node(url: Optional[str], name: str, slots: int, exec: str = "allow", join: Optional[str] = None,
+               state_dir: Optional[str] = None) -> List[str]:
+    node = str(require_binary("weft-node"))
+    if join or state_dir:
+        require_join("weft-node")
+    return [node, *_node_flags(url, join, state_dir), "--slots", str(slots), "--name", name, "--prefetch", "0",
             "--exec", exec]
 
 
-def _python_demo(url: str, name: str, slots: int, exec: str = "allow") -> List[str]:
-    return [sys.executable, "-m", "weft.worker_demo", "--coordinator", url, "--slots", str(slots), "--name", name, "--exec", exec]
+def _python_demo(url: Optional[str], name: str, slots: int, exec: str = "allow", join: Optional[str] = None,
+                 state_dir: Optional[str] = None) -> List[str]:
+    return [sys.executable, "-m", "weft.worker_demo", *_node_flags(url, join, state_dir), "--slots", str(slots),
+            "--name", name, "--exec", exec]
 
 
-def _python_example(url: str, name: str, slots: int, exec: str = "allow") -> List[str]:
-    return [sys.executable, str(EXAMPLES_DIR / "worker.py"), "--coordinator", url, "--slots", str(slots), "--name", name,
-            "--exec", exec]
+def _python_example(url: Optional[str], name: str, slots: int, exec: str = "allow", join: Optional[str] = None,
+                    state_dir: Optional[str] = None) -> List[str]:
+    return [sys.executable, str(EXAMPLES_DIR / "worker.py"), *_node_flags(url, join, state_dir), "--slots",
+            str(slots), "--name", name, "--exec", exec]
 
 
-def _custom(url: str, name: str, slots: int, exec: str = "allow") -> List[str]:
+def _custom(url: Optional[str], name: str, slots: int, exec: str = "allow", join: Optional[str] = None,
+            state_dir: Optional[str] = None) -> List[str]:
     template = os.environ["WEFT_CONFORMANCE_WORKER"]
     if exec != "allow" and "{exec}" not in template:
         pytest.skip("WEFT_CONFORMANCE_WORKER has no {exec} placeholder (e.g. `--exec {exec}`)")
-    return shlex.split(template.format(url=url, name=name, slots=slots, exec=exec))
+    if "{join}" not in template or "{state_dir}" not in template:
+        pytest.skip("WEFT_CONFORMANCE_WORKER has no {join} and {state_dir} placeholders (e.g. `--join {join} "
+                    "--state-dir {state_dir}`): the kit authenticates nodes as a coordinator does")
+    return shlex.split(template.format(url=url or "", name=name, slots=slots, exec=exec, join=join or "",
+                                       state_dir=state_dir or ""))
 
 
 WORKERS: Dict[str, WorkerCommand] = {
@@ -93,7 +133,11 @@ class Proc:
         self._log = open(log_path, "wb")
         full_env = dict(os.environ)
         full_env.setdefault("RUST_LOG", "info")
-        full_env.update(env or {})
+        for key, value in (env or {}).items():  # None: not inherited
+            if value is None:
+                full_env.pop(key, None)
+            else:
+                full_env[key] = value
         # cwd: not the SDK's source folder, whose weft/ has no generated stubs.
         self.popen = subprocess.Popen(
             argv, stdout=self._log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True, cwd=log_path.parent

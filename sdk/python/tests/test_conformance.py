@@ -8,8 +8,16 @@ drain and a coordinator restart. Every test runs against every worker
 implementation: ``weft-node`` (skipped when the binary is not built), the
 Python demo worker, the Python example worker, and any command in
 ``$WEFT_CONFORMANCE_WORKER`` (a template with ``{url}``, ``{name}``,
-``{slots}``, and ``{exec}``: ``allow`` or ``deny``). So the protocol is
-defined by these tests, not by one implementation.
+``{slots}``, ``{exec}``: ``allow`` or ``deny``, ``{join}`` and
+``{state_dir}``). So the protocol is defined by these tests, not by one
+implementation.
+
+The kit authenticates nodes as a coordinator does: every worker is started
+with ``--join TOKEN`` (a token the kit encodes: its address and its test
+CA's pin) and ``--state-dir`` (a temp dir), joins (``NodeService.Join``),
+and connects over mutual TLS with the certificate it got. Joining itself
+is tested too: the state dir's layout, a restart without a token, a wrong
+pin, a client token, no certificate, a revoked node, renewal.
 
 Every worker must serve the handlers ``echo`` (output chunk + return the
 input), ``sleep`` (input like ``250ms``) and ``fail`` (fail with the input as
@@ -21,8 +29,10 @@ runs none.
 from __future__ import annotations
 
 import signal
+import stat
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -30,7 +40,7 @@ from weft import call_spec, exec_spec
 from weft._proto import common_pb2, node_pb2
 from weft.testing import FakeCoordinator, FakeSession, Ids, new_ulid
 
-from conftest import WORKERS, Proc
+from conftest import WORKERS, Proc, require_join
 
 SLOTS = 2
 KIT_HANDLERS = {"echo", "sleep", "fail"}
@@ -55,19 +65,36 @@ def ids():
     return Ids()
 
 
+#: What the kit's workers must not inherit from the environment running it.
+CLEAN_ENV = {"WEFT_COORDINATOR": None, "WEFT_CA": None, "WEFT_CA_PIN": None, "WEFT_JOIN_TOKEN": None,
+             "WEFT_NODE_STATE_DIR": None}
+
+
 @pytest.fixture
-def fake():
-    coordinator = FakeCoordinator()
+def fake(tmp_path):
+    coordinator = FakeCoordinator(node_id=NODE_ID)
+    coordinator.state_dir = tmp_path / "node-state"  # where the kit's worker keeps its identity
     yield coordinator
     coordinator.stop()
 
 
-def connect(fake: FakeCoordinator, spawn, impl: str, slots: int = SLOTS, exec: str = "allow") -> Conn:
-    """Starts the worker (with exec tasks allowed unless ``exec="deny"``), takes
-    its Register, answers Registered, waits for its credits."""
-    # Over TLS, as against a real coordinator: the worker gets the CA by
-    # WEFT_CA, which weft-node and the Python workers all read.
-    proc = spawn(WORKERS[impl](fake.url, "conf", slots, exec), name=impl, env={"WEFT_CA": fake.ca_file or ""})
+def start(fake: FakeCoordinator, spawn, impl: str, slots: int = SLOTS, exec: str = "allow", token: str = None,
+          join: bool = True) -> Proc:
+    """Starts the worker with a join token (``token``, else a fresh one;
+    none with ``join=False``) and the kit's state dir."""
+    if token is None and (join or impl == "custom"):
+        # A custom command always has {join}: restarted, the worker must
+        # use its state dir and leave the token unused.
+        token = fake.join_token()
+    argv = WORKERS[impl](fake.url, "conf", slots, exec, join=token, state_dir=str(fake.state_dir))
+    return spawn(argv, name=impl, env=CLEAN_ENV)
+
+
+def connect(fake: FakeCoordinator, spawn, impl: str, slots: int = SLOTS, exec: str = "allow", join: bool = True) -> Conn:
+    """Starts the worker (with exec tasks allowed unless ``exec="deny"``;
+    joining with a fresh token, or with ``join=False`` from the state dir
+    alone), takes its Register, answers Registered, waits for its credits."""
+    proc = start(fake, spawn, impl, slots, exec, join=join)
     session = fake.accept(timeout=20)
     first = session.recv(timeout=10, skip_heartbeats=False)
     assert first is not None, "worker closed the stream without a message"
@@ -94,7 +121,8 @@ def test_register_is_first_with_version_1_slots_and_the_kit_handlers(fake, spawn
     assert reg.name == "conf"
     assert KIT_HANDLERS <= set(reg.handlers), f"handlers {list(reg.handlers)} must include {KIT_HANDLERS}"
     assert list(reg.running) == []
-    assert reg.previous_node_id == ""
+    # A joined node may name its own id (the certificate's) from the start.
+    assert reg.previous_node_id in ("", NODE_ID)
 
 
 def test_credits_are_granted_after_registered_and_match_free_slots(fake, spawn, impl):
@@ -423,3 +451,138 @@ def test_a_result_sent_just_before_the_coordinator_went_away_is_listed_and_sent_
     assert finished_of(third.events(ids["t-probe"], 1, timeout=3)).output == b"probe"
     third.wait_for(lambda: third.credits_granted() >= SLOTS, timeout=5, what="all slots granted")
     no_violations(conn)
+
+
+# -- joining and the node's identity ------------------------------------------
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def exits_refused(proc: Proc, timeout: float = 20) -> str:
+    """Waits for the worker to exit non-zero; returns its output."""
+    code = proc.wait_exit(timeout)
+    assert code is not None, f"the worker kept running after a final refusal:\n{proc.output()}"
+    assert code != 0, f"the worker exited 0 after a final refusal:\n{proc.output()}"
+    return proc.output()
+
+
+def test_a_worker_joins_with_a_token_and_keeps_its_identity_like_weft_node(fake, spawn, impl):
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    conn = connect(fake, spawn, impl)
+    assert [j.name for j in fake.joins] == ["conf"]
+    csr = x509.load_der_x509_csr(fake.joins[0].csr_der)
+    assert csr.is_signature_valid
+    assert isinstance(csr.public_key(), ec.EllipticCurvePublicKey)
+    # It connected with the certificate Join gave it.
+    assert conn.session.node_id == NODE_ID
+    assert conn.session.certificate.public_bytes(serialization.Encoding.PEM) == fake.joins[0].certificate_pem
+    # The state dir: 0700, every file 0600, weft-node's names.
+    state = fake.state_dir
+    assert mode(state) == 0o700
+    assert sorted(p.name for p in state.iterdir() if not p.name.startswith(".")) == ["ca.pem", "node.conf", "node.key", "node.pem"]
+    for name in ("ca.pem", "node.conf", "node.key", "node.pem"):
+        assert mode(state / name) == 0o600, name
+    conf = dict(line.split("=", 1) for line in (state / "node.conf").read_text().splitlines() if "=" in line)
+    assert conf["node_id"] == NODE_ID and conf["name"] == "conf"
+    assert conf["coordinator"] in (f"127.0.0.1:{fake.port}", fake.url)
+    assert (state / "ca.pem").read_bytes().strip() == fake.ca.pem.strip()
+    assert (state / "node.pem").read_bytes().startswith(fake.joins[0].certificate_pem)
+    assert b"PRIVATE KEY" in (state / "node.key").read_bytes()
+
+
+def test_a_restarted_worker_connects_from_its_state_dir_without_a_token(fake, spawn, impl):
+    conn = connect(fake, spawn, impl)
+    conn.proc.signal(signal.SIGTERM)
+    conn.session.wait_ended(timeout=10)
+    assert conn.proc.wait_exit(10) is not None
+    again = connect(fake, spawn, impl, join=False)
+    assert again.session.node_id == NODE_ID, "it presents the certificate it joined with"
+    assert again.register.name == "conf"
+    assert again.register.previous_node_id in ("", NODE_ID)
+    assert len(fake.joins) == 1, "a joined node does not join again"
+
+
+def test_a_wrong_pin_is_refused_before_anything_is_sent(fake, spawn, impl):
+    proc = start(fake, spawn, impl, token=fake.join_token(pin="sha256:" + "ab" * 32))
+    out = exits_refused(proc)
+    assert "pin" in out.lower(), out
+    assert fake.join_requests == [], "nothing may be sent to a coordinator the pin does not name"
+    assert not (fake.state_dir / "node.conf").exists()
+
+
+def test_a_client_token_is_not_a_join_token(fake, spawn, impl):
+    proc = start(fake, spawn, impl, token="weft_0123456789abcdef_" + "s" * 43)
+    out = exits_refused(proc)
+    assert "weft token create --role node" in out, out
+    assert fake.join_requests == []
+
+
+def test_a_used_up_token_is_refused_and_the_worker_stops(fake, spawn, impl):
+    token = fake.join_token(uses=1)
+    # The one-use token works once...
+    first = start(fake, spawn, impl, token=token)
+    fake.accept(timeout=20)
+    first.kill()
+    # ...and not for a second node (another state dir).
+    fake.state_dir = fake.state_dir.parent / "second-state"
+    out = exits_refused(start(fake, spawn, impl, token=token))
+    assert "UNAUTHENTICATED" in out or "join token" in out, out
+    assert len(fake.joins) == 1 and len(fake.join_requests) == 2
+
+
+def test_a_worker_without_a_certificate_is_refused_and_stops(fake, spawn, impl):
+    # Neither a token nor a state dir: it dials with the CA alone, and the
+    # coordinator wants a node certificate.
+    require_join(impl)
+    if impl == "custom":
+        pytest.skip("the kit starts a custom worker only with {join} and {state_dir}")
+    argv = WORKERS[impl](fake.url, "conf", SLOTS, "allow")
+    proc = spawn(argv, name=impl, env={**CLEAN_ENV, "WEFT_CA": fake.ca_file})
+    out = exits_refused(proc)
+    assert "join" in out.lower(), out
+    assert fake.refused == ["no certificate"], "refused once, and it did not try again"
+
+
+def test_a_revoked_worker_stops_and_does_not_reconnect(fake, spawn, impl):
+    conn = connect(fake, spawn, impl)
+    fake.revoke(NODE_ID)
+    out = exits_refused(conn.proc)
+    assert "revoked" in out.lower() or "PERMISSION_DENIED" in out, out
+    assert fake.refused == [] and len(fake.all_sessions) == 1, "it did not try again"
+
+
+def test_the_certificate_is_renewed_over_the_session_and_used_on_the_next_connection(spawn, impl, tmp_path, ids):
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    with FakeCoordinator(node_id=NODE_ID, cert_lifetime=4) as fake:
+        fake.state_dir = tmp_path / "node-state"
+        conn = connect(fake, spawn, impl)
+        session = conn.session
+        joined = x509.load_pem_x509_certificate(fake.joins[0].certificate_pem)
+        # Asked at 2/3 of the lifetime (5 s with the backdating): within ~4 s.
+        session.wait_for(lambda: fake.renewals, timeout=8, what="a RenewCertificate")
+        node_id, csr_der, chain_pem = fake.renewals[0]
+        assert node_id == NODE_ID
+        csr = x509.load_der_x509_csr(csr_der)
+        assert csr.is_signature_valid
+        spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        assert csr.public_key().public_bytes(*spki) != joined.public_key().public_bytes(*spki), "a new key"
+        renewed = x509.load_pem_x509_certificate(chain_pem.encode())
+        session.wait_for(lambda: (fake.state_dir / "node.pem").read_bytes().startswith(
+            renewed.public_bytes(serialization.Encoding.PEM)), timeout=5, what="the renewed certificate saved")
+        # The live session goes on, and work still runs on it.
+        assert not session.ended.is_set()
+        session.assign((ids["t-renew"], 1, call_spec("echo", b"after")))
+        assert finished_of(session.events(ids["t-renew"], 1)).output == b"after"
+        # The next connection presents the new certificate.
+        session.close()
+        again = fake.accept(timeout=15)
+        assert again.certificate.serial_number in {
+            x509.load_pem_x509_certificate(c.encode()).serial_number for _, _, c in fake.renewals}
+        assert again.certificate.serial_number != joined.serial_number

@@ -52,12 +52,13 @@ def fake():
 
 
 @pytest.fixture
-def run_worker(fake):
+def run_worker(fake, tmp_path):
     running = []
 
     def start(slots: int = 2, setup=None, exec: str = "deny") -> tuple:
-        worker = weft.Worker(fake.url, slots=slots, name="unit", labels={"lang": "py"}, process_workers=slots, exec=exec,
-                             ca_file=fake.ca_file)
+        # It joins the fake (which authenticates nodes, as a coordinator does).
+        worker = weft.Worker(slots=slots, name="unit", labels={"lang": "py"}, process_workers=slots, exec=exec,
+                             join_token=fake.join_token(), state_dir=str(tmp_path / f"state-{len(running)}"))
         if setup:
             setup(worker)
         rw = RunningWorker(worker)
@@ -358,8 +359,8 @@ async def handlers_sleep(data):
     await asyncio.sleep(float(data))
 
 
-def test_coordinator_silence_past_heartbeat_timeout_makes_the_worker_reconnect(fake):
-    worker = weft.Worker(fake.url, slots=1, name="silent", ca_file=fake.ca_file)
+def test_coordinator_silence_past_heartbeat_timeout_makes_the_worker_reconnect(fake, tmp_path):
+    worker = weft.Worker(slots=1, name="silent", join_token=fake.join_token(), state_dir=str(tmp_path / "state"))
     rw = RunningWorker(worker)
     try:
         session = fake.accept()
@@ -457,3 +458,27 @@ def test_the_reaper_survives_a_stray_sigterm_and_kills_what_is_left_at_eof():
     reaper.stdin.close()
     assert reaper.wait(timeout=10) == 0, "it ended at EOF, not by SIGTERM"
     assert task.wait(timeout=10) == -signal.SIGKILL
+
+
+def test_a_refused_renewal_is_asked_again_at_a_tenth_of_the_time_left_and_the_session_goes_on(tmp_path):
+    from weft._proto import node_pb2
+
+    with FakeCoordinator(cert_lifetime=4) as fake:
+        fake.auto_renew = False
+        worker = weft.Worker(slots=1, name="renewing", join_token=fake.join_token(), state_dir=str(tmp_path / "state"))
+        rw = RunningWorker(worker)
+        try:
+            session = fake.accept()
+            session.recv(skip_heartbeats=False)
+            session.registered(session.node_id, heartbeat_interval=0.2, heartbeat_timeout=5)
+            # At 2/3 of 5 s (4 s, backdated 1 s): about 2.3 s after joining.
+            session.expect("renew_certificate", timeout=6)
+            refused_at = time.monotonic()
+            session.send(node_pb2.CoordinatorMessage(certificate=node_pb2.NodeCertificate(error="not now")))
+            # A tenth of the ~1.6 s left, at least 1 s.
+            session.expect("renew_certificate", timeout=4)
+            assert time.monotonic() - refused_at >= 0.9
+            assert not session.ended.is_set(), "a refused renewal does not end the session"
+            assert (tmp_path / "state" / "node.pem").read_bytes().startswith(fake.joins[0].certificate_pem)
+        finally:
+            rw.stop()

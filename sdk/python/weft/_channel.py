@@ -8,6 +8,7 @@ same forms and refuse the same garbage with the same message.
 
 from __future__ import annotations
 
+import _ssl
 import collections
 import hashlib
 import ipaddress
@@ -16,7 +17,7 @@ import re
 import socket
 import ssl
 import warnings
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import grpc
 
@@ -116,24 +117,51 @@ def _pem_certificates(pem: bytes):
             for block in re.findall(r"-----BEGIN CERTIFICATE-----.*?(?=-----END CERTIFICATE-----)", text, re.S)]
 
 
-def _fetch_pinned_ca(target: str, digest: str) -> bytes:
-    """The coordinator's chain as it sends it (leaf, then CA), unverified;
-    the PEM of the certificate whose SHA-256 is ``digest``, which then
-    becomes the only trusted root (so gRPC's usual check runs against it).
-    Needs Python 3.13+ (``get_unverified_chain``)."""
+def _unverified_chain(tls: ssl.SSLSocket) -> List[bytes]:
+    """The DER of each certificate the peer sent, in its order, unverified.
+
+    Python 3.13 has ``SSLSocket.get_unverified_chain()``; 3.10 to 3.12 have
+    the same call on the socket's private ``_sslobj`` (returning
+    certificate objects)."""
+    if hasattr(tls, "get_unverified_chain"):
+        return [bytes(cert) for cert in tls.get_unverified_chain() or ()]
+    sslobj = getattr(tls, "_sslobj", None)
+    if sslobj is None or not hasattr(sslobj, "get_unverified_chain"):
+        raise ValueError("this Python cannot read the certificate chain a server sends: pass the cluster's "
+                         "ca.pem (ca_file= / WEFT_CA)")
+    return [cert.public_bytes(_ssl.ENCODING_DER) for cert in sslobj.get_unverified_chain() or ()]
+
+
+class PinMismatch(ValueError):
+    """The coordinator's certificate chain holds no certificate with the
+    expected pin: it is not the cluster's coordinator (or the pin is
+    wrong). Nothing was sent to it."""
+
+
+def fetch_pinned_ca(target: str, pin: str, timeout: float = 5.0) -> bytes:
+    """The PEM of the certificate with SHA-256 ``pin`` (``sha256:HEX``) in
+    the chain the coordinator at ``target`` (``HOST:PORT``) sends (leaf,
+    then CA), read without verification; it then becomes the only trusted
+    root, so gRPC's usual checks (signature, dates, name) run against it.
+
+    Raises :class:`PinMismatch` when no certificate matches, ValueError on
+    a malformed pin, OSError when the coordinator cannot be reached."""
+    digest = _pin_digest(pin)
     host, _, port = target.rpartition(":")
     host = host.strip("[]")
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
-    with socket.create_connection((host, int(port)), timeout=5) as sock:
+    context.set_alpn_protocols(["h2"])
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
         with context.wrap_socket(sock, server_hostname=host) as tls:
-            chain = [bytes(cert) for cert in tls.get_unverified_chain()]
+            chain = _unverified_chain(tls)
     for der in chain:
         if hashlib.sha256(der).hexdigest() == digest:
             return ssl.DER_cert_to_PEM_cert(der).encode()
-    raise ValueError(f"the coordinator's certificate chain does not match the CA pin sha256:{digest}: "
-                     "pass the pin the coordinator printed, or its ca.pem (ca_file= / WEFT_CA)")
+    raise PinMismatch(f"the coordinator at {target} is not the one the CA pin sha256:{digest} names: none of the "
+                      f"{len(chain)} certificate(s) it sent has that SHA-256 (a wrong pin, or another server "
+                      "at that address); nothing was sent to it")
 
 
 def root_certificates(target: str, ca_file: Optional[str], ca_pin: Optional[str]) -> bytes:
@@ -142,8 +170,8 @@ def root_certificates(target: str, ca_file: Optional[str], ca_pin: Optional[str]
     ``ca_file`` (else ``$WEFT_CA``): the cluster's ``ca.pem``. ``ca_pin``
     (else ``$WEFT_CA_PIN``): with a file, the file must match the pin;
     without one, the CA is taken from the chain the coordinator sends, if
-    a certificate in it matches the pin (Python 3.13+; older Pythons need
-    the file). Raises ValueError when neither is given or they disagree.
+    a certificate in it matches the pin (:func:`fetch_pinned_ca`). Raises
+    ValueError when neither is given or they disagree.
     """
     ca_file = ca_file or os.environ.get("WEFT_CA") or None
     ca_pin = ca_pin or os.environ.get("WEFT_CA_PIN") or None
@@ -158,10 +186,7 @@ def root_certificates(target: str, ca_file: Optional[str], ca_pin: Optional[str]
             raise ValueError(f"the CA file {ca_file} does not match the CA pin {ca_pin}")
         return pem
     if digest:
-        if not hasattr(ssl.SSLSocket, "get_unverified_chain"):
-            raise ValueError("ca_pin alone needs Python 3.13 or later: pass the cluster's ca.pem "
-                             "(ca_file= / WEFT_CA), with or without the pin")
-        return _fetch_pinned_ca(target, digest)
+        return fetch_pinned_ca(target, ca_pin)
     raise ValueError(f"the coordinator at https://{target} serves TLS: pass the cluster's ca.pem "
                      "(ca_file= / WEFT_CA) or its pin (ca_pin= / WEFT_CA_PIN); for a coordinator "
                      "started with --insecure, use http://HOST:PORT")
@@ -311,10 +336,15 @@ def sync_channel(url: str | None, token: str | None = None, ca_file: Optional[st
 
 
 def aio_channel(url: str | None, token: str | None = None, ca_file: Optional[str] = None,
-                ca_pin: Optional[str] = None) -> grpc.aio.Channel:
-    """An asyncio-API channel to the coordinator at ``url`` (as :func:`sync_channel`)."""
+                ca_pin: Optional[str] = None,
+                credentials: Optional[grpc.ChannelCredentials] = None) -> grpc.aio.Channel:
+    """An asyncio-API channel to the coordinator at ``url`` (as
+    :func:`sync_channel`); ``credentials`` (a joined worker's: its CA and
+    client certificate) replace the CA file and pin."""
     url = coordinator_url(url)
     target, secure = parse_target(url)
+    if credentials is not None and secure:
+        return grpc.aio.secure_channel(target, credentials, options=_OPTIONS)
     if not secure:
         _check_plaintext(url, target, token, ca_file, ca_pin)
     interceptors = _aio_bearers(token) if token else None

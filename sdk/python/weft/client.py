@@ -61,8 +61,8 @@ class Client:
     ``--insecure``); default ``$WEFT_COORDINATOR``, else
     ``https://127.0.0.1:7070``. Over TLS the coordinator is trusted by
     ``ca_file`` (the cluster's ``ca.pem``; default ``$WEFT_CA``) or
-    ``ca_pin`` (``sha256:HEX``; default ``$WEFT_CA_PIN``; alone it needs
-    Python 3.13+, with a file it checks the file); with ``http://`` a CA or
+    ``ca_pin`` (``sha256:HEX``; default ``$WEFT_CA_PIN``; alone, the CA is
+    taken from the chain the coordinator sends; with a file it checks the file); with ``http://`` a CA or
     pin (given or from the environment) raises ValueError, and a token
     warns :class:`weft._channel.PlaintextTokenWarning`. ``token`` is a client
     token (default: ``$WEFT_TOKEN``), sent as ``authorization: Bearer``

@@ -9,10 +9,16 @@ Any worker implementation, in any language, can be pointed at its URL.
 
 Each session checks the credit rule as messages pass: the worker must never
 grant more than its free slots (``violations`` lists any breach).
+
+Like a real coordinator it serves TLS and authenticates nodes: a worker
+joins with a token from :meth:`FakeCoordinator.join_token` and connects
+with the certificate it got (mutual TLS; see ``proto/README.md``,
+"Joining").
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import queue
 import threading
@@ -70,7 +76,12 @@ class Ledger:
 class FakeSession:
     """One worker's Connect stream, as seen from the coordinator's side."""
 
-    def __init__(self, ledger: Ledger, previous: Dict[Tuple[str, int], int]):
+    def __init__(self, ledger: Ledger, previous: Dict[Tuple[str, int], int], fake: Optional["FakeCoordinator"] = None):
+        self._fake = fake
+        #: The node certificate the worker presented (``cryptography`` object; None without node auth).
+        self.certificate = None
+        #: The node id that certificate names ("" without one).
+        self.node_id = ""
         self._inbox: "queue.Queue" = queue.Queue()
         self._outbox: "queue.Queue" = queue.Queue()
         self.received: List[Received] = []
@@ -88,6 +99,8 @@ class FakeSession:
             self.received.append(Received(time.monotonic(), message))
             self._account(message)
         self._inbox.put(message)
+        if message.WhichOneof("body") == "renew_certificate" and self._fake is not None and self._fake.auto_renew:
+            self._fake._renew(self, message.renew_certificate)
 
     def _on_end(self) -> None:
         self.ended.set()
@@ -233,6 +246,10 @@ class FakeSession:
     def heartbeat(self) -> None:
         self.send(node_pb2.CoordinatorMessage(heartbeat=node_pb2.Heartbeat()))
 
+    def abort(self, code: grpc.StatusCode, details: str) -> None:
+        """Ends the stream with an error status (a refusal, a revoked node)."""
+        self._outbox.put(_Abort(code, details))
+
     def close(self) -> None:
         """Ends the stream from the coordinator's side (like a coordinator restart)."""
         self._outbox.put(_CLOSE)
@@ -247,8 +264,15 @@ class _Servicer(node_pb2_grpc.NodeServiceServicer):
     def __init__(self, fake: "FakeCoordinator"):
         self._fake = fake
 
+    def Join(self, request, context):
+        return self._fake._join(request, context)
+
     def Connect(self, request_iterator, context):
-        session = FakeSession(self._fake.ledger, self._fake._slots_of)
+        fake = self._fake
+        certificate = fake._authenticate(context)
+        session = FakeSession(fake.ledger, fake._slots_of, fake)
+        session.certificate = certificate
+        session.node_id = _common_name(certificate) if certificate is not None else ""
 
         def read() -> None:
             try:
@@ -261,105 +285,405 @@ class _Servicer(node_pb2_grpc.NodeServiceServicer):
 
         threading.Thread(target=read, daemon=True, name="fake-coordinator-reader").start()
         context.add_callback(lambda: session._outbox.put(_CLOSE))
-        self._fake._sessions.put(session)
-        self._fake.all_sessions.append(session)
+        fake._sessions.put(session)
+        fake.all_sessions.append(session)
         while True:
             item = session._outbox.get()
             if item is _CLOSE:
                 return
+            if isinstance(item, _Abort):
+                context.abort(item.code, item.details)
             yield item
+
+
+@dataclass
+class _Abort:
+    code: grpc.StatusCode
+    details: str
+
+
+@dataclass
+class Joined:
+    """One successful Join the fake answered."""
+
+    name: str
+    node_id: str
+    csr_der: bytes
+    certificate_pem: bytes
+
+
+def _common_name(certificate) -> str:
+    from cryptography.x509.oid import NameOID
+
+    names = certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(names[0].value) if names else ""
+
+
+class TestCA:
+    """A throw-away cluster CA (ECDSA P-256), as a real coordinator makes
+    one: it signs the fake's serving certificate and the node certificates
+    Join and renewals hand out. Needs the ``cryptography`` package."""
+
+    __test__ = False  # not a pytest test class
+
+    def __init__(self) -> None:
+        import datetime
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+
+        now = datetime.datetime.now(datetime.timezone.utc)
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        self.name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Weft test CA")])
+        self.certificate = (
+            x509.CertificateBuilder()
+            .subject_name(self.name)
+            .issuer_name(self.name)
+            .public_key(self.key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                         content_commitment=False, key_encipherment=False, data_encipherment=False,
+                                         key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(self.key.public_key()), critical=False)
+            .sign(self.key, hashes.SHA256())
+        )
+        self.pem = self.certificate.public_bytes(serialization.Encoding.PEM)
+        self.der = self.certificate.public_bytes(serialization.Encoding.DER)
+
+    @property
+    def pin(self) -> str:
+        """``sha256:HEX`` of the CA certificate: what a join token carries."""
+        return "sha256:" + hashlib.sha256(self.der).hexdigest()
+
+    def _leaf(self, subject: str, public_key, lifetime: float, extensions):
+        import datetime
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.x509.oid import NameOID
+
+        now = datetime.datetime.now(datetime.timezone.utc)
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+            .issuer_name(self.name)
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            # Backdated a little, like the coordinator's; lifetime from now.
+            .not_valid_before(now - datetime.timedelta(seconds=1))
+            .not_valid_after(now + datetime.timedelta(seconds=lifetime))
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), critical=False)
+        )
+        for extension, critical in extensions:
+            builder = builder.add_extension(extension, critical=critical)
+        return builder.sign(self.key, hashes.SHA256())
+
+    def serving(self) -> Tuple[bytes, bytes]:
+        """``(key_pem, chain_pem)`` for 127.0.0.1, ::1 and localhost (chain: leaf, then the CA)."""
+        import ipaddress
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import ExtendedKeyUsageOID
+
+        key = ec.generate_private_key(ec.SECP256R1())
+        leaf = self._leaf("weft-fake-coordinator", key.public_key(), 86400, [
+            (x509.SubjectAlternativeName([
+                x509.DNSName("localhost"),
+                x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                x509.IPAddress(ipaddress.ip_address("::1")),
+            ]), False),
+            (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False),
+        ])
+        key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption())
+        return key_pem, leaf.public_bytes(serialization.Encoding.PEM) + self.pem
+
+    def node(self, public_key, node_id: str, lifetime: float):
+        """A node certificate as the coordinator issues one: CN = the node
+        id, EKU clientAuth only, KeyUsage digitalSignature."""
+        from cryptography import x509
+        from cryptography.x509.oid import ExtendedKeyUsageOID
+
+        return self._leaf(node_id, public_key, lifetime, [
+            (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), False),
+            (x509.KeyUsage(digital_signature=True, key_cert_sign=False, crl_sign=False, content_commitment=False,
+                           key_encipherment=False, data_encipherment=False, key_agreement=False,
+                           encipher_only=False, decipher_only=False), True),
+        ])
 
 
 def make_test_pki(directory: str) -> Tuple[str, bytes, bytes]:
     """A throw-away CA and a serving certificate for 127.0.0.1/localhost,
     as a real coordinator makes them (ECDSA P-256): writes ``ca.pem`` in
     ``directory`` and answers ``(ca_file, key_pem, chain_pem)``. Needs the
-    ``cryptography`` package (a test extra)."""
-    import datetime
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    now = datetime.datetime.now(datetime.timezone.utc)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Weft test CA")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                     content_commitment=False, key_encipherment=False, data_encipherment=False,
-                                     key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    leaf = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "weft-fake-coordinator")]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([
-            x509.DNSName("localhost"),
-            x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-            x509.IPAddress(ipaddress.ip_address("::1")),
-        ]), critical=False)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    ca_pem = ca.public_bytes(serialization.Encoding.PEM)
+    ``cryptography`` package."""
+    ca = TestCA()
     ca_file = os.path.join(directory, "ca.pem")
     with open(ca_file, "wb") as f:
-        f.write(ca_pem)
-    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
-    return ca_file, key_pem, leaf.public_bytes(serialization.Encoding.PEM) + ca_pem
+        f.write(ca.pem)
+    key_pem, chain_pem = ca.serving()
+    return ca_file, key_pem, chain_pem
+
+
+class _TlsFront:
+    """TLS in front of the fake's plaintext gRPC port, for node
+    authentication.
+
+    grpcio's server either demands a client certificate on every call or
+    never asks for one, but a coordinator must serve ``Join`` (no client
+    certificate yet) and ``Connect`` (a node certificate) on one port. So
+    the fake terminates TLS itself: it asks for a client certificate,
+    verifies one against the CA when sent (a certificate from another CA
+    fails the handshake), and forwards the bytes to the gRPC server on
+    loopback, remembering which forwarded connection (by its local port,
+    what ``context.peer()`` shows) carries which certificate.
+    """
+
+    def __init__(self, backend_port: int, ca: TestCA, directory: str) -> None:
+        import asyncio
+        import ssl
+
+        key_pem, chain_pem = ca.serving()
+        chain_file, key_file, ca_file = (os.path.join(directory, n) for n in ("front.pem", "front.key", "front-ca.pem"))
+        for path, data in ((chain_file, chain_pem), (key_file, key_pem), (ca_file, ca.pem)):
+            with open(path, "wb") as f:
+                f.write(data)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(chain_file, key_file)
+        context.load_verify_locations(ca_file)
+        context.verify_mode = ssl.CERT_OPTIONAL
+        context.set_alpn_protocols(["h2"])
+        self._backend_port = backend_port
+        #: local port of a forwarded connection -> the client certificate's DER (b"": none)
+        self.peers: Dict[int, bytes] = {}
+        self._writers: set = set()
+        self.loop = asyncio.new_event_loop()
+        self.loop.set_exception_handler(lambda loop, ctx: None)  # failed handshakes are the clients' business
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="fake-coordinator-tls")
+        self._thread.start()
+
+        async def listen():
+            return await asyncio.start_server(self._handle, "127.0.0.1", 0, ssl=context)
+
+        self._server = asyncio.run_coroutine_threadsafe(listen(), self.loop).result(10)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _handle(self, reader, writer) -> None:
+        import asyncio
+
+        tls = writer.get_extra_info("ssl_object")
+        der = (tls.getpeercert(binary_form=True) if tls is not None else None) or b""
+        try:
+            backend_reader, backend_writer = await asyncio.open_connection("127.0.0.1", self._backend_port)
+        except OSError:
+            writer.close()
+            return
+        self.peers[backend_writer.get_extra_info("sockname")[1]] = der
+        self._writers.update((writer, backend_writer))
+
+        async def pipe(source, sink) -> None:
+            try:
+                while True:
+                    data = await source.read(65536)
+                    if not data:
+                        break
+                    sink.write(data)
+                    await sink.drain()
+            except Exception:  # noqa: BLE001 - either side went away
+                pass
+            finally:
+                sink.close()
+
+        await asyncio.gather(pipe(reader, backend_writer), pipe(backend_reader, writer))
+        self._writers.difference_update((writer, backend_writer))
+
+    def certificate_of(self, peer: str) -> bytes:
+        """The client certificate (DER; b"" for none) of a gRPC peer (``ipv4:127.0.0.1:PORT``)."""
+        _, _, port = peer.rpartition(":")
+        return self.peers.get(int(port), b"") if port.isdigit() else b""
+
+    def stop(self) -> None:
+        def close() -> None:
+            self._server.close()
+            for writer in list(self._writers):
+                writer.close()
+
+        self.loop.call_soon_threadsafe(close)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(5)
 
 
 class FakeCoordinator:
-    """A NodeService server on 127.0.0.1:0 whose sessions the test drives.
+    """A NodeService server on 127.0.0.1 whose sessions the test drives.
 
     It serves TLS like a real coordinator (``tls=True``, the default), with
-    a throw-away CA whose ``ca.pem`` is :attr:`ca_file`: give workers that
-    (``--ca-file``, or ``WEFT_CA`` in their environment). ``tls=False``
-    serves plaintext (``http://``).
+    a throw-away CA (:attr:`ca`) whose ``ca.pem`` is :attr:`ca_file`, and
+    authenticates nodes like one (``node_auth=True``, the default): it
+    answers ``Join`` for the tokens :meth:`join_token` made, issuing a node
+    certificate (CN = :attr:`node_id` if set, else a fresh id; EKU
+    clientAuth; chain: the certificate, then the CA) valid for
+    ``cert_lifetime`` seconds, refuses a ``Connect`` without one
+    (UNAUTHENTICATED) or from a revoked node (PERMISSION_DENIED), and
+    answers ``RenewCertificate`` on its own. ``node_auth=False`` takes any
+    TLS client (a coordinator with ``--no-auth``); ``tls=False`` serves
+    plaintext (``http://``).
     """
 
-    def __init__(self, tls: bool = True) -> None:
+    def __init__(self, tls: bool = True, node_auth: bool = True, node_id: Optional[str] = None,
+                 cert_lifetime: float = 86400.0) -> None:
         import tempfile
 
         self.ledger = Ledger()
         self._slots_of: Dict[Tuple[str, int], int] = {}
         self._sessions: "queue.Queue[FakeSession]" = queue.Queue()
         self.all_sessions: List[FakeSession] = []
+        self.node_auth = tls and node_auth
+        self.node_id = node_id
+        self.cert_lifetime = cert_lifetime
+        #: Successful joins, in order.
+        self.joins: List[Joined] = []
+        #: Every Join request, answered or refused.
+        self.join_requests: List[node_pb2.JoinRequest] = []
+        #: (node id, csr_der, chain_pem) of each certificate renewal answered.
+        self.renewals: List[Tuple[str, bytes, str]] = []
+        self.revoked: set = set()
+        #: Connect calls refused for want of a (valid, unrevoked) node certificate.
+        self.refused: List[str] = []
+        self.auto_renew = True
+        self._credentials: Dict[str, int] = {}  # join credential -> uses left (0: no limit)
+        self._lock = threading.Lock()
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
         node_pb2_grpc.add_NodeServiceServicer_to_server(_Servicer(self), self._server)
         self._pki = tempfile.TemporaryDirectory(prefix="weft-fake-pki-") if tls else None
+        self.ca: Optional[TestCA] = None
         self.ca_file: Optional[str] = None
+        self._front: Optional[_TlsFront] = None
         if self._pki is not None:
-            self.ca_file, key_pem, chain_pem = make_test_pki(self._pki.name)
-            credentials = grpc.ssl_server_credentials([(key_pem, chain_pem)])
-            self.port = self._server.add_secure_port("127.0.0.1:0", credentials)
+            self.ca = TestCA()
+            self.ca_file = os.path.join(self._pki.name, "ca.pem")
+            with open(self.ca_file, "wb") as f:
+                f.write(self.ca.pem)
+        if self.node_auth:
+            backend = self._server.add_insecure_port("127.0.0.1:0")
+            self._server.start()
+            self._front = _TlsFront(backend, self.ca, self._pki.name)
+            self.port = self._front.port
         else:
-            self.port = self._server.add_insecure_port("127.0.0.1:0")
-        self._server.start()
+            if self.ca is not None:
+                key_pem, chain_pem = self.ca.serving()
+                self.port = self._server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials([(key_pem, chain_pem)]))
+            else:
+                self.port = self._server.add_insecure_port("127.0.0.1:0")
+            self._server.start()
 
     @property
     def url(self) -> str:
         scheme = "https" if self.ca_file else "http"
         return f"{scheme}://127.0.0.1:{self.port}"
+
+    # -- joining ------------------------------------------------------------
+
+    def join_token(self, uses: int = 0, pin: Optional[str] = None, address: Optional[str] = None) -> str:
+        """A join token for this fake (``weftjoin_...``): its address, the
+        pin of its CA (or ``pin``, to test a wrong one), a fresh credential
+        good for ``uses`` joins (0: any number)."""
+        from .worker.join import JoinToken, new_credential
+
+        credential = new_credential()
+        with self._lock:
+            self._credentials[credential] = uses
+        return JoinToken(address or f"127.0.0.1:{self.port}", pin or self.ca.pin, credential).encode()
+
+    def _join(self, request: node_pb2.JoinRequest, context) -> node_pb2.JoinResponse:
+        from cryptography import x509
+        from cryptography.hazmat.primitives import serialization
+
+        from .worker.identity import NAME
+
+        self.join_requests.append(request)
+        if not self.node_auth:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this coordinator does not authenticate nodes: "
+                                                               "no token needed")
+        with self._lock:
+            uses = self._credentials.get(request.token)
+            if uses is None:
+                context.abort(grpc.StatusCode.UNAUTHENTICATED, "unknown, expired or used-up join token: "
+                                                               "make one with `weft token create --role node`")
+            if uses == 1:
+                del self._credentials[request.token]
+            elif uses > 1:
+                self._credentials[request.token] = uses - 1
+        if not NAME.match(request.name):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid node name {request.name!r}")
+        try:
+            csr = x509.load_der_x509_csr(request.csr_der)
+            valid = csr.is_signature_valid
+        except ValueError:
+            valid = False
+        if not valid:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "csr_der is not a self-signed PKCS#10 request")
+        node_id = self.node_id or new_ulid()
+        certificate = self.ca.node(csr.public_key(), node_id, self.cert_lifetime)
+        pem = certificate.public_bytes(serialization.Encoding.PEM)
+        self.joins.append(Joined(request.name, node_id, request.csr_der, pem))
+        response = node_pb2.JoinResponse(node_id=node_id, certificate_chain_pem=(pem + self.ca.pem).decode(),
+                                         ca_pem=self.ca.pem.decode())
+        response.not_after.FromDatetime(certificate.not_valid_after_utc.replace(tzinfo=None))
+        return response
+
+    def _authenticate(self, context):
+        """The peer's node certificate, or None without node authentication; aborts a refused peer."""
+        if not self.node_auth:
+            return None
+        from cryptography import x509
+
+        der = self._front.certificate_of(context.peer())
+        if not der:
+            self.refused.append("no certificate")
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "no node certificate: join first with a join token "
+                                                           "(weft-node --join TOKEN)")
+        certificate = x509.load_der_x509_certificate(der)
+        if _common_name(certificate) in self.revoked:
+            self.refused.append("revoked")
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"node {_common_name(certificate)} was revoked")
+        return certificate
+
+    def _renew(self, session: "FakeSession", request: node_pb2.RenewCertificate) -> None:
+        from cryptography import x509
+        from cryptography.hazmat.primitives import serialization
+
+        answer = node_pb2.NodeCertificate()
+        try:
+            csr = x509.load_der_x509_csr(request.csr_der)
+            valid = csr.is_signature_valid
+        except ValueError:
+            valid = False
+        if not self.node_auth or not session.node_id:
+            answer.error = "this session is not authenticated by a node certificate"
+        elif not valid:
+            answer.error = "csr_der is not a self-signed PKCS#10 request"
+        else:
+            certificate = self.ca.node(csr.public_key(), session.node_id, self.cert_lifetime)
+            answer.certificate_chain_pem = (certificate.public_bytes(serialization.Encoding.PEM) + self.ca.pem).decode()
+            answer.not_after.FromDatetime(certificate.not_valid_after_utc.replace(tzinfo=None))
+            self.renewals.append((session.node_id, request.csr_der, answer.certificate_chain_pem))
+        session.send(node_pb2.CoordinatorMessage(certificate=answer))
+
+    def revoke(self, node_id: str) -> None:
+        """Refuses the node's certificate from now on and ends its streams with PERMISSION_DENIED."""
+        self.revoked.add(node_id)
+        for session in self.all_sessions:
+            if session.node_id == node_id:
+                session.abort(grpc.StatusCode.PERMISSION_DENIED, f"node {node_id} was revoked")
+
+    # -- sessions -----------------------------------------------------------
 
     def accept(self, timeout: float = 10.0) -> FakeSession:
         """The next Connect stream (AssertionError if none arrives in time)."""
@@ -372,6 +696,8 @@ class FakeCoordinator:
         for session in self.all_sessions:
             session.close()
         self._server.stop(grace=0.5).wait(2)
+        if self._front is not None:
+            self._front.stop()
         if self._pki is not None:
             self._pki.cleanup()
 

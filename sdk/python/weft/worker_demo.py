@@ -2,7 +2,8 @@
 
 Run it with ``python -m weft.worker_demo --coordinator http://127.0.0.1:7070``
 (or the ``weft-py-worker`` script). It takes the same flags as ``weft-node``:
-``--slots N --name NAME --label k=v ... --drain-grace 30s``.
+``--slots N --name NAME --label k=v ... --drain-grace 30s``, and
+``--join TOKEN --state-dir DIR`` to join a cluster.
 
 Handlers (input and output are bytes):
 
@@ -34,6 +35,7 @@ import os
 import sys
 import time
 
+from .errors import WeftError
 from .models import parse_duration
 from .worker import Context, HandlerError, Worker, exec_policy
 
@@ -105,6 +107,8 @@ def build_worker(args: argparse.Namespace) -> Worker:
         exec=policy,
         ca_file=args.ca_file,
         ca_pin=args.ca_pin,
+        join_token=args.join,
+        state_dir=args.state_dir,
     )
     worker.register("noop", noop, "asyncio")
     worker.register("echo", echo, "asyncio")
@@ -121,11 +125,16 @@ def build_worker(args: argparse.Namespace) -> Worker:
 def parser(prog: str = "python -m weft.worker_demo") -> argparse.ArgumentParser:
     """The weft-node-compatible command line."""
     p = argparse.ArgumentParser(prog=prog, description="A Weft worker written in Python.")
-    p.add_argument("--coordinator", default=os.environ.get("WEFT_COORDINATOR", "https://127.0.0.1:7070"))
+    p.add_argument("--coordinator", default=os.environ.get("WEFT_COORDINATOR"),
+                   help="HOST:PORT or a URL (default: the join token's or the state dir's address)")
+    p.add_argument("--join", default=os.environ.get("WEFT_JOIN_TOKEN"), metavar="TOKEN",
+                   help="a join token (weft token create --role node); not needed once joined")
+    p.add_argument("--state-dir", default=os.environ.get("WEFT_NODE_STATE_DIR"),
+                   help="where the node's key and certificate live (default weft-node-state)")
     p.add_argument("--ca-file", default=os.environ.get("WEFT_CA"),
                    help="the cluster CA's certificate (the coordinator's ca.pem)")
     p.add_argument("--ca-pin", default=os.environ.get("WEFT_CA_PIN"),
-                   help="the cluster CA's pin (sha256:HEX); alone it needs Python 3.13+")
+                   help="the cluster CA's pin (sha256:HEX)")
     p.add_argument("--slots", type=int, default=None, help="slots offered (default: number of CPUs)")
     p.add_argument("--name", default=None, help="node name (default: host-pyPID)")
     p.add_argument("--label", action="append", metavar="K=V", help="a label tasks can require (repeatable)")
@@ -144,7 +153,10 @@ def main(argv=None) -> None:
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    build_worker(args).run()
+    try:
+        build_worker(args).run()
+    except (WeftError, ValueError, OSError) as e:
+        sys.exit(f"worker stopped: {e}")
 
 
 if __name__ == "__main__":

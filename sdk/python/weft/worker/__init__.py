@@ -32,7 +32,11 @@ Layout (each module mirrors the Rust node's file of the same name, so a
 protocol change touches same-named files on both sides):
 
 - ``node.py``: :class:`Worker`, settings, serving, drain (``lib.rs``)
-- ``session.py``: the Connect stream, Register/Registered, heartbeats
+- ``session.py``: the Connect stream, Register/Registered, heartbeats;
+  joining before it when needed, certificate renewal over it
+- ``join.py``: join tokens (``weftjoin_...``) and ``NodeService.Join``, the pin check
+- ``identity.py``: the state dir (``weft-node``'s layout), keys and
+  certificate requests, renewal timing
 - ``reconnect.py``: one session after another, the reconnect backoff
 - ``outbox.py``: outgoing queue, event batches, redelivery window, credit grants
 - ``slots.py``: slot accounting and the draining flag, plain state

@@ -20,13 +20,15 @@ import socket
 import time
 from typing import Callable, List, Mapping, Optional
 
-from .._channel import coordinator_url, parse_address
+from .._channel import coordinator_url, parse_address, parse_target
 from .._pool import ProcessPool
 from .._proto import node_pb2
 from ..models import DurationLike, parse_duration
 from .attempt import Attempts
 from .exec_policy import ExecPolicy, ExecSetting
 from .handlers import Handler, Handlers
+from .identity import Identity, check_name, load, state_dir_of
+from .join import JoinToken
 from .outbox import Outbox
 from .reaper import Reaper
 from .reconnect import run as reconnect
@@ -57,6 +59,21 @@ class Worker:
     declared in Register, so the coordinator never assigns this worker an
     exec task it refuses; one assigned anyway is reported START_FAILED and
     never run.
+
+    ``join_token`` (default ``$WEFT_JOIN_TOKEN``): a join token
+    (``weft token create --role node``). The worker checks the coordinator
+    against the token's CA pin, makes its own key, and trades the token
+    for a certificate naming its node id (``NodeService.Join``), kept with
+    the key in ``state_dir`` (default ``$WEFT_NODE_STATE_DIR``, else
+    ``weft-node-state``; the layout of ``weft-node --state-dir``). A worker
+    whose state dir holds an identity needs no token (one given is
+    ignored, as by ``weft-node``): it connects with its certificate as its
+    name, and renews it over its session. The
+    coordinator address defaults to the one in the token (or the state
+    dir). A malformed token is a ValueError here; a refused one
+    (``weft.Unauthenticated``), a coordinator that is not the one the pin
+    names (ValueError) or a revoked node (``weft.PermissionDenied``) ends
+    :meth:`serve` with that error.
     """
 
     def __init__(
@@ -74,16 +91,42 @@ class Worker:
         exec: ExecSetting = "deny",
         ca_file: Optional[str] = None,
         ca_pin: Optional[str] = None,
+        join_token: Optional[str] = None,
+        state_dir: Optional[str] = None,
     ):
-        self.coordinator = coordinator_url(coordinator)
+        token_text = join_token if join_token is not None else os.environ.get("WEFT_JOIN_TOKEN", "")
+        self.join_token: Optional[JoinToken] = JoinToken.parse(token_text) if token_text.strip() else None
+        self.state_dir = state_dir_of(state_dir)
+        self.identity: Optional[Identity] = load(self.state_dir)
+        if self.identity is not None and self.join_token is not None:
+            # As weft-node: a node that joined needs its token no more.
+            log.info("this node already joined (its identity is in %s): the join token is not needed and is "
+                     "ignored", self.state_dir)
+        joined_at = (self.identity.coordinator if self.identity is not None
+                     else self.join_token.address if self.join_token is not None else None)
+        self.coordinator = coordinator_url(coordinator or os.environ.get("WEFT_COORDINATOR") or joined_at)
         parse_address(self.coordinator)
+        if joined_at is not None and not parse_target(self.coordinator)[1]:
+            if self.join_token is not None:
+                raise ValueError(f"{self.coordinator} is plaintext: a node that joins connects over TLS with its "
+                                 "certificate (https://HOST:PORT or HOST:PORT)")
+            log.warning("%s is plaintext: the identity in %s is not used", self.coordinator, self.state_dir)
+            self.identity = None
+        if self.identity is not None and name and name != self.identity.name:
+            raise ValueError(f"the state dir {self.state_dir} holds node '{self.identity.name}', not '{name}': "
+                             "drop the name, or use another state dir (state_dir= / WEFT_NODE_STATE_DIR)")
         self.ca_file = ca_file
         self.ca_pin = ca_pin
         self._slots = Slots(int(slots if slots is not None else (os.cpu_count() or 1)))
         if self.slots < 1:
             raise ValueError("slots must be at least 1")
         self.labels = dict(labels or {})
-        self.name = name or f"{socket.gethostname()}-py{os.getpid()}"
+        if self.identity is not None:
+            self.name = self.identity.name
+        else:
+            self.name = name or f"{socket.gethostname()}-py{os.getpid()}"
+        if self.join_token is not None:
+            check_name(self.name)
         self.drain_grace = parse_duration(drain_grace)
         self.reconnect_min = parse_duration(reconnect_min)
         self.reconnect_max = parse_duration(reconnect_max)
@@ -135,8 +178,9 @@ class Worker:
 
     @property
     def node_id(self) -> str:
-        """The node id the coordinator gave this worker ("" before registering)."""
-        return self._sessions.node_id
+        """The node id the coordinator gave this worker (a joined worker's
+        own before it registers; else "" before registering)."""
+        return self._sessions.node_id or (self.identity.node_id if self.identity is not None else "")
 
     # -- running ------------------------------------------------------------
 

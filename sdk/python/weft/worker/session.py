@@ -1,12 +1,16 @@
 """The Python worker's session with the coordinator: dial, Register and
 Registered, heartbeats both ways (a silent coordinator ends the stream),
-and what the coordinator sends.
+what the coordinator sends, and a joined worker's identity on the stream:
+joining before the first session when it must, presenting its certificate,
+and renewing it over the session at 2/3 of its lifetime.
 
 The counterpart of ``node/src/session.rs``. One ``NodeService.Connect``
 stream per :class:`Session`, run by :meth:`Sessions.run_session`;
 reconnecting with backoff is ``reconnect.py``'s. Outgoing messages come
 from the outbox (``outbox.py``), which also keeps what must survive a
 reconnect; ``Assign`` and ``Cancel`` go to the attempts (``attempt.py``).
+The state dir and the certificate requests are ``identity.py``'s, the
+token and Join ``join.py``'s.
 It must not run or finish attempts itself, nor batch events.
 """
 
@@ -20,10 +24,12 @@ from typing import Callable, List, Optional
 import grpc
 
 from .. import errors
-from .._channel import aio_channel
+from .._channel import PinMismatch, aio_channel
 from .._proto import node_pb2, node_pb2_grpc
 from ..models import duration_from_pb
 from .attempt import Attempts
+from .identity import Identity, RENEW_AT, check_chain, new_key_and_csr, retry_delay, save_renewed, utc
+from .join import JoinTokenError, join
 from .outbox import CLOSE, Outbox
 from .slots import Slots
 
@@ -33,12 +39,19 @@ log = logging.getLogger("weft.worker")
 PROTOCOL_VERSION = node_pb2.PROTOCOL_VERSION_1
 #: How long the coordinator may take to answer Register.
 REGISTER_TIMEOUT = 10.0
+#: Refusals on Connect after which reconnecting would not help, at any
+#: point of the stream: no valid certificate (join first), a revoked node
+#: or another node's id.
+FINAL = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+#: ... and those final only as the answer to Register.
+FINAL_AT_REGISTER = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION,
+                     grpc.StatusCode.UNIMPLEMENTED)
 
 
 class Fatal(Exception):
     """The coordinator refused this worker: reconnecting would not help."""
 
-    def __init__(self, error: errors.WeftError):
+    def __init__(self, error: Exception):
         super().__init__(str(error))
         self.error = error
 
@@ -56,6 +69,11 @@ class Session:
         self.closing = False
         self.dropped = False  # this side cancelled the call
         self.redeliver: List[node_pb2.NodeTaskEvent] = []  # listed in Register, sent after Registered
+        # Renewal: when to ask (Unix time), and the new key of the request
+        # in flight (None when none is).
+        self.renew_at = 0.0
+        self.renew_key: Optional[bytes] = None
+        self.renew_wake = asyncio.Event()
 
 
 class Sessions:
@@ -63,7 +81,9 @@ class Sessions:
     (the node id, the first registration).
 
     ``worker`` is read for its public settings at each Register
-    (``coordinator``, ``name``, ``labels``, ``slots``, ``handlers``);
+    (``coordinator``, ``name``, ``labels``, ``slots``, ``handlers``) and
+    holds the identity (``identity``, ``join_token``, ``state_dir``),
+    which a join or a renewal here replaces;
     ``start_drain`` is called on a Drain, ``spawn`` starts a task the
     worker tracks."""
 
@@ -94,6 +114,7 @@ class Sessions:
         cleanly, raises :class:`Fatal` when the coordinator refused this
         worker, and any other error when the stream was lost."""
         worker, outbox = self._worker, self._outbox
+        identity = await self._identity()
         session = Session()
         # Listed as running: attempts still running, finished ones whose
         # Finished is not sent yet, and sent ones within the redelivery
@@ -109,15 +130,19 @@ class Sessions:
             handlers=worker.handlers,
             protocol_version=PROTOCOL_VERSION,
             running=running,
-            previous_node_id=self.node_id,
+            previous_node_id=self.node_id or (identity.node_id if identity is not None else ""),
             exec=exec_mode,
             exec_allow=exec_allow,
         )
         log.info("connecting to %s as %s (%d running)", worker.coordinator, worker.name, len(running))
-        channel = aio_channel(worker.coordinator, ca_file=worker.ca_file, ca_pin=worker.ca_pin)
+        if identity is not None:
+            channel = aio_channel(worker.coordinator, credentials=identity.credentials())
+        else:
+            channel = aio_channel(worker.coordinator, ca_file=worker.ca_file, ca_pin=worker.ca_pin)
         self.current = session
         outbox.attached = True
         heartbeat: Optional[asyncio.Task] = None
+        renewal: Optional[asyncio.Task] = None
         register_timer: Optional[asyncio.TimerHandle] = None
         try:
             stub = node_pb2_grpc.NodeServiceStub(channel)
@@ -142,6 +167,8 @@ class Sessions:
                             raise RuntimeError(f"coordinator's first message was {body!r}, not registered")
                         self._on_registered(session, message.registered)
                         heartbeat = self._spawn(self._heartbeats(session))
+                        if identity is not None:
+                            renewal = self._spawn(self._renewal(session, identity))
                         continue
                     self._on_message(body, message)
             except asyncio.CancelledError:
@@ -152,8 +179,8 @@ class Sessions:
                 raise RuntimeError("stream dropped") from None
             except grpc.RpcError as e:
                 code = e.code()
-                if first and code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNIMPLEMENTED):
-                    raise Fatal(errors.from_rpc_error(e)) from None
+                if code in FINAL or (first and code in FINAL_AT_REGISTER):
+                    raise Fatal(self._refusal(e, identity)) from None
                 if session.closing and code == grpc.StatusCode.CANCELLED:
                     return
                 raise RuntimeError(f"{code.name}: {e.details()}") from None
@@ -166,6 +193,8 @@ class Sessions:
             outbox.credits_open = False
             if heartbeat is not None:
                 heartbeat.cancel()
+            if renewal is not None:
+                renewal.cancel()
             if self.current is session:
                 self.current = None
                 outbox.attached = False
@@ -238,7 +267,110 @@ class Sessions:
         elif body == "drain":
             grace = duration_from_pb(message.drain.grace) if message.drain.HasField("grace") else None
             self._start_drain(grace)
+        elif body == "certificate":
+            self._on_certificate(message.certificate)
         elif body in ("heartbeat", "registered"):
             pass
         else:
             log.warning("unknown coordinator message %r ignored", body)
+
+    # -- identity -----------------------------------------------------------
+
+    async def _identity(self) -> Optional[Identity]:
+        """The identity to connect with: the kept one while its certificate
+        lives, else a new one from joining with the worker's token; None
+        for a worker that never joined (it connects without a client
+        certificate: a coordinator started with --insecure or --no-auth).
+        Raises :class:`Fatal` when joining was refused or cannot succeed;
+        other errors (the coordinator unreachable) are retried."""
+        worker = self._worker
+        current = worker.identity
+        if current is not None and not current.expired(time.time()):
+            return current
+        token = worker.join_token
+        if token is None:
+            if current is None:
+                return None
+            raise Fatal(errors.Unauthenticated(
+                f"this node's certificate (state dir {worker.state_dir}) expired at "
+                f"{utc(current.validity()[1])}: join again with a new token (join_token= / "
+                "WEFT_JOIN_TOKEN / --join), made with `weft token create --role node`"))
+        log.info("joining %s as %s (token %s)", token.address, worker.name, token.id)
+        try:
+            joined = await asyncio.to_thread(join, token, worker.name, worker.state_dir)
+        except (PinMismatch, JoinTokenError) as e:
+            raise Fatal(e) from None
+        except errors.WeftError as e:
+            if e.is_retryable():
+                raise
+            raise Fatal(e) from None
+        except ValueError as e:  # a plaintext address, an answer that does not fit
+            raise Fatal(e) from None
+        worker.identity = joined
+        log.info("joined as node %s; identity kept in %s", joined.node_id, worker.state_dir)
+        return joined
+
+    def _refusal(self, e: grpc.RpcError, identity: Optional[Identity]) -> errors.WeftError:
+        error = errors.from_rpc_error(e)
+        if error.code == grpc.StatusCode.UNAUTHENTICATED and identity is None:
+            hint = ("this worker has no node certificate: start it with a join token (join_token= / "
+                    "WEFT_JOIN_TOKEN / --join) made with `weft token create --role node`")
+            error = type(error)(f"{error.details}; {hint}" if error.details else hint, error.code)
+        log.error("the coordinator refused this node (%s): %s; not reconnecting", error.code.name, error.details)
+        return error
+
+    async def _renewal(self, session: Session, identity: Identity) -> None:
+        """Asks for a new certificate at 2/3 of the current one's lifetime,
+        and again at a tenth of the time left while no answer is usable."""
+        not_before, not_after = identity.validity()
+        session.renew_at = not_before + (not_after - not_before) * RENEW_AT
+        while not session.closing:
+            delay = session.renew_at - time.time()
+            if delay > 0:
+                session.renew_wake.clear()
+                try:
+                    await asyncio.wait_for(session.renew_wake.wait(), delay)
+                except asyncio.TimeoutError:
+                    pass
+                continue
+            current = self._worker.identity
+            key_pem, csr_der = new_key_and_csr(current.name)
+            session.renew_key = key_pem
+            now = time.time()
+            session.renew_at = now + retry_delay(current.validity()[1], now)
+            log.info("renewing the node certificate (it expires %s)", utc(current.validity()[1]))
+            self._outbox.control(node_pb2.NodeMessage(renew_certificate=node_pb2.RenewCertificate(csr_der=csr_der)))
+            self._outbox.wake()
+
+    def _on_certificate(self, answer: node_pb2.NodeCertificate) -> None:
+        session, worker = self.current, self._worker
+        if session is None or session.renew_key is None or worker.identity is None:
+            log.warning("a certificate nobody asked for was ignored")
+            return
+        now = time.time()
+        current = worker.identity
+        if answer.error or not answer.certificate_chain_pem:
+            session.renew_at = now + retry_delay(current.validity()[1], now)
+            session.renew_wake.set()
+            log.warning("certificate renewal refused: %s; asking again at %s", answer.error or "no certificate",
+                        utc(session.renew_at))
+            return
+        chain = answer.certificate_chain_pem.encode()
+        try:
+            check_chain(chain, session.renew_key, current.node_id)
+        except ValueError as e:
+            log.warning("renewed certificate not used (%s); asking again at %s", e, utc(session.renew_at))
+            return
+        renewed = current.renewed(session.renew_key, chain)
+        try:
+            save_renewed(worker.state_dir, renewed)
+        except OSError as e:
+            log.error("could not save the renewed certificate in %s (%s); asking again at %s", worker.state_dir, e,
+                      utc(session.renew_at))
+            return
+        worker.identity = renewed
+        session.renew_key = None
+        not_before, not_after = renewed.validity()
+        session.renew_at = max(now, not_before + (not_after - not_before) * RENEW_AT)
+        session.renew_wake.set()
+        log.info("node certificate renewed: it expires %s; the next connection uses it", utc(not_after))

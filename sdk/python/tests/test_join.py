@@ -1,0 +1,227 @@
+"""A worker's join and identity without a worker running: join tokens, the
+state dir (weft-node's layout and permissions), the CA pin check, the key
+and certificate request, renewal timing, and how a Worker picks its
+identity. The joins themselves run against the fake coordinator."""
+
+from __future__ import annotations
+
+import base64
+import os
+import stat
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+import weft
+from weft._channel import PinMismatch, fetch_pinned_ca, root_certificates
+from weft.testing import FakeCoordinator, new_ulid
+from weft.worker import identity as ident
+from weft.worker.join import JOIN_PREFIX, JoinToken, JoinTokenError, join, new_credential
+
+PIN = "sha256:" + "ab" * 32
+CREDENTIAL = "0123456789abcdef_" + "s" * 43
+
+
+def mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+@pytest.fixture
+def fake():
+    coordinator = FakeCoordinator()
+    yield coordinator
+    coordinator.stop()
+
+
+# -- tokens --------------------------------------------------------------------
+
+
+def test_a_join_token_reads_back_what_was_written_and_its_repr_hides_the_secret():
+    token = JoinToken("10.0.0.5:7070", PIN, CREDENTIAL)
+    text = token.encode()
+    assert text.startswith(JOIN_PREFIX) and "=" not in text
+    # The format of weft_proto::join: base64url without padding of four lines.
+    encoded = text[len(JOIN_PREFIX):]
+    body = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4))
+    assert body == f"1\n10.0.0.5:7070\n{PIN}\n{CREDENTIAL}".encode()
+    assert JoinToken.parse(f"  {text}\n") == token
+    assert token.id == "0123456789abcdef"
+    assert "sss" not in repr(token)
+
+
+def test_a_client_token_is_refused_saying_how_to_get_a_join_token():
+    with pytest.raises(JoinTokenError, match=r"not a join token.*weft token create --role node"):
+        JoinToken.parse(CREDENTIAL.join(["weft_", ""]))
+
+
+@pytest.mark.parametrize("text, why", [
+    (JoinToken("10.0.0.5:7070", PIN, CREDENTIAL).encode()[:-40], "expected an address|bad credential|not UTF-8"),
+    (JOIN_PREFIX + "!!!", "not base64url"),
+    (JoinToken("10.0.0.5:7070", "sha256:xyz", CREDENTIAL).encode(), "bad CA pin"),
+    (JoinToken("10.0.0.5:7070", PIN, "nope").encode(), "bad credential"),
+    (JoinToken(" ", PIN, CREDENTIAL).encode(), "no address"),
+    (JOIN_PREFIX + base64.urlsafe_b64encode(b"2\na\nb\nc").decode().rstrip("="), "format version '2'"),
+])
+def test_a_damaged_join_token_is_refused_saying_what_is_wrong(text, why):
+    with pytest.raises(JoinTokenError, match=why) as err:
+        JoinToken.parse(text)
+    assert "damaged" in str(err.value) and "weft token create --role node" in str(err.value)
+
+
+def test_a_worker_refuses_a_bad_token_when_built_not_later(tmp_path):
+    with pytest.raises(ValueError, match="not a join token"):
+        weft.Worker(join_token="weft_" + CREDENTIAL, state_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="plaintext"):
+        weft.Worker("http://127.0.0.1:1", join_token=JoinToken("127.0.0.1:1", PIN, CREDENTIAL).encode(),
+                    state_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="invalid node name"):
+        weft.Worker(name="no spaces", join_token=JoinToken("127.0.0.1:1", PIN, CREDENTIAL).encode(),
+                    state_dir=str(tmp_path))
+
+
+def test_the_token_and_state_dir_come_from_the_environment(tmp_path, monkeypatch):
+    monkeypatch.delenv("WEFT_COORDINATOR", raising=False)
+    monkeypatch.setenv("WEFT_JOIN_TOKEN", JoinToken("10.1.2.3:7070", PIN, CREDENTIAL).encode())
+    monkeypatch.setenv("WEFT_NODE_STATE_DIR", str(tmp_path / "from-env"))
+    worker = weft.Worker(slots=1)
+    assert worker.join_token.address == "10.1.2.3:7070"
+    assert worker.coordinator == "10.1.2.3:7070", "the token names the coordinator"
+    assert worker.state_dir == str(tmp_path / "from-env")
+    monkeypatch.delenv("WEFT_NODE_STATE_DIR")
+    assert weft.Worker(slots=1).state_dir == "weft-node-state", "weft-node's default"
+
+
+# -- key and certificate request ----------------------------------------------------
+
+
+def test_the_key_is_ecdsa_p256_pkcs8_and_the_request_is_signed_with_it():
+    key_pem, csr_der = ident.new_key_and_csr("py-1")
+    assert key_pem.startswith(b"-----BEGIN PRIVATE KEY-----"), "PKCS#8 PEM, as weft-node keeps it"
+    key = serialization.load_pem_private_key(key_pem, password=None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey) and isinstance(key.curve, ec.SECP256R1)
+    csr = x509.load_der_x509_csr(csr_der)
+    assert csr.is_signature_valid
+    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    assert csr.public_key().public_bytes(*spki) == key.public_key().public_bytes(*spki)
+    assert csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "py-1"
+    # A new key every time (renewal sends a request signed with a new key).
+    assert ident.new_key_and_csr("py-1")[0] != key_pem
+
+
+# -- the pin check -------------------------------------------------------------------
+
+
+def test_the_right_pin_yields_the_ca_from_the_chain_the_coordinator_sends(fake):
+    target = f"127.0.0.1:{fake.port}"
+    assert fetch_pinned_ca(target, fake.ca.pin).strip() == fake.ca.pem.strip()
+    assert fetch_pinned_ca(target, fake.ca.pin.upper().replace("SHA256", "sha256")).strip() == fake.ca.pem.strip()
+    # A client with the pin alone (any Python from 3.10) trusts that CA.
+    assert root_certificates(target, None, fake.ca.pin).strip() == fake.ca.pem.strip()
+
+
+def test_a_wrong_pin_is_refused_with_a_clear_message_and_nothing_is_sent(fake, tmp_path):
+    target = f"127.0.0.1:{fake.port}"
+    with pytest.raises(PinMismatch, match=r"is not the one the CA pin sha256:(ab){32} names"):
+        fetch_pinned_ca(target, PIN)
+    with pytest.raises(PinMismatch):
+        join(JoinToken(target, PIN, new_credential()), "py-1", str(tmp_path / "state"))
+    assert fake.join_requests == []
+    assert not (tmp_path / "state").exists()
+
+
+# -- joining and the state dir ---------------------------------------------------------
+
+
+def test_join_keeps_key_chain_ca_and_node_conf_with_weft_nodes_layout_and_permissions(fake, tmp_path):
+    state = tmp_path / "state"
+    token = JoinToken.parse(fake.join_token())
+    joined = join(token, "py-1", str(state))
+    assert fake.joins[0].name == "py-1" and joined.node_id == fake.joins[0].node_id
+    assert mode(state) == 0o700
+    assert sorted(os.listdir(state)) == ["ca.pem", "node.conf", "node.key", "node.pem"], "no temp files left"
+    for name in os.listdir(state):
+        assert mode(state / name) == 0o600, name
+    assert (state / "node.conf").read_text() == (
+        f"node_id={joined.node_id}\nname=py-1\ncoordinator={token.address}\n")
+    assert (state / "ca.pem").read_bytes() == fake.ca.pem
+    leaf = x509.load_pem_x509_certificate((state / "node.pem").read_bytes())
+    assert leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == joined.node_id
+    assert (state / "node.key").read_bytes() == joined.key_pem
+    # It reads back whole.
+    assert ident.load(str(state)) == joined
+
+
+def test_a_state_dir_that_exists_is_made_private(tmp_path):
+    state = tmp_path / "state"
+    state.mkdir(mode=0o755)
+    os.chmod(state, 0o755)
+    with FakeCoordinator() as fake:
+        join(JoinToken.parse(fake.join_token()), "py-1", str(state))
+    assert mode(state) == 0o700
+
+
+def test_an_empty_state_dir_holds_no_identity_and_a_damaged_one_says_what_to_do(fake, tmp_path):
+    assert ident.load(str(tmp_path / "none")) is None
+    state = tmp_path / "state"
+    join(JoinToken.parse(fake.join_token()), "py-1", str(state))
+    (state / "node.key").write_bytes(ident.new_key_and_csr("x")[0])  # a key that is not the certificate's
+    with pytest.raises(ValueError, match=r"state dir .* unusable identity .*join again"):
+        ident.load(str(state))
+    os.chmod(state / "node.key", 0o644)
+    with pytest.raises(ValueError, match=r"may be read by others \(mode 644\).*chmod 600"):
+        ident.load(str(state))
+    os.chmod(state / "node.key", 0o600)
+    (state / "node.pem").unlink()
+    with pytest.raises(ValueError, match="no node.pem"):
+        ident.load(str(state))
+    (state / "node.conf").write_text("name=x\n")
+    with pytest.raises(ValueError, match="lacks node_id, coordinator"):
+        ident.load(str(state))
+
+
+def test_a_worker_with_an_identity_takes_its_name_and_address_and_needs_no_token(fake, tmp_path, monkeypatch):
+    monkeypatch.delenv("WEFT_COORDINATOR", raising=False)
+    monkeypatch.delenv("WEFT_JOIN_TOKEN", raising=False)
+    state = str(tmp_path / "state")
+    joined = join(JoinToken.parse(fake.join_token()), "py-1", state)
+    worker = weft.Worker(slots=1, state_dir=state)
+    assert (worker.name, worker.node_id, worker.coordinator) == ("py-1", joined.node_id, joined.coordinator)
+    with pytest.raises(ValueError, match="holds node 'py-1', not 'py-2'"):
+        weft.Worker(slots=1, name="py-2", state_dir=state)
+    # A plaintext coordinator (--insecure) authenticates no one: the identity is left aside.
+    assert weft.Worker("http://127.0.0.1:1", slots=1, state_dir=state).identity is None
+    # A token given as well is not needed, and ignored (as by weft-node).
+    worker = weft.Worker(slots=1, state_dir=state, join_token=fake.join_token())
+    assert worker.identity == joined and worker.coordinator == joined.coordinator
+
+
+def test_a_renewed_identity_is_saved_in_place(fake, tmp_path):
+    state = str(tmp_path / "state")
+    joined = join(JoinToken.parse(fake.join_token()), "py-1", state)
+    key_pem, _ = ident.new_key_and_csr("py-1")
+    key = serialization.load_pem_private_key(key_pem, password=None)
+    renewed_cert = fake.ca.node(key.public_key(), joined.node_id, 60)
+    chain = renewed_cert.public_bytes(serialization.Encoding.PEM) + fake.ca.pem
+    ident.check_chain(chain, key_pem, joined.node_id)
+    with pytest.raises(ValueError, match="another key"):
+        ident.check_chain(chain, joined.key_pem, joined.node_id)
+    with pytest.raises(ValueError, match="not node"):
+        ident.check_chain(chain, key_pem, new_ulid())
+    ident.save_renewed(state, joined.renewed(key_pem, chain))
+    assert ident.load(state) == joined.renewed(key_pem, chain)
+    assert sorted(os.listdir(state)) == ["ca.pem", "node.conf", "node.key", "node.pem"]
+    assert all(mode(os.path.join(state, n)) == 0o600 for n in os.listdir(state))
+
+
+# -- renewal timing --------------------------------------------------------------------
+
+
+def test_renewal_is_due_at_two_thirds_of_the_lifetime_and_retried_at_a_tenth_of_what_is_left():
+    assert ident.renew_delay(1000.0, 1300.0, 1000.0) == pytest.approx(200.0)
+    assert ident.renew_delay(1000.0, 1300.0, 1150.0) == pytest.approx(50.0)
+    assert ident.renew_delay(1000.0, 1300.0, 1250.0) == 0.0
+    assert ident.retry_delay(1300.0, 1200.0) == pytest.approx(10.0)
+    assert ident.retry_delay(1300.0, 1299.0) == 1.0, "at least a second"
