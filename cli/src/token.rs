@@ -370,7 +370,9 @@ async fn list(client: &Client, format: OutputFormat) -> anyhow::Result<u8> {
             println!(
                 "{}",
                 table(
-                    &["ID", "NAME", "ROLE", "SCOPES", "STATUS", "CREATED", "EXPIRES"],
+                    &[
+                        "ID", "NAME", "ROLE", "SCOPES", "STATUS", "CREATED", "EXPIRES"
+                    ],
                     &rows
                 )
             );

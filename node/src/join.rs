@@ -32,6 +32,39 @@ const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Joins with `token` as `ctx.config.name`, at `ctx.config.coordinator`,
 /// and saves the identity in the state dir (if any). `Ok(None)`: the node
 /// was drained or killed before it could join.
+/// A dial whose TLS handshake refused the coordinator (its chain does
+/// not hold the token's CA, or it does not speak TLS) as a final error:
+/// the token names another cluster, or something else answers at its
+/// address, and asking again would only send the same. Unreachable
+/// coordinators stay retryable.
+fn untrusted_is_final(error: Error) -> Error {
+    let Error::Connect {
+        url,
+        reason,
+        source,
+    } = error
+    else {
+        return error;
+    };
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&source);
+    while let Some(current) = cause {
+        if current
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::PermissionDenied)
+        {
+            return Error::Identity(format!(
+                "not joining {url}: {reason} (the join token's CA pin is not this coordinator's; check the token and its address)"
+            ));
+        }
+        cause = current.source();
+    }
+    Error::Connect {
+        url,
+        reason,
+        source,
+    }
+}
+
 pub(crate) async fn join(ctx: &NodeCtx, token: &JoinToken) -> Result<Option<Credentials>, Error> {
     let store = ctx.config.state_dir.clone().map(StateDir::new);
     // A state dir that cannot be written fails now, not after the token
@@ -59,7 +92,9 @@ pub(crate) async fn join(ctx: &NodeCtx, token: &JoinToken) -> Result<Option<Cred
     let stop = ctx.drain.done();
     let response = loop {
         let attempt = async {
-            let channel = session::dial(url.clone(), connector.clone()).await?;
+            let channel = session::dial(url.clone(), connector.clone())
+                .await
+                .map_err(untrusted_is_final)?;
             let mut client = NodeServiceClient::new(channel);
             match tokio::time::timeout(JOIN_TIMEOUT, client.join(request.clone())).await {
                 Ok(Ok(response)) => Ok(response.into_inner()),

@@ -28,7 +28,6 @@ pub struct TestClusterBuilder {
     pub(super) log_filter: Option<String>,
     pub(super) insecure: bool,
     pub(super) cert_lifetime: Option<Duration>,
-    pub(super) node_certs: bool,
     pub(super) node_cert_lifetime: Option<Duration>,
 }
 
@@ -51,7 +50,6 @@ impl Default for TestClusterBuilder {
             log_filter: None,
             insecure: false,
             cert_lifetime: None,
-            node_certs: false,
             node_cert_lifetime: None,
         }
     }
@@ -171,14 +169,6 @@ impl TestClusterBuilder {
     /// of it). Default: the coordinator's own (7 days).
     pub fn cert_lifetime(mut self, lifetime: Duration) -> Self {
         self.cert_lifetime = Some(lifetime);
-        self
-    }
-
-    /// Requires node certificates (node authentication, what the binary
-    /// does by default): only nodes that joined may connect. Off by
-    /// default until the harness's own nodes join.
-    pub fn node_certs(mut self) -> Self {
-        self.node_certs = true;
         self
     }
 

@@ -65,7 +65,6 @@ pub(super) async fn start_coordinator(
         let config = CoordinatorConfig {
             max_queued: settings.max_queued.unwrap_or(config.max_queued),
             max_node_slots: settings.max_node_slots.unwrap_or(config.max_node_slots),
-            require_node_certs: settings.node_certs,
             node_cert_lifetime: settings
                 .node_cert_lifetime
                 .unwrap_or(config.node_cert_lifetime),
@@ -116,10 +115,6 @@ pub(super) async fn start_coordinator(
             args.push("--cert-lifetime".to_owned());
             args.push(format!("{}ms", lifetime.as_millis()));
         }
-        if !settings.node_certs {
-            // The harness's nodes do not join yet.
-            args.push("--allow-unjoined-nodes".to_owned());
-        }
         if let Some(lifetime) = settings.node_cert_lifetime {
             args.push("--node-cert-lifetime".to_owned());
             args.push(format!("{}ms", lifetime.as_millis()));
@@ -166,12 +161,28 @@ pub(super) enum Node {
     Process(Box<ChildProcess>),
 }
 
-/// Starts node `name` with `slots`, `labels` and `exec`, pointed at `url`
-/// (trusting `ca_file`, the cluster CA, when it serves TLS): the
-/// `weft-node` binary logging into `dir`, or the library in this process.
+/// How a node reaches the coordinator: with TLS (the default) it joins
+/// with a join token and keeps its identity in its own state dir (the
+/// token names the address and the CA pin); with `--insecure` it dials
+/// the plaintext URL.
+pub(super) enum Reach<'a> {
+    /// `weft-node --join TOKEN --state-dir DIR`.
+    Join {
+        /// The join token.
+        token: &'a str,
+        /// The node's own state dir.
+        state_dir: &'a Path,
+    },
+    /// `weft-node --coordinator http://...`.
+    Plain(&'a str),
+}
+
+/// Starts node `name` with `slots`, `labels` and `exec`, joining or
+/// dialing as `reach` says: the `weft-node` binary logging into `dir`, or
+/// the library in this process.
 pub(super) fn start_node(
     settings: &TestClusterBuilder,
-    (url, ca_file): (&str, Option<&Path>),
+    reach: Reach<'_>,
     dir: &Path,
     name: &str,
     slots: u32,
@@ -179,9 +190,16 @@ pub(super) fn start_node(
     exec: ExecPolicy,
 ) -> Node {
     if settings.processes {
-        let mut args = vec![
-            "--coordinator".to_owned(),
-            url.to_owned(),
+        let mut args = match reach {
+            Reach::Join { token, state_dir } => vec![
+                "--join".to_owned(),
+                token.to_owned(),
+                "--state-dir".to_owned(),
+                state_dir.display().to_string(),
+            ],
+            Reach::Plain(url) => vec!["--coordinator".to_owned(), url.to_owned()],
+        };
+        args.extend([
             "--name".to_owned(),
             name.to_owned(),
             "--slots".to_owned(),
@@ -190,11 +208,7 @@ pub(super) fn start_node(
             format!("{}ms", settings.drain_grace.as_millis()),
             "--log-format".to_owned(),
             "text".to_owned(),
-        ];
-        if let Some(ca) = ca_file {
-            args.push("--ca-file".to_owned());
-            args.push(ca.display().to_string());
-        }
+        ]);
         for (k, v) in &labels {
             args.push("--label".to_owned());
             args.push(format!("{k}={v}"));
@@ -210,12 +224,22 @@ pub(super) fn start_node(
         }
         Node::Process(Box::new(spawn("weft-node", &args, dir, name, settings)))
     } else {
-        let mut config = NodeConfig::new(url.to_owned());
+        let mut config = match reach {
+            Reach::Join { token, state_dir } => {
+                let mut config = NodeConfig::new(String::new());
+                config.join_token = Some(
+                    weft_proto::JoinToken::parse(token)
+                        .unwrap_or_else(|e| panic!("the harness's join token: {e}")),
+                );
+                config.state_dir = Some(state_dir.to_owned());
+                config
+            }
+            Reach::Plain(url) => NodeConfig::new(url.to_owned()),
+        };
         config.name = name.to_owned();
         config.slots = slots;
         config.labels = labels;
         config.exec = exec;
-        config.trust = ca_file.map(|ca| weft_proto::tls::Trust::CaFile(ca.to_owned()));
         config.drain_grace = settings.drain_grace;
         config.reconnect_min = Duration::from_millis(20);
         config.reconnect_max = Duration::from_millis(500);

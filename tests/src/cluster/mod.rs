@@ -13,6 +13,7 @@
 //! the coordinator and a node), this file (the running cluster and its waits).
 
 mod builder;
+mod fakes;
 mod members;
 
 use std::collections::BTreeMap;
@@ -39,9 +40,13 @@ use crate::wait::{default_timeout, wait_for};
 
 use self::builder::Labels;
 pub use self::builder::TestClusterBuilder;
+pub use self::fakes::Opened;
 use self::members::{
-    ADMIN_TOKEN_FILE, Coordinator, Node, start_coordinator, start_node, terminate,
+    ADMIN_TOKEN_FILE, Coordinator, Node, Reach, start_coordinator, start_node, terminate,
 };
+
+/// How long the join token of a node the harness starts is valid.
+const JOIN_TOKEN_TTL: std::time::Duration = std::time::Duration::from_secs(600);
 
 impl TestClusterBuilder {
     /// Starts the coordinator, then the nodes, and waits until every node
@@ -75,7 +80,7 @@ impl TestClusterBuilder {
         for index in 0..self.nodes {
             let labels = self.labels.get(&index).cloned().unwrap_or_default();
             let exec = self.exec.get(&index).cloned().unwrap_or_default();
-            cluster.spawn_node(self.slots, labels, exec);
+            cluster.spawn_node(self.slots, labels, exec).await;
         }
         cluster.wait_for_nodes(self.nodes).await;
         cluster
@@ -365,7 +370,7 @@ impl TestCluster {
     }
 
     async fn add_node_with(&self, slots: u32, labels: Labels, exec: ExecPolicy) -> String {
-        let name = self.spawn_node(slots, labels, exec);
+        let name = self.spawn_node(slots, labels, exec).await;
         let client = self.client().await;
         let wanted = name.clone();
         let seen = wait_for(default_timeout(), || {
@@ -543,11 +548,26 @@ impl TestCluster {
         *self.coordinator.lock().unwrap_or_else(|p| p.into_inner()) = Some(coordinator);
     }
 
-    fn spawn_node(&self, slots: u32, labels: Labels, exec: ExecPolicy) -> String {
+    /// Starts node `node-N`. With TLS it joins as on a real network: a
+    /// join token for one node (made through the admin API, as `weft
+    /// token create --role node` does), and a state dir of its own.
+    async fn spawn_node(&self, slots: u32, labels: Labels, exec: ExecPolicy) -> String {
         let name = format!("node-{}", self.next_node.fetch_add(1, Ordering::SeqCst));
+        let state_dir = self.dir().join(format!("{name}-state"));
+        let token = match self.settings.insecure {
+            true => None,
+            false => Some(self.join_token(&name).await),
+        };
+        let reach = match &token {
+            Some(token) => Reach::Join {
+                token,
+                state_dir: &state_dir,
+            },
+            None => Reach::Plain(&self.url),
+        };
         let node = start_node(
             &self.settings,
-            (&self.url, self.ca_file.as_deref()),
+            reach,
             self.dir(),
             &name,
             slots,
@@ -556,6 +576,16 @@ impl TestCluster {
         );
         self.lock_nodes().insert(name.clone(), node);
         name
+    }
+
+    /// A join token for one node, valid for a while.
+    pub async fn join_token(&self, name: &str) -> String {
+        let client = self.client().await;
+        let (token, _) = client
+            .create_join_token(name, Some(JOIN_TOKEN_TTL), 1, "")
+            .await
+            .unwrap_or_else(|e| panic!("creating a join token for {name}: {e}"));
+        token
     }
 
     fn take_node(&self, name: &str) -> Node {

@@ -17,27 +17,29 @@ fn bare(cluster: &TestCluster) -> String {
         .unwrap_or_else(|| panic!("the harness's URL is {url}"))
 }
 
-/// The cluster's `ca.pem`, as an argument.
-fn ca_file(cluster: &TestCluster) -> String {
-    cluster
-        .ca_file()
-        .expect("a TLS cluster")
-        .display()
-        .to_string()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_weft_node_given_host_and_port_without_a_scheme_registers_and_runs_a_task() {
     let cluster = TestCluster::builder().nodes(0).start().await;
+    // The join token names the bare address too.
+    let (token, _) = cluster
+        .client()
+        .await
+        .create_join_token("bare", None, 1, &bare(&cluster))
+        .await
+        .expect("a join token");
+    let state_dir = cluster.dir().join("bare-state").display().to_string();
     let args: Vec<String> = [
         "--coordinator",
         &bare(&cluster),
+        "--join",
+        &token,
+        "--state-dir",
+        &state_dir,
         "--name",
         "bare",
         "--slots",
         "1",
-        "--ca-file",
-        &ca_file(&cluster),
     ]
     .map(str::to_owned)
     .to_vec();

@@ -9,8 +9,8 @@ use tonic::Code;
 use weft_client::{Attempt, EventBody, TaskSpec, TaskState};
 use weft_proto::pb::node_message::Body as ToCoordinator;
 use weft_proto::{Outcome, pb};
-use weft_tests::fake_node::{open_raw, register};
-use weft_tests::{FakeNode, TestCluster, default_timeout, wait_until};
+use weft_tests::fake_node::register;
+use weft_tests::{TestCluster, default_timeout, wait_until};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stale_attempts_result_is_refused() {
@@ -23,7 +23,10 @@ async fn a_stale_attempts_result_is_refused() {
     let client = cluster.client().await;
 
     // The fake node takes attempt 1 and reports it started.
-    let mut fake = FakeNode::connect(&cluster.url(), register("fake", 1, &[])).await;
+    let joined = cluster.join_fake("fake").await;
+    let mut fake = cluster
+        .connect_fake(joined.as_ref(), register("fake", 1, &[]))
+        .await;
     let beats = fake.keep_alive(Duration::from_millis(100));
     fake.grant(1).await;
     let spec = TaskSpec::exec(["sh", "-c", "sleep 1; echo real"]).max_attempts(3);
@@ -65,7 +68,7 @@ async fn a_stale_attempts_result_is_refused() {
         task_id: id.to_string(),
         attempt: 1,
     }];
-    let mut fake = FakeNode::connect(&cluster.url(), again).await;
+    let mut fake = cluster.connect_fake(joined.as_ref(), again).await;
     let _beats = fake.keep_alive(Duration::from_millis(100));
     fake.finished(id, 1, Outcome::Succeeded, Some(42), b"fake")
         .await;
@@ -132,7 +135,7 @@ async fn a_node_reporting_an_attempt_it_was_never_given_is_refused() {
     let cluster = TestCluster::builder().nodes(1).start().await;
     let client = cluster.client().await;
     // Connected and alive, but grants no credits: it never gets work.
-    let mut fake = FakeNode::connect(&cluster.url(), register("intruder", 1, &[])).await;
+    let mut fake = cluster.fake_node(register("intruder", 1, &[])).await;
     let _beats = fake.keep_alive(Duration::from_millis(100));
 
     let id = client
@@ -164,7 +167,9 @@ async fn a_node_reporting_an_attempt_it_was_never_given_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_first_message_other_than_register_is_invalid_argument() {
     let cluster = TestCluster::builder().nodes(0).start().await;
-    let refused = open_raw(&cluster.url(), ToCoordinator::Heartbeat(pb::Heartbeat {})).await;
+    let refused = cluster
+        .open_raw("early", ToCoordinator::Heartbeat(pb::Heartbeat {}))
+        .await;
     let Err(status) = refused else {
         panic!("a Heartbeat first is refused")
     };
@@ -175,11 +180,9 @@ async fn a_first_message_other_than_register_is_invalid_argument() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn register_with_zero_slots_is_invalid_argument() {
     let cluster = TestCluster::builder().nodes(0).start().await;
-    let refused = open_raw(
-        &cluster.url(),
-        ToCoordinator::Register(register("empty", 0, &[])),
-    )
-    .await;
+    let refused = cluster
+        .open_raw("empty", ToCoordinator::Register(register("empty", 0, &[])))
+        .await;
     let Err(status) = refused else {
         panic!("slots 0 is refused")
     };
@@ -193,7 +196,9 @@ async fn register_with_an_unknown_protocol_version_is_failed_precondition() {
     let cluster = TestCluster::builder().nodes(0).start().await;
     let mut reg = register("future", 1, &[]);
     reg.protocol_version = 7;
-    let refused = open_raw(&cluster.url(), ToCoordinator::Register(reg)).await;
+    let refused = cluster
+        .open_raw("future", ToCoordinator::Register(reg))
+        .await;
     let Err(status) = refused else {
         panic!("version 7 is refused")
     };

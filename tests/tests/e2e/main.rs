@@ -13,6 +13,7 @@ mod failover;
 mod fencing;
 mod handlers;
 mod node_identity;
+mod node_join;
 mod node_limits;
 mod node_protocol;
 mod output;

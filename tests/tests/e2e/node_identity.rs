@@ -19,7 +19,7 @@ use weft_tests::fake_node::{
 use weft_tests::{FakeNode, RawAdmin, TestCluster, default_timeout};
 
 async fn secure_cluster() -> TestCluster {
-    TestCluster::builder().nodes(0).node_certs().start().await
+    TestCluster::builder().nodes(0).start().await
 }
 
 async fn admin(cluster: &TestCluster) -> RawAdmin {
@@ -457,7 +457,6 @@ async fn a_revoked_node_is_cut_off_at_once_its_attempt_finishes_elsewhere_and_it
 async fn a_node_renews_its_certificate_over_its_session() {
     let cluster = TestCluster::builder()
         .nodes(0)
-        .node_certs()
         .node_cert_lifetime(Duration::from_secs(3600))
         .start()
         .await;
@@ -569,12 +568,7 @@ async fn without_node_authentication_there_are_no_join_tokens_and_names_stay_uni
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn identities_and_token_uses_survive_a_coordinator_restart() {
-    let cluster = TestCluster::builder()
-        .nodes(0)
-        .node_certs()
-        .durable()
-        .start()
-        .await;
+    let cluster = TestCluster::builder().nodes(0).durable().start().await;
     let mut admin = admin(&cluster).await;
     let (token, _) = join_token(&mut admin, 2, None).await;
     let kept = join(&token, "kept").await.expect("join");

@@ -6,18 +6,34 @@
 //! renewed over the live session through a run of 40 tasks with nothing
 //! lost or run twice; a revoked node stops its tasks and exits non-zero
 //! within seconds while its tasks finish on another node.
-//!
-//! Not wired into `main.rs` yet: it needs the coordinator's `Join`,
-//! `RevokeNode` and `TestClusterBuilder::node_cert_lifetime` (the
-//! coordinator's `--node-cert-lifetime`).
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use weft_client::{Attempt, NodeState, TaskSpec, TaskState};
+use futures::StreamExt;
+
+use weft_client::{
+    Attempt, Client, EventBody, NodeState, OutputStream, TaskId, TaskSpec, TaskState,
+};
 use weft_tests::process::{ChildProcess, spawn};
 use weft_tests::{TestCluster, default_timeout, wait_until};
+
+/// What a finished task wrote to stdout (its events, from the start).
+async fn stdout(client: &Client, id: TaskId) -> String {
+    let mut events = client.watch(id, 0).await.expect("watch");
+    let mut out = String::new();
+    while let Some(event) = events.next().await {
+        if let EventBody::Output {
+            stream: OutputStream::Stdout,
+            data,
+        } = event.expect("a healthy event stream").body
+        {
+            out.push_str(&String::from_utf8_lossy(&data));
+        }
+    }
+    out
+}
 
 /// A `weft-node` process joining with `token` (no --coordinator, no CA:
 /// the token gives both), its identity in `<cluster dir>/<name>-state`.
@@ -85,11 +101,8 @@ async fn a_node_joins_with_a_token_and_restarts_from_its_state_dir_without_one()
         .await
         .expect("submit");
     let task = cluster.wait_for_final(id).await;
-    assert_eq!(
-        (task.state, task.output.as_ref()),
-        (TaskState::Succeeded, &b"joined\n"[..]),
-        "{task:?}"
-    );
+    assert_eq!(task.state, TaskState::Succeeded, "{task:?}");
+    assert_eq!(stdout(&client, id).await, "joined\n");
     let state = state_dir(&cluster, "joiner");
     assert_eq!(mode(&state), 0o700);
     for file in ["node.key", "node.pem", "ca.pem", "node.conf"] {
@@ -158,7 +171,7 @@ async fn certificates_of_seconds_are_renewed_through_a_run_with_nothing_lost_or_
         assert_eq!(task.state, TaskState::Succeeded, "{task:?}");
         assert_eq!(task.attempt, Attempt(1), "run once: {task:?}");
         assert_eq!(task.node_id, Some(node_id), "{task:?}");
-        assert_eq!(task.output, format!("t{i}\n").into_bytes());
+        assert_eq!(stdout(&client, id).await, format!("t{i}\n"));
     }
     let renewals = node
         .log_text()

@@ -10,7 +10,7 @@ use weft_client::TaskSpec;
 use weft_proto::pb;
 use weft_proto::pb::coordinator_message::Body as FromCoordinator;
 use weft_proto::pb::node_message::Body as ToCoordinator;
-use weft_tests::fake_node::{open_raw, register};
+use weft_tests::fake_node::register;
 use weft_tests::process::spawn;
 use weft_tests::{FakeNode, TestCluster, default_timeout};
 
@@ -31,13 +31,11 @@ async fn drain_assignments(fake: &mut FakeNode) -> Vec<pb::Assignment> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_declaring_more_slots_than_the_limit_is_refused_naming_the_flag() {
     let cluster = TestCluster::builder().nodes(0).start().await;
-    let refused = open_raw(
-        &cluster.url(),
-        ToCoordinator::Register(register("huge", 5000, &[])),
-    )
-    .await
-    .map(|_| ())
-    .expect_err("5000 slots is over the default limit");
+    let refused = cluster
+        .open_raw("huge", ToCoordinator::Register(register("huge", 5000, &[])))
+        .await
+        .map(|_| ())
+        .expect_err("5000 slots is over the default limit");
     assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
     assert!(
         refused.message().contains(
@@ -48,7 +46,7 @@ async fn a_node_declaring_more_slots_than_the_limit_is_refused_naming_the_flag()
     let nodes = cluster.client().await.nodes().await.expect("nodes");
     assert!(nodes.is_empty(), "a refused node is listed: {nodes:?}");
     // The limit itself is accepted.
-    let _fine = FakeNode::connect(&cluster.url(), register("max", 1024, &[])).await;
+    let _fine = cluster.fake_node(register("max", 1024, &[])).await;
     cluster.wait_for_nodes(1).await;
     cluster.shutdown().await;
 }
@@ -65,7 +63,7 @@ async fn a_node_is_sent_at_most_its_slots_plus_a_prefetch_capped_at_the_limit() 
         prefetch: 1_000_000,
         ..register("greedy", 4, &[])
     };
-    let mut fake = FakeNode::connect(&cluster.url(), greedy).await;
+    let mut fake = cluster.fake_node(greedy).await;
     let _beats = fake.keep_alive(Duration::from_millis(100));
     let specs = (0..20).map(|_| TaskSpec::exec(["true"])).collect();
     client.submit_many(specs).await.expect("submit");
@@ -85,18 +83,17 @@ async fn a_node_is_sent_at_most_its_slots_plus_a_prefetch_capped_at_the_limit() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_weft_node_with_more_slots_than_the_limit_exits_with_the_reason() {
     let cluster = TestCluster::builder().nodes(0).start().await;
-    let ca = cluster
-        .ca_file()
-        .expect("a TLS cluster")
-        .display()
-        .to_string();
+    let token = cluster.join_token("huge").await;
+    let state_dir = cluster.dir().join("huge-state").display().to_string();
     let args: Vec<String> = [
-        "--coordinator",
-        &cluster.url(),
+        "--join",
+        &token,
+        "--state-dir",
+        &state_dir,
+        "--name",
+        "huge",
         "--slots",
         "5000",
-        "--ca-file",
-        &ca,
     ]
     .map(str::to_owned)
     .to_vec();

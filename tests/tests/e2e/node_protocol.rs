@@ -43,7 +43,7 @@ async fn history(client: &weft_client::Client, id: TaskId) -> Vec<TaskEvent> {
 async fn a_node_is_never_sent_more_work_than_the_credits_it_granted() {
     let cluster = TestCluster::builder().nodes(0).start().await;
     let client = cluster.client().await;
-    let mut fake = FakeNode::connect(&cluster.url(), register("fake", 8, &[])).await;
+    let mut fake = cluster.fake_node(register("fake", 8, &[])).await;
     let _beats = fake.keep_alive(Duration::from_millis(100));
     let specs = (0..6).map(|_| TaskSpec::exec(["true"])).collect();
     client.submit_many(specs).await.expect("submit");
@@ -80,7 +80,7 @@ async fn a_node_is_never_sent_more_work_than_the_credits_it_granted() {
 async fn a_task_needing_two_slots_uses_two_credits() {
     let cluster = TestCluster::builder().nodes(0).start().await;
     let client = cluster.client().await;
-    let mut fake = FakeNode::connect(&cluster.url(), register("fake", 4, &[])).await;
+    let mut fake = cluster.fake_node(register("fake", 4, &[])).await;
     let _beats = fake.keep_alive(Duration::from_millis(100));
     let specs = (0..3).map(|_| TaskSpec::exec(["true"]).slots(2)).collect();
     client.submit_many(specs).await.expect("submit");
@@ -107,7 +107,7 @@ async fn a_task_needing_two_slots_uses_two_credits() {
 async fn a_call_goes_only_to_a_node_serving_its_handler() {
     let cluster = TestCluster::builder().nodes(1).start().await;
     let client = cluster.client().await;
-    let mut fake = FakeNode::connect(&cluster.url(), register("custom", 1, &["shout"])).await;
+    let mut fake = cluster.fake_node(register("custom", 1, &["shout"])).await;
     let _beats = fake.keep_alive(Duration::from_millis(100));
     fake.grant(1).await;
 
@@ -138,7 +138,7 @@ async fn a_call_goes_only_to_a_node_serving_its_handler() {
 async fn a_nodes_output_and_progress_reach_watchers_once_each() {
     let cluster = TestCluster::builder().nodes(0).start().await;
     let client = cluster.client().await;
-    let mut fake = FakeNode::connect(&cluster.url(), register("fake", 1, &[])).await;
+    let mut fake = cluster.fake_node(register("fake", 1, &[])).await;
     let _beats = fake.keep_alive(Duration::from_millis(100));
     fake.grant(1).await;
     let id = client

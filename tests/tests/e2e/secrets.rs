@@ -13,7 +13,7 @@ use tonic::Streaming;
 use weft_client::{TaskSpec, TaskState};
 use weft_proto::pb;
 use weft_tests::process::bin_path;
-use weft_tests::{FakeNode, TestCluster, default_timeout, fake_node};
+use weft_tests::{TestCluster, default_timeout, fake_node};
 
 /// A value that cannot turn up by chance. Lowercase, so the tasks' upper-cased
 /// echo of it (their proof that they had it) never matches it.
@@ -309,8 +309,9 @@ async fn the_cli_takes_a_secret_from_its_own_environment() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_the_node_running_the_attempt_gets_the_secret_in_its_assign() {
     let cluster = TestCluster::builder().nodes(0).start().await;
-    let url = cluster.url();
-    let mut runner = FakeNode::connect(&url, fake_node::register("runner", 1, &["noop"])).await;
+    let mut runner = cluster
+        .fake_node(fake_node::register("runner", 1, &["noop"]))
+        .await;
     runner.grant(1).await;
     let secret = secret_value();
     let client = cluster.client().await;
