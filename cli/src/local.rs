@@ -19,6 +19,9 @@ use crate::exit;
 /// How long nodes may take to register before `local` warns and `demo` fails.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long the local nodes' join token is valid (they join at once).
+const JOIN_TTL: Duration = Duration::from_secs(10 * 60);
+
 /// How long running tasks get to finish when the cluster stops.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
@@ -28,6 +31,8 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 ///
 /// The admin token goes to `token_dir/admin.token` (0600); the caller
 /// keeps the dir and reads the token with [`LocalCluster::admin_token`].
+/// The nodes join with a join token, as on a real network, and keep their
+/// identities in `token_dir/local-N`.
 pub async fn start(
     listener: TcpListener,
     nodes: usize,
@@ -46,9 +51,27 @@ pub async fn start(
         ..defaults
     };
     let mut cluster = LocalCluster::start(config, listener).await?;
+    // The nodes join as on a real network: one join token for all of
+    // them, each node its own key and certificate (kept in `token_dir`).
+    let client = Client::connect_secure(
+        &cluster.url(),
+        cluster.trust().as_ref(),
+        cluster.admin_token().as_deref(),
+    )
+    .await?;
+    let uses = u32::try_from(nodes).unwrap_or(u32::MAX);
+    let (token, _) = client
+        .create_join_token("weft local", Some(JOIN_TTL), uses, "")
+        .await
+        .context("creating a join token for the local nodes")?;
+    let token = weft_proto::JoinToken::parse(&token)?;
     for i in 1..=nodes {
         let mut config = cluster.node_config();
         config.name = format!("local-{i}");
+        config.coordinator = String::new();
+        config.trust = None;
+        config.join_token = Some(token.clone());
+        config.state_dir = Some(token_dir.join(format!("local-{i}")));
         if let Some(slots) = slots {
             config.slots = slots.max(1);
         }
@@ -109,6 +132,11 @@ pub async fn run(listen: SocketAddr, nodes: usize, slots: Option<u32>) -> anyhow
     if let Some(token) = &token {
         // The admin token of this throwaway cluster, for another terminal.
         println!("export WEFT_TOKEN={token}");
+        if cluster.ca_file().is_some() {
+            println!(
+                "# more nodes: weft-node --join \"$(weft token create --role node)\" --state-dir DIR"
+            );
+        }
     }
     shutdown_signal().await;
     eprintln!("weft local: shutting down (Ctrl-C again to exit at once)");
