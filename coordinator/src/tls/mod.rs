@@ -186,6 +186,13 @@ impl ServerTls {
             .with_client_cert_verifier(verifier)
             .with_cert_resolver(Arc::clone(&cert) as Arc<dyn ResolvesServerCert>);
         server.alpn_protocols = vec![b"h2".to_vec()];
+        // No session resumption: a resumed session would carry the client
+        // certificate of the session it resumes, unchecked against its
+        // dates, so every connection shows its certificate afresh (node
+        // and client connections are long-lived; a full handshake each
+        // costs nothing that matters).
+        server.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        server.send_tls13_tickets = 0;
         Ok(ServerTls {
             ca,
             names,
