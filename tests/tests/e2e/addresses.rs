@@ -17,7 +17,6 @@ fn bare(cluster: &TestCluster) -> String {
         .unwrap_or_else(|| panic!("the harness's URL is {url}"))
 }
 
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_weft_node_given_host_and_port_without_a_scheme_registers_and_runs_a_task() {
     let cluster = TestCluster::builder().nodes(0).start().await;
