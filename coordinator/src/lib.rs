@@ -205,6 +205,13 @@ pub async fn start(
     }
     let tokens = Arc::new(auth::TokenIndex::new(tokens));
     let identities = Arc::new(identity::Identities::new(identities));
+    // Revocations kept beside the CA hold even when the store lost them.
+    if let Some(server_tls) = &server_tls {
+        let revoked = server_tls
+            .revoked_nodes()
+            .map_err(|err| Error::Tls(err.to_string()))?;
+        identities.bar(&revoked, SystemTime::now());
+    }
     let admin_token_file = if config.auth && tokens.is_empty() {
         Some(create_admin_token(&config, &store, &tokens).await?)
     } else {

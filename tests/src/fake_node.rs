@@ -400,6 +400,21 @@ impl FakeNode {
         }
     }
 
+    /// Waits until the stream ends: `None` if it did not within `timeout`,
+    /// else the status it ended with (`None` inside: it ended cleanly).
+    /// Other messages are skipped.
+    pub async fn wait_end(&mut self, timeout: Duration) -> Option<Option<Status>> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            match tokio::time::timeout_at(deadline, self.inbound.next()).await {
+                Err(_) => return None,
+                Ok(None) => return Some(None),
+                Ok(Some(Err(status))) => return Some(Some(status)),
+                Ok(Some(Ok(_))) => continue,
+            }
+        }
+    }
+
     /// Waits for a `Cancel`; `None` if none came within `timeout`.
     pub async fn next_cancel(&mut self, timeout: Duration) -> Option<pb::Cancel> {
         loop {

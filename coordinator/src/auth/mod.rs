@@ -137,6 +137,9 @@ pub enum TokenKind {
     /// A node's join token: traded once per use for a node certificate
     /// (`NodeService.Join`); never a bearer token.
     NodeJoin,
+    /// A kind a later version stored: usable for nothing here (neither a
+    /// bearer token nor a join token), kept as it was.
+    Unknown(u8),
 }
 
 impl TokenKind {
@@ -145,15 +148,17 @@ impl TokenKind {
         match self {
             TokenKind::Client => 0,
             TokenKind::NodeJoin => 1,
+            TokenKind::Unknown(value) => value,
         }
     }
 
-    /// From the stored form; unknown kinds read as join tokens, which no
-    /// client can use.
+    /// From the stored form; a kind this build does not know is
+    /// [`TokenKind::Unknown`], which every check refuses.
     pub fn from_u8(value: u8) -> TokenKind {
         match value {
             0 => TokenKind::Client,
-            _ => TokenKind::NodeJoin,
+            1 => TokenKind::NodeJoin,
+            other => TokenKind::Unknown(other),
         }
     }
 }

@@ -78,6 +78,17 @@ fn join_tokens_are_not_client_tokens() {
 }
 
 #[test]
+fn a_token_of_a_kind_this_build_does_not_know_is_usable_for_nothing() {
+    let (mut record, token) = new_token("later", Scopes::ADMIN, None, now()).unwrap();
+    record.kind = TokenKind::from_u8(7);
+    assert_eq!(record.kind.to_u8(), 7, "kept as stored");
+    let credential = token.strip_prefix(TOKEN_PREFIX).unwrap().to_owned();
+    let index = TokenIndex::new(vec![record]);
+    assert_eq!(index.authenticate(&token, now()), Err(AuthError::Invalid));
+    assert!(index.check_join(&credential, now()).is_err());
+}
+
+#[test]
 fn scopes_admin_implies_all_and_denial_names_scope() {
     for scope in Scope::ALL {
         assert!(Scopes::ADMIN.allows(scope));

@@ -47,6 +47,10 @@ pub(crate) enum ToNode {
     /// The answer to the node's `RenewCertificate` (sent by the service,
     /// not the driver): a new certificate chain, or why none.
     Certificate(Result<(String, SystemTime), String>),
+    /// The last item of a revoked node's stream: it ends with
+    /// PERMISSION_DENIED, so the node stops at once instead of
+    /// reconnecting to hear it.
+    Revoked,
 }
 
 /// Messages to a node session's Connect response stream.

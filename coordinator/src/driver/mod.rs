@@ -300,7 +300,11 @@ impl Driver {
         }
         self.watchers.publish(&records);
         for session in held.disconnect {
-            self.sessions.close(session);
+            if self.scheduler.is_revoked_session(session) {
+                self.sessions.close_with(session, ToNode::Revoked);
+            } else {
+                self.sessions.close(session);
+            }
         }
         true
     }

@@ -87,6 +87,15 @@ impl Sessions {
         }
     }
 
+    /// Ends `session` after a last message `last` (a revoked node's
+    /// refusal), which the stream delivers before it ends.
+    pub fn close_with(&mut self, session: SessionId, last: ToNode) {
+        if let Some(session) = self.open.remove(&session) {
+            let _ = session.tx.try_send(last);
+            session.token.cancel();
+        }
+    }
+
     /// Ends every session (the driver stops).
     pub fn close_all(&self) {
         for session in self.open.values() {

@@ -89,6 +89,28 @@ impl Identities {
         })
     }
 
+    /// Marks every id of `ids` revoked (the PKI dir's list, read at start),
+    /// recording the ids the store does not know with an empty name.
+    pub fn bar(&self, ids: &[NodeId], now: std::time::SystemTime) {
+        for &id in ids {
+            let record = match self.get(id) {
+                Some(record) if record.revoked.is_some() => continue,
+                Some(record) => NodeIdentityRecord {
+                    revoked: Some(now),
+                    ..record
+                },
+                None => NodeIdentityRecord {
+                    id,
+                    name: String::new(),
+                    created: now,
+                    token_id: String::new(),
+                    revoked: Some(now),
+                },
+            };
+            self.put(record);
+        }
+    }
+
     /// Every revoked node id (for the scheduler at start).
     pub fn revoked(&self) -> Vec<NodeId> {
         self.read(|records| {

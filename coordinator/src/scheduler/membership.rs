@@ -283,6 +283,12 @@ impl Scheduler {
         (true, u32::try_from(requeued).unwrap_or(u32::MAX))
     }
 
+    /// Whether `session` is a revoked node's (closed by `revoke_node`,
+    /// its stream not yet ended).
+    pub fn is_revoked_session(&self, session: SessionId) -> bool {
+        self.revoked_sessions.contains(&session)
+    }
+
     /// Node ids revoked before this start (from the store): they may not
     /// register.
     pub fn restore_revoked(&mut self, ids: impl IntoIterator<Item = NodeId>) {

@@ -42,6 +42,7 @@ pub(super) fn token_info(record: &TokenRecord) -> pb::TokenInfo {
         role: match record.kind {
             TokenKind::Client => "client",
             TokenKind::NodeJoin => "node",
+            TokenKind::Unknown(_) => "unknown",
         }
         .to_owned(),
         uses: record.uses,

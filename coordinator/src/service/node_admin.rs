@@ -3,6 +3,7 @@
 //! revoked node may still do is the scheduler's and `Connect`'s business.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use tonic::Status;
@@ -136,6 +137,18 @@ pub(super) async fn revoke_node(
         revoked: Some(record.revoked.unwrap_or(now)),
         ..record
     };
+    // Beside the CA first: it outlives a lost store.
+    if let Some(tls) = &api.tls {
+        let tls = Arc::clone(tls);
+        let id = revoked.id;
+        tokio::task::spawn_blocking(move || tls.record_revoked(id))
+            .await
+            .map_err(|err| Status::internal(format!("recording a revocation: {err}")))?
+            .map_err(|err| {
+                tracing::error!(error = %err, "recording a revocation beside the CA failed");
+                Status::internal(format!("recording the revocation: {err}"))
+            })?;
+    }
     let stored = revoked.clone();
     blocking(&api.handle.store, "revoking a node", move |store| {
         store.put_node_identity(&stored, None)

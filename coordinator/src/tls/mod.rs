@@ -13,6 +13,7 @@
 pub mod interfaces;
 pub mod node_cert;
 pub mod pki;
+pub mod revoked;
 
 use std::fmt;
 use std::io;
@@ -216,6 +217,23 @@ impl ServerTls {
     /// The cluster CA, which signs node certificates.
     pub fn ca(&self) -> &Ca {
         &self.ca
+    }
+
+    /// The node ids revoked in this CA's PKI dir (see [`revoked`]).
+    pub fn revoked_nodes(&self) -> Result<Vec<weft_proto::NodeId>, PkiError> {
+        revoked::load(self.pki_dir())
+    }
+
+    /// Adds `id` to this CA's revoked nodes, durably.
+    pub fn record_revoked(&self, id: weft_proto::NodeId) -> Result<(), PkiError> {
+        revoked::append(self.pki_dir(), id)
+    }
+
+    fn pki_dir(&self) -> &std::path::Path {
+        self.ca
+            .cert_path()
+            .parent()
+            .unwrap_or(std::path::Path::new("."))
     }
 
     /// The CA certificate as PEM.

@@ -124,10 +124,21 @@ impl Ca {
     }
 }
 
+/// Whether `cert` says it is for TLS clients (extended key usage
+/// clientAuth), as every node certificate does. A certificate without the
+/// extension passes rustls's client check; a node certificate must say it.
+fn for_clients(cert: &x509_parser::certificate::X509Certificate<'_>) -> bool {
+    matches!(cert.extended_key_usage(), Ok(Some(usage)) if usage.value.client_auth)
+}
+
 /// The node id a node certificate (DER) names as its subject's common
-/// name; `None` when it names none (not a node certificate).
+/// name; `None` when it names none or is not for clients (not a node
+/// certificate).
 pub fn node_id_of(cert_der: &[u8]) -> Option<NodeId> {
     let (_, cert) = x509_parser::certificate::X509Certificate::from_der(cert_der).ok()?;
+    if !for_clients(&cert) {
+        return None;
+    }
     let cn = cert.subject().iter_common_name().next()?;
     cn.as_str().ok()?.parse::<NodeId>().ok()
 }
@@ -136,6 +147,9 @@ pub fn node_id_of(cert_der: &[u8]) -> Option<NodeId> {
 /// organizational unit); `None` when it names either not.
 pub fn node_of(cert_der: &[u8]) -> Option<(NodeId, String)> {
     let (_, cert) = x509_parser::certificate::X509Certificate::from_der(cert_der).ok()?;
+    if !for_clients(&cert) {
+        return None;
+    }
     let id = cert
         .subject()
         .iter_common_name()
@@ -275,6 +289,21 @@ mod tests {
             .unwrap();
         assert_eq!(node_id_of(cert.der()), None);
         assert_eq!(node_of(cert.der()), None);
+        // A node id and name, but not for clients: not a node certificate.
+        let mut params = CertificateParams::default();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, NodeId::new().to_string());
+        params
+            .distinguished_name
+            .push(DnType::OrganizationalUnitName, "n");
+        let server_only = params.clone();
+        let no_usage = params.self_signed(&key).unwrap();
+        assert_eq!(node_id_of(no_usage.der()), None);
+        let mut server_only = server_only;
+        server_only.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let server_only = server_only.self_signed(&key).unwrap();
+        assert_eq!(node_of(server_only.der()), None);
         assert_eq!(node_id_of(b"garbage"), None);
     }
 }

@@ -186,6 +186,11 @@ pub(super) fn to_node(message: ToNode) -> Result<pb::CoordinatorMessage, Status>
             not_after: None,
             error,
         }),
+        ToNode::Revoked => {
+            return Err(Status::permission_denied(
+                "this node was revoked by an admin; it may not connect again (join as a new node with a new token)",
+            ));
+        }
     };
     Ok(pb::CoordinatorMessage { body: Some(body) })
 }

@@ -28,14 +28,23 @@ impl NodeApi {
     /// node it has no record of (its store was wiped, or it keeps none:
     /// `--in-memory`): the signature is the proof the node joined, so it
     /// is recorded (in memory; `RevokeNode` stores it) from the
-    /// certificate's node id and name. `None` when the certificate names
-    /// no name, or its name is held by another node.
-    fn adopt(&self, leaf: &[u8]) -> Option<NodeIdentityRecord> {
-        let (id, name) = node_of(leaf)?;
+    /// certificate's node id and name. `Ok(None)` when the certificate
+    /// names no name, or its name is held by another node; UNAVAILABLE
+    /// (the node retries) while a `Join` or `RevokeNode` is writing, so a
+    /// name is never taken twice.
+    fn adopt(&self, leaf: &[u8]) -> Result<Option<NodeIdentityRecord>, Status> {
+        let Some((id, name)) = node_of(leaf) else {
+            return Ok(None);
+        };
+        let Ok(_writer) = self.identities.write.try_lock() else {
+            return Err(Status::unavailable(
+                "the coordinator is recording a join or a revocation; connect again",
+            ));
+        };
         if let Some(holder) = self.identities.holder(&name)
             && holder.id != id
         {
-            return None;
+            return Ok(None);
         }
         let record = NodeIdentityRecord {
             id,
@@ -44,9 +53,9 @@ impl NodeApi {
             token_id: String::new(),
             revoked: None,
         };
-        tracing::info!(node_id = %record.id, node_name = %record.name, "a node certificate of this cluster's CA names a node not on record; recorded it");
+        tracing::warn!(node_id = %record.id, node_name = %record.name, "a node certificate of this cluster's CA names a node not on record (the store was lost, or is in memory); recorded it");
         self.identities.put(record.clone());
-        Some(record)
+        Ok(Some(record))
     }
 
     /// The node id and name a certified node registers with, or the
@@ -58,10 +67,10 @@ impl NodeApi {
     ) -> Result<(NodeId, String), Status> {
         let leaf = require_certificate(peer_certs)?;
         let identity = match node_id_of(leaf.as_ref()) {
-            Some(id) => self
-                .identities
-                .get(id)
-                .or_else(|| self.adopt(leaf.as_ref())),
+            Some(id) => match self.identities.get(id) {
+                Some(identity) => Some(identity),
+                None => self.adopt(leaf.as_ref())?,
+            },
             None => None,
         };
         let admitted = admit_connect(

@@ -53,16 +53,23 @@ pub(super) async fn join(
             "this coordinator serves no TLS",
         ));
     };
+    let refused = |refusal| {
+        tracing::debug!(reason = %refusal, "refused a join");
+        Status::from(refusal)
+    };
+    // The credential first, without the writers' locks: a caller without
+    // one never queues ahead of a revocation. Checked again under them
+    // (its uses may have run out meanwhile).
+    api.tokens
+        .check_join(&request.token, SystemTime::now())
+        .map_err(refused)?;
     let _joins = api.identities.write.lock().await;
     let _tokens = api.tokens.write.lock().await;
     let now = SystemTime::now();
     let token = api
         .tokens
         .check_join(&request.token, now)
-        .map_err(|refusal| {
-            tracing::info!(reason = %refusal, "refused a join");
-            Status::from(refusal)
-        })?;
+        .map_err(refused)?;
     validate_name(&request.name).map_err(Status::invalid_argument)?;
     if let Some(holder) = api.identities.holder(&request.name) {
         return Err(Status::already_exists(format!(
