@@ -319,16 +319,24 @@ impl Client {
         name: &str,
         ttl: Option<Duration>,
     ) -> Result<(String, pb::TokenInfo), Error> {
-        let mut client = self.admin.clone();
-        let answer = unary(client.create_token(request(pb::CreateTokenRequest {
+        self.create(pb::CreateTokenRequest {
             scopes,
             name: name.to_owned(),
             ttl: ttl.map(duration_to_pb),
             role: String::new(),
             uses: 0,
             join_address: String::new(),
-        })))
-        .await?;
+        })
+        .await
+    }
+
+    /// `CreateToken`: the token string and its record.
+    async fn create(
+        &self,
+        create: pb::CreateTokenRequest,
+    ) -> Result<(String, pb::TokenInfo), Error> {
+        let mut client = self.admin.clone();
+        let answer = unary(client.create_token(request(create))).await?;
         let info = answer
             .info
             .ok_or(weft_proto::ConversionError::MissingField(
@@ -349,22 +357,15 @@ impl Client {
         uses: u32,
         join_address: &str,
     ) -> Result<(String, pb::TokenInfo), Error> {
-        let mut client = self.admin.clone();
-        let answer = unary(client.create_token(request(pb::CreateTokenRequest {
+        self.create(pb::CreateTokenRequest {
             scopes: Vec::new(),
             name: name.to_owned(),
             ttl: ttl.map(duration_to_pb),
             role: "node".to_owned(),
             uses,
             join_address: join_address.to_owned(),
-        })))
-        .await?;
-        let info = answer
-            .info
-            .ok_or(weft_proto::ConversionError::MissingField(
-                "CreateTokenResponse.info",
-            ))?;
-        Ok((answer.token, info))
+        })
+        .await
     }
 
     /// Revokes a node by id or name (scope `admin`): its stream is closed,
