@@ -154,7 +154,7 @@ def test_join_keeps_key_chain_ca_and_node_conf_with_weft_nodes_layout_and_permis
     assert ident.load(str(state)) == joined
 
 
-def test_an_existing_state_dir_others_may_use_is_left_alone_and_refused(fake, tmp_path):
+def test_an_existing_state_dir_others_may_use_is_left_alone_and_refused_before_the_token_is_spent(fake, tmp_path):
     state = tmp_path / "shared"
     state.mkdir()
     os.chmod(state, 0o755)
@@ -165,6 +165,7 @@ def test_an_existing_state_dir_others_may_use_is_left_alone_and_refused(fake, tm
     for part in (f"the state dir {state}", f"owner uid {os.geteuid()}", "mode 755", "group or others",
                  f"chmod 700 {state}, or choose another state dir"):
         assert part in message
+    assert fake.join_requests == [], "the token is not spent"
     assert mode(state) == 0o755 and os.listdir(state) == [], "the dir is not changed"
     with pytest.raises(OSError, match="chmod 700"):  # a renewal logs it and asks again
         ident.save_renewed(str(state), ident.Identity("n", "py-1", "c:1", b"k", b"c", b"ca"))
