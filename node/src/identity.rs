@@ -12,11 +12,23 @@
 //! holds no identity (a join that crashed half way is simply done again).
 //! A key file group or others may read is refused, naming the fix.
 //!
+//! A missing dir is made 0700 (missing parents as usual). An existing one
+//! is never changed: it must belong to this user and give group and others
+//! nothing, else writing to it or loading from it is refused, naming the
+//! fix (`--state-dir .` or `$HOME` is refused, not made private).
+//!
+//! A renewal replaces the key and the chain as a pair: both are written as
+//! `node.key.new` and `node.pem.new` first, then renamed over `node.key`,
+//! then `node.pem`. A crash part way leaves a pair `load` completes: it
+//! takes the newest chain whose key is at hand (`node.pem.new`, else
+//! `node.pem`; with `node.key.new`, else `node.key`), finishes the renames
+//! and removes `.new` files left over.
+//!
 //! Files and parsing only: when to join or renew is decided elsewhere
 //! (`lib.rs`, `join.rs`, `renewal.rs`).
 
 use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -30,6 +42,9 @@ pub const CHAIN_FILE: &str = "node.pem";
 pub const CA_FILE: &str = "ca.pem";
 /// The settings file's name.
 pub const CONF_FILE: &str = "node.conf";
+/// Appended to `node.key` and `node.pem` for a renewed pair not yet in
+/// place.
+pub const PENDING_SUFFIX: &str = ".new";
 
 /// Why the state dir could not be read or written. The message names the
 /// file and, where there is one, the fix.
@@ -68,6 +83,41 @@ pub enum StateError {
         /// Its permission bits.
         mode: u32,
     },
+    /// An existing state dir is not this user's alone.
+    #[error("{}", dir_not_private(.path, *.owner, *.mode, *.user))]
+    DirNotPrivate {
+        /// The dir.
+        path: PathBuf,
+        /// Its owner's uid.
+        owner: u32,
+        /// Its permission bits.
+        mode: u32,
+        /// This process's (effective) uid.
+        user: u32,
+    },
+}
+
+fn dir_not_private(path: &Path, owner: u32, mode: u32, user: u32) -> String {
+    let dir = path.display();
+    let mut why = Vec::new();
+    if owner != user {
+        why.push(format!(
+            "it belongs to uid {owner}, not to this user (uid {user})"
+        ));
+    }
+    if mode & 0o077 != 0 {
+        why.push("group or others have access to it".to_owned());
+    }
+    let fix = if owner == user {
+        format!("chmod 700 {dir}, or choose another --state-dir")
+    } else {
+        format!("choose another --state-dir, or give it to this user (chown) and chmod 700 {dir}")
+    };
+    format!(
+        "the state dir {dir} (owner uid {owner}, mode {mode:o}) is not private to this node: {}; \
+         {fix} (an existing dir is not changed)",
+        why.join(" and ")
+    )
 }
 
 /// A node's identity as kept in its state dir.
@@ -220,9 +270,9 @@ impl StateDir {
     }
 
     /// The identity kept here, if any: `None` when there is no `node.conf`
-    /// (no dir, an empty one, or a join that did not finish). Every file
-    /// is then checked: the key readable by nobody else and matching the
-    /// certificate.
+    /// (no dir, an empty one, or a join that did not finish). Then the dir
+    /// must be private, the key readable by nobody else and matching the
+    /// certificate (a renewal cut short is finished first).
     pub fn load(&self) -> Result<Option<(Stored, Validity)>, StateError> {
         let conf_path = self.path.join(CONF_FILE);
         let conf = match std::fs::read_to_string(&conf_path) {
@@ -236,34 +286,13 @@ impl StateDir {
                 });
             }
         };
+        self.check_private()?;
         let conf = NodeConf::parse(&conf).map_err(|why| StateError::Damaged {
             path: conf_path,
             why,
         })?;
-        let key_path = self.path.join(KEY_FILE);
-        let mode = std::fs::metadata(&key_path)
-            .map_err(io_err("reading", &key_path))?
-            .permissions()
-            .mode();
-        if mode & 0o077 != 0 {
-            return Err(StateError::KeyReadable {
-                path: key_path,
-                mode: mode & 0o777,
-            });
-        }
-        let key_pem = read(&key_path)?;
-        let chain_path = self.path.join(CHAIN_FILE);
-        let chain_pem = read(&chain_path)?;
+        let (key_pem, chain_pem, validity) = self.settle_pair()?;
         let ca_pem = read(&self.ca_file())?;
-        let public_key = public_key_of(&key_pem).map_err(|why| StateError::Damaged {
-            path: key_path.clone(),
-            why: format!("not a private key ({why})"),
-        })?;
-        let validity =
-            leaf_validity(&chain_pem, &public_key).map_err(|why| StateError::Damaged {
-                path: chain_path,
-                why: format!("{why} (in {})", key_path.display()),
-            })?;
         let stored = Stored {
             node_id: conf.node_id,
             name: conf.name,
@@ -275,8 +304,9 @@ impl StateDir {
         Ok(Some((stored, validity)))
     }
 
-    /// Saves a whole identity (after a join): the dir made 0700, the key,
-    /// the chain and the CA, then `node.conf` last.
+    /// Saves a whole identity (after a join): the dir made 0700 if missing
+    /// (an existing one must be private), the key, the chain and the CA,
+    /// then `node.conf` last.
     pub fn save(&self, stored: &Stored) -> Result<(), StateError> {
         self.make_dir()?;
         self.save_certificate(&stored.key_pem, &stored.chain_pem)?;
@@ -289,20 +319,103 @@ impl StateDir {
         write_private(&self.path.join(CONF_FILE), conf.format().as_bytes())
     }
 
-    /// Replaces the key and the chain (after a renewal). Each file is
-    /// replaced atomically; both are written to temp files first, so only
-    /// a crash between the two renames leaves a key that does not match
-    /// the chain (which `load` names).
+    /// Replaces the key and the chain (after a renewal) as a pair: both
+    /// are written as `.new` files (synced), then renamed into place, the
+    /// key first. A crash at any point leaves a pair `load` completes.
     pub fn save_certificate(&self, key_pem: &str, chain_pem: &str) -> Result<(), StateError> {
         self.make_dir()?;
-        let key = self.path.join(KEY_FILE);
-        let chain = self.path.join(CHAIN_FILE);
-        let key_tmp = write_temp(&key, key_pem.as_bytes())?;
-        let chain_tmp = write_temp(&chain, chain_pem.as_bytes())?;
-        std::fs::rename(&key_tmp, &key).map_err(io_err("renaming to", &key))?;
-        std::fs::rename(&chain_tmp, &chain).map_err(io_err("renaming to", &chain))?;
+        self.write_pending(key_pem, chain_pem)?;
+        let (key, chain) = (self.path.join(KEY_FILE), self.path.join(CHAIN_FILE));
+        rename(&pending(&key), &key)?;
+        rename(&pending(&chain), &chain)?;
         self.sync_dir();
         Ok(())
+    }
+
+    /// Writes `node.key.new` and `node.pem.new`, each whole, and makes
+    /// their names durable: the first half of [`Self::save_certificate`].
+    fn write_pending(&self, key_pem: &str, chain_pem: &str) -> Result<(), StateError> {
+        write_private(&pending(&self.path.join(KEY_FILE)), key_pem.as_bytes())?;
+        write_private(&pending(&self.path.join(CHAIN_FILE)), chain_pem.as_bytes())?;
+        self.sync_dir();
+        Ok(())
+    }
+
+    /// The key and chain that belong together, with the chain's validity,
+    /// left in place as `node.key` and `node.pem`: the newest chain
+    /// (`node.pem.new`, else `node.pem`) whose key is there (`node.key.new`,
+    /// else `node.key`). A renewal cut short is finished, and `.new` files
+    /// left over are removed. No such pair: `Damaged`, as before a renewal.
+    fn settle_pair(&self) -> Result<(String, String, Validity), StateError> {
+        let key_path = self.path.join(KEY_FILE);
+        let chain_path = self.path.join(CHAIN_FILE);
+        let (key_new, chain_new) = (pending(&key_path), pending(&chain_path));
+        check_key_mode(&key_path)?;
+        let key_pem = read(&key_path)?;
+        let chain_pem = read(&chain_path)?;
+        let new_key_pem = read_if_there(&key_new)?;
+        if new_key_pem.is_some() {
+            check_key_mode(&key_new)?;
+        }
+        let new_chain_pem = read_if_there(&chain_new)?;
+        let keys: Vec<(bool, &String, Vec<u8>)> =
+            [(true, new_key_pem.as_ref()), (false, Some(&key_pem))]
+                .into_iter()
+                .filter_map(|(new, pem)| {
+                    let pem = pem?;
+                    public_key_of(pem).ok().map(|public| (new, pem, public))
+                })
+                .collect();
+        let chains = [(true, new_chain_pem.as_ref()), (false, Some(&chain_pem))];
+        let chosen = chains.into_iter().find_map(|(chain_is_new, chain)| {
+            let chain = chain?;
+            keys.iter().find_map(|(key_is_new, key, public)| {
+                let validity = leaf_validity(chain, public).ok()?;
+                Some((
+                    *key_is_new,
+                    (*key).clone(),
+                    chain_is_new,
+                    chain.clone(),
+                    validity,
+                ))
+            })
+        });
+        let Some((key_is_new, key, chain_is_new, chain, validity)) = chosen else {
+            // Nothing matches: say what is wrong with the pair in place.
+            let public_key = public_key_of(&key_pem).map_err(|why| StateError::Damaged {
+                path: key_path.clone(),
+                why: format!("not a private key ({why})"),
+            })?;
+            let why = match leaf_validity(&chain_pem, &public_key) {
+                Err(why) => why,
+                Ok(_) => "no certificate matches the key".to_owned(),
+            };
+            return Err(StateError::Damaged {
+                path: chain_path,
+                why: format!("{why} (in {})", key_path.display()),
+            });
+        };
+        let mut changed = false;
+        for (new, there, from, to) in [
+            (key_is_new, new_key_pem.is_some(), &key_new, &key_path),
+            (
+                chain_is_new,
+                new_chain_pem.is_some(),
+                &chain_new,
+                &chain_path,
+            ),
+        ] {
+            if new {
+                rename(from, to)?;
+            } else if there {
+                std::fs::remove_file(from).map_err(io_err("removing", from))?;
+            }
+            changed |= there;
+        }
+        if changed {
+            self.sync_dir();
+        }
+        Ok((key, chain, validity))
     }
 
     /// Makes the dir (0700) if missing and checks that a file can be
@@ -313,11 +426,48 @@ impl StateDir {
         std::fs::remove_file(&probe).map_err(io_err("removing", &probe))
     }
 
-    /// Makes the dir (and parents) if missing and sets it to 0700.
+    /// Makes the dir 0700 if missing (parents as usual); an existing one
+    /// is left as it is, and must be [private](Self::check_private).
     fn make_dir(&self) -> Result<(), StateError> {
-        std::fs::create_dir_all(&self.path).map_err(io_err("creating", &self.path))?;
-        std::fs::set_permissions(&self.path, std::fs::Permissions::from_mode(0o700))
-            .map_err(io_err("setting 0700 on", &self.path))
+        if let Some(parent) = self.path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(io_err("creating", parent))?;
+        }
+        match std::fs::DirBuilder::new().mode(0o700).create(&self.path) {
+            // Ours: 0700 whatever the umask took away.
+            Ok(()) => std::fs::set_permissions(&self.path, std::fs::Permissions::from_mode(0o700))
+                .map_err(io_err("setting 0700 on", &self.path)),
+            Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => self.check_private(),
+            Err(source) => Err(StateError::Io {
+                what: "creating",
+                path: self.path.clone(),
+                source,
+            }),
+        }
+    }
+
+    /// The dir must be this user's, with no permission for group or
+    /// others: it holds the node's private key.
+    fn check_private(&self) -> Result<(), StateError> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(&self.path).map_err(io_err("reading", &self.path))?;
+        if !meta.is_dir() {
+            return Err(StateError::Io {
+                what: "using as the state dir",
+                path: self.path.clone(),
+                source: std::io::Error::other("not a directory"),
+            });
+        }
+        let (owner, mode) = (meta.uid(), meta.mode() & 0o777);
+        let user = nix::unistd::geteuid().as_raw();
+        if owner != user || mode & 0o077 != 0 {
+            return Err(StateError::DirNotPrivate {
+                path: self.path.clone(),
+                owner,
+                mode,
+                user,
+            });
+        }
+        Ok(())
     }
 
     /// Makes the renames durable; a failure only loses durability.
@@ -343,6 +493,45 @@ fn read(path: &Path) -> Result<String, StateError> {
     std::fs::read_to_string(path).map_err(io_err("reading", path))
 }
 
+/// The file's text; `None` when there is no such file.
+fn read_if_there(path: &Path) -> Result<Option<String>, StateError> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => Ok(Some(text)),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(StateError::Io {
+            what: "reading",
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
+/// A key file group or others may read is refused.
+fn check_key_mode(path: &Path) -> Result<(), StateError> {
+    let mode = std::fs::metadata(path)
+        .map_err(io_err("reading", path))?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        return Err(StateError::KeyReadable {
+            path: path.to_owned(),
+            mode: mode & 0o777,
+        });
+    }
+    Ok(())
+}
+
+/// `path` with [`PENDING_SUFFIX`]: where its renewed version waits.
+fn pending(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_owned();
+    name.push(PENDING_SUFFIX);
+    path.with_file_name(name)
+}
+
+fn rename(from: &Path, to: &Path) -> Result<(), StateError> {
+    std::fs::rename(from, to).map_err(io_err("renaming to", to))
+}
+
 /// Writes `bytes` to a new 0600 temp file beside `path`, synced; answers
 /// the temp file's path.
 fn write_temp(path: &Path, bytes: &[u8]) -> Result<PathBuf, StateError> {
@@ -364,7 +553,7 @@ fn write_temp(path: &Path, bytes: &[u8]) -> Result<PathBuf, StateError> {
 /// Writes `bytes` to `path` as 0600, through a temp file and a rename.
 fn write_private(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
     let tmp = write_temp(path, bytes)?;
-    std::fs::rename(&tmp, path).map_err(io_err("renaming to", path))
+    rename(&tmp, path)
 }
 
 #[cfg(test)]
@@ -450,7 +639,7 @@ pub(crate) mod tests {
     #[test]
     fn a_renewed_certificate_replaces_key_and_chain() {
         let tmp = tempfile::tempdir().unwrap();
-        let state = StateDir::new(tmp.path());
+        let state = StateDir::new(tmp.path().join("state"));
         let identity = stored();
         state.save(&identity).unwrap();
         let (key_pem, chain_pem, _) = issued(Duration::from_secs(60));
@@ -470,9 +659,9 @@ pub(crate) mod tests {
     #[test]
     fn a_key_others_may_read_is_refused_naming_the_fix() {
         let tmp = tempfile::tempdir().unwrap();
-        let state = StateDir::new(tmp.path());
+        let state = StateDir::new(tmp.path().join("state"));
         state.save(&stored()).unwrap();
-        let key = tmp.path().join(KEY_FILE);
+        let key = state.path().join(KEY_FILE);
         std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).unwrap();
         let err = state.load().unwrap_err();
         assert!(matches!(err, StateError::KeyReadable { mode: 0o640, .. }));
@@ -486,7 +675,7 @@ pub(crate) mod tests {
     #[test]
     fn a_half_written_dir_holds_no_identity_and_a_mismatched_key_is_damage() {
         let tmp = tempfile::tempdir().unwrap();
-        let state = StateDir::new(tmp.path());
+        let state = StateDir::new(tmp.path().join("state"));
         let identity = stored();
         // A join that crashed before node.conf: joining again is right.
         state
@@ -503,6 +692,198 @@ pub(crate) mod tests {
             err.contains("not for the node's key") && err.contains("join again"),
             "{err}"
         );
+    }
+
+    fn names_in(dir: &Path) -> Vec<String> {
+        let mut names: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn an_existing_dir_others_may_use_is_left_alone_and_refused_naming_the_fix() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("shared");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let state = StateDir::new(&dir);
+        for err in [
+            state.check_writable().unwrap_err(),
+            state.save(&stored()).unwrap_err(),
+        ] {
+            assert!(
+                matches!(err, StateError::DirNotPrivate { mode: 0o755, .. }),
+                "{err:?}"
+            );
+            let message = err.to_string();
+            for part in [
+                format!("the state dir {}", dir.display()),
+                "mode 755".to_owned(),
+                format!("owner uid {}", nix::unistd::geteuid()),
+                format!("chmod 700 {}, or choose another --state-dir", dir.display()),
+            ] {
+                assert!(message.contains(&part), "{part:?} in {message}");
+            }
+        }
+        assert_eq!(mode(&dir), 0o755, "not changed");
+        assert!(names_in(&dir).is_empty(), "nothing written");
+        // Once private, it is used as it is.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let identity = stored();
+        state.save(&identity).unwrap();
+        assert_eq!(state.load().unwrap().unwrap().0, identity);
+    }
+
+    #[test]
+    fn an_identity_in_a_dir_others_may_use_is_refused_naming_the_fix() {
+        let tmp = tempfile::tempdir().unwrap();
+        let state = StateDir::new(tmp.path().join("state"));
+        state.save(&stored()).unwrap();
+        std::fs::set_permissions(state.path(), std::fs::Permissions::from_mode(0o750)).unwrap();
+        let err = state.load().unwrap_err();
+        assert!(
+            matches!(err, StateError::DirNotPrivate { mode: 0o750, .. }),
+            "{err:?}"
+        );
+        let message = err.to_string();
+        assert!(
+            message.contains(&format!("chmod 700 {}", state.path().display()))
+                && message.contains("group or others"),
+            "{message}"
+        );
+        std::fs::set_permissions(state.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        assert!(state.load().unwrap().is_some());
+    }
+
+    #[test]
+    fn a_dir_of_another_user_is_refused_saying_to_choose_another() {
+        let message = dir_not_private(Path::new("/srv/x"), 0, 0o700, 1000);
+        assert!(
+            message.contains("(owner uid 0, mode 700)")
+                && message.contains("belongs to uid 0, not to this user (uid 1000)")
+                && message.contains("choose another --state-dir"),
+            "{message}"
+        );
+        let message = dir_not_private(Path::new("/srv/x"), 0, 0o755, 1000);
+        assert!(message.contains(" and group or others"), "{message}");
+    }
+
+    /// What a crash left of a save: given the dir, the renewed key and chain.
+    type Crash = Box<dyn Fn(&StateDir, &str, &str)>;
+
+    /// A state dir holding an identity, and a renewed key and chain for
+    /// it whose save was cut short by `crash`: (dir, the old identity, the
+    /// renewed key, the renewed chain).
+    fn renewal_cut_short(
+        crash: impl FnOnce(&StateDir, &str, &str),
+    ) -> (tempfile::TempDir, StateDir, Stored, String, String) {
+        let tmp = tempfile::tempdir().unwrap();
+        let state = StateDir::new(tmp.path().join("state"));
+        let identity = stored();
+        state.save(&identity).unwrap();
+        let (key_pem, chain_pem, _) = issued(Duration::from_secs(7200));
+        crash(&state, &key_pem, &chain_pem);
+        (tmp, state, identity, key_pem, chain_pem)
+    }
+
+    fn key_and_chain_in(state: &StateDir) -> (String, String) {
+        (
+            std::fs::read_to_string(state.path().join(KEY_FILE)).unwrap(),
+            std::fs::read_to_string(state.path().join(CHAIN_FILE)).unwrap(),
+        )
+    }
+
+    #[test]
+    fn a_renewal_cut_short_after_the_new_pair_is_written_or_half_renamed_loads_the_new_pair() {
+        let in_place = |state: &StateDir, name: &str| {
+            let path = state.path().join(name);
+            std::fs::rename(pending(&path), &path).unwrap();
+        };
+        let crashes: [(&str, Crash); 3] = [
+            (
+                "after writing node.key.new and node.pem.new",
+                Box::new(|state, key, chain| state.write_pending(key, chain).unwrap()),
+            ),
+            (
+                "after renaming the key (new key, old chain)",
+                Box::new(move |state, key, chain| {
+                    state.write_pending(key, chain).unwrap();
+                    in_place(state, KEY_FILE);
+                }),
+            ),
+            (
+                "after renaming the chain only (old key, new chain)",
+                Box::new(move |state, key, chain| {
+                    state.write_pending(key, chain).unwrap();
+                    in_place(state, CHAIN_FILE);
+                }),
+            ),
+        ];
+        for (point, crash) in crashes {
+            let (_tmp, state, identity, key_pem, chain_pem) = renewal_cut_short(crash);
+            let (loaded, validity) = state.load().unwrap().expect(point);
+            assert_eq!(
+                (&loaded.key_pem, &loaded.chain_pem),
+                (&key_pem, &chain_pem),
+                "{point}: the renewed pair"
+            );
+            assert_eq!(loaded.node_id, identity.node_id, "{point}");
+            let lifetime = validity.not_after.duration_since(validity.not_before);
+            assert!(lifetime.unwrap() > Duration::from_secs(3600), "{point}");
+            assert_eq!(
+                key_and_chain_in(&state),
+                (key_pem, chain_pem),
+                "{point}: in place"
+            );
+            assert_eq!(
+                names_in(state.path()),
+                [CA_FILE, CONF_FILE, KEY_FILE, CHAIN_FILE],
+                "{point}: no .new file left"
+            );
+            assert_eq!(mode(&state.path().join(KEY_FILE)), 0o600, "{point}");
+            assert!(state.load().unwrap().is_some(), "{point}: loads again");
+        }
+    }
+
+    #[test]
+    fn a_renewal_cut_short_before_the_new_pair_is_whole_loads_the_old_pair() {
+        let crashes: [(&str, Crash); 3] = [
+            (
+                "after writing node.key.new only",
+                Box::new(|state, key, _| {
+                    write_private(&pending(&state.path().join(KEY_FILE)), key.as_bytes()).unwrap()
+                }),
+            ),
+            (
+                "with a node.pem.new that does not parse",
+                Box::new(|state, key, chain| state.write_pending(key, &chain[..100]).unwrap()),
+            ),
+            (
+                "with a new pair that does not match",
+                Box::new(|state, _, chain| {
+                    let (other_key, _, _) = issued(Duration::from_secs(60));
+                    state.write_pending(&other_key, chain).unwrap()
+                }),
+            ),
+        ];
+        for (point, crash) in crashes {
+            let (_tmp, state, identity, _, _) = renewal_cut_short(crash);
+            let (loaded, _) = state.load().unwrap().expect(point);
+            assert_eq!(loaded, identity, "{point}: the old pair");
+            assert_eq!(
+                key_and_chain_in(&state),
+                (identity.key_pem.clone(), identity.chain_pem.clone()),
+                "{point}"
+            );
+            assert_eq!(
+                names_in(state.path()),
+                [CA_FILE, CONF_FILE, KEY_FILE, CHAIN_FILE],
+                "{point}: the stale .new files removed"
+            );
+        }
     }
 
     #[test]

@@ -296,7 +296,7 @@ mod tests {
     #[test]
     fn a_request_is_made_only_when_due_and_an_answer_is_saved_and_swapped() {
         let tmp = tempfile::tempdir().unwrap();
-        let store = StateDir::new(tmp.path());
+        let store = StateDir::new(tmp.path().join("state"));
         let (credentials, validity) = credentials(Duration::from_secs(3000), Some(store.clone()));
         let now = SystemTime::now();
         assert!(credentials.request(now).is_none(), "not due yet");
@@ -307,7 +307,7 @@ mod tests {
         // No answer yet: asked again at a tenth of what is left.
         assert_eq!(credentials.next_at(), retry_at(due, validity.not_after));
         let chain = answer_for(&credentials, Duration::from_secs(6000));
-        let before = std::fs::read_to_string(tmp.path().join("node.key")).unwrap();
+        let before = std::fs::read_to_string(store.path().join("node.key")).unwrap();
         credentials.answer(Ok(chain.clone()), now);
         let (stored, renewed) = store.load().unwrap().expect("still an identity");
         assert_eq!(stored.chain_pem, chain);

@@ -154,13 +154,49 @@ def test_join_keeps_key_chain_ca_and_node_conf_with_weft_nodes_layout_and_permis
     assert ident.load(str(state)) == joined
 
 
-def test_a_state_dir_that_exists_is_made_private(tmp_path):
-    state = tmp_path / "state"
-    state.mkdir(mode=0o755)
+def test_an_existing_state_dir_others_may_use_is_left_alone_and_refused_before_the_token_is_spent(fake, tmp_path):
+    state = tmp_path / "shared"
+    state.mkdir()
     os.chmod(state, 0o755)
-    with FakeCoordinator() as fake:
+    with pytest.raises(ident.StateDirUnusable) as err:
         join(JoinToken.parse(fake.join_token()), "py-1", str(state))
+    assert isinstance(err.value, ValueError), "a worker's join treats it as final"
+    message = str(err.value)
+    for part in (f"the state dir {state}", f"owner uid {os.geteuid()}", "mode 755", "group or others",
+                 f"chmod 700 {state}, or choose another state dir"):
+        assert part in message
+    assert fake.join_requests == [], "the token is not spent"
+    assert mode(state) == 0o755 and os.listdir(state) == [], "the dir is not changed"
+    with pytest.raises(OSError, match="chmod 700"):  # a renewal logs it and asks again
+        ident.save_renewed(str(state), ident.Identity("n", "py-1", "c:1", b"k", b"c", b"ca"))
+    assert os.listdir(state) == []
+    # Once private, it is used as it is.
+    os.chmod(state, 0o700)
+    joined = join(JoinToken.parse(fake.join_token()), "py-1", str(state))
+    assert mode(state) == 0o700 and ident.load(str(state)) == joined
+
+
+def test_a_missing_state_dir_is_made_private_with_its_parents(fake, tmp_path):
+    state = tmp_path / "a" / "b" / "state"
+    join(JoinToken.parse(fake.join_token()), "py-1", str(state))
     assert mode(state) == 0o700
+    assert (tmp_path / "a" / "b").is_dir()
+
+
+def test_an_identity_in_a_dir_others_may_use_or_another_user_owns_is_refused(fake, tmp_path, monkeypatch):
+    state = tmp_path / "state"
+    join(JoinToken.parse(fake.join_token()), "py-1", str(state))
+    os.chmod(state, 0o750)
+    with pytest.raises(ValueError, match=rf"state dir {state} \(owner uid \d+, mode 750\).*chmod 700 {state}"):
+        ident.load(str(state))
+    with pytest.raises(ValueError, match="group or others"):
+        weft.Worker(slots=1, state_dir=str(state))
+    assert mode(state) == 0o750, "not changed"
+    os.chmod(state, 0o700)
+    assert ident.load(str(state)) is not None
+    monkeypatch.setattr(os, "geteuid", lambda: os.stat(state).st_uid + 1)
+    with pytest.raises(ValueError, match=r"belongs to uid \d+, not to this user.*choose another state dir"):
+        ident.load(str(state))
 
 
 def test_an_empty_state_dir_holds_no_identity_and_a_damaged_one_says_what_to_do(fake, tmp_path):
@@ -214,6 +250,62 @@ def test_a_renewed_identity_is_saved_in_place(fake, tmp_path):
     assert ident.load(state) == joined.renewed(key_pem, chain)
     assert sorted(os.listdir(state)) == ["ca.pem", "node.conf", "node.key", "node.pem"]
     assert all(mode(os.path.join(state, n)) == 0o600 for n in os.listdir(state))
+
+
+def _renewal_cut_short(fake, tmp_path, crash):
+    """A joined state dir and a renewed key and chain whose save ``crash``
+    cut short: (state dir, the joined identity, the renewed identity)."""
+    state = str(tmp_path / "state")
+    joined = join(JoinToken.parse(fake.join_token()), "py-1", state)
+    key_pem, _ = ident.new_key_and_csr("py-1")
+    key = serialization.load_pem_private_key(key_pem, password=None)
+    cert = fake.ca.node(key.public_key(), joined.node_id, 7200)
+    renewed = joined.renewed(key_pem, cert.public_bytes(serialization.Encoding.PEM) + fake.ca.pem)
+    crash(state, renewed)
+    return state, joined, renewed
+
+
+def _in_place(state, name):
+    os.replace(os.path.join(state, name + ".new"), os.path.join(state, name))
+
+
+def _key_and_chain_in(state):
+    with open(os.path.join(state, "node.key"), "rb") as k, open(os.path.join(state, "node.pem"), "rb") as c:
+        return k.read(), c.read()
+
+
+@pytest.mark.parametrize("crash", [
+    pytest.param(lambda state, new: ident._write_pending(state, new.key_pem, new.chain_pem),
+                 id="after-writing-node.key.new-and-node.pem.new"),
+    pytest.param(lambda state, new: (ident._write_pending(state, new.key_pem, new.chain_pem),
+                                     _in_place(state, "node.key")),
+                 id="after-renaming-the-key"),
+    pytest.param(lambda state, new: (ident._write_pending(state, new.key_pem, new.chain_pem),
+                                     _in_place(state, "node.pem")),
+                 id="after-renaming-the-chain-only"),
+])
+def test_a_renewal_cut_short_once_the_new_pair_is_written_loads_the_new_pair(fake, tmp_path, crash):
+    state, _, renewed = _renewal_cut_short(fake, tmp_path, crash)
+    assert ident.load(state) == renewed
+    assert _key_and_chain_in(state) == (renewed.key_pem, renewed.chain_pem), "the renames are finished"
+    assert sorted(os.listdir(state)) == ["ca.pem", "node.conf", "node.key", "node.pem"], "no .new file left"
+    assert all(mode(os.path.join(state, n)) == 0o600 for n in os.listdir(state))
+    assert ident.load(state) == renewed
+
+
+@pytest.mark.parametrize("crash", [
+    pytest.param(lambda state, new: ident._write_atomic(state, "node.key.new", new.key_pem),
+                 id="after-writing-node.key.new-only"),
+    pytest.param(lambda state, new: ident._write_pending(state, new.key_pem, new.chain_pem[:100]),
+                 id="with-a-node.pem.new-that-does-not-parse"),
+    pytest.param(lambda state, new: ident._write_pending(state, ident.new_key_and_csr("x")[0], new.chain_pem),
+                 id="with-a-new-pair-that-does-not-match"),
+])
+def test_a_renewal_cut_short_before_the_new_pair_is_whole_loads_the_old_pair(fake, tmp_path, crash):
+    state, joined, _ = _renewal_cut_short(fake, tmp_path, crash)
+    assert ident.load(state) == joined
+    assert _key_and_chain_in(state) == (joined.key_pem, joined.chain_pem)
+    assert sorted(os.listdir(state)) == ["ca.pem", "node.conf", "node.key", "node.pem"], "stale .new files removed"
 
 
 # -- renewal timing --------------------------------------------------------------------

@@ -4,7 +4,9 @@ dir; the key and certificate requests it makes; when it renews.
 
 The state dir has ``weft-node``'s layout (``--state-dir``), so either kind
 of worker reads the other's: the dir is 0700, every file 0600 and written
-atomically (a temp file, then a rename):
+atomically (a temp file, then a rename). A missing dir is made 0700; an
+existing one is never changed: it must belong to this user and give group
+and others nothing, else saving to it or loading from it is refused.
 
 - ``node.key``: the private key, PKCS#8 PEM (ECDSA P-256); it never leaves
   the machine;
@@ -12,6 +14,13 @@ atomically (a temp file, then a rename):
 - ``ca.pem``: the cluster CA, PEM (the trust anchor for the coordinator);
 - ``node.conf``: lines ``node_id=...``, ``name=...``, ``coordinator=...``
   (the address from the join token).
+
+A renewal replaces the key and the chain as a pair: ``node.key.new`` and
+``node.pem.new`` are written first, then renamed over ``node.key``, then
+``node.pem``. :func:`load` completes a renewal a crash cut short: it takes
+the newest chain whose key is at hand (``node.pem.new``, else ``node.pem``;
+with ``node.key.new``, else ``node.key``), finishes the renames and removes
+``.new`` files left over.
 
 Plain code and files: no sockets, no event loop. Joining is ``join.py``'s,
 sending the renewal over the session ``session.py``'s.
@@ -22,6 +31,7 @@ from __future__ import annotations
 import datetime
 import os
 import re
+import stat
 import tempfile
 from dataclasses import dataclass, replace
 from typing import Optional, Tuple
@@ -32,6 +42,8 @@ KEY_FILE = "node.key"
 CHAIN_FILE = "node.pem"
 CA_FILE = "ca.pem"
 CONF_FILE = "node.conf"
+#: Appended to ``node.key`` and ``node.pem`` for a renewed pair not yet in place.
+PENDING_SUFFIX = ".new"
 
 #: Node names: 1 to 128 bytes of letters, digits, '.', '-', '_'.
 NAME = re.compile(r"[A-Za-z0-9._-]{1,128}\Z")
@@ -165,40 +177,176 @@ def _write_atomic(directory: str, name: str, data: bytes) -> None:
         raise
 
 
+def _fsync_dir(directory: str) -> None:
+    """Makes renames in ``directory`` durable; a failure only loses durability."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class StateDirUnusable(PermissionError, ValueError):
+    """An existing state dir that may not hold an identity: not a directory,
+    or not this user's alone. A PermissionError (an OSError, as a failed
+    save is) and a ValueError (as a damaged state dir is): a join or a start
+    refuses it for good, a renewal logs it and tries again."""
+
+
+def dir_problem(state_dir: str) -> Optional[str]:
+    """Why the existing dir ``state_dir`` may not hold an identity (it is
+    not this user's, or group or others have access to it), with the fix;
+    None when it is private."""
+    st = os.stat(state_dir)
+    owner, mode, user = st.st_uid, stat.S_IMODE(st.st_mode), os.geteuid()
+    why = []
+    if owner != user:
+        why.append(f"it belongs to uid {owner}, not to this user (uid {user})")
+    if mode & 0o077:
+        why.append("group or others have access to it")
+    if not why:
+        return None
+    other = "choose another state dir (state_dir= / WEFT_NODE_STATE_DIR / --state-dir)"
+    fix = (f"chmod 700 {state_dir}, or {other}" if owner == user
+           else f"{other}, or give it to this user (chown) and chmod 700 {state_dir}")
+    return (f"the state dir {state_dir} (owner uid {owner}, mode {mode:o}) is not private to this node: "
+            f"{' and '.join(why)}; {fix} (an existing dir is not changed)")
+
+
+def check_state_dir(state_dir: str) -> None:
+    """:class:`StateDirUnusable`, naming the fix, when ``state_dir`` exists
+    and is not a private directory (see :func:`dir_problem`); nothing when
+    it is one, or is missing. A join checks this before it spends its token."""
+    if not os.path.lexists(state_dir):
+        return
+    if not os.path.isdir(state_dir):
+        raise StateDirUnusable(f"the state dir {state_dir} is not a directory: choose another state dir "
+                               "(state_dir= / WEFT_NODE_STATE_DIR / --state-dir)")
+    problem = dir_problem(state_dir)
+    if problem:
+        raise StateDirUnusable(problem)
+
+
 def _ensure_dir(state_dir: str) -> None:
-    os.makedirs(state_dir, mode=0o700, exist_ok=True)
-    os.chmod(state_dir, 0o700)
+    """Makes ``state_dir`` 0700 if missing (parents as usual); an existing
+    one is left as it is and must be private (:class:`StateDirUnusable`)."""
+    os.makedirs(os.path.dirname(os.path.abspath(state_dir)), exist_ok=True)
+    try:
+        os.mkdir(state_dir, 0o700)
+    except FileExistsError:
+        check_state_dir(state_dir)
+    else:
+        os.chmod(state_dir, 0o700)  # ours: whatever the umask took away
+
+
+def _write_pending(state_dir: str, key_pem: bytes, chain_pem: bytes) -> None:
+    """Writes ``node.key.new`` and ``node.pem.new``, each whole, and makes
+    their names durable: the first half of :func:`save_renewed`."""
+    _write_atomic(state_dir, KEY_FILE + PENDING_SUFFIX, key_pem)
+    _write_atomic(state_dir, CHAIN_FILE + PENDING_SUFFIX, chain_pem)
+    _fsync_dir(state_dir)
+
+
+def _save_pair(state_dir: str, key_pem: bytes, chain_pem: bytes) -> None:
+    _write_pending(state_dir, key_pem, chain_pem)
+    for name in (KEY_FILE, CHAIN_FILE):
+        os.replace(os.path.join(state_dir, name + PENDING_SUFFIX), os.path.join(state_dir, name))
+    _fsync_dir(state_dir)
 
 
 def save(state_dir: str, identity: Identity) -> None:
     """Writes the whole identity; ``node.conf`` last, so a dir with a
-    ``node.conf`` always holds a complete identity."""
+    ``node.conf`` always holds a complete identity. The dir is made 0700
+    if missing; an existing one must be private (:class:`StateDirUnusable`)."""
     _ensure_dir(state_dir)
-    _write_atomic(state_dir, KEY_FILE, identity.key_pem)
-    _write_atomic(state_dir, CHAIN_FILE, identity.chain_pem)
+    _save_pair(state_dir, identity.key_pem, identity.chain_pem)
     _write_atomic(state_dir, CA_FILE, identity.ca_pem)
     conf = f"node_id={identity.node_id}\nname={identity.name}\ncoordinator={identity.coordinator}\n"
     _write_atomic(state_dir, CONF_FILE, conf.encode())
 
 
 def save_renewed(state_dir: str, identity: Identity) -> None:
-    """Writes a renewed key and chain, each atomically. A crash between
-    the two leaves a pair that does not match, which the next start
-    refuses with a message (join again) rather than presenting it."""
+    """Replaces the key and the chain as a pair: both written as ``.new``
+    files, then renamed into place, the key first. A crash at any point
+    leaves a pair :func:`load` completes."""
     _ensure_dir(state_dir)
-    _write_atomic(state_dir, CHAIN_FILE, identity.chain_pem)
-    _write_atomic(state_dir, KEY_FILE, identity.key_pem)
+    _save_pair(state_dir, identity.key_pem, identity.chain_pem)
+
+
+def _check_key_mode(path: str) -> None:
+    try:
+        key_mode = stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return
+    if key_mode & 0o077:
+        raise ValueError(f"{path} may be read by others (mode {key_mode:o}): the node's private key must "
+                         f"be private: chmod 600 {path}")
+
+
+def _read_if_there(path: str) -> Optional[bytes]:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+
+def _matches(chain_pem: bytes, key_pem: bytes, node_id: str) -> bool:
+    try:
+        check_chain(chain_pem, key_pem, node_id)
+    except Exception:  # a key or chain that does not load matches nothing
+        return False
+    return True
+
+
+def _settle_pair(state_dir: str, node_id: str, key_pem: bytes, chain_pem: bytes) -> Tuple[bytes, bytes]:
+    """The key and chain that belong together, left in place as ``node.key``
+    and ``node.pem``: the newest chain (``node.pem.new``, else ``node.pem``)
+    whose key is there (``node.key.new``, else ``node.key``); a renewal cut
+    short is finished and ``.new`` files left over are removed. Without a
+    ``.new`` file, or when nothing matches: the pair in place, as it is."""
+    key_path, chain_path = os.path.join(state_dir, KEY_FILE), os.path.join(state_dir, CHAIN_FILE)
+    key_new, chain_new = key_path + PENDING_SUFFIX, chain_path + PENDING_SUFFIX
+    new_key, new_chain = _read_if_there(key_new), _read_if_there(chain_new)
+    if new_key is None and new_chain is None:
+        return key_pem, chain_pem
+    if new_key is not None:
+        _check_key_mode(key_new)
+    keys = [(True, k) for k in [new_key] if k is not None] + [(False, key_pem)]
+    chains = [(True, c) for c in [new_chain] if c is not None] + [(False, chain_pem)]
+    chosen = next(((kn, k, cn, c) for cn, c in chains for kn, k in keys if _matches(c, k, node_id)), None)
+    if chosen is None:
+        return key_pem, chain_pem  # load names what is wrong with the pair in place
+    key_is_new, key, chain_is_new, chain = chosen
+    for new, there, src, dst in ((key_is_new, new_key is not None, key_new, key_path),
+                                 (chain_is_new, new_chain is not None, chain_new, chain_path)):
+        if new:
+            os.replace(src, dst)
+        elif there:
+            os.unlink(src)
+    _fsync_dir(state_dir)
+    return key, chain
 
 
 def load(state_dir: str) -> Optional[Identity]:
     """The identity kept in ``state_dir``; None when it holds none (no
-    ``node.conf``). ValueError, naming the dir, when it is damaged."""
+    ``node.conf``). ValueError, naming the dir, when it is damaged, or
+    :class:`StateDirUnusable` (a ValueError) when group or others have
+    access to it or another user owns it."""
     conf_path = os.path.join(state_dir, CONF_FILE)
     try:
         with open(conf_path, "r", encoding="utf-8") as f:
             text = f.read()
     except FileNotFoundError:
         return None
+    problem = dir_problem(state_dir)
+    if problem:
+        raise StateDirUnusable(problem)
     values = {}
     for line in text.splitlines():
         key, sep, value = line.strip().partition("=")
@@ -208,14 +356,7 @@ def load(state_dir: str) -> Optional[Identity]:
     if missing:
         raise ValueError(f"{conf_path} lacks {', '.join(missing)}: the state dir is damaged; "
                          "remove it and join again with a new token")
-    key_path = os.path.join(state_dir, KEY_FILE)
-    try:
-        key_mode = os.stat(key_path).st_mode & 0o777
-    except FileNotFoundError:
-        key_mode = 0
-    if key_mode & 0o077:
-        raise ValueError(f"{key_path} may be read by others (mode {key_mode:o}): the node's private key must "
-                         f"be private: chmod 600 {key_path}")
+    _check_key_mode(os.path.join(state_dir, KEY_FILE))
     files = {}
     for name in (KEY_FILE, CHAIN_FILE, CA_FILE):
         try:
@@ -224,8 +365,9 @@ def load(state_dir: str) -> Optional[Identity]:
         except FileNotFoundError:
             raise ValueError(f"the state dir {state_dir} has node.conf but no {name}: remove it and join "
                              "again with a new token") from None
-    identity = Identity(values["node_id"], values["name"], values["coordinator"], files[KEY_FILE],
-                        files[CHAIN_FILE], files[CA_FILE])
+    key_pem, chain_pem = _settle_pair(state_dir, values["node_id"], files[KEY_FILE], files[CHAIN_FILE])
+    identity = Identity(values["node_id"], values["name"], values["coordinator"], key_pem, chain_pem,
+                        files[CA_FILE])
     try:
         check_chain(identity.chain_pem, identity.key_pem, identity.node_id)
     except ValueError as e:

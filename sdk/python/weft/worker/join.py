@@ -26,7 +26,7 @@ import grpc
 from .. import errors
 from .._channel import _OPTIONS, _pem_certificates, _pin_digest, ca_pin, fetch_pinned_ca, parse_address
 from .._proto import node_pb2, node_pb2_grpc
-from .identity import Identity, check_chain, check_name, new_key_and_csr, save
+from .identity import Identity, check_chain, check_name, check_state_dir, new_key_and_csr, save
 
 #: The prefix of every join token.
 JOIN_PREFIX = "weftjoin_"
@@ -114,13 +114,16 @@ def join(token: JoinToken, name: str, state_dir: str) -> Identity:
 
     Raises :class:`weft._channel.PinMismatch` when the coordinator is not
     the one the pin names (nothing is sent to it), ValueError for a token
-    that names a plaintext address, OSError when it cannot be reached, and
+    that names a plaintext address, ``identity.StateDirUnusable`` (a
+    ValueError) when ``state_dir`` exists and is not this user's alone
+    (before anything is sent), OSError when it cannot be reached, and
     the coordinator's refusal as a typed :class:`weft.WeftError`
     (``Unauthenticated``: the token is unknown, expired, used up or
     revoked; ``AlreadyExists``: another node holds the name;
     ``FailedPrecondition``: the coordinator does not authenticate nodes).
     """
     check_name(name)
+    check_state_dir(state_dir)  # a dir that cannot hold the identity fails before the token is spent
     scheme, host, port = parse_address(token.address)
     if scheme != "https":
         raise ValueError(f"the join token names a plaintext address ({token.address}): joining needs TLS")
