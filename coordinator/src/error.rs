@@ -140,8 +140,8 @@ impl From<Error> for Status {
             Error::NodeRevoked(_) => Status::permission_denied(err.to_string()),
             Error::NodeNameTaken { .. } => Status::already_exists(err.to_string()),
             Error::ShuttingDown => Status::unavailable(err.to_string()),
-            Error::Store(_)
-            | Error::Listener(_)
+            Error::Store(store) => store_status(store),
+            Error::Listener(_)
             | Error::Tls(_)
             | Error::NoAuthNotLoopback(_)
             | Error::AddrFile { .. }
@@ -149,6 +149,40 @@ impl From<Error> for Status {
                 tracing::error!(error = %err, "internal failure");
                 Status::internal("internal coordinator error")
             }
+        }
+    }
+}
+
+/// A store failure as a client is told it: a failed commit (full disk,
+/// I/O error) is `UNAVAILABLE` with the reason (nothing of the request was
+/// acknowledged; the coordinator stops and is restarted); damage is
+/// `DATA_LOSS` naming the record; the rest is internal.
+fn store_status(err: &StoreError) -> Status {
+    match err {
+        StoreError::DiskFull { .. } => {
+            tracing::error!(error = %err, "store write failed: disk full");
+            Status::unavailable(format!(
+                "the coordinator's disk is full ({err}); this request was not acknowledged. The coordinator stops so it can be restarted once there is space; retry then"
+            ))
+        }
+        StoreError::Backend { .. } => {
+            tracing::error!(error = %err, "store failure");
+            Status::unavailable(format!(
+                "the coordinator's store failed ({err}); this request was not acknowledged; retry later"
+            ))
+        }
+        StoreError::Damaged { .. } | StoreError::Corrupt { .. } | StoreError::Panicked { .. } => {
+            tracing::error!(error = %err, "store damage");
+            Status::data_loss(err.to_string())
+        }
+        StoreError::Poisoned
+        | StoreError::Inconsistent(_)
+        | StoreError::Locked(_)
+        | StoreError::Open { .. }
+        | StoreError::Unreadable { .. }
+        | StoreError::Missing { .. } => {
+            tracing::error!(error = %err, "internal failure");
+            Status::internal("internal coordinator error")
         }
     }
 }
@@ -187,6 +221,31 @@ fn short_duration(d: Duration) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_full_disk_is_unavailable_naming_the_disk_and_damage_is_data_loss() {
+        let full = Status::from(Error::Store(StoreError::DiskFull {
+            op: "committing",
+            message: "No space left on device (os error 28)".into(),
+        }));
+        assert_eq!(full.code(), tonic::Code::Unavailable);
+        assert!(
+            full.message().contains("disk is full") && full.message().contains("not acknowledged"),
+            "{}",
+            full.message()
+        );
+        let damaged = Status::from(Error::Store(StoreError::Damaged {
+            table: "tasks",
+            key: "01J".into(),
+            reason: "checksum mismatch",
+        }));
+        assert_eq!(damaged.code(), tonic::Code::DataLoss);
+        assert!(
+            damaged.message().contains("table tasks, key 01J"),
+            "{}",
+            damaged.message()
+        );
+    }
 
     #[test]
     fn a_missing_old_task_is_expired_and_a_missing_new_one_not_found() {

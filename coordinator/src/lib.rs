@@ -51,7 +51,7 @@ pub mod store;
 pub mod tls;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::net::TcpListener;
@@ -65,6 +65,58 @@ pub use error::Error;
 use scheduler::recent;
 use scheduler::{Now, Scheduler};
 use store::{MemoryStore, RedbStore, Store, StoreError};
+
+/// Why a coordinator stopped by itself (see
+/// [`RunningCoordinator::stopped`]). The binary exits with
+/// [`exit_code`](Failure::exit_code) so a supervisor restarts it.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Failure {
+    /// A store commit failed (full disk, I/O error). The coordinator
+    /// stopped at once: the scheduler had moved on from what the store
+    /// refused. Nothing acknowledged was lost: every acknowledged request
+    /// was committed before it was answered, and the requests that met the
+    /// failure were answered `UNAVAILABLE`.
+    #[error(
+        "a store commit failed ({0}); the coordinator stopped. Nothing acknowledged was lost: every acknowledged request was committed before it was answered, and the requests that met the failure were refused. {hint}",
+        hint = commit_hint(.0)
+    )]
+    Commit(StoreError),
+    /// The gRPC server stopped with an error.
+    #[error("the gRPC server failed: {0}")]
+    Server(String),
+}
+
+fn commit_hint(err: &StoreError) -> &'static str {
+    match err {
+        StoreError::DiskFull { .. } => {
+            "Free space on the data dir's disk, then start the coordinator again."
+        }
+        err if err.is_damage() => {
+            "The store is damaged: restore weft.redb from a backup, or move the data dir away to start an empty cluster."
+        }
+        _ => "Check the data dir's disk, then start the coordinator again.",
+    }
+}
+
+impl Failure {
+    /// The exit status `weft-coordinator` ends with: 74 (EX_IOERR) for a
+    /// failed commit, 65 (EX_DATAERR) when the store turned out damaged, 70
+    /// (EX_SOFTWARE) for a failed server.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Failure::Commit(err) if err.is_damage() => EXIT_DAMAGED,
+            Failure::Commit(_) => EXIT_COMMIT_FAILED,
+            Failure::Server(_) => 70,
+        }
+    }
+}
+
+/// Exit status when a commit failed (EX_IOERR): restart once the disk has
+/// room; nothing acknowledged was lost.
+pub const EXIT_COMMIT_FAILED: i32 = 74;
+/// Exit status when the store is damaged or missing (EX_DATAERR): a restart
+/// does not help; restore a backup or move the data dir away.
+pub const EXIT_DAMAGED: i32 = 65;
 
 /// `shutdown` did not finish within its grace period.
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +132,7 @@ pub struct RunningCoordinator {
     cancel: CancellationToken,
     tasks: TaskTracker,
     admin_token_file: Option<std::path::PathBuf>,
+    failure: Arc<OnceLock<Failure>>,
 }
 
 impl RunningCoordinator {
@@ -118,6 +171,23 @@ impl RunningCoordinator {
             Some(tls) => tls.rotate().map(|_| ()),
             None => Ok(()),
         }
+    }
+
+    /// Waits until the coordinator stops: `Err` with the reason when it
+    /// stopped by itself (a failed commit, a failed server), `Ok` when it
+    /// was told to (dropped, or [`shutdown`](Self::shutdown) from another
+    /// handle's task). Embedders wait on this beside their own signals.
+    pub async fn stopped(&self) -> Result<(), Failure> {
+        self.cancel.cancelled().await;
+        match self.failure.get() {
+            Some(failure) => Err(failure.clone()),
+            None => Ok(()),
+        }
+    }
+
+    /// Why it stopped by itself, if it did.
+    pub fn failure(&self) -> Option<Failure> {
+        self.failure.get().cloned()
     }
 
     /// Stops accepting, ends node sessions and watch streams, and waits up
@@ -178,17 +248,25 @@ pub async fn start(
     let data_dir = config.data_dir.clone();
     let cache_size = config.store_cache_size;
     let (store, loaded, tokens, identities) = tokio::task::spawn_blocking(move || {
-        let store: Arc<dyn Store> = match &data_dir {
-            Some(dir) => Arc::new(RedbStore::open_with_cache(dir, cache_size)?),
-            None => Arc::new(MemoryStore::new()),
-        };
-        let since = SystemTime::now()
-            .checked_sub(recent::WINDOW)
-            .unwrap_or(SystemTime::UNIX_EPOCH);
-        let loaded = store.load(since)?;
-        let tokens = store.tokens()?;
-        let identities = store.node_identities()?;
-        Ok::<_, StoreError>((store, loaded, tokens, identities))
+        // The store library panics on some damage (debug checks on a
+        // zeroed page): caught here, so a damaged file is refused with a
+        // message instead of a crash.
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            open_and_load(data_dir.as_deref(), cache_size)
+        }))
+        .unwrap_or_else(|panic| {
+            let path = data_dir
+                .as_deref()
+                .map(|dir| dir.join(store::redb::FILE_NAME))
+                .unwrap_or_default();
+            Err(StoreError::Unreadable {
+                path,
+                message: format!(
+                    "the store library panicked: {}",
+                    store::panic_message(&*panic)
+                ),
+            })
+        })
     })
     .await
     .map_err(|err| StoreError::Open {
@@ -242,11 +320,13 @@ pub async fn start(
         cancel.clone(),
         tasks.clone(),
     );
+    let failure = driver.failure();
     tasks.spawn(driver.run());
     server::mark_serving(&reporter).await;
     let server_cancel = cancel.clone();
     let serve_tls = server_tls.clone();
     let serve_tasks = tasks.clone();
+    let serve_failure = Arc::clone(&failure);
     tasks.spawn(async move {
         let result = server::serve(
             (listener, addr, serve_tls, &serve_tasks),
@@ -259,6 +339,7 @@ pub async fn start(
         .await;
         if let Err(err) = result {
             tracing::error!(error = %err, "server failed");
+            let _ = serve_failure.set(Failure::Server(err.to_string()));
             server_cancel.cancel();
         }
     });
@@ -293,7 +374,35 @@ pub async fn start(
         cancel,
         tasks,
         admin_token_file,
+        failure,
     })
+}
+
+/// What a start reads from the store, at once: the store, the live tasks,
+/// tokens and node identities.
+type Opened = (
+    Arc<dyn Store>,
+    store::Loaded,
+    Vec<auth::TokenRecord>,
+    Vec<store::NodeIdentityRecord>,
+);
+
+/// Opens the store (`None`: in memory) and reads what a start needs.
+fn open_and_load(
+    data_dir: Option<&std::path::Path>,
+    cache_size: usize,
+) -> Result<Opened, StoreError> {
+    let store: Arc<dyn Store> = match data_dir {
+        Some(dir) => Arc::new(RedbStore::open_with_cache(dir, cache_size)?),
+        None => Arc::new(MemoryStore::new()),
+    };
+    let since = SystemTime::now()
+        .checked_sub(recent::WINDOW)
+        .unwrap_or(SystemTime::UNIX_EPOCH);
+    let loaded = store.load(since)?;
+    let tokens = store.tokens()?;
+    let identities = store.node_identities()?;
+    Ok((store, loaded, tokens, identities))
 }
 
 /// First start (no token stored): makes an admin token, stores its hash

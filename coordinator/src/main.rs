@@ -18,6 +18,15 @@ use weft_proto::convert::parse_duration;
 /// SIGINT or SIGTERM shuts down gracefully (up to --shutdown-grace); a
 /// second signal exits at once. Logs go to stderr; RUST_LOG filters them
 /// (default `info`).
+///
+/// Exit status: 0 after a signal's graceful shutdown; 1 when it could not
+/// start (address in use, data dir locked, TLS); 2 for bad flags; 65 when
+/// the store is damaged or missing (refused at start, or found while
+/// running): a restart does not help, restore weft.redb from a backup or
+/// move the data dir away to start an empty cluster; 70 when the gRPC
+/// server failed; 74 when a store commit failed (disk full, I/O error):
+/// nothing acknowledged was lost, restart once the disk has room; 130
+/// after a second signal.
 #[derive(Debug, Parser)]
 #[command(name = "weft-coordinator", version)]
 struct Args {
@@ -247,13 +256,33 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding coordinator listener on {}", args.listen))?;
     let addr = listener.local_addr().context("reading the bound address")?;
-    let coordinator = weft_coordinator::start(CoordinatorConfig::from(&args), listener)
-        .await
-        .context("starting the coordinator")?;
+    let coordinator = match weft_coordinator::start(CoordinatorConfig::from(&args), listener).await
+    {
+        Ok(coordinator) => coordinator,
+        Err(weft_coordinator::Error::Store(err)) if err.is_damage() => {
+            tracing::error!(
+                "refusing to start: {err}. To recover: stop every coordinator on {dir}, then restore {dir}/weft.redb (with {dir}/STORE_ID) from a backup; or, to start an empty cluster that forgets every task, move {dir} away",
+                dir = args.data_dir.display()
+            );
+            std::process::exit(weft_coordinator::EXIT_DAMAGED);
+        }
+        Err(err) => return Err(anyhow::Error::new(err).context("starting the coordinator")),
+    };
     if let Some(path) = &args.addr_file {
         write_addr_file(path, addr)?;
     }
-    signal().await?;
+    tokio::select! {
+        result = signal() => result?,
+        stopped = coordinator.stopped() => {
+            if let Err(failure) = stopped {
+                tracing::error!("{failure} Exiting with status {}.", failure.exit_code());
+                // Sessions and streams were told to end; do not wait long.
+                let grace = args.shutdown_grace.min(Duration::from_secs(2));
+                let _ = coordinator.shutdown(grace).await;
+                std::process::exit(failure.exit_code());
+            }
+        }
+    }
     tracing::info!(grace = ?args.shutdown_grace, "shutting down");
     tokio::select! {
         result = coordinator.shutdown(args.shutdown_grace) => {
@@ -341,6 +370,18 @@ mod tests {
         assert_eq!(
             config(&["--node-cert-lifetime", "90s"]).node_cert_lifetime,
             std::time::Duration::from_secs(90)
+        );
+    }
+
+    #[test]
+    fn exit_codes_are_documented_in_help() {
+        let help = Args::command().render_long_help().to_string();
+        for code in ["65", "70", "74", "130"] {
+            assert!(help.contains(code), "exit status {code} missing: {help}");
+        }
+        assert!(
+            help.contains("disk full") && help.contains("damaged"),
+            "{help}"
         );
     }
 

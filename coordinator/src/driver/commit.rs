@@ -168,13 +168,9 @@ async fn wait_for<H: Default>(in_flight: &mut InFlight<H>) -> Committed<H> {
 async fn join(
     commit: &mut JoinHandle<(Vec<Record>, Result<(), StoreError>)>,
 ) -> (Vec<Record>, Result<(), StoreError>) {
-    commit.await.unwrap_or_else(|err| {
-        let err = StoreError::Backend {
-            op: "committing",
-            message: err.to_string(),
-        };
-        (Vec::new(), Err(err))
-    })
+    commit
+        .await
+        .unwrap_or_else(|err| (Vec::new(), Err(StoreError::from_join("committing", err))))
 }
 
 /// Keeps each task's record once per commit: its latest state, at the

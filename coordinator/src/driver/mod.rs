@@ -37,7 +37,7 @@ mod tests;
 mod watch;
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::{mpsc, oneshot};
@@ -46,6 +46,7 @@ use tokio_util::task::TaskTracker;
 
 use weft_proto::{TaskId, TaskSpec};
 
+use crate::Failure;
 use crate::config::CoordinatorConfig;
 use crate::error::Error;
 use crate::scheduler::{
@@ -97,6 +98,9 @@ pub(crate) struct Driver {
     ids: ulid::Generator,
     started: Instant,
     cancel: CancellationToken,
+    /// Set (before `cancel`) when a commit failed, so whoever holds the
+    /// coordinator learns why it stopped.
+    failure: Arc<OnceLock<Failure>>,
 }
 
 /// Makes the driver and the handle services use to reach it.
@@ -126,6 +130,7 @@ pub(crate) fn new(
         ids: ulid::Generator::new(),
         started: Instant::now(),
         cancel,
+        failure: Arc::new(OnceLock::new()),
     };
     (driver, handle)
 }
@@ -166,6 +171,11 @@ fn answer_committed<T: Send + 'static>(
 }
 
 impl Driver {
+    /// Where the driver says why it stopped by itself (a failed commit).
+    pub fn failure(&self) -> Arc<OnceLock<Failure>> {
+        Arc::clone(&self.failure)
+    }
+
     /// Runs until the coordinator shuts down, or a commit fails.
     ///
     /// Commits are pipelined: while batch N's commit runs on the blocking
@@ -253,11 +263,20 @@ impl Driver {
                 ok
             }
             Started::AfterFailure { failed, refused } => {
+                // Told as what it met: a full disk is a full disk.
+                let message = "an earlier commit failed".to_owned();
+                let err = match &failed.result {
+                    Err(StoreError::DiskFull { .. }) => StoreError::DiskFull {
+                        op: "committing",
+                        message,
+                    },
+                    _ => StoreError::Backend {
+                        op: "committing",
+                        message,
+                    },
+                };
                 self.release_effects(failed);
-                refused.refuse(&StoreError::Backend {
-                    op: "committing",
-                    message: "an earlier commit failed".into(),
-                });
+                refused.refuse(&err);
                 false
             }
         }
@@ -288,6 +307,7 @@ impl Driver {
             // committed (nothing acknowledged is lost: this batch's callers
             // get the error).
             tracing::error!(error = %err, "store commit failed; stopping the coordinator");
+            let _ = self.failure.set(Failure::Commit(err.clone()));
             self.cancel.cancel();
             held.refuse(err);
             return false;

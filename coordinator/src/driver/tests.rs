@@ -17,7 +17,7 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::sync::{Arc, Mutex, mpsc as std_mpsc};
+use std::sync::{Arc, Mutex, OnceLock, mpsc as std_mpsc};
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::{mpsc, oneshot};
@@ -28,6 +28,7 @@ use tokio_util::task::TaskTracker;
 use weft_proto::{Attempt, NodeId, TaskId, TaskSpec, TaskState};
 
 use super::{Command, Handle, ToNode};
+use crate::Failure;
 use crate::config::CoordinatorConfig;
 use crate::error::Error;
 use crate::scheduler::{NodeEventBody, NodeRegistration, NodeTaskEvent, Scheduler, SessionId};
@@ -49,6 +50,7 @@ async fn soon<T>(what: &str, future: impl Future<Output = T>) -> T {
 pub(super) enum CommitVerdict {
     Commit,
     Fail,
+    DiskFull,
 }
 
 /// The memory store, but each commit announces itself and waits for the
@@ -111,6 +113,10 @@ impl Store for HeldStore {
                 op: "committing",
                 message: "disk full".into(),
             }),
+            CommitVerdict::DiskFull => Err(StoreError::DiskFull {
+                op: "committing",
+                message: "No space left on device (os error 28)".into(),
+            }),
         }
     }
 
@@ -165,6 +171,8 @@ struct Harness {
     handle: Handle,
     cancel: CancellationToken,
     run: JoinHandle<()>,
+    /// Why the driver stopped by itself, once it did.
+    failure: Arc<OnceLock<Failure>>,
     session: SessionId,
     node: mpsc::Receiver<ToNode>,
 }
@@ -187,6 +195,7 @@ impl Harness {
             cancel.clone(),
             TaskTracker::new(),
         );
+        let failure = driver.failure();
         let run = tokio::spawn(driver.run());
         let session = handle.next_session();
         let (tx, mut node) = mpsc::channel(64);
@@ -220,6 +229,7 @@ impl Harness {
             handle,
             cancel,
             run,
+            failure,
             session,
             node,
         }
@@ -478,6 +488,50 @@ async fn a_failed_commit_sends_nothing_of_its_batch_and_stops_the_driver() {
     assert!(
         gate.entered.try_recv().is_err(),
         "committed after a failure"
+    );
+    assert!(store.list(None, None, 10).unwrap_or_default().is_empty());
+}
+
+#[tokio::test]
+async fn a_full_disk_refuses_its_batch_as_unavailable_and_says_why_the_coordinator_stopped() {
+    let (store, mut gate) = held_store();
+    let mut h = Harness::start(Arc::clone(&store) as Arc<dyn Store>).await;
+    let first = h.submit("a");
+    gate.held().await;
+    let second = h.submit("b");
+    h.applied().await;
+    gate.release(CommitVerdict::DiskFull);
+
+    for (name, reply) in [("a", first), ("b", second)] {
+        let err = match soon("Submit", reply).await {
+            Ok(Err(err)) => err,
+            other => panic!("{name} was acknowledged: {other:?}"),
+        };
+        assert!(
+            matches!(err, Error::Store(StoreError::DiskFull { .. })),
+            "{name}: {err}"
+        );
+        let status = tonic::Status::from(err);
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{name}");
+        assert!(
+            status.message().contains("disk is full"),
+            "{name}: {}",
+            status.message()
+        );
+    }
+    soon("the driver to stop", &mut h.run)
+        .await
+        .unwrap_or_else(|err| panic!("{err}"));
+    assert!(h.cancel.is_cancelled(), "the coordinator keeps running");
+    let failure = h.failure.get().cloned();
+    let Some(failure @ Failure::Commit(StoreError::DiskFull { .. })) = failure else {
+        panic!("the stop was not reported as a failed commit: {failure:?}");
+    };
+    assert_eq!(failure.exit_code(), crate::EXIT_COMMIT_FAILED);
+    let told = failure.to_string();
+    assert!(
+        told.contains("disk is full") && told.contains("Nothing acknowledged was lost"),
+        "{told}"
     );
     assert!(store.list(None, None, 10).unwrap_or_default().is_empty());
 }

@@ -158,6 +158,18 @@ pub(crate) fn decode_task_head(bytes: &[u8]) -> Result<(TaskState, SystemTime), 
     Ok((state, updated_at))
 }
 
+/// A message's stored bytes, with room left for the checksum the store
+/// appends (`seal.rs`), so sealing never moves them.
+trait Stored: Message + Sized {
+    fn stored(&self) -> Vec<u8> {
+        let mut bytes = Vec::with_capacity(self.encoded_len() + super::seal::CHECKSUM_LEN);
+        self.encode_raw(&mut bytes);
+        bytes
+    }
+}
+
+impl<M: Message> Stored for M {}
+
 fn corrupt(what: &'static str, message: impl ToString) -> StoreError {
     StoreError::Corrupt {
         what,
@@ -178,7 +190,7 @@ pub(crate) fn encode_task(record: &TaskRecord) -> Vec<u8> {
             })
             .collect(),
     }
-    .encode_to_vec()
+    .stored()
 }
 
 /// A task's secret environment as stored: in a table of its own, never
@@ -191,7 +203,7 @@ struct StoredSecrets {
 
 /// A task's secret environment as stored bytes.
 pub(crate) fn encode_secrets(env: &SecretEnv) -> Vec<u8> {
-    StoredSecrets { env: env.to_pb() }.encode_to_vec()
+    StoredSecrets { env: env.to_pb() }.stored()
 }
 
 /// A task's secret environment from stored bytes.
@@ -261,7 +273,7 @@ fn record_from_pb(
 
 /// An event as stored bytes.
 pub(crate) fn encode_event(event: &TaskEvent) -> Vec<u8> {
-    event_pb(event, true).encode_to_vec()
+    event_pb(event, true).stored()
 }
 
 /// An event from stored bytes. `spec` is the task's spec, put back into a
@@ -450,7 +462,7 @@ pub(crate) fn encode_token(record: &TokenRecord) -> Vec<u8> {
         uses: record.uses,
         used: record.used,
     }
-    .encode_to_vec()
+    .stored()
 }
 
 /// A token record from stored bytes.
@@ -499,7 +511,7 @@ pub(crate) fn encode_node_identity(record: &NodeIdentityRecord) -> Vec<u8> {
         token_id: record.token_id.clone(),
         revoked_ms: record.revoked.map_or(0, to_ms),
     }
-    .encode_to_vec()
+    .stored()
 }
 
 /// A node identity from stored bytes.

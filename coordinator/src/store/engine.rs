@@ -35,12 +35,65 @@ pub enum StoreError {
         /// What went wrong.
         message: String,
     },
+    /// The disk is full (or the file system refused to grow the file).
+    /// Nothing of the write that met it was committed.
+    #[error("{op}: the disk is full ({message})")]
+    DiskFull {
+        /// What the store was doing.
+        op: &'static str,
+        /// The engine's error.
+        message: String,
+    },
     /// The database engine failed (I/O error, full disk, ...).
     #[error("{op}: {message}")]
     Backend {
         /// What the store was doing.
         op: &'static str,
         /// The engine's error.
+        message: String,
+    },
+    /// A stored value's checksum does not match (a changed byte on disk, or
+    /// a value under the wrong key): the store is damaged. Never served.
+    #[error("the store is damaged: table {table}, key {key}: {reason}")]
+    Damaged {
+        /// The redb table.
+        table: &'static str,
+        /// The value's key (a task id as a ULID, a token id).
+        key: String,
+        /// What did not match.
+        reason: &'static str,
+    },
+    /// The store file cannot be opened as a store (a zeroed or truncated
+    /// page, garbage): refused at start.
+    #[error(
+        "the store file {} is damaged and cannot be opened: {message}",
+        path.display()
+    )]
+    Unreadable {
+        /// The database file.
+        path: std::path::PathBuf,
+        /// What the engine said (or where it panicked).
+        message: String,
+    },
+    /// The data dir held a store (its marker file says so) but the store
+    /// file is missing, empty or another store: refused at start rather
+    /// than starting an empty cluster over it.
+    #[error("{} {what}, but this data dir held a store (see {})", path.display(), marker.display())]
+    Missing {
+        /// The database file.
+        path: std::path::PathBuf,
+        /// The marker file that says a store existed.
+        marker: std::path::PathBuf,
+        /// What is wrong with the file ("is missing", "is empty", ...).
+        what: String,
+    },
+    /// The store library panicked (it does on some damaged pages); caught
+    /// and reported as damage.
+    #[error("{op}: the store library panicked (a damaged page?): {message}")]
+    Panicked {
+        /// What the store was doing.
+        op: &'static str,
+        /// The panic's message.
         message: String,
     },
     /// A stored record could not be decoded.
@@ -53,6 +106,27 @@ pub enum StoreError {
     },
 }
 
+impl StoreError {
+    /// True when the store on disk is damaged or gone (not a full disk, not
+    /// a lock): restarting will not help; restore a backup or move the data
+    /// dir away.
+    pub fn is_damage(&self) -> bool {
+        match self {
+            StoreError::Damaged { .. }
+            | StoreError::Unreadable { .. }
+            | StoreError::Missing { .. }
+            | StoreError::Panicked { .. }
+            | StoreError::Corrupt { .. } => true,
+            StoreError::Poisoned
+            | StoreError::Inconsistent(_)
+            | StoreError::Locked(_)
+            | StoreError::Open { .. }
+            | StoreError::Backend { .. }
+            | StoreError::DiskFull { .. } => false,
+        }
+    }
+}
+
 /// Runs a store call on the blocking pool, for async callers (the driver's
 /// commits and sweeps, the services' reads). A panic in it is a store error.
 pub(crate) async fn blocking<T: Send + 'static>(
@@ -63,12 +137,33 @@ pub(crate) async fn blocking<T: Send + 'static>(
     let store = Arc::clone(store);
     tokio::task::spawn_blocking(move || f(&*store))
         .await
-        .unwrap_or_else(|err| {
-            Err(StoreError::Backend {
+        .unwrap_or_else(|err| Err(StoreError::from_join(op, err)))
+}
+
+impl StoreError {
+    /// A store call's task that did not return: a panic (damage, see
+    /// [`StoreError::Panicked`]) or a cancelled task.
+    pub(crate) fn from_join(op: &'static str, err: tokio::task::JoinError) -> StoreError {
+        match err.try_into_panic() {
+            Ok(panic) => StoreError::Panicked {
+                op,
+                message: panic_message(&*panic),
+            },
+            Err(err) => StoreError::Backend {
                 op,
                 message: err.to_string(),
-            })
-        })
+            },
+        }
+    }
+}
+
+/// A caught panic's message.
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
 }
 
 /// Where tasks and their events live. Implementations must make a

@@ -21,19 +21,27 @@
 //! - `codec` — records <-> protobuf bytes, and a record's wire form for
 //!   the services.
 //! - [`redb`] — [`RedbStore`], the durable store (one file).
+//! - `seal` — the checksum every value the durable store writes ends in,
+//!   checked on every read, and the one-time upgrade of older stores.
+//! - [`marker`] — the data dir's `STORE_ID` file: a store existed here, so
+//!   a missing or empty store file is refused, never replaced.
 //! - [`memory`] — [`MemoryStore`], the in-memory store (tests, `weft local`,
 //!   `--in-memory`).
 
 pub(crate) mod codec;
+#[cfg(test)]
+mod damage_tests;
 mod engine;
+pub mod marker;
 pub mod memory;
 mod record;
 pub mod redb;
+mod seal;
 #[cfg(test)]
 mod tests;
 
-pub(crate) use engine::blocking;
 pub use engine::{Store, StoreError};
+pub(crate) use engine::{blocking, panic_message};
 pub use memory::MemoryStore;
 pub use record::{
     EventBody, FinalAttempt, Loaded, MAX_RECENTLY_FINAL, NodeIdentityRecord, Record, TaskEvent,

@@ -38,9 +38,11 @@ use super::codec::{
     decode_token, encode_event, encode_node_identity, encode_secrets, encode_task, encode_token,
 };
 use super::engine::{Store, StoreError};
+use super::marker;
 use super::record::{
     FinalAttempt, Loaded, MAX_RECENTLY_FINAL, NodeIdentityRecord, Record, TaskEvent, TaskRecord,
 };
+use super::seal::{SealKey, migrate, migrate_tokens, open as unseal, seal};
 use crate::auth::TokenRecord;
 
 const TASKS: TableDefinition<u128, &[u8]> = TableDefinition::new("tasks");
@@ -57,8 +59,14 @@ const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
 /// Node identities (joined or revoked nodes) by node id.
 const NODE_IDENTITIES: TableDefinition<u128, &[u8]> = TableDefinition::new("node_identities");
 
-/// The file format this code writes; a newer one is refused.
-const SCHEMA_VERSION: u64 = 1;
+/// The file format this code writes; a newer one is refused. 2: every
+/// value of `tasks`, `events`, `secrets`, `tokens` and `node_identities`
+/// ends in its checksum (`seal.rs`); a schema-1 store is upgraded to it
+/// once, when opened.
+const SCHEMA_VERSION: u64 = 2;
+/// The meta key of the store's random id, which the data dir's marker
+/// file repeats (`marker.rs`).
+const STORE_ID: &str = "store_id";
 /// The database file's name inside the data dir.
 pub const FILE_NAME: &str = "weft.redb";
 /// Bytes of redb's page cache (read cache plus write buffer) when not
@@ -83,9 +91,25 @@ impl std::fmt::Debug for RedbStore {
 }
 
 fn backend(op: &'static str) -> impl FnOnce(redb::Error) -> StoreError {
-    move |err| StoreError::Backend {
-        op,
-        message: err.to_string(),
+    move |err| {
+        let message = err.to_string();
+        if is_disk_full(&err) {
+            StoreError::DiskFull { op, message }
+        } else {
+            StoreError::Backend { op, message }
+        }
+    }
+}
+
+/// True for the I/O errors of a full disk or an exhausted quota.
+fn is_disk_full(err: &redb::Error) -> bool {
+    match err {
+        redb::Error::Io(io) => {
+            io.kind() == std::io::ErrorKind::StorageFull
+                || io.raw_os_error() == Some(nix::errno::Errno::ENOSPC as i32)
+                || io.raw_os_error() == Some(nix::errno::Errno::EDQUOT as i32)
+        }
+        _ => false,
     }
 }
 
@@ -156,13 +180,42 @@ impl RedbStore {
         };
         private_data_dir(dir).map_err(|e| open_err(e.to_string()))?;
         let path = dir.join(FILE_NAME);
+        let marker_path = dir.join(marker::FILE_NAME);
+        let expected = marker::read(&marker_path)?;
+        if expected.is_some() {
+            // Never start empty over a store that existed.
+            let missing = |what: &str| StoreError::Missing {
+                path: path.clone(),
+                marker: marker_path.clone(),
+                what: what.to_owned(),
+            };
+            match std::fs::metadata(&path) {
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                    return Err(missing("is missing"));
+                }
+                Err(err) => return Err(open_err(err.to_string())),
+                Ok(meta) if meta.len() == 0 => return Err(missing("is empty")),
+                Ok(_) => {}
+            }
+        }
         let db = match Database::builder().set_cache_size(cache_size).create(&path) {
             Ok(db) => db,
             Err(DatabaseError::DatabaseAlreadyOpen) => return Err(StoreError::Locked(dir.into())),
+            Err(err) if is_damage(&err) => {
+                return Err(StoreError::Unreadable {
+                    path,
+                    message: err.to_string(),
+                });
+            }
             Err(err) => return Err(open_err(err.to_string())),
         };
         let store = RedbStore { db, path };
-        store.init()?;
+        let id = store.init(expected, &marker_path)?;
+        if expected.is_none() {
+            // After the store's first commit, so a crash in between only
+            // leaves a store whose marker is written at the next start.
+            marker::write(&marker_path, id).map_err(|e| open_err(e.to_string()))?;
+        }
         Ok(store)
     }
 
@@ -171,10 +224,21 @@ impl RedbStore {
         &self.path
     }
 
-    /// Creates every table (so readers never meet a missing one) and checks
-    /// the schema version.
-    fn init(&self) -> Result<(), StoreError> {
+    /// Creates every table (so readers never meet a missing one), checks
+    /// the schema version (upgrading a schema-1 store to checksums) and the
+    /// store's id against the data dir's marker (`expected`); returns the
+    /// id, given now to a store that had none. Writes nothing to a store
+    /// that is refused.
+    fn init(&self, expected: Option<u64>, marker_path: &Path) -> Result<u64, StoreError> {
         let txn = self.write_txn()?;
+        let id = self.check_id(&txn, expected, marker_path);
+        let id = match id {
+            Ok(id) => id,
+            Err(err) => {
+                let _ = txn.abort();
+                return Err(err);
+            }
+        };
         {
             txn.open_table(TASKS).or_backend("creating tables")?;
             txn.open_table(EVENTS).or_backend("creating tables")?;
@@ -200,14 +264,63 @@ impl RedbStore {
                         ),
                     });
                 }
-                Some(_) => {}
+                Some(SCHEMA_VERSION) => {}
+                Some(old) => {
+                    drop(meta);
+                    add_checksums(&txn, old, &self.path)?;
+                    txn.open_table(META)
+                        .or_backend("writing schema")?
+                        .insert("schema", SCHEMA_VERSION)
+                        .or_backend("writing schema")?;
+                }
                 None => {
                     meta.insert("schema", SCHEMA_VERSION)
                         .or_backend("writing schema")?;
                 }
             }
         }
-        txn.commit().or_backend("creating tables")
+        txn.commit().or_backend("creating tables")?;
+        Ok(id)
+    }
+
+    /// The store's id, checked against the marker's: a store without one
+    /// where the marker names one is not this data dir's store (a new
+    /// file, or another store's); one without a marker gets an id now.
+    fn check_id(
+        &self,
+        txn: &WriteTransaction,
+        expected: Option<u64>,
+        marker_path: &Path,
+    ) -> Result<u64, StoreError> {
+        let mut meta = txn.open_table(META).or_backend("reading the store id")?;
+        let found = meta
+            .get(STORE_ID)
+            .or_backend("reading the store id")?
+            .map(|v| v.value());
+        let missing = |what: String| StoreError::Missing {
+            path: self.path.clone(),
+            marker: marker_path.to_owned(),
+            what,
+        };
+        match (found, expected) {
+            (Some(found), Some(expected)) if found == expected => Ok(found),
+            (Some(found), Some(expected)) => Err(missing(format!(
+                "is another store (id {found:016x}; this data dir's is {expected:016x})"
+            ))),
+            (None, Some(_)) => Err(missing("holds no store (a new, empty file)".into())),
+            (Some(found), None) => Ok(found),
+            (None, None) => {
+                let mut bytes = [0u8; 8];
+                getrandom::fill(&mut bytes).map_err(|e| StoreError::Open {
+                    path: self.path.clone(),
+                    message: format!("making a store id: {e}"),
+                })?;
+                let id = u64::from_le_bytes(bytes);
+                meta.insert(STORE_ID, id)
+                    .or_backend("writing the store id")?;
+                Ok(id)
+            }
+        }
     }
 
     fn write_txn(&self) -> Result<WriteTransaction, StoreError> {
@@ -237,11 +350,14 @@ impl RedbStore {
             match record {
                 Record::Task(task) => {
                     let key = task.id.as_u128();
-                    let old = tasks
-                        .get(key)
-                        .or_backend(op)?
-                        .map(|v| decode_task_head(v.value()))
-                        .transpose()?;
+                    let old = match tasks.get(key).or_backend(op)? {
+                        Some(v) => Some(decode_task_head(unseal(
+                            "tasks",
+                            SealKey::Id(key),
+                            v.value(),
+                        )?)?),
+                        None => None,
+                    };
                     match old {
                         Some((old_state, old_updated_at)) => {
                             // Its events in this commit need not look the
@@ -266,7 +382,7 @@ impl RedbStore {
                         }
                     }
                     tasks
-                        .insert(key, encode_task(task).as_slice())
+                        .insert(key, seal(SealKey::Id(key), encode_task(task)).as_slice())
                         .or_backend(op)?;
                     by_state
                         .insert((state_key(task.state), key), ())
@@ -298,17 +414,19 @@ impl RedbStore {
                             event.task_id, event.seq, next
                         )));
                     }
+                    let value = seal(SealKey::Event(key, event.seq), encode_event(event));
                     events
-                        .insert((key, event.seq), encode_event(event).as_slice())
+                        .insert((key, event.seq), value.as_slice())
                         .or_backend(op)?;
                     next_seq.insert(key, next + 1);
                 }
                 // Rare (only tasks that carry secrets): the table is opened
                 // for these records alone.
                 Record::Secrets(id, env) => {
+                    let value = seal(SealKey::Id(id.as_u128()), encode_secrets(env));
                     txn.open_table(SECRETS)
                         .or_backend(op)?
-                        .insert(id.as_u128(), encode_secrets(env).as_slice())
+                        .insert(id.as_u128(), value.as_slice())
                         .or_backend(op)?;
                 }
                 Record::ForgetSecrets(id) => {
@@ -330,10 +448,49 @@ impl RedbStore {
         let Some(bytes) = tasks.get(id.as_u128()).or_backend("reading a task")? else {
             return Ok(None);
         };
-        let mut record = decode_task(id, bytes.value())?;
+        let key = SealKey::Id(id.as_u128());
+        let mut record = decode_task(id, unseal("tasks", key, bytes.value())?)?;
         record.next_seq = last_seq(events, id.as_u128())?.map_or(0, |s| s + 1);
         Ok(Some(record))
     }
+}
+
+/// True for the open errors of a file that is not (or no longer) a
+/// readable store, as opposed to one that cannot be reached.
+fn is_damage(err: &DatabaseError) -> bool {
+    match err {
+        DatabaseError::Storage(redb::StorageError::Corrupted(_))
+        | DatabaseError::UpgradeRequired(_)
+        | DatabaseError::RepairAborted => true,
+        DatabaseError::Storage(redb::StorageError::Io(io)) => matches!(
+            io.kind(),
+            std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof
+        ),
+        _ => false,
+    }
+}
+
+/// The one-time upgrade of a store written before checksums (schema
+/// `from`): every value rewritten with its checksum, in the transaction
+/// that then records the new schema.
+fn add_checksums(txn: &WriteTransaction, from: u64, path: &Path) -> Result<(), StoreError> {
+    let tasks = migrate(txn, TASKS, SealKey::Id)?;
+    let events = migrate(txn, EVENTS, |(id, seq)| SealKey::Event(id, seq))?;
+    let secrets = migrate(txn, SECRETS, SealKey::Id)?;
+    let identities = migrate(txn, NODE_IDENTITIES, SealKey::Id)?;
+    let tokens = migrate_tokens(txn, TOKENS)?;
+    tracing::info!(
+        path = %path.display(),
+        from,
+        to = SCHEMA_VERSION,
+        tasks,
+        events,
+        secrets,
+        identities,
+        tokens,
+        "upgraded the store: every record now carries a checksum"
+    );
+    Ok(())
 }
 
 /// The seq of a task's last stored event.
@@ -380,8 +537,9 @@ impl Store for RedbStore {
         let table = txn.open_table(TOKENS).or_backend(op)?;
         let mut all = Vec::new();
         for entry in table.iter().or_backend(op)? {
-            let (_, value) = entry.or_backend(op)?;
-            all.push(decode_token(value.value())?);
+            let (key, value) = entry.or_backend(op)?;
+            let key = SealKey::Name(key.value());
+            all.push(decode_token(unseal("tokens", key, value.value())?)?);
         }
         Ok(all)
     }
@@ -391,8 +549,9 @@ impl Store for RedbStore {
         let txn = self.write_txn()?;
         {
             let mut table = txn.open_table(TOKENS).or_backend(op)?;
+            let value = seal(SealKey::Name(&token.id), encode_token(token));
             table
-                .insert(token.id.as_str(), encode_token(token).as_slice())
+                .insert(token.id.as_str(), value.as_slice())
                 .or_backend(op)?;
         }
         txn.commit().or_backend(op)
@@ -406,8 +565,13 @@ impl Store for RedbStore {
         let table = txn.open_table(NODE_IDENTITIES).or_backend(op)?;
         let mut all = Vec::new();
         for entry in table.iter().or_backend(op)? {
-            let (_, value) = entry.or_backend(op)?;
-            all.push(decode_node_identity(value.value())?);
+            let (key, value) = entry.or_backend(op)?;
+            let key = SealKey::Id(key.value());
+            all.push(decode_node_identity(unseal(
+                "node_identities",
+                key,
+                value.value(),
+            )?)?);
         }
         Ok(all)
     }
@@ -421,16 +585,14 @@ impl Store for RedbStore {
         let txn = self.write_txn()?;
         {
             let mut table = txn.open_table(NODE_IDENTITIES).or_backend(op)?;
-            table
-                .insert(
-                    identity.id.as_u128(),
-                    encode_node_identity(identity).as_slice(),
-                )
-                .or_backend(op)?;
+            let key = identity.id.as_u128();
+            let value = seal(SealKey::Id(key), encode_node_identity(identity));
+            table.insert(key, value.as_slice()).or_backend(op)?;
             if let Some(token) = token {
                 let mut tokens = txn.open_table(TOKENS).or_backend(op)?;
+                let value = seal(SealKey::Name(&token.id), encode_token(token));
                 tokens
-                    .insert(token.id.as_str(), encode_token(token).as_slice())
+                    .insert(token.id.as_str(), value.as_slice())
                     .or_backend(op)?;
             }
         }
@@ -513,7 +675,7 @@ impl Store for RedbStore {
         let key = id.as_u128();
         // The spec goes back into a `finished` event's record.
         let spec: Arc<TaskSpec> = match tasks.get(key).or_backend(op)? {
-            Some(bytes) => decode_task(id, bytes.value())?.spec,
+            Some(bytes) => decode_task(id, unseal("tasks", SealKey::Id(key), bytes.value())?)?.spec,
             None => return Ok(Vec::new()),
         };
         events
@@ -521,8 +683,9 @@ impl Store for RedbStore {
             .or_backend(op)?
             .take(limit)
             .map(|entry| {
-                let (_, value) = entry.or_backend(op)?;
-                decode_event(id, value.value(), &spec)
+                let (k, value) = entry.or_backend(op)?;
+                let seal_key = SealKey::Event(key, k.value().1);
+                decode_event(id, unseal("events", seal_key, value.value())?, &spec)
             })
             .collect()
     }
@@ -548,7 +711,8 @@ impl Store for RedbStore {
         let secrets = txn.open_table(SECRETS).or_backend(op)?;
         for entry in secrets.iter().or_backend(op)? {
             let (key, value) = entry.or_backend(op)?;
-            let env = decode_secrets(value.value())?;
+            let seal_key = SealKey::Id(key.value());
+            let env = decode_secrets(unseal("secrets", seal_key, value.value())?)?;
             loaded
                 .secrets
                 .push((TaskId::from_u128(key.value()), Arc::new(env)));
@@ -573,7 +737,8 @@ impl Store for RedbStore {
             let (key, _) = entry.or_backend(op)?;
             let id = TaskId::from_u128(key.value().1);
             if let Some(bytes) = tasks.get(id.as_u128()).or_backend(op)? {
-                let record = decode_task(id, bytes.value())?;
+                let key = SealKey::Id(id.as_u128());
+                let record = decode_task(id, unseal("tasks", key, bytes.value())?)?;
                 loaded.recently_final.push(FinalAttempt {
                     task_id: id,
                     attempt: record.attempt,
@@ -616,11 +781,13 @@ impl Store for RedbStore {
             let mut removed = Vec::with_capacity(due.len());
             for (at, key) in due {
                 by_time.remove((at, key)).or_backend(op)?;
-                let old = tasks
-                    .remove(key)
-                    .or_backend(op)?
-                    .map(|v| decode_task(TaskId::from_u128(key), v.value()))
-                    .transpose()?;
+                let old = match tasks.remove(key).or_backend(op)? {
+                    Some(v) => {
+                        let bytes = unseal("tasks", SealKey::Id(key), v.value())?;
+                        Some(decode_task(TaskId::from_u128(key), bytes)?)
+                    }
+                    None => None,
+                };
                 if let Some(old) = old {
                     by_state
                         .remove((state_key(old.state), key))

@@ -1,0 +1,300 @@
+//! A damaged or lost store file is refused, never served and never
+//! replaced by an empty one: a changed byte in a value, a zeroed page, a
+//! truncated, empty or missing `weft.redb` where a store existed. And a
+//! store written before checksums still opens (upgraded once).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ::redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use bytes::Bytes;
+
+use weft_proto::{Attempt, TaskId, TaskSpec, TaskState};
+
+use super::codec::{encode_event, encode_task};
+use super::redb::FILE_NAME as STORE_FILE;
+use super::*;
+
+const TASKS: TableDefinition<u128, &[u8]> = TableDefinition::new("tasks");
+const EVENTS: TableDefinition<(u128, u64), &[u8]> = TableDefinition::new("events");
+const BY_STATE: TableDefinition<(u8, u128), ()> = TableDefinition::new("tasks_by_state");
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+fn task(state: TaskState, input: &str) -> TaskRecord {
+    TaskRecord {
+        id: TaskId::new(),
+        spec: Arc::new(TaskSpec::call("noop", input.to_owned())),
+        state,
+        attempt: Attempt(1),
+        node_id: None,
+        node_name: None,
+        exit_code: None,
+        output: Bytes::new(),
+        error: String::new(),
+        pending_reason: String::new(),
+        failures: 0,
+        node_losses: 0,
+        created_at: UNIX_EPOCH + Duration::from_secs(1_700_000_000),
+        updated_at: SystemTime::now(),
+        next_seq: 0,
+        last_outcome: None,
+        lost_nodes: Vec::new(),
+    }
+}
+
+fn queued_event(id: TaskId, seq: u64) -> TaskEvent {
+    TaskEvent {
+        task_id: id,
+        seq,
+        attempt: Attempt(1),
+        time: SystemTime::now(),
+        body: EventBody::State {
+            state: TaskState::Queued,
+            node_id: None,
+            node_name: None,
+            reason: String::new(),
+        },
+    }
+}
+
+/// A store in `dir` holding one queued and one succeeded task.
+fn store_with_two_tasks(dir: &Path) -> (TaskRecord, TaskRecord) {
+    let queued = task(TaskState::Queued, "queued");
+    let done = task(TaskState::Succeeded, "done");
+    let store = RedbStore::open(dir).expect("store opens");
+    store
+        .commit(&[
+            Record::Task(queued.clone()),
+            Record::Event(queued_event(queued.id, 0)),
+            Record::Task(done.clone()),
+        ])
+        .expect("commit");
+    (queued, done)
+}
+
+/// Flips one byte in the middle of task `id`'s stored value, behind the
+/// store's back.
+fn flip_a_byte_of(dir: &Path, id: TaskId) {
+    let db = Database::open(dir.join(STORE_FILE)).expect("redb opens");
+    let txn = db.begin_write().expect("write");
+    {
+        let mut tasks = txn.open_table(TASKS).expect("tasks");
+        let mut value = tasks
+            .get(id.as_u128())
+            .expect("read")
+            .expect("stored")
+            .value()
+            .to_vec();
+        let middle = value.len() / 2;
+        value[middle] ^= 0x20;
+        tasks.insert(id.as_u128(), value.as_slice()).expect("write");
+    }
+    txn.commit().expect("commit");
+}
+
+fn damaged_key(err: &StoreError) -> Option<(&'static str, &str)> {
+    match err {
+        StoreError::Damaged { table, key, .. } => Some((table, key.as_str())),
+        _ => None,
+    }
+}
+
+#[test]
+fn a_changed_byte_in_a_live_task_fails_the_load_naming_table_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let (queued, _) = store_with_two_tasks(dir.path());
+    flip_a_byte_of(dir.path(), queued.id);
+
+    let store = RedbStore::open(dir.path()).expect("the file itself is sound");
+    let err = store
+        .load(UNIX_EPOCH)
+        .expect_err("a damaged live task was loaded");
+    let id = queued.id.to_string();
+    assert_eq!(damaged_key(&err), Some(("tasks", id.as_str())), "{err}");
+    assert!(err.is_damage());
+    assert!(
+        err.to_string()
+            .contains(&format!("the store is damaged: table tasks, key {id}")),
+        "{err}"
+    );
+    assert!(store.task(queued.id).is_err(), "a damaged task was served");
+}
+
+#[test]
+fn a_changed_byte_in_a_final_task_fails_its_reads_but_not_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let (queued, done) = store_with_two_tasks(dir.path());
+    flip_a_byte_of(dir.path(), done.id);
+
+    let store = RedbStore::open(dir.path()).unwrap();
+    let err = store.task(done.id).expect_err("a damaged task was served");
+    let id = done.id.to_string();
+    assert_eq!(damaged_key(&err), Some(("tasks", id.as_str())), "{err}");
+    assert!(store.list(None, None, 10).is_err(), "listed a damaged task");
+    assert!(store.events(done.id, 0, 10).is_err());
+    // The sound task still reads.
+    let sound = store.task(queued.id).unwrap().map(|t| t.state);
+    assert_eq!(sound, Some(TaskState::Queued));
+    assert_eq!(store.events(queued.id, 0, 10).unwrap().len(), 1);
+}
+
+fn start_config(dir: &Path) -> crate::CoordinatorConfig {
+    crate::CoordinatorConfig {
+        data_dir: Some(dir.to_owned()),
+        tls: None,
+        insecure: true,
+        auth: false,
+        ..crate::CoordinatorConfig::default()
+    }
+}
+
+/// Starts a coordinator on `dir`: the start's error, or `None` when it
+/// started (it is shut down at once).
+async fn start_error(dir: &Path) -> Option<crate::Error> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    match crate::start(start_config(dir), listener).await {
+        Ok(running) => {
+            let _ = running.shutdown(Duration::from_secs(5)).await;
+            None
+        }
+        Err(err) => Some(err),
+    }
+}
+
+/// The start's store error, which must be damage naming `named`.
+async fn refused(dir: &Path, named: &Path) -> StoreError {
+    match start_error(dir).await {
+        Some(crate::Error::Store(err)) => {
+            assert!(err.is_damage(), "not reported as damage: {err}");
+            assert!(
+                err.to_string().contains(&named.display().to_string()),
+                "does not name {}: {err}",
+                named.display()
+            );
+            err
+        }
+        Some(other) => panic!("refused, but not as damage: {other}"),
+        None => panic!("started on a damaged store"),
+    }
+}
+
+#[tokio::test]
+async fn a_zeroed_page_is_refused_at_start_without_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = RedbStore::open(dir.path()).unwrap();
+        let records: Vec<Record> = (0..400)
+            .map(|i| Record::Task(task(TaskState::Queued, &format!("zero-me-{i:04}"))))
+            .collect();
+        store.commit(&records).unwrap();
+    }
+    let file = dir.path().join(STORE_FILE);
+    let mut bytes = std::fs::read(&file).unwrap();
+    let at = bytes
+        .windows(12)
+        .position(|w| w == b"zero-me-0200")
+        .expect("the value is in the file");
+    let page = at / 4096 * 4096;
+    bytes[page..page + 4096].fill(0);
+    std::fs::write(&file, &bytes).unwrap();
+
+    refused(dir.path(), &file).await;
+}
+
+#[tokio::test]
+async fn an_empty_truncated_or_missing_store_file_is_refused_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    store_with_two_tasks(dir.path());
+    let file = dir.path().join(STORE_FILE);
+    assert!(
+        dir.path().join(marker::FILE_NAME).exists(),
+        "no marker written"
+    );
+    let whole = std::fs::read(&file).unwrap();
+
+    std::fs::write(&file, &whole[..whole.len() / 2]).unwrap();
+    refused(dir.path(), &file).await;
+
+    std::fs::write(&file, b"").unwrap();
+    let err = refused(dir.path(), &file).await;
+    assert!(err.to_string().contains("is empty"), "{err}");
+    assert_eq!(std::fs::metadata(&file).unwrap().len(), 0, "written over");
+
+    std::fs::remove_file(&file).unwrap();
+    let err = refused(dir.path(), &file).await;
+    assert!(err.to_string().contains("is missing"), "{err}");
+    assert!(!file.exists(), "a new store was created");
+
+    // Another (new) store put in its place is not this data dir's store.
+    let other = tempfile::tempdir().unwrap();
+    drop(RedbStore::open(other.path()).unwrap());
+    std::fs::copy(other.path().join(STORE_FILE), &file).unwrap();
+    let err = refused(dir.path(), &file).await;
+    assert!(err.to_string().contains("another store"), "{err}");
+
+    // The original file back: it starts, with its tasks.
+    std::fs::write(&file, &whole).unwrap();
+    assert!(start_error(dir.path()).await.is_none());
+    let store = RedbStore::open(dir.path()).unwrap();
+    assert_eq!(store.list(None, None, 10).unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn a_fresh_data_dir_starts_and_keeps_its_marker() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("weft-data");
+    assert!(start_error(&data).await.is_none());
+    let marker = std::fs::read_to_string(data.join(marker::FILE_NAME)).unwrap();
+    assert!(marker.starts_with("weft store "), "{marker}");
+    assert!(start_error(&data).await.is_none(), "a restart was refused");
+    assert_eq!(
+        std::fs::read_to_string(data.join(marker::FILE_NAME)).unwrap(),
+        marker,
+        "the marker changed"
+    );
+}
+
+#[test]
+fn a_store_written_before_checksums_opens_and_is_upgraded_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let queued = task(TaskState::Queued, "from schema 1");
+    let many: Vec<TaskEvent> = (0..10).map(|seq| queued_event(queued.id, seq)).collect();
+    {
+        // What the schema-1 coordinator wrote: values without checksums,
+        // no store id, no marker.
+        let db = Database::create(dir.path().join(STORE_FILE)).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let key = queued.id.as_u128();
+            let mut tasks = txn.open_table(TASKS).unwrap();
+            tasks.insert(key, encode_task(&queued).as_slice()).unwrap();
+            let mut events = txn.open_table(EVENTS).unwrap();
+            for event in &many {
+                events
+                    .insert((key, event.seq), encode_event(event).as_slice())
+                    .unwrap();
+            }
+            let mut by_state = txn.open_table(BY_STATE).unwrap();
+            let state = u8::try_from(i32::from(TaskState::Queued)).unwrap();
+            by_state.insert((state, key), ()).unwrap();
+            txn.open_table(META).unwrap().insert("schema", 1).unwrap();
+        }
+        txn.commit().unwrap();
+    }
+
+    for _ in 0..2 {
+        let store = RedbStore::open(dir.path()).expect("an old store opens");
+        let loaded = store.load(UNIX_EPOCH).unwrap();
+        assert_eq!(loaded.live.len(), 1);
+        assert_eq!(loaded.live[0].id, queued.id);
+        assert_eq!(loaded.live[0].next_seq, 10);
+        let events = store.events(queued.id, 0, 100).unwrap();
+        assert_eq!(events, many);
+    }
+    assert!(dir.path().join(marker::FILE_NAME).exists());
+    let db = Database::open(dir.path().join(STORE_FILE)).unwrap();
+    let txn = db.begin_read().unwrap();
+    let schema = txn.open_table(META).unwrap().get("schema").unwrap();
+    assert_eq!(schema.map(|v| v.value()), Some(2));
+}
