@@ -159,10 +159,10 @@ impl From<Error> for Status {
 /// `DATA_LOSS` naming the record; the rest is internal.
 fn store_status(err: &StoreError) -> Status {
     match err {
-        StoreError::DiskFull { .. } => {
+        StoreError::DiskFull { op, message } => {
             tracing::error!(error = %err, "store write failed: disk full");
             Status::unavailable(format!(
-                "the coordinator's disk is full ({err}); this request was not acknowledged. The coordinator stops so it can be restarted once there is space; retry then"
+                "the coordinator's disk is full ({op}: {message}); this request was not acknowledged. The coordinator stops so it can be restarted once there is space; retry then"
             ))
         }
         StoreError::Backend { .. } => {
