@@ -247,12 +247,13 @@ pub async fn start(
     // live task: both on the blocking pool.
     let data_dir = config.data_dir.clone();
     let cache_size = config.store_cache_size;
-    let (store, loaded, tokens, identities) = tokio::task::spawn_blocking(move || {
+    let scheduler = Scheduler::new((&config).into());
+    let (store, mut scheduler, tokens, identities) = tokio::task::spawn_blocking(move || {
         // The store library panics on some damage (debug checks on a
         // zeroed page): caught here, so a damaged file is refused with a
         // message instead of a crash.
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            open_and_load(data_dir.as_deref(), cache_size)
+            open_and_load(data_dir.as_deref(), cache_size, scheduler)
         }))
         .unwrap_or_else(|panic| {
             let path = data_dir
@@ -276,7 +277,7 @@ pub async fn start(
     match &config.data_dir {
         Some(dir) => tracing::info!(
             data_dir = %dir.display(),
-            live = loaded.live.len(),
+            live = scheduler.live_tasks(),
             "store open"
         ),
         None => tracing::info!("in-memory store: tasks do not survive a restart"),
@@ -300,14 +301,6 @@ pub async fn start(
             "--no-auth: every client is admin without a token; anyone who reaches this port can run commands on every node"
         );
     }
-    let mut scheduler = Scheduler::new((&config).into());
-    scheduler.restore(
-        loaded,
-        Now {
-            instant: Instant::now(),
-            wall: SystemTime::now(),
-        },
-    );
     scheduler.restore_revoked(identities.revoked());
 
     let auth_on = config.auth;
@@ -378,19 +371,22 @@ pub async fn start(
     })
 }
 
-/// What a start reads from the store, at once: the store, the live tasks,
-/// tokens and node identities.
+/// What a start reads from the store: the store, the scheduler with the
+/// live tasks put back, tokens and node identities.
 type Opened = (
     Arc<dyn Store>,
-    store::Loaded,
+    Scheduler,
     Vec<auth::TokenRecord>,
     Vec<store::NodeIdentityRecord>,
 );
 
-/// Opens the store (`None`: in memory) and reads what a start needs.
+/// Opens the store (`None`: in memory) and reads what a start needs into
+/// `scheduler`, one live task at a time (the full records are never all
+/// held at once: a restart fits in about what the run needed).
 fn open_and_load(
     data_dir: Option<&std::path::Path>,
     cache_size: usize,
+    mut scheduler: Scheduler,
 ) -> Result<Opened, StoreError> {
     let store: Arc<dyn Store> = match data_dir {
         Some(dir) => Arc::new(RedbStore::open_with_cache(dir, cache_size)?),
@@ -399,10 +395,17 @@ fn open_and_load(
     let since = SystemTime::now()
         .checked_sub(recent::WINDOW)
         .unwrap_or(SystemTime::UNIX_EPOCH);
-    let loaded = store.load(since)?;
+    let now = Now {
+        instant: Instant::now(),
+        wall: SystemTime::now(),
+    };
+    let loaded = store.load_each(since, &mut |record, secret| {
+        scheduler.restore_task(record, secret, now);
+    })?;
+    scheduler.restore_summary(loaded.final_counts, loaded.recently_final, now);
     let tokens = store.tokens()?;
     let identities = store.node_identities()?;
-    Ok((store, loaded, tokens, identities))
+    Ok((store, scheduler, tokens, identities))
 }
 
 /// First start (no token stored): makes an admin token, stores its hash

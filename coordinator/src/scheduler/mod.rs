@@ -51,7 +51,7 @@ use weft_proto::{
 
 use crate::config::CoordinatorConfig;
 use crate::error::Error;
-use crate::store::{EventBody, Loaded, Record};
+use crate::store::{EventBody, FinalAttempt, Loaded, Record, TaskRecord};
 use live::LiveTasks;
 use queue::{ClassId, Queue};
 use recent::RecentResults;
@@ -299,68 +299,95 @@ impl Scheduler {
     /// them (see [`register_node`](Self::register_node)); then they are
     /// requeued as node losses.
     pub fn restore(&mut self, loaded: Loaded, now: Now) {
-        for (state, count) in loaded.final_counts {
+        let Loaded {
+            live,
+            final_counts,
+            secrets,
+            recently_final,
+        } = loaded;
+        self.restore_summary(final_counts, recently_final, now);
+        // Only for tasks still live: a final task needs none.
+        let mut secrets: HashMap<TaskId, Arc<SecretEnv>> = secrets.into_iter().collect();
+        for record in live {
+            let secret = secrets.remove(&record.id);
+            self.restore_task(record, secret, now);
+        }
+    }
+
+    /// The first part of [`restore`](Self::restore): final counts and
+    /// recent results. The live tasks follow one at a time through
+    /// [`restore_task`](Self::restore_task) (what a restart does, so it
+    /// never holds every full record at once).
+    pub fn restore_summary(
+        &mut self,
+        final_counts: Vec<(TaskState, u64)>,
+        recently_final: Vec<FinalAttempt>,
+        now: Now,
+    ) {
+        for (state, count) in final_counts {
             self.counts[state_index(state)] += count;
         }
-        for done in loaded.recently_final {
+        for done in recently_final {
             self.recent
                 .insert(done.task_id, done.attempt, done.outcome, now.instant);
         }
+    }
+
+    /// Puts back one live task the store held at startup, with its secret
+    /// environment if it has one; tasks come in id order. See
+    /// [`restore`](Self::restore).
+    pub fn restore_task(&mut self, record: TaskRecord, secret: Option<Arc<SecretEnv>>, now: Now) {
         let grace_ends = now.instant + self.config.restart_grace;
-        // Only for tasks still live: a final task needs none.
-        let mut secrets: HashMap<TaskId, Arc<SecretEnv>> = loaded.secrets.into_iter().collect();
-        for record in loaded.live {
-            let class = match secrets.remove(&record.id) {
-                Some(env) => {
-                    let class = match record.spec.kind {
-                        TaskKind::Exec(_) => {
-                            let mut spec = TaskSpec::clone(&record.spec);
-                            spec.secret_env = SecretEnv::clone(&env);
-                            self.queue.class_for(&spec)
-                        }
-                        TaskKind::Call(_) => self.queue.class_for(&record.spec),
-                    };
-                    self.secrets.insert(record.id, env);
-                    class
-                }
-                None => self.queue.class_for(&record.spec),
-            };
-            let spec = LiveSpec::compact(&record.spec, self.queue.example(class))
-                .unwrap_or_else(|| LiveSpec::Full(Arc::clone(&record.spec)));
-            let mut task = LiveTask::new(spec, class, record.created_at);
-            task.next_seq = record.next_seq;
-            task.attempt = record.attempt.0;
-            task.failures = record.failures;
-            task.node_losses = record.node_losses;
-            task.last_outcome = record.last_outcome;
-            for node in record.lost_nodes {
-                task.add_lost_node(node);
-            }
-            task.state = record.state;
-            self.counts[state_index(record.state)] += 1;
-            match (record.state, record.node_id) {
-                (TaskState::Assigned | TaskState::Running, Some(node_id)) => {
-                    task.place(Placement {
-                        session: SessionId::RESTORED,
-                        node_id,
-                        node_name: record.node_name.unwrap_or_else(|| Arc::from("unknown")),
-                    });
-                    self.orphans.push((record.id, grace_ends));
-                    self.tasks.insert(record.id, task);
-                }
-                _ => {
-                    self.tasks.insert(record.id, task);
-                    if record.state != TaskState::Queued {
-                        self.change_state(
-                            record.id,
-                            TaskState::Queued,
-                            None,
-                            "restored without a node".into(),
-                            now.wall,
-                        );
+        let class = match secret {
+            Some(env) => {
+                let class = match record.spec.kind {
+                    TaskKind::Exec(_) => {
+                        let mut spec = TaskSpec::clone(&record.spec);
+                        spec.secret_env = SecretEnv::clone(&env);
+                        self.queue.class_for(&spec)
                     }
-                    self.queue.push_ready(class, record.id);
+                    TaskKind::Call(_) => self.queue.class_for(&record.spec),
+                };
+                self.secrets.insert(record.id, env);
+                class
+            }
+            None => self.queue.class_for(&record.spec),
+        };
+        let spec = LiveSpec::compact(&record.spec, self.queue.example(class))
+            .unwrap_or_else(|| LiveSpec::Full(Arc::clone(&record.spec)));
+        let mut task = LiveTask::new(spec, class, record.created_at);
+        task.next_seq = record.next_seq;
+        task.attempt = record.attempt.0;
+        task.failures = record.failures;
+        task.node_losses = record.node_losses;
+        task.last_outcome = record.last_outcome;
+        for node in record.lost_nodes {
+            task.add_lost_node(node);
+        }
+        task.state = record.state;
+        self.counts[state_index(record.state)] += 1;
+        match (record.state, record.node_id) {
+            (TaskState::Assigned | TaskState::Running, Some(node_id)) => {
+                task.place(Placement {
+                    session: SessionId::RESTORED,
+                    node_id,
+                    node_name: record.node_name.unwrap_or_else(|| Arc::from("unknown")),
+                });
+                self.orphans.push((record.id, grace_ends));
+                self.tasks.insert(record.id, task);
+            }
+            _ => {
+                self.tasks.insert(record.id, task);
+                if record.state != TaskState::Queued {
+                    self.change_state(
+                        record.id,
+                        TaskState::Queued,
+                        None,
+                        "restored without a node".into(),
+                        now.wall,
+                    );
                 }
+                self.queue.push_ready(class, record.id);
             }
         }
     }
@@ -566,6 +593,11 @@ impl Scheduler {
     /// Every connected node.
     pub fn nodes(&self, now: Instant) -> Vec<NodeInfo> {
         self.nodes.values().map(|n| n.info(now)).collect()
+    }
+
+    /// Tasks not final (queued, assigned, running).
+    pub fn live_tasks(&self) -> usize {
+        self.tasks.len()
     }
 
     /// Cluster-wide figures.

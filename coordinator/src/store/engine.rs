@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use weft_proto::{TaskId, TaskState};
+use weft_proto::{SecretEnv, TaskId, TaskState};
 
 use super::record::{Loaded, NodeIdentityRecord, Record, TaskEvent, TaskRecord};
 use crate::auth::TokenRecord;
@@ -191,6 +191,26 @@ pub trait Store: Send + Sync + 'static {
     /// Everything the scheduler needs after a restart; tasks final since
     /// `final_since` are listed in [`Loaded::recently_final`].
     fn load(&self, final_since: SystemTime) -> Result<Loaded, StoreError>;
+
+    /// What [`load`](Store::load) reads, but each live task is handed to
+    /// `live` as it is read, in id order, with its secret environment if it
+    /// has one, instead of collected: a restart with millions of queued
+    /// tasks never holds all their full records at once. The returned
+    /// [`Loaded`] has no `live` and no `secrets`.
+    fn load_each(
+        &self,
+        final_since: SystemTime,
+        live: &mut dyn FnMut(TaskRecord, Option<Arc<SecretEnv>>),
+    ) -> Result<Loaded, StoreError> {
+        let mut loaded = self.load(final_since)?;
+        let mut secrets: std::collections::HashMap<TaskId, Arc<SecretEnv>> =
+            std::mem::take(&mut loaded.secrets).into_iter().collect();
+        for record in std::mem::take(&mut loaded.live) {
+            let secret = secrets.remove(&record.id);
+            live(record, secret);
+        }
+        Ok(loaded)
+    }
 
     /// Deletes up to `limit` final tasks whose record last changed before
     /// `finished_before`, with their events (and secrets, should any be

@@ -35,6 +35,8 @@ mod engine;
 pub mod marker;
 pub mod memory;
 mod record;
+#[cfg(test)]
+mod recovery_memory_tests;
 pub mod redb;
 mod seal;
 #[cfg(test)]

@@ -539,3 +539,40 @@ fn token_records_from_before_join_tokens_read_as_no_uses() {
     let again = codec::decode_token(&codec::encode_token(&record)).unwrap();
     assert_eq!(again, record);
 }
+
+#[test]
+fn load_each_hands_over_live_tasks_one_at_a_time_in_id_order_with_their_secrets() {
+    both(|store| {
+        let [a, b, c, d] = ids(4)[..] else {
+            unreachable!()
+        };
+        // Committed out of id order, in three live states and one final.
+        store
+            .commit(&[
+                Record::Task(record(c, TaskState::Assigned, at(1))),
+                Record::Task(record(a, TaskState::Running, at(1))),
+                Record::Task(record(d, TaskState::Succeeded, at(2))),
+                Record::Task(record(b, TaskState::Queued, at(1))),
+                Record::Secrets(b, secret("value-b")),
+            ])
+            .unwrap();
+        let mut seen = Vec::new();
+        let loaded = store
+            .load_each(UNIX_EPOCH, &mut |record, secret| {
+                let secret = secret.and_then(|env| env.get("API_KEY").map(str::to_owned));
+                seen.push((record.id, record.state, secret));
+            })
+            .unwrap();
+        assert_eq!(
+            seen,
+            [
+                (a, TaskState::Running, None),
+                (b, TaskState::Queued, Some("value-b".to_owned())),
+                (c, TaskState::Assigned, None),
+            ]
+        );
+        assert!(loaded.live.is_empty() && loaded.secrets.is_empty());
+        assert_eq!(loaded.final_counts, [(TaskState::Succeeded, 1)]);
+        assert_eq!(loaded.recently_final.len(), 1);
+    });
+}
