@@ -13,13 +13,26 @@
 //! - `final_by_time`: (updated_at ms, task id) -> () for final tasks —
 //!   retention sweeps and recently finished results.
 //! - `state_counts`: state -> number of tasks, so `load` does not count.
-//! - `meta`: schema version.
+//! - `meta`: schema version, the store's id (repeated by the data dir's
+//!   `STORE_ID` marker).
 //! - `tokens`: token id -> token record (the SHA-256 of its secret, never
 //!   the secret), written synchronously by the token rpcs.
+//! - `secrets`, `node_identities`: see the constants below.
+//!
+//! Every value of `tasks`, `events`, `secrets`, `tokens` and
+//! `node_identities` ends in a checksum of its key and bytes (`seal.rs`),
+//! checked on every read: damage is [`StoreError::Damaged`], never served.
+//!
+//! Layout: this file has the tables, writes and reads; `open` opening (the
+//! marker, the schema and its upgrade, damaged files); `load` what a
+//! restart reads, live tasks one at a time.
 //!
 //! Opening takes redb's exclusive file lock: a second coordinator on the same
 //! data dir gets [`StoreError::Locked`]. All methods block; callers on the
 //! async runtime use `spawn_blocking`.
+
+mod load;
+mod open;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -27,23 +40,20 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use redb::{
-    Database, DatabaseError, Durability, ReadTransaction, ReadableDatabase, ReadableTable,
-    ReadableTableMetadata, TableDefinition, WriteTransaction,
+    Database, Durability, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction,
 };
 
 use weft_proto::{SecretEnv, TaskId, TaskSpec, TaskState};
 
 use super::codec::{
-    decode_event, decode_node_identity, decode_secrets, decode_task, decode_task_head,
-    decode_token, encode_event, encode_node_identity, encode_secrets, encode_task, encode_token,
+    decode_event, decode_node_identity, decode_task, decode_task_head, decode_token, encode_event,
+    encode_node_identity, encode_secrets, encode_task, encode_token,
 };
 use super::engine::{Store, StoreError};
-use super::marker;
-use super::record::{
-    FinalAttempt, Loaded, MAX_RECENTLY_FINAL, NodeIdentityRecord, Record, TaskEvent, TaskRecord,
-};
-use super::seal::{SealKey, migrate, migrate_tokens, open as unseal, seal};
+use super::record::{Loaded, NodeIdentityRecord, Record, TaskEvent, TaskRecord};
+use super::seal::{SealKey, open as unseal, seal};
 use crate::auth::TokenRecord;
+use load::{each_live, read_secrets};
 
 const TASKS: TableDefinition<u128, &[u8]> = TableDefinition::new("tasks");
 const EVENTS: TableDefinition<(u128, u64), &[u8]> = TableDefinition::new("events");
@@ -134,193 +144,10 @@ fn millis(t: SystemTime) -> u64 {
 
 const LIVE_STATES: [TaskState; 3] = [TaskState::Queued, TaskState::Assigned, TaskState::Running];
 
-/// Makes `dir` private (0700: it holds the secrets table and maybe the
-/// admin token): created 0700 when missing; an existing one that group or
-/// others can reach is tightened to 0700, with a warning.
-fn private_data_dir(dir: &Path) -> std::io::Result<()> {
-    if !dir.exists() {
-        let mut builder = std::fs::DirBuilder::new();
-        builder.recursive(true);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::DirBuilderExt;
-            builder.mode(0o700);
-        }
-        builder.create(dir)?;
-    }
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(dir)?.permissions().mode();
-        if mode & 0o077 != 0 {
-            tracing::warn!(
-                data_dir = %dir.display(),
-                mode = format!("{:o}", mode & 0o777),
-                "the data dir was open to group or others; made it 0700"
-            );
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
-        }
-    }
-    Ok(())
-}
-
 impl RedbStore {
-    /// Opens (or creates) the store in `dir`, creating the directory, with
-    /// a [`DEFAULT_CACHE_SIZE`] page cache.
-    pub fn open(dir: &Path) -> Result<RedbStore, StoreError> {
-        Self::open_with_cache(dir, DEFAULT_CACHE_SIZE)
-    }
-
-    /// Like [`open`](Self::open), with a page cache of at most `cache_size`
-    /// bytes.
-    pub fn open_with_cache(dir: &Path, cache_size: usize) -> Result<RedbStore, StoreError> {
-        let open_err = |message: String| StoreError::Open {
-            path: dir.to_owned(),
-            message,
-        };
-        private_data_dir(dir).map_err(|e| open_err(e.to_string()))?;
-        let path = dir.join(FILE_NAME);
-        let marker_path = dir.join(marker::FILE_NAME);
-        let expected = marker::read(&marker_path)?;
-        if expected.is_some() {
-            // Never start empty over a store that existed.
-            let missing = |what: &str| StoreError::Missing {
-                path: path.clone(),
-                marker: marker_path.clone(),
-                what: what.to_owned(),
-            };
-            match std::fs::metadata(&path) {
-                Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
-                    return Err(missing("is missing"));
-                }
-                Err(err) => return Err(open_err(err.to_string())),
-                Ok(meta) if meta.len() == 0 => return Err(missing("is empty")),
-                Ok(_) => {}
-            }
-        }
-        let db = match Database::builder().set_cache_size(cache_size).create(&path) {
-            Ok(db) => db,
-            Err(DatabaseError::DatabaseAlreadyOpen) => return Err(StoreError::Locked(dir.into())),
-            Err(err) if is_damage(&err) => {
-                return Err(StoreError::Unreadable {
-                    path,
-                    message: err.to_string(),
-                });
-            }
-            Err(err) => return Err(open_err(err.to_string())),
-        };
-        let store = RedbStore { db, path };
-        let id = store.init(expected, &marker_path)?;
-        if expected.is_none() {
-            // After the store's first commit, so a crash in between only
-            // leaves a store whose marker is written at the next start.
-            marker::write(&marker_path, id).map_err(|e| open_err(e.to_string()))?;
-        }
-        Ok(store)
-    }
-
     /// The database file.
     pub fn path(&self) -> &Path {
         &self.path
-    }
-
-    /// Creates every table (so readers never meet a missing one), checks
-    /// the schema version (upgrading a schema-1 store to checksums) and the
-    /// store's id against the data dir's marker (`expected`); returns the
-    /// id, given now to a store that had none. Writes nothing to a store
-    /// that is refused.
-    fn init(&self, expected: Option<u64>, marker_path: &Path) -> Result<u64, StoreError> {
-        let txn = self.write_txn()?;
-        let id = self.check_id(&txn, expected, marker_path);
-        let id = match id {
-            Ok(id) => id,
-            Err(err) => {
-                let _ = txn.abort();
-                return Err(err);
-            }
-        };
-        {
-            txn.open_table(TASKS).or_backend("creating tables")?;
-            txn.open_table(EVENTS).or_backend("creating tables")?;
-            txn.open_table(BY_STATE).or_backend("creating tables")?;
-            txn.open_table(FINAL_BY_TIME)
-                .or_backend("creating tables")?;
-            txn.open_table(COUNTS).or_backend("creating tables")?;
-            txn.open_table(SECRETS).or_backend("creating tables")?;
-            txn.open_table(TOKENS).or_backend("creating tables")?;
-            txn.open_table(NODE_IDENTITIES)
-                .or_backend("creating tables")?;
-            let mut meta = txn.open_table(META).or_backend("creating tables")?;
-            let found = meta
-                .get("schema")
-                .or_backend("reading schema")?
-                .map(|v| v.value());
-            match found {
-                Some(v) if v > SCHEMA_VERSION => {
-                    return Err(StoreError::Open {
-                        path: self.path.clone(),
-                        message: format!(
-                            "written by a newer coordinator (schema {v}; this one reads {SCHEMA_VERSION})"
-                        ),
-                    });
-                }
-                Some(SCHEMA_VERSION) => {}
-                Some(old) => {
-                    drop(meta);
-                    add_checksums(&txn, old, &self.path)?;
-                    txn.open_table(META)
-                        .or_backend("writing schema")?
-                        .insert("schema", SCHEMA_VERSION)
-                        .or_backend("writing schema")?;
-                }
-                None => {
-                    meta.insert("schema", SCHEMA_VERSION)
-                        .or_backend("writing schema")?;
-                }
-            }
-        }
-        txn.commit().or_backend("creating tables")?;
-        Ok(id)
-    }
-
-    /// The store's id, checked against the marker's: a store without one
-    /// where the marker names one is not this data dir's store (a new
-    /// file, or another store's); one without a marker gets an id now.
-    fn check_id(
-        &self,
-        txn: &WriteTransaction,
-        expected: Option<u64>,
-        marker_path: &Path,
-    ) -> Result<u64, StoreError> {
-        let mut meta = txn.open_table(META).or_backend("reading the store id")?;
-        let found = meta
-            .get(STORE_ID)
-            .or_backend("reading the store id")?
-            .map(|v| v.value());
-        let missing = |what: String| StoreError::Missing {
-            path: self.path.clone(),
-            marker: marker_path.to_owned(),
-            what,
-        };
-        match (found, expected) {
-            (Some(found), Some(expected)) if found == expected => Ok(found),
-            (Some(found), Some(expected)) => Err(missing(format!(
-                "is another store (id {found:016x}; this data dir's is {expected:016x})"
-            ))),
-            (None, Some(_)) => Err(missing("holds no store (a new, empty file)".into())),
-            (Some(found), None) => Ok(found),
-            (None, None) => {
-                let mut bytes = [0u8; 8];
-                getrandom::fill(&mut bytes).map_err(|e| StoreError::Open {
-                    path: self.path.clone(),
-                    message: format!("making a store id: {e}"),
-                })?;
-                let id = u64::from_le_bytes(bytes);
-                meta.insert(STORE_ID, id)
-                    .or_backend("writing the store id")?;
-                Ok(id)
-            }
-        }
     }
 
     fn write_txn(&self) -> Result<WriteTransaction, StoreError> {
@@ -455,44 +282,6 @@ impl RedbStore {
     }
 }
 
-/// True for the open errors of a file that is not (or no longer) a
-/// readable store, as opposed to one that cannot be reached.
-fn is_damage(err: &DatabaseError) -> bool {
-    match err {
-        DatabaseError::Storage(redb::StorageError::Corrupted(_))
-        | DatabaseError::UpgradeRequired(_)
-        | DatabaseError::RepairAborted => true,
-        DatabaseError::Storage(redb::StorageError::Io(io)) => matches!(
-            io.kind(),
-            std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof
-        ),
-        _ => false,
-    }
-}
-
-/// The one-time upgrade of a store written before checksums (schema
-/// `from`): every value rewritten with its checksum, in the transaction
-/// that then records the new schema.
-fn add_checksums(txn: &WriteTransaction, from: u64, path: &Path) -> Result<(), StoreError> {
-    let tasks = migrate(txn, TASKS, SealKey::Id)?;
-    let events = migrate(txn, EVENTS, |(id, seq)| SealKey::Event(id, seq))?;
-    let secrets = migrate(txn, SECRETS, SealKey::Id)?;
-    let identities = migrate(txn, NODE_IDENTITIES, SealKey::Id)?;
-    let tokens = migrate_tokens(txn, TOKENS)?;
-    tracing::info!(
-        path = %path.display(),
-        from,
-        to = SCHEMA_VERSION,
-        tasks,
-        events,
-        secrets,
-        identities,
-        tokens,
-        "upgraded the store: every record now carries a checksum"
-    );
-    Ok(())
-}
-
 /// The seq of a task's last stored event.
 fn last_seq(
     events: &impl ReadableTable<(u128, u64), &'static [u8]>,
@@ -528,110 +317,6 @@ fn apply_counts(txn: &WriteTransaction, deltas: &[i64; 8]) -> Result<(), StoreEr
         counts.insert(key, new).or_backend("counting")?;
     }
     Ok(())
-}
-
-impl RedbStore {
-    /// What a restart reads besides live tasks and secrets: final counts
-    /// and recent results.
-    fn load_summary(
-        &self,
-        txn: &ReadTransaction,
-        final_since: SystemTime,
-    ) -> Result<Loaded, StoreError> {
-        let op = "loading";
-        let tasks = txn.open_table(TASKS).or_backend(op)?;
-        let mut loaded = Loaded::default();
-        let counts = txn.open_table(COUNTS).or_backend(op)?;
-        for state in TaskState::ALL.iter().filter(|s| s.is_final()) {
-            let count = counts
-                .get(state_key(*state))
-                .or_backend(op)?
-                .map_or(0, |v| v.value());
-            if count > 0 {
-                loaded.final_counts.push((*state, count));
-            }
-        }
-        let by_time = txn.open_table(FINAL_BY_TIME).or_backend(op)?;
-        for entry in by_time
-            .range((millis(final_since), 0)..)
-            .or_backend(op)?
-            .rev()
-            .take(MAX_RECENTLY_FINAL)
-        {
-            let (key, _) = entry.or_backend(op)?;
-            let id = TaskId::from_u128(key.value().1);
-            if let Some(bytes) = tasks.get(id.as_u128()).or_backend(op)? {
-                let key = SealKey::Id(id.as_u128());
-                let record = decode_task(id, unseal("tasks", key, bytes.value())?)?;
-                loaded.recently_final.push(FinalAttempt {
-                    task_id: id,
-                    attempt: record.attempt,
-                    outcome: record.last_outcome,
-                });
-            }
-        }
-        tracing::debug!(
-            path = %self.path.display(),
-            tasks = tasks.len().unwrap_or(0),
-            "store summary loaded"
-        );
-        Ok(loaded)
-    }
-}
-
-/// Every secret environment the store holds.
-fn read_secrets(txn: &ReadTransaction) -> Result<Vec<(TaskId, Arc<SecretEnv>)>, StoreError> {
-    let op = "loading";
-    let secrets = txn.open_table(SECRETS).or_backend(op)?;
-    let mut all = Vec::new();
-    for entry in secrets.iter().or_backend(op)? {
-        let (key, value) = entry.or_backend(op)?;
-        let seal_key = SealKey::Id(key.value());
-        let env = decode_secrets(unseal("secrets", seal_key, value.value())?)?;
-        all.push((TaskId::from_u128(key.value()), Arc::new(env)));
-    }
-    Ok(all)
-}
-
-/// Hands every live task (queued, assigned, running) to `each` in id
-/// order, one record at a time: the three state ranges of
-/// `tasks_by_state` merged by id, so nothing holds them all.
-fn each_live(txn: &ReadTransaction, each: &mut dyn FnMut(TaskRecord)) -> Result<(), StoreError> {
-    let op = "loading";
-    let tasks = txn.open_table(TASKS).or_backend(op)?;
-    let events = txn.open_table(EVENTS).or_backend(op)?;
-    let by_state = txn.open_table(BY_STATE).or_backend(op)?;
-    let mut ranges = Vec::with_capacity(LIVE_STATES.len());
-    for state in LIVE_STATES {
-        let s = state_key(state);
-        ranges.push(by_state.range((s, 0)..=(s, u128::MAX)).or_backend(op)?);
-    }
-    let mut heads: Vec<Option<u128>> = Vec::with_capacity(ranges.len());
-    for range in &mut ranges {
-        heads.push(next_id(range)?);
-    }
-    loop {
-        let next = heads
-            .iter()
-            .enumerate()
-            .filter_map(|(i, head)| head.map(|id| (id, i)))
-            .min();
-        let Some((id, from)) = next else {
-            return Ok(());
-        };
-        heads[from] = next_id(&mut ranges[from])?;
-        if let Some(record) = RedbStore::read_task(&tasks, &events, TaskId::from_u128(id))? {
-            each(record);
-        }
-    }
-}
-
-/// The next task id of a `tasks_by_state` range.
-fn next_id(range: &mut redb::Range<'static, (u8, u128), ()>) -> Result<Option<u128>, StoreError> {
-    match range.next() {
-        Some(entry) => Ok(Some(entry.or_backend("loading")?.0.value().1)),
-        None => Ok(None),
-    }
 }
 
 impl Store for RedbStore {

@@ -1,0 +1,128 @@
+//! What a restart reads from the redb store: the summary (final counts,
+//! recent results), the secrets, and the live tasks one at a time in id
+//! order. Read-only.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use redb::{ReadTransaction, ReadableTable, ReadableTableMetadata};
+
+use weft_proto::{SecretEnv, TaskId, TaskState};
+
+use super::super::codec::{decode_secrets, decode_task};
+use super::super::engine::StoreError;
+use super::super::record::{FinalAttempt, Loaded, MAX_RECENTLY_FINAL, TaskRecord};
+use super::super::seal::{SealKey, open as unseal};
+use super::{
+    BY_STATE, COUNTS, EVENTS, FINAL_BY_TIME, LIVE_STATES, OrBackend, RedbStore, SECRETS, TASKS,
+    millis, state_key,
+};
+
+impl RedbStore {
+    /// What a restart reads besides live tasks and secrets: final counts
+    /// and recent results.
+    pub(super) fn load_summary(
+        &self,
+        txn: &ReadTransaction,
+        final_since: SystemTime,
+    ) -> Result<Loaded, StoreError> {
+        let op = "loading";
+        let tasks = txn.open_table(TASKS).or_backend(op)?;
+        let mut loaded = Loaded::default();
+        let counts = txn.open_table(COUNTS).or_backend(op)?;
+        for state in TaskState::ALL.iter().filter(|s| s.is_final()) {
+            let count = counts
+                .get(state_key(*state))
+                .or_backend(op)?
+                .map_or(0, |v| v.value());
+            if count > 0 {
+                loaded.final_counts.push((*state, count));
+            }
+        }
+        let by_time = txn.open_table(FINAL_BY_TIME).or_backend(op)?;
+        for entry in by_time
+            .range((millis(final_since), 0)..)
+            .or_backend(op)?
+            .rev()
+            .take(MAX_RECENTLY_FINAL)
+        {
+            let (key, _) = entry.or_backend(op)?;
+            let id = TaskId::from_u128(key.value().1);
+            if let Some(bytes) = tasks.get(id.as_u128()).or_backend(op)? {
+                let key = SealKey::Id(id.as_u128());
+                let record = decode_task(id, unseal("tasks", key, bytes.value())?)?;
+                loaded.recently_final.push(FinalAttempt {
+                    task_id: id,
+                    attempt: record.attempt,
+                    outcome: record.last_outcome,
+                });
+            }
+        }
+        tracing::debug!(
+            path = %self.path.display(),
+            tasks = tasks.len().unwrap_or(0),
+            "store summary loaded"
+        );
+        Ok(loaded)
+    }
+}
+
+/// Every secret environment the store holds.
+pub(super) fn read_secrets(
+    txn: &ReadTransaction,
+) -> Result<Vec<(TaskId, Arc<SecretEnv>)>, StoreError> {
+    let op = "loading";
+    let secrets = txn.open_table(SECRETS).or_backend(op)?;
+    let mut all = Vec::new();
+    for entry in secrets.iter().or_backend(op)? {
+        let (key, value) = entry.or_backend(op)?;
+        let seal_key = SealKey::Id(key.value());
+        let env = decode_secrets(unseal("secrets", seal_key, value.value())?)?;
+        all.push((TaskId::from_u128(key.value()), Arc::new(env)));
+    }
+    Ok(all)
+}
+
+/// Hands every live task (queued, assigned, running) to `each` in id
+/// order, one record at a time: the three state ranges of
+/// `tasks_by_state` merged by id, so nothing holds them all.
+pub(super) fn each_live(
+    txn: &ReadTransaction,
+    each: &mut dyn FnMut(TaskRecord),
+) -> Result<(), StoreError> {
+    let op = "loading";
+    let tasks = txn.open_table(TASKS).or_backend(op)?;
+    let events = txn.open_table(EVENTS).or_backend(op)?;
+    let by_state = txn.open_table(BY_STATE).or_backend(op)?;
+    let mut ranges = Vec::with_capacity(LIVE_STATES.len());
+    for state in LIVE_STATES {
+        let s = state_key(state);
+        ranges.push(by_state.range((s, 0)..=(s, u128::MAX)).or_backend(op)?);
+    }
+    let mut heads: Vec<Option<u128>> = Vec::with_capacity(ranges.len());
+    for range in &mut ranges {
+        heads.push(next_id(range)?);
+    }
+    loop {
+        let next = heads
+            .iter()
+            .enumerate()
+            .filter_map(|(i, head)| head.map(|id| (id, i)))
+            .min();
+        let Some((id, from)) = next else {
+            return Ok(());
+        };
+        heads[from] = next_id(&mut ranges[from])?;
+        if let Some(record) = RedbStore::read_task(&tasks, &events, TaskId::from_u128(id))? {
+            each(record);
+        }
+    }
+}
+
+/// The next task id of a `tasks_by_state` range.
+fn next_id(range: &mut redb::Range<'static, (u8, u128), ()>) -> Result<Option<u128>, StoreError> {
+    match range.next() {
+        Some(entry) => Ok(Some(entry.or_backend("loading")?.0.value().1)),
+        None => Ok(None),
+    }
+}
