@@ -162,7 +162,7 @@ fn store_status(err: &StoreError) -> Status {
         StoreError::DiskFull { op, message } => {
             tracing::error!(error = %err, "store write failed: disk full");
             Status::unavailable(format!(
-                "the coordinator's disk is full ({op}: {message}); this request was not acknowledged. The coordinator stops so it can be restarted once there is space; retry then"
+                "the coordinator's disk is full ({op}: {message}); this request was not acknowledged; retry once there is room (a coordinator whose commit failed exits, to be restarted)"
             ))
         }
         StoreError::Backend { .. } => {
