@@ -78,8 +78,10 @@ pub const RESUME_WINDOW: Duration = Duration::from_secs(30);
 /// Largest `List` page the coordinator serves.
 const MAX_PAGE: u32 = 10_000;
 
-/// Largest answer accepted (a page of 10,000 tasks with their outputs).
-const MAX_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
+/// Largest answer accepted: one task with its spec and its output, each
+/// up to the largest `--max-message-size` (a `List` page is cut to the
+/// coordinator's limit).
+const MAX_MESSAGE_BYTES: usize = weft_proto::limits::CLIENT_MAX_MESSAGE_BYTES;
 
 /// A stream of a task's events; it ends after the event with the final task.
 pub type EventStream = Pin<Box<dyn Stream<Item = Result<TaskEvent, Error>> + Send>>;

@@ -5,11 +5,17 @@
 //! `crate::auth`). No tower layer wraps the services on purpose: `Connect` and `Watch`
 //! streams live for hours, so a timeout or concurrency limit counting
 //! in-flight requests would count every connected node and watcher.
-//! Deadlines on unary calls are the client's to set.
+//! Deadlines on unary calls are the client's to set. The one layer there
+//! is rewrites a status code and counts nothing (see
+//! [`too_large_is_resource_exhausted`]).
+//!
+//! Every service decodes messages up to `--max-message-size` (tonic's
+//! default would be 4 MiB whatever the flag says).
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
@@ -65,30 +71,43 @@ pub(crate) async fn serve(
     let authenticator = Authenticator {
         index: auth.then(|| Arc::clone(&tokens)),
     };
+    let max = handle.config.max_message_size;
     let router = Server::builder()
+        // Outermost, so it sees every answer: a request past
+        // --max-message-size is refused by tonic's decoder as OUT_OF_RANGE
+        // before any handler runs; a client acts on "too large" when it is
+        // RESOURCE_EXHAUSTED, as a spec too large is.
+        .layer(tower::util::MapResponseLayer::new(
+            too_large_is_resource_exhausted as fn(_) -> _,
+        ))
         .add_service(health)
         // NOT checked by client tokens: nodes authenticate with their
         // certificates (`Connect`) or a join token (`Join`).
-        .add_service(NodeServiceServer::new(NodeApi {
-            handle: handle.clone(),
-            tokens: Arc::clone(&tokens),
-            identities: Arc::clone(&identities),
-            tls: tls.clone(),
-        }))
-        .add_service(TaskServiceServer::with_interceptor(
-            TaskApi {
+        .add_service(
+            NodeServiceServer::new(NodeApi {
                 handle: handle.clone(),
-            },
+                tokens: Arc::clone(&tokens),
+                identities: Arc::clone(&identities),
+                tls: tls.clone(),
+            })
+            .max_decoding_message_size(max),
+        )
+        .add_service(InterceptedService::new(
+            TaskServiceServer::new(TaskApi {
+                handle: handle.clone(),
+            })
+            .max_decoding_message_size(max),
             authenticator.clone(),
         ))
-        .add_service(AdminServiceServer::with_interceptor(
-            AdminApi {
+        .add_service(InterceptedService::new(
+            AdminServiceServer::new(AdminApi {
                 handle,
                 tokens,
                 identities,
                 tls: tls.clone(),
                 listen,
-            },
+            })
+            .max_decoding_message_size(max),
             authenticator,
         ));
     match tls.as_deref() {
@@ -105,4 +124,19 @@ pub(crate) async fn serve(
                 .await
         }
     }
+}
+
+/// OUT_OF_RANGE, which tonic answers for a request past its decode limit
+/// (and which no Weft handler answers), as RESOURCE_EXHAUSTED; its message
+/// (the size found and the limit) is kept. Unary answers carry the status
+/// in their headers, which is where tonic puts a refused request's.
+fn too_large_is_resource_exhausted<B>(mut response: http::Response<B>) -> http::Response<B> {
+    let headers = response.headers_mut();
+    if headers
+        .get("grpc-status")
+        .is_some_and(|code| code.as_bytes() == b"11")
+    {
+        headers.insert("grpc-status", http::HeaderValue::from_static("8"));
+    }
+    response
 }
