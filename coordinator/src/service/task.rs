@@ -288,3 +288,63 @@ impl pb::task_service_server::TaskService for TaskApi {
         Ok(Response::new(self.watch_stream(id, 0)))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+    use prost::Message;
+    use tonic::Code;
+
+    use super::*;
+
+    const LIMITS: SpecLimits = SpecLimits {
+        max_slots: 4,
+        max_spec_bytes: 512,
+    };
+
+    #[test]
+    fn too_large_is_resource_exhausted_and_malformed_invalid_argument() {
+        let code = |spec: TaskSpec| {
+            validate_spec(&LIMITS, 3, pb::TaskSpec::from(spec))
+                .map(|_| ())
+                .map_err(|err| Status::from(err).code())
+        };
+        assert_eq!(code(TaskSpec::call("echo", "")), Ok(()));
+        assert_eq!(
+            code(TaskSpec::call("echo", vec![0u8; 600])),
+            Err(Code::ResourceExhausted)
+        );
+        assert_eq!(
+            code(TaskSpec::call("echo", "").slots(5)),
+            Err(Code::InvalidArgument)
+        );
+        assert_eq!(
+            code(TaskSpec::call("ec\0ho", "")),
+            Err(Code::InvalidArgument)
+        );
+        let err = validate_spec(&LIMITS, 3, pb::TaskSpec::from(TaskSpec::call("a\0", "")));
+        let message = Status::from(err.unwrap_err()).message().to_owned();
+        assert!(
+            message.starts_with("task 3: ") && message.contains("call.handler"),
+            "{message}"
+        );
+    }
+
+    proptest! {
+        /// Whatever a client submits, validation never panics, and a
+        /// refusal is INVALID_ARGUMENT or RESOURCE_EXHAUSTED: a code the
+        /// client can act on, never INTERNAL or OUT_OF_RANGE.
+        #[test]
+        fn any_submitted_spec_converts_or_is_refused_with_a_client_code(bytes in prop::collection::vec(any::<u8>(), 0..700)) {
+            if let Ok(spec) = pb::TaskSpec::decode(bytes.as_slice())
+                && let Err(err) = validate_spec(&LIMITS, 0, spec)
+            {
+                let code = Status::from(err).code();
+                prop_assert!(
+                    matches!(code, Code::InvalidArgument | Code::ResourceExhausted),
+                    "{code:?}"
+                );
+            }
+        }
+    }
+}
