@@ -113,15 +113,27 @@ impl Client {
             )))
     }
 
-    /// Submits many tasks, [`SUBMIT_BATCH`] per `Submit` call, and answers
-    /// their ids in order. Each batch is all or nothing; on an error, the
-    /// batches before it stay submitted.
+    /// Submits many tasks, [`SUBMIT_BATCH`] per `Submit` call (fewer when
+    /// that many would make a request larger than the smallest message
+    /// limit a coordinator may set, 1 MiB), and answers their ids in order.
+    /// Each batch is all or nothing; on an error, the batches before it
+    /// stay submitted.
     pub async fn submit_many(&self, specs: Vec<TaskSpec>) -> Result<Vec<TaskId>, Error> {
+        let budget = weft_proto::limits::max_spec_bytes(weft_proto::limits::MIN_MAX_MESSAGE_BYTES);
         let mut ids = Vec::with_capacity(specs.len());
-        let mut specs = specs.into_iter().peekable();
-        while specs.peek().is_some() {
-            let batch: Vec<pb::TaskSpec> =
-                specs.by_ref().take(SUBMIT_BATCH).map(Into::into).collect();
+        let mut batch = Vec::new();
+        let mut size = 0;
+        for spec in specs {
+            let spec = pb::TaskSpec::from(spec);
+            let len = prost::encoding::message::encoded_len(1, &spec);
+            if !batch.is_empty() && (batch.len() == SUBMIT_BATCH || size + len > budget) {
+                ids.extend(self.submit_batch(std::mem::take(&mut batch)).await?);
+                size = 0;
+            }
+            size += len;
+            batch.push(spec);
+        }
+        if !batch.is_empty() {
             ids.extend(self.submit_batch(batch).await?);
         }
         Ok(ids)

@@ -251,3 +251,30 @@ impl Emitter {
         self.tx.blocking_send(self.event(progress)).is_ok()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_large_output_chunk_goes_as_numbered_pieces_within_the_chunk_limit() {
+        let (tx, mut rx) = mpsc::channel(16);
+        let emitter = Emitter::new(tx, TaskId::new(), Attempt::FIRST);
+        let size = limits::MAX_OUTPUT_CHUNK * 3 + 10;
+        assert!(emitter.output(OutputStream::Stdout, vec![7u8; size]).await);
+        assert!(emitter.output(OutputStream::Stderr, "tail").await);
+        drop(emitter);
+        let mut pieces = Vec::new();
+        while let Some(event) = rx.recv().await {
+            let EventBody::Output { seq, data, .. } = event.body else {
+                panic!("not output");
+            };
+            pieces.push((seq, data.len()));
+        }
+        let chunk = limits::MAX_OUTPUT_CHUNK;
+        assert_eq!(
+            pieces,
+            [(0, chunk), (1, chunk), (2, chunk), (3, 10), (4, 4)]
+        );
+    }
+}

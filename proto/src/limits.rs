@@ -84,6 +84,29 @@ pub const MAX_ENV_ENTRIES: usize = 1024;
 /// Most entries of `exec.argv`.
 pub const MAX_ARGV_ENTRIES: usize = 4096;
 
+/// Longest node name in a `Register`, in bytes (a joined node's name
+/// follows the stricter rule of `Join`; this bounds one under `--no-auth`).
+pub const MAX_NODE_NAME_BYTES: usize = 128;
+/// Most handlers one node may list in its `Register`.
+pub const MAX_NODE_HANDLERS: usize = 4096;
+
+/// Checks what a node's `Register` declares and the coordinator keeps
+/// (its name is written into the record of every task it runs): the name,
+/// labels and handler names within their limits and without NUL.
+pub fn check_register(register: &pb::Register) -> Result<(), ConversionError> {
+    text("name", &register.name, MAX_NODE_NAME_BYTES)?;
+    count("labels", register.labels.len(), MAX_LABELS)?;
+    for (key, value) in &register.labels {
+        text("labels (key)", key, MAX_LABEL_KEY_BYTES)?;
+        text("labels (value)", value, MAX_LABEL_VALUE_BYTES)?;
+    }
+    count("handlers", register.handlers.len(), MAX_NODE_HANDLERS)?;
+    for handler in &register.handlers {
+        text("handlers", handler, MAX_HANDLER_BYTES)?;
+    }
+    Ok(())
+}
+
 /// The most bytes one spec may take on the wire so that the `Assign`
 /// carrying it fits in a message of `max_message_bytes`.
 pub fn max_spec_bytes(max_message_bytes: usize) -> usize {

@@ -178,6 +178,38 @@ fn a_long_node_text_is_cut_with_a_marker_on_a_char_boundary() {
     assert!(long.ends_with(TRUNCATED_MARKER));
 }
 
+#[test]
+fn a_register_is_held_to_the_name_label_and_handler_limits() {
+    let register = |name: String, handler: String| pb::Register {
+        name,
+        handlers: vec![handler],
+        ..pb::Register::default()
+    };
+    let fine = register(
+        "a".repeat(MAX_NODE_NAME_BYTES),
+        "h".repeat(MAX_HANDLER_BYTES),
+    );
+    assert_eq!(check_register(&fine), Ok(()));
+    for (bad, field) in [
+        (
+            register("a".repeat(MAX_NODE_NAME_BYTES + 1), "h".into()),
+            "name",
+        ),
+        (register("n\0".into(), "h".into()), "name"),
+        (
+            register("n".into(), "h".repeat(MAX_HANDLER_BYTES + 1)),
+            "handlers",
+        ),
+        (register("n".into(), "h\0".into()), "handlers"),
+    ] {
+        let err = check_register(&bad).expect_err("over a limit").to_string();
+        assert!(err.contains(field), "{err}");
+    }
+    let mut many = fine;
+    many.handlers = vec!["h".into(); MAX_NODE_HANDLERS + 1];
+    assert!(check_register(&many).is_err());
+}
+
 fn text_field() -> impl Strategy<Value = String> + Clone {
     prop_oneof![
         "[a-z=\\x00 ]{0,8}",

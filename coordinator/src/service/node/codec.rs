@@ -28,6 +28,7 @@ pub(super) fn registration(register: pb::Register) -> Result<NodeRegistration, E
     if register.slots == 0 {
         return Err(Error::BadRegistration("slots must be at least 1"));
     }
+    weft_proto::limits::check_register(&register)?;
     let node_id = register
         .previous_node_id
         .parse::<NodeId>()
