@@ -67,9 +67,10 @@ pub const UNARY_DEADLINE: Duration = Duration::from_secs(30);
 /// Specs sent per `Submit` call by [`Client::submit_many`].
 pub const SUBMIT_BATCH: usize = 5_000;
 
-/// Ids sent per `WaitMany` call by [`Client::wait_many`] (the
-/// coordinator's limit).
-pub const WAIT_MANY_BATCH: usize = 100_000;
+/// Ids sent per `WaitMany` call by [`Client::wait_many`]: within the
+/// coordinator's 100,000, and few enough (28 bytes each on the wire) that
+/// a call fits in the smallest message limit a coordinator may set (1 MiB).
+pub const WAIT_MANY_BATCH: usize = 30_000;
 
 /// How long [`Client::follow`] and [`Client::wait`] keep trying to resume a
 /// broken watch before they give up with [`Error::Unavailable`].
