@@ -163,3 +163,31 @@ async fn no_assign_a_node_receives_is_larger_than_the_limit() {
     assert_eq!(assigned, expected);
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_list_page_ends_at_the_limit_and_the_client_goes_on_from_its_token() {
+    let cluster = TestCluster::builder()
+        .nodes(0)
+        .max_message_size(LIMIT)
+        .start()
+        .await;
+    let client = cluster.client().await;
+    let big = call_of_size(max_spec_bytes(LIMIT) * 2 / 3);
+    for _ in 0..3 {
+        client.submit(big.clone()).await.expect("submit");
+    }
+    let mut raw = cluster.raw_tasks(Some(&cluster.admin_token())).await;
+    let page = raw
+        .list(pb::ListRequest {
+            limit: 100,
+            ..Default::default()
+        })
+        .await
+        .expect("list")
+        .into_inner();
+    assert_eq!(page.tasks.len(), 1, "one task of 2/3 of the limit per page");
+    assert!(!page.next_page_token.is_empty());
+    assert!(page.encoded_len() <= LIMIT + 1024, "{}", page.encoded_len());
+    assert_eq!(client.list(None, 100).await.expect("list").len(), 3);
+    cluster.shutdown().await;
+}
