@@ -67,9 +67,10 @@ pub const UNARY_DEADLINE: Duration = Duration::from_secs(30);
 /// Specs sent per `Submit` call by [`Client::submit_many`].
 pub const SUBMIT_BATCH: usize = 5_000;
 
-/// Ids sent per `WaitMany` call by [`Client::wait_many`] (the
-/// coordinator's limit).
-pub const WAIT_MANY_BATCH: usize = 100_000;
+/// Ids sent per `WaitMany` call by [`Client::wait_many`]: within the
+/// coordinator's 100,000, and few enough (28 bytes each on the wire) that
+/// a call fits in the smallest message limit a coordinator may set (1 MiB).
+pub const WAIT_MANY_BATCH: usize = 30_000;
 
 /// How long [`Client::follow`] and [`Client::wait`] keep trying to resume a
 /// broken watch before they give up with [`Error::Unavailable`].
@@ -78,8 +79,10 @@ pub const RESUME_WINDOW: Duration = Duration::from_secs(30);
 /// Largest `List` page the coordinator serves.
 const MAX_PAGE: u32 = 10_000;
 
-/// Largest answer accepted (a page of 10,000 tasks with their outputs).
-const MAX_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
+/// Largest answer accepted: one task with its spec and its output, each
+/// up to the largest `--max-message-size` (a `List` page is cut to the
+/// coordinator's limit).
+const MAX_MESSAGE_BYTES: usize = weft_proto::limits::CLIENT_MAX_MESSAGE_BYTES;
 
 /// A stream of a task's events; it ends after the event with the final task.
 pub type EventStream = Pin<Box<dyn Stream<Item = Result<TaskEvent, Error>> + Send>>;
@@ -111,15 +114,27 @@ impl Client {
             )))
     }
 
-    /// Submits many tasks, [`SUBMIT_BATCH`] per `Submit` call, and answers
-    /// their ids in order. Each batch is all or nothing; on an error, the
-    /// batches before it stay submitted.
+    /// Submits many tasks, [`SUBMIT_BATCH`] per `Submit` call (fewer when
+    /// that many would make a request larger than the smallest message
+    /// limit a coordinator may set, 1 MiB), and answers their ids in order.
+    /// Each batch is all or nothing; on an error, the batches before it
+    /// stay submitted.
     pub async fn submit_many(&self, specs: Vec<TaskSpec>) -> Result<Vec<TaskId>, Error> {
+        let budget = weft_proto::limits::max_spec_bytes(weft_proto::limits::MIN_MAX_MESSAGE_BYTES);
         let mut ids = Vec::with_capacity(specs.len());
-        let mut specs = specs.into_iter().peekable();
-        while specs.peek().is_some() {
-            let batch: Vec<pb::TaskSpec> =
-                specs.by_ref().take(SUBMIT_BATCH).map(Into::into).collect();
+        let mut batch = Vec::new();
+        let mut size = 0;
+        for spec in specs {
+            let spec = pb::TaskSpec::from(spec);
+            let len = prost::encoding::message::encoded_len(1, &spec);
+            if !batch.is_empty() && (batch.len() == SUBMIT_BATCH || size + len > budget) {
+                ids.extend(self.submit_batch(std::mem::take(&mut batch)).await?);
+                size = 0;
+            }
+            size += len;
+            batch.push(spec);
+        }
+        if !batch.is_empty() {
             ids.extend(self.submit_batch(batch).await?);
         }
         Ok(ids)

@@ -203,6 +203,18 @@ async fn submit_many_sends_batches_of_at_most_the_batch_size() {
 }
 
 #[tokio::test]
+async fn submit_many_keeps_each_request_within_the_smallest_message_limit() {
+    let service = Scripted::default();
+    let client = serve(service.clone()).await;
+    // Three fit in 1 MiB, four do not.
+    let quarter = weft_proto::limits::MIN_MAX_MESSAGE_BYTES * 3 / 10;
+    let specs = vec![TaskSpec::call("noop", vec![0u8; quarter]); 7];
+    let ids = client.submit_many(specs).await.unwrap();
+    assert_eq!(ids.len(), 7);
+    assert_eq!(*service.submits.lock().unwrap(), vec![3, 3, 1]);
+}
+
+#[tokio::test]
 async fn wait_many_splits_ids_into_calls_of_the_batch_size_and_yields_every_task() {
     use futures::TryStreamExt;
     let service = Scripted::default();

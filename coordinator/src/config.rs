@@ -62,6 +62,14 @@ pub struct CoordinatorConfig {
     /// Lifetime of each node certificate issued by `Join` or renewed over
     /// a session (default 7 days; `--node-cert-lifetime`).
     pub node_cert_lifetime: Duration,
+    /// The largest gRPC message, in bytes, the coordinator decodes (any
+    /// request, a node's event batch) and sends a node (an `Assign` is
+    /// split to fit; a spec that never could is refused at Submit with
+    /// RESOURCE_EXHAUSTED). `--max-message-size`; between
+    /// [`weft_proto::limits::MIN_MAX_MESSAGE_BYTES`] and
+    /// [`weft_proto::limits::MAX_MESSAGE_BYTES_CEILING`], which is what
+    /// nodes decode.
+    pub max_message_size: usize,
 }
 
 /// Default of [`CoordinatorConfig::node_cert_lifetime`].
@@ -90,6 +98,15 @@ impl CoordinatorConfig {
     pub fn can_join(&self) -> bool {
         self.tls.is_some() && self.auth
     }
+
+    /// What a submitted spec may hold (slots a node may declare, bytes
+    /// that fit in an `Assign`), checked at Submit.
+    pub fn spec_limits(&self) -> weft_proto::limits::SpecLimits {
+        weft_proto::limits::SpecLimits {
+            max_slots: self.max_node_slots,
+            max_spec_bytes: weft_proto::limits::max_spec_bytes(self.max_message_size),
+        }
+    }
 }
 
 impl Default for CoordinatorConfig {
@@ -113,6 +130,7 @@ impl Default for CoordinatorConfig {
             auth: true,
             admin_token_file: None,
             node_cert_lifetime: DEFAULT_NODE_CERT_LIFETIME,
+            max_message_size: weft_proto::limits::DEFAULT_MAX_MESSAGE_BYTES,
         }
     }
 }

@@ -126,6 +126,15 @@ pub enum Error {
 impl From<Error> for Status {
     fn from(err: Error) -> Self {
         match &err {
+            // Too large is not malformed: the client may act on it (split
+            // the work, raise --max-message-size).
+            Error::InvalidSpec {
+                source: ConversionError::TooLarge { .. },
+                ..
+            }
+            | Error::InvalidArgument(ConversionError::TooLarge { .. }) => {
+                Status::resource_exhausted(err.to_string())
+            }
             Error::InvalidSpec { .. }
             | Error::InvalidArgument(_)
             | Error::BadRegistration(_)

@@ -88,6 +88,21 @@ struct Args {
     )]
     max_node_slots: u32,
 
+    /// The largest gRPC message the coordinator takes or sends a node:
+    /// bytes, or a number with KiB or MiB (1MiB to 64MiB; nodes and
+    /// workers accept 64MiB). A Submit with a spec too large to be sent
+    /// to a node, or a request past it, is refused with
+    /// RESOURCE_EXHAUSTED naming the limit; assignments to a node are
+    /// split to fit.
+    #[arg(
+        long,
+        env = "WEFT_MAX_MESSAGE_SIZE",
+        value_name = "BYTES",
+        default_value = "16MiB",
+        value_parser = parse_message_size
+    )]
+    max_message_size: usize,
+
     /// Most memory the durable store's page cache may use: bytes, or a
     /// number with KiB, MiB or GiB (e.g. 64MiB). It holds recently read and
     /// written pages of the database file.
@@ -184,9 +199,22 @@ impl From<&Args> for CoordinatorConfig {
             auth: !args.no_auth,
             admin_token_file: args.admin_token_file.clone(),
             node_cert_lifetime: args.node_cert_lifetime,
+            max_message_size: args.max_message_size,
             ..CoordinatorConfig::default()
         }
     }
+}
+
+/// Parses `--max-message-size`: a size within what nodes accept.
+fn parse_message_size(text: &str) -> Result<usize, String> {
+    use weft_proto::limits::{MAX_MESSAGE_BYTES_CEILING, MIN_MAX_MESSAGE_BYTES};
+    let size = parse_size(text)?;
+    if !(MIN_MAX_MESSAGE_BYTES..=MAX_MESSAGE_BYTES_CEILING).contains(&size) {
+        return Err(format!(
+            "{size} bytes is outside {MIN_MAX_MESSAGE_BYTES}..={MAX_MESSAGE_BYTES_CEILING} (1MiB to 64MiB)"
+        ));
+    }
+    Ok(size)
 }
 
 /// Parses a byte count: `4096`, `512KiB`, `64MiB`, `1GiB` (also `K`, `M`, `G`
@@ -394,5 +422,8 @@ mod tests {
         assert_eq!(parse_size("0"), Ok(0));
         assert!(parse_size("lots").is_err());
         assert!(parse_size("5 parsecs").is_err());
+        assert_eq!(super::parse_message_size("16MiB"), Ok(16 << 20));
+        assert!(super::parse_message_size("1KiB").is_err());
+        assert!(super::parse_message_size("65MiB").is_err());
     }
 }

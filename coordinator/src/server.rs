@@ -5,11 +5,16 @@
 //! `crate::auth`). No tower layer wraps the services on purpose: `Connect` and `Watch`
 //! streams live for hours, so a timeout or concurrency limit counting
 //! in-flight requests would count every connected node and watcher.
-//! Deadlines on unary calls are the client's to set.
+//! Deadlines on unary calls are the client's to set. The one layer there
+//! is rewrites a status code and counts nothing (see [`client_codes`]).
+//!
+//! Every service decodes messages up to `--max-message-size` (tonic's
+//! default would be 4 MiB whatever the flag says).
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
@@ -65,30 +70,44 @@ pub(crate) async fn serve(
     let authenticator = Authenticator {
         index: auth.then(|| Arc::clone(&tokens)),
     };
+    let max = handle.config.max_message_size;
     let router = Server::builder()
+        // Outermost, so it sees every answer: a request past
+        // --max-message-size is refused by tonic's decoder as OUT_OF_RANGE,
+        // and bytes that are not the message as INTERNAL, before any
+        // handler runs; a client acts on RESOURCE_EXHAUSTED ("too large",
+        // as a spec too large is) and INVALID_ARGUMENT (malformed).
+        .layer(tower::util::MapResponseLayer::new(
+            client_codes as fn(_) -> _,
+        ))
         .add_service(health)
         // NOT checked by client tokens: nodes authenticate with their
         // certificates (`Connect`) or a join token (`Join`).
-        .add_service(NodeServiceServer::new(NodeApi {
-            handle: handle.clone(),
-            tokens: Arc::clone(&tokens),
-            identities: Arc::clone(&identities),
-            tls: tls.clone(),
-        }))
-        .add_service(TaskServiceServer::with_interceptor(
-            TaskApi {
+        .add_service(
+            NodeServiceServer::new(NodeApi {
                 handle: handle.clone(),
-            },
+                tokens: Arc::clone(&tokens),
+                identities: Arc::clone(&identities),
+                tls: tls.clone(),
+            })
+            .max_decoding_message_size(max),
+        )
+        .add_service(InterceptedService::new(
+            TaskServiceServer::new(TaskApi {
+                handle: handle.clone(),
+            })
+            .max_decoding_message_size(max),
             authenticator.clone(),
         ))
-        .add_service(AdminServiceServer::with_interceptor(
-            AdminApi {
+        .add_service(InterceptedService::new(
+            AdminServiceServer::new(AdminApi {
                 handle,
                 tokens,
                 identities,
                 tls: tls.clone(),
                 listen,
-            },
+            })
+            .max_decoding_message_size(max),
             authenticator,
         ));
     match tls.as_deref() {
@@ -104,5 +123,65 @@ pub(crate) async fn serve(
                 .serve_with_incoming_shutdown(incoming, cancel.cancelled_owned())
                 .await
         }
+    }
+}
+
+/// Rewrites the codes tonic's decoder answers for a request it refused
+/// (no Weft handler answers either): OUT_OF_RANGE (past the decode limit)
+/// becomes RESOURCE_EXHAUSTED, and INTERNAL for bytes that do not decode
+/// as the message becomes INVALID_ARGUMENT. The message (the size found
+/// and the limit; what did not decode) is kept. Unary answers carry the
+/// status in their headers, which is where tonic puts a refused request's.
+fn client_codes<B>(mut response: http::Response<B>) -> http::Response<B> {
+    let headers = response.headers_mut();
+    let code = match headers.get("grpc-status").map(|code| code.as_bytes()) {
+        Some(b"11") => "8",
+        Some(b"13")
+            if headers.get("grpc-message").is_some_and(|message| {
+                message
+                    .as_bytes()
+                    .starts_with(b"failed%20to%20decode%20Protobuf%20message")
+            }) =>
+        {
+            "3"
+        }
+        _ => return response,
+    };
+    headers.insert("grpc-status", http::HeaderValue::from_static(code));
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use tonic::{Code, Status};
+
+    use super::client_codes;
+
+    fn rewritten(status: Status) -> (Code, String) {
+        let response = client_codes(status.into_http::<()>());
+        let status = Status::from_header_map(response.headers()).expect("a status");
+        (status.code(), status.message().to_owned())
+    }
+
+    #[test]
+    fn decoder_refusals_answer_codes_a_client_acts_on() {
+        let too_large =
+            "Error, decoded message length too large: found 9 bytes, the limit is: 8 bytes";
+        assert_eq!(
+            rewritten(Status::out_of_range(too_large)),
+            (Code::ResourceExhausted, too_large.to_owned())
+        );
+        let garbage = "failed to decode Protobuf message: invalid wire type value: 7";
+        assert_eq!(
+            rewritten(Status::internal(garbage)),
+            (Code::InvalidArgument, garbage.to_owned())
+        );
+        // Anything else passes as it is.
+        let store = "internal coordinator error";
+        assert_eq!(
+            rewritten(Status::internal(store)),
+            (Code::Internal, store.to_owned())
+        );
+        assert_eq!(rewritten(Status::not_found("x")).0, Code::NotFound);
     }
 }

@@ -18,7 +18,7 @@ use std::time::Duration;
 use weft_proto::convert::{ConversionError, duration_from_pb};
 use weft_proto::pb::node_message::Body as Outbound;
 use weft_proto::pb::node_task_event::Body as WireBody;
-use weft_proto::{Attempt, NodeId, PROTOCOL_VERSION, TaskId, TaskSpec, pb};
+use weft_proto::{Attempt, NodeId, PROTOCOL_VERSION, TaskId, TaskSpec, limits, pb};
 
 use crate::attempt::{Assignment, InvalidSpec};
 use crate::config::NodeConfig;
@@ -38,6 +38,9 @@ pub(crate) struct Registered {
     pub(crate) heartbeat_interval: Duration,
     /// Silence after which the coordinator counts as gone.
     pub(crate) heartbeat_timeout: Duration,
+    /// The largest message the coordinator takes on this stream (unset:
+    /// gRPC's default, 4 MiB).
+    pub(crate) max_message_size: usize,
 }
 
 /// Encodes `Register`: the node as configured, the handlers it serves, the
@@ -81,6 +84,10 @@ pub(crate) fn registered(wire: pb::Registered) -> Result<Registered, Error> {
             wire.heartbeat_timeout.as_ref(),
             DEFAULT_HEARTBEAT_TIMEOUT,
         ),
+        max_message_size: match wire.max_message_size {
+            0 => limits::LEGACY_MAX_MESSAGE_BYTES,
+            n => usize::try_from(n).unwrap_or(usize::MAX),
+        },
     })
 }
 
@@ -274,6 +281,7 @@ mod tests {
             node_id: node_id.to_string(),
             heartbeat_interval: Some(duration_to_pb(Duration::from_millis(250))),
             heartbeat_timeout: Some(duration_to_pb(Duration::ZERO)),
+            max_message_size: 0,
         })
         .unwrap();
         assert_eq!(
@@ -282,9 +290,43 @@ mod tests {
                 node_id,
                 heartbeat_interval: Duration::from_millis(250),
                 heartbeat_timeout: DEFAULT_HEARTBEAT_TIMEOUT,
+                max_message_size: limits::LEGACY_MAX_MESSAGE_BYTES,
             }
         );
         assert!(registered(pb::Registered::default()).is_err());
+    }
+
+    #[test]
+    fn registered_says_the_message_limit_to_keep() {
+        let terms = registered(pb::Registered {
+            node_id: NodeId::new().to_string(),
+            max_message_size: 2 << 20,
+            ..pb::Registered::default()
+        })
+        .unwrap();
+        assert_eq!(terms.max_message_size, 2 << 20);
+    }
+
+    proptest::proptest! {
+        /// Whatever bytes the coordinator sends, decoding them as its
+        /// messages never panics.
+        #[test]
+        fn no_coordinator_message_panics_the_decoder(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..1024)) {
+            use prost::Message;
+            use pb::coordinator_message::Body;
+            if let Ok(message) = pb::CoordinatorMessage::decode(bytes.as_slice()) {
+                match message.body {
+                    Some(Body::Registered(wire)) => { let _ = registered(wire); }
+                    Some(Body::Assign(assign)) => {
+                        for wire in assign.tasks { let _ = assignment(wire); }
+                    }
+                    Some(Body::Cancel(wire)) => { let _ = cancel(wire); }
+                    Some(Body::Drain(wire)) => { let _ = drain_grace(&wire); }
+                    Some(Body::Certificate(wire)) => { let _ = certificate(wire); }
+                    _ => {}
+                }
+            }
+        }
     }
 
     #[test]

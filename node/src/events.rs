@@ -18,7 +18,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tokio::sync::{Mutex, mpsc};
 
-use weft_proto::{Attempt, Outcome, OutputStream, TaskId};
+use weft_proto::{Attempt, Outcome, OutputStream, TaskId, limits};
 
 /// Events buffered between the attempts and the session.
 pub(crate) const EVENT_BUFFER: usize = 4096;
@@ -192,20 +192,25 @@ impl Emitter {
         }
     }
 
-    /// Streams a chunk of output. Empty chunks are skipped.
+    /// Streams a chunk of output. Empty chunks are skipped; one larger than
+    /// `limits::MAX_OUTPUT_CHUNK` goes as several (so every event fits in
+    /// any message the coordinator takes).
     pub async fn output(&self, stream: OutputStream, data: impl Into<Bytes>) -> bool {
-        let data = data.into();
-        if data.is_empty() {
-            return true;
-        }
+        let mut data = data.into();
         let mut seq = self.seq.lock().await;
-        let chunk = EventBody::Output {
-            stream,
-            seq: *seq,
-            data,
-        };
-        *seq += 1;
-        self.send(chunk).await
+        while !data.is_empty() {
+            let piece = data.split_to(data.len().min(limits::MAX_OUTPUT_CHUNK));
+            let chunk = EventBody::Output {
+                stream,
+                seq: *seq,
+                data: piece,
+            };
+            *seq += 1;
+            if !self.send(chunk).await {
+                return false;
+            }
+        }
+        true
     }
 
     /// Reports progress: `fraction` in 0.0..=1.0, or negative when unknown.
@@ -220,18 +225,21 @@ impl Emitter {
     /// [`Emitter::output`] for blocking handlers (on a blocking thread, not
     /// inside async code, where it would panic).
     pub fn blocking_output(&self, stream: OutputStream, data: impl Into<Bytes>) -> bool {
-        let data = data.into();
-        if data.is_empty() {
-            return true;
-        }
+        let mut data = data.into();
         let mut seq = self.seq.blocking_lock();
-        let chunk = EventBody::Output {
-            stream,
-            seq: *seq,
-            data,
-        };
-        *seq += 1;
-        self.tx.blocking_send(self.event(chunk)).is_ok()
+        while !data.is_empty() {
+            let piece = data.split_to(data.len().min(limits::MAX_OUTPUT_CHUNK));
+            let chunk = EventBody::Output {
+                stream,
+                seq: *seq,
+                data: piece,
+            };
+            *seq += 1;
+            if self.tx.blocking_send(self.event(chunk)).is_err() {
+                return false;
+            }
+        }
+        true
     }
 
     /// [`Emitter::progress`] for blocking handlers.
@@ -241,5 +249,32 @@ impl Emitter {
             message: message.into(),
         };
         self.tx.blocking_send(self.event(progress)).is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_large_output_chunk_goes_as_numbered_pieces_within_the_chunk_limit() {
+        let (tx, mut rx) = mpsc::channel(16);
+        let emitter = Emitter::new(tx, TaskId::new(), Attempt::FIRST);
+        let size = limits::MAX_OUTPUT_CHUNK * 3 + 10;
+        assert!(emitter.output(OutputStream::Stdout, vec![7u8; size]).await);
+        assert!(emitter.output(OutputStream::Stderr, "tail").await);
+        drop(emitter);
+        let mut pieces = Vec::new();
+        while let Some(event) = rx.recv().await {
+            let EventBody::Output { seq, data, .. } = event.body else {
+                panic!("not output");
+            };
+            pieces.push((seq, data.len()));
+        }
+        let chunk = limits::MAX_OUTPUT_CHUNK;
+        assert_eq!(
+            pieces,
+            [(0, chunk), (1, chunk), (2, chunk), (3, 10), (4, 4)]
+        );
     }
 }

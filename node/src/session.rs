@@ -37,7 +37,7 @@ use tracing::{debug, info, warn};
 
 use weft_proto::pb::coordinator_message::Body as Inbound;
 use weft_proto::pb::node_service_client::NodeServiceClient;
-use weft_proto::{NodeId, pb};
+use weft_proto::{NodeId, limits, pb};
 
 use crate::codec;
 use crate::config::NodeConfig;
@@ -235,7 +235,10 @@ pub(crate) async fn run(
     if outbox::send(&out, register).await.is_err() {
         return lost(Error::StreamClosed);
     }
-    let mut client = NodeServiceClient::new(channel);
+    // Whatever --max-message-size the coordinator runs with, it sends
+    // nothing larger than the ceiling it may be set to.
+    let mut client = NodeServiceClient::new(channel)
+        .max_decoding_message_size(limits::MAX_MESSAGE_BYTES_CEILING);
     let opened = tokio::select! {
         () = ctx.kill.cancelled() => return SessionEnd::Killed,
         opened = tokio::time::timeout(REGISTER_TIMEOUT, client.connect(ReceiverStream::new(out_rx))) => opened,
@@ -270,10 +273,12 @@ pub(crate) async fn run(
         node_id,
         heartbeat_interval: interval,
         heartbeat_timeout: silence,
+        max_message_size,
     } = match codec::registered(registered) {
         Ok(terms) => terms,
         Err(error) => return lost(error),
     };
+    ctx.outbox.set_message_limit(max_message_size);
     // The previous lease, if one runs, is judged before the new one starts.
     let now = Instant::now();
     ctx.check_lease(now);

@@ -35,6 +35,17 @@ pub enum ConversionError {
         /// What is wrong, in words.
         reason: String,
     },
+    /// A value larger than a configured limit. The coordinator answers
+    /// this as `RESOURCE_EXHAUSTED`: not malformed, but too large to take.
+    #[error("{what} is {size} bytes; this coordinator takes at most {limit} (--max-message-size)")]
+    TooLarge {
+        /// What was too large.
+        what: &'static str,
+        /// Its size, in bytes (as encoded on the wire).
+        size: usize,
+        /// The limit, in bytes.
+        limit: usize,
+    },
 }
 
 /// A `std` duration as its protobuf form.

@@ -11,6 +11,8 @@
 //!   addresses (`HOST:PORT` or `http(s)://HOST:PORT`).
 //! - [`ids`]: `TaskId`, `NodeId`, `Attempt` newtypes.
 //! - [`join`]: `JoinToken`, the one string a new node joins with.
+//! - [`limits`]: message sizes and field limits (`SpecLimits`), shared
+//!   by the coordinator, nodes and clients.
 //! - [`node`]: `NodeInfo`, a node as the admin API shows it.
 //! - [`spec`]: the validated domain `TaskSpec` and its builders.
 //! - [`exec_policy`]: `ExecPolicy`, which exec tasks a node runs.
@@ -24,6 +26,7 @@ pub mod convert;
 pub mod exec_policy;
 pub mod ids;
 pub mod join;
+pub mod limits;
 pub mod node;
 pub mod spec;
 pub mod state;

@@ -35,6 +35,8 @@ pub(crate) enum ToNode {
         heartbeat_interval: Duration,
         /// Silence after which the coordinator declares it lost.
         heartbeat_timeout: Duration,
+        /// The largest message either side sends on the stream.
+        max_message_size: usize,
     },
     /// Attempts to start, in one message.
     Assign(Vec<Assignment>),

@@ -45,6 +45,7 @@ impl Sessions {
             node_id,
             heartbeat_interval: config.heartbeat_interval,
             heartbeat_timeout: config.heartbeat_timeout,
+            max_message_size: config.max_message_size,
         };
         if tx.try_send(registered).is_err() {
             token.cancel();

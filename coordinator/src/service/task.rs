@@ -13,6 +13,7 @@ use futures::stream::Map;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use weft_proto::limits::SpecLimits;
 use weft_proto::{TaskId, TaskSpec, TaskState, pb};
 
 use super::{event_to_pb, parse_task_id, state_filter, task_to_pb};
@@ -45,12 +46,11 @@ pub(crate) struct TaskApi {
 
 impl TaskApi {
     async fn submit_specs(&self, specs: Vec<pb::TaskSpec>) -> Result<Vec<TaskId>, Error> {
+        let limits = self.handle.config.spec_limits();
         let specs = specs
             .into_iter()
             .enumerate()
-            .map(|(index, spec)| {
-                TaskSpec::try_from(spec).map_err(|source| Error::InvalidSpec { index, source })
-            })
+            .map(|(index, spec)| validate_spec(&limits, index, spec))
             .collect::<Result<Vec<_>, _>>()?;
         if specs.is_empty() {
             return Ok(Vec::new());
@@ -95,6 +95,20 @@ impl TaskApi {
             |event| event.map(|e| event_to_pb(&e)).map_err(Status::from);
         ReceiverStream::new(follow(&self.handle, id, from_seq)).map(events)
     }
+}
+
+/// A submitted spec as the scheduler takes it: within this coordinator's
+/// limits, then well-formed. INVALID_ARGUMENT or RESOURCE_EXHAUSTED
+/// (too large), naming spec `index` and the field.
+pub(crate) fn validate_spec(
+    limits: &SpecLimits,
+    index: usize,
+    spec: pb::TaskSpec,
+) -> Result<TaskSpec, Error> {
+    limits
+        .check(&spec)
+        .and_then(|()| TaskSpec::try_from(spec))
+        .map_err(|source| Error::InvalidSpec { index, source })
 }
 
 #[tonic::async_trait]
@@ -144,12 +158,26 @@ impl pb::task_service_server::TaskService for TaskApi {
         .await
         .map_err(Error::from)?;
         self.with_pending(&mut records).await?;
-        let next_page_token = match records.last() {
-            Some(last) if records.len() == limit => last.id.to_string(),
+        // A page ends early where the next task would take the answer past
+        // --max-message-size (it always holds one task): the client goes on
+        // from the page token as after a full page.
+        let budget = self.handle.config.max_message_size;
+        let mut tasks = Vec::with_capacity(records.len());
+        let mut size = 0;
+        for record in &records {
+            let task = task_to_pb(record);
+            size += prost::encoding::message::encoded_len(1, &task);
+            if !tasks.is_empty() && size > budget {
+                break;
+            }
+            tasks.push(task);
+        }
+        let next_page_token = match tasks.last() {
+            Some(last) if tasks.len() < records.len() || records.len() == limit => last.id.clone(),
             _ => String::new(),
         };
         Ok(Response::new(pb::ListResponse {
-            tasks: records.iter().map(task_to_pb).collect(),
+            tasks,
             next_page_token,
         }))
     }
@@ -258,5 +286,65 @@ impl pb::task_service_server::TaskService for TaskApi {
             weft_proto::ConversionError::MissingField("spec"),
         ))?;
         Ok(Response::new(self.watch_stream(id, 0)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+    use prost::Message;
+    use tonic::Code;
+
+    use super::*;
+
+    const LIMITS: SpecLimits = SpecLimits {
+        max_slots: 4,
+        max_spec_bytes: 512,
+    };
+
+    #[test]
+    fn too_large_is_resource_exhausted_and_malformed_invalid_argument() {
+        let code = |spec: TaskSpec| {
+            validate_spec(&LIMITS, 3, pb::TaskSpec::from(spec))
+                .map(|_| ())
+                .map_err(|err| Status::from(err).code())
+        };
+        assert_eq!(code(TaskSpec::call("echo", "")), Ok(()));
+        assert_eq!(
+            code(TaskSpec::call("echo", vec![0u8; 600])),
+            Err(Code::ResourceExhausted)
+        );
+        assert_eq!(
+            code(TaskSpec::call("echo", "").slots(5)),
+            Err(Code::InvalidArgument)
+        );
+        assert_eq!(
+            code(TaskSpec::call("ec\0ho", "")),
+            Err(Code::InvalidArgument)
+        );
+        let err = validate_spec(&LIMITS, 3, pb::TaskSpec::from(TaskSpec::call("a\0", "")));
+        let message = Status::from(err.unwrap_err()).message().to_owned();
+        assert!(
+            message.starts_with("task 3: ") && message.contains("call.handler"),
+            "{message}"
+        );
+    }
+
+    proptest! {
+        /// Whatever a client submits, validation never panics, and a
+        /// refusal is INVALID_ARGUMENT or RESOURCE_EXHAUSTED: a code the
+        /// client can act on, never INTERNAL or OUT_OF_RANGE.
+        #[test]
+        fn any_submitted_spec_converts_or_is_refused_with_a_client_code(bytes in prop::collection::vec(any::<u8>(), 0..700)) {
+            if let Ok(spec) = pb::TaskSpec::decode(bytes.as_slice())
+                && let Err(err) = validate_spec(&LIMITS, 0, spec)
+            {
+                let code = Status::from(err).code();
+                prop_assert!(
+                    matches!(code, Code::InvalidArgument | Code::ResourceExhausted),
+                    "{code:?}"
+                );
+            }
+        }
     }
 }

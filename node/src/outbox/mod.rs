@@ -16,11 +16,17 @@
 //! each batch, and each `Credits`, is encoded by `codec.rs` as it goes
 //! out. The batch limits count events and payload bytes (output, error and
 //! progress texts: `EventBody::payload_len`), not encoded sizes: the ids
-//! and framing of at most 512 events keep a batch far under gRPC's 4 MiB.
+//! and framing of at most 512 events keep a batch of half a MiB of payload
+//! under the smallest limit a coordinator may set (1 MiB). One event is
+//! kept within the coordinator's limit (`Registered.max_message_size`) as
+//! it enters a batch ([`fit`]): a result too large for any message is
+//! reported as a failure saying so, instead of a batch the coordinator
+//! would refuse (which would break the stream, again at every reconnect).
 
 pub(crate) mod redelivery;
 
 use std::iter::Peekable;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 use std::vec;
@@ -29,18 +35,19 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::debug;
 
-use weft_proto::pb;
+use weft_proto::{Outcome, limits, pb};
 
 use crate::codec;
 use crate::error::Error;
-use crate::events::{AttemptKey, Event, EventRx};
+use crate::events::{AttemptKey, Event, EventBody, EventRx};
 use crate::executor::Executor;
 use crate::outbox::redelivery::Redelivery;
 
 /// Most events in one `TaskEvents` message.
 const MAX_BATCH_EVENTS: usize = 512;
-/// Payload bytes after which a batch is sent (well under gRPC's 4 MiB).
-const MAX_BATCH_BYTES: usize = 1024 * 1024;
+/// Payload bytes after which a batch is sent (within any coordinator's
+/// message limit, with the framing of `MAX_BATCH_EVENTS` events).
+const MAX_BATCH_BYTES: usize = limits::MAX_EVENT_BATCH_PAYLOAD;
 
 /// The sending half of a session's stream.
 pub(crate) type Out = mpsc::Sender<pb::NodeMessage>;
@@ -54,6 +61,9 @@ pub(crate) struct Outbox {
     /// Events taken from the event channel whose batch could not be sent
     /// because the stream broke; the next session sends them first.
     unsent: Mutex<Vec<Event>>,
+    /// The largest message the coordinator takes (its `Registered` says;
+    /// gRPC's default until then).
+    message_limit: AtomicUsize,
 }
 
 impl Outbox {
@@ -63,7 +73,14 @@ impl Outbox {
             executor,
             redelivery: Mutex::new(Redelivery::new(redeliver_window)),
             unsent: Mutex::new(Vec::new()),
+            message_limit: AtomicUsize::new(limits::LEGACY_MAX_MESSAGE_BYTES),
         }
+    }
+
+    /// Keeps every event sent from now on within `limit` bytes, what the
+    /// coordinator's `Registered` says it takes.
+    pub(crate) fn set_message_limit(&self, limit: usize) {
+        self.message_limit.store(limit, Ordering::Relaxed);
     }
 
     fn redelivery(&self) -> MutexGuard<'_, Redelivery> {
@@ -145,8 +162,10 @@ impl Outbox {
     ) -> Result<bool, Error> {
         let mut batch = Vec::new();
         let mut bytes = 0;
+        let limit = self.message_limit.load(Ordering::Relaxed);
         let mut next = first.or_else(|| events.try_recv().ok());
         while let Some(event) = next {
+            let event = fit(event, limit);
             bytes += event.body.payload_len();
             batch.push(event);
             if batch.len() >= MAX_BATCH_EVENTS || bytes >= MAX_BATCH_BYTES {
@@ -240,6 +259,32 @@ async fn send_redelivery(out: &Out, redeliver: Vec<Event>) -> Result<(), Error> 
     Ok(())
 }
 
+/// `event` as it may be sent to a coordinator taking messages of `limit`
+/// bytes: its texts cut to `limits::MAX_NODE_TEXT_BYTES` (what the
+/// coordinator stores of them), and a `Finished` whose output would not
+/// fit even alone in a message replaced by a failure that says so. Output
+/// chunks are small already (`Emitter::output` splits them).
+fn fit(mut event: Event, limit: usize) -> Event {
+    match &mut event.body {
+        EventBody::Progress { message, .. } => limits::truncate_node_text(message),
+        EventBody::Finished(done) => {
+            limits::truncate_node_text(&mut done.error);
+            // Ids, tags and lengths around the payload take far less than
+            // the envelope reserve; counted, not encoded (no copy).
+            if done.output.len() + done.error.len() > limits::max_spec_bytes(limit) {
+                done.error = format!(
+                    "the result is {} bytes; the coordinator takes at most {limit} in one message (--max-message-size)",
+                    done.output.len()
+                );
+                done.outcome = Outcome::Failed;
+                done.output = bytes::Bytes::new();
+            }
+        }
+        EventBody::Started { .. } | EventBody::Output { .. } => {}
+    }
+    event
+}
+
 /// The next `TaskEvents` worth of `rest`: at least one event, then as many
 /// as the batch limits allow.
 fn next_chunk(rest: &mut Peekable<vec::IntoIter<Event>>) -> Vec<Event> {
@@ -298,5 +343,59 @@ mod tests {
             "two halves exceed the limit"
         );
         assert_eq!(next_chunk(&mut rest).len(), 1);
+    }
+
+    fn finished(output: usize, error: usize) -> Event {
+        Event {
+            task_id: TaskId::new(),
+            attempt: Attempt::FIRST,
+            body: EventBody::Finished(crate::events::Finished {
+                outcome: Outcome::Succeeded,
+                exit_code: None,
+                output: Bytes::from(vec![b'o'; output]),
+                error: "e".repeat(error),
+            }),
+        }
+    }
+
+    #[test]
+    fn a_full_batch_fits_in_the_smallest_message_a_coordinator_takes() {
+        use prost::Message;
+        let per_event = MAX_BATCH_BYTES / MAX_BATCH_EVENTS;
+        let events: Vec<_> = (0..MAX_BATCH_EVENTS).map(|_| output(per_event)).collect();
+        let mut rest = events.into_iter().peekable();
+        let message = codec::events(next_chunk(&mut rest));
+        assert!(rest.peek().is_none());
+        assert!(message.encoded_len() <= limits::MIN_MAX_MESSAGE_BYTES);
+    }
+
+    #[test]
+    fn a_result_too_large_for_any_message_is_a_failure_saying_so() {
+        use prost::Message;
+        let limit = limits::MIN_MAX_MESSAGE_BYTES;
+        let at = finished(limits::max_spec_bytes(limit) - 200, 0);
+        let kept = fit(at.clone(), limit);
+        assert_eq!(kept, at, "a result that fits is sent as it is");
+        assert!(codec::events(vec![kept]).encoded_len() <= limit);
+
+        let over = fit(finished(limit, 10), limit);
+        let EventBody::Finished(done) = &over.body else {
+            panic!("not finished");
+        };
+        assert_eq!(done.outcome, Outcome::Failed);
+        assert!(done.output.is_empty());
+        assert!(
+            done.error.contains(&limit.to_string()) && done.error.contains("--max-message-size"),
+            "{}",
+            done.error
+        );
+
+        let texts = fit(finished(0, 1024 * 1024), limit);
+        let EventBody::Finished(done) = &texts.body else {
+            panic!("not finished");
+        };
+        assert_eq!(done.outcome, Outcome::Succeeded);
+        assert!(done.error.len() <= limits::MAX_NODE_TEXT_BYTES);
+        assert!(done.error.ends_with(limits::TRUNCATED_MARKER));
     }
 }

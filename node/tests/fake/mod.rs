@@ -182,6 +182,7 @@ impl Conn {
             node_id: node_id.to_string(),
             heartbeat_interval: Some(duration_to_pb(heartbeat)),
             heartbeat_timeout: Some(duration_to_pb(timeout)),
+            max_message_size: 0,
         }))
         .await;
         (register, node_id)

@@ -293,6 +293,22 @@ def test_the_asyncio_client_streams_events_and_errors_are_typed(cluster):
     asyncio.run(scenario())
 
 
+def test_specs_past_a_limit_are_refused_with_typed_errors_naming_the_field(cluster):
+    client = cluster.client
+    with pytest.raises(weft.InvalidArgument, match="call.handler"):
+        client.submit(weft.call_spec("x" * 257))
+    with pytest.raises(weft.InvalidArgument, match="name"):
+        client.submit(weft.call_spec("echo", name="a\0b"))
+    with pytest.raises(weft.InvalidArgument, match="exec.cwd"):
+        client.submit(weft.exec_spec(["true"], cwd="/tmp\0"))
+    with pytest.raises(weft.InvalidArgument, match="max-node-slots"):
+        client.submit(weft.call_spec("echo", slots=1_000_000))
+    # Past the coordinator's default --max-message-size (16 MiB).
+    with pytest.raises(weft.ResourceExhausted, match="16777216"):
+        client.submit(weft.call_spec("echo", b"x" * (17 * 1024 * 1024)))
+    assert client.list(limit=10) == []
+
+
 def test_draining_a_python_worker_through_the_admin_api_stops_it(cluster):
     worker = cluster.python_worker("py")
     cluster.wait_nodes("py")

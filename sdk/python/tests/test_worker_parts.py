@@ -13,7 +13,8 @@ import weft
 import weft.worker
 from weft._proto import node_pb2
 from weft.worker.exec_policy import ExecPolicy, from_flags
-from weft.worker.outbox import BATCH_LIMIT, CLOSE, Outbox
+from weft._proto import common_pb2
+from weft.worker.outbox import BATCH_BYTES, BATCH_LIMIT, CLOSE, TEXT_LIMIT, TRUNCATED_MARKER, Outbox
 from weft.worker.slots import Slots
 
 
@@ -53,6 +54,26 @@ def test_outbox_batches_events_between_control_messages_and_keeps_sent_results()
     assert [e.task_id for e in outbox.take(sent.append).events.events] == ["late"]
     outbox.close()
     assert outbox.closing and outbox.take(sent.append) is CLOSE and not outbox.closing
+
+
+def test_every_batch_fits_the_coordinators_limit_and_a_result_too_large_fails_saying_so():
+    outbox = Outbox()
+    outbox.message_limit = 1024 * 1024
+    for i in range(8):
+        outbox.event(f"o{i}", 1, output=node_pb2.OutputChunk(data=b"x" * (BATCH_BYTES // 4)))
+    outbox.queue.append(finished("big", b"y" * (2 * 1024 * 1024)))
+    outbox.event("texts", 1, progress=node_pb2.Progress(fraction=0.5, message="m" * (1024 * 1024)))
+    sent, messages = [], []
+    while outbox.queue:
+        messages.append(outbox.take(sent.append))
+    assert all(m.ByteSize() <= outbox.message_limit for m in messages)
+    events = {e.task_id: e for m in messages for e in m.events.events}
+    assert len(events) == 10
+    big = events["big"].finished
+    assert big.outcome == common_pb2.OUTCOME_FAILED and not big.output
+    assert str(outbox.message_limit) in big.error and "--max-message-size" in big.error
+    message = events["texts"].progress.message
+    assert len(message.encode()) <= TEXT_LIMIT and message.endswith(TRUNCATED_MARKER)
 
 
 def test_a_new_session_drops_control_messages_and_lists_kept_and_queued_results():

@@ -32,9 +32,16 @@ DEFAULT_SCHEME = "https"
 _HOST_NAME = re.compile(r"[A-Za-z0-9._-]+\Z")
 _PORT = re.compile(r"[0-9]+\Z")
 
+#: What a client or worker decodes: ``CLIENT_MAX_MESSAGE_BYTES`` of
+#: ``proto/src/limits.rs`` (one task's answer holds its spec and its output,
+#: each up to the coordinator's --max-message-size, at most 64 MiB). A
+#: request past the coordinator's limit is refused there with
+#: RESOURCE_EXHAUSTED naming it.
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+
 _OPTIONS = [
-    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     # Fail fast when the coordinator is down instead of backing off for long.
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),

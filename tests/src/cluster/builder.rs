@@ -25,6 +25,7 @@ pub struct TestClusterBuilder {
     pub(super) durable: bool,
     pub(super) max_queued: Option<usize>,
     pub(super) max_node_slots: Option<u32>,
+    pub(super) max_message_size: Option<usize>,
     pub(super) log_filter: Option<String>,
     pub(super) insecure: bool,
     pub(super) cert_lifetime: Option<Duration>,
@@ -47,6 +48,7 @@ impl Default for TestClusterBuilder {
             durable: false,
             max_queued: None,
             max_node_slots: None,
+            max_message_size: None,
             log_filter: None,
             insecure: false,
             cert_lifetime: None,
@@ -147,6 +149,13 @@ impl TestClusterBuilder {
     /// the coordinator's own.
     pub fn max_node_slots(mut self, n: u32) -> Self {
         self.max_node_slots = Some(n);
+        self
+    }
+
+    /// Sets the coordinator's `--max-message-size` in bytes (the largest
+    /// message it takes or sends a node). Default: the coordinator's own.
+    pub fn max_message_size(mut self, bytes: usize) -> Self {
+        self.max_message_size = Some(bytes);
         self
     }
 

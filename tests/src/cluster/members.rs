@@ -65,6 +65,7 @@ pub(super) async fn start_coordinator(
         let config = CoordinatorConfig {
             max_queued: settings.max_queued.unwrap_or(config.max_queued),
             max_node_slots: settings.max_node_slots.unwrap_or(config.max_node_slots),
+            max_message_size: settings.max_message_size.unwrap_or(config.max_message_size),
             node_cert_lifetime: settings
                 .node_cert_lifetime
                 .unwrap_or(config.node_cert_lifetime),
@@ -104,6 +105,10 @@ pub(super) async fn start_coordinator(
     }
     if let Some(n) = settings.max_node_slots {
         args.push("--max-node-slots".to_owned());
+        args.push(n.to_string());
+    }
+    if let Some(n) = settings.max_message_size {
+        args.push("--max-message-size".to_owned());
         args.push(n.to_string());
     }
     if settings.insecure {

@@ -11,13 +11,14 @@ use std::collections::BTreeMap;
 use tonic::Status;
 
 use weft_proto::convert::{duration_to_pb, timestamp};
+use weft_proto::limits::truncate_node_text;
 use weft_proto::{
     Attempt, ExecPolicy, NodeId, Outcome, OutputStream, PROTOCOL_VERSION, TaskId, pb,
 };
 
 use crate::driver::ToNode;
 use crate::error::Error;
-use crate::scheduler::{NodeEventBody, NodeRegistration, NodeTaskEvent};
+use crate::scheduler::{Assignment, NodeEventBody, NodeRegistration, NodeTaskEvent};
 
 /// A node's `Register`, validated.
 pub(super) fn registration(register: pb::Register) -> Result<NodeRegistration, Error> {
@@ -27,6 +28,7 @@ pub(super) fn registration(register: pb::Register) -> Result<NodeRegistration, E
     if register.slots == 0 {
         return Err(Error::BadRegistration("slots must be at least 1"));
     }
+    weft_proto::limits::check_register(&register)?;
     let node_id = register
         .previous_node_id
         .parse::<NodeId>()
@@ -107,16 +109,24 @@ fn node_events(events: pb::TaskEvents) -> Vec<NodeTaskEvent> {
                     data: chunk.data,
                     seq: chunk.seq,
                 },
-                Body::Progress(p) => NodeEventBody::Progress {
-                    fraction: p.fraction,
-                    message: p.message,
-                },
-                Body::Finished(f) => match Outcome::try_from(f.outcome) {
+                Body::Progress(mut p) => {
+                    truncate_node_text(&mut p.message);
+                    NodeEventBody::Progress {
+                        fraction: p.fraction,
+                        message: p.message,
+                    }
+                }
+                Body::Finished(mut f) => match Outcome::try_from(f.outcome) {
                     Ok(outcome) => NodeEventBody::Finished {
                         outcome,
                         exit_code: f.exit_code,
                         output: f.output,
-                        error: f.error,
+                        // What is stored from a node is capped: a runaway
+                        // error string must not bloat the store.
+                        error: {
+                            truncate_node_text(&mut f.error);
+                            f.error
+                        },
                     },
                     Err(_) => NodeEventBody::Finished {
                         outcome: Outcome::Failed,
@@ -135,8 +145,83 @@ fn node_events(events: pb::TaskEvents) -> Vec<NodeTaskEvent> {
         .collect()
 }
 
-/// Encodes a message for the node, as it leaves on the stream. A
-/// function pointer (not a closure) so the stream's type can be named.
+/// Encodes a message for the node as it leaves on the stream: one message,
+/// except an `Assign`, which is split into as many as keep each within
+/// `max_message_size` (the node decodes up to
+/// `weft_proto::limits::MAX_MESSAGE_BYTES_CEILING`, at least that).
+pub(super) fn encode(message: ToNode, max_message_size: usize) -> Encoded {
+    match message {
+        ToNode::Assign(assignments) => {
+            Encoded::Many(split_assign(&assignments, max_message_size).into_iter())
+        }
+        other => Encoded::One(Some(to_node(other))),
+    }
+}
+
+/// What one [`ToNode`] becomes on the wire.
+pub(super) enum Encoded {
+    /// Any message but an `Assign`.
+    One(Option<Result<pb::CoordinatorMessage, Status>>),
+    /// The `Assign` messages of one batch.
+    Many(std::vec::IntoIter<pb::CoordinatorMessage>),
+}
+
+impl Iterator for Encoded {
+    type Item = Result<pb::CoordinatorMessage, Status>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        match self {
+            Encoded::One(one) => one.take(),
+            Encoded::Many(many) => many.next().map(Ok),
+        }
+    }
+}
+
+/// One batch of assignments as `Assign` messages of at most `max` bytes
+/// each, in order. Submit refuses a spec that could not fit alone (see
+/// `SpecLimits`), so every message holds at least one assignment within
+/// the limit; one from a store written under a larger limit is sent alone.
+fn split_assign(assignments: &[Assignment], max: usize) -> Vec<pb::CoordinatorMessage> {
+    // Room for the CoordinatorMessage's own tag and length around the Assign.
+    let budget = max.saturating_sub(16);
+    let message = |tasks| pb::CoordinatorMessage {
+        body: Some(pb::coordinator_message::Body::Assign(pb::Assign { tasks })),
+    };
+    let mut messages = Vec::new();
+    let mut tasks = Vec::new();
+    let mut size = 0;
+    for assignment in assignments {
+        let assignment = assignment_to_pb(assignment);
+        let len = prost::encoding::message::encoded_len(1, &assignment);
+        if !tasks.is_empty() && size + len > budget {
+            messages.push(message(std::mem::take(&mut tasks)));
+            size = 0;
+        }
+        size += len;
+        tasks.push(assignment);
+    }
+    if !tasks.is_empty() {
+        messages.push(message(tasks));
+    }
+    messages
+}
+
+fn assignment_to_pb(a: &Assignment) -> pb::Assignment {
+    let mut spec = pb::TaskSpec::from(&*a.spec);
+    // The one place secrets leave the coordinator: in the
+    // spec of the attempt's own Assign (proto/README.md).
+    if let Some(env) = &a.secret_env {
+        spec.secret_env = env.to_pb();
+    }
+    pb::Assignment {
+        task_id: a.task_id.to_string(),
+        attempt: a.attempt.0,
+        spec: Some(spec),
+    }
+}
+
+/// Encodes one message for the node (an `Assign` unsplit: [`encode`]
+/// splits).
 pub(super) fn to_node(message: ToNode) -> Result<pb::CoordinatorMessage, Status> {
     use pb::coordinator_message::Body;
     let body = match message {
@@ -144,28 +229,15 @@ pub(super) fn to_node(message: ToNode) -> Result<pb::CoordinatorMessage, Status>
             node_id,
             heartbeat_interval,
             heartbeat_timeout,
+            max_message_size,
         } => Body::Registered(pb::Registered {
             node_id: node_id.to_string(),
             heartbeat_interval: Some(duration_to_pb(heartbeat_interval)),
             heartbeat_timeout: Some(duration_to_pb(heartbeat_timeout)),
+            max_message_size: max_message_size as u64,
         }),
         ToNode::Assign(assignments) => Body::Assign(pb::Assign {
-            tasks: assignments
-                .iter()
-                .map(|a| {
-                    let mut spec = pb::TaskSpec::from(&*a.spec);
-                    // The one place secrets leave the coordinator: in the
-                    // spec of the attempt's own Assign (proto/README.md).
-                    if let Some(env) = &a.secret_env {
-                        spec.secret_env = env.to_pb();
-                    }
-                    pb::Assignment {
-                        task_id: a.task_id.to_string(),
-                        attempt: a.attempt.0,
-                        spec: Some(spec),
-                    }
-                })
-                .collect(),
+            tasks: assignments.iter().map(assignment_to_pb).collect(),
         }),
         ToNode::Cancel(cancel) => Body::Cancel(pb::Cancel {
             task_id: cancel.task_id.to_string(),
@@ -200,10 +272,12 @@ mod tests {
     use std::sync::Arc;
     use std::time::Duration;
 
-    use weft_proto::TaskSpec;
+    use prost::Message;
+
+    use weft_proto::{TaskSpec, limits};
 
     use super::*;
-    use crate::scheduler::{Assignment, CancelOrder};
+    use crate::scheduler::CancelOrder;
 
     fn body(message: ToNode) -> pb::coordinator_message::Body {
         match to_node(message) {
@@ -371,5 +445,152 @@ mod tests {
             ("", "no")
         );
         assert!(refused.not_after.is_none());
+    }
+
+    fn call_of_size(total: usize) -> TaskSpec {
+        sized(total, |n| TaskSpec::call("x", vec![0u8; n]))
+    }
+
+    /// `build(n)` with the largest `n` whose wire spec is at most `total`
+    /// bytes, as Submit measures it.
+    fn sized(total: usize, build: impl Fn(usize) -> TaskSpec) -> TaskSpec {
+        let mut n = total;
+        loop {
+            let spec = build(n);
+            match pb::TaskSpec::from(&spec).encoded_len() {
+                len if len > total => n -= len - total,
+                _ => return spec,
+            }
+        }
+    }
+
+    fn assignment(spec: TaskSpec) -> Assignment {
+        Assignment {
+            task_id: TaskId::new(),
+            attempt: Attempt(u32::MAX),
+            spec: Arc::new(spec),
+            secret_env: None,
+        }
+    }
+
+    #[test]
+    fn an_assign_is_split_so_that_every_message_fits_the_limit() {
+        let max = 64 * 1024;
+        let batch: Vec<Assignment> = (0..5)
+            .map(|_| assignment(call_of_size(max * 2 / 5)))
+            .chain([assignment(TaskSpec::call("small", ""))])
+            .collect();
+        let ids: Vec<String> = batch.iter().map(|a| a.task_id.to_string()).collect();
+        let messages: Vec<_> = encode(ToNode::Assign(batch), max)
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(
+            messages.len(),
+            3,
+            "two per message, the small one with the last two"
+        );
+        let mut sent = Vec::new();
+        for message in &messages {
+            assert!(
+                message.encoded_len() <= max,
+                "{} > {max}",
+                message.encoded_len()
+            );
+            let Some(pb::coordinator_message::Body::Assign(assign)) = &message.body else {
+                panic!("not an Assign");
+            };
+            sent.extend(assign.tasks.iter().map(|t| t.task_id.clone()));
+        }
+        assert_eq!(sent, ids, "every assignment once, in order");
+    }
+
+    #[test]
+    fn the_largest_spec_submit_takes_fits_alone_in_an_assign() {
+        for max in [
+            limits::MIN_MAX_MESSAGE_BYTES,
+            limits::DEFAULT_MAX_MESSAGE_BYTES,
+        ] {
+            let spec = sized(limits::max_spec_bytes(max), |n| {
+                TaskSpec::call("x", vec![0u8; n])
+                    .secret_env("K", "v")
+                    .name("n")
+            });
+            let limits = limits::SpecLimits {
+                max_slots: 1,
+                max_spec_bytes: limits::max_spec_bytes(max),
+            };
+            assert_eq!(limits.check(&pb::TaskSpec::from(&spec)), Ok(()));
+            let one = assignment(spec.clone());
+            let mut messages = encode(ToNode::Assign(vec![one]), max);
+            let message = messages.next().unwrap().unwrap();
+            assert!(messages.next().is_none());
+            assert!(
+                message.encoded_len() <= max,
+                "{} > {max}",
+                message.encoded_len()
+            );
+        }
+    }
+
+    #[test]
+    fn a_huge_error_or_progress_message_is_stored_cut() {
+        let event = |body| pb::NodeTaskEvent {
+            task_id: TaskId::new().to_string(),
+            attempt: 1,
+            body: Some(body),
+        };
+        let huge = "e".repeat(1024 * 1024);
+        let message = pb::NodeMessage {
+            body: Some(pb::node_message::Body::Events(pb::TaskEvents {
+                events: vec![
+                    event(pb::node_task_event::Body::Progress(pb::Progress {
+                        fraction: 0.5,
+                        message: huge.clone(),
+                    })),
+                    event(pb::node_task_event::Body::Finished(pb::Finished {
+                        outcome: pb::Outcome::Failed as i32,
+                        error: huge,
+                        ..Default::default()
+                    })),
+                ],
+            })),
+        };
+        let FromNode::Events(events) = from_node(message) else {
+            panic!("not events");
+        };
+        for event in events {
+            let text = match event.body {
+                NodeEventBody::Progress { message, .. } => message,
+                NodeEventBody::Finished { error, .. } => error,
+                other => panic!("unexpected {other:?}"),
+            };
+            assert!(text.len() <= limits::MAX_NODE_TEXT_BYTES);
+            assert!(text.ends_with(limits::TRUNCATED_MARKER));
+        }
+    }
+
+    proptest::proptest! {
+        /// Whatever bytes a node sends, decoding them as its messages
+        /// never panics: a `Register` is accepted or refused, anything else
+        /// becomes some `FromNode`.
+        #[test]
+        fn no_node_message_panics_the_decoder(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..1024)) {
+            if let Ok(message) = pb::NodeMessage::decode(bytes.as_slice()) {
+                match message.body {
+                    Some(pb::node_message::Body::Register(register)) => {
+                        let _ = registration(register);
+                    }
+                    _ => {
+                        let _ = from_node(message);
+                    }
+                }
+            }
+            if let Ok(register) = pb::Register::decode(bytes.as_slice()) {
+                let _ = registration(register);
+            }
+            if let Ok(events) = pb::TaskEvents::decode(bytes.as_slice()) {
+                let _ = node_events(events);
+            }
+        }
     }
 }

@@ -20,10 +20,10 @@ mod join;
 pub(crate) use join::no_node_auth;
 mod renew;
 
+use std::pin::Pin;
 use std::sync::Arc;
 
-use futures::StreamExt;
-use futures::stream::Map;
+use futures::{Stream, StreamExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -44,8 +44,9 @@ use renew::Renewal;
 /// and batched, so this only fills when the node stops reading.
 const SESSION_BUFFER: usize = 256;
 
-/// Encodes a session's outgoing messages as they leave.
-type Encode = fn(ToNode) -> Result<pb::CoordinatorMessage, Status>;
+/// A session's outgoing messages, encoded as they leave (an `Assign` split
+/// to fit the message limit: [`codec::encode`]).
+type Outgoing = Pin<Box<dyn Stream<Item = Result<pb::CoordinatorMessage, Status>> + Send>>;
 
 /// The node API.
 pub(crate) struct NodeApi {
@@ -123,7 +124,7 @@ async fn send_heartbeats(tx: NodeTx, interval: std::time::Duration, token: Cance
 
 #[tonic::async_trait]
 impl pb::node_service_server::NodeService for NodeApi {
-    type ConnectStream = Map<ReceiverStream<ToNode>, Encode>;
+    type ConnectStream = Outgoing;
 
     async fn connect(
         &self,
@@ -191,8 +192,10 @@ impl pb::node_service_server::NodeService for NodeApi {
             token,
             renewal,
         ));
-        let encode: Encode = codec::to_node;
-        Ok(Response::new(ReceiverStream::new(rx).map(encode)))
+        let max = self.handle.config.max_message_size;
+        let outgoing = ReceiverStream::new(rx)
+            .flat_map(move |message| futures::stream::iter(codec::encode(message, max)));
+        Ok(Response::new(Box::pin(outgoing)))
     }
 
     async fn join(

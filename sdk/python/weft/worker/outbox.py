@@ -21,14 +21,23 @@ import collections
 import time
 from typing import Any, Callable, Deque, List, Optional, Set, Tuple
 
-from .._proto import node_pb2
+from .._proto import common_pb2, node_pb2
 
 #: Largest output chunk sent in one event.
 CHUNK_LIMIT = 64 * 1024
 #: Most events in one TaskEvents batch.
 BATCH_LIMIT = 512
-#: Payload bytes after which a batch is sent (well under gRPC's 4 MiB limit).
-BATCH_BYTES = 1024 * 1024
+#: Encoded bytes a batch stays within: half the smallest message limit a
+#: coordinator may set (1 MiB); one event larger than that goes alone.
+BATCH_BYTES = 512 * 1024
+#: The limit kept to when Registered does not say (an older coordinator).
+LEGACY_MESSAGE_LIMIT = 4 * 1024 * 1024
+#: Room kept in a message around one event (``ENVELOPE_RESERVE``).
+ENVELOPE_RESERVE = 1024
+#: Most bytes of an error or progress text sent (the coordinator stores no
+#: more: ``MAX_NODE_TEXT_BYTES``); longer ones end in TRUNCATED_MARKER.
+TEXT_LIMIT = 64 * 1024
+TRUNCATED_MARKER = "... [truncated]"
 #: How long a sent Finished is kept to be sent again after a reconnect (the
 #: coordinator may have crashed before recording it).
 REDELIVER_WINDOW = 60.0
@@ -41,6 +50,37 @@ CLOSE = object()
 
 #: An attempt's key: (task_id, attempt).
 Key = Tuple[str, int]
+
+
+def cut_text(text: str) -> str:
+    """``text`` within :data:`TEXT_LIMIT` bytes of UTF-8, ending in
+    :data:`TRUNCATED_MARKER` when cut."""
+    data = text.encode("utf-8", "surrogatepass")
+    if len(data) <= TEXT_LIMIT:
+        return text
+    keep = data[: TEXT_LIMIT - len(TRUNCATED_MARKER)].decode("utf-8", "ignore")
+    return keep + TRUNCATED_MARKER
+
+
+def fit(event: node_pb2.NodeTaskEvent, limit: int) -> node_pb2.NodeTaskEvent:
+    """``event`` as a coordinator taking messages of ``limit`` bytes takes
+    it: texts cut to :data:`TEXT_LIMIT`, and a ``Finished`` whose output
+    would not fit even alone replaced by a failure that says so (a message
+    past the limit would break the stream, at every reconnect)."""
+    body = event.WhichOneof("body")
+    if body == "progress":
+        event.progress.message = cut_text(event.progress.message)
+    elif body == "finished":
+        done = event.finished
+        done.error = cut_text(done.error)
+        if event.ByteSize() > limit - ENVELOPE_RESERVE:
+            size = len(done.output)
+            done.Clear()
+            done.outcome = common_pb2.OUTCOME_FAILED
+            done.error = (
+                f"the result is {size} bytes; the coordinator takes at most {limit} in one message (--max-message-size)"
+            )
+    return event
 
 
 def payload_bytes(event: node_pb2.NodeTaskEvent) -> int:
@@ -61,6 +101,8 @@ class Outbox:
         self.attached = False
         #: The current session has registered: releases grant credits.
         self.credits_open = False
+        #: The largest message the coordinator takes (its Registered says).
+        self.message_limit = LEGACY_MESSAGE_LIMIT
 
     def start(self) -> None:
         """Creates the wake-up event on the running loop (``Worker.serve``)."""
@@ -149,10 +191,14 @@ class Outbox:
         item = self.queue.popleft()
         if not isinstance(item, node_pb2.NodeTaskEvent):
             return item
+        item = fit(item, self.message_limit)
         batch, size = [item], item.ByteSize()
-        while self.queue and isinstance(self.queue[0], node_pb2.NodeTaskEvent) and len(batch) < BATCH_LIMIT and size < BATCH_BYTES:
+        while self.queue and isinstance(self.queue[0], node_pb2.NodeTaskEvent) and len(batch) < BATCH_LIMIT:
+            following = fit(self.queue[0], self.message_limit)
+            if size + following.ByteSize() > BATCH_BYTES:
+                break
             batch.append(self.queue.popleft())
-            size += batch[-1].ByteSize()
+            size += following.ByteSize()
         now = time.monotonic()
         for event in batch:
             if event.WhichOneof("body") == "finished":

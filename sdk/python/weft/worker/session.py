@@ -30,7 +30,7 @@ from ..models import duration_from_pb
 from .attempt import Attempts
 from .identity import Identity, RENEW_AT, check_chain, new_key_and_csr, retry_delay, save_renewed, utc
 from .join import JoinTokenError, join
-from .outbox import CLOSE, Outbox
+from .outbox import CLOSE, LEGACY_MESSAGE_LIMIT, Outbox
 from .slots import Slots
 
 log = logging.getLogger("weft.worker")
@@ -225,6 +225,7 @@ class Sessions:
         timeout = duration_from_pb(registered.heartbeat_timeout)
         session.heartbeat_interval = max(0.01, interval) if interval > 0 else 1.0
         session.heartbeat_timeout = max(0.05, timeout) if timeout > 0 else 5.0
+        self._outbox.message_limit = registered.max_message_size or LEGACY_MESSAGE_LIMIT
         log.info("registered as node %s", registered.node_id)
         session.registered.set()
         # Results an earlier stream took go out again first, then credits.
