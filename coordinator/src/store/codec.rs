@@ -85,7 +85,7 @@ fn event_pb(event: &TaskEvent, stored: bool) -> pb::TaskEvent {
             node_name: node_name.as_deref().unwrap_or_default().to_owned(),
             reason: reason.clone(),
         }),
-        EventBody::Output { stream, data } => Body::Output(pb::TaskOutput {
+        EventBody::Output { stream, data, .. } => Body::Output(pb::TaskOutput {
             stream: i32::from(*stream),
             data: data.clone(),
         }),
@@ -261,7 +261,27 @@ fn record_from_pb(
 
 /// An event as stored bytes.
 pub(crate) fn encode_event(event: &TaskEvent) -> Vec<u8> {
-    event_pb(event, true).encode_to_vec()
+    let mut bytes = event_pb(event, true).encode_to_vec();
+    if let EventBody::Output {
+        chunk: Some(chunk), ..
+    } = event.body
+    {
+        // Appended as a field `pb::TaskEvent` does not have: protobuf
+        // merges concatenated messages, and older readers skip it.
+        StoredChunk { chunk: Some(chunk) }
+            .encode(&mut bytes)
+            .expect("a Vec grows as needed");
+    }
+    bytes
+}
+
+/// The stored-only part of an output event: the node's chunk number, in a
+/// field number `pb::TaskEvent` will never use, so the wire form stays the
+/// stored form and stores written before it stay readable.
+#[derive(Clone, PartialEq, Message)]
+struct StoredChunk {
+    #[prost(uint64, optional, tag = "1000")]
+    chunk: Option<u64>,
 }
 
 /// An event from stored bytes. `spec` is the task's spec, put back into a
@@ -286,6 +306,9 @@ pub(crate) fn decode_event(
         Body::Output(o) => EventBody::Output {
             stream: OutputStream::try_from(o.stream).unwrap_or(OutputStream::Stdout),
             data: o.data,
+            chunk: StoredChunk::decode(bytes)
+                .map_err(|e| corrupt("event chunk", e))?
+                .chunk,
         },
         Body::Progress(p) => EventBody::Progress {
             fraction: p.fraction,

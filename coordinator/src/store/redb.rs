@@ -40,6 +40,7 @@ use super::codec::{
 use super::engine::{Store, StoreError};
 use super::record::{
     FinalAttempt, Loaded, MAX_RECENTLY_FINAL, NodeIdentityRecord, Record, TaskEvent, TaskRecord,
+    next_chunk,
 };
 use crate::auth::TokenRecord;
 
@@ -336,6 +337,29 @@ impl RedbStore {
     }
 }
 
+/// The next output chunk seq expected from the current attempt of a task
+/// on a node (see [`next_chunk`]), reading its events newest first.
+fn stored_next_chunk(
+    events: &impl ReadableTable<(u128, u64), &'static [u8]>,
+    record: &TaskRecord,
+) -> Result<u64, StoreError> {
+    let op = "reading events";
+    let key = record.id.as_u128();
+    let mut failed = None;
+    let newest_first = events
+        .range((key, 0)..=(key, u64::MAX))
+        .or_backend(op)?
+        .rev()
+        .map_while(|entry| {
+            let event = entry
+                .or_backend(op)
+                .and_then(|(_, value)| decode_event(record.id, value.value(), &record.spec));
+            event.map_err(|err| failed = Some(err)).ok()
+        });
+    let next = next_chunk(record.attempt, newest_first);
+    failed.map_or(Ok(next), Err)
+}
+
 /// The seq of a task's last stored event.
 fn last_seq(
     events: &impl ReadableTable<(u128, u64), &'static [u8]>,
@@ -540,6 +564,12 @@ impl Store for RedbStore {
                 let (key, _) = entry.or_backend(op)?;
                 let id = TaskId::from_u128(key.value().1);
                 if let Some(record) = Self::read_task(&tasks, &events, id)? {
+                    if state != TaskState::Queued {
+                        let next = stored_next_chunk(&events, &record)?;
+                        if next > 0 {
+                            loaded.next_chunks.push((id, next));
+                        }
+                    }
                     loaded.live.push(record);
                 }
             }
