@@ -17,9 +17,9 @@
 //!
 //! Two things make that safe. The lease (`lease.rs`, watched by
 //! `lease_watchdog.rs`): a message read after the lease ran out is not
-//! acted on, and the session ends. And redelivery (`outbox/redelivery.rs`):
-//! `Finished` events sent to a coordinator that then crashed are sent again
-//! after re-registering. This module decides nothing about slots or
+//! acted on, and the session ends. And redelivery (`outbox/redelivery.rs`,
+//! `outbox/resend.rs`): `Finished` events and output chunks sent to a
+//! coordinator that then crashed are sent again after re-registering. This module decides nothing about slots or
 //! attempts: it forwards to the executor.
 
 use std::sync::{Arc, OnceLock};
