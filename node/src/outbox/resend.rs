@@ -35,6 +35,8 @@ pub(crate) struct SentOutput {
     window: Duration,
     max_bytes: usize,
     bytes: usize,
+    /// Chunks kept, in all.
+    count: usize,
     attempts: HashMap<AttemptKey, Kept>,
     /// Every kept chunk by `(number, attempt)`, oldest first: which to drop
     /// past the byte bound. An item whose chunk is gone is skipped.
@@ -63,6 +65,7 @@ impl SentOutput {
             window,
             max_bytes,
             bytes: 0,
+            count: 0,
             attempts: HashMap::new(),
             order: VecDeque::new(),
             finished: VecDeque::new(),
@@ -85,8 +88,19 @@ impl SentOutput {
             .chunks
             .push_back((number, event.clone()));
         self.order.push_back((number, key));
+        self.count += 1;
         while self.bytes > self.max_bytes {
             self.drop_oldest();
+        }
+        if self.order.len() > 2 * self.count + 64 {
+            // Items of forgotten attempts pile up while others live on.
+            let attempts = &self.attempts;
+            self.order.retain(|(number, key)| {
+                attempts
+                    .get(key)
+                    .and_then(|kept| kept.chunks.front())
+                    .is_some_and(|(first, _)| first <= number)
+            });
         }
     }
 
@@ -102,6 +116,7 @@ impl SentOutput {
     /// Forgets an attempt (the coordinator cancelled it: stale there).
     pub(crate) fn forget(&mut self, key: AttemptKey) {
         if let Some(kept) = self.attempts.remove(&key) {
+            self.count -= kept.chunks.len();
             self.bytes -= kept
                 .chunks
                 .iter()
@@ -165,6 +180,7 @@ impl SentOutput {
                 continue;
             };
             self.bytes -= event.body.payload_len();
+            self.count -= 1;
             if !kept.truncated {
                 kept.truncated = true;
                 let (task_id, attempt) = key;
@@ -262,6 +278,21 @@ mod tests {
         let mut expected = vec![(a, 1), (b, 0), (b, 1)];
         expected.sort_unstable();
         assert_eq!(again, expected);
+    }
+
+    #[test]
+    fn what_forgotten_attempts_leave_behind_does_not_pile_up() {
+        let long = (TaskId::new(), Attempt(1));
+        let mut kept = SentOutput::new(60 * SECOND);
+        kept.record(&chunk(long, 0, "long"));
+        for _ in 0..1000 {
+            let short = (TaskId::new(), Attempt(1));
+            kept.record(&chunk(short, 0, "short"));
+            kept.forget(short);
+        }
+        assert!(kept.order.len() <= 2 * kept.count + 64 + 1);
+        assert_eq!((kept.count, kept.bytes()), (1, 4));
+        assert_eq!(seqs(&kept.resend(&[long], Instant::now())), [(long, 0)]);
     }
 
     #[test]

@@ -69,6 +69,7 @@ class Outbox:
         self.sent_output: Dict[Key, Deque[node_pb2.NodeTaskEvent]] = {}
         self.sent_order: Deque[Tuple[Key, int]] = collections.deque()
         self.sent_output_bytes = 0
+        self.sent_output_count = 0
         # Attempts whose Finished was sent, with when: their output goes with the window.
         self.sent_finished: Deque[Tuple[float, Key]] = collections.deque()
         self.truncated: Set[Key] = set()
@@ -228,12 +229,14 @@ class Outbox:
         kept.append(event)
         self.sent_order.append((key, event.output.seq))
         self.sent_output_bytes += len(event.output.data)
+        self.sent_output_count += 1
         while self.sent_output_bytes > SENT_OUTPUT_MAX_BYTES and self.sent_order:
             old_key, seq = self.sent_order.popleft()
             kept = self.sent_output.get(old_key)
             if not kept or kept[0].output.seq != seq:
                 continue  # forgotten
             self.sent_output_bytes -= len(kept.popleft().output.data)
+            self.sent_output_count -= 1
             if old_key not in self.truncated:
                 self.truncated.add(old_key)
                 log.warning(
@@ -243,11 +246,17 @@ class Outbox:
                     old_key[1],
                     SENT_OUTPUT_MAX_BYTES,
                 )
+        if len(self.sent_order) > 2 * self.sent_output_count + 64:
+            # Entries of forgotten attempts pile up while others live on.
+            self.sent_order = collections.deque(
+                (k, seq) for k, seq in self.sent_order if self.sent_output.get(k) and self.sent_output[k][0].output.seq <= seq
+            )
 
     def _forget_output(self, key: Key) -> None:
         kept = self.sent_output.pop(key, None)
         if kept is not None:
             self.sent_output_bytes -= sum(len(e.output.data) for e in kept)
+            self.sent_output_count -= len(kept)
         self.truncated.discard(key)
         if not self.sent_output:
             self.sent_order.clear()
