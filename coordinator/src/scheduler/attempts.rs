@@ -2,8 +2,8 @@
 //! on its own session counts; anything else is refused and told to stop;
 //! an event for an attempt leased to another node is counted apart, as
 //! foreign),
-//! output dedupe by chunk seq (gaps counted), how an attempt ends (success, failure, timeout, cancel)
-//! and what a lost node means for the attempt it ran. Whether a task gets
+//! output dedupe by chunk seq (gaps counted), how an attempt ends
+//! (success, failure, timeout, cancel) and what a lost node means for the attempt it ran. Whether a task gets
 //! another attempt is `retry.rs`'s rule.
 
 use bytes::Bytes;
@@ -104,8 +104,10 @@ impl Scheduler {
                 if seq > next {
                     // Chunks in between never came and will not: a node
                     // sends in order, and after a reconnect first sends
-                    // again what it kept (bounded). Kept apart from the
-                    // output, so a restart still dedups by seq.
+                    // again what it kept (bounded), so the gap is what it
+                    // no longer had. Take the chunk and count the gap; its
+                    // seq is stored with it, so a restart still knows the
+                    // next one expected.
                     let missing = seq - next;
                     self.output_chunks_missed += missing;
                     tracing::warn!(task_id = %id, attempt = event.attempt.0, missing, first = next, "output chunks missing; the node no longer had them");
