@@ -388,6 +388,33 @@ mod tests {
     }
 
     #[test]
+    fn an_output_events_chunk_seq_is_stored_apart_and_older_readers_skip_it() {
+        let id = TaskId::new();
+        let spec = Arc::new(TaskSpec::call("noop", ""));
+        let output = |chunk| TaskEvent {
+            task_id: id,
+            seq: 4,
+            attempt: Attempt(2),
+            time: UNIX_EPOCH + Duration::from_secs(1),
+            body: EventBody::Output {
+                stream: OutputStream::Stderr,
+                data: Bytes::from_static(b"line"),
+                chunk,
+            },
+        };
+        let numbered = output(Some(7));
+        let bytes = encode_event(&numbered);
+        assert_eq!(decode_event(id, &bytes, &spec).unwrap(), numbered);
+        // An older coordinator reads the same event, without the number.
+        let old = pb::TaskEvent::decode(&bytes[..]).unwrap();
+        assert_eq!(old, event_pb(&numbered, true));
+        // And what it wrote reads back without one.
+        let unnumbered = output(None);
+        let bytes = event_pb(&unnumbered, true).encode_to_vec();
+        assert_eq!(decode_event(id, &bytes, &spec).unwrap(), unnumbered);
+    }
+
+    #[test]
     fn the_head_of_a_stored_task_is_its_state_and_last_change() {
         let record = record();
         let (state, updated_at) = decode_task_head(&encode_task(&record)).unwrap();
