@@ -79,9 +79,9 @@ async fn attempt_keeps_running_across_a_coordinator_restart_within_the_lease() {
     let resent: Vec<(u64, String)> = again
         .events
         .into_iter()
-        .filter_map(|event| match event.body {
+        .map(|event| match event.body {
             Some(EventBody::Output(chunk)) => {
-                Some((chunk.seq, String::from_utf8_lossy(&chunk.data).into_owned()))
+                (chunk.seq, String::from_utf8_lossy(&chunk.data).into_owned())
             }
             other => panic!("unexpected {other:?}"),
         })
