@@ -17,9 +17,9 @@
 //!
 //! Two things make that safe. The lease (`lease.rs`, watched by
 //! `lease_watchdog.rs`): a message read after the lease ran out is not
-//! acted on, and the session ends. And redelivery (`outbox/redelivery.rs`):
-//! `Finished` events sent to a coordinator that then crashed are sent again
-//! after re-registering. This module decides nothing about slots or
+//! acted on, and the session ends. And redelivery (`outbox/redelivery.rs`,
+//! `outbox/resend.rs`): `Finished` events and output chunks sent to a
+//! coordinator that then crashed are sent again after re-registering. This module decides nothing about slots or
 //! attempts: it forwards to the executor.
 
 use std::sync::{Arc, OnceLock};
@@ -224,6 +224,8 @@ pub(crate) async fn run(
     // as finished here gets its result.
     let redeliver = ctx.outbox.redeliverable(now);
     let listed = ctx.outbox.listed(&redeliver);
+    // The output those attempts sent on earlier streams, sent again too.
+    let resend = ctx.outbox.resendable(&listed, now);
     let running = listed.len();
     let register = codec::register(
         &ctx.config,
@@ -289,13 +291,15 @@ pub(crate) async fn run(
         node_name = %ctx.config.name,
         running,
         redelivered = redeliver.len(),
+        output_resent = resend.len(),
         lease = ?ctx.lease.length(),
         "registered"
     );
     ctx.node_id.send_replace(Some(node_id));
 
     let mut reader = Reader(ctx.tasks.spawn(read_loop(inbound, ctx.clone())));
-    let end = connected(ctx, &out, events, &mut reader, redeliver, interval, silence).await;
+    let again = Again { resend, redeliver };
+    let end = connected(ctx, &out, events, &mut reader, again, interval, silence).await;
     if let SessionEnd::Stopped = end {
         drop(out); // half-closes our side: the coordinator sees the end
         let _ = tokio::time::timeout(CLOSE_WAIT, &mut reader.0).await;
@@ -304,13 +308,21 @@ pub(crate) async fn run(
     end
 }
 
+/// What a new session sends again first (see [`Outbox::resume`]).
+struct Again {
+    /// Output chunks sent on earlier streams.
+    resend: Vec<events::Event>,
+    /// `Finished` events within the redelivery window.
+    redeliver: Vec<events::Event>,
+}
+
 /// The registered part of a session.
 async fn connected(
     ctx: &Arc<NodeCtx>,
     out: &Out,
     events: &mut EventRx,
     reader: &mut Reader,
-    redeliver: Vec<events::Event>,
+    again: Again,
     interval: Duration,
     silence: Duration,
 ) -> SessionEnd {
@@ -320,8 +332,8 @@ async fn connected(
     };
     ctx.executor.reset_window();
     let mut told_draining = false;
-    // Results, then what the last stream broke on, then credits.
-    if let Err(error) = ctx.outbox.resume(out, redeliver).await {
+    // Kept output, results, then what the last stream broke on, then credits.
+    if let Err(error) = ctx.outbox.resume(out, again.resend, again.redeliver).await {
         return lost(error);
     }
     let mut lease_expired = ctx.lease.subscribe();

@@ -136,6 +136,23 @@ async fn sent_results_are_sent_again_after_a_reconnect_until_the_coordinator_can
         vec![attempt.clone()],
         "listed so the coordinator keeps it"
     );
+    // First the output the old stream took (the echo's one chunk): the
+    // coordinator may have died before recording it too, and drops a
+    // chunk it has by seq.
+    match conn.next().await {
+        Some(Outbound::Events(batch)) => {
+            let chunks: Vec<(u64, Vec<u8>)> = batch
+                .events
+                .iter()
+                .map(|event| match &event.body {
+                    Some(EventBody::Output(chunk)) => (chunk.seq, chunk.data.to_vec()),
+                    other => panic!("expected output, got {other:?}"),
+                })
+                .collect();
+            assert_eq!(chunks, [(0, b"result".to_vec())]);
+        }
+        other => panic!("expected the output again right after Registered, got {other:?}"),
+    }
     // The result again, before the credits: until it is in, the listed
     // attempt counts against the slots.
     match conn.next().await {

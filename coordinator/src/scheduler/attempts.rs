@@ -2,8 +2,8 @@
 //! on its own session counts; anything else is refused and told to stop;
 //! an event for an attempt leased to another node is counted apart, as
 //! foreign),
-//! output dedupe, how an attempt ends (success, failure, timeout, cancel)
-//! and what a lost node means for the attempt it ran. Whether a task gets
+//! output dedupe by chunk seq (gaps counted), how an attempt ends
+//! (success, failure, timeout, cancel) and what a lost node means for the attempt it ran. Whether a task gets
 //! another attempt is `retry.rs`'s rule.
 
 use bytes::Bytes;
@@ -72,6 +72,14 @@ impl Scheduler {
                 tracing::debug!(task_id = %id, attempt = event.attempt.0, "ignored a redelivered result");
                 return;
             }
+            if let NodeEventBody::Output { .. } = &event.body
+                && self.recent.contains(id, event.attempt)
+            {
+                // Output sent again after a reconnect, ahead of its
+                // redelivered result: the attempt's output was all in
+                // before its result was recorded.
+                return;
+            }
             self.stale_events_refused += 1;
             tracing::debug!(task_id = %id, attempt = event.attempt.0, "refused event for a stale attempt");
             self.order_cancel(
@@ -89,11 +97,32 @@ impl Scheduler {
                 }
             }
             NodeEventBody::Output { stream, data, seq } => {
-                if seq < task.next_chunk() {
+                let next = task.next_chunk();
+                if seq < next {
                     return; // a chunk we already have (resent after a reconnect)
                 }
+                if seq > next {
+                    // Chunks in between never came and will not: a node
+                    // sends in order, and after a reconnect first sends
+                    // again what it kept (bounded), so the gap is what it
+                    // no longer had. Take the chunk and count the gap; its
+                    // seq is stored with it, so a restart still knows the
+                    // next one expected.
+                    let missing = seq - next;
+                    self.output_chunks_missed += missing;
+                    tracing::warn!(task_id = %id, attempt = event.attempt.0, missing, first = next, "output chunks missing; the node no longer had them");
+                }
                 task.set_next_chunk(seq + 1);
-                self.emit(id, EventBody::Output { stream, data }, now.wall);
+                let chunk = Some(seq);
+                self.emit(
+                    id,
+                    EventBody::Output {
+                        stream,
+                        data,
+                        chunk,
+                    },
+                    now.wall,
+                );
             }
             NodeEventBody::Progress { fraction, message } => {
                 self.emit(id, EventBody::Progress { fraction, message }, now.wall);

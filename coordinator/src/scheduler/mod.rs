@@ -230,6 +230,10 @@ pub struct ClusterStats {
     /// Node events refused because their attempt is leased to another node
     /// (also counted in `stale_events_refused`: fencing refused them).
     pub foreign_events_refused: u64,
+    /// Output chunks that never arrived: a later chunk of the same attempt
+    /// did (its node had dropped them from what it keeps to send again
+    /// after a reconnect, or never kept them). Logged; not on the wire yet.
+    pub output_chunks_missed: u64,
 }
 
 /// The scheduler. See the module docs.
@@ -247,6 +251,7 @@ pub struct Scheduler {
     recovered_attempts: u64,
     revoked_node_refusals: u64,
     foreign_events_refused: u64,
+    output_chunks_missed: u64,
     /// Node ids an admin revoked: never registered again. Revocations are
     /// rare admin acts, so this stays small.
     revoked: HashSet<NodeId>,
@@ -283,6 +288,7 @@ impl Scheduler {
             recovered_attempts: 0,
             revoked_node_refusals: 0,
             foreign_events_refused: 0,
+            output_chunks_missed: 0,
             revoked: HashSet::new(),
             revoked_sessions: HashSet::new(),
             orphans: Vec::new(),
@@ -304,6 +310,7 @@ impl Scheduler {
             final_counts,
             secrets,
             recently_final,
+            next_chunks,
         } = loaded;
         self.restore_summary(final_counts, recently_final, now);
         // Only for tasks still live: a final task needs none.
@@ -312,6 +319,7 @@ impl Scheduler {
             let secret = secrets.remove(&record.id);
             self.restore_task(record, secret, now);
         }
+        self.restore_next_chunks(next_chunks);
     }
 
     /// The first part of [`restore`](Self::restore): final counts and
@@ -388,6 +396,18 @@ impl Scheduler {
                     );
                 }
                 self.queue.push_ready(class, record.id);
+            }
+        }
+    }
+
+    /// After the live tasks are restored: where each attempt on a node
+    /// stands in its output. Chunks a reclaimed attempt sends again (its
+    /// node cannot know which ones were stored) are dropped by seq, as on a
+    /// live coordinator.
+    pub fn restore_next_chunks(&mut self, next_chunks: Vec<(TaskId, u64)>) {
+        for (id, next) in next_chunks {
+            if let Some(task) = self.tasks.get_mut(&id).filter(|t| t.placement().is_some()) {
+                task.set_next_chunk(next);
             }
         }
     }
@@ -619,6 +639,7 @@ impl Scheduler {
             recovered_attempts: self.recovered_attempts,
             revoked_node_refusals: self.revoked_node_refusals,
             foreign_events_refused: self.foreign_events_refused,
+            output_chunks_missed: self.output_chunks_missed,
         }
     }
 

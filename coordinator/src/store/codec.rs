@@ -85,7 +85,7 @@ fn event_pb(event: &TaskEvent, stored: bool) -> pb::TaskEvent {
             node_name: node_name.as_deref().unwrap_or_default().to_owned(),
             reason: reason.clone(),
         }),
-        EventBody::Output { stream, data } => Body::Output(pb::TaskOutput {
+        EventBody::Output { stream, data, .. } => Body::Output(pb::TaskOutput {
             stream: i32::from(*stream),
             data: data.clone(),
         }),
@@ -273,7 +273,27 @@ fn record_from_pb(
 
 /// An event as stored bytes.
 pub(crate) fn encode_event(event: &TaskEvent) -> Vec<u8> {
-    event_pb(event, true).stored()
+    let mut bytes = event_pb(event, true).stored();
+    if let EventBody::Output {
+        chunk: Some(chunk), ..
+    } = event.body
+    {
+        // Appended as a field `pb::TaskEvent` does not have: protobuf
+        // merges concatenated messages, and older readers skip it.
+        StoredChunk { chunk: Some(chunk) }
+            .encode(&mut bytes)
+            .expect("a Vec grows as needed");
+    }
+    bytes
+}
+
+/// The stored-only part of an output event: the node's chunk number, in a
+/// field number `pb::TaskEvent` will never use, so the wire form stays the
+/// stored form and stores written before it stay readable.
+#[derive(Clone, PartialEq, Message)]
+struct StoredChunk {
+    #[prost(uint64, optional, tag = "1000")]
+    chunk: Option<u64>,
 }
 
 /// An event from stored bytes. `spec` is the task's spec, put back into a
@@ -298,6 +318,9 @@ pub(crate) fn decode_event(
         Body::Output(o) => EventBody::Output {
             stream: OutputStream::try_from(o.stream).unwrap_or(OutputStream::Stdout),
             data: o.data,
+            chunk: StoredChunk::decode(bytes)
+                .map_err(|e| corrupt("event chunk", e))?
+                .chunk,
         },
         Body::Progress(p) => EventBody::Progress {
             fraction: p.fraction,
@@ -374,6 +397,33 @@ mod tests {
         assert!(!bytes.windows(4).any(|w| w == b"echo"), "spec stored twice");
         let back = decode_event(record.id, &bytes, &record.spec).unwrap();
         assert_eq!(back, event);
+    }
+
+    #[test]
+    fn an_output_events_chunk_seq_is_stored_apart_and_older_readers_skip_it() {
+        let id = TaskId::new();
+        let spec = Arc::new(TaskSpec::call("noop", ""));
+        let output = |chunk| TaskEvent {
+            task_id: id,
+            seq: 4,
+            attempt: Attempt(2),
+            time: UNIX_EPOCH + Duration::from_secs(1),
+            body: EventBody::Output {
+                stream: OutputStream::Stderr,
+                data: Bytes::from_static(b"line"),
+                chunk,
+            },
+        };
+        let numbered = output(Some(7));
+        let bytes = encode_event(&numbered);
+        assert_eq!(decode_event(id, &bytes, &spec).unwrap(), numbered);
+        // An older coordinator reads the same event, without the number.
+        let old = pb::TaskEvent::decode(&bytes[..]).unwrap();
+        assert_eq!(old, event_pb(&numbered, true));
+        // And what it wrote reads back without one.
+        let unnumbered = output(None);
+        let bytes = event_pb(&unnumbered, true).encode_to_vec();
+        assert_eq!(decode_event(id, &bytes, &spec).unwrap(), unnumbered);
     }
 
     #[test]

@@ -10,6 +10,7 @@ use weft_proto::{NodeId, SecretEnv, TaskId, TaskState};
 use super::engine::{Store, StoreError};
 use super::record::{
     FinalAttempt, Loaded, MAX_RECENTLY_FINAL, NodeIdentityRecord, Record, TaskEvent, TaskRecord,
+    next_chunk,
 };
 use crate::auth::TokenRecord;
 
@@ -227,6 +228,14 @@ impl Store for MemoryStore {
                     .or_insert((entry.record.state, 0))
                     .1 += 1;
             } else {
+                let record = &entry.record;
+                if matches!(record.state, TaskState::Assigned | TaskState::Running) {
+                    let events = entry.events.iter().rev().cloned();
+                    let next = next_chunk(record.attempt, events);
+                    if next > 0 {
+                        loaded.next_chunks.push((record.id, next));
+                    }
+                }
                 loaded.live.push(with_seq(entry));
             }
         }

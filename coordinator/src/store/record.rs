@@ -88,6 +88,12 @@ pub enum EventBody {
         stream: OutputStream,
         /// The bytes.
         data: Bytes,
+        /// The chunk's number within its attempt, as the node numbered it
+        /// (`OutputChunk.seq`): after a restart, the next chunk expected
+        /// from a reclaimed attempt follows the last one stored, so chunks
+        /// a node sends again are recognised. `None` in events stored by
+        /// older coordinators.
+        chunk: Option<u64>,
     },
     /// Progress reported by the attempt.
     Progress {
@@ -137,6 +143,31 @@ pub struct Loaded {
     /// first (bounded): their results may still be redelivered by nodes and
     /// must then be recognised as duplicates.
     pub recently_final: Vec<FinalAttempt>,
+    /// For live tasks whose current attempt is on a node (assigned or
+    /// running) and sent output: the seq of the next output chunk expected
+    /// from that attempt ([`next_chunk`]).
+    pub next_chunks: Vec<(TaskId, u64)>,
+}
+
+/// The next output chunk seq expected from `attempt`, given a task's
+/// stored events newest first: one past the last chunk the attempt stored.
+/// Events stored without a chunk number (by older coordinators) count one
+/// each. Reads back only to the attempt's last numbered chunk (usually the
+/// newest event), never past the attempt's own events.
+pub fn next_chunk(attempt: Attempt, newest_first: impl IntoIterator<Item = TaskEvent>) -> u64 {
+    let mut unnumbered = 0;
+    for event in newest_first {
+        if event.attempt != attempt {
+            break;
+        }
+        if let EventBody::Output { chunk, .. } = event.body {
+            match chunk {
+                Some(chunk) => return chunk + 1 + unnumbered,
+                None => unnumbered += 1,
+            }
+        }
+    }
+    unnumbered
 }
 
 /// The attempt that ended a final task, and how it ended.

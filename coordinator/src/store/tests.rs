@@ -45,6 +45,7 @@ fn output(id: TaskId, seq: u64) -> Record {
         body: EventBody::Output {
             stream: OutputStream::Stdout,
             data: Bytes::from(format!("chunk {seq}")),
+            chunk: Some(seq),
         },
     })
 }
@@ -196,6 +197,59 @@ fn load_returns_live_tasks_final_counts_and_recent_results() {
                 attempt: Attempt(1),
                 outcome: Some(Outcome::Succeeded),
             }]
+        );
+    });
+}
+
+#[test]
+fn load_gives_the_next_output_chunk_of_attempts_on_a_node_from_old_events_too() {
+    both(|store| {
+        let ids = ids(3);
+        // Written before chunk numbers were stored: counted instead.
+        let unnumbered = |seq| {
+            Record::Event(TaskEvent {
+                task_id: ids[1],
+                seq,
+                attempt: Attempt(1),
+                time: at(seq),
+                body: EventBody::Output {
+                    stream: OutputStream::Stderr,
+                    data: Bytes::from_static(b"old"),
+                    chunk: None,
+                },
+            })
+        };
+        let progress = Record::Event(TaskEvent {
+            task_id: ids[0],
+            seq: 3,
+            attempt: Attempt(1),
+            time: at(3),
+            body: EventBody::Progress {
+                fraction: 0.5,
+                message: "half".into(),
+            },
+        });
+        store
+            .commit(&[
+                Record::Task(record(ids[0], TaskState::Running, at(1))),
+                output(ids[0], 0),
+                output(ids[0], 1),
+                output(ids[0], 2),
+                progress,
+                Record::Task(record(ids[1], TaskState::Running, at(1))),
+                unnumbered(0),
+                unnumbered(1),
+                Record::Task(record(ids[2], TaskState::Queued, at(1))),
+                output(ids[2], 0),
+            ])
+            .unwrap();
+        let mut next = store.load(at(0)).unwrap().next_chunks;
+        next.sort();
+        assert_eq!(next, [(ids[0], 3), (ids[1], 2)], "none for a queued task");
+        let events = store.events(ids[0], 2, 1).unwrap();
+        assert!(
+            matches!(events[0].body, EventBody::Output { chunk: Some(2), .. }),
+            "{events:?}"
         );
     });
 }

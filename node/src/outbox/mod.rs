@@ -2,13 +2,15 @@
 //! channel into `TaskEvents` batches, the unsent buffer (events whose batch
 //! the broken stream did not take), the redelivery window
 //! ([`redelivery`]: sent `Finished` events kept to send again after a
-//! reconnect), and credit grants.
+//! reconnect), the sent output ([`resend`]: output chunks kept to send
+//! again after a reconnect), and credit grants.
 //!
 //! Two orders are kept here. Within a session, an attempt's slots are
 //! released when its `Finished` is put in a batch, so the `Credits` that
 //! follow come after the `Finished` they answer. After `Registered`,
-//! [`Outbox::resume`] sends the redelivered results first, then what the
-//! last stream broke on, then the free credits.
+//! [`Outbox::resume`] sends the kept output first (an attempt's chunks
+//! before its result), then the redelivered results, then what the last
+//! stream broke on, then the free credits.
 //!
 //! The session owns the stream and decides when to send; this module does
 //! not dial, read, or know about heartbeats and the lease. It holds events
@@ -24,6 +26,7 @@
 //! would refuse (which would break the stream, again at every reconnect).
 
 pub(crate) mod redelivery;
+pub(crate) mod resend;
 
 use std::iter::Peekable;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -42,6 +45,7 @@ use crate::error::Error;
 use crate::events::{AttemptKey, Event, EventBody, EventRx};
 use crate::executor::Executor;
 use crate::outbox::redelivery::Redelivery;
+use crate::outbox::resend::SentOutput;
 
 /// Most events in one `TaskEvents` message.
 const MAX_BATCH_EVENTS: usize = 512;
@@ -58,6 +62,8 @@ pub(crate) struct Outbox {
     executor: Executor,
     /// Sent `Finished` events, kept to be sent again after a reconnect.
     redelivery: Mutex<Redelivery>,
+    /// Sent output chunks, kept to be sent again after a reconnect.
+    sent_output: Mutex<SentOutput>,
     /// Events taken from the event channel whose batch could not be sent
     /// because the stream broke; the next session sends them first.
     unsent: Mutex<Vec<Event>>,
@@ -72,6 +78,7 @@ impl Outbox {
         Outbox {
             executor,
             redelivery: Mutex::new(Redelivery::new(redeliver_window)),
+            sent_output: Mutex::new(SentOutput::new(redeliver_window)),
             unsent: Mutex::new(Vec::new()),
             message_limit: AtomicUsize::new(limits::LEGACY_MAX_MESSAGE_BYTES),
         }
@@ -86,6 +93,13 @@ impl Outbox {
     fn redelivery(&self) -> MutexGuard<'_, Redelivery> {
         // No code panics while holding this lock; recover anyway.
         self.redelivery
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn sent_output(&self) -> MutexGuard<'_, SentOutput> {
+        // No code panics while holding this lock; recover anyway.
+        self.sent_output
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
@@ -108,6 +122,14 @@ impl Outbox {
     /// so it is stale there.
     pub(crate) fn forget(&self, key: AttemptKey) {
         self.redelivery().forget(key);
+        self.sent_output().forget(key);
+    }
+
+    /// The output chunks to send again after the next `Registered`, as of
+    /// `now`: those kept of the attempts `listed` in `Register` (sorted),
+    /// each attempt's in seq order. The coordinator drops the ones it has.
+    pub(crate) fn resendable(&self, listed: &[AttemptKey], now: Instant) -> Vec<Event> {
+        self.sent_output().resend(listed, now)
     }
 
     /// `Register.running`, sorted: the attempts this node still runs (or
@@ -133,13 +155,24 @@ impl Outbox {
         running
     }
 
-    /// Right after `Registered`, in this order: the results of an earlier
-    /// session (`redeliver`: listed attempts that no longer run stop
-    /// counting against the slots once their `Finished` is in), then what
-    /// the last stream broke on (before anything newer), then the free
-    /// slots as credits.
-    pub(crate) async fn resume(&self, out: &Out, redeliver: Vec<Event>) -> Result<(), Error> {
-        send_redelivery(out, redeliver).await?;
+    /// Right after `Registered`, in this order: the output chunks sent on
+    /// an earlier stream (`resend`: the coordinator may have died before
+    /// recording them; each before its attempt's result and newer output),
+    /// the results of an earlier session (`redeliver`: listed attempts that
+    /// no longer run stop counting against the slots once their `Finished`
+    /// is in), then what the last stream broke on (before anything newer),
+    /// then the free slots as credits.
+    pub(crate) async fn resume(
+        &self,
+        out: &Out,
+        resend: Vec<Event>,
+        redeliver: Vec<Event>,
+    ) -> Result<(), Error> {
+        if !resend.is_empty() {
+            debug!(events = resend.len(), "sending output chunks again");
+        }
+        send_again(out, resend).await?;
+        send_again(out, redeliver).await?;
         let unsent = std::mem::take(&mut *self.unsent());
         if !unsent.is_empty() {
             debug!(
@@ -192,7 +225,12 @@ impl Outbox {
         while rest.peek().is_some() {
             let chunk = next_chunk(&mut rest);
             let mut sent_finished = Vec::new();
+            let mut sent_output = Vec::new();
             for event in &chunk {
+                if let EventBody::Output { .. } = event.body {
+                    // A clone shares the bytes.
+                    sent_output.push(event.clone());
+                }
                 if event.is_finished() {
                     any_finished = true;
                     let key = event.key();
@@ -208,6 +246,16 @@ impl Outbox {
                 return Err(Error::StreamClosed);
             };
             permit.send(codec::events(chunk));
+            if !sent_output.is_empty() || !sent_finished.is_empty() {
+                let now = Instant::now();
+                let mut kept = self.sent_output();
+                for event in &sent_output {
+                    kept.record(event);
+                }
+                for (key, _) in &sent_finished {
+                    kept.finished(*key, now);
+                }
+            }
             if !sent_finished.is_empty() {
                 let now = Instant::now();
                 let mut redelivery = self.redelivery();
@@ -242,14 +290,14 @@ pub(crate) async fn send(out: &Out, message: pb::NodeMessage) -> Result<(), Erro
     out.send(message).await.map_err(|_| Error::StreamClosed)
 }
 
-/// Sends again the `Finished` events of an earlier session: one batch, or
-/// as few as the batch limits allow.
-async fn send_redelivery(out: &Out, redeliver: Vec<Event>) -> Result<(), Error> {
-    if redeliver.is_empty() {
+/// Sends again events of an earlier session (kept output, or `Finished`
+/// events): one batch, or as few as the batch limits allow.
+async fn send_again(out: &Out, events: Vec<Event>) -> Result<(), Error> {
+    if events.is_empty() {
         return Ok(());
     }
-    debug!(events = redeliver.len(), "sending finished events again");
-    let mut rest = redeliver.into_iter().peekable();
+    debug!(events = events.len(), "sending events again");
+    let mut rest = events.into_iter().peekable();
     while rest.peek().is_some() {
         let chunk = next_chunk(&mut rest);
         out.send(codec::events(chunk))

@@ -215,3 +215,112 @@ async fn a_result_the_broken_stream_did_not_take_is_listed_and_sent_in_the_next_
     assert!(ctx.outbox.take_unsent().is_empty());
     assert_eq!(ctx.outbox.redeliverable(Instant::now()).len(), 1);
 }
+
+fn chunk_event(task_id: TaskId, seq: u64) -> Event {
+    Event {
+        task_id,
+        attempt: Attempt::FIRST,
+        body: EventBody::Output {
+            stream: weft_proto::OutputStream::Stdout,
+            seq,
+            data: Bytes::from(format!("line-{seq}\n")),
+        },
+    }
+}
+
+/// What a session sent, event by event: `(task, Some(seq))` for a chunk,
+/// `(task, None)` for a `Finished`; credits as `"credits"`.
+fn sent(messages: Vec<pb::NodeMessage>) -> Vec<String> {
+    let mut out = Vec::new();
+    for message in messages {
+        match message.body {
+            Some(Outbound::Events(batch)) => {
+                for event in batch.events {
+                    use weft_proto::pb::node_task_event::Body;
+                    let what = match event.body {
+                        Some(Body::Output(chunk)) => format!("chunk {}", chunk.seq),
+                        Some(Body::Finished(_)) => "finished".to_owned(),
+                        other => format!("{other:?}"),
+                    };
+                    out.push(format!("{} {what}", &event.task_id[20..]));
+                }
+            }
+            Some(Outbound::Credits(_)) => out.push("credits".to_owned()),
+            other => out.push(format!("{other:?}")),
+        }
+    }
+    out
+}
+
+#[tokio::test(start_paused = true)]
+async fn output_sent_on_a_broken_stream_is_sent_again_in_order_before_results_and_newer_events() {
+    let (ctx, _rx) = node_ctx(
+        NodeConfig {
+            slots: 2,
+            ..NodeConfig::new("http://unused")
+        },
+        HandlerRegistry::with_builtins(),
+    );
+    let running = running_one(&ctx);
+    let (finished, cancelled) = (TaskId::new(), TaskId::new());
+    // Sent on the first stream, which the coordinator read and then died.
+    let (out, mut out_rx) = mpsc::channel(16);
+    let first = vec![
+        chunk_event(running, 0),
+        chunk_event(finished, 0),
+        chunk_event(running, 1),
+        chunk_event(cancelled, 0),
+        chunk_event(finished, 1),
+        finished_event(finished),
+        chunk_event(running, 2),
+    ];
+    ctx.outbox.send_events(&out, first).await.unwrap();
+    while out_rx.try_recv().is_ok() {}
+    // The coordinator cancelled one attempt: stale there, never sent again.
+    ctx.outbox.forget((cancelled, Attempt::FIRST));
+    // The stream broke before this one went.
+    drop(out_rx);
+    let broke = ctx
+        .outbox
+        .send_events(&out, vec![chunk_event(running, 3)])
+        .await;
+    assert!(matches!(broke, Err(Error::StreamClosed)), "{broke:?}");
+
+    // The next session, as `run` and `connected` do it.
+    let now = Instant::now();
+    let redeliver = ctx.outbox.redeliverable(now);
+    let listed = ctx.outbox.listed(&redeliver);
+    let resend = ctx.outbox.resendable(&listed, now);
+    let (out, mut out_rx) = mpsc::channel(16);
+    ctx.outbox.resume(&out, resend, redeliver).await.unwrap();
+    drop(out);
+    let mut messages = Vec::new();
+    while let Some(message) = out_rx.recv().await {
+        messages.push(message);
+    }
+    let (r, f) = (&running.to_string()[20..], &finished.to_string()[20..]);
+    let mut kept = vec![
+        format!("{r} chunk 0"),
+        format!("{r} chunk 1"),
+        format!("{r} chunk 2"),
+    ];
+    let theirs = vec![format!("{f} chunk 0"), format!("{f} chunk 1")];
+    // Attempt by attempt, each in seq order.
+    if finished < running {
+        kept.splice(0..0, theirs);
+    } else {
+        kept.extend(theirs);
+    }
+    let mut expected = kept;
+    expected.push(format!("{f} finished"));
+    expected.push(format!("{r} chunk 3"));
+    expected.push("credits".to_owned());
+    assert_eq!(sent(messages), expected);
+
+    // Kept across sessions until the attempt's result leaves the window.
+    let later = Instant::now() + Duration::from_secs(3600);
+    let listed = ctx.outbox.listed(&ctx.outbox.redeliverable(later));
+    let again = ctx.outbox.resendable(&listed, later);
+    assert_eq!(again.len(), 4, "the running attempt's chunks 0..=3 only");
+    assert!(again.iter().all(|e| e.task_id == running));
+}

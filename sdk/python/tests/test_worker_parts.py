@@ -92,6 +92,43 @@ def test_a_new_session_drops_control_messages_and_lists_kept_and_queued_results(
     assert not outbox.redeliver and outbox.redeliver_bytes == 0
 
 
+def chunk(task_id: str, seq: int, data: bytes = b"x") -> node_pb2.NodeTaskEvent:
+    return node_pb2.NodeTaskEvent(task_id=task_id, attempt=1, output=node_pb2.OutputChunk(data=data, seq=seq))
+
+
+def test_sent_output_is_kept_and_sent_again_in_seq_order_for_listed_attempts_within_its_bound(monkeypatch):
+    outbox = Outbox()
+    outbox.attached = True
+    for event in [chunk("run", 0), chunk("done", 0), chunk("run", 1), chunk("gone", 0), finished("done")]:
+        outbox.queue.append(event)
+    outbox.take(lambda key: None)
+    outbox.queue.append(chunk("run", 2))  # not taken: still queued
+    outbox.forget(("gone", 1))  # cancelled by the coordinator: stale there
+    redeliver, keys = outbox.begin_session()
+    keys.add(("run", 1))  # still running
+    resend = outbox.resendable(keys)
+    assert [(e.task_id, e.output.seq) for e in resend] == [("done", 0), ("run", 0), ("run", 1)]
+    outbox.resend_first(resend + redeliver)
+    sent = outbox.take(lambda key: None).events.events
+    kinds = [(e.task_id, e.WhichOneof("body"), e.output.seq) for e in sent]
+    assert kinds == [
+        ("done", "output", 0),
+        ("run", "output", 0),
+        ("run", "output", 1),
+        ("done", "finished", 0),
+        ("run", "output", 2),
+    ], "kept output first, each attempt's before its result, then what was queued"
+    assert outbox.resendable({("run", 1)}) == [chunk("run", 0), chunk("run", 1), chunk("run", 2)]
+    assert set(outbox.sent_output) == {("run", 1)}, "an attempt not listed is forgotten"
+
+    monkeypatch.setattr("weft.worker.outbox.SENT_OUTPUT_MAX_BYTES", 4)
+    for seq in range(3, 6):
+        outbox.queue.append(chunk("run", seq, b"yy"))
+    outbox.take(lambda key: None)
+    assert [e.output.seq for e in outbox.resendable({("run", 1)})] == [4, 5], "the oldest go first"
+    assert outbox.sent_output_bytes == 4
+
+
 def test_the_worker_modules_import_each_other_without_a_cycle():
     package = Path(weft.worker.__file__).parent
     deps = {}

@@ -98,3 +98,77 @@ fn a_result_redelivered_after_a_restart_is_ignored_quietly() {
     assert!(cancels(&e, S2).is_empty());
     assert_eq!(h.s.stats().stale_events_refused, 0);
 }
+
+fn line(seq: u64) -> NodeEventBody {
+    NodeEventBody::Output {
+        stream: OutputStream::Stdout,
+        data: Bytes::from(format!("line-{seq}\n")),
+        seq,
+    }
+}
+
+fn output_lines(h: &Harness, id: TaskId) -> Vec<String> {
+    h.events(id)
+        .iter()
+        .filter_map(|e| match &e.body {
+            EventBody::Output { data, .. } => Some(String::from_utf8_lossy(data).trim().to_owned()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn after_a_restart_output_chunks_sent_again_are_dropped_by_seq_and_a_gap_is_counted() {
+    let (mut h, first, ids) = one_running_one_queued();
+    for seq in 0..3 {
+        h.event(S1, ids[0], 1, line(seq));
+    }
+    h.effects();
+    // Read, then the coordinator dies before committing it.
+    h.event(S1, ids[0], 1, line(3));
+    drop(h.s.take_effects(h.now));
+    let mut h = h.restart(Duration::from_secs(1));
+    let mut again = first;
+    again.running = vec![(ids[0], Attempt(1))];
+    h.node(S2, again.clone(), 0);
+    // The node sends again what it kept (here from chunk 1), in order,
+    // then its new output; chunk 5 it no longer had.
+    for seq in [1, 2, 3, 4, 6] {
+        h.event(S2, ids[0], 1, line(seq));
+    }
+    h.effects();
+    assert_eq!(
+        output_lines(&h, ids[0]),
+        ["line-0", "line-1", "line-2", "line-3", "line-4", "line-6"]
+    );
+    assert_eq!(h.s.stats().output_chunks_missed, 1);
+
+    // Restored again: the next chunk expected follows the last one stored,
+    // past the gap, so nothing is repeated.
+    let mut h = h.restart(Duration::from_secs(1));
+    let s3 = SessionId(3);
+    h.node(s3, again, 0);
+    for seq in [4, 5, 6, 7] {
+        h.event(s3, ids[0], 1, line(seq));
+    }
+    h.finish(s3, ids[0], 1, Outcome::Succeeded);
+    // Sent again once more after its result was recorded: ignored quietly.
+    h.event(s3, ids[0], 1, line(7));
+    let e = h.effects();
+    assert_eq!(
+        output_lines(&h, ids[0]),
+        [
+            "line-0", "line-1", "line-2", "line-3", "line-4", "line-6", "line-7"
+        ]
+    );
+    assert!(cancels(&e, s3).is_empty());
+    assert_eq!(
+        (
+            h.s.stats().stale_events_refused,
+            h.s.stats().output_chunks_missed
+        ),
+        (0, 0),
+        "counted since this restart"
+    );
+    assert_eq!(h.record(ids[0]).state, TaskState::Succeeded);
+}

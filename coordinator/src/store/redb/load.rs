@@ -89,6 +89,7 @@ pub(super) fn read_secrets(
 pub(super) fn each_live(
     txn: &ReadTransaction,
     each: &mut dyn FnMut(TaskRecord),
+    next_chunks: &mut Vec<(TaskId, u64)>,
 ) -> Result<(), StoreError> {
     let op = "loading";
     let tasks = txn.open_table(TASKS).or_backend(op)?;
@@ -114,6 +115,14 @@ pub(super) fn each_live(
         };
         heads[from] = next_id(&mut ranges[from])?;
         if let Some(record) = RedbStore::read_task(&tasks, &events, TaskId::from_u128(id))? {
+            // An attempt on a node: the chunks it sends again are dropped
+            // by seq from where the store's output ends.
+            if LIVE_STATES[from] != TaskState::Queued {
+                let next = super::stored_next_chunk(&events, &record)?;
+                if next > 0 {
+                    next_chunks.push((record.id, next));
+                }
+            }
             each(record);
         }
     }

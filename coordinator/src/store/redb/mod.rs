@@ -50,7 +50,7 @@ use super::codec::{
     encode_node_identity, encode_secrets, encode_task, encode_token,
 };
 use super::engine::{Store, StoreError};
-use super::record::{Loaded, NodeIdentityRecord, Record, TaskEvent, TaskRecord};
+use super::record::{Loaded, NodeIdentityRecord, Record, TaskEvent, TaskRecord, next_chunk};
 use super::seal::{SealKey, open as unseal, seal};
 use crate::auth::TokenRecord;
 use load::{each_live, read_secrets};
@@ -282,6 +282,34 @@ impl RedbStore {
     }
 }
 
+/// The next output chunk seq expected from the current attempt of a task
+/// on a node (see [`next_chunk`]), reading its events newest first.
+pub(super) fn stored_next_chunk(
+    events: &impl ReadableTable<(u128, u64), &'static [u8]>,
+    record: &TaskRecord,
+) -> Result<u64, StoreError> {
+    let op = "reading events";
+    let key = record.id.as_u128();
+    let mut failed = None;
+    let newest_first = events
+        .range((key, 0)..=(key, u64::MAX))
+        .or_backend(op)?
+        .rev()
+        .map_while(|entry| {
+            let event = entry.or_backend(op).and_then(|(k, value)| {
+                let seal_key = SealKey::Event(key, k.value().1);
+                decode_event(
+                    record.id,
+                    unseal("events", seal_key, value.value())?,
+                    &record.spec,
+                )
+            });
+            event.map_err(|err| failed = Some(err)).ok()
+        });
+    let next = next_chunk(record.attempt, newest_first);
+    failed.map_or(Ok(next), Err)
+}
+
 /// The seq of a task's last stored event.
 fn last_seq(
     events: &impl ReadableTable<(u128, u64), &'static [u8]>,
@@ -485,8 +513,10 @@ impl Store for RedbStore {
         let mut loaded = self.load_summary(&txn, final_since)?;
         loaded.secrets = read_secrets(&txn)?;
         let mut live = Vec::new();
-        each_live(&txn, &mut |record| live.push(record))?;
+        let mut next_chunks = Vec::new();
+        each_live(&txn, &mut |record| live.push(record), &mut next_chunks)?;
         loaded.live = live;
+        loaded.next_chunks = next_chunks;
         Ok(loaded)
     }
 
@@ -497,14 +527,20 @@ impl Store for RedbStore {
     ) -> Result<Loaded, StoreError> {
         let op = "loading";
         let txn = self.db.begin_read().or_backend(op)?;
-        let loaded = self.load_summary(&txn, final_since)?;
+        let mut loaded = self.load_summary(&txn, final_since)?;
         // Only tasks that carry secrets have one: few.
         let mut secrets: HashMap<TaskId, Arc<SecretEnv>> =
             read_secrets(&txn)?.into_iter().collect();
-        each_live(&txn, &mut |record| {
-            let secret = secrets.remove(&record.id);
-            live(record, secret);
-        })?;
+        let mut next_chunks = Vec::new();
+        each_live(
+            &txn,
+            &mut |record| {
+                let secret = secrets.remove(&record.id);
+                live(record, secret);
+            },
+            &mut next_chunks,
+        )?;
+        loaded.next_chunks = next_chunks;
         Ok(loaded)
     }
 

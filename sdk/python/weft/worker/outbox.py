@@ -7,7 +7,10 @@ belong to one session and are dropped when it ends. :meth:`Outbox.take`
 turns the queue into the messages the stream sends, batching events, and
 keeps each sent ``Finished`` for a window (bounded in count and bytes): a
 coordinator that crashed before recording it gets it again after the next
-``Register``.
+``Register``. Sent output chunks are kept the same way (the last
+``SENT_OUTPUT_MAX_BYTES``, oldest dropped first): after the next
+``Registered`` those of the listed attempts go out again, in seq order,
+ahead of their results; the coordinator drops the ones it has by seq.
 
 Plain state plus one ``asyncio.Event`` to wake the sender. It does not own
 the stream (``session.py`` pulls from it), the attempts (``attempt.py``
@@ -18,10 +21,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import time
-from typing import Any, Callable, Deque, List, Optional, Set, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
 
 from .._proto import common_pb2, node_pb2
+
+log = logging.getLogger("weft.worker")
 
 #: Largest output chunk sent in one event.
 CHUNK_LIMIT = 64 * 1024
@@ -44,6 +50,8 @@ REDELIVER_WINDOW = 60.0
 #: Most sent Finished events kept for redelivery, and most payload bytes.
 REDELIVER_MAX = 10_000
 REDELIVER_MAX_BYTES = 64 * 1024 * 1024
+#: Most output bytes kept to send again after a reconnect (like weft-node).
+SENT_OUTPUT_MAX_BYTES = 8 * 1024 * 1024
 
 #: Queued by a drain after the last event: the stream half-closes there.
 CLOSE = object()
@@ -96,6 +104,15 @@ class Outbox:
         # Sent Finished events within the redelivery window: key -> (sent at, event), oldest first.
         self.redeliver: "collections.OrderedDict[Key, Tuple[float, node_pb2.NodeTaskEvent]]" = collections.OrderedDict()
         self.redeliver_bytes = 0
+        # Sent output chunks per attempt, in seq order, to send again after a
+        # reconnect; ``sent_order`` has one (key, seq) per chunk, oldest first.
+        self.sent_output: Dict[Key, Deque[node_pb2.NodeTaskEvent]] = {}
+        self.sent_order: Deque[Tuple[Key, int]] = collections.deque()
+        self.sent_output_bytes = 0
+        self.sent_output_count = 0
+        # Attempts whose Finished was sent, with when: their output goes with the window.
+        self.sent_finished: Deque[Tuple[float, Key]] = collections.deque()
+        self.truncated: Set[Key] = set()
         self.ready: Optional[asyncio.Event] = None
         #: A session is current: control messages are queued (else dropped).
         self.attached = False
@@ -174,6 +191,14 @@ class Outbox:
         keys.update((e.task_id, e.attempt) for e in redeliver)
         return redeliver, keys
 
+    def resendable(self, listed: Set[Key]) -> List[node_pb2.NodeTaskEvent]:
+        """The output chunks to send again after Registered: those kept of the
+        attempts ``listed`` in Register (the others are forgotten), each
+        attempt's in seq order. Call after :meth:`begin_session`."""
+        for key in [k for k in self.sent_output if k not in listed]:
+            self._forget_output(key)
+        return [event for key in sorted(self.sent_output) for event in self.sent_output[key]]
+
     def resend_first(self, events: List[node_pb2.NodeTaskEvent]) -> None:
         """Puts ``events`` (from :meth:`begin_session`) at the head of the queue."""
         self.queue.extendleft(reversed(events))
@@ -201,12 +226,17 @@ class Outbox:
             size += following.ByteSize()
         now = time.monotonic()
         for event in batch:
-            if event.WhichOneof("body") == "finished":
+            kind = event.WhichOneof("body")
+            if kind == "output":
+                self._keep_output(event)
+            elif kind == "finished":
                 key = (event.task_id, event.attempt)
                 finished_sent(key)
                 if key not in self.redeliver:
                     self.redeliver[key] = (now, event)
                     self.redeliver_bytes += payload_bytes(event)
+                if key in self.sent_output:
+                    self.sent_finished.append((now, key))
         self.prune(now)
         return node_pb2.NodeMessage(events=node_pb2.TaskEvents(events=batch))
 
@@ -217,9 +247,13 @@ class Outbox:
         forgotten = self.redeliver.pop(key, None)
         if forgotten is not None:
             self.redeliver_bytes -= payload_bytes(forgotten[1])
+        self._forget_output(key)
 
     def prune(self, now: float) -> None:
-        """Drops results past the redelivery window or beyond its bounds, oldest first."""
+        """Drops results past the redelivery window or beyond its bounds, oldest
+        first, and the output of attempts whose result is past the window."""
+        while self.sent_finished and self.sent_finished[0][0] + REDELIVER_WINDOW < now:
+            self._forget_output(self.sent_finished.popleft()[1])
         while self.redeliver:
             sent_at, event = next(iter(self.redeliver.values()))
             if (
@@ -230,3 +264,46 @@ class Outbox:
                 return
             self.redeliver.popitem(last=False)
             self.redeliver_bytes -= payload_bytes(event)
+
+    # -- sent output -----------------------------------------------------------
+
+    def _keep_output(self, event: node_pb2.NodeTaskEvent) -> None:
+        key = (event.task_id, event.attempt)
+        kept = self.sent_output.setdefault(key, collections.deque())
+        if kept and kept[-1].output.seq >= event.output.seq:
+            return  # a kept chunk sent again after a reconnect: kept already
+        kept.append(event)
+        self.sent_order.append((key, event.output.seq))
+        self.sent_output_bytes += len(event.output.data)
+        self.sent_output_count += 1
+        while self.sent_output_bytes > SENT_OUTPUT_MAX_BYTES and self.sent_order:
+            old_key, seq = self.sent_order.popleft()
+            kept = self.sent_output.get(old_key)
+            if not kept or kept[0].output.seq != seq:
+                continue  # forgotten
+            self.sent_output_bytes -= len(kept.popleft().output.data)
+            self.sent_output_count -= 1
+            if old_key not in self.truncated:
+                self.truncated.add(old_key)
+                log.warning(
+                    "output of %s#%d sent more than the last %d bytes ago is no longer kept to send again; "
+                    "a coordinator crash now may lose some of it",
+                    old_key[0],
+                    old_key[1],
+                    SENT_OUTPUT_MAX_BYTES,
+                )
+        if len(self.sent_order) > 2 * self.sent_output_count + 64:
+            # Entries of forgotten attempts pile up while others live on.
+            self.sent_order = collections.deque(
+                (k, seq) for k, seq in self.sent_order if self.sent_output.get(k) and self.sent_output[k][0].output.seq <= seq
+            )
+
+    def _forget_output(self, key: Key) -> None:
+        kept = self.sent_output.pop(key, None)
+        if kept is not None:
+            self.sent_output_bytes -= sum(len(e.output.data) for e in kept)
+            self.sent_output_count -= len(kept)
+        self.truncated.discard(key)
+        if not self.sent_output:
+            self.sent_order.clear()
+            self.sent_finished.clear()

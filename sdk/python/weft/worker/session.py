@@ -69,6 +69,7 @@ class Session:
         self.closing = False
         self.dropped = False  # this side cancelled the call
         self.redeliver: List[node_pb2.NodeTaskEvent] = []  # listed in Register, sent after Registered
+        self.resend: List[node_pb2.NodeTaskEvent] = []  # kept output of listed attempts, sent first
         # Renewal: when to ask (Unix time), and the new key of the request
         # in flight (None when none is).
         self.renew_at = 0.0
@@ -121,6 +122,8 @@ class Sessions:
         # window (sent again right after Registered, before any credits).
         session.redeliver, keys = outbox.begin_session()
         keys.update(a.key for a in self._attempts.table.values() if not a.finished_sent)
+        # Output those attempts sent on earlier streams goes out again first.
+        session.resend = outbox.resendable(keys)
         running = [node_pb2.AttemptRef(task_id=t, attempt=n) for t, n in sorted(keys)]
         exec_mode, exec_allow = worker.exec_policy.register_fields()
         register = node_pb2.Register(
@@ -228,8 +231,9 @@ class Sessions:
         self._outbox.message_limit = registered.max_message_size or LEGACY_MESSAGE_LIMIT
         log.info("registered as node %s", registered.node_id)
         session.registered.set()
-        # Results an earlier stream took go out again first, then credits.
-        self._outbox.resend_first(session.redeliver)
+        # Output and results an earlier stream took go out again first (an
+        # attempt's chunks before its result), then credits.
+        self._outbox.resend_first(session.resend + session.redeliver)
         if self._slots.draining:
             self._outbox.control_first(node_pb2.NodeMessage(draining=node_pb2.Draining()))
             self._outbox.credits_open = True
