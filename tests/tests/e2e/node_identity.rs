@@ -571,10 +571,10 @@ async fn without_node_authentication_there_are_no_join_tokens_and_names_stay_uni
     cluster.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn identities_and_token_uses_survive_a_coordinator_restart() {
-    let cluster = TestCluster::builder().nodes(0).durable().start().await;
-    let mut admin = admin(&cluster).await;
+/// Joins "kept" and "gone" with one two-use token, revokes "gone", then
+/// restarts the coordinator: the token and both identities.
+async fn join_two_revoke_one_and_restart(cluster: &TestCluster) -> (String, Joined, Joined) {
+    let mut admin = admin(cluster).await;
     let (token, _) = join_token(&mut admin, 2, None).await;
     let kept = join(&token, "kept").await.expect("join");
     let gone = join(&token, "gone").await.expect("join");
@@ -585,6 +585,13 @@ async fn identities_and_token_uses_survive_a_coordinator_restart() {
         .await
         .expect("revoke");
     cluster.restart_coordinator().await;
+    (token, kept, gone)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identities_and_token_uses_survive_a_coordinator_restart() {
+    let cluster = TestCluster::builder().nodes(0).durable().start().await;
+    let (token, kept, gone) = join_two_revoke_one_and_restart(&cluster).await;
 
     // The joined node connects with the certificate it has; the revoked
     // one stays refused; the token's two uses stay used.
@@ -609,17 +616,7 @@ async fn a_coordinator_that_lost_its_store_but_kept_its_ca_still_refuses_revoked
     // revocation the store held; the CA (and the revocations kept beside
     // it) stays.
     let cluster = TestCluster::builder().nodes(0).start().await;
-    let mut admin = admin(&cluster).await;
-    let (token, _) = join_token(&mut admin, 2, None).await;
-    let kept = join(&token, "kept").await.expect("join");
-    let gone = join(&token, "gone").await.expect("join");
-    admin
-        .revoke_node(pb::RevokeNodeRequest {
-            node: "gone".into(),
-        })
-        .await
-        .expect("revoke");
-    cluster.restart_coordinator().await;
+    let (_, kept, gone) = join_two_revoke_one_and_restart(&cluster).await;
 
     // The revoked node stays refused; the other one's certificate, signed
     // by the same CA, is accepted under the id and name it names.
