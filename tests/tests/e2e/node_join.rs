@@ -159,12 +159,28 @@ async fn certificates_of_seconds_are_renewed_through_a_run_with_nothing_lost_or_
     let token = join_token(&cluster, 1).await;
     let node = joined_node(&cluster, "renewer", Some(&token), 4);
     let node_id = cluster.wait_for_nodes(1).await[0].id;
+    let renewals = || {
+        node.log_text()
+            .matches("renewed the node's certificate")
+            .count()
+    };
+    // Four waves of ten tasks; after each of the first three, the next
+    // waits for the node to renew its certificate while the wave runs, so
+    // the run spans several certificates.
     let mut ids = Vec::new();
-    for i in 0..40 {
-        let spec = TaskSpec::exec(["sh", "-c", &format!("sleep 0.4; echo t{i}")]);
-        ids.push(client.submit(spec).await.expect("submit"));
-        // Spreads the run over several certificate lifetimes.
-        tokio::time::sleep(Duration::from_millis(200)).await;
+    for wave in 0..4 {
+        let seen = renewals();
+        for i in wave * 10..(wave + 1) * 10 {
+            let spec = TaskSpec::exec(["sh", "-c", &format!("sleep 0.4; echo t{i}")]);
+            ids.push(client.submit(spec).await.expect("submit"));
+        }
+        if wave < 3 {
+            wait_until(default_timeout(), async || renewals() > seen)
+                .await
+                .unwrap_or_else(|e| {
+                    panic!("no renewal during wave {wave}: {e}\n{}", node.log_text())
+                });
+        }
     }
     for (i, id) in ids.into_iter().enumerate() {
         let task = cluster.wait_for_final(id).await;
@@ -173,11 +189,8 @@ async fn certificates_of_seconds_are_renewed_through_a_run_with_nothing_lost_or_
         assert_eq!(task.node_id, Some(node_id), "{task:?}");
         assert_eq!(stdout(&client, id).await, format!("t{i}\n"));
     }
-    let renewals = node
-        .log_text()
-        .matches("renewed the node's certificate")
-        .count();
-    assert!(renewals >= 3, "{renewals} renewals:\n{}", node.log_text());
+    let renewed = renewals();
+    assert!(renewed >= 3, "{renewed} renewals:\n{}", node.log_text());
     // One session all along, still the same node.
     let nodes = client.nodes().await.expect("nodes");
     assert_eq!((nodes.len(), nodes[0].id), (1, node_id));
