@@ -33,6 +33,15 @@ fn call_of_size(total: usize) -> TaskSpec {
     }
 }
 
+/// A cluster whose message limit is [`LIMIT`], with no node yet.
+async fn limited_cluster_without_nodes() -> TestCluster {
+    TestCluster::builder()
+        .nodes(0)
+        .max_message_size(LIMIT)
+        .start()
+        .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_spec_just_over_the_limit_is_resource_exhausted_and_one_just_under_runs() {
     let cluster = TestCluster::builder().max_message_size(LIMIT).start().await;
@@ -70,11 +79,7 @@ async fn a_spec_just_over_the_limit_is_resource_exhausted_and_one_just_under_run
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_over_the_limit_is_resource_exhausted_naming_it() {
-    let cluster = TestCluster::builder()
-        .nodes(0)
-        .max_message_size(LIMIT)
-        .start()
-        .await;
+    let cluster = limited_cluster_without_nodes().await;
     // Each spec fits; together they do not fit in one request.
     let half = call_of_size(LIMIT * 2 / 3);
     let mut raw = cluster.raw_tasks(Some(&cluster.admin_token())).await;
@@ -91,11 +96,7 @@ async fn a_request_over_the_limit_is_resource_exhausted_naming_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn specs_whose_sum_is_over_the_limit_are_split_and_a_small_task_is_unaffected() {
-    let cluster = TestCluster::builder()
-        .nodes(0)
-        .max_message_size(LIMIT)
-        .start()
-        .await;
+    let cluster = limited_cluster_without_nodes().await;
     let client = cluster.client().await;
     // Submitted separately while no node is there, so the node's first
     // credits take all three in one dispatch.
@@ -121,11 +122,7 @@ async fn no_assign_a_node_receives_is_larger_than_the_limit() {
     use weft_proto::pb::coordinator_message::Body as FromCoordinator;
     use weft_tests::fake_node::register;
 
-    let cluster = TestCluster::builder()
-        .nodes(0)
-        .max_message_size(LIMIT)
-        .start()
-        .await;
+    let cluster = limited_cluster_without_nodes().await;
     let client = cluster.client().await;
     let big = call_of_size(max_spec_bytes(LIMIT) * 2 / 3);
     let mut ids = Vec::new();
@@ -166,11 +163,7 @@ async fn no_assign_a_node_receives_is_larger_than_the_limit() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_list_page_ends_at_the_limit_and_the_client_goes_on_from_its_token() {
-    let cluster = TestCluster::builder()
-        .nodes(0)
-        .max_message_size(LIMIT)
-        .start()
-        .await;
+    let cluster = limited_cluster_without_nodes().await;
     let client = cluster.client().await;
     let big = call_of_size(max_spec_bytes(LIMIT) * 2 / 3);
     for _ in 0..3 {
