@@ -221,6 +221,7 @@ pub fn cluster_json(info: &ClusterInfo) -> Value {
         "nodes_lost": info.nodes_lost,
         "revoked_node_refusals": info.revoked_node_refusals,
         "foreign_events_refused": info.foreign_events_refused,
+        "attempts_not_started": info.attempts_not_started,
     })
 }
 
@@ -234,7 +235,7 @@ pub fn cluster_text(info: &ClusterInfo) -> String {
         .collect::<Vec<_>>()
         .join(", ");
     format!(
-        "version:       {}\nuptime:        {}\nnodes:         {} ({} lost since start)\nslots:         {} ({} free)\ntasks:         {}\nstale events:  {}\nrefused:       {} from revoked nodes, {} for another node's attempts",
+        "version:       {}\nuptime:        {}\nnodes:         {} ({} lost since start)\nslots:         {} ({} free)\ntasks:         {}\nstale events:  {}\nrefused:       {} from revoked nodes, {} for another node's attempts\nnot started:   {} attempts taken back after --start-timeout",
         info.version,
         short_duration(info.uptime),
         info.nodes,
@@ -249,6 +250,7 @@ pub fn cluster_text(info: &ClusterInfo) -> String {
         info.stale_events_refused,
         info.revoked_node_refusals,
         info.foreign_events_refused,
+        info.attempts_not_started,
     )
 }
 

@@ -191,6 +191,9 @@ pub struct ClusterInfo {
     /// Node events refused since start because their attempt is leased to
     /// another node.
     pub foreign_events_refused: u64,
+    /// Attempts taken back since start because their node had not started
+    /// them within the coordinator's start timeout.
+    pub attempts_not_started: u64,
 }
 
 impl ClusterInfo {
@@ -228,6 +231,7 @@ impl TryFrom<pb::ClusterInfoResponse> for ClusterInfo {
             nodes_lost: info.nodes_lost,
             revoked_node_refusals: info.revoked_node_refusals,
             foreign_events_refused: info.foreign_events_refused,
+            attempts_not_started: info.attempts_not_started,
         })
     }
 }

@@ -70,7 +70,17 @@ pub struct CoordinatorConfig {
     /// [`weft_proto::limits::MAX_MESSAGE_BYTES_CEILING`], which is what
     /// nodes decode.
     pub max_message_size: usize,
+    /// How long an attempt sent to a node may stay unstarted (no
+    /// `Started`) before it is taken back (`--start-timeout`, default
+    /// 30 s). A node that started none of its attempts in that time (it
+    /// does not read its stream, or cannot run anything) is declared
+    /// lost; a busy node that held a prefetched attempt that long only
+    /// gives that attempt back, at no cost to the task.
+    pub start_timeout: Duration,
 }
+
+/// Default of [`CoordinatorConfig::start_timeout`].
+pub const DEFAULT_START_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Default of [`CoordinatorConfig::node_cert_lifetime`].
 pub const DEFAULT_NODE_CERT_LIFETIME: Duration = Duration::from_secs(7 * 24 * 60 * 60);
@@ -131,6 +141,7 @@ impl Default for CoordinatorConfig {
             admin_token_file: None,
             node_cert_lifetime: DEFAULT_NODE_CERT_LIFETIME,
             max_message_size: weft_proto::limits::DEFAULT_MAX_MESSAGE_BYTES,
+            start_timeout: DEFAULT_START_TIMEOUT,
         }
     }
 }

@@ -46,6 +46,14 @@ struct Args {
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     heartbeat_timeout: Duration,
 
+    /// How long an attempt sent to a node may wait unstarted before it is
+    /// taken back and queued again (at no cost to the task). A node that
+    /// started none of its attempts in that time (it does not read its
+    /// stream, or cannot run anything) is declared lost. Must exceed the
+    /// time a node needs to start a process.
+    #[arg(long, default_value = "30s", value_parser = parse_start_timeout)]
+    start_timeout: Duration,
+
     /// Directory of the durable store (created if missing). Tasks, their
     /// events and results survive restarts there; one coordinator per dir.
     #[arg(long, env = "WEFT_DATA_DIR", default_value = "weft-data")]
@@ -187,6 +195,7 @@ impl From<&Args> for CoordinatorConfig {
             retention: args.retention,
             store_cache_size: args.store_cache_size,
             max_node_slots: args.max_node_slots,
+            start_timeout: args.start_timeout,
             insecure: args.insecure,
             tls: (!args.insecure).then(|| TlsConfig {
                 pki_dir: args
@@ -203,6 +212,18 @@ impl From<&Args> for CoordinatorConfig {
             ..CoordinatorConfig::default()
         }
     }
+}
+
+/// Parses `--start-timeout`: at least a second (a node needs that long to
+/// report an attempt it started on a loaded machine).
+fn parse_start_timeout(text: &str) -> Result<Duration, String> {
+    let timeout = parse_duration(text).map_err(|err| err.to_string())?;
+    if timeout < Duration::from_secs(1) {
+        return Err(format!(
+            "{timeout:?} is too short: nodes need time to start an attempt (at least 1s)"
+        ));
+    }
+    Ok(timeout)
 }
 
 /// Parses `--max-message-size`: a size within what nodes accept.

@@ -7,7 +7,7 @@
 //! services' (`service/node/codec.rs` for the node stream).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::{mpsc, oneshot};
@@ -40,8 +40,8 @@ pub(crate) enum ToNode {
     },
     /// Attempts to start, in one message.
     Assign(Vec<Assignment>),
-    /// An attempt to stop.
-    Cancel(CancelOrder),
+    /// Attempts to stop (one batch's, each its own `Cancel` on the wire).
+    Cancel(CancelBatch),
     /// Drain, within `grace` (`None`: the node's default).
     Drain(Option<Duration>),
     /// Keeps an idle stream from looking dead.
@@ -53,6 +53,37 @@ pub(crate) enum ToNode {
     /// PERMISSION_DENIED, so the node stops at once instead of
     /// reconnecting to hear it.
     Revoked,
+}
+
+/// The Cancels of one batch for one session, counted in the session's
+/// queued cancels until the stream takes them (dropped after encoding).
+#[derive(Debug)]
+pub(crate) struct CancelBatch {
+    /// The attempts to stop, in order.
+    pub orders: Vec<CancelOrder>,
+    /// How many `queued` counts for this batch.
+    counted: usize,
+    /// The session's count of cancels queued, less these when dropped.
+    queued: Arc<AtomicUsize>,
+}
+
+impl CancelBatch {
+    /// `orders`, counted in `queued` until dropped.
+    pub fn new(orders: Vec<CancelOrder>, queued: Arc<AtomicUsize>) -> CancelBatch {
+        let counted = orders.len();
+        queued.fetch_add(counted, Ordering::Relaxed);
+        CancelBatch {
+            orders,
+            counted,
+            queued,
+        }
+    }
+}
+
+impl Drop for CancelBatch {
+    fn drop(&mut self) {
+        self.queued.fetch_sub(self.counted, Ordering::Relaxed);
+    }
 }
 
 /// Messages to a node session's Connect response stream.

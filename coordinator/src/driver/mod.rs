@@ -54,6 +54,8 @@ use crate::scheduler::{
 };
 use crate::store::{Store, StoreError};
 use commit::{Batch, Committed, Pipeline, Reply, Started, coalesce};
+#[cfg(test)]
+pub(crate) use inbox::CancelBatch;
 pub(crate) use inbox::{Command, Handle, NodeTx, ToNode};
 use retention::Retention;
 use sessions::Sessions;

@@ -113,6 +113,7 @@ impl Scheduler {
                 secret_env,
             });
         self.change_state(id, TaskState::Assigned, None, String::new(), now.wall);
+        self.expect_start(id, attempt, session, now.instant);
         more
     }
 

@@ -90,6 +90,7 @@ impl Scheduler {
         let mut entry = NodeEntry::new(reg, now.instant);
         let name = std::sync::Arc::clone(&entry.name);
         let mut refused = Vec::new();
+        let mut unstarted = Vec::new();
         for (id, attempt) in running {
             let adoptable = self.tasks.get(&id).is_some_and(|t| {
                 matches!(t.state, TaskState::Assigned | TaskState::Running)
@@ -109,6 +110,9 @@ impl Scheduler {
                     let slots = self.queue.example(task.class).slots;
                     entry.used = entry.used.saturating_add(slots);
                     entry.running.insert(id, attempt);
+                    if task.state == TaskState::Assigned {
+                        unstarted.push((id, attempt));
+                    }
                 }
                 _ if self.recent.contains(id, attempt) => {}
                 _ => refused.push((id, attempt)),
@@ -116,6 +120,11 @@ impl Scheduler {
         }
         tracing::info!(node_id = %node_id, node_name = %entry.name, slots = entry.slots, adopted = entry.running.len(), "node registered");
         self.nodes.insert(session, entry);
+        // Claimed but not started (held queued): they must start in time
+        // from now, as if just sent.
+        for (id, attempt) in unstarted {
+            self.expect_start(id, attempt, session, now.instant);
+        }
         for (id, attempt) in refused {
             self.order_cancel(session, id, attempt, "attempt is no longer current".into());
         }

@@ -34,6 +34,7 @@ pub mod queue;
 pub mod recent;
 pub mod registry;
 mod retry;
+mod start;
 pub(crate) mod task;
 #[cfg(test)]
 mod tests;
@@ -97,6 +98,9 @@ pub struct SchedulerConfig {
     pub max_node_losses: u32,
     /// Most slots a node may declare, and most prefetch it gets.
     pub max_node_slots: u32,
+    /// How long an attempt sent to a node may stay unstarted (see
+    /// `CoordinatorConfig::start_timeout`).
+    pub start_timeout: Duration,
 }
 
 impl From<&CoordinatorConfig> for SchedulerConfig {
@@ -109,6 +113,7 @@ impl From<&CoordinatorConfig> for SchedulerConfig {
             restart_grace: config.restart_grace(),
             max_node_losses: config.max_node_losses,
             max_node_slots: config.max_node_slots,
+            start_timeout: config.start_timeout,
         }
     }
 }
@@ -234,6 +239,12 @@ pub struct ClusterStats {
     /// did (its node had dropped them from what it keeps to send again
     /// after a reconnect, or never kept them). Logged; not on the wire yet.
     pub output_chunks_missed: u64,
+    /// Attempts taken back because their node had not started them within
+    /// the start timeout.
+    pub attempts_not_started: u64,
+    /// Nodes declared lost for starting none of their attempts within the
+    /// start timeout (also counted in `nodes_lost`).
+    pub nodes_stuck: u64,
 }
 
 /// The scheduler. See the module docs.
@@ -252,6 +263,17 @@ pub struct Scheduler {
     revoked_node_refusals: u64,
     foreign_events_refused: u64,
     output_chunks_missed: u64,
+    /// Attempts taken back from a node that had not started them within
+    /// the start timeout.
+    attempts_not_started: u64,
+    /// Nodes declared lost for starting none of their attempts in time.
+    nodes_stuck: u64,
+    /// Attempts sent to nodes that must start by a deadline.
+    start_deadlines: start::StartDeadlines,
+    /// The Cancels ordered in this batch, so each attempt gets one however
+    /// many of its events a node sent (e.g. output resent after a long
+    /// partition).
+    cancels_ordered: HashSet<(SessionId, TaskId, Attempt)>,
     /// Node ids an admin revoked: never registered again. Revocations are
     /// rare admin acts, so this stays small.
     revoked: HashSet<NodeId>,
@@ -289,6 +311,10 @@ impl Scheduler {
             revoked_node_refusals: 0,
             foreign_events_refused: 0,
             output_chunks_missed: 0,
+            attempts_not_started: 0,
+            nodes_stuck: 0,
+            start_deadlines: start::StartDeadlines::default(),
+            cancels_ordered: HashSet::new(),
             revoked: HashSet::new(),
             revoked_sessions: HashSet::new(),
             orphans: Vec::new(),
@@ -518,6 +544,7 @@ impl Scheduler {
     /// node did not come back are requeued.
     pub fn tick(&mut self, now: Now) {
         self.recent.expire(now.instant);
+        self.expire_unstarted(now);
         while let Some((id, attempt)) = self.queue.pop_due(now.instant) {
             if let Some(task) = self.tasks.get_mut(&id)
                 && task.state == TaskState::Queued
@@ -565,10 +592,15 @@ impl Scheduler {
     /// When [`tick`](Self::tick) next has something to do.
     pub fn next_wakeup(&self) -> Option<Instant> {
         let orphan = self.orphans.iter().map(|(_, d)| *d).min();
-        [self.queue.next_due(), self.next_liveness_check, orphan]
-            .into_iter()
-            .flatten()
-            .min()
+        [
+            self.queue.next_due(),
+            self.next_liveness_check,
+            orphan,
+            self.start_deadlines.next(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     fn liveness_interval(&self) -> Duration {
@@ -580,6 +612,11 @@ impl Scheduler {
     /// the events since the last call produced.
     pub fn take_effects(&mut self, now: Now) -> Effects {
         self.dispatch(now);
+        if self.cancels_ordered.capacity() > 4096 {
+            self.cancels_ordered = HashSet::new(); // give a flood's memory back
+        } else {
+            self.cancels_ordered.clear();
+        }
         std::mem::take(&mut self.out)
     }
 
@@ -591,12 +628,8 @@ impl Scheduler {
         attempt: Attempt,
         reason: String,
     ) {
-        let out = self.out.nodes.entry(session).or_default();
-        if !out
-            .cancel
-            .iter()
-            .any(|c| c.task_id == task_id && c.attempt == attempt)
-        {
+        if self.cancels_ordered.insert((session, task_id, attempt)) {
+            let out = self.out.nodes.entry(session).or_default();
             out.cancel.push(CancelOrder {
                 task_id,
                 attempt,
@@ -640,6 +673,8 @@ impl Scheduler {
             revoked_node_refusals: self.revoked_node_refusals,
             foreign_events_refused: self.foreign_events_refused,
             output_chunks_missed: self.output_chunks_missed,
+            attempts_not_started: self.attempts_not_started,
+            nodes_stuck: self.nodes_stuck,
         }
     }
 

@@ -130,6 +130,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
             recovered_attempts: stats.recovered_attempts,
             revoked_node_refusals: stats.revoked_node_refusals + self.identities.refusals(),
             foreign_events_refused: stats.foreign_events_refused,
+            attempts_not_started: stats.attempts_not_started,
         }))
     }
 

@@ -8,6 +8,7 @@ mod identity;
 mod membership;
 mod restart;
 mod secrets;
+mod start;
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant, SystemTime};
@@ -38,6 +39,7 @@ fn config() -> SchedulerConfig {
         restart_grace: Duration::from_secs(10),
         max_node_losses: 2,
         max_node_slots: 1024,
+        start_timeout: Duration::from_secs(30),
     }
 }
 

@@ -18,7 +18,7 @@ use weft_proto::{
 
 use crate::driver::ToNode;
 use crate::error::Error;
-use crate::scheduler::{Assignment, NodeEventBody, NodeRegistration, NodeTaskEvent};
+use crate::scheduler::{Assignment, CancelOrder, NodeEventBody, NodeRegistration, NodeTaskEvent};
 
 /// A node's `Register`, validated.
 pub(super) fn registration(register: pb::Register) -> Result<NodeRegistration, Error> {
@@ -154,15 +154,22 @@ pub(super) fn encode(message: ToNode, max_message_size: usize) -> Encoded {
         ToNode::Assign(assignments) => {
             Encoded::Many(split_assign(&assignments, max_message_size).into_iter())
         }
+        // Each attempt its own `Cancel` (a reason is at most a few hundred
+        // bytes, so each fits any limit).
+        ToNode::Cancel(batch) => {
+            let cancels: Vec<pb::CoordinatorMessage> =
+                batch.orders.iter().map(cancel_to_pb).collect();
+            Encoded::Many(cancels.into_iter())
+        }
         other => Encoded::One(Some(to_node(other))),
     }
 }
 
 /// What one [`ToNode`] becomes on the wire.
 pub(super) enum Encoded {
-    /// Any message but an `Assign`.
+    /// Any message but an `Assign` or `Cancel`.
     One(Option<Result<pb::CoordinatorMessage, Status>>),
-    /// The `Assign` messages of one batch.
+    /// The `Assign` (or `Cancel`) messages of one batch.
     Many(std::vec::IntoIter<pb::CoordinatorMessage>),
 }
 
@@ -220,9 +227,19 @@ fn assignment_to_pb(a: &Assignment) -> pb::Assignment {
     }
 }
 
+fn cancel_to_pb(cancel: &CancelOrder) -> pb::CoordinatorMessage {
+    pb::CoordinatorMessage {
+        body: Some(pb::coordinator_message::Body::Cancel(pb::Cancel {
+            task_id: cancel.task_id.to_string(),
+            attempt: cancel.attempt.0,
+            reason: cancel.reason.clone(),
+        })),
+    }
+}
+
 /// Encodes one message for the node (an `Assign` unsplit: [`encode`]
-/// splits).
-pub(super) fn to_node(message: ToNode) -> Result<pb::CoordinatorMessage, Status> {
+/// splits; a batch of Cancels as its first: [`encode`] sends each).
+fn to_node(message: ToNode) -> Result<pb::CoordinatorMessage, Status> {
     use pb::coordinator_message::Body;
     let body = match message {
         ToNode::Registered {
@@ -239,11 +256,10 @@ pub(super) fn to_node(message: ToNode) -> Result<pb::CoordinatorMessage, Status>
         ToNode::Assign(assignments) => Body::Assign(pb::Assign {
             tasks: assignments.iter().map(assignment_to_pb).collect(),
         }),
-        ToNode::Cancel(cancel) => Body::Cancel(pb::Cancel {
-            task_id: cancel.task_id.to_string(),
-            attempt: cancel.attempt.0,
-            reason: cancel.reason,
-        }),
+        ToNode::Cancel(batch) => match batch.orders.first().map(cancel_to_pb) {
+            Some(pb::CoordinatorMessage { body: Some(body) }) => body,
+            _ => Body::Heartbeat(pb::Heartbeat {}),
+        },
         ToNode::Drain(grace) => Body::Drain(pb::Drain {
             grace: grace.map(duration_to_pb),
         }),
@@ -277,11 +293,11 @@ mod tests {
     use weft_proto::{TaskSpec, limits};
 
     use super::*;
-    use crate::scheduler::CancelOrder;
+    use crate::driver::CancelBatch;
 
     fn body(message: ToNode) -> pb::coordinator_message::Body {
-        match to_node(message) {
-            Ok(pb::CoordinatorMessage { body: Some(body) }) => body,
+        match encode(message, limits::DEFAULT_MAX_MESSAGE_BYTES).next() {
+            Some(Ok(pb::CoordinatorMessage { body: Some(body) })) => body,
             other => panic!("no body: {other:?}"),
         }
     }
@@ -307,11 +323,19 @@ mod tests {
         );
         let sent = assign.tasks[0].spec.clone().map(TaskSpec::try_from);
         assert_eq!(sent.and_then(Result::ok), Some(TaskSpec::clone(&spec)));
-        let cancel = body(ToNode::Cancel(CancelOrder {
+        let queued = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let order = |attempt| CancelOrder {
             task_id: id,
-            attempt: Attempt(2),
+            attempt: Attempt(attempt),
             reason: "why".into(),
-        }));
+        };
+        let batch = CancelBatch::new(vec![order(2), order(3)], Arc::clone(&queued));
+        assert_eq!(queued.load(std::sync::atomic::Ordering::Relaxed), 2);
+        let sent: Vec<_> = encode(ToNode::Cancel(batch), 1 << 20).collect();
+        // Each its own message; the session's count drops once encoded.
+        assert_eq!(sent.len(), 2);
+        assert_eq!(queued.load(std::sync::atomic::Ordering::Relaxed), 0);
+        let cancel = body(ToNode::Cancel(CancelBatch::new(vec![order(2)], queued)));
         let Body::Cancel(cancel) = cancel else {
             panic!("not a Cancel: {cancel:?}");
         };
