@@ -374,6 +374,21 @@ mod tests {
     }
 
     #[test]
+    fn the_start_timeout_defaults_to_30s_and_must_leave_nodes_time() {
+        let args = Args::try_parse_from(["weft-coordinator"]).unwrap();
+        let config = weft_coordinator::CoordinatorConfig::from(&args);
+        assert_eq!(config.start_timeout, std::time::Duration::from_secs(30));
+        let args = Args::try_parse_from(["weft-coordinator", "--start-timeout", "2m"]).unwrap();
+        assert_eq!(args.start_timeout, std::time::Duration::from_secs(120));
+        let err = Args::try_parse_from(["weft-coordinator", "--start-timeout", "200ms"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("at least 1s"), "{err}");
+        let help = Args::command().render_long_help().to_string();
+        assert!(help.contains("--start-timeout"), "{help}");
+    }
+
+    #[test]
     fn tls_is_the_default_and_insecure_turns_it_off() {
         let args = Args::try_parse_from(["weft-coordinator"]).unwrap();
         let config = weft_coordinator::CoordinatorConfig::from(&args);

@@ -282,6 +282,7 @@ mod tests {
             heartbeat_interval: Some(duration_to_pb(Duration::from_millis(250))),
             heartbeat_timeout: Some(duration_to_pb(Duration::ZERO)),
             max_message_size: 0,
+            start_timeout: None,
         })
         .unwrap();
         assert_eq!(

@@ -37,6 +37,8 @@ pub(crate) enum ToNode {
         heartbeat_timeout: Duration,
         /// The largest message either side sends on the stream.
         max_message_size: usize,
+        /// How long an attempt sent may stay unstarted.
+        start_timeout: Duration,
     },
     /// Attempts to start, in one message.
     Assign(Vec<Assignment>),

@@ -62,6 +62,7 @@ impl Sessions {
             heartbeat_interval: config.heartbeat_interval,
             heartbeat_timeout: config.heartbeat_timeout,
             max_message_size: config.max_message_size,
+            start_timeout: config.start_timeout,
         };
         if tx.try_send(registered).is_err() {
             token.cancel();

@@ -183,6 +183,7 @@ impl Conn {
             heartbeat_interval: Some(duration_to_pb(heartbeat)),
             heartbeat_timeout: Some(duration_to_pb(timeout)),
             max_message_size: 0,
+            start_timeout: None,
         }))
         .await;
         (register, node_id)

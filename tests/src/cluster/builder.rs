@@ -26,6 +26,7 @@ pub struct TestClusterBuilder {
     pub(super) max_queued: Option<usize>,
     pub(super) max_node_slots: Option<u32>,
     pub(super) max_message_size: Option<usize>,
+    pub(super) start_timeout: Option<Duration>,
     pub(super) log_filter: Option<String>,
     pub(super) insecure: bool,
     pub(super) cert_lifetime: Option<Duration>,
@@ -49,6 +50,7 @@ impl Default for TestClusterBuilder {
             max_queued: None,
             max_node_slots: None,
             max_message_size: None,
+            start_timeout: None,
             log_filter: None,
             insecure: false,
             cert_lifetime: None,
@@ -156,6 +158,13 @@ impl TestClusterBuilder {
     /// message it takes or sends a node). Default: the coordinator's own.
     pub fn max_message_size(mut self, bytes: usize) -> Self {
         self.max_message_size = Some(bytes);
+        self
+    }
+
+    /// Sets the coordinator's `--start-timeout` (how long an attempt sent
+    /// to a node may stay unstarted). Default: the coordinator's own.
+    pub fn start_timeout(mut self, timeout: Duration) -> Self {
+        self.start_timeout = Some(timeout);
         self
     }
 

@@ -66,6 +66,7 @@ pub(super) async fn start_coordinator(
             max_queued: settings.max_queued.unwrap_or(config.max_queued),
             max_node_slots: settings.max_node_slots.unwrap_or(config.max_node_slots),
             max_message_size: settings.max_message_size.unwrap_or(config.max_message_size),
+            start_timeout: settings.start_timeout.unwrap_or(config.start_timeout),
             node_cert_lifetime: settings
                 .node_cert_lifetime
                 .unwrap_or(config.node_cert_lifetime),
@@ -110,6 +111,10 @@ pub(super) async fn start_coordinator(
     if let Some(n) = settings.max_message_size {
         args.push("--max-message-size".to_owned());
         args.push(n.to_string());
+    }
+    if let Some(timeout) = settings.start_timeout {
+        args.push("--start-timeout".to_owned());
+        args.push(format!("{}ms", timeout.as_millis()));
     }
     if settings.insecure {
         args.push("--insecure".to_owned());

@@ -25,6 +25,7 @@ mod scheduling;
 mod secrets;
 mod shutdown;
 mod slots;
+mod stuck_nodes;
 mod tls;
 mod tokens;
 mod validation;

@@ -247,11 +247,13 @@ fn to_node(message: ToNode) -> Result<pb::CoordinatorMessage, Status> {
             heartbeat_interval,
             heartbeat_timeout,
             max_message_size,
+            start_timeout,
         } => Body::Registered(pb::Registered {
             node_id: node_id.to_string(),
             heartbeat_interval: Some(duration_to_pb(heartbeat_interval)),
             heartbeat_timeout: Some(duration_to_pb(heartbeat_timeout)),
             max_message_size: max_message_size as u64,
+            start_timeout: Some(duration_to_pb(start_timeout)),
         }),
         ToNode::Assign(assignments) => Body::Assign(pb::Assign {
             tasks: assignments.iter().map(assignment_to_pb).collect(),
