@@ -139,6 +139,39 @@ fn a_changed_byte_in_a_final_task_fails_its_reads_but_not_the_others() {
     assert_eq!(store.events(queued.id, 0, 10).unwrap().len(), 1);
 }
 
+#[test]
+fn a_damaged_final_task_past_its_retention_is_deleted_and_sweeps_go_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let (queued, done) = store_with_two_tasks(dir.path());
+    flip_a_byte_of(dir.path(), done.id);
+    let later = done.updated_at + Duration::from_secs(60);
+    let newer = TaskRecord {
+        updated_at: done.updated_at + Duration::from_secs(3600),
+        ..task(TaskState::Failed, "newer")
+    };
+    let store = RedbStore::open(dir.path()).unwrap();
+    store.commit(&[Record::Task(newer.clone())]).unwrap();
+
+    // The damaged record goes (its state read from the index), the sweep
+    // commits, and the next one deletes what comes after it.
+    assert_eq!(store.expire(later, 10).unwrap(), [TaskState::Succeeded]);
+    assert!(store.task(done.id).unwrap().is_none());
+    let much_later = newer.updated_at + Duration::from_secs(60);
+    assert_eq!(store.expire(much_later, 10).unwrap(), [TaskState::Failed]);
+    // The index no longer names it either, and listing works again.
+    assert!(
+        store
+            .list(Some(TaskState::Succeeded), None, 10)
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(store.list(None, None, 10).unwrap().len(), 1);
+    assert_eq!(
+        store.task(queued.id).unwrap().map(|t| t.state),
+        Some(TaskState::Queued)
+    );
+}
+
 fn start_config(dir: &Path) -> crate::CoordinatorConfig {
     crate::CoordinatorConfig {
         data_dir: Some(dir.to_owned()),

@@ -571,18 +571,39 @@ impl Store for RedbStore {
             for (at, key) in due {
                 by_time.remove((at, key)).or_backend(op)?;
                 let old = match tasks.remove(key).or_backend(op)? {
-                    Some(v) => {
-                        let bytes = unseal("tasks", SealKey::Id(key), v.value())?;
-                        Some(decode_task(TaskId::from_u128(key), bytes)?)
+                    Some(v) => Some(
+                        unseal("tasks", SealKey::Id(key), v.value())
+                            .and_then(|bytes| decode_task(TaskId::from_u128(key), bytes))
+                            .map(|task| task.state),
+                    ),
+                    None => None,
+                };
+                let state = match old {
+                    Some(Ok(state)) => Some(state),
+                    // A damaged record past its retention is deleted all
+                    // the same (it was due to go, and would otherwise stop
+                    // every later sweep); its state comes from the index.
+                    Some(Err(err)) => {
+                        tracing::warn!(task_id = %TaskId::from_u128(key), error = %err, "deleting a damaged finished task past its retention");
+                        let mut found = None;
+                        for state in TaskState::ALL.iter().copied() {
+                            if by_state
+                                .get((state_key(state), key))
+                                .or_backend(op)?
+                                .is_some()
+                            {
+                                found = Some(state);
+                                break;
+                            }
+                        }
+                        found
                     }
                     None => None,
                 };
-                if let Some(old) = old {
-                    by_state
-                        .remove((state_key(old.state), key))
-                        .or_backend(op)?;
-                    deltas[usize::from(state_key(old.state)) & 7] -= 1;
-                    removed.push(old.state);
+                if let Some(state) = state {
+                    by_state.remove((state_key(state), key)).or_backend(op)?;
+                    deltas[usize::from(state_key(state)) & 7] -= 1;
+                    removed.push(state);
                 }
                 events
                     .retain_in((key, 0)..=(key, u64::MAX), |_, _| false)
