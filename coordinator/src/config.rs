@@ -70,7 +70,37 @@ pub struct CoordinatorConfig {
     /// [`weft_proto::limits::MAX_MESSAGE_BYTES_CEILING`], which is what
     /// nodes decode.
     pub max_message_size: usize,
+    /// How long a new connection may take to finish its TLS handshake
+    /// and send the HTTP/2 client preface; one that has not is closed
+    /// (`--handshake-timeout`, default 10 s).
+    pub handshake_timeout: Duration,
+    /// Most connections open at once, those in their handshake included;
+    /// one past it is closed at once (`--max-connections`). `None`: the
+    /// descriptor limit (soft `RLIMIT_NOFILE`) less 128 for the rest of the
+    /// process (at least half of it), at most 100,000, read at start; so
+    /// connections never use up the descriptors the store needs.
+    pub max_connections: Option<usize>,
+    /// Most connections open at once from one IP address
+    /// (`--max-connections-per-ip`): one peer cannot take them all.
+    pub max_connections_per_ip: usize,
+    /// Most HTTP/2 streams (calls) open at once on one connection
+    /// (`--max-streams-per-connection`); a client past it waits.
+    pub max_streams_per_connection: u32,
 }
+
+/// Default of [`CoordinatorConfig::handshake_timeout`].
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Default of [`CoordinatorConfig::max_connections_per_ip`]: far above
+/// what one host's nodes and clients need (a node holds one connection,
+/// a client one per channel; `weft bench` runs 1,000 simulated nodes over
+/// 10), far below the descriptor limit.
+pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 128;
+
+/// Default of [`CoordinatorConfig::max_streams_per_connection`]: a node
+/// needs one stream plus its unary calls, a client a stream per call in
+/// flight (`weft bench` multiplexes 100 node sessions per connection).
+pub const DEFAULT_MAX_STREAMS_PER_CONNECTION: u32 = 256;
 
 /// Default of [`CoordinatorConfig::node_cert_lifetime`].
 pub const DEFAULT_NODE_CERT_LIFETIME: Duration = Duration::from_secs(7 * 24 * 60 * 60);
@@ -131,6 +161,10 @@ impl Default for CoordinatorConfig {
             admin_token_file: None,
             node_cert_lifetime: DEFAULT_NODE_CERT_LIFETIME,
             max_message_size: weft_proto::limits::DEFAULT_MAX_MESSAGE_BYTES,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            max_connections: None,
+            max_connections_per_ip: DEFAULT_MAX_CONNECTIONS_PER_IP,
+            max_streams_per_connection: DEFAULT_MAX_STREAMS_PER_CONNECTION,
         }
     }
 }
