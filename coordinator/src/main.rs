@@ -468,6 +468,52 @@ mod tests {
     }
 
     #[test]
+    fn connection_limits_have_defaults_and_refuse_zero() {
+        let config = |args: &[&str]| {
+            Args::try_parse_from([&["weft-coordinator"], args].concat())
+                .map(|args| weft_coordinator::CoordinatorConfig::from(&args))
+        };
+        let default = config(&[]).unwrap();
+        assert_eq!(default.handshake_timeout, std::time::Duration::from_secs(10));
+        assert_eq!(default.max_connections, None);
+        assert_eq!(default.max_connections_per_ip, 128);
+        assert_eq!(default.max_streams_per_connection, 256);
+        let set = config(&[
+            "--handshake-timeout",
+            "1s",
+            "--max-connections",
+            "500",
+            "--max-connections-per-ip",
+            "20",
+            "--max-streams-per-connection",
+            "64",
+        ])
+        .unwrap();
+        assert_eq!(
+            (
+                set.handshake_timeout,
+                set.max_connections,
+                set.max_connections_per_ip,
+                set.max_streams_per_connection
+            ),
+            (std::time::Duration::from_secs(1), Some(500), 20, 64)
+        );
+        for zero in [
+            "--handshake-timeout",
+            "--max-connections",
+            "--max-connections-per-ip",
+            "--max-streams-per-connection",
+        ] {
+            assert!(config(&[zero, "0"]).is_err(), "{zero} 0 accepted");
+        }
+        let help = Args::command().render_long_help().to_string();
+        assert!(
+            help.contains("ulimit -n") && help.contains("HTTP/2 client preface"),
+            "{help}"
+        );
+    }
+
+    #[test]
     fn exit_codes_are_documented_in_help() {
         let help = Args::command().render_long_help().to_string();
         for code in ["65", "70", "74", "130"] {
