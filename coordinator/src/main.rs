@@ -474,7 +474,10 @@ mod tests {
                 .map(|args| weft_coordinator::CoordinatorConfig::from(&args))
         };
         let default = config(&[]).unwrap();
-        assert_eq!(default.handshake_timeout, std::time::Duration::from_secs(10));
+        assert_eq!(
+            default.handshake_timeout,
+            std::time::Duration::from_secs(10)
+        );
         assert_eq!(default.max_connections, None);
         assert_eq!(default.max_connections_per_ip, 128);
         assert_eq!(default.max_streams_per_connection, 256);

@@ -31,7 +31,11 @@ const LOCAL: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 
 fn builder(insecure: bool) -> TestClusterBuilder {
     let builder = TestCluster::builder();
-    if insecure { builder.insecure() } else { builder }
+    if insecure {
+        builder.insecure()
+    } else {
+        builder
+    }
 }
 
 /// The coordinator's `host:port`.
@@ -139,10 +143,7 @@ async fn list_nodes_from(cluster: &TestCluster, source: IpAddr) -> Result<usize,
 
 async fn half_open_connections_are_closed_after_the_handshake_timeout(insecure: bool) {
     const TIMEOUT: Duration = Duration::from_secs(2);
-    let cluster = builder(insecure)
-        .handshake_timeout(TIMEOUT)
-        .start()
-        .await;
+    let cluster = builder(insecure).handshake_timeout(TIMEOUT).start().await;
     let addr = addr_of(&cluster);
     let opened = Instant::now();
     let mut silent = Vec::new();
@@ -168,7 +169,10 @@ async fn half_open_connections_are_closed_after_the_handshake_timeout(insecure: 
     }
     for stream in &mut no_preface {
         let closed = closed_within(stream, within).await;
-        assert!(closed.is_some(), "a connection without preface is still open");
+        assert!(
+            closed.is_some(),
+            "a connection without preface is still open"
+        );
     }
     let waited = opened.elapsed();
     assert!(
@@ -279,15 +283,14 @@ fn coordinator_log(cluster: &TestCluster) -> String {
     std::fs::read_to_string(cluster.dir().join("coordinator.log")).unwrap_or_default()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn out_of_descriptors_the_coordinator_waits_warns_and_recovers() {
+async fn out_of_descriptors_the_coordinator_waits_warns_and_recovers(insecure: bool) {
     if !TestCluster::builder().is_processes() {
         // The descriptor limit is a process's: in process it would be the
         // whole test binary's. WEFT_TEST_MODE=processes runs it.
         println!("skipping: needs the coordinator in its own process (WEFT_TEST_MODE=processes)");
         return;
     }
-    let cluster = TestCluster::builder()
+    let cluster = builder(insecure)
         .coordinator_descriptor_limit(128)
         // Caps above the descriptor limit, so the flood does use them up.
         .max_connections(100_000)
@@ -335,6 +338,16 @@ async fn out_of_descriptors_the_coordinator_waits_warns_and_recovers() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_descriptors_the_coordinator_waits_warns_and_recovers_over_tls() {
+    out_of_descriptors_the_coordinator_waits_warns_and_recovers(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_descriptors_the_coordinator_waits_warns_and_recovers_over_plaintext() {
+    out_of_descriptors_the_coordinator_waits_warns_and_recovers(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_the_default_cap_a_flood_never_uses_up_the_descriptors() {
     if !TestCluster::builder().is_processes() {
         // As above: the default cap is derived from the process's limit.
@@ -349,10 +362,17 @@ async fn with_the_default_cap_a_flood_never_uses_up_the_descriptors() {
         .start()
         .await;
     let mut open = flood(addr_of(&cluster), 450, default_timeout()).await;
-    assert_eq!(open.len(), 450, "every connection was taken off the backlog");
+    assert_eq!(
+        open.len(),
+        450,
+        "every connection was taken off the backlog"
+    );
     let mut closed = 0;
     for stream in &mut open {
-        if closed_within(stream, Duration::from_millis(50)).await.is_some() {
+        if closed_within(stream, Duration::from_millis(50))
+            .await
+            .is_some()
+        {
             closed += 1;
         }
     }
