@@ -33,6 +33,7 @@ pub struct TestClusterBuilder {
     pub(super) handshake_timeout: Option<Duration>,
     pub(super) max_connections: Option<usize>,
     pub(super) max_connections_per_ip: Option<usize>,
+    pub(super) max_streams_per_connection: Option<u32>,
     pub(super) descriptor_limit: Option<u64>,
 }
 
@@ -60,6 +61,7 @@ impl Default for TestClusterBuilder {
             handshake_timeout: None,
             max_connections: None,
             max_connections_per_ip: None,
+            max_streams_per_connection: None,
             descriptor_limit: None,
         }
     }
@@ -213,6 +215,13 @@ impl TestClusterBuilder {
     /// coordinator's own.
     pub fn max_connections_per_ip(mut self, n: usize) -> Self {
         self.max_connections_per_ip = Some(n);
+        self
+    }
+
+    /// The coordinator's `--max-streams-per-connection`. Default: the
+    /// coordinator's own.
+    pub fn max_streams_per_connection(mut self, n: u32) -> Self {
+        self.max_streams_per_connection = Some(n);
         self
     }
 

@@ -76,6 +76,9 @@ pub(super) async fn start_coordinator(
             max_connections_per_ip: settings
                 .max_connections_per_ip
                 .unwrap_or(config.max_connections_per_ip),
+            max_streams_per_connection: settings
+                .max_streams_per_connection
+                .unwrap_or(config.max_streams_per_connection),
             ..config
         };
         let running = weft_cluster::start_coordinator(config, listener)
@@ -128,6 +131,10 @@ pub(super) async fn start_coordinator(
     }
     if let Some(n) = settings.max_connections_per_ip {
         args.push("--max-connections-per-ip".to_owned());
+        args.push(n.to_string());
+    }
+    if let Some(n) = settings.max_streams_per_connection {
+        args.push("--max-streams-per-connection".to_owned());
         args.push(n.to_string());
     }
     if settings.insecure {

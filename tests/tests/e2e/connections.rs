@@ -5,7 +5,8 @@
 //! bytes that are not HTTP/2 are closed at once; a coordinator out of
 //! file descriptors waits instead of spinning, says so, and serves again
 //! once they are free. Meanwhile other clients and nodes keep working.
-//! Each over TLS (the default) and plaintext (`--insecure`).
+//! Each over TLS (the default) and plaintext (`--insecure`). Calls past
+//! `--max-streams-per-connection` wait in the client; none fails.
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -262,6 +263,60 @@ async fn a_peer_over_its_connection_cap_is_closed_at_once_over_tls() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_over_its_connection_cap_is_closed_at_once_over_plaintext() {
     a_peer_over_its_connection_cap_is_closed_at_once(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_past_the_streams_per_connection_wait_and_none_fails() {
+    let cluster = TestCluster::builder()
+        .slots(8)
+        .max_streams_per_connection(1)
+        .start()
+        .await;
+    // One connection, its settings known (a first call went through).
+    let client = cluster.client_with(Some(&cluster.admin_token())).await;
+    assert_eq!(client.nodes().await.expect("nodes").len(), 1);
+    // A watch holds the one stream: a call waits for it ...
+    let long = client
+        .submit(TaskSpec::call("sleep", "60s"))
+        .await
+        .expect("submit");
+    let mut watch = client.watch(long, 0).await.expect("watch");
+    futures::StreamExt::next(&mut watch)
+        .await
+        .expect("an event")
+        .expect("the watch is open");
+    let get = client.get(long);
+    tokio::pin!(get);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), &mut get)
+            .await
+            .is_err(),
+        "a call went past the stream cap"
+    );
+    // ... and goes through once it ends.
+    drop(watch);
+    get.await.expect("get once the watch ended");
+    client.cancel(long).await.expect("cancel");
+    // Many at once queue in the client; none fails.
+    let mut ids = Vec::new();
+    for _ in 0..6 {
+        ids.push(
+            client
+                .submit(TaskSpec::call("sleep", "100ms"))
+                .await
+                .expect("submit"),
+        );
+    }
+    let waits = futures::future::join_all(ids.iter().map(|&id| client.wait(id)));
+    let gets = futures::future::join_all(ids.iter().map(|&id| client.get(id)));
+    let (waited, got) = tokio::join!(waits, gets);
+    for task in waited {
+        assert_eq!(task.expect("wait").state, TaskState::Succeeded);
+    }
+    for task in got {
+        task.expect("get");
+    }
+    cluster.shutdown().await;
 }
 
 /// Opens up to `n` silent connections from 127.0.0.1, stopping at the
