@@ -99,8 +99,11 @@ pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 128;
 
 /// Default of [`CoordinatorConfig::max_streams_per_connection`]: a node
 /// needs one stream plus its unary calls, a client a stream per call in
-/// flight (`weft bench` multiplexes 100 node sessions per connection).
-pub const DEFAULT_MAX_STREAMS_PER_CONNECTION: u32 = 256;
+/// flight; `weft bench` keeps up to 256 `WaitMany` streams (its
+/// `--wait-concurrency`) and its submits on one connection, and its
+/// simulated nodes 100 sessions per connection, so nothing Weft ships
+/// ever waits for a stream.
+pub const DEFAULT_MAX_STREAMS_PER_CONNECTION: u32 = 1024;
 
 /// Default of [`CoordinatorConfig::node_cert_lifetime`].
 pub const DEFAULT_NODE_CERT_LIFETIME: Duration = Duration::from_secs(7 * 24 * 60 * 60);

@@ -480,7 +480,7 @@ mod tests {
         );
         assert_eq!(default.max_connections, None);
         assert_eq!(default.max_connections_per_ip, 128);
-        assert_eq!(default.max_streams_per_connection, 256);
+        assert_eq!(default.max_streams_per_connection, 1024);
         let set = config(&[
             "--handshake-timeout",
             "1s",
