@@ -274,7 +274,85 @@ fn warn_over_cap(over: Over, peer: SocketAddr, refused: u64) {
 
 #[cfg(test)]
 mod tests {
-    use super::max_connections_for;
+    use std::time::Duration;
+
+    use futures::StreamExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+    use tokio_util::sync::CancellationToken;
+    use tokio_util::task::TaskTracker;
+
+    use super::preface::PREFACE;
+    use super::{Limits, incoming, max_connections_for};
+
+    /// Whether the listener closed `stream` within `within`.
+    async fn closed(stream: &mut TcpStream, within: Duration) -> bool {
+        let mut buf = [0u8; 64];
+        matches!(
+            tokio::time::timeout(within, stream.read(&mut buf)).await,
+            Ok(Ok(0) | Err(_))
+        )
+    }
+
+    #[tokio::test]
+    async fn the_loop_yields_http2_connections_and_closes_the_rest() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cancel = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        let limits = Limits {
+            handshake_timeout: Duration::from_secs(3),
+            max_connections: 10,
+            max_connections_per_ip: 2,
+        };
+        let accepted = incoming(
+            listener,
+            |tcp| std::future::ready(Ok(tcp)),
+            limits,
+            cancel.clone(),
+            &tasks,
+        );
+        tokio::pin!(accepted);
+        // A client that speaks HTTP/2 gets through, the preface replayed.
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        client.write_all(PREFACE).await.unwrap();
+        let mut server = accepted.next().await.unwrap().unwrap();
+        let mut replayed = [0u8; 24];
+        server.read_exact(&mut replayed).await.unwrap();
+        assert_eq!(&replayed, PREFACE);
+        // A silent one is closed after the deadline; meanwhile it holds
+        // the second place this address has ...
+        let mut silent = TcpStream::connect(addr).await.unwrap();
+        // ... so a third is closed at once.
+        let mut third = TcpStream::connect(addr).await.unwrap();
+        // "At once": well within the handshake deadline.
+        let at_once = Duration::from_millis(1500);
+        assert!(closed(&mut third, at_once).await, "over the per-IP cap");
+        assert!(
+            !closed(&mut silent, at_once).await,
+            "closed before the deadline"
+        );
+        assert!(
+            closed(&mut silent, Duration::from_secs(5)).await,
+            "silent past the deadline"
+        );
+        // HTTP/1.1 is closed at once.
+        let mut http1 = TcpStream::connect(addr).await.unwrap();
+        http1.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+        assert!(closed(&mut http1, at_once).await, "not HTTP/2");
+        // The first connection's place is freed when tonic drops it.
+        drop(server);
+        let mut next = TcpStream::connect(addr).await.unwrap();
+        next.write_all(PREFACE).await.unwrap();
+        let _second = accepted.next().await.unwrap().unwrap();
+        let mut another = TcpStream::connect(addr).await.unwrap();
+        another.write_all(PREFACE).await.unwrap();
+        let _third = accepted.next().await.unwrap().unwrap();
+        cancel.cancel();
+        tasks.close();
+        tasks.wait().await;
+        drop(client);
+    }
 
     #[test]
     fn the_default_cap_leaves_descriptors_to_the_rest_of_the_process() {
