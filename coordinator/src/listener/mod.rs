@@ -202,7 +202,7 @@ where
                                 %peer,
                                 closed,
                                 handshake_timeout = ?limits.handshake_timeout,
-                                "closed connections that did not finish the TLS handshake and send the HTTP/2 preface within --handshake-timeout ({closed} since the last report; the latest from {peer})"
+                                "closed connections that did not finish the TLS handshake and send the HTTP/2 preface within --handshake-timeout (`closed`: how many since the last report; `peer`: the latest)"
                             );
                         }
                     }
@@ -235,19 +235,19 @@ fn warn_accept_failed(err: &io::Error, failures: u64, limits: Limits) {
             failures,
             max_connections = limits.max_connections,
             max_connections_per_ip = limits.max_connections_per_ip,
-            "cannot accept connections: the process is out of file descriptors ({failures} failed accepts since the last report); retrying with backoff. Raise the descriptor limit (`ulimit -n`, LimitNOFILE= under systemd) or lower --max-connections / --max-connections-per-ip"
+            "cannot accept connections: the process is out of file descriptors (`failures`: failed accepts since the last report); retrying with backoff. Raise the descriptor limit (`ulimit -n`, LimitNOFILE= under systemd) or lower --max-connections / --max-connections-per-ip"
         );
     } else if code == Some(Errno::ENOBUFS as i32) || code == Some(Errno::ENOMEM as i32) {
         tracing::warn!(
             error = %err,
             failures,
-            "cannot accept connections: out of memory for sockets ({failures} failed accepts since the last report); retrying with backoff"
+            "cannot accept connections: out of memory for sockets (`failures`: failed accepts since the last report); retrying with backoff"
         );
     } else {
         tracing::warn!(
             error = %err,
             failures,
-            "accepting a connection failed ({failures} failures since the last report); retrying with backoff"
+            "accepting connections failed (`failures`: how many since the last report); retrying with backoff"
         );
     }
 }
@@ -260,14 +260,13 @@ fn warn_over_cap(over: Over, peer: SocketAddr, refused: u64) {
             peer = %peer.ip(),
             refused,
             limit,
-            "closed connections over --max-connections-per-ip ({limit}): {refused} since the last report, the latest from {}",
-            peer.ip()
+            "closed connections over --max-connections-per-ip (`refused`: how many since the last report; `peer`: the latest)"
         ),
         Over::Total(limit) => tracing::warn!(
             peer = %peer.ip(),
             refused,
             limit,
-            "closed connections over --max-connections ({limit}): {refused} since the last report"
+            "closed connections over --max-connections (`refused`: how many since the last report)"
         ),
     }
 }
