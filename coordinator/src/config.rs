@@ -77,10 +77,43 @@ pub struct CoordinatorConfig {
     /// lost; a busy node that held a prefetched attempt that long only
     /// gives that attempt back, at no cost to the task.
     pub start_timeout: Duration,
+    /// How long a new connection may take to finish its TLS handshake
+    /// and send the HTTP/2 client preface; one that has not is closed
+    /// (`--handshake-timeout`, default 10 s).
+    pub handshake_timeout: Duration,
+    /// Most connections open at once, those in their handshake included;
+    /// one past it is closed at once (`--max-connections`). `None`: the
+    /// descriptor limit (soft `RLIMIT_NOFILE`) less 128 for the rest of the
+    /// process (at least half of it), at most 100,000, read at start; so
+    /// connections never use up the descriptors the store needs.
+    pub max_connections: Option<usize>,
+    /// Most connections open at once from one IP address
+    /// (`--max-connections-per-ip`): one peer cannot take them all.
+    pub max_connections_per_ip: usize,
+    /// Most HTTP/2 streams (calls) open at once on one connection
+    /// (`--max-streams-per-connection`); a client past it waits.
+    pub max_streams_per_connection: u32,
 }
 
 /// Default of [`CoordinatorConfig::start_timeout`].
 pub const DEFAULT_START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Default of [`CoordinatorConfig::handshake_timeout`].
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Default of [`CoordinatorConfig::max_connections_per_ip`]: far above
+/// what one host's nodes and clients need (a node holds one connection,
+/// a client one per channel; `weft bench` runs 1,000 simulated nodes over
+/// 10), far below the descriptor limit.
+pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 128;
+
+/// Default of [`CoordinatorConfig::max_streams_per_connection`]: a node
+/// needs one stream plus its unary calls, a client a stream per call in
+/// flight; `weft bench` keeps up to 256 `WaitMany` streams (its
+/// `--wait-concurrency`) and its submits on one connection, and its
+/// simulated nodes 100 sessions per connection, so nothing Weft ships
+/// ever waits for a stream.
+pub const DEFAULT_MAX_STREAMS_PER_CONNECTION: u32 = 1024;
 
 /// Default of [`CoordinatorConfig::node_cert_lifetime`].
 pub const DEFAULT_NODE_CERT_LIFETIME: Duration = Duration::from_secs(7 * 24 * 60 * 60);
@@ -142,6 +175,10 @@ impl Default for CoordinatorConfig {
             node_cert_lifetime: DEFAULT_NODE_CERT_LIFETIME,
             max_message_size: weft_proto::limits::DEFAULT_MAX_MESSAGE_BYTES,
             start_timeout: DEFAULT_START_TIMEOUT,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            max_connections: None,
+            max_connections_per_ip: DEFAULT_MAX_CONNECTIONS_PER_IP,
+            max_streams_per_connection: DEFAULT_MAX_STREAMS_PER_CONNECTION,
         }
     }
 }

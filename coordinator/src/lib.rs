@@ -31,19 +31,23 @@
 //!   the node stream's wire form, both directions; `join.rs`, `identity.rs`,
 //!   `renew.rs`: joining, certified sessions, renewal), `TaskService`,
 //!   `AdminService` (`node_admin.rs`: join tokens, `RevokeNode`).
+//! - `listener` — the one accept loop (TLS or plaintext): connection caps
+//!   per IP and in all, the handshake and HTTP/2 preface deadline, backoff
+//!   on accept errors (`caps`, `preface`, `backoff`).
 //! - `server` — the tonic server, health, serve-with-shutdown.
 //! - [`identity`] — joined nodes: the index `Join`, `Connect` and
 //!   `RevokeNode` check, and the rules (names, what a certified node may
 //!   claim).
 //! - [`tls`] — the cluster CA and serving certificates ([`tls::pki`]),
 //!   node certificates ([`tls::node_cert`]), interface addresses,
-//!   rotation, the TLS accept loop.
+//!   rotation, the TLS acceptor.
 
 pub mod auth;
 pub mod config;
 mod driver;
 pub mod error;
 pub mod identity;
+mod listener;
 pub mod scheduler;
 mod server;
 mod service;

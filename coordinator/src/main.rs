@@ -111,6 +111,56 @@ struct Args {
     )]
     max_message_size: usize,
 
+    /// How long a new connection may take to finish its TLS handshake and
+    /// send the HTTP/2 client preface (what every gRPC client sends
+    /// first); one that has not by then is closed, so connections that
+    /// open and stay silent cannot pile up. Bytes that are not HTTP/2 are
+    /// closed at once.
+    #[arg(
+        long,
+        env = "WEFT_HANDSHAKE_TIMEOUT",
+        default_value = "10s",
+        value_parser = parse_handshake_timeout
+    )]
+    handshake_timeout: Duration,
+
+    /// Most connections open at once (clients and nodes, those still in
+    /// their handshake included); a connection past it is closed at once
+    /// and a warning logged. Default: the descriptor limit (`ulimit -n`)
+    /// less 128 (at least half of it), at most 100000, so connections
+    /// never use up the descriptors the store needs.
+    #[arg(
+        long,
+        env = "WEFT_MAX_CONNECTIONS",
+        value_name = "N",
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    max_connections: Option<u64>,
+
+    /// Most connections open at once from one IP address; a connection
+    /// past it is closed at once and a warning logged, so one peer cannot
+    /// take the connections (or descriptors) everyone else needs. Each
+    /// node holds one connection and each client one per channel.
+    #[arg(
+        long,
+        env = "WEFT_MAX_CONNECTIONS_PER_IP",
+        value_name = "N",
+        default_value_t = weft_coordinator::config::DEFAULT_MAX_CONNECTIONS_PER_IP as u64,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    max_connections_per_ip: u64,
+
+    /// Most calls (HTTP/2 streams) open at once on one connection: a
+    /// node's session, a watch and each unary call in flight is one. A
+    /// client that wants more waits for one to end.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = weft_coordinator::config::DEFAULT_MAX_STREAMS_PER_CONNECTION,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    max_streams_per_connection: u32,
+
     /// Most memory the durable store's page cache may use: bytes, or a
     /// number with KiB, MiB or GiB (e.g. 64MiB). It holds recently read and
     /// written pages of the database file.
@@ -209,6 +259,13 @@ impl From<&Args> for CoordinatorConfig {
             admin_token_file: args.admin_token_file.clone(),
             node_cert_lifetime: args.node_cert_lifetime,
             max_message_size: args.max_message_size,
+            handshake_timeout: args.handshake_timeout,
+            max_connections: args
+                .max_connections
+                .map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
+            max_connections_per_ip: usize::try_from(args.max_connections_per_ip)
+                .unwrap_or(usize::MAX),
+            max_streams_per_connection: args.max_streams_per_connection,
             ..CoordinatorConfig::default()
         }
     }
@@ -222,6 +279,15 @@ fn parse_start_timeout(text: &str) -> Result<Duration, String> {
         return Err(format!(
             "{timeout:?} is too short: nodes need time to start an attempt (at least 1s)"
         ));
+    }
+    Ok(timeout)
+}
+
+/// Parses `--handshake-timeout`: a duration, not zero.
+fn parse_handshake_timeout(text: &str) -> Result<Duration, String> {
+    let timeout = parse_duration(text).map_err(|err| err.to_string())?;
+    if timeout.is_zero() {
+        return Err("must be more than 0 (e.g. 10s)".to_owned());
     }
     Ok(timeout)
 }
@@ -434,6 +500,55 @@ mod tests {
         assert_eq!(
             config(&["--node-cert-lifetime", "90s"]).node_cert_lifetime,
             std::time::Duration::from_secs(90)
+        );
+    }
+
+    #[test]
+    fn connection_limits_have_defaults_and_refuse_zero() {
+        let config = |args: &[&str]| {
+            Args::try_parse_from([&["weft-coordinator"], args].concat())
+                .map(|args| weft_coordinator::CoordinatorConfig::from(&args))
+        };
+        let default = config(&[]).unwrap();
+        assert_eq!(
+            default.handshake_timeout,
+            std::time::Duration::from_secs(10)
+        );
+        assert_eq!(default.max_connections, None);
+        assert_eq!(default.max_connections_per_ip, 128);
+        assert_eq!(default.max_streams_per_connection, 1024);
+        let set = config(&[
+            "--handshake-timeout",
+            "1s",
+            "--max-connections",
+            "500",
+            "--max-connections-per-ip",
+            "20",
+            "--max-streams-per-connection",
+            "64",
+        ])
+        .unwrap();
+        assert_eq!(
+            (
+                set.handshake_timeout,
+                set.max_connections,
+                set.max_connections_per_ip,
+                set.max_streams_per_connection
+            ),
+            (std::time::Duration::from_secs(1), Some(500), 20, 64)
+        );
+        for zero in [
+            "--handshake-timeout",
+            "--max-connections",
+            "--max-connections-per-ip",
+            "--max-streams-per-connection",
+        ] {
+            assert!(config(&[zero, "0"]).is_err(), "{zero} 0 accepted");
+        }
+        let help = Args::command().render_long_help().to_string();
+        assert!(
+            help.contains("ulimit -n") && help.contains("HTTP/2 client preface"),
+            "{help}"
         );
     }
 

@@ -9,14 +9,15 @@
 //! is rewrites a status code and counts nothing (see [`client_codes`]).
 //!
 //! Every service decodes messages up to `--max-message-size` (tonic's
-//! default would be 4 MiB whatever the flag says).
+//! default would be 4 MiB whatever the flag says). Connections reach tonic
+//! through `crate::listener` (caps, handshake deadline); streams per
+//! connection are capped here (`--max-streams-per-connection`).
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Server;
-use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
@@ -29,6 +30,7 @@ use std::sync::Arc;
 use crate::auth::{Authenticator, TokenIndex};
 use crate::driver::Handle;
 use crate::identity::Identities;
+use crate::listener::Limits;
 use crate::service::admin::AdminApi;
 use crate::service::node::NodeApi;
 use crate::service::task::TaskApi;
@@ -46,8 +48,8 @@ pub(crate) async fn mark_serving(reporter: &HealthReporter) {
 }
 
 /// Serves until `cancel` fires, then stops accepting and lets open streams
-/// end: over TLS when `tls` is given (handshakes done by
-/// [`ServerTls::incoming`], so tonic sees finished TLS streams and
+/// end: over TLS when `tls` is given (handshakes done by the listener with
+/// [`ServerTls::acceptor`], so tonic sees finished TLS streams and
 /// `Request::peer_certs()` works), plaintext otherwise.
 pub(crate) async fn serve(
     (listener, listen, tls, tasks): (
@@ -70,8 +72,14 @@ pub(crate) async fn serve(
     let authenticator = Authenticator {
         index: auth.then(|| Arc::clone(&tokens)),
     };
-    let max = handle.config.max_message_size;
+    let config = Arc::clone(&handle.config);
+    let max = config.max_message_size;
     let router = Server::builder()
+        // Set, because tonic's default is no limit at all (hyper's 200
+        // applies only when nothing is set, and tonic always sets it): a
+        // peer may not open streams without end on one connection. A
+        // client past it waits for a stream to end (HTTP/2 clients queue).
+        .max_concurrent_streams(config.max_streams_per_connection)
         // Outermost, so it sees every answer: a request past
         // --max-message-size is refused by tonic's decoder as OUT_OF_RANGE,
         // and bytes that are not the message as INTERNAL, before any
@@ -110,15 +118,31 @@ pub(crate) async fn serve(
             .max_decoding_message_size(max),
             authenticator,
         ));
+    // Both paths share the one accept loop (caps, the handshake and
+    // preface deadline, backoff on accept errors): see `crate::listener`.
+    let limits = Limits::of(&config);
     match tls.as_deref() {
         Some(tls) => {
-            let incoming = tls.incoming(listener, cancel.clone(), tasks);
+            let acceptor = tls.acceptor();
+            let incoming = crate::listener::incoming(
+                listener,
+                move |tcp| acceptor.accept(tcp),
+                limits,
+                cancel.clone(),
+                tasks,
+            );
             router
                 .serve_with_incoming_shutdown(incoming, cancel.cancelled_owned())
                 .await
         }
         None => {
-            let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+            let incoming = crate::listener::incoming(
+                listener,
+                |tcp| std::future::ready(Ok(tcp)),
+                limits,
+                cancel.clone(),
+                tasks,
+            );
             router
                 .serve_with_incoming_shutdown(incoming, cancel.cancelled_owned())
                 .await

@@ -1,13 +1,13 @@
 //! TLS on the coordinator's listener: the cluster CA and serving
 //! certificates ([`pki`]), the rustls server configuration with a
 //! certificate that rotates without a restart ([`RotatingCert`]), and the
-//! accept loop that hands finished TLS streams to tonic ([`incoming`]).
+//! acceptor the listener (`crate::listener`) runs each handshake with.
 //!
 //! Clients are asked for a certificate but not required to give one; one
 //! that is given must chain to the cluster CA (and, for rustls's client
 //! verifier, have the clientAuth usage). Node certificates ([`node_cert`],
 //! issued on join) are read from `Request::peer_certs()` by the node
-//! service: the accept loop yields `tokio_rustls` server streams, for
+//! service: the listener hands tonic `tokio_rustls` server streams, for
 //! which tonic records the peer's chain.
 
 pub mod interfaces;
@@ -21,28 +21,17 @@ use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
-use futures::Stream;
 use rcgen::SanType;
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use rustls::{RootCertStore, ServerConfig};
-use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
-use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use pki::{Ca, PkiError};
 
 /// Default lifetime of a serving certificate.
 pub const DEFAULT_CERT_LIFETIME: Duration = Duration::from_secs(7 * 24 * 60 * 60);
-
-/// How long a peer may take to finish the TLS handshake.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Connections whose handshake is in progress, at most; more wait in the
-/// kernel's backlog.
-const MAX_HANDSHAKES: usize = 1024;
 
 /// TLS settings of a coordinator.
 #[derive(Clone, Debug)]
@@ -274,63 +263,10 @@ impl ServerTls {
         }
     }
 
-    /// Accepts TCP connections on `listener` and yields those whose TLS
-    /// handshake finished within [`HANDSHAKE_TIMEOUT`]; handshakes run
-    /// concurrently, so a slow peer holds no one else up.
-    pub fn incoming(
-        &self,
-        listener: TcpListener,
-        cancel: CancellationToken,
-        tasks: &TaskTracker,
-    ) -> impl Stream<Item = io::Result<TlsStream<TcpStream>>> + use<> {
-        let (tx, rx) = tokio::sync::mpsc::channel(64);
-        let acceptor = self.acceptor.clone();
-        let limit = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
-        let handshakes = tasks.clone();
-        tasks.spawn(async move {
-            loop {
-                let Ok(permit) = Arc::clone(&limit).acquire_owned().await else {
-                    return;
-                };
-                let accepted = tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    accepted = listener.accept() => accepted,
-                };
-                let (tcp, peer) = match accepted {
-                    Ok(accepted) => accepted,
-                    Err(err) => {
-                        // Out of descriptors and the like: wait, go on.
-                        tracing::warn!(error = %err, "accepting a connection failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let _ = tcp.set_nodelay(true);
-                let acceptor = acceptor.clone();
-                let tx = tx.clone();
-                let cancel = cancel.clone();
-                handshakes.spawn(async move {
-                    let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp));
-                    let result = tokio::select! {
-                        _ = cancel.cancelled() => return,
-                        result = handshake => result,
-                    };
-                    drop(permit);
-                    match result {
-                        Ok(Ok(stream)) => {
-                            let _ = tx.send(Ok(stream)).await;
-                        }
-                        Ok(Err(err)) => {
-                            tracing::debug!(%peer, error = %err, "TLS handshake failed");
-                        }
-                        Err(_) => {
-                            tracing::debug!(%peer, "TLS handshake timed out");
-                        }
-                    }
-                });
-            }
-        });
-        tokio_stream::wrappers::ReceiverStream::new(rx)
+    /// The TLS acceptor new connections are handshaken with; the accept
+    /// loop, its deadline and caps are `crate::listener`'s.
+    pub(crate) fn acceptor(&self) -> TlsAcceptor {
+        self.acceptor.clone()
     }
 }
 

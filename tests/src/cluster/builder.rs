@@ -31,6 +31,11 @@ pub struct TestClusterBuilder {
     pub(super) insecure: bool,
     pub(super) cert_lifetime: Option<Duration>,
     pub(super) node_cert_lifetime: Option<Duration>,
+    pub(super) handshake_timeout: Option<Duration>,
+    pub(super) max_connections: Option<usize>,
+    pub(super) max_connections_per_ip: Option<usize>,
+    pub(super) max_streams_per_connection: Option<u32>,
+    pub(super) descriptor_limit: Option<u64>,
 }
 
 impl Default for TestClusterBuilder {
@@ -55,6 +60,11 @@ impl Default for TestClusterBuilder {
             insecure: false,
             cert_lifetime: None,
             node_cert_lifetime: None,
+            handshake_timeout: None,
+            max_connections: None,
+            max_connections_per_ip: None,
+            max_streams_per_connection: None,
+            descriptor_limit: None,
         }
     }
 }
@@ -194,6 +204,48 @@ impl TestClusterBuilder {
     pub fn node_cert_lifetime(mut self, lifetime: Duration) -> Self {
         self.node_cert_lifetime = Some(lifetime);
         self
+    }
+
+    /// The coordinator's `--handshake-timeout` (TLS handshake and HTTP/2
+    /// preface). Default: the coordinator's own (10 s).
+    pub fn handshake_timeout(mut self, timeout: Duration) -> Self {
+        self.handshake_timeout = Some(timeout);
+        self
+    }
+
+    /// The coordinator's `--max-connections`. Default: the coordinator's
+    /// own (derived from its descriptor limit).
+    pub fn max_connections(mut self, n: usize) -> Self {
+        self.max_connections = Some(n);
+        self
+    }
+
+    /// The coordinator's `--max-connections-per-ip`. Default: the
+    /// coordinator's own.
+    pub fn max_connections_per_ip(mut self, n: usize) -> Self {
+        self.max_connections_per_ip = Some(n);
+        self
+    }
+
+    /// The coordinator's `--max-streams-per-connection`. Default: the
+    /// coordinator's own.
+    pub fn max_streams_per_connection(mut self, n: u32) -> Self {
+        self.max_streams_per_connection = Some(n);
+        self
+    }
+
+    /// Process mode only: runs the coordinator with at most `n` open file
+    /// descriptors (`ulimit -n`), for scenarios that use them all up. In
+    /// process it would limit the whole test binary, so it is not applied.
+    pub fn coordinator_descriptor_limit(mut self, n: u64) -> Self {
+        self.descriptor_limit = Some(n);
+        self
+    }
+
+    /// Whether the cluster runs as real processes (`.processes()` or
+    /// `WEFT_TEST_MODE=processes`).
+    pub fn is_processes(&self) -> bool {
+        self.processes
     }
 
     /// Gives the coordinator a data dir in the cluster's temp dir, so it

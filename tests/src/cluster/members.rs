@@ -70,6 +70,16 @@ pub(super) async fn start_coordinator(
             node_cert_lifetime: settings
                 .node_cert_lifetime
                 .unwrap_or(config.node_cert_lifetime),
+            handshake_timeout: settings
+                .handshake_timeout
+                .unwrap_or(config.handshake_timeout),
+            max_connections: settings.max_connections.or(config.max_connections),
+            max_connections_per_ip: settings
+                .max_connections_per_ip
+                .unwrap_or(config.max_connections_per_ip),
+            max_streams_per_connection: settings
+                .max_streams_per_connection
+                .unwrap_or(config.max_streams_per_connection),
             ..config
         };
         let running = weft_cluster::start_coordinator(config, listener)
@@ -115,6 +125,22 @@ pub(super) async fn start_coordinator(
     if let Some(timeout) = settings.start_timeout {
         args.push("--start-timeout".to_owned());
         args.push(format!("{}ms", timeout.as_millis()));
+    }
+    if let Some(timeout) = settings.handshake_timeout {
+        args.push("--handshake-timeout".to_owned());
+        args.push(format!("{}ms", timeout.as_millis()));
+    }
+    if let Some(n) = settings.max_connections {
+        args.push("--max-connections".to_owned());
+        args.push(n.to_string());
+    }
+    if let Some(n) = settings.max_connections_per_ip {
+        args.push("--max-connections-per-ip".to_owned());
+        args.push(n.to_string());
+    }
+    if let Some(n) = settings.max_streams_per_connection {
+        args.push("--max-streams-per-connection".to_owned());
+        args.push(n.to_string());
     }
     if settings.insecure {
         args.push("--insecure".to_owned());
@@ -277,6 +303,17 @@ fn spawn(
     settings: &TestClusterBuilder,
 ) -> ChildProcess {
     let mut spawn = Spawn::new(bin_path(bin), dir, label).args(args);
+    if let Some(n) = settings.descriptor_limit
+        && bin == "weft-coordinator"
+    {
+        // The shell sets the limit and execs the binary ($0) with its
+        // flags ($@), so the child's pid is the coordinator's.
+        spawn = spawn.wrapper([
+            "/bin/sh".to_owned(),
+            "-c".to_owned(),
+            format!("ulimit -n {n} && exec \"$0\" \"$@\""),
+        ]);
+    }
     if let Some(filter) = &settings.log_filter {
         spawn = spawn.log_filter(filter);
     }

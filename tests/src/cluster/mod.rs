@@ -236,6 +236,14 @@ impl TestCluster {
         self.lock_nodes().keys().cloned().collect()
     }
 
+    /// Process mode: the OS pid of the `weft-coordinator` process.
+    pub fn coordinator_pid(&self) -> Option<u32> {
+        match &*self.coordinator.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some(Coordinator::Process(child)) => child.pid(),
+            _ => None,
+        }
+    }
+
     /// Process mode: the OS pid of node `name`'s `weft-node` process.
     pub fn node_pid(&self, name: &str) -> Option<u32> {
         match self.lock_nodes().get(name) {
