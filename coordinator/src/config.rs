@@ -26,6 +26,17 @@ pub struct CoordinatorConfig {
     /// Events buffered per live watcher; a watcher further behind is
     /// dropped from live delivery and resumes from the store.
     pub watch_buffer: usize,
+    /// Most bytes of events queued towards one `Watch`/`Run` stream (the
+    /// driver's live feed and the queue towards the client together); a
+    /// watcher past it is dropped from live delivery and resumes from the
+    /// store, as a lagging one does (`--watch-buffer-bytes`, default
+    /// [`DEFAULT_WATCH_BUFFER_BYTES`]).
+    pub watch_buffer_bytes: usize,
+    /// Most `Watch`, `Run` and `WaitMany` streams one client (its token,
+    /// or its IP address without auth) has open at once; one more is
+    /// RESOURCE_EXHAUSTED (`--max-streams-per-client`, default
+    /// [`DEFAULT_MAX_STREAMS_PER_CLIENT`]).
+    pub max_streams_per_client: usize,
     /// After a restart, how long attempts the store has on a node wait for
     /// that node to reconnect and claim them before they are requeued.
     /// `None`: twice the heartbeat timeout.
@@ -75,6 +86,17 @@ pub struct CoordinatorConfig {
 /// Default of [`CoordinatorConfig::node_cert_lifetime`].
 pub const DEFAULT_NODE_CERT_LIFETIME: Duration = Duration::from_secs(7 * 24 * 60 * 60);
 
+/// Default of [`CoordinatorConfig::watch_buffer_bytes`]: 1 MiB, 32 full
+/// output chunks.
+pub const DEFAULT_WATCH_BUFFER_BYTES: usize = 1 << 20;
+
+/// Smallest [`CoordinatorConfig::watch_buffer_bytes`]: two full output
+/// chunks.
+pub const MIN_WATCH_BUFFER_BYTES: usize = 64 << 10;
+
+/// Default of [`CoordinatorConfig::max_streams_per_client`].
+pub const DEFAULT_MAX_STREAMS_PER_CLIENT: usize = 256;
+
 /// Default of [`CoordinatorConfig::max_node_slots`]: far above any one
 /// machine's cores, far below what would pull in the whole queue.
 pub const DEFAULT_MAX_NODE_SLOTS: u32 = 1024;
@@ -120,6 +142,8 @@ impl Default for CoordinatorConfig {
             retry_backoff_max: Duration::from_secs(10),
             max_batch: 1024,
             watch_buffer: 1024,
+            watch_buffer_bytes: DEFAULT_WATCH_BUFFER_BYTES,
+            max_streams_per_client: DEFAULT_MAX_STREAMS_PER_CLIENT,
             restart_grace: None,
             max_node_losses: 2,
             retention: Duration::from_secs(24 * 60 * 60),
