@@ -142,14 +142,14 @@ pub(crate) fn event_bytes(event: &TaskEvent) -> usize {
         }
 }
 
-/// Events to read in the next page of history: as many as fit in a
-/// quarter of the budget, guessing each as large as the largest of the
-/// previous page (of an output chunk for the first), 1 to
-/// [`HISTORY_PAGE`]. So a stalled stream holds at most about its budget
-/// queued plus a quarter of it read from the store.
-fn page_len(limit: usize, previous: Option<usize>) -> usize {
-    let each = previous.unwrap_or(MAX_OUTPUT_CHUNK + EVENT_OVERHEAD).max(1);
-    (limit / 4 / each).clamp(1, HISTORY_PAGE)
+/// Events to read per page of history: as many full output chunks as fit
+/// in a quarter of `limit`, 1 to [`HISTORY_PAGE`]. Sizes are not known
+/// before the read, so every event counts as a full chunk (a guess from
+/// earlier pages would read a page of full chunks after small events):
+/// a stalled stream holds at most about its budget queued plus a quarter
+/// of it read from the store.
+fn page_len(limit: usize) -> usize {
+    (limit / 4 / (MAX_OUTPUT_CHUNK + EVENT_OVERHEAD)).clamp(1, HISTORY_PAGE)
 }
 
 /// One live watcher: its channel and its stream's budget.
@@ -369,7 +369,7 @@ async fn feed_events(
     budget: Arc<WatchBudget>,
     out: mpsc::Sender<Result<TaskEvent, Error>>,
 ) {
-    let mut largest = None;
+    let page = page_len(budget.limit);
     loop {
         // Register first, then read history: the driver guarantees that
         // everything not in the live feed is already in the store.
@@ -388,9 +388,9 @@ async fn feed_events(
             }
         };
         loop {
-            let (from, limit) = (next, page_len(budget.limit, largest));
+            let from = next;
             let page = blocking(&handle.store, "reading events", move |store| {
-                store.events(id, from, limit)
+                store.events(id, from, page)
             })
             .await;
             let page = match page {
@@ -403,7 +403,6 @@ async fn feed_events(
             if page.is_empty() {
                 break;
             }
-            largest = page.iter().map(event_bytes).max();
             for event in page {
                 next = event.seq + 1;
                 let last = event.body.is_finished();

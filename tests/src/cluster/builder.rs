@@ -26,6 +26,7 @@ pub struct TestClusterBuilder {
     pub(super) max_queued: Option<usize>,
     pub(super) max_node_slots: Option<u32>,
     pub(super) max_message_size: Option<usize>,
+    pub(super) max_streams_per_client: Option<usize>,
     pub(super) log_filter: Option<String>,
     pub(super) insecure: bool,
     pub(super) cert_lifetime: Option<Duration>,
@@ -49,6 +50,7 @@ impl Default for TestClusterBuilder {
             max_queued: None,
             max_node_slots: None,
             max_message_size: None,
+            max_streams_per_client: None,
             log_filter: None,
             insecure: false,
             cert_lifetime: None,
@@ -156,6 +158,14 @@ impl TestClusterBuilder {
     /// message it takes or sends a node). Default: the coordinator's own.
     pub fn max_message_size(mut self, bytes: usize) -> Self {
         self.max_message_size = Some(bytes);
+        self
+    }
+
+    /// Sets the coordinator's `--max-streams-per-client` (Watch, Run and
+    /// WaitMany streams one client may have open). Default: the
+    /// coordinator's own.
+    pub fn max_streams_per_client(mut self, n: usize) -> Self {
+        self.max_streams_per_client = Some(n);
         self
     }
 

@@ -244,6 +244,15 @@ impl TestCluster {
         }
     }
 
+    /// Process mode: the OS pid of the `weft-coordinator` process.
+    pub fn coordinator_pid(&self) -> Option<u32> {
+        let coordinator = self.coordinator.lock().unwrap_or_else(|e| e.into_inner());
+        match coordinator.as_ref() {
+            Some(Coordinator::Process(child)) => child.pid(),
+            _ => None,
+        }
+    }
+
     /// Waits until the coordinator lists exactly `n` nodes; returns them.
     pub async fn wait_for_nodes(&self, n: usize) -> Vec<NodeInfo> {
         let client = self.client().await;

@@ -28,3 +28,4 @@ mod slots;
 mod tls;
 mod tokens;
 mod validation;
+mod watch_limits;
