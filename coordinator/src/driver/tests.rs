@@ -27,7 +27,7 @@ use tokio_util::task::TaskTracker;
 
 use weft_proto::{Attempt, NodeId, TaskId, TaskSpec, TaskState};
 
-use super::watch::{WatchBudget, event_bytes};
+use super::watch::{WatchBudget, event_bytes, page_len};
 use super::{Command, Handle, ToNode, follow};
 use crate::Failure;
 use crate::config::CoordinatorConfig;
@@ -684,4 +684,15 @@ async fn a_budget_always_takes_an_event_when_empty_and_a_release_wakes_the_waite
         .await
         .unwrap_or_else(|err| panic!("{err}"));
     assert_eq!(budget.queued(), 10);
+}
+
+#[test]
+fn a_history_page_of_full_output_chunks_fits_in_a_quarter_of_the_budget() {
+    let full = weft_proto::limits::MAX_OUTPUT_CHUNK + 128;
+    for limit in [64 << 10, 1 << 20, 16 << 20] {
+        let n = page_len(limit);
+        assert!(n >= 1 && (n == 1 || n * full <= limit / 4), "{limit}: {n}");
+    }
+    assert_eq!(page_len(1 << 20), 7);
+    assert_eq!(page_len(1 << 30), 256, "never more than a page of 256");
 }

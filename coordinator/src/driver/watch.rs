@@ -17,8 +17,9 @@
 //! live, the stream subtracts it as the event leaves towards the client;
 //! an event that would take a watcher past its budget drops it from live
 //! delivery, as a full channel does, and history waits for room. So a
-//! client that never reads costs at most about its budget (plus one page
-//! of history read from the store), however much it falls behind.
+//! client that never reads costs at most about its budget (plus a page
+//! of history read from the store, a quarter of it), however much it
+//! falls behind.
 //!
 //! `WaitMany` waiters register the same way for many ids at once: when
 //! tasks finalize, their final records go to each waiter as one batch per
@@ -148,7 +149,7 @@ pub(crate) fn event_bytes(event: &TaskEvent) -> usize {
 /// earlier pages would read a page of full chunks after small events):
 /// a stalled stream holds at most about its budget queued plus a quarter
 /// of it read from the store.
-fn page_len(limit: usize) -> usize {
+pub(super) fn page_len(limit: usize) -> usize {
     (limit / 4 / (MAX_OUTPUT_CHUNK + EVENT_OVERHEAD)).clamp(1, HISTORY_PAGE)
 }
 
