@@ -231,7 +231,9 @@ pub enum Command {
     /// skipped. Each task's stdout is printed when it finishes; exits 1 if
     /// any task failed.
     Map {
-        /// Tasks in flight at once (default: the cluster's free slots, at least 1).
+        /// Tasks in flight at once (default: the cluster's free slots, at
+        /// least 1 and at most 512: each is a stream, and a coordinator lets
+        /// one client hold 1,024 at once by default).
         #[arg(short = 'j', long = "jobs", value_name = "N")]
         jobs: Option<usize>,
         /// Print outputs in input order (default: completion order).

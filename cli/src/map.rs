@@ -42,6 +42,11 @@ struct Done {
     stdout: Vec<u8>,
 }
 
+/// Most tasks `weft map` runs at once unless `-j` says: each is a `Run`
+/// stream, and a coordinator lets one client hold 1,024 by default
+/// (`--max-streams-per-client`).
+const MAX_DEFAULT_JOBS: usize = 512;
+
 /// `weft map [-j N] [--keep-order] [OPTS] -- CMD ARGS...`.
 pub async fn run(
     client: &Client,
@@ -68,7 +73,9 @@ pub async fn run(
             } else {
                 info.slots
             };
-            usize::try_from(free).unwrap_or(1).max(1)
+            usize::try_from(free)
+                .unwrap_or(1)
+                .clamp(1, MAX_DEFAULT_JOBS)
         }
     };
     let bar = progress_bar(lines.len() as u64);

@@ -26,6 +26,17 @@ pub struct CoordinatorConfig {
     /// Events buffered per live watcher; a watcher further behind is
     /// dropped from live delivery and resumes from the store.
     pub watch_buffer: usize,
+    /// Most bytes of events queued towards one `Watch`/`Run` stream (the
+    /// driver's live feed and the queue towards the client together); a
+    /// watcher past it is dropped from live delivery and resumes from the
+    /// store, as a lagging one does (`--watch-buffer-bytes`, default
+    /// [`DEFAULT_WATCH_BUFFER_BYTES`]).
+    pub watch_buffer_bytes: usize,
+    /// Most `Watch`, `Run` and `WaitMany` streams one client (its token,
+    /// or its IP address without auth) has open at once; one more is
+    /// RESOURCE_EXHAUSTED (`--max-streams-per-client`, default
+    /// [`DEFAULT_MAX_STREAMS_PER_CLIENT`]).
+    pub max_streams_per_client: usize,
     /// After a restart, how long attempts the store has on a node wait for
     /// that node to reconnect and claim them before they are requeued.
     /// `None`: twice the heartbeat timeout.
@@ -118,6 +129,21 @@ pub const DEFAULT_MAX_STREAMS_PER_CONNECTION: u32 = 1024;
 /// Default of [`CoordinatorConfig::node_cert_lifetime`].
 pub const DEFAULT_NODE_CERT_LIFETIME: Duration = Duration::from_secs(7 * 24 * 60 * 60);
 
+/// Default of [`CoordinatorConfig::watch_buffer_bytes`]: 256 KiB, 8 full
+/// output chunks; with [`DEFAULT_MAX_STREAMS_PER_CLIENT`] streams, one
+/// client that reads none of them holds about 320 MiB at most.
+pub const DEFAULT_WATCH_BUFFER_BYTES: usize = 256 << 10;
+
+/// Smallest [`CoordinatorConfig::watch_buffer_bytes`]: two full output
+/// chunks.
+pub const MIN_WATCH_BUFFER_BYTES: usize = 64 << 10;
+
+/// Default of [`CoordinatorConfig::max_streams_per_client`]: room for
+/// what clients do (`weft bench` waits over 256 streams, `weft map` runs
+/// up to 512 tasks at once, a Python program may wait on a thousand
+/// tasks at once), each within `--watch-buffer-bytes`.
+pub const DEFAULT_MAX_STREAMS_PER_CLIENT: usize = 1024;
+
 /// Default of [`CoordinatorConfig::max_node_slots`]: far above any one
 /// machine's cores, far below what would pull in the whole queue.
 pub const DEFAULT_MAX_NODE_SLOTS: u32 = 1024;
@@ -163,6 +189,8 @@ impl Default for CoordinatorConfig {
             retry_backoff_max: Duration::from_secs(10),
             max_batch: 1024,
             watch_buffer: 1024,
+            watch_buffer_bytes: DEFAULT_WATCH_BUFFER_BYTES,
+            max_streams_per_client: DEFAULT_MAX_STREAMS_PER_CLIENT,
             restart_grace: None,
             max_node_losses: 2,
             retention: Duration::from_secs(24 * 60 * 60),

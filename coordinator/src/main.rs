@@ -161,6 +161,36 @@ struct Args {
     )]
     max_streams_per_connection: u32,
 
+    /// Most bytes of a task's events queued towards one Watch or Run
+    /// stream: bytes, or a number with KiB or MiB (64KiB to 1GiB). A
+    /// client that reads slower than the task writes falls back to
+    /// reading the store (it misses nothing); one that never reads costs
+    /// the coordinator about this much, however far it falls behind.
+    #[arg(
+        long,
+        env = "WEFT_WATCH_BUFFER_BYTES",
+        value_name = "BYTES",
+        default_value = "256KiB",
+        value_parser = parse_watch_buffer
+    )]
+    watch_buffer_bytes: usize,
+
+    /// Most Watch, Run and WaitMany streams one client may have open at
+    /// once (a client is its token; with --no-auth its IP address). One
+    /// more is refused with RESOURCE_EXHAUSTED naming this limit; ending
+    /// a stream frees its place.
+    #[arg(
+        long,
+        env = "WEFT_MAX_STREAMS_PER_CLIENT",
+        value_name = "N",
+        default_value_t = weft_coordinator::config::DEFAULT_MAX_STREAMS_PER_CLIENT,
+        value_parser = clap::builder::TypedValueParser::map(
+            clap::value_parser!(u32).range(1..),
+            |n| n as usize
+        )
+    )]
+    max_streams_per_client: usize,
+
     /// Most memory the durable store's page cache may use: bytes, or a
     /// number with KiB, MiB or GiB (e.g. 64MiB). It holds recently read and
     /// written pages of the database file.
@@ -266,6 +296,8 @@ impl From<&Args> for CoordinatorConfig {
             max_connections_per_ip: usize::try_from(args.max_connections_per_ip)
                 .unwrap_or(usize::MAX),
             max_streams_per_connection: args.max_streams_per_connection,
+            watch_buffer_bytes: args.watch_buffer_bytes,
+            max_streams_per_client: args.max_streams_per_client,
             ..CoordinatorConfig::default()
         }
     }
@@ -299,6 +331,20 @@ fn parse_message_size(text: &str) -> Result<usize, String> {
     if !(MIN_MAX_MESSAGE_BYTES..=MAX_MESSAGE_BYTES_CEILING).contains(&size) {
         return Err(format!(
             "{size} bytes is outside {MIN_MAX_MESSAGE_BYTES}..={MAX_MESSAGE_BYTES_CEILING} (1MiB to 64MiB)"
+        ));
+    }
+    Ok(size)
+}
+
+/// Parses `--watch-buffer-bytes`: room for two output chunks at least,
+/// 1 GiB at most.
+fn parse_watch_buffer(text: &str) -> Result<usize, String> {
+    use weft_coordinator::config::MIN_WATCH_BUFFER_BYTES;
+    let size = parse_size(text)?;
+    if !(MIN_WATCH_BUFFER_BYTES..=1 << 30).contains(&size) {
+        return Err(format!(
+            "{size} bytes is outside {MIN_WATCH_BUFFER_BYTES}..={} (64KiB to 1GiB)",
+            1 << 30
         ));
     }
     Ok(size)
@@ -560,6 +606,40 @@ mod tests {
         }
         assert!(
             help.contains("disk full") && help.contains("damaged"),
+            "{help}"
+        );
+    }
+
+    #[test]
+    fn watch_limits_default_to_256_kib_and_1024_streams_and_are_validated() {
+        let config = |args: &[&str]| {
+            Args::try_parse_from([&["weft-coordinator"], args].concat())
+                .map(|args| weft_coordinator::CoordinatorConfig::from(&args))
+        };
+        let default = config(&[]).unwrap();
+        assert_eq!(
+            (default.watch_buffer_bytes, default.max_streams_per_client),
+            (256 << 10, 1024)
+        );
+        let set = config(&[
+            "--watch-buffer-bytes",
+            "1MiB",
+            "--max-streams-per-client",
+            "4",
+        ])
+        .unwrap();
+        assert_eq!(
+            (set.watch_buffer_bytes, set.max_streams_per_client),
+            (1 << 20, 4)
+        );
+        assert!(config(&["--watch-buffer-bytes", "1KiB"]).is_err());
+        assert!(config(&["--watch-buffer-bytes", "2GiB"]).is_err());
+        assert!(config(&["--max-streams-per-client", "0"]).is_err());
+        let help = Args::command().render_long_help().to_string();
+        assert!(
+            help.contains("--watch-buffer-bytes <BYTES>")
+                && help.contains("--max-streams-per-client <N>")
+                && help.contains("RESOURCE_EXHAUSTED"),
             "{help}"
         );
     }

@@ -101,10 +101,7 @@ pub(crate) async fn serve(
             .max_decoding_message_size(max),
         )
         .add_service(InterceptedService::new(
-            TaskServiceServer::new(TaskApi {
-                handle: handle.clone(),
-            })
-            .max_decoding_message_size(max),
+            TaskServiceServer::new(TaskApi::new(handle.clone())).max_decoding_message_size(max),
             authenticator.clone(),
         ))
         .add_service(InterceptedService::new(

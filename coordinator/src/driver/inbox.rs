@@ -111,10 +111,12 @@ pub(crate) enum Command {
         reason: String,
         reply: oneshot::Sender<Result<bool, Error>>,
     },
-    /// Registers a live watcher; `None` when the task is not live (final,
-    /// or unknown: the caller checked the store first).
+    /// Registers a live watcher, whose queued events count against
+    /// `budget`; `None` when the task is not live (final, or unknown: the
+    /// caller checked the store first).
     Watch {
         id: TaskId,
+        budget: Arc<super::watch::WatchBudget>,
         reply: oneshot::Sender<Result<Option<mpsc::Receiver<TaskEvent>>, Error>>,
     },
     /// Registers one waiter for the final records of the live tasks among

@@ -60,7 +60,7 @@ pub(crate) use inbox::{Command, Handle, NodeTx, ToNode};
 use retention::Retention;
 use sessions::Sessions;
 use watch::Watchers;
-pub(crate) use watch::{follow, wait_final};
+pub(crate) use watch::{EventFeed, follow, wait_final};
 
 /// A batch's effects, held back in the commit pipeline until its commit
 /// returned.
@@ -354,8 +354,8 @@ impl Driver {
                 let live = self.scheduler.cancel(id, &reason, now);
                 replies.push(answer_committed(reply, Ok(live)));
             }
-            Command::Watch { id, reply } => {
-                replies.push(self.watchers.watch(&self.scheduler, id, reply));
+            Command::Watch { id, budget, reply } => {
+                replies.push(self.watchers.watch(&self.scheduler, id, budget, reply));
             }
             Command::WaitMany { ids, reply } => {
                 replies.push(self.watchers.wait_many(&self.scheduler, ids, reply));

@@ -27,7 +27,8 @@ use tokio_util::task::TaskTracker;
 
 use weft_proto::{Attempt, NodeId, TaskId, TaskSpec, TaskState};
 
-use super::{Command, Handle, ToNode};
+use super::watch::{WatchBudget, event_bytes, page_len};
+use super::{Command, Handle, ToNode, follow};
 use crate::Failure;
 use crate::config::CoordinatorConfig;
 use crate::error::Error;
@@ -282,8 +283,17 @@ impl Harness {
     }
 
     async fn watch(&self, id: TaskId) -> mpsc::Receiver<TaskEvent> {
+        self.watch_within(id, WatchBudget::new(usize::MAX)).await
+    }
+
+    /// A live watcher whose queued events count against `budget`.
+    async fn watch_within(
+        &self,
+        id: TaskId,
+        budget: Arc<WatchBudget>,
+    ) -> mpsc::Receiver<TaskEvent> {
         let (reply, rx) = oneshot::channel();
-        self.send(Command::Watch { id, reply });
+        self.send(Command::Watch { id, budget, reply });
         match soon("Watch", rx).await {
             Ok(Ok(Some(events))) => events,
             other => panic!("not watching: {:?}", other.map(|r| r.map(|o| o.is_some()))),
@@ -534,4 +544,155 @@ async fn a_full_disk_refuses_its_batch_as_unavailable_and_says_why_the_coordinat
         "{told}"
     );
     assert!(store.list(None, None, 10).unwrap_or_default().is_empty());
+}
+
+/// Output chunk `n` of the byte-budget tests: `size` bytes saying `n`.
+fn chunk(n: u64, size: usize) -> NodeEventBody {
+    let mut data = format!("{n:08} ").into_bytes();
+    data.resize(size, b'.');
+    NodeEventBody::Output {
+        stream: weft_proto::OutputStream::Stdout,
+        data: bytes::Bytes::from(data),
+        seq: n,
+    }
+}
+
+/// The output bytes of the events in `events`, in order.
+fn output_of<'a>(events: impl IntoIterator<Item = &'a TaskEvent>) -> Vec<u8> {
+    let mut all = Vec::new();
+    for event in events {
+        if let EventBody::Output { data, .. } = &event.body {
+            all.extend_from_slice(data);
+        }
+    }
+    all
+}
+
+#[tokio::test]
+async fn a_live_watcher_is_dropped_before_its_queued_events_pass_its_byte_budget() {
+    let mut h = Harness::start(Arc::new(MemoryStore::new())).await;
+    h.credits(1);
+    let id = ids(soon("Submit", h.submit("a")).await)[0];
+    assert_eq!(assigned(h.next_message().await), [id]);
+    let budget = WatchBudget::new(64 << 10);
+    let mut live = h.watch_within(id, Arc::clone(&budget)).await;
+
+    // 30 KiB chunks: the third would take it past 64 KiB.
+    h.node_event(id, NodeEventBody::Started);
+    for n in 0..5 {
+        h.node_event(id, chunk(n, 30 << 10));
+    }
+    h.applied().await;
+    let mut got = Vec::new();
+    while let Some(event) = soon("a live event", live.recv()).await {
+        got.push(event);
+    }
+    let counted: usize = got.iter().map(event_bytes).sum();
+    assert_eq!(budget.queued(), counted, "what was sent is what is counted");
+    assert!(counted <= 64 << 10, "{counted} bytes queued");
+    let outputs = got
+        .iter()
+        .filter(|e| matches!(e.body, EventBody::Output { .. }))
+        .count();
+    assert_eq!(outputs, 2, "dropped at the chunk that did not fit");
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_stalled_watch_stream_holds_at_most_its_budget_and_then_gets_every_event_once_in_order() {
+    let store = Arc::new(MemoryStore::new());
+    let mut h = Harness::start(Arc::clone(&store) as Arc<dyn Store>).await;
+    h.credits(1);
+    let id = ids(soon("Submit", h.submit("a")).await)[0];
+    assert_eq!(assigned(h.next_message().await), [id]);
+    let limit = 64 << 10;
+    let mut handle = h.handle.clone();
+    handle.config = Arc::new(CoordinatorConfig {
+        watch_buffer_bytes: limit,
+        ..CoordinatorConfig::clone(&h.handle.config)
+    });
+    // Never read while the task writes 100 chunks of 16 KiB (25 times
+    // the budget).
+    let mut feed = follow(&handle, id, 0);
+    h.node_event(id, NodeEventBody::Started);
+    let mut sent = Vec::new();
+    let mut got = Vec::new();
+    for n in 0..100 {
+        let body = chunk(n, 16 << 10);
+        if let NodeEventBody::Output { data, .. } = &body {
+            sent.extend_from_slice(data);
+        }
+        h.node_event(id, body);
+        if n % 10 == 9 {
+            h.applied().await;
+            tokio::task::yield_now().await;
+            assert!(feed.queued() <= limit, "{} bytes queued", feed.queued());
+        }
+        if n == 49 {
+            // Half way, it reads a little and stalls again.
+            for _ in 0..10 {
+                let event = soon("an event", futures::StreamExt::next(&mut feed)).await;
+                got.push(
+                    event
+                        .and_then(Result::ok)
+                        .unwrap_or_else(|| panic!("ended")),
+                );
+            }
+        }
+    }
+    h.node_event(id, succeeded());
+    h.applied().await;
+
+    while let Some(event) = soon("the next event", futures::StreamExt::next(&mut feed)).await {
+        let event = event.unwrap_or_else(|err| panic!("{err}"));
+        assert!(feed.queued() <= limit, "{} bytes queued", feed.queued());
+        got.push(event);
+    }
+    let seqs: Vec<u64> = got.iter().map(|e| e.seq).collect();
+    let stored: Vec<u64> = store
+        .events(id, 0, 10_000)
+        .unwrap_or_default()
+        .iter()
+        .map(|e| e.seq)
+        .collect();
+    assert_eq!(seqs, stored, "every stored event once, in order");
+    assert!(got.last().is_some_and(|e| e.body.is_finished()));
+    assert!(output_of(&got) == sent, "the output, whole and in order");
+    assert_eq!(feed.queued(), 0);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_budget_always_takes_an_event_when_empty_and_a_release_wakes_the_waiter() {
+    let budget = WatchBudget::new(100);
+    assert!(budget.try_take(60));
+    assert!(!budget.try_take(60), "past the limit");
+    assert!(budget.try_take(40));
+    budget.release(100);
+    assert!(
+        budget.try_take(500),
+        "nothing queued: one event always fits"
+    );
+    let waiter = {
+        let budget = Arc::clone(&budget);
+        tokio::spawn(async move { budget.take(10).await })
+    };
+    tokio::task::yield_now().await;
+    assert!(!waiter.is_finished(), "waits while the budget is full");
+    budget.release(500);
+    soon("the waiter", waiter)
+        .await
+        .unwrap_or_else(|err| panic!("{err}"));
+    assert_eq!(budget.queued(), 10);
+}
+
+#[test]
+fn a_history_page_of_full_output_chunks_fits_in_a_quarter_of_the_budget() {
+    let full = weft_proto::limits::MAX_OUTPUT_CHUNK + 128;
+    for limit in [64 << 10, 1 << 20, 16 << 20] {
+        let n = page_len(limit);
+        assert!(n >= 1 && (n == 1 || n * full <= limit / 4), "{limit}: {n}");
+    }
+    assert_eq!(page_len(1 << 20), 7);
+    assert_eq!(page_len(1 << 30), 256, "never more than a page of 256");
 }

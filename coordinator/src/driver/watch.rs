@@ -11,6 +11,16 @@
 //! channels; one that falls behind is dropped from live delivery (never
 //! slowing the driver) and resumes from the store by seq.
 //!
+//! Each watch stream has a byte budget (`--watch-buffer-bytes`, a
+//! [`WatchBudget`]): what the driver's live feed and the queue towards the
+//! client hold together. The driver adds an event's size as it sends it
+//! live, the stream subtracts it as the event leaves towards the client;
+//! an event that would take a watcher past its budget drops it from live
+//! delivery, as a full channel does, and history waits for room. So a
+//! client that never reads costs at most about its budget (plus a page
+//! of history read from the store, a quarter of it), however much it
+//! falls behind.
+//!
 //! `WaitMany` waiters register the same way for many ids at once: when
 //! tasks finalize, their final records go to each waiter as one batch per
 //! commit. A waiter whose (bounded) channel is full is dropped, never
@@ -20,11 +30,16 @@
 //! Domain values only: the service turns them into `pb` as they leave.
 
 use std::collections::{HashMap, HashSet};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 
 use weft_proto::TaskId;
+use weft_proto::limits::MAX_OUTPUT_CHUNK;
 
 use super::commit::Reply;
 use super::inbox::{Command, FinalRx, FinalTx, Handle, WaitRegistration};
@@ -34,8 +49,12 @@ use crate::store::{EventBody, Record, TaskEvent, TaskRecord, blocking};
 
 /// Batches a `WaitMany` waiter may have queued before it counts as lagging.
 const WAIT_MANY_BUFFER: usize = 256;
-/// Events read from the store per page when replaying history.
+/// Most events read from the store per page when replaying history (a
+/// page is also bounded by bytes: see [`page_len`]).
 const HISTORY_PAGE: usize = 256;
+/// What one queued event costs beyond its payload (the event itself, its
+/// channel slot), as a watch budget counts it.
+const EVENT_OVERHEAD: usize = 128;
 /// Events one watch stream queues towards its client.
 const WATCH_OUT: usize = 64;
 /// Final tasks one `WaitMany` stream queues towards its client.
@@ -53,10 +72,112 @@ struct ManyWaiters {
     by_task: HashMap<TaskId, Vec<u64>>,
 }
 
+/// The bytes of events queued towards one watch stream: in the driver's
+/// live feed and in the stream's queue towards the client, together. The
+/// driver and the history replay add an event's [`event_bytes`] as they
+/// queue it; the stream subtracts them as it hands the event to the
+/// client (or the feeder as it discards one).
+pub(crate) struct WatchBudget {
+    queued: AtomicUsize,
+    /// Signalled whenever bytes are released (one waiter: the feeder).
+    freed: Notify,
+    limit: usize,
+}
+
+impl WatchBudget {
+    /// A budget of `limit` bytes, nothing queued.
+    pub fn new(limit: usize) -> Arc<WatchBudget> {
+        Arc::new(WatchBudget {
+            queued: AtomicUsize::new(0),
+            freed: Notify::new(),
+            limit,
+        })
+    }
+
+    /// Counts `bytes` more if they fit; an event always fits when nothing
+    /// is queued (so one larger than the whole budget still goes through).
+    pub(super) fn try_take(&self, bytes: usize) -> bool {
+        self.queued
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |queued| {
+                (queued == 0 || queued.saturating_add(bytes) <= self.limit)
+                    .then_some(queued.saturating_add(bytes))
+            })
+            .is_ok()
+    }
+
+    /// Counts `bytes` more once they fit.
+    pub(super) async fn take(&self, bytes: usize) {
+        // `notify_one` keeps a permit when nobody waits yet, so a release
+        // between the check and the wait is not lost.
+        while !self.try_take(bytes) {
+            self.freed.notified().await;
+        }
+    }
+
+    /// `bytes` left the queue.
+    pub(super) fn release(&self, bytes: usize) {
+        let _ = self
+            .queued
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |queued| {
+                Some(queued.saturating_sub(bytes))
+            });
+        self.freed.notify_one();
+    }
+
+    /// Bytes counted now.
+    #[cfg(test)]
+    pub(super) fn queued(&self) -> usize {
+        self.queued.load(Ordering::Acquire)
+    }
+}
+
+/// What an event costs a [`WatchBudget`]: its payload (output bytes, text,
+/// a final record's output and error) and a fixed overhead.
+pub(crate) fn event_bytes(event: &TaskEvent) -> usize {
+    EVENT_OVERHEAD
+        + match &event.body {
+            EventBody::State { reason, .. } => reason.len(),
+            EventBody::Output { data, .. } => data.len(),
+            EventBody::Progress { message, .. } => message.len(),
+            EventBody::Finished(task) => task.output.len() + task.error.len(),
+        }
+}
+
+/// Events to read per page of history: as many full output chunks as fit
+/// in a quarter of `limit`, 1 to [`HISTORY_PAGE`]. Sizes are not known
+/// before the read, so every event counts as a full chunk (a guess from
+/// earlier pages would read a page of full chunks after small events):
+/// a stalled stream holds at most about its budget queued plus a quarter
+/// of it read from the store.
+pub(super) fn page_len(limit: usize) -> usize {
+    (limit / 4 / (MAX_OUTPUT_CHUNK + EVENT_OVERHEAD)).clamp(1, HISTORY_PAGE)
+}
+
+/// One live watcher: its channel and its stream's budget.
+struct LiveWatcher {
+    tx: mpsc::Sender<TaskEvent>,
+    budget: Arc<WatchBudget>,
+}
+
+impl LiveWatcher {
+    /// Queues `event` (of `bytes`) if the channel and the budget have room;
+    /// `false`: lagging (or gone), to be dropped from live delivery.
+    fn offer(&self, event: &TaskEvent, bytes: usize) -> bool {
+        if !self.budget.try_take(bytes) {
+            return false;
+        }
+        if self.tx.try_send(event.clone()).is_err() {
+            self.budget.release(bytes);
+            return false;
+        }
+        true
+    }
+}
+
 /// The driver's side: who gets the events of each commit.
 pub(super) struct Watchers {
     /// Live watchers per task.
-    live: HashMap<TaskId, Vec<mpsc::Sender<TaskEvent>>>,
+    live: HashMap<TaskId, Vec<LiveWatcher>>,
     many: ManyWaiters,
     /// Events a live watcher may have queued before it counts as lagging.
     buffer: usize,
@@ -72,18 +193,23 @@ impl Watchers {
         }
     }
 
-    /// [`Command::Watch`]: registers a live watcher of `id` if it is live.
-    /// Answered after the batch's commit (whatever its result: the caller
-    /// reads the store next and sees the failure there).
+    /// [`Command::Watch`]: registers a live watcher of `id` if it is live,
+    /// counting what it is sent against `budget`. Answered after the
+    /// batch's commit (whatever its result: the caller reads the store
+    /// next and sees the failure there).
     pub fn watch(
         &mut self,
         scheduler: &Scheduler,
         id: TaskId,
+        budget: Arc<WatchBudget>,
         reply: oneshot::Sender<Result<Option<mpsc::Receiver<TaskEvent>>, Error>>,
     ) -> Reply {
         let rx = scheduler.is_live(id).then(|| {
             let (tx, rx) = mpsc::channel(self.buffer);
-            self.live.entry(id).or_default().push(tx);
+            self.live
+                .entry(id)
+                .or_default()
+                .push(LiveWatcher { tx, budget });
             rx
         });
         Box::new(move |_| {
@@ -117,8 +243,9 @@ impl Watchers {
     }
 
     /// Hands a committed batch's events to the live watchers and its final
-    /// records to the `WaitMany` waiters. A full or closed watcher is
-    /// dropped (it resumes from the store), never waited for.
+    /// records to the `WaitMany` waiters. A watcher whose channel is full
+    /// or closed, or whose budget the event would exceed, is dropped (it
+    /// resumes from the store), never waited for.
     pub fn publish(&mut self, records: &[Record]) {
         self.publish_final(records);
         if self.live.is_empty() {
@@ -131,8 +258,10 @@ impl Watchers {
             let Some(watchers) = self.live.get_mut(&event.task_id) else {
                 continue;
             };
-            // Full or closed: drop it from live; it resumes from the store.
-            watchers.retain(|w| w.try_send(event.clone()).is_ok());
+            // Full, over budget or closed: drop it from live; it resumes
+            // from the store.
+            let bytes = event_bytes(event);
+            watchers.retain(|w| w.offer(event, bytes));
             if event.body.is_finished() || watchers.is_empty() {
                 self.live.remove(&event.task_id);
             }
@@ -184,34 +313,75 @@ impl Watchers {
     }
 }
 
+/// The events of one watch stream as they leave towards its client: each
+/// one taken releases its bytes from the stream's [`WatchBudget`].
+pub(crate) struct EventFeed {
+    rx: mpsc::Receiver<Result<TaskEvent, Error>>,
+    budget: Arc<WatchBudget>,
+}
+
+impl EventFeed {
+    /// Bytes its budget counts now.
+    #[cfg(test)]
+    pub(super) fn queued(&self) -> usize {
+        self.budget.queued()
+    }
+}
+
+impl futures::Stream for EventFeed {
+    type Item = Result<TaskEvent, Error>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let item = std::task::ready!(self.rx.poll_recv(cx));
+        if let Some(Ok(event)) = &item {
+            self.budget.release(event_bytes(event));
+        }
+        Poll::Ready(item)
+    }
+}
+
 /// The events of task `id` from `from_seq` on: history from the store,
 /// then live, ending after its last event. Fed by a task spawned on the
-/// handle's tracker; an error ends the stream.
-pub(crate) fn follow(
-    handle: &Handle,
-    id: TaskId,
-    from_seq: u64,
-) -> mpsc::Receiver<Result<TaskEvent, Error>> {
+/// handle's tracker; an error ends the stream. What is queued towards the
+/// client is bounded by `--watch-buffer-bytes`.
+pub(crate) fn follow(handle: &Handle, id: TaskId, from_seq: u64) -> EventFeed {
     let (tx, rx) = mpsc::channel(WATCH_OUT);
-    handle
-        .tasks
-        .spawn(feed_events(handle.clone(), id, from_seq, tx));
-    rx
+    let budget = WatchBudget::new(handle.config.watch_buffer_bytes);
+    handle.tasks.spawn(feed_events(
+        handle.clone(),
+        id,
+        from_seq,
+        Arc::clone(&budget),
+        tx,
+    ));
+    EventFeed { rx, budget }
 }
 
 /// Feeds one watcher: registers with the driver, replays history from the
 /// store, then forwards live events, deduplicating by seq. Dropped from
-/// live for lagging, it goes round again from the last seq it sent.
+/// live for lagging (or for its budget), it goes round again from the last
+/// seq it sent. Every event it queues towards the client is counted in
+/// `budget` (live ones by the driver, history here); those it discards are
+/// released.
 async fn feed_events(
     handle: Handle,
     id: TaskId,
     mut next: u64,
+    budget: Arc<WatchBudget>,
     out: mpsc::Sender<Result<TaskEvent, Error>>,
 ) {
+    let page = page_len(budget.limit);
     loop {
         // Register first, then read history: the driver guarantees that
         // everything not in the live feed is already in the store.
-        let live = match handle.call(|reply| Command::Watch { id, reply }).await {
+        let registered = handle
+            .call(|reply| Command::Watch {
+                id,
+                budget: Arc::clone(&budget),
+                reply,
+            })
+            .await;
+        let mut live = match registered {
             Ok(Ok(live)) => live,
             Ok(Err(err)) | Err(err) => {
                 let _ = out.send(Err(err)).await;
@@ -221,7 +391,7 @@ async fn feed_events(
         loop {
             let from = next;
             let page = blocking(&handle.store, "reading events", move |store| {
-                store.events(id, from, HISTORY_PAGE)
+                store.events(id, from, page)
             })
             .await;
             let page = match page {
@@ -237,6 +407,23 @@ async fn feed_events(
             for event in page {
                 next = event.seq + 1;
                 let last = event.body.is_finished();
+                let bytes = event_bytes(&event);
+                if !budget.try_take(bytes) {
+                    // No room. What waits in the live feed is only taken
+                    // after the history, so it would hold the room this
+                    // waits for: give the live feed up now (it would be
+                    // dropped for its budget anyway); the live loop below
+                    // finds it closed and registers again.
+                    if let Some(live) = live.as_mut() {
+                        stop_live(live, &budget);
+                    }
+                    // Waits for room: the client reads, or goes away.
+                    tokio::select! {
+                        _ = handle.cancel.cancelled() => return,
+                        _ = out.closed() => return,
+                        () = budget.take(bytes) => {}
+                    }
+                }
                 if out.send(Ok(event)).await.is_err() || last {
                     return;
                 }
@@ -254,10 +441,11 @@ async fn feed_events(
             let Some(event) = event else {
                 break; // dropped for lagging: resume from the store
             };
-            if event.seq < next {
-                continue;
-            }
-            if event.seq > next {
+            if event.seq != next {
+                budget.release(event_bytes(&event));
+                if event.seq < next {
+                    continue;
+                }
                 break; // a gap can only be filled from the store
             }
             next = event.seq + 1;
@@ -266,9 +454,21 @@ async fn feed_events(
                 return;
             }
         }
+        // What the driver queued past a gap is read again from the store.
+        stop_live(&mut live, &budget);
         if handle.cancel.is_cancelled() {
             return;
         }
+    }
+}
+
+/// Closes a live feed and releases what it still holds: the driver sends
+/// it nothing more (and drops it at its next event), and what it had sent
+/// is read again from the store.
+fn stop_live(live: &mut mpsc::Receiver<TaskEvent>, budget: &WatchBudget) {
+    live.close();
+    while let Ok(event) = live.try_recv() {
+        budget.release(event_bytes(&event));
     }
 }
 

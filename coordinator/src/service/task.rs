@@ -4,12 +4,21 @@
 //! the blocking pool), and the watch streams to `driver::watch`, which
 //! owns history, live delivery and resuming; here their domain values are
 //! only encoded as they leave.
+//!
+//! Each `Watch`, `Run` and `WaitMany` stream holds a place among its
+//! client's (`--max-streams-per-client`, see [`ClientStreams`]), given
+//! back when the response stream is dropped: it ended, or the client went
+//! away.
 
-use std::collections::HashSet;
-use std::time::SystemTime;
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime};
 
-use futures::StreamExt;
 use futures::stream::Map;
+use futures::{Stream, StreamExt};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
@@ -17,21 +26,21 @@ use weft_proto::limits::SpecLimits;
 use weft_proto::{TaskId, TaskSpec, TaskState, pb};
 
 use super::{event_to_pb, parse_task_id, state_filter, task_to_pb};
-use crate::auth::{self, Scope};
-use crate::driver::{Command, Handle, follow, wait_final};
+use crate::auth::{self, Caller, Scope};
+use crate::driver::{Command, EventFeed, Handle, follow, wait_final};
 use crate::error::Error;
 use crate::store::{TaskEvent, TaskRecord, blocking};
 
 /// Events of one task, from the store then live, encoded as they leave.
-pub(crate) type EventStream = Map<
-    ReceiverStream<Result<TaskEvent, Error>>,
-    fn(Result<TaskEvent, Error>) -> Result<pb::TaskEvent, Status>,
->;
+pub(crate) type EventStream =
+    Counted<Map<EventFeed, fn(Result<TaskEvent, Error>) -> Result<pb::TaskEvent, Status>>>;
 
 /// Final tasks of one `WaitMany` call, encoded as they leave.
-pub(crate) type TaskStream = Map<
-    ReceiverStream<Result<TaskRecord, Error>>,
-    fn(Result<TaskRecord, Error>) -> Result<pb::Task, Status>,
+pub(crate) type TaskStream = Counted<
+    Map<
+        ReceiverStream<Result<TaskRecord, Error>>,
+        fn(Result<TaskRecord, Error>) -> Result<pb::Task, Status>,
+    >,
 >;
 
 /// Largest `List` page.
@@ -39,12 +48,149 @@ const MAX_LIST: u32 = 10_000;
 /// Most ids one `WaitMany` call may name.
 pub(crate) const MAX_WAIT_MANY: usize = 100_000;
 
+/// Who a stream counts against for `--max-streams-per-client`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum Client {
+    /// The caller's token id (auth on).
+    Token(String),
+    /// The peer's IP address (`--no-auth`).
+    Address(IpAddr),
+    /// Neither is known (not a TCP peer): all such callers share one count.
+    Unknown,
+}
+
+impl Client {
+    fn of<T>(request: &Request<T>) -> Client {
+        if let Some(id) = request
+            .extensions()
+            .get::<Caller>()
+            .and_then(|caller| caller.token_id.clone())
+        {
+            return Client::Token(id);
+        }
+        match request.remote_addr() {
+            Some(addr) => Client::Address(addr.ip()),
+            None => Client::Unknown,
+        }
+    }
+}
+
+impl std::fmt::Display for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Client::Token(id) => write!(f, "token {id}"),
+            Client::Address(ip) => write!(f, "address {ip}"),
+            Client::Unknown => f.write_str("an unknown peer"),
+        }
+    }
+}
+
+/// How often a refusal for too many streams is logged at most.
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// The `Watch`, `Run` and `WaitMany` streams open per client, each at most
+/// `--max-streams-per-client`. A place is held by a [`StreamPlace`] for as
+/// long as the stream lives.
+pub(crate) struct ClientStreams {
+    max: usize,
+    open: Mutex<OpenStreams>,
+}
+
+#[derive(Default)]
+struct OpenStreams {
+    by_client: HashMap<Client, usize>,
+    last_warned: Option<Instant>,
+}
+
+impl ClientStreams {
+    fn new(max: usize) -> Arc<ClientStreams> {
+        Arc::new(ClientStreams {
+            max,
+            open: Mutex::new(OpenStreams::default()),
+        })
+    }
+
+    /// Takes one of `client`'s places, or RESOURCE_EXHAUSTED naming the
+    /// limit and the flag when it holds them all.
+    fn open(self: &Arc<Self>, client: Client) -> Result<StreamPlace, Status> {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let count = open.by_client.entry(client.clone()).or_default();
+        if *count >= self.max {
+            let message = format!(
+                "too many streams: {client} already has {count} Watch, Run and WaitMany streams open, the most one client may (--max-streams-per-client {}); end one, or ask the operator to raise the limit",
+                self.max
+            );
+            let now = Instant::now();
+            if open
+                .last_warned
+                .is_none_or(|at| now.duration_since(at) >= REFUSAL_LOG_EVERY)
+            {
+                open.last_warned = Some(now);
+                tracing::warn!(%client, max = self.max, "stream refused: client at --max-streams-per-client (logged at most every 10s)");
+            }
+            return Err(Status::resource_exhausted(message));
+        }
+        *count += 1;
+        Ok(StreamPlace {
+            streams: Arc::clone(self),
+            client,
+        })
+    }
+
+    /// Streams `client` has open.
+    #[cfg(test)]
+    fn count(&self, client: &Client) -> usize {
+        let open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        open.by_client.get(client).copied().unwrap_or(0)
+    }
+}
+
+/// One open stream's place among its client's; given back when dropped.
+pub(crate) struct StreamPlace {
+    streams: Arc<ClientStreams>,
+    client: Client,
+}
+
+impl Drop for StreamPlace {
+    fn drop(&mut self) {
+        let mut open = self.streams.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = open.by_client.get_mut(&self.client) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                open.by_client.remove(&self.client);
+            }
+        }
+    }
+}
+
+/// A response stream holding its client's [`StreamPlace`]: tonic drops it
+/// when the stream ends or the client goes away, which frees the place.
+pub(crate) struct Counted<S> {
+    inner: S,
+    _place: StreamPlace,
+}
+
+impl<S: Stream + Unpin> Stream for Counted<S> {
+    type Item = S::Item;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<S::Item>> {
+        Pin::new(&mut self.inner).poll_next(cx)
+    }
+}
+
 /// The client API.
 pub(crate) struct TaskApi {
     pub handle: Handle,
+    streams: Arc<ClientStreams>,
 }
 
 impl TaskApi {
+    /// The client API over the driver's `handle`.
+    pub fn new(handle: Handle) -> TaskApi {
+        let streams = ClientStreams::new(handle.config.max_streams_per_client);
+        TaskApi { handle, streams }
+    }
+
     async fn submit_specs(&self, specs: Vec<pb::TaskSpec>) -> Result<Vec<TaskId>, Error> {
         let limits = self.handle.config.spec_limits();
         let specs = specs
@@ -90,10 +236,13 @@ impl TaskApi {
         Ok(())
     }
 
-    fn watch_stream(&self, id: TaskId, from_seq: u64) -> EventStream {
+    fn watch_stream(&self, id: TaskId, from_seq: u64, place: StreamPlace) -> EventStream {
         let events: fn(Result<TaskEvent, Error>) -> Result<pb::TaskEvent, Status> =
             |event| event.map(|e| event_to_pb(&e)).map_err(Status::from);
-        ReceiverStream::new(follow(&self.handle, id, from_seq)).map(events)
+        Counted {
+            inner: follow(&self.handle, id, from_seq).map(events),
+            _place: place,
+        }
     }
 }
 
@@ -189,11 +338,16 @@ impl pb::task_service_server::TaskService for TaskApi {
         request: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         auth::require(&request, Scope::Read)?;
+        let place = self.streams.open(Client::of(&request))?;
         let request = request.into_inner();
         let id = parse_task_id(&request.task_id)?;
         // Unknown ids fail the call itself, not the stream.
         self.read_task(id).await?;
-        Ok(Response::new(self.watch_stream(id, request.from_seq)))
+        Ok(Response::new(self.watch_stream(
+            id,
+            request.from_seq,
+            place,
+        )))
     }
 
     async fn cancel(
@@ -243,6 +397,7 @@ impl pb::task_service_server::TaskService for TaskApi {
         request: Request<pb::WaitManyRequest>,
     ) -> Result<Response<Self::WaitManyStream>, Status> {
         auth::require(&request, Scope::Read)?;
+        let place = self.streams.open(Client::of(&request))?;
         let request = request.into_inner();
         if request.task_ids.len() > MAX_WAIT_MANY {
             return Err(
@@ -268,7 +423,10 @@ impl pb::task_service_server::TaskService for TaskApi {
         let finals = wait_final(&self.handle, ids, pending).await?;
         let tasks: fn(Result<TaskRecord, Error>) -> Result<pb::Task, Status> =
             |task| task.map(|t| task_to_pb(&t)).map_err(Status::from);
-        Ok(Response::new(ReceiverStream::new(finals).map(tasks)))
+        Ok(Response::new(Counted {
+            inner: ReceiverStream::new(finals).map(tasks),
+            _place: place,
+        }))
     }
 
     type RunStream = EventStream;
@@ -278,6 +436,8 @@ impl pb::task_service_server::TaskService for TaskApi {
         request: Request<pb::RunRequest>,
     ) -> Result<Response<Self::RunStream>, Status> {
         auth::require(&request, Scope::Submit)?;
+        // Before the submit: a Run refused here leaves no task behind.
+        let place = self.streams.open(Client::of(&request))?;
         let spec = request.into_inner().spec.ok_or(Error::InvalidArgument(
             weft_proto::ConversionError::MissingField("spec"),
         ))?;
@@ -285,7 +445,7 @@ impl pb::task_service_server::TaskService for TaskApi {
         let id = ids.first().copied().ok_or(Error::InvalidArgument(
             weft_proto::ConversionError::MissingField("spec"),
         ))?;
-        Ok(Response::new(self.watch_stream(id, 0)))
+        Ok(Response::new(self.watch_stream(id, 0, place)))
     }
 }
 
@@ -328,6 +488,29 @@ mod tests {
             message.starts_with("task 3: ") && message.contains("call.handler"),
             "{message}"
         );
+    }
+
+    #[test]
+    fn a_client_past_its_streams_is_resource_exhausted_naming_the_flag_and_others_are_not() {
+        let streams = ClientStreams::new(2);
+        let alice = Client::Token("a1".into());
+        let bob = Client::Address("10.0.0.2".parse().unwrap());
+        let first = streams.open(alice.clone()).unwrap();
+        let _second = streams.open(alice.clone()).unwrap();
+        let refused = streams.open(alice.clone()).err().unwrap();
+        assert_eq!(refused.code(), Code::ResourceExhausted);
+        assert!(
+            refused.message().contains("--max-streams-per-client 2")
+                && refused.message().contains("token a1"),
+            "{}",
+            refused.message()
+        );
+        let _other = streams.open(bob.clone()).unwrap();
+        assert_eq!(streams.count(&bob), 1);
+        drop(first);
+        assert_eq!(streams.count(&alice), 1);
+        let _again = streams.open(alice.clone()).unwrap();
+        assert_eq!(streams.count(&alice), 2);
     }
 
     proptest! {

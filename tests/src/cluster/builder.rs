@@ -27,6 +27,7 @@ pub struct TestClusterBuilder {
     pub(super) max_node_slots: Option<u32>,
     pub(super) max_message_size: Option<usize>,
     pub(super) start_timeout: Option<Duration>,
+    pub(super) max_streams_per_client: Option<usize>,
     pub(super) log_filter: Option<String>,
     pub(super) insecure: bool,
     pub(super) cert_lifetime: Option<Duration>,
@@ -56,6 +57,7 @@ impl Default for TestClusterBuilder {
             max_node_slots: None,
             max_message_size: None,
             start_timeout: None,
+            max_streams_per_client: None,
             log_filter: None,
             insecure: false,
             cert_lifetime: None,
@@ -175,6 +177,14 @@ impl TestClusterBuilder {
     /// to a node may stay unstarted). Default: the coordinator's own.
     pub fn start_timeout(mut self, timeout: Duration) -> Self {
         self.start_timeout = Some(timeout);
+        self
+    }
+
+    /// Sets the coordinator's `--max-streams-per-client` (Watch, Run and
+    /// WaitMany streams one client may have open). Default: the
+    /// coordinator's own.
+    pub fn max_streams_per_client(mut self, n: usize) -> Self {
+        self.max_streams_per_client = Some(n);
         self
     }
 

@@ -67,6 +67,9 @@ pub(super) async fn start_coordinator(
             max_node_slots: settings.max_node_slots.unwrap_or(config.max_node_slots),
             max_message_size: settings.max_message_size.unwrap_or(config.max_message_size),
             start_timeout: settings.start_timeout.unwrap_or(config.start_timeout),
+            max_streams_per_client: settings
+                .max_streams_per_client
+                .unwrap_or(config.max_streams_per_client),
             node_cert_lifetime: settings
                 .node_cert_lifetime
                 .unwrap_or(config.node_cert_lifetime),
@@ -140,6 +143,10 @@ pub(super) async fn start_coordinator(
     }
     if let Some(n) = settings.max_streams_per_connection {
         args.push("--max-streams-per-connection".to_owned());
+        args.push(n.to_string());
+    }
+    if let Some(n) = settings.max_streams_per_client {
+        args.push("--max-streams-per-client".to_owned());
         args.push(n.to_string());
     }
     if settings.insecure {

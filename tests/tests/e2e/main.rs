@@ -30,3 +30,4 @@ mod stuck_nodes;
 mod tls;
 mod tokens;
 mod validation;
+mod watch_limits;
