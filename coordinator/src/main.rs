@@ -125,8 +125,9 @@ struct Args {
     handshake_timeout: Duration,
 
     /// Most connections open at once (clients and nodes, those still in
-    /// their handshake included); a connection past it is closed at once
-    /// and a warning logged. Default: the descriptor limit (`ulimit -n`)
+    /// their handshake included); a connection past it closes the oldest
+    /// one still in its handshake to make room, or is closed at once when
+    /// all are established, with a warning logged. Default: the descriptor limit (`ulimit -n`)
     /// less 128 (at least half of it), at most 100000, so connections
     /// never use up the descriptors the store needs.
     #[arg(
@@ -138,8 +139,10 @@ struct Args {
     max_connections: Option<u64>,
 
     /// Most connections open at once from one IP address; a connection
-    /// past it is closed at once and a warning logged, so one peer cannot
-    /// take the connections (or descriptors) everyone else needs. Each
+    /// past it closes that address's oldest one still in its handshake to
+    /// make room (so half-open floods lock no one out), or is closed at
+    /// once when all are established, with a warning logged: one peer
+    /// cannot take the connections (or descriptors) everyone else needs. Each
     /// node holds one connection and each client one per channel.
     #[arg(
         long,

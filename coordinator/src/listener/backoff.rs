@@ -59,7 +59,12 @@ impl Throttle {
     /// One more occurrence at `now`: `Some(n)` when a warning is due, `n`
     /// being the occurrences since the last one (this one included).
     pub(crate) fn hit(&mut self, now: Instant) -> Option<u64> {
-        self.count += 1;
+        self.hit_by(now, 1)
+    }
+
+    /// [`hit`](Self::hit) for `n` occurrences at once.
+    pub(crate) fn hit_by(&mut self, now: Instant, n: usize) -> Option<u64> {
+        self.count += u64::try_from(n).unwrap_or(u64::MAX);
         let due = self
             .last
             .is_none_or(|last| now.saturating_duration_since(last) >= self.every);

@@ -135,6 +135,7 @@ where
         let mut backoff = Backoff::new(ACCEPT_BACKOFF_MIN, ACCEPT_BACKOFF_MAX);
         let mut failures = Throttle::new(WARN_EVERY);
         let mut refusals = Throttle::new(WARN_EVERY);
+        let mut evictions = Throttle::new(WARN_EVERY);
         loop {
             let accepted = tokio::select! {
                 _ = cancel.cancelled() => return,
@@ -161,7 +162,20 @@ where
                 }
             };
             let slot = match caps.admit(peer.ip()) {
-                Ok(slot) => slot,
+                Ok(admitted) => {
+                    if admitted.evicted > 0
+                        && let Some(closed) = evictions.hit_by(Instant::now(), admitted.evicted)
+                    {
+                        tracing::warn!(
+                            peer = %peer.ip(),
+                            closed,
+                            max_connections = limits.max_connections,
+                            max_connections_per_ip = limits.max_connections_per_ip,
+                            "at a connection cap: closed the oldest connections still in their handshake to make room for new ones (`closed`: how many since the last report; `peer`: the latest newcomer)"
+                        );
+                    }
+                    admitted.slot
+                }
                 Err(over) => {
                     drop(tcp);
                     if let Some(refused) = refusals.hit(Instant::now()) {
@@ -183,11 +197,18 @@ where
                 };
                 let result = tokio::select! {
                     _ = cancel.cancelled() => return,
+                    _ = slot.evicted() => {
+                        tracing::debug!(%peer, "closed a connection still in its handshake to make room");
+                        return;
+                    }
                     result = tokio::time::timeout(limits.handshake_timeout, ready) => result,
                 };
                 match result {
-                    Ok(Ok(io)) => {
+                    Ok(Ok(io)) if slot.established() => {
                         let _ = tx.send(Ok(Prefaced::new(io, slot))).await;
+                    }
+                    Ok(Ok(_)) => {
+                        tracing::debug!(%peer, "closed a connection that finished its handshake as it was closed to make room");
                     }
                     Ok(Err(err)) => {
                         tracing::debug!(%peer, error = %err, "closed a connection before HTTP/2");
@@ -319,14 +340,26 @@ mod tests {
         let mut replayed = [0u8; 24];
         server.read_exact(&mut replayed).await.unwrap();
         assert_eq!(&replayed, PREFACE);
-        // A silent one is closed after the deadline; meanwhile it holds
-        // the second place this address has ...
+        // A silent one holds the second place this address has ...
         let mut silent = TcpStream::connect(addr).await.unwrap();
-        // ... so a third is closed at once.
+        // ... until a newer one needs it: the oldest connection still in its
+        // handshake makes room, and the newcomer gets in.
         let mut third = TcpStream::connect(addr).await.unwrap();
         // "At once": well within the handshake deadline.
         let at_once = Duration::from_millis(1500);
-        assert!(closed(&mut third, at_once).await, "over the per-IP cap");
+        assert!(
+            closed(&mut silent, at_once).await,
+            "the half-open one made room"
+        );
+        third.write_all(PREFACE).await.unwrap();
+        let third_server = accepted.next().await.unwrap().unwrap();
+        // Every connection from this address established: one more is
+        // closed at once.
+        let mut fourth = TcpStream::connect(addr).await.unwrap();
+        assert!(closed(&mut fourth, at_once).await, "over the per-IP cap");
+        // A silent one is closed after the deadline, not before.
+        drop(third_server);
+        let mut silent = TcpStream::connect(addr).await.unwrap();
         assert!(
             !closed(&mut silent, at_once).await,
             "closed before the deadline"

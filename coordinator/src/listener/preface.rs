@@ -157,7 +157,7 @@ mod tests {
         read_preface(&mut server).await.expect("a preface");
         let _peer = writer.await.unwrap();
         let caps = Caps::new(1, 1);
-        let slot = caps.admit(IpAddr::V4(Ipv4Addr::LOCALHOST)).unwrap();
+        let slot = caps.admit(IpAddr::V4(Ipv4Addr::LOCALHOST)).unwrap().slot;
         let mut prefaced = Prefaced::new(server, slot);
         // Small reads: the replay goes across several.
         let mut seen = Vec::new();
