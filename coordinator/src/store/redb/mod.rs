@@ -570,14 +570,11 @@ impl Store for RedbStore {
             let mut removed = Vec::with_capacity(due.len());
             for (at, key) in due {
                 by_time.remove((at, key)).or_backend(op)?;
-                let old = match tasks.remove(key).or_backend(op)? {
-                    Some(v) => Some(
-                        unseal("tasks", SealKey::Id(key), v.value())
-                            .and_then(|bytes| decode_task(TaskId::from_u128(key), bytes))
-                            .map(|task| task.state),
-                    ),
-                    None => None,
-                };
+                let old = tasks.remove(key).or_backend(op)?.map(|v| {
+                    unseal("tasks", SealKey::Id(key), v.value())
+                        .and_then(|bytes| decode_task(TaskId::from_u128(key), bytes))
+                        .map(|task| task.state)
+                });
                 let state = match old {
                     Some(Ok(state)) => Some(state),
                     // A damaged record past its retention is deleted all
