@@ -8,12 +8,15 @@
 //! first on the outgoing stream. `RenewCertificate` on the session is
 //! answered here too ([`renew`]), not by the driver. Then a
 //! reader task forwards the node's messages to the driver (its end, for any
-//! reason, is reported as the node gone) and a heartbeat task sends
+//! reason, is reported as the node gone), reading the stream at once and
+//! holding what the driver cannot take yet in a bounded [`backlog`], and a
+//! heartbeat task sends
 //! `Heartbeat` every interval. Outgoing messages go through a bounded
 //! channel of domain values, encoded as they leave ([`codec`] owns the
 //! wire form in both directions); the session's token ends both tasks when
 //! the driver drops it.
 
+mod backlog;
 mod codec;
 mod identity;
 mod join;
@@ -24,7 +27,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use futures::{Stream, StreamExt};
-use tokio::sync::mpsc;
+use prost::Message;
+use tokio::sync::mpsc::{self, OwnedPermit, error::TrySendError};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
@@ -37,6 +41,7 @@ use crate::error::Error;
 use crate::identity::Identities;
 use crate::scheduler::SessionId;
 use crate::tls::ServerTls;
+use backlog::{Backlog, Item};
 use codec::FromNode;
 use renew::Renewal;
 
@@ -59,8 +64,40 @@ pub(crate) struct NodeApi {
     pub tls: Option<Arc<ServerTls>>,
 }
 
+/// The HTTP/2 connection window the coordinator grants each connection.
+///
+/// HTTP/2 (h2) fails a whole connection with `GOAWAY ENHANCE_YOUR_CALM`
+/// once the small DATA frames it received but the application has not read
+/// yet cost more than half this window (up to 256 bytes each): at hyper's
+/// default of 1 MiB, about 2,000 node heartbeats arriving in one burst
+/// while the runtime is busy elsewhere. Node sessions read at once
+/// ([`backlog`]); this window leaves room for bursts of about 16,000 such
+/// frames. Each stream keeps its 1 MiB window, so no stream holds more
+/// unread data than before; a connection with many busy streams may hold
+/// up to this much.
+pub(crate) const CONNECTION_WINDOW: u32 = 8 * 1024 * 1024;
+
+/// A node session's backlog holds up to this many times `--max-message-size`
+/// of messages the driver has not taken yet (see [`backlog`]).
+const BACKLOG_MESSAGES: usize = 4;
+
+/// How the reading part of a session ended.
+enum End {
+    /// The stream ended or failed: what was read still goes to the driver.
+    Stream,
+    /// The session was closed, or the coordinator stops.
+    Closed,
+}
+
 /// Forwards the node's messages to the driver until the stream ends, the
 /// session is closed, or the coordinator stops; then reports the node gone.
+///
+/// The stream is read at once, whether or not the driver can take the
+/// message yet: what it cannot take waits, merged, in a [`Backlog`], so
+/// HTTP/2 never holds the node's small frames unread (it would fail the
+/// whole connection for it, see [`backlog`]). A node that sends more than
+/// the backlog holds while the driver takes nothing loses its session, as
+/// if its stream had ended; the connection and its other rpcs carry on.
 #[tracing::instrument(skip_all, fields(session = session.0))]
 async fn read_session(
     handle: Handle,
@@ -69,41 +106,118 @@ async fn read_session(
     token: CancellationToken,
     renewal: Renewal,
 ) {
-    loop {
+    let max = handle.config.max_message_size;
+    let mut backlog = Backlog::new(BACKLOG_MESSAGES.saturating_mul(max), max);
+    // A slot in the driver's inbox being waited for (only while it is full).
+    let mut slot: Option<Reserve> = None;
+    let end = loop {
+        // Hand over what the driver takes now.
+        while slot.is_none() && !backlog.is_empty() {
+            match handle.inbox.try_reserve() {
+                Ok(permit) => {
+                    if let Some(item) = backlog.pop() {
+                        permit.send(command(session, item));
+                    }
+                }
+                Err(TrySendError::Full(())) => {
+                    slot = Some(Box::pin(handle.inbox.clone().reserve_owned()));
+                }
+                Err(TrySendError::Closed(())) => return,
+            }
+        }
         let message = tokio::select! {
-            _ = token.cancelled() => break,
+            biased;
+            _ = token.cancelled() => break End::Closed,
+            permit = reserved(&mut slot) => {
+                slot = None;
+                let Ok(permit) = permit else { return };
+                if let Some(item) = backlog.pop() {
+                    permit.send(command(session, item));
+                }
+                continue;
+            }
             message = inbound.message() => message,
         };
-        let command = match message {
-            Ok(Some(message)) => match codec::from_node(message) {
-                FromNode::Credits(grant) => Command::Credits { session, grant },
-                FromNode::Heartbeat => Command::Heartbeat { session },
-                FromNode::Events(events) => Command::NodeEvents { session, events },
-                FromNode::Draining => Command::Draining { session },
-                FromNode::RegisterAgain => {
-                    tracing::warn!("node sent Register twice; closing its session");
-                    break;
+        let item = match message {
+            Ok(Some(message)) => {
+                let encoded = message.encoded_len();
+                match codec::from_node(message) {
+                    FromNode::Credits(grant) => Item::Credits(grant),
+                    FromNode::Heartbeat => Item::Heartbeat,
+                    FromNode::Events(events) => {
+                        let bytes = backlog::event_bytes(encoded, &events);
+                        Item::Events(events, bytes)
+                    }
+                    FromNode::Draining => Item::Draining,
+                    FromNode::RegisterAgain => {
+                        tracing::warn!("node sent Register twice; closing its session");
+                        break End::Stream;
+                    }
+                    FromNode::RenewCertificate(csr_der) => {
+                        renewal.answer(&csr_der);
+                        // Any message shows the node alive.
+                        Item::Heartbeat
+                    }
                 }
-                FromNode::RenewCertificate(csr_der) => {
-                    renewal.answer(&csr_der);
-                    // Any message shows the node alive.
-                    Command::Heartbeat { session }
-                }
-            },
+            }
             Ok(None) => {
                 tracing::debug!("node closed its stream");
-                break;
+                break End::Stream;
             }
             Err(status) => {
                 tracing::debug!(%status, "node stream failed");
-                break;
+                break End::Stream;
             }
         };
-        if handle.tell(command).await.is_err() {
-            return;
+        if let Err(overflow) = backlog.push(item) {
+            // Once per session: the session ends here.
+            tracing::warn!(
+                held_bytes = overflow.held,
+                limit_bytes = BACKLOG_MESSAGES.saturating_mul(max),
+                "node sent more than the coordinator could take (4 x --max-message-size held); \
+                 closing its session"
+            );
+            break End::Stream;
+        }
+    };
+    // Dropping the stream releases what HTTP/2 still holds of it.
+    drop(inbound);
+    drop(slot);
+    if let End::Stream = end {
+        // What was read goes to the driver first, in order.
+        while let Some(item) = backlog.pop() {
+            tokio::select! {
+                biased;
+                _ = token.cancelled() => break,
+                sent = handle.tell(command(session, item)) => if sent.is_err() { return },
+            }
         }
     }
     let _ = handle.tell(Command::NodeGone { session }).await;
+}
+
+/// Waiting for a slot in the driver's inbox.
+type Reserve =
+    Pin<Box<dyn Future<Output = Result<OwnedPermit<Command>, mpsc::error::SendError<()>>> + Send>>;
+
+/// The slot `slot` waits for; never, when it waits for none.
+async fn reserved(
+    slot: &mut Option<Reserve>,
+) -> Result<OwnedPermit<Command>, mpsc::error::SendError<()>> {
+    match slot {
+        Some(reserve) => reserve.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The driver's command for a backlog item of `session`.
+fn command(session: SessionId, item: Item) -> Command {
+    match item {
+        Item::Credits(grant) => Command::Credits { session, grant },
+        Item::Heartbeat => Command::Heartbeat { session },
+        Item::Events(events, _) => Command::NodeEvents { session, events },
+        Item::Draining => Command::Draining { session },
+    }
 }
 
 /// Sends `Heartbeat` every interval so an idle stream never looks dead.
