@@ -72,6 +72,8 @@ pub(crate) async fn serve(
     };
     let max = handle.config.max_message_size;
     let router = Server::builder()
+        // Room for bursts of small node messages: see CONNECTION_WINDOW.
+        .initial_connection_window_size(crate::service::node::CONNECTION_WINDOW)
         // Outermost, so it sees every answer: a request past
         // --max-message-size is refused by tonic's decoder as OUT_OF_RANGE,
         // and bytes that are not the message as INTERNAL, before any
