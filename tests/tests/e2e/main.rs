@@ -25,6 +25,7 @@ mod scheduling;
 mod secrets;
 mod shutdown;
 mod slots;
+mod stream_flood;
 mod tls;
 mod tokens;
 mod validation;
