@@ -7,7 +7,7 @@
 //! services' (`service/node/codec.rs` for the node stream).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::{mpsc, oneshot};
@@ -109,6 +109,9 @@ pub(crate) enum Command {
     NodeEvents {
         session: SessionId,
         events: Vec<NodeTaskEvent>,
+        /// Counts the batch against its session's backlog until the
+        /// driver is done with the command.
+        in_flight: InFlight,
     },
     /// The node says it drains.
     Draining { session: SessionId },
@@ -142,6 +145,29 @@ pub(crate) enum Command {
     ClusterInfo {
         reply: oneshot::Sender<(ClusterStats, Duration)>,
     },
+}
+
+/// Bytes of a node's messages handed to the driver and not yet applied,
+/// added to its session's count when made and taken off when dropped
+/// (after the driver applied the command). Its reader bounds the backlog
+/// by that count, so the inbox is no unbounded buffer for one node.
+#[derive(Debug, Default)]
+pub(crate) struct InFlight(Option<(Arc<AtomicUsize>, usize)>);
+
+impl InFlight {
+    /// `bytes` more in flight on `count`.
+    pub fn new(count: &Arc<AtomicUsize>, bytes: usize) -> InFlight {
+        count.fetch_add(bytes, Ordering::Relaxed);
+        InFlight(Some((Arc::clone(count), bytes)))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Some((count, bytes)) = &self.0 {
+            count.fetch_sub(*bytes, Ordering::Relaxed);
+        }
+    }
 }
 
 /// Final task records for a `WaitMany` waiter, one batch per commit.

@@ -54,7 +54,7 @@ use crate::scheduler::{
 };
 use crate::store::{Store, StoreError};
 use commit::{Batch, Committed, Pipeline, Reply, Started, coalesce};
-pub(crate) use inbox::{Command, Handle, NodeTx, ToNode};
+pub(crate) use inbox::{Command, Handle, InFlight, NodeTx, ToNode};
 use retention::Retention;
 use sessions::Sessions;
 use watch::Watchers;
@@ -371,8 +371,14 @@ impl Driver {
             }
             Command::Credits { session, grant } => self.scheduler.credits(session, grant, now),
             Command::Heartbeat { session } => self.scheduler.heartbeat(session, now),
-            Command::NodeEvents { session, events } => {
+            Command::NodeEvents {
+                session,
+                events,
+                in_flight,
+            } => {
                 self.scheduler.node_events(session, events, now);
+                // Applied: off its session's backlog.
+                drop(in_flight);
             }
             Command::Draining { session } => self.scheduler.node_draining(session, now),
             Command::NodeGone { session } => self.scheduler.node_gone(session, now),

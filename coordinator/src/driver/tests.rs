@@ -265,6 +265,7 @@ impl Harness {
         self.send(Command::NodeEvents {
             session: self.session,
             events,
+            in_flight: Default::default(),
         });
     }
 

@@ -18,7 +18,7 @@ use weft_tests::{FakeNode, TestCluster, default_timeout};
 /// Messages the flood sends.
 const FLOOD: usize = 100_000;
 /// Tasks in each `Submit` sent beside the flood.
-const SUBMIT_BATCH: usize = 50_000;
+const SUBMIT_BATCH: usize = 10_000;
 
 /// A connection of a fake node joined as `name` (plain on an insecure
 /// cluster), for its session and other rpcs alike.
@@ -88,7 +88,13 @@ async fn a_flood_of_small_messages_keeps_the_connection_and_its_other_rpcs() {
     cluster.wait_for_state(id, TaskState::Running).await;
 
     let rss_before = coordinator_rss_kib(&cluster);
-    let mut rss_peak = rss_before;
+    let rss_peak = std::cell::Cell::new(rss_before);
+    let sample = async {
+        loop {
+            rss_peak.set(rss_peak.get().max(coordinator_rss_kib(&cluster)));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
     let flood = async {
         let began = Instant::now();
         for i in 0..FLOOD {
@@ -118,13 +124,13 @@ async fn a_flood_of_small_messages_keeps_the_connection_and_its_other_rpcs() {
             if let Err(status) = tasks.submit(pb::SubmitRequest { tasks: specs }).await {
                 return status;
             }
-            rss_peak = rss_peak.max(coordinator_rss_kib(&cluster));
         }
         std::future::pending().await
     };
     let (took, others) = tokio::select! {
         took = flood => (took, None),
         failed = others => (Duration::ZERO, Some(failed)),
+        () = sample => unreachable!("sampling never ends"),
     };
     if let Some(failed) = others {
         panic!("an rpc on the flooded connection failed: {failed:?}");
@@ -132,7 +138,8 @@ async fn a_flood_of_small_messages_keeps_the_connection_and_its_other_rpcs() {
     let rate = FLOOD as f64 / took.as_secs_f64();
     eprintln!(
         "flood: {FLOOD} messages in {took:?} ({rate:.0}/s); coordinator RSS before {rss_before:?} KiB, \
-         peak during {rss_peak:?} KiB"
+         peak during {:?} KiB",
+        rss_peak.get()
     );
 
     // The connection and the session survived: a Get still answers, the
@@ -157,5 +164,93 @@ async fn a_flood_of_small_messages_keeps_the_connection_and_its_other_rpcs() {
         .await;
     let task = cluster.wait_for_final(next).await;
     assert_eq!(task.state, TaskState::Succeeded, "{task:?}");
+    cluster.shutdown().await;
+}
+
+/// Output chunks in each batch of the misbehaving flood.
+const CHUNKS: usize = 30;
+
+/// A batch of [`CHUNKS`] output chunks of 32 KiB for `task`'s attempt 1,
+/// numbered from `seq`: about 1 MiB.
+fn big_batch(task: TaskId, seq: u64, chunk: &bytes::Bytes) -> ToCoordinator {
+    let events = (0..CHUNKS as u64)
+        .map(|i| pb::NodeTaskEvent {
+            task_id: task.to_string(),
+            attempt: 1,
+            body: Some(NodeEvent::Output(pb::OutputChunk {
+                stream: pb::OutputStream::Stdout as i32,
+                data: chunk.clone(),
+                seq: seq + i,
+            })),
+        })
+        .collect();
+    ToCoordinator::Events(pb::TaskEvents { events })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_far_ahead_of_the_coordinator_loses_only_its_own_stream() {
+    // 1 MiB messages: a node may be 4 MiB ahead of the coordinator.
+    let cluster = TestCluster::builder()
+        .nodes(0)
+        .max_message_size(1024 * 1024)
+        .start()
+        .await;
+    let client = cluster.client().await;
+    let connection = node_connection(&cluster, "greedy").await;
+    let mut fake =
+        FakeNode::connect_framed(connection.clone(), register("greedy", 1, &["greedy"])).await;
+    let token = BearerToken::new(Some(&cluster.admin_token())).expect("the admin token");
+    let mut tasks = TaskServiceClient::with_interceptor(connection, token);
+    let id = client
+        .submit(TaskSpec::call("greedy", "x"))
+        .await
+        .expect("submit");
+    fake.grant(1).await;
+    fake.next_assignment(default_timeout()).await;
+    fake.started(id, 1).await;
+    cluster.wait_for_state(id, TaskState::Running).await;
+
+    // Output as fast as it goes, while Submits on the same connection keep
+    // the coordinator's commits busy, until the coordinator ends the stream.
+    let chunk = bytes::Bytes::from(vec![b'x'; 32 * 1024]);
+    let flood = async {
+        let mut seq = 0;
+        while fake.send(big_batch(id, seq, &chunk)).await {
+            seq += CHUNKS as u64;
+        }
+        seq
+    };
+    let others = async {
+        loop {
+            let specs = (0..20_000)
+                .map(|_| pb::TaskSpec::from(TaskSpec::call("nobody", "")))
+                .collect();
+            if let Err(status) = tasks.submit(pb::SubmitRequest { tasks: specs }).await {
+                return status;
+            }
+        }
+    };
+    let sent = tokio::select! {
+        sent = tokio::time::timeout(default_timeout(), flood) => sent.expect("the coordinator ends the flooding stream"),
+        failed = others => panic!("a Submit on the flooded connection failed: {failed:?}"),
+    };
+    eprintln!("the stream ended after {sent} chunks of 32 KiB");
+    // It ended cleanly (not by HTTP/2 failing the connection).
+    match fake.wait_end(default_timeout()).await {
+        Some(None) => {}
+        other => panic!("the session's stream should end without an error: {other:?}"),
+    }
+    // The node was lost: its attempt is requeued.
+    let task = cluster
+        .wait_for_task(id, |t| t.state == TaskState::Queued)
+        .await;
+    assert_eq!(task.state, TaskState::Queued, "{task:?}");
+    // The connection and its other rpcs carry on.
+    tasks
+        .get(pb::GetRequest {
+            task_id: id.to_string(),
+        })
+        .await
+        .expect("a Get on the same connection after the stream ended");
     cluster.shutdown().await;
 }

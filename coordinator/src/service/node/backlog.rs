@@ -51,32 +51,20 @@ impl Item {
     }
 }
 
-/// The node sent more than the backlog holds while the driver took none of
-/// it.
-#[derive(Debug, PartialEq)]
-pub(super) struct Overflow {
-    /// Bytes held when it overflowed.
-    pub held: usize,
-}
-
 /// A node session's undelivered messages (see the module docs).
 pub(super) struct Backlog {
     items: VecDeque<Item>,
     bytes: usize,
-    /// Most bytes held before the node is cut off.
-    limit: usize,
     /// Most bytes of events merged into one batch.
     batch: usize,
 }
 
 impl Backlog {
-    /// A backlog holding up to `limit` bytes, merging event batches up to
-    /// `batch` bytes each.
-    pub(super) fn new(limit: usize, batch: usize) -> Backlog {
+    /// An empty backlog, merging event batches up to `batch` bytes each.
+    pub(super) fn new(batch: usize) -> Backlog {
         Backlog {
             items: VecDeque::new(),
             bytes: 0,
-            limit,
             batch,
         }
     }
@@ -86,8 +74,7 @@ impl Backlog {
         self.items.is_empty()
     }
 
-    /// Bytes held.
-    #[cfg(test)]
+    /// Bytes held (what the reader bounds).
     pub(super) fn bytes(&self) -> usize {
         self.bytes
     }
@@ -99,13 +86,11 @@ impl Backlog {
         Some(item)
     }
 
-    /// Adds what the node sent next (merged where it may be); `Overflow`
-    /// when the backlog now holds more than its limit. The item is kept
-    /// either way, in order.
-    pub(super) fn push(&mut self, item: Item) -> Result<(), Overflow> {
+    /// Adds what the node sent next, merged where it may be.
+    pub(super) fn push(&mut self, item: Item) {
         // A lone queued heartbeat says nothing the next item does not.
         if matches!(item, Item::Heartbeat) && !self.items.is_empty() {
-            return Ok(());
+            return;
         }
         if matches!(self.items.back(), Some(Item::Heartbeat)) {
             self.pop_back();
@@ -115,7 +100,7 @@ impl Backlog {
             Item::Credits(grant) => {
                 if let Some(Item::Credits(queued)) = self.items.back_mut() {
                     *queued = queued.saturating_add(grant);
-                    return Ok(());
+                    return;
                 }
                 self.push_back(Item::Credits(grant));
             }
@@ -149,10 +134,6 @@ impl Backlog {
                 }
             }
             Item::Heartbeat => self.push_back(Item::Heartbeat),
-        }
-        match self.bytes > self.limit {
-            true => Err(Overflow { held: self.bytes }),
-            false => Ok(()),
         }
     }
 
@@ -209,24 +190,24 @@ mod tests {
 
     #[test]
     fn a_flood_of_small_messages_stays_a_few_items() {
-        let mut backlog = Backlog::new(16 << 20, 16 << 20);
+        let mut backlog = Backlog::new(16 << 20);
         for _ in 0..10_000 {
-            backlog.push(Item::Heartbeat).unwrap();
-            backlog.push(events(1)).unwrap();
-            backlog.push(Item::Credits(1)).unwrap();
-            backlog.push(Item::Heartbeat).unwrap();
+            backlog.push(Item::Heartbeat);
+            backlog.push(events(1));
+            backlog.push(Item::Credits(1));
+            backlog.push(Item::Heartbeat);
         }
         assert_eq!(kinds(&mut backlog), ["E10000", "C10000"]);
     }
 
     #[test]
     fn grants_never_move_ahead_of_the_events_they_follow() {
-        let mut backlog = Backlog::new(1 << 20, 1 << 20);
-        backlog.push(Item::Credits(2)).unwrap();
-        backlog.push(events(1)).unwrap();
-        backlog.push(Item::Credits(1)).unwrap();
-        backlog.push(events(2)).unwrap();
-        backlog.push(Item::Credits(3)).unwrap();
+        let mut backlog = Backlog::new(1 << 20);
+        backlog.push(Item::Credits(2));
+        backlog.push(events(1));
+        backlog.push(Item::Credits(1));
+        backlog.push(events(2));
+        backlog.push(Item::Credits(3));
         // The grant of 2 came before any event; the later events join the
         // first batch, ahead of the grants that followed it (summed).
         assert_eq!(kinds(&mut backlog), ["C2", "E3", "C4"]);
@@ -234,14 +215,14 @@ mod tests {
 
     #[test]
     fn draining_is_never_crossed_and_a_lone_heartbeat_is_kept() {
-        let mut backlog = Backlog::new(1 << 20, 1 << 20);
-        backlog.push(Item::Heartbeat).unwrap();
+        let mut backlog = Backlog::new(1 << 20);
+        backlog.push(Item::Heartbeat);
         assert_eq!(kinds(&mut backlog), ["H"]);
-        backlog.push(events(1)).unwrap();
-        backlog.push(Item::Draining).unwrap();
-        backlog.push(Item::Draining).unwrap();
-        backlog.push(events(1)).unwrap();
-        backlog.push(Item::Credits(1)).unwrap();
+        backlog.push(events(1));
+        backlog.push(Item::Draining);
+        backlog.push(Item::Draining);
+        backlog.push(events(1));
+        backlog.push(Item::Credits(1));
         assert_eq!(kinds(&mut backlog), ["E1", "D", "E1", "C1"]);
     }
 
@@ -251,26 +232,10 @@ mod tests {
             Item::Events(_, bytes) => bytes,
             _ => unreachable!(),
         };
-        let mut backlog = Backlog::new(1 << 20, 3 * one);
+        let mut backlog = Backlog::new(3 * one);
         for _ in 0..7 {
-            backlog.push(events(1)).unwrap();
+            backlog.push(events(1));
         }
         assert_eq!(kinds(&mut backlog), ["E3", "E3", "E1"]);
-    }
-
-    #[test]
-    fn more_than_the_limit_overflows_and_keeps_everything_in_order() {
-        let mut backlog = Backlog::new(10_000, 1_000);
-        let mut overflowed = None;
-        for i in 0..1_000 {
-            if let Err(overflow) = backlog.push(events(5)) {
-                overflowed = Some((i, overflow.held));
-                break;
-            }
-        }
-        let (at, held) = overflowed.expect("overflows");
-        assert!(held > 10_000 && at > 0, "{at} {held}");
-        assert_eq!(backlog.bytes(), held);
-        assert!(kinds(&mut backlog).iter().all(|k| k.starts_with('E')));
     }
 }

@@ -25,6 +25,7 @@ mod renew;
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use futures::{Stream, StreamExt};
 use prost::Message;
@@ -36,7 +37,7 @@ use tonic::{Request, Response, Status, Streaming};
 use weft_proto::pb;
 
 use crate::auth::TokenIndex;
-use crate::driver::{Command, Handle, NodeTx, ToNode};
+use crate::driver::{Command, Handle, InFlight, NodeTx, ToNode};
 use crate::error::Error;
 use crate::identity::Identities;
 use crate::scheduler::SessionId;
@@ -68,17 +69,20 @@ pub(crate) struct NodeApi {
 ///
 /// HTTP/2 (h2) fails a whole connection with `GOAWAY ENHANCE_YOUR_CALM`
 /// once the small DATA frames it received but the application has not read
-/// yet cost more than half this window (up to 256 bytes each): at hyper's
-/// default of 1 MiB, about 2,000 node heartbeats arriving in one burst
-/// while the runtime is busy elsewhere. Node sessions read at once
-/// ([`backlog`]); this window leaves room for bursts of about 16,000 such
-/// frames. Each stream keeps its 1 MiB window, so no stream holds more
-/// unread data than before; a connection with many busy streams may hold
-/// up to this much.
-pub(crate) const CONNECTION_WINDOW: u32 = 8 * 1024 * 1024;
+/// yet cost more than half this window: 256 bytes less the frame's length
+/// each. At hyper's default of 1 MiB that is about 2,000 node heartbeats,
+/// which arrive in one burst whenever the coordinator gets the CPU later
+/// than the node sends. Half of 128 MiB covers a whole stream window
+/// (1 MiB, unchanged) of the smallest gRPC messages (5 bytes, 251 each:
+/// 52.6 MB), so one stream can no longer fail its connection however
+/// slowly it is read: it is held back by its own stream window instead.
+/// What a stream may hold unread is still its 1 MiB window; node sessions
+/// also read at once ([`backlog`]).
+pub(crate) const CONNECTION_WINDOW: u32 = 128 * 1024 * 1024;
 
-/// A node session's backlog holds up to this many times `--max-message-size`
-/// of messages the driver has not taken yet (see [`backlog`]).
+/// A node session may have up to this many times `--max-message-size` of
+/// event batches the driver has not applied yet: held in its [`backlog`]
+/// and in the driver's inbox together.
 const BACKLOG_MESSAGES: usize = 4;
 
 /// How the reading part of a session ended.
@@ -96,8 +100,9 @@ enum End {
 /// message yet: what it cannot take waits, merged, in a [`Backlog`], so
 /// HTTP/2 never holds the node's small frames unread (it would fail the
 /// whole connection for it, see [`backlog`]). A node that sends more than
-/// the backlog holds while the driver takes nothing loses its session, as
-/// if its stream had ended; the connection and its other rpcs carry on.
+/// [`BACKLOG_MESSAGES`] messages' worth ahead of the driver loses its
+/// session, as if its stream had ended (its attempts are requeued); the
+/// connection and its other rpcs carry on.
 #[tracing::instrument(skip_all, fields(session = session.0))]
 async fn read_session(
     handle: Handle,
@@ -107,7 +112,10 @@ async fn read_session(
     renewal: Renewal,
 ) {
     let max = handle.config.max_message_size;
-    let mut backlog = Backlog::new(BACKLOG_MESSAGES.saturating_mul(max), max);
+    let limit = BACKLOG_MESSAGES.saturating_mul(max);
+    let mut backlog = Backlog::new(max);
+    // Bytes of event batches in the driver's inbox, not applied yet.
+    let in_flight = Arc::new(AtomicUsize::new(0));
     // A slot in the driver's inbox being waited for (only while it is full).
     let mut slot: Option<Reserve> = None;
     let end = loop {
@@ -116,7 +124,7 @@ async fn read_session(
             match handle.inbox.try_reserve() {
                 Ok(permit) => {
                     if let Some(item) = backlog.pop() {
-                        permit.send(command(session, item));
+                        permit.send(command(session, item, &in_flight));
                     }
                 }
                 Err(TrySendError::Full(())) => {
@@ -132,7 +140,7 @@ async fn read_session(
                 slot = None;
                 let Ok(permit) = permit else { return };
                 if let Some(item) = backlog.pop() {
-                    permit.send(command(session, item));
+                    permit.send(command(session, item, &in_flight));
                 }
                 continue;
             }
@@ -169,13 +177,15 @@ async fn read_session(
                 break End::Stream;
             }
         };
-        if let Err(overflow) = backlog.push(item) {
+        backlog.push(item);
+        let held = backlog.bytes() + in_flight.load(Ordering::Relaxed);
+        if held > limit {
             // Once per session: the session ends here.
             tracing::warn!(
-                held_bytes = overflow.held,
-                limit_bytes = BACKLOG_MESSAGES.saturating_mul(max),
-                "node sent more than the coordinator could take (4 x --max-message-size held); \
-                 closing its session"
+                held_bytes = held,
+                limit_bytes = limit,
+                "node sent more than the coordinator could take \
+                 (4 x --max-message-size ahead of it); closing its session"
             );
             break End::Stream;
         }
@@ -189,7 +199,7 @@ async fn read_session(
             tokio::select! {
                 biased;
                 _ = token.cancelled() => break,
-                sent = handle.tell(command(session, item)) => if sent.is_err() { return },
+                sent = handle.tell(command(session, item, &in_flight)) => if sent.is_err() { return },
             }
         }
     }
@@ -210,12 +220,17 @@ async fn reserved(
     }
 }
 
-/// The driver's command for a backlog item of `session`.
-fn command(session: SessionId, item: Item) -> Command {
+/// The driver's command for a backlog item of `session`; an event batch
+/// counts on `in_flight` until the driver is done with it.
+fn command(session: SessionId, item: Item, in_flight: &Arc<AtomicUsize>) -> Command {
     match item {
         Item::Credits(grant) => Command::Credits { session, grant },
         Item::Heartbeat => Command::Heartbeat { session },
-        Item::Events(events, _) => Command::NodeEvents { session, events },
+        Item::Events(events, bytes) => Command::NodeEvents {
+            session,
+            events,
+            in_flight: InFlight::new(in_flight, bytes),
+        },
         Item::Draining => Command::Draining { session },
     }
 }
