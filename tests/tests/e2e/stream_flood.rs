@@ -67,7 +67,12 @@ fn coordinator_rss_kib(cluster: &TestCluster) -> Option<u64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_small_messages_keeps_the_connection_and_its_other_rpcs() {
-    let cluster = TestCluster::builder().nodes(0).start().await;
+    // Not lost for silence while the machine is busy with the flood.
+    let cluster = TestCluster::builder()
+        .nodes(0)
+        .heartbeat_timeout(Duration::from_secs(60))
+        .start()
+        .await;
     let client = cluster.client().await;
     let connection = node_connection(&cluster, "flood").await;
     let mut fake =
@@ -189,10 +194,12 @@ fn big_batch(task: TaskId, seq: u64, chunk: &bytes::Bytes) -> ToCoordinator {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_far_ahead_of_the_coordinator_loses_only_its_own_stream() {
-    // 1 MiB messages: a node may be 4 MiB ahead of the coordinator.
+    // 1 MiB messages: a node may be 4 MiB ahead of the coordinator. The
+    // node is never lost for silence here: only the flood can end it.
     let cluster = TestCluster::builder()
         .nodes(0)
         .max_message_size(1024 * 1024)
+        .heartbeat_timeout(Duration::from_secs(600))
         .start()
         .await;
     let client = cluster.client().await;
@@ -213,6 +220,13 @@ async fn a_node_far_ahead_of_the_coordinator_loses_only_its_own_stream() {
     // Output as fast as it goes, while Submits on the same connection keep
     // the coordinator's commits busy, until the coordinator ends the stream.
     let chunk = bytes::Bytes::from(vec![b'x'; 32 * 1024]);
+    let rss_peak = std::cell::Cell::new(coordinator_rss_kib(&cluster));
+    let sample = async {
+        loop {
+            rss_peak.set(rss_peak.get().max(coordinator_rss_kib(&cluster)));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
     let flood = async {
         let mut seq = 0;
         while fake.send(big_batch(id, seq, &chunk)).await {
@@ -233,8 +247,12 @@ async fn a_node_far_ahead_of_the_coordinator_loses_only_its_own_stream() {
     let sent = tokio::select! {
         sent = tokio::time::timeout(default_timeout(), flood) => sent.expect("the coordinator ends the flooding stream"),
         failed = others => panic!("a Submit on the flooded connection failed: {failed:?}"),
+        () = sample => unreachable!("sampling never ends"),
     };
-    eprintln!("the stream ended after {sent} chunks of 32 KiB");
+    eprintln!(
+        "the stream ended after {sent} chunks of 32 KiB; coordinator RSS peak {:?} KiB",
+        rss_peak.get()
+    );
     // It ended cleanly (not by HTTP/2 failing the connection).
     match fake.wait_end(default_timeout()).await {
         Some(None) => {}
