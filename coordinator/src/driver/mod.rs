@@ -54,7 +54,7 @@ use crate::scheduler::{
 };
 use crate::store::{Store, StoreError};
 use commit::{Batch, Committed, Pipeline, Reply, Started, coalesce};
-pub(crate) use inbox::{Command, Handle, InFlight, NodeTx, ToNode};
+pub(crate) use inbox::{Command, Handle, InFlight, NodeTx, ToNode, Unapplied};
 use retention::Retention;
 use sessions::Sessions;
 use watch::Watchers;
@@ -377,7 +377,7 @@ impl Driver {
                 in_flight,
             } => {
                 self.scheduler.node_events(session, events, now);
-                // Applied: off its session's backlog.
+                // Applied: no longer counted as its session's.
                 drop(in_flight);
             }
             Command::Draining { session } => self.scheduler.node_draining(session, now),

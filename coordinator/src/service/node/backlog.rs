@@ -1,6 +1,6 @@
 //! What a node session's reader holds while the driver cannot take more:
 //! the node's messages, read off the stream at once and merged where the
-//! order allows, bounded in bytes.
+//! order allows (the reader bounds it in bytes).
 //!
 //! Why it exists: HTTP/2 (h2) charges every small DATA frame received but
 //! not yet read by the application against one budget per connection (about

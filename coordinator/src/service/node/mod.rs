@@ -25,7 +25,6 @@ mod renew;
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use futures::{Stream, StreamExt};
 use prost::Message;
@@ -37,7 +36,7 @@ use tonic::{Request, Response, Status, Streaming};
 use weft_proto::pb;
 
 use crate::auth::TokenIndex;
-use crate::driver::{Command, Handle, InFlight, NodeTx, ToNode};
+use crate::driver::{Command, Handle, InFlight, NodeTx, ToNode, Unapplied};
 use crate::error::Error;
 use crate::identity::Identities;
 use crate::scheduler::SessionId;
@@ -75,14 +74,14 @@ pub(crate) struct NodeApi {
 /// than the node sends. Half of 128 MiB covers a whole stream window
 /// (1 MiB, unchanged) of the smallest gRPC messages (5 bytes, 251 each:
 /// 52.6 MB), so one stream can no longer fail its connection however
-/// slowly it is read: it is held back by its own stream window instead.
-/// What a stream may hold unread is still its 1 MiB window; node sessions
-/// also read at once ([`backlog`]).
+/// slowly it is read (a node session paused by its backlog included): it
+/// is held back by its own stream window instead. What a stream may hold
+/// unread is still its 1 MiB window.
 pub(crate) const CONNECTION_WINDOW: u32 = 128 * 1024 * 1024;
 
-/// A node session may have up to this many times `--max-message-size` of
-/// event batches the driver has not applied yet: held in its [`backlog`]
-/// and in the driver's inbox together.
+/// A node session's reader reads on while its event batches the driver has
+/// not applied yet (in its [`backlog`] and in the driver's inbox together)
+/// are at most this many times `--max-message-size`.
 const BACKLOG_MESSAGES: usize = 4;
 
 /// How the reading part of a session ended.
@@ -98,11 +97,11 @@ enum End {
 ///
 /// The stream is read at once, whether or not the driver can take the
 /// message yet: what it cannot take waits, merged, in a [`Backlog`], so
-/// HTTP/2 never holds the node's small frames unread (it would fail the
-/// whole connection for it, see [`backlog`]). A node that sends more than
-/// [`BACKLOG_MESSAGES`] messages' worth ahead of the driver loses its
-/// session, as if its stream had ended (its attempts are requeued); the
-/// connection and its other rpcs carry on.
+/// HTTP/2 never holds the node's small frames unread (see [`backlog`]).
+/// A node more than [`BACKLOG_MESSAGES`] messages' worth ahead of the
+/// driver is read no further until the driver has caught up: HTTP/2 flow
+/// control holds it back, on its own stream only ([`CONNECTION_WINDOW`]
+/// keeps that from failing the connection).
 #[tracing::instrument(skip_all, fields(session = session.0))]
 async fn read_session(
     handle: Handle,
@@ -114,17 +113,18 @@ async fn read_session(
     let max = handle.config.max_message_size;
     let limit = BACKLOG_MESSAGES.saturating_mul(max);
     let mut backlog = Backlog::new(max);
-    // Bytes of event batches in the driver's inbox, not applied yet.
-    let in_flight = Arc::new(AtomicUsize::new(0));
+    // Event batches in the driver's inbox, not applied yet.
+    let unapplied = Arc::new(Unapplied::default());
     // A slot in the driver's inbox being waited for (only while it is full).
     let mut slot: Option<Reserve> = None;
+    let mut paused_before = false;
     let end = loop {
         // Hand over what the driver takes now.
         while slot.is_none() && !backlog.is_empty() {
             match handle.inbox.try_reserve() {
                 Ok(permit) => {
                     if let Some(item) = backlog.pop() {
-                        permit.send(command(session, item, &in_flight));
+                        permit.send(command(session, item, &unapplied));
                     }
                 }
                 Err(TrySendError::Full(())) => {
@@ -133,6 +133,19 @@ async fn read_session(
                 Err(TrySendError::Closed(())) => return,
             }
         }
+        let held = backlog.bytes() + unapplied.bytes();
+        let paused = held > limit;
+        if paused && !paused_before {
+            // Once per session: a node this far ahead is rare and expected
+            // to stay so.
+            paused_before = true;
+            tracing::warn!(
+                held_bytes = held,
+                limit_bytes = limit,
+                "node is more than 4 x --max-message-size ahead of the coordinator; \
+                 reading it waits until the coordinator has caught up"
+            );
+        }
         let message = tokio::select! {
             biased;
             _ = token.cancelled() => break End::Closed,
@@ -140,11 +153,12 @@ async fn read_session(
                 slot = None;
                 let Ok(permit) = permit else { return };
                 if let Some(item) = backlog.pop() {
-                    permit.send(command(session, item, &in_flight));
+                    permit.send(command(session, item, &unapplied));
                 }
                 continue;
             }
-            message = inbound.message() => message,
+            () = unapplied.applied(), if paused => continue,
+            message = inbound.message(), if !paused => message,
         };
         let item = match message {
             Ok(Some(message)) => {
@@ -178,17 +192,6 @@ async fn read_session(
             }
         };
         backlog.push(item);
-        let held = backlog.bytes() + in_flight.load(Ordering::Relaxed);
-        if held > limit {
-            // Once per session: the session ends here.
-            tracing::warn!(
-                held_bytes = held,
-                limit_bytes = limit,
-                "node sent more than the coordinator could take \
-                 (4 x --max-message-size ahead of it); closing its session"
-            );
-            break End::Stream;
-        }
     };
     // Dropping the stream releases what HTTP/2 still holds of it.
     drop(inbound);
@@ -199,7 +202,7 @@ async fn read_session(
             tokio::select! {
                 biased;
                 _ = token.cancelled() => break,
-                sent = handle.tell(command(session, item, &in_flight)) => if sent.is_err() { return },
+                sent = handle.tell(command(session, item, &unapplied)) => if sent.is_err() { return },
             }
         }
     }
@@ -221,15 +224,15 @@ async fn reserved(
 }
 
 /// The driver's command for a backlog item of `session`; an event batch
-/// counts on `in_flight` until the driver is done with it.
-fn command(session: SessionId, item: Item, in_flight: &Arc<AtomicUsize>) -> Command {
+/// counts on `unapplied` until the driver is done with it.
+fn command(session: SessionId, item: Item, unapplied: &Arc<Unapplied>) -> Command {
     match item {
         Item::Credits(grant) => Command::Credits { session, grant },
         Item::Heartbeat => Command::Heartbeat { session },
         Item::Events(events, bytes) => Command::NodeEvents {
             session,
             events,
-            in_flight: InFlight::new(in_flight, bytes),
+            in_flight: InFlight::new(unapplied, bytes),
         },
         Item::Draining => Command::Draining { session },
     }
