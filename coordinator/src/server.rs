@@ -80,6 +80,8 @@ pub(crate) async fn serve(
         // peer may not open streams without end on one connection. A
         // client past it waits for a stream to end (HTTP/2 clients queue).
         .max_concurrent_streams(config.max_streams_per_connection)
+        // Room for bursts of small node messages: see CONNECTION_WINDOW.
+        .initial_connection_window_size(crate::service::node::CONNECTION_WINDOW)
         // Outermost, so it sees every answer: a request past
         // --max-message-size is refused by tonic's decoder as OUT_OF_RANGE,
         // and bytes that are not the message as INTERNAL, before any

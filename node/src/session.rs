@@ -446,6 +446,11 @@ async fn lease_expired_signal(expired: &mut watch::Receiver<bool>) {
 }
 
 /// Handles what the coordinator sends, until the stream ends; answers why.
+///
+/// Awaits nothing but the next message: [`handle`] acts at once (the
+/// executor queues or refuses work, never waits), so HTTP/2 never holds the
+/// coordinator's small frames (heartbeats, cancels) unread behind slow
+/// work; it fails the whole connection when too many pile up.
 async fn read_loop(mut inbound: Streaming<pb::CoordinatorMessage>, ctx: Arc<NodeCtx>) -> Error {
     loop {
         let message = match inbound.message().await {

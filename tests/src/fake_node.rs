@@ -9,13 +9,15 @@
 //! with rcgen, `Join` over TLS trusting the token's CA pin) and connect
 //! presenting the certificate it got ([`FakeNode::connect_as`]).
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
 use tonic::transport::Channel;
 use tonic::{Status, Streaming};
 
@@ -198,12 +200,34 @@ async fn open_on(
     ),
     Status,
 > {
+    open_with(channel, first, false).await
+}
+
+/// [`open_on`], each message in its own HTTP/2 DATA frame when
+/// `frame_each` (else the gRPC stack packs what is ready into one frame).
+async fn open_with(
+    channel: Channel,
+    first: ToCoordinator,
+    frame_each: bool,
+) -> Result<
+    (
+        mpsc::Sender<pb::NodeMessage>,
+        Streaming<pb::CoordinatorMessage>,
+        pb::CoordinatorMessage,
+    ),
+    Status,
+> {
     let (tx, rx) = mpsc::channel(64);
     tx.send(pb::NodeMessage { body: Some(first) })
         .await
         .expect("the receiver is alive");
     let mut client = NodeServiceClient::new(channel);
-    let mut inbound = client.connect(ReceiverStream::new(rx)).await?.into_inner();
+    let outgoing = FramePerMessage {
+        inner: ReceiverStream::new(rx),
+        split: frame_each,
+        yielded: false,
+    };
+    let mut inbound = client.connect(outgoing).await?.into_inner();
     let reply = tokio::time::timeout(Duration::from_secs(10), inbound.next())
         .await
         .map_err(|_| Status::deadline_exceeded("no first message from the coordinator in 10 s"))?;
@@ -211,6 +235,33 @@ async fn open_on(
         Some(Ok(msg)) => Ok((tx, inbound, msg)),
         Some(Err(status)) => Err(status),
         None => Err(Status::unknown("stream ended before the first message")),
+    }
+}
+
+/// The messages of `inner`; with `split`, it looks empty once after each
+/// message (and wakes itself at once), so the gRPC encoder sends every
+/// message as its own HTTP/2 DATA frame, as a node sending one message at
+/// a time does, instead of packing what is ready into one frame.
+struct FramePerMessage<S> {
+    inner: S,
+    split: bool,
+    yielded: bool,
+}
+
+impl<S: Stream + Unpin> Stream for FramePerMessage<S> {
+    type Item = S::Item;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<S::Item>> {
+        if self.split && self.yielded {
+            self.yielded = false;
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        let next = Pin::new(&mut self.inner).poll_next(cx);
+        if let Poll::Ready(Some(_)) = next {
+            self.yielded = true;
+        }
+        next
     }
 }
 
@@ -244,6 +295,16 @@ impl FakeNode {
     ) -> Result<FakeNode, Status> {
         let opened = open_raw_as(url, identity, ToCoordinator::Register(register)).await?;
         Ok(FakeNode::registered(opened))
+    }
+
+    /// Connects on `channel` (which other rpcs may share) and registers
+    /// with `register`, sending every message as its own HTTP/2 DATA frame
+    /// (see [`FakeNode::send`]); fails the test unless it registers.
+    pub async fn connect_framed(channel: Channel, register: pb::Register) -> FakeNode {
+        let opened = open_with(channel, ToCoordinator::Register(register), true).await;
+        FakeNode::registered(
+            opened.unwrap_or_else(|s| panic!("fake node registration refused: {s}")),
+        )
     }
 
     fn registered(

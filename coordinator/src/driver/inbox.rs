@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -144,6 +144,9 @@ pub(crate) enum Command {
     NodeEvents {
         session: SessionId,
         events: Vec<NodeTaskEvent>,
+        /// Counts the batch as its session's, not applied, until the
+        /// driver is done with the command.
+        in_flight: InFlight,
     },
     /// The node says it drains.
     Draining { session: SessionId },
@@ -177,6 +180,49 @@ pub(crate) enum Command {
     ClusterInfo {
         reply: oneshot::Sender<(ClusterStats, Duration)>,
     },
+}
+
+/// What one node session has handed the driver and the driver has not
+/// applied yet: its reader reads no more while that and its own backlog
+/// are too much, so the inbox is no unbounded buffer for one node.
+#[derive(Debug, Default)]
+pub(crate) struct Unapplied {
+    bytes: AtomicUsize,
+    applied: Notify,
+}
+
+impl Unapplied {
+    /// Bytes handed over and not applied yet.
+    pub fn bytes(&self) -> usize {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Resolves once something was applied since the last call.
+    pub async fn applied(&self) {
+        self.applied.notified().await;
+    }
+}
+
+/// Counts a command's bytes on its session's [`Unapplied`] from when it
+/// is made until the driver drops it, applied.
+#[derive(Debug, Default)]
+pub(crate) struct InFlight(Option<(Arc<Unapplied>, usize)>);
+
+impl InFlight {
+    /// `bytes` more not applied on `unapplied`.
+    pub fn new(unapplied: &Arc<Unapplied>, bytes: usize) -> InFlight {
+        unapplied.bytes.fetch_add(bytes, Ordering::Relaxed);
+        InFlight(Some((Arc::clone(unapplied), bytes)))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Some((unapplied, bytes)) = &self.0 {
+            unapplied.bytes.fetch_sub(*bytes, Ordering::Relaxed);
+            unapplied.applied.notify_one();
+        }
+    }
 }
 
 /// Final task records for a `WaitMany` waiter, one batch per commit.

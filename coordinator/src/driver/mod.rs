@@ -56,7 +56,7 @@ use crate::store::{Store, StoreError};
 use commit::{Batch, Committed, Pipeline, Reply, Started, coalesce};
 #[cfg(test)]
 pub(crate) use inbox::CancelBatch;
-pub(crate) use inbox::{Command, Handle, NodeTx, ToNode};
+pub(crate) use inbox::{Command, Handle, InFlight, NodeTx, ToNode, Unapplied};
 use retention::Retention;
 use sessions::Sessions;
 use watch::Watchers;
@@ -373,8 +373,14 @@ impl Driver {
             }
             Command::Credits { session, grant } => self.scheduler.credits(session, grant, now),
             Command::Heartbeat { session } => self.scheduler.heartbeat(session, now),
-            Command::NodeEvents { session, events } => {
+            Command::NodeEvents {
+                session,
+                events,
+                in_flight,
+            } => {
                 self.scheduler.node_events(session, events, now);
+                // Applied: no longer counted as its session's.
+                drop(in_flight);
             }
             Command::Draining { session } => self.scheduler.node_draining(session, now),
             Command::NodeGone { session } => self.scheduler.node_gone(session, now),

@@ -266,6 +266,7 @@ impl Harness {
         self.send(Command::NodeEvents {
             session: self.session,
             events,
+            in_flight: Default::default(),
         });
     }
 

@@ -131,6 +131,30 @@ async fn a_message_within_the_lease_renews_it() {
     assert_eq!(ctx.lease.overdue(Instant::now()), None);
 }
 
+/// The reader acts on each message at once: handling never waits, not on
+/// a full event channel nobody drains nor on running work, so no frame of
+/// the coordinator's is left unread in HTTP/2 behind slow work (h2 fails
+/// the whole connection when too many small ones pile up unread).
+#[tokio::test(start_paused = true)]
+async fn handling_a_message_never_waits_on_a_full_event_channel_or_running_work() {
+    let mut config = NodeConfig::new("http://unused");
+    config.slots = 1;
+    config.prefetch = 0;
+    let (ctx, rx) = node_ctx(config, HandlerRegistry::with_builtins());
+    let now = Instant::now();
+    ctx.lease.begin(5 * SECOND, SECOND, now);
+    // One attempt takes the slot; every other is refused over capacity,
+    // and its Finished fills the event channel, then waits beside it.
+    for _ in 0..events::EVENT_BUFFER + 500 {
+        let (wire, _) = assignment(TaskSpec::call("sleep", "1h"));
+        handle(&ctx, assign(vec![wire]), now).unwrap();
+        handle(&ctx, heartbeat(), now).unwrap();
+    }
+    assert_eq!(rx.len(), events::EVENT_BUFFER, "the event channel is full");
+    assert_eq!(Instant::now(), now, "nothing waited");
+    assert_eq!(ctx.executor.running(), 1);
+}
+
 fn heartbeat() -> pb::CoordinatorMessage {
     pb::CoordinatorMessage {
         body: Some(Inbound::Heartbeat(pb::Heartbeat {})),

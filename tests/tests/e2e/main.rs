@@ -26,6 +26,7 @@ mod scheduling;
 mod secrets;
 mod shutdown;
 mod slots;
+mod stream_flood;
 mod stuck_nodes;
 mod tls;
 mod tokens;

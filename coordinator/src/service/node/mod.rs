@@ -8,12 +8,15 @@
 //! first on the outgoing stream. `RenewCertificate` on the session is
 //! answered here too ([`renew`]), not by the driver. Then a
 //! reader task forwards the node's messages to the driver (its end, for any
-//! reason, is reported as the node gone) and a heartbeat task sends
+//! reason, is reported as the node gone), reading the stream at once and
+//! holding what the driver cannot take yet in a bounded [`backlog`], and a
+//! heartbeat task sends
 //! `Heartbeat` every interval. Outgoing messages go through a bounded
 //! channel of domain values, encoded as they leave ([`codec`] owns the
 //! wire form in both directions); the session's token ends both tasks when
 //! the driver drops it.
 
+mod backlog;
 mod codec;
 mod identity;
 mod join;
@@ -24,7 +27,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use futures::{Stream, StreamExt};
-use tokio::sync::mpsc;
+use prost::Message;
+use tokio::sync::mpsc::{self, OwnedPermit, error::TrySendError};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
@@ -32,11 +36,12 @@ use tonic::{Request, Response, Status, Streaming};
 use weft_proto::pb;
 
 use crate::auth::TokenIndex;
-use crate::driver::{Command, Handle, NodeTx, ToNode};
+use crate::driver::{Command, Handle, InFlight, NodeTx, ToNode, Unapplied};
 use crate::error::Error;
 use crate::identity::Identities;
 use crate::scheduler::SessionId;
 use crate::tls::ServerTls;
+use backlog::{Backlog, Item};
 use codec::FromNode;
 use renew::Renewal;
 
@@ -59,8 +64,44 @@ pub(crate) struct NodeApi {
     pub tls: Option<Arc<ServerTls>>,
 }
 
+/// The HTTP/2 connection window the coordinator grants each connection.
+///
+/// HTTP/2 (h2) fails a whole connection with `GOAWAY ENHANCE_YOUR_CALM`
+/// once the small DATA frames it received but the application has not read
+/// yet cost more than half this window: 256 bytes less the frame's length
+/// each. At hyper's default of 1 MiB that is about 2,000 node heartbeats,
+/// which arrive in one burst whenever the coordinator gets the CPU later
+/// than the node sends. Half of 128 MiB covers a whole stream window
+/// (1 MiB, unchanged) of the smallest gRPC messages (5 bytes, 251 each:
+/// 52.6 MB), so one stream can no longer fail its connection however
+/// slowly it is read (a node session paused by its backlog included): it
+/// is held back by its own stream window instead. What a stream may hold
+/// unread is still its 1 MiB window.
+pub(crate) const CONNECTION_WINDOW: u32 = 128 * 1024 * 1024;
+
+/// A node session's reader reads on while its event batches the driver has
+/// not applied yet (in its [`backlog`] and in the driver's inbox together)
+/// are at most this many times `--max-message-size`.
+const BACKLOG_MESSAGES: usize = 4;
+
+/// How the reading part of a session ended.
+enum End {
+    /// The stream ended or failed: what was read still goes to the driver.
+    Stream,
+    /// The session was closed, or the coordinator stops.
+    Closed,
+}
+
 /// Forwards the node's messages to the driver until the stream ends, the
 /// session is closed, or the coordinator stops; then reports the node gone.
+///
+/// The stream is read at once, whether or not the driver can take the
+/// message yet: what it cannot take waits, merged, in a [`Backlog`], so
+/// HTTP/2 never holds the node's small frames unread (see [`backlog`]).
+/// A node more than [`BACKLOG_MESSAGES`] messages' worth ahead of the
+/// driver is read no further until the driver has caught up: HTTP/2 flow
+/// control holds it back, on its own stream only ([`CONNECTION_WINDOW`]
+/// keeps that from failing the connection).
 #[tracing::instrument(skip_all, fields(session = session.0))]
 async fn read_session(
     handle: Handle,
@@ -69,41 +110,132 @@ async fn read_session(
     token: CancellationToken,
     renewal: Renewal,
 ) {
-    loop {
+    let max = handle.config.max_message_size;
+    let limit = BACKLOG_MESSAGES.saturating_mul(max);
+    let mut backlog = Backlog::new(max);
+    // Event batches in the driver's inbox, not applied yet.
+    let unapplied = Arc::new(Unapplied::default());
+    // A slot in the driver's inbox being waited for (only while it is full).
+    let mut slot: Option<Reserve> = None;
+    let mut paused_before = false;
+    let end = loop {
+        // Hand over what the driver takes now.
+        while slot.is_none() && !backlog.is_empty() {
+            match handle.inbox.try_reserve() {
+                Ok(permit) => {
+                    if let Some(item) = backlog.pop() {
+                        permit.send(command(session, item, &unapplied));
+                    }
+                }
+                Err(TrySendError::Full(())) => {
+                    slot = Some(Box::pin(handle.inbox.clone().reserve_owned()));
+                }
+                Err(TrySendError::Closed(())) => return,
+            }
+        }
+        let held = backlog.bytes() + unapplied.bytes();
+        let paused = held > limit;
+        if paused && !paused_before {
+            // Once per session: a node this far ahead is rare and expected
+            // to stay so.
+            paused_before = true;
+            tracing::warn!(
+                held_bytes = held,
+                limit_bytes = limit,
+                "node is more than 4 x --max-message-size ahead of the coordinator; \
+                 reading it waits until the coordinator has caught up"
+            );
+        }
         let message = tokio::select! {
-            _ = token.cancelled() => break,
-            message = inbound.message() => message,
+            biased;
+            _ = token.cancelled() => break End::Closed,
+            permit = reserved(&mut slot) => {
+                slot = None;
+                let Ok(permit) = permit else { return };
+                if let Some(item) = backlog.pop() {
+                    permit.send(command(session, item, &unapplied));
+                }
+                continue;
+            }
+            () = unapplied.applied(), if paused => continue,
+            message = inbound.message(), if !paused => message,
         };
-        let command = match message {
-            Ok(Some(message)) => match codec::from_node(message) {
-                FromNode::Credits(grant) => Command::Credits { session, grant },
-                FromNode::Heartbeat => Command::Heartbeat { session },
-                FromNode::Events(events) => Command::NodeEvents { session, events },
-                FromNode::Draining => Command::Draining { session },
-                FromNode::RegisterAgain => {
-                    tracing::warn!("node sent Register twice; closing its session");
-                    break;
+        let item = match message {
+            Ok(Some(message)) => {
+                let encoded = message.encoded_len();
+                match codec::from_node(message) {
+                    FromNode::Credits(grant) => Item::Credits(grant),
+                    FromNode::Heartbeat => Item::Heartbeat,
+                    FromNode::Events(events) => {
+                        let bytes = backlog::event_bytes(encoded, &events);
+                        Item::Events(events, bytes)
+                    }
+                    FromNode::Draining => Item::Draining,
+                    FromNode::RegisterAgain => {
+                        tracing::warn!("node sent Register twice; closing its session");
+                        break End::Stream;
+                    }
+                    FromNode::RenewCertificate(csr_der) => {
+                        renewal.answer(&csr_der);
+                        // Any message shows the node alive.
+                        Item::Heartbeat
+                    }
                 }
-                FromNode::RenewCertificate(csr_der) => {
-                    renewal.answer(&csr_der);
-                    // Any message shows the node alive.
-                    Command::Heartbeat { session }
-                }
-            },
+            }
             Ok(None) => {
                 tracing::debug!("node closed its stream");
-                break;
+                break End::Stream;
             }
             Err(status) => {
                 tracing::debug!(%status, "node stream failed");
-                break;
+                break End::Stream;
             }
         };
-        if handle.tell(command).await.is_err() {
-            return;
+        backlog.push(item);
+    };
+    // Dropping the stream releases what HTTP/2 still holds of it.
+    drop(inbound);
+    drop(slot);
+    if let End::Stream = end {
+        // What was read goes to the driver first, in order.
+        while let Some(item) = backlog.pop() {
+            tokio::select! {
+                biased;
+                _ = token.cancelled() => break,
+                sent = handle.tell(command(session, item, &unapplied)) => if sent.is_err() { return },
+            }
         }
     }
     let _ = handle.tell(Command::NodeGone { session }).await;
+}
+
+/// Waiting for a slot in the driver's inbox.
+type Reserve =
+    Pin<Box<dyn Future<Output = Result<OwnedPermit<Command>, mpsc::error::SendError<()>>> + Send>>;
+
+/// The slot `slot` waits for; never, when it waits for none.
+async fn reserved(
+    slot: &mut Option<Reserve>,
+) -> Result<OwnedPermit<Command>, mpsc::error::SendError<()>> {
+    match slot {
+        Some(reserve) => reserve.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The driver's command for a backlog item of `session`; an event batch
+/// counts on `unapplied` until the driver is done with it.
+fn command(session: SessionId, item: Item, unapplied: &Arc<Unapplied>) -> Command {
+    match item {
+        Item::Credits(grant) => Command::Credits { session, grant },
+        Item::Heartbeat => Command::Heartbeat { session },
+        Item::Events(events, bytes) => Command::NodeEvents {
+            session,
+            events,
+            in_flight: InFlight::new(unapplied, bytes),
+        },
+        Item::Draining => Command::Draining { session },
+    }
 }
 
 /// Sends `Heartbeat` every interval so an idle stream never looks dead.
