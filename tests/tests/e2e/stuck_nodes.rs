@@ -132,3 +132,72 @@ async fn a_node_reporting_thousands_of_unknown_attempts_gets_a_cancel_for_each_a
     beats.abort();
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_never_reads_costs_no_more_than_the_work_its_credits_let_through() {
+    const SLOTS: u32 = 1024;
+    const INPUT: usize = 16 << 10;
+    let cluster = TestCluster::builder()
+        .nodes(0)
+        .start_timeout(Duration::from_secs(600))
+        .start()
+        .await;
+    let Some(pid) = cluster.coordinator_pid() else {
+        // Only a coordinator in its own process has a resident size of
+        // its own. WEFT_TEST_MODE=processes runs it.
+        println!("skipping: needs the coordinator in its own process (WEFT_TEST_MODE=processes)");
+        cluster.shutdown().await;
+        return;
+    };
+    let client = cluster.client().await;
+    let rss = || weft_cluster::procfs::rss_bytes(pid).expect("rss");
+    // The queue first, with no node: what the tasks themselves cost.
+    let specs: Vec<TaskSpec> = (0..4 * SLOTS)
+        .map(|i| TaskSpec::call("sha256", vec![u8::try_from(i % 251).unwrap_or(0); INPUT]))
+        .collect();
+    let submitted = specs.len() as u64;
+    client.submit_many(specs).await.expect("submit");
+    let queued = rss();
+    // Then the most one node may hold: its slots and as much prefetch,
+    // granted in full, never read.
+    let deaf = cluster
+        .fake_node(pb::Register {
+            prefetch: SLOTS,
+            ..register("deaf", SLOTS, &["sha256"])
+        })
+        .await;
+    let beats = deaf.keep_alive(Duration::from_millis(100));
+    deaf.grant(2 * SLOTS).await;
+    let held = u64::from(2 * SLOTS);
+    let info = weft_tests::wait_for(default_timeout(), || async {
+        let info = client.cluster_info().await.ok()?;
+        (info.count(TaskState::Assigned) == held).then_some(info)
+    })
+    .await
+    .expect("the node's whole credit assigned");
+    assert_eq!(info.count(TaskState::Queued), submitted - held);
+    let stuck = rss();
+    let sent = held * INPUT as u64;
+    println!(
+        "coordinator RSS: {} MiB with {submitted} tasks queued ({} MiB of input); {} MiB once a node that never reads holds {held} of them ({} MiB of input)",
+        queued >> 20,
+        (submitted * INPUT as u64) >> 20,
+        stuck >> 20,
+        sent >> 20
+    );
+    // What is sent shares the task table's specs: the node costs about
+    // what is in flight towards it, not its tasks again and again.
+    let grown = stuck.saturating_sub(queued);
+    assert!(
+        grown < 2 * sent + (32 << 20),
+        "a node holding {} MiB of tasks cost {} MiB",
+        sent >> 20,
+        grown >> 20
+    );
+    // Its stream is never drained: closing it ends the session (a peer
+    // that never reads would otherwise hold a graceful shutdown for its
+    // --shutdown-grace).
+    beats.abort();
+    drop(deaf);
+    cluster.shutdown().await;
+}
