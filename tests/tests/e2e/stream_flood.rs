@@ -52,19 +52,38 @@ fn small_message(i: usize, task: TaskId) -> ToCoordinator {
     }
 }
 
-/// The coordinator process's resident memory in KiB (process mode, Linux).
+/// The coordinator process's resident memory in KiB (process mode).
 fn coordinator_rss_kib(cluster: &TestCluster) -> Option<u64> {
-    let dir = cluster.dir().to_string_lossy().into_owned();
-    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
-        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-        let cmdline = String::from_utf8_lossy(&cmdline);
-        if cmdline.contains("weft-coordinator") && cmdline.contains(&dir) {
-            let status = std::fs::read_to_string(entry.path().join("status")).ok()?;
-            let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-            return line.split_whitespace().nth(1)?.parse().ok();
+    let pid = cluster.coordinator_pid()?;
+    weft_cluster::procfs::rss_bytes(pid).map(|bytes| bytes / 1024)
+}
+
+/// The coordinator's resident memory before, and its peak while
+/// [`sample`](PeakRss::sample) runs (every 20 ms).
+struct PeakRss<'a> {
+    cluster: &'a TestCluster,
+    before: Option<u64>,
+    peak: std::cell::Cell<Option<u64>>,
+}
+
+impl<'a> PeakRss<'a> {
+    fn start(cluster: &'a TestCluster) -> Self {
+        let before = coordinator_rss_kib(cluster);
+        PeakRss {
+            cluster,
+            before,
+            peak: std::cell::Cell::new(before),
         }
     }
-    None
+
+    /// Samples until dropped; never ends.
+    async fn sample(&self) {
+        loop {
+            let now = coordinator_rss_kib(self.cluster);
+            self.peak.set(self.peak.get().max(now));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -94,14 +113,8 @@ async fn a_flood_of_small_messages_keeps_the_connection_and_its_other_rpcs() {
     fake.started(id, 1).await;
     cluster.wait_for_state(id, TaskState::Running).await;
 
-    let rss_before = coordinator_rss_kib(&cluster);
-    let rss_peak = std::cell::Cell::new(rss_before);
-    let sample = async {
-        loop {
-            rss_peak.set(rss_peak.get().max(coordinator_rss_kib(&cluster)));
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    };
+    let rss = PeakRss::start(&cluster);
+    let sample = rss.sample();
     let flood = async {
         let began = Instant::now();
         for i in 0..FLOOD {
@@ -144,9 +157,10 @@ async fn a_flood_of_small_messages_keeps_the_connection_and_its_other_rpcs() {
     }
     let rate = FLOOD as f64 / took.as_secs_f64();
     eprintln!(
-        "flood: {FLOOD} messages in {took:?} ({rate:.0}/s); coordinator RSS before {rss_before:?} KiB, \
+        "flood: {FLOOD} messages in {took:?} ({rate:.0}/s); coordinator RSS before {:?} KiB, \
          peak during {:?} KiB",
-        rss_peak.get()
+        rss.before,
+        rss.peak.get()
     );
 
     // The connection and the session survived: a Get still answers, the
@@ -225,14 +239,8 @@ async fn a_node_far_ahead_of_the_coordinator_is_held_back_on_its_own_stream() {
     // Output as fast as it goes, while Submits on the same connection keep
     // the coordinator's commits busy: the node gets ahead of the driver.
     let chunk = bytes::Bytes::from(vec![b'x'; 32 * 1024]);
-    let rss_before = coordinator_rss_kib(&cluster);
-    let rss_peak = std::cell::Cell::new(rss_before);
-    let sample = async {
-        loop {
-            rss_peak.set(rss_peak.get().max(coordinator_rss_kib(&cluster)));
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    };
+    let rss = PeakRss::start(&cluster);
+    let sample = rss.sample();
     let flood = async {
         let began = Instant::now();
         for batch in 0..BIG_BATCHES {
@@ -266,8 +274,9 @@ async fn a_node_far_ahead_of_the_coordinator_is_held_back_on_its_own_stream() {
     };
     eprintln!(
         "{BIG_BATCHES} output batches of {CHUNKS} x 32 KiB and the result applied in {took:?}; \
-         coordinator RSS before {rss_before:?} KiB, peak {:?} KiB",
-        rss_peak.get()
+         coordinator RSS before {:?} KiB, peak {:?} KiB",
+        rss.before,
+        rss.peak.get()
     );
 
     // The session lived on (its result was taken); the connection's other
