@@ -36,6 +36,11 @@ use crate::service::node::NodeApi;
 use crate::service::task::TaskApi;
 use crate::tls::ServerTls;
 
+/// How often the coordinator PINGs each connection.
+const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
+/// How long a PING may go unanswered before its connection is closed.
+const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
 /// Marks every service serving in `grpc.health.v1`; called once the store
 /// is open and the driver runs.
 pub(crate) async fn mark_serving(reporter: &HealthReporter) {
@@ -82,6 +87,12 @@ pub(crate) async fn serve(
         .max_concurrent_streams(config.max_streams_per_connection)
         // Room for bursts of small node messages: see CONNECTION_WINDOW.
         .initial_connection_window_size(crate::service::node::CONNECTION_WINDOW)
+        // A peer that went away without closing (a cut cable, a host that
+        // died) answers no PING: its connection is closed instead of being
+        // held, and counted against the caps, for good. Live peers answer
+        // in their HTTP/2 layer, idle or not.
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         // Outermost, so it sees every answer: a request past
         // --max-message-size is refused by tonic's decoder as OUT_OF_RANGE,
         // and bytes that are not the message as INTERNAL, before any
