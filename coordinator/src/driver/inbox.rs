@@ -125,6 +125,8 @@ pub(crate) enum Command {
     /// the live ones' final records, in batches (`None` when none was live).
     WaitMany {
         ids: Vec<TaskId>,
+        /// What the stream may hold queued (the driver counts what it sends).
+        budget: Arc<super::watch::WatchBudget>,
         reply: oneshot::Sender<WaitRegistration>,
     },
     /// A node's validated `Register`; `tx` is its session's outgoing

@@ -60,7 +60,7 @@ pub(crate) use inbox::{Command, Handle, InFlight, NodeTx, ToNode, Unapplied};
 use retention::Retention;
 use sessions::Sessions;
 use watch::Watchers;
-pub(crate) use watch::{EventFeed, follow, wait_final};
+pub(crate) use watch::{EventFeed, FinalFeed, follow, wait_final};
 
 /// A batch's effects, held back in the commit pipeline until its commit
 /// returned.
@@ -357,8 +357,8 @@ impl Driver {
             Command::Watch { id, budget, reply } => {
                 replies.push(self.watchers.watch(&self.scheduler, id, budget, reply));
             }
-            Command::WaitMany { ids, reply } => {
-                replies.push(self.watchers.wait_many(&self.scheduler, ids, reply));
+            Command::WaitMany { ids, budget, reply } => {
+                replies.push(self.watchers.wait_many(&self.scheduler, ids, budget, reply));
             }
             Command::Register {
                 session,

@@ -28,7 +28,7 @@ use tokio_util::task::TaskTracker;
 use weft_proto::{Attempt, NodeId, TaskId, TaskSpec, TaskState};
 
 use super::watch::{WatchBudget, event_bytes, page_len};
-use super::{Command, Handle, ToNode, follow};
+use super::{Command, Handle, ToNode, follow, wait_final};
 use crate::Failure;
 use crate::config::CoordinatorConfig;
 use crate::error::Error;
@@ -696,4 +696,72 @@ fn a_history_page_of_full_output_chunks_fits_in_a_quarter_of_the_budget() {
     }
     assert_eq!(page_len(1 << 20), 7);
     assert_eq!(page_len(1 << 30), 256, "never more than a page of 256");
+}
+
+#[tokio::test]
+async fn a_stalled_wait_many_stream_holds_at_most_its_budget_and_then_gets_every_task_once() {
+    const TASKS: usize = 40;
+    let store = Arc::new(MemoryStore::new());
+    let mut h = Harness::start(Arc::clone(&store) as Arc<dyn Store>).await;
+    let limit = 64 << 10;
+    let mut handle = h.handle.clone();
+    handle.config = Arc::new(CoordinatorConfig {
+        watch_buffer_bytes: limit,
+        ..CoordinatorConfig::clone(&h.handle.config)
+    });
+    let mut all = Vec::new();
+    for n in 0..TASKS {
+        all.extend(ids(soon("Submit", h.submit(&n.to_string())).await));
+    }
+    // Half already final before the call, half finishing while it is
+    // not read; each result 16 KiB (40 of them: 10 times the budget).
+    let result = |n: usize| {
+        let mut output = format!("{n:04}").into_bytes();
+        output.resize(16 << 10, b'.');
+        bytes::Bytes::from(output)
+    };
+    let finish = |h: &mut Harness, n: usize| {
+        h.node_event(all[n], NodeEventBody::Started);
+        h.node_event(
+            all[n],
+            NodeEventBody::Finished {
+                outcome: weft_proto::Outcome::Succeeded,
+                exit_code: Some(0),
+                output: result(n),
+                error: String::new(),
+            },
+        );
+    };
+    #[allow(clippy::needless_range_loop)]
+    for n in 0..TASKS / 2 {
+        h.credits(1);
+        assert_eq!(assigned(h.next_message().await), [all[n]]);
+        finish(&mut h, n);
+    }
+    h.applied().await;
+    let pending = all.iter().copied().collect();
+    let mut feed = soon("WaitMany", wait_final(&handle, all.clone(), pending))
+        .await
+        .unwrap_or_else(|err| panic!("{err}"));
+    #[allow(clippy::needless_range_loop)]
+    for n in TASKS / 2..TASKS {
+        h.credits(1);
+        assert_eq!(assigned(h.next_message().await), [all[n]]);
+        finish(&mut h, n);
+        h.applied().await;
+        tokio::task::yield_now().await;
+        assert!(feed.queued() <= limit, "{} bytes queued", feed.queued());
+    }
+    let mut got = std::collections::HashMap::new();
+    while let Some(task) = soon("the next task", futures::StreamExt::next(&mut feed)).await {
+        let task = task.unwrap_or_else(|err| panic!("{err}"));
+        assert!(feed.queued() <= limit, "{} bytes queued", feed.queued());
+        assert!(got.insert(task.id, task.output).is_none(), "a task twice");
+    }
+    assert_eq!(got.len(), TASKS);
+    for (n, id) in all.iter().enumerate() {
+        assert!(got[id] == result(n), "task {n}'s result");
+    }
+    assert_eq!(feed.queued(), 0);
+    h.stop().await;
 }

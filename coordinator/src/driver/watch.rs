@@ -66,9 +66,9 @@ const WAIT_MANY_OUT: usize = 1024;
 #[derive(Default)]
 struct ManyWaiters {
     next: u64,
-    /// Each waiter's channel and how many of its ids are not final yet
-    /// (it is forgotten at 0).
-    waiters: HashMap<u64, (FinalTx, usize)>,
+    /// Each waiter's channel, its stream's budget, and how many of its
+    /// ids are not final yet (it is forgotten at 0).
+    waiters: HashMap<u64, (FinalTx, Arc<WatchBudget>, usize)>,
     by_task: HashMap<TaskId, Vec<u64>>,
 }
 
@@ -141,6 +141,12 @@ pub(crate) fn event_bytes(event: &TaskEvent) -> usize {
             EventBody::Progress { message, .. } => message.len(),
             EventBody::Finished(task) => task.output.len() + task.error.len(),
         }
+}
+
+/// What a final record costs a [`WatchBudget`] (a `WaitMany` stream's):
+/// as its `finished` event does.
+pub(crate) fn record_bytes(record: &TaskRecord) -> usize {
+    EVENT_OVERHEAD + record.output.len() + record.error.len()
 }
 
 /// Events to read per page of history: as many full output chunks as fit
@@ -223,6 +229,7 @@ impl Watchers {
         &mut self,
         scheduler: &Scheduler,
         ids: Vec<TaskId>,
+        budget: Arc<WatchBudget>,
         reply: oneshot::Sender<WaitRegistration>,
     ) -> Reply {
         let (live, not_live): (Vec<TaskId>, Vec<TaskId>) =
@@ -231,7 +238,7 @@ impl Watchers {
             let (tx, rx) = mpsc::channel(WAIT_MANY_BUFFER);
             let waiter = self.many.next;
             self.many.next += 1;
-            self.many.waiters.insert(waiter, (tx, live.len()));
+            self.many.waiters.insert(waiter, (tx, budget, live.len()));
             for id in live {
                 self.many.by_task.entry(id).or_default().push(waiter);
             }
@@ -298,12 +305,22 @@ impl Watchers {
             }
         }
         for (waiter, batch) in batches {
-            let Some((tx, pending)) = self.many.waiters.get_mut(&waiter) else {
+            let Some((tx, budget, pending)) = self.many.waiters.get_mut(&waiter) else {
                 continue;
             };
             *pending = pending.saturating_sub(batch.len());
             let done = *pending == 0;
-            if tx.try_send(batch).is_err() {
+            let bytes = batch.iter().map(record_bytes).sum();
+            // Over its budget, full or closed: dropped from live, it
+            // registers again for the rest and reads them from the store.
+            let sent = budget.try_take(bytes) && {
+                let sent = tx.try_send(batch).is_ok();
+                if !sent {
+                    budget.release(bytes);
+                }
+                sent
+            };
+            if !sent {
                 tracing::debug!(waiter, "WaitMany waiter lagging or gone; dropped from live");
                 self.many.waiters.remove(&waiter);
             } else if done {
@@ -475,18 +492,52 @@ fn stop_live(live: &mut mpsc::Receiver<TaskEvent>, budget: &WatchBudget) {
 /// The final records of `ids` (distinct; `pending` holds the same ids),
 /// each once, as they finalize. Registers first, so an id the store does
 /// not know fails this call before anything is streamed; then a task
-/// spawned on the handle's tracker feeds the stream.
+/// spawned on the handle's tracker feeds the stream. What is queued
+/// towards the client is bounded by `--watch-buffer-bytes`, as a watch's.
 pub(crate) async fn wait_final(
     handle: &Handle,
     ids: Vec<TaskId>,
     pending: HashSet<TaskId>,
-) -> Result<mpsc::Receiver<Result<TaskRecord, Error>>, Error> {
-    let (ready, live) = register_many(handle, ids).await?;
+) -> Result<FinalFeed, Error> {
+    let budget = WatchBudget::new(handle.config.watch_buffer_bytes);
+    let (ready, live) = register_many(handle, ids, &budget).await?;
     let (tx, rx) = mpsc::channel(WAIT_MANY_OUT);
-    handle
-        .tasks
-        .spawn(feed_finals(handle.clone(), pending, ready, live, tx));
-    Ok(rx)
+    handle.tasks.spawn(feed_finals(
+        handle.clone(),
+        pending,
+        ready,
+        live,
+        Arc::clone(&budget),
+        tx,
+    ));
+    Ok(FinalFeed { rx, budget })
+}
+
+/// The final records of one `WaitMany` stream as they leave towards its
+/// client: each one taken releases its bytes from the stream's budget.
+pub(crate) struct FinalFeed {
+    rx: mpsc::Receiver<Result<TaskRecord, Error>>,
+    budget: Arc<WatchBudget>,
+}
+
+impl FinalFeed {
+    /// Bytes its budget counts now.
+    #[cfg(test)]
+    pub(super) fn queued(&self) -> usize {
+        self.budget.queued()
+    }
+}
+
+impl futures::Stream for FinalFeed {
+    type Item = Result<TaskRecord, Error>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let item = std::task::ready!(self.rx.poll_recv(cx));
+        if let Some(Ok(record)) = &item {
+            self.budget.release(record_bytes(record));
+        }
+        Poll::Ready(item)
+    }
 }
 
 /// Registers `ids` with the driver and reads the ones that were not
@@ -494,9 +545,11 @@ pub(crate) async fn wait_final(
 async fn register_many(
     handle: &Handle,
     ids: Vec<TaskId>,
+    budget: &Arc<WatchBudget>,
 ) -> Result<(Vec<TaskRecord>, Option<FinalRx>), Error> {
+    let budget = Arc::clone(budget);
     let WaitRegistration { not_live, live } = handle
-        .call(|reply| Command::WaitMany { ids, reply })
+        .call(|reply| Command::WaitMany { ids, budget, reply })
         .await?;
     if not_live.is_empty() {
         return Ok((Vec::new(), live));
@@ -517,21 +570,48 @@ async fn register_many(
 }
 
 /// Feeds one `WaitMany` call: the already-final records first, then the
-/// live ones as they finalize. Dropped by the driver for lagging, it
-/// registers again for the ids still missing.
+/// live ones as they finalize. Dropped by the driver for lagging (or over
+/// its budget), it registers again for the ids still missing.
+///
+/// Records from the live feed were counted by the driver; those read from
+/// the store are counted here before they are queued. When one must wait
+/// for room, the live feed is given up first (what it holds is released;
+/// those ids are still pending and come from the store later), since only
+/// this task drains it and the room may be all in there.
 async fn feed_finals(
     handle: Handle,
     mut pending: HashSet<TaskId>,
     mut ready: Vec<TaskRecord>,
     mut live: Option<FinalRx>,
+    budget: Arc<WatchBudget>,
     out: mpsc::Sender<Result<TaskRecord, Error>>,
 ) {
+    // Whether the records in `ready` are counted already (from the feed).
+    let mut counted = false;
     loop {
         for record in ready.drain(..) {
-            if record.state.is_final()
-                && pending.remove(&record.id)
-                && out.send(Ok(record)).await.is_err()
-            {
+            let bytes = record_bytes(&record);
+            if !(record.state.is_final() && pending.contains(&record.id)) {
+                if counted {
+                    budget.release(bytes);
+                }
+                continue;
+            }
+            if !counted && !budget.try_take(bytes) {
+                if let Some(mut rx) = live.take() {
+                    rx.close();
+                    while let Ok(batch) = rx.try_recv() {
+                        budget.release(batch.iter().map(record_bytes).sum());
+                    }
+                }
+                tokio::select! {
+                    _ = handle.cancel.cancelled() => return,
+                    _ = out.closed() => return,
+                    () = budget.take(bytes) => {}
+                }
+            }
+            pending.remove(&record.id);
+            if out.send(Ok(record)).await.is_err() {
                 return;
             }
         }
@@ -546,6 +626,7 @@ async fn feed_finals(
             };
             if let Some(batch) = batch {
                 ready = batch;
+                counted = true;
                 continue;
             }
         }
@@ -560,9 +641,10 @@ async fn feed_finals(
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let ids: Vec<TaskId> = pending.iter().copied().collect();
-        match register_many(&handle, ids).await {
+        match register_many(&handle, ids, &budget).await {
             Ok((records, rx)) => {
                 ready = records;
+                counted = false;
                 live = rx;
             }
             Err(err) => {

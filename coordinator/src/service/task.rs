@@ -19,7 +19,6 @@ use std::time::{Duration, Instant, SystemTime};
 
 use futures::stream::Map;
 use futures::{Stream, StreamExt};
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use weft_proto::limits::SpecLimits;
@@ -27,7 +26,7 @@ use weft_proto::{TaskId, TaskSpec, TaskState, pb};
 
 use super::{event_to_pb, parse_task_id, state_filter, task_to_pb};
 use crate::auth::{self, Caller, Scope};
-use crate::driver::{Command, EventFeed, Handle, follow, wait_final};
+use crate::driver::{Command, EventFeed, FinalFeed, Handle, follow, wait_final};
 use crate::error::Error;
 use crate::store::{TaskEvent, TaskRecord, blocking};
 
@@ -36,12 +35,8 @@ pub(crate) type EventStream =
     Counted<Map<EventFeed, fn(Result<TaskEvent, Error>) -> Result<pb::TaskEvent, Status>>>;
 
 /// Final tasks of one `WaitMany` call, encoded as they leave.
-pub(crate) type TaskStream = Counted<
-    Map<
-        ReceiverStream<Result<TaskRecord, Error>>,
-        fn(Result<TaskRecord, Error>) -> Result<pb::Task, Status>,
-    >,
->;
+pub(crate) type TaskStream =
+    Counted<Map<FinalFeed, fn(Result<TaskRecord, Error>) -> Result<pb::Task, Status>>>;
 
 /// Largest `List` page.
 const MAX_LIST: u32 = 10_000;
@@ -424,7 +419,7 @@ impl pb::task_service_server::TaskService for TaskApi {
         let tasks: fn(Result<TaskRecord, Error>) -> Result<pb::Task, Status> =
             |task| task.map(|t| task_to_pb(&t)).map_err(Status::from);
         Ok(Response::new(Counted {
-            inner: ReceiverStream::new(finals).map(tasks),
+            inner: finals.map(tasks),
             _place: place,
         }))
     }
