@@ -205,3 +205,92 @@ async fn a_nodes_output_and_progress_reach_watchers_once_each() {
     );
     cluster.shutdown().await;
 }
+
+/// Reports output chunk `seq` (`c{seq}\n`) of attempt 1 of `id`.
+async fn chunk(fake: &FakeNode, id: TaskId, seq: u64) -> bool {
+    let chunk = pb::OutputChunk {
+        stream: pb::OutputStream::Stdout as i32,
+        data: format!("c{seq}\n").into_bytes().into(),
+        seq,
+    };
+    fake.report(id, 1, NodeEvent::Output(chunk)).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_sent_again_after_a_coordinator_crash_is_recorded_once() {
+    let cluster = TestCluster::builder()
+        .processes()
+        .durable()
+        .nodes(0)
+        .start()
+        .await;
+    let client = cluster.client().await;
+    let joined = cluster.join_fake("resender").await;
+    let fake = cluster
+        .connect_fake(joined.as_ref(), register("resender", 1, &[]))
+        .await;
+    let beats = fake.keep_alive(Duration::from_millis(100));
+    fake.grant(1).await;
+    let id = client
+        .submit(TaskSpec::exec(["true"]).max_attempts(1))
+        .await
+        .expect("submit");
+    let mut fake = fake;
+    let assignment = fake.next_assignment(default_timeout()).await;
+    assert_eq!(assignment.task_id, id.to_string());
+    fake.started(id, 1).await;
+    for seq in 0..3 {
+        assert!(chunk(&fake, id, seq).await);
+    }
+    // Recorded (a watcher sees all three), then the coordinator is killed.
+    let mut events = client.watch(id, 0).await.expect("watch");
+    let mut seen = 0;
+    while seen < 3 {
+        let event = tokio::time::timeout(default_timeout(), events.next())
+            .await
+            .expect("output in time")
+            .expect("the stream goes on")
+            .expect("an event");
+        if matches!(event.body, EventBody::Output { .. }) {
+            seen += 1;
+        }
+    }
+    drop(events);
+    cluster.crash_and_restart_coordinator().await;
+    beats.abort();
+    let node_id = fake.node_id.clone();
+    drop(fake);
+
+    // The node comes back with its attempt, sends what it sent before
+    // again (the coordinator could have died before recording it), then
+    // what is new, then the result.
+    let again = pb::Register {
+        running: vec![pb::AttemptRef {
+            task_id: id.to_string(),
+            attempt: 1,
+        }],
+        previous_node_id: node_id,
+        ..register("resender", 1, &[])
+    };
+    let back = cluster.connect_fake(joined.as_ref(), again).await;
+    let _beats = back.keep_alive(Duration::from_millis(100));
+    for seq in 0..4 {
+        assert!(chunk(&back, id, seq).await);
+    }
+    back.finished(id, 1, Outcome::Succeeded, Some(0), b"").await;
+    let done = client.wait(id).await.expect("wait");
+    assert_eq!(
+        (done.state, done.attempt),
+        (TaskState::Succeeded, Attempt(1))
+    );
+    let output: String = history(&client, id)
+        .await
+        .iter()
+        .filter_map(|event| match &event.body {
+            EventBody::Output { data, .. } => Some(String::from_utf8_lossy(data).into_owned()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(output, "c0\nc1\nc2\nc3\n", "each chunk once, in order");
+    cluster.shutdown().await;
+}
