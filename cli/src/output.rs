@@ -222,6 +222,7 @@ pub fn cluster_json(info: &ClusterInfo) -> Value {
         "revoked_node_refusals": info.revoked_node_refusals,
         "foreign_events_refused": info.foreign_events_refused,
         "attempts_not_started": info.attempts_not_started,
+        "reclaimed_attempts": info.reclaimed_attempts,
     })
 }
 
@@ -235,7 +236,7 @@ pub fn cluster_text(info: &ClusterInfo) -> String {
         .collect::<Vec<_>>()
         .join(", ");
     format!(
-        "version:       {}\nuptime:        {}\nnodes:         {} ({} lost since start)\nslots:         {} ({} free)\ntasks:         {}\nstale events:  {}\nrefused:       {} from revoked nodes, {} for another node's attempts\nnot started:   {} attempts taken back after --start-timeout",
+        "version:       {}\nuptime:        {}\nnodes:         {} ({} lost since start)\nslots:         {} ({} free)\ntasks:         {}\nstale events:  {}\nrefused:       {} from revoked nodes, {} for another node's attempts\nnot started:   {} attempts taken back after --start-timeout\nreclaimed:     {} attempts carried on by nodes back within --reconnect-grace",
         info.version,
         short_duration(info.uptime),
         info.nodes,
@@ -251,6 +252,7 @@ pub fn cluster_text(info: &ClusterInfo) -> String {
         info.revoked_node_refusals,
         info.foreign_events_refused,
         info.attempts_not_started,
+        info.reclaimed_attempts,
     )
 }
 

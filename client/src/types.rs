@@ -194,6 +194,9 @@ pub struct ClusterInfo {
     /// Attempts taken back since start because their node had not started
     /// them within the coordinator's start timeout.
     pub attempts_not_started: u64,
+    /// Attempts whose node's stream ended and that the node came back and
+    /// claimed within the reconnect grace, since start.
+    pub reclaimed_attempts: u64,
 }
 
 impl ClusterInfo {
@@ -232,6 +235,7 @@ impl TryFrom<pb::ClusterInfoResponse> for ClusterInfo {
             revoked_node_refusals: info.revoked_node_refusals,
             foreign_events_refused: info.foreign_events_refused,
             attempts_not_started: info.attempts_not_started,
+            reclaimed_attempts: info.reclaimed_attempts,
         })
     }
 }

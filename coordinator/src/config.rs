@@ -41,6 +41,12 @@ pub struct CoordinatorConfig {
     /// that node to reconnect and claim them before they are requeued.
     /// `None`: twice the heartbeat timeout.
     pub restart_grace: Option<Duration>,
+    /// How long the attempts of a node whose stream ended (not one
+    /// declared lost for its silence, revoked or drained) wait for it to
+    /// reconnect and claim them before they are requeued. `None`: the
+    /// heartbeat timeout (a node stops its attempts that long after it
+    /// last heard from the coordinator: its lease, by default).
+    pub reconnect_grace: Option<Duration>,
     /// A task lost with this many different nodes while running ends
     /// FAILED instead of being retried on another (poison task); 0: no limit.
     pub max_node_losses: u32,
@@ -155,6 +161,12 @@ impl CoordinatorConfig {
             .unwrap_or_else(|| self.heartbeat_timeout.saturating_mul(2))
     }
 
+    /// The reconnect grace in effect (see
+    /// [`reconnect_grace`](Self::reconnect_grace)).
+    pub fn reconnect_grace(&self) -> Duration {
+        self.reconnect_grace.unwrap_or(self.heartbeat_timeout)
+    }
+
     /// Whether nodes are authenticated by their certificates: whenever
     /// the coordinator serves TLS with authentication on (no `--insecure`,
     /// no `--no-auth`).
@@ -192,6 +204,7 @@ impl Default for CoordinatorConfig {
             watch_buffer_bytes: DEFAULT_WATCH_BUFFER_BYTES,
             max_streams_per_client: DEFAULT_MAX_STREAMS_PER_CLIENT,
             restart_grace: None,
+            reconnect_grace: None,
             max_node_losses: 2,
             retention: Duration::from_secs(24 * 60 * 60),
             store_cache_size: crate::store::redb::DEFAULT_CACHE_SIZE,

@@ -69,6 +69,15 @@ struct Args {
     #[arg(long, value_parser = parse_duration)]
     restart_grace: Option<Duration>,
 
+    /// How long the attempts of a node whose stream broke (it did not drain,
+    /// and was not silent past --heartbeat-timeout) wait for it to
+    /// reconnect and claim them; they carry on if it does, and are requeued
+    /// if it does not. Default: --heartbeat-timeout, which is how long a
+    /// node keeps running its attempts after it last heard from the
+    /// coordinator (its lease), so a requeued attempt has stopped.
+    #[arg(long, value_parser = parse_duration)]
+    reconnect_grace: Option<Duration>,
+
     /// A task lost with this many different nodes while running fails
     /// instead of being retried on another (poison task). 0: no limit.
     #[arg(long, default_value_t = 2)]
@@ -274,6 +283,7 @@ impl From<&Args> for CoordinatorConfig {
             retry_backoff_base: args.retry_backoff,
             retry_backoff_max: args.retry_backoff_max,
             restart_grace: args.restart_grace,
+            reconnect_grace: args.reconnect_grace,
             max_node_losses: args.max_node_losses,
             retention: args.retention,
             store_cache_size: args.store_cache_size,

@@ -86,6 +86,7 @@ impl Scheduler {
             }
         }
         let node_id = reg.node_id;
+        self.disconnected.remove(&node_id);
         let running = reg.running.clone();
         let mut entry = NodeEntry::new(reg, now.instant);
         let name = std::sync::Arc::clone(&entry.name);
@@ -103,6 +104,9 @@ impl Scheduler {
                         if p.session == SessionId::RESTORED {
                             self.recovered_attempts += 1;
                             tracing::info!(task_id = %id, attempt = attempt.0, node_id = %node_id, node_name = %name, "restored attempt claimed by its node");
+                        } else if p.session == SessionId::DISCONNECTED {
+                            self.reclaimed_attempts += 1;
+                            tracing::info!(task_id = %id, attempt = attempt.0, node_id = %node_id, node_name = %name, "attempt claimed by its node back within the reconnect grace");
                         }
                         p.session = session;
                         p.node_name = std::sync::Arc::clone(&name);
@@ -146,7 +150,7 @@ impl Scheduler {
                 return false;
             };
             match task.placement() {
-                Some(p) if p.session == SessionId::RESTORED => {
+                Some(p) if p.session.is_placeholder() => {
                     if p.node_id == node_id {
                         unclaimed.push((*id, Attempt(task.attempt)));
                         false
@@ -190,7 +194,7 @@ impl Scheduler {
             return;
         }
         let reason = format!(
-            "the assignment to node {node_name} was lost in a coordinator restart before it arrived; retrying as attempt {}",
+            "the assignment to node {node_name} never arrived (lost with a coordinator restart or a broken stream); retrying as attempt {}",
             attempt.0 + 1
         );
         let node = Some((node_id, std::sync::Arc::clone(node_name)));
@@ -224,12 +228,64 @@ impl Scheduler {
         }
     }
 
-    /// The node's stream ended: it is lost at once (quietly when it had
-    /// drained and runs nothing).
+    /// The node's stream ended. A broken stream is not a lost node: a
+    /// node that holds attempts (and is not draining) keeps them for the
+    /// reconnect grace, as after a coordinator restart. Back within it, it
+    /// lists them in `Register` and they carry on (`register_node` adopts
+    /// them; those it does not list are requeued then). Not back, they are
+    /// requeued as node losses when the grace ends (`tick`), and the node
+    /// counts as lost. The node keeps running them for its lease (the
+    /// heartbeat timeout by default) after it last heard from the
+    /// coordinator, which the grace does not outlast by default. An
+    /// attempt a client cancelled meanwhile ends `cancelled` at once. A
+    /// draining node, or one holding nothing, is gone at once (quietly
+    /// when it had drained).
     pub fn node_gone(&mut self, session: SessionId, now: Now) {
         // Nothing more comes from a session whose stream ended.
         self.revoked_sessions.remove(&session);
-        self.lose_node(session, "stream ended", now);
+        let holds = self
+            .nodes
+            .get(session)
+            .is_some_and(|n| !n.draining && !n.running.is_empty());
+        if !holds {
+            self.lose_node(session, "stream ended", now);
+            return;
+        }
+        let Some(entry) = self.nodes.remove(session) else {
+            return;
+        };
+        self.out.disconnect.push(session);
+        let grace = self.config.reconnect_grace;
+        let deadline = now.instant + grace;
+        tracing::warn!(node_id = %entry.id(), node_name = %entry.name, attempts = entry.running.len(), ?grace, "node's stream ended; its attempts wait for it to reconnect");
+        let mut held: Vec<(TaskId, Attempt)> =
+            entry.running.iter().map(|(t, a)| (*t, *a)).collect();
+        held.sort();
+        for (id, attempt) in held {
+            let Some(task) = self.tasks.get_mut(&id) else {
+                continue;
+            };
+            if task.attempt != attempt.0
+                || !matches!(task.state, TaskState::Assigned | TaskState::Running)
+            {
+                continue;
+            }
+            if task.cancel_reason().is_some() {
+                self.lose_attempt(id, attempt, &entry.name, entry.id(), now);
+                continue;
+            }
+            if let Some(p) = task.placement_mut()
+                && p.session == session
+            {
+                p.session = SessionId::DISCONNECTED;
+                self.orphans.push((id, deadline));
+            }
+        }
+        self.disconnected
+            .insert(entry.id(), (std::sync::Arc::clone(&entry.name), deadline));
+        if self.nodes.is_empty() {
+            self.next_liveness_check = None;
+        }
     }
 
     /// An operator drains a node, found by id or name. It is sent `Drain`

@@ -93,6 +93,9 @@ pub struct SchedulerConfig {
     /// After a restart, how long attempts the store has on a node wait for
     /// that node to reconnect before they are requeued as node losses.
     pub restart_grace: Duration,
+    /// How long the attempts of a node whose stream ended wait for it to
+    /// reconnect and claim them.
+    pub reconnect_grace: Duration,
     /// A task lost with this many different nodes while running ends
     /// FAILED instead of taking down another (0: no limit).
     pub max_node_losses: u32,
@@ -111,6 +114,7 @@ impl From<&CoordinatorConfig> for SchedulerConfig {
             retry_backoff_max: config.retry_backoff_max,
             max_queued: config.max_queued,
             restart_grace: config.restart_grace(),
+            reconnect_grace: config.reconnect_grace(),
             max_node_losses: config.max_node_losses,
             max_node_slots: config.max_node_slots,
             start_timeout: config.start_timeout,
@@ -245,6 +249,9 @@ pub struct ClusterStats {
     /// Nodes declared lost for starting none of their attempts within the
     /// start timeout (also counted in `nodes_lost`).
     pub nodes_stuck: u64,
+    /// Attempts whose node's stream ended and that it came back and
+    /// claimed within the reconnect grace (they carried on, not rerun).
+    pub reclaimed_attempts: u64,
 }
 
 /// The scheduler. See the module docs.
@@ -268,6 +275,12 @@ pub struct Scheduler {
     attempts_not_started: u64,
     /// Nodes declared lost for starting none of their attempts in time.
     nodes_stuck: u64,
+    /// Attempts whose node's stream ended and that it came back and
+    /// claimed within the reconnect grace (they carried on).
+    reclaimed_attempts: u64,
+    /// Nodes whose stream ended while they held attempts, by id: their
+    /// name and when their reconnect grace ends (then they count as lost).
+    disconnected: HashMap<NodeId, (Arc<str>, Instant)>,
     /// Attempts sent to nodes that must start by a deadline.
     start_deadlines: start::StartDeadlines,
     /// The Cancels ordered in this batch, so each attempt gets one however
@@ -313,6 +326,8 @@ impl Scheduler {
             output_chunks_missed: 0,
             attempts_not_started: 0,
             nodes_stuck: 0,
+            reclaimed_attempts: 0,
+            disconnected: HashMap::new(),
             start_deadlines: start::StartDeadlines::default(),
             cancels_ordered: HashSet::new(),
             revoked: HashSet::new(),
@@ -572,6 +587,21 @@ impl Scheduler {
             self.next_liveness_check =
                 (!self.nodes.is_empty()).then(|| now.instant + self.liveness_interval());
         }
+        if !self.disconnected.is_empty() {
+            let gone: Vec<NodeId> = self
+                .disconnected
+                .iter()
+                .filter(|(_, (_, deadline))| *deadline <= now.instant)
+                .map(|(id, _)| *id)
+                .collect();
+            for id in gone {
+                if let Some((name, _)) = self.disconnected.remove(&id) {
+                    self.nodes_lost += 1;
+                    let grace = self.config.reconnect_grace;
+                    tracing::warn!(node_id = %id, node_name = %name, ?grace, "node lost: it did not reconnect within the reconnect grace; its attempts are requeued");
+                }
+            }
+        }
         if !self.orphans.is_empty() {
             let (expired, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.orphans)
                 .into_iter()
@@ -580,7 +610,9 @@ impl Scheduler {
             for (id, _) in expired {
                 let orphaned = self.tasks.get(&id).and_then(|t| {
                     let p = t.placement()?;
-                    (p.session == SessionId::RESTORED).then(|| (Attempt(t.attempt), p.clone()))
+                    p.session
+                        .is_placeholder()
+                        .then(|| (Attempt(t.attempt), p.clone()))
                 });
                 if let Some((attempt, placement)) = orphaned {
                     self.lose_attempt(id, attempt, &placement.node_name, placement.node_id, now);
@@ -675,6 +707,7 @@ impl Scheduler {
             output_chunks_missed: self.output_chunks_missed,
             attempts_not_started: self.attempts_not_started,
             nodes_stuck: self.nodes_stuck,
+            reclaimed_attempts: self.reclaimed_attempts,
         }
     }
 

@@ -18,6 +18,17 @@ impl SessionId {
     /// Placeholder session of attempts restored from the store whose node
     /// has not reconnected yet. Real sessions start at 1.
     pub const RESTORED: SessionId = SessionId(0);
+
+    /// Placeholder session of attempts whose node's stream ended: they
+    /// wait for it to reconnect and claim them within the reconnect grace.
+    /// Real sessions never reach it.
+    pub const DISCONNECTED: SessionId = SessionId(u64::MAX);
+
+    /// Whether this is a placeholder (no stream): the attempt waits for
+    /// its node to come back.
+    pub fn is_placeholder(self) -> bool {
+        self == SessionId::RESTORED || self == SessionId::DISCONNECTED
+    }
 }
 
 /// What a node said about itself in `Register`, validated.

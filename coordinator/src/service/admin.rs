@@ -131,6 +131,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
             revoked_node_refusals: stats.revoked_node_refusals + self.identities.refusals(),
             foreign_events_refused: stats.foreign_events_refused,
             attempts_not_started: stats.attempts_not_started,
+            reclaimed_attempts: stats.reclaimed_attempts,
         }))
     }
 

@@ -294,3 +294,91 @@ async fn output_sent_again_after_a_coordinator_crash_is_recorded_once() {
     assert_eq!(output, "c0\nc1\nc2\nc3\n", "each chunk once, in order");
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_stream_breaks_for_a_moment_carries_on_its_attempt() {
+    let cluster = TestCluster::builder().nodes(0).start().await;
+    let client = cluster.client().await;
+    let joined = cluster.join_fake("flaky").await;
+    let fake = cluster
+        .connect_fake(joined.as_ref(), register("flaky", 1, &[]))
+        .await;
+    let beats = fake.keep_alive(Duration::from_millis(100));
+    fake.grant(1).await;
+    let id = client
+        .submit(TaskSpec::exec(["true"]).max_attempts(1))
+        .await
+        .expect("submit");
+    let mut fake = fake;
+    assert_eq!(
+        fake.next_assignment(default_timeout()).await.task_id,
+        id.to_string()
+    );
+    fake.started(id, 1).await;
+    cluster.wait_for_state(id, TaskState::Running).await;
+    // A node with room, which would get the task if it were requeued.
+    let spare = cluster.add_node(1, Vec::<(String, String)>::new()).await;
+
+    // The stream breaks; the node dials again at once, listing its attempt.
+    beats.abort();
+    let node_id = fake.node_id.clone();
+    drop(fake);
+    let again = pb::Register {
+        running: vec![pb::AttemptRef {
+            task_id: id.to_string(),
+            attempt: 1,
+        }],
+        previous_node_id: node_id,
+        ..register("flaky", 1, &[])
+    };
+    let back = cluster.connect_fake(joined.as_ref(), again).await;
+    let _beats = back.keep_alive(Duration::from_millis(100));
+    back.finished(id, 1, Outcome::Succeeded, Some(0), b"").await;
+    let done = client.wait(id).await.expect("wait");
+    assert_eq!(
+        (done.state, done.attempt, done.node_losses),
+        (TaskState::Succeeded, Attempt(1), 0),
+        "{done:?}"
+    );
+    assert_eq!(
+        done.node_name.as_deref(),
+        Some("flaky"),
+        "not run on {spare}"
+    );
+    let info = client.cluster_info().await.expect("info");
+    assert_eq!(
+        (info.reclaimed_attempts, info.nodes_lost),
+        (1, 0),
+        "{info:?}"
+    );
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_not_back_within_the_reconnect_grace_has_its_attempt_run_elsewhere() {
+    let cluster = TestCluster::builder().nodes(0).start().await;
+    let client = cluster.client().await;
+    let mut fake = cluster.fake_node(register("gone", 1, &[])).await;
+    let beats = fake.keep_alive(Duration::from_millis(100));
+    fake.grant(1).await;
+    let id = client
+        .submit(TaskSpec::exec(["true"]).max_attempts(3))
+        .await
+        .expect("submit");
+    fake.next_assignment(default_timeout()).await;
+    fake.started(id, 1).await;
+    cluster.wait_for_state(id, TaskState::Running).await;
+    let spare = cluster.add_node(1, Vec::<(String, String)>::new()).await;
+    beats.abort();
+    drop(fake);
+    let done = client.wait(id).await.expect("wait");
+    assert_eq!(
+        (done.state, done.attempt, done.node_losses),
+        (TaskState::Succeeded, Attempt(2), 1),
+        "{done:?}"
+    );
+    assert_eq!(done.node_name.as_deref(), Some(spare.as_str()));
+    let info = client.cluster_info().await.expect("info");
+    assert_eq!(info.nodes_lost, 1, "{info:?}");
+    cluster.shutdown().await;
+}

@@ -119,7 +119,7 @@ fn events_for_a_stale_attempt_are_refused_counted_and_cancelled() {
     assert_eq!(h.record(id).state, TaskState::Assigned);
     // After a loss and requeue, the old node's result for attempt 1 is refused.
     h.s.credits(S2, 1, h.now);
-    h.s.node_gone(S1, h.now);
+    h.lose(S1);
     h.effects();
     h.finish(S1, id, 1, Outcome::Succeeded);
     h.effects();

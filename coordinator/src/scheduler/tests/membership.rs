@@ -9,7 +9,7 @@ fn lost_node_requeues_its_attempts_as_the_next_attempt() {
     let id = h.submit(vec![TaskSpec::call("noop", "")])[0];
     h.effects();
     h.node(S2, reg("n2", 1), 1);
-    h.s.node_gone(S1, h.now);
+    h.lose(S1);
     let e = h.effects();
     assert_eq!(e.disconnect, [S1]);
     assert_eq!(assigned(&e, S2), [(id, Attempt(2))]);
@@ -39,7 +39,7 @@ fn lost_attempts_go_before_the_backlog() {
     h.submit((0..10).map(|_| TaskSpec::call("noop", "")).collect());
     h.node(S2, reg("n2", 1), 0);
     h.effects();
-    h.s.node_gone(S1, h.now);
+    h.lose(S1);
     h.effects();
     h.s.credits(S2, 1, h.now);
     assert_eq!(assigned(&h.effects(), S2), [(first, Attempt(2))]);
@@ -52,7 +52,7 @@ fn node_losses_count_against_max_attempts() {
     for session in [S1, S2] {
         h.node(session, reg("n", 1), 1);
         h.effects();
-        h.s.node_gone(session, h.now);
+        h.lose(session);
         h.effects();
     }
     let record = h.record(id);
@@ -138,7 +138,7 @@ fn a_task_lost_with_two_different_nodes_while_running_fails_as_poison() {
         h.effects();
         h.event(session, id, h.record(id).attempt.0, NodeEventBody::Started);
         h.effects();
-        h.s.node_gone(session, h.now);
+        h.lose(session);
         h.effects();
     }
     let record = h.record(id);
@@ -166,13 +166,13 @@ fn the_same_node_lost_twice_or_a_loss_before_start_is_not_poison() {
         h.node(session, node.clone(), 1);
         h.effects();
         h.event(session, id, h.record(id).attempt.0, NodeEventBody::Started);
-        h.s.node_gone(session, h.now);
+        h.lose(session);
         h.effects();
     }
     // Lost with another node before it started there.
     h.node(SessionId(3), reg("node-b", 1), 1);
     h.effects();
-    h.s.node_gone(SessionId(3), h.now);
+    h.lose(SessionId(3));
     h.effects();
     let record = h.record(id);
     assert_eq!(

@@ -6,6 +6,7 @@ mod dispatch;
 mod exec_policy;
 mod identity;
 mod membership;
+mod reconnect;
 mod restart;
 mod secrets;
 mod start;
@@ -37,6 +38,7 @@ fn config() -> SchedulerConfig {
         retry_backoff_max: Duration::from_secs(10),
         max_queued: 10_000,
         restart_grace: Duration::from_secs(10),
+        reconnect_grace: Duration::from_secs(1),
         max_node_losses: 2,
         max_node_slots: 1024,
         start_timeout: Duration::from_secs(30),
@@ -87,6 +89,14 @@ impl Harness {
         h.s.restore(loaded, h.now);
         h.records = self.records.clone();
         h
+    }
+
+    /// The node on `session` is lost: its stream ends and it does not
+    /// come back within the reconnect grace.
+    fn lose(&mut self, session: SessionId) {
+        self.s.node_gone(session, self.now);
+        let grace = self.s.config.reconnect_grace;
+        self.advance(grace + Duration::from_millis(1));
     }
 
     fn advance(&mut self, by: Duration) {
