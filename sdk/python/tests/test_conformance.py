@@ -19,15 +19,18 @@ and connects over mutual TLS with the certificate it got. Joining itself
 is tested too: the state dir's layout, a restart without a token, a wrong
 pin, a client token, no certificate, a revoked node, renewal.
 
-Every worker must serve the handlers ``echo`` (output chunk + return the
-input), ``sleep`` (input like ``250ms``) and ``fail`` (fail with the input as
-the error), and run ``exec`` tasks when started with exec allowed (the kit
-starts it so); started with exec denied it declares that in Register and
-runs none.
+Every worker must serve three handlers: ``echo`` (output chunk + return
+the input), ``sleep`` (input like ``250ms``) and ``fail`` (fail with the
+input as the error), under those names or, for the custom worker, the names
+``$WEFT_CONFORMANCE_HANDLERS`` maps them to (``echo=my_echo,sleep=nap,...``;
+roles not named keep theirs); and run ``exec`` tasks when started with exec
+allowed (the kit starts it so); started with exec denied it declares that in
+Register and runs none.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import stat
 import time
@@ -45,6 +48,45 @@ from conftest import WORKERS, Proc, require_join
 SLOTS = 2
 KIT_HANDLERS = {"echo", "sleep", "fail"}
 NODE_ID = new_ulid()
+
+
+def _custom_handlers(text: str) -> dict:
+    """``$WEFT_CONFORMANCE_HANDLERS``: ``role=name`` pairs, comma-separated."""
+    names = {}
+    for pair in filter(None, (part.strip() for part in text.split(","))):
+        role, sep, name = pair.partition("=")
+        role, name = role.strip(), name.strip()
+        if not sep or role not in KIT_HANDLERS or not name:
+            raise ValueError(
+                f"WEFT_CONFORMANCE_HANDLERS: {pair!r} is not ROLE=NAME with ROLE one of {sorted(KIT_HANDLERS)}"
+            )
+        names[role] = name
+    return names
+
+
+#: The custom worker's names for the kit's handlers.
+CUSTOM_HANDLERS = _custom_handlers(os.environ.get("WEFT_CONFORMANCE_HANDLERS", ""))
+#: The names the worker under test serves the kit's handlers as (set per test).
+_names: dict = {}
+
+
+@pytest.fixture(autouse=True)
+def _handler_names(request):
+    callspec = getattr(request.node, "callspec", None)
+    impl = callspec.params.get("impl") if callspec else None
+    _names.clear()
+    if impl == "custom":
+        _names.update(CUSTOM_HANDLERS)
+
+
+def handler(role: str) -> str:
+    """The name the worker under test serves the kit's ``role`` handler as."""
+    return _names.get(role, role)
+
+
+def kit_call(role: str, input: bytes, **options):
+    """A call of the kit's ``role`` handler, by the worker's name for it."""
+    return call_spec(handler(role), input, **options)
 
 
 @dataclass
@@ -119,7 +161,8 @@ def test_register_is_first_with_version_1_slots_and_the_kit_handlers(fake, spawn
     assert reg.protocol_version == node_pb2.PROTOCOL_VERSION_1
     assert reg.slots == SLOTS
     assert reg.name == "conf"
-    assert KIT_HANDLERS <= set(reg.handlers), f"handlers {list(reg.handlers)} must include {KIT_HANDLERS}"
+    wanted = {handler(role) for role in KIT_HANDLERS}
+    assert wanted <= set(reg.handlers), f"handlers {list(reg.handlers)} must include {sorted(wanted)}"
     assert list(reg.running) == []
     # A joined node may name its own id (the certificate's) from the start.
     assert reg.previous_node_id in ("", NODE_ID)
@@ -149,7 +192,7 @@ def test_heartbeats_arrive_every_interval(fake, spawn, impl):
 def test_call_reports_started_output_finished_with_task_id_and_attempt(fake, spawn, impl, ids):
     conn = connect(fake, spawn, impl)
     session = conn.session
-    session.assign((ids["task-echo"], 1, call_spec("echo", b"hello")))
+    session.assign((ids["task-echo"], 1, kit_call("echo", b"hello")))
     events = session.events(ids["task-echo"], 1)
     kinds = [e.WhichOneof("body") for e in events]
     assert kinds[0] == "started", kinds
@@ -169,7 +212,7 @@ def test_call_reports_started_output_finished_with_task_id_and_attempt(fake, spa
 def test_batch_assign_runs_every_task_of_the_batch(fake, spawn, impl, ids):
     conn = connect(fake, spawn, impl)
     session = conn.session
-    session.assign((ids["t-a"], 1, call_spec("echo", b"a")), (ids["t-b"], 3, call_spec("echo", b"b")))
+    session.assign((ids["t-a"], 1, kit_call("echo", b"a")), (ids["t-b"], 3, kit_call("echo", b"b")))
     seen = {}
     deadline = time.monotonic() + 5
     while len(seen) < 2 and time.monotonic() < deadline:
@@ -187,7 +230,7 @@ def test_batch_assign_runs_every_task_of_the_batch(fake, spawn, impl, ids):
 def test_handler_error_is_failed_and_unknown_handler_is_start_failed(fake, spawn, impl, ids):
     conn = connect(fake, spawn, impl)
     session = conn.session
-    session.assign((ids["t-fail"], 2, call_spec("fail", b"boom")))
+    session.assign((ids["t-fail"], 2, kit_call("fail", b"boom")))
     finished = finished_of(session.events(ids["t-fail"], 2))
     assert finished.outcome == common_pb2.OUTCOME_FAILED
     assert "boom" in finished.error
@@ -239,7 +282,7 @@ def test_an_exec_task_assigned_to_a_worker_denying_exec_is_start_failed_and_neve
     assert finished.outcome == common_pb2.OUTCOME_START_FAILED
     assert "exec" in finished.error, finished.error
     # Call tasks still run, and the slot comes back.
-    session.assign((ids["t-call"], 1, call_spec("echo", b"hi")))
+    session.assign((ids["t-call"], 1, kit_call("echo", b"hi")))
     assert finished_of(session.events(ids["t-call"], 1)).outcome == common_pb2.OUTCOME_SUCCEEDED
     session.wait_for(lambda: session.credits_granted() >= SLOTS + 2, timeout=2, what="both slots granted back")
     assert not marker.exists(), "the refused exec task ran"
@@ -261,7 +304,7 @@ def test_exec_gets_secret_env_after_env(fake, spawn, impl, ids):
 def test_cancel_reports_cancelled_within_one_second(fake, spawn, impl, ids):
     conn = connect(fake, spawn, impl)
     session = conn.session
-    session.assign((ids["t-sleep"], 1, call_spec("sleep", b"30s")))
+    session.assign((ids["t-sleep"], 1, kit_call("sleep", b"30s")))
     session.events(ids["t-sleep"], 1, until="started")
     sent = time.monotonic()
     session.cancel(ids["t-sleep"], 1)
@@ -288,7 +331,7 @@ def test_exec_cancel_kills_the_process_within_one_second(fake, spawn, impl, ids)
 def test_timeout_reports_timed_out(fake, spawn, impl, ids):
     conn = connect(fake, spawn, impl)
     session = conn.session
-    spec = call_spec("sleep", b"30s", timeout=0.3)
+    spec = kit_call("sleep", b"30s", timeout=0.3)
     session.assign((ids["t-timeout"], 1, spec))
     started = time.monotonic()
     finished = finished_of(session.events(ids["t-timeout"], 1, timeout=5))
@@ -300,9 +343,9 @@ def test_attempts_are_fenced_cancel_names_one_attempt_and_unknown_ones_are_ignor
     conn = connect(fake, spawn, impl)
     session = conn.session
     # A stale attempt 1 still runs while attempt 2 of the same task is assigned.
-    session.assign((ids["t-fence"], 1, call_spec("sleep", b"30s")))
+    session.assign((ids["t-fence"], 1, kit_call("sleep", b"30s")))
     session.events(ids["t-fence"], 1, until="started")
-    session.assign((ids["t-fence"], 2, call_spec("sleep", b"300ms")))
+    session.assign((ids["t-fence"], 2, kit_call("sleep", b"300ms")))
     session.cancel(ids["t-fence"], 7)  # unknown attempt: ignored
     session.cancel(ids["nobody"], 1)  # unknown task: ignored
     session.cancel(ids["t-fence"], 1)  # the stale one
@@ -329,7 +372,7 @@ def test_attempts_are_fenced_cancel_names_one_attempt_and_unknown_ones_are_ignor
 def test_drain_sends_draining_finishes_running_work_closes_and_exits(fake, spawn, impl, ids):
     conn = connect(fake, spawn, impl)
     session = conn.session
-    session.assign((ids["t-short"], 1, call_spec("sleep", b"300ms")))
+    session.assign((ids["t-short"], 1, kit_call("sleep", b"300ms")))
     session.events(ids["t-short"], 1, until="started")
     session.drain(grace=10)
     session.expect("draining", timeout=3)
@@ -346,7 +389,7 @@ def test_drain_sends_draining_finishes_running_work_closes_and_exits(fake, spawn
 def test_drain_past_its_grace_cancels_running_work_and_reports_it(fake, spawn, impl, ids):
     conn = connect(fake, spawn, impl)
     session = conn.session
-    session.assign((ids["t-long"], 1, call_spec("sleep", b"30s")))
+    session.assign((ids["t-long"], 1, kit_call("sleep", b"30s")))
     session.events(ids["t-long"], 1, until="started")
     sent = time.monotonic()
     session.drain(grace=0.2)
@@ -370,7 +413,7 @@ def test_sigterm_drains_like_a_drain_message(fake, spawn, impl):
 def test_coordinator_restart_reconnects_listing_running_attempts_and_stale_ones_are_cancelled(fake, spawn, impl, ids):
     conn = connect(fake, spawn, impl)
     session = conn.session
-    session.assign((ids["t-keep"], 4, call_spec("sleep", b"30s")))
+    session.assign((ids["t-keep"], 4, kit_call("sleep", b"30s")))
     session.events(ids["t-keep"], 4, until="started")
     session.close()  # the coordinator goes away
 
@@ -391,7 +434,7 @@ def test_coordinator_restart_reconnects_listing_running_attempts_and_stale_ones_
     assert finished_of(again.events(ids["t-keep"], 4, timeout=3)).outcome == common_pb2.OUTCOME_CANCELLED
     again.wait_for(lambda: again.credits_granted() >= SLOTS, timeout=3, what="its slot granted back")
     # And the worker still works on the new session.
-    again.assign((ids["t-after"], 1, call_spec("echo", b"still here")))
+    again.assign((ids["t-after"], 1, kit_call("echo", b"still here")))
     assert finished_of(again.events(ids["t-after"], 1)).output == b"still here"
     no_violations(conn)
 
@@ -399,7 +442,7 @@ def test_coordinator_restart_reconnects_listing_running_attempts_and_stale_ones_
 def test_work_that_finished_while_disconnected_is_reported_after_reconnect(fake, spawn, impl, ids):
     conn = connect(fake, spawn, impl)
     session = conn.session
-    session.assign((ids["t-gap"], 1, call_spec("sleep", b"500ms")))
+    session.assign((ids["t-gap"], 1, kit_call("sleep", b"500ms")))
     session.events(ids["t-gap"], 1, until="started")
     session.close()
     again = fake.accept(timeout=15)
@@ -421,7 +464,7 @@ def test_a_result_sent_just_before_the_coordinator_went_away_is_listed_and_sent_
     # again.
     conn = connect(fake, spawn, impl)
     session = conn.session
-    session.assign((ids["t-sent"], 1, call_spec("echo", b"once")))
+    session.assign((ids["t-sent"], 1, kit_call("echo", b"once")))
     assert finished_of(session.events(ids["t-sent"], 1)).output == b"once"
     session.close()
 
@@ -440,7 +483,7 @@ def test_a_result_sent_just_before_the_coordinator_went_away_is_listed_and_sent_
     # repeats. The worker reads in order, so once the echo assigned after
     # the Cancel has finished, the Cancel was handled.
     again.cancel(ids["t-sent"], 1, reason="not current")
-    again.assign((ids["t-probe"], 1, call_spec("echo", b"probe")))
+    again.assign((ids["t-probe"], 1, kit_call("echo", b"probe")))
     assert finished_of(again.events(ids["t-probe"], 1)).output == b"probe"
     again.close()
     third = fake.accept(timeout=15)
@@ -578,7 +621,7 @@ def test_the_certificate_is_renewed_over_the_session_and_used_on_the_next_connec
             renewed.public_bytes(serialization.Encoding.PEM)), timeout=5, what="the renewed certificate saved")
         # The live session goes on, and work still runs on it.
         assert not session.ended.is_set()
-        session.assign((ids["t-renew"], 1, call_spec("echo", b"after")))
+        session.assign((ids["t-renew"], 1, kit_call("echo", b"after")))
         assert finished_of(session.events(ids["t-renew"], 1)).output == b"after"
         # The next connection presents the new certificate.
         session.close()
@@ -586,3 +629,12 @@ def test_the_certificate_is_renewed_over_the_session_and_used_on_the_next_connec
         assert again.certificate.serial_number in {
             x509.load_pem_x509_certificate(c.encode()).serial_number for _, _, c in fake.renewals}
         assert again.certificate.serial_number != joined.serial_number
+
+
+def test_the_custom_workers_handler_names_come_from_the_environment():
+    assert _custom_handlers("") == {}
+    assert _custom_handlers("echo=my_echo, sleep=nap") == {"echo": "my_echo", "sleep": "nap"}
+    with pytest.raises(ValueError, match="ROLE=NAME"):
+        _custom_handlers("echo")
+    with pytest.raises(ValueError, match="ROLE=NAME"):
+        _custom_handlers("other=x")
