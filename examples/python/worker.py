@@ -105,6 +105,14 @@ def burn(data: bytes) -> dict:
     return {"pid": os.getpid(), "cpu": time.process_time() - started}
 
 
+def label(text: str):
+    """``--label``: KEY=VALUE, or a usage error saying so."""
+    try:
+        return weft.parse_label(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     parser.add_argument("--coordinator", default=os.environ.get("WEFT_COORDINATOR"),
@@ -117,10 +125,13 @@ def main() -> None:
                         help="the cluster CA's certificate (the coordinator's ca.pem)")
     parser.add_argument("--ca-pin", default=os.environ.get("WEFT_CA_PIN"),
                         help="the cluster CA's pin (sha256:HEX)")
-    parser.add_argument("--slots", type=int, default=None)
-    parser.add_argument("--name", default=None)
-    parser.add_argument("--label", action="append", default=[], metavar="K=V")
-    parser.add_argument("--drain-grace", default="30s")
+    parser.add_argument("--slots", type=int, default=None,
+                        help="tasks run at once (default: the number of CPUs)")
+    parser.add_argument("--name", default=None, help="node name (default: HOST-pyPID)")
+    parser.add_argument("--label", action="append", default=[], metavar="K=V", type=label,
+                        help="a label tasks can require, KEY=VALUE (repeatable)")
+    parser.add_argument("--drain-grace", default="30s",
+                        help="how long running tasks may take to finish on SIGTERM (default 30s)")
     # Exec tasks are shell commands anyone who may submit can send; this
     # worker serves handlers and refuses them unless told otherwise.
     parser.add_argument("--exec", choices=["allow", "deny"], default=os.environ.get("WEFT_EXEC", "deny"),
@@ -142,7 +153,7 @@ def build(args) -> weft.Worker:
         args.coordinator,
         slots=args.slots,
         name=args.name,
-        labels=dict(label.split("=", 1) for label in args.label),
+        labels=dict(args.label),
         drain_grace=args.drain_grace,
         exec=args.exec,
         ca_file=args.ca_file,

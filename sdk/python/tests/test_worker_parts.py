@@ -200,3 +200,40 @@ def test_an_exec_allow_list_refuses_path_and_loader_variables_from_secret_env_to
     spec = weft.exec_spec(["echo"], secret_env={"API_KEY": "k"})
     assert policy.refusal(spec.exec, spec.secret_env) is None
 
+
+
+def test_labels_are_key_value_and_a_bad_one_is_a_usage_error_not_a_traceback(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    assert weft.parse_label("gpu=a100") == ("gpu", "a100")
+    assert weft.parse_label("empty=") == ("empty", "")
+    for bad in ("gpu", "=x", ""):
+        with pytest.raises(ValueError, match="KEY=VALUE"):
+            weft.parse_label(bad)
+    example = Path(__file__).resolve().parents[3] / "examples" / "python" / "worker.py"
+    # From elsewhere than the source tree, so the installed package is the one imported.
+    run = subprocess.run([sys.executable, str(example), "--label", "gpu"], capture_output=True, text=True,
+                         timeout=60, cwd=tmp_path)
+    assert run.returncode == 2, run
+    assert "a label is KEY=VALUE, not 'gpu'" in run.stderr and "Traceback" not in run.stderr, run.stderr
+    demo = subprocess.run([sys.executable, "-m", "weft.worker_demo", "--label", "gpu"], capture_output=True,
+                          text=True, timeout=60, cwd=tmp_path)
+    assert demo.returncode != 0 and "--label: a label is KEY=VALUE" in demo.stderr, demo
+    assert "Traceback" not in demo.stderr
+
+
+def test_the_installed_demo_worker_names_itself_in_its_usage(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(sys.executable).parent / "weft-py-worker"
+    if not script.exists():
+        script = shutil.which("weft-py-worker")
+    assert script, "weft-py-worker is installed with the package"
+    run = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert run.returncode == 0, run
+    assert run.stdout.startswith("usage: weft-py-worker"), run.stdout

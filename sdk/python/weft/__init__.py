@@ -40,6 +40,7 @@ from .models import (
     call_spec,
     exec_spec,
     parse_duration,
+    parse_label,
 )
 from .worker import PROTOCOL_VERSION, Context, HandlerError, Worker
 
@@ -50,5 +51,5 @@ __all__ = [
     "FailedPrecondition", "HandlerError", "Internal", "InvalidArgument", "NodeInfo", "NodeState",
     "NotFound", "OutputStream", "PROTOCOL_VERSION", "PermissionDenied", "ResourceExhausted", "Task",
     "TaskCancelled", "TaskEvent", "TaskFailed", "TaskState", "TaskTimedOut", "Unauthenticated",
-    "Unavailable", "Unimplemented", "WeftError", "Worker", "call_spec", "exec_spec", "parse_duration",
+    "Unavailable", "Unimplemented", "WeftError", "Worker", "call_spec", "exec_spec", "parse_duration", "parse_label",
 ]

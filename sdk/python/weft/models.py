@@ -92,6 +92,14 @@ _UNITS = {
 _PART = re.compile(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([a-zµ]+)\s*")
 
 
+def parse_label(text: str) -> Tuple[str, str]:
+    """A ``KEY=VALUE`` label (``--label``) as a pair; ValueError naming the text otherwise."""
+    key, sep, value = str(text).partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"a label is KEY=VALUE, not {text!r}")
+    return key, value
+
+
 def parse_duration(value: DurationLike) -> float:
     """Seconds from ``1.5``, ``timedelta(...)``, ``"250ms"``, ``"2s"``, ``"1m30s"``.
 

@@ -1,9 +1,11 @@
 """A demo worker: the Rust node's built-in handlers, in Python, plus one per kind.
 
 Run it with ``python -m weft.worker_demo --coordinator http://127.0.0.1:7070``
-(or the ``weft-py-worker`` script). It takes the same flags as ``weft-node``:
-``--slots N --name NAME --label k=v ... --drain-grace 30s``, and
-``--join TOKEN --state-dir DIR`` to join a cluster.
+(or the ``weft-py-worker`` script). It takes ``weft-node``'s flags for the
+coordinator, ``--join TOKEN --state-dir DIR`` to join a cluster,
+``--slots N --name NAME --label k=v ... --drain-grace 30s``, the exec
+policy and ``--log-level`` (not ``--lease``, ``--prefetch`` or
+``--log-format``).
 
 Handlers (input and output are bytes):
 
@@ -36,7 +38,7 @@ import sys
 import time
 
 from .errors import WeftError
-from .models import parse_duration
+from .models import parse_duration, parse_label
 from .worker import Context, HandlerError, Worker, exec_policy
 
 
@@ -90,9 +92,10 @@ def build_worker(args: argparse.Namespace) -> Worker:
     """A Worker with the demo handlers, configured from the parsed flags."""
     labels = {}
     for item in args.label or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"--label wants key=value, not {item!r}")
+        try:
+            key, value = parse_label(item)
+        except ValueError as e:
+            raise SystemExit(f"--label: {e}") from None
         labels[key] = value
     try:
         policy = exec_policy.from_flags(args.exec, args.exec_allow)
@@ -148,7 +151,9 @@ def parser(prog: str = "python -m weft.worker_demo") -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> None:
-    args = parser().parse_args(argv)
+    # Installed as a script, its usage names the script.
+    script = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    args = (parser("weft-py-worker") if script == "weft-py-worker" else parser()).parse_args(argv)
     logging.basicConfig(
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
