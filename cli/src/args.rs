@@ -224,12 +224,14 @@ pub enum Command {
         /// Coordinator address (HOST:PORT or http(s)://HOST:PORT).
         url: String,
     },
-    /// Run a command once per line of stdin, in parallel across the cluster.
+    /// Run a command (or call a handler) once per line of stdin, in
+    /// parallel across the cluster.
     ///
     /// Every `{}` in the arguments is replaced by the line; with no `{}`, the
-    /// line is appended as the last argument (like xargs). Blank lines are
-    /// skipped. Each task's stdout is printed when it finishes; exits 1 if
-    /// any task failed.
+    /// line is appended as the last argument (like xargs). With `--call
+    /// HANDLER`, each line is the input of one call of HANDLER instead, and
+    /// each call's result is printed. Blank lines are skipped. Each task's
+    /// stdout is printed when it finishes; exits 1 if any task failed.
     Map {
         /// Tasks in flight at once (default: the cluster's free slots, at
         /// least 1 and at most 512: each is a stream, and a coordinator lets
@@ -242,9 +244,14 @@ pub enum Command {
         /// Task settings.
         #[command(flatten)]
         opts: TaskOpts,
+        /// Call this handler once per line (the line is its input) instead
+        /// of running a command; each result is printed, followed by a
+        /// newline when it has none.
+        #[arg(long, value_name = "HANDLER", conflicts_with = "command")]
+        call: Option<String>,
         /// The command template (after `--`).
         #[arg(
-            required = true,
+            required_unless_present = "call",
             trailing_var_arg = true,
             allow_hyphen_values = true,
             value_name = "CMD"

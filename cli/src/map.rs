@@ -1,7 +1,8 @@
-//! `weft map`: one exec task per line of stdin, at most N in flight. Each
-//! task's stdout is printed whole when it finishes (completion or input
-//! order), its stderr streamed to stderr; a progress bar shows on stderr
-//! when stderr is a terminal. [`substitute`] is the xargs-like templating.
+//! `weft map`: one exec task (or one call, `--call`) per line of stdin, at
+//! most N in flight. Each task's stdout (a call's result) is printed whole
+//! when it finishes (completion or input order), its stderr streamed to
+//! stderr; a progress bar shows on stderr when stderr is a terminal.
+//! [`substitute`] is the xargs-like templating.
 
 use std::io::IsTerminal;
 
@@ -47,13 +48,21 @@ struct Done {
 /// (`--max-streams-per-client`).
 const MAX_DEFAULT_JOBS: usize = 512;
 
-/// `weft map [-j N] [--keep-order] [OPTS] -- CMD ARGS...`.
+/// What each line becomes.
+pub enum Work {
+    /// A run of this command template ([`substitute`]).
+    Exec(Vec<String>),
+    /// A call of this handler, the line its input.
+    Call(String),
+}
+
+/// `weft map [-j N] [--keep-order] [OPTS] (--call HANDLER | -- CMD ARGS...)`.
 pub async fn run(
     client: &Client,
     opts: &TaskOpts,
     jobs: Option<usize>,
     keep_order: bool,
-    template: Vec<String>,
+    work: Work,
 ) -> anyhow::Result<u8> {
     let lines = read_lines().await?;
     if lines.is_empty() {
@@ -81,11 +90,15 @@ pub async fn run(
     let bar = progress_bar(lines.len() as u64);
     let total = lines.len();
     let bar_for_tasks = bar.clone();
+    let work = &work;
     let tasks = futures::stream::iter(lines).map(|line| {
-        let spec =
-            opts.apply_with_stdin(TaskSpec::exec(substitute(&template, &line)), stdin.clone());
+        let (spec, call) = match work {
+            Work::Exec(template) => (TaskSpec::exec(substitute(template, &line)), false),
+            Work::Call(handler) => (TaskSpec::call(handler.clone(), line.clone()), true),
+        };
+        let spec = opts.apply_with_stdin(spec, stdin.clone());
         let bar = bar_for_tasks.clone();
-        async move { run_one(client, spec, line, bar).await }
+        async move { run_one(client, spec, line, call, bar).await }
     });
     let mut finished: futures::stream::BoxStream<'_, Done> = if keep_order {
         tasks.buffered(jobs).boxed()
@@ -125,7 +138,15 @@ pub async fn run(
     })
 }
 
-async fn run_one(client: &Client, spec: TaskSpec, line: String, bar: ProgressBar) -> Done {
+/// Runs one line's task to its end. Its stdout is what it wrote, or for a
+/// call its result (with a newline added when it has none).
+async fn run_one(
+    client: &Client,
+    spec: TaskSpec,
+    line: String,
+    call: bool,
+    bar: ProgressBar,
+) -> Done {
     let mut stdout = LastAttemptOutput::default();
     let result = match client.run(spec).await {
         Err(err) => Err(err),
@@ -142,10 +163,21 @@ async fn run_one(client: &Client, spec: TaskSpec, line: String, bar: ProgressBar
             .await
         }
     };
+    let stdout = match (&result, call) {
+        (Ok(task), true) if task.state == TaskState::Succeeded => {
+            let mut output = task.output.to_vec();
+            if !output.is_empty() && !output.ends_with(b"\n") {
+                output.push(b'\n');
+            }
+            output
+        }
+        (_, true) => Vec::new(),
+        (_, false) => stdout.into_bytes(),
+    };
     Done {
         line,
         result,
-        stdout: stdout.into_bytes(),
+        stdout,
     }
 }
 

@@ -67,8 +67,15 @@ async fn dispatch(args: Args) -> anyhow::Result<u8> {
                     jobs,
                     keep_order,
                     opts,
+                    call,
                     command,
-                } => map::run(&client, &opts, jobs, keep_order, command).await,
+                } => {
+                    let work = match call {
+                        Some(handler) => map::Work::Call(handler),
+                        None => map::Work::Exec(command),
+                    };
+                    map::run(&client, &opts, jobs, keep_order, work).await
+                }
                 Command::Local { .. }
                 | Command::Demo { .. }
                 | Command::Bench(_)

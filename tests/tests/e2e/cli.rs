@@ -129,6 +129,40 @@ async fn weft_map_keep_order_prints_outputs_in_input_order() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weft_map_call_calls_a_handler_per_line_and_prints_each_result() {
+    let cluster = cli_cluster().await;
+    let out = cluster
+        .weft_with_stdin(&["map", "--keep-order", "--call", "sha256"], b"a\nb\n\nc\n")
+        .await;
+    assert_eq!(out.code, Some(0), "{out}");
+    let hex = |text: &str| {
+        use sha2::Digest;
+        format!("{:x}\n", sha2::Sha256::digest(text.as_bytes()))
+    };
+    assert_eq!(
+        out.stdout,
+        [hex("a"), hex("b"), hex("c")].concat(),
+        "one call per non-blank line, results in input order: {out}"
+    );
+    // A handler that fails: exit 1, each failure named with its line.
+    let failed = cluster
+        .weft_with_stdin(&["map", "--call", "fail"], b"boom\n")
+        .await;
+    assert_eq!(failed.code, Some(1), "{failed}");
+    assert!(
+        failed.stderr.contains("1 of 1 tasks failed") && failed.stderr.contains("\"boom\""),
+        "{failed}"
+    );
+    // A call takes no command.
+    let both = cluster
+        .weft_with_stdin(&["map", "--call", "echo", "--", "ls"], b"x\n")
+        .await;
+    assert_eq!(both.code, Some(2), "{both}");
+    assert!(both.stderr.contains("--call"), "{both}");
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn weft_get_with_json_output_has_the_documented_fields() {
     let cluster = cli_cluster().await;
     let client = cluster.client().await;
