@@ -293,6 +293,44 @@ def test_the_asyncio_client_streams_events_and_errors_are_typed(cluster):
     asyncio.run(scenario())
 
 
+def test_wait_many_as_completed_and_map_wait_over_one_stream_not_one_per_task(cluster):
+    import hashlib
+
+    cluster.rust_node("rust", slots=4)
+    cluster.wait_nodes("rust")
+    client = cluster.client
+    inputs = [f"item {i}".encode() for i in range(300)]
+    digests = [hashlib.sha256(data).hexdigest().encode() for data in inputs]
+
+    # map: results in input order, over one WaitMany stream.
+    assert list(client.map("sha256", inputs, timeout=60)) == digests
+
+    # wait_many / as_completed: each final record once, the slow one last.
+    slow = client.submit_call("sleep", b"400ms")
+    fast = [client.submit_call("sha256", data) for data in inputs[:20]]
+    seen = [task.id for task in client.as_completed([slow, *fast, fast[0]], timeout=60)]
+    assert sorted(seen) == sorted([slow, *fast]) and seen[-1] == slow
+    assert all(task.is_final for task in client.wait_many(fast, timeout=60))
+
+    # A failed call raises at its place in the order; an unknown id is NotFound.
+    with pytest.raises(weft.TaskFailed, match="boom"):
+        list(client.map("fail", [b"boom"], max_attempts=1, timeout=60))
+    with pytest.raises(weft.NotFound):
+        list(client.wait_many(["01J0000000000000000000000Z"], timeout=10))
+    with pytest.raises(weft.DeadlineExceeded):
+        list(client.wait_many([client.submit_call("sleep", b"5s")], timeout=0.3))
+
+    async def scenario():
+        async with weft.aio.Client(cluster.url, token=cluster.token, ca_file=cluster.ca_file) as aclient:
+            results = [result async for result in aclient.map("sha256", inputs[:50], timeout=60)]
+            assert results == digests[:50]
+            ids = [await aclient.submit_call("sha256", data) for data in inputs[:10]]
+            done = [task.id async for task in aclient.as_completed(ids, timeout=60)]
+            assert sorted(done) == sorted(ids)
+
+    asyncio.run(scenario())
+
+
 def test_specs_past_a_limit_are_refused_with_typed_errors_naming_the_field(cluster):
     client = cluster.client
     with pytest.raises(weft.InvalidArgument, match="call.handler"):

@@ -18,7 +18,16 @@ import grpc
 from . import errors
 from ._channel import client_token, aio_channel
 from ._proto import admin_pb2, admin_pb2_grpc, common_pb2, task_pb2, task_pb2_grpc
-from .client import UNARY_TIMEOUT, _deadline, _remaining
+from .client import (
+    SUBMIT_BATCH,
+    UNARY_TIMEOUT,
+    InputLike,
+    _deadline,
+    _distinct,
+    _InOrder,
+    _remaining,
+    _wait_many_batch,
+)
 from .models import (
     ClusterInfo,
     DurationLike,
@@ -164,6 +173,53 @@ class Client:
             except errors.Unavailable:
                 await asyncio.sleep(0.2)
             _remaining(deadline)
+
+    async def wait_many(self, task_ids: Iterable[str], timeout: Optional[DurationLike] = None) -> AsyncIterator[Task]:
+        """``async for task in client.wait_many(ids)``: final records as tasks finish (see
+        :meth:`weft.Client.wait_many`)."""
+        deadline = _deadline(timeout)
+        pending = _distinct(task_ids)
+        left = set(pending)
+        while left:
+            batch = _wait_many_batch(pending, left)
+            call = self._tasks.WaitMany(task_pb2.WaitManyRequest(task_ids=batch), timeout=_remaining(deadline))
+            try:
+                async for record in call:
+                    task = Task.from_pb(record)
+                    if task.id in left:
+                        left.discard(task.id)
+                        yield task
+            except grpc.RpcError as e:
+                error = errors.from_rpc_error(e)
+                if not isinstance(error, errors.Unavailable):
+                    raise error from None
+                await asyncio.sleep(0.2)  # the coordinator went away: resume for the rest
+                _remaining(deadline)
+            finally:
+                call.cancel()
+
+    def as_completed(self, task_ids: Iterable[str], timeout: Optional[DurationLike] = None) -> AsyncIterator[Task]:
+        """The tasks' final records as they finish (:meth:`wait_many`)."""
+        return self.wait_many(task_ids, timeout)
+
+    async def map(
+        self,
+        handler: str,
+        inputs: Iterable[InputLike],
+        *,
+        timeout: Optional[DurationLike] = None,
+        **options,
+    ) -> AsyncIterator[bytes]:
+        """``async for result in client.map(handler, inputs)``: results in input order (see
+        :meth:`weft.Client.map`)."""
+        specs = [call_spec(handler, data, **options) for data in inputs]
+        ids: List[str] = []
+        for start in range(0, len(specs), SUBMIT_BATCH):
+            ids.extend(await self.submit_many(specs[start:start + SUBMIT_BATCH]))
+        order = _InOrder(ids)
+        async for task in self.wait_many(ids, timeout):
+            for result in order.add(task):
+                yield result
 
     async def cancel(self, task_id: str, reason: str = "") -> Task:
         """Cancels a task; returns it as recorded after the cancel."""

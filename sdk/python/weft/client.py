@@ -38,6 +38,48 @@ from .models import (
 
 #: Deadline of unary calls, in seconds.
 UNARY_TIMEOUT = 30.0
+#: Ids per ``WaitMany`` call (as the Rust client; the coordinator takes up to 100,000).
+WAIT_MANY_BATCH = 30_000
+#: Specs per ``Submit`` in :meth:`Client.map` (each ``Submit`` is all or nothing).
+SUBMIT_BATCH = 5_000
+
+InputLike = Union[bytes, str, None]
+
+
+def _distinct(task_ids: Iterable[str]) -> List[str]:
+    return list(dict.fromkeys(task_ids))
+
+
+def _wait_many_batch(pending: List[str], left: set) -> List[str]:
+    """The next ids to wait for: the first :data:`WAIT_MANY_BATCH` still missing."""
+    batch = []
+    for task_id in pending:
+        if task_id in left:
+            batch.append(task_id)
+            if len(batch) == WAIT_MANY_BATCH:
+                break
+    return batch
+
+
+class _InOrder:
+    """Final tasks in completion order in, results in ``ids`` order out."""
+
+    def __init__(self, ids: List[str]):
+        self.ids = ids
+        self.done = {}
+        self.next = 0
+
+    def add(self, task: Task) -> List[bytes]:
+        """Takes ``task``; answers the results now due, in order (TaskFailed at a failed one)."""
+        self.done[task.id] = task
+        due = []
+        while self.next < len(self.ids) and self.ids[self.next] in self.done:
+            ready = self.done.pop(self.ids[self.next])
+            self.next += 1
+            if not ready.succeeded:
+                raise errors.task_error(ready)
+            due.append(ready.output)
+        return due
 
 
 def _deadline(timeout: Optional[DurationLike]) -> Optional[float]:
@@ -219,6 +261,62 @@ class Client:
                 # The coordinator went away mid-watch; retry until the deadline.
                 time.sleep(0.2)
             _remaining(deadline)
+
+    def wait_many(self, task_ids: Iterable[str], timeout: Optional[DurationLike] = None) -> Iterator[Task]:
+        """Each task's final record once, as soon as it is final (those already final first), in
+        completion order; ends when all are. One stream (``WaitMany``) per
+        :data:`WAIT_MANY_BATCH` ids, not one per task. :class:`weft.NotFound` for an unknown id
+        (before anything is yielded); :class:`weft.DeadlineExceeded` after ``timeout`` for the
+        whole wait; a dropped connection is resumed for the tasks still missing.
+        """
+        deadline = _deadline(timeout)
+        pending = _distinct(task_ids)
+        left = set(pending)
+        while left:
+            batch = _wait_many_batch(pending, left)
+            call = self._tasks.WaitMany(task_pb2.WaitManyRequest(task_ids=batch), timeout=_remaining(deadline))
+            try:
+                for record in call:
+                    task = Task.from_pb(record)
+                    if task.id in left:
+                        left.discard(task.id)
+                        yield task
+            except grpc.RpcError as e:
+                error = errors.from_rpc_error(e)
+                if not isinstance(error, errors.Unavailable):
+                    raise error from None
+                time.sleep(0.2)  # the coordinator went away: resume for the rest
+                _remaining(deadline)
+            finally:
+                call.cancel()
+
+    def as_completed(self, task_ids: Iterable[str], timeout: Optional[DurationLike] = None) -> Iterator[Task]:
+        """Like :func:`concurrent.futures.as_completed`: the tasks' final records as they finish
+        (:meth:`wait_many`)."""
+        return self.wait_many(task_ids, timeout)
+
+    def map(
+        self,
+        handler: str,
+        inputs: Iterable[InputLike],
+        *,
+        timeout: Optional[DurationLike] = None,
+        **options,
+    ) -> Iterator[bytes]:
+        """Calls ``handler`` once per input and yields the results in input order, each as soon as
+        it and those before it are done (like :meth:`concurrent.futures.Executor.map`). Every call
+        is submitted first (:data:`SUBMIT_BATCH` per ``Submit``), then waited for with
+        :meth:`wait_many`. Raises :class:`weft.TaskFailed` (or ``TaskCancelled``/``TaskTimedOut``)
+        at the first failed call in input order; :class:`weft.DeadlineExceeded` after ``timeout``.
+        Options as :func:`weft.call_spec`.
+        """
+        specs = [call_spec(handler, data, **options) for data in inputs]
+        ids: List[str] = []
+        for start in range(0, len(specs), SUBMIT_BATCH):
+            ids.extend(self.submit_many(specs[start:start + SUBMIT_BATCH]))
+        order = _InOrder(ids)
+        for task in self.wait_many(ids, timeout):
+            yield from order.add(task)
 
     def cancel(self, task_id: str, reason: str = "") -> Task:
         """Cancels a task; returns it as recorded after the cancel.
