@@ -31,3 +31,12 @@ def crash(data: bytes) -> None:
 
 def hang(data: bytes) -> None:
     time.sleep(60)
+
+
+def _parse_config(data: bytes) -> int:
+    return int(data.decode())
+
+
+def raise_value_error(data: bytes) -> int:
+    """Fails with a ValueError two frames down (for the traceback)."""
+    return _parse_config(data)

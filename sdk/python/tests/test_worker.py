@@ -249,6 +249,33 @@ def test_a_crashing_process_handler_fails_the_attempt(fake, run_worker):
     assert "died" in finished.error
 
 
+def test_a_failed_handler_records_its_traceback_under_the_error_of_every_kind(fake, run_worker):
+    def setup(w):
+        w.register("in_thread", handlers.raise_value_error, "thread")
+        w.register("in_process", handlers.raise_value_error, "process")
+
+        @w.handler()
+        async def in_asyncio(data):
+            return handlers.raise_value_error(data)
+
+        @w.handler()
+        async def plain(data):
+            raise weft.HandlerError("just this")
+
+    _, session = run_worker(slots=2, setup=setup)
+    for n, name in enumerate(("in_asyncio", "in_thread", "in_process")):
+        session.assign((f"t{n}", 1, call_spec(name, b"not a number")))
+        finished = session.events(f"t{n}", 1, timeout=20)[-1].finished
+        assert finished.outcome == common_pb2.OUTCOME_FAILED
+        first, _, rest = finished.error.partition("\n\n")
+        assert first == "ValueError: invalid literal for int() with base 10: 'not a number'", finished.error
+        assert rest.startswith("Traceback (most recent call last):"), finished.error
+        assert "_parse_config" in rest and "raise_value_error" in rest, finished.error
+    # A HandlerError says its message only.
+    session.assign(("p", 1, call_spec("plain")))
+    assert session.events("p", 1)[-1].finished.error == "just this"
+
+
 def test_cancelled_thread_handler_reports_at_once_but_keeps_its_slot_until_it_returns(fake, run_worker):
     release = threading.Event()
 

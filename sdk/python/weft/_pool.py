@@ -72,8 +72,11 @@ def _child_main(conn) -> None:
                 result = fn(input)
             conn.send(("ok", result))
         except BaseException as e:  # noqa: BLE001 - report every failure
-            message = str(e) if getattr(e, "weft_plain_message", False) else f"{type(e).__name__}: {e}"
-            log_tail = traceback.format_exc(limit=8)
+            plain = getattr(e, "weft_plain_message", False)
+            message = str(e) if plain else f"{type(e).__name__}: {e}"
+            # A HandlerError's message is all it says; anything else
+            # carries where it was raised.
+            log_tail = "" if plain else traceback.format_exc()
             try:
                 conn.send(("error", type(e).__name__, message, log_tail))
             except Exception:
@@ -140,7 +143,7 @@ class ProcessCall:
             return
         self._pool._release(self.proc, dead=dead)
         if error is not None:
-            self.result.set_exception(PoolCallError(error[1], error[2]))
+            self.result.set_exception(PoolCallError(error[1], error[2], error[3] if len(error) > 3 else ""))
         else:
             self.result.set_result(result)
 
@@ -155,10 +158,11 @@ class ProcessCall:
 class PoolCallError(Exception):
     """A process call raised (``type_name`` is the exception's class name)."""
 
-    def __init__(self, type_name: str, message: str):
+    def __init__(self, type_name: str, message: str, traceback_text: str = ""):
         super().__init__(message)
         self.type_name = type_name
         self.message = message
+        self.traceback = traceback_text
 
 
 class ProcessPool:

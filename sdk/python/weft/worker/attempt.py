@@ -21,7 +21,7 @@ from .._pool import PoolCallError
 from .._proto import common_pb2, node_pb2
 from ..models import duration_from_pb
 from .exec_policy import ExecPolicy
-from .handlers import Handlers, StartFailed, error_text, to_output
+from .handlers import Handlers, StartFailed, error_text, to_output, with_traceback
 from .outbox import CHUNK_LIMIT, Outbox
 from .process import run_exec
 from .slots import Slots
@@ -268,7 +268,7 @@ class Attempts:
             self.finish(attempt, common_pb2.OUTCOME_START_FAILED, error=str(e))
         except PoolCallError as e:
             outcome = common_pb2.OUTCOME_START_FAILED if e.type_name == "StartFailed" else common_pb2.OUTCOME_FAILED
-            self.finish(attempt, outcome, error=e.message)
+            self.finish(attempt, outcome, error=with_traceback(e.message, e.traceback))
         except Exception as e:  # noqa: BLE001 - a handler's failure is the attempt's
             if attempt.stop_reason is not None:
                 self._report_stopped(attempt)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import traceback
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional
 
@@ -95,9 +96,27 @@ def to_output(value: Any) -> bytes:
     return json.dumps(value).encode()
 
 
+#: Most characters of a traceback kept in an attempt's error (the
+#: coordinator keeps 64 KiB of it; the innermost frames are the ones kept).
+TRACEBACK_LIMIT = 16 * 1024
+
+
 def error_text(e: BaseException) -> str:
-    """What a handler's exception says in the attempt's error."""
+    """What a handler's exception says in the attempt's error: ``Type: message`` on the first
+    line, then the traceback (a :class:`HandlerError` says its message only)."""
     if getattr(e, "weft_plain_message", False):
         return str(e)
     text = str(e)
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+    summary = f"{type(e).__name__}: {text}" if text else type(e).__name__
+    return with_traceback(summary, "".join(traceback.format_exception(type(e), e, e.__traceback__)))
+
+
+def with_traceback(summary: str, trace: str) -> str:
+    """``summary``, then ``trace`` (its last :data:`TRACEBACK_LIMIT` characters) below a blank line."""
+    trace = trace.strip()
+    if not trace:
+        return summary
+    if len(trace) > TRACEBACK_LIMIT:
+        trace = "... (traceback cut)\n" + trace[-TRACEBACK_LIMIT:]
+    return f"{summary}\n\n{trace}"
+
