@@ -239,7 +239,10 @@ impl Printer {
                 reason,
             } => {
                 let requeued = *state == TaskState::Queued && event.attempt.0 > 0;
-                if requeued && !self.verbose {
+                // Waiting for something no connected node offers (a
+                // handler): said at once, not after the usual hint delay.
+                let waiting = *state == TaskState::Queued && reason.starts_with("waiting:");
+                if (requeued || waiting) && !self.verbose {
                     eprintln!("weft: task {}: {reason}", event.task_id);
                 } else if self.verbose {
                     let node = node_name

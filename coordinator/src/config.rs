@@ -94,6 +94,10 @@ pub struct CoordinatorConfig {
     /// lost; a busy node that held a prefetched attempt that long only
     /// gives that attempt back, at no cost to the task.
     pub start_timeout: Duration,
+    /// How long a call whose handler no connected node serves waits for
+    /// one (its worker restarting, say) before it fails saying so
+    /// (`--schedule-timeout`, default 5 min; zero: forever).
+    pub schedule_timeout: Duration,
     /// How long a new connection may take to finish its TLS handshake
     /// and send the HTTP/2 client preface; one that has not is closed
     /// (`--handshake-timeout`, default 10 s).
@@ -111,6 +115,9 @@ pub struct CoordinatorConfig {
     /// (`--max-streams-per-connection`); a client past it waits.
     pub max_streams_per_connection: u32,
 }
+
+/// Default of [`CoordinatorConfig::schedule_timeout`].
+pub const DEFAULT_SCHEDULE_TIMEOUT: Duration = Duration::from_secs(5 * 60);
 
 /// Default of [`CoordinatorConfig::start_timeout`].
 pub const DEFAULT_START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -216,6 +223,7 @@ impl Default for CoordinatorConfig {
             node_cert_lifetime: DEFAULT_NODE_CERT_LIFETIME,
             max_message_size: weft_proto::limits::DEFAULT_MAX_MESSAGE_BYTES,
             start_timeout: DEFAULT_START_TIMEOUT,
+            schedule_timeout: DEFAULT_SCHEDULE_TIMEOUT,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             max_connections: None,
             max_connections_per_ip: DEFAULT_MAX_CONNECTIONS_PER_IP,

@@ -54,6 +54,13 @@ struct Args {
     #[arg(long, default_value = "30s", value_parser = parse_start_timeout)]
     start_timeout: Duration,
 
+    /// How long a call whose handler no connected node serves waits for
+    /// one (say, while its Python worker restarts) before it fails saying
+    /// so. 0 waits forever. Calls submitted while no node at all is
+    /// connected always wait.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    schedule_timeout: Duration,
+
     /// Directory of the durable store (created if missing). Tasks, their
     /// events and results survive restarts there; one coordinator per dir.
     #[arg(long, env = "WEFT_DATA_DIR", default_value = "weft-data")]
@@ -289,6 +296,7 @@ impl From<&Args> for CoordinatorConfig {
             store_cache_size: args.store_cache_size,
             max_node_slots: args.max_node_slots,
             start_timeout: args.start_timeout,
+            schedule_timeout: args.schedule_timeout,
             insecure: args.insecure,
             tls: (!args.insecure).then(|| TlsConfig {
                 pki_dir: args

@@ -101,6 +101,9 @@ pub struct SchedulerConfig {
     pub max_node_losses: u32,
     /// Most slots a node may declare, and most prefetch it gets.
     pub max_node_slots: u32,
+    /// How long a call whose handler no connected node serves waits for
+    /// one before it fails (zero: forever).
+    pub schedule_timeout: Duration,
     /// How long an attempt sent to a node may stay unstarted (see
     /// `CoordinatorConfig::start_timeout`).
     pub start_timeout: Duration,
@@ -118,6 +121,7 @@ impl From<&CoordinatorConfig> for SchedulerConfig {
             max_node_losses: config.max_node_losses,
             max_node_slots: config.max_node_slots,
             start_timeout: config.start_timeout,
+            schedule_timeout: config.schedule_timeout,
         }
     }
 }
@@ -283,6 +287,9 @@ pub struct Scheduler {
     disconnected: HashMap<NodeId, (Arc<str>, Instant)>,
     /// Attempts sent to nodes that must start by a deadline.
     start_deadlines: start::StartDeadlines,
+    /// Calls submitted while no connected node served their handler, by
+    /// the time they fail unless one comes (earliest first).
+    unplaceable: std::collections::BinaryHeap<std::cmp::Reverse<(Instant, TaskId)>>,
     /// The Cancels ordered in this batch, so each attempt gets one however
     /// many of its events a node sent (e.g. output resent after a long
     /// partition).
@@ -329,6 +336,7 @@ impl Scheduler {
             reclaimed_attempts: 0,
             disconnected: HashMap::new(),
             start_deadlines: start::StartDeadlines::default(),
+            unplaceable: std::collections::BinaryHeap::new(),
             cancels_ordered: HashSet::new(),
             revoked: HashSet::new(),
             revoked_sessions: HashSet::new(),
@@ -454,8 +462,10 @@ impl Scheduler {
     }
 
     /// Accepts a batch of new tasks (ids chosen by the caller), all or
-    /// nothing. A call task whose handler no connected node serves fails at
-    /// once (when nodes are connected); an exec task no node allows waits.
+    /// nothing. A call task whose handler no connected node serves waits
+    /// for one (its worker may be restarting) up to the schedule timeout,
+    /// then fails saying so (when nodes are connected; with none, and for
+    /// an exec task no node allows, it waits).
     pub fn submit(&mut self, batch: Vec<(TaskId, TaskSpec)>, now: Now) -> Result<(), Error> {
         let queued = self.tasks.len().saturating_add(batch.len());
         let max = self.config.max_queued.min(live::CAPACITY);
@@ -504,22 +514,20 @@ impl Scheduler {
                     state: TaskState::Queued,
                     node_id: None,
                     node_name: None,
-                    reason: "submitted".into(),
+                    reason: match is_served {
+                        true => "submitted".into(),
+                        false => self.unserved_reason(&spec),
+                    },
                 },
                 now.wall,
             );
-            if is_served {
-                self.queue.push_ready(class, id);
-            } else {
-                let handler = match &spec.kind {
-                    TaskKind::Call(call) => call.handler.as_str(),
-                    TaskKind::Exec(_) => "",
-                };
-                let error = format!(
-                    "unknown handler '{handler}': no connected node serves it (known: {})",
-                    self.nodes.known_handlers().join(", ")
-                );
-                self.finalize(id, TaskState::Failed, error, Bytes::new(), now.wall);
+            self.queue.push_ready(class, id);
+            if !is_served && !self.config.schedule_timeout.is_zero() {
+                // Nodes are connected but none serves its handler (its
+                // worker may be restarting): it waits for one, up to the
+                // schedule timeout (`expire_unplaceable`).
+                let deadline = now.instant + self.config.schedule_timeout;
+                self.unplaceable.push(std::cmp::Reverse((deadline, id)));
             }
         }
         Ok(())
@@ -560,6 +568,7 @@ impl Scheduler {
     pub fn tick(&mut self, now: Now) {
         self.recent.expire(now.instant);
         self.expire_unstarted(now);
+        self.expire_unplaceable(now);
         while let Some((id, attempt)) = self.queue.pop_due(now.instant) {
             if let Some(task) = self.tasks.get_mut(&id)
                 && task.state == TaskState::Queued
@@ -629,6 +638,9 @@ impl Scheduler {
             self.next_liveness_check,
             orphan,
             self.start_deadlines.next(),
+            self.unplaceable
+                .peek()
+                .map(|std::cmp::Reverse((at, _))| *at),
         ]
         .into_iter()
         .flatten()
@@ -650,6 +662,51 @@ impl Scheduler {
             self.cancels_ordered.clear();
         }
         std::mem::take(&mut self.out)
+    }
+
+    /// Why a call no connected node serves waits, as its first event says.
+    fn unserved_reason(&self, spec: &TaskSpec) -> String {
+        let handler = match &spec.kind {
+            TaskKind::Call(call) => call.handler.as_str(),
+            TaskKind::Exec(_) => "",
+        };
+        format!(
+            "waiting: no connected node serves handler '{handler}' (known: {}); it fails unless one connects within {:?} (--schedule-timeout)",
+            self.nodes.known_handlers().join(", "),
+            self.config.schedule_timeout
+        )
+    }
+
+    /// Fails the calls whose schedule timeout passed while still no
+    /// connected node serves their handler; those a node serves now (it
+    /// may be busy) wait on as any queued task.
+    fn expire_unplaceable(&mut self, now: Now) {
+        while let Some(std::cmp::Reverse((deadline, id))) = self.unplaceable.peek().copied() {
+            if deadline > now.instant {
+                return;
+            }
+            self.unplaceable.pop();
+            let Some(task) = self.tasks.get(&id) else {
+                continue;
+            };
+            if task.state != TaskState::Queued {
+                continue;
+            }
+            let spec = task.spec.template(self.queue.example(task.class));
+            let TaskKind::Call(call) = &spec.kind else {
+                continue;
+            };
+            if self.nodes.values().any(|n| n.serves(spec)) {
+                continue;
+            }
+            let error = format!(
+                "unknown handler '{}': no connected node served it within {:?} (--schedule-timeout; known: {})",
+                call.handler,
+                self.config.schedule_timeout,
+                self.nodes.known_handlers().join(", ")
+            );
+            self.finalize(id, TaskState::Failed, error, Bytes::new(), now.wall);
+        }
     }
 
     /// Queues a Cancel for a node session, once per attempt per batch.

@@ -44,6 +44,8 @@ class Cluster:
             [str(coordinator), "--listen", "127.0.0.1:0", "--addr-file", str(addr_file),
              "--data-dir", str(self.data_dir),
              "--heartbeat-interval", "500ms", "--heartbeat-timeout", "5s",
+             # A call no node serves fails after this (it waits for one that does).
+             "--schedule-timeout", "1s",
              "--admin-token-file", str(self.token_file)],
             name="coordinator",
         )

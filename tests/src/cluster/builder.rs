@@ -27,6 +27,7 @@ pub struct TestClusterBuilder {
     pub(super) max_node_slots: Option<u32>,
     pub(super) max_message_size: Option<usize>,
     pub(super) start_timeout: Option<Duration>,
+    pub(super) schedule_timeout: Option<Duration>,
     pub(super) max_streams_per_client: Option<usize>,
     pub(super) log_filter: Option<String>,
     pub(super) insecure: bool,
@@ -57,6 +58,7 @@ impl Default for TestClusterBuilder {
             max_node_slots: None,
             max_message_size: None,
             start_timeout: None,
+            schedule_timeout: None,
             max_streams_per_client: None,
             log_filter: None,
             insecure: false,
@@ -170,6 +172,13 @@ impl TestClusterBuilder {
     /// message it takes or sends a node). Default: the coordinator's own.
     pub fn max_message_size(mut self, bytes: usize) -> Self {
         self.max_message_size = Some(bytes);
+        self
+    }
+
+    /// Sets the coordinator's `--schedule-timeout` (how long a call no
+    /// connected node serves waits for one). Default: the coordinator's own.
+    pub fn schedule_timeout(mut self, timeout: Duration) -> Self {
+        self.schedule_timeout = Some(timeout);
         self
     }
 

@@ -67,6 +67,7 @@ pub(super) async fn start_coordinator(
             max_node_slots: settings.max_node_slots.unwrap_or(config.max_node_slots),
             max_message_size: settings.max_message_size.unwrap_or(config.max_message_size),
             start_timeout: settings.start_timeout.unwrap_or(config.start_timeout),
+            schedule_timeout: settings.schedule_timeout.unwrap_or(config.schedule_timeout),
             max_streams_per_client: settings
                 .max_streams_per_client
                 .unwrap_or(config.max_streams_per_client),
@@ -124,6 +125,10 @@ pub(super) async fn start_coordinator(
     if let Some(n) = settings.max_message_size {
         args.push("--max-message-size".to_owned());
         args.push(n.to_string());
+    }
+    if let Some(timeout) = settings.schedule_timeout {
+        args.push("--schedule-timeout".to_owned());
+        args.push(format!("{}ms", timeout.as_millis()));
     }
     if let Some(timeout) = settings.start_timeout {
         args.push("--start-timeout".to_owned());

@@ -13,6 +13,8 @@ async fn cli_cluster() -> TestCluster {
         .nodes(2)
         .slots(4)
         .processes()
+        // A call no node serves waits this long before it fails.
+        .schedule_timeout(std::time::Duration::from_secs(2))
         .start()
         .await
 }
@@ -61,9 +63,20 @@ async fn weft_run_with_one_attempt_prints_each_stream_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn weft_exit_codes_follow_the_documented_table() {
     let cluster = cli_cluster().await;
+    // A call no node serves: said at once on stderr, failed after the
+    // schedule timeout.
     let out = cluster.weft(&["call", "nope"]).await;
     assert_eq!(out.code, Some(127), "unknown handler: {out}");
+    assert!(
+        out.stderr
+            .contains("waiting: no connected node serves handler 'nope'"),
+        "{out}"
+    );
     assert!(out.stderr.contains("unknown handler"), "{out}");
+    assert!(
+        out.elapsed >= std::time::Duration::from_secs(2),
+        "failed before the schedule timeout: {out}"
+    );
 
     let out = cluster
         .weft(&["run", "--timeout", "300ms", "--", "sleep", "30"])

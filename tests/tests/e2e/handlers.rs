@@ -1,4 +1,5 @@
-//! The built-in handlers, and how a call to a handler nobody serves fails.
+//! The built-in handlers, and what a call to a handler nobody serves does:
+//! it waits for a node serving it, up to the schedule timeout.
 
 use futures::StreamExt;
 
@@ -66,8 +67,12 @@ async fn fail_handler_fails_with_its_input_as_the_error_after_its_attempts() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_unknown_handler_fails_at_once_with_a_clear_reason() {
-    let cluster = TestCluster::builder().nodes(1).start().await;
+async fn an_unknown_handler_fails_after_the_schedule_timeout_with_a_clear_reason() {
+    let cluster = TestCluster::builder()
+        .nodes(1)
+        .schedule_timeout(std::time::Duration::from_secs(1))
+        .start()
+        .await;
     let client = cluster.client().await;
     let id = client
         .submit(TaskSpec::call("nope", "").max_attempts(3))
@@ -81,7 +86,8 @@ async fn an_unknown_handler_fails_at_once_with_a_clear_reason() {
         done.error
     );
     assert!(
-        done.error.contains("no connected node serves it"),
+        done.error
+            .contains("no connected node served it within 1s (--schedule-timeout"),
         "{}",
         done.error
     );
@@ -143,5 +149,41 @@ async fn programs_the_kernel_cannot_execute_fail_to_start_without_retries() {
         );
         assert!(done.error.contains("cannot start"), "{done:?}");
     }
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_made_while_its_worker_restarts_waits_for_it_and_runs() {
+    use weft_tests::fake_node::register;
+
+    // A node is connected, but none serves `late` (its worker restarts).
+    let cluster = TestCluster::builder().nodes(1).start().await;
+    let client = cluster.client().await;
+    let id = client
+        .submit(TaskSpec::call("late", "input"))
+        .await
+        .expect("submit");
+    let waiting = cluster.wait_for_state(id, TaskState::Queued).await;
+    assert!(
+        waiting
+            .pending_reason
+            .contains("no connected node serves handler 'late'"),
+        "{waiting:?}"
+    );
+    // The worker is back: the call runs there.
+    let mut worker = cluster.fake_node(register("worker", 1, &["late"])).await;
+    let _beats = worker.keep_alive(std::time::Duration::from_millis(100));
+    worker.grant(1).await;
+    let assignment = worker.next_assignment(weft_tests::default_timeout()).await;
+    assert_eq!(assignment.task_id, id.to_string());
+    worker.started(id, 1).await;
+    worker
+        .finished(id, 1, weft_proto::Outcome::Succeeded, None, b"done")
+        .await;
+    let done = client.wait(id).await.expect("wait");
+    assert_eq!(
+        (done.state, done.output.as_ref()),
+        (TaskState::Succeeded, &b"done"[..])
+    );
     cluster.shutdown().await;
 }

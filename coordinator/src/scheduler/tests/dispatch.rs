@@ -100,21 +100,47 @@ fn pending_reason_says_why_a_task_waits() {
 }
 
 #[test]
-fn unknown_handler_with_nodes_connected_fails_at_once() {
+fn a_call_no_connected_node_serves_waits_for_one_up_to_the_schedule_timeout() {
     let mut h = Harness::new();
     h.node(S1, reg("n1", 2), 2);
-    let ids = h.submit(vec![TaskSpec::call("nope", "")]);
+    let ids = h.submit(vec![TaskSpec::call("nope", ""), TaskSpec::call("late", "")]);
+    h.effects();
+    // It waits, saying why at once.
+    assert_eq!(h.record(ids[0]).state, TaskState::Queued);
+    let first = h.events(ids[0]);
+    let EventBody::State { reason, .. } = &first[0].body else {
+        panic!("a state event first");
+    };
+    assert!(
+        reason.starts_with("waiting: no connected node serves handler 'nope' (known: noop, sleep)")
+            && reason.contains("(--schedule-timeout)"),
+        "{reason}"
+    );
+    // A node serving `late` comes (a worker back from a restart): it runs.
+    let back = NodeRegistration {
+        handlers: vec!["late".into()],
+        ..reg("worker", 1)
+    };
+    h.s.heartbeat(S1, h.now);
+    h.advance(Duration::from_secs(4));
+    h.node(S2, back, 1);
+    assert_eq!(assigned(&h.effects(), S2), [(ids[1], Attempt(1))]);
+    h.event(S2, ids[1], 1, NodeEventBody::Started);
+    // Past the timeout, the other fails, saying why.
+    for _ in 0..60 {
+        h.s.heartbeat(S1, h.now);
+        h.s.heartbeat(S2, h.now);
+        h.advance(Duration::from_secs(1));
+    }
     h.effects();
     let record = h.record(ids[0]);
     assert_eq!(record.state, TaskState::Failed);
     assert_eq!(
         record.error,
-        "unknown handler 'nope': no connected node serves it (known: noop, sleep)"
+        "unknown handler 'nope': no connected node served it within 60s (--schedule-timeout; known: late, noop, sleep)"
     );
     assert!(!h.s.is_live(ids[0]));
-    let events = h.events(ids[0]);
-    assert!(events.last().unwrap().body.is_finished());
-    assert_eq!(events.iter().map(|e| e.seq).collect::<Vec<_>>(), [0, 1, 2]);
+    assert_eq!(h.record(ids[1]).state, TaskState::Running, "unaffected");
 }
 
 #[test]

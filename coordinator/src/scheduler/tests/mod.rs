@@ -42,6 +42,7 @@ fn config() -> SchedulerConfig {
         max_node_losses: 2,
         max_node_slots: 1024,
         start_timeout: Duration::from_secs(30),
+        schedule_timeout: Duration::from_secs(60),
     }
 }
 
