@@ -206,6 +206,28 @@ async fn a_nodes_output_and_progress_reach_watchers_once_each() {
     cluster.shutdown().await;
 }
 
+/// Closes `fake`'s stream and connects it again as the same node, listing
+/// attempt 1 of `id` as still its own (as a node does after a break).
+async fn dial_again(
+    cluster: &TestCluster,
+    joined: Option<&weft_tests::fake_node::Joined>,
+    fake: FakeNode,
+    name: &str,
+    id: TaskId,
+) -> FakeNode {
+    let previous_node_id = fake.node_id.clone();
+    drop(fake);
+    let again = pb::Register {
+        running: vec![pb::AttemptRef {
+            task_id: id.to_string(),
+            attempt: 1,
+        }],
+        previous_node_id,
+        ..register(name, 1, &[])
+    };
+    cluster.connect_fake(joined, again).await
+}
+
 /// Reports output chunk `seq` (`c{seq}\n`) of attempt 1 of `id`.
 async fn chunk(fake: &FakeNode, id: TaskId, seq: u64) -> bool {
     let chunk = pb::OutputChunk {
@@ -258,21 +280,10 @@ async fn output_sent_again_after_a_coordinator_crash_is_recorded_once() {
     drop(events);
     cluster.crash_and_restart_coordinator().await;
     beats.abort();
-    let node_id = fake.node_id.clone();
-    drop(fake);
-
     // The node comes back with its attempt, sends what it sent before
     // again (the coordinator could have died before recording it), then
     // what is new, then the result.
-    let again = pb::Register {
-        running: vec![pb::AttemptRef {
-            task_id: id.to_string(),
-            attempt: 1,
-        }],
-        previous_node_id: node_id,
-        ..register("resender", 1, &[])
-    };
-    let back = cluster.connect_fake(joined.as_ref(), again).await;
+    let back = dial_again(&cluster, joined.as_ref(), fake, "resender", id).await;
     let _beats = back.keep_alive(Duration::from_millis(100));
     for seq in 0..4 {
         assert!(chunk(&back, id, seq).await);
@@ -321,17 +332,7 @@ async fn a_node_whose_stream_breaks_for_a_moment_carries_on_its_attempt() {
 
     // The stream breaks; the node dials again at once, listing its attempt.
     beats.abort();
-    let node_id = fake.node_id.clone();
-    drop(fake);
-    let again = pb::Register {
-        running: vec![pb::AttemptRef {
-            task_id: id.to_string(),
-            attempt: 1,
-        }],
-        previous_node_id: node_id,
-        ..register("flaky", 1, &[])
-    };
-    let back = cluster.connect_fake(joined.as_ref(), again).await;
+    let back = dial_again(&cluster, joined.as_ref(), fake, "flaky", id).await;
     let _beats = back.keep_alive(Duration::from_millis(100));
     back.finished(id, 1, Outcome::Succeeded, Some(0), b"").await;
     let done = client.wait(id).await.expect("wait");
