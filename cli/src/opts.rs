@@ -24,6 +24,11 @@ pub struct TaskOpts {
     /// Kill an attempt that runs longer than this (e.g. 500ms, 30s, 5m); it ends TIMED_OUT.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration_arg)]
     pub timeout: Option<Duration>,
+    /// How long a call may wait while no connected node serves its handler
+    /// (a worker restarting) before it fails; 0 waits forever (default:
+    /// the coordinator's --schedule-timeout, 5m).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration_arg)]
+    pub schedule_timeout: Option<Duration>,
     /// Attempts allowed in all: default 1 for `run` and `call` (a failure is
     /// shown, not rerun with its output repeated), 3 for `submit` and `map`.
     /// Failures AND lost nodes both count against it.
@@ -84,6 +89,9 @@ impl TaskOpts {
         }
         if let Some(timeout) = self.timeout {
             spec = spec.timeout(timeout);
+        }
+        if let Some(timeout) = self.schedule_timeout {
+            spec = spec.schedule_timeout(timeout);
         }
         if let Some(n) = self.max_attempts {
             spec = spec.max_attempts(n);
@@ -259,6 +267,7 @@ mod tests {
             slots: Some(2),
             labels: vec![("zone".into(), "a".into())],
             timeout: Some(Duration::from_secs(3)),
+            schedule_timeout: Some(Duration::from_secs(40)),
             max_attempts: Some(5),
             env: vec![("A".into(), "1".into())],
             secret_env: Vec::new(),
@@ -270,6 +279,7 @@ mod tests {
         assert_eq!(spec.slots, 2);
         assert_eq!(spec.labels, opts.label_map());
         assert_eq!(spec.timeout, Some(Duration::from_secs(3)));
+        assert_eq!(spec.schedule_timeout, Some(Duration::from_secs(40)));
         assert_eq!((spec.max_attempts, spec.name.as_str()), (5, "job"));
         let TaskKind::Exec(exec) = spec.kind else {
             panic!("not an exec spec")

@@ -31,6 +31,9 @@ pub struct TaskSpec {
     pub labels: BTreeMap<String, String>,
     /// Kill the attempt after this long.
     pub timeout: Option<Duration>,
+    /// How long a call may wait for a connected node serving its handler
+    /// (`None`: the coordinator's default; zero: forever).
+    pub schedule_timeout: Option<Duration>,
     /// Attempts allowed in all (failures and node losses both count).
     pub max_attempts: u32,
     /// Free-form display name.
@@ -152,6 +155,7 @@ impl fmt::Debug for pb::TaskSpec {
             .field("max_attempts", &self.max_attempts)
             .field("name", &self.name)
             .field("secret_env", &RedactedValues(&self.secret_env))
+            .field("schedule_timeout", &self.schedule_timeout)
             .finish()
     }
 }
@@ -204,6 +208,7 @@ impl TaskSpec {
             slots: 1,
             labels: BTreeMap::new(),
             timeout: None,
+            schedule_timeout: None,
             max_attempts: DEFAULT_MAX_ATTEMPTS,
             name: String::new(),
             secret_env: SecretEnv::new(),
@@ -239,6 +244,13 @@ impl TaskSpec {
     /// Requires node label `key=value`.
     pub fn label(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         self.labels.insert(key.into(), value.into());
+        self
+    }
+
+    /// Fails a call that waited `timeout` for a connected node serving its
+    /// handler (zero: it waits forever).
+    pub fn schedule_timeout(mut self, timeout: Duration) -> Self {
+        self.schedule_timeout = Some(timeout);
         self
     }
 
@@ -367,11 +379,17 @@ impl TryFrom<pb::TaskSpec> for TaskSpec {
                 Some(d)
             }
         };
+        let schedule_timeout = spec
+            .schedule_timeout
+            .as_ref()
+            .map(|d| duration_from_pb("schedule_timeout", d))
+            .transpose()?;
         Ok(TaskSpec {
             kind,
             slots: spec.slots.max(1),
             labels: spec.labels.into_iter().collect(),
             timeout,
+            schedule_timeout,
             max_attempts,
             name: spec.name,
             secret_env: spec.secret_env.into_iter().collect(),
@@ -430,6 +448,7 @@ impl From<&TaskSpec> for pb::TaskSpec {
             max_attempts: spec.max_attempts,
             name: spec.name.clone(),
             secret_env: spec.secret_env.to_pb(),
+            schedule_timeout: spec.schedule_timeout.map(duration_to_pb),
         }
     }
 }

@@ -522,11 +522,12 @@ impl Scheduler {
                 now.wall,
             );
             self.queue.push_ready(class, id);
-            if !is_served && !self.config.schedule_timeout.is_zero() {
+            let wait = self.schedule_timeout(&spec);
+            if !is_served && !wait.is_zero() {
                 // Nodes are connected but none serves its handler (its
                 // worker may be restarting): it waits for one, up to the
                 // schedule timeout (`expire_unplaceable`).
-                let deadline = now.instant + self.config.schedule_timeout;
+                let deadline = now.instant + wait;
                 self.unplaceable.push(std::cmp::Reverse((deadline, id)));
             }
         }
@@ -664,17 +665,28 @@ impl Scheduler {
         std::mem::take(&mut self.out)
     }
 
+    /// How long `spec` may wait for a connected node serving its handler:
+    /// its own schedule timeout, else the coordinator's (zero: forever).
+    fn schedule_timeout(&self, spec: &TaskSpec) -> Duration {
+        spec.schedule_timeout
+            .unwrap_or(self.config.schedule_timeout)
+    }
+
     /// Why a call no connected node serves waits, as its first event says.
     fn unserved_reason(&self, spec: &TaskSpec) -> String {
         let handler = match &spec.kind {
             TaskKind::Call(call) => call.handler.as_str(),
             TaskKind::Exec(_) => "",
         };
-        format!(
-            "waiting: no connected node serves handler '{handler}' (known: {}); it fails unless one connects within {:?} (--schedule-timeout)",
-            self.nodes.known_handlers().join(", "),
-            self.config.schedule_timeout
-        )
+        let known = self.nodes.known_handlers().join(", ");
+        match self.schedule_timeout(spec) {
+            wait if wait.is_zero() => format!(
+                "waiting: no connected node serves handler '{handler}' (known: {known}); it waits until one connects"
+            ),
+            wait => format!(
+                "waiting: no connected node serves handler '{handler}' (known: {known}); it fails unless one connects within {wait:?} (schedule timeout)"
+            ),
+        }
     }
 
     /// Fails the calls whose schedule timeout passed while still no
@@ -700,9 +712,9 @@ impl Scheduler {
                 continue;
             }
             let error = format!(
-                "unknown handler '{}': no connected node served it within {:?} (--schedule-timeout; known: {})",
+                "unknown handler '{}': no connected node served it within {:?} (schedule timeout; known: {})",
                 call.handler,
-                self.config.schedule_timeout,
+                self.schedule_timeout(spec),
                 self.nodes.known_handlers().join(", ")
             );
             self.finalize(id, TaskState::Failed, error, Bytes::new(), now.wall);

@@ -59,6 +59,7 @@ impl LiveSpec {
         let alike = call.handler == like.handler
             && spec.slots == example.slots
             && spec.timeout == example.timeout
+            && spec.schedule_timeout == example.schedule_timeout
             && spec.max_attempts == example.max_attempts
             && spec.name == example.name
             && spec.labels == example.labels;

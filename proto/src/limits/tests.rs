@@ -255,6 +255,7 @@ fn arbitrary_spec() -> impl Strategy<Value = pb::TaskSpec> {
                 kind,
                 slots,
                 labels,
+                schedule_timeout: timeout,
                 timeout,
                 max_attempts,
                 name,

@@ -109,6 +109,11 @@ def test_specs_carry_every_option():
     with pytest.raises(TypeError):
         weft.exec_spec("sh -c true")
     assert weft.call_spec("echo", "hi").call.input == b"hi"
+    waits = weft.call_spec("echo", schedule_timeout="2m")
+    assert waits.HasField("schedule_timeout") and waits.schedule_timeout.seconds == 120
+    assert not weft.call_spec("echo").HasField("schedule_timeout")
+    forever = weft.call_spec("echo", schedule_timeout=0)
+    assert forever.HasField("schedule_timeout") and forever.schedule_timeout.seconds == 0
 
 
 def test_sync_client_maps_errors_and_converts_results(server):

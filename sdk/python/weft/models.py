@@ -178,13 +178,19 @@ def call_spec(
     max_attempts: int = 0,
     name: str = "",
     secret_env: Optional[Mapping[str, str]] = None,
+    schedule_timeout: Optional[DurationLike] = None,
 ) -> common_pb2.TaskSpec:
     """A task that calls the handler ``handler`` on a node with ``input`` bytes.
 
     ``secret_env`` (name -> value) reaches only the node running the attempt
     (the handler reads it as ``ctx.secret_env``); no rpc answer ever shows it.
+    ``schedule_timeout``: how long the call may wait while no connected node
+    serves ``handler`` (a worker restarting) before it fails; 0 waits forever;
+    unset, the coordinator's ``--schedule-timeout``.
     """
     spec = common_pb2.TaskSpec(call=common_pb2.CallSpec(handler=handler, input=_to_bytes(input)))
+    if schedule_timeout is not None:
+        spec.schedule_timeout.CopyFrom(duration_to_pb(schedule_timeout))
     return _common(spec, slots, labels, timeout, max_attempts, name, secret_env)
 
 

@@ -77,6 +77,16 @@ async fn weft_exit_codes_follow_the_documented_table() {
         out.elapsed >= std::time::Duration::from_secs(2),
         "failed before the schedule timeout: {out}"
     );
+    // A call's own schedule timeout wins over the coordinator's.
+    let out = cluster
+        .weft(&["call", "--schedule-timeout", "300ms", "nope"])
+        .await;
+    assert_eq!(out.code, Some(127), "{out}");
+    assert!(
+        out.stderr
+            .contains("no connected node served it within 300ms"),
+        "{out}"
+    );
 
     let out = cluster
         .weft(&["run", "--timeout", "300ms", "--", "sleep", "30"])

@@ -87,7 +87,7 @@ async fn an_unknown_handler_fails_after_the_schedule_timeout_with_a_clear_reason
     );
     assert!(
         done.error
-            .contains("no connected node served it within 1s (--schedule-timeout"),
+            .contains("no connected node served it within 1s (schedule timeout"),
         "{}",
         done.error
     );

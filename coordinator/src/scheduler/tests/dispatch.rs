@@ -113,7 +113,7 @@ fn a_call_no_connected_node_serves_waits_for_one_up_to_the_schedule_timeout() {
     };
     assert!(
         reason.starts_with("waiting: no connected node serves handler 'nope' (known: noop, sleep)")
-            && reason.contains("(--schedule-timeout)"),
+            && reason.contains("within 60s (schedule timeout)"),
         "{reason}"
     );
     // A node serving `late` comes (a worker back from a restart): it runs.
@@ -137,10 +137,40 @@ fn a_call_no_connected_node_serves_waits_for_one_up_to_the_schedule_timeout() {
     assert_eq!(record.state, TaskState::Failed);
     assert_eq!(
         record.error,
-        "unknown handler 'nope': no connected node served it within 60s (--schedule-timeout; known: late, noop, sleep)"
+        "unknown handler 'nope': no connected node served it within 60s (schedule timeout; known: late, noop, sleep)"
     );
     assert!(!h.s.is_live(ids[0]));
     assert_eq!(h.record(ids[1]).state, TaskState::Running, "unaffected");
+}
+
+#[test]
+fn a_call_may_set_its_own_schedule_timeout_or_wait_forever() {
+    let mut h = Harness::new();
+    h.node(S1, reg("n1", 2), 2);
+    let ids = h.submit(vec![
+        TaskSpec::call("nope", "").schedule_timeout(Duration::from_secs(2)),
+        TaskSpec::call("nope", "").schedule_timeout(Duration::ZERO),
+    ]);
+    h.effects();
+    for _ in 0..3 {
+        h.s.heartbeat(S1, h.now);
+        h.advance(Duration::from_secs(1));
+    }
+    h.effects();
+    let record = h.record(ids[0]);
+    assert_eq!(record.state, TaskState::Failed);
+    assert!(
+        record.error.contains("within 2s (schedule timeout"),
+        "{}",
+        record.error
+    );
+    // Zero: it waits as long as it takes (past the coordinator's 60 s).
+    for _ in 0..90 {
+        h.s.heartbeat(S1, h.now);
+        h.advance(Duration::from_secs(1));
+    }
+    h.effects();
+    assert_eq!(h.record(ids[1]).state, TaskState::Queued);
 }
 
 #[test]
