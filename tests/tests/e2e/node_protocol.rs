@@ -206,6 +206,35 @@ async fn a_nodes_output_and_progress_reach_watchers_once_each() {
     cluster.shutdown().await;
 }
 
+/// A fake node named `name` (joined, heartbeating, one slot) running
+/// attempt 1 of a new exec task: its identity, the node, its heartbeats
+/// and the task.
+async fn started_on_a_fake(
+    cluster: &TestCluster,
+    client: &weft_client::Client,
+    name: &str,
+) -> (
+    Option<weft_tests::fake_node::Joined>,
+    FakeNode,
+    tokio::task::JoinHandle<()>,
+    TaskId,
+) {
+    let joined = cluster.join_fake(name).await;
+    let mut fake = cluster
+        .connect_fake(joined.as_ref(), register(name, 1, &[]))
+        .await;
+    let beats = fake.keep_alive(Duration::from_millis(100));
+    fake.grant(1).await;
+    let id = client
+        .submit(TaskSpec::exec(["true"]).max_attempts(1))
+        .await
+        .expect("submit");
+    let assignment = fake.next_assignment(default_timeout()).await;
+    assert_eq!(assignment.task_id, id.to_string());
+    fake.started(id, 1).await;
+    (joined, fake, beats, id)
+}
+
 /// Closes `fake`'s stream and connects it again as the same node, listing
 /// attempt 1 of `id` as still its own (as a node does after a break).
 async fn dial_again(
@@ -247,20 +276,7 @@ async fn output_sent_again_after_a_coordinator_crash_is_recorded_once() {
         .start()
         .await;
     let client = cluster.client().await;
-    let joined = cluster.join_fake("resender").await;
-    let fake = cluster
-        .connect_fake(joined.as_ref(), register("resender", 1, &[]))
-        .await;
-    let beats = fake.keep_alive(Duration::from_millis(100));
-    fake.grant(1).await;
-    let id = client
-        .submit(TaskSpec::exec(["true"]).max_attempts(1))
-        .await
-        .expect("submit");
-    let mut fake = fake;
-    let assignment = fake.next_assignment(default_timeout()).await;
-    assert_eq!(assignment.task_id, id.to_string());
-    fake.started(id, 1).await;
+    let (joined, fake, beats, id) = started_on_a_fake(&cluster, &client, "resender").await;
     for seq in 0..3 {
         assert!(chunk(&fake, id, seq).await);
     }
@@ -310,22 +326,7 @@ async fn output_sent_again_after_a_coordinator_crash_is_recorded_once() {
 async fn a_node_whose_stream_breaks_for_a_moment_carries_on_its_attempt() {
     let cluster = TestCluster::builder().nodes(0).start().await;
     let client = cluster.client().await;
-    let joined = cluster.join_fake("flaky").await;
-    let fake = cluster
-        .connect_fake(joined.as_ref(), register("flaky", 1, &[]))
-        .await;
-    let beats = fake.keep_alive(Duration::from_millis(100));
-    fake.grant(1).await;
-    let id = client
-        .submit(TaskSpec::exec(["true"]).max_attempts(1))
-        .await
-        .expect("submit");
-    let mut fake = fake;
-    assert_eq!(
-        fake.next_assignment(default_timeout()).await.task_id,
-        id.to_string()
-    );
-    fake.started(id, 1).await;
+    let (joined, fake, beats, id) = started_on_a_fake(&cluster, &client, "flaky").await;
     cluster.wait_for_state(id, TaskState::Running).await;
     // A node with room, which would get the task if it were requeued.
     let spare = cluster.add_node(1, Vec::<(String, String)>::new()).await;
