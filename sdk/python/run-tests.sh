@@ -27,7 +27,12 @@ if [[ ! -x "$venv/bin/python" ]]; then
     echo "==> creating venv $venv ($("$python" --version))"
     "$python" -m venv "$venv"
 fi
-echo "==> installing weft[test] from $here"
+echo "==> installing weft-fabric[test] from $here"
+# This package was once distributed as "weft" (an unrelated project's name on
+# the public index, with the same import name): drop that install first.
+if "$venv/bin/python" -m pip show --quiet weft >/dev/null 2>&1; then
+    "$venv/bin/python" -m pip uninstall --quiet --yes weft
+fi
 # setuptools reuses build/ from an earlier install; a module moved or removed
 # since would be installed again beside its new home.
 rm -rf "$here/build"
