@@ -27,6 +27,8 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
 
 from .._proto import common_pb2, node_pb2
 
+NodeTaskEvent = node_pb2.NodeTaskEvent
+
 log = logging.getLogger("weft.worker")
 
 #: Largest output chunk sent in one event.
@@ -80,8 +82,12 @@ def fit(event: node_pb2.NodeTaskEvent, limit: int) -> node_pb2.NodeTaskEvent:
         event.progress.message = cut_text(event.progress.message)
     elif body == "finished":
         done = event.finished
-        done.error = cut_text(done.error)
-        if event.ByteSize() > limit - ENVELOPE_RESERVE:
+        if done.error:
+            done.error = cut_text(done.error)
+        # The exact size only when it may matter (most results are small).
+        if len(done.output) + len(done.error) + ENVELOPE_RESERVE > limit - ENVELOPE_RESERVE and (
+            event.ByteSize() > limit - ENVELOPE_RESERVE
+        ):
             size = len(done.output)
             done.Clear()
             done.outcome = common_pb2.OUTCOME_FAILED
@@ -116,8 +122,11 @@ class Outbox:
         self.ready: Optional[asyncio.Event] = None
         #: A session is current: control messages are queued (else dropped).
         self.attached = False
-        #: The current session has registered: releases grant credits.
+        #: The current session has registered: the sender grants credits.
         self.credits_open = False
+        #: Results and output sent again after Registered and not yet taken:
+        #: no credits until they are out (their attempts hold slots until then).
+        self.resending = 0
         #: The largest message the coordinator takes (its Registered says).
         self.message_limit = LEGACY_MESSAGE_LIMIT
 
@@ -126,9 +135,10 @@ class Outbox:
         self.ready = asyncio.Event()
 
     def wake(self) -> None:
-        """Wakes the session's sender."""
-        if self.ready is not None:
-            self.ready.set()
+        """Wakes the session's sender (cheap when it is awake already)."""
+        ready = self.ready
+        if ready is not None and not ready.is_set():
+            ready.set()
 
     # -- what goes in --------------------------------------------------------
 
@@ -144,16 +154,10 @@ class Outbox:
         self.queue.append(node_pb2.NodeTaskEvent(task_id=task_id, attempt=attempt, **body))
         self.wake()
 
-    def grant(self, slots: int) -> None:
-        """Grants ``slots`` credits for released slots, once credits are open."""
-        if self.credits_open:
-            self.control(node_pb2.NodeMessage(credits=node_pb2.Credits(grant=slots)))
-
-    def open_credits(self, free: int) -> None:
-        """After Registered: grants the free slots, and later releases."""
-        if free > 0:
-            self.control(node_pb2.NodeMessage(credits=node_pb2.Credits(grant=free)))
-        self.credits_open = True
+    def push(self, event: node_pb2.NodeTaskEvent) -> None:
+        """Queues a built event; it waits for a session."""
+        self.queue.append(event)
+        self.wake()
 
     def close(self) -> None:
         """Queues the end of the stream after what is queued (a drain)."""
@@ -200,8 +204,10 @@ class Outbox:
         return [event for key in sorted(self.sent_output) for event in self.sent_output[key]]
 
     def resend_first(self, events: List[node_pb2.NodeTaskEvent]) -> None:
-        """Puts ``events`` (from :meth:`begin_session`) at the head of the queue."""
+        """Puts ``events`` (from :meth:`begin_session`) at the head of the
+        queue; credits wait until they are taken."""
         self.queue.extendleft(reversed(events))
+        self.resending = len(events)
 
     def control_first(self, message: node_pb2.NodeMessage) -> None:
         """Puts a control message at the head of the queue."""
@@ -216,14 +222,22 @@ class Outbox:
         item = self.queue.popleft()
         if not isinstance(item, node_pb2.NodeTaskEvent):
             return item
-        item = fit(item, self.message_limit)
+        limit = self.message_limit
+        fit(item, limit)
         batch, size = [item], item.ByteSize()
-        while self.queue and isinstance(self.queue[0], node_pb2.NodeTaskEvent) and len(batch) < BATCH_LIMIT:
-            following = fit(self.queue[0], self.message_limit)
-            if size + following.ByteSize() > BATCH_BYTES:
+        queue = self.queue
+        while queue and len(batch) < BATCH_LIMIT:
+            following = queue[0]
+            if type(following) is not NodeTaskEvent:
                 break
-            batch.append(self.queue.popleft())
-            size += following.ByteSize()
+            fit(following, limit)
+            following_size = following.ByteSize()
+            if size + following_size > BATCH_BYTES:
+                break
+            batch.append(queue.popleft())
+            size += following_size
+        if self.resending:
+            self.resending = max(0, self.resending - len(batch))
         now = time.monotonic()
         for event in batch:
             kind = event.WhichOneof("body")
