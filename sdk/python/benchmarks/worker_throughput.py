@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -91,7 +92,7 @@ def measure(args: argparse.Namespace) -> None:
                     sys.exit("the coordinator did not start:\n" + (Path(tmp) / "coordinator.log").read_text())
                 time.sleep(0.05)
             url = "http://" + addr_file.read_text().strip()
-            worker_argv = [sys.executable, os.path.abspath(__file__), "--serve", "--coordinator", url,
+            worker_argv = [sys.executable, *([os.environ["WEFT_BENCH_WRAP"]] if os.environ.get("WEFT_BENCH_WRAP") else []), os.path.abspath(__file__), "--serve", "--coordinator", url,
                            "--kind", args.kind, "--slots", str(args.slots)]
             if args.prefetch is not None:
                 worker_argv += ["--prefetch", str(args.prefetch)]
@@ -114,13 +115,15 @@ def measure(args: argparse.Namespace) -> None:
                   f"calls={args.n} seconds={took:.2f} calls/s={args.n / took:,.0f}")
             client.close()
         finally:
+            # The worker drains first, then the coordinator stops.
             for proc in reversed(procs):
                 proc.send_signal(signal.SIGTERM)
-            for proc in reversed(procs):
                 try:
                     proc.wait(10)
                 except subprocess.TimeoutExpired:
                     proc.kill()
+            if args.coordinator_log:
+                shutil.copyfile(Path(tmp) / "coordinator.log", args.coordinator_log)
 
 
 def main() -> None:
@@ -130,6 +133,7 @@ def main() -> None:
     p.add_argument("--slots", type=int, default=2, help="the worker's slots (and process pool size)")
     p.add_argument("--prefetch", type=int, default=None, help="the worker's prefetch (default: its own)")
     p.add_argument("--profile", default=None, help="write the worker's cProfile stats to this file")
+    p.add_argument("--coordinator-log", default=None, help="copy the coordinator's log to this file")
     p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--coordinator", help=argparse.SUPPRESS)
     args = p.parse_args()

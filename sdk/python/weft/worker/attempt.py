@@ -19,7 +19,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
-from .._pool import PoolCallError
+from .._pool import KILLED, PoolCallError
 from .._proto import common_pb2, node_pb2
 from ..models import duration_from_pb
 from .exec_policy import ExecPolicy
@@ -46,7 +46,7 @@ class Attempt:
 
     __slots__ = (
         "task_id", "attempt", "spec", "slots", "key", "runner", "context", "stop_reason", "stop_detail", "finished",
-        "finished_sent", "work_done", "released", "reported", "queued", "started_sent", "began", "pid",
+        "finished_sent", "work_done", "released", "reported", "queued", "started_sent", "began", "ran_for", "pid", "pcall",
         "next_output_seq", "timer", "kill", "__weakref__",
     )
 
@@ -68,7 +68,9 @@ class Attempt:
         self.queued = False  # assigned, waiting for a slot (prefetched)
         self.started_sent = False  # its Started is queued
         self.began: Optional[float] = None  # when it started running (monotonic)
+        self.ran_for: Optional[float] = None  # how long its handler ran, when measured where it ran
         self.pid = 0  # Started.pid
+        self.pcall = None  # its call in the process pool
         self.next_output_seq = 0
         self.timer: Optional[asyncio.TimerHandle] = None
         self.kill: Optional[Callable[[], None]] = None  # hard stop (process group, pool process)
@@ -161,16 +163,17 @@ class HandlerThreads:
         self._calls.put((fn, args, attempt, done))
 
     def _serve(self) -> None:
-        calls, lock, done_list = self._calls, self._lock, self._done
+        calls, lock, done_list, monotonic = self._calls, self._lock, self._done, time.monotonic
         while True:
             item = calls.get()
             if item is None:
                 return
             fn, args, attempt, done = item
+            began = monotonic()
             try:
-                result = (attempt, done, True, fn(*args))
+                result = (attempt, done, True, fn(*args), monotonic() - began)
             except BaseException as e:  # noqa: BLE001 - a handler's failure is the attempt's
-                result = (attempt, done, False, e)
+                result = (attempt, done, False, e, monotonic() - began)
             del item, fn, args
             with lock:
                 first = not done_list
@@ -185,7 +188,9 @@ class HandlerThreads:
         with self._lock:
             batch = self._done[:]
             self._done.clear()
-        for attempt, done, ok, value in batch:
+        for attempt, done, ok, value, took in batch:
+            # Its own run time, not the wait for a thread or the loop: what prefetch follows.
+            attempt.ran_for = took
             done(attempt, ok, value)
 
     def shutdown(self) -> None:
@@ -250,7 +255,8 @@ class Attempts:
         """Queues the attempt's Started now (before its first output)."""
         if not attempt.started_sent and not attempt.finished:
             attempt.started_sent = True
-            self._event(attempt, started=node_pb2.Started(pid=attempt.pid))
+            pid = attempt.pcall.pid if attempt.pcall is not None else attempt.pid
+            self._event(attempt, started=node_pb2.Started(pid=pid))
 
     def _started_soon(self, attempt: Attempt) -> None:
         """Queues the attempt's Started if it still runs after :data:`STARTED_DELAY`."""
@@ -311,7 +317,9 @@ class Attempts:
         attempt.released = True
         slots = self.slots
         slots.give_back(attempt.slots)
-        if attempt.began is not None:
+        if attempt.ran_for is not None:
+            slots.record_run_time(attempt.ran_for)
+        elif attempt.began is not None:
             slots.record_run_time(time.monotonic() - attempt.began)
         self._maybe_forget(attempt)
         while slots.queued:
@@ -449,6 +457,9 @@ class Attempts:
             if handler is not None and handler.kind == "thread":
                 self._run_thread(attempt, handler)
                 return
+            if handler is not None and handler.kind == "process":
+                self._run_process(attempt, handler)
+                return
         attempt.runner = self._spawn(self._run_task(attempt, kind))
 
     def _run_thread(self, attempt: Attempt, handler) -> None:
@@ -461,8 +472,28 @@ class Attempts:
         self._started_soon(attempt)
         self.threads.submit(handler.fn, args, attempt, self._thread_done)
 
+    def _run_process(self, attempt: Attempt, handler) -> None:
+        data = bytes(attempt.spec.call.input)
+        call = self.processes.submit(
+            handler.fn, data, attempt.task_id, attempt.attempt, handler.wants_context, tag=attempt,
+            on_message=self._process_message, on_done=self._thread_done,
+            secret_env=dict(attempt.spec.secret_env) if attempt.spec.secret_env else None,
+        )
+        attempt.pcall = call
+        attempt.kill = call.kill
+
+    def _process_message(self, attempt: Attempt, message: tuple) -> None:
+        if message[0] == "begin":
+            # Started names the process that runs it, once it does.
+            self._started_soon(attempt)
+        elif message[0] == "output":
+            self.output(attempt, message[3], message[2])
+        else:
+            self.progress(attempt, message[2], message[3])
+
     def _thread_done(self, attempt: Attempt, ok: bool, value: Any) -> None:
-        """A thread handler returned (``ok``) or raised ``value``; on the loop."""
+        """A thread or process handler returned (``ok``) or raised
+        ``value``; on the loop."""
         attempt.work_done = True
         if attempt.finished:  # reported stopped already; only its slot was kept
             self._maybe_release(attempt)
@@ -474,8 +505,11 @@ class Attempts:
                 self.finish(attempt, common_pb2.OUTCOME_FAILED, error=error_text(e))
                 return
             self.finish(attempt, SUCCEEDED, output=output)
-        elif attempt.stop_reason is not None:
+        elif attempt.stop_reason is not None or value is KILLED:
             self._report_stopped(attempt)
+        elif isinstance(value, PoolCallError):
+            outcome = common_pb2.OUTCOME_START_FAILED if value.type_name == "StartFailed" else common_pb2.OUTCOME_FAILED
+            self.finish(attempt, outcome, error=with_traceback(value.message, value.traceback))
         elif isinstance(value, StartFailed):
             self.finish(attempt, common_pb2.OUTCOME_START_FAILED, error=str(value))
         else:
@@ -523,26 +557,7 @@ class Attempts:
                 args = (data,)
             self._started_soon(attempt)
             return to_output(await handler.fn(*args))
-        # process
-        attempt.context = Context(self, attempt, handler.kind, data)
-
-        def on_message(message: tuple) -> None:
-            if message[0] == "output":
-                self.output(attempt, message[2], message[1])
-            else:
-                self.progress(attempt, message[1], message[2])
-
-        pcall = await self.processes.call(
-            handler.fn, data, attempt.task_id, attempt.attempt, handler.wants_context, on_message,
-            secret_env=dict(attempt.spec.secret_env),
-        )
-        attempt.kill = pcall.kill
-        attempt.pid = pcall.pid
-        self._started_soon(attempt)
-        try:
-            return to_output(await pcall.result)
-        finally:
-            pcall.kill()  # no-op when it already finished
+        raise StartFailed(f"handler '{call.handler}' of kind {handler.kind!r} cannot run in a task")
 
     def _exec_started(self, attempt: Attempt, pid: int) -> None:
         attempt.pid = pid

@@ -38,6 +38,8 @@ log = logging.getLogger("weft.worker")
 
 #: The node protocol version this worker speaks.
 PROTOCOL_VERSION = node_pb2.PROTOCOL_VERSION_1
+#: A sender finding fewer events queued while attempts run waits one turn of the loop.
+COALESCE_BELOW = 64
 #: How long the coordinator may take to answer Register.
 REGISTER_TIMEOUT = 10.0
 #: Refusals on Connect after which reconnecting would not help, at any
@@ -243,6 +245,10 @@ class Sessions:
                 return
             sent = False
             if outbox.queue:
+                if len(outbox.queue) < COALESCE_BELOW and slots.used:
+                    # One turn of the loop first: attempts about to end join
+                    # this batch rather than each costing a write.
+                    await asyncio.sleep(0)
                 message = outbox.take(finished_sent)
                 if message is CLOSE:
                     session.closing = True

@@ -97,11 +97,18 @@ class Slots:
 
     def take_grant(self) -> int:
         """Credits to grant now so that ``held + window == total +
-        prefetch_now``; 0 when nothing is free or the worker drains."""
+        prefetch_now``; 0 when nothing is free or the worker drains.
+
+        With prefetch in use it waits until a quarter of the capacity (at
+        most the prefetch) is free, so one ``Credits`` answers many
+        releases while the coordinator still has three quarters to assign;
+        without prefetch every freed slot is granted at once."""
         if self.draining:
             return 0
-        grant = self.total + self.prefetch_now() - self.held - self.window
-        if grant <= 0:
+        prefetch = self.prefetch_now()
+        capacity = self.total + prefetch
+        grant = capacity - self.held - self.window
+        if grant <= 0 or grant < min(capacity // 4, prefetch):
             return 0
         self.window += grant
         return grant
