@@ -182,13 +182,14 @@ class Sessions:
             try:
                 async for message in call:
                     session.last_recv = now = time.monotonic()
-                    silence = self._lease.heard(now)
-                    if silence is not None:
-                        # Sent before the coordinator gave up on this worker.
-                        log.warning("message after the lease expired (%.1fs of silence) ignored; reconnecting",
-                                    silence)
-                        raise RuntimeError("lease expired")
                     body = message.WhichOneof("body")
+                    if not first:
+                        silence = self._lease.heard(now)
+                        if silence is not None:
+                            # Sent before the coordinator gave up on this worker.
+                            log.warning("message after the lease expired (%.1fs of silence) ignored; reconnecting",
+                                        silence)
+                            raise RuntimeError("lease expired")
                     if first:
                         first = False
                         if body != "registered":
