@@ -39,7 +39,7 @@ protocol change touches same-named files on both sides):
   certificate requests, renewal timing
 - ``reconnect.py``: one session after another, the reconnect backoff
 - ``lease.py``: how long attempts run while the coordinator is silent
-- ``outbox.py``: outgoing queue, event batches, redelivery window, credit grants
+- ``outbox.py``: outgoing queue, event batches, redelivery window
 - ``slots.py``: slot and credit accounting, the prefetch queue and the
   draining flag, plain state
 - ``attempt.py``: running attempts, stop reasons, the Finished, :class:`Context`

@@ -1,8 +1,8 @@
-"""What a Python worker sends: the outgoing queue, event batching, the
-redelivery window and credit grants.
+"""What a Python worker sends: the outgoing queue, event batching and the
+redelivery window.
 
 The counterpart of ``node/src/outbox.rs``. Events (``NodeTaskEvent``) wait
-here across reconnects; control messages (credits, heartbeats, draining)
+here across reconnects; control messages (heartbeats, draining, renewal)
 belong to one session and are dropped when it ends. :meth:`Outbox.take`
 turns the queue into the messages the stream sends, batching events, and
 keeps each sent ``Finished`` for a window (bounded in count and bytes): a
@@ -14,7 +14,8 @@ ahead of their results; the coordinator drops the ones it has by seq.
 
 Plain state plus one ``asyncio.Event`` to wake the sender. It does not own
 the stream (``session.py`` pulls from it), the attempts (``attempt.py``
-pushes their events) or the slot counts (``slots.py``).
+pushes their events) or the slot counts and credits (``slots.py``; the
+session grants after each batch it sends).
 """
 
 from __future__ import annotations

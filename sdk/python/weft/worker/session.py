@@ -9,6 +9,9 @@ stream per :class:`Session`, run by :meth:`Sessions.run_session`;
 reconnecting with backoff is ``reconnect.py``'s. Outgoing messages come
 from the outbox (``outbox.py``), which also keeps what must survive a
 reconnect; ``Assign`` and ``Cancel`` go to the attempts (``attempt.py``).
+After each batch it sends it grants the credits ``slots.py`` answers (one
+``Credits`` for many releases), and every message heard renews the lease
+(``lease.py``).
 The state dir and the certificate requests are ``identity.py``'s, the
 token and Join ``join.py``'s.
 It must not run or finish attempts itself, nor batch events.
