@@ -312,3 +312,79 @@ def test_weft_get_shows_a_second_task_held_by_a_one_slot_worker_only_with_prefet
     done = poll(lambda: (lambda t: t if t.state.is_final else None)(client.get(second)), timeout=20,
                 what="the second task done")
     assert done.state == weft.TaskState.SUCCEEDED and done.output == b"second"
+
+
+def test_a_call_waiting_in_a_busy_pool_process_is_taken_back_without_killing_the_running_one(fake, tmp_path):
+    import os
+
+    import handlers
+
+    worker = weft.Worker(slots=2, name="pool", prefetch=0, process_workers=1, join_token=fake.join_token(),
+                         state_dir=str(tmp_path / "state"))
+    worker.register("hang", handlers.hang, "process")
+    worker.register("touch", handlers.touch, "process")
+    rw = RunningWorker(worker)
+    try:
+        session = fake.accept(timeout=10)
+        session.recv(timeout=5, skip_heartbeats=False)
+        session.registered(NODE)
+        session.wait_for(lambda: session.credits_granted() >= 2, what="credits")
+        marker = tmp_path / "touched"
+        # One pool process: "t" waits behind "h" in it.
+        session.assign(("h", 1, call_spec("hang")), ("t", 1, call_spec("touch", str(marker).encode())))
+        pid = session.events("h", 1, until="started", timeout=30)[-1].started.pid
+        session.cancel("t", 1)
+        events = session.events("t", 1)
+        assert [e.WhichOneof("body") for e in events] == ["finished"], "taken back: never started"
+        assert events[-1].finished.outcome == common_pb2.OUTCOME_CANCELLED
+        os.kill(pid, 0)  # the running call's process lives on
+        assert session.attempt_events("h", 1)[-1].WhichOneof("body") == "started"
+        session.cancel("h", 1)
+        assert session.events("h", 1)[-1].finished.outcome == common_pb2.OUTCOME_CANCELLED
+        # The pool recovers; what was taken back never ran.
+        again = tmp_path / "again"
+        session.wait_for(lambda: session.credits_granted() >= 4, what="slots back")
+        session.assign(("u", 1, call_spec("touch", str(again).encode())))
+        assert session.events("u", 1, timeout=30)[-1].finished.outcome == common_pb2.OUTCOME_SUCCEEDED
+        assert again.exists() and not marker.exists()
+    finally:
+        rw.stop()
+
+
+def test_a_handler_thread_begins_the_next_call_handed_down_before_the_loop_sees_the_last_end():
+    import asyncio
+
+    from weft.worker.attempt import HandlerThreads
+
+    class Item:
+        ran_for = None
+
+    loop = asyncio.new_event_loop()
+    threads = HandlerThreads(1, loop)
+    seen = []
+    threads.began = lambda item: seen.append(("began", item))
+    gate = threading.Event()
+
+    def fn(x):
+        gate.wait(5)
+        return x
+
+    def done(item, ok, value):
+        seen.append(("done", item, value))
+
+    a, b = Item(), Item()
+    threads.submit(fn, (1,), a, done)
+    threads.put_ahead(fn, (2,), b, done)
+    gate.set()
+
+    async def ended():
+        while len(seen) < 3:
+            await asyncio.sleep(0.005)
+
+    try:
+        loop.run_until_complete(asyncio.wait_for(ended(), 10))
+    finally:
+        threads.shutdown()
+        loop.close()
+    assert seen == [("began", b), ("done", a, 1), ("done", b, 2)]
+    assert a.ran_for is not None and b.ran_for is not None

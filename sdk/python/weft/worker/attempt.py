@@ -13,6 +13,7 @@ and :meth:`Attempts.stop`.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import queue
 import threading
@@ -46,7 +47,7 @@ class Attempt:
 
     __slots__ = (
         "task_id", "attempt", "spec", "slots", "key", "runner", "context", "stop_reason", "stop_detail", "finished",
-        "finished_sent", "work_done", "released", "reported", "queued", "started_sent", "began", "ran_for", "pid", "pcall",
+        "finished_sent", "work_done", "released", "reported", "queued", "started_sent", "began", "ran_for", "pid", "pcall", "ahead", "handler",
         "next_output_seq", "timer", "kill", "__weakref__",
     )
 
@@ -71,6 +72,8 @@ class Attempt:
         self.ran_for: Optional[float] = None  # how long its handler ran, when measured where it ran
         self.pid = 0  # Started.pid
         self.pcall = None  # its call in the process pool
+        self.ahead = False  # queued, handed down to the handler threads ahead
+        self.handler = None  # a call's handler, once looked up
         self.next_output_seq = 0
         self.timer: Optional[asyncio.TimerHandle] = None
         self.kill: Optional[Callable[[], None]] = None  # hard stop (process group, pool process)
@@ -141,19 +144,28 @@ class Context:
 
 
 class HandlerThreads:
-    """The threads thread handlers run on: ``size`` threads taking calls
-    from one queue. A finished call goes back to the loop through a list
-    drained in one callback, so a burst of short calls costs the loop one
-    wake-up, not one per call (``concurrent.futures`` costs a future, a
-    lock and a wake-up per call)."""
+    """The threads thread handlers run on: ``size`` threads taking started
+    calls from one queue, and ``ahead``: attempts still queued (prefetched)
+    handed down in advance. A thread that ends a call begins the next one
+    from ``ahead`` at once, in the slot the ended call held, without waiting
+    for the loop (so at most ``size`` calls run at once, each in a slot).
+    What ended goes back to the loop through a list drained in one callback,
+    saying which call the thread began next: a burst of short calls costs
+    the loop one wake-up, and a thread runs several of them in one turn at
+    the interpreter lock (``concurrent.futures`` costs a future, a lock and
+    a wake-up per call, and a round trip through the loop between two)."""
 
     def __init__(self, size: int, loop: asyncio.AbstractEventLoop):
         self._loop = loop
+        self.size = max(1, size)
         self._calls: "queue.SimpleQueue" = queue.SimpleQueue()
         self._done: List[tuple] = []
+        self.ahead: "collections.deque" = collections.deque()
         self._lock = threading.Lock()
+        #: ``began(attempt)``, on the loop, for an attempt a thread took from ``ahead``.
+        self.began: Callable[[Any], None] = lambda attempt: None
         self._threads = [
-            threading.Thread(target=self._serve, name=f"weft-handler-{i}", daemon=True) for i in range(max(1, size))
+            threading.Thread(target=self._serve, name=f"weft-handler-{i}", daemon=True) for i in range(self.size)
         ]
         for thread in self._threads:
             thread.start()
@@ -162,39 +174,74 @@ class HandlerThreads:
         """Runs ``fn(*args)`` on a thread; ``done(attempt, ok, value)`` follows on the loop."""
         self._calls.put((fn, args, attempt, done))
 
+    def put_ahead(self, fn: Callable, args: tuple, attempt: Any, done: Callable[[Any, bool, Any], None]) -> None:
+        """Hands a queued attempt down: the next thread to end a call begins it."""
+        with self._lock:
+            self.ahead.append((fn, args, attempt, done))
+
+    def withdraw(self, attempt: Any) -> Optional[tuple]:
+        """Takes ``attempt`` back from ``ahead`` (None: a thread began it)."""
+        with self._lock:
+            for item in self.ahead:
+                if item[2] is attempt:
+                    self.ahead.remove(item)
+                    return item
+        return None
+
+    def withdraw_first(self) -> Optional[tuple]:
+        """Takes the first attempt of ``ahead`` back (None when empty)."""
+        with self._lock:
+            return self.ahead.popleft() if self.ahead else None
+
+    def withdraw_all(self) -> List[tuple]:
+        """Takes every attempt of ``ahead`` back."""
+        with self._lock:
+            items = list(self.ahead)
+            self.ahead.clear()
+        return items
+
     def _serve(self) -> None:
-        calls, lock, done_list, monotonic = self._calls, self._lock, self._done, time.monotonic
+        calls, lock, done_list, ahead, monotonic = self._calls, self._lock, self._done, self.ahead, time.monotonic
         while True:
             item = calls.get()
             if item is None:
                 return
-            fn, args, attempt, done = item
-            began = monotonic()
-            try:
-                result = (attempt, done, True, fn(*args), monotonic() - began)
-            except BaseException as e:  # noqa: BLE001 - a handler's failure is the attempt's
-                result = (attempt, done, False, e, monotonic() - began)
-            del item, fn, args
-            with lock:
-                first = not done_list
-                done_list.append(result)
-            if first:
+            while item is not None:
+                fn, args, attempt, done = item
+                began = monotonic()
                 try:
-                    self._loop.call_soon_threadsafe(self._drain)
-                except RuntimeError:  # the loop closed: the worker stopped
-                    return
+                    value, ok = fn(*args), True
+                except BaseException as e:  # noqa: BLE001 - a handler's failure is the attempt's
+                    value, ok = e, False
+                took = monotonic() - began
+                del fn, args
+                with lock:
+                    item = ahead.popleft() if ahead else None
+                    first = not done_list
+                    done_list.append((attempt, done, ok, value, took, item[2] if item is not None else None))
+                del attempt, value
+                if first:
+                    try:
+                        self._loop.call_soon_threadsafe(self._drain)
+                    except RuntimeError:  # the loop closed: the worker stopped
+                        return
 
     def _drain(self) -> None:
         with self._lock:
             batch = self._done[:]
             self._done.clear()
-        for attempt, done, ok, value, took in batch:
+        began = self.began
+        for attempt, done, ok, value, took, following in batch:
+            if following is not None:
+                # First, so it takes over the slot the ended call frees.
+                began(following)
             # Its own run time, not the wait for a thread or the loop: what prefetch follows.
             attempt.ran_for = took
             done(attempt, ok, value)
 
     def shutdown(self) -> None:
         """Lets the threads end once their current call returns (they are daemons)."""
+        self.withdraw_all()
         for _ in self._threads:
             self._calls.put(None)
 
@@ -234,6 +281,8 @@ class Attempts:
         """Hands over the running loop, the task spawner, the pools and the reaper."""
         self.loop, self._spawn = loop, spawn
         self.threads, self.processes, self.reaper = threads, processes, reaper
+        if threads is not None:
+            threads.began = self._began_ahead
 
     def any_running(self) -> bool:
         """Whether an attempt has not reported its Finished yet."""
@@ -322,12 +371,26 @@ class Attempts:
         elif attempt.began is not None:
             slots.record_run_time(time.monotonic() - attempt.began)
         self._maybe_forget(attempt)
+        threads = self.threads
+        # The attempts handed down ahead are the head of the queue.
+        while threads is not None and threads.ahead and slots.used < slots.total:
+            item = threads.withdraw_first()
+            if item is None:
+                break
+            ahead = item[2]
+            ahead.ahead = False
+            slots.ahead_began(ahead.slots)
+            self._begin(ahead)
+            self._started_soon(ahead)
+            threads.submit(*item)
         while slots.queued:
             ready = slots.next_ready()
             if ready is None:
                 break
             ready.queued = False
             self._run(ready)
+        if slots.queued:
+            self._fill_ahead()
 
     def _maybe_forget(self, attempt: Attempt) -> None:
         """Drops an attempt the coordinator no longer counts here (its
@@ -375,6 +438,39 @@ class Attempts:
         else:
             attempt.queued = True
             slots.enqueue(attempt, attempt.slots)
+            self._fill_ahead()
+
+    def _fill_ahead(self) -> None:
+        """Hands the queue's head attempts of thread handlers down to the
+        threads, so one that ends a call begins the next at once."""
+        slots, threads = self.slots, self.threads
+        if threads is None:
+            return
+        room = 2 * threads.size - len(threads.ahead)
+        while room > 0 and slots.queued:
+            head = slots.queued[0][0]
+            handler = self._handler_of(head)
+            if handler is None or handler.kind != "thread" or head.slots != 1 or head.stop_reason is not None:
+                return
+            slots.take_head()
+            head.queued, head.ahead = False, True
+            threads.put_ahead(handler.fn, self._thread_args(head, handler), head, self._thread_done)
+            room -= 1
+
+    def _handler_of(self, attempt: Attempt):
+        if attempt.handler is None and attempt.spec.WhichOneof("kind") == "call":
+            attempt.handler = self.handlers.get(attempt.spec.call.handler)
+        return attempt.handler
+
+    def _began_ahead(self, attempt: Attempt) -> None:
+        """A thread began an attempt handed down ahead (on the loop)."""
+        if not attempt.ahead:
+            return
+        attempt.ahead = False
+        self.slots.ahead_began(attempt.slots)
+        self._begin(attempt)
+        if not attempt.finished:
+            self._started_soon(attempt)
 
     def _refuse(self, attempt: Attempt, why: str) -> None:
         """Reports an attempt that never ran (and never took a slot) CANCELLED."""
@@ -387,7 +483,11 @@ class Attempts:
         gives them to other nodes."""
         if not self.slots.drain():
             return
-        for attempt in self.slots.take_queued():
+        taken = [item[2] for item in self.threads.withdraw_all()] if self.threads is not None else []
+        for attempt in taken:
+            attempt.ahead = False
+            self.slots.ahead_back(attempt.slots)
+        for attempt in taken + self.slots.take_queued():
             attempt.queued = False
             self._refuse(attempt, "node is draining: returned before it started")
 
@@ -402,6 +502,21 @@ class Attempts:
             attempt.queued = False
             log.info("cancelling queued attempt %r: %s", attempt, detail)
             attempt.work_done = attempt.released = True
+            self._report_stopped(attempt)
+            return
+        if attempt.ahead:
+            if self.threads.withdraw(attempt) is not None:
+                attempt.ahead = False
+                self.slots.ahead_back(attempt.slots)
+                log.info("cancelling queued attempt %r: %s", attempt, detail)
+                attempt.work_done = attempt.released = True
+                self._report_stopped(attempt)
+                return
+            # A thread has just begun it (its start is on the way to the
+            # loop): stopped like any thread handler.
+            log.info("stopping attempt %r: %s", attempt, detail)
+            if attempt.context is not None:
+                attempt.context._cancel.set()
             self._report_stopped(attempt)
             return
         log.info("stopping attempt %r: %s", attempt, detail)
@@ -444,16 +559,20 @@ class Attempts:
 
     # -- running -------------------------------------------------------------
 
-    def _run(self, attempt: Attempt) -> None:
-        """Starts an attempt that was given its slots."""
+    def _begin(self, attempt: Attempt) -> None:
+        """Marks an attempt started: its run time and its timeout count from now."""
         attempt.began = time.monotonic()
         spec = attempt.spec
         if spec.HasField("timeout"):
             seconds = duration_from_pb(spec.timeout)
             attempt.timer = self.loop.call_later(seconds, self.stop, attempt, "timed_out", f"timed out after {seconds:g}s")
-        kind = spec.WhichOneof("kind")
+
+    def _run(self, attempt: Attempt) -> None:
+        """Starts an attempt that was given its slots."""
+        self._begin(attempt)
+        kind = attempt.spec.WhichOneof("kind")
         if kind == "call":
-            handler = self.handlers.get(spec.call.handler)
+            handler = self._handler_of(attempt)
             if handler is not None and handler.kind == "thread":
                 self._run_thread(attempt, handler)
                 return
@@ -462,13 +581,15 @@ class Attempts:
                 return
         attempt.runner = self._spawn(self._run_task(attempt, kind))
 
-    def _run_thread(self, attempt: Attempt, handler) -> None:
+    def _thread_args(self, attempt: Attempt, handler) -> tuple:
         data = bytes(attempt.spec.call.input)
         if handler.wants_context:
             attempt.context = Context(self, attempt, "thread", data)
-            args = (data, attempt.context)
-        else:
-            args = (data,)
+            return (data, attempt.context)
+        return (data,)
+
+    def _run_thread(self, attempt: Attempt, handler) -> None:
+        args = self._thread_args(attempt, handler)
         self._started_soon(attempt)
         self.threads.submit(handler.fn, args, attempt, self._thread_done)
 

@@ -69,6 +69,9 @@ class Slots:
         self.queued_slots = 0
         #: Assigned, not started: FIFO of (attempt, slots), started as slots free.
         self.queued: Deque[Any] = collections.deque()
+        #: Slots of the queued attempts handed down ahead to the handler
+        #: threads (taken off the head of ``queued``; still not started).
+        self.ahead_slots = 0
         self.draining = False
 
     @property
@@ -129,12 +132,12 @@ class Slots:
     def fits(self, n: int) -> bool:
         """Whether an attempt of ``n`` slots may be taken (run or queued):
         at most ``total`` for one attempt, ``total + prefetch`` in all."""
-        return n <= self.total and self.used + self.queued_slots + n <= self.total + self.prefetch
+        return n <= self.total and self.used + self.queued_slots + self.ahead_slots + n <= self.total + self.prefetch
 
     def can_start(self, n: int) -> bool:
         """Whether an attempt of ``n`` slots can start now (free slots, and
         nothing queued ahead of it)."""
-        return not self.queued and self.used + n <= self.total
+        return not self.queued and not self.ahead_slots and self.used + n <= self.total
 
     def take(self, n: int) -> bool:
         """Counts ``n`` slots as used by a starting attempt; answers whether
@@ -164,6 +167,23 @@ class Slots:
         self.queued_slots -= n
         self.used += n
         return item
+
+    def take_head(self) -> Any:
+        """Takes the queue's head attempt to hand it down ahead (still not
+        started: its slots count as queued until :meth:`ahead_began`)."""
+        item, n = self.queued.popleft()
+        self.queued_slots -= n
+        self.ahead_slots += n
+        return item
+
+    def ahead_began(self, n: int) -> None:
+        """An attempt handed down ahead began: it holds ``n`` slots now."""
+        self.ahead_slots -= n
+        self.used += n
+
+    def ahead_back(self, n: int) -> None:
+        """An attempt handed down ahead was taken back without running."""
+        self.ahead_slots -= n
 
     def dequeue(self, item: Any) -> bool:
         """Takes ``item`` off the queue (it never ran); answers whether it was there."""
