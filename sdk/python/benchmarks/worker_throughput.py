@@ -70,6 +70,29 @@ def serve(args: argparse.Namespace) -> None:
         worker.run()
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) of a process and its waited-for children (its pool processes), from /proc."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    ticks = sum(int(x) for x in fields[11:15])  # utime, stime, cutime, cstime
+    total = ticks / os.sysconf("SC_CLK_TCK")
+    for child in children(pid):
+        total += cpu_seconds(child)
+    return total
+
+
+def children(pid: int) -> list:
+    """Live child processes of ``pid`` (Linux)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(x) for x in f.read().split()]
+    except OSError:
+        return []
+
+
 def measure(args: argparse.Namespace) -> None:
     import weft
 
@@ -107,12 +130,16 @@ def measure(args: argparse.Namespace) -> None:
                 time.sleep(0.05)
             # Warm-up: pool processes, connections, the coordinator's caches.
             list(client.map("noop", [b""] * min(500, args.n)))
+            before = [cpu_seconds(p.pid) for p in procs] + [time.process_time()]
             start = time.perf_counter()
             results = list(client.map("noop", [b"x"] * args.n))
             took = time.perf_counter() - start
+            after = [cpu_seconds(p.pid) for p in procs] + [time.process_time()]
             assert len(results) == args.n and all(r == b"x" for r in results)
+            cpu = [b - a for a, b in zip(before, after)]
             print(f"kind={args.kind} slots={args.slots} prefetch={args.prefetch if args.prefetch is not None else 'default'} "
-                  f"calls={args.n} seconds={took:.2f} calls/s={args.n / took:,.0f}")
+                  f"calls={args.n} seconds={took:.2f} calls/s={args.n / took:,.0f} "
+                  f"cpu_s: coordinator={cpu[0]:.2f} worker={cpu[1]:.2f} client={cpu[2]:.2f}")
             client.close()
         finally:
             # The worker drains first, then the coordinator stops.

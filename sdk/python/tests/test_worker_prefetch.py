@@ -388,3 +388,47 @@ def test_a_handler_thread_begins_the_next_call_handed_down_before_the_loop_sees_
         loop.close()
     assert seen == [("began", b), ("done", a, 1), ("done", b, 2)]
     assert a.ran_for is not None and b.ran_for is not None
+
+
+@pytest.mark.parametrize("how", ["cancel", "drain"])
+def test_a_queued_process_call_handed_down_behind_a_running_one_is_returned_without_running(fake, tmp_path, how):
+    import os
+
+    import handlers
+
+    worker = weft.Worker(slots=1, name="ahead", prefetch=4, process_workers=1, join_token=fake.join_token(),
+                         state_dir=str(tmp_path / "state"))
+    worker.register("hang", handlers.hang, "process")
+    worker.register("touch", handlers.touch, "process")
+    rw = RunningWorker(worker)
+    try:
+        session = fake.accept(timeout=10)
+        session.recv(timeout=5, skip_heartbeats=False)
+        session.registered(NODE)
+        session.wait_for(lambda: session.credits_granted() >= 1, what="credits")
+        warm = tmp_path / "warm"
+        session.assign(("w", 1, call_spec("touch", str(warm).encode())))
+        assert session.events("w", 1, timeout=30)[-1].finished.outcome == common_pb2.OUTCOME_SUCCEEDED
+        # Its run time (the pool process's start included) leaves room for one more at least.
+        session.wait_for(lambda: session.credits_granted() >= 1 + 1 + 1, what="credits beyond the slot")
+        marker = tmp_path / "touched"
+        # One slot, one pool process: "t" is queued, handed down behind "h".
+        session.assign(("h", 1, call_spec("hang")), ("t", 1, call_spec("touch", str(marker).encode())))
+        pid = session.events("h", 1, until="started", timeout=30)[-1].started.pid
+        if how == "cancel":
+            session.cancel("t", 1)
+        else:
+            session.drain(grace=30)
+        events = session.events("t", 1)
+        assert [e.WhichOneof("body") for e in events] == ["finished"], "never started"
+        assert events[-1].finished.outcome == common_pb2.OUTCOME_CANCELLED
+        os.kill(pid, 0)  # the running call's process lives on
+        assert session.attempt_events("h", 1)[-1].WhichOneof("body") == "started"
+        session.cancel("h", 1)
+        assert session.events("h", 1)[-1].finished.outcome == common_pb2.OUTCOME_CANCELLED
+        if how == "drain":
+            session.wait_ended(timeout=10)
+        assert not marker.exists()
+        assert session.ledger.violations == []
+    finally:
+        rw.stop()

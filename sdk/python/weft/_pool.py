@@ -13,7 +13,10 @@ so it starts the next as soon as one ends instead of waiting for the worker
 to read the result and send another. It says which call it begins (with the
 result of the one before, in one message), so the worker always knows which
 call a kill would stop. Calls beyond what the processes hold wait in the
-pool, first in first out.
+pool, first in first out. A call submitted ``ahead`` (its attempt is still
+queued, holding no slot) goes only behind a running call, and begins in the
+slot that call frees: the pool never runs more calls at once than it has
+processes, nor an ahead call before a call ends.
 
 Processes are started with the ``spawn`` method (forking a process that runs
 gRPC threads is unsafe), so handlers must be importable module-level
@@ -159,7 +162,7 @@ class ProcessCall:
     once, on the loop: ``ok`` with the result, else a :class:`PoolCallError`
     or :data:`KILLED`."""
 
-    __slots__ = ("id", "pool", "proc", "message", "tag", "on_message", "on_done", "begun", "done")
+    __slots__ = ("id", "pool", "proc", "message", "tag", "on_message", "on_done", "begun", "done", "ahead")
 
     def __init__(self, pool: "ProcessPool", call_id: int, message: tuple, tag: Any,
                  on_message: Callable[[Any, tuple], None], on_done: Callable[[Any, bool, Any], None]):
@@ -172,6 +175,7 @@ class ProcessCall:
         self.on_done = on_done
         self.begun = False
         self.done = False
+        self.ahead = False
 
     @property
     def pid(self) -> int:
@@ -282,6 +286,9 @@ class ProcessPool:
         self._size = max(1, size)
         self._procs: List[_Proc] = []
         self._waiting: Deque[ProcessCall] = collections.deque()
+        #: Calls handed down ahead (their attempts still queued): each goes
+        #: only behind a running call, and begins in its slot when it ends.
+        self._ahead: Deque[ProcessCall] = collections.deque()
         self._next_id = 0
         self._pickled: Dict[Any, bytes] = {}
         self._loop: Optional[asyncio.AbstractEventLoop] = None
@@ -294,7 +301,7 @@ class ProcessPool:
     def submit(
         self, fn: Callable, input: bytes, task_id: str, attempt: int, wants_context: bool, *, tag: Any,
         on_message: Callable[[Any, tuple], None], on_done: Callable[[Any, bool, Any], None],
-        secret_env: Optional[dict] = None,
+        secret_env: Optional[dict] = None, ahead: bool = False,
     ) -> ProcessCall:
         """Runs ``fn(input[, ctx])`` in a pool process, now or once one has
         room; call on the loop. ``on_message(tag, message)`` gets
@@ -314,38 +321,75 @@ class ProcessPool:
         self._next_id += 1
         message = ("call", self._next_id, fn_pickle, input, task_id, attempt, wants_context, secret_env or {})
         call = ProcessCall(self, self._next_id, message, tag, on_message, on_done)
-        self._waiting.append(call)
+        if ahead:
+            call.ahead = True
+            self._ahead.append(call)
+        else:
+            self._waiting.append(call)
         self._dispatch()
         return call
+
+    def ahead_count(self) -> int:
+        """Calls handed down ahead and not begun yet."""
+        return len(self._ahead) + sum(1 for p in self._procs for c in p.calls.values() if c.ahead and not c.begun)
+
+    def reclaim_ahead(self) -> Optional[Any]:
+        """Turns the first call handed down ahead that no process holds yet
+        into an ordinary one (its attempt got a slot); answers its tag, or
+        None. Then :meth:`dispatch`."""
+        if not self._ahead:
+            return None
+        call = self._ahead.popleft()
+        call.ahead = False
+        self._waiting.append(call)
+        return call.tag
+
+    def dispatch(self) -> None:
+        """Sends what waits to the processes with room (after :meth:`reclaim_ahead`)."""
+        self._dispatch()
+
+    @property
+    def size(self) -> int:
+        """The most processes it runs."""
+        return self._size
 
     # -- inside ----------------------------------------------------------------
 
     def _dispatch(self) -> None:
         """Sends waiting calls to the processes with room: idle ones first,
         starting new ones up to the size, then as second in line."""
-        waiting = self._waiting
+        waiting, ahead = self._waiting, self._ahead
         while waiting:
             proc = self._room()
             if proc is None:
-                return
-            call = waiting.popleft()
-            call.proc = proc
-            idle = not proc.calls
-            proc.calls[call.id] = call
-            try:
-                proc.conn.send(call.message)
-            except (OSError, ValueError, EOFError):
-                self._died(proc)
-                continue
-            except Exception as e:  # noqa: BLE001 - an input that cannot be pickled fails its call
-                del proc.calls[call.id]
-                call.proc = None
-                self._end(call, False, PoolCallError(type(e).__name__, f"cannot send the call to a pool process: {e}"))
-                continue
-            if idle:
-                # An idle process begins it as soon as it reads it.
-                call.begun = True
-                call.on_message(call.tag, ("begin",))
+                break
+            self._send(proc, waiting.popleft())
+        while ahead:
+            # Only behind a call that runs: it begins when that one ends.
+            proc = next((p for p in self._procs if not p.dead and len(p.calls) == 1
+                         and next(iter(p.calls.values())).begun), None)
+            if proc is None:
+                break
+            self._send(proc, ahead.popleft())
+
+    def _send(self, proc: _Proc, call: ProcessCall) -> None:
+        call.proc = proc
+        idle = not proc.calls
+        proc.calls[call.id] = call
+        try:
+            proc.conn.send(call.message)
+        except (OSError, ValueError, EOFError):
+            self._died(proc)
+            return
+        except Exception as e:  # noqa: BLE001 - an input that cannot be pickled fails its call
+            del proc.calls[call.id]
+            call.proc = None
+            self._end(call, False, PoolCallError(type(e).__name__, f"cannot send the call to a pool process: {e}"))
+            return
+        if idle:
+            # An idle process begins it as soon as it reads it.
+            call.begun = True
+            call.on_message(call.tag, ("begin",))
 
     def _room(self) -> Optional[_Proc]:
         best: Optional[_Proc] = None
@@ -382,11 +426,8 @@ class ProcessPool:
                     self._begun(proc, message[1])
                     continue
                 call = proc.calls.pop(message[1], None)
-                if call is not None:
-                    if kind == "ok":
-                        self._end(call, True, message[2])
-                    else:
-                        self._end(call, False, PoolCallError(message[2], message[3], message[4]))
+                # What it begins next first: that call takes over the
+                # slot of the one that ended.
                 if message[-1] is not None:
                     self._begun(proc, message[-1])
                 elif proc.calls:
@@ -395,6 +436,11 @@ class ProcessPool:
                     if not following.begun:
                         following.begun = True
                         following.on_message(following.tag, ("begin",))
+                if call is not None:
+                    if kind == "ok":
+                        self._end(call, True, message[2])
+                    else:
+                        self._end(call, False, PoolCallError(message[2], message[3], message[4]))
         except (EOFError, OSError):
             self._died(proc)
         except Exception as e:  # noqa: BLE001 - a result this process cannot unpickle
@@ -424,16 +470,18 @@ class ProcessPool:
         proc.kill(self._loop)
         calls = list(proc.calls.values())
         proc.calls.clear()
-        again = []
-        for call in calls:
-            call.proc = None
-            if call.begun:
-                self._end(call, False, PoolCallError("ProcessDied", f"pool process {proc.pid} died"))
-            else:
-                again.append(call)
-        self._waiting.extendleft(reversed(again))
         if proc in self._procs:
             self._procs.remove(proc)
+        for call in calls:
+            call.proc = None
+        # Those it had not begun go back first, so what the failed call's
+        # end frees finds them.
+        again = [c for c in calls if not c.begun]
+        self._waiting.extendleft(reversed([c for c in again if not c.ahead]))
+        self._ahead.extendleft(reversed([c for c in again if c.ahead]))
+        for call in calls:
+            if call.begun:
+                self._end(call, False, PoolCallError("ProcessDied", f"pool process {proc.pid} died"))
         self._dispatch()
 
     def _cancel(self, call: ProcessCall) -> None:
@@ -441,10 +489,11 @@ class ProcessPool:
             return
         proc = call.proc
         if proc is None:
-            try:
-                self._waiting.remove(call)
-            except ValueError:
-                pass
+            for line in (self._waiting, self._ahead):
+                try:
+                    line.remove(call)
+                except ValueError:
+                    pass
         elif call.begun:
             del proc.calls[call.id]  # reported below, not as ProcessDied
             self._died(proc)
@@ -477,3 +526,4 @@ class ProcessPool:
             proc.process.join(timeout=1)
         self._procs.clear()
         self._waiting.clear()
+        self._ahead.clear()

@@ -371,8 +371,16 @@ class Attempts:
         elif attempt.began is not None:
             slots.record_run_time(time.monotonic() - attempt.began)
         self._maybe_forget(attempt)
-        threads = self.threads
+        threads, processes = self.threads, self.processes
         # The attempts handed down ahead are the head of the queue.
+        while processes is not None and slots.used < slots.total:
+            ahead = processes.reclaim_ahead()
+            if ahead is None:
+                break
+            ahead.ahead = False
+            slots.ahead_began(ahead.slots)
+            self._begin(ahead)
+            processes.dispatch()  # Started follows its begin
         while threads is not None and threads.ahead and slots.used < slots.total:
             item = threads.withdraw_first()
             if item is None:
@@ -441,21 +449,25 @@ class Attempts:
             self._fill_ahead()
 
     def _fill_ahead(self) -> None:
-        """Hands the queue's head attempts of thread handlers down to the
-        threads, so one that ends a call begins the next at once."""
-        slots, threads = self.slots, self.threads
-        if threads is None:
-            return
-        room = 2 * threads.size - len(threads.ahead)
-        while room > 0 and slots.queued:
+        """Hands the queue's head attempts of thread and process handlers
+        down to the threads and the pool processes, so one that ends a call
+        begins the next at once (in the slot it frees)."""
+        slots, threads, processes = self.slots, self.threads, self.processes
+        while slots.queued:
             head = slots.queued[0][0]
             handler = self._handler_of(head)
-            if handler is None or handler.kind != "thread" or head.slots != 1 or head.stop_reason is not None:
+            if handler is None or head.slots != 1 or head.stop_reason is not None:
                 return
-            slots.take_head()
-            head.queued, head.ahead = False, True
-            threads.put_ahead(handler.fn, self._thread_args(head, handler), head, self._thread_done)
-            room -= 1
+            if handler.kind == "thread" and threads is not None and len(threads.ahead) < 2 * threads.size:
+                slots.take_head()
+                head.queued, head.ahead = False, True
+                threads.put_ahead(handler.fn, self._thread_args(head, handler), head, self._thread_done)
+            elif handler.kind == "process" and processes is not None and processes.ahead_count() < 2 * processes.size:
+                slots.take_head()
+                head.queued, head.ahead = False, True
+                self._run_process(head, handler, ahead=True)
+            else:
+                return
 
     def _handler_of(self, attempt: Attempt):
         if attempt.handler is None and attempt.spec.WhichOneof("kind") == "call":
@@ -463,7 +475,7 @@ class Attempts:
         return attempt.handler
 
     def _began_ahead(self, attempt: Attempt) -> None:
-        """A thread began an attempt handed down ahead (on the loop)."""
+        """A thread or pool process began an attempt handed down ahead (on the loop)."""
         if not attempt.ahead:
             return
         attempt.ahead = False
@@ -487,6 +499,8 @@ class Attempts:
         for attempt in taken:
             attempt.ahead = False
             self.slots.ahead_back(attempt.slots)
+        for attempt in [a for a in self.table.values() if a.ahead and a.pcall is not None]:
+            self._take_back_call(attempt, "cancelled", "node is draining: returned before it started")
         for attempt in taken + self.slots.take_queued():
             attempt.queued = False
             self._refuse(attempt, "node is draining: returned before it started")
@@ -503,6 +517,9 @@ class Attempts:
             log.info("cancelling queued attempt %r: %s", attempt, detail)
             attempt.work_done = attempt.released = True
             self._report_stopped(attempt)
+            return
+        if attempt.ahead and attempt.pcall is not None:
+            self._take_back_call(attempt, reason, detail)
             return
         if attempt.ahead:
             if self.threads.withdraw(attempt) is not None:
@@ -533,6 +550,15 @@ class Attempts:
             return
         # A handler that swallows the cancel is reported stopped anyway.
         self.loop.call_later(CANCEL_REPORT_WITHIN, self._report_stopped, attempt)
+
+    def _take_back_call(self, attempt: Attempt, reason: str, detail: str) -> None:
+        """Takes back a process call handed down ahead, not begun: it never runs."""
+        attempt.stop_reason, attempt.stop_detail = reason, detail
+        attempt.ahead = False
+        self.slots.ahead_back(attempt.slots)
+        attempt.released = True  # it never held a slot
+        log.info("cancelling queued attempt %r: %s", attempt, detail)
+        attempt.pcall.kill()  # reported CANCELLED through its end
 
     def stop_all(self, reason: str, detail: str) -> int:
         """Stops every attempt (queued ones are reported without running); answers how many."""
@@ -593,12 +619,12 @@ class Attempts:
         self._started_soon(attempt)
         self.threads.submit(handler.fn, args, attempt, self._thread_done)
 
-    def _run_process(self, attempt: Attempt, handler) -> None:
+    def _run_process(self, attempt: Attempt, handler, ahead: bool = False) -> None:
         data = bytes(attempt.spec.call.input)
         call = self.processes.submit(
             handler.fn, data, attempt.task_id, attempt.attempt, handler.wants_context, tag=attempt,
             on_message=self._process_message, on_done=self._thread_done,
-            secret_env=dict(attempt.spec.secret_env) if attempt.spec.secret_env else None,
+            secret_env=dict(attempt.spec.secret_env) if attempt.spec.secret_env else None, ahead=ahead,
         )
         attempt.pcall = call
         attempt.kill = call.kill
@@ -606,7 +632,10 @@ class Attempts:
     def _process_message(self, attempt: Attempt, message: tuple) -> None:
         if message[0] == "begin":
             # Started names the process that runs it, once it does.
-            self._started_soon(attempt)
+            if attempt.ahead:
+                self._began_ahead(attempt)
+            else:
+                self._started_soon(attempt)
         elif message[0] == "output":
             self.output(attempt, message[3], message[2])
         else:
