@@ -6,7 +6,8 @@ only) from ``$WEFT_BIN_DIR`` (default ``<repo>/target/debug``), one worker
 process serving a noop handler of the chosen kind with ``--slots`` slots,
 and one client that calls it ``-n`` times with ``Client.map`` (submitted
 in batches, waited for over one ``WaitMany`` stream), after a warm-up.
-Prints one line: kind, calls, seconds, calls/s.
+Prints one line: kind, calls, seconds, calls/s, and the CPU seconds the
+coordinator, the worker (with its pool processes) and the client spent.
 
     python sdk/python/benchmarks/worker_throughput.py --kind asyncio -n 20000
     python sdk/python/benchmarks/worker_throughput.py --kind process --prefetch 0
@@ -19,7 +20,6 @@ stats there.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import shutil
@@ -115,7 +115,7 @@ def measure(args: argparse.Namespace) -> None:
                     sys.exit("the coordinator did not start:\n" + (Path(tmp) / "coordinator.log").read_text())
                 time.sleep(0.05)
             url = "http://" + addr_file.read_text().strip()
-            worker_argv = [sys.executable, *([os.environ["WEFT_BENCH_WRAP"]] if os.environ.get("WEFT_BENCH_WRAP") else []), os.path.abspath(__file__), "--serve", "--coordinator", url,
+            worker_argv = [sys.executable, os.path.abspath(__file__), "--serve", "--coordinator", url,
                            "--kind", args.kind, "--slots", str(args.slots)]
             if args.prefetch is not None:
                 worker_argv += ["--prefetch", str(args.prefetch)]
