@@ -706,7 +706,11 @@ class Attempts:
             else:
                 args = (data,)
             self._started_soon(attempt)
-            return to_output(await handler.fn(*args))
+            began = time.monotonic()
+            result = await handler.fn(*args)
+            # Its own run time, not its wait for the loop: what prefetch follows.
+            attempt.ran_for = time.monotonic() - began
+            return to_output(result)
         raise StartFailed(f"handler '{call.handler}' of kind {handler.kind!r} cannot run in a task")
 
     def _exec_started(self, attempt: Attempt, pid: int) -> None:
