@@ -436,7 +436,7 @@ class Attempts:
             return
         if not slots.fits(attempt.slots):
             why = (f"node over capacity: task needs {attempt.slots} slots, {slots.free} of {slots.total} free, "
-                   f"{slots.queued_slots} queued (prefetch {slots.prefetch})")
+                   f"{slots.queued_slots + slots.ahead_slots} queued (prefetch {slots.prefetch})")
             log.warning("attempt %r refused: %s", attempt, why)
             self._refuse(attempt, why)
             return
