@@ -40,3 +40,10 @@ def _parse_config(data: bytes) -> int:
 def raise_value_error(data: bytes) -> int:
     """Fails with a ValueError two frames down (for the traceback)."""
     return _parse_config(data)
+
+
+def touch(data: bytes) -> str:
+    """Creates the file named by the input; returns this process's pid."""
+    with open(data.decode(), "w"):
+        pass
+    return str(os.getpid())

@@ -109,7 +109,9 @@ def ids():
 
 #: What the kit's workers must not inherit from the environment running it.
 CLEAN_ENV = {"WEFT_COORDINATOR": None, "WEFT_CA": None, "WEFT_CA_PIN": None, "WEFT_JOIN_TOKEN": None,
-             "WEFT_NODE_STATE_DIR": None}
+             "WEFT_NODE_STATE_DIR": None,
+             # Every worker without prefetch (weft-node --prefetch 0): the kit counts credits slot by slot.
+             "WEFT_NODE_PREFETCH": "0"}
 
 
 @pytest.fixture

@@ -55,10 +55,12 @@ def fake():
 def run_worker(fake, tmp_path):
     running = []
 
-    def start(slots: int = 2, setup=None, exec: str = "deny") -> tuple:
+    def start(slots: int = 2, setup=None, exec: str = "deny", prefetch: int = 0, **kwargs) -> tuple:
         # It joins the fake (which authenticates nodes, as a coordinator does).
+        # No prefetch unless asked: most tests count credits slot by slot.
         worker = weft.Worker(slots=slots, name="unit", labels={"lang": "py"}, process_workers=slots, exec=exec,
-                             join_token=fake.join_token(), state_dir=str(tmp_path / f"state-{len(running)}"))
+                             join_token=fake.join_token(), state_dir=str(tmp_path / f"state-{len(running)}"),
+                             prefetch=prefetch, **kwargs)
         if setup:
             setup(worker)
         rw = RunningWorker(worker)

@@ -1,9 +1,22 @@
-"""A process pool whose tasks can be killed one by one.
+"""A process pool whose calls can be killed one by one, and that keeps its
+processes busy.
 
 ``concurrent.futures.ProcessPoolExecutor`` cannot stop a single running call,
 but a node must stop a cancelled attempt within a second. So each pool
-process runs one call at a time over its own pipe; cancelling a call SIGKILLs
-the process that runs it, and a fresh one is spawned on demand.
+process runs one call at a time over its own pipe; cancelling a running call
+SIGKILLs the process that runs it (a fresh one is spawned on demand), and a
+call not begun yet is taken back without running (the process is told to skip
+it, and is killed should it have begun it all the same).
+
+Each process holds up to :data:`DEPTH` calls: the one it runs and the next,
+so it starts the next as soon as one ends instead of waiting for the worker
+to read the result and send another. It says which call it begins (with the
+result of the one before, in one message), so the worker always knows which
+call a kill would stop. Calls beyond what the processes hold wait in the
+pool, first in first out. A call submitted ``ahead`` (its attempt is still
+queued, holding no slot) goes only behind a running call, and begins in the
+slot that call frees: the pool never runs more calls at once than it has
+processes, nor an ahead call before a call ends.
 
 Processes are started with the ``spawn`` method (forking a process that runs
 gRPC threads is unsafe), so handlers must be importable module-level
@@ -14,20 +27,29 @@ script's start-up under ``if __name__ == "__main__":``.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import multiprocessing
+import os
+import pickle
 import signal
 import traceback
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, Deque, Dict, List, Optional
 
 log = logging.getLogger("weft.worker")
+
+#: Calls one pool process holds at once: the one it runs and the next.
+DEPTH = 2
+#: Bytes read from a pool process at a time.
+READ_SIZE = 1 << 16
 
 
 class _ChildContext:
     """The handler context inside a pool process: output and progress go over the pipe."""
 
-    def __init__(self, conn, task_id: str, attempt: int, input: bytes, secret_env: Optional[dict] = None):
+    def __init__(self, conn, call_id: int, task_id: str, attempt: int, input: bytes, secret_env: Optional[dict] = None):
         self._conn = conn
+        self._id = call_id
         self.task_id = task_id
         self.attempt = attempt
         self.input = input
@@ -45,114 +67,204 @@ class _ChildContext:
     def output(self, data, stream: str = "stdout") -> None:
         if isinstance(data, str):
             data = data.encode()
-        self._conn.send(("output", stream, bytes(data)))
+        self._conn.send(("output", self._id, stream, bytes(data)))
 
     def print(self, *args, sep: str = " ", end: str = "\n", stream: str = "stdout") -> None:
         self.output(sep.join(str(a) for a in args) + end, stream)
 
     def progress(self, fraction: float, message: str = "") -> None:
-        self._conn.send(("progress", float(fraction), str(message)))
+        self._conn.send(("progress", self._id, float(fraction), str(message)))
 
 
-def _child_main(conn) -> None:
-    """Body of a pool process: run calls until the pipe closes."""
+def _child_main(conn, out) -> None:
+    """Body of a pool process: run calls in order until the pipe closes.
+
+    Messages in: ``("call", id, fn_pickle, input, task_id, attempt,
+    wants_context, secret_env)`` and ``("skip", id)``. Out: ``("ok", id,
+    result, next_id)`` or ``("error", id, type, message, traceback,
+    next_id)`` when a call ends, ``next_id`` naming the call it begins next
+    (None: it runs the next call it reads, at once); output and progress
+    as they come. So the worker knows which call runs: the one it sent to
+    an idle process, else the one the last result named."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    while True:
+    pending: Deque[tuple] = collections.deque()
+    skipped: set = set()
+    functions: Dict[bytes, Callable] = {}
+
+    def take(message: tuple) -> None:
+        if message[0] == "call":
+            pending.append(message)
+        elif message[0] == "skip":
+            skipped.add(message[1])
+
+    def next_call() -> Optional[tuple]:
+        while pending:
+            call = pending.popleft()
+            if call[1] in skipped:
+                skipped.discard(call[1])
+                continue
+            return call
+        return None
+
+    def run(call: tuple) -> tuple:
+        _, call_id, fn_pickle, input, task_id, attempt, wants_context, secret_env = call
         try:
-            fn, input, task_id, attempt, wants_context, secret_env = conn.recv()
-        except (EOFError, OSError):
-            return
-        except Exception as e:  # unpicklable handler: report, keep serving
-            conn.send(("error", "StartFailed", f"cannot load handler in pool process: {e}"))
-            continue
+            fn = functions.get(fn_pickle)
+            if fn is None:
+                fn = functions[fn_pickle] = pickle.loads(fn_pickle)
+        except Exception as e:  # noqa: BLE001 - an unloadable handler: report, keep serving
+            return ("error", call_id, "StartFailed", f"cannot load handler in pool process: {e}", "")
         try:
             if wants_context:
-                result = fn(input, _ChildContext(conn, task_id, attempt, input, secret_env))
+                result = fn(input, _ChildContext(out, call_id, task_id, attempt, input, secret_env))
             else:
                 result = fn(input)
-            conn.send(("ok", result))
+            return ("ok", call_id, result)
         except BaseException as e:  # noqa: BLE001 - report every failure
             plain = getattr(e, "weft_plain_message", False)
             message = str(e) if plain else f"{type(e).__name__}: {e}"
             # A HandlerError's message is all it says; anything else
             # carries where it was raised.
-            log_tail = "" if plain else traceback.format_exc()
+            return ("error", call_id, type(e).__name__, message, "" if plain else traceback.format_exc())
+
+    current: Optional[tuple] = None
+    while True:
+        try:
+            if current is None:
+                take(conn.recv())  # idle: wait for work
+                while conn.poll():
+                    take(conn.recv())
+                current = next_call()
+                if current is None:
+                    continue
+            done = run(current)
+            while conn.poll():
+                take(conn.recv())
+            current = next_call()
+            reply = done + (current[1] if current is not None else None,)
             try:
-                conn.send(("error", type(e).__name__, message, log_tail))
-            except Exception:
+                out.send(reply)
+            except (EOFError, OSError):
                 return
+            except Exception as e:  # noqa: BLE001 - an unpicklable result fails that call only
+                out.send(("error", done[1], type(e).__name__, f"cannot send the result back: {type(e).__name__}: {e}",
+                           "", reply[-1]))
+        except (EOFError, OSError):
+            return
+
+
+#: What ``on_done`` gets as the value of a call that was killed (cancelled).
+KILLED = object()
+
+
+class ProcessCall:
+    """One call submitted to the pool. ``on_done(tag, ok, value)`` follows
+    once, on the loop: ``ok`` with the result, else a :class:`PoolCallError`
+    or :data:`KILLED`."""
+
+    __slots__ = ("id", "pool", "proc", "message", "tag", "on_message", "on_done", "begun", "done", "ahead")
+
+    def __init__(self, pool: "ProcessPool", call_id: int, message: tuple, tag: Any,
+                 on_message: Callable[[Any, tuple], None], on_done: Callable[[Any, bool, Any], None]):
+        self.id = call_id
+        self.pool = pool
+        self.proc: Optional[_Proc] = None
+        self.message = message
+        self.tag = tag
+        self.on_message = on_message
+        self.on_done = on_done
+        self.begun = False
+        self.done = False
+        self.ahead = False
+
+    @property
+    def pid(self) -> int:
+        """The pool process it runs (or waits) in; 0 while it waits in the pool."""
+        return self.proc.pid if self.proc is not None else 0
+
+    def kill(self) -> None:
+        """Stops this call: SIGKILLs its process if it runs, else takes it
+        back without running it. ``on_done`` gets :data:`KILLED`."""
+        self.pool._cancel(self)
 
 
 class _Proc:
-    def __init__(self, ctx):
-        parent, child = ctx.Pipe(duplex=True)
-        self.conn = parent
-        self.process = ctx.Process(target=_child_main, args=(child,), daemon=True, name="weft-pool")
+    def __init__(self, pool: "ProcessPool"):
+        # Two one-way pipes: the worker reads its end without blocking (and
+        # parses the frames itself, many per read), and writes blocking.
+        child_in, to_child = pool._ctx.Pipe(duplex=False)
+        from_child, child_out = pool._ctx.Pipe(duplex=False)
+        self.pool = pool
+        self.conn = to_child
+        self.reader = from_child
+        self.fd = from_child.fileno()
+        self.buffer = bytearray()
+        self.process = pool._ctx.Process(target=_child_main, args=(child_in, child_out), daemon=True,
+                                         name="weft-pool")
         self.process.start()
-        child.close()
-        self.busy = False
+        child_in.close()
+        child_out.close()
+        os.set_blocking(self.fd, False)
+        #: Calls sent to it, in order; the first is the one it runs once begun.
+        self.calls: Dict[int, ProcessCall] = {}
+        self.dead = False
+        self.reading = False
+
+    def messages(self) -> List[tuple]:
+        """The messages that arrived (none yet: empty); EOFError once the process is gone."""
+        try:
+            chunk = os.read(self.fd, READ_SIZE)
+        except BlockingIOError:
+            return []
+        if not chunk:
+            raise EOFError
+        buffer = self.buffer
+        buffer += chunk
+        out = []
+        start, end = 0, len(buffer)
+        # multiprocessing.Connection's frames: a signed 4-byte big-endian
+        # length (-1: an 8-byte length follows), then the pickle.
+        while end - start >= 4:
+            size = int.from_bytes(buffer[start:start + 4], "big", signed=True)
+            head = 4
+            if size == -1:
+                if end - start < 12:
+                    break
+                size = int.from_bytes(buffer[start + 4:start + 12], "big")
+                head = 12
+            if end - start < head + size:
+                break
+            out.append(pickle.loads(buffer[start + head:start + head + size]))
+            start += head + size
+        del buffer[:start]
+        return out
 
     @property
     def pid(self) -> int:
         return self.process.pid or 0
 
-    def kill(self) -> None:
+    def watch(self, loop: asyncio.AbstractEventLoop) -> None:
+        if not self.reading and not self.dead:
+            loop.add_reader(self.fd, self.pool._readable, self)
+            self.reading = True
+
+    def kill(self, loop: Optional[asyncio.AbstractEventLoop]) -> None:
+        self.dead = True
+        if self.reading and loop is not None:
+            try:
+                loop.remove_reader(self.fd)
+            except (ValueError, OSError):
+                pass
+            self.reading = False
         try:
             self.process.kill()
-        except Exception:
+        except (OSError, ValueError):
             pass
-        try:
-            self.conn.close()
-        except Exception:
-            pass
-
-
-class ProcessCall:
-    """One call running in a pool process."""
-
-    def __init__(self, pool: "ProcessPool", proc: _Proc, on_message: Callable[[tuple], None]):
-        self._pool = pool
-        self.proc = proc
-        self._on_message = on_message
-        self.result: asyncio.Future = asyncio.get_running_loop().create_future()
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def _readable(self) -> None:
-        try:
-            while self.proc.conn.poll():
-                message = self.proc.conn.recv()
-                kind = message[0]
-                if kind in ("output", "progress"):
-                    self._on_message(message)
-                elif kind == "ok":
-                    self._done(result=message[1])
-                    return
-                elif kind == "error":
-                    self._done(error=message)
-                    return
-        except (EOFError, OSError):
-            self._done(error=("error", "ProcessDied", f"pool process {self.proc.pid} died"), dead=True)
-        except Exception as e:  # an unpicklable result, say
-            self._done(error=("error", type(e).__name__, f"{type(e).__name__}: {e}"), dead=True)
-
-    def _done(self, result: Any = None, error: Optional[tuple] = None, dead: bool = False) -> None:
-        if self.result.done():
-            return
-        self._pool._release(self.proc, dead=dead)
-        if error is not None:
-            self.result.set_exception(PoolCallError(error[1], error[2], error[3] if len(error) > 3 else ""))
-        else:
-            self.result.set_result(result)
-
-    def kill(self) -> None:
-        """SIGKILLs the process running this call; the call fails with Cancelled."""
-        if self.result.done():
-            return
-        self._pool._release(self.proc, dead=True)
-        self.result.set_exception(asyncio.CancelledError())
+        for conn in (self.conn, self.reader):
+            try:
+                conn.close()
+            except OSError:
+                pass
 
 
 class PoolCallError(Exception):
@@ -166,73 +278,252 @@ class PoolCallError(Exception):
 
 
 class ProcessPool:
-    """Up to ``size`` spawn-started processes, each running one call at a time."""
+    """Up to ``size`` spawn-started processes, each running one call at a
+    time and holding the next (:data:`DEPTH`); the rest wait here."""
 
     def __init__(self, size: int):
         self._ctx = multiprocessing.get_context("spawn")
         self._size = max(1, size)
-        self._idle: List[_Proc] = []
-        self._all: List[_Proc] = []
-        self._free = None  # asyncio.Semaphore, made on the loop
+        self._procs: List[_Proc] = []
+        self._waiting: Deque[ProcessCall] = collections.deque()
+        #: Calls handed down ahead (their attempts still queued): each goes
+        #: only behind a running call, and begins in its slot when it ends.
+        self._ahead: Deque[ProcessCall] = collections.deque()
+        self._next_id = 0
+        self._pickled: Dict[Any, bytes] = {}
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
 
     def warm_up(self, count: int) -> None:
         """Starts up to ``count`` processes ahead of the first call."""
-        while len(self._all) < min(count, self._size):
-            proc = _Proc(self._ctx)
-            self._all.append(proc)
-            self._idle.append(proc)
+        while len(self._procs) < min(count, self._size):
+            self._procs.append(_Proc(self))
 
-    async def call(
-        self, fn: Callable, input: bytes, task_id: str, attempt: int, wants_context: bool,
-        on_message: Callable[[tuple], None], secret_env: Optional[dict] = None,
+    def submit(
+        self, fn: Callable, input: bytes, task_id: str, attempt: int, wants_context: bool, *, tag: Any,
+        on_message: Callable[[Any, tuple], None], on_done: Callable[[Any, bool, Any], None],
+        secret_env: Optional[dict] = None, ahead: bool = False,
     ) -> ProcessCall:
-        """Starts ``fn(input[, ctx])`` in an idle process (waiting for one if all are busy)."""
-        if self._free is None:
-            self._free = asyncio.Semaphore(self._size)
-        await self._free.acquire()
-        try:
-            proc = self._idle.pop() if self._idle else None
-            if proc is None or not proc.process.is_alive():
-                if proc is not None:
-                    self._forget(proc)
-                proc = _Proc(self._ctx)
-                self._all.append(proc)
-            proc.busy = True
-            call = ProcessCall(self, proc, on_message)
-            proc.conn.send((fn, input, task_id, attempt, wants_context, secret_env or {}))
-            asyncio.get_running_loop().add_reader(proc.conn.fileno(), call._readable)
-            return call
-        except BaseException:
-            self._free.release()
-            raise
-
-    def _forget(self, proc: _Proc) -> None:
-        if proc in self._all:
-            self._all.remove(proc)
-
-    def _release(self, proc: _Proc, dead: bool) -> None:
-        try:
-            asyncio.get_running_loop().remove_reader(proc.conn.fileno())
-        except Exception:
-            pass
-        proc.busy = False
-        if dead:
-            proc.kill()
-            self._forget(proc)
+        """Runs ``fn(input[, ctx])`` in a pool process, now or once one has
+        room; call on the loop. ``on_message(tag, message)`` gets
+        ``("begin",)`` when its process begins it, then its output and
+        progress; ``on_done(tag, ok, value)`` its end."""
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        fn_pickle = self._pickled.get(fn)
+        if fn_pickle is None:
+            try:
+                fn_pickle = pickle.dumps(fn)
+            except Exception as e:  # noqa: BLE001 - a handler that cannot go to a process
+                fn_pickle = b""
+                log.warning("handler %r cannot be sent to a pool process: %s", fn, e)
+            else:
+                self._pickled[fn] = fn_pickle
+        self._next_id += 1
+        message = ("call", self._next_id, fn_pickle, input, task_id, attempt, wants_context, secret_env or {})
+        call = ProcessCall(self, self._next_id, message, tag, on_message, on_done)
+        if ahead:
+            call.ahead = True
+            self._ahead.append(call)
         else:
-            self._idle.append(proc)
-        if self._free is not None:
-            self._free.release()
+            self._waiting.append(call)
+        self._dispatch()
+        return call
+
+    def ahead_count(self) -> int:
+        """Calls handed down ahead and not begun yet."""
+        return len(self._ahead) + sum(1 for p in self._procs for c in p.calls.values() if c.ahead and not c.begun)
+
+    def reclaim_ahead(self) -> Optional[Any]:
+        """Turns the first call handed down ahead that no process holds yet
+        into an ordinary one (its attempt got a slot); answers its tag, or
+        None. Then :meth:`dispatch`."""
+        if not self._ahead:
+            return None
+        call = self._ahead.popleft()
+        call.ahead = False
+        self._waiting.append(call)
+        return call.tag
+
+    def dispatch(self) -> None:
+        """Sends what waits to the processes with room (after :meth:`reclaim_ahead`)."""
+        self._dispatch()
+
+    @property
+    def size(self) -> int:
+        """The most processes it runs."""
+        return self._size
+
+    # -- inside ----------------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        """Sends waiting calls to the processes with room: idle ones first,
+        starting new ones up to the size, then as second in line."""
+        waiting, ahead = self._waiting, self._ahead
+        while waiting:
+            proc = self._room()
+            if proc is None:
+                break
+            self._send(proc, waiting.popleft())
+        while ahead:
+            # Only behind a call that runs: it begins when that one ends.
+            proc = next((p for p in self._procs if not p.dead and len(p.calls) == 1
+                         and next(iter(p.calls.values())).begun), None)
+            if proc is None:
+                break
+            self._send(proc, ahead.popleft())
+
+    def _send(self, proc: _Proc, call: ProcessCall) -> None:
+        call.proc = proc
+        idle = not proc.calls
+        proc.calls[call.id] = call
+        try:
+            proc.conn.send(call.message)
+        except (OSError, ValueError, EOFError):
+            self._died(proc)
+            return
+        except Exception as e:  # noqa: BLE001 - an input that cannot be pickled fails its call
+            del proc.calls[call.id]
+            call.proc = None
+            self._end(call, False, PoolCallError(type(e).__name__, f"cannot send the call to a pool process: {e}"))
+            return
+        if idle:
+            # An idle process begins it as soon as it reads it.
+            call.begun = True
+            call.on_message(call.tag, ("begin",))
+
+    def _room(self) -> Optional[_Proc]:
+        best: Optional[_Proc] = None
+        for proc in self._procs:
+            if proc.dead:
+                continue
+            held = len(proc.calls)
+            if held == 0:
+                proc.watch(self._loop)
+                return proc
+            if held < DEPTH and (best is None or held < len(best.calls)):
+                best = proc
+        live = [p for p in self._procs if not p.dead]
+        if len(live) < self._size:
+            self._procs = live
+            proc = _Proc(self)
+            self._procs.append(proc)
+            proc.watch(self._loop)
+            return proc
+        return best
+
+    def _readable(self, proc: _Proc) -> None:
+        try:
+            for message in proc.messages():
+                if proc.dead:
+                    break
+                kind = message[0]
+                if kind == "output" or kind == "progress":
+                    call = proc.calls.get(message[1])
+                    if call is not None:
+                        call.on_message(call.tag, message)
+                    continue
+                if kind == "begin":
+                    self._begun(proc, message[1])
+                    continue
+                call = proc.calls.pop(message[1], None)
+                # What it begins next first: that call takes over the
+                # slot of the one that ended.
+                if message[-1] is not None:
+                    self._begun(proc, message[-1])
+                elif proc.calls:
+                    # It went idle with a call on its way: it begins that one on reading it.
+                    following = next(iter(proc.calls.values()))
+                    if not following.begun:
+                        following.begun = True
+                        following.on_message(following.tag, ("begin",))
+                if call is not None:
+                    if kind == "ok":
+                        self._end(call, True, message[2])
+                    else:
+                        self._end(call, False, PoolCallError(message[2], message[3], message[4]))
+        except (EOFError, OSError):
+            self._died(proc)
+        except Exception as e:  # noqa: BLE001 - a result this process cannot unpickle
+            running = next(iter(proc.calls.values()), None)
+            if running is not None and running.begun:
+                del proc.calls[running.id]
+                self._end(running, False, PoolCallError(type(e).__name__, f"cannot read the result: {e}"))
+            self._died(proc)
+        self._dispatch()
+
+    def _begun(self, proc: _Proc, call_id: int) -> None:
+        call = proc.calls.get(call_id)
+        if call is None:
+            # A call taken back began all the same (the skip came late): it
+            # must not run on.
+            log.info("pool process %d began a call taken back: killing it", proc.pid)
+            self._died(proc)
+            return
+        call.begun = True
+        call.on_message(call.tag, ("begin",))
+
+    def _died(self, proc: _Proc) -> None:
+        """The process is gone (or must go): its running call fails, the
+        ones it had not begun go back to the head of the line."""
+        if proc.dead and not proc.calls:
+            return
+        proc.kill(self._loop)
+        calls = list(proc.calls.values())
+        proc.calls.clear()
+        if proc in self._procs:
+            self._procs.remove(proc)
+        for call in calls:
+            call.proc = None
+        # Those it had not begun go back first, so what the failed call's
+        # end frees finds them.
+        again = [c for c in calls if not c.begun]
+        self._waiting.extendleft(reversed([c for c in again if not c.ahead]))
+        self._ahead.extendleft(reversed([c for c in again if c.ahead]))
+        for call in calls:
+            if call.begun:
+                self._end(call, False, PoolCallError("ProcessDied", f"pool process {proc.pid} died"))
+        self._dispatch()
+
+    def _cancel(self, call: ProcessCall) -> None:
+        if call.done:
+            return
+        proc = call.proc
+        if proc is None:
+            for line in (self._waiting, self._ahead):
+                try:
+                    line.remove(call)
+                except ValueError:
+                    pass
+        elif call.begun:
+            del proc.calls[call.id]  # reported below, not as ProcessDied
+            self._died(proc)
+        else:
+            del proc.calls[call.id]
+            try:
+                proc.conn.send(("skip", call.id))
+            except (OSError, ValueError):
+                self._died(proc)
+        self._end(call, False, KILLED)
+        self._dispatch()
+
+    def _end(self, call: ProcessCall, ok: bool, value: Any) -> None:
+        if call.done:
+            return
+        call.done = True
+        call.on_done(call.tag, ok, value)
+
+    # -- the whole pool ---------------------------------------------------------
 
     def pids(self) -> List[int]:
         """Process ids of the live pool processes."""
-        return [p.pid for p in self._all if p.process.is_alive()]
+        return [p.pid for p in self._procs if not p.dead and p.process.is_alive()]
 
     def shutdown(self) -> None:
         """Kills every pool process."""
-        for proc in list(self._all):
-            proc.kill()
-        for proc in list(self._all):
+        for proc in list(self._procs):
+            proc.kill(self._loop)
+        for proc in list(self._procs):
             proc.process.join(timeout=1)
-        self._all.clear()
-        self._idle.clear()
+        self._procs.clear()
+        self._waiting.clear()
+        self._ahead.clear()

@@ -8,7 +8,7 @@ Drain, Heartbeat), or ends the stream to play a coordinator restart.
 Any worker implementation, in any language, can be pointed at its URL.
 
 Each session checks the credit rule as messages pass: the worker must never
-grant more than its free slots (``violations`` lists any breach).
+grant more than its free slots plus its declared prefetch (``violations`` lists any breach).
 
 Like a real coordinator it serves TLS and authenticates nodes: a worker
 joins with a token from :meth:`FakeCoordinator.join_token` and connects
@@ -112,7 +112,8 @@ class FakeSession:
         kind = message.WhichOneof("body")
         if kind == "register":
             self.register = message.register
-            ledger.slots = message.register.slots
+            # Credits cover what it holds, running or queued: slots + prefetch.
+            ledger.slots = message.register.slots + message.register.prefetch
             ledger.window = 0
             ledger.running = {
                 (r.task_id, r.attempt): self._known_slots.get((r.task_id, r.attempt), 1) for r in message.register.running
@@ -122,7 +123,7 @@ class FakeSession:
             used = sum(ledger.running.values())
             if ledger.window + used > ledger.slots:
                 ledger.violations.append(
-                    f"granted {message.credits.grant}: window {ledger.window} + running {used} > slots {ledger.slots}"
+                    f"granted {message.credits.grant}: window {ledger.window} + running {used} > slots + prefetch {ledger.slots}"
                 )
         elif kind == "events":
             for event in message.events.events:

@@ -3,9 +3,9 @@
 Run it with ``python -m weft.worker_demo --coordinator http://127.0.0.1:7070``
 (or the ``weft-py-worker`` script). It takes ``weft-node``'s flags for the
 coordinator, ``--join TOKEN --state-dir DIR`` to join a cluster,
-``--slots N --name NAME --label k=v ... --drain-grace 30s``, the exec
-policy and ``--log-level`` (not ``--lease``, ``--prefetch`` or
-``--log-format``).
+``--slots N --prefetch N --name NAME --label k=v ... --drain-grace 30s
+--lease 5s``, the exec policy, ``--log-level`` and ``--log-format
+text|json``.
 
 Handlers (input and output are bytes):
 
@@ -36,6 +36,7 @@ import logging
 import os
 import sys
 import time
+from typing import Optional
 
 from .errors import WeftError
 from .models import parse_duration, parse_label
@@ -112,6 +113,8 @@ def build_worker(args: argparse.Namespace) -> Worker:
         ca_pin=args.ca_pin,
         join_token=args.join,
         state_dir=args.state_dir,
+        prefetch=args.prefetch,
+        lease=args.lease,
     )
     worker.register("noop", noop, "asyncio")
     worker.register("echo", echo, "asyncio")
@@ -138,26 +141,119 @@ def parser(prog: str = "python -m weft.worker_demo") -> argparse.ArgumentParser:
                    help="the cluster CA's certificate (the coordinator's ca.pem)")
     p.add_argument("--ca-pin", default=os.environ.get("WEFT_CA_PIN"),
                    help="the cluster CA's pin (sha256:HEX)")
-    p.add_argument("--slots", type=int, default=None, help="slots offered (default: number of CPUs)")
+    p.add_argument("--slots", type=positive_int, default=None, help="slots offered (default: number of CPUs)")
+    p.add_argument("--prefetch", type=prefetch_count, metavar="N", default=os.environ.get("WEFT_NODE_PREFETCH"),
+                   help="extra tasks (in slots) held queued beyond the slots, so the next task is already here when "
+                        "a slot frees; 0 disables. A ceiling: the worker holds only what covers ~20 ms of refill at "
+                        "the average task run time it sees (about one per slot for tasks of 20 ms and more); never "
+                        "more than --slots run at once (default: 256 per slot; env WEFT_NODE_PREFETCH)")
     p.add_argument("--name", default=None, help="node name (default: host-pyPID)")
     p.add_argument("--label", action="append", metavar="K=V", help="a label tasks can require (repeatable)")
-    p.add_argument("--drain-grace", default="30s", help="grace period when draining on a signal")
+    p.add_argument("--drain-grace", type=duration, default="30s",
+                   help="on SIGTERM/SIGINT or a coordinator drain: how long running tasks may take before they are "
+                        "cancelled (e.g. 500ms, 30s, 1m; default 30s)")
+    p.add_argument("--lease", type=lease_duration, metavar="DURATION", default=None,
+                   help="how long running tasks may continue while the coordinator is unreachable; after that they "
+                        "are stopped, because the coordinator will have given them to another node (e.g. 5s; "
+                        "default: the coordinator's heartbeat timeout)")
     p.add_argument("--exec", choices=["allow", "deny"], default=os.environ.get("WEFT_EXEC"),
                    help="run exec tasks (shell commands) of any program, or none (default: deny)")
     p.add_argument("--exec-allow", action="append", metavar="PROGRAM",
                    help="run only exec tasks of this program (bare name or absolute path; repeatable)")
-    p.add_argument("--log-level", default=os.environ.get("WEFT_LOG", "info"))
+    p.add_argument("--log-level", type=log_level, default=os.environ.get("WEFT_LOG", "info"),
+                   help="least severe log lines shown: debug, info, warning or error (default info; env WEFT_LOG)")
+    p.add_argument("--log-format", choices=["text", "json"], default="text",
+                   help="log lines on stderr: text (human-readable) or json (one JSON object per line)")
     return p
+
+
+def positive_int(text: str) -> int:
+    """A whole number of at least 1 (argparse type)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def prefetch_count(text: str) -> int:
+    """A whole number of slots, 0 or more (argparse type)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of slots (0 disables prefetch)") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 (no prefetch) or more, not {value}")
+    return value
+
+
+def duration(text: str) -> float:
+    """A duration like 500ms, 30s, 1m (argparse type)."""
+    try:
+        return parse_duration(text)
+    except (ValueError, TypeError) as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def lease_duration(text: str) -> float:
+    """A positive duration (argparse type)."""
+    value = duration(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, not {text!r} (leave it out for the coordinator's "
+                                         "heartbeat timeout)")
+    return value
+
+
+LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def log_level(text: str) -> str:
+    """A logging level name (argparse type)."""
+    name = text.strip().lower()
+    if name == "warn":
+        name = "warning"
+    if name not in LEVELS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(LEVELS)}")
+    return name
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per log line (``--log-format json``), with the fields
+    weft-node's JSON lines have: timestamp, level, target, fields.message."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "timestamp": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.replace("WARNING", "WARN"),
+            "target": record.name,
+            "fields": {"message": record.getMessage()},
+        }
+        if record.exc_info:
+            entry["fields"]["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def setup_logging(level: str, log_format: str, stream: Optional[object] = None) -> None:
+    """Logs to stderr at ``level`` as text lines or JSON objects."""
+    handler = logging.StreamHandler(stream)
+    if log_format == "json":
+        formatter: logging.Formatter = JsonFormatter()
+        formatter.converter = time.gmtime
+    else:
+        formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(getattr(logging, level.upper()))
 
 
 def main(argv=None) -> None:
     # Installed as a script, its usage names the script.
     script = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
     args = (parser("weft-py-worker") if script == "weft-py-worker" else parser()).parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(args.log_level, args.log_format)
     try:
         build_worker(args).run()
     except (WeftError, ValueError, OSError) as e:

@@ -38,8 +38,10 @@ protocol change touches same-named files on both sides):
 - ``identity.py``: the state dir (``weft-node``'s layout), keys and
   certificate requests, renewal timing
 - ``reconnect.py``: one session after another, the reconnect backoff
-- ``outbox.py``: outgoing queue, event batches, redelivery window, credit grants
-- ``slots.py``: slot accounting and the draining flag, plain state
+- ``lease.py``: how long attempts run while the coordinator is silent
+- ``outbox.py``: outgoing queue, event batches, redelivery window
+- ``slots.py``: slot and credit accounting, the prefetch queue and the
+  draining flag, plain state
 - ``attempt.py``: running attempts, stop reasons, the Finished, :class:`Context`
 - ``process.py``: exec tasks' child processes
 - ``exec_policy.py``: which exec tasks it runs (``proto/src/exec_policy.rs``)

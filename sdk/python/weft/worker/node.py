@@ -12,7 +12,6 @@ handlers ``handlers.py``'s and the reaper ``reaper.py``'s. Nothing in those modu
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
 import os
 import signal
@@ -24,16 +23,17 @@ from .._channel import coordinator_url, parse_address, parse_target
 from .._pool import ProcessPool
 from .._proto import node_pb2
 from ..models import DurationLike, parse_duration
-from .attempt import Attempts
+from .attempt import Attempts, HandlerThreads
 from .exec_policy import ExecPolicy, ExecSetting
 from .handlers import Handler, Handlers
 from .identity import Identity, check_name, load, state_dir_of
 from .join import JoinToken
+from .lease import Lease, watch as watch_lease
 from .outbox import Outbox
 from .reaper import Reaper
 from .reconnect import run as reconnect
 from .session import Sessions
-from .slots import Slots
+from .slots import Slots, default_prefetch
 
 log = logging.getLogger("weft.worker")
 
@@ -59,6 +59,23 @@ class Worker:
     declared in Register, so the coordinator never assigns this worker an
     exec task it refuses; one assigned anyway is reported START_FAILED and
     never run.
+
+    ``prefetch`` (default ``$WEFT_NODE_PREFETCH``, else 256 per slot, as
+    ``weft-node --prefetch``): the most attempts, in slots, it holds queued
+    beyond its slots, so the next task is already here when a slot frees
+    (never more than ``slots`` run at once). It is a ceiling: the worker
+    holds only what covers ~20 ms of refill at the average run time it has
+    seen (none before its first attempt ends; about one per slot for tasks
+    of 20 ms and more), so long tasks stay spread over the nodes. 0
+    disables it. Queued attempts are listed in Register after a reconnect,
+    a cancelled one is reported CANCELLED without running, and a drain
+    reports them all CANCELLED at once (the coordinator gives them to other
+    nodes).
+
+    ``lease``: how long running attempts go on while nothing is heard from
+    the coordinator (``weft-node --lease``); past it the coordinator has
+    given them to other nodes, so they are stopped (reported CANCELLED on
+    the next session). Default: the coordinator's heartbeat timeout.
 
     ``join_token`` (default ``$WEFT_JOIN_TOKEN``): a join token
     (``weft token create --role node``). The worker checks the coordinator
@@ -93,6 +110,8 @@ class Worker:
         ca_pin: Optional[str] = None,
         join_token: Optional[str] = None,
         state_dir: Optional[str] = None,
+        prefetch: Optional[int] = None,
+        lease: Optional[DurationLike] = None,
     ):
         token_text = join_token if join_token is not None else os.environ.get("WEFT_JOIN_TOKEN", "")
         self.join_token: Optional[JoinToken] = JoinToken.parse(token_text) if token_text.strip() else None
@@ -120,6 +139,13 @@ class Worker:
         self._slots = Slots(int(slots if slots is not None else (os.cpu_count() or 1)))
         if self.slots < 1:
             raise ValueError("slots must be at least 1")
+        self._slots.prefetch = self._prefetch_of(prefetch)
+        if self._slots.prefetch < 0:
+            self._slots.prefetch = default_prefetch(self.slots)
+        self.lease = parse_duration(lease) if lease is not None else None
+        if self.lease is not None and self.lease <= 0:
+            raise ValueError(f"lease must be positive, not {lease!r} (leave it unset for the coordinator's heartbeat "
+                             "timeout)")
         self.labels = dict(labels or {})
         if self.identity is not None:
             self.name = self.identity.name
@@ -135,7 +161,8 @@ class Worker:
         self._handlers = Handlers()
         self._outbox = Outbox()
         self.exec_policy = ExecPolicy(exec)
-        self._attempts = Attempts(self._handlers, self._slots, self._outbox, self.exec_policy)
+        self._lease = Lease(self.lease)
+        self._attempts = Attempts(self._handlers, self._slots, self._outbox, self.exec_policy, self._lease)
         self._sessions = Sessions(self, self._attempts, self._outbox, self._slots, self.start_drain, self._spawn)
         self._drain_task: Optional[asyncio.Task] = None
         self._stopped: Optional[asyncio.Event] = None
@@ -150,6 +177,27 @@ class Worker:
     @slots.setter
     def slots(self, total: int) -> None:
         self._slots.total = total
+
+    @property
+    def prefetch(self) -> int:
+        """The most attempts (in slots) it holds queued beyond its slots."""
+        return self._slots.prefetch
+
+    @staticmethod
+    def _prefetch_of(prefetch: Optional[int]) -> int:
+        if prefetch is None:
+            text = os.environ.get("WEFT_NODE_PREFETCH", "").strip()
+            if not text:
+                return -1  # the default, once the slots are known
+            try:
+                prefetch = int(text)
+            except ValueError:
+                raise ValueError(f"WEFT_NODE_PREFETCH must be a whole number of slots, not {text!r}") from None
+        if isinstance(prefetch, bool) or not isinstance(prefetch, int):
+            raise TypeError(f"prefetch must be an int, not {type(prefetch).__name__}")
+        if prefetch < 0:
+            raise ValueError(f"prefetch must be 0 (no prefetch) or more, not {prefetch}")
+        return prefetch
 
     # -- registration -------------------------------------------------------
 
@@ -216,10 +264,11 @@ class Worker:
         self._outbox.start()
         self._stopped = asyncio.Event()
         self._sessions.start()
-        threads = concurrent.futures.ThreadPoolExecutor(self._thread_workers, thread_name_prefix="weft-handler")
+        threads = HandlerThreads(self._thread_workers, self._loop)
         processes = ProcessPool(self._process_workers) if self._handlers.any_process() else None
         reaper = Reaper()
         self._attempts.start(self._loop, self._spawn, threads, processes, reaper)
+        self._spawn(watch_lease(self._lease, self._lease_expired, self._sessions.lost_lease))
         try:
             await reconnect(self._sessions, self, self._slots, self._stopped)
         finally:
@@ -227,7 +276,7 @@ class Worker:
             self._kill_everything()
             for task in list(self._tasks):
                 task.cancel()
-            threads.shutdown(wait=False, cancel_futures=True)
+            threads.shutdown()
             reaper.close()
 
     async def registered(self, timeout: Optional[float] = None) -> str:
@@ -241,7 +290,7 @@ class Worker:
         """Starts draining (like SIGTERM): no new work, finish or cancel, close, stop."""
         if self._slots.draining or self._loop is None:
             return
-        self._slots.drain()
+        self._attempts.set_draining()
         grace_s = self.drain_grace if grace is None else parse_duration(grace)
         self._outbox.control(node_pb2.NodeMessage(draining=node_pb2.Draining()))
         self._drain_task = self._spawn(self._drain(grace_s))
@@ -260,6 +309,9 @@ class Worker:
         self._sessions.drop()
 
     # -- inside -------------------------------------------------------------
+
+    def _lease_expired(self, detail: str) -> int:
+        return self._attempts.stop_all("cancelled", detail)
 
     def _spawn(self, coro) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)

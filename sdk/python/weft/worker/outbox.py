@@ -1,8 +1,8 @@
-"""What a Python worker sends: the outgoing queue, event batching, the
-redelivery window and credit grants.
+"""What a Python worker sends: the outgoing queue, event batching and the
+redelivery window.
 
 The counterpart of ``node/src/outbox.rs``. Events (``NodeTaskEvent``) wait
-here across reconnects; control messages (credits, heartbeats, draining)
+here across reconnects; control messages (heartbeats, draining, renewal)
 belong to one session and are dropped when it ends. :meth:`Outbox.take`
 turns the queue into the messages the stream sends, batching events, and
 keeps each sent ``Finished`` for a window (bounded in count and bytes): a
@@ -14,7 +14,8 @@ ahead of their results; the coordinator drops the ones it has by seq.
 
 Plain state plus one ``asyncio.Event`` to wake the sender. It does not own
 the stream (``session.py`` pulls from it), the attempts (``attempt.py``
-pushes their events) or the slot counts (``slots.py``).
+pushes their events) or the slot counts and credits (``slots.py``; the
+session grants after each batch it sends).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ import time
 from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
 
 from .._proto import common_pb2, node_pb2
+
+NodeTaskEvent = node_pb2.NodeTaskEvent
 
 log = logging.getLogger("weft.worker")
 
@@ -80,8 +83,12 @@ def fit(event: node_pb2.NodeTaskEvent, limit: int) -> node_pb2.NodeTaskEvent:
         event.progress.message = cut_text(event.progress.message)
     elif body == "finished":
         done = event.finished
-        done.error = cut_text(done.error)
-        if event.ByteSize() > limit - ENVELOPE_RESERVE:
+        if done.error:
+            done.error = cut_text(done.error)
+        # The exact size only when it may matter (most results are small).
+        if len(done.output) + len(done.error) + ENVELOPE_RESERVE > limit - ENVELOPE_RESERVE and (
+            event.ByteSize() > limit - ENVELOPE_RESERVE
+        ):
             size = len(done.output)
             done.Clear()
             done.outcome = common_pb2.OUTCOME_FAILED
@@ -116,8 +123,11 @@ class Outbox:
         self.ready: Optional[asyncio.Event] = None
         #: A session is current: control messages are queued (else dropped).
         self.attached = False
-        #: The current session has registered: releases grant credits.
+        #: The current session has registered: the sender grants credits.
         self.credits_open = False
+        #: Results and output sent again after Registered and not yet taken:
+        #: no credits until they are out (their attempts hold slots until then).
+        self.resending = 0
         #: The largest message the coordinator takes (its Registered says).
         self.message_limit = LEGACY_MESSAGE_LIMIT
 
@@ -126,9 +136,10 @@ class Outbox:
         self.ready = asyncio.Event()
 
     def wake(self) -> None:
-        """Wakes the session's sender."""
-        if self.ready is not None:
-            self.ready.set()
+        """Wakes the session's sender (cheap when it is awake already)."""
+        ready = self.ready
+        if ready is not None and not ready.is_set():
+            ready.set()
 
     # -- what goes in --------------------------------------------------------
 
@@ -144,16 +155,10 @@ class Outbox:
         self.queue.append(node_pb2.NodeTaskEvent(task_id=task_id, attempt=attempt, **body))
         self.wake()
 
-    def grant(self, slots: int) -> None:
-        """Grants ``slots`` credits for released slots, once credits are open."""
-        if self.credits_open:
-            self.control(node_pb2.NodeMessage(credits=node_pb2.Credits(grant=slots)))
-
-    def open_credits(self, free: int) -> None:
-        """After Registered: grants the free slots, and later releases."""
-        if free > 0:
-            self.control(node_pb2.NodeMessage(credits=node_pb2.Credits(grant=free)))
-        self.credits_open = True
+    def push(self, event: node_pb2.NodeTaskEvent) -> None:
+        """Queues a built event; it waits for a session."""
+        self.queue.append(event)
+        self.wake()
 
     def close(self) -> None:
         """Queues the end of the stream after what is queued (a drain)."""
@@ -200,8 +205,10 @@ class Outbox:
         return [event for key in sorted(self.sent_output) for event in self.sent_output[key]]
 
     def resend_first(self, events: List[node_pb2.NodeTaskEvent]) -> None:
-        """Puts ``events`` (from :meth:`begin_session`) at the head of the queue."""
+        """Puts ``events`` (from :meth:`begin_session`) at the head of the
+        queue; credits wait until they are taken."""
         self.queue.extendleft(reversed(events))
+        self.resending = len(events)
 
     def control_first(self, message: node_pb2.NodeMessage) -> None:
         """Puts a control message at the head of the queue."""
@@ -216,14 +223,22 @@ class Outbox:
         item = self.queue.popleft()
         if not isinstance(item, node_pb2.NodeTaskEvent):
             return item
-        item = fit(item, self.message_limit)
+        limit = self.message_limit
+        fit(item, limit)
         batch, size = [item], item.ByteSize()
-        while self.queue and isinstance(self.queue[0], node_pb2.NodeTaskEvent) and len(batch) < BATCH_LIMIT:
-            following = fit(self.queue[0], self.message_limit)
-            if size + following.ByteSize() > BATCH_BYTES:
+        queue = self.queue
+        while queue and len(batch) < BATCH_LIMIT:
+            following = queue[0]
+            if type(following) is not NodeTaskEvent:
                 break
-            batch.append(self.queue.popleft())
-            size += following.ByteSize()
+            fit(following, limit)
+            following_size = following.ByteSize()
+            if size + following_size > BATCH_BYTES:
+                break
+            batch.append(queue.popleft())
+            size += following_size
+        if self.resending:
+            self.resending = max(0, self.resending - len(batch))
         now = time.monotonic()
         for event in batch:
             kind = event.WhichOneof("body")

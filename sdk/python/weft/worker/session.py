@@ -9,6 +9,9 @@ stream per :class:`Session`, run by :meth:`Sessions.run_session`;
 reconnecting with backoff is ``reconnect.py``'s. Outgoing messages come
 from the outbox (``outbox.py``), which also keeps what must survive a
 reconnect; ``Assign`` and ``Cancel`` go to the attempts (``attempt.py``).
+After each batch it sends it grants the credits ``slots.py`` answers (one
+``Credits`` for many releases), and every message heard renews the lease
+(``lease.py``).
 The state dir and the certificate requests are ``identity.py``'s, the
 token and Join ``join.py``'s.
 It must not run or finish attempts itself, nor batch events.
@@ -30,6 +33,7 @@ from ..models import duration_from_pb
 from .attempt import Attempts
 from .identity import Identity, RENEW_AT, check_chain, new_key_and_csr, retry_delay, save_renewed, utc
 from .join import JoinTokenError, join
+from .lease import Lease
 from .outbox import CLOSE, LEGACY_MESSAGE_LIMIT, Outbox
 from .slots import Slots
 
@@ -37,6 +41,8 @@ log = logging.getLogger("weft.worker")
 
 #: The node protocol version this worker speaks.
 PROTOCOL_VERSION = node_pb2.PROTOCOL_VERSION_1
+#: A sender finding fewer events queued while attempts run waits one turn of the loop.
+COALESCE_BELOW = 64
 #: How long the coordinator may take to answer Register.
 REGISTER_TIMEOUT = 10.0
 #: Refusals on Connect after which reconnecting would not help, at any
@@ -88,8 +94,10 @@ class Sessions:
     ``start_drain`` is called on a Drain, ``spawn`` starts a task the
     worker tracks."""
 
-    def __init__(self, worker, attempts: Attempts, outbox: Outbox, slots: Slots, start_drain: Callable, spawn: Callable):
+    def __init__(self, worker, attempts: Attempts, outbox: Outbox, slots: Slots, start_drain: Callable, spawn: Callable,
+                 lease: Optional[Lease] = None):
         self._worker = worker
+        self._lease = lease if lease is not None else attempts.lease
         self._attempts = attempts
         self._outbox = outbox
         self._slots = slots
@@ -108,6 +116,19 @@ class Sessions:
         session = self.current
         if session is not None and session.call is not None:
             session.closing = session.dropped = True
+            session.call.cancel()
+
+    def lost_lease(self) -> None:
+        """The lease ran out: the coordinator has given up on this worker."""
+        self.lost("lease expired")
+
+    def lost(self, why: str) -> None:
+        """Ends the current stream from this side as a lost one (the worker
+        reconnects with backoff)."""
+        session = self.current
+        if session is not None and session.call is not None and not session.closing:
+            log.warning("ending the session: %s", why)
+            session.dropped = True
             session.call.cancel()
 
     async def run_session(self) -> None:
@@ -136,6 +157,7 @@ class Sessions:
             previous_node_id=self.node_id or (identity.node_id if identity is not None else ""),
             exec=exec_mode,
             exec_allow=exec_allow,
+            prefetch=self._slots.prefetch,
         )
         log.info("connecting to %s as %s (%d running)", worker.coordinator, worker.name, len(running))
         if identity is not None:
@@ -162,8 +184,15 @@ class Sessions:
             first = True
             try:
                 async for message in call:
-                    session.last_recv = time.monotonic()
+                    session.last_recv = now = time.monotonic()
                     body = message.WhichOneof("body")
+                    if not first:
+                        silence = self._lease.heard(now)
+                        if silence is not None:
+                            # Sent before the coordinator gave up on this worker.
+                            log.warning("message after the lease expired (%.1fs of silence) ignored; reconnecting",
+                                        silence)
+                            raise RuntimeError("lease expired")
                     if first:
                         first = False
                         if body != "registered":
@@ -205,21 +234,38 @@ class Sessions:
             await channel.close(grace=None)
 
     async def _requests(self, session: Session, register: node_pb2.Register):
-        outbox = self._outbox
+        """What the stream sends: Register, then (once Registered) one
+        message per batch of queued events, each followed by the credits
+        its results freed (one grant for all of them), and control messages
+        in order."""
+        outbox, slots, finished_sent = self._outbox, self._slots, self._attempts.finished_sent
         yield node_pb2.NodeMessage(register=register)
         await session.registered.wait()
+        ready = outbox.ready
         while True:
+            # Cleared before looking: a wake-up while this sends is not lost.
+            ready.clear()
             if session.closing:
                 return
-            if not outbox.queue:
-                outbox.ready.clear()
-                await outbox.ready.wait()
-                continue
-            message = outbox.take(self._attempts.finished_sent)
-            if message is CLOSE:
-                session.closing = True
-                return
-            yield message
+            sent = False
+            if outbox.queue:
+                if len(outbox.queue) < COALESCE_BELOW and slots.used:
+                    # One turn of the loop first: attempts about to end join
+                    # this batch rather than each costing a write.
+                    await asyncio.sleep(0)
+                message = outbox.take(finished_sent)
+                if message is CLOSE:
+                    session.closing = True
+                    return
+                yield message
+                sent = True
+            if outbox.credits_open and not outbox.resending:
+                grant = slots.take_grant()
+                if grant:
+                    yield node_pb2.NodeMessage(credits=node_pb2.Credits(grant=grant))
+                    sent = True
+            if not sent:
+                await ready.wait()
 
     def _on_registered(self, session: Session, registered: node_pb2.Registered) -> None:
         session.node_id = registered.node_id
@@ -233,12 +279,14 @@ class Sessions:
         session.registered.set()
         # Output and results an earlier stream took go out again first (an
         # attempt's chunks before its result), then credits.
+        # Credits follow once those are out (the sender grants what the
+        # attempts it still holds leave of slots + prefetch).
         self._outbox.resend_first(session.resend + session.redeliver)
+        self._slots.reset_window()
+        self._lease.begin(session.heartbeat_timeout, session.heartbeat_interval, time.monotonic())
         if self._slots.draining:
             self._outbox.control_first(node_pb2.NodeMessage(draining=node_pb2.Draining()))
-            self._outbox.credits_open = True
-        else:
-            self._outbox.open_credits(self._slots.free)
+        self._outbox.credits_open = True
         self._outbox.wake()
         self.registered_once.set()
 
