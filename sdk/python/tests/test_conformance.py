@@ -738,6 +738,19 @@ def test_a_silent_coordinator_is_dropped_after_the_heartbeat_timeout_and_dialed_
     no_violations(conn)
 
 
+def test_a_drain_without_a_grace_lets_running_work_finish_within_the_workers_own(fake, spawn, impl, ids):
+    conn = connect(fake, spawn, impl)
+    session = conn.session
+    session.assign((ids["t-short"], 1, kit_call("sleep", b"500ms")))
+    session.events(ids["t-short"], 1, until="started")
+    session.drain()  # no grace: the worker's own default, not zero
+    session.expect("draining", timeout=3)
+    assert finished_of(session.events(ids["t-short"], 1, timeout=5)).outcome == common_pb2.OUTCOME_SUCCEEDED
+    session.wait_ended(timeout=5)
+    assert conn.proc.wait_exit(10) == 0
+    no_violations(conn)
+
+
 def test_an_assign_while_draining_is_cancelled_without_running_it(fake, spawn, impl, ids):
     conn = connect(fake, spawn, impl)
     session = conn.session
