@@ -49,8 +49,9 @@ def require_binary(name: str) -> Path:
 
 
 #: Worker implementations under test: name -> argv builder (url, name,
-#: slots, exec, join, state_dir). ``exec`` is "allow" or "deny" (``--exec``; the kit runs exec tasks, so it
-#: starts workers with "allow" unless a test checks "deny"); ``join`` and
+#: slots, exec, join, state_dir). ``exec`` is "allow" or "deny" (``--exec``), or None for a check that
+#: runs no exec task (the built-in workers then get "allow"; a custom command without ``{exec}`` its one
+#: policy); ``join`` and
 #: ``state_dir`` become ``--join TOKEN`` and ``--state-dir DIR``, as
 #: ``weft-node`` takes them; with either, the built-in workers get no
 #: ``--coordinator`` (the token, or the state dir, names the address).
@@ -82,32 +83,47 @@ def require_join(impl: str) -> None:
                     "rebuild it with node join to run the kit against it")
 
 
-def _weft_node(url: Optional[str], name: str, slots: int, exec: str = "allow", join: Optional[str] = None,
+def _weft_node(url: Optional[str], name: str, slots: int, exec: Optional[str] = "allow", join: Optional[str] = None,
                state_dir: Optional[str] = None) -> List[str]:
     node = str(require_binary("weft-node"))
     if join or state_dir:
         require_join("weft-node")
     return [node, *_node_flags(url, join, state_dir), "--slots", str(slots), "--name", name, "--prefetch", "0",
-            "--exec", exec]
+            "--exec", exec or "allow"]
 
 
-def _python_demo(url: Optional[str], name: str, slots: int, exec: str = "allow", join: Optional[str] = None,
+def _python_demo(url: Optional[str], name: str, slots: int, exec: Optional[str] = "allow", join: Optional[str] = None,
                  state_dir: Optional[str] = None) -> List[str]:
     return [sys.executable, "-m", "weft.worker_demo", *_node_flags(url, join, state_dir), "--slots", str(slots),
-            "--name", name, "--exec", exec]
+            "--name", name, "--exec", exec or "allow"]
 
 
-def _python_example(url: Optional[str], name: str, slots: int, exec: str = "allow", join: Optional[str] = None,
-                    state_dir: Optional[str] = None) -> List[str]:
+def _python_example(url: Optional[str], name: str, slots: int, exec: Optional[str] = "allow",
+                    join: Optional[str] = None, state_dir: Optional[str] = None) -> List[str]:
     return [sys.executable, str(EXAMPLES_DIR / "worker.py"), *_node_flags(url, join, state_dir), "--slots",
-            str(slots), "--name", name, "--exec", exec]
+            str(slots), "--name", name, "--exec", exec or "allow"]
 
 
-def _custom(url: Optional[str], name: str, slots: int, exec: str = "allow", join: Optional[str] = None,
+def custom_exec_policy() -> Optional[str]:
+    """The custom worker's one exec policy when its command has no
+    ``{exec}``: ``$WEFT_CONFORMANCE_EXEC``, ``allow`` or ``deny`` (the
+    default: a handler-only worker); None when the command takes ``{exec}``."""
+    if "{exec}" in os.environ.get("WEFT_CONFORMANCE_WORKER", ""):
+        return None
+    policy = os.environ.get("WEFT_CONFORMANCE_EXEC", "deny")
+    if policy not in ("allow", "deny"):
+        raise ValueError(f"WEFT_CONFORMANCE_EXEC={policy!r}: expected allow or deny")
+    return policy
+
+
+def _custom(url: Optional[str], name: str, slots: int, exec: Optional[str] = "allow", join: Optional[str] = None,
             state_dir: Optional[str] = None) -> List[str]:
     template = os.environ["WEFT_CONFORMANCE_WORKER"]
-    if exec != "allow" and "{exec}" not in template:
-        pytest.skip("WEFT_CONFORMANCE_WORKER has no {exec} placeholder (e.g. `--exec {exec}`)")
+    fixed = custom_exec_policy()
+    if fixed is not None and exec is not None and exec != fixed:
+        pytest.skip(f"this check needs a worker that {'runs' if exec == 'allow' else 'refuses'} exec tasks; "
+                    f"WEFT_CONFORMANCE_WORKER has no {{exec}} placeholder and WEFT_CONFORMANCE_EXEC is {fixed!r}")
+    exec = exec or fixed or "allow"
     if "{join}" not in template or "{state_dir}" not in template:
         pytest.skip("WEFT_CONFORMANCE_WORKER has no {join} and {state_dir} placeholders (e.g. `--join {join} "
                     "--state-dir {state_dir}`): the kit authenticates nodes as a coordinator does")

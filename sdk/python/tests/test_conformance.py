@@ -2,9 +2,12 @@
 
 The kit plays the coordinator (``weft.testing.FakeCoordinator``, a real
 NodeService server on 127.0.0.1:0) and launches the worker under test as a
-subprocess pointed at it, then drives it through register, credits,
-heartbeats, assign, output, failure, cancel, timeout, fencing by attempt,
-drain and a coordinator restart. Every test runs against every worker
+subprocess pointed at it, then drives it through every rule of
+``proto/README.md`` a worker must keep; the table in its "Checking your
+worker" section maps each rule to the check here that covers it. Besides
+what each check asserts, every message the worker sends is checked as it
+arrives (credits, event order, seq, message size: ``weft.testing``), and a
+breach fails the check. Every test runs against every worker
 implementation: ``weft-node`` (skipped when the binary is not built), the
 Python demo worker, the Python example worker, and any command in
 ``$WEFT_CONFORMANCE_WORKER`` (a template with ``{url}``, ``{name}``,
@@ -23,9 +26,12 @@ Every worker must serve three handlers: ``echo`` (output chunk + return
 the input), ``sleep`` (input like ``250ms``) and ``fail`` (fail with the
 input as the error), under those names or, for the custom worker, the names
 ``$WEFT_CONFORMANCE_HANDLERS`` maps them to (``echo=my_echo,sleep=nap,...``;
-roles not named keep theirs); and run ``exec`` tasks when started with exec
-allowed (the kit starts it so); started with exec denied it declares that in
-Register and runs none.
+roles not named keep theirs): no check calls a handler by any other name
+(but ``no_such_handler``, which must be unknown). Exec tasks run when the
+worker is started with exec allowed; started with exec denied it declares
+that in Register and runs none. A custom command without ``{exec}`` has one
+policy, ``$WEFT_CONFORMANCE_EXEC`` (``deny`` by default: a handler-only
+worker), and the checks that need the other are skipped, saying so.
 """
 
 from __future__ import annotations
@@ -115,35 +121,51 @@ CLEAN_ENV = {"WEFT_COORDINATOR": None, "WEFT_CA": None, "WEFT_CA_PIN": None, "WE
 
 
 @pytest.fixture
-def fake(tmp_path):
+def fake(tmp_path, request):
     coordinator = FakeCoordinator(node_id=NODE_ID)
     coordinator.state_dir = tmp_path / "node-state"  # where the kit's worker keeps its identity
     yield coordinator
     coordinator.stop()
+    # Every check also checks the rules each message must keep (credits,
+    # event order, seq, message size: see weft.testing).
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.passed:
+        coordinator.ledger.check()
 
 
-def start(fake: FakeCoordinator, spawn, impl: str, slots: int = SLOTS, exec: str = "allow", token: str = None,
-          join: bool = True) -> Proc:
+def start(fake: FakeCoordinator, spawn, impl: str, slots: int = SLOTS, exec: str = None, token: str = None,
+          join: bool = True, env: dict = None, prefetch: int = 0) -> Proc:
     """Starts the worker with a join token (``token``, else a fresh one;
-    none with ``join=False``) and the kit's state dir."""
+    none with ``join=False``) and the kit's state dir. ``exec``: "allow" or
+    "deny" for a check that needs that policy (a custom worker that has
+    only the other is skipped), None for one that runs no exec task.
+    ``prefetch``: what a worker started with ``--prefetch 0`` (weft-node) is
+    started with instead, also given as ``$WEFT_NODE_PREFETCH``; a worker
+    that takes neither keeps its own."""
     if token is None and (join or impl == "custom"):
         # A custom command always has {join}: restarted, the worker must
         # use its state dir and leave the token unused.
         token = fake.join_token()
     argv = WORKERS[impl](fake.url, "conf", slots, exec, join=token, state_dir=str(fake.state_dir))
-    return spawn(argv, name=impl, env=CLEAN_ENV)
+    if prefetch:
+        env = {**(env or {}), "WEFT_NODE_PREFETCH": str(prefetch)}
+        if "--prefetch" in argv:
+            argv[argv.index("--prefetch") + 1] = str(prefetch)
+    return spawn(argv, name=impl, env={**CLEAN_ENV, **(env or {})})
 
 
-def connect(fake: FakeCoordinator, spawn, impl: str, slots: int = SLOTS, exec: str = "allow", join: bool = True) -> Conn:
-    """Starts the worker (with exec tasks allowed unless ``exec="deny"``;
-    joining with a fresh token, or with ``join=False`` from the state dir
-    alone), takes its Register, answers Registered, waits for its credits."""
-    proc = start(fake, spawn, impl, slots, exec, join=join)
+def connect(fake: FakeCoordinator, spawn, impl: str, slots: int = SLOTS, exec: str = None, join: bool = True,
+            env: dict = None, prefetch: int = 0, **registered) -> Conn:
+    """Starts the worker (``exec``: as :func:`start`; joining with a fresh
+    token, or with ``join=False`` from the state dir alone), takes its
+    Register, answers Registered (``registered``: its fields, see
+    ``FakeSession.registered``), waits for its credits."""
+    proc = start(fake, spawn, impl, slots, exec, join=join, env=env, prefetch=prefetch)
     session = fake.accept(timeout=20)
     first = session.recv(timeout=10, skip_heartbeats=False)
     assert first is not None, "worker closed the stream without a message"
     assert first.WhichOneof("body") == "register", f"first message must be Register, got {first}"
-    session.registered(node_id=NODE_ID)
+    session.registered(node_id=NODE_ID, **registered)
     session.wait_for(lambda: session.credits_granted() >= slots, timeout=5, what=f"credits for {slots} slots")
     return Conn(fake, proc, session, first.register)
 
@@ -154,7 +176,12 @@ def finished_of(events) -> node_pb2.Finished:
 
 
 def no_violations(conn: Conn) -> None:
-    assert conn.fake.ledger.violations == [], conn.fake.ledger.violations
+    conn.fake.ledger.check()
+
+
+def capacity(conn: Conn) -> int:
+    """What the worker may have granted in all: its slots and its prefetch."""
+    return conn.register.slots + conn.register.prefetch
 
 
 def test_register_is_first_with_version_1_slots_and_the_kit_handlers(fake, spawn, impl):
@@ -177,7 +204,7 @@ def test_credits_are_granted_after_registered_and_match_free_slots(fake, spawn, 
     assert kinds[0] == "register"
     assert "credits" in kinds
     time.sleep(0.3)  # nothing more may be granted while idle
-    assert session.credits_granted() == SLOTS
+    assert SLOTS <= session.credits_granted() <= capacity(conn)
     no_violations(conn)
 
 
@@ -244,7 +271,7 @@ def test_handler_error_is_failed_and_unknown_handler_is_start_failed(fake, spawn
 
 
 def test_exec_streams_stdout_and_stderr_and_reports_the_exit_code(fake, spawn, impl, ids):
-    conn = connect(fake, spawn, impl)
+    conn = connect(fake, spawn, impl, exec="allow")
     session = conn.session
     session.assign((ids["t-exec"], 1, exec_spec(["sh", "-c", "echo out; echo err >&2; exit 3"])))
     events = session.events(ids["t-exec"], 1)
@@ -267,7 +294,7 @@ def test_a_worker_started_with_exec_denied_declares_it_in_register(fake, spawn, 
 
 
 def test_a_worker_started_with_exec_allowed_does_not_declare_deny(fake, spawn, impl):
-    conn = connect(fake, spawn, impl)
+    conn = connect(fake, spawn, impl, exec="allow")
     # Unset (a worker from before the field) counts as allow.
     assert conn.register.exec in (node_pb2.EXEC_POLICY_UNSPECIFIED, node_pb2.EXEC_POLICY_ALLOW)
     assert list(conn.register.exec_allow) == []
@@ -291,7 +318,7 @@ def test_an_exec_task_assigned_to_a_worker_denying_exec_is_start_failed_and_neve
 
 
 def test_exec_gets_secret_env_after_env(fake, spawn, impl, ids):
-    conn = connect(fake, spawn, impl)
+    conn = connect(fake, spawn, impl, exec="allow")
     session = conn.session
     spec = exec_spec(["sh", "-c", 'printf "%s %s" "$API_KEY" "$PLAIN"'], env={"API_KEY": "plain", "PLAIN": "p"},
                      secret_env={"API_KEY": "s3cr3t"})
@@ -319,7 +346,7 @@ def test_cancel_reports_cancelled_within_one_second(fake, spawn, impl, ids):
 
 
 def test_exec_cancel_kills_the_process_within_one_second(fake, spawn, impl, ids):
-    conn = connect(fake, spawn, impl)
+    conn = connect(fake, spawn, impl, exec="allow")
     session = conn.session
     session.assign((ids["t-exec-sleep"], 1, exec_spec(["sleep", "30"])))
     session.events(ids["t-exec-sleep"], 1, until="started")
@@ -430,7 +457,7 @@ def test_coordinator_restart_reconnects_listing_running_attempts_and_stale_ones_
     # One slot is still taken by the running attempt: only the other is granted.
     again.wait_for(lambda: again.credits_granted() >= SLOTS - 1, timeout=5, what="credits after reconnect")
     time.sleep(0.3)
-    assert again.credits_granted() == SLOTS - 1
+    assert SLOTS - 1 <= again.credits_granted() <= capacity(conn) - 1
     # The new coordinator says that attempt is stale: the worker stops it.
     again.cancel(ids["t-keep"], 4, reason="not current")
     assert finished_of(again.events(ids["t-keep"], 4, timeout=3)).outcome == common_pb2.OUTCOME_CANCELLED
@@ -496,6 +523,436 @@ def test_a_result_sent_just_before_the_coordinator_went_away_is_listed_and_sent_
     assert finished_of(third.events(ids["t-probe"], 1, timeout=3)).output == b"probe"
     third.wait_for(lambda: third.credits_granted() >= SLOTS, timeout=5, what="all slots granted")
     no_violations(conn)
+
+
+# -- every other rule of proto/README.md a worker must honour ------------------
+#
+# The table in proto/README.md ("Checking your worker") maps each rule to
+# the check below (or above) that covers it.
+
+
+def take_register(session: FakeSession) -> node_pb2.Register:
+    """The session's first message, which must be Register."""
+    first = session.recv(timeout=10, skip_heartbeats=False)
+    assert first is not None, "the worker closed the stream without a message"
+    assert first.WhichOneof("body") == "register", f"first message must be Register, got {first}"
+    return first.register
+
+
+def listed(register: node_pb2.Register) -> list:
+    return [(r.task_id, r.attempt) for r in register.running]
+
+
+def output_of(events) -> list:
+    """(seq, data) of each output chunk among ``events``."""
+    return [(e.output.seq, e.output.data) for e in events if e.WhichOneof("body") == "output"]
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie has stopped running)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    return state != "Z"
+
+
+def background_pid(session: FakeSession, task_id: str, attempt: int) -> int:
+    """The pid an exec task of ``sh -c 'sleep 30 & echo $!; wait'`` printed first."""
+    events = session.events(task_id, attempt, until="output", timeout=5)
+    return int(output_of(events)[0][1].split()[0])
+
+
+#: An exec task whose shell waits on a child in its process group.
+WAITS_ON_A_CHILD = ["sh", "-c", "sleep 30 & echo $!; wait"]
+
+
+def test_nothing_but_register_is_sent_before_registered(fake, spawn, impl):
+    start(fake, spawn, impl)
+    session = fake.accept(timeout=20)
+    take_register(session)
+    time.sleep(1.0)  # the kit holds Registered back
+    assert [r.kind for r in session.received] == ["register"], "nothing but Register until Registered"
+    session.registered(node_id=NODE_ID)
+    session.wait_for(lambda: session.credits_granted() >= SLOTS, timeout=5, what="credits after Registered")
+
+
+def test_without_registered_the_worker_drops_the_stream_and_dials_again(fake, spawn, impl):
+    start(fake, spawn, impl)
+    session = fake.accept(timeout=20)
+    take_register(session)
+    began = time.monotonic()
+    again = fake.accept(timeout=25)  # ~10 s without Registered, then its backoff
+    session.wait_ended(timeout=5)
+    assert time.monotonic() - began >= 2.0, "it waits for Registered a while (the page says ~10 s)"
+    assert take_register(again).name == "conf"
+    again.registered(node_id=NODE_ID)
+    again.wait_for(lambda: again.credits_granted() >= SLOTS, timeout=5, what="credits on the second stream")
+
+
+@pytest.mark.parametrize("code,details", [
+    ("INVALID_ARGUMENT", "node declares 2 slots; this coordinator accepts at most 1 (--max-node-slots)"),
+    ("FAILED_PRECONDITION", "unknown protocol version 1"),
+])
+def test_a_refused_register_stops_the_worker_without_dialing_again(fake, spawn, impl, code, details):
+    import grpc
+
+    proc = start(fake, spawn, impl)
+    session = fake.accept(timeout=20)
+    take_register(session)
+    session.abort(getattr(grpc.StatusCode, code), details)
+    out = exits_refused(proc)
+    assert details in out, f"the worker must report the refusal:\n{out}"
+    assert len(fake.all_sessions) == 1, "reconnecting will not help: it must not dial again"
+
+
+def test_every_attempt_sent_is_started_within_the_start_timeout(fake, spawn, impl, ids):
+    conn = connect(fake, spawn, impl, start_timeout=1.0)
+    session = conn.session
+    tasks = [ids[f"t-start-{i}"] for i in range(SLOTS)]
+    session.assign(*[(task, 1, kit_call("sleep", b"300ms")) for task in tasks])
+    sent = time.monotonic()
+    for task in tasks:
+        session.events(task, 1, until="started", timeout=1.0)
+    assert time.monotonic() - sent < 1.0, "Started within Registered.start_timeout of the Assign"
+    for task in tasks:
+        assert finished_of(session.events(task, 1)).outcome == common_pb2.OUTCOME_SUCCEEDED
+    no_violations(conn)
+
+
+def test_a_worker_that_queues_runs_at_most_its_slots_and_cancels_queued_attempts_without_running_them(
+        fake, spawn, impl, ids):
+    conn = connect(fake, spawn, impl, prefetch=4)
+    session = conn.session
+    session.keepalive()
+    if conn.register.prefetch == 0:
+        pytest.skip("the worker declares no prefetch (Register.prefetch = 0): it holds no queued attempts")
+    # A worker may grant its prefetch only once it has seen how long tasks
+    # take (weft-node does): a few short ones first.
+    for i in range(4):
+        session.assign((ids[f"t-warm-{i}"], 1, kit_call("echo", b"warm")))
+        finished_of(session.events(ids[f"t-warm-{i}"], 1))
+    try:
+        session.wait_for(lambda: fake.ledger.window > SLOTS, timeout=5, what="credits beyond the slots")
+    except AssertionError:
+        pytest.skip(f"the worker declares prefetch {conn.register.prefetch} but never granted beyond its slots")
+    running = [ids[f"t-run-{i}"] for i in range(SLOTS)]
+    session.assign(*[(task, 1, kit_call("sleep", b"2s")) for task in running], (ids["t-queued"], 1,
+                                                                                kit_call("echo", b"queued")))
+    for task in running:
+        session.events(task, 1, until="started")
+    time.sleep(0.5)
+    assert session.attempt_events(ids["t-queued"], 1) == [], "queued while every slot is busy: not started"
+    sent = time.monotonic()
+    session.cancel(ids["t-queued"], 1)
+    events = session.events(ids["t-queued"], 1, timeout=2)
+    assert [e.WhichOneof("body") for e in events] == ["finished"], "a queued attempt cancelled never ran"
+    assert finished_of(events).outcome == common_pb2.OUTCOME_CANCELLED
+    assert time.monotonic() - sent < 1.0
+    # Queued attempts are listed on reconnect with the running ones.
+    session.wait_for(lambda: fake.ledger.window >= 1, timeout=3, what="the cancelled attempt's slot granted back")
+    session.assign((ids["t-queued-2"], 1, kit_call("echo", b"queued")))
+    time.sleep(0.3)
+    session.close()
+    again = fake.accept(timeout=15)
+    held = {(task, 1) for task in running} | {(ids["t-queued-2"], 1)}
+    assert held <= set(listed(take_register(again))), "running and queued attempts are listed"
+    again.registered(node_id=NODE_ID)
+    again.keepalive()
+    # Draining reports the queued attempt cancelled at once, without running it.
+    sent = time.monotonic()
+    again.drain(grace=10)
+    again.expect("draining", timeout=3)
+    events = again.events(ids["t-queued-2"], 1, timeout=2)
+    assert [e.WhichOneof("body") for e in events] == ["finished"]
+    assert finished_of(events).outcome == common_pb2.OUTCOME_CANCELLED
+    assert time.monotonic() - sent < 1.0, "at once, not after the running ones"
+    for task in running:
+        assert finished_of(again.events(task, 1, timeout=5)).outcome == common_pb2.OUTCOME_SUCCEEDED
+    again.wait_ended(timeout=5)
+    no_violations(conn)
+
+
+def test_an_assignment_of_an_attempt_it_already_runs_is_ignored(fake, spawn, impl, ids):
+    conn = connect(fake, spawn, impl)
+    session = conn.session
+    task = ids["t-twice"]
+    session.assign((task, 1, kit_call("sleep", b"300ms")))
+    session.events(task, 1, until="started")
+    # The same attempt again (it uses a credit, as any assignment does).
+    session.assign((task, 1, kit_call("sleep", b"300ms")))
+    assert finished_of(session.events(task, 1)).outcome == common_pb2.OUTCOME_SUCCEEDED
+    session.wait_for(lambda: fake.ledger.window >= 1, timeout=3, what="its slot granted back")
+    session.assign((ids["t-probe"], 1, kit_call("sleep", b"400ms")))
+    finished_of(session.events(ids["t-probe"], 1))
+    kinds = [e.WhichOneof("body") for e in session.attempt_events(task, 1)]
+    assert kinds.count("started") == 1 and kinds.count("finished") == 1, f"it ran once: {kinds}"
+    no_violations(conn)
+
+
+def test_a_cancel_for_an_attempt_already_finished_is_ignored(fake, spawn, impl, ids):
+    conn = connect(fake, spawn, impl)
+    session = conn.session
+    task = ids["t-done"]
+    session.assign((task, 1, kit_call("echo", b"done")))
+    assert finished_of(session.events(task, 1)).outcome == common_pb2.OUTCOME_SUCCEEDED
+    session.cancel(task, 1, reason="too late")
+    # The worker reads in order: once the probe is done, the Cancel was handled.
+    session.assign((ids["t-probe"], 1, kit_call("echo", b"probe")))
+    assert finished_of(session.events(ids["t-probe"], 1)).output == b"probe"
+    kinds = [e.WhichOneof("body") for e in session.attempt_events(task, 1)]
+    assert kinds.count("finished") == 1, f"nothing more about a finished attempt: {kinds}"
+    no_violations(conn)
+
+
+def test_a_flood_of_cancels_for_attempts_it_does_not_run_is_ignored_and_the_session_goes_on(fake, spawn, impl, ids):
+    conn = connect(fake, spawn, impl)
+    session = conn.session
+    session.keepalive()
+    for _ in range(5000):  # a coordinator answers each stale event with one
+        session.cancel(new_ulid(), 1, reason="not current")
+    session.assign((ids["t-after"], 1, kit_call("echo", b"after")))
+    assert finished_of(session.events(ids["t-after"], 1, timeout=20)).output == b"after"
+    assert not session.ended.is_set()
+    reported = {(e.task_id, e.attempt) for r in session.of_kind("events") for e in r.message.events.events}
+    assert reported == {(ids["t-after"], 1)}, "nothing reported for attempts it does not run"
+    no_violations(conn)
+
+
+def test_a_silent_coordinator_is_dropped_after_the_heartbeat_timeout_and_dialed_again(fake, spawn, impl):
+    conn = connect(fake, spawn, impl, heartbeat_timeout=1.0)
+    session = conn.session  # the kit says nothing more on it
+    session.wait_ended(timeout=6)
+    again = fake.accept(timeout=10)
+    register = take_register(again)
+    assert register.previous_node_id == NODE_ID, "previous_node_id: the node_id of the last Registered"
+    again.registered(node_id=NODE_ID, heartbeat_timeout=1.0)
+    again.keepalive()
+    again.wait_for(lambda: again.credits_granted() >= SLOTS, timeout=5, what="credits on the second stream")
+    time.sleep(2.5)  # past the timeout twice over, with heartbeats: it stays
+    assert not again.ended.is_set() and len(fake.all_sessions) == 2, "a coordinator that speaks is not dropped"
+    no_violations(conn)
+
+
+def test_a_drain_without_a_grace_lets_running_work_finish_within_the_workers_own(fake, spawn, impl, ids):
+    conn = connect(fake, spawn, impl)
+    session = conn.session
+    session.assign((ids["t-short"], 1, kit_call("sleep", b"500ms")))
+    session.events(ids["t-short"], 1, until="started")
+    session.drain()  # no grace: the worker's own default, not zero
+    session.expect("draining", timeout=3)
+    assert finished_of(session.events(ids["t-short"], 1, timeout=5)).outcome == common_pb2.OUTCOME_SUCCEEDED
+    session.wait_ended(timeout=5)
+    assert conn.proc.wait_exit(10) == 0
+    no_violations(conn)
+
+
+def test_an_assign_while_draining_is_cancelled_without_running_it(fake, spawn, impl, ids):
+    conn = connect(fake, spawn, impl)
+    session = conn.session
+    session.assign((ids["t-running"], 1, kit_call("sleep", b"1s")))
+    session.events(ids["t-running"], 1, until="started")
+    session.drain(grace=10)
+    session.expect("draining", timeout=3)
+    session.assign((ids["t-late"], 1, kit_call("echo", b"late")))  # sent before the coordinator saw Draining
+    events = session.events(ids["t-late"], 1)
+    assert [e.WhichOneof("body") for e in events] == ["finished"], "no Started: it must not run"
+    assert finished_of(events).outcome == common_pb2.OUTCOME_CANCELLED
+    assert finished_of(session.events(ids["t-running"], 1, timeout=5)).outcome == common_pb2.OUTCOME_SUCCEEDED
+    session.wait_ended(timeout=5)
+    assert conn.proc.wait_exit(10) == 0
+    no_violations(conn)
+
+
+def test_output_and_results_keep_within_registered_max_message_size(fake, spawn, impl, ids):
+    limit = 1024 * 1024  # the least a coordinator says (--max-message-size is 1 MiB to 64 MiB)
+    conn = connect(fake, spawn, impl, max_message_size=limit)
+    session = conn.session
+    data = os.urandom(700 * 1024)  # its chunks and its result do not fit in one message together
+    session.assign((ids["t-fits"], 1, kit_call("echo", data)))
+    events = session.events(ids["t-fits"], 1, timeout=10)
+    chunks = output_of(events)
+    assert [seq for seq, _ in chunks] == list(range(len(chunks))), "seq from 0, no gaps"
+    assert b"".join(d for _, d in chunks) == data
+    finished = finished_of(events)
+    assert finished.outcome == common_pb2.OUTCOME_SUCCEEDED and finished.output == data, "the result fits alone"
+    # A result that cannot fit in one message (its Assign is past the limit
+    # too, which a worker decodes all the same) is replaced by a failure.
+    big = os.urandom(limit + 200 * 1024)
+    session.assign((ids["t-too-big"], 1, kit_call("echo", big)))
+    events = session.events(ids["t-too-big"], 1, timeout=10)
+    assert b"".join(d for _, d in output_of(events)) == big
+    finished = finished_of(events)
+    assert finished.outcome == common_pb2.OUTCOME_FAILED and finished.error, finished
+    no_violations(conn)  # every message within the limit
+
+
+def test_a_large_assign_is_decoded_and_its_large_result_sent(fake, spawn, impl, ids):
+    conn = connect(fake, spawn, impl, max_message_size=16 * 1024 * 1024)
+    session = conn.session
+    session.keepalive()
+    data = os.urandom(5 * 1024 * 1024)  # past gRPC's default 4 MiB
+    session.assign((ids["t-large"], 1, kit_call("echo", data)))
+    finished = finished_of(session.events(ids["t-large"], 1, timeout=30))
+    assert finished.outcome == common_pb2.OUTCOME_SUCCEEDED
+    assert finished.output == data
+    no_violations(conn)
+
+
+def test_an_error_is_sent_within_64_kib(fake, spawn, impl, ids):
+    conn = connect(fake, spawn, impl)
+    session = conn.session
+    session.assign((ids["t-long-error"], 1, kit_call("fail", b"x" * (100 * 1024))))
+    finished = finished_of(session.events(ids["t-long-error"], 1))
+    assert finished.outcome == common_pb2.OUTCOME_FAILED
+    assert 0 < len(finished.error.encode()) <= 64 * 1024, len(finished.error.encode())
+    no_violations(conn)
+
+
+def test_output_sent_before_the_coordinator_went_away_is_sent_again_in_seq_order_ahead_of_its_result(
+        fake, spawn, impl, ids):
+    conn = connect(fake, spawn, impl)
+    session = conn.session
+    task = ids["t-resend"]
+    data = os.urandom(100 * 1024)  # several chunks
+    session.assign((task, 1, kit_call("echo", data)))
+    sent = output_of(session.events(task, 1))
+    assert b"".join(d for _, d in sent) == data
+    session.close()
+
+    again = fake.accept(timeout=15)
+    assert listed(take_register(again)) == [(task, 1)]
+    again.registered(node_id=NODE_ID)
+    events = again.events(task, 1, timeout=5)
+    assert output_of(events) == sent, "every chunk again, in seq order"
+    assert [e.WhichOneof("body") for e in events] == ["output"] * len(sent) + ["finished"], "ahead of its result"
+    assert finished_of(events).output == data
+    kinds = [r.kind for r in again.received]
+    assert "credits" not in kinds[:kinds.index("events") + 1], "credits only after the redelivered result"
+    again.wait_for(lambda: again.credits_granted() >= SLOTS, timeout=3, what="all slots granted")
+    no_violations(conn)
+
+
+def test_output_of_an_attempt_running_across_a_reconnect_goes_on_in_seq_order(fake, spawn, impl, ids):
+    conn = connect(fake, spawn, impl, exec="allow")
+    session = conn.session
+    task = ids["t-across"]
+    session.assign((task, 1, exec_spec(["sh", "-c", "echo one; sleep 1.5; echo two"])))
+    assert output_of(session.events(task, 1, until="output")) == [(0, b"one\n")]
+    session.close()
+
+    again = fake.accept(timeout=15)
+    assert listed(take_register(again)) == [(task, 1)]
+    again.registered(node_id=NODE_ID)
+    again.keepalive()
+    events = again.events(task, 1, timeout=5)
+    assert output_of(events) == [(0, b"one\n"), (1, b"two\n")], "the sent chunk first, then the new one"
+    assert finished_of(events).outcome == common_pb2.OUTCOME_SUCCEEDED
+    no_violations(conn)
+
+
+def test_attempts_are_stopped_when_the_lease_runs_out_while_disconnected(fake, spawn, impl, ids):
+    conn = connect(fake, spawn, impl, exec="allow", heartbeat_timeout=1.5)
+    session = conn.session
+    session.keepalive()
+    task = ids["t-lease"]
+    session.assign((task, 1, exec_spec(WAITS_ON_A_CHILD)))
+    child = background_pid(session, task, 1)
+    session.close()  # the coordinator goes away: nothing heard from now on
+    again = fake.accept(timeout=15)  # the kit holds Registered back
+    assert listed(take_register(again)) == [(task, 1)]
+    time.sleep(0.3)
+    assert alive(child), "a broken stream alone does not stop an attempt"
+    deadline = time.monotonic() + 1.5 + 3.0
+    while alive(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not alive(child), "past its lease (heartbeat_timeout) the attempt's processes are stopped"
+    # It reports the attempt on the next stream the kit answers (it may
+    # have dropped this one and dialed again meanwhile).
+    current, deadline = again, time.monotonic() + 20
+    while True:
+        if not current.ended.is_set():
+            current.registered(node_id=NODE_ID)
+            try:
+                finished = finished_of(current.events(task, 1, timeout=5))
+                break
+            except AssertionError:
+                if not current.ended.is_set():
+                    raise
+        assert time.monotonic() < deadline, "the stopped attempt was never reported"
+        current = fake.accept(timeout=15)
+        assert (task, 1) in listed(take_register(current))
+    assert finished.outcome != common_pb2.OUTCOME_SUCCEEDED
+    no_violations(conn)
+
+
+# -- exec: what the page says about running a process ------------------------
+
+
+def test_exec_gets_stdin_cwd_and_env_on_top_of_the_workers_environment(fake, spawn, impl, ids, tmp_path):
+    conn = connect(fake, spawn, impl, exec="allow", env={"WEFT_KIT_FROM_NODE": "node"})
+    session = conn.session
+    workdir = tmp_path / "work dir"
+    workdir.mkdir()
+    spec = exec_spec(["sh", "-c", 'pwd; cat; printf "%s|%s" "$WEFT_KIT_FROM_NODE" "$FROM_TASK"'],
+                     env={"FROM_TASK": "task"}, cwd=str(workdir), stdin=b"from stdin\n")
+    session.assign((ids["t-env"], 1, spec))
+    events = session.events(ids["t-env"], 1)
+    out = b"".join(d for _, d in output_of(events)).decode()
+    assert out == f"{os.path.realpath(workdir)}\nfrom stdin\nnode|task"
+    assert finished_of(events).outcome == common_pb2.OUTCOME_SUCCEEDED
+    no_violations(conn)
+
+
+def test_exec_that_cannot_start_is_start_failed_and_one_killed_by_a_signal_has_no_exit_code(fake, spawn, impl, ids):
+    conn = connect(fake, spawn, impl, exec="allow")
+    session = conn.session
+    session.assign((ids["t-bad-cwd"], 1, exec_spec(["true"], cwd="/nonexistent/weft-kit-dir")))
+    assert finished_of(session.events(ids["t-bad-cwd"], 1)).outcome == common_pb2.OUTCOME_START_FAILED
+    session.assign((ids["t-no-argv"], 1, common_pb2.TaskSpec(exec=common_pb2.ExecSpec())))
+    assert finished_of(session.events(ids["t-no-argv"], 1)).outcome == common_pb2.OUTCOME_START_FAILED
+    session.assign((ids["t-killed"], 1, exec_spec(["sh", "-c", "kill -9 $$"])))
+    finished = finished_of(session.events(ids["t-killed"], 1))
+    assert finished.outcome == common_pb2.OUTCOME_FAILED
+    assert not finished.HasField("exit_code"), "exit_code only when the process exited"
+    no_violations(conn)
+
+
+def test_exec_cancel_kills_the_whole_process_group(fake, spawn, impl, ids):
+    conn = connect(fake, spawn, impl, exec="allow")
+    session = conn.session
+    task = ids["t-group"]
+    session.assign((task, 1, exec_spec(WAITS_ON_A_CHILD)))
+    child = background_pid(session, task, 1)
+    sent = time.monotonic()
+    session.cancel(task, 1)
+    assert finished_of(session.events(task, 1, timeout=3)).outcome == common_pb2.OUTCOME_CANCELLED
+    assert time.monotonic() - sent < 1.0
+    session.wait_for(lambda: not alive(child), timeout=1.0, what="the task's child process gone too")
+    no_violations(conn)
+
+
+def test_exec_past_its_timeout_is_killed_even_when_it_ignores_sigterm(fake, spawn, impl, ids):
+    conn = connect(fake, spawn, impl, exec="allow")
+    session = conn.session
+    task = ids["t-stubborn"]
+    spec = exec_spec(["sh", "-c", 'trap "" TERM; sleep 30 & echo $!; wait'], timeout=0.5)
+    session.assign((task, 1, spec))
+    started = time.monotonic()
+    child = background_pid(session, task, 1)
+    finished = finished_of(session.events(task, 1, timeout=5))
+    assert finished.outcome == common_pb2.OUTCOME_TIMED_OUT
+    assert not finished.HasField("exit_code")
+    assert time.monotonic() - started < 2.0
+    session.wait_for(lambda: not alive(child), timeout=1.0, what="the whole process group killed")
+    no_violations(conn)
+
 
 
 # -- joining and the node's identity ------------------------------------------
@@ -586,7 +1043,7 @@ def test_a_worker_without_a_certificate_is_refused_and_stops(fake, spawn, impl):
     require_join(impl)
     if impl == "custom":
         pytest.skip("the kit starts a custom worker only with {join} and {state_dir}")
-    argv = WORKERS[impl](fake.url, "conf", SLOTS, "allow")
+    argv = WORKERS[impl](fake.url, "conf", SLOTS, None)
     proc = spawn(argv, name=impl, env={**CLEAN_ENV, "WEFT_CA": fake.ca_file})
     out = exits_refused(proc)
     assert "join" in out.lower(), out

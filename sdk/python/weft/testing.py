@@ -7,8 +7,19 @@ sends whatever coordinator messages it likes (Registered, Assign, Cancel,
 Drain, Heartbeat), or ends the stream to play a coordinator restart.
 Any worker implementation, in any language, can be pointed at its URL.
 
-Each session checks the credit rule as messages pass: the worker must never
-grant more than its free slots plus its declared prefetch (``violations`` lists any breach).
+Each session checks, as messages pass, the rules every message must keep
+(``Ledger.violations`` lists any breach; :meth:`Ledger.check` asserts none):
+
+- credits: granted-and-unused plus the slots of the attempts it holds never
+  exceed ``slots + prefetch``, and no ``Credits{grant: 0}``;
+- at most ``slots`` attempts started and not finished at once;
+- per attempt and stream: ``Started`` only as its first event (an attempt
+  not listed in ``Register.running`` opens with ``Started``, or with a bare
+  ``Finished``; a listed one goes on, or starts if it was queued), nothing
+  after its ``Finished``, output chunks in seq order without gaps (from 0
+  for an attempt not listed), a progress fraction of at most 1;
+- every message within ``Registered.max_message_size`` (4 MiB when 0);
+- ``Register`` first, and nothing else before ``Registered``.
 
 Like a real coordinator it serves TLS and authenticates nodes: a worker
 joins with a token from :meth:`FakeCoordinator.join_token` and connects
@@ -63,14 +74,26 @@ class Received:
         return self.message.WhichOneof("body") or ""
 
 
+#: What ``Registered.max_message_size = 0`` means (an older coordinator).
+LEGACY_MESSAGE_LIMIT = 4 * 1024 * 1024
+#: The largest message the fake sends or takes (a coordinator's most).
+MAX_MESSAGE_SIZE = 64 * 1024 * 1024
+
+
 @dataclass
 class Ledger:
-    """Credit accounting of one worker across sessions."""
+    """Credit accounting of one worker across sessions, and the rules broken."""
 
     slots: int = 0
+    prefetch: int = 0
     window: int = 0  # granted and not yet used, this session
-    running: Dict[Tuple[str, int], int] = field(default_factory=dict)  # attempt -> slots
+    running: Dict[Tuple[str, int], int] = field(default_factory=dict)  # held attempt -> slots
+    started: set = field(default_factory=set)  # attempts started and not finished
     violations: List[str] = field(default_factory=list)
+
+    def check(self) -> None:
+        """AssertionError listing every rule broken so far."""
+        assert self.violations == [], "the worker broke the protocol:\n" + "\n".join(self.violations)
 
 
 class FakeSession:
@@ -91,6 +114,17 @@ class FakeSession:
         self.register: Optional[node_pb2.Register] = None
         self._lock = threading.Lock()
         self._expected: Dict[str, int] = {}
+        #: What the last Registered said (seconds; bytes).
+        self.heartbeat_interval = 1.0
+        self.heartbeat_timeout = 5.0
+        self.max_message_size = LEGACY_MESSAGE_LIMIT
+        self._registered_sent = False
+        # Per attempt, this session: the next seq expected (None: any), finished.
+        self._next_seq: Dict[Tuple[str, int], Optional[int]] = {}
+        self._finished: set = set()
+        self._listed: set = set()  # Register.running of this stream
+        self._had_event: set = set()  # attempts with an event on this stream
+        self._keepalive: Optional[threading.Thread] = None
 
     # -- worker -> coordinator ---------------------------------------------
 
@@ -110,25 +144,76 @@ class FakeSession:
     def _account(self, message: node_pb2.NodeMessage) -> None:
         ledger = self.ledger
         kind = message.WhichOneof("body")
+        size = message.ByteSize()
+        if size > self.max_message_size:
+            ledger.violations.append(f"a {kind} message of {size} bytes, past Registered.max_message_size "
+                                     f"{self.max_message_size}")
+        if self.register is None and kind != "register":
+            ledger.violations.append(f"first message {kind}, not Register")
+        elif kind == "register" and self.register is not None:
+            ledger.violations.append("a second Register on one stream")
+        elif not self._registered_sent and kind != "register":
+            ledger.violations.append(f"{kind} sent before Registered")
         if kind == "register":
             self.register = message.register
-            # Credits cover what it holds, running or queued: slots + prefetch.
-            ledger.slots = message.register.slots + message.register.prefetch
+            ledger.slots = message.register.slots
+            ledger.prefetch = message.register.prefetch
             ledger.window = 0
             ledger.running = {
                 (r.task_id, r.attempt): self._known_slots.get((r.task_id, r.attempt), 1) for r in message.register.running
             }
+            listed = {(r.task_id, r.attempt) for r in message.register.running}
+            # Listed attempts carry on: their chunks go on from where they were.
+            self._next_seq = {key: None for key in listed}
+            self._listed = listed
+            ledger.started &= listed
         elif kind == "credits":
-            ledger.window += message.credits.grant
+            grant = message.credits.grant
+            ledger.window += grant
             used = sum(ledger.running.values())
-            if ledger.window + used > ledger.slots:
+            if grant == 0:
+                ledger.violations.append("Credits{grant: 0} (send nothing when no slot is free)")
+            if ledger.window + used > ledger.slots + ledger.prefetch:
                 ledger.violations.append(
-                    f"granted {message.credits.grant}: window {ledger.window} + running {used} > slots + prefetch {ledger.slots}"
+                    f"granted {grant}: window {ledger.window} + held {used} > slots {ledger.slots} "
+                    f"+ prefetch {ledger.prefetch}"
                 )
         elif kind == "events":
             for event in message.events.events:
-                if event.WhichOneof("body") == "finished":
-                    ledger.running.pop((event.task_id, event.attempt), None)
+                self._check_event(event)
+
+    def _check_event(self, event: node_pb2.NodeTaskEvent) -> None:
+        """The per-attempt rules of proto/README.md §3, on this session."""
+        ledger = self.ledger
+        key = (event.task_id, event.attempt)
+        body = event.WhichOneof("body")
+        name = f"{event.task_id}#{event.attempt}"
+        if key in self._finished:
+            ledger.violations.append(f"{body} of {name} after its Finished")
+        first = key not in self._had_event
+        self._had_event.add(key)
+        if body == "started":
+            if not first:
+                ledger.violations.append(f"Started of {name} is not its first event")
+            ledger.started.add(key)
+            if len(ledger.started) > ledger.slots:
+                ledger.violations.append(
+                    f"{len(ledger.started)} attempts started and not finished > slots {ledger.slots}")
+        elif body == "finished":
+            self._finished.add(key)
+            ledger.running.pop(key, None)
+            ledger.started.discard(key)
+        else:
+            if first and key not in self._listed:
+                ledger.violations.append(f"{body} of {name} before its Started")
+            if body == "progress" and event.progress.fraction > 1.0:
+                ledger.violations.append(f"progress of {name}: fraction {event.progress.fraction} past 1")
+            if body == "output":
+                expected = self._next_seq.get(key, 0)
+                seq = event.output.seq
+                if expected is not None and seq != expected:
+                    ledger.violations.append(f"output of {name}: seq {seq}, expected {expected} (in order, no gaps)")
+                self._next_seq[key] = seq + 1
 
     def recv(self, timeout: float = 5.0, skip_heartbeats: bool = True) -> Optional[node_pb2.NodeMessage]:
         """The worker's next message; None when its stream ended. AssertionError on timeout."""
@@ -210,23 +295,51 @@ class FakeSession:
     def send(self, message: node_pb2.CoordinatorMessage) -> None:
         self._outbox.put(message)
 
-    def registered(self, node_id: str, heartbeat_interval: float = 0.2, heartbeat_timeout: float = 3.0) -> None:
-        self.send(
-            node_pb2.CoordinatorMessage(
-                registered=node_pb2.Registered(
-                    node_id=node_id,
-                    heartbeat_interval=duration_to_pb(heartbeat_interval),
-                    heartbeat_timeout=duration_to_pb(heartbeat_timeout),
-                )
-            )
+    def registered(self, node_id: str, heartbeat_interval: float = 0.2, heartbeat_timeout: float = 3.0,
+                   max_message_size: int = 0, start_timeout: Optional[float] = None) -> None:
+        """Answers Register. ``max_message_size`` 0 means 4 MiB (an older
+        coordinator's); ``start_timeout`` None leaves it unset (no deadline)."""
+        registered = node_pb2.Registered(
+            node_id=node_id,
+            heartbeat_interval=duration_to_pb(heartbeat_interval),
+            heartbeat_timeout=duration_to_pb(heartbeat_timeout),
+            max_message_size=max_message_size,
         )
+        if start_timeout is not None:
+            registered.start_timeout.CopyFrom(duration_to_pb(start_timeout))
+        with self._lock:
+            self.heartbeat_interval = heartbeat_interval
+            self.heartbeat_timeout = heartbeat_timeout
+            self.max_message_size = max_message_size or LEGACY_MESSAGE_LIMIT
+            self._registered_sent = True
+        self.send(node_pb2.CoordinatorMessage(registered=registered))
 
-    def assign(self, *assignments: Tuple[str, int, common_pb2.TaskSpec]) -> None:
-        """Assigns (task_id, attempt, spec) tuples in one Assign message."""
+    def keepalive(self) -> None:
+        """Sends ``Heartbeat`` every ``heartbeat_interval`` until the stream
+        ends, as a coordinator does (the fake is silent otherwise: a test
+        longer than ``heartbeat_timeout`` needs this, or the worker rightly
+        drops the stream)."""
+        if self._keepalive is not None:
+            return
+
+        def beat() -> None:
+            while not self.ended.wait(self.heartbeat_interval):
+                self.heartbeat()
+
+        self._keepalive = threading.Thread(target=beat, daemon=True, name="fake-coordinator-heartbeat")
+        self._keepalive.start()
+
+    def assign(self, *assignments: Tuple[str, int, common_pb2.TaskSpec], account: bool = True) -> None:
+        """Assigns (task_id, attempt, spec) tuples in one Assign message.
+        ``account=False`` sends it without using credits: an assignment a
+        coordinator would not send (one the worker already runs, say)."""
         tasks = []
         with self._lock:
             for task_id, attempt, spec in assignments:
                 slots = max(1, spec.slots)
+                if not account:
+                    tasks.append(node_pb2.Assignment(task_id=task_id, attempt=attempt, spec=spec))
+                    continue
                 self.ledger.window -= slots
                 if self.ledger.window < 0:
                     self.ledger.violations.append(f"kit assigned {task_id}#{attempt} beyond credits")
@@ -560,7 +673,10 @@ class FakeCoordinator:
         self.auto_renew = True
         self._credentials: Dict[str, int] = {}  # join credential -> uses left (0: no limit)
         self._lock = threading.Lock()
-        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_SIZE + 4096),
+            ("grpc.max_send_message_length", MAX_MESSAGE_SIZE + 4096),
+        ])
         node_pb2_grpc.add_NodeServiceServicer_to_server(_Servicer(self), self._server)
         self._pki = tempfile.TemporaryDirectory(prefix="weft-fake-pki-") if tls else None
         self.ca: Optional[TestCA] = None
