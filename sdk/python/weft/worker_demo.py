@@ -112,6 +112,7 @@ def build_worker(args: argparse.Namespace) -> Worker:
         ca_pin=args.ca_pin,
         join_token=args.join,
         state_dir=args.state_dir,
+        allow_modules=args.allow_module,
     )
     worker.register("noop", noop, "asyncio")
     worker.register("echo", echo, "asyncio")
@@ -146,6 +147,10 @@ def parser(prog: str = "python -m weft.worker_demo") -> argparse.ArgumentParser:
                    help="run exec tasks (shell commands) of any program, or none (default: deny)")
     p.add_argument("--exec-allow", action="append", metavar="PROGRAM",
                    help="run only exec tasks of this program (bare name or absolute path; repeatable)")
+    p.add_argument("--allow-module", action="append", metavar="MODULE",
+                   help="serve weft.Executor's pickled calls of functions in this module and its submodules "
+                        "(repeatable; none by default). Anyone who may submit can call any of its functions "
+                        "with any arguments: never allow os, subprocess, builtins or the like")
     p.add_argument("--log-level", default=os.environ.get("WEFT_LOG", "info"))
     return p
 
