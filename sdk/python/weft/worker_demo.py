@@ -4,7 +4,8 @@ Run it with ``python -m weft.worker_demo --coordinator http://127.0.0.1:7070``
 (or the ``weft-py-worker`` script). It takes ``weft-node``'s flags for the
 coordinator, ``--join TOKEN --state-dir DIR`` to join a cluster,
 ``--slots N --name NAME --label k=v ... --drain-grace 30s``, the exec
-policy and ``--log-level`` (not ``--lease``, ``--prefetch`` or
+policy, ``--allow-module`` (serve ``weft.Executor``'s pickled calls of
+that module) and ``--log-level`` (not ``--lease``, ``--prefetch`` or
 ``--log-format``).
 
 Handlers (input and output are bytes):
