@@ -154,7 +154,8 @@ def task_exception(task: Task) -> BaseException:
     at = task.error.rfind(EXCEPTION_MARKER) if task.state == TaskState.FAILED else -1
     if at < 0:
         return errors.task_error(task)
-    encoded = task.error[at + len(EXCEPTION_MARKER):].split(None, 1)[0] if task.error[at + len(EXCEPTION_MARKER):].strip() else ""
+    # The coordinator may append " (attempt N of M)" after the base64 word.
+    encoded = (task.error[at + len(EXCEPTION_MARKER):].split(None, 1) or [""])[0]
     try:
         exc = _ExceptionUnpickler(io.BytesIO(base64.b64decode(encoded, validate=True))).load()
     except Exception:  # noqa: BLE001 - anything that does not unpickle safely is carried as text
