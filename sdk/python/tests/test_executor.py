@@ -69,7 +69,7 @@ def test_the_worker_refuses_a_global_outside_the_allowed_modules_before_running_
     with pytest.raises(StartFailed) as refused:
         run_pickled(encode_call(exec_funcs.noop, (Evil(f"touch {proof}"),), {}), allowed=ALLOWED)
     message = str(refused.value)
-    assert "module 'posix' is not allowed" in message and "--allow-module posix" in message, message
+    assert "module 'posix' is not allowed" in message and "never" in message, message
     with pytest.raises(StartFailed) as refused:
         run_pickled(encode_call(json.dumps, (1,), {}), allowed=ALLOWED)
     assert "module 'json' is not allowed" in str(refused.value) and "--allow-module json" in str(refused.value)
@@ -96,7 +96,7 @@ def test_the_function_s_exception_fails_the_call_with_its_traceback_and_the_pick
 
 
 def test_the_allow_list_is_checked_when_the_worker_is_built():
-    for bad in ([], ["os system"], "math"):
+    for bad in ([], ["os system"], "math", ["os"], ["subprocess"], ["builtins"], ["os.path"]):
         with pytest.raises((ValueError, TypeError)):
             handler(bad)
     worker = weft.Worker("http://127.0.0.1:1", slots=1, allow_modules=["exec_funcs"])

@@ -67,6 +67,15 @@ SAFE_GLOBALS = frozenset(
 )
 
 
+#: Modules never allowed (``allow_modules`` refuses them): calling their functions with
+#: arguments chosen by a submitter runs commands, opens files or loads code.
+NEVER_ALLOWED = frozenset([
+    "builtins", "os", "posix", "nt", "sys", "subprocess", "shutil", "pathlib", "io", "_io", "socket", "signal",
+    "pickle", "_pickle", "marshal", "importlib", "ctypes", "runpy", "code", "codeop", "pty", "multiprocessing",
+    "weft",
+])
+
+
 def allowed(module: str, allow_modules: Iterable[str]) -> bool:
     """Whether ``module`` is one of ``allow_modules`` or a submodule of one."""
     return any(module == m or module.startswith(m + ".") for m in allow_modules)
@@ -111,6 +120,9 @@ class RestrictedUnpickler(pickle.Unpickler):
 def refusal(module: str, name: str) -> str:
     """The error of a task naming a global of a module this worker does not allow."""
     top = module.split(".")[0]
+    if top in NEVER_ALLOWED:
+        return (f"{HANDLER}: module '{module}' is not allowed on this worker (global '{module}.{name}'), and never "
+                "can be: its functions are unsafe to call with any arguments")
     return (f"{HANDLER}: module '{module}' is not allowed on this worker (global '{module}.{name}'); "
             f"allow it with `weft-py-worker --allow-module {top}` or Worker(allow_modules=[..., '{top}']), "
             "and only if every function in it is safe to call with any arguments")
@@ -183,4 +195,7 @@ def handler(allow_modules: Sequence[str]) -> functools.partial:
     for module in modules:
         if not module or not all(part.isidentifier() for part in module.split(".")):
             raise ValueError(f"allow_modules: {module!r} is not a module name")
+        if module.split(".")[0] in NEVER_ALLOWED:
+            raise ValueError(f"allow_modules: '{module}' is never allowed: anyone who may submit could call its "
+                             "functions with any arguments (commands, files, code)")
     return functools.partial(run_pickled, allowed=modules)
