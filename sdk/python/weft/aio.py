@@ -253,4 +253,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["Client", "Executor"]
+__all__ = ["Client"]

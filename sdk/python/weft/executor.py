@@ -50,7 +50,6 @@ import asyncio
 import base64
 import collections
 import concurrent.futures
-import functools
 import io
 import itertools
 import logging
