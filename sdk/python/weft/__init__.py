@@ -4,6 +4,8 @@
   tasks, wait, stream events and output, cancel, list nodes.
 - :class:`Worker`: serve Python functions (``asyncio``, ``thread`` or
   ``process`` handlers) to a coordinator over the node protocol.
+- :class:`Executor` / :class:`weft.aio.Executor`: ``concurrent.futures``-style
+  executors over Weft, for handlers by name and module-level Python functions.
 - Typed errors (:class:`WeftError` and subclasses) mapped from gRPC codes.
 
 The generated ``weft.v1`` stubs live in ``weft._proto`` (``node_pb2``,
@@ -11,6 +13,7 @@ The generated ``weft.v1`` stubs live in ``weft._proto`` (``node_pb2``,
 """
 
 from .client import Client
+from .executor import AsyncExecutor, Executor, RemoteTraceback
 from .errors import (
     AlreadyExists,
     Cancelled,
@@ -47,9 +50,9 @@ from .worker import PROTOCOL_VERSION, Context, HandlerError, Worker
 __version__ = "0.1.0"
 
 __all__ = [
-    "AlreadyExists", "Cancelled", "Client", "ClusterInfo", "Context", "DeadlineExceeded",
+    "AlreadyExists", "AsyncExecutor", "Cancelled", "Client", "ClusterInfo", "Context", "DeadlineExceeded", "Executor",
     "FailedPrecondition", "HandlerError", "Internal", "InvalidArgument", "NodeInfo", "NodeState",
-    "NotFound", "OutputStream", "PROTOCOL_VERSION", "PermissionDenied", "ResourceExhausted", "Task",
+    "NotFound", "OutputStream", "PROTOCOL_VERSION", "PermissionDenied", "RemoteTraceback", "ResourceExhausted", "Task",
     "TaskCancelled", "TaskEvent", "TaskFailed", "TaskState", "TaskTimedOut", "Unauthenticated",
     "Unavailable", "Unimplemented", "WeftError", "Worker", "call_spec", "exec_spec", "parse_duration", "parse_label",
 ]

@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import asyncio
-from typing import AsyncIterator, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, AsyncIterator, Iterable, List, Optional, Sequence, Tuple, Union
 
 import grpc
 
@@ -99,12 +99,13 @@ class Client:
         *,
         wait_timeout: Optional[DurationLike] = None,
         **options,
-    ) -> bytes:
-        """Calls ``handler`` on some node and returns its output (raises TaskFailed)."""
+    ) -> Any:
+        """Calls ``handler`` on some node and returns its output (raises TaskFailed); with
+        ``json=VALUE``, JSON in and out (see :meth:`weft.Client.call`)."""
         task = await self.wait(await self.submit_call(handler, input, **options), timeout=wait_timeout)
         if not task.succeeded:
             raise errors.task_error(task)
-        return task.output
+        return task.json() if "json" in options else task.output
 
     async def exec(
         self,
@@ -241,6 +242,15 @@ class Client:
     async def cluster_info(self) -> ClusterInfo:
         """Cluster-wide figures."""
         return ClusterInfo.from_pb(await self._unary(self._admin.ClusterInfo, admin_pb2.ClusterInfoRequest()))
+
+
+def __getattr__(name: str):
+    # ``weft.aio.Executor`` lives in weft/executor.py, which imports this module.
+    if name == "Executor":
+        from .executor import AsyncExecutor
+
+        return AsyncExecutor
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = ["Client"]

@@ -15,7 +15,7 @@ not succeed. The asyncio twin is :class:`weft.aio.Client`.
 from __future__ import annotations
 
 import time
-from typing import Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import grpc
 
@@ -170,16 +170,18 @@ class Client:
         *,
         wait_timeout: Optional[DurationLike] = None,
         **options,
-    ) -> bytes:
+    ) -> Any:
         """Calls ``handler`` on some node and returns its output bytes.
 
-        Raises :class:`weft.TaskFailed` (or ``TaskCancelled``/``TaskTimedOut``)
-        when the task does not succeed.
+        With ``json=VALUE`` instead of ``input`` (a handler registered with
+        ``codec="json"``) the input is that value as JSON, and the result is
+        decoded from JSON. Raises :class:`weft.TaskFailed` (or
+        ``TaskCancelled``/``TaskTimedOut``) when the task does not succeed.
         """
         task = self.wait(self.submit_call(handler, input, **options), timeout=wait_timeout)
         if not task.succeeded:
             raise errors.task_error(task)
-        return task.output
+        return task.json() if "json" in options else task.output
 
     def exec(
         self,

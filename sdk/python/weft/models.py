@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import datetime as _dt
 import enum
+import json as _json
 import re
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from google.protobuf import duration_pb2
 
@@ -168,10 +169,15 @@ def _common(
     return spec
 
 
+#: Stands for "no JSON input given" (``None`` is JSON's ``null``).
+NO_JSON: Any = object()
+
+
 def call_spec(
     handler: str,
     input: Union[bytes, str, None] = b"",
     *,
+    json: Any = NO_JSON,
     slots: int = 0,
     labels: Optional[Mapping[str, str]] = None,
     timeout: Optional[DurationLike] = None,
@@ -187,7 +193,14 @@ def call_spec(
     ``schedule_timeout``: how long the call may wait while no connected node
     serves ``handler`` (a worker restarting) before it fails; 0 waits forever;
     unset, the coordinator's ``--schedule-timeout``.
+    ``json``: the input as a JSON value instead of ``input`` (for a handler
+    registered with ``codec="json"``); TypeError with both, or with a value
+    JSON cannot encode.
     """
+    if json is not NO_JSON:
+        if input not in (b"", "", None):
+            raise TypeError("give the input as `input` (bytes) or as `json`, not both")
+        input = _json.dumps(json).encode()
     spec = common_pb2.TaskSpec(call=common_pb2.CallSpec(handler=handler, input=_to_bytes(input)))
     if schedule_timeout is not None:
         spec.schedule_timeout.CopyFrom(duration_to_pb(schedule_timeout))
@@ -279,6 +292,10 @@ class Task:
     @property
     def succeeded(self) -> bool:
         return self.state == TaskState.SUCCEEDED
+
+    def json(self) -> Any:
+        """The output decoded from JSON (a ``codec="json"`` handler's result); ValueError if it is not JSON."""
+        return _json.loads(self.output)
 
 
 @dataclass

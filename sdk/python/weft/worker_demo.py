@@ -4,7 +4,8 @@ Run it with ``python -m weft.worker_demo --coordinator http://127.0.0.1:7070``
 (or the ``weft-py-worker`` script). It takes ``weft-node``'s flags for the
 coordinator, ``--join TOKEN --state-dir DIR`` to join a cluster,
 ``--slots N --prefetch N --name NAME --label k=v ... --drain-grace 30s
---lease 5s``, the exec policy, ``--log-level`` and ``--log-format
+--lease 5s``, the exec policy, ``--allow-module`` (serve
+``weft.Executor``'s pickled calls of that module), ``--log-level`` and ``--log-format
 text|json``.
 
 Handlers (input and output are bytes):
@@ -115,6 +116,7 @@ def build_worker(args: argparse.Namespace) -> Worker:
         state_dir=args.state_dir,
         prefetch=args.prefetch,
         lease=args.lease,
+        allow_modules=args.allow_module,
     )
     worker.register("noop", noop, "asyncio")
     worker.register("echo", echo, "asyncio")
@@ -160,6 +162,10 @@ def parser(prog: str = "python -m weft.worker_demo") -> argparse.ArgumentParser:
                    help="run exec tasks (shell commands) of any program, or none (default: deny)")
     p.add_argument("--exec-allow", action="append", metavar="PROGRAM",
                    help="run only exec tasks of this program (bare name or absolute path; repeatable)")
+    p.add_argument("--allow-module", action="append", metavar="MODULE",
+                   help="serve weft.Executor's pickled calls of functions in this module and its submodules "
+                        "(repeatable; none by default). Anyone who may submit can call any of its functions "
+                        "with any arguments: never allow os, subprocess, builtins or the like")
     p.add_argument("--log-level", type=log_level, default=os.environ.get("WEFT_LOG", "info"),
                    help="least severe log lines shown: debug, info, warning or error (default info; env WEFT_LOG)")
     p.add_argument("--log-format", choices=["text", "json"], default="text",

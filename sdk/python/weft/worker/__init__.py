@@ -45,7 +45,9 @@ protocol change touches same-named files on both sides):
 - ``attempt.py``: running attempts, stop reasons, the Finished, :class:`Context`
 - ``process.py``: exec tasks' child processes
 - ``exec_policy.py``: which exec tasks it runs (``proto/src/exec_policy.rs``)
-- ``handlers.py``: the handler registry and how a handler's result is read
+- ``handlers.py``: the handler registry, codecs (bytes, JSON) and how a handler's result is read
+- ``pickled.py``: the ``weft.pickle`` handler behind :class:`weft.Executor`
+  (served only with ``allow_modules``; restricted unpickling)
 - ``reaper.py``: the reaper process and the worker's handle on it
 
 This file only re-exports; nothing in the package imports it.

@@ -18,6 +18,8 @@ from typing import Any, Callable, Dict, List, Optional
 
 #: How handlers run.
 KINDS = ("asyncio", "thread", "process")
+#: How a handler's input and result are encoded: raw bytes, or JSON both ways.
+CODECS = ("bytes", "json")
 
 
 class HandlerError(Exception):
@@ -27,7 +29,10 @@ class HandlerError(Exception):
 
 
 class StartFailed(Exception):
-    """The attempt could not start (unknown handler, missing binary): not retried."""
+    """The attempt could not start (unknown handler, missing binary, input
+    its codec cannot decode): not retried; the error is its message alone."""
+
+    weft_plain_message = True
 
 
 @dataclass
@@ -38,6 +43,7 @@ class Handler:
     fn: Callable
     kind: str
     wants_context: bool
+    codec: str = "bytes"
 
 
 class Handlers:
@@ -46,8 +52,12 @@ class Handlers:
     def __init__(self) -> None:
         self._by_name: Dict[str, Handler] = {}
 
-    def register(self, name: str, fn: Callable, kind: Optional[str] = None) -> Handler:
-        """Registers ``fn`` as ``name`` (see ``Worker.register``)."""
+    def register(self, name: str, fn: Callable, kind: Optional[str] = None, codec: str = "bytes") -> Handler:
+        """Registers ``fn`` as ``name`` (see ``Worker.register``). With
+        ``codec="json"`` the registered function is ``fn`` wrapped in
+        :class:`JsonCodec`: input decoded from JSON, result encoded to it."""
+        if codec not in CODECS:
+            raise ValueError(f"codec must be one of {', '.join(CODECS)}, not {codec!r}")
         if kind is None:
             kind = "asyncio" if inspect.iscoroutinefunction(fn) else "thread"
         if kind not in KINDS:
@@ -58,7 +68,10 @@ class Handlers:
             raise TypeError(f"handler {name!r}: an `async def` function must use kind='asyncio'")
         if not name:
             raise ValueError("handler name must not be empty")
-        handler = Handler(name=name, fn=fn, kind=kind, wants_context=wants_context(fn))
+        context = wants_context(fn)
+        if codec == "json":
+            fn = (AsyncJsonCodec if kind == "asyncio" else JsonCodec)(name, fn, context)
+        handler = Handler(name=name, fn=fn, kind=kind, wants_context=context, codec=codec)
         self._by_name[name] = handler
         return handler
 
@@ -83,6 +96,45 @@ def wants_context(fn: Callable) -> bool:
         return False
     positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     return len(positional) >= 2 or any(p.kind == p.VAR_POSITIONAL for p in params)
+
+
+class JsonCodec:
+    """A handler taking and returning JSON: ``fn(obj[, ctx])`` for the
+    decoded input; its result is JSON-encoded (``None`` is ``null``).
+
+    A class, not a closure, so that a ``process`` handler pickles into the
+    pool. Input that is not JSON fails the attempt to start (not retried),
+    saying so; a result JSON cannot encode fails it like any exception.
+    """
+
+    def __init__(self, name: str, fn: Callable, wants_context: bool):
+        self.name = name
+        self.fn = fn
+        self.wants_context = wants_context
+
+    def decode(self, data: bytes) -> Any:
+        """The input as JSON (empty input is ``None``); StartFailed when it is not JSON."""
+        if not data:
+            return None
+        try:
+            return json.loads(data)
+        except ValueError as e:
+            raise StartFailed(f"handler '{self.name}' takes JSON input, and its input is not JSON: {e}") from None
+
+    @staticmethod
+    def encode(value: Any) -> bytes:
+        """The result as JSON bytes."""
+        return json.dumps(value).encode()
+
+    def __call__(self, data: bytes, *ctx: Any) -> bytes:
+        return self.encode(self.fn(self.decode(data), *ctx))
+
+
+class AsyncJsonCodec(JsonCodec):
+    """:class:`JsonCodec` for an ``async def`` handler."""
+
+    async def __call__(self, data: bytes, *ctx: Any) -> bytes:
+        return self.encode(await self.fn(self.decode(data), *ctx))
 
 
 def to_output(value: Any) -> bytes:

@@ -30,6 +30,7 @@ from .identity import Identity, check_name, load, state_dir_of
 from .join import JoinToken
 from .lease import Lease, watch as watch_lease
 from .outbox import Outbox
+from .pickled import HANDLER as PICKLED, handler as pickled_handler
 from .reaper import Reaper
 from .reconnect import run as reconnect
 from .session import Sessions
@@ -77,6 +78,11 @@ class Worker:
     given them to other nodes, so they are stopped (reported CANCELLED on
     the next session). Default: the coordinator's heartbeat timeout.
 
+    ``allow_modules``: serve :class:`weft.Executor`'s pickled calls
+    (``weft.pickle``, see ``weft/worker/pickled.py``) of functions in these
+    modules only, run as ``pickle_kind`` handlers (default ``"process"``);
+    anyone who may submit can then call any of their functions.
+
     ``join_token`` (default ``$WEFT_JOIN_TOKEN``): a join token
     (``weft token create --role node``). The worker checks the coordinator
     against the token's CA pin, makes its own key, and trades the token
@@ -112,6 +118,8 @@ class Worker:
         state_dir: Optional[str] = None,
         prefetch: Optional[int] = None,
         lease: Optional[DurationLike] = None,
+        allow_modules: Optional[List[str]] = None,
+        pickle_kind: str = "process",
     ):
         token_text = join_token if join_token is not None else os.environ.get("WEFT_JOIN_TOKEN", "")
         self.join_token: Optional[JoinToken] = JoinToken.parse(token_text) if token_text.strip() else None
@@ -159,6 +167,8 @@ class Worker:
         self._process_workers = process_workers or self.slots
         self._thread_workers = thread_workers or self.slots
         self._handlers = Handlers()
+        if allow_modules:
+            self._handlers.register(PICKLED, pickled_handler(allow_modules), pickle_kind)
         self._outbox = Outbox()
         self.exec_policy = ExecPolicy(exec)
         self._lease = Lease(self.lease)
@@ -201,20 +211,23 @@ class Worker:
 
     # -- registration -------------------------------------------------------
 
-    def register(self, name: str, fn: Callable, kind: Optional[str] = None) -> Handler:
+    def register(self, name: str, fn: Callable, kind: Optional[str] = None, codec: str = "bytes") -> Handler:
         """Registers ``fn`` as the handler ``name``.
 
         ``kind`` is ``"asyncio"`` (default for ``async def``), ``"thread"``
         (default for plain functions) or ``"process"`` (CPU-bound work; the
-        function must be importable: defined at module level).
+        function must be importable: defined at module level). ``codec``:
+        ``"bytes"`` (the input as bytes) or ``"json"`` (the input decoded
+        from JSON, the result encoded to JSON; input that is not JSON fails
+        the task to start).
         """
-        return self._handlers.register(name, fn, kind)
+        return self._handlers.register(name, fn, kind, codec)
 
-    def handler(self, name: Optional[str] = None, *, kind: Optional[str] = None) -> Callable:
+    def handler(self, name: Optional[str] = None, *, kind: Optional[str] = None, codec: str = "bytes") -> Callable:
         """Decorator form of :meth:`register`; the name defaults to the function's."""
 
         def decorate(fn: Callable) -> Callable:
-            self.register(name or fn.__name__, fn, kind)
+            self.register(name or fn.__name__, fn, kind, codec)
             return fn
 
         return decorate

@@ -1,0 +1,309 @@
+"""weft.Executor and weft.aio.Executor against the real coordinator and a real Python worker
+process serving pickled calls (``--allow-module exec_funcs --allow-module math``), and
+handlers with ``codec="json"``. The first tests need no binaries: the worker's unpickling
+rules and the client's checks, called directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import math
+import os
+import pickle
+import sys
+from pathlib import Path
+
+import pytest
+
+import exec_funcs
+import weft
+import weft.aio
+from weft.executor import encode_call, encode_chunk
+from weft.worker.handlers import HandlerError, StartFailed
+from weft.worker.pickled import HANDLER, handler, run_pickled
+
+from conftest import poll
+from test_e2e import Cluster
+
+TESTS_DIR = Path(__file__).resolve().parent
+ALLOWED = ("exec_funcs", "math")
+
+
+class Evil:
+    """Pickles as a call of ``os.system``: what a hostile submitter would send."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+def global_payload(module: str, name: str, arg: str) -> bytes:
+    """A protocol 0 pickle calling ``module.name(arg)``, written by hand (as an attacker would)."""
+    return f"c{module}\n{name}\n(S{arg!r}\ntR.".encode()
+
+
+# -- no binaries needed --------------------------------------------------------
+
+
+def test_the_worker_runs_an_allowed_call_and_a_chunk_and_answers_pickles():
+    assert pickle.loads(run_pickled(encode_call(exec_funcs.add, (1,), {"y": 2, "scale": 3}), allowed=ALLOWED)) == 9
+    assert pickle.loads(run_pickled(encode_call(math.factorial, (20,), {}), allowed=ALLOWED)) == math.factorial(20)
+    chunk = encode_chunk(exec_funcs.add, [(1, 2), (3, 4), (5, 6)])
+    assert pickle.loads(run_pickled(chunk, allowed=ALLOWED)) == [3, 7, 11]
+    # Ordinary argument types need nothing allowed.
+    import collections
+    import datetime
+    import decimal
+
+    args = ({1, 2}, frozenset([3]), bytearray(b"x"), 1 + 2j, collections.OrderedDict(a=1), decimal.Decimal("1.5"),
+            datetime.datetime(2026, 1, 2, tzinfo=datetime.timezone.utc), range(3))
+    assert pickle.loads(run_pickled(encode_call(exec_funcs.noop, (args,), {}), allowed=ALLOWED)) == args
+
+
+def test_the_worker_refuses_a_global_outside_the_allowed_modules_before_running_anything(tmp_path):
+    proof = tmp_path / "ran"
+    with pytest.raises(StartFailed) as refused:
+        run_pickled(encode_call(exec_funcs.noop, (Evil(f"touch {proof}"),), {}), allowed=ALLOWED)
+    message = str(refused.value)
+    assert "module 'posix' is not allowed" in message and "never" in message, message
+    with pytest.raises(StartFailed) as refused:
+        run_pickled(encode_call(json.dumps, (1,), {}), allowed=ALLOWED)
+    assert "module 'json' is not allowed" in str(refused.value) and "--allow-module json" in str(refused.value)
+    # An allowed module is no door to the modules it imports.
+    with pytest.raises(StartFailed) as refused:
+        run_pickled(global_payload("exec_funcs", "os.system", f"touch {proof}"), allowed=ALLOWED)
+    assert "names a module" in str(refused.value), str(refused.value)
+    # A submodule is allowed with its package, a similarly named module is not.
+    with pytest.raises(StartFailed, match="module 'exec_funcs_other' is not allowed"):
+        run_pickled(global_payload("exec_funcs_other", "noop", "x"), allowed=ALLOWED)
+    with pytest.raises(StartFailed, match="dunder"):
+        run_pickled(global_payload("exec_funcs", "noop.__globals__", "x"), allowed=ALLOWED)
+    with pytest.raises(StartFailed, match="not a payload"):
+        run_pickled(b"not a pickle", allowed=ALLOWED)
+    assert not proof.exists(), "nothing ran"
+
+
+def test_the_function_s_exception_fails_the_call_with_its_traceback_and_the_pickled_exception():
+    with pytest.raises(HandlerError) as failed:
+        run_pickled(encode_call(exec_funcs.fail, ("boom",), {}), allowed=ALLOWED)
+    text = str(failed.value)
+    assert text.startswith("exec_funcs.Oops: boom\n\nTraceback"), text
+    assert "weft-exception-pickle: " in text.splitlines()[-1]
+
+
+def test_the_allow_list_is_checked_when_the_worker_is_built():
+    for bad in ([], ["os system"], "math", ["os"], ["subprocess"], ["builtins"], ["os.path"]):
+        with pytest.raises((ValueError, TypeError)):
+            handler(bad)
+    worker = weft.Worker("http://127.0.0.1:1", slots=1, allow_modules=["exec_funcs"])
+    assert HANDLER in worker.handlers
+    assert HANDLER not in weft.Worker("http://127.0.0.1:1", slots=1).handlers, "served only when told"
+
+
+def test_functions_a_worker_cannot_import_are_refused_on_the_client():
+    for fn in (lambda x: x, _nested()):
+        with pytest.raises(TypeError, match="lambda or a nested function"):
+            encode_call(fn, (1,), {})
+    main = type(exec_funcs.noop)(exec_funcs.noop.__code__, {"__name__": "__main__"}, "main_fn")
+    main.__module__ = "__main__"
+    with pytest.raises(TypeError, match="__main__"):
+        encode_call(main, (), {})
+    with pytest.raises(TypeError, match="cannot pickle"):
+        encode_call(exec_funcs.noop, (lambda: None,), {})
+
+
+def _nested():
+    def inner(x):
+        return x
+
+    return inner
+
+
+def test_a_json_codec_decodes_the_input_and_encodes_the_result():
+    worker = weft.Worker("http://127.0.0.1:1", slots=1)
+    h = worker.register("s", exec_funcs.json_sum, "process", codec="json")
+    assert json.loads(h.fn(b'{"values": [1, 2]}')) == {"sum": 3, "n": 2}
+    assert pickle.loads(pickle.dumps(h.fn)).fn is exec_funcs.json_sum, "a process handler pickles into the pool"
+    with pytest.raises(StartFailed, match="takes JSON input"):
+        h.fn(b"{not json")
+    with pytest.raises(ValueError, match="codec"):
+        worker.register("x", exec_funcs.noop, codec="yaml")
+    spec = weft.call_spec("s", json={"values": [1]})
+    assert json.loads(spec.call.input) == {"values": [1]}
+    with pytest.raises(TypeError):
+        weft.call_spec("s", b"raw", json=1)
+
+
+# -- against the coordinator and a worker process -------------------------------
+
+
+@pytest.fixture
+def cluster(spawn, tmp_path):
+    c = Cluster(spawn, tmp_path)
+    argv = [sys.executable, str(TESTS_DIR / "exec_worker.py"), "--coordinator", c.url, "--ca-file", c.ca_file,
+            "--slots", "2", "--name", "py", "--allow-module", "exec_funcs", "--allow-module", "math"]
+    if c.joins:
+        argv += ["--join", c.join_token(), "--state-dir", str(c.state_dir("py"))]
+    pythonpath = os.pathsep.join(p for p in (str(TESTS_DIR), os.environ.get("PYTHONPATH", "")) if p)
+    c.worker = spawn(argv, name="py", env={"PYTHONPATH": pythonpath})
+    nodes = c.wait_nodes("py")
+    assert HANDLER in nodes[0].handlers
+    yield c
+    c.client.close()
+
+
+def executor(cluster, **options) -> weft.Executor:
+    return weft.Executor(cluster.url, token=cluster.token, ca_file=cluster.ca_file, **options)
+
+
+def test_submit_and_map_run_module_level_functions_on_the_worker(cluster):
+    with executor(cluster) as ex:
+        assert ex.submit(math.factorial, 20).result(timeout=60) == math.factorial(20)
+        assert ex.submit(exec_funcs.add, 1, y=2, scale=3).result(timeout=60) == 9
+        assert ex.submit(exec_funcs.pid).result(timeout=60) != os.getpid()
+        assert ex.submit("sha256", b"abc").result(timeout=60) == \
+            b"ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        assert list(ex.map(exec_funcs.square, range(1000), timeout=120)) == [x * x for x in range(1000)]
+        assert list(ex.map(exec_funcs.add, range(5000), range(5000), chunksize=100, timeout=120)) == \
+            [2 * x for x in range(5000)]
+        assert list(ex.map(exec_funcs.square, range(7), chunksize=3)) == [x * x for x in range(7)], "a short last chunk"
+        assert list(ex.map("noop", [b"a", b"b", b"c"])) == [b"a", b"b", b"c"]
+    tasks = cluster.client.list(limit=10_000)
+    assert sum(t.spec.call.handler == HANDLER for t in tasks) == 3 + 1000 + 50 + 3, "chunksize k: one task per k items"
+
+
+def test_as_completed_and_wait_take_the_futures(cluster):
+    with executor(cluster) as ex:
+        futures = [ex.submit(exec_funcs.square, i) for i in range(20)]
+        assert sorted(f.result() for f in concurrent.futures.as_completed(futures, timeout=60)) == \
+            sorted(i * i for i in range(20))
+        done, not_done = concurrent.futures.wait([ex.submit(exec_funcs.square, 3)], timeout=60)
+        assert not not_done and done.pop().result() == 9
+        assert {f.result() for f in ex.as_completed([ex.submit(exec_funcs.square, 4)], timeout=60)} == {16}
+        assert all(f.task_id for f in futures)
+
+
+def test_the_function_s_exception_is_raised_again_as_itself(cluster):
+    with executor(cluster, max_attempts=1) as ex:
+        with pytest.raises(exec_funcs.Oops, match="boom") as raised:
+            ex.submit(exec_funcs.fail, "boom").result(timeout=60)
+        assert isinstance(raised.value.__cause__, weft.RemoteTraceback)
+        assert "in fail" in str(raised.value.__cause__)
+        results = ex.map(exec_funcs.fail_on, range(10), [7] * 10, chunksize=2, timeout=60)
+        assert [next(results) for _ in range(6)] == [0, 1, 2, 3, 4, 5]
+        with pytest.raises(KeyError):
+            next(results)
+        # One that does not pickle back: TaskFailed with the worker's traceback.
+        with pytest.raises(weft.TaskFailed, match="UnpicklableError: ") as failed:
+            ex.submit(exec_funcs.unpicklable_failure).result(timeout=60)
+        assert "Traceback" in failed.value.task.error
+        task = cluster.client.get(failed.value.task.id)
+        assert task.state == weft.TaskState.FAILED and "unpicklable_failure" in task.error, "the task records it"
+
+
+def test_a_function_of_a_module_not_allowed_fails_naming_the_module_and_the_flag(cluster, tmp_path):
+    proof = tmp_path / "ran"
+    with executor(cluster) as ex:
+        with pytest.raises(weft.TaskFailed) as failed:
+            ex.submit(json.dumps, [1]).result(timeout=60)
+        error = failed.value.task.error
+        assert "module 'json' is not allowed" in error and "--allow-module json" in error, error
+        assert failed.value.task.attempt == 1, "a refusal is not retried"
+        # A payload naming os.system is refused before anything runs.
+        with pytest.raises(weft.TaskFailed) as failed:
+            ex.submit(exec_funcs.noop, Evil(f"touch {proof}")).result(timeout=60)
+        assert "is not allowed" in failed.value.task.error
+    assert not proof.exists(), "os.system never ran"
+    assert cluster.worker.popen.poll() is None, "the worker lives on"
+
+
+def _running(cluster, future) -> str:
+    task_id = poll(lambda: future.task_id, timeout=30, what="the submit")
+    poll(lambda: cluster.client.get(task_id).state == weft.TaskState.RUNNING, timeout=30, what=f"{task_id} running")
+    return task_id
+
+
+def test_cancel_cancels_a_queued_and_a_running_task(cluster, tmp_path):
+    release = tmp_path / "release"
+    with executor(cluster) as ex:
+        running = [ex.submit(exec_funcs.touch_then_wait, str(tmp_path / f"started-{i}"), str(release)) for i in range(2)]
+        running_ids = [_running(cluster, f) for f in running]
+        queued = ex.submit(exec_funcs.touch, str(tmp_path / "queued-ran"))
+        queued_id = poll(lambda: queued.task_id, timeout=30, what="the submit")
+        assert cluster.client.get(queued_id).state in (weft.TaskState.QUEUED, weft.TaskState.ASSIGNED), \
+            "both slots are busy"
+        assert queued.cancel() and queued.cancelled()
+        assert running[0].cancel(), "a running task is cancelled too (unlike a local pool)"
+        with pytest.raises(concurrent.futures.CancelledError):
+            running[0].result()
+        assert cluster.client.wait(queued_id, timeout=30).state == weft.TaskState.CANCELLED
+        assert cluster.client.wait(running_ids[0], timeout=30).state == weft.TaskState.CANCELLED
+        release.touch()
+        assert running[1].result(timeout=60) == "released"
+        assert not running[1].cancel(), "done: nothing to cancel"
+    assert not (tmp_path / "queued-ran").exists()
+
+
+def test_shutdown_with_cancel_futures_cancels_every_task_not_done(cluster, tmp_path):
+    release = tmp_path / "release"
+    ex = executor(cluster)
+    running = [ex.submit(exec_funcs.touch_then_wait, str(tmp_path / f"started-{i}"), str(release)) for i in range(2)]
+    for future in running:
+        _running(cluster, future)
+    queued = [ex.submit(exec_funcs.touch, str(tmp_path / f"queued-{i}")) for i in range(3)]
+    ids = [poll(lambda f=f: f.task_id, timeout=30, what="the submit") for f in running + queued]
+    ex.shutdown(wait=True, cancel_futures=True)
+    assert all(f.cancelled() for f in running + queued)
+    for task_id in ids:
+        assert cluster.client.wait(task_id, timeout=30).state == weft.TaskState.CANCELLED
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        ex.submit(exec_funcs.square, 2)
+    assert not list(tmp_path.glob("queued-*"))
+
+
+def test_the_asyncio_executor(cluster, tmp_path):
+    async def main():
+        async with weft.aio.Executor(cluster.url, token=cluster.token, ca_file=cluster.ca_file, max_attempts=1) as ex:
+            assert await ex.submit(exec_funcs.square, 12) == 144
+            futures = [ex.submit(exec_funcs.square, i) for i in range(10)]
+            assert sorted([await f for f in asyncio.as_completed(futures)]) == sorted(i * i for i in range(10))
+            assert [x async for x in ex.map(exec_funcs.add, range(300), range(300), chunksize=25)] == \
+                [2 * x for x in range(300)]
+            assert await asyncio.gather(ex.submit("noop", b"x")) == [b"x"]
+            with pytest.raises(exec_funcs.Oops):
+                await ex.submit(exec_funcs.fail, "async boom")
+            # Cancelling the future cancels the running task.
+            future = ex.submit(exec_funcs.touch_then_wait, str(tmp_path / "started"), str(tmp_path / "never"))
+            task_id = await asyncio.to_thread(_running, cluster, future)
+            future.cancel()
+            task = await asyncio.to_thread(cluster.client.wait, task_id, 30)
+            assert task.state == weft.TaskState.CANCELLED
+
+    asyncio.run(main())
+
+
+def test_json_handlers_take_and_give_json(cluster):
+    client = cluster.client
+    assert client.call("json_sum", json={"values": [1, 2, 3]}, wait_timeout=60) == {"sum": 6, "n": 3}
+    task = client.wait(client.submit_call("json_echo", json=[1, "two", None]), timeout=60)
+    assert task.json() == {"got": [1, "two", None]}
+    with executor(cluster, codec="json") as ex:
+        assert ex.submit("json_echo", {"a": 1}).result(timeout=60) == {"got": {"a": 1}}
+        assert list(ex.map("json_sum", [{"values": [i, i]} for i in range(5)])) == \
+            [{"sum": 2 * i, "n": 2} for i in range(5)]
+
+    async def via_aio():
+        async with weft.aio.Client(cluster.url, token=cluster.token, ca_file=cluster.ca_file) as aclient:
+            return await aclient.call("json_echo", json="hi", wait_timeout=60)
+
+    assert asyncio.run(via_aio()) == {"got": "hi"}
+    # Input that is not JSON fails the task to start, saying so; it is not retried.
+    for name in ("json_sum", "json_echo"):
+        with pytest.raises(weft.TaskFailed) as failed:
+            client.call(name, b"{not json", wait_timeout=60)
+        assert f"handler '{name}' takes JSON input, and its input is not JSON" in failed.value.task.error
+        assert failed.value.task.attempt == 1

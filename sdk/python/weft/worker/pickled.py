@@ -1,0 +1,201 @@
+"""The built-in handler behind :class:`weft.Executor`: call a pickled
+module-level Python function, with pickled arguments, and answer the pickled
+result.
+
+A worker serves it (as :data:`HANDLER`) only when told which modules it may
+import: ``weft.Worker(allow_modules=["mypkg", "math"])`` or
+``weft-py-worker --allow-module mypkg``. Unpickling goes through
+:class:`RestrictedUnpickler`, whose ``find_class`` refuses every global
+outside those modules (and their submodules) and a small set of harmless
+types that ordinary arguments need (:data:`SAFE_GLOBALS`), so a payload
+naming ``os.system`` fails the task before anything runs. What this allows is
+exactly: a submitter may call any function of an allowed module with any
+arguments it can build from allowed globals. Never allow modules with
+dangerous functions (``os``, ``subprocess``, ``builtins``, ``pickle``,
+``importlib``, ...).
+
+The handler is an ordinary ``process``-kind handler (by default) whose
+function is the module-level :func:`run_pickled` bound to the allowed list
+with ``functools.partial``, so it runs over whatever pool the worker has; it
+knows nothing of attempts or streams. The wire format is shared with the
+client side (``weft/executor.py``):
+
+- input: ``pickle.dumps((FORMAT, "call", fn, args, kwargs))`` or
+  ``pickle.dumps((FORMAT, "chunk", fn, [args, ...]))`` (one call per args
+  tuple, as ``Executor.map(..., chunksize=k)`` sends);
+- output: ``pickle.dumps(result)`` (a list of results for a chunk);
+- the function raised: the attempt fails with ``Type: message``, the
+  traceback, and a last line :data:`EXCEPTION_MARKER` + the base64 of the
+  pickled exception (left out when it does not pickle or is too large);
+- a refused global or a malformed payload: the attempt fails to start (not
+  retried), naming the module and how to allow it.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import importlib
+import io
+import pickle
+import traceback
+import types
+from typing import Any, Iterable, Sequence, Tuple
+
+from .handlers import HandlerError, StartFailed, with_traceback
+
+#: The reserved handler name a worker serves pickled calls as.
+HANDLER = "weft.pickle"
+#: Version of the payload; a worker refuses another one.
+FORMAT = 1
+#: Starts the line of a failed attempt's error that carries the pickled exception.
+EXCEPTION_MARKER = "weft-exception-pickle: "
+#: Most bytes of a pickled exception carried in an error (the coordinator keeps 64 KiB of it).
+EXCEPTION_LIMIT = 24 * 1024
+#: Most characters of an exception's message kept in the error's first line.
+SUMMARY_LIMIT = 8 * 1024
+
+#: Globals any payload may name: harmless types that ordinary arguments are built from.
+SAFE_GLOBALS = frozenset(
+    [("builtins", name) for name in (
+        "bool", "bytearray", "bytes", "complex", "dict", "float", "frozenset", "int", "list", "range", "set",
+        "slice", "str", "tuple",
+    )]
+    + [("collections", name) for name in ("OrderedDict", "deque", "Counter", "defaultdict")]
+    + [("datetime", name) for name in ("date", "time", "datetime", "timedelta", "timezone")]
+    + [("decimal", "Decimal"), ("fractions", "Fraction"), ("uuid", "UUID")]
+)
+
+
+#: Modules never allowed (``allow_modules`` refuses them): calling their functions with
+#: arguments chosen by a submitter runs commands, opens files or loads code.
+NEVER_ALLOWED = frozenset([
+    "builtins", "os", "posix", "nt", "sys", "subprocess", "shutil", "pathlib", "io", "_io", "socket", "signal",
+    "pickle", "_pickle", "marshal", "importlib", "ctypes", "runpy", "code", "codeop", "pty", "multiprocessing",
+    "weft",
+])
+
+
+def allowed(module: str, allow_modules: Iterable[str]) -> bool:
+    """Whether ``module`` is one of ``allow_modules`` or a submodule of one."""
+    return any(module == m or module.startswith(m + ".") for m in allow_modules)
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Unpickles only globals of the allowed modules (and :data:`SAFE_GLOBALS`).
+
+    A dotted name (``Class.method``) is followed one attribute at a time and
+    refused if it passes through a module (``mypkg.os.system``) or a dunder
+    attribute (``f.__globals__``), so an allowed module cannot be used as a
+    door to the modules it imports.
+    """
+
+    def __init__(self, file, allow_modules: Sequence[str]):
+        super().__init__(file)
+        self.allow_modules = tuple(allow_modules)
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in SAFE_GLOBALS:
+            return super().find_class(module, name)
+        if not allowed(module, self.allow_modules):
+            raise StartFailed(refusal(module, name))
+        parts = name.split(".")
+        if any(not part or part.startswith("__") for part in parts):
+            raise StartFailed(f"{HANDLER}: global '{module}.{name}' refused: dunder attributes are never allowed")
+        obj: Any = importlib.import_module(module)
+        for part in parts:
+            try:
+                obj = getattr(obj, part)
+            except AttributeError:
+                raise StartFailed(f"{HANDLER}: module '{module}' has no attribute '{name}' on this worker") from None
+            if isinstance(obj, types.ModuleType):
+                raise StartFailed(f"{HANDLER}: global '{module}.{name}' refused: it names a module, reached through "
+                              f"'{module}'; allow that module itself")
+        return obj
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise StartFailed(f"{HANDLER}: persistent ids are not allowed")
+
+
+def refusal(module: str, name: str) -> str:
+    """The error of a task naming a global of a module this worker does not allow."""
+    top = module.split(".")[0]
+    if top in NEVER_ALLOWED:
+        return (f"{HANDLER}: module '{module}' is not allowed on this worker (global '{module}.{name}'), and never "
+                "can be: its functions are unsafe to call with any arguments")
+    return (f"{HANDLER}: module '{module}' is not allowed on this worker (global '{module}.{name}'); "
+            f"allow it with `weft-py-worker --allow-module {top}` or Worker(allow_modules=[..., '{top}']), "
+            "and only if every function in it is safe to call with any arguments")
+
+
+def loads(data: bytes, allow_modules: Sequence[str]) -> Any:
+    """Unpickles ``data`` allowing only globals of ``allow_modules`` and :data:`SAFE_GLOBALS`."""
+    return RestrictedUnpickler(io.BytesIO(data), allow_modules).load()
+
+
+def run_pickled(data: bytes, *, allowed: Tuple[str, ...]) -> bytes:
+    """The handler: unpickle ``data`` (restricted to ``allowed``), call, answer the pickled result.
+
+    Bind ``allowed`` with ``functools.partial`` to register it; it is a
+    module-level function so that the partial pickles into a process pool.
+    """
+    try:
+        payload = loads(data, allowed)
+    except StartFailed:
+        raise
+    except Exception as e:  # noqa: BLE001 - any malformed payload is refused the same way
+        raise StartFailed(f"{HANDLER}: the input is not a payload of weft.Executor ({type(e).__name__}: {e})") from None
+    if not (isinstance(payload, tuple) and len(payload) >= 3 and payload[0] == FORMAT and callable(payload[2])):
+        version = payload[0] if isinstance(payload, tuple) and payload else None
+        raise StartFailed(f"{HANDLER}: the input is not a payload of weft.Executor of format {FORMAT} "
+                          f"(format {version!r}): client and worker need compatible weft versions")
+    form, fn = payload[1], payload[2]
+    try:
+        if form == "call" and len(payload) == 5:
+            result: Any = fn(*payload[3], **payload[4])
+        elif form == "chunk" and len(payload) == 4:
+            result = [fn(*args) for args in payload[3]]
+        else:
+            raise StartFailed(f"{HANDLER}: unknown payload form {form!r}")
+    except StartFailed:
+        raise
+    except Exception as e:  # noqa: BLE001 - the function's failure is the task's
+        raise HandlerError(failure_text(e)) from None
+    return pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def failure_text(e: BaseException) -> str:
+    """A failed call's error: ``Type: message``, the traceback and the pickled exception's line."""
+    message = str(e)
+    if len(message) > SUMMARY_LIMIT:
+        message = message[:SUMMARY_LIMIT] + "... (cut)"
+    name = type(e).__qualname__
+    module = type(e).__module__
+    if module not in ("builtins", "__main__"):
+        name = f"{module}.{name}"
+    summary = f"{name}: {message}" if message else name
+    trace = "".join(traceback.format_exception(type(e), e, e.__traceback__))
+    text = with_traceback(summary, trace)
+    try:
+        pickled = pickle.dumps(e, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:  # noqa: BLE001 - an exception that does not pickle is carried as text only
+        return text
+    if len(pickled) > EXCEPTION_LIMIT:
+        return text
+    return f"{text}\n\n{EXCEPTION_MARKER}{base64.b64encode(pickled).decode()}"
+
+
+def handler(allow_modules: Sequence[str]) -> functools.partial:
+    """:func:`run_pickled` bound to ``allow_modules`` (checked: names of modules, not empty)."""
+    if isinstance(allow_modules, str):
+        raise TypeError("allow_modules is a list of module names, e.g. ['mypkg', 'math']")
+    modules = tuple(dict.fromkeys(str(m).strip() for m in allow_modules))
+    if not modules:
+        raise ValueError("allow_modules must name at least one module")
+    for module in modules:
+        if not module or not all(part.isidentifier() for part in module.split(".")):
+            raise ValueError(f"allow_modules: {module!r} is not a module name")
+        if module.split(".")[0] in NEVER_ALLOWED:
+            raise ValueError(f"allow_modules: '{module}' is never allowed: anyone who may submit could call its "
+                             "functions with any arguments (commands, files, code)")
+    return functools.partial(run_pickled, allowed=modules)
