@@ -31,12 +31,9 @@ def main() -> None:
     parser.add_argument("--name", default=None, help="node name")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    options = {}
-    if "allow_modules" in weft.Worker.__init__.__code__.co_varnames:
-        options["allow_modules"] = ["bench_tasks"]
     worker = weft.Worker(args.coordinator, slots=args.slots, name=args.name or f"bench-{args.kind}",
                          ca_file=args.ca_file, join_token=args.join, state_dir=args.state_dir,
-                         process_workers=args.slots, **options)
+                         process_workers=args.slots, allow_modules=["bench_tasks"])
     fn = bench_tasks.noop_async if args.kind == "asyncio" else bench_tasks.noop_bytes
     worker.register(f"noop_{args.kind}", fn, args.kind)
     worker.run()
