@@ -345,8 +345,9 @@ def table(figures: List[Figure], n: int) -> str:
             ratio = f"{f.rate / by['rust-client'].rate:.0%} of rust-client"
         elif f.path == "executor" and "ppe-chunked" in by and f.rate:
             ratio = f"{by['ppe-chunked'].rate / f.rate:.2f}× slower than ppe-chunked"
-        lines.append(f"| {f.path}: {f.note} | {f.rate:,.0f} | {j['cluster_cpu_us_per_task'] or 'n/a'} | "
-                     f"{j['client_cpu_us_per_task'] or 'n/a'} | {ratio} |")
+        cluster_us, client_us = (j[key] if j[key] is not None else "n/a"
+                                 for key in ("cluster_cpu_us_per_task", "client_cpu_us_per_task"))
+        lines.append(f"| {f.path}: {f.note} | {f.rate:,.0f} | {cluster_us} | {client_us} | {ratio} |")
     return "\n".join(lines)
 
 
@@ -356,12 +357,13 @@ def main() -> None:
     default_bins = os.environ.get("WEFT_BIN_DIR") or str(HERE.parent.parent.parent / "target" / "release")
     parser.add_argument("--bin-dir", type=Path, default=Path(default_bins),
                         help="where weft, weft-coordinator and weft-node are (default $WEFT_BIN_DIR, else target/release)")
-    parser.add_argument("--tasks", type=int, default=20_000, help="tasks per run (default 20,000)")
+    parser.add_argument("--tasks", type=int, help="tasks per run (default 20,000; 2,000 with --quick)")
     parser.add_argument("--runs", type=int, default=3, help="runs per path; the median is reported (default 3)")
     parser.add_argument("--chunksize", type=int, default=100,
                         help="chunksize of the executor and ppe-chunked paths (default 100)")
     parser.add_argument("--only", type=lambda s: s.split(","), help=f"comma-separated paths: {','.join(PATHS)}")
-    parser.add_argument("--quick", action="store_true", help="2,000 tasks, 1 run: a smoke test, not comparable")
+    parser.add_argument("--quick", action="store_true",
+                        help="1 run of 2,000 tasks (unless --tasks), weft bench --quick: a smoke test, not comparable")
     parser.add_argument("--output", choices=["table", "json"], default="table", help="stdout format")
     parser.add_argument("--keep", action="store_true", help="keep the cluster's logs and data dir")
     args = parser.parse_args()
@@ -371,10 +373,12 @@ def main() -> None:
     for name in ("weft", "weft-coordinator", "weft-node"):
         if not (args.bin_dir / name).is_file():
             parser.error(f"{args.bin_dir / name} missing: build with `cargo build --release --bins` or pass --bin-dir")
+    if args.tasks is None:
+        args.tasks = 2_000 if args.quick else 20_000
+    if args.quick:
+        args.runs = 1
     if args.tasks < 1 or args.runs < 1 or args.chunksize < 1:
         parser.error("--tasks, --runs and --chunksize must be at least 1")
-    if args.quick:
-        args.tasks, args.runs = 2_000, 1
     args.bin_dir = args.bin_dir.resolve()
     figures = run(args)
     if args.output == "json":
