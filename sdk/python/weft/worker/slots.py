@@ -88,6 +88,15 @@ class Slots:
         per_slot = int(REFILL_TIME / max(self.run_time, 1e-9)) + 1
         return min(per_slot * self.total, self.prefetch)
 
+    def per_slot_now(self) -> int:
+        """Queued attempts per slot that cover :data:`REFILL_TIME` at the
+        average run time (1 before an attempt has ended, or for attempts
+        that run longer): how deep a pool process's line of calls handed
+        down ahead may be without holding one back longer than that."""
+        if self.run_time is None:
+            return 1
+        return int(REFILL_TIME / max(self.run_time, 1e-9)) + 1
+
     def record_run_time(self, took: float) -> None:
         """Folds one attempt's run time (seconds) into the average prefetch follows."""
         self.run_time = took if self.run_time is None else (self.run_time * 7 + took) / 8
