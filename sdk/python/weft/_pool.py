@@ -16,7 +16,15 @@ call a kill would stop. Calls beyond what the processes hold wait in the
 pool, first in first out. A call submitted ``ahead`` (its attempt is still
 queued, holding no slot) goes only behind a running call, and begins in the
 slot that call frees: the pool never runs more calls at once than it has
-processes, nor an ahead call before a call ends.
+processes, nor an ahead call before a call ends. Up to
+:attr:`ProcessPool.ahead_depth` of them wait behind one running call (the
+worker makes it deep for short calls, one for long ones), in the process
+holding the fewest.
+
+What the worker sends a process within one turn of its loop goes in one
+pipe write, after that turn (several calls that came in one batch, the next
+calls after several results read at once); a process reads what arrived in
+one go, so short calls cost few system calls and wake-ups on both sides.
 
 Processes are started with the ``spawn`` method (forking a process that runs
 gRPC threads is unsafe), so handlers must be importable module-level
@@ -308,7 +316,8 @@ class PoolCallError(Exception):
 
 class ProcessPool:
     """Up to ``size`` spawn-started processes, each running one call at a
-    time and holding the next (:data:`DEPTH`); the rest wait here."""
+    time and holding the next (:data:`DEPTH`), or up to ``ahead_depth``
+    calls handed down ahead; the rest wait here."""
 
     def __init__(self, size: int):
         self._ctx = multiprocessing.get_context("spawn")

@@ -453,6 +453,7 @@ class Attempts:
         down to the threads and the pool processes, so one that ends a call
         begins the next at once (in the slot it frees)."""
         slots, threads, processes = self.slots, self.threads, self.processes
+        process_room = 0
         if processes is not None and slots.queued:
             # Short calls wait several deep behind a running one, each
             # process taking what comes in one pipe write; long ones one.

@@ -85,8 +85,7 @@ class Slots:
         before an attempt has ended."""
         if self.run_time is None or self.prefetch <= 0:
             return 0
-        per_slot = int(REFILL_TIME / max(self.run_time, 1e-9)) + 1
-        return min(per_slot * self.total, self.prefetch)
+        return min(self.per_slot_now() * self.total, self.prefetch)
 
     def per_slot_now(self) -> int:
         """Queued attempts per slot that cover :data:`REFILL_TIME` at the
