@@ -120,3 +120,23 @@ def test_calls_handed_down_ahead_spread_over_the_processes_up_to_the_depth(depth
             pool.shutdown()
 
     run(body)
+
+
+def test_large_calls_and_results_several_deep_never_block_the_worker_on_a_full_pipe():
+    async def body() -> None:
+        pool = ProcessPool(1)
+        pool.ahead_depth = 4
+        calls = Calls()
+        # Each input and result is several times what a pipe holds.
+        data = [bytes([i]) * (300 * 1024) for i in range(5)]
+        try:
+            calls.submit(pool, handlers.echo, 0, data[0])
+            for i in range(1, 5):
+                calls.submit(pool, handlers.echo, i, data[i], ahead=True)
+            await until(lambda: len(calls.ended) == 5, "the five results", timeout=30)
+            assert [calls.ended[i] for i in range(5)] == [(True, d) for d in data]
+            assert calls.begun == [0, 1, 2, 3, 4]
+        finally:
+            pool.shutdown()
+
+    run(body)

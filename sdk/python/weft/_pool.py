@@ -242,14 +242,17 @@ class ProcessCall:
 
 class _Proc:
     def __init__(self, pool: "ProcessPool"):
-        # Two one-way pipes: the worker reads its end without blocking (and
-        # parses the frames itself, many per read), and writes blocking.
+        # Two one-way pipes, both used by the worker without blocking: it
+        # parses the frames it reads itself (many per read) and writes what
+        # it queued when the pipe has room, so a process blocked sending a
+        # large result never waits on a worker blocked sending it a call.
         child_in, to_child = pool._ctx.Pipe(duplex=False)
         from_child, child_out = pool._ctx.Pipe(duplex=False)
         self.pool = pool
         self.conn = to_child
         self.reader = from_child
         self.fd = from_child.fileno()
+        self.wfd = to_child.fileno()
         self.buffer = bytearray()
         self.process = pool._ctx.Process(target=_child_main, args=(child_in, child_out), daemon=True,
                                          name="weft-pool")
@@ -257,12 +260,15 @@ class _Proc:
         child_in.close()
         child_out.close()
         os.set_blocking(self.fd, False)
+        os.set_blocking(self.wfd, False)
         #: Calls sent to it, in order; the first is the one it runs once begun.
         self.calls: Dict[int, ProcessCall] = {}
         #: Frames not written yet: what one loop iteration sends it goes in one write.
         self.out = bytearray()
         self.dead = False
         self.reading = False
+        #: Waiting for room in the pipe to write the rest of ``out``.
+        self.writing = False
 
     def messages(self) -> List[tuple]:
         """The messages that arrived (none yet: empty); EOFError once the process is gone."""
@@ -293,6 +299,12 @@ class _Proc:
             except (ValueError, OSError):
                 pass
             self.reading = False
+        if self.writing and loop is not None:
+            try:
+                loop.remove_writer(self.wfd)
+            except (ValueError, OSError):
+                pass
+            self.writing = False
         try:
             self.process.kill()
         except (OSError, ValueError):
@@ -453,20 +465,31 @@ class ProcessPool:
             self._flush_handle = self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
-        """Writes what is queued to each process (blocking, as a
-        ``Connection`` does); a process that cannot be written to died."""
+        """Writes what is queued to each process."""
         self._flush_handle = None
         for proc in list(self._procs):
-            if not proc.out or proc.dead:
-                continue
-            view = memoryview(bytes(proc.out))
-            proc.out.clear()
-            try:
-                fd = proc.conn.fileno()
-                while view:
-                    view = view[os.write(fd, view):]
-            except (OSError, ValueError):
-                self._died(proc)
+            if proc.out and not proc.dead and not proc.writing:
+                self._write_out(proc)
+
+    def _write_out(self, proc: _Proc) -> None:
+        """Writes what the pipe takes of ``proc.out``; the rest once it has
+        room. A process that cannot be written to died."""
+        if proc.dead:
+            return
+        try:
+            while proc.out:
+                del proc.out[:os.write(proc.wfd, proc.out)]
+        except BlockingIOError:
+            if not proc.writing:
+                self._loop.add_writer(proc.wfd, self._write_out, proc)
+                proc.writing = True
+            return
+        except (OSError, ValueError):
+            self._died(proc)
+            return
+        if proc.writing:
+            self._loop.remove_writer(proc.wfd)
+            proc.writing = False
 
     def _mark_begun(self, call: ProcessCall) -> None:
         """``call`` runs now in its process: its slot is taken (``begin``)."""
