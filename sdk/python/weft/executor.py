@@ -68,6 +68,9 @@ from .worker.pickled import EXCEPTION_MARKER, FORMAT, HANDLER
 
 log = logging.getLogger("weft.executor")
 
+#: Submits one executor has on their way at once: a batch queued while
+#: another is being committed goes at once rather than after it.
+SUBMIT_CONCURRENCY = 4
 #: Cancels sent at once by one executor (``shutdown(cancel_futures=True)`` over many futures).
 CANCEL_CONCURRENCY = 64
 #: A task record's state of success.
@@ -220,6 +223,7 @@ class _Core:
         self.tasks: Set[asyncio.Task] = set()
         self.cancelling: Set[asyncio.Task] = set()
         self.cancels = asyncio.Semaphore(CANCEL_CONCURRENCY)
+        self.submits = asyncio.Semaphore(SUBMIT_CONCURRENCY)
         self.pump = self.loop.create_task(self._pump())
 
     def put(self, request: _Request) -> None:
@@ -253,7 +257,8 @@ class _Core:
                     if not request.future.done():  # cancelled before it was sent: never submitted
                         batch.append(request)
                 if batch:
-                    await self._submit(batch)
+                    await self.submits.acquire()
+                    self._spawn(self._submit(batch))
 
     async def _submit(self, batch: List[_Request]) -> None:
         try:
@@ -262,6 +267,8 @@ class _Core:
             for request in batch:
                 _settle(request.future, error=e)
             return
+        finally:
+            self.submits.release()
         for request, task_id in zip(batch, ids):
             request.task_id = task_id
             if request.future.cancelled():  # cancelled while the Submit was on its way
