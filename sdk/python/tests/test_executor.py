@@ -123,6 +123,45 @@ def _nested():
     return inner
 
 
+class _HeldClient:
+    """A stand-in for ``weft.aio.Client``: its first Submit waits until released; every task
+    succeeds with its id as the (pickled) result."""
+
+    def __init__(self) -> None:
+        self.submits: list = []
+        self.release = asyncio.Event()
+
+    async def submit_many(self, specs):
+        self.submits.append(len(specs))
+        number = len(self.submits)
+        if number == 1:
+            await self.release.wait()
+        return [f"t{number}.{i}" for i in range(len(specs))]
+
+    async def _wait_many_records(self, task_ids):
+        from weft._proto import common_pb2, task_pb2
+
+        for task_id in task_ids:
+            yield task_pb2.Task(id=task_id, state=common_pb2.TASK_STATE_SUCCEEDED, output=pickle.dumps(task_id))
+
+
+def test_a_batch_queued_while_another_is_on_its_way_is_submitted_at_once():
+    async def body() -> None:
+        client = _HeldClient()
+        ex = weft.aio.Executor(client=client)
+        first = ex.submit(math.factorial, 3)
+        while client.submits != [1]:
+            await asyncio.sleep(0.001)
+        second = ex.submit(math.factorial, 4)
+        assert await asyncio.wait_for(second, 10) == "t2.0", "not held behind the first Submit"
+        assert not first.done()
+        client.release.set()
+        assert await asyncio.wait_for(first, 10) == "t1.0"
+        await ex.shutdown()
+
+    asyncio.run(body())
+
+
 def test_a_json_codec_decodes_the_input_and_encodes_the_result():
     worker = weft.Worker("http://127.0.0.1:1", slots=1)
     h = worker.register("s", exec_funcs.json_sum, "process", codec="json")

@@ -95,6 +95,16 @@ def test_prefetch_follows_the_run_time_within_its_ceiling():
     assert off.take_grant() == 2, "prefetch 0: never more than the slots"
 
 
+def test_the_depth_of_a_pool_process_line_follows_the_run_time():
+    slots = Slots(2, prefetch=8)
+    assert slots.per_slot_now() == 1, "one before a run time is known"
+    slots.record_run_time(REFILL_TIME / 4)
+    assert slots.per_slot_now() == 5, "enough to cover the refill time"
+    long = Slots(2, prefetch=8)
+    long.record_run_time(60)
+    assert long.per_slot_now() == 1, "one behind a long call"
+
+
 def test_a_prefetching_worker_queues_beyond_its_slot_and_runs_one_at_a_time(gated):
     _, session, gate = gated(slots=1, prefetch=4)
     session.wait_for(lambda: session.credits_granted() >= 1 + 1 + 4, what="credits beyond the slot")

@@ -16,7 +16,15 @@ call a kill would stop. Calls beyond what the processes hold wait in the
 pool, first in first out. A call submitted ``ahead`` (its attempt is still
 queued, holding no slot) goes only behind a running call, and begins in the
 slot that call frees: the pool never runs more calls at once than it has
-processes, nor an ahead call before a call ends.
+processes, nor an ahead call before a call ends. Up to
+:attr:`ProcessPool.ahead_depth` of them wait behind one running call (the
+worker makes it deep for short calls, one for long ones), in the process
+holding the fewest.
+
+What the worker sends a process within one turn of its loop goes in one
+pipe write, after that turn (several calls that came in one batch, the next
+calls after several results read at once); a process reads what arrived in
+one go, so short calls cost few system calls and wake-ups on both sides.
 
 Processes are started with the ``spawn`` method (forking a process that runs
 gRPC threads is unsafe), so handlers must be importable module-level
@@ -32,7 +40,9 @@ import logging
 import multiprocessing
 import os
 import pickle
+import select
 import signal
+import struct
 import traceback
 from typing import Any, Callable, Deque, Dict, List, Optional
 
@@ -40,6 +50,9 @@ log = logging.getLogger("weft.worker")
 
 #: Calls one pool process holds at once: the one it runs and the next.
 DEPTH = 2
+#: Most calls handed down ahead that wait behind a running call in one
+#: process (:attr:`ProcessPool.ahead_depth` says how many now).
+AHEAD_MAX = 8
 #: Bytes read from a pool process at a time.
 READ_SIZE = 1 << 16
 
@@ -74,6 +87,29 @@ class _ChildContext:
 
     def progress(self, fraction: float, message: str = "") -> None:
         self._conn.send(("progress", self._id, float(fraction), str(message)))
+
+
+def _frames(buffer: bytearray) -> List[tuple]:
+    """Takes the whole frames off the head of ``buffer`` and answers their
+    messages. ``multiprocessing.Connection``'s frames: a signed 4-byte
+    big-endian length (-1: an 8-byte length follows), then the pickle."""
+    out = []
+    start, end = 0, len(buffer)
+    while end - start >= 4:
+        size = int.from_bytes(buffer[start:start + 4], "big", signed=True)
+        head = 4
+        if size == -1:
+            if end - start < 12:
+                break
+            size = int.from_bytes(buffer[start + 4:start + 12], "big")
+            head = 12
+        if end - start < head + size:
+            break
+        out.append(pickle.loads(buffer[start + head:start + head + size]))
+        start += head + size
+    if start:
+        del buffer[:start]
+    return out
 
 
 def _child_main(conn, out) -> None:
@@ -127,19 +163,35 @@ def _child_main(conn, out) -> None:
             # carries where it was raised.
             return ("error", call_id, type(e).__name__, message, "" if plain else traceback.format_exc())
 
+    fd = conn.fileno()
+    os.set_blocking(fd, False)
+    buffer = bytearray()
+
+    def read() -> None:
+        """Takes every message that arrived (several per read: the worker
+        writes what it has in one go); EOFError once the worker is gone."""
+        while True:
+            try:
+                chunk = os.read(fd, READ_SIZE)
+            except BlockingIOError:
+                return
+            if not chunk:
+                raise EOFError
+            buffer.extend(chunk)
+            for message in _frames(buffer):
+                take(message)
+
     current: Optional[tuple] = None
     while True:
         try:
             if current is None:
-                take(conn.recv())  # idle: wait for work
-                while conn.poll():
-                    take(conn.recv())
+                select.select([fd], [], [])  # idle: wait for work
+                read()
                 current = next_call()
                 if current is None:
                     continue
             done = run(current)
-            while conn.poll():
-                take(conn.recv())
+            read()
             current = next_call()
             reply = done + (current[1] if current is not None else None,)
             try:
@@ -190,14 +242,17 @@ class ProcessCall:
 
 class _Proc:
     def __init__(self, pool: "ProcessPool"):
-        # Two one-way pipes: the worker reads its end without blocking (and
-        # parses the frames itself, many per read), and writes blocking.
+        # Two one-way pipes, both used by the worker without blocking: it
+        # parses the frames it reads itself (many per read) and writes what
+        # it queued when the pipe has room, so a process blocked sending a
+        # large result never waits on a worker blocked sending it a call.
         child_in, to_child = pool._ctx.Pipe(duplex=False)
         from_child, child_out = pool._ctx.Pipe(duplex=False)
         self.pool = pool
         self.conn = to_child
         self.reader = from_child
         self.fd = from_child.fileno()
+        self.wfd = to_child.fileno()
         self.buffer = bytearray()
         self.process = pool._ctx.Process(target=_child_main, args=(child_in, child_out), daemon=True,
                                          name="weft-pool")
@@ -205,10 +260,15 @@ class _Proc:
         child_in.close()
         child_out.close()
         os.set_blocking(self.fd, False)
+        os.set_blocking(self.wfd, False)
         #: Calls sent to it, in order; the first is the one it runs once begun.
         self.calls: Dict[int, ProcessCall] = {}
+        #: Frames not written yet: what one loop iteration sends it goes in one write.
+        self.out = bytearray()
         self.dead = False
         self.reading = False
+        #: Waiting for room in the pipe to write the rest of ``out``.
+        self.writing = False
 
     def messages(self) -> List[tuple]:
         """The messages that arrived (none yet: empty); EOFError once the process is gone."""
@@ -218,26 +278,8 @@ class _Proc:
             return []
         if not chunk:
             raise EOFError
-        buffer = self.buffer
-        buffer += chunk
-        out = []
-        start, end = 0, len(buffer)
-        # multiprocessing.Connection's frames: a signed 4-byte big-endian
-        # length (-1: an 8-byte length follows), then the pickle.
-        while end - start >= 4:
-            size = int.from_bytes(buffer[start:start + 4], "big", signed=True)
-            head = 4
-            if size == -1:
-                if end - start < 12:
-                    break
-                size = int.from_bytes(buffer[start + 4:start + 12], "big")
-                head = 12
-            if end - start < head + size:
-                break
-            out.append(pickle.loads(buffer[start + head:start + head + size]))
-            start += head + size
-        del buffer[:start]
-        return out
+        self.buffer += chunk
+        return _frames(self.buffer)
 
     @property
     def pid(self) -> int:
@@ -250,12 +292,19 @@ class _Proc:
 
     def kill(self, loop: Optional[asyncio.AbstractEventLoop]) -> None:
         self.dead = True
+        self.out.clear()
         if self.reading and loop is not None:
             try:
                 loop.remove_reader(self.fd)
             except (ValueError, OSError):
                 pass
             self.reading = False
+        if self.writing and loop is not None:
+            try:
+                loop.remove_writer(self.wfd)
+            except (ValueError, OSError):
+                pass
+            self.writing = False
         try:
             self.process.kill()
         except (OSError, ValueError):
@@ -279,7 +328,8 @@ class PoolCallError(Exception):
 
 class ProcessPool:
     """Up to ``size`` spawn-started processes, each running one call at a
-    time and holding the next (:data:`DEPTH`); the rest wait here."""
+    time and holding the next (:data:`DEPTH`), or up to ``ahead_depth``
+    calls handed down ahead; the rest wait here."""
 
     def __init__(self, size: int):
         self._ctx = multiprocessing.get_context("spawn")
@@ -289,9 +339,17 @@ class ProcessPool:
         #: Calls handed down ahead (their attempts still queued): each goes
         #: only behind a running call, and begins in its slot when it ends.
         self._ahead: Deque[ProcessCall] = collections.deque()
+        #: Calls handed down ahead that processes hold and have not begun.
+        self._ahead_held = 0
+        #: How many calls handed down ahead may wait behind a running call
+        #: in one process (1 to :data:`AHEAD_MAX`); the worker sets it from
+        #: the run times it sees, so short calls stream while a long one
+        #: holds back at most one.
+        self.ahead_depth = 1
         self._next_id = 0
         self._pickled: Dict[Any, bytes] = {}
         self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._flush_handle: Optional[asyncio.Handle] = None
 
     def warm_up(self, count: int) -> None:
         """Starts up to ``count`` processes ahead of the first call."""
@@ -331,7 +389,7 @@ class ProcessPool:
 
     def ahead_count(self) -> int:
         """Calls handed down ahead and not begun yet."""
-        return len(self._ahead) + sum(1 for p in self._procs for c in p.calls.values() if c.ahead and not c.begun)
+        return len(self._ahead) + self._ahead_held
 
     def reclaim_ahead(self) -> Optional[Any]:
         """Turns the first call handed down ahead that no process holds yet
@@ -364,32 +422,85 @@ class ProcessPool:
             if proc is None:
                 break
             self._send(proc, waiting.popleft())
+        if ahead:
+            depth = max(1, min(self.ahead_depth, AHEAD_MAX))
         while ahead:
-            # Only behind a call that runs: it begins when that one ends.
-            proc = next((p for p in self._procs if not p.dead and len(p.calls) == 1
-                         and next(iter(p.calls.values())).begun), None)
+            # Only behind a call that runs (it begins when that one ends),
+            # in the process that holds the fewest.
+            proc: Optional[_Proc] = None
+            for p in self._procs:
+                held = len(p.calls)
+                if (p.dead or not held or held > depth or (proc is not None and held >= len(proc.calls))
+                        or not next(iter(p.calls.values())).begun):
+                    continue
+                proc = p
             if proc is None:
                 break
             self._send(proc, ahead.popleft())
 
     def _send(self, proc: _Proc, call: ProcessCall) -> None:
+        try:
+            data = pickle.dumps(call.message, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as e:  # noqa: BLE001 - an input that cannot be pickled fails its call
+            self._end(call, False, PoolCallError(type(e).__name__, f"cannot send the call to a pool process: {e}"))
+            return
         call.proc = proc
         idle = not proc.calls
         proc.calls[call.id] = call
-        try:
-            proc.conn.send(call.message)
-        except (OSError, ValueError, EOFError):
-            self._died(proc)
-            return
-        except Exception as e:  # noqa: BLE001 - an input that cannot be pickled fails its call
-            del proc.calls[call.id]
-            call.proc = None
-            self._end(call, False, PoolCallError(type(e).__name__, f"cannot send the call to a pool process: {e}"))
-            return
+        if call.ahead:
+            self._ahead_held += 1
+        self._write(proc, data)
         if idle:
             # An idle process begins it as soon as it reads it.
-            call.begun = True
-            call.on_message(call.tag, ("begin",))
+            self._mark_begun(call)
+
+    def _write(self, proc: _Proc, data: bytes) -> None:
+        """Queues one frame (``multiprocessing.Connection``'s) to ``proc``;
+        what is queued goes in one write once the loop is done with what it
+        handles now, so calls that come together cost one pipe write."""
+        size = len(data)
+        proc.out += struct.pack("!i", size) if size <= 0x7FFFFFFF else struct.pack("!iQ", -1, size)
+        proc.out += data
+        if self._flush_handle is None:
+            self._flush_handle = self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """Writes what is queued to each process."""
+        self._flush_handle = None
+        for proc in list(self._procs):
+            if proc.out and not proc.dead and not proc.writing:
+                self._write_out(proc)
+
+    def _write_out(self, proc: _Proc) -> None:
+        """Writes what the pipe takes of ``proc.out``; the rest once it has
+        room. A process that cannot be written to died."""
+        if proc.dead:
+            return
+        try:
+            while proc.out:
+                del proc.out[:os.write(proc.wfd, proc.out)]
+        except BlockingIOError:
+            if not proc.writing:
+                self._loop.add_writer(proc.wfd, self._write_out, proc)
+                proc.writing = True
+            return
+        except (OSError, ValueError):
+            self._died(proc)
+            return
+        if proc.writing:
+            self._loop.remove_writer(proc.wfd)
+            proc.writing = False
+
+    def _mark_begun(self, call: ProcessCall) -> None:
+        """``call`` runs now in its process: its slot is taken (``begin``)."""
+        self._unheld(call)
+        call.begun = True
+        call.on_message(call.tag, ("begin",))
+
+    def _unheld(self, call: ProcessCall) -> None:
+        """``call`` no longer waits, not begun, in a process: counted out of :meth:`ahead_count`."""
+        if call.ahead and not call.begun and call.proc is not None:
+            self._ahead_held -= 1
 
     def _room(self) -> Optional[_Proc]:
         best: Optional[_Proc] = None
@@ -434,8 +545,7 @@ class ProcessPool:
                     # It went idle with a call on its way: it begins that one on reading it.
                     following = next(iter(proc.calls.values()))
                     if not following.begun:
-                        following.begun = True
-                        following.on_message(following.tag, ("begin",))
+                        self._mark_begun(following)
                 if call is not None:
                     if kind == "ok":
                         self._end(call, True, message[2])
@@ -459,8 +569,7 @@ class ProcessPool:
             log.info("pool process %d began a call taken back: killing it", proc.pid)
             self._died(proc)
             return
-        call.begun = True
-        call.on_message(call.tag, ("begin",))
+        self._mark_begun(call)
 
     def _died(self, proc: _Proc) -> None:
         """The process is gone (or must go): its running call fails, the
@@ -473,6 +582,7 @@ class ProcessPool:
         if proc in self._procs:
             self._procs.remove(proc)
         for call in calls:
+            self._unheld(call)
             call.proc = None
         # Those it had not begun go back first, so what the failed call's
         # end frees finds them.
@@ -498,11 +608,10 @@ class ProcessPool:
             del proc.calls[call.id]  # reported below, not as ProcessDied
             self._died(proc)
         else:
+            self._unheld(call)
             del proc.calls[call.id]
-            try:
-                proc.conn.send(("skip", call.id))
-            except (OSError, ValueError):
-                self._died(proc)
+            call.proc = None
+            self._write(proc, pickle.dumps(("skip", call.id), protocol=pickle.HIGHEST_PROTOCOL))
         self._end(call, False, KILLED)
         self._dispatch()
 
@@ -520,6 +629,9 @@ class ProcessPool:
 
     def shutdown(self) -> None:
         """Kills every pool process."""
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
         for proc in list(self._procs):
             proc.kill(self._loop)
         for proc in list(self._procs):

@@ -178,6 +178,12 @@ class Client:
     async def wait_many(self, task_ids: Iterable[str], timeout: Optional[DurationLike] = None) -> AsyncIterator[Task]:
         """``async for task in client.wait_many(ids)``: final records as tasks finish (see
         :meth:`weft.Client.wait_many`)."""
+        async for record in self._wait_many_records(task_ids, timeout):
+            yield Task.from_pb(record)
+
+    async def _wait_many_records(self, task_ids: Iterable[str], timeout: Optional[DurationLike] = None) -> AsyncIterator[task_pb2.Task]:
+        """:meth:`wait_many`'s records as they come (``weft.Executor`` reads a
+        pickled result straight from one)."""
         deadline = _deadline(timeout)
         pending = _distinct(task_ids)
         left = set(pending)
@@ -186,10 +192,9 @@ class Client:
             call = self._tasks.WaitMany(task_pb2.WaitManyRequest(task_ids=batch), timeout=_remaining(deadline))
             try:
                 async for record in call:
-                    task = Task.from_pb(record)
-                    if task.id in left:
-                        left.discard(task.id)
-                        yield task
+                    if record.id in left:
+                        left.discard(record.id)
+                        yield record
             except grpc.RpcError as e:
                 error = errors.from_rpc_error(e)
                 if not isinstance(error, errors.Unavailable):

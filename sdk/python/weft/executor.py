@@ -63,12 +63,18 @@ from typing import Any, AsyncIterator, Callable, Deque, Iterable, Iterator, List
 from . import errors
 from .client import SUBMIT_BATCH
 from .models import Task, TaskState, call_spec
+from ._proto import common_pb2
 from .worker.pickled import EXCEPTION_MARKER, FORMAT, HANDLER
 
 log = logging.getLogger("weft.executor")
 
+#: Submits one executor has on their way at once: a batch queued while
+#: another is being committed goes at once rather than after it.
+SUBMIT_CONCURRENCY = 4
 #: Cancels sent at once by one executor (``shutdown(cancel_futures=True)`` over many futures).
 CANCEL_CONCURRENCY = 64
+#: A task record's state of success.
+_SUCCEEDED = common_pb2.TASK_STATE_SUCCEEDED
 #: The reason a cancelled future's task records.
 CANCEL_REASON = "cancelled by weft.Executor"
 
@@ -217,6 +223,7 @@ class _Core:
         self.tasks: Set[asyncio.Task] = set()
         self.cancelling: Set[asyncio.Task] = set()
         self.cancels = asyncio.Semaphore(CANCEL_CONCURRENCY)
+        self.submits = asyncio.Semaphore(SUBMIT_CONCURRENCY)
         self.pump = self.loop.create_task(self._pump())
 
     def put(self, request: _Request) -> None:
@@ -250,7 +257,8 @@ class _Core:
                     if not request.future.done():  # cancelled before it was sent: never submitted
                         batch.append(request)
                 if batch:
-                    await self._submit(batch)
+                    await self.submits.acquire()
+                    self._spawn(self._submit(batch))
 
     async def _submit(self, batch: List[_Request]) -> None:
         try:
@@ -259,6 +267,8 @@ class _Core:
             for request in batch:
                 _settle(request.future, error=e)
             return
+        finally:
+            self.submits.release()
         for request, task_id in zip(batch, ids):
             request.task_id = task_id
             if request.future.cancelled():  # cancelled while the Submit was on its way
@@ -268,11 +278,19 @@ class _Core:
     async def _follow(self, batch: List[_Request]) -> None:
         by_id = {r.task_id: r for r in batch}
         try:
-            async for task in self.client.wait_many(list(by_id)):
-                request = by_id.pop(task.id, None)
-                if request is not None:
-                    value, error = _outcome(request, task)
-                    _settle(request.future, value, error)
+            async for record in self.client._wait_many_records(list(by_id)):
+                request = by_id.pop(record.id, None)
+                if request is None:
+                    continue
+                if request.decode is _decode_pickle and record.state == _SUCCEEDED:
+                    # The common case, read straight from the record (no Task built).
+                    try:
+                        value, error = pickle.loads(record.output), None
+                    except Exception as e:  # noqa: BLE001 - a result that does not decode is the future's error
+                        value, error = None, e
+                else:
+                    value, error = _outcome(request, Task.from_pb(record))
+                _settle(request.future, value, error)
         except errors.WeftError as e:
             for request in by_id.values():
                 _settle(request.future, error=e)

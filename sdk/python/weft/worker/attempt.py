@@ -453,6 +453,12 @@ class Attempts:
         down to the threads and the pool processes, so one that ends a call
         begins the next at once (in the slot it frees)."""
         slots, threads, processes = self.slots, self.threads, self.processes
+        process_room = 0
+        if processes is not None and slots.queued:
+            # Short calls wait several deep behind a running one, each
+            # process taking what comes in one pipe write; long ones one.
+            processes.ahead_depth = slots.per_slot_now()
+            process_room = (processes.ahead_depth + 1) * processes.size
         while slots.queued:
             head = slots.queued[0][0]
             handler = self._handler_of(head)
@@ -462,7 +468,7 @@ class Attempts:
                 slots.take_head()
                 head.queued, head.ahead = False, True
                 threads.put_ahead(handler.fn, self._thread_args(head, handler), head, self._thread_done)
-            elif handler.kind == "process" and processes is not None and processes.ahead_count() < 2 * processes.size:
+            elif handler.kind == "process" and processes is not None and processes.ahead_count() < process_room:
                 slots.take_head()
                 head.queued, head.ahead = False, True
                 self._run_process(head, handler, ahead=True)

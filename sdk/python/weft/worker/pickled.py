@@ -40,7 +40,7 @@ import io
 import pickle
 import traceback
 import types
-from typing import Any, Iterable, Sequence, Tuple
+from typing import Any, Dict, Iterable, Sequence, Tuple
 
 from .handlers import HandlerError, StartFailed, with_traceback
 
@@ -54,6 +54,9 @@ EXCEPTION_MARKER = "weft-exception-pickle: "
 EXCEPTION_LIMIT = 24 * 1024
 #: Most characters of an exception's message kept in the error's first line.
 SUMMARY_LIMIT = 8 * 1024
+
+#: Most globals a process keeps found (the names come from submitters).
+FOUND_LIMIT = 1024
 
 #: Globals any payload may name: harmless types that ordinary arguments are built from.
 SAFE_GLOBALS = frozenset(
@@ -90,11 +93,24 @@ class RestrictedUnpickler(pickle.Unpickler):
     door to the modules it imports.
     """
 
+    #: Globals found already, by (allowed modules, module, name): a pool
+    #: process unpickles the same function for every call it runs.
+    _found: Dict[Tuple[Tuple[str, ...], str, str], Any] = {}
+
     def __init__(self, file, allow_modules: Sequence[str]):
         super().__init__(file)
         self.allow_modules = tuple(allow_modules)
 
     def find_class(self, module: str, name: str) -> Any:
+        key = (self.allow_modules, module, name)
+        found = self._found.get(key)
+        if found is None:
+            found = self._find_class(module, name)
+            if len(self._found) < FOUND_LIMIT:
+                self._found[key] = found
+        return found
+
+    def _find_class(self, module: str, name: str) -> Any:
         if (module, name) in SAFE_GLOBALS:
             return super().find_class(module, name)
         if not allowed(module, self.allow_modules):

@@ -85,8 +85,16 @@ class Slots:
         before an attempt has ended."""
         if self.run_time is None or self.prefetch <= 0:
             return 0
-        per_slot = int(REFILL_TIME / max(self.run_time, 1e-9)) + 1
-        return min(per_slot * self.total, self.prefetch)
+        return min(self.per_slot_now() * self.total, self.prefetch)
+
+    def per_slot_now(self) -> int:
+        """Queued attempts per slot that cover :data:`REFILL_TIME` at the
+        average run time (1 before an attempt has ended, or for attempts
+        that run longer): how deep a pool process's line of calls handed
+        down ahead may be without holding one back longer than that."""
+        if self.run_time is None:
+            return 1
+        return int(REFILL_TIME / max(self.run_time, 1e-9)) + 1
 
     def record_run_time(self, took: float) -> None:
         """Folds one attempt's run time (seconds) into the average prefetch follows."""
