@@ -25,6 +25,7 @@ from .client import (
     _deadline,
     _distinct,
     _InOrder,
+    _call_requests,
     _remaining,
     _wait_many_batch,
 )
@@ -218,13 +219,12 @@ class Client:
     ) -> AsyncIterator[bytes]:
         """``async for result in client.map(handler, inputs)``: results in input order (see
         :meth:`weft.Client.map`)."""
-        specs = [call_spec(handler, data, **options) for data in inputs]
         ids: List[str] = []
-        for start in range(0, len(specs), SUBMIT_BATCH):
-            ids.extend(await self.submit_many(specs[start:start + SUBMIT_BATCH]))
+        for request in _call_requests(handler, inputs, options):
+            ids.extend((await self._unary(self._tasks.Submit, request)).task_ids)
         order = _InOrder(ids)
-        async for task in self.wait_many(ids, timeout):
-            for result in order.add(task):
+        async for record in self._wait_many_records(ids, timeout):
+            for result in order.add(record):
                 yield result
 
     async def cancel(self, task_id: str, reason: str = "") -> Task:
