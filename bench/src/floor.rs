@@ -137,6 +137,15 @@ impl TaskService for FakeTasks {
         Err(Status::unimplemented("not part of the floor"))
     }
 
+    type WaitManyBatchesStream = Pin<Box<dyn Stream<Item = Result<pb::TaskBatch, Status>> + Send>>;
+
+    async fn wait_many_batches(
+        &self,
+        _: Request<pb::WaitManyRequest>,
+    ) -> Result<Response<Self::WaitManyBatchesStream>, Status> {
+        Err(Status::unimplemented("not part of the floor"))
+    }
+
     type RunStream = EventStream;
 
     async fn run(&self, _: Request<pb::RunRequest>) -> Result<Response<Self::RunStream>, Status> {

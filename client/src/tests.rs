@@ -149,6 +149,15 @@ impl TaskService for Scripted {
         Ok(Response::new(Box::pin(futures::stream::iter(tasks))))
     }
 
+    type WaitManyBatchesStream = Pin<Box<dyn Stream<Item = Result<pb::TaskBatch, Status>> + Send>>;
+
+    async fn wait_many_batches(
+        &self,
+        _: Request<pb::WaitManyRequest>,
+    ) -> Result<Response<Self::WaitManyBatchesStream>, Status> {
+        Err(Status::unimplemented("the Rust client waits with WaitMany"))
+    }
+
     type RunStream = Events;
 
     async fn run(

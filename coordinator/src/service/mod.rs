@@ -3,6 +3,7 @@
 //! forward; no state transitions happen here.
 
 pub(crate) mod admin;
+mod batches;
 pub(crate) mod node;
 mod node_admin;
 pub(crate) mod task;

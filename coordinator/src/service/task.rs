@@ -24,6 +24,7 @@ use tonic::{Request, Response, Status};
 use weft_proto::limits::SpecLimits;
 use weft_proto::{TaskId, TaskSpec, TaskState, pb};
 
+use super::batches::Batches;
 use super::{event_to_pb, parse_task_id, state_filter, task_to_pb};
 use crate::auth::{self, Caller, Scope};
 use crate::driver::{Command, EventFeed, FinalFeed, Handle, follow, wait_final};
@@ -35,8 +36,10 @@ pub(crate) type EventStream =
     Counted<Map<EventFeed, fn(Result<TaskEvent, Error>) -> Result<pb::TaskEvent, Status>>>;
 
 /// Final tasks of one `WaitMany` call, encoded as they leave.
-pub(crate) type TaskStream =
-    Counted<Map<FinalFeed, fn(Result<TaskRecord, Error>) -> Result<pb::Task, Status>>>;
+pub(crate) type TaskStream = Counted<FinalTasks>;
+/// One `WaitMany` call's final records, as the API sends them.
+pub(crate) type FinalTasks =
+    Map<FinalFeed, fn(Result<TaskRecord, Error>) -> Result<pb::Task, Status>>;
 
 /// Largest `List` page.
 const MAX_LIST: u32 = 10_000;
@@ -180,6 +183,43 @@ pub(crate) struct TaskApi {
 }
 
 impl TaskApi {
+    /// `WaitMany` and `WaitManyBatches`: checks the request (scope, id
+    /// count, ids), registers the waiter, and answers its feed of final
+    /// records with the client's stream place. Unknown ids fail the call
+    /// itself, before anything is streamed.
+    async fn open_wait_many(
+        &self,
+        request: Request<pb::WaitManyRequest>,
+    ) -> Result<(FinalTasks, StreamPlace), Status> {
+        auth::require(&request, Scope::Read)?;
+        let place = self.streams.open(Client::of(&request))?;
+        let request = request.into_inner();
+        if request.task_ids.len() > MAX_WAIT_MANY {
+            return Err(
+                Error::InvalidArgument(weft_proto::ConversionError::Invalid {
+                    field: "task_ids",
+                    reason: format!(
+                        "{} ids; at most {MAX_WAIT_MANY} per call",
+                        request.task_ids.len()
+                    ),
+                })
+                .into(),
+            );
+        }
+        let mut pending = HashSet::with_capacity(request.task_ids.len());
+        let mut ids = Vec::with_capacity(request.task_ids.len());
+        for text in &request.task_ids {
+            let id = parse_task_id(text)?;
+            if pending.insert(id) {
+                ids.push(id);
+            }
+        }
+        let finals = wait_final(&self.handle, ids, pending).await?;
+        let tasks: fn(Result<TaskRecord, Error>) -> Result<pb::Task, Status> =
+            |task| task.map(|t| task_to_pb(&t)).map_err(Status::from);
+        Ok((finals.map(tasks), place))
+    }
+
     /// The client API over the driver's `handle`.
     pub fn new(handle: Handle) -> TaskApi {
         let streams = ClientStreams::new(handle.config.max_streams_per_client);
@@ -391,35 +431,22 @@ impl pb::task_service_server::TaskService for TaskApi {
         &self,
         request: Request<pb::WaitManyRequest>,
     ) -> Result<Response<Self::WaitManyStream>, Status> {
-        auth::require(&request, Scope::Read)?;
-        let place = self.streams.open(Client::of(&request))?;
-        let request = request.into_inner();
-        if request.task_ids.len() > MAX_WAIT_MANY {
-            return Err(
-                Error::InvalidArgument(weft_proto::ConversionError::Invalid {
-                    field: "task_ids",
-                    reason: format!(
-                        "{} ids; at most {MAX_WAIT_MANY} per call",
-                        request.task_ids.len()
-                    ),
-                })
-                .into(),
-            );
-        }
-        let mut pending = HashSet::with_capacity(request.task_ids.len());
-        let mut ids = Vec::with_capacity(request.task_ids.len());
-        for text in &request.task_ids {
-            let id = parse_task_id(text)?;
-            if pending.insert(id) {
-                ids.push(id);
-            }
-        }
-        // Unknown ids fail the call itself, before anything is streamed.
-        let finals = wait_final(&self.handle, ids, pending).await?;
-        let tasks: fn(Result<TaskRecord, Error>) -> Result<pb::Task, Status> =
-            |task| task.map(|t| task_to_pb(&t)).map_err(Status::from);
+        let (finals, place) = self.open_wait_many(request).await?;
         Ok(Response::new(Counted {
-            inner: finals.map(tasks),
+            inner: finals,
+            _place: place,
+        }))
+    }
+
+    type WaitManyBatchesStream = Counted<Batches<FinalTasks>>;
+
+    async fn wait_many_batches(
+        &self,
+        request: Request<pb::WaitManyRequest>,
+    ) -> Result<Response<Self::WaitManyBatchesStream>, Status> {
+        let (finals, place) = self.open_wait_many(request).await?;
+        Ok(Response::new(Counted {
+            inner: Batches::new(finals),
             _place: place,
         }))
     }

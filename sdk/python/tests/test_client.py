@@ -56,6 +56,13 @@ class Tasks(task_pb2_grpc.TaskServiceServicer):
     def Cancel(self, request, context):
         context.abort(grpc.StatusCode.FAILED_PRECONDITION, "task T1 already finished")
 
+    def WaitMany(self, request, context):
+        # A coordinator from before WaitManyBatches: one record per message (and no
+        # WaitManyBatches: this servicer leaves it UNIMPLEMENTED).
+        self.wait_many_calls = getattr(self, "wait_many_calls", 0) + 1
+        for task_id in reversed(request.task_ids):
+            yield _task(task_id, common_pb2.TASK_STATE_SUCCEEDED, output=task_id.encode())
+
 
 class Admin(admin_pb2_grpc.AdminServiceServicer):
     def ListNodes(self, request, context):
@@ -226,3 +233,19 @@ def test_http_with_a_ca_or_pin_is_refused_and_a_token_over_it_warned(monkeypatch
     assert not [w for w in recwarn if issubclass(w.category, PlaintextTokenWarning)]
     with pytest.warns(PlaintextTokenWarning, match="plaintext http://127.0.0.1:9"):
         weft.Client("http://127.0.0.1:9", token="weft_x_y").close()
+
+
+def test_wait_many_and_map_fall_back_to_wait_many_on_a_coordinator_without_batches(server):
+    url, tasks = server
+    with weft.Client(url) as client:
+        assert sorted(t.id for t in client.wait_many(["A", "B", "C"])) == ["A", "B", "C"]
+        assert list(client.map("echo", [b"x", b"y"])) == [b"T0", b"T1"], "results in input order"
+    assert tasks.wait_many_calls == 2
+
+    async def scenario():
+        async with weft.aio.Client(url) as client:
+            assert sorted([t.id async for t in client.wait_many(["A", "B"])]) == ["A", "B"]
+            assert [r async for r in client.map("echo", [b"x", b"y"])] == [b"T0", b"T1"]
+
+    asyncio.run(scenario())
+    assert tasks.wait_many_calls == 4

@@ -333,6 +333,29 @@ def test_wait_many_as_completed_and_map_wait_over_one_stream_not_one_per_task(cl
     asyncio.run(scenario())
 
 
+def test_wait_many_batches_sends_the_records_ready_together_in_one_message_each_once(cluster):
+    from weft._proto import task_pb2, task_pb2_grpc
+
+    cluster.rust_node("rust", slots=4)
+    cluster.wait_nodes("rust")
+    client = cluster.client
+    ids = client.submit_many([weft.call_spec("echo", str(i)) for i in range(500)])
+    assert all(task.succeeded for task in client.wait_many(ids, timeout=60))
+    # All final already: they come in far fewer messages than records, each record once.
+    with grpc.secure_channel(cluster.url[len("https://"):],
+                             grpc.ssl_channel_credentials(open(cluster.ca_file, "rb").read())) as channel:
+        stub = task_pb2_grpc.TaskServiceStub(channel)
+        messages = list(stub.WaitManyBatches(task_pb2.WaitManyRequest(task_ids=ids + ids[:3]), timeout=30,
+                                             metadata=(("authorization", f"Bearer {cluster.token}"),)))
+        got = [task.id for message in messages for task in message.tasks]
+        assert sorted(got) == sorted(ids), "every id once, a repeated one too"
+        assert len(messages) < len(ids) / 10, f"{len(messages)} messages for {len(ids)} records"
+        with pytest.raises(grpc.RpcError) as refused:
+            list(stub.WaitManyBatches(task_pb2.WaitManyRequest(task_ids=["01J0000000000000000000000Z"]), timeout=30,
+                                      metadata=(("authorization", f"Bearer {cluster.token}"),)))
+        assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+
+
 def test_specs_past_a_limit_are_refused_with_typed_errors_naming_the_field(cluster):
     client = cluster.client
     with pytest.raises(weft.InvalidArgument, match="call.handler"):

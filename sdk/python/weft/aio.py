@@ -58,6 +58,8 @@ class Client:
     ):
         self._channel = channel or aio_channel(url, client_token(token), ca_file=ca_file, ca_pin=ca_pin)
         self._tasks = task_pb2_grpc.TaskServiceStub(self._channel)
+        #: Whether to wait over WaitManyBatches (cleared when the coordinator lacks it).
+        self._wait_batches = True
         self._admin = admin_pb2_grpc.AdminServiceStub(self._channel)
 
     async def close(self) -> None:
@@ -190,13 +192,22 @@ class Client:
         left = set(pending)
         while left:
             batch = _wait_many_batch(pending, left)
-            call = self._tasks.WaitMany(task_pb2.WaitManyRequest(task_ids=batch), timeout=_remaining(deadline))
+            request = task_pb2.WaitManyRequest(task_ids=batch)
+            batches = self._wait_batches
+            if batches:
+                call = self._tasks.WaitManyBatches(request, timeout=_remaining(deadline))
+            else:
+                call = self._tasks.WaitMany(request, timeout=_remaining(deadline))
             try:
-                async for record in call:
-                    if record.id in left:
-                        left.discard(record.id)
-                        yield record
+                async for message in call:
+                    for record in (message.tasks if batches else (message,)):
+                        if record.id in left:
+                            left.discard(record.id)
+                            yield record
             except grpc.RpcError as e:
+                if batches and e.code() == grpc.StatusCode.UNIMPLEMENTED:
+                    self._wait_batches = False  # an older coordinator: one record per message
+                    continue
                 error = errors.from_rpc_error(e)
                 if not isinstance(error, errors.Unavailable):
                     raise error from None

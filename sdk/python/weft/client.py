@@ -154,6 +154,8 @@ class Client:
     ):
         self._channel = channel or sync_channel(url, client_token(token), ca_file=ca_file, ca_pin=ca_pin)
         self._tasks = task_pb2_grpc.TaskServiceStub(self._channel)
+        #: Whether to wait over WaitManyBatches (cleared when the coordinator lacks it).
+        self._wait_batches = True
         self._admin = admin_pb2_grpc.AdminServiceStub(self._channel)
 
     def close(self) -> None:
@@ -303,19 +305,30 @@ class Client:
             yield Task.from_pb(record)
 
     def _wait_many_records(self, task_ids: Iterable[str], timeout: Optional[DurationLike] = None) -> Iterator[task_pb2.Task]:
-        """:meth:`wait_many`'s records as they come, before any :class:`Task` is built."""
+        """:meth:`wait_many`'s records as they come, before any :class:`Task` is built. They come
+        over ``WaitManyBatches`` (the records ready together in one message: a Python client's
+        cost is per message), or ``WaitMany`` from a coordinator without it."""
         deadline = _deadline(timeout)
         pending = _distinct(task_ids)
         left = set(pending)
         while left:
             batch = _wait_many_batch(pending, left)
-            call = self._tasks.WaitMany(task_pb2.WaitManyRequest(task_ids=batch), timeout=_remaining(deadline))
+            request = task_pb2.WaitManyRequest(task_ids=batch)
+            batches = self._wait_batches
+            if batches:
+                call = self._tasks.WaitManyBatches(request, timeout=_remaining(deadline))
+            else:
+                call = self._tasks.WaitMany(request, timeout=_remaining(deadline))
             try:
-                for record in call:
-                    if record.id in left:
-                        left.discard(record.id)
-                        yield record
+                for message in call:
+                    for record in (message.tasks if batches else (message,)):
+                        if record.id in left:
+                            left.discard(record.id)
+                            yield record
             except grpc.RpcError as e:
+                if batches and e.code() == grpc.StatusCode.UNIMPLEMENTED:
+                    self._wait_batches = False  # an older coordinator: one record per message
+                    continue
                 error = errors.from_rpc_error(e)
                 if not isinstance(error, errors.Unavailable):
                     raise error from None
