@@ -344,7 +344,7 @@ def table(figures: List[Figure], n: int) -> str:
         elif f.path == "sdk-client" and "rust-client" in by and by["rust-client"].rate:
             ratio = f"{f.rate / by['rust-client'].rate:.0%} of rust-client"
         elif f.path == "executor" and "ppe-chunked" in by and f.rate:
-            ratio = f"{by['ppe-chunked'].rate / f.rate:.2f}× slower than ppe-chunked"
+            ratio = f"{by['ppe-chunked'].rate / f.rate:.2f}× ppe-chunked's time"
         cluster_us, client_us = (j[key] if j[key] is not None else "n/a"
                                  for key in ("cluster_cpu_us_per_task", "client_cpu_us_per_task"))
         lines.append(f"| {f.path}: {f.note} | {f.rate:,.0f} | {cluster_us} | {client_us} | {ratio} |")
