@@ -324,12 +324,13 @@ def test_weft_get_shows_a_second_task_held_by_a_one_slot_worker_only_with_prefet
     assert done.state == weft.TaskState.SUCCEEDED and done.output == b"second"
 
 
-def test_a_call_waiting_in_a_busy_pool_process_is_taken_back_without_killing_the_running_one(fake, tmp_path):
-    import os
-
+def pool_worker(fake, tmp_path, name: str, slots: int, prefetch: int):
+    """A worker with one pool process serving the process handlers ``hang`` and ``touch``,
+    registered with the fake and holding its first credits: (running worker, session). The
+    caller stops the worker."""
     import handlers
 
-    worker = weft.Worker(slots=2, name="pool", prefetch=0, process_workers=1, join_token=fake.join_token(),
+    worker = weft.Worker(slots=slots, name=name, prefetch=prefetch, process_workers=1, join_token=fake.join_token(),
                          state_dir=str(tmp_path / "state"))
     worker.register("hang", handlers.hang, "process")
     worker.register("touch", handlers.touch, "process")
@@ -338,7 +339,18 @@ def test_a_call_waiting_in_a_busy_pool_process_is_taken_back_without_killing_the
         session = fake.accept(timeout=10)
         session.recv(timeout=5, skip_heartbeats=False)
         session.registered(NODE)
-        session.wait_for(lambda: session.credits_granted() >= 2, what="credits")
+        session.wait_for(lambda: session.credits_granted() >= slots, what="credits")
+    except BaseException:
+        rw.stop()
+        raise
+    return rw, session
+
+
+def test_a_call_waiting_in_a_busy_pool_process_is_taken_back_without_killing_the_running_one(fake, tmp_path):
+    import os
+
+    rw, session = pool_worker(fake, tmp_path, "pool", slots=2, prefetch=0)
+    try:
         marker = tmp_path / "touched"
         # One pool process: "t" waits behind "h" in it.
         session.assign(("h", 1, call_spec("hang")), ("t", 1, call_spec("touch", str(marker).encode())))
@@ -404,18 +416,8 @@ def test_a_handler_thread_begins_the_next_call_handed_down_before_the_loop_sees_
 def test_a_queued_process_call_handed_down_behind_a_running_one_is_returned_without_running(fake, tmp_path, how):
     import os
 
-    import handlers
-
-    worker = weft.Worker(slots=1, name="ahead", prefetch=4, process_workers=1, join_token=fake.join_token(),
-                         state_dir=str(tmp_path / "state"))
-    worker.register("hang", handlers.hang, "process")
-    worker.register("touch", handlers.touch, "process")
-    rw = RunningWorker(worker)
+    rw, session = pool_worker(fake, tmp_path, "ahead", slots=1, prefetch=4)
     try:
-        session = fake.accept(timeout=10)
-        session.recv(timeout=5, skip_heartbeats=False)
-        session.registered(NODE)
-        session.wait_for(lambda: session.credits_granted() >= 1, what="credits")
         warm = tmp_path / "warm"
         session.assign(("w", 1, call_spec("touch", str(warm).encode())))
         assert session.events("w", 1, timeout=30)[-1].finished.outcome == common_pb2.OUTCOME_SUCCEEDED

@@ -37,7 +37,7 @@ import logging
 import os
 import sys
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 from .errors import WeftError
 from .models import parse_duration, parse_label
@@ -173,26 +173,26 @@ def parser(prog: str = "python -m weft.worker_demo") -> argparse.ArgumentParser:
     return p
 
 
-def positive_int(text: str) -> int:
-    """A whole number of at least 1 (argparse type)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
+def whole_number(minimum: int, what: str = "a whole number", below: str = "") -> Callable[[str], int]:
+    """An argparse type: a whole number of at least ``minimum``; ``what`` names it in the error,
+    ``below`` says what the minimum means."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be {minimum}{below} or more, not {value}")
+        return value
+
+    return parse
 
 
-def prefetch_count(text: str) -> int:
-    """A whole number of slots, 0 or more (argparse type)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of slots (0 disables prefetch)") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 (no prefetch) or more, not {value}")
-    return value
+#: A whole number of at least 1 (argparse type).
+positive_int = whole_number(1)
+#: A whole number of slots, 0 or more (argparse type).
+prefetch_count = whole_number(0, "a whole number of slots (0 disables prefetch)", " (no prefetch)")
 
 
 def duration(text: str) -> float:
