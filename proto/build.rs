@@ -1,5 +1,8 @@
 //! Compiles `weft/v1/*.proto` with protox (pure Rust), so no system `protoc`
-//! is needed to build Weft.
+//! is needed to build Weft, and keeps the encoded descriptor set for gRPC
+//! server reflection (`weft_proto::FILE_DESCRIPTOR_SET`).
+
+use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
@@ -10,6 +13,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     ];
     println!("cargo:rerun-if-changed=weft");
     let fds = protox::compile(files, ["."])?;
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
+    std::fs::write(out.join("weft_descriptor.bin"), fds.encode_to_vec())?;
     tonic_prost_build::configure()
         .bytes(".")
         // `NodeService.Connect` would clash with the generated `connect`

@@ -79,6 +79,20 @@ pub(crate) async fn serve(
     };
     let config = Arc::clone(&handle.config);
     let max = config.max_message_size;
+    // gRPC server reflection (v1, and v1alpha for older tools), so grpcurl
+    // and the like list and call the API without the .proto files. It
+    // answers with the API's schema only, yet behind a client token like
+    // the API itself (any valid token; none with --no-auth).
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(weft_proto::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection()
+        .build_v1()
+        .expect("the descriptor set compiled into weft-proto decodes");
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
+        .expect("the descriptor set compiled into weft-proto decodes");
     let router = Server::builder()
         // Set, because tonic's default is no limit at all (hyper's 200
         // applies only when nothing is set, and tonic always sets it): a
@@ -102,6 +116,14 @@ pub(crate) async fn serve(
             client_codes as fn(_) -> _,
         ))
         .add_service(health)
+        .add_service(InterceptedService::new(
+            reflection_v1,
+            authenticator.clone(),
+        ))
+        .add_service(InterceptedService::new(
+            reflection_v1alpha,
+            authenticator.clone(),
+        ))
         // NOT checked by client tokens: nodes authenticate with their
         // certificates (`Connect`) or a join token (`Join`).
         .add_service(

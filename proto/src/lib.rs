@@ -32,6 +32,12 @@ pub mod spec;
 pub mod state;
 pub mod tls;
 
+/// The encoded `FileDescriptorSet` of `weft.v1` (and what it imports), for
+/// gRPC server reflection: tools like `grpcurl` list and call the API
+/// without the `.proto` files.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/weft_descriptor.bin"));
+
 /// Generated code for package `weft.v1`.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]
 pub mod pb {
@@ -49,3 +55,26 @@ pub use state::{NodeState, Outcome, OutputStream, TaskState};
 
 /// Protocol version spoken by this build (`Register.protocol_version`).
 pub const PROTOCOL_VERSION: pb::ProtocolVersion = pb::ProtocolVersion::ProtocolVersion1;
+
+#[cfg(test)]
+mod tests {
+    use prost::Message;
+
+    /// The coordinator builds its reflection service from this set and
+    /// relies on it decoding (an `expect` in `server.rs`).
+    #[test]
+    fn the_descriptor_set_decodes_and_holds_every_service_and_its_imports() {
+        let set = prost_types::FileDescriptorSet::decode(super::FILE_DESCRIPTOR_SET).unwrap();
+        let names: Vec<&str> = set.file.iter().map(|f| f.name()).collect();
+        for name in [
+            "weft/v1/common.proto",
+            "weft/v1/node.proto",
+            "weft/v1/task.proto",
+            "weft/v1/admin.proto",
+            "google/protobuf/timestamp.proto",
+            "google/protobuf/duration.proto",
+        ] {
+            assert!(names.contains(&name), "{name} in {names:?}");
+        }
+    }
+}

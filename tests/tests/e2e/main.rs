@@ -21,6 +21,7 @@ mod node_join;
 mod node_limits;
 mod node_protocol;
 mod output;
+mod reflection;
 mod scale;
 mod scheduling;
 mod secrets;

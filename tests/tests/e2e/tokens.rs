@@ -89,6 +89,16 @@ async fn call_every_rpc(
             ),
         ),
         (
+            "WaitManyBatches",
+            past_auth(
+                tasks
+                    .wait_many_batches(pb::WaitManyRequest {
+                        task_ids: vec![SOME_ID.into()],
+                    })
+                    .await,
+            ),
+        ),
+        (
             "Run",
             past_auth(tasks.run(pb::RunRequest { spec: Some(spec()) }).await),
         ),
@@ -157,7 +167,7 @@ async fn every_rpc_without_a_valid_token_is_unauthenticated_and_says_how_to_get_
         let mut tasks = cluster.raw_tasks(token).await;
         let mut admin = cluster.raw_admin(token).await;
         let results = call_every_rpc(&mut tasks, &mut admin).await;
-        assert_eq!(results.len(), 13, "every TaskService and AdminService rpc");
+        assert_eq!(results.len(), 14, "every TaskService and AdminService rpc");
         for (rpc, result) in results {
             let status = result.expect_err(rpc);
             assert_eq!(
