@@ -286,6 +286,15 @@ pub enum Command {
     /// --coordinator is given. Build first: `cargo build --release --bins`.
     /// Exits 1 if a step failed.
     Bench(weft_bench::BenchArgs),
+    /// Print a shell completion script for weft on stdout.
+    ///
+    /// bash: `source <(weft completions bash)` in ~/.bashrc, or save it as
+    /// /etc/bash_completion.d/weft. zsh: save it as `_weft` in a directory
+    /// of your $fpath. fish: save it as ~/.config/fish/completions/weft.fish.
+    Completions {
+        /// The shell: bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
 }
 
 /// `weft nodes ...`.

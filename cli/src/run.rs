@@ -20,6 +20,10 @@ pub async fn run(args: Args) -> u8 {
 }
 
 async fn dispatch(args: Args) -> anyhow::Result<u8> {
+    if let Command::Completions { shell } = args.command {
+        // Before credentials: a shell's start-up must not depend on a login.
+        return completions(shell);
+    }
     let format = args.output;
     let (url, trust, token) = credentials(&args, token::Context::load())?;
     match args.command {
@@ -79,11 +83,28 @@ async fn dispatch(args: Args) -> anyhow::Result<u8> {
                 Command::Local { .. }
                 | Command::Demo { .. }
                 | Command::Bench(_)
+                | Command::Completions { .. }
                 | Command::Login { .. } => {
                     unreachable!("handled before connecting")
                 }
             }
         }
+    }
+}
+
+/// `weft completions SHELL`: the script on stdout. Made in memory first:
+/// clap_complete panics on a write error, and a reader that closed early
+/// (`| head`) is no error worth a message.
+fn completions(shell: clap_complete::Shell) -> anyhow::Result<u8> {
+    use std::io::Write;
+    let mut command = <Args as clap::CommandFactory>::command();
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut command, "weft", &mut script);
+    match std::io::stdout().lock().write_all(&script) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(anyhow::Error::new(e).context("writing the completion script"))
+        }
+        _ => Ok(0),
     }
 }
 

@@ -7,6 +7,7 @@
 mod addresses;
 mod cancel_and_timeout;
 mod cli;
+mod completions;
 mod connections;
 mod disk;
 mod drain;
