@@ -232,6 +232,9 @@ pub enum Command {
     /// HANDLER`, each line is the input of one call of HANDLER instead, and
     /// each call's result is printed. Blank lines are skipped. Each task's
     /// stdout is printed when it finishes; exits 1 if any task failed.
+    /// With `--output json`, one JSON object per task instead, on its own
+    /// line as it finishes: `{"line", "stdout", "task"}` (the task as `weft
+    /// get -o json` shows it), or `{"line", "error"}` when it could not run.
     Map {
         /// Tasks in flight at once (default: the cluster's free slots, at
         /// least 1 and at most 512: each is a stream, and a coordinator lets

@@ -15,6 +15,7 @@ use weft_proto::{OutputStream, TaskState};
 
 use crate::exit;
 use crate::opts::TaskOpts;
+use crate::output::{OutputFormat, task_json};
 use crate::stream::{LastAttemptOutput, Seen, drive, failure_line, write_stderr, write_stdout};
 
 /// The placeholder replaced by each input line.
@@ -59,6 +60,7 @@ pub enum Work {
 /// `weft map [-j N] [--keep-order] [OPTS] (--call HANDLER | -- CMD ARGS...)`.
 pub async fn run(
     client: &Client,
+    format: OutputFormat,
     opts: &TaskOpts,
     jobs: Option<usize>,
     keep_order: bool,
@@ -108,7 +110,13 @@ pub async fn run(
     let mut failures = Vec::new();
     let mut unreachable = false;
     while let Some(done) = finished.next().await {
-        bar.suspend(|| write_stdout(&done.stdout));
+        match format {
+            OutputFormat::Text => bar.suspend(|| write_stdout(&done.stdout)),
+            OutputFormat::Json => {
+                let line = done_json(&done);
+                bar.suspend(|| println!("{line}"));
+            }
+        }
         bar.inc(1);
         match done.result {
             Ok(task) if task.state == TaskState::Succeeded => {}
@@ -136,6 +144,18 @@ pub async fn run(
     } else {
         exit::FAILURE
     })
+}
+
+/// One finished line as `--output json` prints it.
+fn done_json(done: &Done) -> serde_json::Value {
+    match &done.result {
+        Ok(task) => serde_json::json!({
+            "line": done.line,
+            "stdout": String::from_utf8_lossy(&done.stdout),
+            "task": task_json(task),
+        }),
+        Err(err) => serde_json::json!({ "line": done.line, "error": err.to_string() }),
+    }
 }
 
 /// Runs one line's task to its end. Its stdout is what it wrote, or for a

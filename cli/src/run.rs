@@ -78,7 +78,7 @@ async fn dispatch(args: Args) -> anyhow::Result<u8> {
                         Some(handler) => map::Work::Call(handler),
                         None => map::Work::Exec(command),
                     };
-                    map::run(&client, &opts, jobs, keep_order, work).await
+                    map::run(&client, format, &opts, jobs, keep_order, work).await
                 }
                 Command::Local { .. }
                 | Command::Demo { .. }

@@ -16,6 +16,7 @@ mod failover;
 mod fencing;
 mod field_limits;
 mod handlers;
+mod map_json;
 mod message_limits;
 mod node_identity;
 mod node_join;
