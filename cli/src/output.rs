@@ -161,7 +161,8 @@ pub fn node_json(node: &NodeInfo) -> Value {
     })
 }
 
-/// Nodes as a table: name, id, state, slots, running, heartbeat age, labels.
+/// Nodes as a table: name, id, state, slots, running, heartbeat age, labels,
+/// and the handlers each serves (sorted; `-` for none).
 pub fn nodes_table(nodes: &[NodeInfo]) -> String {
     let rows = nodes
         .iter()
@@ -185,6 +186,7 @@ pub fn nodes_table(nodes: &[NodeInfo]) -> String {
                 } else {
                     labels
                 },
+                handlers_cell(&node.handlers),
             ]
         })
         .collect::<Vec<_>>();
@@ -198,9 +200,21 @@ pub fn nodes_table(nodes: &[NodeInfo]) -> String {
             "RUNNING",
             "HEARTBEAT",
             "LABELS",
+            "HANDLERS",
         ],
         &rows,
     )
+}
+
+/// A node's handlers for its table cell: sorted, comma-separated, `-` for none.
+fn handlers_cell(handlers: &[String]) -> String {
+    let mut sorted: Vec<&str> = handlers.iter().map(String::as_str).collect();
+    sorted.sort_unstable();
+    if sorted.is_empty() {
+        "-".into()
+    } else {
+        sorted.join(",")
+    }
 }
 
 /// Cluster figures as a JSON object.

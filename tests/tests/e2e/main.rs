@@ -22,6 +22,7 @@ mod node_identity;
 mod node_join;
 mod node_limits;
 mod node_protocol;
+mod nodes_table;
 mod output;
 mod reflection;
 mod scale;
