@@ -175,7 +175,7 @@ pub struct ClusterInfo {
     pub nodes: u32,
     /// Slots of all connected nodes.
     pub slots: u32,
-    /// Slots granted and unused.
+    /// Slots not in use (slots minus slots used; prefetch never counts).
     pub slots_free: u32,
     /// How many tasks are in each state.
     pub tasks: Vec<(TaskState, u64)>,
