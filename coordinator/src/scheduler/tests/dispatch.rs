@@ -283,7 +283,7 @@ fn specs_kept_compact_come_back_whole_in_records_assignments_and_after_a_restart
 }
 
 #[test]
-fn free_slots_are_slots_minus_slots_used_never_prefetch_credits() {
+fn free_slots_never_count_prefetch_credits() {
     let mut h = Harness::new();
     let mut with_prefetch = reg("n1", 2);
     with_prefetch.prefetch = 2;
