@@ -158,7 +158,10 @@ pub enum Command {
     /// Follow a task: print its output as `run` does and its state changes on stderr.
     ///
     /// Resumes after a dropped connection; exits with the task's code like `run`.
-    /// Ctrl-C stops watching (the task keeps running).
+    /// Each state line on stderr ends in its event's seq (`attempt 1, seq 4`);
+    /// `--from-seq` takes one to show only what came from there on.
+    /// Ctrl-C stops watching (exit 3; the task keeps running) and prints the
+    /// `--from-seq` to resume from.
     #[command(after_help = exit::EXIT_CODES_HELP)]
     Watch {
         /// The task id.
@@ -175,7 +178,12 @@ pub enum Command {
         #[arg(value_parser = parse_task_id)]
         id: TaskId,
     },
-    /// Cancel a task.
+    /// Cancel a task, and print it once it has ended.
+    ///
+    /// A queued task ends at once; a running one when its node has stopped
+    /// it, which this waits for up to 5 s. If it has not ended by then, it
+    /// says the cancel was requested and the node is stopping it (JSON: the
+    /// task with `"cancel_requested": true`).
     Cancel {
         /// The task id.
         #[arg(value_parser = parse_task_id)]
@@ -408,6 +416,26 @@ mod tests {
                 && help.contains("127")
                 && help.contains("130"),
             "{help}"
+        );
+    }
+
+    #[test]
+    fn watch_help_says_its_own_ctrl_c_code_and_where_seqs_show() {
+        let mut command = Args::command();
+        let watch = command
+            .find_subcommand_mut("watch")
+            .expect("watch")
+            .render_long_help()
+            .to_string();
+        assert!(
+            watch.contains("exit 3") && watch.contains("--from-seq"),
+            "{watch}"
+        );
+        assert!(watch.contains("seq 4"), "{watch}");
+        assert!(
+            watch.contains("3    Ctrl-C stopped `watch`")
+                && watch.contains("130  the task was cancelled"),
+            "{watch}"
         );
     }
 }

@@ -2,7 +2,7 @@
 //! visible workload on it (subprocesses, async and blocking handlers, a
 //! retry, a cancel, a timeout, a failure), then prints a summary and checks
 //! that every task ended as it should. Narrative goes to stdout, task
-//! stderr to stderr.
+//! stderr to stderr (each line labelled with its task's tag).
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -154,7 +154,7 @@ async fn workload(client: &Client) -> anyhow::Result<(Vec<Check>, Vec<Task>, Dur
 /// Runs `spec`, printing a line when it finishes (and its retries live).
 async fn announce(client: &Client, tag: &'static str, spec: TaskSpec) -> Option<Ran> {
     let what = describe(&spec);
-    let result = run_collecting(client, spec, &mut |event| {
+    let result = run_collecting(client, tag, spec, &mut |event| {
         if let EventBody::State {
             state: TaskState::Queued,
             reason,
@@ -233,8 +233,11 @@ async fn cancel_while_running(client: &Client) -> Option<Ran> {
     }
 }
 
+/// Runs `spec` to its end, collecting its stdout; its stderr goes to
+/// stderr at once, each line labelled with `tag` ([`labelled`]).
 async fn run_collecting(
     client: &Client,
+    tag: &str,
     spec: TaskSpec,
     on_event: &mut (dyn FnMut(&TaskEvent) + Send),
 ) -> Result<Ran, Error> {
@@ -246,7 +249,7 @@ async fn run_collecting(
         if let EventBody::Output { stream, data } = &event.body {
             match stream {
                 OutputStream::Stdout => stdout.push(event.attempt, data),
-                OutputStream::Stderr => write_stderr(data),
+                OutputStream::Stderr => write_stderr(labelled(tag, data).as_bytes()),
             }
         }
         on_event(event);
@@ -257,6 +260,16 @@ async fn run_collecting(
         stdout: String::from_utf8_lossy(&stdout.into_bytes()).into_owned(),
         took: started.elapsed(),
     })
+}
+
+/// A task's stderr chunk as the demo prints it: each line labelled like
+/// the narrative (`  [retry   ] stderr: ...`), so it is clear which task
+/// wrote it.
+fn labelled(tag: &str, data: &[u8]) -> String {
+    String::from_utf8_lossy(data)
+        .lines()
+        .map(|line| format!("  [{tag:<8}] stderr: {line}\n"))
+        .collect()
 }
 
 fn describe(spec: &TaskSpec) -> String {
@@ -331,5 +344,22 @@ fn summary(checks: &[Check], tasks: &[Task], elapsed: Duration) -> u8 {
             checks.len()
         );
         exit::FAILURE
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tasks_stderr_is_labelled_with_its_tag() {
+        assert_eq!(
+            labelled("retry", b"first attempt fails on purpose\n"),
+            "  [retry   ] stderr: first attempt fails on purpose\n"
+        );
+        assert_eq!(
+            labelled("fail", b"a\nb"),
+            "  [fail    ] stderr: a\n  [fail    ] stderr: b\n"
+        );
     }
 }

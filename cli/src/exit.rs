@@ -25,6 +25,8 @@ pub const TIMED_OUT: u8 = 124;
 pub const START_FAILED: u8 = 127;
 /// The task was cancelled (also: Ctrl-C cancelled it).
 pub const CANCELLED: u8 = 130;
+/// Ctrl-C stopped `watch` before the task finished; the task goes on.
+pub const INTERRUPTED: u8 = 3;
 
 /// The exit code table, as shown after `weft --help`.
 pub const EXIT_CODES_HELP: &str = "\
@@ -39,7 +41,8 @@ Exit codes (task codes from run, call, wait, watch; map exits 1 if any task fail
   75   the task failed because its nodes were lost (attempts used up by node losses)
   124  the task timed out
   127  the task failed to start (unknown handler, missing binary, bad cwd)
-  130  the task was cancelled (Ctrl-C while running cancels it)";
+  3    Ctrl-C stopped `watch` before the task finished (the task goes on)
+  130  the task was cancelled (Ctrl-C on run or call cancels it)";
 
 /// The exit code for a task in its final state (or [`FAILURE`] if it is not
 /// final, which a caller should not ask).

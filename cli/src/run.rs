@@ -130,9 +130,19 @@ fn credentials(
     Ok((url, trust, token))
 }
 
-/// The error chain on one line (`context: cause: root`).
+/// The error chain on one line (`context: cause: root`). A coordinator's
+/// NotFound that already says "not found" is not prefixed again.
 fn one_line(err: &anyhow::Error) -> String {
-    format!("{err:#}").replace('\n', " ")
+    let causes: Vec<String> = err
+        .chain()
+        .map(|cause| match cause.downcast_ref::<weft_client::Error>() {
+            Some(weft_client::Error::NotFound(message)) if message.contains("not found") => {
+                message.clone()
+            }
+            _ => cause.to_string(),
+        })
+        .collect();
+    causes.join(": ").replace('\n', " ")
 }
 
 #[cfg(test)]
@@ -154,6 +164,21 @@ mod tests {
         let mut args = Args::try_parse_from(line).unwrap();
         args.coordinator_given = coordinator_given;
         args
+    }
+
+    #[test]
+    fn a_not_found_error_says_not_found_once() {
+        let gone = anyhow::Error::new(weft_client::Error::NotFound(
+            "task 01ARZ3NDEKTSV4RRFFQ69G5FAV not found".into(),
+        ));
+        assert_eq!(one_line(&gone), "task 01ARZ3NDEKTSV4RRFFQ69G5FAV not found");
+        let gone = gone.context("cancelling task 01ARZ3NDEKTSV4RRFFQ69G5FAV");
+        assert_eq!(
+            one_line(&gone),
+            "cancelling task 01ARZ3NDEKTSV4RRFFQ69G5FAV: task 01ARZ3NDEKTSV4RRFFQ69G5FAV not found"
+        );
+        let other = anyhow::Error::new(weft_client::Error::NotFound("no node x".into()));
+        assert_eq!(one_line(&other), "not found: no node x");
     }
 
     #[test]

@@ -75,7 +75,8 @@ pub async fn drive(
 
 /// Follows `stream` to the end, printing with `printer`, and answers the
 /// exit code. On Ctrl-C: if `owns_task`, cancels the task, waits a moment
-/// for its final event, and answers 130; otherwise stops watching (130).
+/// for its final event, and answers 130; otherwise stops watching, says
+/// the `--from-seq` to resume from, and answers [`exit::INTERRUPTED`].
 pub async fn follow_to_end(
     client: &Client,
     stream: EventStream,
@@ -120,7 +121,17 @@ pub async fn follow_to_end(
             Ok(exit::for_task(&task))
         }
         Some(Err(err)) => Err(err.into()),
-        None if !owns_task => Ok(exit::CANCELLED),
+        None if !owns_task => {
+            // Only the watch stops; say so, and where to pick it up again.
+            match seen.id {
+                Some(id) => eprintln!(
+                    "weft: stopped watching task {id}; it goes on (resume: weft watch {id} --from-seq {})",
+                    seen.next_seq
+                ),
+                None => eprintln!("weft: stopped watching; the task goes on"),
+            }
+            Ok(exit::INTERRUPTED)
+        }
         None => {
             let Some(id) = seen.id else {
                 eprintln!("weft: interrupted before the task was submitted");
@@ -244,19 +255,11 @@ impl Printer {
                 let waiting = *state == TaskState::Queued && reason.starts_with("waiting:");
                 if (requeued || waiting) && !self.verbose {
                     eprintln!("weft: task {}: {reason}", event.task_id);
-                } else if self.verbose {
-                    let node = node_name
-                        .as_deref()
-                        .map(|n| format!(" on {n}"))
-                        .unwrap_or_default();
-                    let reason = if reason.is_empty() {
-                        String::new()
-                    } else {
-                        format!(": {reason}")
-                    };
+                } else if self.verbose && !state.is_final() {
+                    // The final state is said once, by `finished`.
                     eprintln!(
-                        "weft: task {} {state}{node} (attempt {}){reason}",
-                        event.task_id, event.attempt
+                        "{}",
+                        state_line(event, *state, node_name.as_deref(), reason)
                     );
                 }
             }
@@ -296,6 +299,25 @@ impl Printer {
     }
 }
 
+/// A state change as `watch` prints it on stderr: the node only while the
+/// task is on one (a queued task is on none, even if it ran before), and
+/// the event's seq, which `watch --from-seq` resumes from.
+fn state_line(event: &TaskEvent, state: TaskState, node: Option<&str>, reason: &str) -> String {
+    let node = match (state, node) {
+        (TaskState::Queued, _) | (_, None) => String::new(),
+        (_, Some(node)) => format!(" on {node}"),
+    };
+    let reason = if reason.is_empty() {
+        String::new()
+    } else {
+        format!(": {reason}")
+    };
+    format!(
+        "weft: task {} {state}{node} (attempt {}, seq {}){reason}",
+        event.task_id, event.attempt, event.seq
+    )
+}
+
 /// The stderr line for a task that did not succeed (`None` if it did).
 pub fn failure_line(task: &Task) -> Option<String> {
     let what = match task.state {
@@ -309,11 +331,20 @@ pub fn failure_line(task: &Task) -> Option<String> {
     if let Some(node) = &task.node_name {
         line.push_str(&format!(" on {node}"));
     }
-    line.push_str(&format!(" (attempt {}", task.attempt));
-    if let Some(code) = task.exit_code {
-        line.push_str(&format!(", exit code {code}"));
+    // What the coordinator's error already says (`exited with code 3
+    // (attempt 1 of 1)`) is not said twice.
+    let mut details = Vec::new();
+    if !task.error.contains("(attempt ") {
+        details.push(format!("attempt {}", task.attempt));
     }
-    line.push(')');
+    if let Some(code) = task.exit_code
+        && !task.error.contains(&format!("code {code}"))
+    {
+        details.push(format!("exit code {code}"));
+    }
+    if !details.is_empty() {
+        line.push_str(&format!(" ({})", details.join(", ")));
+    }
     if !task.error.is_empty() {
         line.push_str(&format!(": {}", task.error));
     }
@@ -361,6 +392,71 @@ pub fn write_stderr(data: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn event(state: TaskState, attempt: u32) -> TaskEvent {
+        TaskEvent {
+            task_id: TaskId::new(),
+            seq: 7,
+            attempt: Attempt(attempt),
+            body: EventBody::State {
+                state,
+                node_name: Some("rust-3".into()),
+                reason: String::new(),
+            },
+        }
+    }
+
+    #[test]
+    fn a_requeued_task_is_on_no_node_and_state_lines_carry_their_seq() {
+        let requeued = event(TaskState::Queued, 2);
+        let line = state_line(&requeued, TaskState::Queued, Some("rust-3"), "retrying");
+        assert!(
+            line.ends_with(" queued (attempt 2, seq 7): retrying"),
+            "{line}"
+        );
+        let running = event(TaskState::Running, 2);
+        let line = state_line(&running, TaskState::Running, Some("rust-3"), "");
+        assert!(
+            line.ends_with(" running on rust-3 (attempt 2, seq 7)"),
+            "{line}"
+        );
+    }
+
+    #[test]
+    fn the_failure_line_says_the_attempt_and_exit_code_once() {
+        let task = Task {
+            id: TaskId::new(),
+            spec: None,
+            state: TaskState::Failed,
+            attempt: Attempt(1),
+            node_id: None,
+            node_name: Some("n1".into()),
+            exit_code: Some(3),
+            output: bytes::Bytes::new(),
+            error: "exited with code 3 (attempt 1 of 1)".into(),
+            pending_reason: String::new(),
+            failures: 1,
+            node_losses: 0,
+            created_at: None,
+            updated_at: None,
+            next_seq: 0,
+            last_outcome: None,
+        };
+        let line = failure_line(&task).expect("failed");
+        assert!(
+            line.ends_with(" failed on n1: exited with code 3 (attempt 1 of 1)"),
+            "{line}"
+        );
+        let bare = Task {
+            error: String::new(),
+            ..task
+        };
+        let line = failure_line(&bare).expect("failed");
+        assert!(
+            line.ends_with(" failed on n1 (attempt 1, exit code 3)"),
+            "{line}"
+        );
+    }
 
     #[test]
     fn only_the_latest_attempts_output_is_kept() {

@@ -2,6 +2,8 @@
 //! `list`, `cancel`. Each builds a request from its flags, calls the
 //! [`Client`], and prints the result with [`output`](crate::output).
 
+use std::time::Duration;
+
 use anyhow::Context;
 use bytes::Bytes;
 use serde_json::json;
@@ -106,19 +108,48 @@ pub async fn wait(client: &Client, format: OutputFormat, id: TaskId) -> anyhow::
     Ok(exit::for_task(&task))
 }
 
-/// `weft cancel ID`.
+/// `weft cancel ID`: cancels the task and answers it as it ends. A queued
+/// task is cancelled at once; a running one ends when its node has
+/// stopped it, which `cancel` waits for up to [`CANCEL_SETTLE`]. If it has
+/// not ended by then (or the token may not read it), the answer says the
+/// cancel was requested and the node is stopping it (JSON:
+/// `"cancel_requested": true` on the task as recorded).
 pub async fn cancel(client: &Client, format: OutputFormat, id: TaskId) -> anyhow::Result<u8> {
-    let task = client
+    let mut task = client
         .cancel(id)
         .await
         .with_context(|| format!("cancelling task {id}"))?;
+    if !task.state.is_final() {
+        let rest = client.follow(id, task.next_seq, CANCEL_SETTLE);
+        let mut seen = Default::default();
+        let mut ignore = |_: &weft_client::TaskEvent| {};
+        let settle = drive(client, rest, &mut seen, &mut ignore);
+        if let Ok(Ok(done)) = tokio::time::timeout(CANCEL_SETTLE, settle).await {
+            task = done;
+        }
+    }
+    let requested = !task.state.is_final();
     match format {
-        OutputFormat::Text if task.state.is_final() => println!("task {id} {}", task.state),
-        OutputFormat::Text => println!("task {id} cancelling (was {})", task.state),
-        OutputFormat::Json => println!("{}", task_json(&task)),
+        OutputFormat::Text if requested => println!(
+            "task {id}: cancel requested; {} is stopping it (still {})",
+            task.node_name
+                .as_deref()
+                .map(|n| format!("node {n}"))
+                .unwrap_or_else(|| "its node".to_owned()),
+            task.state
+        ),
+        OutputFormat::Text => println!("task {id} {}", task.state),
+        OutputFormat::Json => {
+            let mut json = task_json(&task);
+            json["cancel_requested"] = requested.into();
+            println!("{json}");
+        }
     }
     Ok(exit::SUCCESS)
 }
+
+/// How long `weft cancel` waits for a running task's node to stop it.
+const CANCEL_SETTLE: Duration = Duration::from_secs(5);
 
 /// `weft list [--state S] [--limit N]`.
 pub async fn list(

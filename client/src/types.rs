@@ -175,7 +175,8 @@ pub struct ClusterInfo {
     pub nodes: u32,
     /// Slots of all connected nodes.
     pub slots: u32,
-    /// Slots granted and unused.
+    /// Free slots: at most slots minus slots used (a node's prefetch never
+    /// counts); the sum of the nodes' `slots_free`.
     pub slots_free: u32,
     /// How many tasks are in each state.
     pub tasks: Vec<(TaskState, u64)>,

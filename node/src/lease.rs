@@ -103,6 +103,17 @@ impl Lease {
         self.term().map(|term| term.length)
     }
 
+    /// The lease as the node logs it: its length and where it comes from
+    /// (`5s (--lease)`, `30s (the coordinator's heartbeat timeout)`);
+    /// `none` before a session registered.
+    pub(crate) fn describe(&self) -> String {
+        match (self.length(), self.configured) {
+            (None, _) => "none".to_owned(),
+            (Some(length), Some(_)) => format!("{length:?} (--lease)"),
+            (Some(length), None) => format!("{length:?} (the coordinator's heartbeat timeout)"),
+        }
+    }
+
     /// When the coordinator was last heard from, once a session registered.
     pub(crate) fn last_heard(&self) -> Option<Instant> {
         self.term().map(|term| term.last_heard)
@@ -179,6 +190,21 @@ mod tests {
     use super::*;
 
     const SECOND: Duration = Duration::from_secs(1);
+
+    #[test]
+    fn the_lease_is_described_as_a_duration_and_its_source() {
+        let t0 = Instant::now();
+        let default = Lease::new(None);
+        assert_eq!(default.describe(), "none");
+        default.begin(5 * SECOND, SECOND, t0);
+        assert_eq!(
+            default.describe(),
+            "5s (the coordinator's heartbeat timeout)"
+        );
+        let configured = Lease::new(Some(Duration::from_millis(1500)));
+        configured.begin(5 * SECOND, SECOND, t0);
+        assert_eq!(configured.describe(), "1.5s (--lease)");
+    }
 
     #[test]
     fn a_lease_holds_while_the_coordinator_is_heard_and_expires_once_after_silence() {

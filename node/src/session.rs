@@ -292,7 +292,7 @@ pub(crate) async fn run(
         running,
         redelivered = redeliver.len(),
         output_resent = resend.len(),
-        lease = ?ctx.lease.length(),
+        lease = %ctx.lease.describe(),
         "registered"
     );
     ctx.node_id.send_replace(Some(node_id));

@@ -226,7 +226,8 @@ pub struct ClusterStats {
     pub nodes: u32,
     /// Their slots in all.
     pub slots: u32,
-    /// Granted, unused slots.
+    /// Free slots: per node, its granted credits up to its slots not in
+    /// use (at most slots minus slots used; prefetch never counts).
     pub slots_free: u32,
     /// Tasks per state (every state listed).
     pub tasks: Vec<(TaskState, u64)>,
@@ -760,9 +761,11 @@ impl Scheduler {
         ClusterStats {
             nodes: u32::try_from(nodes.len()).unwrap_or(u32::MAX),
             slots: nodes.values().map(|n| n.slots).fold(0, u32::saturating_add),
+            // What `ListNodes` shows per node: never the credits beyond
+            // the slots not in use (a node's prefetch).
             slots_free: nodes
                 .values()
-                .map(|n| n.credits)
+                .map(|n| n.free_slots())
                 .fold(0, u32::saturating_add),
             tasks: TaskState::ALL
                 .iter()

@@ -112,6 +112,13 @@ impl NodeEntry {
         }
     }
 
+    /// Its free slots, as `ListNodes` and `ClusterInfo` report them: the
+    /// credits it granted, up to its slots not in use. Never the credits
+    /// beyond (its prefetch: work it holds queued, not a free slot).
+    pub fn free_slots(&self) -> u32 {
+        self.room(false)
+    }
+
     /// True when this node could ever run `spec` (ignoring free slots).
     pub fn can_run(&self, spec: &TaskSpec) -> bool {
         self.serves(spec) && spec.matches_labels(&self.labels) && spec.slots <= self.slots
@@ -147,7 +154,7 @@ impl NodeEntry {
             labels: self.labels.clone(),
             slots: self.slots,
             slots_used: self.used.min(self.slots),
-            slots_free: self.credits.min(self.slots.saturating_sub(self.used)),
+            slots_free: self.free_slots(),
             running,
             last_heartbeat_age: now.saturating_duration_since(self.last_seen),
             state: if self.draining {

@@ -296,3 +296,227 @@ async fn an_unreachable_coordinator_gives_a_one_line_error_and_exit_69_quickly()
         assert!(out.stdout.is_empty(), "{out}");
     }
 }
+
+/// `weft -o json info`'s free slots.
+async fn free_slots(cluster: &TestCluster) -> (Value, Value) {
+    let out = cluster.weft(&["-o", "json", "info"]).await;
+    assert_eq!(out.code, Some(0), "{out}");
+    let json: Value = serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out}"));
+    (json["slots"].clone(), json["slots_free"].clone())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weft_info_free_slots_are_slots_minus_slots_used_not_prefetch() {
+    // The nodes grant their slots plus a prefetch (weft-node's default):
+    // none of that counts as a free slot.
+    let cluster = cli_cluster().await;
+    cluster.wait_for_nodes(2).await;
+    let client = cluster.client().await;
+    let idle = weft_tests::wait_for(weft_tests::default_timeout(), || {
+        let cluster = &cluster;
+        async move {
+            let (slots, free) = free_slots(cluster).await;
+            (slots == 8 && free == 8).then_some(())
+        }
+    })
+    .await;
+    assert!(
+        idle.is_ok(),
+        "idle cluster: {:?}",
+        free_slots(&cluster).await
+    );
+    let id = client
+        .submit(TaskSpec::exec(["sleep", "30"]))
+        .await
+        .expect("submit");
+    cluster.wait_for_state(id, TaskState::Running).await;
+    assert_eq!(free_slots(&cluster).await, (8.into(), 7.into()));
+    client.cancel(id).await.expect("cancel");
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weft_cancel_answers_the_task_as_cancelled() {
+    let cluster = cli_cluster().await;
+    let client = cluster.client().await;
+    let id = client
+        .submit(TaskSpec::exec(["sleep", "30"]))
+        .await
+        .expect("submit");
+    cluster.wait_for_state(id, TaskState::Running).await;
+    let out = cluster
+        .weft(&["-o", "json", "cancel", &id.to_string()])
+        .await;
+    assert_eq!(out.code, Some(0), "{out}");
+    let json: Value = serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(
+        (json["state"].clone(), json["cancel_requested"].clone()),
+        ("cancelled".into(), false.into()),
+        "{out}"
+    );
+
+    let id = client
+        .submit(TaskSpec::exec(["sleep", "30"]))
+        .await
+        .expect("submit");
+    cluster.wait_for_state(id, TaskState::Running).await;
+    let out = cluster.weft(&["cancel", &id.to_string()]).await;
+    assert_eq!(out.code, Some(0), "{out}");
+    assert_eq!(out.stdout, format!("task {id} cancelled\n"), "{out}");
+
+    // Cancelling it again: one plain line, and an unknown id says "not
+    // found" once.
+    let unknown = weft_client::TaskId::new();
+    let out = cluster.weft(&["cancel", &unknown.to_string()]).await;
+    assert_ne!(out.code, Some(0), "{out}");
+    assert_eq!(out.stderr.matches("not found").count(), 1, "{out}");
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_on_weft_watch_stops_watching_with_its_own_code_and_says_where_to_resume() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+
+    let cluster = cli_cluster().await;
+    let client = cluster.client().await;
+    let id = client
+        .submit(TaskSpec::exec(["sh", "-c", "echo started; sleep 30"]))
+        .await
+        .expect("submit");
+    cluster.wait_for_state(id, TaskState::Running).await;
+    let mut watch = tokio::process::Command::new(weft_tests::process::bin_path("weft"))
+        .args(["watch", &id.to_string()])
+        .env("WEFT_COORDINATOR", cluster.url())
+        .env("WEFT_TOKEN", cluster.admin_token())
+        .env("XDG_CONFIG_HOME", "/nonexistent/weft-test-config")
+        .envs(cluster.trust().and_then(|trust| match trust {
+            weft_client::Trust::CaFile(ca) => Some(("WEFT_CA", ca)),
+            _ => None,
+        }))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("starting weft watch");
+    let mut lines = BufReader::new(watch.stderr.take().expect("stderr")).lines();
+    let mut seen = Vec::new();
+    // The state lines carry their seq; wait for the running one.
+    let running = tokio::time::timeout(weft_tests::default_timeout(), async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            seen.push(line.clone());
+            if line.contains(" running on ") {
+                return Some(line);
+            }
+        }
+        None
+    })
+    .await
+    .ok()
+    .flatten()
+    .unwrap_or_else(|| panic!("no running line: {seen:?}"));
+    assert!(running.contains(", seq "), "{running}");
+    let pid = nix::unistd::Pid::from_raw(watch.id().expect("pid") as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).expect("SIGINT");
+    let status = tokio::time::timeout(Duration::from_secs(10), watch.wait())
+        .await
+        .expect("watch exits after Ctrl-C")
+        .expect("wait");
+    let mut rest = Vec::new();
+    while let Ok(Some(line)) = lines.next_line().await {
+        rest.push(line);
+    }
+    assert_eq!(status.code(), Some(3), "{rest:?}");
+    assert!(
+        rest.iter()
+            .any(|l| l.contains(&format!("weft watch {id} --from-seq "))),
+        "{rest:?}"
+    );
+    // The task goes on.
+    assert_eq!(client.get(id).await.expect("get").state, TaskState::Running);
+    client.cancel(id).await.expect("cancel");
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weft_watch_says_the_final_state_once() {
+    let cluster = cli_cluster().await;
+    let client = cluster.client().await;
+    let id = client
+        .submit(TaskSpec::exec(["sh", "-c", "echo fine"]))
+        .await
+        .expect("submit");
+    cluster.wait_for_state(id, TaskState::Succeeded).await;
+    let out = cluster.weft(&["watch", &id.to_string()]).await;
+    assert_eq!(out.code, Some(0), "{out}");
+    assert_eq!(out.stderr.matches("succeeded").count(), 1, "{out}");
+
+    let id = client
+        .submit(TaskSpec::exec(["sh", "-c", "exit 4"]).max_attempts(1))
+        .await
+        .expect("submit");
+    cluster.wait_for_final(id).await;
+    let out = cluster.weft(&["watch", &id.to_string()]).await;
+    assert_eq!(out.code, Some(4), "{out}");
+    assert_eq!(out.stderr.matches(" failed").count(), 1, "{out}");
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_to_a_file_or_pipe_carry_no_colour_codes() {
+    // NO_COLOR unset (the harness sets it for its own children): the
+    // binaries must see for themselves that stderr is no terminal.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let coordinator = weft_cluster::child::Spawn::new(
+        weft_tests::process::bin_path("weft-coordinator"),
+        dir.path(),
+        "coordinator",
+    )
+    .wrapper(["env", "-u", "NO_COLOR"])
+    .args(["--listen", "127.0.0.1:0", "--in-memory", "--insecure"])
+    .spawn()
+    .expect("starting weft-coordinator");
+    let node = weft_cluster::child::Spawn::new(
+        weft_tests::process::bin_path("weft-node"),
+        dir.path(),
+        "node",
+    )
+    .wrapper(["env", "-u", "NO_COLOR"])
+    .args([
+        "--coordinator",
+        "http://127.0.0.1:1",
+        "--name",
+        "plain",
+        "--state-dir",
+        &dir.path().join("node").display().to_string(),
+    ])
+    .spawn()
+    .expect("starting weft-node");
+    for log in [coordinator.log(), node.log()] {
+        let written = weft_tests::wait_until(weft_tests::default_timeout(), async || {
+            std::fs::read_to_string(log)
+                .is_ok_and(|text| text.contains(" INFO ") || text.contains(" WARN "))
+        })
+        .await;
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        assert!(written.is_ok(), "{}: nothing logged: {text}", log.display());
+        assert!(
+            !text.contains('\u{1b}'),
+            "{}: colour codes: {text:?}",
+            log.display()
+        );
+    }
+    drop((coordinator, node));
+
+    let cli = tokio::process::Command::new(weft_tests::process::bin_path("weft"))
+        .args(["--coordinator", "http://127.0.0.1:1", "info"])
+        .env_remove("NO_COLOR")
+        .env("RUST_LOG", "debug")
+        .env("XDG_CONFIG_HOME", "/nonexistent/weft-test-config")
+        .env_remove("WEFT_TOKEN")
+        .output()
+        .await
+        .expect("running weft");
+    let stderr = String::from_utf8_lossy(&cli.stderr);
+    assert!(!stderr.contains('\u{1b}'), "colour codes: {stderr:?}");
+}

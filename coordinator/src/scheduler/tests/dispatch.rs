@@ -281,3 +281,18 @@ fn specs_kept_compact_come_back_whole_in_records_assignments_and_after_a_restart
     h.effects();
     assert_eq!(*h.record(ids[2]).spec, specs[2]);
 }
+
+#[test]
+fn free_slots_never_count_prefetch_credits() {
+    let mut h = Harness::new();
+    let mut with_prefetch = reg("n1", 2);
+    with_prefetch.prefetch = 2;
+    // Granted its slots and its prefetch: 4 credits for 2 slots.
+    h.node(S1, with_prefetch, 4);
+    let stats = h.s.stats();
+    assert_eq!((stats.slots, stats.slots_free), (2, 2));
+    h.submit(vec![TaskSpec::call("noop", "")]);
+    h.effects();
+    let stats = h.s.stats();
+    assert_eq!((stats.slots, stats.slots_free), (2, 1));
+}
