@@ -270,6 +270,10 @@ pub enum Command {
         command: Vec<String>,
     },
     /// Run a coordinator and nodes in this process until Ctrl-C.
+    ///
+    /// Prints the `export` lines another terminal needs (coordinator, CA,
+    /// admin token); with `--output json`, one JSON object on one line
+    /// instead: `{"coordinator", "ca_file", "token", "nodes", "slots_per_node"}`.
     Local {
         /// Nodes to start.
         #[arg(long, default_value_t = 2, value_name = "N")]

@@ -15,6 +15,7 @@ use weft_coordinator::CoordinatorConfig;
 use weft_coordinator::tls::TlsConfig;
 
 use crate::exit;
+use crate::output::OutputFormat;
 
 /// How long nodes may take to register before `local` warns and `demo` fails.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -100,8 +101,15 @@ pub async fn bind(listen: SocketAddr) -> anyhow::Result<TcpListener> {
     }
 }
 
-/// `weft local [--nodes N] [--slots S] [--listen ADDR]`.
-pub async fn run(listen: SocketAddr, nodes: usize, slots: Option<u32>) -> anyhow::Result<u8> {
+/// `weft local [--nodes N] [--slots S] [--listen ADDR]`. With `--output
+/// json`, what another program needs to use the cluster is one JSON object
+/// on one line of stdout instead of the `export` lines.
+pub async fn run(
+    listen: SocketAddr,
+    nodes: usize,
+    slots: Option<u32>,
+    format: OutputFormat,
+) -> anyhow::Result<u8> {
     let listener = bind(listen).await?;
     // Private (0700), removed when `weft local` exits.
     let token_dir = tempfile::Builder::new()
@@ -115,6 +123,38 @@ pub async fn run(listen: SocketAddr, nodes: usize, slots: Option<u32>) -> anyhow
     if let Err(err) = wait_nodes_ready(&client, cluster.node_count(), READY_TIMEOUT).await {
         eprintln!("weft: warning: {:#}", anyhow::Error::new(err));
     }
+    match format {
+        OutputFormat::Text => print_exports(&cluster, &url, nodes, slots, token.as_deref()),
+        OutputFormat::Json => println!(
+            "{}",
+            serde_json::json!({
+                "coordinator": url,
+                "ca_file": cluster.ca_file().map(|f| f.display().to_string()),
+                "token": token,
+                "nodes": nodes,
+                "slots_per_node": slots,
+            })
+        ),
+    }
+    // Seen at once by a reader of a pipe.
+    std::io::Write::flush(&mut std::io::stdout())?;
+    shutdown_signal().await;
+    eprintln!("weft local: shutting down (Ctrl-C again to exit at once)");
+    tokio::select! {
+        () = cluster.shutdown(SHUTDOWN_GRACE) => {}
+        () = shutdown_signal() => eprintln!("weft local: exiting at once"),
+    }
+    Ok(exit::SUCCESS)
+}
+
+/// The text form: a line for a person, then `export` lines for another terminal.
+fn print_exports(
+    cluster: &LocalCluster,
+    url: &str,
+    nodes: usize,
+    slots: Option<u32>,
+    token: Option<&str>,
+) {
     let slots_text = match slots {
         Some(s) => format!("{s} slots"),
         None => "one slot per CPU".to_owned(),
@@ -129,7 +169,7 @@ pub async fn run(listen: SocketAddr, nodes: usize, slots: Option<u32>) -> anyhow
         ),
         None => println!("export WEFT_COORDINATOR={url}"),
     }
-    if let Some(token) = &token {
+    if let Some(token) = token {
         // The admin token of this throwaway cluster, for another terminal.
         println!("export WEFT_TOKEN={token}");
         if cluster.ca_file().is_some() {
@@ -138,13 +178,6 @@ pub async fn run(listen: SocketAddr, nodes: usize, slots: Option<u32>) -> anyhow
             );
         }
     }
-    shutdown_signal().await;
-    eprintln!("weft local: shutting down (Ctrl-C again to exit at once)");
-    tokio::select! {
-        () = cluster.shutdown(SHUTDOWN_GRACE) => {}
-        () = shutdown_signal() => eprintln!("weft local: exiting at once"),
-    }
-    Ok(exit::SUCCESS)
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

@@ -32,7 +32,7 @@ async fn dispatch(args: Args) -> anyhow::Result<u8> {
             nodes,
             slots,
             listen,
-        } => local::run(listen, nodes, slots).await,
+        } => local::run(listen, nodes, slots, format).await,
         Command::Demo { nodes, slots } => demo::run(nodes, slots).await,
         Command::Bench(mut bench_args) => {
             bench_args.trust = trust;
