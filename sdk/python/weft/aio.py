@@ -25,6 +25,8 @@ from .client import (
     _deadline,
     _distinct,
     _InOrder,
+    _new_records,
+    _open_wait,
     _call_requests,
     _remaining,
     _wait_many_batch,
@@ -191,19 +193,12 @@ class Client:
         pending = _distinct(task_ids)
         left = set(pending)
         while left:
-            batch = _wait_many_batch(pending, left)
-            request = task_pb2.WaitManyRequest(task_ids=batch)
             batches = self._wait_batches
-            if batches:
-                call = self._tasks.WaitManyBatches(request, timeout=_remaining(deadline))
-            else:
-                call = self._tasks.WaitMany(request, timeout=_remaining(deadline))
+            call = _open_wait(self._tasks, _wait_many_batch(pending, left), batches, _remaining(deadline))
             try:
                 async for message in call:
-                    for record in (message.tasks if batches else (message,)):
-                        if record.id in left:
-                            left.discard(record.id)
-                            yield record
+                    for record in _new_records(message, batches, left):
+                        yield record
             except grpc.RpcError as e:
                 if batches and e.code() == grpc.StatusCode.UNIMPLEMENTED:
                     self._wait_batches = False  # an older coordinator: one record per message

@@ -110,6 +110,24 @@ def _call_requests(handler: str, inputs: Iterable[InputLike], options: dict) -> 
         yield request
 
 
+def _open_wait(stub, batch: List[str], batches: bool, timeout: Optional[float]):
+    """One wait for ``batch``: over ``WaitManyBatches`` (the records ready together in one
+    message), or ``WaitMany`` (one per message) for a coordinator without it. ``stub`` is a
+    sync or asyncio ``TaskServiceStub``; the call is iterated with ``for`` or ``async for``."""
+    request = task_pb2.WaitManyRequest(task_ids=batch)
+    method = stub.WaitManyBatches if batches else stub.WaitMany
+    return method(request, timeout=timeout)
+
+
+def _new_records(message, batches: bool, left: set) -> List[task_pb2.Task]:
+    """The records of one stream message (a ``TaskBatch`` when ``batches``, else one ``Task``)
+    whose ids are still in ``left``, taken out of it: each task is answered once."""
+    fresh = [record for record in (message.tasks if batches else (message,)) if record.id in left]
+    for record in fresh:
+        left.discard(record.id)
+    return fresh
+
+
 def _deadline(timeout: Optional[DurationLike]) -> Optional[float]:
     return None if timeout is None else time.monotonic() + parse_duration(timeout)
 
@@ -312,19 +330,12 @@ class Client:
         pending = _distinct(task_ids)
         left = set(pending)
         while left:
-            batch = _wait_many_batch(pending, left)
-            request = task_pb2.WaitManyRequest(task_ids=batch)
             batches = self._wait_batches
-            if batches:
-                call = self._tasks.WaitManyBatches(request, timeout=_remaining(deadline))
-            else:
-                call = self._tasks.WaitMany(request, timeout=_remaining(deadline))
+            call = _open_wait(self._tasks, _wait_many_batch(pending, left), batches, _remaining(deadline))
             try:
                 for message in call:
-                    for record in (message.tasks if batches else (message,)):
-                        if record.id in left:
-                            left.discard(record.id)
-                            yield record
+                    for record in _new_records(message, batches, left):
+                        yield record
             except grpc.RpcError as e:
                 if batches and e.code() == grpc.StatusCode.UNIMPLEMENTED:
                     self._wait_batches = False  # an older coordinator: one record per message
