@@ -35,6 +35,8 @@
 //!   per IP and in all, the handshake and HTTP/2 preface deadline, backoff
 //!   on accept errors (`caps`, `preface`, `backoff`).
 //! - `server` — the tonic server, health, serve-with-shutdown.
+//! - [`metrics`] — the Prometheus registry and every coordinator metric
+//!   (`Metrics::encode`: the OpenMetrics text `/metrics` serves).
 //! - [`identity`] — joined nodes: the index `Join`, `Connect` and
 //!   `RevokeNode` check, and the rules (names, what a certified node may
 //!   claim).
@@ -48,6 +50,7 @@ mod driver;
 pub mod error;
 pub mod identity;
 mod listener;
+pub mod metrics;
 pub mod scheduler;
 mod server;
 mod service;
@@ -137,9 +140,16 @@ pub struct RunningCoordinator {
     tasks: TaskTracker,
     admin_token_file: Option<std::path::PathBuf>,
     failure: Arc<OnceLock<Failure>>,
+    metrics: Arc<metrics::Metrics>,
 }
 
 impl RunningCoordinator {
+    /// The coordinator's metrics ([`Metrics::encode`](metrics::Metrics::encode)
+    /// is what `/metrics` serves).
+    pub fn metrics(&self) -> Arc<metrics::Metrics> {
+        Arc::clone(&self.metrics)
+    }
+
     /// Where this start wrote the admin token (first start only: `None`
     /// when tokens already existed or with `--no-auth`).
     pub fn admin_token_file(&self) -> Option<&std::path::Path> {
@@ -310,10 +320,13 @@ pub async fn start(
     let auth_on = config.auth;
     let node_auth = config.node_auth();
     let config = Arc::new(config);
+    let metrics = Arc::new(metrics::Metrics::default());
+    scheduler.set_metrics(Arc::clone(metrics.tasks()));
     let (driver, handle) = driver::new(
         scheduler,
         store,
         Arc::clone(&config),
+        Arc::clone(&metrics),
         cancel.clone(),
         tasks.clone(),
     );
@@ -372,6 +385,7 @@ pub async fn start(
         tasks,
         admin_token_file,
         failure,
+        metrics,
     })
 }
 

@@ -20,11 +20,13 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Instant;
 
 use tokio::task::JoinHandle;
 
 use weft_proto::TaskId;
 
+use crate::metrics::Metrics;
 use crate::store::{Record, Store, StoreError};
 
 /// Answers a caller once its batch's commit returned (with its error, if
@@ -77,14 +79,17 @@ struct InFlight<H> {
 pub(super) struct Pipeline<H> {
     store: Arc<dyn Store>,
     in_flight: Option<InFlight<H>>,
+    /// Each commit's latency and size, observed once per commit.
+    metrics: Arc<Metrics>,
 }
 
 impl<H: Default> Pipeline<H> {
     /// An idle pipeline into `store`.
-    pub fn new(store: Arc<dyn Store>) -> Self {
+    pub fn new(store: Arc<dyn Store>, metrics: Arc<Metrics>) -> Self {
         Pipeline {
             store,
             in_flight: None,
+            metrics,
         }
     }
 
@@ -121,10 +126,13 @@ impl<H: Default> Pipeline<H> {
             return Started::Done([previous, Some(this)]);
         }
         let store = Arc::clone(&self.store);
+        let metrics = Arc::clone(&self.metrics);
         let records = batch.records;
         self.in_flight = Some(InFlight {
             commit: tokio::task::spawn_blocking(move || {
+                let began = Instant::now();
                 let committed = store.commit(&records);
+                metrics.observe_commit(records.len(), began.elapsed());
                 (records, committed)
             }),
             held: batch.held,
@@ -259,7 +267,7 @@ mod tests {
     #[tokio::test]
     async fn batches_come_back_in_commit_order_and_an_empty_one_waits_its_turn() {
         let (store, mut gate) = held_store();
-        let mut pipeline = Pipeline::new(Arc::clone(&store) as Arc<dyn Store>);
+        let mut pipeline = Pipeline::new(Arc::clone(&store) as Arc<dyn Store>, Arc::default());
         let log = Log::default();
         let (a, b) = (TaskId::new(), TaskId::new());
 
@@ -302,7 +310,7 @@ mod tests {
     #[tokio::test]
     async fn after_a_failed_commit_the_next_batch_is_refused_and_not_written() {
         let (store, mut gate) = held_store();
-        let mut pipeline = Pipeline::new(Arc::clone(&store) as Arc<dyn Store>);
+        let mut pipeline = Pipeline::new(Arc::clone(&store) as Arc<dyn Store>, Arc::default());
         let log = Log::default();
         let (a, b) = (TaskId::new(), TaskId::new());
         let done = start(

@@ -18,6 +18,7 @@ use weft_proto::{NodeId, TaskId, TaskSpec};
 
 use crate::config::CoordinatorConfig;
 use crate::error::Error;
+use crate::metrics::Metrics;
 use crate::scheduler::{
     Assignment, CancelOrder, ClusterStats, NodeInfo, NodeRegistration, NodeTaskEvent, SessionId,
 };
@@ -250,6 +251,8 @@ pub(crate) struct Handle {
     pub cancel: CancellationToken,
     pub tasks: TaskTracker,
     sessions: Arc<AtomicU64>,
+    /// Where services count submits and open streams.
+    pub metrics: Arc<Metrics>,
 }
 
 impl Handle {
@@ -258,6 +261,7 @@ impl Handle {
         capacity: usize,
         store: Arc<dyn Store>,
         config: Arc<CoordinatorConfig>,
+        metrics: Arc<Metrics>,
         cancel: CancellationToken,
         tasks: TaskTracker,
     ) -> (Handle, mpsc::Receiver<Command>) {
@@ -269,6 +273,7 @@ impl Handle {
             cancel,
             tasks,
             sessions: Arc::new(AtomicU64::new(1)),
+            metrics,
         };
         (handle, rx)
     }

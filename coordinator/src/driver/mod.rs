@@ -49,6 +49,7 @@ use weft_proto::{TaskId, TaskSpec};
 use crate::Failure;
 use crate::config::CoordinatorConfig;
 use crate::error::Error;
+use crate::metrics::Metrics;
 use crate::scheduler::{
     ClusterStats, Effects, NodeInfo, NodeOut, NodeRegistration, Now, Scheduler, SessionId,
 };
@@ -99,6 +100,8 @@ pub(crate) struct Driver {
     retention: Retention,
     ids: ulid::Generator,
     started: Instant,
+    /// Where the scheduler's counts go once per batch.
+    metrics: Arc<Metrics>,
     cancel: CancellationToken,
     /// Set (before `cancel`) when a commit failed, so whoever holds the
     /// coordinator learns why it stopped.
@@ -110,6 +113,7 @@ pub(crate) fn new(
     scheduler: Scheduler,
     store: Arc<dyn Store>,
     config: Arc<CoordinatorConfig>,
+    metrics: Arc<Metrics>,
     cancel: CancellationToken,
     tasks: TaskTracker,
 ) -> (Driver, Handle) {
@@ -117,12 +121,14 @@ pub(crate) fn new(
         config.max_batch.max(64) * 4,
         Arc::clone(&store),
         Arc::clone(&config),
+        Arc::clone(&metrics),
         cancel.clone(),
         tasks,
     );
     let driver = Driver {
         scheduler,
-        pipeline: Pipeline::new(Arc::clone(&store)),
+        pipeline: Pipeline::new(Arc::clone(&store), Arc::clone(&metrics)),
+        metrics,
         store,
         inbox,
         sessions: Sessions::default(),
@@ -243,6 +249,9 @@ impl Driver {
         } = self.scheduler.take_effects(now);
         // Replies that read the scheduler read it now, as of this batch.
         replies.extend(reads.into_iter().map(|read| read(&self.scheduler)));
+        // Once per batch, before its commit: a reply that leaves after the
+        // commit finds the metrics already counting its batch.
+        self.metrics.set_gauges(&self.scheduler.gauges());
         Batch {
             records: coalesce(records),
             held: Held {

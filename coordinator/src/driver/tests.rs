@@ -32,6 +32,7 @@ use super::{Command, Handle, ToNode, follow, wait_final};
 use crate::Failure;
 use crate::config::CoordinatorConfig;
 use crate::error::Error;
+use crate::metrics::Metrics;
 use crate::scheduler::{NodeEventBody, NodeRegistration, NodeTaskEvent, Scheduler, SessionId};
 use crate::store::{
     EventBody, Loaded, MemoryStore, Record, Store, StoreError, TaskEvent, TaskRecord,
@@ -187,12 +188,15 @@ impl Harness {
             retention: Duration::ZERO,
             ..CoordinatorConfig::default()
         };
-        let scheduler = Scheduler::new((&config).into());
+        let mut scheduler = Scheduler::new((&config).into());
+        let metrics = Arc::new(Metrics::default());
+        scheduler.set_metrics(Arc::clone(metrics.tasks()));
         let cancel = CancellationToken::new();
         let (driver, handle) = super::new(
             scheduler,
             store,
             Arc::new(config),
+            Arc::clone(&metrics),
             cancel.clone(),
             TaskTracker::new(),
         );

@@ -93,6 +93,13 @@ impl Scheduler {
         match event.body {
             NodeEventBody::Started => {
                 if task.state == TaskState::Assigned {
+                    task.set_started(now.wall);
+                    if task.attempt == 1 {
+                        let waited = now.wall.duration_since(task.created_at());
+                        self.metrics
+                            .submit_to_start
+                            .observe_duration(waited.unwrap_or_default());
+                    }
                     self.change_state(id, TaskState::Running, None, String::new(), now.wall);
                 }
             }
@@ -155,6 +162,9 @@ impl Scheduler {
         // No `Started` came: the node never ran it (e.g. prefetched, then
         // the node drained).
         let started = task.state == TaskState::Running;
+        if let Some(ran) = task.run_time(now.wall).filter(|_| started) {
+            self.metrics.run.observe_duration(ran);
+        }
         let attempt = task.attempt;
         self.recent
             .insert(id, Attempt(attempt), Some(outcome), now.instant);

@@ -28,6 +28,7 @@
 
 mod attempts;
 mod dispatch;
+mod gauges;
 mod live;
 mod membership;
 pub mod queue;
@@ -52,7 +53,9 @@ use weft_proto::{
 
 use crate::config::CoordinatorConfig;
 use crate::error::Error;
+use crate::metrics::TaskMetrics;
 use crate::store::{EventBody, FinalAttempt, Loaded, Record, TaskRecord};
+pub use gauges::Gauges;
 use live::LiveTasks;
 use queue::{ClassId, Queue};
 use recent::RecentResults;
@@ -311,6 +314,9 @@ pub struct Scheduler {
     /// becomes final.
     secrets: HashMap<TaskId, Arc<SecretEnv>>,
     out: Effects,
+    /// What is observed per task as it happens (durations, how tasks end,
+    /// retries): atomics the metrics read at scrape time.
+    metrics: Arc<TaskMetrics>,
 }
 
 impl Scheduler {
@@ -346,7 +352,14 @@ impl Scheduler {
             next_liveness_check: None,
             secrets: HashMap::new(),
             out: Effects::default(),
+            metrics: Arc::default(),
         }
+    }
+
+    /// Observes into `metrics` from now on (the coordinator's registry
+    /// reads them; a scheduler made by `new` has its own, read by none).
+    pub fn set_metrics(&mut self, metrics: Arc<TaskMetrics>) {
+        self.metrics = metrics;
     }
 
     /// Puts back what the store held at startup. Queued tasks are ready at

@@ -154,6 +154,9 @@ pub(crate) struct Extra {
     cancel: Option<Box<str>>,
     /// Different nodes lost while this task ran on them (poison evidence).
     lost_nodes: Vec<NodeRef>,
+    /// When the current attempt started (ns since the Unix epoch; 0: not
+    /// started here, e.g. restored), for the run duration metric.
+    started_at: u64,
 }
 
 fn nanos(t: SystemTime) -> u64 {
@@ -224,6 +227,7 @@ impl LiveTask {
         extra.placement = Some(placement);
         extra.next_chunk = 0;
         extra.exit_code = None;
+        extra.started_at = 0;
     }
 
     /// The attempt is over and the task waits again: forgets its node,
@@ -237,6 +241,18 @@ impl LiveTask {
                 self.extra = None;
             }
         }
+    }
+
+    /// The current attempt started at `at`.
+    pub fn set_started(&mut self, at: SystemTime) {
+        self.extra.get_or_insert_default().started_at = nanos(at);
+    }
+
+    /// How long the current attempt has run by `now` (`None` when it did
+    /// not start here).
+    pub fn run_time(&self, now: SystemTime) -> Option<Duration> {
+        let started = self.extra.as_ref()?.started_at;
+        (started > 0).then(|| Duration::from_nanos(nanos(now).saturating_sub(started)))
     }
 
     /// Next output chunk seq expected from the current attempt.

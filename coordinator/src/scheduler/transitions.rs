@@ -12,6 +12,7 @@ use weft_proto::{Attempt, TaskId, TaskState};
 
 use super::task::{NodeRef, state_index};
 use super::{Now, Scheduler};
+use crate::metrics::Retry;
 use crate::store::{EventBody, Record, TaskEvent};
 
 impl Scheduler {
@@ -83,6 +84,10 @@ impl Scheduler {
         };
         task.attempt = task.attempt.saturating_add(1);
         task.unplace();
+        self.metrics.retried(match delay {
+            Some(_) => Retry::Failed,
+            None => Retry::Node,
+        });
         task.delayed = delay.is_some();
         let (class, attempt) = (task.class, task.attempt);
         self.change_state(id, TaskState::Queued, lost, reason, now.wall);
@@ -110,6 +115,7 @@ impl Scheduler {
         self.counts[state_index(state)] += 1;
         task.state = state;
         let spec = task.spec.to_spec(self.queue.example(task.class));
+        self.metrics.finished(&spec.kind, state);
         let mut record = task.record(id, spec, wall);
         record.error = error.clone();
         record.output = output;

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use futures::stream::Map;
 use futures::{Stream, StreamExt};
+use prost::Message as _;
 use tonic::{Request, Response, Status};
 
 use weft_proto::limits::SpecLimits;
@@ -29,6 +30,7 @@ use super::{event_to_pb, parse_task_id, state_filter, task_to_pb};
 use crate::auth::{self, Caller, Scope};
 use crate::driver::{Command, EventFeed, FinalFeed, Handle, follow, wait_final};
 use crate::error::Error;
+use crate::metrics::{OpenStream, WatchRpc};
 use crate::store::{TaskEvent, TaskRecord, blocking};
 
 /// Events of one task, from the store then live, encoded as they leave.
@@ -166,6 +168,8 @@ impl Drop for StreamPlace {
 pub(crate) struct Counted<S> {
     inner: S,
     _place: StreamPlace,
+    /// Counted in `weft_watch_streams` while it lives.
+    _open: OpenStream,
 }
 
 impl<S: Stream + Unpin> Stream for Counted<S> {
@@ -226,7 +230,12 @@ impl TaskApi {
         TaskApi { handle, streams }
     }
 
-    async fn submit_specs(&self, specs: Vec<pb::TaskSpec>) -> Result<Vec<TaskId>, Error> {
+    /// Validates and submits `specs`, from a request of `bytes` bytes.
+    async fn submit_specs(
+        &self,
+        specs: Vec<pb::TaskSpec>,
+        bytes: usize,
+    ) -> Result<Vec<TaskId>, Error> {
         let limits = self.handle.config.spec_limits();
         let specs = specs
             .into_iter()
@@ -236,6 +245,7 @@ impl TaskApi {
         if specs.is_empty() {
             return Ok(Vec::new());
         }
+        self.handle.metrics.observe_submit(specs.len(), bytes);
         self.handle
             .call(|reply| Command::Submit { specs, reply })
             .await?
@@ -271,12 +281,19 @@ impl TaskApi {
         Ok(())
     }
 
-    fn watch_stream(&self, id: TaskId, from_seq: u64, place: StreamPlace) -> EventStream {
+    fn watch_stream(
+        &self,
+        id: TaskId,
+        from_seq: u64,
+        place: StreamPlace,
+        rpc: WatchRpc,
+    ) -> EventStream {
         let events: fn(Result<TaskEvent, Error>) -> Result<pb::TaskEvent, Status> =
             |event| event.map(|e| event_to_pb(&e)).map_err(Status::from);
         Counted {
             inner: follow(&self.handle, id, from_seq).map(events),
             _place: place,
+            _open: self.handle.metrics.open_stream(rpc),
         }
     }
 }
@@ -302,7 +319,8 @@ impl pb::task_service_server::TaskService for TaskApi {
         request: Request<pb::SubmitRequest>,
     ) -> Result<Response<pb::SubmitResponse>, Status> {
         auth::require(&request, Scope::Submit)?;
-        let ids = self.submit_specs(request.into_inner().tasks).await?;
+        let bytes = request.get_ref().encoded_len();
+        let ids = self.submit_specs(request.into_inner().tasks, bytes).await?;
         Ok(Response::new(pb::SubmitResponse {
             task_ids: ids.iter().map(TaskId::to_string).collect(),
         }))
@@ -382,6 +400,7 @@ impl pb::task_service_server::TaskService for TaskApi {
             id,
             request.from_seq,
             place,
+            WatchRpc::Watch,
         )))
     }
 
@@ -435,6 +454,7 @@ impl pb::task_service_server::TaskService for TaskApi {
         Ok(Response::new(Counted {
             inner: finals,
             _place: place,
+            _open: self.handle.metrics.open_stream(WatchRpc::WaitMany),
         }))
     }
 
@@ -448,6 +468,7 @@ impl pb::task_service_server::TaskService for TaskApi {
         Ok(Response::new(Counted {
             inner: Batches::new(finals),
             _place: place,
+            _open: self.handle.metrics.open_stream(WatchRpc::WaitMany),
         }))
     }
 
@@ -460,14 +481,20 @@ impl pb::task_service_server::TaskService for TaskApi {
         auth::require(&request, Scope::Submit)?;
         // Before the submit: a Run refused here leaves no task behind.
         let place = self.streams.open(Client::of(&request))?;
+        let bytes = request.get_ref().encoded_len();
         let spec = request.into_inner().spec.ok_or(Error::InvalidArgument(
             weft_proto::ConversionError::MissingField("spec"),
         ))?;
-        let ids = self.submit_specs(vec![spec]).await?;
+        let ids = self.submit_specs(vec![spec], bytes).await?;
         let id = ids.first().copied().ok_or(Error::InvalidArgument(
             weft_proto::ConversionError::MissingField("spec"),
         ))?;
-        Ok(Response::new(self.watch_stream(id, 0, place)))
+        Ok(Response::new(self.watch_stream(
+            id,
+            0,
+            place,
+            WatchRpc::Run,
+        )))
     }
 }
 
