@@ -33,6 +33,7 @@ use crate::attempt::{self, Assignment, AttemptControl, StopReason};
 use crate::events::{AttemptKey, Emitter, EventTx, Finished};
 use crate::handlers::HandlerRegistry;
 use crate::lease::{self, Lease};
+use crate::metrics::NodeMetrics;
 use crate::reaper::Reaper;
 use crate::slots::{self, Refusal};
 
@@ -58,6 +59,8 @@ struct Inner {
     running_count: watch::Sender<usize>,
     /// Told about every exec task's process group (see `reaper.rs`).
     reaper: Option<Reaper>,
+    /// Attempts started and ended, and their run times.
+    metrics: Arc<NodeMetrics>,
     /// Which exec tasks this node runs. The coordinator matches tasks to
     /// it already; this refuses (`START_FAILED`, never run) what an older
     /// or wrong coordinator assigns anyway.
@@ -91,6 +94,7 @@ impl Executor {
                 running_count: watch::Sender::new(0),
                 reaper: None,
                 exec: ExecPolicy::Allow,
+                metrics: Arc::default(),
             }),
         }
     }
@@ -102,6 +106,22 @@ impl Executor {
             inner.reaper = reaper;
         }
         self
+    }
+
+    /// Counts attempts into `metrics`. Call before the executor is shared.
+    pub(crate) fn with_metrics(mut self, metrics: Arc<NodeMetrics>) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.metrics = metrics;
+        }
+        self
+    }
+
+    /// The slots as a scrape shows them: (slots used, running, queued,
+    /// draining).
+    pub(crate) fn gauges(&self) -> (u32, usize, usize, bool) {
+        let slots = self.slots();
+        let (used, draining) = slots.used();
+        (used, slots.running(), slots.queued(), draining)
     }
 
     /// Runs only the exec tasks `exec` allows (the default allows all).
@@ -277,6 +297,7 @@ impl Executor {
         let run = async move {
             let began = Instant::now();
             let inner = &executor.inner;
+            inner.metrics.attempt_started();
             let ran = attempt::run(
                 &spec,
                 &control,
@@ -289,6 +310,7 @@ impl Executor {
                 return;
             };
             executor.record_run_time(began.elapsed());
+            inner.metrics.attempt_finished(done.outcome);
             attempt::report(&emit, done).await;
         };
         self.inner.tasks.spawn(run.instrument(span));
@@ -302,6 +324,7 @@ impl Executor {
 
     /// Reports the `Finished` of an attempt that never ran.
     fn report(&self, emit: Emitter, done: Finished) {
+        self.inner.metrics.attempt_finished(done.outcome);
         // Queued right away when there is room, so a drain that stops the
         // node next still flushes it.
         if let Err(Some(done)) = emit.try_finished(done) {
@@ -358,6 +381,7 @@ impl Executor {
 
     /// Folds one attempt's run time into the average prefetch follows.
     fn record_run_time(&self, took: Duration) {
+        self.inner.metrics.attempt_ran(took);
         self.slots().record_run_time(took);
     }
 }

@@ -47,6 +47,8 @@
 //!   the node is killed outright.
 //! - [`handlers`]: the registry of handlers as tower services
 //!   ([`HandlerRegistry`]), and the built-ins.
+//! - `metrics`: the node's Prometheus metrics; `http`: the listener that
+//!   serves them (`/metrics`, `/healthz`; [`RunningNode::serve_http`]).
 
 mod attempt;
 mod codec;
@@ -56,10 +58,12 @@ pub mod error;
 mod events;
 mod executor;
 pub mod handlers;
+mod http;
 pub mod identity;
 mod join;
 mod lease;
 mod lease_watchdog;
+mod metrics;
 mod outbox;
 mod process;
 pub mod reaper;
@@ -69,6 +73,7 @@ mod resolve;
 mod session;
 mod slots;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -262,6 +267,16 @@ impl RunningNode {
             Ok(result) => result,
             Err(err) => Err(Error::Panicked(err.to_string())),
         }
+    }
+
+    /// Serves `/metrics` (OpenMetrics) and `/healthz` over plaintext HTTP
+    /// on `listener` until the node is killed or drained; answers the
+    /// address it serves on. No token is checked (the node has none to
+    /// check against): bind it to loopback, or keep it behind a firewall.
+    pub fn serve_http(&self, listener: tokio::net::TcpListener) -> std::io::Result<SocketAddr> {
+        let addr = listener.local_addr()?;
+        http::spawn(Arc::clone(&self.ctx), listener);
+        Ok(addr)
     }
 
     fn kill_now(&self) {

@@ -2,7 +2,8 @@
 //! drain on SIGTERM/SIGINT. Nothing else.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -152,6 +153,71 @@ struct Args {
     /// Log format on stderr (level from RUST_LOG, default info).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+
+    /// Serve Prometheus metrics (`/metrics`, OpenMetrics text) and
+    /// `/healthz` over plaintext HTTP on this address, e.g. 127.0.0.1:9464
+    /// (port 0 picks a free one: see --http-addr-file) [default: off].
+    /// Nothing there checks a token (the node holds no token database), so
+    /// only a loopback address is accepted unless --http-listen-any is
+    /// given.
+    #[arg(long, env = "WEFT_NODE_HTTP_LISTEN", value_name = "ADDR")]
+    http_listen: Option<SocketAddr>,
+
+    /// Allow --http-listen on an address that is not loopback (e.g.
+    /// 0.0.0.0:9464, for a Prometheus server on another machine). Anyone
+    /// who reaches that port reads the node's metrics (counts and the
+    /// version; no task ids, inputs or outputs): keep it behind a firewall.
+    #[arg(long, env = "WEFT_NODE_HTTP_LISTEN_ANY", requires = "http_listen")]
+    http_listen_any: bool,
+
+    /// Write the address --http-listen bound (`host:port`) to this file
+    /// once it listens.
+    #[arg(long, value_name = "FILE", requires = "http_listen")]
+    http_addr_file: Option<PathBuf>,
+}
+
+/// The node's HTTP listener, as the flags ask for it.
+#[derive(Debug)]
+struct HttpListen {
+    addr: SocketAddr,
+    addr_file: Option<PathBuf>,
+}
+
+impl HttpListen {
+    /// `--http-listen` and its rule: loopback unless `--http-listen-any`.
+    fn from_args(args: &Args) -> anyhow::Result<Option<HttpListen>> {
+        let Some(addr) = args.http_listen else {
+            return Ok(None);
+        };
+        if !addr.ip().is_loopback() && !args.http_listen_any {
+            anyhow::bail!(
+                "--http-listen {addr} is not a loopback address: the node's /metrics checks no token \
+                 (the node holds none), so anyone who reaches it could read it; pass \
+                 --http-listen-any to serve it there anyway (behind a firewall), or listen on 127.0.0.1"
+            );
+        }
+        Ok(Some(HttpListen {
+            addr,
+            addr_file: args.http_addr_file.clone(),
+        }))
+    }
+
+    /// Binds the listener (before the node starts, so a taken port fails
+    /// the start).
+    async fn bind(&self) -> anyhow::Result<tokio::net::TcpListener> {
+        tokio::net::TcpListener::bind(self.addr)
+            .await
+            .with_context(|| format!("binding --http-listen {}", self.addr))
+    }
+}
+
+/// Writes the address next to `path` then renames, so a reader never sees
+/// half a line.
+fn write_addr_file(path: &Path, addr: SocketAddr) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, addr.to_string()).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+    Ok(())
 }
 
 /// A secret flag value (the join token): its `Debug` hides it.
@@ -298,6 +364,11 @@ fn main() -> ExitCode {
 async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let http = HttpListen::from_args(&args)?;
+    let http_listener = match &http {
+        Some(http) => Some(http.bind().await?),
+        None => None,
+    };
     let config = NodeConfig::try_from(args)?;
     let grace = config.drain_grace;
     let coordinator = match config.coordinator.as_str() {
@@ -314,6 +385,13 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
         "starting"
     );
     let mut node = weft_node::start(config, HandlerRegistry::with_builtins());
+    if let (Some(http), Some(listener)) = (http, http_listener) {
+        let addr = node.serve_http(listener).context("serving --http-listen")?;
+        info!(%addr, "serving /metrics and /healthz (plaintext, no token check)");
+        if let Some(path) = &http.addr_file {
+            write_addr_file(path, addr)?;
+        }
+    }
 
     tokio::select! {
         result = node.wait() => {
@@ -543,6 +621,59 @@ mod tests {
         );
         assert!(
             help.contains("--prefetch <N>") && help.contains("0 disables"),
+            "{help}"
+        );
+    }
+}
+
+#[cfg(test)]
+mod http_flag_tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn http_listen_is_off_by_default_and_loopback_only_unless_any() {
+        let off = Args::try_parse_from(["weft-node"]).unwrap();
+        assert!(HttpListen::from_args(&off).unwrap().is_none());
+
+        let local = Args::try_parse_from(["weft-node", "--http-listen", "127.0.0.1:0"]).unwrap();
+        let http = HttpListen::from_args(&local).unwrap().unwrap();
+        assert_eq!(http.addr, SocketAddr::from(([127, 0, 0, 1], 0)));
+
+        let wide = Args::try_parse_from(["weft-node", "--http-listen", "0.0.0.0:9464"]).unwrap();
+        let err = HttpListen::from_args(&wide).unwrap_err().to_string();
+        assert!(
+            err.contains("not a loopback address") && err.contains("--http-listen-any"),
+            "{err}"
+        );
+
+        let any = Args::try_parse_from([
+            "weft-node",
+            "--http-listen",
+            "0.0.0.0:9464",
+            "--http-listen-any",
+        ])
+        .unwrap();
+        assert!(HttpListen::from_args(&any).unwrap().is_some());
+    }
+
+    #[test]
+    fn http_flags_are_checked_and_explained() {
+        let bad = Args::try_parse_from(["weft-node", "--http-listen", "localhost"]).unwrap_err();
+        assert_eq!(bad.exit_code(), 2);
+        let alone = Args::try_parse_from(["weft-node", "--http-listen-any"]).unwrap_err();
+        assert_eq!(
+            alone.exit_code(),
+            2,
+            "--http-listen-any needs --http-listen"
+        );
+        let help = Args::command().render_long_help().to_string();
+        assert!(
+            help.contains("--http-listen <ADDR>")
+                && help.contains("WEFT_NODE_HTTP_LISTEN")
+                && help.contains("checks a token")
+                && help.contains("--http-addr-file <FILE>"),
             "{help}"
         );
     }

@@ -148,6 +148,7 @@ where
                 SessionEnd::Fatal(error) => return Err(error),
                 SessionEnd::Lost { registered, error } => {
                     ctx.node_id.send_replace(None);
+                    ctx.metrics.session_lost(&error);
                     match (registered, plaintext_hint(&ctx.config.coordinator, &error)) {
                         (false, Some(hint)) => {
                             warn!(%error, hint, "lost the coordinator; reconnecting");
@@ -160,7 +161,10 @@ where
                 }
             },
             Err(error) if error.is_fatal() => return Err(error),
-            Err(error) => warn!(%error, "cannot reach the coordinator"),
+            Err(error) => {
+                ctx.metrics.connect_failed();
+                warn!(%error, "cannot reach the coordinator");
+            }
         }
         let delay = backoff.next_delay();
         debug!(?delay, "waiting before reconnecting");

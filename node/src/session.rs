@@ -48,6 +48,7 @@ use crate::executor::Executor;
 use crate::handlers::HandlerRegistry;
 use crate::lease::Lease;
 use crate::lease_watchdog;
+use crate::metrics::NodeMetrics;
 use crate::outbox::{self, Out, Outbox};
 use crate::reaper::Reaper;
 use crate::renewal::Credentials;
@@ -78,6 +79,8 @@ pub(crate) struct NodeCtx {
     /// The node's certificate, once it has one (loaded at start, or got
     /// by joining); unset for a node without an identity.
     pub(crate) credentials: OnceLock<Arc<Credentials>>,
+    /// What `/metrics` shows (see `metrics.rs`).
+    pub(crate) metrics: Arc<NodeMetrics>,
 }
 
 impl NodeCtx {
@@ -93,6 +96,7 @@ impl NodeCtx {
         let kill = CancellationToken::new();
         let (events_tx, events_rx) = events::channel();
         let lease = Arc::new(Lease::new(config.lease));
+        let metrics = Arc::new(NodeMetrics::default());
         let executor = Executor::new(
             handlers,
             events_tx,
@@ -103,7 +107,8 @@ impl NodeCtx {
             config.prefetch,
         )
         .with_reaper(reaper)
-        .with_exec(config.exec.clone());
+        .with_exec(config.exec.clone())
+        .with_metrics(Arc::clone(&metrics));
         let ctx = NodeCtx {
             outbox: Outbox::new(executor.clone(), config.redeliver_window),
             config,
@@ -114,6 +119,7 @@ impl NodeCtx {
             kill,
             node_id: watch::Sender::new(None),
             credentials: OnceLock::new(),
+            metrics,
         };
         (Arc::new(ctx), events_rx)
     }

@@ -162,9 +162,14 @@ impl<C: Clone, W> Slots<C, W> {
     }
 
     /// Number of assigned attempts waiting for a slot.
-    #[cfg(test)]
     pub(crate) fn queued(&self) -> usize {
         self.queued.len()
+    }
+
+    /// Slots taken by running attempts, and whether the node drains (for
+    /// the metrics).
+    pub(crate) fn used(&self) -> (u32, bool) {
+        (self.used, self.draining)
     }
 
     /// The attempts holding slots or queued for one, sorted.

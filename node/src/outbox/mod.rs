@@ -111,6 +111,11 @@ impl Outbox {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// Events waiting in the unsent buffer (for the metrics).
+    pub(crate) fn unsent_len(&self) -> usize {
+        self.unsent().len()
+    }
+
     /// The results to send again after the next `Registered`, as of `now`.
     /// Exactly these are sent, so every attempt listed as finished in
     /// `Register` gets its result.
