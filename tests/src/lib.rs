@@ -16,6 +16,8 @@
 //!   its errors turned into test failures.
 //! - [`fake_node`]: a raw `NodeService` session for playing a misbehaving node.
 //! - [`cli`]: running the `weft` binary and capturing its output.
+//! - [`openmetrics`]: a strict reader of OpenMetrics text, and a plain
+//!   HTTP GET, for the metrics listeners.
 //! - [`wait`]: `wait_until` and friends; process liveness checks.
 //! - [`trust`]: which CA each running test cluster's URL is trusted by,
 //!   so raw channels ([`fake_node::channel`]) dial its TLS like clients.
@@ -25,6 +27,7 @@
 pub mod cli;
 pub mod cluster;
 pub mod fake_node;
+pub mod openmetrics;
 pub mod process;
 pub mod trust;
 pub mod wait;

@@ -19,6 +19,7 @@ mod handlers;
 mod local_json;
 mod map_json;
 mod message_limits;
+mod metrics;
 mod node_identity;
 mod node_join;
 mod node_limits;
