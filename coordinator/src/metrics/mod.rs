@@ -107,11 +107,6 @@ impl TaskMetrics {
         self.finished[kind_index(kind)][state_index(state)].fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Tasks of `kind` that ended in `state` so far.
-    pub fn finished_count(&self, kind: &TaskKind, state: TaskState) -> u64 {
-        self.finished[kind_index(kind)][state_index(state)].load(Ordering::Relaxed)
-    }
-
     /// A task was requeued as its next attempt.
     pub fn retried(&self, why: Retry) {
         self.retries[why as usize].fetch_add(1, Ordering::Relaxed);
@@ -271,12 +266,6 @@ impl Metrics {
             shared: Arc::clone(&self.shared),
             rpc,
         }
-    }
-
-    /// Commits observed so far, and their records (for tests).
-    pub fn commits(&self) -> (u64, f64) {
-        let edge = &self.shared.edge;
-        (edge.commit_seconds.count(), edge.commit_records.sum())
     }
 }
 

@@ -25,6 +25,8 @@
 //! - [`queue`] — ready queues per requirement class, the retry timer heap.
 //! - [`registry`] — connected nodes (fields private, index by node id).
 //! - [`recent`] — recently recorded results, to spot redeliveries.
+//! - `gauges` — what the scheduler counts, read in one go for the metrics
+//!   (the driver copies it once per batch).
 
 mod attempts;
 mod dispatch;
