@@ -215,6 +215,19 @@ pub enum Command {
     },
     /// Show cluster-wide figures.
     Info,
+    /// A live view of the cluster in the terminal: nodes, tasks per state,
+    /// throughput. q, Esc or Ctrl-C quits; arrows or j/k scroll the nodes.
+    ///
+    /// Polls ClusterInfo and ListNodes every --interval (scope read). A
+    /// coordinator that goes away is shown as an error on screen and polled
+    /// again; a token or TLS setup refused at the first poll exits like any
+    /// command. Needs a terminal on stdout: programs read `weft info -o
+    /// json` and `weft nodes -o json` instead.
+    Top {
+        /// How often to poll the coordinator (100ms to 10m).
+        #[arg(long, default_value = "1s", value_parser = crate::top::parse_interval, value_name = "DURATION")]
+        interval: Duration,
+    },
     /// Client tokens and node join tokens: create (printed once), list,
     /// revoke. Needs scope admin.
     #[command(subcommand)]

@@ -5,7 +5,7 @@
 use weft_client::Client;
 
 use crate::args::{Args, Command, NodesCommand};
-use crate::{admin, bench, demo, exit, local, map, task, token};
+use crate::{admin, bench, demo, exit, local, map, task, token, top};
 
 /// Runs the command line in `args` and answers the exit code. Errors are
 /// printed here, as one line on stderr.
@@ -34,6 +34,8 @@ async fn dispatch(args: Args) -> anyhow::Result<u8> {
             listen,
         } => local::run(listen, nodes, slots, format).await,
         Command::Demo { nodes, slots } => demo::run(nodes, slots).await,
+        // Dials itself: a coordinator that is down is shown, not an error.
+        Command::Top { interval } => top::run(url, trust, token, interval).await,
         Command::Bench(mut bench_args) => {
             bench_args.trust = trust;
             let external = args.coordinator_given.then_some(url);
@@ -84,6 +86,7 @@ async fn dispatch(args: Args) -> anyhow::Result<u8> {
                 | Command::Demo { .. }
                 | Command::Bench(_)
                 | Command::Completions { .. }
+                | Command::Top { .. }
                 | Command::Login { .. } => {
                     unreachable!("handled before connecting")
                 }

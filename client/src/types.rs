@@ -198,6 +198,10 @@ pub struct ClusterInfo {
     /// Attempts whose node's stream ended and that the node came back and
     /// claimed within the reconnect grace, since start.
     pub reclaimed_attempts: u64,
+    /// Tasks that reached a final state since the coordinator started:
+    /// only grows (0 again after a restart), unlike the per-state counts,
+    /// which retention lowers; its rate is the cluster's throughput.
+    pub tasks_finished: u64,
 }
 
 impl ClusterInfo {
@@ -237,6 +241,7 @@ impl TryFrom<pb::ClusterInfoResponse> for ClusterInfo {
             foreign_events_refused: info.foreign_events_refused,
             attempts_not_started: info.attempts_not_started,
             reclaimed_attempts: info.reclaimed_attempts,
+            tasks_finished: info.tasks_finished,
         })
     }
 }

@@ -108,6 +108,7 @@ impl Scheduler {
         self.counts[state_index(task.state)] =
             self.counts[state_index(task.state)].saturating_sub(1);
         self.counts[state_index(state)] += 1;
+        self.tasks_finished += 1;
         task.state = state;
         let spec = task.spec.to_spec(self.queue.example(task.class));
         let mut record = task.record(id, spec, wall);
