@@ -35,7 +35,7 @@ async fn dispatch(args: Args) -> anyhow::Result<u8> {
         } => local::run(listen, nodes, slots, format).await,
         Command::Demo { nodes, slots } => demo::run(nodes, slots).await,
         // Dials itself: a coordinator that is down is shown, not an error.
-        Command::Top { interval } => top::run(url, trust, token, interval).await,
+        Command::Top { interval } => top::run(url, trust, token, interval, format).await,
         Command::Bench(mut bench_args) => {
             bench_args.trust = trust;
             let external = args.coordinator_given.then_some(url);

@@ -25,6 +25,7 @@ use tokio::sync::mpsc;
 use weft_client::{Client, Error, Trust};
 
 use crate::exit::{self, UsageError};
+use crate::output::OutputFormat;
 use model::{Poll, Top};
 
 /// The shortest `--interval`: each poll is two calls on the coordinator.
@@ -56,7 +57,14 @@ pub async fn run(
     trust: Option<Trust>,
     token: Option<String>,
     interval: Duration,
+    format: OutputFormat,
 ) -> anyhow::Result<u8> {
+    if format == OutputFormat::Json {
+        return Err(UsageError(
+            "weft top has no JSON form: use `weft info -o json` and `weft nodes -o json`".into(),
+        )
+        .into());
+    }
     if !std::io::stdout().is_terminal() {
         return Err(UsageError(
             "weft top draws a live view and needs a terminal on stdout; for figures a \
@@ -88,12 +96,12 @@ pub async fn run(
 
     let (poll_tx, polls) = mpsc::channel(4);
     tokio::spawn(dial.poll_loop(client, interval, poll_tx));
+    // Raw mode first, so keys come one at a time.
+    let mut terminal = ratatui::try_init().context("setting up the terminal")?;
     let (key_tx, keys) = mpsc::channel(16);
     // crossterm's reader blocks: a thread of its own, ending when the
     // screen loop has gone (its channel closed).
     std::thread::spawn(move || read_events(key_tx));
-
-    let mut terminal = ratatui::try_init().context("setting up the terminal")?;
     let shown = show(&mut terminal, &mut top, polls, keys).await;
     ratatui::try_restore().context("restoring the terminal")?;
     shown?;

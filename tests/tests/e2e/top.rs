@@ -5,9 +5,9 @@
 //! token at the first poll and a stdout that is no terminal are errors.
 
 use std::io::{Read, Write};
+use std::num::NonZeroU16;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use portable_pty::{Child, CommandBuilder, PtySize, native_pty_system};
 
@@ -15,8 +15,8 @@ use weft_client::TaskSpec;
 use weft_tests::process::bin_path;
 use weft_tests::{TestCluster, default_timeout, wait_until};
 
-const ROWS: u16 = 40;
-const COLS: u16 = 160;
+const ROWS: NonZeroU16 = NonZeroU16::new(40).unwrap();
+const COLS: NonZeroU16 = NonZeroU16::new(160).unwrap();
 
 /// `weft` running in a pseudo-terminal, and the screen it drew.
 struct Pty {
@@ -31,8 +31,8 @@ impl Pty {
     fn spawn(url: &str, token: &str, ca: Option<&Path>, args: &[&str]) -> Pty {
         let pair = native_pty_system()
             .openpty(PtySize {
-                rows: ROWS,
-                cols: COLS,
+                rows: ROWS.get(),
+                cols: COLS.get(),
                 pixel_width: 0,
                 pixel_height: 0,
             })
@@ -231,7 +231,7 @@ async fn weft_top_with_a_refused_token_exits_with_the_permission_code() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn weft_top_without_a_terminal_points_to_info_and_nodes_json() {
+async fn weft_top_without_a_terminal_or_as_json_points_to_info_and_nodes_json() {
     let cluster = TestCluster::builder().nodes(0).start().await;
     let out = cluster.weft(&["top"]).await;
     assert_ne!(out.code, Some(0), "{out}");
@@ -241,6 +241,9 @@ async fn weft_top_without_a_terminal_points_to_info_and_nodes_json() {
             && out.stderr.contains("weft nodes -o json"),
         "{out}"
     );
+    let out = cluster.weft(&["-o", "json", "top"]).await;
+    assert_eq!(out.code, Some(2), "{out}");
+    assert!(out.stderr.contains("no JSON form"), "{out}");
     let out = cluster.weft(&["top", "--interval", "0s"]).await;
     assert_eq!(out.code, Some(2), "{out}");
     assert!(out.stderr.contains("100ms to 10m"), "{out}");
