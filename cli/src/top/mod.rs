@@ -270,8 +270,13 @@ fn is_transient(err: &Error) -> bool {
     match err {
         Error::Unavailable(message) => {
             // A certificate check or a TLS/plaintext mismatch is reported
-            // as "cannot reach" too; its message says what to pass.
-            let message = message.to_ascii_lowercase();
+            // as "cannot reach" too; its message says what to pass. Only
+            // the cause after "cannot reach coordinator at URL: " is
+            // read: a host may be called "tls".
+            let cause = message
+                .split_once(": ")
+                .map_or(message.as_str(), |(_, c)| c);
+            let message = cause.to_ascii_lowercase();
             !["certificate", "tls", "ca.pem", "plaintext"]
                 .iter()
                 .any(|needle| message.contains(needle))
@@ -338,5 +343,9 @@ mod tests {
         };
         assert!(!is_transient(&no_token));
         assert!(!is_transient(&Error::Tls("no CA".into())));
+        let tls_host = Error::Unavailable(
+            "cannot reach coordinator at https://tls.example:7070: connection refused".into(),
+        );
+        assert!(is_transient(&tls_host));
     }
 }
