@@ -59,7 +59,7 @@ async fn dispatch(args: Args) -> anyhow::Result<u8> {
                 Command::Watch { id, from_seq } => task::watch(&client, format, id, from_seq).await,
                 Command::Wait { id } => task::wait(&client, format, id).await,
                 Command::Cancel { id } => task::cancel(&client, format, id).await,
-                Command::List { state, limit } => task::list(&client, format, state, limit).await,
+                Command::List(filters) => task::list(&client, format, filters).await,
                 Command::Nodes { command: None } => admin::nodes(&client, format).await,
                 Command::Nodes {
                     command: Some(NodesCommand::Revoke { node }),
