@@ -354,6 +354,11 @@ pub enum Command {
         listen: SocketAddr,
     },
     /// Start a local cluster and run a mixed demo workload on it.
+    ///
+    /// With `-o json`, stdout is JSON Lines: one object per line as things
+    /// happen, each with an "event" field (cluster, phase, task, requeued,
+    /// cancelling, error); the last line is the "summary" object with the
+    /// checks and "ok". Exits 1 if a check failed.
     Demo {
         /// Nodes to start.
         #[arg(long, default_value_t = 3, value_name = "N")]

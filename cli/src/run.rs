@@ -33,7 +33,7 @@ async fn dispatch(args: Args) -> anyhow::Result<u8> {
             slots,
             listen,
         } => local::run(listen, nodes, slots, format).await,
-        Command::Demo { nodes, slots } => demo::run(nodes, slots).await,
+        Command::Demo { nodes, slots } => demo::run(nodes, slots, format).await,
         Command::Bench(mut bench_args) => {
             bench_args.trust = trust;
             let external = args.coordinator_given.then_some(url);
