@@ -160,9 +160,20 @@ pub async fn list(client: &Client, format: OutputFormat, args: ListArgs) -> anyh
     {
         return Err(UsageError("--until is before --since".into()).into());
     }
+    let mut labels = std::collections::BTreeMap::new();
+    for (key, value) in args.labels {
+        if let Some(other) = labels.insert(key.clone(), value.clone())
+            && other != value
+        {
+            return Err(UsageError(format!(
+                "--label {key}={other} and --label {key}={value}: a task has one value per label, so none would match"
+            ))
+            .into());
+        }
+    }
     let filter = ListFilter {
         state: args.state,
-        labels: args.labels.into_iter().collect(),
+        labels,
         name: args.name.unwrap_or_default(),
         node: args.node.unwrap_or_default(),
         since: args.since,
