@@ -96,15 +96,13 @@ pub(crate) fn scan_page(
     mut read: impl FnMut(TaskId) -> Result<Option<TaskRecord>, StoreError>,
 ) -> Result<ListPage, StoreError> {
     let mut page = ListPage::default();
-    let mut examined = 0usize;
     let mut last = None;
-    for id in ids {
+    for (examined, id) in ids.enumerate() {
         if page.tasks.len() >= query.limit || examined >= query.scan {
             page.resume = last;
             return Ok(page);
         }
         let id = id?;
-        examined += 1;
         last = Some(id);
         if let Some(record) = read(id)? {
             page.tasks.push(record);
