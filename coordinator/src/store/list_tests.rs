@@ -282,3 +282,51 @@ fn the_attempt_history_survives_reopening_the_redb_store() {
     let loaded = store.load(UNIX_EPOCH).unwrap();
     assert_eq!(loaded.live[0].attempts, running.attempts);
 }
+
+/// The cost of a page whose filter matches nothing, on a redb store of
+/// `WEFT_LIST_TASKS` tasks (default 100,000): one scan bound's worth of
+/// records is read, however many tasks there are. Run by hand:
+/// `cargo test -p weft-coordinator --lib -- --ignored a_no_match_page --nocapture`.
+#[test]
+#[ignore = "builds a large store; run by hand (see the doc comment)"]
+fn a_no_match_page_reads_one_scan_bound_of_a_large_store() {
+    let n: u64 = std::env::var("WEFT_LIST_TASKS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = RedbStore::open(dir.path()).expect("store opens");
+    let spec = TaskSpec::call("noop", "").name("hay").label("zone", "a");
+    let mut batch = Vec::new();
+    for i in 0..n {
+        let id = id_at(1_000_000 + i, u128::from(i));
+        batch.push(Record::Task(record(
+            id,
+            TaskState::Succeeded,
+            spec.clone(),
+            Vec::new(),
+        )));
+        if batch.len() == 10_000 {
+            store.commit(&batch).unwrap();
+            batch.clear();
+        }
+    }
+    store.commit(&batch).unwrap();
+    let query = ListQuery {
+        name: "needle".into(),
+        scan: 10_000,
+        ..ListQuery::default()
+    };
+    let started = std::time::Instant::now();
+    let page = store.list_page(&query).unwrap();
+    let took = started.elapsed();
+    assert!(page.tasks.is_empty() && page.resume.is_some());
+    let unfiltered = ListQuery::default();
+    let started = std::time::Instant::now();
+    let full = store.list_page(&unfiltered).unwrap();
+    let full_took = started.elapsed();
+    assert_eq!(full.tasks.len(), 100);
+    println!(
+        "{n} tasks: a no-match page (10,000 read) took {took:?}; a 100-task unfiltered page {full_took:?}"
+    );
+}
