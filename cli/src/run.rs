@@ -33,7 +33,7 @@ async fn dispatch(args: Args) -> anyhow::Result<u8> {
             slots,
             listen,
         } => local::run(listen, nodes, slots, format).await,
-        Command::Demo { nodes, slots } => demo::run(nodes, slots).await,
+        Command::Demo { nodes, slots } => demo::run(nodes, slots, format).await,
         // Dials itself: a coordinator that is down is shown, not an error.
         Command::Top { interval } => top::run(url, trust, token, interval, format).await,
         Command::Bench(mut bench_args) => {
@@ -61,7 +61,7 @@ async fn dispatch(args: Args) -> anyhow::Result<u8> {
                 Command::Watch { id, from_seq } => task::watch(&client, format, id, from_seq).await,
                 Command::Wait { id } => task::wait(&client, format, id).await,
                 Command::Cancel { id } => task::cancel(&client, format, id).await,
-                Command::List { state, limit } => task::list(&client, format, state, limit).await,
+                Command::List(filters) => task::list(&client, format, filters).await,
                 Command::Nodes { command: None } => admin::nodes(&client, format).await,
                 Command::Nodes {
                     command: Some(NodesCommand::Revoke { node }),

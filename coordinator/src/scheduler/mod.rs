@@ -430,6 +430,9 @@ impl Scheduler {
             task.add_lost_node(node);
         }
         task.state = record.state;
+        let on_node = matches!(record.state, TaskState::Assigned | TaskState::Running)
+            && record.node_id.is_some();
+        task.restore_attempts(record.attempts, on_node);
         self.counts[state_index(record.state)] += 1;
         match (record.state, record.node_id) {
             (TaskState::Assigned | TaskState::Running, Some(node_id)) => {

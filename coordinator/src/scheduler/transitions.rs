@@ -2,7 +2,8 @@
 //! them: appending an event, moving to a non-final state, requeueing as
 //! the next attempt, and finalizing. Each writes the task's record and its
 //! events to the effects (the only place that does), and keeps the
-//! per-state counters right.
+//! per-state counters right and the attempt history (assigned, started,
+//! ended) that rides in those records.
 
 use std::time::{Duration, SystemTime};
 
@@ -48,6 +49,11 @@ impl Scheduler {
             self.counts[state_index(task.state)].saturating_sub(1);
         self.counts[state_index(state)] += 1;
         task.state = state;
+        match state {
+            TaskState::Assigned => task.attempt_assigned(wall),
+            TaskState::Running => task.attempt_started(wall),
+            _ => {}
+        }
         let (node_id, node_name) = match node {
             Some((id, name)) => (Some(id), Some(name)),
             None => task.node(),
@@ -81,6 +87,7 @@ impl Scheduler {
         let Some(task) = self.tasks.get_mut(&id) else {
             return;
         };
+        task.attempt_ended(now.wall, &reason);
         task.attempt = task.attempt.saturating_add(1);
         task.unplace();
         task.delayed = delay.is_some();
@@ -110,6 +117,7 @@ impl Scheduler {
         self.counts[state_index(state)] += 1;
         self.tasks_finished += 1;
         task.state = state;
+        task.attempt_ended(wall, &error);
         let spec = task.spec.to_spec(self.queue.example(task.class));
         let mut record = task.record(id, spec, wall);
         record.error = error.clone();

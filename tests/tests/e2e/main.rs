@@ -5,10 +5,12 @@
 //! the binaries: run `cargo build --bins` first.
 
 mod addresses;
+mod attempt_history;
 mod cancel_and_timeout;
 mod cli;
 mod completions;
 mod connections;
+mod demo_json;
 mod disk;
 mod drain;
 mod exec_policy;
@@ -16,6 +18,7 @@ mod failover;
 mod fencing;
 mod field_limits;
 mod handlers;
+mod list_filters;
 mod local_json;
 mod map_json;
 mod message_limits;
