@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use clap::parser::ValueSource;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
@@ -12,9 +12,80 @@ use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use weft_proto::{TaskId, TaskState};
 
 use crate::exit;
-use crate::opts::{TaskOpts, parse_duration_arg, parse_task_id, parse_task_state};
+use crate::opts::{TaskOpts, parse_duration_arg, parse_key_value, parse_task_id, parse_task_state};
 use crate::output::OutputFormat;
 use weft_client::Trust;
+
+/// `weft list`'s filters.
+#[derive(clap::Args, Debug, Clone, PartialEq)]
+pub struct ListArgs {
+    /// Only tasks in this state (queued, assigned, running, succeeded, failed, cancelled, timed_out).
+    #[arg(long, value_parser = parse_task_state, value_name = "STATE")]
+    pub state: Option<TaskState>,
+    /// Only tasks with this label, as KEY=VALUE (repeatable; all must match).
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_key_value)]
+    pub labels: Vec<(String, String)>,
+    /// Only tasks whose name contains TEXT (a plain, case-sensitive substring).
+    #[arg(long, value_name = "TEXT")]
+    pub name: Option<String>,
+    /// Only tasks with an attempt (any, not only the latest) on this node, by name or id.
+    #[arg(long, value_name = "NAME_OR_ID")]
+    pub node: Option<String>,
+    /// Only tasks submitted at or after TIME: RFC 3339 (2026-05-01T12:00:00Z,
+    /// or with an offset such as +02:00) or a duration ago (10m, 2h, 3d).
+    #[arg(long, value_parser = parse_time_arg, value_name = "TIME")]
+    pub since: Option<SystemTime>,
+    /// Only tasks submitted at or before TIME (as for --since).
+    #[arg(long, value_parser = parse_time_arg, value_name = "TIME")]
+    pub until: Option<SystemTime>,
+    /// At most this many.
+    #[arg(long, default_value_t = 50, value_name = "N")]
+    pub limit: u32,
+}
+
+/// Parses `--since`/`--until`: an RFC 3339 time (`Z` or a `±HH:MM`
+/// offset; a bare date-time is UTC) or a duration ago (`10m`, `2h`).
+pub fn parse_time_arg(text: &str) -> Result<SystemTime, String> {
+    let text = text.trim();
+    let expected =
+        "expected an RFC 3339 time (2026-05-01T12:00:00Z) or a duration ago (10m, 2h, 3d)";
+    if let Ok(ago) = humantime::parse_duration(text) {
+        return SystemTime::now()
+            .checked_sub(ago)
+            .ok_or_else(|| format!("{text:?} ago is before 1970"));
+    }
+    // humantime reads UTC only: take a numeric offset off and apply it.
+    let (local, offset) = match text
+        .len()
+        .checked_sub(6)
+        .and_then(|i| text.get(i..).map(|o| (i, o)))
+    {
+        Some((i, o))
+            if (o.starts_with('+') || o.starts_with('-'))
+                && o.as_bytes()[3] == b':'
+                && text.contains('T') =>
+        {
+            let hours: u64 = o[1..3]
+                .parse()
+                .map_err(|_| format!("{text:?}: {expected}"))?;
+            let minutes: u64 = o[4..6]
+                .parse()
+                .map_err(|_| format!("{text:?}: {expected}"))?;
+            let secs = Duration::from_secs(hours * 3600 + minutes * 60);
+            (&text[..i], Some((o.starts_with('+'), secs)))
+        }
+        _ => (text, None),
+    };
+    let time = humantime::parse_rfc3339_weak(local).map_err(|_| format!("{text:?}: {expected}"))?;
+    Ok(match offset {
+        // 12:00+02:00 is 10:00Z.
+        Some((true, by)) => time
+            .checked_sub(by)
+            .ok_or_else(|| format!("{text:?} is before 1970"))?,
+        Some((false, by)) => time + by,
+        None => time,
+    })
+}
 
 /// Weft: run commands and handler calls on a cluster of nodes.
 ///
@@ -189,15 +260,12 @@ pub enum Command {
         #[arg(value_parser = parse_task_id)]
         id: TaskId,
     },
-    /// List tasks, newest first.
-    List {
-        /// Only tasks in this state (queued, assigned, running, succeeded, failed, cancelled, timed_out).
-        #[arg(long, value_parser = parse_task_state, value_name = "STATE")]
-        state: Option<TaskState>,
-        /// At most this many.
-        #[arg(long, default_value_t = 50, value_name = "N")]
-        limit: u32,
-    },
+    /// List tasks, newest first, with how long each ran (or has waited).
+    ///
+    /// Filters combine: a task is listed when it matches every one given.
+    /// The coordinator examines a bounded number of tasks per call, so
+    /// `list` pages on until it has --limit tasks or none is left.
+    List(ListArgs),
     /// List the connected nodes (`weft nodes`), or revoke one (`weft nodes
     /// revoke NODE`).
     Nodes {
@@ -215,6 +283,19 @@ pub enum Command {
     },
     /// Show cluster-wide figures.
     Info,
+    /// A live view of the cluster in the terminal: nodes, tasks per state,
+    /// throughput. q, Esc or Ctrl-C quits; arrows or j/k scroll the nodes.
+    ///
+    /// Polls ClusterInfo and ListNodes every --interval (scope read). A
+    /// coordinator that goes away is shown as an error on screen and polled
+    /// again; a token or TLS setup refused at the first poll exits like any
+    /// command. Needs a terminal on stdout: programs read `weft info -o
+    /// json` and `weft nodes -o json` instead.
+    Top {
+        /// How often to poll the coordinator (100ms to 10m).
+        #[arg(long, default_value = "1s", value_parser = crate::top::parse_interval, value_name = "DURATION")]
+        interval: Duration,
+    },
     /// Client tokens and node join tokens: create (printed once), list,
     /// revoke. Needs scope admin.
     #[command(subcommand)]
@@ -286,6 +367,11 @@ pub enum Command {
         listen: SocketAddr,
     },
     /// Start a local cluster and run a mixed demo workload on it.
+    ///
+    /// With `-o json`, stdout is JSON Lines: one object per line as things
+    /// happen, each with an "event" field (cluster, phase, task, requeued,
+    /// cancelling, error); the last line is the "summary" object with the
+    /// checks and "ok". Exits 1 if a check failed.
     Demo {
         /// Nodes to start.
         #[arg(long, default_value_t = 3, value_name = "N")]
@@ -389,6 +475,63 @@ mod tests {
     #[test]
     fn the_command_line_definition_is_consistent() {
         Args::command().debug_assert();
+    }
+
+    #[test]
+    fn list_filters_parse_and_bad_values_are_refused() {
+        let args = Args::try_parse_from([
+            "weft",
+            "list",
+            "--label",
+            "zone=a",
+            "--label",
+            "gpu=1",
+            "--name",
+            "resize",
+            "--node",
+            "n1",
+            "--since",
+            "2026-05-01T12:00:00+02:00",
+            "--until",
+            "10m",
+        ])
+        .unwrap();
+        let Command::List(list) = args.command else {
+            panic!("not list")
+        };
+        assert_eq!(
+            list.labels,
+            [("zone".into(), "a".into()), ("gpu".into(), "1".into())]
+        );
+        assert_eq!(
+            (list.name.as_deref(), list.node.as_deref()),
+            (Some("resize"), Some("n1"))
+        );
+        assert_eq!(
+            list.since,
+            Some(humantime::parse_rfc3339("2026-05-01T10:00:00Z").unwrap())
+        );
+        let ago = SystemTime::now()
+            .duration_since(list.until.unwrap())
+            .unwrap();
+        assert!(
+            ago >= Duration::from_secs(600) && ago < Duration::from_secs(660),
+            "{ago:?}"
+        );
+        for bad in [
+            vec!["--label", "zone"],
+            vec!["--label", "=a"],
+            vec!["--since", "yesterday"],
+            vec!["--until", "2026-13-01T00:00:00Z"],
+        ] {
+            let mut argv = vec!["weft", "list"];
+            argv.extend(bad.iter().copied());
+            let err = Args::try_parse_from(&argv).unwrap_err().to_string();
+            assert!(
+                err.contains(bad[1]) || err.contains("KEY=VALUE"),
+                "{bad:?}: {err}"
+            );
+        }
     }
 
     #[test]

@@ -3,12 +3,19 @@
 //! retry, a cancel, a timeout, a failure), then prints a summary and checks
 //! that every task ended as it should. Narrative goes to stdout, task
 //! stderr to stderr (each line labelled with its task's tag).
+//!
+//! With `-o json` stdout carries JSON Lines instead, one object per line as
+//! things happen, each with an `"event"` field (`cluster`, `phase`,
+//! `task`, `requeued`, `cancelling`, `error`), and last one `summary`
+//! object with the checks and `"ok"`: a program can follow progress or
+//! read only the last line. Nothing else goes to stdout.
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
+use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
 use weft_client::{Client, Error, EventBody, Task, TaskEvent, TaskSpec};
@@ -17,7 +24,7 @@ use weft_proto::{OutputStream, TaskState};
 
 use crate::exit;
 use crate::local;
-use crate::output::short_duration;
+use crate::output::{OutputFormat, short_duration, task_json};
 use crate::stream::{LastAttemptOutput, Seen, drive, write_stderr};
 
 /// A finished demo task with its collected stdout.
@@ -34,14 +41,37 @@ struct Check {
     detail: String,
 }
 
+/// Where the narrative goes: readable lines, or one JSON object a line.
+#[derive(Clone, Copy)]
+struct Say {
+    json: bool,
+}
+
+impl Say {
+    /// Prints `text` (text mode) or `value` (JSON mode) as one line.
+    fn line(self, text: impl FnOnce() -> String, value: impl FnOnce() -> Value) {
+        if self.json {
+            println!("{}", value());
+        } else {
+            println!("{}", text());
+        }
+    }
+}
+
 /// `weft demo [--nodes N] [--slots S]`.
-pub async fn run(nodes: usize, slots: u32) -> anyhow::Result<u8> {
+pub async fn run(nodes: usize, slots: u32, format: OutputFormat) -> anyhow::Result<u8> {
+    let say = Say {
+        json: format == OutputFormat::Json,
+    };
     let nodes = nodes.max(1);
     let listener = TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))).await?;
     let token_dir = tempfile::Builder::new().prefix("weft-demo-").tempdir()?;
     let cluster = local::start(listener, nodes, Some(slots), token_dir.path()).await?;
     let url = cluster.url();
-    println!("demo: local cluster at {url}: {nodes} nodes x {slots} slots");
+    say.line(
+        || format!("demo: local cluster at {url}: {nodes} nodes x {slots} slots"),
+        || json!({"event": "cluster", "url": url.to_string(), "nodes": nodes, "slots": slots}),
+    );
     let client = Client::connect_secure(
         &url,
         cluster.trust().as_ref(),
@@ -50,20 +80,31 @@ pub async fn run(nodes: usize, slots: u32) -> anyhow::Result<u8> {
     .await?;
     let ready = wait_nodes_ready(&client, cluster.node_count(), Duration::from_secs(10)).await;
     let outcome = match ready {
-        Ok(()) => workload(&client).await,
+        Ok(()) => workload(&client, say).await,
         Err(err) => Err(err.into()),
     };
     cluster.shutdown(Duration::from_secs(2)).await;
     let (checks, tasks, elapsed) = outcome?;
-    Ok(summary(&checks, &tasks, elapsed))
+    Ok(summary(say, &checks, &tasks, elapsed))
 }
 
-async fn workload(client: &Client) -> anyhow::Result<(Vec<Check>, Vec<Task>, Duration)> {
+fn phase(say: Say, number: u32, text: &str) {
+    say.line(
+        || format!("demo: phase {number}: {text}"),
+        || json!({"event": "phase", "phase": number, "what": text}),
+    );
+}
+
+async fn workload(client: &Client, say: Say) -> anyhow::Result<(Vec<Check>, Vec<Task>, Duration)> {
     let started = Instant::now();
     let marker_dir = tempfile::tempdir()?;
     let marker = marker_dir.path().join("first-attempt-failed");
 
-    println!("demo: phase 1: subprocesses, async handlers and blocking handlers, all at once");
+    phase(
+        say,
+        1,
+        "subprocesses, async handlers and blocking handlers, all at once",
+    );
     let execs = (1..=12).map(|i| {
         let spec = TaskSpec::exec([
             "sh",
@@ -72,17 +113,18 @@ async fn workload(client: &Client) -> anyhow::Result<(Vec<Check>, Vec<Task>, Dur
             &format!("task-{i}"),
         ])
         .name(format!("hello-{i}"));
-        announce(client, "exec", spec)
+        announce(client, say, "exec", spec)
     });
-    let sleeps = (1..=8).map(|_| announce(client, "async", TaskSpec::call("sleep", "200ms")));
+    let sleeps = (1..=8).map(|_| announce(client, say, "async", TaskSpec::call("sleep", "200ms")));
     let echoes = (1..=4).map(|i| {
         announce(
             client,
+            say,
             "async",
             TaskSpec::call("echo", format!("echo #{i}")),
         )
     });
-    let spins = (1..=6).map(|_| announce(client, "blocking", TaskSpec::call("spin", "100ms")));
+    let spins = (1..=6).map(|_| announce(client, say, "blocking", TaskSpec::call("spin", "100ms")));
     let (execs, sleeps, echoes, spins) = tokio::join!(
         join_all(execs),
         join_all(sleeps),
@@ -110,7 +152,7 @@ async fn workload(client: &Client) -> anyhow::Result<(Vec<Check>, Vec<Task>, Dur
         });
     }
 
-    println!("demo: phase 2: a retry, a cancel, a timeout and a failure");
+    phase(say, 2, "a retry, a cancel, a timeout and a failure");
     let retry_script = "if [ -e \"$1\" ]; then echo \"attempt after the failure succeeded\"; \
          else touch \"$1\"; echo \"first attempt fails on purpose\" >&2; exit 3; fi";
     let retry = TaskSpec::exec(["sh", "-c", retry_script, "sh", &marker.to_string_lossy()])
@@ -121,10 +163,10 @@ async fn workload(client: &Client) -> anyhow::Result<(Vec<Check>, Vec<Task>, Dur
         .timeout(Duration::from_millis(300));
     let fail = TaskSpec::call("fail", "boom: the fail handler always fails").max_attempts(2);
     let (retry, cancelled, timed_out, failed) = tokio::join!(
-        announce(client, "retry", retry),
-        cancel_while_running(client),
-        announce(client, "timeout", timeout),
-        announce(client, "fail", fail),
+        announce(client, say, "retry", retry),
+        cancel_while_running(client, say),
+        announce(client, say, "timeout", timeout),
+        announce(client, say, "fail", fail),
     );
     checks.push(expect(
         "a failing first attempt is retried and succeeds",
@@ -152,7 +194,7 @@ async fn workload(client: &Client) -> anyhow::Result<(Vec<Check>, Vec<Task>, Dur
 }
 
 /// Runs `spec`, printing a line when it finishes (and its retries live).
-async fn announce(client: &Client, tag: &'static str, spec: TaskSpec) -> Option<Ran> {
+async fn announce(client: &Client, say: Say, tag: &'static str, spec: TaskSpec) -> Option<Ran> {
     let what = describe(&spec);
     let result = run_collecting(client, tag, spec, &mut |event| {
         if let EventBody::State {
@@ -162,9 +204,17 @@ async fn announce(client: &Client, tag: &'static str, spec: TaskSpec) -> Option<
         } = &event.body
             && event.attempt.0 > 0
         {
-            println!(
-                "  [{tag:<8}] {what}: requeued (attempt {}): {reason}",
-                event.attempt
+            say.line(
+                || {
+                    format!(
+                        "  [{tag:<8}] {what}: requeued (attempt {}): {reason}",
+                        event.attempt
+                    )
+                },
+                || {
+                    json!({"event": "requeued", "tag": tag, "what": what, "id": event.task_id.to_string(),
+                        "attempt": event.attempt.0, "reason": reason})
+                },
             );
         }
     })
@@ -187,18 +237,27 @@ async fn announce(client: &Client, tag: &'static str, spec: TaskSpec) -> Option<
             if !ran.task.error.is_empty() {
                 line.push_str(&format!(" [{}]", ran.task.error));
             }
-            println!("{line}");
+            say.line(
+                || line,
+                || {
+                    json!({"event": "task", "tag": tag, "what": what,
+                        "took_ms": millis(ran.took), "stdout": ran.stdout, "task": task_json(&ran.task)})
+                },
+            );
             Some(ran)
         }
         Err(err) => {
-            println!("  [{tag:<8}] {what}: weft: error: {err}");
+            say.line(
+                || format!("  [{tag:<8}] {what}: weft: error: {err}"),
+                || json!({"event": "error", "tag": tag, "what": what, "error": err.to_string()}),
+            );
             None
         }
     }
 }
 
 /// Starts a long task, waits until it runs, cancels it, and waits for the end.
-async fn cancel_while_running(client: &Client) -> Option<Ran> {
+async fn cancel_while_running(client: &Client, say: Say) -> Option<Ran> {
     let started = Instant::now();
     let spec = TaskSpec::exec(["sleep", "30"]).name("cancel-me");
     let outcome: Result<Task, Error> = async {
@@ -207,18 +266,30 @@ async fn cancel_while_running(client: &Client) -> Option<Ran> {
         while client.get(id).await?.state != TaskState::Running && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        println!("  [cancel  ] sleep 30 is running; cancelling it");
+        say.line(
+            || "  [cancel  ] sleep 30 is running; cancelling it".to_owned(),
+            || json!({"event": "cancelling", "tag": "cancel", "what": "sleep 30", "id": id.to_string()}),
+        );
         client.cancel(id).await?;
         client.wait(id).await
     }
     .await;
     match outcome {
         Ok(task) => {
-            println!(
-                "  [cancel  ] sleep 30 -> {} on {} ({})",
-                task.state,
-                task.node_name.as_deref().unwrap_or("?"),
-                short_duration(started.elapsed())
+            let took = started.elapsed();
+            say.line(
+                || {
+                    format!(
+                        "  [cancel  ] sleep 30 -> {} on {} ({})",
+                        task.state,
+                        task.node_name.as_deref().unwrap_or("?"),
+                        short_duration(took)
+                    )
+                },
+                || {
+                    json!({"event": "task", "tag": "cancel", "what": "sleep 30",
+                        "took_ms": millis(took), "stdout": "", "task": task_json(&task)})
+                },
             );
             Some(Ran {
                 task,
@@ -227,7 +298,10 @@ async fn cancel_while_running(client: &Client) -> Option<Ran> {
             })
         }
         Err(err) => {
-            println!("  [cancel  ] weft: error: {err}");
+            say.line(
+                || format!("  [cancel  ] weft: error: {err}"),
+                || json!({"event": "error", "tag": "cancel", "what": "sleep 30", "error": err.to_string()}),
+            );
             None
         }
     }
@@ -305,7 +379,11 @@ fn expect(what: &'static str, ran: &Option<Ran>, ok: impl Fn(&Task) -> bool) -> 
     }
 }
 
-fn summary(checks: &[Check], tasks: &[Task], elapsed: Duration) -> u8 {
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn summary(say: Say, checks: &[Check], tasks: &[Task], elapsed: Duration) -> u8 {
     let mut per_node: BTreeMap<&str, usize> = BTreeMap::new();
     let mut per_state: BTreeMap<&str, usize> = BTreeMap::new();
     for task in tasks {
@@ -320,22 +398,37 @@ fn summary(checks: &[Check], tasks: &[Task], elapsed: Duration) -> u8 {
             .collect::<Vec<_>>()
             .join(", ")
     };
-    println!("demo: summary");
-    println!(
-        "  tasks:     {} in {} ({:.1} tasks/s)",
-        tasks.len(),
-        short_duration(elapsed),
-        tasks.len() as f64 / elapsed.as_secs_f64().max(0.001)
-    );
-    println!("  per node:  {}", join(&per_node));
-    println!("  states:    {}", join(&per_state));
     let failed: Vec<&Check> = checks.iter().filter(|c| !c.ok).collect();
-    for check in checks {
-        let mark = if check.ok { "ok  " } else { "FAIL" };
-        println!("  {mark} {}: {}", check.what, check.detail);
+    let rate = tasks.len() as f64 / elapsed.as_secs_f64().max(0.001);
+    if say.json {
+        let checks: Vec<Value> = checks
+            .iter()
+            .map(|c| json!({"what": c.what, "ok": c.ok, "detail": c.detail}))
+            .collect();
+        println!(
+            "{}",
+            json!({"event": "summary", "ok": failed.is_empty(), "tasks": tasks.len(),
+                "elapsed_ms": millis(elapsed), "tasks_per_second": rate,
+                "per_node": per_node, "states": per_state, "checks": checks})
+        );
+    } else {
+        println!("demo: summary");
+        println!(
+            "  tasks:     {} in {} ({rate:.1} tasks/s)",
+            tasks.len(),
+            short_duration(elapsed),
+        );
+        println!("  per node:  {}", join(&per_node));
+        println!("  states:    {}", join(&per_state));
+        for check in checks {
+            let mark = if check.ok { "ok  " } else { "FAIL" };
+            println!("  {mark} {}: {}", check.what, check.detail);
+        }
     }
     if failed.is_empty() {
-        println!("demo: everything behaved as expected");
+        if !say.json {
+            println!("demo: everything behaved as expected");
+        }
         exit::SUCCESS
     } else {
         eprintln!(

@@ -151,6 +151,7 @@ mod tests {
             updated_at: None,
             next_seq: 0,
             last_outcome: None,
+            attempts: Vec::new(),
         }
     }
 

@@ -19,6 +19,7 @@
 //! - [`local`]: `local`, an in-process cluster (`weft_cluster`); also used by `demo`.
 //! - [`demo`]: `demo`, a visible mixed workload on a local cluster.
 //! - [`bench`]: `bench`, printing what `weft_bench` measured.
+//! - [`top`]: `top`, a live terminal view of nodes, queue and throughput.
 
 mod admin;
 mod args;
@@ -33,6 +34,7 @@ mod run;
 mod stream;
 mod task;
 mod token;
+mod top;
 
 use std::process::ExitCode;
 

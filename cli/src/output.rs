@@ -9,7 +9,7 @@ use base64::Engine;
 use clap::ValueEnum;
 use serde_json::{Value, json};
 
-use weft_client::{ClusterInfo, EventBody, NodeInfo, Task, TaskEvent};
+use weft_client::{ClusterInfo, EventBody, NodeInfo, Task, TaskAttempt, TaskEvent};
 use weft_proto::TaskKind;
 
 /// The `--output` format.
@@ -63,7 +63,95 @@ pub fn task_json(task: &Task) -> Value {
         "output_base64": base64::engine::general_purpose::STANDARD.encode(&task.output),
         "created_at": task.created_at.map(rfc3339),
         "updated_at": task.updated_at.map(rfc3339),
+        "attempts": task.attempts.iter().map(attempt_json).collect::<Vec<_>>(),
     })
+}
+
+/// One attempt as a JSON object; times RFC 3339 (null: not yet, or
+/// never), `duration_ms` its run time so far (null if it never started),
+/// `outcome` as its node reported it (null: none, e.g. lost with its node).
+pub fn attempt_json(attempt: &TaskAttempt) -> Value {
+    json!({
+        "number": attempt.number.0,
+        "node": attempt.node_name,
+        "node_id": attempt.node_id.map(|id| id.to_string()),
+        "assigned_at": attempt.assigned_at.map(rfc3339),
+        "started_at": attempt.started_at.map(rfc3339),
+        "ended_at": attempt.ended_at.map(rfc3339),
+        "duration_ms": attempt
+            .run_time(SystemTime::now())
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+        "outcome": attempt.outcome.map(|o| o.as_str()),
+        "exit_code": attempt.exit_code,
+        "reason": attempt.reason,
+    })
+}
+
+/// How an attempt stands or ended, in one word: its node's outcome,
+/// `running`/`assigned` while on its node, `ended` when it ended with no
+/// report (its reason says why).
+fn attempt_state(attempt: &TaskAttempt) -> &'static str {
+    match (attempt.outcome, attempt.ended_at, attempt.started_at) {
+        (Some(outcome), ..) => outcome.as_str(),
+        (None, Some(_), _) => "ended",
+        (None, None, Some(_)) => "running",
+        (None, None, None) => "assigned",
+    }
+}
+
+/// A task's attempts as a table: number, node, started, ended, how long
+/// it ran, how it ended and why.
+pub fn attempts_table(attempts: &[TaskAttempt], now: SystemTime) -> String {
+    let time = |t: Option<SystemTime>| t.map_or_else(|| "-".to_owned(), rfc3339);
+    let rows = attempts
+        .iter()
+        .map(|a| {
+            vec![
+                a.number.to_string(),
+                a.node_name.clone(),
+                time(a.started_at),
+                time(a.ended_at),
+                a.run_time(now)
+                    .map_or_else(|| "-".to_owned(), short_duration),
+                attempt_state(a).to_owned(),
+                if a.reason.is_empty() {
+                    "-".to_owned()
+                } else {
+                    a.reason.clone()
+                },
+            ]
+        })
+        .collect::<Vec<_>>();
+    table(
+        &[
+            "#", "NODE", "STARTED", "ENDED", "DURATION", "OUTCOME", "REASON",
+        ],
+        &rows,
+    )
+}
+
+/// What `weft list`'s DURATION column shows: for a queued task, how long
+/// it has waited (since it was submitted or its last attempt ended);
+/// otherwise the latest attempt's run time (so far, while it runs), or,
+/// for one that never started, how long it waited (until it ended).
+pub fn task_duration(task: &Task, now: SystemTime) -> Option<Duration> {
+    let last = task.attempts.last();
+    if task.state != weft_proto::TaskState::Queued
+        && let Some(run) = last.and_then(|a| a.run_time(now))
+    {
+        return Some(run);
+    }
+    let since = match last {
+        Some(a) if a.ended_at.is_none() => a.assigned_at,
+        Some(a) => a.ended_at,
+        None => task.created_at,
+    }?;
+    let until = if task.state.is_final() {
+        task.updated_at.unwrap_or(now)
+    } else {
+        now
+    };
+    Some(until.duration_since(since).unwrap_or_default())
 }
 
 /// A task as a readable block of `key: value` lines.
@@ -119,11 +207,17 @@ pub fn task_text(task: &Task) -> String {
             String::from_utf8_lossy(&task.output).trim_end()
         ));
     }
+    if !task.attempts.is_empty() {
+        lines.push("attempts:".to_owned());
+        let table = attempts_table(&task.attempts, SystemTime::now());
+        lines.extend(table.lines().map(|line| format!("  {line}")));
+    }
     lines.join("\n")
 }
 
-/// Tasks as a table: id, state, attempt, node, what.
-pub fn tasks_table(tasks: &[Task]) -> String {
+/// Tasks as a table: id, state, attempt, node, duration ([`task_duration`]),
+/// what.
+pub fn tasks_table(tasks: &[Task], now: SystemTime) -> String {
     let rows = tasks
         .iter()
         .map(|task| {
@@ -132,6 +226,7 @@ pub fn tasks_table(tasks: &[Task]) -> String {
                 task.state.to_string(),
                 task.attempt.to_string(),
                 task.node_name.clone().unwrap_or_else(|| "-".into()),
+                task_duration(task, now).map_or_else(|| "-".to_owned(), short_duration),
                 task.spec
                     .as_ref()
                     .map(|s| s.summary())
@@ -139,7 +234,10 @@ pub fn tasks_table(tasks: &[Task]) -> String {
             ]
         })
         .collect::<Vec<_>>();
-    table(&["ID", "STATE", "ATTEMPT", "NODE", "TASK"], &rows)
+    table(
+        &["ID", "STATE", "ATTEMPT", "NODE", "DURATION", "TASK"],
+        &rows,
+    )
 }
 
 /// A node as a JSON object.
@@ -230,6 +328,7 @@ pub fn cluster_json(info: &ClusterInfo) -> Value {
         "slots": info.slots,
         "slots_free": info.slots_free,
         "tasks": tasks,
+        "tasks_finished": info.tasks_finished,
         "uptime_s": info.uptime.as_secs_f64(),
         "stale_events_refused": info.stale_events_refused,
         "nodes_lost": info.nodes_lost,
@@ -250,7 +349,7 @@ pub fn cluster_text(info: &ClusterInfo) -> String {
         .collect::<Vec<_>>()
         .join(", ");
     format!(
-        "version:       {}\nuptime:        {}\nnodes:         {} ({} lost since start)\nslots:         {} ({} free)\ntasks:         {}\nstale events:  {}\nrefused:       {} from revoked nodes, {} for another node's attempts\nnot started:   {} attempts taken back after --start-timeout\nreclaimed:     {} attempts carried on by nodes back within --reconnect-grace",
+        "version:       {}\nuptime:        {}\nnodes:         {} ({} lost since start)\nslots:         {} ({} free)\ntasks:         {}\nfinished:      {} since start\nstale events:  {}\nrefused:       {} from revoked nodes, {} for another node's attempts\nnot started:   {} attempts taken back after --start-timeout\nreclaimed:     {} attempts carried on by nodes back within --reconnect-grace",
         info.version,
         short_duration(info.uptime),
         info.nodes,
@@ -262,6 +361,7 @@ pub fn cluster_text(info: &ClusterInfo) -> String {
         } else {
             tasks
         },
+        info.tasks_finished,
         info.stale_events_refused,
         info.revoked_node_refusals,
         info.foreign_events_refused,
@@ -395,7 +495,78 @@ mod tests {
             updated_at: None,
             next_seq: 9,
             last_outcome: Some(weft_proto::Outcome::Failed),
+            attempts: vec![
+                TaskAttempt {
+                    number: Attempt(1),
+                    node_id: None,
+                    node_name: "n0".into(),
+                    assigned_at: Some(at(10_000)),
+                    started_at: None,
+                    ended_at: Some(at(11_000)),
+                    outcome: None,
+                    exit_code: None,
+                    reason: "node n0 lost; retrying as attempt 2".into(),
+                },
+                TaskAttempt {
+                    number: Attempt(2),
+                    node_id: None,
+                    node_name: "n1".into(),
+                    assigned_at: Some(at(12_000)),
+                    started_at: Some(at(12_500)),
+                    ended_at: Some(at(14_000)),
+                    outcome: Some(weft_proto::Outcome::Failed),
+                    exit_code: Some(3),
+                    reason: "exited with code 3".into(),
+                },
+            ],
         }
+    }
+
+    fn at(ms: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_millis(ms)
+    }
+
+    #[test]
+    fn get_shows_each_attempt_with_its_times_duration_and_outcome() {
+        let text = task_text(&failed_task());
+        let table = text.split_once("attempts:\n").expect("an attempts table").1;
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 3, "{table}");
+        assert!(
+            lines[0].trim_start().starts_with("#  NODE  STARTED"),
+            "{table}"
+        );
+        assert!(
+            lines[1].contains("n0") && lines[1].contains("ended") && lines[1].contains("lost"),
+            "{table}"
+        );
+        assert!(lines[2].contains("1970-01-01T00:00:12.500Z"), "{table}");
+        assert!(
+            lines[2].contains("1.5s") && lines[2].contains("failed"),
+            "{table}"
+        );
+        let json = task_json(&failed_task());
+        assert_eq!(json["attempts"][1]["duration_ms"], 1500);
+        assert_eq!(json["attempts"][1]["outcome"], "failed");
+        assert_eq!(json["attempts"][0]["outcome"], Value::Null);
+        assert_eq!(json["attempts"][0]["started_at"], Value::Null);
+    }
+
+    #[test]
+    fn the_duration_is_the_latest_run_or_the_time_queued() {
+        let now = at(20_000);
+        let mut task = failed_task();
+        assert_eq!(
+            task_duration(&task, now),
+            Some(Duration::from_millis(1_500))
+        );
+        // Requeued after attempt 2: queued since it ended.
+        task.state = TaskState::Queued;
+        assert_eq!(task_duration(&task, now), Some(Duration::from_secs(6)));
+        // Never assigned: since it was submitted.
+        task.attempts.clear();
+        task.created_at = Some(at(5_000));
+        assert_eq!(task_duration(&task, now), Some(Duration::from_secs(15)));
     }
 
     #[test]

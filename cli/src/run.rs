@@ -5,7 +5,7 @@
 use weft_client::Client;
 
 use crate::args::{Args, Command, NodesCommand};
-use crate::{admin, bench, demo, exit, local, map, task, token};
+use crate::{admin, bench, demo, exit, local, map, task, token, top};
 
 /// Runs the command line in `args` and answers the exit code. Errors are
 /// printed here, as one line on stderr.
@@ -33,7 +33,9 @@ async fn dispatch(args: Args) -> anyhow::Result<u8> {
             slots,
             listen,
         } => local::run(listen, nodes, slots, format).await,
-        Command::Demo { nodes, slots } => demo::run(nodes, slots).await,
+        Command::Demo { nodes, slots } => demo::run(nodes, slots, format).await,
+        // Dials itself: a coordinator that is down is shown, not an error.
+        Command::Top { interval } => top::run(url, trust, token, interval, format).await,
         Command::Bench(mut bench_args) => {
             bench_args.trust = trust;
             let external = args.coordinator_given.then_some(url);
@@ -59,7 +61,7 @@ async fn dispatch(args: Args) -> anyhow::Result<u8> {
                 Command::Watch { id, from_seq } => task::watch(&client, format, id, from_seq).await,
                 Command::Wait { id } => task::wait(&client, format, id).await,
                 Command::Cancel { id } => task::cancel(&client, format, id).await,
-                Command::List { state, limit } => task::list(&client, format, state, limit).await,
+                Command::List(filters) => task::list(&client, format, filters).await,
                 Command::Nodes { command: None } => admin::nodes(&client, format).await,
                 Command::Nodes {
                     command: Some(NodesCommand::Revoke { node }),
@@ -84,6 +86,7 @@ async fn dispatch(args: Args) -> anyhow::Result<u8> {
                 | Command::Demo { .. }
                 | Command::Bench(_)
                 | Command::Completions { .. }
+                | Command::Top { .. }
                 | Command::Login { .. } => {
                     unreachable!("handled before connecting")
                 }

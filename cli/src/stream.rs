@@ -441,6 +441,7 @@ mod tests {
             updated_at: None,
             next_seq: 0,
             last_outcome: None,
+            attempts: Vec::new(),
         };
         let line = failure_line(&task).expect("failed");
         assert!(

@@ -2,16 +2,17 @@
 //! `list`, `cancel`. Each builds a request from its flags, calls the
 //! [`Client`], and prints the result with [`output`](crate::output).
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
 use bytes::Bytes;
 use serde_json::json;
 use tokio::io::AsyncReadExt;
 
-use weft_client::{Client, TaskSpec};
-use weft_proto::{TaskId, TaskState};
+use weft_client::{Client, ListFilter, TaskSpec};
+use weft_proto::TaskId;
 
+use crate::args::ListArgs;
 use crate::exit::{self, UsageError};
 use crate::opts::TaskOpts;
 use crate::output::{OutputFormat, task_json, task_text, tasks_table};
@@ -151,16 +152,36 @@ pub async fn cancel(client: &Client, format: OutputFormat, id: TaskId) -> anyhow
 /// How long `weft cancel` waits for a running task's node to stop it.
 const CANCEL_SETTLE: Duration = Duration::from_secs(5);
 
-/// `weft list [--state S] [--limit N]`.
-pub async fn list(
-    client: &Client,
-    format: OutputFormat,
-    state: Option<TaskState>,
-    limit: u32,
-) -> anyhow::Result<u8> {
-    let tasks = client.list(state, limit).await?;
+/// `weft list [--state S] [--label K=V]... [--name TEXT] [--node N]
+/// [--since T] [--until T] [--limit N]`.
+pub async fn list(client: &Client, format: OutputFormat, args: ListArgs) -> anyhow::Result<u8> {
+    if let (Some(since), Some(until)) = (args.since, args.until)
+        && until < since
+    {
+        return Err(UsageError("--until is before --since".into()).into());
+    }
+    let mut labels = std::collections::BTreeMap::new();
+    for (key, value) in args.labels {
+        if let Some(other) = labels.insert(key.clone(), value.clone())
+            && other != value
+        {
+            return Err(UsageError(format!(
+                "--label {key}={other} and --label {key}={value}: a task has one value per label, so none would match"
+            ))
+            .into());
+        }
+    }
+    let filter = ListFilter {
+        state: args.state,
+        labels,
+        name: args.name.unwrap_or_default(),
+        node: args.node.unwrap_or_default(),
+        since: args.since,
+        until: args.until,
+    };
+    let tasks = client.list_filtered(&filter, args.limit).await?;
     match format {
-        OutputFormat::Text => println!("{}", tasks_table(&tasks)),
+        OutputFormat::Text => println!("{}", tasks_table(&tasks, SystemTime::now())),
         OutputFormat::Json => {
             let all: Vec<_> = tasks.iter().map(task_json).collect();
             println!("{}", serde_json::Value::from(all));

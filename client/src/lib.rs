@@ -51,7 +51,7 @@ use weft_proto::pb::task_service_client::TaskServiceClient;
 pub use error::Error;
 use token::AuthChannel;
 pub use token::BearerToken;
-pub use types::{ClusterInfo, EventBody, Task, TaskEvent};
+pub use types::{ClusterInfo, EventBody, ListFilter, Task, TaskAttempt, TaskEvent};
 pub use weft_proto::tls::Trust;
 pub use weft_proto::{
     Attempt, CallSpec, ExecSpec, NodeId, NodeInfo, NodeState, Outcome, OutputStream, TaskId,
@@ -167,35 +167,43 @@ impl Client {
         task_from(answer.task, "GetResponse.task")
     }
 
-    /// Up to `limit` tasks (0: the coordinator's default page), newest first,
-    /// optionally only those in `state`.
+    /// Up to `limit` tasks (0: 100), newest first, optionally only those
+    /// in `state`.
     pub async fn list(&self, state: Option<TaskState>, limit: u32) -> Result<Vec<Task>, Error> {
-        let state = state.map(i32::from).unwrap_or_default();
+        let filter = ListFilter {
+            state,
+            ..ListFilter::default()
+        };
+        self.list_filtered(&filter, limit).await
+    }
+
+    /// Up to `limit` tasks (0: 100) that match `filter`, newest first. The
+    /// coordinator examines a bounded number of tasks per call, so a
+    /// filter few tasks match may take several calls; this pages until it
+    /// has `limit` tasks or no task is left to examine.
+    pub async fn list_filtered(&self, filter: &ListFilter, limit: u32) -> Result<Vec<Task>, Error> {
+        let limit = if limit == 0 { 100 } else { limit };
         let mut tasks = Vec::new();
         let mut page_token = String::new();
         loop {
-            let want = if limit == 0 {
-                0
-            } else {
-                (limit - tasks.len() as u32).min(MAX_PAGE)
-            };
+            let want = (limit - tasks.len() as u32).min(MAX_PAGE);
             let mut client = self.tasks.clone();
             let page = unary(client.list(request(pb::ListRequest {
-                state,
+                state: filter.state.map(i32::from).unwrap_or_default(),
                 limit: want,
                 page_token,
+                labels: filter.labels.clone().into_iter().collect(),
+                name: filter.name.clone(),
+                node: filter.node.clone(),
+                since: filter.since.map(weft_proto::convert::timestamp),
+                until: filter.until.map(weft_proto::convert::timestamp),
             })))
             .await?;
             for task in page.tasks {
                 tasks.push(Task::try_from(task)?);
             }
-            let more = limit != 0 && (tasks.len() as u32) < limit;
-            if !more || page.next_page_token.is_empty() {
-                tasks.truncate(if limit == 0 {
-                    usize::MAX
-                } else {
-                    limit as usize
-                });
+            if tasks.len() as u32 >= limit || page.next_page_token.is_empty() {
+                tasks.truncate(limit as usize);
                 return Ok(tasks);
             }
             page_token = page.next_page_token;

@@ -50,6 +50,79 @@ pub struct Task {
     /// How the latest attempt ended, as its node reported it; `None` before
     /// any attempt, while one runs, and when it was lost with its node.
     pub last_outcome: Option<Outcome>,
+    /// Its attempts, oldest first (the latest 100); the last is the
+    /// current one while the task is on a node.
+    pub attempts: Vec<TaskAttempt>,
+}
+
+/// Which tasks [`Client::list_filtered`](crate::Client::list_filtered)
+/// answers: every filter given must match.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ListFilter {
+    /// Only tasks in this state.
+    pub state: Option<TaskState>,
+    /// Only tasks with every one of these labels (key and value equal).
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// Only tasks whose name contains this text (empty: any).
+    pub name: String,
+    /// Only tasks with an attempt on this node, by name or id (empty: any).
+    pub node: String,
+    /// Only tasks submitted at or after this time.
+    pub since: Option<SystemTime>,
+    /// Only tasks submitted at or before this time.
+    pub until: Option<SystemTime>,
+}
+
+/// One attempt of a task: where it ran, when, and how it ended.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TaskAttempt {
+    /// Its number, from 1.
+    pub number: Attempt,
+    /// The node it was assigned to.
+    pub node_id: Option<NodeId>,
+    /// That node's name.
+    pub node_name: String,
+    /// When it was assigned.
+    pub assigned_at: Option<SystemTime>,
+    /// When it started; `None` if it never did.
+    pub started_at: Option<SystemTime>,
+    /// When it ended; `None` while it is on its node.
+    pub ended_at: Option<SystemTime>,
+    /// How it ended as its node reported it; `None` while it runs and
+    /// when it ended without a report (lost with its node, taken back).
+    pub outcome: Option<Outcome>,
+    /// Exit code of its process, if it exited.
+    pub exit_code: Option<i32>,
+    /// Why it ended, in words; empty for a success and while it runs.
+    pub reason: String,
+}
+
+impl TaskAttempt {
+    /// How long it ran: from start to end, or to `now` while it runs;
+    /// `None` if it never started.
+    pub fn run_time(&self, now: SystemTime) -> Option<std::time::Duration> {
+        let started = self.started_at?;
+        let end = self.ended_at.unwrap_or(now);
+        Some(end.duration_since(started).unwrap_or_default())
+    }
+}
+
+impl TryFrom<pb::Attempt> for TaskAttempt {
+    type Error = ConversionError;
+
+    fn try_from(attempt: pb::Attempt) -> Result<Self, Self::Error> {
+        Ok(TaskAttempt {
+            number: Attempt(attempt.number),
+            node_id: optional_id(&attempt.node_id)?,
+            node_name: attempt.node_name,
+            assigned_at: attempt.assigned_at.as_ref().map(system_time),
+            started_at: attempt.started_at.as_ref().map(system_time),
+            ended_at: attempt.ended_at.as_ref().map(system_time),
+            outcome: Outcome::try_from(attempt.outcome).ok(),
+            exit_code: attempt.exit_code,
+            reason: attempt.reason,
+        })
+    }
 }
 
 impl TryFrom<pb::Task> for Task {
@@ -74,6 +147,11 @@ impl TryFrom<pb::Task> for Task {
             next_seq: task.next_seq,
             // UNSPECIFIED (or a value this client does not know) is None.
             last_outcome: Outcome::try_from(task.last_outcome).ok(),
+            attempts: task
+                .attempts
+                .into_iter()
+                .map(TaskAttempt::try_from)
+                .collect::<Result<_, _>>()?,
         })
     }
 }
@@ -198,6 +276,10 @@ pub struct ClusterInfo {
     /// Attempts whose node's stream ended and that the node came back and
     /// claimed within the reconnect grace, since start.
     pub reclaimed_attempts: u64,
+    /// Tasks that reached a final state since the coordinator started:
+    /// only grows (0 again after a restart), unlike the per-state counts,
+    /// which retention lowers; its rate is the cluster's throughput.
+    pub tasks_finished: u64,
 }
 
 impl ClusterInfo {
@@ -237,6 +319,7 @@ impl TryFrom<pb::ClusterInfoResponse> for ClusterInfo {
             foreign_events_refused: info.foreign_events_refused,
             attempts_not_started: info.attempts_not_started,
             reclaimed_attempts: info.reclaimed_attempts,
+            tasks_finished: info.tasks_finished,
         })
     }
 }

@@ -300,6 +300,7 @@ async fn every_acknowledged_submit_survives_a_restart() {
                 state: pb::TaskState::Queued as i32,
                 limit: 300,
                 page_token,
+                ..Default::default()
             })
             .await
             .unwrap()

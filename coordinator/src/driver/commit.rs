@@ -361,6 +361,7 @@ mod tests {
             next_seq: 0,
             last_outcome: None,
             lost_nodes: Vec::new(),
+            attempts: Vec::new(),
         })
     }
 

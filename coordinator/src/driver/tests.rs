@@ -126,13 +126,11 @@ impl Store for HeldStore {
         self.memory.task(id)
     }
 
-    fn list(
+    fn list_page(
         &self,
-        state: Option<TaskState>,
-        before: Option<TaskId>,
-        limit: usize,
-    ) -> Result<Vec<TaskRecord>, StoreError> {
-        self.memory.list(state, before, limit)
+        query: &crate::store::ListQuery,
+    ) -> Result<crate::store::ListPage, StoreError> {
+        self.memory.list_page(query)
     }
 
     fn events(&self, id: TaskId, from: u64, limit: usize) -> Result<Vec<TaskEvent>, StoreError> {

@@ -93,7 +93,6 @@ impl Scheduler {
         match event.body {
             NodeEventBody::Started => {
                 if task.state == TaskState::Assigned {
-                    task.set_started(now.wall);
                     if task.attempt == 1 {
                         let waited = now.wall.duration_since(task.created_at());
                         self.metrics

@@ -262,6 +262,10 @@ pub struct ClusterStats {
     /// Attempts whose node's stream ended and that it came back and
     /// claimed within the reconnect grace (they carried on, not rerun).
     pub reclaimed_attempts: u64,
+    /// Tasks that reached a final state since this scheduler was made
+    /// (never restored from the store, never lowered by retention): a
+    /// monotonic count clients take a throughput from.
+    pub tasks_finished: u64,
 }
 
 /// The scheduler. See the module docs.
@@ -288,6 +292,8 @@ pub struct Scheduler {
     /// Attempts whose node's stream ended and that it came back and
     /// claimed within the reconnect grace (they carried on).
     reclaimed_attempts: u64,
+    /// Tasks made final since start (see [`ClusterStats::tasks_finished`]).
+    tasks_finished: u64,
     /// Nodes whose stream ended while they held attempts, by id: their
     /// name and when their reconnect grace ends (then they count as lost).
     disconnected: HashMap<NodeId, (Arc<str>, Instant)>,
@@ -343,6 +349,7 @@ impl Scheduler {
             attempts_not_started: 0,
             nodes_stuck: 0,
             reclaimed_attempts: 0,
+            tasks_finished: 0,
             disconnected: HashMap::new(),
             start_deadlines: start::StartDeadlines::default(),
             unplaceable: std::collections::BinaryHeap::new(),
@@ -438,6 +445,9 @@ impl Scheduler {
             task.add_lost_node(node);
         }
         task.state = record.state;
+        let on_node = matches!(record.state, TaskState::Assigned | TaskState::Running)
+            && record.node_id.is_some();
+        task.restore_attempts(record.attempts, on_node);
         self.counts[state_index(record.state)] += 1;
         match (record.state, record.node_id) {
             (TaskState::Assigned | TaskState::Running, Some(node_id)) => {
@@ -795,6 +805,7 @@ impl Scheduler {
             attempts_not_started: self.attempts_not_started,
             nodes_stuck: self.nodes_stuck,
             reclaimed_attempts: self.reclaimed_attempts,
+            tasks_finished: self.tasks_finished,
         }
     }
 

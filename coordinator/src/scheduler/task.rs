@@ -18,7 +18,7 @@ use weft_proto::{Attempt, NodeId, Outcome, TaskId, TaskKind, TaskSpec, TaskState
 
 use super::queue::ClassId;
 use super::registry::SessionId;
-use crate::store::TaskRecord;
+use crate::store::{AttemptRecord, MAX_ATTEMPT_HISTORY, TaskRecord};
 
 /// Where the current attempt runs.
 #[derive(Clone, Debug)]
@@ -154,9 +154,19 @@ pub(crate) struct Extra {
     cancel: Option<Box<str>>,
     /// Different nodes lost while this task ran on them (poison evidence).
     lost_nodes: Vec<NodeRef>,
-    /// When the current attempt started (ns since the Unix epoch; 0: not
-    /// started here, e.g. restored), for the run duration metric.
+    /// When the current attempt was assigned and started (nanoseconds
+    /// since the Unix epoch; 0: not yet), kept inline so a task's first
+    /// attempt costs no allocation of its own.
+    assigned_at: u64,
     started_at: u64,
+    /// The attempts that ended, oldest first, at most
+    /// [`MAX_ATTEMPT_HISTORY`] (the record shows the latest that many,
+    /// the current one included).
+    ended: Vec<AttemptRecord>,
+}
+
+fn from_nanos(nanos: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_nanos(nanos)
 }
 
 fn nanos(t: SystemTime) -> u64 {
@@ -207,7 +217,102 @@ impl LiveTask {
             next_seq: self.next_seq,
             last_outcome: self.last_outcome,
             lost_nodes: self.lost_nodes().to_vec(),
+            attempts: self.attempts(),
         }
+    }
+
+    /// The attempt history: the ended attempts, then the current one.
+    fn attempts(&self) -> Vec<AttemptRecord> {
+        let Some(extra) = &self.extra else {
+            return Vec::new();
+        };
+        let current = self.current_attempt();
+        let total = extra.ended.len() + usize::from(current.is_some());
+        let skip = total.saturating_sub(MAX_ATTEMPT_HISTORY);
+        let mut attempts = Vec::with_capacity(total - skip);
+        attempts.extend(extra.ended.iter().skip(skip).cloned());
+        attempts.extend(current);
+        attempts
+    }
+
+    /// The current attempt as the record shows it, if it is on a node.
+    fn current_attempt(&self) -> Option<AttemptRecord> {
+        let extra = self.extra.as_ref()?;
+        let placement = extra.placement.as_ref()?;
+        (extra.assigned_at != 0).then(|| AttemptRecord {
+            number: Attempt(self.attempt),
+            node_id: placement.node_id,
+            node_name: Arc::clone(&placement.node_name),
+            assigned_at: from_nanos(extra.assigned_at),
+            started_at: (extra.started_at != 0).then(|| from_nanos(extra.started_at)),
+            ended_at: None,
+            outcome: None,
+            exit_code: None,
+            reason: String::new(),
+        })
+    }
+
+    /// The current attempt was assigned (at `at`) to its placement.
+    pub fn attempt_assigned(&mut self, at: SystemTime) {
+        let extra = self.extra.get_or_insert_default();
+        extra.assigned_at = nanos(at).max(1);
+        extra.started_at = 0;
+    }
+
+    /// The current attempt started (its node said so) at `at`.
+    pub fn attempt_started(&mut self, at: SystemTime) {
+        if let Some(extra) = &mut self.extra
+            && extra.assigned_at != 0
+            && extra.started_at == 0
+        {
+            extra.started_at = nanos(at).max(1);
+        }
+    }
+
+    /// The current attempt ended at `at`, for `reason` (empty for a
+    /// success), as its node reported it (`last_outcome`, exit code) or
+    /// not: it joins the history, which keeps the latest
+    /// [`MAX_ATTEMPT_HISTORY`]. Nothing happens for a task not on a node.
+    pub fn attempt_ended(&mut self, at: SystemTime, reason: &str) {
+        let Some(mut attempt) = self.current_attempt() else {
+            return;
+        };
+        attempt.ended_at = Some(at);
+        attempt.outcome = self.last_outcome;
+        attempt.reason = reason.to_owned();
+        let Some(extra) = &mut self.extra else {
+            return;
+        };
+        attempt.exit_code = extra.exit_code;
+        extra.assigned_at = 0;
+        extra.started_at = 0;
+        if extra.ended.len() >= MAX_ATTEMPT_HISTORY {
+            let drop = extra.ended.len() + 1 - MAX_ATTEMPT_HISTORY;
+            extra.ended.drain(..drop);
+        }
+        extra.ended.push(attempt);
+    }
+
+    /// Puts back the attempt history of a restored record: its open last
+    /// attempt (if the task is still on that node) as the current one.
+    pub fn restore_attempts(&mut self, mut attempts: Vec<AttemptRecord>, on_node: bool) {
+        if attempts.is_empty() {
+            return;
+        }
+        let extra = self.extra.get_or_insert_default();
+        if on_node
+            && let Some(last) = attempts.last()
+            && last.ended_at.is_none()
+            && last.number.0 == self.attempt
+        {
+            extra.assigned_at = nanos(last.assigned_at).max(1);
+            extra.started_at = last.started_at.map_or(0, |t| nanos(t).max(1));
+            attempts.pop();
+        }
+        if attempts.len() > MAX_ATTEMPT_HISTORY {
+            attempts.drain(..attempts.len() - MAX_ATTEMPT_HISTORY);
+        }
+        extra.ended = attempts;
     }
 
     /// Node of the current attempt; `None` while queued.
@@ -227,7 +332,6 @@ impl LiveTask {
         extra.placement = Some(placement);
         extra.next_chunk = 0;
         extra.exit_code = None;
-        extra.started_at = 0;
     }
 
     /// The attempt is over and the task waits again: forgets its node,
@@ -237,19 +341,16 @@ impl LiveTask {
             extra.placement = None;
             extra.next_chunk = 0;
             extra.exit_code = None;
-            if extra.cancel.is_none() && extra.lost_nodes.is_empty() {
+            extra.assigned_at = 0;
+            extra.started_at = 0;
+            if extra.cancel.is_none() && extra.lost_nodes.is_empty() && extra.ended.is_empty() {
                 self.extra = None;
             }
         }
     }
 
-    /// The current attempt started at `at`.
-    pub fn set_started(&mut self, at: SystemTime) {
-        self.extra.get_or_insert_default().started_at = nanos(at);
-    }
-
-    /// How long the current attempt has run by `now` (`None` when it did
-    /// not start here).
+    /// How long the current attempt has run by `now` (`None` before it
+    /// started), for the run duration metric.
     pub fn run_time(&self, now: SystemTime) -> Option<Duration> {
         let started = self.extra.as_ref()?.started_at;
         (started > 0).then(|| Duration::from_nanos(nanos(now).saturating_sub(started)))

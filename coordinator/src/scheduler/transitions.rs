@@ -2,7 +2,8 @@
 //! them: appending an event, moving to a non-final state, requeueing as
 //! the next attempt, and finalizing. Each writes the task's record and its
 //! events to the effects (the only place that does), and keeps the
-//! per-state counters right.
+//! per-state counters right and the attempt history (assigned, started,
+//! ended) that rides in those records.
 
 use std::time::{Duration, SystemTime};
 
@@ -49,6 +50,11 @@ impl Scheduler {
             self.counts[state_index(task.state)].saturating_sub(1);
         self.counts[state_index(state)] += 1;
         task.state = state;
+        match state {
+            TaskState::Assigned => task.attempt_assigned(wall),
+            TaskState::Running => task.attempt_started(wall),
+            _ => {}
+        }
         let (node_id, node_name) = match node {
             Some((id, name)) => (Some(id), Some(name)),
             None => task.node(),
@@ -82,6 +88,7 @@ impl Scheduler {
         let Some(task) = self.tasks.get_mut(&id) else {
             return;
         };
+        task.attempt_ended(now.wall, &reason);
         task.attempt = task.attempt.saturating_add(1);
         task.unplace();
         self.metrics.retried(match delay {
@@ -113,7 +120,9 @@ impl Scheduler {
         self.counts[state_index(task.state)] =
             self.counts[state_index(task.state)].saturating_sub(1);
         self.counts[state_index(state)] += 1;
+        self.tasks_finished += 1;
         task.state = state;
+        task.attempt_ended(wall, &error);
         let spec = task.spec.to_spec(self.queue.example(task.class));
         self.metrics.finished(&spec.kind, state);
         let mut record = task.record(id, spec, wall);

@@ -132,6 +132,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
             foreign_events_refused: stats.foreign_events_refused,
             attempts_not_started: stats.attempts_not_started,
             reclaimed_attempts: stats.reclaimed_attempts,
+            tasks_finished: stats.tasks_finished,
         }))
     }
 

@@ -23,7 +23,7 @@ use prost::Message as _;
 use tonic::{Request, Response, Status};
 
 use weft_proto::limits::SpecLimits;
-use weft_proto::{TaskId, TaskSpec, TaskState, pb};
+use weft_proto::{ConversionError, TaskId, TaskSpec, TaskState, pb};
 
 use super::batches::Batches;
 use super::{event_to_pb, parse_task_id, state_filter, task_to_pb};
@@ -31,7 +31,7 @@ use crate::auth::{self, Caller, Scope};
 use crate::driver::{Command, EventFeed, FinalFeed, Handle, follow, wait_final};
 use crate::error::Error;
 use crate::metrics::{OpenStream, WatchRpc};
-use crate::store::{TaskEvent, TaskRecord, blocking};
+use crate::store::{ListQuery, TaskEvent, TaskRecord, blocking};
 
 /// Events of one task, from the store then live, encoded as they leave.
 pub(crate) type EventStream =
@@ -45,6 +45,75 @@ pub(crate) type FinalTasks =
 
 /// Largest `List` page.
 const MAX_LIST: u32 = 10_000;
+/// Most task records one `List` call examines; past it the page is
+/// answered as it is, with a token that carries on (so a filter that
+/// matches nothing costs a bounded scan per call, not a full one).
+pub(crate) const MAX_LIST_SCAN: usize = 10_000;
+
+/// A `ListRequest` as the store's query, validated: malformed filters
+/// (an empty label key, `until` before `since`, a bad page token) are
+/// INVALID_ARGUMENT.
+pub(crate) fn list_query(request: pb::ListRequest) -> Result<ListQuery, Error> {
+    let state = state_filter(request.state)?;
+    let limit = match request.limit {
+        0 => 100,
+        n => n.min(MAX_LIST),
+    } as usize;
+    let invalid = |field, reason: &str| {
+        Error::from(ConversionError::Invalid {
+            field,
+            reason: reason.to_owned(),
+        })
+    };
+    if request.labels.keys().any(|k| k.trim().is_empty()) {
+        return Err(invalid("labels", "a label filter needs a key (KEY=VALUE)"));
+    }
+    let since = request.since.as_ref().map(time_ms).transpose()?;
+    let until = request.until.as_ref().map(time_ms).transpose()?;
+    if let (Some(since), Some(until)) = (since, until)
+        && until < since
+    {
+        return Err(invalid("until", "is before `since`"));
+    }
+    let mut before = match request.page_token.as_str() {
+        "" => None,
+        token => Some(parse_task_id(token)?),
+    };
+    // Task ids are ULIDs: their top 48 bits are the millisecond they were
+    // made, so a time bound is an id bound (`until` takes its whole
+    // millisecond).
+    if let Some(until) = until {
+        let end = TaskId::from_u128(u128::from(until.saturating_add(1)) << 80);
+        before = Some(before.map_or(end, |b| b.min(end)));
+    }
+    let from = since.map(|ms| TaskId::from_u128(u128::from(ms) << 80));
+    let query = ListQuery {
+        state,
+        before,
+        from,
+        labels: request.labels.into_iter().collect(),
+        name: request.name,
+        node: request.node.trim().to_owned(),
+        limit,
+        scan: MAX_LIST_SCAN,
+    };
+    Ok(query)
+}
+
+/// A filter's time as milliseconds since the Unix epoch (ULIDs hold 48
+/// bits of them); before 1970 or past the year 10889 is malformed.
+fn time_ms(time: &prost_types::Timestamp) -> Result<u64, Error> {
+    let ms = i128::from(time.seconds) * 1000 + i128::from(time.nanos) / 1_000_000;
+    u64::try_from(ms)
+        .ok()
+        .filter(|ms| *ms < 1 << 48)
+        .ok_or_else(|| {
+            Error::from(ConversionError::Invalid {
+                field: "since/until",
+                reason: "a time between 1970 and the year 10889".to_owned(),
+            })
+        })
+}
 /// Most ids one `WaitMany` call may name.
 pub(crate) const MAX_WAIT_MANY: usize = 100_000;
 
@@ -345,20 +414,13 @@ impl pb::task_service_server::TaskService for TaskApi {
     ) -> Result<Response<pb::ListResponse>, Status> {
         auth::require(&request, Scope::Read)?;
         let request = request.into_inner();
-        let state = state_filter(request.state)?;
-        let limit = match request.limit {
-            0 => 100,
-            n => n.min(MAX_LIST),
-        } as usize;
-        let before = match request.page_token.as_str() {
-            "" => None,
-            token => Some(parse_task_id(token)?),
-        };
-        let mut records = blocking(&self.handle.store, "listing tasks", move |store| {
-            store.list(state, before, limit)
+        let query = list_query(request)?;
+        let page = blocking(&self.handle.store, "listing tasks", move |store| {
+            store.list_page(&query)
         })
         .await
         .map_err(Error::from)?;
+        let (mut records, resume) = (page.tasks, page.resume);
         self.with_pending(&mut records).await?;
         // A page ends early where the next task would take the answer past
         // --max-message-size (it always holds one task): the client goes on
@@ -374,9 +436,11 @@ impl pb::task_service_server::TaskService for TaskApi {
             }
             tasks.push(task);
         }
+        // Cut short by the message size: on from the last task sent;
+        // otherwise from where the store's scan stopped, if it did.
         let next_page_token = match tasks.last() {
-            Some(last) if tasks.len() < records.len() || records.len() == limit => last.id.clone(),
-            _ => String::new(),
+            Some(last) if tasks.len() < records.len() => last.id.clone(),
+            _ => resume.map(|id| id.to_string()).unwrap_or_default(),
         };
         Ok(Response::new(pb::ListResponse {
             tasks,

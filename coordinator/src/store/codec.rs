@@ -19,7 +19,7 @@ use weft_proto::{
 };
 
 use super::engine::StoreError;
-use super::record::{EventBody, NodeIdentityRecord, TaskEvent, TaskRecord};
+use super::record::{AttemptRecord, EventBody, NodeIdentityRecord, TaskEvent, TaskRecord};
 use crate::auth::{Scopes, TokenKind, TokenRecord};
 
 /// A task as the wire shows it.
@@ -59,7 +59,43 @@ fn stored_task_pb(record: &TaskRecord, with_spec: bool) -> pb::Task {
         node_losses: record.node_losses,
         next_seq: 0,
         last_outcome: record.last_outcome.map_or(0, i32::from),
+        attempts: record.attempts.iter().map(attempt_to_pb).collect(),
     }
+}
+
+/// One attempt as the wire (and the store) shows it.
+fn attempt_to_pb(attempt: &AttemptRecord) -> pb::Attempt {
+    pb::Attempt {
+        number: attempt.number.0,
+        node_id: attempt.node_id.to_string(),
+        node_name: attempt.node_name.to_string(),
+        assigned_at: Some(timestamp(attempt.assigned_at)),
+        started_at: attempt.started_at.map(timestamp),
+        ended_at: attempt.ended_at.map(timestamp),
+        outcome: attempt.outcome.map_or(0, i32::from),
+        exit_code: attempt.exit_code,
+        reason: attempt.reason.clone(),
+    }
+}
+
+fn attempt_from_pb(attempt: pb::Attempt) -> Result<AttemptRecord, StoreError> {
+    Ok(AttemptRecord {
+        number: Attempt(attempt.number),
+        node_id: attempt
+            .node_id
+            .parse::<NodeId>()
+            .map_err(|e| corrupt("attempt node id", e))?,
+        node_name: Arc::from(attempt.node_name),
+        assigned_at: attempt
+            .assigned_at
+            .as_ref()
+            .map_or(std::time::UNIX_EPOCH, system_time),
+        started_at: attempt.started_at.as_ref().map(system_time),
+        ended_at: attempt.ended_at.as_ref().map(system_time),
+        outcome: Outcome::try_from(attempt.outcome).ok(),
+        exit_code: attempt.exit_code,
+        reason: attempt.reason,
+    })
 }
 
 /// An event as the wire shows it.
@@ -268,6 +304,11 @@ fn record_from_pb(
         next_seq: task.next_seq,
         last_outcome: Outcome::try_from(task.last_outcome).ok(),
         lost_nodes: Vec::new(),
+        attempts: task
+            .attempts
+            .into_iter()
+            .map(attempt_from_pb)
+            .collect::<Result<_, _>>()?,
     })
 }
 
@@ -369,7 +410,49 @@ mod tests {
             next_seq: 0,
             last_outcome: Some(Outcome::Failed),
             lost_nodes: vec![(NodeId::new(), Arc::from("n0"))],
+            attempts: vec![
+                AttemptRecord {
+                    number: Attempt(1),
+                    node_id: NodeId::new(),
+                    node_name: Arc::from("n0"),
+                    assigned_at: UNIX_EPOCH + Duration::from_millis(1_700_000_000_200),
+                    started_at: None,
+                    ended_at: Some(UNIX_EPOCH + Duration::from_millis(1_700_000_000_300)),
+                    outcome: None,
+                    exit_code: None,
+                    reason: "node n0 lost; retrying as attempt 2".into(),
+                },
+                AttemptRecord {
+                    number: Attempt(2),
+                    node_id: NodeId::new(),
+                    node_name: Arc::from("n1"),
+                    assigned_at: UNIX_EPOCH + Duration::from_millis(1_700_000_000_400),
+                    started_at: Some(UNIX_EPOCH + Duration::from_millis(1_700_000_000_500)),
+                    ended_at: Some(UNIX_EPOCH + Duration::from_millis(1_700_000_001_456)),
+                    outcome: Some(Outcome::Failed),
+                    exit_code: Some(3),
+                    reason: "boom".into(),
+                },
+            ],
         }
+    }
+
+    #[test]
+    fn a_record_stored_before_attempt_history_loads_with_none() {
+        // What an older coordinator stored: the same message without field 17.
+        let mut record = record();
+        let mut stored = StoredTask {
+            task: Some(stored_task_pb(&record, true)),
+            lost_nodes: Vec::new(),
+        };
+        if let Some(task) = &mut stored.task {
+            task.attempts.clear();
+        }
+        let bytes = stored.encode_to_vec();
+        let back = decode_task(record.id, &bytes).unwrap();
+        record.attempts.clear();
+        record.lost_nodes.clear();
+        assert_eq!(back, record);
     }
 
     #[test]

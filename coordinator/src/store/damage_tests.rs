@@ -40,6 +40,7 @@ fn task(state: TaskState, input: &str) -> TaskRecord {
         next_seq: 0,
         last_outcome: None,
         lost_nodes: Vec::new(),
+        attempts: Vec::new(),
     }
 }
 

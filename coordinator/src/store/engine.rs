@@ -9,6 +9,108 @@ use weft_proto::{SecretEnv, TaskId, TaskState};
 use super::record::{Loaded, NodeIdentityRecord, Record, TaskEvent, TaskRecord};
 use crate::auth::TokenRecord;
 
+/// What `List` asks the store for. Time bounds come as id bounds (task
+/// ids are ULIDs, ordered by the millisecond they were made); the state
+/// has an index; labels, name and node are checked on each record read.
+#[derive(Clone, Debug)]
+pub struct ListQuery {
+    /// Only tasks in this state.
+    pub state: Option<TaskState>,
+    /// Only tasks with ids below this one (a page token, or `until`).
+    pub before: Option<TaskId>,
+    /// Only tasks with ids at or above this one (`since`).
+    pub from: Option<TaskId>,
+    /// Only tasks with every one of these labels.
+    pub labels: Vec<(String, String)>,
+    /// Only tasks whose name contains this text (empty: any).
+    pub name: String,
+    /// Only tasks with an attempt on this node, by name or id (empty: any).
+    pub node: String,
+    /// At most this many tasks.
+    pub limit: usize,
+    /// At most this many records examined: past it, the page is answered
+    /// as it is, with where to carry on.
+    pub scan: usize,
+}
+
+impl Default for ListQuery {
+    fn default() -> Self {
+        ListQuery {
+            state: None,
+            before: None,
+            from: None,
+            labels: Vec::new(),
+            name: String::new(),
+            node: String::new(),
+            limit: 100,
+            scan: usize::MAX,
+        }
+    }
+}
+
+impl ListQuery {
+    /// Whether `record` passes the filters checked per record (labels,
+    /// name, node); state and id bounds are the engine's ranges.
+    pub fn matches(&self, record: &TaskRecord) -> bool {
+        let labels = &record.spec.labels;
+        let node_is =
+            |id: &weft_proto::NodeId, name: &str| name == self.node || id.to_string() == self.node;
+        self.labels
+            .iter()
+            .all(|(k, v)| labels.get(k).is_some_and(|have| have == v))
+            && (self.name.is_empty() || record.spec.name.contains(&self.name))
+            && (self.node.is_empty()
+                || record
+                    .node_id
+                    .as_ref()
+                    .is_some_and(|id| node_is(id, record.node_name.as_deref().unwrap_or("")))
+                || record
+                    .attempts
+                    .iter()
+                    .any(|a| node_is(&a.node_id, &a.node_name)))
+    }
+
+    /// True when some record may fail [`matches`](Self::matches).
+    pub fn filters_records(&self) -> bool {
+        !self.labels.is_empty() || !self.name.is_empty() || !self.node.is_empty()
+    }
+}
+
+/// A page of [`Store::list_page`].
+#[derive(Clone, Debug, Default)]
+pub struct ListPage {
+    /// The tasks found, newest first.
+    pub tasks: Vec<TaskRecord>,
+    /// Where a next page carries on (pass as `before`): the last task
+    /// examined, when the scan stopped at `limit` or `scan` before the end
+    /// of its range; `None` when nothing older is left to examine.
+    pub resume: Option<TaskId>,
+}
+
+/// Walks ids newest first, reading each with `read` (which answers the
+/// record only if it matches), until `query.limit` tasks are found or
+/// `query.scan` ids were examined. The one loop every engine's list shares.
+pub(crate) fn scan_page(
+    ids: impl Iterator<Item = Result<TaskId, StoreError>>,
+    query: &ListQuery,
+    mut read: impl FnMut(TaskId) -> Result<Option<TaskRecord>, StoreError>,
+) -> Result<ListPage, StoreError> {
+    let mut page = ListPage::default();
+    let mut last = None;
+    for (examined, id) in ids.enumerate() {
+        if page.tasks.len() >= query.limit || examined >= query.scan {
+            page.resume = last;
+            return Ok(page);
+        }
+        let id = id?;
+        last = Some(id);
+        if let Some(record) = read(id)? {
+            page.tasks.push(record);
+        }
+    }
+    Ok(page)
+}
+
 /// Why the store failed. `Clone` because one failed group commit fails
 /// every reply of its batch.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -176,13 +278,27 @@ pub trait Store: Send + Sync + 'static {
     fn task(&self, id: TaskId) -> Result<Option<TaskRecord>, StoreError>;
 
     /// Up to `limit` tasks, newest first, older than `before` if given,
-    /// in `state` if given.
+    /// in `state` if given: [`list_page`](Store::list_page) with no other
+    /// filter and no scan bound.
     fn list(
         &self,
         state: Option<TaskState>,
         before: Option<TaskId>,
         limit: usize,
-    ) -> Result<Vec<TaskRecord>, StoreError>;
+    ) -> Result<Vec<TaskRecord>, StoreError> {
+        let query = ListQuery {
+            state,
+            before,
+            limit,
+            ..ListQuery::default()
+        };
+        Ok(self.list_page(&query)?.tasks)
+    }
+
+    /// A page of the tasks `query` asks for, newest first: up to
+    /// `query.limit` of them, examining at most `query.scan` records (see
+    /// [`ListPage::resume`]).
+    fn list_page(&self, query: &ListQuery) -> Result<ListPage, StoreError>;
 
     /// Up to `limit` events of a task from `from_seq` on.
     fn events(&self, id: TaskId, from_seq: u64, limit: usize)

@@ -2,12 +2,13 @@
 //! the process.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::ops::Bound;
 use std::sync::{Arc, RwLock};
 use std::time::SystemTime;
 
 use weft_proto::{NodeId, SecretEnv, TaskId, TaskState};
 
-use super::engine::{Store, StoreError};
+use super::engine::{ListPage, ListQuery, Store, StoreError, scan_page};
 use super::record::{
     FinalAttempt, Loaded, MAX_RECENTLY_FINAL, NodeIdentityRecord, Record, TaskEvent, TaskRecord,
     next_chunk,
@@ -175,24 +176,24 @@ impl Store for MemoryStore {
         Ok(tasks.get(&id).map(with_seq))
     }
 
-    fn list(
-        &self,
-        state: Option<TaskState>,
-        before: Option<TaskId>,
-        limit: usize,
-    ) -> Result<Vec<TaskRecord>, StoreError> {
+    fn list_page(&self, query: &ListQuery) -> Result<ListPage, StoreError> {
         let inner = self.inner.read().map_err(|_| StoreError::Poisoned)?;
         let tasks = &inner.tasks;
-        let range = match before {
-            Some(before) => tasks.range(..before),
-            None => tasks.range(..),
-        };
-        Ok(range
-            .rev()
-            .filter(|(_, e)| state.is_none_or(|s| e.record.state == s))
-            .take(limit)
-            .map(|(_, e)| with_seq(e))
-            .collect())
+        let from = query.from.map_or(Bound::Unbounded, Bound::Included);
+        let before = query.before.map_or(Bound::Unbounded, Bound::Excluded);
+        if let (Some(from), Some(before)) = (query.from, query.before)
+            && from >= before
+        {
+            return Ok(ListPage::default());
+        }
+        let ids = tasks.range((from, before)).rev().map(|(id, _)| Ok(*id));
+        scan_page(ids, query, |id| {
+            Ok(tasks
+                .get(&id)
+                .filter(|e| query.state.is_none_or(|s| e.record.state == s))
+                .filter(|e| query.matches(&e.record))
+                .map(with_seq))
+        })
     }
 
     fn events(
@@ -314,6 +315,7 @@ mod tests {
             next_seq: 0,
             last_outcome: None,
             lost_nodes: Vec::new(),
+            attempts: Vec::new(),
         }
     }
 

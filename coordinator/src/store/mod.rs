@@ -17,7 +17,8 @@
 //!   [`EventBody`], [`Record`] (one write), [`Loaded`] (what a restart
 //!   reads back), [`NodeIdentityRecord`] (a joined node).
 //! - `engine` — the [`Store`] trait every engine implements,
-//!   [`StoreError`], and the blocking-pool helper.
+//!   [`StoreError`], [`ListQuery`]/[`ListPage`] (a bounded, filtered
+//!   list scan), and the blocking-pool helper.
 //! - `codec` — records <-> protobuf bytes, and a record's wire form for
 //!   the services.
 //! - [`redb`] — [`RedbStore`], the durable store (one file).
@@ -32,6 +33,8 @@ pub(crate) mod codec;
 #[cfg(test)]
 mod damage_tests;
 mod engine;
+#[cfg(test)]
+mod list_tests;
 pub mod marker;
 pub mod memory;
 mod record;
@@ -42,11 +45,11 @@ mod seal;
 #[cfg(test)]
 mod tests;
 
-pub use engine::{Store, StoreError};
+pub use engine::{ListPage, ListQuery, Store, StoreError};
 pub(crate) use engine::{blocking, panic_message};
 pub use memory::MemoryStore;
 pub use record::{
-    EventBody, FinalAttempt, Loaded, MAX_RECENTLY_FINAL, NodeIdentityRecord, Record, TaskEvent,
-    TaskRecord,
+    AttemptRecord, EventBody, FinalAttempt, Loaded, MAX_ATTEMPT_HISTORY, MAX_RECENTLY_FINAL,
+    NodeIdentityRecord, Record, TaskEvent, TaskRecord,
 };
 pub use redb::RedbStore;

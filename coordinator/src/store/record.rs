@@ -51,6 +51,37 @@ pub struct TaskRecord {
     /// first: the evidence for `--max-node-losses` (poison tasks), kept so
     /// a restart does not forget it.
     pub lost_nodes: Vec<(NodeId, Arc<str>)>,
+    /// The task's attempts, oldest first, at most [`MAX_ATTEMPT_HISTORY`]
+    /// (the latest); the last is the current one while the task is on a
+    /// node. Empty in records written before attempt history was kept.
+    pub attempts: Vec<AttemptRecord>,
+}
+
+/// Most attempts a task record keeps (the latest ones).
+pub const MAX_ATTEMPT_HISTORY: usize = 100;
+
+/// One attempt of a task, as its record keeps it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AttemptRecord {
+    /// Its number, from 1.
+    pub number: Attempt,
+    /// The node it was assigned to.
+    pub node_id: NodeId,
+    /// That node's name.
+    pub node_name: Arc<str>,
+    /// When it was assigned.
+    pub assigned_at: SystemTime,
+    /// When its node reported it started; `None` if it never did.
+    pub started_at: Option<SystemTime>,
+    /// When it ended; `None` while it is on its node.
+    pub ended_at: Option<SystemTime>,
+    /// How it ended as its node reported it; `None` while it runs and when
+    /// it ended without a report (lost, taken back).
+    pub outcome: Option<Outcome>,
+    /// Exit code of its process, if it exited.
+    pub exit_code: Option<i32>,
+    /// Why it ended, in words; empty for a success and while it runs.
+    pub reason: String,
 }
 
 /// One event in a task's history. Seqs start at 0 and have no gaps.

@@ -70,6 +70,7 @@ fn restart_memory_with_many_queued_tasks() {
                         next_seq: 0,
                         last_outcome: None,
                         lost_nodes: Vec::new(),
+                        attempts: Vec::new(),
                     })
                 })
                 .collect();

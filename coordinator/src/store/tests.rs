@@ -33,6 +33,7 @@ fn record(id: TaskId, state: TaskState, updated: SystemTime) -> TaskRecord {
         next_seq: 0,
         last_outcome: state.is_final().then_some(Outcome::Succeeded),
         lost_nodes: Vec::new(),
+        attempts: Vec::new(),
     }
 }
 

@@ -56,6 +56,21 @@ class Tasks(task_pb2_grpc.TaskServiceServicer):
     def Cancel(self, request, context):
         context.abort(grpc.StatusCode.FAILED_PRECONDITION, "task T1 already finished")
 
+    def List(self, request, context):
+        # As a coordinator whose bounded scan found nothing on its first page.
+        self.list_requests = getattr(self, "list_requests", []) + [request]
+        if not request.page_token:
+            return task_pb2.ListResponse(next_page_token="T9")
+        task = _task("T9", common_pb2.TASK_STATE_SUCCEEDED, attempt=2)
+        lost = task.attempts.add(number=1, node_id="N1", node_name="n1", reason="node n1 lost; retrying as attempt 2")
+        lost.assigned_at.FromSeconds(100)
+        lost.ended_at.FromSeconds(103)
+        ran = task.attempts.add(number=2, node_id="N2", node_name="n2", outcome=common_pb2.OUTCOME_SUCCEEDED, exit_code=0)
+        ran.assigned_at.FromSeconds(104)
+        ran.started_at.FromSeconds(105)
+        ran.ended_at.FromSeconds(107)
+        return task_pb2.ListResponse(tasks=[task])
+
     def WaitMany(self, request, context):
         # A coordinator from before WaitManyBatches: one record per message (and no
         # WaitManyBatches: this servicer leaves it UNIMPLEMENTED).
@@ -150,6 +165,41 @@ def test_sync_client_maps_errors_and_converts_results(server):
         [node] = client.nodes()
         assert (node.name, node.labels, node.running, node.state) == ("n1", {"gpu": "1"}, [("T0", 2)], weft.NodeState.READY)
         assert node.last_heartbeat_age == pytest.approx(0.25)
+
+
+def test_list_sends_its_filters_pages_past_empty_pages_and_shows_attempts(server):
+    url, tasks = server
+    since = dt.datetime(2026, 5, 1, 12, 0, tzinfo=dt.timezone(dt.timedelta(hours=2)))
+    with weft.Client(url) as client:
+        [task] = client.list("SUCCEEDED", 5, labels={"zone": "a"}, name="resize", node="n2", since=since, until="10m")
+        with pytest.raises(ValueError, match="key"):
+            client.list(labels={"": "a"})
+    first, second = tasks.list_requests
+    assert (first.page_token, second.page_token) == ("", "T9")
+    assert first.state == common_pb2.TASK_STATE_SUCCEEDED and first.limit == 5
+    assert (dict(first.labels), first.name, first.node) == ({"zone": "a"}, "resize", "n2")
+    assert first.since.ToDatetime() == dt.datetime(2026, 5, 1, 10, 0)
+    ago = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None) - first.until.ToDatetime()
+    assert dt.timedelta(minutes=9) < ago < dt.timedelta(minutes=11)
+    assert second.name == "resize", "the next page keeps the filters"
+    lost, ran = task.attempts
+    assert (lost.number, lost.node_name, lost.outcome, lost.started_at) == (1, "n1", None, None)
+    assert "lost" in lost.reason and lost.duration is None
+    assert (ran.number, ran.node_name, ran.outcome, ran.exit_code) == (2, "n2", "succeeded", 0)
+    assert ran.duration == dt.timedelta(seconds=2)
+    assert isinstance(ran, weft.Attempt)
+
+
+def test_asyncio_list_pages_with_the_same_filters(server):
+    url, tasks = server
+
+    async def main():
+        async with weft.aio.Client(url) as client:
+            return await client.list(name="resize")
+
+    [task] = asyncio.run(main())
+    assert [a.number for a in task.attempts] == [1, 2]
+    assert [r.name for r in tasks.list_requests] == ["resize", "resize"]
 
 
 def test_call_raises_task_failed_with_the_final_task(server):

@@ -613,3 +613,28 @@ def test_a_python_worker_without_a_node_certificate_is_refused_and_stops(cluster
     assert code is not None and code != 0, worker.output()
     assert "join" in worker.output().lower()
     assert "stranger" not in {n.name for n in cluster.client.nodes()}
+
+
+def test_list_filters_and_each_tasks_attempts(cluster):
+    cluster.rust_node("rust")
+    cluster.python_worker("py")
+    cluster.wait_nodes("rust", "py")
+    client = cluster.client
+    ids = {}
+    for name, lang in (("resize-py", "py"), ("thumb-rust", "rust"), ("resize-rust", "rust")):
+        ids[name] = client.submit(weft.call_spec("echo", name.encode(), name=name, labels={"lang": lang}))
+        assert client.wait(ids[name], timeout=30).state == weft.TaskState.SUCCEEDED
+    listed = lambda **filters: [t.id for t in client.list(**filters)]  # noqa: E731
+    assert listed(name="resize") == [ids["resize-rust"], ids["resize-py"]]
+    assert listed(labels={"lang": "rust"}) == [ids["resize-rust"], ids["thumb-rust"]]
+    assert listed(node="py") == [ids["resize-py"]]
+    assert listed(name="resize", node="rust", state="SUCCEEDED") == [ids["resize-rust"]]
+    assert listed(since="1h") == [ids["resize-rust"], ids["thumb-rust"], ids["resize-py"]]
+    assert listed(until="1h") == []
+    with pytest.raises(weft.InvalidArgument, match="since"):
+        client.list(since="1m", until="2h")
+    task = client.get(ids["thumb-rust"])
+    [attempt] = task.attempts
+    assert (attempt.number, attempt.node_name, attempt.outcome, attempt.reason) == (1, "rust", "succeeded", "")
+    assert attempt.started_at is not None and attempt.ended_at >= attempt.started_at
+    assert attempt.duration is not None

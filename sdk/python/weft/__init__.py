@@ -33,6 +33,7 @@ from .errors import (
     WeftError,
 )
 from .models import (
+    Attempt,
     ClusterInfo,
     NodeInfo,
     NodeState,
@@ -50,7 +51,7 @@ from .worker import PROTOCOL_VERSION, Context, HandlerError, Worker
 __version__ = "0.1.0"
 
 __all__ = [
-    "AlreadyExists", "AsyncExecutor", "Cancelled", "Client", "ClusterInfo", "Context", "DeadlineExceeded", "Executor",
+    "AlreadyExists", "AsyncExecutor", "Attempt", "Cancelled", "Client", "ClusterInfo", "Context", "DeadlineExceeded", "Executor",
     "FailedPrecondition", "HandlerError", "Internal", "InvalidArgument", "NodeInfo", "NodeState",
     "NotFound", "OutputStream", "PROTOCOL_VERSION", "PermissionDenied", "RemoteTraceback", "ResourceExhausted", "Task",
     "TaskCancelled", "TaskEvent", "TaskFailed", "TaskState", "TaskTimedOut", "Unauthenticated",

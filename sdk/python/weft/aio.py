@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any, AsyncIterator, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, AsyncIterator, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import grpc
 
@@ -39,9 +39,11 @@ from .models import (
     Task,
     TaskEvent,
     TaskState,
+    TimeLike,
     call_spec,
     duration_to_pb,
     exec_spec,
+    list_request,
     parse_duration,
 )
 
@@ -131,12 +133,28 @@ class Client:
         response = await self._unary(self._tasks.Get, task_pb2.GetRequest(task_id=task_id))
         return Task.from_pb(response.task)
 
-    async def list(self, state: Union[TaskState, str, None] = None, limit: int = 100) -> List[Task]:
-        """Tasks, newest first."""
-        request = task_pb2.ListRequest(limit=limit)
-        if state is not None:
-            request.state = TaskState(state).to_pb()
-        return [Task.from_pb(t) for t in (await self._unary(self._tasks.List, request)).tasks]
+    async def list(
+        self,
+        state: Union[TaskState, str, None] = None,
+        limit: int = 100,
+        *,
+        labels: Optional[Mapping[str, str]] = None,
+        name: str = "",
+        node: str = "",
+        since: Optional[TimeLike] = None,
+        until: Optional[TimeLike] = None,
+    ) -> List[Task]:
+        """Tasks, newest first, with the filters of :meth:`weft.Client.list`."""
+        request = list_request(state, 0, labels, name, node, since, until)
+        limit = limit if limit > 0 else 100
+        tasks: List[Task] = []
+        while True:
+            request.limit = min(limit - len(tasks), 10_000)
+            page = await self._unary(self._tasks.List, request)
+            tasks.extend(Task.from_pb(t) for t in page.tasks)
+            if len(tasks) >= limit or not page.next_page_token:
+                return tasks[:limit]
+            request.page_token = page.next_page_token
 
     async def _stream(self, call) -> AsyncIterator[TaskEvent]:
         try:

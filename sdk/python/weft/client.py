@@ -15,7 +15,7 @@ not succeed. The asyncio twin is :class:`weft.aio.Client`.
 from __future__ import annotations
 
 import time
-from typing import Any, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import grpc
 
@@ -30,10 +30,12 @@ from .models import (
     Task,
     TaskEvent,
     TaskState,
+    TimeLike,
     _to_bytes,
     call_spec,
     duration_to_pb,
     exec_spec,
+    list_request,
     parse_duration,
 )
 
@@ -256,12 +258,36 @@ class Client:
         """A task's current record; :class:`weft.NotFound` for an unknown id."""
         return Task.from_pb(self._unary(self._tasks.Get, task_pb2.GetRequest(task_id=task_id)).task)
 
-    def list(self, state: Union[TaskState, str, None] = None, limit: int = 100) -> List[Task]:
-        """Tasks, newest first, optionally only those in ``state``."""
-        request = task_pb2.ListRequest(limit=limit)
-        if state is not None:
-            request.state = TaskState(state).to_pb()
-        return [Task.from_pb(t) for t in self._unary(self._tasks.List, request).tasks]
+    def list(
+        self,
+        state: Union[TaskState, str, None] = None,
+        limit: int = 100,
+        *,
+        labels: Optional[Mapping[str, str]] = None,
+        name: str = "",
+        node: str = "",
+        since: Optional[TimeLike] = None,
+        until: Optional[TimeLike] = None,
+    ) -> List[Task]:
+        """Up to ``limit`` tasks, newest first, that match every filter given.
+
+        ``labels``: every one must match; ``name``: a substring of the task's
+        name; ``node``: a node (name or id) any of its attempts ran on;
+        ``since``/``until``: submitted within these times (a datetime, or a
+        duration ago such as ``"10m"``). The coordinator examines a bounded
+        number of tasks per call, so this pages on until it has ``limit``
+        tasks or none is left.
+        """
+        request = list_request(state, 0, labels, name, node, since, until)
+        limit = limit if limit > 0 else 100
+        tasks: List[Task] = []
+        while True:
+            request.limit = min(limit - len(tasks), 10_000)
+            page = self._unary(self._tasks.List, request)
+            tasks.extend(Task.from_pb(t) for t in page.tasks)
+            if len(tasks) >= limit or not page.next_page_token:
+                return tasks[:limit]
+            request.page_token = page.next_page_token
 
     def _stream(self, call) -> Iterator[TaskEvent]:
         try:

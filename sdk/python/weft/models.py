@@ -101,6 +101,43 @@ def parse_label(text: str) -> Tuple[str, str]:
     return key, value
 
 
+#: A ``since``/``until`` bound: a datetime (naive means UTC), or a duration
+#: that long ago (``"10m"``, ``3600``, ``timedelta(hours=2)``).
+TimeLike = Union[_dt.datetime, DurationLike]
+
+
+def list_request(
+    state: Optional[str],
+    limit: int,
+    labels: Optional[Mapping[str, str]],
+    name: str,
+    node: str,
+    since: Optional[TimeLike],
+    until: Optional[TimeLike],
+) -> task_pb2.ListRequest:
+    """A ``ListRequest`` with these filters (``limit`` and the page token are the caller's)."""
+    request = task_pb2.ListRequest(limit=limit, name=name, node=node)
+    if state is not None:
+        request.state = TaskState(state).to_pb()
+    for key, value in (labels or {}).items():
+        if not str(key).strip():
+            raise ValueError("a label filter needs a key")
+        request.labels[str(key)] = str(value)
+    for bound, value in (("since", since), ("until", until)):
+        if value is not None:
+            getattr(request, bound).FromDatetime(_absolute_time(value))
+    return request
+
+
+def _absolute_time(value: TimeLike) -> _dt.datetime:
+    if isinstance(value, _dt.datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=_dt.timezone.utc)
+        return value.astimezone(_dt.timezone.utc).replace(tzinfo=None)
+    ago = _dt.timedelta(seconds=parse_duration(value))
+    return _dt.datetime.now(_dt.timezone.utc).replace(tzinfo=None) - ago
+
+
 def parse_duration(value: DurationLike) -> float:
     """Seconds from ``1.5``, ``timedelta(...)``, ``"250ms"``, ``"2s"``, ``"1m30s"``.
 
@@ -241,8 +278,60 @@ def _time(ts) -> Optional[_dt.datetime]:
 
 
 @dataclass
+class Attempt:
+    """One attempt of a task (``weft.v1.Attempt``): where it ran, when, how it ended.
+
+    ``started_at`` is None if it never started, ``ended_at`` while it is on its
+    node; ``outcome`` is how its node reported it ended (``"succeeded"``,
+    ``"failed"``, ``"cancelled"``, ``"timed_out"``, ``"start_failed"``), None
+    while it runs or when it ended with no report (lost with its node, taken
+    back: ``reason`` says why).
+    """
+
+    number: int
+    node_id: str
+    node_name: str
+    assigned_at: Optional[_dt.datetime]
+    started_at: Optional[_dt.datetime]
+    ended_at: Optional[_dt.datetime]
+    outcome: Optional[str]
+    exit_code: Optional[int]
+    reason: str
+
+    @classmethod
+    def from_pb(cls, attempt: task_pb2.Attempt) -> "Attempt":
+        outcome = None
+        if attempt.outcome:
+            name = common_pb2.Outcome.Name(attempt.outcome) if attempt.outcome in common_pb2.Outcome.values() else ""
+            outcome = name[len("OUTCOME_"):].lower() or None
+        return cls(
+            number=attempt.number,
+            node_id=attempt.node_id,
+            node_name=attempt.node_name,
+            assigned_at=_time(attempt.assigned_at if attempt.HasField("assigned_at") else None),
+            started_at=_time(attempt.started_at if attempt.HasField("started_at") else None),
+            ended_at=_time(attempt.ended_at if attempt.HasField("ended_at") else None),
+            outcome=outcome,
+            exit_code=attempt.exit_code if attempt.HasField("exit_code") else None,
+            reason=attempt.reason,
+        )
+
+    @property
+    def duration(self) -> Optional[_dt.timedelta]:
+        """How long it ran (so far, while it runs); None if it never started."""
+        if self.started_at is None:
+            return None
+        end = self.ended_at or _dt.datetime.now(_dt.timezone.utc)
+        return end - self.started_at
+
+
+@dataclass
 class Task:
-    """A task's record (``weft.v1.Task``)."""
+    """A task's record (``weft.v1.Task``).
+
+    ``attempts`` lists its attempts oldest first (the latest 100); the last is
+    the current one while the task is on a node.
+    """
 
     id: str
     state: TaskState
@@ -259,6 +348,7 @@ class Task:
     created_at: Optional[_dt.datetime]
     updated_at: Optional[_dt.datetime]
     pb: task_pb2.Task = field(repr=False)
+    attempts: List[Attempt] = field(default_factory=list)
 
     @classmethod
     def from_pb(cls, task: task_pb2.Task) -> "Task":
@@ -278,6 +368,7 @@ class Task:
             created_at=_time(task.created_at if task.HasField("created_at") else None),
             updated_at=_time(task.updated_at if task.HasField("updated_at") else None),
             pb=task,
+            attempts=[Attempt.from_pb(a) for a in task.attempts],
         )
 
     @property

@@ -5,10 +5,12 @@
 //! the binaries: run `cargo build --bins` first.
 
 mod addresses;
+mod attempt_history;
 mod cancel_and_timeout;
 mod cli;
 mod completions;
 mod connections;
+mod demo_json;
 mod disk;
 mod drain;
 mod exec_policy;
@@ -16,6 +18,7 @@ mod failover;
 mod fencing;
 mod field_limits;
 mod handlers;
+mod list_filters;
 mod local_json;
 mod map_json;
 mod message_limits;
@@ -36,5 +39,6 @@ mod stream_flood;
 mod stuck_nodes;
 mod tls;
 mod tokens;
+mod top;
 mod validation;
 mod watch_limits;

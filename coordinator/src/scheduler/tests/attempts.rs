@@ -275,3 +275,32 @@ fn last_outcome_says_how_the_latest_attempt_ended() {
         (TaskState::Failed, Some(Outcome::StartFailed))
     );
 }
+
+#[test]
+fn tasks_finished_counts_final_states_only_and_retention_never_lowers_it() {
+    let mut h = Harness::new();
+    h.node(S1, reg("n1", 3), 3);
+    let ids = h.submit(vec![
+        TaskSpec::call("noop", ""),
+        TaskSpec::call("noop", ""),
+        TaskSpec::call("noop", "").max_attempts(2),
+    ]);
+    h.effects();
+    assert_eq!(h.s.stats().tasks_finished, 0);
+    h.finish(S1, ids[0], 1, Outcome::Succeeded);
+    h.finish(S1, ids[1], 1, Outcome::TimedOut);
+    // A failure with attempts left is a retry, not a finish.
+    h.finish(S1, ids[2], 1, Outcome::Failed);
+    h.effects();
+    assert_eq!(h.record(ids[2]).state, TaskState::Queued);
+    assert_eq!(h.s.stats().tasks_finished, 2);
+    // Retention deletes final tasks: their state counts drop, this does not.
+    h.s.forget_expired(&[TaskState::Succeeded, TaskState::TimedOut]);
+    let stats = h.s.stats();
+    assert_eq!(stats.tasks_finished, 2);
+    assert!(
+        stats.tasks.iter().all(|(s, n)| !s.is_final() || *n == 0),
+        "{:?}",
+        stats.tasks
+    );
+}

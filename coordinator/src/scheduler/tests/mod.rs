@@ -4,6 +4,7 @@
 mod attempts;
 mod dispatch;
 mod exec_policy;
+mod history;
 mod identity;
 mod membership;
 mod reconnect;

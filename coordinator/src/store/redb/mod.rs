@@ -49,7 +49,7 @@ use super::codec::{
     decode_event, decode_node_identity, decode_task, decode_task_head, decode_token, encode_event,
     encode_node_identity, encode_secrets, encode_task, encode_token,
 };
-use super::engine::{Store, StoreError};
+use super::engine::{ListPage, ListQuery, Store, StoreError, scan_page};
 use super::record::{Loaded, NodeIdentityRecord, Record, TaskEvent, TaskRecord, next_chunk};
 use super::seal::{SealKey, open as unseal, seal};
 use crate::auth::TokenRecord;
@@ -439,44 +439,58 @@ impl Store for RedbStore {
         Self::read_task(&tasks, &events, id)
     }
 
-    fn list(
-        &self,
-        state: Option<TaskState>,
-        before: Option<TaskId>,
-        limit: usize,
-    ) -> Result<Vec<TaskRecord>, StoreError> {
+    fn list_page(&self, query: &ListQuery) -> Result<ListPage, StoreError> {
         let op = "listing tasks";
         let txn = self.db.begin_read().or_backend(op)?;
         let tasks = txn.open_table(TASKS).or_backend(op)?;
         let events = txn.open_table(EVENTS).or_backend(op)?;
-        let before = before.map_or(u128::MAX, TaskId::as_u128);
-        let ids: Vec<u128> = match state {
-            None => tasks
-                .range(..before)
-                .or_backend(op)?
-                .rev()
-                .take(limit)
-                .map(|entry| entry.map(|(k, _)| k.value()).or_backend(op))
-                .collect::<Result<_, _>>()?,
+        let before = query.before.map_or(u128::MAX, TaskId::as_u128);
+        let from = query.from.map_or(0, TaskId::as_u128);
+        if from >= before {
+            return Ok(ListPage::default());
+        }
+        // Only tasks that pass the per-record filters have their event log
+        // looked at (for `next_seq`).
+        let read = |id: TaskId| -> Result<Option<TaskRecord>, StoreError> {
+            let Some(bytes) = tasks.get(id.as_u128()).or_backend(op)? else {
+                return Ok(None);
+            };
+            let key = SealKey::Id(id.as_u128());
+            let mut record = decode_task(id, unseal("tasks", key, bytes.value())?)?;
+            if !query.matches(&record) {
+                return Ok(None);
+            }
+            record.next_seq = last_seq(&events, id.as_u128())?.map_or(0, |s| s + 1);
+            Ok(Some(record))
+        };
+        match query.state {
+            None => {
+                let ids = tasks
+                    .range(from..before)
+                    .or_backend(op)?
+                    .rev()
+                    .map(|entry| {
+                        entry
+                            .map(|(k, _)| TaskId::from_u128(k.value()))
+                            .or_backend(op)
+                    });
+                scan_page(ids, query, read)
+            }
             Some(state) => {
                 let by_state = txn.open_table(BY_STATE).or_backend(op)?;
                 let s = state_key(state);
-                by_state
-                    .range((s, 0)..(s, before))
+                let ids = by_state
+                    .range((s, from)..(s, before))
                     .or_backend(op)?
                     .rev()
-                    .take(limit)
-                    .map(|entry| entry.map(|(k, _)| k.value().1).or_backend(op))
-                    .collect::<Result<_, _>>()?
-            }
-        };
-        let mut out = Vec::with_capacity(ids.len());
-        for id in ids {
-            if let Some(record) = Self::read_task(&tasks, &events, TaskId::from_u128(id))? {
-                out.push(record);
+                    .map(|entry| {
+                        entry
+                            .map(|(k, _)| TaskId::from_u128(k.value().1))
+                            .or_backend(op)
+                    });
+                scan_page(ids, query, read)
             }
         }
-        Ok(out)
     }
 
     fn events(

@@ -1,0 +1,263 @@
+//! What `weft top` shows, as plain state: the latest answers, the last
+//! error, the throughput history and the scroll position. Updated by the
+//! poll loop and the keys, read by [`super::view`]. No I/O and no clock
+//! here: every `now` is an argument, so tests drive it by hand.
+
+use std::cmp::Ordering;
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use weft_client::ClusterInfo;
+use weft_proto::NodeInfo;
+
+/// How far back the throughput history goes.
+pub const HISTORY: Duration = Duration::from_secs(5 * 60);
+/// The window "the current rate" is taken over: long enough to smooth a
+/// poll that came late, short enough to follow a change within seconds.
+pub const CURRENT_WINDOW: Duration = Duration::from_secs(10);
+
+/// One poll's answers.
+#[derive(Clone, Debug)]
+pub struct Poll {
+    /// `ClusterInfo`.
+    pub info: ClusterInfo,
+    /// `ListNodes`.
+    pub nodes: Vec<NodeInfo>,
+}
+
+/// Everything the view draws.
+#[derive(Debug)]
+pub struct Top {
+    /// The coordinator's address, as dialled.
+    pub coordinator: String,
+    /// How often the coordinator is polled.
+    pub interval: Duration,
+    /// The latest answer to `ClusterInfo` (kept while polls fail: a
+    /// monitor shows the last known figures beside the error).
+    pub info: Option<ClusterInfo>,
+    /// The latest `ListNodes`, in display order ([`sort_nodes`]).
+    pub nodes: Vec<NodeInfo>,
+    /// Why the latest poll failed; `None` when it answered.
+    pub error: Option<String>,
+    /// When the latest poll answered.
+    pub updated: Option<Instant>,
+    /// Finished-task counts over time.
+    pub throughput: Throughput,
+    /// The first node row shown.
+    pub scroll: usize,
+}
+
+impl Top {
+    /// Nothing polled yet.
+    pub fn new(coordinator: String, interval: Duration) -> Self {
+        Top {
+            coordinator,
+            interval,
+            info: None,
+            nodes: Vec::new(),
+            error: None,
+            updated: None,
+            throughput: Throughput::default(),
+            scroll: 0,
+        }
+    }
+
+    /// Takes a poll's outcome, made at `now`.
+    pub fn update(&mut self, poll: Result<Poll, String>, now: Instant) {
+        match poll {
+            Ok(Poll { info, mut nodes }) => {
+                // A coordinator that started again counts from 0 again.
+                let restarted = self
+                    .info
+                    .as_ref()
+                    .is_some_and(|old| info.uptime < old.uptime);
+                if restarted {
+                    self.throughput = Throughput::default();
+                }
+                self.throughput.record(now, info.tasks_finished);
+                sort_nodes(&mut nodes);
+                self.info = Some(info);
+                self.nodes = nodes;
+                self.error = None;
+                self.updated = Some(now);
+            }
+            Err(error) => self.error = Some(error),
+        }
+    }
+
+    /// Moves the node table by `delta` rows, `page` of them visible: never
+    /// past the last full page.
+    pub fn scroll_by(&mut self, delta: isize, page: usize) {
+        let last = self.nodes.len().saturating_sub(page.max(1));
+        self.scroll = self.scroll.saturating_add_signed(delta).min(last);
+    }
+
+    /// Scrolls to the first node (`top`) or the last page.
+    pub fn scroll_to_end(&mut self, top: bool, page: usize) {
+        self.scroll = match top {
+            true => 0,
+            false => self.nodes.len().saturating_sub(page.max(1)),
+        };
+    }
+}
+
+/// Nodes by name, numbers in names compared as numbers (`rust-2` before
+/// `rust-10`), then by id: a stable order, so rows do not jump between
+/// polls.
+pub fn sort_nodes(nodes: &mut [NodeInfo]) {
+    nodes.sort_by(|a, b| natural(&a.name, &b.name).then_with(|| a.id.cmp(&b.id)));
+}
+
+/// Compares two names with runs of digits taken as numbers.
+fn natural(a: &str, b: &str) -> Ordering {
+    let (mut a, mut b) = (a, b);
+    loop {
+        match (a.chars().next(), b.chars().next()) {
+            (None, None) => return Ordering::Equal,
+            (None, Some(_)) => return Ordering::Less,
+            (Some(_), None) => return Ordering::Greater,
+            (Some(x), Some(y)) if x.is_ascii_digit() && y.is_ascii_digit() => {
+                let (da, ra) = split_digits(a);
+                let (db, rb) = split_digits(b);
+                let (ta, tb) = (da.trim_start_matches('0'), db.trim_start_matches('0'));
+                let order = ta.len().cmp(&tb.len()).then_with(|| ta.cmp(tb));
+                if order != Ordering::Equal {
+                    return order;
+                }
+                (a, b) = (ra, rb);
+            }
+            (Some(x), Some(y)) => {
+                if x != y {
+                    return x.cmp(&y);
+                }
+                (a, b) = (&a[x.len_utf8()..], &b[y.len_utf8()..]);
+            }
+        }
+    }
+}
+
+fn split_digits(text: &str) -> (&str, &str) {
+    let end = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    text.split_at(end)
+}
+
+/// The cluster's finished-task counter (`ClusterInfo.tasks_finished`)
+/// sampled at each poll, for the last [`HISTORY`].
+#[derive(Debug, Default)]
+pub struct Throughput {
+    samples: VecDeque<(Instant, u64)>,
+}
+
+impl Throughput {
+    /// Adds a sample. A count lower than the last one means the
+    /// coordinator started again: the history starts over.
+    pub fn record(&mut self, now: Instant, finished: u64) {
+        if self
+            .samples
+            .back()
+            .is_some_and(|(_, last)| finished < *last)
+        {
+            self.samples.clear();
+        }
+        self.samples.push_back((now, finished));
+        while self
+            .samples
+            .front()
+            .is_some_and(|(at, _)| now.duration_since(*at) > HISTORY)
+        {
+            self.samples.pop_front();
+        }
+    }
+
+    /// Tasks finished per second between consecutive samples, oldest
+    /// first.
+    pub fn rates(&self) -> Vec<f64> {
+        self.samples
+            .iter()
+            .zip(self.samples.iter().skip(1))
+            .map(|((t0, n0), (t1, n1))| per_second(n1 - n0, t1.duration_since(*t0)))
+            .collect()
+    }
+
+    /// Tasks finished per second over about the last [`CURRENT_WINDOW`]
+    /// (from the newest sample at least that old, else the oldest);
+    /// `None` before two samples.
+    pub fn current(&self) -> Option<f64> {
+        let (newest_at, newest) = *self.samples.back()?;
+        let (from_at, from) = *self
+            .samples
+            .iter()
+            .rev()
+            .find(|(at, _)| newest_at.duration_since(*at) >= CURRENT_WINDOW)
+            .or_else(|| self.samples.front())?;
+        (from_at < newest_at).then(|| per_second(newest - from, newest_at - from_at))
+    }
+
+    /// How long the history covers.
+    pub fn span(&self) -> Duration {
+        match (self.samples.front(), self.samples.back()) {
+            (Some((first, _)), Some((last, _))) => last.duration_since(*first),
+            _ => Duration::ZERO,
+        }
+    }
+}
+
+fn per_second(tasks: u64, over: Duration) -> f64 {
+    if over.is_zero() {
+        0.0
+    } else {
+        tasks as f64 / over.as_secs_f64()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_sort_with_their_numbers_as_numbers() {
+        let mut names = vec!["rust-10", "rust-2", "b", "rust-1", "a-07", "a-7x", "a-6"];
+        names.sort_by(|a, b| natural(a, b));
+        assert_eq!(
+            names,
+            ["a-6", "a-07", "a-7x", "b", "rust-1", "rust-2", "rust-10"]
+        );
+    }
+
+    #[test]
+    fn the_rate_follows_the_counter_and_starts_over_after_a_restart() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut tp = Throughput::default();
+        assert_eq!(tp.current(), None);
+        tp.record(at(0), 100);
+        assert_eq!(tp.current(), None);
+        tp.record(at(1), 110);
+        tp.record(at(2), 130);
+        assert_eq!(tp.rates(), [10.0, 20.0]);
+        assert_eq!(tp.current(), Some(15.0));
+        // Past the window, the rate is over the last ~10 s only.
+        for s in 3..=20 {
+            tp.record(at(s), 130 + (s - 2) * 5);
+        }
+        assert_eq!(tp.current(), Some(5.0));
+        assert_eq!(tp.span(), Duration::from_secs(20));
+        // A smaller count: the coordinator restarted.
+        tp.record(at(21), 3);
+        assert_eq!(tp.current(), None);
+        assert!(tp.rates().is_empty());
+    }
+
+    #[test]
+    fn the_history_keeps_the_last_minutes_only() {
+        let t0 = Instant::now();
+        let mut tp = Throughput::default();
+        for s in 0..=400 {
+            tp.record(t0 + Duration::from_secs(s), s);
+        }
+        assert_eq!(tp.span(), HISTORY);
+        assert_eq!(tp.rates().len(), 300);
+    }
+}
