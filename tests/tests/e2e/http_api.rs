@@ -463,6 +463,18 @@ async fn the_events_stream_gives_history_then_live_output_and_resumes_exactly() 
         expected,
         (0..expected.len() as u64).map(Some).collect::<Vec<_>>()
     );
+    // Past the last event of a finished task: 204, so a browser stops
+    // reconnecting.
+    let past = format!("{}", expected.len() - 1);
+    let stop = http
+        .request(
+            "GET",
+            &path,
+            &[("cookie", &cookie), ("last-event-id", &past)],
+            None,
+        )
+        .await;
+    assert_eq!(stop.status, 204);
     // `?from_seq=N` starts at N.
     let mut from = http
         .events(
