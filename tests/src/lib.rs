@@ -19,6 +19,8 @@
 //! - [`openmetrics`]: a strict reader of OpenMetrics text, and a plain
 //!   HTTP GET, for the metrics listeners.
 //! - [`wait`]: `wait_until` and friends; process liveness checks.
+//! - [`http`]: an HTTP client of the coordinator's HTTP listener (the
+//!   dashboard's API), trusting the cluster CA.
 //! - [`trust`]: which CA each running test cluster's URL is trusted by,
 //!   so raw channels ([`fake_node::channel`]) dial its TLS like clients.
 //!
@@ -27,6 +29,7 @@
 pub mod cli;
 pub mod cluster;
 pub mod fake_node;
+pub mod http;
 pub mod openmetrics;
 pub mod process;
 pub mod trust;

@@ -18,6 +18,7 @@ mod failover;
 mod fencing;
 mod field_limits;
 mod handlers;
+mod http_api;
 mod list_filters;
 mod local_json;
 mod map_json;

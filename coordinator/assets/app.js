@@ -1,0 +1,2 @@
+// Placeholder: the dashboard's pages replace this file.
+"use strict";
