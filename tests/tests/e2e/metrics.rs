@@ -5,14 +5,18 @@
 //! at start.
 //!
 //! The node is the real binary in both modes (the flag is the binary's);
-//! the coordinator is the harness's, in-process or a process. The
-//! coordinator's own metrics are tested through `Metrics::encode` in
-//! `coordinator/tests/metrics.rs` (its HTTP listener serves the same text).
+//! the coordinator is the harness's, in-process or a process.
+//!
+//! The coordinator's `/metrics` on its HTTPS listener: a `read` token gets
+//! OpenMetrics text that counts what was submitted; no token, or one
+//! without `read`, gets nothing. (What each coordinator metric follows is
+//! tested through `Metrics::encode` in `coordinator/tests/metrics.rs`.)
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use weft_client::{TaskSpec, TaskState};
+use weft_tests::http::HttpClient;
 use weft_tests::openmetrics::{Scrape, get};
 use weft_tests::process::spawn;
 use weft_tests::{TestCluster, default_timeout};
@@ -140,4 +144,42 @@ async fn a_node_refuses_a_metrics_address_that_is_not_loopback_unless_told() {
             && log.contains("--http-listen-any"),
         "{log}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_coordinator_serves_metrics_to_a_read_token_over_its_https_listener() {
+    let cluster = TestCluster::builder().nodes(1).start().await;
+    let http = HttpClient::new(&cluster.http_url(), cluster.ca_file());
+    let client = cluster.client().await;
+    let id = client
+        .submit(TaskSpec::call("echo", "counted"))
+        .await
+        .expect("submit");
+    assert_eq!(cluster.wait_for_final(id).await.state, TaskState::Succeeded);
+
+    let reader = cluster.scoped_token(&["read"]).await;
+    let response = http.get("/metrics", &reader).await;
+    assert_eq!(response.status, 200, "{response:?}");
+    assert!(
+        response
+            .header("content-type")
+            .starts_with("application/openmetrics-text"),
+        "{response:?}"
+    );
+    let scrape = Scrape::parse(&String::from_utf8_lossy(&response.body));
+    assert!(scrape.get("weft_submitted_tasks_total", &[]) >= 1.0);
+    assert!(
+        scrape.get(
+            "weft_tasks_finished_total",
+            &[("kind", "call"), ("state", "succeeded")]
+        ) >= 1.0
+    );
+    assert_eq!(scrape.get("weft_nodes", &[("state", "ready")]), 1.0);
+    assert!(scrape.get("weft_store_commit_seconds_count", &[]) >= 1.0);
+
+    let anonymous = http.request("GET", "/metrics", &[], None).await;
+    assert_eq!(anonymous.status, 401, "{anonymous:?}");
+    let submitter = cluster.scoped_token(&["submit"]).await;
+    assert_eq!(http.get("/metrics", &submitter).await.status, 403);
+    cluster.shutdown().await;
 }
