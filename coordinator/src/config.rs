@@ -114,6 +114,12 @@ pub struct CoordinatorConfig {
     /// Most HTTP/2 streams (calls) open at once on one connection
     /// (`--max-streams-per-connection`); a client past it waits.
     pub max_streams_per_connection: u32,
+    /// Where the HTTP listener (the dashboard, `/metrics`) listens
+    /// (`--http-listen`); `None`: off (the library's default; the binary's
+    /// is `127.0.0.1:7080`). HTTPS whenever [`tls`](Self::tls) is set;
+    /// plaintext only on loopback or with [`insecure`](Self::insecure).
+    /// Port 0 picks a free port (`RunningCoordinator::http_addr`).
+    pub http_listen: Option<std::net::SocketAddr>,
 }
 
 /// Default of [`CoordinatorConfig::schedule_timeout`].
@@ -228,6 +234,7 @@ impl Default for CoordinatorConfig {
             max_connections: None,
             max_connections_per_ip: DEFAULT_MAX_CONNECTIONS_PER_IP,
             max_streams_per_connection: DEFAULT_MAX_STREAMS_PER_CONNECTION,
+            http_listen: None,
         }
     }
 }

@@ -100,6 +100,15 @@ pub enum Error {
     /// The cluster CA or the serving certificate could not be set up.
     #[error("setting up TLS: {0}")]
     Tls(String),
+    /// The HTTP listener (`--http-listen`) could not be bound, or may not
+    /// serve plaintext where it was asked to.
+    #[error("the HTTP listener (--http-listen {addr}): {message}")]
+    HttpListen {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// What went wrong and what to do.
+        message: String,
+    },
     /// `--no-auth` on an address other hosts can reach.
     #[error(
         "refusing --no-auth on {0}, which is not a loopback address: anyone who reaches it could run commands on every node; listen on 127.0.0.1 or use client tokens"
@@ -152,6 +161,7 @@ impl From<Error> for Status {
             Error::Store(store) => store_status(store),
             Error::Listener(_)
             | Error::Tls(_)
+            | Error::HttpListen { .. }
             | Error::NoAuthNotLoopback(_)
             | Error::AddrFile { .. }
             | Error::AdminToken { .. } => {

@@ -35,6 +35,9 @@
 //!   per IP and in all, the handshake and HTTP/2 preface deadline, backoff
 //!   on accept errors (`caps`, `preface`, `backoff`).
 //! - `server` — the tonic server, health, serve-with-shutdown.
+//! - `http` — the HTTP listener (`--http-listen`): the dashboard's pages
+//!   and JSON API over the same services, login sessions, the overview's
+//!   samples.
 //! - [`identity`] — joined nodes: the index `Join`, `Connect` and
 //!   `RevokeNode` check, and the rules (names, what a certified node may
 //!   claim).
@@ -46,6 +49,7 @@ pub mod auth;
 pub mod config;
 mod driver;
 pub mod error;
+mod http;
 pub mod identity;
 mod listener;
 pub mod scheduler;
@@ -132,6 +136,7 @@ pub struct ShutdownTimedOut;
 #[derive(Debug)]
 pub struct RunningCoordinator {
     addr: SocketAddr,
+    http_addr: Option<SocketAddr>,
     tls: Option<Arc<tls::ServerTls>>,
     cancel: CancellationToken,
     tasks: TaskTracker,
@@ -156,6 +161,19 @@ impl RunningCoordinator {
     pub fn url(&self) -> String {
         let scheme = if self.tls.is_some() { "https" } else { "http" };
         format!("{scheme}://{}", self.addr)
+    }
+
+    /// The address the HTTP listener (dashboard, `/metrics`) is bound to;
+    /// `None` when it is off.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http_addr
+    }
+
+    /// `https://ADDR` (or `http://ADDR` without TLS), the dashboard's
+    /// address; `None` when the HTTP listener is off.
+    pub fn http_url(&self) -> Option<String> {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        self.http_addr.map(|addr| format!("{scheme}://{addr}"))
     }
 
     /// Where the cluster's `ca.pem` is, when serving TLS.
@@ -227,6 +245,10 @@ pub async fn start(
     if !config.auth && !addr.ip().is_loopback() {
         return Err(Error::NoAuthNotLoopback(addr));
     }
+    let http_listener = match config.http_listen {
+        Some(http_addr) => Some(bind_http(&config, http_addr).await?),
+        None => None,
+    };
     // The CA first: a broken PKI dir fails the start before anything else.
     let server_tls = match &config.tls {
         Some(tls_config) => {
@@ -319,6 +341,25 @@ pub async fn start(
     );
     let failure = driver.failure();
     tasks.spawn(driver.run());
+    // One instance of each API, served by gRPC and called by HTTP.
+    let task_api = Arc::new(service::task::TaskApi::new(handle.clone()));
+    let admin_api = Arc::new(service::admin::AdminApi {
+        handle: handle.clone(),
+        tokens: Arc::clone(&tokens),
+        identities: Arc::clone(&identities),
+        tls: server_tls.clone(),
+        listen: addr,
+    });
+    let http_addr = match http_listener {
+        Some(listener) => Some(start_http(
+            listener,
+            (&config, &handle, server_tls.as_ref()),
+            (Arc::clone(&task_api), Arc::clone(&admin_api)),
+            auth_on.then(|| Arc::clone(&tokens)),
+            (&cancel, &tasks),
+        )?),
+        None => None,
+    };
     server::mark_serving(&reporter).await;
     let server_cancel = cancel.clone();
     let serve_tls = server_tls.clone();
@@ -326,9 +367,10 @@ pub async fn start(
     let serve_failure = Arc::clone(&failure);
     tasks.spawn(async move {
         let result = server::serve(
-            (listener, addr, serve_tls, &serve_tasks),
+            (listener, serve_tls, &serve_tasks),
             handle,
             (tokens, identities),
+            (task_api, admin_api),
             auth_on,
             health,
             server_cancel.clone(),
@@ -367,12 +409,82 @@ pub async fn start(
     }
     Ok(RunningCoordinator {
         addr,
+        http_addr,
         tls: server_tls,
         cancel,
         tasks,
         admin_token_file,
         failure,
     })
+}
+
+/// Binds the HTTP listener at `addr`, once its plaintext and `--no-auth`
+/// rules allow it (those of the gRPC listener).
+async fn bind_http(config: &CoordinatorConfig, addr: SocketAddr) -> Result<TcpListener, Error> {
+    let refuse = |message: String| Error::HttpListen { addr, message };
+    http::check_plaintext(addr, config.tls.is_some(), config.insecure).map_err(refuse)?;
+    if !config.auth && !addr.ip().is_loopback() {
+        return Err(refuse(format!(
+            "refusing --no-auth on {addr}, which is not a loopback address: anyone who reaches it could cancel tasks and drain nodes; listen on 127.0.0.1 or use client tokens"
+        )));
+    }
+    TcpListener::bind(addr).await.map_err(|err| {
+        refuse(format!(
+            "cannot bind: {err} (choose another address with --http-listen, or turn it off with --http-listen off)"
+        ))
+    })
+}
+
+/// Starts the HTTP listener on `listener` and the overview's sampler;
+/// returns the bound address.
+fn start_http(
+    listener: TcpListener,
+    (config, handle, tls): (
+        &CoordinatorConfig,
+        &driver::Handle,
+        Option<&Arc<tls::ServerTls>>,
+    ),
+    (task_api, admin_api): (Arc<service::task::TaskApi>, Arc<service::admin::AdminApi>),
+    tokens: Option<Arc<auth::TokenIndex>>,
+    (cancel, tasks): (&CancellationToken, &TaskTracker),
+) -> Result<SocketAddr, Error> {
+    let addr = listener.local_addr().map_err(Error::Listener)?;
+    let series = Arc::new(http::Series::default());
+    tasks.spawn(Arc::clone(&series).sample_until(handle.clone(), cancel.clone()));
+    let app = Arc::new(http::App {
+        tasks: task_api,
+        admin: admin_api,
+        tokens,
+        sessions: http::session::Sessions::new(
+            http::session::MAX_SESSIONS,
+            http::session::SESSION_IDLE,
+        ),
+        series,
+        secure: tls.is_some(),
+        cancel: cancel.clone(),
+    });
+    tasks.spawn(http::serve(
+        listener,
+        tls.cloned(),
+        app,
+        listener::Limits::of(config),
+        config.max_streams_per_connection,
+        cancel.clone(),
+        tasks.clone(),
+    ));
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    match tls {
+        Some(tls) => tracing::info!(
+            url = %format!("{scheme}://{addr}/"),
+            ca_file = %tls.ca_file().display(),
+            "dashboard: open the url and log in with a client token; the browser must trust the cluster CA (ca_file), curl takes --cacert CA_FILE"
+        ),
+        None => tracing::info!(
+            url = %format!("{scheme}://{addr}/"),
+            "dashboard: open the url and log in with a client token"
+        ),
+    }
+    Ok(addr)
 }
 
 /// What a start reads from the store: the store, the scheduler with the

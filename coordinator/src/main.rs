@@ -38,6 +38,22 @@ struct Args {
     #[arg(long)]
     addr_file: Option<PathBuf>,
 
+    /// Address of the HTTP listener: the dashboard (open it in a browser
+    /// and log in with a client token), `/healthz` and `/metrics`. HTTPS
+    /// with the cluster's serving certificate whenever gRPC serves TLS;
+    /// plaintext (--insecure) only on a loopback address, as for gRPC.
+    /// `off` turns it off. Port 0 picks a free port (see
+    /// --http-addr-file) [default: 127.0.0.1:7080; when that port is
+    /// taken and the flag was not given, the coordinator starts without
+    /// it, saying so].
+    #[arg(long, env = "WEFT_HTTP_LISTEN", value_name = "ADDR|off", value_parser = parse_http_listen)]
+    http_listen: Option<HttpListen>,
+
+    /// Write the HTTP listener's bound `host:port` to this file once
+    /// listening (nothing is written when it is off).
+    #[arg(long, value_name = "PATH")]
+    http_addr_file: Option<PathBuf>,
+
     /// How often the coordinator and each node send heartbeats.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     heartbeat_interval: Duration,
@@ -274,6 +290,29 @@ struct Args {
     node_cert_lifetime: Duration,
 }
 
+/// `--http-listen`: an address, or off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HttpListen {
+    Off,
+    At(std::net::SocketAddr),
+}
+
+/// The binary's `--http-listen` when none is given.
+const DEFAULT_HTTP_LISTEN: std::net::SocketAddr = std::net::SocketAddr::V4(
+    std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 7080),
+);
+
+/// Parses `--http-listen`: `off`, or `IP:PORT`.
+fn parse_http_listen(text: &str) -> Result<HttpListen, String> {
+    let text = text.trim();
+    if text.eq_ignore_ascii_case("off") {
+        return Ok(HttpListen::Off);
+    }
+    text.parse().map(HttpListen::At).map_err(|_| {
+        format!("{text:?} is neither `off` nor an IP:PORT address (e.g. 127.0.0.1:7080, 0.0.0.0:7080, [::1]:7080)")
+    })
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum LogFormat {
     Text,
@@ -319,6 +358,11 @@ impl From<&Args> for CoordinatorConfig {
             max_streams_per_connection: args.max_streams_per_connection,
             watch_buffer_bytes: args.watch_buffer_bytes,
             max_streams_per_client: args.max_streams_per_client,
+            http_listen: match args.http_listen {
+                Some(HttpListen::Off) => None,
+                Some(HttpListen::At(addr)) => Some(addr),
+                None => Some(DEFAULT_HTTP_LISTEN),
+            },
             ..CoordinatorConfig::default()
         }
     }
@@ -440,8 +484,16 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding coordinator listener on {}", args.listen))?;
     let addr = listener.local_addr().context("reading the bound address")?;
-    let coordinator = match weft_coordinator::start(CoordinatorConfig::from(&args), listener).await
-    {
+    let mut config = CoordinatorConfig::from(&args);
+    if args.http_listen.is_none() && std::net::TcpListener::bind(DEFAULT_HTTP_LISTEN).is_err() {
+        // The default port is taken (another coordinator on this host):
+        // start without the dashboard rather than not at all.
+        tracing::warn!(
+            "the dashboard's default address {DEFAULT_HTTP_LISTEN} is in use: starting without the HTTP listener; pass --http-listen ADDR (port 0 picks a free one) to serve it"
+        );
+        config.http_listen = None;
+    }
+    let coordinator = match weft_coordinator::start(config, listener).await {
         Ok(coordinator) => coordinator,
         Err(weft_coordinator::Error::Store(err)) if err.is_damage() => {
             tracing::error!(
@@ -454,6 +506,9 @@ async fn main() -> anyhow::Result<()> {
     };
     if let Some(path) = &args.addr_file {
         write_addr_file(path, addr)?;
+    }
+    if let (Some(path), Some(http_addr)) = (&args.http_addr_file, coordinator.http_addr()) {
+        write_addr_file(path, http_addr)?;
     }
     tokio::select! {
         result = signal() => result?,

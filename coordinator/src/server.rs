@@ -57,14 +57,10 @@ pub(crate) async fn mark_serving(reporter: &HealthReporter) {
 /// [`ServerTls::acceptor`], so tonic sees finished TLS streams and
 /// `Request::peer_certs()` works), plaintext otherwise.
 pub(crate) async fn serve(
-    (listener, listen, tls, tasks): (
-        TcpListener,
-        std::net::SocketAddr,
-        Option<Arc<ServerTls>>,
-        &TaskTracker,
-    ),
+    (listener, tls, tasks): (TcpListener, Option<Arc<ServerTls>>, &TaskTracker),
     handle: Handle,
     (tokens, identities): (Arc<TokenIndex>, Arc<Identities>),
+    (task_api, admin_api): (Arc<TaskApi>, Arc<AdminApi>),
     auth: bool,
     health: tonic_health::pb::health_server::HealthServer<
         impl tonic_health::pb::health_server::Health,
@@ -135,19 +131,14 @@ pub(crate) async fn serve(
             })
             .max_decoding_message_size(max),
         )
+        // The same instances the HTTP listener calls (`crate::http`), so
+        // both share their state (the stream places per client).
         .add_service(InterceptedService::new(
-            TaskServiceServer::new(TaskApi::new(handle.clone())).max_decoding_message_size(max),
+            TaskServiceServer::from_arc(task_api).max_decoding_message_size(max),
             authenticator.clone(),
         ))
         .add_service(InterceptedService::new(
-            AdminServiceServer::new(AdminApi {
-                handle,
-                tokens,
-                identities,
-                tls: tls.clone(),
-                listen,
-            })
-            .max_decoding_message_size(max),
+            AdminServiceServer::from_arc(admin_api).max_decoding_message_size(max),
             authenticator,
         ));
     // Both paths share the one accept loop (caps, the handshake and
@@ -158,7 +149,10 @@ pub(crate) async fn serve(
             let acceptor = tls.acceptor();
             let incoming = crate::listener::incoming(
                 listener,
-                move |tcp| acceptor.accept(tcp),
+                (
+                    move |tcp| acceptor.accept(tcp),
+                    crate::listener::Greeting::Http2Preface,
+                ),
                 limits,
                 cancel.clone(),
                 tasks,
@@ -170,7 +164,10 @@ pub(crate) async fn serve(
         None => {
             let incoming = crate::listener::incoming(
                 listener,
-                |tcp| std::future::ready(Ok(tcp)),
+                (
+                    |tcp| std::future::ready(Ok(tcp)),
+                    crate::listener::Greeting::Http2Preface,
+                ),
                 limits,
                 cancel.clone(),
                 tasks,

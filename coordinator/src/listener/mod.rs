@@ -39,7 +39,8 @@ use crate::config::CoordinatorConfig;
 
 use backoff::{Backoff, Throttle};
 use caps::{Caps, Over};
-use preface::{Prefaced, read_preface};
+pub(crate) use preface::Greeting;
+use preface::{Prefaced, read_greeting};
 
 /// First wait after a failed `accept`; doubles per failure.
 const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(5);
@@ -105,12 +106,13 @@ fn max_connections_for(descriptors: u64) -> usize {
 }
 
 /// Accepts connections on `listener` until `cancel`, runs `handshake`
-/// (TLS, or nothing for plaintext) and reads the HTTP/2 preface on each,
-/// concurrently and within `limits.handshake_timeout`, and yields those
-/// that made it. Connections over a cap are closed at once.
+/// (TLS, or nothing for plaintext) and reads the `greeting` (the HTTP/2
+/// preface for gRPC) on each, concurrently and within
+/// `limits.handshake_timeout`, and yields those that made it. Connections
+/// over a cap are closed at once.
 pub(crate) fn incoming<IO, H, Fut>(
     listener: TcpListener,
-    handshake: H,
+    (handshake, greeting): (H, Greeting),
     limits: Limits,
     cancel: CancellationToken,
     tasks: &TaskTracker,
@@ -192,8 +194,8 @@ where
             handshakes.spawn(async move {
                 let ready = async move {
                     let mut io = handshake(tcp).await?;
-                    read_preface(&mut io).await?;
-                    Ok::<_, io::Error>(io)
+                    let head = read_greeting(&mut io, greeting).await?;
+                    Ok::<_, io::Error>((io, head))
                 };
                 let result = tokio::select! {
                     _ = cancel.cancelled() => return,
@@ -204,8 +206,8 @@ where
                     result = tokio::time::timeout(limits.handshake_timeout, ready) => result,
                 };
                 match result {
-                    Ok(Ok(io)) if slot.established() => {
-                        let _ = tx.send(Ok(Prefaced::new(io, slot))).await;
+                    Ok(Ok((io, head))) if slot.established() => {
+                        let _ = tx.send(Ok(Prefaced::with_head(io, head, slot))).await;
                     }
                     Ok(Ok(_)) => {
                         tracing::debug!(%peer, "closed a connection that finished its handshake as it was closed to make room");
@@ -303,7 +305,7 @@ mod tests {
     use tokio_util::task::TaskTracker;
 
     use super::preface::PREFACE;
-    use super::{Limits, incoming, max_connections_for};
+    use super::{Greeting, Limits, incoming, max_connections_for};
 
     /// Whether the listener closed `stream` within `within`.
     async fn closed(stream: &mut TcpStream, within: Duration) -> bool {
@@ -327,7 +329,7 @@ mod tests {
         };
         let accepted = incoming(
             listener,
-            |tcp| std::future::ready(Ok(tcp)),
+            (|tcp| std::future::ready(Ok(tcp)), Greeting::Http2Preface),
             limits,
             cancel.clone(),
             &tasks,

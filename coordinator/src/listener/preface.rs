@@ -9,6 +9,10 @@
 //! hold a descriptor forever. Reading it ourselves puts it under the same
 //! deadline as the TLS handshake. Nothing here decides about deadlines or
 //! caps; it only reads, compares and replays.
+//!
+//! The dashboard's listener speaks HTTP/1.1 as well ([`Greeting::AnyHttp`]):
+//! there the first bytes of a request, whatever they are, must come within
+//! the deadline; hyper's header timeout covers the rest of the request.
 
 use std::io;
 use std::pin::Pin;
@@ -22,6 +26,43 @@ use super::caps::Slot;
 /// What every HTTP/2 client sends first (RFC 9113, section 3.4); gRPC
 /// clients dial HTTP/2 directly ("prior knowledge"), over TLS or not.
 pub(crate) const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// What a connection must send first, within the handshake deadline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Greeting {
+    /// The HTTP/2 client preface (gRPC).
+    Http2Preface,
+    /// Any first bytes (HTTP/1.1 or HTTP/2: the dashboard, `/metrics`).
+    AnyHttp,
+}
+
+/// Reads what `greeting` asks for from `io`, and returns the bytes read
+/// (to replay) and how many there are.
+pub(crate) async fn read_greeting<IO>(
+    io: &mut IO,
+    greeting: Greeting,
+) -> io::Result<([u8; PREFACE.len()], usize)>
+where
+    IO: AsyncRead + Unpin,
+{
+    match greeting {
+        Greeting::Http2Preface => {
+            read_preface(io).await?;
+            Ok((*PREFACE, PREFACE.len()))
+        }
+        Greeting::AnyHttp => {
+            let mut head = [0u8; PREFACE.len()];
+            let n = io.read(&mut head).await?;
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "closed before sending a request",
+                ));
+            }
+            Ok((head, n))
+        }
+    }
+}
 
 /// Reads the client preface from `io`: `Ok` once all 24 bytes came and
 /// match; `InvalidData` at the first byte that does not (without waiting
@@ -58,16 +99,34 @@ where
 #[derive(Debug)]
 pub(crate) struct Prefaced<IO> {
     io: IO,
-    /// Bytes of [`PREFACE`] already given back to the reader.
+    /// The bytes read before the connection was handed on: the preface,
+    /// or the first bytes of a request ([`Greeting::AnyHttp`]).
+    head: [u8; PREFACE.len()],
+    /// How many bytes of `head` there are.
+    head_len: usize,
+    /// Bytes of `head` already given back to the reader.
     replayed: usize,
     _slot: Slot,
 }
 
 impl<IO> Prefaced<IO> {
     /// `io`, whose preface was read with [`read_preface`], counted by `slot`.
+    #[cfg(test)]
     pub(crate) fn new(io: IO, slot: Slot) -> Prefaced<IO> {
+        Prefaced::with_head(io, (*PREFACE, PREFACE.len()), slot)
+    }
+
+    /// `io`, of which `head` (bytes, length) was read already, counted by
+    /// `slot`.
+    pub(crate) fn with_head(
+        io: IO,
+        (head, head_len): ([u8; PREFACE.len()], usize),
+        slot: Slot,
+    ) -> Prefaced<IO> {
         Prefaced {
             io,
+            head,
+            head_len: head_len.min(PREFACE.len()),
             replayed: 0,
             _slot: slot,
         }
@@ -81,8 +140,8 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Prefaced<IO> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        if this.replayed < PREFACE.len() {
-            let rest = &PREFACE[this.replayed..];
+        if this.replayed < this.head_len {
+            let rest = &this.head[this.replayed..this.head_len];
             let n = rest.len().min(buf.remaining());
             buf.put_slice(&rest[..n]);
             this.replayed += n;

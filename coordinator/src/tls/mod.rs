@@ -105,6 +105,10 @@ pub struct ServerTls {
     lifetime: Duration,
     cert: Arc<RotatingCert>,
     acceptor: TlsAcceptor,
+    /// The HTTP listener's (dashboard, `/metrics`): the same certificate,
+    /// no client certificate asked for (a browser would prompt for one),
+    /// and HTTP/1.1 offered beside HTTP/2.
+    http_acceptor: TlsAcceptor,
     _temp: Option<tempfile::TempDir>,
 }
 
@@ -170,6 +174,12 @@ impl ServerTls {
                 .allow_unauthenticated()
                 .build()
                 .map_err(|err| TlsSetupError::Rustls(err.to_string()))?;
+        let mut http = ServerConfig::builder_with_provider(Arc::clone(&provider))
+            .with_safe_default_protocol_versions()
+            .map_err(|err| TlsSetupError::Rustls(err.to_string()))?
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::clone(&cert) as Arc<dyn ResolvesServerCert>);
+        http.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         let mut server = ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(|err| TlsSetupError::Rustls(err.to_string()))?
@@ -189,6 +199,7 @@ impl ServerTls {
             lifetime,
             cert,
             acceptor: TlsAcceptor::from(Arc::new(server)),
+            http_acceptor: TlsAcceptor::from(Arc::new(http)),
             _temp: temp,
         })
     }
@@ -267,6 +278,13 @@ impl ServerTls {
     /// loop, its deadline and caps are `crate::listener`'s.
     pub(crate) fn acceptor(&self) -> TlsAcceptor {
         self.acceptor.clone()
+    }
+
+    /// The TLS acceptor of the HTTP listener: the same serving
+    /// certificate (rotated with it), no client certificate, HTTP/1.1 or
+    /// HTTP/2.
+    pub(crate) fn http_acceptor(&self) -> TlsAcceptor {
+        self.http_acceptor.clone()
     }
 }
 

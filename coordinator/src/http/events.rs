@@ -1,0 +1,123 @@
+//! `GET /api/tasks/{id}/events`: a task's events as Server-Sent Events,
+//! history then live, through `TaskService.Watch` (so the same stream
+//! places per client, byte budgets and resume from the store).
+//!
+//! Each event is `id: SEQ`, `event: state|output|progress|finished` and
+//! its JSON (`super::json::event`). A browser's `EventSource` reconnects
+//! with `Last-Event-ID: SEQ`; the stream then starts at SEQ + 1, so
+//! nothing repeats and nothing is missed. `?from_seq=N` starts at N.
+//! After `finished` the stream ends (the watch feed ends there).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures::StreamExt;
+
+use weft_proto::pb;
+use weft_proto::pb::task_service_server::TaskService;
+
+use super::api::query_pairs;
+use super::{ApiError, App, grpc_request, json};
+
+/// A comment line this often keeps proxies and browsers from timing an
+/// idle stream out.
+const KEEP_ALIVE: Duration = Duration::from_secs(15);
+
+/// The first seq wanted: after `Last-Event-ID`, else `?from_seq`, else 0.
+fn from_seq(headers: &HeaderMap, query: Option<&str>) -> Result<u64, ApiError> {
+    if let Some(value) = headers.get("last-event-id") {
+        let last: u64 = value
+            .to_str()
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "Last-Event-ID: not an event sequence number",
+                )
+            })?;
+        return Ok(last.saturating_add(1));
+    }
+    match query_pairs(query)
+        .into_iter()
+        .find(|(key, _)| key == "from_seq")
+    {
+        Some((_, value)) => value.parse().map_err(|_| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("from_seq: {value:?} is not a sequence number"),
+            )
+        }),
+        None => Ok(0),
+    }
+}
+
+/// One task event as an SSE event.
+fn sse_event(event: &pb::TaskEvent) -> Event {
+    let (name, data) = json::event(event);
+    Event::default()
+        .id(event.seq.to_string())
+        .event(name)
+        .data(data.to_string())
+}
+
+/// The handler.
+pub(super) async fn events(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    let caller = app.caller(&headers)?;
+    let from_seq = from_seq(&headers, query.as_deref())?;
+    let request = pb::WatchRequest {
+        task_id: id,
+        from_seq,
+    };
+    let feed = app
+        .tasks
+        .watch(grpc_request(&caller, request))
+        .await?
+        .into_inner();
+    // An error ends the stream with an `error` event saying why (the
+    // browser reconnects from the last id it had).
+    let events = feed
+        .map(|item| match item {
+            Ok(event) => sse_event(&event),
+            Err(status) => Event::default()
+                .event("error")
+                .data(serde_json::json!({ "error": status.message() }).to_string()),
+        })
+        .map(Ok::<_, Infallible>)
+        .take_until(app.cancel.clone().cancelled_owned());
+    let mut response = Sse::new(events)
+        .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
+        .into_response();
+    response.headers_mut().insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("no-store"),
+    );
+    Ok(response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn last_event_id_resumes_after_it_and_wins_over_the_query() {
+        let mut headers = HeaderMap::new();
+        assert_eq!(from_seq(&headers, None).unwrap(), 0);
+        assert_eq!(from_seq(&headers, Some("from_seq=7")).unwrap(), 7);
+        headers.insert("last-event-id", "41".parse().unwrap());
+        assert_eq!(from_seq(&headers, Some("from_seq=7")).unwrap(), 42);
+        headers.insert("last-event-id", "x".parse().unwrap());
+        assert!(from_seq(&headers, None).is_err());
+        assert!(from_seq(&HeaderMap::new(), Some("from_seq=-1")).is_err());
+    }
+}

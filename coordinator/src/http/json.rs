@@ -1,0 +1,262 @@
+//! The dashboard's JSON: the API's protobuf answers (`pb::Task`,
+//! `pb::NodeInfo`, `pb::TaskEvent`) as the objects of the HTTP contract
+//! (`/work/briefs/dash-api.md`, README "Dashboard"). Only encoding here:
+//! what a reader may see was decided by the gRPC service that answered
+//! (a task's `secret_env` never leaves it).
+
+use std::time::SystemTime;
+
+use serde_json::{Map, Value, json};
+
+use weft_proto::convert::system_time;
+use weft_proto::pb;
+
+/// Most bytes of a call task's output put in its JSON (the rest is cut,
+/// saying so): the page shows a result, not a download.
+const MAX_OUTPUT_BYTES: usize = 64 << 10;
+
+/// A protobuf timestamp as RFC 3339 (UTC, milliseconds); `null` if unset.
+pub(crate) fn time(t: Option<&prost_types::Timestamp>) -> Value {
+    match t {
+        Some(t) => Value::String(rfc3339(system_time(t))),
+        None => Value::Null,
+    }
+}
+
+/// A wall-clock time as RFC 3339 (UTC, milliseconds).
+pub(crate) fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// A task state's name in the contract (`queued`, `running`, ...).
+pub(crate) fn state_name(value: i32) -> &'static str {
+    match pb::TaskState::try_from(value) {
+        Ok(pb::TaskState::Queued) => "queued",
+        Ok(pb::TaskState::Assigned) => "assigned",
+        Ok(pb::TaskState::Running) => "running",
+        Ok(pb::TaskState::Succeeded) => "succeeded",
+        Ok(pb::TaskState::Failed) => "failed",
+        Ok(pb::TaskState::Cancelled) => "cancelled",
+        Ok(pb::TaskState::TimedOut) => "timed_out",
+        Ok(pb::TaskState::Unspecified) | Err(_) => "unknown",
+    }
+}
+
+/// The task state a contract name stands for (`None`: not a state).
+pub(crate) fn state_from_name(name: &str) -> Option<pb::TaskState> {
+    [
+        pb::TaskState::Queued,
+        pb::TaskState::Assigned,
+        pb::TaskState::Running,
+        pb::TaskState::Succeeded,
+        pb::TaskState::Failed,
+        pb::TaskState::Cancelled,
+        pb::TaskState::TimedOut,
+    ]
+    .into_iter()
+    .find(|state| state_name(i32::from(*state)) == name)
+}
+
+fn outcome_name(value: i32) -> &'static str {
+    match pb::Outcome::try_from(value) {
+        Ok(pb::Outcome::Succeeded) => "succeeded",
+        Ok(pb::Outcome::Failed) => "failed",
+        Ok(pb::Outcome::Cancelled) => "cancelled",
+        Ok(pb::Outcome::TimedOut) => "timed_out",
+        Ok(pb::Outcome::StartFailed) => "start_failed",
+        Ok(pb::Outcome::Unspecified) | Err(_) => "",
+    }
+}
+
+fn string_map(map: &std::collections::HashMap<String, String>) -> Value {
+    let mut sorted: Vec<_> = map.iter().collect();
+    sorted.sort();
+    Value::Object(
+        sorted
+            .into_iter()
+            .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+            .collect::<Map<_, _>>(),
+    )
+}
+
+/// UTF-8 text of `bytes`, invalid sequences replaced, at most `max` bytes
+/// of it (cut at a character boundary).
+fn lossy(bytes: &[u8], max: usize) -> (String, bool) {
+    let cut = bytes.len() > max;
+    let text = String::from_utf8_lossy(&bytes[..bytes.len().min(max)]).into_owned();
+    (text, cut)
+}
+
+/// A task as the contract's Task object.
+pub(crate) fn task(task: &pb::Task) -> Value {
+    let mut out = json!({
+        "id": task.id,
+        "state": state_name(task.state),
+        "attempt": task.attempt,
+        "node_id": task.node_id,
+        "node_name": task.node_name,
+        "exit_code": task.exit_code,
+        "error": task.error,
+        "pending_reason": task.pending_reason,
+        "created_at": time(task.created_at.as_ref()),
+        "updated_at": time(task.updated_at.as_ref()),
+        "failures": task.failures,
+        "node_losses": task.node_losses,
+        "next_seq": task.next_seq,
+        "last_outcome": outcome_name(task.last_outcome),
+    });
+    let Some(obj) = out.as_object_mut() else {
+        return out;
+    };
+    if !task.output.is_empty() {
+        let (text, cut) = lossy(&task.output, MAX_OUTPUT_BYTES);
+        obj.insert("output".into(), Value::String(text));
+        obj.insert("output_truncated".into(), Value::Bool(cut));
+    }
+    let Some(spec) = &task.spec else {
+        obj.insert("name".into(), Value::String(String::new()));
+        obj.insert("labels".into(), json!({}));
+        obj.insert("env".into(), json!({}));
+        return out;
+    };
+    obj.insert("name".into(), Value::String(spec.name.clone()));
+    obj.insert("labels".into(), string_map(&spec.labels));
+    obj.insert("slots".into(), json!(spec.slots.max(1)));
+    obj.insert(
+        "timeout_seconds".into(),
+        spec.timeout
+            .as_ref()
+            .map(|d| json!(d.seconds as f64 + f64::from(d.nanos) / 1e9))
+            .unwrap_or(Value::Null),
+    );
+    obj.insert(
+        "max_attempts".into(),
+        json!(if spec.max_attempts == 0 {
+            3
+        } else {
+            spec.max_attempts
+        }),
+    );
+    match &spec.kind {
+        Some(pb::task_spec::Kind::Exec(exec)) => {
+            obj.insert("kind".into(), json!("exec"));
+            obj.insert("command".into(), json!(exec.argv));
+            obj.insert("env".into(), string_map(&exec.env));
+            obj.insert("cwd".into(), json!(exec.cwd));
+        }
+        Some(pb::task_spec::Kind::Call(call)) => {
+            obj.insert("kind".into(), json!("call"));
+            obj.insert("handler".into(), json!(call.handler));
+            obj.insert("env".into(), json!({}));
+        }
+        None => {
+            obj.insert("kind".into(), json!(""));
+            obj.insert("env".into(), json!({}));
+        }
+    }
+    out
+}
+
+/// A node's state name in the contract.
+fn node_state(value: i32) -> &'static str {
+    match pb::NodeState::try_from(value) {
+        Ok(pb::NodeState::Ready) => "connected",
+        Ok(pb::NodeState::Draining) => "draining",
+        Ok(pb::NodeState::Unspecified) | Err(_) => "unknown",
+    }
+}
+
+/// A node as the contract's Node object.
+pub(crate) fn node(node: &pb::NodeInfo) -> Value {
+    let mut handlers = node.handlers.clone();
+    handlers.sort();
+    json!({
+        "id": node.node_id,
+        "name": node.name,
+        "state": node_state(node.state),
+        "slots": node.slots,
+        "slots_used": node.slots_used,
+        "slots_free": node.slots_free,
+        "labels": string_map(&node.labels),
+        "handlers": handlers,
+        "heartbeat_age_seconds": node
+            .last_heartbeat_age
+            .as_ref()
+            .map(|d| d.seconds as f64 + f64::from(d.nanos) / 1e9),
+        "running": node.running.len(),
+        "finished": node.finished,
+    })
+}
+
+/// One task event as an SSE event's name and data.
+pub(crate) fn event(event: &pb::TaskEvent) -> (&'static str, Value) {
+    let time = time(event.time.as_ref());
+    match &event.body {
+        Some(pb::task_event::Body::State(state)) => (
+            "state",
+            json!({
+                "state": state_name(state.state),
+                "node_id": state.node_id,
+                "node_name": state.node_name,
+                "reason": state.reason,
+                "attempt": event.attempt,
+                "time": time,
+            }),
+        ),
+        Some(pb::task_event::Body::Output(output)) => (
+            "output",
+            json!({
+                "stream": if output.stream == i32::from(pb::OutputStream::Stderr) { "stderr" } else { "stdout" },
+                "text": String::from_utf8_lossy(&output.data),
+                "attempt": event.attempt,
+                "time": time,
+            }),
+        ),
+        Some(pb::task_event::Body::Progress(progress)) => (
+            "progress",
+            json!({
+                "fraction": progress.fraction,
+                "message": progress.message,
+                "attempt": event.attempt,
+                "time": time,
+            }),
+        ),
+        Some(pb::task_event::Body::Finished(done)) => ("finished", json!({ "task": task(done) })),
+        None => ("unknown", json!({ "time": time })),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_state_name_reads_back() {
+        for value in 1..=7 {
+            let name = state_name(value);
+            assert_eq!(state_from_name(name).map(i32::from), Some(value), "{name}");
+        }
+        assert_eq!(state_from_name("nope"), None);
+    }
+
+    #[test]
+    fn a_task_shows_its_spec_but_never_a_secret() {
+        let mut spec = pb::TaskSpec::from(weft_proto::TaskSpec::exec(["echo", "hi"]));
+        spec.secret_env.insert("API_KEY".into(), "hunter2".into());
+        let task = pb::Task {
+            id: "t1".into(),
+            spec: Some(spec),
+            state: i32::from(pb::TaskState::Running),
+            ..Default::default()
+        };
+        let value = task_json(&task);
+        assert_eq!(value["kind"], "exec");
+        assert_eq!(value["command"], json!(["echo", "hi"]));
+        assert_eq!(value["state"], "running");
+        assert!(!value.to_string().contains("hunter2"));
+    }
+
+    fn task_json(t: &pb::Task) -> Value {
+        task(t)
+    }
+}
