@@ -83,7 +83,8 @@
     const dl = h('dl', { class: 'fields' });
     for (const [name, value] of rows) {
       if (value === null || value === undefined) continue;
-      dl.append(h('dt', {}, name), h('dd', {}, value));
+      const field = name.toLowerCase().replace(/[^a-z0-9]+/g, '-');
+      dl.append(h('dt', {}, name), h('dd', { 'data-field': field }, value));
     }
     return dl;
   }
@@ -502,12 +503,17 @@
         h('td', {}, slotMeter(used, slots, free)),
         h('td', {}, chips(n.labels)),
         h('td', { class: 'hide-narrow' }, (n.handlers || []).length ? (n.handlers || []).map((x) => h('span', { class: 'chip' }, x)) : h('span', { class: 'muted' }, '—')),
-        h('td', { class: 'num nowrap' }, `${ago(Number(n.heartbeat_age_seconds))} ago`));
+        h('td', { class: 'num nowrap' }, heartbeat(n)));
     });
     return h('div', { class: 'table-wrap' }, h('table', { id: 'nodes-table' },
       h('thead', {}, h('tr', {}, h('th', {}, 'Name'), h('th', {}, 'State'), h('th', {}, 'Slots'),
         h('th', {}, 'Labels'), h('th', { class: 'hide-narrow' }, 'Handlers'), h('th', { class: 'num' }, 'Heartbeat'))),
       h('tbody', {}, rows)));
+  }
+
+  function heartbeat(n) {
+    const age = n.heartbeat_age_seconds;
+    return age === null || age === undefined || !Number.isFinite(Number(age)) ? '—' : `${ago(Number(age))} ago`;
   }
 
   function slotMeter(used, slots, free) {
@@ -529,6 +535,8 @@
       label: params.get('label') || '',
       name: params.get('name') || '',
     };
+    // `#/tasks?limit=N` picks the page size (1 to 500; the server caps it too).
+    const limit = Math.min(500, Math.max(1, Number(params.get('limit')) || PAGE_SIZE));
     const error = errorSlot();
     const stateSelect = h('select', { id: 'filter-state', name: 'state' },
       h('option', { value: '' }, 'any state'),
@@ -547,6 +555,7 @@
       if (stateSelect.value) q.set('state', stateSelect.value);
       if (labelInput.value.trim()) q.set('label', labelInput.value.trim());
       if (nameInput.value.trim()) q.set('name', nameInput.value.trim());
+      if (limit !== PAGE_SIZE) q.set('limit', String(limit));
       const next = q.toString() ? `#/tasks?${q}` : '#/tasks';
       if (location.hash === next) load(''); else location.hash = next;
     });
@@ -578,7 +587,7 @@
       if (filters.state) q.set('state', filters.state);
       if (filters.label) q.set('label', filters.label);
       if (filters.name) q.set('name', filters.name);
-      q.set('limit', String(PAGE_SIZE));
+      q.set('limit', String(limit));
       if (token) q.set('page_token', token);
       try {
         const data = await api('GET', `/api/tasks?${q}`);
@@ -687,8 +696,11 @@
 
     function renderActions() {
       if (confirming) return;
+      const wanted = task && !FINAL.has(normState(task.state)) && hasScope('cancel');
+      // Keep the button that is there (a click may be on its way to it).
+      if (wanted && actions.querySelector('#cancel')) return;
       actions.replaceChildren();
-      if (!task || FINAL.has(normState(task.state)) || !hasScope('cancel')) return;
+      if (!wanted) return;
       actions.append(h('button', { type: 'button', class: 'danger', id: 'cancel', onclick: askCancel }, 'Cancel task'));
     }
 
@@ -873,8 +885,17 @@
           on[type](data || {});
         });
       }
-      es.onerror = () => {
+      es.onerror = (ev) => {
         if (!pg.alive || finished || es !== source) return;
+        // An `error` event the server sent (it then ends the stream, and
+        // the browser reconnects from the last id it had): say why.
+        if (ev && typeof ev.data === 'string') {
+          let why = ev.data;
+          try { why = JSON.parse(ev.data).error || why; } catch (_) { /* plain text */ }
+          on.error(new ApiError(0, why));
+          on.status('retry', 'reconnecting…');
+          return;
+        }
         if (es.readyState === EventSource.CONNECTING) {
           on.status('retry', 'reconnecting…');
           return;
@@ -912,6 +933,7 @@
       ['Attempt', t.attempt ? `${t.attempt}${t.max_attempts ? ` of at most ${t.max_attempts}` : ''}` : null],
       ['Exit code', t.exit_code !== undefined && t.exit_code !== null ? String(t.exit_code) : null],
       ['Error', t.error ? h('span', { class: 'mono' }, t.error) : null],
+      ['Last outcome', t.last_outcome ? t.last_outcome.replace('_', ' ') : null],
       ['Waiting because', t.pending_reason || null],
       ['Labels', chips(t.labels)],
       ['Environment', envRows.length ? envRows : h('span', { class: 'muted' }, '—')],
@@ -920,6 +942,10 @@
       ['Node losses', t.node_losses ? String(t.node_losses) : null],
       ['Created', when(t.created_at)],
       ['Updated', when(t.updated_at)],
+      // A call's result: text, like all output (untrusted).
+      ['Result', typeof t.output === 'string' && t.output
+        ? h('pre', { class: 'output result' }, t.output, t.output_truncated ? h('span', { class: 'muted' }, '\n… (cut)') : null)
+        : null],
     ]);
   }
 
@@ -999,9 +1025,14 @@
 
     function renderActions() {
       if (confirming) return;
+      const draining = node && normState(node.state) === 'draining';
+      const key = !node || gone || !hasScope('admin') ? '' : draining ? 'revoke' : 'drain+revoke';
+      // Keep the buttons that are there (a click may be on its way to them).
+      if (key && actions.dataset.key === key && actions.firstChild) return;
+      actions.dataset.key = key;
       actions.replaceChildren();
-      if (!node || gone || !hasScope('admin')) return;
-      if (normState(node.state) !== 'draining') {
+      if (!key) return;
+      if (!draining) {
         actions.append(h('button', { type: 'button', class: 'secondary', id: 'drain', onclick: () => ask('drain') }, 'Drain'));
       }
       actions.append(h('button', { type: 'button', class: 'danger', id: 'revoke', onclick: () => ask('revoke') }, 'Revoke'));
@@ -1061,7 +1092,9 @@
         ['Handlers', (n.handlers || []).length ? n.handlers.map((x) => h('span', { class: 'chip' }, x)) : h('span', { class: 'muted' }, '—')],
         ['Address', n.address ? h('span', { class: 'mono' }, n.address) : null],
         ['Connected', n.connected_since ? when(n.connected_since) : null],
-        ['Heartbeat', `${ago(Number(n.heartbeat_age_seconds))} ago`],
+        ['Heartbeat', heartbeat(n)],
+        ['Running', n.running !== undefined ? String(n.running) : null],
+        ['Finished here', n.finished !== undefined ? String(n.finished) : null],
       ]));
       renderActions();
     }

@@ -304,13 +304,19 @@ impl Browser {
         self.script(&script, vec![]).await.as_u64().unwrap_or(0) as usize
     }
 
-    /// Waits for the element matching `css` and clicks it.
+    /// Waits for the element matching `css` and clicks it (finding it
+    /// again if the page replaced it in between).
     pub async fn click(&self, css: &str) {
-        let element = self.wait_for(css).await;
-        element
-            .click()
-            .await
-            .unwrap_or_else(|e| panic!("clicking `{css}`: {e}"));
+        let clicked = wait_for(default_timeout(), || async {
+            let element = self.client.find(Locator::Css(css)).await.ok()?;
+            element.click().await.ok()
+        })
+        .await;
+        if let Err(e) = clicked {
+            let page = self.describe().await;
+            let shot = self.screenshot("failure").await;
+            panic!("{e}: clicking `{css}`\nscreenshot: {}\n{page}", shot.display())
+        }
     }
 
     /// Waits for the input matching `css`, clears it and types `text`.
@@ -410,8 +416,10 @@ async fn start_driver(binary: &Path) -> (Child, u16) {
     let read_port = async {
         let mut seen = Vec::new();
         while let Ok(Some(line)) = lines.next_line().await {
+            // "Starting ChromeDriver ... on port 0" comes first; then
+            // "ChromeDriver was started successfully on port 41233."
             if let Some(port) = line
-                .split("on port ")
+                .split("started successfully on port ")
                 .nth(1)
                 .and_then(|rest| rest.trim().trim_end_matches('.').parse::<u16>().ok())
             {

@@ -8,6 +8,7 @@ mod addresses;
 mod cancel_and_timeout;
 mod cli;
 mod completions;
+mod dashboard;
 mod connections;
 mod disk;
 mod drain;
