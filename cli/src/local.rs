@@ -26,6 +26,19 @@ const JOIN_TTL: Duration = Duration::from_secs(10 * 60);
 /// How long running tasks get to finish when the cluster stops.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
+/// The dashboard's port, on the coordinator's host, when it is free.
+const DASHBOARD_PORT: u16 = 7080;
+
+/// Where the dashboard listens: port [`DASHBOARD_PORT`] on `ip`, or a free
+/// port there when that one is taken (another cluster on this host).
+fn dashboard_listen(ip: std::net::IpAddr) -> SocketAddr {
+    let wanted = SocketAddr::new(ip, DASHBOARD_PORT);
+    match std::net::TcpListener::bind(wanted) {
+        Ok(_) => wanted,
+        Err(_) => SocketAddr::new(ip, 0),
+    }
+}
+
 /// Starts a coordinator on `listener` and `nodes` nodes named `local-1`,
 /// `local-2`, ... with `slots` slots each (default: CPUs) and the built-in
 /// handlers, all in this process.
@@ -49,6 +62,8 @@ pub async fn start(
         // long as this process (in a private temp dir).
         tls: Some(TlsConfig::default()),
         admin_token_file: Some(token_dir.join(weft_coordinator::auth::ADMIN_TOKEN_FILE)),
+        // The dashboard, on the coordinator's host.
+        http_listen: Some(dashboard_listen(listener.local_addr()?.ip())),
         ..defaults
     };
     let mut cluster = LocalCluster::start(config, listener).await?;
@@ -129,6 +144,7 @@ pub async fn run(
             "{}",
             serde_json::json!({
                 "coordinator": url,
+                "dashboard": cluster.http_url().map(|u| format!("{u}/")),
                 "ca_file": cluster.ca_file().map(|f| f.display().to_string()),
                 "token": token,
                 "nodes": nodes,
@@ -162,6 +178,11 @@ fn print_exports(
     println!(
         "weft local: coordinator at {url}, {nodes} nodes with {slots_text} each (Ctrl-C to stop)"
     );
+    if let Some(dashboard) = cluster.http_url() {
+        println!(
+            "weft local: dashboard at {dashboard}/ (log in with the WEFT_TOKEN below; the browser must trust the CA file WEFT_CA)"
+        );
+    }
     match cluster.ca_file() {
         Some(ca_file) => println!(
             "export WEFT_COORDINATOR={url} WEFT_CA={}",

@@ -77,6 +77,12 @@ impl LocalCluster {
         self.coordinator.url()
     }
 
+    /// The dashboard's URL (`https://ADDR`, `http://` without TLS);
+    /// `None` when the coordinator's HTTP listener is off.
+    pub fn http_url(&self) -> Option<String> {
+        self.coordinator.http_url()
+    }
+
     /// How clients and nodes trust this coordinator: its `ca.pem`
     /// (`None` when it serves plaintext).
     pub fn trust(&self) -> Option<weft_proto::tls::Trust> {

@@ -19,6 +19,8 @@
 //! - [`fake_node`]: a raw `NodeService` session for playing a misbehaving node.
 //! - [`cli`]: running the `weft` binary and capturing its output.
 //! - [`wait`]: `wait_until` and friends; process liveness checks.
+//! - [`http`]: an HTTP client of the coordinator's HTTP listener (the
+//!   dashboard's API), trusting the cluster CA.
 //! - [`trust`]: which CA each running test cluster's URL is trusted by,
 //!   so raw channels ([`fake_node::channel`]) dial its TLS like clients.
 //!
@@ -28,6 +30,7 @@ pub mod browser;
 pub mod cli;
 pub mod cluster;
 pub mod fake_node;
+pub mod http;
 pub mod process;
 pub mod trust;
 pub mod wait;

@@ -28,14 +28,16 @@ pub(super) const ADMIN_TOKEN_FILE: &str = "admin.token";
 const ADDR_POLL: Duration = Duration::from_millis(10);
 
 /// Starts the coordinator (the `generation`-th time) on `listen`, or on a
-/// free port; answers its handle and bound address.
+/// free port, with its HTTP listener on `http_listen` or a free loopback
+/// port; answers its handle and bound addresses (gRPC, HTTP).
 pub(super) async fn start_coordinator(
     settings: &TestClusterBuilder,
     dir: &Path,
-    listen: Option<SocketAddr>,
+    (listen, http_listen): (Option<SocketAddr>, Option<SocketAddr>),
     generation: usize,
-) -> (Coordinator, SocketAddr) {
+) -> (Coordinator, SocketAddr, Option<SocketAddr>) {
     let listen = listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
+    let http_listen = http_listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
     let data_dir = settings.durable.then(|| dir.join("coordinator-data"));
     // One CA per cluster, kept across coordinator restarts (so clients and
     // nodes keep trusting it).
@@ -60,6 +62,7 @@ pub(super) async fn start_coordinator(
             }),
             insecure: settings.insecure,
             admin_token_file: Some(dir.join(ADMIN_TOKEN_FILE)),
+            http_listen: Some(http_listen),
             ..CoordinatorConfig::default()
         };
         let config = CoordinatorConfig {
@@ -95,16 +98,23 @@ pub(super) async fn start_coordinator(
                 )
             });
         let addr = running.addr();
-        return (Coordinator::InProcess(Box::new(running)), addr);
+        let http_addr = running.http_addr();
+        return (Coordinator::InProcess(Box::new(running)), addr, http_addr);
     }
 
     let addr_file = dir.join("coordinator.addr");
     let _ = std::fs::remove_file(&addr_file);
+    let http_addr_file = dir.join("coordinator.http.addr");
+    let _ = std::fs::remove_file(&http_addr_file);
     let mut args = vec![
         "--listen".to_owned(),
         listen.to_string(),
         "--addr-file".to_owned(),
         addr_file.display().to_string(),
+        "--http-listen".to_owned(),
+        http_listen.to_string(),
+        "--http-addr-file".to_owned(),
+        http_addr_file.display().to_string(),
         "--heartbeat-interval".to_owned(),
         format!("{}ms", settings.heartbeat.as_millis()),
         "--heartbeat-timeout".to_owned(),
@@ -182,8 +192,20 @@ pub(super) async fn start_coordinator(
     let addr =
         weft_cluster::wait_for_addr_file(&mut child, &addr_file, default_timeout(), ADDR_POLL)
             .await;
+    // Written just after the gRPC address: there once that one is.
+    let http_addr = match addr {
+        Ok(_) => weft_cluster::wait_for_addr_file(
+            &mut child,
+            &http_addr_file,
+            default_timeout(),
+            ADDR_POLL,
+        )
+        .await
+        .ok(),
+        Err(_) => None,
+    };
     match addr {
-        Ok(addr) => (Coordinator::Process(Box::new(child)), addr),
+        Ok(addr) => (Coordinator::Process(Box::new(child)), addr, http_addr),
         Err(ClusterError::Exited { status, .. }) => panic!(
             "weft-coordinator exited early ({status})\n--- {} ---\n{}",
             child.log().display(),

@@ -56,7 +56,8 @@ impl TestClusterBuilder {
             .prefix("weft-test-")
             .tempdir()
             .expect("creating the cluster temp dir");
-        let (coordinator, addr) = start_coordinator(&self, dir.path(), None, 0).await;
+        let (coordinator, addr, http_addr) =
+            start_coordinator(&self, dir.path(), (None, None), 0).await;
         let (url, ca_file) = if self.insecure {
             (format!("http://{addr}"), None)
         } else {
@@ -69,6 +70,7 @@ impl TestClusterBuilder {
             url,
             ca_file,
             addr,
+            http_addr,
             restarts: AtomicUsize::new(0),
             dir: Some(dir),
             coordinator: Mutex::new(Some(coordinator)),
@@ -110,6 +112,8 @@ pub struct TestCluster {
     url: String,
     ca_file: Option<PathBuf>,
     addr: SocketAddr,
+    /// The HTTP listener's (dashboard) address: kept across restarts.
+    http_addr: Option<SocketAddr>,
     restarts: AtomicUsize,
     dir: Option<TempDir>,
     // std mutexes, never held across an await.
@@ -130,6 +134,19 @@ impl TestCluster {
     /// [`insecure`](TestClusterBuilder::insecure) cluster).
     pub fn url(&self) -> String {
         self.url.clone()
+    }
+
+    /// The dashboard's URL (the coordinator's HTTP listener, on a free
+    /// loopback port): `https://127.0.0.1:PORT`, with the cluster's
+    /// serving certificate (`http://` for an insecure cluster).
+    pub fn http_url(&self) -> String {
+        let addr = self
+            .http_addr
+            .expect("every test cluster's coordinator serves HTTP");
+        match self.settings.insecure {
+            true => format!("http://{addr}"),
+            false => format!("https://{addr}"),
+        }
     }
 
     /// The cluster CA's `ca.pem` (`None` for an insecure cluster).
@@ -550,9 +567,15 @@ impl TestCluster {
             None => panic!("the coordinator is not running"),
         }
         let generation = self.restarts.fetch_add(1, Ordering::SeqCst) + 1;
-        let (coordinator, addr) =
-            start_coordinator(&self.settings, self.dir(), Some(self.addr), generation).await;
+        let (coordinator, addr, http_addr) = start_coordinator(
+            &self.settings,
+            self.dir(),
+            (Some(self.addr), self.http_addr),
+            generation,
+        )
+        .await;
         assert_eq!(addr, self.addr, "the restarted coordinator moved");
+        assert_eq!(http_addr, self.http_addr, "the restarted dashboard moved");
         *self.coordinator.lock().unwrap_or_else(|p| p.into_inner()) = Some(coordinator);
     }
 

@@ -17,6 +17,7 @@ mod failover;
 mod fencing;
 mod field_limits;
 mod handlers;
+mod http_api;
 mod local_json;
 mod map_json;
 mod message_limits;

@@ -1,0 +1,584 @@
+//! The coordinator's HTTP listener and the dashboard's JSON API, at the
+//! HTTP level (no browser): who may do what (no token, bad token, session
+//! cookie, logout, revoked token, scopes, the CSRF header), what the pages
+//! read (overview counts, the task list's pages and filter, a task without
+//! its secrets), a task's events stream (history, then live, resumed from
+//! `Last-Event-ID` without repeat or gap), the actions (cancel, drain),
+//! and the listener's transport rules (HTTPS with the cluster CA;
+//! plaintext refused off loopback).
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use weft_client::{TaskSpec, TaskState};
+use weft_proto::NodeState;
+use weft_tests::http::{EventStream, HttpClient, SseEvent};
+use weft_tests::{TestCluster, default_timeout, wait_for, wait_until};
+
+fn http(cluster: &TestCluster) -> HttpClient {
+    HttpClient::new(&cluster.http_url(), cluster.ca_file())
+}
+
+/// Logs in with `token`; answers the session cookie (`name=value`).
+async fn login(http: &HttpClient, token: &str) -> String {
+    let body = json!({ "token": token }).to_string().into_bytes();
+    let answer = http
+        .request(
+            "POST",
+            "/api/login",
+            &[("x-weft-csrf", "1"), ("content-type", "application/json")],
+            Some(body),
+        )
+        .await;
+    assert_eq!(
+        answer.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&answer.body)
+    );
+    let cookie = answer.header("set-cookie");
+    cookie
+        .split(';')
+        .next()
+        .expect("a cookie")
+        .trim()
+        .to_owned()
+}
+
+/// A shell task that prints `one`, waits for `file`, then prints `two`.
+fn one_then_two(file: &std::path::Path) -> TaskSpec {
+    TaskSpec::exec([
+        "sh",
+        "-c",
+        r#"echo one; while [ ! -e "$1" ]; do sleep 0.02; done; echo two"#,
+        "sh",
+        &file.display().to_string(),
+    ])
+}
+
+/// Events until one `matches` (inclusive); panics if the stream ends or
+/// the default timeout passes first.
+async fn events_until(
+    stream: &mut EventStream,
+    matches: impl Fn(&SseEvent) -> bool,
+) -> Vec<SseEvent> {
+    let mut seen = Vec::new();
+    tokio::time::timeout(default_timeout(), async {
+        loop {
+            let event = stream
+                .next()
+                .await
+                .unwrap_or_else(|| panic!("the stream ended before the event awaited: {seen:?}"));
+            let done = matches(&event);
+            seen.push(event);
+            if done {
+                return;
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no such event in time: {seen:?}"));
+    seen
+}
+
+fn is_output(event: &SseEvent, text: &str) -> bool {
+    event.event == "output"
+        && event.data["text"]
+            .as_str()
+            .unwrap_or_default()
+            .contains(text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_working_token_the_api_answers_401_and_the_pages_load() {
+    let cluster = TestCluster::builder().nodes(1).start().await;
+    let http = http(&cluster);
+    // Open without a token: the page, its assets, the health check.
+    let health = http.request("GET", "/healthz", &[], None).await;
+    assert_eq!((health.status, health.body.as_slice()), (200, &b"ok"[..]));
+    let page = http.request("GET", "/", &[], None).await;
+    assert_eq!(page.status, 200);
+    assert!(page.header("content-type").starts_with("text/html"));
+    let csp = page.header("content-security-policy");
+    assert!(csp.contains("default-src 'self'"), "{csp}");
+    assert_eq!(page.header("x-frame-options"), "DENY");
+    assert_eq!(page.header("x-content-type-options"), "nosniff");
+    let script = http.request("GET", "/assets/app.js", &[], None).await;
+    assert_eq!(script.status, 200);
+    assert!(script.header("content-type").starts_with("text/javascript"));
+    assert_eq!(
+        http.request("GET", "/assets/nope.js", &[], None)
+            .await
+            .status,
+        404
+    );
+    // The API: no token, a malformed one, an unknown one.
+    for path in ["/api/me", "/api/overview", "/api/tasks"] {
+        let none = http.request("GET", path, &[], None).await;
+        assert_eq!(none.status, 401, "{path}");
+        assert!(none.json()["error"].as_str().is_some_and(|e| !e.is_empty()));
+        assert_eq!(http.get(path, "garbage").await.status, 401, "{path}");
+        let forged = format!("weft_0123456789abcdef_{}", "x".repeat(43));
+        assert_eq!(http.get(path, &forged).await.status, 401, "{path}");
+        let cookie = "weft_session=not-a-session";
+        let stale = http.request("GET", path, &[("cookie", cookie)], None).await;
+        assert_eq!(stale.status, 401, "{path}");
+    }
+    let bad_login = http
+        .request(
+            "POST",
+            "/api/login",
+            &[("x-weft-csrf", "1")],
+            Some(br#"{"token": "weft_nope"}"#.to_vec()),
+        )
+        .await;
+    assert_eq!(bad_login.status, 401);
+    assert!(bad_login.header("set-cookie").is_empty());
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_cookie_works_until_logout() {
+    let cluster = TestCluster::builder().nodes(1).start().await;
+    let http = http(&cluster);
+    // Without the CSRF header a login is refused.
+    let body = json!({ "token": cluster.admin_token() }).to_string();
+    let refused = http
+        .request("POST", "/api/login", &[], Some(body.clone().into_bytes()))
+        .await;
+    assert_eq!(refused.status, 403);
+    let answer = http
+        .request(
+            "POST",
+            "/api/login",
+            &[("x-weft-csrf", "1")],
+            Some(body.into_bytes()),
+        )
+        .await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.json()["name"], "admin");
+    assert_eq!(
+        answer.json()["scopes"],
+        json!(["read", "submit", "cancel", "admin"])
+    );
+    let set = answer.header("set-cookie");
+    for attribute in [
+        "weft_session=",
+        "HttpOnly",
+        "SameSite=Strict",
+        "Path=/",
+        "Secure",
+    ] {
+        assert!(set.contains(attribute), "{attribute} in {set}");
+    }
+    let cookie = set.split(';').next().unwrap().to_owned();
+    let me = http
+        .request("GET", "/api/me", &[("cookie", &cookie)], None)
+        .await;
+    assert_eq!(
+        (me.status, me.json()["name"].clone()),
+        (200, json!("admin"))
+    );
+    let logout = http
+        .request(
+            "POST",
+            "/api/logout",
+            &[("cookie", &cookie), ("x-weft-csrf", "1")],
+            None,
+        )
+        .await;
+    assert_eq!(logout.status, 204);
+    assert!(logout.header("set-cookie").contains("Max-Age=0"));
+    let after = http
+        .request("GET", "/api/me", &[("cookie", &cookie)], None)
+        .await;
+    assert_eq!(after.status, 401, "the session ended with the logout");
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_token_stops_working_at_once_by_bearer_and_by_cookie() {
+    let cluster = TestCluster::builder().nodes(1).start().await;
+    let http = http(&cluster);
+    let client = cluster.client().await;
+    let (token, info) = client
+        .create_token(vec!["read".into()], "viewer", None)
+        .await
+        .expect("a read token");
+    let cookie = login(&http, &token).await;
+    let me = http
+        .request("GET", "/api/me", &[("cookie", &cookie)], None)
+        .await;
+    assert_eq!(me.json(), json!({ "name": "viewer", "scopes": ["read"] }));
+    assert_eq!(http.get("/api/overview", &token).await.status, 200);
+    client.revoke_token(&info.id).await.expect("revoke");
+    assert_eq!(http.get("/api/overview", &token).await.status, 401);
+    let by_cookie = http
+        .request("GET", "/api/overview", &[("cookie", &cookie)], None)
+        .await;
+    assert_eq!(by_cookie.status, 401);
+    assert!(
+        by_cookie.json()["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("revoked")),
+        "{}",
+        by_cookie.json()
+    );
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_token_reads_and_its_cancel_drain_and_revoke_are_refused() {
+    let cluster = TestCluster::builder().nodes(1).start().await;
+    let http = http(&cluster);
+    let client = cluster.client().await;
+    let id = client
+        .submit(TaskSpec::call("sleep", "300s"))
+        .await
+        .expect("submit");
+    let node = cluster.wait_for_running(id).await;
+    let read = cluster.scoped_token(&["read"]).await;
+    assert_eq!(http.get("/api/overview", &read).await.status, 200);
+    assert_eq!(
+        http.get(&format!("/api/tasks/{id}"), &read).await.status,
+        200
+    );
+    let node_page = http.get(&format!("/api/nodes/{node}"), &read).await;
+    assert_eq!(node_page.status, 200, "{}", node_page.json());
+    for path in [
+        format!("/api/tasks/{id}/cancel"),
+        format!("/api/nodes/{node}/drain"),
+        format!("/api/nodes/{node}/revoke"),
+    ] {
+        let refused = http.post(&path, &read).await;
+        assert_eq!(refused.status, 403, "{path}: {}", refused.json());
+        assert!(
+            refused.json()["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("scope")),
+            "{path}: {}",
+            refused.json()
+        );
+    }
+    // Without the CSRF header even the admin's POSTs are refused.
+    let admin = cluster.admin_token();
+    let auth = format!("Bearer {admin}");
+    for path in [
+        format!("/api/tasks/{id}/cancel"),
+        format!("/api/nodes/{node}/drain"),
+    ] {
+        let refused = http
+            .request("POST", &path, &[("authorization", &auth)], None)
+            .await;
+        assert_eq!(refused.status, 403, "{path}");
+    }
+    // Nothing happened.
+    assert_eq!(client.get(id).await.unwrap().state, TaskState::Running);
+    let nodes = client.nodes().await.unwrap();
+    assert_eq!(nodes.len(), 1);
+    assert_eq!(nodes[0].state, NodeState::Ready);
+    client.cancel(id).await.expect("cancel");
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_overview_and_the_task_list_show_what_was_submitted() {
+    let cluster = TestCluster::builder().nodes(1).slots(2).start().await;
+    let http = http(&cluster);
+    let client = cluster.client().await;
+    let token = cluster.admin_token();
+    let mut done = Vec::new();
+    for i in 0..5 {
+        let id = client
+            .submit(TaskSpec::call("echo", format!("task {i}")).name(format!("echo-{i}")))
+            .await
+            .expect("submit");
+        done.push(id);
+    }
+    for id in &done {
+        cluster.wait_for_state(*id, TaskState::Succeeded).await;
+    }
+    let sleeper = client
+        .submit(TaskSpec::call("sleep", "300s").name("sleeper"))
+        .await
+        .expect("submit");
+    cluster.wait_for_running(sleeper).await;
+
+    let overview = http.get("/api/overview", &token).await.json();
+    assert_eq!(overview["tasks_by_state"]["succeeded"], 5, "{overview}");
+    assert_eq!(overview["tasks_by_state"]["running"], 1, "{overview}");
+    assert_eq!(overview["tasks_by_state"]["queued"], 0, "{overview}");
+    assert_eq!(overview["slots"], 2, "{overview}");
+    let nodes = overview["nodes"].as_array().expect("nodes");
+    assert_eq!(nodes.len(), 1, "{overview}");
+    assert_eq!(nodes[0]["state"], "connected");
+    assert_eq!(nodes[0]["slots_used"], 1);
+    assert_eq!(overview["series"]["interval_seconds"], 5);
+    assert!(overview["series"]["queue_depth"].is_array());
+
+    // Newest first, two per page, the pages joined give every task once.
+    let mut ids = Vec::new();
+    let mut token_param = String::new();
+    loop {
+        let page = http
+            .get(
+                &format!("/api/tasks?limit=2&page_token={token_param}"),
+                &token,
+            )
+            .await
+            .json();
+        let tasks = page["tasks"].as_array().expect("tasks");
+        assert!(tasks.len() <= 2, "{page}");
+        ids.extend(tasks.iter().map(|t| t["id"].as_str().unwrap().to_owned()));
+        token_param = page["next_page_token"].as_str().unwrap().to_owned();
+        if token_param.is_empty() {
+            break;
+        }
+    }
+    let mut expected: Vec<String> = done.iter().map(ToString::to_string).collect();
+    expected.push(sleeper.to_string());
+    expected.reverse();
+    assert_eq!(ids, expected, "newest first, each once");
+
+    let running = http.get("/api/tasks?state=running", &token).await.json();
+    let running = running["tasks"].as_array().expect("tasks").clone();
+    assert_eq!(running.len(), 1);
+    assert_eq!(running[0]["id"], sleeper.to_string());
+    assert_eq!(running[0]["name"], "sleeper");
+    assert_eq!(running[0]["state"], "running");
+    let succeeded = http.get("/api/tasks?state=succeeded", &token).await.json();
+    assert_eq!(succeeded["tasks"].as_array().unwrap().len(), 5);
+    assert_eq!(
+        http.get("/api/tasks?state=sleeping", &token).await.status,
+        400
+    );
+    assert_eq!(http.get("/api/tasks/not-an-id", &token).await.status, 400);
+    let unknown = weft_proto::TaskId::new();
+    assert_eq!(
+        http.get(&format!("/api/tasks/{unknown}"), &token)
+            .await
+            .status,
+        404
+    );
+    assert_eq!(
+        http.get("/api/nodes/no-such-node", &token).await.status,
+        404
+    );
+    client.cancel(sleeper).await.expect("cancel");
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_s_json_and_events_never_hold_its_secret_values() {
+    let cluster = TestCluster::builder().nodes(1).start().await;
+    let http = http(&cluster);
+    let client = cluster.client().await;
+    let token = cluster.admin_token();
+    let secret = format!(
+        "s3cr3t-{}",
+        weft_proto::TaskId::new().to_string().to_lowercase()
+    );
+    let id = client
+        .submit(
+            TaskSpec::exec(["sh", "-c", r#"test -n "$API_KEY" && echo has-key"#])
+                .env("PLAIN", "visible")
+                .secret_env("API_KEY", &secret),
+        )
+        .await
+        .expect("submit");
+    cluster.wait_for_state(id, TaskState::Succeeded).await;
+    let task = http.get(&format!("/api/tasks/{id}"), &token).await;
+    assert_eq!(task.status, 200);
+    let text = String::from_utf8_lossy(&task.body).into_owned();
+    assert!(!text.contains(&secret), "{text}");
+    assert_eq!(task.json()["task"]["env"], json!({ "PLAIN": "visible" }));
+    assert_eq!(task.json()["task"]["kind"], "exec");
+    let list = http.get("/api/tasks", &token).await;
+    assert!(!String::from_utf8_lossy(&list.body).contains(&secret));
+    let auth = format!("Bearer {token}");
+    let mut events = http
+        .events(
+            &format!("/api/tasks/{id}/events"),
+            &[("authorization", &auth)],
+        )
+        .await;
+    let all = events_until(&mut events, |e| e.event == "finished").await;
+    assert!(all.iter().any(|e| is_output(e, "has-key")), "{all:?}");
+    assert!(!format!("{all:?}").contains(&secret));
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_events_stream_gives_history_then_live_output_and_resumes_exactly() {
+    let cluster = TestCluster::builder().nodes(1).start().await;
+    let http = http(&cluster);
+    let client = cluster.client().await;
+    let cookie = login(&http, &cluster.admin_token()).await;
+    let go = cluster.dir().join("go");
+    let id = client.submit(one_then_two(&go)).await.expect("submit");
+    let path = format!("/api/tasks/{id}/events");
+
+    // Live: `one` arrives while the task runs (it waits for `go`).
+    let mut first = http.events(&path, &[("cookie", &cookie)]).await;
+    let before = events_until(&mut first, |e| is_output(e, "one")).await;
+    assert_eq!(client.get(id).await.unwrap().state, TaskState::Running);
+    assert!(
+        before
+            .iter()
+            .any(|e| e.event == "state" && e.data["state"] == "running"),
+        "{before:?}"
+    );
+    let last = before.last().and_then(|e| e.id).expect("events have ids");
+    // The browser goes away; the task goes on and ends meanwhile.
+    drop(first);
+    std::fs::write(&go, b"").unwrap();
+    cluster.wait_for_state(id, TaskState::Succeeded).await;
+
+    // Reconnecting with Last-Event-ID picks up right after it.
+    let last_id = last.to_string();
+    let mut resumed = http
+        .events(&path, &[("cookie", &cookie), ("last-event-id", &last_id)])
+        .await;
+    let after = events_until(&mut resumed, |e| e.event == "finished").await;
+    assert!(
+        resumed.next().await.is_none(),
+        "the stream ends after finished"
+    );
+    assert_eq!(
+        after.first().and_then(|e| e.id),
+        Some(last + 1),
+        "{after:?}"
+    );
+    assert!(after.iter().any(|e| is_output(e, "two")), "{after:?}");
+    assert_eq!(after.last().unwrap().data["task"]["state"], "succeeded");
+
+    // Joined, they are exactly the whole history: no repeat, no gap.
+    let mut whole = http.events(&path, &[("cookie", &cookie)]).await;
+    let all = events_until(&mut whole, |e| e.event == "finished").await;
+    let joined: Vec<Option<u64>> = before.iter().chain(&after).map(|e| e.id).collect();
+    let expected: Vec<Option<u64>> = all.iter().map(|e| e.id).collect();
+    assert_eq!(joined, expected);
+    assert_eq!(
+        expected,
+        (0..expected.len() as u64).map(Some).collect::<Vec<_>>()
+    );
+    // `?from_seq=N` starts at N.
+    let mut from = http
+        .events(
+            &format!("{path}?from_seq={}", last + 1),
+            &[("cookie", &cookie)],
+        )
+        .await;
+    let again = events_until(&mut from, |e| e.event == "finished").await;
+    assert_eq!(again, after);
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_token_cancels_a_task_and_an_admin_token_drains_a_node() {
+    let cluster = TestCluster::builder().nodes(2).start().await;
+    let http = http(&cluster);
+    let client = cluster.client().await;
+    let id = client
+        .submit(TaskSpec::call("sleep", "300s"))
+        .await
+        .expect("submit");
+    cluster.wait_for_running(id).await;
+    let cancel = cluster.scoped_token(&["cancel"]).await;
+    let answer = http.post(&format!("/api/tasks/{id}/cancel"), &cancel).await;
+    assert_eq!(answer.status, 200, "{}", answer.json());
+    assert_eq!(answer.json()["task"]["id"], id.to_string());
+    cluster.wait_for_state(id, TaskState::Cancelled).await;
+
+    let admin = cluster.admin_token();
+    let node = cluster.node_names()[0].clone();
+    let drained = http.post(&format!("/api/nodes/{node}/drain"), &admin).await;
+    assert_eq!(drained.status, 200, "{}", drained.json());
+    assert_eq!(drained.json()["node"]["name"], node.as_str());
+    assert_eq!(drained.json()["node"]["state"], "draining");
+    // The node drains (with nothing running, it leaves).
+    wait_until(default_timeout(), async || {
+        client.nodes().await.is_ok_and(|nodes| {
+            nodes
+                .iter()
+                .all(|n| n.name != node || n.state == NodeState::Draining)
+        })
+    })
+    .await
+    .expect("the node drains");
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_is_served_with_the_cluster_ca_and_nothing_else() {
+    let cluster = TestCluster::builder().nodes(0).start().await;
+    assert!(cluster.http_url().starts_with("https://"));
+    let http = http(&cluster);
+    assert_eq!(http.request("GET", "/healthz", &[], None).await.status, 200);
+    // Plaintext HTTP to the TLS port gets no HTTP answer.
+    let plain = HttpClient::new(&cluster.http_url().replace("https://", "http://"), None);
+    let answer = plain.try_request("GET", "/healthz", &[], None).await;
+    assert!(
+        answer.as_ref().map_or(true, |a| a.status != 200),
+        "{answer:?}"
+    );
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plaintext_is_refused_on_a_non_loopback_address_without_insecure() {
+    // The library's rule (the binary serves TLS unless --insecure): a
+    // dashboard without TLS only on loopback.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let config = weft_coordinator::CoordinatorConfig {
+        http_listen: Some("0.0.0.0:0".parse().unwrap()),
+        ..Default::default()
+    };
+    let err = weft_coordinator::start(config, listener)
+        .await
+        .expect_err("plaintext on 0.0.0.0 is refused");
+    let message = err.to_string();
+    assert!(
+        message.contains("--http-listen") && message.contains("loopback"),
+        "{message}"
+    );
+    // On loopback it serves, plaintext.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = weft_coordinator::CoordinatorConfig {
+        http_listen: Some("127.0.0.1:0".parse().unwrap()),
+        admin_token_file: Some(dir.path().join("admin.token")),
+        ..Default::default()
+    };
+    let running = weft_coordinator::start(config, listener)
+        .await
+        .expect("start");
+    let url = running.http_url().expect("an HTTP url");
+    assert!(url.starts_with("http://127.0.0.1:"), "{url}");
+    let answer = wait_for(default_timeout(), || async {
+        HttpClient::new(&url, None)
+            .try_request("GET", "/healthz", &[], None)
+            .await
+            .ok()
+    })
+    .await
+    .expect("the dashboard answers");
+    assert_eq!(answer.status, 200);
+    let _ = running.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_s_errors_are_json_with_a_status_a_page_can_act_on() {
+    let cluster = TestCluster::builder().nodes(0).start().await;
+    let http = http(&cluster);
+    let token = cluster.admin_token();
+    let missing = http.get("/api/nope", &token).await;
+    assert_eq!(missing.status, 404);
+    let body: Value = missing.json();
+    assert!(body["error"].is_string(), "{body}");
+    let bad = http.get("/api/tasks?limit=many", &token).await;
+    assert_eq!(bad.status, 400);
+    assert!(bad.json()["error"].as_str().unwrap().contains("limit"));
+    cluster.shutdown().await;
+}
