@@ -434,8 +434,9 @@
       h('div', { class: 'cards' },
         card('Nodes', nodes.length, draining ? `${draining} draining` : '', 'card-nodes'),
         card('Slots in use', slots - free, `of ${slots}`, 'card-slots'),
-        card('Queued', Number(byState.queued) || 0, '', 'card-queued'),
-        card('Running', (Number(byState.running) || 0) + (Number(byState.assigned) || 0), '', 'card-running')),
+        card('Queued', Number(byState.queued) || 0,
+          Number(byState.assigned) ? `+ ${Number(byState.assigned)} sent to nodes` : '', 'card-queued'),
+        card('Running', Number(byState.running) || 0, '', 'card-running')),
       panel('Tasks by state', counts),
       panel('Nodes', nodesTable(nodes)),
       h('div', { class: 'grid' },
@@ -498,7 +499,7 @@
       const free = n.slots_free !== undefined ? Number(n.slots_free) : slots - used;
       const href = `#/nodes/${encodeURIComponent(n.id)}`;
       return h('tr', { class: 'link', 'data-node': n.name, onclick: (ev) => { if (!ev.target.closest('a')) location.hash = href; } },
-        h('td', {}, h('a', { href }, n.name || n.id)),
+        h('td', { class: 'nowrap' }, h('a', { href }, n.name || n.id)),
         h('td', {}, badge(n.state)),
         h('td', {}, slotMeter(used, slots, free)),
         h('td', {}, chips(n.labels)),

@@ -173,7 +173,9 @@ impl Browser {
             .capabilities(capabilities)
             .connect(&webdriver)
             .await
-            .unwrap_or_else(|e| panic!("starting Chromium through chromedriver at {webdriver}: {e}"));
+            .unwrap_or_else(|e| {
+                panic!("starting Chromium through chromedriver at {webdriver}: {e}")
+            });
         let artifacts = artifacts_dir();
         std::fs::create_dir_all(&artifacts)
             .unwrap_or_else(|e| panic!("creating {}: {e}", artifacts.display()));
@@ -247,7 +249,10 @@ impl Browser {
             Err(e) => {
                 let page = self.describe().await;
                 let shot = self.screenshot("failure").await;
-                panic!("{e}: waiting for {what}\nscreenshot: {}\n{page}", shot.display())
+                panic!(
+                    "{e}: waiting for {what}\nscreenshot: {}\n{page}",
+                    shot.display()
+                )
             }
         }
     }
@@ -263,7 +268,10 @@ impl Browser {
             Err(e) => {
                 let page = self.describe().await;
                 let shot = self.screenshot("failure").await;
-                panic!("{e}: waiting for `{css}`\nscreenshot: {}\n{page}", shot.display())
+                panic!(
+                    "{e}: waiting for `{css}`\nscreenshot: {}\n{page}",
+                    shot.display()
+                )
             }
         }
     }
@@ -297,10 +305,7 @@ impl Browser {
 
     /// How many elements match `css` now.
     pub async fn count(&self, css: &str) -> usize {
-        let script = format!(
-            "return document.querySelectorAll({}).length;",
-            json!(css)
-        );
+        let script = format!("return document.querySelectorAll({}).length;", json!(css));
         self.script(&script, vec![]).await.as_u64().unwrap_or(0) as usize
     }
 
@@ -315,7 +320,10 @@ impl Browser {
         if let Err(e) = clicked {
             let page = self.describe().await;
             let shot = self.screenshot("failure").await;
-            panic!("{e}: clicking `{css}`\nscreenshot: {}\n{page}", shot.display())
+            panic!(
+                "{e}: clicking `{css}`\nscreenshot: {}\n{page}",
+                shot.display()
+            )
         }
     }
 
@@ -366,7 +374,10 @@ impl Browser {
             .unwrap_or_default();
         let text = self
             .client
-            .execute("return document.body ? document.body.innerText : '';", vec![])
+            .execute(
+                "return document.body ? document.body.innerText : '';",
+                vec![],
+            )
             .await
             .ok()
             .and_then(|v| v.as_str().map(str::to_owned))
@@ -432,7 +443,10 @@ async fn start_driver(binary: &Path) -> (Child, u16) {
     let port = match tokio::time::timeout(default_timeout(), read_port).await {
         Ok(Ok(port)) => port,
         Ok(Err(output)) => panic!("chromedriver exited without a port:\n{output}"),
-        Err(_) => panic!("chromedriver printed no port within {:?}", default_timeout()),
+        Err(_) => panic!(
+            "chromedriver printed no port within {:?}",
+            default_timeout()
+        ),
     };
     // Keep draining its stdout so it never blocks on a full pipe.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });

@@ -38,8 +38,7 @@ fn waits_for(marker: &Path, first: &str, then: &str) -> TaskSpec {
 }
 
 /// The ids of the task rows on the tasks page, top to bottom.
-const TASK_ROWS: &str =
-    "const r = [...document.querySelectorAll('#tasks-table tbody tr')].map(row => row.dataset.task);";
+const TASK_ROWS: &str = "const r = [...document.querySelectorAll('#tasks-table tbody tr')].map(row => row.dataset.task);";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dashboard_works_in_a_real_browser() {
@@ -75,7 +74,10 @@ async fn the_dashboard_works_in_a_real_browser() {
         )
         .await
         .expect("submit greet");
-    assert_eq!(cluster.wait_for_final(greet).await.state, TaskState::Succeeded);
+    assert_eq!(
+        cluster.wait_for_final(greet).await.state,
+        TaskState::Succeeded
+    );
     let broken = client
         .submit(
             TaskSpec::exec(["sh", "-c", "exit 3"])
@@ -85,7 +87,10 @@ async fn the_dashboard_works_in_a_real_browser() {
         )
         .await
         .expect("submit broken");
-    assert_eq!(cluster.wait_for_final(broken).await.state, TaskState::Failed);
+    assert_eq!(
+        cluster.wait_for_final(broken).await.state,
+        TaskState::Failed
+    );
 
     a_bad_token_is_refused(&browser, &http).await;
     log_in(&browser, &http, &cluster.admin_token()).await;
@@ -118,7 +123,10 @@ async fn the_dashboard_works_in_a_real_browser() {
     a_read_token_sees_no_actions_and_is_refused(&cluster, &browser, &http, blocker, busy).await;
 
     std::fs::write(&release, b"").expect("releasing the blocker");
-    assert_eq!(cluster.wait_for_final(blocker).await.state, TaskState::Succeeded);
+    assert_eq!(
+        cluster.wait_for_final(blocker).await.state,
+        TaskState::Succeeded
+    );
     browser.close().await;
     cluster.shutdown().await;
 }
@@ -134,7 +142,9 @@ async fn a_bad_token_is_refused(browser: &Browser, http: &str) {
     browser.goto(&format!("{http}/#/login")).await;
     browser.fill("#token", "weft_notatoken_0000").await;
     browser.click("#login-submit").await;
-    browser.wait_text(".login .banner.error", "not accepted").await;
+    browser
+        .wait_text(".login .banner.error", "not accepted")
+        .await;
     browser.screenshot("login-refused").await;
     let state = browser
         .script(
@@ -185,9 +195,16 @@ async fn the_overview_shows_the_nodes_and_counts(browser: &Browser) {
         )
         .await;
     let labels = browser.text("#nodes-table").await;
-    assert!(labels.contains("zone=a") && labels.contains("zone=b"), "{labels}");
+    assert!(
+        labels.contains("zone=a") && labels.contains("zone=b"),
+        "{labels}"
+    );
     assert!(browser.text("#card-slots").await.contains("of 8"));
-    assert_eq!(browser.count(".chart").await, 2, "queue and throughput charts");
+    assert_eq!(
+        browser.count(".chart").await,
+        2,
+        "queue and throughput charts"
+    );
     browser.screenshot("overview").await;
 
     // A narrow window: one column, nothing wider than the window.
@@ -200,7 +217,10 @@ async fn the_overview_shows_the_nodes_and_counts(browser: &Browser) {
         .await;
     browser.screenshot("overview-narrow").await;
     browser
-        .resize(weft_tests::browser::VIEWPORT.0, weft_tests::browser::VIEWPORT.1)
+        .resize(
+            weft_tests::browser::VIEWPORT.0,
+            weft_tests::browser::VIEWPORT.1,
+        )
         .await;
 }
 
@@ -262,10 +282,15 @@ async fn the_tasks_page_lists_filters_and_pages(
 
     // Click through to a task.
     browser
-        .click(&format!("#tasks-table a[href='#/tasks/{}']", broken.as_str().unwrap_or_default()))
+        .click(&format!(
+            "#tasks-table a[href='#/tasks/{}']",
+            broken.as_str().unwrap_or_default()
+        ))
         .await;
     browser.wait_text("#task-state", "failed").await;
-    browser.wait_text("#task-summary [data-field=exit-code]", "3").await;
+    browser
+        .wait_text("#task-summary [data-field=exit-code]", "3")
+        .await;
 }
 
 async fn wait_rows(browser: &Browser, want: Value) {
@@ -278,7 +303,11 @@ async fn wait_rows(browser: &Browser, want: Value) {
         .await;
 }
 
-async fn output_appears_live_while_a_task_runs(cluster: &TestCluster, browser: &Browser, http: &str) {
+async fn output_appears_live_while_a_task_runs(
+    cluster: &TestCluster,
+    browser: &Browser,
+    http: &str,
+) {
     let client = cluster.client().await;
     let marker = cluster.dir().join("live-go-on");
     // Markup in the output must show as text, never become HTML.
@@ -294,7 +323,11 @@ async fn output_appears_live_while_a_task_runs(cluster: &TestCluster, browser: &
     browser.click("#task-find button").await;
     browser.wait_text("#output", "<b>first</b> line").await;
     browser.wait_text("#task-state", "running").await;
-    assert_eq!(browser.count("#output b").await, 0, "output is text, not HTML");
+    assert_eq!(
+        browser.count("#output b").await,
+        0,
+        "output is text, not HTML"
+    );
     assert!(
         !browser.text("#output").await.contains("second line"),
         "the task has not printed it yet"
@@ -311,8 +344,15 @@ async fn output_appears_live_while_a_task_runs(cluster: &TestCluster, browser: &
         "each line once, in order"
     );
     let attempts = browser.text("#task-attempts").await;
-    assert_eq!(browser.count("#task-attempts li.attempt").await, 1, "{attempts}");
-    assert!(attempts.contains(&node) && attempts.contains("succeeded"), "{attempts}");
+    assert_eq!(
+        browser.count("#task-attempts li.attempt").await,
+        1,
+        "{attempts}"
+    );
+    assert!(
+        attempts.contains(&node) && attempts.contains("succeeded"),
+        "{attempts}"
+    );
     browser.screenshot("task").await;
     assert_eq!(cluster.wait_for_final(id).await.state, TaskState::Succeeded);
 }
@@ -335,11 +375,20 @@ async fn cancel_cancels(cluster: &TestCluster, browser: &Browser, http: &str) {
         TaskState::Cancelled,
         "cancelled through the API"
     );
-    assert_eq!(browser.count("#cancel").await, 0, "no Cancel on a finished task");
+    assert_eq!(
+        browser.count("#cancel").await,
+        0,
+        "no Cancel on a finished task"
+    );
     browser.screenshot("task-cancelled").await;
 }
 
-async fn the_node_page_shows_its_attempts(browser: &Browser, http: &str, node: &NodeInfo, task: TaskId) {
+async fn the_node_page_shows_its_attempts(
+    browser: &Browser,
+    http: &str,
+    node: &NodeInfo,
+    task: TaskId,
+) {
     browser.goto(&format!("{http}/#/")).await;
     browser
         .click(&format!("#nodes-table tr[data-node='{}'] a", node.name))
@@ -392,7 +441,11 @@ async fn a_read_token_sees_no_actions_and_is_refused(
     browser.goto(&format!("{http}/#/tasks/{task}")).await;
     browser.wait_text("#task-state", "running").await;
     browser.wait_text("#output", "holding a slot").await;
-    assert_eq!(browser.count("#cancel").await, 0, "no Cancel for a read token");
+    assert_eq!(
+        browser.count("#cancel").await,
+        0,
+        "no Cancel for a read token"
+    );
     browser.screenshot("task-read-token").await;
 
     browser.goto(&format!("{http}/#/nodes/{}", node.id)).await;
@@ -416,7 +469,10 @@ async fn a_read_token_sees_no_actions_and_is_refused(
     assert_eq!(statuses, json!([403, 403, 403]), "cancel, drain, revoke");
 
     let client = cluster.client().await;
-    assert_eq!(client.get(task).await.expect("get").state, TaskState::Running);
+    assert_eq!(
+        client.get(task).await.expect("get").state,
+        TaskState::Running
+    );
     let nodes = client.nodes().await.expect("nodes");
     assert_eq!(
         node_named(&nodes, &node.name).state,
