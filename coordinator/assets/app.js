@@ -491,7 +491,7 @@
 
   function nodesTable(nodes) {
     if (nodes.length === 0) {
-      return empty('No nodes are connected. Start one with `weft-node --coordinator URL --join-token TOKEN`.');
+      return empty('No nodes are connected. Start one with `weft-node --join TOKEN` (a join token from `weft token create --role node`).');
     }
     const rows = nodes.slice().sort((a, b) => String(a.name).localeCompare(String(b.name))).map((n) => {
       const slots = Number(n.slots) || 0;
@@ -1057,7 +1057,8 @@
           error.clear();
           if (what === 'revoke') {
             gone = true;
-            info.replaceChildren(banner('info', 'Node revoked: it is disconnected and its certificate no longer works.'));
+            const requeued = data && Number.isFinite(Number(data.requeued)) ? ` ${Number(data.requeued)} running attempt(s) requeued.` : '';
+            info.replaceChildren(banner('info', `Node revoked: it is disconnected and must join again with a new join token.${requeued}`));
             running.replaceChildren();
             stateBadge.replaceChildren(badge('revoked', true));
             renderActions();

@@ -114,6 +114,7 @@ async fn the_dashboard_works_in_a_real_browser() {
         .expect("a second node");
     the_node_page_shows_its_attempts(&browser, &http, busy, blocker).await;
     drain_drains(&cluster, &browser, &http, idle).await;
+    revoke_revokes(&cluster, &browser, &http).await;
 
     // Log out, then in again with a token that may only read.
     browser.click("#logout").await;
@@ -429,6 +430,31 @@ async fn drain_drains(cluster: &TestCluster, browser: &Browser, http: &str, node
     })
     .await
     .unwrap_or_else(|e| panic!("{e}: node {name} did not drain"));
+}
+
+async fn revoke_revokes(cluster: &TestCluster, browser: &Browser, http: &str) {
+    let name = cluster.add_node(1, [("team", "ops")]).await;
+    let nodes = cluster.client().await.nodes().await.expect("nodes");
+    let node = node_named(&nodes, &name);
+    browser.goto(&format!("{http}/#/nodes/{}", node.id)).await;
+    browser.wait_text("#node-info", &name).await;
+    browser.click("#revoke").await;
+    browser.click("#revoke-confirm").await;
+    browser.wait_text("#node-info", "Node revoked").await;
+    browser.screenshot("node-revoked").await;
+    assert!(
+        cluster.wait_node_stopped(&name).await,
+        "a revoked node stops"
+    );
+    let client = cluster.client().await;
+    weft_tests::wait_until(weft_tests::default_timeout(), async || {
+        client
+            .nodes()
+            .await
+            .is_ok_and(|nodes| nodes.iter().all(|n| n.name != name))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}: revoked node {name} is still listed"));
 }
 
 async fn a_read_token_sees_no_actions_and_is_refused(
