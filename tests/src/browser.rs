@@ -72,22 +72,26 @@ fn on_path(name: &str) -> Option<PathBuf> {
 
 /// chromedriver and the Chromium binary, or why they cannot be used.
 fn find_tools() -> Result<(PathBuf, PathBuf), String> {
-    let pick = |var: &str, names: &[&str]| -> Option<PathBuf> {
+    let pick = |var: &str, names: &[&str], package: &str| -> Result<PathBuf, String> {
         match std::env::var_os(var).filter(|v| !v.is_empty()) {
-            Some(path) => Some(PathBuf::from(path)).filter(|p| p.is_file()),
-            None => names.iter().find_map(|n| on_path(n)),
+            Some(path) => Some(PathBuf::from(&path))
+                .filter(|p| p.is_file())
+                .ok_or_else(|| format!("{var}={} is not a file", path.to_string_lossy())),
+            None => names.iter().find_map(|n| on_path(n)).ok_or_else(|| {
+                format!(
+                    "no {} on PATH (Debian: apt-get install {package}; or set {var})",
+                    names[0]
+                )
+            }),
         }
     };
-    let driver = pick("WEFT_CHROMEDRIVER", &["chromedriver"]);
+    let driver = pick("WEFT_CHROMEDRIVER", &["chromedriver"], "chromium-driver")?;
     let chromium = pick(
         "WEFT_CHROMIUM",
         &["chromium", "chromium-browser", "google-chrome"],
-    );
-    match (driver, chromium) {
-        (Some(d), Some(c)) => Ok((d, c)),
-        (None, _) => Err("no chromedriver on PATH (Debian: apt-get install chromium-driver; or set WEFT_CHROMEDRIVER)".into()),
-        (_, None) => Err("no chromium on PATH (Debian: apt-get install chromium; or set WEFT_CHROMIUM)".into()),
-    }
+        "chromium",
+    )?;
+    Ok((driver, chromium))
 }
 
 /// The base64 SHA-256 of the public key (SPKI) of the certificate served at
@@ -410,11 +414,37 @@ fn kill_group(driver: &Child) {
     }
 }
 
-/// Starts chromedriver on a free loopback port (`--port=0`; it prints the
-/// port it took) in a process group of its own.
+/// How many ports [`start_driver`] tries before giving up.
+const DRIVER_TRIES: usize = 5;
+
+/// Starts chromedriver on a free loopback port in a process group of its
+/// own. Its own `--port=0` is not used: it then binds IPv4 and IPv6
+/// separately and exits when the second family has the port taken
+/// ("IPv4 port not available"). So a port that was just free is picked
+/// here, and another one tried if chromedriver still cannot have it.
 async fn start_driver(binary: &Path) -> (Child, u16) {
+    let mut failures = Vec::new();
+    for _ in 0..DRIVER_TRIES {
+        let port = std::net::TcpListener::bind(("127.0.0.1", 0))
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .unwrap_or_else(|e| panic!("finding a free port for chromedriver: {e}"));
+        match try_driver(binary, port).await {
+            Ok(child) => return (child, port),
+            Err(output) => failures.push(format!("port {port}:\n{output}")),
+        }
+    }
+    panic!(
+        "chromedriver did not start in {DRIVER_TRIES} tries:\n{}",
+        failures.join("\n")
+    )
+}
+
+/// Runs chromedriver on `port` until it says it is listening; its output
+/// if it exits first.
+async fn try_driver(binary: &Path, port: u16) -> Result<Child, String> {
     let mut child = Command::new(binary)
-        .arg("--port=0")
+        .arg(format!("--port={port}"))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -424,33 +454,32 @@ async fn start_driver(binary: &Path) -> (Child, u16) {
         .unwrap_or_else(|e| panic!("starting {}: {e}", binary.display()));
     let stdout = child.stdout.take().expect("stdout was piped");
     let mut lines = BufReader::new(stdout).lines();
-    let read_port = async {
+    let listening = async {
         let mut seen = Vec::new();
         while let Ok(Some(line)) = lines.next_line().await {
-            // "Starting ChromeDriver ... on port 0" comes first; then
             // "ChromeDriver was started successfully on port 41233."
-            if let Some(port) = line
-                .split("started successfully on port ")
-                .nth(1)
-                .and_then(|rest| rest.trim().trim_end_matches('.').parse::<u16>().ok())
-            {
-                return Ok(port);
+            if line.contains("started successfully") {
+                return Ok(());
             }
             seen.push(line);
         }
         Err(seen.join("\n"))
     };
-    let port = match tokio::time::timeout(default_timeout(), read_port).await {
-        Ok(Ok(port)) => port,
-        Ok(Err(output)) => panic!("chromedriver exited without a port:\n{output}"),
+    match tokio::time::timeout(default_timeout(), listening).await {
+        Ok(Ok(())) => {}
+        Ok(Err(output)) => {
+            kill_group(&child);
+            let _ = child.wait().await;
+            return Err(output);
+        }
         Err(_) => panic!(
-            "chromedriver printed no port within {:?}",
+            "chromedriver did not say it was listening within {:?}",
             default_timeout()
         ),
-    };
+    }
     // Keep draining its stdout so it never blocks on a full pipe.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    (child, port)
+    Ok(child)
 }
 
 /// JavaScript's truthiness, for [`Browser::wait_until`].
