@@ -462,6 +462,8 @@ fn start_http(
         series,
         secure: tls.is_some(),
         cancel: cancel.clone(),
+        // The metrics registry's `encode` is mounted here.
+        metrics: None,
     });
     tasks.spawn(http::serve(
         listener,

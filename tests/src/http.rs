@@ -171,17 +171,7 @@ impl HttpClient {
             .map_err(|e| e.to_string())?;
         match &self.tls {
             Some(config) => {
-                let host = self
-                    .authority
-                    .rsplit_once(':')
-                    .map(|(h, _)| h.trim_matches(['[', ']']))
-                    .unwrap_or(&self.authority);
-                let name = rustls_pki_types::ServerName::try_from(host.to_owned())
-                    .map_err(|e| e.to_string())?;
-                let tls = tokio_rustls::TlsConnector::from(Arc::clone(config))
-                    .connect(name, tcp)
-                    .await
-                    .map_err(|e| format!("TLS handshake with {}: {e}", self.authority))?;
+                let tls = self.tls_handshake(config, tcp).await?;
                 exchange(TokioIo::new(tls), request).await
             }
             None => exchange(TokioIo::new(tcp), request).await,
@@ -266,6 +256,102 @@ impl HttpClient {
     }
 }
 
+/// One kept-alive HTTP/1.1 connection (as a browser keeps one): requests
+/// one after the other, no new handshake each.
+pub struct Connection {
+    authority: String,
+    sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+}
+
+impl Connection {
+    /// Sends a request and reads the whole answer.
+    pub async fn request(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<HttpResponse, String> {
+        let mut request = hyper::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", &self.authority);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let request = request
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| e.to_string())?;
+        self.sender.ready().await.map_err(|e| e.to_string())?;
+        let response = self
+            .sender
+            .send_request(request)
+            .await
+            .map_err(|e| e.to_string())?;
+        let (parts, body) = response.into_parts();
+        let body = body.collect().await.map_err(|e| e.to_string())?;
+        Ok(HttpResponse {
+            status: parts.status.as_u16(),
+            headers: parts.headers,
+            body: body.to_bytes().to_vec(),
+        })
+    }
+}
+
+impl HttpClient {
+    /// Opens one connection to send many requests on.
+    pub async fn connect(&self) -> Result<Connection, String> {
+        let tcp = TcpStream::connect(&self.authority)
+            .await
+            .map_err(|e| format!("connecting to {}: {e}", self.authority))?;
+        let sender = match &self.tls {
+            Some(config) => {
+                let tls = self.tls_handshake(config, tcp).await?;
+                handshake(TokioIo::new(tls)).await?
+            }
+            None => handshake(TokioIo::new(tcp)).await?,
+        };
+        Ok(Connection {
+            authority: self.authority.clone(),
+            sender,
+        })
+    }
+
+    async fn tls_handshake(
+        &self,
+        config: &Arc<rustls::ClientConfig>,
+        tcp: TcpStream,
+    ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
+        let host = self
+            .authority
+            .rsplit_once(':')
+            .map(|(h, _)| h.trim_matches(['[', ']']))
+            .unwrap_or(&self.authority);
+        let name =
+            rustls_pki_types::ServerName::try_from(host.to_owned()).map_err(|e| e.to_string())?;
+        tokio_rustls::TlsConnector::from(Arc::clone(config))
+            .connect(name, tcp)
+            .await
+            .map_err(|e| format!("TLS handshake with {}: {e}", self.authority))
+    }
+}
+
+/// The HTTP/1.1 handshake on `io`; the connection is driven by a task of
+/// its own.
+async fn handshake<IO>(
+    io: IO,
+) -> Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>, String>
+where
+    IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (sender, connection) = hyper::client::conn::http1::handshake(io)
+        .await
+        .map_err(|e| format!("HTTP handshake: {e}"))?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(sender)
+}
+
 /// One HTTP/1.1 exchange on `io`.
 async fn exchange<IO>(
     io: IO,
@@ -274,12 +360,7 @@ async fn exchange<IO>(
 where
     IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(io)
-        .await
-        .map_err(|e| format!("HTTP handshake: {e}"))?;
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
+    let mut sender = handshake(io).await?;
     sender
         .send_request(request)
         .await

@@ -102,6 +102,28 @@ pub(super) async fn logout(State(app): State<Arc<App>>, headers: HeaderMap) -> R
     response
 }
 
+/// `GET /metrics` (`read` scope): the coordinator's metrics, OpenMetrics
+/// text; 404 when none are registered.
+pub(super) async fn metrics(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let caller = app.caller(&headers)?;
+    caller.require(crate::auth::Scope::Read)?;
+    let render = app
+        .metrics
+        .as_ref()
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "no metrics on this coordinator"))?;
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        render(),
+    )
+        .into_response())
+}
+
 /// `GET /api/me`.
 pub(super) async fn me(
     State(app): State<Arc<App>>,

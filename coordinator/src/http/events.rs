@@ -6,7 +6,9 @@
 //! its JSON (`super::json::event`). A browser's `EventSource` reconnects
 //! with `Last-Event-ID: SEQ`; the stream then starts at SEQ + 1, so
 //! nothing repeats and nothing is missed. `?from_seq=N` starts at N.
-//! After `finished` the stream ends (the watch feed ends there).
+//! After `finished` the stream ends (the watch feed ends there); asked
+//! again from past the last event of a finished task, it answers 204, which
+//! tells a browser's `EventSource` to stop reconnecting.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -75,6 +77,25 @@ pub(super) async fn events(
 ) -> Result<Response, ApiError> {
     let caller = app.caller(&headers)?;
     let from_seq = from_seq(&headers, query.as_deref())?;
+    // A browser's EventSource reconnects after every end of a stream; 204
+    // is what makes it stop, so a finished task whose last event the
+    // browser has answers that instead of an empty stream.
+    let task = app
+        .tasks
+        .get(grpc_request(
+            &caller,
+            pb::GetRequest {
+                task_id: id.clone(),
+            },
+        ))
+        .await?
+        .into_inner()
+        .task
+        .unwrap_or_default();
+    let done = weft_proto::TaskState::try_from(task.state).is_ok_and(|s| s.is_final());
+    if done && from_seq >= task.next_seq {
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    }
     let request = pb::WatchRequest {
         task_id: id,
         from_seq,

@@ -91,7 +91,13 @@ pub(crate) struct App {
     pub secure: bool,
     /// Ends event streams at shutdown.
     pub cancel: CancellationToken,
+    /// What `GET /metrics` answers (OpenMetrics text), `read` scope;
+    /// `None`: 404. The metrics registry's `encode` goes here.
+    pub metrics: Option<MetricsText>,
 }
+
+/// Renders the metrics as OpenMetrics text, at each scrape.
+pub(crate) type MetricsText = Arc<dyn Fn() -> String + Send + Sync>;
 
 /// An answer other than success: `{"error": "..."}` with its status.
 #[derive(Debug)]
@@ -233,6 +239,7 @@ pub(crate) fn router(app: Arc<App>) -> Router {
         .route("/index.html", get(assets::index))
         .route("/assets/{file}", get(assets::asset))
         .route("/healthz", get(|| async { "ok" }))
+        .route("/metrics", get(api::metrics))
         .route("/api/login", post(api::login))
         .route("/api/logout", post(api::logout))
         .route("/api/me", get(api::me))

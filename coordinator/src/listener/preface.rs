@@ -198,7 +198,7 @@ mod tests {
 
     use tokio::io::{AsyncReadExt, AsyncWriteExt, duplex};
 
-    use super::{PREFACE, Prefaced, read_preface};
+    use super::{Greeting, PREFACE, Prefaced, read_greeting, read_preface};
     use crate::listener::caps::Caps;
 
     #[tokio::test]
@@ -232,6 +232,33 @@ mod tests {
         assert_eq!(caps.open(), 1);
         drop(prefaced);
         assert_eq!(caps.open(), 0);
+    }
+
+    #[tokio::test]
+    async fn any_http_takes_the_first_bytes_whatever_they_are_and_replays_them() {
+        let (mut peer, mut server) = duplex(1024);
+        peer.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+        let head = read_greeting(&mut server, Greeting::AnyHttp)
+            .await
+            .expect("some bytes");
+        assert!(head.1 > 0);
+        peer.write_all(b"Host: x\r\n\r\n").await.unwrap();
+        let caps = Caps::new(1, 1);
+        let slot = caps.admit(IpAddr::V4(Ipv4Addr::LOCALHOST)).unwrap().slot;
+        let mut replayed = Prefaced::with_head(server, head, slot);
+        let mut seen = vec![0u8; b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".len()];
+        replayed.read_exact(&mut seen).await.unwrap();
+        assert_eq!(seen, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+        // A peer that closes at once sent nothing.
+        let (peer, mut server) = duplex(1024);
+        drop(peer);
+        assert_eq!(
+            read_greeting(&mut server, Greeting::AnyHttp)
+                .await
+                .unwrap_err()
+                .kind(),
+            std::io::ErrorKind::UnexpectedEof
+        );
     }
 
     #[tokio::test]

@@ -463,6 +463,18 @@ async fn the_events_stream_gives_history_then_live_output_and_resumes_exactly() 
         expected,
         (0..expected.len() as u64).map(Some).collect::<Vec<_>>()
     );
+    // Past the last event of a finished task: 204, so a browser stops
+    // reconnecting.
+    let past = format!("{}", expected.len() - 1);
+    let stop = http
+        .request(
+            "GET",
+            &path,
+            &[("cookie", &cookie), ("last-event-id", &past)],
+            None,
+        )
+        .await;
+    assert_eq!(stop.status, 204);
     // `?from_seq=N` starts at N.
     let mut from = http
         .events(
@@ -581,4 +593,47 @@ async fn the_api_s_errors_are_json_with_a_status_a_page_can_act_on() {
     assert_eq!(bad.status, 400);
     assert!(bad.json()["error"].as_str().unwrap().contains("limit"));
     cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weft_local_prints_a_dashboard_url_that_answers_with_its_ca() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+
+    let mut local = Command::new(weft_tests::process::bin_path("weft"))
+        .args([
+            "-o",
+            "json",
+            "local",
+            "--nodes",
+            "1",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .env("XDG_CONFIG_HOME", "/nonexistent/weft-test-config")
+        .env_remove("WEFT_TOKEN")
+        .env_remove("WEFT_COORDINATOR")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("weft local starts");
+    let mut first = String::new();
+    BufReader::new(local.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    let info: Value = serde_json::from_str(&first).unwrap_or_else(|e| panic!("{first:?}: {e}"));
+    let dashboard = info["dashboard"].as_str().expect("a dashboard url");
+    assert!(dashboard.starts_with("https://127.0.0.1:"), "{info}");
+    let ca = info["ca_file"].as_str().expect("a CA file");
+    let token = info["token"].as_str().expect("a token");
+    let http = HttpClient::new(dashboard, Some(std::path::Path::new(ca)));
+    let me = http.get("/api/me", token).await;
+    assert_eq!(me.status, 200);
+    assert_eq!(me.json()["scopes"][3], "admin");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(local.id()).unwrap()),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    assert!(local.wait().unwrap().success());
 }
