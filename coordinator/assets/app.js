@@ -906,7 +906,16 @@
         es.close();
         failures += 1;
         on.status('retry', 'disconnected; retrying…');
-        api('GET', `/api/tasks/${encodeURIComponent(id)}`).then(() => {
+        api('GET', `/api/tasks/${encodeURIComponent(id)}`).then((data) => {
+          if (!pg.alive) return;
+          // Ended while we were away (the server answers 204 past a
+          // task's end, which closes an EventSource): show it, stop.
+          if (data && data.task && FINAL.has(normState(data.task.state))) {
+            finished = true;
+            on.status('ended', 'finished');
+            on.finished({ task: data.task });
+            return;
+          }
           pg.later(Math.min(10000, 500 * 2 ** failures), connect);
         }, (err) => {
           if (!pg.alive) return;
