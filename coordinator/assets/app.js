@@ -110,7 +110,13 @@
   }
 
   function empty(text) {
-    return h('div', { class: 'empty' }, text);
+    return h('div', { class: 'empty' }, prose(text));
+  }
+
+  // The page's own sentences with `code` in backticks. Only for strings
+  // written here: server text is always plain text.
+  function prose(text) {
+    return String(text).split('`').map((part, i) => (i % 2 ? h('code', {}, part) : part));
   }
 
   // ---------------------------------------------------------------- formats
@@ -370,8 +376,8 @@
     });
     main.append(h('div', { class: 'login panel' },
       h('h1', {}, 'Log in to Weft'),
-      h('p', {}, 'Paste a client token (from `weft token create`, or the admin token the coordinator wrote at its first start). ' +
-        'It is kept only as this browser\'s session cookie.'),
+      h('p', {}, prose('Paste a client token (from `weft token create`, or the admin token the coordinator wrote at its first start). ' +
+        'It is kept only as this browser\'s session cookie.')),
       note ? banner('info', note) : null,
       error.el,
       form));
@@ -1068,7 +1074,7 @@
             gone = true;
             const requeued = data && Number.isFinite(Number(data.requeued)) ? ` ${Number(data.requeued)} running attempt(s) requeued.` : '';
             info.replaceChildren(banner('info', `Node revoked: it is disconnected and must join again with a new join token.${requeued}`));
-            running.replaceChildren();
+            running.replaceChildren(empty('None: the node is gone.'));
             stateBadge.replaceChildren(badge('revoked', true));
             renderActions();
           } else if (data && data.node) {
