@@ -982,7 +982,8 @@
       start: start ?? time('ended_at'),
       end: time('ended_at', 'finished_at', 'end'),
       outcome: normState(a.outcome || a.state || (a.ended_at ? 'ended' : 'running')),
-      reason: a.reason || a.error || '',
+      reason: [a.exit_code !== undefined && a.exit_code !== null ? `exit code ${a.exit_code}` : '', a.reason || a.error || '']
+        .filter(Boolean).join(' · '),
     };
   }
 
