@@ -544,6 +544,27 @@ mod tests {
     use super::{Args, parse_size};
 
     #[test]
+    fn the_dashboard_listens_on_7080_by_default_and_off_turns_it_off() {
+        let config = |args: &[&str]| {
+            let args = Args::try_parse_from(
+                std::iter::once("weft-coordinator").chain(args.iter().copied()),
+            )
+            .unwrap();
+            weft_coordinator::CoordinatorConfig::from(&args).http_listen
+        };
+        assert_eq!(config(&[]), Some("127.0.0.1:7080".parse().unwrap()));
+        assert_eq!(config(&["--http-listen", "off"]), None);
+        assert_eq!(
+            config(&["--http-listen", "0.0.0.0:0"]),
+            Some("0.0.0.0:0".parse().unwrap())
+        );
+        let err = Args::try_parse_from(["weft-coordinator", "--http-listen", "localhost"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("IP:PORT"), "{err}");
+    }
+
+    #[test]
     fn max_node_slots_defaults_to_1024_and_is_documented() {
         let args = Args::try_parse_from(["weft-coordinator"]).unwrap();
         assert_eq!(args.max_node_slots, 1024);

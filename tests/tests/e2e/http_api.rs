@@ -246,6 +246,10 @@ async fn a_read_token_reads_and_its_cancel_drain_and_revoke_are_refused() {
     );
     let node_page = http.get(&format!("/api/nodes/{node}"), &read).await;
     assert_eq!(node_page.status, 200, "{}", node_page.json());
+    let running = node_page.json()["running"].clone();
+    assert_eq!(running[0]["task_id"], id.to_string(), "{running}");
+    assert_eq!(running[0]["state"], "running", "{running}");
+    assert_eq!(running[0]["attempt"], 1, "{running}");
     for path in [
         format!("/api/tasks/{id}/cancel"),
         format!("/api/nodes/{node}/drain"),
