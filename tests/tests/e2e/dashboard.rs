@@ -313,7 +313,12 @@ async fn output_appears_live_while_a_task_runs(
     let marker = cluster.dir().join("live-go-on");
     // Markup in the output must show as text, never become HTML.
     let id = client
-        .submit(waits_for(&marker, "<b>first</b> line", "second line").name("live"))
+        .submit(
+            waits_for(&marker, "<b>first</b> line", "second line")
+                .name("live")
+                .env("MODE", "demo")
+                .secret_env("API_KEY", "hunter2"),
+        )
         .await
         .expect("submit live");
     let node = cluster.wait_for_running(id).await;
@@ -328,6 +333,15 @@ async fn output_appears_live_while_a_task_runs(
         browser.count("#output b").await,
         0,
         "output is text, not HTML"
+    );
+    // The spec, without secret values.
+    browser
+        .wait_text("#task-summary [data-field=environment]", "MODE=demo")
+        .await;
+    let page = browser.text("body").await;
+    assert!(
+        !page.contains("hunter2"),
+        "a secret value on the page: {page}"
     );
     assert!(
         !browser.text("#output").await.contains("second line"),
