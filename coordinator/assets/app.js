@@ -848,6 +848,7 @@
           if (!authLost(err)) error.show(describe(err, 'follow this task\'s events'));
         },
         ok() { error.clear(); },
+        opened(n) { streamStatus.dataset.opens = String(n); },
       });
     })();
   }
@@ -863,6 +864,7 @@
     let finished = false;
     let source = null;
     let failures = 0;
+    let opens = 0;
     pg.onEnd(() => { if (source) source.close(); });
 
     function connect() {
@@ -871,6 +873,9 @@
       const es = source;
       es.onopen = () => {
         failures = 0;
+        // How often the stream (re)opened: shown nowhere, read by tests.
+        opens += 1;
+        on.opened(opens);
         on.ok();
         on.status('live', 'live');
       };

@@ -22,6 +22,8 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -480,6 +482,81 @@ async fn try_driver(binary: &Path, port: u16) -> Result<Child, String> {
     // Keep draining its stdout so it never blocks on a full pipe.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     Ok(child)
+}
+
+/// A TCP relay in front of the dashboard that can cut every connection it
+/// carries, as a network drop would: the browser then reconnects (through
+/// it again), and a page following a stream must resume where it was.
+/// The bytes are relayed as they are, so TLS stays between the browser and
+/// the coordinator (the pinned key is the coordinator's).
+pub struct CuttableRelay {
+    addr: std::net::SocketAddr,
+    cut: tokio::sync::watch::Sender<u64>,
+    accepted: Arc<AtomicUsize>,
+    accept_loop: tokio::task::JoinHandle<()>,
+}
+
+impl CuttableRelay {
+    /// Listens on a free loopback port and relays each connection to
+    /// `target`.
+    pub async fn start(target: std::net::SocketAddr) -> CuttableRelay {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+            .await
+            .unwrap_or_else(|e| panic!("binding the relay: {e}"));
+        let addr = listener
+            .local_addr()
+            .expect("a bound listener has an address");
+        let (cut, _) = tokio::sync::watch::channel(0u64);
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let accept_loop = tokio::spawn({
+            let cut = cut.clone();
+            let accepted = Arc::clone(&accepted);
+            async move {
+                while let Ok((mut inbound, _)) = listener.accept().await {
+                    accepted.fetch_add(1, Ordering::SeqCst);
+                    let mut cuts = cut.subscribe();
+                    cuts.borrow_and_update();
+                    tokio::spawn(async move {
+                        let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
+                            return;
+                        };
+                        tokio::select! {
+                            _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                            _ = cuts.changed() => {}
+                        }
+                    });
+                }
+            }
+        });
+        CuttableRelay {
+            addr,
+            cut,
+            accepted,
+            accept_loop,
+        }
+    }
+
+    /// The relay's address.
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.addr
+    }
+
+    /// Drops every connection open now (new ones are relayed as before).
+    pub fn cut(&self) {
+        self.cut.send_modify(|generation| *generation += 1);
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for CuttableRelay {
+    fn drop(&mut self) {
+        self.accept_loop.abort();
+        self.cut();
+    }
 }
 
 /// JavaScript's truthiness, for [`Browser::wait_until`].

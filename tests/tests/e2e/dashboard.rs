@@ -20,7 +20,7 @@ use serde_json::{Value, json};
 
 use weft_client::{NodeInfo, NodeState, TaskId, TaskSpec, TaskState};
 use weft_tests::TestCluster;
-use weft_tests::browser::{Browser, serving_spki_sha256};
+use weft_tests::browser::{Browser, CuttableRelay, serving_spki_sha256};
 
 /// An exec task that prints `first`, waits until `marker` exists, then
 /// prints `then`: output that arrives while it runs, with no sleep in the
@@ -49,11 +49,20 @@ async fn the_dashboard_works_in_a_real_browser() {
         .node_labels(1, [("zone", "b"), ("team", "db")])
         .start()
         .await;
-    let http = cluster.http_url();
+    let dashboard = cluster.http_url();
     let spki = match cluster.ca_file() {
-        Some(ca) => Some(serving_spki_sha256(&http, ca).await),
+        Some(ca) => Some(serving_spki_sha256(&dashboard, ca).await),
         None => None,
     };
+    // The browser reaches the dashboard through a relay that can cut its
+    // connections, as a network drop would.
+    let target = dashboard
+        .split_once("://")
+        .and_then(|(_, rest)| rest.trim_end_matches('/').parse().ok())
+        .unwrap_or_else(|| panic!("the dashboard's address in {dashboard}"));
+    let relay = CuttableRelay::start(target).await;
+    let scheme = dashboard.split_once("://").map_or("https", |(s, _)| s);
+    let http = format!("{scheme}://{}", relay.addr());
     let mode = if cluster.is_processes() {
         "processes"
     } else {
@@ -96,7 +105,7 @@ async fn the_dashboard_works_in_a_real_browser() {
     log_in(&browser, &http, &cluster.admin_token()).await;
     the_overview_shows_the_nodes_and_counts(&browser).await;
     the_tasks_page_lists_filters_and_pages(&browser, &http, greet, broken).await;
-    output_appears_live_while_a_task_runs(&cluster, &browser, &http).await;
+    output_appears_live_while_a_task_runs(&cluster, &browser, &http, &relay).await;
     cancel_cancels(&cluster, &browser, &http).await;
 
     // A task that holds a slot on one node while the rest of the test runs.
@@ -308,6 +317,7 @@ async fn output_appears_live_while_a_task_runs(
     cluster: &TestCluster,
     browser: &Browser,
     http: &str,
+    relay: &CuttableRelay,
 ) {
     let client = cluster.client().await;
     let marker = cluster.dir().join("live-go-on");
@@ -349,6 +359,27 @@ async fn output_appears_live_while_a_task_runs(
     );
     browser.wait_text("#stream-status", "live").await;
     browser.screenshot("task-running").await;
+
+    // The network drops: the page reconnects by itself (the browser sends
+    // Last-Event-ID) and goes on where it was, showing nothing twice.
+    browser
+        .wait_until(
+            "the events stream to be open",
+            "return document.getElementById('stream-status').dataset.opens === '1';",
+        )
+        .await;
+    let accepted = relay.accepted();
+    relay.cut();
+    browser
+        .wait_until(
+            "the events stream to open again after the drop",
+            "return document.getElementById('stream-status').dataset.opens === '2';",
+        )
+        .await;
+    assert!(
+        relay.accepted() > accepted,
+        "it reconnected through the relay"
+    );
 
     std::fs::write(&marker, b"").expect("writing the marker");
     browser.wait_text("#output", "second line").await;
