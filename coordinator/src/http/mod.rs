@@ -1,5 +1,6 @@
 //! The coordinator's HTTP listener (`--http-listen`): the dashboard's
-//! pages and JSON API, `/healthz`, and (mounted at merge) `/metrics`.
+//! pages and JSON API, `/healthz`, and `/metrics` (`read` scope; it renders
+//! whatever [`App::metrics`] is given: the metrics registry's text).
 //!
 //! Connections come through the same accept loop as gRPC's
 //! (`crate::listener`: the connection caps, the deadline for the TLS
