@@ -17,6 +17,10 @@
 //! Chromedriver runs in a process group of its own and the group is killed
 //! on drop, so a failed test leaves no Chromium behind.
 //!
+//! [`CuttableRelay`] sits between the browser and the dashboard and drops
+//! every open connection on demand, for a test of what a page does when
+//! the network drops.
+//!
 //! Every wait polls the page with the harness deadline
 //! ([`default_timeout`]); nothing sleeps for a fixed time.
 
