@@ -10,6 +10,8 @@
 //! ```
 //!
 //! Layout:
+//! - [`browser`]: headless Chromium through chromedriver, for the
+//!   dashboard's tests (skipped without them unless `WEFT_REQUIRE_BROWSER=1`).
 //! - [`cluster`]: `TestCluster` and its builder: in-process or real
 //!   processes, node kill/stop/add, waits on task and node state.
 //! - [`process`]: `weft_cluster`'s finding and spawning of the binaries,
@@ -24,6 +26,7 @@
 //!
 //! The scenarios live in `tests/e2e/`, one file per concern.
 
+pub mod browser;
 pub mod cli;
 pub mod cluster;
 pub mod fake_node;

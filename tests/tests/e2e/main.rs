@@ -10,6 +10,7 @@ mod cancel_and_timeout;
 mod cli;
 mod completions;
 mod connections;
+mod dashboard;
 mod demo_json;
 mod disk;
 mod drain;
