@@ -114,6 +114,9 @@ pub struct CoordinatorConfig {
     /// Most HTTP/2 streams (calls) open at once on one connection
     /// (`--max-streams-per-connection`); a client past it waits.
     pub max_streams_per_connection: u32,
+    /// Export traces over OTLP/gRPC (`--otlp-endpoint`); `None` (the
+    /// default): no export, and nothing spent on it per task.
+    pub otlp: Option<crate::trace::OtlpConfig>,
 }
 
 /// Default of [`CoordinatorConfig::schedule_timeout`].
@@ -228,6 +231,7 @@ impl Default for CoordinatorConfig {
             max_connections: None,
             max_connections_per_ip: DEFAULT_MAX_CONNECTIONS_PER_IP,
             max_streams_per_connection: DEFAULT_MAX_STREAMS_PER_CONNECTION,
+            otlp: None,
         }
     }
 }
