@@ -150,7 +150,10 @@ fn check_tracestate(text: &str) -> Result<(), String> {
             text.len()
         ));
     }
-    if !text.bytes().all(|b| (b' '..=b'~').contains(&b) || b == b'\t') {
+    if !text
+        .bytes()
+        .all(|b| (b' '..=b'~').contains(&b) || b == b'\t')
+    {
         return Err("must be printable ASCII".to_owned());
     }
     let members: Vec<&str> = text

@@ -168,10 +168,8 @@ impl Follower {
                                 node_name,
                             });
                             if followed.sampled {
-                                let attrs = vec![KeyValue::new(
-                                    "weft.attempt",
-                                    i64::from(event.attempt.0),
-                                )];
+                                let attrs =
+                                    vec![KeyValue::new("weft.attempt", i64::from(event.attempt.0))];
                                 out.push(self.span_of(
                                     id,
                                     SpanOf::Queued(event.attempt),
@@ -303,7 +301,13 @@ impl Follower {
     }
 
     /// Ends the task's current attempt (if any) at `at`.
-    fn end_attempt(&mut self, id: TaskId, at: SystemTime, why: &'static str, out: &mut Vec<SpanData>) {
+    fn end_attempt(
+        &mut self,
+        id: TaskId,
+        at: SystemTime,
+        why: &'static str,
+        out: &mut Vec<SpanData>,
+    ) {
         let Some(f) = self.tasks.get_mut(&id) else {
             return;
         };
