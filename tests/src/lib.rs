@@ -16,6 +16,7 @@
 //!   its errors turned into test failures.
 //! - [`fake_node`]: a raw `NodeService` session for playing a misbehaving node.
 //! - [`cli`]: running the `weft` binary and capturing its output.
+//! - [`otlp`]: an in-process OTLP trace receiver, for the traces tests.
 //! - [`wait`]: `wait_until` and friends; process liveness checks.
 //! - [`trust`]: which CA each running test cluster's URL is trusted by,
 //!   so raw channels ([`fake_node::channel`]) dial its TLS like clients.
@@ -25,6 +26,7 @@
 pub mod cli;
 pub mod cluster;
 pub mod fake_node;
+pub mod otlp;
 pub mod process;
 pub mod trust;
 pub mod wait;

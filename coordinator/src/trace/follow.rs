@@ -145,10 +145,12 @@ impl Follower {
                         }
                         EventBody::State {
                             state: TaskState::Queued,
+                            reason,
                             ..
                         } => {
-                            // Requeued: the attempt before ended.
-                            self.end_attempt(id, event.time, "requeued", out);
+                            // Requeued: the attempt before ended (why is
+                            // in the reason; its exit code is not kept).
+                            self.end_attempt(id, event.time, Some(reason), out);
                             if let Some(f) = self.tasks.get_mut(&id) {
                                 f.queued_since = Some(event.time);
                             }
@@ -257,7 +259,7 @@ impl Follower {
                 node_name: task.node_name.clone(),
             });
         }
-        self.end_attempt(task.id, at, "finished", out);
+        self.end_attempt(task.id, at, None, out);
         let Some(f) = self.tasks.remove(&task.id) else {
             return;
         };
@@ -300,12 +302,13 @@ impl Follower {
         out.push(root);
     }
 
-    /// Ends the task's current attempt (if any) at `at`.
+    /// Ends the task's current attempt (if any) at `at`; `requeued`: the
+    /// reason the task was queued again.
     fn end_attempt(
         &mut self,
         id: TaskId,
         at: SystemTime,
-        why: &'static str,
+        requeued: Option<String>,
         out: &mut Vec<SpanData>,
     ) {
         let Some(f) = self.tasks.get_mut(&id) else {
@@ -320,7 +323,7 @@ impl Follower {
         let outcome = match f.last_outcome {
             Some(outcome) => outcome.to_string(),
             // Requeued without a report: lost with its node.
-            None if why == "requeued" => "lost".to_owned(),
+            None if requeued.is_some() => "lost".to_owned(),
             None => "none".to_owned(),
         };
         let failed = !matches!(f.last_outcome, Some(Outcome::Succeeded));
@@ -336,6 +339,9 @@ impl Follower {
         }
         if let Some(code) = f.exit_code {
             attrs.push(KeyValue::new("process.exit.code", i64::from(code)));
+        }
+        if let Some(reason) = requeued {
+            attrs.push(KeyValue::new("weft.requeued", reason));
         }
         if let Some(started) = running.started {
             attrs.push(KeyValue::new(

@@ -35,5 +35,6 @@ mod stream_flood;
 mod stuck_nodes;
 mod tls;
 mod tokens;
+mod traces;
 mod validation;
 mod watch_limits;
