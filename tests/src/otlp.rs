@@ -124,8 +124,8 @@ impl OtlpReceiver {
         })
     }
 
-    /// The spans of the trace whose root `task` span names task `task_id`
-    /// (`weft.task.id`), once that root and the `submit` span arrived (the
+    /// The spans of task `task_id` (its root `task` span, which names it in
+    /// `weft.task.id`, and the spans under it), once that root and the `submit` span arrived (the
     /// root is made after every other span of the coordinator's but
     /// `submit`, which the Submit's service sends on its own).
     pub async fn wait_for_task(&self, task_id: &str) -> Vec<ReceivedSpan> {
@@ -134,13 +134,23 @@ impl OtlpReceiver {
             let found = spans
                 .iter()
                 .find(|s| s.name == "task" && s.attr("weft.task.id") == Some(task_id))
-                .map(|root| root.trace_id.clone())
-                .and_then(|trace| {
-                    let of_task: Vec<ReceivedSpan> = spans
-                        .iter()
-                        .filter(|s| s.trace_id == trace)
-                        .cloned()
-                        .collect();
+                .and_then(|root| {
+                    // The root, its children, and theirs (`commit`): a
+                    // client's trace may hold other tasks too.
+                    let mut of_task = vec![root.clone()];
+                    for _ in 0..2 {
+                        let parents: Vec<String> =
+                            of_task.iter().map(|s| s.span_id.clone()).collect();
+                        of_task = spans
+                            .iter()
+                            .filter(|s| {
+                                s.trace_id == root.trace_id
+                                    && (s.span_id == root.span_id
+                                        || parents.contains(&s.parent_span_id))
+                            })
+                            .cloned()
+                            .collect();
+                    }
                     of_task
                         .iter()
                         .any(|s| s.name == "submit" && s.attr("weft.task.id") == Some(task_id))

@@ -288,3 +288,50 @@ async fn a_restarted_coordinator_keeps_the_tasks_trace() {
     assert_eq!(attempt.parent_span_id, root.span_id);
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_continues_the_trace_in_traceparent() {
+    let receiver = OtlpReceiver::start().await;
+    let cluster = TestCluster::builder()
+        .nodes(1)
+        .otlp_endpoint(receiver.url())
+        .start()
+        .await;
+    let token = cluster.admin_token();
+    let env = [
+        ("TRACEPARENT", format!("00-{CLIENT_TRACE}-{CLIENT_SPAN}-01")),
+        ("TRACESTATE", "vendor=value".to_owned()),
+    ];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let run = cluster
+        .weft_as(
+            Some(&token),
+            &env,
+            &[
+                "run",
+                "--",
+                "sh",
+                "-c",
+                "printf '%s %s' \"$TRACEPARENT\" \"$TRACESTATE\"",
+            ],
+        )
+        .await;
+    assert_eq!(run.code, Some(0), "{run}");
+    let (traceparent, tracestate) = run.stdout.split_once(' ').expect("two words");
+    let ctx = TraceContext::parse(traceparent, tracestate).expect("a valid context");
+    assert_eq!(ctx.trace_id_hex(), CLIENT_TRACE, "{run}");
+    assert_eq!(ctx.state, "vendor=value");
+
+    let submit = cluster
+        .weft_as(Some(&token), &env, &["submit", "--", "true"])
+        .await;
+    assert_eq!(submit.code, Some(0), "{submit}");
+    let id = submit.stdout.trim().to_owned();
+    let spans = receiver.wait_for_task(&id).await;
+    let root = one(&spans, "task");
+    assert_eq!(
+        (root.trace_id.as_str(), root.parent_span_id.as_str()),
+        (CLIENT_TRACE, CLIENT_SPAN)
+    );
+    cluster.shutdown().await;
+}
