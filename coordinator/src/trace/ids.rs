@@ -81,7 +81,13 @@ mod tests {
     fn ids_are_stable_and_distinct_per_task_and_span() {
         let task = TaskId::from_u128(0x0192_3456_789a_bcde_f012_3456_789a_bcde);
         // Pinned: a change would orphan the spans of tasks in flight.
-        assert_eq!(span_id(task, SpanOf::Task), span_id(task, SpanOf::Task));
+        let hex = |b: &[u8]| b.iter().map(|b| format!("{b:02x}")).collect::<String>();
+        assert_eq!(hex(&span_id(task, SpanOf::Task)), "3cc9e016752febfe");
+        assert_eq!(
+            hex(&span_id(task, SpanOf::Attempt(Attempt(1)))),
+            "7cbe079787a04571"
+        );
+        assert_eq!(hex(&trace_id(task)), "88765cc35d3f4b2bc9a0d4c87dd0f2e1");
         let kinds = [
             SpanOf::Task,
             SpanOf::Submit,

@@ -265,3 +265,6 @@ fn handle(follower: &mut Follower, message: Message, spans: &mut Vec<SpanData>) 
         } => follower.submitted(&tasks, received, acked, spans),
     }
 }
+
+#[cfg(test)]
+mod tests;
