@@ -302,8 +302,28 @@ mod tests {
             cwd: Some("/tmp".into()),
             name: Some("job".into()),
             stdin_file: None,
+            traceparent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
+            tracestate: Some("k=v".into()),
         };
         let spec = opts.apply_with_stdin(TaskSpec::exec(["true"]), Some(b"in".to_vec()));
+        let trace = spec.trace.as_ref().expect("the trace is continued");
+        assert_eq!(
+            (trace.traceparent().as_str(), trace.state.as_str()),
+            (
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                "k=v"
+            )
+        );
+        let malformed = TaskOpts {
+            traceparent: Some("nope".into()),
+            ..TaskOpts::default()
+        };
+        assert_eq!(
+            malformed
+                .apply_with_stdin(TaskSpec::exec(["true"]), None)
+                .trace,
+            None
+        );
         assert_eq!(spec.slots, 2);
         assert_eq!(spec.labels, opts.label_map());
         assert_eq!(spec.timeout, Some(Duration::from_secs(3)));

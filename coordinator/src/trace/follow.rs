@@ -192,8 +192,8 @@ impl Follower {
                                 number: event.attempt,
                                 assigned: None,
                                 started: None,
-                                node_id: node_id.clone(),
-                                node_name: node_name.clone(),
+                                node_id,
+                                node_name,
                             });
                             running.started = Some(event.time);
                         }

@@ -91,10 +91,7 @@ fn life(follower: &mut Follower, id: TaskId, spec: &Arc<TaskSpec>) -> Vec<SpanDa
     let queued = record(id, spec, TaskState::Queued, 0);
     follower.commit(
         batch(
-            vec![
-                Record::Task(queued),
-                state(id, 0, 0, 0, TaskState::Queued),
-            ],
+            vec![Record::Task(queued), state(id, 0, 0, 0, TaskState::Queued)],
             2,
         ),
         &mut spans,
