@@ -84,6 +84,11 @@ impl OtlpReceiver {
         format!("http://{}", self.addr)
     }
 
+    /// How many spans arrived so far.
+    pub fn count(&self) -> usize {
+        self.spans.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
     /// Every span received so far.
     pub fn spans(&self) -> Vec<ReceivedSpan> {
         self.spans.lock().unwrap_or_else(|e| e.into_inner()).clone()
