@@ -27,7 +27,7 @@ def _worker(cluster: Cluster, name: str):
     from test_worker import RunningWorker
     import handlers
 
-    worker = weft.Worker(cluster.url, slots=2, name=name, labels={"lang": name},
+    worker = weft.Worker(cluster.url, slots=2, name=name, labels={"lang": name}, exec="allow",
                          ca_file=cluster.ca_file, **cluster.join_kwargs(name))
 
     @worker.handler(kind="thread")
@@ -47,6 +47,11 @@ def test_a_python_handler_sees_the_trace_context_it_runs_under(cluster):
             out = cluster.client.call(handler, traceparent=PARENT, tracestate="k=v", wait_timeout=30)
             assert out == f"{PARENT} k=v".encode(), handler
             assert cluster.client.call(handler, wait_timeout=30) == b"", "no trace, none made up"
+        # An exec task on the Python worker: TRACEPARENT in its environment.
+        echo = ["sh", "-c", 'printf "%s %s" "$TRACEPARENT" "$TRACESTATE"']
+        task = cluster.client.exec(echo, labels={"lang": "py-trace"}, traceparent=PARENT, tracestate="k=v",
+                                   wait_timeout=30)
+        assert b"".join(data for _, data in cluster.client.output(task.id)) == f"{PARENT} k=v".encode()
     finally:
         running.stop()
 
