@@ -44,6 +44,8 @@
 //! - [`tls`] — the cluster CA and serving certificates ([`tls::pki`]),
 //!   node certificates ([`tls::node_cert`]), interface addresses,
 //!   rotation, the TLS acceptor.
+//! - [`trace`] — OpenTelemetry trace export (`--otlp-endpoint`): the
+//!   spans of each task, built from what the driver committed.
 
 pub mod auth;
 pub mod config;
@@ -57,6 +59,7 @@ mod server;
 mod service;
 pub mod store;
 pub mod tls;
+pub mod trace;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
@@ -332,13 +335,19 @@ pub async fn start(
     let auth_on = config.auth;
     let node_auth = config.node_auth();
     let config = Arc::new(config);
-    let (driver, handle) = driver::new(
+    let (mut driver, mut handle) = driver::new(
         scheduler,
         store,
         Arc::clone(&config),
         cancel.clone(),
         tasks.clone(),
     );
+    if let Some(otlp) = &config.otlp {
+        let export =
+            trace::Export::start(otlp, &tasks, cancel.clone()).map_err(Error::TraceExport)?;
+        driver.export_traces(export.clone());
+        handle.trace = Some(export);
+    }
     let failure = driver.failure();
     tasks.spawn(driver.run());
     // One instance of each API, served by gRPC and called by HTTP.

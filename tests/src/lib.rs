@@ -18,6 +18,7 @@
 //!   its errors turned into test failures.
 //! - [`fake_node`]: a raw `NodeService` session for playing a misbehaving node.
 //! - [`cli`]: running the `weft` binary and capturing its output.
+//! - [`otlp`]: an in-process OTLP trace receiver, for the traces tests.
 //! - [`wait`]: `wait_until` and friends; process liveness checks.
 //! - [`http`]: an HTTP client of the coordinator's HTTP listener (the
 //!   dashboard's API), trusting the cluster CA.
@@ -31,6 +32,7 @@ pub mod cli;
 pub mod cluster;
 pub mod fake_node;
 pub mod http;
+pub mod otlp;
 pub mod process;
 pub mod trust;
 pub mod wait;

@@ -20,6 +20,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use tokio::task::JoinHandle;
 
@@ -49,6 +50,9 @@ pub(super) struct Committed<H> {
     pub records: Vec<Record>,
     /// The commit's result.
     pub result: Result<(), StoreError>,
+    /// When the store commit ran, start to end (`None`: nothing was
+    /// written, or it panicked): the `commit` span of traces.
+    pub ran: Option<(SystemTime, SystemTime)>,
 }
 
 /// What [`Pipeline::start`] did with a batch.
@@ -68,7 +72,7 @@ pub(super) enum Started<H> {
 
 /// The commit in flight and the effects it holds.
 struct InFlight<H> {
-    commit: JoinHandle<(Vec<Record>, Result<(), StoreError>)>,
+    commit: JoinHandle<Ran>,
     held: H,
 }
 
@@ -117,6 +121,7 @@ impl<H: Default> Pipeline<H> {
                 held: batch.held,
                 records: batch.records,
                 result: Ok(()),
+                ran: None,
             };
             return Started::Done([previous, Some(this)]);
         }
@@ -124,8 +129,9 @@ impl<H: Default> Pipeline<H> {
         let records = batch.records;
         self.in_flight = Some(InFlight {
             commit: tokio::task::spawn_blocking(move || {
+                let started = SystemTime::now();
                 let committed = store.commit(&records);
-                (records, committed)
+                (records, committed, Some((started, SystemTime::now())))
             }),
             held: batch.held,
         });
@@ -156,21 +162,32 @@ impl<H: Default> Pipeline<H> {
 /// Waits for `in_flight`'s commit and pairs the result with its effects
 /// (taken only once the commit returned, so dropping this early is safe).
 async fn wait_for<H: Default>(in_flight: &mut InFlight<H>) -> Committed<H> {
-    let (records, result) = join(&mut in_flight.commit).await;
+    let (records, result, ran) = join(&mut in_flight.commit).await;
     Committed {
         held: std::mem::take(&mut in_flight.held),
         records,
         result,
+        ran,
     }
 }
 
+/// What a commit on the blocking pool hands back: its records, its result
+/// and when it ran.
+type Ran = (
+    Vec<Record>,
+    Result<(), StoreError>,
+    Option<(SystemTime, SystemTime)>,
+);
+
 /// A commit's records and result; a panic in it is a store error.
-async fn join(
-    commit: &mut JoinHandle<(Vec<Record>, Result<(), StoreError>)>,
-) -> (Vec<Record>, Result<(), StoreError>) {
-    commit
-        .await
-        .unwrap_or_else(|err| (Vec::new(), Err(StoreError::from_join("committing", err))))
+async fn join(commit: &mut JoinHandle<Ran>) -> Ran {
+    commit.await.unwrap_or_else(|err| {
+        (
+            Vec::new(),
+            Err(StoreError::from_join("committing", err)),
+            None,
+        )
+    })
 }
 
 /// Keeps each task's record once per commit: its latest state, at the

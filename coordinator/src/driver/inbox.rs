@@ -250,6 +250,9 @@ pub(crate) struct Handle {
     pub cancel: CancellationToken,
     pub tasks: TaskTracker,
     sessions: Arc<AtomicU64>,
+    /// Trace export, when on (`--otlp-endpoint`): services send each
+    /// Submit's timing.
+    pub trace: Option<crate::trace::Export>,
 }
 
 impl Handle {
@@ -269,6 +272,7 @@ impl Handle {
             cancel,
             tasks,
             sessions: Arc::new(AtomicU64::new(1)),
+            trace: None,
         };
         (handle, rx)
     }

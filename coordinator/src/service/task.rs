@@ -305,9 +305,21 @@ impl TaskApi {
         if specs.is_empty() {
             return Ok(Vec::new());
         }
-        self.handle
+        let Some(trace) = &self.handle.trace else {
+            return self
+                .handle
+                .call(|reply| Command::Submit { specs, reply })
+                .await?;
+        };
+        // Traced: the `submit` spans run from here to the acknowledgement.
+        let received = SystemTime::now();
+        let contexts: Vec<_> = specs.iter().map(|spec| spec.trace.clone()).collect();
+        let ids = self
+            .handle
             .call(|reply| Command::Submit { specs, reply })
-            .await?
+            .await??;
+        trace.submitted(ids.iter().copied().zip(contexts).collect(), received);
+        Ok(ids)
     }
 
     /// A task's stored record, read on the blocking pool; a missing one is

@@ -41,5 +41,6 @@ mod stuck_nodes;
 mod tls;
 mod tokens;
 mod top;
+mod traces;
 mod validation;
 mod watch_limits;
