@@ -25,7 +25,9 @@ use anyhow::Context;
 use weft_client::Client;
 use weft_cluster::LocalCluster;
 use weft_coordinator::CoordinatorConfig;
-use weft_coordinator::store::{AttemptRecord, EventBody, Record, RedbStore, Store, TaskEvent, TaskRecord};
+use weft_coordinator::store::{
+    AttemptRecord, EventBody, Record, RedbStore, Store, TaskEvent, TaskRecord,
+};
 use weft_coordinator::tls::TlsConfig;
 use weft_proto::{Attempt, NodeId, Outcome, TaskId, TaskSpec, TaskState};
 use weft_tests::http::HttpClient;

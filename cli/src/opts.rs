@@ -10,7 +10,7 @@ use clap::Args;
 
 use weft_client::TaskSpec;
 use weft_proto::convert::parse_duration;
-use weft_proto::{TaskId, TaskState};
+use weft_proto::{TaskId, TaskState, TraceContext};
 
 /// Constraints and settings of the task(s) a command makes.
 #[derive(Args, Debug, Clone, Default)]
@@ -54,6 +54,16 @@ pub struct TaskOpts {
     /// File whose bytes are fed to the process's stdin (exec tasks).
     #[arg(long, value_name = "FILE")]
     pub stdin_file: Option<PathBuf>,
+    /// Continue this W3C trace: the task's spans (when the coordinator
+    /// exports traces) become children of this `00-TRACE-SPAN-FLAGS`
+    /// context, and the task's process or handler runs in the trace. Read
+    /// from TRACEPARENT, as set by otel-cli and the OpenTelemetry SDKs; a
+    /// malformed value is ignored with a warning.
+    #[arg(long, env = "TRACEPARENT", value_name = "TRACEPARENT")]
+    pub traceparent: Option<String>,
+    /// The W3C `tracestate` that goes with --traceparent.
+    #[arg(long, env = "TRACESTATE", value_name = "TRACESTATE")]
+    pub tracestate: Option<String>,
 }
 
 impl TaskOpts {
@@ -111,7 +121,25 @@ impl TaskOpts {
         if let Some(stdin) = stdin {
             spec = spec.stdin(stdin);
         }
+        if let Some(trace) = self.trace() {
+            spec = spec.trace(trace);
+        }
         spec
+    }
+
+    /// The trace to continue (`--traceparent`/`TRACEPARENT`), if valid; a
+    /// malformed one is said once on stderr and ignored.
+    fn trace(&self) -> Option<TraceContext> {
+        let traceparent = self.traceparent.as_deref().filter(|t| !t.is_empty())?;
+        let tracestate = self.tracestate.as_deref().unwrap_or("");
+        match TraceContext::parse(traceparent, tracestate) {
+            Ok(trace) => Some(trace),
+            Err(err) => {
+                static WARNED: std::sync::Once = std::sync::Once::new();
+                WARNED.call_once(|| eprintln!("weft: not continuing the trace: {err}"));
+                None
+            }
+        }
     }
 
     /// The labels as a map.
@@ -274,8 +302,28 @@ mod tests {
             cwd: Some("/tmp".into()),
             name: Some("job".into()),
             stdin_file: None,
+            traceparent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
+            tracestate: Some("k=v".into()),
         };
         let spec = opts.apply_with_stdin(TaskSpec::exec(["true"]), Some(b"in".to_vec()));
+        let trace = spec.trace.as_ref().expect("the trace is continued");
+        assert_eq!(
+            (trace.traceparent().as_str(), trace.state.as_str()),
+            (
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                "k=v"
+            )
+        );
+        let malformed = TaskOpts {
+            traceparent: Some("nope".into()),
+            ..TaskOpts::default()
+        };
+        assert_eq!(
+            malformed
+                .apply_with_stdin(TaskSpec::exec(["true"]), None)
+                .trace,
+            None
+        );
         assert_eq!(spec.slots, 2);
         assert_eq!(spec.labels, opts.label_map());
         assert_eq!(spec.timeout, Some(Duration::from_secs(3)));

@@ -120,6 +120,9 @@ pub struct CoordinatorConfig {
     /// plaintext only on loopback or with [`insecure`](Self::insecure).
     /// Port 0 picks a free port (`RunningCoordinator::http_addr`).
     pub http_listen: Option<std::net::SocketAddr>,
+    /// Export traces over OTLP/gRPC (`--otlp-endpoint`); `None` (the
+    /// default): no export, and nothing spent on it per task.
+    pub otlp: Option<crate::trace::OtlpConfig>,
 }
 
 /// Default of [`CoordinatorConfig::schedule_timeout`].
@@ -235,6 +238,7 @@ impl Default for CoordinatorConfig {
             max_connections_per_ip: DEFAULT_MAX_CONNECTIONS_PER_IP,
             max_streams_per_connection: DEFAULT_MAX_STREAMS_PER_CONNECTION,
             http_listen: None,
+            otlp: None,
         }
     }
 }

@@ -122,6 +122,9 @@ pub enum Error {
         /// Why.
         message: String,
     },
+    /// The OTLP trace exporter could not be set up (`--otlp-endpoint`).
+    #[error("trace export: {0}")]
+    TraceExport(String),
     /// The address file could not be written (binary only).
     #[error("writing address {addr} to file: {source}")]
     AddrFile {
@@ -164,6 +167,7 @@ impl From<Error> for Status {
             | Error::HttpListen { .. }
             | Error::NoAuthNotLoopback(_)
             | Error::AddrFile { .. }
+            | Error::TraceExport(_)
             | Error::AdminToken { .. } => {
                 tracing::error!(error = %err, "internal failure");
                 Status::internal("internal coordinator error")

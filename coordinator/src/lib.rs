@@ -46,6 +46,8 @@
 //! - [`tls`] — the cluster CA and serving certificates ([`tls::pki`]),
 //!   node certificates ([`tls::node_cert`]), interface addresses,
 //!   rotation, the TLS acceptor.
+//! - [`trace`] — OpenTelemetry trace export (`--otlp-endpoint`): the
+//!   spans of each task, built from what the driver committed.
 
 pub mod auth;
 pub mod config;
@@ -60,6 +62,7 @@ mod server;
 mod service;
 pub mod store;
 pub mod tls;
+pub mod trace;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
@@ -344,7 +347,7 @@ pub async fn start(
     let config = Arc::new(config);
     let metrics = Arc::new(metrics::Metrics::default());
     scheduler.set_metrics(Arc::clone(metrics.tasks()));
-    let (driver, handle) = driver::new(
+    let (mut driver, mut handle) = driver::new(
         scheduler,
         store,
         Arc::clone(&config),
@@ -352,6 +355,12 @@ pub async fn start(
         cancel.clone(),
         tasks.clone(),
     );
+    if let Some(otlp) = &config.otlp {
+        let export =
+            trace::Export::start(otlp, &tasks, cancel.clone()).map_err(Error::TraceExport)?;
+        driver.export_traces(export.clone());
+        handle.trace = Some(export);
+    }
     let failure = driver.failure();
     tasks.spawn(driver.run());
     // One instance of each API, served by gRPC and called by HTTP.

@@ -283,6 +283,19 @@ struct Args {
     #[arg(long, default_value = "7d", value_parser = parse_duration, hide = true)]
     cert_lifetime: Duration,
 
+    /// Export traces over OTLP/gRPC to this collector URL
+    /// (http://HOST:4317; plaintext, to a collector or agent nearby): one
+    /// trace per task, with
+    /// spans submit, commit, queued, attempt N, result. Off by default (and
+    /// then costs nothing per task); a client's W3C trace context still
+    /// reaches the node either way.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_name = "URL", value_parser = weft_coordinator::trace::parse_endpoint)]
+    otlp_endpoint: Option<String>,
+
+    /// `service.name` of the exported spans.
+    #[arg(long, env = "OTEL_SERVICE_NAME", default_value = weft_coordinator::trace::DEFAULT_SERVICE_NAME)]
+    otel_service_name: String,
+
     /// Lifetime of each node certificate (issued when a node joins;
     /// nodes renew theirs over their session at 2/3 of it). A node away
     /// for longer than this must join again with a new token.
@@ -363,6 +376,13 @@ impl From<&Args> for CoordinatorConfig {
                 Some(HttpListen::At(addr)) => Some(addr),
                 None => Some(DEFAULT_HTTP_LISTEN),
             },
+            otlp: args
+                .otlp_endpoint
+                .clone()
+                .map(|endpoint| weft_coordinator::trace::OtlpConfig {
+                    endpoint,
+                    service_name: args.otel_service_name.clone(),
+                }),
             ..CoordinatorConfig::default()
         }
     }

@@ -112,7 +112,8 @@ pub(crate) async fn run(
         match &spec.kind {
             TaskKind::Exec(exec_spec) => {
                 let secrets = &spec.secret_env;
-                let end = process::run(exec_spec, secrets, emit, &control.token, reaper, |pgid| {
+                let context = (secrets, spec.trace.as_ref());
+                let end = process::run(exec_spec, context, emit, &control.token, reaper, |pgid| {
                     let _ = control.pgid.set(pgid);
                 })
                 .await;
@@ -164,6 +165,7 @@ async fn run_call(
         attempt: emit.attempt(),
         input: call.input.clone(),
         secret_env: spec.secret_env.clone(),
+        trace: spec.trace.clone(),
         cancel: control.token.clone(),
         emit: emit.clone(),
     };

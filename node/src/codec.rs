@@ -105,8 +105,18 @@ pub(crate) fn assignment(wire: pb::Assignment) -> Result<Assignment, ConversionE
     let task_id = wire.task_id.parse::<TaskId>()?;
     let key = (task_id, Attempt(wire.attempt));
     let slots = wire.spec.as_ref().map_or(1, |spec| spec.slots.max(1));
+    // The attempt runs under `Assignment.trace`, not `spec.trace` (see
+    // node.proto): the spec carries it from here on. A malformed one (the
+    // coordinator validated it) is dropped rather than failing the work.
+    let trace = wire
+        .trace
+        .as_ref()
+        .and_then(|t| weft_proto::TraceContext::try_from(t).ok());
     let spec = match wire.spec.map(TaskSpec::try_from) {
-        Some(Ok(spec)) => Ok(spec),
+        Some(Ok(mut spec)) => {
+            spec.trace = trace;
+            Ok(spec)
+        }
         Some(Err(err)) => Err(InvalidSpec {
             slots,
             error: format!("invalid task spec: {err}"),
@@ -230,6 +240,7 @@ mod tests {
             task_id: task_id.to_string(),
             attempt: 2,
             spec: Some(TaskSpec::call("noop", "").slots(2).into()),
+            trace: None,
         })
         .unwrap();
         assert_eq!(decoded.key, (task_id, Attempt(2)));
@@ -247,6 +258,7 @@ mod tests {
             task_id: task_id.clone(),
             attempt: 1,
             spec: Some(bad),
+            trace: None,
         })
         .unwrap();
         let invalid = decoded.spec.unwrap_err();
@@ -260,6 +272,7 @@ mod tests {
             task_id,
             attempt: 1,
             spec: None,
+            trace: None,
         })
         .unwrap();
         let invalid = missing.spec.unwrap_err();

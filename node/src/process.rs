@@ -26,10 +26,15 @@ use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use weft_proto::{ExecSpec, OutputStream, SecretEnv};
+use weft_proto::{ExecSpec, OutputStream, SecretEnv, TraceContext};
 
 use crate::events::Emitter;
 use crate::reaper::Reaper;
+
+/// The W3C trace context's environment variables (the convention of
+/// `otel-cli` and the OpenTelemetry SDKs' environment carriers).
+const TRACEPARENT: &str = "TRACEPARENT";
+const TRACESTATE: &str = "TRACESTATE";
 
 /// Bytes read from a pipe at a time (the largest output chunk).
 const READ_CHUNK: usize = 32 * 1024;
@@ -57,9 +62,14 @@ pub(crate) enum ExecEnd {
 /// gets the child's process group id
 /// (= its pid) as soon as it exists, so a crash-style kill can SIGKILL the
 /// group without waiting for this future.
+///
+/// The child's environment: the node's, then `TRACEPARENT`/`TRACESTATE`
+/// from `trace` (removed when there is none: the node's own trace context
+/// is nothing the task runs under), then the spec's `env`, then its
+/// secrets. A value the task itself sets wins.
 pub(crate) async fn run(
     spec: &ExecSpec,
-    secret_env: &SecretEnv,
+    (secret_env, trace): (&SecretEnv, Option<&TraceContext>),
     emit: &Emitter,
     cancel: &CancellationToken,
     reaper: Option<&Reaper>,
@@ -82,6 +92,19 @@ pub(crate) async fn run(
         }
     }
     let mut command = Command::new(program);
+    match trace {
+        Some(trace) => {
+            command.env(TRACEPARENT, trace.traceparent());
+            if trace.state.is_empty() {
+                command.env_remove(TRACESTATE);
+            } else {
+                command.env(TRACESTATE, &trace.state);
+            }
+        }
+        None => {
+            command.env_remove(TRACEPARENT).env_remove(TRACESTATE);
+        }
+    }
     command
         .args(&spec.argv[1..])
         .envs(&spec.env)
@@ -386,11 +409,15 @@ pub(crate) mod tests {
     }
 
     async fn run_with_secrets(spec: &ExecSpec, secrets: &SecretEnv) -> Run {
+        run_traced(spec, secrets, None).await
+    }
+
+    async fn run_traced(spec: &ExecSpec, secrets: &SecretEnv, trace: Option<&TraceContext>) -> Run {
         let (tx, rx) = events::channel();
         let emit = Emitter::new(tx, TaskId::new(), Attempt::FIRST);
         let end = run(
             spec,
-            secrets,
+            (secrets, trace),
             &emit,
             &CancellationToken::new(),
             None,
@@ -461,6 +488,32 @@ pub(crate) mod tests {
     }
 
     #[tokio::test]
+    async fn the_trace_context_is_in_the_environment_unless_the_task_sets_it() {
+        let trace = TraceContext::parse(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "k=v",
+        )
+        .unwrap();
+        let echo = spec(&[
+            "sh",
+            "-c",
+            "printf '%s|%s' \"$TRACEPARENT\" \"$TRACESTATE\"",
+        ]);
+        let run = run_traced(&echo, &SecretEnv::new(), Some(&trace)).await;
+        assert_eq!(
+            run.output(OutputStream::Stdout),
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01|k=v"
+        );
+        let mut own = echo.clone();
+        own.env.insert("TRACEPARENT".into(), "mine".into());
+        let run = run_traced(&own, &SecretEnv::new(), Some(&trace)).await;
+        assert_eq!(run.output(OutputStream::Stdout), "mine|k=v");
+        // No trace: nothing (not even one the node itself runs under).
+        let run = run_traced(&echo, &SecretEnv::new(), None).await;
+        assert_eq!(run.output(OutputStream::Stdout), "|");
+    }
+
+    #[tokio::test]
     async fn env_and_cwd_are_applied() {
         let dir = tempfile::tempdir().unwrap();
         let mut s = spec(&["sh", "-c", "echo $WEFT_TEST_VAR; pwd"]);
@@ -501,7 +554,7 @@ pub(crate) mod tests {
         let emit = Emitter::new(tx, TaskId::new(), Attempt::FIRST);
         let task = tokio::spawn(async move {
             let s = spec(&["sh", "-c", "sleep 100 & echo $!; wait"]);
-            run(&s, &SecretEnv::new(), &emit, &cancel, None, |_| {}).await
+            run(&s, (&SecretEnv::new(), None), &emit, &cancel, None, |_| {}).await
         });
         let grandchild = loop {
             let event = rx.recv().await.expect("child output");

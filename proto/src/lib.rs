@@ -18,6 +18,7 @@
 //! - [`exec_policy`]: `ExecPolicy`, which exec tasks a node runs.
 //! - [`tls`]: client-side TLS (trust by CA file or pin; a node's own
 //!   certificate, [`tls::ClientIdentity`]).
+//! - [`trace`]: `TraceContext`, the W3C trace context a task runs under.
 //! - [`state`]: `TaskState`, `Outcome`, `OutputStream`, `NodeState` enums.
 //! - [`convert`]: `ConversionError` and time/duration helpers.
 
@@ -31,6 +32,7 @@ pub mod node;
 pub mod spec;
 pub mod state;
 pub mod tls;
+pub mod trace;
 
 /// The encoded `FileDescriptorSet` of `weft.v1` (and what it imports), for
 /// gRPC server reflection: tools like `grpcurl` list and call the API
@@ -52,6 +54,7 @@ pub use join::{JoinToken, JoinTokenError};
 pub use node::NodeInfo;
 pub use spec::{CallSpec, ExecSpec, SecretEnv, TaskKind, TaskSpec};
 pub use state::{NodeState, Outcome, OutputStream, TaskState};
+pub use trace::TraceContext;
 
 /// Protocol version spoken by this build (`Register.protocol_version`).
 pub const PROTOCOL_VERSION: pb::ProtocolVersion = pb::ProtocolVersion::ProtocolVersion1;

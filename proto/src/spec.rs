@@ -13,6 +13,7 @@ use bytes::Bytes;
 
 use crate::convert::{ConversionError, duration_from_pb, duration_to_pb};
 use crate::pb;
+use crate::trace::TraceContext;
 
 /// Attempts allowed when a spec does not say.
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
@@ -41,6 +42,9 @@ pub struct TaskSpec {
     /// Secret environment variables: given only to the node running an
     /// attempt, never shown to readers (see [`SecretEnv`]).
     pub secret_env: SecretEnv,
+    /// The W3C trace context it runs under (the client's, or one the
+    /// coordinator started); `None`: no trace.
+    pub trace: Option<TraceContext>,
 }
 
 /// Secret environment variables of a task (name -> value). Its `Debug` and
@@ -156,6 +160,7 @@ impl fmt::Debug for pb::TaskSpec {
             .field("name", &self.name)
             .field("secret_env", &RedactedValues(&self.secret_env))
             .field("schedule_timeout", &self.schedule_timeout)
+            .field("trace", &self.trace)
             .finish()
     }
 }
@@ -212,6 +217,7 @@ impl TaskSpec {
             max_attempts: DEFAULT_MAX_ATTEMPTS,
             name: String::new(),
             secret_env: SecretEnv::new(),
+            trace: None,
         }
     }
 
@@ -285,6 +291,13 @@ impl TaskSpec {
     /// the task ever sees it.
     pub fn secret_env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         self.secret_env.insert(key, value);
+        self
+    }
+
+    /// Runs the task under the W3C trace context `trace` (its spans, and
+    /// those of whatever runs it, join that trace).
+    pub fn trace(mut self, trace: TraceContext) -> Self {
+        self.trace = Some(trace);
         self
     }
 
@@ -384,6 +397,11 @@ impl TryFrom<pb::TaskSpec> for TaskSpec {
             .as_ref()
             .map(|d| duration_from_pb("schedule_timeout", d))
             .transpose()?;
+        let trace = spec
+            .trace
+            .as_ref()
+            .map(TraceContext::try_from)
+            .transpose()?;
         Ok(TaskSpec {
             kind,
             slots: spec.slots.max(1),
@@ -393,6 +411,7 @@ impl TryFrom<pb::TaskSpec> for TaskSpec {
             max_attempts,
             name: spec.name,
             secret_env: spec.secret_env.into_iter().collect(),
+            trace,
         })
     }
 }
@@ -449,6 +468,7 @@ impl From<&TaskSpec> for pb::TaskSpec {
             name: spec.name.clone(),
             secret_env: spec.secret_env.to_pb(),
             schedule_timeout: spec.schedule_timeout.map(duration_to_pb),
+            trace: spec.trace.as_ref().map(TraceContext::to_pb),
         }
     }
 }
@@ -540,6 +560,7 @@ mod tests {
             task_id: "t".into(),
             attempt: 1,
             spec: Some(wire.clone()),
+            trace: None,
         };
         for shown in [
             format!("{spec:?}"),
@@ -551,6 +572,25 @@ mod tests {
             assert!(shown.contains("API_KEY"), "{shown}");
             assert!(!shown.contains("s3cr3t"), "{shown}");
         }
+    }
+
+    #[test]
+    fn a_trace_context_round_trips_and_a_bad_one_is_refused() {
+        let ctx = TraceContext::parse(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "a=b",
+        )
+        .unwrap();
+        let spec = TaskSpec::call("echo", "").trace(ctx);
+        let back = TaskSpec::try_from(pb::TaskSpec::from(spec.clone())).unwrap();
+        assert_eq!(back, spec);
+        let mut wire = pb::TaskSpec::from(TaskSpec::call("echo", ""));
+        wire.trace = Some(pb::TraceContext {
+            traceparent: "00-zz".into(),
+            tracestate: String::new(),
+        });
+        let err = TaskSpec::try_from(wire).unwrap_err().to_string();
+        assert!(err.contains("trace.traceparent"), "{err}");
     }
 
     #[test]

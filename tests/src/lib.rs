@@ -10,6 +10,8 @@
 //! ```
 //!
 //! Layout:
+//! - [`browser`]: headless Chromium through chromedriver, for the
+//!   dashboard's tests (skipped without them unless `WEFT_REQUIRE_BROWSER=1`).
 //! - [`cluster`]: `TestCluster` and its builder: in-process or real
 //!   processes, node kill/stop/add, waits on task and node state.
 //! - [`process`]: `weft_cluster`'s finding and spawning of the binaries,
@@ -18,6 +20,7 @@
 //! - [`cli`]: running the `weft` binary and capturing its output.
 //! - [`openmetrics`]: a strict reader of OpenMetrics text, and a plain
 //!   HTTP GET, for the metrics listeners.
+//! - [`otlp`]: an in-process OTLP trace receiver, for the traces tests.
 //! - [`wait`]: `wait_until` and friends; process liveness checks.
 //! - [`http`]: an HTTP client of the coordinator's HTTP listener (the
 //!   dashboard's API), trusting the cluster CA.
@@ -26,11 +29,13 @@
 //!
 //! The scenarios live in `tests/e2e/`, one file per concern.
 
+pub mod browser;
 pub mod cli;
 pub mod cluster;
 pub mod fake_node;
 pub mod http;
 pub mod openmetrics;
+pub mod otlp;
 pub mod process;
 pub mod trust;
 pub mod wait;

@@ -20,7 +20,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use tokio::task::JoinHandle;
 
@@ -51,6 +51,9 @@ pub(super) struct Committed<H> {
     pub records: Vec<Record>,
     /// The commit's result.
     pub result: Result<(), StoreError>,
+    /// When the store commit ran, start to end (`None`: nothing was
+    /// written, or it panicked): the `commit` span of traces.
+    pub ran: Option<(SystemTime, SystemTime)>,
 }
 
 /// What [`Pipeline::start`] did with a batch.
@@ -70,7 +73,7 @@ pub(super) enum Started<H> {
 
 /// The commit in flight and the effects it holds.
 struct InFlight<H> {
-    commit: JoinHandle<(Vec<Record>, Result<(), StoreError>)>,
+    commit: JoinHandle<Ran>,
     held: H,
 }
 
@@ -122,6 +125,7 @@ impl<H: Default> Pipeline<H> {
                 held: batch.held,
                 records: batch.records,
                 result: Ok(()),
+                ran: None,
             };
             return Started::Done([previous, Some(this)]);
         }
@@ -131,9 +135,10 @@ impl<H: Default> Pipeline<H> {
         self.in_flight = Some(InFlight {
             commit: tokio::task::spawn_blocking(move || {
                 let began = Instant::now();
+                let started = SystemTime::now();
                 let committed = store.commit(&records);
                 metrics.observe_commit(records.len(), began.elapsed());
-                (records, committed)
+                (records, committed, Some((started, SystemTime::now())))
             }),
             held: batch.held,
         });
@@ -164,21 +169,32 @@ impl<H: Default> Pipeline<H> {
 /// Waits for `in_flight`'s commit and pairs the result with its effects
 /// (taken only once the commit returned, so dropping this early is safe).
 async fn wait_for<H: Default>(in_flight: &mut InFlight<H>) -> Committed<H> {
-    let (records, result) = join(&mut in_flight.commit).await;
+    let (records, result, ran) = join(&mut in_flight.commit).await;
     Committed {
         held: std::mem::take(&mut in_flight.held),
         records,
         result,
+        ran,
     }
 }
 
+/// What a commit on the blocking pool hands back: its records, its result
+/// and when it ran.
+type Ran = (
+    Vec<Record>,
+    Result<(), StoreError>,
+    Option<(SystemTime, SystemTime)>,
+);
+
 /// A commit's records and result; a panic in it is a store error.
-async fn join(
-    commit: &mut JoinHandle<(Vec<Record>, Result<(), StoreError>)>,
-) -> (Vec<Record>, Result<(), StoreError>) {
-    commit
-        .await
-        .unwrap_or_else(|err| (Vec::new(), Err(StoreError::from_join("committing", err))))
+async fn join(commit: &mut JoinHandle<Ran>) -> Ran {
+    commit.await.unwrap_or_else(|err| {
+        (
+            Vec::new(),
+            Err(StoreError::from_join("committing", err)),
+            None,
+        )
+    })
 }
 
 /// Keeps each task's record once per commit: its latest state, at the

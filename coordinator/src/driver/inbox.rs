@@ -253,6 +253,9 @@ pub(crate) struct Handle {
     sessions: Arc<AtomicU64>,
     /// Where services count submits and open streams.
     pub metrics: Arc<Metrics>,
+    /// Trace export, when on (`--otlp-endpoint`): services send each
+    /// Submit's timing.
+    pub trace: Option<crate::trace::Export>,
 }
 
 impl Handle {
@@ -274,6 +277,7 @@ impl Handle {
             tasks,
             sessions: Arc::new(AtomicU64::new(1)),
             metrics,
+            trace: None,
         };
         (handle, rx)
     }

@@ -106,6 +106,8 @@ pub(crate) struct Driver {
     /// Set (before `cancel`) when a commit failed, so whoever holds the
     /// coordinator learns why it stopped.
     failure: Arc<OnceLock<Failure>>,
+    /// Trace export, when on: each committed batch's records go there.
+    trace: Option<crate::trace::Export>,
 }
 
 /// Makes the driver and the handle services use to reach it.
@@ -139,6 +141,7 @@ pub(crate) fn new(
         started: Instant::now(),
         cancel,
         failure: Arc::new(OnceLock::new()),
+        trace: None,
     };
     (driver, handle)
 }
@@ -182,6 +185,11 @@ impl Driver {
     /// Where the driver says why it stopped by itself (a failed commit).
     pub fn failure(&self) -> Arc<OnceLock<Failure>> {
         Arc::clone(&self.failure)
+    }
+
+    /// Hands every committed batch to `export` from now on.
+    pub fn export_traces(&mut self, export: crate::trace::Export) {
+        self.trace = Some(export);
     }
 
     /// Runs until the coordinator shuts down, or a commit fails.
@@ -310,6 +318,7 @@ impl Driver {
             held,
             records,
             result,
+            ran,
         } = committed;
         if let Err(err) = &result {
             // The scheduler already moved on from what the store refused;
@@ -330,6 +339,13 @@ impl Driver {
             self.sessions.send(session, out);
         }
         self.watchers.publish(&records);
+        if let Some(trace) = &self.trace {
+            trace.committed(crate::trace::CommittedBatch {
+                records,
+                commit: ran,
+                released: SystemTime::now(),
+            });
+        }
         for session in held.disconnect {
             if self.scheduler.is_revoked_session(session) {
                 self.sessions.close_with(session, ToNode::Revoked);

@@ -104,6 +104,7 @@ pub(crate) fn task(task: &pb::Task) -> Value {
         "node_losses": task.node_losses,
         "next_seq": task.next_seq,
         "last_outcome": outcome_name(task.last_outcome),
+        "attempts": task.attempts.iter().map(attempt).collect::<Vec<_>>(),
     });
     let Some(obj) = out.as_object_mut() else {
         return out;
@@ -155,6 +156,21 @@ pub(crate) fn task(task: &pb::Task) -> Value {
         }
     }
     out
+}
+
+/// One entry of a task's attempt history.
+fn attempt(attempt: &pb::Attempt) -> Value {
+    json!({
+        "number": attempt.number,
+        "node_id": attempt.node_id,
+        "node_name": attempt.node_name,
+        "assigned_at": time(attempt.assigned_at.as_ref()),
+        "started_at": time(attempt.started_at.as_ref()),
+        "ended_at": time(attempt.ended_at.as_ref()),
+        "outcome": outcome_name(attempt.outcome),
+        "exit_code": attempt.exit_code,
+        "reason": attempt.reason,
+    })
 }
 
 /// A node's state name in the contract.

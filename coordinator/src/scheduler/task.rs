@@ -62,7 +62,10 @@ impl LiveSpec {
             && spec.schedule_timeout == example.schedule_timeout
             && spec.max_attempts == example.max_attempts
             && spec.name == example.name
-            && spec.labels == example.labels;
+            && spec.labels == example.labels
+            // A client's trace context is per request (usually one span
+            // for a whole map, so still shared).
+            && spec.trace == example.trace;
         if !alike {
             return None;
         }

@@ -315,9 +315,21 @@ impl TaskApi {
             return Ok(Vec::new());
         }
         self.handle.metrics.observe_submit(specs.len(), bytes);
-        self.handle
+        let Some(trace) = &self.handle.trace else {
+            return self
+                .handle
+                .call(|reply| Command::Submit { specs, reply })
+                .await?;
+        };
+        // Traced: the `submit` spans run from here to the acknowledgement.
+        let received = SystemTime::now();
+        let contexts: Vec<_> = specs.iter().map(|spec| spec.trace.clone()).collect();
+        let ids = self
+            .handle
             .call(|reply| Command::Submit { specs, reply })
-            .await?
+            .await??;
+        trace.submitted(ids.iter().copied().zip(contexts).collect(), received);
+        Ok(ids)
     }
 
     /// A task's stored record, read on the blocking pool; a missing one is

@@ -122,6 +122,7 @@ fn assignment(spec: TaskSpec) -> (Assignment, AttemptKey) {
         task_id: task_id.to_string(),
         attempt: 1,
         spec: Some(spec.into()),
+        trace: None,
     };
     (decoded(wire), (task_id, Attempt::FIRST))
 }
@@ -355,6 +356,7 @@ async fn invalid_spec_cannot_start() {
         task_id: task_id.to_string(),
         attempt: 2,
         spec: Some(pb::TaskSpec::default()),
+        trace: None,
     }));
     let (_, done) = until_finished(&executor, &mut rx, (task_id, Attempt(2))).await;
     assert_eq!(outcome(&done), Outcome::StartFailed);

@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tower::util::BoxCloneSyncService;
 use tower::{BoxError, Service, ServiceExt};
 
-use weft_proto::{Attempt, SecretEnv, TaskId};
+use weft_proto::{Attempt, SecretEnv, TaskId, TraceContext};
 
 use crate::config::cpu_count;
 use crate::events::Emitter;
@@ -44,6 +44,10 @@ pub struct HandlerRequest {
     /// The task's secret environment (`--secret-env`): for this handler to
     /// read, never to log or return. Its `Debug` shows the names only.
     pub secret_env: SecretEnv,
+    /// The W3C trace context the attempt runs under (`Assignment.trace`):
+    /// a handler's own spans made with it as their parent join the task's
+    /// trace. `None`: the task has no trace.
+    pub trace: Option<TraceContext>,
     /// Cancelled when the attempt is cancelled, times out or the node stops.
     /// Async handlers are also dropped then; blocking ones must check it.
     pub cancel: CancellationToken,
@@ -61,6 +65,7 @@ impl HandlerRequest {
             attempt: Attempt::FIRST,
             input: input.into(),
             secret_env: SecretEnv::new(),
+            trace: None,
             cancel: CancellationToken::new(),
             emit: Emitter::detached(task_id, Attempt::FIRST),
         }

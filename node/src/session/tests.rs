@@ -30,6 +30,7 @@ fn assignment(spec: TaskSpec) -> (pb::Assignment, TaskId) {
         task_id: task_id.to_string(),
         attempt: 1,
         spec: Some(spec.into()),
+        trace: None,
     };
     (wire, task_id)
 }

@@ -205,6 +205,7 @@ impl Conn {
                 task_id: id.to_string(),
                 attempt: 1,
                 spec: Some(spec.into()),
+                trace: None,
             })
             .collect();
         self.send(Inbound::Assign(pb::Assign { tasks })).await;

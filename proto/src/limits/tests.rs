@@ -260,6 +260,7 @@ fn arbitrary_spec() -> impl Strategy<Value = pb::TaskSpec> {
                 max_attempts,
                 name,
                 secret_env,
+                trace: None,
             },
         )
 }

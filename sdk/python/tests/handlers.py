@@ -52,3 +52,8 @@ def touch(data: bytes) -> str:
 def echo(data: bytes) -> bytes:
     """Returns its input."""
     return data
+
+
+def trace_of(data: bytes, ctx) -> str:
+    """The W3C trace context this attempt runs under, as the handler sees it."""
+    return f"{ctx.traceparent} {ctx.tracestate}".strip()

@@ -44,7 +44,9 @@ import select
 import signal
 import struct
 import traceback
-from typing import Any, Callable, Deque, Dict, List, Optional
+from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
+
+from .tracing import TracedContext
 
 log = logging.getLogger("weft.worker")
 
@@ -57,16 +59,20 @@ AHEAD_MAX = 8
 READ_SIZE = 1 << 16
 
 
-class _ChildContext:
+class _ChildContext(TracedContext):
     """The handler context inside a pool process: output and progress go over the pipe."""
 
-    def __init__(self, conn, call_id: int, task_id: str, attempt: int, input: bytes, secret_env: Optional[dict] = None):
+    def __init__(
+        self, conn, call_id: int, task_id: str, attempt: int, input: bytes, secret_env: Optional[dict] = None,
+        trace: Tuple[str, str] = ("", ""),
+    ):
         self._conn = conn
         self._id = call_id
         self.task_id = task_id
         self.attempt = attempt
         self.input = input
         self.secret_env = dict(secret_env or {})
+        self.traceparent, self.tracestate = trace
         self.kind = "process"
 
     @property
@@ -116,7 +122,7 @@ def _child_main(conn, out) -> None:
     """Body of a pool process: run calls in order until the pipe closes.
 
     Messages in: ``("call", id, fn_pickle, input, task_id, attempt,
-    wants_context, secret_env)`` and ``("skip", id)``. Out: ``("ok", id,
+    wants_context, secret_env, (traceparent, tracestate))`` and ``("skip", id)``. Out: ``("ok", id,
     result, next_id)`` or ``("error", id, type, message, traceback,
     next_id)`` when a call ends, ``next_id`` naming the call it begins next
     (None: it runs the next call it reads, at once); output and progress
@@ -143,7 +149,7 @@ def _child_main(conn, out) -> None:
         return None
 
     def run(call: tuple) -> tuple:
-        _, call_id, fn_pickle, input, task_id, attempt, wants_context, secret_env = call
+        _, call_id, fn_pickle, input, task_id, attempt, wants_context, secret_env, trace = call
         try:
             fn = functions.get(fn_pickle)
             if fn is None:
@@ -152,7 +158,7 @@ def _child_main(conn, out) -> None:
             return ("error", call_id, "StartFailed", f"cannot load handler in pool process: {e}", "")
         try:
             if wants_context:
-                result = fn(input, _ChildContext(out, call_id, task_id, attempt, input, secret_env))
+                result = fn(input, _ChildContext(out, call_id, task_id, attempt, input, secret_env, trace))
             else:
                 result = fn(input)
             return ("ok", call_id, result)
@@ -359,7 +365,7 @@ class ProcessPool:
     def submit(
         self, fn: Callable, input: bytes, task_id: str, attempt: int, wants_context: bool, *, tag: Any,
         on_message: Callable[[Any, tuple], None], on_done: Callable[[Any, bool, Any], None],
-        secret_env: Optional[dict] = None, ahead: bool = False,
+        secret_env: Optional[dict] = None, ahead: bool = False, trace: Tuple[str, str] = ("", ""),
     ) -> ProcessCall:
         """Runs ``fn(input[, ctx])`` in a pool process, now or once one has
         room; call on the loop. ``on_message(tag, message)`` gets
@@ -377,7 +383,7 @@ class ProcessPool:
             else:
                 self._pickled[fn] = fn_pickle
         self._next_id += 1
-        message = ("call", self._next_id, fn_pickle, input, task_id, attempt, wants_context, secret_env or {})
+        message = ("call", self._next_id, fn_pickle, input, task_id, attempt, wants_context, secret_env or {}, trace)
         call = ProcessCall(self, self._next_id, message, tag, on_message, on_done)
         if ahead:
             call.ahead = True

@@ -46,6 +46,7 @@ from .models import (
     list_request,
     parse_duration,
 )
+from .tracing import traced
 
 
 class Client:
@@ -82,13 +83,18 @@ class Client:
         except grpc.RpcError as e:
             raise errors.from_rpc_error(e) from None
 
-    async def submit(self, spec: common_pb2.TaskSpec) -> str:
-        """Commits one task; returns its id."""
-        return (await self.submit_many([spec]))[0]
+    async def submit(self, spec: common_pb2.TaskSpec, *, traceparent: str = "", tracestate: str = "") -> str:
+        """Commits one task; returns its id. Trace context as :meth:`submit_many`."""
+        return (await self.submit_many([spec], traceparent=traceparent, tracestate=tracestate))[0]
 
-    async def submit_many(self, specs: Iterable[common_pb2.TaskSpec]) -> List[str]:
-        """Commits many tasks in one transaction; returns their ids."""
-        response = await self._unary(self._tasks.Submit, task_pb2.SubmitRequest(tasks=list(specs)))
+    async def submit_many(
+        self, specs: Iterable[common_pb2.TaskSpec], *, traceparent: str = "", tracestate: str = ""
+    ) -> List[str]:
+        """Commits many tasks in one transaction; returns their ids. Each
+        continues ``traceparent`` when given, else its spec's trace, else the
+        current OpenTelemetry span's (see :meth:`weft.Client.submit_many`)."""
+        specs = traced(specs, traceparent, tracestate)
+        response = await self._unary(self._tasks.Submit, task_pb2.SubmitRequest(tasks=specs))
         return list(response.task_ids)
 
     async def submit_call(self, handler: str, input: Union[bytes, str, None] = b"", **options) -> str:
@@ -179,8 +185,9 @@ class Client:
             if event.kind == "output":
                 yield event.stream, event.data
 
-    def run(self, spec: common_pb2.TaskSpec) -> AsyncIterator[TaskEvent]:
-        """Submits ``spec`` and streams its events."""
+    def run(self, spec: common_pb2.TaskSpec, *, traceparent: str = "", tracestate: str = "") -> AsyncIterator[TaskEvent]:
+        """Submits ``spec`` and streams its events (trace context as :meth:`submit_many`)."""
+        [spec] = traced([spec], traceparent, tracestate)
         return self._stream(self._tasks.Run(task_pb2.RunRequest(spec=spec)))
 
     async def wait(self, task_id: str, timeout: Optional[DurationLike] = None) -> Task:

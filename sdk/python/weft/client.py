@@ -38,6 +38,7 @@ from .models import (
     list_request,
     parse_duration,
 )
+from .tracing import traced
 
 #: Deadline of unary calls, in seconds.
 UNARY_TIMEOUT = 30.0
@@ -196,13 +197,21 @@ class Client:
 
     # -- submitting ---------------------------------------------------------
 
-    def submit(self, spec: common_pb2.TaskSpec) -> str:
-        """Commits one task; returns its id."""
-        return self.submit_many([spec])[0]
+    def submit(self, spec: common_pb2.TaskSpec, *, traceparent: str = "", tracestate: str = "") -> str:
+        """Commits one task; returns its id. Trace context as :meth:`submit_many`."""
+        return self.submit_many([spec], traceparent=traceparent, tracestate=tracestate)[0]
 
-    def submit_many(self, specs: Iterable[common_pb2.TaskSpec]) -> List[str]:
-        """Commits many tasks in one transaction (all or nothing); returns their ids."""
-        response = self._unary(self._tasks.Submit, task_pb2.SubmitRequest(tasks=list(specs)))
+    def submit_many(
+        self, specs: Iterable[common_pb2.TaskSpec], *, traceparent: str = "", tracestate: str = ""
+    ) -> List[str]:
+        """Commits many tasks in one transaction (all or nothing); returns their ids.
+
+        Each task continues a W3C trace: ``traceparent`` (and ``tracestate``)
+        when given; else the one its spec has; else the current
+        OpenTelemetry span's, when the ``opentelemetry`` package is
+        installed and a span is current; else none."""
+        specs = traced(specs, traceparent, tracestate)
+        response = self._unary(self._tasks.Submit, task_pb2.SubmitRequest(tasks=specs))
         return list(response.task_ids)
 
     def submit_call(self, handler: str, input: Union[bytes, str, None] = b"", **options) -> str:
@@ -315,8 +324,10 @@ class Client:
             if event.kind == "output":
                 yield event.stream, event.data
 
-    def run(self, spec: common_pb2.TaskSpec) -> Iterator[TaskEvent]:
-        """Submits ``spec`` and streams its events; the first names the new task id."""
+    def run(self, spec: common_pb2.TaskSpec, *, traceparent: str = "", tracestate: str = "") -> Iterator[TaskEvent]:
+        """Submits ``spec`` and streams its events; the first names the new task id.
+        Trace context as :meth:`submit_many`."""
+        [spec] = traced([spec], traceparent, tracestate)
         return self._stream(self._tasks.Run(task_pb2.RunRequest(spec=spec)))
 
     def wait(self, task_id: str, timeout: Optional[DurationLike] = None) -> Task:

@@ -195,7 +195,11 @@ def _common(
     max_attempts: int,
     name: str,
     secret_env: Optional[Mapping[str, str]] = None,
+    traceparent: str = "",
+    tracestate: str = "",
 ) -> common_pb2.TaskSpec:
+    if traceparent:
+        spec.trace.CopyFrom(common_pb2.TraceContext(traceparent=traceparent, tracestate=tracestate))
     spec.slots = slots
     spec.secret_env.update(dict(secret_env or {}))
     spec.labels.update(dict(labels or {}))
@@ -222,8 +226,15 @@ def call_spec(
     name: str = "",
     secret_env: Optional[Mapping[str, str]] = None,
     schedule_timeout: Optional[DurationLike] = None,
+    traceparent: str = "",
+    tracestate: str = "",
 ) -> common_pb2.TaskSpec:
     """A task that calls the handler ``handler`` on a node with ``input`` bytes.
+
+    ``traceparent``/``tracestate``: the W3C trace context to continue (the
+    task's spans and the handler's become part of that trace); without it
+    the client uses the current OpenTelemetry span, if any (see
+    :mod:`weft.tracing`).
 
     ``secret_env`` (name -> value) reaches only the node running the attempt
     (the handler reads it as ``ctx.secret_env``); no rpc answer ever shows it.
@@ -241,7 +252,7 @@ def call_spec(
     spec = common_pb2.TaskSpec(call=common_pb2.CallSpec(handler=handler, input=_to_bytes(input)))
     if schedule_timeout is not None:
         spec.schedule_timeout.CopyFrom(duration_to_pb(schedule_timeout))
-    return _common(spec, slots, labels, timeout, max_attempts, name, secret_env)
+    return _common(spec, slots, labels, timeout, max_attempts, name, secret_env, traceparent, tracestate)
 
 
 def exec_spec(
@@ -256,8 +267,13 @@ def exec_spec(
     max_attempts: int = 0,
     name: str = "",
     secret_env: Optional[Mapping[str, str]] = None,
+    traceparent: str = "",
+    tracestate: str = "",
 ) -> common_pb2.TaskSpec:
     """A task that runs ``argv`` as a child process on a node.
+
+    ``traceparent``/``tracestate``: as for :func:`call_spec`; the process
+    gets its attempt's context as ``TRACEPARENT``/``TRACESTATE``.
 
     ``secret_env`` (name -> value) is added to the process's environment after
     ``env`` (a secret wins over a plain value of the same name); it reaches
@@ -268,7 +284,7 @@ def exec_spec(
     spec = common_pb2.TaskSpec(
         exec=common_pb2.ExecSpec(argv=list(argv), env=dict(env or {}), cwd=cwd, stdin=_to_bytes(stdin))
     )
-    return _common(spec, slots, labels, timeout, max_attempts, name, secret_env)
+    return _common(spec, slots, labels, timeout, max_attempts, name, secret_env, traceparent, tracestate)
 
 
 def _time(ts) -> Optional[_dt.datetime]:

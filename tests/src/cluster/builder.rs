@@ -38,6 +38,7 @@ pub struct TestClusterBuilder {
     pub(super) max_connections_per_ip: Option<usize>,
     pub(super) max_streams_per_connection: Option<u32>,
     pub(super) descriptor_limit: Option<u64>,
+    pub(super) otlp_endpoint: Option<String>,
 }
 
 impl Default for TestClusterBuilder {
@@ -69,6 +70,7 @@ impl Default for TestClusterBuilder {
             max_connections_per_ip: None,
             max_streams_per_connection: None,
             descriptor_limit: None,
+            otlp_endpoint: None,
         }
     }
 }
@@ -186,6 +188,13 @@ impl TestClusterBuilder {
     /// to a node may stay unstarted). Default: the coordinator's own.
     pub fn start_timeout(mut self, timeout: Duration) -> Self {
         self.start_timeout = Some(timeout);
+        self
+    }
+
+    /// Exports the coordinator's traces to `url` (`--otlp-endpoint`; see
+    /// `crate::otlp::OtlpReceiver`). Default: no export.
+    pub fn otlp_endpoint(mut self, url: impl Into<String>) -> Self {
+        self.otlp_endpoint = Some(url.into());
         self
     }
 

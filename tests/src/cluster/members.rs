@@ -87,6 +87,12 @@ pub(super) async fn start_coordinator(
             max_streams_per_connection: settings
                 .max_streams_per_connection
                 .unwrap_or(config.max_streams_per_connection),
+            otlp: settings.otlp_endpoint.clone().map(|endpoint| {
+                weft_coordinator::trace::OtlpConfig {
+                    endpoint,
+                    service_name: weft_coordinator::trace::DEFAULT_SERVICE_NAME.to_owned(),
+                }
+            }),
             ..config
         };
         let running = weft_cluster::start_coordinator(config, listener)
@@ -163,6 +169,10 @@ pub(super) async fn start_coordinator(
     if let Some(n) = settings.max_streams_per_client {
         args.push("--max-streams-per-client".to_owned());
         args.push(n.to_string());
+    }
+    if let Some(url) = &settings.otlp_endpoint {
+        args.push("--otlp-endpoint".to_owned());
+        args.push(url.clone());
     }
     if settings.insecure {
         args.push("--insecure".to_owned());

@@ -358,6 +358,34 @@ async fn the_overview_and_the_task_list_show_what_was_submitted() {
         400
     );
     assert_eq!(http.get("/api/tasks/not-an-id", &token).await.status, 400);
+
+    // The name and node filters are the gRPC List's; a task's JSON carries
+    // its attempt history.
+    let named = http.get("/api/tasks?name=echo-3", &token).await.json();
+    let named = named["tasks"].as_array().expect("tasks").clone();
+    assert_eq!(named.len(), 1, "{named:?}");
+    assert_eq!(named[0]["id"], done[3].to_string());
+    let attempts = named[0]["attempts"].as_array().expect("attempts");
+    assert_eq!(attempts.len(), 1, "{attempts:?}");
+    assert_eq!(attempts[0]["number"], 1);
+    assert_eq!(attempts[0]["outcome"], "succeeded");
+    assert!(attempts[0]["ended_at"].is_string(), "{attempts:?}");
+    let node_name = nodes[0]["name"].as_str().expect("node name").to_owned();
+    let on_node = http
+        .get(&format!("/api/tasks?node={node_name}&limit=100"), &token)
+        .await
+        .json();
+    assert_eq!(on_node["tasks"].as_array().unwrap().len(), 6, "{on_node}");
+    let elsewhere = http
+        .get("/api/tasks?node=no-such-node", &token)
+        .await
+        .json();
+    assert_eq!(
+        elsewhere["tasks"].as_array().unwrap().len(),
+        0,
+        "{elsewhere}"
+    );
+    assert_eq!(http.get("/api/tasks?label=nokey", &token).await.status, 400);
     let unknown = weft_proto::TaskId::new();
     assert_eq!(
         http.get(&format!("/api/tasks/{unknown}"), &token)

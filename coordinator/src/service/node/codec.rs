@@ -149,10 +149,13 @@ fn node_events(events: pb::TaskEvents) -> Vec<NodeTaskEvent> {
 /// except an `Assign`, which is split into as many as keep each within
 /// `max_message_size` (the node decodes up to
 /// `weft_proto::limits::MAX_MESSAGE_BYTES_CEILING`, at least that).
-pub(super) fn encode(message: ToNode, max_message_size: usize) -> Encoded {
+///
+/// `traced`: trace export is on, so each attempt's trace context names the
+/// attempt's own span as its parent (see `crate::trace::attempt_context`).
+pub(super) fn encode(message: ToNode, max_message_size: usize, traced: bool) -> Encoded {
     match message {
         ToNode::Assign(assignments) => {
-            Encoded::Many(split_assign(&assignments, max_message_size).into_iter())
+            Encoded::Many(split_assign(&assignments, max_message_size, traced).into_iter())
         }
         // Each attempt its own `Cancel` (a reason is at most a few hundred
         // bytes, so each fits any limit).
@@ -188,7 +191,11 @@ impl Iterator for Encoded {
 /// each, in order. Submit refuses a spec that could not fit alone (see
 /// `SpecLimits`), so every message holds at least one assignment within
 /// the limit; one from a store written under a larger limit is sent alone.
-fn split_assign(assignments: &[Assignment], max: usize) -> Vec<pb::CoordinatorMessage> {
+fn split_assign(
+    assignments: &[Assignment],
+    max: usize,
+    traced: bool,
+) -> Vec<pb::CoordinatorMessage> {
     // Room for the CoordinatorMessage's own tag and length around the Assign.
     let budget = max.saturating_sub(16);
     let message = |tasks| pb::CoordinatorMessage {
@@ -198,7 +205,7 @@ fn split_assign(assignments: &[Assignment], max: usize) -> Vec<pb::CoordinatorMe
     let mut tasks = Vec::new();
     let mut size = 0;
     for assignment in assignments {
-        let assignment = assignment_to_pb(assignment);
+        let assignment = assignment_to_pb(assignment, traced);
         let len = prost::encoding::message::encoded_len(1, &assignment);
         if !tasks.is_empty() && size + len > budget {
             messages.push(message(std::mem::take(&mut tasks)));
@@ -213,17 +220,19 @@ fn split_assign(assignments: &[Assignment], max: usize) -> Vec<pb::CoordinatorMe
     messages
 }
 
-fn assignment_to_pb(a: &Assignment) -> pb::Assignment {
+fn assignment_to_pb(a: &Assignment, traced: bool) -> pb::Assignment {
     let mut spec = pb::TaskSpec::from(&*a.spec);
     // The one place secrets leave the coordinator: in the
     // spec of the attempt's own Assign (proto/README.md).
     if let Some(env) = &a.secret_env {
         spec.secret_env = env.to_pb();
     }
+    let trace = crate::trace::attempt_context(a.task_id, a.attempt, a.spec.trace.as_ref(), traced);
     pb::Assignment {
         task_id: a.task_id.to_string(),
         attempt: a.attempt.0,
         spec: Some(spec),
+        trace: trace.as_ref().map(weft_proto::TraceContext::to_pb),
     }
 }
 
@@ -256,7 +265,11 @@ fn to_node(message: ToNode) -> Result<pb::CoordinatorMessage, Status> {
             start_timeout: Some(duration_to_pb(start_timeout)),
         }),
         ToNode::Assign(assignments) => Body::Assign(pb::Assign {
-            tasks: assignments.iter().map(assignment_to_pb).collect(),
+            // Not reached from `encode` (which splits an Assign itself).
+            tasks: assignments
+                .iter()
+                .map(|a| assignment_to_pb(a, false))
+                .collect(),
         }),
         ToNode::Cancel(batch) => match batch.orders.first().map(cancel_to_pb) {
             Some(pb::CoordinatorMessage { body: Some(body) }) => body,
@@ -298,7 +311,7 @@ mod tests {
     use crate::driver::CancelBatch;
 
     fn body(message: ToNode) -> pb::coordinator_message::Body {
-        match encode(message, limits::DEFAULT_MAX_MESSAGE_BYTES).next() {
+        match encode(message, limits::DEFAULT_MAX_MESSAGE_BYTES, false).next() {
             Some(Ok(pb::CoordinatorMessage { body: Some(body) })) => body,
             other => panic!("no body: {other:?}"),
         }
@@ -333,7 +346,7 @@ mod tests {
         };
         let batch = CancelBatch::new(vec![order(2), order(3)], Arc::clone(&queued));
         assert_eq!(queued.load(std::sync::atomic::Ordering::Relaxed), 2);
-        let sent: Vec<_> = encode(ToNode::Cancel(batch), 1 << 20).collect();
+        let sent: Vec<_> = encode(ToNode::Cancel(batch), 1 << 20, false).collect();
         // Each its own message; the session's count drops once encoded.
         assert_eq!(sent.len(), 2);
         assert_eq!(queued.load(std::sync::atomic::Ordering::Relaxed), 0);
@@ -507,7 +520,7 @@ mod tests {
             .chain([assignment(TaskSpec::call("small", ""))])
             .collect();
         let ids: Vec<String> = batch.iter().map(|a| a.task_id.to_string()).collect();
-        let messages: Vec<_> = encode(ToNode::Assign(batch), max)
+        let messages: Vec<_> = encode(ToNode::Assign(batch), max, false)
             .collect::<Result<_, _>>()
             .unwrap();
         assert_eq!(
@@ -547,7 +560,7 @@ mod tests {
             };
             assert_eq!(limits.check(&pb::TaskSpec::from(&spec)), Ok(()));
             let one = assignment(spec.clone());
-            let mut messages = encode(ToNode::Assign(vec![one]), max);
+            let mut messages = encode(ToNode::Assign(vec![one]), max, false);
             let message = messages.next().unwrap().unwrap();
             assert!(messages.next().is_none());
             assert!(

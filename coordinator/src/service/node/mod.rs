@@ -325,8 +325,9 @@ impl pb::node_service_server::NodeService for NodeApi {
             renewal,
         ));
         let max = self.handle.config.max_message_size;
+        let traced = self.handle.trace.is_some();
         let outgoing = ReceiverStream::new(rx)
-            .flat_map(move |message| futures::stream::iter(codec::encode(message, max)));
+            .flat_map(move |message| futures::stream::iter(codec::encode(message, max, traced)));
         Ok(Response::new(Box::pin(outgoing)))
     }
 

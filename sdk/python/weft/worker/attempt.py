@@ -23,6 +23,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 from .._pool import KILLED, PoolCallError
 from .._proto import common_pb2, node_pb2
 from ..models import duration_from_pb
+from ..tracing import TracedContext
 from .exec_policy import ExecPolicy
 from .handlers import Handlers, StartFailed, error_text, to_output, with_traceback
 from .lease import Lease, expired_message
@@ -82,7 +83,7 @@ class Attempt:
         return f"{self.task_id}#{self.attempt}"
 
 
-class Context:
+class Context(TracedContext):
     """What a handler can do besides returning: output, progress, check for cancel.
 
     Passed as the second argument to handlers that take two parameters.
@@ -103,6 +104,10 @@ class Context:
         #: The task's secret environment (name -> value), given only to the
         #: node running this attempt: read it, never log or return it.
         self.secret_env: Dict[str, str] = dict(attempt.spec.secret_env)
+        #: The W3C trace context the attempt runs under (see
+        #: :meth:`otel_context`); "" when the task has no trace.
+        self.traceparent: str = attempt.spec.trace.traceparent
+        self.tracestate: str = attempt.spec.trace.tracestate
         self._cancel = threading.Event()
 
     @property
@@ -423,7 +428,14 @@ class Attempts:
             self.slots.window = max(0, self.slots.window - max(1, assignment.spec.slots))
             log.warning("duplicate assignment %s#%s ignored", *key)
             return
-        attempt = Attempt(assignment.task_id, assignment.attempt, assignment.spec)
+        spec = assignment.spec
+        # The attempt runs under Assignment.trace, not spec.trace (see
+        # node.proto): the spec carries it from here on.
+        if assignment.HasField("trace"):
+            spec.trace.CopyFrom(assignment.trace)
+        else:
+            spec.ClearField("trace")
+        attempt = Attempt(assignment.task_id, assignment.attempt, spec)
         self.table[key] = attempt
         slots = self.slots
         slots.assigned(attempt.slots)
@@ -631,6 +643,7 @@ class Attempts:
             handler.fn, data, attempt.task_id, attempt.attempt, handler.wants_context, tag=attempt,
             on_message=self._process_message, on_done=self._thread_done,
             secret_env=dict(attempt.spec.secret_env) if attempt.spec.secret_env else None, ahead=ahead,
+            trace=(attempt.spec.trace.traceparent, attempt.spec.trace.tracestate),
         )
         attempt.pcall = call
         attempt.kill = call.kill
@@ -740,6 +753,7 @@ class Attempts:
             lambda pid: self._exec_started(attempt, pid),
             lambda chunk, stream: self.output(attempt, chunk, stream),
             secret_env=attempt.spec.secret_env,
+            trace=attempt.spec.trace if attempt.spec.HasField("trace") else None,
         )
         if attempt.stop_reason is not None:
             raise asyncio.CancelledError()

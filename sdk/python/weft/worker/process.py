@@ -27,6 +27,7 @@ async def run_exec(
     started: Callable[[int], None],
     output: Callable[[bytes, str], None],
     secret_env: Optional[Mapping[str, str]] = None,
+    trace: Optional[common_pb2.TraceContext] = None,
 ) -> int:
     """Runs ``spec`` to its end and answers its return code (negative: the
     signal that killed it). ``set_kill`` receives the hard stop (SIGKILL to
@@ -36,6 +37,14 @@ async def run_exec(
     if not spec.argv:
         raise StartFailed("exec task with an empty argv")
     env = dict(os.environ)
+    # The attempt's trace context (never the worker's own); the task's env
+    # and secrets, after it, win.
+    env.pop("TRACEPARENT", None)
+    env.pop("TRACESTATE", None)
+    if trace is not None and trace.traceparent:
+        env["TRACEPARENT"] = trace.traceparent
+        if trace.tracestate:
+            env["TRACESTATE"] = trace.tracestate
     env.update(spec.env)
     # After env: a secret wins over a plain value of the same name.
     env.update(secret_env or {})
