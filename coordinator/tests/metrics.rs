@@ -4,7 +4,10 @@
 //! numbers must follow what happened.
 
 mod common;
-#[path = "common/openmetrics.rs"]
+// The e2e harness's OpenMetrics parser, one copy for both crates (its
+// plaintext HTTP helper is for the node's listener, unused here).
+#[path = "../../tests/src/openmetrics.rs"]
+#[allow(dead_code)]
 mod openmetrics;
 
 use std::time::{Duration, Instant};

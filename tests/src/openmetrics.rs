@@ -3,9 +3,9 @@
 //! `# EOF` at the end, histogram buckets that do not add up) and answers
 //! the value of a sample by name and labels.
 //!
-//! (The coordinator's own tests have a copy in
-//! `coordinator/tests/common/openmetrics.rs`; the two crates share no test
-//! code.) Also a minimal HTTP/1.1 GET, for the plaintext listeners.
+//! The coordinator's own tests include this file too
+//! (`coordinator/tests/metrics.rs`). Also a minimal HTTP/1.1 GET, for the
+//! plaintext listeners.
 
 use std::collections::HashMap;
 
