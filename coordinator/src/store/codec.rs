@@ -24,7 +24,7 @@ use crate::auth::{Scopes, TokenKind, TokenRecord};
 
 /// A task as the wire shows it.
 pub(crate) fn task_to_pb(record: &TaskRecord) -> pb::Task {
-    let mut task = stored_task_pb(record, true);
+    let mut task = stored_task_pb(record, true, false);
     task.id = record.id.to_string();
     task.pending_reason.clone_from(&record.pending_reason);
     task.next_seq = record.next_seq;
@@ -33,8 +33,11 @@ pub(crate) fn task_to_pb(record: &TaskRecord) -> pb::Task {
 
 /// The stored part of a task's wire form: no id, pending reason or
 /// `next_seq` (the key and the event log say them), and the spec only
-/// when `with_spec`. Builds no string it would throw away.
-fn stored_task_pb(record: &TaskRecord, with_spec: bool) -> pb::Task {
+/// when `with_spec`. Builds no string it would throw away. `compact` (what
+/// the store writes) leaves out the node of the attempt on the record's
+/// own node (the latest), which the record's `node_id`/`node_name` already
+/// say; [`record_from_pb`] puts it back.
+fn stored_task_pb(record: &TaskRecord, with_spec: bool, compact: bool) -> pb::Task {
     pb::Task {
         id: String::new(),
         spec: with_spec.then(|| {
@@ -59,16 +62,31 @@ fn stored_task_pb(record: &TaskRecord, with_spec: bool) -> pb::Task {
         node_losses: record.node_losses,
         next_seq: 0,
         last_outcome: record.last_outcome.map_or(0, i32::from),
-        attempts: record.attempts.iter().map(attempt_to_pb).collect(),
+        attempts: record
+            .attempts
+            .iter()
+            .map(|attempt| {
+                let own_node = compact
+                    && attempt.number == record.attempt
+                    && Some(attempt.node_id) == record.node_id;
+                attempt_to_pb(attempt, !own_node)
+            })
+            .collect(),
     }
 }
 
-/// One attempt as the wire (and the store) shows it.
-fn attempt_to_pb(attempt: &AttemptRecord) -> pb::Attempt {
+/// One attempt as the wire (and the store) shows it; without its node's
+/// id and name unless `with_node`.
+fn attempt_to_pb(attempt: &AttemptRecord, with_node: bool) -> pb::Attempt {
+    let (node_id, node_name) = if with_node {
+        (attempt.node_id.to_string(), attempt.node_name.to_string())
+    } else {
+        (String::new(), String::new())
+    };
     pb::Attempt {
         number: attempt.number.0,
-        node_id: attempt.node_id.to_string(),
-        node_name: attempt.node_name.to_string(),
+        node_id,
+        node_name,
         assigned_at: Some(timestamp(attempt.assigned_at)),
         started_at: attempt.started_at.map(timestamp),
         ended_at: attempt.ended_at.map(timestamp),
@@ -78,14 +96,24 @@ fn attempt_to_pb(attempt: &AttemptRecord) -> pb::Attempt {
     }
 }
 
-fn attempt_from_pb(attempt: pb::Attempt) -> Result<AttemptRecord, StoreError> {
+/// An attempt from its stored form; one stored without its node (see
+/// [`stored_task_pb`]) was on `own_node`, the record's.
+fn attempt_from_pb(
+    attempt: pb::Attempt,
+    own_node: Option<(NodeId, &Arc<str>)>,
+) -> Result<AttemptRecord, StoreError> {
+    let (node_id, node_name) = match (attempt.node_id.as_str(), own_node) {
+        ("", Some((id, name))) => (id, Arc::clone(name)),
+        (text, _) => (
+            text.parse::<NodeId>()
+                .map_err(|e| corrupt("attempt node id", e))?,
+            Arc::from(attempt.node_name),
+        ),
+    };
     Ok(AttemptRecord {
         number: Attempt(attempt.number),
-        node_id: attempt
-            .node_id
-            .parse::<NodeId>()
-            .map_err(|e| corrupt("attempt node id", e))?,
-        node_name: Arc::from(attempt.node_name),
+        node_id,
+        node_name,
         assigned_at: attempt
             .assigned_at
             .as_ref()
@@ -131,7 +159,7 @@ fn event_pb(event: &TaskEvent, stored: bool) -> pb::TaskEvent {
         }),
         EventBody::Finished(record) if stored => {
             // The record as the watcher saw it, less id and spec.
-            let mut task = stored_task_pb(record, false);
+            let mut task = stored_task_pb(record, false, true);
             task.pending_reason.clone_from(&record.pending_reason);
             task.next_seq = record.next_seq;
             Body::Finished(task)
@@ -216,7 +244,7 @@ fn corrupt(what: &'static str, message: impl ToString) -> StoreError {
 /// A task record as stored bytes.
 pub(crate) fn encode_task(record: &TaskRecord) -> Vec<u8> {
     StoredTask {
-        task: Some(stored_task_pb(record, true)),
+        task: Some(stored_task_pb(record, true, true)),
         lost_nodes: record
             .lost_nodes
             .iter()
@@ -279,7 +307,14 @@ fn record_from_pb(
         "" => None,
         text => Some(text.parse::<NodeId>().map_err(|e| corrupt("node id", e))?),
     };
-    let node_name = (!task.node_name.is_empty()).then(|| Arc::from(task.node_name));
+    let node_name: Option<Arc<str>> =
+        (!task.node_name.is_empty()).then(|| Arc::from(task.node_name));
+    let own_node = node_id.zip(node_name.as_ref());
+    let attempts = task
+        .attempts
+        .into_iter()
+        .map(|attempt| attempt_from_pb(attempt, own_node))
+        .collect::<Result<_, _>>()?;
     Ok(TaskRecord {
         id,
         spec,
@@ -304,11 +339,7 @@ fn record_from_pb(
         next_seq: task.next_seq,
         last_outcome: Outcome::try_from(task.last_outcome).ok(),
         lost_nodes: Vec::new(),
-        attempts: task
-            .attempts
-            .into_iter()
-            .map(attempt_from_pb)
-            .collect::<Result<_, _>>()?,
+        attempts,
     })
 }
 
@@ -442,7 +473,7 @@ mod tests {
         // What an older coordinator stored: the same message without field 17.
         let mut record = record();
         let mut stored = StoredTask {
-            task: Some(stored_task_pb(&record, true)),
+            task: Some(stored_task_pb(&record, true, true)),
             lost_nodes: Vec::new(),
         };
         if let Some(task) = &mut stored.task {
@@ -460,6 +491,23 @@ mod tests {
         let record = record();
         let back = decode_task(record.id, &encode_task(&record)).unwrap();
         assert_eq!(back, record);
+    }
+
+    #[test]
+    fn the_latest_attempt_is_stored_without_the_node_its_record_names() {
+        let mut record = record();
+        let node = record.node_id.unwrap();
+        record.attempts[1].node_id = node;
+        let bytes = encode_task(&record);
+        let stored = StoredTask::decode(bytes.as_slice()).unwrap().task.unwrap();
+        assert_eq!(stored.attempts[1].node_id, "", "left to the record");
+        assert_eq!(stored.attempts[1].node_name, "");
+        assert_eq!(stored.attempts[0].node_name, "n0", "another node is kept");
+        assert_eq!(decode_task(record.id, &bytes).unwrap(), record);
+        // Readers get it whole.
+        let wire = task_to_pb(&record);
+        assert_eq!(wire.attempts[1].node_id, node.to_string());
+        assert_eq!(wire.attempts[1].node_name, "n1");
     }
 
     #[test]
