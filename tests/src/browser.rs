@@ -46,7 +46,7 @@ use weft_proto::tls::{TlsConnector, Trust};
 
 use crate::wait::{default_timeout, wait_for};
 
-/// The viewport the screenshots are taken at (the brief's laptop size).
+/// The viewport the screenshots are taken at (a laptop's).
 pub const VIEWPORT: (u32, u32) = (1280, 800);
 
 /// True when `WEFT_REQUIRE_BROWSER=1`: a missing browser fails the test.

@@ -1,6 +1,6 @@
 //! The dashboard's JSON: the API's protobuf answers (`pb::Task`,
 //! `pb::NodeInfo`, `pb::TaskEvent`) as the objects of the HTTP contract
-//! (`/work/briefs/dash-api.md`, README "Dashboard"). Only encoding here:
+//! (README "Dashboard", its routes table). Only encoding here:
 //! what a reader may see was decided by the gRPC service that answered
 //! (a task's `secret_env` never leaves it).
 
