@@ -281,16 +281,8 @@ fn is_transient(err: &Error) -> bool {
                 .iter()
                 .any(|needle| message.contains(needle))
         }
-        Error::DeadlineExceeded(_) | Error::Cancelled(_) | Error::ResourceExhausted(_) => true,
-        Error::InvalidArgument(_)
-        | Error::NotFound(_)
-        | Error::FailedPrecondition(_)
-        | Error::Internal(_)
-        | Error::InvalidAddress(_)
-        | Error::Tls(_)
-        | Error::InvalidUrl { .. }
-        | Error::Protocol(_)
-        | Error::Other { .. } => false,
+        // The rest as the client library classifies them.
+        other => other.is_retryable(),
     }
 }
 
