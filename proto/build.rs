@@ -10,6 +10,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "weft/v1/node.proto",
         "weft/v1/task.proto",
         "weft/v1/admin.proto",
+        "weft/v1/schedule.proto",
     ];
     println!("cargo:rerun-if-changed=weft");
     let fds = protox::compile(files, ["."])?;

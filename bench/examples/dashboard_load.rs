@@ -120,6 +120,8 @@ fn fill(dir: &Path, n: usize) -> anyhow::Result<()> {
                 "bench".to_owned()
             },
             pending_reason: String::new(),
+            waiting_for: Vec::new(),
+            job_id: None,
             failures: u32::from(state == TaskState::Failed),
             node_losses: 0,
             created_at: created,

@@ -96,6 +96,7 @@ impl TaskService for FakeTasks {
         let n = request.into_inner().tasks.len();
         Ok(Response::new(pb::SubmitResponse {
             task_ids: vec![self.task.id.clone(); n],
+            job_id: self.task.id.clone(),
         }))
     }
 
@@ -125,6 +126,13 @@ impl TaskService for FakeTasks {
         &self,
         _: Request<pb::CancelRequest>,
     ) -> Result<Response<pb::CancelResponse>, Status> {
+        Err(Status::unimplemented("not part of the floor"))
+    }
+
+    async fn cancel_job(
+        &self,
+        _: Request<pb::CancelJobRequest>,
+    ) -> Result<Response<pb::CancelJobResponse>, Status> {
         Err(Status::unimplemented("not part of the floor"))
     }
 

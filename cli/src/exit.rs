@@ -27,6 +27,12 @@ pub const START_FAILED: u8 = 127;
 pub const CANCELLED: u8 = 130;
 /// Ctrl-C stopped `watch` before the task finished; the task goes on.
 pub const INTERRUPTED: u8 = 3;
+/// The task never ran: a task it runs after did not end as its rule needs
+/// (UPSTREAM_FAILED).
+pub const UPSTREAM_FAILED: u8 = 4;
+/// The task never ran, by its rule (SKIPPED: `any_failed` and every task
+/// it runs after succeeded).
+pub const SKIPPED: u8 = 5;
 
 /// The exit code table, as shown after `weft --help`.
 pub const EXIT_CODES_HELP: &str = "\
@@ -42,6 +48,8 @@ Exit codes (task codes from run, call, wait, watch; map exits 1 if any task fail
   124  the task timed out
   127  the task failed to start (unknown handler, missing binary, bad cwd)
   3    Ctrl-C stopped `watch` before the task finished (the task goes on)
+  4    the task never ran: a task it runs after failed (upstream_failed)
+  5    the task never ran, by its rule: skipped (--after-rule any_failed)
   130  the task was cancelled (Ctrl-C on run or call cancels it)";
 
 /// The exit code for a task in its final state (or [`FAILURE`] if it is not
@@ -74,7 +82,11 @@ pub fn for_task(task: &Task) -> u8 {
             _ if lost_with_node(task) => NODE_LOST,
             _ => FAILURE,
         },
-        TaskState::Queued | TaskState::Assigned | TaskState::Running => FAILURE,
+        TaskState::UpstreamFailed => UPSTREAM_FAILED,
+        TaskState::Skipped => SKIPPED,
+        TaskState::Pending | TaskState::Queued | TaskState::Assigned | TaskState::Running => {
+            FAILURE
+        }
     }
 }
 

@@ -325,7 +325,11 @@ pub fn failure_line(task: &Task) -> Option<String> {
         TaskState::Failed => "failed",
         TaskState::Cancelled => "was cancelled",
         TaskState::TimedOut => "timed out",
-        TaskState::Queued | TaskState::Assigned | TaskState::Running => "did not finish",
+        TaskState::UpstreamFailed => "never ran: a task it runs after did not succeed",
+        TaskState::Skipped => "was skipped by its rule",
+        TaskState::Pending | TaskState::Queued | TaskState::Assigned | TaskState::Running => {
+            "did not finish"
+        }
     };
     let mut line = format!("weft: task {} {what}", task.id);
     if let Some(node) = &task.node_name {

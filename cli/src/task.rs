@@ -178,6 +178,7 @@ pub async fn list(client: &Client, format: OutputFormat, args: ListArgs) -> anyh
         node: args.node.unwrap_or_default(),
         since: args.since,
         until: args.until,
+        job: None,
     };
     let tasks = client.list_filtered(&filter, args.limit).await?;
     match format {

@@ -197,6 +197,7 @@ impl Client {
                 node: filter.node.clone(),
                 since: filter.since.map(weft_proto::convert::timestamp),
                 until: filter.until.map(weft_proto::convert::timestamp),
+                job: filter.job.map(|j| j.to_string()).unwrap_or_default(),
             })))
             .await?;
             for task in page.tasks {

@@ -65,8 +65,11 @@ impl TaskService for Scripted {
     ) -> Result<Response<pb::SubmitResponse>, Status> {
         let n = request.into_inner().tasks.len();
         self.submits.lock().unwrap().push(n);
-        let task_ids = (0..n).map(|_| TaskId::new().to_string()).collect();
-        Ok(Response::new(pb::SubmitResponse { task_ids }))
+        let task_ids: Vec<String> = (0..n).map(|_| TaskId::new().to_string()).collect();
+        Ok(Response::new(pb::SubmitResponse {
+            job_id: task_ids.first().cloned().unwrap_or_default(),
+            task_ids,
+        }))
     }
 
     async fn get(
@@ -121,6 +124,13 @@ impl TaskService for Scripted {
         _request: Request<pb::CancelRequest>,
     ) -> Result<Response<pb::CancelResponse>, Status> {
         Err(Status::failed_precondition("already finished"))
+    }
+
+    async fn cancel_job(
+        &self,
+        _request: Request<pb::CancelJobRequest>,
+    ) -> Result<Response<pb::CancelJobResponse>, Status> {
+        Err(Status::not_found("no such job"))
     }
 
     type WaitManyStream = Pin<Box<dyn Stream<Item = Result<pb::Task, Status>> + Send>>;

@@ -71,6 +71,8 @@ pub struct ListFilter {
     pub since: Option<SystemTime>,
     /// Only tasks submitted at or before this time.
     pub until: Option<SystemTime>,
+    /// Only the tasks of this job, oldest first.
+    pub job: Option<weft_proto::TaskId>,
 }
 
 /// One attempt of a task: where it ran, when, and how it ended.

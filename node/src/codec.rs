@@ -64,6 +64,11 @@ pub(crate) fn register(
         previous_node_id: previous.map(|id| id.to_string()).unwrap_or_default(),
         exec: exec.into(),
         exec_allow,
+        resources: config
+            .resources
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect(),
     }))
 }
 
@@ -241,6 +246,7 @@ mod tests {
             attempt: 2,
             spec: Some(TaskSpec::call("noop", "").slots(2).into()),
             trace: None,
+            parents: Vec::new(),
         })
         .unwrap();
         assert_eq!(decoded.key, (task_id, Attempt(2)));
@@ -259,6 +265,7 @@ mod tests {
             attempt: 1,
             spec: Some(bad),
             trace: None,
+            parents: Vec::new(),
         })
         .unwrap();
         let invalid = decoded.spec.unwrap_err();
@@ -273,6 +280,7 @@ mod tests {
             attempt: 1,
             spec: None,
             trace: None,
+            parents: Vec::new(),
         })
         .unwrap();
         let invalid = missing.spec.unwrap_err();

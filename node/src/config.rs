@@ -33,6 +33,9 @@ pub struct NodeConfig {
     pub prefetch: u32,
     /// Labels tasks can require.
     pub labels: BTreeMap<String, String>,
+    /// Numeric resources beyond slots (`--resource cpu=8`), which tasks
+    /// ask amounts of (`TaskSpec.resources`).
+    pub resources: BTreeMap<String, u64>,
     /// On drain (SIGTERM, `RunningNode::drain` without its own grace, or a
     /// coordinator `Drain` without a grace): how long running attempts may
     /// take before they are cancelled.
@@ -101,6 +104,7 @@ impl NodeConfig {
             slots,
             prefetch: default_prefetch(slots),
             labels: BTreeMap::new(),
+            resources: BTreeMap::new(),
             drain_grace: Duration::from_secs(30),
             reconnect_min: Duration::from_millis(100),
             reconnect_max: Duration::from_secs(10),

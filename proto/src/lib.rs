@@ -15,6 +15,8 @@
 //!   by the coordinator, nodes and clients.
 //! - [`node`]: `NodeInfo`, a node as the admin API shows it.
 //! - [`spec`]: the validated domain `TaskSpec` and its builders.
+//! - [`policy`]: scheduling policy: priorities, fair keys, concurrency
+//!   keys, rate limits, resources, dependencies, named limits.
 //! - [`exec_policy`]: `ExecPolicy`, which exec tasks a node runs.
 //! - [`tls`]: client-side TLS (trust by CA file or pin; a node's own
 //!   certificate, [`tls::ClientIdentity`]).
@@ -29,6 +31,7 @@ pub mod ids;
 pub mod join;
 pub mod limits;
 pub mod node;
+pub mod policy;
 pub mod spec;
 pub mod state;
 pub mod tls;
@@ -52,8 +55,12 @@ pub use exec_policy::ExecPolicy;
 pub use ids::{Attempt, NodeId, TaskId};
 pub use join::{JoinToken, JoinTokenError};
 pub use node::NodeInfo;
+pub use policy::{
+    ConcurrencyLimit, Dependency, DependencyRule, Limit, LimitKind, OverLimit, RateLimit,
+    RateLimitUse,
+};
 pub use spec::{CallSpec, ExecSpec, SecretEnv, TaskKind, TaskSpec};
-pub use state::{NodeState, Outcome, OutputStream, TaskState};
+pub use state::{NodeState, Outcome, OutputStream, TASK_STATES, TaskState};
 pub use trace::TraceContext;
 
 /// Protocol version spoken by this build (`Register.protocol_version`).
@@ -74,6 +81,7 @@ mod tests {
             "weft/v1/node.proto",
             "weft/v1/task.proto",
             "weft/v1/admin.proto",
+            "weft/v1/schedule.proto",
             "google/protobuf/timestamp.proto",
             "google/protobuf/duration.proto",
         ] {

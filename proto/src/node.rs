@@ -34,6 +34,10 @@ pub struct NodeInfo {
     pub handlers: Vec<String>,
     /// Attempts it finished since it connected.
     pub finished: u64,
+    /// Resources it declared (`--resource`).
+    pub resources: BTreeMap<String, u64>,
+    /// Of those, what its assigned attempts do not hold.
+    pub resources_free: BTreeMap<String, u64>,
 }
 
 impl From<NodeInfo> for pb::NodeInfo {
@@ -57,6 +61,8 @@ impl From<NodeInfo> for pb::NodeInfo {
             state: i32::from(node.state),
             handlers: node.handlers,
             finished: node.finished,
+            resources: node.resources.into_iter().collect(),
+            resources_free: node.resources_free.into_iter().collect(),
         }
     }
 }
@@ -88,6 +94,8 @@ impl TryFrom<pb::NodeInfo> for NodeInfo {
             state: NodeState::try_from(node.state)?,
             handlers,
             finished: node.finished,
+            resources: node.resources.into_iter().collect(),
+            resources_free: node.resources_free.into_iter().collect(),
         })
     }
 }
@@ -110,6 +118,8 @@ mod tests {
             state: NodeState::Draining,
             handlers: vec!["echo".into(), "noop".into()],
             finished: 7,
+            resources: BTreeMap::from([("gpu".to_owned(), 2)]),
+            resources_free: BTreeMap::from([("gpu".to_owned(), 1)]),
         };
         let back = NodeInfo::try_from(pb::NodeInfo::from(node.clone())).unwrap();
         assert_eq!(back, node);

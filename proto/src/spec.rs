@@ -7,12 +7,16 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 
-use crate::convert::{ConversionError, duration_from_pb, duration_to_pb};
+use crate::convert::{ConversionError, duration_from_pb, duration_to_pb, system_time, timestamp};
 use crate::pb;
+use crate::policy::{
+    ConcurrencyLimit, DEFAULT_PRIORITY, Dependency, DependencyRule, MAX_DEPENDENCIES,
+    MAX_FAIR_WEIGHT, MAX_PRIORITY, MAX_RATE_LIMIT_USES, RateLimitUse, check_key, check_resources,
+};
 use crate::trace::TraceContext;
 
 /// Attempts allowed when a spec does not say.
@@ -45,6 +49,29 @@ pub struct TaskSpec {
     /// The W3C trace context it runs under (the client's, or one the
     /// coordinator started); `None`: no trace.
     pub trace: Option<TraceContext>,
+    /// 1 (lowest) to 9 (highest); [`DEFAULT_PRIORITY`] when not said.
+    pub priority: u8,
+    /// Fair-share key within a priority (empty: the shared key).
+    pub fair_key: String,
+    /// The key's weight (1 to 1000).
+    pub fair_weight: u32,
+    /// A concurrency key and its limit.
+    pub concurrency: Option<ConcurrencyLimit>,
+    /// Units taken from named rate limits when assigned.
+    pub rate_limits: Vec<RateLimitUse>,
+    /// Node resources held while assigned or running (amounts > 0 only).
+    pub resources: BTreeMap<String, u64>,
+    /// The tasks it runs after; stored only as [`Dependency::Task`] (the
+    /// coordinator resolves refs before anything is committed).
+    pub after: Vec<Dependency>,
+    /// When it may run given its parents' final states.
+    pub after_rule: DependencyRule,
+    /// Not queued before this time.
+    pub not_before: Option<SystemTime>,
+    /// Its name within its Submit, for `after` refs (empty: none).
+    pub ref_name: String,
+    /// Fail at once when no connected node could ever run it.
+    pub fail_if_infeasible: bool,
 }
 
 /// Secret environment variables of a task (name -> value). Its `Debug` and
@@ -161,6 +188,17 @@ impl fmt::Debug for pb::TaskSpec {
             .field("secret_env", &RedactedValues(&self.secret_env))
             .field("schedule_timeout", &self.schedule_timeout)
             .field("trace", &self.trace)
+            .field("priority", &self.priority)
+            .field("fair_key", &self.fair_key)
+            .field("fair_weight", &self.fair_weight)
+            .field("concurrency", &self.concurrency)
+            .field("rate_limits", &self.rate_limits)
+            .field("resources", &self.resources)
+            .field("after", &self.after)
+            .field("after_rule", &self.after_rule)
+            .field("not_before", &self.not_before)
+            .field("ref", &self.r#ref)
+            .field("fail_if_infeasible", &self.fail_if_infeasible)
             .finish()
     }
 }
@@ -218,6 +256,17 @@ impl TaskSpec {
             name: String::new(),
             secret_env: SecretEnv::new(),
             trace: None,
+            priority: DEFAULT_PRIORITY,
+            fair_key: String::new(),
+            fair_weight: 1,
+            concurrency: None,
+            rate_limits: Vec::new(),
+            resources: BTreeMap::new(),
+            after: Vec::new(),
+            after_rule: DependencyRule::AllSucceeded,
+            not_before: None,
+            ref_name: String::new(),
+            fail_if_infeasible: false,
         }
     }
 
@@ -298,6 +347,87 @@ impl TaskSpec {
     /// those of whatever runs it, join that trace).
     pub fn trace(mut self, trace: TraceContext) -> Self {
         self.trace = Some(trace);
+        self
+    }
+
+    /// Sets the priority, 1 (lowest) to 9 (highest).
+    pub fn priority(mut self, priority: u8) -> Self {
+        self.priority = priority;
+        self
+    }
+
+    /// Shares the cluster fairly with other keys of its priority, with
+    /// `weight` (1 to 1000).
+    pub fn fair_key(mut self, key: impl Into<String>, weight: u32) -> Self {
+        self.fair_key = key.into();
+        self.fair_weight = weight;
+        self
+    }
+
+    /// At most `max_running` tasks of `key` assigned or running at once (0:
+    /// the limit set for the key); `on_limit` says what happens to the rest.
+    pub fn concurrency(
+        mut self,
+        key: impl Into<String>,
+        max_running: u32,
+        on_limit: crate::policy::OverLimit,
+    ) -> Self {
+        self.concurrency = Some(ConcurrencyLimit {
+            key: key.into(),
+            max_running,
+            on_limit,
+        });
+        self
+    }
+
+    /// Takes `units` from the rate limit `name` when assigned.
+    pub fn rate_limit(mut self, name: impl Into<String>, units: u32) -> Self {
+        self.rate_limits.push(RateLimitUse {
+            name: name.into(),
+            units,
+        });
+        self
+    }
+
+    /// Holds `amount` of node resource `name` while it runs.
+    pub fn resource(mut self, name: impl Into<String>, amount: u64) -> Self {
+        self.resources.insert(name.into(), amount);
+        self
+    }
+
+    /// Runs after task `id` (see [`after_rule`](Self::after_rule)).
+    pub fn after(mut self, id: crate::ids::TaskId) -> Self {
+        self.after.push(Dependency::Task(id));
+        self
+    }
+
+    /// Runs after the task of the same Submit whose ref is `name`.
+    pub fn after_ref(mut self, name: impl Into<String>) -> Self {
+        self.after.push(Dependency::Ref(name.into()));
+        self
+    }
+
+    /// When it may run given its parents' final states.
+    pub fn after_rule(mut self, rule: DependencyRule) -> Self {
+        self.after_rule = rule;
+        self
+    }
+
+    /// Not queued before `at`.
+    pub fn not_before(mut self, at: SystemTime) -> Self {
+        self.not_before = Some(at);
+        self
+    }
+
+    /// Names it within its Submit, for other tasks' `after_ref`.
+    pub fn ref_name(mut self, name: impl Into<String>) -> Self {
+        self.ref_name = name.into();
+        self
+    }
+
+    /// Fails it at once when no connected node could ever run it.
+    pub fn fail_if_infeasible(mut self) -> Self {
+        self.fail_if_infeasible = true;
         self
     }
 
@@ -402,7 +532,75 @@ impl TryFrom<pb::TaskSpec> for TaskSpec {
             .as_ref()
             .map(TraceContext::try_from)
             .transpose()?;
+        let priority = match spec.priority {
+            0 => DEFAULT_PRIORITY,
+            p if p > u32::from(MAX_PRIORITY) => {
+                return Err(invalid(
+                    "priority",
+                    &format!("{p} is outside 1 (lowest) to {MAX_PRIORITY} (highest)"),
+                ));
+            }
+            p => p as u8,
+        };
+        if !spec.fair_key.is_empty() {
+            check_key("fair_key", &spec.fair_key)?;
+        }
+        let fair_weight = match spec.fair_weight {
+            0 => 1,
+            w if w > MAX_FAIR_WEIGHT => {
+                return Err(invalid(
+                    "fair_weight",
+                    &format!("{w} is outside 1 to {MAX_FAIR_WEIGHT}"),
+                ));
+            }
+            w => w,
+        };
+        let concurrency = spec
+            .concurrency
+            .map(ConcurrencyLimit::try_from)
+            .transpose()?;
+        if spec.rate_limits.len() > MAX_RATE_LIMIT_USES {
+            return Err(invalid(
+                "rate_limits",
+                &format!("at most {MAX_RATE_LIMIT_USES} per task"),
+            ));
+        }
+        let mut rate_limits = Vec::with_capacity(spec.rate_limits.len());
+        for used in spec.rate_limits {
+            check_key("rate_limits.name", &used.name)?;
+            rate_limits.push(RateLimitUse {
+                name: used.name,
+                units: used.units.max(1),
+            });
+        }
+        let resources = check_resources("resources", &spec.resources)?;
+        if spec.after.len() > MAX_DEPENDENCIES {
+            return Err(invalid(
+                "after",
+                &format!("at most {MAX_DEPENDENCIES} tasks to run after"),
+            ));
+        }
+        let after = spec
+            .after
+            .into_iter()
+            .map(Dependency::try_from)
+            .collect::<Result<Vec<_>, _>>()?;
+        let after_rule = DependencyRule::try_from(spec.after_rule)?;
+        if !spec.r#ref.is_empty() {
+            check_key("ref", &spec.r#ref)?;
+        }
         Ok(TaskSpec {
+            priority,
+            fair_key: spec.fair_key,
+            fair_weight,
+            concurrency,
+            rate_limits,
+            resources,
+            after,
+            after_rule,
+            not_before: spec.not_before.as_ref().map(system_time),
+            ref_name: spec.r#ref,
+            fail_if_infeasible: spec.fail_if_infeasible,
             kind,
             slots: spec.slots.max(1),
             labels: spec.labels.into_iter().collect(),
@@ -469,6 +667,28 @@ impl From<&TaskSpec> for pb::TaskSpec {
             secret_env: spec.secret_env.to_pb(),
             schedule_timeout: spec.schedule_timeout.map(duration_to_pb),
             trace: spec.trace.as_ref().map(TraceContext::to_pb),
+            priority: u32::from(spec.priority),
+            fair_key: spec.fair_key.clone(),
+            fair_weight: spec.fair_weight,
+            concurrency: spec.concurrency.as_ref().map(pb::ConcurrencyLimit::from),
+            rate_limits: spec
+                .rate_limits
+                .iter()
+                .map(|used| pb::RateLimitUse {
+                    name: used.name.clone(),
+                    units: used.units,
+                })
+                .collect(),
+            resources: spec
+                .resources
+                .iter()
+                .map(|(k, v)| (k.clone(), *v))
+                .collect(),
+            after: spec.after.iter().map(pb::Dependency::from).collect(),
+            after_rule: i32::from(spec.after_rule),
+            not_before: spec.not_before.map(timestamp),
+            r#ref: spec.ref_name.clone(),
+            fail_if_infeasible: spec.fail_if_infeasible,
         }
     }
 }
@@ -561,6 +781,7 @@ mod tests {
             attempt: 1,
             spec: Some(wire.clone()),
             trace: None,
+            parents: Vec::new(),
         };
         for shown in [
             format!("{spec:?}"),
@@ -591,6 +812,50 @@ mod tests {
         });
         let err = TaskSpec::try_from(wire).unwrap_err().to_string();
         assert!(err.contains("trace.traceparent"), "{err}");
+    }
+
+    #[test]
+    fn policy_fields_round_trip_and_defaults_apply() {
+        let parent = crate::ids::TaskId::new();
+        let spec = TaskSpec::call("noop", "")
+            .priority(8)
+            .fair_key("team-a", 3)
+            .concurrency("user-42", 2, crate::policy::OverLimit::CancelOldest)
+            .rate_limit("api", 2)
+            .resource("gpu", 1)
+            .after(parent)
+            .after_ref("prep")
+            .after_rule(DependencyRule::AnyFailed)
+            .not_before(SystemTime::UNIX_EPOCH + Duration::from_secs(1_900_000_000))
+            .ref_name("train")
+            .fail_if_infeasible();
+        let back = TaskSpec::try_from(pb::TaskSpec::from(spec.clone())).unwrap();
+        assert_eq!(back, spec);
+        let plain = TaskSpec::try_from(pb::TaskSpec::from(TaskSpec::call("noop", ""))).unwrap();
+        assert_eq!((plain.priority, plain.fair_weight), (DEFAULT_PRIORITY, 1));
+        assert_eq!(plain.after_rule, DependencyRule::AllSucceeded);
+    }
+
+    #[test]
+    fn out_of_range_policy_fields_are_refused_naming_the_field() {
+        let cases: [(&str, fn(&mut pb::TaskSpec)); 6] = [
+            ("priority", |s| s.priority = 10),
+            ("fair_weight", |s| s.fair_weight = 1001),
+            ("fair_key", |s| s.fair_key = "a b".into()),
+            ("resources", |s| {
+                s.resources.insert("GPU".into(), 1);
+            }),
+            ("concurrency.key", |s| {
+                s.concurrency = Some(pb::ConcurrencyLimit::default());
+            }),
+            ("after_rule", |s| s.after_rule = 99),
+        ];
+        for (field, break_it) in cases {
+            let mut wire = pb::TaskSpec::from(TaskSpec::call("noop", ""));
+            break_it(&mut wire);
+            let err = TaskSpec::try_from(wire).unwrap_err().to_string();
+            assert!(err.contains(field), "{field}: {err}");
+        }
     }
 
     #[test]

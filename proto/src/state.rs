@@ -97,15 +97,31 @@ domain_enum!(
         Cancelled = "cancelled",
         /// Final: killed for running past its timeout.
         TimedOut = "timed_out",
+        /// Waiting for the tasks it runs after, or for its start time.
+        Pending = "pending",
+        /// Final, without running: its dependency rule can no longer be met.
+        UpstreamFailed = "upstream_failed",
+        /// Final, without running, not a failure (`any_failed` after all
+        /// its parents succeeded).
+        Skipped = "skipped",
     }
 );
 
+/// How many task states there are (the length of `TaskState::ALL`), for
+/// per-state counters.
+pub const TASK_STATES: usize = TaskState::ALL.len();
+
 impl TaskState {
-    /// True for the four states a task never leaves.
+    /// True for the states a task never leaves.
     pub fn is_final(self) -> bool {
         matches!(
             self,
-            TaskState::Succeeded | TaskState::Failed | TaskState::Cancelled | TaskState::TimedOut
+            TaskState::Succeeded
+                | TaskState::Failed
+                | TaskState::Cancelled
+                | TaskState::TimedOut
+                | TaskState::UpstreamFailed
+                | TaskState::Skipped
         )
     }
 }

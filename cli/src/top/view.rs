@@ -123,7 +123,9 @@ fn cluster(frame: &mut Frame, area: Rect, top: &Top, now: Instant) {
 
 fn state_style(state: TaskState) -> Style {
     match state {
-        TaskState::Queued => Style::new().fg(Color::Yellow),
+        TaskState::Pending | TaskState::Queued => Style::new().fg(Color::Yellow),
+        TaskState::UpstreamFailed => Style::new().fg(Color::Red),
+        TaskState::Skipped => Style::new().add_modifier(Modifier::DIM),
         TaskState::Assigned | TaskState::Running => Style::new().fg(Color::Cyan),
         TaskState::Succeeded => Style::new().fg(Color::Green),
         TaskState::Failed | TaskState::TimedOut => Style::new().fg(Color::Red),
@@ -287,6 +289,8 @@ mod tests {
 
     fn node(name: &str, state: NodeState, used: u32, running: usize) -> NodeInfo {
         NodeInfo {
+            resources: Default::default(),
+            resources_free: Default::default(),
             id: NodeId::new(),
             name: name.into(),
             labels: BTreeMap::from([("zone".to_owned(), "a".to_owned())]),

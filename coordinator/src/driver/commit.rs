@@ -370,6 +370,8 @@ mod tests {
             output: Bytes::new(),
             error: String::new(),
             pending_reason: String::new(),
+            waiting_for: Vec::new(),
+            job_id: None,
             failures: 0,
             node_losses: 0,
             created_at: UNIX_EPOCH,

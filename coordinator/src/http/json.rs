@@ -38,6 +38,9 @@ pub(crate) fn state_name(value: i32) -> &'static str {
         Ok(pb::TaskState::Failed) => "failed",
         Ok(pb::TaskState::Cancelled) => "cancelled",
         Ok(pb::TaskState::TimedOut) => "timed_out",
+        Ok(pb::TaskState::Pending) => "pending",
+        Ok(pb::TaskState::UpstreamFailed) => "upstream_failed",
+        Ok(pb::TaskState::Skipped) => "skipped",
         Ok(pb::TaskState::Unspecified) | Err(_) => "unknown",
     }
 }
@@ -52,6 +55,9 @@ pub(crate) fn state_from_name(name: &str) -> Option<pb::TaskState> {
         pb::TaskState::Failed,
         pb::TaskState::Cancelled,
         pb::TaskState::TimedOut,
+        pb::TaskState::Pending,
+        pb::TaskState::UpstreamFailed,
+        pb::TaskState::Skipped,
     ]
     .into_iter()
     .find(|state| state_name(i32::from(*state)) == name)

@@ -32,7 +32,7 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::{Registry, Unit};
 
-use weft_proto::{TaskKind, TaskState};
+use weft_proto::{TASK_STATES, TaskKind, TaskState};
 
 use crate::scheduler::Gauges;
 pub use histogram::Histogram;
@@ -85,7 +85,7 @@ pub struct TaskMetrics {
     /// From an attempt's start to its end, as its node reported it.
     pub run: Histogram,
     /// Tasks that reached a final state, by kind and state.
-    finished: [[AtomicU64; 7]; 2],
+    finished: [[AtomicU64; TASK_STATES]; 2],
     /// Tasks requeued as a next attempt, by [`Retry`].
     retries: [AtomicU64; 2],
 }
@@ -116,7 +116,7 @@ impl TaskMetrics {
 /// The scheduler's own counts, as of the driver's last batch.
 #[derive(Debug, Default)]
 struct SchedulerGauges {
-    tasks: [AtomicU64; 7],
+    tasks: [AtomicU64; TASK_STATES],
     /// Submit time of the oldest ready task, ns since the Unix epoch (0:
     /// none waits).
     oldest_ready: AtomicU64,

@@ -66,7 +66,7 @@ fn every_family_is_documented_in_the_readme() {
 #[test]
 fn the_gauges_show_the_batch_the_driver_copied_last() {
     let metrics = Metrics::default();
-    let mut tasks = [0; 7];
+    let mut tasks = [0; weft_proto::TASK_STATES];
     tasks[0] = 5;
     tasks[2] = 2;
     metrics.set_gauges(&Gauges {

@@ -20,7 +20,7 @@ const STALE_HEADS: usize = 8;
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Gauges {
     /// Tasks per state, in `TaskState::ALL` order.
-    pub tasks: [u64; 7],
+    pub tasks: [u64; weft_proto::TASK_STATES],
     /// Submit time of the oldest task in a ready queue.
     pub oldest_ready: Option<SystemTime>,
     /// Connected nodes not draining.

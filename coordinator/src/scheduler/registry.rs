@@ -164,6 +164,8 @@ impl NodeEntry {
             },
             handlers: self.handlers.iter().cloned().collect(),
             finished: self.finished,
+            resources: std::collections::BTreeMap::new(),
+            resources_free: std::collections::BTreeMap::new(),
         }
     }
 }

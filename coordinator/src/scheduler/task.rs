@@ -213,6 +213,8 @@ impl LiveTask {
             output: Bytes::new(),
             error: String::new(),
             pending_reason: String::new(),
+            waiting_for: Vec::new(),
+            job_id: None,
             failures: self.failures,
             node_losses: self.node_losses,
             created_at: self.created_at(),

@@ -66,6 +66,30 @@ impl AdminApi {
 
 #[tonic::async_trait]
 impl pb::admin_service_server::AdminService for AdminApi {
+    async fn set_limit(
+        &self,
+        request: Request<pb::SetLimitRequest>,
+    ) -> Result<Response<pb::SetLimitResponse>, Status> {
+        auth::require(&request, Scope::Admin)?;
+        Err(Status::unimplemented("SetLimit: not yet"))
+    }
+
+    async fn list_limits(
+        &self,
+        request: Request<pb::ListLimitsRequest>,
+    ) -> Result<Response<pb::ListLimitsResponse>, Status> {
+        auth::require(&request, Scope::Read)?;
+        Err(Status::unimplemented("ListLimits: not yet"))
+    }
+
+    async fn delete_limit(
+        &self,
+        request: Request<pb::DeleteLimitRequest>,
+    ) -> Result<Response<pb::DeleteLimitResponse>, Status> {
+        auth::require(&request, Scope::Admin)?;
+        Err(Status::unimplemented("DeleteLimit: not yet"))
+    }
+
     async fn list_nodes(
         &self,
         request: Request<pb::ListNodesRequest>,

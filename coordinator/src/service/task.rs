@@ -395,6 +395,14 @@ pub(crate) fn validate_spec(
 
 #[tonic::async_trait]
 impl pb::task_service_server::TaskService for TaskApi {
+    async fn cancel_job(
+        &self,
+        request: Request<pb::CancelJobRequest>,
+    ) -> Result<Response<pb::CancelJobResponse>, Status> {
+        auth::require(&request, Scope::Cancel)?;
+        Err(Status::unimplemented("CancelJob: not yet"))
+    }
+
     async fn submit(
         &self,
         request: Request<pb::SubmitRequest>,
@@ -403,6 +411,7 @@ impl pb::task_service_server::TaskService for TaskApi {
         let bytes = request.get_ref().encoded_len();
         let ids = self.submit_specs(request.into_inner().tasks, bytes).await?;
         Ok(Response::new(pb::SubmitResponse {
+            job_id: ids.first().map(TaskId::to_string).unwrap_or_default(),
             task_ids: ids.iter().map(TaskId::to_string).collect(),
         }))
     }

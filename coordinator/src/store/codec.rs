@@ -28,6 +28,8 @@ pub(crate) fn task_to_pb(record: &TaskRecord) -> pb::Task {
     task.id = record.id.to_string();
     task.pending_reason.clone_from(&record.pending_reason);
     task.next_seq = record.next_seq;
+    task.job_id = record.job_id.unwrap_or(record.id).to_string();
+    task.waiting_for = record.waiting_for.iter().map(TaskId::to_string).collect();
     task
 }
 
@@ -61,6 +63,9 @@ fn stored_task_pb(record: &TaskRecord, with_spec: bool, compact: bool) -> pb::Ta
         failures: record.failures,
         node_losses: record.node_losses,
         next_seq: 0,
+        // Stored only when another task's: most tasks are their own job.
+        job_id: record.job_id.map(|j| j.to_string()).unwrap_or_default(),
+        waiting_for: Vec::new(),
         last_outcome: record.last_outcome.map_or(0, i32::from),
         attempts: record
             .attempts
@@ -326,6 +331,11 @@ fn record_from_pb(
         output: task.output,
         error: task.error,
         pending_reason: String::new(),
+        waiting_for: Vec::new(),
+        job_id: match task.job_id.as_str() {
+            "" => None,
+            text => Some(text.parse::<TaskId>().map_err(|e| corrupt("job id", e))?),
+        },
         failures: task.failures,
         node_losses: task.node_losses,
         created_at: task
@@ -434,6 +444,8 @@ mod tests {
             output: Bytes::from_static(b"out"),
             error: "boom".into(),
             pending_reason: String::new(),
+            waiting_for: Vec::new(),
+            job_id: None,
             failures: 1,
             node_losses: 1,
             created_at: UNIX_EPOCH + Duration::from_millis(1_700_000_000_123),

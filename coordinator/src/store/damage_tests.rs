@@ -33,6 +33,8 @@ fn task(state: TaskState, input: &str) -> TaskRecord {
         output: Bytes::new(),
         error: String::new(),
         pending_reason: String::new(),
+        waiting_for: Vec::new(),
+        job_id: None,
         failures: 0,
         node_losses: 0,
         created_at: UNIX_EPOCH + Duration::from_secs(1_700_000_000),

@@ -57,6 +57,8 @@ fn record(
         output: Bytes::new(),
         error: String::new(),
         pending_reason: String::new(),
+        waiting_for: Vec::new(),
+        job_id: None,
         failures: 0,
         node_losses: 0,
         created_at: at(id.timestamp_ms()),

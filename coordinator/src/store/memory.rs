@@ -308,6 +308,8 @@ mod tests {
             output: Default::default(),
             error: String::new(),
             pending_reason: String::new(),
+            waiting_for: Vec::new(),
+            job_id: None,
             failures: 0,
             node_losses: 0,
             created_at: SystemTime::UNIX_EPOCH,

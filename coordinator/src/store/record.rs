@@ -34,6 +34,12 @@ pub struct TaskRecord {
     pub error: String,
     /// Why a queued task waits; filled on read, never stored.
     pub pending_reason: String,
+    /// For a pending task, the tasks it runs after that are not final;
+    /// filled on read, never stored.
+    pub waiting_for: Vec<TaskId>,
+    /// The job (Submit) it belongs to: its first task's id; `None` when
+    /// that is this task itself (the one task of its Submit, or the first).
+    pub job_id: Option<TaskId>,
     /// Attempts that ended in failure.
     pub failures: u32,
     /// Attempts lost with their node.

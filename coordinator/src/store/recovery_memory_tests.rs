@@ -63,6 +63,8 @@ fn restart_memory_with_many_queued_tasks() {
                         output: Bytes::new(),
                         error: String::new(),
                         pending_reason: String::new(),
+                        waiting_for: Vec::new(),
+                        job_id: None,
                         failures: 0,
                         node_losses: 0,
                         created_at: SystemTime::now(),

@@ -26,6 +26,8 @@ fn record(id: TaskId, state: TaskState, updated: SystemTime) -> TaskRecord {
         output: Bytes::from_static(b"out"),
         error: String::new(),
         pending_reason: String::new(),
+        waiting_for: Vec::new(),
+        job_id: None,
         failures: 0,
         node_losses: 0,
         created_at: at(0),

@@ -31,6 +31,8 @@ fn record(id: TaskId, spec: &Arc<TaskSpec>, state: TaskState, attempt: u32) -> T
         output: Bytes::new(),
         error: String::new(),
         pending_reason: String::new(),
+        waiting_for: Vec::new(),
+        job_id: None,
         failures: 0,
         node_losses: 0,
         created_at: at(0),

@@ -123,6 +123,7 @@ fn assignment(spec: TaskSpec) -> (Assignment, AttemptKey) {
         attempt: 1,
         spec: Some(spec.into()),
         trace: None,
+        parents: Vec::new(),
     };
     (decoded(wire), (task_id, Attempt::FIRST))
 }
@@ -357,6 +358,7 @@ async fn invalid_spec_cannot_start() {
         attempt: 2,
         spec: Some(pb::TaskSpec::default()),
         trace: None,
+        parents: Vec::new(),
     }));
     let (_, done) = until_finished(&executor, &mut rx, (task_id, Attempt(2))).await;
     assert_eq!(outcome(&done), Outcome::StartFailed);

@@ -31,6 +31,7 @@ fn assignment(spec: TaskSpec) -> (pb::Assignment, TaskId) {
         attempt: 1,
         spec: Some(spec.into()),
         trace: None,
+        parents: Vec::new(),
     };
     (wire, task_id)
 }

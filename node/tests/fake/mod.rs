@@ -206,6 +206,7 @@ impl Conn {
                 attempt: 1,
                 spec: Some(spec.into()),
                 trace: None,
+                parents: Vec::new(),
             })
             .collect();
         self.send(Inbound::Assign(pb::Assign { tasks })).await;

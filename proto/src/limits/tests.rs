@@ -261,6 +261,7 @@ fn arbitrary_spec() -> impl Strategy<Value = pb::TaskSpec> {
                 name,
                 secret_env,
                 trace: None,
+                ..Default::default()
             },
         )
 }

@@ -233,6 +233,7 @@ fn assignment_to_pb(a: &Assignment, traced: bool) -> pb::Assignment {
         attempt: a.attempt.0,
         spec: Some(spec),
         trace: trace.as_ref().map(weft_proto::TraceContext::to_pb),
+        parents: Vec::new(),
     }
 }
 
