@@ -51,12 +51,13 @@ impl Scheduler {
         if node.draining || room == 0 {
             return false;
         }
-        // The head with the highest effective priority, then the fair key
-        // with the smallest virtual time, then the oldest (see `policy.rs`).
+        // Among heads of one priority: the fair key with the smallest
+        // virtual time, then the oldest; across priorities: the highest
+        // effective (aged) priority, then the oldest (see `policy.rs`).
         let now_ns = super::task::nanos(now.wall);
         let queue = &mut self.queue;
         let policy = &mut queue.policy;
-        let mut best: Option<(u64, f64, TaskId, usize)> = None;
+        let mut best: Option<(Rank, usize)> = None;
         for (index, class) in queue.classes.iter_mut().enumerate() {
             let mut created = 0;
             while let Some(head) = class.ready.front() {
@@ -65,7 +66,7 @@ impl Scheduler {
                     .get(head)
                     .filter(|t| t.state == TaskState::Queued && !t.delayed);
                 if let Some(task) = ready {
-                    created = task.created_nanos();
+                    created = task.created_nanos().max(class.last_served);
                     break;
                 }
                 class.ready.pop_front();
@@ -88,32 +89,31 @@ impl Scheduler {
             {
                 continue;
             }
-            let priority = policy.effective(cp.priority, created, now_ns);
-            let vtime = policy.fair[cp.fair as usize].vtime;
-            let better = match best {
-                None => true,
-                Some((p, v, b, _)) => {
-                    priority > p || (priority == p && (vtime < v || (vtime == v && *head < b)))
-                }
+            let rank = Rank {
+                priority: cp.priority,
+                effective: policy.effective(cp.priority, created, now_ns),
+                vtime: policy.fair[cp.fair as usize].vtime,
+                head: *head,
             };
-            if better {
-                best = Some((priority, vtime, *head, index));
+            if best.as_ref().is_none_or(|(b, _)| rank.before(b)) {
+                best = Some((rank, index));
             }
         }
-        let Some((_, _, id, index)) = best else {
+        let Some((Rank { head: id, .. }, index)) = best else {
             return false;
         };
         let class = &mut self.queue.classes[index];
         class.ready.pop_front();
+        class.last_served = now_ns;
         let cp = class.policy;
-        let example = Arc::clone(&class.example);
-        let policy = &mut self.queue.policy;
-        policy.served(cp.fair, example.slots);
+        let slots = class.example.slots;
+        self.queue.policy.served(cp.fair, slots);
         if let Some((key, _)) = cp.conc {
-            policy.conc[key as usize].running += 1;
+            self.queue.policy.conc[key as usize].running += 1;
         }
         if cp.gated {
-            policy.take_rates(&example);
+            let example = Arc::clone(&self.queue.classes[index].example);
+            self.queue.policy.take_rates(&example);
         }
         let (Some(node), Some(task)) = (self.nodes.get_mut(session), self.tasks.get_mut(&id))
         else {
@@ -263,5 +263,29 @@ impl Scheduler {
             ));
         }
         Some("waiting for a free slot".into())
+    }
+}
+
+/// How a class head ranks for one assignment.
+struct Rank {
+    priority: u8,
+    effective: u64,
+    vtime: f64,
+    head: TaskId,
+}
+
+impl Rank {
+    /// Goes before `other`: within one priority by fair share, then age;
+    /// across priorities by effective (aged) priority, then age. Aging
+    /// never reorders one priority's keys, so it cannot undo fairness.
+    fn before(&self, other: &Rank) -> bool {
+        if self.priority == other.priority {
+            return self.vtime < other.vtime
+                || (self.vtime == other.vtime && self.head < other.head);
+        }
+        match self.effective.cmp(&other.effective) {
+            std::cmp::Ordering::Equal => self.head < other.head,
+            order => order == std::cmp::Ordering::Greater,
+        }
     }
 }

@@ -18,13 +18,16 @@
 //! none of those branches and allocate nothing.
 //!
 //! The rules:
-//! - Priority 1..=9: the class head with the highest *effective* priority
-//!   goes first. With `--priority-aging D` (not zero) a head that has
-//!   waited since submission gains one level per `D` waited, so a
-//!   low-priority task under a constant stream of high-priority work runs
-//!   at the latest after `(9 - p) * D` (then it ties and, as the oldest,
-//!   goes first). Zero: strict order.
-//! - Within one effective priority: weighted fair queueing by slots. Each
+//! - Priority 1..=9: across priorities, the class head with the highest
+//!   *effective* priority goes first (ties: the oldest). With
+//!   `--priority-aging D` (not zero) a head gains one level per `D` it
+//!   has waited unserved (since it was submitted or its class was last
+//!   served, whichever is later), so a low-priority task under a constant
+//!   stream of high-priority work runs at the latest after about
+//!   `(9 - p) * D` (then it ties and, as the oldest, goes first); a
+//!   backlog that is being served gains nothing. Zero: strict order.
+//! - Within one priority: weighted fair queueing by slots (aging never
+//!   reorders one priority's keys). Each
 //!   fair key has a virtual time, advanced by `slots / weight` at each
 //!   assignment; the key with the smallest goes first (ties: the oldest
 //!   head). A key whose class queue was empty starts again at the virtual

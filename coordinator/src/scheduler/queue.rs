@@ -39,6 +39,10 @@ pub(crate) struct Class {
     pub ready: VecDeque<TaskId>,
     /// Its scheduling policy, resolved once (see `policy.rs`).
     pub policy: ClassPolicy,
+    /// When it was last served (Unix nanos; 0: never): priority aging
+    /// counts the time its head waited since then, so a class served all
+    /// along gains nothing.
+    pub last_served: u64,
 }
 
 /// Ready queues per class plus the retry timer heap.
@@ -164,6 +168,7 @@ impl Queue {
                     example: Arc::new(example),
                     ready: VecDeque::new(),
                     policy,
+                    last_served: 0,
                 });
                 candidates.push(class);
                 class

@@ -144,7 +144,10 @@ impl TestClusterBuilder {
     pub fn node_resources(mut self, index: usize, resources: &[(&str, u64)]) -> Self {
         self.resources.insert(
             format!("node-{index}"),
-            resources.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect(),
+            resources
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), *v))
+                .collect(),
         );
         self
     }

@@ -124,7 +124,11 @@ async fn a_concurrency_key_queues_cancels_newest_or_cancels_oldest() {
     let client = cluster.client().await;
     // QUEUE: never more than 2 at once, all succeed.
     let ids = client
-        .submit_many((0..6).map(|_| keyed(150, "user-42", 2, OverLimit::Queue)).collect())
+        .submit_many(
+            (0..6)
+                .map(|_| keyed(150, "user-42", 2, OverLimit::Queue))
+                .collect(),
+        )
         .await
         .expect("submit");
     let waiting = cluster
@@ -141,16 +145,28 @@ async fn a_concurrency_key_queues_cancels_newest_or_cancels_oldest() {
 
     // CANCEL_NEWEST: the third is cancelled at once.
     let ids = client
-        .submit_many((0..3).map(|_| keyed(100, "k-new", 2, OverLimit::CancelNewest)).collect())
+        .submit_many(
+            (0..3)
+                .map(|_| keyed(100, "k-new", 2, OverLimit::CancelNewest))
+                .collect(),
+        )
         .await
         .expect("submit");
     let tasks = all_final(&cluster, &ids).await;
     let states: Vec<TaskState> = tasks.iter().map(|t| t.state).collect();
     assert_eq!(
         states,
-        [TaskState::Succeeded, TaskState::Succeeded, TaskState::Cancelled]
+        [
+            TaskState::Succeeded,
+            TaskState::Succeeded,
+            TaskState::Cancelled
+        ]
     );
-    assert!(tasks[2].error.contains("cancel_newest"), "{}", tasks[2].error);
+    assert!(
+        tasks[2].error.contains("cancel_newest"),
+        "{}",
+        tasks[2].error
+    );
 
     // CANCEL_OLDEST: the running one is cancelled, the new one runs.
     let old = client
@@ -167,7 +183,10 @@ async fn a_concurrency_key_queues_cancels_newest_or_cancels_oldest() {
     assert!(old.error.contains("cancel_oldest"), "{}", old.error);
     let new = cluster.wait_for_final(new).await;
     assert_eq!(new.state, TaskState::Succeeded);
-    assert!(started(&new) >= ended(&old), "the new one waited for the slot");
+    assert!(
+        started(&new) >= ended(&old),
+        "the new one waited for the slot"
+    );
     cluster.shutdown().await;
 }
 
@@ -178,24 +197,38 @@ async fn a_rate_limit_paces_tasks_across_the_cluster() {
     client
         .set_limit(&Limit {
             name: "api".into(),
-            kind: LimitKind::Rate(weft_proto::policy::RateLimit::new(5, Duration::from_secs(1), 1).unwrap()),
+            kind: LimitKind::Rate(
+                weft_proto::policy::RateLimit::new(5, Duration::from_secs(1), 1).unwrap(),
+            ),
         })
         .await
         .expect("set limit");
     let ids = client
-        .submit_many((0..6).map(|_| TaskSpec::call("noop", "").rate_limit("api", 1)).collect())
+        .submit_many(
+            (0..6)
+                .map(|_| TaskSpec::call("noop", "").rate_limit("api", 1))
+                .collect(),
+        )
         .await
         .expect("submit");
     let tasks = all_final(&cluster, &ids).await;
     let mut assigned: Vec<SystemTime> = tasks
         .iter()
-        .map(|t| t.attempts.last().and_then(|a| a.assigned_at).expect("assigned"))
+        .map(|t| {
+            t.attempts
+                .last()
+                .and_then(|a| a.assigned_at)
+                .expect("assigned")
+        })
         .collect();
     assigned.sort();
     for pair in assigned.windows(2) {
         let gap = pair[1].duration_since(pair[0]).unwrap_or_default();
         // 5/s with a burst of 1: one every 200 ms (ms-rounded wakeups).
-        assert!(gap >= Duration::from_millis(190), "gap {gap:?} in {assigned:?}");
+        assert!(
+            gap >= Duration::from_millis(190),
+            "gap {gap:?} in {assigned:?}"
+        );
     }
     let limits = client.limits().await.expect("limits");
     assert_eq!(limits[0].limit.name, "api");
@@ -229,7 +262,11 @@ async fn resources_are_never_over_committed_on_any_node() {
     let tasks = all_final(&cluster, &ids).await;
     assert!(tasks.iter().all(|t| t.state == TaskState::Succeeded));
     let counts = std::fs::read_to_string(shared.join("counts")).expect("counts");
-    let max: u32 = counts.lines().filter_map(|l| l.trim().parse().ok()).max().unwrap();
+    let max: u32 = counts
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .max()
+        .unwrap();
     assert!(max <= 3, "{max} gpu tasks ran at once on 3 gpus");
     for node in &nodes {
         let on: Vec<&Task> = tasks
@@ -240,7 +277,10 @@ async fn resources_are_never_over_committed_on_any_node() {
         assert!(max_overlap(&on) <= gpus, "{} over-committed", node.name);
     }
     let nodes = client.nodes().await.expect("nodes");
-    assert!(nodes.iter().all(|n| n.resources_free == n.resources), "{nodes:?}");
+    assert!(
+        nodes.iter().all(|n| n.resources_free == n.resources),
+        "{nodes:?}"
+    );
     cluster.shutdown().await;
 }
 
@@ -263,12 +303,20 @@ async fn an_infeasible_request_is_said_at_once_and_fails_with_the_flag() {
         "needs gpu=4; the largest connected node has gpu=2"
     );
     let fails = client
-        .submit(TaskSpec::call("noop", "").resource("gpu", 4).fail_if_infeasible())
+        .submit(
+            TaskSpec::call("noop", "")
+                .resource("gpu", 4)
+                .fail_if_infeasible(),
+        )
         .await
         .expect("submit");
     let task = cluster.wait_for_final(fails).await;
     assert_eq!(task.state, TaskState::Failed);
-    assert!(task.error.starts_with("infeasible: needs gpu=4"), "{}", task.error);
+    assert!(
+        task.error.starts_with("infeasible: needs gpu=4"),
+        "{}",
+        task.error
+    );
     cluster.shutdown().await;
 }
 
@@ -280,9 +328,13 @@ async fn limits_survive_a_coordinator_crash() {
         .processes()
         .start()
         .await;
-    let out = cluster.weft(&["limit", "set", "api", "100/s", "--burst", "5"]).await;
+    let out = cluster
+        .weft(&["limit", "set", "api", "100/s", "--burst", "5"])
+        .await;
     assert_eq!(out.code, Some(0), "{out}");
-    let out = cluster.weft(&["limit", "set", "user-42", "--max-concurrent", "2"]).await;
+    let out = cluster
+        .weft(&["limit", "set", "user-42", "--max-concurrent", "2"])
+        .await;
     assert_eq!(out.code, Some(0), "{out}");
     cluster.crash_and_restart_coordinator().await;
     let out = cluster.weft(&["limit", "list", "-o", "json"]).await;
@@ -342,11 +394,16 @@ async fn the_cli_sets_policy_flags_and_manages_limits() {
         .await;
     assert_eq!(out.code, Some(0), "{out}");
     let out = cluster.weft(&["limit", "list"]).await;
-    assert!(out.stdout.contains("api") && out.stdout.contains("50/s"), "{out}");
+    assert!(
+        out.stdout.contains("api") && out.stdout.contains("50/s"),
+        "{out}"
+    );
     let out = cluster.weft(&["nodes"]).await;
     assert!(out.stdout.contains("RESOURCES"), "{out}");
     assert!(out.stdout.contains("gpu 2/2"), "{out}");
-    let out = cluster.weft(&["run", "--priority", "10", "--", "true"]).await;
+    let out = cluster
+        .weft(&["run", "--priority", "10", "--", "true"])
+        .await;
     assert_eq!(out.code, Some(2), "{out}");
     let out = cluster.weft(&["limit", "delete", "api"]).await;
     assert_eq!(out.code, Some(0), "{out}");

@@ -458,3 +458,67 @@ fn plain_tasks_keep_one_class_and_policies_make_their_own() {
     assert!(a != c && a != d && a != e && c != d && d != e);
     assert!(!q.classes[d as usize].policy.plain);
 }
+
+#[test]
+fn aging_does_not_undo_fair_sharing_within_a_priority() {
+    let mut h = Harness::with(SchedulerConfig {
+        priority_aging: Duration::from_secs(1),
+        ..config()
+    });
+    h.submit(
+        (0..50)
+            .map(|i| call(&format!("a{i}")).fair_key("old", 1))
+            .collect(),
+    );
+    // The old key's backlog has waited long (many aging intervals).
+    h.advance(Duration::from_secs(3));
+    h.node(S1, reg("n1", 1), 1);
+    h.submit(
+        (0..3)
+            .map(|i| call(&format!("b{i}")).fair_key("new", 1))
+            .collect(),
+    );
+    let order: Vec<String> = drain_order(&mut h, 6)
+        .into_iter()
+        .map(|i| i[..1].to_owned())
+        .collect();
+    assert_eq!(order, ["a", "b", "a", "b", "a", "b"]);
+}
+
+/// The figure, in the scheduler: one key with 100,000 queued, a
+/// second submitting 100 later at equal priority, on a 4-slot node. The
+/// second's 100 are all assigned within 200 assignments (half the slots).
+#[test]
+fn a_late_key_with_100_tasks_gets_half_the_slots_beside_a_100_000_task_backlog() {
+    let mut h = Harness::with(SchedulerConfig {
+        max_queued: 200_000,
+        ..config()
+    });
+    let big: Vec<TaskSpec> = (0..100_000).map(|_| call("a").fair_key("big", 1)).collect();
+    h.submit(big);
+    h.node(S1, reg("n1", 4), 4);
+    // The big key runs alone for a while.
+    let mut running: Vec<TaskId> = one(&mut h, S1);
+    for _ in 0..250 {
+        let id = running.remove(0);
+        done(&mut h, S1, id);
+        running.extend(one(&mut h, S1));
+    }
+    let small = h.submit((0..100).map(|_| call("b").fair_key("small", 1)).collect());
+    let small: std::collections::HashSet<TaskId> = small.into_iter().collect();
+    let (mut assignments, mut small_assigned) = (0, 0);
+    while small_assigned < 100 {
+        let id = running.remove(0);
+        done(&mut h, S1, id);
+        for id in one(&mut h, S1) {
+            assignments += 1;
+            small_assigned += usize::from(small.contains(&id));
+            running.push(id);
+        }
+        assert!(assignments <= 1000, "the late key starved");
+    }
+    assert!(
+        (199..=201).contains(&assignments),
+        "100 of the late key took {assignments} assignments"
+    );
+}
