@@ -73,6 +73,13 @@ impl Scheduler {
                         })
                         .collect();
                     let excess = (standing.len() + 1).saturating_sub(max as usize);
+                    // The oldest on a node first, then the oldest queued.
+                    standing.sort_by_key(|t| {
+                        let queued = self.tasks.get(t).is_none_or(|t| {
+                            !matches!(t.state, TaskState::Assigned | TaskState::Running)
+                        });
+                        (queued, *t)
+                    });
                     standing.truncate(excess);
                     for old in standing {
                         let reason = format!(
