@@ -32,7 +32,9 @@ impl Scheduler {
     /// concurrency key counts it (a CANCEL_NEWEST key at its limit
     /// cancels it; a CANCEL_OLDEST one cancels its oldest instead), and
     /// with `fail_if_infeasible` a request no connected node could ever
-    /// satisfy fails at once. Plain tasks never come here.
+    /// satisfy fails at once. Plain tasks never come here. Called when the
+    /// task is queued ready (`submit`); a task held back first (PENDING)
+    /// is to come here when it is queued.
     pub(crate) fn policy_submitted(
         &mut self,
         id: TaskId,
