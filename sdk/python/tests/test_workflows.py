@@ -25,7 +25,7 @@ from weft._proto import common_pb2, node_pb2, task_pb2
 from weft.executor import encode_call
 from weft.worker.handlers import HandlerError, StartFailed
 from weft.worker.parents import INDEX, ExecFiles, ParentResult, parents_of
-from weft.worker.pickled import HANDLER, run_pickled, with_parents
+from weft.worker.pickled import run_pickled, with_parents
 from weft.workflow import graph_request, limit_pb, parse_rate, schedule_spec
 
 from conftest import poll

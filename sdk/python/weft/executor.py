@@ -135,6 +135,7 @@ def _dumps(value: Any, what: str) -> bytes:
 
 #: Keyword arguments ``submit`` takes for the task rather than passing them to the function.
 SUBMIT_OPTIONS = ("after", "after_rule", "priority", "fair_key", "resources")
+_SUBMIT_OPTIONS = frozenset(SUBMIT_OPTIONS)
 
 
 def _is_future(value: Any) -> bool:
@@ -516,7 +517,7 @@ class _Options:
         the task's, not the function's."""
         options = self.spec_options
         after = None
-        if any(name in kwargs for name in SUBMIT_OPTIONS):
+        if kwargs and not _SUBMIT_OPTIONS.isdisjoint(kwargs):
             options = dict(options)
             kwargs = dict(kwargs)
             for name in SUBMIT_OPTIONS:
@@ -524,9 +525,10 @@ class _Options:
                     options[name] = kwargs.pop(name)
             after = options.pop("after", None)
         parents = None
-        if after is not None or _has_future(args, kwargs):
+        futures = _has_future(args, kwargs)
+        if after is not None or futures:
             parents = _Parents(owner)
-            if _has_future(args, kwargs):
+            if futures:
                 if isinstance(fn, str):
                     raise TypeError(f"the handler {fn!r} takes its input as bytes, not a future: run it "
                                     f"after=[future] and read the parent's result from ctx.parents")

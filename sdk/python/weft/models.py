@@ -272,7 +272,8 @@ def call_spec(
     spec = common_pb2.TaskSpec(call=common_pb2.CallSpec(handler=handler, input=_to_bytes(input)))
     if schedule_timeout is not None:
         spec.schedule_timeout.CopyFrom(duration_to_pb(schedule_timeout))
-    apply_policy(spec, **policy)
+    if policy:
+        apply_policy(spec, **policy)
     return _common(spec, slots, labels, timeout, max_attempts, name, secret_env, traceparent, tracestate)
 
 
@@ -310,7 +311,8 @@ def exec_spec(
     spec = common_pb2.TaskSpec(
         exec=common_pb2.ExecSpec(argv=list(argv), env=dict(env or {}), cwd=cwd, stdin=_to_bytes(stdin))
     )
-    apply_policy(spec, **policy)
+    if policy:
+        apply_policy(spec, **policy)
     return _common(spec, slots, labels, timeout, max_attempts, name, secret_env, traceparent, tracestate)
 
 
