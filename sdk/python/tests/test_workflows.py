@@ -506,3 +506,14 @@ def test_the_asyncio_client_submits_a_graph(cluster):
             assert [t.id for t in (await client.job(job.id)).tasks] == job.task_ids
 
     asyncio.run(body())
+
+
+def test_a_python_worker_declares_resources_and_tasks_are_placed_by_them(cluster):
+    require_feature(cluster, "limits")  # served with resources, by the same part of the coordinator
+    client = cluster.client
+    [node] = client.nodes()
+    assert node.resources == {"gpu": 2}, "declared in Register (--resource gpu=2)"
+    assert client.call("echo", b"fits", resources={"gpu": 2}, priority=9, fair_key="team-a",
+                       concurrency_key="user-1", max_concurrent=1, wait_timeout=30) == b"fits"
+    task = client.wait(client.submit_call("echo", b"never", resources={"gpu": 3}, fail_if_infeasible=True), timeout=30)
+    assert task.state == weft.TaskState.FAILED, "no node could ever run it: failed at once"
