@@ -33,6 +33,8 @@ from test_e2e import Cluster
 
 TESTS_DIR = Path(__file__).resolve().parent
 ALLOWED = ("exec_funcs", "math")
+#: A well-formed task id no task has.
+NO_SUCH_TASK = "0" * 26
 
 
 # -- options and their checks (no binaries) ------------------------------------
@@ -337,7 +339,7 @@ async def poll_async(predicate, timeout: float = 10.0) -> None:
 def require_feature(cluster, feature: str) -> None:
     """Skips unless the coordinator serves ``feature`` (its rpc not UNIMPLEMENTED)."""
     probes = {
-        "dependencies": lambda: cluster.client.cancel_job("no-such-job"),
+        "dependencies": lambda: cluster.client.cancel_job(NO_SUCH_TASK),
         "limits": cluster.client.list_limits,
         "schedules": cluster.client.list_schedules,
     }
@@ -354,7 +356,7 @@ def cluster(spawn, tmp_path):
     c = Cluster(spawn, tmp_path)
     argv = [sys.executable, str(TESTS_DIR / "exec_worker.py"), "--coordinator", c.url, "--ca-file", c.ca_file,
             "--slots", "4", "--name", "py", "--allow-module", "exec_funcs", "--allow-module", "math",
-            "--exec", "allow", "--resource", "gpu=2"]
+            "--allow-module", "pipeline", "--exec", "allow", "--resource", "gpu=2"]
     if c.joins:
         argv += ["--join", c.join_token(), "--state-dir", str(c.state_dir("py"))]
     pythonpath = os.pathsep.join(p for p in (str(TESTS_DIR), os.environ.get("PYTHONPATH", "")) if p)
@@ -399,7 +401,7 @@ def test_a_graph_runs_in_order_and_its_job_can_be_read_listed_and_cancelled(clus
     assert final.is_final and not final.succeeded
     assert client.get(second["after"]).state in (weft.TaskState.CANCELLED, weft.TaskState.UPSTREAM_FAILED)
     with pytest.raises(weft.NotFound):
-        client.job("no-such-job")
+        client.job(NO_SUCH_TASK)
     # A cycle is refused by the coordinator, nothing committed.
     with pytest.raises(weft.InvalidArgument):
         client.submit_graph([weft.call_spec("echo", ref="x", after=["y"]), weft.call_spec("echo", ref="y", after=["x"])])
@@ -450,6 +452,18 @@ def test_executor_futures_as_arguments_a_diamond_and_a_failing_parent(cluster, t
             child.result(timeout=60)
         with pytest.raises(weft.UpstreamFailed):
             ordered.result(timeout=60)
+
+
+def test_the_readme_pipeline_runs_as_written(cluster):
+    require_feature(cluster, "dependencies")
+    import pipeline
+
+    with executor(cluster, max_attempts=1) as ex:
+        data = ex.submit(pipeline.load, 1000)
+        squares = ex.submit(pipeline.square_all, data, priority=8)
+        both = ex.submit(pipeline.total, [data, squares])
+        assert both.result(timeout=60) == 333333000
+        assert cluster.client.get(squares.task_id).spec.priority == 8
 
 
 def test_limits_round_trip(cluster):

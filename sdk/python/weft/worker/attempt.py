@@ -779,17 +779,18 @@ class Attempts:
                 trace=attempt.spec.trace if attempt.spec.HasField("trace") else None,
                 weft_env=files.env(),
             )
-            output = files.output() if code == 0 and attempt.stop_reason is None else None
+            # Read whenever it ran to its end, as weft-node reads it (a failed run's too).
+            output = (files.output() if attempt.stop_reason is None else None) or b""
         except ValueError as e:  # $WEFT_OUTPUT too large
-            self.finish(attempt, common_pb2.OUTCOME_FAILED, exit_code=0, error=str(e))
+            self.finish(attempt, common_pb2.OUTCOME_FAILED, exit_code=code if code >= 0 else None, error=str(e))
             return
         finally:
             files.remove()
         if attempt.stop_reason is not None:
             raise asyncio.CancelledError()
         if code == 0:
-            self.finish(attempt, common_pb2.OUTCOME_SUCCEEDED, exit_code=0, output=output or b"")
+            self.finish(attempt, common_pb2.OUTCOME_SUCCEEDED, exit_code=0, output=output)
         elif code > 0:
-            self.finish(attempt, common_pb2.OUTCOME_FAILED, exit_code=code, error=f"exited with code {code}")
+            self.finish(attempt, common_pb2.OUTCOME_FAILED, output=output, exit_code=code, error=f"exited with code {code}")
         else:
-            self.finish(attempt, common_pb2.OUTCOME_FAILED, error=f"killed by signal {-code}")
+            self.finish(attempt, common_pb2.OUTCOME_FAILED, output=output, error=f"killed by signal {-code}")

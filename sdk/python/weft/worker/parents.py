@@ -7,9 +7,9 @@ The counterpart of the Rust node's parents files (``proto/README.md``
 holding one file per parent, named by its ref (or its id when it has none),
 with the parent's output, and ``index.json`` listing ``{task_id, ref, state,
 file}`` in ``after`` order; and ``$WEFT_OUTPUT``, a path it may write its
-result to, which becomes the task's output when it exits (at most
-:data:`OUTPUT_FILE_LIMIT` bytes; a larger file fails the attempt, saying
-so). The directory goes with the attempt.
+result to, read when it exits (however it ended, unless stopped) as the
+task's output (at most :data:`OUTPUT_FILE_LIMIT` bytes; a larger file
+fails the attempt, saying so). The directory goes with the attempt.
 """
 
 from __future__ import annotations
@@ -24,8 +24,10 @@ from typing import Any, List, Optional, Sequence
 
 from .._proto import common_pb2
 
-#: Most bytes of ``$WEFT_OUTPUT`` taken as an exec task's output.
-OUTPUT_FILE_LIMIT = 4 * 1024 * 1024
+#: Most bytes of ``$WEFT_OUTPUT`` taken as an exec task's output: as weft-node, the largest
+#: message a coordinator may take (64 MiB) less the envelope; the outbox then fails a result
+#: too large for the coordinator it has (``fit``).
+OUTPUT_FILE_LIMIT = 64 * 1024 * 1024 - 1024
 #: The index file in ``$WEFT_PARENTS``.
 INDEX = "index.json"
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_.:-]+")
@@ -111,7 +113,8 @@ class ExecFiles:
         except OSError:
             return None
         if size > OUTPUT_FILE_LIMIT:
-            raise ValueError(f"$WEFT_OUTPUT holds {size} bytes, more than the {OUTPUT_FILE_LIMIT} an output may have")
+            raise ValueError(f"the $WEFT_OUTPUT file is larger than {OUTPUT_FILE_LIMIT} bytes, the most a task's "
+                             "output may be")
         with open(self.output_path, "rb") as f:
             return f.read()
 
