@@ -282,10 +282,7 @@ class Client:
 
     async def submit_graph(self, specs: Iterable[common_pb2.TaskSpec], *, traceparent: str = "", tracestate: str = "") -> Job:
         """Submits a whole graph in one ``Submit``; see :meth:`weft.Client.submit_graph`."""
-        request = graph_request(specs)
-        traced_specs = traced(list(request.tasks), traceparent, tracestate)
-        del request.tasks[:]
-        request.tasks.extend(traced_specs)
+        request = task_pb2.SubmitRequest(tasks=traced(graph_request(specs).tasks, traceparent, tracestate))
         return job_of(request, await self._unary(self._tasks.Submit, request))
 
     async def job(self, job_id: str) -> Job:

@@ -454,10 +454,7 @@ class Client:
         ValueError here; a cycle is :class:`weft.InvalidArgument` from the coordinator;
         either way nothing is committed. Trace context as :meth:`submit_many`.
         """
-        request = graph_request(specs)
-        traced_specs = traced(list(request.tasks), traceparent, tracestate)
-        del request.tasks[:]
-        request.tasks.extend(traced_specs)
+        request = task_pb2.SubmitRequest(tasks=traced(graph_request(specs).tasks, traceparent, tracestate))
         return job_of(request, self._unary(self._tasks.Submit, request))
 
     def job(self, job_id: str) -> Job:
