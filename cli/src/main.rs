@@ -26,6 +26,7 @@ mod args;
 mod bench;
 mod demo;
 mod exit;
+mod job;
 mod local;
 mod map;
 mod opts;
