@@ -179,14 +179,6 @@ struct FileTask {
     delay: Option<String>,
 }
 
-/// A graph file: a list of tasks, or `{tasks: [...]}`.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum FileGraph {
-    List(Vec<FileTask>),
-    Wrapped { tasks: Vec<FileTask> },
-}
-
 fn task_error(index: usize, task: &FileTask, field: &str, why: impl std::fmt::Display) -> String {
     match &task.ref_name {
         Some(name) => format!("task {index} (ref '{name}'): `{field}`: {why}"),
@@ -202,7 +194,8 @@ pub fn read_graph(path: &Path) -> Result<Vec<TaskSpec>, UsageError> {
     let json = path
         .extension()
         .is_some_and(|e| e.eq_ignore_ascii_case("json"));
-    let graph: FileGraph = if json {
+    // A graph file is a list of tasks.
+    let tasks: Vec<FileTask> = if json {
         serde_json::from_str(&text).map_err(|err| {
             UsageError(format!(
                 "{}:{}:{}: {err}",
@@ -219,9 +212,6 @@ pub fn read_graph(path: &Path) -> Result<Vec<TaskSpec>, UsageError> {
                 .unwrap_or_default();
             UsageError(format!("{}{at}: {err}", path.display()))
         })?
-    };
-    let tasks = match graph {
-        FileGraph::List(tasks) | FileGraph::Wrapped { tasks } => tasks,
     };
     if tasks.is_empty() {
         return Err(UsageError(format!("{}: no tasks", path.display())));

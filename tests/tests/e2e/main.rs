@@ -45,3 +45,4 @@ mod top;
 mod traces;
 mod validation;
 mod watch_limits;
+mod workflows;

@@ -142,7 +142,12 @@ fn millis(t: SystemTime) -> u64 {
     u64::try_from(t.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis()).unwrap_or(u64::MAX)
 }
 
-const LIVE_STATES: [TaskState; 3] = [TaskState::Queued, TaskState::Assigned, TaskState::Running];
+const LIVE_STATES: [TaskState; 4] = [
+    TaskState::Pending,
+    TaskState::Queued,
+    TaskState::Assigned,
+    TaskState::Running,
+];
 
 impl RedbStore {
     /// The database file.
