@@ -89,6 +89,9 @@ impl Drop for CancelBatch {
     }
 }
 
+/// What a PENDING task waits for (`Task.waiting_for`) and why, in words.
+pub(crate) type Waiting = (Vec<TaskId>, String);
+
 /// Messages to a node session's Connect response stream.
 pub(crate) type NodeTx = mpsc::Sender<ToNode>;
 
@@ -111,7 +114,7 @@ pub(crate) enum Command {
     /// Answered at once: it reads the scheduler and writes nothing.
     Waiting {
         ids: Vec<TaskId>,
-        reply: oneshot::Sender<Vec<Option<(Vec<TaskId>, String)>>>,
+        reply: oneshot::Sender<Vec<Option<Waiting>>>,
     },
     /// Why each of these queued tasks waits (`None`: not queued here).
     /// Answered at once: it reads the scheduler and writes nothing.
