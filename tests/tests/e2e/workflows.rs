@@ -313,3 +313,47 @@ async fn a_dag_survives_kill_9_of_the_coordinator_with_every_task_run_once() {
     }
     cluster.shutdown().await;
 }
+
+/// The figure: a 100 x 100 fan-out with a join per level (10,101
+/// tasks) in one Submit, then run level by level with no-op tasks, so the
+/// time per level is nearly all scheduling (two releases: the level's 100
+/// tasks, then its join). Prints the figures; run it by name with
+/// `--ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement: prints figures"]
+async fn a_ten_thousand_task_dag_submits_in_one_call_and_runs_level_by_level() {
+    let cluster = TestCluster::builder()
+        .nodes(2)
+        .slots(64)
+        .max_queued(20_000)
+        .start()
+        .await;
+    let client = cluster.client().await;
+    let noop = || TaskSpec::call("noop", "");
+    let mut specs = vec![noop().ref_name("root")];
+    for level in 0..100 {
+        let before = match level {
+            0 => "root".to_owned(),
+            n => format!("join{}", n - 1),
+        };
+        let mut join = noop().ref_name(format!("join{level}"));
+        for i in 0..100 {
+            let name = format!("l{level}t{i}");
+            specs.push(noop().ref_name(&name).after_ref(before.clone()));
+            join = join.after_ref(name);
+        }
+        specs.push(join);
+    }
+    let started = std::time::Instant::now();
+    let submitted = client.submit_graph(specs).await.expect("one Submit");
+    let submit = started.elapsed();
+    let last = *submitted.task_ids.last().expect("tasks");
+    let done = cluster.wait_for_final(last).await;
+    let total = started.elapsed();
+    assert_eq!(done.state, TaskState::Succeeded);
+    println!(
+        "10,101-task DAG: submit {submit:?}; all 100 levels done after {total:?}; {:?} per level (two releases each, no-op tasks)",
+        (total - submit) / 100
+    );
+    cluster.shutdown().await;
+}
