@@ -36,6 +36,7 @@ use bytes::Bytes;
 
 use weft_proto::{ConversionError, Dependency, DependencyRule, TaskId, TaskSpec, TaskState};
 
+use super::queue::ClassId;
 use super::{Now, Scheduler};
 use crate::error::Error;
 use crate::store::EventBody;
@@ -450,8 +451,7 @@ impl Scheduler {
                     true => "the tasks it runs after met its rule",
                     false => "its start time came",
                 };
-                self.change_state(id, TaskState::Queued, None, reason.into(), wall);
-                self.queue.push_ready(class, id);
+                self.release(id, class, reason.into(), wall);
             }
         }
     }
@@ -535,8 +535,21 @@ impl Scheduler {
                 continue;
             }
             let reason = "its start time came".to_owned();
-            self.change_state(id, TaskState::Queued, None, reason, now.wall);
-            self.queue.push_ready(class, id);
+            self.release(id, class, reason, now.wall);
+        }
+    }
+
+    /// A PENDING task is queued: ready for dispatch, and counted by its
+    /// policy (concurrency key, infeasible check) as a task queued at
+    /// submit is.
+    fn release(&mut self, id: TaskId, class: ClassId, reason: String, wall: SystemTime) {
+        self.change_state(id, TaskState::Queued, None, reason, wall);
+        self.queue.push_ready(class, id);
+        if !self.queue.classes[class as usize].policy.plain
+            && let Some(task) = self.tasks.get(&id)
+        {
+            let spec = task.spec.to_spec(self.queue.example(class));
+            self.policy_submitted(id, class, &spec, wall);
         }
     }
 

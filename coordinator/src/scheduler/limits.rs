@@ -4,13 +4,15 @@
 //! sets (`SetLimit`, `ListLimits`, `DeleteLimit`), written as store records
 //! in the batch that changes them.
 
+use std::time::SystemTime;
+
 use bytes::Bytes;
 
 use weft_proto::policy::{Limit, LimitKind, OverLimit};
 use weft_proto::{TaskId, TaskSpec, TaskState};
 
 use super::queue::ClassId;
-use super::{Now, Scheduler};
+use super::Scheduler;
 use crate::error::Error;
 use crate::store::Record;
 
@@ -40,7 +42,7 @@ impl Scheduler {
         id: TaskId,
         class: ClassId,
         spec: &TaskSpec,
-        now: Now,
+        wall: SystemTime,
     ) {
         let cp = self.queue.classes[class as usize].policy;
         if !spec.fair_key.is_empty() {
@@ -58,7 +60,7 @@ impl Scheduler {
                         "concurrency key {} at its limit {max}: cancelled as the newest (cancel_newest)",
                         entry.name
                     );
-                    self.finalize(id, TaskState::Cancelled, reason, Bytes::new(), now.wall);
+                    self.finalize(id, TaskState::Cancelled, reason, Bytes::new(), wall);
                     return;
                 }
                 (OverLimit::CancelOldest, Some(max)) => {
@@ -87,7 +89,7 @@ impl Scheduler {
                         let reason = format!(
                             "concurrency key {name} at its limit {max}: cancelled as the oldest for a newer task (cancel_oldest)"
                         );
-                        self.cancel(old, &reason, now);
+                        self.cancel_at(old, &reason, wall);
                     }
                 }
                 _ => {
@@ -104,7 +106,7 @@ impl Scheduler {
                 TaskState::Failed,
                 format!("infeasible: {reason}"),
                 Bytes::new(),
-                now.wall,
+                wall,
             );
         }
     }

@@ -595,7 +595,7 @@ impl Scheduler {
             );
             self.queue.push_ready(class, id);
             if !self.queue.classes[class as usize].policy.plain {
-                self.policy_submitted(id, class, &spec, now);
+                self.policy_submitted(id, class, &spec, now.wall);
             }
             let wait = self.schedule_timeout(&spec);
             if !is_served && !wait.is_zero() {
@@ -637,6 +637,11 @@ impl Scheduler {
     /// A queued task ends CANCELLED at once; a running one is sent Cancel and
     /// ends CANCELLED when its node reports or is lost.
     pub fn cancel(&mut self, id: TaskId, reason: &str, now: Now) -> bool {
+        self.cancel_at(id, reason, now.wall)
+    }
+
+    /// [`cancel`](Self::cancel) with only the wall-clock time it needs.
+    pub(crate) fn cancel_at(&mut self, id: TaskId, reason: &str, wall: SystemTime) -> bool {
         let Some(task) = self.tasks.get_mut(&id) else {
             return false;
         };
@@ -656,7 +661,7 @@ impl Scheduler {
                     }
                 }
             }
-            _ => self.finalize(id, TaskState::Cancelled, reason, Bytes::new(), now.wall),
+            _ => self.finalize(id, TaskState::Cancelled, reason, Bytes::new(), wall),
         }
         true
     }
