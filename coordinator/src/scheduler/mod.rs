@@ -29,6 +29,7 @@
 //!   (the driver copies it once per batch).
 
 mod attempts;
+pub mod cron;
 mod dispatch;
 mod gauges;
 mod live;
@@ -322,6 +323,8 @@ pub struct Scheduler {
     /// becomes final.
     secrets: HashMap<TaskId, Arc<SecretEnv>>,
     out: Effects,
+    /// Cron schedules (`cron`): empty unless some were created.
+    schedules: cron::Schedules,
     /// What is observed per task as it happens (durations, how tasks end,
     /// retries): atomics the metrics read at scrape time.
     metrics: Arc<TaskMetrics>,
@@ -361,6 +364,7 @@ impl Scheduler {
             next_liveness_check: None,
             secrets: HashMap::new(),
             out: Effects::default(),
+            schedules: cron::Schedules::default(),
             metrics: Arc::default(),
         }
     }
@@ -383,6 +387,7 @@ impl Scheduler {
             secrets,
             recently_final,
             next_chunks,
+            schedules,
         } = loaded;
         self.restore_summary(final_counts, recently_final, now);
         // Only for tasks still live: a final task needs none.
@@ -392,6 +397,7 @@ impl Scheduler {
             self.restore_task(record, secret, now);
         }
         self.restore_next_chunks(next_chunks);
+        self.restore_schedules(schedules, now);
     }
 
     /// The first part of [`restore`](Self::restore): final counts and
@@ -596,6 +602,7 @@ impl Scheduler {
         self.recent.expire(now.instant);
         self.expire_unstarted(now);
         self.expire_unplaceable(now);
+        self.fire_schedules(now);
         while let Some((id, attempt)) = self.queue.pop_due(now.instant) {
             if let Some(task) = self.tasks.get_mut(&id)
                 && task.state == TaskState::Queued
@@ -665,6 +672,7 @@ impl Scheduler {
             self.next_liveness_check,
             orphan,
             self.start_deadlines.next(),
+            self.schedules.next_due(),
             self.unplaceable
                 .peek()
                 .map(|std::cmp::Reverse((at, _))| *at),

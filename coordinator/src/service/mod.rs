@@ -6,6 +6,7 @@ pub(crate) mod admin;
 mod batches;
 pub(crate) mod node;
 mod node_admin;
+pub(crate) mod schedule;
 pub(crate) mod task;
 
 use weft_proto::{TaskId, TaskState};

@@ -34,6 +34,8 @@ struct Inner {
     tokens: HashMap<String, TokenRecord>,
     /// Node identities by node id.
     identities: HashMap<NodeId, NodeIdentityRecord>,
+    /// Cron schedules by name.
+    schedules: BTreeMap<String, super::ScheduleRecord>,
 }
 
 #[derive(Debug)]
@@ -94,6 +96,7 @@ impl Store for MemoryStore {
             tasks,
             final_by_time,
             secrets,
+            schedules,
             ..
         } = &mut *inner;
         // Check first so that a bad commit changes nothing.
@@ -127,7 +130,10 @@ impl Store for MemoryStore {
                     }
                     *next += 1;
                 }
-                Record::Secrets(..) | Record::ForgetSecrets(_) => {}
+                Record::Secrets(..)
+                | Record::ForgetSecrets(_)
+                | Record::Schedule(_)
+                | Record::DeleteSchedule(_) => {}
             }
         }
         for record in records {
@@ -164,6 +170,12 @@ impl Store for MemoryStore {
                 }
                 Record::ForgetSecrets(id) => {
                     secrets.remove(id);
+                }
+                Record::Schedule(schedule) => {
+                    schedules.insert(schedule.name().to_owned(), (**schedule).clone());
+                }
+                Record::DeleteSchedule(name) => {
+                    schedules.remove(name);
                 }
             }
         }
@@ -241,6 +253,7 @@ impl Store for MemoryStore {
             }
         }
         loaded.final_counts = counts.into_values().collect();
+        loaded.schedules = inner.schedules.values().cloned().collect();
         loaded.secrets = inner
             .secrets
             .iter()
