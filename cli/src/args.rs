@@ -300,6 +300,10 @@ pub enum Command {
     /// revoke. Needs scope admin.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Cron schedules: create, list, pause, resume, delete. Each fire
+    /// submits the schedule's task, exactly once per fire time.
+    #[command(subcommand)]
+    Schedule(crate::schedule::ScheduleCommand),
     /// Save a coordinator address and token (per user, 0600) for later
     /// commands given neither flags nor environment.
     ///
