@@ -18,10 +18,9 @@ impl Client {
     /// is [`Error::FailedPrecondition`] (ALREADY_EXISTS on the wire).
     pub async fn create_schedule(&self, spec: pb::ScheduleSpec) -> Result<pb::Schedule, Error> {
         let mut client = self.schedules.clone();
-        let answer = unary(client.create_schedule(request(pb::CreateScheduleRequest {
-            spec: Some(spec),
-        })))
-        .await?;
+        let answer =
+            unary(client.create_schedule(request(pb::CreateScheduleRequest { spec: Some(spec) })))
+                .await?;
         schedule_from(answer.schedule, "CreateScheduleResponse.schedule")
     }
 

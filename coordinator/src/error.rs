@@ -169,9 +169,7 @@ impl From<Error> for Status {
             Error::TaskNotFound(_)
             | Error::TaskExpired { .. }
             | Error::NodeNotFound(_)
-            | Error::ScheduleNotFound(_) => {
-                Status::not_found(err.to_string())
-            }
+            | Error::ScheduleNotFound(_) => Status::not_found(err.to_string()),
             Error::QueueFull { .. } | Error::TooManySchedules { .. } => {
                 Status::resource_exhausted(err.to_string())
             }

@@ -338,7 +338,11 @@ fn tasks_in(records: &[Record]) -> Vec<TaskId> {
         .iter()
         .filter_map(|r| match r {
             Record::Task(t) => Some(t.id),
-            Record::Event(_) | Record::Secrets(..) | Record::ForgetSecrets(_) => None,
+            Record::Event(_)
+            | Record::Secrets(..)
+            | Record::ForgetSecrets(_)
+            | Record::Schedule(_)
+            | Record::DeleteSchedule(_) => None,
         })
         .collect()
 }

@@ -125,7 +125,10 @@ impl ParsedSchedule {
             )));
         };
         if !task.after.is_empty() {
-            return Err(invalid("spec.task.after", "a scheduled task has no `after`"));
+            return Err(invalid(
+                "spec.task.after",
+                "a scheduled task has no `after`",
+            ));
         }
         if !task.r#ref.is_empty() {
             return Err(invalid("spec.task.ref", "a scheduled task has no `ref`"));
@@ -210,9 +213,7 @@ impl ParsedSchedule {
 }
 
 fn floor_second(t: SystemTime) -> SystemTime {
-    let since = t
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap_or_default();
+    let since = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
     SystemTime::UNIX_EPOCH + Duration::from_secs(since.as_secs())
 }
 
@@ -251,7 +252,10 @@ impl Entry {
             created_at: Some(timestamp(record.created_at)),
             next_fire: self.upcoming().map(timestamp),
             last_fire: record.last_fire.map(timestamp),
-            last_task_id: record.last_task.map(|id| id.to_string()).unwrap_or_default(),
+            last_task_id: record
+                .last_task
+                .map(|id| id.to_string())
+                .unwrap_or_default(),
             fired: record.fired,
             skipped: record.skipped,
         }
@@ -403,7 +407,9 @@ impl Scheduler {
         if self.schedules.by_name.remove(name).is_none() {
             return Err(Error::ScheduleNotFound(name.to_owned()));
         }
-        self.out.records.push(Record::DeleteSchedule(name.to_owned()));
+        self.out
+            .records
+            .push(Record::DeleteSchedule(name.to_owned()));
         tracing::info!(schedule = %name, "schedule deleted");
         self.schedules.plan(now);
         Ok(())
@@ -505,7 +511,10 @@ impl Scheduler {
         if entry.record.last_fire.is_some_and(|last| at <= last) || at <= entry.record.since {
             return; // handled already: never twice
         }
-        let previous = entry.record.last_task.filter(|id| self.tasks.contains_key(id));
+        let previous = entry
+            .record
+            .last_task
+            .filter(|id| self.tasks.contains_key(id));
         let when = fire_time_text(at);
         let submit = match (parsed.overlap, previous) {
             (pb::OverlapPolicy::Skip, Some(previous)) => {
@@ -513,7 +522,8 @@ impl Scheduler {
                 false
             }
             (pb::OverlapPolicy::CancelRunning, Some(previous)) => {
-                let reason = format!("cancelled by schedule {name}: its fire at {when} replaces it");
+                let reason =
+                    format!("cancelled by schedule {name}: its fire at {when} replaces it");
                 self.cancel(previous, &reason, now);
                 true
             }

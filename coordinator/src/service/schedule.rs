@@ -24,12 +24,9 @@ impl pb::schedule_service_server::ScheduleService for ScheduleApi {
         request: Request<pb::CreateScheduleRequest>,
     ) -> Result<Response<pb::CreateScheduleResponse>, Status> {
         auth::require(&request, Scope::Submit)?;
-        let spec = request
-            .into_inner()
-            .spec
-            .ok_or(Error::InvalidArgument(
-                weft_proto::ConversionError::MissingField("spec"),
-            ))?;
+        let spec = request.into_inner().spec.ok_or(Error::InvalidArgument(
+            weft_proto::ConversionError::MissingField("spec"),
+        ))?;
         let limits = self.handle.config.spec_limits();
         let parsed = Box::new(ParsedSchedule::parse(spec, Some(&limits))?);
         let schedule = self

@@ -72,7 +72,10 @@ pub(crate) fn encode_schedule(record: &ScheduleRecord) -> Vec<u8> {
         created_at: Some(timestamp(record.created_at)),
         since: Some(timestamp(record.since)),
         last_fire: record.last_fire.map(timestamp),
-        last_task_id: record.last_task.map(|id| id.to_string()).unwrap_or_default(),
+        last_task_id: record
+            .last_task
+            .map(|id| id.to_string())
+            .unwrap_or_default(),
         fired: record.fired,
         skipped: record.skipped,
     }

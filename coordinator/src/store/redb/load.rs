@@ -16,8 +16,7 @@ use super::super::seal::{SealKey, open as unseal};
 use super::super::{ScheduleRecord, decode_schedule};
 use super::{
     BY_STATE, COUNTS, EVENTS, FINAL_BY_TIME, LIVE_STATES, OrBackend, RedbStore, SCHEDULES, SECRETS,
-    TASKS,
-    millis, state_key,
+    TASKS, millis, state_key,
 };
 
 impl RedbStore {

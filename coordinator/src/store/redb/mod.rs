@@ -49,10 +49,10 @@ use super::codec::{
     decode_event, decode_node_identity, decode_task, decode_task_head, decode_token, encode_event,
     encode_node_identity, encode_secrets, encode_task, encode_token,
 };
+use super::encode_schedule;
 use super::engine::{ListPage, ListQuery, Store, StoreError, scan_page};
 use super::record::{Loaded, NodeIdentityRecord, Record, TaskEvent, TaskRecord, next_chunk};
 use super::seal::{SealKey, open as unseal, seal};
-use super::encode_schedule;
 use crate::auth::TokenRecord;
 use load::{each_live, read_secrets};
 
