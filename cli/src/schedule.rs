@@ -49,7 +49,8 @@ pub enum ScheduleCommand {
     /// in its environment.
     Create {
         /// The schedule's name: 1-128 characters of A-Z a-z 0-9 _ . : -
-        name: String,
+        #[arg(value_name = "NAME")]
+        schedule: String,
         /// Cron expression: five fields (minute hour day-of-month month
         /// day-of-week), or six with seconds first ("*/10 * * * * *").
         #[arg(long, value_name = "EXPR")]
@@ -106,7 +107,7 @@ pub async fn run(
 ) -> anyhow::Result<u8> {
     match command {
         ScheduleCommand::Create {
-            name,
+            schedule: name,
             cron,
             time_zone,
             overlap,

@@ -33,6 +33,7 @@ mod nodes_table;
 mod output;
 mod reflection;
 mod scale;
+mod schedules;
 mod scheduling;
 mod secrets;
 mod shutdown;
