@@ -37,6 +37,8 @@ pub enum CatchUp {
 }
 
 /// `weft schedule ...`.
+// Parsed once per process: the size of `Create` costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 pub enum ScheduleCommand {
     /// Create a schedule: `weft schedule create NAME --cron "*/5 * * * *" -- CMD ARGS...`
