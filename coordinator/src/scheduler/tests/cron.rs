@@ -150,7 +150,10 @@ fn overlap_skip_records_the_fire_as_skipped_while_the_previous_task_is_live() {
     let record = schedule(&h, "tick");
     assert_eq!((record.fired, record.skipped), (1, 2));
     assert_eq!(record.last_fire, Some(secs(103)));
-    assert_eq!((h.s.gauges().schedule_fires, h.s.gauges().schedule_skips), (1, 2));
+    assert_eq!(
+        (h.s.gauges().schedule_fires, h.s.gauges().schedule_skips),
+        (1, 2)
+    );
     // Once it is final, the next fire submits again.
     let (first, _) = fired(&h)[0];
     h.s.cancel(first, "", h.now);
