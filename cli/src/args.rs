@@ -304,6 +304,10 @@ pub enum Command {
     /// submits the schedule's task, exactly once per fire time.
     #[command(subcommand)]
     Schedule(crate::schedule::ScheduleCommand),
+    /// Named limits: rate limits tasks take units from (`--rate-limit`)
+    /// and concurrency keys' limits (`--concurrency-key`): set, list, delete.
+    #[command(subcommand)]
+    Limit(crate::limit::LimitCommand),
     /// Save a coordinator address and token (per user, 0600) for later
     /// commands given neither flags nor environment.
     ///

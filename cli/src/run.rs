@@ -70,6 +70,7 @@ async fn dispatch(args: Args) -> anyhow::Result<u8> {
                 Command::Info => admin::info(&client, format).await,
                 Command::Token(command) => token::run(&client, format, command).await,
                 Command::Schedule(command) => schedule::run(&client, format, command).await,
+                Command::Limit(command) => crate::limit::run(&client, format, command).await,
                 Command::Map {
                     jobs,
                     keep_order,

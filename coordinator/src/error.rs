@@ -55,6 +55,9 @@ pub enum Error {
     /// No connected node with that id or name.
     #[error("node {0:?} not found")]
     NodeNotFound(String),
+    /// No limit of that name (and kind).
+    #[error("limit {0:?} not found")]
+    LimitNotFound(String),
     /// The node was revoked by an admin (`weft nodes revoke`). Final: it
     /// must not reconnect.
     #[error(
@@ -169,7 +172,8 @@ impl From<Error> for Status {
             Error::TaskNotFound(_)
             | Error::TaskExpired { .. }
             | Error::NodeNotFound(_)
-            | Error::ScheduleNotFound(_) => Status::not_found(err.to_string()),
+            | Error::ScheduleNotFound(_)
+            | Error::LimitNotFound(_) => Status::not_found(err.to_string()),
             Error::QueueFull { .. } | Error::TooManySchedules { .. } => {
                 Status::resource_exhausted(err.to_string())
             }

@@ -216,7 +216,9 @@ pub(super) fn coalesce(records: Vec<Record>) -> Vec<Record> {
             | Record::Secrets(..)
             | Record::ForgetSecrets(_)
             | Record::Schedule(_)
-            | Record::DeleteSchedule(_)) => {
+            | Record::DeleteSchedule(_)
+            | Record::Limit(_)
+            | Record::DeleteLimit { .. }) => {
                 out.push(other);
             }
         }

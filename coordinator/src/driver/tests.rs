@@ -211,6 +211,7 @@ impl Harness {
             handlers: vec!["noop".into()],
             exec: weft_proto::ExecPolicy::Allow,
             running: Vec::new(),
+            resources: BTreeMap::new(),
         };
         let registered = handle.call(|reply| Command::Register {
             session,
@@ -342,7 +343,9 @@ fn tasks_in(records: &[Record]) -> Vec<TaskId> {
             | Record::Secrets(..)
             | Record::ForgetSecrets(_)
             | Record::Schedule(_)
-            | Record::DeleteSchedule(_) => None,
+            | Record::DeleteSchedule(_)
+            | Record::Limit(_)
+            | Record::DeleteLimit { .. } => None,
         })
         .collect()
 }

@@ -36,6 +36,8 @@ struct Inner {
     identities: HashMap<NodeId, NodeIdentityRecord>,
     /// Cron schedules by name.
     schedules: BTreeMap<String, super::ScheduleRecord>,
+    /// Named limits by kind and name.
+    limits: BTreeMap<(&'static str, String), weft_proto::policy::Limit>,
 }
 
 #[derive(Debug)]
@@ -97,6 +99,7 @@ impl Store for MemoryStore {
             final_by_time,
             secrets,
             schedules,
+            limits,
             ..
         } = &mut *inner;
         // Check first so that a bad commit changes nothing.
@@ -133,7 +136,9 @@ impl Store for MemoryStore {
                 Record::Secrets(..)
                 | Record::ForgetSecrets(_)
                 | Record::Schedule(_)
-                | Record::DeleteSchedule(_) => {}
+                | Record::DeleteSchedule(_)
+                | Record::Limit(_)
+                | Record::DeleteLimit { .. } => {}
             }
         }
         for record in records {
@@ -176,6 +181,12 @@ impl Store for MemoryStore {
                 }
                 Record::DeleteSchedule(name) => {
                     schedules.remove(name);
+                }
+                Record::Limit(limit) => {
+                    limits.insert((limit.kind.as_str(), limit.name.clone()), limit.clone());
+                }
+                Record::DeleteLimit { name, kind } => {
+                    limits.retain(|(k, n), _| !(*k == kind.as_str() && n == name));
                 }
             }
         }
@@ -271,6 +282,7 @@ impl Store for MemoryStore {
                 outcome: e.record.last_outcome,
             })
             .collect();
+        loaded.limits = inner.limits.values().cloned().collect();
         Ok(loaded)
     }
 

@@ -169,6 +169,15 @@ pub enum Record {
     Schedule(Arc<super::ScheduleRecord>),
     /// Delete a schedule by name (the tasks it fired are kept).
     DeleteSchedule(String),
+    /// Set (create or replace) a named limit (`SetLimit`).
+    Limit(weft_proto::policy::Limit),
+    /// Delete a named limit of a kind ("rate" or "concurrency").
+    DeleteLimit {
+        /// Its name.
+        name: String,
+        /// Its kind.
+        kind: String,
+    },
 }
 
 /// What a store holds when the coordinator starts.
@@ -191,6 +200,8 @@ pub struct Loaded {
     pub next_chunks: Vec<(TaskId, u64)>,
     /// Every cron schedule, by name.
     pub schedules: Vec<super::ScheduleRecord>,
+    /// The named limits set (`SetLimit`), put back before the tasks.
+    pub limits: Vec<weft_proto::policy::Limit>,
 }
 
 /// The next output chunk seq expected from `attempt`, given a task's

@@ -208,7 +208,9 @@ impl Follower {
                 Record::Secrets(..)
                 | Record::ForgetSecrets(_)
                 | Record::Schedule(_)
-                | Record::DeleteSchedule(_) => {}
+                | Record::DeleteSchedule(_)
+                | Record::Limit(_)
+                | Record::DeleteLimit { .. } => {}
             }
         }
     }
