@@ -313,6 +313,10 @@ pub enum Command {
     /// revoke. Needs scope admin.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Cron schedules: create, list, pause, resume, delete. Each fire
+    /// submits the schedule's task, exactly once per fire time.
+    #[command(subcommand)]
+    Schedule(crate::schedule::ScheduleCommand),
     /// Named limits: rate limits tasks take units from (`--rate-limit`)
     /// and concurrency keys' limits (`--concurrency-key`): set, list, delete.
     #[command(subcommand)]

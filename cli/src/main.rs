@@ -14,6 +14,7 @@
 //! - [`stream`]: following a task's events (printing, resuming, Ctrl-C).
 //! - [`task`]: `run`, `call`, `submit`, `watch`, `wait`, `get`, `list`, `cancel`.
 //! - [`admin`]: `nodes`, `drain`, `info`.
+//! - [`schedule`]: `schedule create|list|pause|resume|delete`, cron schedules.
 //! - [`token`]: `token create|list|revoke`, `login`, where a command's token comes from.
 //! - [`map`]: `map`, one task per input line.
 //! - [`local`]: `local`, an in-process cluster (`weft_cluster`); also used by `demo`.
@@ -34,6 +35,7 @@ mod opts;
 mod output;
 mod policy_opts;
 mod run;
+mod schedule;
 mod stream;
 mod task;
 mod token;

@@ -5,7 +5,7 @@
 use weft_client::Client;
 
 use crate::args::{Args, Command, NodesCommand};
-use crate::{admin, bench, demo, exit, local, map, task, token, top};
+use crate::{admin, bench, demo, exit, local, map, schedule, task, token, top};
 
 /// Runs the command line in `args` and answers the exit code. Errors are
 /// printed here, as one line on stderr.
@@ -81,6 +81,7 @@ async fn dispatch(args: Args) -> anyhow::Result<u8> {
                 Command::Drain { node, grace } => admin::drain(&client, format, &node, grace).await,
                 Command::Info => admin::info(&client, format).await,
                 Command::Token(command) => token::run(&client, format, command).await,
+                Command::Schedule(command) => schedule::run(&client, format, command).await,
                 Command::Limit(command) => crate::limit::run(&client, format, command).await,
                 Command::Map {
                     jobs,

@@ -202,7 +202,7 @@ fn print_task(format: OutputFormat, task: &weft_client::Task) {
 }
 
 /// A call's input: the argument's bytes, stdin for `-`, empty for none.
-async fn read_input(input: Option<String>) -> anyhow::Result<Bytes> {
+pub(crate) async fn read_input(input: Option<String>) -> anyhow::Result<Bytes> {
     match input.as_deref() {
         None => Ok(Bytes::new()),
         Some("-") => {

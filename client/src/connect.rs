@@ -128,6 +128,12 @@ impl Client {
             url: url.into(),
             tasks: TaskServiceClient::with_interceptor(channel.clone(), token.clone())
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
+            schedules:
+                weft_proto::pb::schedule_service_client::ScheduleServiceClient::with_interceptor(
+                    channel.clone(),
+                    token.clone(),
+                )
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
             admin: AdminServiceClient::with_interceptor(channel, token)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
         }

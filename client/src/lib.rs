@@ -32,6 +32,7 @@
 mod connect;
 pub mod error;
 mod follow;
+mod schedule;
 mod token;
 pub mod types;
 
@@ -111,6 +112,7 @@ pub struct Client {
     url: String,
     tasks: TaskServiceClient<AuthChannel>,
     admin: AdminServiceClient<AuthChannel>,
+    schedules: pb::schedule_service_client::ScheduleServiceClient<AuthChannel>,
 }
 
 impl Client {

@@ -94,6 +94,18 @@ pub enum Error {
         /// Its final state.
         state: TaskState,
     },
+    /// No cron schedule by that name. Not retryable.
+    #[error("schedule {0:?} not found")]
+    ScheduleNotFound(String),
+    /// A cron schedule by that name exists already.
+    #[error("schedule {0:?} exists already; delete it first or choose another name")]
+    ScheduleExists(String),
+    /// As many schedules as the coordinator keeps exist already.
+    #[error("too many schedules: at most {max}")]
+    TooManySchedules {
+        /// The limit.
+        max: usize,
+    },
     /// The coordinator is stopping.
     #[error("coordinator is shutting down")]
     ShuttingDown,
@@ -168,8 +180,12 @@ impl From<Error> for Status {
             | Error::JobNotFound(_)
             | Error::TaskExpired { .. }
             | Error::NodeNotFound(_)
+            | Error::ScheduleNotFound(_)
             | Error::LimitNotFound(_) => Status::not_found(err.to_string()),
-            Error::QueueFull { .. } => Status::resource_exhausted(err.to_string()),
+            Error::QueueFull { .. } | Error::TooManySchedules { .. } => {
+                Status::resource_exhausted(err.to_string())
+            }
+            Error::ScheduleExists(_) => Status::already_exists(err.to_string()),
             Error::NodeRevoked(_) => Status::permission_denied(err.to_string()),
             Error::NodeNameTaken { .. } => Status::already_exists(err.to_string()),
             Error::ShuttingDown | Error::ParentsMoved => Status::unavailable(err.to_string()),

@@ -548,6 +548,7 @@ fn open_and_load(
     })?;
     scheduler.restore_summary(loaded.final_counts, loaded.recently_final, now);
     scheduler.restore_next_chunks(loaded.next_chunks);
+    scheduler.restore_schedules(loaded.schedules, now);
     scheduler.restore_limits(loaded.limits);
     // Pending tasks' parents that ended before the restart: read back.
     let mut lookup = |id| {

@@ -23,6 +23,7 @@ use tonic_health::server::HealthReporter;
 
 use weft_proto::pb::admin_service_server::AdminServiceServer;
 use weft_proto::pb::node_service_server::NodeServiceServer;
+use weft_proto::pb::schedule_service_server::ScheduleServiceServer;
 use weft_proto::pb::task_service_server::TaskServiceServer;
 
 use std::sync::Arc;
@@ -33,6 +34,7 @@ use crate::identity::Identities;
 use crate::listener::Limits;
 use crate::service::admin::AdminApi;
 use crate::service::node::NodeApi;
+use crate::service::schedule::ScheduleApi;
 use crate::service::task::TaskApi;
 use crate::tls::ServerTls;
 
@@ -47,6 +49,9 @@ pub(crate) async fn mark_serving(reporter: &HealthReporter) {
     reporter.set_serving::<NodeServiceServer<NodeApi>>().await;
     reporter.set_serving::<TaskServiceServer<TaskApi>>().await;
     reporter.set_serving::<AdminServiceServer<AdminApi>>().await;
+    reporter
+        .set_serving::<ScheduleServiceServer<ScheduleApi>>()
+        .await;
     reporter
         .set_service_status("", ServingStatus::Serving)
         .await;
@@ -135,6 +140,13 @@ pub(crate) async fn serve(
         // both share their state (the stream places per client).
         .add_service(InterceptedService::new(
             TaskServiceServer::from_arc(task_api).max_decoding_message_size(max),
+            authenticator.clone(),
+        ))
+        .add_service(InterceptedService::new(
+            ScheduleServiceServer::new(ScheduleApi {
+                handle: handle.clone(),
+            })
+            .max_decoding_message_size(max),
             authenticator.clone(),
         ))
         .add_service(InterceptedService::new(

@@ -215,6 +215,8 @@ pub(super) fn coalesce(records: Vec<Record>) -> Vec<Record> {
             other @ (Record::Event(_)
             | Record::Secrets(..)
             | Record::ForgetSecrets(_)
+            | Record::Schedule(_)
+            | Record::DeleteSchedule(_)
             | Record::Limit(_)
             | Record::DeleteLimit { .. }) => {
                 out.push(other);

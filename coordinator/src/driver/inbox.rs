@@ -97,6 +97,26 @@ pub(crate) type NodeTx = mpsc::Sender<ToNode>;
 
 /// What services ask of the driver.
 pub(crate) enum Command {
+    /// Creates a cron schedule; answered once committed.
+    CreateSchedule {
+        parsed: Box<crate::scheduler::cron::ParsedSchedule>,
+        reply: oneshot::Sender<Result<weft_proto::pb::Schedule, Error>>,
+    },
+    /// Every cron schedule, read at the end of the batch.
+    ListSchedules {
+        reply: oneshot::Sender<Vec<weft_proto::pb::Schedule>>,
+    },
+    /// Pauses (true) or resumes a schedule; answered once committed.
+    PauseSchedule {
+        name: String,
+        paused: bool,
+        reply: oneshot::Sender<Result<weft_proto::pb::Schedule, Error>>,
+    },
+    /// Deletes a schedule; answered once committed.
+    DeleteSchedule {
+        name: String,
+        reply: oneshot::Sender<Result<(), Error>>,
+    },
     /// New tasks; answered with their ids once committed.
     Submit {
         specs: Vec<TaskSpec>,

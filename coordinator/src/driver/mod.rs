@@ -389,6 +389,27 @@ impl Driver {
                 let waiting = ids.iter().map(|id| self.scheduler.waiting(*id)).collect();
                 let _ = reply.send(waiting);
             }
+            Command::CreateSchedule { parsed, reply } => {
+                let result = self.scheduler.create_schedule(*parsed, now);
+                replies.push(answer_committed(reply, result));
+            }
+            Command::ListSchedules { reply } => {
+                reads.push(Box::new(move |scheduler| {
+                    answer(reply, scheduler.list_schedules())
+                }));
+            }
+            Command::PauseSchedule {
+                name,
+                paused,
+                reply,
+            } => {
+                let result = self.scheduler.pause_schedule(&name, paused, now);
+                replies.push(answer_committed(reply, result));
+            }
+            Command::DeleteSchedule { name, reply } => {
+                let result = self.scheduler.delete_schedule(&name, now);
+                replies.push(answer_committed(reply, result));
+            }
             Command::PendingReasons { ids, reply } => {
                 let reasons = ids
                     .iter()

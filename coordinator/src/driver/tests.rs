@@ -342,6 +342,8 @@ fn tasks_in(records: &[Record]) -> Vec<TaskId> {
             Record::Event(_)
             | Record::Secrets(..)
             | Record::ForgetSecrets(_)
+            | Record::Schedule(_)
+            | Record::DeleteSchedule(_)
             | Record::Limit(_)
             | Record::DeleteLimit { .. } => None,
         })

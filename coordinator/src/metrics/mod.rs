@@ -131,6 +131,8 @@ struct SchedulerGauges {
     recovered_attempts: AtomicU64,
     revoked_node_refusals: AtomicU64,
     output_chunks_missed: AtomicU64,
+    schedule_fires: AtomicU64,
+    schedule_skips: AtomicU64,
 }
 
 /// What the edges observe: commits, submits, watch streams.
@@ -237,6 +239,8 @@ impl Metrics {
         set(&g.recovered_attempts, now.recovered_attempts);
         set(&g.revoked_node_refusals, now.revoked_node_refusals);
         set(&g.output_chunks_missed, now.output_chunks_missed);
+        set(&g.schedule_fires, now.schedule_fires);
+        set(&g.schedule_skips, now.schedule_skips);
     }
 
     /// One store commit of `records` records took `took`.
@@ -496,6 +500,18 @@ impl Collector for Collect {
             "weft_output_chunks_missed",
             "Output chunks that never arrived (a later chunk of the same attempt did)",
             load(&g.output_chunks_missed),
+        )?;
+        counter(
+            &mut e,
+            "weft_schedule_fires",
+            "Cron schedule fires that submitted a task, since the coordinator started",
+            load(&g.schedule_fires),
+        )?;
+        counter(
+            &mut e,
+            "weft_schedule_skips",
+            "Cron schedule fires skipped (overlap SKIP, or a full queue), since the coordinator started",
+            load(&g.schedule_skips),
         )?;
 
         // The store and the API.

@@ -50,6 +50,10 @@ pub struct Gauges {
     pub revoked_node_refusals: u64,
     /// See `ClusterStats`.
     pub output_chunks_missed: u64,
+    /// Cron schedule fires that submitted a task, since start.
+    pub schedule_fires: u64,
+    /// Cron schedule fires skipped (overlap SKIP, a full queue), since start.
+    pub schedule_skips: u64,
 }
 
 impl Scheduler {
@@ -64,6 +68,8 @@ impl Scheduler {
             recovered_attempts: self.recovered_attempts,
             revoked_node_refusals: self.revoked_node_refusals,
             output_chunks_missed: self.output_chunks_missed,
+            schedule_fires: self.schedules.fires,
+            schedule_skips: self.schedules.skips,
             nodes_disconnected: u32::try_from(self.disconnected.len()).unwrap_or(u32::MAX),
             ..Gauges::default()
         };

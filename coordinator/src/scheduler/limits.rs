@@ -11,8 +11,8 @@ use bytes::Bytes;
 use weft_proto::policy::{Limit, LimitKind, OverLimit};
 use weft_proto::{TaskId, TaskSpec, TaskState};
 
-use super::queue::ClassId;
 use super::Scheduler;
+use super::queue::ClassId;
 use crate::error::Error;
 use crate::store::Record;
 

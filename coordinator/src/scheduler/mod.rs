@@ -29,6 +29,7 @@
 //!   (the driver copies it once per batch).
 
 mod attempts;
+pub mod cron;
 mod dispatch;
 mod gauges;
 pub mod graph;
@@ -336,6 +337,8 @@ pub struct Scheduler {
     /// while no task uses them.
     graph: graph::Graph,
     out: Effects,
+    /// Cron schedules (`cron`): empty unless some were created.
+    schedules: cron::Schedules,
     /// What is observed per task as it happens (durations, how tasks end,
     /// retries): atomics the metrics read at scrape time.
     metrics: Arc<TaskMetrics>,
@@ -376,6 +379,7 @@ impl Scheduler {
             secrets: HashMap::new(),
             graph: graph::Graph::default(),
             out: Effects::default(),
+            schedules: cron::Schedules::default(),
             metrics: Arc::default(),
         }
     }
@@ -398,6 +402,7 @@ impl Scheduler {
             secrets,
             recently_final,
             next_chunks,
+            schedules,
             limits,
         } = loaded;
         self.restore_summary(final_counts, recently_final, now);
@@ -408,6 +413,7 @@ impl Scheduler {
             self.restore_task(record, secret, now);
         }
         self.restore_next_chunks(next_chunks);
+        self.restore_schedules(schedules, now);
         self.restore_limits(limits);
     }
 
@@ -676,6 +682,7 @@ impl Scheduler {
         if !self.graph.is_empty() {
             self.graph_tick(now);
         }
+        self.fire_schedules(now);
         while let Some((id, attempt)) = self.queue.pop_due(now.instant) {
             if let Some(task) = self.tasks.get_mut(&id)
                 && task.state == TaskState::Queued
@@ -746,6 +753,7 @@ impl Scheduler {
             orphan,
             self.start_deadlines.next(),
             self.graph_wakeup(),
+            self.schedules.next_due(),
             self.queue.policy.rate_wakeup,
             self.unplaceable
                 .peek()

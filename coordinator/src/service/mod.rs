@@ -7,6 +7,7 @@ mod batches;
 mod jobs;
 pub(crate) mod node;
 mod node_admin;
+pub(crate) mod schedule;
 pub(crate) mod task;
 
 use weft_proto::{TaskId, TaskState};

@@ -34,6 +34,8 @@ struct Inner {
     tokens: HashMap<String, TokenRecord>,
     /// Node identities by node id.
     identities: HashMap<NodeId, NodeIdentityRecord>,
+    /// Cron schedules by name.
+    schedules: BTreeMap<String, super::ScheduleRecord>,
     /// Named limits by kind and name.
     limits: BTreeMap<(&'static str, String), weft_proto::policy::Limit>,
 }
@@ -96,6 +98,7 @@ impl Store for MemoryStore {
             tasks,
             final_by_time,
             secrets,
+            schedules,
             limits,
             ..
         } = &mut *inner;
@@ -132,6 +135,8 @@ impl Store for MemoryStore {
                 }
                 Record::Secrets(..)
                 | Record::ForgetSecrets(_)
+                | Record::Schedule(_)
+                | Record::DeleteSchedule(_)
                 | Record::Limit(_)
                 | Record::DeleteLimit { .. } => {}
             }
@@ -170,6 +175,12 @@ impl Store for MemoryStore {
                 }
                 Record::ForgetSecrets(id) => {
                     secrets.remove(id);
+                }
+                Record::Schedule(schedule) => {
+                    schedules.insert(schedule.name().to_owned(), (**schedule).clone());
+                }
+                Record::DeleteSchedule(name) => {
+                    schedules.remove(name);
                 }
                 Record::Limit(limit) => {
                     limits.insert((limit.kind.as_str(), limit.name.clone()), limit.clone());
@@ -257,6 +268,7 @@ impl Store for MemoryStore {
             }
         }
         loaded.final_counts = counts.into_values().collect();
+        loaded.schedules = inner.schedules.values().cloned().collect();
         loaded.secrets = inner
             .secrets
             .iter()

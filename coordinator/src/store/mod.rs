@@ -43,6 +43,7 @@ mod record;
 #[cfg(test)]
 mod recovery_memory_tests;
 pub mod redb;
+mod schedule;
 mod seal;
 #[cfg(test)]
 mod tests;
@@ -55,3 +56,5 @@ pub use record::{
     NodeIdentityRecord, Record, TaskEvent, TaskRecord,
 };
 pub use redb::RedbStore;
+pub use schedule::ScheduleRecord;
+pub(crate) use schedule::{decode_schedule, encode_schedule};

@@ -164,6 +164,11 @@ pub enum Record {
     /// Delete a task's secret environment: written in the commit that makes
     /// the task final, since nothing can need it after that.
     ForgetSecrets(TaskId),
+    /// Insert or replace a cron schedule (created, fired, paused); a fire
+    /// writes it in the commit of the task it submitted.
+    Schedule(Arc<super::ScheduleRecord>),
+    /// Delete a schedule by name (the tasks it fired are kept).
+    DeleteSchedule(String),
     /// Set (create or replace) a named limit (`SetLimit`).
     Limit(weft_proto::policy::Limit),
     /// Delete a named limit of a kind ("rate" or "concurrency").
@@ -193,6 +198,8 @@ pub struct Loaded {
     /// running) and sent output: the seq of the next output chunk expected
     /// from that attempt ([`next_chunk`]).
     pub next_chunks: Vec<(TaskId, u64)>,
+    /// Every cron schedule, by name.
+    pub schedules: Vec<super::ScheduleRecord>,
     /// The named limits set (`SetLimit`), put back before the tasks.
     pub limits: Vec<weft_proto::policy::Limit>,
 }

@@ -207,6 +207,8 @@ impl Follower {
                 }
                 Record::Secrets(..)
                 | Record::ForgetSecrets(_)
+                | Record::Schedule(_)
+                | Record::DeleteSchedule(_)
                 | Record::Limit(_)
                 | Record::DeleteLimit { .. } => {}
             }

@@ -34,6 +34,7 @@ mod output;
 mod policy;
 mod reflection;
 mod scale;
+mod schedules;
 mod scheduling;
 mod secrets;
 mod shutdown;

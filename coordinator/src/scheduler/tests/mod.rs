@@ -2,6 +2,7 @@
 //! This file is the harness; the tests sit in one file per concern.
 
 mod attempts;
+mod cron;
 mod dispatch;
 mod exec_policy;
 mod graph;

@@ -42,7 +42,10 @@ fn secret_records(effects: &Effects) -> (Vec<TaskId>, Vec<TaskId>) {
             }
             Record::Secrets(id, _) => kept.push(*id),
             Record::ForgetSecrets(id) => forgotten.push(*id),
-            Record::Limit(_) | Record::DeleteLimit { .. } => {}
+            Record::Schedule(_)
+            | Record::DeleteSchedule(_)
+            | Record::Limit(_)
+            | Record::DeleteLimit { .. } => {}
         }
     }
     (kept, forgotten)

@@ -13,9 +13,10 @@ use super::super::codec::{decode_secrets, decode_task};
 use super::super::engine::StoreError;
 use super::super::record::{FinalAttempt, Loaded, MAX_RECENTLY_FINAL, TaskRecord};
 use super::super::seal::{SealKey, open as unseal};
+use super::super::{ScheduleRecord, decode_schedule};
 use super::{
-    BY_STATE, COUNTS, EVENTS, FINAL_BY_TIME, LIVE_STATES, OrBackend, RedbStore, SECRETS, TASKS,
-    millis, state_key,
+    BY_STATE, COUNTS, EVENTS, FINAL_BY_TIME, LIVE_STATES, OrBackend, RedbStore, SCHEDULES, SECRETS,
+    TASKS, millis, state_key,
 };
 
 impl RedbStore {
@@ -28,7 +29,10 @@ impl RedbStore {
     ) -> Result<Loaded, StoreError> {
         let op = "loading";
         let tasks = txn.open_table(TASKS).or_backend(op)?;
-        let mut loaded = Loaded::default();
+        let mut loaded = Loaded {
+            schedules: read_schedules(txn)?,
+            ..Loaded::default()
+        };
         let counts = txn.open_table(COUNTS).or_backend(op)?;
         for state in TaskState::ALL.iter().filter(|s| s.is_final()) {
             let count = counts
@@ -80,6 +84,23 @@ pub(super) fn read_secrets(
         let seal_key = SealKey::Id(key.value());
         let env = decode_secrets(unseal("secrets", seal_key, value.value())?)?;
         all.push((TaskId::from_u128(key.value()), Arc::new(env)));
+    }
+    Ok(all)
+}
+
+/// Every cron schedule, by name; none when the table was never made.
+fn read_schedules(txn: &ReadTransaction) -> Result<Vec<ScheduleRecord>, StoreError> {
+    let op = "loading";
+    let table = match txn.open_table(SCHEDULES) {
+        Ok(table) => table,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+        Err(err) => return Err(err).or_backend(op),
+    };
+    let mut all = Vec::new();
+    for entry in table.iter().or_backend(op)? {
+        let (key, value) = entry.or_backend(op)?;
+        let bytes = unseal("schedules", SealKey::Name(key.value()), value.value())?;
+        all.push(decode_schedule(bytes)?);
     }
     Ok(all)
 }

@@ -49,6 +49,7 @@ use super::codec::{
     decode_event, decode_node_identity, decode_task, decode_task_head, decode_token, encode_event,
     encode_node_identity, encode_secrets, encode_task, encode_token,
 };
+use super::encode_schedule;
 use super::engine::{ListPage, ListQuery, Store, StoreError, scan_page};
 use super::record::{Loaded, NodeIdentityRecord, Record, TaskEvent, TaskRecord, next_chunk};
 use super::seal::{SealKey, open as unseal, seal};
@@ -70,6 +71,11 @@ const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
 const LIMITS: TableDefinition<&str, &[u8]> = TableDefinition::new("limits");
 /// Node identities (joined or revoked nodes) by node id.
 const NODE_IDENTITIES: TableDefinition<u128, &[u8]> = TableDefinition::new("node_identities");
+/// Cron schedules by name (sealed like `tokens`); written in the driver's
+/// commits, so a fire's task and the schedule's `last_fire` land together.
+/// A store made before schedules existed has no such table until the first
+/// schedule is written: reading it then finds none.
+const SCHEDULES: TableDefinition<&str, &[u8]> = TableDefinition::new("schedules");
 
 /// The file format this code writes; a newer one is refused. 2: every
 /// value of `tasks`, `events`, `secrets`, `tokens` and `node_identities`
@@ -267,6 +273,21 @@ impl RedbStore {
                     txn.open_table(SECRETS)
                         .or_backend(op)?
                         .remove(id.as_u128())
+                        .or_backend(op)?;
+                }
+                // Rare (schedule changes and fires): opened for these alone.
+                Record::Schedule(schedule) => {
+                    let name = schedule.name();
+                    let value = seal(SealKey::Name(name), encode_schedule(schedule));
+                    txn.open_table(SCHEDULES)
+                        .or_backend(op)?
+                        .insert(name, value.as_slice())
+                        .or_backend(op)?;
+                }
+                Record::DeleteSchedule(name) => {
+                    txn.open_table(SCHEDULES)
+                        .or_backend(op)?
+                        .remove(name.as_str())
                         .or_backend(op)?;
                 }
                 // Rare admin acts: the table is opened for these alone.

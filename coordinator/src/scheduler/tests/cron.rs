@@ -1,0 +1,529 @@
+//! Cron schedules: firing with `Now` advanced, overlap and catch-up
+//! policies, pausing, exactly once by fire time across restarts.
+
+use std::sync::Arc;
+
+use weft_proto::limits::SpecLimits;
+use weft_proto::{TaskKind, pb};
+
+use super::*;
+use crate::scheduler::cron::{MAX_CATCH_UP, ParsedSchedule};
+use crate::store::ScheduleRecord;
+
+const LIMITS: SpecLimits = SpecLimits {
+    max_slots: 1024,
+    max_spec_bytes: 1 << 20,
+};
+
+fn spec(
+    name: &str,
+    cron: &str,
+    overlap: pb::OverlapPolicy,
+    catch_up: pb::CatchUp,
+) -> pb::ScheduleSpec {
+    pb::ScheduleSpec {
+        name: name.into(),
+        cron: cron.into(),
+        time_zone: String::new(),
+        task: Some(TaskSpec::exec(["true"]).into()),
+        overlap: overlap.into(),
+        catch_up: catch_up.into(),
+    }
+}
+
+fn parse(spec: pb::ScheduleSpec) -> Result<ParsedSchedule, Error> {
+    ParsedSchedule::parse(spec, Some(&LIMITS))
+}
+
+fn secs(n: u64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_secs(n)
+}
+
+/// A harness whose wall clock reads 100.5 s after the epoch.
+fn at_100_5() -> Harness {
+    let mut h = Harness::new();
+    h.now.wall = SystemTime::UNIX_EPOCH + Duration::from_millis(100_500);
+    h
+}
+
+/// Creates an every-second schedule `tick` with these policies.
+fn every_second(h: &mut Harness, overlap: pb::OverlapPolicy, catch_up: pb::CatchUp) {
+    let parsed = parse(spec("tick", "* * * * * *", overlap, catch_up)).expect("parses");
+    h.s.create_schedule(parsed, h.now).expect("created");
+    h.effects();
+}
+
+/// The tasks fired so far, in order: (id, name).
+fn fired(h: &Harness) -> Vec<(TaskId, String)> {
+    let mut seen = std::collections::HashSet::new();
+    h.records
+        .iter()
+        .filter_map(|r| match r {
+            Record::Task(t) if t.spec.name.contains('@') && seen.insert(t.id) => {
+                Some((t.id, t.spec.name.clone()))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+fn fire_names(h: &Harness) -> Vec<String> {
+    fired(h).into_iter().map(|(_, name)| name).collect()
+}
+
+/// The schedule's latest record written.
+fn schedule(h: &Harness, name: &str) -> ScheduleRecord {
+    h.records
+        .iter()
+        .rev()
+        .find_map(|r| match r {
+            Record::Schedule(s) if s.name() == name => Some(ScheduleRecord::clone(s)),
+            _ => None,
+        })
+        .expect("schedule record")
+}
+
+#[test]
+fn each_fire_time_submits_one_task_carrying_its_fire_time() {
+    let mut h = at_100_5();
+    every_second(&mut h, pb::OverlapPolicy::Queue, pb::CatchUp::One);
+    // The next fire is in the wakeup: no polling.
+    assert_eq!(
+        h.s.next_wakeup(),
+        Some(h.now.instant + Duration::from_millis(500))
+    );
+    h.advance(Duration::from_millis(499));
+    h.effects();
+    assert!(fired(&h).is_empty(), "nothing before the fire time");
+    h.advance(Duration::from_millis(1));
+    let batch = h.effects();
+    // The task and the schedule's new last_fire are in the same batch.
+    assert!(
+        batch
+            .records
+            .iter()
+            .any(|r| matches!(r, Record::Task(t) if t.spec.name.contains('@')))
+    );
+    assert!(
+        batch
+            .records
+            .iter()
+            .any(|r| matches!(r, Record::Schedule(s) if s.last_fire == Some(secs(101))))
+    );
+    // Ticking again at the same time fires nothing more.
+    h.s.tick(h.now);
+    h.effects();
+    h.advance(Duration::from_secs(1));
+    h.effects();
+    assert_eq!(
+        fire_names(&h),
+        ["tick@1970-01-01T00:01:41Z", "tick@1970-01-01T00:01:42Z"]
+    );
+    let (id, _) = fired(&h)[0];
+    let TaskKind::Exec(exec) = &h.record(id).spec.kind else {
+        panic!("an exec task");
+    };
+    assert_eq!(exec.env["WEFT_FIRE_TIME"], "1970-01-01T00:01:41Z");
+    assert_eq!(exec.env["WEFT_SCHEDULE"], "tick");
+    let record = schedule(&h, "tick");
+    assert_eq!((record.fired, record.skipped), (2, 0));
+    assert_eq!(h.s.gauges().schedule_fires, 2);
+    assert_eq!(record.last_fire, Some(secs(102)));
+    // Each fired task is its own job.
+    assert!(
+        fired(&h)
+            .iter()
+            .all(|(id, _)| h.record(*id).job_id.is_none())
+    );
+}
+
+#[test]
+fn overlap_skip_records_the_fire_as_skipped_while_the_previous_task_is_live() {
+    let mut h = at_100_5();
+    every_second(&mut h, pb::OverlapPolicy::Skip, pb::CatchUp::One);
+    // No node: the first fire's task stays queued.
+    for _ in 0..3 {
+        h.advance(Duration::from_secs(1));
+        h.effects();
+    }
+    assert_eq!(fire_names(&h), ["tick@1970-01-01T00:01:41Z"]);
+    let record = schedule(&h, "tick");
+    assert_eq!((record.fired, record.skipped), (1, 2));
+    assert_eq!(record.last_fire, Some(secs(103)));
+    assert_eq!(
+        (h.s.gauges().schedule_fires, h.s.gauges().schedule_skips),
+        (1, 2)
+    );
+    // Once it is final, the next fire submits again.
+    let (first, _) = fired(&h)[0];
+    h.s.cancel(first, "", h.now);
+    h.advance(Duration::from_secs(1));
+    h.effects();
+    assert_eq!(fired(&h).len(), 2);
+}
+
+#[test]
+fn overlap_queue_submits_every_fire() {
+    let mut h = at_100_5();
+    every_second(&mut h, pb::OverlapPolicy::Queue, pb::CatchUp::One);
+    for _ in 0..3 {
+        h.advance(Duration::from_secs(1));
+        h.effects();
+    }
+    assert_eq!(fired(&h).len(), 3);
+    assert_eq!(schedule(&h, "tick").skipped, 0);
+}
+
+#[test]
+fn overlap_cancel_running_cancels_the_previous_task_then_submits() {
+    let mut h = at_100_5();
+    h.node(S1, reg("n1", 1), 1);
+    every_second(&mut h, pb::OverlapPolicy::CancelRunning, pb::CatchUp::One);
+    h.advance(Duration::from_secs(1));
+    let e = h.effects();
+    let (first, _) = fired(&h)[0];
+    assert_eq!(assigned(&e, S1), [(first, Attempt(1))]);
+    h.event(S1, first, 1, NodeEventBody::Started);
+    h.advance(Duration::from_secs(1));
+    let e = h.effects();
+    assert_eq!(cancels(&e, S1), [(first, Attempt(1))]);
+    assert_eq!(fired(&h).len(), 2);
+    // The node reports the cancel: the first ends CANCELLED.
+    h.event(
+        S1,
+        first,
+        1,
+        NodeEventBody::Finished {
+            outcome: Outcome::Cancelled,
+            exit_code: None,
+            output: Bytes::new(),
+            error: String::new(),
+        },
+    );
+    h.effects();
+    assert_eq!(h.record(first).state, TaskState::Cancelled);
+}
+
+#[test]
+fn a_paused_schedule_does_not_fire_nor_catch_up_what_passed_while_paused() {
+    let mut h = at_100_5();
+    every_second(&mut h, pb::OverlapPolicy::Queue, pb::CatchUp::All);
+    h.s.pause_schedule("tick", true, h.now).expect("paused");
+    h.effects();
+    assert_eq!(h.s.next_wakeup(), None);
+    for _ in 0..5 {
+        h.advance(Duration::from_secs(1));
+        h.effects();
+    }
+    assert!(fired(&h).is_empty());
+    let view = h.s.pause_schedule("tick", false, h.now).expect("resumed");
+    h.effects();
+    assert_eq!(
+        view.next_fire,
+        Some(weft_proto::convert::timestamp(secs(106)))
+    );
+    h.advance(Duration::from_secs(1));
+    h.effects();
+    assert_eq!(fire_names(&h), ["tick@1970-01-01T00:01:46Z"]);
+    // Nor after a restart: `since` is stored with the resume.
+    let mut h = h.restart(Duration::from_secs(0));
+    h.s.tick(h.now);
+    h.effects();
+    assert_eq!(fired(&h).len(), 1);
+}
+
+/// Fires once at 101 s, then the coordinator is down 10 s: 102..=111 are
+/// missed. Returns the fire names after the restart's first tick.
+fn after_downtime(catch_up: pb::CatchUp) -> Vec<String> {
+    let mut h = at_100_5();
+    every_second(&mut h, pb::OverlapPolicy::Queue, catch_up);
+    h.advance(Duration::from_millis(500));
+    h.effects();
+    assert_eq!(fired(&h).len(), 1);
+    let mut h = h.restart(Duration::from_secs(10));
+    // What the driver does first: a tick, then commit.
+    h.s.tick(h.now);
+    h.effects();
+    let names = fire_names(&h);
+    // And the next one after that fires at its time.
+    h.advance(Duration::from_secs(1));
+    h.effects();
+    assert_eq!(
+        fire_names(&h).last().map(String::as_str),
+        Some("tick@1970-01-01T00:01:52Z")
+    );
+    names[1..].to_vec()
+}
+
+#[test]
+fn catch_up_none_fires_no_missed_fire() {
+    assert!(after_downtime(pb::CatchUp::None).is_empty());
+}
+
+#[test]
+fn catch_up_one_fires_the_latest_missed_fire() {
+    assert_eq!(
+        after_downtime(pb::CatchUp::One),
+        ["tick@1970-01-01T00:01:51Z"]
+    );
+}
+
+#[test]
+fn catch_up_all_fires_every_missed_fire_oldest_first() {
+    let names = after_downtime(pb::CatchUp::All);
+    let expected: Vec<String> = (102..=111)
+        .map(|s| format!("tick@1970-01-01T00:01:{:02}Z", s - 60))
+        .collect();
+    assert_eq!(names, expected);
+}
+
+#[test]
+fn catch_up_all_is_bounded() {
+    let mut h = at_100_5();
+    every_second(&mut h, pb::OverlapPolicy::Queue, pb::CatchUp::All);
+    let mut h = h.restart(Duration::from_secs(5_000));
+    h.s.tick(h.now);
+    h.effects();
+    assert_eq!(fired(&h).len(), MAX_CATCH_UP);
+    // The latest ones: the last is the restart's second.
+    assert_eq!(
+        fire_names(&h).last().map(String::as_str),
+        Some("tick@1970-01-01T01:25:00Z")
+    );
+}
+
+#[test]
+fn a_fire_committed_before_a_restart_never_fires_again() {
+    let mut h = at_100_5();
+    every_second(&mut h, pb::OverlapPolicy::Queue, pb::CatchUp::All);
+    h.advance(Duration::from_millis(500));
+    h.effects();
+    // Restarted within the same second: 101 is at or before last_fire.
+    let mut h = h.restart(Duration::from_millis(200));
+    h.s.tick(h.now);
+    h.effects();
+    assert_eq!(fire_names(&h), ["tick@1970-01-01T00:01:41Z"]);
+    assert_eq!(schedule(&h, "tick").fired, 1);
+}
+
+#[test]
+fn a_fire_whose_batch_was_not_committed_fires_after_the_restart() {
+    let mut h = at_100_5();
+    every_second(&mut h, pb::OverlapPolicy::Queue, pb::CatchUp::One);
+    h.advance(Duration::from_millis(500));
+    // The batch with the fire is lost (killed before its commit): neither
+    // the task nor last_fire is stored.
+    let _ = h.s.take_effects(h.now);
+    let mut h = h.restart(Duration::from_millis(200));
+    h.s.tick(h.now);
+    h.effects();
+    assert_eq!(fire_names(&h), ["tick@1970-01-01T00:01:41Z"]);
+}
+
+#[test]
+fn a_full_queue_at_a_fire_records_it_skipped() {
+    let mut config = config();
+    config.max_queued = 1;
+    let mut h = Harness::with(config);
+    h.now.wall = SystemTime::UNIX_EPOCH + Duration::from_millis(100_500);
+    h.submit(vec![TaskSpec::call("noop", "")]);
+    every_second(&mut h, pb::OverlapPolicy::Queue, pb::CatchUp::One);
+    h.advance(Duration::from_secs(1));
+    h.effects();
+    assert!(fired(&h).is_empty());
+    let record = schedule(&h, "tick");
+    assert_eq!((record.fired, record.skipped), (0, 1));
+    assert_eq!(record.last_fire, Some(secs(101)));
+}
+
+#[test]
+fn names_are_unique_and_unknown_names_are_not_found() {
+    let mut h = at_100_5();
+    every_second(&mut h, pb::OverlapPolicy::Queue, pb::CatchUp::One);
+    let again = parse(spec(
+        "tick",
+        "* * * * *",
+        pb::OverlapPolicy::Skip,
+        pb::CatchUp::One,
+    ));
+    assert!(matches!(
+        h.s.create_schedule(again.expect("parses"), h.now),
+        Err(Error::ScheduleExists(_))
+    ));
+    assert!(matches!(
+        h.s.pause_schedule("nope", true, h.now),
+        Err(Error::ScheduleNotFound(_))
+    ));
+    assert!(matches!(
+        h.s.delete_schedule("nope", h.now),
+        Err(Error::ScheduleNotFound(_))
+    ));
+    h.s.delete_schedule("tick", h.now).expect("deleted");
+    h.effects();
+    assert!(h.s.list_schedules().is_empty());
+    assert_eq!(h.s.next_wakeup(), None);
+    assert!(matches!(h.records.last(), Some(Record::DeleteSchedule(name)) if name == "tick"));
+    // Deleted: it fires no more, and stays deleted after a restart.
+    h.advance(Duration::from_secs(3));
+    h.effects();
+    assert!(fired(&h).is_empty());
+    let h = h.restart(Duration::from_secs(1));
+    assert!(h.s.list_schedules().is_empty());
+}
+
+fn message(err: Error) -> String {
+    tonic::Status::from(err).message().to_owned()
+}
+
+#[test]
+fn bad_specs_are_refused_naming_the_field() {
+    let base = || {
+        spec(
+            "ok",
+            "*/5 * * * *",
+            pb::OverlapPolicy::Skip,
+            pb::CatchUp::One,
+        )
+    };
+    let err = parse(pb::ScheduleSpec {
+        cron: "61 * * * *".into(),
+        ..base()
+    })
+    .expect_err("bad cron");
+    assert!(message(err).contains("spec.cron"));
+    let err = parse(pb::ScheduleSpec {
+        cron: "* * *".into(),
+        ..base()
+    })
+    .expect_err("too few fields");
+    assert!(message(err).contains("spec.cron"));
+    let err = parse(pb::ScheduleSpec {
+        time_zone: "Mars/Olympus".into(),
+        ..base()
+    })
+    .expect_err("bad zone");
+    assert!(message(err).contains("spec.time_zone"));
+    let err = parse(pb::ScheduleSpec {
+        name: "a b".into(),
+        ..base()
+    })
+    .expect_err("bad name");
+    assert!(message(err).contains("spec.name"));
+    let mut task: pb::TaskSpec = TaskSpec::exec(["true"]).into();
+    task.r#ref = "a".into();
+    let err = parse(pb::ScheduleSpec {
+        task: Some(task),
+        ..base()
+    })
+    .expect_err("ref");
+    assert!(message(err).contains("spec.task.ref"));
+    let err = parse(pb::ScheduleSpec {
+        task: None,
+        ..base()
+    })
+    .expect_err("no task");
+    assert!(message(err).contains("spec.task"));
+    let err = parse(pb::ScheduleSpec {
+        task: Some(TaskSpec::exec(Vec::<String>::new()).into()),
+        ..base()
+    })
+    .expect_err("empty argv");
+    assert!(message(err).contains("spec.task"));
+    assert_eq!(
+        tonic::Status::from(
+            parse(pb::ScheduleSpec {
+                overlap: 9,
+                ..base()
+            })
+            .expect_err("bad enum")
+        )
+        .code(),
+        tonic::Code::InvalidArgument
+    );
+}
+
+#[test]
+fn a_time_zone_moves_the_fire_times() {
+    let mut h = Harness::new();
+    let parsed = parse(pb::ScheduleSpec {
+        time_zone: "Europe/Paris".into(),
+        ..spec(
+            "nine",
+            "0 9 * * *",
+            pb::OverlapPolicy::Skip,
+            pb::CatchUp::One,
+        )
+    })
+    .expect("parses");
+    let view = h.s.create_schedule(parsed, h.now).expect("created");
+    // 09:00 in Paris on 1 January 1970 was 08:00 UTC.
+    assert_eq!(
+        view.next_fire,
+        Some(weft_proto::convert::timestamp(secs(8 * 3600)))
+    );
+    // Defaults filled in.
+    let view =
+        h.s.create_schedule(
+            parse(spec(
+                "d",
+                "@hourly",
+                pb::OverlapPolicy::Unspecified,
+                pb::CatchUp::Unspecified,
+            ))
+            .expect("parses"),
+            h.now,
+        )
+        .expect("created");
+    let spec = view.spec.expect("spec");
+    assert_eq!(
+        (spec.overlap, spec.catch_up),
+        (pb::OverlapPolicy::Skip.into(), pb::CatchUp::One.into())
+    );
+}
+
+#[test]
+fn schedules_survive_the_durable_store() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let record = ScheduleRecord {
+        spec: spec(
+            "tick",
+            "* * * * * *",
+            pb::OverlapPolicy::Queue,
+            pb::CatchUp::All,
+        ),
+        paused: true,
+        created_at: secs(100),
+        since: secs(150),
+        last_fire: Some(secs(120)),
+        last_task: Some(TaskId::from_u128(42)),
+        fired: 3,
+        skipped: 4,
+    };
+    let other = ScheduleRecord {
+        spec: spec(
+            "other",
+            "* * * * *",
+            pb::OverlapPolicy::Skip,
+            pb::CatchUp::None,
+        ),
+        last_fire: None,
+        last_task: None,
+        ..record.clone()
+    };
+    {
+        let store = crate::store::RedbStore::open(dir.path()).expect("opens");
+        crate::store::Store::commit(
+            &store,
+            &[
+                Record::Schedule(Arc::new(record.clone())),
+                Record::Schedule(Arc::new(other.clone())),
+            ],
+        )
+        .expect("commits");
+        crate::store::Store::commit(&store, &[Record::DeleteSchedule("other".into())])
+            .expect("commits");
+    }
+    let store = crate::store::RedbStore::open(dir.path()).expect("opens again");
+    let loaded = crate::store::Store::load(&store, SystemTime::UNIX_EPOCH).expect("loads");
+    assert_eq!(loaded.schedules, [record]);
+}

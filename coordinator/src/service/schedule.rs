@@ -1,0 +1,83 @@
+//! `ScheduleService`: cron schedules. Create, pause and delete need the
+//! `submit` scope (a schedule submits tasks); list needs `read`. Specs are
+//! checked here (cron, zone, task as Submit checks one) and the rest is the
+//! scheduler's (`scheduler::cron`), through the driver.
+
+use tonic::{Request, Response, Status};
+
+use weft_proto::pb;
+
+use crate::auth::{self, Scope};
+use crate::driver::{Command, Handle};
+use crate::error::Error;
+use crate::scheduler::cron::ParsedSchedule;
+
+/// The service; holds the driver's handle.
+pub(crate) struct ScheduleApi {
+    pub handle: Handle,
+}
+
+#[tonic::async_trait]
+impl pb::schedule_service_server::ScheduleService for ScheduleApi {
+    async fn create_schedule(
+        &self,
+        request: Request<pb::CreateScheduleRequest>,
+    ) -> Result<Response<pb::CreateScheduleResponse>, Status> {
+        auth::require(&request, Scope::Submit)?;
+        let spec = request.into_inner().spec.ok_or(Error::InvalidArgument(
+            weft_proto::ConversionError::MissingField("spec"),
+        ))?;
+        let limits = self.handle.config.spec_limits();
+        let parsed = Box::new(ParsedSchedule::parse(spec, Some(&limits))?);
+        let schedule = self
+            .handle
+            .call(|reply| Command::CreateSchedule { parsed, reply })
+            .await??;
+        Ok(Response::new(pb::CreateScheduleResponse {
+            schedule: Some(schedule),
+        }))
+    }
+
+    async fn list_schedules(
+        &self,
+        request: Request<pb::ListSchedulesRequest>,
+    ) -> Result<Response<pb::ListSchedulesResponse>, Status> {
+        auth::require(&request, Scope::Read)?;
+        let schedules = self
+            .handle
+            .call(|reply| Command::ListSchedules { reply })
+            .await?;
+        Ok(Response::new(pb::ListSchedulesResponse { schedules }))
+    }
+
+    async fn pause_schedule(
+        &self,
+        request: Request<pb::PauseScheduleRequest>,
+    ) -> Result<Response<pb::PauseScheduleResponse>, Status> {
+        auth::require(&request, Scope::Submit)?;
+        let pb::PauseScheduleRequest { name, paused } = request.into_inner();
+        let schedule = self
+            .handle
+            .call(|reply| Command::PauseSchedule {
+                name,
+                paused,
+                reply,
+            })
+            .await??;
+        Ok(Response::new(pb::PauseScheduleResponse {
+            schedule: Some(schedule),
+        }))
+    }
+
+    async fn delete_schedule(
+        &self,
+        request: Request<pb::DeleteScheduleRequest>,
+    ) -> Result<Response<pb::DeleteScheduleResponse>, Status> {
+        auth::require(&request, Scope::Submit)?;
+        let name = request.into_inner().name;
+        self.handle
+            .call(|reply| Command::DeleteSchedule { name, reply })
+            .await??;
+        Ok(Response::new(pb::DeleteScheduleResponse {}))
+    }
+}
