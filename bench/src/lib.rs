@@ -23,6 +23,8 @@
 //! - [`floor`]: the raw tonic measurement (fake services in-process).
 //! - [`workload`]: throughput, latency, sleep and burn steps over a `Client`.
 //! - [`swarm`]: many simulated nodes from one process.
+//! - [`policy`]: the workflow and scheduling-policy figures (policy mix,
+//!   a 10,000-task graph, fairness), run by the examples of those names.
 //! - [`report`]: the results, one list of figures, rendered as the table,
 //!   `--output json` and results.jsonl lines.
 
@@ -31,6 +33,7 @@ pub mod cluster;
 pub mod floor;
 pub mod machine;
 pub mod own_processes;
+pub mod policy;
 pub mod report;
 pub mod run;
 pub mod stats;

@@ -53,6 +53,7 @@ pub async fn run(
         log_filter: args.child_log.clone(),
         durable: !args.memory_store,
         insecure: args.insecure,
+        node_args: Vec::new(),
     };
 
     if steps.contains(&Step::Floor) {
