@@ -50,6 +50,9 @@ pub struct Gauges {
     pub revoked_node_refusals: u64,
     /// See `ClusterStats`.
     pub output_chunks_missed: u64,
+    /// Ready tasks by priority and what holds ready tasks back
+    /// (`metrics/policy.rs`).
+    pub policy: crate::metrics::PolicyGauges,
 }
 
 impl Scheduler {
@@ -76,6 +79,11 @@ impl Scheduler {
             gauges.slots_used = gauges.slots_used.saturating_add(node.used.min(node.slots));
             gauges.slots_free = gauges.slots_free.saturating_add(node.free_slots());
         }
+        // Ready tasks by priority: every queued task has the default
+        // priority until the queue keeps priorities.
+        gauges
+            .policy
+            .count_ready(5, self.counts[state_index(TaskState::Queued)]);
         if self.counts[state_index(TaskState::Queued)] > 0 {
             gauges.oldest_ready = self
                 .queue
