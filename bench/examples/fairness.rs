@@ -48,7 +48,7 @@ async fn main() -> anyhow::Result<()> {
     println!("|---|---:|---:|---:|---:|---:|");
     for fair in [true, false] {
         // A fresh cluster per run: nothing of the first run is in the way.
-        let (cluster, client) = policy::start_cluster(2, 1, args.insecure).await?;
+        let (cluster, client) = policy::start_cluster(2, 1, args.insecure, false).await?;
         eprintln!(
             "fairness: {} backlog, {} late, {}",
             args.backlog,

@@ -45,7 +45,7 @@ fn parse() -> anyhow::Result<Args> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = parse()?;
-    let (cluster, client) = policy::start_cluster(2, 1, args.insecure).await?;
+    let (cluster, client) = policy::start_cluster(2, 1, args.insecure, true).await?;
     let warm = (0..200).map(workload::noop).collect();
     workload::run_all(&client, warm, 256).await?;
     let warm = (0..200).map(policy::mixed).collect();

@@ -68,12 +68,13 @@ pub fn mixed(x: usize) -> TaskSpec {
 }
 
 /// Starts the bench's own cluster for these figures (durable store, TLS
-/// unless `insecure`): `nodes` × `slots`, each node with [`RESOURCE`];
-/// answers once every node is ready.
+/// unless `insecure`): `nodes` × `slots`, each node with [`RESOURCE`] when
+/// `resources`; answers once every node is ready.
 pub async fn start_cluster(
     nodes: usize,
     slots: u32,
     insecure: bool,
+    resources: bool,
 ) -> anyhow::Result<(Cluster, Client)> {
     Cluster::check_binaries()?;
     let plan = ClusterPlan {
@@ -82,7 +83,11 @@ pub async fn start_cluster(
         log_filter: "warn".to_owned(),
         durable: true,
         insecure,
-        node_args: node_resource_args(),
+        node_args: if resources {
+            node_resource_args()
+        } else {
+            Vec::new()
+        },
     };
     let cluster = Cluster::start(&plan).await?;
     let client = cluster.client().await?;
