@@ -66,7 +66,8 @@ fn parse() -> anyhow::Result<Args> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = parse()?;
-    let (cluster, client) = policy::start_cluster(args.nodes, args.slots, args.insecure, false).await?;
+    let (cluster, client) =
+        policy::start_cluster(args.nodes, args.slots, args.insecure, false).await?;
     // Warm the cluster: connections, the store, the nodes' handlers.
     let warm = (0..200).map(workload::noop).collect();
     workload::run_all(&client, warm, 64).await?;

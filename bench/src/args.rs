@@ -20,6 +20,10 @@ pub enum Step {
     Startup,
     /// (a) 20,000 noop tasks submitted and awaited, median of 3.
     Throughput,
+    /// The same noop tasks with every policy field set (priorities 1-9,
+    /// fair keys, a concurrency key that never binds, a resource), runs
+    /// interleaved with plain ones: what scheduling policy costs.
+    PolicyMix,
     /// (b) 2,000 sequential noop round trips.
     Latency,
     /// (c) 200 × sleep 50ms on 2 slots (ideal 5.0 s).
@@ -34,10 +38,11 @@ pub enum Step {
 
 impl Step {
     /// Every step, in the order they run.
-    pub const ALL: [Step; 8] = [
+    pub const ALL: [Step; 9] = [
         Step::Floor,
         Step::Startup,
         Step::Throughput,
+        Step::PolicyMix,
         Step::Latency,
         Step::Sleep,
         Step::Burn,
@@ -55,7 +60,7 @@ impl Step {
     pub(crate) fn needs_cluster(self) -> bool {
         matches!(
             self,
-            Step::Throughput | Step::Latency | Step::Sleep | Step::Burn
+            Step::Throughput | Step::PolicyMix | Step::Latency | Step::Sleep | Step::Burn
         )
     }
 
@@ -65,6 +70,7 @@ impl Step {
             Step::Floor => "floor",
             Step::Startup => "startup",
             Step::Throughput => "throughput",
+            Step::PolicyMix => "policy-mix",
             Step::Latency => "latency",
             Step::Sleep => "sleep",
             Step::Burn => "burn",

@@ -24,7 +24,7 @@
 //! - [`workload`]: throughput, latency, sleep and burn steps over a `Client`.
 //! - [`swarm`]: many simulated nodes from one process.
 //! - [`policy`]: the workflow and scheduling-policy figures (policy mix,
-//!   a 10,000-task graph, fairness), run by the examples of those names.
+//!   a 10,000-task graph, fairness), the `policy-mix` step and the `dag` and `fairness` examples.
 //! - [`report`]: the results, one list of figures, rendered as the table,
 //!   `--output json` and results.jsonl lines.
 

@@ -1,6 +1,7 @@
 //! The workflow and scheduling-policy figures (BENCHMARKS.md "Workflows and
 //! scheduling policy"), run through a [`Client`] on a cluster the caller
-//! started (the examples `policy_mix`, `dag` and `fairness`):
+//! started (the `policy-mix` step of `weft bench`, the examples `dag` and
+//! `fairness`):
 //! - [`interleaved_throughput`]: plain noop tasks beside noop tasks that use
 //!   every policy field (priority, fair key, a concurrency key that never
 //!   binds, a resource the nodes have plenty of), runs interleaved;

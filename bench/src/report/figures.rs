@@ -9,7 +9,7 @@ use crate::floor::Floor;
 use crate::stats::{Latency, median_of};
 use crate::workload::Metered;
 
-use super::{Burn, ManyNodes, Parallel, Report, Scale, Startup, Throughput};
+use super::{Burn, ManyNodes, Parallel, PolicyMix, Report, Scale, Startup, Throughput};
 
 /// One step of the run: what it measured, or why it did not.
 #[derive(Debug, Clone)]
@@ -38,6 +38,8 @@ pub enum Measured<'a> {
     Startup(StartupFigures),
     /// (a).
     Throughput(ThroughputFigures),
+    /// Policy mix beside plain tasks.
+    PolicyMix(PolicyMixFigures),
     /// (b).
     Latency(LatencyFigures<'a>),
     /// (c).
@@ -60,6 +62,21 @@ pub struct Noise {
     pub foreign_cpu_s: Option<f64>,
     /// CPU seconds the hypervisor withheld.
     pub steal_s: Option<f64>,
+}
+
+/// The policy-mix step.
+#[derive(Debug, Clone)]
+pub struct PolicyMixFigures {
+    /// Tasks per run.
+    pub n: usize,
+    /// Plain tasks/s of each pair.
+    pub plain: Vec<f64>,
+    /// Policy-mix tasks/s of each pair.
+    pub mixed: Vec<f64>,
+    /// Median of `plain`.
+    pub plain_median: Option<f64>,
+    /// Median of `mixed`.
+    pub mixed_median: Option<f64>,
 }
 
 /// (e) startup.
@@ -185,6 +202,7 @@ impl Report {
             Step::Floor => Measured::Floor(floor?),
             Step::Startup => Measured::Startup(startup(self.startup.as_ref()?)),
             Step::Throughput => Measured::Throughput(throughput(self.throughput.as_ref()?, floor)),
+            Step::PolicyMix => Measured::PolicyMix(policy_mix(self.policy_mix.as_ref()?)),
             Step::Latency => {
                 let (latency, metered) = self.latency.as_ref()?;
                 Measured::Latency(LatencyFigures {
@@ -222,6 +240,18 @@ impl Report {
             all.extend(&b.parallel.runs);
         }
         all
+    }
+}
+
+fn policy_mix(p: &PolicyMix) -> PolicyMixFigures {
+    let plain: Vec<f64> = p.runs.iter().map(|r| r.plain_tps).collect();
+    let mixed: Vec<f64> = p.runs.iter().map(|r| r.mixed_tps).collect();
+    PolicyMixFigures {
+        n: p.n,
+        plain_median: median_of(plain.iter().copied()),
+        mixed_median: median_of(mixed.iter().copied()),
+        plain,
+        mixed,
     }
 }
 

@@ -122,6 +122,7 @@ fn json_key(step: Step) -> &'static str {
         Step::Floor => "floor",
         Step::Startup => "startup_s",
         Step::Throughput => "throughput",
+        Step::PolicyMix => "policy_mix",
         Step::Latency => "latency",
         Step::Sleep => "sleep",
         Step::Burn => "burn",
@@ -139,7 +140,7 @@ fn jsonl_metric(step: Step) -> Option<(&'static str, Value)> {
         Step::Latency => ("latency_us", Value::Null),
         Step::Sleep => ("sleep_wall_s", Value::Null),
         Step::Burn => ("burn_wall_s", Value::Null),
-        Step::Floor | Step::Scale | Step::ManyNodes => return None,
+        Step::Floor | Step::PolicyMix | Step::Scale | Step::ManyNodes => return None,
     })
 }
 
@@ -177,6 +178,14 @@ fn json_section(measured: &Measured<'_>) -> Value {
             }
             v
         }
+        Measured::PolicyMix(p) => json!({
+            "n": p.n,
+            "plain_tps": p.plain.iter().map(|r| round(*r, 1)).collect::<Vec<_>>(),
+            "mixed_tps": p.mixed.iter().map(|r| round(*r, 1)).collect::<Vec<_>>(),
+            "plain_median_tps": p.plain_median.map(|v| round(v, 1)),
+            "mixed_median_tps": p.mixed_median.map(|v| round(v, 1)),
+            "mixed_over_plain": p.plain_median.zip(p.mixed_median).map(|(a, b)| round(b / a, 3)),
+        }),
         Measured::Sleep(p) => parallel_json(p),
         Measured::Burn(b) => {
             let mut v = parallel_json(&b.parallel);
@@ -257,9 +266,10 @@ fn jsonl_parts(measured: &Measured<'_>) -> (Value, Value, Value) {
             )
         }
         // Not protocol metrics: `jsonl_metric` keeps them out.
-        Measured::Floor(_) | Measured::Scale(_) | Measured::ManyNodes(_) => {
-            (Value::Null, Value::Null, Value::Null)
-        }
+        Measured::Floor(_)
+        | Measured::PolicyMix(_)
+        | Measured::Scale(_)
+        | Measured::ManyNodes(_) => (Value::Null, Value::Null, Value::Null),
     }
 }
 

@@ -67,6 +67,15 @@ impl Throughput {
     }
 }
 
+/// The policy-mix step: interleaved pairs of plain and policy-mix runs.
+#[derive(Debug, Clone)]
+pub struct PolicyMix {
+    /// Tasks per run (each kind).
+    pub n: usize,
+    /// Tasks/s of each pair.
+    pub runs: Vec<crate::policy::PairedRun>,
+}
+
 /// Steps (c) and (d): one batch of parallel tasks, several runs.
 #[derive(Debug, Clone)]
 pub struct Parallel {
@@ -189,6 +198,8 @@ pub struct Report {
     pub startup: Option<Startup>,
     /// (a).
     pub throughput: Option<Throughput>,
+    /// Policy mix beside plain tasks.
+    pub policy_mix: Option<PolicyMix>,
     /// (b).
     pub latency: Option<(Latency, Metered)>,
     /// (c).
@@ -223,6 +234,7 @@ impl Report {
             floor: None,
             startup: None,
             throughput: None,
+            policy_mix: None,
             latency: None,
             sleep: None,
             burn: None,

@@ -90,12 +90,13 @@ fn row_order(step: Step) -> u8 {
     match step {
         Step::Floor => 0,
         Step::Throughput => 1,
-        Step::Latency => 2,
-        Step::Sleep => 3,
-        Step::Burn => 4,
-        Step::Startup => 5,
-        Step::Scale => 6,
-        Step::ManyNodes => 7,
+        Step::PolicyMix => 2,
+        Step::Latency => 3,
+        Step::Sleep => 4,
+        Step::Burn => 5,
+        Step::Startup => 6,
+        Step::Scale => 7,
+        Step::ManyNodes => 8,
     }
 }
 
@@ -104,6 +105,7 @@ fn failure_label(step: Step) -> Option<&'static str> {
     Some(match step {
         Step::Floor => return None,
         Step::Throughput => "(a) throughput",
+        Step::PolicyMix => "policy mix",
         Step::Latency => "(b) latency",
         Step::Sleep => "(c) sleep",
         Step::Burn => "(d) burn",
@@ -154,6 +156,21 @@ fn rows(figure: &Figure<'_>) -> Vec<Row> {
                     none(),
                 ],
             ]
+        }
+        Measured::PolicyMix(p) => {
+            let mixed = p.mixed_median.unwrap_or(0.0);
+            let plain = p.plain_median.unwrap_or(0.0);
+            let runs = |v: &[f64]| v.iter().map(|r| num(*r, 0)).collect::<Vec<_>>().join(", ");
+            vec![[
+                format!(
+                    "policy mix, {} noop with priority, fair key, concurrency key, resource, tasks/s (median of {}, interleaved with plain)",
+                    p.n,
+                    p.mixed.len()
+                ),
+                format!("{} ({})", num(mixed, 0), runs(&p.mixed)),
+                format!("{} plain ({})", num(plain, 0), runs(&p.plain)),
+                ratio(mixed, plain),
+            ]]
         }
         Measured::Latency(l) => {
             let lat = l.latency;
