@@ -250,7 +250,7 @@ impl Metrics {
     /// The whole tokens in every rate limit's bucket now, as `(name,
     /// tokens)` (the driver calls this once per batch; no allocation while
     /// the set of limits stays the same).
-    pub(crate) fn set_rate_tokens<'a>(&self, limits: impl Iterator<Item = (&'a str, u64)>) {
+    pub fn set_rate_tokens<'a>(&self, limits: impl Iterator<Item = (&'a str, u64)>) {
         self.shared.policy.set_rate_tokens(limits);
     }
 
