@@ -37,7 +37,7 @@ use weft_proto::{TASK_STATES, TaskKind, TaskState};
 
 use crate::scheduler::Gauges;
 pub use histogram::Histogram;
-pub use policy::{PRIORITIES, PolicyGauges, ScheduleMetrics, Skip};
+pub use policy::{PRIORITIES, PolicyGauges};
 
 /// Task kinds, as the `kind` label says them; indexes of per-kind arrays.
 const KINDS: [&str; 2] = ["exec", "call"];
@@ -90,8 +90,6 @@ pub struct TaskMetrics {
     finished: [[AtomicU64; TASK_STATES]; 2],
     /// Tasks requeued as a next attempt, by [`Retry`].
     retries: [AtomicU64; 2],
-    /// Schedule fires and skips.
-    pub schedules: ScheduleMetrics,
 }
 
 impl Default for TaskMetrics {
@@ -101,7 +99,6 @@ impl Default for TaskMetrics {
             run: Histogram::seconds(histogram::RUN_SECONDS),
             finished: Default::default(),
             retries: Default::default(),
-            schedules: ScheduleMetrics::default(),
         }
     }
 }
@@ -437,7 +434,7 @@ impl Collector for Collect {
         }
 
         // Workflows and scheduling policy.
-        policy.encode(&tasks.schedules, &mut e)?;
+        policy.encode(&mut e)?;
 
         // Nodes and slots.
         {

@@ -8,9 +8,10 @@
 //! unbounded); a rate limit's `limit` label is its name, which only an
 //! operator sets (`weft limit set`), so there are few of them.
 //!
-//! Same discipline as the rest of the metrics: the scheduler's counts come
-//! in once per batch ([`PolicyGauges`], a plain copy in [`Gauges`]), the
-//! fires and skips as relaxed atomic adds; nothing here decides or does I/O.
+//! Same discipline as the rest of the metrics: the scheduler's counts
+//! (schedule fires and skips included, which it keeps anyway) come in once
+//! per batch ([`PolicyGauges`], a plain copy in [`Gauges`]); nothing here
+//! decides or does I/O.
 //!
 //! [`Gauges`]: crate::scheduler::Gauges
 
@@ -36,6 +37,11 @@ pub struct PolicyGauges {
     pub waiting_rate_limit: u64,
     /// Ready tasks no connected node has the free resources for now.
     pub waiting_resources: u64,
+    /// Schedule fire times that submitted a task, since start.
+    pub schedule_fires: u64,
+    /// Schedule fire times that submitted none (overlap `skip`, a full
+    /// queue), since start.
+    pub schedule_skips: u64,
 }
 
 impl PolicyGauges {
@@ -58,41 +64,12 @@ pub(super) struct PolicyMetrics {
     waiting_concurrency: AtomicU64,
     waiting_rate_limit: AtomicU64,
     waiting_resources: AtomicU64,
+    schedule_fires: AtomicU64,
+    schedule_skips: AtomicU64,
     /// Whole tokens per rate limit name, in name order. A lock taken once
     /// per batch by the driver and once per scrape: never contended on the
     /// hot path, and no allocation while the set of limits stays the same.
     rate_tokens: Mutex<Vec<(String, u64)>>,
-}
-
-/// Schedule fires and skips, counted as they happen (relaxed adds).
-#[derive(Debug, Default)]
-pub struct ScheduleMetrics {
-    fires: AtomicU64,
-    skips: [AtomicU64; 2],
-}
-
-/// Why a schedule's fire time did not start a task (the `reason` label).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Skip {
-    /// The previous fire's task was still live (overlap policy `skip`).
-    Overlap,
-    /// A fire time missed while the coordinator was down, not caught up
-    /// (catch-up `none`, or beyond the one of `one`).
-    Missed,
-}
-
-const SKIP_REASONS: [&str; 2] = ["overlap", "missed"];
-
-impl ScheduleMetrics {
-    /// A schedule fired: its task was submitted.
-    pub fn fired(&self) {
-        self.fires.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// `count` fire times of a schedule started no task, for `why`.
-    pub fn skipped(&self, why: Skip, count: u64) {
-        self.skips[why as usize].fetch_add(count, Ordering::Relaxed);
-    }
 }
 
 fn load(value: &AtomicU64) -> u64 {
@@ -111,6 +88,10 @@ impl PolicyMetrics {
             .store(now.waiting_rate_limit, Ordering::Relaxed);
         self.waiting_resources
             .store(now.waiting_resources, Ordering::Relaxed);
+        self.schedule_fires
+            .store(now.schedule_fires, Ordering::Relaxed);
+        self.schedule_skips
+            .store(now.schedule_skips, Ordering::Relaxed);
     }
 
     /// The tokens of every rate limit now, as `(name, whole tokens)`.
@@ -132,11 +113,7 @@ impl PolicyMetrics {
     }
 
     /// Writes the policy families.
-    pub(super) fn encode(
-        &self,
-        schedules: &ScheduleMetrics,
-        e: &mut DescriptorEncoder,
-    ) -> std::fmt::Result {
+    pub(super) fn encode(&self, e: &mut DescriptorEncoder) -> std::fmt::Result {
         {
             let mut family = e.encode_descriptor(
                 "weft_ready_tasks",
@@ -185,23 +162,20 @@ impl PolicyMetrics {
                 }
             }
         }
-        e.encode_descriptor(
-            "weft_schedule_fires",
-            "Schedule fire times that submitted a task (each fire time at most once, across restarts)",
-            None,
-            MetricType::Counter,
-        )?
-        .encode_counter::<NoLabelSet, _, u64>(&load(&schedules.fires), None)?;
-        let mut family = e.encode_descriptor(
-            "weft_schedule_skips",
-            "Schedule fire times that started no task: reason=overlap (the previous run was still live, overlap policy skip), reason=missed (missed while the coordinator was down and not caught up)",
-            None,
-            MetricType::Counter,
-        )?;
-        for (reason, count) in SKIP_REASONS.iter().zip(&schedules.skips) {
-            family
-                .encode_family(&[("reason", *reason)])?
-                .encode_counter::<NoLabelSet, _, u64>(&load(count), None)?;
+        for (name, help, value) in [
+            (
+                "weft_schedule_fires",
+                "Schedule fire times that submitted a task, since the coordinator started (each fire time at most once, across restarts)",
+                &self.schedule_fires,
+            ),
+            (
+                "weft_schedule_skips",
+                "Schedule fire times that submitted no task (overlap policy skip with the previous run live, or a full queue), since the coordinator started",
+                &self.schedule_skips,
+            ),
+        ] {
+            e.encode_descriptor(name, help, None, MetricType::Counter)?
+                .encode_counter::<NoLabelSet, _, u64>(&load(value), None)?;
         }
         Ok(())
     }
