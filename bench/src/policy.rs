@@ -1,7 +1,6 @@
 //! The workflow and scheduling-policy figures (BENCHMARKS.md "Workflows and
-//! scheduling policy"), run through a [`Client`] on a cluster the caller
-//! started (the `policy-mix` step of `weft bench`, the examples `dag` and
-//! `fairness`):
+//! scheduling policy"): the `policy-mix`, `dag` and `fairness` steps of
+//! `weft bench`:
 //! - [`interleaved_throughput`]: plain noop tasks beside noop tasks that use
 //!   every policy field (priority, fair key, a concurrency key that never
 //!   binds, a resource the nodes have plenty of), runs interleaved;
@@ -10,8 +9,8 @@
 //! - [`fairness`]: a late submitter's 100 tasks behind another's backlog,
 //!   with and without fair keys, and the share of the cluster it got.
 //!
-//! The measuring is here and unit-tested on made-up records; the examples
-//! only start clusters and print.
+//! The measuring is here, unit-tested on made-up records; the report
+//! renders it.
 
 use std::time::{Duration, Instant, SystemTime};
 
@@ -21,6 +20,7 @@ use weft_client::{Client, Task, TaskId, TaskSpec, TaskState};
 use weft_proto::OverLimit;
 
 use crate::cluster::{Cluster, ClusterPlan};
+use crate::report::{Dag, Fairness};
 use crate::stats::median;
 use crate::workload::{Meter, check_noop, noop, run_all};
 
@@ -66,34 +66,6 @@ pub fn mixed(x: usize) -> TaskSpec {
             OverLimit::Queue,
         )
         .resource(RESOURCE, 1)
-}
-
-/// Starts the bench's own cluster for these figures (durable store, TLS
-/// unless `insecure`): `nodes` × `slots`, each node with [`RESOURCE`] when
-/// `resources`; answers once every node is ready.
-pub async fn start_cluster(
-    nodes: usize,
-    slots: u32,
-    insecure: bool,
-    resources: bool,
-) -> anyhow::Result<(Cluster, Client)> {
-    Cluster::check_binaries()?;
-    let plan = ClusterPlan {
-        nodes,
-        slots,
-        log_filter: "warn".to_owned(),
-        durable: true,
-        insecure,
-        node_args: if resources {
-            node_resource_args()
-        } else {
-            Vec::new()
-        },
-    };
-    let cluster = Cluster::start(&plan).await?;
-    let client = cluster.client().await?;
-    weft_cluster::wait_nodes_ready(&client, nodes, crate::own_processes::READY_TIMEOUT).await?;
-    Ok((cluster, client))
 }
 
 /// One interleaved pair of runs: tasks/s of plain noops, then of mixed ones.
@@ -321,6 +293,86 @@ pub async fn fairness(
         late_share: late as f64 / (late + in_window) as f64,
         backlog_in_window: in_window,
         backlog_drain_s: gap(a_first, a_last).as_secs_f64(),
+    })
+}
+
+/// Nodes and slots per node of the dag step's cluster: 16 slots, so a
+/// level's 100 tasks run about 7 deep.
+const DAG_NODES: usize = 2;
+const DAG_SLOTS: u32 = 8;
+
+/// What every task of the dag step runs.
+const DAG_HANDLER: &str = "sleep";
+const DAG_INPUT: &str = "5ms";
+
+/// The dag step: a fresh cluster of [`DAG_NODES`] × [`DAG_SLOTS`], a warm-up,
+/// then the graph of [`dag_specs`] (`sleep 5ms` tasks) in one Submit.
+pub async fn dag(base: &ClusterPlan, levels: usize, width: usize) -> anyhow::Result<Dag> {
+    let plan = ClusterPlan {
+        nodes: DAG_NODES,
+        slots: DAG_SLOTS,
+        ..base.clone()
+    };
+    let cluster = Cluster::start(&plan).await?;
+    let result = async {
+        let client = cluster.client().await?;
+        weft_cluster::wait_nodes_ready(&client, DAG_NODES, crate::own_processes::READY_TIMEOUT)
+            .await?;
+        let warm = (0..200).map(noop).collect();
+        run_all(&client, warm, 64).await?;
+        let specs = dag_specs(levels, width, DAG_HANDLER, DAG_INPUT);
+        let t0 = Instant::now();
+        let (_job, ids) = client
+            .submit_graph(specs)
+            .await
+            .context("submitting the graph")?;
+        let submit_s = t0.elapsed().as_secs_f64();
+        let tasks = crate::workload::wait_ids(&client, ids, 64).await?;
+        let wall_s = t0.elapsed().as_secs_f64();
+        anyhow::Ok(Dag {
+            levels,
+            width,
+            task: format!("{DAG_HANDLER} {DAG_INPUT}"),
+            slots: DAG_NODES as u32 * DAG_SLOTS,
+            submit_s,
+            wall_s,
+            delays: dag_delays(&tasks, levels, width)?,
+        })
+    }
+    .await;
+    cluster.stop().await;
+    result
+}
+
+/// The fairness step: [`fairness`] with fair keys, then without, each on a
+/// fresh cluster of the protocol's shape (two one-slot nodes).
+pub async fn fairness_step(
+    base: &ClusterPlan,
+    backlog: usize,
+    late: usize,
+) -> anyhow::Result<Fairness> {
+    let mut runs = Vec::with_capacity(2);
+    for fair in [true, false] {
+        let plan = ClusterPlan {
+            nodes: 2,
+            slots: 1,
+            ..base.clone()
+        };
+        let cluster = Cluster::start(&plan).await?;
+        let result = async {
+            let client = cluster.client().await?;
+            weft_cluster::wait_nodes_ready(&client, 2, crate::own_processes::READY_TIMEOUT).await?;
+            fairness(&client, backlog, late, fair, 256).await
+        }
+        .await;
+        cluster.stop().await;
+        runs.push(result?);
+    }
+    Ok(Fairness {
+        backlog,
+        late,
+        fair: runs[0],
+        fifo: runs[1],
     })
 }
 

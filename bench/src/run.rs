@@ -137,6 +137,31 @@ pub async fn run(
             }
         }
     }
+    if own {
+        if steps.contains(&Step::Dag) {
+            progress(&format!(
+                "dag: {} levels × ({} + join) tasks in one Submit",
+                plan.dag_levels, plan.dag_width
+            ));
+            match crate::policy::dag(&cluster_plan, plan.dag_levels, plan.dag_width).await {
+                Ok(d) => report.dag = Some(d),
+                Err(err) => report.fail(Step::Dag, &err),
+            }
+        }
+        if steps.contains(&Step::Fairness) {
+            progress(&format!(
+                "fairness: {} late tasks behind {} queued, with fair keys and without",
+                plan.fair_late, plan.fair_backlog
+            ));
+            let result =
+                crate::policy::fairness_step(&cluster_plan, plan.fair_backlog, plan.fair_late)
+                    .await;
+            match result {
+                Ok(f) => report.fairness = Some(f),
+                Err(err) => report.fail(Step::Fairness, &err),
+            }
+        }
+    }
     report.finished = Some(SystemTime::now());
     Ok(report)
 }

@@ -9,7 +9,9 @@ use crate::floor::Floor;
 use crate::stats::{Latency, median_of};
 use crate::workload::Metered;
 
-use super::{Burn, ManyNodes, Parallel, PolicyMix, Report, Scale, Startup, Throughput};
+use super::{
+    Burn, Dag, Fairness, ManyNodes, Parallel, PolicyMix, Report, Scale, Startup, Throughput,
+};
 
 /// One step of the run: what it measured, or why it did not.
 #[derive(Debug, Clone)]
@@ -50,6 +52,23 @@ pub enum Measured<'a> {
     Scale(ScaleFigures<'a>),
     /// The many-nodes step.
     ManyNodes(ManyNodesFigures<'a>),
+    /// The dag step.
+    Dag(DagFigures<'a>),
+    /// The fairness step.
+    Fairness(&'a Fairness),
+}
+
+/// The dag step's medians and maxima over the levels, in ms.
+#[derive(Debug, Clone)]
+pub struct DagFigures<'a> {
+    /// What was measured.
+    pub dag: &'a Dag,
+    /// Previous join's end → the level's first start (levels 1 on).
+    pub start_delay_ms: Option<(f64, f64)>,
+    /// The level's last end → its join's start.
+    pub join_delay_ms: Option<(f64, f64)>,
+    /// The level's first start → last end: the tasks' own work.
+    pub level_run_ms: Option<(f64, f64)>,
 }
 
 /// The worst noise over a step's timed phases (the peers kit's `merge_noise`):
@@ -214,6 +233,22 @@ impl Report {
             Step::Sleep => Measured::Sleep(parallel(self.sleep.as_ref()?)),
             Step::Burn => Measured::Burn(burn(self.burn.as_ref()?)),
             Step::Scale => Measured::Scale(scale(self.scale.as_ref()?, floor)),
+            Step::Dag => {
+                let dag = self.dag.as_ref()?;
+                Measured::Dag(DagFigures {
+                    dag,
+                    start_delay_ms: crate::policy::median_max_ms(
+                        dag.delays.iter().filter_map(|d| d.start_delay),
+                    ),
+                    join_delay_ms: crate::policy::median_max_ms(
+                        dag.delays.iter().map(|d| d.join_delay),
+                    ),
+                    level_run_ms: crate::policy::median_max_ms(
+                        dag.delays.iter().map(|d| d.level_run),
+                    ),
+                })
+            }
+            Step::Fairness => Measured::Fairness(self.fairness.as_ref()?),
             Step::ManyNodes => {
                 let many = self.many_nodes.as_ref()?;
                 Measured::ManyNodes(ManyNodesFigures {

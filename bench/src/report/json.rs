@@ -128,6 +128,8 @@ fn json_key(step: Step) -> &'static str {
         Step::Burn => "burn",
         Step::Scale => "scale",
         Step::ManyNodes => "many_nodes",
+        Step::Dag => "dag",
+        Step::Fairness => "fairness",
     }
 }
 
@@ -140,7 +142,12 @@ fn jsonl_metric(step: Step) -> Option<(&'static str, Value)> {
         Step::Latency => ("latency_us", Value::Null),
         Step::Sleep => ("sleep_wall_s", Value::Null),
         Step::Burn => ("burn_wall_s", Value::Null),
-        Step::Floor | Step::PolicyMix | Step::Scale | Step::ManyNodes => return None,
+        Step::Floor
+        | Step::PolicyMix
+        | Step::Scale
+        | Step::ManyNodes
+        | Step::Dag
+        | Step::Fairness => return None,
     })
 }
 
@@ -186,6 +193,40 @@ fn json_section(measured: &Measured<'_>) -> Value {
             "mixed_median_tps": p.mixed_median.map(|v| round(v, 1)),
             "mixed_over_plain": p.plain_median.zip(p.mixed_median).map(|(a, b)| round(b / a, 3)),
         }),
+        Measured::Dag(d) => {
+            let pair = |v: Option<(f64, f64)>| {
+                v.map(|(median, max)| json!({"median": round(median, 2), "max": round(max, 2)}))
+            };
+            json!({
+                "levels": d.dag.levels,
+                "width": d.dag.width,
+                "tasks": d.dag.levels * (d.dag.width + 1),
+                "task": d.dag.task,
+                "slots": d.dag.slots,
+                "submit_s": round(d.dag.submit_s, 3),
+                "wall_s": round(d.dag.wall_s, 3),
+                "start_delay_ms": pair(d.start_delay_ms),
+                "join_delay_ms": pair(d.join_delay_ms),
+                "level_run_ms": pair(d.level_run_ms),
+            })
+        }
+        Measured::Fairness(f) => {
+            let share = |s: &crate::policy::FairShare| {
+                json!({
+                    "backlog_submit_s": round(s.backlog_submit_s, 3),
+                    "late_finish_s": round(s.late_finish_s, 4),
+                    "late_share": round(s.late_share, 4),
+                    "backlog_in_window": s.backlog_in_window,
+                    "backlog_drain_s": round(s.backlog_drain_s, 3),
+                })
+            };
+            json!({
+                "backlog": f.backlog,
+                "late": f.late,
+                "fair_keys": share(&f.fair),
+                "fifo": share(&f.fifo),
+            })
+        }
         Measured::Sleep(p) => parallel_json(p),
         Measured::Burn(b) => {
             let mut v = parallel_json(&b.parallel);
@@ -269,7 +310,9 @@ fn jsonl_parts(measured: &Measured<'_>) -> (Value, Value, Value) {
         Measured::Floor(_)
         | Measured::PolicyMix(_)
         | Measured::Scale(_)
-        | Measured::ManyNodes(_) => (Value::Null, Value::Null, Value::Null),
+        | Measured::ManyNodes(_)
+        | Measured::Dag(_)
+        | Measured::Fairness(_) => (Value::Null, Value::Null, Value::Null),
     }
 }
 

@@ -97,6 +97,8 @@ fn row_order(step: Step) -> u8 {
         Step::Startup => 6,
         Step::Scale => 7,
         Step::ManyNodes => 8,
+        Step::Dag => 9,
+        Step::Fairness => 10,
     }
 }
 
@@ -112,6 +114,8 @@ fn failure_label(step: Step) -> Option<&'static str> {
         Step::Startup => "(e) startup",
         Step::Scale => "scale",
         Step::ManyNodes => "many nodes",
+        Step::Dag => "dag",
+        Step::Fairness => "fairness",
     })
 }
 
@@ -171,6 +175,65 @@ fn rows(figure: &Figure<'_>) -> Vec<Row> {
                 format!("{} plain ({})", num(plain, 0), runs(&p.plain)),
                 ratio(mixed, plain),
             ]]
+        }
+        Measured::Dag(d) => {
+            let pair = |v: Option<(f64, f64)>| {
+                v.map_or_else(none, |(median, max)| {
+                    format!("{} / {}", num(median, 1), num(max, 1))
+                })
+            };
+            let g = d.dag;
+            vec![
+                [
+                    format!(
+                        "dag: {} tasks ({} levels × {} {} + a join each, {} slots) in one Submit, s",
+                        g.levels * (g.width + 1),
+                        g.levels,
+                        g.width,
+                        g.task,
+                        g.slots
+                    ),
+                    num(g.submit_s, 3),
+                    format!("whole graph {} s", num(g.wall_s, 2)),
+                    none(),
+                ],
+                [
+                    "dag: previous join's end → level's first start, ms median / max".to_owned(),
+                    pair(d.start_delay_ms),
+                    format!("level's own run {}", pair(d.level_run_ms)),
+                    none(),
+                ],
+                [
+                    "dag: level's last end → its join's start, ms median / max".to_owned(),
+                    pair(d.join_delay_ms),
+                    none(),
+                    none(),
+                ],
+            ]
+        }
+        Measured::Fairness(f) => {
+            let row = |what: &str, s: &crate::policy::FairShare| {
+                [
+                    format!(
+                        "fairness, {what}: {} late tasks behind {} queued, late share % / done in s",
+                        f.late, f.backlog
+                    ),
+                    format!(
+                        "{} / {}",
+                        num(100.0 * s.late_share, 1),
+                        num(s.late_finish_s, 3)
+                    ),
+                    format!(
+                        "fair share 50 %; backlog drained in {} s",
+                        num(s.backlog_drain_s, 2)
+                    ),
+                    none(),
+                ]
+            };
+            vec![
+                row("fair keys a, b (weights 1, 1)", &f.fair),
+                row("no fair keys (FIFO)", &f.fifo),
+            ]
         }
         Measured::Latency(l) => {
             let lat = l.latency;
