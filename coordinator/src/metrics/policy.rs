@@ -1,16 +1,15 @@
-//! The metrics of workflows and scheduling policy: ready tasks per
-//! priority, ready tasks held back by a concurrency key, a rate limit or
-//! resources, tokens left in each rate limit, and schedule fires and
-//! skips.
+//! The metrics of scheduling policy: ready tasks per priority, ready tasks
+//! held back by a concurrency key, a rate limit or resources, and tokens
+//! left in each rate limit. (Schedule fires and skips are the scheduler's
+//! schedule counts, in `SchedulerGauges` with the other copied counts.)
 //!
 //! Labels stay low-cardinality: `priority` has 9 values; the waits are
 //! counts with no key label (concurrency keys are per user, say, and
 //! unbounded); a rate limit's `limit` label is its name, which only an
 //! operator sets (`weft limit set`), so there are few of them.
 //!
-//! Same discipline as the rest of the metrics: the scheduler's counts
-//! (schedule fires and skips included, which it keeps anyway) come in once
-//! per batch ([`PolicyGauges`], a plain copy in [`Gauges`]); nothing here
+//! Same discipline as the rest of the metrics: the scheduler's counts come
+//! in once per batch ([`PolicyGauges`], a plain copy in [`Gauges`]); nothing here
 //! decides or does I/O.
 //!
 //! [`Gauges`]: crate::scheduler::Gauges
@@ -18,7 +17,7 @@
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
+use prometheus_client::encoding::DescriptorEncoder;
 use prometheus_client::metrics::MetricType;
 
 /// Priorities, 1 (lowest) to 9 (highest): the `priority` label's values.
@@ -37,11 +36,6 @@ pub struct PolicyGauges {
     pub waiting_rate_limit: u64,
     /// Ready tasks no connected node has the free resources for now.
     pub waiting_resources: u64,
-    /// Schedule fire times that submitted a task, since start.
-    pub schedule_fires: u64,
-    /// Schedule fire times that submitted none (overlap `skip`, a full
-    /// queue), since start.
-    pub schedule_skips: u64,
 }
 
 impl PolicyGauges {
@@ -64,8 +58,6 @@ pub(super) struct PolicyMetrics {
     waiting_concurrency: AtomicU64,
     waiting_rate_limit: AtomicU64,
     waiting_resources: AtomicU64,
-    schedule_fires: AtomicU64,
-    schedule_skips: AtomicU64,
     /// Whole tokens per rate limit name, in name order. A lock taken once
     /// per batch by the driver and once per scrape: never contended on the
     /// hot path, and no allocation while the set of limits stays the same.
@@ -88,10 +80,6 @@ impl PolicyMetrics {
             .store(now.waiting_rate_limit, Ordering::Relaxed);
         self.waiting_resources
             .store(now.waiting_resources, Ordering::Relaxed);
-        self.schedule_fires
-            .store(now.schedule_fires, Ordering::Relaxed);
-        self.schedule_skips
-            .store(now.schedule_skips, Ordering::Relaxed);
     }
 
     /// The tokens of every rate limit now, as `(name, whole tokens)`.
@@ -161,21 +149,6 @@ impl PolicyMetrics {
                         .encode_gauge(tokens)?;
                 }
             }
-        }
-        for (name, help, value) in [
-            (
-                "weft_schedule_fires",
-                "Schedule fire times that submitted a task, since the coordinator started (each fire time at most once, across restarts)",
-                &self.schedule_fires,
-            ),
-            (
-                "weft_schedule_skips",
-                "Schedule fire times that submitted no task (overlap policy skip with the previous run live, or a full queue), since the coordinator started",
-                &self.schedule_skips,
-            ),
-        ] {
-            e.encode_descriptor(name, help, None, MetricType::Counter)?
-                .encode_counter::<NoLabelSet, _, u64>(&load(value), None)?;
         }
         Ok(())
     }

@@ -197,15 +197,3 @@ fn rate_limit_tokens_follow_the_set_of_limits() {
         Some("3")
     );
 }
-
-#[test]
-fn schedule_fires_and_skips_are_the_scheduler_s_counts() {
-    let metrics = Metrics::default();
-    let mut gauges = crate::scheduler::Gauges::default();
-    gauges.policy.schedule_fires = 2;
-    gauges.policy.schedule_skips = 1;
-    metrics.set_gauges(&gauges);
-    let text = metrics.encode();
-    assert_eq!(line(&text, "weft_schedule_fires_total"), Some("2"));
-    assert_eq!(line(&text, "weft_schedule_skips_total"), Some("1"));
-}
