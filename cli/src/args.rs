@@ -300,6 +300,10 @@ pub enum Command {
     /// revoke. Needs scope admin.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Named limits: rate limits tasks take units from (`--rate-limit`)
+    /// and concurrency keys' limits (`--concurrency-key`): set, list, delete.
+    #[command(subcommand)]
+    Limit(crate::limit::LimitCommand),
     /// Save a coordinator address and token (per user, 0600) for later
     /// commands given neither flags nor environment.
     ///

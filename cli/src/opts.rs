@@ -64,6 +64,9 @@ pub struct TaskOpts {
     /// The W3C `tracestate` that goes with --traceparent.
     #[arg(long, env = "TRACESTATE", value_name = "TRACESTATE")]
     pub tracestate: Option<String>,
+    /// Scheduling policy (priority, fair key, limits, resources).
+    #[command(flatten)]
+    pub policy: crate::policy_opts::PolicyOpts,
 }
 
 impl TaskOpts {
@@ -124,7 +127,7 @@ impl TaskOpts {
         if let Some(trace) = self.trace() {
             spec = spec.trace(trace);
         }
-        spec
+        self.policy.apply(spec)
     }
 
     /// The trace to continue (`--traceparent`/`TRACEPARENT`), if valid; a
@@ -304,6 +307,7 @@ mod tests {
             stdin_file: None,
             traceparent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
             tracestate: Some("k=v".into()),
+            ..TaskOpts::default()
         };
         let spec = opts.apply_with_stdin(TaskSpec::exec(["true"]), Some(b"in".to_vec()));
         let trace = spec.trace.as_ref().expect("the trace is continued");

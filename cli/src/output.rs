@@ -256,6 +256,8 @@ pub fn node_json(node: &NodeInfo) -> Value {
         "last_heartbeat_age_ms": u64::try_from(node.last_heartbeat_age.as_millis()).unwrap_or(u64::MAX),
         "handlers": node.handlers,
         "finished": node.finished,
+        "resources": node.resources,
+        "resources_free": node.resources_free,
     })
 }
 
@@ -284,6 +286,7 @@ pub fn nodes_table(nodes: &[NodeInfo]) -> String {
                 } else {
                     labels
                 },
+                resources_cell(node),
                 handlers_cell(&node.handlers),
             ]
         })
@@ -298,10 +301,27 @@ pub fn nodes_table(nodes: &[NodeInfo]) -> String {
             "RUNNING",
             "HEARTBEAT",
             "LABELS",
+            "RESOURCES",
             "HANDLERS",
         ],
         &rows,
     )
+}
+
+/// A node's resources for its table cell: `cpu 6/8 gpu 1/2` (free/total),
+/// `-` for none.
+fn resources_cell(node: &NodeInfo) -> String {
+    if node.resources.is_empty() {
+        return "-".into();
+    }
+    node.resources
+        .iter()
+        .map(|(name, total)| {
+            let free = node.resources_free.get(name).copied().unwrap_or(0);
+            format!("{name} {free}/{total}")
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// A node's handlers for its table cell: sorted, comma-separated, `-` for none.

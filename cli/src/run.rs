@@ -69,6 +69,7 @@ async fn dispatch(args: Args) -> anyhow::Result<u8> {
                 Command::Drain { node, grace } => admin::drain(&client, format, &node, grace).await,
                 Command::Info => admin::info(&client, format).await,
                 Command::Token(command) => token::run(&client, format, command).await,
+                Command::Limit(command) => crate::limit::run(&client, format, command).await,
                 Command::Map {
                     jobs,
                     keep_order,

@@ -49,6 +49,19 @@ use weft_proto::pb::admin_service_client::AdminServiceClient;
 use weft_proto::pb::task_service_client::TaskServiceClient;
 
 pub use error::Error;
+
+/// A named limit and how it stands now (`Client::limits`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct LimitInfo {
+    /// The limit.
+    pub limit: weft_proto::policy::Limit,
+    /// For a rate limit: whole units in its bucket now.
+    pub available: u64,
+    /// For a concurrency key: its tasks assigned or running now.
+    pub running: u32,
+    /// Ready tasks waiting on it now.
+    pub waiting: u64,
+}
 use token::AuthChannel;
 pub use token::BearerToken;
 pub use types::{ClusterInfo, EventBody, ListFilter, Task, TaskAttempt, TaskEvent};
@@ -340,6 +353,51 @@ impl Client {
                 "DrainNodeResponse.node",
             ))?;
         Ok(NodeInfo::try_from(node)?)
+    }
+
+    /// Sets (creates or replaces) a named limit: a rate limit tasks take
+    /// units from, or a concurrency key's limit. Needs scope `admin`.
+    pub async fn set_limit(&self, limit: &weft_proto::policy::Limit) -> Result<(), Error> {
+        let mut client = self.admin.clone();
+        unary(client.set_limit(request(pb::SetLimitRequest {
+            limit: Some(pb::Limit::from(limit)),
+        })))
+        .await?;
+        Ok(())
+    }
+
+    /// Every limit set, with how it stands (`available` units, `running`
+    /// tasks, `waiting` tasks). Needs scope `read`.
+    pub async fn limits(&self) -> Result<Vec<LimitInfo>, Error> {
+        let mut client = self.admin.clone();
+        let answer = unary(client.list_limits(request(pb::ListLimitsRequest {}))).await?;
+        answer
+            .limits
+            .into_iter()
+            .map(|info| {
+                let limit = info
+                    .limit
+                    .ok_or(weft_proto::ConversionError::MissingField("LimitInfo.limit"))?;
+                Ok(LimitInfo {
+                    limit: weft_proto::policy::Limit::try_from(limit)?,
+                    available: info.available,
+                    running: info.running,
+                    waiting: info.waiting,
+                })
+            })
+            .collect()
+    }
+
+    /// Deletes a named limit (`kind`: "rate", "concurrency", or empty for
+    /// whichever there is). NOT_FOUND for an unknown one. Needs `admin`.
+    pub async fn delete_limit(&self, name: &str, kind: &str) -> Result<(), Error> {
+        let mut client = self.admin.clone();
+        unary(client.delete_limit(request(pb::DeleteLimitRequest {
+            name: name.to_owned(),
+            kind: kind.to_owned(),
+        })))
+        .await?;
+        Ok(())
     }
 
     /// Cluster-wide figures.

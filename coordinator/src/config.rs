@@ -98,6 +98,10 @@ pub struct CoordinatorConfig {
     /// one (its worker restarting, say) before it fails saying so
     /// (`--schedule-timeout`, default 5 min; zero: forever).
     pub schedule_timeout: Duration,
+    /// A queued task gains one level of effective priority per this much
+    /// waited, so low priorities are never starved (`--priority-aging`,
+    /// default 60 s; zero: strict priority order).
+    pub priority_aging: Duration,
     /// How long a new connection may take to finish its TLS handshake
     /// and send the HTTP/2 client preface; one that has not is closed
     /// (`--handshake-timeout`, default 10 s).
@@ -127,6 +131,9 @@ pub struct CoordinatorConfig {
 
 /// Default of [`CoordinatorConfig::schedule_timeout`].
 pub const DEFAULT_SCHEDULE_TIMEOUT: Duration = Duration::from_secs(5 * 60);
+
+/// Default of [`CoordinatorConfig::priority_aging`].
+pub const DEFAULT_PRIORITY_AGING: Duration = Duration::from_secs(60);
 
 /// Default of [`CoordinatorConfig::start_timeout`].
 pub const DEFAULT_START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -233,6 +240,7 @@ impl Default for CoordinatorConfig {
             max_message_size: weft_proto::limits::DEFAULT_MAX_MESSAGE_BYTES,
             start_timeout: DEFAULT_START_TIMEOUT,
             schedule_timeout: DEFAULT_SCHEDULE_TIMEOUT,
+            priority_aging: DEFAULT_PRIORITY_AGING,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             max_connections: None,
             max_connections_per_ip: DEFAULT_MAX_CONNECTIONS_PER_IP,

@@ -55,6 +55,9 @@ pub enum Error {
     /// No connected node with that id or name.
     #[error("node {0:?} not found")]
     NodeNotFound(String),
+    /// No limit of that name (and kind).
+    #[error("limit {0:?} not found")]
+    LimitNotFound(String),
     /// The node was revoked by an admin (`weft nodes revoke`). Final: it
     /// must not reconnect.
     #[error(
@@ -154,9 +157,10 @@ impl From<Error> for Status {
             Error::ProtocolVersion(_) | Error::TaskFinal { .. } => {
                 Status::failed_precondition(err.to_string())
             }
-            Error::TaskNotFound(_) | Error::TaskExpired { .. } | Error::NodeNotFound(_) => {
-                Status::not_found(err.to_string())
-            }
+            Error::TaskNotFound(_)
+            | Error::TaskExpired { .. }
+            | Error::NodeNotFound(_)
+            | Error::LimitNotFound(_) => Status::not_found(err.to_string()),
             Error::QueueFull { .. } => Status::resource_exhausted(err.to_string()),
             Error::NodeRevoked(_) => Status::permission_denied(err.to_string()),
             Error::NodeNameTaken { .. } => Status::already_exists(err.to_string()),

@@ -548,6 +548,7 @@ fn open_and_load(
     })?;
     scheduler.restore_summary(loaded.final_counts, loaded.recently_final, now);
     scheduler.restore_next_chunks(loaded.next_chunks);
+    scheduler.restore_limits(loaded.limits);
     let tokens = store.tokens()?;
     let identities = store.node_identities()?;
     Ok((store, scheduler, tokens, identities))

@@ -77,6 +77,14 @@ struct Args {
     #[arg(long, default_value = "5m", value_parser = parse_duration)]
     schedule_timeout: Duration,
 
+    /// Starvation guard for priorities: a queued task gains one priority
+    /// level per this much it has waited since it was submitted, so a
+    /// priority-1 task under a constant stream of priority-9 work still
+    /// runs within 8 intervals. 0 gives strict priority order (low
+    /// priorities may then wait forever).
+    #[arg(long, env = "WEFT_PRIORITY_AGING", default_value = "60s", value_parser = parse_duration)]
+    priority_aging: Duration,
+
     /// Directory of the durable store (created if missing). Tasks, their
     /// events and results survive restarts there; one coordinator per dir.
     #[arg(long, env = "WEFT_DATA_DIR", default_value = "weft-data")]
@@ -349,6 +357,7 @@ impl From<&Args> for CoordinatorConfig {
             max_node_slots: args.max_node_slots,
             start_timeout: args.start_timeout,
             schedule_timeout: args.schedule_timeout,
+            priority_aging: args.priority_aging,
             insecure: args.insecure,
             tls: (!args.insecure).then(|| TlsConfig {
                 pki_dir: args

@@ -107,6 +107,13 @@ struct Args {
     #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
     labels: Vec<(String, String)>,
 
+    /// A numeric resource this node offers beyond slots, as name=amount
+    /// (`cpu=8`, `gpu=2`, `mem=32GiB`; k/M/G/T and KiB/MiB/GiB/TiB
+    /// suffixes). Repeatable; custom names allowed (a-z 0-9 _ . -). Tasks
+    /// that ask for resources are placed only where that much is free.
+    #[arg(long = "resource", value_name = "NAME=AMOUNT", value_parser = parse_resource)]
+    resources: Vec<(String, u64)>,
+
     /// On SIGTERM/SIGINT or a coordinator drain: how long running tasks may
     /// take before they are cancelled (e.g. 500ms, 30s, 1m).
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
@@ -283,6 +290,7 @@ impl TryFrom<Args> for NodeConfig {
             config.blocking_threads = usize::try_from(threads).unwrap_or(usize::MAX);
         }
         config.labels = args.labels.into_iter().collect::<BTreeMap<_, _>>();
+        config.resources = args.resources.into_iter().collect::<BTreeMap<_, _>>();
         config.drain_grace = args.drain_grace;
         config.lease = args.lease;
         config.reaper = weft_node::reaper::self_as_reaper();
@@ -302,6 +310,10 @@ fn parse_program(text: &str) -> Result<String, String> {
 
 fn parse_pin(text: &str) -> Result<Trust, String> {
     Trust::pin(text).map_err(|err| err.to_string())
+}
+
+fn parse_resource(text: &str) -> Result<(String, u64), String> {
+    weft_proto::policy::parse_resource(text).map_err(|e| e.to_string())
 }
 
 fn parse_label(text: &str) -> Result<(String, String), String> {
@@ -596,6 +608,24 @@ mod tests {
                 && help.contains("[default: weft-node-state]"),
             "{help}"
         );
+    }
+
+    #[test]
+    fn resources_parse_with_size_suffixes_and_bad_ones_are_refused() {
+        let args = Args::try_parse_from([
+            "weft-node",
+            "--resource",
+            "gpu=2",
+            "--resource",
+            "mem=32GiB",
+        ])
+        .unwrap();
+        assert_eq!(
+            args.resources,
+            [("gpu".into(), 2), ("mem".into(), 32 << 30)]
+        );
+        let err = Args::try_parse_from(["weft-node", "--resource", "gpu"]).unwrap_err();
+        assert!(err.to_string().contains("name=amount"), "{err}");
     }
 
     #[test]

@@ -838,7 +838,8 @@ mod tests {
 
     #[test]
     fn out_of_range_policy_fields_are_refused_naming_the_field() {
-        let cases: [(&str, fn(&mut pb::TaskSpec)); 6] = [
+        type Break = fn(&mut pb::TaskSpec);
+        let cases: [(&str, Break); 6] = [
             ("priority", |s| s.priority = 10),
             ("fair_weight", |s| s.fair_weight = 1001),
             ("fair_key", |s| s.fair_key = "a b".into()),

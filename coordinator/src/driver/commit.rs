@@ -212,7 +212,11 @@ pub(super) fn coalesce(records: Vec<Record>) -> Vec<Record> {
                     out.push(Record::Task(task));
                 }
             },
-            other @ (Record::Event(_) | Record::Secrets(..) | Record::ForgetSecrets(_)) => {
+            other @ (Record::Event(_)
+            | Record::Secrets(..)
+            | Record::ForgetSecrets(_)
+            | Record::Limit(_)
+            | Record::DeleteLimit { .. }) => {
                 out.push(other);
             }
         }

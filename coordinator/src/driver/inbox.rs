@@ -183,6 +183,21 @@ pub(crate) enum Command {
     ClusterInfo {
         reply: oneshot::Sender<(ClusterStats, Duration)>,
     },
+    /// An admin sets a named limit; answered after the commit.
+    SetLimit {
+        limit: weft_proto::policy::Limit,
+        reply: oneshot::Sender<Result<(), Error>>,
+    },
+    /// An admin deletes a named limit; answered after the commit.
+    DeleteLimit {
+        name: String,
+        kind: String,
+        reply: oneshot::Sender<Result<(), Error>>,
+    },
+    /// Every limit and how it stands, read at the end of the batch.
+    ListLimits {
+        reply: oneshot::Sender<Vec<crate::scheduler::LimitStatus>>,
+    },
 }
 
 /// What one node session has handed the driver and the driver has not

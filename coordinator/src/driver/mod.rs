@@ -425,6 +425,20 @@ impl Driver {
                 let uptime = now.instant.saturating_duration_since(self.started);
                 reads.push(cluster_info(reply, uptime));
             }
+            Command::SetLimit { limit, reply } => {
+                self.scheduler.set_limit(limit);
+                replies.push(answer_committed(reply, Ok(())));
+            }
+            Command::DeleteLimit { name, kind, reply } => {
+                let result = self.scheduler.delete_limit(&name, &kind);
+                replies.push(answer_committed(reply, result));
+            }
+            Command::ListLimits { reply } => {
+                let instant = now.instant;
+                reads.push(Box::new(move |scheduler| {
+                    answer(reply, scheduler.limits(instant))
+                }));
+            }
         }
     }
 

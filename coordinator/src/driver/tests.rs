@@ -211,6 +211,7 @@ impl Harness {
             handlers: vec!["noop".into()],
             exec: weft_proto::ExecPolicy::Allow,
             running: Vec::new(),
+            resources: BTreeMap::new(),
         };
         let registered = handle.call(|reply| Command::Register {
             session,
@@ -338,7 +339,11 @@ fn tasks_in(records: &[Record]) -> Vec<TaskId> {
         .iter()
         .filter_map(|r| match r {
             Record::Task(t) => Some(t.id),
-            Record::Event(_) | Record::Secrets(..) | Record::ForgetSecrets(_) => None,
+            Record::Event(_)
+            | Record::Secrets(..)
+            | Record::ForgetSecrets(_)
+            | Record::Limit(_)
+            | Record::DeleteLimit { .. } => None,
         })
         .collect()
 }

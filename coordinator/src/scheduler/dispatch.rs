@@ -22,6 +22,8 @@ impl Scheduler {
     /// never at the whole queue. Free slots first, then prefetch credits: a
     /// task waits queued on a busy node only when no node has a slot free.
     pub(super) fn dispatch(&mut self, now: Now) {
+        self.queue.policy.rate_wakeup = None;
+        self.queue.policy.last_dispatch = Some(now.instant);
         for prefetch in [false, true] {
             if !self.queue.any_ready() {
                 return;
@@ -49,14 +51,22 @@ impl Scheduler {
         if node.draining || room == 0 {
             return false;
         }
-        let mut best: Option<(TaskId, usize)> = None;
-        for (index, class) in self.queue.classes.iter_mut().enumerate() {
+        // Among heads of one priority: the fair key with the smallest
+        // virtual time, then the oldest; across priorities: the highest
+        // effective (aged) priority, then the oldest (see `policy.rs`).
+        let now_ns = super::task::nanos(now.wall);
+        let queue = &mut self.queue;
+        let policy = &mut queue.policy;
+        let mut best: Option<(Rank, usize)> = None;
+        for (index, class) in queue.classes.iter_mut().enumerate() {
+            let mut created = 0;
             while let Some(head) = class.ready.front() {
                 let ready = self
                     .tasks
                     .get(head)
-                    .is_some_and(|t| t.state == TaskState::Queued && !t.delayed);
-                if ready {
+                    .filter(|t| t.state == TaskState::Queued && !t.delayed);
+                if let Some(task) = ready {
+                    created = task.created_nanos().max(class.last_served);
                     break;
                 }
                 class.ready.pop_front();
@@ -67,14 +77,44 @@ impl Scheduler {
             if class.example.slots > room || !node.can_run(&class.example) {
                 continue;
             }
-            if best.is_none_or(|(b, _)| *head < b) {
-                best = Some((*head, index));
+            let cp = class.policy;
+            if let Some((key, _)) = cp.conc
+                && !policy.conc[key as usize].has_room()
+            {
+                continue;
+            }
+            if cp.gated
+                && (!node.resources_fit(&class.example)
+                    || !policy.rates_allow(&class.example, now.instant))
+            {
+                continue;
+            }
+            let rank = Rank {
+                priority: cp.priority,
+                effective: policy.effective(cp.priority, created, now_ns),
+                vtime: policy.fair[cp.fair as usize].vtime,
+                head: *head,
+            };
+            if best.as_ref().is_none_or(|(b, _)| rank.before(b)) {
+                best = Some((rank, index));
             }
         }
-        let Some((id, index)) = best else {
+        let Some((Rank { head: id, .. }, index)) = best else {
             return false;
         };
-        self.queue.classes[index].ready.pop_front();
+        let class = &mut self.queue.classes[index];
+        class.ready.pop_front();
+        class.last_served = now_ns;
+        let cp = class.policy;
+        let slots = class.example.slots;
+        self.queue.policy.served(cp.fair, slots);
+        if let Some((key, _)) = cp.conc {
+            self.queue.policy.conc[key as usize].running += 1;
+        }
+        if cp.gated {
+            let example = Arc::clone(&self.queue.classes[index].example);
+            self.queue.policy.take_rates(&example);
+        }
         let (Some(node), Some(task)) = (self.nodes.get_mut(session), self.tasks.get_mut(&id))
         else {
             return false;
@@ -88,6 +128,7 @@ impl Scheduler {
         task.spec = LiveSpec::Full(Arc::clone(&spec));
         node.credits -= spec.slots;
         node.used += spec.slots;
+        node.hold_resources(&spec.resources);
         node.running.insert(id, attempt);
         task.last_outcome = None;
         task.place(Placement {
@@ -192,13 +233,59 @@ impl Scheduler {
                 spec.slots
             ));
         }
+        if let Some(reason) = self.infeasible_reason(spec) {
+            return Some(reason);
+        }
         if matching
             .iter()
-            .filter(|n| n.slots >= spec.slots)
+            .filter(|n| n.can_run(spec))
             .all(|n| n.draining)
         {
             return Some("every node that could run it is draining".into());
         }
+        let policy = self.queue.classes[task.class as usize].policy;
+        if let Some(reason) = self.queue.policy.limit_reason(spec, policy) {
+            return Some(reason);
+        }
+        if !spec.resources.is_empty()
+            && !matching
+                .iter()
+                .any(|n| n.can_run(spec) && n.resources_fit(spec))
+        {
+            let wanted: Vec<String> = spec
+                .resources
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            return Some(format!(
+                "waiting for free resources ({})",
+                wanted.join(", ")
+            ));
+        }
         Some("waiting for a free slot".into())
+    }
+}
+
+/// How a class head ranks for one assignment.
+struct Rank {
+    priority: u8,
+    effective: u64,
+    vtime: f64,
+    head: TaskId,
+}
+
+impl Rank {
+    /// Goes before `other`: within one priority by fair share, then age;
+    /// across priorities by effective (aged) priority, then age. Aging
+    /// never reorders one priority's keys, so it cannot undo fairness.
+    fn before(&self, other: &Rank) -> bool {
+        if self.priority == other.priority {
+            return self.vtime < other.vtime
+                || (self.vtime == other.vtime && self.head < other.head);
+        }
+        match self.effective.cmp(&other.effective) {
+            std::cmp::Ordering::Equal => self.head < other.head,
+            order => order == std::cmp::Ordering::Greater,
+        }
     }
 }

@@ -111,8 +111,9 @@ impl Scheduler {
                         p.session = session;
                         p.node_name = std::sync::Arc::clone(&name);
                     }
-                    let slots = self.queue.example(task.class).slots;
-                    entry.used = entry.used.saturating_add(slots);
+                    let example = self.queue.example(task.class);
+                    entry.used = entry.used.saturating_add(example.slots);
+                    entry.hold_resources(&example.resources);
                     entry.running.insert(id, attempt);
                     if task.state == TaskState::Assigned {
                         unstarted.push((id, attempt));

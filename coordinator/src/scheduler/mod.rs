@@ -31,8 +31,10 @@
 mod attempts;
 mod dispatch;
 mod gauges;
+mod limits;
 mod live;
 mod membership;
+mod policy;
 pub mod queue;
 pub mod recent;
 pub mod registry;
@@ -58,6 +60,7 @@ use crate::error::Error;
 use crate::metrics::TaskMetrics;
 use crate::store::{EventBody, FinalAttempt, Loaded, Record, TaskRecord};
 pub use gauges::Gauges;
+pub use limits::LimitStatus;
 use live::LiveTasks;
 use queue::{ClassId, Queue};
 use recent::RecentResults;
@@ -112,6 +115,9 @@ pub struct SchedulerConfig {
     /// How long an attempt sent to a node may stay unstarted (see
     /// `CoordinatorConfig::start_timeout`).
     pub start_timeout: Duration,
+    /// One level of effective priority per this much a queued task has
+    /// waited (zero: strict priority order). See `policy.rs`.
+    pub priority_aging: Duration,
 }
 
 impl From<&CoordinatorConfig> for SchedulerConfig {
@@ -127,6 +133,7 @@ impl From<&CoordinatorConfig> for SchedulerConfig {
             max_node_slots: config.max_node_slots,
             start_timeout: config.start_timeout,
             schedule_timeout: config.schedule_timeout,
+            priority_aging: config.priority_aging,
         }
     }
 }
@@ -335,9 +342,9 @@ impl Scheduler {
                 backoff_base: config.retry_backoff_base,
                 backoff_max: config.retry_backoff_max,
             },
+            queue: Queue::with_aging(config.priority_aging),
             config,
             tasks: LiveTasks::new(),
-            queue: Queue::default(),
             nodes: Registry::default(),
             counts: [0; weft_proto::TASK_STATES],
             stale_events_refused: 0,
@@ -383,6 +390,7 @@ impl Scheduler {
             secrets,
             recently_final,
             next_chunks,
+            limits,
         } = loaded;
         self.restore_summary(final_counts, recently_final, now);
         // Only for tasks still live: a final task needs none.
@@ -392,6 +400,7 @@ impl Scheduler {
             self.restore_task(record, secret, now);
         }
         self.restore_next_chunks(next_chunks);
+        self.restore_limits(limits);
     }
 
     /// The first part of [`restore`](Self::restore): final counts and
@@ -448,6 +457,9 @@ impl Scheduler {
         let on_node = matches!(record.state, TaskState::Assigned | TaskState::Running)
             && record.node_id.is_some();
         task.restore_attempts(record.attempts, on_node);
+        if !self.queue.classes[class as usize].policy.plain {
+            self.policy_restored(record.id, class, &record.spec, on_node);
+        }
         self.counts[state_index(record.state)] += 1;
         match (record.state, record.node_id) {
             (TaskState::Assigned | TaskState::Running, Some(node_id)) => {
@@ -548,6 +560,9 @@ impl Scheduler {
                 now.wall,
             );
             self.queue.push_ready(class, id);
+            if !self.queue.classes[class as usize].policy.plain {
+                self.policy_submitted(id, class, &spec, now);
+            }
             let wait = self.schedule_timeout(&spec);
             if !is_served && !wait.is_zero() {
                 // Nodes are connected but none serves its handler (its
@@ -665,6 +680,7 @@ impl Scheduler {
             self.next_liveness_check,
             orphan,
             self.start_deadlines.next(),
+            self.queue.policy.rate_wakeup,
             self.unplaceable
                 .peek()
                 .map(|std::cmp::Reverse((at, _))| *at),

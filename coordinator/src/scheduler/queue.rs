@@ -2,7 +2,8 @@
 //! backoff (the delay itself is `retry.rs`'s).
 //!
 //! Queued tasks are grouped by requirement class (handler or exec program,
-//! labels, slots):
+//! labels, slots, and the scheduling policy: priority, fair key,
+//! concurrency key, rate-limit uses, resources; see `policy.rs`):
 //! every task of a class can run on exactly the same nodes, so dispatch
 //! looks at one queue head per class instead of scanning tasks. A queue
 //! entry is just a 16-byte [`TaskId`]; a task cancelled while queued leaves
@@ -20,6 +21,8 @@ use bytes::Bytes;
 use weft_proto::exec_policy::loader_variable;
 use weft_proto::{SecretEnv, TaskId, TaskKind, TaskSpec};
 
+use super::policy::{ClassPolicy, Policy};
+
 /// Index of a requirement class.
 pub(crate) type ClassId = u32;
 
@@ -34,6 +37,12 @@ pub(crate) struct Class {
     pub example: Arc<TaskSpec>,
     /// Ready task ids, oldest first (may hold stale entries).
     pub ready: VecDeque<TaskId>,
+    /// Its scheduling policy, resolved once (see `policy.rs`).
+    pub policy: ClassPolicy,
+    /// When it was last served (Unix nanos; 0: never): priority aging
+    /// counts the time its head waited since then, so a class served all
+    /// along gains nothing.
+    pub last_served: u64,
 }
 
 /// Ready queues per class plus the retry timer heap.
@@ -43,6 +52,8 @@ pub(crate) struct Queue {
     index: HashMap<u64, Vec<ClassId>>,
     delayed: BinaryHeap<Reverse<(Instant, TaskId, u32)>>,
     last: Option<ClassId>,
+    /// Key tables and buckets of the scheduling policy.
+    pub policy: Policy,
 }
 
 fn class_hash(spec: &TaskSpec) -> u64 {
@@ -59,6 +70,9 @@ fn class_hash(spec: &TaskSpec) -> u64 {
     }
     spec.labels.hash(&mut hasher);
     spec.slots.hash(&mut hasher);
+    spec.priority.hash(&mut hasher);
+    spec.fair_key.hash(&mut hasher);
+    spec.resources.hash(&mut hasher);
     hasher.finish()
 }
 
@@ -75,6 +89,18 @@ fn same_class(a: &TaskSpec, b: &TaskSpec) -> bool {
         && a.slots == b.slots
         && a.labels == b.labels
         && sets_loader_env(a) == sets_loader_env(b)
+        && same_policy(a, b)
+}
+
+/// Same scheduling needs (see `policy.rs`): such tasks share a class.
+fn same_policy(a: &TaskSpec, b: &TaskSpec) -> bool {
+    a.priority == b.priority
+        && a.fair_key == b.fair_key
+        && a.fair_weight == b.fair_weight
+        && a.concurrency == b.concurrency
+        && a.rate_limits == b.rate_limits
+        && a.resources == b.resources
+        && a.fail_if_infeasible == b.fail_if_infeasible
 }
 
 /// True when an exec task sets a variable an allow-list refuses (in `env`
@@ -93,6 +119,13 @@ fn sets_loader_env(spec: &TaskSpec) -> bool {
 }
 
 impl Queue {
+    /// An empty queue whose policy ages priorities by `aging` (zero: not).
+    pub fn with_aging(aging: std::time::Duration) -> Self {
+        let mut queue = Queue::default();
+        queue.policy.aging = aging;
+        queue
+    }
+
     /// The class of `spec` (with its `secret_env`, whose names may set it
     /// apart: see `sets_loader_env`), made on first sight. Submits of many alike
     /// tasks hit the one-entry cache and allocate nothing.
@@ -130,9 +163,12 @@ impl Queue {
                     TaskKind::Call(call) => call.input = Bytes::new(),
                     TaskKind::Exec(exec) => exec.stdin = Bytes::new(),
                 }
+                let policy = self.policy.class_policy(&example);
                 self.classes.push(Class {
                     example: Arc::new(example),
                     ready: VecDeque::new(),
+                    policy,
+                    last_served: 0,
                 });
                 candidates.push(class);
                 class
@@ -150,6 +186,9 @@ impl Queue {
     /// Puts a task at the back of its class's ready queue.
     pub fn push_ready(&mut self, class: ClassId, id: TaskId) {
         if let Some(c) = self.classes.get_mut(class as usize) {
+            if c.ready.is_empty() {
+                self.policy.reactivate(c.policy.fair);
+            }
             c.ready.push_back(id);
         }
     }
@@ -159,6 +198,9 @@ impl Queue {
     /// so they are not sent behind the whole backlog again.
     pub fn push_front_ready(&mut self, class: ClassId, id: TaskId) {
         if let Some(c) = self.classes.get_mut(class as usize) {
+            if c.ready.is_empty() {
+                self.policy.reactivate(c.policy.fair);
+            }
             c.ready.push_front(id);
         }
     }

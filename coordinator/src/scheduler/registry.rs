@@ -51,6 +51,8 @@ pub struct NodeRegistration {
     pub exec: ExecPolicy,
     /// Attempts it says it still runs (after a reconnect).
     pub running: Vec<(TaskId, Attempt)>,
+    /// Numeric resources it offers (`--resource name=amount`), checked.
+    pub resources: BTreeMap<String, u64>,
 }
 
 /// One connected node.
@@ -75,6 +77,9 @@ pub(crate) struct NodeEntry {
     pub last_seen: Instant,
     pub draining: bool,
     pub finished: u64,
+    /// Resources it offers, and what of them is not held by an attempt.
+    pub resources: BTreeMap<String, u64>,
+    pub resources_free: BTreeMap<String, u64>,
 }
 
 impl NodeEntry {
@@ -93,6 +98,8 @@ impl NodeEntry {
             last_seen: now,
             draining: false,
             finished: 0,
+            resources_free: reg.resources.clone(),
+            resources: reg.resources,
         }
     }
 
@@ -121,7 +128,41 @@ impl NodeEntry {
 
     /// True when this node could ever run `spec` (ignoring free slots).
     pub fn can_run(&self, spec: &TaskSpec) -> bool {
-        self.serves(spec) && spec.matches_labels(&self.labels) && spec.slots <= self.slots
+        self.serves(spec)
+            && spec.matches_labels(&self.labels)
+            && spec.slots <= self.slots
+            && (spec.resources.is_empty()
+                || spec
+                    .resources
+                    .iter()
+                    .all(|(name, amount)| self.resources.get(name).is_some_and(|a| a >= amount)))
+    }
+
+    /// True when `spec`'s resources are free here now.
+    pub fn resources_fit(&self, spec: &TaskSpec) -> bool {
+        spec.resources
+            .iter()
+            .all(|(name, amount)| self.resources_free.get(name).is_some_and(|a| a >= amount))
+    }
+
+    /// An attempt holds `resources` here (from assignment to its end).
+    pub fn hold_resources(&mut self, resources: &BTreeMap<String, u64>) {
+        for (name, amount) in resources {
+            if let Some(free) = self.resources_free.get_mut(name) {
+                *free = free.saturating_sub(*amount);
+            }
+        }
+    }
+
+    /// An attempt that held `resources` here ended.
+    pub fn release_resources(&mut self, resources: &BTreeMap<String, u64>) {
+        for (name, amount) in resources {
+            if let (Some(free), Some(total)) =
+                (self.resources_free.get_mut(name), self.resources.get(name))
+            {
+                *free = free.saturating_add(*amount).min(*total);
+            }
+        }
     }
 
     /// True when the node has the handler a call task needs, or its exec
@@ -164,8 +205,8 @@ impl NodeEntry {
             },
             handlers: self.handlers.iter().cloned().collect(),
             finished: self.finished,
-            resources: std::collections::BTreeMap::new(),
-            resources_free: std::collections::BTreeMap::new(),
+            resources: self.resources.clone(),
+            resources_free: self.resources_free.clone(),
         }
     }
 }
@@ -265,6 +306,7 @@ mod tests {
             handlers: Vec::new(),
             exec: ExecPolicy::Allow,
             running: Vec::new(),
+            resources: BTreeMap::new(),
         };
         NodeEntry::new(reg, Instant::now())
     }

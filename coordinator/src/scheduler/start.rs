@@ -122,12 +122,14 @@ impl Scheduler {
         let Some(task) = self.tasks.get(&id) else {
             return;
         };
-        let slots = self.queue.example(task.class).slots;
+        let example = self.queue.example(task.class);
+        let slots = example.slots;
         let Some(node) = self.nodes.get_mut(session) else {
             return;
         };
         node.running.remove(&id);
         node.used = node.used.saturating_sub(slots);
+        node.release_resources(&example.resources);
         let node_ref = (node.id(), Arc::clone(&node.name));
         let timeout = self.config.start_timeout;
         self.attempts_not_started += 1;

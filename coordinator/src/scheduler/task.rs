@@ -172,7 +172,7 @@ fn from_nanos(nanos: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_nanos(nanos)
 }
 
-fn nanos(t: SystemTime) -> u64 {
+pub(crate) fn nanos(t: SystemTime) -> u64 {
     let since = t.duration_since(UNIX_EPOCH).unwrap_or_default();
     u64::try_from(since.as_nanos()).unwrap_or(u64::MAX)
 }
@@ -192,6 +192,11 @@ impl LiveTask {
             last_outcome: None,
             delayed: false,
         }
+    }
+
+    /// When it was submitted, in nanoseconds since the Unix epoch.
+    pub fn created_nanos(&self) -> u64 {
+        self.created_at
     }
 
     /// When it was submitted.

@@ -97,6 +97,7 @@ impl Scheduler {
         });
         task.delayed = delay.is_some();
         let (class, attempt) = (task.class, task.attempt);
+        self.policy_attempt_ended(class);
         self.change_state(id, TaskState::Queued, lost, reason, now.wall);
         match delay {
             Some(delay) => self.queue.delay(now.instant + delay, id, attempt),
@@ -121,6 +122,8 @@ impl Scheduler {
             self.counts[state_index(task.state)].saturating_sub(1);
         self.counts[state_index(state)] += 1;
         self.tasks_finished += 1;
+        let was_out = matches!(task.state, TaskState::Assigned | TaskState::Running);
+        self.policy_finalized(id, task.class, was_out);
         task.state = state;
         task.attempt_ended(wall, &error);
         let spec = task.spec.to_spec(self.queue.example(task.class));

@@ -71,7 +71,16 @@ impl pb::admin_service_server::AdminService for AdminApi {
         request: Request<pb::SetLimitRequest>,
     ) -> Result<Response<pb::SetLimitResponse>, Status> {
         auth::require(&request, Scope::Admin)?;
-        Err(Status::unimplemented("SetLimit: not yet"))
+        let limit = request
+            .into_inner()
+            .limit
+            .ok_or(weft_proto::ConversionError::MissingField("limit"))
+            .map_err(Error::from)?;
+        let limit = weft_proto::policy::Limit::try_from(limit).map_err(Error::from)?;
+        self.handle
+            .call(|reply| Command::SetLimit { limit, reply })
+            .await??;
+        Ok(Response::new(pb::SetLimitResponse {}))
     }
 
     async fn list_limits(
@@ -79,7 +88,21 @@ impl pb::admin_service_server::AdminService for AdminApi {
         request: Request<pb::ListLimitsRequest>,
     ) -> Result<Response<pb::ListLimitsResponse>, Status> {
         auth::require(&request, Scope::Read)?;
-        Err(Status::unimplemented("ListLimits: not yet"))
+        let limits = self
+            .handle
+            .call(|reply| Command::ListLimits { reply })
+            .await?;
+        Ok(Response::new(pb::ListLimitsResponse {
+            limits: limits
+                .into_iter()
+                .map(|l| pb::LimitInfo {
+                    limit: Some(pb::Limit::from(&l.limit)),
+                    available: l.available,
+                    running: l.running,
+                    waiting: l.waiting,
+                })
+                .collect(),
+        }))
     }
 
     async fn delete_limit(
@@ -87,7 +110,13 @@ impl pb::admin_service_server::AdminService for AdminApi {
         request: Request<pb::DeleteLimitRequest>,
     ) -> Result<Response<pb::DeleteLimitResponse>, Status> {
         auth::require(&request, Scope::Admin)?;
-        Err(Status::unimplemented("DeleteLimit: not yet"))
+        let request = request.into_inner();
+        weft_proto::policy::check_key("name", &request.name).map_err(Error::from)?;
+        let (name, kind) = (request.name, request.kind);
+        self.handle
+            .call(|reply| Command::DeleteLimit { name, kind, reply })
+            .await??;
+        Ok(Response::new(pb::DeleteLimitResponse {}))
     }
 
     async fn list_nodes(

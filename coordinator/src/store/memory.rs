@@ -34,6 +34,8 @@ struct Inner {
     tokens: HashMap<String, TokenRecord>,
     /// Node identities by node id.
     identities: HashMap<NodeId, NodeIdentityRecord>,
+    /// Named limits by kind and name.
+    limits: BTreeMap<(&'static str, String), weft_proto::policy::Limit>,
 }
 
 #[derive(Debug)]
@@ -94,6 +96,7 @@ impl Store for MemoryStore {
             tasks,
             final_by_time,
             secrets,
+            limits,
             ..
         } = &mut *inner;
         // Check first so that a bad commit changes nothing.
@@ -127,7 +130,10 @@ impl Store for MemoryStore {
                     }
                     *next += 1;
                 }
-                Record::Secrets(..) | Record::ForgetSecrets(_) => {}
+                Record::Secrets(..)
+                | Record::ForgetSecrets(_)
+                | Record::Limit(_)
+                | Record::DeleteLimit { .. } => {}
             }
         }
         for record in records {
@@ -164,6 +170,12 @@ impl Store for MemoryStore {
                 }
                 Record::ForgetSecrets(id) => {
                     secrets.remove(id);
+                }
+                Record::Limit(limit) => {
+                    limits.insert((limit.kind.as_str(), limit.name.clone()), limit.clone());
+                }
+                Record::DeleteLimit { name, kind } => {
+                    limits.retain(|(k, n), _| !(*k == kind.as_str() && n == name));
                 }
             }
         }
@@ -258,6 +270,7 @@ impl Store for MemoryStore {
                 outcome: e.record.last_outcome,
             })
             .collect();
+        loaded.limits = inner.limits.values().cloned().collect();
         Ok(loaded)
     }
 

@@ -164,6 +164,15 @@ pub enum Record {
     /// Delete a task's secret environment: written in the commit that makes
     /// the task final, since nothing can need it after that.
     ForgetSecrets(TaskId),
+    /// Set (create or replace) a named limit (`SetLimit`).
+    Limit(weft_proto::policy::Limit),
+    /// Delete a named limit of a kind ("rate" or "concurrency").
+    DeleteLimit {
+        /// Its name.
+        name: String,
+        /// Its kind.
+        kind: String,
+    },
 }
 
 /// What a store holds when the coordinator starts.
@@ -184,6 +193,8 @@ pub struct Loaded {
     /// running) and sent output: the seq of the next output chunk expected
     /// from that attempt ([`next_chunk`]).
     pub next_chunks: Vec<(TaskId, u64)>,
+    /// The named limits set (`SetLimit`), put back before the tasks.
+    pub limits: Vec<weft_proto::policy::Limit>,
 }
 
 /// The next output chunk seq expected from `attempt`, given a task's

@@ -633,3 +633,44 @@ fn load_each_hands_over_live_tasks_one_at_a_time_in_id_order_with_their_secrets(
         assert_eq!(loaded.recently_final.len(), 1);
     });
 }
+
+#[test]
+fn limits_are_kept_replaced_and_deleted_and_the_redb_store_keeps_them_across_reopening() {
+    use weft_proto::policy::{Limit, LimitKind};
+    let rate = |name: &str, spec: &str| Limit {
+        name: name.into(),
+        kind: LimitKind::Rate(spec.parse().unwrap()),
+    };
+    let max = Limit {
+        name: "api".into(),
+        kind: LimitKind::MaxRunning(2),
+    };
+    both(|store| {
+        store
+            .commit(&[
+                Record::Limit(rate("api", "10/s")),
+                Record::Limit(max.clone()),
+                Record::Limit(rate("db", "1/s")),
+            ])
+            .unwrap();
+        store
+            .commit(&[
+                Record::Limit(rate("api", "20/s")),
+                Record::DeleteLimit {
+                    name: "db".into(),
+                    kind: "rate".into(),
+                },
+            ])
+            .unwrap();
+        let mut limits = store.load(at(0)).unwrap().limits;
+        limits.sort_by_key(|l| (l.kind.as_str(), l.name.clone()));
+        assert_eq!(limits, [max.clone(), rate("api", "20/s")]);
+    });
+    let dir = tempfile::tempdir().expect("temp dir");
+    {
+        let store = RedbStore::open(dir.path()).unwrap();
+        store.commit(&[Record::Limit(rate("api", "5/m"))]).unwrap();
+    }
+    let store = RedbStore::open(dir.path()).unwrap();
+    assert_eq!(store.load(at(0)).unwrap().limits, [rate("api", "5/m")]);
+}

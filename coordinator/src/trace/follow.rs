@@ -205,7 +205,10 @@ impl Follower {
                         | EventBody::Progress { .. } => {}
                     }
                 }
-                Record::Secrets(..) | Record::ForgetSecrets(_) => {}
+                Record::Secrets(..)
+                | Record::ForgetSecrets(_)
+                | Record::Limit(_)
+                | Record::DeleteLimit { .. } => {}
             }
         }
     }

@@ -20,6 +20,9 @@ pub struct TestClusterBuilder {
     pub(super) heartbeat_timeout: Duration,
     pub(super) drain_grace: Duration,
     pub(super) labels: BTreeMap<usize, Labels>,
+    /// Resources of the nodes started with the cluster, by node name
+    /// (`node-INDEX`).
+    pub(super) resources: BTreeMap<String, BTreeMap<String, u64>>,
     pub(super) exec: BTreeMap<usize, ExecPolicy>,
     pub(super) processes: bool,
     pub(super) durable: bool,
@@ -52,6 +55,7 @@ impl Default for TestClusterBuilder {
             heartbeat_timeout: Duration::from_secs(3),
             drain_grace: Duration::from_secs(5),
             labels: BTreeMap::new(),
+            resources: BTreeMap::new(),
             exec: BTreeMap::new(),
             processes: processes_by_default(),
             durable: false,
@@ -131,6 +135,18 @@ impl TestClusterBuilder {
             labels
                 .into_iter()
                 .map(|(k, v)| (k.into(), v.into()))
+                .collect(),
+        );
+        self
+    }
+
+    /// Resources of node `index` (`--resource name=amount`).
+    pub fn node_resources(mut self, index: usize, resources: &[(&str, u64)]) -> Self {
+        self.resources.insert(
+            format!("node-{index}"),
+            resources
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), *v))
                 .collect(),
         );
         self

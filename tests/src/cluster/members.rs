@@ -293,6 +293,10 @@ pub(super) fn start_node(
             args.push("--label".to_owned());
             args.push(format!("{k}={v}"));
         }
+        for (k, v) in settings.resources.get(name).into_iter().flatten() {
+            args.push("--resource".to_owned());
+            args.push(format!("{k}={v}"));
+        }
         match &exec {
             ExecPolicy::Allow => {}
             ExecPolicy::Deny => args.extend(["--exec".to_owned(), "deny".to_owned()]),
@@ -319,6 +323,7 @@ pub(super) fn start_node(
         config.name = name.to_owned();
         config.slots = slots;
         config.labels = labels;
+        config.resources = settings.resources.get(name).cloned().unwrap_or_default();
         config.exec = exec;
         config.drain_grace = settings.drain_grace;
         config.reconnect_min = Duration::from_millis(20);

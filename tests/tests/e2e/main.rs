@@ -31,6 +31,7 @@ mod node_limits;
 mod node_protocol;
 mod nodes_table;
 mod output;
+mod policy;
 mod reflection;
 mod scale;
 mod scheduling;

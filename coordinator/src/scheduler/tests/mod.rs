@@ -7,6 +7,7 @@ mod exec_policy;
 mod history;
 mod identity;
 mod membership;
+mod policy;
 mod reconnect;
 mod restart;
 mod secrets;
@@ -44,6 +45,7 @@ fn config() -> SchedulerConfig {
         max_node_slots: 1024,
         start_timeout: Duration::from_secs(30),
         schedule_timeout: Duration::from_secs(60),
+        priority_aging: Duration::ZERO,
     }
 }
 
@@ -57,6 +59,7 @@ fn reg(name: &str, slots: u32) -> NodeRegistration {
         handlers: vec!["noop".into(), "sleep".into()],
         exec: weft_proto::ExecPolicy::Allow,
         running: Vec::new(),
+        resources: BTreeMap::new(),
     }
 }
 

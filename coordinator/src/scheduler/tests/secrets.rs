@@ -42,6 +42,7 @@ fn secret_records(effects: &Effects) -> (Vec<TaskId>, Vec<TaskId>) {
             }
             Record::Secrets(id, _) => kept.push(*id),
             Record::ForgetSecrets(id) => forgotten.push(*id),
+            Record::Limit(_) | Record::DeleteLimit { .. } => {}
         }
     }
     (kept, forgotten)

@@ -50,6 +50,7 @@ pub(super) fn registration(register: pb::Register) -> Result<NodeRegistration, E
             }
         })
         .collect();
+    let resources = weft_proto::policy::check_resources("resources", &register.resources)?;
     Ok(NodeRegistration {
         node_id,
         name,
@@ -59,6 +60,7 @@ pub(super) fn registration(register: pb::Register) -> Result<NodeRegistration, E
         handlers: register.handlers,
         exec,
         running,
+        resources,
     })
 }
 

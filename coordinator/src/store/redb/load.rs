@@ -58,6 +58,7 @@ impl RedbStore {
                 });
             }
         }
+        loaded.limits = read_limits(txn)?;
         tracing::debug!(
             path = %self.path.display(),
             tasks = tasks.len().unwrap_or(0),
@@ -134,4 +135,34 @@ fn next_id(range: &mut redb::Range<'static, (u8, u128), ()>) -> Result<Option<u1
         Some(entry) => Ok(Some(entry.or_backend("loading")?.0.value().1)),
         None => Ok(None),
     }
+}
+
+/// Every named limit the store holds (a store made before limits were
+/// kept has no such table: none).
+pub(super) fn read_limits(
+    txn: &ReadTransaction,
+) -> Result<Vec<weft_proto::policy::Limit>, StoreError> {
+    let op = "loading limits";
+    let table = match txn.open_table(super::LIMITS) {
+        Ok(table) => table,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+        Err(err) => return Err::<Vec<_>, _>(err).or_backend(op),
+    };
+    let mut limits = Vec::new();
+    for entry in table.iter().or_backend(op)? {
+        let (key, value) = entry.or_backend(op)?;
+        let decoded = <weft_proto::pb::Limit as prost::Message>::decode(value.value())
+            .ok()
+            .and_then(|pb| weft_proto::policy::Limit::try_from(pb).ok());
+        match decoded {
+            Some(limit) => limits.push(limit),
+            None => {
+                return Err(StoreError::Inconsistent(format!(
+                    "limit {} cannot be read",
+                    key.value()
+                )));
+            }
+        }
+    }
+    Ok(limits)
 }

@@ -66,6 +66,8 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const SECRETS: TableDefinition<u128, &[u8]> = TableDefinition::new("secrets");
 /// Token records by id: hashes of secrets only.
 const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
+/// Named limits (`SetLimit`) by "kind/name": the `Limit` message.
+const LIMITS: TableDefinition<&str, &[u8]> = TableDefinition::new("limits");
 /// Node identities (joined or revoked nodes) by node id.
 const NODE_IDENTITIES: TableDefinition<u128, &[u8]> = TableDefinition::new("node_identities");
 
@@ -260,6 +262,22 @@ impl RedbStore {
                     txn.open_table(SECRETS)
                         .or_backend(op)?
                         .remove(id.as_u128())
+                        .or_backend(op)?;
+                }
+                // Rare admin acts: the table is opened for these alone.
+                Record::Limit(limit) => {
+                    let key = format!("{}/{}", limit.kind.as_str(), limit.name);
+                    let value = prost::Message::encode_to_vec(&weft_proto::pb::Limit::from(limit));
+                    txn.open_table(LIMITS)
+                        .or_backend(op)?
+                        .insert(key.as_str(), value.as_slice())
+                        .or_backend(op)?;
+                }
+                Record::DeleteLimit { name, kind } => {
+                    let key = format!("{kind}/{name}");
+                    txn.open_table(LIMITS)
+                        .or_backend(op)?
+                        .remove(key.as_str())
                         .or_backend(op)?;
                 }
             }

@@ -1,0 +1,377 @@
+//! Scheduling policy a task carries: priority with aging, weighted fair
+//! keys, concurrency keys, rate limits (named token buckets) and node
+//! resources.
+//!
+//! Every scheduling need is part of a task's queue class (`queue.rs`):
+//! tasks with the same priority, fair key, concurrency key, rate-limit uses
+//! and resources share one class, so dispatch still looks at one head per
+//! class and a queued task costs what it did. What a class needs is
+//! resolved once, when the class is made ([`ClassPolicy`]: indexes into
+//! the key tables here), so an assignment does no hash lookup for it.
+//!
+//! Cost of one assignment with K active classes: K head checks (as
+//! before), each comparing (effective priority, the fair key's virtual
+//! time, head id); a class with a concurrency key adds one counter check,
+//! one with rate limits one bucket refill per limit it names (a map lookup
+//! by name), one with resources one comparison per resource on the node.
+//! Plain tasks (default priority, no key, no limit, no resource) take
+//! none of those branches and allocate nothing.
+//!
+//! The rules:
+//! - Priority 1..=9: across priorities, the class head with the highest
+//!   *effective* priority goes first (ties: the oldest). With
+//!   `--priority-aging D` (not zero) a head gains one level per `D` it
+//!   has waited unserved (since it was submitted or its class was last
+//!   served, whichever is later), so a low-priority task under a constant
+//!   stream of high-priority work runs at the latest after about
+//!   `(9 - p) * D` (then it ties and, as the oldest, goes first); a
+//!   backlog that is being served gains nothing. Zero: strict order.
+//! - Within one priority: weighted fair queueing by slots (aging never
+//!   reorders one priority's keys). Each
+//!   fair key has a virtual time, advanced by `slots / weight` at each
+//!   assignment; the key with the smallest goes first (ties: the oldest
+//!   head). A key whose class queue was empty starts again at the virtual
+//!   time of the key last served (the current minimum), so idle keys bank
+//!   no credit.
+//! - A concurrency key allows at most `max` tasks assigned or running
+//!   (from the latest spec that names a max, else the limit set with
+//!   `SetLimit`, else none); each end of an attempt frees its slot.
+//! - Rate limits are token buckets refilled by `Now`; a class waits while
+//!   one of its buckets lacks units and `next_wakeup` includes the refill.
+//! - Resources are held on the node from assignment to the attempt's end.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::{Duration, Instant};
+
+use weft_proto::policy::{Limit, LimitKind, OverLimit, RateLimit};
+use weft_proto::{TaskId, TaskSpec};
+
+/// What a queue class needs, resolved when the class is made.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ClassPolicy {
+    /// 1..=9.
+    pub priority: u8,
+    /// Index into [`Policy::fair`].
+    pub fair: u32,
+    /// Index into [`Policy::conc`], with the class's over-limit rule.
+    pub conc: Option<(u32, OverLimit)>,
+    /// Has rate-limit uses or resources (dispatch checks them).
+    pub gated: bool,
+    /// Needs nothing beyond what plain tasks need: no submit hook.
+    pub plain: bool,
+}
+
+/// One fair key.
+#[derive(Debug)]
+pub(crate) struct FairKey {
+    pub weight: u32,
+    /// Slots served divided by weight, from the floor it (re)started at.
+    pub vtime: f64,
+}
+
+/// One concurrency key.
+#[derive(Debug, Default)]
+pub(crate) struct ConcKey {
+    pub name: String,
+    /// The limit set with `SetLimit`, if any.
+    pub set: Option<u32>,
+    /// The limit in force: the latest spec max or `set`.
+    pub max: Option<u32>,
+    /// Its tasks assigned or running now.
+    pub running: u32,
+    /// Its tasks not final (queued, assigned, running), oldest first.
+    pub live: BTreeSet<TaskId>,
+}
+
+impl ConcKey {
+    /// True when another task of the key may be assigned.
+    pub fn has_room(&self) -> bool {
+        self.max.is_none_or(|max| self.running < max)
+    }
+}
+
+/// One named token bucket.
+#[derive(Debug, Clone)]
+pub(crate) struct Bucket {
+    pub rate: RateLimit,
+    /// Units in the bucket as of `at`.
+    pub tokens: f64,
+    pub at: Option<Instant>,
+}
+
+impl Bucket {
+    fn new(rate: RateLimit) -> Self {
+        Bucket {
+            rate,
+            tokens: f64::from(rate.burst),
+            at: None,
+        }
+    }
+
+    /// Adds what accrued since the last refill (never past the burst).
+    pub fn refill(&mut self, now: Instant) {
+        if let Some(at) = self.at {
+            let elapsed = now.saturating_duration_since(at).as_secs_f64();
+            let per_sec = f64::from(self.rate.units) / self.rate.period.as_secs_f64();
+            self.tokens = (self.tokens + elapsed * per_sec).min(f64::from(self.rate.burst));
+        }
+        self.at = Some(now);
+    }
+
+    /// How long until `units` are in the bucket (zero: now). Refill first.
+    pub fn wait_for(&self, units: u32) -> Duration {
+        let missing = f64::from(units) - self.tokens;
+        if missing <= 1e-9 {
+            return Duration::ZERO;
+        }
+        let per_sec = f64::from(self.rate.units) / self.rate.period.as_secs_f64();
+        // Rounded up to the next millisecond, so the wakeup finds them.
+        let ms = (missing / per_sec * 1000.0).ceil().max(1.0);
+        Duration::from_millis(ms as u64)
+    }
+}
+
+/// The policy state: key tables, buckets, the aging interval.
+#[derive(Debug)]
+pub(crate) struct Policy {
+    /// One level of effective priority per this much waited (zero: none).
+    pub aging: Duration,
+    pub fair: Vec<FairKey>,
+    fair_index: HashMap<String, u32>,
+    /// The virtual time of the key last served: where an idle key restarts.
+    pub fair_floor: f64,
+    pub conc: Vec<ConcKey>,
+    conc_index: HashMap<String, u32>,
+    /// Rate limits by name.
+    pub rates: BTreeMap<String, Bucket>,
+    /// When a bucket a waiting class needs has its units (set by dispatch).
+    pub rate_wakeup: Option<Instant>,
+    /// The instant of the latest dispatch (for `pending_reason`).
+    pub last_dispatch: Option<Instant>,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        let mut policy = Policy {
+            aging: Duration::ZERO,
+            fair: Vec::new(),
+            fair_index: HashMap::new(),
+            fair_floor: 0.0,
+            conc: Vec::new(),
+            conc_index: HashMap::new(),
+            rates: BTreeMap::new(),
+            rate_wakeup: None,
+            last_dispatch: None,
+        };
+        policy.fair_key("", 1);
+        policy
+    }
+}
+
+/// True when a spec needs nothing but the default policy.
+pub(crate) fn is_plain(spec: &TaskSpec) -> bool {
+    spec.fair_key.is_empty()
+        && spec.concurrency.is_none()
+        && spec.rate_limits.is_empty()
+        && spec.resources.is_empty()
+        && !spec.fail_if_infeasible
+}
+
+impl Policy {
+    /// The index of fair key `name`, made on first sight with `weight`.
+    pub fn fair_key(&mut self, name: &str, weight: u32) -> u32 {
+        if let Some(index) = self.fair_index.get(name) {
+            return *index;
+        }
+        let index = u32::try_from(self.fair.len()).unwrap_or(u32::MAX);
+        self.fair.push(FairKey {
+            weight: weight.max(1),
+            vtime: self.fair_floor,
+        });
+        self.fair_index.insert(name.to_owned(), index);
+        index
+    }
+
+    /// The index of concurrency key `name`, made on first sight.
+    pub fn conc_key(&mut self, name: &str) -> u32 {
+        if let Some(index) = self.conc_index.get(name) {
+            return *index;
+        }
+        let index = u32::try_from(self.conc.len()).unwrap_or(u32::MAX);
+        self.conc.push(ConcKey {
+            name: name.to_owned(),
+            ..ConcKey::default()
+        });
+        self.conc_index.insert(name.to_owned(), index);
+        index
+    }
+
+    /// The concurrency key `name`, if it was ever seen.
+    pub fn find_conc(&self, name: &str) -> Option<&ConcKey> {
+        self.conc_index.get(name).map(|i| &self.conc[*i as usize])
+    }
+
+    /// What a class of `spec` needs.
+    pub fn class_policy(&mut self, spec: &TaskSpec) -> ClassPolicy {
+        let fair = match spec.fair_key.is_empty() {
+            true => 0,
+            false => self.fair_key(&spec.fair_key, spec.fair_weight),
+        };
+        let conc = spec
+            .concurrency
+            .as_ref()
+            .map(|c| (self.conc_key(&c.key), c.on_limit));
+        ClassPolicy {
+            priority: spec.priority.clamp(1, 9),
+            fair,
+            conc,
+            gated: !spec.rate_limits.is_empty() || !spec.resources.is_empty(),
+            plain: is_plain(spec),
+        }
+    }
+
+    /// A key whose class queue was empty becomes active again: it starts
+    /// no lower than the current floor.
+    pub fn reactivate(&mut self, fair: u32) {
+        if let Some(key) = self.fair.get_mut(fair as usize)
+            && key.vtime < self.fair_floor
+        {
+            key.vtime = self.fair_floor;
+        }
+    }
+
+    /// The key served `slots`: its virtual time advances.
+    pub fn served(&mut self, fair: u32, slots: u32) {
+        if let Some(key) = self.fair.get_mut(fair as usize) {
+            self.fair_floor = key.vtime;
+            key.vtime += f64::from(slots.max(1)) / f64::from(key.weight.max(1));
+        }
+    }
+
+    /// Effective priority of a head submitted `created_ns` (Unix nanos)
+    /// seen at `now_ns`.
+    pub fn effective(&self, priority: u8, created_ns: u64, now_ns: u64) -> u64 {
+        let aging = self.aging.as_nanos() as u64;
+        let levels = match aging {
+            0 => 0,
+            aging => now_ns.saturating_sub(created_ns) / aging,
+        };
+        u64::from(priority).saturating_add(levels)
+    }
+
+    /// True when every rate limit `spec` names has its units at `now`;
+    /// else records when it will (for `next_wakeup`).
+    pub fn rates_allow(&mut self, spec: &TaskSpec, now: Instant) -> bool {
+        for used in &spec.rate_limits {
+            let Some(bucket) = self.rates.get_mut(&used.name) else {
+                return false;
+            };
+            bucket.refill(now);
+            let wait = bucket.wait_for(used.units);
+            if !wait.is_zero() {
+                let at = now + wait;
+                self.rate_wakeup = Some(self.rate_wakeup.map_or(at, |w| w.min(at)));
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Takes the units `spec` uses (after [`rates_allow`](Self::rates_allow)).
+    pub fn take_rates(&mut self, spec: &TaskSpec) {
+        for used in &spec.rate_limits {
+            if let Some(bucket) = self.rates.get_mut(&used.name) {
+                bucket.tokens = (bucket.tokens - f64::from(used.units)).max(0.0);
+            }
+        }
+    }
+
+    /// Why a class with `spec` waits on its limits, if it does.
+    pub fn limit_reason(&self, spec: &TaskSpec, class: ClassPolicy) -> Option<String> {
+        if let Some((index, _)) = class.conc
+            && let Some(key) = self.conc.get(index as usize)
+            && !key.has_room()
+        {
+            return Some(format!(
+                "concurrency key {} at its limit {}",
+                key.name,
+                key.max.unwrap_or_default()
+            ));
+        }
+        for used in &spec.rate_limits {
+            let Some(bucket) = self.rates.get(&used.name) else {
+                return Some(format!(
+                    "rate limit {} is not set (weft limit set {} RATE)",
+                    used.name, used.name
+                ));
+            };
+            let mut bucket = bucket.clone();
+            if let Some(now) = self.last_dispatch {
+                bucket.refill(now);
+            }
+            let wait = bucket.wait_for(used.units);
+            if !wait.is_zero() {
+                return Some(format!("rate limit {}: next units in {wait:?}", used.name));
+            }
+        }
+        None
+    }
+
+    /// Sets (creates or replaces) a limit. A rate limit's bucket starts
+    /// full.
+    pub fn set_limit(&mut self, limit: &Limit) {
+        match limit.kind {
+            LimitKind::Rate(rate) => {
+                self.rates.insert(limit.name.clone(), Bucket::new(rate));
+            }
+            LimitKind::MaxRunning(max) => {
+                let index = self.conc_key(&limit.name);
+                let key = &mut self.conc[index as usize];
+                key.set = Some(max);
+                key.max = Some(max);
+            }
+        }
+    }
+
+    /// Removes a limit; false when there is none of that kind and name.
+    pub fn delete_limit(&mut self, name: &str, rate: bool) -> bool {
+        if rate {
+            return self.rates.remove(name).is_some();
+        }
+        let Some(index) = self.conc_index.get(name) else {
+            return false;
+        };
+        let key = &mut self.conc[*index as usize];
+        if key.set.is_none() {
+            return false;
+        }
+        key.set = None;
+        key.max = None;
+        true
+    }
+
+    /// Every limit set, by kind (rate, then concurrency) then name.
+    pub fn limits(&self) -> Vec<Limit> {
+        let mut limits: Vec<Limit> = self
+            .rates
+            .iter()
+            .map(|(name, bucket)| Limit {
+                name: name.clone(),
+                kind: LimitKind::Rate(bucket.rate),
+            })
+            .collect();
+        let mut conc: Vec<Limit> = self
+            .conc
+            .iter()
+            .filter_map(|k| {
+                k.set.map(|max| Limit {
+                    name: k.name.clone(),
+                    kind: LimitKind::MaxRunning(max),
+                })
+            })
+            .collect();
+        conc.sort_by(|a, b| a.name.cmp(&b.name));
+        limits.extend(conc);
+        limits
+    }
+}
