@@ -227,10 +227,11 @@ pub struct FairShare {
     pub backlog_submit_s: f64,
     /// Seconds from the late submitter's Submit to its last task's end.
     pub late_finish_s: f64,
-    /// The late submitter's tasks among all tasks that started while it
-    /// had work (from its Submit to its last end).
+    /// The late submitter's tasks among all tasks the coordinator assigned
+    /// while it had work queued (from its Submit's answer, when its tasks
+    /// were queued, to its last task's assignment).
     pub late_share: f64,
-    /// Backlog tasks that started in that window.
+    /// Backlog tasks assigned in that window.
     pub backlog_in_window: usize,
     /// Seconds the whole backlog took to drain.
     pub backlog_drain_s: f64,
@@ -262,6 +263,7 @@ pub async fn fairness(
         .submit_many(b_specs)
         .await
         .context("submitting the late tasks")?;
+    let b_queued = SystemTime::now();
     let b_tasks = wait_all(client, b_ids, concurrency).await?;
     let a_tasks = wait_all(client, a_ids, concurrency).await?;
     let b_spans = b_tasks
@@ -273,9 +275,17 @@ pub async fn fairness(
         .iter()
         .map(span)
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let in_window = a_spans
+    let b_last_assigned = b_tasks
         .iter()
-        .filter(|(start, _)| *start >= b_submitted && *start <= b_end)
+        .filter_map(|t| t.attempts.last().and_then(|a| a.assigned_at))
+        .max()
+        .context("no late task was assigned")?;
+    // What the scheduler chose once both had work queued: assignments
+    // (a node's prefetched work started later is not a choice made then).
+    let in_window = a_tasks
+        .iter()
+        .filter_map(|t| t.attempts.last().and_then(|a| a.assigned_at))
+        .filter(|at| *at >= b_queued && *at <= b_last_assigned)
         .count();
     let a_first = a_spans
         .iter()
