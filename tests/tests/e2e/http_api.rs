@@ -778,3 +778,71 @@ async fn a_job_s_page_counts_its_states_shows_its_graph_and_cancels_it() {
     std::fs::write(&release, b"").expect("release");
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_node_resources_and_a_task_s_policy_show_through_the_api() {
+    let cluster = TestCluster::builder()
+        .nodes(1)
+        .node_resources(0, &[("gpu", 2)])
+        .start()
+        .await;
+    let http = http(&cluster);
+    let client = cluster.client().await;
+    let token = cluster.admin_token();
+    client
+        .set_limit(&weft_proto::policy::Limit {
+            name: "api".into(),
+            kind: weft_proto::policy::LimitKind::Rate("100/s".parse().expect("a rate")),
+        })
+        .await
+        .expect("set a rate limit");
+    client
+        .set_limit(&weft_proto::policy::Limit {
+            name: "user-42".into(),
+            kind: weft_proto::policy::LimitKind::MaxRunning(2),
+        })
+        .await
+        .expect("set a concurrency limit");
+    let limits = http.get("/api/limits", &token).await;
+    assert_eq!(limits.status, 200, "{}", limits.json());
+    let limits = limits.json();
+    let by_name = |name: &str| {
+        limits["limits"]
+            .as_array()
+            .and_then(|all| all.iter().find(|l| l["name"] == name).cloned())
+            .unwrap_or_else(|| panic!("limit {name} in {limits}"))
+    };
+    assert_eq!(by_name("api")["kind"], "rate");
+    assert_eq!(by_name("api")["rate"]["units"], 100);
+    assert_eq!(by_name("user-42")["kind"], "concurrency");
+    assert_eq!(by_name("user-42")["max_running"], 2);
+
+    // A task holding one gpu: the node shows it used, the task its policy.
+    let release = cluster.dir().join("release-gpu");
+    let id = client
+        .submit(
+            held(&release, "gpu-task")
+                .resource("gpu", 1)
+                .priority(8)
+                .fair_key("team-a", 3)
+                .rate_limit("api", 1)
+                .concurrency("user-42", 0, weft_proto::OverLimit::Queue),
+        )
+        .await
+        .expect("submit");
+    let node = cluster.wait_for_running(id).await;
+    let page = http.get(&format!("/api/nodes/{node}"), &token).await.json();
+    assert_eq!(page["node"]["resources"], json!({"gpu": 2}), "{page}");
+    assert_eq!(page["node"]["resources_free"], json!({"gpu": 1}), "{page}");
+    let task = http.get(&format!("/api/tasks/{id}"), &token).await.json();
+    let task = &task["task"];
+    assert_eq!(task["priority"], 8, "{task}");
+    assert_eq!(task["fair_key"], "team-a");
+    assert_eq!(task["fair_weight"], 3);
+    assert_eq!(task["resources"], json!({"gpu": 1}));
+    assert_eq!(task["rate_limits"], json!([{"name": "api", "units": 1}]));
+    assert_eq!(task["concurrency"]["key"], "user-42");
+    std::fs::write(&release, b"").expect("release");
+    assert_eq!(cluster.wait_for_final(id).await.state, TaskState::Succeeded);
+    cluster.shutdown().await;
+}
