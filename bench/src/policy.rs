@@ -332,10 +332,11 @@ pub async fn dag(base: &ClusterPlan, levels: usize, width: usize) -> anyhow::Res
         run_all(&client, warm, 64).await?;
         let specs = dag_specs(levels, width, DAG_HANDLER, DAG_INPUT);
         let t0 = Instant::now();
-        let (_job, ids) = client
+        let ids = client
             .submit_graph(specs)
             .await
-            .context("submitting the graph")?;
+            .context("submitting the graph")?
+            .task_ids;
         let submit_s = t0.elapsed().as_secs_f64();
         let tasks = crate::workload::wait_ids(&client, ids, 64).await?;
         let wall_s = t0.elapsed().as_secs_f64();

@@ -41,6 +41,9 @@ pub struct ListArgs {
     /// At most this many.
     #[arg(long, default_value_t = 50, value_name = "N")]
     pub limit: u32,
+    /// Only the tasks of this job (oldest first; what `weft submit -f` prints).
+    #[arg(long, value_parser = crate::opts::parse_task_id, value_name = "JOB")]
+    pub job: Option<weft_proto::TaskId>,
 }
 
 /// Parses `--since`/`--until`: an RFC 3339 time (`Z` or a `±HH:MM`
@@ -205,10 +208,17 @@ pub enum Command {
         input: Option<String>,
     },
     /// Submit a task and print only its id (`--call HANDLER [INPUT]`, or `-- CMD ARGS...`).
+    ///
+    /// With --after/--ref/--at/--delay the task may wait (PENDING); with
+    /// -f FILE, a whole graph of tasks is submitted in one call and the job
+    /// id is printed first, then each task's id.
     Submit {
         /// Task settings.
         #[command(flatten)]
         opts: TaskOpts,
+        /// Dependencies and start time.
+        #[command(flatten)]
+        deps: crate::job::DepOpts,
         /// Submit a call of this handler; the argument after it is its input (`-`: stdin).
         #[arg(long, value_name = "HANDLER")]
         call: Option<String>,
@@ -220,6 +230,9 @@ pub enum Command {
         )]
         command: Vec<String>,
     },
+    /// Show a job (the tasks of one Submit), follow it, or cancel it.
+    #[command(subcommand)]
+    Job(crate::job::JobCommand),
     /// Show one task.
     Get {
         /// The task id.

@@ -26,6 +26,7 @@ mod args;
 mod bench;
 mod demo;
 mod exit;
+mod job;
 mod limit;
 mod local;
 mod map;

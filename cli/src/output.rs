@@ -64,7 +64,23 @@ pub fn task_json(task: &Task) -> Value {
         "created_at": task.created_at.map(rfc3339),
         "updated_at": task.updated_at.map(rfc3339),
         "attempts": task.attempts.iter().map(attempt_json).collect::<Vec<_>>(),
+        "job_id": task.job_id.map(|j| j.to_string()),
+        "waiting_for": task.waiting_for.iter().map(|id| id.to_string()).collect::<Vec<_>>(),
+        "ref": task.spec.as_ref().map(|s| s.ref_name.clone()).unwrap_or_default(),
+        "after": task.spec.as_ref().map(|s| after_ids(&s.after)).unwrap_or_default(),
+        "after_rule": task.spec.as_ref().filter(|s| !s.after.is_empty()).map(|s| s.after_rule.as_str()),
     })
+}
+
+/// The tasks a spec runs after, as text (ids; refs only before Submit).
+fn after_ids(after: &[weft_proto::Dependency]) -> Vec<String> {
+    after
+        .iter()
+        .map(|d| match d {
+            weft_proto::Dependency::Task(id) => id.to_string(),
+            weft_proto::Dependency::Ref(name) => name.clone(),
+        })
+        .collect()
 }
 
 /// One attempt as a JSON object; times RFC 3339 (null: not yet, or
@@ -176,6 +192,25 @@ pub fn task_text(task: &Task) -> String {
         ));
     } else {
         lines.push(format!("attempt:       {}", task.attempt));
+    }
+    if let Some(job) = task.job_id.filter(|j| *j != task.id) {
+        lines.push(format!("job:           {job}"));
+    }
+    if let Some(spec) = task.spec.as_ref() {
+        if !spec.ref_name.is_empty() {
+            lines.push(format!("ref:           {}", spec.ref_name));
+        }
+        if !spec.after.is_empty() {
+            lines.push(format!(
+                "after:         {} ({})",
+                after_ids(&spec.after).join(", "),
+                spec.after_rule
+            ));
+        }
+    }
+    if !task.waiting_for.is_empty() {
+        let ids: Vec<String> = task.waiting_for.iter().map(|id| id.to_string()).collect();
+        lines.push(format!("waiting for:   {}", ids.join(", ")));
     }
     if let Some(node) = &task.node_name {
         lines.push(format!("node:          {node}"));
@@ -539,6 +574,8 @@ mod tests {
                     reason: "exited with code 3".into(),
                 },
             ],
+            job_id: None,
+            waiting_for: Vec::new(),
         }
     }
 

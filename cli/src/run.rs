@@ -54,9 +54,21 @@ async fn dispatch(args: Args) -> anyhow::Result<u8> {
                 } => task::call(&client, format, &opts.interactive(), handler, input).await,
                 Command::Submit {
                     opts,
+                    deps,
                     call,
                     command,
-                } => task::submit(&client, format, &opts, call, command).await,
+                } => match &deps.file {
+                    Some(_) if call.is_some() || !command.is_empty() || deps.is_set() => {
+                        Err(exit::UsageError(
+                            "-f FILE submits the file's tasks: give no command, --call or --after/--ref/--at/--delay with it"
+                                .into(),
+                        )
+                        .into())
+                    }
+                    Some(path) => crate::job::submit_file(&client, format, path).await,
+                    None => task::submit(&client, format, &opts, &deps, call, command).await,
+                },
+                Command::Job(command) => crate::job::run(&client, format, command).await,
                 Command::Get { id } => task::get(&client, format, id).await,
                 Command::Watch { id, from_seq } => task::watch(&client, format, id, from_seq).await,
                 Command::Wait { id } => task::wait(&client, format, id).await,

@@ -446,6 +446,8 @@ mod tests {
             next_seq: 0,
             last_outcome: None,
             attempts: Vec::new(),
+            job_id: None,
+            waiting_for: Vec::new(),
         };
         let line = failure_line(&task).expect("failed");
         assert!(

@@ -51,6 +51,7 @@ pub async fn submit(
     client: &Client,
     format: OutputFormat,
     opts: &TaskOpts,
+    deps: &crate::job::DepOpts,
     call: Option<String>,
     command: Vec<String>,
 ) -> anyhow::Result<u8> {
@@ -73,7 +74,8 @@ pub async fn submit(
         }
         None => TaskSpec::exec(command),
     };
-    let id = client.submit(opts.apply(spec)?).await?;
+    let spec = deps.apply(opts.apply(spec)?);
+    let id = client.submit(spec).await?;
     match format {
         OutputFormat::Text => println!("{id}"),
         OutputFormat::Json => println!("{}", json!({ "id": id.to_string() })),
@@ -178,7 +180,7 @@ pub async fn list(client: &Client, format: OutputFormat, args: ListArgs) -> anyh
         node: args.node.unwrap_or_default(),
         since: args.since,
         until: args.until,
-        job: None,
+        job: args.job,
     };
     let tasks = client.list_filtered(&filter, args.limit).await?;
     match format {

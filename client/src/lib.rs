@@ -64,7 +64,9 @@ pub struct LimitInfo {
 }
 use token::AuthChannel;
 pub use token::BearerToken;
-pub use types::{ClusterInfo, EventBody, ListFilter, Task, TaskAttempt, TaskEvent};
+pub use types::{
+    ClusterInfo, EventBody, JobCancelled, ListFilter, SubmitOutcome, Task, TaskAttempt, TaskEvent,
+};
 pub use weft_proto::tls::Trust;
 pub use weft_proto::{
     Attempt, CallSpec, ExecSpec, NodeId, NodeInfo, NodeState, Outcome, OutputStream, TaskId,
@@ -153,19 +155,56 @@ impl Client {
         Ok(ids)
     }
 
-    /// Submits `specs` in ONE `Submit` (one durable commit, all or
-    /// nothing, so tasks may name each other by `ref` in `after`) and
-    /// answers the job id (the first task's) and every id in order. Unlike
-    /// [`submit_many`](Self::submit_many) it never splits the request: one
-    /// over the coordinator's message limit is refused.
-    pub async fn submit_graph(&self, specs: Vec<TaskSpec>) -> Result<(TaskId, Vec<TaskId>), Error> {
-        let ids = self
-            .submit_batch(specs.into_iter().map(pb::TaskSpec::from).collect())
-            .await?;
-        let job = ids.first().copied().ok_or(Error::Protocol(
-            weft_proto::ConversionError::MissingField("SubmitResponse.task_ids"),
-        ))?;
-        Ok((job, ids))
+    /// Submits `specs` in ONE `Submit` call, all or nothing: a graph whose
+    /// tasks name each other by ref (`TaskSpec::ref_name`, `after_ref`).
+    /// Answers the job id and every task's id in order.
+    pub async fn submit_graph(&self, specs: Vec<TaskSpec>) -> Result<SubmitOutcome, Error> {
+        let tasks: Vec<pb::TaskSpec> = specs.into_iter().map(pb::TaskSpec::from).collect();
+        let sent = tasks.len();
+        let mut client = self.tasks.clone();
+        let answer = unary(client.submit(request(pb::SubmitRequest { tasks }))).await?;
+        let task_ids = answer
+            .task_ids
+            .iter()
+            .map(|id| id.parse().map_err(Error::from))
+            .collect::<Result<Vec<TaskId>, Error>>()?;
+        if task_ids.len() != sent {
+            return Err(Error::Protocol(weft_proto::ConversionError::Invalid {
+                field: "task_ids",
+                reason: format!("{} ids for {sent} specs", task_ids.len()),
+            }));
+        }
+        let job_id = match answer.job_id.as_str() {
+            "" => task_ids.first().copied().ok_or(Error::Protocol(
+                weft_proto::ConversionError::MissingField("SubmitResponse.job_id"),
+            ))?,
+            id => id.parse()?,
+        };
+        Ok(SubmitOutcome { job_id, task_ids })
+    }
+
+    /// Cancels every live task of a job (PENDING ones too); NOT_FOUND when
+    /// the job has no tasks.
+    pub async fn cancel_job(&self, job: TaskId, reason: &str) -> Result<JobCancelled, Error> {
+        let mut client = self.tasks.clone();
+        let answer = unary(client.cancel_job(request(pb::CancelJobRequest {
+            job_id: job.to_string(),
+            reason: reason.to_owned(),
+        })))
+        .await?;
+        Ok(JobCancelled {
+            cancelled: answer.cancelled,
+            already_final: answer.already_final,
+        })
+    }
+
+    /// Every task of a job, oldest first (paged through all of them).
+    pub async fn job_tasks(&self, job: TaskId) -> Result<Vec<Task>, Error> {
+        let filter = ListFilter {
+            job: Some(job),
+            ..ListFilter::default()
+        };
+        self.list_filtered(&filter, u32::MAX).await
     }
 
     async fn submit_batch(&self, tasks: Vec<pb::TaskSpec>) -> Result<Vec<TaskId>, Error> {

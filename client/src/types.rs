@@ -53,6 +53,30 @@ pub struct Task {
     /// Its attempts, oldest first (the latest 100); the last is the
     /// current one while the task is on a node.
     pub attempts: Vec<TaskAttempt>,
+    /// Its job: the first task of the Submit it came in (itself for the
+    /// first one).
+    pub job_id: Option<TaskId>,
+    /// For a PENDING task: the tasks it runs after that are not final yet.
+    pub waiting_for: Vec<TaskId>,
+}
+
+/// What one `Submit` made: its job and its tasks' ids, in order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SubmitOutcome {
+    /// The job: the first task's id; `weft job get/watch/cancel` take it.
+    pub job_id: TaskId,
+    /// Every task's id, in the order of the specs.
+    pub task_ids: Vec<TaskId>,
+}
+
+/// What [`Client::cancel_job`](crate::Client::cancel_job) did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct JobCancelled {
+    /// Tasks that were live and are cancelled (running ones are being
+    /// stopped).
+    pub cancelled: u32,
+    /// Tasks that were already final.
+    pub already_final: u32,
 }
 
 /// Which tasks [`Client::list_filtered`](crate::Client::list_filtered)
@@ -153,6 +177,15 @@ impl TryFrom<pb::Task> for Task {
                 .attempts
                 .into_iter()
                 .map(TaskAttempt::try_from)
+                .collect::<Result<_, _>>()?,
+            job_id: match task.job_id.as_str() {
+                "" => None,
+                id => Some(id.parse()?),
+            },
+            waiting_for: task
+                .waiting_for
+                .iter()
+                .map(|id| id.parse())
                 .collect::<Result<_, _>>()?,
         })
     }

@@ -44,6 +44,9 @@ pub enum Error {
     /// No such task. Not retryable.
     #[error("task {0} not found")]
     TaskNotFound(TaskId),
+    /// No task has this job id (or it expired). Not retryable.
+    #[error("job {0} not found")]
+    JobNotFound(TaskId),
     /// The task finished longer ago than the retention and was removed.
     #[error("task {id} expired: finished tasks are removed after {} (--retention)", short_duration(*.retention))]
     TaskExpired {
@@ -94,6 +97,10 @@ pub enum Error {
     /// The coordinator is stopping.
     #[error("coordinator is shutting down")]
     ShuttingDown,
+    /// A task a Submit runs after ended while the Submit was checked (the
+    /// Submit path reads the store again; retryable: nothing committed).
+    #[error("a task this Submit runs after ended meanwhile; retry")]
+    ParentsMoved,
     /// The store failed (or could not be opened: see [`StoreError`]).
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -158,13 +165,14 @@ impl From<Error> for Status {
                 Status::failed_precondition(err.to_string())
             }
             Error::TaskNotFound(_)
+            | Error::JobNotFound(_)
             | Error::TaskExpired { .. }
             | Error::NodeNotFound(_)
             | Error::LimitNotFound(_) => Status::not_found(err.to_string()),
             Error::QueueFull { .. } => Status::resource_exhausted(err.to_string()),
             Error::NodeRevoked(_) => Status::permission_denied(err.to_string()),
             Error::NodeNameTaken { .. } => Status::already_exists(err.to_string()),
-            Error::ShuttingDown => Status::unavailable(err.to_string()),
+            Error::ShuttingDown | Error::ParentsMoved => Status::unavailable(err.to_string()),
             Error::Store(store) => store_status(store),
             Error::Listener(_)
             | Error::Tls(_)

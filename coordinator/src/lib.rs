@@ -549,6 +549,20 @@ fn open_and_load(
     scheduler.restore_summary(loaded.final_counts, loaded.recently_final, now);
     scheduler.restore_next_chunks(loaded.next_chunks);
     scheduler.restore_limits(loaded.limits);
+    // Pending tasks' parents that ended before the restart: read back.
+    let mut lookup = |id| {
+        let record = store.task(id).ok().flatten()?;
+        record
+            .state
+            .is_final()
+            .then(|| scheduler::graph::ParentResult {
+                task_id: id,
+                ref_name: record.spec.ref_name.clone(),
+                state: record.state,
+                output: record.output.clone(),
+            })
+    };
+    scheduler.finish_restore(&mut lookup, now);
     let tokens = store.tokens()?;
     let identities = store.node_identities()?;
     Ok((store, scheduler, tokens, identities))

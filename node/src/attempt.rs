@@ -8,7 +8,7 @@
 //! drain: `slots.rs` and the executor do), and nothing here talks to the
 //! coordinator: events go to the attempt's [`Emitter`].
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -20,8 +20,9 @@ use tracing::{debug, info};
 use weft_proto::{CallSpec, Outcome, TaskKind, TaskSpec};
 
 use crate::events::{AttemptKey, Emitter, Finished};
-use crate::handlers::{HandlerError, HandlerRegistry, HandlerRequest};
+use crate::handlers::{HandlerError, HandlerRegistry, HandlerRequest, ParentResult};
 use crate::lease;
+use crate::parents::{AttemptDir, OUTPUT_ENV, PARENTS_ENV};
 use crate::process::{self, ExecEnd};
 use crate::reaper::Reaper;
 
@@ -32,6 +33,8 @@ pub(crate) struct Assignment {
     pub(crate) key: AttemptKey,
     /// Its validated spec, or why it cannot start.
     pub(crate) spec: Result<TaskSpec, InvalidSpec>,
+    /// The results of the tasks it runs after, in `after` order.
+    pub(crate) parents: Arc<[ParentResult]>,
 }
 
 /// A spec that failed validation: the attempt is reported `START_FAILED`.
@@ -102,6 +105,7 @@ impl AttemptControl {
 /// nothing).
 pub(crate) async fn run(
     spec: &TaskSpec,
+    parents: &Arc<[ParentResult]>,
     control: &AttemptControl,
     emit: &Emitter,
     handlers: &HandlerRegistry,
@@ -111,15 +115,42 @@ pub(crate) async fn run(
     let work = async {
         match &spec.kind {
             TaskKind::Exec(exec_spec) => {
+                // `$WEFT_PARENTS` and `$WEFT_OUTPUT` (parents.rs).
+                let dir = match AttemptDir::create(emit.task_id(), emit.attempt(), parents) {
+                    Ok(dir) => dir,
+                    Err(err) => {
+                        let error = format!("preparing $WEFT_PARENTS: {err}");
+                        return Some(finished(Outcome::StartFailed, None, Bytes::new(), error));
+                    }
+                };
+                let mut exec_spec = exec_spec.clone();
+                let path = |p: std::path::PathBuf| p.to_string_lossy().into_owned();
+                exec_spec
+                    .env
+                    .insert(PARENTS_ENV.into(), path(dir.parents()));
+                exec_spec.env.insert(OUTPUT_ENV.into(), path(dir.output()));
                 let secrets = &spec.secret_env;
                 let context = (secrets, spec.trace.as_ref());
-                let end = process::run(exec_spec, context, emit, &control.token, reaper, |pgid| {
+                let end = process::run(&exec_spec, context, emit, &control.token, reaper, |pgid| {
                     let _ = control.pgid.set(pgid);
                 })
                 .await;
-                exec_finished(end, control)
+                let mut done = exec_finished(end, control)?;
+                // Bounded by the largest message a coordinator takes; the
+                // outbox fails a result too large for the one it has.
+                let limit = weft_proto::limits::max_spec_bytes(
+                    weft_proto::limits::MAX_MESSAGE_BYTES_CEILING,
+                );
+                match dir.read_output(limit) {
+                    Ok(output) => done.output = output,
+                    Err(error) => {
+                        done.outcome = Outcome::Failed;
+                        done.error = error;
+                    }
+                }
+                Some(done)
             }
-            TaskKind::Call(call) => run_call(call, spec, emit, control, handlers).await,
+            TaskKind::Call(call) => run_call(call, spec, parents, emit, control, handlers).await,
         }
     };
     match spec.timeout {
@@ -147,6 +178,7 @@ pub(crate) async fn report(emit: &Emitter, done: Finished) {
 async fn run_call(
     call: &CallSpec,
     spec: &TaskSpec,
+    parents: &Arc<[ParentResult]>,
     emit: &Emitter,
     control: &AttemptControl,
     handlers: &HandlerRegistry,
@@ -168,6 +200,7 @@ async fn run_call(
         trace: spec.trace.clone(),
         cancel: control.token.clone(),
         emit: emit.clone(),
+        parents: Arc::clone(parents),
     };
     let result = tokio::select! {
         result = service.oneshot(request) => result,
@@ -282,13 +315,60 @@ mod tests {
         let (tx, _rx) = crate::events::channel();
         let emit = Emitter::new(tx, weft_proto::TaskId::new(), weft_proto::Attempt::FIRST);
         let control = AttemptControl::new(CancellationToken::new());
-        let done = run(&spec, &control, &emit, &handlers, None)
+        let done = run(&spec, &Arc::from([]), &control, &emit, &handlers, None)
             .await
             .expect("reported");
         assert_eq!(
             (done.outcome, &done.output[..]),
             (Outcome::Succeeded, &b"S3CR3T"[..])
         );
+    }
+
+    fn parent(ref_name: &str, output: &str) -> ParentResult {
+        ParentResult {
+            task_id: weft_proto::TaskId::new(),
+            ref_name: ref_name.into(),
+            state: weft_proto::TaskState::Succeeded,
+            output: Bytes::from(output.to_owned()),
+        }
+    }
+
+    async fn run_with_parents(spec: &TaskSpec, parents: Vec<ParentResult>) -> Finished {
+        let mut handlers = HandlerRegistry::new();
+        handlers.register_async("join", |request: HandlerRequest| async move {
+            let joined: Vec<String> = request
+                .parents
+                .iter()
+                .map(|p| format!("{}={}", p.ref_name, String::from_utf8_lossy(&p.output)))
+                .collect();
+            Ok(Bytes::from(joined.join(",")))
+        });
+        let (tx, _rx) = crate::events::channel();
+        let emit = Emitter::new(tx, weft_proto::TaskId::new(), weft_proto::Attempt::FIRST);
+        let control = AttemptControl::new(CancellationToken::new());
+        run(spec, &Arc::from(parents), &control, &emit, &handlers, None)
+            .await
+            .expect("reported")
+    }
+
+    #[tokio::test]
+    async fn an_exec_task_reads_its_parents_from_files_and_writes_its_output() {
+        let script = r#"cat "$WEFT_PARENTS/a" "$WEFT_PARENTS/b" > "$WEFT_OUTPUT"; grep -q '"ref":"b"' "$WEFT_PARENTS/index.json" && echo "$WEFT_PARENTS" >&2"#;
+        let spec = TaskSpec::exec(["sh", "-c", script]);
+        let done = run_with_parents(&spec, vec![parent("a", "1"), parent("b", "2")]).await;
+        assert_eq!(done.outcome, Outcome::Succeeded, "{}", done.error);
+        assert_eq!(&done.output[..], b"12");
+        // Without parents, `$WEFT_OUTPUT` still works.
+        let spec = TaskSpec::exec(["sh", "-c", r#"printf done > "$WEFT_OUTPUT""#]);
+        let done = run_with_parents(&spec, Vec::new()).await;
+        assert_eq!(&done.output[..], b"done");
+    }
+
+    #[tokio::test]
+    async fn a_call_handler_gets_its_parents_on_its_request() {
+        let spec = TaskSpec::call("join", "");
+        let done = run_with_parents(&spec, vec![parent("a", "x"), parent("b", "y")]).await;
+        assert_eq!(&done.output[..], b"a=x,b=y");
     }
 
     #[test]

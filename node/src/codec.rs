@@ -18,12 +18,13 @@ use std::time::Duration;
 use weft_proto::convert::{ConversionError, duration_from_pb};
 use weft_proto::pb::node_message::Body as Outbound;
 use weft_proto::pb::node_task_event::Body as WireBody;
-use weft_proto::{Attempt, NodeId, PROTOCOL_VERSION, TaskId, TaskSpec, limits, pb};
+use weft_proto::{Attempt, NodeId, PROTOCOL_VERSION, TaskId, TaskSpec, TaskState, limits, pb};
 
 use crate::attempt::{Assignment, InvalidSpec};
 use crate::config::NodeConfig;
 use crate::error::Error;
 use crate::events::{AttemptKey, Event, EventBody, Finished};
+use crate::handlers::ParentResult;
 
 /// Heartbeat settings used when `Registered` leaves them unset.
 const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
@@ -131,7 +132,19 @@ pub(crate) fn assignment(wire: pb::Assignment) -> Result<Assignment, ConversionE
             error: "assignment without a spec".into(),
         }),
     };
-    Ok(Assignment { key, spec })
+    let parents = wire
+        .parents
+        .into_iter()
+        .filter_map(|p| {
+            Some(ParentResult {
+                task_id: p.task_id.parse().ok()?,
+                ref_name: p.r#ref,
+                state: TaskState::try_from(p.state).ok()?,
+                output: p.output,
+            })
+        })
+        .collect();
+    Ok(Assignment { key, spec, parents })
 }
 
 /// Decodes `Cancel`: the attempt, and the coordinator's reason.

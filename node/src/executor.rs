@@ -41,6 +41,7 @@ use crate::slots::{self, Refusal};
 struct Work {
     spec: TaskSpec,
     emit: Emitter,
+    parents: Arc<[crate::handlers::ParentResult]>,
 }
 
 type Slots = slots::Slots<Arc<AttemptControl>, Work>;
@@ -221,7 +222,7 @@ impl Executor {
 
     /// Starts one assignment, or reports at once why it cannot run.
     pub(crate) fn assign(&self, assignment: Assignment) {
-        let Assignment { key, spec } = assignment;
+        let Assignment { key, spec, parents } = assignment;
         let (task_id, attempt) = key;
         let emit = Emitter::new(self.inner.events.clone(), task_id, attempt);
         let spec = match spec {
@@ -243,7 +244,11 @@ impl Executor {
             key,
             slots: spec.slots,
             control,
-            work: Work { spec, emit },
+            work: Work {
+                spec,
+                emit,
+                parents,
+            },
         };
         let taken = {
             let mut slots = self.slots();
@@ -289,7 +294,12 @@ impl Executor {
         let Queued {
             key: (task_id, attempt),
             control,
-            work: Work { spec, emit },
+            work:
+                Work {
+                    spec,
+                    emit,
+                    parents,
+                },
             ..
         } = queued;
         let span = info_span!("attempt", %task_id, %attempt);
@@ -300,6 +310,7 @@ impl Executor {
             inner.metrics.attempt_started();
             let ran = attempt::run(
                 &spec,
+                &parents,
                 &control,
                 &emit,
                 &inner.handlers,

@@ -65,6 +65,7 @@ mod lease;
 mod lease_watchdog;
 mod metrics;
 mod outbox;
+mod parents;
 mod process;
 pub mod reaper;
 mod reconnect;

@@ -23,7 +23,7 @@ from setuptools.command.build_py import build_py
 from setuptools.command.sdist import sdist
 
 HERE = Path(__file__).resolve().parent
-PROTO_FILES = ["common.proto", "node.proto", "task.proto", "admin.proto"]
+PROTO_FILES = ["common.proto", "node.proto", "task.proto", "admin.proto", "schedule.proto"]
 
 
 def find_proto_root() -> Path:

@@ -12,7 +12,7 @@ use ratatui::Frame;
 use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::style::{Color, Modifier, Style};
 use ratatui::text::{Line, Span};
-use ratatui::widgets::{Block, Paragraph, RenderDirection, Row, Sparkline, Table};
+use ratatui::widgets::{Block, Cell, Paragraph, RenderDirection, Row, Sparkline, Table};
 
 use weft_proto::{NodeInfo, NodeState, TaskState};
 
@@ -31,14 +31,14 @@ struct Areas {
 fn areas(area: Rect) -> Areas {
     let [cluster, middle, nodes, keys] = Layout::vertical([
         Constraint::Length(4),
-        // One line per task state, and the borders.
-        Constraint::Length(TaskState::ALL.len() as u16 + 2),
+        // The states in two columns (not final, final), and the borders.
+        Constraint::Length(FINAL_STATES.len() as u16 + 2),
         Constraint::Min(3),
         Constraint::Length(1),
     ])
     .areas(area);
     let [tasks, throughput] =
-        Layout::horizontal([Constraint::Length(22), Constraint::Min(10)]).areas(middle);
+        Layout::horizontal([Constraint::Length(46), Constraint::Min(10)]).areas(middle);
     Areas {
         cluster,
         tasks,
@@ -133,13 +133,45 @@ fn state_style(state: TaskState) -> Style {
     }
 }
 
+/// The states a task is not done in, in the order of its life.
+const LIVE_STATES: [TaskState; 4] = [
+    TaskState::Pending,
+    TaskState::Queued,
+    TaskState::Assigned,
+    TaskState::Running,
+];
+
+/// The final states.
+const FINAL_STATES: [TaskState; 6] = [
+    TaskState::Succeeded,
+    TaskState::Failed,
+    TaskState::Cancelled,
+    TaskState::TimedOut,
+    TaskState::UpstreamFailed,
+    TaskState::Skipped,
+];
+
 fn tasks(frame: &mut Frame, area: Rect, top: &Top) {
-    let rows = TaskState::ALL.iter().map(|state| {
-        let count = top.info.as_ref().map_or(0, |info| info.count(*state));
-        Row::new(vec![state.as_str().to_owned(), count.to_string()]).style(state_style(*state))
+    let count = |state: TaskState| top.info.as_ref().map_or(0, |info| info.count(state));
+    let cells = |state: Option<&TaskState>| match state {
+        Some(state) => vec![
+            Cell::from(state.as_str()).style(state_style(*state)),
+            Cell::from(count(*state).to_string()).style(state_style(*state)),
+        ],
+        None => vec![Cell::from(""), Cell::from("")],
+    };
+    let rows = (0..FINAL_STATES.len()).map(|i| {
+        let mut row = cells(LIVE_STATES.get(i));
+        row.extend(cells(FINAL_STATES.get(i)));
+        Row::new(row)
     });
-    let table = Table::new(rows, [Constraint::Length(9), Constraint::Min(1)])
-        .block(Block::bordered().title(" tasks "));
+    let widths = [
+        Constraint::Length(9),
+        Constraint::Length(9),
+        Constraint::Length(15),
+        Constraint::Min(1),
+    ];
+    let table = Table::new(rows, widths).block(Block::bordered().title(" tasks "));
     frame.render_widget(table, area);
 }
 
@@ -373,9 +405,11 @@ mod tests {
             "slots: 3 used, 5 free of 8",
             "queued    17",
             "running   3",
-            "succeeded 4242",
-            "failed    6",
-            "timed_out 0",
+            "succeeded       4242",
+            "failed          6",
+            "timed_out       0",
+            "upstream_failed 0",
+            "pending   0",
             "throughput: 25.0 tasks/s",
             "finished since the coordinator started: 1500",
             "nodes: 2",
@@ -412,7 +446,7 @@ mod tests {
         assert!(text.contains("retrying every 1s"), "{text}");
         assert!(text.contains("last answer 3.0s ago"), "{text}");
         assert!(text.contains("rust-1"), "{text}");
-        assert!(text.contains("succeeded 4242"), "{text}");
+        assert!(text.contains("succeeded       4242"), "{text}");
     }
 
     #[test]
@@ -433,25 +467,26 @@ mod tests {
         let mut top = polled(nodes);
         let (width, height) = (100, 24);
         let page = node_page(Rect::new(0, 0, width, height));
-        // 24 rows less the cluster (4), tasks (9), keys (1), the table's
-        // borders and header (3).
-        assert_eq!(page, 7);
+        // 24 rows less the cluster (4), tasks (8: six final states beside
+        // the four others, and borders), keys (1), the table's borders and
+        // header (3).
+        assert_eq!(page, 8);
         let text = screen(&top, width, height);
-        assert!(text.contains("nodes: 40 (showing 1-7"), "{text}");
-        assert!(text.contains("n7 ") && !text.contains("n8 "), "{text}");
+        assert!(text.contains("nodes: 40 (showing 1-8"), "{text}");
+        assert!(text.contains("n8 ") && !text.contains("n9 "), "{text}");
         top.scroll_by(1, page);
         let text = screen(&top, width, height);
-        assert!(text.contains("showing 2-8") && text.contains("n8 ") && !text.contains("n1 "));
+        assert!(text.contains("showing 2-9") && text.contains("n9 ") && !text.contains("n1 "));
         top.scroll_by(1000, page);
-        assert_eq!(top.scroll, 33);
+        assert_eq!(top.scroll, 32);
         let text = screen(&top, width, height);
         assert!(
-            text.contains("showing 34-40") && text.contains("n40"),
+            text.contains("showing 33-40") && text.contains("n40"),
             "{text}"
         );
         top.scroll_by(-1000, page);
         assert_eq!(top.scroll, 0);
         top.scroll_to_end(false, page);
-        assert_eq!(top.scroll, 33);
+        assert_eq!(top.scroll, 32);
     }
 }

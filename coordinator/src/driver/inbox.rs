@@ -89,6 +89,9 @@ impl Drop for CancelBatch {
     }
 }
 
+/// What a PENDING task waits for (`Task.waiting_for`) and why, in words.
+pub(crate) type Waiting = (Vec<TaskId>, String);
+
 /// Messages to a node session's Connect response stream.
 pub(crate) type NodeTx = mpsc::Sender<ToNode>;
 
@@ -99,11 +102,32 @@ pub(crate) enum Command {
         specs: Vec<TaskSpec>,
         reply: oneshot::Sender<Result<Vec<TaskId>, Error>>,
     },
+    /// New tasks, some of which run after others or wait for a start time
+    /// (`scheduler/graph.rs`); `known` is what the store held about the
+    /// existing tasks they name.
+    SubmitGraph {
+        specs: Vec<TaskSpec>,
+        known: crate::scheduler::graph::KnownParents,
+        reply: oneshot::Sender<Result<Vec<TaskId>, Error>>,
+    },
+    /// For each of these tasks that is PENDING: what it waits for and why.
+    /// Answered at once: it reads the scheduler and writes nothing.
+    Waiting {
+        ids: Vec<TaskId>,
+        reply: oneshot::Sender<Vec<Option<Waiting>>>,
+    },
     /// Why each of these queued tasks waits (`None`: not queued here).
     /// Answered at once: it reads the scheduler and writes nothing.
     PendingReasons {
         ids: Vec<TaskId>,
         reply: oneshot::Sender<Vec<Option<String>>>,
+    },
+    /// Cancels each of these tasks (a job's, newest first); answers, after
+    /// the commit, how many were live.
+    CancelMany {
+        ids: Vec<TaskId>,
+        reason: String,
+        reply: oneshot::Sender<Result<u32, Error>>,
     },
     /// Answers after the cancel is committed: true when the task was live
     /// (the caller then reads the record from the store).

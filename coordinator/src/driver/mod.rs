@@ -98,7 +98,8 @@ pub(crate) struct Driver {
     sessions: Sessions,
     watchers: Watchers,
     retention: Retention,
-    ids: ulid::Generator,
+    /// The latest Submit's job id: the next one follows it.
+    last_job: u128,
     started: Instant,
     /// Where the scheduler's counts go once per batch.
     metrics: Arc<Metrics>,
@@ -137,7 +138,7 @@ pub(crate) fn new(
         watchers: Watchers::new(config.watch_buffer),
         retention: Retention::new(config.retention),
         config,
-        ids: ulid::Generator::new(),
+        last_job: 0,
         started: Instant::now(),
         cancel,
         failure: Arc::new(OnceLock::new()),
@@ -368,7 +369,27 @@ impl Driver {
         reads: &mut Vec<BatchRead>,
     ) {
         match command {
-            Command::Submit { specs, reply } => replies.push(self.submit(specs, reply, now)),
+            Command::Submit { specs, reply } => {
+                let known = crate::scheduler::graph::KnownParents::new();
+                replies.push(self.submit(specs, &known, reply, now));
+            }
+            Command::SubmitGraph {
+                specs,
+                known,
+                reply,
+            } => replies.push(self.submit(specs, &known, reply, now)),
+            Command::CancelMany { ids, reason, reply } => {
+                let live = ids
+                    .into_iter()
+                    .filter(|id| self.scheduler.cancel(*id, &reason, now))
+                    .count();
+                let live = u32::try_from(live).unwrap_or(u32::MAX);
+                replies.push(answer_committed(reply, Ok(live)));
+            }
+            Command::Waiting { ids, reply } => {
+                let waiting = ids.iter().map(|id| self.scheduler.waiting(*id)).collect();
+                let _ = reply.send(waiting);
+            }
             Command::PendingReasons { ids, reply } => {
                 let reasons = ids
                     .iter()
@@ -445,21 +466,19 @@ impl Driver {
 
     /// [`Command::Submit`]: gives the specs ids and queues them, all or
     /// nothing.
+    /// The ids form one job: contiguous, the first is the job's id (see
+    /// `scheduler/graph.rs`).
     fn submit(
         &mut self,
         specs: Vec<TaskSpec>,
+        known: &crate::scheduler::graph::KnownParents,
         reply: oneshot::Sender<Result<Vec<TaskId>, Error>>,
         now: Now,
     ) -> Reply {
-        let ids: Vec<TaskId> = specs
-            .iter()
-            .map(|_| {
-                let ulid = self.ids.generate().unwrap_or_else(|_| ulid::Ulid::new());
-                TaskId::from_ulid(ulid)
-            })
-            .collect();
+        let fresh = ulid::Ulid::new().0;
+        let ids = crate::scheduler::graph::submit_ids(fresh, &mut self.last_job, specs.len());
         let batch = ids.iter().copied().zip(specs).collect();
-        let result = self.scheduler.submit(batch, now).map(|()| ids);
+        let result = self.scheduler.submit_graph(batch, known, now).map(|()| ids);
         answer_committed(reply, result)
     }
 

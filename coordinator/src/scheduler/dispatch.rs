@@ -152,6 +152,7 @@ impl Scheduler {
                 attempt,
                 spec,
                 secret_env,
+                parents: Vec::new(),
             });
         self.change_state(id, TaskState::Assigned, None, String::new(), now.wall);
         self.expect_start(id, attempt, session, now.instant);

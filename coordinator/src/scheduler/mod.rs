@@ -31,6 +31,7 @@
 mod attempts;
 mod dispatch;
 mod gauges;
+pub mod graph;
 mod limits;
 mod live;
 mod membership;
@@ -150,6 +151,9 @@ pub struct Assignment {
     /// The task's secret environment, for this attempt's node only; kept
     /// apart from `spec`, which is also what readers see.
     pub secret_env: Option<Arc<SecretEnv>>,
+    /// The results of the tasks it runs after, in `after` order (empty
+    /// for most tasks; see `graph.rs`).
+    pub parents: Vec<graph::ParentResult>,
 }
 
 /// Stop this attempt.
@@ -328,6 +332,9 @@ pub struct Scheduler {
     /// cost nothing here), apart from their specs; dropped when the task
     /// becomes final.
     secrets: HashMap<TaskId, Arc<SecretEnv>>,
+    /// Dependencies and start times (`graph.rs`): side tables, empty
+    /// while no task uses them.
+    graph: graph::Graph,
     out: Effects,
     /// What is observed per task as it happens (durations, how tasks end,
     /// retries): atomics the metrics read at scrape time.
@@ -367,6 +374,7 @@ impl Scheduler {
             recent: RecentResults::default(),
             next_liveness_check: None,
             secrets: HashMap::new(),
+            graph: graph::Graph::default(),
             out: Effects::default(),
             metrics: Arc::default(),
         }
@@ -444,6 +452,7 @@ impl Scheduler {
         };
         let spec = LiveSpec::compact(&record.spec, self.queue.example(class))
             .unwrap_or_else(|| LiveSpec::Full(Arc::clone(&record.spec)));
+        self.graph_restored(record.id, &record.spec);
         let mut task = LiveTask::new(spec, class, record.created_at);
         task.next_seq = record.next_seq;
         task.attempt = record.attempt.0;
@@ -469,6 +478,10 @@ impl Scheduler {
                     node_name: record.node_name.unwrap_or_else(|| Arc::from("unknown")),
                 });
                 self.orphans.push((record.id, grace_ends));
+                self.tasks.insert(record.id, task);
+            }
+            // Linked to its parents and start time in `finish_restore`.
+            (TaskState::Pending, _) => {
                 self.tasks.insert(record.id, task);
             }
             _ => {
@@ -505,13 +518,34 @@ impl Scheduler {
     /// then fails saying so (when nodes are connected; with none, and for
     /// an exec task no node allows, it waits).
     pub fn submit(&mut self, batch: Vec<(TaskId, TaskSpec)>, now: Now) -> Result<(), Error> {
+        self.submit_graph(batch, &graph::KnownParents::new(), now)
+    }
+
+    /// [`submit`](Self::submit) for a Submit whose tasks may run after
+    /// others (`after`, refs resolved here) or wait for a start time: they
+    /// start PENDING (see `graph.rs`). `known` is what the Submit path read
+    /// from the store about the existing tasks it names. All or nothing.
+    pub fn submit_graph(
+        &mut self,
+        mut batch: Vec<(TaskId, TaskSpec)>,
+        known: &graph::KnownParents,
+        now: Now,
+    ) -> Result<(), Error> {
         let queued = self.tasks.len().saturating_add(batch.len());
         let max = self.config.max_queued.min(live::CAPACITY);
         if queued > max {
             return Err(Error::QueueFull { queued, max });
         }
+        graph::resolve(&mut batch)?;
+        self.check_parents(&batch, known)?;
+        let mut pending: Vec<TaskId> = Vec::new();
         let mut served: Vec<(ClassId, bool)> = Vec::new();
         for (id, mut spec) in batch {
+            if Self::starts_pending(&spec, now.wall) {
+                self.submit_pending(id, spec, now);
+                pending.push(id);
+                continue;
+            }
             // Kept apart from the spec, which records, events and queue
             // classes share with every reader.
             let class = self.queue.class_for(&spec);
@@ -572,7 +606,30 @@ impl Scheduler {
                 self.unplaceable.push(std::cmp::Reverse((deadline, id)));
             }
         }
+        if !pending.is_empty() {
+            self.link_pending(pending, known, now);
+        }
         Ok(())
+    }
+
+    /// One task of a Submit that starts PENDING: recorded, not queued.
+    fn submit_pending(&mut self, id: TaskId, mut spec: TaskSpec, now: Now) {
+        let class = self.queue.class_for(&spec);
+        let secret_env = std::mem::take(&mut spec.secret_env);
+        let (live, spec) = LiveSpec::full(spec);
+        let mut task = LiveTask::new(live, class, now.wall);
+        task.state = TaskState::Pending;
+        self.out
+            .records
+            .push(Record::Task(task.record(id, Arc::clone(&spec), now.wall)));
+        if !secret_env.is_empty() {
+            let env = Arc::new(secret_env);
+            self.out.records.push(Record::Secrets(id, Arc::clone(&env)));
+            self.secrets.insert(id, env);
+        }
+        self.tasks.insert(id, task);
+        self.counts[state_index(TaskState::Pending)] += 1;
+        self.emit(id, graph::pending_event(&spec), now.wall);
     }
 
     /// A client cancels a task. Returns false when the task is not live
@@ -611,6 +668,9 @@ impl Scheduler {
         self.recent.expire(now.instant);
         self.expire_unstarted(now);
         self.expire_unplaceable(now);
+        if !self.graph.is_empty() {
+            self.graph_tick(now);
+        }
         while let Some((id, attempt)) = self.queue.pop_due(now.instant) {
             if let Some(task) = self.tasks.get_mut(&id)
                 && task.state == TaskState::Queued
@@ -680,6 +740,7 @@ impl Scheduler {
             self.next_liveness_check,
             orphan,
             self.start_deadlines.next(),
+            self.graph_wakeup(),
             self.queue.policy.rate_wakeup,
             self.unplaceable
                 .peek()
@@ -699,6 +760,7 @@ impl Scheduler {
     /// the events since the last call produced.
     pub fn take_effects(&mut self, now: Now) -> Effects {
         self.dispatch(now);
+        self.attach_parents();
         if self.cancels_ordered.capacity() > 4096 {
             self.cancels_ordered = HashSet::new(); // give a flood's memory back
         } else {

@@ -65,7 +65,11 @@ impl LiveSpec {
             && spec.labels == example.labels
             // A client's trace context is per request (usually one span
             // for a whole map, so still shared).
-            && spec.trace == example.trace;
+            && spec.trace == example.trace
+            // Dependencies and start times are per task (`graph.rs`).
+            && spec.after.is_empty()
+            && spec.not_before.is_none()
+            && spec.ref_name == example.ref_name;
         if !alike {
             return None;
         }
@@ -219,7 +223,7 @@ impl LiveTask {
             error: String::new(),
             pending_reason: String::new(),
             waiting_for: Vec::new(),
-            job_id: None,
+            job_id: Some(super::graph::job_of(id)).filter(|job| *job != id),
             failures: self.failures,
             node_losses: self.node_losses,
             created_at: self.created_at(),

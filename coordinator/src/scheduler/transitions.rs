@@ -134,6 +134,11 @@ impl Scheduler {
         record.next_seq = task.next_seq + 2;
         let (node_id, node_name) = task.node();
         let attempt = Attempt(task.attempt);
+        // Dependencies (`graph.rs`): only when some task uses them.
+        let graph = (!self.graph.is_empty()
+            || !record.spec.ref_name.is_empty()
+            || !record.spec.after.is_empty())
+        .then(|| (record.output.clone(), record.spec.ref_name.clone()));
         self.out.records.push(Record::Task(record.clone()));
         self.out.records.push(Record::Event(TaskEvent {
             task_id: id,
@@ -160,5 +165,8 @@ impl Scheduler {
             self.out.records.push(Record::ForgetSecrets(id));
         }
         tracing::debug!(task_id = %id, attempt = task.attempt, state = %state, "task finished");
+        if let Some((output, ref_name)) = graph {
+            self.graph_finished(id, state, &output, &ref_name, wall);
+        }
     }
 }

@@ -4,6 +4,7 @@
 
 pub(crate) mod admin;
 mod batches;
+mod jobs;
 pub(crate) mod node;
 mod node_admin;
 pub(crate) mod task;

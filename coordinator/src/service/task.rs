@@ -86,7 +86,28 @@ pub(crate) fn list_query(request: pb::ListRequest) -> Result<ListQuery, Error> {
         let end = TaskId::from_u128(u128::from(until.saturating_add(1)) << 80);
         before = Some(before.map_or(end, |b| b.min(end)));
     }
-    let from = since.map(|ms| TaskId::from_u128(u128::from(ms) << 80));
+    let mut from = since.map(|ms| TaskId::from_u128(u128::from(ms) << 80));
+    // A job's tasks: its one range of ids, oldest first; the page token
+    // is the last id of the previous page.
+    let ascending = !request.job.is_empty();
+    if ascending {
+        let job = parse_task_id(&request.job)?;
+        if crate::scheduler::graph::job_of(job) != job {
+            return Err(invalid(
+                "job",
+                "not a job id (the first task id of a Submit)",
+            ));
+        }
+        let end = TaskId::from_u128(crate::scheduler::graph::job_end(job).as_u128() + 1);
+        let after = match request.page_token.as_str() {
+            "" => job,
+            token => TaskId::from_u128(parse_task_id(token)?.as_u128().saturating_add(1)),
+        };
+        from = Some(from.map_or(after, |f| f.max(after)));
+        before = Some(until.map_or(end, |u| {
+            end.min(TaskId::from_u128(u128::from(u.saturating_add(1)) << 80))
+        }));
+    }
     let query = ListQuery {
         state,
         before,
@@ -96,6 +117,7 @@ pub(crate) fn list_query(request: pb::ListRequest) -> Result<ListQuery, Error> {
         node: request.node.trim().to_owned(),
         limit,
         scan: MAX_LIST_SCAN,
+        ascending,
     };
     Ok(query)
 }
@@ -315,6 +337,12 @@ impl TaskApi {
             return Ok(Vec::new());
         }
         self.handle.metrics.observe_submit(specs.len(), bytes);
+        if specs
+            .iter()
+            .any(|s| !s.after.is_empty() || s.not_before.is_some())
+        {
+            return super::jobs::submit_graph(&self.handle, specs).await;
+        }
         let Some(trace) = &self.handle.trace else {
             return self
                 .handle
@@ -345,6 +373,22 @@ impl TaskApi {
 
     /// Fills `pending_reason` of the queued records from the scheduler.
     async fn with_pending(&self, records: &mut [TaskRecord]) -> Result<(), Error> {
+        let pending: Vec<usize> = (0..records.len())
+            .filter(|i| records[*i].state == TaskState::Pending)
+            .collect();
+        if !pending.is_empty() {
+            let ids = pending.iter().map(|i| records[*i].id).collect();
+            let waiting = self
+                .handle
+                .call(|reply| Command::Waiting { ids, reply })
+                .await?;
+            for (i, waiting) in pending.into_iter().zip(waiting) {
+                if let Some((ids, reason)) = waiting {
+                    records[i].waiting_for = ids;
+                    records[i].pending_reason = reason;
+                }
+            }
+        }
         let queued: Vec<usize> = (0..records.len())
             .filter(|i| records[*i].state == TaskState::Queued)
             .collect();
@@ -400,7 +444,33 @@ impl pb::task_service_server::TaskService for TaskApi {
         request: Request<pb::CancelJobRequest>,
     ) -> Result<Response<pb::CancelJobResponse>, Status> {
         auth::require(&request, Scope::Cancel)?;
-        Err(Status::unimplemented("CancelJob: not yet"))
+        let request = request.into_inner();
+        let job = parse_task_id(&request.job_id)?;
+        let tasks = super::jobs::job_tasks(&self.handle, job).await?;
+        if tasks.is_empty() || crate::scheduler::graph::job_of(job) != job {
+            return Err(Error::JobNotFound(job).into());
+        }
+        // Newest first: children before the tasks they run after, so they
+        // end CANCELLED themselves rather than by their rule.
+        let ids: Vec<TaskId> = tasks
+            .iter()
+            .rev()
+            .filter(|(_, state)| !state.is_final())
+            .map(|(id, _)| *id)
+            .collect();
+        let reason = match request.reason.trim() {
+            "" => format!("job {job} cancelled by client"),
+            reason => reason.to_owned(),
+        };
+        let cancelled = self
+            .handle
+            .call(|reply| Command::CancelMany { ids, reason, reply })
+            .await??;
+        let total = u32::try_from(tasks.len()).unwrap_or(u32::MAX);
+        Ok(Response::new(pb::CancelJobResponse {
+            cancelled,
+            already_final: total.saturating_sub(cancelled),
+        }))
     }
 
     async fn submit(

@@ -31,6 +31,9 @@ pub struct ListQuery {
     /// At most this many records examined: past it, the page is answered
     /// as it is, with where to carry on.
     pub scan: usize,
+    /// Oldest first (a job's tasks), instead of newest first; the page's
+    /// `resume` is then the last id given, and the next page starts after it.
+    pub ascending: bool,
 }
 
 impl Default for ListQuery {
@@ -44,6 +47,7 @@ impl Default for ListQuery {
             node: String::new(),
             limit: 100,
             scan: usize::MAX,
+            ascending: false,
         }
     }
 }

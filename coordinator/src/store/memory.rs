@@ -198,7 +198,11 @@ impl Store for MemoryStore {
         {
             return Ok(ListPage::default());
         }
-        let ids = tasks.range((from, before)).rev().map(|(id, _)| Ok(*id));
+        let range = tasks.range((from, before)).map(|(id, _)| Ok(*id));
+        let ids: Box<dyn Iterator<Item = Result<TaskId, StoreError>>> = match query.ascending {
+            true => Box::new(range),
+            false => Box::new(range.rev()),
+        };
         scan_page(ids, query, |id| {
             Ok(tasks
                 .get(&id)

@@ -34,6 +34,8 @@ pub(crate) mod codec;
 mod damage_tests;
 mod engine;
 #[cfg(test)]
+mod job_tests;
+#[cfg(test)]
 mod list_tests;
 pub mod marker;
 pub mod memory;

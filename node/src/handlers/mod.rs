@@ -53,6 +53,22 @@ pub struct HandlerRequest {
     pub cancel: CancellationToken,
     /// Streams output chunks and progress to whoever watches the task.
     pub emit: Emitter,
+    /// The results of the tasks this one runs after (`TaskSpec.after`),
+    /// in the order the spec names them; empty for most tasks.
+    pub parents: Arc<[ParentResult]>,
+}
+
+/// One parent's result, given to a task that runs after it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ParentResult {
+    /// The parent.
+    pub task_id: TaskId,
+    /// Its ref in its Submit ("" when it had none).
+    pub ref_name: String,
+    /// How it ended (or, under ANY_FAILED/ANY_SUCCEEDED, where it stands).
+    pub state: weft_proto::TaskState,
+    /// Its output: a call's return value, an exec task's `$WEFT_OUTPUT`.
+    pub output: Bytes,
 }
 
 impl HandlerRequest {
@@ -68,6 +84,7 @@ impl HandlerRequest {
             trace: None,
             cancel: CancellationToken::new(),
             emit: Emitter::detached(task_id, Attempt::FIRST),
+            parents: Arc::from([]),
         }
     }
 }

@@ -68,3 +68,13 @@ def touch(path: str) -> None:
 def json_sum(obj: dict) -> dict:
     """A codec="json" handler: the sum of ``obj["values"]``."""
     return {"sum": sum(obj["values"]), "n": len(obj["values"])}
+
+
+def total(values) -> int:
+    """The sum of a list (a list of futures' results, substituted one level deep)."""
+    return sum(values)
+
+
+def parents_seen(data: bytes, ctx) -> list:
+    """A handler that answers what its context says of its parents, in order."""
+    return [[p.task_id, p.ref, p.state, p.output.decode()] for p in ctx.parents]

@@ -20,6 +20,8 @@ def main() -> None:
     worker = build_worker(args)
     worker.register("json_sum", exec_funcs.json_sum, "process", codec="json")
     worker.register("json_echo", json_echo, codec="json")
+    worker.register("parents_thread", exec_funcs.parents_seen, "thread")
+    worker.register("parents_process", exec_funcs.parents_seen, "process")
     worker.run()
 
 

@@ -26,10 +26,12 @@ from .errors import (
     ResourceExhausted,
     TaskCancelled,
     TaskFailed,
+    TaskSkipped,
     TaskTimedOut,
     Unauthenticated,
     Unavailable,
     Unimplemented,
+    UpstreamFailed,
     WeftError,
 )
 from .models import (
@@ -46,14 +48,17 @@ from .models import (
     parse_duration,
     parse_label,
 )
-from .worker import PROTOCOL_VERSION, Context, HandlerError, Worker
+from .policy import Ref
+from .worker import PROTOCOL_VERSION, Context, HandlerError, ParentResult, Worker
+from .workflow import Job, JobCancelled, LimitInfo, Schedule
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AlreadyExists", "AsyncExecutor", "Attempt", "Cancelled", "Client", "ClusterInfo", "Context", "DeadlineExceeded", "Executor",
-    "FailedPrecondition", "HandlerError", "Internal", "InvalidArgument", "NodeInfo", "NodeState",
-    "NotFound", "OutputStream", "PROTOCOL_VERSION", "PermissionDenied", "RemoteTraceback", "ResourceExhausted", "Task",
-    "TaskCancelled", "TaskEvent", "TaskFailed", "TaskState", "TaskTimedOut", "Unauthenticated",
-    "Unavailable", "Unimplemented", "WeftError", "Worker", "call_spec", "exec_spec", "parse_duration", "parse_label",
+    "FailedPrecondition", "HandlerError", "Internal", "InvalidArgument", "Job", "JobCancelled", "LimitInfo", "NodeInfo",
+    "NodeState", "NotFound", "OutputStream", "PROTOCOL_VERSION", "ParentResult", "PermissionDenied", "Ref",
+    "RemoteTraceback", "ResourceExhausted", "Schedule", "Task", "TaskCancelled", "TaskEvent", "TaskFailed",
+    "TaskSkipped", "TaskState", "TaskTimedOut", "Unauthenticated", "Unavailable", "Unimplemented", "UpstreamFailed",
+    "WeftError", "Worker", "call_spec", "exec_spec", "parse_duration", "parse_label",
 ]

@@ -64,7 +64,7 @@ class _ChildContext(TracedContext):
 
     def __init__(
         self, conn, call_id: int, task_id: str, attempt: int, input: bytes, secret_env: Optional[dict] = None,
-        trace: Tuple[str, str] = ("", ""),
+        trace: Tuple[str, str] = ("", ""), parents: tuple = (),
     ):
         self._conn = conn
         self._id = call_id
@@ -73,6 +73,8 @@ class _ChildContext(TracedContext):
         self.input = input
         self.secret_env = dict(secret_env or {})
         self.traceparent, self.tracestate = trace
+        #: The task's parents' results (:class:`weft.ParentResult`), in ``after`` order.
+        self.parents = list(parents)
         self.kind = "process"
 
     @property
@@ -122,7 +124,7 @@ def _child_main(conn, out) -> None:
     """Body of a pool process: run calls in order until the pipe closes.
 
     Messages in: ``("call", id, fn_pickle, input, task_id, attempt,
-    wants_context, secret_env, (traceparent, tracestate))`` and ``("skip", id)``. Out: ``("ok", id,
+    wants_context, secret_env, (traceparent, tracestate), parents)`` and ``("skip", id)``. Out: ``("ok", id,
     result, next_id)`` or ``("error", id, type, message, traceback,
     next_id)`` when a call ends, ``next_id`` naming the call it begins next
     (None: it runs the next call it reads, at once); output and progress
@@ -149,7 +151,7 @@ def _child_main(conn, out) -> None:
         return None
 
     def run(call: tuple) -> tuple:
-        _, call_id, fn_pickle, input, task_id, attempt, wants_context, secret_env, trace = call
+        _, call_id, fn_pickle, input, task_id, attempt, wants_context, secret_env, trace, parents = call
         try:
             fn = functions.get(fn_pickle)
             if fn is None:
@@ -158,7 +160,7 @@ def _child_main(conn, out) -> None:
             return ("error", call_id, "StartFailed", f"cannot load handler in pool process: {e}", "")
         try:
             if wants_context:
-                result = fn(input, _ChildContext(out, call_id, task_id, attempt, input, secret_env, trace))
+                result = fn(input, _ChildContext(out, call_id, task_id, attempt, input, secret_env, trace, parents))
             else:
                 result = fn(input)
             return ("ok", call_id, result)
@@ -366,6 +368,7 @@ class ProcessPool:
         self, fn: Callable, input: bytes, task_id: str, attempt: int, wants_context: bool, *, tag: Any,
         on_message: Callable[[Any, tuple], None], on_done: Callable[[Any, bool, Any], None],
         secret_env: Optional[dict] = None, ahead: bool = False, trace: Tuple[str, str] = ("", ""),
+        parents: tuple = (),
     ) -> ProcessCall:
         """Runs ``fn(input[, ctx])`` in a pool process, now or once one has
         room; call on the loop. ``on_message(tag, message)`` gets
@@ -383,7 +386,8 @@ class ProcessPool:
             else:
                 self._pickled[fn] = fn_pickle
         self._next_id += 1
-        message = ("call", self._next_id, fn_pickle, input, task_id, attempt, wants_context, secret_env or {}, trace)
+        message = ("call", self._next_id, fn_pickle, input, task_id, attempt, wants_context, secret_env or {}, trace,
+                   parents)
         call = ProcessCall(self, self._next_id, message, tag, on_message, on_done)
         if ahead:
             call.ahead = True

@@ -17,7 +17,7 @@ import grpc
 
 from . import errors
 from ._channel import client_token, aio_channel
-from ._proto import admin_pb2, admin_pb2_grpc, common_pb2, task_pb2, task_pb2_grpc
+from ._proto import admin_pb2, admin_pb2_grpc, common_pb2, schedule_pb2, schedule_pb2_grpc, task_pb2, task_pb2_grpc
 from .client import (
     SUBMIT_BATCH,
     UNARY_TIMEOUT,
@@ -25,6 +25,7 @@ from .client import (
     _deadline,
     _distinct,
     _InOrder,
+    _job_id,
     _new_records,
     _open_wait,
     _call_requests,
@@ -47,6 +48,18 @@ from .models import (
     parse_duration,
 )
 from .tracing import traced
+from .workflow import (
+    Job,
+    JobCancelled,
+    LimitInfo,
+    Schedule,
+    check_limit_kind,
+    graph_request,
+    job_from_tasks,
+    job_of,
+    limit_pb,
+    schedule_spec,
+)
 
 
 class Client:
@@ -66,6 +79,7 @@ class Client:
         #: Whether to wait over WaitManyBatches (cleared when the coordinator lacks it).
         self._wait_batches = True
         self._admin = admin_pb2_grpc.AdminServiceStub(self._channel)
+        self._schedules = schedule_pb2_grpc.ScheduleServiceStub(self._channel)
 
     async def close(self) -> None:
         """Closes the channel."""
@@ -149,9 +163,10 @@ class Client:
         node: str = "",
         since: Optional[TimeLike] = None,
         until: Optional[TimeLike] = None,
+        job: str = "",
     ) -> List[Task]:
-        """Tasks, newest first, with the filters of :meth:`weft.Client.list`."""
-        request = list_request(state, 0, labels, name, node, since, until)
+        """Tasks, newest first, with the filters of :meth:`weft.Client.list` (``job``: that job's, oldest first)."""
+        request = list_request(state, 0, labels, name, node, since, until, _job_id(job))
         limit = limit if limit > 0 else 100
         tasks: List[Task] = []
         while True:
@@ -262,6 +277,75 @@ class Client:
         """Cancels a task; returns it as recorded after the cancel."""
         response = await self._unary(self._tasks.Cancel, task_pb2.CancelRequest(task_id=task_id, reason=reason))
         return Task.from_pb(response.task)
+
+    # -- graphs, jobs, limits, schedules (as weft.Client's) ------------------
+
+    async def submit_graph(self, specs: Iterable[common_pb2.TaskSpec], *, traceparent: str = "", tracestate: str = "") -> Job:
+        """Submits a whole graph in one ``Submit``; see :meth:`weft.Client.submit_graph`."""
+        request = task_pb2.SubmitRequest(tasks=traced(graph_request(specs).tasks, traceparent, tracestate))
+        return job_of(request, await self._unary(self._tasks.Submit, request))
+
+    async def job(self, job_id: str) -> Job:
+        """A job's tasks as recorded now, oldest first."""
+        job_id = _job_id(job_id)
+        tasks = await self.list(job=job_id, limit=1_000_000)
+        if not tasks:
+            raise errors.NotFound(f"no job {job_id}")
+        return job_from_tasks(job_id, tasks)
+
+    async def wait_job(self, job_id: str, timeout: Optional[DurationLike] = None) -> Job:
+        """Waits until every task of the job is final; returns the job with its final records."""
+        job = await self.job(job_id)
+        final = {task.id: task async for task in self.wait_many(job.task_ids, timeout)}
+        return job_from_tasks(job.id, [final.get(task.id, task) for task in job.tasks])
+
+    async def cancel_job(self, job_id: str, reason: str = "") -> JobCancelled:
+        """Cancels every task of the job not final yet; see :meth:`weft.Client.cancel_job`."""
+        request = task_pb2.CancelJobRequest(job_id=_job_id(job_id), reason=reason)
+        response = await self._unary(self._tasks.CancelJob, request)
+        return JobCancelled(cancelled=response.cancelled, already_final=response.already_final)
+
+    async def set_limit(self, name: str, rate=None, *, burst: Optional[int] = None, max_running: Optional[int] = None) -> None:
+        """Sets a named limit; see :meth:`weft.Client.set_limit`."""
+        limit = limit_pb(name, rate, burst, max_running)
+        await self._unary(self._admin.SetLimit, admin_pb2.SetLimitRequest(limit=limit))
+
+    async def list_limits(self) -> List[LimitInfo]:
+        """Every limit set, with what it holds now."""
+        response = await self._unary(self._admin.ListLimits, admin_pb2.ListLimitsRequest())
+        return [LimitInfo.from_pb(info) for info in response.limits]
+
+    async def delete_limit(self, name: str, kind: str = "rate") -> None:
+        """Removes a limit (``kind``: ``"rate"`` or ``"concurrency"``)."""
+        request = admin_pb2.DeleteLimitRequest(name=name, kind=check_limit_kind(kind))
+        await self._unary(self._admin.DeleteLimit, request)
+
+    async def create_schedule(
+        self, name: str, cron: str, task: common_pb2.TaskSpec, *, time_zone: str = "", overlap: str = "skip",
+        catch_up: str = "one",
+    ) -> Schedule:
+        """Creates a cron schedule; see :meth:`weft.Client.create_schedule`."""
+        spec = schedule_spec(name, cron, task, time_zone, overlap, catch_up)
+        response = await self._unary(self._schedules.CreateSchedule, schedule_pb2.CreateScheduleRequest(spec=spec))
+        return Schedule.from_pb(response.schedule)
+
+    async def list_schedules(self) -> List[Schedule]:
+        """Every schedule, by name."""
+        response = await self._unary(self._schedules.ListSchedules, schedule_pb2.ListSchedulesRequest())
+        return [Schedule.from_pb(s) for s in response.schedules]
+
+    async def pause_schedule(self, name: str, paused: bool = True) -> Schedule:
+        """Pauses (or with ``paused=False`` resumes) a schedule."""
+        request = schedule_pb2.PauseScheduleRequest(name=name, paused=bool(paused))
+        return Schedule.from_pb((await self._unary(self._schedules.PauseSchedule, request)).schedule)
+
+    async def resume_schedule(self, name: str) -> Schedule:
+        """Resumes a paused schedule."""
+        return await self.pause_schedule(name, paused=False)
+
+    async def delete_schedule(self, name: str) -> None:
+        """Deletes a schedule (the tasks it fired are kept)."""
+        await self._unary(self._schedules.DeleteSchedule, schedule_pb2.DeleteScheduleRequest(name=name))
 
     async def nodes(self) -> List[NodeInfo]:
         """Every node the coordinator knows."""

@@ -21,7 +21,7 @@ import grpc
 
 from . import errors
 from ._channel import client_token, sync_channel
-from ._proto import admin_pb2, admin_pb2_grpc, common_pb2, task_pb2, task_pb2_grpc
+from ._proto import admin_pb2, admin_pb2_grpc, common_pb2, schedule_pb2, schedule_pb2_grpc, task_pb2, task_pb2_grpc
 from .models import (
     ClusterInfo,
     DurationLike,
@@ -39,6 +39,18 @@ from .models import (
     parse_duration,
 )
 from .tracing import traced
+from .workflow import (
+    Job,
+    JobCancelled,
+    LimitInfo,
+    Schedule,
+    check_limit_kind,
+    graph_request,
+    job_from_tasks,
+    job_of,
+    limit_pb,
+    schedule_spec,
+)
 
 #: Deadline of unary calls, in seconds.
 UNARY_TIMEOUT = 30.0
@@ -131,6 +143,15 @@ def _new_records(message, batches: bool, left: set) -> List[task_pb2.Task]:
     return fresh
 
 
+def _job_id(job: Any) -> str:
+    """A job id from a str or a :class:`weft.Job`."""
+    if isinstance(job, Job):
+        return job.id
+    if not isinstance(job, str):
+        raise TypeError(f"a job is its id (a str) or a weft.Job, not {type(job).__name__}")
+    return job
+
+
 def _deadline(timeout: Optional[DurationLike]) -> Optional[float]:
     return None if timeout is None else time.monotonic() + parse_duration(timeout)
 
@@ -178,6 +199,7 @@ class Client:
         #: Whether to wait over WaitManyBatches (cleared when the coordinator lacks it).
         self._wait_batches = True
         self._admin = admin_pb2_grpc.AdminServiceStub(self._channel)
+        self._schedules = schedule_pb2_grpc.ScheduleServiceStub(self._channel)
 
     def close(self) -> None:
         """Closes the channel."""
@@ -277,8 +299,10 @@ class Client:
         node: str = "",
         since: Optional[TimeLike] = None,
         until: Optional[TimeLike] = None,
+        job: str = "",
     ) -> List[Task]:
-        """Up to ``limit`` tasks, newest first, that match every filter given.
+        """Up to ``limit`` tasks, newest first, that match every filter given
+        (``job``: only that job's tasks, oldest first).
 
         ``labels``: every one must match; ``name``: a substring of the task's
         name; ``node``: a node (name or id) any of its attempts ran on;
@@ -287,7 +311,7 @@ class Client:
         number of tasks per call, so this pages on until it has ``limit``
         tasks or none is left.
         """
-        request = list_request(state, 0, labels, name, node, since, until)
+        request = list_request(state, 0, labels, name, node, since, until, _job_id(job))
         limit = limit if limit > 0 else 100
         tasks: List[Task] = []
         while True:
@@ -419,6 +443,95 @@ class Client:
         """
         response = self._unary(self._tasks.Cancel, task_pb2.CancelRequest(task_id=task_id, reason=reason))
         return Task.from_pb(response.task)
+
+    # -- graphs and jobs ----------------------------------------------------
+
+    def submit_graph(self, specs: Iterable[common_pb2.TaskSpec], *, traceparent: str = "", tracestate: str = "") -> Job:
+        """Submits a whole graph in one ``Submit`` (all or nothing) and returns its :class:`weft.Job`.
+
+        Each spec may have a ``ref`` and name others in ``after`` by ref (``after=["fetch"]``
+        or ``weft.Ref("fetch")``) or by task id. A dangling ref or a repeated one is a
+        ValueError here; a cycle is :class:`weft.InvalidArgument` from the coordinator;
+        either way nothing is committed. Trace context as :meth:`submit_many`.
+        """
+        request = task_pb2.SubmitRequest(tasks=traced(graph_request(specs).tasks, traceparent, tracestate))
+        return job_of(request, self._unary(self._tasks.Submit, request))
+
+    def job(self, job_id: str) -> Job:
+        """A job's tasks as recorded now, oldest first (:class:`weft.NotFound` for an unknown job)."""
+        job_id = _job_id(job_id)
+        tasks = self.list(job=job_id, limit=1_000_000)
+        if not tasks:
+            raise errors.NotFound(f"no job {job_id}")
+        return job_from_tasks(job_id, tasks)
+
+    def wait_job(self, job_id: str, timeout: Optional[DurationLike] = None) -> Job:
+        """Waits until every task of the job is final; returns the job with its final records."""
+        job = self.job(job_id)
+        final = {task.id: task for task in self.wait_many(job.task_ids, timeout)}
+        return job_from_tasks(job.id, [final.get(task.id, task) for task in job.tasks])
+
+    def cancel_job(self, job_id: str, reason: str = "") -> JobCancelled:
+        """Cancels every task of the job not final yet (PENDING ones at once; tasks that run
+        after them end by their rules). :class:`weft.NotFound` for a job with no tasks left."""
+        request = task_pb2.CancelJobRequest(job_id=_job_id(job_id), reason=reason)
+        response = self._unary(self._tasks.CancelJob, request)
+        return JobCancelled(cancelled=response.cancelled, already_final=response.already_final)
+
+    # -- limits -------------------------------------------------------------
+
+    def set_limit(self, name: str, rate=None, *, burst: Optional[int] = None, max_running: Optional[int] = None) -> None:
+        """Sets (creates or replaces) a named limit: a rate limit tasks take units from
+        (``rate="100/s"``, or :func:`weft.workflow.rate_limit`; ``burst``: most units held,
+        default the units), or the running limit of the concurrency key ``name``
+        (``max_running=2``). Durable; applies at once."""
+        limit = limit_pb(name, rate, burst, max_running)
+        self._unary(self._admin.SetLimit, admin_pb2.SetLimitRequest(limit=limit))
+
+    def list_limits(self) -> List[LimitInfo]:
+        """Every limit set, with what it holds now."""
+        response = self._unary(self._admin.ListLimits, admin_pb2.ListLimitsRequest())
+        return [LimitInfo.from_pb(info) for info in response.limits]
+
+    def delete_limit(self, name: str, kind: str = "rate") -> None:
+        """Removes a limit (``kind``: ``"rate"`` or ``"concurrency"``); :class:`weft.NotFound` if unknown."""
+        request = admin_pb2.DeleteLimitRequest(name=name, kind=check_limit_kind(kind))
+        self._unary(self._admin.DeleteLimit, request)
+
+    # -- schedules ----------------------------------------------------------
+
+    def create_schedule(
+        self, name: str, cron: str, task: common_pb2.TaskSpec, *, time_zone: str = "", overlap: str = "skip",
+        catch_up: str = "one",
+    ) -> Schedule:
+        """Creates a cron schedule that submits ``task`` (a :func:`weft.call_spec` /
+        :func:`weft.exec_spec`) at each fire time, as a job of its own. ``cron``: five fields
+        (or six, seconds first), read in ``time_zone`` (IANA; default UTC); ``overlap`` when
+        the previous fire's task is not final: ``"skip"``, ``"queue"`` or
+        ``"cancel_running"``; ``catch_up`` for fire times missed while the coordinator was
+        down: ``"none"``, ``"one"`` or ``"all"``. :class:`weft.AlreadyExists` for a name in use."""
+        spec = schedule_spec(name, cron, task, time_zone, overlap, catch_up)
+        response = self._unary(self._schedules.CreateSchedule, schedule_pb2.CreateScheduleRequest(spec=spec))
+        return Schedule.from_pb(response.schedule)
+
+    def list_schedules(self) -> List[Schedule]:
+        """Every schedule, by name."""
+        response = self._unary(self._schedules.ListSchedules, schedule_pb2.ListSchedulesRequest())
+        return [Schedule.from_pb(s) for s in response.schedules]
+
+    def pause_schedule(self, name: str, paused: bool = True) -> Schedule:
+        """Pauses (or with ``paused=False`` resumes) a schedule; fire times passed while
+        paused are not caught up. :class:`weft.NotFound` for an unknown name."""
+        request = schedule_pb2.PauseScheduleRequest(name=name, paused=bool(paused))
+        return Schedule.from_pb(self._unary(self._schedules.PauseSchedule, request).schedule)
+
+    def resume_schedule(self, name: str) -> Schedule:
+        """Resumes a paused schedule."""
+        return self.pause_schedule(name, paused=False)
+
+    def delete_schedule(self, name: str) -> None:
+        """Deletes a schedule (the tasks it fired are kept); :class:`weft.NotFound` if unknown."""
+        self._unary(self._schedules.DeleteSchedule, schedule_pb2.DeleteScheduleRequest(name=name))
 
     # -- admin --------------------------------------------------------------
 

@@ -168,8 +168,33 @@ class TaskTimedOut(TaskFailed):
     """The task ended TIMED_OUT."""
 
 
+class UpstreamFailed(TaskFailed):
+    """The task ended UPSTREAM_FAILED without running: a task it runs after did
+    not end as its dependency rule needs (e.g. failed, under "all_succeeded").
+
+    :class:`weft.Executor` also raises it, with ``task`` None, for a call never
+    submitted because a future it depends on failed before it was (its
+    Submit refused, or the future cancelled first)."""
+
+    def __init__(self, task: Optional["Task"] = None, message: str = ""):
+        if task is not None:
+            super().__init__(task)
+            return
+        WeftError.__init__(self, message)
+        self.task = None
+
+
+class TaskSkipped(TaskFailed):
+    """The task ended SKIPPED without running (``after_rule="any_failed"``, and all its
+    parents succeeded): not a failure, but there is no result."""
+
+
 def task_error(task: "Task") -> TaskFailed:
     """The TaskFailed subclass for a final, unsuccessful task."""
+    if task.state == "UPSTREAM_FAILED":
+        return UpstreamFailed(task)
+    if task.state == "SKIPPED":
+        return TaskSkipped(task)
     if task.state == "CANCELLED":
         return TaskCancelled(task)
     if task.state == "TIMED_OUT":

@@ -29,6 +29,19 @@ Two ways to name work:
   the future raises :class:`weft.TaskFailed`, whose message carries the
   worker's traceback.
 
+Futures as dependencies, as Ray passes them: a future of the same executor
+given as an argument of ``submit`` (positional or keyword, or an item of a
+list, tuple or dict passed as one: one level deep, no deeper) makes the new
+task run after that future's task (``after_rule="all_succeeded"``), and the
+worker puts the parent's result (decoded as the parent's future would
+decode it) in that argument's place when the task runs. Nothing waits
+here: the child is submitted at once, PENDING until its parents succeed; a
+parent that fails makes the child end UPSTREAM_FAILED without running, and
+its future raise :class:`weft.UpstreamFailed`. ``after=[future, task_id,
+...]`` orders without passing data. Only calls of Python functions take
+futures as arguments; a handler by name takes its input as bytes (run it
+``after=[future]`` and read ``ctx.parents`` in the handler).
+
 Results are unpickled here as they come, with the trust a program puts in
 its own process pool: use pickled calls only with workers you trust (nodes
 that joined your cluster).
@@ -64,7 +77,8 @@ from . import errors
 from .client import SUBMIT_BATCH
 from .models import Task, TaskState, call_spec
 from ._proto import common_pb2
-from .worker.pickled import EXCEPTION_MARKER, FORMAT, HANDLER
+from .policy import task_id_of
+from .worker.pickled import EXCEPTION_MARKER, FORMAT, HANDLER, Parent
 
 log = logging.getLogger("weft.executor")
 
@@ -117,6 +131,74 @@ def _dumps(value: Any, what: str) -> bytes:
         return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
     except (pickle.PicklingError, TypeError, AttributeError) as e:
         raise TypeError(f"cannot pickle {what} for a worker: {e}") from e
+
+
+#: Keyword arguments ``submit`` takes for the task rather than passing them to the function.
+SUBMIT_OPTIONS = ("after", "after_rule", "priority", "fair_key", "resources")
+_SUBMIT_OPTIONS = frozenset(SUBMIT_OPTIONS)
+
+
+def _is_future(value: Any) -> bool:
+    return isinstance(value, (Future, AsyncFuture))
+
+
+def _parent_codec(request: "_Request") -> str:
+    if request.decode is _decode_json:
+        return "json"
+    if request.decode is _decode_bytes:
+        return "bytes"
+    return "pickle"
+
+
+class _Parents:
+    """The tasks a call runs after, in ``after`` order: requests (futures of this executor)
+    and task ids; futures among the arguments become :class:`Parent` markers."""
+
+    def __init__(self, owner: Any):
+        self.owner = owner
+        self.items: List[Union["_Request", str]] = []
+        self.index: dict = {}
+
+    def add(self, value: Any) -> int:
+        if _is_future(value):
+            request = value._request
+            if request is None or value._owner is not self.owner:
+                raise TypeError("a future passed to submit must come from the same weft executor")
+            key: Any = id(request)
+            item: Union[_Request, str] = request
+        else:
+            item = key = task_id_of(value)
+        if key not in self.index:
+            self.index[key] = len(self.items)
+            self.items.append(item)
+        return self.index[key]
+
+    def marker(self, value: Any) -> Any:
+        """``value`` with a future replaced by its marker (itself otherwise)."""
+        if _is_future(value):
+            return Parent(self.add(value), _parent_codec(value._request))
+        return value
+
+    def substitute(self, value: Any) -> Any:
+        """``value`` with futures replaced: itself, or one level inside a list, tuple or dict."""
+        if _is_future(value):
+            return self.marker(value)
+        if type(value) in (list, tuple) and any(_is_future(item) for item in value):
+            return type(value)(self.marker(item) for item in value)
+        if type(value) is dict and any(_is_future(item) for item in value.values()):
+            return {key: self.marker(item) for key, item in value.items()}
+        return value
+
+
+def _has_future(args: tuple, kwargs: dict) -> bool:
+    for value in itertools.chain(args, kwargs.values()):
+        if _is_future(value):
+            return True
+        if type(value) in (list, tuple) and any(_is_future(item) for item in value):
+            return True
+        if type(value) is dict and any(_is_future(item) for item in value.values()):
+            return True
+    return False
 
 
 def encode_call(fn: Callable, args: tuple, kwargs: dict) -> bytes:
@@ -177,13 +259,17 @@ def task_exception(task: Task) -> BaseException:
 class _Request:
     """One task to submit: its spec, how its result is read, the future it settles."""
 
-    __slots__ = ("spec", "decode", "future", "task_id")
+    __slots__ = ("spec", "decode", "future", "task_id", "after", "batch")
 
-    def __init__(self, spec, decode: Callable[[Task], Any], future):
+    def __init__(self, spec, decode: Callable[[Task], Any], future, after: Optional[list] = None):
         self.spec = spec
         self.decode = decode
         self.future = future
         self.task_id: Optional[str] = None
+        #: The requests (and task ids) it runs after, in order; None for most.
+        self.after = after
+        #: The batch (list) it went in, once it did.
+        self.batch: Optional[list] = None
 
 
 def _settle(future, value: Any = None, error: Optional[BaseException] = None) -> None:
@@ -224,6 +310,9 @@ class _Core:
         self.cancelling: Set[asyncio.Task] = set()
         self.cancels = asyncio.Semaphore(CANCEL_CONCURRENCY)
         self.submits = asyncio.Semaphore(SUBMIT_CONCURRENCY)
+        #: The Submits on their way (a call after one of their tasks waits for its id).
+        self.submitting: Set[asyncio.Task] = set()
+        self.refs = itertools.count(1)
         self.pump = self.loop.create_task(self._pump())
 
     def put(self, request: _Request) -> None:
@@ -253,24 +342,74 @@ class _Core:
             while self.queue:
                 batch: List[_Request] = []
                 while self.queue and len(batch) < SUBMIT_BATCH:
-                    request = self.queue.popleft()
+                    request = self.queue[0]
+                    if request.after is not None and not request.future.done():
+                        if not self._link(request, batch):
+                            break  # a parent's Submit is on its way: send this batch, wait for its id
+                    self.queue.popleft()
                     if not request.future.done():  # cancelled before it was sent: never submitted
                         batch.append(request)
+                        request.batch = batch
                 if batch:
                     await self.submits.acquire()
-                    self._spawn(self._submit(batch))
+                    self._submitting(self._submit(batch))
+                elif self.submitting:
+                    await asyncio.wait(list(self.submitting))
+                else:  # defensive: a parent neither submitted, failed nor on its way
+                    request = self.queue.popleft()
+                    _settle(request.future, error=errors.UpstreamFailed(message="not submitted: a future it runs "
+                                                                                "after was never submitted"))
+
+    def _submitting(self, coro) -> None:
+        task = self.loop.create_task(coro)
+        self.tasks.add(task)
+        self.submitting.add(task)
+        task.add_done_callback(self.tasks.discard)
+        task.add_done_callback(self.submitting.discard)
+
+    def _link(self, request: _Request, batch: list) -> bool:
+        """Fills ``request``'s ``after`` from its parents: by id when submitted, by ref when in
+        ``batch`` (the Submit being made). False when a parent's Submit is still on its way; a
+        parent that failed before it was submitted settles ``request`` (UpstreamFailed)
+        instead. A parent is always queued before its child, so it is one of these."""
+        deps = []
+        for parent in request.after:
+            if isinstance(parent, str):
+                deps.append(common_pb2.Dependency(task_id=parent))
+            elif parent.task_id is not None:
+                deps.append(common_pb2.Dependency(task_id=parent.task_id))
+            elif parent.batch is batch:
+                if not parent.spec.ref:
+                    parent.spec.ref = f"weft-executor-{next(self.refs)}"
+                deps.append(common_pb2.Dependency(ref=parent.spec.ref))
+            elif parent.future.done():
+                if parent.future.cancelled():
+                    why = "was cancelled"
+                else:
+                    why = f"failed: {parent.future.exception()}"
+                _settle(request.future, error=errors.UpstreamFailed(
+                    message=f"not submitted: a future it runs after {why}"))
+                return True
+            else:
+                return False
+        spec = request.spec
+        del spec.after[:]
+        spec.after.extend(deps)
+        return True
 
     async def _submit(self, batch: List[_Request]) -> None:
         try:
             ids = await self.client.submit_many([r.spec for r in batch])
         except errors.WeftError as e:
             for request in batch:
+                request.batch = None
                 _settle(request.future, error=e)
             return
         finally:
             self.submits.release()
         for request, task_id in zip(batch, ids):
             request.task_id = task_id
+            request.batch = None  # a future kept does not keep its batch
             if request.future.cancelled():  # cancelled while the Submit was on its way
                 self.cancel(request)
         self._spawn(self._follow(batch))
@@ -365,23 +504,52 @@ class _Options:
             raise ValueError(f"codec must be 'bytes' or 'json', not {codec!r}")
         if "json" in spec_options:
             raise TypeError("give the codec with codec='json', not json=")
+        for name in ("after", "ref", "not_before", "delay"):
+            if name in spec_options:
+                raise TypeError(f"{name}= is given per task (submit(fn, ..., after=[future])), not per executor")
         call_spec(HANDLER, b"", **spec_options)  # bad options fail here, not at every submit
         self.codec = codec
         self.spec_options = spec_options
 
-    def call(self, fn: Work, args: tuple, kwargs: dict) -> Tuple[Any, Callable[[Task], Any]]:
-        """The spec and decoder of ``fn(*args, **kwargs)`` (or of one call of the handler ``fn``)."""
+    def call(self, fn: Work, args: tuple, kwargs: dict, owner: Any = None) -> Tuple[Any, Callable[[Task], Any], Optional[list]]:
+        """The spec and decoder of ``fn(*args, **kwargs)`` (or of one call of the handler ``fn``),
+        and what it runs after (None: nothing). The keywords of :data:`SUBMIT_OPTIONS` are
+        the task's, not the function's."""
+        options = self.spec_options
+        after = None
+        if kwargs and not _SUBMIT_OPTIONS.isdisjoint(kwargs):
+            options = dict(options)
+            kwargs = dict(kwargs)
+            for name in SUBMIT_OPTIONS:
+                if name in kwargs:
+                    options[name] = kwargs.pop(name)
+            after = options.pop("after", None)
+        parents = None
+        futures = _has_future(args, kwargs)
+        if after is not None or futures:
+            parents = _Parents(owner)
+            if futures:
+                if isinstance(fn, str):
+                    raise TypeError(f"the handler {fn!r} takes its input as bytes, not a future: run it "
+                                    f"after=[future] and read the parent's result from ctx.parents")
+                args = tuple(parents.substitute(a) for a in args)
+                kwargs = {k: parents.substitute(v) for k, v in kwargs.items()}
+            for item in ([after] if _is_future(after) or isinstance(after, str) else after or ()):
+                parents.add(item)
         if isinstance(fn, str):
             if kwargs or len(args) > 1:
                 raise TypeError(f"the handler {fn!r} takes one input: submit({fn!r}, input)")
             data = args[0] if args else (None if self.codec == "json" else b"")
             if self.codec == "json":
-                return call_spec(fn, json=data, **self.spec_options), _decode_json
-            if not isinstance(data, (bytes, bytearray, memoryview, str)):
-                raise TypeError(f"the input of {fn!r} is bytes or str, not {type(data).__name__} "
-                                "(Executor(codec='json') sends JSON)")
-            return call_spec(fn, data, **self.spec_options), _decode_bytes
-        return call_spec(HANDLER, encode_call(fn, args, kwargs), **self.spec_options), _decode_pickle
+                spec, decode = call_spec(fn, json=data, **options), _decode_json
+            else:
+                if not isinstance(data, (bytes, bytearray, memoryview, str)):
+                    raise TypeError(f"the input of {fn!r} is bytes or str, not {type(data).__name__} "
+                                    "(Executor(codec='json') sends JSON)")
+                spec, decode = call_spec(fn, data, **options), _decode_bytes
+        else:
+            spec, decode = call_spec(HANDLER, encode_call(fn, args, kwargs), **options), _decode_pickle
+        return spec, decode, (parents.items if parents is not None and parents.items else None)
 
     def chunk(self, fn: Callable, chunk: List[tuple]) -> Tuple[Any, Callable[[Task], Any]]:
         """The spec and decoder of one ``map`` chunk (a list of results)."""
@@ -403,6 +571,7 @@ class Future(concurrent.futures.Future):
         super().__init__()
         self._request: Optional[_Request] = None
         self._on_cancel: Optional[Callable[[_Request], None]] = None
+        self._owner: Any = None
 
     @property
     def task_id(self) -> Optional[str]:
@@ -469,10 +638,11 @@ class Executor(concurrent.futures.Executor):
             self._loop.close()
             raise
 
-    def _put(self, spec, decode: Callable[[Task], Any]) -> Future:
+    def _put(self, spec, decode: Callable[[Task], Any], after: Optional[list] = None) -> Future:
         future = Future()
-        request = _Request(spec, decode, future)
+        request = _Request(spec, decode, future, after)
         future._request = request
+        future._owner = self
         future._on_cancel = self._cancel
         with self._lock:
             if self._shutdown:
@@ -489,9 +659,14 @@ class Executor(concurrent.futures.Executor):
     def submit(self, fn: Work, /, *args: Any, **kwargs: Any) -> Future:
         """Runs ``fn(*args, **kwargs)`` on a worker (or calls the handler named ``fn`` with
         ``args[0]``); returns its :class:`Future`. A function that cannot be sent (a lambda,
-        one of ``__main__``, unpicklable arguments) is a TypeError here."""
-        spec, decode = self._options.call(fn, args, kwargs)
-        return self._put(spec, decode)
+        one of ``__main__``, unpicklable arguments) is a TypeError here.
+
+        A future of this executor among the arguments (see the module) runs the call after
+        its task, with its result in its place. The keywords ``after`` (futures, task ids),
+        ``after_rule``, ``priority``, ``fair_key`` and ``resources`` are the task's
+        (:func:`weft.call_spec`), not passed to ``fn``."""
+        spec, decode, after = self._options.call(fn, args, kwargs, self)
+        return self._put(spec, decode, after)
 
     def map(
         self, fn: Work, *iterables: Iterable, timeout: Optional[float] = None, chunksize: int = 1,
@@ -570,6 +745,7 @@ class AsyncFuture(asyncio.Future):
     cancels the task, queued or running."""
 
     _request: Optional[_Request] = None
+    _owner: Any = None
 
     @property
     def task_id(self) -> Optional[str]:
@@ -626,13 +802,14 @@ class AsyncExecutor:
     async def __aexit__(self, *exc) -> None:
         await self.shutdown(wait=True)
 
-    def _put(self, spec, decode: Callable[[Task], Any]) -> AsyncFuture:
+    def _put(self, spec, decode: Callable[[Task], Any], after: Optional[list] = None) -> AsyncFuture:
         if self._shutdown:
             raise RuntimeError("cannot schedule new futures after shutdown")
         core = self._core_now()
         future = AsyncFuture(loop=core.loop)
-        request = _Request(spec, decode, future)
+        request = _Request(spec, decode, future, after)
         future._request = request
+        future._owner = self
 
         def done(f: asyncio.Future) -> None:
             self._futures.discard(f)
@@ -645,9 +822,10 @@ class AsyncExecutor:
         return future
 
     def submit(self, fn: Work, /, *args: Any, **kwargs: Any) -> AsyncFuture:
-        """Like :meth:`Executor.submit`; returns an :class:`AsyncFuture` (needs a running loop)."""
-        spec, decode = self._options.call(fn, args, kwargs)
-        return self._put(spec, decode)
+        """Like :meth:`Executor.submit` (futures of this executor as arguments included);
+        returns an :class:`AsyncFuture` (needs a running loop)."""
+        spec, decode, after = self._options.call(fn, args, kwargs, self)
+        return self._put(spec, decode, after)
 
     async def map(
         self, fn: Work, *iterables: Iterable, timeout: Optional[float] = None, chunksize: int = 1,
@@ -703,4 +881,7 @@ class AsyncExecutor:
             core.loop.create_task(close_later())
 
 
-__all__ = ["AsyncExecutor", "AsyncFuture", "Executor", "Future", "RemoteTraceback", "encode_call", "encode_chunk", "task_exception"]
+__all__ = [
+    "AsyncExecutor", "AsyncFuture", "Executor", "Future", "RemoteTraceback", "SUBMIT_OPTIONS", "encode_call", "encode_chunk",
+    "task_exception",
+]

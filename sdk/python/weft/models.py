@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 from google.protobuf import duration_pb2
 
 from ._proto import admin_pb2, common_pb2, task_pb2
+from .policy import apply_policy
 
 #: A duration given as seconds, a ``timedelta`` or a string like ``"250ms"``.
 DurationLike = Union[float, int, str, _dt.timedelta]
@@ -32,11 +33,17 @@ class TaskState(str, enum.Enum):
     FAILED = "FAILED"
     CANCELLED = "CANCELLED"
     TIMED_OUT = "TIMED_OUT"
+    #: Waiting for the tasks it runs after, or for its start time (``Task.waiting_for``).
+    PENDING = "PENDING"
+    #: Final, never ran: its dependency rule can no longer be met.
+    UPSTREAM_FAILED = "UPSTREAM_FAILED"
+    #: Final, never ran, not a failure (``after_rule="any_failed"`` when all succeeded).
+    SKIPPED = "SKIPPED"
 
     @property
     def is_final(self) -> bool:
         """Whether the task can no longer change."""
-        return self in (TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED, TaskState.TIMED_OUT)
+        return self in _FINAL
 
     @classmethod
     def from_pb(cls, value: int) -> "TaskState":
@@ -47,6 +54,12 @@ class TaskState(str, enum.Enum):
 
     def __str__(self) -> str:
         return self.value
+
+
+_FINAL = frozenset((
+    TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED, TaskState.TIMED_OUT, TaskState.UPSTREAM_FAILED,
+    TaskState.SKIPPED,
+))
 
 
 class OutputStream(str, enum.Enum):
@@ -114,9 +127,10 @@ def list_request(
     node: str,
     since: Optional[TimeLike],
     until: Optional[TimeLike],
+    job: str = "",
 ) -> task_pb2.ListRequest:
     """A ``ListRequest`` with these filters (``limit`` and the page token are the caller's)."""
-    request = task_pb2.ListRequest(limit=limit, name=name, node=node)
+    request = task_pb2.ListRequest(limit=limit, name=name, node=node, job=job)
     if state is not None:
         request.state = TaskState(state).to_pb()
     for key, value in (labels or {}).items():
@@ -228,8 +242,14 @@ def call_spec(
     schedule_timeout: Optional[DurationLike] = None,
     traceparent: str = "",
     tracestate: str = "",
+    **policy: Any,
 ) -> common_pb2.TaskSpec:
     """A task that calls the handler ``handler`` on a node with ``input`` bytes.
+
+    ``policy``: dependencies, start time, priority, fair key, concurrency key,
+    rate limits, resources (:func:`weft.policy.apply_policy`: ``priority=``,
+    ``fair_key=``, ``after=``, ``delay=``, ``resources=``, ...); a bad value
+    is a ValueError naming the option.
 
     ``traceparent``/``tracestate``: the W3C trace context to continue (the
     task's spans and the handler's become part of that trace); without it
@@ -252,6 +272,8 @@ def call_spec(
     spec = common_pb2.TaskSpec(call=common_pb2.CallSpec(handler=handler, input=_to_bytes(input)))
     if schedule_timeout is not None:
         spec.schedule_timeout.CopyFrom(duration_to_pb(schedule_timeout))
+    if policy:
+        apply_policy(spec, **policy)
     return _common(spec, slots, labels, timeout, max_attempts, name, secret_env, traceparent, tracestate)
 
 
@@ -269,8 +291,13 @@ def exec_spec(
     secret_env: Optional[Mapping[str, str]] = None,
     traceparent: str = "",
     tracestate: str = "",
+    **policy: Any,
 ) -> common_pb2.TaskSpec:
     """A task that runs ``argv`` as a child process on a node.
+
+    ``policy``: as for :func:`call_spec`. With ``after``, the process finds
+    its parents' results through ``$WEFT_PARENTS`` and may leave its own
+    output in ``$WEFT_OUTPUT`` (``proto/README.md`` "Dependencies").
 
     ``traceparent``/``tracestate``: as for :func:`call_spec`; the process
     gets its attempt's context as ``TRACEPARENT``/``TRACESTATE``.
@@ -284,6 +311,8 @@ def exec_spec(
     spec = common_pb2.TaskSpec(
         exec=common_pb2.ExecSpec(argv=list(argv), env=dict(env or {}), cwd=cwd, stdin=_to_bytes(stdin))
     )
+    if policy:
+        apply_policy(spec, **policy)
     return _common(spec, slots, labels, timeout, max_attempts, name, secret_env, traceparent, tracestate)
 
 
@@ -365,6 +394,10 @@ class Task:
     updated_at: Optional[_dt.datetime]
     pb: task_pb2.Task = field(repr=False)
     attempts: List[Attempt] = field(default_factory=list)
+    #: The job (Submit) it belongs to: that Submit's first task's id.
+    job_id: str = ""
+    #: While PENDING: the ids of the tasks it runs after that are not final yet.
+    waiting_for: List[str] = field(default_factory=list)
 
     @classmethod
     def from_pb(cls, task: task_pb2.Task) -> "Task":
@@ -385,7 +418,14 @@ class Task:
             updated_at=_time(task.updated_at if task.HasField("updated_at") else None),
             pb=task,
             attempts=[Attempt.from_pb(a) for a in task.attempts],
+            job_id=task.job_id,
+            waiting_for=list(task.waiting_for),
         )
+
+    @property
+    def ref(self) -> str:
+        """The task's ``ref`` in its graph ("" if none)."""
+        return self.pb.spec.ref
 
     @property
     def spec(self) -> common_pb2.TaskSpec:
@@ -474,6 +514,9 @@ class NodeInfo:
     handlers: List[str]
     finished: int
     pb: admin_pb2.NodeInfo = field(repr=False)
+    #: The resources it declared (``--resource``), and how much of each is free now.
+    resources: Dict[str, int] = field(default_factory=dict)
+    resources_free: Dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def from_pb(cls, node: admin_pb2.NodeInfo) -> "NodeInfo":
@@ -490,6 +533,8 @@ class NodeInfo:
             handlers=list(node.handlers),
             finished=node.finished,
             pb=node,
+            resources=dict(node.resources),
+            resources_free=dict(node.resources_free),
         )
 
 

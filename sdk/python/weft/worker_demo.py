@@ -41,6 +41,7 @@ from typing import Callable, Optional
 
 from .errors import WeftError
 from .models import parse_duration, parse_label
+from .policy import parse_resources
 from .worker import Context, HandlerError, Worker, exec_policy
 
 
@@ -103,10 +104,15 @@ def build_worker(args: argparse.Namespace) -> Worker:
         policy = exec_policy.from_flags(args.exec, args.exec_allow)
     except ValueError as e:
         raise SystemExit(str(e)) from None
+    try:
+        resources = parse_resources(args.resource or [], "--resource")
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     worker = Worker(
         args.coordinator,
         slots=args.slots,
         labels=labels,
+        resources=resources,
         name=args.name,
         drain_grace=args.drain_grace,
         exec=policy,
@@ -151,6 +157,9 @@ def parser(prog: str = "python -m weft.worker_demo") -> argparse.ArgumentParser:
                         "more than --slots run at once (default: 256 per slot; env WEFT_NODE_PREFETCH)")
     p.add_argument("--name", default=None, help="node name (default: host-pyPID)")
     p.add_argument("--label", action="append", metavar="K=V", help="a label tasks can require (repeatable)")
+    p.add_argument("--resource", action="append", metavar="NAME=AMOUNT",
+                   help="a numeric resource offered beyond slots, e.g. gpu=2, cpu=8, mem=32GiB (repeatable); tasks "
+                        "asking for resources are placed only where that much is free")
     p.add_argument("--drain-grace", type=duration, default="30s",
                    help="on SIGTERM/SIGINT or a coordinator drain: how long running tasks may take before they are "
                         "cancelled (e.g. 500ms, 30s, 1m; default 30s)")

@@ -435,7 +435,10 @@ async fn a_job_page_shows_its_graph_and_cancels_it(
 ) {
     let client = cluster.client().await;
     let release = cluster.dir().join("release-job");
-    let (job, ids) = client
+    let weft_client::SubmitOutcome {
+        job_id: job,
+        task_ids: ids,
+    } = client
         .submit_graph(vec![
             waits_for(&release, "first", "done")
                 .name("job-first")

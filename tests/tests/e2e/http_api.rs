@@ -690,7 +690,10 @@ async fn a_job_s_page_counts_its_states_shows_its_graph_and_cancels_it() {
     let token = cluster.admin_token();
     let release = cluster.dir().join("release-first");
     // first → second → third, in one Submit.
-    let (job, ids) = client
+    let weft_client::SubmitOutcome {
+        job_id: job,
+        task_ids: ids,
+    } = client
         .submit_graph(vec![
             held(&release, "first").name("first"),
             TaskSpec::call("noop", "2")

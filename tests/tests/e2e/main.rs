@@ -46,3 +46,4 @@ mod top;
 mod traces;
 mod validation;
 mod watch_limits;
+mod workflows;

@@ -142,7 +142,8 @@ impl Drop for Pty {
 /// The row of the tasks box for `state`, as drawn: the name padded to its
 /// column, then the count.
 fn task_row(state: &str, count: u64) -> String {
-    format!("{state:<9} {count}")
+    // The final states' column is as wide as its longest, upstream_failed.
+    format!("{state:<15} {count}")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

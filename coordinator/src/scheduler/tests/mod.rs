@@ -4,6 +4,7 @@
 mod attempts;
 mod dispatch;
 mod exec_policy;
+mod graph;
 mod history;
 mod identity;
 mod membership;
@@ -93,6 +94,19 @@ impl Harness {
         h.now.instant = self.now.instant + downtime;
         h.now.wall = self.now.wall + downtime;
         h.s.restore(loaded, h.now);
+        let mut lookup = |id| {
+            let record = crate::store::Store::task(&store, id).ok().flatten()?;
+            record
+                .state
+                .is_final()
+                .then(|| crate::scheduler::graph::ParentResult {
+                    task_id: id,
+                    ref_name: record.spec.ref_name.clone(),
+                    state: record.state,
+                    output: record.output.clone(),
+                })
+        };
+        h.s.finish_restore(&mut lookup, h.now);
         h.records = self.records.clone();
         h
     }

@@ -235,7 +235,16 @@ fn assignment_to_pb(a: &Assignment, traced: bool) -> pb::Assignment {
         attempt: a.attempt.0,
         spec: Some(spec),
         trace: trace.as_ref().map(weft_proto::TraceContext::to_pb),
-        parents: Vec::new(),
+        parents: a
+            .parents
+            .iter()
+            .map(|p| pb::ParentResult {
+                task_id: p.task_id.to_string(),
+                r#ref: p.ref_name.clone(),
+                state: i32::from(p.state),
+                output: p.output.clone(),
+            })
+            .collect(),
     }
 }
 
@@ -330,6 +339,7 @@ mod tests {
             attempt: Attempt(2),
             spec: Arc::clone(&spec),
             secret_env: None,
+            parents: Vec::new(),
         }]));
         let Body::Assign(assign) = assign else {
             panic!("not an Assign: {assign:?}");
@@ -378,6 +388,7 @@ mod tests {
             attempt: Attempt(1),
             spec: Arc::new(TaskSpec::exec(["true"])),
             secret_env: Some(env),
+            parents: Vec::new(),
         }]));
         let Body::Assign(assign) = assign else {
             panic!("not an Assign");
@@ -512,6 +523,7 @@ mod tests {
             attempt: Attempt(u32::MAX),
             spec: Arc::new(spec),
             secret_env: None,
+            parents: Vec::new(),
         }
     }
 

@@ -84,8 +84,8 @@ pub(super) fn read_secrets(
     Ok(all)
 }
 
-/// Hands every live task (queued, assigned, running) to `each` in id
-/// order, one record at a time: the three state ranges of
+/// Hands every live task (pending, queued, assigned, running) to `each` in
+/// id order, one record at a time: the live states' ranges of
 /// `tasks_by_state` merged by id, so nothing holds them all.
 pub(super) fn each_live(
     txn: &ReadTransaction,
@@ -118,7 +118,7 @@ pub(super) fn each_live(
         if let Some(record) = RedbStore::read_task(&tasks, &events, TaskId::from_u128(id))? {
             // An attempt on a node: the chunks it sends again are dropped
             // by seq from where the store's output ends.
-            if LIVE_STATES[from] != TaskState::Queued {
+            if matches!(LIVE_STATES[from], TaskState::Assigned | TaskState::Running) {
                 let next = super::stored_next_chunk(&events, &record)?;
                 if next > 0 {
                     next_chunks.push((record.id, next));

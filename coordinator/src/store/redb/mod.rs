@@ -144,7 +144,12 @@ fn millis(t: SystemTime) -> u64 {
     u64::try_from(t.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis()).unwrap_or(u64::MAX)
 }
 
-const LIVE_STATES: [TaskState; 3] = [TaskState::Queued, TaskState::Assigned, TaskState::Running];
+const LIVE_STATES: [TaskState; 4] = [
+    TaskState::Pending,
+    TaskState::Queued,
+    TaskState::Assigned,
+    TaskState::Running,
+];
 
 impl RedbStore {
     /// The database file.
@@ -483,29 +488,37 @@ impl Store for RedbStore {
         };
         match query.state {
             None => {
-                let ids = tasks
-                    .range(from..before)
-                    .or_backend(op)?
-                    .rev()
-                    .map(|entry| {
-                        entry
-                            .map(|(k, _)| TaskId::from_u128(k.value()))
-                            .or_backend(op)
-                    });
+                let range = tasks.range(from..before).or_backend(op)?;
+                let id = |entry: Result<_, _>| {
+                    entry
+                        .map(|(k, _): (redb::AccessGuard<'_, u128>, _)| {
+                            TaskId::from_u128(k.value())
+                        })
+                        .or_backend(op)
+                };
+                let ids: Box<dyn Iterator<Item = Result<TaskId, StoreError>>> =
+                    match query.ascending {
+                        true => Box::new(range.map(id)),
+                        false => Box::new(range.rev().map(id)),
+                    };
                 scan_page(ids, query, read)
             }
             Some(state) => {
                 let by_state = txn.open_table(BY_STATE).or_backend(op)?;
                 let s = state_key(state);
-                let ids = by_state
-                    .range((s, from)..(s, before))
-                    .or_backend(op)?
-                    .rev()
-                    .map(|entry| {
-                        entry
-                            .map(|(k, _)| TaskId::from_u128(k.value().1))
-                            .or_backend(op)
-                    });
+                let range = by_state.range((s, from)..(s, before)).or_backend(op)?;
+                let id = |entry: Result<_, _>| {
+                    entry
+                        .map(|(k, _): (redb::AccessGuard<'_, (u8, u128)>, _)| {
+                            TaskId::from_u128(k.value().1)
+                        })
+                        .or_backend(op)
+                };
+                let ids: Box<dyn Iterator<Item = Result<TaskId, StoreError>>> =
+                    match query.ascending {
+                        true => Box::new(range.map(id)),
+                        false => Box::new(range.rev().map(id)),
+                    };
                 scan_page(ids, query, read)
             }
         }

@@ -46,6 +46,8 @@ protocol change touches same-named files on both sides):
 - ``process.py``: exec tasks' child processes
 - ``exec_policy.py``: which exec tasks it runs (``proto/src/exec_policy.rs``)
 - ``handlers.py``: the handler registry, codecs (bytes, JSON) and how a handler's result is read
+- ``parents.py``: a task's parents' results (``ctx.parents``), the
+  ``$WEFT_PARENTS`` files and ``$WEFT_OUTPUT`` of exec tasks
 - ``pickled.py``: the ``weft.pickle`` handler behind :class:`weft.Executor`
   (served only with ``allow_modules``; restricted unpickling)
 - ``reaper.py``: the reaper process and the worker's handle on it
@@ -57,11 +59,12 @@ from .attempt import CANCEL_REPORT_WITHIN, Context
 from .exec_policy import ExecPolicy
 from .handlers import KINDS, Handler, HandlerError, StartFailed
 from .node import Worker
+from .parents import ParentResult
 from .outbox import BATCH_BYTES, BATCH_LIMIT, CHUNK_LIMIT, REDELIVER_MAX, REDELIVER_MAX_BYTES, REDELIVER_WINDOW
 from .session import PROTOCOL_VERSION, REGISTER_TIMEOUT
 
 __all__ = [
     "BATCH_BYTES", "BATCH_LIMIT", "CANCEL_REPORT_WITHIN", "CHUNK_LIMIT", "Context", "ExecPolicy", "Handler", "HandlerError",
-    "KINDS", "PROTOCOL_VERSION", "REDELIVER_MAX", "REDELIVER_MAX_BYTES", "REDELIVER_WINDOW", "REGISTER_TIMEOUT",
+    "KINDS", "PROTOCOL_VERSION", "ParentResult", "REDELIVER_MAX", "REDELIVER_MAX_BYTES", "REDELIVER_WINDOW", "REGISTER_TIMEOUT",
     "StartFailed", "Worker",
 ]

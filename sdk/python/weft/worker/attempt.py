@@ -28,6 +28,8 @@ from .exec_policy import ExecPolicy
 from .handlers import Handlers, StartFailed, error_text, to_output, with_traceback
 from .lease import Lease, expired_message
 from .outbox import CHUNK_LIMIT, Outbox
+from .parents import ExecFiles, ParentResult, parents_of
+from .pickled import HANDLER as PICKLE_HANDLER, with_parents
 from .process import run_exec
 from .slots import Slots
 
@@ -49,7 +51,7 @@ class Attempt:
     __slots__ = (
         "task_id", "attempt", "spec", "slots", "key", "runner", "context", "stop_reason", "stop_detail", "finished",
         "finished_sent", "work_done", "released", "reported", "queued", "started_sent", "began", "ran_for", "pid", "pcall", "ahead", "handler",
-        "next_output_seq", "timer", "kill", "__weakref__",
+        "next_output_seq", "timer", "kill", "parents", "__weakref__",
     )
 
     def __init__(self, task_id: str, attempt: int, spec: common_pb2.TaskSpec):
@@ -78,6 +80,7 @@ class Attempt:
         self.next_output_seq = 0
         self.timer: Optional[asyncio.TimerHandle] = None
         self.kill: Optional[Callable[[], None]] = None  # hard stop (process group, pool process)
+        self.parents: tuple = ()  # its parents' results (ParentResult), in `after` order
 
     def __repr__(self) -> str:
         return f"{self.task_id}#{self.attempt}"
@@ -108,6 +111,9 @@ class Context(TracedContext):
         #: :meth:`otel_context`); "" when the task has no trace.
         self.traceparent: str = attempt.spec.trace.traceparent
         self.tracestate: str = attempt.spec.trace.tracestate
+        #: The final results of the tasks this one runs after (:class:`weft.ParentResult`:
+        #: ``task_id``, ``ref``, ``state``, ``output``), in the order of its ``after``.
+        self.parents: List[ParentResult] = list(attempt.parents)
         self._cancel = threading.Event()
 
     @property
@@ -436,6 +442,8 @@ class Attempts:
         else:
             spec.ClearField("trace")
         attempt = Attempt(assignment.task_id, assignment.attempt, spec)
+        if assignment.parents:
+            attempt.parents = tuple(parents_of(assignment))
         self.table[key] = attempt
         slots = self.slots
         slots.assigned(attempt.slots)
@@ -625,8 +633,17 @@ class Attempts:
                 return
         attempt.runner = self._spawn(self._run_task(attempt, kind))
 
-    def _thread_args(self, attempt: Attempt, handler) -> tuple:
+    @staticmethod
+    def _input(attempt: Attempt, handler) -> bytes:
+        """A call's input; for :class:`weft.Executor`'s handler with parents, wrapped with their
+        results (the futures passed as arguments, ``pickled.py``)."""
         data = bytes(attempt.spec.call.input)
+        if attempt.parents and handler.name == PICKLE_HANDLER:
+            data = with_parents(attempt.parents, data)
+        return data
+
+    def _thread_args(self, attempt: Attempt, handler) -> tuple:
+        data = self._input(attempt, handler)
         if handler.wants_context:
             attempt.context = Context(self, attempt, "thread", data)
             return (data, attempt.context)
@@ -638,12 +655,13 @@ class Attempts:
         self.threads.submit(handler.fn, args, attempt, self._thread_done)
 
     def _run_process(self, attempt: Attempt, handler, ahead: bool = False) -> None:
-        data = bytes(attempt.spec.call.input)
+        data = self._input(attempt, handler)
         call = self.processes.submit(
             handler.fn, data, attempt.task_id, attempt.attempt, handler.wants_context, tag=attempt,
             on_message=self._process_message, on_done=self._thread_done,
             secret_env=dict(attempt.spec.secret_env) if attempt.spec.secret_env else None, ahead=ahead,
             trace=(attempt.spec.trace.traceparent, attempt.spec.trace.tracestate),
+            parents=attempt.parents if handler.wants_context else (),
         )
         attempt.pcall = call
         attempt.kill = call.kill
@@ -717,7 +735,7 @@ class Attempts:
         if handler is None:
             known = ", ".join(self.handlers.names()) or "none"
             raise StartFailed(f"unknown handler '{call.handler}' (this worker serves: {known})")
-        data = bytes(call.input)
+        data = self._input(attempt, handler)
         if handler.kind == "asyncio":
             if handler.wants_context:
                 attempt.context = Context(self, attempt, "asyncio", data)
@@ -746,20 +764,33 @@ class Attempts:
         def set_kill(kill: Callable[[], None]) -> None:
             attempt.kill = kill
 
-        code = await run_exec(
-            attempt.spec.exec,
-            self.reaper,
-            set_kill,
-            lambda pid: self._exec_started(attempt, pid),
-            lambda chunk, stream: self.output(attempt, chunk, stream),
-            secret_env=attempt.spec.secret_env,
-            trace=attempt.spec.trace if attempt.spec.HasField("trace") else None,
-        )
+        try:
+            files = ExecFiles(attempt.parents)
+        except OSError as e:
+            raise StartFailed(f"cannot write the task's parents' files: {e}") from None
+        try:
+            code = await run_exec(
+                attempt.spec.exec,
+                self.reaper,
+                set_kill,
+                lambda pid: self._exec_started(attempt, pid),
+                lambda chunk, stream: self.output(attempt, chunk, stream),
+                secret_env=attempt.spec.secret_env,
+                trace=attempt.spec.trace if attempt.spec.HasField("trace") else None,
+                weft_env=files.env(),
+            )
+            # Read whenever it ran to its end, as weft-node reads it (a failed run's too).
+            output = (files.output() if attempt.stop_reason is None else None) or b""
+        except ValueError as e:  # $WEFT_OUTPUT too large
+            self.finish(attempt, common_pb2.OUTCOME_FAILED, exit_code=code if code >= 0 else None, error=str(e))
+            return
+        finally:
+            files.remove()
         if attempt.stop_reason is not None:
             raise asyncio.CancelledError()
         if code == 0:
-            self.finish(attempt, common_pb2.OUTCOME_SUCCEEDED, exit_code=0)
+            self.finish(attempt, common_pb2.OUTCOME_SUCCEEDED, exit_code=0, output=output)
         elif code > 0:
-            self.finish(attempt, common_pb2.OUTCOME_FAILED, exit_code=code, error=f"exited with code {code}")
+            self.finish(attempt, common_pb2.OUTCOME_FAILED, output=output, exit_code=code, error=f"exited with code {code}")
         else:
-            self.finish(attempt, common_pb2.OUTCOME_FAILED, error=f"killed by signal {-code}")
+            self.finish(attempt, common_pb2.OUTCOME_FAILED, output=output, error=f"killed by signal {-code}")

@@ -17,12 +17,13 @@ import os
 import signal
 import socket
 import time
-from typing import Callable, List, Mapping, Optional
+from typing import Callable, List, Mapping, Optional, Union
 
 from .._channel import coordinator_url, parse_address, parse_target
 from .._pool import ProcessPool
 from .._proto import node_pb2
 from ..models import DurationLike, parse_duration
+from ..policy import parse_resources
 from .attempt import Attempts, HandlerThreads
 from .exec_policy import ExecPolicy, ExecSetting
 from .handlers import Handler, Handlers
@@ -50,7 +51,10 @@ class Worker:
     ``ca_file`` / ``ca_pin``: how the coordinator's certificate is trusted,
     as for :class:`weft.Client` (defaults ``$WEFT_CA`` / ``$WEFT_CA_PIN``). ``slots``: how many slots of work it takes at
     once (default: number of CPUs). ``labels``: key=value pairs tasks can
-    require. ``process_workers``: size of the process pool (default: slots).
+    require. ``resources``: numeric resources it offers beyond slots, e.g.
+    ``{"gpu": 2, "mem": "32GiB"}`` (``weft-node --resource``), declared in
+    Register; tasks that ask for resources are placed only where that much is
+    free. ``process_workers``: size of the process pool (default: slots).
     ``drain_grace``: how long running attempts may finish when draining on a
     signal or a Drain without a grace. ``exec``: whether it runs exec tasks
     (shell commands anyone who may submit can send): ``"deny"`` (the
@@ -105,6 +109,7 @@ class Worker:
         *,
         slots: Optional[int] = None,
         labels: Optional[Mapping[str, str]] = None,
+        resources: Optional[Mapping[str, Union[int, str]]] = None,
         name: Optional[str] = None,
         drain_grace: DurationLike = 30.0,
         reconnect_min: DurationLike = 0.1,
@@ -155,6 +160,7 @@ class Worker:
             raise ValueError(f"lease must be positive, not {lease!r} (leave it unset for the coordinator's heartbeat "
                              "timeout)")
         self.labels = dict(labels or {})
+        self.resources = parse_resources(resources or {}, "resources")
         if self.identity is not None:
             self.name = self.identity.name
         else:

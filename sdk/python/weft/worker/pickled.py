@@ -29,6 +29,16 @@ client side (``weft/executor.py``):
   pickled exception (left out when it does not pickle or is too large);
 - a refused global or a malformed payload: the attempt fails to start (not
   retried), naming the module and how to allow it.
+
+Futures as arguments: the client puts a :class:`Parent` marker (the index of
+a task in the spec's ``after``, and the codec of its result) where it was
+given a future (an argument, a keyword argument, or an item of a list,
+tuple or dict passed as one). The worker hands this handler, when the task
+has parents, :func:`with_parents`'s envelope: :data:`PARENTS_PREFIX`, then
+the pickle of ``([(task_id, ref, state, output), ...], payload)``; each
+marker is replaced by its parent's result, decoded with its codec
+(``"pickle"``: unpickled under the same restrictions, ``"json"``,
+``"bytes"``), before the call.
 """
 
 from __future__ import annotations
@@ -67,7 +77,85 @@ SAFE_GLOBALS = frozenset(
     + [("collections", name) for name in ("OrderedDict", "deque", "Counter", "defaultdict")]
     + [("datetime", name) for name in ("date", "time", "datetime", "timedelta", "timezone")]
     + [("decimal", "Decimal"), ("fractions", "Fraction"), ("uuid", "UUID")]
+    + [("weft.worker.pickled", "Parent")]
 )
+#: Starts the input of a call whose parents' results come with it (never a pickle's first byte).
+PARENTS_PREFIX = b"\x00weft-parents\x00"
+#: How a parent's result is decoded: as weft.Executor reads a result of that kind.
+PARENT_CODECS = ("pickle", "json", "bytes")
+
+
+class Parent:
+    """Stands, in a pickled call's arguments, for the result of the task at ``index`` in its
+    ``after`` (decoded with ``codec``, one of :data:`PARENT_CODECS`)."""
+
+    __slots__ = ("index", "codec")
+
+    def __init__(self, index: int, codec: str):
+        self.index = index
+        self.codec = codec
+
+    def __reduce__(self):
+        return (Parent, (self.index, self.codec))
+
+    def __repr__(self) -> str:
+        return f"Parent({self.index}, {self.codec!r})"
+
+
+def with_parents(parents: Sequence[Any], data: bytes) -> bytes:
+    """The input of a pickled call with its parents' results (``ParentResult``\\ s) in front."""
+    rows = [(p.task_id, p.ref, p.state, bytes(p.output)) for p in parents]
+    return PARENTS_PREFIX + pickle.dumps((rows, bytes(data)), protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _split_parents(data: bytes) -> Tuple[list, bytes]:
+    """``(parents rows, payload)`` of an input; no rows for a plain one."""
+    if not data.startswith(PARENTS_PREFIX):
+        return [], data
+    try:
+        rows, payload = loads(data[len(PARENTS_PREFIX):], ())
+        rows = [tuple(row) for row in rows]
+        if not isinstance(payload, bytes) or any(len(row) != 4 for row in rows):
+            raise ValueError("bad envelope")
+    except StartFailed:
+        raise
+    except Exception as e:  # noqa: BLE001 - a malformed envelope is refused like a malformed payload
+        raise StartFailed(f"{HANDLER}: malformed parents envelope ({type(e).__name__}: {e})") from None
+    return rows, payload
+
+
+def _resolve(value: Any, rows: list, allowed: Tuple[str, ...]) -> Any:
+    if not isinstance(value, Parent):
+        return value
+    if not isinstance(value.index, int) or not 0 <= value.index < len(rows):
+        raise StartFailed(f"{HANDLER}: an argument names parent {value.index!r}, and the task has {len(rows)}")
+    task_id, ref, state, output = rows[value.index]
+    if state != "succeeded":
+        raise HandlerError(f"the task {task_id} passed as an argument ended {state}: it has no result to pass")
+    if value.codec == "pickle":
+        try:
+            return loads(output, allowed)
+        except StartFailed:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise StartFailed(f"{HANDLER}: the result of task {task_id} does not unpickle: {e}") from None
+    if value.codec == "json":
+        import json
+
+        return json.loads(output) if output else None
+    return bytes(output)
+
+
+def _substitute(value: Any, rows: list, allowed: Tuple[str, ...]) -> Any:
+    """``value`` with its :class:`Parent` markers replaced: itself, or one level inside a list,
+    tuple or dict."""
+    if isinstance(value, Parent):
+        return _resolve(value, rows, allowed)
+    if type(value) in (list, tuple):
+        return type(value)(_resolve(item, rows, allowed) for item in value)
+    if type(value) is dict:
+        return {key: _resolve(item, rows, allowed) for key, item in value.items()}
+    return value
 
 
 #: Modules never allowed (``allow_modules`` refuses them): calling their functions with
@@ -155,6 +243,7 @@ def run_pickled(data: bytes, *, allowed: Tuple[str, ...]) -> bytes:
     Bind ``allowed`` with ``functools.partial`` to register it; it is a
     module-level function so that the partial pickles into a process pool.
     """
+    rows, data = _split_parents(data)
     try:
         payload = loads(data, allowed)
     except StartFailed:
@@ -166,6 +255,11 @@ def run_pickled(data: bytes, *, allowed: Tuple[str, ...]) -> bytes:
         raise StartFailed(f"{HANDLER}: the input is not a payload of weft.Executor of format {FORMAT} "
                           f"(format {version!r}): client and worker need compatible weft versions")
     form, fn = payload[1], payload[2]
+    if form == "call" and len(payload) == 5 and rows:
+        payload = payload[:3] + (
+            tuple(_substitute(a, rows, allowed) for a in payload[3]),
+            {k: _substitute(v, rows, allowed) for k, v in payload[4].items()},
+        )
     try:
         if form == "call" and len(payload) == 5:
             result: Any = fn(*payload[3], **payload[4])

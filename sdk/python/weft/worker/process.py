@@ -28,12 +28,15 @@ async def run_exec(
     output: Callable[[bytes, str], None],
     secret_env: Optional[Mapping[str, str]] = None,
     trace: Optional[common_pb2.TraceContext] = None,
+    weft_env: Optional[Mapping[str, str]] = None,
 ) -> int:
     """Runs ``spec`` to its end and answers its return code (negative: the
     signal that killed it). ``set_kill`` receives the hard stop (SIGKILL to
     the group) before ``started(pid)``; ``output(chunk, stream)`` gets the
     output as it comes. Raises :class:`StartFailed` if it cannot start; on
-    cancellation kills the group, waits for the child and re-raises."""
+    cancellation kills the group, waits for the child and re-raises.
+    ``weft_env``: ``$WEFT_PARENTS``/``$WEFT_OUTPUT`` (``parents.py``), set
+    after the task's env (the node's, not the submitter's to choose)."""
     if not spec.argv:
         raise StartFailed("exec task with an empty argv")
     env = dict(os.environ)
@@ -46,6 +49,7 @@ async def run_exec(
         if trace.tracestate:
             env["TRACESTATE"] = trace.tracestate
     env.update(spec.env)
+    env.update(weft_env or {})
     # After env: a secret wins over a plain value of the same name.
     env.update(secret_env or {})
     try:

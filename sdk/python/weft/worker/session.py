@@ -150,6 +150,7 @@ class Sessions:
         register = node_pb2.Register(
             name=worker.name,
             labels=worker.labels,
+            resources=worker.resources,
             slots=worker.slots,
             handlers=worker.handlers,
             protocol_version=PROTOCOL_VERSION,

@@ -1,0 +1,550 @@
+//! Dependencies, start times and jobs on the command line: the `submit`
+//! flags `--after/--after-rule/--ref/--at/--delay`, graph files (`weft
+//! submit -f graph.yaml|json`), and `weft job get|watch|cancel`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use clap::{Args, Subcommand};
+use futures::StreamExt;
+use serde::Deserialize;
+use serde_json::json;
+
+use weft_client::{Client, SubmitOutcome, Task, TaskSpec};
+use weft_proto::{DependencyRule, TaskId, TaskState};
+
+use crate::exit::{self, UsageError};
+use crate::opts::{parse_duration_arg, parse_task_id};
+use crate::output::OutputFormat;
+use crate::output::{task_json, tasks_table};
+
+/// What a task waits for before it runs (`weft submit`).
+#[derive(Args, Debug, Clone, Default)]
+pub struct DepOpts {
+    /// Run after this task (repeatable). The task is PENDING until the
+    /// tasks it runs after meet --after-rule.
+    #[arg(long, value_name = "ID", value_parser = parse_task_id)]
+    pub after: Vec<TaskId>,
+    /// When it runs, given how the --after tasks end: all_succeeded (the
+    /// default: upstream_failed as soon as one did not), all_finished (a
+    /// cleanup step), any_failed (an error handler: skipped when all
+    /// succeeded), any_succeeded (upstream_failed when none did).
+    #[arg(long, value_name = "RULE", value_parser = parse_rule)]
+    pub after_rule: Option<DependencyRule>,
+    /// A name for the task (kept in its record; graph files use it in `after`).
+    #[arg(long = "ref", value_name = "NAME")]
+    pub ref_name: Option<String>,
+    /// Not before this time: RFC 3339 (2026-05-01T12:00:00Z, or with a
+    /// ±HH:MM offset), or HH:MM[:SS] in local time (today, or tomorrow if
+    /// that time has passed). The task is PENDING until then.
+    #[arg(long, value_name = "TIME", value_parser = parse_at, conflicts_with = "delay")]
+    pub at: Option<SystemTime>,
+    /// Not before this long from now (e.g. 30s, 10m, 2h).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration_arg)]
+    pub delay: Option<Duration>,
+    /// Submit the tasks of a graph file (YAML, or JSON by its .json name)
+    /// in one call, all or nothing; prints the job id and the task ids.
+    /// See the README, "Dependencies, jobs and start times".
+    #[arg(short = 'f', long = "file", value_name = "FILE")]
+    pub file: Option<PathBuf>,
+}
+
+impl DepOpts {
+    /// True when the task needs more than a plain submit.
+    pub fn is_set(&self) -> bool {
+        !self.after.is_empty()
+            || self.after_rule.is_some()
+            || self.ref_name.is_some()
+            || self.at.is_some()
+            || self.delay.is_some()
+    }
+
+    /// `spec` with these settings.
+    pub fn apply(&self, mut spec: TaskSpec) -> TaskSpec {
+        for id in &self.after {
+            spec = spec.after(*id);
+        }
+        if let Some(rule) = self.after_rule {
+            spec = spec.after_rule(rule);
+        }
+        if let Some(name) = &self.ref_name {
+            spec = spec.ref_name(name);
+        }
+        if let Some(at) = self.at {
+            spec = spec.not_before(at);
+        }
+        if let Some(delay) = self.delay {
+            spec = spec.not_before(SystemTime::now() + delay);
+        }
+        spec
+    }
+}
+
+fn parse_rule(text: &str) -> Result<DependencyRule, String> {
+    text.trim()
+        .replace('-', "_")
+        .to_ascii_lowercase()
+        .parse::<DependencyRule>()
+        .map_err(|err| err.to_string())
+}
+
+/// `--at`: RFC 3339, or HH:MM[:SS] local (today, else tomorrow).
+pub fn parse_at(text: &str) -> Result<SystemTime, String> {
+    let text = text.trim();
+    if text.contains('T') || text.contains(' ') && text.len() > 8 {
+        return crate::args::parse_time_arg(text);
+    }
+    let parts: Vec<&str> = text.split(':').collect();
+    let field = |s: &str, max: u64| -> Result<u64, String> {
+        s.parse::<u64>()
+            .ok()
+            .filter(|v| *v <= max && s.len() == 2)
+            .ok_or_else(|| format!("{text:?}: expected RFC 3339 or HH:MM[:SS] (e.g. 14:30)"))
+    };
+    let (h, m, s) = match parts.as_slice() {
+        [h, m] => (field(h, 23)?, field(m, 59)?, 0),
+        [h, m, s] => (field(h, 23)?, field(m, 59)?, field(s, 59)?),
+        _ => {
+            return Err(format!(
+                "{text:?}: expected RFC 3339 or HH:MM[:SS] (e.g. 14:30)"
+            ));
+        }
+    };
+    let now = SystemTime::now();
+    let offset = local_offset_secs();
+    let since = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_err(|_| "the clock is before 1970".to_owned())?
+        .as_secs() as i64;
+    let local_now = since + offset;
+    let midnight = local_now - local_now.rem_euclid(86_400);
+    let mut at = midnight + (h * 3600 + m * 60 + s) as i64;
+    if at <= local_now {
+        at += 86_400;
+    }
+    let utc = u64::try_from(at - offset).map_err(|_| "before 1970".to_owned())?;
+    Ok(SystemTime::UNIX_EPOCH + Duration::from_secs(utc))
+}
+
+/// The local time zone's offset from UTC now, in seconds (`date +%z`;
+/// UTC when that cannot be read).
+fn local_offset_secs() -> i64 {
+    let out = std::process::Command::new("date").arg("+%z").output();
+    let Ok(out) = out else { return 0 };
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let (sign, digits) = match text.split_at_checked(1) {
+        Some(("+", d)) => (1, d),
+        Some(("-", d)) => (-1, d),
+        _ => return 0,
+    };
+    match (digits.get(0..2), digits.get(2..4)) {
+        (Some(h), Some(m)) => match (h.parse::<i64>(), m.parse::<i64>()) {
+            (Ok(h), Ok(m)) => sign * (h * 3600 + m * 60),
+            _ => 0,
+        },
+        _ => 0,
+    }
+}
+
+/// One task of a graph file. Every key `weft submit` has as a flag.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileTask {
+    #[serde(rename = "ref")]
+    ref_name: Option<String>,
+    #[serde(default)]
+    after: Vec<String>,
+    after_rule: Option<String>,
+    exec: Option<Vec<String>>,
+    call: Option<String>,
+    input: Option<String>,
+    stdin: Option<String>,
+    name: Option<String>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    slots: Option<u32>,
+    timeout: Option<String>,
+    schedule_timeout: Option<String>,
+    max_attempts: Option<u32>,
+    cwd: Option<String>,
+    priority: Option<u8>,
+    fair_key: Option<String>,
+    fair_weight: Option<u32>,
+    #[serde(default)]
+    resources: BTreeMap<String, String>,
+    at: Option<String>,
+    delay: Option<String>,
+}
+
+fn task_error(index: usize, task: &FileTask, field: &str, why: impl std::fmt::Display) -> String {
+    match &task.ref_name {
+        Some(name) => format!("task {index} (ref '{name}'): `{field}`: {why}"),
+        None => format!("task {index}: `{field}`: {why}"),
+    }
+}
+
+/// Reads a graph file into specs; errors say the line and column (from
+/// the parser) or the task's index/ref and field.
+pub fn read_graph(path: &Path) -> Result<Vec<TaskSpec>, UsageError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|err| UsageError(format!("reading {}: {err}", path.display())))?;
+    let json = path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("json"));
+    // A graph file is a list of tasks.
+    let tasks: Vec<FileTask> = if json {
+        serde_json::from_str(&text).map_err(|err| {
+            UsageError(format!(
+                "{}:{}:{}: {err}",
+                path.display(),
+                err.line(),
+                err.column()
+            ))
+        })?
+    } else {
+        serde_norway::from_str(&text).map_err(|err| {
+            let at = err
+                .location()
+                .map(|l| format!(":{}:{}", l.line(), l.column()))
+                .unwrap_or_default();
+            UsageError(format!("{}{at}: {err}", path.display()))
+        })?
+    };
+    if tasks.is_empty() {
+        return Err(UsageError(format!("{}: no tasks", path.display())));
+    }
+    tasks
+        .iter()
+        .enumerate()
+        .map(|(i, t)| file_spec(i, t).map_err(|e| UsageError(format!("{}: {e}", path.display()))))
+        .collect()
+}
+
+fn duration(index: usize, task: &FileTask, field: &str, text: &str) -> Result<Duration, String> {
+    parse_duration_arg(text).map_err(|e| task_error(index, task, field, e))
+}
+
+fn file_spec(i: usize, t: &FileTask) -> Result<TaskSpec, String> {
+    let mut spec = match (&t.exec, &t.call) {
+        (Some(argv), None) if !argv.is_empty() => {
+            if t.input.is_some() {
+                return Err(task_error(
+                    i,
+                    t,
+                    "input",
+                    "only for `call` tasks (exec: stdin)",
+                ));
+            }
+            TaskSpec::exec(argv.clone())
+        }
+        (None, Some(handler)) => TaskSpec::call(handler, t.input.clone().unwrap_or_default()),
+        (Some(_), Some(_)) => {
+            return Err(task_error(i, t, "exec", "give `exec` or `call`, not both"));
+        }
+        _ => {
+            return Err(task_error(
+                i,
+                t,
+                "exec",
+                "give `exec: [argv...]` or `call: HANDLER`",
+            ));
+        }
+    };
+    if let Some(name) = &t.ref_name {
+        spec = spec.ref_name(name);
+    }
+    for dep in &t.after {
+        spec = match dep.parse::<TaskId>() {
+            Ok(id) => spec.after(id),
+            Err(_) => spec.after_ref(dep),
+        };
+    }
+    if let Some(rule) = &t.after_rule {
+        spec = spec.after_rule(parse_rule(rule).map_err(|e| task_error(i, t, "after_rule", e))?);
+    }
+    if let Some(stdin) = &t.stdin {
+        spec = spec.stdin(stdin.clone().into_bytes());
+    }
+    if let Some(name) = &t.name {
+        spec = spec.name(name);
+    }
+    for (k, v) in &t.labels {
+        spec = spec.label(k, v);
+    }
+    for (k, v) in &t.env {
+        spec = spec.env(k, v);
+    }
+    if let Some(n) = t.slots {
+        spec = spec.slots(n);
+    }
+    if let Some(d) = &t.timeout {
+        spec = spec.timeout(duration(i, t, "timeout", d)?);
+    }
+    if let Some(d) = &t.schedule_timeout {
+        spec = spec.schedule_timeout(duration(i, t, "schedule_timeout", d)?);
+    }
+    if let Some(n) = t.max_attempts {
+        spec = spec.max_attempts(n);
+    }
+    if let Some(cwd) = &t.cwd {
+        spec = spec.cwd(cwd);
+    }
+    if let Some(p) = t.priority {
+        spec = spec.priority(p);
+    }
+    if let Some(key) = &t.fair_key {
+        spec = spec.fair_key(key, t.fair_weight.unwrap_or(1));
+    }
+    for (name, amount) in &t.resources {
+        let (name, amount) = weft_proto::policy::parse_resource(&format!("{name}={amount}"))
+            .map_err(|e| task_error(i, t, "resources", e))?;
+        spec = spec.resource(name, amount);
+    }
+    match (&t.at, &t.delay) {
+        (Some(_), Some(_)) => return Err(task_error(i, t, "at", "give `at` or `delay`, not both")),
+        (Some(at), None) => {
+            spec = spec.not_before(parse_at(at).map_err(|e| task_error(i, t, "at", e))?)
+        }
+        (None, Some(d)) => spec = spec.not_before(SystemTime::now() + duration(i, t, "delay", d)?),
+        (None, None) => {}
+    }
+    Ok(spec)
+}
+
+/// Prints what a Submit made: the job id, then each task's id (and ref).
+pub fn print_submitted(format: OutputFormat, outcome: &SubmitOutcome, refs: &[String]) {
+    match format {
+        OutputFormat::Text => {
+            println!("job {}", outcome.job_id);
+            for (id, name) in outcome.task_ids.iter().zip(refs) {
+                match name.as_str() {
+                    "" => println!("{id}"),
+                    name => println!("{id}  {name}"),
+                }
+            }
+        }
+        OutputFormat::Json => {
+            let tasks: Vec<_> = outcome
+                .task_ids
+                .iter()
+                .zip(refs)
+                .map(|(id, r)| json!({ "id": id.to_string(), "ref": r }))
+                .collect();
+            println!(
+                "{}",
+                json!({
+                    "job_id": outcome.job_id.to_string(),
+                    "task_ids": outcome.task_ids.iter().map(TaskId::to_string).collect::<Vec<_>>(),
+                    "tasks": tasks,
+                })
+            );
+        }
+    }
+}
+
+/// `weft submit -f FILE`.
+pub async fn submit_file(client: &Client, format: OutputFormat, path: &Path) -> anyhow::Result<u8> {
+    let specs = read_graph(path)?;
+    let refs: Vec<String> = specs.iter().map(|s| s.ref_name.clone()).collect();
+    let outcome = client.submit_graph(specs).await?;
+    print_submitted(format, &outcome, &refs);
+    Ok(exit::SUCCESS)
+}
+
+/// `weft job ...`.
+#[derive(Subcommand, Debug)]
+pub enum JobCommand {
+    /// Show a job: how many of its tasks are in each state, then its tasks
+    /// (oldest first).
+    Get {
+        /// The job id (what `weft submit -f` prints; the first task's id).
+        #[arg(value_parser = parse_task_id)]
+        job: TaskId,
+    },
+    /// Follow a job until every task is final, printing each task as it
+    /// ends. Exits 0 when all succeeded, else with the code of the first
+    /// task (oldest first) that did not, as `weft wait` would for it
+    /// (e.g. 4 upstream_failed, 5 skipped, 130 cancelled).
+    #[command(after_help = exit::EXIT_CODES_HELP)]
+    Watch {
+        /// The job id.
+        #[arg(value_parser = parse_task_id)]
+        job: TaskId,
+    },
+    /// Cancel every task of a job that is not final, PENDING ones too.
+    Cancel {
+        /// The job id.
+        #[arg(value_parser = parse_task_id)]
+        job: TaskId,
+    },
+}
+
+/// Runs a `weft job` command.
+pub async fn run(client: &Client, format: OutputFormat, command: JobCommand) -> anyhow::Result<u8> {
+    match command {
+        JobCommand::Get { job } => get(client, format, job).await,
+        JobCommand::Watch { job } => watch(client, format, job).await,
+        JobCommand::Cancel { job } => {
+            let done = client.cancel_job(job, "").await?;
+            match format {
+                OutputFormat::Text => println!(
+                    "job {job}: {} cancelled, {} already final",
+                    done.cancelled, done.already_final
+                ),
+                OutputFormat::Json => println!(
+                    "{}",
+                    json!({
+                        "job_id": job.to_string(),
+                        "cancelled": done.cancelled,
+                        "already_final": done.already_final,
+                    })
+                ),
+            }
+            Ok(exit::SUCCESS)
+        }
+    }
+}
+
+async fn job_tasks(client: &Client, job: TaskId) -> anyhow::Result<Vec<Task>> {
+    let tasks = client.job_tasks(job).await?;
+    if tasks.is_empty() {
+        anyhow::bail!("job {job} not found");
+    }
+    Ok(tasks)
+}
+
+fn counts(tasks: &[Task]) -> Vec<(TaskState, usize)> {
+    let mut counts: Vec<(TaskState, usize)> = Vec::new();
+    for task in tasks {
+        match counts.iter_mut().find(|(s, _)| *s == task.state) {
+            Some((_, n)) => *n += 1,
+            None => counts.push((task.state, 1)),
+        }
+    }
+    counts.sort_by_key(|(s, _)| TaskState::ALL.iter().position(|x| x == s));
+    counts
+}
+
+async fn get(client: &Client, format: OutputFormat, job: TaskId) -> anyhow::Result<u8> {
+    let tasks = job_tasks(client, job).await?;
+    let counts = counts(&tasks);
+    match format {
+        OutputFormat::Text => {
+            let summary: Vec<String> = counts.iter().map(|(s, n)| format!("{n} {s}")).collect();
+            println!("job {job}: {} tasks: {}", tasks.len(), summary.join(", "));
+            print!("{}", tasks_table(&tasks, SystemTime::now()));
+        }
+        OutputFormat::Json => {
+            let by_state: serde_json::Map<String, serde_json::Value> = counts
+                .iter()
+                .map(|(s, n)| (s.as_str().to_owned(), json!(n)))
+                .collect();
+            println!(
+                "{}",
+                json!({
+                    "job_id": job.to_string(),
+                    "counts": by_state,
+                    "tasks": tasks.iter().map(task_json).collect::<Vec<_>>(),
+                })
+            );
+        }
+    }
+    Ok(exit::SUCCESS)
+}
+
+async fn watch(client: &Client, format: OutputFormat, job: TaskId) -> anyhow::Result<u8> {
+    let tasks = job_tasks(client, job).await?;
+    let order: HashMap<TaskId, usize> = tasks.iter().enumerate().map(|(i, t)| (t.id, i)).collect();
+    let mut ended: Vec<Option<Task>> = vec![None; tasks.len()];
+    let mut stream = client.wait_many(tasks.iter().map(|t| t.id).collect());
+    while let Some(task) = stream.next().await {
+        let task = task?;
+        match format {
+            OutputFormat::Text => {
+                let what = task.spec.as_ref().map(|s| s.summary()).unwrap_or_default();
+                let error = match task.error.as_str() {
+                    "" => String::new(),
+                    e => format!(": {e}"),
+                };
+                println!("{} {} {what}{error}", task.id, task.state);
+            }
+            OutputFormat::Json => println!("{}", task_json(&task)),
+        }
+        if let Some(i) = order.get(&task.id) {
+            ended[*i] = Some(task);
+        }
+    }
+    let code = ended
+        .iter()
+        .flatten()
+        .map(exit::for_task)
+        .find(|code| *code != exit::SUCCESS)
+        .unwrap_or(exit::SUCCESS);
+    Ok(code)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(name: &str, text: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).expect("write");
+        (dir, path)
+    }
+
+    #[test]
+    fn a_yaml_graph_reads_into_specs_with_refs_and_rules() {
+        let (_dir, path) = write(
+            "g.yaml",
+            "- ref: a\n  exec: [sh, -c, 'echo hi']\n  labels: {zone: eu}\n- ref: b\n  call: echo\n  input: x\n  after: [a]\n  after_rule: all_finished\n  timeout: 30s\n  priority: 8\n",
+        );
+        let specs = read_graph(&path).expect("reads");
+        assert_eq!(specs.len(), 2);
+        assert_eq!(specs[0].ref_name, "a");
+        assert_eq!(
+            specs[1].after,
+            vec![weft_proto::Dependency::Ref("a".into())]
+        );
+        assert_eq!(specs[1].after_rule, DependencyRule::AllFinished);
+        assert_eq!(specs[1].timeout, Some(Duration::from_secs(30)));
+        assert_eq!(specs[1].priority, 8);
+    }
+
+    #[test]
+    fn a_bad_file_says_where() {
+        let (_d, path) = write("g.yaml", "- ref: a\n  exec: [sh]\n  bogus: 1\n");
+        let err = read_graph(&path).unwrap_err().0;
+        assert!(err.contains("g.yaml"), "{err}");
+        let (_d, path) = write("g.yaml", "- ref: a\n  exec: [sh\n");
+        let err = read_graph(&path).unwrap_err().0;
+        assert!(err.contains("g.yaml:"), "line and column: {err}");
+        let (_d, path) = write(
+            "g.json",
+            "[{\"ref\": \"a\", \"exec\": [\"sh\"]}, {\"ref\": \"b\", \"call\": \"echo\", \"timeout\": \"soon\"}]",
+        );
+        let err = read_graph(&path).unwrap_err().0;
+        assert!(err.contains("task 1 (ref 'b'): `timeout`"), "{err}");
+        let (_d, path) = write("g.json", "[{\"ref\": \"a\",, }]");
+        let err = read_graph(&path).unwrap_err().0;
+        assert!(err.contains("g.json:1:"), "{err}");
+    }
+
+    #[test]
+    fn at_takes_rfc3339_or_a_clock_time_within_a_day() {
+        let at = parse_at("2030-01-01T00:00:00Z").expect("rfc3339");
+        assert_eq!(
+            at.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs(),
+            1_893_456_000
+        );
+        let soon = parse_at("12:30").expect("clock");
+        let ahead = soon.duration_since(SystemTime::now()).expect("future");
+        assert!(ahead <= Duration::from_secs(86_400));
+        assert!(parse_at("25:00").is_err());
+        assert!(parse_at("noon").is_err());
+    }
+}

@@ -1,0 +1,677 @@
+//! Dependencies and start times: tasks that are PENDING until the tasks
+//! they run after (`TaskSpec::after`) meet their rule and their
+//! `not_before` has come; what a child is given of its parents' results.
+//!
+//! Everything here sits in side tables keyed by task id, so a plain task
+//! (no `after`, no `not_before`) pays nothing: [`LiveTask`](super::task)
+//! does not grow, and the hooks in `submit`/`finalize`/`take_effects` test
+//! one `is_empty` before doing anything.
+//!
+//! - `deps`: per live task that runs after others, its parents (in spec
+//!   order) and counters of how they ended; kept until the task is final
+//!   (its parents' results are given to every attempt).
+//! - `children`: per live parent, the tasks waiting on it. Releasing the
+//!   children of a task that just ended is O(children); nothing scans the
+//!   pending tasks.
+//! - `results`: a final parent's state, output and ref, kept while one of
+//!   its children is live.
+//! - `timers`: PENDING tasks by `not_before` (wall time), earliest first.
+//!
+//! A parent ending may end its children (UPSTREAM_FAILED, SKIPPED), which
+//! may end theirs: the cascade runs from a work list, never by recursion,
+//! so a 10,000-deep chain is as safe as a wide one.
+//!
+//! Job ids: every task of one Submit shares the id's high 96 bits (the
+//! ULID's time and most of its randomness); the low 32 number the task
+//! within its Submit, the first being 0. So a task's job is its id with
+//! the low bits cleared ([`job_of`]): nothing to look up or store per task,
+//! and a job's tasks are one contiguous range of ids.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+
+use weft_proto::{ConversionError, Dependency, DependencyRule, TaskId, TaskSpec, TaskState};
+
+use super::{Now, Scheduler};
+use crate::error::Error;
+use crate::store::EventBody;
+
+/// Low bits of a task id that number it within its Submit.
+const INDEX_BITS: u32 = 32;
+const INDEX_MASK: u128 = (1 << INDEX_BITS) - 1;
+
+/// The job of task `id`: the first task of its Submit.
+pub fn job_of(id: TaskId) -> TaskId {
+    TaskId::from_u128(id.as_u128() & !INDEX_MASK)
+}
+
+/// The last id a job could hold (for range scans).
+pub fn job_end(job: TaskId) -> TaskId {
+    TaskId::from_u128(job.as_u128() | INDEX_MASK)
+}
+
+/// Ids for a Submit of `n` tasks: one job, contiguous. `fresh` is a new
+/// ULID (time and randomness); `last` the previous Submit's job id, which
+/// the new one always follows (ids keep their order even within one ms).
+pub fn submit_ids(fresh: u128, last: &mut u128, n: usize) -> Vec<TaskId> {
+    let base = (fresh & !INDEX_MASK).max(last.saturating_add(1 << INDEX_BITS) & !INDEX_MASK);
+    *last = base;
+    (0..n as u128)
+        .map(|i| TaskId::from_u128(base + i))
+        .collect()
+}
+
+/// What a child is given of one parent (`Assignment::parents`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ParentResult {
+    /// The parent.
+    pub task_id: TaskId,
+    /// Its ref in its Submit ("" when it had none).
+    pub ref_name: String,
+    /// Its state: final, unless the child's rule let it run before this
+    /// parent ended (ANY_FAILED, ANY_SUCCEEDED).
+    pub state: TaskState,
+    /// Its output (empty unless final).
+    pub output: Bytes,
+}
+
+/// What the Submit path read from the store about the existing tasks a
+/// Submit names in `after` (those the scheduler may not hold): per id,
+/// `Some` with its result when final, `None` when not final at the read.
+/// An id missing here was not found.
+pub type KnownParents = HashMap<TaskId, Option<ParentResult>>;
+
+/// A live task that runs after others.
+#[derive(Debug)]
+struct Deps {
+    parents: Box<[TaskId]>,
+    rule: DependencyRule,
+    succeeded: u32,
+    failed: u32,
+    /// The first parent that ended other than SUCCEEDED.
+    first_failed: Option<TaskId>,
+    /// Its rule was met (it is queued, or waits only for its start time).
+    met: bool,
+}
+
+impl Deps {
+    fn remaining(&self) -> u32 {
+        (self.parents.len() as u32).saturating_sub(self.succeeded + self.failed)
+    }
+
+    /// `Some(true)`: the rule is met; `Some(false)`: it never can be;
+    /// `None`: undecided yet.
+    fn decide(&self) -> Option<bool> {
+        let done = self.remaining() == 0;
+        match self.rule {
+            DependencyRule::AllSucceeded if self.failed > 0 => Some(false),
+            DependencyRule::AllSucceeded | DependencyRule::AllFinished => done.then_some(true),
+            DependencyRule::AnyFailed if self.failed > 0 => Some(true),
+            DependencyRule::AnySucceeded if self.succeeded > 0 => Some(true),
+            DependencyRule::AnyFailed | DependencyRule::AnySucceeded => done.then_some(false),
+        }
+    }
+}
+
+/// A final parent's result and how many live children still need it.
+#[derive(Debug)]
+struct Kept {
+    result: Arc<ParentResult>,
+    children: u32,
+}
+
+/// The side tables. See the module docs.
+#[derive(Debug, Default)]
+pub(crate) struct Graph {
+    deps: HashMap<TaskId, Deps>,
+    children: HashMap<TaskId, Vec<TaskId>>,
+    results: HashMap<TaskId, Kept>,
+    timers: BinaryHeap<Reverse<(SystemTime, TaskId)>>,
+    /// Parents that ended and whose children are still to be told.
+    work: Vec<(TaskId, TaskState, Vec<TaskId>)>,
+    cascading: bool,
+    /// The latest time seen, to turn wall-clock start times into a wakeup.
+    clock: Option<(Instant, SystemTime)>,
+    /// Live tasks with `after` restored from the store, to link once all
+    /// are back (their parents may come later in id order).
+    restored: Vec<TaskId>,
+}
+
+impl Graph {
+    /// True when no task uses dependencies or start times.
+    pub fn is_empty(&self) -> bool {
+        self.deps.is_empty() && self.timers.is_empty() && self.results.is_empty()
+    }
+}
+
+fn invalid(index: usize, spec: &TaskSpec, reason: String) -> Error {
+    let reason = match spec.ref_name.as_str() {
+        "" => reason,
+        name => format!("{reason} (task ref '{name}')"),
+    };
+    Error::InvalidSpec {
+        index,
+        source: ConversionError::Invalid {
+            field: "after",
+            reason,
+        },
+    }
+}
+
+/// Resolves refs to the ids of the same Submit and refuses a repeated
+/// ref, an unknown ref, a task after itself, a repeated entry and a cycle.
+/// O(tasks + dependencies).
+pub(crate) fn resolve(batch: &mut [(TaskId, TaskSpec)]) -> Result<(), Error> {
+    if batch
+        .iter()
+        .all(|(_, s)| s.after.is_empty() && s.ref_name.is_empty())
+    {
+        return Ok(());
+    }
+    let mut refs: HashMap<String, usize> = HashMap::new();
+    for (index, (_, spec)) in batch.iter().enumerate() {
+        if !spec.ref_name.is_empty() && refs.insert(spec.ref_name.clone(), index).is_some() {
+            return Err(Error::InvalidSpec {
+                index,
+                source: ConversionError::Invalid {
+                    field: "ref",
+                    reason: format!("'{}' is used by another task of this Submit", spec.ref_name),
+                },
+            });
+        }
+    }
+    let order: Vec<TaskId> = batch.iter().map(|(id, _)| *id).collect();
+    let ids: HashMap<TaskId, usize> = order.iter().enumerate().map(|(i, id)| (*id, i)).collect();
+    // In-batch edges parent -> child, for the cycle check.
+    let mut edges: Vec<Vec<usize>> = vec![Vec::new(); batch.len()];
+    let mut indegree = vec![0u32; batch.len()];
+    for index in 0..batch.len() {
+        let (id, spec) = &mut batch[index];
+        let id = *id;
+        let mut seen: HashSet<TaskId> = HashSet::with_capacity(spec.after.len());
+        for dep in spec.after.iter_mut() {
+            let parent = match dep {
+                Dependency::Task(parent) => *parent,
+                Dependency::Ref(name) => match refs.get(name.as_str()) {
+                    Some(i) => order[*i],
+                    None => {
+                        let reason = format!("unknown ref '{name}': no task of this Submit has it");
+                        return Err(invalid(index, spec, reason));
+                    }
+                },
+            };
+            if parent == id {
+                return Err(invalid(
+                    index,
+                    spec,
+                    "a task cannot run after itself".into(),
+                ));
+            }
+            if !seen.insert(parent) {
+                let reason = format!("{} is named twice", describe(dep));
+                return Err(invalid(index, spec, reason));
+            }
+            *dep = Dependency::Task(parent);
+            if let Some(p) = ids.get(&parent) {
+                edges[*p].push(index);
+                indegree[index] += 1;
+            }
+        }
+    }
+    // Kahn: whatever never reaches in-degree 0 is on (or after) a cycle.
+    let mut ready: Vec<usize> = (0..batch.len()).filter(|i| indegree[*i] == 0).collect();
+    let mut ordered = 0;
+    while let Some(i) = ready.pop() {
+        ordered += 1;
+        for &child in &edges[i] {
+            indegree[child] -= 1;
+            if indegree[child] == 0 {
+                ready.push(child);
+            }
+        }
+    }
+    if ordered < batch.len() {
+        let index = (0..batch.len()).find(|i| indegree[*i] > 0).unwrap_or(0);
+        let spec = &batch[index].1;
+        return Err(invalid(
+            index,
+            spec,
+            "the tasks' dependencies form a cycle".into(),
+        ));
+    }
+    Ok(())
+}
+
+fn describe(dep: &Dependency) -> String {
+    match dep {
+        Dependency::Task(id) => format!("task {id}"),
+        Dependency::Ref(name) => format!("ref '{name}'"),
+    }
+}
+
+/// The ids a Submit names in `after` that are not its own: what the Submit
+/// path reads from the store ([`KnownParents`]).
+pub(crate) fn external_parents(specs: &[TaskSpec]) -> Vec<TaskId> {
+    let mut out: Vec<TaskId> = specs
+        .iter()
+        .flat_map(|s| s.after.iter())
+        .filter_map(|d| match d {
+            Dependency::Task(id) => Some(*id),
+            Dependency::Ref(_) => None,
+        })
+        .collect();
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+fn is_pending_spec(spec: &TaskSpec, wall: SystemTime) -> bool {
+    !spec.after.is_empty() || spec.not_before.is_some_and(|at| at > wall)
+}
+
+impl Scheduler {
+    /// Whether a new task starts PENDING (dependencies or a start time).
+    pub(crate) fn starts_pending(spec: &TaskSpec, wall: SystemTime) -> bool {
+        is_pending_spec(spec, wall)
+    }
+
+    /// Checks that every existing task named in `after` is live here or
+    /// known final; `Err(None)`-like cases become errors. Called before
+    /// anything of the Submit is applied.
+    pub(crate) fn check_parents(
+        &self,
+        batch: &[(TaskId, TaskSpec)],
+        known: &KnownParents,
+    ) -> Result<(), Error> {
+        let own: HashSet<TaskId> = batch.iter().map(|(id, _)| *id).collect();
+        for (index, (_, spec)) in batch.iter().enumerate() {
+            for dep in &spec.after {
+                let Dependency::Task(parent) = dep else {
+                    continue;
+                };
+                if own.contains(parent) || self.tasks.contains_key(parent) {
+                    continue;
+                }
+                match known.get(parent) {
+                    Some(Some(_)) => {}
+                    // Live when the store was read, gone from here since:
+                    // it ended in a batch whose commit may still be in
+                    // flight. The Submit path reads again.
+                    Some(None) => return Err(Error::ParentsMoved),
+                    None => {
+                        let reason = format!("unknown task {parent}");
+                        return Err(invalid(index, spec, reason));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// After the Submit's tasks are in the table as PENDING: links them to
+    /// their parents and releases (or ends) those whose rule is decided.
+    pub(crate) fn link_pending(&mut self, pending: Vec<TaskId>, known: &KnownParents, now: Now) {
+        self.graph.clock = Some((now.instant, now.wall));
+        for id in &pending {
+            self.link(*id, known);
+        }
+        for id in pending {
+            self.settle(id, now.wall);
+        }
+    }
+
+    /// Registers `id`'s dependencies: counters from parents already final,
+    /// a place among the children of live ones.
+    fn link(&mut self, id: TaskId, known: &KnownParents) {
+        let Some(task) = self.tasks.get(&id) else {
+            return;
+        };
+        let spec = task.spec.template(self.queue.example(task.class));
+        if spec.after.is_empty() {
+            return;
+        }
+        let parents: Box<[TaskId]> = spec
+            .after
+            .iter()
+            .filter_map(|d| match d {
+                Dependency::Task(id) => Some(*id),
+                Dependency::Ref(_) => None,
+            })
+            .collect();
+        let mut deps = Deps {
+            parents,
+            rule: spec.after_rule,
+            succeeded: 0,
+            failed: 0,
+            first_failed: None,
+            met: task.state != TaskState::Pending,
+        };
+        for i in 0..deps.parents.len() {
+            let parent = deps.parents[i];
+            if self.tasks.contains_key(&parent) {
+                self.graph.children.entry(parent).or_default().push(id);
+                continue;
+            }
+            let result = match self.graph.results.get_mut(&parent) {
+                Some(kept) => {
+                    kept.children += 1;
+                    Arc::clone(&kept.result)
+                }
+                None => {
+                    let result = match known.get(&parent) {
+                        Some(Some(result)) => result.clone(),
+                        // Gone from the store (retention), or never seen:
+                        // it cannot be waited for, so it counts as failed.
+                        _ => ParentResult {
+                            task_id: parent,
+                            ref_name: String::new(),
+                            state: TaskState::Failed,
+                            output: Bytes::new(),
+                        },
+                    };
+                    let result = Arc::new(result);
+                    self.graph.results.insert(
+                        parent,
+                        Kept {
+                            result: Arc::clone(&result),
+                            children: 1,
+                        },
+                    );
+                    result
+                }
+            };
+            count(&mut deps, parent, result.state);
+        }
+        self.graph.deps.insert(id, deps);
+    }
+
+    /// Moves a PENDING task on if it can: QUEUED when its rule is met and
+    /// its start time has come; UPSTREAM_FAILED or SKIPPED when its rule
+    /// can never be met.
+    fn settle(&mut self, id: TaskId, wall: SystemTime) {
+        let Some(task) = self.tasks.get(&id) else {
+            return;
+        };
+        if task.state != TaskState::Pending {
+            return;
+        }
+        let not_before = task
+            .spec
+            .template(self.queue.example(task.class))
+            .not_before;
+        if let Some(deps) = self.graph.deps.get_mut(&id) {
+            match deps.decide() {
+                None => return,
+                Some(false) => {
+                    let (state, reason) = match (deps.rule, deps.first_failed) {
+                        (DependencyRule::AnyFailed, _) => (
+                            TaskState::Skipped,
+                            "skipped: every task it runs after succeeded (rule any_failed)"
+                                .to_owned(),
+                        ),
+                        (DependencyRule::AnySucceeded, _) => (
+                            TaskState::UpstreamFailed,
+                            "upstream failed: none of the tasks it runs after succeeded (rule any_succeeded)"
+                                .to_owned(),
+                        ),
+                        (_, parent) => {
+                            let parent = parent
+                                .and_then(|p| self.graph.results.get(&p).map(|k| &k.result));
+                            let what = match parent {
+                                Some(p) if p.ref_name.is_empty() => {
+                                    format!("task {} ended {}", p.task_id, p.state)
+                                }
+                                Some(p) => format!(
+                                    "task {} (ref '{}') ended {}",
+                                    p.task_id, p.ref_name, p.state
+                                ),
+                                None => "a task it runs after did not succeed".to_owned(),
+                            };
+                            (TaskState::UpstreamFailed, format!("upstream failed: {what}"))
+                        }
+                    };
+                    self.finalize(id, state, reason, Bytes::new(), wall);
+                    return;
+                }
+                Some(true) => deps.met = true,
+            }
+        }
+        match not_before {
+            Some(at) if at > wall => {
+                self.graph.timers.push(Reverse((at, id)));
+            }
+            _ => {
+                let class = task.class;
+                let reason = match self.graph.deps.contains_key(&id) {
+                    true => "the tasks it runs after met its rule",
+                    false => "its start time came",
+                };
+                self.change_state(id, TaskState::Queued, None, reason.into(), wall);
+                self.queue.push_ready(class, id);
+            }
+        }
+    }
+
+    /// Hook from `finalize`: a task ended. Lets go of what it held as a
+    /// child and tells its children (the cascade, see the module docs).
+    pub(crate) fn graph_finished(
+        &mut self,
+        id: TaskId,
+        state: TaskState,
+        output: &Bytes,
+        ref_name: &str,
+        wall: SystemTime,
+    ) {
+        if let Some(deps) = self.graph.deps.remove(&id) {
+            for parent in deps.parents.iter() {
+                if let Some(kept) = self.graph.results.get_mut(parent) {
+                    kept.children = kept.children.saturating_sub(1);
+                    if kept.children == 0 {
+                        self.graph.results.remove(parent);
+                    }
+                }
+            }
+        }
+        if let Some(children) = self.graph.children.remove(&id) {
+            let live = children
+                .iter()
+                .filter(|c| self.graph.deps.contains_key(c))
+                .count() as u32;
+            if live > 0 {
+                let result = Arc::new(ParentResult {
+                    task_id: id,
+                    ref_name: ref_name.to_owned(),
+                    state,
+                    output: output.clone(),
+                });
+                self.graph.results.insert(
+                    id,
+                    Kept {
+                        result,
+                        children: live,
+                    },
+                );
+                self.graph.work.push((id, state, children));
+            }
+        }
+        if self.graph.cascading {
+            return;
+        }
+        self.graph.cascading = true;
+        while let Some((parent, state, children)) = self.graph.work.pop() {
+            for child in children {
+                let Some(deps) = self.graph.deps.get_mut(&child) else {
+                    continue;
+                };
+                count(deps, parent, state);
+                if !deps.met {
+                    self.settle(child, wall);
+                }
+            }
+        }
+        self.graph.cascading = false;
+    }
+
+    /// Releases PENDING tasks whose start time came.
+    pub(crate) fn graph_tick(&mut self, now: Now) {
+        self.graph.clock = Some((now.instant, now.wall));
+        while let Some(Reverse((at, id))) = self.graph.timers.peek().copied() {
+            if at > now.wall {
+                return;
+            }
+            self.graph.timers.pop();
+            let Some(task) = self.tasks.get(&id) else {
+                continue;
+            };
+            if task.state != TaskState::Pending {
+                continue;
+            }
+            let class = task.class;
+            if self.graph.deps.get(&id).is_some_and(|d| !d.met) {
+                continue;
+            }
+            let reason = "its start time came".to_owned();
+            self.change_state(id, TaskState::Queued, None, reason, now.wall);
+            self.queue.push_ready(class, id);
+        }
+    }
+
+    /// When the earliest start time comes, as an instant.
+    pub(crate) fn graph_wakeup(&self) -> Option<Instant> {
+        let Reverse((at, _)) = self.graph.timers.peek()?;
+        let (instant, wall) = self.graph.clock?;
+        Some(instant + at.duration_since(wall).unwrap_or(Duration::ZERO))
+    }
+
+    /// Fills in the parents of this batch's assignments.
+    pub(crate) fn attach_parents(&mut self) {
+        if self.graph.deps.is_empty() {
+            return;
+        }
+        for out in self.out.nodes.values_mut() {
+            for a in &mut out.assign {
+                let Some(deps) = self.graph.deps.get(&a.task_id) else {
+                    continue;
+                };
+                a.parents = deps
+                    .parents
+                    .iter()
+                    .map(|p| match self.graph.results.get(p) {
+                        Some(kept) => ParentResult::clone(&kept.result),
+                        None => ParentResult {
+                            task_id: *p,
+                            ref_name: String::new(),
+                            state: self.tasks.get(p).map_or(TaskState::Queued, |t| t.state),
+                            output: Bytes::new(),
+                        },
+                    })
+                    .collect();
+            }
+        }
+    }
+
+    /// For a PENDING task: what it waits for (`Task.waiting_for`) and why,
+    /// in words (`Task.pending_reason`). `None` when it is not PENDING.
+    pub fn waiting(&self, id: TaskId) -> Option<(Vec<TaskId>, String)> {
+        let task = self.tasks.get(&id)?;
+        if task.state != TaskState::Pending {
+            return None;
+        }
+        if let Some(deps) = self.graph.deps.get(&id).filter(|d| !d.met) {
+            let waiting: Vec<TaskId> = deps
+                .parents
+                .iter()
+                .copied()
+                .filter(|p| self.tasks.contains_key(p))
+                .collect();
+            let reason = format!(
+                "waiting for {} of {} tasks (rule {})",
+                waiting.len(),
+                deps.parents.len(),
+                deps.rule
+            );
+            return Some((waiting, reason));
+        }
+        let spec = task.spec.template(self.queue.example(task.class));
+        let at = spec
+            .not_before
+            .map(|t| humantime::format_rfc3339_seconds(t).to_string());
+        Some((Vec::new(), format!("not before {}", at.unwrap_or_default())))
+    }
+
+    /// The first event's reason of a new PENDING task.
+    pub(crate) fn pending_first_reason(spec: &TaskSpec) -> String {
+        match (spec.after.len(), spec.not_before) {
+            (0, Some(at)) => format!(
+                "pending: not before {}",
+                humantime::format_rfc3339_seconds(at)
+            ),
+            (n, _) => format!("pending: waiting for {n} tasks (rule {})", spec.after_rule),
+        }
+    }
+
+    /// Restore: a live task that runs after others or has a start time,
+    /// linked in [`finish_restore`](Self::finish_restore).
+    pub(crate) fn graph_restored(&mut self, id: TaskId, spec: &TaskSpec) {
+        if !spec.after.is_empty() || spec.not_before.is_some() {
+            self.graph.restored.push(id);
+        }
+    }
+
+    /// After every live task is restored: links dependencies (reading
+    /// the results of parents that ended before the restart through
+    /// `lookup`), re-arms start times, and settles what was decided (a
+    /// parent that ended just before the crash releases its children).
+    pub fn finish_restore(
+        &mut self,
+        lookup: &mut dyn FnMut(TaskId) -> Option<ParentResult>,
+        now: Now,
+    ) {
+        self.graph.clock = Some((now.instant, now.wall));
+        let restored = std::mem::take(&mut self.graph.restored);
+        let mut known = KnownParents::new();
+        for id in &restored {
+            let Some(task) = self.tasks.get(id) else {
+                continue;
+            };
+            let spec = task.spec.template(self.queue.example(task.class));
+            for dep in &spec.after {
+                if let Dependency::Task(parent) = dep
+                    && !self.tasks.contains_key(parent)
+                    && !known.contains_key(parent)
+                {
+                    known.insert(*parent, lookup(*parent));
+                }
+            }
+        }
+        for id in &restored {
+            self.link(*id, &known);
+        }
+        for id in restored {
+            self.settle(id, now.wall);
+        }
+    }
+}
+
+fn count(deps: &mut Deps, parent: TaskId, state: TaskState) {
+    if state == TaskState::Succeeded {
+        deps.succeeded += 1;
+    } else {
+        deps.failed += 1;
+        deps.first_failed.get_or_insert(parent);
+    }
+}
+
+/// Reason of the first `State` event of a task submitted PENDING.
+pub(crate) fn pending_event(spec: &TaskSpec) -> EventBody {
+    EventBody::State {
+        state: TaskState::Pending,
+        node_id: None,
+        node_name: None,
+        reason: Scheduler::pending_first_reason(spec),
+    }
+}

@@ -1,0 +1,475 @@
+//! Dependencies and start times: PENDING, each rule, the cascade, cancel,
+//! `not_before`, refused graphs, parents' results, restore.
+
+use weft_proto::DependencyRule;
+
+use super::*;
+use crate::scheduler::graph::{KnownParents, submit_ids};
+
+impl Harness {
+    /// Submits one job the way the driver does (contiguous ids).
+    fn submit_job(&mut self, specs: Vec<TaskSpec>) -> Result<Vec<TaskId>, Error> {
+        self.submit_known(specs, &KnownParents::new())
+    }
+
+    fn submit_known(
+        &mut self,
+        specs: Vec<TaskSpec>,
+        known: &KnownParents,
+    ) -> Result<Vec<TaskId>, Error> {
+        let mut last = 0;
+        let fresh = self.ids.generate().expect("ulid").0;
+        let ids = submit_ids(fresh, &mut last, specs.len());
+        let batch = ids.iter().copied().zip(specs).collect();
+        self.s.submit_graph(batch, known, self.now).map(|()| ids)
+    }
+
+    /// The task's latest record, taken effects or not.
+    fn latest(&self, id: TaskId) -> crate::store::TaskRecord {
+        self.records
+            .iter()
+            .chain(self.s.out.records.iter())
+            .rev()
+            .find_map(|r| match r {
+                Record::Task(t) if t.id == id => Some(t.clone()),
+                _ => None,
+            })
+            .expect("task record")
+    }
+
+    fn state(&self, id: TaskId) -> TaskState {
+        self.latest(id).state
+    }
+
+    /// Runs every assigned attempt on S1 to `outcome`, returning the ids.
+    fn run_assigned(&mut self, outcome: Outcome) -> Vec<TaskId> {
+        let effects = self.effects();
+        let ran = assigned(&effects, S1);
+        for (id, attempt) in &ran {
+            self.finish(S1, *id, attempt.0, outcome);
+        }
+        ran.into_iter().map(|(id, _)| id).collect()
+    }
+}
+
+fn call(name: &str) -> TaskSpec {
+    TaskSpec::call("noop", "").ref_name(name)
+}
+
+#[test]
+fn a_child_is_pending_until_its_parent_succeeds_then_queued_and_given_its_output() {
+    let mut h = Harness::new();
+    h.node(S1, reg("n1", 4), 4);
+    let ids = h
+        .submit_job(vec![call("a"), call("b").after_ref("a")])
+        .expect("submit");
+    let (a, b) = (ids[0], ids[1]);
+    assert_eq!(h.state(b), TaskState::Pending);
+    let (waiting, reason) = h.s.waiting(b).expect("pending");
+    assert_eq!(waiting, vec![a]);
+    assert_eq!(reason, "waiting for 1 of 1 tasks (rule all_succeeded)");
+    // The record stores the ref as the parent's id, and the job.
+    let record = h.latest(b);
+    assert_eq!(record.spec.after, vec![weft_proto::Dependency::Task(a)]);
+    assert_eq!(record.job_id, Some(a));
+    assert_eq!(h.latest(a).job_id, None);
+
+    assert_eq!(h.run_assigned(Outcome::Succeeded), vec![a]);
+    assert_eq!(h.state(b), TaskState::Queued);
+    let effects = h.effects();
+    let assign = &effects.nodes[&S1].assign;
+    assert_eq!(assign.len(), 1);
+    assert_eq!(assign[0].task_id, b);
+    let parents = &assign[0].parents;
+    assert_eq!(parents.len(), 1);
+    assert_eq!(parents[0].task_id, a);
+    assert_eq!(parents[0].ref_name, "a");
+    assert_eq!(parents[0].state, TaskState::Succeeded);
+    assert_eq!(&parents[0].output[..], b"out");
+    assert_eq!(
+        h.states(b),
+        vec![TaskState::Pending, TaskState::Queued, TaskState::Assigned]
+    );
+}
+
+#[test]
+fn all_succeeded_ends_upstream_failed_and_cascades_down_the_graph() {
+    let mut h = Harness::new();
+    h.node(S1, reg("n1", 4), 4);
+    let ids = h
+        .submit_job(vec![
+            TaskSpec::call("noop", "").ref_name("a").max_attempts(1),
+            call("b").after_ref("a"),
+            call("c").after_ref("b"),
+        ])
+        .expect("submit");
+    h.run_assigned(Outcome::Failed);
+    assert_eq!(h.state(ids[0]), TaskState::Failed);
+    assert_eq!(h.state(ids[1]), TaskState::UpstreamFailed);
+    assert_eq!(h.state(ids[2]), TaskState::UpstreamFailed);
+    let error = h.latest(ids[1]).error;
+    assert!(
+        error.contains(&ids[0].to_string()) && error.contains("ref 'a'"),
+        "{error}"
+    );
+    assert!(h.latest(ids[2]).error.contains("ref 'b'"));
+    assert_eq!(h.s.live_tasks(), 0);
+    assert!(h.s.graph.is_empty(), "side tables emptied: {:?}", h.s.graph);
+}
+
+#[test]
+fn all_finished_runs_after_a_failure() {
+    let mut h = Harness::new();
+    h.node(S1, reg("n1", 4), 4);
+    let ids = h
+        .submit_job(vec![
+            TaskSpec::call("noop", "").ref_name("a").max_attempts(1),
+            call("cleanup")
+                .after_ref("a")
+                .after_rule(DependencyRule::AllFinished),
+        ])
+        .expect("submit");
+    h.run_assigned(Outcome::Failed);
+    assert_eq!(h.state(ids[1]), TaskState::Queued);
+    let effects = h.effects();
+    assert_eq!(
+        effects.nodes[&S1].assign[0].parents[0].state,
+        TaskState::Failed
+    );
+}
+
+#[test]
+fn any_failed_is_skipped_when_all_succeeded_and_runs_when_one_failed() {
+    let mut h = Harness::new();
+    h.node(S1, reg("n1", 8), 8);
+    let ids = h
+        .submit_job(vec![
+            call("a"),
+            call("b"),
+            call("on_error")
+                .after_ref("a")
+                .after_ref("b")
+                .after_rule(DependencyRule::AnyFailed),
+        ])
+        .expect("submit");
+    h.run_assigned(Outcome::Succeeded);
+    assert_eq!(h.state(ids[2]), TaskState::Skipped);
+    assert!(h.latest(ids[2]).error.contains("skipped"));
+
+    let ids = h
+        .submit_job(vec![
+            TaskSpec::call("noop", "").ref_name("a").max_attempts(1),
+            call("b"),
+            call("on_error")
+                .after_ref("a")
+                .after_ref("b")
+                .after_rule(DependencyRule::AnyFailed),
+        ])
+        .expect("submit");
+    let effects = h.effects();
+    let ran = assigned(&effects, S1);
+    h.finish(S1, ids[0], ran[0].1.0, Outcome::Failed);
+    // Released as soon as one failed, while the other still runs.
+    assert_eq!(h.state(ids[2]), TaskState::Queued);
+    let effects = h.effects();
+    let parents = &effects.nodes[&S1].assign[0].parents;
+    assert_eq!(parents[0].state, TaskState::Failed);
+    assert_eq!(parents[1].state, TaskState::Assigned);
+}
+
+#[test]
+fn any_succeeded_is_upstream_failed_when_none_did() {
+    let mut h = Harness::new();
+    h.node(S1, reg("n1", 8), 8);
+    let one = |name: &str| TaskSpec::call("noop", "").ref_name(name).max_attempts(1);
+    let ids = h
+        .submit_job(vec![
+            one("a"),
+            one("b"),
+            call("c")
+                .after_ref("a")
+                .after_ref("b")
+                .after_rule(DependencyRule::AnySucceeded),
+        ])
+        .expect("submit");
+    let effects = h.effects();
+    let ran = assigned(&effects, S1);
+    h.finish(S1, ran[0].0, 1, Outcome::Failed);
+    assert_eq!(h.state(ids[2]), TaskState::Pending);
+    h.finish(S1, ran[1].0, 1, Outcome::Failed);
+    assert_eq!(h.state(ids[2]), TaskState::UpstreamFailed);
+}
+
+#[test]
+fn cancelling_a_pending_task_ends_it_at_once_and_its_children_by_their_rule() {
+    let mut h = Harness::new();
+    let ids = h
+        .submit_job(vec![
+            call("a"),
+            call("b").after_ref("a"),
+            call("c").after_ref("b"),
+            call("d")
+                .after_ref("b")
+                .after_rule(DependencyRule::AllFinished),
+        ])
+        .expect("submit");
+    assert!(h.s.cancel(ids[1], "", h.now));
+    assert_eq!(h.state(ids[1]), TaskState::Cancelled);
+    assert_eq!(h.state(ids[2]), TaskState::UpstreamFailed);
+    assert_eq!(h.state(ids[3]), TaskState::Queued);
+    assert_eq!(h.state(ids[0]), TaskState::Queued);
+}
+
+#[test]
+fn a_long_chain_cascades_without_recursion() {
+    let mut h = Harness::with(SchedulerConfig {
+        max_queued: 20_000,
+        ..config()
+    });
+    let mut specs = vec![TaskSpec::call("noop", "").ref_name("t0")];
+    for i in 1..10_000 {
+        specs.push(call(&format!("t{i}")).after_ref(format!("t{}", i - 1)));
+    }
+    let ids = h.submit_job(specs).expect("submit");
+    assert!(h.s.cancel(ids[0], "", h.now));
+    h.effects();
+    assert_eq!(h.state(ids[9_999]), TaskState::UpstreamFailed);
+    assert_eq!(h.s.live_tasks(), 0);
+}
+
+#[test]
+fn not_before_holds_a_task_pending_until_its_time() {
+    let mut h = Harness::new();
+    let at = h.now.wall + Duration::from_secs(600);
+    let ids = h
+        .submit_job(vec![TaskSpec::call("noop", "").not_before(at)])
+        .expect("submit");
+    assert_eq!(h.state(ids[0]), TaskState::Pending);
+    let (_, reason) = h.s.waiting(ids[0]).expect("pending");
+    assert!(
+        reason.starts_with("not before 1970-01-01T00:10:00"),
+        "{reason}"
+    );
+    assert_eq!(
+        h.s.graph_wakeup().map(|w| w - h.now.instant),
+        Some(Duration::from_secs(600))
+    );
+    h.advance(Duration::from_secs(599));
+    assert_eq!(h.state(ids[0]), TaskState::Pending);
+    h.advance(Duration::from_secs(1));
+    assert_eq!(h.state(ids[0]), TaskState::Queued);
+    h.node(S1, reg("n1", 4), 4);
+    assert_eq!(assigned(&h.effects(), S1).len(), 1);
+}
+
+#[test]
+fn a_past_not_before_queues_at_once() {
+    let mut h = Harness::new();
+    h.now.wall += Duration::from_secs(100);
+    let ids = h
+        .submit_job(vec![
+            TaskSpec::call("noop", "").not_before(SystemTime::UNIX_EPOCH),
+        ])
+        .expect("submit");
+    assert_eq!(h.state(ids[0]), TaskState::Queued);
+}
+
+#[test]
+fn a_met_rule_still_waits_for_not_before() {
+    let mut h = Harness::new();
+    let at = h.now.wall + Duration::from_secs(60);
+    let ids = h
+        .submit_job(vec![call("a"), call("b").after_ref("a").not_before(at)])
+        .expect("submit");
+    h.node(S1, reg("n1", 4), 4);
+    h.run_assigned(Outcome::Succeeded);
+    assert_eq!(h.state(ids[1]), TaskState::Pending);
+    assert!(
+        h.s.waiting(ids[1])
+            .expect("pending")
+            .1
+            .starts_with("not before")
+    );
+    h.advance(Duration::from_secs(60));
+    assert_eq!(h.state(ids[1]), TaskState::Queued);
+}
+
+fn refused(err: Error) -> String {
+    match err {
+        Error::InvalidSpec { .. } => err.to_string(),
+        other => panic!("expected InvalidSpec, got {other:?}"),
+    }
+}
+
+#[test]
+fn bad_graphs_are_refused_naming_the_task_and_nothing_is_written() {
+    let mut h = Harness::new();
+    let cases: Vec<(Vec<TaskSpec>, &str)> = vec![
+        (
+            vec![call("a"), call("b").after_ref("x")],
+            "task 1: invalid `after`: unknown ref 'x'",
+        ),
+        (vec![call("a"), call("a")], "task 1: invalid `ref`"),
+        (vec![call("a").after_ref("a")], "cannot run after itself"),
+        (
+            vec![call("a"), call("b").after_ref("a").after_ref("a")],
+            "ref 'a' is named twice",
+        ),
+        (
+            vec![
+                call("a").after_ref("c"),
+                call("b").after_ref("a"),
+                call("c").after_ref("b"),
+            ],
+            "form a cycle",
+        ),
+        (vec![call("a").after(TaskId::from_u128(42))], "unknown task"),
+    ];
+    for (specs, expected) in cases {
+        let err = refused(h.submit_job(specs).expect_err("refused"));
+        assert!(err.contains(expected), "{err} lacks {expected}");
+    }
+    assert!(h.effects().records.is_empty());
+    assert_eq!(h.s.live_tasks(), 0);
+}
+
+#[test]
+fn a_final_parent_from_the_store_counts_with_its_state() {
+    let mut h = Harness::new();
+    let done = TaskId::from_u128(7 << 80);
+    let failed = TaskId::from_u128(8 << 80);
+    let result = |id, state| {
+        Some(crate::scheduler::graph::ParentResult {
+            task_id: id,
+            ref_name: String::new(),
+            state,
+            output: Bytes::new(),
+        })
+    };
+    let known: KnownParents = [
+        (done, result(done, TaskState::Succeeded)),
+        (failed, result(failed, TaskState::Failed)),
+    ]
+    .into();
+    let ids = h
+        .submit_known(
+            vec![
+                TaskSpec::call("noop", "").after(done),
+                TaskSpec::call("noop", "").after(failed),
+            ],
+            &known,
+        )
+        .expect("submit");
+    assert_eq!(h.state(ids[0]), TaskState::Queued);
+    assert_eq!(h.state(ids[1]), TaskState::UpstreamFailed);
+    // A parent the store had live that is gone from here: read again.
+    let moved: KnownParents = [(done, None)].into();
+    let err = h
+        .submit_known(vec![TaskSpec::call("noop", "").after(done)], &moved)
+        .expect_err("moved");
+    assert!(matches!(err, Error::ParentsMoved));
+}
+
+#[test]
+fn restart_restores_pending_tasks_with_their_graph_and_start_times() {
+    let mut h = Harness::new();
+    // One credit: `a` takes it, so `b` is queued, not sent, at the restart.
+    h.node(S1, reg("n1", 4), 1);
+    let at = h.now.wall + Duration::from_secs(300);
+    let ids = h
+        .submit_job(vec![
+            call("a"),
+            call("b").after_ref("a"),
+            call("c").after_ref("b"),
+            TaskSpec::call("noop", "").not_before(at),
+        ])
+        .expect("submit");
+    h.run_assigned(Outcome::Succeeded);
+    h.effects();
+    // `b` was released with `a`'s end, in the same batch; restart before
+    // it ran.
+    let mut h = h.restart(Duration::from_secs(1));
+    assert_eq!(h.s.live_tasks(), 3);
+    h.node(S1, reg("n1", 4), 4);
+    let effects = h.effects();
+    let ran = assigned(&effects, S1);
+    assert_eq!(ran.iter().map(|r| r.0).collect::<Vec<_>>(), vec![ids[1]]);
+    // Its parent's output was read back from the store.
+    let parents = &effects.nodes[&S1].assign[0].parents;
+    assert_eq!(&parents[0].output[..], b"out");
+    assert_eq!(h.state(ids[2]), TaskState::Pending);
+    h.finish(S1, ids[1], ran[0].1.0, Outcome::Succeeded);
+    assert_eq!(h.state(ids[2]), TaskState::Queued);
+    assert_eq!(h.state(ids[3]), TaskState::Pending);
+    h.advance(Duration::from_secs(300));
+    assert_eq!(h.state(ids[3]), TaskState::Queued);
+}
+
+#[test]
+fn a_pending_child_whose_parent_ended_before_the_restart_is_released_at_start() {
+    let mut h = Harness::new();
+    h.node(S1, reg("n1", 4), 1);
+    let ids = h
+        .submit_job(vec![call("a"), call("b").after_ref("a")])
+        .expect("submit");
+    h.run_assigned(Outcome::Succeeded);
+    // Drop the child's release from what reached the store, as if the
+    // crash came between the parent's end and the child's release.
+    let mut records = h.effects().records;
+    records.clear();
+    h.records.retain(|r| match r {
+        Record::Task(t) => !(t.id == ids[1] && t.state == TaskState::Queued),
+        Record::Event(e) => !(e.task_id == ids[1] && e.seq > 0),
+        _ => true,
+    });
+    let h = h.restart(Duration::from_secs(1));
+    assert_eq!(h.state(ids[1]), TaskState::Queued);
+}
+
+#[test]
+fn pending_tasks_count_against_max_queued() {
+    let mut h = Harness::with(SchedulerConfig {
+        max_queued: 2,
+        ..config()
+    });
+    let at = h.now.wall + Duration::from_secs(60);
+    h.submit_job(vec![
+        TaskSpec::call("noop", "").not_before(at),
+        TaskSpec::call("noop", "").not_before(at),
+    ])
+    .expect("submit");
+    let err = h
+        .submit_job(vec![TaskSpec::call("noop", "")])
+        .expect_err("full");
+    assert!(matches!(err, Error::QueueFull { .. }));
+}
+
+#[test]
+fn a_wide_graph_submits_and_releases_in_linear_time() {
+    let mut h = Harness::with(SchedulerConfig {
+        max_queued: 20_000,
+        ..config()
+    });
+    // 100 levels of 100 tasks, each level after the previous level's join.
+    let mut specs = vec![call("root")];
+    for level in 0..100 {
+        let before = match level {
+            0 => "root".to_owned(),
+            n => format!("join{}", n - 1),
+        };
+        for i in 0..100 {
+            specs.push(call(&format!("l{level}t{i}")).after_ref(before.clone()));
+        }
+        let mut join = call(&format!("join{level}"));
+        for i in 0..100 {
+            join = join.after_ref(format!("l{level}t{i}"));
+        }
+        specs.push(join);
+    }
+    let started = Instant::now();
+    let ids = h.submit_job(specs).expect("submit");
+    assert_eq!(ids.len(), 10_101);
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(h.s.cancel(ids[0], "", h.now));
+    assert_eq!(h.s.live_tasks(), 0);
+}

@@ -1,0 +1,206 @@
+//! What an exec attempt is given of the tasks it runs after, and where it
+//! may leave its own result: a private directory per attempt holding
+//! `parents/` (`$WEFT_PARENTS`: one file per parent, named by its ref or
+//! else its id, with its output, and `index.json` listing them in `after`
+//! order) and `output` (`$WEFT_OUTPUT`: what the process writes there is
+//! read when it exits and reported as the task's output). The directory is
+//! removed with the attempt. The contract is proto/README.md's
+//! "Dependencies".
+//!
+//! Plain files and std only; no runtime, no coordinator.
+
+use std::fmt::Write as _;
+use std::io::Read as _;
+use std::os::unix::fs::DirBuilderExt as _;
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+
+use weft_proto::{Attempt, TaskId};
+
+use crate::handlers::ParentResult;
+
+/// Environment variable naming the parents' directory.
+pub const PARENTS_ENV: &str = "WEFT_PARENTS";
+/// Environment variable naming the file an exec task may write its
+/// result to.
+pub const OUTPUT_ENV: &str = "WEFT_OUTPUT";
+
+/// An attempt's private directory; removed when dropped.
+#[derive(Debug)]
+pub(crate) struct AttemptDir {
+    root: PathBuf,
+}
+
+/// The file a parent's output is written to: its ref, or its id when it
+/// has none (or one that is not a plain file name).
+pub(crate) fn file_name(parent: &ParentResult) -> String {
+    match parent.ref_name.as_str() {
+        "" | "." | ".." | "index.json" => parent.task_id.to_string(),
+        name if name.contains('/') => parent.task_id.to_string(),
+        name => name.to_owned(),
+    }
+}
+
+fn json_str(out: &mut String, text: &str) {
+    out.push('"');
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+/// `index.json`: `[{"task_id", "ref", "state", "file"}, ...]` in order.
+pub(crate) fn index_json(parents: &[ParentResult]) -> String {
+    let mut out = String::from("[");
+    for (i, p) in parents.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str("{\"task_id\":");
+        json_str(&mut out, &p.task_id.to_string());
+        out.push_str(",\"ref\":");
+        json_str(&mut out, &p.ref_name);
+        out.push_str(",\"state\":");
+        json_str(&mut out, p.state.as_str());
+        out.push_str(",\"file\":");
+        json_str(&mut out, &file_name(p));
+        out.push('}');
+    }
+    out.push_str("]\n");
+    out
+}
+
+impl AttemptDir {
+    /// Makes the directory (mode 0700) under the system temp dir, with the
+    /// parents' files.
+    pub(crate) fn create(
+        task_id: TaskId,
+        attempt: Attempt,
+        parents: &[ParentResult],
+    ) -> std::io::Result<AttemptDir> {
+        let root = std::env::temp_dir().join(format!(
+            "weft-{task_id}-{}-{}",
+            attempt.0,
+            std::process::id()
+        ));
+        // A leftover of a killed node's earlier run of this attempt.
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::DirBuilder::new().mode(0o700).create(&root)?;
+        let dir = AttemptDir { root };
+        let parents_dir = dir.parents();
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&parents_dir)?;
+        for parent in parents {
+            std::fs::write(parents_dir.join(file_name(parent)), &parent.output)?;
+        }
+        std::fs::write(parents_dir.join("index.json"), index_json(parents))?;
+        Ok(dir)
+    }
+
+    /// `$WEFT_PARENTS`.
+    pub(crate) fn parents(&self) -> PathBuf {
+        self.root.join("parents")
+    }
+
+    /// `$WEFT_OUTPUT`.
+    pub(crate) fn output(&self) -> PathBuf {
+        self.root.join("output")
+    }
+
+    /// What the process left in `$WEFT_OUTPUT` (empty when it wrote
+    /// nothing), at most `limit` bytes; `Err` says why not.
+    pub(crate) fn read_output(&self, limit: usize) -> Result<Bytes, String> {
+        read_bounded(&self.output(), limit)
+    }
+}
+
+fn read_bounded(path: &Path, limit: usize) -> Result<Bytes, String> {
+    let file = match std::fs::File::open(path) {
+        Ok(file) => file,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(Bytes::new()),
+        Err(err) => return Err(format!("reading ${OUTPUT_ENV}: {err}")),
+    };
+    let mut data = Vec::new();
+    let cap = u64::try_from(limit).unwrap_or(u64::MAX).saturating_add(1);
+    file.take(cap)
+        .read_to_end(&mut data)
+        .map_err(|err| format!("reading ${OUTPUT_ENV}: {err}"))?;
+    if data.len() > limit {
+        return Err(format!(
+            "the ${OUTPUT_ENV} file is larger than {limit} bytes, the most a task's output may be"
+        ));
+    }
+    Ok(Bytes::from(data))
+}
+
+impl Drop for AttemptDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use weft_proto::TaskState;
+
+    use super::*;
+
+    fn parent(ref_name: &str, output: &str) -> ParentResult {
+        ParentResult {
+            task_id: TaskId::new(),
+            ref_name: ref_name.into(),
+            state: TaskState::Succeeded,
+            output: Bytes::from(output.to_owned()),
+        }
+    }
+
+    #[test]
+    fn parents_are_files_by_ref_or_id_with_an_index_in_order() {
+        let (a, b) = (parent("prep", "data"), parent("", "more"));
+        let dir =
+            AttemptDir::create(TaskId::new(), Attempt(1), &[a.clone(), b.clone()]).expect("dir");
+        let parents = dir.parents();
+        assert_eq!(std::fs::read(parents.join("prep")).unwrap(), b"data");
+        assert_eq!(
+            std::fs::read(parents.join(b.task_id.to_string())).unwrap(),
+            b"more"
+        );
+        let index = std::fs::read_to_string(parents.join("index.json")).unwrap();
+        assert_eq!(
+            index,
+            format!(
+                "[{{\"task_id\":\"{}\",\"ref\":\"prep\",\"state\":\"succeeded\",\"file\":\"prep\"}},{{\"task_id\":\"{}\",\"ref\":\"\",\"state\":\"succeeded\",\"file\":\"{}\"}}]\n",
+                a.task_id, b.task_id, b.task_id
+            )
+        );
+        let root = dir.root.clone();
+        drop(dir);
+        assert!(!root.exists(), "removed with the attempt");
+    }
+
+    #[test]
+    fn the_output_file_is_read_within_the_limit() {
+        let dir = AttemptDir::create(TaskId::new(), Attempt(1), &[]).expect("dir");
+        assert_eq!(dir.read_output(10).unwrap(), Bytes::new());
+        std::fs::write(dir.output(), b"result").unwrap();
+        assert_eq!(&dir.read_output(10).unwrap()[..], b"result");
+        let err = dir.read_output(3).unwrap_err();
+        assert!(err.contains("larger than 3 bytes"), "{err}");
+    }
+
+    #[test]
+    fn odd_refs_fall_back_to_the_id() {
+        let p = parent("..", "");
+        assert_eq!(file_name(&p), p.task_id.to_string());
+        assert_eq!(file_name(&parent("a.b:c", "")), "a.b:c");
+    }
+}
