@@ -21,6 +21,7 @@
 //! This module decides nothing and does no I/O.
 
 mod histogram;
+mod policy;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -36,6 +37,7 @@ use weft_proto::{TASK_STATES, TaskKind, TaskState};
 
 use crate::scheduler::Gauges;
 pub use histogram::Histogram;
+pub use policy::{PRIORITIES, PolicyGauges};
 
 /// Task kinds, as the `kind` label says them; indexes of per-kind arrays.
 const KINDS: [&str; 2] = ["exec", "call"];
@@ -154,6 +156,7 @@ struct Shared {
     gauges: SchedulerGauges,
     tasks: Arc<TaskMetrics>,
     edge: EdgeMetrics,
+    policy: policy::PolicyMetrics,
 }
 
 /// The coordinator's metrics. See the module docs.
@@ -176,6 +179,7 @@ impl Metrics {
             started: Instant::now(),
             gauges: SchedulerGauges::default(),
             tasks,
+            policy: policy::PolicyMetrics::default(),
             edge: EdgeMetrics {
                 commit_seconds: Histogram::seconds(histogram::LATENCY_SECONDS),
                 commit_records: Histogram::counts(histogram::COUNTS),
@@ -241,6 +245,14 @@ impl Metrics {
         set(&g.output_chunks_missed, now.output_chunks_missed);
         set(&g.schedule_fires, now.schedule_fires);
         set(&g.schedule_skips, now.schedule_skips);
+        self.shared.policy.set(&now.policy);
+    }
+
+    /// The whole tokens in every rate limit's bucket now, as `(name,
+    /// tokens)` (the driver calls this once per batch; no allocation while
+    /// the set of limits stays the same).
+    pub fn set_rate_tokens<'a>(&self, limits: impl Iterator<Item = (&'a str, u64)>) {
+        self.shared.policy.set_rate_tokens(limits);
     }
 
     /// One store commit of `records` records took `took`.
@@ -334,6 +346,7 @@ impl Collector for Collect {
             gauges: g,
             tasks,
             edge,
+            policy,
         } = &*self.0;
         let seconds = Some(&Unit::Seconds);
         let bytes = Some(&Unit::Bytes);
@@ -423,6 +436,9 @@ impl Collector for Collect {
                     .encode_counter::<NoLabelSet, _, u64>(&load(count), None)?;
             }
         }
+
+        // Workflows and scheduling policy.
+        policy.encode(&mut e)?;
 
         // Nodes and slots.
         {

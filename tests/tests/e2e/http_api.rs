@@ -669,3 +669,184 @@ async fn weft_local_prints_a_dashboard_url_that_answers_with_its_ca() {
     .unwrap();
     assert!(local.wait().unwrap().success());
 }
+
+/// A task that waits for `file`, named `name` within its Submit.
+fn held(file: &std::path::Path, name: &str) -> TaskSpec {
+    TaskSpec::exec([
+        "sh",
+        "-c",
+        r#"while [ ! -e "$1" ]; do sleep 0.02; done"#,
+        "sh",
+        &file.display().to_string(),
+    ])
+    .ref_name(name)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_s_page_counts_its_states_shows_its_graph_and_cancels_it() {
+    let cluster = TestCluster::builder().nodes(1).start().await;
+    let http = http(&cluster);
+    let client = cluster.client().await;
+    let token = cluster.admin_token();
+    let release = cluster.dir().join("release-first");
+    // first → second → third, in one Submit.
+    let weft_client::SubmitOutcome {
+        job_id: job,
+        task_ids: ids,
+    } = client
+        .submit_graph(vec![
+            held(&release, "first").name("first"),
+            TaskSpec::call("noop", "2")
+                .name("second")
+                .ref_name("second")
+                .after_ref("first"),
+            TaskSpec::call("noop", "3")
+                .name("third")
+                .after_ref("second")
+                .after_rule(weft_proto::DependencyRule::AllFinished),
+        ])
+        .await
+        .expect("submit the graph");
+    assert_eq!(job, ids[0]);
+    cluster.wait_for_running(ids[0]).await;
+
+    let page = http.get(&format!("/api/jobs/{job}"), &token).await;
+    assert_eq!(page.status, 200, "{}", page.json());
+    let page = page.json();
+    assert_eq!(
+        page["counts"],
+        json!({"running": 1, "pending": 2}),
+        "{page}"
+    );
+    assert_eq!(page["counts_complete"], true);
+    let listed: Vec<String> = page["tasks"]
+        .as_array()
+        .expect("tasks")
+        .iter()
+        .map(|t| t["id"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    let want: Vec<String> = ids.iter().map(ToString::to_string).collect();
+    assert_eq!(listed, want, "a job's tasks in submission order");
+
+    // A waiting task shows its job, what it runs after and what it waits for.
+    let second = http
+        .get(&format!("/api/tasks/{}", ids[1]), &token)
+        .await
+        .json();
+    let second = &second["task"];
+    assert_eq!(second["state"], "pending", "{second}");
+    assert_eq!(second["job_id"], job.to_string());
+    assert_eq!(second["ref"], "second");
+    assert_eq!(second["after"], json!([ids[0].to_string()]));
+    assert_eq!(second["waiting_for"], json!([ids[0].to_string()]));
+    assert_eq!(second["after_rule"], "all_succeeded");
+    let third = http
+        .get(&format!("/api/tasks/{}", ids[2]), &token)
+        .await
+        .json();
+    assert_eq!(third["task"]["after_rule"], "all_finished");
+    // The job filter of the task list, with a state.
+    let pending = http
+        .get(&format!("/api/tasks?job={job}&state=pending"), &token)
+        .await
+        .json();
+    assert_eq!(
+        pending["tasks"].as_array().map(Vec::len),
+        Some(2),
+        "{pending}"
+    );
+
+    // A read token may not cancel a job; a cancel token may.
+    let reader = cluster.scoped_token(&["read"]).await;
+    let refused = http.post(&format!("/api/jobs/{job}/cancel"), &reader).await;
+    assert_eq!(refused.status, 403, "{}", refused.json());
+    let cancel = cluster.scoped_token(&["cancel"]).await;
+    let answer = http.post(&format!("/api/jobs/{job}/cancel"), &cancel).await;
+    assert_eq!(answer.status, 200, "{}", answer.json());
+    assert_eq!(answer.json()["cancelled"], 3, "{}", answer.json());
+    for id in &ids {
+        assert!(cluster.wait_for_final(*id).await.state.is_final());
+    }
+    let page = http.get(&format!("/api/jobs/{job}"), &token).await.json();
+    let live: u64 = ["pending", "queued", "assigned", "running"]
+        .iter()
+        .filter_map(|s| page["counts"][*s].as_u64())
+        .sum();
+    assert_eq!(live, 0, "{page}");
+
+    // A job-shaped id (a Submit's first id ends in zero bits) that no Submit made.
+    let fresh = weft_proto::TaskId::new().to_string();
+    let unknown_job = format!("{}0000000", &fresh[..19]);
+    let unknown = http.get(&format!("/api/jobs/{unknown_job}"), &token).await;
+    assert_eq!(unknown.status, 404, "{}", unknown.json());
+    std::fs::write(&release, b"").expect("release");
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_node_resources_and_a_task_s_policy_show_through_the_api() {
+    let cluster = TestCluster::builder()
+        .nodes(1)
+        .node_resources(0, &[("gpu", 2)])
+        .start()
+        .await;
+    let http = http(&cluster);
+    let client = cluster.client().await;
+    let token = cluster.admin_token();
+    client
+        .set_limit(&weft_proto::policy::Limit {
+            name: "api".into(),
+            kind: weft_proto::policy::LimitKind::Rate("100/s".parse().expect("a rate")),
+        })
+        .await
+        .expect("set a rate limit");
+    client
+        .set_limit(&weft_proto::policy::Limit {
+            name: "user-42".into(),
+            kind: weft_proto::policy::LimitKind::MaxRunning(2),
+        })
+        .await
+        .expect("set a concurrency limit");
+    let limits = http.get("/api/limits", &token).await;
+    assert_eq!(limits.status, 200, "{}", limits.json());
+    let limits = limits.json();
+    let by_name = |name: &str| {
+        limits["limits"]
+            .as_array()
+            .and_then(|all| all.iter().find(|l| l["name"] == name).cloned())
+            .unwrap_or_else(|| panic!("limit {name} in {limits}"))
+    };
+    assert_eq!(by_name("api")["kind"], "rate");
+    assert_eq!(by_name("api")["rate"]["units"], 100);
+    assert_eq!(by_name("user-42")["kind"], "concurrency");
+    assert_eq!(by_name("user-42")["max_running"], 2);
+
+    // A task holding one gpu: the node shows it used, the task its policy.
+    let release = cluster.dir().join("release-gpu");
+    let id = client
+        .submit(
+            held(&release, "gpu-task")
+                .resource("gpu", 1)
+                .priority(8)
+                .fair_key("team-a", 3)
+                .rate_limit("api", 1)
+                .concurrency("user-42", 0, weft_proto::OverLimit::Queue),
+        )
+        .await
+        .expect("submit");
+    let node = cluster.wait_for_running(id).await;
+    let page = http.get(&format!("/api/nodes/{node}"), &token).await.json();
+    assert_eq!(page["node"]["resources"], json!({"gpu": 2}), "{page}");
+    assert_eq!(page["node"]["resources_free"], json!({"gpu": 1}), "{page}");
+    let task = http.get(&format!("/api/tasks/{id}"), &token).await.json();
+    let task = &task["task"];
+    assert_eq!(task["priority"], 8, "{task}");
+    assert_eq!(task["fair_key"], "team-a");
+    assert_eq!(task["fair_weight"], 3);
+    assert_eq!(task["resources"], json!({"gpu": 1}));
+    assert_eq!(task["rate_limits"], json!([{"name": "api", "units": 1}]));
+    assert_eq!(task["concurrency"]["key"], "user-42");
+    std::fs::write(&release, b"").expect("release");
+    assert_eq!(cluster.wait_for_final(id).await.state, TaskState::Succeeded);
+    cluster.shutdown().await;
+}
