@@ -477,6 +477,9 @@ fn start_http(
     let app = Arc::new(http::App {
         tasks: task_api,
         admin: admin_api,
+        schedules: service::schedule::ScheduleApi {
+            handle: handle.clone(),
+        },
         tokens,
         sessions: http::session::Sessions::new(
             http::session::MAX_SESSIONS,

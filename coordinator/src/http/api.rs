@@ -508,6 +508,24 @@ pub(super) async fn limits(
     })))
 }
 
+/// `GET /api/schedules`: `ScheduleService.ListSchedules` (read-only here).
+pub(super) async fn schedules(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    use pb::schedule_service_server::ScheduleService;
+    let caller = app.caller(&headers)?;
+    let schedules = app
+        .schedules
+        .list_schedules(grpc_request(&caller, pb::ListSchedulesRequest {}))
+        .await?
+        .into_inner()
+        .schedules;
+    Ok(ok(json!({
+        "schedules": schedules.iter().map(to_json::schedule).collect::<Vec<_>>(),
+    })))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -264,6 +264,35 @@ pub(crate) fn limit(info: &pb::LimitInfo) -> Value {
     })
 }
 
+/// One cron schedule and how it stands.
+pub(crate) fn schedule(schedule: &pb::Schedule) -> Value {
+    let spec = schedule.spec.clone().unwrap_or_default();
+    let overlap = match pb::OverlapPolicy::try_from(spec.overlap) {
+        Ok(pb::OverlapPolicy::Queue) => "queue",
+        Ok(pb::OverlapPolicy::CancelRunning) => "cancel_running",
+        Ok(pb::OverlapPolicy::Skip | pb::OverlapPolicy::Unspecified) | Err(_) => "skip",
+    };
+    let catch_up = match pb::CatchUp::try_from(spec.catch_up) {
+        Ok(pb::CatchUp::None) => "none",
+        Ok(pb::CatchUp::All) => "all",
+        Ok(pb::CatchUp::One | pb::CatchUp::Unspecified) | Err(_) => "one",
+    };
+    json!({
+        "name": spec.name,
+        "cron": spec.cron,
+        "time_zone": spec.time_zone,
+        "overlap": overlap,
+        "catch_up": catch_up,
+        "paused": schedule.paused,
+        "created_at": time(schedule.created_at.as_ref()),
+        "next_fire": time(schedule.next_fire.as_ref()),
+        "last_fire": time(schedule.last_fire.as_ref()),
+        "last_task_id": schedule.last_task_id,
+        "fired": schedule.fired,
+        "skipped": schedule.skipped,
+    })
+}
+
 /// One entry of a task's attempt history.
 fn attempt(attempt: &pb::Attempt) -> Value {
     json!({

@@ -82,6 +82,8 @@ pub(crate) struct App {
     pub tasks: Arc<TaskApi>,
     /// The operator API, the very instance gRPC serves.
     pub admin: Arc<AdminApi>,
+    /// The cron schedules' API (stateless: the driver's handle).
+    pub schedules: crate::service::schedule::ScheduleApi,
     /// The tokens; `None`: `--no-auth` (every caller is admin).
     pub tokens: Option<Arc<TokenIndex>>,
     /// Login sessions.
@@ -255,6 +257,7 @@ pub(crate) fn router(app: Arc<App>) -> Router {
         .route("/api/jobs/{id}", get(api::job))
         .route("/api/jobs/{id}/cancel", post(api::cancel_job))
         .route("/api/limits", get(api::limits))
+        .route("/api/schedules", get(api::schedules))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such page or API route") })
         .layer(axum::middleware::from_fn(csrf))
         .layer(axum::middleware::map_response(assets::security_headers))

@@ -850,3 +850,41 @@ async fn limits_node_resources_and_a_task_s_policy_show_through_the_api() {
     assert_eq!(cluster.wait_for_final(id).await.state, TaskState::Succeeded);
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schedules_show_through_the_api_to_a_read_token() {
+    let cluster = TestCluster::builder().nodes(0).start().await;
+    let http = http(&cluster);
+    let client = cluster.client().await;
+    let spec = weft_proto::pb::ScheduleSpec {
+        name: "nightly".into(),
+        cron: "0 3 * * *".into(),
+        time_zone: "Europe/Paris".into(),
+        task: Some(TaskSpec::exec(["true"]).into()),
+        overlap: weft_proto::pb::OverlapPolicy::Queue as i32,
+        catch_up: weft_proto::pb::CatchUp::None as i32,
+    };
+    client
+        .create_schedule(spec)
+        .await
+        .expect("create a schedule");
+    let reader = cluster.scoped_token(&["read"]).await;
+    let answer = http.get("/api/schedules", &reader).await;
+    assert_eq!(answer.status, 200, "{}", answer.json());
+    let all = answer.json();
+    let schedules = all["schedules"].as_array().expect("a list");
+    assert_eq!(schedules.len(), 1, "{all}");
+    let nightly = &schedules[0];
+    assert_eq!(nightly["name"], "nightly");
+    assert_eq!(nightly["cron"], "0 3 * * *");
+    assert_eq!(nightly["time_zone"], "Europe/Paris");
+    assert_eq!(nightly["overlap"], "queue");
+    assert_eq!(nightly["catch_up"], "none");
+    assert_eq!(nightly["paused"], false);
+    assert!(nightly["next_fire"].as_str().is_some(), "{nightly}");
+    assert_eq!(nightly["last_fire"], Value::Null);
+    // Without a token: refused, as every API route.
+    let anonymous = http.get("/api/schedules", "").await;
+    assert_eq!(anonymous.status, 401);
+    cluster.shutdown().await;
+}
