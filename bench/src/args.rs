@@ -20,6 +20,10 @@ pub enum Step {
     Startup,
     /// (a) 20,000 noop tasks submitted and awaited, median of 3.
     Throughput,
+    /// The same noop tasks with every policy field set (priorities 1-9,
+    /// fair keys, a concurrency key that never binds, a resource), runs
+    /// interleaved with plain ones: what scheduling policy costs.
+    PolicyMix,
     /// (b) 2,000 sequential noop round trips.
     Latency,
     /// (c) 200 × sleep 50ms on 2 slots (ideal 5.0 s).
@@ -30,32 +34,44 @@ pub enum Step {
     Scale,
     /// 1,000 simulated idle nodes: coordinator memory and CPU.
     ManyNodes,
+    /// A 10,000-task graph (100 levels of 100 × sleep 5ms, a join per
+    /// level) in one Submit: submit time, scheduling delay per level.
+    Dag,
+    /// 100 late tasks behind a 100,000-task backlog at equal priority,
+    /// with fair keys and without: the late submitter's share and time.
+    Fairness,
 }
 
 impl Step {
     /// Every step, in the order they run.
-    pub const ALL: [Step; 8] = [
+    pub const ALL: [Step; 11] = [
         Step::Floor,
         Step::Startup,
         Step::Throughput,
+        Step::PolicyMix,
         Step::Latency,
         Step::Sleep,
         Step::Burn,
         Step::Scale,
         Step::ManyNodes,
+        Step::Dag,
+        Step::Fairness,
     ];
 
     /// Whether the step needs processes of its own (not possible against
     /// `--coordinator`).
     pub(crate) fn needs_own_processes(self) -> bool {
-        matches!(self, Step::Startup | Step::Scale | Step::ManyNodes)
+        matches!(
+            self,
+            Step::Startup | Step::Scale | Step::ManyNodes | Step::Dag | Step::Fairness
+        )
     }
 
     /// Whether the step runs on the two-node cluster.
     pub(crate) fn needs_cluster(self) -> bool {
         matches!(
             self,
-            Step::Throughput | Step::Latency | Step::Sleep | Step::Burn
+            Step::Throughput | Step::PolicyMix | Step::Latency | Step::Sleep | Step::Burn
         )
     }
 
@@ -65,11 +81,14 @@ impl Step {
             Step::Floor => "floor",
             Step::Startup => "startup",
             Step::Throughput => "throughput",
+            Step::PolicyMix => "policy-mix",
             Step::Latency => "latency",
             Step::Sleep => "sleep",
             Step::Burn => "burn",
             Step::Scale => "scale",
             Step::ManyNodes => "many-nodes",
+            Step::Dag => "dag",
+            Step::Fairness => "fairness",
         }
     }
 }
@@ -148,6 +167,14 @@ pub struct Plan {
     pub sim_nodes: usize,
     /// Many-nodes step: idle window.
     pub idle_window: Duration,
+    /// Dag step: levels, and tasks per level (plus one join each).
+    pub dag_levels: usize,
+    /// See `dag_levels`.
+    pub dag_width: usize,
+    /// Fairness step: the backlog's tasks.
+    pub fair_backlog: usize,
+    /// Fairness step: the late submitter's tasks.
+    pub fair_late: usize,
     /// The floor's counts.
     pub floor: floor::FloorPlan,
 }
@@ -169,6 +196,10 @@ impl Plan {
                 scale_tasks: 20_000,
                 sim_nodes: 100,
                 idle_window: Duration::from_secs(3),
+                dag_levels: 10,
+                dag_width: 20,
+                fair_backlog: 5_000,
+                fair_late: 50,
                 floor: floor::FloorPlan {
                     round_trips: 200,
                     unary_calls: 2_000,
@@ -192,6 +223,10 @@ impl Plan {
                 scale_tasks: 1_000_000,
                 sim_nodes: 1_000,
                 idle_window: Duration::from_secs(10),
+                dag_levels: 100,
+                dag_width: 100,
+                fair_backlog: 100_000,
+                fair_late: 100,
                 floor: floor::FloorPlan {
                     round_trips: 2_000,
                     unary_calls: 20_000,

@@ -40,6 +40,8 @@ pub struct ClusterPlan {
     pub durable: bool,
     /// Plaintext (`--insecure`) instead of TLS with the cluster CA.
     pub insecure: bool,
+    /// More `weft-node` flags (the policy figures give nodes resources).
+    pub node_args: Vec<String>,
 }
 
 /// A coordinator (durable store under a temp dir) and its nodes, as real
@@ -176,6 +178,7 @@ impl Cluster {
                     "--name".to_owned(),
                     format!("bench-{i}"),
                 ];
+                args.extend(plan.node_args.iter().cloned());
                 match &join {
                     Some(token) => args.extend([
                         "--join".to_owned(),

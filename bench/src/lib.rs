@@ -1,7 +1,8 @@
 //! What `weft bench` measures: the workload protocol of `shared/peers`
-//! (v1) run against Weft, plus two Weft-only steps (one million queued tasks, a thousand
-//! idle nodes), each figure printed beside what plain gRPC costs on the
-//! same machine in the same run (the floor).
+//! (v1) run against Weft, plus Weft-only steps (one million queued tasks, a thousand
+//! idle nodes; scheduling policy's cost, a 10,000-task graph, fairness),
+//! each figure printed beside what plain gRPC costs on the same machine in
+//! the same run (the floor) or, for the policy mix, beside plain tasks.
 //!
 //! By default it starts its own cluster as real processes on loopback: one
 //! `weft-coordinator` (store under a temp dir) and two `weft-node --slots 1`,
@@ -23,6 +24,8 @@
 //! - [`floor`]: the raw tonic measurement (fake services in-process).
 //! - [`workload`]: throughput, latency, sleep and burn steps over a `Client`.
 //! - [`swarm`]: many simulated nodes from one process.
+//! - [`policy`]: the workflow and scheduling-policy steps: policy mix
+//!   beside plain tasks, a 10,000-task graph in one Submit, fairness.
 //! - [`report`]: the results, one list of figures, rendered as the table,
 //!   `--output json` and results.jsonl lines.
 
@@ -31,6 +34,7 @@ pub mod cluster;
 pub mod floor;
 pub mod machine;
 pub mod own_processes;
+pub mod policy;
 pub mod report;
 pub mod run;
 pub mod stats;

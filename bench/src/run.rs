@@ -12,7 +12,7 @@ use crate::args::{BenchArgs, Plan, Step};
 use crate::cluster::{Cluster, ClusterPlan};
 use crate::machine::Machine;
 use crate::own_processes;
-use crate::report::{Burn, Parallel, Report, Startup, StepError, Throughput};
+use crate::report::{Burn, Parallel, PolicyMix, Report, Startup, StepError, Throughput};
 use crate::{floor, workload};
 
 /// Slots per node and nodes in the protocol's cluster.
@@ -53,6 +53,12 @@ pub async fn run(
         log_filter: args.child_log.clone(),
         durable: !args.memory_store,
         insecure: args.insecure,
+        // The policy mix asks for a resource: the nodes declare plenty.
+        node_args: if steps.contains(&Step::PolicyMix) {
+            crate::policy::node_resource_args()
+        } else {
+            Vec::new()
+        },
     };
 
     if steps.contains(&Step::Floor) {
@@ -131,6 +137,31 @@ pub async fn run(
             }
         }
     }
+    if own {
+        if steps.contains(&Step::Dag) {
+            progress(&format!(
+                "dag: {} levels × ({} + join) tasks in one Submit",
+                plan.dag_levels, plan.dag_width
+            ));
+            match crate::policy::dag(&cluster_plan, plan.dag_levels, plan.dag_width).await {
+                Ok(d) => report.dag = Some(d),
+                Err(err) => report.fail(Step::Dag, &err),
+            }
+        }
+        if steps.contains(&Step::Fairness) {
+            progress(&format!(
+                "fairness: {} late tasks behind {} queued, with fair keys and without",
+                plan.fair_late, plan.fair_backlog
+            ));
+            let result =
+                crate::policy::fairness_step(&cluster_plan, plan.fair_backlog, plan.fair_late)
+                    .await;
+            match result {
+                Ok(f) => report.fairness = Some(f),
+                Err(err) => report.fail(Step::Fairness, &err),
+            }
+        }
+    }
     report.finished = Some(SystemTime::now());
     Ok(report)
 }
@@ -178,6 +209,33 @@ async fn cluster_steps(
         match result {
             Ok(runs) => report.throughput = Some(Throughput::new(plan.throughput_n, runs)),
             Err(err) => report.fail(Step::Throughput, &err),
+        }
+    }
+    if steps.contains(&Step::PolicyMix) {
+        progress(&format!(
+            "policy-mix: {} × ({} plain, {} policy-mix) noop tasks, interleaved",
+            plan.throughput_runs, plan.throughput_n, plan.throughput_n
+        ));
+        let result = async {
+            let warm = (0..plan.warmup).map(crate::policy::mixed).collect();
+            workload::run_all(client, warm, concurrency).await?;
+            crate::policy::interleaved_throughput(
+                client,
+                plan.throughput_n,
+                plan.throughput_runs,
+                concurrency,
+            )
+            .await
+        }
+        .await;
+        match result {
+            Ok(runs) => {
+                report.policy_mix = Some(PolicyMix {
+                    n: plan.throughput_n,
+                    runs,
+                })
+            }
+            Err(err) => report.fail(Step::PolicyMix, &err),
         }
     }
     if steps.contains(&Step::Latency) {

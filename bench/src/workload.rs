@@ -126,6 +126,23 @@ pub async fn run_all(
     Ok(tasks)
 }
 
+/// Waits for tasks already submitted, one `WaitMany` stream per chunk of
+/// `PIPELINE_CHUNK`, at most `concurrency` open at once; answers the final
+/// tasks in the order of `ids`. Any task not SUCCEEDED is an error.
+pub async fn wait_ids(
+    client: &Client,
+    ids: Vec<TaskId>,
+    concurrency: usize,
+) -> anyhow::Result<Vec<Task>> {
+    let chunks: Vec<Vec<TaskId>> = ids.chunks(PIPELINE_CHUNK).map(<[TaskId]>::to_vec).collect();
+    let done: Vec<Vec<Task>> = stream::iter(chunks)
+        .map(|ids| wait_chunk(client, ids))
+        .buffered(concurrency.max(1))
+        .try_collect()
+        .await?;
+    Ok(done.into_iter().flatten().collect())
+}
+
 /// Waits for one chunk of tasks through `WaitMany`; answers them in the
 /// order of `ids`. Any task not SUCCEEDED is an error.
 async fn wait_chunk(client: &Client, ids: Vec<TaskId>) -> anyhow::Result<Vec<Task>> {

@@ -153,6 +153,21 @@ impl Client {
         Ok(ids)
     }
 
+    /// Submits `specs` in ONE `Submit` (one durable commit, all or
+    /// nothing, so tasks may name each other by `ref` in `after`) and
+    /// answers the job id (the first task's) and every id in order. Unlike
+    /// [`submit_many`](Self::submit_many) it never splits the request: one
+    /// over the coordinator's message limit is refused.
+    pub async fn submit_graph(&self, specs: Vec<TaskSpec>) -> Result<(TaskId, Vec<TaskId>), Error> {
+        let ids = self
+            .submit_batch(specs.into_iter().map(pb::TaskSpec::from).collect())
+            .await?;
+        let job = ids.first().copied().ok_or(Error::Protocol(
+            weft_proto::ConversionError::MissingField("SubmitResponse.task_ids"),
+        ))?;
+        Ok((job, ids))
+    }
+
     async fn submit_batch(&self, tasks: Vec<pb::TaskSpec>) -> Result<Vec<TaskId>, Error> {
         let sent = tasks.len();
         let mut client = self.tasks.clone();

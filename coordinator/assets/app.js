@@ -1,5 +1,5 @@
 // The Weft dashboard: a single page app on hash routes (#/, #/tasks,
-// #/tasks/ID, #/nodes/ID, #/login) over the coordinator's JSON API.
+// #/tasks/ID, #/jobs/ID, #/nodes/ID, #/login) over the coordinator's JSON API.
 //
 // Plain JavaScript, no framework, no build step, nothing from a CDN; the
 // server sends a strict CSP, so there is no inline script or style anywhere.
@@ -11,8 +11,9 @@
 'use strict';
 
 (() => {
-  const STATES = ['queued', 'assigned', 'running', 'succeeded', 'failed', 'cancelled', 'timed_out'];
-  const FINAL = new Set(['succeeded', 'failed', 'cancelled', 'timed_out']);
+  const STATES = ['pending', 'queued', 'assigned', 'running', 'succeeded', 'failed', 'cancelled', 'timed_out',
+    'upstream_failed', 'skipped'];
+  const FINAL = new Set(['succeeded', 'failed', 'cancelled', 'timed_out', 'upstream_failed', 'skipped']);
   const REFRESH_MS = 3000;
   const PAGE_SIZE = 50;
   // The most task output one page keeps; older text is dropped from the top.
@@ -247,6 +248,7 @@
     if (parts[0] === 'tasks' && parts.length === 1) return { name: 'tasks', params };
     if (parts[0] === 'tasks' && parts.length === 2) return { name: 'task', id: parts[1] };
     if (parts[0] === 'nodes' && parts.length === 2) return { name: 'node', id: parts[1] };
+    if (parts[0] === 'jobs' && parts.length === 2) return { name: 'job', id: parts[1], params };
     return { name: 'notfound' };
   }
 
@@ -296,7 +298,7 @@
       document.getElementById('who-name').textContent =
         `${me.name} · ${(me.scopes || []).join(', ') || 'no scopes'}`;
     }
-    const section = route.name === 'task' ? 'tasks' : route.name;
+    const section = route.name === 'task' || route.name === 'job' ? 'tasks' : route.name;
     for (const a of nav.querySelectorAll('a')) {
       a.classList.toggle('current', a.dataset.route === section);
     }
@@ -332,6 +334,7 @@
       case 'tasks': return tasksPage(pg, route.params);
       case 'task': return taskPage(pg, route.id);
       case 'node': return nodePage(pg, route.id);
+      case 'job': return jobPage(pg, route.id, route.params);
       default:
         document.title = 'Weft · not found';
         main.append(pageHead('No such page'), panel(null, h('p', {}, 'Go to the ', h('a', { href: '#/' }, 'overview'), '.')));
@@ -403,10 +406,16 @@
     pg.every(REFRESH_MS, async () => {
       try {
         const o = await api('GET', '/api/overview');
+        // Limits and schedules are extras: a coordinator without them
+        // (or a caller who may not read them) still gets its overview.
+        const [limits, schedules] = await Promise.all([
+          api('GET', '/api/limits').catch(() => null),
+          api('GET', '/api/schedules').catch(() => null),
+        ]);
         if (!pg.alive) return;
         error.clear();
         sub.textContent = `Weft ${o.version || ''} · up ${ago(o.uptime_seconds)} · refreshes every ${REFRESH_MS / 1000} s`;
-        body.replaceChildren(...overviewBody(o));
+        body.replaceChildren(...overviewBody(o), ...policyPanels(limits, schedules));
       } catch (err) {
         if (!pg.alive || authLost(err)) return;
         error.show(describe(err, 'read the overview'));
@@ -449,6 +458,48 @@
         panel(null, chart('Queue depth', queue, interval, 'queue', (v) => String(Math.round(v)), 'tasks waiting')),
         panel(null, chart('Throughput', rate, interval, 'throughput', (v) => v.toFixed(2), 'tasks finished per second'))),
     ];
+  }
+
+  // The limits (ListLimits) and schedules (ListSchedules), read-only.
+  function policyPanels(limits, schedules) {
+    const out = [];
+    const ls = limits && Array.isArray(limits.limits) ? limits.limits : null;
+    if (ls) out.push(panel('Limits', limitsTable(ls)));
+    const ss = schedules && Array.isArray(schedules.schedules) ? schedules.schedules : null;
+    if (ss) out.push(panel('Schedules', schedulesTable(ss)));
+    return out;
+  }
+
+  function limitsTable(list) {
+    if (list.length === 0) return empty('No limits. Set one with `weft limit set api 100/s`.');
+    const rows = list.map((l) => {
+      const rate = l.rate || {};
+      const what = l.kind === 'rate'
+        ? `${rate.units} per ${ago(Number(rate.period_seconds) || 0)}${rate.burst ? `, burst ${rate.burst}` : ''}`
+        : `at most ${l.max_running} running`;
+      const now = l.kind === 'rate' ? `${l.available} available` : `${l.running} running`;
+      return h('tr', { 'data-limit': l.name },
+        h('td', { class: 'mono' }, l.name), h('td', {}, l.kind), h('td', {}, what), h('td', {}, now),
+        h('td', { class: 'num' }, String(l.waiting ?? 0)));
+    });
+    return h('div', { class: 'table-wrap' }, h('table', { id: 'limits-table' },
+      h('thead', {}, h('tr', {}, h('th', {}, 'Name'), h('th', {}, 'Kind'), h('th', {}, 'Limit'), h('th', {}, 'Now'),
+        h('th', { class: 'num' }, 'Waiting'))),
+      h('tbody', {}, rows)));
+  }
+
+  function schedulesTable(list) {
+    if (list.length === 0) return empty('No schedules. Create one with `weft schedule create NAME --cron "*/5 * * * *" -- CMD`.');
+    const rows = list.map((s) => h('tr', { 'data-schedule': s.name },
+      h('td', { class: 'mono' }, s.name), h('td', { class: 'mono' }, s.cron || ''),
+      h('td', {}, s.time_zone || 'UTC'), h('td', {}, s.paused ? 'paused' : 'active'),
+      h('td', {}, (s.overlap || '').replace('_', ' ')), h('td', { class: 'nowrap' }, s.next_fire ? when(s.next_fire) : '—'),
+      h('td', { class: 'nowrap' }, s.last_fire ? when(s.last_fire) : '—'),
+      h('td', {}, s.last_task_id ? h('a', { class: 'mono', href: `#/tasks/${encodeURIComponent(s.last_task_id)}` }, shortId(s.last_task_id)) : '—')));
+    return h('div', { class: 'table-wrap' }, h('table', { id: 'schedules-table' },
+      h('thead', {}, h('tr', {}, h('th', {}, 'Name'), h('th', {}, 'Cron'), h('th', {}, 'Time zone'), h('th', {}, 'Status'),
+        h('th', {}, 'Overlap'), h('th', {}, 'Next fire'), h('th', {}, 'Last fire'), h('th', {}, 'Last task'))),
+      h('tbody', {}, rows)));
   }
 
   // A line chart of `values` (oldest first, one per `interval` seconds),
@@ -637,6 +688,7 @@
 
   function tasksTable(tasks, filters) {
     if (tasks.length === 0) {
+      if (filters.job) return empty('This page of the job has no tasks.');
       const filtered = filters.state || filters.label || filters.name;
       return empty(filtered ? 'No tasks match these filters.' : 'No tasks yet. Submit one with `weft submit -- echo hello`.');
     }
@@ -956,6 +1008,19 @@
       ['Error', t.error ? h('span', { class: 'mono' }, t.error) : null],
       ['Last outcome', t.last_outcome ? t.last_outcome.replace('_', ' ') : null],
       ['Waiting because', t.pending_reason || null],
+      ['Job', t.job_id && t.job_id !== t.id ? taskLinkTo('jobs', t.job_id)
+        : (t.job_id ? h('span', {}, taskLinkTo('jobs', t.job_id), h('span', { class: 'muted' }, ' (its first task)')) : null)],
+      ['Ref', t.ref ? h('span', { class: 'mono' }, t.ref) : null],
+      ['After', Array.isArray(t.after) && t.after.length ? linkList(t.after) : null],
+      ['After rule', Array.isArray(t.after) && t.after.length ? (t.after_rule || 'all_succeeded').replace(/_/g, ' ') : null],
+      ['Waiting for', Array.isArray(t.waiting_for) && t.waiting_for.length ? linkList(t.waiting_for) : null],
+      ['Not before', t.not_before ? when(t.not_before) : null],
+      ['Priority', t.priority !== undefined && t.priority !== null ? String(t.priority) : null],
+      ['Fair key', t.fair_key ? `${t.fair_key} (weight ${t.fair_weight || 1})` : null],
+      ['Concurrency key', t.concurrency ? `${t.concurrency.key}${t.concurrency.max_running ? `, at most ${t.concurrency.max_running}` : ''}, over the limit: ${String(t.concurrency.on_limit || 'queue').replace('_', ' ')}` : null],
+      ['Rate limits', Array.isArray(t.rate_limits) && t.rate_limits.length
+        ? t.rate_limits.map((r) => h('span', { class: 'chip' }, `${r.name} × ${r.units}`)) : null],
+      ['Resources', t.resources && Object.keys(t.resources).length ? chips(t.resources) : null],
       ['Labels', chips(t.labels)],
       ['Environment', envRows.length ? envRows : h('span', { class: 'muted' }, '—')],
       ['Timeout', t.timeout_seconds ? ago(Number(t.timeout_seconds)) : 'none'],
@@ -968,6 +1033,118 @@
         ? h('pre', { class: 'output result' }, t.output, t.output_truncated ? h('span', { class: 'muted' }, '\n… (cut)') : null)
         : null],
     ]);
+  }
+
+  // A link to `#/KIND/ID` showing the short id.
+  function taskLinkTo(kind, id) {
+    return h('a', { class: 'mono', href: `#/${kind}/${encodeURIComponent(id)}` }, shortId(id));
+  }
+
+  function linkList(ids) {
+    return ids.map((id) => h('span', { class: 'chip' }, taskLinkTo('tasks', id)));
+  }
+
+  // ---------------------------------------------------------------- a job
+
+  // A job: its tasks (oldest first, a page at a time) and how many are in
+  // each state; Cancel job (cancel scope) cancels every live task of it.
+  function jobPage(pg, id, params) {
+    document.title = `Weft · job ${id}`;
+    const limit = Math.min(500, Math.max(1, Number(params && params.get('limit')) || PAGE_SIZE));
+    const error = errorSlot();
+    const actions = h('div', { class: 'actions', id: 'job-actions' });
+    const counts = h('div', { class: 'counts', id: 'job-counts' }, h('p', { class: 'muted' }, 'Loading…'));
+    const list = h('div', { id: 'job-tasks' });
+    const info = h('div', { id: 'job-info' });
+    const prev = h('button', { type: 'button', class: 'secondary', id: 'job-page-prev', disabled: true }, '← Earlier');
+    const next = h('button', { type: 'button', class: 'secondary', id: 'job-page-next', disabled: true }, 'Later →');
+    main.append(
+      h('div', { class: 'page-head' },
+        h('div', {}, h('h1', {}, `Job ${id}`), h('div', { class: 'sub' }, h('a', { href: '#/tasks' }, '← all tasks'))),
+        actions),
+      error.el, info,
+      panel('Tasks by state', counts),
+      panel('Tasks, in submission order', list, h('div', { class: 'pager' }, prev, next)));
+    const tokens = [''];
+    let at = 0;
+    let nextToken = '';
+    let live = false;
+    let confirming = false;
+
+    function renderActions() {
+      if (confirming) return;
+      const wanted = live && hasScope('cancel');
+      if (wanted && actions.querySelector('#cancel-job')) return;
+      actions.replaceChildren();
+      if (wanted) actions.append(h('button', { type: 'button', class: 'danger', id: 'cancel-job', onclick: askCancel }, 'Cancel job'));
+    }
+
+    function askCancel() {
+      confirming = true;
+      const yes = h('button', { type: 'button', class: 'danger', id: 'cancel-job-confirm' }, 'Yes, cancel the job');
+      const no = h('button', { type: 'button', class: 'secondary', id: 'cancel-job-keep' }, 'Keep it');
+      no.addEventListener('click', () => { confirming = false; renderActions(); });
+      yes.addEventListener('click', async () => {
+        yes.disabled = true;
+        no.disabled = true;
+        try {
+          const data = await api('POST', `/api/jobs/${encodeURIComponent(id)}/cancel`);
+          if (!pg.alive) return;
+          error.clear();
+          confirming = false;
+          info.replaceChildren(banner('info', `Job cancelled: ${Number(data.cancelled) || 0} task(s) cancelled, ${Number(data.already_final) || 0} already finished.`));
+          load(tokens[at]);
+        } catch (err) {
+          if (!pg.alive || authLost(err)) return;
+          confirming = false;
+          renderActions();
+          error.show(describe(err, 'cancel this job'));
+        }
+      });
+      actions.replaceChildren(h('div', { class: 'confirm' }, 'Cancel every task of this job that has not finished?', yes, no));
+    }
+
+    async function load(token) {
+      const q = new URLSearchParams();
+      q.set('limit', String(limit));
+      if (token) q.set('page_token', token);
+      try {
+        const data = await api('GET', `/api/jobs/${encodeURIComponent(id)}?${q}`);
+        if (!pg.alive) return;
+        error.clear();
+        const byState = data.counts || {};
+        live = Object.entries(byState).some(([state, n]) => !FINAL.has(state) && Number(n) > 0);
+        counts.replaceChildren(...STATES.filter((s) => Number(byState[s]) > 0).map((state) =>
+          h('div', { class: 'count', 'data-state': state }, badge(state), h('span', { class: 'n' }, String(Number(byState[state]))))),
+        data.counts_complete === false ? h('span', { class: 'muted' }, ` (first ${data.counted} tasks counted)`) : null);
+        const tasks = Array.isArray(data.tasks) ? data.tasks : [];
+        nextToken = data.next_page_token || '';
+        list.replaceChildren(tasksTable(tasks, { job: id }));
+        prev.disabled = at === 0;
+        next.disabled = !nextToken;
+        renderActions();
+      } catch (err) {
+        if (!pg.alive || authLost(err)) return;
+        if (err.status === 404) {
+          counts.replaceChildren(empty('No such job: no task has this job id (or its tasks were swept).'));
+          return;
+        }
+        error.show(describe(err, 'read this job'));
+      }
+    }
+    next.addEventListener('click', () => {
+      if (!nextToken) return;
+      at += 1;
+      tokens[at] = nextToken;
+      tokens.length = at + 1;
+      load(nextToken);
+    });
+    prev.addEventListener('click', () => {
+      if (at === 0) return;
+      at -= 1;
+      load(tokens[at]);
+    });
+    pg.every(REFRESH_MS, () => load(tokens[at]));
   }
 
   // One attempt from the server's attempt history, whatever the exact
@@ -1111,6 +1288,7 @@
         ['Id', h('span', { class: 'mono' }, n.id)],
         ['State', badge(n.state)],
         ['Slots', slotMeter(used, slots, n.slots_free !== undefined ? Number(n.slots_free) : slots - used)],
+        ['Resources', resourceRows(n)],
         ['Labels', chips(n.labels)],
         ['Handlers', (n.handlers || []).length ? n.handlers.map((x) => h('span', { class: 'chip' }, x)) : h('span', { class: 'muted' }, '—')],
         ['Address', n.address ? h('span', { class: 'mono' }, n.address) : null],
@@ -1142,6 +1320,19 @@
         }
         error.show(describe(err, 'read this node'));
       }
+    });
+  }
+
+  // Each declared resource: used of total, and free (bytes as bytes).
+  function resourceRows(n) {
+    const total = n.resources || {};
+    const free = n.resources_free || {};
+    const names = Object.keys(total);
+    if (names.length === 0) return null;
+    return names.map((name) => {
+      const all = Number(total[name]) || 0;
+      const left = free[name] !== undefined ? Number(free[name]) : all;
+      return h('div', { class: 'mono', 'data-resource': name }, `${name}: ${all - left} used of ${all}, ${left} free`);
     });
   }
 

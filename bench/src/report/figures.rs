@@ -9,7 +9,9 @@ use crate::floor::Floor;
 use crate::stats::{Latency, median_of};
 use crate::workload::Metered;
 
-use super::{Burn, ManyNodes, Parallel, Report, Scale, Startup, Throughput};
+use super::{
+    Burn, Dag, Fairness, ManyNodes, Parallel, PolicyMix, Report, Scale, Startup, Throughput,
+};
 
 /// One step of the run: what it measured, or why it did not.
 #[derive(Debug, Clone)]
@@ -38,6 +40,8 @@ pub enum Measured<'a> {
     Startup(StartupFigures),
     /// (a).
     Throughput(ThroughputFigures),
+    /// Policy mix beside plain tasks.
+    PolicyMix(PolicyMixFigures),
     /// (b).
     Latency(LatencyFigures<'a>),
     /// (c).
@@ -48,6 +52,23 @@ pub enum Measured<'a> {
     Scale(ScaleFigures<'a>),
     /// The many-nodes step.
     ManyNodes(ManyNodesFigures<'a>),
+    /// The dag step.
+    Dag(DagFigures<'a>),
+    /// The fairness step.
+    Fairness(&'a Fairness),
+}
+
+/// The dag step's medians and maxima over the levels, in ms.
+#[derive(Debug, Clone)]
+pub struct DagFigures<'a> {
+    /// What was measured.
+    pub dag: &'a Dag,
+    /// Previous join's end → the level's first start (levels 1 on).
+    pub start_delay_ms: Option<(f64, f64)>,
+    /// The level's last end → its join's start.
+    pub join_delay_ms: Option<(f64, f64)>,
+    /// The level's first start → last end: the tasks' own work.
+    pub level_run_ms: Option<(f64, f64)>,
 }
 
 /// The worst noise over a step's timed phases (the peers kit's `merge_noise`):
@@ -60,6 +81,21 @@ pub struct Noise {
     pub foreign_cpu_s: Option<f64>,
     /// CPU seconds the hypervisor withheld.
     pub steal_s: Option<f64>,
+}
+
+/// The policy-mix step.
+#[derive(Debug, Clone)]
+pub struct PolicyMixFigures {
+    /// Tasks per run.
+    pub n: usize,
+    /// Plain tasks/s of each pair.
+    pub plain: Vec<f64>,
+    /// Policy-mix tasks/s of each pair.
+    pub mixed: Vec<f64>,
+    /// Median of `plain`.
+    pub plain_median: Option<f64>,
+    /// Median of `mixed`.
+    pub mixed_median: Option<f64>,
 }
 
 /// (e) startup.
@@ -185,6 +221,7 @@ impl Report {
             Step::Floor => Measured::Floor(floor?),
             Step::Startup => Measured::Startup(startup(self.startup.as_ref()?)),
             Step::Throughput => Measured::Throughput(throughput(self.throughput.as_ref()?, floor)),
+            Step::PolicyMix => Measured::PolicyMix(policy_mix(self.policy_mix.as_ref()?)),
             Step::Latency => {
                 let (latency, metered) = self.latency.as_ref()?;
                 Measured::Latency(LatencyFigures {
@@ -196,6 +233,22 @@ impl Report {
             Step::Sleep => Measured::Sleep(parallel(self.sleep.as_ref()?)),
             Step::Burn => Measured::Burn(burn(self.burn.as_ref()?)),
             Step::Scale => Measured::Scale(scale(self.scale.as_ref()?, floor)),
+            Step::Dag => {
+                let dag = self.dag.as_ref()?;
+                Measured::Dag(DagFigures {
+                    dag,
+                    start_delay_ms: crate::policy::median_max_ms(
+                        dag.delays.iter().filter_map(|d| d.start_delay),
+                    ),
+                    join_delay_ms: crate::policy::median_max_ms(
+                        dag.delays.iter().map(|d| d.join_delay),
+                    ),
+                    level_run_ms: crate::policy::median_max_ms(
+                        dag.delays.iter().map(|d| d.level_run),
+                    ),
+                })
+            }
+            Step::Fairness => Measured::Fairness(self.fairness.as_ref()?),
             Step::ManyNodes => {
                 let many = self.many_nodes.as_ref()?;
                 Measured::ManyNodes(ManyNodesFigures {
@@ -222,6 +275,18 @@ impl Report {
             all.extend(&b.parallel.runs);
         }
         all
+    }
+}
+
+fn policy_mix(p: &PolicyMix) -> PolicyMixFigures {
+    let plain: Vec<f64> = p.runs.iter().map(|r| r.plain_tps).collect();
+    let mixed: Vec<f64> = p.runs.iter().map(|r| r.mixed_tps).collect();
+    PolicyMixFigures {
+        n: p.n,
+        plain_median: median_of(plain.iter().copied()),
+        mixed_median: median_of(mixed.iter().copied()),
+        plain,
+        mixed,
     }
 }
 

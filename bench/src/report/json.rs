@@ -122,11 +122,14 @@ fn json_key(step: Step) -> &'static str {
         Step::Floor => "floor",
         Step::Startup => "startup_s",
         Step::Throughput => "throughput",
+        Step::PolicyMix => "policy_mix",
         Step::Latency => "latency",
         Step::Sleep => "sleep",
         Step::Burn => "burn",
         Step::Scale => "scale",
         Step::ManyNodes => "many_nodes",
+        Step::Dag => "dag",
+        Step::Fairness => "fairness",
     }
 }
 
@@ -139,7 +142,12 @@ fn jsonl_metric(step: Step) -> Option<(&'static str, Value)> {
         Step::Latency => ("latency_us", Value::Null),
         Step::Sleep => ("sleep_wall_s", Value::Null),
         Step::Burn => ("burn_wall_s", Value::Null),
-        Step::Floor | Step::Scale | Step::ManyNodes => return None,
+        Step::Floor
+        | Step::PolicyMix
+        | Step::Scale
+        | Step::ManyNodes
+        | Step::Dag
+        | Step::Fairness => return None,
     })
 }
 
@@ -176,6 +184,48 @@ fn json_section(measured: &Measured<'_>) -> Value {
                 v["p50_ratio_to_floor_unary"] = round(lat.p50_us / unary.p50_us, 2).into();
             }
             v
+        }
+        Measured::PolicyMix(p) => json!({
+            "n": p.n,
+            "plain_tps": p.plain.iter().map(|r| round(*r, 1)).collect::<Vec<_>>(),
+            "mixed_tps": p.mixed.iter().map(|r| round(*r, 1)).collect::<Vec<_>>(),
+            "plain_median_tps": p.plain_median.map(|v| round(v, 1)),
+            "mixed_median_tps": p.mixed_median.map(|v| round(v, 1)),
+            "mixed_over_plain": p.plain_median.zip(p.mixed_median).map(|(a, b)| round(b / a, 3)),
+        }),
+        Measured::Dag(d) => {
+            let pair = |v: Option<(f64, f64)>| {
+                v.map(|(median, max)| json!({"median": round(median, 2), "max": round(max, 2)}))
+            };
+            json!({
+                "levels": d.dag.levels,
+                "width": d.dag.width,
+                "tasks": d.dag.levels * (d.dag.width + 1),
+                "task": d.dag.task,
+                "slots": d.dag.slots,
+                "submit_s": round(d.dag.submit_s, 3),
+                "wall_s": round(d.dag.wall_s, 3),
+                "start_delay_ms": pair(d.start_delay_ms),
+                "join_delay_ms": pair(d.join_delay_ms),
+                "level_run_ms": pair(d.level_run_ms),
+            })
+        }
+        Measured::Fairness(f) => {
+            let share = |s: &crate::policy::FairShare| {
+                json!({
+                    "backlog_submit_s": round(s.backlog_submit_s, 3),
+                    "late_finish_s": round(s.late_finish_s, 4),
+                    "late_share": round(s.late_share, 4),
+                    "backlog_in_window": s.backlog_in_window,
+                    "backlog_drain_s": round(s.backlog_drain_s, 3),
+                })
+            };
+            json!({
+                "backlog": f.backlog,
+                "late": f.late,
+                "fair_keys": share(&f.fair),
+                "fifo": share(&f.fifo),
+            })
         }
         Measured::Sleep(p) => parallel_json(p),
         Measured::Burn(b) => {
@@ -257,9 +307,12 @@ fn jsonl_parts(measured: &Measured<'_>) -> (Value, Value, Value) {
             )
         }
         // Not protocol metrics: `jsonl_metric` keeps them out.
-        Measured::Floor(_) | Measured::Scale(_) | Measured::ManyNodes(_) => {
-            (Value::Null, Value::Null, Value::Null)
-        }
+        Measured::Floor(_)
+        | Measured::PolicyMix(_)
+        | Measured::Scale(_)
+        | Measured::ManyNodes(_)
+        | Measured::Dag(_)
+        | Measured::Fairness(_) => (Value::Null, Value::Null, Value::Null),
     }
 }
 

@@ -67,6 +67,47 @@ impl Throughput {
     }
 }
 
+/// The policy-mix step: interleaved pairs of plain and policy-mix runs.
+#[derive(Debug, Clone)]
+pub struct PolicyMix {
+    /// Tasks per run (each kind).
+    pub n: usize,
+    /// Tasks/s of each pair.
+    pub runs: Vec<crate::policy::PairedRun>,
+}
+
+/// The dag step.
+#[derive(Debug, Clone)]
+pub struct Dag {
+    /// Levels of the graph.
+    pub levels: usize,
+    /// Tasks per level (each level has a join besides).
+    pub width: usize,
+    /// What every task runs, e.g. `sleep(5ms)`.
+    pub task: String,
+    /// Slots of the cluster (nodes × slots).
+    pub slots: u32,
+    /// Seconds the one Submit took.
+    pub submit_s: f64,
+    /// Seconds from the Submit to the last result.
+    pub wall_s: f64,
+    /// The delays of each level.
+    pub delays: Vec<crate::policy::LevelDelay>,
+}
+
+/// The fairness step.
+#[derive(Debug, Clone)]
+pub struct Fairness {
+    /// The backlog's tasks.
+    pub backlog: usize,
+    /// The late submitter's tasks.
+    pub late: usize,
+    /// With fair keys (equal weights).
+    pub fair: crate::policy::FairShare,
+    /// Without (first in, first out).
+    pub fifo: crate::policy::FairShare,
+}
+
 /// Steps (c) and (d): one batch of parallel tasks, several runs.
 #[derive(Debug, Clone)]
 pub struct Parallel {
@@ -189,6 +230,8 @@ pub struct Report {
     pub startup: Option<Startup>,
     /// (a).
     pub throughput: Option<Throughput>,
+    /// Policy mix beside plain tasks.
+    pub policy_mix: Option<PolicyMix>,
     /// (b).
     pub latency: Option<(Latency, Metered)>,
     /// (c).
@@ -199,6 +242,10 @@ pub struct Report {
     pub scale: Option<Scale>,
     /// Many-nodes step.
     pub many_nodes: Option<ManyNodes>,
+    /// Dag step.
+    pub dag: Option<Dag>,
+    /// Fairness step.
+    pub fairness: Option<Fairness>,
     /// Failed or skipped steps.
     pub errors: Vec<StepError>,
 }
@@ -223,11 +270,14 @@ impl Report {
             floor: None,
             startup: None,
             throughput: None,
+            policy_mix: None,
             latency: None,
             sleep: None,
             burn: None,
             scale: None,
             many_nodes: None,
+            dag: None,
+            fairness: None,
             errors: Vec::new(),
         }
     }

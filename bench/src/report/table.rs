@@ -90,12 +90,15 @@ fn row_order(step: Step) -> u8 {
     match step {
         Step::Floor => 0,
         Step::Throughput => 1,
-        Step::Latency => 2,
-        Step::Sleep => 3,
-        Step::Burn => 4,
-        Step::Startup => 5,
-        Step::Scale => 6,
-        Step::ManyNodes => 7,
+        Step::PolicyMix => 2,
+        Step::Latency => 3,
+        Step::Sleep => 4,
+        Step::Burn => 5,
+        Step::Startup => 6,
+        Step::Scale => 7,
+        Step::ManyNodes => 8,
+        Step::Dag => 9,
+        Step::Fairness => 10,
     }
 }
 
@@ -104,12 +107,15 @@ fn failure_label(step: Step) -> Option<&'static str> {
     Some(match step {
         Step::Floor => return None,
         Step::Throughput => "(a) throughput",
+        Step::PolicyMix => "policy mix",
         Step::Latency => "(b) latency",
         Step::Sleep => "(c) sleep",
         Step::Burn => "(d) burn",
         Step::Startup => "(e) startup",
         Step::Scale => "scale",
         Step::ManyNodes => "many nodes",
+        Step::Dag => "dag",
+        Step::Fairness => "fairness",
     })
 }
 
@@ -153,6 +159,80 @@ fn rows(figure: &Figure<'_>) -> Vec<Row> {
                     none(),
                     none(),
                 ],
+            ]
+        }
+        Measured::PolicyMix(p) => {
+            let mixed = p.mixed_median.unwrap_or(0.0);
+            let plain = p.plain_median.unwrap_or(0.0);
+            let runs = |v: &[f64]| v.iter().map(|r| num(*r, 0)).collect::<Vec<_>>().join(", ");
+            vec![[
+                format!(
+                    "policy mix, {} noop with priority, fair key, concurrency key, resource, tasks/s (median of {}, interleaved with plain)",
+                    p.n,
+                    p.mixed.len()
+                ),
+                format!("{} ({})", num(mixed, 0), runs(&p.mixed)),
+                format!("{} plain ({})", num(plain, 0), runs(&p.plain)),
+                ratio(mixed, plain),
+            ]]
+        }
+        Measured::Dag(d) => {
+            let pair = |v: Option<(f64, f64)>| {
+                v.map_or_else(none, |(median, max)| {
+                    format!("{} / {}", num(median, 1), num(max, 1))
+                })
+            };
+            let g = d.dag;
+            vec![
+                [
+                    format!(
+                        "dag: {} tasks ({} levels × {} {} + a join each, {} slots) in one Submit, s",
+                        g.levels * (g.width + 1),
+                        g.levels,
+                        g.width,
+                        g.task,
+                        g.slots
+                    ),
+                    num(g.submit_s, 3),
+                    format!("whole graph {} s", num(g.wall_s, 2)),
+                    none(),
+                ],
+                [
+                    "dag: previous join's end → level's first start, ms median / max".to_owned(),
+                    pair(d.start_delay_ms),
+                    format!("level's own run {}", pair(d.level_run_ms)),
+                    none(),
+                ],
+                [
+                    "dag: level's last end → its join's start, ms median / max".to_owned(),
+                    pair(d.join_delay_ms),
+                    none(),
+                    none(),
+                ],
+            ]
+        }
+        Measured::Fairness(f) => {
+            let row = |what: &str, s: &crate::policy::FairShare| {
+                [
+                    format!(
+                        "fairness, {what}: {} late tasks behind {} queued, late share % / done in s",
+                        f.late, f.backlog
+                    ),
+                    format!(
+                        "{} / {}",
+                        num(100.0 * s.late_share, 1),
+                        num(s.late_finish_s, 3)
+                    ),
+                    format!(
+                        "fair share 50 %; backlog drained in {} s",
+                        num(s.backlog_drain_s, 2)
+                    ),
+                    none(),
+                ]
+            };
+            vec![
+                row("fair keys a, b (weights 1, 1)", &f.fair),
+                row("no fair keys (FIFO)", &f.fifo),
             ]
         }
         Measured::Latency(l) => {

@@ -260,6 +260,7 @@ impl Driver {
         // Once per batch, before its commit: a reply that leaves after the
         // commit finds the metrics already counting its batch.
         self.metrics.set_gauges(&self.scheduler.gauges());
+        self.metrics.set_rate_tokens(self.scheduler.rate_tokens());
         Batch {
             records: coalesce(records),
             held: Held {

@@ -302,7 +302,7 @@ fn list_request(query: Option<&str>) -> Result<pb::ListRequest, ApiError> {
                 let state = to_json::state_from_name(&value).ok_or_else(|| {
                     ApiError::new(
                         StatusCode::BAD_REQUEST,
-                        format!("state: unknown state {value:?} (queued, assigned, running, succeeded, failed, cancelled, timed_out)"),
+                        format!("state: unknown state {value:?} (pending, queued, assigned, running, succeeded, failed, cancelled, timed_out, upstream_failed, skipped)"),
                     )
                 })?;
                 request.state = i32::from(state);
@@ -317,7 +317,7 @@ fn list_request(query: Option<&str>) -> Result<pb::ListRequest, ApiError> {
                 request.limit = limit.clamp(1, MAX_PAGE);
             }
             "page_token" => request.page_token = value,
-            "label" | "name" | "node" if value.is_empty() => {}
+            "label" | "name" | "node" | "job" if value.is_empty() => {}
             // `label=k=v`, repeatable: every one must match.
             "label" => {
                 let (k, v) = value.split_once('=').ok_or_else(|| {
@@ -336,6 +336,7 @@ fn list_request(query: Option<&str>) -> Result<pb::ListRequest, ApiError> {
             }
             "name" => request.name = value,
             "node" => request.node = value,
+            "job" => request.job = value,
             // Unknown parameters (a cache buster, say) are ignored.
             _ => {}
         }
@@ -343,8 +344,8 @@ fn list_request(query: Option<&str>) -> Result<pb::ListRequest, ApiError> {
     Ok(request)
 }
 
-/// `GET /api/tasks?state=&label=&name=&node=&limit=&page_token=`: a page,
-/// newest first, through `TaskService.List`.
+/// `GET /api/tasks?state=&label=&name=&node=&job=&limit=&page_token=`: a
+/// page, newest first (a job's tasks oldest first), through `TaskService.List`.
 pub(super) async fn tasks(
     State(app): State<Arc<App>>,
     headers: HeaderMap,
@@ -401,6 +402,112 @@ pub(super) async fn cancel(
     Ok(ok(json!({ "task": to_json::task(&task) })))
 }
 
+/// Most tasks of a job counted by state on its page (pages of
+/// [`MAX_PAGE`] through `TaskService.List`); a bigger job says its counts
+/// are partial.
+const MAX_JOB_COUNTED: usize = 20_000;
+
+/// `GET /api/jobs/{id}?limit=&page_token=`: the job's tasks (a page, oldest
+/// first) and their counts per state, through `TaskService.List` with
+/// `job`; 404 for an unknown job (no task).
+pub(super) async fn job(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    let caller = app.caller(&headers)?;
+    let mut request = list_request(query.as_deref())?;
+    request.job = id.clone();
+    request.state = 0;
+    let page = app
+        .tasks
+        .list(grpc_request(&caller, request))
+        .await?
+        .into_inner();
+    if page.tasks.is_empty() && page.next_page_token.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no job {id:?} (no task has that job id)"),
+        ));
+    }
+    // The counts: every task of the job, read page by page.
+    let mut counts = serde_json::Map::new();
+    let mut counted = 0;
+    let mut token = String::new();
+    loop {
+        let request = pb::ListRequest {
+            job: id.clone(),
+            limit: MAX_PAGE,
+            page_token: token,
+            ..Default::default()
+        };
+        let part = app
+            .tasks
+            .list(grpc_request(&caller, request))
+            .await?
+            .into_inner();
+        for task in &part.tasks {
+            let name = to_json::state_name(task.state);
+            let n = counts.get(name).and_then(Value::as_u64).unwrap_or(0);
+            counts.insert(name.to_owned(), json!(n + 1));
+        }
+        counted += part.tasks.len();
+        token = part.next_page_token;
+        if token.is_empty() || counted >= MAX_JOB_COUNTED {
+            break;
+        }
+    }
+    Ok(ok(json!({
+        "job_id": id,
+        "counts": counts,
+        "counted": counted,
+        "counts_complete": token.is_empty(),
+        "tasks": page.tasks.iter().map(to_json::task).collect::<Vec<_>>(),
+        "next_page_token": page.next_page_token,
+    })))
+}
+
+/// `POST /api/jobs/{id}/cancel` (cancel scope): `TaskService.CancelJob`.
+pub(super) async fn cancel_job(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let caller = app.caller(&headers)?;
+    let request = pb::CancelJobRequest {
+        job_id: id.clone(),
+        reason: "job cancelled from the dashboard".to_owned(),
+    };
+    let answer = app
+        .tasks
+        .cancel_job(grpc_request(&caller, request))
+        .await?
+        .into_inner();
+    Ok(ok(json!({
+        "job_id": id,
+        "cancelled": answer.cancelled,
+        "already_final": answer.already_final,
+    })))
+}
+
+/// `GET /api/limits`: `AdminService.ListLimits` (read-only here).
+pub(super) async fn limits(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let caller = app.caller(&headers)?;
+    let limits = app
+        .admin
+        .list_limits(grpc_request(&caller, pb::ListLimitsRequest {}))
+        .await?
+        .into_inner()
+        .limits;
+    Ok(ok(json!({
+        "limits": limits.iter().map(to_json::limit).collect::<Vec<_>>(),
+    })))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -412,6 +519,9 @@ mod tests {
         assert_eq!(request.limit, MAX_PAGE);
         assert_eq!(request.page_token, "abc");
         assert_eq!(list_request(None).unwrap().limit, DEFAULT_PAGE);
+        let request = list_request(Some("job=J1&state=upstream_failed")).unwrap();
+        assert_eq!(request.job, "J1");
+        assert_eq!(request.state, i32::from(pb::TaskState::UpstreamFailed));
         for bad in ["state=sleeping", "limit=many"] {
             let err = list_request(Some(bad)).unwrap_err();
             assert_eq!(err.status, StatusCode::BAD_REQUEST, "{bad}");

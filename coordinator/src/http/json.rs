@@ -111,6 +111,9 @@ pub(crate) fn task(task: &pb::Task) -> Value {
         "next_seq": task.next_seq,
         "last_outcome": outcome_name(task.last_outcome),
         "attempts": task.attempts.iter().map(attempt).collect::<Vec<_>>(),
+        // A job's first task has its own id as job id.
+        "job_id": if task.job_id.is_empty() { task.id.clone() } else { task.job_id.clone() },
+        "waiting_for": task.waiting_for,
     });
     let Some(obj) = out.as_object_mut() else {
         return out;
@@ -144,6 +147,7 @@ pub(crate) fn task(task: &pb::Task) -> Value {
             spec.max_attempts
         }),
     );
+    policy(obj, spec);
     match &spec.kind {
         Some(pb::task_spec::Kind::Exec(exec)) => {
             obj.insert("kind".into(), json!("exec"));
@@ -162,6 +166,102 @@ pub(crate) fn task(task: &pb::Task) -> Value {
         }
     }
     out
+}
+
+/// The workflow and policy fields of a spec: its ref, what it runs after
+/// and by which rule, its start time, priority, fair key, concurrency key,
+/// rate limits and resources (the defaults spelled out: priority 5, fair
+/// weight 1, concurrency on_limit "queue").
+fn policy(obj: &mut Map<String, Value>, spec: &pb::TaskSpec) {
+    let rule = match pb::DependencyRule::try_from(spec.after_rule) {
+        Ok(pb::DependencyRule::AllFinished) => "all_finished",
+        Ok(pb::DependencyRule::AnyFailed) => "any_failed",
+        Ok(pb::DependencyRule::AnySucceeded) => "any_succeeded",
+        Ok(pb::DependencyRule::AllSucceeded | pb::DependencyRule::Unspecified) | Err(_) => {
+            "all_succeeded"
+        }
+    };
+    // Stored with ids only: a ref is resolved at Submit.
+    let after: Vec<&str> = spec
+        .after
+        .iter()
+        .map(|d| {
+            if d.task_id.is_empty() {
+                d.r#ref.as_str()
+            } else {
+                d.task_id.as_str()
+            }
+        })
+        .collect();
+    let concurrency = spec.concurrency.as_ref().map_or(Value::Null, |c| {
+        let on_limit = match pb::OverLimit::try_from(c.on_limit) {
+            Ok(pb::OverLimit::CancelNewest) => "cancel_newest",
+            Ok(pb::OverLimit::CancelOldest) => "cancel_oldest",
+            Ok(pb::OverLimit::Queue | pb::OverLimit::Unspecified) | Err(_) => "queue",
+        };
+        json!({ "key": c.key, "max_running": c.max_running, "on_limit": on_limit })
+    });
+    let mut resources: Vec<_> = spec.resources.iter().collect();
+    resources.sort();
+    obj.insert("ref".into(), json!(spec.r#ref));
+    obj.insert("after".into(), json!(after));
+    obj.insert("after_rule".into(), json!(rule));
+    obj.insert("not_before".into(), time(spec.not_before.as_ref()));
+    obj.insert(
+        "priority".into(),
+        json!(if spec.priority == 0 { 5 } else { spec.priority }),
+    );
+    obj.insert("fair_key".into(), json!(spec.fair_key));
+    obj.insert("fair_weight".into(), json!(spec.fair_weight.max(1)));
+    obj.insert("concurrency".into(), concurrency);
+    obj.insert(
+        "rate_limits".into(),
+        json!(
+            spec.rate_limits
+                .iter()
+                .map(|r| json!({ "name": r.name, "units": r.units.max(1) }))
+                .collect::<Vec<_>>()
+        ),
+    );
+    obj.insert("resources".into(), number_map(resources));
+    obj.insert("fail_if_infeasible".into(), json!(spec.fail_if_infeasible));
+}
+
+/// Name → amount, in name order.
+fn number_map<'a>(sorted: Vec<(&'a String, &'a u64)>) -> Value {
+    Value::Object(
+        sorted
+            .into_iter()
+            .map(|(k, v)| (k.clone(), json!(v)))
+            .collect::<Map<_, _>>(),
+    )
+}
+
+/// A limit and how it stands (`ListLimits`), as the contract's Limit object.
+pub(crate) fn limit(info: &pb::LimitInfo) -> Value {
+    let limit = info.limit.clone().unwrap_or_default();
+    let (kind, rate, max_running) = match &limit.kind {
+        Some(pb::limit::Kind::Rate(rate)) => (
+            "rate",
+            json!({
+                "units": rate.units,
+                "period_seconds": rate.period.as_ref().map(|d| d.seconds as f64 + f64::from(d.nanos) / 1e9),
+                "burst": rate.burst,
+            }),
+            Value::Null,
+        ),
+        Some(pb::limit::Kind::MaxRunning(max)) => ("concurrency", Value::Null, json!(max)),
+        None => ("", Value::Null, Value::Null),
+    };
+    json!({
+        "name": limit.name,
+        "kind": kind,
+        "rate": rate,
+        "max_running": max_running,
+        "available": info.available,
+        "running": info.running,
+        "waiting": info.waiting,
+    })
 }
 
 /// One entry of a task's attempt history.
@@ -188,6 +288,12 @@ fn node_state(value: i32) -> &'static str {
     }
 }
 
+fn sorted(map: &std::collections::HashMap<String, u64>) -> Vec<(&String, &u64)> {
+    let mut entries: Vec<_> = map.iter().collect();
+    entries.sort();
+    entries
+}
+
 /// A node as the contract's Node object.
 pub(crate) fn node(node: &pb::NodeInfo) -> Value {
     let mut handlers = node.handlers.clone();
@@ -207,6 +313,8 @@ pub(crate) fn node(node: &pb::NodeInfo) -> Value {
             .map(|d| d.seconds as f64 + f64::from(d.nanos) / 1e9),
         "running": node.running.len(),
         "finished": node.finished,
+        "resources": number_map(sorted(&node.resources)),
+        "resources_free": number_map(sorted(&node.resources_free)),
     })
 }
 
@@ -254,7 +362,7 @@ mod tests {
 
     #[test]
     fn every_state_name_reads_back() {
-        for value in 1..=7 {
+        for value in 1..=weft_proto::TASK_STATES as i32 {
             let name = state_name(value);
             assert_eq!(state_from_name(name).map(i32::from), Some(value), "{name}");
         }
@@ -276,6 +384,51 @@ mod tests {
         assert_eq!(value["command"], json!(["echo", "hi"]));
         assert_eq!(value["state"], "running");
         assert!(!value.to_string().contains("hunter2"));
+    }
+
+    #[test]
+    fn a_task_shows_its_job_dependencies_and_policy() {
+        let spec = weft_proto::TaskSpec::call("noop", "")
+            .priority(8)
+            .fair_key("team-a", 3)
+            .concurrency("user-42", 2, weft_proto::OverLimit::CancelOldest)
+            .rate_limit("api", 2)
+            .resource("gpu", 1)
+            .ref_name("train")
+            .after(weft_proto::TaskId::new())
+            .after_rule(weft_proto::DependencyRule::AnyFailed);
+        let task = pb::Task {
+            id: "t2".into(),
+            job_id: "t1".into(),
+            waiting_for: vec!["t0".into()],
+            spec: Some(spec.into()),
+            state: i32::from(pb::TaskState::Pending),
+            ..Default::default()
+        };
+        let value = task_json(&task);
+        assert_eq!(value["state"], "pending");
+        assert_eq!(value["job_id"], "t1");
+        assert_eq!(value["waiting_for"], json!(["t0"]));
+        assert_eq!(value["ref"], "train");
+        assert_eq!(value["after"].as_array().map(Vec::len), Some(1));
+        assert_eq!(value["after_rule"], "any_failed");
+        assert_eq!(value["priority"], 8);
+        assert_eq!(
+            (value["fair_key"].clone(), value["fair_weight"].clone()),
+            (json!("team-a"), json!(3))
+        );
+        assert_eq!(
+            value["concurrency"],
+            json!({"key": "user-42", "max_running": 2, "on_limit": "cancel_oldest"})
+        );
+        assert_eq!(value["rate_limits"], json!([{"name": "api", "units": 2}]));
+        assert_eq!(value["resources"], json!({"gpu": 1}));
+        // A job's first task is its own job.
+        let first = task_json(&pb::Task {
+            id: "t1".into(),
+            ..Default::default()
+        });
+        assert_eq!(first["job_id"], "t1");
     }
 
     fn task_json(t: &pb::Task) -> Value {

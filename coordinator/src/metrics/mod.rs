@@ -21,6 +21,7 @@
 //! This module decides nothing and does no I/O.
 
 mod histogram;
+mod policy;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -36,6 +37,7 @@ use weft_proto::{TASK_STATES, TaskKind, TaskState};
 
 use crate::scheduler::Gauges;
 pub use histogram::Histogram;
+pub use policy::{PRIORITIES, PolicyGauges};
 
 /// Task kinds, as the `kind` label says them; indexes of per-kind arrays.
 const KINDS: [&str; 2] = ["exec", "call"];
@@ -152,6 +154,7 @@ struct Shared {
     gauges: SchedulerGauges,
     tasks: Arc<TaskMetrics>,
     edge: EdgeMetrics,
+    policy: policy::PolicyMetrics,
 }
 
 /// The coordinator's metrics. See the module docs.
@@ -174,6 +177,7 @@ impl Metrics {
             started: Instant::now(),
             gauges: SchedulerGauges::default(),
             tasks,
+            policy: policy::PolicyMetrics::default(),
             edge: EdgeMetrics {
                 commit_seconds: Histogram::seconds(histogram::LATENCY_SECONDS),
                 commit_records: Histogram::counts(histogram::COUNTS),
@@ -237,6 +241,14 @@ impl Metrics {
         set(&g.recovered_attempts, now.recovered_attempts);
         set(&g.revoked_node_refusals, now.revoked_node_refusals);
         set(&g.output_chunks_missed, now.output_chunks_missed);
+        self.shared.policy.set(&now.policy);
+    }
+
+    /// The whole tokens in every rate limit's bucket now, as `(name,
+    /// tokens)` (the driver calls this once per batch; no allocation while
+    /// the set of limits stays the same).
+    pub fn set_rate_tokens<'a>(&self, limits: impl Iterator<Item = (&'a str, u64)>) {
+        self.shared.policy.set_rate_tokens(limits);
     }
 
     /// One store commit of `records` records took `took`.
@@ -330,6 +342,7 @@ impl Collector for Collect {
             gauges: g,
             tasks,
             edge,
+            policy,
         } = &*self.0;
         let seconds = Some(&Unit::Seconds);
         let bytes = Some(&Unit::Bytes);
@@ -419,6 +432,9 @@ impl Collector for Collect {
                     .encode_counter::<NoLabelSet, _, u64>(&load(count), None)?;
             }
         }
+
+        // Workflows and scheduling policy.
+        policy.encode(&mut e)?;
 
         // Nodes and slots.
         {

@@ -147,3 +147,53 @@ fn task_and_edge_observations_show_in_their_families() {
         Some("0")
     );
 }
+
+#[test]
+fn ready_tasks_are_shown_per_priority_and_waits_without_key_labels() {
+    let metrics = Metrics::default();
+    let mut gauges = crate::scheduler::Gauges::default();
+    gauges.policy.count_ready(9, 3);
+    gauges.policy.count_ready(1, 2);
+    gauges.policy.count_ready(0, 1); // unset: the default, 5
+    gauges.policy.waiting_concurrency = 4;
+    gauges.policy.waiting_rate_limit = 5;
+    gauges.policy.waiting_resources = 6;
+    metrics.set_gauges(&gauges);
+    let text = metrics.encode();
+    assert_eq!(line(&text, "weft_ready_tasks{priority=\"9\"}"), Some("3"));
+    assert_eq!(line(&text, "weft_ready_tasks{priority=\"1\"}"), Some("2"));
+    assert_eq!(line(&text, "weft_ready_tasks{priority=\"5\"}"), Some("1"));
+    assert_eq!(line(&text, "weft_tasks_waiting_concurrency"), Some("4"));
+    assert_eq!(line(&text, "weft_tasks_waiting_rate_limit"), Some("5"));
+    assert_eq!(line(&text, "weft_tasks_waiting_resources"), Some("6"));
+    for state in ["pending", "upstream_failed", "skipped"] {
+        assert_eq!(
+            line(&text, &format!("weft_tasks{{state=\"{state}\"}}")),
+            Some("0"),
+            "{state}:\n{text}"
+        );
+    }
+}
+
+#[test]
+fn rate_limit_tokens_follow_the_set_of_limits() {
+    let metrics = Metrics::default();
+    metrics.set_rate_tokens([("api", 7), ("db", 0)].into_iter());
+    let text = metrics.encode();
+    assert_eq!(
+        line(&text, "weft_rate_limit_tokens{limit=\"api\"}"),
+        Some("7")
+    );
+    assert_eq!(
+        line(&text, "weft_rate_limit_tokens{limit=\"db\"}"),
+        Some("0")
+    );
+    // A deleted limit leaves the table.
+    metrics.set_rate_tokens([("db", 3)].into_iter());
+    let text = metrics.encode();
+    assert_eq!(line(&text, "weft_rate_limit_tokens{limit=\"api\"}"), None);
+    assert_eq!(
+        line(&text, "weft_rate_limit_tokens{limit=\"db\"}"),
+        Some("3")
+    );
+}

@@ -50,6 +50,9 @@ pub struct Gauges {
     pub revoked_node_refusals: u64,
     /// See `ClusterStats`.
     pub output_chunks_missed: u64,
+    /// Ready tasks by priority and what holds ready tasks back
+    /// (`metrics/policy.rs`).
+    pub policy: crate::metrics::PolicyGauges,
 }
 
 impl Scheduler {
@@ -77,6 +80,9 @@ impl Scheduler {
             gauges.slots_free = gauges.slots_free.saturating_add(node.free_slots());
         }
         if self.counts[state_index(TaskState::Queued)] > 0 {
+            self.policy_gauges(&mut gauges.policy);
+        }
+        if self.counts[state_index(TaskState::Queued)] > 0 {
             gauges.oldest_ready = self
                 .queue
                 .classes
@@ -93,5 +99,54 @@ impl Scheduler {
                 .min();
         }
         gauges
+    }
+
+    /// Ready tasks per priority and what holds them back, per class (its
+    /// ready queue's length: a cancelled task's entry counts until
+    /// dispatch drops it): no allocation, one pass over the classes, and
+    /// over the connected nodes only for a class that asks for resources
+    /// and only until one node has them free.
+    fn policy_gauges(&self, out: &mut crate::metrics::PolicyGauges) {
+        let policy = &self.queue.policy;
+        for class in &self.queue.classes {
+            let ready = class.ready.len() as u64;
+            if ready == 0 {
+                continue;
+            }
+            let cp = class.policy;
+            out.count_ready(cp.priority, ready);
+            if cp.plain {
+                continue;
+            }
+            if let Some((key, _)) = cp.conc
+                && policy.conc.get(key as usize).is_some_and(|k| !k.has_room())
+            {
+                out.waiting_concurrency += ready;
+            }
+            let spec = &class.example;
+            if spec.rate_limits.iter().any(|used| {
+                policy
+                    .rates
+                    .get(&used.name)
+                    .is_none_or(|bucket| bucket.tokens < f64::from(used.units.max(1)))
+            }) {
+                out.waiting_rate_limit += ready;
+            }
+            if !spec.resources.is_empty()
+                && !self.nodes.values().any(|node| node.resources_fit(spec))
+            {
+                out.waiting_resources += ready;
+            }
+        }
+    }
+
+    /// Whole tokens in every rate limit's bucket as of its last refill, by
+    /// name (for the metrics; no allocation).
+    pub fn rate_tokens(&self) -> impl Iterator<Item = (&str, u64)> {
+        self.queue
+            .policy
+            .rates
+            .iter()
+            .map(|(name, bucket)| (name.as_str(), bucket.tokens.max(0.0).floor() as u64))
     }
 }

@@ -6,7 +6,9 @@
 //! Chromium is the slow part on a small CI box), walked through as a user
 //! would: a bad token is refused; an admin logs in and sees the nodes and
 //! the counts; lists, filters and pages the tasks; watches a task's output
-//! appear while it runs; cancels a task; drains a node; then a read-only
+//! appear while it runs; cancels a task; opens a job (two tasks, one
+//! after the other), sees its counts and what its waiting task waits for,
+//! and cancels the job; drains a node; then a read-only
 //! token sees no Cancel, Drain or Revoke button and the server refuses
 //! those requests when the page sends them anyway. Screenshots of each page
 //! go to `$WEFT_ARTIFACTS_DIR` (default `target/artifacts/dashboard/`).
@@ -107,6 +109,7 @@ async fn the_dashboard_works_in_a_real_browser() {
     the_tasks_page_lists_filters_and_pages(&browser, &http, greet, broken).await;
     output_appears_live_while_a_task_runs(&cluster, &browser, &http, &relay).await;
     cancel_cancels(&cluster, &browser, &http).await;
+    a_job_page_shows_its_graph_and_cancels_it(&cluster, &browser, &http).await;
 
     // A task that holds a slot on one node while the rest of the test runs.
     let release = cluster.dir().join("release-blocker");
@@ -423,6 +426,85 @@ async fn cancel_cancels(cluster: &TestCluster, browser: &Browser, http: &str) {
         "no Cancel on a finished task"
     );
     browser.screenshot("task-cancelled").await;
+}
+
+async fn a_job_page_shows_its_graph_and_cancels_it(
+    cluster: &TestCluster,
+    browser: &Browser,
+    http: &str,
+) {
+    let client = cluster.client().await;
+    let release = cluster.dir().join("release-job");
+    let (job, ids) = client
+        .submit_graph(vec![
+            waits_for(&release, "first", "done")
+                .name("job-first")
+                .ref_name("first"),
+            TaskSpec::call("noop", "")
+                .name("job-second")
+                .after_ref("first")
+                .priority(7),
+        ])
+        .await
+        .expect("submit a graph");
+    cluster.wait_for_running(ids[0]).await;
+    browser.goto(&format!("{http}/#/jobs/{job}")).await;
+    browser
+        .wait_until(
+            "one running and one pending task in the job's counts",
+            "const n = (s) => document.querySelector(`#job-counts [data-state=${s}] .n`)?.textContent; \
+             return n('running') === '1' && n('pending') === '1';",
+        )
+        .await;
+    browser.screenshot("job").await;
+    // The waiting task's page: its job, what it runs after and waits for.
+    browser
+        .click(&format!("#tasks-table tr[data-task='{}'] a", ids[1]))
+        .await;
+    browser.wait_text("[data-field=waiting-for]", "").await;
+    let shown = browser
+        .script(
+            "const href = (f) => document.querySelector(`[data-field=${f}] a`)?.getAttribute('href'); \
+             return { job: href('job'), after: href('after'), waiting: href('waiting-for'), \
+                      priority: document.querySelector('[data-field=priority]')?.textContent, \
+                      state: document.querySelector('#task-state')?.textContent };",
+            vec![],
+        )
+        .await;
+    assert_eq!(shown["job"], format!("#/jobs/{job}"), "{shown}");
+    assert_eq!(shown["after"], format!("#/tasks/{}", ids[0]), "{shown}");
+    assert_eq!(shown["waiting"], format!("#/tasks/{}", ids[0]), "{shown}");
+    assert_eq!(shown["priority"], "7", "{shown}");
+    assert_eq!(shown["state"], "pending", "{shown}");
+    browser.screenshot("task-pending").await;
+    // Cancel the job from its page: both tasks end, none runs.
+    browser.click("[data-field=job] a").await;
+    browser.click("#cancel-job").await;
+    browser.click("#cancel-job-confirm").await;
+    browser
+        .wait_text("#job-info .banner", "Job cancelled")
+        .await;
+    for id in &ids {
+        assert_eq!(
+            cluster.wait_for_final(*id).await.state,
+            TaskState::Cancelled,
+            "task {id}"
+        );
+    }
+    browser
+        .wait_until(
+            "the job's counts to show only cancelled tasks",
+            "const c = [...document.querySelectorAll('#job-counts [data-state]')].map(e => e.dataset.state); \
+             return c.length === 1 && c[0] === 'cancelled';",
+        )
+        .await;
+    browser
+        .wait_until(
+            "no Cancel job button once nothing is live",
+            "return !document.querySelector('#cancel-job');",
+        )
+        .await;
+    std::fs::write(&release, b"").expect("release");
 }
 
 async fn the_node_page_shows_its_attempts(

@@ -669,3 +669,112 @@ async fn weft_local_prints_a_dashboard_url_that_answers_with_its_ca() {
     .unwrap();
     assert!(local.wait().unwrap().success());
 }
+
+/// A task that waits for `file`, named `name` within its Submit.
+fn held(file: &std::path::Path, name: &str) -> TaskSpec {
+    TaskSpec::exec([
+        "sh",
+        "-c",
+        r#"while [ ! -e "$1" ]; do sleep 0.02; done"#,
+        "sh",
+        &file.display().to_string(),
+    ])
+    .ref_name(name)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_s_page_counts_its_states_shows_its_graph_and_cancels_it() {
+    let cluster = TestCluster::builder().nodes(1).start().await;
+    let http = http(&cluster);
+    let client = cluster.client().await;
+    let token = cluster.admin_token();
+    let release = cluster.dir().join("release-first");
+    // first → second → third, in one Submit.
+    let (job, ids) = client
+        .submit_graph(vec![
+            held(&release, "first").name("first"),
+            TaskSpec::call("noop", "2")
+                .name("second")
+                .ref_name("second")
+                .after_ref("first"),
+            TaskSpec::call("noop", "3")
+                .name("third")
+                .after_ref("second")
+                .after_rule(weft_proto::DependencyRule::AllFinished),
+        ])
+        .await
+        .expect("submit the graph");
+    assert_eq!(job, ids[0]);
+    cluster.wait_for_running(ids[0]).await;
+
+    let page = http.get(&format!("/api/jobs/{job}"), &token).await;
+    assert_eq!(page.status, 200, "{}", page.json());
+    let page = page.json();
+    assert_eq!(
+        page["counts"],
+        json!({"running": 1, "pending": 2}),
+        "{page}"
+    );
+    assert_eq!(page["counts_complete"], true);
+    let listed: Vec<String> = page["tasks"]
+        .as_array()
+        .expect("tasks")
+        .iter()
+        .map(|t| t["id"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    let want: Vec<String> = ids.iter().map(ToString::to_string).collect();
+    assert_eq!(listed, want, "a job's tasks in submission order");
+
+    // A waiting task shows its job, what it runs after and what it waits for.
+    let second = http
+        .get(&format!("/api/tasks/{}", ids[1]), &token)
+        .await
+        .json();
+    let second = &second["task"];
+    assert_eq!(second["state"], "pending", "{second}");
+    assert_eq!(second["job_id"], job.to_string());
+    assert_eq!(second["ref"], "second");
+    assert_eq!(second["after"], json!([ids[0].to_string()]));
+    assert_eq!(second["waiting_for"], json!([ids[0].to_string()]));
+    assert_eq!(second["after_rule"], "all_succeeded");
+    let third = http
+        .get(&format!("/api/tasks/{}", ids[2]), &token)
+        .await
+        .json();
+    assert_eq!(third["task"]["after_rule"], "all_finished");
+    // The job filter of the task list, with a state.
+    let pending = http
+        .get(&format!("/api/tasks?job={job}&state=pending"), &token)
+        .await
+        .json();
+    assert_eq!(
+        pending["tasks"].as_array().map(Vec::len),
+        Some(2),
+        "{pending}"
+    );
+
+    // A read token may not cancel a job; a cancel token may.
+    let reader = cluster.scoped_token(&["read"]).await;
+    let refused = http.post(&format!("/api/jobs/{job}/cancel"), &reader).await;
+    assert_eq!(refused.status, 403, "{}", refused.json());
+    let cancel = cluster.scoped_token(&["cancel"]).await;
+    let answer = http.post(&format!("/api/jobs/{job}/cancel"), &cancel).await;
+    assert_eq!(answer.status, 200, "{}", answer.json());
+    assert_eq!(answer.json()["cancelled"], 3, "{}", answer.json());
+    for id in &ids {
+        assert!(cluster.wait_for_final(*id).await.state.is_final());
+    }
+    let page = http.get(&format!("/api/jobs/{job}"), &token).await.json();
+    let live: u64 = ["pending", "queued", "assigned", "running"]
+        .iter()
+        .filter_map(|s| page["counts"][*s].as_u64())
+        .sum();
+    assert_eq!(live, 0, "{page}");
+
+    let unknown = http
+        .get(&format!("/api/jobs/{}", weft_proto::TaskId::new()), &token)
+        .await;
+    assert_eq!(unknown.status, 404, "{}", unknown.json());
+    std::fs::write(&release, b"").expect("release");
+    cluster.shutdown().await;
+}

@@ -8,6 +8,7 @@ mod history;
 mod identity;
 mod membership;
 mod policy;
+mod policy_gauges;
 mod reconnect;
 mod restart;
 mod secrets;
