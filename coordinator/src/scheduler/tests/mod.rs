@@ -3,6 +3,7 @@
 
 mod attempts;
 mod dispatch;
+mod dispatch_cost;
 mod exec_policy;
 mod history;
 mod identity;
