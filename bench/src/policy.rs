@@ -464,8 +464,13 @@ mod tests {
         // B queued at 100 and assigned at 100..=103; A assigned at 99
         // (before), 100, 102 (inside) and 104 (after). The Submit's answer
         // reaching the client at 105 must not empty the window.
-        let late: Vec<Task> = (100..=103).map(|ms| queued_at(done(ms, ms + 1), 100)).collect();
-        let backlog: Vec<Task> = [99, 100, 102, 104].into_iter().map(|ms| done(ms, ms + 1)).collect();
+        let late: Vec<Task> = (100..=103)
+            .map(|ms| queued_at(done(ms, ms + 1), 100))
+            .collect();
+        let backlog: Vec<Task> = [99, 100, 102, 104]
+            .into_iter()
+            .map(|ms| done(ms, ms + 1))
+            .collect();
         assert_eq!(backlog_in_window(&backlog, &late).unwrap(), 2);
         assert!(backlog_in_window(&backlog, &[done(1, 2)]).is_err());
     }
