@@ -228,13 +228,41 @@ pub struct FairShare {
     /// Seconds from the late submitter's Submit to its last task's end.
     pub late_finish_s: f64,
     /// The late submitter's tasks among all tasks the coordinator assigned
-    /// while it had work queued (from its Submit's answer, when its tasks
-    /// were queued, to its last task's assignment).
+    /// while it had work queued (from its tasks' queueing, on the
+    /// coordinator's clock, to its last task's assignment).
     pub late_share: f64,
     /// Backlog tasks assigned in that window.
     pub backlog_in_window: usize,
     /// Seconds the whole backlog took to drain.
     pub backlog_drain_s: f64,
+}
+
+/// How many of the backlog's tasks the coordinator assigned while the late
+/// submitter had work queued: from its tasks' queueing (their `created_at`,
+/// the coordinator's time of the Submit's commit) to its last assignment.
+/// The window starts on the coordinator's clock, not at the Submit's
+/// answer: the coordinator goes on assigning (the late tasks too) while
+/// the answer travels, and on a busy host the late tasks can all be
+/// assigned before it arrives, which would leave the window empty.
+fn backlog_in_window(backlog: &[Task], late: &[Task]) -> anyhow::Result<usize> {
+    let assigned = |t: &Task| t.attempts.last().and_then(|a| a.assigned_at);
+    let queued = late
+        .iter()
+        .filter_map(|t| t.created_at)
+        .min()
+        .context("no late task has a submission time")?;
+    let last = late
+        .iter()
+        .filter_map(assigned)
+        .max()
+        .context("no late task was assigned")?;
+    // What the scheduler chose once both had work queued: assignments
+    // (a node's prefetched work started later is not a choice made then).
+    Ok(backlog
+        .iter()
+        .filter_map(assigned)
+        .filter(|at| *at >= queued && *at <= last)
+        .count())
 }
 
 /// Two submitters at equal priority: A queues `backlog` noops, then B
@@ -263,7 +291,6 @@ pub async fn fairness(
         .submit_many(b_specs)
         .await
         .context("submitting the late tasks")?;
-    let b_queued = SystemTime::now();
     let b_tasks = wait_all(client, b_ids, concurrency).await?;
     let a_tasks = wait_all(client, a_ids, concurrency).await?;
     let b_spans = b_tasks
@@ -275,18 +302,7 @@ pub async fn fairness(
         .iter()
         .map(span)
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let b_last_assigned = b_tasks
-        .iter()
-        .filter_map(|t| t.attempts.last().and_then(|a| a.assigned_at))
-        .max()
-        .context("no late task was assigned")?;
-    // What the scheduler chose once both had work queued: assignments
-    // (a node's prefetched work started later is not a choice made then).
-    let in_window = a_tasks
-        .iter()
-        .filter_map(|t| t.attempts.last().and_then(|a| a.assigned_at))
-        .filter(|at| *at >= b_queued && *at <= b_last_assigned)
-        .count();
+    let in_window = backlog_in_window(&a_tasks, &b_tasks)?;
     let a_first = a_spans
         .iter()
         .map(|s| s.0)
@@ -439,6 +455,27 @@ mod tests {
                 reason: String::new(),
             }],
         }
+    }
+
+    fn queued_at(mut task: Task, ms: u64) -> Task {
+        task.created_at = Some(at(ms));
+        task
+    }
+
+    #[test]
+    fn the_fairness_window_opens_when_the_late_tasks_are_queued() {
+        // B queued at 100 and assigned at 100..=103; A assigned at 99
+        // (before), 100, 102 (inside) and 104 (after). The Submit's answer
+        // reaching the client at 105 must not empty the window.
+        let late: Vec<Task> = (100..=103)
+            .map(|ms| queued_at(done(ms, ms + 1), 100))
+            .collect();
+        let backlog: Vec<Task> = [99, 100, 102, 104]
+            .into_iter()
+            .map(|ms| done(ms, ms + 1))
+            .collect();
+        assert_eq!(backlog_in_window(&backlog, &late).unwrap(), 2);
+        assert!(backlog_in_window(&backlog, &[done(1, 2)]).is_err());
     }
 
     #[test]

@@ -59,18 +59,30 @@ impl Scheduler {
         let policy = &mut queue.policy;
         let mut best: Option<(Rank, usize)> = None;
         for (index, class) in queue.classes.iter_mut().enumerate() {
-            let mut created = 0;
-            while let Some(head) = class.ready.front() {
-                let ready = self
-                    .tasks
-                    .get(head)
-                    .filter(|t| t.state == TaskState::Queued && !t.delayed);
-                if let Some(task) = ready {
-                    created = task.created_nanos().max(class.last_served);
-                    break;
+            // The head known good (see `Class::head`) needs no lookup;
+            // otherwise stale entries (cancelled while queued) are dropped.
+            let created = match (class.head, class.ready.front()) {
+                (Some((known, created)), Some(front)) if known == *front => created,
+                _ => {
+                    class.head = None;
+                    while let Some(head) = class.ready.front() {
+                        let ready = self
+                            .tasks
+                            .get(head)
+                            .filter(|t| t.state == TaskState::Queued && !t.delayed);
+                        if let Some(task) = ready {
+                            class.head = Some((*head, task.created_nanos()));
+                            break;
+                        }
+                        class.ready.pop_front();
+                    }
+                    match class.head {
+                        Some((_, created)) => created,
+                        None => continue,
+                    }
                 }
-                class.ready.pop_front();
             }
+            .max(class.last_served);
             let Some(head) = class.ready.front() else {
                 continue;
             };
@@ -104,6 +116,7 @@ impl Scheduler {
         };
         let class = &mut self.queue.classes[index];
         class.ready.pop_front();
+        class.head = None;
         class.last_served = now_ns;
         let cp = class.policy;
         let slots = class.example.slots;

@@ -43,6 +43,11 @@ pub(crate) struct Class {
     /// counts the time its head waited since then, so a class served all
     /// along gains nothing.
     pub last_served: u64,
+    /// The front entry as dispatch last checked it, with its submission
+    /// time (Unix nanos): while it is still the front, it is known queued
+    /// and not delayed, so the next assignment skips the task lookup.
+    /// Every way a task leaves QUEUED forgets it ([`Queue::forget_head`]).
+    pub head: Option<(TaskId, u64)>,
 }
 
 /// Ready queues per class plus the retry timer heap.
@@ -169,6 +174,7 @@ impl Queue {
                     ready: VecDeque::new(),
                     policy,
                     last_served: 0,
+                    head: None,
                 });
                 candidates.push(class);
                 class
@@ -202,6 +208,17 @@ impl Queue {
                 self.policy.reactivate(c.policy.fair);
             }
             c.ready.push_front(id);
+        }
+    }
+
+    /// Task `id` of `class` leaves QUEUED (assigned, finalized): if
+    /// dispatch knew it as its class's good head, it no longer is. O(1).
+    #[inline]
+    pub fn forget_head(&mut self, class: ClassId, id: TaskId) {
+        if let Some(c) = self.classes.get_mut(class as usize)
+            && c.head.is_some_and(|(known, _)| known == id)
+        {
+            c.head = None;
         }
     }
 

@@ -49,6 +49,9 @@ impl Scheduler {
         self.counts[state_index(task.state)] =
             self.counts[state_index(task.state)].saturating_sub(1);
         self.counts[state_index(state)] += 1;
+        if task.state == TaskState::Queued {
+            self.queue.forget_head(task.class, id);
+        }
         task.state = state;
         match state {
             TaskState::Assigned => task.attempt_assigned(wall),
@@ -122,6 +125,9 @@ impl Scheduler {
             self.counts[state_index(task.state)].saturating_sub(1);
         self.counts[state_index(state)] += 1;
         self.tasks_finished += 1;
+        if task.state == TaskState::Queued {
+            self.queue.forget_head(task.class, id);
+        }
         let was_out = matches!(task.state, TaskState::Assigned | TaskState::Running);
         self.policy_finalized(id, task.class, was_out);
         task.state = state;

@@ -4,6 +4,7 @@
 mod attempts;
 mod cron;
 mod dispatch;
+mod dispatch_cost;
 mod exec_policy;
 mod graph;
 mod history;
