@@ -634,11 +634,7 @@
     const where = h('span', { class: 'muted', id: 'page-where' }, '');
     const refresh = h('button', { type: 'button', class: 'secondary', id: 'tasks-refresh' }, 'Refresh');
 
-    // Page tokens of the pages seen so far: [0] is the first page (''),
-    // so "newer" walks back without asking the server for a reverse page.
-    const tokens = [''];
-    let at = 0;
-    let nextToken = '';
+    const pages = pager(prev, next, (token) => load(token));
 
     async function load(token) {
       const q = new URLSearchParams();
@@ -652,29 +648,15 @@
         if (!pg.alive) return;
         error.clear();
         const tasks = Array.isArray(data.tasks) ? data.tasks : [];
-        nextToken = data.next_page_token || '';
         list.replaceChildren(tasksTable(tasks, filters));
-        prev.disabled = at === 0;
-        next.disabled = !nextToken;
-        where.textContent = `page ${at + 1}`;
+        pages.got(data.next_page_token);
+        where.textContent = `page ${pages.number()}`;
       } catch (err) {
         if (!pg.alive || authLost(err)) return;
         error.show(describe(err, 'list tasks'));
       }
     }
-    next.addEventListener('click', () => {
-      if (!nextToken) return;
-      at += 1;
-      tokens[at] = nextToken;
-      tokens.length = at + 1;
-      load(nextToken);
-    });
-    prev.addEventListener('click', () => {
-      if (at === 0) return;
-      at -= 1;
-      load(tokens[at]);
-    });
-    refresh.addEventListener('click', () => load(tokens[at]));
+    refresh.addEventListener('click', () => load(pages.current()));
 
     const active = [filters.state && `state ${filters.state}`, filters.label && `label ${filters.label}`,
       filters.name && `name containing “${filters.name}”`].filter(Boolean);
@@ -1065,9 +1047,7 @@
       error.el, info,
       panel('Tasks by state', counts),
       panel('Tasks, in submission order', list, h('div', { class: 'pager' }, prev, next)));
-    const tokens = [''];
-    let at = 0;
-    let nextToken = '';
+    const pages = pager(prev, next, (token) => load(token));
     let live = false;
     let confirming = false;
 
@@ -1093,7 +1073,7 @@
           error.clear();
           confirming = false;
           info.replaceChildren(banner('info', `Job cancelled: ${Number(data.cancelled) || 0} task(s) cancelled, ${Number(data.already_final) || 0} already finished.`));
-          load(tokens[at]);
+          load(pages.current());
         } catch (err) {
           if (!pg.alive || authLost(err)) return;
           confirming = false;
@@ -1118,10 +1098,8 @@
           h('div', { class: 'count', 'data-state': state }, badge(state), h('span', { class: 'n' }, String(Number(byState[state]))))),
         data.counts_complete === false ? h('span', { class: 'muted' }, ` (first ${data.counted} tasks counted)`) : null);
         const tasks = Array.isArray(data.tasks) ? data.tasks : [];
-        nextToken = data.next_page_token || '';
         list.replaceChildren(tasksTable(tasks, { job: id }));
-        prev.disabled = at === 0;
-        next.disabled = !nextToken;
+        pages.got(data.next_page_token);
         renderActions();
       } catch (err) {
         if (!pg.alive || authLost(err)) return;
@@ -1132,6 +1110,17 @@
         error.show(describe(err, 'read this job'));
       }
     }
+    pg.every(REFRESH_MS, () => load(pages.current()));
+  }
+
+  // Paging by token for a list page: the tokens of the pages seen so far
+  // ([0] is the first page, ''), so "back" walks back without asking the
+  // server for a reverse page. `load(token)` fetches a page and then calls
+  // `got(next_page_token)`.
+  function pager(prev, next, load) {
+    const tokens = [''];
+    let at = 0;
+    let nextToken = '';
     next.addEventListener('click', () => {
       if (!nextToken) return;
       at += 1;
@@ -1144,7 +1133,15 @@
       at -= 1;
       load(tokens[at]);
     });
-    pg.every(REFRESH_MS, () => load(tokens[at]));
+    return {
+      current: () => tokens[at],
+      number: () => at + 1,
+      got(token) {
+        nextToken = token || '';
+        prev.disabled = at === 0;
+        next.disabled = !nextToken;
+      },
+    };
   }
 
   // One attempt from the server's attempt history, whatever the exact
