@@ -16,9 +16,11 @@ use crate::error::Error;
 impl Scheduler {
     /// Whether a node may register as it declared itself, before anything
     /// is sent to it: more than `max_node_slots` slots is refused; its
-    /// prefetch is capped at `max_node_slots`. So a node's credits never
-    /// exceed `slots + min(prefetch, max_node_slots)`, at most twice the
-    /// limit, however much it declares or grants. Answers the
+    /// prefetch is capped at `max_node_slots`. So a node is never assigned
+    /// more than `slots + min(prefetch, max_node_slots)` at once, at most
+    /// twice the limit, however much it declares or grants (the node is
+    /// not told: the credits it granted past the cap are kept and used as
+    /// its work ends, see `NodeEntry::grant`). Answers the
     /// registration to pass to [`register_node`](Self::register_node).
     ///
     /// A revoked node id is refused (`NodeRevoked`, counted in

@@ -109,14 +109,16 @@ impl NodeEntry {
         self.id
     }
 
-    /// Slots it may be assigned now: its credits, limited to its free slots
-    /// unless `prefetch` (then queued work beyond its slots counts too).
+    /// Slots it may be assigned now: its credits, limited to its slots not
+    /// in use (plus its prefetch when `prefetch`: queued work beyond its
+    /// slots counts too).
     pub fn room(&self, prefetch: bool) -> u32 {
-        if prefetch {
-            self.credits
+        let free = if prefetch {
+            self.slots.saturating_add(self.prefetch)
         } else {
-            self.credits.min(self.slots.saturating_sub(self.used))
-        }
+            self.slots
+        };
+        self.credits.min(free.saturating_sub(self.used))
     }
 
     /// Its free slots, as `ListNodes` and `ClusterInfo` report them: the
@@ -174,15 +176,16 @@ impl NodeEntry {
         }
     }
 
-    /// Adds a grant, never letting credits exceed the slots (plus the
-    /// prefetch it offered) not in use, so a node that grants twice is not
-    /// sent more than it can hold.
+    /// Adds a grant. Credits are the node's count as much as ours, so none
+    /// is ever dropped here: what is in use, and the prefetch this
+    /// coordinator allows (capped at `--max-node-slots`, which the node does
+    /// not know), are taken off when assigning ([`NodeEntry::room`]). A
+    /// credit dropped here would be one the node counts as granted and
+    /// never grants again: its window stays full while the coordinator
+    /// holds none, and the node idles for good. A node that grants too much
+    /// is still never sent more than its slots and prefetch allow.
     pub fn grant(&mut self, grant: u32) {
-        let room = self
-            .slots
-            .saturating_add(self.prefetch)
-            .saturating_sub(self.used);
-        self.credits = self.credits.saturating_add(grant).min(room);
+        self.credits = self.credits.saturating_add(grant);
     }
 
     pub fn info(&self, now: Instant) -> NodeInfo {

@@ -20,6 +20,55 @@ fn assignments_never_exceed_granted_credits() {
     assert_eq!((info.slots_used, info.slots_free), (4, 0));
 }
 
+/// A node grants a freed slot as soon as it takes the attempt's `Finished`;
+/// the grant may be applied before that `Finished` is. The credit is kept
+/// until the slot is free here too, never dropped: a dropped credit is one
+/// the node counts as granted, so it would never grant it again.
+#[test]
+fn a_grant_applied_before_its_finished_is_kept_until_the_slot_frees() {
+    let mut h = Harness::new();
+    h.node(S1, reg("n1", 1), 1);
+    let ids = h.submit((0..3).map(|_| TaskSpec::call("noop", "")).collect());
+    assert_eq!(assigned(&h.effects(), S1), [(ids[0], Attempt(1))]);
+    h.event(S1, ids[0], 1, NodeEventBody::Started);
+    h.s.credits(S1, 1, h.now);
+    // The slot is still in use here: nothing yet.
+    assert!(assigned(&h.effects(), S1).is_empty());
+    h.finish(S1, ids[0], 1, Outcome::Succeeded);
+    assert_eq!(assigned(&h.effects(), S1), [(ids[1], Attempt(1))]);
+    // And again, for every task: no credit is ever lost on the way.
+    h.s.credits(S1, 1, h.now);
+    h.finish(S1, ids[1], 1, Outcome::Succeeded);
+    assert_eq!(assigned(&h.effects(), S1), [(ids[2], Attempt(1))]);
+}
+
+/// A node's default prefetch (256 per slot) may exceed `--max-node-slots`:
+/// the coordinator caps what it sends, not what it counts. Every credit the
+/// node granted is used in the end, without another grant, as the node
+/// expects (it grants again only once its window is used).
+#[test]
+fn credits_past_a_capped_prefetch_are_used_later_not_dropped() {
+    let mut h = Harness::new();
+    let mut greedy = reg("n1", 1);
+    greedy.prefetch = 2_000;
+    let greedy = h.s.admit_node(greedy).unwrap();
+    assert_eq!(greedy.prefetch, 1024, "capped at max_node_slots");
+    h.node(S1, greedy, 1 + 2_000);
+    let ids = h.submit((0..2_001).map(|_| TaskSpec::call("noop", "")).collect());
+    let first = assigned(&h.effects(), S1);
+    assert_eq!(
+        first.len(),
+        1 + 1024,
+        "at most its slot and the capped prefetch"
+    );
+    let mut all = first.len();
+    for (id, _) in first {
+        h.finish(S1, id, 1, Outcome::Succeeded);
+        all += assigned(&h.effects(), S1).len();
+    }
+    assert_eq!(all, ids.len(), "every granted credit was used");
+}
+
 #[test]
 fn multi_slot_tasks_use_that_many_credits() {
     let mut h = Harness::new();
