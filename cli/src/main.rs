@@ -51,6 +51,7 @@ fn main() -> ExitCode {
     if let Some(code) = weft_node::reaper::run_if_reaper() {
         return code;
     }
+    quiet_on_broken_pipe();
     match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime.block_on(start()),
         Err(err) => {
@@ -58,6 +59,26 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `weft list | head`: once the reader of stdout is gone, stop quietly with
+/// status 141 (as a tool killed by SIGPIPE does) instead of a panic's
+/// message and backtrace. `print!` reports a closed pipe by panicking; any
+/// other panic is reported as usual.
+fn quiet_on_broken_pipe() {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or_default();
+        if message.starts_with("failed printing to stdout") && message.contains("Broken pipe") {
+            std::process::exit(141);
+        }
+        report(info);
+    }));
 }
 
 async fn start() -> ExitCode {

@@ -56,25 +56,7 @@ pub async fn run_weft_env(
     args: &[&str],
     stdin: Option<&[u8]>,
 ) -> CliOutput {
-    let mut cmd = Command::new(bin_path("weft"));
-    cmd.env_remove("WEFT_TOKEN")
-        .env("XDG_CONFIG_HOME", "/nonexistent/weft-test-config");
-    if let Some(token) = token {
-        cmd.env("WEFT_TOKEN", token);
-    }
-    if url.is_empty() {
-        cmd.env_remove("WEFT_COORDINATOR");
-    } else {
-        cmd.env("WEFT_COORDINATOR", url);
-    }
-    // The CA registered for `url` in [`crate::trust`], if any.
-    if let Some(weft_proto::tls::Trust::CaFile(ca)) = crate::trust::for_url(url) {
-        cmd.env("WEFT_CA", ca);
-    } else {
-        cmd.env_remove("WEFT_CA");
-    }
-    cmd.env_remove("WEFT_CA_PIN");
-    cmd.envs(env.iter().copied());
+    let mut cmd = weft_command(url, token, env);
     cmd.args(args)
         .env("NO_COLOR", "1")
         .env_remove("RUST_LOG")
@@ -113,4 +95,58 @@ pub async fn run_weft_env(
             elapsed,
         },
     }
+}
+
+/// The `weft` binary with `WEFT_COORDINATOR=url`, `WEFT_TOKEN=token`, the
+/// CA registered for `url` and `env` (see [`run_weft_env`]).
+fn weft_command(url: &str, token: Option<&str>, env: &[(&str, &str)]) -> Command {
+    let mut cmd = Command::new(bin_path("weft"));
+    cmd.env_remove("WEFT_TOKEN")
+        .env("XDG_CONFIG_HOME", "/nonexistent/weft-test-config");
+    if let Some(token) = token {
+        cmd.env("WEFT_TOKEN", token);
+    }
+    if url.is_empty() {
+        cmd.env_remove("WEFT_COORDINATOR");
+    } else {
+        cmd.env("WEFT_COORDINATOR", url);
+    }
+    // The CA registered for `url` in [`crate::trust`], if any.
+    if let Some(weft_proto::tls::Trust::CaFile(ca)) = crate::trust::for_url(url) {
+        cmd.env("WEFT_CA", ca);
+    } else {
+        cmd.env_remove("WEFT_CA");
+    }
+    cmd.env_remove("WEFT_CA_PIN");
+    cmd.envs(env.iter().copied());
+    cmd
+}
+
+/// Runs `weft ARGS` (as [`run_weft`]) with its stdout a pipe whose reader
+/// is gone before it writes, as `weft list | head -1` leaves it once
+/// `head` has its line. Answers the exit code (`None`: killed by a signal)
+/// and what it wrote to stderr.
+pub async fn run_weft_reader_gone(
+    url: &str,
+    token: Option<&str>,
+    args: &[&str],
+) -> (Option<i32>, String) {
+    let mut cmd = weft_command(url, token, &[]);
+    cmd.args(args)
+        .env("NO_COLOR", "1")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = cmd.spawn().expect("starting the weft CLI");
+    drop(child.stdout.take());
+    let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+        .await
+        .expect("weft still running after 60 s")
+        .expect("waiting for weft");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }

@@ -275,3 +275,26 @@ async fn a_filter_few_tasks_match_pages_across_the_bounded_scan() {
     assert!(!newest.contains(&needle));
     cluster.shutdown().await;
 }
+
+/// `weft list | head -1`: once the reader is gone the CLI stops quietly
+/// with status 141, as a Unix tool killed by SIGPIPE, not with a panic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weft_list_into_a_closed_pipe_stops_quietly() {
+    let cluster = TestCluster::builder().nodes(0).start().await;
+    let client = cluster.client().await;
+    let specs = (0..50)
+        .map(|i| TaskSpec::call("echo", i.to_string()))
+        .collect();
+    client.submit_many(specs).await.expect("submit");
+    for args in [&["list", "--limit", "50"][..], &["-o", "json", "list"]] {
+        let (code, stderr) = weft_tests::cli::run_weft_reader_gone(
+            &cluster.url(),
+            Some(&cluster.admin_token()),
+            args,
+        )
+        .await;
+        assert_eq!(code, Some(141), "weft {args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "weft {args:?}: {stderr}");
+    }
+    cluster.shutdown().await;
+}
