@@ -1,4 +1,5 @@
-//! A node never runs more than its slots' worth of attempts at once.
+//! A node never runs more than its slots' worth of attempts at once, and never
+//! idles while work waits because a credit it granted went missing.
 //!
 //! Each probe task registers itself with a marker file in a shared folder,
 //! counts the markers, logs the count, holds its slot for a moment and
@@ -78,5 +79,34 @@ async fn a_task_needing_two_slots_takes_two_of_its_nodes_slots() {
     run_probes(&cluster, &dir, 4, 2).await;
     let max = max_count(&dir);
     assert_eq!(max, 1, "two 2-slot tasks ran at once on a 3-slot node");
+    cluster.shutdown().await;
+}
+
+/// A node with more prefetch than the coordinator allows (the default 256
+/// per slot past `--max-node-slots`) grants credits the coordinator cannot
+/// use at once. They are kept, not dropped: after a burst of short tasks
+/// (which makes the node prefetch all it may) then slower ones (which make
+/// it hold back its grants), every task still runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_granting_past_its_capped_prefetch_keeps_getting_work() {
+    let cluster = TestCluster::builder()
+        .nodes(1)
+        .slots(8)
+        .max_node_slots(8)
+        .start()
+        .await;
+    let client = cluster.client().await;
+    for specs in [
+        (0..200)
+            .map(|i| TaskSpec::call("noop", i.to_string()))
+            .collect::<Vec<_>>(),
+        (0..200).map(|_| TaskSpec::call("sleep", "5ms")).collect(),
+    ] {
+        let ids = client.submit_many(specs).await.expect("submit");
+        for id in ids {
+            let task = cluster.wait_for_final(id).await;
+            assert_eq!(task.state, TaskState::Succeeded, "{task:?}");
+        }
+    }
     cluster.shutdown().await;
 }
