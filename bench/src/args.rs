@@ -110,6 +110,10 @@ pub struct BenchArgs {
     /// Run only these steps (comma-separated; default: all).
     #[arg(long, value_enum, value_delimiter = ',', value_name = "STEP,...")]
     pub only: Vec<Step>,
+    /// Policy fields the policy-mix step sets on its tasks (comma-separated;
+    /// default: all four), to see what each one costs alone.
+    #[arg(long, value_enum, value_delimiter = ',', value_name = "FIELD,...")]
+    pub mix: Vec<crate::policy::MixField>,
     /// Tasks queued in the scale step [default: 1000000; 20000 with --quick].
     #[arg(long, value_name = "N")]
     pub scale_tasks: Option<usize>,

@@ -52,20 +52,61 @@ const CONCURRENCY_KEYS: [&str; 8] = [
 /// so the key is counted but never holds a task back.
 pub const CONCURRENCY_MAX: u32 = 1_000_000;
 
-/// The noop task carrying `x`, with every policy field set: priority 1 to
+/// A policy field the policy mix sets (`weft bench --mix`), so what each
+/// one costs can be measured alone.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MixField {
+    /// Priority 1 to 9 in turn.
+    Priority,
+    /// One of four fair keys (weights 1 to 4).
+    FairKey,
+    /// One of eight concurrency keys (limit [`CONCURRENCY_MAX`]).
+    Concurrency,
+    /// One unit of [`RESOURCE`].
+    Resource,
+}
+
+impl MixField {
+    /// Every field: the policy mix's default.
+    pub const ALL: [MixField; 4] = [
+        MixField::Priority,
+        MixField::FairKey,
+        MixField::Concurrency,
+        MixField::Resource,
+    ];
+
+    /// How the report names it.
+    pub fn label(self) -> &'static str {
+        match self {
+            MixField::Priority => "priority",
+            MixField::FairKey => "fair key",
+            MixField::Concurrency => "concurrency key",
+            MixField::Resource => "resource",
+        }
+    }
+}
+
+/// The noop task carrying `x`, with the policy `fields` set: priority 1 to
 /// 9 in turn, one of four fair keys (weights 1 to 4), one of eight
 /// concurrency keys (limit [`CONCURRENCY_MAX`]), one unit of [`RESOURCE`].
-pub fn mixed(x: usize) -> TaskSpec {
-    let (key, weight) = FAIR_KEYS[x % FAIR_KEYS.len()];
-    noop(x)
-        .priority(1 + (x % 9) as u8)
-        .fair_key(key, weight)
-        .concurrency(
-            CONCURRENCY_KEYS[x % CONCURRENCY_KEYS.len()],
-            CONCURRENCY_MAX,
-            OverLimit::Queue,
-        )
-        .resource(RESOURCE, 1)
+pub fn mixed(x: usize, fields: &[MixField]) -> TaskSpec {
+    let mut spec = noop(x);
+    for field in fields {
+        spec = match field {
+            MixField::Priority => spec.priority(1 + (x % 9) as u8),
+            MixField::FairKey => {
+                let (key, weight) = FAIR_KEYS[x % FAIR_KEYS.len()];
+                spec.fair_key(key, weight)
+            }
+            MixField::Concurrency => spec.concurrency(
+                CONCURRENCY_KEYS[x % CONCURRENCY_KEYS.len()],
+                CONCURRENCY_MAX,
+                OverLimit::Queue,
+            ),
+            MixField::Resource => spec.resource(RESOURCE, 1),
+        };
+    }
+    spec
 }
 
 /// One interleaved pair of runs: tasks/s of plain noops, then of mixed ones.
@@ -85,6 +126,7 @@ pub async fn interleaved_throughput(
     n: usize,
     runs: usize,
     concurrency: usize,
+    fields: &[MixField],
 ) -> anyhow::Result<Vec<PairedRun>> {
     let mut out = Vec::with_capacity(runs);
     for run in 0..runs {
@@ -92,7 +134,7 @@ pub async fn interleaved_throughput(
         let mut mix = 0.0;
         for first_mixed in [run % 2 == 1, run % 2 == 0] {
             let specs: Vec<TaskSpec> = (0..n)
-                .map(|x| if first_mixed { mixed(x) } else { noop(x) })
+                .map(|x| if first_mixed { mixed(x, fields) } else { noop(x) })
                 .collect();
             let meter = Meter::start(None);
             let tasks = run_all(client, specs, concurrency).await?;
@@ -522,9 +564,9 @@ mod tests {
     #[test]
     fn the_mix_uses_every_policy_field_and_every_priority() {
         let priorities: std::collections::BTreeSet<u8> =
-            (0..9).map(|x| mixed(x).priority).collect();
+            (0..9).map(|x| mixed(x, &MixField::ALL).priority).collect();
         assert_eq!(priorities.len(), 9);
-        let spec = mixed(5);
+        let spec = mixed(5, &MixField::ALL);
         assert!(!spec.fair_key.is_empty());
         assert_eq!(
             spec.concurrency.as_ref().map(|c| c.max_running),

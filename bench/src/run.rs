@@ -216,14 +216,22 @@ async fn cluster_steps(
             "policy-mix: {} × ({} plain, {} policy-mix) noop tasks, interleaved",
             plan.throughput_runs, plan.throughput_n, plan.throughput_n
         ));
+        let fields = if args.mix.is_empty() {
+            crate::policy::MixField::ALL.to_vec()
+        } else {
+            args.mix.clone()
+        };
         let result = async {
-            let warm = (0..plan.warmup).map(crate::policy::mixed).collect();
+            let warm = (0..plan.warmup)
+                .map(|x| crate::policy::mixed(x, &fields))
+                .collect();
             workload::run_all(client, warm, concurrency).await?;
             crate::policy::interleaved_throughput(
                 client,
                 plan.throughput_n,
                 plan.throughput_runs,
                 concurrency,
+                &fields,
             )
             .await
         }
@@ -232,6 +240,7 @@ async fn cluster_steps(
             Ok(runs) => {
                 report.policy_mix = Some(PolicyMix {
                     n: plan.throughput_n,
+                    fields: fields.clone(),
                     runs,
                 })
             }

@@ -88,6 +88,8 @@ pub struct Noise {
 pub struct PolicyMixFigures {
     /// Tasks per run.
     pub n: usize,
+    /// What the mixed tasks set ("priority, fair key, ...").
+    pub fields: String,
     /// Plain tasks/s of each pair.
     pub plain: Vec<f64>,
     /// Policy-mix tasks/s of each pair.
@@ -283,6 +285,12 @@ fn policy_mix(p: &PolicyMix) -> PolicyMixFigures {
     let mixed: Vec<f64> = p.runs.iter().map(|r| r.mixed_tps).collect();
     PolicyMixFigures {
         n: p.n,
+        fields: p
+            .fields
+            .iter()
+            .map(|f| f.label())
+            .collect::<Vec<_>>()
+            .join(", "),
         plain_median: median_of(plain.iter().copied()),
         mixed_median: median_of(mixed.iter().copied()),
         plain,

@@ -187,6 +187,7 @@ fn json_section(measured: &Measured<'_>) -> Value {
         }
         Measured::PolicyMix(p) => json!({
             "n": p.n,
+            "fields": p.fields,
             "plain_tps": p.plain.iter().map(|r| round(*r, 1)).collect::<Vec<_>>(),
             "mixed_tps": p.mixed.iter().map(|r| round(*r, 1)).collect::<Vec<_>>(),
             "plain_median_tps": p.plain_median.map(|v| round(v, 1)),

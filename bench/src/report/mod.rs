@@ -72,6 +72,8 @@ impl Throughput {
 pub struct PolicyMix {
     /// Tasks per run (each kind).
     pub n: usize,
+    /// The policy fields the mixed tasks set.
+    pub fields: Vec<crate::policy::MixField>,
     /// Tasks/s of each pair.
     pub runs: Vec<crate::policy::PairedRun>,
 }

@@ -167,8 +167,9 @@ fn rows(figure: &Figure<'_>) -> Vec<Row> {
             let runs = |v: &[f64]| v.iter().map(|r| num(*r, 0)).collect::<Vec<_>>().join(", ");
             vec![[
                 format!(
-                    "policy mix, {} noop with priority, fair key, concurrency key, resource, tasks/s (median of {}, interleaved with plain)",
+                    "policy mix, {} noop with {}, tasks/s (median of {}, interleaved with plain)",
                     p.n,
+                    p.fields,
                     p.mixed.len()
                 ),
                 format!("{} ({})", num(mixed, 0), runs(&p.mixed)),
