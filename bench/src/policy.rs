@@ -134,7 +134,13 @@ pub async fn interleaved_throughput(
         let mut mix = 0.0;
         for first_mixed in [run % 2 == 1, run % 2 == 0] {
             let specs: Vec<TaskSpec> = (0..n)
-                .map(|x| if first_mixed { mixed(x, fields) } else { noop(x) })
+                .map(|x| {
+                    if first_mixed {
+                        mixed(x, fields)
+                    } else {
+                        noop(x)
+                    }
+                })
                 .collect();
             let meter = Meter::start(None);
             let tasks = run_all(client, specs, concurrency).await?;

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use clap::{Args, Subcommand};
+use clap::{Args, Subcommand, ValueEnum};
 use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::json;
@@ -18,6 +18,7 @@ use crate::exit::{self, UsageError};
 use crate::opts::{parse_duration_arg, parse_task_id};
 use crate::output::OutputFormat;
 use crate::output::{task_json, tasks_table};
+use crate::policy_opts::{OnLimit, PolicyOpts, parse_fair_key, parse_rate_use};
 
 /// What a task waits for before it runs (`weft submit`).
 #[derive(Args, Debug, Clone, Default)]
@@ -175,6 +176,14 @@ struct FileTask {
     fair_weight: Option<u32>,
     #[serde(default)]
     resources: BTreeMap<String, String>,
+    concurrency_key: Option<String>,
+    max_concurrent: Option<u32>,
+    on_limit: Option<String>,
+    /// `NAME` or `NAME:UNITS`, as `--rate-limit`.
+    #[serde(default)]
+    rate_limits: Vec<String>,
+    #[serde(default)]
+    fail_if_infeasible: bool,
     at: Option<String>,
     delay: Option<String>,
 }
@@ -292,17 +301,7 @@ fn file_spec(i: usize, t: &FileTask) -> Result<TaskSpec, String> {
     if let Some(cwd) = &t.cwd {
         spec = spec.cwd(cwd);
     }
-    if let Some(p) = t.priority {
-        spec = spec.priority(p);
-    }
-    if let Some(key) = &t.fair_key {
-        spec = spec.fair_key(key, t.fair_weight.unwrap_or(1));
-    }
-    for (name, amount) in &t.resources {
-        let (name, amount) = weft_proto::policy::parse_resource(&format!("{name}={amount}"))
-            .map_err(|e| task_error(i, t, "resources", e))?;
-        spec = spec.resource(name, amount);
-    }
+    spec = file_policy(i, t)?.apply(spec);
     match (&t.at, &t.delay) {
         (Some(_), Some(_)) => return Err(task_error(i, t, "at", "give `at` or `delay`, not both")),
         (Some(at), None) => {
@@ -312,6 +311,65 @@ fn file_spec(i: usize, t: &FileTask) -> Result<TaskSpec, String> {
         (None, None) => {}
     }
     Ok(spec)
+}
+
+/// A graph file task's policy keys, read as `weft submit`'s flags are.
+fn file_policy(i: usize, t: &FileTask) -> Result<PolicyOpts, String> {
+    let fail = |field: &str, why: String| task_error(i, t, field, why);
+    if t.concurrency_key.is_none() {
+        for (field, set) in [
+            ("max_concurrent", t.max_concurrent.is_some()),
+            ("on_limit", t.on_limit.is_some()),
+        ] {
+            if set {
+                return Err(fail(field, "needs `concurrency_key`".into()));
+            }
+        }
+    }
+    if t.fair_key.is_none() && t.fair_weight.is_some() {
+        return Err(fail("fair_weight", "needs `fair_key`".into()));
+    }
+    let on_limit = t
+        .on_limit
+        .as_deref()
+        .map(|text| {
+            OnLimit::from_str(&text.replace('_', "-"), true).map_err(|_| {
+                fail(
+                    "on_limit",
+                    format!("'{text}': one of queue, cancel-newest, cancel-oldest"),
+                )
+            })
+        })
+        .transpose()?;
+    let resources = t
+        .resources
+        .iter()
+        .map(|(name, amount)| {
+            weft_proto::policy::parse_resource(&format!("{name}={amount}"))
+                .map_err(|e| fail("resources", e.to_string()))
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(PolicyOpts {
+        priority: t.priority,
+        fair_key: t
+            .fair_key
+            .as_deref()
+            .map(parse_fair_key)
+            .transpose()
+            .map_err(|e| fail("fair_key", e))?,
+        fair_weight: t.fair_weight,
+        concurrency_key: t.concurrency_key.clone(),
+        max_concurrent: t.max_concurrent,
+        on_limit,
+        rate_limits: t
+            .rate_limits
+            .iter()
+            .map(|text| parse_rate_use(text))
+            .collect::<Result<_, _>>()
+            .map_err(|e| fail("rate_limits", e))?,
+        resources,
+        fail_if_infeasible: t.fail_if_infeasible,
+    })
 }
 
 /// Prints what a Submit made: the job id, then each task's id (and ref).
@@ -513,6 +571,49 @@ mod tests {
         assert_eq!(specs[1].after_rule, DependencyRule::AllFinished);
         assert_eq!(specs[1].timeout, Some(Duration::from_secs(30)));
         assert_eq!(specs[1].priority, 8);
+    }
+
+    #[test]
+    fn every_policy_flag_is_a_graph_file_key() {
+        let (_dir, path) = write(
+            "g.yaml",
+            "- call: echo\n  fair_key: team-a\n  fair_weight: 3\n  concurrency_key: user-42\n  max_concurrent: 2\n  on_limit: cancel_oldest\n  rate_limits: [api, 'gpu-api:3']\n  resources: {cpu: 2, mem: 1GiB}\n  fail_if_infeasible: true\n",
+        );
+        let spec = &read_graph(&path).expect("reads")[0];
+        assert_eq!((spec.fair_key.as_str(), spec.fair_weight), ("team-a", 3));
+        let limit = spec.concurrency.as_ref().expect("a concurrency key");
+        assert_eq!(
+            (limit.key.as_str(), limit.max_running, limit.on_limit),
+            ("user-42", 2, weft_proto::OverLimit::CancelOldest)
+        );
+        let uses: Vec<(&str, u32)> = spec
+            .rate_limits
+            .iter()
+            .map(|u| (u.name.as_str(), u.units))
+            .collect();
+        assert_eq!(uses, [("api", 1), ("gpu-api", 3)]);
+        assert_eq!(spec.resources.get("mem"), Some(&(1 << 30)));
+        assert!(spec.fail_if_infeasible);
+
+        for (text, key) in [
+            (
+                "- call: echo\n  max_concurrent: 2\n",
+                "`max_concurrent`: needs `concurrency_key`",
+            ),
+            (
+                "- call: echo\n  concurrency_key: k\n  on_limit: drop\n",
+                "`on_limit`: 'drop'",
+            ),
+            ("- call: echo\n  rate_limits: ['api:0']\n", "`rate_limits`"),
+            (
+                "- call: echo\n  fair_weight: 2\n",
+                "`fair_weight`: needs `fair_key`",
+            ),
+        ] {
+            let (_d, path) = write("bad.yaml", text);
+            let err = read_graph(&path).unwrap_err().0;
+            assert!(err.contains(&format!("task 0: {key}")), "{err}");
+        }
     }
 
     #[test]
