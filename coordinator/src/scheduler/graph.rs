@@ -34,7 +34,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 
-use weft_proto::{ConversionError, Dependency, DependencyRule, TaskId, TaskSpec, TaskState};
+use weft_proto::{
+    ConversionError, Dependency, DependencyRule, TaskId, TaskKind, TaskSpec, TaskState,
+};
 
 use super::queue::ClassId;
 use super::{Now, Scheduler};
@@ -140,6 +142,10 @@ pub(crate) struct Graph {
     /// Live tasks with `after` restored from the store, to link once all
     /// are back (their parents may come later in id order).
     restored: Vec<TaskId>,
+    /// Calls released to the queue that no connected node serves, with
+    /// their schedule timeout: their deadline is set at the batch's end
+    /// (`take_effects` has the instant), as for a call queued at submit.
+    pub(crate) unserved: Vec<(TaskId, Duration)>,
 }
 
 impl Graph {
@@ -542,8 +548,26 @@ impl Scheduler {
     /// A PENDING task is queued: ready for dispatch, and counted by its
     /// policy (concurrency key, infeasible check) as a task queued at
     /// submit is.
+    /// A call no connected node serves says so, and fails after its
+    /// schedule timeout, as at submit.
     fn release(&mut self, id: TaskId, class: ClassId, reason: String, wall: SystemTime) {
+        let unserved = self.tasks.get(&id).and_then(|task| {
+            let spec = task.spec.template(self.queue.example(class));
+            let served = self.nodes.is_empty()
+                || matches!(spec.kind, TaskKind::Exec(_))
+                || self.nodes.values().any(|n| n.serves(spec));
+            (!served).then(|| (self.unserved_reason(spec), self.schedule_timeout(spec)))
+        });
+        let reason = match &unserved {
+            Some((why, _)) => format!("{reason}; {why}"),
+            None => reason,
+        };
         self.change_state(id, TaskState::Queued, None, reason, wall);
+        if let Some((_, wait)) = unserved
+            && !wait.is_zero()
+        {
+            self.graph.unserved.push((id, wait));
+        }
         self.queue.push_ready(class, id);
         if !self.queue.classes[class as usize].policy.plain
             && let Some(task) = self.tasks.get(&id)

@@ -772,6 +772,10 @@ impl Scheduler {
     /// Matches ready tasks to nodes with credits, then hands out everything
     /// the events since the last call produced.
     pub fn take_effects(&mut self, now: Now) -> Effects {
+        for (id, wait) in std::mem::take(&mut self.graph.unserved) {
+            self.unplaceable
+                .push(std::cmp::Reverse((now.instant + wait, id)));
+        }
         self.dispatch(now);
         self.attach_parents();
         if self.cancels_ordered.capacity() > 4096 {
@@ -784,13 +788,13 @@ impl Scheduler {
 
     /// How long `spec` may wait for a connected node serving its handler:
     /// its own schedule timeout, else the coordinator's (zero: forever).
-    fn schedule_timeout(&self, spec: &TaskSpec) -> Duration {
+    pub(crate) fn schedule_timeout(&self, spec: &TaskSpec) -> Duration {
         spec.schedule_timeout
             .unwrap_or(self.config.schedule_timeout)
     }
 
     /// Why a call no connected node serves waits, as its first event says.
-    fn unserved_reason(&self, spec: &TaskSpec) -> String {
+    pub(crate) fn unserved_reason(&self, spec: &TaskSpec) -> String {
         let handler = match &spec.kind {
             TaskKind::Call(call) => call.handler.as_str(),
             TaskKind::Exec(_) => "",

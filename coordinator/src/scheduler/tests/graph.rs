@@ -473,3 +473,41 @@ fn a_wide_graph_submits_and_releases_in_linear_time() {
     assert!(h.s.cancel(ids[0], "", h.now));
     assert_eq!(h.s.live_tasks(), 0);
 }
+
+/// A call released from PENDING that no connected node serves says so and
+/// fails after its schedule timeout, as a call queued at submit does.
+#[test]
+fn a_released_call_no_node_serves_fails_after_the_schedule_timeout() {
+    let mut h = Harness::new();
+    h.node(S1, reg("n1", 2), 2);
+    let ids = h
+        .submit_job(vec![
+            call("a"),
+            TaskSpec::call("nope", "").ref_name("b").after_ref("a"),
+        ])
+        .expect("submit");
+    assert_eq!(h.run_assigned(Outcome::Succeeded), [ids[0]]);
+    h.effects();
+    assert_eq!(h.state(ids[1]), TaskState::Queued);
+    let Some(EventBody::State { reason, .. }) = h.events(ids[1]).last().map(|e| e.body.clone())
+    else {
+        panic!("a state event last");
+    };
+    assert!(
+        reason.contains("no connected node serves handler 'nope'")
+            && reason.contains("within 60s (schedule timeout)"),
+        "{reason}"
+    );
+    for _ in 0..61 {
+        h.s.heartbeat(S1, h.now);
+        h.advance(Duration::from_secs(1));
+    }
+    h.effects();
+    let record = h.record(ids[1]);
+    assert_eq!(record.state, TaskState::Failed);
+    assert!(
+        record.error.starts_with("unknown handler 'nope'"),
+        "{}",
+        record.error
+    );
+}
