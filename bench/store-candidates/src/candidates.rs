@@ -651,7 +651,8 @@ impl Candidate for Log {
 
 impl Log {
     /// A task's latest head, read by id through the index (the frame's
-    /// checksum checked): what `Get` would read.
+    /// checksum checked): what `Get` would read. Only the tests read here.
+    #[cfg(test)]
     fn head(&self, id: Id) -> Result<Option<Vec<u8>>> {
         use std::os::unix::fs::FileExt;
         let Some(entry) = self.index.get(&id) else {

@@ -387,6 +387,7 @@ fn print_table(
     println!(
         "CPU: user+sys of the process (all threads) over the commits; store CPU = CPU - the `none` row's (making the records)."
     );
+    println!();
     println!(
         "| candidate | order | CPU µs/task | store CPU µs/task | tasks/s | fsync/task | bytes written/task | dir bytes/task | dir bytes/kept task after retention |"
     );
@@ -436,9 +437,8 @@ fn print_table(
     for (oi, order) in orders.iter().enumerate() {
         for (ki, kind) in kinds.iter().enumerate() {
             if let Some(runs) = results.get(&(ki, oi)) {
-                let m = |key: &str| {
-                    median(runs.iter().filter_map(|f| f.get(key).copied()).collect())
-                };
+                let m =
+                    |key: &str| median(runs.iter().filter_map(|f| f.get(key).copied()).collect());
                 println!(
                     "- {} {}: {:.2} s / {:.2} s CPU, {} deleted; of the dir after it, {:.0} B/kept task are journal",
                     kind.name(),
