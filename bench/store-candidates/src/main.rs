@@ -65,6 +65,33 @@ enum Cmd {
         #[arg(long)]
         no_strace: bool,
     },
+    /// Restart with a backlog: for each candidate, one process submits
+    /// `--tasks` tasks (all left queued) and exits, then a new process
+    /// reopens the store and reads every live task back; prints the
+    /// reopen's time and both processes' peak memory.
+    Recovery {
+        #[command(flatten)]
+        shape: ShapeArgs,
+        /// Candidates (those with a recovery: redb-today, log).
+        #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Kind::RedbToday, Kind::Log])]
+        candidates: Vec<Kind>,
+    },
+    /// Submits `--tasks` tasks into a new data dir `--dir` and leaves them
+    /// queued (the first half of `recovery`).
+    Fill {
+        #[command(flatten)]
+        shape: ShapeArgs,
+        #[arg(long, value_enum)]
+        candidate: Kind,
+    },
+    /// Reopens the data dir `--dir` and reads every live task back (the
+    /// second half of `recovery`).
+    Load {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, value_enum)]
+        candidate: Kind,
+    },
     /// One candidate, one order: prints one `RESULT` line.
     Run {
         #[command(flatten)]
@@ -90,7 +117,123 @@ fn main() -> Result<()> {
             orders,
             no_strace,
         } => all(&shape, repeat, candidates, orders, no_strace),
+        Cmd::Recovery { shape, candidates } => recovery(&shape, &candidates),
+        Cmd::Fill { shape, candidate } => fill(&shape, candidate),
+        Cmd::Load { dir, candidate } => load(&dir, candidate),
     }
+}
+
+/// Peak resident memory of this process, bytes (`VmHWM`).
+fn peak_rss() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("VmHWM:")
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            })
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+fn fill(args: &ShapeArgs, kind: Kind) -> Result<()> {
+    let shape = Shape {
+        tasks: args.tasks as usize,
+        batch: args.batch as usize,
+        window: args.window as usize,
+        order: Order::InOrder,
+        submit_only: true,
+    };
+    if args.dir.exists() {
+        bail!("{} exists; fill makes a new data dir", args.dir.display());
+    }
+    let mut store = candidates::open(kind, &args.dir)?;
+    let mut workload = Workload::new(shape);
+    let mut records = Vec::new();
+    let start = Instant::now();
+    while workload.next_commit(&mut records).is_some() {
+        store.commit(&records)?;
+    }
+    drop(store);
+    println!(
+        "RESULT fill_s={:.2} fill_rss={} dir={}",
+        start.elapsed().as_secs_f64(),
+        peak_rss(),
+        dir_bytes(&args.dir)
+    );
+    Ok(())
+}
+
+fn load(dir: &Path, kind: Kind) -> Result<()> {
+    let start = Instant::now();
+    let live = candidates::recover(kind, dir)?;
+    println!(
+        "RESULT load_s={:.3} load_rss={} live={live}",
+        start.elapsed().as_secs_f64(),
+        peak_rss()
+    );
+    Ok(())
+}
+
+fn recovery(args: &ShapeArgs, kinds: &[Kind]) -> Result<()> {
+    std::fs::create_dir_all(&args.dir)?;
+    let exe = std::env::current_exe()?;
+    println!(
+        "\n{} queued tasks, {} per commit; reopen in a new process (warm page cache).\n",
+        args.tasks, args.batch
+    );
+    println!(
+        "| candidate | dir MB | reopen + read all live, s | live read | peak RSS of reopen, MiB | peak RSS of the filling process, MiB |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|");
+    for kind in kinds {
+        let dir = args
+            .dir
+            .join(format!("recover-{}-{}", kind.name(), std::process::id()));
+        let result = (|| -> Result<Figures> {
+            let child = |cmd: &mut Command| -> Result<Figures> {
+                let out = cmd.output()?;
+                let stdout = String::from_utf8_lossy(&out.stdout);
+                if !out.status.success() {
+                    bail!(
+                        "{} failed: {stdout}{}",
+                        kind.name(),
+                        String::from_utf8_lossy(&out.stderr)
+                    );
+                }
+                parse_result(&stdout)
+            };
+            let mut figures = child(
+                Command::new(&exe)
+                    .args(["fill", "--candidate", kind.name()])
+                    .arg(format!("--tasks={}", args.tasks))
+                    .arg(format!("--batch={}", args.batch))
+                    .arg("--dir")
+                    .arg(&dir),
+            )?;
+            // The page cache is left as the fill left it (dropping it would
+            // slow everything else on the machine): a warm restart.
+            figures.extend(child(
+                Command::new(&exe)
+                    .args(["load", "--candidate", kind.name()])
+                    .arg("--dir")
+                    .arg(&dir),
+            )?);
+            Ok(figures)
+        })();
+        let _ = std::fs::remove_dir_all(&dir);
+        let f = result?;
+        println!(
+            "| {} | {:.0} | {:.2} | {} | {:.0} | {:.0} |",
+            kind.name(),
+            f["dir"] / 1e6,
+            f["load_s"],
+            f["live"],
+            f["load_rss"] / 1e6 / 1.048_576,
+            f["fill_rss"] / 1e6 / 1.048_576,
+        );
+    }
+    Ok(())
 }
 
 /// CPU seconds (user + system) of this process, all threads.
@@ -158,6 +301,7 @@ fn run(args: &ShapeArgs, kind: Kind, order: Order) -> Result<()> {
         batch: args.batch as usize,
         window: args.window as usize,
         order,
+        submit_only: false,
     };
     let dir = args.dir.join(format!(
         "{}-{}-{}",

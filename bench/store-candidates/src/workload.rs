@@ -46,6 +46,8 @@ pub struct Shape {
     pub batch: usize,
     pub window: usize,
     pub order: Order,
+    /// Only submits: every task stays queued (a restart's backlog).
+    pub submit_only: bool,
 }
 
 /// A splitmix64 step: a fixed, seedable hash for priorities.
@@ -96,7 +98,11 @@ impl Workload {
             specs: vec![None; n],
             base_ms,
             lag,
-            commits: batches + lag + 2,
+            commits: if shape.submit_only {
+                batches
+            } else {
+                batches + lag + 2
+            },
             next: 0,
             nodes: [
                 (NodeId::from_u128(1 << 100), Arc::from("node-1")),
@@ -200,8 +206,7 @@ impl Workload {
         })
     }
 
-    /// The next commit's records, or `None` after the last; `tasks` gets
-    /// the index of every task the commit touches.
+    /// The next commit's records, or `None` after the last.
     pub fn next_commit(&mut self, out: &mut Vec<Record>) -> Option<usize> {
         let c = self.next;
         if c >= self.commits {
@@ -217,6 +222,9 @@ impl Workload {
             self.specs[i] = Some(Arc::new(spec_of(i, self.shape.order)));
             out.push(Record::Task(self.record(i, TaskState::Queued, wall, wall)));
             out.push(self.state_event(i, 0, TaskState::Queued, wall));
+        }
+        if self.shape.submit_only {
+            return Some(c);
         }
         // Assign, run and finish, in the progress order, each stage one
         // batch behind the one before it.
