@@ -39,6 +39,10 @@ mod job_tests;
 mod list_tests;
 pub mod marker;
 pub mod memory;
+#[cfg(test)]
+mod power_cut;
+#[cfg(test)]
+mod power_cut_tests;
 mod record;
 #[cfg(test)]
 mod recovery_memory_tests;
