@@ -6,9 +6,9 @@
 //! in the volatile cache and become durable only when synced. A power cut
 //! ([`SimDisk::cut`], or a fuse armed with [`SimDisk::arm`] that blows at
 //! the Nth write, resize or sync) throws the cache away, except what the
-//! chosen [`Survivors`] say reached the platter first: nothing, an in-order
-//! prefix of the unsynced writes with the last one torn at a sector, or any
-//! subset of the unsynced sectors (a cache that reorders).
+//! chosen [`Survivors`] say reached the platter first: nothing, all of it,
+//! an in-order prefix of the unsynced writes with the last one torn at a
+//! sector, or any subset of the unsynced sectors (a cache that reorders).
 //!
 //! After a cut every handle of the old "boot" fails each call with an I/O
 //! error, as a dead machine would, so the old store's shutdown writes reach
@@ -31,6 +31,9 @@ pub(crate) const SECTOR: u64 = 512;
 pub(crate) enum Survivors {
     /// Nothing that was not synced.
     None,
+    /// Everything: the cache was written back, but the sync under way (if
+    /// any) never returned.
+    All,
     /// The unsynced writes land in the order they were made, up to one
     /// chosen by `seed`, of which only a whole-sector prefix lands.
     TornPrefix {
@@ -65,13 +68,24 @@ struct State {
     boot: u64,
     /// Whether the power is on (a handle of the current boot works).
     powered: bool,
-    /// Writes, resizes and syncs left before the armed power cut, and what
-    /// survives it.
-    fuse: Option<(u64, Survivors)>,
+    /// The armed power cut, if any.
+    fuse: Option<Fuse>,
     /// Writes, resizes and syncs made since power-on.
     ops: u64,
     /// Syncs made since power-on.
     syncs: u64,
+}
+
+/// A power cut to come.
+#[derive(Clone, Copy, Debug)]
+struct Fuse {
+    /// Calls left until it blows (it blows in the last).
+    left: u64,
+    /// Only syncs count: the cut comes with every write since the last
+    /// sync still in the cache.
+    syncs_only: bool,
+    /// What survives it.
+    survivors: Survivors,
 }
 
 /// A disk holding one file, with a volatile write cache. Cloning shares it.
@@ -152,6 +166,7 @@ impl State {
         let mut image = self.durable.clone();
         match survivors {
             Survivors::None => {}
+            Survivors::All => image.clone_from(&self.current),
             Survivors::TornPrefix { seed } => {
                 let mut rng = Rng::new(seed);
                 let stop =
@@ -225,14 +240,17 @@ impl State {
     /// write may have partly landed).
     fn count(&mut self, change: Option<&Pending>) -> bool {
         self.ops += 1;
-        let Some((left, survivors)) = self.fuse.as_mut() else {
+        let Some(fuse) = self.fuse.as_mut() else {
             return true;
         };
-        if *left > 1 {
-            *left -= 1;
+        if fuse.syncs_only && change.is_some() {
             return true;
         }
-        let survivors = *survivors;
+        if fuse.left > 1 {
+            fuse.left -= 1;
+            return true;
+        }
+        let survivors = fuse.survivors;
         // The change was under way: it can be the torn one.
         if let Some(change) = change {
             self.pending.push(change.clone());
@@ -282,7 +300,21 @@ impl SimDisk {
     /// (1: the next one), which then fails. Armed while the power is off,
     /// it counts from the next power-on.
     pub(crate) fn arm(&self, after: u64, survivors: Survivors) {
-        self.lock().fuse = Some((after.max(1), survivors));
+        self.lock().fuse = Some(Fuse {
+            left: after.max(1),
+            syncs_only: false,
+            survivors,
+        });
+    }
+
+    /// Cuts the power during the `nth` sync from now (1: the next one),
+    /// which then fails, with every write since the sync before it unsynced.
+    pub(crate) fn arm_at_sync(&self, nth: u64, survivors: Survivors) {
+        self.lock().fuse = Some(Fuse {
+            left: nth.max(1),
+            syncs_only: true,
+            survivors,
+        });
     }
 
     /// Takes back an armed fuse that has not blown.
@@ -461,6 +493,16 @@ mod tests {
         assert_eq!(disk.syncs(), 1, "a failed sync counted");
         assert!(disk.is_off());
         assert_eq!(image(&disk), vec![1; 512]);
+
+        let file = disk.attach();
+        disk.arm_at_sync(2, Survivors::None);
+        for byte in [3, 4] {
+            file.write(0, &[byte; 512]).unwrap();
+        }
+        file.sync_data().unwrap();
+        file.write(0, &[5; 512]).unwrap();
+        assert!(file.sync_data().is_err(), "the second sync went through");
+        assert_eq!(image(&disk), vec![4; 512]);
     }
 
     #[test]

@@ -2,17 +2,19 @@
 //! simulated disk whose unsynced writes are lost when the power fails
 //! (`power_cut.rs`), driven through the [`Store`] trait with the batches a
 //! coordinator writes (submissions with and without secrets, assignments,
-//! starts, output, final results).
+//! starts, output, final results) and the token writes made apart from
+//! them.
 //!
 //! Each seed replays one history: a few rounds of commits, each ended by a
 //! power cut between two commits or in the middle of one (a fuse that blows
-//! at the Nth write, resize or sync), with nothing, an in-order torn prefix,
-//! or any set of the unsynced sectors surviving. After each cut the store is
-//! opened again on what survived and must hold every commit that returned
-//! `Ok`, and the commit that did not return either whole or not at all;
+//! at the Nth write, resize or sync), with nothing, everything, an in-order
+//! torn prefix, or any set of the unsynced sectors surviving; sometimes the
+//! power fails again while the store recovers. After each cut the store is
+//! opened again on what survived and must hold every write that returned
+//! `Ok`, and the write that did not return either whole or not at all;
 //! `load` must give the same live tasks, counts and secrets. A failing seed
-//! is named in the panic; `WEFT_POWER_CUT_SEEDS=N` runs N seeds (CI runs
-//! [`SEEDS`]).
+//! is named in the panic; `WEFT_POWER_CUT_SEEDS=N` (and
+//! `WEFT_POWER_CUT_FIRST_SEED`) run other seeds than CI's [`SEEDS`].
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -25,6 +27,7 @@ use weft_proto::{Attempt, NodeId, Outcome, OutputStream, SecretEnv, TaskId, Task
 
 use super::power_cut::{Rng, SimDisk, Survivors};
 use super::*;
+use crate::auth::{Scopes, TokenKind, TokenRecord};
 
 /// Seeds run by `cargo test` (each a few rounds of cuts).
 const SEEDS: u64 = 80;
@@ -47,6 +50,8 @@ struct ModelTask {
 #[derive(Clone, Debug, Default)]
 struct Model {
     tasks: BTreeMap<TaskId, ModelTask>,
+    /// Token records by id (written in transactions of their own).
+    tokens: BTreeMap<String, TokenRecord>,
 }
 
 /// Makes the batches, with ids in time order and a clock that moves.
@@ -244,6 +249,45 @@ impl Writer {
         }
     }
 
+    /// A token record to write after `acked` (a new token, or one revoked),
+    /// and what the store holds once it is written.
+    fn token(&mut self, acked: &Model) -> (TokenRecord, Model) {
+        let mut next = acked.clone();
+        let now = self.tick();
+        let live: Vec<&TokenRecord> = acked
+            .tokens
+            .values()
+            .filter(|t| t.revoked.is_none())
+            .collect();
+        let token = if !live.is_empty() && self.rng.one_in(3) {
+            let pick = live[usize::try_from(self.rng.below(live.len() as u64)).unwrap_or(0)];
+            TokenRecord {
+                revoked: Some(now),
+                ..pick.clone()
+            }
+        } else {
+            let id = format!("{:016x}", self.rng.next_u64());
+            let mut secret_hash = [0u8; 32];
+            for chunk in secret_hash.chunks_mut(8) {
+                chunk.copy_from_slice(&self.rng.next_u64().to_le_bytes());
+            }
+            TokenRecord {
+                name: format!("token {id}"),
+                id,
+                kind: TokenKind::Client,
+                scopes: Scopes::ADMIN,
+                created: now,
+                expires: None,
+                revoked: None,
+                secret_hash,
+                uses: 0,
+                used: 0,
+            }
+        };
+        next.tokens.insert(token.id.clone(), token.clone());
+        (token, next)
+    }
+
     /// The next batch after `acked`, and what the store holds once it is
     /// committed: new tasks, and steps of live ones (some two in one batch).
     fn batch(&mut self, acked: &Model) -> (Vec<Record>, Model) {
@@ -355,6 +399,15 @@ fn holds(store: &dyn Store, model: &Model, universe: &BTreeSet<TaskId>) -> Resul
             ids.len()
         ));
     }
+    let tokens = store.tokens().map_err(|e| read("reading tokens", e))?;
+    let want_tokens: Vec<&TokenRecord> = model.tokens.values().collect();
+    let mut got_tokens: Vec<&TokenRecord> = tokens.iter().collect();
+    got_tokens.sort_by(|a, b| a.id.cmp(&b.id));
+    if got_tokens != want_tokens {
+        return Err(format!(
+            "the tokens are\n  {got_tokens:?}\nnot\n  {want_tokens:?}"
+        ));
+    }
     let loaded = store.load(UNIX_EPOCH).map_err(|e| read("loading", e))?;
     let live: BTreeSet<TaskId> = loaded.live.iter().map(|t| t.id).collect();
     let want_live: BTreeSet<TaskId> = model
@@ -431,9 +484,10 @@ fn open(disk: &SimDisk, label: &Path) -> Result<RedbStore, String> {
 
 fn survivors(rng: &mut Rng) -> Survivors {
     let seed = rng.next_u64();
-    match rng.below(3) {
+    match rng.below(4) {
         0 => Survivors::None,
-        1 => Survivors::TornPrefix { seed },
+        1 => Survivors::All,
+        2 => Survivors::TornPrefix { seed },
         _ => Survivors::AnySectors { seed },
     }
 }
@@ -449,6 +503,8 @@ struct Tally {
     /// Cuts while the store recovered from the one before.
     cut_in_recovery: u64,
     commits: u64,
+    /// Token writes (each a transaction of its own).
+    tokens: u64,
 }
 
 /// Replays one seed's history; the first broken promise, if any.
@@ -468,17 +524,28 @@ fn replay(seed: u64, tally: &mut Tally) -> Result<(), String> {
         let at = format!("round {round}");
         let commits = 1 + rng.below(8);
         let cut = survivors(&mut rng);
-        if !rng.one_in(3) {
+        match rng.below(3) {
             // Some 20-40 writes and syncs per commit: the fuse blows in
             // one of them, or not at all.
-            disk.arm(1 + rng.below(30 * commits), cut);
+            0 => disk.arm(1 + rng.below(30 * commits), cut),
+            // In a commit's sync, with all its writes in the cache.
+            1 => disk.arm_at_sync(1 + rng.below(commits), cut),
+            // Between two commits.
+            _ => {}
         }
         let mut unacked = None;
         for _ in 0..commits {
-            let (records, next) = writer.batch(&acked);
-            tally.commits += 1;
             let syncs = disk.syncs();
-            match store.commit(&records) {
+            let (written, next) = if writer.rng.one_in(6) {
+                let (token, next) = writer.token(&acked);
+                tally.tokens += 1;
+                (store.put_token(&token), next)
+            } else {
+                let (records, next) = writer.batch(&acked);
+                tally.commits += 1;
+                (store.commit(&records), next)
+            };
+            match written {
                 Ok(()) if disk.syncs() == syncs => {
                     return Err(format!("{at}: a commit returned before any sync"));
                 }
