@@ -30,7 +30,7 @@ use super::*;
 use crate::auth::{Scopes, TokenKind, TokenRecord};
 
 /// Seeds run by `cargo test` (each a few rounds of cuts).
-const SEEDS: u64 = 80;
+const SEEDS: u64 = 60;
 /// Power cuts per seed.
 const ROUNDS: u64 = 3;
 
@@ -505,6 +505,9 @@ struct Tally {
     commits: u64,
     /// Token writes (each a transaction of its own).
     tokens: u64,
+    /// Writes, resizes and syncs of the commits and token writes that
+    /// returned `Ok`.
+    ops: u64,
 }
 
 /// Replays one seed's history; the first broken promise, if any.
@@ -525,8 +528,9 @@ fn replay(seed: u64, tally: &mut Tally) -> Result<(), String> {
         let commits = 1 + rng.below(8);
         let cut = survivors(&mut rng);
         match rng.below(3) {
-            // Some 20-40 writes and syncs per commit: the fuse blows in
-            // one of them, or not at all.
+            // In one of the writes, resizes and syncs of the next commits
+            // (a commit makes about `Tally::ops` / `commits` of them), or
+            // not at all.
             0 => disk.arm(1 + rng.below(30 * commits), cut),
             // In a commit's sync, with all its writes in the cache.
             1 => disk.arm_at_sync(1 + rng.below(commits), cut),
@@ -535,7 +539,7 @@ fn replay(seed: u64, tally: &mut Tally) -> Result<(), String> {
         }
         let mut unacked = None;
         for _ in 0..commits {
-            let syncs = disk.syncs();
+            let (syncs, ops) = (disk.syncs(), disk.ops());
             let (written, next) = if writer.rng.one_in(6) {
                 let (token, next) = writer.token(&acked);
                 tally.tokens += 1;
@@ -549,7 +553,10 @@ fn replay(seed: u64, tally: &mut Tally) -> Result<(), String> {
                 Ok(()) if disk.syncs() == syncs => {
                     return Err(format!("{at}: a commit returned before any sync"));
                 }
-                Ok(()) => acked = next,
+                Ok(()) => {
+                    tally.ops += disk.ops() - ops;
+                    acked = next;
+                }
                 Err(err) if err.is_damage() => {
                     return Err(format!("{at}: a commit met damage: {err}"));
                 }
