@@ -467,13 +467,19 @@ fn holds(store: &dyn Store, model: &Model, universe: &BTreeSet<TaskId>) -> Resul
     Ok(())
 }
 
-fn open(disk: &SimDisk, label: &Path) -> Result<RedbStore, String> {
+/// Powers `disk` on and opens a store on what it holds: the engine under
+/// test. Another engine that sits on a [`SimFile`](super::power_cut::SimFile)
+/// gets the same cuts by passing its own opener to [`replay`].
+type Opener = fn(&SimDisk, &Path) -> Result<Box<dyn Store>, String>;
+
+/// The redb store on `disk`; a panic while opening is an error too.
+fn open_redb(disk: &SimDisk, label: &Path) -> Result<Box<dyn Store>, String> {
     let file = disk.attach();
     let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         RedbStore::open_with_backend(file, label)
     }));
     match opened {
-        Ok(Ok(store)) => Ok(store),
+        Ok(Ok(store)) => Ok(Box::new(store)),
         Ok(Err(err)) => Err(format!(
             "the store did not open (damage: {}): {err}",
             err.is_damage()
@@ -511,7 +517,7 @@ struct Tally {
 }
 
 /// Replays one seed's history; the first broken promise, if any.
-fn replay(seed: u64, tally: &mut Tally) -> Result<(), String> {
+fn replay(open: Opener, seed: u64, tally: &mut Tally) -> Result<(), String> {
     let mut rng = Rng::new(seed);
     let mut writer = Writer {
         rng: Rng::new(rng.next_u64()),
@@ -594,12 +600,12 @@ fn replay(seed: u64, tally: &mut Tally) -> Result<(), String> {
         if let Some(unacked) = &unacked {
             universe.extend(unacked.tasks.keys().copied());
         }
-        if let Err(lost) = holds(&store, &acked, &universe) {
+        if let Err(lost) = holds(&*store, &acked, &universe) {
             let Some(unacked) = unacked else {
                 return Err(format!("{at}, cut {cut:?} between commits: {lost}"));
             };
             tally.mid_commit += 1;
-            if let Err(half) = holds(&store, &unacked, &universe) {
+            if let Err(half) = holds(&*store, &unacked, &universe) {
                 return Err(format!(
                     "{at}, cut {cut:?} in a commit: neither the commits acknowledged \
                      ({lost}) nor those and the one cut ({half})"
@@ -620,7 +626,7 @@ fn replay(seed: u64, tally: &mut Tally) -> Result<(), String> {
     drop(store);
     let store = open(&disk, &label)?;
     let universe = next.tasks.keys().copied().collect();
-    holds(&store, &next, &universe).map_err(|err| format!("after a clean shutdown: {err}"))
+    holds(&*store, &next, &universe).map_err(|err| format!("after a clean shutdown: {err}"))
 }
 
 fn seeds() -> std::ops::Range<u64> {
@@ -640,7 +646,7 @@ fn no_acknowledged_commit_is_lost_and_none_is_half_there_after_a_power_cut() {
     let mut tally = Tally::default();
     let mut failed = Vec::new();
     for seed in seeds() {
-        if let Err(err) = replay(seed, &mut tally) {
+        if let Err(err) = replay(open_redb, seed, &mut tally) {
             failed.push(format!("seed {seed}: {err}"));
         }
     }
@@ -698,7 +704,7 @@ fn bit_rot_on_the_platter_in_a_committed_task_or_event_is_reported_never_served(
         let at = format!("{at}, {later} commits after the rotten ones");
         let disk = SimDisk::new();
         let label = PathBuf::from(format!("simulated disk, bit rot after a {at}"));
-        let store = open(&disk, &label).unwrap();
+        let store = open_redb(&disk, &label).unwrap();
         let mut writer = Writer {
             rng: Rng::new(7),
             ids: ulid::Generator::new(),
@@ -753,7 +759,7 @@ fn bit_rot_on_the_platter_in_a_committed_task_or_event_is_reported_never_served(
             "{at}: no event"
         );
 
-        let store = match open(&disk, &label) {
+        let store = match open_redb(&disk, &label) {
             Ok(store) => store,
             Err(err) => panic!("{at}: {err}"),
         };
