@@ -792,3 +792,64 @@ fn bit_rot_on_the_platter_in_a_committed_task_or_event_is_reported_never_served(
         }
     }
 }
+
+/// Bit rot in an index the seal does not cover: `tasks_by_state` keys
+/// (state, id) have no value to seal, so a flipped bit in a key is read as
+/// another (or no) task. A restart then loses a queued task without a word.
+/// Kept as the spec of what the next store must do (index entries covered
+/// by a checksum, or rebuilt from the sealed records): run it with
+/// `--ignored`.
+#[test]
+#[ignore = "known gap: the redb store's indexes carry no checksum (see the doc comment)"]
+fn bit_rot_in_the_state_index_of_a_queued_task_is_reported_at_load() {
+    let disk = SimDisk::new();
+    let label = PathBuf::from("simulated disk, rot in the state index");
+    let store = open_redb(&disk, &label).unwrap();
+    let mut writer = Writer {
+        rng: Rng::new(9),
+        ids: ulid::Generator::new(),
+        clock: 0,
+        node: NodeId::new(),
+    };
+    let mut model = Model::default();
+    let mut records = Vec::new();
+    writer.submit(&mut model, &mut records);
+    writer.submit(&mut model, &mut records);
+    store.commit(&records).unwrap();
+    drop(store);
+    disk.cut(Survivors::None);
+    let queued = *model.tasks.keys().next().unwrap();
+    // The index key as redb lays it out: the state byte, then the id
+    // (little-endian); the same id elsewhere is a `tasks` or `events` key.
+    let state = u8::try_from(i32::from(TaskState::Queued)).unwrap();
+    let mut key = vec![state];
+    key.extend_from_slice(&queued.as_u128().to_le_bytes());
+    let flipped = disk.on_platter(|image| {
+        let at: Vec<usize> = image
+            .windows(key.len())
+            .enumerate()
+            .filter(|(_, w)| *w == key.as_slice())
+            .map(|(i, _)| i)
+            .collect();
+        for i in &at {
+            image[i + 9] ^= 0x10;
+        }
+        at.len()
+    });
+    assert!(flipped > 0, "the index key is not on the platter");
+
+    let store = open_redb(&disk, &label).unwrap();
+    // The record itself is sound and still reads.
+    let state = store.task(queued).unwrap().map(|t| t.state);
+    assert_eq!(state, Some(TaskState::Queued));
+    match store.load(UNIX_EPOCH) {
+        Err(err) => assert!(err.is_damage(), "{err}"),
+        Ok(loaded) => {
+            let live: Vec<TaskId> = loaded.live.iter().map(|t| t.id).collect();
+            assert!(
+                live.contains(&queued),
+                "the restart lost queued task {queued} and said nothing (it loads {live:?})"
+            );
+        }
+    }
+}
