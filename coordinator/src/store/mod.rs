@@ -28,6 +28,9 @@
 //!   a missing or empty store file is refused, never replaced.
 //! - [`memory`] — [`MemoryStore`], the in-memory store (tests, `weft local`,
 //!   `--in-memory`).
+//! - `power_cut` (tests only) — a simulated disk that loses what was not
+//!   synced at a power cut; `power_cut_tests` cuts power under the redb
+//!   store with it.
 
 pub(crate) mod codec;
 #[cfg(test)]
@@ -39,6 +42,10 @@ mod job_tests;
 mod list_tests;
 pub mod marker;
 pub mod memory;
+#[cfg(test)]
+mod power_cut;
+#[cfg(test)]
+mod power_cut_tests;
 mod record;
 #[cfg(test)]
 mod recovery_memory_tests;

@@ -100,6 +100,38 @@ impl RedbStore {
         Ok(store)
     }
 
+    /// Opens (or creates) a store on `backend` instead of a file in a data
+    /// dir (no marker, no lock): the power-cut tests' simulated disk.
+    /// `label` names it in errors.
+    #[cfg(test)]
+    pub(crate) fn open_with_backend(
+        backend: impl redb::StorageBackend,
+        label: &Path,
+    ) -> Result<RedbStore, StoreError> {
+        let path = label.to_owned();
+        let db = match Database::builder()
+            .set_cache_size(DEFAULT_CACHE_SIZE)
+            .create_with_backend(backend)
+        {
+            Ok(db) => db,
+            Err(err) if is_damage(&err) => {
+                return Err(StoreError::Unreadable {
+                    path,
+                    message: err.to_string(),
+                });
+            }
+            Err(err) => {
+                return Err(StoreError::Open {
+                    path,
+                    message: err.to_string(),
+                });
+            }
+        };
+        let store = RedbStore { db, path };
+        store.init(None, label)?;
+        Ok(store)
+    }
+
     /// Creates every table (so readers never meet a missing one), checks
     /// the schema version (upgrading a schema-1 store to checksums) and the
     /// store's id against the data dir's marker (`expected`); returns the

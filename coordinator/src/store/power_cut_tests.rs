@@ -1,0 +1,855 @@
+//! Power cuts under the durable store: the real [`RedbStore`] on a
+//! simulated disk whose unsynced writes are lost when the power fails
+//! (`power_cut.rs`), driven through the [`Store`] trait with the batches a
+//! coordinator writes (submissions with and without secrets, assignments,
+//! starts, output, final results) and the token writes made apart from
+//! them.
+//!
+//! Each seed replays one history: a few rounds of commits, each ended by a
+//! power cut between two commits or in the middle of one (a fuse that blows
+//! at the Nth write, resize or sync), with nothing, everything, an in-order
+//! torn prefix, or any set of the unsynced sectors surviving; sometimes the
+//! power fails again while the store recovers. After each cut the store is
+//! opened again on what survived and must hold every write that returned
+//! `Ok`, and the write that did not return either whole or not at all;
+//! `load` must give the same live tasks, counts and secrets. A failing seed
+//! is named in the panic; `WEFT_POWER_CUT_SEEDS=N` (and
+//! `WEFT_POWER_CUT_FIRST_SEED`) run other seeds than CI's [`SEEDS`].
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+
+use weft_proto::{Attempt, NodeId, Outcome, OutputStream, SecretEnv, TaskId, TaskSpec, TaskState};
+
+use super::power_cut::{Rng, SimDisk, Survivors};
+use super::*;
+use crate::auth::{Scopes, TokenKind, TokenRecord};
+
+/// Seeds run by `cargo test` (each a few rounds of cuts).
+const SEEDS: u64 = 60;
+/// Power cuts per seed.
+const ROUNDS: u64 = 3;
+
+fn at(ms: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(1_700_000_000_000 + ms)
+}
+
+/// One task as the commits so far made it.
+#[derive(Clone, Debug)]
+struct ModelTask {
+    record: TaskRecord,
+    events: Vec<TaskEvent>,
+    secret: bool,
+}
+
+/// What the store must hold after a set of commits.
+#[derive(Clone, Debug, Default)]
+struct Model {
+    tasks: BTreeMap<TaskId, ModelTask>,
+    /// Token records by id (written in transactions of their own).
+    tokens: BTreeMap<String, TokenRecord>,
+}
+
+/// Makes the batches, with ids in time order and a clock that moves.
+struct Writer {
+    rng: Rng,
+    ids: ulid::Generator,
+    clock: u64,
+    node: NodeId,
+}
+
+impl Writer {
+    fn tick(&mut self) -> SystemTime {
+        self.clock += 1 + self.rng.below(5);
+        at(self.clock)
+    }
+
+    /// Bytes of output: mostly small, sometimes several pages.
+    fn blob(&mut self, what: &str, id: TaskId) -> Bytes {
+        let len = if self.rng.one_in(6) {
+            4096 + self.rng.below(12_000)
+        } else {
+            self.rng.below(200)
+        };
+        let mut text = format!("{what} of {id}:");
+        while (text.len() as u64) < len {
+            text.push_str(&format!(" {:x}", self.rng.next_u64()));
+        }
+        Bytes::from(text)
+    }
+
+    fn event(&mut self, task: &ModelTask, body: EventBody) -> TaskEvent {
+        TaskEvent {
+            task_id: task.record.id,
+            seq: task.events.len() as u64,
+            attempt: task.record.attempt,
+            time: task.record.updated_at,
+            body,
+        }
+    }
+
+    fn state_event(&mut self, task: &ModelTask, reason: &str) -> TaskEvent {
+        let body = EventBody::State {
+            state: task.record.state,
+            node_id: task.record.node_id,
+            node_name: task.record.node_name.clone(),
+            reason: reason.to_owned(),
+        };
+        self.event(task, body)
+    }
+
+    fn submit(&mut self, next: &mut Model, records: &mut Vec<Record>) {
+        let id = TaskId::from_ulid(self.ids.generate().expect("ulid"));
+        let now = self.tick();
+        let input = self.blob("input", id);
+        let record = TaskRecord {
+            id,
+            spec: Arc::new(TaskSpec::call("noop", input)),
+            state: TaskState::Queued,
+            attempt: Attempt(0),
+            node_id: None,
+            node_name: None,
+            exit_code: None,
+            output: Bytes::new(),
+            error: String::new(),
+            pending_reason: String::new(),
+            waiting_for: Vec::new(),
+            job_id: None,
+            failures: 0,
+            node_losses: 0,
+            created_at: now,
+            updated_at: now,
+            next_seq: 0,
+            last_outcome: None,
+            lost_nodes: Vec::new(),
+            attempts: Vec::new(),
+        };
+        let mut task = ModelTask {
+            record,
+            events: Vec::new(),
+            secret: false,
+        };
+        records.push(Record::Task(task.record.clone()));
+        let event = self.state_event(&task, "submitted");
+        task.events.push(event.clone());
+        records.push(Record::Event(event));
+        if self.rng.one_in(4) {
+            let env: SecretEnv = [("API_KEY".to_owned(), format!("key-{id}"))]
+                .into_iter()
+                .collect();
+            records.push(Record::Secrets(id, Arc::new(env)));
+            task.secret = true;
+        }
+        next.tasks.insert(id, task);
+    }
+
+    /// One step of a live task's life, as the driver writes it.
+    fn advance(&mut self, task: &mut ModelTask, records: &mut Vec<Record>) {
+        let now = self.tick();
+        let id = task.record.id;
+        match task.record.state {
+            TaskState::Queued if self.rng.one_in(8) => {
+                self.finish(task, TaskState::Cancelled, now, records);
+            }
+            TaskState::Queued => {
+                let r = &mut task.record;
+                r.state = TaskState::Assigned;
+                r.attempt = Attempt(r.attempt.0 + 1);
+                r.node_id = Some(self.node);
+                r.node_name = Some(Arc::from("n1"));
+                r.updated_at = now;
+                self.record_with_state_event(task, "assigned", records);
+            }
+            TaskState::Assigned => {
+                task.record.state = TaskState::Running;
+                task.record.updated_at = now;
+                self.record_with_state_event(task, "started", records);
+            }
+            TaskState::Running if self.rng.one_in(2) => {
+                // Output: events only, the record is not rewritten.
+                for _ in 0..=self.rng.below(3) {
+                    let chunk = task
+                        .events
+                        .iter()
+                        .filter(|e| matches!(e.body, EventBody::Output { .. }))
+                        .count() as u64;
+                    let data = self.blob("output", id);
+                    let body = EventBody::Output {
+                        stream: OutputStream::Stdout,
+                        data,
+                        chunk: Some(chunk),
+                    };
+                    let event = self.event(task, body);
+                    task.events.push(event.clone());
+                    records.push(Record::Event(event));
+                }
+            }
+            TaskState::Running => {
+                let state = if self.rng.one_in(4) {
+                    TaskState::Failed
+                } else {
+                    TaskState::Succeeded
+                };
+                self.finish(task, state, now, records);
+            }
+            _ => {}
+        }
+    }
+
+    fn record_with_state_event(
+        &mut self,
+        task: &mut ModelTask,
+        reason: &str,
+        records: &mut Vec<Record>,
+    ) {
+        records.push(Record::Task(task.record.clone()));
+        let event = self.state_event(task, reason);
+        task.events.push(event.clone());
+        records.push(Record::Event(event));
+    }
+
+    fn finish(
+        &mut self,
+        task: &mut ModelTask,
+        state: TaskState,
+        now: SystemTime,
+        records: &mut Vec<Record>,
+    ) {
+        let id = task.record.id;
+        let r = &mut task.record;
+        r.state = state;
+        r.updated_at = now;
+        match state {
+            TaskState::Succeeded => {
+                r.output = self.blob("result", id);
+                r.exit_code = Some(0);
+                r.last_outcome = Some(Outcome::Succeeded);
+            }
+            TaskState::Failed => {
+                r.error = format!("failure of {id}");
+                r.exit_code = Some(1);
+                r.failures += 1;
+                r.last_outcome = Some(Outcome::Failed);
+            }
+            _ => r.error = "cancelled".into(),
+        }
+        r.next_seq = task.events.len() as u64 + 1;
+        records.push(Record::Task(task.record.clone()));
+        let body = EventBody::Finished(Box::new(task.record.clone()));
+        let event = self.event(task, body);
+        task.events.push(event.clone());
+        records.push(Record::Event(event));
+        if task.secret {
+            records.push(Record::ForgetSecrets(id));
+            task.secret = false;
+        }
+    }
+
+    /// A token record to write after `acked` (a new token, or one revoked),
+    /// and what the store holds once it is written.
+    fn token(&mut self, acked: &Model) -> (TokenRecord, Model) {
+        let mut next = acked.clone();
+        let now = self.tick();
+        let live: Vec<&TokenRecord> = acked
+            .tokens
+            .values()
+            .filter(|t| t.revoked.is_none())
+            .collect();
+        let token = if !live.is_empty() && self.rng.one_in(3) {
+            let pick = live[usize::try_from(self.rng.below(live.len() as u64)).unwrap_or(0)];
+            TokenRecord {
+                revoked: Some(now),
+                ..pick.clone()
+            }
+        } else {
+            let id = format!("{:016x}", self.rng.next_u64());
+            let mut secret_hash = [0u8; 32];
+            for chunk in secret_hash.chunks_mut(8) {
+                chunk.copy_from_slice(&self.rng.next_u64().to_le_bytes());
+            }
+            TokenRecord {
+                name: format!("token {id}"),
+                id,
+                kind: TokenKind::Client,
+                scopes: Scopes::ADMIN,
+                created: now,
+                expires: None,
+                revoked: None,
+                secret_hash,
+                uses: 0,
+                used: 0,
+            }
+        };
+        next.tokens.insert(token.id.clone(), token.clone());
+        (token, next)
+    }
+
+    /// The next batch after `acked`, and what the store holds once it is
+    /// committed: new tasks, and steps of live ones (some two in one batch).
+    fn batch(&mut self, acked: &Model) -> (Vec<Record>, Model) {
+        let mut next = acked.clone();
+        let mut records = Vec::new();
+        for _ in 0..self.rng.below(7) {
+            self.submit(&mut next, &mut records);
+        }
+        let live: Vec<TaskId> = acked
+            .tasks
+            .values()
+            .filter(|t| !t.record.state.is_final())
+            .map(|t| t.record.id)
+            .collect();
+        for id in live {
+            if self.rng.one_in(2) {
+                continue;
+            }
+            let Some(task) = next.tasks.get_mut(&id) else {
+                continue;
+            };
+            for _ in 0..=self.rng.below(2) {
+                self.advance(task, &mut records);
+            }
+        }
+        if records.is_empty() {
+            self.submit(&mut next, &mut records);
+        }
+        (records, next)
+    }
+}
+
+/// What of a task the check compares: everything a client reads back.
+fn task_view(r: &TaskRecord) -> String {
+    format!(
+        "{:?} attempt {} node {:?} exit {:?} output {:?} error {:?} updated {:?} outcome {:?} \
+         failures {} input {:?}",
+        r.state,
+        r.attempt.0,
+        r.node_id,
+        r.exit_code,
+        r.output,
+        r.error,
+        r.updated_at,
+        r.last_outcome,
+        r.failures,
+        r.spec,
+    )
+}
+
+fn event_view(e: &TaskEvent) -> String {
+    let body = match &e.body {
+        EventBody::State { state, reason, .. } => format!("state {state:?} {reason}"),
+        EventBody::Output { data, chunk, .. } => format!("output {chunk:?} {data:?}"),
+        EventBody::Progress { fraction, .. } => format!("progress {fraction}"),
+        EventBody::Finished(r) => format!("finished {}", task_view(r)),
+    };
+    format!("{} attempt {} {body}", e.seq, e.attempt.0)
+}
+
+/// Whether `store` holds exactly `model` (for the tasks in `universe`, and
+/// no other): records, events, the list, and what a restart loads.
+fn holds(store: &dyn Store, model: &Model, universe: &BTreeSet<TaskId>) -> Result<(), String> {
+    let read = |what: &str, err: StoreError| format!("{what}: {err}");
+    for id in universe {
+        let got = store.task(*id).map_err(|e| read("reading a task", e))?;
+        let want = model.tasks.get(id);
+        match (got, want) {
+            (None, None) => continue,
+            (Some(_), None) => return Err(format!("task {id} is there, but never committed")),
+            (None, Some(_)) => return Err(format!("task {id} is missing")),
+            (Some(got), Some(want)) => {
+                if task_view(&got) != task_view(&want.record) {
+                    return Err(format!(
+                        "task {id} is\n  {}\nnot\n  {}",
+                        task_view(&got),
+                        task_view(&want.record)
+                    ));
+                }
+                if got.next_seq != want.events.len() as u64 {
+                    return Err(format!(
+                        "task {id} has next seq {}, not {}",
+                        got.next_seq,
+                        want.events.len()
+                    ));
+                }
+                let events = store
+                    .events(*id, 0, usize::MAX)
+                    .map_err(|e| read("reading events", e))?;
+                let got: Vec<String> = events.iter().map(event_view).collect();
+                let want: Vec<String> = want.events.iter().map(event_view).collect();
+                if got != want {
+                    return Err(format!("task {id} has events\n  {got:?}\nnot\n  {want:?}"));
+                }
+            }
+        }
+    }
+    let listed: BTreeSet<TaskId> = store
+        .list(None, None, usize::MAX)
+        .map_err(|e| read("listing", e))?
+        .iter()
+        .map(|t| t.id)
+        .collect();
+    let ids: BTreeSet<TaskId> = model.tasks.keys().copied().collect();
+    if listed != ids {
+        return Err(format!(
+            "the list has {} tasks, the commits made {}",
+            listed.len(),
+            ids.len()
+        ));
+    }
+    let tokens = store.tokens().map_err(|e| read("reading tokens", e))?;
+    let want_tokens: Vec<&TokenRecord> = model.tokens.values().collect();
+    let mut got_tokens: Vec<&TokenRecord> = tokens.iter().collect();
+    got_tokens.sort_by(|a, b| a.id.cmp(&b.id));
+    if got_tokens != want_tokens {
+        return Err(format!(
+            "the tokens are\n  {got_tokens:?}\nnot\n  {want_tokens:?}"
+        ));
+    }
+    let loaded = store.load(UNIX_EPOCH).map_err(|e| read("loading", e))?;
+    let live: BTreeSet<TaskId> = loaded.live.iter().map(|t| t.id).collect();
+    let want_live: BTreeSet<TaskId> = model
+        .tasks
+        .values()
+        .filter(|t| !t.record.state.is_final())
+        .map(|t| t.record.id)
+        .collect();
+    if live != want_live {
+        return Err(format!(
+            "load gives {} live tasks, not {}",
+            live.len(),
+            want_live.len()
+        ));
+    }
+    for task in &loaded.live {
+        let want = &model.tasks[&task.id];
+        if task_view(task) != task_view(&want.record) {
+            return Err(format!(
+                "load gives task {} as {}",
+                task.id,
+                task_view(task)
+            ));
+        }
+    }
+    let counts: BTreeMap<i32, u64> = loaded
+        .final_counts
+        .iter()
+        .filter(|(_, n)| *n > 0)
+        .map(|(s, n)| (i32::from(*s), *n))
+        .collect();
+    let mut want_counts = BTreeMap::new();
+    for task in model.tasks.values() {
+        if task.record.state.is_final() {
+            *want_counts.entry(i32::from(task.record.state)).or_insert(0) += 1;
+        }
+    }
+    if counts != want_counts {
+        return Err(format!(
+            "load counts {counts:?}, the commits made {want_counts:?}"
+        ));
+    }
+    let secrets: BTreeSet<TaskId> = loaded.secrets.iter().map(|(id, _)| *id).collect();
+    let want_secrets: BTreeSet<TaskId> = model
+        .tasks
+        .values()
+        .filter(|t| t.secret)
+        .map(|t| t.record.id)
+        .collect();
+    if secrets != want_secrets {
+        return Err(format!(
+            "load gives secrets of {} tasks, not {}",
+            secrets.len(),
+            want_secrets.len()
+        ));
+    }
+    Ok(())
+}
+
+/// Powers `disk` on and opens a store on what it holds: the engine under
+/// test. Another engine that sits on a [`SimFile`](super::power_cut::SimFile)
+/// gets the same cuts by passing its own opener to [`replay`].
+type Opener = fn(&SimDisk, &Path) -> Result<Box<dyn Store>, String>;
+
+/// The redb store on `disk`; a panic while opening is an error too.
+fn open_redb(disk: &SimDisk, label: &Path) -> Result<Box<dyn Store>, String> {
+    let file = disk.attach();
+    let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        RedbStore::open_with_backend(file, label)
+    }));
+    match opened {
+        Ok(Ok(store)) => Ok(Box::new(store)),
+        Ok(Err(err)) => Err(format!(
+            "the store did not open (damage: {}): {err}",
+            err.is_damage()
+        )),
+        Err(panic) => Err(format!("opening panicked: {}", panic_message(&*panic))),
+    }
+}
+
+fn survivors(rng: &mut Rng) -> Survivors {
+    let seed = rng.next_u64();
+    match rng.below(4) {
+        0 => Survivors::None,
+        1 => Survivors::All,
+        2 => Survivors::TornPrefix { seed },
+        _ => Survivors::AnySectors { seed },
+    }
+}
+
+/// How the cuts of the seeds run went.
+#[derive(Debug, Default)]
+struct Tally {
+    cuts: u64,
+    /// Cuts during a commit (which then failed).
+    mid_commit: u64,
+    /// Of those, commits found whole after the cut.
+    landed: u64,
+    /// Cuts while the store recovered from the one before.
+    cut_in_recovery: u64,
+    commits: u64,
+    /// Token writes (each a transaction of its own).
+    tokens: u64,
+    /// Writes, resizes and syncs of the commits and token writes that
+    /// returned `Ok`.
+    ops: u64,
+}
+
+/// Replays one seed's history; the first broken promise, if any.
+fn replay(open: Opener, seed: u64, tally: &mut Tally) -> Result<(), String> {
+    let mut rng = Rng::new(seed);
+    let mut writer = Writer {
+        rng: Rng::new(rng.next_u64()),
+        ids: ulid::Generator::new(),
+        clock: 0,
+        node: NodeId::new(),
+    };
+    let disk = SimDisk::new();
+    let label = PathBuf::from(format!("simulated disk, seed {seed}"));
+    let mut store = open(&disk, &label)?;
+    let mut acked = Model::default();
+    for round in 0..ROUNDS {
+        let at = format!("round {round}");
+        let commits = 1 + rng.below(8);
+        let cut = survivors(&mut rng);
+        match rng.below(3) {
+            // In one of the writes, resizes and syncs of the next commits
+            // (a commit makes about `Tally::ops` / `commits` of them), or
+            // not at all.
+            0 => disk.arm(1 + rng.below(30 * commits), cut),
+            // In a commit's sync, with all its writes in the cache.
+            1 => disk.arm_at_sync(1 + rng.below(commits), cut),
+            // Between two commits.
+            _ => {}
+        }
+        let mut unacked = None;
+        for _ in 0..commits {
+            let (syncs, ops) = (disk.syncs(), disk.ops());
+            let (written, next) = if writer.rng.one_in(6) {
+                let (token, next) = writer.token(&acked);
+                tally.tokens += 1;
+                (store.put_token(&token), next)
+            } else {
+                let (records, next) = writer.batch(&acked);
+                tally.commits += 1;
+                (store.commit(&records), next)
+            };
+            match written {
+                Ok(()) if disk.syncs() == syncs => {
+                    return Err(format!("{at}: a commit returned before any sync"));
+                }
+                Ok(()) => {
+                    tally.ops += disk.ops() - ops;
+                    acked = next;
+                }
+                Err(err) if err.is_damage() => {
+                    return Err(format!("{at}: a commit met damage: {err}"));
+                }
+                Err(err) => {
+                    if !disk.is_off() {
+                        return Err(format!("{at}: a commit failed with the power on: {err}"));
+                    }
+                    unacked = Some(next);
+                    break;
+                }
+            }
+        }
+        disk.cut(cut);
+        tally.cuts += 1;
+        drop(store);
+        let mut recovered = None;
+        if rng.one_in(4) {
+            // The power fails again while the store recovers.
+            let again = survivors(&mut rng);
+            disk.arm(1 + rng.below(20), again);
+            match open(&disk, &label) {
+                Ok(store) => {
+                    disk.disarm();
+                    recovered = Some(store);
+                }
+                Err(_) if disk.is_off() => tally.cut_in_recovery += 1,
+                Err(err) => return Err(format!("{at}, cut {cut:?}, recovering: {err}")),
+            }
+        }
+        store = match recovered {
+            Some(store) => store,
+            None => open(&disk, &label).map_err(|err| format!("{at}, cut {cut:?}: {err}"))?,
+        };
+        let mut universe: BTreeSet<TaskId> = acked.tasks.keys().copied().collect();
+        if let Some(unacked) = &unacked {
+            universe.extend(unacked.tasks.keys().copied());
+        }
+        if let Err(lost) = holds(&*store, &acked, &universe) {
+            let Some(unacked) = unacked else {
+                return Err(format!("{at}, cut {cut:?} between commits: {lost}"));
+            };
+            tally.mid_commit += 1;
+            if let Err(half) = holds(&*store, &unacked, &universe) {
+                return Err(format!(
+                    "{at}, cut {cut:?} in a commit: neither the commits acknowledged \
+                     ({lost}) nor those and the one cut ({half})"
+                ));
+            }
+            tally.landed += 1;
+            acked = unacked;
+        } else if unacked.is_some() {
+            tally.mid_commit += 1;
+        }
+    }
+    // And the store still works: a commit after the last cut, a clean
+    // shutdown, everything there.
+    let (records, next) = writer.batch(&acked);
+    store
+        .commit(&records)
+        .map_err(|err| format!("committing after the cuts: {err}"))?;
+    drop(store);
+    let store = open(&disk, &label)?;
+    let universe = next.tasks.keys().copied().collect();
+    holds(&*store, &next, &universe).map_err(|err| format!("after a clean shutdown: {err}"))
+}
+
+fn seeds() -> std::ops::Range<u64> {
+    let n = std::env::var("WEFT_POWER_CUT_SEEDS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(SEEDS);
+    let first = std::env::var("WEFT_POWER_CUT_FIRST_SEED")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    first..first + n
+}
+
+#[test]
+fn no_acknowledged_commit_is_lost_and_none_is_half_there_after_a_power_cut() {
+    let mut tally = Tally::default();
+    let mut failed = Vec::new();
+    for seed in seeds() {
+        if let Err(err) = replay(open_redb, seed, &mut tally) {
+            failed.push(format!("seed {seed}: {err}"));
+        }
+    }
+    eprintln!("power cuts: {tally:?}");
+    assert!(
+        failed.is_empty(),
+        "{} of {} seeds broke a promise:\n{}",
+        failed.len(),
+        seeds().count(),
+        failed.join("\n")
+    );
+    // The seeds reach the cases that matter.
+    let runs = seeds().count() as u64;
+    assert!(
+        tally.mid_commit * 4 >= runs,
+        "few cuts in a commit: {tally:?}"
+    );
+    assert!(
+        tally.landed > 0 || runs < 50,
+        "no cut commit ever landed: {tally:?}"
+    );
+}
+
+/// Flips one bit inside every copy of `marker` on the platter (copy-on-write
+/// leaves old copies of pages behind); how many there were.
+fn rot(disk: &SimDisk, marker: &[u8]) -> usize {
+    disk.on_platter(|image| {
+        let at: Vec<usize> = image
+            .windows(marker.len())
+            .enumerate()
+            .filter(|(_, w)| *w == marker)
+            .map(|(i, _)| i)
+            .collect();
+        for i in &at {
+            image[i + marker.len() / 2] ^= 0x08;
+        }
+        at.len()
+    })
+}
+
+fn damaged_at(err: &StoreError) -> Option<(&'static str, String)> {
+    match err {
+        StoreError::Damaged { table, key, .. } => Some((table, key.clone())),
+        _ => None,
+    }
+}
+
+#[test]
+fn bit_rot_on_the_platter_in_a_committed_task_or_event_is_reported_never_served() {
+    // After a clean shutdown, and after a power cut with everything synced
+    // (the store then opens through redb's crash recovery); the rotten
+    // values in the newest commit, or under later ones.
+    for (clean, later) in [(true, 0), (true, 3), (false, 0), (false, 3)] {
+        let at = if clean { "clean shutdown" } else { "power cut" };
+        let at = format!("{at}, {later} commits after the rotten ones");
+        let disk = SimDisk::new();
+        let label = PathBuf::from(format!("simulated disk, bit rot after a {at}"));
+        let store = open_redb(&disk, &label).unwrap();
+        let mut writer = Writer {
+            rng: Rng::new(7),
+            ids: ulid::Generator::new(),
+            clock: 0,
+            node: NodeId::new(),
+        };
+        let mut model = Model::default();
+        let mut records = Vec::new();
+        writer.submit(&mut model, &mut records);
+        writer.submit(&mut model, &mut records);
+        let ids: Vec<TaskId> = model.tasks.keys().copied().collect();
+        let (queued, running) = (ids[0], ids[1]);
+        {
+            // The first stays queued, with an input to rot; the second
+            // runs and sends output to rot.
+            let task = model.tasks.get_mut(&queued).unwrap();
+            task.record.spec = Arc::new(TaskSpec::call("noop", "ROT-ME-TASK-INPUT-0123456789"));
+            let Record::Task(r) = &mut records[0] else {
+                unreachable!()
+            };
+            r.spec = Arc::clone(&task.record.spec);
+        }
+        store.commit(&records).unwrap();
+        let mut records = Vec::new();
+        let task = model.tasks.get_mut(&running).unwrap();
+        writer.advance(task, &mut records);
+        writer.advance(task, &mut records);
+        let body = EventBody::Output {
+            stream: OutputStream::Stdout,
+            data: Bytes::from_static(b"ROT-ME-EVENT-OUTPUT-0123456789"),
+            chunk: Some(0),
+        };
+        let event = writer.event(task, body);
+        task.events.push(event.clone());
+        records.push(Record::Event(event));
+        store.commit(&records).unwrap();
+        for _ in 0..later {
+            let (records, next) = writer.batch(&model);
+            store.commit(&records).unwrap();
+            model = next;
+        }
+        if clean {
+            drop(store);
+        }
+        disk.cut(Survivors::None);
+        assert!(
+            rot(&disk, b"ROT-ME-TASK-INPUT-0123456789") > 0,
+            "{at}: no task input"
+        );
+        assert!(
+            rot(&disk, b"ROT-ME-EVENT-OUTPUT-0123456789") > 0,
+            "{at}: no event"
+        );
+
+        let store = match open_redb(&disk, &label) {
+            Ok(store) => store,
+            Err(err) => panic!("{at}: {err}"),
+        };
+        let err = store.task(queued).expect_err("a rotten task was served");
+        assert_eq!(
+            damaged_at(&err),
+            Some(("tasks", queued.to_string())),
+            "{at}: {err}"
+        );
+        let err = store
+            .events(running, 0, 100)
+            .expect_err("a rotten event was served");
+        assert_eq!(
+            damaged_at(&err),
+            Some(("events", format!("{running} event 3"))),
+            "{at}: {err}"
+        );
+        let err = store
+            .load(UNIX_EPOCH)
+            .expect_err("a rotten live task was loaded");
+        assert!(err.is_damage(), "{at}: {err}");
+        // What did not rot still reads.
+        let sound = store.task(running).unwrap().map(|t| t.state);
+        assert_eq!(sound, Some(TaskState::Running), "{at}");
+        for (id, task) in &model.tasks {
+            if *id != queued && *id != running {
+                let got = store.task(*id).unwrap().map(|t| task_view(&t));
+                assert_eq!(got, Some(task_view(&task.record)), "{at}");
+            }
+        }
+    }
+}
+
+/// Bit rot in an index the seal does not cover: `tasks_by_state` keys
+/// (state, id) have no value to seal, so a flipped bit in a key is read as
+/// another (or no) task. A restart then loses a queued task without a word.
+/// Kept as the spec of what the next store must do (index entries covered
+/// by a checksum, or rebuilt from the sealed records): run it with
+/// `--ignored`.
+#[test]
+#[ignore = "known gap: the redb store's indexes carry no checksum (see the doc comment)"]
+fn bit_rot_in_the_state_index_of_a_queued_task_is_reported_at_load() {
+    let disk = SimDisk::new();
+    let label = PathBuf::from("simulated disk, rot in the state index");
+    let store = open_redb(&disk, &label).unwrap();
+    let mut writer = Writer {
+        rng: Rng::new(9),
+        ids: ulid::Generator::new(),
+        clock: 0,
+        node: NodeId::new(),
+    };
+    let mut model = Model::default();
+    let mut records = Vec::new();
+    writer.submit(&mut model, &mut records);
+    writer.submit(&mut model, &mut records);
+    store.commit(&records).unwrap();
+    drop(store);
+    disk.cut(Survivors::None);
+    let queued = *model.tasks.keys().next().unwrap();
+    // The index key as redb lays it out: the state byte, then the id
+    // (little-endian); the same id elsewhere is a `tasks` or `events` key.
+    let state = u8::try_from(i32::from(TaskState::Queued)).unwrap();
+    let mut key = vec![state];
+    key.extend_from_slice(&queued.as_u128().to_le_bytes());
+    let flipped = disk.on_platter(|image| {
+        let at: Vec<usize> = image
+            .windows(key.len())
+            .enumerate()
+            .filter(|(_, w)| *w == key.as_slice())
+            .map(|(i, _)| i)
+            .collect();
+        for i in &at {
+            image[i + 9] ^= 0x10;
+        }
+        at.len()
+    });
+    assert!(flipped > 0, "the index key is not on the platter");
+
+    let store = open_redb(&disk, &label).unwrap();
+    // The record itself is sound and still reads.
+    let state = store.task(queued).unwrap().map(|t| t.state);
+    assert_eq!(state, Some(TaskState::Queued));
+    match store.load(UNIX_EPOCH) {
+        Err(err) => assert!(err.is_damage(), "{err}"),
+        Ok(loaded) => {
+            let live: Vec<TaskId> = loaded.live.iter().map(|t| t.id).collect();
+            assert!(
+                live.contains(&queued),
+                "the restart lost queued task {queued} and said nothing (it loads {live:?})"
+            );
+        }
+    }
+}
