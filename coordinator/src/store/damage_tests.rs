@@ -332,5 +332,5 @@ fn a_store_written_before_checksums_opens_and_is_upgraded_once() {
     let db = Database::open(dir.path().join(STORE_FILE)).unwrap();
     let txn = db.begin_read().unwrap();
     let schema = txn.open_table(META).unwrap().get("schema").unwrap();
-    assert_eq!(schema.map(|v| v.value()), Some(2));
+    assert_eq!(schema.map(|v| v.value()), Some(3));
 }

@@ -100,3 +100,46 @@ fn pending_tasks_are_loaded_at_a_restart() {
         assert_eq!(live, vec![(id, TaskState::Pending)]);
     });
 }
+
+/// Every state keeps its own count across a restart: pending, upstream
+/// failed and skipped (the states added last) are not folded onto others.
+#[test]
+fn the_newer_states_keep_their_own_counts_after_reopening() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let states = [
+        (TaskState::Pending, 1),
+        (TaskState::Queued, 2),
+        (TaskState::UpstreamFailed, 3),
+        (TaskState::Skipped, 4),
+        (TaskState::Succeeded, 5),
+    ];
+    {
+        let store = RedbStore::open(dir.path()).expect("store opens");
+        let mut n = 0u128;
+        let records: Vec<Record> = states
+            .iter()
+            .flat_map(|(state, count)| std::iter::repeat_n(*state, *count))
+            .map(|state| {
+                n += 1;
+                Record::Task(record(TaskId::from_u128((9 << 80) + n), state))
+            })
+            .collect();
+        store.commit(&records).expect("commit");
+    }
+    let store = RedbStore::open(dir.path()).expect("store reopens");
+    let loaded = store.load(UNIX_EPOCH).expect("load");
+    let mut live = [0u64; 2];
+    for task in &loaded.live {
+        live[usize::from(task.state == TaskState::Queued)] += 1;
+    }
+    assert_eq!(live, [1, 2], "pending, queued");
+    let mut finals = loaded.final_counts.clone();
+    finals.sort_by_key(|(s, _)| i32::from(*s));
+    let mut expected: Vec<(TaskState, u64)> = states
+        .iter()
+        .filter(|(s, _)| s.is_final())
+        .map(|(s, c)| (*s, *c as u64))
+        .collect();
+    expected.sort_by_key(|(s, _)| i32::from(*s));
+    assert_eq!(finals, expected);
+}

@@ -126,6 +126,16 @@ pub(super) fn each_live(
     for range in &mut ranges {
         heads.push(next_id(range)?);
     }
+    // The index has no checksum of its own: each entry is checked against
+    // the (sealed) record it names, and the entries per state against the
+    // counts, so a changed index byte is reported, never a task lost.
+    let damaged = |id: u128, reason: &'static str| StoreError::Damaged {
+        table: "tasks_by_state",
+        key: TaskId::from_u128(id).to_string(),
+        reason,
+    };
+    let mut seen = [0u64; LIVE_STATES.len()];
+    let mut last: Option<u128> = None;
     loop {
         let next = heads
             .iter()
@@ -133,21 +143,45 @@ pub(super) fn each_live(
             .filter_map(|(i, head)| head.map(|id| (id, i)))
             .min();
         let Some((id, from)) = next else {
-            return Ok(());
+            break;
         };
+        if last.is_some_and(|last| last >= id) {
+            return Err(damaged(id, "an index entry repeats a task"));
+        }
+        last = Some(id);
         heads[from] = next_id(&mut ranges[from])?;
-        if let Some(record) = RedbStore::read_task(&tasks, &events, TaskId::from_u128(id))? {
-            // An attempt on a node: the chunks it sends again are dropped
-            // by seq from where the store's output ends.
-            if matches!(LIVE_STATES[from], TaskState::Assigned | TaskState::Running) {
-                let next = super::stored_next_chunk(&events, &record)?;
-                if next > 0 {
-                    next_chunks.push((record.id, next));
-                }
+        let Some(record) = RedbStore::read_task(&tasks, &events, TaskId::from_u128(id))? else {
+            return Err(damaged(id, "an index entry names a task with no record"));
+        };
+        if record.state != LIVE_STATES[from] {
+            return Err(damaged(id, "an index entry's state is not its task's"));
+        }
+        seen[from] += 1;
+        // An attempt on a node: the chunks it sends again are dropped
+        // by seq from where the store's output ends.
+        if matches!(LIVE_STATES[from], TaskState::Assigned | TaskState::Running) {
+            let next = super::stored_next_chunk(&events, &record)?;
+            if next > 0 {
+                next_chunks.push((record.id, next));
             }
-            each(record);
+        }
+        each(record);
+    }
+    let counts = txn.open_table(COUNTS).or_backend(op)?;
+    for (state, seen) in LIVE_STATES.iter().zip(seen) {
+        let counted = counts
+            .get(state_key(*state))
+            .or_backend(op)?
+            .map_or(0, |v| v.value());
+        if counted != seen {
+            return Err(StoreError::Damaged {
+                table: "state_counts",
+                key: state.to_string(),
+                reason: "the tasks the index lists in a state are not as many as counted",
+            });
         }
     }
+    Ok(())
 }
 
 /// The next task id of a `tasks_by_state` range.

@@ -80,8 +80,10 @@ const SCHEDULES: TableDefinition<&str, &[u8]> = TableDefinition::new("schedules"
 /// The file format this code writes; a newer one is refused. 2: every
 /// value of `tasks`, `events`, `secrets`, `tokens` and `node_identities`
 /// ends in its checksum (`seal.rs`); a schema-1 store is upgraded to it
-/// once, when opened.
-const SCHEMA_VERSION: u64 = 2;
+/// once, when opened. 3: `state_counts` is keyed by every state's number
+/// (schema 2 folded states 8 to 10 onto 0 to 2); an older store's counts
+/// are recounted from `tasks_by_state` once, when opened.
+const SCHEMA_VERSION: u64 = 3;
 /// The meta key of the store's random id, which the data dir's marker
 /// file repeats (`marker.rs`).
 const STORE_ID: &str = "store_id";
@@ -183,7 +185,7 @@ impl RedbStore {
         let mut events = txn.open_table(EVENTS).or_backend(op)?;
         let mut by_state = txn.open_table(BY_STATE).or_backend(op)?;
         let mut by_time = txn.open_table(FINAL_BY_TIME).or_backend(op)?;
-        let mut deltas = [0i64; 8];
+        let mut deltas = [0i64; COUNT_SLOTS];
         // Next seq per task touched by this commit.
         let mut next_seq: HashMap<u128, u64> = HashMap::new();
         for record in records {
@@ -210,7 +212,7 @@ impl RedbStore {
                             by_state
                                 .remove((state_key(old_state), key))
                                 .or_backend(op)?;
-                            deltas[usize::from(state_key(old_state)) & 7] -= 1;
+                            count(&mut deltas, old_state, -1);
                             if old_state.is_final() {
                                 by_time
                                     .remove((millis(old_updated_at), key))
@@ -227,7 +229,7 @@ impl RedbStore {
                     by_state
                         .insert((state_key(task.state), key), ())
                         .or_backend(op)?;
-                    deltas[usize::from(state_key(task.state)) & 7] += 1;
+                    count(&mut deltas, task.state, 1);
                     if task.state.is_final() {
                         by_time
                             .insert((millis(task.updated_at), key), ())
@@ -371,7 +373,19 @@ fn last_seq(
     }
 }
 
-fn apply_counts(txn: &WriteTransaction, deltas: &[i64; 8]) -> Result<(), StoreError> {
+/// Per-state count deltas, indexed by the state's number (1 to
+/// `TASK_STATES`; 0 is unused).
+const COUNT_SLOTS: usize = weft_proto::TASK_STATES + 1;
+
+/// Adds `delta` to `state`'s count in `deltas` (indexed by the state's
+/// number, as `state_counts` is keyed).
+fn count(deltas: &mut [i64; COUNT_SLOTS], state: TaskState, delta: i64) {
+    if let Some(d) = deltas.get_mut(usize::from(state_key(state))) {
+        *d += delta;
+    }
+}
+
+fn apply_counts(txn: &WriteTransaction, deltas: &[i64; COUNT_SLOTS]) -> Result<(), StoreError> {
     if deltas.iter().all(|d| *d == 0) {
         return Ok(());
     }
@@ -632,7 +646,7 @@ impl Store for RedbStore {
             let mut events = txn.open_table(EVENTS).or_backend(op)?;
             let mut by_state = txn.open_table(BY_STATE).or_backend(op)?;
             let mut secrets = txn.open_table(SECRETS).or_backend(op)?;
-            let mut deltas = [0i64; 8];
+            let mut deltas = [0i64; COUNT_SLOTS];
             let mut removed = Vec::with_capacity(due.len());
             for (at, key) in due {
                 by_time.remove((at, key)).or_backend(op)?;
@@ -665,7 +679,7 @@ impl Store for RedbStore {
                 };
                 if let Some(state) = state {
                     by_state.remove((state_key(state), key)).or_backend(op)?;
-                    deltas[usize::from(state_key(state)) & 7] -= 1;
+                    count(&mut deltas, state, -1);
                     removed.push(state);
                 }
                 events

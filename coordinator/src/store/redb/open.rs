@@ -175,7 +175,10 @@ impl RedbStore {
                 Some(SCHEMA_VERSION) => {}
                 Some(old) => {
                     drop(meta);
-                    add_checksums(&txn, old, &self.path)?;
+                    if old < 2 {
+                        add_checksums(&txn, old, &self.path)?;
+                    }
+                    recount(&txn, old, &self.path)?;
                     txn.open_table(META)
                         .or_backend("writing schema")?
                         .insert("schema", SCHEMA_VERSION)
@@ -245,6 +248,33 @@ fn is_damage(err: &DatabaseError) -> bool {
         ),
         _ => false,
     }
+}
+
+/// The one-time upgrade of a store's `state_counts` (schema `from`, before
+/// 3): counted again from `tasks_by_state`, every state under its own
+/// number.
+fn recount(txn: &WriteTransaction, from: u64, path: &Path) -> Result<(), StoreError> {
+    let op = "recounting states";
+    let mut counts = std::collections::BTreeMap::<u8, u64>::new();
+    let by_state = txn.open_table(BY_STATE).or_backend(op)?;
+    for entry in by_state.iter().or_backend(op)? {
+        let (key, _) = entry.or_backend(op)?;
+        *counts.entry(key.value().0).or_default() += 1;
+    }
+    drop(by_state);
+    let mut table = txn.open_table(COUNTS).or_backend(op)?;
+    table.retain(|_, _| false).or_backend(op)?;
+    for (state, count) in &counts {
+        table.insert(*state, *count).or_backend(op)?;
+    }
+    tracing::info!(
+        path = %path.display(),
+        from,
+        to = SCHEMA_VERSION,
+        tasks = counts.values().sum::<u64>(),
+        "upgraded the store: task counts per state recounted"
+    );
+    Ok(())
 }
 
 /// The one-time upgrade of a store written before checksums (schema
