@@ -246,6 +246,12 @@ pub struct Report {
     pub dag: Option<Dag>,
     /// Fairness step.
     pub fairness: Option<Fairness>,
+    /// Durable step.
+    pub durable: Option<crate::durable::Durable>,
+    /// Retention step.
+    pub retention: Option<crate::durable::RetentionRun>,
+    /// Recovery step.
+    pub recovery: Option<crate::recovery::Recovery>,
     /// Failed or skipped steps.
     pub errors: Vec<StepError>,
 }
@@ -278,6 +284,9 @@ impl Report {
             many_nodes: None,
             dag: None,
             fairness: None,
+            durable: None,
+            retention: None,
+            recovery: None,
             errors: Vec::new(),
         }
     }
