@@ -73,6 +73,15 @@ pub struct DirSize {
     pub allocated_bytes: u64,
 }
 
+impl DirSize {
+    /// What the dir can occupy: the larger of its apparent and allocated
+    /// bytes. A store may extend a file sparsely and fill its holes
+    /// later, so allocated bytes alone can grow while the file does not.
+    pub fn footprint(&self) -> u64 {
+        self.apparent_bytes.max(self.allocated_bytes)
+    }
+}
+
 /// Walks `path` and sums its regular files' sizes. A file that vanishes
 /// while the walk runs (the store renames and removes files) is skipped.
 pub fn dir_size(path: &Path) -> std::io::Result<DirSize> {
@@ -319,25 +328,26 @@ impl RetentionRun {
         self.samples.last().map_or(0.0, |s| s.at_s)
     }
 
-    /// Allocated bytes after the first wave, the largest, the last.
+    /// The dir's [`DirSize::footprint`] after the first wave, the largest,
+    /// the last.
     pub fn first_max_last(&self) -> Option<(u64, u64, u64)> {
         let waves = self.samples.get(1..)?;
-        let first = waves.first()?.size.allocated_bytes;
-        let max = waves.iter().map(|s| s.size.allocated_bytes).max()?;
-        let last = waves.last()?.size.allocated_bytes;
+        let first = waves.first()?.size.footprint();
+        let max = waves.iter().map(|s| s.size.footprint()).max()?;
+        let last = waves.last()?.size.footprint();
         Some((first, max, last))
     }
 
-    /// The largest allocated size over the second half of the waves
-    /// divided by the largest over the first half; `None` with fewer than
-    /// 4 waves (too few to tell).
+    /// The largest [`DirSize::footprint`] over the second half of the
+    /// waves divided by the largest over the first half; `None` with fewer
+    /// than 4 waves (too few to tell).
     pub fn growth(&self) -> Option<f64> {
         let waves = self.samples.get(1..)?;
         if waves.len() < 4 {
             return None;
         }
         let (early, late) = waves.split_at(waves.len() / 2);
-        let max = |s: &[DirSample]| s.iter().map(|x| x.size.allocated_bytes).max();
+        let max = |s: &[DirSample]| s.iter().map(|x| x.size.footprint()).max();
         let (early, late) = (max(early)?, max(late)?);
         Some(late as f64 / early.max(1) as f64)
     }
@@ -470,6 +480,32 @@ mod tests {
     }
 
     #[test]
+    fn a_sparse_file_filling_its_holes_is_not_growth() {
+        let sparse = |allocated_bytes: u64| DirSize {
+            files: 1,
+            apparent_bytes: 34,
+            allocated_bytes,
+        };
+        assert_eq!(sparse(26).footprint(), 34);
+        assert_eq!(sparse(40).footprint(), 40);
+        let run = RetentionRun {
+            retention: Duration::from_secs(2),
+            wave: 10,
+            samples: [0, 21, 26, 26, 27, 29, 30]
+                .iter()
+                .enumerate()
+                .map(|(i, &a)| DirSample {
+                    at_s: i as f64,
+                    tasks: i * 10,
+                    size: sparse(a),
+                })
+                .collect(),
+        };
+        assert_eq!(run.first_max_last(), Some((34, 34, 34)));
+        assert_eq!(run.bounded(), Some(true));
+    }
+
+    #[test]
     fn dir_size_sums_regular_files_in_subdirs_and_skips_links() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("a"), vec![1u8; 10_000]).unwrap();
@@ -480,7 +516,7 @@ mod tests {
         assert_eq!((size.files, size.apparent_bytes), (2, 10_005));
         // Allocated in whole blocks (a filesystem may compress or inline
         // tiny files, so only the order of magnitude is checked).
-        assert!(size.allocated_bytes % 512 == 0);
+        assert!(size.allocated_bytes.is_multiple_of(512));
         assert!(size.allocated_bytes <= 10_005 + 2 * 65_536);
         assert!(dir_size(&dir.path().join("missing")).is_err());
     }

@@ -147,7 +147,7 @@ fn rows(figure: &Figure<'_>) -> Vec<Row> {
                 [
                     format!(
                         "durable: write + fdatasync of a 4 KiB append beside the data dir, p50 / p99 µs ({})",
-                        d.fdatasync.n
+                        num(d.fdatasync.n as f64, 0)
                     ),
                     pair(&d.fdatasync),
                     none(),
@@ -156,7 +156,7 @@ fn rows(figure: &Figure<'_>) -> Vec<Row> {
                 [
                     format!(
                         "durable: round trip, in-memory store, p50 / p99 µs ({} sequential)",
-                        d.memory.n
+                        num(d.memory.n as f64, 0)
                     ),
                     pair(&d.memory),
                     none(),
@@ -165,7 +165,7 @@ fn rows(figure: &Figure<'_>) -> Vec<Row> {
                 [
                     format!(
                         "durable: round trip, durable store, p50 µs ({} sequential; target ≤ bound)",
-                        d.durable.n
+                        num(d.durable.n as f64, 0)
                     ),
                     num(d.durable.p50_us, 0),
                     format!(
@@ -183,7 +183,7 @@ fn rows(figure: &Figure<'_>) -> Vec<Row> {
                 [
                     format!(
                         "durable: data-dir bytes per finished noop task ({} tasks stored), apparent / allocated",
-                        d.tasks_stored
+                        num(d.tasks_stored as f64, 0)
                     ),
                     format!("{} / {} B", num(apparent, 0), num(allocated, 0)),
                     format!(
@@ -199,10 +199,11 @@ fn rows(figure: &Figure<'_>) -> Vec<Row> {
         Measured::Retention(r) => {
             let sizes = r.first_max_last().map_or_else(none, |(first, max, last)| {
                 format!(
-                    "{} / {} / {}",
+                    "{} / {} / {} (last allocated {})",
                     mib(Some(first)),
                     mib(Some(max)),
-                    mib(Some(last))
+                    mib(Some(last)),
+                    mib(r.samples.last().map(|s| s.size.allocated_bytes))
                 )
             });
             let verdict = match (r.bounded(), r.growth()) {
@@ -217,7 +218,7 @@ fn rows(figure: &Figure<'_>) -> Vec<Row> {
             };
             vec![[
                 format!(
-                    "retention {}: data dir under {} waves of {} noops ({} tasks in {} s), MiB allocated after the first / max / last",
+                    "retention {}: data dir under {} waves of {} noops ({} tasks in {} s), MiB after the first wave / max / last (larger of apparent, allocated)",
                     humantime::format_duration(r.retention),
                     r.samples.len().saturating_sub(1),
                     r.wave,
