@@ -221,7 +221,7 @@ fn rows(figure: &Figure<'_>) -> Vec<Row> {
                     "retention {}: data dir under {} waves of {} noops ({} tasks in {} s), MiB after the first wave / max / last (larger of apparent, allocated)",
                     humantime::format_duration(r.retention),
                     r.samples.len().saturating_sub(1),
-                    r.wave,
+                    num(r.wave as f64, 0),
                     num(r.tasks() as f64, 0),
                     num(r.run_s(), 1)
                 ),
