@@ -11,7 +11,7 @@
 //! fdatasync p50, all three measured here.
 
 use std::fs::{File, OpenOptions};
-use std::io::Write;
+use std::io::{Seek, SeekFrom, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -113,10 +113,27 @@ pub fn dir_size(path: &Path) -> std::io::Result<DirSize> {
     Ok(size)
 }
 
-/// `n` appends of `block` bytes to a new file in `dir`, each followed by
-/// fdatasync (`File::sync_data`), timed one by one (write + sync); one
-/// untimed append first. The file is removed afterwards. Blocking.
-pub fn fdatasync_samples(dir: &Path, n: usize, block: usize) -> std::io::Result<Vec<Duration>> {
+/// How the fdatasync probe writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Probe {
+    /// Each write extends the file: fdatasync must also commit the new
+    /// size (on ext4, a journal commit), as a log append does.
+    Append,
+    /// Each write overwrites a block already allocated and synced: the
+    /// data alone is flushed, as a store rewriting pages in place.
+    Overwrite,
+}
+
+/// `n` writes of `block` bytes to a new file in `dir` (appends, or
+/// overwrites cycling over `n` blocks written and synced first), each
+/// followed by fdatasync (`File::sync_data`), timed one by one (write +
+/// sync); one untimed write first. The file is removed afterwards. Blocking.
+pub fn fdatasync_samples(
+    dir: &Path,
+    n: usize,
+    block: usize,
+    probe: Probe,
+) -> std::io::Result<Vec<Duration>> {
     let path = dir.join(PROBE_FILE);
     let result = (|| {
         let mut file: File = OpenOptions::new()
@@ -125,10 +142,19 @@ pub fn fdatasync_samples(dir: &Path, n: usize, block: usize) -> std::io::Result<
             .write(true)
             .open(&path)?;
         let data = vec![0x5a_u8; block];
-        file.write_all(&data)?;
+        let blocks = match probe {
+            Probe::Append => 1,
+            Probe::Overwrite => n.max(1),
+        };
+        for _ in 0..blocks {
+            file.write_all(&data)?;
+        }
         file.sync_all()?;
         let mut samples = Vec::with_capacity(n);
-        for _ in 0..n {
+        for i in 0..n {
+            if probe == Probe::Overwrite {
+                file.seek(SeekFrom::Start(((i % blocks) * block) as u64))?;
+            }
             let t0 = Instant::now();
             file.write_all(&data)?;
             file.sync_data()?;
@@ -143,8 +169,11 @@ pub fn fdatasync_samples(dir: &Path, n: usize, block: usize) -> std::io::Result<
 /// The `durable` step's figures.
 #[derive(Debug, Clone)]
 pub struct Durable {
-    /// write + fdatasync of a [`PROBE_BLOCK`] append in the data dir's temp dir.
+    /// write + fdatasync of a [`PROBE_BLOCK`] append in the data dir's
+    /// temp dir (the bound is drawn from this one).
     pub fdatasync: Latency,
+    /// write + fdatasync of a [`PROBE_BLOCK`] overwrite in place there.
+    pub fdatasync_overwrite: Latency,
     /// Noop round trips on a coordinator with the in-memory store.
     pub memory: Latency,
     /// Noop round trips on a coordinator with the durable store.
@@ -219,12 +248,20 @@ pub async fn durable(base: &ClusterPlan, plan: DurablePlan) -> anyhow::Result<Du
         let data_dir = data_dir.context("the durable coordinator made no data dir")?;
         let dir_empty = dir_size(&data_dir).context("measuring the data dir")?;
         let n = plan.round_trips;
-        let samples =
-            tokio::task::spawn_blocking(move || fdatasync_samples(&probe_dir, n, PROBE_BLOCK))
+        let probe = |kind: Probe| {
+            let dir = probe_dir.clone();
+            async move {
+                let samples = tokio::task::spawn_blocking(move || {
+                    fdatasync_samples(&dir, n, PROBE_BLOCK, kind)
+                })
                 .await
                 .context("the fdatasync probe panicked")?
                 .context("probing fdatasync beside the data dir")?;
-        let fdatasync = Latency::from_samples(&samples).context("no fdatasync samples")?;
+                Latency::from_samples(&samples).context("no fdatasync samples")
+            }
+        };
+        let fdatasync = probe(Probe::Append).await?;
+        let fdatasync_overwrite = probe(Probe::Overwrite).await?;
         let durable = round_trips(&client, plan).await.context("durable store")?;
         let specs = (0..plan.bytes_tasks).map(workload::noop).collect();
         let tasks = workload::run_all(&client, specs, plan.concurrency).await?;
@@ -232,6 +269,7 @@ pub async fn durable(base: &ClusterPlan, plan: DurablePlan) -> anyhow::Result<Du
         let dir_after = dir_size(&data_dir).context("measuring the data dir")?;
         Ok(Durable {
             fdatasync,
+            fdatasync_overwrite,
             memory,
             durable,
             tasks_stored: plan.warmup.max(1) + plan.round_trips + plan.bytes_tasks,
@@ -436,6 +474,7 @@ mod tests {
     fn durable_round_trip_is_held_against_memory_plus_two_syncs() {
         let d = Durable {
             fdatasync: lat(500.0, 900.0),
+            fdatasync_overwrite: lat(100.0, 200.0),
             memory: lat(300.0, 600.0),
             durable: lat(1_300.0, 3_900.0),
             tasks_stored: 1_000,
@@ -524,9 +563,11 @@ mod tests {
     #[test]
     fn the_fdatasync_probe_times_each_append_and_cleans_up() {
         let dir = tempfile::tempdir().unwrap();
-        let samples = fdatasync_samples(dir.path(), 5, 4096).unwrap();
-        assert_eq!(samples.len(), 5);
-        assert!(!dir.path().join(PROBE_FILE).exists());
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        for probe in [Probe::Append, Probe::Overwrite] {
+            let samples = fdatasync_samples(dir.path(), 5, 4096, probe).unwrap();
+            assert_eq!(samples.len(), 5);
+            assert!(!dir.path().join(PROBE_FILE).exists());
+            assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        }
     }
 }

@@ -168,6 +168,7 @@ fn json_section(measured: &Measured<'_>) -> Value {
             };
             json!({
                 "fdatasync_4k_append_us": d.fdatasync.json(),
+                "fdatasync_4k_overwrite_us": d.fdatasync_overwrite.json(),
                 "round_trip_memory_us": d.memory.json(),
                 "round_trip_durable_us": d.durable.json(),
                 "bound_p50_us": round(d.bound_p50_us(), 1),

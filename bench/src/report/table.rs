@@ -155,6 +155,15 @@ fn rows(figure: &Figure<'_>) -> Vec<Row> {
                 ],
                 [
                     format!(
+                        "durable: write + fdatasync of a 4 KiB overwrite in place beside the data dir, p50 / p99 µs ({})",
+                        num(d.fdatasync_overwrite.n as f64, 0)
+                    ),
+                    pair(&d.fdatasync_overwrite),
+                    "(no size change to commit)".to_owned(),
+                    none(),
+                ],
+                [
+                    format!(
                         "durable: round trip, in-memory store, p50 / p99 µs ({} sequential)",
                         num(d.memory.n as f64, 0)
                     ),
@@ -169,7 +178,7 @@ fn rows(figure: &Figure<'_>) -> Vec<Row> {
                     ),
                     num(d.durable.p50_us, 0),
                     format!(
-                        "bound: in-memory p50 + 2 × fdatasync p50 = {}",
+                        "bound: in-memory p50 + 2 × append fdatasync p50 = {}",
                         num(d.bound_p50_us(), 0)
                     ),
                     ratio(d.durable.p50_us, d.bound_p50_us()),

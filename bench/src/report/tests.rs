@@ -204,6 +204,7 @@ fn durability_figures_show_in_the_table_and_the_json() {
     let mut r = report();
     r.durable = Some(Durable {
         fdatasync: lat(1_000.0, 2_000.0),
+        fdatasync_overwrite: lat(300.0, 600.0),
         memory: lat(500.0, 800.0),
         durable: lat(2_500.0, 6_000.0),
         tasks_stored: 10_000,
@@ -229,7 +230,7 @@ fn durability_figures_show_in_the_table_and_the_json() {
     assert!(
         table.contains(
             "| durable: round trip, durable store, p50 µs (2,000 sequential; target ≤ bound) | 2,500 \
-             | bound: in-memory p50 + 2 × fdatasync p50 = 2,500 | 1.00× |"
+             | bound: in-memory p50 + 2 × append fdatasync p50 = 2,500 | 1.00× |"
         ),
         "{table}"
     );
@@ -241,7 +242,13 @@ fn durability_figures_show_in_the_table_and_the_json() {
     );
     assert!(table.contains("| recovery | failed: the restarted coordinator"));
     let doc = r.json();
+    assert!(
+        table
+            .contains("overwrite in place beside the data dir, p50 / p99 µs (2,000) | 300 / 600 |"),
+        "{table}"
+    );
     assert_eq!(doc["durable"]["bound_p50_us"], 2_500.0);
+    assert_eq!(doc["durable"]["fdatasync_4k_overwrite_us"]["p50_us"], 300.0);
     assert_eq!(doc["durable"]["durable_p99_over_p50"], 2.4);
     assert_eq!(doc["durable"]["allocated_bytes_per_task"], 1_500.0);
     assert_eq!(doc["retention"]["bounded"], true);
