@@ -44,7 +44,7 @@ pub enum Step {
     /// 2,000 noop round trips on the in-memory store and on the durable
     /// one; then 20,000 noops and the data dir's bytes per task.
     Durable,
-    /// Waves of 5,000 noops for 30 s on a coordinator with `--retention
+    /// Waves of 5,000 noops for 120 s on a coordinator with `--retention
     /// 2s`: the data dir's size after each wave (does it stay bounded?).
     Retention,
     /// 1,000,000 noops queued with no node, the coordinator killed
@@ -141,7 +141,7 @@ pub struct BenchArgs {
     /// 1000000; 20000 with --quick].
     #[arg(long, value_name = "N")]
     pub recovery_tasks: Option<usize>,
-    /// How long the retention step keeps submitting waves [default: 30s;
+    /// How long the retention step keeps submitting waves [default: 120s;
     /// 6s with --quick].
     #[arg(long, value_parser = parse_duration_arg, value_name = "DURATION")]
     pub retention_run: Option<Duration>,
@@ -277,7 +277,7 @@ impl Plan {
                 durable_bytes_tasks: 20_000,
                 retention: Duration::from_secs(2),
                 retention_wave: 5_000,
-                retention_run: Duration::from_secs(30),
+                retention_run: Duration::from_secs(120),
                 recovery_tasks: 1_000_000,
                 floor: floor::FloorPlan {
                     round_trips: 2_000,
