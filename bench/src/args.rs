@@ -40,11 +40,22 @@ pub enum Step {
     /// 100 late tasks behind a 100,000-task backlog at equal priority,
     /// with fair keys and without: the late submitter's share and time.
     Fairness,
+    /// In one run: fdatasync of a 4 KiB append beside the data dir, and
+    /// 2,000 noop round trips on the in-memory store and on the durable
+    /// one; then 20,000 noops and the data dir's bytes per task.
+    Durable,
+    /// Waves of 5,000 noops for 120 s on a coordinator with `--retention
+    /// 2s`: the data dir's size after each wave (does it stay bounded?).
+    Retention,
+    /// 1,000,000 noops queued with no node, the coordinator killed
+    /// (SIGKILL) and restarted on its data dir: time until it serves the
+    /// queue again, peak memory against before the crash.
+    Recovery,
 }
 
 impl Step {
     /// Every step, in the order they run.
-    pub const ALL: [Step; 11] = [
+    pub const ALL: [Step; 14] = [
         Step::Floor,
         Step::Startup,
         Step::Throughput,
@@ -56,6 +67,9 @@ impl Step {
         Step::ManyNodes,
         Step::Dag,
         Step::Fairness,
+        Step::Durable,
+        Step::Retention,
+        Step::Recovery,
     ];
 
     /// Whether the step needs processes of its own (not possible against
@@ -63,7 +77,14 @@ impl Step {
     pub(crate) fn needs_own_processes(self) -> bool {
         matches!(
             self,
-            Step::Startup | Step::Scale | Step::ManyNodes | Step::Dag | Step::Fairness
+            Step::Startup
+                | Step::Scale
+                | Step::ManyNodes
+                | Step::Dag
+                | Step::Fairness
+                | Step::Durable
+                | Step::Retention
+                | Step::Recovery
         )
     }
 
@@ -89,6 +110,9 @@ impl Step {
             Step::ManyNodes => "many-nodes",
             Step::Dag => "dag",
             Step::Fairness => "fairness",
+            Step::Durable => "durable",
+            Step::Retention => "retention",
+            Step::Recovery => "recovery",
         }
     }
 }
@@ -117,6 +141,14 @@ pub struct BenchArgs {
     /// Tasks queued in the scale step [default: 1000000; 20000 with --quick].
     #[arg(long, value_name = "N")]
     pub scale_tasks: Option<usize>,
+    /// Tasks queued before the crash in the recovery step [default:
+    /// 1000000; 20000 with --quick].
+    #[arg(long, value_name = "N")]
+    pub recovery_tasks: Option<usize>,
+    /// How long the retention step keeps submitting waves [default: 120s;
+    /// 6s with --quick].
+    #[arg(long, value_parser = parse_duration_arg, value_name = "DURATION")]
+    pub retention_run: Option<Duration>,
     /// Simulated nodes in the many-nodes step [default: 1000; 100 with --quick].
     #[arg(long, value_name = "N")]
     pub sim_nodes: Option<usize>,
@@ -179,6 +211,16 @@ pub struct Plan {
     pub fair_backlog: usize,
     /// Fairness step: the late submitter's tasks.
     pub fair_late: usize,
+    /// Durable step: noops run before the data dir is measured.
+    pub durable_bytes_tasks: usize,
+    /// Retention step: the coordinator's `--retention`.
+    pub retention: Duration,
+    /// Retention step: noops per wave.
+    pub retention_wave: usize,
+    /// Retention step: how long waves go on.
+    pub retention_run: Duration,
+    /// Recovery step: tasks queued before the crash.
+    pub recovery_tasks: usize,
     /// The floor's counts.
     pub floor: floor::FloorPlan,
 }
@@ -204,6 +246,11 @@ impl Plan {
                 dag_width: 20,
                 fair_backlog: 5_000,
                 fair_late: 50,
+                durable_bytes_tasks: 2_000,
+                retention: Duration::from_secs(1),
+                retention_wave: 1_000,
+                retention_run: Duration::from_secs(6),
+                recovery_tasks: 20_000,
                 floor: floor::FloorPlan {
                     round_trips: 200,
                     unary_calls: 2_000,
@@ -231,6 +278,11 @@ impl Plan {
                 dag_width: 100,
                 fair_backlog: 100_000,
                 fair_late: 100,
+                durable_bytes_tasks: 20_000,
+                retention: Duration::from_secs(2),
+                retention_wave: 5_000,
+                retention_run: Duration::from_secs(120),
+                recovery_tasks: 1_000_000,
                 floor: floor::FloorPlan {
                     round_trips: 2_000,
                     unary_calls: 20_000,
@@ -246,6 +298,12 @@ impl Plan {
         }
         if let Some(n) = args.sim_nodes {
             plan.sim_nodes = n;
+        }
+        if let Some(n) = args.recovery_tasks {
+            plan.recovery_tasks = n;
+        }
+        if let Some(run) = args.retention_run {
+            plan.retention_run = run;
         }
         if let Some(window) = args.idle_window {
             plan.idle_window = window;

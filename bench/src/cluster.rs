@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
+use nix::sys::signal::Signal;
 use weft_client::Client;
 use weft_cluster::{ChildProcess, Error as ClusterError, Spawn, procfs};
 use weft_proto::tls::Trust;
@@ -42,6 +43,8 @@ pub struct ClusterPlan {
     pub insecure: bool,
     /// More `weft-node` flags (the policy figures give nodes resources).
     pub node_args: Vec<String>,
+    /// More `weft-coordinator` flags (the retention step's `--retention`).
+    pub coordinator_args: Vec<String>,
 }
 
 /// A coordinator (durable store under a temp dir) and its nodes, as real
@@ -60,6 +63,11 @@ pub struct Cluster {
     pub dir: tempfile::TempDir,
     /// The coordinator's admin token (the bench's client uses it).
     pub token: Option<String>,
+    /// How the coordinator was started, to start it again on the same
+    /// data dir ([`Cluster::crash_and_restart_coordinator`]).
+    respawn: Spawn,
+    /// The file the coordinator writes its address to.
+    addr_file: std::path::PathBuf,
 }
 
 impl Cluster {
@@ -126,10 +134,11 @@ impl Cluster {
             args.push("--pki-dir".to_owned());
             args.push(pki_dir.display().to_string());
         }
-        let mut coordinator = Spawn::new(coordinator_bin, dir.path(), "coordinator")
+        args.extend(plan.coordinator_args.iter().cloned());
+        let respawn = Spawn::new(coordinator_bin, dir.path(), "coordinator")
             .args(args)
-            .log_filter(&plan.log_filter)
-            .spawn()?;
+            .log_filter(&plan.log_filter);
+        let mut coordinator = respawn.clone().spawn()?;
         let addr =
             weft_cluster::wait_for_addr_file(&mut coordinator, &addr_file, ADDR_TIMEOUT, ADDR_POLL)
                 .await
@@ -153,6 +162,8 @@ impl Cluster {
             nodes: Vec::new(),
             dir,
             token,
+            respawn: respawn.append_log(),
+            addr_file,
         };
         // With TLS, nodes join as on a real network: one join token for
         // all of them, each node its own key and certificate.
@@ -196,6 +207,49 @@ impl Cluster {
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
         Ok(cluster)
+    }
+
+    /// The coordinator's data dir (`None` for an in-memory store).
+    pub fn data_dir(&self) -> Option<std::path::PathBuf> {
+        let dir = self.dir.path().join("data");
+        dir.is_dir().then_some(dir)
+    }
+
+    /// Kills the coordinator with SIGKILL (no shutdown of any kind), then
+    /// starts it again with the same flags on the same data dir and waits
+    /// for its new address (its port changes; `url` follows). Answers the
+    /// instant just before the new process was spawned. The nodes are left
+    /// alone.
+    pub async fn crash_and_restart_coordinator(&mut self) -> anyhow::Result<Instant> {
+        self.coordinator.signal(Signal::SIGKILL);
+        self.coordinator
+            .wait()
+            .await
+            .map_err(|err| explain(err, &self.coordinator))?;
+        // The old address must not be taken for the new one.
+        match std::fs::remove_file(&self.addr_file) {
+            Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
+                return Err(err).context("removing the old address file");
+            }
+            _ => {}
+        }
+        let spawned = Instant::now();
+        self.coordinator = self.respawn.clone().spawn()?;
+        let addr = weft_cluster::wait_for_addr_file(
+            &mut self.coordinator,
+            &self.addr_file,
+            ADDR_TIMEOUT,
+            ADDR_POLL,
+        )
+        .await
+        .map_err(|err| explain(err, &self.coordinator))?;
+        let scheme = if self.trust.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        self.url = format!("{scheme}://{addr}");
+        Ok(spawned)
     }
 
     /// Process ids of the coordinator and nodes still running.

@@ -26,15 +26,20 @@
 //! - [`swarm`]: many simulated nodes from one process.
 //! - [`policy`]: the workflow and scheduling-policy steps: policy mix
 //!   beside plain tasks, a 10,000-task graph in one Submit, fairness.
+//! - [`durable`]: durable latency against the disk's fdatasync and the
+//!   in-memory round trip, data-dir bytes per task, the dir under retention.
+//! - [`recovery`]: a big queue, SIGKILL, restart: time to serve, peak memory.
 //! - [`report`]: the results, one list of figures, rendered as the table,
 //!   `--output json` and results.jsonl lines.
 
 pub mod args;
 pub mod cluster;
+pub mod durable;
 pub mod floor;
 pub mod machine;
 pub mod own_processes;
 pub mod policy;
+pub mod recovery;
 pub mod report;
 pub mod run;
 pub mod stats;

@@ -48,7 +48,6 @@ pub async fn startup(
 /// The scale step: a coordinator with no node; `n` noops submitted in
 /// `submit_many` chunks; resident memory before and after.
 pub async fn scale(base: &ClusterPlan, n: usize) -> anyhow::Result<Scale> {
-    const CHUNK: usize = 10_000;
     let plan = ClusterPlan {
         nodes: 0,
         ..base.clone()
@@ -63,18 +62,7 @@ pub async fn scale(base: &ClusterPlan, n: usize) -> anyhow::Result<Scale> {
     client.submit_many(vec![workload::noop(0)]).await?;
     let rss_before = procfs::rss_bytes(pid);
     let cpu_before = procfs::cpu_seconds(pid);
-    let t0 = Instant::now();
-    let mut submitted = 0;
-    while submitted < n {
-        let count = CHUNK.min(n - submitted);
-        let specs = (submitted..submitted + count).map(workload::noop).collect();
-        if let Err(err) = client.submit_many(specs).await {
-            cluster.check_alive()?;
-            return Err(err).with_context(|| format!("after {submitted} tasks"));
-        }
-        submitted += count;
-    }
-    let submit_s = t0.elapsed().as_secs_f64();
+    let submit_s = queue_noops(&mut cluster, &client, n).await?;
     let cpu_after = procfs::cpu_seconds(pid);
     let rss_after = procfs::rss_bytes(pid);
     let info = client.cluster_info().await?;
@@ -89,6 +77,29 @@ pub async fn scale(base: &ClusterPlan, n: usize) -> anyhow::Result<Scale> {
         rss_after,
         coordinator_cpu_s: cpu_after.zip(cpu_before).map(|(a, b)| a - b),
     })
+}
+
+/// Submits `n` noops in `submit_many` chunks of 10,000 (a cluster with no
+/// node queues them all); answers the seconds it took. A failed submit
+/// says how many went in, and the coordinator's log tail if it died.
+pub(crate) async fn queue_noops(
+    cluster: &mut Cluster,
+    client: &Client,
+    n: usize,
+) -> anyhow::Result<f64> {
+    const CHUNK: usize = 10_000;
+    let t0 = Instant::now();
+    let mut submitted = 0;
+    while submitted < n {
+        let count = CHUNK.min(n - submitted);
+        let specs = (submitted..submitted + count).map(workload::noop).collect();
+        if let Err(err) = client.submit_many(specs).await {
+            cluster.check_alive()?;
+            return Err(err).with_context(|| format!("after {submitted} tasks"));
+        }
+        submitted += count;
+    }
+    Ok(t0.elapsed().as_secs_f64())
 }
 
 /// The many-nodes step: `n` simulated nodes registered and heartbeating;

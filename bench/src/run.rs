@@ -13,7 +13,7 @@ use crate::cluster::{Cluster, ClusterPlan};
 use crate::machine::Machine;
 use crate::own_processes;
 use crate::report::{Burn, Parallel, PolicyMix, Report, Startup, StepError, Throughput};
-use crate::{floor, workload};
+use crate::{durable, floor, recovery, workload};
 
 /// Slots per node and nodes in the protocol's cluster.
 const NODES: usize = 2;
@@ -59,6 +59,7 @@ pub async fn run(
         } else {
             Vec::new()
         },
+        coordinator_args: Vec::new(),
     };
 
     if steps.contains(&Step::Floor) {
@@ -161,6 +162,9 @@ pub async fn run(
                 Err(err) => report.fail(Step::Fairness, &err),
             }
         }
+    }
+    if own {
+        durability_steps(&cluster_plan, &steps, &plan, args, &mut report).await;
     }
     report.finished = Some(SystemTime::now());
     Ok(report)
@@ -311,6 +315,58 @@ async fn cluster_steps(
         }
     }
     Ok(())
+}
+
+/// The durable-latency, retention and recovery steps (their own clusters).
+async fn durability_steps(
+    cluster_plan: &ClusterPlan,
+    steps: &[Step],
+    plan: &Plan,
+    args: &BenchArgs,
+    report: &mut Report,
+) {
+    if steps.contains(&Step::Durable) {
+        progress(&format!(
+            "durable: {} × fdatasync, {} round trips in memory and durable, then {} noops",
+            plan.latency_n, plan.latency_n, plan.durable_bytes_tasks
+        ));
+        let durable_plan = durable::DurablePlan {
+            warmup: plan.latency_warmup,
+            round_trips: plan.latency_n,
+            bytes_tasks: plan.durable_bytes_tasks,
+            concurrency: args.wait_concurrency,
+        };
+        match durable::durable(cluster_plan, durable_plan).await {
+            Ok(d) => report.durable = Some(d),
+            Err(err) => report.fail(Step::Durable, &err),
+        }
+    }
+    if steps.contains(&Step::Retention) {
+        progress(&format!(
+            "retention: waves of {} noops for {:?}, --retention {:?}",
+            plan.retention_wave, plan.retention_run, plan.retention
+        ));
+        let retention_plan = durable::RetentionPlan {
+            retention: plan.retention,
+            wave: plan.retention_wave,
+            run_for: plan.retention_run,
+            concurrency: args.wait_concurrency,
+        };
+        match durable::retention(cluster_plan, retention_plan).await {
+            Ok(r) => report.retention = Some(r),
+            Err(err) => report.fail(Step::Retention, &err),
+        }
+    }
+    if steps.contains(&Step::Recovery) {
+        progress(&format!(
+            "recovery: {} tasks queued, SIGKILL, restart on the same data dir",
+            plan.recovery_tasks
+        ));
+        match recovery::recovery(cluster_plan, plan.recovery_tasks).await {
+            Ok(r) => report.recovery = Some(r),
+            Err(err) => report.fail(Step::Recovery, &err),
+        }
+    }
 }
 
 fn progress(what: &str) {

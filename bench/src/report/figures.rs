@@ -56,6 +56,12 @@ pub enum Measured<'a> {
     Dag(DagFigures<'a>),
     /// The fairness step.
     Fairness(&'a Fairness),
+    /// The durable step.
+    Durable(&'a crate::durable::Durable),
+    /// The retention step.
+    Retention(&'a crate::durable::RetentionRun),
+    /// The recovery step.
+    Recovery(&'a crate::recovery::Recovery),
 }
 
 /// The dag step's medians and maxima over the levels, in ms.
@@ -251,6 +257,9 @@ impl Report {
                 })
             }
             Step::Fairness => Measured::Fairness(self.fairness.as_ref()?),
+            Step::Durable => Measured::Durable(self.durable.as_ref()?),
+            Step::Retention => Measured::Retention(self.retention.as_ref()?),
+            Step::Recovery => Measured::Recovery(self.recovery.as_ref()?),
             Step::ManyNodes => {
                 let many = self.many_nodes.as_ref()?;
                 Measured::ManyNodes(ManyNodesFigures {

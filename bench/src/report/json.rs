@@ -130,6 +130,9 @@ fn json_key(step: Step) -> &'static str {
         Step::ManyNodes => "many_nodes",
         Step::Dag => "dag",
         Step::Fairness => "fairness",
+        Step::Durable => "durable",
+        Step::Retention => "retention",
+        Step::Recovery => "recovery",
     }
 }
 
@@ -147,13 +150,64 @@ fn jsonl_metric(step: Step) -> Option<(&'static str, Value)> {
         | Step::Scale
         | Step::ManyNodes
         | Step::Dag
-        | Step::Fairness => return None,
+        | Step::Fairness
+        | Step::Durable
+        | Step::Retention
+        | Step::Recovery => return None,
     })
 }
 
 /// A measured step's section of the JSON document.
 fn json_section(measured: &Measured<'_>) -> Value {
     match measured {
+        Measured::Durable(d) => {
+            let (apparent, allocated) = d.bytes_per_task();
+            let dir = |s: &crate::durable::DirSize| {
+                json!({"files": s.files, "apparent_bytes": s.apparent_bytes,
+                       "allocated_bytes": s.allocated_bytes})
+            };
+            json!({
+                "fdatasync_4k_append_us": d.fdatasync.json(),
+                "fdatasync_4k_overwrite_us": d.fdatasync_overwrite.json(),
+                "round_trip_memory_us": d.memory.json(),
+                "round_trip_durable_us": d.durable.json(),
+                "bound_p50_us": round(d.bound_p50_us(), 1),
+                "durable_p50_over_bound": round(d.p50_over_bound(), 3),
+                "durable_p99_over_p50": round(d.p99_over_p50(), 3),
+                "tasks_stored": d.tasks_stored,
+                "data_dir_empty": dir(&d.dir_empty),
+                "data_dir_after": dir(&d.dir_after),
+                "apparent_bytes_per_task": round(apparent, 1),
+                "allocated_bytes_per_task": round(allocated, 1),
+            })
+        }
+        Measured::Retention(r) => json!({
+            "retention_s": r.retention.as_secs_f64(),
+            "wave": r.wave,
+            "tasks": r.tasks(),
+            "run_s": round(r.run_s(), 2),
+            "growth_second_half_over_first": r.growth().map(|g| round(g, 3)),
+            "bounded": r.bounded(),
+            "samples": r.samples.iter().map(|s| json!({
+                "at_s": round(s.at_s, 2),
+                "tasks": s.tasks,
+                "files": s.size.files,
+                "apparent_bytes": s.size.apparent_bytes,
+                "allocated_bytes": s.size.allocated_bytes,
+            })).collect::<Vec<_>>(),
+        }),
+        Measured::Recovery(r) => json!({
+            "tasks": r.tasks,
+            "queued_seen": r.queued_seen,
+            "submit_s": round(r.submit_s, 3),
+            "rss_before_crash": r.rss_before_crash,
+            "peak_rss_before_crash": r.peak_before_crash,
+            "listening_s": round(r.listening_s, 3),
+            "serving_s": round(r.serving_s, 3),
+            "rss_serving": r.rss_serving,
+            "peak_rss_recovery": r.peak_recovery,
+            "peak_recovery_over_rss_before": r.peak_over_before().map(|v| round(v, 3)),
+        }),
         Measured::Floor(f) => json!({
             "unary": f.unary.json(),
             "run_stream": f.run.json(),
@@ -313,7 +367,10 @@ fn jsonl_parts(measured: &Measured<'_>) -> (Value, Value, Value) {
         | Measured::Scale(_)
         | Measured::ManyNodes(_)
         | Measured::Dag(_)
-        | Measured::Fairness(_) => (Value::Null, Value::Null, Value::Null),
+        | Measured::Fairness(_)
+        | Measured::Durable(_)
+        | Measured::Retention(_)
+        | Measured::Recovery(_) => (Value::Null, Value::Null, Value::Null),
     }
 }
 

@@ -248,6 +248,12 @@ pub struct Report {
     pub dag: Option<Dag>,
     /// Fairness step.
     pub fairness: Option<Fairness>,
+    /// Durable step.
+    pub durable: Option<crate::durable::Durable>,
+    /// Retention step.
+    pub retention: Option<crate::durable::RetentionRun>,
+    /// Recovery step.
+    pub recovery: Option<crate::recovery::Recovery>,
     /// Failed or skipped steps.
     pub errors: Vec<StepError>,
 }
@@ -280,6 +286,9 @@ impl Report {
             many_nodes: None,
             dag: None,
             fairness: None,
+            durable: None,
+            retention: None,
+            recovery: None,
             errors: Vec::new(),
         }
     }

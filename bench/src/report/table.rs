@@ -99,6 +99,9 @@ fn row_order(step: Step) -> u8 {
         Step::ManyNodes => 8,
         Step::Dag => 9,
         Step::Fairness => 10,
+        Step::Durable => 11,
+        Step::Retention => 12,
+        Step::Recovery => 13,
     }
 }
 
@@ -116,6 +119,9 @@ fn failure_label(step: Step) -> Option<&'static str> {
         Step::ManyNodes => "many nodes",
         Step::Dag => "dag",
         Step::Fairness => "fairness",
+        Step::Durable => "durable latency",
+        Step::Retention => "retention",
+        Step::Recovery => "recovery",
     })
 }
 
@@ -133,6 +139,135 @@ fn rows(figure: &Figure<'_>) -> Vec<Row> {
     };
     match measured {
         Measured::Floor(_) => Vec::new(),
+        Measured::Durable(d) => {
+            let pair =
+                |l: &crate::stats::Latency| format!("{} / {}", num(l.p50_us, 0), num(l.p99_us, 0));
+            let (apparent, allocated) = d.bytes_per_task();
+            vec![
+                [
+                    format!(
+                        "durable: write + fdatasync of a 4 KiB append beside the data dir, p50 / p99 µs ({})",
+                        num(d.fdatasync.n as f64, 0)
+                    ),
+                    pair(&d.fdatasync),
+                    none(),
+                    none(),
+                ],
+                [
+                    format!(
+                        "durable: write + fdatasync of a 4 KiB overwrite in place beside the data dir, p50 / p99 µs ({})",
+                        num(d.fdatasync_overwrite.n as f64, 0)
+                    ),
+                    pair(&d.fdatasync_overwrite),
+                    "(no size change to commit)".to_owned(),
+                    none(),
+                ],
+                [
+                    format!(
+                        "durable: round trip, in-memory store, p50 / p99 µs ({} sequential)",
+                        num(d.memory.n as f64, 0)
+                    ),
+                    pair(&d.memory),
+                    none(),
+                    none(),
+                ],
+                [
+                    format!(
+                        "durable: round trip, durable store, p50 µs ({} sequential; target ≤ bound)",
+                        num(d.durable.n as f64, 0)
+                    ),
+                    num(d.durable.p50_us, 0),
+                    format!(
+                        "bound: in-memory p50 + 2 × append fdatasync p50 = {}",
+                        num(d.bound_p50_us(), 0)
+                    ),
+                    ratio(d.durable.p50_us, d.bound_p50_us()),
+                ],
+                [
+                    "durable: round trip, durable store, p99 µs (target ≤ 2 × p50)".to_owned(),
+                    num(d.durable.p99_us, 0),
+                    format!("p50 {}", num(d.durable.p50_us, 0)),
+                    ratio(d.durable.p99_us, d.durable.p50_us),
+                ],
+                [
+                    format!(
+                        "durable: data-dir bytes per finished noop task ({} tasks stored), apparent / allocated",
+                        num(d.tasks_stored as f64, 0)
+                    ),
+                    format!("{} / {} B", num(apparent, 0), num(allocated, 0)),
+                    format!(
+                        "dir {} MiB allocated ({} MiB empty), {} files",
+                        mib(Some(d.dir_after.allocated_bytes)),
+                        mib(Some(d.dir_empty.allocated_bytes)),
+                        d.dir_after.files
+                    ),
+                    none(),
+                ],
+            ]
+        }
+        Measured::Retention(r) => {
+            let sizes = r.first_max_last().map_or_else(none, |(first, max, last)| {
+                format!(
+                    "{} / {} / {} (last allocated {})",
+                    mib(Some(first)),
+                    mib(Some(max)),
+                    mib(Some(last)),
+                    mib(r.samples.last().map(|s| s.size.allocated_bytes))
+                )
+            });
+            let verdict = match (r.bounded(), r.growth()) {
+                (Some(true), Some(g)) => {
+                    format!("bounded: second half's max {}× the first half's", num(g, 2))
+                }
+                (Some(false), Some(g)) => format!(
+                    "NOT bounded: second half's max {}× the first half's",
+                    num(g, 2)
+                ),
+                _ => "too few waves to tell".to_owned(),
+            };
+            vec![[
+                format!(
+                    "retention {}: data dir under {} waves of {} noops ({} tasks in {} s), MiB after the first wave / max / last (larger of apparent, allocated)",
+                    humantime::format_duration(r.retention),
+                    r.samples.len().saturating_sub(1),
+                    num(r.wave as f64, 0),
+                    num(r.tasks() as f64, 0),
+                    num(r.run_s(), 1)
+                ),
+                sizes,
+                verdict,
+                r.growth().map_or_else(none, |g| format!("{}×", num(g, 2))),
+            ]]
+        }
+        Measured::Recovery(r) => vec![
+            [
+                format!(
+                    "recovery: {} queued, SIGKILL, restart → ClusterInfo counts them, s (target ≤ 3)",
+                    num(r.tasks as f64, 0)
+                ),
+                format!(
+                    "{} (listening at {}; {} counted)",
+                    num(r.serving_s, 3),
+                    num(r.listening_s, 3),
+                    num(r.queued_seen as f64, 0)
+                ),
+                "target 3 s".to_owned(),
+                ratio(r.serving_s, 3.0),
+            ],
+            [
+                "recovery: peak RSS of the restart (VmHWM) / RSS before the crash (target ≤ 1.5×)"
+                    .to_owned(),
+                format!(
+                    "{} / {} MiB (serving at {} MiB)",
+                    mib(r.peak_recovery),
+                    mib(r.rss_before_crash),
+                    mib(r.rss_serving)
+                ),
+                format!("peak before the crash {} MiB", mib(r.peak_before_crash)),
+                r.peak_over_before()
+                    .map_or_else(none, |v| format!("{}×", num(v, 2))),
+            ],
+        ],
         Measured::Throughput(t) => {
             let tps = t.median_tps.unwrap_or(0.0);
             let runs: Vec<String> = t.runs.iter().map(|r| num(*r, 0)).collect();

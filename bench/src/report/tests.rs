@@ -183,3 +183,80 @@ fn a_skipped_step_shows_its_reason_in_every_rendering() {
     // Not a protocol metric: no results.jsonl record.
     assert!(r.jsonl_records().iter().all(|rec| rec["metric"] != "scale"));
 }
+
+#[test]
+fn durability_figures_show_in_the_table_and_the_json() {
+    use crate::durable::{DirSample, DirSize, Durable, RetentionRun};
+    let lat = |p50_us: f64, p99_us: f64| Latency {
+        p50_us,
+        p90_us: p99_us,
+        p99_us,
+        mean_us: p50_us,
+        min_us: p50_us,
+        max_us: p99_us,
+        n: 2_000,
+    };
+    let size = |bytes: u64| DirSize {
+        files: 2,
+        apparent_bytes: bytes,
+        allocated_bytes: bytes,
+    };
+    let mut r = report();
+    r.durable = Some(Durable {
+        fdatasync: lat(1_000.0, 2_000.0),
+        fdatasync_overwrite: lat(300.0, 600.0),
+        memory: lat(500.0, 800.0),
+        durable: lat(2_500.0, 6_000.0),
+        tasks_stored: 10_000,
+        dir_empty: size(0),
+        dir_after: size(15_000_000),
+    });
+    r.retention = Some(RetentionRun {
+        retention: Duration::from_secs(2),
+        wave: 5_000,
+        samples: (0..9)
+            .map(|i| DirSample {
+                at_s: i as f64,
+                tasks: i * 5_000,
+                size: size(if i == 0 { 0 } else { 1 << 20 }),
+            })
+            .collect(),
+    });
+    r.errors.push(StepError {
+        step: Step::Recovery,
+        error: "the restarted coordinator counted 3 of 10 tasks queued".into(),
+    });
+    let table = r.table();
+    assert!(
+        table.contains(
+            "| durable: round trip, durable store, p50 µs (2,000 sequential; target ≤ bound) | 2,500 \
+             | bound: in-memory p50 + 2 × append fdatasync p50 = 2,500 | 1.00× |"
+        ),
+        "{table}"
+    );
+    assert!(table.contains("| 6,000 | p50 2,500 | 2.40× |"), "{table}");
+    assert!(table.contains("| 1,500 / 1,500 B |"), "{table}");
+    assert!(
+        table.contains("bounded: second half's max 1.00× the first half's"),
+        "{table}"
+    );
+    assert!(table.contains("| recovery | failed: the restarted coordinator"));
+    let doc = r.json();
+    assert!(
+        table
+            .contains("overwrite in place beside the data dir, p50 / p99 µs (2,000) | 300 / 600 |"),
+        "{table}"
+    );
+    assert_eq!(doc["durable"]["bound_p50_us"], 2_500.0);
+    assert_eq!(doc["durable"]["fdatasync_4k_overwrite_us"]["p50_us"], 300.0);
+    assert_eq!(doc["durable"]["durable_p99_over_p50"], 2.4);
+    assert_eq!(doc["durable"]["allocated_bytes_per_task"], 1_500.0);
+    assert_eq!(doc["retention"]["bounded"], true);
+    assert_eq!(doc["retention"]["samples"].as_array().unwrap().len(), 9);
+    assert_eq!(doc["recovery"], Value::Null);
+    assert!(
+        r.jsonl_records()
+            .iter()
+            .all(|rec| rec["metric"] != "durable")
+    );
+}
