@@ -231,8 +231,6 @@ mod tests {
     use std::sync::Mutex;
     use std::time::UNIX_EPOCH;
 
-    use bytes::Bytes;
-
     use weft_proto::{Attempt, TaskSpec, TaskState};
 
     use super::super::tests::{CommitVerdict, held_store};
@@ -365,27 +363,10 @@ mod tests {
     }
 
     fn task(id: TaskId, state: TaskState) -> Record {
+        let spec = Arc::new(TaskSpec::call("noop", "in"));
         Record::Task(TaskRecord {
-            id,
-            spec: Arc::new(TaskSpec::call("noop", "in")),
-            state,
             attempt: Attempt(1),
-            node_id: None,
-            node_name: None,
-            exit_code: None,
-            output: Bytes::new(),
-            error: String::new(),
-            pending_reason: String::new(),
-            waiting_for: Vec::new(),
-            job_id: None,
-            failures: 0,
-            node_losses: 0,
-            created_at: UNIX_EPOCH,
-            updated_at: UNIX_EPOCH,
-            next_seq: 0,
-            last_outcome: None,
-            lost_nodes: Vec::new(),
-            attempts: Vec::new(),
+            ..TaskRecord::for_test(id, spec, state, UNIX_EPOCH)
         })
     }
 

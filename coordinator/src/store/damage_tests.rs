@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ::redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
-use bytes::Bytes;
 
 use weft_proto::{Attempt, TaskId, TaskSpec, TaskState};
 
@@ -22,27 +21,12 @@ const BY_STATE: TableDefinition<(u8, u128), ()> = TableDefinition::new("tasks_by
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 fn task(state: TaskState, input: &str) -> TaskRecord {
+    let spec = Arc::new(TaskSpec::call("noop", input.to_owned()));
+    let made = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
     TaskRecord {
-        id: TaskId::new(),
-        spec: Arc::new(TaskSpec::call("noop", input.to_owned())),
-        state,
         attempt: Attempt(1),
-        node_id: None,
-        node_name: None,
-        exit_code: None,
-        output: Bytes::new(),
-        error: String::new(),
-        pending_reason: String::new(),
-        waiting_for: Vec::new(),
-        job_id: None,
-        failures: 0,
-        node_losses: 0,
-        created_at: UNIX_EPOCH + Duration::from_secs(1_700_000_000),
         updated_at: SystemTime::now(),
-        next_seq: 0,
-        last_outcome: None,
-        lost_nodes: Vec::new(),
-        attempts: Vec::new(),
+        ..TaskRecord::for_test(TaskId::new(), spec, state, made)
     }
 }
 

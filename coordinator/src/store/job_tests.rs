@@ -5,36 +5,14 @@
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
-use bytes::Bytes;
-
-use weft_proto::{Attempt, TaskId, TaskSpec, TaskState};
+use weft_proto::{TaskId, TaskSpec, TaskState};
 
 use super::*;
 use crate::scheduler::graph::{job_end, submit_ids};
 
 fn record(id: TaskId, state: TaskState) -> TaskRecord {
-    TaskRecord {
-        id,
-        spec: Arc::new(TaskSpec::call("noop", "")),
-        state,
-        attempt: Attempt(0),
-        node_id: None,
-        node_name: None,
-        exit_code: None,
-        output: Bytes::new(),
-        error: String::new(),
-        pending_reason: String::new(),
-        waiting_for: Vec::new(),
-        job_id: None,
-        failures: 0,
-        node_losses: 0,
-        created_at: UNIX_EPOCH + Duration::from_secs(1),
-        updated_at: UNIX_EPOCH + Duration::from_secs(1),
-        next_seq: 0,
-        last_outcome: None,
-        lost_nodes: Vec::new(),
-        attempts: Vec::new(),
-    }
+    let at = UNIX_EPOCH + Duration::from_secs(1);
+    TaskRecord::for_test(id, Arc::new(TaskSpec::call("noop", "")), state, at)
 }
 
 fn both(check: impl Fn(&dyn Store)) {

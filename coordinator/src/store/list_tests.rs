@@ -5,7 +5,6 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
 use ulid::Ulid;
 
 use weft_proto::{Attempt, NodeId, Outcome, TaskId, TaskSpec, TaskState};
@@ -47,26 +46,11 @@ fn record(
 ) -> TaskRecord {
     let last = attempts.last().cloned();
     TaskRecord {
-        id,
-        spec: Arc::new(spec),
-        state,
         attempt: Attempt(attempts.len() as u32),
         node_id: last.as_ref().map(|a| a.node_id),
         node_name: last.as_ref().map(|a| Arc::clone(&a.node_name)),
-        exit_code: None,
-        output: Bytes::new(),
-        error: String::new(),
-        pending_reason: String::new(),
-        waiting_for: Vec::new(),
-        job_id: None,
-        failures: 0,
-        node_losses: 0,
-        created_at: at(id.timestamp_ms()),
-        updated_at: at(id.timestamp_ms()),
-        next_seq: 0,
-        last_outcome: None,
-        lost_nodes: Vec::new(),
         attempts,
+        ..TaskRecord::for_test(id, Arc::new(spec), state, at(id.timestamp_ms()))
     }
 }
 

@@ -326,28 +326,8 @@ mod tests {
     use crate::store::EventBody;
 
     fn record(id: TaskId, state: TaskState) -> TaskRecord {
-        TaskRecord {
-            id,
-            spec: Arc::new(TaskSpec::call("noop", "")),
-            state,
-            attempt: Attempt(0),
-            node_id: None,
-            node_name: None,
-            exit_code: None,
-            output: Default::default(),
-            error: String::new(),
-            pending_reason: String::new(),
-            waiting_for: Vec::new(),
-            job_id: None,
-            failures: 0,
-            node_losses: 0,
-            created_at: SystemTime::UNIX_EPOCH,
-            updated_at: SystemTime::UNIX_EPOCH,
-            next_seq: 0,
-            last_outcome: None,
-            lost_nodes: Vec::new(),
-            attempts: Vec::new(),
-        }
+        let spec = Arc::new(TaskSpec::call("noop", ""));
+        TaskRecord::for_test(id, spec, state, SystemTime::UNIX_EPOCH)
     }
 
     fn event(id: TaskId, seq: u64) -> Record {

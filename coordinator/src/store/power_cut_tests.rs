@@ -63,6 +63,16 @@ struct Writer {
 }
 
 impl Writer {
+    /// A writer whose choices follow `seed`.
+    fn new(seed: u64) -> Writer {
+        Writer {
+            rng: Rng::new(seed),
+            ids: ulid::Generator::new(),
+            clock: 0,
+            node: NodeId::new(),
+        }
+    }
+
     fn tick(&mut self) -> SystemTime {
         self.clock += 1 + self.rng.below(5);
         at(self.clock)
@@ -106,28 +116,8 @@ impl Writer {
         let id = TaskId::from_ulid(self.ids.generate().expect("ulid"));
         let now = self.tick();
         let input = self.blob("input", id);
-        let record = TaskRecord {
-            id,
-            spec: Arc::new(TaskSpec::call("noop", input)),
-            state: TaskState::Queued,
-            attempt: Attempt(0),
-            node_id: None,
-            node_name: None,
-            exit_code: None,
-            output: Bytes::new(),
-            error: String::new(),
-            pending_reason: String::new(),
-            waiting_for: Vec::new(),
-            job_id: None,
-            failures: 0,
-            node_losses: 0,
-            created_at: now,
-            updated_at: now,
-            next_seq: 0,
-            last_outcome: None,
-            lost_nodes: Vec::new(),
-            attempts: Vec::new(),
-        };
+        let spec = Arc::new(TaskSpec::call("noop", input));
+        let record = TaskRecord::for_test(id, spec, TaskState::Queued, now);
         let mut task = ModelTask {
             record,
             events: Vec::new(),
@@ -519,12 +509,7 @@ struct Tally {
 /// Replays one seed's history; the first broken promise, if any.
 fn replay(open: Opener, seed: u64, tally: &mut Tally) -> Result<(), String> {
     let mut rng = Rng::new(seed);
-    let mut writer = Writer {
-        rng: Rng::new(rng.next_u64()),
-        ids: ulid::Generator::new(),
-        clock: 0,
-        node: NodeId::new(),
-    };
+    let mut writer = Writer::new(rng.next_u64());
     let disk = SimDisk::new();
     let label = PathBuf::from(format!("simulated disk, seed {seed}"));
     let mut store = open(&disk, &label)?;
@@ -705,12 +690,7 @@ fn bit_rot_on_the_platter_in_a_committed_task_or_event_is_reported_never_served(
         let disk = SimDisk::new();
         let label = PathBuf::from(format!("simulated disk, bit rot after a {at}"));
         let store = open_redb(&disk, &label).unwrap();
-        let mut writer = Writer {
-            rng: Rng::new(7),
-            ids: ulid::Generator::new(),
-            clock: 0,
-            node: NodeId::new(),
-        };
+        let mut writer = Writer::new(7);
         let mut model = Model::default();
         let mut records = Vec::new();
         writer.submit(&mut model, &mut records);
@@ -803,12 +783,7 @@ fn bit_rot_in_the_state_index_of_a_queued_task_is_reported_at_load() {
     let disk = SimDisk::new();
     let label = PathBuf::from("simulated disk, rot in the state index");
     let store = open_redb(&disk, &label).unwrap();
-    let mut writer = Writer {
-        rng: Rng::new(9),
-        ids: ulid::Generator::new(),
-        clock: 0,
-        node: NodeId::new(),
-    };
+    let mut writer = Writer::new(9);
     let mut model = Model::default();
     let mut records = Vec::new();
     writer.submit(&mut model, &mut records);

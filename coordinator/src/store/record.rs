@@ -63,6 +63,42 @@ pub struct TaskRecord {
     pub attempts: Vec<AttemptRecord>,
 }
 
+#[cfg(test)]
+impl TaskRecord {
+    /// A record as tests make one: `spec` in `state`, made and last changed
+    /// `at`, attempt 0, no node, output, error, events or history. A test
+    /// sets anything else with struct update syntax.
+    pub(crate) fn for_test(
+        id: TaskId,
+        spec: Arc<TaskSpec>,
+        state: TaskState,
+        at: SystemTime,
+    ) -> TaskRecord {
+        TaskRecord {
+            id,
+            spec,
+            state,
+            attempt: Attempt(0),
+            node_id: None,
+            node_name: None,
+            exit_code: None,
+            output: Bytes::new(),
+            error: String::new(),
+            pending_reason: String::new(),
+            waiting_for: Vec::new(),
+            job_id: None,
+            failures: 0,
+            node_losses: 0,
+            created_at: at,
+            updated_at: at,
+            next_seq: 0,
+            last_outcome: None,
+            lost_nodes: Vec::new(),
+            attempts: Vec::new(),
+        }
+    }
+}
+
 /// Most attempts a task record keeps (the latest ones).
 pub const MAX_ATTEMPT_HISTORY: usize = 100;
 

@@ -16,9 +16,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
-
-use weft_proto::{Attempt, TaskId, TaskSpec, TaskState};
+use weft_proto::{TaskId, TaskSpec, TaskState};
 
 use super::*;
 use crate::CoordinatorConfig;
@@ -52,28 +50,12 @@ fn restart_memory_with_many_queued_tasks() {
         for chunk in 0..n.div_ceil(10_000) {
             let records: Vec<Record> = (chunk * 10_000..((chunk + 1) * 10_000).min(n))
                 .map(|i| {
-                    Record::Task(TaskRecord {
-                        id: TaskId::new(),
-                        spec: Arc::new(TaskSpec::call("sha256", format!("task {i}"))),
-                        state: TaskState::Queued,
-                        attempt: Attempt(0),
-                        node_id: None,
-                        node_name: None,
-                        exit_code: None,
-                        output: Bytes::new(),
-                        error: String::new(),
-                        pending_reason: String::new(),
-                        waiting_for: Vec::new(),
-                        job_id: None,
-                        failures: 0,
-                        node_losses: 0,
-                        created_at: SystemTime::now(),
-                        updated_at: SystemTime::now(),
-                        next_seq: 0,
-                        last_outcome: None,
-                        lost_nodes: Vec::new(),
-                        attempts: Vec::new(),
-                    })
+                    Record::Task(TaskRecord::for_test(
+                        TaskId::new(),
+                        Arc::new(TaskSpec::call("sha256", format!("task {i}"))),
+                        TaskState::Queued,
+                        SystemTime::now(),
+                    ))
                 })
                 .collect();
             store.commit(&records).unwrap();

@@ -16,26 +16,13 @@ fn at(ms: u64) -> SystemTime {
 
 fn record(id: TaskId, state: TaskState, updated: SystemTime) -> TaskRecord {
     TaskRecord {
-        id,
-        spec: Arc::new(TaskSpec::call("noop", "in")),
-        state,
         attempt: Attempt(1),
         node_id: Some(NodeId::new()),
         node_name: Some(Arc::from("n1")),
-        exit_code: None,
         output: Bytes::from_static(b"out"),
-        error: String::new(),
-        pending_reason: String::new(),
-        waiting_for: Vec::new(),
-        job_id: None,
-        failures: 0,
-        node_losses: 0,
-        created_at: at(0),
         updated_at: updated,
-        next_seq: 0,
         last_outcome: state.is_final().then_some(Outcome::Succeeded),
-        lost_nodes: Vec::new(),
-        attempts: Vec::new(),
+        ..TaskRecord::for_test(id, Arc::new(TaskSpec::call("noop", "in")), state, at(0))
     }
 }
 

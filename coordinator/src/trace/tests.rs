@@ -4,7 +4,6 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
 use opentelemetry::trace::SpanId;
 use opentelemetry_sdk::trace::SpanData;
 
@@ -21,26 +20,10 @@ fn at(ms: u64) -> SystemTime {
 
 fn record(id: TaskId, spec: &Arc<TaskSpec>, state: TaskState, attempt: u32) -> TaskRecord {
     TaskRecord {
-        id,
-        spec: Arc::clone(spec),
-        state,
         attempt: Attempt(attempt),
-        node_id: None,
-        node_name: None,
         exit_code: state.is_final().then_some(0),
-        output: Bytes::new(),
-        error: String::new(),
-        pending_reason: String::new(),
-        waiting_for: Vec::new(),
-        job_id: None,
-        failures: 0,
-        node_losses: 0,
-        created_at: at(0),
-        updated_at: at(0),
-        next_seq: 0,
         last_outcome: state.is_final().then_some(Outcome::Succeeded),
-        lost_nodes: Vec::new(),
-        attempts: Vec::new(),
+        ..TaskRecord::for_test(id, Arc::clone(spec), state, at(0))
     }
 }
 
