@@ -19,6 +19,7 @@ const TASKS: TableDefinition<u128, &[u8]> = TableDefinition::new("tasks");
 const EVENTS: TableDefinition<(u128, u64), &[u8]> = TableDefinition::new("events");
 const BY_STATE: TableDefinition<(u8, u128), ()> = TableDefinition::new("tasks_by_state");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const FINAL_BY_TIME: TableDefinition<(u64, u128), ()> = TableDefinition::new("final_by_time");
 
 fn task(state: TaskState, input: &str) -> TaskRecord {
     let spec = Arc::new(TaskSpec::call("noop", input.to_owned()));
@@ -157,6 +158,49 @@ fn a_damaged_final_task_past_its_retention_is_deleted_and_sweeps_go_on() {
         store.task(queued.id).unwrap().map(|t| t.state),
         Some(TaskState::Queued)
     );
+}
+
+/// The retention index has no checksum of its own: an entry naming a live
+/// task (a changed byte), or a finished task at another time, is dropped
+/// and the task kept; retention deletes only what the sealed record says
+/// is due.
+#[test]
+fn a_retention_entry_that_does_not_match_its_task_deletes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (queued, done) = store_with_two_tasks(dir.path());
+    let ended = |t: &TaskRecord| {
+        u64::try_from(t.updated_at.duration_since(UNIX_EPOCH).unwrap().as_millis()).unwrap()
+    };
+    {
+        let db = Database::open(dir.path().join(STORE_FILE)).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut by_time = txn.open_table(FINAL_BY_TIME).unwrap();
+            by_time.insert((1, queued.id.as_u128()), ()).unwrap();
+            by_time
+                .insert((ended(&done) - 5, done.id.as_u128()), ())
+                .unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let store = RedbStore::open(dir.path()).unwrap();
+    // Due: both wrong entries, not the finished task's own.
+    let before_done = done.updated_at - Duration::from_millis(1);
+    assert_eq!(store.expire(before_done, 10).unwrap(), []);
+    assert_eq!(
+        store.task(queued.id).unwrap().map(|t| t.state),
+        Some(TaskState::Queued)
+    );
+    assert!(store.task(done.id).unwrap().is_some(), "not due yet");
+    let loaded = store.load(UNIX_EPOCH).unwrap();
+    assert_eq!(
+        loaded.live.iter().map(|t| t.id).collect::<Vec<_>>(),
+        [queued.id]
+    );
+    // Its own entry still retires it when it is due.
+    let later = done.updated_at + Duration::from_secs(60);
+    assert_eq!(store.expire(later, 10).unwrap(), [TaskState::Succeeded]);
+    assert!(store.task(done.id).unwrap().is_none());
 }
 
 fn start_config(dir: &Path) -> crate::CoordinatorConfig {

@@ -650,13 +650,21 @@ impl Store for RedbStore {
             let mut removed = Vec::with_capacity(due.len());
             for (at, key) in due {
                 by_time.remove((at, key)).or_backend(op)?;
-                let old = tasks.remove(key).or_backend(op)?.map(|v| {
+                let old = tasks.get(key).or_backend(op)?.map(|v| {
                     unseal("tasks", SealKey::Id(key), v.value())
                         .and_then(|bytes| decode_task(TaskId::from_u128(key), bytes))
-                        .map(|task| task.state)
+                        .map(|task| (task.state, millis(task.updated_at)))
                 });
                 let state = match old {
-                    Some(Ok(state)) => Some(state),
+                    // The index has no checksum of its own: an entry that
+                    // does not match its (sealed) record, say a changed
+                    // byte naming a live task, is dropped and the task
+                    // kept. Retention never deletes what it does not name.
+                    Some(Ok((state, ended))) if !state.is_final() || ended != at => {
+                        tracing::warn!(task_id = %TaskId::from_u128(key), %state, "a retention index entry does not match its task (a damaged index); the entry is dropped, the task kept");
+                        continue;
+                    }
+                    Some(Ok((state, _))) => Some(state),
                     // A damaged record past its retention is deleted all
                     // the same (it was due to go, and would otherwise stop
                     // every later sweep); its state comes from the index.
@@ -677,6 +685,7 @@ impl Store for RedbStore {
                     }
                     None => None,
                 };
+                tasks.remove(key).or_backend(op)?;
                 if let Some(state) = state {
                     by_state.remove((state_key(state), key)).or_backend(op)?;
                     count(&mut deltas, state, -1);
