@@ -34,9 +34,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 
-use weft_proto::{
-    ConversionError, Dependency, DependencyRule, TaskId, TaskKind, TaskSpec, TaskState,
-};
+use weft_proto::{ConversionError, Dependency, DependencyRule, TaskId, TaskSpec, TaskState};
 
 use super::queue::ClassId;
 use super::{Now, Scheduler};
@@ -553,10 +551,8 @@ impl Scheduler {
     fn release(&mut self, id: TaskId, class: ClassId, reason: String, wall: SystemTime) {
         let unserved = self.tasks.get(&id).and_then(|task| {
             let spec = task.spec.template(self.queue.example(class));
-            let served = self.nodes.is_empty()
-                || matches!(spec.kind, TaskKind::Exec(_))
-                || self.nodes.values().any(|n| n.serves(spec));
-            (!served).then(|| (self.unserved_reason(spec), self.schedule_timeout(spec)))
+            (!self.is_served(spec))
+                .then(|| (self.unserved_reason(spec), self.schedule_timeout(spec)))
         });
         let reason = match &unserved {
             Some((why, _)) => format!("{reason}; {why}"),

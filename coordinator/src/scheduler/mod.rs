@@ -564,12 +564,7 @@ impl Scheduler {
             let is_served = match served.iter().find(|(c, _)| *c == class) {
                 Some((_, s)) => *s,
                 None => {
-                    // An exec task no node allows waits (saying why) for
-                    // one that does: exec policies are the nodes' owners'
-                    // choice, not a mistake in the spec.
-                    let s = self.nodes.is_empty()
-                        || matches!(spec.kind, TaskKind::Exec(_))
-                        || self.nodes.values().any(|n| n.serves(&spec));
+                    let s = self.is_served(&spec);
                     served.push((class, s));
                     s
                 }
@@ -578,12 +573,7 @@ impl Scheduler {
             self.out
                 .records
                 .push(Record::Task(task.record(id, Arc::clone(&spec), now.wall)));
-            if !secret_env.is_empty() {
-                // In the same commit as the task's first record.
-                let env = Arc::new(secret_env);
-                self.out.records.push(Record::Secrets(id, Arc::clone(&env)));
-                self.secrets.insert(id, env);
-            }
+            self.keep_secrets(id, secret_env);
             self.tasks.insert(id, task);
             self.counts[state_index(TaskState::Queued)] += 1;
             self.emit(
@@ -618,6 +608,27 @@ impl Scheduler {
         Ok(())
     }
 
+    /// Keeps a new task's secret environment (if any), recorded in the same
+    /// commit as the task's first record.
+    fn keep_secrets(&mut self, id: TaskId, secret_env: SecretEnv) {
+        if !secret_env.is_empty() {
+            let env = Arc::new(secret_env);
+            self.out.records.push(Record::Secrets(id, Arc::clone(&env)));
+            self.secrets.insert(id, env);
+        }
+    }
+
+    /// Whether a queued `spec` has a connected node to run it, or may wait
+    /// without a deadline: no node at all, or an exec task (an exec task no
+    /// node allows waits, saying why, for one that does: exec policies are
+    /// the nodes' owners' choice, not a mistake in the spec). A call no
+    /// connected node serves waits up to its schedule timeout.
+    pub(crate) fn is_served(&self, spec: &TaskSpec) -> bool {
+        self.nodes.is_empty()
+            || matches!(spec.kind, TaskKind::Exec(_))
+            || self.nodes.values().any(|n| n.serves(spec))
+    }
+
     /// One task of a Submit that starts PENDING: recorded, not queued.
     fn submit_pending(&mut self, id: TaskId, mut spec: TaskSpec, now: Now) {
         let class = self.queue.class_for(&spec);
@@ -628,11 +639,7 @@ impl Scheduler {
         self.out
             .records
             .push(Record::Task(task.record(id, Arc::clone(&spec), now.wall)));
-        if !secret_env.is_empty() {
-            let env = Arc::new(secret_env);
-            self.out.records.push(Record::Secrets(id, Arc::clone(&env)));
-            self.secrets.insert(id, env);
-        }
+        self.keep_secrets(id, secret_env);
         self.tasks.insert(id, task);
         self.counts[state_index(TaskState::Pending)] += 1;
         self.emit(id, graph::pending_event(&spec), now.wall);
