@@ -162,6 +162,25 @@ def test_a_batch_queued_while_another_is_on_its_way_is_submitted_at_once():
     asyncio.run(body())
 
 
+def test_futures_cancelled_before_they_were_sent_leave_the_executor_working():
+    async def body() -> None:
+        client = _HeldClient()
+        client.release.set()
+        ex = weft.aio.Executor(client=client)
+        # Cancelled before the executor's pump ran: nothing is submitted for them.
+        cancelled = [ex.submit(math.factorial, n) for n in range(3)]
+        for future in cancelled:
+            assert future.cancel()
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        later = ex.submit(math.factorial, 5)
+        assert await asyncio.wait_for(later, 10) == "t1.0", "the executor still submits"
+        assert client.submits == [1]
+        await ex.shutdown()
+
+    asyncio.run(body())
+
+
 def test_a_json_codec_decodes_the_input_and_encodes_the_result():
     worker = weft.Worker("http://127.0.0.1:1", slots=1)
     h = worker.register("s", exec_funcs.json_sum, "process", codec="json")

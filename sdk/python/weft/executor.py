@@ -353,6 +353,8 @@ class _Core:
                 if batch:
                     await self.submits.acquire()
                     self._submitting(self._submit(batch))
+                elif not self.queue:
+                    break  # every request taken was cancelled before it was sent
                 elif self.submitting:
                     await asyncio.wait(list(self.submitting))
                 else:  # defensive: a parent neither submitted, failed nor on its way
