@@ -1,0 +1,325 @@
+//! The log store's in-memory index: where the latest record of everything
+//! is, rebuilt at open by reading the log once, and kept by applying each
+//! commit's frame the same way, so what a restart rebuilds is what the
+//! running store had.
+//!
+//! Per task it keeps the place of its record and of each event, and its
+//! head (state, last change, attempt, outcome), so `List` by state,
+//! retention and the recently finished results need no read. Per segment
+//! it keeps how many of its bytes are still the latest of something
+//! (`live`): compaction copies those and deletes the file.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use super::frame::{self, Key, Kind, Raw, TaskHead};
+use super::fs::LogFile;
+
+/// Where a record is: segment, offset in it, length.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Loc {
+    pub seg: u32,
+    pub off: u32,
+    pub len: u32,
+}
+
+impl Loc {
+    /// Not (yet) seen: an event recovery met before an older one.
+    pub const NONE: Loc = Loc {
+        seg: u32::MAX,
+        off: 0,
+        len: 0,
+    };
+
+    pub fn is_none(self) -> bool {
+        self.seg == u32::MAX
+    }
+}
+
+/// One task in the index.
+#[derive(Clone, Debug)]
+pub(super) struct TaskEntry {
+    /// Its latest record ([`Loc::NONE`] while recovery has seen only events).
+    pub record: Loc,
+    pub head: TaskHead,
+    /// Its events, by seq.
+    pub events: Vec<Loc>,
+    pub secrets: Option<Loc>,
+}
+
+/// One segment file.
+#[derive(Clone, Debug)]
+pub(super) struct Segment {
+    pub file: Arc<dyn LogFile>,
+    /// Bytes written to it.
+    pub len: u64,
+    /// Bytes of it that are the latest record of something.
+    pub live: u64,
+    /// It holds a deletion (an expiry, a deleted schedule or limit): it
+    /// may go only once every older segment has, or the deleted records
+    /// there would come back at the next open.
+    pub deletes: bool,
+}
+
+/// The index. See the module docs.
+#[derive(Debug, Default)]
+pub(super) struct Index {
+    pub tasks: BTreeMap<u128, TaskEntry>,
+    /// Task ids by state number.
+    pub by_state: Vec<BTreeSet<u128>>,
+    /// Final tasks by (last change in ms, id).
+    pub finals: BTreeSet<(u64, u128)>,
+    pub tokens: BTreeMap<String, Loc>,
+    pub nodes: BTreeMap<u128, Loc>,
+    pub schedules: BTreeMap<String, Loc>,
+    pub limits: BTreeMap<String, Loc>,
+    pub segments: BTreeMap<u32, Segment>,
+}
+
+impl Index {
+    pub fn new() -> Index {
+        Index {
+            by_state: vec![BTreeSet::new(); weft_proto::TASK_STATES + 1],
+            ..Index::default()
+        }
+    }
+
+    /// The ids in state number `state`.
+    pub fn in_state(&self, state: u8) -> Option<&BTreeSet<u128>> {
+        self.by_state.get(usize::from(state))
+    }
+
+    fn state_set(&mut self, state: u8) -> &mut BTreeSet<u128> {
+        let last = self.by_state.len() - 1;
+        &mut self.by_state[usize::from(state).min(last)]
+    }
+
+    /// `loc` is no longer the latest of anything.
+    fn dead(&mut self, loc: Loc) {
+        if let Some(segment) = self.segments.get_mut(&loc.seg) {
+            segment.live = segment.live.saturating_sub(u64::from(loc.len));
+        }
+    }
+
+    fn alive(&mut self, loc: Loc) {
+        if let Some(segment) = self.segments.get_mut(&loc.seg) {
+            segment.live += u64::from(loc.len);
+        }
+    }
+
+    fn replace(&mut self, old: Option<Loc>) {
+        if let Some(old) = old.filter(|l| !l.is_none()) {
+            self.dead(old);
+        }
+    }
+
+    /// Applies the frame whose payload is `payload`, written at `off` (the
+    /// payload's offset) in segment `seg`.
+    pub fn apply_frame(&mut self, seg: u32, off: u64, payload: &[u8]) -> Result<(), &'static str> {
+        for entry in frame::records(payload) {
+            let (at, raw) = entry?;
+            let loc = Loc {
+                seg,
+                off: u32::try_from(off + at as u64).map_err(|_| "a segment past 4 GiB")?,
+                len: u32::try_from(raw.bytes.len()).map_err(|_| "a record past 4 GiB")?,
+            };
+            self.apply(raw, loc)?;
+        }
+        Ok(())
+    }
+
+    fn apply(&mut self, raw: Raw<'_>, loc: Loc) -> Result<(), &'static str> {
+        match (raw.kind, raw.key) {
+            (Kind::Header, _) => {}
+            (Kind::Task, Key::Id(id)) => {
+                let head = TaskHead::parse(raw.body).ok_or("a task record without its head")?;
+                let old = self.tasks.get(&id).map(|e| (e.record, e.head));
+                if let Some((record, old)) = old {
+                    if !record.is_none() {
+                        self.dead(record);
+                        self.state_set(old.state).remove(&id);
+                        if old.is_final() {
+                            self.finals.remove(&(old.updated_ms, id));
+                        }
+                    }
+                }
+                let entry = self.tasks.entry(id).or_insert_with(|| TaskEntry {
+                    record: Loc::NONE,
+                    head,
+                    events: Vec::new(),
+                    secrets: None,
+                });
+                entry.record = loc;
+                entry.head = head;
+                self.state_set(head.state).insert(id);
+                if head.is_final() {
+                    self.finals.insert((head.updated_ms, id));
+                }
+                self.alive(loc);
+            }
+            (Kind::Event, Key::Event(id, seq)) => {
+                let seq = usize::try_from(seq).map_err(|_| "an event seq past memory")?;
+                let entry = self.tasks.entry(id).or_insert_with(|| TaskEntry {
+                    record: Loc::NONE,
+                    head: TaskHead {
+                        state: 0,
+                        updated_ms: 0,
+                        attempt: 0,
+                        outcome: 0,
+                    },
+                    events: Vec::new(),
+                    secrets: None,
+                });
+                if entry.events.len() <= seq {
+                    entry.events.resize(seq + 1, Loc::NONE);
+                }
+                let old = std::mem::replace(&mut entry.events[seq], loc);
+                self.replace(Some(old));
+                self.alive(loc);
+            }
+            (Kind::Secrets, Key::Id(id)) => {
+                let old = match self.tasks.get_mut(&id) {
+                    Some(entry) => entry.secrets.replace(loc),
+                    // Secrets come after their task record in a commit; a
+                    // compacted copy may come before a later copy of the
+                    // record, so keep them on an entry of their own.
+                    None => {
+                        self.tasks.insert(
+                            id,
+                            TaskEntry {
+                                record: Loc::NONE,
+                                head: TaskHead {
+                                    state: 0,
+                                    updated_ms: 0,
+                                    attempt: 0,
+                                    outcome: 0,
+                                },
+                                events: Vec::new(),
+                                secrets: Some(loc),
+                            },
+                        );
+                        None
+                    }
+                };
+                self.replace(old);
+                self.alive(loc);
+            }
+            (Kind::ForgetSecrets, Key::Id(id)) => {
+                let old = self.tasks.get_mut(&id).and_then(|e| e.secrets.take());
+                self.replace(old);
+            }
+            (Kind::Expired, Key::Id(id)) => {
+                if let Some(entry) = self.tasks.remove(&id) {
+                    let mut gone = entry.events;
+                    gone.push(entry.record);
+                    gone.extend(entry.secrets);
+                    for loc in gone {
+                        self.replace(Some(loc));
+                    }
+                    if !entry.record.is_none() {
+                        self.state_set(entry.head.state).remove(&id);
+                        if entry.head.is_final() {
+                            self.finals.remove(&(entry.head.updated_ms, id));
+                        }
+                    }
+                }
+                self.mark_deletes(loc.seg);
+            }
+            (Kind::Schedule, Key::Name(name)) => {
+                let old = self.schedules.insert(name.to_owned(), loc);
+                self.replace(old);
+                self.alive(loc);
+            }
+            (Kind::DeleteSchedule, Key::Name(name)) => {
+                let old = self.schedules.remove(name);
+                self.replace(old);
+                self.mark_deletes(loc.seg);
+            }
+            (Kind::Limit, Key::Name(name)) => {
+                let old = self.limits.insert(name.to_owned(), loc);
+                self.replace(old);
+                self.alive(loc);
+            }
+            (Kind::DeleteLimit, Key::Name(name)) => {
+                let old = self.limits.remove(name);
+                self.replace(old);
+                self.mark_deletes(loc.seg);
+            }
+            (Kind::Token, Key::Name(name)) => {
+                let old = self.tokens.insert(name.to_owned(), loc);
+                self.replace(old);
+                self.alive(loc);
+            }
+            (Kind::Node, Key::Id(id)) => {
+                let old = self.nodes.insert(id, loc);
+                self.replace(old);
+                self.alive(loc);
+            }
+            _ => return Err("a record whose key does not fit its kind"),
+        }
+        Ok(())
+    }
+
+    fn mark_deletes(&mut self, seg: u32) {
+        if let Some(segment) = self.segments.get_mut(&seg) {
+            segment.deletes = true;
+        }
+    }
+
+    /// Whether `raw`, found at `loc`, is still the latest of what it keeps:
+    /// what compaction copies.
+    pub fn is_current(&self, raw: &Raw<'_>, loc: Loc) -> bool {
+        match (raw.kind, raw.key) {
+            (Kind::Task, Key::Id(id)) => self.tasks.get(&id).is_some_and(|e| e.record == loc),
+            (Kind::Event, Key::Event(id, seq)) => self.tasks.get(&id).is_some_and(|e| {
+                usize::try_from(seq)
+                    .ok()
+                    .and_then(|s| e.events.get(s))
+                    .is_some_and(|l| *l == loc)
+            }),
+            (Kind::Secrets, Key::Id(id)) => {
+                self.tasks.get(&id).is_some_and(|e| e.secrets == Some(loc))
+            }
+            (Kind::Schedule, Key::Name(name)) => self.schedules.get(name) == Some(&loc),
+            (Kind::Limit, Key::Name(name)) => self.limits.get(name) == Some(&loc),
+            (Kind::Token, Key::Name(name)) => self.tokens.get(name) == Some(&loc),
+            (Kind::Node, Key::Id(id)) => self.nodes.get(&id) == Some(&loc),
+            _ => false,
+        }
+    }
+
+    /// After recovery: every task has its record and every event up to
+    /// its last; a final task keeps no secrets (their deletion may have
+    /// been compacted away before the secrets were). `Err` names a task
+    /// and what is missing.
+    pub fn check(&mut self) -> Result<(), (u128, &'static str)> {
+        let mut drop_secrets = Vec::new();
+        for (id, entry) in &self.tasks {
+            if entry.record.is_none() {
+                return Err((*id, "events or secrets without their task record"));
+            }
+            if entry.events.iter().any(|l| l.is_none()) {
+                return Err((*id, "a gap in its events"));
+            }
+            if entry.head.is_final() && entry.secrets.is_some() {
+                drop_secrets.push(*id);
+            }
+        }
+        for id in drop_secrets {
+            let old = self.tasks.get_mut(&id).and_then(|e| e.secrets.take());
+            self.replace(old);
+        }
+        Ok(())
+    }
+
+    /// Bytes of sealed segments (all but `active`) that are no longer the
+    /// latest of anything, and bytes that are.
+    pub fn garbage(&self, active: u32) -> (u64, u64) {
+        self.segments
+            .iter()
+            .filter(|(no, _)| **no != active)
+            .fold((0, 0), |(dead, live), (_, s)| {
+                (dead + s.len.saturating_sub(s.live), live + s.live)
+            })
+    }
+}
