@@ -1,32 +1,48 @@
 //! A simulated disk with a volatile write cache, for power-cut tests.
 //!
-//! [`SimDisk`] holds two images of one file: the *durable* one, what the
-//! platter keeps, and the one the running process reads, which also holds
-//! every write since the last `sync_data`. Writes and length changes land
-//! in the volatile cache and become durable only when synced. A power cut
-//! ([`SimDisk::cut`], or a fuse armed with [`SimDisk::arm`] that blows at
-//! the Nth write, resize or sync) throws the cache away, except what the
+//! A [`SimDisk`] keeps two images of each file: the *durable* one, what
+//! the platter keeps, and the one the running process reads, which also
+//! holds every write since the file's last sync. Writes and length changes
+//! land in the volatile cache and become durable only when the file is
+//! synced; a file's creation or removal becomes durable only when the
+//! directory is synced. A power cut ([`SimDisk::cut`], or a fuse armed
+//! with [`SimDisk::arm`] that blows at the Nth write, resize, file sync or
+//! directory sync, over all files) throws the cache away, except what the
 //! chosen [`Survivors`] say reached the platter first: nothing, all of it,
-//! an in-order prefix of the unsynced writes with the last one torn at a
-//! sector, or any subset of the unsynced sectors (a cache that reorders).
+//! an in-order prefix of each file's unsynced writes with the last one
+//! torn at a sector, or any subset of each file's unsynced sectors (a
+//! cache that reorders). Unsynced creations and removals land as an
+//! in-order prefix (file systems journal them in order): none of them with
+//! [`Survivors::None`], all with [`Survivors::All`], a seeded prefix
+//! otherwise. A created file that did not land is gone; a removed one
+//! that did not land is back with its durable contents.
 //!
 //! After a cut every handle of the old "boot" fails each call with an I/O
 //! error, as a dead machine would, so the old store's shutdown writes reach
-//! nothing; [`SimDisk::attach`] powers the disk on again and gives a handle
-//! on what survived. The durable image is shared (the disk is an `Arc`),
-//! so a test cuts power under one store and opens another on the remains.
-//!
-//! The handle ([`SimFile`]) has plain `read`/`write`/`set_len`/`sync_data`
-//! methods, so any engine can sit on it; [`redb::StorageBackend`] is
-//! implemented on top for [`RedbStore`](super::RedbStore).
+//! nothing. Powering on again gives new handles on what survived: the
+//! disk is an `Arc`, so a test cuts power under one store and opens
+//! another on the remains. A disk is used one of two ways:
+//! - as one file, for an engine that sits on a single file:
+//!   [`SimDisk::attach`] gives a [`SimFile`] with plain
+//!   `read`/`write`/`set_len`/`sync_data` methods, and
+//!   [`redb::StorageBackend`] is implemented on top for
+//!   [`RedbStore`](super::RedbStore);
+//! - as a directory of files, for the log store: [`SimDisk::mount`] gives
+//!   a [`SimDir`], a [`LogDir`] whose files are [`LogFile`]s.
 
+use std::collections::BTreeMap;
 use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
+
+use super::log::fs::{LogDir, LogFile};
 
 /// The sector size: the unit a torn write keeps or loses.
 pub(crate) const SECTOR: u64 = 512;
 
-/// What of the unsynced writes reaches the platter when the power fails.
+/// The name of the file a disk used as one file holds.
+const ONE_FILE: &str = "disk";
+
+/// What of the unsynced changes reaches the platter when the power fails.
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum Survivors {
     /// Nothing that was not synced.
@@ -49,21 +65,61 @@ pub(crate) enum Survivors {
     },
 }
 
-/// One change made since the last sync.
+impl Survivors {
+    /// The same mode with the seed mixed with `salt`, so each file (and
+    /// the directory) of a disk loses its own choice of changes; salt 0
+    /// keeps the seed, so a one-file disk replays as it always did.
+    fn salted(self, salt: u64) -> Survivors {
+        let mix = |seed: u64| seed.wrapping_add(salt.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        match self {
+            Survivors::None | Survivors::All => self,
+            Survivors::TornPrefix { seed } => Survivors::TornPrefix { seed: mix(seed) },
+            Survivors::AnySectors { seed } => Survivors::AnySectors { seed: mix(seed) },
+        }
+    }
+}
+
+/// One change made to a file since its last sync.
 #[derive(Clone, Debug)]
 enum Pending {
     Write { offset: u64, data: Vec<u8> },
     SetLen(u64),
 }
 
+/// One change made to the directory since its last sync.
+#[derive(Clone, Debug)]
+enum DirChange {
+    Create(String, Inode),
+    Remove(String),
+}
+
+/// A file, apart from the names it has.
+type Inode = u64;
+
+/// One file's contents.
 #[derive(Debug, Default)]
-struct State {
+struct Image {
     /// What survives a power cut.
     durable: Vec<u8>,
     /// What the running process reads: `durable` with `pending` applied.
     current: Vec<u8>,
     /// Changes since the last sync, oldest first.
     pending: Vec<Pending>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// Every file, named or not (a removed file lives on while a handle
+    /// of this boot may read it; a cut drops the ones no durable name
+    /// keeps).
+    files: BTreeMap<Inode, Image>,
+    /// The directory as the running process sees it.
+    names: BTreeMap<String, Inode>,
+    /// The directory as the platter keeps it.
+    durable_names: BTreeMap<String, Inode>,
+    /// Creations and removals since the last directory sync, oldest first.
+    dir_pending: Vec<DirChange>,
+    next_inode: Inode,
     /// Bumped at every cut and power-on: handles of an older boot are dead.
     boot: u64,
     /// Whether the power is on (a handle of the current boot works).
@@ -72,7 +128,7 @@ struct State {
     fuse: Option<Fuse>,
     /// Writes, resizes and syncs made since power-on.
     ops: u64,
-    /// Syncs made since power-on.
+    /// Syncs (of files and of the directory) made since power-on.
     syncs: u64,
 }
 
@@ -88,16 +144,25 @@ struct Fuse {
     survivors: Survivors,
 }
 
-/// A disk holding one file, with a volatile write cache. Cloning shares it.
+/// A disk with a volatile write cache. Cloning shares it.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct SimDisk {
     state: Arc<Mutex<State>>,
 }
 
-/// A handle on a [`SimDisk`]'s file for one boot: every call fails once
-/// the power was cut.
+/// A handle on one of a [`SimDisk`]'s files for one boot: every call fails
+/// once the power was cut.
 #[derive(Debug)]
 pub(crate) struct SimFile {
+    disk: SimDisk,
+    boot: u64,
+    inode: Inode,
+}
+
+/// A handle on a [`SimDisk`]'s directory for one boot: every call fails
+/// once the power was cut.
+#[derive(Debug)]
+pub(crate) struct SimDir {
     disk: SimDisk,
     boot: u64,
 }
@@ -159,7 +224,7 @@ fn write_at(image: &mut Vec<u8>, offset: u64, data: &[u8]) {
     image[start..end].copy_from_slice(data);
 }
 
-impl State {
+impl Image {
     /// The image after a power cut now: the durable one plus what of the
     /// pending changes `survivors` lets through.
     fn survive(&self, survivors: Survivors) -> Vec<u8> {
@@ -226,19 +291,64 @@ impl State {
         image
     }
 
+    /// Loses the cache, but for what `survivors` let through.
     fn cut(&mut self, survivors: Survivors) {
         self.durable = self.survive(survivors);
         self.current = self.durable.clone();
         self.pending.clear();
+    }
+
+    /// Makes a change in the cache.
+    fn change(&mut self, change: Pending) {
+        apply(&mut self.current, &change);
+        self.pending.push(change);
+    }
+
+    /// Makes every change so far durable.
+    fn sync(&mut self) {
+        for change in std::mem::take(&mut self.pending) {
+            apply(&mut self.durable, &change);
+        }
+    }
+}
+
+/// Salts the directory's survivors apart from every file's.
+const DIR_SALT: u64 = u64::MAX;
+
+impl State {
+    fn cut(&mut self, survivors: Survivors) {
+        // The directory's unsynced changes land as an in-order prefix.
+        let landed = match survivors.salted(DIR_SALT) {
+            Survivors::None => 0,
+            Survivors::All => self.dir_pending.len(),
+            Survivors::TornPrefix { seed } | Survivors::AnySectors { seed } => {
+                usize::try_from(Rng::new(seed).below(self.dir_pending.len() as u64 + 1))
+                    .unwrap_or(0)
+            }
+        };
+        for change in self.dir_pending.drain(..).take(landed) {
+            match change {
+                DirChange::Create(name, inode) => self.durable_names.insert(name, inode),
+                DirChange::Remove(name) => self.durable_names.remove(&name),
+            };
+        }
+        self.names.clone_from(&self.durable_names);
+        let named: std::collections::BTreeSet<Inode> =
+            self.durable_names.values().copied().collect();
+        self.files.retain(|inode, _| named.contains(inode));
+        for (inode, image) in &mut self.files {
+            image.cut(survivors.salted(*inode));
+        }
         self.powered = false;
         self.fuse = None;
         self.boot += 1;
     }
 
-    /// Counts a write, resize or sync; false when the armed fuse blew on it
-    /// (the power is then off and the change was not made, though a torn
-    /// write may have partly landed).
-    fn count(&mut self, change: Option<&Pending>) -> bool {
+    /// Counts a write, resize or sync (of `inode`'s file, or of the
+    /// directory when `None`); false when the armed fuse blew on it (the
+    /// power is then off and the change was not made, though a torn write
+    /// may have partly landed).
+    fn count(&mut self, inode: Option<Inode>, change: Option<&Pending>) -> bool {
         self.ops += 1;
         let Some(fuse) = self.fuse.as_mut() else {
             return true;
@@ -252,16 +362,27 @@ impl State {
         }
         let survivors = fuse.survivors;
         // The change was under way: it can be the torn one.
-        if let Some(change) = change {
-            self.pending.push(change.clone());
+        if let (Some(inode), Some(change)) = (inode, change)
+            && let Some(image) = self.files.get_mut(&inode)
+        {
+            image.pending.push(change.clone());
         }
         self.cut(survivors);
         false
     }
+
+    /// A new, empty file (not named yet).
+    fn new_file(&mut self) -> Inode {
+        let inode = self.next_inode;
+        self.next_inode += 1;
+        self.files.insert(inode, Image::default());
+        inode
+    }
 }
 
 impl SimDisk {
-    /// An empty disk, powered off until [`attach`](Self::attach).
+    /// An empty disk, powered off until [`attach`](Self::attach) or
+    /// [`mount`](Self::mount).
     pub(crate) fn new() -> SimDisk {
         SimDisk::default()
     }
@@ -272,9 +393,8 @@ impl SimDisk {
     }
 
     /// Powers the disk on (cutting the power first, losing every unsynced
-    /// change, if it was on) and gives a handle on the file that survived.
-    pub(crate) fn attach(&self) -> SimFile {
-        let mut state = self.lock();
+    /// change, if it was on); the new boot's number.
+    fn power_on(state: &mut State) -> u64 {
         if state.powered {
             state.cut(Survivors::None);
         }
@@ -282,9 +402,38 @@ impl SimDisk {
         state.powered = true;
         state.ops = 0;
         state.syncs = 0;
+        state.boot
+    }
+
+    /// Powers the disk on (see [`mount`](Self::mount)) and gives a handle
+    /// on its one file (made, empty and durable, on a new disk).
+    pub(crate) fn attach(&self) -> SimFile {
+        let mut state = self.lock();
+        let boot = SimDisk::power_on(&mut state);
+        let inode = match state.names.get(ONE_FILE) {
+            Some(inode) => *inode,
+            None => {
+                let inode = state.new_file();
+                state.names.insert(ONE_FILE.to_owned(), inode);
+                state.durable_names.insert(ONE_FILE.to_owned(), inode);
+                inode
+            }
+        };
         SimFile {
             disk: self.clone(),
-            boot: state.boot,
+            boot,
+            inode,
+        }
+    }
+
+    /// Powers the disk on (cutting the power first, losing every unsynced
+    /// change, if it was on) and gives a handle on its directory as it
+    /// survived.
+    pub(crate) fn mount(&self) -> SimDir {
+        let boot = SimDisk::power_on(&mut self.lock());
+        SimDir {
+            disk: self.clone(),
+            boot,
         }
     }
 
@@ -296,9 +445,10 @@ impl SimDisk {
         }
     }
 
-    /// Cuts the power during the `after`th write, resize or sync from now
-    /// (1: the next one), which then fails. Armed while the power is off,
-    /// it counts from the next power-on.
+    /// Cuts the power during the `after`th write, resize or sync (of any
+    /// file, or of the directory) from now (1: the next one), which then
+    /// fails. Armed while the power is off, it counts from the next
+    /// power-on.
     pub(crate) fn arm(&self, after: u64, survivors: Survivors) {
         self.lock().fuse = Some(Fuse {
             left: after.max(1),
@@ -307,8 +457,9 @@ impl SimDisk {
         });
     }
 
-    /// Cuts the power during the `nth` sync from now (1: the next one),
-    /// which then fails, with every write since the sync before it unsynced.
+    /// Cuts the power during the `nth` sync (of a file or the directory)
+    /// from now (1: the next one), which then fails, with every change
+    /// since the sync before it unsynced.
     pub(crate) fn arm_at_sync(&self, nth: u64, survivors: Survivors) {
         self.lock().fuse = Some(Fuse {
             left: nth.max(1),
@@ -337,14 +488,33 @@ impl SimDisk {
         self.lock().syncs
     }
 
-    /// Changes the durable image of a powered-off disk (bit rot, a bad
-    /// sector): `change` gets the bytes the next power-on reads.
+    /// Changes the durable image of a powered-off one-file disk (bit rot,
+    /// a bad sector): `change` gets the bytes the next power-on reads.
     pub(crate) fn on_platter<T>(&self, change: impl FnOnce(&mut Vec<u8>) -> T) -> T {
+        let mut change = Some(change);
+        let mut out = None;
+        self.on_platter_each(|name, image| {
+            if name == ONE_FILE
+                && let Some(change) = change.take()
+            {
+                out = Some(change(image));
+            }
+        });
+        out.expect("a one-file disk holds its file")
+    }
+
+    /// Changes the durable images of a powered-off disk's files: `change`
+    /// gets each file's name and the bytes the next power-on reads.
+    pub(crate) fn on_platter_each(&self, mut change: impl FnMut(&str, &mut Vec<u8>)) {
         let mut state = self.lock();
         assert!(!state.powered, "change the platter with the power off");
-        let out = change(&mut state.durable);
-        state.current = state.durable.clone();
-        out
+        let state = &mut *state;
+        for (name, inode) in &state.durable_names {
+            if let Some(image) = state.files.get_mut(inode) {
+                change(name, &mut image.durable);
+                image.current.clone_from(&image.durable);
+            }
+        }
     }
 }
 
@@ -359,58 +529,64 @@ impl SimFile {
         }
     }
 
+    fn image<'a>(&self, state: &'a mut State) -> io::Result<&'a mut Image> {
+        // A handle's file outlives its name until the power goes, and a
+        // handle never outlives the power.
+        state
+            .files
+            .get_mut(&self.inode)
+            .ok_or_else(|| io::Error::other("the simulated file is gone"))
+    }
+
+    /// Makes a change in the cache, counted by the fuse.
+    fn change(&self, change: Pending) -> io::Result<()> {
+        let mut state = self.live()?;
+        self.image(&mut state)?;
+        if !state.count(Some(self.inode), Some(&change)) {
+            return Err(power_off());
+        }
+        self.image(&mut state)?.change(change);
+        Ok(())
+    }
+
     /// The file's length as the running process sees it.
     pub(crate) fn len(&self) -> io::Result<u64> {
-        Ok(self.live()?.current.len() as u64)
+        let mut state = self.live()?;
+        Ok(self.image(&mut state)?.current.len() as u64)
     }
 
     /// Reads `out.len()` bytes at `offset`; past the end is an error.
     pub(crate) fn read(&self, offset: u64, out: &mut [u8]) -> io::Result<()> {
-        let state = self.live()?;
+        let mut state = self.live()?;
+        let image = self.image(&mut state)?;
         let start = usize::try_from(offset).map_err(|_| eof())?;
         let end = start.checked_add(out.len()).ok_or_else(eof)?;
-        let bytes = state.current.get(start..end).ok_or_else(eof)?;
+        let bytes = image.current.get(start..end).ok_or_else(eof)?;
         out.copy_from_slice(bytes);
         Ok(())
     }
 
     /// Writes `data` at `offset`, into the volatile cache.
     pub(crate) fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
-        let mut state = self.live()?;
-        let change = Pending::Write {
+        self.change(Pending::Write {
             offset,
             data: data.to_vec(),
-        };
-        if !state.count(Some(&change)) {
-            return Err(power_off());
-        }
-        apply(&mut state.current, &change);
-        state.pending.push(change);
-        Ok(())
+        })
     }
 
     /// Sets the length (new bytes read as zeros), in the volatile cache.
     pub(crate) fn set_len(&self, len: u64) -> io::Result<()> {
-        let mut state = self.live()?;
-        let change = Pending::SetLen(len);
-        if !state.count(Some(&change)) {
-            return Err(power_off());
-        }
-        apply(&mut state.current, &change);
-        state.pending.push(change);
-        Ok(())
+        self.change(Pending::SetLen(len))
     }
 
-    /// Makes every change so far durable.
+    /// Makes every change so far to this file durable.
     pub(crate) fn sync_data(&self) -> io::Result<()> {
         let mut state = self.live()?;
-        if !state.count(None) {
+        self.image(&mut state)?;
+        if !state.count(Some(self.inode), None) {
             return Err(power_off());
         }
-        let pending = std::mem::take(&mut state.pending);
-        for change in &pending {
-            apply(&mut state.durable, change);
-        }
+        self.image(&mut state)?.sync();
         state.syncs += 1;
         Ok(())
     }
@@ -442,6 +618,102 @@ impl redb::StorageBackend for SimFile {
 
     fn write(&self, offset: u64, data: &[u8]) -> Result<(), io::Error> {
         SimFile::write(self, offset, data)
+    }
+}
+
+impl LogFile for SimFile {
+    fn len(&self) -> io::Result<u64> {
+        SimFile::len(self)
+    }
+
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        SimFile::read(self, offset, buf)
+    }
+
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        SimFile::write(self, offset, buf)
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        SimFile::set_len(self, len)
+    }
+
+    fn sync_data(&self) -> io::Result<()> {
+        SimFile::sync_data(self)
+    }
+}
+
+impl SimDir {
+    /// The disk's state while this handle's boot is the current one.
+    fn live(&self) -> io::Result<MutexGuard<'_, State>> {
+        let state = self.disk.lock();
+        if state.powered && state.boot == self.boot {
+            Ok(state)
+        } else {
+            Err(power_off())
+        }
+    }
+
+    fn file(&self, inode: Inode) -> Arc<dyn LogFile> {
+        Arc::new(SimFile {
+            disk: self.disk.clone(),
+            boot: self.boot,
+            inode,
+        })
+    }
+}
+
+fn not_found(name: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::NotFound,
+        format!("no simulated file {name:?}"),
+    )
+}
+
+impl LogDir for SimDir {
+    fn list(&self) -> io::Result<Vec<String>> {
+        Ok(self.live()?.names.keys().cloned().collect())
+    }
+
+    fn create(&self, name: &str) -> io::Result<Arc<dyn LogFile>> {
+        let mut state = self.live()?;
+        if state.names.contains_key(name) {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("the simulated file {name:?} exists"),
+            ));
+        }
+        let inode = state.new_file();
+        state.names.insert(name.to_owned(), inode);
+        state
+            .dir_pending
+            .push(DirChange::Create(name.to_owned(), inode));
+        Ok(self.file(inode))
+    }
+
+    fn open(&self, name: &str) -> io::Result<Arc<dyn LogFile>> {
+        let state = self.live()?;
+        let inode = *state.names.get(name).ok_or_else(|| not_found(name))?;
+        Ok(self.file(inode))
+    }
+
+    fn remove(&self, name: &str) -> io::Result<()> {
+        let mut state = self.live()?;
+        state.names.remove(name).ok_or_else(|| not_found(name))?;
+        state.dir_pending.push(DirChange::Remove(name.to_owned()));
+        Ok(())
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        let mut state = self.live()?;
+        if !state.count(None, None) {
+            return Err(power_off());
+        }
+        let state = &mut *state;
+        state.dir_pending.clear();
+        state.durable_names.clone_from(&state.names);
+        state.syncs += 1;
+        Ok(())
     }
 }
 
@@ -545,5 +817,119 @@ mod tests {
             "only {} sector sets in 64 seeds",
             seen.len()
         );
+    }
+
+    /// The names on a mounted directory and each file's contents.
+    fn files(dir: &SimDir) -> Vec<(String, Vec<u8>)> {
+        let mut out = Vec::new();
+        for name in dir.list().unwrap() {
+            let file = dir.open(&name).unwrap();
+            let mut bytes = vec![0; usize::try_from(file.len().unwrap()).unwrap()];
+            file.read_exact_at(&mut bytes, 0).unwrap();
+            out.push((name, bytes));
+        }
+        out
+    }
+
+    #[test]
+    fn a_created_file_lasts_a_cut_only_once_the_directory_was_synced() {
+        let disk = SimDisk::new();
+        let dir = disk.mount();
+        let kept = dir.create("kept").unwrap();
+        kept.write_all_at(b"kept", 0).unwrap();
+        kept.sync_data().unwrap();
+        dir.sync().unwrap();
+        let lost = dir.create("lost").unwrap();
+        lost.write_all_at(b"lost", 0).unwrap();
+        lost.sync_data().unwrap();
+        assert!(dir.create("lost").is_err(), "created twice");
+        disk.cut(Survivors::None);
+        assert!(dir.list().is_err(), "a dead directory handle still lists");
+        assert!(kept.sync_data().is_err(), "a dead file handle still syncs");
+        let dir = disk.mount();
+        assert_eq!(files(&dir), [("kept".to_owned(), b"kept".to_vec())]);
+    }
+
+    #[test]
+    fn a_removed_file_is_back_with_its_durable_contents_after_a_cut_before_the_directory_sync() {
+        let disk = SimDisk::new();
+        let dir = disk.mount();
+        let file = dir.create("old").unwrap();
+        file.write_all_at(b"synced", 0).unwrap();
+        file.sync_data().unwrap();
+        dir.sync().unwrap();
+        file.write_all_at(b"cached", 0).unwrap();
+        dir.remove("old").unwrap();
+        assert!(dir.list().unwrap().is_empty());
+        let mut read = [0; 6];
+        file.read_exact_at(&mut read, 0).unwrap();
+        assert_eq!(&read, b"cached", "an open handle reads a removed file");
+        disk.cut(Survivors::None);
+        let dir = disk.mount();
+        assert_eq!(files(&dir), [("old".to_owned(), b"synced".to_vec())]);
+
+        dir.remove("old").unwrap();
+        dir.sync().unwrap();
+        disk.cut(Survivors::All);
+        assert!(disk.mount().list().unwrap().is_empty());
+    }
+
+    #[test]
+    fn unsynced_creations_and_removals_land_as_an_in_order_prefix() {
+        let mut seen = std::collections::BTreeSet::new();
+        for seed in 0..32 {
+            let disk = SimDisk::new();
+            let dir = disk.mount();
+            for name in ["a", "b", "c"] {
+                dir.create(name).unwrap();
+            }
+            dir.remove("a").unwrap();
+            disk.cut(Survivors::AnySectors { seed });
+            let names = disk.mount().list().unwrap();
+            let names: Vec<&str> = names.iter().map(String::as_str).collect();
+            let prefixes = [&[][..], &["a"], &["a", "b"], &["a", "b", "c"], &["b", "c"]];
+            assert!(
+                prefixes.contains(&names.as_slice()),
+                "seed {seed}: {names:?} is not a prefix"
+            );
+            seen.insert(names.join(","));
+        }
+        assert!(seen.len() > 2, "only {seen:?} in 32 seeds");
+    }
+
+    #[test]
+    fn the_fuse_counts_the_writes_and_syncs_of_every_file_and_the_directory() {
+        let disk = SimDisk::new();
+        let dir = disk.mount();
+        let a = dir.create("a").unwrap();
+        let b = dir.create("b").unwrap();
+        disk.arm(4, Survivors::All);
+        a.write_all_at(&[1; 512], 0).unwrap();
+        b.write_all_at(&[2; 512], 0).unwrap();
+        a.sync_data().unwrap();
+        assert_eq!((disk.ops(), disk.syncs()), (3, 1));
+        assert!(
+            dir.sync().is_err(),
+            "the directory sync the power failed in"
+        );
+        assert!(disk.is_off());
+        // Everything in the cache landed, the directory's changes too.
+        let dir = disk.mount();
+        assert_eq!(
+            files(&dir),
+            [
+                ("a".to_owned(), vec![1; 512]),
+                ("b".to_owned(), vec![2; 512])
+            ]
+        );
+
+        disk.arm_at_sync(2, Survivors::None);
+        let a = dir.open("a").unwrap();
+        a.write_all_at(&[3; 512], 0).unwrap();
+        dir.sync().unwrap();
+        a.write_all_at(&[4; 512], 0).unwrap();
+        assert!(a.sync_data().is_err(), "the second sync went through");
+        let dir = disk.mount();
+        assert_eq!(files(&dir)[0], ("a".to_owned(), vec![1; 512]));
     }
 }
