@@ -278,6 +278,31 @@ impl Writer {
         (token, next)
     }
 
+    /// A retention sweep after `acked`: the time and limit to expire with,
+    /// the states of the tasks it deletes (in state order), and what the
+    /// store holds after it. Due are the final tasks last changed before
+    /// the time, oldest first (ties by id), up to the limit.
+    fn expire(&mut self, acked: &Model) -> (SystemTime, usize, Vec<TaskState>, Model) {
+        let before = at(self.clock.saturating_sub(self.rng.below(60)));
+        let limit = 1 + usize::try_from(self.rng.below(4)).unwrap_or(0);
+        let mut due: Vec<(SystemTime, TaskId)> = acked
+            .tasks
+            .values()
+            .filter(|t| t.record.state.is_final() && t.record.updated_at < before)
+            .map(|t| (t.record.updated_at, t.record.id))
+            .collect();
+        due.sort();
+        due.truncate(limit);
+        let mut next = acked.clone();
+        let mut states: Vec<TaskState> = due
+            .iter()
+            .filter_map(|(_, id)| next.tasks.remove(id))
+            .map(|t| t.record.state)
+            .collect();
+        states.sort_by_key(|s| i32::from(*s));
+        (before, limit, states, next)
+    }
+
     /// The next batch after `acked`, and what the store holds once it is
     /// committed: new tasks, and steps of live ones (some two in one batch).
     fn batch(&mut self, acked: &Model) -> (Vec<Record>, Model) {
@@ -457,18 +482,47 @@ fn holds(store: &dyn Store, model: &Model, universe: &BTreeSet<TaskId>) -> Resul
     Ok(())
 }
 
-/// Powers `disk` on and opens a store on what it holds: the engine under
-/// test. Another engine that sits on a [`SimFile`](super::power_cut::SimFile)
-/// gets the same cuts by passing its own opener to [`replay`].
-type Opener = fn(&SimDisk, &Path) -> Result<Box<dyn Store>, String>;
+/// An engine under test as the replay drives it: the [`Store`] trait, and
+/// the upkeep the engine runs beside the commits.
+pub(super) trait UnderTest: Store {
+    /// One compaction step; false when there was nothing worth doing (and
+    /// always, for an engine that does not compact).
+    fn compact_step(&self) -> Result<bool, StoreError> {
+        Ok(false)
+    }
+}
 
-/// The redb store on `disk`; a panic while opening is an error too.
-fn open_redb(disk: &SimDisk, label: &Path) -> Result<Box<dyn Store>, String> {
-    let file = disk.attach();
-    let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        RedbStore::open_with_backend(file, label)
-    }));
-    match opened {
+impl UnderTest for RedbStore {}
+
+/// Powers `disk` on and opens the engine under test on what it holds;
+/// `fresh`: the disk is new, nothing was opened on it before. An engine on
+/// one file uses the disk as one ([`SimDisk::attach`]), an engine on a
+/// directory of files mounts it ([`SimDisk::mount`]).
+pub(super) type Opener = fn(&SimDisk, &Path, bool) -> Result<Box<dyn UnderTest>, String>;
+
+/// An engine, and how the replay cuts power under it.
+pub(super) struct Engine {
+    pub open: Opener,
+    /// About how many writes, resizes and syncs a commit makes: the fuse
+    /// is armed within that many per commit, so most cuts land in one.
+    pub ops_per_commit: u64,
+    /// Seeds `cargo test` runs (each [`ROUNDS`] cuts).
+    pub seeds: u64,
+}
+
+/// The redb store, on the disk as one file.
+const REDB: Engine = Engine {
+    open: open_redb,
+    ops_per_commit: 30,
+    seeds: SEEDS,
+};
+
+/// Opens a store with `open`; an error or a panic while opening is the
+/// error, saying whether the store called it damage.
+pub(super) fn opened<S: UnderTest>(
+    open: impl FnOnce() -> Result<S, StoreError>,
+) -> Result<Box<dyn UnderTest>, String> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(open)) {
         Ok(Ok(store)) => Ok(Box::new(store)),
         Ok(Err(err)) => Err(format!(
             "the store did not open (damage: {}): {err}",
@@ -478,51 +532,70 @@ fn open_redb(disk: &SimDisk, label: &Path) -> Result<Box<dyn Store>, String> {
     }
 }
 
-fn survivors(rng: &mut Rng) -> Survivors {
+/// The redb store on `disk`.
+fn open_redb(disk: &SimDisk, label: &Path, _fresh: bool) -> Result<Box<dyn UnderTest>, String> {
+    let file = disk.attach();
+    opened(|| RedbStore::open_with_backend(file, label))
+}
+
+/// A cut's survivors, and their mode's number (for the tally).
+fn survivors(rng: &mut Rng) -> (Survivors, usize) {
     let seed = rng.next_u64();
-    match rng.below(4) {
+    let mode = rng.below(4);
+    let survivors = match mode {
         0 => Survivors::None,
         1 => Survivors::All,
         2 => Survivors::TornPrefix { seed },
         _ => Survivors::AnySectors { seed },
-    }
+    };
+    (survivors, usize::try_from(mode).unwrap_or(0))
 }
 
 /// How the cuts of the seeds run went.
 #[derive(Debug, Default)]
-struct Tally {
+pub(super) struct Tally {
     cuts: u64,
-    /// Cuts during a commit (which then failed).
+    /// Cuts by what survived them: none, all, a torn prefix, any sectors.
+    by_survivors: [u64; 4],
+    /// Cuts during a write (which then failed).
     mid_commit: u64,
-    /// Of those, commits found whole after the cut.
+    /// Of those, writes found whole after the cut.
     landed: u64,
     /// Cuts while the store recovered from the one before.
     cut_in_recovery: u64,
+    /// Cuts during a compaction step.
+    cut_in_compaction: u64,
     commits: u64,
     /// Token writes (each a transaction of its own).
     tokens: u64,
-    /// Writes, resizes and syncs of the commits and token writes that
-    /// returned `Ok`.
+    /// Retention sweeps, and the tasks they deleted.
+    expiries: u64,
+    expired: u64,
+    /// Compaction steps that did something.
+    compactions: u64,
+    /// Writes, resizes and syncs of the writes that returned `Ok`.
     ops: u64,
 }
 
-/// Replays one seed's history; the first broken promise, if any.
-fn replay(open: Opener, seed: u64, tally: &mut Tally) -> Result<(), String> {
+/// Replays one seed's history on `engine`; the first broken promise, if
+/// any.
+pub(super) fn replay(engine: &Engine, seed: u64, tally: &mut Tally) -> Result<(), String> {
     let mut rng = Rng::new(seed);
     let mut writer = Writer::new(rng.next_u64());
     let disk = SimDisk::new();
     let label = PathBuf::from(format!("simulated disk, seed {seed}"));
-    let mut store = open(&disk, &label)?;
+    let mut store = (engine.open)(&disk, &label, true)?;
     let mut acked = Model::default();
+    // Every task ever written: the expired ones must stay gone.
+    let mut seen = BTreeSet::new();
     for round in 0..ROUNDS {
         let at = format!("round {round}");
         let commits = 1 + rng.below(8);
-        let cut = survivors(&mut rng);
+        let (cut, mode) = survivors(&mut rng);
         match rng.below(3) {
-            // In one of the writes, resizes and syncs of the next commits
-            // (a commit makes about `Tally::ops` / `commits` of them), or
-            // not at all.
-            0 => disk.arm(1 + rng.below(30 * commits), cut),
+            // In one of the writes, resizes and syncs of the next commits,
+            // or not at all.
+            0 => disk.arm(1 + rng.below(engine.ops_per_commit * commits), cut),
             // In a commit's sync, with all its writes in the cache.
             1 => disk.arm_at_sync(1 + rng.below(commits), cut),
             // Between two commits.
@@ -531,44 +604,90 @@ fn replay(open: Opener, seed: u64, tally: &mut Tally) -> Result<(), String> {
         let mut unacked = None;
         for _ in 0..commits {
             let (syncs, ops) = (disk.syncs(), disk.ops());
+            // Whether the write changes anything (a sweep may find nothing
+            // due), so must sync before it returns.
+            let mut changes = true;
             let (written, next) = if writer.rng.one_in(6) {
                 let (token, next) = writer.token(&acked);
                 tally.tokens += 1;
                 (store.put_token(&token), next)
+            } else if writer.rng.one_in(5) {
+                let (before, limit, want, next) = writer.expire(&acked);
+                tally.expiries += 1;
+                changes = !want.is_empty();
+                let expired = store.expire(before, limit).and_then(|mut states| {
+                    states.sort_by_key(|s| i32::from(*s));
+                    if states == want {
+                        tally.expired += states.len() as u64;
+                        Ok(())
+                    } else {
+                        Err(StoreError::Inconsistent(format!(
+                            "expire deleted tasks in {states:?}, not {want:?}"
+                        )))
+                    }
+                });
+                (expired, next)
             } else {
                 let (records, next) = writer.batch(&acked);
                 tally.commits += 1;
                 (store.commit(&records), next)
             };
+            seen.extend(next.tasks.keys().copied());
             match written {
-                Ok(()) if disk.syncs() == syncs => {
-                    return Err(format!("{at}: a commit returned before any sync"));
+                Ok(()) if changes && disk.syncs() == syncs => {
+                    return Err(format!("{at}: a write returned before any sync"));
                 }
                 Ok(()) => {
                     tally.ops += disk.ops() - ops;
                     acked = next;
                 }
                 Err(err) if err.is_damage() => {
-                    return Err(format!("{at}: a commit met damage: {err}"));
+                    return Err(format!("{at}: a write met damage: {err}"));
                 }
-                Err(err) => {
-                    if !disk.is_off() {
-                        return Err(format!("{at}: a commit failed with the power on: {err}"));
-                    }
+                Err(err) if !disk.is_off() => {
+                    return Err(format!("{at}: a write failed with the power on: {err}"));
+                }
+                Err(_) => {
                     unacked = Some(next);
+                    break;
+                }
+            }
+            // Compaction between commits: it moves what was acknowledged,
+            // so a cut in it must lose nothing.
+            if writer.rng.one_in(2) {
+                for _ in 0..=writer.rng.below(3) {
+                    match store.compact_step() {
+                        Ok(true) => tally.compactions += 1,
+                        Ok(false) => break,
+                        Err(err) if err.is_damage() => {
+                            return Err(format!("{at}: compaction met damage: {err}"));
+                        }
+                        Err(err) if !disk.is_off() => {
+                            return Err(format!(
+                                "{at}: compaction failed with the power on: {err}"
+                            ));
+                        }
+                        Err(_) => {
+                            tally.cut_in_compaction += 1;
+                            break;
+                        }
+                    }
+                }
+                if disk.is_off() {
                     break;
                 }
             }
         }
         disk.cut(cut);
         tally.cuts += 1;
+        tally.by_survivors[mode] += 1;
         drop(store);
         let mut recovered = None;
         if rng.one_in(4) {
             // The power fails again while the store recovers.
-            let again = survivors(&mut rng);
+            let (again, _) = survivors(&mut rng);
             disk.arm(1 + rng.below(20), again);
-            match open(&disk, &label) {
+            match (engine.open)(&disk, &label, false) {
                 Ok(store) => {
                     disk.disarm();
                     recovered = Some(store);
@@ -579,20 +698,17 @@ fn replay(open: Opener, seed: u64, tally: &mut Tally) -> Result<(), String> {
         }
         store = match recovered {
             Some(store) => store,
-            None => open(&disk, &label).map_err(|err| format!("{at}, cut {cut:?}: {err}"))?,
+            None => (engine.open)(&disk, &label, false)
+                .map_err(|err| format!("{at}, cut {cut:?}: {err}"))?,
         };
-        let mut universe: BTreeSet<TaskId> = acked.tasks.keys().copied().collect();
-        if let Some(unacked) = &unacked {
-            universe.extend(unacked.tasks.keys().copied());
-        }
-        if let Err(lost) = holds(&*store, &acked, &universe) {
+        if let Err(lost) = holds(&*store, &acked, &seen) {
             let Some(unacked) = unacked else {
-                return Err(format!("{at}, cut {cut:?} between commits: {lost}"));
+                return Err(format!("{at}, cut {cut:?} between writes: {lost}"));
             };
             tally.mid_commit += 1;
-            if let Err(half) = holds(&*store, &unacked, &universe) {
+            if let Err(half) = holds(&*store, &unacked, &seen) {
                 return Err(format!(
-                    "{at}, cut {cut:?} in a commit: neither the commits acknowledged \
+                    "{at}, cut {cut:?} in a write: neither the writes acknowledged \
                      ({lost}) nor those and the one cut ({half})"
                 ));
             }
@@ -605,20 +721,20 @@ fn replay(open: Opener, seed: u64, tally: &mut Tally) -> Result<(), String> {
     // And the store still works: a commit after the last cut, a clean
     // shutdown, everything there.
     let (records, next) = writer.batch(&acked);
+    seen.extend(next.tasks.keys().copied());
     store
         .commit(&records)
         .map_err(|err| format!("committing after the cuts: {err}"))?;
     drop(store);
-    let store = open(&disk, &label)?;
-    let universe = next.tasks.keys().copied().collect();
-    holds(&*store, &next, &universe).map_err(|err| format!("after a clean shutdown: {err}"))
+    let store = (engine.open)(&disk, &label, false)?;
+    holds(&*store, &next, &seen).map_err(|err| format!("after a clean shutdown: {err}"))
 }
 
-fn seeds() -> std::ops::Range<u64> {
+fn seeds(default: u64) -> std::ops::Range<u64> {
     let n = std::env::var("WEFT_POWER_CUT_SEEDS")
         .ok()
         .and_then(|n| n.parse().ok())
-        .unwrap_or(SEEDS);
+        .unwrap_or(default);
     let first = std::env::var("WEFT_POWER_CUT_FIRST_SEED")
         .ok()
         .and_then(|n| n.parse().ok())
@@ -626,25 +742,25 @@ fn seeds() -> std::ops::Range<u64> {
     first..first + n
 }
 
-#[test]
-fn no_acknowledged_commit_is_lost_and_none_is_half_there_after_a_power_cut() {
+/// Replays the seeds on `engine` and fails with every seed that broke a
+/// promise; the tally of the cuts made.
+pub(super) fn replay_seeds(engine: &Engine) -> Tally {
     let mut tally = Tally::default();
     let mut failed = Vec::new();
-    for seed in seeds() {
-        if let Err(err) = replay(open_redb, seed, &mut tally) {
+    for seed in seeds(engine.seeds) {
+        if let Err(err) = replay(engine, seed, &mut tally) {
             failed.push(format!("seed {seed}: {err}"));
         }
     }
     eprintln!("power cuts: {tally:?}");
+    let runs = seeds(engine.seeds).count() as u64;
     assert!(
         failed.is_empty(),
-        "{} of {} seeds broke a promise:\n{}",
+        "{} of {runs} seeds broke a promise:\n{}",
         failed.len(),
-        seeds().count(),
         failed.join("\n")
     );
     // The seeds reach the cases that matter.
-    let runs = seeds().count() as u64;
     assert!(
         tally.mid_commit * 4 >= runs,
         "few cuts in a commit: {tally:?}"
@@ -653,6 +769,20 @@ fn no_acknowledged_commit_is_lost_and_none_is_half_there_after_a_power_cut() {
         tally.landed > 0 || runs < 50,
         "no cut commit ever landed: {tally:?}"
     );
+    assert!(
+        tally.by_survivors.iter().all(|n| *n > 0) || runs < 20,
+        "not every kind of cut was made: {tally:?}"
+    );
+    assert!(
+        tally.expired > 0 || runs < 20,
+        "retention never deleted a task: {tally:?}"
+    );
+    tally
+}
+
+#[test]
+fn no_acknowledged_commit_is_lost_and_none_is_half_there_after_a_power_cut() {
+    replay_seeds(&REDB);
 }
 
 /// Flips one bit inside every copy of `marker` on the platter (copy-on-write
@@ -689,7 +819,7 @@ fn bit_rot_on_the_platter_in_a_committed_task_or_event_is_reported_never_served(
         let at = format!("{at}, {later} commits after the rotten ones");
         let disk = SimDisk::new();
         let label = PathBuf::from(format!("simulated disk, bit rot after a {at}"));
-        let store = open_redb(&disk, &label).unwrap();
+        let store = open_redb(&disk, &label, false).unwrap();
         let mut writer = Writer::new(7);
         let mut model = Model::default();
         let mut records = Vec::new();
@@ -739,7 +869,7 @@ fn bit_rot_on_the_platter_in_a_committed_task_or_event_is_reported_never_served(
             "{at}: no event"
         );
 
-        let store = match open_redb(&disk, &label) {
+        let store = match open_redb(&disk, &label, false) {
             Ok(store) => store,
             Err(err) => panic!("{at}: {err}"),
         };
@@ -782,7 +912,7 @@ fn bit_rot_on_the_platter_in_a_committed_task_or_event_is_reported_never_served(
 fn bit_rot_in_the_state_index_of_a_queued_task_is_reported_at_load() {
     let disk = SimDisk::new();
     let label = PathBuf::from("simulated disk, rot in the state index");
-    let store = open_redb(&disk, &label).unwrap();
+    let store = open_redb(&disk, &label, false).unwrap();
     let mut writer = Writer::new(9);
     let mut model = Model::default();
     let mut records = Vec::new();
@@ -811,7 +941,7 @@ fn bit_rot_in_the_state_index_of_a_queued_task_is_reported_at_load() {
     });
     assert!(flipped > 0, "the index key is not on the platter");
 
-    let store = open_redb(&disk, &label).unwrap();
+    let store = open_redb(&disk, &label, false).unwrap();
     // The record itself is sound and still reads.
     let state = store.task(queued).unwrap().map(|t| t.state);
     assert_eq!(state, Some(TaskState::Queued));
