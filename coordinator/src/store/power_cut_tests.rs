@@ -40,22 +40,22 @@ fn at(ms: u64) -> SystemTime {
 
 /// One task as the commits so far made it.
 #[derive(Clone, Debug)]
-struct ModelTask {
-    record: TaskRecord,
-    events: Vec<TaskEvent>,
-    secret: bool,
+pub(super) struct ModelTask {
+    pub record: TaskRecord,
+    pub events: Vec<TaskEvent>,
+    pub secret: bool,
 }
 
 /// What the store must hold after a set of commits.
 #[derive(Clone, Debug, Default)]
-struct Model {
-    tasks: BTreeMap<TaskId, ModelTask>,
+pub(super) struct Model {
+    pub tasks: BTreeMap<TaskId, ModelTask>,
     /// Token records by id (written in transactions of their own).
-    tokens: BTreeMap<String, TokenRecord>,
+    pub tokens: BTreeMap<String, TokenRecord>,
 }
 
 /// Makes the batches, with ids in time order and a clock that moves.
-struct Writer {
+pub(super) struct Writer {
     rng: Rng,
     ids: ulid::Generator,
     clock: u64,
@@ -64,7 +64,7 @@ struct Writer {
 
 impl Writer {
     /// A writer whose choices follow `seed`.
-    fn new(seed: u64) -> Writer {
+    pub(super) fn new(seed: u64) -> Writer {
         Writer {
             rng: Rng::new(seed),
             ids: ulid::Generator::new(),
@@ -92,7 +92,7 @@ impl Writer {
         Bytes::from(text)
     }
 
-    fn event(&mut self, task: &ModelTask, body: EventBody) -> TaskEvent {
+    pub(super) fn event(&mut self, task: &ModelTask, body: EventBody) -> TaskEvent {
         TaskEvent {
             task_id: task.record.id,
             seq: task.events.len() as u64,
@@ -112,7 +112,7 @@ impl Writer {
         self.event(task, body)
     }
 
-    fn submit(&mut self, next: &mut Model, records: &mut Vec<Record>) {
+    pub(super) fn submit(&mut self, next: &mut Model, records: &mut Vec<Record>) {
         let id = TaskId::from_ulid(self.ids.generate().expect("ulid"));
         let now = self.tick();
         let input = self.blob("input", id);
@@ -138,7 +138,7 @@ impl Writer {
     }
 
     /// One step of a live task's life, as the driver writes it.
-    fn advance(&mut self, task: &mut ModelTask, records: &mut Vec<Record>) {
+    pub(super) fn advance(&mut self, task: &mut ModelTask, records: &mut Vec<Record>) {
         let now = self.tick();
         let id = task.record.id;
         match task.record.state {
@@ -305,7 +305,7 @@ impl Writer {
 
     /// The next batch after `acked`, and what the store holds once it is
     /// committed: new tasks, and steps of live ones (some two in one batch).
-    fn batch(&mut self, acked: &Model) -> (Vec<Record>, Model) {
+    pub(super) fn batch(&mut self, acked: &Model) -> (Vec<Record>, Model) {
         let mut next = acked.clone();
         let mut records = Vec::new();
         for _ in 0..self.rng.below(7) {
@@ -336,7 +336,7 @@ impl Writer {
 }
 
 /// What of a task the check compares: everything a client reads back.
-fn task_view(r: &TaskRecord) -> String {
+pub(super) fn task_view(r: &TaskRecord) -> String {
     format!(
         "{:?} attempt {} node {:?} exit {:?} output {:?} error {:?} updated {:?} outcome {:?} \
          failures {} input {:?}",
@@ -365,7 +365,11 @@ fn event_view(e: &TaskEvent) -> String {
 
 /// Whether `store` holds exactly `model` (for the tasks in `universe`, and
 /// no other): records, events, the list, and what a restart loads.
-fn holds(store: &dyn Store, model: &Model, universe: &BTreeSet<TaskId>) -> Result<(), String> {
+pub(super) fn holds(
+    store: &dyn Store,
+    model: &Model,
+    universe: &BTreeSet<TaskId>,
+) -> Result<(), String> {
     let read = |what: &str, err: StoreError| format!("{what}: {err}");
     for id in universe {
         let got = store.task(*id).map_err(|e| read("reading a task", e))?;
@@ -554,27 +558,27 @@ fn survivors(rng: &mut Rng) -> (Survivors, usize) {
 /// How the cuts of the seeds run went.
 #[derive(Debug, Default)]
 pub(super) struct Tally {
-    cuts: u64,
+    pub cuts: u64,
     /// Cuts by what survived them: none, all, a torn prefix, any sectors.
-    by_survivors: [u64; 4],
+    pub by_survivors: [u64; 4],
     /// Cuts during a write (which then failed).
-    mid_commit: u64,
+    pub mid_commit: u64,
     /// Of those, writes found whole after the cut.
-    landed: u64,
+    pub landed: u64,
     /// Cuts while the store recovered from the one before.
-    cut_in_recovery: u64,
+    pub cut_in_recovery: u64,
     /// Cuts during a compaction step.
-    cut_in_compaction: u64,
-    commits: u64,
+    pub cut_in_compaction: u64,
+    pub commits: u64,
     /// Token writes (each a transaction of its own).
-    tokens: u64,
+    pub tokens: u64,
     /// Retention sweeps, and the tasks they deleted.
-    expiries: u64,
-    expired: u64,
+    pub expiries: u64,
+    pub expired: u64,
     /// Compaction steps that did something.
-    compactions: u64,
+    pub compactions: u64,
     /// Writes, resizes and syncs of the writes that returned `Ok`.
-    ops: u64,
+    pub ops: u64,
 }
 
 /// Replays one seed's history on `engine`; the first broken promise, if
@@ -785,24 +789,73 @@ fn no_acknowledged_commit_is_lost_and_none_is_half_there_after_a_power_cut() {
     replay_seeds(&REDB);
 }
 
-/// Flips one bit inside every copy of `marker` on the platter (copy-on-write
-/// leaves old copies of pages behind); how many there were.
-fn rot(disk: &SimDisk, marker: &[u8]) -> usize {
-    disk.on_platter(|image| {
-        let at: Vec<usize> = image
-            .windows(marker.len())
-            .enumerate()
-            .filter(|(_, w)| *w == marker)
-            .map(|(i, _)| i)
-            .collect();
-        for i in &at {
-            image[i + marker.len() / 2] ^= 0x08;
-        }
-        at.len()
-    })
+/// The task input and the event output [`commit_rot_targets`] writes.
+pub(super) const ROT_INPUT: &[u8] = b"ROT-ME-TASK-INPUT-0123456789";
+pub(super) const ROT_OUTPUT: &[u8] = b"ROT-ME-EVENT-OUTPUT-0123456789";
+
+/// Flips one bit inside every copy of `marker` in `image` (copy-on-write
+/// and compaction leave or make copies); how many there were.
+pub(super) fn flip_in(image: &mut [u8], marker: &[u8]) -> usize {
+    let at: Vec<usize> = image
+        .windows(marker.len())
+        .enumerate()
+        .filter(|(_, w)| *w == marker)
+        .map(|(i, _)| i)
+        .collect();
+    for i in &at {
+        image[i + marker.len() / 2] ^= 0x08;
+    }
+    at.len()
 }
 
-fn damaged_at(err: &StoreError) -> Option<(&'static str, String)> {
+/// Flips one bit inside every copy of `marker` on the platter, in every
+/// file; how many there were.
+pub(super) fn rot(disk: &SimDisk, marker: &[u8]) -> usize {
+    let mut flipped = 0;
+    disk.on_platter_each(|_, image| flipped += flip_in(image, marker));
+    flipped
+}
+
+/// Commits two tasks to `store` for bit-rot tests, returning them: one
+/// queued, with [`ROT_INPUT`] as its input, and one running, whose event
+/// 3 is output [`ROT_OUTPUT`]; `model` gets them.
+pub(super) fn commit_rot_targets(
+    store: &dyn Store,
+    writer: &mut Writer,
+    model: &mut Model,
+) -> (TaskId, TaskId) {
+    let mut records = Vec::new();
+    writer.submit(model, &mut records);
+    writer.submit(model, &mut records);
+    let ids: Vec<TaskId> = model.tasks.keys().copied().collect();
+    let (queued, running) = (ids[ids.len() - 2], ids[ids.len() - 1]);
+    {
+        let task = model.tasks.get_mut(&queued).expect("just submitted");
+        let input = Bytes::from_static(ROT_INPUT);
+        task.record.spec = Arc::new(TaskSpec::call("noop", input));
+        let Some(Record::Task(r)) = records.first_mut() else {
+            unreachable!("a submission starts with its record")
+        };
+        r.spec = Arc::clone(&task.record.spec);
+    }
+    store.commit(&records).expect("committing the tasks to rot");
+    let mut records = Vec::new();
+    let task = model.tasks.get_mut(&running).expect("just submitted");
+    writer.advance(task, &mut records);
+    writer.advance(task, &mut records);
+    let body = EventBody::Output {
+        stream: OutputStream::Stdout,
+        data: Bytes::from_static(ROT_OUTPUT),
+        chunk: Some(0),
+    };
+    let event = writer.event(task, body);
+    task.events.push(event.clone());
+    records.push(Record::Event(event));
+    store.commit(&records).expect("committing the event to rot");
+    (queued, running)
+}
+
+pub(super) fn damaged_at(err: &StoreError) -> Option<(&'static str, String)> {
     match err {
         StoreError::Damaged { table, key, .. } => Some((table, key.clone())),
         _ => None,
@@ -822,35 +875,7 @@ fn bit_rot_on_the_platter_in_a_committed_task_or_event_is_reported_never_served(
         let store = open_redb(&disk, &label, false).unwrap();
         let mut writer = Writer::new(7);
         let mut model = Model::default();
-        let mut records = Vec::new();
-        writer.submit(&mut model, &mut records);
-        writer.submit(&mut model, &mut records);
-        let ids: Vec<TaskId> = model.tasks.keys().copied().collect();
-        let (queued, running) = (ids[0], ids[1]);
-        {
-            // The first stays queued, with an input to rot; the second
-            // runs and sends output to rot.
-            let task = model.tasks.get_mut(&queued).unwrap();
-            task.record.spec = Arc::new(TaskSpec::call("noop", "ROT-ME-TASK-INPUT-0123456789"));
-            let Record::Task(r) = &mut records[0] else {
-                unreachable!()
-            };
-            r.spec = Arc::clone(&task.record.spec);
-        }
-        store.commit(&records).unwrap();
-        let mut records = Vec::new();
-        let task = model.tasks.get_mut(&running).unwrap();
-        writer.advance(task, &mut records);
-        writer.advance(task, &mut records);
-        let body = EventBody::Output {
-            stream: OutputStream::Stdout,
-            data: Bytes::from_static(b"ROT-ME-EVENT-OUTPUT-0123456789"),
-            chunk: Some(0),
-        };
-        let event = writer.event(task, body);
-        task.events.push(event.clone());
-        records.push(Record::Event(event));
-        store.commit(&records).unwrap();
+        let (queued, running) = commit_rot_targets(&*store, &mut writer, &mut model);
         for _ in 0..later {
             let (records, next) = writer.batch(&model);
             store.commit(&records).unwrap();
@@ -860,14 +885,8 @@ fn bit_rot_on_the_platter_in_a_committed_task_or_event_is_reported_never_served(
             drop(store);
         }
         disk.cut(Survivors::None);
-        assert!(
-            rot(&disk, b"ROT-ME-TASK-INPUT-0123456789") > 0,
-            "{at}: no task input"
-        );
-        assert!(
-            rot(&disk, b"ROT-ME-EVENT-OUTPUT-0123456789") > 0,
-            "{at}: no event"
-        );
+        assert!(rot(&disk, ROT_INPUT) > 0, "{at}: no task input");
+        assert!(rot(&disk, ROT_OUTPUT) > 0, "{at}: no event");
 
         let store = match open_redb(&disk, &label, false) {
             Ok(store) => store,
