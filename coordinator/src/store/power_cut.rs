@@ -510,6 +510,21 @@ impl SimDisk {
             }
         }
     }
+
+    /// Changes the files of a running disk (a sector going bad under a
+    /// running store): `change` gets each file's name and bytes twice,
+    /// once as the platter keeps them and once as the process reads them.
+    pub(crate) fn rot_under_power(&self, mut change: impl FnMut(&str, &mut Vec<u8>)) {
+        let mut state = self.lock();
+        assert!(state.powered, "rot a running disk");
+        let state = &mut *state;
+        for (name, inode) in &state.names {
+            if let Some(image) = state.files.get_mut(inode) {
+                change(name, &mut image.durable);
+                change(name, &mut image.current);
+            }
+        }
+    }
 }
 
 impl SimFile {

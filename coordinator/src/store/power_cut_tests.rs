@@ -37,8 +37,6 @@ pub(super) use workload::{Model, Writer, holds, task_view};
 
 /// Seeds run by `cargo test` on the redb store.
 const SEEDS: u64 = 60;
-/// Power cuts per seed.
-const ROUNDS: u64 = 3;
 
 /// An engine under test as the replay drives it: the [`Store`] trait, and
 /// the upkeep the engine runs beside the commits.
@@ -64,7 +62,12 @@ pub(super) struct Engine {
     /// About how many writes, resizes and syncs a commit makes: the fuse
     /// is armed within that many per commit, so most cuts land in one.
     pub ops_per_commit: u64,
-    /// Seeds `cargo test` runs (each [`ROUNDS`] cuts).
+    /// About how many writes, resizes and syncs opening makes after a
+    /// cut: a second cut is armed within that many.
+    pub recovery_ops: u64,
+    /// Cuts per seed.
+    pub rounds: u64,
+    /// Seeds `cargo test` runs.
     pub seeds: u64,
 }
 
@@ -72,6 +75,8 @@ pub(super) struct Engine {
 const REDB: Engine = Engine {
     open: open_redb,
     ops_per_commit: 30,
+    recovery_ops: 20,
+    rounds: 3,
     seeds: SEEDS,
 };
 
@@ -146,7 +151,7 @@ pub(super) fn replay(engine: &Engine, seed: u64, tally: &mut Tally) -> Result<()
     let mut acked = Model::default();
     // Every task ever written: the expired ones must stay gone.
     let mut seen = BTreeSet::new();
-    for round in 0..ROUNDS {
+    for round in 0..engine.rounds {
         let at = format!("round {round}");
         let commits = 1 + rng.below(8);
         let (cut, mode) = survivors(&mut rng);
@@ -244,7 +249,7 @@ pub(super) fn replay(engine: &Engine, seed: u64, tally: &mut Tally) -> Result<()
         if rng.one_in(4) {
             // The power fails again while the store recovers.
             let (again, _) = survivors(&mut rng);
-            disk.arm(1 + rng.below(20), again);
+            disk.arm(1 + rng.below(engine.recovery_ops), again);
             match (engine.open)(&disk, &label, false) {
                 Ok(store) => {
                     disk.disarm();
@@ -430,11 +435,14 @@ fn bit_rot_on_the_platter_in_a_committed_task_or_event_is_reported_never_served(
         let mut writer = Writer::new(7);
         let mut model = Model::default();
         let (queued, running) = commit_rot_targets(&*store, &mut writer, &mut model);
+        // Later batches of other tasks: the two stay queued and running.
+        let mut others = Model::default();
         for _ in 0..later {
-            let (records, next) = writer.batch(&model);
+            let (records, next) = writer.batch(&others);
             store.commit(&records).unwrap();
-            model = next;
+            others = next;
         }
+        model.tasks.extend(others.tasks);
         if clean {
             drop(store);
         }

@@ -28,6 +28,8 @@ mod compact;
 mod frame;
 pub(crate) mod fs;
 mod index;
+#[cfg(test)]
+mod power_cut_tests;
 mod recover;
 #[cfg(test)]
 mod tests;
