@@ -132,6 +132,21 @@ struct State {
     ops: u64,
     /// Syncs (of files and of the directory) made since power-on.
     syncs: u64,
+    /// The call the last fuse blew in, until the next power-on.
+    blown_in: Option<Op>,
+}
+
+/// A call the fuse counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Op {
+    /// A file's write.
+    Write,
+    /// A file's length change.
+    Resize,
+    /// A file's sync.
+    FileSync,
+    /// The directory's sync.
+    DirSync,
 }
 
 /// A power cut to come.
@@ -355,6 +370,12 @@ impl State {
             return true;
         }
         let survivors = fuse.survivors;
+        self.blown_in = Some(match (inode, change) {
+            (_, Some(Pending::Write { .. })) => Op::Write,
+            (_, Some(Pending::SetLen(_))) => Op::Resize,
+            (Some(_), None) => Op::FileSync,
+            (None, None) => Op::DirSync,
+        });
         // The change was under way: it can be the torn one.
         if let (Some(inode), Some(change)) = (inode, change)
             && let Some(image) = self.files.get_mut(&inode)
@@ -396,6 +417,7 @@ impl SimDisk {
         state.powered = true;
         state.ops = 0;
         state.syncs = 0;
+        state.blown_in = None;
         state.boot
     }
 
@@ -480,6 +502,11 @@ impl SimDisk {
     /// Syncs since power-on.
     pub(crate) fn syncs(&self) -> u64 {
         self.lock().syncs
+    }
+
+    /// The call an armed fuse blew in since power-on, if one did.
+    pub(crate) fn blown_in(&self) -> Option<Op> {
+        self.lock().blown_in
     }
 
     /// Changes the durable image of a powered-off one-file disk (bit rot,

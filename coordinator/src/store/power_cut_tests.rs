@@ -19,7 +19,7 @@
 //! `WEFT_POWER_CUT_SEEDS=N` (and `WEFT_POWER_CUT_FIRST_SEED`) run other
 //! seeds than CI's (each engine's [`Engine::seeds`]).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::UNIX_EPOCH;
@@ -28,7 +28,7 @@ use bytes::Bytes;
 
 use weft_proto::{OutputStream, TaskId, TaskSpec, TaskState};
 
-use super::power_cut::{Rng, SimDisk, Survivors};
+use super::power_cut::{Op, Rng, SimDisk, Survivors};
 use super::*;
 
 mod workload;
@@ -45,6 +45,13 @@ pub(super) trait UnderTest: Store {
     /// always, for an engine that does not compact).
     fn compact_step(&self) -> Result<bool, StoreError> {
         Ok(false)
+    }
+
+    /// How many stored bytes are the latest record of something, for an
+    /// engine that keeps count (to decide what to compact): a reopened
+    /// store must count what the running one did.
+    fn live_bytes(&self) -> Result<Option<u64>, StoreError> {
+        Ok(None)
     }
 }
 
@@ -128,6 +135,8 @@ pub(super) struct Tally {
     pub cut_in_recovery: u64,
     /// Cuts during a compaction step.
     pub cut_in_compaction: u64,
+    /// Cuts by the call the fuse blew in (the others came between calls).
+    pub cut_in: BTreeMap<Op, u64>,
     pub commits: u64,
     /// Token writes (each a transaction of its own).
     pub tokens: u64,
@@ -241,6 +250,16 @@ pub(super) fn replay(engine: &Engine, seed: u64, tally: &mut Tally) -> Result<()
                 }
             }
         }
+        // What the running store counted, if the cut leaves it whole.
+        let live_bytes = match unacked {
+            None if !disk.is_off() => store
+                .live_bytes()
+                .map_err(|err| format!("{at}: counting live bytes: {err}"))?,
+            _ => None,
+        };
+        if let Some(op) = disk.blown_in() {
+            *tally.cut_in.entry(op).or_default() += 1;
+        }
         disk.cut(cut);
         tally.cuts += 1;
         tally.by_survivors[mode] += 1;
@@ -279,6 +298,15 @@ pub(super) fn replay(engine: &Engine, seed: u64, tally: &mut Tally) -> Result<()
             acked = unacked;
         } else if unacked.is_some() {
             tally.mid_commit += 1;
+        }
+        let reopened = store
+            .live_bytes()
+            .map_err(|err| format!("{at}: counting live bytes: {err}"))?;
+        if live_bytes.is_some() && reopened != live_bytes {
+            return Err(format!(
+                "{at}, cut {cut:?} between writes: the running store counted \
+                 {live_bytes:?} live bytes, the reopened one {reopened:?}"
+            ));
         }
     }
     // And the store still works: a commit after the last cut, a clean

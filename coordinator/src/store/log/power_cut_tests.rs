@@ -23,10 +23,10 @@ use weft_proto::{TaskId, TaskState};
 
 use super::LogStore;
 use crate::store::StoreError;
-use crate::store::power_cut::{SimDisk, Survivors};
+use crate::store::power_cut::{Op, SimDisk, Survivors};
 use crate::store::power_cut_tests::{
     Engine, Model, ROT_INPUT, ROT_OUTPUT, UnderTest, Writer, commit_rot_targets, damaged_at,
-    flip_in, opened, replay_seeds, rot, task_view,
+    flip_in, holds, opened, replay_seeds, rot, task_view,
 };
 
 /// The store id the simulated logs are made with.
@@ -38,6 +38,10 @@ const SEGMENT_BYTES: u64 = 4096;
 impl UnderTest for LogStore {
     fn compact_step(&self) -> Result<bool, StoreError> {
         LogStore::compact_step(self)
+    }
+
+    fn live_bytes(&self) -> Result<Option<u64>, StoreError> {
+        Ok(Some(self.sizes()?.1))
     }
 }
 
@@ -70,6 +74,50 @@ fn no_acknowledged_commit_is_lost_and_none_is_half_there_after_a_power_cut_in_th
         tally.cut_in_compaction > 0 || tally.cuts < 60,
         "no cut in a compaction: {tally:?}"
     );
+    // Directory syncs come at segment rolls and compaction's removals.
+    assert!(
+        tally.cut_in.get(&Op::DirSync).is_some_and(|n| *n > 0) || tally.cuts < 60,
+        "no cut in a directory sync: {tally:?}"
+    );
+}
+
+#[test]
+fn a_cut_while_a_new_log_is_made_leaves_no_log_or_an_empty_one_that_opens() {
+    // Making a log: the first segment created, its header written and
+    // synced, the directory synced; the power fails in each of those.
+    for (n, survivors) in (1..=4).flat_map(|n| {
+        [
+            Survivors::None,
+            Survivors::All,
+            Survivors::TornPrefix { seed: n },
+            Survivors::AnySectors { seed: n },
+        ]
+        .map(|s| (n, s))
+    }) {
+        let at = format!("cut in call {n} of making the log, {survivors:?} surviving");
+        let disk = SimDisk::new();
+        let label = PathBuf::from(format!("simulated disk, {at}"));
+        disk.arm(n, survivors);
+        match open_log(&disk, &label, true) {
+            Ok(_) if !disk.is_off() => {
+                // Made before the fuse blew: nothing more to cut.
+                disk.disarm();
+                continue;
+            }
+            Ok(_) => panic!("{at}: the log opened without power"),
+            Err(_) => assert!(disk.is_off(), "{at}: failed with the power on"),
+        }
+        // Opened as a data dir's store is after a crash in its making:
+        // either nothing is there (and a new log is made), or the log.
+        let store = open_log(&disk, &label, true).unwrap_or_else(|err| panic!("{at}: {err}"));
+        let mut writer = Writer::new(n);
+        let (records, model) = writer.batch(&Model::default());
+        store.commit(&records).expect("a commit on the new log");
+        drop(store);
+        let store = open_log(&disk, &label, false).unwrap_or_else(|err| panic!("{at}: {err}"));
+        let seen = model.tasks.keys().copied().collect();
+        holds(&*store, &model, &seen).unwrap_or_else(|err| panic!("{at}: {err}"));
+    }
 }
 
 /// A log on a new disk with the two tasks to rot, then `later` batches
