@@ -1,8 +1,9 @@
 //! The power-cut tests' workload: the batches a coordinator commits
 //! (submissions with and without secrets, assignments, starts, output,
-//! final results), token writes and retention sweeps, made by a seeded
-//! [`Writer`] together with the [`Model`] of what the store holds once
-//! each is acknowledged, and [`holds`], the check of a store against it.
+//! final results, schedules and limits set and deleted), token writes and
+//! retention sweeps, made by a seeded [`Writer`] together with the
+//! [`Model`] of what the store holds once each is acknowledged, and
+//! [`holds`], the check of a store against it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -10,11 +11,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 
+use weft_proto::policy::{Limit, LimitKind};
 use weft_proto::{Attempt, NodeId, Outcome, OutputStream, SecretEnv, TaskId, TaskSpec, TaskState};
 
 use crate::auth::{Scopes, TokenKind, TokenRecord};
 use crate::store::power_cut::Rng;
-use crate::store::{EventBody, Record, Store, StoreError, TaskEvent, TaskRecord};
+use crate::store::{EventBody, Record, ScheduleRecord, Store, StoreError, TaskEvent, TaskRecord};
 
 fn at(ms: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_millis(1_700_000_000_000 + ms)
@@ -34,6 +36,11 @@ pub(crate) struct Model {
     pub tasks: BTreeMap<TaskId, ModelTask>,
     /// Token records by id (written in transactions of their own).
     pub tokens: BTreeMap<String, TokenRecord>,
+    /// Cron schedules by name, with their fire count (set and deleted in
+    /// batches, as fires and `DeleteSchedule` write them).
+    pub schedules: BTreeMap<String, u64>,
+    /// Concurrency limits by name, with their bound.
+    pub limits: BTreeMap<String, u32>,
 }
 
 /// Makes the batches, with ids in time order and a clock that moves.
@@ -311,10 +318,64 @@ impl Writer {
                 self.advance(task, &mut records);
             }
         }
+        if self.rng.one_in(3) {
+            self.schedule(&mut next, &mut records);
+        }
+        if self.rng.one_in(4) {
+            self.limit(&mut next, &mut records);
+        }
         if records.is_empty() {
             self.submit(&mut next, &mut records);
         }
         (records, next)
+    }
+
+    /// Sets (fires) or deletes one of a few schedules: deletions that
+    /// compaction must keep until the older records of what they deleted
+    /// are gone.
+    fn schedule(&mut self, next: &mut Model, records: &mut Vec<Record>) {
+        let name = format!("cron-{}", self.rng.below(4));
+        if next.schedules.contains_key(&name) && self.rng.one_in(3) {
+            next.schedules.remove(&name);
+            records.push(Record::DeleteSchedule(name));
+            return;
+        }
+        let fired = next.schedules.get(&name).map_or(0, |n| n + 1);
+        next.schedules.insert(name.clone(), fired);
+        let now = self.tick();
+        records.push(Record::Schedule(Arc::new(ScheduleRecord {
+            spec: weft_proto::pb::ScheduleSpec {
+                name,
+                cron: "* * * * *".into(),
+                ..Default::default()
+            },
+            paused: false,
+            created_at: now,
+            since: now,
+            last_fire: Some(now),
+            last_task: None,
+            fired,
+            skipped: 0,
+        })));
+    }
+
+    /// Sets or deletes one of a few concurrency limits.
+    fn limit(&mut self, next: &mut Model, records: &mut Vec<Record>) {
+        let name = format!("limit-{}", self.rng.below(3));
+        if next.limits.contains_key(&name) && self.rng.one_in(3) {
+            next.limits.remove(&name);
+            records.push(Record::DeleteLimit {
+                name,
+                kind: "concurrency".into(),
+            });
+            return;
+        }
+        let bound = 1 + u32::try_from(self.rng.below(100)).unwrap_or(0);
+        next.limits.insert(name.clone(), bound);
+        records.push(Record::Limit(Limit {
+            name,
+            kind: LimitKind::MaxRunning(bound),
+        }));
     }
 }
 
@@ -411,6 +472,31 @@ pub(crate) fn holds(
         ));
     }
     let loaded = store.load(UNIX_EPOCH).map_err(|e| read("loading", e))?;
+    let schedules: BTreeMap<String, u64> = loaded
+        .schedules
+        .iter()
+        .map(|s| (s.name().to_owned(), s.fired))
+        .collect();
+    if schedules != model.schedules {
+        return Err(format!(
+            "load gives the schedules {schedules:?}, not {:?}",
+            model.schedules
+        ));
+    }
+    let limits: BTreeMap<String, u32> = loaded
+        .limits
+        .iter()
+        .filter_map(|l| match l.kind {
+            LimitKind::MaxRunning(n) => Some((l.name.clone(), n)),
+            LimitKind::Rate(_) => None,
+        })
+        .collect();
+    if limits != model.limits || loaded.limits.len() != limits.len() {
+        return Err(format!(
+            "load gives the limits {:?}, not {:?}",
+            loaded.limits, model.limits
+        ));
+    }
     let live: BTreeSet<TaskId> = loaded.live.iter().map(|t| t.id).collect();
     let want_live: BTreeSet<TaskId> = model
         .tasks
