@@ -28,9 +28,10 @@
 //!   a missing or empty store file is refused, never replaced.
 //! - [`memory`] — [`MemoryStore`], the in-memory store (tests, `weft local`,
 //!   `--in-memory`).
-//! - `power_cut` (tests only) — a simulated disk that loses what was not
-//!   synced at a power cut; `power_cut_tests` cuts power under the redb
-//!   store with it.
+//! - `power_cut` (tests only) — a simulated disk (one file, or a
+//!   directory of files) that loses what was not synced at a power cut;
+//!   `power_cut_tests` cuts power under the redb store with it, and
+//!   `log/power_cut_tests.rs` under the log store.
 
 pub(crate) mod codec;
 #[cfg(test)]

@@ -19,15 +19,16 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::UNIX_EPOCH;
 
-use weft_proto::{TaskId, TaskState};
+use weft_proto::{TaskId, TaskSpec, TaskState};
 
 use super::LogStore;
-use crate::store::StoreError;
-use crate::store::power_cut::{Op, SimDisk, Survivors};
+use super::frame::{self, FRAME_HEADER, Key, Kind};
+use crate::store::power_cut::{Op, SECTOR, SimDisk, Survivors};
 use crate::store::power_cut_tests::{
     Engine, Model, ROT_INPUT, ROT_OUTPUT, UnderTest, Writer, commit_rot_targets, damaged_at,
     flip_in, holds, opened, replay_seeds, rot, task_view,
 };
+use crate::store::{Record, Store, StoreError};
 
 /// The store id the simulated logs are made with.
 const STORE_ID: u64 = 0x5EED_0F10;
@@ -222,5 +223,95 @@ fn bit_rot_under_a_running_log_store_is_a_damaged_read_never_data() {
                 assert_eq!(got, Some(task_view(&task.record)), "{at}");
             }
         }
+    }
+}
+
+/// The filler around the frame in [`input_holding_a_frame`].
+const FILLER: usize = 2 * SECTOR as usize;
+
+/// A valid log frame of one token record.
+fn a_frame() -> Vec<u8> {
+    let mut frame = vec![0u8; FRAME_HEADER];
+    frame::put(&mut frame, Kind::Token, Key::Name("inner"), &[b"a token"]);
+    frame::seal_frame(&mut frame);
+    frame
+}
+
+/// A task input that holds a whole, valid log frame (a task that copies
+/// a segment file, say) between sectors of filler.
+fn input_holding_a_frame() -> Vec<u8> {
+    let mut input = vec![b'.'; FILLER];
+    input.extend_from_slice(&a_frame());
+    input.extend_from_slice(&[b'.'; FILLER]);
+    input
+}
+
+#[test]
+fn a_torn_commit_whose_data_holds_a_valid_frame_is_cut_off_not_called_damage() {
+    // The power fails in the sync of a commit whose task input holds a
+    // valid frame, and the commit is torn around it: an in-order prefix
+    // of its sectors landed, up to just past the inner frame (the outer
+    // frame is short); or a reordering cache wrote back every sector but
+    // those before the inner frame (the outer frame's header is missing).
+    // The commit was never acknowledged: the log must open without it.
+    for prefix in [true, false] {
+        let at = if prefix {
+            "an in-order prefix landed"
+        } else {
+            "the first sectors did not land"
+        };
+        let disk = SimDisk::new();
+        let label = PathBuf::from(format!(
+            "simulated disk, a torn commit holding a frame, {at}"
+        ));
+        let store = LogStore::open_on(Arc::new(disk.mount()), &label, Some(STORE_ID)).unwrap();
+        let mut writer = Writer::new(5);
+        let (records, acked) = writer.batch(&Model::default());
+        store.commit(&records).unwrap();
+        drop(store);
+        disk.cut(Survivors::None);
+        let mut end = 0;
+        disk.on_platter_each(|_, image| end = image.len());
+
+        let store = LogStore::open_on(Arc::new(disk.mount()), &label, None).unwrap();
+        let mut next = acked.clone();
+        let mut records = Vec::new();
+        writer.submit(&mut next, &mut records);
+        let torn = *next.tasks.keys().next_back().unwrap();
+        let spec = Arc::new(TaskSpec::call("noop", input_holding_a_frame()));
+        next.tasks.get_mut(&torn).unwrap().record.spec = Arc::clone(&spec);
+        let Some(Record::Task(r)) = records.first_mut() else {
+            unreachable!("a submission starts with its record")
+        };
+        r.spec = spec;
+        disk.arm_at_sync(1, Survivors::All);
+        store
+            .commit(&records)
+            .expect_err("a commit acknowledged without power");
+        drop(store);
+        let inner = a_frame();
+        let mut found = false;
+        disk.on_platter_each(|_, image| {
+            let Some(start) = image.windows(inner.len()).position(|w| w == inner) else {
+                return;
+            };
+            found = true;
+            if prefix {
+                let landed = (start + inner.len()).next_multiple_of(SECTOR as usize);
+                image.truncate(landed);
+            } else {
+                // Those sectors read as before the commit.
+                let first = start / SECTOR as usize * SECTOR as usize;
+                image[end..first].fill(0);
+            }
+        });
+        assert!(found, "{at}: the inner frame is not on the platter");
+
+        let store = match LogStore::open_on(Arc::new(disk.mount()), &label, None) {
+            Ok(store) => store,
+            Err(err) => panic!("{at}: an unacknowledged torn commit failed the open: {err}"),
+        };
+        let seen = next.tasks.keys().copied().collect();
+        holds(&store, &acked, &seen).unwrap_or_else(|err| panic!("{at}: {err}"));
     }
 }
