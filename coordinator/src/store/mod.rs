@@ -28,6 +28,8 @@
 //!   a missing or empty store file is refused, never replaced.
 //! - [`memory`] — [`MemoryStore`], the in-memory store (tests, `weft local`,
 //!   `--in-memory`).
+//! - [`migrate`] — [`copy_store`](migrate::copy_store): one store copied
+//!   into another through the trait (a redb data dir moved to the log).
 //! - `power_cut` (tests only) — a simulated disk that loses what was not
 //!   synced at a power cut; `power_cut_tests` cuts power under the redb
 //!   store with it.
@@ -42,6 +44,9 @@ mod job_tests;
 mod list_tests;
 pub mod marker;
 pub mod memory;
+pub mod migrate;
+#[cfg(test)]
+mod migrate_tests;
 #[cfg(test)]
 mod power_cut;
 #[cfg(test)]
