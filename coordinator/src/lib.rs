@@ -78,7 +78,7 @@ pub use error::Error;
 
 use scheduler::recent;
 use scheduler::{Now, Scheduler};
-use store::{MemoryStore, RedbStore, Store, StoreError};
+use store::{LogStore, MemoryStore, Store, StoreError};
 
 /// Why a coordinator stopped by itself (see
 /// [`RunningCoordinator::stopped`]). The binary exits with
@@ -532,11 +532,11 @@ type Opened = (
 /// held at once: a restart fits in about what the run needed).
 fn open_and_load(
     data_dir: Option<&std::path::Path>,
-    cache_size: usize,
+    _cache_size: usize,
     mut scheduler: Scheduler,
 ) -> Result<Opened, StoreError> {
     let store: Arc<dyn Store> = match data_dir {
-        Some(dir) => Arc::new(RedbStore::open_with_cache(dir, cache_size)?),
+        Some(dir) => Arc::new(LogStore::open(dir)?),
         None => Arc::new(MemoryStore::new()),
     };
     let since = SystemTime::now()

@@ -22,7 +22,7 @@ use weft_proto::convert::parse_duration;
 /// Exit status: 0 after a signal's graceful shutdown; 1 when it could not
 /// start (address in use, data dir locked, TLS); 2 for bad flags; 65 when
 /// the store is damaged or missing (refused at start, or found while
-/// running): a restart does not help, restore weft.redb from a backup or
+/// running): a restart does not help, restore the data dir's `log/` from a backup or
 /// move the data dir away to start an empty cluster; 70 when the gRPC
 /// server failed; 74 when a store commit failed (disk full, I/O error):
 /// nothing acknowledged was lost, restart once the disk has room; 130
@@ -526,7 +526,7 @@ async fn main() -> anyhow::Result<()> {
         Ok(coordinator) => coordinator,
         Err(weft_coordinator::Error::Store(err)) if err.is_damage() => {
             tracing::error!(
-                "refusing to start: {err}. To recover: stop every coordinator on {dir}, then restore {dir}/weft.redb (with {dir}/STORE_ID) from a backup; or, to start an empty cluster that forgets every task, move {dir} away",
+                "refusing to start: {err}. To recover: stop every coordinator on {dir}, then restore {dir}/log/ (with {dir}/STORE_ID) from a backup; or, to start an empty cluster that forgets every task, move {dir} away",
                 dir = args.data_dir.display()
             );
             std::process::exit(weft_coordinator::EXIT_DAMAGED);

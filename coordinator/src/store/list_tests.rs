@@ -58,6 +58,8 @@ fn both(check: impl Fn(&dyn Store)) {
     let dir = tempfile::tempdir().expect("temp dir");
     check(&RedbStore::open(dir.path()).expect("store opens"));
     check(&MemoryStore::new());
+    let dir = tempfile::tempdir().expect("temp dir");
+    check(&LogStore::open(dir.path()).expect("log store opens"));
 }
 
 fn listed(store: &dyn Store, query: &ListQuery) -> (Vec<TaskId>, Option<TaskId>) {

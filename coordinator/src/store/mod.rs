@@ -42,6 +42,7 @@ mod engine;
 mod job_tests;
 #[cfg(test)]
 mod list_tests;
+pub mod log;
 pub mod marker;
 pub mod memory;
 pub mod migrate;
@@ -62,6 +63,7 @@ mod tests;
 
 pub use engine::{ListPage, ListQuery, Store, StoreError};
 pub(crate) use engine::{blocking, panic_message};
+pub use log::LogStore;
 pub use memory::MemoryStore;
 pub use record::{
     AttemptRecord, EventBody, FinalAttempt, Loaded, MAX_ATTEMPT_HISTORY, MAX_RECENTLY_FINAL,

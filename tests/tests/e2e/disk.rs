@@ -86,6 +86,19 @@ async fn exit_code(child: &mut ChildProcess) -> Option<i32> {
     }
 }
 
+/// Copies the files of `from` into `to`, sub-directories too.
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &to.join(entry.file_name()));
+        } else {
+            std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_exits_74_and_loses_nothing_acknowledged() {
     let dir = tempfile::tempdir().unwrap();
@@ -133,10 +146,7 @@ async fn a_full_disk_exits_74_and_loses_nothing_acknowledged() {
     // Restart with room: the same files on the ordinary disk.
     let roomy = dir.path().join("roomy");
     std::fs::create_dir_all(&roomy).unwrap();
-    for entry in std::fs::read_dir(&data).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), roomy.join(entry.file_name())).unwrap();
-    }
+    copy_dir(&data, &roomy);
     let mut child = coordinator(dir.path(), &roomy, "restarted");
     let addr = address(&mut child, dir.path(), "restarted").await;
     let client = Client::connect(&format!("http://{addr}"))
@@ -209,7 +219,7 @@ async fn an_embedded_coordinator_reports_a_full_disk_as_why_it_stopped() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_emptied_store_file_is_refused_with_exit_65_not_started_empty() {
+async fn an_emptied_log_is_refused_with_exit_65_not_started_empty() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("weft-data");
     let mut child = coordinator(dir.path(), &data, "first");
@@ -223,16 +233,32 @@ async fn an_emptied_store_file_is_refused_with_exit_65_not_started_empty() {
         .expect("submit");
     let _ = child.terminate(Duration::from_secs(10)).await;
 
-    let file = data.join("weft.redb");
-    std::fs::write(&file, b"").unwrap();
+    // Every segment of the log emptied: the log is gone.
+    let file = data.join("log");
+    for entry in std::fs::read_dir(&file).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "seg") {
+            std::fs::write(&path, b"").unwrap();
+        }
+    }
     let mut child = coordinator(dir.path(), &data, "emptied");
     assert_eq!(exit_code(&mut child).await, Some(EXIT_DAMAGED));
     let log = child.log_text();
     assert!(
         log.contains(&file.display().to_string())
-            && log.contains("is empty")
+            && log.contains("holds no log")
             && log.contains("restore"),
         "the refusal does not name the file and the way back:\n{log}"
     );
-    assert_eq!(std::fs::metadata(&file).unwrap().len(), 0, "written over");
+    let segments: Vec<_> = std::fs::read_dir(&file)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "seg"))
+        .collect();
+    assert!(
+        segments
+            .iter()
+            .all(|p| std::fs::metadata(p).unwrap().len() == 0),
+        "a new log was written over the emptied one: {segments:?}"
+    );
 }

@@ -478,7 +478,10 @@ async fn the_admin_token_file_is_private_and_no_secret_is_in_the_store_file() {
         .unwrap();
     running.shutdown(Duration::from_secs(5)).await.unwrap();
 
-    let bytes = std::fs::read(data.join("weft.redb")).unwrap();
+    let mut bytes = Vec::new();
+    for entry in std::fs::read_dir(data.join("log")).unwrap() {
+        bytes.extend(std::fs::read(entry.unwrap().path()).unwrap());
+    }
     for token in [&admin_token, &token] {
         let secret = token_secret(token);
         assert!(

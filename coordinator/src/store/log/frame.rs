@@ -228,7 +228,9 @@ pub(super) fn record(bytes: &[u8], check: bool) -> Result<(Raw<'_>, usize), &'st
         KeyShape::Name => {
             let len = data.get(..2).ok_or("a record shorter than its key")?;
             let len = usize::from(u16::from_le_bytes(len.try_into().unwrap_or_default()));
-            let name = data.get(2..2 + len).ok_or("a record shorter than its key")?;
+            let name = data
+                .get(2..2 + len)
+                .ok_or("a record shorter than its key")?;
             let name = std::str::from_utf8(name).map_err(|_| "a name that is not UTF-8")?;
             (Key::Name(name), &data[2 + len..])
         }

@@ -134,13 +134,13 @@ impl Index {
             (Kind::Task, Key::Id(id)) => {
                 let head = TaskHead::parse(raw.body).ok_or("a task record without its head")?;
                 let old = self.tasks.get(&id).map(|e| (e.record, e.head));
-                if let Some((record, old)) = old {
-                    if !record.is_none() {
-                        self.dead(record);
-                        self.state_set(old.state).remove(&id);
-                        if old.is_final() {
-                            self.finals.remove(&(old.updated_ms, id));
-                        }
+                if let Some((record, old)) = old
+                    && !record.is_none()
+                {
+                    self.dead(record);
+                    self.state_set(old.state).remove(&id);
+                    if old.is_final() {
+                        self.finals.remove(&(old.updated_ms, id));
                     }
                 }
                 let entry = self.tasks.entry(id).or_insert_with(|| TaskEntry {

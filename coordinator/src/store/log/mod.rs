@@ -1,0 +1,1045 @@
+//! The durable store: an append-only log of records in segment files,
+//! `<data dir>/log/00000001.seg`, ..., with an in-memory index of where
+//! the latest record of everything is.
+//!
+//! A queue's task is written once, changes state a few times within
+//! milliseconds, streams some output and is deleted after retention. A
+//! log fits that: each [`Store::commit`] appends one frame (`frame.rs`)
+//! and syncs it once, whatever the order of the tasks it touches; a task
+//! changed several times in one commit is written once (its latest
+//! record); events and output chunks are records of their own, appended,
+//! never rewritten with the task. Nothing is updated in place.
+//!
+//! - Reads go through the index (`index.rs`) to one positional read per
+//!   record, its checksum checked: damage is [`StoreError::Damaged`].
+//! - Opening reads every segment once, in order, and rebuilds the index
+//!   (`recover.rs`); an unfinished commit at the end of the log (a crash
+//!   before its sync returned) is cut off, damage anywhere else refuses
+//!   the start.
+//! - Retention appends an expiry record per task; the bytes go when
+//!   compaction (`compact.rs`) copies the oldest segment's still-current
+//!   records to the head and removes the file. A background thread does
+//!   it when more than half of the sealed segments' bytes are dead.
+//!
+//! Files go through the [`LogDir`] trait (`fs.rs`), so the power-cut
+//! tests put the store on a simulated disk.
+
+mod compact;
+mod frame;
+pub(crate) mod fs;
+mod index;
+mod recover;
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard};
+use std::time::{Duration, SystemTime};
+
+use weft_proto::{SecretEnv, TaskId, TaskSpec, TaskState};
+
+use super::codec::{
+    decode_event, decode_node_identity, decode_secrets, decode_task, decode_token, encode_event,
+    encode_node_identity, encode_secrets, encode_task, encode_token,
+};
+use super::engine::{ListPage, ListQuery, Store, StoreError, scan_page};
+use super::record::{
+    FinalAttempt, Loaded, MAX_RECENTLY_FINAL, NodeIdentityRecord, Record, TaskEvent, TaskRecord,
+    next_chunk,
+};
+use super::{ScheduleRecord, decode_schedule, encode_schedule};
+use crate::auth::TokenRecord;
+use frame::{FRAME_HEADER, Key, Kind, TASK_HEAD, TaskHead};
+pub(crate) use fs::LogDir;
+use fs::{LogFile, RealDir};
+use index::{Index, Loc, Segment};
+
+/// The log's directory inside the data dir.
+pub const DIR_NAME: &str = "log";
+/// The lock file inside the log's directory.
+const LOCK_FILE: &str = "LOCK";
+/// Bytes at which the active segment is sealed and a new one started.
+pub const DEFAULT_SEGMENT_BYTES: u64 = 64 << 20;
+
+/// A segment file's name.
+fn segment_name(no: u32) -> String {
+    format!("{no:08}.seg")
+}
+
+/// Tasks, events and the rest in an append-only log. See the module docs.
+pub struct LogStore {
+    inner: Arc<Inner>,
+    compactor: Option<std::thread::JoinHandle<()>>,
+}
+
+struct Inner {
+    /// The log's directory, as errors name it.
+    path: PathBuf,
+    dir: Arc<dyn LogDir>,
+    store_id: u64,
+    index: RwLock<Index>,
+    writer: Mutex<Writer>,
+    segment_bytes: AtomicU64,
+    /// Held by the compaction step under way: one at a time.
+    compacting: Mutex<()>,
+    /// Wakes the compaction thread; `true` asks it to stop.
+    wake: (Mutex<bool>, Condvar),
+    /// The log dir's lock, held while the store is open.
+    _lock: Option<std::fs::File>,
+}
+
+/// The appending end: one at a time.
+struct Writer {
+    active: u32,
+    file: Arc<dyn LogFile>,
+    len: u64,
+    buf: Vec<u8>,
+    /// Set when a write's outcome on disk is unknown (a failed sync, a
+    /// failed cut of a partial write): every later write is refused until
+    /// a restart reads the log again.
+    broken: Option<String>,
+}
+
+impl std::fmt::Debug for LogStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogStore")
+            .field("path", &self.inner.path)
+            .finish()
+    }
+}
+
+/// An I/O error as a store error: a full disk is [`StoreError::DiskFull`].
+fn io_error(op: &'static str, err: &std::io::Error) -> StoreError {
+    let full = err.kind() == std::io::ErrorKind::StorageFull
+        || err.raw_os_error() == Some(nix::errno::Errno::ENOSPC as i32)
+        || err.raw_os_error() == Some(nix::errno::Errno::EDQUOT as i32);
+    let message = err.to_string();
+    if full {
+        StoreError::DiskFull { op, message }
+    } else {
+        StoreError::Backend { op, message }
+    }
+}
+
+impl LogStore {
+    /// The data dir's store: `<data_dir>/log/`, with the data dir's
+    /// `STORE_ID` marker checked (a marker with no log is refused: the log
+    /// was lost) or written, and the log locked. Starts compaction.
+    pub fn open(data_dir: &Path) -> Result<LogStore, StoreError> {
+        let open_err = |message: String| StoreError::Open {
+            path: data_dir.to_owned(),
+            message,
+        };
+        private_dir(data_dir).map_err(|e| open_err(format!("creating it: {e}")))?;
+        let marker_path = data_dir.join(super::marker::FILE_NAME);
+        let marker = super::marker::read(&marker_path)?;
+        let log_dir = data_dir.join(DIR_NAME);
+        let create = match marker {
+            Some(_) => None,
+            None => Some(new_store_id(data_dir)?),
+        };
+        let store = LogStore::open_dir(&log_dir, create).map_err(|err| match err {
+            StoreError::Missing { path, what, .. } => StoreError::Missing {
+                path,
+                marker: marker_path.clone(),
+                what,
+            },
+            other => other,
+        })?;
+        match marker {
+            Some(id) if id != store.store_id() => {
+                return Err(StoreError::Missing {
+                    path: log_dir,
+                    marker: marker_path,
+                    what: format!(
+                        "holds another store ({:016x}, the marker names {id:016x})",
+                        store.store_id()
+                    ),
+                });
+            }
+            Some(_) => {}
+            None => super::marker::write(&marker_path, store.store_id())
+                .map_err(|e| open_err(format!("writing the store marker: {e}")))?,
+        }
+        Ok(store)
+    }
+
+    /// A log in `log_dir` (made if missing), locked (a second opener gets
+    /// [`StoreError::Locked`]), no marker: `create: Some(id)` makes a new
+    /// log with that store id when the dir holds no segment; `None`
+    /// refuses an empty dir ([`StoreError::Missing`]). Starts compaction.
+    pub fn open_dir(log_dir: &Path, create: Option<u64>) -> Result<LogStore, StoreError> {
+        private_dir(log_dir).map_err(|e| StoreError::Open {
+            path: log_dir.to_owned(),
+            message: format!("creating it: {e}"),
+        })?;
+        let lock = lock_dir(log_dir)?;
+        let mut store = LogStore::open_on(Arc::new(RealDir::new(log_dir)), log_dir, create)?;
+        if let Some(inner) = Arc::get_mut(&mut store.inner) {
+            inner._lock = Some(lock);
+        }
+        let inner = Arc::clone(&store.inner);
+        store.compactor = Some(
+            std::thread::Builder::new()
+                .name("weft-log-compact".into())
+                .spawn(move || inner.compact_loop())
+                .map_err(|e| StoreError::Open {
+                    path: log_dir.to_owned(),
+                    message: format!("starting the compaction thread: {e}"),
+                })?,
+        );
+        Ok(store)
+    }
+
+    /// A log on any [`LogDir`] (tests: a simulated disk): no lock, no
+    /// marker, no background compaction. See [`open_dir`](Self::open_dir).
+    pub(crate) fn open_on(
+        dir: Arc<dyn LogDir>,
+        label: &Path,
+        create: Option<u64>,
+    ) -> Result<LogStore, StoreError> {
+        let (index, writer, store_id) = recover::recover(&*dir, label, create)?;
+        Ok(LogStore {
+            inner: Arc::new(Inner {
+                path: label.to_owned(),
+                dir,
+                store_id,
+                index: RwLock::new(index),
+                writer: Mutex::new(writer),
+                segment_bytes: AtomicU64::new(DEFAULT_SEGMENT_BYTES),
+                compacting: Mutex::new(()),
+                wake: (Mutex::new(false), Condvar::new()),
+                _lock: None,
+            }),
+            compactor: None,
+        })
+    }
+
+    /// The store id its segment headers carry (the data dir's marker
+    /// repeats it).
+    pub fn store_id(&self) -> u64 {
+        self.inner.store_id
+    }
+
+    /// The log's directory.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// One compaction step: the oldest sealed segment's current records
+    /// copied to the head, then its file removed; `false` when nothing was
+    /// worth doing. The background thread calls it; tests call it directly.
+    pub fn compact_step(&self) -> Result<bool, StoreError> {
+        self.inner.compact_step()
+    }
+
+    /// The size past which the active segment is sealed (tests use small
+    /// ones to get many segments).
+    pub fn set_segment_bytes(&self, bytes: u64) {
+        self.inner
+            .segment_bytes
+            .store(bytes.max(1), Ordering::Relaxed);
+    }
+
+    /// Bytes of the log's segment files, and how many of them are the
+    /// latest record of something.
+    pub fn sizes(&self) -> Result<(u64, u64), StoreError> {
+        let index = self.inner.read_index()?;
+        Ok(index
+            .segments
+            .values()
+            .fold((0, 0), |(len, live), s| (len + s.len, live + s.live)))
+    }
+}
+
+impl Drop for LogStore {
+    fn drop(&mut self) {
+        if let Some(handle) = self.compactor.take() {
+            if let Ok(mut stop) = self.inner.wake.0.lock() {
+                *stop = true;
+            }
+            self.inner.wake.1.notify_all();
+            let _ = handle.join();
+        }
+    }
+}
+
+/// Creates `path` (and its parents) private to its owner, if missing.
+fn private_dir(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
+}
+
+/// Takes the log dir's exclusive lock, held for as long as the file is.
+fn lock_dir(log_dir: &Path) -> Result<std::fs::File, StoreError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = log_dir.join(LOCK_FILE);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| StoreError::Open {
+            path: path.clone(),
+            message: format!("opening the lock file: {e}"),
+        })?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::Locked(log_dir.to_owned())),
+        Err(std::fs::TryLockError::Error(e)) => Err(StoreError::Open {
+            path,
+            message: format!("locking: {e}"),
+        }),
+    }
+}
+
+/// A new random store id.
+fn new_store_id(data_dir: &Path) -> Result<u64, StoreError> {
+    let mut bytes = [0u8; 8];
+    getrandom::fill(&mut bytes).map_err(|e| StoreError::Open {
+        path: data_dir.to_owned(),
+        message: format!("making a store id: {e}"),
+    })?;
+    Ok(u64::from_le_bytes(bytes))
+}
+
+impl Inner {
+    fn read_index(&self) -> Result<RwLockReadGuard<'_, Index>, StoreError> {
+        self.index.read().map_err(|_| StoreError::Poisoned)
+    }
+
+    fn lock_writer(&self) -> Result<MutexGuard<'_, Writer>, StoreError> {
+        let writer = self.writer.lock().map_err(|_| StoreError::Poisoned)?;
+        if let Some(why) = &writer.broken {
+            return Err(StoreError::Backend {
+                op: "writing",
+                message: format!(
+                    "an earlier write failed and its outcome on disk is unknown ({why}); restart the coordinator to read the log again"
+                ),
+            });
+        }
+        Ok(writer)
+    }
+
+    /// Appends the frame `buf` holds (its header reserved) and syncs it,
+    /// then applies it to the index. Seals the active segment first when
+    /// the frame would take it past the segment size.
+    fn append(&self, writer: &mut Writer, mut buf: Vec<u8>) -> Result<(), StoreError> {
+        frame::seal_frame(&mut buf);
+        let len = buf.len() as u64;
+        let limit = self.segment_bytes.load(Ordering::Relaxed);
+        if (writer.len + len > limit || writer.len + len > u64::from(u32::MAX))
+            && writer.len > HEADER_FRAME_LEN
+        {
+            self.roll(writer)?;
+        }
+        if writer.len + len > u64::from(u32::MAX) {
+            return Err(StoreError::Backend {
+                op: "writing a commit",
+                message: format!("a commit of {len} bytes is more than a segment can hold"),
+            });
+        }
+        let at = writer.len;
+        if let Err(err) = writer.file.write_all_at(&buf, at) {
+            // A partial frame must not stay where the next one goes.
+            if let Err(cut) = writer.file.set_len(at) {
+                writer.broken = Some(format!("cutting a partial write: {cut}"));
+            }
+            return Err(io_error("writing a commit", &err));
+        }
+        if let Err(err) = writer.file.sync_data() {
+            writer.broken = Some(format!("syncing: {err}"));
+            return Err(io_error("syncing a commit", &err));
+        }
+        writer.len += len;
+        let applied = {
+            let mut index = self.index.write().map_err(|_| StoreError::Poisoned)?;
+            if let Some(segment) = index.segments.get_mut(&writer.active) {
+                segment.len = writer.len;
+            }
+            index.apply_frame(
+                writer.active,
+                at + FRAME_HEADER as u64,
+                &buf[FRAME_HEADER..],
+            )
+        };
+        writer.buf = buf;
+        if let Err(reason) = applied {
+            writer.broken = Some(reason.into());
+            return Err(StoreError::Inconsistent(format!(
+                "a commit the index cannot apply: {reason}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Seals the active segment and starts the next one (its header
+    /// synced and its name made durable before anything goes in it).
+    fn roll(&self, writer: &mut Writer) -> Result<(), StoreError> {
+        let no = writer.active + 1;
+        let (file, len) = create_segment(&*self.dir, no, self.store_id)?;
+        let mut index = self.index.write().map_err(|_| StoreError::Poisoned)?;
+        index.segments.insert(
+            no,
+            Segment {
+                file: Arc::clone(&file),
+                len,
+                live: 0,
+                deletes: false,
+            },
+        );
+        writer.active = no;
+        writer.file = file;
+        writer.len = len;
+        drop(index);
+        self.wake.1.notify_all();
+        Ok(())
+    }
+
+    /// The file of segment `seg`.
+    fn file(index: &Index, seg: u32) -> Result<Arc<dyn LogFile>, StoreError> {
+        index
+            .segments
+            .get(&seg)
+            .map(|s| Arc::clone(&s.file))
+            .ok_or_else(|| StoreError::Inconsistent(format!("no segment {seg}")))
+    }
+
+    /// The body of the record at `loc`, which must be of `kind` with `key`.
+    fn read_body(
+        &self,
+        file: &dyn LogFile,
+        loc: Loc,
+        kind: Kind,
+        key: Key<'_>,
+    ) -> Result<Vec<u8>, StoreError> {
+        let mut bytes = vec![0u8; loc.len as usize];
+        file.read_exact_at(&mut bytes, u64::from(loc.off))
+            .map_err(|e| io_error("reading a record", &e))?;
+        body_of(bytes, loc, kind, key)
+    }
+
+    /// A task's record, with `next_seq`.
+    fn task(&self, id: TaskId) -> Result<Option<TaskRecord>, StoreError> {
+        let (loc, next_seq, file) = {
+            let index = self.read_index()?;
+            let Some(entry) = index.tasks.get(&id.as_u128()) else {
+                return Ok(None);
+            };
+            (
+                entry.record,
+                entry.events.len() as u64,
+                Self::file(&index, entry.record.seg)?,
+            )
+        };
+        let body = self.read_body(&*file, loc, Kind::Task, Key::Id(id.as_u128()))?;
+        let mut record = decode_task(id, &body[TASK_HEAD.min(body.len())..])?;
+        record.next_seq = next_seq;
+        Ok(Some(record))
+    }
+
+    /// Reads the records at `locs` (of `kind`, keys from `key`), one read
+    /// for each run of records next to each other in a segment.
+    fn read_many<'k>(
+        &self,
+        locs: &[(Loc, Arc<dyn LogFile>)],
+        kind: Kind,
+        key: impl Fn(usize) -> Key<'k>,
+    ) -> Result<Vec<Vec<u8>>, StoreError> {
+        let mut out = Vec::with_capacity(locs.len());
+        let mut i = 0;
+        while i < locs.len() {
+            let (first, file) = &locs[i];
+            let mut end = i + 1;
+            let mut span = u64::from(first.len);
+            while end < locs.len()
+                && locs[end].0.seg == first.seg
+                && u64::from(locs[end].0.off) == u64::from(first.off) + span
+                && span < 1 << 20
+            {
+                span += u64::from(locs[end].0.len);
+                end += 1;
+            }
+            let mut bytes = vec![0u8; span as usize];
+            file.read_exact_at(&mut bytes, u64::from(first.off))
+                .map_err(|e| io_error("reading records", &e))?;
+            let mut at = 0usize;
+            for (n, (loc, _)) in locs.iter().enumerate().take(end).skip(i) {
+                let record = bytes[at..at + loc.len as usize].to_vec();
+                at += loc.len as usize;
+                out.push(body_of(record, *loc, kind, key(n))?);
+            }
+            i = end;
+        }
+        Ok(out)
+    }
+
+    fn events(
+        &self,
+        id: TaskId,
+        from_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<TaskEvent>, StoreError> {
+        let key = id.as_u128();
+        let (record, locs) = {
+            let index = self.read_index()?;
+            let Some(entry) = index.tasks.get(&key) else {
+                return Ok(Vec::new());
+            };
+            let from = usize::try_from(from_seq).unwrap_or(usize::MAX);
+            let mut locs = Vec::new();
+            for loc in entry.events.iter().skip(from).take(limit) {
+                locs.push((*loc, Self::file(&index, loc.seg)?));
+            }
+            ((entry.record, Self::file(&index, entry.record.seg)?), locs)
+        };
+        if locs.is_empty() {
+            return Ok(Vec::new());
+        }
+        // The spec goes back into a `finished` event's record.
+        let body = self.read_body(&*record.1, record.0, Kind::Task, Key::Id(key))?;
+        let spec: Arc<TaskSpec> = decode_task(id, &body[TASK_HEAD.min(body.len())..])?.spec;
+        let bodies =
+            self.read_many(&locs, Kind::Event, |n| Key::Event(key, from_seq + n as u64))?;
+        bodies
+            .iter()
+            .map(|body| decode_event(id, body, &spec))
+            .collect()
+    }
+
+    /// A commit's frame, checked against the index: events follow their
+    /// task with no gap in seqs; a task changed several times is written
+    /// once, as it ends up.
+    fn encode(index: &Index, records: &[Record], buf: &mut Vec<u8>) -> Result<(), StoreError> {
+        let mut last_record: HashMap<u128, usize> = HashMap::new();
+        for (i, record) in records.iter().enumerate() {
+            if let Record::Task(task) = record {
+                last_record.insert(task.id.as_u128(), i);
+            }
+        }
+        let mut next_seq: HashMap<u128, u64> = HashMap::new();
+        for (i, record) in records.iter().enumerate() {
+            match record {
+                Record::Task(task) => {
+                    let key = task.id.as_u128();
+                    next_seq.entry(key).or_insert_with(|| {
+                        index
+                            .tasks
+                            .get(&key)
+                            .filter(|e| !e.record.is_none())
+                            .map_or(0, |e| e.events.len() as u64)
+                    });
+                    if last_record.get(&key) == Some(&i) {
+                        let head = TaskHead::of(task).bytes();
+                        frame::put(buf, Kind::Task, Key::Id(key), &[&head, &encode_task(task)]);
+                    }
+                }
+                Record::Event(event) => {
+                    let key = event.task_id.as_u128();
+                    let next = match next_seq.get(&key) {
+                        Some(next) => *next,
+                        None => match index.tasks.get(&key).filter(|e| !e.record.is_none()) {
+                            Some(entry) => entry.events.len() as u64,
+                            None => {
+                                return Err(StoreError::Inconsistent(format!(
+                                    "event for unknown task {}",
+                                    event.task_id
+                                )));
+                            }
+                        },
+                    };
+                    if event.seq != next {
+                        return Err(StoreError::Inconsistent(format!(
+                            "task {} event seq {} where {} was next",
+                            event.task_id, event.seq, next
+                        )));
+                    }
+                    frame::put(
+                        buf,
+                        Kind::Event,
+                        Key::Event(key, event.seq),
+                        &[&encode_event(event)],
+                    );
+                    next_seq.insert(key, next + 1);
+                }
+                Record::Secrets(id, env) => {
+                    frame::put(
+                        buf,
+                        Kind::Secrets,
+                        Key::Id(id.as_u128()),
+                        &[&encode_secrets(env)],
+                    );
+                }
+                Record::ForgetSecrets(id) => {
+                    frame::put(buf, Kind::ForgetSecrets, Key::Id(id.as_u128()), &[]);
+                }
+                Record::Schedule(schedule) => {
+                    frame::put(
+                        buf,
+                        Kind::Schedule,
+                        Key::Name(schedule.name()),
+                        &[&encode_schedule(schedule)],
+                    );
+                }
+                Record::DeleteSchedule(name) => {
+                    frame::put(buf, Kind::DeleteSchedule, Key::Name(name), &[]);
+                }
+                Record::Limit(limit) => {
+                    let name = format!("{}/{}", limit.kind.as_str(), limit.name);
+                    let body = prost::Message::encode_to_vec(&weft_proto::pb::Limit::from(limit));
+                    frame::put(buf, Kind::Limit, Key::Name(&name), &[&body]);
+                }
+                Record::DeleteLimit { name, kind } => {
+                    let name = format!("{kind}/{name}");
+                    frame::put(buf, Kind::DeleteLimit, Key::Name(&name), &[]);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `records` as one synced frame.
+    fn commit(&self, records: &[Record]) -> Result<(), StoreError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let mut writer = self.lock_writer()?;
+        let mut buf = std::mem::take(&mut writer.buf);
+        buf.clear();
+        buf.resize(FRAME_HEADER, 0);
+        let encoded = Self::encode(&*self.read_index()?, records, &mut buf);
+        if let Err(err) = encoded {
+            writer.buf = buf;
+            return Err(err);
+        }
+        self.append(&mut writer, buf)?;
+        drop(writer);
+        self.nudge_compaction();
+        Ok(())
+    }
+
+    /// Appends one frame of records `fill` writes into it.
+    fn commit_with(&self, fill: impl FnOnce(&mut Vec<u8>)) -> Result<(), StoreError> {
+        let mut writer = self.lock_writer()?;
+        let mut buf = std::mem::take(&mut writer.buf);
+        buf.clear();
+        buf.resize(FRAME_HEADER, 0);
+        fill(&mut buf);
+        self.append(&mut writer, buf)
+    }
+
+    /// Wakes the compaction thread when enough of the sealed segments'
+    /// bytes are dead.
+    fn nudge_compaction(&self) {
+        if self.compaction_due() {
+            self.wake.1.notify_all();
+        }
+    }
+
+    /// Every item of a small keyed table (`tokens`, `schedules`...), read.
+    fn read_table(
+        &self,
+        pick: impl Fn(&Index) -> Vec<(String, Loc)>,
+        kind: Kind,
+    ) -> Result<Vec<Vec<u8>>, StoreError> {
+        let items = {
+            let index = self.read_index()?;
+            let mut items = Vec::new();
+            for (name, loc) in pick(&index) {
+                items.push((name, loc, Self::file(&index, loc.seg)?));
+            }
+            items
+        };
+        items
+            .iter()
+            .map(|(name, loc, file)| self.read_body(&**file, *loc, kind, Key::Name(name)))
+            .collect()
+    }
+}
+
+/// The bytes of a segment's header frame.
+const HEADER_FRAME_LEN: u64 = (FRAME_HEADER + frame::RECORD_HEADER + 24) as u64;
+
+/// Creates segment `no`, writes its header frame and syncs it and the
+/// directory. Returns the file and its length.
+fn create_segment(
+    dir: &dyn LogDir,
+    no: u32,
+    store_id: u64,
+) -> Result<(Arc<dyn LogFile>, u64), StoreError> {
+    let name = segment_name(no);
+    let file = dir
+        .create(&name)
+        .map_err(|e| io_error("creating a segment", &e))?;
+    let mut buf = vec![0u8; FRAME_HEADER];
+    frame::put(
+        &mut buf,
+        Kind::Header,
+        Key::None,
+        &[&frame::header_body(store_id, no)],
+    );
+    frame::seal_frame(&mut buf);
+    let written = file
+        .write_all_at(&buf, 0)
+        .and_then(|()| file.sync_data())
+        .and_then(|()| dir.sync());
+    if let Err(err) = written {
+        let _ = dir.remove(&name);
+        return Err(io_error("creating a segment", &err));
+    }
+    Ok((file, buf.len() as u64))
+}
+
+/// The body of a record read from `loc`: its checksum, kind and key
+/// checked.
+fn body_of(mut bytes: Vec<u8>, loc: Loc, kind: Kind, key: Key<'_>) -> Result<Vec<u8>, StoreError> {
+    let damaged = |reason: &'static str| {
+        tracing::error!(table = kind.name(), key = %key.describe(), segment = loc.seg, offset = loc.off, reason, "the store is damaged");
+        StoreError::Damaged {
+            table: kind.name(),
+            key: key.describe(),
+            reason,
+        }
+    };
+    let start = {
+        let (raw, _) = frame::record(&bytes, true).map_err(damaged)?;
+        if raw.kind != kind || raw.key != key {
+            return Err(damaged("a record under another key"));
+        }
+        raw.body.as_ptr() as usize - bytes.as_ptr() as usize
+    };
+    bytes.drain(..start);
+    Ok(bytes)
+}
+
+impl Store for LogStore {
+    fn commit(&self, records: &[Record]) -> Result<(), StoreError> {
+        self.inner.commit(records)
+    }
+
+    fn task(&self, id: TaskId) -> Result<Option<TaskRecord>, StoreError> {
+        self.inner.task(id)
+    }
+
+    fn list_page(&self, query: &ListQuery) -> Result<ListPage, StoreError> {
+        let before = query.before.map_or(u128::MAX, TaskId::as_u128);
+        let from = query.from.map_or(0, TaskId::as_u128);
+        if from >= before {
+            return Ok(ListPage::default());
+        }
+        let state = query.state.map(frame::state_number);
+        // Ids are taken from the index a chunk at a time, so a long scan
+        // never holds the index while it reads records.
+        let mut chunk: std::collections::VecDeque<u128> = std::collections::VecDeque::new();
+        let mut cursor: Option<u128> = None;
+        let mut done = false;
+        let inner = &self.inner;
+        let ids = std::iter::from_fn(move || {
+            if chunk.is_empty() && !done {
+                let index = match inner.read_index() {
+                    Ok(index) => index,
+                    Err(err) => {
+                        done = true;
+                        return Some(Err(err));
+                    }
+                };
+                let (lo, hi) = match (query.ascending, cursor) {
+                    (true, Some(c)) => (c.saturating_add(1), before),
+                    (true, None) => (from, before),
+                    (false, Some(c)) => (from, c),
+                    (false, None) => (from, before),
+                };
+                if lo < hi {
+                    let range = lo..hi;
+                    let taken: Vec<u128> = match state {
+                        Some(s) => {
+                            let set = index.in_state(s);
+                            match (set, query.ascending) {
+                                (None, _) => Vec::new(),
+                                (Some(set), true) => set.range(range).take(256).copied().collect(),
+                                (Some(set), false) => {
+                                    set.range(range).rev().take(256).copied().collect()
+                                }
+                            }
+                        }
+                        None => match query.ascending {
+                            true => index
+                                .tasks
+                                .range(range)
+                                .take(256)
+                                .map(|(k, _)| *k)
+                                .collect(),
+                            false => index
+                                .tasks
+                                .range(range)
+                                .rev()
+                                .take(256)
+                                .map(|(k, _)| *k)
+                                .collect(),
+                        },
+                    };
+                    if taken.len() < 256 {
+                        done = true;
+                    }
+                    cursor = taken.last().copied();
+                    chunk.extend(taken);
+                } else {
+                    done = true;
+                }
+            }
+            chunk.pop_front().map(|id| Ok(TaskId::from_u128(id)))
+        });
+        scan_page(ids, query, |id| {
+            Ok(self.inner.task(id)?.filter(|record| query.matches(record)))
+        })
+    }
+
+    fn events(
+        &self,
+        id: TaskId,
+        from_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<TaskEvent>, StoreError> {
+        self.inner.events(id, from_seq, limit)
+    }
+
+    fn load(&self, final_since: SystemTime) -> Result<Loaded, StoreError> {
+        let mut live = Vec::new();
+        let mut secrets = Vec::new();
+        let mut loaded = self.load_each(final_since, &mut |record, secret| {
+            if let Some(secret) = secret {
+                secrets.push((record.id, secret));
+            }
+            live.push(record);
+        })?;
+        loaded.live = live;
+        loaded.secrets = secrets;
+        Ok(loaded)
+    }
+
+    fn load_each(
+        &self,
+        final_since: SystemTime,
+        live: &mut dyn FnMut(TaskRecord, Option<Arc<SecretEnv>>),
+    ) -> Result<Loaded, StoreError> {
+        let inner = &self.inner;
+        let mut loaded = Loaded::default();
+        let live_ids: Vec<u128> = {
+            let index = inner.read_index()?;
+            for state in TaskState::ALL.iter().filter(|s| s.is_final()) {
+                let count = index
+                    .in_state(frame::state_number(*state))
+                    .map_or(0, |s| s.len() as u64);
+                if count > 0 {
+                    loaded.final_counts.push((*state, count));
+                }
+            }
+            let since = frame::millis(final_since);
+            for (_, id) in index
+                .finals
+                .range((since, 0)..)
+                .rev()
+                .take(MAX_RECENTLY_FINAL)
+            {
+                if let Some(entry) = index.tasks.get(id) {
+                    loaded.recently_final.push(FinalAttempt {
+                        task_id: TaskId::from_u128(*id),
+                        attempt: entry.head.attempt(),
+                        outcome: entry.head.last_outcome(),
+                    });
+                }
+            }
+            let mut ids: Vec<u128> = LIVE_STATES
+                .iter()
+                .filter_map(|s| index.in_state(frame::state_number(*s)))
+                .flat_map(|set| set.iter().copied())
+                .collect();
+            ids.sort_unstable();
+            ids
+        };
+        loaded.schedules = inner
+            .read_table(|i| clone_table(&i.schedules), Kind::Schedule)?
+            .iter()
+            .map(|body| decode_schedule(body))
+            .collect::<Result<Vec<ScheduleRecord>, _>>()?;
+        loaded.limits = inner
+            .read_table(|i| clone_table(&i.limits), Kind::Limit)?
+            .iter()
+            .map(|body| {
+                <weft_proto::pb::Limit as prost::Message>::decode(body.as_slice())
+                    .ok()
+                    .and_then(|pb| weft_proto::policy::Limit::try_from(pb).ok())
+                    .ok_or_else(|| StoreError::Corrupt {
+                        what: "limit",
+                        message: "cannot be read".into(),
+                    })
+            })
+            .collect::<Result<_, _>>()?;
+        for id in live_ids {
+            let task_id = TaskId::from_u128(id);
+            let Some(record) = inner.task(task_id)? else {
+                continue;
+            };
+            let (secrets, events) = {
+                let index = inner.read_index()?;
+                let Some(entry) = index.tasks.get(&id) else {
+                    continue;
+                };
+                let secrets = match entry.secrets {
+                    Some(loc) => Some((loc, Inner::file(&index, loc.seg)?)),
+                    None => None,
+                };
+                let on_node = matches!(record.state, TaskState::Assigned | TaskState::Running);
+                let mut events = Vec::new();
+                if on_node {
+                    for (seq, loc) in entry.events.iter().enumerate().rev() {
+                        events.push((seq as u64, *loc, Inner::file(&index, loc.seg)?));
+                    }
+                }
+                (secrets, events)
+            };
+            let secret = match secrets {
+                Some((loc, file)) => {
+                    let body = inner.read_body(&*file, loc, Kind::Secrets, Key::Id(id))?;
+                    Some(Arc::new(decode_secrets(&body)?))
+                }
+                None => None,
+            };
+            if !events.is_empty() {
+                let mut failed = None;
+                let newest_first = events.iter().map_while(|(seq, loc, file)| {
+                    inner
+                        .read_body(&**file, *loc, Kind::Event, Key::Event(id, *seq))
+                        .and_then(|body| decode_event(task_id, &body, &record.spec))
+                        .map_err(|err| failed = Some(err))
+                        .ok()
+                });
+                let next = next_chunk(record.attempt, newest_first);
+                if let Some(err) = failed {
+                    return Err(err);
+                }
+                if next > 0 {
+                    loaded.next_chunks.push((task_id, next));
+                }
+            }
+            live(record, secret);
+        }
+        Ok(loaded)
+    }
+
+    fn expire(
+        &self,
+        finished_before: SystemTime,
+        limit: usize,
+    ) -> Result<Vec<TaskState>, StoreError> {
+        let inner = &self.inner;
+        let mut writer = inner.lock_writer()?;
+        let due: Vec<(u128, TaskState)> = {
+            let index = inner.read_index()?;
+            index
+                .finals
+                .range(..(frame::millis(finished_before), 0))
+                .take(limit)
+                .filter_map(|(_, id)| {
+                    let state = index.tasks.get(id)?.head.task_state()?;
+                    Some((*id, state))
+                })
+                .collect()
+        };
+        if due.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut buf = std::mem::take(&mut writer.buf);
+        buf.clear();
+        buf.resize(FRAME_HEADER, 0);
+        for (id, _) in &due {
+            frame::put(&mut buf, Kind::Expired, Key::Id(*id), &[]);
+        }
+        inner.append(&mut writer, buf)?;
+        drop(writer);
+        inner.nudge_compaction();
+        Ok(due.into_iter().map(|(_, state)| state).collect())
+    }
+
+    fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
+        self.inner
+            .read_table(|i| clone_table(&i.tokens), Kind::Token)?
+            .iter()
+            .map(|body| decode_token(body))
+            .collect()
+    }
+
+    fn put_token(&self, token: &TokenRecord) -> Result<(), StoreError> {
+        self.inner.commit_with(|buf| {
+            frame::put(
+                buf,
+                Kind::Token,
+                Key::Name(&token.id),
+                &[&encode_token(token)],
+            );
+        })
+    }
+
+    fn node_identities(&self) -> Result<Vec<NodeIdentityRecord>, StoreError> {
+        let inner = &self.inner;
+        let items = {
+            let index = inner.read_index()?;
+            let mut items = Vec::new();
+            for (id, loc) in &index.nodes {
+                items.push((*id, *loc, Inner::file(&index, loc.seg)?));
+            }
+            items
+        };
+        items
+            .iter()
+            .map(|(id, loc, file)| {
+                let body = inner.read_body(&**file, *loc, Kind::Node, Key::Id(*id))?;
+                decode_node_identity(&body)
+            })
+            .collect()
+    }
+
+    fn put_node_identity(
+        &self,
+        identity: &NodeIdentityRecord,
+        token: Option<&TokenRecord>,
+    ) -> Result<(), StoreError> {
+        self.inner.commit_with(|buf| {
+            frame::put(
+                buf,
+                Kind::Node,
+                Key::Id(identity.id.as_u128()),
+                &[&encode_node_identity(identity)],
+            );
+            if let Some(token) = token {
+                frame::put(
+                    buf,
+                    Kind::Token,
+                    Key::Name(&token.id),
+                    &[&encode_token(token)],
+                );
+            }
+        })
+    }
+}
+
+/// A keyed table's entries, copied out of the index.
+fn clone_table(table: &std::collections::BTreeMap<String, Loc>) -> Vec<(String, Loc)> {
+    table.iter().map(|(k, v)| (k.clone(), *v)).collect()
+}
+
+const LIVE_STATES: [TaskState; 4] = [
+    TaskState::Pending,
+    TaskState::Queued,
+    TaskState::Assigned,
+    TaskState::Running,
+];
+
+/// How long the compaction thread sleeps when nothing wakes it.
+const COMPACT_POLL: Duration = Duration::from_secs(5);

@@ -1,0 +1,279 @@
+//! Opening a log: every segment read once, in order, each frame's checksum
+//! checked and its records applied to a fresh index.
+//!
+//! A commit is written whole, then synced, and the next one is written
+//! only after that sync returned; a segment is started only after the one
+//! before it was synced. So the only frame a crash can leave unfinished
+//! is the last one of the last segment, and nothing valid follows it: such
+//! a frame (short, or failing its checksum) was never acknowledged and is
+//! cut off. A bad frame anywhere else, or followed by a valid one, was
+//! synced and then changed: damage, and the start is refused.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use super::frame::{self, FRAME_HEADER, Kind};
+use super::fs::{LogDir, LogFile};
+use super::index::{Index, Segment};
+use super::{StoreError, Writer, create_segment, io_error, segment_name};
+
+/// Reads a segment forward through a window, so a log of small frames is
+/// not read a few bytes per system call.
+pub(super) struct Reader<'f> {
+    file: &'f dyn LogFile,
+    len: u64,
+    window: Vec<u8>,
+    start: u64,
+}
+
+const WINDOW: usize = 8 << 20;
+
+impl<'f> Reader<'f> {
+    pub(super) fn new(file: &'f dyn LogFile, len: u64) -> Self {
+        Reader {
+            file,
+            len,
+            window: Vec::new(),
+            start: 0,
+        }
+    }
+
+    /// The `n` bytes at `at`; `None` past the end of the file.
+    fn bytes(&mut self, at: u64, n: usize) -> std::io::Result<Option<&[u8]>> {
+        let Some(end) = at.checked_add(n as u64).filter(|end| *end <= self.len) else {
+            return Ok(None);
+        };
+        let have = self.start + self.window.len() as u64;
+        if at < self.start || end > have {
+            let size = (n.max(WINDOW) as u64).min(self.len - at) as usize;
+            self.window.resize(size, 0);
+            self.file.read_exact_at(&mut self.window, at)?;
+            self.start = at;
+        }
+        let from = (at - self.start) as usize;
+        Ok(Some(&self.window[from..from + n]))
+    }
+
+    /// The payload of a whole, valid frame at `at`; `None` if the frame
+    /// there is short or fails its checksum.
+    pub(super) fn frame(&mut self, at: u64) -> std::io::Result<Option<Vec<u8>>> {
+        let Some(header) = self.bytes(at, FRAME_HEADER)? else {
+            return Ok(None);
+        };
+        let header: [u8; FRAME_HEADER] = header.try_into().unwrap_or_default();
+        let (len, crc) = frame::frame_header(&header);
+        if len == 0 {
+            return Ok(None);
+        }
+        let Some(payload) = self.bytes(at + FRAME_HEADER as u64, len)? else {
+            return Ok(None);
+        };
+        if crc32c::crc32c(payload) != crc {
+            return Ok(None);
+        }
+        Ok(Some(payload.to_vec()))
+    }
+
+    /// Whether a valid frame starts anywhere after `at`.
+    fn valid_frame_after(&mut self, at: u64) -> std::io::Result<bool> {
+        let mut q = at + 1;
+        while q + FRAME_HEADER as u64 + frame::RECORD_HEADER as u64 <= self.len {
+            let Some(header) = self.bytes(q, FRAME_HEADER + 1)? else {
+                break;
+            };
+            let (len, _) =
+                frame::frame_header(header[..FRAME_HEADER].try_into().unwrap_or(&[0; 8]));
+            let plausible = len >= frame::RECORD_HEADER
+                && header[FRAME_HEADER] <= Kind::Node as u8
+                && q + (FRAME_HEADER + len) as u64 <= self.len;
+            if plausible && self.frame(q)?.is_some() {
+                return Ok(true);
+            }
+            q += 1;
+        }
+        Ok(false)
+    }
+}
+
+/// Reads the log in `dir` into an index; returns it, the writer on the
+/// last segment, and the store id. See the module docs.
+pub(super) fn recover(
+    dir: &dyn LogDir,
+    label: &Path,
+    create: Option<u64>,
+) -> Result<(Index, Writer, u64), StoreError> {
+    let unreadable = |message: String| StoreError::Unreadable {
+        path: label.to_owned(),
+        message,
+    };
+    let mut numbers: Vec<u32> = dir
+        .list()
+        .map_err(|e| StoreError::Open {
+            path: label.to_owned(),
+            message: format!("listing the log: {e}"),
+        })?
+        .iter()
+        .filter_map(|name| name.strip_suffix(".seg")?.parse().ok())
+        .collect();
+    numbers.sort_unstable();
+    let mut index = Index::new();
+    let mut store_id: Option<u64> = None;
+    let mut last: Option<(u32, Arc<dyn LogFile>, u64)> = None;
+    let count = numbers.len();
+    let started = std::time::Instant::now();
+    for (i, &no) in numbers.iter().enumerate() {
+        let is_last = i + 1 == count;
+        let name = segment_name(no);
+        let file = dir
+            .open(&name)
+            .map_err(|e| io_error("opening a segment", &e))?;
+        let file_len = file.len().map_err(|e| io_error("opening a segment", &e))?;
+        let mut reader = Reader::new(&*file, file_len);
+        let mut at = 0u64;
+        let mut header_seen = false;
+        index.segments.insert(
+            no,
+            Segment {
+                file: Arc::clone(&file),
+                len: file_len,
+                live: 0,
+                deletes: false,
+            },
+        );
+        loop {
+            let payload = reader
+                .frame(at)
+                .map_err(|e| io_error("reading the log", &e))?;
+            let Some(payload) = payload else {
+                if at == file_len {
+                    break;
+                }
+                // A bad frame: an unfinished commit only at the very end.
+                let later = reader
+                    .valid_frame_after(at)
+                    .map_err(|e| io_error("reading the log", &e))?;
+                if !is_last || later {
+                    return Err(StoreError::Damaged {
+                        table: "log",
+                        key: format!("{name} at byte {at}"),
+                        reason: "a frame fails its checksum and is not the last one written",
+                    });
+                }
+                tracing::warn!(
+                    segment = %name,
+                    offset = at,
+                    bytes = file_len - at,
+                    "cutting off an unfinished commit at the end of the log (a crash before its sync returned; it was never acknowledged)"
+                );
+                file.set_len(at)
+                    .and_then(|()| file.sync_data())
+                    .map_err(|e| io_error("cutting an unfinished commit", &e))?;
+                break;
+            };
+            if !header_seen {
+                let (raw, _) = frame::record(&payload, false)
+                    .map_err(|e| unreadable(format!("{name}: {e}")))?;
+                let parsed = (raw.kind == Kind::Header)
+                    .then(|| frame::parse_header(raw.body))
+                    .flatten();
+                let Some((format, id, seg)) = parsed else {
+                    return Err(unreadable(format!(
+                        "{name} does not start with a segment header"
+                    )));
+                };
+                if format > frame::FORMAT {
+                    return Err(unreadable(format!(
+                        "{name} is in log format {format}, newer than this coordinator's ({}); run a newer coordinator",
+                        frame::FORMAT
+                    )));
+                }
+                if seg != no || store_id.is_some_and(|s| s != id) {
+                    return Err(unreadable(format!(
+                        "{name} belongs to another log (store {id:016x}, segment {seg})"
+                    )));
+                }
+                store_id = Some(id);
+                header_seen = true;
+            }
+            index
+                .apply_frame(no, at + FRAME_HEADER as u64, &payload)
+                .map_err(|e| unreadable(format!("{name} at byte {at}: {e}")))?;
+            at += (FRAME_HEADER + payload.len()) as u64;
+        }
+        if let Some(segment) = index.segments.get_mut(&no) {
+            segment.len = at;
+        }
+        if !header_seen {
+            // Only the last segment can lack its header: made, then the
+            // crash came before the header was synced. Nothing is in it.
+            if !is_last {
+                return Err(StoreError::Damaged {
+                    table: "log",
+                    key: name,
+                    reason: "a sealed segment without its header",
+                });
+            }
+            if create.is_none() && last.is_none() {
+                // The only segment of a log that existed: lost, not new.
+                return Err(StoreError::Missing {
+                    path: label.to_owned(),
+                    marker: label.to_owned(),
+                    what: format!("holds no log ({name} is empty or cut short)"),
+                });
+            }
+            index.segments.remove(&no);
+            dir.remove(&name)
+                .and_then(|()| dir.sync())
+                .map_err(|e| io_error("removing an unfinished segment", &e))?;
+            continue;
+        }
+        last = Some((no, file, at));
+    }
+    index.check().map_err(|(id, what)| StoreError::Damaged {
+        table: "log",
+        key: ulid::Ulid(id).to_string(),
+        reason: what,
+    })?;
+    let (store_id, (active, file, len)) = match (store_id, last) {
+        (Some(id), Some(last)) => (id, last),
+        _ => {
+            let Some(id) = create else {
+                return Err(StoreError::Missing {
+                    path: label.to_owned(),
+                    marker: label.to_owned(),
+                    what: "holds no log".into(),
+                });
+            };
+            let no = numbers.last().map_or(1, |n| n + 1);
+            let (file, len) = create_segment(dir, no, id)?;
+            index.segments.insert(
+                no,
+                Segment {
+                    file: Arc::clone(&file),
+                    len,
+                    live: 0,
+                    deletes: false,
+                },
+            );
+            (id, (no, file, len))
+        }
+    };
+    tracing::debug!(
+        path = %label.display(),
+        segments = index.segments.len(),
+        tasks = index.tasks.len(),
+        seconds = started.elapsed().as_secs_f64(),
+        "log read"
+    );
+    Ok((
+        index,
+        Writer {
+            active,
+            file,
+            len,
+            buf: Vec::new(),
+            broken: None,
+        },
+        store_id,
+    ))
+}

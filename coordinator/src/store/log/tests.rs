@@ -1,0 +1,332 @@
+//! What the log store adds to the `Store` contract (which `store/tests.rs`
+//! checks for every engine): reopening reads back exactly what was
+//! committed, a crash's unfinished commit is cut off, damage is refused,
+//! compaction keeps exactly the current records, and a commit writes a
+//! task changed several times once.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+
+use weft_proto::{Attempt, NodeId, Outcome, OutputStream, TaskId, TaskSpec, TaskState};
+
+use super::super::{EventBody, ListQuery, Record, Store, StoreError, TaskEvent, TaskRecord};
+use super::frame::{self, FRAME_HEADER, Kind};
+use super::recover::Reader;
+use super::{DIR_NAME, LogStore};
+
+fn at(ms: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(1_700_000_000_000 + ms)
+}
+
+fn ids(n: usize) -> Vec<TaskId> {
+    let mut generator = ulid::Generator::new();
+    (0..n)
+        .map(|_| TaskId::from_ulid(generator.generate().expect("ulid")))
+        .collect()
+}
+
+fn record(id: TaskId, state: TaskState, ms: u64) -> TaskRecord {
+    TaskRecord {
+        attempt: Attempt(u32::from(state != TaskState::Queued)),
+        node_id: (state != TaskState::Queued).then(NodeId::new),
+        node_name: (state != TaskState::Queued).then(|| Arc::from("n1")),
+        last_outcome: state.is_final().then_some(Outcome::Succeeded),
+        ..TaskRecord::for_test(id, Arc::new(TaskSpec::call("noop", "in")), state, at(ms))
+    }
+}
+
+fn event(id: TaskId, seq: u64, text: &str) -> Record {
+    Record::Event(TaskEvent {
+        task_id: id,
+        seq,
+        attempt: Attempt(1),
+        time: at(seq),
+        body: EventBody::Output {
+            stream: OutputStream::Stdout,
+            data: Bytes::from(text.to_owned()),
+            chunk: Some(seq),
+        },
+    })
+}
+
+/// Everything a store answers about its tasks, as text: every task
+/// (oldest first) with every event, and the load summary.
+fn view(store: &dyn Store) -> String {
+    let page = store
+        .list_page(&ListQuery {
+            limit: usize::MAX,
+            ascending: true,
+            ..ListQuery::default()
+        })
+        .expect("list");
+    let mut out = String::new();
+    for task in page.tasks {
+        out.push_str(&format!(
+            "{} {} seq {} attempt {}\n",
+            task.id, task.state, task.next_seq, task.attempt.0
+        ));
+        for event in store.events(task.id, 0, usize::MAX).expect("events") {
+            out.push_str(&format!("  {} {:?}\n", event.seq, event.body));
+        }
+    }
+    let loaded = store.load(UNIX_EPOCH).expect("load");
+    out.push_str(&format!(
+        "live {:?}\nfinal {:?}\nrecent {}\n",
+        loaded.live.iter().map(|t| t.id).collect::<Vec<_>>(),
+        loaded.final_counts,
+        loaded.recently_final.len()
+    ));
+    out
+}
+
+/// Commits `n` tasks through queued, then running with output, then (for
+/// every other one) succeeded; returns their ids.
+fn fill(store: &dyn Store, n: usize) -> Vec<TaskId> {
+    let ids = ids(n);
+    for chunk in ids.chunks(16) {
+        let mut records = Vec::new();
+        for id in chunk {
+            records.push(Record::Task(record(*id, TaskState::Queued, 1)));
+        }
+        store.commit(&records).expect("submit");
+        let mut records = Vec::new();
+        for id in chunk {
+            records.push(Record::Task(record(*id, TaskState::Running, 2)));
+            records.push(event(*id, 0, &format!("out of {id}")));
+        }
+        store.commit(&records).expect("run");
+    }
+    for (i, id) in ids.iter().enumerate().filter(|(i, _)| i % 2 == 0) {
+        let done = record(*id, TaskState::Succeeded, 10 + i as u64);
+        store.commit(&[Record::Task(done)]).expect("finish");
+    }
+    ids
+}
+
+fn segments(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut all: Vec<_> = std::fs::read_dir(dir.join(DIR_NAME))
+        .expect("log dir")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "seg"))
+        .collect();
+    all.sort();
+    all
+}
+
+#[test]
+fn reopening_reads_back_exactly_what_was_committed() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let before = {
+        let store = LogStore::open(dir.path()).expect("opens");
+        store.set_segment_bytes(8 * 1024);
+        fill(&store, 200);
+        assert!(segments(dir.path()).len() > 3, "small segments roll");
+        view(&store)
+    };
+    let store = LogStore::open(dir.path()).expect("reopens");
+    assert_eq!(view(&store), before);
+}
+
+#[test]
+fn a_second_opener_of_the_same_data_dir_is_refused_as_locked() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let _store = LogStore::open(dir.path()).expect("opens");
+    match LogStore::open(dir.path()) {
+        Err(StoreError::Locked(path)) => assert!(path.starts_with(dir.path())),
+        other => panic!("not refused as locked: {other:?}"),
+    }
+}
+
+#[test]
+fn a_data_dir_whose_log_was_removed_is_refused_not_started_empty() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    {
+        let store = LogStore::open(dir.path()).expect("opens");
+        fill(&store, 3);
+    }
+    std::fs::remove_dir_all(dir.path().join(DIR_NAME)).expect("remove the log");
+    match LogStore::open(dir.path()) {
+        Err(err @ StoreError::Missing { .. }) => assert!(err.is_damage()),
+        other => panic!("not refused: {other:?}"),
+    }
+}
+
+#[test]
+fn an_unfinished_commit_at_the_end_is_cut_off_and_the_rest_kept() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let before = {
+        let store = LogStore::open(dir.path()).expect("opens");
+        fill(&store, 20);
+        view(&store)
+    };
+    let last = segments(dir.path()).pop().expect("a segment");
+    let len = std::fs::metadata(&last).expect("segment").len();
+    // Half a frame: a header that promises more than was written.
+    let mut torn = Vec::new();
+    torn.extend_from_slice(&4096u32.to_le_bytes());
+    torn.extend_from_slice(&[0xab; 100]);
+    let mut bytes = std::fs::read(&last).expect("read");
+    bytes.extend_from_slice(&torn);
+    std::fs::write(&last, &bytes).expect("write");
+    let store = LogStore::open(dir.path()).expect("reopens past the torn tail");
+    assert_eq!(view(&store), before);
+    assert_eq!(std::fs::metadata(&last).expect("segment").len(), len, "cut");
+    // And it appends where the torn frame was.
+    let id = ids(1)[0];
+    store
+        .commit(&[Record::Task(record(id, TaskState::Queued, 5))])
+        .expect("commit after the cut");
+    drop(store);
+    let store = LogStore::open(dir.path()).expect("reopens");
+    assert!(store.task(id).expect("read").is_some());
+}
+
+/// The offset of the first byte of `needle` in the segment at `path`.
+fn find(path: &std::path::Path, needle: &[u8]) -> usize {
+    let bytes = std::fs::read(path).expect("read");
+    bytes
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .expect("bytes in the segment")
+}
+
+fn flip(path: &std::path::Path, offset: usize) {
+    let mut bytes = std::fs::read(path).expect("read");
+    bytes[offset] ^= 0x20;
+    std::fs::write(path, &bytes).expect("write");
+}
+
+#[test]
+fn a_changed_byte_in_an_acknowledged_commit_refuses_the_start() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ids = {
+        let store = LogStore::open(dir.path()).expect("opens");
+        fill(&store, 20)
+    };
+    let segment = segments(dir.path()).pop().expect("a segment");
+    // An output chunk of the first task: later commits follow it.
+    let offset = find(&segment, format!("out of {}", ids[0]).as_bytes());
+    flip(&segment, offset);
+    match LogStore::open(dir.path()) {
+        Err(err @ StoreError::Damaged { .. }) => {
+            assert!(err.is_damage());
+            assert!(err.to_string().contains(".seg"), "{err}");
+        }
+        other => panic!("damage not refused: {other:?}"),
+    }
+}
+
+#[test]
+fn a_byte_changed_under_a_running_store_is_reported_when_read_never_served() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = LogStore::open(dir.path()).expect("opens");
+    let ids = fill(&store, 4);
+    let segment = segments(dir.path()).pop().expect("a segment");
+    flip(
+        &segment,
+        find(&segment, format!("out of {}", ids[1]).as_bytes()),
+    );
+    match store.events(ids[1], 0, 10) {
+        Err(StoreError::Damaged { table, key, .. }) => {
+            assert_eq!(table, "events");
+            assert!(key.contains(&ids[1].to_string()), "{key}");
+        }
+        other => panic!("damage served: {other:?}"),
+    }
+    // Other tasks read as before.
+    assert_eq!(store.events(ids[0], 0, 10).expect("events").len(), 1);
+}
+
+#[test]
+fn compaction_keeps_exactly_the_current_records_and_frees_the_rest() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = LogStore::open(dir.path()).expect("opens");
+    store.set_segment_bytes(16 * 1024);
+    let ids = fill(&store, 400);
+    // Half of the finished ones go at retention.
+    let expired = store.expire(at(10 + 200), usize::MAX).expect("expire");
+    assert_eq!(expired.len(), 100);
+    let before = view(&store);
+    let (bytes_before, live) = store.sizes().expect("sizes");
+    let mut steps = 0;
+    while store.compact_step().expect("compact") {
+        steps += 1;
+        assert!(steps < 10_000, "compaction does not end");
+        assert_eq!(view(&store), before, "after {steps} steps");
+    }
+    assert!(steps > 0);
+    let (bytes_after, _) = store.sizes().expect("sizes");
+    assert!(
+        bytes_after < bytes_before && bytes_after <= live * 2,
+        "compaction left {bytes_after} bytes of {bytes_before} ({live} live)"
+    );
+    for id in &ids[..200] {
+        let kept = store.task(*id).expect("read");
+        assert_eq!(
+            kept.is_some(),
+            ids.iter().position(|i| i == id).unwrap() % 2 == 1
+        );
+    }
+    drop(store);
+    let store = LogStore::open(dir.path()).expect("reopens");
+    assert_eq!(view(&store), before, "after reopening");
+}
+
+#[test]
+fn expired_tasks_stay_gone_after_compaction_and_reopening() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let gone = {
+        let store = LogStore::open(dir.path()).expect("opens");
+        store.set_segment_bytes(4 * 1024);
+        let ids = fill(&store, 100);
+        store.expire(at(1_000), usize::MAX).expect("expire");
+        // Compact only some: the expiries' segments stay behind older ones.
+        for _ in 0..3 {
+            store.compact_step().expect("compact");
+        }
+        ids.into_iter().step_by(2).collect::<Vec<_>>()
+    };
+    let store = LogStore::open(dir.path()).expect("reopens");
+    for id in gone {
+        assert!(store.task(id).expect("read").is_none(), "{id} came back");
+    }
+}
+
+#[test]
+fn a_task_changed_several_times_in_one_commit_is_written_once() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = LogStore::open(dir.path()).expect("opens");
+    let id = ids(1)[0];
+    store
+        .commit(&[
+            Record::Task(record(id, TaskState::Queued, 1)),
+            Record::Task(record(id, TaskState::Assigned, 2)),
+            Record::Task(record(id, TaskState::Running, 3)),
+            event(id, 0, "hello"),
+        ])
+        .expect("commit");
+    assert_eq!(
+        store.task(id).expect("read").expect("task").state,
+        TaskState::Running
+    );
+    let segment = segments(dir.path()).pop().expect("a segment");
+    let file = super::fs::RealDir::new(&dir.path().join(DIR_NAME));
+    let name = segment.file_name().and_then(|n| n.to_str()).expect("name");
+    let file = super::fs::LogDir::open(&file, name).expect("open");
+    let len = super::fs::LogFile::len(&*file).expect("len");
+    let mut reader = Reader::new(&*file, len);
+    let (mut tasks, mut events, mut offset) = (0, 0, 0u64);
+    while let Some(payload) = reader.frame(offset).expect("read") {
+        for entry in frame::records(&payload) {
+            match entry.expect("record").1.kind {
+                Kind::Task => tasks += 1,
+                Kind::Event => events += 1,
+                _ => {}
+            }
+        }
+        offset += (FRAME_HEADER + payload.len()) as u64;
+    }
+    assert_eq!((tasks, events), (1, 1));
+}
