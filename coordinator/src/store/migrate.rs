@@ -1,22 +1,40 @@
-//! Copying one store into another through the [`Store`] trait alone
-//! ([`copy_store`]): what moves a data dir's redb store to the log.
+//! Opening a data dir's store ([`open_data_dir`]), and moving a data dir
+//! written by an older coordinator from the redb store (`weft.redb`) to the
+//! log (`log/`) the first time it is opened.
 //!
-//! The copy never holds all tasks at once: tasks are read a page at a
-//! time (oldest first), their events a page at a time, and written in
-//! bounded batches, each one commit of the target. Within the copy a task's
-//! record is committed before (or with) its events, and events in seq
-//! order, so every batch is one the target accepts on its own.
+//! The move copies through the [`Store`] trait alone ([`copy_store`]),
+//! never holding all tasks at once: tasks are read a page at a time (oldest
+//! first), their events a page at a time, and written in bounded batches,
+//! each one commit of the target. Within the copy a task's record is
+//! committed before (or with) its events, and events in seq order, so
+//! every batch is one the target accepts on its own.
 //!
-//! Nothing here knows an engine, a file or a data dir.
+//! A crash at any point of a move leaves either the redb store in use (the
+//! copy is made in `log.migrating/`, renamed to `log/` only once complete
+//! and synced) or the finished log; the next start redoes or finishes it.
+//! `weft.redb` is kept, renamed `weft.redb.migrated`.
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use weft_proto::{SecretEnv, TaskId, TaskKind};
 
 use super::engine::{ListQuery, Store, StoreError};
+use super::log::LogStore;
+use super::marker;
 use super::record::{EventBody, Record, TaskRecord};
+use super::redb::{self, RedbStore};
+
+/// The log's directory inside the data dir.
+pub const LOG_DIR: &str = super::log::DIR_NAME;
+/// The lock file `LogStore` keeps in its directory.
+const LOCK_FILE: &str = "LOCK";
+/// Where a move from redb writes the log until it is complete.
+pub const MIGRATING_DIR: &str = "log.migrating";
+/// What `weft.redb` is renamed to once its store was moved to the log.
+pub const MIGRATED_FILE: &str = "weft.redb.migrated";
 
 /// Tasks read per list page.
 const TASK_PAGE: usize = 512;
@@ -28,6 +46,191 @@ const BATCH_RECORDS: usize = 4096;
 const BATCH_BYTES: usize = 8 << 20;
 /// How often progress is logged while copying.
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+
+/// Opens the store of the data dir `dir` (made if missing): the log in
+/// `<dir>/log/`. A data dir that holds only a redb store (`weft.redb`, by
+/// an older coordinator) is first moved to the log, once; see the module
+/// docs. Redb's page cache is [`redb::DEFAULT_CACHE_SIZE`] for that move.
+pub fn open_data_dir(dir: &Path) -> Result<Arc<dyn Store>, StoreError> {
+    open_data_dir_with_cache(dir, redb::DEFAULT_CACHE_SIZE)
+}
+
+/// [`open_data_dir`], with a redb page cache of at most `redb_cache` bytes
+/// should the data dir be moved from redb (nothing else uses it).
+pub fn open_data_dir_with_cache(
+    dir: &Path,
+    redb_cache: usize,
+) -> Result<Arc<dyn Store>, StoreError> {
+    let redb_file = dir.join(redb::FILE_NAME);
+    let has_log = holds_segments(&dir.join(LOG_DIR))?;
+    let has_redb = exists(&redb_file)?;
+    match (has_log, has_redb) {
+        (true, true) => {
+            // A move that crashed after the log was in place but before
+            // weft.redb was renamed: the log is the store.
+            if exists(&dir.join(MIGRATED_FILE))? {
+                tracing::warn!(
+                    path = %redb_file.display(),
+                    "this redb store is not used: the data dir's store is the log"
+                );
+            } else {
+                tracing::info!(
+                    data_dir = %dir.display(),
+                    "finishing an earlier move of the store to the log"
+                );
+                retire_redb(dir)?;
+            }
+        }
+        (false, true) => migrate(dir, redb_cache)?,
+        (true, false) | (false, false) => {}
+    }
+    Ok(Arc::new(LogStore::open(dir)?))
+}
+
+/// Moves the redb store of `dir` to the log (see the module docs).
+fn migrate(dir: &Path, redb_cache: usize) -> Result<(), StoreError> {
+    let started = Instant::now();
+    let migrating = dir.join(MIGRATING_DIR);
+    tracing::info!(
+        data_dir = %dir.display(),
+        "moving the store from weft.redb to the log (once; the coordinator starts when it is done)"
+    );
+    // Opened first: its lock keeps a second coordinator out of the whole
+    // move, so none removes the other's log.migrating/ under it.
+    let from = RedbStore::open_with_cache(dir, redb_cache)?;
+    remove_dir_all_if_present(&migrating)?;
+    let id = match marker::read(&dir.join(marker::FILE_NAME))? {
+        Some(id) => id,
+        None => random_id(dir)?,
+    };
+    let to = LogStore::open_dir(&migrating, Some(id))?;
+    let copied = copy_store(&from, &to)?;
+    // The log's lock is dropped before its dir is renamed; redb's is held
+    // until weft.redb is renamed too.
+    drop(to);
+    let io = |what: &'static str| {
+        move |err: std::io::Error| StoreError::Open {
+            path: dir.to_owned(),
+            message: format!("{what}: {err}"),
+        }
+    };
+    let log_dir = dir.join(LOG_DIR);
+    remove_empty_log(&log_dir)?;
+    std::fs::rename(&migrating, &log_dir).map_err(io("renaming log.migrating to log"))?;
+    sync_dir(dir).map_err(io("syncing the data dir"))?;
+    retire_redb(dir)?;
+    drop(from);
+    tracing::info!(
+        data_dir = %dir.display(),
+        tasks = copied.tasks,
+        events = copied.events,
+        secrets = copied.secrets,
+        tokens = copied.tokens,
+        node_identities = copied.node_identities,
+        schedules = copied.schedules,
+        limits = copied.limits,
+        seconds = started.elapsed().as_secs_f64(),
+        "moved the store to the log"
+    );
+    Ok(())
+}
+
+/// Renames `weft.redb` to `weft.redb.migrated` (the log holds the store
+/// now) and syncs the data dir.
+fn retire_redb(dir: &Path) -> Result<(), StoreError> {
+    let kept = dir.join(MIGRATED_FILE);
+    let fail = |err: std::io::Error| StoreError::Open {
+        path: dir.to_owned(),
+        message: format!("renaming {} to {MIGRATED_FILE}: {err}", redb::FILE_NAME),
+    };
+    std::fs::rename(dir.join(redb::FILE_NAME), &kept).map_err(fail)?;
+    sync_dir(dir).map_err(fail)?;
+    tracing::info!(
+        path = %kept.display(),
+        "the old redb store is kept; it may be deleted once the cluster is checked"
+    );
+    Ok(())
+}
+
+/// Removes `log_dir`, which holds no segment, if it is there: a start
+/// refused while `weft.redb` was missing leaves it with only its lock file.
+/// Anything else in it is not the log's, and refuses the move.
+fn remove_empty_log(log_dir: &Path) -> Result<(), StoreError> {
+    match std::fs::remove_file(log_dir.join(LOCK_FILE)) {
+        Ok(()) => {}
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+        Err(err) => return Err(open_error(log_dir, err)),
+    }
+    match std::fs::remove_dir(log_dir) {
+        Ok(()) => Ok(()),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(err) => Err(StoreError::Open {
+            path: log_dir.to_owned(),
+            message: format!(
+                "it holds no log but is not empty ({err}); move it away to move weft.redb to the log"
+            ),
+        }),
+    }
+}
+
+/// True when `log_dir` holds at least one segment file.
+fn holds_segments(log_dir: &Path) -> Result<bool, StoreError> {
+    let entries = match std::fs::read_dir(log_dir) {
+        Ok(entries) => entries,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(err) => return Err(open_error(log_dir, err)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(|err| open_error(log_dir, err))?;
+        if entry.file_name().to_string_lossy().ends_with(".seg") {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+fn exists(path: &Path) -> Result<bool, StoreError> {
+    match std::fs::symlink_metadata(path) {
+        Ok(_) => Ok(true),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(err) => Err(open_error(path, err)),
+    }
+}
+
+fn remove_dir_all_if_present(path: &Path) -> Result<(), StoreError> {
+    match std::fs::remove_dir_all(path) {
+        Ok(()) => {
+            tracing::info!(
+                path = %path.display(),
+                "removed the unfinished copy of an earlier try; moving again"
+            );
+            Ok(())
+        }
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(err) => Err(open_error(path, err)),
+    }
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+fn open_error(path: &Path, err: std::io::Error) -> StoreError {
+    StoreError::Open {
+        path: path.to_owned(),
+        message: err.to_string(),
+    }
+}
+
+/// A new store id, for a redb data dir without a marker.
+fn random_id(dir: &Path) -> Result<u64, StoreError> {
+    let mut bytes = [0u8; 8];
+    getrandom::fill(&mut bytes).map_err(|e| StoreError::Open {
+        path: dir.to_owned(),
+        message: format!("making a store id: {e}"),
+    })?;
+    Ok(u64::from_le_bytes(bytes))
+}
 
 /// What [`copy_store`] copied.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

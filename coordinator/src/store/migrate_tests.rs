@@ -1,7 +1,10 @@
 //! `copy_store`: a store with tasks in every state, events of every kind,
 //! secrets, tokens, node identities, schedules and limits reads back the
-//! same through the `Store` trait after the copy.
+//! same through the `Store` trait after the copy. `open_data_dir`: a redb
+//! data dir is moved to the log once, and a crashed move is redone or
+//! finished.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -11,7 +14,8 @@ use weft_proto::{
     Attempt, NodeId, Outcome, OutputStream, SecretEnv, TaskId, TaskSpec, TaskState, pb,
 };
 
-use super::migrate::{Copied, copy_store};
+use super::log::LogStore;
+use super::migrate::{Copied, LOG_DIR, MIGRATED_FILE, MIGRATING_DIR, copy_store, open_data_dir};
 use super::*;
 use crate::auth::{Scope, Scopes, new_join_token, new_token};
 
@@ -363,8 +367,184 @@ fn a_redb_store_copied_into_a_memory_store_reads_back_the_same() {
     check_copy(&from, &MemoryStore::new());
 }
 
+/// A log whose segments are small, so a copy spans many of them.
+fn small_log(dir: &Path) -> LogStore {
+    let log = LogStore::open_dir(dir, Some(7)).expect("log opens");
+    log.set_segment_bytes(64 << 10);
+    log
+}
+
+#[test]
+fn a_memory_store_copied_into_the_log_reads_back_the_same() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let to = small_log(dir.path());
+    let from = MemoryStore::new();
+    check_copy(&from, &to);
+    drop(to);
+    let segments = std::fs::read_dir(dir.path())
+        .expect("list")
+        .filter(|e| {
+            e.as_ref()
+                .is_ok_and(|e| e.file_name().to_string_lossy().ends_with(".seg"))
+        })
+        .count();
+    assert!(segments > 1, "the copy fits in one segment");
+    // What the copy wrote is on disk: read back from the segments.
+    let reopened = LogStore::open_dir(dir.path(), None).expect("log reopens");
+    assert_same(&from, &reopened);
+}
+
+#[test]
+fn a_redb_store_copied_into_the_log_reads_back_the_same() {
+    let redb_dir = tempfile::tempdir().expect("temp dir");
+    let log_dir = tempfile::tempdir().expect("temp dir");
+    let from = RedbStore::open(redb_dir.path()).expect("store opens");
+    check_copy(&from, &small_log(log_dir.path()));
+}
+
 #[test]
 fn an_empty_store_copies_as_nothing() {
     let copied = copy_store(&MemoryStore::new(), &MemoryStore::new()).expect("copy");
     assert_eq!(copied, Copied::default());
+}
+
+/// A redb data dir filled by `fill`, and a memory copy of it to compare
+/// against once `weft.redb` was moved away.
+fn redb_data_dir(dir: &Path) -> MemoryStore {
+    let redb = RedbStore::open(dir).expect("store opens");
+    fill(&redb);
+    let expected = MemoryStore::new();
+    copy_store(&redb, &expected).expect("copy");
+    expected
+}
+
+fn store_id(dir: &Path) -> u64 {
+    marker::read(&dir.join(marker::FILE_NAME))
+        .expect("marker")
+        .expect("a marker")
+}
+
+/// Asserts `dir` holds the moved store: the log with the redb store's id,
+/// `weft.redb` renamed, no copy in progress.
+fn assert_moved(dir: &Path, id: u64) {
+    assert!(!dir.join(redb::FILE_NAME).exists(), "weft.redb still there");
+    assert!(
+        dir.join(MIGRATED_FILE).exists(),
+        "weft.redb.migrated missing"
+    );
+    assert!(!dir.join(MIGRATING_DIR).exists(), "log.migrating left");
+    assert_eq!(store_id(dir), id, "the marker changed");
+    let log = LogStore::open_dir(&dir.join(LOG_DIR), None).expect("the log opens");
+    assert_eq!(log.store_id(), id, "the log has another id");
+}
+
+#[test]
+fn a_redb_data_dir_is_moved_to_the_log_once_keeping_weft_redb() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let expected = redb_data_dir(dir.path());
+    let id = store_id(dir.path());
+
+    let store = open_data_dir(dir.path()).expect("opens, moving the store");
+    assert_same(&expected, &*store);
+    // Written after the move: a second open that moved again (from
+    // anything) would lose it.
+    let later = ids(1)[0];
+    let spec = Arc::new(TaskSpec::call("noop", "after"));
+    let record = TaskRecord::for_test(later, spec, TaskState::Queued, at(9));
+    store
+        .commit(&[Record::Task(record.clone())])
+        .expect("commit");
+    expected.commit(&[Record::Task(record)]).expect("commit");
+    drop(store);
+    assert_moved(dir.path(), id);
+    let kept = std::fs::read(dir.path().join(MIGRATED_FILE)).expect("kept");
+
+    let store = open_data_dir(dir.path()).expect("reopens");
+    assert_same(&expected, &*store);
+    drop(store);
+    assert_moved(dir.path(), id);
+    assert_eq!(
+        std::fs::read(dir.path().join(MIGRATED_FILE)).expect("kept"),
+        kept,
+        "weft.redb.migrated changed"
+    );
+}
+
+#[test]
+fn a_copy_left_by_a_crashed_move_is_thrown_away_and_the_move_redone() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let expected = redb_data_dir(dir.path());
+    let id = store_id(dir.path());
+    // An earlier try's partial copy, holding a task the redb store does
+    // not (so a copy that kept it would show), and a stray file.
+    let migrating = dir.path().join(MIGRATING_DIR);
+    {
+        let partial = LogStore::open_dir(&migrating, Some(id)).expect("log opens");
+        let spec = Arc::new(TaskSpec::call("noop", "stray"));
+        let stray = TaskRecord::for_test(ids(1)[0], spec, TaskState::Queued, at(3));
+        partial.commit(&[Record::Task(stray)]).expect("commit");
+    }
+    std::fs::write(migrating.join("junk"), b"junk").expect("write");
+
+    let store = open_data_dir(dir.path()).expect("opens, moving the store again");
+    assert_same(&expected, &*store);
+    drop(store);
+    assert_moved(dir.path(), id);
+}
+
+#[test]
+fn a_move_that_stopped_after_the_log_was_in_place_opens_the_log() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let expected = redb_data_dir(dir.path());
+    let id = store_id(dir.path());
+    // The log renamed into place, weft.redb not yet renamed.
+    {
+        let redb = RedbStore::open(dir.path()).expect("store opens");
+        let log = LogStore::open_dir(&dir.path().join(LOG_DIR), Some(id)).expect("log opens");
+        copy_store(&redb, &log).expect("copy");
+    }
+
+    let store = open_data_dir(dir.path()).expect("opens the log");
+    assert_same(&expected, &*store);
+    drop(store);
+    assert_moved(dir.path(), id);
+}
+
+#[test]
+fn a_new_data_dir_gets_a_log_and_no_redb_store() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("data");
+    let store = open_data_dir(&data).expect("opens");
+    let id = ids(1)[0];
+    let spec = Arc::new(TaskSpec::call("noop", ""));
+    store
+        .commit(&[Record::Task(TaskRecord::for_test(
+            id,
+            spec,
+            TaskState::Queued,
+            at(0),
+        ))])
+        .expect("commit");
+    drop(store);
+    assert!(!data.join(redb::FILE_NAME).exists());
+    assert!(!data.join(MIGRATED_FILE).exists());
+    let store = open_data_dir(&data).expect("reopens");
+    assert!(store.task(id).expect("task").is_some());
+}
+
+#[test]
+fn an_empty_log_dir_left_by_a_refused_start_does_not_stop_the_move() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let expected = redb_data_dir(dir.path());
+    let id = store_id(dir.path());
+    // A start while weft.redb was missing made log/ and its lock file,
+    // then refused; weft.redb is back now.
+    let log_dir = dir.path().join(LOG_DIR);
+    std::fs::create_dir(&log_dir).expect("mkdir");
+    std::fs::write(log_dir.join("LOCK"), b"").expect("write");
+
+    let store = open_data_dir(dir.path()).expect("opens, moving the store");
+    assert_same(&expected, &*store);
+    drop(store);
+    assert_moved(dir.path(), id);
 }
