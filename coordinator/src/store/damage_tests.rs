@@ -1,7 +1,8 @@
-//! A damaged or lost store file is refused, never served and never
+//! A damaged or lost redb store file is refused, never served and never
 //! replaced by an empty one: a changed byte in a value, a zeroed page, a
-//! truncated, empty or missing `weft.redb` where a store existed. And a
-//! store written before checksums still opens (upgraded once).
+//! truncated, empty or missing `weft.redb` where a store existed (at start
+//! too, where it would be moved to the log). And a store written before
+//! checksums still opens (upgraded once).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -285,9 +286,12 @@ async fn an_empty_truncated_or_missing_store_file_is_refused_naming_it() {
     assert!(err.to_string().contains("is empty"), "{err}");
     assert_eq!(std::fs::metadata(&file).unwrap().len(), 0, "written over");
 
+    // With neither weft.redb nor a log, the store the start looks for is
+    // the log.
     std::fs::remove_file(&file).unwrap();
-    let err = refused(dir.path(), &file).await;
-    assert!(err.to_string().contains("is missing"), "{err}");
+    let log = dir.path().join(migrate::LOG_DIR);
+    let err = refused(dir.path(), &log).await;
+    assert!(err.to_string().contains("holds no log"), "{err}");
     assert!(!file.exists(), "a new store was created");
 
     // Another (new) store put in its place is not this data dir's store.
@@ -297,10 +301,10 @@ async fn an_empty_truncated_or_missing_store_file_is_refused_naming_it() {
     let err = refused(dir.path(), &file).await;
     assert!(err.to_string().contains("another store"), "{err}");
 
-    // The original file back: it starts, with its tasks.
+    // The original file back: it starts (moved to the log), with its tasks.
     std::fs::write(&file, &whole).unwrap();
     assert!(start_error(dir.path()).await.is_none());
-    let store = RedbStore::open(dir.path()).unwrap();
+    let store = migrate::open_data_dir(dir.path()).unwrap();
     assert_eq!(store.list(None, None, 10).unwrap().len(), 2);
 }
 
