@@ -65,15 +65,16 @@ pub fn open_data_dir_with_cache(
     let has_log = holds_segments(&dir.join(LOG_DIR))?;
     let has_redb = exists(&redb_file)?;
     match (has_log, has_redb) {
+        // The log is the store; weft.redb beside it is left from a move.
         (true, true) => {
-            // A move that crashed after the log was in place but before
-            // weft.redb was renamed: the log is the store.
             if exists(&dir.join(MIGRATED_FILE))? {
                 tracing::warn!(
                     path = %redb_file.display(),
                     "this redb store is not used: the data dir's store is the log"
                 );
             } else {
+                // A move stopped after the log was in place, before
+                // weft.redb was renamed.
                 tracing::info!(
                     data_dir = %dir.display(),
                     "finishing an earlier move of the store to the log"
@@ -104,10 +105,21 @@ fn migrate(dir: &Path, redb_cache: usize) -> Result<(), StoreError> {
         None => random_id(dir)?,
     };
     let to = LogStore::open_dir(&migrating, Some(id))?;
-    let copied = copy_store(&from, &to)?;
+    let copied = copy_store(&from, &to);
     // The log's lock is dropped before its dir is renamed; redb's is held
     // until weft.redb is renamed too.
     drop(to);
+    let copied = match copied {
+        Ok(copied) => copied,
+        Err(err) => {
+            // Its space back now (a full disk is the likely cause); the
+            // next start would remove it anyway.
+            if let Err(rm) = std::fs::remove_dir_all(&migrating) {
+                tracing::warn!(path = %migrating.display(), error = %rm, "removing the unfinished copy");
+            }
+            return Err(err);
+        }
+    };
     let io = |what: &'static str| {
         move |err: std::io::Error| StoreError::Open {
             path: dir.to_owned(),
@@ -129,6 +141,7 @@ fn migrate(dir: &Path, redb_cache: usize) -> Result<(), StoreError> {
         node_identities = copied.node_identities,
         schedules = copied.schedules,
         limits = copied.limits,
+        damaged = copied.damaged,
         seconds = started.elapsed().as_secs_f64(),
         "moved the store to the log"
     );
@@ -249,6 +262,9 @@ pub struct Copied {
     pub schedules: u64,
     /// Named limits.
     pub limits: u64,
+    /// Damaged task records left out, and task histories cut short at a
+    /// damaged event (each logged).
+    pub damaged: u64,
 }
 
 /// Copies everything `from` holds into `to` (which should be empty):
@@ -294,8 +310,21 @@ pub fn copy_store(from: &dyn Store, to: &dyn Store) -> Result<Copied, StoreError
         ascending: true,
         ..ListQuery::default()
     };
+    // A damaged task record met while listing: the tasks before it are
+    // listed (`query.before`), then the list carries on after it.
+    let mut skipping: Option<TaskId> = None;
     loop {
-        let page = from.list_page(&query)?;
+        let page = match from.list_page(&query) {
+            Ok(page) => page,
+            Err(err) => match damaged_task(&err) {
+                Some(bad) if skipping.is_none() && query.from.is_none_or(|f| f <= bad) => {
+                    skipping = Some(bad);
+                    query.before = Some(bad);
+                    continue;
+                }
+                _ => return Err(err),
+            },
+        };
         for task in page.tasks {
             let id = task.id;
             let final_ = task.state.is_final();
@@ -307,19 +336,7 @@ pub fn copy_store(from: &dyn Store, to: &dyn Store) -> Result<Copied, StoreError
                 batch.push(Record::Secrets(id, secret))?;
                 copied.secrets += 1;
             }
-            let mut seq = 0;
-            loop {
-                let events = from.events(id, seq, EVENT_PAGE)?;
-                let done = events.len() < EVENT_PAGE;
-                for event in events {
-                    seq = event.seq + 1;
-                    batch.push(Record::Event(event))?;
-                    copied.events += 1;
-                }
-                if done {
-                    break;
-                }
-            }
+            copy_events(from, id, &mut batch, &mut copied)?;
         }
         if last_log.elapsed() >= PROGRESS_EVERY {
             last_log = Instant::now();
@@ -330,8 +347,25 @@ pub fn copy_store(from: &dyn Store, to: &dyn Store) -> Result<Copied, StoreError
                 "copying the store"
             );
         }
-        // The next page starts after the last task of this one.
-        match page.resume.and_then(|last| last.as_u128().checked_add(1)) {
+        // The next page starts after the last task of this one, or after
+        // the damaged task that ended the range.
+        let last = match (page.resume, skipping.take()) {
+            (Some(last), skip) => {
+                skipping = skip;
+                last
+            }
+            (None, Some(bad)) => {
+                tracing::warn!(
+                    task_id = %bad,
+                    "not copied: the task's record is damaged (reads of it failed before the move too)"
+                );
+                copied.damaged += 1;
+                query.before = None;
+                bad
+            }
+            (None, None) => break,
+        };
+        match last.as_u128().checked_add(1) {
             Some(next) => query.from = Some(TaskId::from_u128(next)),
             None => break,
         }
@@ -346,6 +380,57 @@ pub fn copy_store(from: &dyn Store, to: &dyn Store) -> Result<Copied, StoreError
         );
     }
     Ok(copied)
+}
+
+/// Copies the events of task `id` into `batch`, a page at a time. An
+/// event that is damaged ends the copy of that task's history (the events
+/// before it are copied, so the target's history has no gap), with a
+/// warning.
+fn copy_events(
+    from: &dyn Store,
+    id: TaskId,
+    batch: &mut Batch<'_>,
+    copied: &mut Copied,
+) -> Result<(), StoreError> {
+    let mut seq = 0;
+    let mut page = EVENT_PAGE;
+    loop {
+        let events = match from.events(id, seq, page) {
+            Ok(events) => events,
+            // Read one at a time up to the damaged one.
+            Err(err) if err.is_damage() && page > 1 => {
+                page = 1;
+                continue;
+            }
+            Err(err) if err.is_damage() => {
+                tracing::warn!(task_id = %id, seq, error = %err, "not copied: this event of the task and the ones after it (damaged)");
+                copied.damaged += 1;
+                return Ok(());
+            }
+            Err(err) => return Err(err),
+        };
+        let done = events.len() < page;
+        for event in events {
+            seq = event.seq + 1;
+            batch.push(Record::Event(event))?;
+            copied.events += 1;
+        }
+        if done {
+            return Ok(());
+        }
+    }
+}
+
+/// The task whose record `err` says is damaged, if it says so.
+fn damaged_task(err: &StoreError) -> Option<TaskId> {
+    match err {
+        StoreError::Damaged {
+            table: "tasks",
+            key,
+            ..
+        } => key.parse().ok(),
+        _ => None,
+    }
 }
 
 /// Records waiting to be committed to the target together.

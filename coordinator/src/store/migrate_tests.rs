@@ -348,6 +348,7 @@ fn check_copy(from: &dyn Store, to: &dyn Store) {
             node_identities: 2,
             schedules: 2,
             limits: 2,
+            damaged: 0,
         }
     );
     assert_same(from, to);
