@@ -25,7 +25,9 @@
 //! - [`store`] — task records and event logs (its own Layout list says
 //!   which file holds what): `record` (the records), `engine` (the `Store`
 //!   trait, `StoreError`, the blocking helper), `codec` (records as
-//!   protobuf bytes), [`redb`](store::redb) (the durable store),
+//!   protobuf bytes), [`log`](store::log) (the durable store),
+//!   [`migrate`](store::migrate) (opening a data dir, moving a redb one to
+//!   the log), [`redb`](store::redb) (the older store),
 //!   [`memory`](store::memory) (the in-memory one).
 //! - `service` — tonic adapters for `NodeService` (`service/node/codec.rs`:
 //!   the node stream's wire form, both directions; `join.rs`, `identity.rs`,
