@@ -53,9 +53,9 @@ pub struct CoordinatorConfig {
     /// How long final tasks and their events are kept before a sweep
     /// deletes them; zero keeps them forever.
     pub retention: Duration,
-    /// Most bytes the durable store's page cache holds (redb's read cache
-    /// and write buffer). Part of the coordinator's memory, whatever the
-    /// queue's length.
+    /// Most bytes redb's page cache (read cache and write buffer) holds
+    /// while a data dir's redb store is moved to the log at start; unused
+    /// otherwise (the log has no page cache).
     pub store_cache_size: usize,
     /// Most slots one node may declare; a node declaring more is refused
     /// at `Register`. Its prefetch is capped at the same number, so its

@@ -25,7 +25,9 @@
 //! - [`store`] — task records and event logs (its own Layout list says
 //!   which file holds what): `record` (the records), `engine` (the `Store`
 //!   trait, `StoreError`, the blocking helper), `codec` (records as
-//!   protobuf bytes), [`redb`](store::redb) (the durable store),
+//!   protobuf bytes), [`log`](store::log) (the durable store),
+//!   [`migrate`](store::migrate) (opening a data dir, moving a redb one to
+//!   the log), [`redb`](store::redb) (the older store),
 //!   [`memory`](store::memory) (the in-memory one).
 //! - `service` — tonic adapters for `NodeService` (`service/node/codec.rs`:
 //!   the node stream's wire form, both directions; `join.rs`, `identity.rs`,
@@ -78,7 +80,7 @@ pub use error::Error;
 
 use scheduler::recent;
 use scheduler::{Now, Scheduler};
-use store::{LogStore, MemoryStore, Store, StoreError};
+use store::{MemoryStore, Store, StoreError};
 
 /// Why a coordinator stopped by itself (see
 /// [`RunningCoordinator::stopped`]). The binary exits with
@@ -106,7 +108,7 @@ fn commit_hint(err: &StoreError) -> &'static str {
             "Free space on the data dir's disk, then start the coordinator again."
         }
         err if err.is_damage() => {
-            "The store is damaged: restore weft.redb from a backup, or move the data dir away to start an empty cluster."
+            "The store is damaged: restore the data dir's log/ (with its STORE_ID) from a backup, or move the data dir away to start an empty cluster."
         }
         _ => "Check the data dir's disk, then start the coordinator again.",
     }
@@ -288,16 +290,24 @@ pub async fn start(
     let cache_size = config.store_cache_size;
     let scheduler = Scheduler::new((&config).into());
     let (store, mut scheduler, tokens, identities) = tokio::task::spawn_blocking(move || {
-        // The store library panics on some damage (debug checks on a
-        // zeroed page): caught here, so a damaged file is refused with a
-        // message instead of a crash.
+        // The redb library panics on some damage (debug checks on a
+        // zeroed page), which a move of a redb data dir to the log reads:
+        // caught here, so a damaged file is refused with a message instead
+        // of a crash.
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             open_and_load(data_dir.as_deref(), cache_size, scheduler)
         }))
         .unwrap_or_else(|panic| {
+            // The redb file while it is being moved, else the log.
             let path = data_dir
                 .as_deref()
-                .map(|dir| dir.join(store::redb::FILE_NAME))
+                .map(|dir| {
+                    let redb = dir.join(store::redb::FILE_NAME);
+                    match redb.exists() {
+                        true => redb,
+                        false => dir.join(store::migrate::LOG_DIR),
+                    }
+                })
                 .unwrap_or_default();
             Err(StoreError::Unreadable {
                 path,
@@ -527,16 +537,18 @@ type Opened = (
     Vec<store::NodeIdentityRecord>,
 );
 
-/// Opens the store (`None`: in memory) and reads what a start needs into
+/// Opens the store (`None`: in memory; a data dir's redb store is moved to
+/// the log first, once, with a redb page cache of `cache_size` bytes) and
+/// reads what a start needs into
 /// `scheduler`, one live task at a time (the full records are never all
 /// held at once: a restart fits in about what the run needed).
 fn open_and_load(
     data_dir: Option<&std::path::Path>,
-    _cache_size: usize,
+    cache_size: usize,
     mut scheduler: Scheduler,
 ) -> Result<Opened, StoreError> {
     let store: Arc<dyn Store> = match data_dir {
-        Some(dir) => Arc::new(LogStore::open(dir)?),
+        Some(dir) => store::migrate::open_data_dir_with_cache(dir, cache_size)?,
         None => Arc::new(MemoryStore::new()),
     };
     let since = SystemTime::now()

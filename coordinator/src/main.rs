@@ -234,9 +234,11 @@ struct Args {
     )]
     max_streams_per_client: usize,
 
-    /// Most memory the durable store's page cache may use: bytes, or a
-    /// number with KiB, MiB or GiB (e.g. 64MiB). It holds recently read and
-    /// written pages of the database file.
+    /// Most memory the old redb store's page cache may use while a data
+    /// dir written by an older coordinator (`weft.redb`) is moved to the
+    /// log, once, at start: bytes, or a number with KiB, MiB or GiB (e.g.
+    /// 64MiB). The log has no page cache, so otherwise it is accepted and
+    /// unused.
     #[arg(long, default_value = "64MiB", value_parser = parse_size)]
     store_cache_size: usize,
 

@@ -1,7 +1,8 @@
-//! A damaged or lost store file is refused, never served and never
+//! A damaged or lost redb store file is refused, never served and never
 //! replaced by an empty one: a changed byte in a value, a zeroed page, a
-//! truncated, empty or missing `weft.redb` where a store existed. And a
-//! store written before checksums still opens (upgraded once).
+//! truncated, empty or missing `weft.redb` where a store existed (at start
+//! too, where it would be moved to the log). And a store written before
+//! checksums still opens (upgraded once).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -285,9 +286,12 @@ async fn an_empty_truncated_or_missing_store_file_is_refused_naming_it() {
     assert!(err.to_string().contains("is empty"), "{err}");
     assert_eq!(std::fs::metadata(&file).unwrap().len(), 0, "written over");
 
+    // With neither weft.redb nor a log, the store the start looks for is
+    // the log.
     std::fs::remove_file(&file).unwrap();
-    let err = refused(dir.path(), &file).await;
-    assert!(err.to_string().contains("is missing"), "{err}");
+    let log = dir.path().join(migrate::LOG_DIR);
+    let err = refused(dir.path(), &log).await;
+    assert!(err.to_string().contains("holds no log"), "{err}");
     assert!(!file.exists(), "a new store was created");
 
     // Another (new) store put in its place is not this data dir's store.
@@ -297,10 +301,10 @@ async fn an_empty_truncated_or_missing_store_file_is_refused_naming_it() {
     let err = refused(dir.path(), &file).await;
     assert!(err.to_string().contains("another store"), "{err}");
 
-    // The original file back: it starts, with its tasks.
+    // The original file back: it starts (moved to the log), with its tasks.
     std::fs::write(&file, &whole).unwrap();
     assert!(start_error(dir.path()).await.is_none());
-    let store = RedbStore::open(dir.path()).unwrap();
+    let store = migrate::open_data_dir(dir.path()).unwrap();
     assert_eq!(store.list(None, None, 10).unwrap().len(), 2);
 }
 
@@ -361,4 +365,67 @@ fn a_store_written_before_checksums_opens_and_is_upgraded_once() {
     let txn = db.begin_read().unwrap();
     let schema = txn.open_table(META).unwrap().get("schema").unwrap();
     assert_eq!(schema.map(|v| v.value()), Some(3));
+}
+
+/// Flips one byte in the middle of event `seq` of task `id`.
+fn flip_a_byte_of_event(dir: &Path, id: TaskId, seq: u64) {
+    let db = Database::open(dir.join(STORE_FILE)).expect("redb opens");
+    let txn = db.begin_write().expect("write");
+    {
+        let mut events = txn.open_table(EVENTS).expect("events");
+        let key = (id.as_u128(), seq);
+        let mut value = events
+            .get(key)
+            .expect("read")
+            .expect("stored")
+            .value()
+            .to_vec();
+        let middle = value.len() / 2;
+        value[middle] ^= 0x20;
+        events.insert(key, value.as_slice()).expect("write");
+    }
+    txn.commit().expect("commit");
+}
+
+#[test]
+fn a_damaged_finished_task_or_event_is_left_out_of_the_move_to_the_log_and_the_rest_moved() {
+    let dir = tempfile::tempdir().unwrap();
+    let (queued, done) = store_with_two_tasks(dir.path());
+    let later = task(TaskState::Succeeded, "later");
+    RedbStore::open(dir.path())
+        .unwrap()
+        .commit(&[
+            Record::Task(later.clone()),
+            Record::Event(queued_event(later.id, 0)),
+            Record::Event(queued_event(later.id, 1)),
+        ])
+        .unwrap();
+    flip_a_byte_of(dir.path(), done.id);
+    flip_a_byte_of_event(dir.path(), later.id, 1);
+
+    let store = migrate::open_data_dir(dir.path()).expect("moved, leaving the damage out");
+    assert!(
+        store.task(done.id).unwrap().is_none(),
+        "a damaged task was moved"
+    );
+    assert_eq!(store.task(queued.id).unwrap().unwrap().next_seq, 1);
+    let later = store.task(later.id).unwrap().expect("moved");
+    assert_eq!(later.next_seq, 1, "the history up to the damaged event");
+    assert!(dir.path().join(migrate::MIGRATED_FILE).exists());
+}
+
+#[test]
+fn a_redb_store_with_a_damaged_live_task_is_refused_and_not_moved() {
+    let dir = tempfile::tempdir().unwrap();
+    let (queued, _) = store_with_two_tasks(dir.path());
+    flip_a_byte_of(dir.path(), queued.id);
+
+    let err = match migrate::open_data_dir(dir.path()) {
+        Ok(_) => panic!("moved a store with a damaged live task"),
+        Err(err) => err,
+    };
+    assert!(err.is_damage(), "{err}");
+    assert!(dir.path().join(STORE_FILE).exists(), "weft.redb moved away");
+    assert!(!dir.path().join(migrate::MIGRATING_DIR).exists());
+    assert!(!dir.path().join(migrate::LOG_DIR).exists());
 }

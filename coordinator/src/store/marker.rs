@@ -1,10 +1,11 @@
 //! The data dir's marker file, `STORE_ID`: written once the store's first
-//! commit is on disk, it holds the store's random id (which the store's
-//! `meta` table repeats). While it exists, a missing or empty `weft.redb`,
-//! or one holding another store, is refused at start: a lost store file
-//! never becomes a new empty cluster that silently forgets every task.
+//! commit is on disk, it holds the store's random id (which the store
+//! repeats). While it exists, a missing or empty store, or one holding
+//! another store, is refused at start: a lost store never becomes a new
+//! empty cluster that silently forgets every task.
 //!
-//! Only `RedbStore::open` reads or writes it; nothing here knows redb.
+//! Only the stores' opening reads or writes it (and the move of a redb
+//! data dir to the log, which keeps its id); nothing here knows an engine.
 
 use std::io::Write;
 use std::path::Path;
@@ -49,8 +50,8 @@ pub(super) fn write(path: &Path, id: u64) -> std::io::Result<()> {
         writeln!(file, "{PREFIX}{id:016x}")?;
         writeln!(
             file,
-            "This data dir holds a Weft store (weft.redb). While this file exists, the \
-             coordinator refuses to start if weft.redb is missing, empty or another store."
+            "This data dir holds a Weft store. While this file exists, the coordinator \
+             refuses to start if the store is missing, empty or another store."
         )?;
         file.sync_all()?;
     }

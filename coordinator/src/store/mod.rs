@@ -21,13 +21,18 @@
 //!   list scan), and the blocking-pool helper.
 //! - `codec` — records <-> protobuf bytes, and a record's wire form for
 //!   the services.
-//! - [`redb`] — [`RedbStore`], the durable store (one file).
+//! - [`redb`] — [`RedbStore`], the older durable store (one file), read
+//!   when a data dir is moved to the log.
 //! - `seal` — the checksum every value the durable store writes ends in,
 //!   checked on every read, and the one-time upgrade of older stores.
 //! - [`marker`] — the data dir's `STORE_ID` file: a store existed here, so
 //!   a missing or empty store file is refused, never replaced.
 //! - [`memory`] — [`MemoryStore`], the in-memory store (tests, `weft local`,
 //!   `--in-memory`).
+//! - [`migrate`] — [`open_data_dir`](migrate::open_data_dir): a data
+//!   dir's store (the log), moving a redb data dir to it once;
+//!   [`copy_store`](migrate::copy_store): one store copied into another
+//!   through the trait.
 //! - `power_cut` (tests only) — a simulated disk (one file, or a
 //!   directory of files) that loses what was not synced at a power cut;
 //!   `power_cut_tests` cuts power under the redb store with it, and
@@ -44,6 +49,9 @@ mod list_tests;
 pub mod log;
 pub mod marker;
 pub mod memory;
+pub mod migrate;
+#[cfg(test)]
+mod migrate_tests;
 #[cfg(test)]
 mod power_cut;
 #[cfg(test)]

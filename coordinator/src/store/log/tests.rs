@@ -105,6 +105,15 @@ fn fill(store: &dyn Store, n: usize) -> Vec<TaskId> {
     ids
 }
 
+/// The data dir's log without the background compaction thread, so a
+/// test's own `compact_step` calls are the only ones.
+fn open_quiet(data_dir: &std::path::Path) -> LogStore {
+    let log = data_dir.join(DIR_NAME);
+    std::fs::create_dir_all(&log).expect("log dir");
+    let dir = Arc::new(super::fs::RealDir::new(&log));
+    LogStore::open_on(dir, &log, Some(1)).expect("log opens")
+}
+
 fn segments(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut all: Vec<_> = std::fs::read_dir(dir.join(DIR_NAME))
         .expect("log dir")
@@ -242,7 +251,7 @@ fn a_byte_changed_under_a_running_store_is_reported_when_read_never_served() {
 #[test]
 fn compaction_keeps_exactly_the_current_records_and_frees_the_rest() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let store = LogStore::open(dir.path()).expect("opens");
+    let store = open_quiet(dir.path());
     store.set_segment_bytes(16 * 1024);
     let ids = fill(&store, 400);
     // Half of the finished ones go at retention.
@@ -270,7 +279,7 @@ fn compaction_keeps_exactly_the_current_records_and_frees_the_rest() {
         );
     }
     drop(store);
-    let store = LogStore::open(dir.path()).expect("reopens");
+    let store = open_quiet(dir.path());
     assert_eq!(view(&store), before, "after reopening");
 }
 
@@ -278,7 +287,7 @@ fn compaction_keeps_exactly_the_current_records_and_frees_the_rest() {
 fn expired_tasks_stay_gone_after_compaction_and_reopening() {
     let dir = tempfile::tempdir().expect("temp dir");
     let gone = {
-        let store = LogStore::open(dir.path()).expect("opens");
+        let store = open_quiet(dir.path());
         store.set_segment_bytes(4 * 1024);
         let ids = fill(&store, 100);
         store.expire(at(1_000), usize::MAX).expect("expire");
@@ -288,7 +297,7 @@ fn expired_tasks_stay_gone_after_compaction_and_reopening() {
         }
         ids.into_iter().step_by(2).collect::<Vec<_>>()
     };
-    let store = LogStore::open(dir.path()).expect("reopens");
+    let store = open_quiet(dir.path());
     for id in gone {
         assert!(store.task(id).expect("read").is_none(), "{id} came back");
     }
@@ -329,4 +338,39 @@ fn a_task_changed_several_times_in_one_commit_is_written_once() {
         offset += (FRAME_HEADER + payload.len()) as u64;
     }
     assert_eq!((tasks, events), (1, 1));
+}
+
+/// Timing aid, not a check (`cargo test --release -p weft-coordinator --lib
+/// million -- --ignored --nocapture`): opening and loading a log of a
+/// million queued tasks. `weft bench --only recovery` measures the whole
+/// coordinator.
+#[test]
+#[ignore = "timing aid; run by hand"]
+fn opening_a_million_queued_tasks() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let n = 1_000_000;
+    {
+        let store = LogStore::open(dir.path()).expect("opens");
+        let ids = ids(n);
+        for chunk in ids.chunks(2_000) {
+            let records: Vec<Record> = chunk
+                .iter()
+                .map(|id| Record::Task(record(*id, TaskState::Queued, 1)))
+                .collect();
+            store.commit(&records).expect("commit");
+        }
+    }
+    let started = std::time::Instant::now();
+    let store = LogStore::open(dir.path()).expect("reopens");
+    let opened = started.elapsed();
+    let mut live = 0;
+    store
+        .load_each(UNIX_EPOCH, &mut |_, _| live += 1)
+        .expect("load");
+    println!(
+        "open {:.3} s, load {:.3} s, {live} live",
+        opened.as_secs_f64(),
+        (started.elapsed() - opened).as_secs_f64()
+    );
+    assert_eq!(live, n);
 }
