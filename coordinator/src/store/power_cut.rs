@@ -15,7 +15,9 @@
 //! in-order prefix (file systems journal them in order): none of them with
 //! [`Survivors::None`], all with [`Survivors::All`], a seeded prefix
 //! otherwise. A created file that did not land is gone; a removed one
-//! that did not land is back with its durable contents.
+//! that did not land is back with its durable contents. A fuse armed with
+//! [`SimDisk::fail_at_sync`] fails a sync with the power on instead, and
+//! the file's unsynced writes are lost (a writeback error).
 //!
 //! After a cut every handle of the old "boot" fails each call with an I/O
 //! error, as a dead machine would, so the old store's shutdown writes reach
@@ -157,8 +159,20 @@ struct Fuse {
     /// Only syncs count: the cut comes with every write since the last
     /// sync still in the cache.
     syncs_only: bool,
-    /// What survives it.
-    survivors: Survivors,
+    /// What it does.
+    blow: Blow,
+}
+
+/// What a fuse does when it blows.
+#[derive(Clone, Copy, Debug)]
+enum Blow {
+    /// Cuts the power, `Survivors` surviving.
+    Cut(Survivors),
+    /// Fails the call with an I/O error, the power staying on. A failed
+    /// file sync also loses that file's unsynced writes (a writeback
+    /// error: the pages are dropped, and a later sync succeeds without
+    /// them): the file reads as it was at its last sync.
+    Fail,
 }
 
 /// A disk with a volatile write cache. Cloning shares it.
@@ -354,36 +368,47 @@ impl State {
     }
 
     /// Counts a write, resize or sync (of `inode`'s file, or of the
-    /// directory when `None`); false when the armed fuse blew on it (the
-    /// power is then off and the change was not made, though a torn write
-    /// may have partly landed).
-    fn count(&mut self, inode: Option<Inode>, change: Option<&Pending>) -> bool {
+    /// directory when `None`); an error when the armed fuse blew on it:
+    /// the power is then off and the change was not made, though a torn
+    /// write may have partly landed; or the call failed with the power on.
+    fn count(&mut self, inode: Option<Inode>, change: Option<&Pending>) -> io::Result<()> {
         self.ops += 1;
         let Some(fuse) = self.fuse.as_mut() else {
-            return true;
+            return Ok(());
         };
         if fuse.syncs_only && change.is_some() {
-            return true;
+            return Ok(());
         }
         if fuse.left > 1 {
             fuse.left -= 1;
-            return true;
+            return Ok(());
         }
-        let survivors = fuse.survivors;
+        let blow = fuse.blow;
+        self.fuse = None;
         self.blown_in = Some(match (inode, change) {
             (_, Some(Pending::Write { .. })) => Op::Write,
             (_, Some(Pending::SetLen(_))) => Op::Resize,
             (Some(_), None) => Op::FileSync,
             (None, None) => Op::DirSync,
         });
-        // The change was under way: it can be the torn one.
-        if let (Some(inode), Some(change)) = (inode, change)
-            && let Some(image) = self.files.get_mut(&inode)
-        {
-            image.pending.push(change.clone());
+        let image = inode.and_then(|inode| self.files.get_mut(&inode));
+        match blow {
+            Blow::Cut(survivors) => {
+                // The change was under way: it can be the torn one.
+                if let (Some(image), Some(change)) = (image, change) {
+                    image.pending.push(change.clone());
+                }
+                self.cut(survivors);
+                Err(power_off())
+            }
+            Blow::Fail => {
+                if let (Some(image), None) = (image, change) {
+                    image.pending.clear();
+                    image.current.clone_from(&image.durable);
+                }
+                Err(io::Error::other("the simulated disk failed the call"))
+            }
         }
-        self.cut(survivors);
-        false
     }
 
     /// A new, empty file (not named yet).
@@ -469,7 +494,7 @@ impl SimDisk {
         self.lock().fuse = Some(Fuse {
             left: after.max(1),
             syncs_only: false,
-            survivors,
+            blow: Blow::Cut(survivors),
         });
     }
 
@@ -480,7 +505,18 @@ impl SimDisk {
         self.lock().fuse = Some(Fuse {
             left: nth.max(1),
             syncs_only: true,
-            survivors,
+            blow: Blow::Cut(survivors),
+        });
+    }
+
+    /// Fails the `nth` sync (of a file or the directory) from now (1: the
+    /// next one) with an I/O error, the power staying on; a failed file
+    /// sync loses the file's unsynced writes (see `Blow::Fail`).
+    pub(crate) fn fail_at_sync(&self, nth: u64) {
+        self.lock().fuse = Some(Fuse {
+            left: nth.max(1),
+            syncs_only: true,
+            blow: Blow::Fail,
         });
     }
 
@@ -578,9 +614,7 @@ impl SimFile {
     fn change(&self, change: Pending) -> io::Result<()> {
         let mut state = self.live()?;
         self.image(&mut state)?;
-        if !state.count(Some(self.inode), Some(&change)) {
-            return Err(power_off());
-        }
+        state.count(Some(self.inode), Some(&change))?;
         self.image(&mut state)?.change(change);
         Ok(())
     }
@@ -619,9 +653,7 @@ impl SimFile {
     pub(crate) fn sync_data(&self) -> io::Result<()> {
         let mut state = self.live()?;
         self.image(&mut state)?;
-        if !state.count(Some(self.inode), None) {
-            return Err(power_off());
-        }
+        state.count(Some(self.inode), None)?;
         self.image(&mut state)?.sync();
         state.syncs += 1;
         Ok(())

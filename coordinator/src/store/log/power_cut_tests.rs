@@ -402,3 +402,53 @@ fn a_cut_in_any_call_of_a_compaction_step_that_copies_loses_nothing_acknowledged
         }
     }
 }
+
+#[test]
+fn after_a_failed_sync_the_log_acknowledges_nothing_until_reopened_and_loses_nothing_acknowledged()
+{
+    // The disk fails a sync (its writes are lost) with the power on: in a
+    // commit, or in a compaction's copy. Nothing written after it may be
+    // acknowledged on top of the hole it left; after a cut and a reopen,
+    // the log holds what was acknowledged.
+    for compacting in [false, true] {
+        let at = if compacting {
+            "in a compaction"
+        } else {
+            "in a commit"
+        };
+        let disk = SimDisk::new();
+        let label = PathBuf::from(format!("simulated disk, a failed sync {at}"));
+        let (store, mut acked) = log_due_for_compaction(&disk, &label, 21);
+        let mut writer = Writer::new(22);
+        let mut seen: BTreeSet<TaskId> = acked.tasks.keys().copied().collect();
+        let failed = if compacting {
+            for _ in 0..removals_before_a_copy(21) {
+                store.compact_step().unwrap();
+            }
+            // The copy's sync.
+            disk.fail_at_sync(1);
+            store
+                .compact_step()
+                .expect_err("a compaction step went on after its sync failed")
+        } else {
+            disk.fail_at_sync(1);
+            let (records, next) = writer.batch(&acked);
+            seen.extend(next.tasks.keys().copied());
+            store
+                .commit(&records)
+                .expect_err("a commit acknowledged after its sync failed")
+        };
+        assert!(!disk.is_off() && !failed.is_damage(), "{at}: {failed}");
+        for _ in 0..3 {
+            let (records, next) = writer.batch(&acked);
+            seen.extend(next.tasks.keys().copied());
+            if store.commit(&records).is_ok() {
+                acked = next;
+            }
+        }
+        disk.cut(Survivors::All);
+        drop(store);
+        let store = open_log(&disk, &label, false).unwrap_or_else(|err| panic!("{at}: {err}"));
+        holds(&*store, &acked, &seen).unwrap_or_else(|err| panic!("{at}: {err}"));
+    }
+}

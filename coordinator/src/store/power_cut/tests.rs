@@ -215,3 +215,20 @@ fn the_fuse_counts_the_writes_and_syncs_of_every_file_and_the_directory() {
     let dir = disk.mount();
     assert_eq!(files(&dir)[0], ("a".to_owned(), vec![1; 512]));
 }
+
+#[test]
+fn a_failed_sync_loses_the_unsynced_writes_with_the_power_on() {
+    let (disk, file) = disk_with(&[1; 512], &[(0, &[2; 512])]);
+    disk.fail_at_sync(1);
+    assert!(file.sync_data().is_err(), "the sync did not fail");
+    assert!(!disk.is_off(), "the power went");
+    let mut read = [0; 4];
+    file.read(0, &mut read).unwrap();
+    assert_eq!(read, [1; 4], "the lost write still reads");
+    file.write(512, &[3; 512]).unwrap();
+    file.sync_data().unwrap();
+    disk.cut(Survivors::All);
+    let mut want = vec![1; 512];
+    want.extend_from_slice(&[3; 512]);
+    assert_eq!(image(&disk), want);
+}
