@@ -29,8 +29,6 @@ use super::redb::{self, RedbStore};
 
 /// The log's directory inside the data dir.
 pub const LOG_DIR: &str = super::log::DIR_NAME;
-/// The lock file `LogStore` keeps in its directory.
-const LOCK_FILE: &str = "LOCK";
 /// Where a move from redb writes the log until it is complete.
 pub const MIGRATING_DIR: &str = "log.migrating";
 /// What `weft.redb` is renamed to once its store was moved to the log.
@@ -169,7 +167,7 @@ fn retire_redb(dir: &Path) -> Result<(), StoreError> {
 /// refused while `weft.redb` was missing leaves it with only its lock file.
 /// Anything else in it is not the log's, and refuses the move.
 fn remove_empty_log(log_dir: &Path) -> Result<(), StoreError> {
-    match std::fs::remove_file(log_dir.join(LOCK_FILE)) {
+    match std::fs::remove_file(log_dir.join(super::log::LOCK_FILE)) {
         Ok(()) => {}
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
         Err(err) => return Err(open_error(log_dir, err)),

@@ -61,7 +61,7 @@ use index::{Index, Loc, Segment};
 /// The log's directory inside the data dir.
 pub const DIR_NAME: &str = "log";
 /// The lock file inside the log's directory.
-const LOCK_FILE: &str = "LOCK";
+pub(crate) const LOCK_FILE: &str = "LOCK";
 /// Bytes at which the active segment is sealed and a new one started.
 pub const DEFAULT_SEGMENT_BYTES: u64 = 64 << 20;
 
