@@ -84,8 +84,10 @@ impl Inner {
         let mut batch_bytes = 0;
         let mut at = 0u64;
         while at < len {
-            let Some(payload) = reader
-                .frame(at)
+            // A segment's header frame is salted with 0.
+            let salt = if at == 0 { 0 } else { self.store_id };
+            let Some((_, payload)) = reader
+                .frame(at, salt)
                 .map_err(|e| io_error("compacting: reading a segment", &e))?
             else {
                 return Err(StoreError::Damaged {

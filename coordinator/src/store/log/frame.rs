@@ -2,13 +2,19 @@
 //!
 //! ```text
 //! segment := frame*
-//! frame   := len u32 | crc u32 (CRC32C of the payload) | payload
+//! frame   := len u32 | crc u32 | seq u64 | payload
+//!            crc: CRC32C of the store id (u64; 0 in a segment's header
+//!            frame), seq and payload
 //! payload := record*
 //! record  := kind u8 | len u32 (of data) | crc u32 (CRC32C of kind and data) | data
 //! data    := key body
 //! ```
-//! Integers are little-endian. The frame's checksum finds a torn commit at
-//! the end of the log (recovery cuts it off); each record's own checksum is
+//! Integers are little-endian. Frames are numbered (`seq`) one after
+//! another across segments. The frame's checksum finds a torn commit at
+//! the end of the log (recovery cuts it off); its number and the store id
+//! in its checksum tell a frame of this log written later from bytes that
+//! only look like one (a task's input holding a copy of a segment), so
+//! damage is told from a torn tail; each record's own checksum is
 //! checked when the record is read alone (`Get`, `Watch` history), so a
 //! changed byte is damage, never served. A record's bytes do not depend on
 //! where they are, so compaction copies records verbatim.
@@ -26,7 +32,7 @@ use weft_proto::{Attempt, Outcome, TaskState};
 use super::super::record::TaskRecord;
 
 /// Bytes before a frame's payload.
-pub(super) const FRAME_HEADER: usize = 8;
+pub(super) const FRAME_HEADER: usize = 16;
 /// Bytes before a record's data.
 pub(super) const RECORD_HEADER: usize = 9;
 
@@ -271,19 +277,29 @@ pub(super) fn records(
 }
 
 /// Fills in the header of the frame that `buf` holds (its first
-/// [`FRAME_HEADER`] bytes were reserved).
-pub(super) fn seal_frame(buf: &mut [u8]) {
+/// [`FRAME_HEADER`] bytes were reserved): frame number `seq` of the log
+/// of store `salt` (0 for a segment's header frame).
+pub(super) fn seal_frame(buf: &mut [u8], salt: u64, seq: u64) {
     let len = u32::try_from(buf.len() - FRAME_HEADER).unwrap_or(u32::MAX);
-    let crc = crc32c::crc32c(&buf[FRAME_HEADER..]);
+    let crc = frame_crc(salt, seq, &buf[FRAME_HEADER..]);
     buf[..4].copy_from_slice(&len.to_le_bytes());
     buf[4..8].copy_from_slice(&crc.to_le_bytes());
+    buf[8..16].copy_from_slice(&seq.to_le_bytes());
 }
 
-/// A frame's header: its payload's length and checksum.
-pub(super) fn frame_header(header: &[u8; FRAME_HEADER]) -> (usize, u32) {
-    let len = u32::from_le_bytes(header[..4].try_into().unwrap_or_default()) as usize;
-    let crc = u32::from_le_bytes(header[4..].try_into().unwrap_or_default());
-    (len, crc)
+/// A frame's checksum.
+pub(super) fn frame_crc(salt: u64, seq: u64, payload: &[u8]) -> u32 {
+    let head = crc32c::crc32c_append(crc32c::crc32c(&salt.to_le_bytes()), &seq.to_le_bytes());
+    crc32c::crc32c_append(head, payload)
+}
+
+/// A frame's header: its payload's length, checksum and number.
+pub(super) fn frame_header(header: &[u8]) -> (usize, u32, u64) {
+    let word = |from: usize, to: usize| header.get(from..to).unwrap_or_default();
+    let len = u32::from_le_bytes(word(0, 4).try_into().unwrap_or_default()) as usize;
+    let crc = u32::from_le_bytes(word(4, 8).try_into().unwrap_or_default());
+    let seq = u64::from_le_bytes(word(8, 16).try_into().unwrap_or_default());
+    (len, crc, seq)
 }
 
 /// A segment header's body: magic, format version, store id, segment number.

@@ -97,6 +97,8 @@ struct Writer {
     active: u32,
     file: Arc<dyn LogFile>,
     len: u64,
+    /// The number of the last frame written.
+    seq: u64,
     buf: Vec<u8>,
     /// Set when a write's outcome on disk is unknown (a failed sync, a
     /// failed cut of a partial write): every later write is refused until
@@ -333,7 +335,6 @@ impl Inner {
     /// then applies it to the index. Seals the active segment first when
     /// the frame would take it past the segment size.
     fn append(&self, writer: &mut Writer, mut buf: Vec<u8>) -> Result<(), StoreError> {
-        frame::seal_frame(&mut buf);
         let len = buf.len() as u64;
         let limit = self.segment_bytes.load(Ordering::Relaxed);
         if (writer.len + len > limit || writer.len + len > u64::from(u32::MAX))
@@ -341,6 +342,8 @@ impl Inner {
         {
             self.roll(writer)?;
         }
+        let seq = writer.seq + 1;
+        frame::seal_frame(&mut buf, self.store_id, seq);
         if writer.len + len > u64::from(u32::MAX) {
             return Err(StoreError::Backend {
                 op: "writing a commit",
@@ -360,6 +363,7 @@ impl Inner {
             return Err(io_error("syncing a commit", &err));
         }
         writer.len += len;
+        writer.seq = seq;
         let applied = {
             let mut index = self.index.write().map_err(|_| StoreError::Poisoned)?;
             if let Some(segment) = index.segments.get_mut(&writer.active) {
@@ -385,7 +389,7 @@ impl Inner {
     /// synced and its name made durable before anything goes in it).
     fn roll(&self, writer: &mut Writer) -> Result<(), StoreError> {
         let no = writer.active + 1;
-        let (file, len) = create_segment(&*self.dir, no, self.store_id)?;
+        let (file, len) = create_segment(&*self.dir, no, self.store_id, writer.seq + 1)?;
         let mut index = self.index.write().map_err(|_| StoreError::Poisoned)?;
         index.segments.insert(
             no,
@@ -397,6 +401,7 @@ impl Inner {
             },
         );
         writer.active = no;
+        writer.seq += 1;
         writer.file = file;
         writer.len = len;
         drop(index);
@@ -668,12 +673,13 @@ impl Inner {
 /// The bytes of a segment's header frame.
 const HEADER_FRAME_LEN: u64 = (FRAME_HEADER + frame::RECORD_HEADER + 24) as u64;
 
-/// Creates segment `no`, writes its header frame and syncs it and the
-/// directory. Returns the file and its length.
+/// Creates segment `no`, writes its header frame (frame number `seq`) and
+/// syncs it and the directory. Returns the file and its length.
 fn create_segment(
     dir: &dyn LogDir,
     no: u32,
     store_id: u64,
+    seq: u64,
 ) -> Result<(Arc<dyn LogFile>, u64), StoreError> {
     let name = segment_name(no);
     let file = dir
@@ -686,7 +692,7 @@ fn create_segment(
         Key::None,
         &[&frame::header_body(store_id, no)],
     );
-    frame::seal_frame(&mut buf);
+    frame::seal_frame(&mut buf, 0, seq);
     let written = file
         .write_all_at(&buf, 0)
         .and_then(|()| file.sync_data())

@@ -232,11 +232,13 @@ fn bit_rot_under_a_running_log_store_is_a_damaged_read_never_data() {
 /// The filler around the frame in [`input_holding_a_frame`].
 const FILLER: usize = 2 * SECTOR as usize;
 
-/// A valid log frame of one token record.
+/// A valid frame of one token record, as the store's own log holds it
+/// (its store id, an early frame number): what a task's input holds when it
+/// copies a segment file.
 fn a_frame() -> Vec<u8> {
     let mut frame = vec![0u8; FRAME_HEADER];
     frame::put(&mut frame, Kind::Token, Key::Name("inner"), &[b"a token"]);
-    frame::seal_frame(&mut frame);
+    frame::seal_frame(&mut frame, STORE_ID, 2);
     frame
 }
 

@@ -4,10 +4,14 @@
 //! A commit is written whole, then synced, and the next one is written
 //! only after that sync returned; a segment is started only after the one
 //! before it was synced. So the only frame a crash can leave unfinished
-//! is the last one of the last segment, and nothing valid follows it: such
-//! a frame (short, or failing its checksum) was never acknowledged and is
-//! cut off. A bad frame anywhere else, or followed by a valid one, was
-//! synced and then changed: damage, and the start is refused.
+//! is the last one of the last segment, and no later frame of this log
+//! follows it: such a frame (short, or failing its checksum) was never
+//! acknowledged and is cut off. A bad frame anywhere else, or followed by a
+//! frame of this log numbered after the last good one (its checksum salted
+//! with the store id, so bytes inside a task's data that merely look like a
+//! frame do not count), was synced and then changed: damage, and the start
+//! is refused. Frames out of order (a segment from another copy of the log)
+//! are damage too.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -54,39 +58,41 @@ impl<'f> Reader<'f> {
         Ok(Some(&self.window[from..from + n]))
     }
 
-    /// The payload of a whole, valid frame at `at`; `None` if the frame
+    /// The number and payload of a whole, valid frame at `at` of the log
+    /// of store `salt` (0: a segment's header frame); `None` if the frame
     /// there is short or fails its checksum.
-    pub(super) fn frame(&mut self, at: u64) -> std::io::Result<Option<Vec<u8>>> {
+    pub(super) fn frame(&mut self, at: u64, salt: u64) -> std::io::Result<Option<(u64, Vec<u8>)>> {
         let Some(header) = self.bytes(at, FRAME_HEADER)? else {
             return Ok(None);
         };
-        let header: [u8; FRAME_HEADER] = header.try_into().unwrap_or_default();
-        let (len, crc) = frame::frame_header(&header);
+        let (len, crc, seq) = frame::frame_header(header);
         if len == 0 {
             return Ok(None);
         }
         let Some(payload) = self.bytes(at + FRAME_HEADER as u64, len)? else {
             return Ok(None);
         };
-        if crc32c::crc32c(payload) != crc {
+        if frame::frame_crc(salt, seq, payload) != crc {
             return Ok(None);
         }
-        Ok(Some(payload.to_vec()))
+        Ok(Some((seq, payload.to_vec())))
     }
 
-    /// Whether a valid frame starts anywhere after `at`.
-    fn valid_frame_after(&mut self, at: u64) -> std::io::Result<bool> {
+    /// Whether a valid frame of the log of store `salt`, numbered after
+    /// `last`, starts anywhere after `at`: one written after the frame at
+    /// `at` was synced, so that one was whole once.
+    fn valid_frame_after(&mut self, at: u64, salt: u64, last: u64) -> std::io::Result<bool> {
         let mut q = at + 1;
-        while q + FRAME_HEADER as u64 + frame::RECORD_HEADER as u64 <= self.len {
+        while q + (FRAME_HEADER + frame::RECORD_HEADER) as u64 <= self.len {
             let Some(header) = self.bytes(q, FRAME_HEADER + 1)? else {
                 break;
             };
-            let (len, _) =
-                frame::frame_header(header[..FRAME_HEADER].try_into().unwrap_or(&[0; 8]));
+            let (len, _, seq) = frame::frame_header(header);
             let plausible = len >= frame::RECORD_HEADER
+                && seq > last
                 && header[FRAME_HEADER] <= Kind::Node as u8
                 && q + (FRAME_HEADER + len) as u64 <= self.len;
-            if plausible && self.frame(q)?.is_some() {
+            if plausible && self.frame(q, salt)?.is_some() {
                 return Ok(true);
             }
             q += 1;
@@ -118,6 +124,8 @@ pub(super) fn recover(
     numbers.sort_unstable();
     let mut index = Index::new();
     let mut store_id: Option<u64> = None;
+    // The number of the last frame read.
+    let mut last_seq: Option<u64> = None;
     let mut last: Option<(u32, Arc<dyn LogFile>, u64)> = None;
     let count = numbers.len();
     let started = std::time::Instant::now();
@@ -141,16 +149,23 @@ pub(super) fn recover(
             },
         );
         loop {
-            let payload = reader
-                .frame(at)
+            // A segment's header frame is salted with 0: the store id is
+            // in it.
+            let salt = if header_seen {
+                store_id.unwrap_or(0)
+            } else {
+                0
+            };
+            let frame = reader
+                .frame(at, salt)
                 .map_err(|e| io_error("reading the log", &e))?;
-            let Some(payload) = payload else {
+            let Some((seq, payload)) = frame else {
                 if at == file_len {
                     break;
                 }
                 // A bad frame: an unfinished commit only at the very end.
                 let later = reader
-                    .valid_frame_after(at)
+                    .valid_frame_after(at, store_id.unwrap_or(0), last_seq.unwrap_or(0))
                     .map_err(|e| io_error("reading the log", &e))?;
                 if !is_last || later {
                     return Err(StoreError::Damaged {
@@ -170,6 +185,7 @@ pub(super) fn recover(
                     .map_err(|e| io_error("cutting an unfinished commit", &e))?;
                 break;
             };
+            let first_in_segment = !header_seen;
             if !header_seen {
                 let (raw, _) = frame::record(&payload, false)
                     .map_err(|e| unreadable(format!("{name}: {e}")))?;
@@ -195,6 +211,22 @@ pub(super) fn recover(
                 store_id = Some(id);
                 header_seen = true;
             }
+            // Numbered one after another within a segment, and upwards
+            // from one segment to the next (compaction removes segments
+            // from the middle too).
+            let in_order = match last_seq {
+                None => true,
+                Some(last) if first_in_segment => seq > last,
+                Some(last) => seq == last + 1,
+            };
+            if !in_order {
+                return Err(StoreError::Damaged {
+                    table: "log",
+                    key: format!("{name} at byte {at}"),
+                    reason: "a frame out of sequence (a segment from another copy of the log?)",
+                });
+            }
+            last_seq = Some(seq);
             index
                 .apply_frame(no, at + FRAME_HEADER as u64, &payload)
                 .map_err(|e| unreadable(format!("{name} at byte {at}: {e}")))?;
@@ -245,7 +277,9 @@ pub(super) fn recover(
                 });
             };
             let no = numbers.last().map_or(1, |n| n + 1);
-            let (file, len) = create_segment(dir, no, id)?;
+            let seq = last_seq.map_or(1, |s| s + 1);
+            last_seq = Some(seq);
+            let (file, len) = create_segment(dir, no, id, seq)?;
             index.segments.insert(
                 no,
                 Segment {
@@ -271,6 +305,7 @@ pub(super) fn recover(
             active,
             file,
             len,
+            seq: last_seq.unwrap_or(0),
             buf: Vec::new(),
             broken: None,
         },

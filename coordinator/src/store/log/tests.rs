@@ -327,7 +327,9 @@ fn a_task_changed_several_times_in_one_commit_is_written_once() {
     let len = super::fs::LogFile::len(&*file).expect("len");
     let mut reader = Reader::new(&*file, len);
     let (mut tasks, mut events, mut offset) = (0, 0, 0u64);
-    while let Some(payload) = reader.frame(offset).expect("read") {
+    let mut salt = 0;
+    while let Some((_, payload)) = reader.frame(offset, salt).expect("read") {
+        salt = store.store_id();
         for entry in frame::records(&payload) {
             match entry.expect("record").1.kind {
                 Kind::Task => tasks += 1,
