@@ -127,9 +127,9 @@ pub enum StoreError {
     #[error("inconsistent commit: {0}")]
     Inconsistent(String),
     /// Another process (or another coordinator in this one) has the data
-    /// dir's database open.
+    /// dir's store open.
     #[error(
-        "data dir {} is in use by another coordinator (its database file is locked); stop that one or pass another --data-dir",
+        "data dir {} is in use by another coordinator (its store is locked); stop that one or pass another --data-dir",
         .0.display()
     )]
     Locked(std::path::PathBuf),
@@ -150,7 +150,7 @@ pub enum StoreError {
         /// The engine's error.
         message: String,
     },
-    /// The database engine failed (I/O error, full disk, ...).
+    /// The store's files or engine failed (an I/O error, ...).
     #[error("{op}: {message}")]
     Backend {
         /// What the store was doing.
@@ -162,7 +162,7 @@ pub enum StoreError {
     /// a value under the wrong key): the store is damaged. Never served.
     #[error("the store is damaged: table {table}, key {key}: {reason}")]
     Damaged {
-        /// The redb table.
+        /// What holds it: a kind of record (`tasks`, `events`...) or `log`.
         table: &'static str,
         /// The value's key (a task id as a ULID, a token id).
         key: String,
@@ -176,7 +176,7 @@ pub enum StoreError {
         path.display()
     )]
     Unreadable {
-        /// The database file.
+        /// The store's file or directory.
         path: std::path::PathBuf,
         /// What the engine said (or where it panicked).
         message: String,
@@ -186,7 +186,7 @@ pub enum StoreError {
     /// than starting an empty cluster over it.
     #[error("{} {what}, but this data dir held a store (see {})", path.display(), marker.display())]
     Missing {
-        /// The database file.
+        /// The store's file or directory.
         path: std::path::PathBuf,
         /// The marker file that says a store existed.
         marker: std::path::PathBuf,

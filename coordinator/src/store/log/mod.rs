@@ -145,6 +145,7 @@ impl LogStore {
             None => Some(new_store_id(data_dir)?),
         };
         let store = LogStore::open_dir(&log_dir, create).map_err(|err| match err {
+            StoreError::Locked(_) => StoreError::Locked(data_dir.to_owned()),
             StoreError::Missing { path, what, .. } => StoreError::Missing {
                 path,
                 marker: marker_path.clone(),
