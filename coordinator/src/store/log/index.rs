@@ -225,30 +225,15 @@ impl Index {
                 }
                 self.mark_deletes(loc.seg);
             }
-            (Kind::Schedule, Key::Name(name)) => {
-                let old = self.schedules.insert(name.to_owned(), loc);
+            (Kind::Schedule | Kind::Limit | Kind::Token, Key::Name(name)) => {
+                let old = self.named(raw.kind).insert(name.to_owned(), loc);
                 self.replace(old);
                 self.alive(loc);
             }
-            (Kind::DeleteSchedule, Key::Name(name)) => {
-                let old = self.schedules.remove(name);
+            (Kind::DeleteSchedule | Kind::DeleteLimit, Key::Name(name)) => {
+                let old = self.named(raw.kind).remove(name);
                 self.replace(old);
                 self.mark_deletes(loc.seg);
-            }
-            (Kind::Limit, Key::Name(name)) => {
-                let old = self.limits.insert(name.to_owned(), loc);
-                self.replace(old);
-                self.alive(loc);
-            }
-            (Kind::DeleteLimit, Key::Name(name)) => {
-                let old = self.limits.remove(name);
-                self.replace(old);
-                self.mark_deletes(loc.seg);
-            }
-            (Kind::Token, Key::Name(name)) => {
-                let old = self.tokens.insert(name.to_owned(), loc);
-                self.replace(old);
-                self.alive(loc);
             }
             (Kind::Node, Key::Id(id)) => {
                 let old = self.nodes.insert(id, loc);
@@ -258,6 +243,16 @@ impl Index {
             _ => return Err("a record whose key does not fit its kind"),
         }
         Ok(())
+    }
+
+    /// The table of named records a kind writes or deletes in: schedules,
+    /// limits or tokens.
+    fn named(&mut self, kind: Kind) -> &mut BTreeMap<String, Loc> {
+        match kind {
+            Kind::Schedule | Kind::DeleteSchedule => &mut self.schedules,
+            Kind::Limit | Kind::DeleteLimit => &mut self.limits,
+            _ => &mut self.tokens,
+        }
     }
 
     fn mark_deletes(&mut self, seg: u32) {
