@@ -248,18 +248,7 @@ fn corrupt(what: &'static str, message: impl ToString) -> StoreError {
 
 /// A task record as stored bytes.
 pub(crate) fn encode_task(record: &TaskRecord) -> Vec<u8> {
-    StoredTask {
-        task: Some(stored_task_pb(record, true, true)),
-        lost_nodes: record
-            .lost_nodes
-            .iter()
-            .map(|(id, name)| StoredNode {
-                node_id: id.to_string(),
-                node_name: name.to_string(),
-            })
-            .collect(),
-    }
-    .stored()
+    encode_stored_task(record, true)
 }
 
 /// A task's secret environment as stored: in a table of its own, never
@@ -283,10 +272,71 @@ pub(crate) fn decode_secrets(bytes: &[u8]) -> Result<SecretEnv, StoreError> {
 
 /// A task record from stored bytes (`next_seq` is left 0 for the caller).
 pub(crate) fn decode_task(id: TaskId, bytes: &[u8]) -> Result<TaskRecord, StoreError> {
+    decode_stored_task(id, bytes, None)
+}
+
+/// A task record as stored bytes without its spec, for a store that keeps
+/// each task's spec once, apart ([`encode_spec`]): a spec never changes
+/// after submit, while the record is written again at every change.
+pub(crate) fn encode_task_without_spec(record: &TaskRecord) -> Vec<u8> {
+    encode_stored_task(record, false)
+}
+
+fn encode_stored_task(record: &TaskRecord, with_spec: bool) -> Vec<u8> {
+    StoredTask {
+        task: Some(stored_task_pb(record, with_spec, true)),
+        lost_nodes: record
+            .lost_nodes
+            .iter()
+            .map(|(id, name)| StoredNode {
+                node_id: id.to_string(),
+                node_name: name.to_string(),
+            })
+            .collect(),
+    }
+    .stored()
+}
+
+/// A task record from bytes of [`encode_task_without_spec`], with `spec`.
+pub(crate) fn decode_task_with_spec(
+    id: TaskId,
+    bytes: &[u8],
+    spec: Arc<TaskSpec>,
+) -> Result<TaskRecord, StoreError> {
+    decode_stored_task(id, bytes, Some(spec))
+}
+
+/// A task's spec as stored bytes (never its secrets).
+pub(crate) fn encode_spec(spec: &TaskSpec) -> Vec<u8> {
+    let mut pb = pb::TaskSpec::from(spec);
+    pb.secret_env.clear();
+    pb.stored()
+}
+
+/// A task's spec from bytes of [`encode_spec`].
+pub(crate) fn decode_spec(bytes: &[u8]) -> Result<Arc<TaskSpec>, StoreError> {
+    let pb = pb::TaskSpec::decode(bytes).map_err(|e| corrupt("task spec", e))?;
+    Ok(Arc::new(
+        TaskSpec::try_from(pb).map_err(|e| corrupt("task spec", e))?,
+    ))
+}
+
+/// A task record from stored bytes; its spec is `spec`, or the one the
+/// bytes hold.
+fn decode_stored_task(
+    id: TaskId,
+    bytes: &[u8],
+    spec: Option<Arc<TaskSpec>>,
+) -> Result<TaskRecord, StoreError> {
     let stored = StoredTask::decode(bytes).map_err(|e| corrupt("task", e))?;
     let mut task = stored.task.ok_or_else(|| corrupt("task", "no task"))?;
-    let spec = task.spec.take().ok_or_else(|| corrupt("task", "no spec"))?;
-    let spec = Arc::new(TaskSpec::try_from(spec).map_err(|e| corrupt("task spec", e))?);
+    let spec = match spec {
+        Some(spec) => spec,
+        None => {
+            let spec = task.spec.take().ok_or_else(|| corrupt("task", "no spec"))?;
+            Arc::new(TaskSpec::try_from(spec).map_err(|e| corrupt("task spec", e))?)
+        }
+    };
     let mut record = record_from_pb(id, task, spec)?;
     record.lost_nodes = stored
         .lost_nodes

@@ -189,7 +189,8 @@ impl EventBody {
 /// One write of a commit.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Record {
-    /// Insert or replace a task's record.
+    /// Insert or replace a task's record. A task's spec never changes after
+    /// its first record: an engine may keep it once.
     Task(TaskRecord),
     /// Append an event to a task's log (its task record comes first).
     Event(TaskEvent),

@@ -19,8 +19,8 @@
 //! changed byte is damage, never served. A record's bytes do not depend on
 //! where they are, so compaction copies records verbatim.
 //!
-//! Keys by kind: a task id (16 bytes) for tasks, secrets, expiries and node
-//! identities; a task id and a seq (8 bytes) for events; a name (u16 length
+//! Keys by kind: a task id (16 bytes) for tasks, specs, secrets, expiries
+//! and node identities; a task id and a seq (8 bytes) for events; a name (u16 length
 //! and UTF-8) for tokens, schedules and limits; none for a segment header.
 //! A task record's body starts with its head (state, last change, attempt,
 //! outcome: [`TaskHead`]), so recovery indexes it without decoding the rest.
@@ -64,6 +64,14 @@ pub(super) enum Kind {
     Token = 10,
     /// A node identity.
     Node = 11,
+    /// A task's spec, written once with its first record (a spec never
+    /// changes; the task record, written at every change, leaves it out).
+    Spec = 12,
+}
+
+impl Kind {
+    /// The highest kind there is.
+    pub(super) const LAST: Kind = Kind::Spec;
 }
 
 impl Kind {
@@ -81,6 +89,7 @@ impl Kind {
             9 => Kind::DeleteLimit,
             10 => Kind::Token,
             11 => Kind::Node,
+            12 => Kind::Spec,
             _ => return None,
         })
     }
@@ -97,6 +106,7 @@ impl Kind {
             Kind::Limit | Kind::DeleteLimit => "limits",
             Kind::Token => "tokens",
             Kind::Node => "node_identities",
+            Kind::Spec => "specs",
         }
     }
 }
@@ -118,9 +128,12 @@ impl Key<'_> {
     fn for_kind(kind: Kind) -> KeyShape {
         match kind {
             Kind::Header => KeyShape::None,
-            Kind::Task | Kind::Secrets | Kind::ForgetSecrets | Kind::Expired | Kind::Node => {
-                KeyShape::Id
-            }
+            Kind::Task
+            | Kind::Spec
+            | Kind::Secrets
+            | Kind::ForgetSecrets
+            | Kind::Expired
+            | Kind::Node => KeyShape::Id,
             Kind::Event => KeyShape::Event,
             Kind::Schedule
             | Kind::DeleteSchedule
@@ -346,6 +359,14 @@ pub(super) struct TaskHead {
 pub(super) const TASK_HEAD: usize = 14;
 
 impl TaskHead {
+    /// No head yet: recovery met a task's events or spec before its record.
+    pub(super) const NONE: TaskHead = TaskHead {
+        state: 0,
+        updated_ms: 0,
+        attempt: 0,
+        outcome: 0,
+    };
+
     pub(super) fn of(record: &TaskRecord) -> TaskHead {
         TaskHead {
             state: state_number(record.state),

@@ -41,6 +41,8 @@ impl Loc {
 pub(super) struct TaskEntry {
     /// Its latest record ([`Loc::NONE`] while recovery has seen only events).
     pub record: Loc,
+    /// Its spec, written once ([`Loc::NONE`] until seen).
+    pub spec: Loc,
     pub head: TaskHead,
     /// Its events, by seq.
     pub events: Vec<Loc>,
@@ -145,6 +147,7 @@ impl Index {
                 }
                 let entry = self.tasks.entry(id).or_insert_with(|| TaskEntry {
                     record: Loc::NONE,
+                    spec: Loc::NONE,
                     head,
                     events: Vec::new(),
                     secrets: None,
@@ -157,16 +160,24 @@ impl Index {
                 }
                 self.alive(loc);
             }
+            (Kind::Spec, Key::Id(id)) => {
+                let entry = self.tasks.entry(id).or_insert_with(|| TaskEntry {
+                    record: Loc::NONE,
+                    spec: Loc::NONE,
+                    head: TaskHead::NONE,
+                    events: Vec::new(),
+                    secrets: None,
+                });
+                let old = std::mem::replace(&mut entry.spec, loc);
+                self.replace(Some(old));
+                self.alive(loc);
+            }
             (Kind::Event, Key::Event(id, seq)) => {
                 let seq = usize::try_from(seq).map_err(|_| "an event seq past memory")?;
                 let entry = self.tasks.entry(id).or_insert_with(|| TaskEntry {
                     record: Loc::NONE,
-                    head: TaskHead {
-                        state: 0,
-                        updated_ms: 0,
-                        attempt: 0,
-                        outcome: 0,
-                    },
+                    spec: Loc::NONE,
+                    head: TaskHead::NONE,
                     events: Vec::new(),
                     secrets: None,
                 });
@@ -188,12 +199,8 @@ impl Index {
                             id,
                             TaskEntry {
                                 record: Loc::NONE,
-                                head: TaskHead {
-                                    state: 0,
-                                    updated_ms: 0,
-                                    attempt: 0,
-                                    outcome: 0,
-                                },
+                                spec: Loc::NONE,
+                                head: TaskHead::NONE,
                                 events: Vec::new(),
                                 secrets: Some(loc),
                             },
@@ -212,6 +219,7 @@ impl Index {
                 if let Some(entry) = self.tasks.remove(&id) {
                     let mut gone = entry.events;
                     gone.push(entry.record);
+                    gone.push(entry.spec);
                     gone.extend(entry.secrets);
                     for loc in gone {
                         self.replace(Some(loc));
@@ -266,6 +274,7 @@ impl Index {
     pub fn is_current(&self, raw: &Raw<'_>, loc: Loc) -> bool {
         match (raw.kind, raw.key) {
             (Kind::Task, Key::Id(id)) => self.tasks.get(&id).is_some_and(|e| e.record == loc),
+            (Kind::Spec, Key::Id(id)) => self.tasks.get(&id).is_some_and(|e| e.spec == loc),
             (Kind::Event, Key::Event(id, seq)) => self.tasks.get(&id).is_some_and(|e| {
                 usize::try_from(seq)
                     .ok()
@@ -292,6 +301,9 @@ impl Index {
         for (id, entry) in &self.tasks {
             if entry.record.is_none() {
                 return Err((*id, "events or secrets without their task record"));
+            }
+            if entry.spec.is_none() {
+                return Err((*id, "a task record without its spec"));
             }
             if entry.events.iter().any(|l| l.is_none()) {
                 return Err((*id, "a gap in its events"));

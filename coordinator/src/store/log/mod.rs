@@ -7,7 +7,8 @@
 //! log fits that: each [`Store::commit`] appends one frame (`frame.rs`)
 //! and syncs it once, whatever the order of the tasks it touches; a task
 //! changed several times in one commit is written once (its latest
-//! record); events and output chunks are records of their own, appended,
+//! record), and its spec, which never changes, only with its first record;
+//! events and output chunks are records of their own, appended,
 //! never rewritten with the task. Nothing is updated in place.
 //!
 //! - Reads go through the index (`index.rs`) to one positional read per
@@ -43,8 +44,9 @@ use std::time::{Duration, SystemTime};
 use weft_proto::{SecretEnv, TaskId, TaskSpec, TaskState};
 
 use super::codec::{
-    decode_event, decode_node_identity, decode_secrets, decode_task, decode_token, encode_event,
-    encode_node_identity, encode_secrets, encode_task, encode_token,
+    decode_event, decode_node_identity, decode_secrets, decode_spec, decode_task_with_spec,
+    decode_token, encode_event, encode_node_identity, encode_secrets, encode_spec,
+    encode_task_without_spec, encode_token,
 };
 use super::engine::{ListPage, ListQuery, Store, StoreError, scan_page};
 use super::record::{
@@ -435,21 +437,32 @@ impl Inner {
 
     /// A task's record, with `next_seq`.
     fn task(&self, id: TaskId) -> Result<Option<TaskRecord>, StoreError> {
-        let (loc, next_seq, file) = {
+        let key = id.as_u128();
+        let (loc, spec, next_seq) = {
             let index = self.read_index()?;
-            let Some(entry) = index.tasks.get(&id.as_u128()) else {
+            let Some(entry) = index.tasks.get(&key) else {
                 return Ok(None);
             };
             (
-                entry.record,
+                (entry.record, Self::file(&index, entry.record.seg)?),
+                (entry.spec, Self::file(&index, entry.spec.seg)?),
                 entry.events.len() as u64,
-                Self::file(&index, entry.record.seg)?,
             )
         };
-        let body = self.read_body(&*file, loc, Kind::Task, Key::Id(id.as_u128()))?;
-        let mut record = decode_task(id, &body[TASK_HEAD.min(body.len())..])?;
+        let spec = self.read_spec(key, spec)?;
+        let body = self.read_body(&*loc.1, loc.0, Kind::Task, Key::Id(key))?;
+        let mut record = decode_task_with_spec(id, &body[TASK_HEAD.min(body.len())..], spec)?;
         record.next_seq = next_seq;
         Ok(Some(record))
+    }
+
+    /// A task's spec, from its record at `loc`.
+    fn read_spec(
+        &self,
+        key: u128,
+        (loc, file): (Loc, Arc<dyn LogFile>),
+    ) -> Result<Arc<TaskSpec>, StoreError> {
+        decode_spec(&self.read_body(&*file, loc, Kind::Spec, Key::Id(key))?)
     }
 
     /// Reads the records at `locs` (of `kind`, keys from `key`), one read
@@ -495,7 +508,7 @@ impl Inner {
         limit: usize,
     ) -> Result<Vec<TaskEvent>, StoreError> {
         let key = id.as_u128();
-        let (record, locs) = {
+        let (spec, locs) = {
             let index = self.read_index()?;
             let Some(entry) = index.tasks.get(&key) else {
                 return Ok(Vec::new());
@@ -505,14 +518,13 @@ impl Inner {
             for loc in entry.events.iter().skip(from).take(limit) {
                 locs.push((*loc, Self::file(&index, loc.seg)?));
             }
-            ((entry.record, Self::file(&index, entry.record.seg)?), locs)
+            ((entry.spec, Self::file(&index, entry.spec.seg)?), locs)
         };
         if locs.is_empty() {
             return Ok(Vec::new());
         }
         // The spec goes back into a `finished` event's record.
-        let body = self.read_body(&*record.1, record.0, Kind::Task, Key::Id(key))?;
-        let spec: Arc<TaskSpec> = decode_task(id, &body[TASK_HEAD.min(body.len())..])?.spec;
+        let spec = self.read_spec(key, spec)?;
         let bodies =
             self.read_many(&locs, Kind::Event, |n| Key::Event(key, from_seq + n as u64))?;
         bodies
@@ -544,8 +556,18 @@ impl Inner {
                             .map_or(0, |e| e.events.len() as u64)
                     });
                     if last_record.get(&key) == Some(&i) {
+                        // A task's spec never changes: written once, with
+                        // its first record.
+                        if index.tasks.get(&key).is_none_or(|e| e.spec.is_none()) {
+                            frame::put(buf, Kind::Spec, Key::Id(key), &[&encode_spec(&task.spec)]);
+                        }
                         let head = TaskHead::of(task).bytes();
-                        frame::put(buf, Kind::Task, Key::Id(key), &[&head, &encode_task(task)]);
+                        frame::put(
+                            buf,
+                            Kind::Task,
+                            Key::Id(key),
+                            &[&head, &encode_task_without_spec(task)],
+                        );
                     }
                 }
                 Record::Event(event) => {

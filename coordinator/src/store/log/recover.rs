@@ -90,7 +90,7 @@ impl<'f> Reader<'f> {
             let (len, _, seq) = frame::frame_header(header);
             let plausible = len >= frame::RECORD_HEADER
                 && seq > last
-                && header[FRAME_HEADER] <= Kind::Node as u8
+                && header[FRAME_HEADER] <= Kind::LAST as u8
                 && q + (FRAME_HEADER + len) as u64 <= self.len;
             if plausible && self.frame(q, salt)?.is_some() {
                 return Ok(true);

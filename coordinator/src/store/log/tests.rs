@@ -304,7 +304,7 @@ fn expired_tasks_stay_gone_after_compaction_and_reopening() {
 }
 
 #[test]
-fn a_task_changed_several_times_in_one_commit_is_written_once() {
+fn a_task_changed_several_times_in_one_commit_is_written_once_and_its_spec_only_ever_once() {
     let dir = tempfile::tempdir().expect("temp dir");
     let store = LogStore::open(dir.path()).expect("opens");
     let id = ids(1)[0];
@@ -320,26 +320,34 @@ fn a_task_changed_several_times_in_one_commit_is_written_once() {
         store.task(id).expect("read").expect("task").state,
         TaskState::Running
     );
+    // A later change writes the record again, never the spec.
+    store
+        .commit(&[Record::Task(record(id, TaskState::Succeeded, 4))])
+        .expect("commit");
+    let task = store.task(id).expect("read").expect("task");
+    assert_eq!(task.state, TaskState::Succeeded);
+    assert_eq!(task.spec.name, record(id, TaskState::Queued, 1).spec.name);
     let segment = segments(dir.path()).pop().expect("a segment");
     let file = super::fs::RealDir::new(&dir.path().join(DIR_NAME));
     let name = segment.file_name().and_then(|n| n.to_str()).expect("name");
     let file = super::fs::LogDir::open(&file, name).expect("open");
     let len = super::fs::LogFile::len(&*file).expect("len");
     let mut reader = Reader::new(&*file, len);
-    let (mut tasks, mut events, mut offset) = (0, 0, 0u64);
+    let (mut tasks, mut specs, mut events, mut offset) = (0, 0, 0, 0u64);
     let mut salt = 0;
     while let Some((_, payload)) = reader.frame(offset, salt).expect("read") {
         salt = store.store_id();
         for entry in frame::records(&payload) {
             match entry.expect("record").1.kind {
                 Kind::Task => tasks += 1,
+                Kind::Spec => specs += 1,
                 Kind::Event => events += 1,
                 _ => {}
             }
         }
         offset += (FRAME_HEADER + payload.len()) as u64;
     }
-    assert_eq!((tasks, events), (1, 1));
+    assert_eq!((tasks, specs, events), (2, 1, 1));
 }
 
 /// Timing aid, not a check (`cargo test --release -p weft-coordinator --lib
