@@ -11,7 +11,7 @@ pub struct CoordinatorConfig {
     pub heartbeat_interval: Duration,
     /// Silence after which a node is lost (default 5 s).
     pub heartbeat_timeout: Duration,
-    /// The data dir of the durable store (redb); `None` keeps everything in
+    /// The data dir of the durable store (the log); `None` keeps everything in
     /// memory (tests, `weft local`). The binary's default is `weft-data`.
     pub data_dir: Option<PathBuf>,
     /// Most tasks not yet final at once; a Submit past it is RESOURCE_EXHAUSTED.
