@@ -135,16 +135,8 @@ impl Index {
             (Kind::Header, _) => {}
             (Kind::Task, Key::Id(id)) => {
                 let head = TaskHead::parse(raw.body).ok_or("a task record without its head")?;
-                let old = self.tasks.get(&id).map(|e| (e.record, e.head));
-                if let Some((record, old)) = old
-                    && !record.is_none()
-                {
-                    self.dead(record);
-                    self.state_set(old.state).remove(&id);
-                    if old.is_final() {
-                        self.finals.remove(&(old.updated_ms, id));
-                    }
-                }
+                // One lookup: the entry is updated in place, the indexes
+                // after.
                 let entry = self.tasks.entry(id).or_insert_with(|| TaskEntry {
                     record: Loc::NONE,
                     spec: Loc::NONE,
@@ -152,9 +144,21 @@ impl Index {
                     events: Vec::new(),
                     secrets: None,
                 });
-                entry.record = loc;
-                entry.head = head;
-                self.state_set(head.state).insert(id);
+                let record = std::mem::replace(&mut entry.record, loc);
+                let old = std::mem::replace(&mut entry.head, head);
+                let moved = record.is_none() || old.state != head.state;
+                if !record.is_none() {
+                    self.dead(record);
+                    if moved {
+                        self.state_set(old.state).remove(&id);
+                    }
+                    if old.is_final() {
+                        self.finals.remove(&(old.updated_ms, id));
+                    }
+                }
+                if moved {
+                    self.state_set(head.state).insert(id);
+                }
                 if head.is_final() {
                     self.finals.insert((head.updated_ms, id));
                 }
