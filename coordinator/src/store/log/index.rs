@@ -63,6 +63,18 @@ pub(super) struct Segment {
     pub deletes: bool,
 }
 
+impl Segment {
+    /// A segment `len` bytes long, nothing in it current yet.
+    pub fn new(file: Arc<dyn LogFile>, len: u64) -> Segment {
+        Segment {
+            file,
+            len,
+            live: 0,
+            deletes: false,
+        }
+    }
+}
+
 /// The index. See the module docs.
 #[derive(Debug, Default)]
 pub(super) struct Index {

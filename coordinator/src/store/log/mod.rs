@@ -394,15 +394,9 @@ impl Inner {
         let no = writer.active + 1;
         let (file, len) = create_segment(&*self.dir, no, self.store_id, writer.seq + 1)?;
         let mut index = self.index.write().map_err(|_| StoreError::Poisoned)?;
-        index.segments.insert(
-            no,
-            Segment {
-                file: Arc::clone(&file),
-                len,
-                live: 0,
-                deletes: false,
-            },
-        );
+        index
+            .segments
+            .insert(no, Segment::new(Arc::clone(&file), len));
         writer.active = no;
         writer.seq += 1;
         writer.file = file;

@@ -139,15 +139,9 @@ pub(super) fn recover(
         let mut reader = Reader::new(&*file, file_len);
         let mut at = 0u64;
         let mut header_seen = false;
-        index.segments.insert(
-            no,
-            Segment {
-                file: Arc::clone(&file),
-                len: file_len,
-                live: 0,
-                deletes: false,
-            },
-        );
+        index
+            .segments
+            .insert(no, Segment::new(Arc::clone(&file), file_len));
         loop {
             // A segment's header frame is salted with 0: the store id is
             // in it.
@@ -280,15 +274,9 @@ pub(super) fn recover(
             let seq = last_seq.map_or(1, |s| s + 1);
             last_seq = Some(seq);
             let (file, len) = create_segment(dir, no, id, seq)?;
-            index.segments.insert(
-                no,
-                Segment {
-                    file: Arc::clone(&file),
-                    len,
-                    live: 0,
-                    deletes: false,
-                },
-            );
+            index
+                .segments
+                .insert(no, Segment::new(Arc::clone(&file), len));
             (id, (no, file, len))
         }
     };
