@@ -44,7 +44,7 @@ impl Scheduler {
     /// slots, or its credits when `prefetch`). Returns whether the node may
     /// take more.
     fn assign_one(&mut self, session: SessionId, prefetch: bool, now: Now) -> bool {
-        let Some(node) = self.nodes.get(session) else {
+        let Some(node) = self.nodes.get_mut(session) else {
             return false;
         };
         let room = node.room(prefetch);
@@ -86,10 +86,23 @@ impl Scheduler {
             let Some(head) = class.ready.front() else {
                 continue;
             };
-            if class.example.slots > room || !node.can_run(&class.example) {
+            let cp = class.policy;
+            let rank = Rank {
+                priority: cp.priority,
+                effective: policy.effective(cp.priority, created, now_ns),
+                vtime: policy.fair[cp.fair as usize].vtime,
+                head: *head,
+            };
+            // Whether the class may go to this node now is checked only
+            // for a head that would be the best so far: the same choice as
+            // checking every class, for a handful of checks per assignment
+            // instead of one per class.
+            if best.as_ref().is_some_and(|(b, _)| !rank.before(b)) {
                 continue;
             }
-            let cp = class.policy;
+            if class.example.slots > room || !node.runs_class(index as u32, &class.example) {
+                continue;
+            }
             if let Some((key, _)) = cp.conc
                 && !policy.conc[key as usize].has_room()
             {
@@ -101,15 +114,7 @@ impl Scheduler {
             {
                 continue;
             }
-            let rank = Rank {
-                priority: cp.priority,
-                effective: policy.effective(cp.priority, created, now_ns),
-                vtime: policy.fair[cp.fair as usize].vtime,
-                head: *head,
-            };
-            if best.as_ref().is_none_or(|(b, _)| rank.before(b)) {
-                best = Some((rank, index));
-            }
+            best = Some((rank, index));
         }
         let Some((Rank { head: id, .. }, index)) = best else {
             return false;

@@ -80,7 +80,21 @@ pub(crate) struct NodeEntry {
     /// Resources it offers, and what of them is not held by an attempt.
     pub resources: BTreeMap<String, u64>,
     pub resources_free: BTreeMap<String, u64>,
+    /// Whether it could ever run each requirement class, by class index
+    /// ([`NodeEntry::runs_class`]): [`UNCHECKED`], [`RUNS`] or
+    /// [`NEVER`]. What decides it (handlers, exec policy, labels, slots,
+    /// resource totals, and the class's example) never changes for the
+    /// entry's life, so dispatch checks each pair once instead of at every
+    /// assignment.
+    class_fit: Vec<u8>,
 }
+
+/// [`NodeEntry::class_fit`]: not checked yet.
+const UNCHECKED: u8 = 0;
+/// [`NodeEntry::class_fit`]: the node could run the class.
+const RUNS: u8 = 1;
+/// [`NodeEntry::class_fit`]: the node could never run the class.
+const NEVER: u8 = 2;
 
 impl NodeEntry {
     pub fn new(reg: NodeRegistration, now: Instant) -> Self {
@@ -100,6 +114,26 @@ impl NodeEntry {
             finished: 0,
             resources_free: reg.resources.clone(),
             resources: reg.resources,
+            class_fit: Vec::new(),
+        }
+    }
+
+    /// [`NodeEntry::can_run`] for requirement class `class`, whose tasks
+    /// all match `example` as it does: checked once per node and class,
+    /// then remembered.
+    pub fn runs_class(&mut self, class: u32, example: &TaskSpec) -> bool {
+        let i = class as usize;
+        if self.class_fit.len() <= i {
+            self.class_fit.resize(i + 1, UNCHECKED);
+        }
+        match self.class_fit[i] {
+            RUNS => true,
+            NEVER => false,
+            _ => {
+                let runs = self.can_run(example);
+                self.class_fit[i] = if runs { RUNS } else { NEVER };
+                runs
+            }
         }
     }
 

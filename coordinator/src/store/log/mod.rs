@@ -569,29 +569,36 @@ impl Inner {
     /// task with no gap in seqs; a task changed several times is written
     /// once, as it ends up.
     fn encode(index: &Index, records: &[Record], buf: &mut Vec<u8>) -> Result<(), StoreError> {
-        let mut last_record: HashMap<u128, usize> = HashMap::new();
+        // Per task in this commit: its last record's position, and (once
+        // looked up, one index lookup per task) the seq of its next event
+        // and whether its spec is written.
+        let mut tasks: HashMap<u128, Pending> = HashMap::new();
         for (i, record) in records.iter().enumerate() {
             if let Record::Task(task) = record {
-                last_record.insert(task.id.as_u128(), i);
+                tasks.entry(task.id.as_u128()).or_default().last_record = Some(i);
             }
         }
-        let mut next_seq: HashMap<u128, u64> = HashMap::new();
+        let known = |key: &u128| {
+            index
+                .tasks
+                .get(key)
+                .filter(|e| !e.record.is_none())
+                .map(|e| (e.events.len() as u64, !e.spec.is_none()))
+        };
         for (i, record) in records.iter().enumerate() {
             match record {
                 Record::Task(task) => {
                     let key = task.id.as_u128();
-                    next_seq.entry(key).or_insert_with(|| {
-                        index
-                            .tasks
-                            .get(&key)
-                            .filter(|e| !e.record.is_none())
-                            .map_or(0, |e| e.events.len() as u64)
-                    });
-                    if last_record.get(&key) == Some(&i) {
+                    let pending = tasks.entry(key).or_default();
+                    let (_, spec_written) = *pending
+                        .known
+                        .get_or_insert_with(|| known(&key).unwrap_or((0, false)));
+                    if pending.last_record == Some(i) {
                         // A task's spec never changes: written once, with
                         // its first record.
-                        if index.tasks.get(&key).is_none_or(|e| e.spec.is_none()) {
+                        if !spec_written {
                             frame::put(buf, Kind::Spec, Key::Id(key), &[&encode_spec(&task.spec)]);
+                            pending.known = pending.known.map(|(next, _)| (next, true));
                         }
                         let head = TaskHead::of(task).bytes();
                         frame::put(
@@ -604,10 +611,14 @@ impl Inner {
                 }
                 Record::Event(event) => {
                     let key = event.task_id.as_u128();
-                    let next = match next_seq.get(&key) {
-                        Some(next) => *next,
-                        None => match index.tasks.get(&key).filter(|e| !e.record.is_none()) {
-                            Some(entry) => entry.events.len() as u64,
+                    let pending = tasks.entry(key).or_default();
+                    let next = match pending.known {
+                        Some((next, _)) => next,
+                        None => match known(&key) {
+                            Some(found) => {
+                                pending.known = Some(found);
+                                found.0
+                            }
                             None => {
                                 return Err(StoreError::Inconsistent(format!(
                                     "event for unknown task {}",
@@ -628,7 +639,7 @@ impl Inner {
                         Key::Event(key, event.seq),
                         &[&encode_event(event)],
                     );
-                    next_seq.insert(key, next + 1);
+                    pending.known = pending.known.map(|(_, spec)| (next + 1, spec));
                 }
                 Record::Secrets(id, env) => {
                     frame::put(
@@ -723,6 +734,16 @@ impl Inner {
             .map(|(name, loc, file)| self.read_body(&**file, *loc, kind, Key::Name(name)))
             .collect()
     }
+}
+
+/// A task's place in one commit being encoded (`LogStore::encode`).
+#[derive(Default)]
+struct Pending {
+    /// Where its last task record is in the commit (the one written).
+    last_record: Option<usize>,
+    /// Its next event's seq, and whether its spec is written (in the log
+    /// or earlier in this commit), once looked up.
+    known: Option<(u64, bool)>,
 }
 
 /// Reads records forward through a window of a segment, so a restart
