@@ -18,6 +18,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     std::fs::write(out.join("weft_descriptor.bin"), fds.encode_to_vec())?;
     tonic_prost_build::configure()
         .bytes(".")
+        // Maps as BTreeMap: no hasher to seed or hash with per message (a
+        // task's labels, env and resources are a few entries), and a
+        // message encodes the same way every time.
+        .btree_map(".")
         // `NodeService.Connect` would clash with the generated `connect`
         // constructor; clients build their `Channel` explicitly instead.
         .build_transport(false)

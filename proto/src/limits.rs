@@ -14,7 +14,7 @@
 //!
 //! Plain functions and constants: no I/O here.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 
 use prost::Message;
 
@@ -186,7 +186,7 @@ impl SpecLimits {
     }
 }
 
-fn check_env(field: &'static str, env: &HashMap<String, String>) -> Result<(), ConversionError> {
+fn check_env(field: &'static str, env: &BTreeMap<String, String>) -> Result<(), ConversionError> {
     count(field, env.len(), MAX_ENV_ENTRIES)?;
     for (name, value) in env {
         if name.len() > MAX_ENV_NAME_BYTES {

@@ -320,7 +320,7 @@ pub fn check_resource_name(field: &'static str, name: &str) -> Result<(), Conver
 /// Checks a resource map (a task's or a node's).
 pub fn check_resources(
     field: &'static str,
-    resources: &std::collections::HashMap<String, u64>,
+    resources: &BTreeMap<String, u64>,
 ) -> Result<BTreeMap<String, u64>, ConversionError> {
     if resources.len() > MAX_RESOURCES {
         return Err(invalid(

@@ -118,8 +118,8 @@ impl SecretEnv {
     }
 
     /// The wire form (for `TaskSpec.secret_env` and the store).
-    pub fn to_pb(&self) -> std::collections::HashMap<String, String> {
-        self.0.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    pub fn to_pb(&self) -> BTreeMap<String, String> {
+        self.0.clone()
     }
 }
 
@@ -138,14 +138,12 @@ impl fmt::Debug for SecretEnv {
 }
 
 /// A wire-form secret map as `Debug` may show it: names only.
-struct RedactedValues<'a>(&'a std::collections::HashMap<String, String>);
+struct RedactedValues<'a>(&'a BTreeMap<String, String>);
 
 impl fmt::Debug for RedactedValues<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut names: Vec<&String> = self.0.keys().collect();
-        names.sort();
         f.debug_map()
-            .entries(names.into_iter().map(|k| (k, Redacted)))
+            .entries(self.0.keys().map(|k| (k, Redacted)))
             .finish()
     }
 }
@@ -483,7 +481,7 @@ impl TryFrom<pb::TaskSpec> for TaskSpec {
                 check_env("exec.env", &exec.env)?;
                 TaskKind::Exec(ExecSpec {
                     argv: exec.argv,
-                    env: exec.env.into_iter().collect(),
+                    env: exec.env,
                     cwd: (!exec.cwd.is_empty()).then_some(exec.cwd),
                     stdin: exec.stdin,
                 })
@@ -603,7 +601,7 @@ impl TryFrom<pb::TaskSpec> for TaskSpec {
             fail_if_infeasible: spec.fail_if_infeasible,
             kind,
             slots: spec.slots.max(1),
-            labels: spec.labels.into_iter().collect(),
+            labels: spec.labels,
             timeout,
             schedule_timeout,
             max_attempts,
@@ -616,10 +614,7 @@ impl TryFrom<pb::TaskSpec> for TaskSpec {
 
 /// Environment names must be non-empty, without '=' or NUL; values
 /// without NUL (the OS could not pass them on).
-fn check_env(
-    field: &'static str,
-    env: &std::collections::HashMap<String, String>,
-) -> Result<(), ConversionError> {
+fn check_env(field: &'static str, env: &BTreeMap<String, String>) -> Result<(), ConversionError> {
     if env.keys().any(|k| k.is_empty() || k.contains(['=', '\0'])) {
         return Err(invalid(
             field,
@@ -640,11 +635,7 @@ impl From<&TaskSpec> for pb::TaskSpec {
         let kind = match &spec.kind {
             TaskKind::Exec(exec) => pb::task_spec::Kind::Exec(pb::ExecSpec {
                 argv: exec.argv.clone(),
-                env: exec
-                    .env
-                    .iter()
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .collect(),
+                env: exec.env.clone(),
                 cwd: exec.cwd.clone().unwrap_or_default(),
                 stdin: exec.stdin.clone(),
             }),
@@ -656,11 +647,7 @@ impl From<&TaskSpec> for pb::TaskSpec {
         pb::TaskSpec {
             kind: Some(kind),
             slots: spec.slots,
-            labels: spec
-                .labels
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
+            labels: spec.labels.clone(),
             timeout: spec.timeout.map(duration_to_pb),
             max_attempts: spec.max_attempts,
             name: spec.name.clone(),
@@ -679,11 +666,7 @@ impl From<&TaskSpec> for pb::TaskSpec {
                     units: used.units,
                 })
                 .collect(),
-            resources: spec
-                .resources
-                .iter()
-                .map(|(k, v)| (k.clone(), *v))
-                .collect(),
+            resources: spec.resources.clone(),
             after: spec.after.iter().map(pb::Dependency::from).collect(),
             after_rule: i32::from(spec.after_rule),
             not_before: spec.not_before.map(timestamp),

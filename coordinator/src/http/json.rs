@@ -4,6 +4,7 @@
 //! what a reader may see was decided by the gRPC service that answered
 //! (a task's `secret_env` never leaves it).
 
+use std::collections::BTreeMap;
 use std::time::SystemTime;
 
 use serde_json::{Map, Value, json};
@@ -74,12 +75,9 @@ fn outcome_name(value: i32) -> &'static str {
     }
 }
 
-fn string_map(map: &std::collections::HashMap<String, String>) -> Value {
-    let mut sorted: Vec<_> = map.iter().collect();
-    sorted.sort();
+fn string_map(map: &BTreeMap<String, String>) -> Value {
     Value::Object(
-        sorted
-            .into_iter()
+        map.iter()
             .map(|(k, v)| (k.clone(), Value::String(v.clone())))
             .collect::<Map<_, _>>(),
     )
@@ -201,8 +199,6 @@ fn policy(obj: &mut Map<String, Value>, spec: &pb::TaskSpec) {
         };
         json!({ "key": c.key, "max_running": c.max_running, "on_limit": on_limit })
     });
-    let mut resources: Vec<_> = spec.resources.iter().collect();
-    resources.sort();
     obj.insert("ref".into(), json!(spec.r#ref));
     obj.insert("after".into(), json!(after));
     obj.insert("after_rule".into(), json!(rule));
@@ -223,15 +219,14 @@ fn policy(obj: &mut Map<String, Value>, spec: &pb::TaskSpec) {
                 .collect::<Vec<_>>()
         ),
     );
-    obj.insert("resources".into(), number_map(resources));
+    obj.insert("resources".into(), number_map(&spec.resources));
     obj.insert("fail_if_infeasible".into(), json!(spec.fail_if_infeasible));
 }
 
 /// Name → amount, in name order.
-fn number_map<'a>(sorted: Vec<(&'a String, &'a u64)>) -> Value {
+fn number_map(map: &BTreeMap<String, u64>) -> Value {
     Value::Object(
-        sorted
-            .into_iter()
+        map.iter()
             .map(|(k, v)| (k.clone(), json!(v)))
             .collect::<Map<_, _>>(),
     )
@@ -317,12 +312,6 @@ fn node_state(value: i32) -> &'static str {
     }
 }
 
-fn sorted(map: &std::collections::HashMap<String, u64>) -> Vec<(&String, &u64)> {
-    let mut entries: Vec<_> = map.iter().collect();
-    entries.sort();
-    entries
-}
-
 /// A node as the contract's Node object.
 pub(crate) fn node(node: &pb::NodeInfo) -> Value {
     let mut handlers = node.handlers.clone();
@@ -342,8 +331,8 @@ pub(crate) fn node(node: &pb::NodeInfo) -> Value {
             .map(|d| d.seconds as f64 + f64::from(d.nanos) / 1e9),
         "running": node.running.len(),
         "finished": node.finished,
-        "resources": number_map(sorted(&node.resources)),
-        "resources_free": number_map(sorted(&node.resources_free)),
+        "resources": number_map(&node.resources),
+        "resources_free": number_map(&node.resources_free),
     })
 }
 

@@ -255,8 +255,8 @@ pub(crate) fn encode_task(record: &TaskRecord) -> Vec<u8> {
 /// inside the task record that readers decode.
 #[derive(Clone, PartialEq, Message)]
 struct StoredSecrets {
-    #[prost(map = "string, string", tag = "1")]
-    env: std::collections::HashMap<String, String>,
+    #[prost(btree_map = "string, string", tag = "1")]
+    env: std::collections::BTreeMap<String, String>,
 }
 
 /// A task's secret environment as stored bytes.

@@ -218,7 +218,7 @@ fn text_field() -> impl Strategy<Value = String> + Clone {
 }
 
 fn arbitrary_spec() -> impl Strategy<Value = pb::TaskSpec> {
-    let map = || prop::collection::hash_map(text_field(), text_field(), 0..4);
+    let map = || prop::collection::btree_map(text_field(), text_field(), 0..4);
     let exec = (
         prop::collection::vec(text_field(), 0..4),
         map(),
