@@ -12,6 +12,8 @@ use std::sync::Arc;
 
 use weft_proto::{Attempt, ExecPolicy, TaskId, TaskKind, TaskState};
 
+use super::live::LiveTasks;
+use super::queue::Queue;
 use super::registry::{NodeEntry, SessionId};
 use super::task::{LiveSpec, Placement};
 use super::{Assignment, Now, Scheduler};
@@ -55,66 +57,24 @@ impl Scheduler {
         // virtual time, then the oldest; across priorities: the highest
         // effective (aged) priority, then the oldest (see `policy.rs`).
         let now_ns = super::task::nanos(now.wall);
-        let queue = &mut self.queue;
-        let policy = &mut queue.policy;
         let mut best: Option<(Rank, usize)> = None;
-        for (index, class) in queue.classes.iter_mut().enumerate() {
-            // The head known good (see `Class::head`) needs no lookup;
-            // otherwise stale entries (cancelled while queued) are dropped.
-            let created = match (class.head, class.ready.front()) {
-                (Some((known, created)), Some(front)) if known == *front => created,
-                _ => {
-                    class.head = None;
-                    while let Some(head) = class.ready.front() {
-                        let ready = self
-                            .tasks
-                            .get(head)
-                            .filter(|t| t.state == TaskState::Queued && !t.delayed);
-                        if let Some(task) = ready {
-                            class.head = Some((*head, task.created_nanos()));
-                            break;
-                        }
-                        class.ready.pop_front();
-                    }
-                    match class.head {
-                        Some((_, created)) => created,
-                        None => continue,
-                    }
+        // Only classes with ready entries are looked at; one found empty
+        // (its entries were stale) leaves the active list here, and the
+        // class moved into its place is looked at next.
+        let look = Look { room, now, now_ns };
+        let mut pos = 0;
+        while let Some(&active) = self.queue.active().get(pos) {
+            let index = active as usize;
+            let seen = best.as_ref().map(|(rank, _)| rank);
+            let Some(rank) = rank_class(&mut self.queue, &self.tasks, index, node, look, seen)
+            else {
+                if !self.queue.deactivate_if_empty(pos) {
+                    pos += 1;
                 }
-            }
-            .max(class.last_served);
-            let Some(head) = class.ready.front() else {
                 continue;
             };
-            let cp = class.policy;
-            let rank = Rank {
-                priority: cp.priority,
-                effective: policy.effective(cp.priority, created, now_ns),
-                vtime: policy.fair[cp.fair as usize].vtime,
-                head: *head,
-            };
-            // Whether the class may go to this node now is checked only
-            // for a head that would be the best so far: the same choice as
-            // checking every class, for a handful of checks per assignment
-            // instead of one per class.
-            if best.as_ref().is_some_and(|(b, _)| !rank.before(b)) {
-                continue;
-            }
-            if class.example.slots > room || !node.runs_class(index as u32, &class.example) {
-                continue;
-            }
-            if let Some((key, _)) = cp.conc
-                && !policy.conc[key as usize].has_room()
-            {
-                continue;
-            }
-            if cp.gated
-                && (!node.resources_fit(&class.example)
-                    || !policy.rates_allow(&class.example, now.instant))
-            {
-                continue;
-            }
             best = Some((rank, index));
+            pos += 1;
         }
         let Some((Rank { head: id, .. }, index)) = best else {
             return false;
@@ -125,6 +85,9 @@ impl Scheduler {
         class.last_served = now_ns;
         let cp = class.policy;
         let slots = class.example.slots;
+        if let Some(pos) = self.queue.active_pos(index as u32) {
+            self.queue.deactivate_if_empty(pos);
+        }
         self.queue.policy.served(cp.fair, slots);
         if let Some((key, _)) = cp.conc {
             self.queue.policy.conc[key as usize].running += 1;
@@ -283,6 +246,81 @@ impl Scheduler {
         }
         Some("waiting for a free slot".into())
     }
+}
+
+/// What one assignment's look at the classes shares.
+#[derive(Clone, Copy)]
+struct Look {
+    /// The node's room (free slots, or credits when prefetching).
+    room: u32,
+    now: Now,
+    now_ns: u64,
+}
+
+/// The rank of class `index`'s head if it is ready, goes before `best`
+/// (the best so far) and may go to `node` now; `None` otherwise. Stale
+/// entries at the front of its queue (cancelled while queued) are dropped
+/// on the way.
+///
+/// Whether the class may go to this node now is checked only for a head
+/// that would be the best so far: the same choice as checking every
+/// class, for a handful of checks per assignment instead of one per class.
+fn rank_class(
+    queue: &mut Queue,
+    tasks: &LiveTasks,
+    index: usize,
+    node: &mut NodeEntry,
+    look: Look,
+    best: Option<&Rank>,
+) -> Option<Rank> {
+    let class = &mut queue.classes[index];
+    // The head known good (see `Class::head`) needs no lookup; otherwise
+    // stale entries (cancelled while queued) are dropped.
+    let created = match (class.head, class.ready.front()) {
+        (Some((known, created)), Some(front)) if known == *front => created,
+        _ => {
+            class.head = None;
+            while let Some(head) = class.ready.front() {
+                let ready = tasks
+                    .get(head)
+                    .filter(|t| t.state == TaskState::Queued && !t.delayed);
+                if let Some(task) = ready {
+                    class.head = Some((*head, task.created_nanos()));
+                    break;
+                }
+                class.ready.pop_front();
+            }
+            class.head?.1
+        }
+    }
+    .max(class.last_served);
+    let head = *class.ready.front()?;
+    let cp = class.policy;
+    let policy = &mut queue.policy;
+    let rank = Rank {
+        priority: cp.priority,
+        effective: policy.effective(cp.priority, created, look.now_ns),
+        vtime: policy.fair[cp.fair as usize].vtime,
+        head,
+    };
+    if best.is_some_and(|b| !rank.before(b)) {
+        return None;
+    }
+    if class.example.slots > look.room || !node.runs_class(index as u32, &class.example) {
+        return None;
+    }
+    if let Some((key, _)) = cp.conc
+        && !policy.conc[key as usize].has_room()
+    {
+        return None;
+    }
+    if cp.gated
+        && (!node.resources_fit(&class.example)
+            || !policy.rates_allow(&class.example, look.now.instant))
+    {
+        return None;
+    }
+    Some(rank)
 }
 
 /// How a class head ranks for one assignment.

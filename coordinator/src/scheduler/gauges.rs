@@ -91,8 +91,9 @@ impl Scheduler {
         if self.counts[state_index(TaskState::Queued)] > 0 {
             gauges.oldest_ready = self
                 .queue
-                .classes
+                .active()
                 .iter()
+                .map(|&c| &self.queue.classes[c as usize])
                 .filter_map(|class| {
                     class
                         .ready
@@ -109,12 +110,13 @@ impl Scheduler {
 
     /// Ready tasks per priority and what holds them back, per class (its
     /// ready queue's length: a cancelled task's entry counts until
-    /// dispatch drops it): no allocation, one pass over the classes, and
+    /// dispatch drops it): no allocation, one pass over the active classes, and
     /// over the connected nodes only for a class that asks for resources
     /// and only until one node has them free.
     fn policy_gauges(&self, out: &mut crate::metrics::PolicyGauges) {
         let policy = &self.queue.policy;
-        for class in &self.queue.classes {
+        for &c in self.queue.active() {
+            let class = &self.queue.classes[c as usize];
             let ready = class.ready.len() as u64;
             if ready == 0 {
                 continue;

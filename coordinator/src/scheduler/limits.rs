@@ -274,8 +274,9 @@ impl Scheduler {
     fn waiting_on(&self, limit: &Limit) -> u64 {
         let rate = matches!(limit.kind, LimitKind::Rate(_));
         self.queue
-            .classes
+            .active()
             .iter()
+            .map(|&c| &self.queue.classes[c as usize])
             .filter(|c| match rate {
                 true => c.example.rate_limits.iter().any(|u| u.name == limit.name),
                 false => c

@@ -8,6 +8,12 @@
 //! looks at one queue head per class instead of scanning tasks. A queue
 //! entry is just a 16-byte [`TaskId`]; a task cancelled while queued leaves
 //! its entry behind and dispatch skips it (lazy deletion), so cancel is O(1).
+//!
+//! A class lives as long as the coordinator, but only the classes with
+//! ready entries are *active* ([`Queue::active`]): dispatch and the gauges
+//! look at those alone, so tasks that each came with a key of their own
+//! (a fair or concurrency key per user, say) leave no per-assignment cost
+//! once they have run.
 
 use std::cmp::Reverse;
 use std::collections::hash_map::DefaultHasher;
@@ -48,12 +54,20 @@ pub(crate) struct Class {
     /// and not delayed, so the next assignment skips the task lookup.
     /// Every way a task leaves QUEUED forgets it ([`Queue::forget_head`]).
     pub head: Option<(TaskId, u64)>,
+    /// Its place in [`Queue::active`], or [`INACTIVE`].
+    active_at: u32,
 }
+
+/// [`Class::active_at`] of a class with no ready entries.
+const INACTIVE: u32 = u32::MAX;
 
 /// Ready queues per class plus the retry timer heap.
 #[derive(Debug, Default)]
 pub(crate) struct Queue {
     pub classes: Vec<Class>,
+    /// The classes whose ready queue is not empty (it may hold only stale
+    /// entries until dispatch looks), in no particular order.
+    active: Vec<ClassId>,
     index: HashMap<u64, Vec<ClassId>>,
     delayed: BinaryHeap<Reverse<(Instant, TaskId, u32)>>,
     last: Option<ClassId>,
@@ -175,6 +189,7 @@ impl Queue {
                     policy,
                     last_served: 0,
                     head: None,
+                    active_at: INACTIVE,
                 });
                 candidates.push(class);
                 class
@@ -196,6 +211,7 @@ impl Queue {
                 self.policy.reactivate(c.policy.fair);
             }
             c.ready.push_back(id);
+            self.activate(class);
         }
     }
 
@@ -208,7 +224,46 @@ impl Queue {
                 self.policy.reactivate(c.policy.fair);
             }
             c.ready.push_front(id);
+            self.activate(class);
         }
+    }
+
+    /// `class` has ready entries: dispatch looks at it.
+    fn activate(&mut self, class: ClassId) {
+        let c = &mut self.classes[class as usize];
+        if c.active_at == INACTIVE {
+            c.active_at = u32::try_from(self.active.len()).unwrap_or(INACTIVE);
+            self.active.push(class);
+        }
+    }
+
+    /// Takes the active class at `pos` out of [`Queue::active`] if its
+    /// ready queue is empty; the last active class takes its place.
+    /// Returns whether it did.
+    pub fn deactivate_if_empty(&mut self, pos: usize) -> bool {
+        let Some(&class) = self.active.get(pos) else {
+            return false;
+        };
+        if !self.classes[class as usize].ready.is_empty() {
+            return false;
+        }
+        self.classes[class as usize].active_at = INACTIVE;
+        self.active.swap_remove(pos);
+        if let Some(&moved) = self.active.get(pos) {
+            self.classes[moved as usize].active_at = pos as u32;
+        }
+        true
+    }
+
+    /// The active classes (see [`Queue::active`]), in no particular order.
+    pub fn active(&self) -> &[ClassId] {
+        &self.active
+    }
+
+    /// Where `class` is in [`Queue::active`], if it is there.
+    pub fn active_pos(&self, class: ClassId) -> Option<usize> {
+        let at = self.classes.get(class as usize)?.active_at;
+        (at != INACTIVE).then_some(at as usize)
     }
 
     /// Task `id` of `class` leaves QUEUED (assigned, finalized): if
@@ -224,7 +279,7 @@ impl Queue {
 
     /// True when some class may have a ready task.
     pub fn any_ready(&self) -> bool {
-        self.classes.iter().any(|c| !c.ready.is_empty())
+        !self.active.is_empty()
     }
 
     /// Schedules attempt `attempt` of `id` to become ready at `at`.

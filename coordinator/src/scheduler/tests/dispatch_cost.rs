@@ -91,3 +91,53 @@ fn many_classes_keep_the_policy_order() {
     // (a fair key's virtual time spans priorities), then x.
     assert_eq!(order, [6, 7, 8, 3, 4, 5, 0, 1, 2]);
 }
+
+/// Tasks that each came with a fair key of their own make a class each;
+/// once they have run, dispatch no longer looks at those classes, so the
+/// next assignment's work does not grow with every key ever seen.
+#[test]
+fn classes_whose_tasks_have_run_are_not_looked_at_again() {
+    let mut h = Harness::new();
+    let specs = (0..1_000)
+        .map(|i| call(&format!("k{i}")).fair_key(format!("user-{i}"), 1))
+        .collect();
+    let ids = h.submit(specs);
+    h.node(S1, reg("n1", 1), 1);
+    assert_eq!(h.s.queue.active().len(), 1_000);
+    let mut ran = 0;
+    while let Some(id) = one(&mut h).first().copied() {
+        h.finish(S1, id, 1, Outcome::Succeeded);
+        h.s.credits(S1, 1, h.now);
+        ran += 1;
+    }
+    assert_eq!(ran, ids.len());
+    assert!(h.s.queue.classes.len() >= 1_000);
+    assert!(h.s.queue.active().is_empty(), "{:?}", h.s.queue.active().len());
+    let later = h.submit(vec![call("later").fair_key("user-7", 1)])[0];
+    assert_eq!(h.s.queue.active().len(), 1);
+    assert_eq!(one(&mut h), [later]);
+    assert!(h.s.queue.active().is_empty());
+}
+
+/// A class whose queued tasks were all cancelled leaves the active list
+/// when dispatch finds nothing ready in it, and the class moved into its
+/// place in the list is still looked at in the same assignment.
+#[test]
+fn a_class_emptied_by_cancels_leaves_the_active_list_and_the_rest_still_run() {
+    let mut h = Harness::new();
+    let gone = h.submit(vec![call("gone").priority(9), call("gone-too").priority(9)]);
+    let mid = h.submit(vec![call("mid").priority(5)])[0];
+    let low = h.submit(vec![call("low").priority(1)])[0];
+    for id in &gone {
+        assert!(h.s.cancel(*id, "", h.now));
+    }
+    assert_eq!(h.s.queue.active().len(), 3);
+    h.node(S1, reg("n1", 1), 1);
+    assert_eq!(one(&mut h), [mid]);
+    // The cancelled class is gone from the list; the low one waits there.
+    assert_eq!(h.s.queue.active().len(), 1);
+    h.finish(S1, mid, 1, Outcome::Succeeded);
+    h.s.credits(S1, 1, h.now);
+    assert_eq!(one(&mut h), [low]);
+    assert!(h.s.queue.active().is_empty());
+}
