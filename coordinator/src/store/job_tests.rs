@@ -1,7 +1,6 @@
 //! A job's tasks (one contiguous range of ids, see `scheduler/graph.rs`)
 //! listed oldest first and paged, and PENDING tasks loaded at a restart,
-//! checked against every engine
-//! (PostgreSQL included).
+//! checked against every engine (PostgreSQL included).
 
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};

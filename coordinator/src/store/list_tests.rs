@@ -1,7 +1,6 @@
 //! `Store::list_page` (filters, newest first, the bounded scan and its
 //! resume point) and the attempt history a task record keeps, checked
-//! against every engine
-//! (PostgreSQL included).
+//! against every engine (PostgreSQL included).
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
