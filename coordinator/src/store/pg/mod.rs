@@ -114,13 +114,26 @@ impl Target {
     }
 }
 
+/// A driver error in words: the server's message, or the driver's with
+/// its causes ("error connecting to server: Connection refused").
+fn describe(err: &tokio_postgres::Error) -> String {
+    if let Some(db) = err.as_db_error() {
+        return format!("{} ({}): {}", db.severity(), db.code().code(), db.message());
+    }
+    let mut text = err.to_string();
+    let mut source = std::error::Error::source(err);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
 /// A driver error as a store error: a full disk on the server is
 /// [`StoreError::DiskFull`], anything else [`StoreError::Backend`].
 pub(super) fn backend(op: &'static str, err: &tokio_postgres::Error) -> StoreError {
-    let message = match err.as_db_error() {
-        Some(db) => format!("{} ({}): {}", db.severity(), db.code().code(), db.message()),
-        None => err.to_string(),
-    };
+    let message = describe(err);
     let full = err.code() == Some(&tokio_postgres::error::SqlState::DISK_FULL);
     if full {
         StoreError::DiskFull { op, message }
@@ -149,10 +162,7 @@ impl PgStore {
         let target = Target::of(&config);
         let unreachable = |err: tokio_postgres::Error| StoreError::Database {
             target: target.0.clone(),
-            message: match err.as_db_error() {
-                Some(db) => db.message().to_owned(),
-                None => err.to_string(),
-            },
+            message: describe(&err),
         };
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
