@@ -20,12 +20,13 @@
 //!
 //! Layout: `migrate.rs` (the versioned schema, `sql/`), `commit.rs` (one
 //! commit = one transaction, checked as the log checks it), `types.rs`
-//! (ids as uuid), `testdb.rs` (tests: a private PostgreSQL server).
+//! (ids as uuid), `testdb.rs` (tests, and the `test-postgres` feature for
+//! the end-to-end tests: a private PostgreSQL server).
 
 mod commit;
 mod migrate;
-#[cfg(test)]
-pub(crate) mod testdb;
+#[cfg(any(test, feature = "test-postgres"))]
+pub mod testdb;
 #[cfg(test)]
 mod tests;
 mod types;

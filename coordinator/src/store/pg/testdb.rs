@@ -1,5 +1,6 @@
-//! Tests only: one private PostgreSQL server per test process, started on
-//! first use, and a fresh database for each test that asks.
+//! Tests only (and the `test-postgres` feature, for `weft-tests`): one
+//! private PostgreSQL server per test process, started on first use, and
+//! a fresh database for each test that asks.
 //!
 //! The server is made with `initdb` and `pg_ctl` in a temp dir, on a free
 //! loopback port, with `fsync=off` (nothing here must survive a crash). As
@@ -38,8 +39,10 @@ static DATABASES: AtomicU32 = AtomicU32::new(0);
 const INSTALL: &str = "the PostgreSQL tests need the server binaries (initdb, pg_ctl): install them \
      (`apt-get install postgresql`), or set WEFT_PG_BIN to the directory holding them";
 
-/// The URL of a new, empty database on the test server.
-pub(crate) fn database() -> String {
+/// The URL of a new, empty database on the test server, started on the
+/// first call. Panics, saying how to install PostgreSQL, when its binaries
+/// are missing. Blocks: async code calls it through `spawn_blocking`.
+pub fn database() -> String {
     let server = match SERVER.get_or_init(start) {
         Ok(server) => server,
         Err(why) => panic!("no PostgreSQL for the tests: {why}"),
@@ -64,7 +67,7 @@ pub(crate) fn database() -> String {
 }
 
 /// A store on a new, empty database.
-pub(crate) fn store() -> PgStore {
+pub fn store() -> PgStore {
     PgStore::open(&database()).expect("the PostgreSQL store opens")
 }
 
