@@ -14,6 +14,11 @@ pub struct CoordinatorConfig {
     /// The data dir of the durable store (the log); `None` keeps everything in
     /// memory (tests, `weft local`). The binary's default is `weft-data`.
     pub data_dir: Option<PathBuf>,
+    /// The PostgreSQL store (`--database-url`): when set, tasks, tokens and
+    /// the rest of the store live in that database instead of the data
+    /// dir's log; the data dir still holds the TLS files and the admin
+    /// token file.
+    pub database_url: Option<String>,
     /// Most tasks not yet final at once; a Submit past it is RESOURCE_EXHAUSTED.
     pub max_queued: usize,
     /// First retry delay after a failed attempt; doubles per attempt.
@@ -219,6 +224,7 @@ impl Default for CoordinatorConfig {
             heartbeat_interval: Duration::from_secs(1),
             heartbeat_timeout: Duration::from_secs(5),
             data_dir: None,
+            database_url: None,
             max_queued: 10_000_000,
             retry_backoff_base: Duration::from_millis(100),
             retry_backoff_max: Duration::from_secs(10),

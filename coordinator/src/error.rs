@@ -230,6 +230,7 @@ fn store_status(err: &StoreError) -> Status {
         | StoreError::Inconsistent(_)
         | StoreError::Locked(_)
         | StoreError::Open { .. }
+        | StoreError::Database { .. }
         | StoreError::Unreadable { .. }
         | StoreError::Missing { .. } => {
             tracing::error!(error = %err, "internal failure");

@@ -287,6 +287,7 @@ pub async fn start(
     // Opening may repair the file after a crash and loading reads every
     // live task: both on the blocking pool.
     let data_dir = config.data_dir.clone();
+    let database_url = config.database_url.clone();
     let cache_size = config.store_cache_size;
     let scheduler = Scheduler::new((&config).into());
     let (store, mut scheduler, tokens, identities) = tokio::task::spawn_blocking(move || {
@@ -295,7 +296,11 @@ pub async fn start(
         // caught here, so a damaged file is refused with a message instead
         // of a crash.
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            open_and_load(data_dir.as_deref(), cache_size, scheduler)
+            let engine = match &database_url {
+                Some(url) => Engine::Postgres(url),
+                None => Engine::DataDir(data_dir.as_deref()),
+            };
+            open_and_load(engine, cache_size, scheduler)
         }))
         .unwrap_or_else(|panic| {
             // The redb file while it is being moved, else the log.
@@ -323,13 +328,14 @@ pub async fn start(
         path: config.data_dir.clone().unwrap_or_default(),
         message: err.to_string(),
     })??;
-    match &config.data_dir {
-        Some(dir) => tracing::info!(
+    match (&config.database_url, &config.data_dir) {
+        (Some(_), _) => tracing::info!(live = scheduler.live_tasks(), "store open: PostgreSQL"),
+        (None, Some(dir)) => tracing::info!(
             data_dir = %dir.display(),
             live = scheduler.live_tasks(),
             "store open"
         ),
-        None => tracing::info!("in-memory store: tasks do not survive a restart"),
+        (None, None) => tracing::info!("in-memory store: tasks do not survive a restart"),
     }
     let tokens = Arc::new(auth::TokenIndex::new(tokens));
     let identities = Arc::new(identity::Identities::new(identities));
@@ -537,19 +543,28 @@ type Opened = (
     Vec<store::NodeIdentityRecord>,
 );
 
-/// Opens the store (`None`: in memory; a data dir's redb store is moved to
-/// the log first, once, with a redb page cache of `cache_size` bytes) and
-/// reads what a start needs into
+/// Which store a start opens.
+enum Engine<'a> {
+    /// The data dir's log (`None`: in memory).
+    DataDir(Option<&'a std::path::Path>),
+    /// PostgreSQL at this URL (`--database-url`).
+    Postgres(&'a str),
+}
+
+/// Opens the store (in memory, a data dir's log, or PostgreSQL; a data
+/// dir's redb store is moved to the log first, once, with a redb page
+/// cache of `cache_size` bytes) and reads what a start needs into
 /// `scheduler`, one live task at a time (the full records are never all
 /// held at once: a restart fits in about what the run needed).
 fn open_and_load(
-    data_dir: Option<&std::path::Path>,
+    engine: Engine<'_>,
     cache_size: usize,
     mut scheduler: Scheduler,
 ) -> Result<Opened, StoreError> {
-    let store: Arc<dyn Store> = match data_dir {
-        Some(dir) => store::migrate::open_data_dir_with_cache(dir, cache_size)?,
-        None => Arc::new(MemoryStore::new()),
+    let store: Arc<dyn Store> = match engine {
+        Engine::DataDir(Some(dir)) => store::migrate::open_data_dir_with_cache(dir, cache_size)?,
+        Engine::DataDir(None) => Arc::new(MemoryStore::new()),
+        Engine::Postgres(url) => Arc::new(store::PgStore::open(url)?),
     };
     let since = SystemTime::now()
         .checked_sub(recent::WINDOW)

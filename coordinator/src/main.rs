@@ -91,8 +91,16 @@ struct Args {
     data_dir: PathBuf,
 
     /// Keep everything in memory instead (nothing survives a restart).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "database_url")]
     in_memory: bool,
+
+    /// Keep the store in PostgreSQL instead of the data dir's log, e.g.
+    /// `postgresql://weft@db.example:5432/weft` (the schema is made or
+    /// brought up to date at start). The data dir still holds the TLS
+    /// files and the admin token. A database that cannot be reached stops
+    /// the start with exit code 1.
+    #[arg(long, env = "WEFT_DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
 
     /// After a restart, how long tasks that were running wait for their
     /// node to reconnect and claim them before they are requeued.
@@ -348,6 +356,7 @@ impl From<&Args> for CoordinatorConfig {
             heartbeat_interval: args.heartbeat_interval,
             heartbeat_timeout: args.heartbeat_timeout,
             data_dir: (!args.in_memory).then(|| args.data_dir.clone()),
+            database_url: args.database_url.clone(),
             max_queued: args.max_queued,
             retry_backoff_base: args.retry_backoff,
             retry_backoff_max: args.retry_backoff_max,
@@ -526,6 +535,14 @@ async fn main() -> anyhow::Result<()> {
     }
     let coordinator = match weft_coordinator::start(config, listener).await {
         Ok(coordinator) => coordinator,
+        Err(weft_coordinator::Error::Store(err))
+            if err.is_damage() && args.database_url.is_some() =>
+        {
+            tracing::error!(
+                "refusing to start: {err}. The database holds a record this coordinator cannot read: restore the database from a backup"
+            );
+            std::process::exit(weft_coordinator::EXIT_DAMAGED);
+        }
         Err(weft_coordinator::Error::Store(err)) if err.is_damage() => {
             tracing::error!(
                 "refusing to start: {err}. To recover: stop every coordinator on {dir}, then restore {dir}/log/ (with {dir}/STORE_ID) from a backup; or, to start an empty cluster that forgets every task, move {dir} away",

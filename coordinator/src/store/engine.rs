@@ -141,6 +141,16 @@ pub enum StoreError {
         /// What went wrong.
         message: String,
     },
+    /// The database (`--database-url`) could not be reached, refused the
+    /// login, or holds a schema this coordinator cannot use: refused at
+    /// start. `target` never holds a password.
+    #[error("database {target}: {message}")]
+    Database {
+        /// Where it is: hosts, ports, database and user.
+        target: String,
+        /// What went wrong.
+        message: String,
+    },
     /// The disk is full (or the file system refused to grow the file).
     /// Nothing of the write that met it was committed.
     #[error("{op}: the disk is full ({message})")]
@@ -227,6 +237,7 @@ impl StoreError {
             | StoreError::Inconsistent(_)
             | StoreError::Locked(_)
             | StoreError::Open { .. }
+            | StoreError::Database { .. }
             | StoreError::Backend { .. }
             | StoreError::DiskFull { .. } => false,
         }

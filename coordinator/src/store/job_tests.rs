@@ -1,6 +1,6 @@
 //! A job's tasks (one contiguous range of ids, see `scheduler/graph.rs`)
 //! listed oldest first and paged, and PENDING tasks loaded at a restart,
-//! checked against both engines.
+//! checked against every engine (PostgreSQL included).
 
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
@@ -21,6 +21,7 @@ fn both(check: impl Fn(&dyn Store)) {
     check(&MemoryStore::new());
     let dir = tempfile::tempdir().expect("temp dir");
     check(&LogStore::open(dir.path()).expect("log store opens"));
+    check(&pg::testdb::store());
 }
 
 #[test]

@@ -1,6 +1,6 @@
 //! `Store::list_page` (filters, newest first, the bounded scan and its
 //! resume point) and the attempt history a task record keeps, checked
-//! against both engines.
+//! against every engine (PostgreSQL included).
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -60,6 +60,7 @@ fn both(check: impl Fn(&dyn Store)) {
     check(&MemoryStore::new());
     let dir = tempfile::tempdir().expect("temp dir");
     check(&LogStore::open(dir.path()).expect("log store opens"));
+    check(&pg::testdb::store());
 }
 
 fn listed(store: &dyn Store, query: &ListQuery) -> (Vec<TaskId>, Option<TaskId>) {

@@ -27,6 +27,7 @@
 //!   checked on every read, and the one-time upgrade of older stores.
 //! - [`marker`] — the data dir's `STORE_ID` file: a store existed here, so
 //!   a missing or empty store file is refused, never replaced.
+//! - [`pg`] — [`PgStore`], the store in PostgreSQL (`--database-url`).
 //! - [`memory`] — [`MemoryStore`], the in-memory store (tests, `weft local`,
 //!   `--in-memory`).
 //! - [`migrate`] — [`open_data_dir`](migrate::open_data_dir): a data
@@ -52,6 +53,7 @@ pub mod memory;
 pub mod migrate;
 #[cfg(test)]
 mod migrate_tests;
+pub mod pg;
 #[cfg(test)]
 mod power_cut;
 #[cfg(test)]
@@ -69,6 +71,7 @@ pub use engine::{ListPage, ListQuery, Store, StoreError};
 pub(crate) use engine::{blocking, panic_message};
 pub use log::LogStore;
 pub use memory::MemoryStore;
+pub use pg::PgStore;
 pub use record::{
     AttemptRecord, EventBody, FinalAttempt, Loaded, MAX_ATTEMPT_HISTORY, MAX_RECENTLY_FINAL,
     NodeIdentityRecord, Record, TaskEvent, TaskRecord,

@@ -1,5 +1,6 @@
-//! The `Store` contract, checked against both implementations: the redb
-//! store on a temp dir and the in-memory one.
+//! The `Store` contract, checked against every engine: the redb store and
+//! the log on a temp dir, the in-memory one, and PostgreSQL (a private
+//! server the tests start, `pg/testdb.rs`).
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -60,13 +61,14 @@ fn ids(n: usize) -> Vec<TaskId> {
         .collect()
 }
 
-/// Runs `check` against a fresh redb store and a fresh memory store.
+/// Runs `check` against a fresh store of every engine.
 fn both(check: impl Fn(&dyn Store)) {
     let dir = tempfile::tempdir().expect("temp dir");
     check(&RedbStore::open(dir.path()).expect("store opens"));
     check(&MemoryStore::new());
     let dir = tempfile::tempdir().expect("temp dir");
     check(&LogStore::open(dir.path()).expect("log store opens"));
+    check(&pg::testdb::store());
 }
 
 #[test]

@@ -26,6 +26,7 @@ pub struct TestClusterBuilder {
     pub(super) exec: BTreeMap<usize, ExecPolicy>,
     pub(super) processes: bool,
     pub(super) durable: bool,
+    pub(super) database_url: Option<String>,
     pub(super) max_queued: Option<usize>,
     pub(super) max_node_slots: Option<u32>,
     pub(super) max_message_size: Option<usize>,
@@ -59,6 +60,7 @@ impl Default for TestClusterBuilder {
             exec: BTreeMap::new(),
             processes: processes_by_default(),
             durable: false,
+            database_url: None,
             max_queued: None,
             max_node_slots: None,
             max_message_size: None,
@@ -296,6 +298,13 @@ impl TestClusterBuilder {
     /// keeps committed tasks across [`TestCluster::restart_coordinator`].
     pub fn durable(mut self) -> Self {
         self.durable = true;
+        self
+    }
+
+    /// Keeps the coordinator's store in the PostgreSQL database at `url`
+    /// (`--database-url`), across [`TestCluster::restart_coordinator`].
+    pub fn postgres(mut self, url: impl Into<String>) -> Self {
+        self.database_url = Some(url.into());
         self
     }
 }

@@ -53,6 +53,7 @@ pub(super) async fn start_coordinator(
             retry_backoff_base: Duration::from_millis(20),
             retry_backoff_max: Duration::from_millis(500),
             data_dir,
+            database_url: settings.database_url.clone(),
             tls: (!settings.insecure).then(|| TlsConfig {
                 pki_dir: Some(pki_dir.clone()),
                 cert_lifetime: settings
@@ -194,6 +195,10 @@ pub(super) async fn start_coordinator(
     let data_dir = data_dir.unwrap_or_else(|| dir.join(format!("coordinator-data-{generation}")));
     args.push("--data-dir".to_owned());
     args.push(data_dir.display().to_string());
+    if let Some(url) = &settings.database_url {
+        args.push("--database-url".to_owned());
+        args.push(url.clone());
+    }
     let label = match generation {
         0 => "coordinator".to_owned(),
         n => format!("coordinator-restart-{n}"),

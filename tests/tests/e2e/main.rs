@@ -32,6 +32,7 @@ mod node_protocol;
 mod nodes_table;
 mod output;
 mod policy;
+mod postgres;
 mod reflection;
 mod scale;
 mod schedules;

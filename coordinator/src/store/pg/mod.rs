@@ -1,0 +1,647 @@
+//! The PostgreSQL store: what one coordinator keeps, in a database instead
+//! of the data dir's log (`--database-url`). Same records, same contract
+//! (`store/tests.rs` runs on it): bodies are the prost bytes `codec.rs`
+//! writes for every engine, columns only what SQL filters or orders on.
+//!
+//! The [`Store`] trait is synchronous and is called from the blocking
+//! pool, while tokio-postgres is async. So a `PgStore` owns a small
+//! runtime of its own (`weft-pg`: one worker thread) that drives its two
+//! connections, and every trait method `block_on`s its query there from
+//! the calling thread. That works whatever runtime the caller is on, as
+//! long as the caller is not itself an async task (the contract for every
+//! store call already); dropping the store hands the runtime back without
+//! blocking, so it may be dropped anywhere.
+//!
+//! Connections: one for writes (commits, tokens, retention, a restart's
+//! load; one transaction at a time, behind a mutex), one for reads (shared:
+//! tokio-postgres pipelines concurrent queries on it). A lost connection
+//! is not re-opened: every later call fails with [`StoreError::Backend`],
+//! and a failed commit stops the coordinator as a failed fsync does.
+//!
+//! Layout: `migrate.rs` (the versioned schema, `sql/`), `commit.rs` (one
+//! commit = one transaction, checked as the log checks it), `types.rs`
+//! (ids as uuid), `testdb.rs` (tests, and the `test-postgres` feature for
+//! the end-to-end tests: a private PostgreSQL server).
+
+mod commit;
+mod migrate;
+#[cfg(any(test, feature = "test-postgres"))]
+pub mod testdb;
+#[cfg(test)]
+mod tests;
+mod types;
+
+use std::cell::RefCell;
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, Config, NoTls};
+
+use weft_proto::{Attempt, Outcome, SecretEnv, TaskId, TaskState};
+
+use super::codec::{
+    decode_event, decode_node_identity, decode_secrets, decode_spec, decode_task_with_spec,
+    decode_token, encode_node_identity, encode_token,
+};
+use super::engine::{ListPage, ListQuery, Store, StoreError, scan_page};
+use super::record::{
+    FinalAttempt, Loaded, MAX_RECENTLY_FINAL, NodeIdentityRecord, TaskEvent, TaskRecord, next_chunk,
+};
+use super::{Record, decode_schedule};
+use crate::auth::TokenRecord;
+use types::Uuid;
+
+/// How long opening waits for the server when the URL sets no
+/// `connect_timeout`.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest any one call but a restart's load may take.
+const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// Live tasks a restart's load fetches at a time.
+const LOAD_BATCH: i32 = 1000;
+/// Tasks a list page reads at a time.
+const LIST_BATCH: i64 = 256;
+
+/// Tasks, events and the rest in PostgreSQL. See the module docs.
+pub struct PgStore {
+    /// `Some` until dropped.
+    rt: Option<tokio::runtime::Runtime>,
+    writer: Mutex<Client>,
+    reader: Client,
+    target: Target,
+}
+
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgStore")
+            .field("target", &self.target.0)
+            .finish()
+    }
+}
+
+/// Where the database is, as errors and logs name it: hosts, ports,
+/// database and user, never the password.
+#[derive(Clone, Debug)]
+pub(super) struct Target(String);
+
+impl Target {
+    fn of(config: &Config) -> Target {
+        let hosts: Vec<String> = config
+            .get_hosts()
+            .iter()
+            .map(|host| match host {
+                tokio_postgres::config::Host::Tcp(name) => name.clone(),
+                tokio_postgres::config::Host::Unix(path) => path.display().to_string(),
+            })
+            .collect();
+        let ports: Vec<String> = config.get_ports().iter().map(u16::to_string).collect();
+        Target(format!(
+            "postgresql://{}@{}:{}/{}",
+            config.get_user().unwrap_or(""),
+            hosts.join(","),
+            ports.join(","),
+            config.get_dbname().unwrap_or("")
+        ))
+    }
+
+    /// The database at this target was reached but refused (its schema).
+    fn refused(&self, message: String) -> StoreError {
+        StoreError::Database {
+            target: self.0.clone(),
+            message,
+        }
+    }
+}
+
+/// A driver error in words: the server's message, or the driver's with
+/// its causes ("error connecting to server: Connection refused").
+fn describe(err: &tokio_postgres::Error) -> String {
+    if let Some(db) = err.as_db_error() {
+        return format!("{} ({}): {}", db.severity(), db.code().code(), db.message());
+    }
+    let mut text = err.to_string();
+    let mut source = std::error::Error::source(err);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// A driver error as a store error: a full disk on the server is
+/// [`StoreError::DiskFull`], anything else [`StoreError::Backend`].
+pub(super) fn backend(op: &'static str, err: &tokio_postgres::Error) -> StoreError {
+    let message = describe(err);
+    let full = err.code() == Some(&tokio_postgres::error::SqlState::DISK_FULL);
+    if full {
+        StoreError::DiskFull { op, message }
+    } else {
+        StoreError::Backend { op, message }
+    }
+}
+
+impl PgStore {
+    /// Connects to the database at `url` (a `postgresql://` URL or
+    /// `key=value` pairs, as libpq takes them) and brings its schema up to
+    /// date. An unreachable server, a refused login or a schema from a
+    /// newer coordinator is [`StoreError::Database`].
+    pub fn open(url: &str) -> Result<PgStore, StoreError> {
+        let mut config: Config = url.parse().map_err(|err| StoreError::Database {
+            // The URL itself may hold a password: not repeated.
+            target: "(the database URL)".into(),
+            message: format!("it cannot be read as a PostgreSQL URL: {err}"),
+        })?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        if config.get_application_name().is_none() {
+            config.application_name("weft-coordinator");
+        }
+        let target = Target::of(&config);
+        let unreachable = |err: tokio_postgres::Error| StoreError::Database {
+            target: target.0.clone(),
+            message: describe(&err),
+        };
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("weft-pg")
+            .enable_all()
+            .build()
+            .map_err(|err| StoreError::Database {
+                target: target.0.clone(),
+                message: format!("starting its runtime: {err}"),
+            })?;
+        let connect = || async {
+            let (client, connection) = config.connect(NoTls).await.map_err(unreachable)?;
+            tokio::spawn(async move {
+                if let Err(err) = connection.await {
+                    tracing::error!(error = %err, "PostgreSQL connection lost");
+                }
+            });
+            Ok::<Client, StoreError>(client)
+        };
+        let (mut writer, reader) = rt.block_on(async {
+            let writer = connect().await?;
+            let reader = connect().await?;
+            Ok::<_, StoreError>((writer, reader))
+        })?;
+        rt.block_on(migrate::migrate(&mut writer, &target))?;
+        Ok(PgStore {
+            rt: Some(rt),
+            writer: Mutex::new(writer),
+            reader,
+            target,
+        })
+    }
+
+    /// Runs `fut` on the store's runtime, bounded by [`CALL_TIMEOUT`].
+    fn run<T>(
+        &self,
+        op: &'static str,
+        fut: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        self.run_unbounded(async {
+            tokio::time::timeout(CALL_TIMEOUT, fut)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(StoreError::Backend {
+                        op,
+                        message: format!("no answer from the database within {CALL_TIMEOUT:?}"),
+                    })
+                })
+        })
+    }
+
+    /// Runs `fut` on the store's runtime, however long it takes.
+    fn run_unbounded<T>(&self, fut: impl Future<Output = T>) -> T {
+        self.rt
+            .as_ref()
+            .expect("the runtime is taken only by Drop")
+            .block_on(fut)
+    }
+
+    /// Up to [`LIST_BATCH`] tasks of `query`'s state in `[from, before)`,
+    /// in the query's order, past `cursor` (the last id of the batch
+    /// before).
+    fn list_batch(
+        &self,
+        query: &ListQuery,
+        (from, before): (u128, u128),
+        cursor: Option<u128>,
+    ) -> Result<Vec<TaskRecord>, StoreError> {
+        let op = "listing tasks";
+        let (after, lo, hi, order) = match (query.ascending, cursor) {
+            (true, Some(c)) => (">", c, before, "ASC"),
+            (true, None) => (">=", from, before, "ASC"),
+            (false, Some(c)) => (">=", from, c, "DESC"),
+            (false, None) => (">=", from, before, "DESC"),
+        };
+        let state = query.state.map(state_number);
+        let sql = format!(
+            "SELECT t.id, t.record, t.next_seq, s.spec FROM tasks t JOIN task_specs s ON s.id = t.id
+             WHERE t.id {after} $1 AND t.id < $2 {} ORDER BY t.id {order} LIMIT $3",
+            if state.is_some() { "AND t.state = $4" } else { "" }
+        );
+        let (lo, hi) = (Uuid(lo), Uuid(hi));
+        let mut params: Vec<&(dyn ToSql + Sync)> = vec![&lo, &hi, &LIST_BATCH];
+        if let Some(state) = &state {
+            params.push(state);
+        }
+        self.run(op, async {
+            let rows = self
+                .reader
+                .query(&sql, &params)
+                .await
+                .map_err(|e| backend(op, &e))?;
+            rows.iter()
+                .map(|row| {
+                    task_of(
+                        row.get::<_, Uuid>(0).task(),
+                        row.get(1),
+                        row.get(2),
+                        row.get(3),
+                    )
+                })
+                .collect()
+        })
+    }
+
+    fn lock_writer(&self) -> Result<MutexGuard<'_, Client>, StoreError> {
+        self.writer.lock().map_err(|_| StoreError::Poisoned)
+    }
+}
+
+impl Drop for PgStore {
+    fn drop(&mut self) {
+        // Not `Runtime::drop`, which blocks and panics inside async code.
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// A task's record from its row: `record`, `next_seq`, `spec`.
+fn task_of(
+    id: TaskId,
+    record: &[u8],
+    next_seq: i64,
+    spec: &[u8],
+) -> Result<TaskRecord, StoreError> {
+    let mut task = decode_task_with_spec(id, record, decode_spec(spec)?)?;
+    task.next_seq = u64::try_from(next_seq).unwrap_or(0);
+    Ok(task)
+}
+
+fn state_of(number: i16) -> Result<TaskState, StoreError> {
+    TaskState::try_from(i32::from(number)).map_err(|e| StoreError::Corrupt {
+        what: "task state",
+        message: e.to_string(),
+    })
+}
+
+/// A state's `weft.v1` number, as the `state` column holds it.
+pub(super) fn state_number(state: TaskState) -> i16 {
+    i16::try_from(i32::from(state)).unwrap_or(i16::MAX)
+}
+
+fn clamp(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+impl Store for PgStore {
+    fn commit(&self, records: &[Record]) -> Result<(), StoreError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let mut writer = self.lock_writer()?;
+        self.run("committing", commit::commit(&mut writer, records))
+    }
+
+    fn task(&self, id: TaskId) -> Result<Option<TaskRecord>, StoreError> {
+        let op = "reading a task";
+        self.run(op, async {
+            let row = self
+                .reader
+                .query_opt(
+                    "SELECT t.record, t.next_seq, s.spec FROM tasks t JOIN task_specs s ON s.id = t.id
+                     WHERE t.id = $1",
+                    &[&Uuid::from(id)],
+                )
+                .await
+                .map_err(|e| backend(op, &e))?;
+            row.map(|row| task_of(id, row.get(0), row.get(1), row.get(2)))
+                .transpose()
+        })
+    }
+
+    fn list_page(&self, query: &ListQuery) -> Result<ListPage, StoreError> {
+        let from = query.from.map_or(0, TaskId::as_u128);
+        let before = query.before.map_or(u128::MAX, TaskId::as_u128);
+        if from >= before {
+            return Ok(ListPage::default());
+        }
+        // Rows are read a batch at a time, in the page's order;
+        // `scan_page` decides how far to go and takes each record read.
+        let read: RefCell<HashMap<TaskId, TaskRecord>> = RefCell::new(HashMap::new());
+        let mut batch: VecDeque<TaskId> = VecDeque::new();
+        let mut cursor = None;
+        let mut done = false;
+        let ids = std::iter::from_fn(|| {
+            if batch.is_empty() && !done {
+                match self.list_batch(query, (from, before), cursor) {
+                    Ok(tasks) => {
+                        done = tasks.len() < LIST_BATCH as usize;
+                        for task in tasks {
+                            cursor = Some(task.id.as_u128());
+                            batch.push_back(task.id);
+                            read.borrow_mut().insert(task.id, task);
+                        }
+                    }
+                    Err(err) => {
+                        done = true;
+                        return Some(Err(err));
+                    }
+                }
+            }
+            batch.pop_front().map(Ok)
+        });
+        scan_page(ids, query, |id| {
+            Ok(read
+                .borrow_mut()
+                .remove(&id)
+                .filter(|task| query.matches(task)))
+        })
+    }
+
+    fn events(
+        &self,
+        id: TaskId,
+        from_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<TaskEvent>, StoreError> {
+        let op = "reading events";
+        self.run(op, async {
+            let key = Uuid::from(id);
+            let rows = self
+                .reader
+                .query(
+                    "SELECT body FROM events WHERE task_id = $1 AND seq >= $2 ORDER BY seq LIMIT $3",
+                    &[&key, &clamp(from_seq), &clamp(limit as u64)],
+                )
+                .await
+                .map_err(|e| backend(op, &e))?;
+            if rows.is_empty() {
+                return Ok(Vec::new());
+            }
+            // The spec goes back into a `finished` event's record.
+            let spec = self
+                .reader
+                .query_opt("SELECT spec FROM task_specs WHERE id = $1", &[&key])
+                .await
+                .map_err(|e| backend(op, &e))?
+                .ok_or_else(|| StoreError::Inconsistent(format!("events of {id} without its spec")))?;
+            let spec = decode_spec(spec.get(0))?;
+            rows.iter()
+                .map(|row| decode_event(id, row.get(0), &spec))
+                .collect()
+        })
+    }
+
+    fn load(&self, final_since: SystemTime) -> Result<Loaded, StoreError> {
+        let mut live = Vec::new();
+        let mut secrets = Vec::new();
+        let mut loaded = self.load_each(final_since, &mut |record, secret| {
+            if let Some(secret) = secret {
+                secrets.push((record.id, secret));
+            }
+            live.push(record);
+        })?;
+        loaded.live = live;
+        loaded.secrets = secrets;
+        Ok(loaded)
+    }
+
+    fn load_each(
+        &self,
+        final_since: SystemTime,
+        live: &mut dyn FnMut(TaskRecord, Option<Arc<SecretEnv>>),
+    ) -> Result<Loaded, StoreError> {
+        let mut writer = self.lock_writer()?;
+        self.run_unbounded(load_each(&mut writer, final_since, live))
+    }
+
+    fn expire(
+        &self,
+        finished_before: SystemTime,
+        limit: usize,
+    ) -> Result<Vec<TaskState>, StoreError> {
+        let op = "expiring tasks";
+        let writer = self.lock_writer()?;
+        self.run(op, async {
+            let rows = writer
+                .query(
+                    "WITH gone AS (
+                        DELETE FROM tasks WHERE id IN (
+                            SELECT id FROM tasks WHERE finished_at < $1
+                            ORDER BY finished_at, id LIMIT $2)
+                        RETURNING id, state, finished_at),
+                     events AS (DELETE FROM events e USING gone WHERE e.task_id = gone.id),
+                     specs AS (DELETE FROM task_specs s USING gone WHERE s.id = gone.id),
+                     secrets AS (DELETE FROM task_secrets x USING gone WHERE x.id = gone.id)
+                     SELECT state FROM gone ORDER BY finished_at, id",
+                    &[&finished_before, &clamp(limit as u64)],
+                )
+                .await
+                .map_err(|e| backend(op, &e))?;
+            rows.iter().map(|row| state_of(row.get(0))).collect()
+        })
+    }
+
+    fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
+        let op = "reading tokens";
+        self.run(op, async {
+            let rows = self
+                .reader
+                .query("SELECT record FROM tokens ORDER BY id", &[])
+                .await
+                .map_err(|e| backend(op, &e))?;
+            rows.iter().map(|row| decode_token(row.get(0))).collect()
+        })
+    }
+
+    fn put_token(&self, token: &TokenRecord) -> Result<(), StoreError> {
+        let op = "writing a token";
+        let writer = self.lock_writer()?;
+        self.run(op, async {
+            writer
+                .execute(PUT_TOKEN, &[&token.id, &encode_token(token)])
+                .await
+                .map_err(|e| backend(op, &e))?;
+            Ok(())
+        })
+    }
+
+    fn node_identities(&self) -> Result<Vec<NodeIdentityRecord>, StoreError> {
+        let op = "reading node identities";
+        self.run(op, async {
+            let rows = self
+                .reader
+                .query("SELECT record FROM node_identities ORDER BY id", &[])
+                .await
+                .map_err(|e| backend(op, &e))?;
+            rows.iter()
+                .map(|row| decode_node_identity(row.get(0)))
+                .collect()
+        })
+    }
+
+    fn put_node_identity(
+        &self,
+        identity: &NodeIdentityRecord,
+        token: Option<&TokenRecord>,
+    ) -> Result<(), StoreError> {
+        let op = "writing a node identity";
+        let mut writer = self.lock_writer()?;
+        self.run(op, async {
+            let tx = writer.transaction().await.map_err(|e| backend(op, &e))?;
+            tx.execute(
+                "INSERT INTO node_identities (id, record) VALUES ($1, $2)
+                 ON CONFLICT (id) DO UPDATE SET record = EXCLUDED.record",
+                &[&Uuid::from(identity.id), &encode_node_identity(identity)],
+            )
+            .await
+            .map_err(|e| backend(op, &e))?;
+            if let Some(token) = token {
+                tx.execute(PUT_TOKEN, &[&token.id, &encode_token(token)])
+                    .await
+                    .map_err(|e| backend(op, &e))?;
+            }
+            tx.commit().await.map_err(|e| backend(op, &e))
+        })
+    }
+}
+
+const PUT_TOKEN: &str = "INSERT INTO tokens (id, record) VALUES ($1, $2)
+    ON CONFLICT (id) DO UPDATE SET record = EXCLUDED.record";
+
+/// What [`Store::load_each`] reads, in one snapshot (a repeatable-read
+/// transaction): live tasks come through a portal, [`LOAD_BATCH`] at a
+/// time, so a restart never holds them all.
+async fn load_each(
+    client: &mut Client,
+    final_since: SystemTime,
+    live: &mut dyn FnMut(TaskRecord, Option<Arc<SecretEnv>>),
+) -> Result<Loaded, StoreError> {
+    let op = "loading";
+    let err = |e: tokio_postgres::Error| backend(op, &e);
+    let tx = client
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await
+        .map_err(err)?;
+    let mut loaded = Loaded::default();
+    let counts = tx
+        .query(
+            "SELECT state, count(*) FROM tasks WHERE finished_at IS NOT NULL GROUP BY state",
+            &[],
+        )
+        .await
+        .map_err(err)?;
+    let mut counts: Vec<(TaskState, u64)> = counts
+        .iter()
+        .map(|row| {
+            Ok((
+                state_of(row.get(0))?,
+                u64::try_from(row.get::<_, i64>(1)).unwrap_or(0),
+            ))
+        })
+        .collect::<Result<_, StoreError>>()?;
+    counts.sort_by_key(|(state, _)| TaskState::ALL.iter().position(|s| s == state));
+    loaded.final_counts = counts;
+    let recent = tx
+        .query(
+            "SELECT id, attempt, outcome FROM tasks WHERE finished_at >= $1
+             ORDER BY finished_at DESC, id DESC LIMIT $2",
+            &[&final_since, &(MAX_RECENTLY_FINAL as i64)],
+        )
+        .await
+        .map_err(err)?;
+    for row in &recent {
+        let id: Uuid = row.get(0);
+        let attempt: i64 = row.get(1);
+        let outcome: Option<i16> = row.get(2);
+        loaded.recently_final.push(FinalAttempt {
+            task_id: id.task(),
+            attempt: Attempt(u32::try_from(attempt).unwrap_or(0)),
+            outcome: outcome.and_then(|n| Outcome::try_from(i32::from(n)).ok()),
+        });
+    }
+    let schedules = tx
+        .query("SELECT record FROM schedules ORDER BY name", &[])
+        .await
+        .map_err(err)?;
+    loaded.schedules = schedules
+        .iter()
+        .map(|row| decode_schedule(row.get(0)))
+        .collect::<Result<_, _>>()?;
+    let limits = tx
+        .query("SELECT record FROM limits ORDER BY kind, name", &[])
+        .await
+        .map_err(err)?;
+    loaded.limits = limits
+        .iter()
+        .map(|row| commit::decode_limit(row.get(0)))
+        .collect::<Result<_, _>>()?;
+    let portal = tx
+        .bind(
+            "SELECT t.id, t.record, t.next_seq, s.spec, x.env, t.state, t.attempt
+             FROM tasks t JOIN task_specs s ON s.id = t.id LEFT JOIN task_secrets x ON x.id = t.id
+             WHERE t.finished_at IS NULL ORDER BY t.id",
+            &[],
+        )
+        .await
+        .map_err(err)?;
+    loop {
+        let rows = tx.query_portal(&portal, LOAD_BATCH).await.map_err(err)?;
+        for row in &rows {
+            let id: Uuid = row.get(0);
+            let task = task_of(id.task(), row.get(1), row.get(2), row.get(3))?;
+            let secret = row
+                .get::<_, Option<&[u8]>>(4)
+                .map(decode_secrets)
+                .transpose()?
+                .map(Arc::new);
+            let state = state_of(row.get(5))?;
+            if matches!(state, TaskState::Assigned | TaskState::Running) {
+                // The attempt's own events, newest first: where its output
+                // chunks carry on.
+                let events = tx
+                    .query(
+                        "SELECT body FROM events WHERE task_id = $1 AND attempt = $2 ORDER BY seq DESC",
+                        &[&id, &row.get::<_, i64>(6)],
+                    )
+                    .await
+                    .map_err(err)?;
+                let events = events
+                    .iter()
+                    .map(|e| decode_event(task.id, e.get(0), &task.spec))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let next = next_chunk(task.attempt, events);
+                if next > 0 {
+                    loaded.next_chunks.push((task.id, next));
+                }
+            }
+            live(task, secret);
+        }
+        if rows.len() < LOAD_BATCH as usize {
+            break;
+        }
+    }
+    tx.commit().await.map_err(err)?;
+    Ok(loaded)
+}

@@ -1,0 +1,225 @@
+//! Tests only (and the `test-postgres` feature, for `weft-tests`): one
+//! private PostgreSQL server per test process, started on first use, and
+//! a fresh database for each test that asks.
+//!
+//! The server is made with `initdb` and `pg_ctl` in a temp dir, on a free
+//! loopback port, with `fsync=off` (nothing here must survive a crash). As
+//! root (CI, containers) it runs as the `postgres` OS user through
+//! `runuser`, since PostgreSQL refuses to run as root. The binaries come
+//! from `WEFT_PG_BIN`, else `pg_config --bindir`, else the newest
+//! `/usr/lib/postgresql/*/bin`. Missing binaries fail the test with how to
+//! install them; they never skip it.
+//!
+//! Stopping: a watchdog shell started first holds the read end of a pipe
+//! whose write end only this process has. However the process ends (done,
+//! panic, killed), the pipe closes, and the watchdog stops the server and
+//! removes the temp dir.
+
+use std::io::Write as _;
+use std::net::TcpListener;
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{ChildStdin, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Mutex, OnceLock};
+
+use super::PgStore;
+
+/// The running server.
+struct Server {
+    port: u16,
+    /// The watchdog's pipe: never written, closed only at exit.
+    _watchdog: Mutex<ChildStdin>,
+}
+
+static SERVER: OnceLock<Result<Server, String>> = OnceLock::new();
+static DATABASES: AtomicU32 = AtomicU32::new(0);
+
+/// What to do when no server can be had.
+const INSTALL: &str = "the PostgreSQL tests need the server binaries (initdb, pg_ctl): install them \
+     (`apt-get install postgresql`), or set WEFT_PG_BIN to the directory holding them";
+
+/// The URL of a new, empty database on the test server, started on the
+/// first call. Panics, saying how to install PostgreSQL, when its binaries
+/// are missing. Blocks: async code calls it through `spawn_blocking`.
+pub fn database() -> String {
+    let server = match SERVER.get_or_init(start) {
+        Ok(server) => server,
+        Err(why) => panic!("no PostgreSQL for the tests: {why}"),
+    };
+    let name = format!("weft_test_{}", DATABASES.fetch_add(1, Ordering::Relaxed));
+    let admin = url(server.port, "postgres");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a test runtime starts");
+    rt.block_on(async {
+        let (client, connection) = tokio_postgres::connect(&admin, tokio_postgres::NoTls)
+            .await
+            .expect("the test server takes connections");
+        tokio::spawn(connection);
+        client
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .expect("CREATE DATABASE");
+    });
+    url(server.port, &name)
+}
+
+/// A store on a new, empty database.
+pub fn store() -> PgStore {
+    PgStore::open(&database()).expect("the PostgreSQL store opens")
+}
+
+fn url(port: u16, database: &str) -> String {
+    format!("postgresql://postgres@127.0.0.1:{port}/{database}")
+}
+
+/// Where the server binaries are.
+fn bin_dir() -> Result<PathBuf, String> {
+    let has_initdb = |dir: &Path| dir.join("initdb").is_file() && dir.join("pg_ctl").is_file();
+    if let Some(dir) = std::env::var_os("WEFT_PG_BIN") {
+        let dir = PathBuf::from(dir);
+        return match has_initdb(&dir) {
+            true => Ok(dir),
+            false => Err(format!(
+                "WEFT_PG_BIN={} holds no initdb and pg_ctl; {INSTALL}",
+                dir.display()
+            )),
+        };
+    }
+    let from_pg_config = Command::new("pg_config")
+        .arg("--bindir")
+        .output()
+        .ok()
+        .filter(|out| out.status.success())
+        .map(|out| PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()));
+    if let Some(dir) = from_pg_config.filter(|dir| has_initdb(dir)) {
+        return Ok(dir);
+    }
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let version = entry.file_name().to_str()?.parse::<u32>().ok()?;
+            Some((version, entry.path().join("bin")))
+        })
+        .filter(|(_, dir)| has_initdb(dir))
+        .collect();
+    versions.sort();
+    versions
+        .pop()
+        .map(|(_, dir)| dir)
+        .ok_or_else(|| INSTALL.to_owned())
+}
+
+/// A command running `program` as the server's user: `postgres` through
+/// `runuser` when this process is root.
+fn as_server_user(program: &Path, root: bool) -> Command {
+    if root {
+        let mut command = Command::new("runuser");
+        command.args(["-u", "postgres", "--"]).arg(program);
+        command
+    } else {
+        Command::new(program)
+    }
+}
+
+/// Runs `command`, failing with its output.
+fn run(mut command: Command, what: &str) -> Result<(), String> {
+    let out = command
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("{what}: cannot run it: {e}"))?;
+    match out.status.success() {
+        true => Ok(()),
+        false => Err(format!(
+            "{what} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )),
+    }
+}
+
+fn start() -> Result<Server, String> {
+    let bin = bin_dir()?;
+    let root = nix::unistd::geteuid().is_root();
+    let dir = std::env::temp_dir().join(format!("weft-pg-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).map_err(|e| format!("making {}: {e}", dir.display()))?;
+    if root {
+        let user = nix::unistd::User::from_name("postgres")
+            .ok()
+            .flatten()
+            .ok_or_else(|| {
+                format!("running as root, but there is no `postgres` user; {INSTALL}")
+            })?;
+        std::os::unix::fs::chown(&dir, Some(user.uid.as_raw()), Some(user.gid.as_raw()))
+            .map_err(|e| format!("giving {} to postgres: {e}", dir.display()))?;
+    }
+    let data = dir.join("data");
+    let pg_ctl = bin.join("pg_ctl");
+    // First the watchdog, so a failure from here on still cleans up.
+    let watchdog = Command::new("sh")
+        .arg("-c")
+        .arg(
+            r#"cat >/dev/null
+               if [ -n "$AS_ROOT" ]; then runuser -u postgres -- "$PG_CTL" -D "$DATA" -m immediate -w stop
+               else "$PG_CTL" -D "$DATA" -m immediate -w stop; fi
+               rm -rf "$DIR""#,
+        )
+        .env("AS_ROOT", if root { "1" } else { "" })
+        .env("PG_CTL", &pg_ctl)
+        .env("DATA", &data)
+        .env("DIR", &dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()
+        .map_err(|e| format!("starting the watchdog: {e}"))?;
+    let mut stdin = watchdog.stdin.expect("stdin was piped");
+    let _ = stdin.flush();
+    let mut initdb = as_server_user(&bin.join("initdb"), root);
+    initdb
+        .arg("-D")
+        .arg(&data)
+        .args(["-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync"]);
+    run(initdb, "initdb")?;
+    // A free port: the kernel's pick, released just before the server
+    // takes it (tried again if another process took it meanwhile).
+    let mut last = String::new();
+    for _ in 0..3 {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map_err(|e| format!("finding a free port: {e}"))?
+            .port();
+        let options = format!(
+            "-c listen_addresses=127.0.0.1 -p {port} -k {} -c fsync=off -c synchronous_commit=off \
+             -c full_page_writes=off -c max_connections=300",
+            dir.display()
+        );
+        let mut start = as_server_user(&pg_ctl, root);
+        start
+            .arg("-D")
+            .arg(&data)
+            .arg("-l")
+            .arg(dir.join("server.log"))
+            .args(["-w", "-t", "60", "-o", &options, "start"]);
+        match run(start, "pg_ctl start") {
+            Ok(()) => {
+                return Ok(Server {
+                    port,
+                    _watchdog: Mutex::new(stdin),
+                });
+            }
+            Err(why) => {
+                let log = std::fs::read_to_string(dir.join("server.log")).unwrap_or_default();
+                last = format!("{why}\n{log}");
+            }
+        }
+    }
+    Err(last)
+}
