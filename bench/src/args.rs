@@ -135,7 +135,8 @@ pub struct BenchArgs {
     #[arg(long, value_enum, value_delimiter = ',', value_name = "STEP,...")]
     pub only: Vec<Step>,
     /// Policy fields the policy-mix step sets on its tasks (comma-separated;
-    /// default: all four), to see what each one costs alone.
+    /// default: priority, fair-key, concurrency and resource), to see what
+    /// each one costs alone; own-fair-key gives every task a key of its own.
     #[arg(long, value_enum, value_delimiter = ',', value_name = "FIELD,...")]
     pub mix: Vec<crate::policy::MixField>,
     /// Tasks queued in the scale step [default: 1000000; 20000 with --quick].

@@ -60,10 +60,15 @@ pub enum MixField {
     Priority,
     /// One of four fair keys (weights 1 to 4).
     FairKey,
-    /// One of eight concurrency keys (limit [`CONCURRENCY_MAX`]).
+    /// One of eight concurrency keys, each with a limit of 1,000,000 (it
+    /// never binds).
     Concurrency,
-    /// One unit of [`RESOURCE`].
+    /// One unit of resource `cpu` (the bench's nodes declare 1,000).
     Resource,
+    /// A fair key of its own per task (not in the default mix): a queue
+    /// class per task, so the runs show what many classes cost, and the
+    /// plain runs after them what the classes left behind cost.
+    OwnFairKey,
 }
 
 impl MixField {
@@ -82,13 +87,18 @@ impl MixField {
             MixField::FairKey => "fair key",
             MixField::Concurrency => "concurrency key",
             MixField::Resource => "resource",
+            MixField::OwnFairKey => "a fair key per task",
         }
     }
 }
 
+/// How many [`MixField::OwnFairKey`] keys were made: the next one's number.
+static OWN_KEYS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// The noop task carrying `x`, with the policy `fields` set: priority 1 to
 /// 9 in turn, one of four fair keys (weights 1 to 4), one of eight
-/// concurrency keys (limit [`CONCURRENCY_MAX`]), one unit of [`RESOURCE`].
+/// concurrency keys (limit [`CONCURRENCY_MAX`]), one unit of [`RESOURCE`];
+/// or, with [`MixField::OwnFairKey`], a fair key no other task has.
 pub fn mixed(x: usize, fields: &[MixField]) -> TaskSpec {
     let mut spec = noop(x);
     for field in fields {
@@ -104,6 +114,10 @@ pub fn mixed(x: usize, fields: &[MixField]) -> TaskSpec {
                 OverLimit::Queue,
             ),
             MixField::Resource => spec.resource(RESOURCE, 1),
+            MixField::OwnFairKey => {
+                let n = OWN_KEYS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                spec.fair_key(format!("own-{n}"), 1)
+            }
         };
     }
     spec
@@ -579,5 +593,13 @@ mod tests {
             Some(CONCURRENCY_MAX)
         );
         assert_eq!(spec.resources.get(RESOURCE), Some(&1));
+    }
+
+    #[test]
+    fn own_fair_keys_differ_for_every_task() {
+        let keys: std::collections::BTreeSet<String> = (0..100)
+            .map(|x| mixed(x % 3, &[MixField::OwnFairKey]).fair_key)
+            .collect();
+        assert_eq!(keys.len(), 100);
     }
 }
