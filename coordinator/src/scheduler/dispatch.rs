@@ -8,12 +8,13 @@
 //! the whole queue; work spreads round-robin over nodes, free slots before
 //! prefetch credits.
 
+use std::ops::Bound::{Excluded, Unbounded};
 use std::sync::Arc;
 
 use weft_proto::{Attempt, ExecPolicy, TaskId, TaskKind, TaskState};
 
 use super::live::LiveTasks;
-use super::queue::Queue;
+use super::queue::{Class, LevelEntry, Queue, vtime_order};
 use super::registry::{NodeEntry, SessionId};
 use super::task::{LiveSpec, Placement};
 use super::{Assignment, Now, Scheduler};
@@ -57,24 +58,18 @@ impl Scheduler {
         // virtual time, then the oldest; across priorities: the highest
         // effective (aged) priority, then the oldest (see `policy.rs`).
         let now_ns = super::task::nanos(now.wall);
-        let mut best: Option<(Rank, usize)> = None;
-        // Only classes with ready entries are looked at; one found empty
-        // (its entries were stale) leaves the active list here, and the
-        // class moved into its place is looked at next.
         let look = Look { room, now, now_ns };
-        let mut pos = 0;
-        while let Some(&active) = self.queue.active().get(pos) {
-            let index = active as usize;
-            let seen = best.as_ref().map(|(rank, _)| rank);
-            let Some(rank) = rank_class(&mut self.queue, &self.tasks, index, node, look, seen)
+        // Each priority's first class this node may take (in the policy's
+        // order within the priority), then the best of those.
+        let mut best: Option<(Rank, usize)> = None;
+        for level in 0..self.queue.levels.len() {
+            let Some((rank, index)) = level_pick(&mut self.queue, &self.tasks, level, node, look)
             else {
-                if !self.queue.deactivate_if_empty(pos) {
-                    pos += 1;
-                }
                 continue;
             };
-            best = Some((rank, index));
-            pos += 1;
+            if best.as_ref().is_none_or(|(b, _)| rank.before(b)) {
+                best = Some((rank, index));
+            }
         }
         let Some((Rank { head: id, .. }, index)) = best else {
             return false;
@@ -85,10 +80,16 @@ impl Scheduler {
         class.last_served = now_ns;
         let cp = class.policy;
         let slots = class.example.slots;
-        if let Some(pos) = self.queue.active_pos(index as u32) {
-            self.queue.deactivate_if_empty(pos);
-        }
+        let next = class.ready.front().copied();
         self.queue.policy.served(cp.fair, slots);
+        match next {
+            Some(next) => self.queue.index(index as u32, Some(next)),
+            None => {
+                if let Some(pos) = self.queue.active_pos(index as u32) {
+                    self.queue.deactivate_if_empty(pos);
+                }
+            }
+        }
         if let Some((key, _)) = cp.conc {
             self.queue.policy.conc[key as usize].running += 1;
         }
@@ -257,70 +258,102 @@ struct Look {
     now_ns: u64,
 }
 
-/// The rank of class `index`'s head if it is ready, goes before `best`
-/// (the best so far) and may go to `node` now; `None` otherwise. Stale
-/// entries at the front of its queue (cancelled while queued) are dropped
-/// on the way.
+/// The first class of priority `level`, in the policy's order within it
+/// (its fair key's virtual time, then its head's id), that may go to
+/// `node` now, with its head's rank; `None` when none may.
 ///
-/// Whether the class may go to this node now is checked only for a head
-/// that would be the best so far: the same choice as checking every
-/// class, for a handful of checks per assignment instead of one per class.
-fn rank_class(
+/// Entries found out of date are corrected on the way: a class whose
+/// queue held only stale entries (cancelled while queued) leaves the
+/// order, one whose key was served since moves back to where it now
+/// belongs (and is looked at again when the walk gets there), one whose
+/// head is now older than its entry said is looked at at once (everything
+/// before it was looked at and could not go).
+fn level_pick(
     queue: &mut Queue,
     tasks: &LiveTasks,
-    index: usize,
+    level: usize,
     node: &mut NodeEntry,
     look: Look,
-    best: Option<&Rank>,
-) -> Option<Rank> {
-    let class = &mut queue.classes[index];
-    // The head known good (see `Class::head`) needs no lookup; otherwise
-    // stale entries (cancelled while queued) are dropped.
-    let created = match (class.head, class.ready.front()) {
-        (Some((known, created)), Some(front)) if known == *front => created,
-        _ => {
-            class.head = None;
-            while let Some(head) = class.ready.front() {
-                let ready = tasks
-                    .get(head)
-                    .filter(|t| t.state == TaskState::Queued && !t.delayed);
-                if let Some(task) = ready {
-                    class.head = Some((*head, task.created_nanos()));
-                    break;
-                }
-                class.ready.pop_front();
-            }
-            class.head?.1
+) -> Option<(Rank, usize)> {
+    let mut after: Option<LevelEntry> = None;
+    loop {
+        let set = &queue.levels[level];
+        let entry = match after {
+            None => set.first().copied(),
+            Some(after) => set.range((Excluded(after), Unbounded)).next().copied(),
+        }?;
+        after = Some(entry);
+        #[cfg(test)]
+        {
+            queue.looked += 1;
         }
+        let class_id = entry.2;
+        let index = class_id as usize;
+        let Some((head, created)) = ready_head(&mut queue.classes[index], tasks) else {
+            if let Some(pos) = queue.active_pos(class_id) {
+                queue.deactivate_if_empty(pos);
+            }
+            continue;
+        };
+        let class = &queue.classes[index];
+        let cp = class.policy;
+        let vtime = queue.policy.fair[cp.fair as usize].vtime;
+        let actual = (vtime_order(vtime), head, class_id);
+        if actual != entry {
+            queue.index(class_id, Some(head));
+            if actual > entry {
+                continue;
+            }
+        }
+        let class = &queue.classes[index];
+        if class.example.slots > look.room || !node.runs_class(class_id, &class.example) {
+            continue;
+        }
+        let policy = &mut queue.policy;
+        if let Some((key, _)) = cp.conc
+            && !policy.conc[key as usize].has_room()
+        {
+            continue;
+        }
+        if cp.gated
+            && (!node.resources_fit(&class.example)
+                || !policy.rates_allow(&class.example, look.now.instant))
+        {
+            continue;
+        }
+        let created = created.max(class.last_served);
+        let rank = Rank {
+            priority: cp.priority,
+            effective: policy.effective(cp.priority, created, look.now_ns),
+            vtime,
+            head,
+        };
+        return Some((rank, index));
     }
-    .max(class.last_served);
-    let head = *class.ready.front()?;
-    let cp = class.policy;
-    let policy = &mut queue.policy;
-    let rank = Rank {
-        priority: cp.priority,
-        effective: policy.effective(cp.priority, created, look.now_ns),
-        vtime: policy.fair[cp.fair as usize].vtime,
-        head,
-    };
-    if best.is_some_and(|b| !rank.before(b)) {
-        return None;
-    }
-    if class.example.slots > look.room || !node.runs_class(index as u32, &class.example) {
-        return None;
-    }
-    if let Some((key, _)) = cp.conc
-        && !policy.conc[key as usize].has_room()
+}
+
+/// The head of `class`'s ready queue and its submission time (Unix nanos),
+/// dropping stale entries (cancelled while queued) in front of it; `None`
+/// when none is left. The head known good (see `Class::head`) needs no
+/// lookup.
+fn ready_head(class: &mut Class, tasks: &LiveTasks) -> Option<(TaskId, u64)> {
+    if let (Some((known, created)), Some(front)) = (class.head, class.ready.front())
+        && known == *front
     {
-        return None;
+        return Some((known, created));
     }
-    if cp.gated
-        && (!node.resources_fit(&class.example)
-            || !policy.rates_allow(&class.example, look.now.instant))
-    {
-        return None;
+    class.head = None;
+    while let Some(head) = class.ready.front() {
+        let ready = tasks
+            .get(head)
+            .filter(|t| t.state == TaskState::Queued && !t.delayed);
+        if let Some(task) = ready {
+            class.head = Some((*head, task.created_nanos()));
+            return class.head;
+        }
+        class.ready.pop_front();
     }
-    Some(rank)
+    None
 }
 
 /// How a class head ranks for one assignment.

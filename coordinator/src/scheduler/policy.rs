@@ -9,13 +9,17 @@
 //! resolved once, when the class is made ([`ClassPolicy`]: indexes into
 //! the key tables here), so an assignment does no hash lookup for it.
 //!
-//! Cost of one assignment with K active classes: K head checks (as
-//! before), each comparing (effective priority, the fair key's virtual
-//! time, head id); a class with a concurrency key adds one counter check,
-//! one with rate limits one bucket refill per limit it names (a map lookup
-//! by name), one with resources one comparison per resource on the node.
-//! Plain tasks (default priority, no key, no limit, no resource) take
-//! none of those branches and allocate nothing.
+//! Cost of one assignment: for each priority with ready tasks, a walk of
+//! that priority's classes in fair order (`Queue::levels`) to the first the
+//! node may take, usually the first; then the best of those (at most 9) by
+//! effective priority. A class looked at costs a head check and its gates:
+//! a concurrency key one counter check, rate limits one bucket refill per
+//! limit it names (a map lookup by name), resources one comparison per
+//! resource on the node. So the cost does not grow with the number of
+//! classes, only with those passed over because the node may not take
+//! them (a concurrency key at its limit, resources in use). Plain tasks
+//! (default priority, no key, no limit, no resource) take none of those
+//! branches and allocate nothing.
 //!
 //! The rules:
 //! - Priority 1..=9: across priorities, the class head with the highest

@@ -10,10 +10,17 @@
 //! its entry behind and dispatch skips it (lazy deletion), so cancel is O(1).
 //!
 //! A class lives as long as the coordinator, but only the classes with
-//! ready entries are *active* ([`Queue::active`]): dispatch and the gauges
-//! look at those alone, so tasks that each came with a key of their own
-//! (a fair or concurrency key per user, say) leave no per-assignment cost
-//! once they have run.
+//! ready entries are *active* ([`Queue::active`]): the gauges look at those
+//! alone, so tasks that each came with a key of their own (a fair or
+//! concurrency key per user, say) leave no cost once they have run.
+//!
+//! Dispatch does not look at every active class either: each priority
+//! keeps its active classes ordered by (their fair key's virtual time, their
+//! head's id) ([`Queue::levels`]), the order the policy serves them in, so
+//! an assignment walks each priority from its front to the first class the
+//! node may take. An entry is corrected when dispatch finds it out of date
+//! (its key was served since, or its head left the queue): virtual times
+//! only grow, so such an entry is only ever too early, never missed.
 
 use std::cmp::Reverse;
 use std::collections::hash_map::DefaultHasher;
@@ -56,6 +63,17 @@ pub(crate) struct Class {
     pub head: Option<(TaskId, u64)>,
     /// Its place in [`Queue::active`], or [`INACTIVE`].
     active_at: u32,
+    /// Its entry in [`Queue::levels`] (its priority's), while active.
+    pub indexed: Option<LevelEntry>,
+}
+
+/// An active class in its priority's order: its fair key's virtual time
+/// (as [`vtime_order`]), its head's id, the class.
+pub(crate) type LevelEntry = (u64, TaskId, ClassId);
+
+/// A virtual time (never negative) as a number that sorts the same way.
+pub(crate) fn vtime_order(vtime: f64) -> u64 {
+    vtime.max(0.0).to_bits()
 }
 
 /// [`Class::active_at`] of a class with no ready entries.
@@ -68,6 +86,13 @@ pub(crate) struct Queue {
     /// The classes whose ready queue is not empty (it may hold only stale
     /// entries until dispatch looks), in no particular order.
     active: Vec<ClassId>,
+    /// The active classes of each priority (the index), in the order the
+    /// policy serves them; see the module docs.
+    pub levels: Vec<std::collections::BTreeSet<LevelEntry>>,
+    /// Class entries dispatch has looked at (tests: what an assignment
+    /// costs).
+    #[cfg(test)]
+    pub looked: u64,
     index: HashMap<u64, Vec<ClassId>>,
     delayed: BinaryHeap<Reverse<(Instant, TaskId, u32)>>,
     last: Option<ClassId>,
@@ -190,6 +215,7 @@ impl Queue {
                     last_served: 0,
                     head: None,
                     active_at: INACTIVE,
+                    indexed: None,
                 });
                 candidates.push(class);
                 class
@@ -210,8 +236,12 @@ impl Queue {
             if c.ready.is_empty() {
                 self.policy.reactivate(c.policy.fair);
             }
+            let was_empty = c.ready.is_empty();
             c.ready.push_back(id);
             self.activate(class);
+            if was_empty {
+                self.index(class, Some(id));
+            }
         }
     }
 
@@ -225,6 +255,32 @@ impl Queue {
             }
             c.ready.push_front(id);
             self.activate(class);
+            self.index(class, Some(id));
+        }
+    }
+
+    /// Puts `class` in its priority's order with `head` as its head (or
+    /// takes it out, for `None`), at its fair key's virtual time now.
+    pub fn index(&mut self, class: ClassId, head: Option<TaskId>) {
+        let Some(c) = self.classes.get_mut(class as usize) else {
+            return;
+        };
+        let level = usize::from(c.policy.priority);
+        if self.levels.len() <= level {
+            self.levels.resize_with(level + 1, Default::default);
+        }
+        if let Some(old) = c.indexed.take() {
+            self.levels[level].remove(&old);
+        }
+        if let Some(head) = head {
+            let vtime = self
+                .policy
+                .fair
+                .get(c.policy.fair as usize)
+                .map_or(0.0, |k| k.vtime);
+            let entry = (vtime_order(vtime), head, class);
+            self.levels[level].insert(entry);
+            c.indexed = Some(entry);
         }
     }
 
@@ -247,6 +303,7 @@ impl Queue {
         if !self.classes[class as usize].ready.is_empty() {
             return false;
         }
+        self.index(class, None);
         self.classes[class as usize].active_at = INACTIVE;
         self.active.swap_remove(pos);
         if let Some(&moved) = self.active.get(pos) {

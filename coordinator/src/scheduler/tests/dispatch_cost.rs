@@ -112,7 +112,11 @@ fn classes_whose_tasks_have_run_are_not_looked_at_again() {
     }
     assert_eq!(ran, ids.len());
     assert!(h.s.queue.classes.len() >= 1_000);
-    assert!(h.s.queue.active().is_empty(), "{:?}", h.s.queue.active().len());
+    assert!(
+        h.s.queue.active().is_empty(),
+        "{:?}",
+        h.s.queue.active().len()
+    );
     let later = h.submit(vec![call("later").fair_key("user-7", 1)])[0];
     assert_eq!(h.s.queue.active().len(), 1);
     assert_eq!(one(&mut h), [later]);
@@ -140,4 +144,31 @@ fn a_class_emptied_by_cancels_leaves_the_active_list_and_the_rest_still_run() {
     h.s.credits(S1, 1, h.now);
     assert_eq!(one(&mut h), [low]);
     assert!(h.s.queue.active().is_empty());
+}
+
+/// With 10,000 classes ready at once (a fair key per task), an assignment
+/// looks at the front of its priority's order, not at every class, and
+/// the keys are still served oldest first (equal virtual times).
+#[test]
+fn an_assignment_looks_at_a_few_classes_however_many_are_ready() {
+    let mut h = Harness::new();
+    let specs = (0..10_000)
+        .map(|i| call(&format!("k{i}")).fair_key(format!("user-{i}"), 1))
+        .collect();
+    let ids = h.submit(specs);
+    h.node(S1, reg("n1", 1), 1);
+    let mut order = Vec::new();
+    let mut most = 0;
+    while order.len() < 100 {
+        let before = h.s.queue.looked;
+        let Some(id) = one(&mut h).first().copied() else {
+            break;
+        };
+        most = most.max(h.s.queue.looked - before);
+        order.push(id);
+        h.finish(S1, id, 1, Outcome::Succeeded);
+        h.s.credits(S1, 1, h.now);
+    }
+    assert_eq!(order, ids[..100]);
+    assert!(most <= 4, "an assignment looked at {most} classes");
 }
