@@ -112,7 +112,11 @@ fn classes_whose_tasks_have_run_are_not_looked_at_again() {
     }
     assert_eq!(ran, ids.len());
     assert!(h.s.queue.classes.len() >= 1_000);
-    assert!(h.s.queue.active().is_empty(), "{:?}", h.s.queue.active().len());
+    assert!(
+        h.s.queue.active().is_empty(),
+        "{:?}",
+        h.s.queue.active().len()
+    );
     let later = h.submit(vec![call("later").fair_key("user-7", 1)])[0];
     assert_eq!(h.s.queue.active().len(), 1);
     assert_eq!(one(&mut h), [later]);
