@@ -117,7 +117,8 @@ impl Target {
         ))
     }
 
-    /// The database at this target was reached but refused (its schema).
+    /// The database at this target cannot be used: its schema, or a URL
+    /// asking for what the store cannot do (TLS).
     fn refused(&self, message: String) -> StoreError {
         StoreError::Database {
             target: self.0.clone(),
@@ -172,6 +173,15 @@ impl PgStore {
             config.application_name("weft-coordinator");
         }
         let target = Target::of(&config);
+        if config.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
+            // Said at once, rather than as the driver's "no TLS
+            // implementation configured" from the first connect.
+            return Err(target.refused(
+                "sslmode=require: TLS to the database is not supported yet; \
+                 reach it over a trusted network or a local socket (sslmode=disable)"
+                    .into(),
+            ));
+        }
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("weft-pg")

@@ -129,6 +129,12 @@ fn an_unreachable_server_or_a_bad_url_is_a_clear_error() {
     let err = PgStore::open("postgresql://weft:secret@[nonsense").unwrap_err();
     assert!(matches!(err, StoreError::Database { .. }), "{err}");
     assert!(!err.to_string().contains("secret"), "{err}");
+    // TLS is refused by name, not attempted in plaintext.
+    let err =
+        PgStore::open("postgresql://weft:secret@127.0.0.1:5432/weft?sslmode=require").unwrap_err();
+    assert!(matches!(err, StoreError::Database { .. }), "{err}");
+    assert!(err.to_string().contains("sslmode=require"), "{err}");
+    assert!(!err.to_string().contains("secret"), "{err}");
     // A server that is there, but no such database.
     let url = testdb::database();
     let missing = format!("{}_missing", url);
