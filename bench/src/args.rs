@@ -175,6 +175,11 @@ pub struct BenchArgs {
     /// what durability costs. Not the protocol's configuration.
     #[arg(long)]
     pub memory_store: bool,
+    /// Keep the bench's coordinator's store in PostgreSQL at URL (passed to
+    /// it as `--database-url`; its data dir still holds the TLS files and
+    /// the admin token). The bench never creates or empties the database.
+    #[arg(long, value_name = "URL", conflicts_with = "memory_store")]
+    pub database_url: Option<String>,
 }
 
 /// The counts of one run: the protocol's, or scaled down by `--quick`.

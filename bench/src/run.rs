@@ -41,6 +41,7 @@ pub async fn run(
         external.clone(),
     );
     report.memory_store = args.memory_store;
+    report.database = args.database_url.as_deref().map(redact_password);
     // Without --coordinator the bench starts processes of its own.
     let own = external.is_none();
     if own {
@@ -59,7 +60,11 @@ pub async fn run(
         } else {
             Vec::new()
         },
-        coordinator_args: Vec::new(),
+        coordinator_args: args
+            .database_url
+            .iter()
+            .flat_map(|url| ["--database-url".to_owned(), url.clone()])
+            .collect(),
     };
 
     if steps.contains(&Step::Floor) {
@@ -371,4 +376,36 @@ async fn durability_steps(
 
 fn progress(what: &str) {
     eprintln!("weft bench: {what}");
+}
+
+/// A database URL as a report may show it: `user:password@` becomes
+/// `user@`.
+fn redact_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return "(a key=value database URL)".to_owned();
+    };
+    let (auth, host) = match rest.rsplit_once('@') {
+        Some((auth, host)) => (auth, host),
+        None => return url.to_owned(),
+    };
+    let user = auth.split_once(':').map_or(auth, |(user, _)| user);
+    format!("{scheme}://{user}@{host}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_password;
+
+    #[test]
+    fn a_database_password_never_reaches_the_report() {
+        assert_eq!(
+            redact_password("postgresql://weft:secret@127.0.0.1:5432/weft"),
+            "postgresql://weft@127.0.0.1:5432/weft"
+        );
+        assert_eq!(
+            redact_password("postgresql://postgres@h:1/db"),
+            "postgresql://postgres@h:1/db"
+        );
+        assert!(!redact_password("host=h password=secret").contains("secret"));
+    }
 }

@@ -226,6 +226,9 @@ pub struct Report {
     pub external: Option<String>,
     /// The bench's coordinators ran without `--data-dir` (`--memory-store`).
     pub memory_store: bool,
+    /// The bench's coordinator kept its store in PostgreSQL here
+    /// (`--database-url`, password removed).
+    pub database: Option<String>,
     /// Raw tonic figures.
     pub floor: Option<Floor>,
     /// (e).
@@ -275,6 +278,7 @@ impl Report {
             quick,
             external,
             memory_store: false,
+            database: None,
             floor: None,
             startup: None,
             throughput: None,
@@ -312,6 +316,11 @@ impl Report {
     pub fn config(&self) -> String {
         match &self.external {
             Some(url) => format!("external cluster at {url}; client = one weft process"),
+            None if self.database.is_some() => format!(
+                "weft-coordinator (--database-url: PostgreSQL store at {}) + 2 x weft-node --slots 1, \
+                 real processes on 127.0.0.1; client = the weft bench process",
+                self.database.as_deref().unwrap_or_default()
+            ),
             None if self.memory_store => {
                 "weft-coordinator (NO --data-dir: in-memory store) + 2 x weft-node --slots 1, \
                  real processes on 127.0.0.1; client = the weft bench process"

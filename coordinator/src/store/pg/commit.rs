@@ -13,9 +13,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::SystemTime;
 
 use futures::future::try_join_all;
+use tokio_postgres::Transaction;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{Client, Transaction};
 
+use super::conn::{Conn, Statements};
 use super::types::Uuid;
 use super::{backend, clamp, state_number};
 use crate::store::codec::{encode_event, encode_secrets, encode_spec, encode_task_without_spec};
@@ -135,8 +136,9 @@ pub(super) fn decode_limit(bytes: &[u8]) -> Result<weft_proto::policy::Limit, St
         })
 }
 
-/// Writes `records` in one transaction on `client`.
-pub(super) async fn commit(client: &mut Client, records: &[Record]) -> Result<(), StoreError> {
+/// Writes `records` in one transaction on `conn`, with the statements it
+/// has prepared.
+pub(super) async fn commit(conn: &mut Conn, records: &[Record]) -> Result<(), StoreError> {
     let err = |e: tokio_postgres::Error| backend(OP, &e);
     let mut touched: Vec<Uuid> = records
         .iter()
@@ -148,15 +150,17 @@ pub(super) async fn commit(client: &mut Client, records: &[Record]) -> Result<()
         .collect();
     touched.sort_unstable();
     touched.dedup();
+    let Conn { client, statements } = conn;
     let tx = client.transaction().await.map_err(err)?;
     // Locked in id order, so two writers never deadlock on each other.
-    let rows = tx
-        .query(
+    let lock = statements
+        .get(
+            &tx,
             "SELECT id, next_seq FROM tasks WHERE id = ANY($1) ORDER BY id FOR UPDATE",
-            &[&touched],
         )
         .await
         .map_err(err)?;
+    let rows = tx.query(&lock, &[&touched]).await.map_err(err)?;
     let known: HashMap<u128, u64> = rows
         .iter()
         .map(|row| {
@@ -166,7 +170,7 @@ pub(super) async fn commit(client: &mut Client, records: &[Record]) -> Result<()
         .collect();
     // A refused commit drops `tx`: rolled back, nothing written.
     let writes = plan(records, &known)?;
-    write(&tx, &writes).await?;
+    write(&tx, statements, &writes).await?;
     tx.commit().await.map_err(err)
 }
 
@@ -183,7 +187,11 @@ struct TaskRows {
 }
 
 /// Sends every statement of `writes` at once and waits for them all.
-async fn write(tx: &Transaction<'_>, writes: &Writes<'_>) -> Result<(), StoreError> {
+async fn write(
+    tx: &Transaction<'_>,
+    statements: &Statements,
+    writes: &Writes<'_>,
+) -> Result<(), StoreError> {
     let mut tasks = TaskRows {
         id: Vec::new(),
         state: Vec::new(),
@@ -239,9 +247,9 @@ async fn write(tx: &Transaction<'_>, writes: &Writes<'_>) -> Result<(), StoreErr
     let (put_kind, put_name) = limit_keys(put_limit);
     let (gone_kind, gone_name) = limit_keys(gone_limit);
 
-    let mut statements: Vec<(&str, Vec<&(dyn ToSql + Sync)>)> = Vec::new();
+    let mut writes_sql: Vec<(&str, Vec<&(dyn ToSql + Sync)>)> = Vec::new();
     if !tasks.id.is_empty() {
-        statements.push((
+        writes_sql.push((
             "INSERT INTO tasks (id, state, attempt, outcome, updated_at, finished_at, next_seq, record)
              SELECT * FROM unnest($1::uuid[], $2::int2[], $3::int8[], $4::int2[],
                                   $5::timestamptz[], $6::timestamptz[], $7::int8[], $8::bytea[])
@@ -262,54 +270,54 @@ async fn write(tx: &Transaction<'_>, writes: &Writes<'_>) -> Result<(), StoreErr
         ));
     }
     if !spec_ids.is_empty() {
-        statements.push((
+        writes_sql.push((
             "INSERT INTO task_specs (id, spec) SELECT * FROM unnest($1::uuid[], $2::bytea[])
              ON CONFLICT (id) DO NOTHING",
             vec![&spec_ids, &specs],
         ));
     }
     if !seq_ids.is_empty() {
-        statements.push((
+        writes_sql.push((
             "UPDATE tasks t SET next_seq = u.next_seq
              FROM unnest($1::uuid[], $2::int8[]) AS u(id, next_seq) WHERE t.id = u.id",
             vec![&seq_ids, &seqs],
         ));
     }
     if !events.0.is_empty() {
-        statements.push((
+        writes_sql.push((
             "INSERT INTO events (task_id, seq, attempt, body)
              SELECT * FROM unnest($1::uuid[], $2::int8[], $3::int8[], $4::bytea[])",
             vec![&events.0, &events.1, &events.2, &events.3],
         ));
     }
     if !put_secret.is_empty() {
-        statements.push((
+        writes_sql.push((
             "INSERT INTO task_secrets (id, env) SELECT * FROM unnest($1::uuid[], $2::bytea[])
              ON CONFLICT (id) DO UPDATE SET env = EXCLUDED.env",
             vec![&put_secret, &put_env],
         ));
     }
     if !gone_secret.is_empty() {
-        statements.push((
+        writes_sql.push((
             "DELETE FROM task_secrets WHERE id = ANY($1)",
             vec![&gone_secret],
         ));
     }
     if !put_schedule.is_empty() {
-        statements.push((
+        writes_sql.push((
             "INSERT INTO schedules (name, record) SELECT * FROM unnest($1::text[], $2::bytea[])
              ON CONFLICT (name) DO UPDATE SET record = EXCLUDED.record",
             vec![&put_schedule, &put_body],
         ));
     }
     if !gone_schedule.is_empty() {
-        statements.push((
+        writes_sql.push((
             "DELETE FROM schedules WHERE name = ANY($1)",
             vec![&gone_schedule],
         ));
     }
     if !put_kind.is_empty() {
-        statements.push((
+        writes_sql.push((
             "INSERT INTO limits (kind, name, record)
              SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[])
              ON CONFLICT (kind, name) DO UPDATE SET record = EXCLUDED.record",
@@ -317,17 +325,18 @@ async fn write(tx: &Transaction<'_>, writes: &Writes<'_>) -> Result<(), StoreErr
         ));
     }
     if !gone_kind.is_empty() {
-        statements.push((
+        writes_sql.push((
             "DELETE FROM limits l USING unnest($1::text[], $2::text[]) AS g(kind, name)
              WHERE l.kind = g.kind AND l.name = g.name",
             vec![&gone_kind, &gone_name],
         ));
     }
-    try_join_all(
-        statements
-            .iter()
-            .map(|(sql, params)| tx.execute(*sql, params.as_slice())),
-    )
+    // Each prepared once per connection; the first commit to need one
+    // prepares it on the way, pipelined like the rest.
+    try_join_all(writes_sql.iter().map(|(sql, params)| async move {
+        let statement = statements.get(tx, sql).await?;
+        tx.execute(&statement, params.as_slice()).await
+    }))
     .await
     .map_err(|e| backend(OP, &e))?;
     Ok(())

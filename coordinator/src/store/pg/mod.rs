@@ -15,15 +15,20 @@
 //! Connections: one for writes (commits, tokens, retention, a restart's
 //! load; one transaction at a time, behind a mutex), one for reads (shared:
 //! tokio-postgres pipelines concurrent queries on it). A lost connection
-//! is not re-opened: every later call fails with [`StoreError::Backend`],
-//! and a failed commit stops the coordinator as a failed fsync does.
+//! is opened again by the next call (`conn.rs`); a read that met the loss
+//! is tried once more on the new one, a write never is: a failed commit
+//! stops the coordinator as a failed fsync does, since its outcome may be
+//! unknown. While the server is down, calls fail with
+//! [`StoreError::Database`].
 //!
-//! Layout: `migrate.rs` (the versioned schema, `sql/`), `commit.rs` (one
+//! Layout: `conn.rs` (connections and their prepared statements),
+//! `migrate.rs` (the versioned schema, `sql/`), `commit.rs` (one
 //! commit = one transaction, checked as the log checks it), `types.rs`
 //! (ids as uuid), `testdb.rs` (tests, and the `test-postgres` feature for
 //! the end-to-end tests: a private PostgreSQL server).
 
 mod commit;
+mod conn;
 mod migrate;
 #[cfg(any(test, feature = "test-postgres"))]
 pub mod testdb;
@@ -34,11 +39,12 @@ mod types;
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
+use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
+use tokio_postgres::Config;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{Client, Config, NoTls};
 
 use weft_proto::{Attempt, Outcome, SecretEnv, TaskId, TaskState};
 
@@ -52,6 +58,7 @@ use super::record::{
 };
 use super::{Record, decode_schedule};
 use crate::auth::TokenRecord;
+use conn::Conn;
 use types::Uuid;
 
 /// How long opening waits for the server when the URL sets no
@@ -68,8 +75,12 @@ const LIST_BATCH: i64 = 256;
 pub struct PgStore {
     /// `Some` until dropped.
     rt: Option<tokio::runtime::Runtime>,
-    writer: Mutex<Client>,
-    reader: Client,
+    /// How to connect again.
+    config: Config,
+    /// `None` once lost: the next write reconnects.
+    writer: Mutex<Option<Conn>>,
+    /// `None` once lost: the next read reconnects.
+    reader: Mutex<Option<Arc<Conn>>>,
     target: Target,
 }
 
@@ -106,7 +117,8 @@ impl Target {
         ))
     }
 
-    /// The database at this target was reached but refused (its schema).
+    /// The database at this target cannot be used: its schema, or a URL
+    /// asking for what the store cannot do (TLS).
     fn refused(&self, message: String) -> StoreError {
         StoreError::Database {
             target: self.0.clone(),
@@ -161,10 +173,15 @@ impl PgStore {
             config.application_name("weft-coordinator");
         }
         let target = Target::of(&config);
-        let unreachable = |err: tokio_postgres::Error| StoreError::Database {
-            target: target.0.clone(),
-            message: describe(&err),
-        };
+        if config.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
+            // Said at once, rather than as the driver's "no TLS
+            // implementation configured" from the first connect.
+            return Err(target.refused(
+                "sslmode=require: TLS to the database is not supported yet; \
+                 reach it over a trusted network or a local socket (sslmode=disable)"
+                    .into(),
+            ));
+        }
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("weft-pg")
@@ -174,27 +191,57 @@ impl PgStore {
                 target: target.0.clone(),
                 message: format!("starting its runtime: {err}"),
             })?;
-        let connect = || async {
-            let (client, connection) = config.connect(NoTls).await.map_err(unreachable)?;
-            tokio::spawn(async move {
-                if let Err(err) = connection.await {
-                    tracing::error!(error = %err, "PostgreSQL connection lost");
-                }
-            });
-            Ok::<Client, StoreError>(client)
-        };
         let (mut writer, reader) = rt.block_on(async {
-            let writer = connect().await?;
-            let reader = connect().await?;
+            let writer = Conn::open(&config, &target).await?;
+            let reader = Conn::open(&config, &target).await?;
             Ok::<_, StoreError>((writer, reader))
         })?;
-        rt.block_on(migrate::migrate(&mut writer, &target))?;
+        rt.block_on(migrate::migrate(&mut writer.client, &target))?;
         Ok(PgStore {
             rt: Some(rt),
-            writer: Mutex::new(writer),
-            reader,
+            config,
+            writer: Mutex::new(Some(writer)),
+            reader: Mutex::new(Some(Arc::new(reader))),
             target,
         })
+    }
+
+    /// The read connection, opened again if it was lost.
+    fn reader(&self) -> Result<Arc<Conn>, StoreError> {
+        let mut slot = self.reader.lock().map_err(|_| StoreError::Poisoned)?;
+        if let Some(conn) = slot.as_ref().filter(|conn| !conn.is_closed()) {
+            return Ok(Arc::clone(conn));
+        }
+        *slot = None;
+        let conn = Arc::new(self.run_unbounded(Conn::open(&self.config, &self.target))?);
+        *slot = Some(Arc::clone(&conn));
+        Ok(conn)
+    }
+
+    /// Runs a read on the read connection; if it failed because that
+    /// connection was lost, once more on a new one (a read changes
+    /// nothing, so trying again is safe).
+    fn read<T, F, Fut>(&self, op: &'static str, read: F) -> Result<T, StoreError>
+    where
+        F: Fn(Arc<Conn>) -> Fut,
+        Fut: Future<Output = Result<T, StoreError>>,
+    {
+        let conn = self.reader()?;
+        match self.run(op, read(Arc::clone(&conn))) {
+            Err(_) if conn.is_closed() => self.run(op, read(self.reader()?)),
+            result => result,
+        }
+    }
+
+    /// The write connection, held until the guard drops, opened again if
+    /// it was lost.
+    fn writer(&self) -> Result<Writer<'_>, StoreError> {
+        let mut slot = self.writer.lock().map_err(|_| StoreError::Poisoned)?;
+        if slot.as_ref().is_none_or(Conn::is_closed) {
+            *slot = None;
+            *slot = Some(self.run_unbounded(Conn::open(&self.config, &self.target))?);
+        }
+        Ok(Writer(slot))
     }
 
     /// Runs `fut` on the store's runtime, bounded by [`CALL_TIMEOUT`].
@@ -250,10 +297,12 @@ impl PgStore {
         if let Some(state) = &state {
             params.push(state);
         }
-        self.run(op, async {
-            let rows = self
-                .reader
-                .query(&sql, &params)
+        let (sql, params) = (&sql, &params);
+        self.read(op, |reader| async move {
+            let statement = reader.prepared(sql).await.map_err(|e| backend(op, &e))?;
+            let rows = reader
+                .client
+                .query(&statement, params)
                 .await
                 .map_err(|e| backend(op, &e))?;
             rows.iter()
@@ -268,9 +317,34 @@ impl PgStore {
                 .collect()
         })
     }
+}
 
-    fn lock_writer(&self) -> Result<MutexGuard<'_, Client>, StoreError> {
-        self.writer.lock().map_err(|_| StoreError::Poisoned)
+/// The write connection, held: there is one while the guard lives.
+struct Writer<'s>(MutexGuard<'s, Option<Conn>>);
+
+impl Writer<'_> {
+    /// Drops the connection after a failure that may have left it
+    /// mid-transaction: the next write starts on a new one.
+    fn discard(mut self) {
+        *self.0 = None;
+    }
+}
+
+impl Deref for Writer<'_> {
+    type Target = Conn;
+
+    fn deref(&self) -> &Conn {
+        self.0
+            .as_ref()
+            .expect("a Writer is made only with a connection in its slot")
+    }
+}
+
+impl DerefMut for Writer<'_> {
+    fn deref_mut(&mut self) -> &mut Conn {
+        self.0
+            .as_mut()
+            .expect("a Writer is made only with a connection in its slot")
     }
 }
 
@@ -316,20 +390,27 @@ impl Store for PgStore {
         if records.is_empty() {
             return Ok(());
         }
-        let mut writer = self.lock_writer()?;
-        self.run("committing", commit::commit(&mut writer, records))
+        let mut writer = self.writer()?;
+        let result = self.run("committing", commit::commit(&mut writer, records));
+        if let Err(StoreError::Backend { .. }) = &result {
+            writer.discard();
+        }
+        result
     }
 
     fn task(&self, id: TaskId) -> Result<Option<TaskRecord>, StoreError> {
         let op = "reading a task";
-        self.run(op, async {
-            let row = self
-                .reader
-                .query_opt(
+        self.read(op, |reader| async move {
+            let statement = reader
+                .prepared(
                     "SELECT t.record, t.next_seq, s.spec FROM tasks t JOIN task_specs s ON s.id = t.id
                      WHERE t.id = $1",
-                    &[&Uuid::from(id)],
                 )
+                .await
+                .map_err(|e| backend(op, &e))?;
+            let row = reader
+                .client
+                .query_opt(&statement, &[&Uuid::from(id)])
                 .await
                 .map_err(|e| backend(op, &e))?;
             row.map(|row| task_of(id, row.get(0), row.get(1), row.get(2)))
@@ -383,23 +464,30 @@ impl Store for PgStore {
         limit: usize,
     ) -> Result<Vec<TaskEvent>, StoreError> {
         let op = "reading events";
-        self.run(op, async {
+        self.read(op, |reader| async move {
             let key = Uuid::from(id);
-            let rows = self
-                .reader
-                .query(
+            let statement = reader
+                .prepared(
                     "SELECT body FROM events WHERE task_id = $1 AND seq >= $2 ORDER BY seq LIMIT $3",
-                    &[&key, &clamp(from_seq), &clamp(limit as u64)],
                 )
+                .await
+                .map_err(|e| backend(op, &e))?;
+            let rows = reader
+                .client
+                .query(&statement, &[&key, &clamp(from_seq), &clamp(limit as u64)])
                 .await
                 .map_err(|e| backend(op, &e))?;
             if rows.is_empty() {
                 return Ok(Vec::new());
             }
             // The spec goes back into a `finished` event's record.
-            let spec = self
-                .reader
-                .query_opt("SELECT spec FROM task_specs WHERE id = $1", &[&key])
+            let statement = reader
+                .prepared("SELECT spec FROM task_specs WHERE id = $1")
+                .await
+                .map_err(|e| backend(op, &e))?;
+            let spec = reader
+                .client
+                .query_opt(&statement, &[&key])
                 .await
                 .map_err(|e| backend(op, &e))?
                 .ok_or_else(|| StoreError::Inconsistent(format!("events of {id} without its spec")))?;
@@ -429,7 +517,7 @@ impl Store for PgStore {
         final_since: SystemTime,
         live: &mut dyn FnMut(TaskRecord, Option<Arc<SecretEnv>>),
     ) -> Result<Loaded, StoreError> {
-        let mut writer = self.lock_writer()?;
+        let mut writer = self.writer()?;
         self.run_unbounded(load_each(&mut writer, final_since, live))
     }
 
@@ -439,10 +527,10 @@ impl Store for PgStore {
         limit: usize,
     ) -> Result<Vec<TaskState>, StoreError> {
         let op = "expiring tasks";
-        let writer = self.lock_writer()?;
+        let writer = self.writer()?;
         self.run(op, async {
-            let rows = writer
-                .query(
+            let statement = writer
+                .prepared(
                     "WITH gone AS (
                         DELETE FROM tasks WHERE id IN (
                             SELECT id FROM tasks WHERE finished_at < $1
@@ -452,8 +540,12 @@ impl Store for PgStore {
                      specs AS (DELETE FROM task_specs s USING gone WHERE s.id = gone.id),
                      secrets AS (DELETE FROM task_secrets x USING gone WHERE x.id = gone.id)
                      SELECT state FROM gone ORDER BY finished_at, id",
-                    &[&finished_before, &clamp(limit as u64)],
                 )
+                .await
+                .map_err(|e| backend(op, &e))?;
+            let rows = writer
+                .client
+                .query(&statement, &[&finished_before, &clamp(limit as u64)])
                 .await
                 .map_err(|e| backend(op, &e))?;
             rows.iter().map(|row| state_of(row.get(0))).collect()
@@ -462,10 +554,14 @@ impl Store for PgStore {
 
     fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
         let op = "reading tokens";
-        self.run(op, async {
-            let rows = self
-                .reader
-                .query("SELECT record FROM tokens ORDER BY id", &[])
+        self.read(op, |reader| async move {
+            let statement = reader
+                .prepared("SELECT record FROM tokens ORDER BY id")
+                .await
+                .map_err(|e| backend(op, &e))?;
+            let rows = reader
+                .client
+                .query(&statement, &[])
                 .await
                 .map_err(|e| backend(op, &e))?;
             rows.iter().map(|row| decode_token(row.get(0))).collect()
@@ -474,10 +570,15 @@ impl Store for PgStore {
 
     fn put_token(&self, token: &TokenRecord) -> Result<(), StoreError> {
         let op = "writing a token";
-        let writer = self.lock_writer()?;
+        let writer = self.writer()?;
         self.run(op, async {
+            let statement = writer
+                .prepared(PUT_TOKEN)
+                .await
+                .map_err(|e| backend(op, &e))?;
             writer
-                .execute(PUT_TOKEN, &[&token.id, &encode_token(token)])
+                .client
+                .execute(&statement, &[&token.id, &encode_token(token)])
                 .await
                 .map_err(|e| backend(op, &e))?;
             Ok(())
@@ -486,10 +587,14 @@ impl Store for PgStore {
 
     fn node_identities(&self) -> Result<Vec<NodeIdentityRecord>, StoreError> {
         let op = "reading node identities";
-        self.run(op, async {
-            let rows = self
-                .reader
-                .query("SELECT record FROM node_identities ORDER BY id", &[])
+        self.read(op, |reader| async move {
+            let statement = reader
+                .prepared("SELECT record FROM node_identities ORDER BY id")
+                .await
+                .map_err(|e| backend(op, &e))?;
+            let rows = reader
+                .client
+                .query(&statement, &[])
                 .await
                 .map_err(|e| backend(op, &e))?;
             rows.iter()
@@ -504,18 +609,30 @@ impl Store for PgStore {
         token: Option<&TokenRecord>,
     ) -> Result<(), StoreError> {
         let op = "writing a node identity";
-        let mut writer = self.lock_writer()?;
+        let mut writer = self.writer()?;
         self.run(op, async {
-            let tx = writer.transaction().await.map_err(|e| backend(op, &e))?;
+            let Conn { client, statements } = &mut *writer;
+            let tx = client.transaction().await.map_err(|e| backend(op, &e))?;
+            let put_identity = statements
+                .get(
+                    &tx,
+                    "INSERT INTO node_identities (id, record) VALUES ($1, $2)
+                     ON CONFLICT (id) DO UPDATE SET record = EXCLUDED.record",
+                )
+                .await
+                .map_err(|e| backend(op, &e))?;
             tx.execute(
-                "INSERT INTO node_identities (id, record) VALUES ($1, $2)
-                 ON CONFLICT (id) DO UPDATE SET record = EXCLUDED.record",
+                &put_identity,
                 &[&Uuid::from(identity.id), &encode_node_identity(identity)],
             )
             .await
             .map_err(|e| backend(op, &e))?;
             if let Some(token) = token {
-                tx.execute(PUT_TOKEN, &[&token.id, &encode_token(token)])
+                let put_token = statements
+                    .get(&tx, PUT_TOKEN)
+                    .await
+                    .map_err(|e| backend(op, &e))?;
+                tx.execute(&put_token, &[&token.id, &encode_token(token)])
                     .await
                     .map_err(|e| backend(op, &e))?;
             }
@@ -531,12 +648,13 @@ const PUT_TOKEN: &str = "INSERT INTO tokens (id, record) VALUES ($1, $2)
 /// transaction): live tasks come through a portal, [`LOAD_BATCH`] at a
 /// time, so a restart never holds them all.
 async fn load_each(
-    client: &mut Client,
+    conn: &mut Conn,
     final_since: SystemTime,
     live: &mut dyn FnMut(TaskRecord, Option<Arc<SecretEnv>>),
 ) -> Result<Loaded, StoreError> {
     let op = "loading";
     let err = |e: tokio_postgres::Error| backend(op, &e);
+    let Conn { client, statements } = conn;
     let tx = client
         .build_transaction()
         .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
@@ -620,11 +738,15 @@ async fn load_each(
             if matches!(state, TaskState::Assigned | TaskState::Running) {
                 // The attempt's own events, newest first: where its output
                 // chunks carry on.
-                let events = tx
-                    .query(
+                let statement = statements
+                    .get(
+                        &tx,
                         "SELECT body FROM events WHERE task_id = $1 AND attempt = $2 ORDER BY seq DESC",
-                        &[&id, &row.get::<_, i64>(6)],
                     )
+                    .await
+                    .map_err(err)?;
+                let events = tx
+                    .query(&statement, &[&id, &row.get::<_, i64>(6)])
                     .await
                     .map_err(err)?;
                 let events = events

@@ -25,15 +25,77 @@ use std::sync::{Mutex, OnceLock};
 
 use super::PgStore;
 
-/// The running server.
-struct Server {
+/// A running server: the one a test process shares, or one of a test's
+/// own ([`Server::private`]), which it may stop and start.
+pub struct Server {
     port: u16,
-    /// The watchdog's pipe: never written, closed only at exit.
+    /// `pg_ctl` run as the server's user, on its data dir.
+    pg_ctl: PathBuf,
+    data: PathBuf,
+    dir: PathBuf,
+    root: bool,
+    /// The options it was started with.
+    options: String,
+    /// The watchdog's pipe: never written, closed only at exit (or when
+    /// a test's own server is dropped).
     _watchdog: Mutex<ChildStdin>,
 }
 
 static SERVER: OnceLock<Result<Server, String>> = OnceLock::new();
 static DATABASES: AtomicU32 = AtomicU32::new(0);
+static SERVERS: AtomicU32 = AtomicU32::new(0);
+
+impl Server {
+    /// A server of the calling test's own, stopped when dropped. Panics as
+    /// [`database`] does without PostgreSQL.
+    pub fn private() -> Server {
+        let n = SERVERS.fetch_add(1, Ordering::Relaxed);
+        start(&format!("own-{n}")).unwrap_or_else(|why| panic!("no PostgreSQL for the test: {why}"))
+    }
+
+    /// The URL of its `postgres` database.
+    pub fn url(&self) -> String {
+        url(self.port, "postgres")
+    }
+
+    /// `pg_ctl restart` (fast: connections are closed), waiting until it
+    /// takes connections again.
+    pub fn restart(&self) {
+        // With its log to the file: on the pipe `run` reads, the server
+        // would hold it open, and `run` would wait for it forever.
+        let log = self.log();
+        self.ctl(
+            &["-l", &log, "-m", "fast", "-w", "restart"],
+            "pg_ctl restart",
+        );
+    }
+
+    /// `pg_ctl stop` (fast), waiting until it is down.
+    pub fn stop(&self) {
+        self.ctl(&["-m", "fast", "-w", "stop"], "pg_ctl stop");
+    }
+
+    /// `pg_ctl start` on the same port, waiting until it is up.
+    pub fn start(&self) {
+        let log = self.log();
+        self.ctl(
+            &["-l", &log, "-w", "-t", "60", "-o", &self.options, "start"],
+            "pg_ctl start",
+        );
+    }
+
+    fn log(&self) -> String {
+        self.dir.join("server.log").display().to_string()
+    }
+
+    fn ctl(&self, args: &[&str], what: &str) {
+        let mut command = as_server_user(&self.pg_ctl, self.root);
+        command.arg("-D").arg(&self.data).args(args);
+        if let Err(why) = run(command, what) {
+            panic!("{why}");
+        }
+    }
+}
 
 /// What to do when no server can be had.
 const INSTALL: &str = "the PostgreSQL tests need the server binaries (initdb, pg_ctl): install them \
@@ -43,7 +105,7 @@ const INSTALL: &str = "the PostgreSQL tests need the server binaries (initdb, pg
 /// first call. Panics, saying how to install PostgreSQL, when its binaries
 /// are missing. Blocks: async code calls it through `spawn_blocking`.
 pub fn database() -> String {
-    let server = match SERVER.get_or_init(start) {
+    let server = match SERVER.get_or_init(|| start("shared")) {
         Ok(server) => server,
         Err(why) => panic!("no PostgreSQL for the tests: {why}"),
     };
@@ -143,10 +205,10 @@ fn run(mut command: Command, what: &str) -> Result<(), String> {
     }
 }
 
-fn start() -> Result<Server, String> {
+fn start(name: &str) -> Result<Server, String> {
     let bin = bin_dir()?;
     let root = nix::unistd::geteuid().is_root();
-    let dir = std::env::temp_dir().join(format!("weft-pg-test-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("weft-pg-test-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).map_err(|e| format!("making {}: {e}", dir.display()))?;
     if root {
@@ -212,6 +274,11 @@ fn start() -> Result<Server, String> {
             Ok(()) => {
                 return Ok(Server {
                     port,
+                    pg_ctl,
+                    data,
+                    dir,
+                    root,
+                    options,
                     _watchdog: Mutex::new(stdin),
                 });
             }

@@ -74,7 +74,8 @@ fn migrations_are_applied_once_however_many_open_at_once() {
     let versions = store
         .run("test", async {
             let rows = store
-                .reader
+                .reader()?
+                .client
                 .query("SELECT version FROM weft_migrations ORDER BY version", &[])
                 .await
                 .map_err(|e| backend("test", &e))?;
@@ -92,7 +93,8 @@ fn a_schema_newer_than_the_coordinator_is_refused() {
     store
         .run("test", async {
             store
-                .reader
+                .reader()?
+                .client
                 .execute(
                     "INSERT INTO weft_migrations (version, name, checksum) VALUES (999, 'future', '')",
                     &[],
@@ -127,6 +129,12 @@ fn an_unreachable_server_or_a_bad_url_is_a_clear_error() {
     let err = PgStore::open("postgresql://weft:secret@[nonsense").unwrap_err();
     assert!(matches!(err, StoreError::Database { .. }), "{err}");
     assert!(!err.to_string().contains("secret"), "{err}");
+    // TLS is refused by name, not attempted in plaintext.
+    let err =
+        PgStore::open("postgresql://weft:secret@127.0.0.1:5432/weft?sslmode=require").unwrap_err();
+    assert!(matches!(err, StoreError::Database { .. }), "{err}");
+    assert!(err.to_string().contains("sslmode=require"), "{err}");
+    assert!(!err.to_string().contains("secret"), "{err}");
     // A server that is there, but no such database.
     let url = testdb::database();
     let missing = format!("{}_missing", url);
@@ -153,4 +161,78 @@ fn a_store_can_be_dropped_inside_async_code() {
         assert!(read.is_some());
         drop(store);
     });
+}
+
+#[test]
+fn a_restarted_server_is_reconnected_to_by_the_next_call() {
+    let server = testdb::Server::private();
+    let store = PgStore::open(&server.url()).unwrap();
+    let id = TaskId::new();
+    store
+        .commit(&[Record::Task(record(id, TaskState::Queued)), progress(id, 0)])
+        .unwrap();
+    assert!(store.task(id).unwrap().is_some());
+
+    // Restarted between two commits: both connections were closed.
+    server.restart();
+    store.commit(&[progress(id, 1)]).unwrap();
+    assert_eq!(store.task(id).unwrap().unwrap().next_seq, 2);
+    assert_eq!(store.events(id, 0, 10).unwrap().len(), 2);
+
+    // Down: every call fails, as a database that cannot be reached, and
+    // nothing panics.
+    server.stop();
+    let err = store.task(id).unwrap_err();
+    assert!(matches!(err, StoreError::Database { .. }), "{err}");
+    let err = store.commit(&[progress(id, 2)]).unwrap_err();
+    assert!(matches!(err, StoreError::Database { .. }), "{err}");
+    assert!(matches!(
+        store.tokens().unwrap_err(),
+        StoreError::Database { .. }
+    ));
+
+    // Up again: the next calls reconnect.
+    server.start();
+    store.commit(&[progress(id, 2)]).unwrap();
+    assert_eq!(store.task(id).unwrap().unwrap().next_seq, 3);
+    assert_eq!(store.events(id, 0, 10).unwrap().len(), 3);
+    assert_eq!(store.load(UNIX_EPOCH).unwrap().live.len(), 1);
+}
+
+#[test]
+fn statements_are_prepared_once_per_connection() {
+    let store = testdb::store();
+    let id = TaskId::new();
+    store
+        .commit(&[Record::Task(record(id, TaskState::Queued))])
+        .unwrap();
+    for seq in 0..3 {
+        store.commit(&[progress(id, seq)]).unwrap();
+        store.task(id).unwrap();
+        store.events(id, 0, 10).unwrap();
+    }
+    let reader = store.reader().unwrap();
+    // Reading a task, its events and its spec.
+    assert_eq!(reader.statements.len(), 3);
+    let writer = store.writer().unwrap();
+    // The lock, task rows, specs, next_seq, events.
+    assert_eq!(writer.statements.len(), 5);
+    let prepared: i64 = store
+        .run("test", async {
+            writer
+                .client
+                .query_one(
+                    "SELECT count(*) FROM pg_prepared_statements
+                     WHERE statement NOT LIKE '%pg_prepared_statements%'",
+                    &[],
+                )
+                .await
+                .map_err(|e| backend("test", &e))
+        })
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        prepared, 5,
+        "the server holds the writer's (but this count), no more"
+    );
 }

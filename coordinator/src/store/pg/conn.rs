@@ -1,0 +1,91 @@
+//! The store's connections. Each is opened again on the next call once it
+//! is lost (PostgreSQL restarted, a network blip), and keeps the
+//! statements it has prepared, so a statement is parsed and planned once
+//! per connection, not once per call.
+//!
+//! Nothing here retries a write: a call that met the loss fails, and a
+//! commit whose outcome is unknown (the connection lost mid-`COMMIT`)
+//! stops the coordinator as before. Only the next call reconnects; while
+//! the server is down, that fails with [`StoreError::Database`].
+
+use std::collections::HashMap;
+use std::sync::{Mutex, PoisonError};
+
+use tokio_postgres::{Client, Config, GenericClient, NoTls, Statement};
+
+use super::{Target, describe};
+use crate::store::StoreError;
+
+/// One open connection and what it has prepared.
+pub(super) struct Conn {
+    pub(super) client: Client,
+    pub(super) statements: Statements,
+}
+
+impl Conn {
+    /// Opens a connection to `config`'s server. Its driving task runs on
+    /// the current runtime (the store's own) until the connection closes.
+    pub(super) async fn open(config: &Config, target: &Target) -> Result<Conn, StoreError> {
+        let (client, connection) =
+            config
+                .connect(NoTls)
+                .await
+                .map_err(|err| StoreError::Database {
+                    target: target.0.clone(),
+                    message: describe(&err),
+                })?;
+        tokio::spawn(async move {
+            if let Err(err) = connection.await {
+                tracing::warn!(error = %err, "PostgreSQL connection lost; the next call reconnects");
+            }
+        });
+        Ok(Conn {
+            client,
+            statements: Statements::default(),
+        })
+    }
+
+    /// Whether the connection is gone: the next call opens another.
+    pub(super) fn is_closed(&self) -> bool {
+        self.client.is_closed()
+    }
+
+    /// `sql` prepared on this connection.
+    pub(super) async fn prepared(&self, sql: &str) -> Result<Statement, tokio_postgres::Error> {
+        self.statements.get(&self.client, sql).await
+    }
+}
+
+/// The statements one connection has prepared, by their SQL.
+#[derive(Default)]
+pub(super) struct Statements(Mutex<HashMap<String, Statement>>);
+
+impl Statements {
+    /// `sql` prepared through `client` (the connection, or a transaction
+    /// on it): the first time, then from the cache. Two calls racing to
+    /// prepare it both do, and one statement is kept.
+    pub(super) async fn get(
+        &self,
+        client: &impl GenericClient,
+        sql: &str,
+    ) -> Result<Statement, tokio_postgres::Error> {
+        let cached = self.lock().get(sql).cloned();
+        if let Some(statement) = cached {
+            return Ok(statement);
+        }
+        let statement = client.prepare(sql).await?;
+        self.lock().insert(sql.to_owned(), statement.clone());
+        Ok(statement)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Statement>> {
+        // A map of prepared statements is whole whatever panicked.
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// How many are cached (tests).
+    #[cfg(test)]
+    pub(super) fn len(&self) -> usize {
+        self.lock().len()
+    }
+}
