@@ -33,8 +33,11 @@ async fn a_task_run_on_postgres_is_read_back_after_a_coordinator_restart() {
         (before.state, &before.output, &before.attempts)
     );
 
-    // And the database holds it, read with a store of its own: the record
-    // and its history, ending with the finished event.
+    // And the database holds it, read with a store of its own once the
+    // coordinator is gone (one coordinator per database: it holds the
+    // database while it runs): the record and its history, ending with
+    // the finished event.
+    cluster.shutdown().await;
     let (stored, events) = tokio::task::spawn_blocking(move || {
         let store = PgStore::open(&url).expect("opening the database again");
         let task = store.task(id).expect("reading the task");
@@ -51,5 +54,4 @@ async fn a_task_run_on_postgres_is_read_back_after_a_coordinator_restart() {
         events.last().is_some_and(|e| e.body.is_finished()),
         "{events:?}"
     );
-    cluster.shutdown().await;
 }

@@ -12,6 +12,16 @@
 //! store call already); dropping the store hands the runtime back without
 //! blocking, so it may be dropped anywhere.
 //!
+//! One coordinator per database, for now: the write connection holds a
+//! session-level advisory lock ([`COORDINATOR_LOCK`]) for as long as it is
+//! open, so a second coordinator on the same database is refused at start
+//! (after waiting [`LOCK_WAIT`] for one that is stopping), and a write
+//! connection opened again after a loss takes the lock again before its
+//! first write: if another coordinator took over meanwhile, every write
+//! fails and this coordinator stops, so nothing it does after losing the
+//! lock is recorded. PostgreSQL drops a lost session's locks when it sees
+//! the session gone.
+//!
 //! Connections: one for writes (commits, tokens, retention, a restart's
 //! load; one transaction at a time, behind a mutex), one for reads (shared:
 //! tokio-postgres pipelines concurrent queries on it). A lost connection
@@ -66,6 +76,15 @@ use types::Uuid;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The longest any one call but a restart's load may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The session-level advisory lock the write connection holds: one
+/// coordinator per database ("weftcrd" in ASCII; the migrations take
+/// another).
+const COORDINATOR_LOCK: i64 = 0x0077_6566_7463_7264;
+
+/// How long opening waits for the coordinator lock to be free (a
+/// coordinator stopping as this one starts) before refusing.
+const LOCK_WAIT: Duration = Duration::from_secs(5);
 /// Live tasks a restart's load fetches at a time.
 const LOAD_BATCH: i32 = 1000;
 /// Tasks a list page reads at a time.
@@ -197,6 +216,7 @@ impl PgStore {
             Ok::<_, StoreError>((writer, reader))
         })?;
         rt.block_on(migrate::migrate(&mut writer.client, &target))?;
+        rt.block_on(hold_coordinator_lock(&writer, &target, LOCK_WAIT))?;
         Ok(PgStore {
             rt: Some(rt),
             config,
@@ -239,7 +259,11 @@ impl PgStore {
         let mut slot = self.writer.lock().map_err(|_| StoreError::Poisoned)?;
         if slot.as_ref().is_none_or(Conn::is_closed) {
             *slot = None;
-            *slot = Some(self.run_unbounded(Conn::open(&self.config, &self.target))?);
+            let conn = self.run_unbounded(Conn::open(&self.config, &self.target))?;
+            // No waiting: the lock is free only if no other coordinator
+            // took over while this one was cut off.
+            self.run_unbounded(hold_coordinator_lock(&conn, &self.target, Duration::ZERO))?;
+            *slot = Some(conn);
         }
         Ok(Writer(slot))
     }
@@ -766,4 +790,36 @@ async fn load_each(
     }
     tx.commit().await.map_err(err)?;
     Ok(loaded)
+}
+
+/// Takes [`COORDINATOR_LOCK`] on `conn`'s session, trying for up to
+/// `wait`; refuses when another coordinator holds it.
+async fn hold_coordinator_lock(
+    conn: &Conn,
+    target: &Target,
+    wait: Duration,
+) -> Result<(), StoreError> {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let row = conn
+            .client
+            .query_one("SELECT pg_try_advisory_lock($1)", &[&COORDINATOR_LOCK])
+            .await
+            .map_err(|err| StoreError::Database {
+                target: target.0.clone(),
+                message: describe(&err),
+            })?;
+        if row.get::<_, bool>(0) {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(StoreError::Database {
+                target: target.0.clone(),
+                message: "in use by another coordinator (it holds the database's coordinator \
+                          lock); stop that one, or give this one another database"
+                    .into(),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

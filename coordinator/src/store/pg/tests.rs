@@ -67,9 +67,10 @@ fn migrations_are_applied_once_however_many_open_at_once() {
         let handles: Vec<_> = (0..2).map(|_| s.spawn(|| PgStore::open(&url))).collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
-    for store in opened {
-        store.unwrap();
-    }
+    // Both migrated (once, below); one coordinator holds the database.
+    let held = opened.iter().filter(|o| o.is_ok()).count();
+    assert_eq!(held, 1, "{opened:?}");
+    drop(opened);
     let store = PgStore::open(&url).unwrap();
     let versions = store
         .run("test", async {
@@ -84,6 +85,37 @@ fn migrations_are_applied_once_however_many_open_at_once() {
         .unwrap();
     let all: Vec<i32> = migrate::MIGRATIONS.iter().map(|m| m.0).collect();
     assert_eq!(versions, all);
+}
+
+/// One coordinator per database: a second is refused while the first
+/// holds it, and gets it once the first is gone; a coordinator whose
+/// write connection was lost does not write again if another took over.
+#[test]
+fn a_second_coordinator_on_the_same_database_is_refused_until_the_first_is_gone() {
+    let url = testdb::database();
+    let first = PgStore::open(&url).unwrap();
+    let err = PgStore::open(&url).unwrap_err();
+    assert!(
+        err.to_string().contains("in use by another coordinator"),
+        "{err}"
+    );
+    drop(first);
+    let second = PgStore::open(&url).unwrap();
+    let id = TaskId::new();
+    second
+        .commit(&[Record::Task(record(id, TaskState::Queued))])
+        .unwrap();
+    // Its write connection is cut (as by a network loss) and a third
+    // coordinator takes the database meanwhile: the second's next write
+    // is refused, not recorded.
+    *second.writer.lock().unwrap() = None;
+    let third = PgStore::open(&url).unwrap();
+    let refused = second.commit(&[progress(id, 0)]).unwrap_err();
+    assert!(
+        refused.to_string().contains("in use by another coordinator"),
+        "{refused}"
+    );
+    assert_eq!(third.task(id).unwrap().unwrap().next_seq, 0);
 }
 
 #[test]
