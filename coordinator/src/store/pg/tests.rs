@@ -112,7 +112,9 @@ fn a_second_coordinator_on_the_same_database_is_refused_until_the_first_is_gone(
     let third = PgStore::open(&url).unwrap();
     let refused = second.commit(&[progress(id, 0)]).unwrap_err();
     assert!(
-        refused.to_string().contains("in use by another coordinator"),
+        refused
+            .to_string()
+            .contains("in use by another coordinator"),
         "{refused}"
     );
     assert_eq!(third.task(id).unwrap().unwrap().next_seq, 0);
