@@ -320,8 +320,21 @@ pub trait Store: Send + Sync + 'static {
     -> Result<Vec<TaskEvent>, StoreError>;
 
     /// Everything the scheduler needs after a restart; tasks final since
-    /// `final_since` are listed in [`Loaded::recently_final`].
-    fn load(&self, final_since: SystemTime) -> Result<Loaded, StoreError>;
+    /// `final_since` are listed in [`Loaded::recently_final`]. By default,
+    /// [`Store::load_each`] with its live tasks gathered.
+    fn load(&self, final_since: SystemTime) -> Result<Loaded, StoreError> {
+        let mut live = Vec::new();
+        let mut secrets = Vec::new();
+        let mut loaded = self.load_each(final_since, &mut |record, secret| {
+            if let Some(secret) = secret {
+                secrets.push((record.id, secret));
+            }
+            live.push(record);
+        })?;
+        loaded.live = live;
+        loaded.secrets = secrets;
+        Ok(loaded)
+    }
 
     /// What [`load`](Store::load) reads, but each live task is handed to
     /// `live` as it is read, in id order, with its secret environment if it

@@ -929,20 +929,6 @@ impl Store for LogStore {
         self.inner.events(id, from_seq, limit)
     }
 
-    fn load(&self, final_since: SystemTime) -> Result<Loaded, StoreError> {
-        let mut live = Vec::new();
-        let mut secrets = Vec::new();
-        let mut loaded = self.load_each(final_since, &mut |record, secret| {
-            if let Some(secret) = secret {
-                secrets.push((record.id, secret));
-            }
-            live.push(record);
-        })?;
-        loaded.live = live;
-        loaded.secrets = secrets;
-        Ok(loaded)
-    }
-
     fn load_each(
         &self,
         final_since: SystemTime,

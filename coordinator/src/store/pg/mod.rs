@@ -522,20 +522,6 @@ impl Store for PgStore {
         })
     }
 
-    fn load(&self, final_since: SystemTime) -> Result<Loaded, StoreError> {
-        let mut live = Vec::new();
-        let mut secrets = Vec::new();
-        let mut loaded = self.load_each(final_since, &mut |record, secret| {
-            if let Some(secret) = secret {
-                secrets.push((record.id, secret));
-            }
-            live.push(record);
-        })?;
-        loaded.live = live;
-        loaded.secrets = secrets;
-        Ok(loaded)
-    }
-
     fn load_each(
         &self,
         final_since: SystemTime,
