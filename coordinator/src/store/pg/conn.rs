@@ -11,9 +11,10 @@
 use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
 
-use tokio_postgres::{Client, Config, GenericClient, NoTls, Statement};
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, Config, GenericClient, NoTls, Row, Statement};
 
-use super::{Target, describe};
+use super::{Target, backend, describe};
 use crate::store::StoreError;
 
 /// One open connection and what it has prepared.
@@ -53,6 +54,49 @@ impl Conn {
     /// `sql` prepared on this connection.
     pub(super) async fn prepared(&self, sql: &str) -> Result<Statement, tokio_postgres::Error> {
         self.statements.get(&self.client, sql).await
+    }
+
+    /// The rows of `sql` (prepared once per connection) with `params`;
+    /// a driver error is the store error of `op`.
+    pub(super) async fn query(
+        &self,
+        op: &'static str,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, StoreError> {
+        let statement = self.prepared(sql).await.map_err(|e| backend(op, &e))?;
+        self.client
+            .query(&statement, params)
+            .await
+            .map_err(|e| backend(op, &e))
+    }
+
+    /// The row of `sql`, if any (see [`Conn::query`]).
+    pub(super) async fn query_opt(
+        &self,
+        op: &'static str,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<Row>, StoreError> {
+        let statement = self.prepared(sql).await.map_err(|e| backend(op, &e))?;
+        self.client
+            .query_opt(&statement, params)
+            .await
+            .map_err(|e| backend(op, &e))
+    }
+
+    /// Runs `sql` for its effect (see [`Conn::query`]): the rows it changed.
+    pub(super) async fn execute(
+        &self,
+        op: &'static str,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<u64, StoreError> {
+        let statement = self.prepared(sql).await.map_err(|e| backend(op, &e))?;
+        self.client
+            .execute(&statement, params)
+            .await
+            .map_err(|e| backend(op, &e))
     }
 }
 

@@ -323,12 +323,7 @@ impl PgStore {
         }
         let (sql, params) = (&sql, &params);
         self.read(op, |reader| async move {
-            let statement = reader.prepared(sql).await.map_err(|e| backend(op, &e))?;
-            let rows = reader
-                .client
-                .query(&statement, params)
-                .await
-                .map_err(|e| backend(op, &e))?;
+            let rows = reader.query(op, sql, params).await?;
             rows.iter()
                 .map(|row| {
                     task_of(
@@ -425,18 +420,7 @@ impl Store for PgStore {
     fn task(&self, id: TaskId) -> Result<Option<TaskRecord>, StoreError> {
         let op = "reading a task";
         self.read(op, |reader| async move {
-            let statement = reader
-                .prepared(
-                    "SELECT t.record, t.next_seq, s.spec FROM tasks t JOIN task_specs s ON s.id = t.id
-                     WHERE t.id = $1",
-                )
-                .await
-                .map_err(|e| backend(op, &e))?;
-            let row = reader
-                .client
-                .query_opt(&statement, &[&Uuid::from(id)])
-                .await
-                .map_err(|e| backend(op, &e))?;
+            let row = reader.query_opt(op, READ_TASK, &[&Uuid::from(id)]).await?;
             row.map(|row| task_of(id, row.get(0), row.get(1), row.get(2)))
                 .transpose()
         })
@@ -490,31 +474,18 @@ impl Store for PgStore {
         let op = "reading events";
         self.read(op, |reader| async move {
             let key = Uuid::from(id);
-            let statement = reader
-                .prepared(
-                    "SELECT body FROM events WHERE task_id = $1 AND seq >= $2 ORDER BY seq LIMIT $3",
-                )
-                .await
-                .map_err(|e| backend(op, &e))?;
-            let rows = reader
-                .client
-                .query(&statement, &[&key, &clamp(from_seq), &clamp(limit as u64)])
-                .await
-                .map_err(|e| backend(op, &e))?;
+            let params: [&(dyn ToSql + Sync); 3] = [&key, &clamp(from_seq), &clamp(limit as u64)];
+            let rows = reader.query(op, READ_EVENTS, &params).await?;
             if rows.is_empty() {
                 return Ok(Vec::new());
             }
             // The spec goes back into a `finished` event's record.
-            let statement = reader
-                .prepared("SELECT spec FROM task_specs WHERE id = $1")
-                .await
-                .map_err(|e| backend(op, &e))?;
             let spec = reader
-                .client
-                .query_opt(&statement, &[&key])
-                .await
-                .map_err(|e| backend(op, &e))?
-                .ok_or_else(|| StoreError::Inconsistent(format!("events of {id} without its spec")))?;
+                .query_opt(op, "SELECT spec FROM task_specs WHERE id = $1", &[&key])
+                .await?
+                .ok_or_else(|| {
+                    StoreError::Inconsistent(format!("events of {id} without its spec"))
+                })?;
             let spec = decode_spec(spec.get(0))?;
             rows.iter()
                 .map(|row| decode_event(id, row.get(0), &spec))
@@ -539,8 +510,9 @@ impl Store for PgStore {
         let op = "expiring tasks";
         let writer = self.writer()?;
         self.run(op, async {
-            let statement = writer
-                .prepared(
+            let rows = writer
+                .query(
+                    op,
                     "WITH gone AS (
                         DELETE FROM tasks WHERE id IN (
                             SELECT id FROM tasks WHERE finished_at < $1
@@ -550,14 +522,9 @@ impl Store for PgStore {
                      specs AS (DELETE FROM task_specs s USING gone WHERE s.id = gone.id),
                      secrets AS (DELETE FROM task_secrets x USING gone WHERE x.id = gone.id)
                      SELECT state FROM gone ORDER BY finished_at, id",
+                    &[&finished_before, &clamp(limit as u64)],
                 )
-                .await
-                .map_err(|e| backend(op, &e))?;
-            let rows = writer
-                .client
-                .query(&statement, &[&finished_before, &clamp(limit as u64)])
-                .await
-                .map_err(|e| backend(op, &e))?;
+                .await?;
             rows.iter().map(|row| state_of(row.get(0))).collect()
         })
     }
@@ -565,15 +532,9 @@ impl Store for PgStore {
     fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
         let op = "reading tokens";
         self.read(op, |reader| async move {
-            let statement = reader
-                .prepared("SELECT record FROM tokens ORDER BY id")
-                .await
-                .map_err(|e| backend(op, &e))?;
             let rows = reader
-                .client
-                .query(&statement, &[])
-                .await
-                .map_err(|e| backend(op, &e))?;
+                .query(op, "SELECT record FROM tokens ORDER BY id", &[])
+                .await?;
             rows.iter().map(|row| decode_token(row.get(0))).collect()
         })
     }
@@ -582,15 +543,9 @@ impl Store for PgStore {
         let op = "writing a token";
         let writer = self.writer()?;
         self.run(op, async {
-            let statement = writer
-                .prepared(PUT_TOKEN)
-                .await
-                .map_err(|e| backend(op, &e))?;
             writer
-                .client
-                .execute(&statement, &[&token.id, &encode_token(token)])
-                .await
-                .map_err(|e| backend(op, &e))?;
+                .execute(op, PUT_TOKEN, &[&token.id, &encode_token(token)])
+                .await?;
             Ok(())
         })
     }
@@ -598,15 +553,9 @@ impl Store for PgStore {
     fn node_identities(&self) -> Result<Vec<NodeIdentityRecord>, StoreError> {
         let op = "reading node identities";
         self.read(op, |reader| async move {
-            let statement = reader
-                .prepared("SELECT record FROM node_identities ORDER BY id")
-                .await
-                .map_err(|e| backend(op, &e))?;
             let rows = reader
-                .client
-                .query(&statement, &[])
-                .await
-                .map_err(|e| backend(op, &e))?;
+                .query(op, "SELECT record FROM node_identities ORDER BY id", &[])
+                .await?;
             rows.iter()
                 .map(|row| decode_node_identity(row.get(0)))
                 .collect()
@@ -650,6 +599,12 @@ impl Store for PgStore {
         })
     }
 }
+
+const READ_TASK: &str = "SELECT t.record, t.next_seq, s.spec
+    FROM tasks t JOIN task_specs s ON s.id = t.id WHERE t.id = $1";
+
+const READ_EVENTS: &str =
+    "SELECT body FROM events WHERE task_id = $1 AND seq >= $2 ORDER BY seq LIMIT $3";
 
 const PUT_TOKEN: &str = "INSERT INTO tokens (id, record) VALUES ($1, $2)
     ON CONFLICT (id) DO UPDATE SET record = EXCLUDED.record";
