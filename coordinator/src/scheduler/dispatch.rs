@@ -323,9 +323,7 @@ fn level_pick(
         }
         let created = created.max(class.last_served);
         let rank = Rank {
-            priority: cp.priority,
             effective: policy.effective(cp.priority, created, look.now_ns),
-            vtime,
             head,
         };
         return Some((rank, index));
@@ -356,23 +354,20 @@ fn ready_head(class: &mut Class, tasks: &LiveTasks) -> Option<(TaskId, u64)> {
     None
 }
 
-/// How a class head ranks for one assignment.
+/// How the head a priority offers ranks against the other priorities'
+/// for one assignment (within a priority, the fair order of
+/// `Queue::levels` already chose it).
 struct Rank {
-    priority: u8,
+    /// Its priority, with aging (see `Policy::effective`).
     effective: u64,
-    vtime: f64,
     head: TaskId,
 }
 
 impl Rank {
-    /// Goes before `other`: within one priority by fair share, then age;
-    /// across priorities by effective (aged) priority, then age. Aging
-    /// never reorders one priority's keys, so it cannot undo fairness.
+    /// Goes before `other`: the higher effective (aged) priority, then the
+    /// older head. Aging never reorders one priority's keys, so it cannot
+    /// undo fairness.
     fn before(&self, other: &Rank) -> bool {
-        if self.priority == other.priority {
-            return self.vtime < other.vtime
-                || (self.vtime == other.vtime && self.head < other.head);
-        }
         match self.effective.cmp(&other.effective) {
             std::cmp::Ordering::Equal => self.head < other.head,
             order => order == std::cmp::Ordering::Greater,
