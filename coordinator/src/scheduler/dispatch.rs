@@ -84,11 +84,7 @@ impl Scheduler {
         self.queue.policy.served(cp.fair, slots);
         match next {
             Some(next) => self.queue.index(index as u32, Some(next)),
-            None => {
-                if let Some(pos) = self.queue.active_pos(index as u32) {
-                    self.queue.deactivate_if_empty(pos);
-                }
-            }
+            None => self.queue.deactivate_if_empty(index as u32),
         }
         if let Some((key, _)) = cp.conc {
             self.queue.policy.conc[key as usize].running += 1;
@@ -290,9 +286,7 @@ fn level_pick(
         let class_id = entry.2;
         let index = class_id as usize;
         let Some((head, created)) = ready_head(&mut queue.classes[index], tasks) else {
-            if let Some(pos) = queue.active_pos(class_id) {
-                queue.deactivate_if_empty(pos);
-            }
+            queue.deactivate_if_empty(class_id);
             continue;
         };
         let class = &queue.classes[index];

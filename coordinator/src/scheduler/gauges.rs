@@ -92,8 +92,7 @@ impl Scheduler {
             gauges.oldest_ready = self
                 .queue
                 .active()
-                .iter()
-                .map(|&c| &self.queue.classes[c as usize])
+                .map(|c| &self.queue.classes[c as usize])
                 .filter_map(|class| {
                     class
                         .ready
@@ -115,7 +114,7 @@ impl Scheduler {
     /// and only until one node has them free.
     fn policy_gauges(&self, out: &mut crate::metrics::PolicyGauges) {
         let policy = &self.queue.policy;
-        for &c in self.queue.active() {
+        for c in self.queue.active() {
             let class = &self.queue.classes[c as usize];
             let ready = class.ready.len() as u64;
             if ready == 0 {

@@ -275,8 +275,7 @@ impl Scheduler {
         let rate = matches!(limit.kind, LimitKind::Rate(_));
         self.queue
             .active()
-            .iter()
-            .map(|&c| &self.queue.classes[c as usize])
+            .map(|c| &self.queue.classes[c as usize])
             .filter(|c| match rate {
                 true => c.example.rate_limits.iter().any(|u| u.name == limit.name),
                 false => c

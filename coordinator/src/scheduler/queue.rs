@@ -10,9 +10,9 @@
 //! its entry behind and dispatch skips it (lazy deletion), so cancel is O(1).
 //!
 //! A class lives as long as the coordinator, but only the classes with
-//! ready entries are *active* ([`Queue::active`]): the gauges look at those
-//! alone, so tasks that each came with a key of their own (a fair or
-//! concurrency key per user, say) leave no cost once they have run.
+//! ready entries are *active* ([`Queue::active`]): dispatch and the gauges
+//! look at those alone, so tasks that each came with a key of their own (a
+//! fair or concurrency key per user, say) leave no cost once they have run.
 //!
 //! Dispatch does not look at every active class either: each priority
 //! keeps its active classes ordered by (their fair key's virtual time, their
@@ -61,9 +61,8 @@ pub(crate) struct Class {
     /// and not delayed, so the next assignment skips the task lookup.
     /// Every way a task leaves QUEUED forgets it ([`Queue::forget_head`]).
     pub head: Option<(TaskId, u64)>,
-    /// Its place in [`Queue::active`], or [`INACTIVE`].
-    active_at: u32,
-    /// Its entry in [`Queue::levels`] (its priority's), while active.
+    /// Its entry in [`Queue::levels`] (its priority's): there while it
+    /// has ready entries.
     pub indexed: Option<LevelEntry>,
 }
 
@@ -76,18 +75,13 @@ pub(crate) fn vtime_order(vtime: f64) -> u64 {
     vtime.max(0.0).to_bits()
 }
 
-/// [`Class::active_at`] of a class with no ready entries.
-const INACTIVE: u32 = u32::MAX;
-
 /// Ready queues per class plus the retry timer heap.
 #[derive(Debug, Default)]
 pub(crate) struct Queue {
     pub classes: Vec<Class>,
     /// The classes whose ready queue is not empty (it may hold only stale
-    /// entries until dispatch looks), in no particular order.
-    active: Vec<ClassId>,
-    /// The active classes of each priority (the index), in the order the
-    /// policy serves them; see the module docs.
+    /// entries until dispatch looks), per priority (the index), in the
+    /// order the policy serves them; see the module docs.
     pub levels: Vec<std::collections::BTreeSet<LevelEntry>>,
     /// Class entries dispatch has looked at (tests: what an assignment
     /// costs).
@@ -214,7 +208,6 @@ impl Queue {
                     policy,
                     last_served: 0,
                     head: None,
-                    active_at: INACTIVE,
                     indexed: None,
                 });
                 candidates.push(class);
@@ -238,7 +231,6 @@ impl Queue {
             }
             let was_empty = c.ready.is_empty();
             c.ready.push_back(id);
-            self.activate(class);
             if was_empty {
                 self.index(class, Some(id));
             }
@@ -254,7 +246,6 @@ impl Queue {
                 self.policy.reactivate(c.policy.fair);
             }
             c.ready.push_front(id);
-            self.activate(class);
             self.index(class, Some(id));
         }
     }
@@ -284,43 +275,21 @@ impl Queue {
         }
     }
 
-    /// `class` has ready entries: dispatch looks at it.
-    fn activate(&mut self, class: ClassId) {
-        let c = &mut self.classes[class as usize];
-        if c.active_at == INACTIVE {
-            c.active_at = u32::try_from(self.active.len()).unwrap_or(INACTIVE);
-            self.active.push(class);
+    /// Takes `class` out of its priority's order if its ready queue is
+    /// empty (its entries were stale, or its last task was assigned).
+    pub fn deactivate_if_empty(&mut self, class: ClassId) {
+        if self
+            .classes
+            .get(class as usize)
+            .is_some_and(|c| c.ready.is_empty())
+        {
+            self.index(class, None);
         }
     }
 
-    /// Takes the active class at `pos` out of [`Queue::active`] if its
-    /// ready queue is empty; the last active class takes its place.
-    /// Returns whether it did.
-    pub fn deactivate_if_empty(&mut self, pos: usize) -> bool {
-        let Some(&class) = self.active.get(pos) else {
-            return false;
-        };
-        if !self.classes[class as usize].ready.is_empty() {
-            return false;
-        }
-        self.index(class, None);
-        self.classes[class as usize].active_at = INACTIVE;
-        self.active.swap_remove(pos);
-        if let Some(&moved) = self.active.get(pos) {
-            self.classes[moved as usize].active_at = pos as u32;
-        }
-        true
-    }
-
-    /// The active classes (see [`Queue::active`]), in no particular order.
-    pub fn active(&self) -> &[ClassId] {
-        &self.active
-    }
-
-    /// Where `class` is in [`Queue::active`], if it is there.
-    pub fn active_pos(&self, class: ClassId) -> Option<usize> {
-        let at = self.classes.get(class as usize)?.active_at;
-        (at != INACTIVE).then_some(at as usize)
+    /// The active classes (see the module docs), priority by priority.
+    pub fn active(&self) -> impl Iterator<Item = ClassId> + '_ {
+        self.levels.iter().flatten().map(|entry| entry.2)
     }
 
     /// Task `id` of `class` leaves QUEUED (assigned, finalized): if
@@ -336,7 +305,7 @@ impl Queue {
 
     /// True when some class may have a ready task.
     pub fn any_ready(&self) -> bool {
-        !self.active.is_empty()
+        self.levels.iter().any(|level| !level.is_empty())
     }
 
     /// Schedules attempt `attempt` of `id` to become ready at `at`.
