@@ -152,12 +152,11 @@ pub(super) async fn commit(conn: &mut Conn, records: &[Record]) -> Result<(), St
     touched.dedup();
     let Conn { client, statements } = conn;
     let tx = client.transaction().await.map_err(err)?;
-    // Locked in id order, so two writers never deadlock on each other.
+    // Read without row locks: this connection is the database's only
+    // writer (it holds the coordinator lock), and a row lock is a write of
+    // its own (a heap change and a WAL record per row).
     let lock = statements
-        .get(
-            &tx,
-            "SELECT id, next_seq FROM tasks WHERE id = ANY($1) ORDER BY id FOR UPDATE",
-        )
+        .get(&tx, "SELECT id, next_seq FROM tasks WHERE id = ANY($1)")
         .await
         .map_err(err)?;
     let rows = tx.query(&lock, &[&touched]).await.map_err(err)?;
@@ -175,6 +174,7 @@ pub(super) async fn commit(conn: &mut Conn, records: &[Record]) -> Result<(), St
 }
 
 /// Columns of the task rows a commit writes.
+#[derive(Default)]
 struct TaskRows {
     id: Vec<Uuid>,
     state: Vec<i16>,
@@ -192,17 +192,13 @@ async fn write(
     statements: &Statements,
     writes: &Writes<'_>,
 ) -> Result<(), StoreError> {
-    let mut tasks = TaskRows {
-        id: Vec::new(),
-        state: Vec::new(),
-        attempt: Vec::new(),
-        outcome: Vec::new(),
-        updated_at: Vec::new(),
-        finished_at: Vec::new(),
-        next_seq: Vec::new(),
-        record: Vec::new(),
-    };
+    let mut new_tasks = TaskRows::default();
+    let mut known_tasks = TaskRows::default();
     for (key, (task, next_seq)) in &writes.tasks {
+        let tasks = match writes.new.binary_search(key) {
+            Ok(_) => &mut new_tasks,
+            Err(_) => &mut known_tasks,
+        };
         tasks.id.push(Uuid(*key));
         tasks.state.push(state_number(task.state));
         tasks.attempt.push(i64::from(task.attempt.0));
@@ -248,26 +244,41 @@ async fn write(
     let (gone_kind, gone_name) = limit_keys(gone_limit);
 
     let mut writes_sql: Vec<(&str, Vec<&(dyn ToSql + Sync)>)> = Vec::new();
-    if !tasks.id.is_empty() {
-        writes_sql.push((
+    // New rows are inserted and known ones updated: an upsert would take a
+    // row lock (another write) before updating a row that exists.
+    for (rows, sql) in [
+        (
+            &new_tasks,
             "INSERT INTO tasks (id, state, attempt, outcome, updated_at, finished_at, next_seq, record)
              SELECT * FROM unnest($1::uuid[], $2::int2[], $3::int8[], $4::int2[],
-                                  $5::timestamptz[], $6::timestamptz[], $7::int8[], $8::bytea[])
-             ON CONFLICT (id) DO UPDATE SET state = EXCLUDED.state, attempt = EXCLUDED.attempt,
-                outcome = EXCLUDED.outcome, updated_at = EXCLUDED.updated_at,
-                finished_at = EXCLUDED.finished_at, next_seq = EXCLUDED.next_seq,
-                record = EXCLUDED.record",
-            vec![
-                &tasks.id,
-                &tasks.state,
-                &tasks.attempt,
-                &tasks.outcome,
-                &tasks.updated_at,
-                &tasks.finished_at,
-                &tasks.next_seq,
-                &tasks.record,
-            ],
-        ));
+                                  $5::timestamptz[], $6::timestamptz[], $7::int8[], $8::bytea[])",
+        ),
+        (
+            &known_tasks,
+            "UPDATE tasks t SET state = u.state, attempt = u.attempt, outcome = u.outcome,
+                updated_at = u.updated_at, finished_at = u.finished_at, next_seq = u.next_seq,
+                record = u.record
+             FROM unnest($1::uuid[], $2::int2[], $3::int8[], $4::int2[],
+                         $5::timestamptz[], $6::timestamptz[], $7::int8[], $8::bytea[])
+                  AS u(id, state, attempt, outcome, updated_at, finished_at, next_seq, record)
+             WHERE t.id = u.id",
+        ),
+    ] {
+        if !rows.id.is_empty() {
+            writes_sql.push((
+                sql,
+                vec![
+                    &rows.id,
+                    &rows.state,
+                    &rows.attempt,
+                    &rows.outcome,
+                    &rows.updated_at,
+                    &rows.finished_at,
+                    &rows.next_seq,
+                    &rows.record,
+                ],
+            ));
+        }
     }
     if !spec_ids.is_empty() {
         writes_sql.push((
