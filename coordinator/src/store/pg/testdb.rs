@@ -28,9 +28,12 @@ use super::PgStore;
 /// A running server: the one a test process shares, or one of a test's
 /// own ([`Server::private`]), which it may stop and start.
 pub struct Server {
+    ip: std::net::Ipv4Addr,
     port: u16,
     /// `pg_ctl` run as the server's user, on its data dir.
     pg_ctl: PathBuf,
+    /// The network namespace it runs in, if not this process's.
+    netns: Option<String>,
     data: PathBuf,
     dir: PathBuf,
     root: bool,
@@ -50,12 +53,29 @@ impl Server {
     /// [`database`] does without PostgreSQL.
     pub fn private() -> Server {
         let n = SERVERS.fetch_add(1, Ordering::Relaxed);
-        start(&format!("own-{n}")).unwrap_or_else(|why| panic!("no PostgreSQL for the test: {why}"))
+        start(&format!("own-{n}"), &Listen::LOOPBACK)
+            .unwrap_or_else(|why| panic!("no PostgreSQL for the test: {why}"))
+    }
+
+    /// A server of the calling test's own inside network namespace
+    /// `netns`, listening on `ip:port` and trusting every client that
+    /// reaches it (the namespaces of a test lab, which reach nothing
+    /// else). Stopped when dropped. Panics as [`database`] does without
+    /// PostgreSQL.
+    pub fn in_namespace(netns: &str, ip: std::net::Ipv4Addr, port: u16) -> Server {
+        let n = SERVERS.fetch_add(1, Ordering::Relaxed);
+        let listen = Listen {
+            ip,
+            port: Some(port),
+            netns: Some(netns),
+        };
+        start(&format!("{netns}-{n}"), &listen)
+            .unwrap_or_else(|why| panic!("no PostgreSQL for the test: {why}"))
     }
 
     /// The URL of its `postgres` database.
     pub fn url(&self) -> String {
-        url(self.port, "postgres")
+        url(self.ip, self.port, "postgres")
     }
 
     /// `pg_ctl restart` (fast: connections are closed), waiting until it
@@ -89,7 +109,7 @@ impl Server {
     }
 
     fn ctl(&self, args: &[&str], what: &str) {
-        let mut command = as_server_user(&self.pg_ctl, self.root);
+        let mut command = as_server_user(&self.pg_ctl, self.root, self.netns.as_deref());
         command.arg("-D").arg(&self.data).args(args);
         if let Err(why) = run(command, what) {
             panic!("{why}");
@@ -105,12 +125,12 @@ const INSTALL: &str = "the PostgreSQL tests need the server binaries (initdb, pg
 /// first call. Panics, saying how to install PostgreSQL, when its binaries
 /// are missing. Blocks: async code calls it through `spawn_blocking`.
 pub fn database() -> String {
-    let server = match SERVER.get_or_init(|| start("shared")) {
+    let server = match SERVER.get_or_init(|| start("shared", &Listen::LOOPBACK)) {
         Ok(server) => server,
         Err(why) => panic!("no PostgreSQL for the tests: {why}"),
     };
     let name = format!("weft_test_{}", DATABASES.fetch_add(1, Ordering::Relaxed));
-    let admin = url(server.port, "postgres");
+    let admin = server.url();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -125,7 +145,7 @@ pub fn database() -> String {
             .await
             .expect("CREATE DATABASE");
     });
-    url(server.port, &name)
+    url(server.ip, server.port, &name)
 }
 
 /// A store on a new, empty database.
@@ -133,8 +153,25 @@ pub fn store() -> PgStore {
     PgStore::open(&database()).expect("the PostgreSQL store opens")
 }
 
-fn url(port: u16, database: &str) -> String {
-    format!("postgresql://postgres@127.0.0.1:{port}/{database}")
+fn url(ip: std::net::Ipv4Addr, port: u16, database: &str) -> String {
+    format!("postgresql://postgres@{ip}:{port}/{database}")
+}
+
+/// Where a server listens.
+struct Listen<'a> {
+    ip: std::net::Ipv4Addr,
+    /// None: a free one, the kernel's pick.
+    port: Option<u16>,
+    /// The network namespace to run it in (`ip netns exec`).
+    netns: Option<&'a str>,
+}
+
+impl Listen<'_> {
+    const LOOPBACK: Listen<'static> = Listen {
+        ip: std::net::Ipv4Addr::LOCALHOST,
+        port: None,
+        netns: None,
+    };
 }
 
 /// Where the server binaries are.
@@ -176,16 +213,20 @@ fn bin_dir() -> Result<PathBuf, String> {
         .ok_or_else(|| INSTALL.to_owned())
 }
 
-/// A command running `program` as the server's user: `postgres` through
-/// `runuser` when this process is root.
-fn as_server_user(program: &Path, root: bool) -> Command {
-    if root {
-        let mut command = Command::new("runuser");
-        command.args(["-u", "postgres", "--"]).arg(program);
-        command
-    } else {
-        Command::new(program)
+/// A command running `program` as the server's user (`postgres` through
+/// `runuser` when this process is root), inside `netns` if given.
+fn as_server_user(program: &Path, root: bool, netns: Option<&str>) -> Command {
+    let mut words: Vec<&std::ffi::OsStr> = Vec::new();
+    if let Some(netns) = netns {
+        words.extend(["ip", "netns", "exec", netns].map(std::ffi::OsStr::new));
     }
+    if root {
+        words.extend(["runuser", "-u", "postgres", "--"].map(std::ffi::OsStr::new));
+    }
+    words.push(program.as_os_str());
+    let mut command = Command::new(words[0]);
+    command.args(&words[1..]);
+    command
 }
 
 /// Runs `command`, failing with its output.
@@ -205,7 +246,7 @@ fn run(mut command: Command, what: &str) -> Result<(), String> {
     }
 }
 
-fn start(name: &str) -> Result<Server, String> {
+fn start(name: &str, listen: &Listen) -> Result<Server, String> {
     let bin = bin_dir()?;
     let root = nix::unistd::geteuid().is_root();
     let dir = std::env::temp_dir().join(format!("weft-pg-test-{}-{name}", std::process::id()));
@@ -244,26 +285,39 @@ fn start(name: &str) -> Result<Server, String> {
         .map_err(|e| format!("starting the watchdog: {e}"))?;
     let mut stdin = watchdog.stdin.expect("stdin was piped");
     let _ = stdin.flush();
-    let mut initdb = as_server_user(&bin.join("initdb"), root);
+    let mut initdb = as_server_user(&bin.join("initdb"), root, None);
     initdb
         .arg("-D")
         .arg(&data)
         .args(["-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync"]);
     run(initdb, "initdb")?;
+    if !listen.ip.is_loopback() {
+        let hba = data.join("pg_hba.conf");
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&hba)
+            .map_err(|e| format!("opening {}: {e}", hba.display()))?;
+        writeln!(file, "host all all 0.0.0.0/0 trust")
+            .map_err(|e| format!("writing {}: {e}", hba.display()))?;
+    }
     // A free port: the kernel's pick, released just before the server
     // takes it (tried again if another process took it meanwhile).
     let mut last = String::new();
     for _ in 0..3 {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map_err(|e| format!("finding a free port: {e}"))?
-            .port();
+        let port = match listen.port {
+            Some(port) => port,
+            None => TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .map_err(|e| format!("finding a free port: {e}"))?
+                .port(),
+        };
         let options = format!(
-            "-c listen_addresses=127.0.0.1 -p {port} -k {} -c fsync=off -c synchronous_commit=off \
+            "-c listen_addresses={} -p {port} -k {} -c fsync=off -c synchronous_commit=off \
              -c full_page_writes=off -c max_connections=300",
+            listen.ip,
             dir.display()
         );
-        let mut start = as_server_user(&pg_ctl, root);
+        let mut start = as_server_user(&pg_ctl, root, listen.netns);
         start
             .arg("-D")
             .arg(&data)
@@ -273,8 +327,10 @@ fn start(name: &str) -> Result<Server, String> {
         match run(start, "pg_ctl start") {
             Ok(()) => {
                 return Ok(Server {
+                    ip: listen.ip,
                     port,
                     pg_ctl,
+                    netns: listen.netns.map(str::to_owned),
                     data,
                     dir,
                     root,
