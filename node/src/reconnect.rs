@@ -109,7 +109,7 @@ impl Rotation {
     pub(crate) fn failed(&mut self) -> bool {
         self.next = (self.next + 1) % self.len;
         self.failed += 1;
-        self.failed % self.len == 0
+        self.failed.is_multiple_of(self.len)
     }
 }
 
