@@ -260,7 +260,7 @@ async fn main() -> anyhow::Result<()> {
         .await?;
     let mut node = cluster.node_config();
     node.name = "bench-node".into();
-    node.coordinator = String::new();
+    node.coordinators.clear();
     node.trust = None;
     node.join_token = Some(weft_proto::JoinToken::parse(&join)?);
     node.state_dir = Some(temp.path().join("node"));

@@ -99,7 +99,12 @@ pub fn parse_time_arg(text: &str) -> Result<SystemTime, String> {
 pub struct Args {
     /// Coordinator address: HOST:PORT or http(s)://HOST:PORT (no scheme
     /// means https://; http:// reaches a coordinator started with
-    /// --insecure); anything else is a usage error (exit 2).
+    /// --insecure); anything else is a usage error (exit 2). Several,
+    /// comma-separated (a,b), for coordinators that take over from each
+    /// other: the first that answers is used (one CA for all); `run`,
+    /// `call` and `watch` follow the task to whichever serves after a
+    /// failover, printing each output chunk once. Other calls are not sent
+    /// again to another coordinator (a submit may have been recorded).
     #[arg(
         long,
         global = true,
@@ -176,7 +181,9 @@ pub fn parse() -> Args {
 pub enum Command {
     /// Run a command on a node; stream its stdout/stderr here and exit with its code.
     ///
-    /// Ctrl-C cancels the task (exit 130).
+    /// Resumes after a dropped connection, on the next of several
+    /// --coordinator addresses after a failover, without repeating or
+    /// losing output. Ctrl-C cancels the task (exit 130).
     #[command(after_help = exit::EXIT_CODES_HELP)]
     Run {
         /// Task settings.
@@ -241,7 +248,8 @@ pub enum Command {
     },
     /// Follow a task: print its output as `run` does and its state changes on stderr.
     ///
-    /// Resumes after a dropped connection; exits with the task's code like `run`.
+    /// Resumes after a dropped connection (on the next of several
+    /// --coordinator addresses after a failover); exits with the task's code like `run`.
     /// Each state line on stderr ends in its event's seq (`attempt 1, seq 4`);
     /// `--from-seq` takes one to show only what came from there on.
     /// Ctrl-C stops watching (exit 3; the task keeps running) and prints the

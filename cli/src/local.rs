@@ -84,7 +84,7 @@ pub async fn start(
     for i in 1..=nodes {
         let mut config = cluster.node_config();
         config.name = format!("local-{i}");
-        config.coordinator = String::new();
+        config.coordinators.clear();
         config.trust = None;
         config.join_token = Some(token.clone());
         config.state_dir = Some(token_dir.join(format!("local-{i}")));

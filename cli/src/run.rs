@@ -232,6 +232,23 @@ mod tests {
     }
 
     #[test]
+    fn a_saved_list_of_coordinators_keeps_its_token_for_the_same_list_only() {
+        let context = || token::Context {
+            coordinator: Some("https://a.test:7070,https://b.test:7070".into()),
+            ..saved()
+        };
+        let (url, _, token) = credentials(&args(&["weft", "info"], false), context()).unwrap();
+        assert_eq!(url, "https://a.test:7070,https://b.test:7070");
+        assert_eq!(token.as_deref(), Some("weft_saved"));
+        let line = ["weft", "--coordinator", "a.test:7070, b.test:7070", "info"];
+        let (_, _, token) = credentials(&args(&line, true), context()).unwrap();
+        assert_eq!(token.as_deref(), Some("weft_saved"));
+        let line = ["weft", "--coordinator", "a.test:7070", "info"];
+        let (_, _, token) = credentials(&args(&line, true), context()).unwrap();
+        assert_eq!(token, None, "one of the list is another context");
+    }
+
+    #[test]
     fn login_to_a_new_coordinator_does_not_reuse_the_saved_token() {
         let line = ["weft", "login", "http://b.test:7070"];
         let (_, trust, token) = credentials(&args(&line, false), saved()).unwrap();

@@ -60,11 +60,12 @@ impl Context {
     /// when `url` is the saved coordinator (compared as parsed addresses),
     /// else without the token and CA (they are for that coordinator only).
     pub fn for_coordinator(self, url: &str) -> Context {
+        // A list of coordinators is the same context only as the same list.
         let same = |a: &str, b: &str| match (
-            weft_proto::CoordinatorAddr::parse(a),
-            weft_proto::CoordinatorAddr::parse(b),
+            weft_proto::CoordinatorAddr::parse_list(a),
+            weft_proto::CoordinatorAddr::parse_list(b),
         ) {
-            (Ok(a), Ok(b)) => a.url() == b.url(),
+            (Ok(a), Ok(b)) => a == b,
             _ => a == b,
         };
         match &self.coordinator {

@@ -1,6 +1,7 @@
 //! [`Client::follow`]: a task's event stream that survives a broken
-//! connection or a coordinator restart by watching again from the last
-//! seen seq + 1, within a resume window. Nothing else here.
+//! connection, a coordinator restart, or (for a client connected with
+//! several addresses) a failover to another coordinator, by watching again
+//! from the last seen seq + 1, within a resume window. Nothing else here.
 
 use std::time::{Duration, Instant};
 
@@ -17,7 +18,12 @@ impl Client {
     /// restarted, the connection dropped) it watches again from the last
     /// seen `seq + 1`, for up to `resume_window` of failing tries in a row,
     /// then yields [`Error::Unavailable`] and ends. Errors that retrying
-    /// cannot fix (NotFound, ...) end it at once.
+    /// cannot fix (NotFound, ...) end it at once. A client connected with
+    /// several addresses ([`Client::connect_any`]) dials through them
+    /// again ([`Client::redial`]) before each try after a break, so the
+    /// watch goes on at whichever coordinator serves now. Events are never
+    /// yielded twice nor skipped: each try starts after the last one
+    /// yielded.
     pub fn follow(&self, id: TaskId, from_seq: u64, resume_window: Duration) -> EventStream {
         let state = Follow {
             client: self.clone(),
@@ -28,6 +34,7 @@ impl Client {
             failing_since: None,
             backoff: FOLLOW_BACKOFF_MIN,
             done: false,
+            broken: false,
         };
         Box::pin(futures::stream::unfold(state, Follow::next))
     }
@@ -48,6 +55,9 @@ struct Follow {
     failing_since: Option<Instant>,
     backoff: Duration,
     done: bool,
+    /// The last stream or try failed: with several addresses, dial
+    /// through them before watching again.
+    broken: bool,
 }
 
 impl Follow {
@@ -58,6 +68,27 @@ impl Follow {
                     drain(inner).await;
                 }
                 return None;
+            }
+            if self.inner.is_none() && self.broken && self.client.has_standbys() {
+                match self.client.redial().await {
+                    Ok(client) => {
+                        if client.url != self.client.url {
+                            tracing::info!(
+                                task_id = %self.id,
+                                coordinator = %client.url,
+                                "resuming the watch on another coordinator"
+                            );
+                        }
+                        self.client = client;
+                        self.broken = false;
+                    }
+                    Err(err) => {
+                        if let Some(err) = self.failed(err).await {
+                            return Some((Err(err), self));
+                        }
+                        continue;
+                    }
+                }
             }
             let inner = match &mut self.inner {
                 Some(inner) => inner,
@@ -108,6 +139,7 @@ impl Follow {
     /// (not retryable, or failing for longer than the window); otherwise
     /// sleeps the backoff and answers `None` (try again).
     async fn failed(&mut self, err: Error) -> Option<Error> {
+        self.broken = true;
         let since = *self.failing_since.get_or_insert_with(Instant::now);
         if !err.is_retryable() {
             self.done = true;

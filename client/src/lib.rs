@@ -110,6 +110,9 @@ pub type TaskStream = Pin<Box<dyn Stream<Item = Result<Task, Error>> + Send>>;
 #[derive(Clone, Debug)]
 pub struct Client {
     url: String,
+    /// Set when connected with several coordinator addresses: how
+    /// [`Client::follow`] dials them again after its stream broke.
+    redial: Option<std::sync::Arc<connect::Redial>>,
     tasks: TaskServiceClient<AuthChannel>,
     admin: AdminServiceClient<AuthChannel>,
     schedules: pb::schedule_service_client::ScheduleServiceClient<AuthChannel>,

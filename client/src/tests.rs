@@ -19,13 +19,29 @@ type EventResult = Result<pb::TaskEvent, Status>;
 type Events = Pin<Box<dyn Stream<Item = EventResult> + Send>>;
 
 /// A coordinator that answers Watch from a script: the first watch breaks
-/// after two events, later ones finish the task. Records every from_seq.
+/// after two events, later ones finish the task (or, [`Script`], other
+/// turns). Records every from_seq.
 #[derive(Clone, Default)]
 struct Scripted {
     id: String,
+    script: Script,
     watches: Arc<Mutex<Vec<u64>>>,
     submits: Arc<Mutex<Vec<usize>>>,
     wait_many: Arc<Mutex<Vec<usize>>>,
+}
+
+/// How a [`Scripted`] coordinator answers watches.
+#[derive(Clone, Copy, Default)]
+enum Script {
+    /// The first breaks after two events; later ones finish the task.
+    #[default]
+    BreakFirst,
+    /// The first breaks after two events; later ones are refused
+    /// UNAVAILABLE (it stopped serving, as a coordinator that lost its
+    /// place to a standby).
+    BreakThenStop,
+    /// Every one finishes the task.
+    Finish,
 }
 
 fn state_event(id: &str, seq: u64, state: TaskState) -> pb::TaskEvent {
@@ -99,6 +115,12 @@ impl TaskService for Scripted {
             watches.len() == 1
         };
         let id = self.id.clone();
+        let first = match self.script {
+            Script::BreakFirst => first,
+            Script::BreakThenStop if first => true,
+            Script::BreakThenStop => return Err(Status::unavailable("not serving")),
+            Script::Finish => false,
+        };
         let events: Vec<EventResult> = if first {
             vec![
                 Ok(state_event(&id, 0, TaskState::Queued)),
@@ -179,6 +201,12 @@ impl TaskService for Scripted {
 }
 
 async fn serve(service: Scripted) -> Client {
+    let url = serve_at(service).await;
+    Client::connect(&url).await.unwrap()
+}
+
+/// Serves `service` on a free loopback port; answers its `http://` URL.
+async fn serve_at(service: Scripted) -> String {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(
@@ -186,7 +214,84 @@ async fn serve(service: Scripted) -> Client {
             .add_service(TaskServiceServer::new(service))
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
-    Client::connect(&format!("http://{addr}")).await.unwrap()
+    format!("http://{addr}")
+}
+
+/// A loopback URL where nothing listens (connections are refused).
+async fn refused_url() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    format!("http://{addr}")
+}
+
+#[tokio::test]
+async fn several_addresses_connect_to_the_first_that_answers_in_order() {
+    let (dead, live) = (refused_url().await, serve_at(Scripted::default()).await);
+    let started = std::time::Instant::now();
+    let client = Client::connect_any(&[&dead, &live], None, None)
+        .await
+        .unwrap();
+    assert_eq!(client.url(), live);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "a refusal moves on at once"
+    );
+    // The same, as one comma-separated address.
+    let client = Client::connect(&format!("{dead},{live}")).await.unwrap();
+    assert_eq!(client.url(), live);
+
+    let other = refused_url().await;
+    let err = Client::connect_any(&[&dead, &other], None, None)
+        .await
+        .unwrap_err();
+    assert!(err.is_unavailable(), "{err:?}");
+    let message = err.to_string();
+    assert!(
+        message.contains(&dead) && message.contains(&other),
+        "says why for each: {message}"
+    );
+    let err = Client::connect(&format!("{live},garbage"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::InvalidAddress(_)), "{err:?}");
+    let none: [&str; 0] = [];
+    let err = Client::connect_any(&none, None, None).await.unwrap_err();
+    assert!(matches!(err, Error::InvalidAddress(_)), "{err:?}");
+}
+
+#[tokio::test]
+async fn follow_moves_to_the_next_coordinator_and_resumes_after_the_last_event() {
+    use futures::StreamExt;
+    let id = TaskId::new();
+    let first = Scripted {
+        id: id.to_string(),
+        script: Script::BreakThenStop,
+        ..Default::default()
+    };
+    let second = Scripted {
+        id: id.to_string(),
+        script: Script::Finish,
+        ..Default::default()
+    };
+    let (a, b) = (
+        serve_at(first.clone()).await,
+        serve_at(second.clone()).await,
+    );
+    let client = Client::connect(&format!("{a},{b}")).await.unwrap();
+    assert_eq!(client.url(), a);
+    let events = client.follow(id, 0, Duration::from_secs(10));
+    let seqs: Vec<u64> = tokio::time::timeout(Duration::from_secs(10), events.collect::<Vec<_>>())
+        .await
+        .expect("followed to the end")
+        .into_iter()
+        .map(|event| event.expect("no error").seq)
+        .collect();
+    assert_eq!(seqs, [0, 1, 2], "each event once, none missing");
+    assert_eq!(*first.watches.lock().unwrap(), vec![0]);
+    assert_eq!(*second.watches.lock().unwrap(), vec![2]);
+    // Unary calls stay where the client connected.
+    assert_eq!(client.url(), a);
 }
 
 #[tokio::test]

@@ -11,11 +11,14 @@ use weft_proto::ExecPolicy;
 /// Node settings. `NodeConfig::new(url)` gives usable defaults.
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
-    /// Coordinator URL, e.g. `https://127.0.0.1:7070` (`http://` for an
-    /// `--insecure` coordinator). Empty: the one the node joined through
-    /// (kept in `state_dir`), else the join token's, else
-    /// [`DEFAULT_COORDINATOR`].
-    pub coordinator: String,
+    /// Coordinator URLs, e.g. `https://127.0.0.1:7070` (`http://` for an
+    /// `--insecure` coordinator), tried in this order: when a session
+    /// ends the node dials the next one at once, and backs off only after
+    /// a whole round failed (several coordinators on one database, one of
+    /// them serving). One trust for all of them. Empty: the ones the node
+    /// joined through (kept in `state_dir`), else the join token's, else
+    /// [`DEFAULT_COORDINATOR`]; given, they replace those.
+    pub coordinators: Vec<String>,
     /// Node name (default: the host name).
     pub name: String,
     /// Slots offered (default: number of CPUs). At least 1.
@@ -94,12 +97,17 @@ impl NodeConfig {
     /// Defaults: the host name, one slot and one blocking thread per CPU,
     /// no labels, 30 s drain grace, reconnect backoff from 100 ms to 10 s,
     /// the coordinator's heartbeat timeout as the lease, finished events
-    /// kept 60 s for redelivery.
+    /// kept 60 s for redelivery. `coordinator` is one URL (empty: none
+    /// configured); see [`NodeConfig::coordinators`] for several.
     pub fn new(coordinator: impl Into<String>) -> Self {
         let cpus = cpu_count();
         let slots = u32::try_from(cpus).unwrap_or(u32::MAX);
+        let coordinator: String = coordinator.into();
         NodeConfig {
-            coordinator: coordinator.into(),
+            coordinators: match coordinator.trim() {
+                "" => Vec::new(),
+                _ => vec![coordinator],
+            },
             name: hostname(),
             slots,
             prefetch: default_prefetch(slots),
@@ -123,6 +131,14 @@ impl NodeConfig {
 /// The coordinator a node dials when neither its config, its state dir
 /// nor a join token names one.
 pub const DEFAULT_COORDINATOR: &str = "https://127.0.0.1:7070";
+
+impl NodeConfig {
+    /// The coordinators as one line, comma-separated (for logs and
+    /// `node.conf`).
+    pub fn coordinators_text(&self) -> String {
+        self.coordinators.join(",")
+    }
+}
 
 /// The state dir `weft-node` uses when `--state-dir` is not given.
 pub const DEFAULT_STATE_DIR: &str = "weft-node-state";

@@ -127,7 +127,8 @@ pub struct Stored {
     pub node_id: NodeId,
     /// The name it joined with.
     pub name: String,
-    /// The coordinator address it joined through.
+    /// The coordinator addresses it joined through (comma-separated when
+    /// several).
     pub coordinator: String,
     /// The private key, PKCS#8 PEM.
     pub key_pem: String,

@@ -8,8 +8,10 @@
 //! checked (the CA is the pinned one, the certificate is for this key)
 //! and saved in the state dir before the node goes on to its sessions.
 //!
-//! A coordinator that cannot be reached (not started yet, restarting) is
-//! tried again with the sessions' backoff; a refusal is final, with a
+//! With several coordinator addresses they are tried in order, the next
+//! at once, as sessions do (`reconnect::Rotation`). A coordinator that
+//! cannot be reached (not started yet, restarting) is tried again with
+//! the sessions' backoff; a refusal is final, with a
 //! message that says what to do ([`Error::JoinRefused`]).
 
 use std::time::{Duration, SystemTime};
@@ -22,14 +24,14 @@ use weft_proto::{CoordinatorAddr, JoinToken, NodeId, pb};
 
 use crate::error::Error;
 use crate::identity::{StateDir, Stored, Validity, leaf_validity};
-use crate::reconnect::Backoff;
+use crate::reconnect::{Backoff, Rotation};
 use crate::renewal::Credentials;
 use crate::session::{self, NodeCtx};
 
 /// How long the coordinator may take to answer `Join`.
 const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Joins with `token` as `ctx.config.name`, at `ctx.config.coordinator`,
+/// Joins with `token` as `ctx.config.name`, at `ctx.config.coordinators`,
 /// and saves the identity in the state dir (if any). `Ok(None)`: the node
 /// was drained or killed before it could join.
 /// A dial whose TLS handshake refused the coordinator (its chain does
@@ -72,10 +74,20 @@ pub(crate) async fn join(ctx: &NodeCtx, token: &JoinToken) -> Result<Option<Cred
     if let Some(store) = &store {
         store.check_writable()?;
     }
-    let address = CoordinatorAddr::parse(&ctx.config.coordinator)?;
     let tls = |err: weft_proto::tls::TlsError| Error::Tls(err.to_string());
     let trust = token.trust().map_err(tls)?;
-    let (url, connector) = weft_proto::tls::dial_plan(&address, Some(&trust)).map_err(tls)?;
+    let plans = ctx
+        .config
+        .coordinators
+        .iter()
+        .map(|coordinator| {
+            let address = CoordinatorAddr::parse(coordinator)?;
+            weft_proto::tls::dial_plan(&address, Some(&trust)).map_err(tls)
+        })
+        .collect::<Result<Vec<_>, Error>>()?;
+    if plans.is_empty() {
+        return Err(Error::from(weft_proto::AddressError(String::new())));
+    }
     let (key, csr_der) = key_and_request(&ctx.config.name)?;
     let request = pb::JoinRequest {
         token: token.credential.clone(),
@@ -83,16 +95,18 @@ pub(crate) async fn join(ctx: &NodeCtx, token: &JoinToken) -> Result<Option<Cred
         csr_der: csr_der.into(),
     };
     info!(
-        coordinator = %ctx.config.coordinator,
+        coordinators = %ctx.config.coordinators_text(),
         node_name = %ctx.config.name,
         token = token.id(),
         "joining the cluster"
     );
     let mut backoff = Backoff::new(ctx.config.reconnect_min, ctx.config.reconnect_max);
+    let mut rotation = Rotation::new(plans.len());
     let stop = ctx.drain.done();
     let response = loop {
+        let (url, connector) = plans[rotation.current()].clone();
         let attempt = async {
-            let channel = session::dial(url.clone(), connector.clone())
+            let channel = session::dial(url, connector)
                 .await
                 .map_err(untrusted_is_final)?;
             let mut client = NodeServiceClient::new(channel);
@@ -114,13 +128,16 @@ pub(crate) async fn join(ctx: &NodeCtx, token: &JoinToken) -> Result<Option<Cred
             Err(error) if error.is_fatal() => return Err(error),
             Err(error) => warn!(%error, "cannot join yet; trying again"),
         }
+        if !rotation.failed() {
+            continue;
+        }
         tokio::select! {
             () = ctx.kill.cancelled() => return Ok(None),
             () = stop.cancelled() => return Ok(None),
             () = tokio::time::sleep(backoff.next_delay()) => {}
         }
     };
-    let coordinator = ctx.config.coordinator.clone();
+    let coordinator = ctx.config.coordinators_text();
     let (stored, validity) = accept(response, &key, &trust, &ctx.config.name, coordinator)?;
     if let Some(store) = &store {
         store.save(&stored)?;

@@ -162,7 +162,7 @@ async fn run(ctx: Arc<NodeCtx>, events: EventRx, plan: Result<Plan, Error>) -> R
             if let Some(credentials) = credentials {
                 info!(
                     node_id = %credentials.node_id(),
-                    coordinator = %ctx.config.coordinator,
+                    coordinators = %ctx.config.coordinators_text(),
                     "connecting with the node's certificate"
                 );
                 let _ = ctx.credentials.set(Arc::new(credentials));

@@ -39,17 +39,26 @@ use weft_proto::{CoordinatorAddr, ExecPolicy, JoinToken};
 struct Args {
     /// Coordinator address: HOST:PORT or http(s)://HOST:PORT (no scheme
     /// means https://; http:// reaches a coordinator started with
-    /// --insecure). A node the coordinator refuses for good (e.g. more
-    /// --slots than its --max-node-slots) exits 1 with the reason.
-    /// [default: the address the node joined through (kept in
-    /// --state-dir), else the --join token's, else https://127.0.0.1:7070]
+    /// --insecure). Several (repeat the flag, or separate them with
+    /// commas, also in $WEFT_COORDINATOR) for coordinators that take over
+    /// from each other: the node dials them in order, moves to the next at
+    /// once when a session ends or a dial fails, and backs off only after
+    /// all of them failed; its running tasks carry on across the move. All
+    /// are trusted by the same CA. Given, they replace the address the
+    /// node joined through and the --join token's (list that one too to
+    /// keep it); a node joining keeps the list in --state-dir. A node the
+    /// coordinator refuses for good (e.g. more --slots than its
+    /// --max-node-slots) exits 1 with the reason. [default: the addresses
+    /// the node joined through (kept in --state-dir), else the --join
+    /// token's, else https://127.0.0.1:7070]
     #[arg(
         long,
         env = "WEFT_COORDINATOR",
         value_name = "ADDRESS",
+        value_delimiter = ',',
         value_parser = parse_coordinator
     )]
-    coordinator: Option<String>,
+    coordinator: Vec<String>,
 
     /// Join the cluster with this join token (`weft token create --role
     /// node` prints one): the node checks the coordinator against the CA
@@ -265,7 +274,8 @@ impl TryFrom<Args> for NodeConfig {
     type Error = anyhow::Error;
 
     fn try_from(args: Args) -> anyhow::Result<Self> {
-        let mut config = NodeConfig::new(args.coordinator.unwrap_or_default());
+        let mut config = NodeConfig::new("");
+        config.coordinators = args.coordinator;
         config.trust = args.ca_file.map(Trust::CaFile).or(args.ca_pin);
         config.join_token = args
             .join
@@ -383,12 +393,12 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
     };
     let config = NodeConfig::try_from(args)?;
     let grace = config.drain_grace;
-    let coordinator = match config.coordinator.as_str() {
-        "" => "(from the state dir or the join token)",
-        given => given,
+    let coordinators = match config.coordinators_text().as_str() {
+        "" => "(from the state dir or the join token)".to_owned(),
+        given => given.to_owned(),
     };
     info!(
-        coordinator,
+        coordinators,
         state_dir = ?config.state_dir,
         joining = config.join_token.is_some(),
         node_name = %config.name,
@@ -470,7 +480,7 @@ mod tests {
         assert_eq!(config.reaper, None, "a test binary cannot be a reaper");
         assert_eq!(
             (
-                config.coordinator.as_str(),
+                config.coordinators_text().as_str(),
                 config.slots,
                 config.name.as_str()
             ),
@@ -510,11 +520,11 @@ mod tests {
     fn a_coordinator_without_a_scheme_is_taken_and_garbage_is_a_usage_error() {
         let bare = Args::try_parse_from(["weft-node", "--coordinator", "127.0.0.1:7171"]).unwrap();
         assert_eq!(
-            NodeConfig::try_from(bare).unwrap().coordinator,
-            "https://127.0.0.1:7171"
+            NodeConfig::try_from(bare).unwrap().coordinators,
+            ["https://127.0.0.1:7171"]
         );
         let v6 = Args::try_parse_from(["weft-node", "--coordinator", "[::1]:7171"]).unwrap();
-        assert_eq!(v6.coordinator.as_deref(), Some("https://[::1]:7171"));
+        assert_eq!(v6.coordinator, ["https://[::1]:7171"]);
         let err = Args::try_parse_from(["weft-node", "--coordinator", "x"]).unwrap_err();
         assert!(
             err.to_string().contains(
@@ -523,6 +533,30 @@ mod tests {
             "{err}"
         );
         assert_eq!(err.exit_code(), 2);
+    }
+
+    #[test]
+    fn several_coordinators_come_repeated_or_comma_separated_in_order_each_checked() {
+        let line = [
+            "weft-node",
+            "--coordinator",
+            "a:1,http://b:2",
+            "--coordinator",
+            "c:3",
+        ];
+        let config = NodeConfig::try_from(Args::try_parse_from(line).unwrap()).unwrap();
+        assert_eq!(
+            config.coordinators,
+            ["https://a:1", "http://b:2", "https://c:3"]
+        );
+        for bad in ["a:1,x", "a:1,,b:2"] {
+            let err = Args::try_parse_from(["weft-node", "--coordinator", bad]).unwrap_err();
+            assert!(
+                err.to_string().contains("expected HOST:PORT"),
+                "{bad}: {err}"
+            );
+            assert_eq!(err.exit_code(), 2);
+        }
     }
 
     #[test]
@@ -560,7 +594,10 @@ mod tests {
         assert!(!format!("{args:?}").contains(&text));
         let config = NodeConfig::try_from(args).unwrap();
         assert_eq!(config.join_token, Some(join_token()));
-        assert_eq!(config.coordinator, "", "the token's, resolved at start");
+        assert!(
+            config.coordinators.is_empty(),
+            "the token's, resolved at start"
+        );
         assert!(!format!("{config:?}").contains("sssss"), "{config:?}");
         assert_eq!(
             config.state_dir.as_deref(),

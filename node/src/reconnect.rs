@@ -4,6 +4,13 @@
 //! malformed coordinator address, a `Register` refused for good: see
 //! [`Error::is_fatal`]); the lease watchdog runs beside it all along.
 //!
+//! With several coordinator addresses (standbys on one database, only
+//! one of them serving) a session that ends, or a dial that fails, moves
+//! the node to the next address at once; it backs off only after a whole
+//! round of addresses failed in a row ([`Rotation`]). Every address is
+//! checked and given its TLS connector (one trust, each address's host as
+//! the server name) before the first dial.
+//!
 //! The backoff starts again from its minimum once a session registered.
 //! Running attempts are not touched here: they carry on across reconnects
 //! (the lease decides when they must stop). One session itself (dial,
@@ -64,6 +71,48 @@ impl Backoff {
     }
 }
 
+/// Which of several coordinator addresses to dial next, and when to back
+/// off: after a failure the next address is dialed at once, unless every
+/// address failed since the last registration (or the start). Plain state:
+/// no clock, no I/O.
+#[derive(Debug)]
+pub(crate) struct Rotation {
+    len: usize,
+    next: usize,
+    /// Failures in a row since the last registration.
+    failed: usize,
+}
+
+impl Rotation {
+    /// A rotation over `len` addresses (at least one), starting at the
+    /// first.
+    pub(crate) fn new(len: usize) -> Self {
+        Rotation {
+            len: len.max(1),
+            next: 0,
+            failed: 0,
+        }
+    }
+
+    /// The index of the address to dial now.
+    pub(crate) fn current(&self) -> usize {
+        self.next
+    }
+
+    /// A session registered on the current address: a round starts anew.
+    pub(crate) fn registered(&mut self) {
+        self.failed = 0;
+    }
+
+    /// The current address failed (or its session ended): moves to the
+    /// next one. Answers whether to back off first (a whole round failed).
+    pub(crate) fn failed(&mut self) -> bool {
+        self.next = (self.next + 1) % self.len;
+        self.failed += 1;
+        self.failed.is_multiple_of(self.len)
+    }
+}
+
 /// For a plaintext (`http://`) coordinator address whose session broke
 /// before registering the way HTTP/2 breaks against a TLS listener: the
 /// hint to dial https with the cluster CA.
@@ -83,32 +132,55 @@ fn plaintext_hint(coordinator: &str, error: &Error) -> Option<String> {
 /// The node's main loop: sessions and reconnects until drained or killed
 /// (`Ok`), or until a fatal error (`Err`, logged here).
 pub(crate) async fn run(ctx: Arc<NodeCtx>, events: EventRx) -> Result<(), Error> {
-    let plan = CoordinatorAddr::parse(&ctx.config.coordinator)
-        .map_err(Error::from)
-        .and_then(|address| {
-            // One identity for the node's life: a renewal swaps what it
-            // presents, so the connector made here stays right.
-            let identity = ctx.credentials.get().map(|c| c.client());
-            weft_proto::tls::dial_plan_as(&address, ctx.config.trust.as_ref(), identity)
-                .map_err(|err| Error::Tls(err.to_string()))
-        });
-    let (url, connector) = match plan {
-        Ok(plan) => plan,
+    // One identity for the node's life: a renewal swaps what it presents,
+    // so the connectors made here stay right.
+    let identity = ctx.credentials.get().map(|c| c.client());
+    let plans = dial_plans(
+        &ctx.config.coordinators,
+        ctx.config.trust.as_ref(),
+        identity,
+    );
+    let plans = match plans {
+        Ok(plans) => plans,
         Err(err) => {
             error!(error = %err, "stopping the node: reconnecting would not help");
             return Err(err);
         }
     };
-    run_with(ctx, events, move || {
-        session::dial(url.clone(), connector.clone())
+    run_with(ctx, events, move |index| {
+        let (url, connector) = plans[index % plans.len()].clone();
+        session::dial(url, connector)
     })
     .await
 }
 
-/// [`run`] with the dialer as a parameter, so tests can time reconnects.
+/// How to dial each of `coordinators` (the URL tonic dials and, for TLS,
+/// the connector), in order: every one must parse and fit the trust.
+pub(crate) fn dial_plans(
+    coordinators: &[String],
+    trust: Option<&weft_proto::tls::Trust>,
+    identity: Option<Arc<weft_proto::tls::ClientIdentity>>,
+) -> Result<Vec<(String, Option<weft_proto::tls::TlsConnector>)>, Error> {
+    if coordinators.is_empty() {
+        return Err(Error::from(
+            weft_proto::address::AddressError(String::new()),
+        ));
+    }
+    coordinators
+        .iter()
+        .map(|coordinator| {
+            let address = CoordinatorAddr::parse(coordinator)?;
+            weft_proto::tls::dial_plan_as(&address, trust, identity.clone())
+                .map_err(|err| Error::Tls(err.to_string()))
+        })
+        .collect()
+}
+
+/// [`run`] with the dialer as a parameter (given the index of the
+/// coordinator address to dial), so tests can time reconnects.
 pub(crate) async fn run_with<D, F>(ctx: Arc<NodeCtx>, events: EventRx, dial: D) -> Result<(), Error>
 where
-    D: FnMut() -> F,
+    D: FnMut(usize) -> F,
     F: Future<Output = Result<Channel, Error>>,
 {
     let result = tokio::select! {
@@ -125,10 +197,12 @@ where
 /// Sessions and reconnects until drained or killed, or a fatal error.
 async fn sessions<D, F>(ctx: &Arc<NodeCtx>, mut events: EventRx, mut dial: D) -> Result<(), Error>
 where
-    D: FnMut() -> F,
+    D: FnMut(usize) -> F,
     F: Future<Output = Result<Channel, Error>>,
 {
     let mut backoff = Backoff::new(ctx.config.reconnect_min, ctx.config.reconnect_max);
+    let addresses = &ctx.config.coordinators;
+    let mut rotation = Rotation::new(addresses.len());
     // A node with a certificate is that certificate's node from its first
     // session on.
     let mut previous: Option<NodeId> = ctx.credentials.get().map(|c| c.node_id());
@@ -137,34 +211,46 @@ where
         if let Some(expired) = expired(ctx, SystemTime::now()) {
             return Err(expired);
         }
+        let index = rotation.current();
+        let coordinator = addresses.get(index).map_or("", String::as_str);
         let dialed = tokio::select! {
             () = ctx.kill.cancelled() => break,
             () = stop.cancelled() => break,
-            dialed = dial() => dialed,
+            dialed = dial(index) => dialed,
         };
         match dialed {
-            Ok(channel) => match session::run(ctx, channel, &mut events, &mut previous).await {
-                SessionEnd::Stopped | SessionEnd::Killed => break,
-                SessionEnd::Fatal(error) => return Err(error),
-                SessionEnd::Lost { registered, error } => {
-                    ctx.node_id.send_replace(None);
-                    ctx.metrics.session_lost(&error);
-                    match (registered, plaintext_hint(&ctx.config.coordinator, &error)) {
-                        (false, Some(hint)) => {
-                            warn!(%error, hint, "lost the coordinator; reconnecting");
+            Ok(channel) => {
+                match session::run(ctx, channel, coordinator, &mut events, &mut previous).await {
+                    SessionEnd::Stopped | SessionEnd::Killed => break,
+                    SessionEnd::Fatal(error) => return Err(error),
+                    SessionEnd::Lost { registered, error } => {
+                        ctx.node_id.send_replace(None);
+                        ctx.metrics.session_lost(&error);
+                        match (registered, plaintext_hint(coordinator, &error)) {
+                            (false, Some(hint)) => {
+                                warn!(%error, coordinator, hint, "lost the coordinator; reconnecting");
+                            }
+                            _ => warn!(%error, coordinator, "lost the coordinator; reconnecting"),
                         }
-                        _ => warn!(%error, "lost the coordinator; reconnecting"),
-                    }
-                    if registered {
-                        backoff.reset();
+                        if registered {
+                            backoff.reset();
+                            rotation.registered();
+                        }
                     }
                 }
-            },
+            }
             Err(error) if error.is_fatal() => return Err(error),
             Err(error) => {
                 ctx.metrics.connect_failed();
-                warn!(%error, "cannot reach the coordinator");
+                warn!(%error, coordinator, "cannot reach the coordinator");
             }
+        }
+        if !rotation.failed() {
+            debug!(
+                next = addresses.get(rotation.current()).map_or("", String::as_str),
+                "dialing the next coordinator"
+            );
+            continue;
         }
         let delay = backoff.next_delay();
         debug!(?delay, "waiting before reconnecting");
@@ -216,6 +302,72 @@ mod tests {
     use crate::handlers::HandlerRegistry;
 
     #[test]
+    fn a_failure_moves_to_the_next_address_and_only_a_failed_round_backs_off() {
+        let mut rotation = Rotation::new(3);
+        assert_eq!(rotation.current(), 0);
+        // The first two fail: the next is dialed at once.
+        assert!(!rotation.failed());
+        assert_eq!(rotation.current(), 1);
+        assert!(!rotation.failed());
+        assert_eq!(rotation.current(), 2);
+        // The third fails too: a whole round, back off, then from the first.
+        assert!(rotation.failed());
+        assert_eq!(rotation.current(), 0);
+        // Registered on the first; its session ends: on to the second at once.
+        rotation.registered();
+        assert!(!rotation.failed());
+        assert_eq!(rotation.current(), 1);
+        assert!(!rotation.failed());
+        assert!(rotation.failed(), "three in a row since registering");
+
+        let mut one = Rotation::new(1);
+        assert!(
+            one.failed(),
+            "one address: every failure backs off, as before"
+        );
+        assert_eq!(one.current(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_node_dials_each_address_at_once_and_waits_only_after_a_round() {
+        let mut config = NodeConfig::new("");
+        config.coordinators = vec!["http://a:1".into(), "http://b:1".into()];
+        config.reconnect_min = Duration::from_millis(100);
+        config.reconnect_max = Duration::from_secs(1);
+        let (ctx, rx) = NodeCtx::new(config, HandlerRegistry::new(), None);
+        let dials = Arc::new(Mutex::new(Vec::new()));
+        let (record, stop) = (dials.clone(), ctx.drain.done().clone());
+        let dial = move |index: usize| {
+            let mut dials = record.lock().unwrap();
+            dials.push((index, Instant::now()));
+            if dials.len() == 6 {
+                stop.cancel();
+            }
+            async { Err(Error::Protocol("coordinator away".into())) }
+        };
+        run_with(ctx, rx, dial).await.expect("stopped by the drain");
+        let dials = dials.lock().unwrap();
+        let order: Vec<usize> = dials.iter().map(|(index, _)| *index).collect();
+        assert_eq!(order, [0, 1, 0, 1, 0, 1]);
+        for pair in dials.chunks(2) {
+            assert_eq!(pair[1].1, pair[0].1, "the second address at once");
+        }
+        for rounds in dials.windows(3).step_by(2) {
+            assert!(rounds[2].1 > rounds[1].1, "a pause after each round");
+        }
+    }
+
+    #[test]
+    fn every_address_is_checked_before_the_first_dial() {
+        let ok = dial_plans(&["http://a:1".into(), "http://b:2".into()], None, None).unwrap();
+        assert_eq!(ok.len(), 2);
+        let bad = dial_plans(&["http://a:1".into(), "nope".into()], None, None).unwrap_err();
+        assert!(matches!(bad, Error::InvalidAddress(_)), "{bad:?}");
+        let none = dial_plans(&[], None, None).unwrap_err();
+        assert!(none.is_fatal(), "{none:?}");
+    }
+
+    #[test]
     fn backoff_doubles_with_jitter_up_to_its_max_and_resets() {
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_millis(800));
         let bases = [100, 200, 400, 800, 800, 800];
@@ -241,7 +393,7 @@ mod tests {
         let dials = Arc::new(Mutex::new(Vec::new()));
         let count = Arc::new(AtomicUsize::new(0));
         let (record, counter, stop) = (dials.clone(), count.clone(), ctx.drain.done().clone());
-        let dial = move || {
+        let dial = move |_| {
             record.lock().unwrap().push(Instant::now());
             if counter.fetch_add(1, Ordering::SeqCst) + 1 == 7 {
                 stop.cancel();
@@ -272,7 +424,7 @@ mod tests {
         );
         let count = Arc::new(AtomicUsize::new(0));
         let counter = count.clone();
-        let dial = move || {
+        let dial = move |_| {
             counter.fetch_add(1, Ordering::SeqCst);
             let bad = weft_proto::CoordinatorAddr::parse("nope").unwrap_err();
             async move { Err(Error::from(bad)) }
@@ -310,7 +462,7 @@ mod tests {
         ctx.credentials.set(Arc::new(credentials)).unwrap();
         let count = Arc::new(AtomicUsize::new(0));
         let counter = count.clone();
-        let dial = move || {
+        let dial = move |_| {
             counter.fetch_add(1, Ordering::SeqCst);
             async { Err(Error::Protocol("unreachable".into())) }
         };

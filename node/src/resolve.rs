@@ -2,13 +2,13 @@
 //! config and what its state dir holds, and the coordinator and trust
 //! that follow from it:
 //!
-//! 1. an identity in the state dir (not expired): use it. The coordinator
-//!    is `node.conf`'s unless configured, the trust the state dir's
+//! 1. an identity in the state dir (not expired): use it. The coordinators
+//!    are `node.conf`'s unless configured (configured ones replace them), the trust the state dir's
 //!    `ca.pem` unless configured; a join token given as well is not
 //!    needed (logged, ignored); a configured name other than the one it
 //!    joined with is refused.
 //! 2. else a join token: join first (`join.rs`), at the token's address
-//!    unless configured, trusting the token's pin unless configured.
+//!    unless coordinators are configured (then at those, in order), trusting the token's pin unless configured.
 //! 3. else no identity: connect as configured, as nodes always did (a
 //!    coordinator started with `--insecure` or `--no-auth`).
 //!
@@ -51,7 +51,7 @@ pub(crate) fn plan(config: &mut NodeConfig, now: SystemTime) -> Result<Plan, Err
 }
 
 /// Decides the plan from `config` and the identity `stored` in its state
-/// dir, filling in `config.coordinator` and `config.trust` where the plan
+/// dir, filling in `config.coordinators` and `config.trust` where the plan
 /// gives them.
 pub(crate) fn resolve(
     config: &mut NodeConfig,
@@ -81,7 +81,7 @@ pub(crate) fn resolve(
                 );
             }
             default_coordinator(config, &stored.coordinator);
-            if config.trust.is_none() && is_tls(&config.coordinator) {
+            if config.trust.is_none() && any_tls(&config.coordinators) {
                 config.trust = state_dir.map(|dir| Trust::CaFile(dir.ca_file()));
             }
             Ok(Plan::Stored(stored, validity))
@@ -95,7 +95,7 @@ pub(crate) fn resolve(
                 warn!(state_dir = %shown, "the node's certificate expired; joining again with the token");
             }
             default_coordinator(config, &token.address);
-            if config.trust.is_none() && is_tls(&config.coordinator) {
+            if config.trust.is_none() && any_tls(&config.coordinators) {
                 config.trust = Some(token.trust().map_err(|err| Error::Tls(err.to_string()))?);
             }
             Ok(Plan::Join(token))
@@ -107,17 +107,24 @@ pub(crate) fn resolve(
     }
 }
 
-/// Sets the coordinator to `address` (as a URL) unless one is configured.
-fn default_coordinator(config: &mut NodeConfig, address: &str) {
-    if config.coordinator.trim().is_empty() {
-        config.coordinator = CoordinatorAddr::parse(address)
-            .map(|address| address.url())
-            .unwrap_or_else(|_| address.to_owned());
+/// Sets the coordinators to `addresses` (one, or several comma-separated,
+/// as URLs) unless some are configured. Text that does not parse is kept
+/// as it is, for the dial to refuse with its error.
+fn default_coordinator(config: &mut NodeConfig, addresses: &str) {
+    if config.coordinators.iter().all(|c| c.trim().is_empty()) {
+        config.coordinators = match CoordinatorAddr::parse_list(addresses) {
+            Ok(list) => list.iter().map(CoordinatorAddr::url).collect(),
+            Err(_) => vec![addresses.to_owned()],
+        };
     }
 }
 
-fn is_tls(coordinator: &str) -> bool {
-    CoordinatorAddr::parse(coordinator).is_ok_and(|address| address.scheme() == Scheme::Https)
+/// Whether any of `coordinators` is dialed over TLS (then all of them
+/// share the trust).
+fn any_tls(coordinators: &[String]) -> bool {
+    coordinators.iter().any(|coordinator| {
+        CoordinatorAddr::parse(coordinator).is_ok_and(|address| address.scheme() == Scheme::Https)
+    })
 }
 
 #[cfg(test)]
@@ -176,7 +183,7 @@ mod tests {
                 now,
             );
             assert!(matches!(plan, Ok(Plan::Stored(..))), "{plan:?}");
-            assert_eq!(config.coordinator, "https://10.0.0.5:7070");
+            assert_eq!(config.coordinators, ["https://10.0.0.5:7070"]);
             assert_eq!(
                 config.trust,
                 Some(Trust::CaFile("/var/lib/weft-node/ca.pem".into()))
@@ -188,7 +195,7 @@ mod tests {
     fn a_configured_coordinator_and_trust_win_over_the_state_dir() {
         let now = SystemTime::now();
         let mut config = config("n1");
-        config.coordinator = "https://elsewhere:1".into();
+        config.coordinators = vec!["https://elsewhere:1".into()];
         config.trust = Some(Trust::CaFile("/etc/weft/ca.pem".into()));
         resolve(
             &mut config,
@@ -196,8 +203,21 @@ mod tests {
             now,
         )
         .unwrap();
-        assert_eq!(config.coordinator, "https://elsewhere:1");
+        assert_eq!(config.coordinators, ["https://elsewhere:1"]);
         assert_eq!(config.trust, Some(Trust::CaFile("/etc/weft/ca.pem".into())));
+    }
+
+    #[test]
+    fn every_coordinator_a_node_joined_through_is_used_again() {
+        let now = SystemTime::now();
+        let mut config = config("n1");
+        let mut several = stored("n1");
+        several.coordinator = "10.0.0.5:7070,https://10.0.0.6:7070".into();
+        resolve(&mut config, Some((several, valid_until(now, HOUR))), now).unwrap();
+        assert_eq!(
+            config.coordinators,
+            ["https://10.0.0.5:7070", "https://10.0.0.6:7070"]
+        );
     }
 
     #[test]
@@ -230,14 +250,21 @@ mod tests {
             matches!(plan, Plan::Join(ref t) if *t == token()),
             "{plan:?}"
         );
-        assert_eq!(joining.coordinator, "https://join.example:7443");
+        assert_eq!(joining.coordinators, ["https://join.example:7443"]);
         assert_eq!(joining.trust, Some(token().trust().unwrap()));
 
         let mut configured = config("n1");
-        configured.coordinator = "https://10.1.1.1:7443".into();
+        configured.coordinators = vec![
+            "https://10.1.1.1:7443".into(),
+            "https://10.1.1.2:7443".into(),
+        ];
         configured.join_token = Some(token());
         resolve(&mut configured, None, now).unwrap();
-        assert_eq!(configured.coordinator, "https://10.1.1.1:7443");
+        assert_eq!(
+            configured.coordinators,
+            ["https://10.1.1.1:7443", "https://10.1.1.2:7443"],
+            "configured coordinators replace the token's address"
+        );
     }
 
     #[test]
@@ -266,13 +293,13 @@ mod tests {
             resolve(&mut config, None, now),
             Ok(Plan::Anonymous)
         ));
-        assert_eq!(config.coordinator, DEFAULT_COORDINATOR);
+        assert_eq!(config.coordinators, [DEFAULT_COORDINATOR]);
         assert_eq!(config.trust, None);
         let mut insecure = NodeConfig::new("http://c:1");
         resolve(&mut insecure, None, now).unwrap();
         assert_eq!(
-            (insecure.coordinator.as_str(), insecure.trust),
-            ("http://c:1", None)
+            (insecure.coordinators, insecure.trust),
+            (vec!["http://c:1".to_owned()], None)
         );
     }
 }

@@ -204,12 +204,14 @@ impl Drop for Reader {
     }
 }
 
-/// One connected session, from `Register` to its end. `previous` is the
-/// node id of the last session (sent so the coordinator keeps it), and
-/// becomes this one's.
+/// One connected session, from `Register` to its end, over `channel` to
+/// `coordinator` (its address, for the logs). `previous` is the node id of
+/// the last session (sent so the coordinator keeps it), and becomes this
+/// one's.
 pub(crate) async fn run(
     ctx: &Arc<NodeCtx>,
     channel: Channel,
+    coordinator: &str,
     events: &mut EventRx,
     previous: &mut Option<NodeId>,
 ) -> SessionEnd {
@@ -295,6 +297,7 @@ pub(crate) async fn run(
     info!(
         %node_id,
         node_name = %ctx.config.name,
+        coordinator,
         running,
         redelivered = redeliver.len(),
         output_resent = resend.len(),

@@ -234,3 +234,55 @@ async fn a_register_refused_as_unavailable_is_retried() {
     assert!(node.registered(WAIT).await.is_some());
     node.kill().await;
 }
+
+#[tokio::test]
+async fn a_node_with_several_coordinators_moves_to_the_next_at_once_with_its_attempt() {
+    let (first, mut first_conns) = FakeServer::start("127.0.0.1:0".parse().unwrap()).await;
+    let (second, mut second_conns) = FakeServer::start("127.0.0.1:0".parse().unwrap()).await;
+    let mut config = config(&first.url(), 2);
+    config.coordinators = vec![first.url(), second.url()];
+    // Far longer than the test may take: any wait would be a backoff.
+    config.reconnect_min = Duration::from_secs(30);
+    config.reconnect_max = Duration::from_secs(30);
+    let node = weft_node::start(config, weft_node::HandlerRegistry::with_builtins());
+    let mut conn = next_conn(&mut first_conns).await;
+    conn.accept(SECOND, 5 * SECOND).await;
+    conn.credits().await;
+    let ids = conn.assign(vec![TaskSpec::call("sleep", "1s")]).await;
+    assert!(matches!(conn.next().await, Some(Outbound::Events(_))));
+    // The first coordinator's stream ends: the second is dialed at once.
+    drop(conn);
+    let mut conn = next_conn(&mut second_conns).await;
+    let (register, _) = conn.accept(SECOND, 5 * SECOND).await;
+    assert_eq!(
+        register.running,
+        vec![pb::AttemptRef {
+            task_id: ids[0].to_string(),
+            attempt: 1
+        }],
+        "the running attempt is listed to the coordinator that took over"
+    );
+    conn.credits().await;
+    let (_, done) = conn.until_finished(ids[0]).await;
+    assert_eq!(outcome(&done), Outcome::Succeeded);
+    node.kill().await;
+    first.stop().await;
+    second.stop().await;
+}
+
+#[tokio::test]
+async fn a_node_given_a_refusing_address_first_registers_with_the_next() {
+    let refusing = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dead = format!("http://{}", refusing.local_addr().unwrap());
+    drop(refusing);
+    let (live, mut conns) = fake_coordinator().await;
+    let mut config = config(&dead, 1);
+    config.coordinators = vec![dead, live];
+    config.reconnect_min = Duration::from_secs(30);
+    config.reconnect_max = Duration::from_secs(30);
+    let node = weft_node::start(config, weft_node::HandlerRegistry::with_builtins());
+    let mut conn = next_conn(&mut conns).await;
+    let (_, node_id) = conn.accept(SECOND, 5 * SECOND).await;
+    assert_eq!(node.registered(WAIT).await, Some(node_id));
+    node.kill().await;
+}

@@ -95,6 +95,20 @@ impl CoordinatorAddr {
         Ok(CoordinatorAddr { scheme, host, port })
     }
 
+    /// Parses one address or several separated by commas
+    /// (`https://a:7070,https://b:7070`), each as [`parse`](Self::parse)
+    /// does, keeping their order (the order they are tried in). Blanks
+    /// around each are ignored; an empty list or an empty entry (`a:1,,b:2`)
+    /// is an error naming the whole text.
+    pub fn parse_list(text: &str) -> Result<Vec<CoordinatorAddr>, AddressError> {
+        text.split(',')
+            .map(|one| match one.trim() {
+                "" => Err(AddressError(text.to_owned())),
+                one => CoordinatorAddr::parse(one),
+            })
+            .collect()
+    }
+
     /// How it is reached.
     pub fn scheme(&self) -> Scheme {
         self.scheme
@@ -182,6 +196,21 @@ mod tests {
         );
         let tls = CoordinatorAddr::parse("https://c:1").unwrap();
         assert_eq!(tls.scheme(), Scheme::Https);
+    }
+
+    #[test]
+    fn a_list_keeps_its_order_and_refuses_an_empty_or_bad_entry() {
+        let list = CoordinatorAddr::parse_list(" https://a:1, b:2 ,http://[::1]:3").unwrap();
+        let urls: Vec<String> = list.iter().map(CoordinatorAddr::url).collect();
+        assert_eq!(urls, ["https://a:1", "https://b:2", "http://[::1]:3"]);
+        assert_eq!(CoordinatorAddr::parse_list("a:1").unwrap().len(), 1);
+        for bad in ["", ",", "a:1,", "a:1,,b:2", "a:1,b"] {
+            let err = CoordinatorAddr::parse_list(bad).unwrap_err();
+            assert!(
+                err.to_string().contains("expected HOST:PORT"),
+                "{bad:?}: {err}"
+            );
+        }
     }
 
     #[test]

@@ -299,3 +299,40 @@ def test_wait_many_and_map_fall_back_to_wait_many_on_a_coordinator_without_batch
 
     asyncio.run(scenario())
     assert tasks.wait_many_calls == 4
+
+
+def _refused_url() -> str:
+    """An http:// address where nothing listens (connections are refused)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+def test_several_addresses_are_checked_and_the_first_that_answers_is_used(server):
+    import time
+
+    from weft._channel import first_reachable, parse_addresses
+
+    url, _ = server
+    assert parse_addresses(" https://a:1, b:2 ") == ["https://a:1", "b:2"]
+    for bad in ["", "a:1,", "a:1,,b:2", "a:1,b"]:
+        with pytest.raises(ValueError, match="expected HOST:PORT"):
+            parse_addresses(bad)
+    dead = _refused_url()
+    started = time.monotonic()
+    assert first_reachable([dead, url]) == url
+    assert time.monotonic() - started < 2, "a refused connection moves on at once"
+    assert first_reachable([dead]) == dead, "none answers: the first, whose calls fail UNAVAILABLE"
+    with weft.Client(f"{dead},{url}") as client:
+        assert client.submit_call("echo", b"x") == "T0"
+    with pytest.raises(ValueError, match="expected HOST:PORT"):
+        weft.Client(f"{url},nope")
+
+
+async def test_the_asyncio_client_takes_several_addresses_too(server):
+    url, _ = server
+    async with weft.aio.Client(f"{_refused_url()},{url}") as client:
+        assert await client.submit_call("echo", b"x") == "T0"

@@ -511,3 +511,46 @@ def test_a_refused_renewal_is_asked_again_at_a_tenth_of_the_time_left_and_the_se
             assert (tmp_path / "state" / "node.pem").read_bytes().startswith(fake.joins[0].certificate_pem)
         finally:
             rw.stop()
+
+
+def test_a_failed_address_moves_on_at_once_and_only_a_failed_round_backs_off():
+    from weft.worker.reconnect import Rotation
+
+    rotation = Rotation(3)
+    assert (rotation.fail(), rotation.fail(), rotation.fail()) == (False, False, True)
+    rotation.registered()
+    assert (rotation.fail(), rotation.fail(), rotation.fail()) == (False, False, True)
+    single = Rotation(1)
+    assert single.fail() and single.fail(), "one address: every failure backs off, as before"
+    worker = weft.Worker("http://127.0.0.1:1, http://127.0.0.1:2", slots=1)
+    assert worker.coordinators == ["http://127.0.0.1:1", "http://127.0.0.1:2"]
+    assert worker.coordinator == "http://127.0.0.1:1"
+    worker.next_coordinator()
+    assert worker.coordinator == "http://127.0.0.1:2"
+    worker.next_coordinator()
+    assert worker.coordinator == "http://127.0.0.1:1"
+    with pytest.raises(ValueError, match="expected HOST:PORT"):
+        weft.Worker("http://127.0.0.1:1,nope", slots=1)
+
+
+def test_a_worker_with_several_coordinators_skips_a_dead_one_and_moves_to_the_next_at_once():
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    with FakeCoordinator(tls=False) as first, FakeCoordinator(tls=False) as second:
+        # Far longer than the test waits: any backoff would fail it.
+        worker = weft.Worker(f"{dead},{first.url},{second.url}", slots=1, reconnect_min=30, reconnect_max=30)
+        rw = RunningWorker(worker)
+        try:
+            session = first.accept(timeout=5)
+            assert session.recv(timeout=5, skip_heartbeats=False).WhichOneof("body") == "register"
+            session.registered(NODE_U)
+            # The coordinator goes away: the next address is dialed at once.
+            session.close()
+            again = second.accept(timeout=5)
+            register = again.recv(timeout=5, skip_heartbeats=False).register
+            assert register.previous_node_id == NODE_U
+        finally:
+            rw.stop()

@@ -3,7 +3,10 @@
 An address is ``http://HOST:PORT``, ``https://HOST:PORT`` or ``HOST:PORT``
 (``127.0.0.1:7070``, ``[::1]:7070``, ``localhost:7070``): the rules of
 ``weft_proto::address`` in Rust, so every binary and both SDKs take the
-same forms and refuse the same garbage with the same message.
+same forms and refuse the same garbage with the same message. Several,
+comma-separated (``https://a:7070,https://b:7070``), name coordinators that
+take over from each other: a channel goes to the first that accepts a
+connection (:func:`first_reachable`).
 """
 
 from __future__ import annotations
@@ -92,6 +95,46 @@ def parse_address(address: str) -> Tuple[str, str, int]:
     if not _PORT.match(port) or not 0 < int(port) <= 65535:
         raise invalid
     return scheme, host, int(port)
+
+
+def parse_addresses(text: str) -> List[str]:
+    """The addresses in ``text``, one or several separated by commas, in
+    order, blanks around each dropped, each checked as :func:`parse_address`
+    does (``CoordinatorAddr::parse_list`` in Rust). Raises ValueError on an
+    empty list or entry (naming the whole text) or a malformed address."""
+    addresses = [part.strip() for part in text.split(",")]
+    for address in addresses:
+        if not address:
+            raise ValueError(f"invalid coordinator address '{text}': expected HOST:PORT or http(s)://HOST:PORT")
+        parse_address(address)
+    return addresses
+
+
+#: How long :func:`first_reachable` waits for each address to accept a
+#: connection (``CONNECT_TIMEOUT`` of the Rust client).
+CONNECT_TIMEOUT = 5.0
+
+
+def first_reachable(addresses: List[str], timeout: float = CONNECT_TIMEOUT) -> str:
+    """The first of ``addresses`` whose host accepts a TCP connection,
+    trying them in order: a refused connection (a standby coordinator does
+    not listen) moves on at once, an unreachable host after ``timeout``.
+    The first address when none does (its calls then fail UNAVAILABLE, as
+    with one address)."""
+    for address in addresses:
+        _, host, port = parse_address(address)
+        try:
+            socket.create_connection((host.strip("[]"), port), timeout=timeout).close()
+            return address
+        except OSError:
+            continue
+    return addresses[0]
+
+
+def _pick(url: str) -> str:
+    """The one address to dial for ``url`` (see :func:`parse_addresses`)."""
+    addresses = parse_addresses(url)
+    return addresses[0] if len(addresses) == 1 else first_reachable(addresses)
 
 
 def parse_target(url: str) -> Tuple[str, bool]:
@@ -328,8 +371,10 @@ def sync_channel(url: str | None, token: str | None = None, ca_file: Optional[st
     :func:`root_certificates`), plaintext for ``http://`` (where a CA or pin
     is refused and a token warned about: see :func:`_check_plaintext`);
     with a ``token``, every call carries it as ``authorization: Bearer``
-    metadata."""
-    url = coordinator_url(url)
+    metadata. Several comma-separated addresses: the first that accepts a
+    connection (:func:`first_reachable`); calls are not sent again to
+    another one."""
+    url = _pick(coordinator_url(url))
     target, secure = parse_target(url)
     if not secure:
         _check_plaintext(url, target, token, ca_file, ca_pin)
@@ -348,7 +393,7 @@ def aio_channel(url: str | None, token: str | None = None, ca_file: Optional[str
     """An asyncio-API channel to the coordinator at ``url`` (as
     :func:`sync_channel`); ``credentials`` (a joined worker's: its CA and
     client certificate) replace the CA file and pin."""
-    url = coordinator_url(url)
+    url = _pick(coordinator_url(url))
     target, secure = parse_target(url)
     if credentials is not None and secure:
         return grpc.aio.secure_channel(target, credentials, options=_OPTIONS)

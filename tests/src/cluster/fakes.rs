@@ -43,10 +43,10 @@ impl TestCluster {
         register: pb::Register,
     ) -> FakeNode {
         match identity {
-            Some(joined) => FakeNode::connect_as(&self.url, joined.identity(), register)
+            Some(joined) => FakeNode::connect_as(&self.url(), joined.identity(), register)
                 .await
                 .unwrap_or_else(|s| panic!("fake node registration refused: {s}")),
-            None => FakeNode::connect(&self.url, register).await,
+            None => FakeNode::connect(&self.url(), register).await,
         }
     }
 
@@ -62,8 +62,8 @@ impl TestCluster {
     /// coordinator's first message, or the status it refused with.
     pub async fn open_raw(&self, name: &str, first: ToCoordinator) -> Result<Opened, Status> {
         match self.join_fake(name).await {
-            Some(joined) => fake_node::open_raw_as(&self.url, joined.identity(), first).await,
-            None => fake_node::open_raw(&self.url, first).await,
+            Some(joined) => fake_node::open_raw_as(&self.url(), joined.identity(), first).await,
+            None => fake_node::open_raw(&self.url(), first).await,
         }
     }
 }

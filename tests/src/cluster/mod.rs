@@ -25,7 +25,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tempfile::TempDir;
-use tokio::sync::OnceCell;
 
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
@@ -67,16 +66,15 @@ impl TestClusterBuilder {
             (url, Some(ca_file))
         };
         let cluster = TestCluster {
-            url,
+            serving: Mutex::new(Serving { url, addr }),
             ca_file,
-            addr,
             http_addr,
             restarts: AtomicUsize::new(0),
             dir: Some(dir),
             coordinator: Mutex::new(Some(coordinator)),
             nodes: Mutex::new(BTreeMap::new()),
             next_node: AtomicUsize::new(0),
-            client: OnceCell::new(),
+            client: Mutex::new(None),
             settings: self.clone(),
         };
         for index in 0..self.nodes {
@@ -107,11 +105,27 @@ pub struct Stopped {
     pub status: Option<ExitStatus>,
 }
 
+/// Where the coordinator serves: its URL and bound address (another one
+/// after [`TestCluster::crash_and_move_coordinator`]).
+struct Serving {
+    url: String,
+    addr: SocketAddr,
+}
+
+/// A free loopback address to move the coordinator to
+/// ([`TestCluster::crash_and_move_coordinator`]), known before it is used
+/// so that nodes and clients can be given it first. Free when answered
+/// (bound, then released): nothing listens there until the coordinator
+/// does, so dialing it is refused, as a standby that is not serving is.
+pub fn spare_addr() -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("binding a spare port");
+    listener.local_addr().expect("a bound listener's address")
+}
+
 /// A running coordinator and its nodes. See the module docs.
 pub struct TestCluster {
-    url: String,
+    serving: Mutex<Serving>,
     ca_file: Option<PathBuf>,
-    addr: SocketAddr,
     /// The HTTP listener's (dashboard) address: kept across restarts.
     http_addr: Option<SocketAddr>,
     restarts: AtomicUsize,
@@ -120,7 +134,8 @@ pub struct TestCluster {
     coordinator: Mutex<Option<Coordinator>>,
     nodes: Mutex<BTreeMap<String, Node>>,
     next_node: AtomicUsize,
-    client: OnceCell<Client>,
+    /// The shared admin client; made again after the coordinator moved.
+    client: Mutex<Option<Client>>,
     settings: TestClusterBuilder,
 }
 
@@ -133,7 +148,15 @@ impl TestCluster {
     /// The coordinator's URL, `https://127.0.0.1:PORT` (`http://` for an
     /// [`insecure`](TestClusterBuilder::insecure) cluster).
     pub fn url(&self) -> String {
-        self.url.clone()
+        self.lock_serving().url.clone()
+    }
+
+    /// The URL of a coordinator at `addr` in this cluster (its scheme).
+    pub fn url_at(&self, addr: SocketAddr) -> String {
+        match self.settings.insecure {
+            true => format!("http://{addr}"),
+            false => format!("https://{addr}"),
+        }
     }
 
     /// The dashboard's URL (the coordinator's HTTP listener, on a free
@@ -172,20 +195,25 @@ impl TestCluster {
         self.settings.processes
     }
 
-    /// A client connected to the coordinator (one shared connection),
-    /// with the admin token.
+    /// A client connected to the coordinator (one shared connection, made
+    /// again after the coordinator moved), with the admin token.
     pub async fn client(&self) -> Client {
-        self.client
-            .get_or_init(|| async { self.client_with(Some(&self.admin_token())).await })
-            .await
-            .clone()
+        let url = self.url();
+        let shared = self.lock_client().clone();
+        if let Some(client) = shared.filter(|client| client.url() == url) {
+            return client;
+        }
+        let client = self.client_with(Some(&self.admin_token())).await;
+        *self.lock_client() = Some(client.clone());
+        client
     }
 
     /// A new client with `token` (`None`: no token at all).
     pub async fn client_with(&self, token: Option<&str>) -> Client {
-        Client::connect_secure(&self.url, self.trust().as_ref(), token)
+        let url = self.url();
+        Client::connect_secure(&url, self.trust().as_ref(), token)
             .await
-            .unwrap_or_else(|e| panic!("connecting a client to {}: {e}", self.url))
+            .unwrap_or_else(|e| panic!("connecting a client to {url}: {e}"))
     }
 
     /// The admin token the coordinator wrote on its first start.
@@ -217,19 +245,19 @@ impl TestCluster {
     /// A raw `TaskService` client (proto types) sending `token` (`None`:
     /// none) on every call.
     pub async fn raw_tasks(&self, token: Option<&str>) -> RawTasks {
-        let channel = crate::fake_node::channel(&self.url).await;
+        let channel = crate::fake_node::channel(&self.url()).await;
         TaskServiceClient::with_interceptor(channel, bearer(token))
     }
 
     /// A raw `AdminService` client sending `token` (`None`: none).
     pub async fn raw_admin(&self, token: Option<&str>) -> RawAdmin {
-        let channel = crate::fake_node::channel(&self.url).await;
+        let channel = crate::fake_node::channel(&self.url()).await;
         AdminServiceClient::with_interceptor(channel, bearer(token))
     }
 
     /// Runs the `weft` CLI binary against this cluster, with the admin token.
     pub async fn weft(&self, args: &[&str]) -> CliOutput {
-        run_weft(&self.url, Some(&self.admin_token()), args, None).await
+        run_weft(&self.url(), Some(&self.admin_token()), args, None).await
     }
 
     /// Runs the `weft` CLI binary with `token` (`None`: none) and extra
@@ -240,12 +268,12 @@ impl TestCluster {
         env: &[(&str, &str)],
         args: &[&str],
     ) -> CliOutput {
-        run_weft_env(&self.url, token, env, args, None).await
+        run_weft_env(&self.url(), token, env, args, None).await
     }
 
     /// Runs the `weft` CLI binary with `stdin` fed to it.
     pub async fn weft_with_stdin(&self, args: &[&str], stdin: &[u8]) -> CliOutput {
-        run_weft(&self.url, Some(&self.admin_token()), args, Some(stdin)).await
+        run_weft(&self.url(), Some(&self.admin_token()), args, Some(stdin)).await
     }
 
     /// Names of the nodes the harness started and has not stopped.
@@ -534,7 +562,28 @@ impl TestCluster {
         self.restart_coordinator_after(true).await;
     }
 
+    /// Process mode, [`durable`](TestClusterBuilder::durable): kills the
+    /// coordinator with SIGKILL and starts one on the same data dir at
+    /// `addr` (a [`spare_addr`]), as a standby taking over on another
+    /// machine would; answers its URL. Nothing listens at the old address
+    /// afterwards: only nodes and clients given the new one too (`OLD,NEW`)
+    /// find it. The cluster's URL, client and `weft` runs move with it.
+    pub async fn crash_and_move_coordinator(&self, addr: SocketAddr) -> String {
+        assert!(
+            self.settings.durable,
+            "crash_and_move_coordinator needs TestCluster::builder().durable(): the new coordinator loads the old one's store"
+        );
+        self.restart_coordinator_at(true, Some(addr)).await;
+        self.url()
+    }
+
     async fn restart_coordinator_after(&self, crash: bool) {
+        self.restart_coordinator_at(crash, None).await;
+    }
+
+    /// Stops (or with `crash`, kills) the coordinator and starts it again
+    /// on the same data dir, at `moved_to` or else where it was.
+    async fn restart_coordinator_at(&self, crash: bool, moved_to: Option<SocketAddr>) {
         let old = self
             .coordinator
             .lock()
@@ -567,16 +616,27 @@ impl TestCluster {
             None => panic!("the coordinator is not running"),
         }
         let generation = self.restarts.fetch_add(1, Ordering::SeqCst) + 1;
+        let wanted = moved_to.unwrap_or_else(|| self.lock_serving().addr);
         let (coordinator, addr, http_addr) = start_coordinator(
             &self.settings,
             self.dir(),
-            (Some(self.addr), self.http_addr),
+            (Some(wanted), self.http_addr),
             generation,
         )
         .await;
-        assert_eq!(addr, self.addr, "the restarted coordinator moved");
+        assert_eq!(
+            addr, wanted,
+            "the restarted coordinator is not where it was asked to be"
+        );
         assert_eq!(http_addr, self.http_addr, "the restarted dashboard moved");
         *self.coordinator.lock().unwrap_or_else(|p| p.into_inner()) = Some(coordinator);
+        if moved_to.is_some() {
+            let url = self.url_at(addr);
+            if let Some(ca_file) = &self.ca_file {
+                crate::trust::register(&url, ca_file.clone());
+            }
+            *self.lock_serving() = Serving { url, addr };
+        }
     }
 
     /// Starts node `node-N`. With TLS it joins as on a real network: a
@@ -589,12 +649,13 @@ impl TestCluster {
             true => None,
             false => Some(self.join_token(&name).await),
         };
+        let url = self.url();
         let reach = match &token {
             Some(token) => Reach::Join {
                 token,
                 state_dir: &state_dir,
             },
-            None => Reach::Plain(&self.url),
+            None => Reach::Plain(&url),
         };
         let node = start_node(
             &self.settings,
@@ -623,6 +684,14 @@ impl TestCluster {
         self.lock_nodes()
             .remove(name)
             .unwrap_or_else(|| panic!("the harness runs no node named {name:?}"))
+    }
+
+    fn lock_client(&self) -> std::sync::MutexGuard<'_, Option<Client>> {
+        self.client.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_serving(&self) -> std::sync::MutexGuard<'_, Serving> {
+        self.serving.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn lock_nodes(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Node>> {

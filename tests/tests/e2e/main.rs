@@ -10,6 +10,7 @@ mod cancel_and_timeout;
 mod cli;
 mod completions;
 mod connections;
+mod coordinator_failover;
 mod dashboard;
 mod demo_json;
 mod disk;

@@ -19,7 +19,7 @@ import socket
 import time
 from typing import Callable, List, Mapping, Optional, Union
 
-from .._channel import coordinator_url, parse_address, parse_target
+from .._channel import coordinator_url, parse_addresses, parse_target
 from .._pool import ProcessPool
 from .._proto import node_pb2
 from ..models import DurationLike, parse_duration
@@ -47,7 +47,11 @@ class Worker:
     ``coordinator``: address like ``127.0.0.1:7070`` or
     ``https://127.0.0.1:7070`` (TLS, the default) or ``http://...`` (a
     coordinator started with ``--insecure``); default ``$WEFT_COORDINATOR``;
-    a malformed one is a ValueError here, not a retry loop later.
+    a malformed one is a ValueError here, not a retry loop later. Several,
+    comma-separated (coordinators that take over from each other): the
+    worker dials them in turn, the next at once when a session ends, and
+    backs off only after all of them failed in a row
+    (:attr:`coordinators`).
     ``ca_file`` / ``ca_pin``: how the coordinator's certificate is trusted,
     as for :class:`weft.Client` (defaults ``$WEFT_CA`` / ``$WEFT_CA_PIN``). ``slots``: how many slots of work it takes at
     once (default: number of CPUs). ``labels``: key=value pairs tasks can
@@ -136,13 +140,16 @@ class Worker:
                      "ignored", self.state_dir)
         joined_at = (self.identity.coordinator if self.identity is not None
                      else self.join_token.address if self.join_token is not None else None)
-        self.coordinator = coordinator_url(coordinator or os.environ.get("WEFT_COORDINATOR") or joined_at)
-        parse_address(self.coordinator)
-        if joined_at is not None and not parse_target(self.coordinator)[1]:
+        #: The coordinator addresses, dialed in turn (:meth:`next_coordinator`).
+        self.coordinators: List[str] = parse_addresses(
+            coordinator_url(coordinator or os.environ.get("WEFT_COORDINATOR") or joined_at))
+        self._coordinator_index = 0
+        if joined_at is not None and not all(parse_target(c)[1] for c in self.coordinators):
             if self.join_token is not None:
-                raise ValueError(f"{self.coordinator} is plaintext: a node that joins connects over TLS with its "
+                raise ValueError(f"{','.join(self.coordinators)} is plaintext: a node that joins connects over TLS with its "
                                  "certificate (https://HOST:PORT or HOST:PORT)")
-            log.warning("%s is plaintext: the identity in %s is not used", self.coordinator, self.state_dir)
+            log.warning("%s is plaintext: the identity in %s is not used", ",".join(self.coordinators),
+                        self.state_dir)
             self.identity = None
         if self.identity is not None and name and name != self.identity.name:
             raise ValueError(f"the state dir {self.state_dir} holds node '{self.identity.name}', not '{name}': "
@@ -184,6 +191,15 @@ class Worker:
         self._stopped: Optional[asyncio.Event] = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._tasks: set = set()
+
+    @property
+    def coordinator(self) -> str:
+        """The coordinator address the next session dials."""
+        return self.coordinators[self._coordinator_index]
+
+    def next_coordinator(self) -> None:
+        """Moves on to the next coordinator address (round-robin)."""
+        self._coordinator_index = (self._coordinator_index + 1) % len(self.coordinators)
 
     @property
     def slots(self) -> int:

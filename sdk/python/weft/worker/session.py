@@ -106,6 +106,9 @@ class Sessions:
         self.current: Optional[Session] = None
         self.node_id = ""
         self.registered_once: Optional[asyncio.Event] = None
+        #: Sessions that registered so far (the reconnect loop tells a
+        #: session that ended from a dial that failed).
+        self.registrations = 0
 
     def start(self) -> None:
         """Creates the first-registration event on the running loop."""
@@ -276,7 +279,8 @@ class Sessions:
         session.heartbeat_interval = max(0.01, interval) if interval > 0 else 1.0
         session.heartbeat_timeout = max(0.05, timeout) if timeout > 0 else 5.0
         self._outbox.message_limit = registered.max_message_size or LEGACY_MESSAGE_LIMIT
-        log.info("registered as node %s", registered.node_id)
+        self.registrations += 1
+        log.info("registered as node %s with %s", registered.node_id, self._worker.coordinator)
         session.registered.set()
         # Output and results an earlier stream took go out again first (an
         # attempt's chunks before its result), then credits.
