@@ -12,15 +12,22 @@
 //! store call already); dropping the store hands the runtime back without
 //! blocking, so it may be dropped anywhere.
 //!
-//! One coordinator per database, for now: the write connection holds a
-//! session-level advisory lock ([`COORDINATOR_LOCK`]) for as long as it is
-//! open, so a second coordinator on the same database is refused at start
-//! (after waiting [`LOCK_WAIT`] for one that is stopping), and a write
-//! connection opened again after a loss takes the lock again before its
-//! first write: if another coordinator took over meanwhile, every write
-//! fails and this coordinator stops, so nothing it does after losing the
-//! lock is recorded. PostgreSQL drops a lost session's locks when it sees
-//! the session gone.
+//! One active coordinator per database, any number of standbys: the write
+//! connection holds a session-level advisory lock ([`COORDINATOR_LOCK`])
+//! for as long as it is open. Opening takes it first, before the schema
+//! is touched; while another coordinator holds it, opening waits as a
+//! standby ([`PgStore::open_until`]: polling every [`STANDBY_POLL`], until
+//! told to stop) and returns holding it once PostgreSQL has ended the
+//! other's session. A write connection opened again after a loss takes the
+//! lock again before its first write, with no wait: if another coordinator
+//! took over meanwhile, every write fails and this coordinator stops, so
+//! nothing it does after losing the lock is recorded.
+//!
+//! The active one keeps a lease on the database (`lease.rs`: the timings
+//! and the rule that makes split brain impossible):
+//! [`PgStore::watch_lease`] checks on the write connection that its
+//! session still holds the lock, and answers why once the lease is lost,
+//! before PostgreSQL may end that session and let a standby in.
 //!
 //! Connections: one for writes (commits, tokens, retention, a restart's
 //! load; one transaction at a time, behind a mutex), one for reads (shared:
@@ -39,6 +46,7 @@
 
 mod commit;
 mod conn;
+pub mod lease;
 mod migrate;
 #[cfg(any(test, feature = "test-postgres"))]
 pub mod testdb;
@@ -50,11 +58,12 @@ use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::ops::{Deref, DerefMut};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio_postgres::Config;
 use tokio_postgres::types::ToSql;
+use tokio_util::sync::CancellationToken;
 
 use weft_proto::{Attempt, Outcome, SecretEnv, TaskId, TaskState};
 
@@ -69,6 +78,9 @@ use super::record::{
 use super::{Record, decode_schedule};
 use crate::auth::TokenRecord;
 use conn::Conn;
+use lease::{
+    CHECK_EVERY, KEEPALIVE_COUNT, KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, LEASE, Lease, Verdict,
+};
 use types::Uuid;
 
 /// How long opening waits for the server when the URL sets no
@@ -78,13 +90,22 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The session-level advisory lock the write connection holds: one
-/// coordinator per database ("weftcrd" in ASCII; the migrations take
-/// another).
+/// active coordinator per database ("weftcrd" in ASCII; the migrations
+/// take another).
 const COORDINATOR_LOCK: i64 = 0x0077_6566_7463_7264;
 
-/// How long opening waits for the coordinator lock to be free (a
-/// coordinator stopping as this one starts) before refusing.
-const LOCK_WAIT: Duration = Duration::from_secs(5);
+/// How often a standby tries the coordinator lock: about the delay from
+/// the active's session ending to a standby holding the database.
+pub const STANDBY_POLL: Duration = Duration::from_millis(150);
+/// How long a standby whose own connection was lost waits before it
+/// connects again.
+const STANDBY_RECONNECT: Duration = Duration::from_secs(1);
+
+/// Whether this session holds [`COORDINATOR_LOCK`] (a bigint advisory lock
+/// shows in `pg_locks` as its high and low 32 bits, `objsubid` 1).
+const HOLDS_LOCK: &str = "SELECT EXISTS (SELECT 1 FROM pg_locks
+    WHERE locktype = 'advisory' AND granted AND pid = pg_backend_pid() AND objsubid = 1
+      AND ((classid::bigint << 32) | objid::bigint) = $1)";
 /// Live tasks a restart's load fetches at a time.
 const LOAD_BATCH: i32 = 1000;
 /// Tasks a list page reads at a time.
@@ -101,6 +122,8 @@ pub struct PgStore {
     /// `None` once lost: the next read reconnects.
     reader: Mutex<Option<Arc<Conn>>>,
     target: Target,
+    /// Renewed by each successful lease check and commit.
+    lease: Mutex<Lease>,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -176,10 +199,22 @@ pub(super) fn backend(op: &'static str, err: &tokio_postgres::Error) -> StoreErr
 
 impl PgStore {
     /// Connects to the database at `url` (a `postgresql://` URL or
-    /// `key=value` pairs, as libpq takes them) and brings its schema up to
-    /// date. An unreachable server, a refused login or a schema from a
-    /// newer coordinator is [`StoreError::Database`].
+    /// `key=value` pairs, as libpq takes them), takes it (waiting as a
+    /// standby, however long, while another coordinator holds it) and
+    /// brings its schema up to date. An unreachable server, a refused
+    /// login or a schema from a newer coordinator is
+    /// [`StoreError::Database`].
     pub fn open(url: &str) -> Result<PgStore, StoreError> {
+        let never = CancellationToken::new();
+        Ok(Self::open_until(url, &never)?.expect("only a cancelled open answers None"))
+    }
+
+    /// [`open`](Self::open), but a standby stops waiting once `cancel` is
+    /// cancelled, answering `None`. Logs once at info when it waits.
+    pub fn open_until(
+        url: &str,
+        cancel: &CancellationToken,
+    ) -> Result<Option<PgStore>, StoreError> {
         let mut config: Config = url.parse().map_err(|err| StoreError::Database {
             // The URL itself may hold a password: not repeated.
             target: "(the database URL)".into(),
@@ -191,6 +226,14 @@ impl PgStore {
         if config.get_application_name().is_none() {
             config.application_name("weft-coordinator");
         }
+        // This side's keepalives, as the server's (`conn.rs`): a
+        // coordinator notices a database gone silent too.
+        config
+            .keepalives(true)
+            .keepalives_idle(KEEPALIVE_IDLE)
+            .keepalives_interval(KEEPALIVE_INTERVAL)
+            .keepalives_retries(KEEPALIVE_COUNT)
+            .tcp_user_timeout(lease::SESSION_DEADLINE);
         let target = Target::of(&config);
         if config.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
             // Said at once, rather than as the driver's "no TLS
@@ -210,19 +253,147 @@ impl PgStore {
                 target: target.0.clone(),
                 message: format!("starting its runtime: {err}"),
             })?;
-        let (mut writer, reader) = rt.block_on(async {
-            let writer = Conn::open(&config, &target).await?;
-            let reader = Conn::open(&config, &target).await?;
-            Ok::<_, StoreError>((writer, reader))
-        })?;
+        let taken = rt.block_on(take_database(&config, &target, cancel));
+        let Some((mut writer, sent)) = taken? else {
+            rt.shutdown_background();
+            return Ok(None);
+        };
+        // The schema only once the database is this coordinator's: a
+        // standby never changes it under the active one.
         rt.block_on(migrate::migrate(&mut writer.client, &target))?;
-        rt.block_on(hold_coordinator_lock(&writer, &target, LOCK_WAIT))?;
-        Ok(PgStore {
+        let reader = rt.block_on(Conn::open(&config, &target))?;
+        Ok(Some(PgStore {
             rt: Some(rt),
             config,
             writer: Mutex::new(Some(writer)),
             reader: Mutex::new(Some(Arc::new(reader))),
             target,
+            lease: Mutex::new(Lease::taken(sent)),
+        }))
+    }
+
+    /// Where the database is (no password), as logs name it.
+    pub fn target(&self) -> &str {
+        &self.target.0
+    }
+
+    fn lease(&self) -> MutexGuard<'_, Lease> {
+        // A lease is whole whatever panicked.
+        self.lease.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Whether the lease holds at `now` (see `lease.rs`).
+    pub fn lease_verdict(&self, now: Instant) -> Verdict {
+        self.lease().verdict(now)
+    }
+
+    /// Checks, on the write connection, that this coordinator's session
+    /// still holds the coordinator lock: renews the lease from the check's
+    /// send time when it does, loses it when the lock or the session is
+    /// gone. A check that gets no answer changes nothing: the lease runs
+    /// out by itself. Blocks (the blocking pool), at most [`LEASE`] once it
+    /// has the write connection.
+    pub fn check_lease(&self) {
+        let op = "checking the coordinator lock";
+        let Ok(slot) = self.writer.lock() else {
+            self.lease()
+                .lost("the write connection's lock was poisoned".into());
+            return;
+        };
+        let Some(conn) = slot.as_ref().filter(|conn| !conn.is_closed()) else {
+            self.lease().lost(
+                "the session holding the coordinator lock ended (the database closed it, or a write failed)"
+                    .into(),
+            );
+            return;
+        };
+        let sent = Instant::now();
+        let checked = self.run_unbounded(async {
+            tokio::time::timeout(LEASE, conn.query_opt(op, HOLDS_LOCK, &[&COORDINATOR_LOCK])).await
+        });
+        match checked {
+            Ok(Ok(Some(row))) if row.get::<_, bool>(0) => self.lease().renewed(sent),
+            Ok(Ok(_)) => self
+                .lease()
+                .lost("this coordinator's session no longer holds the coordinator lock".into()),
+            Ok(Err(_)) if conn.is_closed() => self.lease().lost(
+                "the session holding the coordinator lock ended (the database closed it)".into(),
+            ),
+            Ok(Err(err)) => tracing::warn!(error = %err, "the lease check failed"),
+            Err(_) => tracing::warn!("the lease check got no answer within {LEASE:?}"),
+        }
+    }
+
+    /// The active coordinator's lease watchdog: checks the lease every
+    /// [`CHECK_EVERY`] (on the blocking pool, one check at a time) and
+    /// answers why once it is lost or no check succeeded within [`LEASE`];
+    /// `None` once `cancel` is cancelled. Runs on the caller's runtime.
+    pub async fn watch_lease(self: Arc<Self>, cancel: CancellationToken) -> Option<String> {
+        // A first check before the first verdict: a long load since the
+        // lock was taken is not a lost lease.
+        let store = Arc::clone(&self);
+        let mut check = Some(tokio::task::spawn_blocking(move || store.check_lease()));
+        if let Some(first) = check.take() {
+            let _ = first.await;
+        }
+        let mut tick = tokio::time::interval(CHECK_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return None,
+                _ = tick.tick() => {}
+            }
+            match self.lease_verdict(Instant::now()) {
+                Verdict::Held => {}
+                Verdict::Expired { since } => {
+                    return Some(format!(
+                        "no check that this coordinator holds the database succeeded for {since:?} (its lease is {LEASE:?})"
+                    ));
+                }
+                Verdict::Lost(why) => return Some(why),
+            }
+            if check.as_ref().is_none_or(|check| check.is_finished()) {
+                let store = Arc::clone(&self);
+                check = Some(tokio::task::spawn_blocking(move || store.check_lease()));
+            }
+        }
+    }
+
+    /// The cluster CA the database keeps, if any.
+    pub fn cluster_ca(&self) -> Result<Option<StoredCa>, StoreError> {
+        let op = "reading the cluster CA";
+        self.read(op, |reader| async move {
+            let row = reader
+                .query_opt(
+                    op,
+                    "SELECT cert_pem, key, sealed FROM cluster_ca WHERE id = 1",
+                    &[],
+                )
+                .await?;
+            Ok(row.map(|row| StoredCa {
+                cert_pem: row.get(0),
+                key: row.get(1),
+                sealed: row.get(2),
+            }))
+        })
+    }
+
+    /// Keeps `ca` as the cluster CA, replacing the one kept (only the
+    /// coordinator holding the database writes it).
+    pub fn put_cluster_ca(&self, ca: &StoredCa) -> Result<(), StoreError> {
+        let op = "writing the cluster CA";
+        let writer = self.writer()?;
+        self.run(op, async {
+            writer
+                .execute(
+                    op,
+                    "INSERT INTO cluster_ca (id, cert_pem, key, sealed) VALUES (1, $1, $2, $3)
+                     ON CONFLICT (id) DO UPDATE SET cert_pem = EXCLUDED.cert_pem,
+                        key = EXCLUDED.key, sealed = EXCLUDED.sealed, updated_at = now()",
+                    &[&ca.cert_pem, &ca.key, &ca.sealed],
+                )
+                .await?;
+            Ok(())
         })
     }
 
@@ -262,7 +433,7 @@ impl PgStore {
             let conn = self.run_unbounded(Conn::open(&self.config, &self.target))?;
             // No waiting: the lock is free only if no other coordinator
             // took over while this one was cut off.
-            self.run_unbounded(hold_coordinator_lock(&conn, &self.target, Duration::ZERO))?;
+            self.run_unbounded(hold_coordinator_lock(&conn, &self.target))?;
             *slot = Some(conn);
         }
         Ok(Writer(slot))
@@ -410,9 +581,14 @@ impl Store for PgStore {
             return Ok(());
         }
         let mut writer = self.writer()?;
+        let sent = Instant::now();
         let result = self.run("committing", commit::commit(&mut writer, records));
-        if let Err(StoreError::Backend { .. }) = &result {
-            writer.discard();
+        match &result {
+            // Committed on the session that holds the lock: as good as a
+            // lease check sent when the commit was.
+            Ok(()) => self.lease().renewed(sent),
+            Err(StoreError::Backend { .. }) => writer.discard(),
+            Err(_) => {}
         }
         result
     }
@@ -733,34 +909,103 @@ async fn load_each(
     Ok(loaded)
 }
 
-/// Takes [`COORDINATOR_LOCK`] on `conn`'s session, trying for up to
-/// `wait`; refuses when another coordinator holds it.
-async fn hold_coordinator_lock(
-    conn: &Conn,
+/// The cluster CA as the database keeps it (migration 2): every
+/// coordinator on the database serves and signs with it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct StoredCa {
+    /// The CA certificate, PEM.
+    pub cert_pem: String,
+    /// The CA's private key (PKCS#8 PEM), sealed when `sealed`.
+    pub key: Vec<u8>,
+    /// Whether `key` is sealed under the operator's key.
+    pub sealed: bool,
+}
+
+impl std::fmt::Debug for StoredCa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key, sealed or not.
+        f.debug_struct("StoredCa")
+            .field("sealed", &self.sealed)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Whether `conn`'s session got [`COORDINATOR_LOCK`] (it may hold it
+/// already: then it holds it twice, which changes nothing).
+async fn try_lock(conn: &Conn, target: &Target) -> Result<bool, StoreError> {
+    let row = conn
+        .client
+        .query_one("SELECT pg_try_advisory_lock($1)", &[&COORDINATOR_LOCK])
+        .await
+        .map_err(|err| StoreError::Database {
+            target: target.0.clone(),
+            message: describe(&err),
+        })?;
+    Ok(row.get::<_, bool>(0))
+}
+
+/// Takes [`COORDINATOR_LOCK`] on `conn`'s session with no wait; refuses
+/// when another coordinator holds it.
+async fn hold_coordinator_lock(conn: &Conn, target: &Target) -> Result<(), StoreError> {
+    if try_lock(conn, target).await? {
+        return Ok(());
+    }
+    Err(StoreError::Database {
+        target: target.0.clone(),
+        message: "in use by another coordinator (it holds the database's coordinator \
+                  lock); this one stops, and may come back as a standby"
+            .into(),
+    })
+}
+
+/// Opens the write connection and takes [`COORDINATOR_LOCK`] on it: at
+/// once when it is free, else as a standby, trying every
+/// [`STANDBY_POLL`] (and connecting again, every [`STANDBY_RECONNECT`],
+/// when its own connection is lost) until it gets it or `cancel` is
+/// cancelled (`None`). Answers the connection and when the query that
+/// got the lock was sent, where the lease starts. The first connection
+/// failing is an error: the database cannot be reached at all.
+async fn take_database(
+    config: &Config,
     target: &Target,
-    wait: Duration,
-) -> Result<(), StoreError> {
-    let deadline = tokio::time::Instant::now() + wait;
+    cancel: &CancellationToken,
+) -> Result<Option<(Conn, Instant)>, StoreError> {
+    let mut conn = Conn::open(config, target).await?;
+    let mut standby = false;
     loop {
-        let row = conn
-            .client
-            .query_one("SELECT pg_try_advisory_lock($1)", &[&COORDINATOR_LOCK])
-            .await
-            .map_err(|err| StoreError::Database {
-                target: target.0.clone(),
-                message: describe(&err),
-            })?;
-        if row.get::<_, bool>(0) {
-            return Ok(());
+        let sent = Instant::now();
+        let pause = match try_lock(&conn, target).await {
+            Ok(true) => {
+                if standby {
+                    tracing::info!(database = %target.0, "the database is free: this coordinator takes over");
+                }
+                return Ok(Some((conn, sent)));
+            }
+            Ok(false) => {
+                if !standby {
+                    standby = true;
+                    tracing::info!(
+                        database = %target.0,
+                        "standby: another coordinator holds the database; this one takes over once it lets go, and until then does not listen"
+                    );
+                }
+                STANDBY_POLL
+            }
+            Err(err) if standby => {
+                tracing::warn!(error = %err, "standby: the database connection failed; connecting again");
+                STANDBY_RECONNECT
+            }
+            Err(err) => return Err(err),
+        };
+        tokio::select! {
+            _ = cancel.cancelled() => return Ok(None),
+            _ = tokio::time::sleep(pause) => {}
         }
-        if tokio::time::Instant::now() >= deadline {
-            return Err(StoreError::Database {
-                target: target.0.clone(),
-                message: "in use by another coordinator (it holds the database's coordinator \
-                          lock); stop that one, or give this one another database"
-                    .into(),
-            });
+        if conn.is_closed() {
+            match Conn::open(config, target).await {
+                Ok(open) => conn = open,
+                Err(err) => tracing::warn!(error = %err, "standby: cannot reach the database"),
+            }
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
