@@ -41,7 +41,9 @@ pub mod trust;
 pub mod wait;
 
 pub use cli::CliOutput;
-pub use cluster::{RawAdmin, RawTasks, Stopped, TestCluster, TestClusterBuilder, weft_at};
+pub use cluster::{
+    RawAdmin, RawTasks, StandbyCoordinator, Stopped, TestCluster, TestClusterBuilder, weft_at,
+};
 pub use fake_node::FakeNode;
 pub use wait::{default_timeout, process_is_alive, read_pid_file, wait_for, wait_until};
 
