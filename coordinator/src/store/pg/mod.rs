@@ -38,7 +38,8 @@
 //! unknown. While the server is down, calls fail with
 //! [`StoreError::Database`].
 //!
-//! Layout: `conn.rs` (connections and their prepared statements),
+//! Layout: `lease.rs` (the lease and its timings), `conn.rs`
+//! (connections, their session settings and prepared statements),
 //! `migrate.rs` (the versioned schema, `sql/`), `commit.rs` (one
 //! commit = one transaction, checked as the log checks it), `types.rs`
 //! (ids as uuid), `testdb.rs` (tests, and the `test-postgres` feature for

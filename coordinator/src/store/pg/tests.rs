@@ -407,3 +407,31 @@ fn statements_are_prepared_once_per_connection() {
         "the server holds the writer's (but this count), no more"
     );
 }
+
+#[test]
+fn every_session_asks_the_server_to_end_it_once_silent() {
+    let store = testdb::store();
+    let settings: Vec<String> = store
+        .run("test", async {
+            let writer = store.writer()?;
+            let mut values = Vec::new();
+            for name in [
+                "tcp_keepalives_idle",
+                "tcp_keepalives_interval",
+                "tcp_keepalives_count",
+                "tcp_user_timeout",
+            ] {
+                let row = writer
+                    .client
+                    .query_one(&format!("SHOW {name}"), &[])
+                    .await
+                    .map_err(|e| backend("test", &e))?;
+                values.push(row.get(0));
+            }
+            Ok(values)
+        })
+        .unwrap();
+    // Over TCP (the tests' server listens on loopback) the server reports
+    // what it set on the socket.
+    assert_eq!(settings, ["4", "1", "4", "8000"]);
+}
