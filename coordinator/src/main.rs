@@ -788,9 +788,36 @@ mod tests {
     }
 
     #[test]
+    fn the_ca_seal_key_file_goes_with_a_database_and_is_documented() {
+        let args = Args::try_parse_from([
+            "weft-coordinator",
+            "--database-url",
+            "postgresql://weft@db/weft",
+            "--ca-seal-key-file",
+            "/etc/weft/ca-seal.key",
+        ])
+        .unwrap();
+        assert_eq!(
+            weft_coordinator::CoordinatorConfig::from(&args).ca_seal_key_file,
+            Some(std::path::PathBuf::from("/etc/weft/ca-seal.key"))
+        );
+        let err = Args::try_parse_from(["weft-coordinator", "--ca-seal-key-file", "k"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--database-url"), "{err}");
+        let help = Args::command().render_long_help().to_string();
+        assert!(
+            help.contains("WEFT_CA_SEAL_KEY_FILE")
+                && help.contains("head -c 32 /dev/urandom")
+                && help.contains("standbys"),
+            "{help}"
+        );
+    }
+
+    #[test]
     fn exit_codes_are_documented_in_help() {
         let help = Args::command().render_long_help().to_string();
-        for code in ["65", "70", "74", "130"] {
+        for code in ["65", "70", "74", "75", "130"] {
             assert!(help.contains(code), "exit status {code} missing: {help}");
         }
         assert!(

@@ -77,6 +77,16 @@ impl SealKey {
             message,
         };
         let bytes = std::fs::read(path).map_err(|err| fail(err.to_string()))?;
+        let mode = std::fs::metadata(path)
+            .map(|meta| std::os::unix::fs::PermissionsExt::mode(&meta.permissions()))
+            .unwrap_or(0);
+        if mode & 0o077 != 0 {
+            tracing::warn!(
+                path = %path.display(),
+                "the CA seal key file has mode {:o}: others on this machine may read it; make it 0600",
+                mode & 0o777
+            );
+        }
         let bytes: [u8; SEAL_KEY_LEN] = bytes.as_slice().try_into().map_err(|_| {
             fail(format!(
                 "holds {} bytes, not {SEAL_KEY_LEN}: make one with `head -c 32 /dev/urandom > FILE`",
@@ -294,10 +304,23 @@ mod tests {
             from_database(&store, Some(a.path()), None).unwrap()
         };
         assert_eq!(pin(&first), local.pin());
-        // B, on another machine with an empty PKI dir, gets the same CA.
+        // B, on another machine with an empty PKI dir, gets the same CA,
+        // and serves a certificate of its own signed by it.
         let store = PgStore::open(&url).unwrap();
         let second = from_database(&store, Some(b.path()), None).unwrap();
         assert_eq!(pin(&second), local.pin());
+        let config = crate::tls::TlsConfig {
+            pki_dir: Some(b.path().to_owned()),
+            ..crate::tls::TlsConfig::default()
+        };
+        let listen = "127.0.0.1:7070".parse().unwrap();
+        let serving = crate::tls::ServerTls::with_ca(&config, listen, Some(&second)).unwrap();
+        assert_eq!(serving.ca_pin(), local.pin());
+        assert_eq!(
+            std::fs::read_to_string(b.path().join(CA_CERT_FILE)).unwrap(),
+            local.pem()
+        );
+        // Its key never touches B's disk.
         assert!(!b.path().join(CA_KEY_FILE).exists());
     }
 
