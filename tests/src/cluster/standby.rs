@@ -4,6 +4,7 @@
 //! (killing the active, pointing a node at the new one).
 
 use std::net::SocketAddr;
+use std::process::ExitStatus;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -144,6 +145,29 @@ impl TestCluster {
                 panic!("kill_coordinator needs TestCluster::builder().processes()")
             }
             None => panic!("the coordinator is not running"),
+        }
+    }
+
+    /// Process mode: waits (up to `timeout`) for the cluster's coordinator
+    /// to exit by itself; answers its exit status and log.
+    pub async fn wait_coordinator_exit(&self, timeout: Duration) -> (ExitStatus, String) {
+        let old = self
+            .coordinator
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let Some(Coordinator::Process(mut child)) = old else {
+            panic!("wait_coordinator_exit needs a running TestCluster::builder().processes()")
+        };
+        match tokio::time::timeout(timeout, child.wait()).await {
+            Ok(status) => (
+                status.expect("waiting for the coordinator"),
+                child.log_text(),
+            ),
+            Err(_) => panic!(
+                "the coordinator did not exit within {timeout:?}\n{}",
+                child.log_text()
+            ),
         }
     }
 

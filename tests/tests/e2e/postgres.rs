@@ -2,7 +2,7 @@
 //! submitted and run before a restart is read back after it, through the
 //! API and from the database itself; and two coordinators on one
 //! database, one active and one standby that takes over when the active
-//! is killed.
+//! is killed, or stops because its database session ended.
 
 use std::time::{Duration, Instant};
 
@@ -152,4 +152,56 @@ async fn a_standby_coordinator_takes_over_when_the_active_is_killed() {
         standby.stop(Duration::from_secs(10)).await,
         "the new active did not stop cleanly on SIGTERM"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_active_whose_database_session_ends_stops_and_a_standby_takes_over() {
+    use weft_coordinator::store::pg::{lease, testdb};
+    let url = tokio::task::spawn_blocking(testdb::database)
+        .await
+        .expect("a database on the tests' PostgreSQL");
+    let cluster = TestCluster::builder()
+        .nodes(1)
+        .processes()
+        .postgres(url.clone())
+        .start()
+        .await;
+    let client = cluster.client().await;
+    let id = client
+        .submit(TaskSpec::call("echo", "kept"))
+        .await
+        .expect("submit");
+    assert_eq!(cluster.wait_for_final(id).await.state, TaskState::Succeeded);
+    let mut standby = cluster.start_standby().await;
+    standby.wait_standby().await;
+
+    // The database ends the active's session, as it does for one cut off
+    // (`pg_terminate_backend` here): the active stops within its lease,
+    // saying why, with exit status 75, and the standby takes over.
+    let ended = tokio::task::spawn_blocking(move || testdb::end_the_active_session(&url))
+        .await
+        .expect("ending the session");
+    assert_eq!(ended, 1);
+    let at = Instant::now();
+    let (status, log) = cluster
+        .wait_coordinator_exit(lease::LEASE + lease::CHECK_EVERY)
+        .await;
+    eprintln!(
+        "the active stopped {:?} after its session ended",
+        at.elapsed()
+    );
+    assert_eq!(
+        status.code(),
+        Some(weft_coordinator::EXIT_LOST_DATABASE),
+        "{log}"
+    );
+    assert!(
+        log.contains("lost the database") && log.contains("a standby may take over"),
+        "{log}"
+    );
+    standby.wait_serving().await;
+    let other = cluster.client_at(&standby.url()).await;
+    let task = other.get(id).await.expect("get on the new active");
+    assert_eq!(&task.output[..], b"kept");
+    assert!(standby.stop(Duration::from_secs(10)).await);
 }

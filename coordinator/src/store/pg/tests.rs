@@ -162,35 +162,6 @@ fn a_second_coordinator_waits_as_a_standby_and_takes_over_once_the_first_is_gone
     ));
 }
 
-/// Ends, from a connection of its own, the session holding the
-/// coordinator lock on the database at `url` (an operator's
-/// `pg_terminate_backend`, or a session the server gave up on).
-fn terminate_the_lock_holder(url: &str) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-            .await
-            .unwrap();
-        tokio::spawn(connection);
-        let ended: Vec<bool> = client
-            .query(
-                "SELECT pg_terminate_backend(pid) FROM pg_locks
-                 WHERE locktype = 'advisory' AND granted AND objsubid = 1
-                   AND ((classid::bigint << 32) | objid::bigint) = $1",
-                &[&COORDINATOR_LOCK],
-            )
-            .await
-            .unwrap()
-            .iter()
-            .map(|row| row.get(0))
-            .collect();
-        assert_eq!(ended, [true], "one session held the lock");
-    });
-}
-
 #[test]
 fn a_terminated_session_stops_the_active_within_its_lease_and_a_standby_takes_over() {
     let url = testdb::database();
@@ -209,7 +180,7 @@ fn a_terminated_session_stops_the_active_within_its_lease_and_a_standby_takes_ov
     assert!(quiet.is_err(), "the lease was lost: {quiet:?}");
     assert!(standby.try_recv().is_err());
 
-    terminate_the_lock_holder(&url);
+    assert_eq!(testdb::end_the_active_session(&url), 1);
     let ended = Instant::now();
     let watch = Arc::clone(&active).watch_lease(cancel);
     let why = rt
