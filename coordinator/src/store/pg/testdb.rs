@@ -124,6 +124,30 @@ pub fn end_the_active_session(url: &str) -> usize {
     })
 }
 
+/// How many sessions coordinators hold on the database at `url` (an
+/// active one holds two, a standby one). Blocks.
+pub fn coordinator_sessions(url: &str) -> usize {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a test runtime starts");
+    rt.block_on(async {
+        let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+            .await
+            .unwrap_or_else(|e| panic!("connecting to {url}: {e}"));
+        tokio::spawn(connection);
+        let row = client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE application_name = 'weft-coordinator' AND datname = current_database()",
+                &[],
+            )
+            .await
+            .unwrap_or_else(|e| panic!("counting sessions: {e}"));
+        usize::try_from(row.get::<_, i64>(0)).unwrap_or(0)
+    })
+}
+
 /// What to do when no server can be had.
 const INSTALL: &str = "the PostgreSQL tests need the server binaries (initdb, pg_ctl): install them \
      (`apt-get install postgresql`), or set WEFT_PG_BIN to the directory holding them";

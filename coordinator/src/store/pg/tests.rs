@@ -216,8 +216,13 @@ fn a_standby_stops_waiting_when_told_to() {
         let (url, cancel) = (url.clone(), cancel.clone());
         std::thread::spawn(move || PgStore::open_until(&url, &cancel))
     };
-    // Waiting as a standby (not told yet): nothing comes.
-    std::thread::sleep(STILL_WAITING);
+    // Waiting as a standby (its session beside the active's two), not
+    // told yet.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while testdb::coordinator_sessions(&url) < 3 {
+        assert!(Instant::now() < deadline, "the standby never connected");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert!(!waiting.is_finished());
     let told = Instant::now();
     cancel.cancel();
