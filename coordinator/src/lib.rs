@@ -49,14 +49,14 @@
 //!   node certificates ([`tls::node_cert`]), the CA kept in PostgreSQL
 //!   and its sealing ([`tls::shared_ca`]), interface addresses, rotation,
 //!   the TLS acceptor.
+//! - [`trace`] — OpenTelemetry trace export (`--otlp-endpoint`): the
+//!   spans of each task, built from what the driver committed.
 //!
 //! On PostgreSQL several coordinators share one database, one active and
 //! the others standbys: [`take_database`] waits for the database before
 //! anything is bound, [`start_with`] serves on it, and the lease watchdog
 //! ([`store::pg::lease`]) stops the active before a standby may take
 //! over.
-//! - [`trace`] — OpenTelemetry trace export (`--otlp-endpoint`): the
-//!   spans of each task, built from what the driver committed.
 
 pub mod auth;
 pub mod config;

@@ -1,5 +1,6 @@
 //! TLS on the coordinator's listener: the cluster CA and serving
-//! certificates ([`pki`]), the rustls server configuration with a
+//! certificates ([`pki`]; on PostgreSQL the CA kept in the database,
+//! [`shared_ca`]), the rustls server configuration with a
 //! certificate that rotates without a restart ([`RotatingCert`]), and the
 //! acceptor the listener (`crate::listener`) runs each handshake with.
 //!
