@@ -9,6 +9,7 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use weft_proto::{Attempt, TaskId, TaskSpec, TaskState};
 
+use super::lease::{CHECK_EVERY, LEASE, Verdict};
 use super::testdb;
 use super::*;
 use crate::store::{EventBody, Record};
