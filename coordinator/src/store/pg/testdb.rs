@@ -98,7 +98,8 @@ impl Server {
 }
 
 /// Ends, from a connection of its own, the session holding the
-/// coordinator lock on the database at `url` (an operator's
+/// coordinator lock on the database at `url` (only there: the server is
+/// shared by the tests running at once) (an operator's
 /// `pg_terminate_backend`, or a session the server gave up on): how many
 /// sessions it ended. Blocks.
 pub fn end_the_active_session(url: &str) -> usize {
@@ -115,6 +116,7 @@ pub fn end_the_active_session(url: &str) -> usize {
             .query(
                 "SELECT pg_terminate_backend(pid) FROM pg_locks
                  WHERE locktype = 'advisory' AND granted AND objsubid = 1
+                   AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
                    AND ((classid::bigint << 32) | objid::bigint) = $1",
                 &[&super::COORDINATOR_LOCK],
             )
