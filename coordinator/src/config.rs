@@ -19,6 +19,10 @@ pub struct CoordinatorConfig {
     /// dir's log; the data dir still holds the TLS files and the admin
     /// token file.
     pub database_url: Option<String>,
+    /// With `database_url`: the file of the 32-byte key that seals the
+    /// cluster CA's key in the database (`--ca-seal-key-file`); `None`
+    /// keeps it unsealed there, with a warning at every start.
+    pub ca_seal_key_file: Option<PathBuf>,
     /// Most tasks not yet final at once; a Submit past it is RESOURCE_EXHAUSTED.
     pub max_queued: usize,
     /// First retry delay after a failed attempt; doubles per attempt.
@@ -225,6 +229,7 @@ impl Default for CoordinatorConfig {
             heartbeat_timeout: Duration::from_secs(5),
             data_dir: None,
             database_url: None,
+            ca_seal_key_file: None,
             max_queued: 10_000_000,
             retry_backoff_base: Duration::from_millis(100),
             retry_backoff_max: Duration::from_secs(10),

@@ -46,10 +46,17 @@
 //!   `RevokeNode` check, and the rules (names, what a certified node may
 //!   claim).
 //! - [`tls`] — the cluster CA and serving certificates ([`tls::pki`]),
-//!   node certificates ([`tls::node_cert`]), interface addresses,
-//!   rotation, the TLS acceptor.
+//!   node certificates ([`tls::node_cert`]), the CA kept in PostgreSQL
+//!   and its sealing ([`tls::shared_ca`]), interface addresses, rotation,
+//!   the TLS acceptor.
 //! - [`trace`] — OpenTelemetry trace export (`--otlp-endpoint`): the
 //!   spans of each task, built from what the driver committed.
+//!
+//! On PostgreSQL several coordinators share one database, one active and
+//! the others standbys: [`take_database`] waits for the database before
+//! anything is bound, [`start_with`] serves on it, and the lease watchdog
+//! ([`store::pg::lease`]) stops the active before a standby may take
+//! over.
 
 pub mod auth;
 pub mod config;
@@ -100,6 +107,13 @@ pub enum Failure {
     /// The gRPC server stopped with an error.
     #[error("the gRPC server failed: {0}")]
     Server(String),
+    /// The active coordinator on PostgreSQL lost its hold on the database
+    /// (its lease ran out, or its session or lock is gone): it stopped,
+    /// ending its node sessions, before a standby may take over (see
+    /// [`store::pg::lease`]). Nothing acknowledged was lost: it was
+    /// committed first.
+    #[error("lost the database: {0}; a standby may take over")]
+    LostDatabase(String),
 }
 
 fn commit_hint(err: &StoreError) -> &'static str {
@@ -117,15 +131,22 @@ fn commit_hint(err: &StoreError) -> &'static str {
 impl Failure {
     /// The exit status `weft-coordinator` ends with: 74 (EX_IOERR) for a
     /// failed commit, 65 (EX_DATAERR) when the store turned out damaged, 70
-    /// (EX_SOFTWARE) for a failed server.
+    /// (EX_SOFTWARE) for a failed server, 75 (EX_TEMPFAIL) for a lost
+    /// database.
     pub fn exit_code(&self) -> i32 {
         match self {
             Failure::Commit(err) if err.is_damage() => EXIT_DAMAGED,
             Failure::Commit(_) => EXIT_COMMIT_FAILED,
             Failure::Server(_) => 70,
+            Failure::LostDatabase(_) => EXIT_LOST_DATABASE,
         }
     }
 }
+
+/// Exit status when the active coordinator lost the database (EX_TEMPFAIL):
+/// a supervisor restarts it, and it comes back as a standby (or active,
+/// if the database is free by then).
+pub const EXIT_LOST_DATABASE: i32 = 75;
 
 /// Exit status when a commit failed (EX_IOERR): restart once the disk has
 /// room; nothing acknowledged was lost.
@@ -244,12 +265,56 @@ impl Drop for RunningCoordinator {
     }
 }
 
+/// A PostgreSQL database this coordinator holds (see [`take_database`]):
+/// its store, holding the coordinator lock. Dropping it lets go.
+#[derive(Debug)]
+pub struct Database(Arc<store::PgStore>);
+
+/// Takes the database at `url` for this coordinator, before it binds
+/// anything: at once when no other coordinator holds it, else as a
+/// standby, waiting (however long) until the active one lets go or dies.
+/// `None` when `cancel` was cancelled while waiting. Logs once at info
+/// when it waits.
+pub async fn take_database(
+    url: &str,
+    cancel: &CancellationToken,
+) -> Result<Option<Database>, Error> {
+    let url = url.to_owned();
+    let cancel = cancel.clone();
+    let taken = tokio::task::spawn_blocking(move || store::PgStore::open_until(&url, &cancel))
+        .await
+        .map_err(|err| StoreError::Database {
+            target: "(the database URL)".into(),
+            message: err.to_string(),
+        })??;
+    Ok(taken.map(|store| Database(Arc::new(store))))
+}
+
 /// Starts a coordinator on an already bound listener (so callers can bind
-/// port 0 and know the address first). Returns once it serves.
+/// port 0 and know the address first). Returns once it serves. With
+/// `database_url`, waits first as a standby while another coordinator
+/// holds the database (the binary takes it with [`take_database`] before
+/// it binds, so that a standby's port stays closed).
 pub async fn start(
     config: CoordinatorConfig,
     listener: TcpListener,
 ) -> Result<RunningCoordinator, Error> {
+    start_with(config, listener, None).await
+}
+
+/// [`start`] on a database already taken with [`take_database`] (`None`:
+/// take it now if `database_url` says one).
+pub async fn start_with(
+    config: CoordinatorConfig,
+    listener: TcpListener,
+    database: Option<Database>,
+) -> Result<RunningCoordinator, Error> {
+    let database = match (database, &config.database_url) {
+        (Some(database), _) => Some(database),
+        (None, Some(url)) => take_database(url, &CancellationToken::new()).await?,
+        (None, None) => None,
+    };
+    let pg = database.map(|Database(store)| store);
     let addr = listener.local_addr().map_err(Error::Listener)?;
     if config.tls.is_none() && !config.insecure && !addr.ip().is_loopback() {
         return Err(Error::Tls(format!(
@@ -265,14 +330,36 @@ pub async fn start(
         None => None,
     };
     // The CA first: a broken PKI dir fails the start before anything else.
+    // On PostgreSQL, the database's (made or uploaded on the first start).
     let server_tls = match &config.tls {
         Some(tls_config) => {
             let tls_config = tls_config.clone();
-            let server_tls =
-                tokio::task::spawn_blocking(move || tls::ServerTls::new(&tls_config, addr))
-                    .await
-                    .map_err(|err| Error::Tls(err.to_string()))?
-                    .map_err(|err| Error::Tls(err.to_string()))?;
+            let seal_key_file = config.ca_seal_key_file.clone();
+            let pg = pg.clone();
+            let server_tls = tokio::task::spawn_blocking(move || {
+                let shared = match &pg {
+                    Some(store) => {
+                        let seal = seal_key_file
+                            .as_deref()
+                            .map(tls::shared_ca::SealKey::read)
+                            .transpose()
+                            .map_err(|err| err.to_string())?;
+                        let pems = tls::shared_ca::from_database(
+                            store,
+                            tls_config.pki_dir.as_deref(),
+                            seal.as_ref(),
+                        )
+                        .map_err(|err| err.to_string())?;
+                        Some(pems)
+                    }
+                    None => None,
+                };
+                tls::ServerTls::with_ca(&tls_config, addr, shared.as_ref())
+                    .map_err(|err| err.to_string())
+            })
+            .await
+            .map_err(|err| Error::Tls(err.to_string()))?
+            .map_err(Error::Tls)?;
             Some(Arc::new(server_tls))
         }
         None => None,
@@ -287,7 +374,7 @@ pub async fn start(
     // Opening may repair the file after a crash and loading reads every
     // live task: both on the blocking pool.
     let data_dir = config.data_dir.clone();
-    let database_url = config.database_url.clone();
+    let taken = pg.clone();
     let cache_size = config.store_cache_size;
     let scheduler = Scheduler::new((&config).into());
     let (store, mut scheduler, tokens, identities) = tokio::task::spawn_blocking(move || {
@@ -296,8 +383,8 @@ pub async fn start(
         // caught here, so a damaged file is refused with a message instead
         // of a crash.
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            let engine = match &database_url {
-                Some(url) => Engine::Postgres(url),
+            let engine = match taken {
+                Some(store) => Engine::Postgres(store),
                 None => Engine::DataDir(data_dir.as_deref()),
             };
             open_and_load(engine, cache_size, scheduler)
@@ -379,6 +466,9 @@ pub async fn start(
     }
     let failure = driver.failure();
     tasks.spawn(driver.run());
+    if let Some(store) = pg {
+        tasks.spawn(watch_lease(store, Arc::clone(&failure), cancel.clone()));
+    }
     // One instance of each API, served by gRPC and called by HTTP.
     let task_api = Arc::new(service::task::TaskApi::new(handle.clone()));
     let admin_api = Arc::new(service::admin::AdminApi {
@@ -455,6 +545,21 @@ pub async fn start(
         failure,
         metrics,
     })
+}
+
+/// The active coordinator's lease watchdog (PostgreSQL): once the lease is
+/// lost, records why and stops the coordinator, which ends its node
+/// sessions, before a standby may take over.
+async fn watch_lease(
+    store: Arc<store::PgStore>,
+    failure: Arc<OnceLock<Failure>>,
+    cancel: CancellationToken,
+) {
+    if let Some(why) = store.watch_lease(cancel.clone()).await {
+        tracing::error!(reason = %why, "lost the database: stopping, so that a standby may take over");
+        let _ = failure.set(Failure::LostDatabase(why));
+        cancel.cancel();
+    }
 }
 
 /// Binds the HTTP listener at `addr`, once its plaintext and `--no-auth`
@@ -547,8 +652,8 @@ type Opened = (
 enum Engine<'a> {
     /// The data dir's log (`None`: in memory).
     DataDir(Option<&'a std::path::Path>),
-    /// PostgreSQL at this URL (`--database-url`).
-    Postgres(&'a str),
+    /// PostgreSQL (`--database-url`), taken.
+    Postgres(Arc<store::PgStore>),
 }
 
 /// Opens the store (in memory, a data dir's log, or PostgreSQL; a data
@@ -564,7 +669,7 @@ fn open_and_load(
     let store: Arc<dyn Store> = match engine {
         Engine::DataDir(Some(dir)) => store::migrate::open_data_dir_with_cache(dir, cache_size)?,
         Engine::DataDir(None) => Arc::new(MemoryStore::new()),
-        Engine::Postgres(url) => Arc::new(store::PgStore::open(url)?),
+        Engine::Postgres(store) => store,
     };
     let since = SystemTime::now()
         .checked_sub(recent::WINDOW)

@@ -25,8 +25,9 @@ use weft_proto::convert::parse_duration;
 /// running): a restart does not help, restore the data dir's `log/` from a backup or
 /// move the data dir away to start an empty cluster; 70 when the gRPC
 /// server failed; 74 when a store commit failed (disk full, I/O error):
-/// nothing acknowledged was lost, restart once the disk has room; 130
-/// after a second signal.
+/// nothing acknowledged was lost, restart once the disk has room; 75 when
+/// the active coordinator lost its PostgreSQL database (a standby may take
+/// over; restart it and it becomes one); 130 after a second signal.
 #[derive(Debug, Parser)]
 #[command(name = "weft-coordinator", version)]
 struct Args {
@@ -96,11 +97,31 @@ struct Args {
 
     /// Keep the store in PostgreSQL instead of the data dir's log, e.g.
     /// `postgresql://weft@db.example:5432/weft` (the schema is made or
-    /// brought up to date at start). The data dir still holds the TLS
-    /// files and the admin token. A database that cannot be reached stops
-    /// the start with exit code 1.
+    /// brought up to date at start). Several coordinators may share one
+    /// database: one is active, the others wait as standbys (logging so
+    /// once, their ports closed) and one takes over within a second of
+    /// the active's death, or within its lease (4s, ended by the database
+    /// after 8s) once it is cut off from the database. The cluster CA
+    /// lives in the database too (see --ca-seal-key-file); the data dir
+    /// holds `ca.pem` and the admin token. A database that cannot be
+    /// reached stops the start with exit code 1.
     #[arg(long, env = "WEFT_DATABASE_URL", hide_env_values = true)]
     database_url: Option<String>,
+
+    /// With --database-url: a file of 32 random bytes (make one with
+    /// `head -c 32 /dev/urandom > FILE`, mode 0600, the same on every
+    /// coordinator) that seals the cluster CA's key in the database
+    /// (ChaCha20-Poly1305). Without it the key is stored unsealed, and
+    /// anyone who can read the database can mint node certificates. A
+    /// sealed CA without this key, or with another, stops the start
+    /// (exit 1).
+    #[arg(
+        long,
+        env = "WEFT_CA_SEAL_KEY_FILE",
+        value_name = "FILE",
+        requires = "database_url"
+    )]
+    ca_seal_key_file: Option<PathBuf>,
 
     /// After a restart, how long tasks that were running wait for their
     /// node to reconnect and claim them before they are requeued.
@@ -357,6 +378,7 @@ impl From<&Args> for CoordinatorConfig {
             heartbeat_timeout: args.heartbeat_timeout,
             data_dir: (!args.in_memory).then(|| args.data_dir.clone()),
             database_url: args.database_url.clone(),
+            ca_seal_key_file: args.ca_seal_key_file.clone(),
             max_queued: args.max_queued,
             retry_backoff_base: args.retry_backoff,
             retry_backoff_max: args.retry_backoff_max,
@@ -520,6 +542,26 @@ async fn main() -> anyhow::Result<()> {
             args.listen
         );
     }
+    // The database before the ports: a standby does not listen, so nodes
+    // and clients that dial it are refused at once and try the next
+    // coordinator.
+    let database = match &args.database_url {
+        Some(url) => {
+            let cancel = tokio_util::sync::CancellationToken::new();
+            tokio::select! {
+                taken = weft_coordinator::take_database(url, &cancel) => {
+                    taken.context("taking the database")?
+                }
+                result = signal() => {
+                    cancel.cancel();
+                    result?;
+                    tracing::info!("signal while waiting for the database: exiting");
+                    return Ok(());
+                }
+            }
+        }
+        None => None,
+    };
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("binding coordinator listener on {}", args.listen))?;
@@ -533,7 +575,7 @@ async fn main() -> anyhow::Result<()> {
         );
         config.http_listen = None;
     }
-    let coordinator = match weft_coordinator::start(config, listener).await {
+    let coordinator = match weft_coordinator::start_with(config, listener, database).await {
         Ok(coordinator) => coordinator,
         Err(weft_coordinator::Error::Store(err))
             if err.is_damage() && args.database_url.is_some() =>
@@ -746,9 +788,36 @@ mod tests {
     }
 
     #[test]
+    fn the_ca_seal_key_file_goes_with_a_database_and_is_documented() {
+        let args = Args::try_parse_from([
+            "weft-coordinator",
+            "--database-url",
+            "postgresql://weft@db/weft",
+            "--ca-seal-key-file",
+            "/etc/weft/ca-seal.key",
+        ])
+        .unwrap();
+        assert_eq!(
+            weft_coordinator::CoordinatorConfig::from(&args).ca_seal_key_file,
+            Some(std::path::PathBuf::from("/etc/weft/ca-seal.key"))
+        );
+        let err = Args::try_parse_from(["weft-coordinator", "--ca-seal-key-file", "k"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--database-url"), "{err}");
+        let help = Args::command().render_long_help().to_string();
+        assert!(
+            help.contains("WEFT_CA_SEAL_KEY_FILE")
+                && help.contains("head -c 32 /dev/urandom")
+                && help.contains("standbys"),
+            "{help}"
+        );
+    }
+
+    #[test]
     fn exit_codes_are_documented_in_help() {
         let help = Args::command().render_long_help().to_string();
-        for code in ["65", "70", "74", "130"] {
+        for code in ["65", "70", "74", "75", "130"] {
             assert!(help.contains(code), "exit status {code} missing: {help}");
         }
         assert!(

@@ -42,7 +42,8 @@ pub mod wait;
 
 pub use cli::CliOutput;
 pub use cluster::{
-    RawAdmin, RawTasks, Stopped, TestCluster, TestClusterBuilder, spare_addr, weft_at,
+    RawAdmin, RawTasks, StandbyCoordinator, Stopped, TestCluster, TestClusterBuilder, spare_addr,
+    weft_at,
 };
 pub use fake_node::FakeNode;
 pub use wait::{default_timeout, process_is_alive, read_pid_file, wait_for, wait_until};

@@ -1,5 +1,6 @@
 //! TLS on the coordinator's listener: the cluster CA and serving
-//! certificates ([`pki`]), the rustls server configuration with a
+//! certificates ([`pki`]; on PostgreSQL the CA kept in the database,
+//! [`shared_ca`]), the rustls server configuration with a
 //! certificate that rotates without a restart ([`RotatingCert`]), and the
 //! acceptor the listener (`crate::listener`) runs each handshake with.
 //!
@@ -14,6 +15,7 @@ pub mod interfaces;
 pub mod node_cert;
 pub mod pki;
 pub mod revoked;
+pub mod shared_ca;
 
 use std::fmt;
 use std::io;
@@ -142,6 +144,18 @@ impl ServerTls {
         config: &TlsConfig,
         listen: std::net::SocketAddr,
     ) -> Result<ServerTls, TlsSetupError> {
+        Self::with_ca(config, listen, None)
+    }
+
+    /// [`new`](Self::new), with the CA given (`Some`: the cluster CA the
+    /// database keeps, [`shared_ca`]) instead of the PKI dir's: only its
+    /// certificate is written there (`ca.pem`, for clients and nodes on
+    /// this machine); its key stays in memory.
+    pub fn with_ca(
+        config: &TlsConfig,
+        listen: std::net::SocketAddr,
+        shared: Option<&shared_ca::CaPems>,
+    ) -> Result<ServerTls, TlsSetupError> {
         let (dir, temp) = match &config.pki_dir {
             Some(dir) => (dir.clone(), None),
             None => {
@@ -152,10 +166,25 @@ impl ServerTls {
                 (temp.path().to_owned(), Some(temp))
             }
         };
-        let (ca, created) = Ca::load_or_create(&dir)?;
-        if created {
-            tracing::info!(ca_file = %ca.cert_path().display(), "made a new cluster CA");
-        }
+        let ca = match shared {
+            None => {
+                let (ca, created) = Ca::load_or_create(&dir)?;
+                if created {
+                    tracing::info!(ca_file = %ca.cert_path().display(), "made a new cluster CA");
+                }
+                ca
+            }
+            Some(pems) => {
+                let ca = Ca::from_pems(
+                    &pems.cert,
+                    &pems.key,
+                    dir.join(pki::CA_CERT_FILE),
+                    std::path::Path::new("the database's cluster CA key"),
+                )?;
+                ca.write_cert()?;
+                ca
+            }
+        };
         // On every address: each interface's address too, so a node that
         // joins through any of them can check the name.
         let mut advertise = config.advertise.clone();

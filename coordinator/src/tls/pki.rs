@@ -183,27 +183,49 @@ impl Ca {
             }
             let key_pem =
                 std::fs::read_to_string(&key_path).map_err(io_err("reading", &key_path))?;
-            let key = KeyPair::from_pem(&key_pem).map_err(|source| PkiError::Cert {
-                what: format!("parsing {}", key_path.display()),
-                source,
-            })?;
-            let cert_der = rustls::pki_types::pem::PemObject::from_pem_slice(cert_pem.as_bytes())
-                .map_err(|err| PkiError::Io {
+            return Ok((
+                Ca::from_pems(&cert_pem, &key_pem, cert_path, &key_path)?,
+                false,
+            ));
+        }
+        let (ca, key_pem) = Ca::generate(cert_path)?;
+        // The key first: a crash between the two leaves no certificate
+        // without its key (and a key alone is replaced on the next start).
+        write_private(&key_path, key_pem.as_bytes())?;
+        write_private(&ca.cert_path, ca.pem().as_bytes())?;
+        Ok((ca, true))
+    }
+
+    /// The CA of `cert_pem` and `key_pem` (read from `key_from`, as errors
+    /// name it), whose certificate is to be found at `cert_path`.
+    pub fn from_pems(
+        cert_pem: &str,
+        key_pem: &str,
+        cert_path: PathBuf,
+        key_from: &Path,
+    ) -> Result<Ca, PkiError> {
+        let key = KeyPair::from_pem(key_pem).map_err(|source| PkiError::Cert {
+            what: format!("parsing {}", key_from.display()),
+            source,
+        })?;
+        let cert_der = rustls::pki_types::pem::PemObject::from_pem_slice(cert_pem.as_bytes())
+            .map_err(|err| PkiError::Io {
                 what: "parsing",
                 path: cert_path.clone(),
                 source: std::io::Error::other(err.to_string()),
             })?;
-            check_ca_key_matches(&cert_der, &key, &cert_path, &key_path)?;
-            let issuer = Issuer::new(ca_params(), key);
-            return Ok((
-                Ca {
-                    cert_der,
-                    issuer,
-                    cert_path,
-                },
-                false,
-            ));
-        }
+        check_ca_key_matches(&cert_der, &key, &cert_path, key_from)?;
+        let issuer = Issuer::new(ca_params(), key);
+        Ok(Ca {
+            cert_der,
+            issuer,
+            cert_path,
+        })
+    }
+
+    /// Makes a new CA, in memory only, whose certificate is to be written
+    /// to `cert_path`: the CA and its key as PEM.
+    pub fn generate(cert_path: PathBuf) -> Result<(Ca, String), PkiError> {
         let key = KeyPair::generate().map_err(|source| PkiError::Cert {
             what: "making the CA key".into(),
             source,
@@ -216,18 +238,29 @@ impl Ca {
             what: "making the CA certificate".into(),
             source,
         })?;
-        // The key first: a crash between the two leaves no certificate
-        // without its key (and a key alone is replaced on the next start).
-        write_private(&key_path, key.serialize_pem().as_bytes())?;
-        write_private(&cert_path, cert.pem().as_bytes())?;
+        let key_pem = key.serialize_pem();
         Ok((
             Ca {
                 cert_der: cert.der().clone(),
                 issuer: Issuer::new(ca_params(), key),
                 cert_path,
             },
-            true,
+            key_pem,
         ))
+    }
+
+    /// The CA certificate as PEM.
+    pub fn pem(&self) -> String {
+        super::node_cert::pem_certificate(self.cert_der.as_ref())
+    }
+
+    /// Writes the CA certificate to its path (0600), for clients and
+    /// nodes on this machine.
+    pub fn write_cert(&self) -> Result<(), PkiError> {
+        if let Some(dir) = self.cert_path.parent() {
+            private_dir(dir)?;
+        }
+        write_private(&self.cert_path, self.pem().as_bytes())
     }
 
     /// The CA certificate (DER).

@@ -109,9 +109,81 @@ pub(super) async fn start_coordinator(
         return (Coordinator::InProcess(Box::new(running)), addr, http_addr);
     }
 
-    let addr_file = dir.join("coordinator.addr");
+    // The binary keeps a durable store (default `./weft-data`): each
+    // cluster gets its own, so parallel tests never share one. Without
+    // `durable()` a fresh one per start.
+    let data_dir = data_dir.unwrap_or_else(|| dir.join(format!("coordinator-data-{generation}")));
+    let files = CoordinatorFiles {
+        name: "coordinator".to_owned(),
+        data_dir,
+        pki_dir,
+    };
+    let args = coordinator_args(settings, dir, (listen, http_listen), &files);
+    let (addr_file, http_addr_file) = files.addr_files(dir);
+    let label = match generation {
+        0 => "coordinator".to_owned(),
+        n => format!("coordinator-restart-{n}"),
+    };
+    let mut child = spawn("weft-coordinator", &args, dir, &label, settings);
+    let addr =
+        weft_cluster::wait_for_addr_file(&mut child, &addr_file, default_timeout(), ADDR_POLL)
+            .await;
+    // Written just after the gRPC address: there once that one is.
+    let http_addr = match addr {
+        Ok(_) => weft_cluster::wait_for_addr_file(
+            &mut child,
+            &http_addr_file,
+            default_timeout(),
+            ADDR_POLL,
+        )
+        .await
+        .ok(),
+        Err(_) => None,
+    };
+    match addr {
+        Ok(addr) => (Coordinator::Process(Box::new(child)), addr, http_addr),
+        Err(ClusterError::Exited { status, .. }) => panic!(
+            "weft-coordinator exited early ({status})\n--- {} ---\n{}",
+            child.log().display(),
+            child.log_text()
+        ),
+        Err(e) => panic!(
+            "weft-coordinator wrote no address to {}: {e}\n--- {} ---\n{}",
+            addr_file.display(),
+            child.log().display(),
+            child.log_text()
+        ),
+    }
+}
+
+/// Where a coordinator process keeps its files in the cluster's dir.
+pub(super) struct CoordinatorFiles {
+    /// Its name: its address files are `<name>.addr` and `<name>.http.addr`.
+    pub(super) name: String,
+    pub(super) data_dir: std::path::PathBuf,
+    pub(super) pki_dir: std::path::PathBuf,
+}
+
+impl CoordinatorFiles {
+    /// Where it writes its gRPC and HTTP addresses once it listens.
+    pub(super) fn addr_files(&self, dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+        (
+            dir.join(format!("{}.addr", self.name)),
+            dir.join(format!("{}.http.addr", self.name)),
+        )
+    }
+}
+
+/// The flags of a `weft-coordinator` process of the cluster, listening on
+/// `listen` and `http_listen`, with `files` (old address files removed).
+pub(super) fn coordinator_args(
+    settings: &TestClusterBuilder,
+    dir: &Path,
+    (listen, http_listen): (SocketAddr, SocketAddr),
+    files: &CoordinatorFiles,
+) -> Vec<String> {
+    let (addr_file, http_addr_file) = files.addr_files(dir);
     let _ = std::fs::remove_file(&addr_file);
-    let http_addr_file = dir.join("coordinator.http.addr");
     let _ = std::fs::remove_file(&http_addr_file);
     let mut args = vec![
         "--listen".to_owned(),
@@ -179,7 +251,7 @@ pub(super) async fn start_coordinator(
         args.push("--insecure".to_owned());
     } else {
         args.push("--pki-dir".to_owned());
-        args.push(pki_dir.display().to_string());
+        args.push(files.pki_dir.display().to_string());
         if let Some(lifetime) = settings.cert_lifetime {
             args.push("--cert-lifetime".to_owned());
             args.push(format!("{}ms", lifetime.as_millis()));
@@ -189,50 +261,27 @@ pub(super) async fn start_coordinator(
             args.push(format!("{}ms", lifetime.as_millis()));
         }
     }
-    // The binary keeps a durable store (default `./weft-data`): each
-    // cluster gets its own, so parallel tests never share one. Without
-    // `durable()` a fresh one per start.
-    let data_dir = data_dir.unwrap_or_else(|| dir.join(format!("coordinator-data-{generation}")));
     args.push("--data-dir".to_owned());
-    args.push(data_dir.display().to_string());
+    args.push(files.data_dir.display().to_string());
     if let Some(url) = &settings.database_url {
         args.push("--database-url".to_owned());
         args.push(url.clone());
     }
-    let label = match generation {
-        0 => "coordinator".to_owned(),
-        n => format!("coordinator-restart-{n}"),
-    };
-    let mut child = spawn("weft-coordinator", &args, dir, &label, settings);
-    let addr =
-        weft_cluster::wait_for_addr_file(&mut child, &addr_file, default_timeout(), ADDR_POLL)
-            .await;
-    // Written just after the gRPC address: there once that one is.
-    let http_addr = match addr {
-        Ok(_) => weft_cluster::wait_for_addr_file(
-            &mut child,
-            &http_addr_file,
-            default_timeout(),
-            ADDR_POLL,
-        )
-        .await
-        .ok(),
-        Err(_) => None,
-    };
-    match addr {
-        Ok(addr) => (Coordinator::Process(Box::new(child)), addr, http_addr),
-        Err(ClusterError::Exited { status, .. }) => panic!(
-            "weft-coordinator exited early ({status})\n--- {} ---\n{}",
-            child.log().display(),
-            child.log_text()
-        ),
-        Err(e) => panic!(
-            "weft-coordinator wrote no address to {}: {e}\n--- {} ---\n{}",
-            addr_file.display(),
-            child.log().display(),
-            child.log_text()
-        ),
-    }
+    args
+}
+
+/// Starts another `weft-coordinator` process on the cluster's database
+/// (`files` its own data and PKI dirs): a standby while the cluster's
+/// coordinator holds the database, so it writes no address until it
+/// takes over.
+pub(super) fn spawn_coordinator(
+    settings: &TestClusterBuilder,
+    dir: &Path,
+    listen: (SocketAddr, SocketAddr),
+    files: &CoordinatorFiles,
+) -> ChildProcess {
+    let args = coordinator_args(settings, dir, listen, files);
+    spawn("weft-coordinator", &args, dir, &files.name, settings)
 }
 
 // Boxed: the in-process handles and a child process differ a lot in size.
@@ -260,6 +309,14 @@ pub(super) enum Reach<'a> {
     },
     /// `weft-node --coordinator http://...`.
     Plain(&'a str),
+    /// `weft-node --coordinator URL --state-dir DIR`: a node that joined
+    /// before, dialing another coordinator with its identity.
+    Joined {
+        /// The coordinator to dial.
+        url: &'a str,
+        /// The state dir it joined with.
+        state_dir: &'a Path,
+    },
 }
 
 /// Starts node `name` with `slots`, `labels` and `exec`, joining or
@@ -283,6 +340,12 @@ pub(super) fn start_node(
                 state_dir.display().to_string(),
             ],
             Reach::Plain(url) => vec!["--coordinator".to_owned(), url.to_owned()],
+            Reach::Joined { url, state_dir } => vec![
+                "--coordinator".to_owned(),
+                url.to_owned(),
+                "--state-dir".to_owned(),
+                state_dir.display().to_string(),
+            ],
         };
         args.extend([
             "--name".to_owned(),
@@ -324,6 +387,11 @@ pub(super) fn start_node(
                 config
             }
             Reach::Plain(url) => NodeConfig::new(url.to_owned()),
+            Reach::Joined { url, state_dir } => {
+                let mut config = NodeConfig::new(url.to_owned());
+                config.state_dir = Some(state_dir.to_owned());
+                config
+            }
         };
         config.name = name.to_owned();
         config.slots = slots;

@@ -10,11 +10,14 @@
 //! through the client API with a deadline.
 //!
 //! Layout: `builder.rs` (the settings), `members.rs` (starting and stopping
-//! the coordinator and a node), this file (the running cluster and its waits).
+//! the coordinator and a node), `standby.rs` (more coordinators on one
+//! PostgreSQL database, failover), this file (the running cluster and its
+//! waits).
 
 mod builder;
 mod fakes;
 mod members;
+mod standby;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -43,6 +46,7 @@ pub use self::fakes::Opened;
 use self::members::{
     ADMIN_TOKEN_FILE, Coordinator, Node, Reach, start_coordinator, start_node, terminate,
 };
+pub use self::standby::StandbyCoordinator;
 
 /// How long the join token of a node the harness starts is valid.
 const JOIN_TOKEN_TTL: std::time::Duration = std::time::Duration::from_secs(600);
@@ -70,6 +74,7 @@ impl TestClusterBuilder {
             ca_file,
             http_addr,
             restarts: AtomicUsize::new(0),
+            standbys: AtomicUsize::new(0),
             dir: Some(dir),
             coordinator: Mutex::new(Some(coordinator)),
             nodes: Mutex::new(BTreeMap::new()),
@@ -129,6 +134,8 @@ pub struct TestCluster {
     /// The HTTP listener's (dashboard) address: kept across restarts.
     http_addr: Option<SocketAddr>,
     restarts: AtomicUsize,
+    /// Standby coordinators started ([`TestCluster::start_standby`]).
+    standbys: AtomicUsize,
     dir: Option<TempDir>,
     // std mutexes, never held across an await.
     coordinator: Mutex<Option<Coordinator>>,

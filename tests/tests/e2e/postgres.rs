@@ -1,10 +1,14 @@
 //! The coordinator with its store in PostgreSQL (`--database-url`): a task
 //! submitted and run before a restart is read back after it, through the
-//! API and from the database itself.
+//! API and from the database itself; and two coordinators on one
+//! database, one active and one standby that takes over when the active
+//! is killed, or stops because its database session ended.
+
+use std::time::{Duration, Instant};
 
 use weft_client::{TaskSpec, TaskState};
 use weft_coordinator::store::{PgStore, Store};
-use weft_tests::TestCluster;
+use weft_tests::{TestCluster, default_timeout, wait_for};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_task_run_on_postgres_is_read_back_after_a_coordinator_restart() {
@@ -34,9 +38,9 @@ async fn a_task_run_on_postgres_is_read_back_after_a_coordinator_restart() {
     );
 
     // And the database holds it, read with a store of its own once the
-    // coordinator is gone (one coordinator per database: it holds the
-    // database while it runs): the record and its history, ending with
-    // the finished event.
+    // coordinator is gone (one active coordinator per database: a store
+    // opened while it runs would wait as a standby): the record and its
+    // history, ending with the finished event.
     cluster.shutdown().await;
     let (stored, events) = tokio::task::spawn_blocking(move || {
         let store = PgStore::open(&url).expect("opening the database again");
@@ -54,4 +58,150 @@ async fn a_task_run_on_postgres_is_read_back_after_a_coordinator_restart() {
         events.last().is_some_and(|e| e.body.is_finished()),
         "{events:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_coordinator_takes_over_when_the_active_is_killed() {
+    let url = tokio::task::spawn_blocking(weft_coordinator::store::pg::testdb::database)
+        .await
+        .expect("a database on the tests' PostgreSQL");
+    let cluster = TestCluster::builder()
+        .nodes(1)
+        .processes()
+        .postgres(url)
+        .start()
+        .await;
+    // A standby told to stop while it waits exits 0 at once.
+    let idle = cluster.start_standby().await;
+    idle.wait_standby().await;
+    assert!(
+        idle.stop(Duration::from_secs(3)).await,
+        "a waiting standby did not exit 0 on SIGTERM"
+    );
+    let mut standby = cluster.start_standby().await;
+    standby.wait_standby().await;
+    // A standby does not listen: nodes and clients dialing it are
+    // refused at once and try the next address.
+    let refused = tokio::net::TcpStream::connect(standby.addr()).await;
+    assert_eq!(
+        refused.map(|_| ()).map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionRefused),
+        "the standby's port answered"
+    );
+
+    let client = cluster.client().await;
+    let id = client
+        .submit(TaskSpec::call("echo", "before the failover"))
+        .await
+        .expect("submit on the active");
+    let before = cluster.wait_for_final(id).await;
+    assert_eq!(before.state, TaskState::Succeeded, "{before:?}");
+
+    let killed = Instant::now();
+    cluster.kill_coordinator().await;
+    let addr = standby.wait_serving().await;
+    let serving = killed.elapsed();
+    assert_eq!(addr, standby.addr());
+    // Its serving certificate is from the database's CA: the cluster's
+    // ca.pem (written by the first coordinator) is trusted for it.
+    let other = cluster.client_at(&standby.url()).await;
+    let after = other.get(id).await.expect("get on the new active");
+    let answered = killed.elapsed();
+    eprintln!(
+        "failover: the standby served {serving:?} after the active's kill -9, and answered {answered:?} after it"
+    );
+    assert_eq!(
+        (after.state, &after.output, &after.attempts),
+        (before.state, &before.output, &before.attempts)
+    );
+
+    // The node, started again dialing the new active with the identity it
+    // joined the first with, runs new work there.
+    let node = cluster.node_names().remove(0);
+    cluster.restart_node_at(&node, &standby.url()).await;
+    let nodes = wait_for(default_timeout(), || async {
+        other
+            .nodes()
+            .await
+            .ok()
+            .filter(|nodes| nodes.iter().any(|n| n.name == node))
+    })
+    .await;
+    assert!(nodes.is_ok(), "{node} never registered with the new active");
+    let next = other
+        .submit(TaskSpec::call("echo", "after the failover"))
+        .await
+        .expect("submit on the new active");
+    let done = wait_for(default_timeout(), || async {
+        other
+            .get(next)
+            .await
+            .ok()
+            .filter(|task| task.state.is_final())
+    })
+    .await
+    .expect("the new task finishes");
+    assert_eq!(done.state, TaskState::Succeeded, "{done:?}");
+    assert_eq!(&done.output[..], b"after the failover");
+    assert_eq!(done.node_name.as_deref(), Some(node.as_str()));
+    // Nothing ran twice: the first task kept its one attempt.
+    let first = other.get(id).await.expect("get");
+    assert_eq!(first.attempts, before.attempts);
+
+    assert!(
+        standby.stop(Duration::from_secs(10)).await,
+        "the new active did not stop cleanly on SIGTERM"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_active_whose_database_session_ends_stops_and_a_standby_takes_over() {
+    use weft_coordinator::store::pg::{lease, testdb};
+    let url = tokio::task::spawn_blocking(testdb::database)
+        .await
+        .expect("a database on the tests' PostgreSQL");
+    let cluster = TestCluster::builder()
+        .nodes(1)
+        .processes()
+        .postgres(url.clone())
+        .start()
+        .await;
+    let client = cluster.client().await;
+    let id = client
+        .submit(TaskSpec::call("echo", "kept"))
+        .await
+        .expect("submit");
+    assert_eq!(cluster.wait_for_final(id).await.state, TaskState::Succeeded);
+    let mut standby = cluster.start_standby().await;
+    standby.wait_standby().await;
+
+    // The database ends the active's session, as it does for one cut off
+    // (`pg_terminate_backend` here): the active stops within its lease,
+    // saying why, with exit status 75, and the standby takes over.
+    let ended = tokio::task::spawn_blocking(move || testdb::end_the_active_session(&url))
+        .await
+        .expect("ending the session");
+    assert_eq!(ended, 1);
+    let at = Instant::now();
+    let (status, log) = cluster
+        .wait_coordinator_exit(lease::LEASE + lease::CHECK_EVERY)
+        .await;
+    eprintln!(
+        "the active stopped {:?} after its session ended",
+        at.elapsed()
+    );
+    assert_eq!(
+        status.code(),
+        Some(weft_coordinator::EXIT_LOST_DATABASE),
+        "{log}"
+    );
+    assert!(
+        log.contains("lost the database") && log.contains("a standby may take over"),
+        "{log}"
+    );
+    standby.wait_serving().await;
+    let other = cluster.client_at(&standby.url()).await;
+    let task = other.get(id).await.expect("get on the new active");
+    assert_eq!(&task.output[..], b"kept");
+    assert!(standby.stop(Duration::from_secs(10)).await);
 }

@@ -3,6 +3,11 @@
 //! statements it has prepared, so a statement is parsed and planned once
 //! per connection, not once per call.
 //!
+//! Every session asks the server for TCP keepalives and a user timeout
+//! (`lease.rs` says why and how long): PostgreSQL then ends the session of
+//! a coordinator cut off from it, and so frees its coordinator lock,
+//! within a bounded time.
+//!
 //! Nothing here retries a write: a call that met the loss fails, and a
 //! commit whose outcome is unknown (the connection lost mid-`COMMIT`)
 //! stops the coordinator as before. Only the next call reconnects; while
@@ -14,6 +19,7 @@ use std::sync::{Mutex, PoisonError};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Config, GenericClient, NoTls, Row, Statement};
 
+use super::lease::{KEEPALIVE_COUNT, KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, SESSION_DEADLINE};
 use super::{Target, backend, describe};
 use crate::store::StoreError;
 
@@ -40,6 +46,14 @@ impl Conn {
                 tracing::warn!(error = %err, "PostgreSQL connection lost; the next call reconnects");
             }
         });
+        // Per session (any user may set these; ignored on a Unix socket).
+        client
+            .batch_execute(&session_settings())
+            .await
+            .map_err(|err| StoreError::Database {
+                target: target.0.clone(),
+                message: describe(&err),
+            })?;
         Ok(Conn {
             client,
             statements: Statements::default(),
@@ -98,6 +112,20 @@ impl Conn {
             .await
             .map_err(|e| backend(op, &e))
     }
+}
+
+/// The `SET`s each session starts with: the server's keepalives and user
+/// timeout, so that it ends a silent session within
+/// [`SESSION_DEADLINE`].
+fn session_settings() -> String {
+    format!(
+        "SET tcp_keepalives_idle = {}; SET tcp_keepalives_interval = {}; \
+         SET tcp_keepalives_count = {}; SET tcp_user_timeout = {}",
+        KEEPALIVE_IDLE.as_secs(),
+        KEEPALIVE_INTERVAL.as_secs(),
+        KEEPALIVE_COUNT,
+        SESSION_DEADLINE.as_millis()
+    )
 }
 
 /// The statements one connection has prepared, by their SQL.

@@ -12,8 +12,10 @@ use super::{Target, backend};
 use crate::store::StoreError;
 
 /// Every migration: version (from 1, no gaps), name, SQL.
-pub(super) const MIGRATIONS: &[(i32, &str, &str)] =
-    &[(1, "init", include_str!("sql/0001_init.sql"))];
+pub(super) const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (1, "init", include_str!("sql/0001_init.sql")),
+    (2, "cluster_ca", include_str!("sql/0002_cluster_ca.sql")),
+];
 
 /// The advisory lock opening takes: "weft" in ASCII.
 const LOCK_KEY: i64 = 0x7765_6674;

@@ -12,15 +12,22 @@
 //! store call already); dropping the store hands the runtime back without
 //! blocking, so it may be dropped anywhere.
 //!
-//! One coordinator per database, for now: the write connection holds a
-//! session-level advisory lock ([`COORDINATOR_LOCK`]) for as long as it is
-//! open, so a second coordinator on the same database is refused at start
-//! (after waiting [`LOCK_WAIT`] for one that is stopping), and a write
-//! connection opened again after a loss takes the lock again before its
-//! first write: if another coordinator took over meanwhile, every write
-//! fails and this coordinator stops, so nothing it does after losing the
-//! lock is recorded. PostgreSQL drops a lost session's locks when it sees
-//! the session gone.
+//! One active coordinator per database, any number of standbys: the write
+//! connection holds a session-level advisory lock ([`COORDINATOR_LOCK`])
+//! for as long as it is open. Opening takes it first, before the schema
+//! is touched; while another coordinator holds it, opening waits as a
+//! standby ([`PgStore::open_until`]: polling every [`STANDBY_POLL`], until
+//! told to stop) and returns holding it once PostgreSQL has ended the
+//! other's session. A write connection opened again after a loss takes the
+//! lock again before its first write, with no wait: if another coordinator
+//! took over meanwhile, every write fails and this coordinator stops, so
+//! nothing it does after losing the lock is recorded.
+//!
+//! The active one keeps a lease on the database (`lease.rs`: the timings
+//! and the rule that makes split brain impossible):
+//! [`PgStore::watch_lease`] checks on the write connection that its
+//! session still holds the lock, and answers why once the lease is lost,
+//! before PostgreSQL may end that session and let a standby in.
 //!
 //! Connections: one for writes (commits, tokens, retention, a restart's
 //! load; one transaction at a time, behind a mutex), one for reads (shared:
@@ -31,14 +38,20 @@
 //! unknown. While the server is down, calls fail with
 //! [`StoreError::Database`].
 //!
-//! Layout: `conn.rs` (connections and their prepared statements),
+//! Layout: `hold.rs` (taking the lock, as a standby if need be; the
+//! lease checks and watchdog), `lease.rs` (the lease and its timings),
+//! `ca.rs` (the cluster CA's row), `conn.rs`
+//! (connections, their session settings and prepared statements),
 //! `migrate.rs` (the versioned schema, `sql/`), `commit.rs` (one
 //! commit = one transaction, checked as the log checks it), `types.rs`
 //! (ids as uuid), `testdb.rs` (tests, and the `test-postgres` feature for
 //! the end-to-end tests: a private PostgreSQL server).
 
+mod ca;
 mod commit;
 mod conn;
+mod hold;
+pub mod lease;
 mod migrate;
 #[cfg(any(test, feature = "test-postgres"))]
 pub mod testdb;
@@ -51,10 +64,11 @@ use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio_postgres::Config;
 use tokio_postgres::types::ToSql;
+use tokio_util::sync::CancellationToken;
 
 use weft_proto::{Attempt, Outcome, SecretEnv, TaskId, TaskState};
 
@@ -68,7 +82,11 @@ use super::record::{
 };
 use super::{Record, decode_schedule};
 use crate::auth::TokenRecord;
+pub use ca::StoredCa;
 use conn::Conn;
+pub use hold::STANDBY_POLL;
+use hold::{hold_coordinator_lock, take_database};
+use lease::{KEEPALIVE_COUNT, KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, Lease};
 use types::Uuid;
 
 /// How long opening waits for the server when the URL sets no
@@ -78,13 +96,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The session-level advisory lock the write connection holds: one
-/// coordinator per database ("weftcrd" in ASCII; the migrations take
-/// another).
+/// active coordinator per database ("weftcrd" in ASCII; the migrations
+/// take another).
 const COORDINATOR_LOCK: i64 = 0x0077_6566_7463_7264;
 
-/// How long opening waits for the coordinator lock to be free (a
-/// coordinator stopping as this one starts) before refusing.
-const LOCK_WAIT: Duration = Duration::from_secs(5);
 /// Live tasks a restart's load fetches at a time.
 const LOAD_BATCH: i32 = 1000;
 /// Tasks a list page reads at a time.
@@ -101,6 +116,8 @@ pub struct PgStore {
     /// `None` once lost: the next read reconnects.
     reader: Mutex<Option<Arc<Conn>>>,
     target: Target,
+    /// Renewed by each successful lease check and commit.
+    lease: Mutex<Lease>,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -176,10 +193,22 @@ pub(super) fn backend(op: &'static str, err: &tokio_postgres::Error) -> StoreErr
 
 impl PgStore {
     /// Connects to the database at `url` (a `postgresql://` URL or
-    /// `key=value` pairs, as libpq takes them) and brings its schema up to
-    /// date. An unreachable server, a refused login or a schema from a
-    /// newer coordinator is [`StoreError::Database`].
+    /// `key=value` pairs, as libpq takes them), takes it (waiting as a
+    /// standby, however long, while another coordinator holds it) and
+    /// brings its schema up to date. An unreachable server, a refused
+    /// login or a schema from a newer coordinator is
+    /// [`StoreError::Database`].
     pub fn open(url: &str) -> Result<PgStore, StoreError> {
+        let never = CancellationToken::new();
+        Ok(Self::open_until(url, &never)?.expect("only a cancelled open answers None"))
+    }
+
+    /// [`open`](Self::open), but a standby stops waiting once `cancel` is
+    /// cancelled, answering `None`. Logs once at info when it waits.
+    pub fn open_until(
+        url: &str,
+        cancel: &CancellationToken,
+    ) -> Result<Option<PgStore>, StoreError> {
         let mut config: Config = url.parse().map_err(|err| StoreError::Database {
             // The URL itself may hold a password: not repeated.
             target: "(the database URL)".into(),
@@ -191,6 +220,14 @@ impl PgStore {
         if config.get_application_name().is_none() {
             config.application_name("weft-coordinator");
         }
+        // This side's keepalives, as the server's (`conn.rs`): a
+        // coordinator notices a database gone silent too.
+        config
+            .keepalives(true)
+            .keepalives_idle(KEEPALIVE_IDLE)
+            .keepalives_interval(KEEPALIVE_INTERVAL)
+            .keepalives_retries(KEEPALIVE_COUNT)
+            .tcp_user_timeout(lease::SESSION_DEADLINE);
         let target = Target::of(&config);
         if config.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
             // Said at once, rather than as the driver's "no TLS
@@ -210,20 +247,28 @@ impl PgStore {
                 target: target.0.clone(),
                 message: format!("starting its runtime: {err}"),
             })?;
-        let (mut writer, reader) = rt.block_on(async {
-            let writer = Conn::open(&config, &target).await?;
-            let reader = Conn::open(&config, &target).await?;
-            Ok::<_, StoreError>((writer, reader))
-        })?;
+        let taken = rt.block_on(take_database(&config, &target, cancel));
+        let Some((mut writer, sent)) = taken? else {
+            rt.shutdown_background();
+            return Ok(None);
+        };
+        // The schema only once the database is this coordinator's: a
+        // standby never changes it under the active one.
         rt.block_on(migrate::migrate(&mut writer.client, &target))?;
-        rt.block_on(hold_coordinator_lock(&writer, &target, LOCK_WAIT))?;
-        Ok(PgStore {
+        let reader = rt.block_on(Conn::open(&config, &target))?;
+        Ok(Some(PgStore {
             rt: Some(rt),
             config,
             writer: Mutex::new(Some(writer)),
             reader: Mutex::new(Some(Arc::new(reader))),
             target,
-        })
+            lease: Mutex::new(Lease::taken(sent)),
+        }))
+    }
+
+    /// Where the database is (no password), as logs name it.
+    pub fn target(&self) -> &str {
+        &self.target.0
     }
 
     /// The read connection, opened again if it was lost.
@@ -262,7 +307,7 @@ impl PgStore {
             let conn = self.run_unbounded(Conn::open(&self.config, &self.target))?;
             // No waiting: the lock is free only if no other coordinator
             // took over while this one was cut off.
-            self.run_unbounded(hold_coordinator_lock(&conn, &self.target, Duration::ZERO))?;
+            self.run_unbounded(hold_coordinator_lock(&conn, &self.target))?;
             *slot = Some(conn);
         }
         Ok(Writer(slot))
@@ -410,9 +455,14 @@ impl Store for PgStore {
             return Ok(());
         }
         let mut writer = self.writer()?;
+        let sent = Instant::now();
         let result = self.run("committing", commit::commit(&mut writer, records));
-        if let Err(StoreError::Backend { .. }) = &result {
-            writer.discard();
+        match &result {
+            // Committed on the session that holds the lock: as good as a
+            // lease check sent when the commit was.
+            Ok(()) => self.lease().renewed(sent),
+            Err(StoreError::Backend { .. }) => writer.discard(),
+            Err(_) => {}
         }
         result
     }
@@ -731,36 +781,4 @@ async fn load_each(
     }
     tx.commit().await.map_err(err)?;
     Ok(loaded)
-}
-
-/// Takes [`COORDINATOR_LOCK`] on `conn`'s session, trying for up to
-/// `wait`; refuses when another coordinator holds it.
-async fn hold_coordinator_lock(
-    conn: &Conn,
-    target: &Target,
-    wait: Duration,
-) -> Result<(), StoreError> {
-    let deadline = tokio::time::Instant::now() + wait;
-    loop {
-        let row = conn
-            .client
-            .query_one("SELECT pg_try_advisory_lock($1)", &[&COORDINATOR_LOCK])
-            .await
-            .map_err(|err| StoreError::Database {
-                target: target.0.clone(),
-                message: describe(&err),
-            })?;
-        if row.get::<_, bool>(0) {
-            return Ok(());
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return Err(StoreError::Database {
-                target: target.0.clone(),
-                message: "in use by another coordinator (it holds the database's coordinator \
-                          lock); stop that one, or give this one another database"
-                    .into(),
-            });
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }

@@ -117,6 +117,59 @@ impl Server {
     }
 }
 
+/// Ends, from a connection of its own, the session holding the
+/// coordinator lock on the database at `url` (only there: the server is
+/// shared by the tests running at once) (an operator's
+/// `pg_terminate_backend`, or a session the server gave up on): how many
+/// sessions it ended. Blocks.
+pub fn end_the_active_session(url: &str) -> usize {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a test runtime starts");
+    rt.block_on(async {
+        let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+            .await
+            .unwrap_or_else(|e| panic!("connecting to {url}: {e}"));
+        tokio::spawn(connection);
+        let rows = client
+            .query(
+                "SELECT pg_terminate_backend(pid) FROM pg_locks
+                 WHERE locktype = 'advisory' AND granted AND objsubid = 1
+                   AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                   AND ((classid::bigint << 32) | objid::bigint) = $1",
+                &[&super::COORDINATOR_LOCK],
+            )
+            .await
+            .unwrap_or_else(|e| panic!("ending the active session: {e}"));
+        rows.iter().filter(|row| row.get::<_, bool>(0)).count()
+    })
+}
+
+/// How many sessions coordinators hold on the database at `url` (an
+/// active one holds two, a standby one). Blocks.
+pub fn coordinator_sessions(url: &str) -> usize {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a test runtime starts");
+    rt.block_on(async {
+        let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+            .await
+            .unwrap_or_else(|e| panic!("connecting to {url}: {e}"));
+        tokio::spawn(connection);
+        let row = client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE application_name = 'weft-coordinator' AND datname = current_database()",
+                &[],
+            )
+            .await
+            .unwrap_or_else(|e| panic!("counting sessions: {e}"));
+        usize::try_from(row.get::<_, i64>(0)).unwrap_or(0)
+    })
+}
+
 /// What to do when no server can be had.
 const INSTALL: &str = "the PostgreSQL tests need the server binaries (initdb, pg_ctl): install them \
      (`apt-get install postgresql`), or set WEFT_PG_BIN to the directory holding them";

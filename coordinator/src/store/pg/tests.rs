@@ -1,12 +1,15 @@
 //! What only the PostgreSQL store has: a database that outlives the
-//! store, a schema opened twice, and a server that is not there. The
-//! `Store` contract itself runs on it in `store/tests.rs`.
+//! store, a schema opened twice, a standby waiting for the database, the
+//! lease, and a server that is not there. The `Store` contract itself
+//! runs on it in `store/tests.rs`.
 
 use std::sync::Arc;
-use std::time::{Duration, UNIX_EPOCH};
+use std::sync::mpsc;
+use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use weft_proto::{Attempt, TaskId, TaskSpec, TaskState};
 
+use super::lease::{CHECK_EVERY, LEASE, Verdict};
 use super::testdb;
 use super::*;
 use crate::store::{EventBody, Record};
@@ -59,18 +62,42 @@ fn reopening_keeps_what_was_committed() {
     assert_eq!(store.task(id).unwrap().unwrap().next_seq, 3);
 }
 
+/// Opens the database at `url` on a thread of its own, as a standby
+/// would: the store, and when it was had, come through the channel.
+fn open_in_background(url: &str) -> mpsc::Receiver<(PgStore, Instant)> {
+    let (tx, rx) = mpsc::channel();
+    let url = url.to_owned();
+    std::thread::spawn(move || {
+        let store = PgStore::open(&url).expect("opening as a standby");
+        let _ = tx.send((store, Instant::now()));
+    });
+    rx
+}
+
+/// How long a test lets a standby show that it waits.
+const STILL_WAITING: Duration = Duration::from_millis(600);
+
 #[test]
 fn migrations_are_applied_once_however_many_open_at_once() {
     let url = testdb::database();
-    // Two stores opening together on a new database, then a third.
-    let opened: Vec<Result<PgStore, StoreError>> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..2).map(|_| s.spawn(|| PgStore::open(&url))).collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
-    // Both migrated (once, below); one coordinator holds the database.
-    let held = opened.iter().filter(|o| o.is_ok()).count();
-    assert_eq!(held, 1, "{opened:?}");
-    drop(opened);
+    // Two stores opening together on a new database: one holds it, the
+    // other waits as a standby until the first is gone.
+    let (a, b) = (open_in_background(&url), open_in_background(&url));
+    let (first, second) = loop {
+        if let Ok(first) = a.recv_timeout(Duration::from_millis(50)) {
+            break (first, b);
+        }
+        if let Ok(first) = b.recv_timeout(Duration::from_millis(50)) {
+            break (first, a);
+        }
+    };
+    assert!(second.recv_timeout(STILL_WAITING).is_err());
+    drop(first);
+    drop(
+        second
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the standby takes over"),
+    );
     let store = PgStore::open(&url).unwrap();
     let versions = store
         .run("test", async {
@@ -87,29 +114,39 @@ fn migrations_are_applied_once_however_many_open_at_once() {
     assert_eq!(versions, all);
 }
 
-/// One coordinator per database: a second is refused while the first
-/// holds it, and gets it once the first is gone; a coordinator whose
-/// write connection was lost does not write again if another took over.
+/// One active coordinator per database: a second waits as a standby while
+/// the first holds it, and holds it soon after the first is gone; a
+/// coordinator whose write connection was lost does not write again if
+/// another took over.
 #[test]
-fn a_second_coordinator_on_the_same_database_is_refused_until_the_first_is_gone() {
+fn a_second_coordinator_waits_as_a_standby_and_takes_over_once_the_first_is_gone() {
     let url = testdb::database();
     let first = PgStore::open(&url).unwrap();
-    let err = PgStore::open(&url).unwrap_err();
+    let standby = open_in_background(&url);
     assert!(
-        err.to_string().contains("in use by another coordinator"),
-        "{err}"
+        standby.recv_timeout(STILL_WAITING).is_err(),
+        "the standby opened while the first held the database"
     );
+    let gone = Instant::now();
     drop(first);
-    let second = PgStore::open(&url).unwrap();
+    let (second, took) = standby
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the standby takes over");
+    let delay = took - gone;
+    eprintln!("the standby held the database {delay:?} after the active let go");
+    assert!(delay < Duration::from_secs(2), "{delay:?}");
     let id = TaskId::new();
     second
         .commit(&[Record::Task(record(id, TaskState::Queued))])
         .unwrap();
     // Its write connection is cut (as by a network loss) and a third
-    // coordinator takes the database meanwhile: the second's next write
-    // is refused, not recorded.
+    // coordinator, waiting as a standby, takes the database meanwhile:
+    // the second's next write is refused, not recorded.
+    let third = open_in_background(&url);
     *second.writer.lock().unwrap() = None;
-    let third = PgStore::open(&url).unwrap();
+    let (third, _) = third
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the third takes over");
     let refused = second.commit(&[progress(id, 0)]).unwrap_err();
     assert!(
         refused
@@ -118,6 +155,81 @@ fn a_second_coordinator_on_the_same_database_is_refused_until_the_first_is_gone(
         "{refused}"
     );
     assert_eq!(third.task(id).unwrap().unwrap().next_seq, 0);
+    // And the second's lease is lost with its session.
+    second.check_lease();
+    assert!(matches!(
+        second.lease_verdict(Instant::now()),
+        Verdict::Lost(_)
+    ));
+}
+
+#[test]
+fn a_terminated_session_stops_the_active_within_its_lease_and_a_standby_takes_over() {
+    let url = testdb::database();
+    let active = Arc::new(PgStore::open(&url).unwrap());
+    let standby = open_in_background(&url);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    // While its session lives, the watchdog renews the lease past its
+    // length and says nothing.
+    let cancel = CancellationToken::new();
+    let watch = Arc::clone(&active).watch_lease(cancel.clone());
+    let quiet = rt.block_on(async { tokio::time::timeout(LEASE + 2 * CHECK_EVERY, watch).await });
+    assert!(quiet.is_err(), "the lease was lost: {quiet:?}");
+    assert!(standby.try_recv().is_err());
+
+    assert_eq!(testdb::end_the_active_session(&url), 1);
+    let ended = Instant::now();
+    let watch = Arc::clone(&active).watch_lease(cancel);
+    let why = rt
+        .block_on(async { tokio::time::timeout(LEASE, watch).await })
+        .expect("the watchdog stops the active within its lease")
+        .expect("and says why");
+    let stopped = ended.elapsed();
+    eprintln!("the active's watchdog stopped it {stopped:?} after its session ended: {why}");
+    assert!(why.contains("session"), "{why}");
+    let (standby, took) = standby
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the standby takes over");
+    eprintln!(
+        "the standby held the database {:?} after the active's session ended",
+        took - ended
+    );
+    // The active, if it tried to write now, would be refused.
+    let id = TaskId::new();
+    assert!(
+        active
+            .commit(&[Record::Task(record(id, TaskState::Queued))])
+            .is_err()
+    );
+    assert!(standby.task(id).unwrap().is_none());
+}
+
+#[test]
+fn a_standby_stops_waiting_when_told_to() {
+    let url = testdb::database();
+    let _active = PgStore::open(&url).unwrap();
+    let cancel = CancellationToken::new();
+    let waiting = {
+        let (url, cancel) = (url.clone(), cancel.clone());
+        std::thread::spawn(move || PgStore::open_until(&url, &cancel))
+    };
+    // Waiting as a standby (its session beside the active's two), not
+    // told yet.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while testdb::coordinator_sessions(&url) < 3 {
+        assert!(Instant::now() < deadline, "the standby never connected");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!waiting.is_finished());
+    let told = Instant::now();
+    cancel.cancel();
+    let opened = waiting.join().unwrap().unwrap();
+    assert!(opened.is_none());
+    assert!(told.elapsed() < Duration::from_secs(2));
 }
 
 #[test]
@@ -137,6 +249,8 @@ fn a_schema_newer_than_the_coordinator_is_refused() {
                 .map_err(|e| backend("test", &e))
         })
         .unwrap();
+    // Opened again once it is gone (a store opened beside it would wait).
+    drop(store);
     let err = PgStore::open(&url).unwrap_err();
     assert!(matches!(err, StoreError::Database { .. }), "{err}");
     assert!(
@@ -269,4 +383,32 @@ fn statements_are_prepared_once_per_connection() {
         prepared, 5,
         "the server holds the writer's (but this count), no more"
     );
+}
+
+#[test]
+fn every_session_asks_the_server_to_end_it_once_silent() {
+    let store = testdb::store();
+    let settings: Vec<String> = store
+        .run("test", async {
+            let writer = store.writer()?;
+            let mut values = Vec::new();
+            for name in [
+                "tcp_keepalives_idle",
+                "tcp_keepalives_interval",
+                "tcp_keepalives_count",
+                "tcp_user_timeout",
+            ] {
+                let row = writer
+                    .client
+                    .query_one(&format!("SHOW {name}"), &[])
+                    .await
+                    .map_err(|e| backend("test", &e))?;
+                values.push(row.get(0));
+            }
+            Ok(values)
+        })
+        .unwrap();
+    // Over TCP (the tests' server listens on loopback) the server reports
+    // what it set on the socket.
+    assert_eq!(settings, ["4", "1", "4", "8000"]);
 }
