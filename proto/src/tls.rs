@@ -410,13 +410,49 @@ impl TlsConnector {
                 format!("invalid host name '{host}'"),
             )
         })?;
-        let tcp = TcpStream::connect((host, self.port)).await?;
+        let tcp = connect_any_address(host, self.port).await?;
         let _ = tcp.set_nodelay(true);
         tokio_rustls::TlsConnector::from(Arc::clone(&self.config))
             .connect(name, tcp)
             .await
             .map_err(|err| explain(err, &self.trust, host, self.port))
     }
+}
+
+/// How long one address of a name that resolves to several may take to
+/// accept a connection before the next is tried (a host that is down
+/// answers nothing). The last address has only the caller's timeout.
+pub const ADDRESS_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Dials `host:port`, trying each address the name resolves to in order:
+/// a refused connection moves on at once, a silent one after
+/// [`ADDRESS_CONNECT_TIMEOUT`]. So one name can stand for several
+/// coordinators, of which only the active one accepts connections.
+async fn connect_any_address(host: &str, port: u16) -> io::Result<TcpStream> {
+    let addrs: Vec<std::net::SocketAddr> = tokio::net::lookup_host((host, port)).await?.collect();
+    let mut last = io::Error::new(
+        io::ErrorKind::NotFound,
+        format!("'{host}' resolves to no address"),
+    );
+    for (i, addr) in addrs.iter().enumerate() {
+        let connect = TcpStream::connect(addr);
+        let result = match i + 1 < addrs.len() {
+            true => tokio::time::timeout(ADDRESS_CONNECT_TIMEOUT, connect)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("{addr} did not answer within {ADDRESS_CONNECT_TIMEOUT:?}"),
+                    ))
+                }),
+            false => connect.await,
+        };
+        match result {
+            Ok(tcp) => return Ok(tcp),
+            Err(err) => last = err,
+        }
+    }
+    Err(last)
 }
 
 impl fmt::Debug for TlsConnector {
