@@ -38,7 +38,7 @@ pub const PATIENCE: Duration = Duration::from_secs(120);
 /// Starts binary `bin` inside `host` through `ip netns exec` (which execs
 /// it: the child's pid is the binary's), logging to `<dir>/<label>.log`
 /// (appending, so restarts keep one log).
-fn spawn_in(host: u8, bin: &str, args: &[String], dir: &Path, label: &str) -> ChildProcess {
+pub fn spawn_in(host: u8, bin: &str, args: &[String], dir: &Path, label: &str) -> ChildProcess {
     Spawn::new(bin_path(bin), dir, label)
         .wrapper(["ip", "netns", "exec", &namespace(host)])
         .args(args)
@@ -54,7 +54,7 @@ fn spawn_in(host: u8, bin: &str, args: &[String], dir: &Path, label: &str) -> Ch
 }
 
 /// SIGKILL and reap; one already gone is no error.
-async fn kill(child: ChildProcess) {
+pub async fn kill(child: ChildProcess) {
     let _ = child.kill().await;
 }
 

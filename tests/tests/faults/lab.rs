@@ -9,7 +9,9 @@
 //! with a real client on `10.231.0.5`. The outer run tears the lab down
 //! afterwards, also when the scenario panics (a `Drop` guard).
 //!
-//! Hosts: `fab-h1` coordinator, `fab-h2`..`fab-h4` nodes, `fab-h5` client.
+//! Hosts: `fab-h1` coordinator, `fab-h2`..`fab-h4` nodes, `fab-h5` client;
+//! for the scenarios with several coordinators, `fab-h6` PostgreSQL and
+//! `fab-h7`, `fab-h8` more coordinators.
 //! Lab namespace names are global, so scenarios take [`LAB_LOCK`] and never
 //! overlap. Nothing here may run without root: the outer run skips (and
 //! passes) with a `skipped: ...` line on stderr where it is not root, the
@@ -31,7 +33,7 @@ pub const NODE_HOSTS: [u8; 3] = [2, 3, 4];
 /// The host the scenario itself (the client side) runs in.
 pub const CLIENT_HOST: u8 = 5;
 /// Hosts the lab is built with.
-const HOSTS: u8 = 5;
+const HOSTS: u8 = 8;
 /// Set in the inner run, which executes the scenario body.
 const INNER_ENV: &str = "WEFT_FAULTS_INNER";
 /// Overrides where `netns-lab.sh` is.

@@ -20,10 +20,17 @@
 //! - [`node_kill`]: SIGKILL one of three nodes with 2,000 tasks in flight.
 //! - [`coordinator_crash`]: SIGKILL and restart the coordinator five times
 //!   during a 5,000-task run.
+//! - [`ha`]: `HaCluster` (PostgreSQL on h6, coordinators on h1, h7 and
+//!   h8, one active and two standbys; nodes on h2..h4 given all three).
+//! - [`coordinator_failover`]: the active coordinator killed three times
+//!   during a 5,000-task run, cut off from the database, and killed during
+//!   a cron schedule.
 //! - [`partition`]: one node cut off for 3 × the lease, then healed.
 //! - [`pause`]: one node SIGSTOPped past the lease, then SIGCONT.
 
 mod coordinator_crash;
+mod coordinator_failover;
+mod ha;
 mod hosts;
 mod isolation;
 mod lab;
