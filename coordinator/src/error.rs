@@ -216,6 +216,12 @@ fn store_status(err: &StoreError) -> Status {
                 "the coordinator's disk is full ({op}: {message}); this request was not acknowledged; retry once there is room (a coordinator whose commit failed exits, to be restarted)"
             ))
         }
+        StoreError::LostDatabase { .. } => {
+            tracing::error!(error = %err, "store failure");
+            Status::unavailable(format!(
+                "{err}; this request was not acknowledged; this coordinator is stopping: retry on another one"
+            ))
+        }
         StoreError::Backend { .. } => {
             tracing::error!(error = %err, "store failure");
             Status::unavailable(format!(

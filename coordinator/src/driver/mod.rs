@@ -329,7 +329,11 @@ impl Driver {
             // committed (nothing acknowledged is lost: this batch's callers
             // get the error).
             tracing::error!(error = %err, "store commit failed; stopping the coordinator");
-            let _ = self.failure.set(Failure::Commit(err.clone()));
+            let failure = match err {
+                StoreError::LostDatabase { message, .. } => Failure::LostDatabase(message.clone()),
+                _ => Failure::Commit(err.clone()),
+            };
+            let _ = self.failure.set(failure);
             self.cancel.cancel();
             held.refuse(err);
             return false;

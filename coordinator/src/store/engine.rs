@@ -151,6 +151,17 @@ pub enum StoreError {
         /// What went wrong.
         message: String,
     },
+    /// This coordinator no longer holds the database (`--database-url`):
+    /// the session that held its lock ended, or a commit on it failed. It
+    /// never writes again (another coordinator may hold the database by
+    /// now); it stops, and comes back as a standby.
+    #[error("lost the database {target}: {message}")]
+    LostDatabase {
+        /// Where it is: hosts, ports, database and user.
+        target: String,
+        /// What ended the session.
+        message: String,
+    },
     /// The disk is full (or the file system refused to grow the file).
     /// Nothing of the write that met it was committed.
     #[error("{op}: the disk is full ({message})")]
@@ -238,6 +249,7 @@ impl StoreError {
             | StoreError::Locked(_)
             | StoreError::Open { .. }
             | StoreError::Database { .. }
+            | StoreError::LostDatabase { .. }
             | StoreError::Backend { .. }
             | StoreError::DiskFull { .. } => false,
         }

@@ -1,6 +1,6 @@
 //! Holding the database: taking the coordinator lock when opening
-//! (waiting as a standby while another coordinator holds it), taking it
-//! again on a new write connection, and keeping it (the lease checks and
+//! (waiting as a standby while another coordinator holds it), and keeping
+//! it (the lease checks and
 //! the watchdog that runs them; the rule they keep is in `lease.rs`). No
 //! other file takes or checks the lock.
 
@@ -124,20 +124,6 @@ async fn try_lock(conn: &Conn, target: &Target) -> Result<bool, StoreError> {
             message: describe(&err),
         })?;
     Ok(row.get::<_, bool>(0))
-}
-
-/// Takes [`COORDINATOR_LOCK`] on `conn`'s session with no wait; refuses
-/// when another coordinator holds it.
-pub(super) async fn hold_coordinator_lock(conn: &Conn, target: &Target) -> Result<(), StoreError> {
-    if try_lock(conn, target).await? {
-        return Ok(());
-    }
-    Err(StoreError::Database {
-        target: target.0.clone(),
-        message: "in use by another coordinator (it holds the database's coordinator \
-                  lock); this one stops, and may come back as a standby"
-            .into(),
-    })
 }
 
 /// Opens the write connection and takes [`COORDINATOR_LOCK`] on it: at

@@ -18,10 +18,11 @@
 //! is touched; while another coordinator holds it, opening waits as a
 //! standby ([`PgStore::open_until`]: polling every [`STANDBY_POLL`], until
 //! told to stop) and returns holding it once PostgreSQL has ended the
-//! other's session. A write connection opened again after a loss takes the
-//! lock again before its first write, with no wait: if another coordinator
-//! took over meanwhile, every write fails and this coordinator stops, so
-//! nothing it does after losing the lock is recorded.
+//! other's session. The write connection is never opened again: once its
+//! session ended, another coordinator may hold the database, so every
+//! later write fails with [`StoreError::LostDatabase`], the lease is lost,
+//! and this coordinator stops (to come back as a standby). Nothing it does
+//! after losing the lock is recorded.
 //!
 //! The active one keeps a lease on the database (`lease.rs`: the timings
 //! and the rule that makes split brain impossible):
@@ -32,10 +33,10 @@
 //! Connections: one for writes (commits, tokens, retention, a restart's
 //! load; one transaction at a time, behind a mutex), one for reads (shared:
 //! tokio-postgres pipelines concurrent queries on it). A lost connection
-//! is opened again by the next call (`conn.rs`); a read that met the loss
-//! is tried once more on the new one, a write never is: a failed commit
-//! stops the coordinator as a failed fsync does, since its outcome may be
-//! unknown. While the server is down, calls fail with
+//! for reads is opened again by the next call (`conn.rs`), and a read
+//! that met the loss is tried once more on the new one; a write never is:
+//! a failed commit (its outcome may be unknown) loses the database as a
+//! lost write session does. While the server is down, reads fail with
 //! [`StoreError::Database`].
 //!
 //! Layout: `hold.rs` (taking the lock, as a standby if need be; the
@@ -85,7 +86,7 @@ use crate::auth::TokenRecord;
 pub use ca::StoredCa;
 use conn::Conn;
 pub use hold::STANDBY_POLL;
-use hold::{hold_coordinator_lock, take_database};
+use hold::take_database;
 use lease::{KEEPALIVE_COUNT, KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, Lease};
 use types::Uuid;
 
@@ -298,19 +299,27 @@ impl PgStore {
         }
     }
 
-    /// The write connection, held until the guard drops, opened again if
-    /// it was lost.
+    /// The write connection, held until the guard drops. Never opened
+    /// again once lost: its session held the coordinator lock, and from
+    /// the moment it ended another coordinator may have taken the database
+    /// over, so this one has lost it (the lease too) and writes nothing
+    /// more; it stops and comes back as a standby.
     fn writer(&self) -> Result<Writer<'_>, StoreError> {
-        let mut slot = self.writer.lock().map_err(|_| StoreError::Poisoned)?;
+        let slot = self.writer.lock().map_err(|_| StoreError::Poisoned)?;
         if slot.as_ref().is_none_or(Conn::is_closed) {
-            *slot = None;
-            let conn = self.run_unbounded(Conn::open(&self.config, &self.target))?;
-            // No waiting: the lock is free only if no other coordinator
-            // took over while this one was cut off.
-            self.run_unbounded(hold_coordinator_lock(&conn, &self.target))?;
-            *slot = Some(conn);
+            return Err(self.lost("the session holding the coordinator lock ended".into()));
         }
         Ok(Writer(slot))
+    }
+
+    /// Marks the lease lost for `why` and answers the error every write
+    /// gets from then on.
+    fn lost(&self, why: String) -> StoreError {
+        self.lease().lost(why.clone());
+        StoreError::LostDatabase {
+            target: self.target.0.clone(),
+            message: why,
+        }
     }
 
     /// Runs `fut` on the store's runtime, bounded by [`CALL_TIMEOUT`].
@@ -457,14 +466,21 @@ impl Store for PgStore {
         let mut writer = self.writer()?;
         let sent = Instant::now();
         let result = self.run("committing", commit::commit(&mut writer, records));
-        match &result {
+        match result {
             // Committed on the session that holds the lock: as good as a
             // lease check sent when the commit was.
-            Ok(()) => self.lease().renewed(sent),
-            Err(StoreError::Backend { .. }) => writer.discard(),
-            Err(_) => {}
+            Ok(()) => {
+                self.lease().renewed(sent);
+                Ok(())
+            }
+            // Its outcome is unknown, and the session may be gone: this
+            // coordinator writes nothing more.
+            Err(StoreError::Backend { message, .. }) => {
+                writer.discard();
+                Err(self.lost(format!("a commit failed: {message}")))
+            }
+            Err(err) => Err(err),
         }
-        result
     }
 
     fn task(&self, id: TaskId) -> Result<Option<TaskRecord>, StoreError> {
