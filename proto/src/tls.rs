@@ -419,40 +419,64 @@ impl TlsConnector {
     }
 }
 
-/// How long one address of a name that resolves to several may take to
-/// accept a connection before the next is tried (a host that is down
-/// answers nothing). The last address has only the caller's timeout.
-pub const ADDRESS_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+/// How long one address of a name that resolves to several has to
+/// accept a connection before the next is dialed too (a host that is down
+/// answers nothing).
+pub const ADDRESS_STAGGER: std::time::Duration = std::time::Duration::from_millis(250);
 
-/// Dials `host:port`, trying each address the name resolves to in order:
-/// a refused connection moves on at once, a silent one after
-/// [`ADDRESS_CONNECT_TIMEOUT`]. So one name can stand for several
-/// coordinators, of which only the active one accepts connections.
+/// Dials `host:port` over every address the name resolves to, Happy
+/// Eyeballs style: the first at once, the next when one is refused or
+/// after [`ADDRESS_STAGGER`] without an answer, the first to connect wins
+/// (the others are dropped). So one name can stand for several
+/// coordinators, of which only the active one accepts connections, and
+/// hosts that are down cost a quarter second each, within any connect
+/// timeout around this.
 async fn connect_any_address(host: &str, port: u16) -> io::Result<TcpStream> {
-    let addrs: Vec<std::net::SocketAddr> = tokio::net::lookup_host((host, port)).await?.collect();
+    let addrs = tokio::net::lookup_host((host, port)).await?;
+    race_addresses(addrs, host).await
+}
+
+/// [`connect_any_address`] over addresses already resolved from `host`.
+async fn race_addresses(
+    mut addrs: impl Iterator<Item = std::net::SocketAddr>,
+    host: &str,
+) -> io::Result<TcpStream> {
+    let mut racing = tokio::task::JoinSet::new();
     let mut last = io::Error::new(
         io::ErrorKind::NotFound,
         format!("'{host}' resolves to no address"),
     );
-    for (i, addr) in addrs.iter().enumerate() {
-        let connect = TcpStream::connect(addr);
-        let result = match i + 1 < addrs.len() {
-            true => tokio::time::timeout(ADDRESS_CONNECT_TIMEOUT, connect)
-                .await
-                .unwrap_or_else(|_| {
-                    Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        format!("{addr} did not answer within {ADDRESS_CONNECT_TIMEOUT:?}"),
-                    ))
-                }),
-            false => connect.await,
-        };
-        match result {
-            Ok(tcp) => return Ok(tcp),
-            Err(err) => last = err,
+    let mut exhausted = false;
+    let mut dial_next = true;
+    loop {
+        if dial_next && !exhausted {
+            match addrs.next() {
+                Some(addr) => {
+                    racing.spawn(TcpStream::connect(addr));
+                }
+                None => exhausted = true,
+            }
+            dial_next = false;
+        }
+        if racing.is_empty() {
+            return Err(last);
+        }
+        tokio::select! {
+            done = racing.join_next() => match done {
+                Some(Ok(Ok(tcp))) => return Ok(tcp),
+                Some(Ok(Err(err))) => {
+                    last = err;
+                    dial_next = true;
+                }
+                Some(Err(join)) => {
+                    last = io::Error::other(join);
+                    dial_next = true;
+                }
+                None => {}
+            },
+            () = tokio::time::sleep(ADDRESS_STAGGER), if !exhausted => dial_next = true,
         }
     }
-    Err(last)
 }
 
 impl fmt::Debug for TlsConnector {
@@ -577,6 +601,41 @@ impl tower_service::Service<http::Uri> for TlsConnector {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A name standing for a refused address, a silent one (a host that
+    /// is down, or no route at all) and the live one: the live one is
+    /// reached, within a few staggers, whatever comes first.
+    #[tokio::test]
+    async fn a_name_for_several_addresses_reaches_the_one_that_accepts() {
+        let live = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let live_addr = live.local_addr().unwrap();
+        let refused = {
+            let gone = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            gone.local_addr().unwrap()
+        };
+        // TEST-NET-1 (RFC 5737): never routed; silent or unreachable.
+        let silent: std::net::SocketAddr = "192.0.2.1:7070".parse().unwrap();
+        let started = std::time::Instant::now();
+        let addrs = vec![refused, silent, live_addr];
+        let tcp = race_addresses(addrs.into_iter(), "coordinators")
+            .await
+            .expect("the live address is reached");
+        assert_eq!(tcp.peer_addr().unwrap(), live_addr);
+        assert!(
+            started.elapsed() < 4 * ADDRESS_STAGGER,
+            "{:?}",
+            started.elapsed()
+        );
+        // Nothing that accepts: the last error, promptly.
+        let err = race_addresses(vec![refused].into_iter(), "coordinators")
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionRefused, "{err}");
+        let err = race_addresses(std::iter::empty(), "nowhere")
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("resolves to no address"), "{err}");
+    }
 
     #[test]
     fn pins_are_sha256_of_the_der_and_parse_back() {
