@@ -91,6 +91,19 @@ fn processes_by_default() -> bool {
     }
 }
 
+/// `WEFT_TEST_STORE=postgres` keeps every scenario's store in a fresh
+/// database on the tests' private PostgreSQL (unless it names its own),
+/// and in process mode starts a standby coordinator beside it on that
+/// database: the scenarios then run on a two-coordinator cluster (CI runs
+/// a selection of them so).
+pub(super) fn postgres_by_default() -> bool {
+    match std::env::var("WEFT_TEST_STORE").as_deref() {
+        Ok("postgres") => true,
+        Ok("embedded") | Ok("") | Err(_) => false,
+        Ok(other) => panic!("WEFT_TEST_STORE={other:?}: expected `postgres` or `embedded`"),
+    }
+}
+
 impl TestClusterBuilder {
     /// How many nodes to start (`node-0`, `node-1`, ...). Default 1.
     pub fn nodes(mut self, n: usize) -> Self {

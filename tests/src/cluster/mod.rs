@@ -54,7 +54,14 @@ const JOIN_TOKEN_TTL: std::time::Duration = std::time::Duration::from_secs(600);
 impl TestClusterBuilder {
     /// Starts the coordinator, then the nodes, and waits until every node
     /// is registered.
-    pub async fn start(self) -> TestCluster {
+    pub async fn start(mut self) -> TestCluster {
+        let standby = builder::postgres_by_default() && self.database_url.is_none();
+        if standby {
+            let url = tokio::task::spawn_blocking(weft_coordinator::store::pg::testdb::database)
+                .await
+                .expect("a database on the tests' PostgreSQL");
+            self.database_url = Some(url);
+        }
         let dir = tempfile::Builder::new()
             .prefix("weft-test-")
             .tempdir()
@@ -80,6 +87,7 @@ impl TestClusterBuilder {
             nodes: Mutex::new(BTreeMap::new()),
             next_node: AtomicUsize::new(0),
             client: Mutex::new(None),
+            peers: Mutex::new(Vec::new()),
             settings: self.clone(),
         };
         for index in 0..self.nodes {
@@ -88,6 +96,15 @@ impl TestClusterBuilder {
             cluster.spawn_node(self.slots, labels, exec).await;
         }
         cluster.wait_for_nodes(self.nodes).await;
+        if standby && self.processes {
+            let peer = cluster.start_standby().await;
+            peer.wait_standby().await;
+            cluster
+                .peers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(peer);
+        }
         cluster
     }
 }
@@ -143,6 +160,9 @@ pub struct TestCluster {
     next_node: AtomicUsize,
     /// The shared admin client; made again after the coordinator moved.
     client: Mutex<Option<Client>>,
+    /// `WEFT_TEST_STORE=postgres` in process mode: the standby started
+    /// beside the coordinator, killed with the cluster.
+    peers: Mutex<Vec<StandbyCoordinator>>,
     settings: TestClusterBuilder,
 }
 
@@ -511,6 +531,11 @@ impl TestCluster {
             Ok(Err(e)) => problems.push(format!("the coordinator stopped answering: {e}")),
             Err(_) => problems.push("the coordinator did not answer ClusterInfo in 10 s".into()),
         }
+        // The standby first, or it would take the database over when the
+        // coordinator stops.
+        if !self.stop_peers().await {
+            problems.push("the standby coordinator did not stop in 5 s".into());
+        }
         let nodes = std::mem::take(&mut *self.lock_nodes());
         for (name, node) in nodes {
             match node {
@@ -563,6 +588,19 @@ impl TestCluster {
         self.restart_coordinator_after(false).await;
     }
 
+    /// Stops the standby `WEFT_TEST_STORE=postgres` started, so that a
+    /// scenario restarting its coordinator gets the same one back (a
+    /// standby would take over at another address). Answers whether each
+    /// stopped cleanly in time.
+    async fn stop_peers(&self) -> bool {
+        let peers = std::mem::take(&mut *self.peers.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut clean = true;
+        for peer in peers {
+            clean &= peer.stop(Duration::from_secs(5)).await;
+        }
+        clean
+    }
+
     /// Process mode: kills the coordinator with SIGKILL, as a crash would,
     /// and starts it again on the same address and data dir.
     pub async fn crash_and_restart_coordinator(&self) {
@@ -591,6 +629,10 @@ impl TestCluster {
     /// Stops (or with `crash`, kills) the coordinator and starts it again
     /// on the same data dir, at `moved_to` or else where it was.
     async fn restart_coordinator_at(&self, crash: bool, moved_to: Option<SocketAddr>) {
+        assert!(
+            self.stop_peers().await,
+            "the standby coordinator did not stop in 5 s"
+        );
         let old = self
             .coordinator
             .lock()
