@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import os
+import socket
 import stat
 
 import pytest
@@ -152,6 +153,24 @@ def test_join_keeps_key_chain_ca_and_node_conf_with_weft_nodes_layout_and_permis
     assert (state / "node.key").read_bytes() == joined.key_pem
     # It reads back whole.
     assert ident.load(str(state)) == joined
+
+
+def test_join_tries_the_workers_coordinators_in_order_and_keeps_them_all(fake, tmp_path):
+    # The first refuses connections, as a standby does; the second is the
+    # coordinator the token was made on.
+    with socket.socket() as gone:
+        gone.bind(("127.0.0.1", 0))
+        refused = f"https://127.0.0.1:{gone.getsockname()[1]}"
+    token = JoinToken.parse(fake.join_token())
+    state = tmp_path / "state"
+    joined = join(token, "py-1", str(state), [refused, token.address])
+    assert fake.joins[0].name == "py-1" and joined.node_id == fake.joins[0].node_id
+    assert (state / "node.conf").read_text() == (
+        f"node_id={joined.node_id}\nname=py-1\ncoordinator={refused},{token.address}\n")
+    # None answering: the last connection error, and the token unspent.
+    with pytest.raises(OSError):
+        join(JoinToken.parse(fake.join_token()), "py-2", str(tmp_path / "other"), [refused])
+    assert len(fake.joins) == 1
 
 
 def test_an_existing_state_dir_others_may_use_is_left_alone_and_refused_before_the_token_is_spent(fake, tmp_path):

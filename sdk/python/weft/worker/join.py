@@ -20,6 +20,7 @@ import binascii
 import re
 import secrets
 from dataclasses import dataclass
+from typing import Optional, Sequence
 
 import grpc
 
@@ -108,15 +109,20 @@ def new_credential() -> str:
     return secrets.token_hex(8) + "_" + secrets.token_urlsafe(32)
 
 
-def join(token: JoinToken, name: str, state_dir: str) -> Identity:
+def join(token: JoinToken, name: str, state_dir: str, addresses: Optional[Sequence[str]] = None) -> Identity:
     """Joins the cluster the token names as ``name`` and saves the identity
     in ``state_dir``.
 
+    ``addresses`` are the coordinators to join at, tried in order until one
+    answers (the worker's own list, as ``weft-node --coordinator`` gives:
+    after a failover the token's address may be a standby that does not
+    listen); default: the token's address. The identity keeps them all.
+
     Raises :class:`weft._channel.PinMismatch` when the coordinator is not
     the one the pin names (nothing is sent to it), ValueError for a token
-    that names a plaintext address, ``identity.StateDirUnusable`` (a
+    or address that is plaintext, ``identity.StateDirUnusable`` (a
     ValueError) when ``state_dir`` exists and is not this user's alone
-    (before anything is sent), OSError when it cannot be reached, and
+    (before anything is sent), OSError when none can be reached, and
     the coordinator's refusal as a typed :class:`weft.WeftError`
     (``Unauthenticated``: the token is unknown, expired, used up or
     revoked; ``AlreadyExists``: another node holds the name;
@@ -124,11 +130,29 @@ def join(token: JoinToken, name: str, state_dir: str) -> Identity:
     """
     check_name(name)
     check_state_dir(state_dir)  # a dir that cannot hold the identity fails before the token is spent
-    scheme, host, port = parse_address(token.address)
-    if scheme != "https":
-        raise ValueError(f"the join token names a plaintext address ({token.address}): joining needs TLS")
-    target = f"{host}:{port}"
-    ca_pem = fetch_pinned_ca(target, token.ca_pin)
+    candidates = list(addresses) if addresses else [token.address]
+    targets = []
+    for address in candidates:
+        scheme, host, port = parse_address(address)
+        if scheme != "https":
+            raise ValueError(f"{address} is a plaintext address: joining needs TLS")
+        targets.append(f"{host}:{port}")
+    unreachable: Optional[OSError] = None
+    for target in targets:
+        try:
+            ca_pem = fetch_pinned_ca(target, token.ca_pin)
+        except OSError as e:  # refused (a standby), down: the next one
+            unreachable = e
+            continue
+        return _join_at(target, ca_pem, token, name, state_dir, ",".join(candidates))
+    assert unreachable is not None
+    raise unreachable
+
+
+def _join_at(target: str, ca_pem: bytes, token: JoinToken, name: str, state_dir: str, keep: str) -> Identity:
+    """Sends ``Join`` to the coordinator at ``target``, whose CA
+    ``ca_pem`` matched the token's pin, and saves the identity with the
+    addresses ``keep``."""
     key_pem, csr_der = new_key_and_csr(name)
     channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=ca_pem), options=_OPTIONS)
     try:
@@ -146,6 +170,6 @@ def join(token: JoinToken, name: str, state_dir: str) -> Identity:
     ders = _pem_certificates(answered_ca)
     if not ders or ca_pin(ders[0]) != "sha256:" + _pin_digest(token.ca_pin):
         raise ValueError("the coordinator answered Join with a CA that is not the one the token's pin names")
-    identity = Identity(answer.node_id, name, token.address, key_pem, chain_pem, answered_ca)
+    identity = Identity(answer.node_id, name, keep, key_pem, chain_pem, answered_ca)
     save(state_dir, identity)
     return identity

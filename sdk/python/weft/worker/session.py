@@ -353,9 +353,9 @@ class Sessions:
                 f"this node's certificate (state dir {worker.state_dir}) expired at "
                 f"{utc(current.validity()[1])}: join again with a new token (join_token= / "
                 "WEFT_JOIN_TOKEN / --join), made with `weft token create --role node`"))
-        log.info("joining %s as %s (token %s)", token.address, worker.name, token.id)
+        log.info("joining %s as %s (token %s)", ",".join(worker.coordinators), worker.name, token.id)
         try:
-            joined = await asyncio.to_thread(join, token, worker.name, worker.state_dir)
+            joined = await asyncio.to_thread(join, token, worker.name, worker.state_dir, worker.coordinators)
         except (PinMismatch, JoinTokenError) as e:
             raise Fatal(e) from None
         except errors.WeftError as e:
