@@ -12,7 +12,7 @@ set -euo pipefail
 N=${1:?how many standbys}
 PORT=${2:-55432}
 BIN=${WEFT_BIN_DIR:-target/release}
-: "${PGDATA:?the server's data dir, for postmaster.pid}"
+: "${PGDATA:?set PGDATA to the data dir of the server (for postmaster.pid)}"
 q() { psql -h 127.0.0.1 -p "$PORT" -U postgres -Atc "$1" "${@:2}"; }
 # PostgreSQL's CPU ticks: its live processes' utime+stime, plus the
 # postmaster's cutime+cstime (the backends it reaped).
@@ -20,9 +20,11 @@ pg_ticks() {
     local total=0 pm
     pm=$(head -1 "$PGDATA/postmaster.pid")
     for p in $(pgrep -u postgres postgres); do
-        total=$((total + $(awk '{print $14+$15}' "/proc/$p/stat" 2>/dev/null || echo 0)))
+        t=$(awk '{print $14+$15}' "/proc/$p/stat" 2>/dev/null || echo 0)
+        total=$((total + t))
     done
-    echo $((total + $(awk '{print $16+$17}' "/proc/$pm/stat")))
+    t=$(awk '{print $16+$17}' "/proc/$pm/stat")
+    echo $((total + t))
 }
 db=standbys_${N}_$$_$RANDOM
 q "CREATE DATABASE $db" >/dev/null
@@ -46,7 +48,8 @@ wait "$bench"
 after=$(pg_ticks)
 standby_ticks=0
 for p in "${standbys[@]}"; do
-    standby_ticks=$((standby_ticks + $(awk '{print $14+$15}' "/proc/$p/stat")))
+    t=$(awk '{print $14+$15}' "/proc/$p/stat")
+    standby_ticks=$((standby_ticks + t))
     kill "$p"
 done
 python3 - "$work/out.json" "$N" $((after - before)) "$standby_ticks" <<'PY'
