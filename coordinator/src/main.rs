@@ -103,7 +103,10 @@ struct Args {
     /// the active's death, or within its lease (4s, ended by the database
     /// after 8s) once it is cut off from the database. The cluster CA
     /// lives in the database too (see --ca-seal-key-file); the data dir
-    /// holds `ca.pem` and the admin token. A database that cannot be
+    /// holds `ca.pem` and the admin token. TLS to the database:
+    /// `?sslmode=verify-full&sslrootcert=CA_FILE` (the server's certificate
+    /// and name checked; `require` and `verify-ca` are refused). A
+    /// database that cannot be
     /// reached stops the start with exit code 1.
     #[arg(long, env = "WEFT_DATABASE_URL", hide_env_values = true)]
     database_url: Option<String>,

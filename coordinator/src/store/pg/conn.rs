@@ -23,6 +23,30 @@ use super::lease::{KEEPALIVE_COUNT, KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, SESSION_
 use super::{Target, backend, describe};
 use crate::store::StoreError;
 
+/// Where and how connections are opened: the driver's configuration, and
+/// the TLS connector when the URL asks for TLS (`tls.rs`).
+#[derive(Clone)]
+pub(super) struct Connect {
+    pub(super) config: Config,
+    pub(super) tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
+}
+
+/// Connects with `tls` and spawns the connection's driving task on the
+/// current runtime; answers the client.
+async fn connect_with<T>(config: &Config, tls: T) -> Result<Client, tokio_postgres::Error>
+where
+    T: tokio_postgres::tls::MakeTlsConnect<tokio_postgres::Socket>,
+    T::Stream: Send + 'static,
+{
+    let (client, connection) = config.connect(tls).await?;
+    tokio::spawn(async move {
+        if let Err(err) = connection.await {
+            tracing::warn!(error = %err, "PostgreSQL connection lost");
+        }
+    });
+    Ok(client)
+}
+
 /// One open connection and what it has prepared.
 pub(super) struct Conn {
     pub(super) client: Client,
@@ -32,20 +56,15 @@ pub(super) struct Conn {
 impl Conn {
     /// Opens a connection to `config`'s server. Its driving task runs on
     /// the current runtime (the store's own) until the connection closes.
-    pub(super) async fn open(config: &Config, target: &Target) -> Result<Conn, StoreError> {
-        let (client, connection) =
-            config
-                .connect(NoTls)
-                .await
-                .map_err(|err| StoreError::Database {
-                    target: target.0.clone(),
-                    message: describe(&err),
-                })?;
-        tokio::spawn(async move {
-            if let Err(err) = connection.await {
-                tracing::warn!(error = %err, "PostgreSQL connection lost; the next call reconnects");
-            }
-        });
+    pub(super) async fn open(connect: &Connect, target: &Target) -> Result<Conn, StoreError> {
+        let client = match &connect.tls {
+            Some(tls) => connect_with(&connect.config, tls.clone()).await,
+            None => connect_with(&connect.config, NoTls).await,
+        }
+        .map_err(|err| StoreError::Database {
+            target: target.0.clone(),
+            message: describe(&err),
+        })?;
         // Per session (any user may set these; ignored on a Unix socket).
         client
             .batch_execute(&session_settings())

@@ -7,10 +7,9 @@
 use std::sync::{Arc, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use tokio_postgres::Config;
 use tokio_util::sync::CancellationToken;
 
-use super::conn::Conn;
+use super::conn::{Conn, Connect};
 use super::lease::{CHECK_EVERY, LEASE, Lease, Verdict};
 use super::{COORDINATOR_LOCK, PgStore, Target, describe};
 use crate::store::StoreError;
@@ -134,11 +133,11 @@ async fn try_lock(conn: &Conn, target: &Target) -> Result<bool, StoreError> {
 /// got the lock was sent, where the lease starts. The first connection
 /// failing is an error: the database cannot be reached at all.
 pub(super) async fn take_database(
-    config: &Config,
+    connect: &Connect,
     target: &Target,
     cancel: &CancellationToken,
 ) -> Result<Option<(Conn, Instant)>, StoreError> {
-    let mut conn = Conn::open(config, target).await?;
+    let mut conn = Conn::open(connect, target).await?;
     let mut standby = false;
     loop {
         let sent = Instant::now();
@@ -170,7 +169,7 @@ pub(super) async fn take_database(
             _ = tokio::time::sleep(pause) => {}
         }
         if conn.is_closed() {
-            match Conn::open(config, target).await {
+            match Conn::open(connect, target).await {
                 Ok(open) => conn = open,
                 Err(err) => tracing::warn!(error = %err, "standby: cannot reach the database"),
             }

@@ -58,6 +58,7 @@ mod migrate;
 pub mod testdb;
 #[cfg(test)]
 mod tests;
+mod tls;
 mod types;
 
 use std::cell::RefCell;
@@ -84,7 +85,7 @@ use super::record::{
 use super::{Record, decode_schedule};
 use crate::auth::TokenRecord;
 pub use ca::StoredCa;
-use conn::Conn;
+use conn::{Conn, Connect};
 pub use hold::STANDBY_POLL;
 use hold::take_database;
 use lease::{KEEPALIVE_COUNT, KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, Lease};
@@ -111,7 +112,7 @@ pub struct PgStore {
     /// `Some` until dropped.
     rt: Option<tokio::runtime::Runtime>,
     /// How to connect again.
-    config: Config,
+    connect: Connect,
     /// `None` once lost: the next write reconnects.
     writer: Mutex<Option<Conn>>,
     /// `None` once lost: the next read reconnects.
@@ -210,11 +211,7 @@ impl PgStore {
         url: &str,
         cancel: &CancellationToken,
     ) -> Result<Option<PgStore>, StoreError> {
-        let mut config: Config = url.parse().map_err(|err| StoreError::Database {
-            // The URL itself may hold a password: not repeated.
-            target: "(the database URL)".into(),
-            message: format!("it cannot be read as a PostgreSQL URL: {err}"),
-        })?;
+        let tls::Parsed { mut config, tls } = tls::parse(url)?;
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
@@ -230,15 +227,7 @@ impl PgStore {
             .keepalives_retries(KEEPALIVE_COUNT)
             .tcp_user_timeout(lease::SESSION_DEADLINE);
         let target = Target::of(&config);
-        if config.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
-            // Said at once, rather than as the driver's "no TLS
-            // implementation configured" from the first connect.
-            return Err(target.refused(
-                "sslmode=require: TLS to the database is not supported yet; \
-                 reach it over a trusted network or a local socket (sslmode=disable)"
-                    .into(),
-            ));
-        }
+        let connect = Connect { config, tls };
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("weft-pg")
@@ -248,7 +237,7 @@ impl PgStore {
                 target: target.0.clone(),
                 message: format!("starting its runtime: {err}"),
             })?;
-        let taken = rt.block_on(take_database(&config, &target, cancel));
+        let taken = rt.block_on(take_database(&connect, &target, cancel));
         let Some((mut writer, sent)) = taken? else {
             rt.shutdown_background();
             return Ok(None);
@@ -256,10 +245,10 @@ impl PgStore {
         // The schema only once the database is this coordinator's: a
         // standby never changes it under the active one.
         rt.block_on(migrate::migrate(&mut writer.client, &target))?;
-        let reader = rt.block_on(Conn::open(&config, &target))?;
+        let reader = rt.block_on(Conn::open(&connect, &target))?;
         Ok(Some(PgStore {
             rt: Some(rt),
-            config,
+            connect,
             writer: Mutex::new(Some(writer)),
             reader: Mutex::new(Some(Arc::new(reader))),
             target,
@@ -279,7 +268,7 @@ impl PgStore {
             return Ok(Arc::clone(conn));
         }
         *slot = None;
-        let conn = Arc::new(self.run_unbounded(Conn::open(&self.config, &self.target))?);
+        let conn = Arc::new(self.run_unbounded(Conn::open(&self.connect, &self.target))?);
         *slot = Some(Arc::clone(&conn));
         Ok(conn)
     }

@@ -68,9 +68,28 @@ impl Server {
             ip,
             port: Some(port),
             netns: Some(netns),
+            tls: false,
         };
         start(&format!("{netns}-{n}"), &listen)
             .unwrap_or_else(|why| panic!("no PostgreSQL for the test: {why}"))
+    }
+
+    /// A server of the calling test's own on loopback serving TLS (and
+    /// plaintext) with a certificate for `localhost` and `127.0.0.1` from a
+    /// CA of its own ([`Server::ca_file`]). Stopped when dropped.
+    pub fn private_tls() -> Server {
+        let n = SERVERS.fetch_add(1, Ordering::Relaxed);
+        let listen = Listen {
+            tls: true,
+            ..Listen::LOOPBACK
+        };
+        start(&format!("tls-{n}"), &listen)
+            .unwrap_or_else(|why| panic!("no PostgreSQL for the test: {why}"))
+    }
+
+    /// The CA of a [`Server::private_tls`]'s certificate (PEM).
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.join("ca.pem")
     }
 
     /// The URL of its `postgres` database.
@@ -217,6 +236,9 @@ struct Listen<'a> {
     port: Option<u16>,
     /// The network namespace to run it in (`ip netns exec`).
     netns: Option<&'a str>,
+    /// Serve TLS with a certificate for `localhost` and `127.0.0.1` from
+    /// a CA of its own ([`Server::ca_file`]).
+    tls: bool,
 }
 
 impl Listen<'_> {
@@ -224,7 +246,53 @@ impl Listen<'_> {
         ip: std::net::Ipv4Addr::LOCALHOST,
         port: None,
         netns: None,
+        tls: false,
     };
+}
+
+/// Writes a CA and a server certificate for `localhost` and `127.0.0.1`
+/// signed by it into `dir`, the key readable by the server's user only;
+/// answers the server's options that turn TLS on.
+fn write_tls_files(dir: &Path, root: bool) -> Result<String, String> {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let fail = |e: rcgen::Error| format!("making the test server's certificates: {e}");
+    let ca_key = KeyPair::generate().map_err(fail)?;
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).map_err(fail)?;
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).map_err(fail)?;
+    let issuer = Issuer::new(ca_params, ca_key);
+    let key = KeyPair::generate().map_err(fail)?;
+    let params = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+        .map_err(fail)?;
+    let cert = params.signed_by(&key, &issuer).map_err(fail)?;
+    let write = |name: &str, text: String| -> Result<PathBuf, String> {
+        let path = dir.join(name);
+        std::fs::write(&path, text).map_err(|e| format!("writing {}: {e}", path.display()))?;
+        Ok(path)
+    };
+    write("ca.pem", ca.pem())?;
+    let cert_file = write("server.crt", cert.pem())?;
+    let key_file = write("server.key", key.serialize_pem())?;
+    std::fs::set_permissions(
+        &key_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .map_err(|e| format!("chmod {}: {e}", key_file.display()))?;
+    if root {
+        let user = nix::unistd::User::from_name("postgres")
+            .ok()
+            .flatten()
+            .ok_or_else(|| format!("no `postgres` user; {INSTALL}"))?;
+        for file in [&cert_file, &key_file] {
+            std::os::unix::fs::chown(file, Some(user.uid.as_raw()), Some(user.gid.as_raw()))
+                .map_err(|e| format!("giving {} to postgres: {e}", file.display()))?;
+        }
+    }
+    Ok(format!(
+        " -c ssl=on -c ssl_cert_file={} -c ssl_key_file={}",
+        cert_file.display(),
+        key_file.display()
+    ))
 }
 
 /// Where the server binaries are.
@@ -364,12 +432,15 @@ fn start(name: &str, listen: &Listen) -> Result<Server, String> {
                 .map_err(|e| format!("finding a free port: {e}"))?
                 .port(),
         };
-        let options = format!(
+        let mut options = format!(
             "-c listen_addresses={} -p {port} -k {} -c fsync=off -c synchronous_commit=off \
              -c full_page_writes=off -c max_connections=300",
             listen.ip,
             dir.display()
         );
+        if listen.tls {
+            options.push_str(&write_tls_files(&dir, root)?);
+        }
         let mut start = as_server_user(&pg_ctl, root, listen.netns);
         start
             .arg("-D")

@@ -423,3 +423,60 @@ fn every_session_asks_the_server_to_end_it_once_silent() {
     // what it set on the socket.
     assert_eq!(settings, ["4", "1", "4", "8000"]);
 }
+
+/// `sslmode=verify-full` with `sslrootcert`: both connections are
+/// encrypted, and a server whose certificate the given CA did not sign is
+/// refused at open.
+#[test]
+fn verify_full_encrypts_every_connection_and_refuses_a_server_of_another_ca() {
+    let server = testdb::Server::private_tls();
+    let url = format!(
+        "{}?sslmode=verify-full&sslrootcert={}",
+        server.url(),
+        server.ca_file().display()
+    );
+    let store = PgStore::open(&url).unwrap();
+    let id = TaskId::new();
+    store
+        .commit(&[Record::Task(record(id, TaskState::Queued))])
+        .unwrap();
+    assert!(store.task(id).unwrap().is_some());
+    const SSL: &str = "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()";
+    let reader = store.reader().unwrap();
+    let read_ssl: bool = store
+        .run("test", async { reader.query_opt("test", SSL, &[]).await })
+        .unwrap()
+        .expect("a row for this session")
+        .get(0);
+    let writer = store.writer().unwrap();
+    let write_ssl: bool = store
+        .run("test", async { writer.query_opt("test", SSL, &[]).await })
+        .unwrap()
+        .expect("a row for this session")
+        .get(0);
+    assert!(read_ssl && write_ssl, "read {read_ssl}, write {write_ssl}");
+    drop(writer);
+    drop(reader);
+    drop(store);
+
+    // A CA that did not sign the server's certificate.
+    let dir = tempfile::tempdir().unwrap();
+    let other = dir.path().join("other-ca.pem");
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    std::fs::write(&other, params.self_signed(&key).unwrap().pem()).unwrap();
+    let url = format!(
+        "{}?sslmode=verify-full&sslrootcert={}",
+        server.url(),
+        other.display()
+    );
+    let Err(err) = PgStore::open(&url) else {
+        panic!("a server of another CA was trusted");
+    };
+    assert!(matches!(err, StoreError::Database { .. }), "{err}");
+    assert!(
+        err.to_string().to_lowercase().contains("certificate"),
+        "{err}"
+    );
+}
