@@ -24,8 +24,8 @@ use weft_proto::TaskState;
 use weft_tests::process::ChildProcess;
 use weft_tests::wait::wait_for;
 
-use crate::hosts::{PATIENCE, kill, node_name, spawn_in};
-use crate::lab::{NODE_HOSTS, address, failure, namespace, say};
+use crate::hosts::{PATIENCE, kill, leave, node_name, spawn_in};
+use crate::lab::{NODE_HOSTS, address, namespace};
 
 /// The hosts running a coordinator each, in the order clients and nodes
 /// dial them.
@@ -353,26 +353,9 @@ impl Drop for HaCluster {
         for dir in &self.named {
             let _ = std::fs::remove_dir_all(dir);
         }
-        if std::thread::panicking() {
-            let mut procs: Vec<&ChildProcess> = self.nodes.values().collect();
-            procs.extend(self.coordinators.values());
-            for process in procs {
-                say(&format!(
-                    "--- {} (last 30 lines of {}) ---\n{}",
-                    process.label(),
-                    process.log().display(),
-                    process.log_tail(30)
-                ));
-            }
-            if let Some(failure) = failure() {
-                say(&format!("--- the scenario failed (logs above): {failure}"));
-            }
-        }
-        if std::env::var_os("WEFT_TEST_KEEP").is_some()
-            && let Some(dir) = self.dir.take()
-        {
-            say(&format!("kept {}", dir.keep().display()));
-        }
+        let mut procs: Vec<&ChildProcess> = self.nodes.values().collect();
+        procs.extend(self.coordinators.values());
+        leave(procs, &mut self.dir);
     }
 }
 

@@ -287,28 +287,35 @@ impl LabCluster {
     }
 }
 
+/// What a lab cluster does when dropped: while a scenario panics, the
+/// tail of each process's log and then the panic again; with
+/// `WEFT_TEST_KEEP`, its temp dir kept.
+pub fn leave(procs: Vec<&ChildProcess>, dir: &mut Option<TempDir>) {
+    if std::thread::panicking() {
+        for process in procs {
+            say(&format!(
+                "--- {} (last 30 lines of {}) ---\n{}",
+                process.label(),
+                process.log().display(),
+                process.log_tail(30)
+            ));
+        }
+        if let Some(failure) = failure() {
+            say(&format!("--- the scenario failed (logs above): {failure}"));
+        }
+    }
+    if std::env::var_os("WEFT_TEST_KEEP").is_some()
+        && let Some(dir) = dir.take()
+    {
+        say(&format!("kept {}", dir.keep().display()));
+    }
+}
+
 impl Drop for LabCluster {
     fn drop(&mut self) {
-        if std::thread::panicking() {
-            let mut procs: Vec<&ChildProcess> = self.nodes.values().collect();
-            procs.extend(self.coordinator.as_ref());
-            for process in procs {
-                say(&format!(
-                    "--- {} (last 30 lines of {}) ---\n{}",
-                    process.label(),
-                    process.log().display(),
-                    process.log_tail(30)
-                ));
-            }
-            if let Some(failure) = failure() {
-                say(&format!("--- the scenario failed (logs above): {failure}"));
-            }
-        }
-        if std::env::var_os("WEFT_TEST_KEEP").is_some()
-            && let Some(dir) = self.dir.take()
-        {
-            say(&format!("kept {}", dir.keep().display()));
-        }
+        let mut procs: Vec<&ChildProcess> = self.nodes.values().collect();
+        procs.extend(self.coordinator.as_ref());
+        leave(procs, &mut self.dir);
         // The children are killed by `kill_on_drop`; `teardown` kills
         // anything else left in the lab.
     }

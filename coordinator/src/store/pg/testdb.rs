@@ -142,15 +142,7 @@ impl Server {
 /// `pg_terminate_backend`, or a session the server gave up on): how many
 /// sessions it ended. Blocks.
 pub fn end_the_active_session(url: &str) -> usize {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("a test runtime starts");
-    rt.block_on(async {
-        let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-            .await
-            .unwrap_or_else(|e| panic!("connecting to {url}: {e}"));
-        tokio::spawn(connection);
+    with_client(url, async |client| {
         let rows = client
             .query(
                 "SELECT pg_terminate_backend(pid) FROM pg_locks
@@ -165,9 +157,9 @@ pub fn end_the_active_session(url: &str) -> usize {
     })
 }
 
-/// How many sessions coordinators hold on the database at `url` (an
-/// active one holds two, a standby one). Blocks.
-pub fn coordinator_sessions(url: &str) -> usize {
+/// Runs `query` with a client connected to `url`, on a runtime of its
+/// own. Blocks; panics when the server cannot be reached.
+fn with_client<T>(url: &str, query: impl AsyncFnOnce(tokio_postgres::Client) -> T) -> T {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -177,6 +169,14 @@ pub fn coordinator_sessions(url: &str) -> usize {
             .await
             .unwrap_or_else(|e| panic!("connecting to {url}: {e}"));
         tokio::spawn(connection);
+        query(client).await
+    })
+}
+
+/// How many sessions coordinators hold on the database at `url` (an
+/// active one holds two, a standby one). Blocks.
+pub fn coordinator_sessions(url: &str) -> usize {
+    with_client(url, async |client| {
         let row = client
             .query_one(
                 "SELECT count(*) FROM pg_stat_activity
@@ -202,16 +202,7 @@ pub fn database() -> String {
         Err(why) => panic!("no PostgreSQL for the tests: {why}"),
     };
     let name = format!("weft_test_{}", DATABASES.fetch_add(1, Ordering::Relaxed));
-    let admin = server.url();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("a test runtime starts");
-    rt.block_on(async {
-        let (client, connection) = tokio_postgres::connect(&admin, tokio_postgres::NoTls)
-            .await
-            .expect("the test server takes connections");
-        tokio::spawn(connection);
+    with_client(&server.url(), async |client| {
         client
             .batch_execute(&format!("CREATE DATABASE {name}"))
             .await
