@@ -16,8 +16,10 @@ use crate::exit;
 use crate::output::{OutputFormat, event_json};
 
 /// How long a CLI command keeps trying to resume a watch whose connection
-/// dropped before it exits 69.
-pub const CLI_RESUME_WINDOW: Duration = Duration::from_secs(10);
+/// dropped before it exits 69: longer than a standby takes over from a
+/// coordinator cut off from its database (about 10 s: its lease, then the
+/// database ending its session).
+pub const CLI_RESUME_WINDOW: Duration = Duration::from_secs(30);
 
 /// How long a task may stay queued before `run`/`call` say why it waits.
 const PENDING_HINT_AFTER: Duration = Duration::from_secs(2);
