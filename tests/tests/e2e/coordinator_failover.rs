@@ -45,6 +45,43 @@ async fn node_with(cluster: &TestCluster, name: &str, coordinators: &[String]) -
     spawn("weft-node", &args, cluster.dir(), name)
 }
 
+/// A durable cluster of processes with one node, `name`, given the
+/// coordinator's address and then a spare one, where the coordinator may
+/// move (as a standby taking over would); the node is registered.
+struct Movable {
+    cluster: TestCluster,
+    /// The spare address.
+    standby: std::net::SocketAddr,
+    /// The coordinator's URL now, and at the spare address.
+    first: String,
+    second: String,
+    node: ChildProcess,
+    client: Client,
+}
+
+async fn movable(name: &str) -> Movable {
+    let cluster = TestCluster::builder()
+        .processes()
+        .durable()
+        .heartbeat_timeout(HEARTBEAT_TIMEOUT)
+        .nodes(0)
+        .start()
+        .await;
+    let standby = spare_addr();
+    let (first, second) = (cluster.url(), cluster.url_at(standby));
+    let node = node_with(&cluster, name, &[first.clone(), second.clone()]).await;
+    let client = cluster.client().await;
+    wait_for_node(&client, name).await;
+    Movable {
+        cluster,
+        standby,
+        first,
+        second,
+        node,
+        client,
+    }
+}
+
 /// A shell script that prints `before`, waits until `go` exists, then
 /// prints `after`: a task that runs for as long as the test wants.
 fn waits_for(go: &Path) -> String {
@@ -120,18 +157,14 @@ async fn a_node_given_a_dead_address_first_registers_with_the_live_one_and_runs_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_follows_a_coordinator_that_moved_and_its_running_attempt_is_adopted() {
-    let cluster = TestCluster::builder()
-        .processes()
-        .durable()
-        .heartbeat_timeout(HEARTBEAT_TIMEOUT)
-        .nodes(0)
-        .start()
-        .await;
-    let standby = spare_addr();
-    let (first, second) = (cluster.url(), cluster.url_at(standby));
-    let node = node_with(&cluster, "mover", &[first, second.clone()]).await;
-    let client = cluster.client().await;
-    wait_for_node(&client, "mover").await;
+    let Movable {
+        cluster,
+        standby,
+        second,
+        node,
+        client,
+        ..
+    } = movable("mover").await;
     let go = cluster.dir().join("go");
     let spec = TaskSpec::exec(["sh", "-c", &waits_for(&go)]);
     let id = client.submit(spec).await.expect("submit");
@@ -181,18 +214,14 @@ async fn a_node_follows_a_coordinator_that_moved_and_its_running_attempt_is_adop
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn weft_run_given_two_addresses_prints_the_whole_output_once_across_a_failover() {
-    let cluster = TestCluster::builder()
-        .processes()
-        .durable()
-        .heartbeat_timeout(HEARTBEAT_TIMEOUT)
-        .nodes(0)
-        .start()
-        .await;
-    let standby = spare_addr();
-    let (first, second) = (cluster.url(), cluster.url_at(standby));
-    let node = node_with(&cluster, "runner", &[first.clone(), second.clone()]).await;
-    let client = cluster.client().await;
-    wait_for_node(&client, "runner").await;
+    let Movable {
+        cluster,
+        standby,
+        first,
+        second,
+        node,
+        client,
+    } = movable("runner").await;
     let go = cluster.dir().join("go-run");
     let script = waits_for(&go);
     let token = cluster.admin_token();
