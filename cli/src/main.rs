@@ -45,6 +45,13 @@ use std::process::ExitCode;
 
 use tracing_subscriber::EnvFilter;
 
+/// jemalloc, not the system's malloc: a queue frees its tasks in another
+/// order than it made them (priorities, fair keys), and jemalloc's size
+/// classes keep that about as cheap as first in, first out (BENCHMARKS.md,
+/// "The allocator").
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     // `weft local` and `weft demo` run nodes in this process; their reaper
     // is this executable (see weft_node::reaper).

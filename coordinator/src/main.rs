@@ -12,6 +12,13 @@ use weft_coordinator::CoordinatorConfig;
 use weft_coordinator::tls::TlsConfig;
 use weft_proto::convert::parse_duration;
 
+/// jemalloc, not the system's malloc: a queue frees its tasks in another
+/// order than it made them (priorities, fair keys), and jemalloc's size
+/// classes keep that about as cheap as first in, first out (BENCHMARKS.md,
+/// "The allocator").
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// The Weft coordinator: keeps the task queue, matches tasks to connected
 /// nodes, and serves the client and admin APIs over gRPC.
 ///

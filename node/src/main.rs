@@ -17,6 +17,13 @@ use weft_node::{HandlerRegistry, NodeConfig};
 use weft_proto::tls::Trust;
 use weft_proto::{CoordinatorAddr, ExecPolicy, JoinToken};
 
+/// jemalloc, not the system's malloc: a queue frees its tasks in another
+/// order than it made them (priorities, fair keys), and jemalloc's size
+/// classes keep that about as cheap as first in, first out (BENCHMARKS.md,
+/// "The allocator").
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Runs Weft tasks: connects to a coordinator, offers slots, and runs the
 /// child processes and handlers it is assigned, streaming their output back.
 /// Reconnects with backoff when the coordinator goes away; running tasks
