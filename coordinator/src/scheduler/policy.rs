@@ -44,7 +44,7 @@
 //!   one of its buckets lacks units and `next_wakeup` includes the refill.
 //! - Resources are held on the node from assignment to the attempt's end.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use weft_proto::policy::{Limit, LimitKind, OverLimit, RateLimit};
@@ -83,8 +83,10 @@ pub(crate) struct ConcKey {
     pub max: Option<u32>,
     /// Its tasks assigned or running now.
     pub running: u32,
-    /// Its tasks not final (queued, assigned, running), oldest first.
-    pub live: BTreeSet<TaskId>,
+    /// Its tasks not final (queued, assigned, running). A hash set: every
+    /// task of the key goes in and out once, in whatever order the policy
+    /// runs them, and only `cancel_oldest` needs them sorted (it sorts).
+    pub live: HashSet<TaskId>,
 }
 
 impl ConcKey {

@@ -104,21 +104,16 @@ impl Index {
     }
 
     fn state_set(&mut self, state: u8) -> &mut BTreeSet<u128> {
-        let last = self.by_state.len() - 1;
-        &mut self.by_state[usize::from(state).min(last)]
+        state_set(&mut self.by_state, state)
     }
 
     /// `loc` is no longer the latest of anything.
     fn dead(&mut self, loc: Loc) {
-        if let Some(segment) = self.segments.get_mut(&loc.seg) {
-            segment.live = segment.live.saturating_sub(u64::from(loc.len));
-        }
+        dead(&mut self.segments, loc);
     }
 
     fn alive(&mut self, loc: Loc) {
-        if let Some(segment) = self.segments.get_mut(&loc.seg) {
-            segment.live += u64::from(loc.len);
-        }
+        alive(&mut self.segments, loc);
     }
 
     fn replace(&mut self, old: Option<Loc>) {
@@ -129,7 +124,12 @@ impl Index {
 
     /// Applies the frame whose payload is `payload`, written at `off` (the
     /// payload's offset) in segment `seg`.
+    ///
+    /// A task's records in a commit mostly follow each other (its record,
+    /// then its events), so a run of records of one task finds its entry
+    /// once, not once per record.
     pub fn apply_frame(&mut self, seg: u32, off: u64, payload: &[u8]) -> Result<(), &'static str> {
+        let mut run: Vec<(Raw<'_>, Loc)> = Vec::new();
         for entry in frame::records(payload) {
             let (at, raw) = entry?;
             let loc = Loc {
@@ -137,7 +137,80 @@ impl Index {
                 off: u32::try_from(off + at as u64).map_err(|_| "a segment past 4 GiB")?,
                 len: u32::try_from(raw.bytes.len()).map_err(|_| "a record past 4 GiB")?,
             };
-            self.apply(raw, loc)?;
+            let Some(id) = task_part(&raw) else {
+                self.apply_run(&mut run)?;
+                self.apply(raw, loc)?;
+                continue;
+            };
+            if run
+                .first()
+                .and_then(|(r, _)| task_part(r))
+                .is_some_and(|r| r != id)
+            {
+                self.apply_run(&mut run)?;
+            }
+            run.push((raw, loc));
+        }
+        self.apply_run(&mut run)
+    }
+
+    /// Applies (and empties) `run`: records of one task, each a task
+    /// record, its spec or an event, found with one lookup.
+    fn apply_run(&mut self, run: &mut Vec<(Raw<'_>, Loc)>) -> Result<(), &'static str> {
+        let Some(id) = run.first().and_then(|(raw, _)| task_part(raw)) else {
+            return Ok(());
+        };
+        let Index {
+            tasks,
+            by_state,
+            finals,
+            segments,
+            ..
+        } = self;
+        let entry = tasks.entry(id).or_insert_with(|| TaskEntry {
+            record: Loc::NONE,
+            spec: Loc::NONE,
+            head: TaskHead::NONE,
+            events: Vec::new(),
+            secrets: None,
+        });
+        for (raw, loc) in run.drain(..) {
+            let old = match (raw.kind, raw.key) {
+                (Kind::Task, _) => {
+                    let head = TaskHead::parse(raw.body).ok_or("a task record without its head")?;
+                    let record = std::mem::replace(&mut entry.record, loc);
+                    let old = std::mem::replace(&mut entry.head, head);
+                    let moved = record.is_none() || old.state != head.state;
+                    if !record.is_none() {
+                        if moved {
+                            state_set(by_state, old.state).remove(&id);
+                        }
+                        if old.is_final() {
+                            finals.remove(&(old.updated_ms, id));
+                        }
+                    }
+                    if moved {
+                        state_set(by_state, head.state).insert(id);
+                    }
+                    if head.is_final() {
+                        finals.insert((head.updated_ms, id));
+                    }
+                    record
+                }
+                (Kind::Spec, _) => std::mem::replace(&mut entry.spec, loc),
+                (_, Key::Event(_, seq)) => {
+                    let seq = usize::try_from(seq).map_err(|_| "an event seq past memory")?;
+                    if entry.events.len() <= seq {
+                        entry.events.resize(seq + 1, Loc::NONE);
+                    }
+                    std::mem::replace(&mut entry.events[seq], loc)
+                }
+                _ => return Err("a record whose key does not fit its kind"),
+            };
+            if !old.is_none() {
+                dead(segments, old);
+            }
+            alive(segments, loc);
         }
         Ok(())
     }
@@ -145,65 +218,6 @@ impl Index {
     fn apply(&mut self, raw: Raw<'_>, loc: Loc) -> Result<(), &'static str> {
         match (raw.kind, raw.key) {
             (Kind::Header, _) => {}
-            (Kind::Task, Key::Id(id)) => {
-                let head = TaskHead::parse(raw.body).ok_or("a task record without its head")?;
-                // One lookup: the entry is updated in place, the indexes
-                // after.
-                let entry = self.tasks.entry(id).or_insert_with(|| TaskEntry {
-                    record: Loc::NONE,
-                    spec: Loc::NONE,
-                    head,
-                    events: Vec::new(),
-                    secrets: None,
-                });
-                let record = std::mem::replace(&mut entry.record, loc);
-                let old = std::mem::replace(&mut entry.head, head);
-                let moved = record.is_none() || old.state != head.state;
-                if !record.is_none() {
-                    self.dead(record);
-                    if moved {
-                        self.state_set(old.state).remove(&id);
-                    }
-                    if old.is_final() {
-                        self.finals.remove(&(old.updated_ms, id));
-                    }
-                }
-                if moved {
-                    self.state_set(head.state).insert(id);
-                }
-                if head.is_final() {
-                    self.finals.insert((head.updated_ms, id));
-                }
-                self.alive(loc);
-            }
-            (Kind::Spec, Key::Id(id)) => {
-                let entry = self.tasks.entry(id).or_insert_with(|| TaskEntry {
-                    record: Loc::NONE,
-                    spec: Loc::NONE,
-                    head: TaskHead::NONE,
-                    events: Vec::new(),
-                    secrets: None,
-                });
-                let old = std::mem::replace(&mut entry.spec, loc);
-                self.replace(Some(old));
-                self.alive(loc);
-            }
-            (Kind::Event, Key::Event(id, seq)) => {
-                let seq = usize::try_from(seq).map_err(|_| "an event seq past memory")?;
-                let entry = self.tasks.entry(id).or_insert_with(|| TaskEntry {
-                    record: Loc::NONE,
-                    spec: Loc::NONE,
-                    head: TaskHead::NONE,
-                    events: Vec::new(),
-                    secrets: None,
-                });
-                if entry.events.len() <= seq {
-                    entry.events.resize(seq + 1, Loc::NONE);
-                }
-                let old = std::mem::replace(&mut entry.events[seq], loc);
-                self.replace(Some(old));
-                self.alive(loc);
-            }
             (Kind::Secrets, Key::Id(id)) => {
                 let old = match self.tasks.get_mut(&id) {
                     Some(entry) => entry.secrets.replace(loc),
@@ -344,5 +358,34 @@ impl Index {
             .fold((0, 0), |(dead, live), (_, s)| {
                 (dead + s.len.saturating_sub(s.live), live + s.live)
             })
+    }
+}
+
+/// The task a task record, spec or event belongs to; `None` for any other
+/// record.
+fn task_part(raw: &Raw<'_>) -> Option<u128> {
+    match (raw.kind, raw.key) {
+        (Kind::Task | Kind::Spec, Key::Id(id)) | (Kind::Event, Key::Event(id, _)) => Some(id),
+        _ => None,
+    }
+}
+
+/// The ids in state number `state` (the last set takes any larger number).
+fn state_set(by_state: &mut [BTreeSet<u128>], state: u8) -> &mut BTreeSet<u128> {
+    let last = by_state.len() - 1;
+    &mut by_state[usize::from(state).min(last)]
+}
+
+/// `loc` is no longer the latest of anything.
+fn dead(segments: &mut BTreeMap<u32, Segment>, loc: Loc) {
+    if let Some(segment) = segments.get_mut(&loc.seg) {
+        segment.live = segment.live.saturating_sub(u64::from(loc.len));
+    }
+}
+
+/// `loc` is now the latest of something.
+fn alive(segments: &mut BTreeMap<u32, Segment>, loc: Loc) {
+    if let Some(segment) = segments.get_mut(&loc.seg) {
+        segment.live += u64::from(loc.len);
     }
 }

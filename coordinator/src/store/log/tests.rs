@@ -350,6 +350,107 @@ fn a_task_changed_several_times_in_one_commit_is_written_once_and_its_spec_only_
     assert_eq!((tasks, specs, events), (2, 1, 1));
 }
 
+/// What the index holds, as text: every task's places, the ids per state,
+/// the final tasks, and each segment's live bytes.
+fn index_view(store: &LogStore) -> String {
+    let index = store.inner.read_index().expect("index");
+    let tasks: Vec<String> = index
+        .tasks
+        .iter()
+        .map(|(id, e)| {
+            format!(
+                "{id} {:?} {:?} {:?} {:?}",
+                e.record, e.spec, e.events, e.head
+            )
+        })
+        .collect();
+    let live: Vec<(u32, u64, u64)> = index
+        .segments
+        .iter()
+        .map(|(no, s)| (*no, s.len, s.live))
+        .collect();
+    format!(
+        "{}\n{:?}\n{:?}\n{live:?}",
+        tasks.join("\n"),
+        index.by_state,
+        index.finals
+    )
+}
+
+#[test]
+fn records_of_several_tasks_interleaved_in_one_commit_index_as_a_restart_reads_them() {
+    // A commit's records of one task are applied together when they
+    // follow each other; interleaved ones must land the same, and the
+    // live bytes must count each place once.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let [a, b, c] = ids(3)[..] else {
+        unreachable!("three ids")
+    };
+    let running = {
+        let store = open_quiet(dir.path());
+        store
+            .commit(&[
+                Record::Task(record(a, TaskState::Queued, 1)),
+                Record::Task(record(b, TaskState::Queued, 1)),
+                event(a, 0, "a0"),
+                event(b, 0, "b0"),
+                Record::Task(record(c, TaskState::Queued, 1)),
+            ])
+            .expect("commit");
+        store
+            .commit(&[
+                event(a, 1, "a1"),
+                Record::Task(record(b, TaskState::Running, 2)),
+                event(a, 2, "a2"),
+                event(b, 1, "b1"),
+                event(b, 2, "b2"),
+                Record::Task(record(a, TaskState::Succeeded, 3)),
+                event(c, 0, "c0"),
+                Record::Task(record(b, TaskState::Succeeded, 4)),
+            ])
+            .expect("commit");
+        let running = index_view(&store);
+        let view_before = view(&store);
+        drop(store);
+        let store = open_quiet(dir.path());
+        assert_eq!(view(&store), view_before, "what a reader sees");
+        running
+    };
+    let store = open_quiet(dir.path());
+    assert_eq!(index_view(&store), running, "the index a restart rebuilds");
+    let index = store.inner.read_index().expect("index");
+    assert_eq!(index.tasks[&a.as_u128()].events.len(), 3);
+    assert_eq!(index.tasks[&b.as_u128()].events.len(), 3);
+    assert_eq!(index.tasks[&c.as_u128()].events.len(), 1);
+    assert_eq!(index.finals.len(), 2, "a and b final, once each");
+    let in_state = |state| {
+        index
+            .in_state(frame::state_number(state))
+            .map(|set| set.iter().copied().collect::<Vec<u128>>())
+            .unwrap_or_default()
+    };
+    assert_eq!(
+        in_state(TaskState::Succeeded),
+        vec![a.as_u128(), b.as_u128()]
+    );
+    assert_eq!(in_state(TaskState::Queued), vec![c.as_u128()]);
+    assert!(in_state(TaskState::Running).is_empty(), "b left RUNNING");
+    // Live bytes are exactly the current records' (the replaced task
+    // records of a and b are dead).
+    let current: u64 = index
+        .tasks
+        .values()
+        .flat_map(|e| {
+            [e.record, e.spec]
+                .into_iter()
+                .chain(e.events.iter().copied())
+        })
+        .map(|loc| u64::from(loc.len))
+        .sum();
+    let live: u64 = index.segments.values().map(|s| s.live).sum();
+    assert_eq!(live, current);
+}
+
 /// Timing aid, not a check (`cargo test --release -p weft-coordinator --lib
 /// million -- --ignored --nocapture`): opening and loading a log of a
 /// million queued tasks. `weft bench --only recovery` measures the whole
