@@ -148,6 +148,18 @@ impl TestCluster {
         }
     }
 
+    /// Process mode: sends `signal` to the cluster's coordinator (SIGSTOP
+    /// freezes it as a paused VM would, SIGCONT lets it go on).
+    pub fn signal_coordinator(&self, signal: nix::sys::signal::Signal) {
+        match &*self.coordinator.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some(Coordinator::Process(child)) => child.signal(signal),
+            Some(Coordinator::InProcess(_)) => {
+                panic!("signal_coordinator needs TestCluster::builder().processes()")
+            }
+            None => panic!("the coordinator is not running"),
+        }
+    }
+
     /// Process mode: waits (up to `timeout`) for the cluster's coordinator
     /// to exit by itself; answers its exit status and log.
     pub async fn wait_coordinator_exit(&self, timeout: Duration) -> (ExitStatus, String) {

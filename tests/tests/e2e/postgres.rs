@@ -2,7 +2,7 @@
 //! submitted and run before a restart is read back after it, through the
 //! API and from the database itself; and two coordinators on one
 //! database, one active and one standby that takes over when the active
-//! is killed, or stops because its database session ended.
+//! is killed, stops because its database session ended, or is frozen.
 
 use std::time::{Duration, Instant};
 
@@ -203,5 +203,80 @@ async fn an_active_whose_database_session_ends_stops_and_a_standby_takes_over() 
     let other = cluster.client_at(&standby.url()).await;
     let task = other.get(id).await.expect("get on the new active");
     assert_eq!(&task.output[..], b"kept");
+    assert!(standby.stop(Duration::from_secs(10)).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_ends_the_session_of_a_frozen_active_and_takes_over() {
+    use nix::sys::signal::Signal;
+    use weft_coordinator::store::pg::{lease, testdb};
+    let url = tokio::task::spawn_blocking(testdb::database)
+        .await
+        .expect("a database on the tests' PostgreSQL");
+    let cluster = TestCluster::builder()
+        .nodes(1)
+        .processes()
+        .postgres(url)
+        .start()
+        .await;
+    let client = cluster.client().await;
+    let id = client
+        .submit(TaskSpec::call("echo", "before the freeze"))
+        .await
+        .expect("submit");
+    assert_eq!(cluster.wait_for_final(id).await.state, TaskState::Succeeded);
+    let mut standby = cluster.start_standby().await;
+    standby.wait_standby().await;
+
+    // Frozen, as a paused VM is: its kernel keeps the database session
+    // open, so only the standby can end it, and only once it has been
+    // silent for SILENT_AFTER (a live active checks every second).
+    cluster.signal_coordinator(Signal::SIGSTOP);
+    let frozen = Instant::now();
+    standby.wait_serving().await;
+    let took = frozen.elapsed();
+    eprintln!("a standby served {took:?} after the active froze");
+    assert!(
+        took >= lease::SILENT_AFTER,
+        "the standby took over {took:?} after the freeze, before the active's session was silent for {:?}",
+        lease::SILENT_AFTER
+    );
+    assert!(
+        standby.log_text().contains("silent for"),
+        "{}",
+        standby.log_text()
+    );
+    let other = cluster.client_at(&standby.url()).await;
+    let task = other.get(id).await.expect("get on the new active");
+    assert_eq!(&task.output[..], b"before the freeze");
+
+    // Let go, the frozen one finds its lease long run out and its session
+    // gone: it stops, exit 75, and serves nothing more.
+    cluster.signal_coordinator(Signal::SIGCONT);
+    let (status, log) = cluster
+        .wait_coordinator_exit(lease::CHECK_EVERY + lease::STOP_MARGIN)
+        .await;
+    assert_eq!(
+        status.code(),
+        Some(weft_coordinator::EXIT_LOST_DATABASE),
+        "{log}"
+    );
+    let node = cluster.node_names().remove(0);
+    cluster.restart_node_at(&node, &standby.url()).await;
+    let after = other
+        .submit(TaskSpec::call("echo", "after the freeze"))
+        .await
+        .expect("submit on the new active");
+    let done = wait_for(default_timeout(), || async {
+        other
+            .get(after)
+            .await
+            .ok()
+            .filter(|task| task.state.is_final())
+    })
+    .await
+    .expect("the new task finishes on the new active");
+    assert_eq!(done.state, TaskState::Succeeded, "{done:?}");
+    assert_eq!(done.node_name.as_deref(), Some(node.as_str()));
     assert!(standby.stop(Duration::from_secs(10)).await);
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 use super::conn::{Conn, Connect};
-use super::lease::{CHECK_EVERY, LEASE, Lease, Verdict};
+use super::lease::{CHECK_EVERY, LEASE, Lease, SILENT_AFTER, Verdict};
 use super::{COORDINATOR_LOCK, PgStore, Target, describe};
 use crate::store::StoreError;
 
@@ -20,6 +20,22 @@ pub const STANDBY_POLL: Duration = Duration::from_millis(150);
 /// How long a standby whose own connection was lost waits before it
 /// connects again.
 const STANDBY_RECONNECT: Duration = Duration::from_secs(1);
+
+/// How often a standby looks at how long the active's session has been
+/// silent (see [`end_a_silent_holder`]).
+const SILENT_LOOK_EVERY: Duration = Duration::from_secs(1);
+
+/// The session holding [`COORDINATOR_LOCK`] in this database, and for how
+/// many seconds, by the server's clock, it has been waiting for its
+/// coordinator (idle, or idle in a transaction); `NULL` while it runs a
+/// query, or when this role may not see it.
+const HOLDER: &str = "SELECT l.pid,
+        CASE WHEN a.state LIKE 'idle%'
+             THEN EXTRACT(EPOCH FROM clock_timestamp() - a.state_change)::float8 END
+    FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid
+    WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+      AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+      AND ((l.classid::bigint << 32) | l.objid::bigint) = $1";
 
 /// Whether this session holds [`COORDINATOR_LOCK`] (a bigint advisory lock
 /// shows in `pg_locks` as its high and low 32 bits, `objsubid` 1).
@@ -139,6 +155,7 @@ pub(super) async fn take_database(
 ) -> Result<Option<(Conn, Instant)>, StoreError> {
     let mut conn = Conn::open(connect, target).await?;
     let mut standby = false;
+    let mut looked = Instant::now();
     loop {
         let sent = Instant::now();
         let pause = match try_lock(&conn, target).await {
@@ -155,6 +172,12 @@ pub(super) async fn take_database(
                         database = %target.0,
                         "standby: another coordinator holds the database; this one takes over once it lets go, and until then does not listen"
                     );
+                }
+                if looked.elapsed() >= SILENT_LOOK_EVERY {
+                    looked = Instant::now();
+                    if let Err(err) = end_a_silent_holder(&conn).await {
+                        tracing::warn!(error = %err, "standby: cannot look at the active coordinator's session");
+                    }
                 }
                 STANDBY_POLL
             }
@@ -175,4 +198,40 @@ pub(super) async fn take_database(
             }
         }
     }
+}
+
+/// Ends the session holding [`COORDINATOR_LOCK`] when it has waited for
+/// its coordinator for [`SILENT_AFTER`]: that coordinator is frozen
+/// (SIGSTOP, a paused VM) while its kernel still answers, so the server
+/// would keep the session, and the lock, for as long as that lasts. The
+/// active checks its lease every [`CHECK_EVERY`] on that session, and a
+/// live one stops once no check succeeded for [`LEASE`] (`lease.rs`), so
+/// a session silent that long has no coordinator acting on it; ending it
+/// is what the server does to a session cut off from its coordinator. A
+/// session running a query (a long load at start) is never ended.
+/// Answers whether it ended one.
+async fn end_a_silent_holder(conn: &Conn) -> Result<bool, tokio_postgres::Error> {
+    let Some(row) = conn.client.query_opt(HOLDER, &[&COORDINATOR_LOCK]).await? else {
+        return Ok(false);
+    };
+    let pid: i32 = row.get(0);
+    let Some(silent) = row.get::<_, Option<f64>>(1) else {
+        return Ok(false);
+    };
+    if silent < SILENT_AFTER.as_secs_f64() {
+        return Ok(false);
+    }
+    let ended = conn
+        .client
+        .query_one("SELECT pg_terminate_backend($1)", &[&pid])
+        .await?
+        .get::<_, bool>(0);
+    if ended {
+        tracing::warn!(
+            pid,
+            silent_s = silent,
+            "standby: the active coordinator's database session has been silent for {silent:.1}s (a frozen or paused coordinator); ended it to take over"
+        );
+    }
+    Ok(ended)
 }

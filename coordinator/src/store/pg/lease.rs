@@ -16,7 +16,10 @@
 //! [`CHECK_EVERY`] after the server last heard from it, a margin of
 //! [`STOP_MARGIN`] before a standby can take over (the const assertion
 //! below). A killed coordinator's socket is closed by its kernel: the
-//! session ends, and a standby takes over, at once.
+//! session ends, and a standby takes over, at once. A frozen coordinator
+//! (SIGSTOP, a paused VM) keeps its socket open; a standby ends its
+//! session once it has waited idle for [`SILENT_AFTER`], the same bound
+//! (`hold.rs`).
 
 use std::time::{Duration, Instant};
 
@@ -42,12 +45,24 @@ pub const SESSION_DEADLINE: Duration = Duration::from_secs(
 /// What a coordinator whose lease ran out has, at least, to stop its node
 /// sessions before a standby may take over.
 pub const STOP_MARGIN: Duration = Duration::from_secs(3);
+/// How long the active's session may wait for its coordinator (idle, not
+/// running a query) before a standby ends it: a frozen coordinator
+/// (SIGSTOP, a paused VM) keeps its socket, and so its session, alive,
+/// while a live one sends a lease check every [`CHECK_EVERY`] and stops
+/// once none succeeded for [`LEASE`]. The same bound as a cut-off
+/// session's.
+pub const SILENT_AFTER: Duration = SESSION_DEADLINE;
 
 // The rule of the module docs, checked when the crate compiles.
 const _: () = assert!(
     LEASE.as_millis() + CHECK_EVERY.as_millis() + STOP_MARGIN.as_millis()
         <= SESSION_DEADLINE.as_millis(),
     "a coordinator must stop before the server can end its session"
+);
+const _: () = assert!(
+    LEASE.as_millis() + CHECK_EVERY.as_millis() + STOP_MARGIN.as_millis()
+        <= SILENT_AFTER.as_millis(),
+    "a coordinator must stop before a standby may end its silent session"
 );
 
 /// What the watchdog makes of the lease at some instant.

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use weft_proto::{Attempt, TaskId, TaskSpec, TaskState};
 
-use super::lease::{CHECK_EVERY, LEASE, Verdict};
+use super::lease::{CHECK_EVERY, LEASE, SILENT_AFTER, Verdict};
 use super::testdb;
 use super::*;
 use crate::store::{EventBody, Record};
@@ -205,6 +205,56 @@ fn a_terminated_session_stops_the_active_within_its_lease_and_a_standby_takes_ov
             .is_err()
     );
     assert!(standby.task(id).unwrap().is_none());
+}
+
+/// A frozen active (SIGSTOP, a paused VM) keeps its session: a standby
+/// ends it once it has waited idle for SILENT_AFTER, never while it runs
+/// a query however long (a load at start), and never sooner.
+#[test]
+fn a_standby_ends_the_active_session_once_idle_for_its_bound_never_while_it_runs_a_query() {
+    let url = testdb::database();
+    let active = PgStore::open(&url).unwrap();
+    let busy = SILENT_AFTER + Duration::from_millis(1500);
+    // No lease watchdog runs here: the session is busy with one long
+    // query, then silent, as a frozen coordinator's would be.
+    let standby = std::thread::scope(|scope| {
+        let sleeping = scope.spawn(|| {
+            let writer = active.writer.lock().unwrap();
+            let conn = writer.as_ref().expect("the write connection");
+            active
+                .run("sleeping", async {
+                    conn.client
+                        .query("SELECT pg_sleep($1)", &[&busy.as_secs_f64()])
+                        .await
+                        .map_err(|e| backend("sleeping", &e))
+                })
+                .expect("the long query runs to its end");
+        });
+        let standby = open_in_background(&url);
+        assert!(
+            standby.recv_timeout(busy).is_err(),
+            "a standby took over from an active running a query"
+        );
+        sleeping.join().expect("the long query's thread");
+        standby
+    });
+    let idle = Instant::now();
+    let (next, took) = standby
+        .recv_timeout(SILENT_AFTER + Duration::from_secs(5))
+        .expect("the standby ends the silent session and takes over");
+    let after = took - idle;
+    eprintln!("the standby took over {after:?} after the active went idle");
+    assert!(after >= SILENT_AFTER, "{after:?}");
+    // The old active's session is gone: nothing it writes is recorded.
+    let id = TaskId::new();
+    let refused = active
+        .commit(&[Record::Task(record(id, TaskState::Queued))])
+        .unwrap_err();
+    assert!(
+        matches!(refused, StoreError::LostDatabase { .. }),
+        "{refused}"
+    );
+    assert!(next.task(id).unwrap().is_none());
 }
 
 #[test]
