@@ -156,6 +156,7 @@ pub(super) async fn take_database(
     let mut conn = Conn::open(connect, target).await?;
     let mut standby = false;
     let mut looked = Instant::now();
+    let mut look_failed = false;
     loop {
         let sent = Instant::now();
         let pause = match try_lock(&conn, target).await {
@@ -175,8 +176,15 @@ pub(super) async fn take_database(
                 }
                 if looked.elapsed() >= SILENT_LOOK_EVERY {
                     looked = Instant::now();
-                    if let Err(err) = end_a_silent_holder(&conn).await {
-                        tracing::warn!(error = %err, "standby: cannot look at the active coordinator's session");
+                    match end_a_silent_holder(&conn).await {
+                        Ok(_) => look_failed = false,
+                        // Once per run of failures: a role that may not
+                        // end the active's session fails every second.
+                        Err(err) if !look_failed => {
+                            look_failed = true;
+                            tracing::warn!(error = %err, "standby: cannot look at or end the active coordinator's session; waiting for it to let go");
+                        }
+                        Err(_) => {}
                     }
                 }
                 STANDBY_POLL
