@@ -6,9 +6,42 @@
 
 use std::time::{Duration, Instant};
 
-use weft_client::{TaskSpec, TaskState};
+use weft_client::{Client, TaskSpec, TaskState};
 use weft_coordinator::store::{PgStore, Store};
 use weft_tests::{TestCluster, default_timeout, wait_for};
+
+/// The cluster's node, started again dialing the new active at `url`
+/// (`other` is a client of it) with the identity it joined the first
+/// with, registers there and runs a new task echoing `input`.
+async fn moved_node_runs_work(cluster: &TestCluster, other: &Client, url: &str, input: &str) {
+    let node = cluster.node_names().remove(0);
+    cluster.restart_node_at(&node, url).await;
+    let nodes = wait_for(default_timeout(), || async {
+        other
+            .nodes()
+            .await
+            .ok()
+            .filter(|nodes| nodes.iter().any(|n| n.name == node))
+    })
+    .await;
+    assert!(nodes.is_ok(), "{node} never registered with the new active");
+    let next = other
+        .submit(TaskSpec::call("echo", input.to_owned()))
+        .await
+        .expect("submit on the new active");
+    let done = wait_for(default_timeout(), || async {
+        other
+            .get(next)
+            .await
+            .ok()
+            .filter(|task| task.state.is_final())
+    })
+    .await
+    .expect("the new task finishes");
+    assert_eq!(done.state, TaskState::Succeeded, "{done:?}");
+    assert_eq!(&done.output[..], input.as_bytes());
+    assert_eq!(done.node_name.as_deref(), Some(node.as_str()));
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_task_run_on_postgres_is_read_back_after_a_coordinator_restart() {
@@ -117,33 +150,7 @@ async fn a_standby_coordinator_takes_over_when_the_active_is_killed() {
 
     // The node, started again dialing the new active with the identity it
     // joined the first with, runs new work there.
-    let node = cluster.node_names().remove(0);
-    cluster.restart_node_at(&node, &standby.url()).await;
-    let nodes = wait_for(default_timeout(), || async {
-        other
-            .nodes()
-            .await
-            .ok()
-            .filter(|nodes| nodes.iter().any(|n| n.name == node))
-    })
-    .await;
-    assert!(nodes.is_ok(), "{node} never registered with the new active");
-    let next = other
-        .submit(TaskSpec::call("echo", "after the failover"))
-        .await
-        .expect("submit on the new active");
-    let done = wait_for(default_timeout(), || async {
-        other
-            .get(next)
-            .await
-            .ok()
-            .filter(|task| task.state.is_final())
-    })
-    .await
-    .expect("the new task finishes");
-    assert_eq!(done.state, TaskState::Succeeded, "{done:?}");
-    assert_eq!(&done.output[..], b"after the failover");
-    assert_eq!(done.node_name.as_deref(), Some(node.as_str()));
+    moved_node_runs_work(&cluster, &other, &standby.url(), "after the failover").await;
     // Nothing ran twice: the first task kept its one attempt.
     let first = other.get(id).await.expect("get");
     assert_eq!(first.attempts, before.attempts);
@@ -261,22 +268,6 @@ async fn a_standby_ends_the_session_of_a_frozen_active_and_takes_over() {
         Some(weft_coordinator::EXIT_LOST_DATABASE),
         "{log}"
     );
-    let node = cluster.node_names().remove(0);
-    cluster.restart_node_at(&node, &standby.url()).await;
-    let after = other
-        .submit(TaskSpec::call("echo", "after the freeze"))
-        .await
-        .expect("submit on the new active");
-    let done = wait_for(default_timeout(), || async {
-        other
-            .get(after)
-            .await
-            .ok()
-            .filter(|task| task.state.is_final())
-    })
-    .await
-    .expect("the new task finishes on the new active");
-    assert_eq!(done.state, TaskState::Succeeded, "{done:?}");
-    assert_eq!(done.node_name.as_deref(), Some(node.as_str()));
+    moved_node_runs_work(&cluster, &other, &standby.url(), "after the freeze").await;
     assert!(standby.stop(Duration::from_secs(10)).await);
 }
