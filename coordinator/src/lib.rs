@@ -73,6 +73,13 @@ pub mod store;
 pub mod tls;
 pub mod trace;
 
+/// A hash map keyed by task ids (or their bits) on the hot path: hashed
+/// with foldhash, seeded per process, instead of SipHash, which cost
+/// about a microsecond per task over the several maps a task passes
+/// through. The ids are the coordinator's own ULIDs; a peer only names
+/// ones that exist.
+pub(crate) type IdMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime};

@@ -18,7 +18,6 @@
 //! a batch holds back (`H`: replies, node messages, sessions to close) is
 //! the driver's; the pipeline only carries it.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
@@ -202,7 +201,7 @@ async fn join(commit: &mut JoinHandle<Ran>) -> Ran {
 /// Every event stays, in order.
 pub(super) fn coalesce(records: Vec<Record>) -> Vec<Record> {
     let mut out: Vec<Record> = Vec::with_capacity(records.len());
-    let mut at: HashMap<TaskId, usize> = HashMap::new();
+    let mut at: crate::IdMap<TaskId, usize> = crate::IdMap::default();
     for record in records {
         match record {
             Record::Task(task) => match at.get(&task.id) {

@@ -69,7 +69,7 @@ struct ManyWaiters {
     /// Each waiter's channel, its stream's budget, and how many of its
     /// ids are not final yet (it is forgotten at 0).
     waiters: HashMap<u64, (FinalTx, Arc<WatchBudget>, usize)>,
-    by_task: HashMap<TaskId, Vec<u64>>,
+    by_task: crate::IdMap<TaskId, Vec<u64>>,
 }
 
 /// The bytes of events queued towards one watch stream: in the driver's
@@ -183,7 +183,7 @@ impl LiveWatcher {
 /// The driver's side: who gets the events of each commit.
 pub(super) struct Watchers {
     /// Live watchers per task.
-    live: HashMap<TaskId, Vec<LiveWatcher>>,
+    live: crate::IdMap<TaskId, Vec<LiveWatcher>>,
     many: ManyWaiters,
     /// Events a live watcher may have queued before it counts as lagging.
     buffer: usize,
@@ -193,7 +193,7 @@ impl Watchers {
     /// No watchers; each live one gets a channel of `buffer` events.
     pub fn new(buffer: usize) -> Self {
         Watchers {
-            live: HashMap::new(),
+            live: crate::IdMap::default(),
             many: ManyWaiters::default(),
             buffer: buffer.max(16),
         }

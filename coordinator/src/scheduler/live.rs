@@ -13,7 +13,7 @@
 //! Freed slots are reused (a free list through the slab). When the table
 //! becomes empty it gives its memory back, keeping one chunk.
 
-use std::hash::{BuildHasher, RandomState};
+use std::hash::BuildHasher;
 
 use hashbrown::HashTable;
 
@@ -63,7 +63,7 @@ pub(crate) struct LiveTasks {
     chunks: Vec<Vec<Slot>>,
     /// Slot numbers, hashed by their entry's id.
     index: HashTable<u32>,
-    hasher: RandomState,
+    hasher: foldhash::fast::RandomState,
     /// First free slot, or `NONE`.
     free: u32,
     len: usize,

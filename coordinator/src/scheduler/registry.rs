@@ -73,7 +73,7 @@ pub(crate) struct NodeEntry {
     pub credits: u32,
     /// Slots taken by attempts assigned here and not finished.
     pub used: u32,
-    pub running: HashMap<TaskId, Attempt>,
+    pub running: crate::IdMap<TaskId, Attempt>,
     pub last_seen: Instant,
     pub draining: bool,
     pub finished: u64,
@@ -108,7 +108,7 @@ impl NodeEntry {
             exec: reg.exec,
             credits: 0,
             used: 0,
-            running: HashMap::new(),
+            running: crate::IdMap::default(),
             last_seen: now,
             draining: false,
             finished: 0,

@@ -35,7 +35,6 @@ mod recover;
 #[cfg(test)]
 mod tests;
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard};
@@ -572,7 +571,7 @@ impl Inner {
         // Per task in this commit: its last record's position, and (once
         // looked up, one index lookup per task) the seq of its next event
         // and whether its spec is written.
-        let mut tasks: HashMap<u128, Pending> = HashMap::new();
+        let mut tasks: crate::IdMap<u128, Pending> = crate::IdMap::default();
         for (i, record) in records.iter().enumerate() {
             if let Record::Task(task) = record {
                 tasks.entry(task.id.as_u128()).or_default().last_record = Some(i);
