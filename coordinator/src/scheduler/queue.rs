@@ -23,9 +23,8 @@
 //! only grow, so such an entry is only ever too early, never missed.
 
 use std::cmp::Reverse;
-use std::collections::hash_map::DefaultHasher;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
-use std::hash::{Hash, Hasher};
+use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -87,7 +86,8 @@ pub(crate) struct Queue {
     /// costs).
     #[cfg(test)]
     pub looked: u64,
-    index: HashMap<u64, Vec<ClassId>>,
+    /// Classes by [`class_hash`] (already a hash: no hashing again).
+    index: HashMap<u64, Vec<ClassId>, std::hash::BuildHasherDefault<PassThrough>>,
     delayed: BinaryHeap<Reverse<(Instant, TaskId, u32)>>,
     last: Option<ClassId>,
     /// Key tables and buckets of the scheduling policy.
@@ -95,7 +95,7 @@ pub(crate) struct Queue {
 }
 
 fn class_hash(spec: &TaskSpec) -> u64 {
-    let mut hasher = DefaultHasher::new();
+    let mut hasher = foldhash::fast::FixedState::default().build_hasher();
     match &spec.kind {
         TaskKind::Exec(exec) => {
             0u8.hash(&mut hasher);
@@ -112,6 +112,26 @@ fn class_hash(spec: &TaskSpec) -> u64 {
     spec.fair_key.hash(&mut hasher);
     spec.resources.hash(&mut hasher);
     hasher.finish()
+}
+
+/// The hasher of [`Queue`]'s class index: its keys are hashes already.
+#[derive(Default)]
+struct PassThrough(u64);
+
+impl Hasher for PassThrough {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for byte in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*byte);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
 }
 
 fn same_class(a: &TaskSpec, b: &TaskSpec) -> bool {
