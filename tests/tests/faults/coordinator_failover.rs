@@ -7,7 +7,7 @@
 //! takeovers.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::UNIX_EPOCH;
 
 use weft_client::{Client, ListFilter, Task, TaskSpec};
 use weft_proto::pb;
@@ -299,14 +299,16 @@ async fn cut() {
         "tasks with more than one recorded result: {:?}",
         outcome.double_results
     );
-    // It gave up within its lease (counted from the last good check, sent
-    // before the cut), and its process was gone before a standby served.
-    let lease = weft_coordinator::store::pg::lease::LEASE;
+    // It gave up within its lease, counted from the last good check (sent
+    // before the cut), at the watchdog's next look (one CHECK_EVERY at
+    // most), and its process was gone before a standby served.
+    use weft_coordinator::store::pg::lease::{CHECK_EVERY, LEASE};
     assert!(
-        stopped <= lease + Duration::from_millis(500),
-        "h{active} stopped {} ms after the cut, past its lease ({} ms)",
+        stopped <= LEASE + CHECK_EVERY,
+        "h{active} stopped {} ms after the cut, past its lease and one check ({} ms + {} ms)",
         ms(stopped),
-        ms(lease)
+        ms(LEASE),
+        ms(CHECK_EVERY)
     );
     assert!(
         exited < took,
