@@ -8,7 +8,39 @@ use std::time::{Duration, Instant};
 
 use weft_client::{Client, TaskSpec, TaskState};
 use weft_coordinator::store::{PgStore, Store};
-use weft_tests::{TestCluster, default_timeout, wait_for};
+use weft_proto::TaskId;
+use weft_tests::{StandbyCoordinator, TestCluster, default_timeout, wait_for};
+
+/// A cluster of processes, with one node, on a new database of the tests'
+/// PostgreSQL; and the database's URL.
+async fn processes_on_a_database() -> (TestCluster, String) {
+    let url = tokio::task::spawn_blocking(weft_coordinator::store::pg::testdb::database)
+        .await
+        .expect("a database on the tests' PostgreSQL");
+    let cluster = TestCluster::builder()
+        .nodes(1)
+        .processes()
+        .postgres(url.clone())
+        .start()
+        .await;
+    (cluster, url)
+}
+
+/// A cluster of processes on a database of its own with one node, which
+/// ran a task echoing `input`, and a standby waiting beside its
+/// coordinator: the cluster, the standby, the database's URL, the task.
+async fn active_with_standby(input: &str) -> (TestCluster, StandbyCoordinator, String, TaskId) {
+    let (cluster, url) = processes_on_a_database().await;
+    let client = cluster.client().await;
+    let id = client
+        .submit(TaskSpec::call("echo", input.to_owned()))
+        .await
+        .expect("submit");
+    assert_eq!(cluster.wait_for_final(id).await.state, TaskState::Succeeded);
+    let standby = cluster.start_standby().await;
+    standby.wait_standby().await;
+    (cluster, standby, url, id)
+}
 
 /// The cluster's node, started again dialing the new active at `url`
 /// (`other` is a client of it) with the identity it joined the first
@@ -95,15 +127,7 @@ async fn a_task_run_on_postgres_is_read_back_after_a_coordinator_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standby_coordinator_takes_over_when_the_active_is_killed() {
-    let url = tokio::task::spawn_blocking(weft_coordinator::store::pg::testdb::database)
-        .await
-        .expect("a database on the tests' PostgreSQL");
-    let cluster = TestCluster::builder()
-        .nodes(1)
-        .processes()
-        .postgres(url)
-        .start()
-        .await;
+    let (cluster, _) = processes_on_a_database().await;
     // A standby told to stop while it waits exits 0 at once.
     let idle = cluster.start_standby().await;
     idle.wait_standby().await;
@@ -164,23 +188,7 @@ async fn a_standby_coordinator_takes_over_when_the_active_is_killed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_active_whose_database_session_ends_stops_and_a_standby_takes_over() {
     use weft_coordinator::store::pg::{lease, testdb};
-    let url = tokio::task::spawn_blocking(testdb::database)
-        .await
-        .expect("a database on the tests' PostgreSQL");
-    let cluster = TestCluster::builder()
-        .nodes(1)
-        .processes()
-        .postgres(url.clone())
-        .start()
-        .await;
-    let client = cluster.client().await;
-    let id = client
-        .submit(TaskSpec::call("echo", "kept"))
-        .await
-        .expect("submit");
-    assert_eq!(cluster.wait_for_final(id).await.state, TaskState::Succeeded);
-    let mut standby = cluster.start_standby().await;
-    standby.wait_standby().await;
+    let (cluster, mut standby, url, id) = active_with_standby("kept").await;
 
     // The database ends the active's session, as it does for one cut off
     // (`pg_terminate_backend` here): the active stops within its lease,
@@ -216,24 +224,8 @@ async fn an_active_whose_database_session_ends_stops_and_a_standby_takes_over() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standby_ends_the_session_of_a_frozen_active_and_takes_over() {
     use nix::sys::signal::Signal;
-    use weft_coordinator::store::pg::{lease, testdb};
-    let url = tokio::task::spawn_blocking(testdb::database)
-        .await
-        .expect("a database on the tests' PostgreSQL");
-    let cluster = TestCluster::builder()
-        .nodes(1)
-        .processes()
-        .postgres(url)
-        .start()
-        .await;
-    let client = cluster.client().await;
-    let id = client
-        .submit(TaskSpec::call("echo", "before the freeze"))
-        .await
-        .expect("submit");
-    assert_eq!(cluster.wait_for_final(id).await.state, TaskState::Succeeded);
-    let mut standby = cluster.start_standby().await;
-    standby.wait_standby().await;
+    use weft_coordinator::store::pg::lease;
+    let (cluster, mut standby, _, id) = active_with_standby("before the freeze").await;
 
     // Frozen, as a paused VM is: its kernel keeps the database session
     // open, so only the standby can end it, and only once it has been
