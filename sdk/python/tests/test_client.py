@@ -336,3 +336,43 @@ async def test_the_asyncio_client_takes_several_addresses_too(server):
     url, _ = server
     async with weft.aio.Client(f"{_refused_url()},{url}") as client:
         assert await client.submit_call("echo", b"x") == "T0"
+
+
+async def test_the_asyncio_client_never_blocks_its_event_loop_to_open(server, monkeypatch):
+    # Several addresses are probed with blocking connects (a silent host
+    # takes up to CONNECT_TIMEOUT): the asyncio client does it in a worker
+    # thread at its first call, never in its constructor or on the loop.
+    import threading
+    import time
+
+    import weft._channel as channel
+
+    url, _ = server
+    probes = []
+    probe = channel.first_reachable
+
+    def slow_probe(addresses, timeout=channel.CONNECT_TIMEOUT):
+        probes.append(threading.current_thread() is threading.main_thread())
+        time.sleep(0.5)  # as a silent host would
+        return probe(addresses, timeout)
+
+    monkeypatch.setattr(channel, "first_reachable", slow_probe)
+    made = time.monotonic()
+    client = weft.aio.Client(f"{_refused_url()},{url}")
+    assert time.monotonic() - made < 0.2 and probes == [], "the constructor probed"
+    ticks = 0
+
+    async def tick():
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0.01)
+
+    ticking = asyncio.create_task(tick())
+    async with client:
+        first, second = await asyncio.gather(client.submit_call("echo", b"x"), client.submit_call("echo", b"y"))
+        assert [first, second] == ["T0", "T0"], "this test server numbers each Submit from T0"
+        assert [event.kind async for event in client.watch("T0")], "streams open on the probed channel"
+    ticking.cancel()
+    assert probes == [False], "probed once for both calls, off the event loop's thread"
+    assert ticks >= 20, f"the event loop stalled while probing ({ticks} ticks in 0.5 s)"

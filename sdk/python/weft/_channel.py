@@ -12,6 +12,7 @@ connection (:func:`first_reachable`).
 from __future__ import annotations
 
 import _ssl
+import asyncio
 import collections
 import hashlib
 import ipaddress
@@ -392,16 +393,149 @@ def aio_channel(url: str | None, token: str | None = None, ca_file: Optional[str
                 credentials: Optional[grpc.ChannelCredentials] = None) -> grpc.aio.Channel:
     """An asyncio-API channel to the coordinator at ``url`` (as
     :func:`sync_channel`); ``credentials`` (a joined worker's: its CA and
-    client certificate) replace the CA file and pin."""
-    url = _pick(coordinator_url(url))
+    client certificate) replace the CA file and pin. Probes a list of
+    addresses and fetches a pinned CA with blocking calls: see
+    :func:`lazy_aio_channel` for code already inside an event loop."""
+    return _aio_channel_to(_pick(coordinator_url(url)), token, ca_file, ca_pin, credentials)
+
+
+def _aio_channel_to(url: str, token: Optional[str], ca_file: Optional[str], ca_pin: Optional[str],
+                    credentials: Optional[grpc.ChannelCredentials] = None,
+                    roots: Optional[bytes] = None, checked: bool = False) -> grpc.aio.Channel:
+    """The channel of :func:`aio_channel` to the one address ``url``;
+    ``roots``: the CA to trust, already read or fetched; ``checked``: the
+    plaintext rules were checked already (:func:`lazy_aio_channel`)."""
     target, secure = parse_target(url)
     if credentials is not None and secure:
         return grpc.aio.secure_channel(target, credentials, options=_OPTIONS)
-    if not secure:
+    if not secure and not checked:
         _check_plaintext(url, target, token, ca_file, ca_pin)
     interceptors = _aio_bearers(token) if token else None
     if secure:
-        return grpc.aio.secure_channel(
-            target, _credentials(target, ca_file, ca_pin), options=_OPTIONS, interceptors=interceptors
-        )
+        if roots is None:
+            roots = root_certificates(target, ca_file, ca_pin)
+        credentials = grpc.ssl_channel_credentials(root_certificates=roots)
+        return grpc.aio.secure_channel(target, credentials, options=_OPTIONS, interceptors=interceptors)
     return grpc.aio.insecure_channel(target, options=_OPTIONS, interceptors=interceptors)
+
+
+def _blocks(url: str, ca_file: Optional[str], ca_pin: Optional[str]) -> bool:
+    """Whether opening a channel to ``url`` waits on the network: a list of
+    addresses to probe, or a CA to fetch by its pin."""
+    if len(parse_addresses(url)) > 1:
+        return True
+    pinned = ca_pin or os.environ.get("WEFT_CA_PIN")
+    return bool(pinned) and not (ca_file or os.environ.get("WEFT_CA"))
+
+
+def lazy_aio_channel(url: str | None, token: str | None = None, ca_file: Optional[str] = None,
+                     ca_pin: Optional[str] = None) -> grpc.aio.Channel:
+    """:func:`aio_channel` that never blocks the event loop: when opening
+    the channel waits on the network (several addresses to probe, a CA to
+    fetch by its pin), the address is checked now and the rest is done in a
+    worker thread at the first call (:class:`_LazyChannel`); otherwise the
+    channel is opened at once, as by :func:`aio_channel`."""
+    url = coordinator_url(url)
+    if not _blocks(url, ca_file, ca_pin):
+        return _aio_channel_to(url, token, ca_file, ca_pin)
+    # What needs no network is said now, as the other clients do.
+    for address in parse_addresses(url):
+        target, secure = parse_target(address)
+        if not secure:
+            _check_plaintext(address, target, token, ca_file, ca_pin)
+
+    def resolve() -> Tuple[str, Optional[bytes]]:
+        picked = _pick(url)
+        target, secure = parse_target(picked)
+        return picked, (root_certificates(target, ca_file, ca_pin) if secure else None)
+
+    async def open_channel() -> grpc.aio.Channel:
+        picked, roots = await asyncio.to_thread(resolve)
+        return _aio_channel_to(picked, token, ca_file, ca_pin, roots=roots, checked=True)
+
+    return _LazyChannel(open_channel)
+
+
+class _LazyChannel:
+    """A ``grpc.aio`` channel opened at its first call, by ``open_channel``
+    (a coroutine): the stubs built on it keep their methods, each unary
+    call awaits the opening, each streaming call opens on its first
+    message. Only what the SDK's stubs and calls use: the four kinds of
+    methods, ``close``."""
+
+    def __init__(self, open_channel):
+        self._open_channel = open_channel
+        self._channel: Optional[grpc.aio.Channel] = None
+        self._opening: Optional[asyncio.Future] = None
+
+    async def channel(self) -> grpc.aio.Channel:
+        """The channel, opened once whoever asks first."""
+        if self._channel is None:
+            if self._opening is None:
+                self._opening = asyncio.ensure_future(self._open_channel())
+            self._channel = await asyncio.shield(self._opening)
+        return self._channel
+
+    def unary_unary(self, method, *args, **kwargs):
+        async def call(request, **options):
+            real = (await self.channel()).unary_unary(method, *args, **kwargs)
+            return await real(request, **options)
+        return call
+
+    def stream_unary(self, method, *args, **kwargs):
+        async def call(requests, **options):
+            real = (await self.channel()).stream_unary(method, *args, **kwargs)
+            return await real(requests, **options)
+        return call
+
+    def unary_stream(self, method, *args, **kwargs):
+        return lambda request, **options: _LazyStreamCall(
+            self, "unary_stream", method, args, kwargs, request, options)
+
+    def stream_stream(self, method, *args, **kwargs):
+        return lambda requests, **options: _LazyStreamCall(
+            self, "stream_stream", method, args, kwargs, requests, options)
+
+    async def close(self, grace: Optional[float] = None) -> None:
+        if self._channel is not None:
+            await self._channel.close(grace)
+        elif self._opening is not None:
+            self._opening.cancel()
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+
+class _LazyStreamCall:
+    """A streaming call on a :class:`_LazyChannel`: iterated with ``async
+    for``, cancelled with :meth:`cancel`, like ``grpc.aio``'s."""
+
+    def __init__(self, lazy: _LazyChannel, kind: str, method, args, kwargs, request, options):
+        self._lazy = lazy
+        self._open = (kind, method, args, kwargs, request, options)
+        self._call = None
+        self._cancelled = False
+
+    async def _opened(self):
+        if self._call is None:
+            kind, method, args, kwargs, request, options = self._open
+            channel = await self._lazy.channel()
+            self._call = getattr(channel, kind)(method, *args, **kwargs)(request, **options)
+            if self._cancelled:
+                self._call.cancel()
+        return self._call
+
+    def __aiter__(self):
+        return self._messages()
+
+    async def _messages(self):
+        call = await self._opened()
+        async for message in call:
+            yield message
+
+    def cancel(self) -> bool:
+        self._cancelled = True
+        return self._call.cancel() if self._call is not None else True

@@ -16,7 +16,7 @@ from typing import Any, AsyncIterator, Iterable, List, Mapping, Optional, Sequen
 import grpc
 
 from . import errors
-from ._channel import client_token, aio_channel
+from ._channel import client_token, lazy_aio_channel
 from ._proto import admin_pb2, admin_pb2_grpc, common_pb2, schedule_pb2, schedule_pb2_grpc, task_pb2, task_pb2_grpc
 from .client import (
     SUBMIT_BATCH,
@@ -74,7 +74,9 @@ class Client:
         ca_file: Optional[str] = None,
         ca_pin: Optional[str] = None,
     ):
-        self._channel = channel or aio_channel(url, client_token(token), ca_file=ca_file, ca_pin=ca_pin)
+        # Never blocks the event loop: a list of addresses is probed, and a
+        # pinned CA fetched, in a worker thread at the first call.
+        self._channel = channel or lazy_aio_channel(url, client_token(token), ca_file=ca_file, ca_pin=ca_pin)
         self._tasks = task_pb2_grpc.TaskServiceStub(self._channel)
         #: Whether to wait over WaitManyBatches (cleared when the coordinator lacks it).
         self._wait_batches = True
