@@ -338,41 +338,73 @@ async def test_the_asyncio_client_takes_several_addresses_too(server):
         assert await client.submit_call("echo", b"x") == "T0"
 
 
-async def test_the_asyncio_client_never_blocks_its_event_loop_to_open(server, monkeypatch):
-    # Several addresses are probed with blocking connects (a silent host
-    # takes up to CONNECT_TIMEOUT): the asyncio client does it in a worker
-    # thread at its first call, never in its constructor or on the loop.
+@pytest.fixture
+def slow_probe(monkeypatch):
+    """Probes of an address list slowed to 0.5 s each, as a silent host
+    makes them; the list records, per probe, whether it ran on the main
+    thread (the event loop's)."""
     import threading
     import time
 
     import weft._channel as channel
 
-    url, _ = server
     probes = []
     probe = channel.first_reachable
 
-    def slow_probe(addresses, timeout=channel.CONNECT_TIMEOUT):
+    def slow(addresses, timeout=channel.CONNECT_TIMEOUT):
         probes.append(threading.current_thread() is threading.main_thread())
-        time.sleep(0.5)  # as a silent host would
+        time.sleep(0.5)
         return probe(addresses, timeout)
 
-    monkeypatch.setattr(channel, "first_reachable", slow_probe)
+    monkeypatch.setattr(channel, "first_reachable", slow)
+    return probes
+
+
+class _Ticker:
+    """Counts the event loop's turns every 10 ms while it runs."""
+
+    async def __aenter__(self):
+        self.ticks = 0
+
+        async def tick():
+            while True:
+                self.ticks += 1
+                await asyncio.sleep(0.01)
+
+        self._task = asyncio.create_task(tick())
+        return self
+
+    async def __aexit__(self, *exc):
+        self._task.cancel()
+
+
+async def test_the_asyncio_client_never_blocks_its_event_loop_to_open(server, slow_probe):
+    # Several addresses are probed with blocking connects (a silent host
+    # takes up to CONNECT_TIMEOUT): the asyncio client does it in a worker
+    # thread at its first call, never in its constructor or on the loop.
+    import time
+
+    url, _ = server
     made = time.monotonic()
     client = weft.aio.Client(f"{_refused_url()},{url}")
-    assert time.monotonic() - made < 0.2 and probes == [], "the constructor probed"
-    ticks = 0
-
-    async def tick():
-        nonlocal ticks
-        while True:
-            ticks += 1
-            await asyncio.sleep(0.01)
-
-    ticking = asyncio.create_task(tick())
-    async with client:
+    assert time.monotonic() - made < 0.2 and slow_probe == [], "the constructor probed"
+    async with _Ticker() as loop, client:
         first, second = await asyncio.gather(client.submit_call("echo", b"x"), client.submit_call("echo", b"y"))
         assert [first, second] == ["T0", "T0"], "this test server numbers each Submit from T0"
         assert [event.kind async for event in client.watch("T0")], "streams open on the probed channel"
-    ticking.cancel()
-    assert probes == [False], "probed once for both calls, off the event loop's thread"
-    assert ticks >= 20, f"the event loop stalled while probing ({ticks} ticks in 0.5 s)"
+    assert slow_probe == [False], "probed once for both calls, off the event loop's thread"
+    assert loop.ticks >= 20, f"the event loop stalled while probing ({loop.ticks} ticks in 0.5 s)"
+
+
+async def test_a_worker_opens_its_channel_off_its_event_loop(server, slow_probe):
+    # The worker's session dials its list with open_aio_channel: the
+    # attempts running on its loop go on while it probes.
+    from weft._channel import open_aio_channel
+
+    url, _ = server
+    async with _Ticker() as loop:
+        channel = await open_aio_channel(f"{_refused_url()},{url}")
+        response = await task_pb2_grpc.TaskServiceStub(channel).Submit(task_pb2.SubmitRequest(tasks=[weft.call_spec("echo", b"x")]))
+        await channel.close()
+    assert list(response.task_ids) == ["T0"]
+    assert slow_probe == [False] and loop.ticks >= 20, (slow_probe, loop.ticks)

@@ -388,23 +388,14 @@ def sync_channel(url: str | None, token: str | None = None, ca_file: Optional[st
     return channel
 
 
-def aio_channel(url: str | None, token: str | None = None, ca_file: Optional[str] = None,
-                ca_pin: Optional[str] = None,
-                credentials: Optional[grpc.ChannelCredentials] = None) -> grpc.aio.Channel:
-    """An asyncio-API channel to the coordinator at ``url`` (as
-    :func:`sync_channel`); ``credentials`` (a joined worker's: its CA and
-    client certificate) replace the CA file and pin. Probes a list of
-    addresses and fetches a pinned CA with blocking calls: see
-    :func:`lazy_aio_channel` for code already inside an event loop."""
-    return _aio_channel_to(_pick(coordinator_url(url)), token, ca_file, ca_pin, credentials)
-
-
 def _aio_channel_to(url: str, token: Optional[str], ca_file: Optional[str], ca_pin: Optional[str],
                     credentials: Optional[grpc.ChannelCredentials] = None,
                     roots: Optional[bytes] = None, checked: bool = False) -> grpc.aio.Channel:
-    """The channel of :func:`aio_channel` to the one address ``url``;
-    ``roots``: the CA to trust, already read or fetched; ``checked``: the
-    plaintext rules were checked already (:func:`lazy_aio_channel`)."""
+    """An asyncio-API channel to the one coordinator address ``url`` (as
+    :func:`sync_channel`); ``credentials`` (a joined worker's: its CA and
+    client certificate) replace the CA file and pin; ``roots``: the CA to
+    trust, already read or fetched; ``checked``: the plaintext rules were
+    checked already."""
     target, secure = parse_target(url)
     if credentials is not None and secure:
         return grpc.aio.secure_channel(target, credentials, options=_OPTIONS)
@@ -428,17 +419,12 @@ def _blocks(url: str, ca_file: Optional[str], ca_pin: Optional[str]) -> bool:
     return bool(pinned) and not (ca_file or os.environ.get("WEFT_CA"))
 
 
-def lazy_aio_channel(url: str | None, token: str | None = None, ca_file: Optional[str] = None,
-                     ca_pin: Optional[str] = None) -> grpc.aio.Channel:
-    """:func:`aio_channel` that never blocks the event loop: when opening
-    the channel waits on the network (several addresses to probe, a CA to
-    fetch by its pin), the address is checked now and the rest is done in a
-    worker thread at the first call (:class:`_LazyChannel`); otherwise the
-    channel is opened at once, as by :func:`aio_channel`."""
-    url = coordinator_url(url)
-    if not _blocks(url, ca_file, ca_pin):
-        return _aio_channel_to(url, token, ca_file, ca_pin)
-    # What needs no network is said now, as the other clients do.
+def _resolve_later(url: str, token: Optional[str], ca_file: Optional[str], ca_pin: Optional[str],
+                   credentials: Optional[grpc.ChannelCredentials]):
+    """For :func:`lazy_aio_channel` and :func:`open_aio_channel`: checks
+    now what needs no network (the addresses, the plaintext rules) and
+    answers the blocking rest, the address to dial and the CA to trust, as
+    a function for a worker thread."""
     for address in parse_addresses(url):
         target, secure = parse_target(address)
         if not secure:
@@ -447,13 +433,46 @@ def lazy_aio_channel(url: str | None, token: str | None = None, ca_file: Optiona
     def resolve() -> Tuple[str, Optional[bytes]]:
         picked = _pick(url)
         target, secure = parse_target(picked)
-        return picked, (root_certificates(target, ca_file, ca_pin) if secure else None)
+        wanted = secure and credentials is None
+        return picked, (root_certificates(target, ca_file, ca_pin) if wanted else None)
+
+    return resolve
+
+
+def lazy_aio_channel(url: str | None, token: str | None = None, ca_file: Optional[str] = None,
+                     ca_pin: Optional[str] = None) -> grpc.aio.Channel:
+    """An asyncio-API channel to the coordinator at ``url`` (as
+    :func:`sync_channel`) that never blocks the event loop: when opening it
+    waits on the network (several addresses to probe, a CA to fetch by its
+    pin), the addresses are checked now and the rest is done in a worker
+    thread at the first call (:class:`_LazyChannel`); otherwise it is
+    opened at once."""
+    url = coordinator_url(url)
+    if not _blocks(url, ca_file, ca_pin):
+        return _aio_channel_to(url, token, ca_file, ca_pin)
+    resolve = _resolve_later(url, token, ca_file, ca_pin, None)
 
     async def open_channel() -> grpc.aio.Channel:
         picked, roots = await asyncio.to_thread(resolve)
         return _aio_channel_to(picked, token, ca_file, ca_pin, roots=roots, checked=True)
 
     return _LazyChannel(open_channel)
+
+
+async def open_aio_channel(url: str | None, token: str | None = None, ca_file: Optional[str] = None,
+                           ca_pin: Optional[str] = None,
+                           credentials: Optional[grpc.ChannelCredentials] = None) -> grpc.aio.Channel:
+    """An asyncio-API channel to the coordinator at ``url`` (as
+    :func:`sync_channel`; ``credentials``: a joined worker's), opened from a
+    coroutine: the probe of several addresses and the fetch of a pinned CA
+    run in a worker thread, so the event loop (a worker's running
+    handlers, say) goes on meanwhile."""
+    url = coordinator_url(url)
+    if not _blocks(url, ca_file, ca_pin) or (credentials is not None and len(parse_addresses(url)) == 1):
+        return _aio_channel_to(url, token, ca_file, ca_pin, credentials)
+    resolve = _resolve_later(url, token, ca_file, ca_pin, credentials)
+    picked, roots = await asyncio.to_thread(resolve)
+    return _aio_channel_to(picked, token, ca_file, ca_pin, credentials, roots=roots, checked=True)
 
 
 class _LazyChannel:

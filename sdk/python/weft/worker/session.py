@@ -27,7 +27,7 @@ from typing import Callable, List, Optional
 import grpc
 
 from .. import errors
-from .._channel import PinMismatch, aio_channel
+from .._channel import PinMismatch, open_aio_channel
 from .._proto import node_pb2, node_pb2_grpc
 from ..models import duration_from_pb
 from .attempt import Attempts
@@ -164,10 +164,12 @@ class Sessions:
             prefetch=self._slots.prefetch,
         )
         log.info("connecting to %s as %s (%d running)", worker.coordinator, worker.name, len(running))
+        # A list of addresses is probed (and a pinned CA fetched) in a worker
+        # thread: the attempts running on this loop go on meanwhile.
         if identity is not None:
-            channel = aio_channel(worker.coordinator, credentials=identity.credentials())
+            channel = await open_aio_channel(worker.coordinator, credentials=identity.credentials())
         else:
-            channel = aio_channel(worker.coordinator, ca_file=worker.ca_file, ca_pin=worker.ca_pin)
+            channel = await open_aio_channel(worker.coordinator, ca_file=worker.ca_file, ca_pin=worker.ca_pin)
         self.current = session
         outbox.attached = True
         heartbeat: Optional[asyncio.Task] = None
