@@ -300,8 +300,9 @@ async fn cut() {
         outcome.double_results
     );
     // It gave up within its lease, counted from the last good check (sent
-    // before the cut), at the watchdog's next look (one CHECK_EVERY at
-    // most), and its process was gone before a standby served.
+    // before the cut): the watchdog wakes at the lease's end, and one
+    // CHECK_EVERY is allowed for waking on a loaded machine. Its process
+    // was gone before a standby served.
     use weft_coordinator::store::pg::lease::{CHECK_EVERY, LEASE};
     assert!(
         stopped <= LEASE + CHECK_EVERY,

@@ -106,9 +106,13 @@ impl PgStore {
         let mut tick = tokio::time::interval(CHECK_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            // The next tick, or the lease's end if that comes first: it
+            // stops when the lease runs out, not at the tick after.
+            let deadline = self.lease().deadline();
             tokio::select! {
                 _ = cancel.cancelled() => return None,
                 _ = tick.tick() => {}
+                _ = sleep_until_some(deadline) => {}
             }
             match self.lease_verdict(Instant::now()) {
                 Verdict::Held => {}
@@ -124,6 +128,14 @@ impl PgStore {
                 check = Some(tokio::task::spawn_blocking(move || store.check_lease()));
             }
         }
+    }
+}
+
+/// Sleeps until `deadline`, or for ever without one.
+async fn sleep_until_some(deadline: Option<Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -12,10 +12,11 @@
 //! [`SESSION_DEADLINE`] after the server last heard from the coordinator.
 //! The coordinator stops once no check has succeeded for [`LEASE`],
 //! counted from the time it *sent* its last successful check (the server
-//! heard from it later than that): so it stops at most [`LEASE`] +
-//! [`CHECK_EVERY`] after the server last heard from it, a margin of
-//! [`STOP_MARGIN`] before a standby can take over (the const assertion
-//! below). A killed coordinator's socket is closed by its kernel: the
+//! heard from it later than that). The watchdog wakes at the lease's
+//! end, so it stops [`LEASE`] after the server last heard from it, plus
+//! the time to wake; the const assertion below allows a whole
+//! [`CHECK_EVERY`] for that, and keeps a margin of [`STOP_MARGIN`] before
+//! a standby can take over. A killed coordinator's socket is closed by its kernel: the
 //! session ends, and a standby takes over, at once. A frozen coordinator
 //! (SIGSTOP, a paused VM) keeps its socket open; a standby ends its
 //! session once it has waited idle for [`SILENT_AFTER`], the same bound
@@ -116,6 +117,16 @@ impl Lease {
         }
     }
 
+    /// When the lease runs out unless a check renews it first: the
+    /// watchdog wakes then too, so that it stops at the lease's end, not
+    /// up to a [`CHECK_EVERY`] later. `None` once lost.
+    pub fn deadline(&self) -> Option<Instant> {
+        match self.state {
+            State::Held(sent) => Some(sent + LEASE),
+            State::Lost(_) => None,
+        }
+    }
+
     /// Whether the lease holds at `now`.
     pub fn verdict(&self, now: Instant) -> Verdict {
         match &self.state {
@@ -151,6 +162,10 @@ mod tests {
             lease.verdict(start + Duration::from_secs(1) + LEASE),
             Verdict::Expired { since: LEASE }
         );
+        assert_eq!(
+            lease.deadline(),
+            Some(start + Duration::from_secs(1) + LEASE)
+        );
         // A slower, older check answered last moves nothing back.
         lease.renewed(start);
         assert!(matches!(
@@ -165,6 +180,7 @@ mod tests {
         let mut lease = Lease::taken(start);
         lease.lost("taken by another".into());
         lease.renewed(start + Duration::from_secs(1));
+        assert_eq!(lease.deadline(), None);
         assert_eq!(
             lease.verdict(start + Duration::from_secs(1)),
             Verdict::Lost("taken by another".into())
