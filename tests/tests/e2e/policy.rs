@@ -85,7 +85,13 @@ async fn a_late_fair_key_gets_about_half_the_cluster_while_both_have_work() {
     let client = cluster.client().await;
     let big: Vec<TaskSpec> = (0..200).map(|_| sleep(20).fair_key("big", 1)).collect();
     let big = client.submit_many(big).await.expect("submit");
-    cluster.wait_for_running(big[0]).await;
+    // The big key's backlog has begun (its first task started; at 20 ms
+    // it may be done already when looked at).
+    cluster
+        .wait_for_task(big[0], |t| {
+            t.attempts.last().is_some_and(|a| a.started_at.is_some())
+        })
+        .await;
     let small: Vec<TaskSpec> = (0..20).map(|_| sleep(20).fair_key("small", 1)).collect();
     let small = client.submit_many(small).await.expect("submit");
     let small_tasks = all_final(&cluster, &small).await;
