@@ -203,7 +203,22 @@ pub fn read_graph(path: &Path) -> Result<Vec<TaskSpec>, UsageError> {
     let json = path
         .extension()
         .is_some_and(|e| e.eq_ignore_ascii_case("json"));
-    // A graph file is a list of tasks.
+    // A graph file is a list of tasks; a map at the top (`tasks: [...]`,
+    // one task without its `- `) is the likeliest slip, so say so plainly.
+    let top_is_map = match json {
+        true => serde_json::from_str::<serde_json::Value>(&text).is_ok_and(|v| v.is_object()),
+        false => serde_norway::from_str::<serde_norway::Value>(&text).is_ok_and(|v| v.is_mapping()),
+    };
+    if top_is_map {
+        return Err(UsageError(format!(
+            "{}: a graph file is a list of tasks ({}), not a map",
+            path.display(),
+            match json {
+                true => "[{\"ref\": \"a\", \"exec\": [\"true\"]}, ...]",
+                false => "one '- ref: ...' entry per task",
+            }
+        )));
+    }
     let tasks: Vec<FileTask> = if json {
         serde_json::from_str(&text).map_err(|err| {
             UsageError(format!(
@@ -633,6 +648,23 @@ mod tests {
         let (_d, path) = write("g.json", "[{\"ref\": \"a\",, }]");
         let err = read_graph(&path).unwrap_err().0;
         assert!(err.contains("g.json:1:"), "{err}");
+    }
+
+    #[test]
+    fn a_map_at_the_top_is_told_to_be_a_list() {
+        for (name, text) in [
+            ("g.yaml", "tasks:\n  - ref: a\n    exec: [sh]\n"),
+            ("g.yaml", "ref: a\nexec: [sh]\n"),
+            (
+                "g.json",
+                "{\"tasks\": [{\"ref\": \"a\", \"exec\": [\"sh\"]}]}",
+            ),
+        ] {
+            let (_d, path) = write(name, text);
+            let err = read_graph(&path).unwrap_err().0;
+            assert!(err.contains("a graph file is a list of tasks"), "{err}");
+            assert!(err.contains(name), "{err}");
+        }
     }
 
     #[test]
