@@ -147,7 +147,7 @@ pub async fn wait_ids(
 /// order of `ids`. Any task not SUCCEEDED is an error.
 async fn wait_chunk(client: &Client, ids: Vec<TaskId>) -> anyhow::Result<Vec<Task>> {
     let mut done: HashMap<TaskId, Task> = HashMap::with_capacity(ids.len());
-    let mut finals = client.wait_many(ids.clone());
+    let mut finals = client.wait_results(ids.clone());
     while let Some(task) = finals.next().await {
         let task = task.context("waiting for a batch")?;
         if task.state != TaskState::Succeeded {

@@ -338,6 +338,19 @@ impl Client {
     /// it does not resume a dropped connection: on an error, wait again
     /// for the ids not yet yielded.
     pub fn wait_many(&self, ids: Vec<TaskId>) -> TaskStream {
+        self.wait_many_view(ids, pb::TaskView::Full)
+    }
+
+    /// [`Client::wait_many`] for callers that need only the outcomes: each
+    /// task comes without its spec ([`Task::spec`] is `None`), so the
+    /// inputs are not sent back (`TASK_VIEW_RESULT`). A coordinator that
+    /// predates the view sends whole records, which this yields as they
+    /// are.
+    pub fn wait_results(&self, ids: Vec<TaskId>) -> TaskStream {
+        self.wait_many_view(ids, pb::TaskView::Result)
+    }
+
+    fn wait_many_view(&self, ids: Vec<TaskId>, view: pb::TaskView) -> TaskStream {
         let client = self.tasks.clone();
         let chunks: Vec<Vec<String>> = ids
             .chunks(WAIT_MANY_BATCH)
@@ -348,7 +361,10 @@ impl Client {
                 let mut client = client.clone();
                 async move {
                     let stream = client
-                        .wait_many(pb::WaitManyRequest { task_ids })
+                        .wait_many(pb::WaitManyRequest {
+                            task_ids,
+                            view: view.into(),
+                        })
                         .await?
                         .into_inner();
                     Ok::<_, Error>(stream.map(|item| Ok(Task::try_from(item?)?)))

@@ -228,6 +228,7 @@ async fn watch_streams_are_counted_while_open() {
     let wait = tasks
         .wait_many(pb::WaitManyRequest {
             task_ids: ids.clone(),
+            ..Default::default()
         })
         .await
         .unwrap()

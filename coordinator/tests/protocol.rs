@@ -429,7 +429,10 @@ async fn wait_many_streams_final_tasks_in_completion_order_and_ends() {
     let mut request = ids.clone();
     request.push(ids[0].clone()); // a repeated id is answered once
     let mut finals = tasks
-        .wait_many(pb::WaitManyRequest { task_ids: request })
+        .wait_many(pb::WaitManyRequest {
+            task_ids: request,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -460,6 +463,7 @@ async fn wait_many_streams_final_tasks_in_completion_order_and_ends() {
     let err = tasks
         .wait_many(pb::WaitManyRequest {
             task_ids: vec![ids[0].clone(), unknown],
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -467,16 +471,103 @@ async fn wait_many_streams_final_tasks_in_completion_order_and_ends() {
     let err = tasks
         .wait_many(pb::WaitManyRequest {
             task_ids: vec!["nope".into()],
+            ..Default::default()
         })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     let too_many = vec![ids[0].clone(); 100_001];
     let err = tasks
-        .wait_many(pb::WaitManyRequest { task_ids: too_many })
+        .wait_many(pb::WaitManyRequest {
+            task_ids: too_many,
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
+    c.shutdown(DEADLINE).await.unwrap();
+}
+
+#[tokio::test]
+async fn the_result_view_answers_final_records_without_their_spec() {
+    let c = coordinator(CoordinatorConfig::default()).await;
+    let mut node = connect(c.url(), In::Register(register("n1", 4)))
+        .await
+        .unwrap();
+    node.credits(4).await;
+    let mut tasks = TaskServiceClient::new(channel(c.url()).await);
+    let ids = submit(&mut tasks, vec![TaskSpec::call("noop", "a big input"); 2]).await;
+    assert_eq!(node.assignments().await.len(), 2);
+    // One final before the wait (read back from the store), one after (live).
+    node.events(vec![finished_ok(&ids[0], 1)]).await;
+    wait_until(|| {
+        let mut tasks = tasks.clone();
+        let id = ids[0].clone();
+        async move {
+            (get(&mut tasks, &id).await.state == i32::from(TaskState::Succeeded)).then_some(())
+        }
+    })
+    .await;
+    let request = |view: pb::TaskView| pb::WaitManyRequest {
+        task_ids: ids.clone(),
+        view: view.into(),
+    };
+    let mut results = tasks
+        .wait_many(request(pb::TaskView::Result))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut batches = tasks
+        .wait_many_batches(request(pb::TaskView::Result))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut full = tasks
+        .wait_many(request(pb::TaskView::Unspecified))
+        .await
+        .unwrap()
+        .into_inner();
+    node.events(vec![finished_ok(&ids[1], 1)]).await;
+    let mut answered = Vec::new();
+    while let Some(task) = tokio::time::timeout(DEADLINE, results.message())
+        .await
+        .unwrap()
+        .unwrap()
+    {
+        assert_eq!(task.spec, None, "the result view carries no spec");
+        assert_eq!(task.state, i32::from(TaskState::Succeeded));
+        assert_eq!(&task.output[..], b"done");
+        assert_eq!(task.attempts.len(), 1, "its attempts, with the result");
+        answered.push(task.id);
+    }
+    assert_eq!(answered, ids, "the stored one first, then the live one");
+    let mut batched = Vec::new();
+    while let Some(batch) = tokio::time::timeout(DEADLINE, batches.message())
+        .await
+        .unwrap()
+        .unwrap()
+    {
+        for task in batch.tasks {
+            assert_eq!(task.spec, None);
+            assert_eq!(&task.output[..], b"done");
+            batched.push(task.id);
+        }
+    }
+    assert_eq!(batched, ids);
+    let mut whole = 0;
+    while let Some(task) = tokio::time::timeout(DEADLINE, full.message())
+        .await
+        .unwrap()
+        .unwrap()
+    {
+        let spec = task.spec.expect("the default view carries the spec");
+        let Some(pb::task_spec::Kind::Call(call)) = spec.kind else {
+            panic!("a call spec: {spec:?}");
+        };
+        assert_eq!(&call.input[..], b"a big input");
+        whole += 1;
+    }
+    assert_eq!(whole, 2);
     c.shutdown(DEADLINE).await.unwrap();
 }
 

@@ -13,7 +13,7 @@ pub(crate) mod task;
 use weft_proto::{TaskId, TaskState};
 
 use crate::error::Error;
-pub(crate) use crate::store::codec::{event_to_pb, task_to_pb};
+pub(crate) use crate::store::codec::{event_to_pb, task_result_pb, task_to_pb};
 
 /// Parses a task id from a request field.
 pub(crate) fn parse_task_id(text: &str) -> Result<TaskId, Error> {

@@ -26,7 +26,7 @@ use weft_proto::limits::SpecLimits;
 use weft_proto::{ConversionError, TaskId, TaskSpec, TaskState, pb};
 
 use super::batches::Batches;
-use super::{event_to_pb, parse_task_id, state_filter, task_to_pb};
+use super::{event_to_pb, parse_task_id, state_filter, task_result_pb, task_to_pb};
 use crate::auth::{self, Caller, Scope};
 use crate::driver::{Command, EventFeed, FinalFeed, Handle, follow, wait_final};
 use crate::error::Error;
@@ -310,8 +310,13 @@ impl TaskApi {
             }
         }
         let finals = wait_final(&self.handle, ids, pending).await?;
-        let tasks: fn(Result<TaskRecord, Error>) -> Result<pb::Task, Status> =
-            |task| task.map(|t| task_to_pb(&t)).map_err(Status::from);
+        let tasks: fn(Result<TaskRecord, Error>) -> Result<pb::Task, Status> = match request.view()
+        {
+            pb::TaskView::Result => |task| task.map(|t| task_result_pb(&t)).map_err(Status::from),
+            pb::TaskView::Unspecified | pb::TaskView::Full => {
+                |task| task.map(|t| task_to_pb(&t)).map_err(Status::from)
+            }
+        };
         Ok((finals.map(tasks), place))
     }
 

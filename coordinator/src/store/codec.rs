@@ -24,7 +24,16 @@ use crate::auth::{Scopes, TokenKind, TokenRecord};
 
 /// A task as the wire shows it.
 pub(crate) fn task_to_pb(record: &TaskRecord) -> pb::Task {
-    let mut task = stored_task_pb(record, true, false);
+    task_view_pb(record, true)
+}
+
+/// A task as the wire shows it without its spec (`TASK_VIEW_RESULT`).
+pub(crate) fn task_result_pb(record: &TaskRecord) -> pb::Task {
+    task_view_pb(record, false)
+}
+
+fn task_view_pb(record: &TaskRecord, with_spec: bool) -> pb::Task {
+    let mut task = stored_task_pb(record, with_spec, false);
     task.id = record.id.to_string();
     task.pending_reason.clone_from(&record.pending_reason);
     task.next_seq = record.next_seq;

@@ -75,6 +75,7 @@ class Tasks(task_pb2_grpc.TaskServiceServicer):
         # A coordinator from before WaitManyBatches: one record per message (and no
         # WaitManyBatches: this servicer leaves it UNIMPLEMENTED).
         self.wait_many_calls = getattr(self, "wait_many_calls", 0) + 1
+        self.views = getattr(self, "views", []) + [request.view]
         for task_id in reversed(request.task_ids):
             yield _task(task_id, common_pb2.TASK_STATE_SUCCEEDED, output=task_id.encode())
 
@@ -291,6 +292,10 @@ def test_wait_many_and_map_fall_back_to_wait_many_on_a_coordinator_without_batch
         assert sorted(t.id for t in client.wait_many(["A", "B", "C"])) == ["A", "B", "C"]
         assert list(client.map("echo", [b"x", b"y"])) == [b"T0", b"T1"], "results in input order"
     assert tasks.wait_many_calls == 2
+    # wait_many answers whole tasks; map needs only the results, so the
+    # inputs are not sent back.
+    whole, results = task_pb2.TASK_VIEW_UNSPECIFIED, task_pb2.TASK_VIEW_RESULT
+    assert tasks.views == [whole, results]
 
     async def scenario():
         async with weft.aio.Client(url) as client:
@@ -299,6 +304,7 @@ def test_wait_many_and_map_fall_back_to_wait_many_on_a_coordinator_without_batch
 
     asyncio.run(scenario())
     assert tasks.wait_many_calls == 4
+    assert tasks.views == [whole, results, whole, results]
 
 
 def _refused_url() -> str:

@@ -130,6 +130,8 @@ class _HeldClient:
     def __init__(self) -> None:
         self.submits: list = []
         self.release = asyncio.Event()
+        #: What each wait asked: results only (no specs sent back), or whole records.
+        self.results_only: list = []
 
     async def submit_many(self, specs):
         self.submits.append(len(specs))
@@ -138,8 +140,10 @@ class _HeldClient:
             await self.release.wait()
         return [f"t{number}.{i}" for i in range(len(specs))]
 
-    async def _wait_many_records(self, task_ids):
+    async def _wait_many_records(self, task_ids, timeout=None, results_only=False):
         from weft._proto import common_pb2, task_pb2
+
+        self.results_only.append(results_only)
 
         for task_id in task_ids:
             yield task_pb2.Task(id=task_id, state=common_pb2.TASK_STATE_SUCCEEDED, output=pickle.dumps(task_id))
@@ -158,6 +162,7 @@ def test_a_batch_queued_while_another_is_on_its_way_is_submitted_at_once():
         client.release.set()
         assert await asyncio.wait_for(first, 10) == "t1.0"
         await ex.shutdown()
+        assert client.results_only == [True, True], "futures wait for results, not specs"
 
     asyncio.run(body())
 

@@ -250,7 +250,7 @@ class _FakeClient:
                 raise weft.InvalidArgument("tasks[0]: refused")
         return [f"t{number}.{i}" for i in range(len(specs))]
 
-    async def _wait_many_records(self, task_ids):
+    async def _wait_many_records(self, task_ids, timeout=None, results_only=False):
         await asyncio.Event().wait()  # nothing finishes
         yield  # pragma: no cover
 

@@ -228,7 +228,9 @@ class Client:
         async for record in self._wait_many_records(task_ids, timeout):
             yield Task.from_pb(record)
 
-    async def _wait_many_records(self, task_ids: Iterable[str], timeout: Optional[DurationLike] = None) -> AsyncIterator[task_pb2.Task]:
+    async def _wait_many_records(
+        self, task_ids: Iterable[str], timeout: Optional[DurationLike] = None, results_only: bool = False
+    ) -> AsyncIterator[task_pb2.Task]:
         """:meth:`wait_many`'s records as they come (``weft.Executor`` reads a
         pickled result straight from one)."""
         deadline = _deadline(timeout)
@@ -236,7 +238,7 @@ class Client:
         left = set(pending)
         while left:
             batches = self._wait_batches
-            call = _open_wait(self._tasks, _wait_many_batch(pending, left), batches, _remaining(deadline))
+            call = _open_wait(self._tasks, _wait_many_batch(pending, left), batches, _remaining(deadline), results_only)
             try:
                 async for message in call:
                     for record in _new_records(message, batches, left):
@@ -271,7 +273,7 @@ class Client:
         for request in _call_requests(handler, inputs, options):
             ids.extend((await self._unary(self._tasks.Submit, request)).task_ids)
         order = _InOrder(ids)
-        async for record in self._wait_many_records(ids, timeout):
+        async for record in self._wait_many_records(ids, timeout, results_only=True):
             for result in order.add(record):
                 yield result
 

@@ -125,11 +125,14 @@ def _call_requests(handler: str, inputs: Iterable[InputLike], options: dict) -> 
         yield request
 
 
-def _open_wait(stub, batch: List[str], batches: bool, timeout: Optional[float]):
+def _open_wait(stub, batch: List[str], batches: bool, timeout: Optional[float], results_only: bool = False):
     """One wait for ``batch``: over ``WaitManyBatches`` (the records ready together in one
     message), or ``WaitMany`` (one per message) for a coordinator without it. ``stub`` is a
-    sync or asyncio ``TaskServiceStub``; the call is iterated with ``for`` or ``async for``."""
-    request = task_pb2.WaitManyRequest(task_ids=batch)
+    sync or asyncio ``TaskServiceStub``; the call is iterated with ``for`` or ``async for``.
+    ``results_only`` asks for the records without their specs (``TASK_VIEW_RESULT``): the
+    inputs are not sent back, and there is less to decode."""
+    view = task_pb2.TASK_VIEW_RESULT if results_only else task_pb2.TASK_VIEW_UNSPECIFIED
+    request = task_pb2.WaitManyRequest(task_ids=batch, view=view)
     method = stub.WaitManyBatches if batches else stub.WaitMany
     return method(request, timeout=timeout)
 
@@ -383,7 +386,9 @@ class Client:
         for record in self._wait_many_records(task_ids, timeout):
             yield Task.from_pb(record)
 
-    def _wait_many_records(self, task_ids: Iterable[str], timeout: Optional[DurationLike] = None) -> Iterator[task_pb2.Task]:
+    def _wait_many_records(
+        self, task_ids: Iterable[str], timeout: Optional[DurationLike] = None, results_only: bool = False
+    ) -> Iterator[task_pb2.Task]:
         """:meth:`wait_many`'s records as they come, before any :class:`Task` is built. They come
         over ``WaitManyBatches`` (the records ready together in one message: a Python client's
         cost is per message), or ``WaitMany`` from a coordinator without it."""
@@ -392,7 +397,7 @@ class Client:
         left = set(pending)
         while left:
             batches = self._wait_batches
-            call = _open_wait(self._tasks, _wait_many_batch(pending, left), batches, _remaining(deadline))
+            call = _open_wait(self._tasks, _wait_many_batch(pending, left), batches, _remaining(deadline), results_only)
             try:
                 for message in call:
                     for record in _new_records(message, batches, left):
@@ -433,7 +438,7 @@ class Client:
         for request in _call_requests(handler, inputs, options):
             ids.extend(self._unary(self._tasks.Submit, request).task_ids)
         order = _InOrder(ids)
-        for record in self._wait_many_records(ids, timeout):
+        for record in self._wait_many_records(ids, timeout, results_only=True):
             yield from order.add(record)
 
     def cancel(self, task_id: str, reason: str = "") -> Task:

@@ -419,7 +419,8 @@ class _Core:
     async def _follow(self, batch: List[_Request]) -> None:
         by_id = {r.task_id: r for r in batch}
         try:
-            async for record in self.client._wait_many_records(list(by_id)):
+            # Results only: a future needs the outcome, not its task's input back.
+            async for record in self.client._wait_many_records(list(by_id), results_only=True):
                 request = by_id.pop(record.id, None)
                 if request is None:
                     continue

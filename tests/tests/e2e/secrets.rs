@@ -128,6 +128,7 @@ async fn a_secret_reaches_the_process_and_no_rpc_answer_log_or_cli_output() {
     let wait_many = tasks
         .wait_many(pb::WaitManyRequest {
             task_ids: vec![id.clone()],
+            ..Default::default()
         })
         .await
         .expect("wait many")

@@ -84,6 +84,7 @@ async fn call_every_rpc(
                 tasks
                     .wait_many(pb::WaitManyRequest {
                         task_ids: vec![SOME_ID.into()],
+                        ..Default::default()
                     })
                     .await,
             ),
@@ -94,6 +95,7 @@ async fn call_every_rpc(
                 tasks
                     .wait_many_batches(pb::WaitManyRequest {
                         task_ids: vec![SOME_ID.into()],
+                        ..Default::default()
                     })
                     .await,
             ),

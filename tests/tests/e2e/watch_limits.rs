@@ -307,6 +307,7 @@ async fn a_client_past_its_stream_cap_is_refused_naming_the_flag_and_others_are_
     };
     let wait_many = pb::WaitManyRequest {
         task_ids: vec![id.to_string()],
+        ..Default::default()
     };
 
     // Watch, Run and WaitMany streams all count.
