@@ -6,7 +6,7 @@
 //! Bounded in time ([`WINDOW`]) and in count ([`MAX_ENTRIES`]); after a
 //! restart it is filled from the store's recently final tasks.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use weft_proto::{Attempt, Outcome, TaskId};
@@ -22,7 +22,7 @@ pub const MAX_ENTRIES: usize = 200_000;
 /// See the module docs.
 #[derive(Debug, Default)]
 pub(crate) struct RecentResults {
-    results: HashMap<(TaskId, u32), Option<Outcome>>,
+    results: crate::IdMap<(TaskId, u32), Option<Outcome>>,
     order: VecDeque<(Instant, TaskId, u32)>,
 }
 
