@@ -60,9 +60,18 @@ impl Scheduler {
         let now_ns = super::task::nanos(now.wall);
         let look = Look { room, now, now_ns };
         // Each priority's first class this node may take (in the policy's
-        // order within the priority), then the best of those.
+        // order within the priority), then the best of those. Highest
+        // priority first: a priority whose heads aging cannot lift to the
+        // best found so far is not looked at (see `Queue::level_ready`).
         let mut best: Option<(Rank, usize)> = None;
-        for level in 0..self.queue.levels.len() {
+        for level in (0..self.queue.levels.len()).rev() {
+            if let Some((b, _)) = &best {
+                let oldest = self.queue.level_oldest(level);
+                let ceiling = self.queue.policy.effective(level as u8, oldest, now_ns);
+                if ceiling < b.effective {
+                    continue;
+                }
+            }
             let Some((rank, index)) = level_pick(&mut self.queue, &self.tasks, level, node, look)
             else {
                 continue;
@@ -76,6 +85,9 @@ impl Scheduler {
         };
         let class = &mut self.queue.classes[index];
         class.ready.pop_front();
+        let level = usize::from(class.policy.priority);
+        self.queue.left(level, 1);
+        let class = &mut self.queue.classes[index];
         class.head = None;
         class.last_served = now_ns;
         let cp = class.policy;
@@ -285,7 +297,11 @@ fn level_pick(
         }
         let class_id = entry.2;
         let index = class_id as usize;
-        let Some((head, created)) = ready_head(&mut queue.classes[index], tasks) else {
+        let (head, dropped) = ready_head(&mut queue.classes[index], tasks);
+        if dropped > 0 {
+            queue.left(level, dropped);
+        }
+        let Some((head, created)) = head else {
             queue.deactivate_if_empty(class_id);
             continue;
         };
@@ -327,25 +343,27 @@ fn level_pick(
 /// The head of `class`'s ready queue and its submission time (Unix nanos),
 /// dropping stale entries (cancelled while queued) in front of it; `None`
 /// when none is left. The head known good (see `Class::head`) needs no
-/// lookup.
-fn ready_head(class: &mut Class, tasks: &LiveTasks) -> Option<(TaskId, u64)> {
+/// lookup. Also answers how many stale entries it dropped.
+fn ready_head(class: &mut Class, tasks: &LiveTasks) -> (Option<(TaskId, u64)>, usize) {
     if let (Some((known, created)), Some(front)) = (class.head, class.ready.front())
         && known == *front
     {
-        return Some((known, created));
+        return (Some((known, created)), 0);
     }
     class.head = None;
+    let mut dropped = 0;
     while let Some(head) = class.ready.front() {
         let ready = tasks
             .get(head)
             .filter(|t| t.state == TaskState::Queued && !t.delayed);
         if let Some(task) = ready {
             class.head = Some((*head, task.created_nanos()));
-            return class.head;
+            return (class.head, dropped);
         }
         class.ready.pop_front();
+        dropped += 1;
     }
-    None
+    (None, dropped)
 }
 
 /// How the head a priority offers ranks against the other priorities'

@@ -564,7 +564,10 @@ impl Scheduler {
         {
             self.graph.unserved.push((id, wait));
         }
-        self.queue.push_ready(class, id);
+        // Submitted at (0, the oldest, only if it were gone: then it is
+        // skipped as stale, and the bound is merely loose).
+        let created = self.tasks.get(&id).map_or(0, |t| t.created_nanos());
+        self.queue.push_ready(class, id, created);
         if !self.queue.classes[class as usize].policy.plain
             && let Some(task) = self.tasks.get(&id)
         {

@@ -491,6 +491,7 @@ impl Scheduler {
                 self.tasks.insert(record.id, task);
             }
             _ => {
+                let created = task.created_nanos();
                 self.tasks.insert(record.id, task);
                 if record.state != TaskState::Queued {
                     self.change_state(
@@ -501,7 +502,7 @@ impl Scheduler {
                         now.wall,
                     );
                 }
-                self.queue.push_ready(class, record.id);
+                self.queue.push_ready(class, record.id, created);
             }
         }
     }
@@ -570,6 +571,7 @@ impl Scheduler {
                 }
             };
             let task = LiveTask::new(live, class, now.wall);
+            let created = task.created_nanos();
             self.out
                 .records
                 .push(Record::Task(task.record(id, Arc::clone(&spec), now.wall)));
@@ -589,7 +591,7 @@ impl Scheduler {
                 },
                 now.wall,
             );
-            self.queue.push_ready(class, id);
+            self.queue.push_ready(class, id, created);
             if !self.queue.classes[class as usize].policy.plain {
                 self.policy_submitted(id, class, &spec, now.wall);
             }
@@ -697,7 +699,8 @@ impl Scheduler {
                 && task.attempt == attempt
             {
                 task.delayed = false;
-                self.queue.push_front_ready(task.class, id);
+                self.queue
+                    .push_front_ready(task.class, id, task.created_nanos());
             }
         }
         if let Some(check) = self.next_liveness_check

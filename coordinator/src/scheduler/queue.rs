@@ -18,7 +18,10 @@
 //! keeps its active classes ordered by (their fair key's virtual time, their
 //! head's id) ([`Queue::levels`]), the order the policy serves them in, so
 //! an assignment walks each priority from its front to the first class the
-//! node may take. An entry is corrected when dispatch finds it out of date
+//! node may take. It walks the priorities from the highest, and skips one
+//! whose oldest ready task aging could not lift to the best head found so
+//! far ([`Queue::level_ready`]): with nothing old waiting, it looks at one
+//! priority, not at all of them. An entry is corrected when dispatch finds it out of date
 //! (its key was served since, or its head left the queue): virtual times
 //! only grow, so such an entry is only ever too early, never missed.
 
@@ -82,6 +85,14 @@ pub(crate) struct Queue {
     /// entries until dispatch looks), per priority (the index), in the
     /// order the policy serves them; see the module docs.
     pub levels: Vec<std::collections::BTreeSet<LevelEntry>>,
+    /// Per priority: how many entries its classes' ready queues hold
+    /// (stale ones too), and a lower bound on the submission time (Unix
+    /// nanos) of every task among them (`u64::MAX` when none): the oldest
+    /// pushed since they last held none. Aging can lift a priority's
+    /// heads by at most what that bound says, so an assignment skips a
+    /// priority that cannot beat the head it has already found
+    /// (`dispatch.rs`).
+    pub level_ready: Vec<(usize, u64)>,
     /// Class entries dispatch has looked at (tests: what an assignment
     /// costs).
     #[cfg(test)]
@@ -243,14 +254,17 @@ impl Queue {
         &self.classes[class as usize].example
     }
 
-    /// Puts a task at the back of its class's ready queue.
-    pub fn push_ready(&mut self, class: ClassId, id: TaskId) {
+    /// Puts a task, submitted at `created` (Unix nanos), at the back of
+    /// its class's ready queue.
+    pub fn push_ready(&mut self, class: ClassId, id: TaskId, created: u64) {
         if let Some(c) = self.classes.get_mut(class as usize) {
             if c.ready.is_empty() {
                 self.policy.reactivate(c.policy.fair);
             }
             let was_empty = c.ready.is_empty();
             c.ready.push_back(id);
+            let level = usize::from(c.policy.priority);
+            self.entered(level, created);
             if was_empty {
                 self.index(class, Some(id));
             }
@@ -260,14 +274,43 @@ impl Queue {
     /// Puts a task at the front of its class's ready queue: for attempts
     /// that were already running (node lost) or waited out a retry backoff,
     /// so they are not sent behind the whole backlog again.
-    pub fn push_front_ready(&mut self, class: ClassId, id: TaskId) {
+    pub fn push_front_ready(&mut self, class: ClassId, id: TaskId, created: u64) {
         if let Some(c) = self.classes.get_mut(class as usize) {
             if c.ready.is_empty() {
                 self.policy.reactivate(c.policy.fair);
             }
             c.ready.push_front(id);
+            let level = usize::from(c.policy.priority);
+            self.entered(level, created);
             self.index(class, Some(id));
         }
+    }
+
+    /// A ready entry submitted at `created` joined priority `level`.
+    fn entered(&mut self, level: usize, created: u64) {
+        if self.level_ready.len() <= level {
+            self.level_ready.resize(level + 1, (0, u64::MAX));
+        }
+        let (entries, oldest) = &mut self.level_ready[level];
+        *entries += 1;
+        *oldest = (*oldest).min(created);
+    }
+
+    /// `count` ready entries of priority `level` left (assigned, or stale
+    /// ones dropped); once it holds none, its bound starts afresh.
+    pub fn left(&mut self, level: usize, count: usize) {
+        if let Some((entries, oldest)) = self.level_ready.get_mut(level) {
+            *entries = entries.saturating_sub(count);
+            if *entries == 0 {
+                *oldest = u64::MAX;
+            }
+        }
+    }
+
+    /// The oldest submission time (Unix nanos) a ready task of priority
+    /// `level` may have; `u64::MAX` when it has none.
+    pub fn level_oldest(&self, level: usize) -> u64 {
+        self.level_ready.get(level).map_or(u64::MAX, |l| l.1)
     }
 
     /// Puts `class` in its priority's order with `head` as its head (or

@@ -99,12 +99,12 @@ impl Scheduler {
             None => Retry::Node,
         });
         task.delayed = delay.is_some();
-        let (class, attempt) = (task.class, task.attempt);
+        let (class, attempt, created) = (task.class, task.attempt, task.created_nanos());
         self.policy_attempt_ended(class);
         self.change_state(id, TaskState::Queued, lost, reason, now.wall);
         match delay {
             Some(delay) => self.queue.delay(now.instant + delay, id, attempt),
-            None => self.queue.push_front_ready(class, id),
+            None => self.queue.push_front_ready(class, id, created),
         }
     }
 

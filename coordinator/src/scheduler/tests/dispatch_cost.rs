@@ -20,22 +20,29 @@ fn one(h: &mut Harness) -> Vec<TaskId> {
 #[test]
 fn a_remembered_head_cancelled_while_queued_is_skipped() {
     let mut h = Harness::new();
-    let high = h.submit(vec![call("high").priority(9)])[0];
-    let low = h.submit(vec![call("low-1").priority(2), call("low-2").priority(2)]);
+    let gpu = h.submit(vec![
+        call("gpu-1").priority(9).label("gpu", "1"),
+        call("gpu-2").priority(9).label("gpu", "1"),
+    ]);
+    let low = h.submit(vec![call("low").priority(2)])[0];
     h.node(S1, reg("n1", 1), 1);
-    // The low class's head was ranked (and remembered) for this one.
-    assert_eq!(one(&mut h), [high]);
-    let class = h.s.tasks.get(&low[0]).map(|t| t.class).unwrap();
+    // The gpu class's head was checked (and remembered) for this one,
+    // which n1 cannot take.
+    assert_eq!(one(&mut h), [low]);
+    let class = h.s.tasks.get(&gpu[0]).map(|t| t.class).unwrap();
     assert_eq!(
         h.s.queue.classes[class as usize].head.map(|(id, _)| id),
-        Some(low[0])
+        Some(gpu[0])
     );
-    assert!(h.s.cancel(low[0], "", h.now));
+    assert!(h.s.cancel(gpu[0], "", h.now));
     assert_eq!(h.s.queue.classes[class as usize].head, None);
-    h.finish(S1, high, 1, Outcome::Succeeded);
-    h.s.credits(S1, 1, h.now);
-    assert_eq!(one(&mut h), [low[1]]);
-    assert_eq!(h.record(low[0]).state, TaskState::Cancelled);
+    // A node that can take them gets the next one, not the cancelled one.
+    let mut gpu_node = reg("n2", 1);
+    gpu_node.labels.insert("gpu".into(), "1".into());
+    h.node(S2, gpu_node, 1);
+    let e = h.effects();
+    assert_eq!(assigned(&e, S2), [(gpu[1], Attempt(1))]);
+    assert_eq!(h.record(gpu[0]).state, TaskState::Cancelled);
 }
 
 /// An assigned head is forgotten with its entry: the next head is looked
@@ -171,4 +178,59 @@ fn an_assignment_looks_at_a_few_classes_however_many_are_ready() {
     }
     assert_eq!(order, ids[..100]);
     assert!(most <= 4, "an assignment looked at {most} classes");
+}
+
+/// With every priority queued and no head old enough for aging to lift
+/// it past the best one found, an assignment looks at the classes of one
+/// priority, not at one class per priority; a head aging has lifted to a
+/// tie is still looked at, and wins it as the older.
+#[test]
+fn an_assignment_looks_only_at_priorities_aging_could_lift() {
+    let aging = Duration::from_secs(10);
+    let mut h = Harness::with(SchedulerConfig {
+        priority_aging: aging,
+        ..config()
+    });
+    let specs = (1..=9u8)
+        .flat_map(|p| (0..2).map(move |i| call(&format!("{p}-{i}")).priority(p)))
+        .collect();
+    let ids = h.submit(specs);
+    h.node(S1, reg("n1", 1), 1);
+    let mut order = vec![one(&mut h)[0]];
+    while order.len() < ids.len() {
+        h.finish(S1, *order.last().unwrap(), 1, Outcome::Succeeded);
+        let before = h.s.queue.looked;
+        h.s.credits(S1, 1, h.now);
+        let got = one(&mut h);
+        assert_eq!(got.len(), 1);
+        // The class it assigns from, and at most one entry before it
+        // put back in order (the fair key's virtual time moved when a
+        // higher priority was served); never a class per priority.
+        let looked = h.s.queue.looked - before;
+        assert!(looked <= 2, "{looked} classes looked at");
+        order.push(got[0]);
+    }
+    // Highest priority first, oldest first within one.
+    let expected: Vec<TaskId> = (0..9)
+        .rev()
+        .flat_map(|p| [ids[2 * p], ids[2 * p + 1]])
+        .collect();
+    assert_eq!(order, expected);
+    h.finish(S1, *order.last().unwrap(), 1, Outcome::Succeeded);
+
+    // A priority-1 task 80 s old ties a fresh priority-9 one (eight
+    // levels, one per 10 s): both are looked at, and the older runs.
+    let old = h.submit(vec![call("old").priority(1)])[0];
+    for _ in 0..80 {
+        h.advance(Duration::from_secs(1));
+        h.s.heartbeat(S1, h.now);
+    }
+    let fresh = h.submit(vec![call("fresh").priority(9)])[0];
+    let before = h.s.queue.looked;
+    h.s.credits(S1, 1, h.now);
+    assert_eq!(one(&mut h), [old]);
+    assert_eq!(h.s.queue.looked - before, 2);
+    h.finish(S1, old, 1, Outcome::Succeeded);
+    h.s.credits(S1, 1, h.now);
+    assert_eq!(one(&mut h), [fresh]);
 }
