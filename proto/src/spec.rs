@@ -677,11 +677,51 @@ impl From<&TaskSpec> for pb::TaskSpec {
 }
 
 /// The wire form of an owned spec (what a client submits): the same
-/// message as from a borrow. Payloads (`stdin`, `input`) are shared, not
-/// copied.
+/// message as from a borrow, its strings, lists and maps moved instead of
+/// copied (a client building many specs allocates each once).
 impl From<TaskSpec> for pb::TaskSpec {
     fn from(spec: TaskSpec) -> Self {
-        pb::TaskSpec::from(&spec)
+        let kind = match spec.kind {
+            TaskKind::Exec(exec) => pb::task_spec::Kind::Exec(pb::ExecSpec {
+                argv: exec.argv,
+                env: exec.env,
+                cwd: exec.cwd.unwrap_or_default(),
+                stdin: exec.stdin,
+            }),
+            TaskKind::Call(call) => pb::task_spec::Kind::Call(pb::CallSpec {
+                handler: call.handler,
+                input: call.input,
+            }),
+        };
+        pb::TaskSpec {
+            kind: Some(kind),
+            slots: spec.slots,
+            labels: spec.labels,
+            timeout: spec.timeout.map(duration_to_pb),
+            max_attempts: spec.max_attempts,
+            name: spec.name,
+            secret_env: spec.secret_env.0,
+            schedule_timeout: spec.schedule_timeout.map(duration_to_pb),
+            trace: spec.trace.as_ref().map(TraceContext::to_pb),
+            priority: u32::from(spec.priority),
+            fair_key: spec.fair_key,
+            fair_weight: spec.fair_weight,
+            concurrency: spec.concurrency.as_ref().map(pb::ConcurrencyLimit::from),
+            rate_limits: spec
+                .rate_limits
+                .into_iter()
+                .map(|used| pb::RateLimitUse {
+                    name: used.name,
+                    units: used.units,
+                })
+                .collect(),
+            resources: spec.resources,
+            after: spec.after.iter().map(pb::Dependency::from).collect(),
+            after_rule: i32::from(spec.after_rule),
+            not_before: spec.not_before.map(timestamp),
+            r#ref: spec.ref_name,
+            fail_if_infeasible: spec.fail_if_infeasible,
+        }
     }
 }
 
@@ -707,6 +747,35 @@ mod tests {
             .stdin("in");
         let back = TaskSpec::try_from(pb::TaskSpec::from(spec.clone())).unwrap();
         assert_eq!(back, spec);
+    }
+
+    #[test]
+    fn an_owned_spec_and_a_borrowed_one_make_the_same_message() {
+        let mut every = TaskSpec::exec(["sh", "-c", "echo hi"])
+            .slots(2)
+            .label("zone", "a")
+            .timeout(Duration::from_secs(3))
+            .max_attempts(5)
+            .env("A", "1")
+            .stdin("in")
+            .priority(7)
+            .fair_key("team-a", 3)
+            .concurrency("user-42", 2, crate::OverLimit::CancelOldest)
+            .resource("gpu", 2)
+            .ref_name("build");
+        every.name = "named".into();
+        every.secret_env.insert("TOKEN", "s3cret");
+        every.schedule_timeout = Some(Duration::from_secs(9));
+        every.rate_limits.push(crate::RateLimitUse {
+            name: "api".into(),
+            units: 3,
+        });
+        every.not_before = Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1_000));
+        every.fail_if_infeasible = true;
+        let call = TaskSpec::call("echo", "input").label("k", "v");
+        for spec in [every, call] {
+            assert_eq!(pb::TaskSpec::from(spec.clone()), pb::TaskSpec::from(&spec));
+        }
     }
 
     #[test]
