@@ -405,27 +405,43 @@ async fn bad_requests_get_the_right_codes() {
     c.shutdown(DEADLINE).await.unwrap();
 }
 
-#[tokio::test]
-async fn wait_many_streams_final_tasks_in_completion_order_and_ends() {
+/// A coordinator, a node of 4 slots that was assigned `n` calls of
+/// `input`, and the ids; task `done` has finished (and its record says
+/// so): what the `WaitMany` tests start from.
+async fn assigned_with_one_final(
+    n: usize,
+    input: &'static str,
+    done: usize,
+) -> (
+    RunningCoordinator,
+    common::FakeNode,
+    TaskServiceClient<Channel>,
+    Vec<String>,
+) {
     let c = coordinator(CoordinatorConfig::default()).await;
     let mut node = connect(c.url(), In::Register(register("n1", 4)))
         .await
         .unwrap();
     node.credits(4).await;
     let mut tasks = TaskServiceClient::new(channel(c.url()).await);
-    let ids = submit(&mut tasks, vec![TaskSpec::call("noop", "a"); 3]).await;
-    let assigned = node.assignments().await;
-    assert_eq!(assigned.len(), 3);
-    // One final before the wait starts: it comes first.
-    node.events(vec![finished_ok(&ids[1], 1)]).await;
+    let ids = submit(&mut tasks, vec![TaskSpec::call("noop", input); n]).await;
+    assert_eq!(node.assignments().await.len(), n);
+    node.events(vec![finished_ok(&ids[done], 1)]).await;
     wait_until(|| {
         let mut tasks = tasks.clone();
-        let id = ids[1].clone();
+        let id = ids[done].clone();
         async move {
             (get(&mut tasks, &id).await.state == i32::from(TaskState::Succeeded)).then_some(())
         }
     })
     .await;
+    (c, node, tasks, ids)
+}
+
+#[tokio::test]
+async fn wait_many_streams_final_tasks_in_completion_order_and_ends() {
+    // One final before the wait starts: it comes first.
+    let (c, node, mut tasks, ids) = assigned_with_one_final(3, "a", 1).await;
     let mut request = ids.clone();
     request.push(ids[0].clone()); // a repeated id is answered once
     let mut finals = tasks
@@ -490,24 +506,8 @@ async fn wait_many_streams_final_tasks_in_completion_order_and_ends() {
 
 #[tokio::test]
 async fn the_result_view_answers_final_records_without_their_spec() {
-    let c = coordinator(CoordinatorConfig::default()).await;
-    let mut node = connect(c.url(), In::Register(register("n1", 4)))
-        .await
-        .unwrap();
-    node.credits(4).await;
-    let mut tasks = TaskServiceClient::new(channel(c.url()).await);
-    let ids = submit(&mut tasks, vec![TaskSpec::call("noop", "a big input"); 2]).await;
-    assert_eq!(node.assignments().await.len(), 2);
     // One final before the wait (read back from the store), one after (live).
-    node.events(vec![finished_ok(&ids[0], 1)]).await;
-    wait_until(|| {
-        let mut tasks = tasks.clone();
-        let id = ids[0].clone();
-        async move {
-            (get(&mut tasks, &id).await.state == i32::from(TaskState::Succeeded)).then_some(())
-        }
-    })
-    .await;
+    let (c, node, mut tasks, ids) = assigned_with_one_final(2, "a big input", 0).await;
     let request = |view: pb::TaskView| pb::WaitManyRequest {
         task_ids: ids.clone(),
         view: view.into(),
