@@ -83,10 +83,7 @@ impl Scheduler {
         let Some((Rank { head: id, .. }, index)) = best else {
             return false;
         };
-        let class = &mut self.queue.classes[index];
-        class.ready.pop_front();
-        let level = usize::from(class.policy.priority);
-        self.queue.left(level, 1);
+        self.queue.pop_ready(index);
         let class = &mut self.queue.classes[index];
         class.head = None;
         class.last_served = now_ns;

@@ -21,9 +21,10 @@
 //! node may take. It walks the priorities from the highest, and skips one
 //! whose oldest ready task aging could not lift to the best head found so
 //! far ([`Queue::level_ready`]): with nothing old waiting, it looks at one
-//! priority, not at all of them. An entry is corrected when dispatch finds it out of date
-//! (its key was served since, or its head left the queue): virtual times
-//! only grow, so such an entry is only ever too early, never missed.
+//! priority, not at all of them. An entry is corrected when dispatch finds
+//! it out of date (its key was served since, or its head left the queue):
+//! virtual times only grow, so such an entry is only ever too early, never
+//! missed.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
@@ -283,6 +284,17 @@ impl Queue {
             let level = usize::from(c.policy.priority);
             self.entered(level, created);
             self.index(class, Some(id));
+        }
+    }
+
+    /// Takes the front entry of class `index`'s ready queue (the task
+    /// being assigned).
+    pub fn pop_ready(&mut self, index: usize) {
+        if let Some(c) = self.classes.get_mut(index)
+            && c.ready.pop_front().is_some()
+        {
+            let level = usize::from(c.policy.priority);
+            self.left(level, 1);
         }
     }
 
