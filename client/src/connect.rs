@@ -271,17 +271,18 @@ impl std::fmt::Debug for Redial {
 /// A plaintext channel "connects" to a TLS coordinator too (HTTP/2
 /// does not wait for the server's answer): one small call finds out,
 /// so the error says to dial https rather than "h2 protocol error" at
-/// the first real call. Only a broken connection counts; any answer
-/// (even a refusal) means plaintext works. The probe is sent without the
-/// client token.
+/// the first real call. A broken connection, or no answer within the
+/// connect timeout, fails the connect; any answer (even a refusal) means
+/// plaintext works. The probe is sent without the client token.
 async fn probe_plaintext(
     url: &str,
     channel: Channel,
     address: &CoordinatorAddr,
 ) -> Result<(), Error> {
     let mut admin = AdminServiceClient::new(channel);
-    let mut probe = tonic::Request::new(pb::ClusterInfoRequest {});
-    probe.set_timeout(CONNECT_TIMEOUT);
+    // One deadline, ours: a grpc-timeout of the same length would race it
+    // and end the call as CANCELLED instead.
+    let probe = tonic::Request::new(pb::ClusterInfoRequest {});
     match tokio::time::timeout(CONNECT_TIMEOUT, admin.cluster_info(probe)).await {
         // A broken HTTP/2 connection shows as one of these; a real
         // answer (even a refusal) as any other code.
@@ -301,6 +302,14 @@ async fn probe_plaintext(
                 weft_proto::tls::plaintext_hint(address)
             )))
         }
-        _ => Ok(()),
+        // No answer at all within the connect timeout: as unusable as a
+        // connection that never opened (and a TLS listener is the likely
+        // reason), so the caller hears it now, not at its first call.
+        Err(_) => Err(Error::Unavailable(format!(
+            "cannot reach coordinator at {url}: no answer within {}s; {}",
+            CONNECT_TIMEOUT.as_secs(),
+            weft_proto::tls::plaintext_hint(address)
+        ))),
+        Ok(_) => Ok(()),
     }
 }

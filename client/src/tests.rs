@@ -13,7 +13,7 @@ use tonic::{Request, Response, Status};
 use weft_proto::pb;
 use weft_proto::pb::task_service_server::{TaskService, TaskServiceServer};
 
-use crate::{Client, Error, TaskId, TaskSpec, TaskState};
+use crate::{CONNECT_TIMEOUT, Client, Error, TaskId, TaskSpec, TaskState};
 
 type EventResult = Result<pb::TaskEvent, Status>;
 type Events = Pin<Box<dyn Stream<Item = EventResult> + Send>>;
@@ -391,6 +391,56 @@ async fn an_unreachable_coordinator_fails_fast_with_unavailable() {
         "{err}"
     );
     assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+/// An admin service that takes every call and never answers it.
+#[derive(Clone)]
+struct Hang;
+
+impl tonic::server::NamedService for Hang {
+    const NAME: &'static str = "weft.v1.AdminService";
+}
+
+impl<B> tonic::codegen::Service<tonic::codegen::http::Request<B>> for Hang {
+    type Response = tonic::codegen::http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = futures::future::Pending<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: tonic::codegen::http::Request<B>) -> Self::Future {
+        futures::future::pending()
+    }
+}
+
+#[tokio::test]
+async fn a_plaintext_peer_that_never_answers_fails_the_connect_with_the_tls_hint() {
+    // Speaks HTTP/2 but answers no call: the connection opens, and only
+    // the probe can tell it is of no use.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(Hang)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let started = std::time::Instant::now();
+    let err = Client::connect(&format!("http://{addr}"))
+        .await
+        .unwrap_err();
+    assert!(err.is_unavailable(), "{err:?}");
+    let message = err.to_string();
+    assert!(message.contains("no answer within"), "{message}");
+    assert!(
+        message.contains(&format!("dial https://{addr}")),
+        "{message}"
+    );
+    assert!(started.elapsed() < CONNECT_TIMEOUT * 2 + Duration::from_secs(2));
 }
 
 #[tokio::test]
