@@ -44,7 +44,7 @@
 //!   one of its buckets lacks units and `next_wakeup` includes the refill.
 //! - Resources are held on the node from assignment to the attempt's end.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use weft_proto::policy::{Limit, LimitKind, OverLimit, RateLimit};
@@ -86,7 +86,7 @@ pub(crate) struct ConcKey {
     /// Its tasks not final (queued, assigned, running). A hash set: every
     /// task of the key goes in and out once, in whatever order the policy
     /// runs them, and only `cancel_oldest` needs them sorted (it sorts).
-    pub live: HashSet<TaskId>,
+    pub live: crate::IdSet<TaskId>,
 }
 
 impl ConcKey {
