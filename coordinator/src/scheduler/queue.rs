@@ -98,6 +98,10 @@ pub(crate) struct Queue {
     /// costs).
     #[cfg(test)]
     pub looked: u64,
+    /// Examples a submitted spec was compared with to find its class
+    /// (tests: what a class lookup costs).
+    #[cfg(test)]
+    pub compared: u64,
     /// Classes by [`class_hash`] (already a hash: no hashing again).
     index: HashMap<u64, Vec<ClassId>, std::hash::BuildHasherDefault<PassThrough>>,
     delayed: BinaryHeap<Reverse<(Instant, TaskId, u32)>>,
@@ -106,6 +110,10 @@ pub(crate) struct Queue {
     pub policy: Policy,
 }
 
+/// A hash of what [`same_class`] compares, so tasks of different classes
+/// rarely share a bucket: tasks that differ only by their concurrency key
+/// or rate limits (a key per user, say) each find their class in one
+/// comparison, not one per key.
 fn class_hash(spec: &TaskSpec) -> u64 {
     let mut hasher = foldhash::fast::FixedState::default().build_hasher();
     match &spec.kind {
@@ -122,7 +130,18 @@ fn class_hash(spec: &TaskSpec) -> u64 {
     spec.slots.hash(&mut hasher);
     spec.priority.hash(&mut hasher);
     spec.fair_key.hash(&mut hasher);
+    spec.fair_weight.hash(&mut hasher);
+    if let Some(conc) = &spec.concurrency {
+        conc.key.hash(&mut hasher);
+        conc.max_running.hash(&mut hasher);
+        conc.on_limit.hash(&mut hasher);
+    }
+    for used in &spec.rate_limits {
+        used.name.hash(&mut hasher);
+        used.units.hash(&mut hasher);
+    }
     spec.resources.hash(&mut hasher);
+    spec.fail_if_infeasible.hash(&mut hasher);
     hasher.finish()
 }
 
@@ -200,6 +219,10 @@ impl Queue {
     /// apart: see `sets_loader_env`), made on first sight. Submits of many alike
     /// tasks hit the one-entry cache and allocate nothing.
     pub fn class_for(&mut self, spec: &TaskSpec) -> ClassId {
+        #[cfg(test)]
+        {
+            self.compared += u64::from(self.last.is_some());
+        }
         if let Some(last) = self.last
             && same_class(&self.classes[last as usize].example, spec)
         {
@@ -207,10 +230,15 @@ impl Queue {
         }
         let hash = class_hash(spec);
         let candidates = self.index.entry(hash).or_default();
-        let found = candidates
-            .iter()
-            .copied()
-            .find(|c| same_class(&self.classes[*c as usize].example, spec));
+        #[cfg(test)]
+        let compared = &mut self.compared;
+        let found = candidates.iter().copied().find(|c| {
+            #[cfg(test)]
+            {
+                *compared += 1;
+            }
+            same_class(&self.classes[*c as usize].example, spec)
+        });
         let class = match found {
             Some(class) => class,
             None => {

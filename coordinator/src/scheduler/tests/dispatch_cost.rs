@@ -5,6 +5,7 @@
 //! skipping of cancelled tasks are as without it.
 
 use super::*;
+use weft_proto::OverLimit;
 
 fn call(input: &str) -> TaskSpec {
     TaskSpec::call("noop", input.to_owned())
@@ -233,4 +234,35 @@ fn an_assignment_looks_only_at_priorities_aging_could_lift() {
     h.finish(S1, old, 1, Outcome::Succeeded);
     h.s.credits(S1, 1, h.now);
     assert_eq!(one(&mut h), [fresh]);
+}
+
+/// Finding a submitted task's class compares it with one or two examples
+/// (the last class used, then its bucket's), however many classes differ
+/// only by their concurrency key, rate limit or fair weight: a key per
+/// user does not make every submit walk every user's class.
+#[test]
+fn finding_a_class_compares_with_a_few_examples_however_many_keys_there_are() {
+    let mut h = Harness::new();
+    let keys = 1_500;
+    let specs = |round: usize| -> Vec<TaskSpec> {
+        (0..keys)
+            .flat_map(|k| {
+                let input = format!("{round}-{k}");
+                [
+                    call(&input).concurrency(format!("user-{k}"), 2, OverLimit::Queue),
+                    call(&input).rate_limit(format!("api-{k}"), 1),
+                    call(&input).fair_key("team", 1 + k as u32),
+                ]
+            })
+            .collect()
+    };
+    h.submit(specs(0));
+    let classes = h.s.queue.classes.len();
+    assert_eq!(classes, 3 * keys, "one class per key");
+    // The same keys again: each task finds its class among them.
+    let before = h.s.queue.compared;
+    h.submit(specs(1));
+    assert_eq!(h.s.queue.classes.len(), classes, "no class made twice");
+    let per_task = (h.s.queue.compared - before) as f64 / (3 * keys) as f64;
+    assert!(per_task <= 2.01, "{per_task} comparisons per task");
 }
