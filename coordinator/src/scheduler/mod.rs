@@ -447,14 +447,14 @@ impl Scheduler {
                     TaskKind::Exec(_) => {
                         let mut spec = TaskSpec::clone(&record.spec);
                         spec.secret_env = SecretEnv::clone(&env);
-                        self.queue.class_for(&spec)
+                        self.class_of(&spec)
                     }
-                    TaskKind::Call(_) => self.queue.class_for(&record.spec),
+                    TaskKind::Call(_) => self.class_of(&record.spec),
                 };
                 self.secrets.insert(record.id, env);
                 class
             }
-            None => self.queue.class_for(&record.spec),
+            None => self.class_of(&record.spec),
         };
         let spec = LiveSpec::compact(&record.spec, self.queue.example(class))
             .unwrap_or_else(|| LiveSpec::Full(Arc::clone(&record.spec)));
@@ -484,15 +484,15 @@ impl Scheduler {
                     node_name: record.node_name.unwrap_or_else(|| Arc::from("unknown")),
                 });
                 self.orphans.push((record.id, grace_ends));
-                self.tasks.insert(record.id, task);
+                self.admit(record.id, task);
             }
             // Linked to its parents and start time in `finish_restore`.
             (TaskState::Pending, _) => {
-                self.tasks.insert(record.id, task);
+                self.admit(record.id, task);
             }
             _ => {
                 let created = task.created_nanos();
-                self.tasks.insert(record.id, task);
+                self.admit(record.id, task);
                 if record.state != TaskState::Queued {
                     self.change_state(
                         record.id,
@@ -555,7 +555,7 @@ impl Scheduler {
             }
             // Kept apart from the spec, which records, events and queue
             // classes share with every reader.
-            let class = self.queue.class_for(&spec);
+            let class = self.class_of(&spec);
             let secret_env = std::mem::take(&mut spec.secret_env);
             // A queued task keeps only what its class's example lacks.
             let (live, spec) = match LiveSpec::compact(&spec, self.queue.example(class)) {
@@ -576,7 +576,7 @@ impl Scheduler {
                 .records
                 .push(Record::Task(task.record(id, Arc::clone(&spec), now.wall)));
             self.keep_secrets(id, secret_env);
-            self.tasks.insert(id, task);
+            self.admit(id, task);
             self.counts[state_index(TaskState::Queued)] += 1;
             self.emit(
                 id,
@@ -610,6 +610,28 @@ impl Scheduler {
         Ok(())
     }
 
+    /// Adds a live task, counted as a member of its class.
+    fn admit(&mut self, id: TaskId, task: LiveTask) {
+        if let Some(old) = self.tasks.get(&id).map(|t| t.class) {
+            self.queue.parted(old);
+        }
+        self.queue.joined(task.class);
+        self.tasks.insert(id, task);
+    }
+
+    /// The class of `spec` (see `Queue::class_for`). A class number the
+    /// queue gave a new class after retiring the old one is forgotten by
+    /// every node, which remembered whether it could run the old one.
+    fn class_of(&mut self, spec: &TaskSpec) -> ClassId {
+        let class = self.queue.class_for(spec);
+        for reused in self.queue.take_reused() {
+            for node in self.nodes.values_mut() {
+                node.forget_class(reused);
+            }
+        }
+        class
+    }
+
     /// Keeps a new task's secret environment (if any), recorded in the same
     /// commit as the task's first record.
     fn keep_secrets(&mut self, id: TaskId, secret_env: SecretEnv) {
@@ -633,7 +655,7 @@ impl Scheduler {
 
     /// One task of a Submit that starts PENDING: recorded, not queued.
     fn submit_pending(&mut self, id: TaskId, mut spec: TaskSpec, now: Now) {
-        let class = self.queue.class_for(&spec);
+        let class = self.class_of(&spec);
         let secret_env = std::mem::take(&mut spec.secret_env);
         let (live, spec) = LiveSpec::full(spec);
         let mut task = LiveTask::new(live, class, now.wall);
@@ -642,7 +664,7 @@ impl Scheduler {
             .records
             .push(Record::Task(task.record(id, Arc::clone(&spec), now.wall)));
         self.keep_secrets(id, secret_env);
-        self.tasks.insert(id, task);
+        self.admit(id, task);
         self.counts[state_index(TaskState::Pending)] += 1;
         self.emit(id, graph::pending_event(&spec), now.wall);
     }
@@ -782,6 +804,7 @@ impl Scheduler {
     /// Matches ready tasks to nodes with credits, then hands out everything
     /// the events since the last call produced.
     pub fn take_effects(&mut self, now: Now) -> Effects {
+        self.queue.retire_unused();
         for (id, wait) in std::mem::take(&mut self.graph.unserved) {
             self.unplaceable
                 .push(std::cmp::Reverse((now.instant + wait, id)));

@@ -9,10 +9,14 @@
 //! entry is just a 16-byte [`TaskId`]; a task cancelled while queued leaves
 //! its entry behind and dispatch skips it (lazy deletion), so cancel is O(1).
 //!
-//! A class lives as long as the coordinator, but only the classes with
-//! ready entries are *active* ([`Queue::active`]): dispatch and the gauges
-//! look at those alone, so tasks that each came with a key of their own (a
-//! fair or concurrency key per user, say) leave no cost once they have run.
+//! Only the classes with ready entries are *active* ([`Queue::active`]):
+//! dispatch and the gauges look at those alone, so tasks that each came
+//! with a key of their own (a fair or concurrency key per user or per job,
+//! say) leave no cost once they have run. A class lives while it has live
+//! tasks ([`Class::members`]); then it is retired and its number reused
+//! ([`Queue::retire_unused`]), so the classes kept are those of the work
+//! in the system, not of every key ever seen. (The keys' own small entries,
+//! a fair key's virtual time and a concurrency key's limit, are kept.)
 //!
 //! Dispatch does not look at every active class either: each priority
 //! keeps its active classes ordered by (their fair key's virtual time, their
@@ -67,6 +71,12 @@ pub(crate) struct Class {
     /// Its entry in [`Queue::levels`] (its priority's): there while it
     /// has ready entries.
     pub indexed: Option<LevelEntry>,
+    /// Its live tasks (pending, queued, assigned or running). Once it has
+    /// none, the class is retired and its number reused
+    /// ([`Queue::retire_unused`]).
+    pub members: u32,
+    /// Retired: no live task, no example, its number free for another class.
+    pub retired: bool,
 }
 
 /// An active class in its priority's order: its fair key's virtual time
@@ -106,6 +116,17 @@ pub(crate) struct Queue {
     index: HashMap<u64, Vec<ClassId>, std::hash::BuildHasherDefault<PassThrough>>,
     delayed: BinaryHeap<Reverse<(Instant, TaskId, u32)>>,
     last: Option<ClassId>,
+    /// Numbers of retired classes, for new classes to take.
+    free: Vec<ClassId>,
+    /// Classes whose last live task ended since [`Queue::retire_unused`]
+    /// last ran (they may have gained one since).
+    unused: Vec<ClassId>,
+    /// Class numbers given to a new class since the scheduler last took
+    /// them ([`Queue::take_reused`]): what it remembers per class number
+    /// (which nodes can run it) was about the old class.
+    reused: Vec<ClassId>,
+    /// The example a retired class keeps: an empty spec, shared.
+    retired_example: Option<Arc<TaskSpec>>,
     /// Key tables and buckets of the scheduling policy.
     pub policy: Policy,
 }
@@ -262,20 +283,107 @@ impl Queue {
                     TaskKind::Exec(exec) => exec.stdin = Bytes::new(),
                 }
                 let policy = self.policy.class_policy(&example);
-                self.classes.push(Class {
+                let made = Class {
                     example: Arc::new(example),
                     ready: VecDeque::new(),
                     policy,
                     last_served: 0,
                     head: None,
                     indexed: None,
-                });
-                candidates.push(class);
+                    members: 0,
+                    retired: false,
+                };
+                let class = match self.free.pop() {
+                    Some(reuse) => {
+                        self.classes[reuse as usize] = made;
+                        self.reused.push(reuse);
+                        reuse
+                    }
+                    None => {
+                        self.classes.push(made);
+                        class
+                    }
+                };
+                self.index.entry(hash).or_default().push(class);
                 class
             }
         };
         self.last = Some(class);
         class
+    }
+
+    /// A live task of `class` was added.
+    pub fn joined(&mut self, class: ClassId) {
+        if let Some(c) = self.classes.get_mut(class as usize) {
+            c.members += 1;
+        }
+    }
+
+    /// A live task of `class` ended (or was replaced): once none is left,
+    /// the class is retired at the next [`retire_unused`](Self::retire_unused).
+    pub fn parted(&mut self, class: ClassId) {
+        if let Some(c) = self.classes.get_mut(class as usize) {
+            c.members = c.members.saturating_sub(1);
+            if c.members == 0 {
+                self.unused.push(class);
+            }
+        }
+    }
+
+    /// Retires the classes left without live tasks, so a coordinator that
+    /// sees a new fair or concurrency key per job keeps classes for the
+    /// keys in use, not for every key it ever saw. A retired class leaves
+    /// its priority's order (dropping the entries of tasks cancelled while
+    /// queued) and the class index, keeps no example, and gives its number
+    /// to the next new class. Called between operations, never while a
+    /// caller holds a class number it has not given a task yet.
+    pub fn retire_unused(&mut self) {
+        for class in std::mem::take(&mut self.unused) {
+            let Some(c) = self.classes.get_mut(class as usize) else {
+                continue;
+            };
+            if c.members > 0 || c.retired {
+                continue;
+            }
+            let stale = c.ready.len();
+            let level = usize::from(c.policy.priority);
+            c.ready = VecDeque::new();
+            c.head = None;
+            let hash = class_hash(&c.example);
+            if stale > 0 {
+                self.left(level, stale);
+            }
+            self.index(class, None);
+            if let Some(bucket) = self.index.get_mut(&hash) {
+                bucket.retain(|c| *c != class);
+                if bucket.is_empty() {
+                    self.index.remove(&hash);
+                }
+            }
+            if self.last == Some(class) {
+                self.last = None;
+            }
+            let empty = self
+                .retired_example
+                .get_or_insert_with(|| Arc::new(TaskSpec::call("", Bytes::new())));
+            let c = &mut self.classes[class as usize];
+            c.example = Arc::clone(empty);
+            c.last_served = 0;
+            c.retired = true;
+            self.free.push(class);
+        }
+    }
+
+    /// Class numbers given to new classes since the last call (see
+    /// [`Queue::reused`]).
+    pub fn take_reused(&mut self) -> Vec<ClassId> {
+        std::mem::take(&mut self.reused)
+    }
+
+    /// Classes that are not retired (tests: what the queue keeps).
+    #[cfg(test)]
+    pub fn in_use(&self) -> usize {
+        self.classes.iter().filter(|c| !c.retired).count()
     }
 
     /// The example spec of `class` (see [`Class::example`]).

@@ -137,6 +137,14 @@ impl NodeEntry {
         }
     }
 
+    /// Forgets what [`runs_class`](Self::runs_class) found for class
+    /// number `class` (given to another class since).
+    pub fn forget_class(&mut self, class: u32) {
+        if let Some(fit) = self.class_fit.get_mut(class as usize) {
+            *fit = UNCHECKED;
+        }
+    }
+
     /// The node's id; fixed for the entry's life, so the registry's index
     /// by id stays right.
     pub fn id(&self) -> NodeId {
@@ -297,6 +305,11 @@ impl Registry {
     /// Every node, in session order.
     pub fn values(&self) -> impl Iterator<Item = &NodeEntry> {
         self.nodes.values()
+    }
+
+    /// Every node, to change (their ids cannot be), in session order.
+    pub fn values_mut(&mut self) -> impl Iterator<Item = &mut NodeEntry> {
+        self.nodes.values_mut()
     }
 
     /// How many nodes are connected.

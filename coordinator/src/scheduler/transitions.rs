@@ -121,6 +121,7 @@ impl Scheduler {
         let Some(mut task) = self.tasks.remove(&id) else {
             return;
         };
+        self.queue.parted(task.class);
         self.counts[state_index(task.state)] =
             self.counts[state_index(task.state)].saturating_sub(1);
         self.counts[state_index(state)] += 1;

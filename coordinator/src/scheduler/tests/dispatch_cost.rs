@@ -266,3 +266,87 @@ fn finding_a_class_compares_with_a_few_examples_however_many_keys_there_are() {
     let per_task = (h.s.queue.compared - before) as f64 / (3 * keys) as f64;
     assert!(per_task <= 2.01, "{per_task} comparisons per task");
 }
+
+/// Classes are kept for the keys in use, not for every key ever seen: a
+/// class whose last live task ended is retired (its cancelled entries
+/// dropped, its example let go) and its number goes to the next new
+/// class. A job per fair key, run one after another, keeps one class.
+#[test]
+fn a_class_without_live_tasks_is_retired_and_its_number_reused() {
+    let mut h = Harness::new();
+    h.node(S1, reg("n1", 1), 1);
+    for job in 0..300 {
+        let key = format!("job-{job}");
+        let ids = h.submit(vec![
+            call("a").fair_key(key.clone(), 1),
+            call("b").fair_key(key.clone(), 1),
+            call("c").fair_key(key, 1),
+        ]);
+        // One of them cancelled while queued: its entry is left behind.
+        assert!(h.s.cancel(ids[2], "", h.now));
+        for id in &ids[..2] {
+            assert_eq!(one(&mut h), [*id]);
+            h.finish(S1, *id, 1, Outcome::Succeeded);
+            h.s.credits(S1, 1, h.now);
+        }
+    }
+    h.effects();
+    assert_eq!(h.s.queue.in_use(), 0, "no live task, no class");
+    assert!(
+        h.s.queue.classes.len() <= 2,
+        "{} classes for 300 jobs run one after another",
+        h.s.queue.classes.len()
+    );
+    assert!(h.s.queue.active().next().is_none());
+    assert_eq!(
+        h.s.queue
+            .level_oldest(usize::from(weft_proto::policy::DEFAULT_PRIORITY)),
+        u64::MAX
+    );
+
+    // A class with a live task stays: a queued task of an old key still
+    // runs after many other keys came and went.
+    let old = h.submit(vec![call("old").label("gpu", "1").fair_key("kept", 1)])[0];
+    for job in 0..50 {
+        let id = h.submit(vec![call("x").fair_key(format!("more-{job}"), 1)])[0];
+        assert_eq!(one(&mut h), [id]);
+        h.finish(S1, id, 1, Outcome::Succeeded);
+        h.s.credits(S1, 1, h.now);
+    }
+    let mut gpu = reg("n2", 1);
+    gpu.labels.insert("gpu".into(), "1".into());
+    h.node(S2, gpu, 1);
+    let e = h.effects();
+    assert_eq!(assigned(&e, S2), [(old, Attempt(1))]);
+}
+
+/// A node remembers per class number whether it can run the class; when
+/// the number goes to a new class, it is asked again: a node without a
+/// label is not sent the new class's task because it could run the old.
+#[test]
+fn a_reused_class_number_is_checked_again_against_every_node() {
+    let mut h = Harness::new();
+    h.node(S1, reg("plain", 1), 1);
+    let first = h.submit(vec![call("first").fair_key("job-1", 1)])[0];
+    assert_eq!(one(&mut h), [first]);
+    let number = h.s.tasks.get(&first).map(|t| t.class).unwrap();
+    h.finish(S1, first, 1, Outcome::Succeeded);
+    h.s.credits(S1, 1, h.now);
+    h.effects();
+    let gpu_task = h.submit(vec![call("gpu").label("gpu", "1").fair_key("job-2", 1)])[0];
+    assert_eq!(
+        h.s.tasks.get(&gpu_task).map(|t| t.class),
+        Some(number),
+        "the retired number is reused"
+    );
+    assert_eq!(
+        one(&mut h),
+        Vec::<TaskId>::new(),
+        "the plain node lacks the label"
+    );
+    let mut gpu = reg("gpu", 1);
+    gpu.labels.insert("gpu".into(), "1".into());
+    h.node(S2, gpu, 1);
+    let e = h.effects();
+    assert_eq!(assigned(&e, S2), [(gpu_task, Attempt(1))]);
+}
