@@ -71,6 +71,10 @@ pub(crate) struct FairKey {
     pub weight: u32,
     /// Slots served divided by weight, from the floor it (re)started at.
     pub vtime: f64,
+    /// Its name (empty once let go: see [`Policy::class_retired`]).
+    name: String,
+    /// Queue classes that use it.
+    classes: u32,
 }
 
 /// One concurrency key.
@@ -144,6 +148,8 @@ pub(crate) struct Policy {
     pub aging: Duration,
     pub fair: Vec<FairKey>,
     fair_index: HashMap<String, u32>,
+    /// Numbers of fair keys let go, for new keys to take.
+    fair_free: Vec<u32>,
     /// The virtual time of the key last served: where an idle key restarts.
     pub fair_floor: f64,
     pub conc: Vec<ConcKey>,
@@ -162,6 +168,7 @@ impl Default for Policy {
             aging: Duration::ZERO,
             fair: Vec::new(),
             fair_index: HashMap::new(),
+            fair_free: Vec::new(),
             fair_floor: 0.0,
             conc: Vec::new(),
             conc_index: HashMap::new(),
@@ -189,13 +196,53 @@ impl Policy {
         if let Some(index) = self.fair_index.get(name) {
             return *index;
         }
-        let index = u32::try_from(self.fair.len()).unwrap_or(u32::MAX);
-        self.fair.push(FairKey {
+        let key = FairKey {
             weight: weight.max(1),
             vtime: self.fair_floor,
-        });
+            name: name.to_owned(),
+            classes: 0,
+        };
+        let index = match self.fair_free.pop() {
+            Some(index) => {
+                self.fair[index as usize] = key;
+                index
+            }
+            None => {
+                self.fair.push(key);
+                u32::try_from(self.fair.len() - 1).unwrap_or(u32::MAX)
+            }
+        };
         self.fair_index.insert(name.to_owned(), index);
         index
+    }
+
+    /// A queue class with `policy` was retired: a fair key no class uses
+    /// any more is let go, and its number goes to the next new key. The
+    /// key had no live task, so it was idle: kept, it would restart at
+    /// the larger of its virtual time and the floor; let go, a key of
+    /// that name restarts at the floor. What it forgets is how far it was
+    /// ahead of the floor, which the fair order keeps to about one
+    /// service (the key served least goes first). That keeps the table to
+    /// the keys in use, not every key ever seen.
+    pub fn class_retired(&mut self, policy: ClassPolicy) {
+        if policy.fair == 0 {
+            return; // the default key (no fair key) stays
+        }
+        let Some(key) = self.fair.get_mut(policy.fair as usize) else {
+            return;
+        };
+        key.classes = key.classes.saturating_sub(1);
+        if key.classes == 0 {
+            let name = std::mem::take(&mut key.name);
+            self.fair_index.remove(&name);
+            self.fair_free.push(policy.fair);
+        }
+    }
+
+    /// Fair keys kept (tests: what the table holds).
+    #[cfg(test)]
+    pub fn fair_keys(&self) -> usize {
+        self.fair_index.len()
     }
 
     /// The index of concurrency key `name`, made on first sight.
@@ -221,7 +268,11 @@ impl Policy {
     pub fn class_policy(&mut self, spec: &TaskSpec) -> ClassPolicy {
         let fair = match spec.fair_key.is_empty() {
             true => 0,
-            false => self.fair_key(&spec.fair_key, spec.fair_weight),
+            false => {
+                let fair = self.fair_key(&spec.fair_key, spec.fair_weight);
+                self.fair[fair as usize].classes += 1;
+                fair
+            }
         };
         let conc = spec
             .concurrency

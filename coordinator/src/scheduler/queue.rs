@@ -15,8 +15,10 @@
 //! say) leave no cost once they have run. A class lives while it has live
 //! tasks ([`Class::members`]); then it is retired and its number reused
 //! ([`Queue::retire_unused`]), so the classes kept are those of the work
-//! in the system, not of every key ever seen. (The keys' own small entries,
-//! a fair key's virtual time and a concurrency key's limit, are kept.)
+//! in the system, not of every key ever seen. A fair key no class uses
+//! is let go with its last class (see `Policy::class_retired`); a
+//! concurrency key's entry is kept, since its limit is the latest one a
+//! task gave.
 //!
 //! Dispatch does not look at every active class either: each priority
 //! keeps its active classes ordered by (their fair key's virtual time, their
@@ -370,6 +372,8 @@ impl Queue {
             c.example = Arc::clone(empty);
             c.last_served = 0;
             c.retired = true;
+            let policy = c.policy;
+            self.policy.class_retired(policy);
             self.free.push(class);
         }
     }

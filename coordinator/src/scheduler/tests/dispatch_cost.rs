@@ -303,6 +303,15 @@ fn a_class_without_live_tasks_is_retired_and_its_number_reused() {
             .level_oldest(usize::from(weft_proto::policy::DEFAULT_PRIORITY)),
         u64::MAX
     );
+    // Their fair keys went with their classes (the default key stays):
+    // the table never held more than the default and two jobs' keys (a
+    // job's key is made before the one before it is let go).
+    assert_eq!(h.s.queue.policy.fair_keys(), 1);
+    assert!(
+        h.s.queue.policy.fair.len() <= 3,
+        "{}",
+        h.s.queue.policy.fair.len()
+    );
 
     // A class with a live task stays: a queued task of an old key still
     // runs after many other keys came and went.
