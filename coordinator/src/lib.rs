@@ -64,6 +64,7 @@ mod driver;
 pub mod error;
 mod http;
 pub mod identity;
+mod id_table;
 mod listener;
 pub mod metrics;
 pub mod scheduler;

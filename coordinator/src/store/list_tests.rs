@@ -319,3 +319,50 @@ fn a_no_match_page_reads_one_scan_bound_of_a_large_store() {
         "{n} tasks: a no-match page (10,000 read) took {took:?}; a 100-task unfiltered page {full_took:?}"
     );
 }
+
+#[test]
+fn an_unfiltered_list_pages_through_tasks_of_every_state_in_id_order_both_ways() {
+    both(|store| {
+        // 700 tasks, more than one scan chunk, in three states mixed so
+        // that no state's run of ids is the whole list; some moved on
+        // after they were written, out of id order.
+        let states = [TaskState::Queued, TaskState::Running, TaskState::Succeeded];
+        let ids: Vec<TaskId> = (1..=700).map(|i| id_at(i, 7)).collect();
+        for id in &ids {
+            let spec = TaskSpec::call("noop", "");
+            let first = record(*id, TaskState::Queued, spec, Vec::new());
+            store.commit(&[Record::Task(first)]).unwrap();
+        }
+        for (i, id) in ids.iter().enumerate().rev().filter(|(i, _)| i % 3 != 0) {
+            let spec = TaskSpec::call("noop", "");
+            let moved = record(*id, states[i % 3], spec, Vec::new());
+            store.commit(&[Record::Task(moved)]).unwrap();
+        }
+        for ascending in [false, true] {
+            let mut query = ListQuery {
+                limit: 90,
+                ascending,
+                ..ListQuery::default()
+            };
+            let mut found = Vec::new();
+            loop {
+                let (page, resume) = listed(store, &query);
+                found.extend(page);
+                match resume {
+                    // `from` is inclusive: the next page starts after it.
+                    Some(resume) if ascending => {
+                        query.from = Some(TaskId::from_u128(resume.as_u128() + 1));
+                    }
+                    Some(resume) => query.before = Some(resume),
+                    None => break,
+                }
+                assert!(found.len() <= ids.len(), "a task listed twice");
+            }
+            let mut expected = ids.clone();
+            if !ascending {
+                expected.reverse();
+            }
+            assert_eq!(found, expected, "ascending: {ascending}");
+        }
+    });
+}

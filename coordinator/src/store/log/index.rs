@@ -13,6 +13,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use super::frame::{self, Key, Kind, Raw, TaskHead};
+use crate::id_table::IdTable;
 use super::fs::LogFile;
 
 /// Where a record is: segment, offset in it, length.
@@ -78,7 +79,10 @@ impl Segment {
 /// The index. See the module docs.
 #[derive(Debug, Default)]
 pub(super) struct Index {
-    pub tasks: BTreeMap<u128, TaskEntry>,
+    /// Every task by id, found in one probe however out of order its
+    /// changes come (a queue served by priority or fair share touches its
+    /// tasks far from id order); ordered scans go through `by_state`.
+    pub tasks: IdTable<u128, TaskEntry>,
     /// Task ids by state number.
     pub by_state: Vec<BTreeSet<u128>>,
     /// Final tasks by (last change in ms, id).
@@ -101,6 +105,28 @@ impl Index {
     /// The ids in state number `state`.
     pub fn in_state(&self, state: u8) -> Option<&BTreeSet<u128>> {
         self.by_state.get(usize::from(state))
+    }
+
+    /// Up to `take` ids of tasks with a record in `range`, from its low
+    /// end (`ascending`) or its high end: every such task is in exactly
+    /// one state's set, so this merges the sets' ends.
+    pub fn ids_in(&self, range: std::ops::Range<u128>, ascending: bool, take: usize) -> Vec<u128> {
+        let mut ids: Vec<u128> = Vec::new();
+        for set in &self.by_state {
+            let found = set.range(range.clone());
+            if ascending {
+                ids.extend(found.take(take));
+            } else {
+                ids.extend(found.rev().take(take));
+            }
+        }
+        if ascending {
+            ids.sort_unstable();
+        } else {
+            ids.sort_unstable_by(|a, b| b.cmp(a));
+        }
+        ids.truncate(take);
+        ids
     }
 
     fn state_set(&mut self, state: u8) -> &mut BTreeSet<u128> {
@@ -167,7 +193,7 @@ impl Index {
             segments,
             ..
         } = self;
-        let entry = tasks.entry(id).or_insert_with(|| TaskEntry {
+        let entry = tasks.get_or_insert_with(id, || TaskEntry {
             record: Loc::NONE,
             spec: Loc::NONE,
             head: TaskHead::NONE,
@@ -328,19 +354,28 @@ impl Index {
     /// and what is missing.
     pub fn check(&mut self) -> Result<(), (u128, &'static str)> {
         let mut drop_secrets = Vec::new();
-        for (id, entry) in &self.tasks {
-            if entry.record.is_none() {
-                return Err((*id, "events or secrets without their task record"));
+        // The lowest id at fault is the one named, whatever the table's order.
+        let mut fault: Option<(u128, &'static str)> = None;
+        for (id, entry) in self.tasks.iter() {
+            let missing = if entry.record.is_none() {
+                Some("events or secrets without their task record")
+            } else if entry.spec.is_none() {
+                Some("a task record without its spec")
+            } else if entry.events.iter().any(|l| l.is_none()) {
+                Some("a gap in its events")
+            } else {
+                None
+            };
+            if let Some(what) = missing {
+                if fault.is_none_or(|(first, _)| id < first) {
+                    fault = Some((id, what));
+                }
+            } else if entry.head.is_final() && entry.secrets.is_some() {
+                drop_secrets.push(id);
             }
-            if entry.spec.is_none() {
-                return Err((*id, "a task record without its spec"));
-            }
-            if entry.events.iter().any(|l| l.is_none()) {
-                return Err((*id, "a gap in its events"));
-            }
-            if entry.head.is_final() && entry.secrets.is_some() {
-                drop_secrets.push(*id);
-            }
+        }
+        if let Some(fault) = fault {
+            return Err(fault);
         }
         for id in drop_secrets {
             let old = self.tasks.get_mut(&id).and_then(|e| e.secrets.take());

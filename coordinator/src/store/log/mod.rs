@@ -887,21 +887,7 @@ impl Store for LogStore {
                                 }
                             }
                         }
-                        None => match query.ascending {
-                            true => index
-                                .tasks
-                                .range(range)
-                                .take(256)
-                                .map(|(k, _)| *k)
-                                .collect(),
-                            false => index
-                                .tasks
-                                .range(range)
-                                .rev()
-                                .take(256)
-                                .map(|(k, _)| *k)
-                                .collect(),
-                        },
+                        None => index.ids_in(range, query.ascending, 256),
                     };
                     if taken.len() < 256 {
                         done = true;

@@ -354,9 +354,10 @@ fn a_task_changed_several_times_in_one_commit_is_written_once_and_its_spec_only_
 /// the final tasks, and each segment's live bytes.
 fn index_view(store: &LogStore) -> String {
     let index = store.inner.read_index().expect("index");
-    let tasks: Vec<String> = index
-        .tasks
-        .iter()
+    let mut entries: Vec<_> = index.tasks.iter().collect();
+    entries.sort_by_key(|(id, _)| *id);
+    let tasks: Vec<String> = entries
+        .into_iter()
         .map(|(id, e)| {
             format!(
                 "{id} {:?} {:?} {:?} {:?}",
@@ -419,9 +420,9 @@ fn records_of_several_tasks_interleaved_in_one_commit_index_as_a_restart_reads_t
     let store = open_quiet(dir.path());
     assert_eq!(index_view(&store), running, "the index a restart rebuilds");
     let index = store.inner.read_index().expect("index");
-    assert_eq!(index.tasks[&a.as_u128()].events.len(), 3);
-    assert_eq!(index.tasks[&b.as_u128()].events.len(), 3);
-    assert_eq!(index.tasks[&c.as_u128()].events.len(), 1);
+    assert_eq!(index.tasks.get(&a.as_u128()).map(|e| e.events.len()), Some(3));
+    assert_eq!(index.tasks.get(&b.as_u128()).map(|e| e.events.len()), Some(3));
+    assert_eq!(index.tasks.get(&c.as_u128()).map(|e| e.events.len()), Some(1));
     assert_eq!(index.finals.len(), 2, "a and b final, once each");
     let in_state = |state| {
         index
@@ -439,8 +440,8 @@ fn records_of_several_tasks_interleaved_in_one_commit_index_as_a_restart_reads_t
     // records of a and b are dead).
     let current: u64 = index
         .tasks
-        .values()
-        .flat_map(|e| {
+        .iter()
+        .flat_map(|(_, e)| {
             [e.record, e.spec]
                 .into_iter()
                 .chain(e.events.iter().copied())
