@@ -774,3 +774,126 @@ async fn a_stalled_wait_many_stream_holds_at_most_its_budget_and_then_gets_every
     assert_eq!(feed.queued(), 0);
     h.stop().await;
 }
+
+/// The memory store, counting the task records read from it.
+struct CountingReads {
+    memory: MemoryStore,
+    reads: std::sync::atomic::AtomicUsize,
+}
+
+impl Store for CountingReads {
+    fn commit(&self, records: &[Record]) -> Result<(), StoreError> {
+        self.memory.commit(records)
+    }
+
+    fn task(&self, id: TaskId) -> Result<Option<TaskRecord>, StoreError> {
+        self.reads
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.memory.task(id)
+    }
+
+    fn list_page(
+        &self,
+        query: &crate::store::ListQuery,
+    ) -> Result<crate::store::ListPage, StoreError> {
+        self.memory.list_page(query)
+    }
+
+    fn events(&self, id: TaskId, from: u64, limit: usize) -> Result<Vec<TaskEvent>, StoreError> {
+        self.memory.events(id, from, limit)
+    }
+
+    fn load(&self, since: SystemTime) -> Result<Loaded, StoreError> {
+        self.memory.load(since)
+    }
+
+    fn expire(&self, before: SystemTime, limit: usize) -> Result<Vec<TaskState>, StoreError> {
+        self.memory.expire(before, limit)
+    }
+
+    fn tokens(&self) -> Result<Vec<crate::auth::TokenRecord>, StoreError> {
+        self.memory.tokens()
+    }
+
+    fn put_token(&self, token: &crate::auth::TokenRecord) -> Result<(), StoreError> {
+        self.memory.put_token(token)
+    }
+
+    fn node_identities(&self) -> Result<Vec<crate::store::NodeIdentityRecord>, StoreError> {
+        self.memory.node_identities()
+    }
+
+    fn put_node_identity(
+        &self,
+        identity: &crate::store::NodeIdentityRecord,
+        token: Option<&crate::auth::TokenRecord>,
+    ) -> Result<(), StoreError> {
+        self.memory.put_node_identity(identity, token)
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_wait_that_comes_after_its_tasks_finished_is_answered_without_reading_the_store() {
+    let store = Arc::new(CountingReads {
+        memory: MemoryStore::new(),
+        reads: Default::default(),
+    });
+    let mut h = Harness::start(Arc::clone(&store) as Arc<dyn Store>).await;
+    let mut all = Vec::new();
+    for n in 0..3 {
+        all.extend(ids(soon("Submit", h.submit(&n.to_string())).await));
+    }
+    // Two finish before anyone waits for them (as a high-priority task
+    // can run before its submitter's WaitMany arrives); one is live.
+    for (n, id) in all.iter().take(2).enumerate() {
+        h.credits(1);
+        assert_eq!(assigned(h.next_message().await), [*id]);
+        h.node_event(*id, NodeEventBody::Started);
+        h.node_event(
+            *id,
+            NodeEventBody::Finished {
+                outcome: weft_proto::Outcome::Succeeded,
+                exit_code: Some(0),
+                output: format!("out-{n}").into(),
+                error: String::new(),
+            },
+        );
+    }
+    // A later Submit's acknowledgement leaves after every earlier batch's
+    // commit was released: the two results are committed and published.
+    soon("Submit", h.submit("later")).await.ok();
+    let pending = all.iter().copied().collect();
+    let mut feed = soon("WaitMany", wait_final(&h.handle, all.clone(), pending))
+        .await
+        .unwrap_or_else(|err| panic!("{err}"));
+    let mut got = std::collections::HashMap::new();
+    for _ in 0..2 {
+        let task = soon("a final task", futures::StreamExt::next(&mut feed))
+            .await
+            .unwrap_or_else(|| panic!("the feed ended"))
+            .unwrap_or_else(|err| panic!("{err}"));
+        got.insert(task.id, task);
+    }
+    for (n, id) in all.iter().take(2).enumerate() {
+        let task = &got[id];
+        assert_eq!(task.state, TaskState::Succeeded);
+        assert_eq!(task.output, format!("out-{n}").as_bytes());
+        assert_eq!(task, &store.memory.task(*id).unwrap().unwrap(), "as stored");
+    }
+    assert_eq!(
+        store.reads.load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "read back from the store"
+    );
+    // The live one still comes as it finishes.
+    h.credits(1);
+    assert_eq!(assigned(h.next_message().await), [all[2]]);
+    h.node_event(all[2], NodeEventBody::Started);
+    h.node_event(all[2], succeeded());
+    let last = soon("the live task", futures::StreamExt::next(&mut feed))
+        .await
+        .unwrap_or_else(|| panic!("the feed ended"))
+        .unwrap_or_else(|err| panic!("{err}"));
+    assert_eq!((last.id, last.state), (all[2], TaskState::Succeeded));
+    h.stop().await;
+}
