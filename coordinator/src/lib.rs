@@ -12,12 +12,15 @@
 //!   file holds what): `dispatch` (matching ready tasks to nodes),
 //!   [`queue`](scheduler::queue) (ready queues, the retry timer heap),
 //!   `retry` (the one retry rule and the backoff), `task` (a live task's
-//!   compact state) and `live` (the table of them), `transitions` (state
-//!   changes that write records and events), `attempts` (attempt events
+//!   compact state) and `live` (the table of them, an `id_table`),
+//!   `transitions` (state changes that write records and events),
+//!   `attempts` (attempt events
 //!   with fencing, how an attempt ends), `membership` (nodes registering,
 //!   granting, draining, lost), [`registry`](scheduler::registry)
 //!   (connected nodes), [`recent`](scheduler::recent) (recent results, to
 //!   spot redeliveries).
+//! - `id_table` — entries by task id in a chunked slab behind a hash index
+//!   of slot numbers: the scheduler's live tasks, the log store's index.
 //! - `driver` — the task that owns the scheduler: `inbox` (commands and
 //!   handle), `commit` (the pipelined group commit), `sessions` (fan-out to
 //!   nodes), `watch` (watchers and `WaitMany`: publishing and the resume
