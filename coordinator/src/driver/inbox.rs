@@ -294,9 +294,7 @@ pub(crate) type FinalRx = mpsc::Receiver<Vec<TaskRecord>>;
 
 /// The driver's answer to [`Command::WaitMany`].
 pub(crate) struct WaitRegistration {
-    /// Final records of ids that finished moments ago, kept in memory.
-    pub done: Vec<TaskRecord>,
-    /// The other ids that were not live: final (or unknown) in the store.
+    /// Ids that were not live: final (or unknown) in the store.
     pub not_live: Vec<TaskId>,
     /// Final records of the live ones as they finalize; closed when the
     /// waiter was dropped for lagging (register again for what is missing).

@@ -135,7 +135,7 @@ pub(crate) fn new(
         store,
         inbox,
         sessions: Sessions::default(),
-        watchers: Watchers::new(config.watch_buffer, config.retention),
+        watchers: Watchers::new(config.watch_buffer),
         retention: Retention::new(config.retention),
         config,
         last_job: 0,

@@ -27,20 +27,14 @@
 //! waited for; it registers again for the ids it still lacks and reads the
 //! final ones from the store.
 //!
-//! A `WaitMany` that registers just after some of its tasks finished (a
-//! high-priority task can be assigned, run and recorded before the
-//! submitter's wait for it arrives) finds their final records among the
-//! last commits' ([`RecentFinals`]) instead of reading them back from the
-//! store.
-//!
 //! Domain values only: the service turns them into `pb` as they leave.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use tokio::sync::{Notify, mpsc, oneshot};
 
@@ -65,91 +59,6 @@ const EVENT_OVERHEAD: usize = 128;
 const WATCH_OUT: usize = 64;
 /// Final tasks one `WaitMany` stream queues towards its client.
 const WAIT_MANY_OUT: usize = 1024;
-
-/// Most final records [`RecentFinals`] keeps.
-const RECENT_FINALS: usize = 16_384;
-/// Most bytes of final records it keeps (as [`recent_bytes`] counts them).
-const RECENT_FINAL_BYTES: usize = 16 << 20;
-/// How long it keeps a final record at most (never longer than the
-/// retention, so an expired task is not answered from memory).
-const RECENT_FINAL_AGE: Duration = Duration::from_secs(10);
-
-/// The final records of the last commits, oldest first, bounded by count,
-/// bytes and age: what a `WaitMany` for tasks that finished moments ago
-/// is answered from. A final record never changes, so a copy is as good
-/// as the store's while the task is kept.
-struct RecentFinals {
-    /// Each record with when it was kept.
-    records: crate::IdMap<TaskId, (Instant, TaskRecord)>,
-    order: VecDeque<TaskId>,
-    bytes: usize,
-    max_age: Duration,
-}
-
-/// What a kept final record costs [`RecentFinals`]'s byte bound: its
-/// payload and a fixed share for the record itself.
-fn recent_bytes(record: &TaskRecord) -> usize {
-    512 + record.output.len() + record.error.len()
-}
-
-impl RecentFinals {
-    /// Keeping records at most `retention` (zero: final tasks are kept
-    /// forever) or [`RECENT_FINAL_AGE`].
-    fn new(retention: Duration) -> Self {
-        let max_age = match retention.is_zero() {
-            true => RECENT_FINAL_AGE,
-            false => RECENT_FINAL_AGE.min(retention),
-        };
-        RecentFinals {
-            records: crate::IdMap::default(),
-            order: VecDeque::new(),
-            bytes: 0,
-            max_age,
-        }
-    }
-
-    /// Keeps `record` (committed at `now`), letting the oldest go past
-    /// the bounds.
-    fn insert(&mut self, record: &TaskRecord, now: Instant) {
-        match self.records.insert(record.id, (now, record.clone())) {
-            // The same task again keeps its place in the order.
-            Some((_, old)) => self.bytes -= recent_bytes(&old),
-            None => self.order.push_back(record.id),
-        }
-        self.bytes += recent_bytes(record);
-        while self.order.len() > RECENT_FINALS
-            || self.bytes > RECENT_FINAL_BYTES
-            || self
-                .oldest_at()
-                .is_some_and(|at| now.duration_since(at) > self.max_age)
-        {
-            let Some(id) = self.order.pop_front() else {
-                break;
-            };
-            if let Some((_, old)) = self.records.remove(&id) {
-                self.bytes -= recent_bytes(&old);
-            }
-        }
-    }
-
-    fn oldest_at(&self) -> Option<Instant> {
-        let id = self.order.front()?;
-        self.records.get(id).map(|(at, _)| *at)
-    }
-
-    /// The final record of `id`, if it was kept within the age bound.
-    fn get(&self, id: TaskId, now: Instant) -> Option<&TaskRecord> {
-        self.records
-            .get(&id)
-            .filter(|(at, _)| now.duration_since(*at) <= self.max_age)
-            .map(|(_, record)| record)
-    }
-
-    #[cfg(test)]
-    fn len(&self) -> usize {
-        self.order.len()
-    }
-}
 
 /// Live `WaitMany` waiters and the ids they wait for. An id's entry may
 /// name waiters that are gone (dropped for lagging, or the client left):
@@ -276,20 +185,16 @@ pub(super) struct Watchers {
     /// Live watchers per task.
     live: crate::IdMap<TaskId, Vec<LiveWatcher>>,
     many: ManyWaiters,
-    /// Final records of the last commits, for waits that come late.
-    recent: RecentFinals,
     /// Events a live watcher may have queued before it counts as lagging.
     buffer: usize,
 }
 
 impl Watchers {
     /// No watchers; each live one gets a channel of `buffer` events.
-    /// Final records are kept for late waits no longer than `retention`.
-    pub fn new(buffer: usize, retention: Duration) -> Self {
+    pub fn new(buffer: usize) -> Self {
         Watchers {
             live: crate::IdMap::default(),
             many: ManyWaiters::default(),
-            recent: RecentFinals::new(retention),
             buffer: buffer.max(16),
         }
     }
@@ -329,18 +234,6 @@ impl Watchers {
     ) -> Reply {
         let (live, not_live): (Vec<TaskId>, Vec<TaskId>) =
             ids.into_iter().partition(|id| scheduler.is_live(*id));
-        let now = Instant::now();
-        let mut done = Vec::new();
-        let not_live: Vec<TaskId> = not_live
-            .into_iter()
-            .filter(|id| match self.recent.get(*id, now) {
-                Some(record) => {
-                    done.push(record.clone());
-                    false
-                }
-                None => true,
-            })
-            .collect();
         let rx = (!live.is_empty()).then(|| {
             let (tx, rx) = mpsc::channel(WAIT_MANY_BUFFER);
             let waiter = self.many.next;
@@ -352,11 +245,7 @@ impl Watchers {
             rx
         });
         Box::new(move |_| {
-            let _ = reply.send(WaitRegistration {
-                done,
-                not_live,
-                live: rx,
-            });
+            let _ = reply.send(WaitRegistration { not_live, live: rx });
         })
     }
 
@@ -390,16 +279,6 @@ impl Watchers {
     /// one batch per waiter. A full or closed waiter is dropped (its
     /// stream registers again and reads the store), never waited for.
     fn publish_final(&mut self, records: &[Record]) {
-        let now = Instant::now();
-        for record in records {
-            if let Record::Event(TaskEvent {
-                body: EventBody::Finished(task),
-                ..
-            }) = record
-            {
-                self.recent.insert(task, now);
-            }
-        }
         if self.many.by_task.is_empty() {
             return;
         }
@@ -669,15 +548,11 @@ async fn register_many(
     budget: &Arc<WatchBudget>,
 ) -> Result<(Vec<TaskRecord>, Option<FinalRx>), Error> {
     let budget = Arc::clone(budget);
-    let WaitRegistration {
-        mut done,
-        not_live,
-        live,
-    } = handle
+    let WaitRegistration { not_live, live } = handle
         .call(|reply| Command::WaitMany { ids, budget, reply })
         .await?;
     if not_live.is_empty() {
-        return Ok((done, live));
+        return Ok((Vec::new(), live));
     }
     let retention = handle.config.retention;
     let found = blocking(&handle.store, "reading tasks", move |store| {
@@ -687,10 +562,11 @@ async fn register_many(
             .collect::<Result<Vec<_>, _>>()
     })
     .await?;
-    for found in found {
-        done.push(found.map_err(|id| Error::missing_task(id, retention, SystemTime::now()))?);
-    }
-    Ok((done, live))
+    let records = found
+        .into_iter()
+        .map(|found| found.map_err(|id| Error::missing_task(id, retention, SystemTime::now())))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((records, live))
 }
 
 /// Feeds one `WaitMany` call: the already-final records first, then the
@@ -776,77 +652,5 @@ async fn feed_finals(
                 return;
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::sync::Arc;
-
-    use weft_proto::{TaskSpec, TaskState};
-
-    use super::*;
-
-    fn final_record(output: usize) -> TaskRecord {
-        let mut record = TaskRecord::for_test(
-            TaskId::new(),
-            Arc::new(TaskSpec::call("noop", "")),
-            TaskState::Succeeded,
-            SystemTime::now(),
-        );
-        record.output = vec![b'x'; output].into();
-        record
-    }
-
-    #[test]
-    fn recent_finals_are_kept_within_their_count_bytes_and_age() {
-        let t0 = Instant::now();
-        let mut recent = RecentFinals::new(Duration::ZERO);
-        // Count: the oldest go first.
-        let records: Vec<TaskRecord> = (0..RECENT_FINALS + 10).map(|_| final_record(0)).collect();
-        for record in &records {
-            recent.insert(record, t0);
-        }
-        assert_eq!(recent.len(), RECENT_FINALS);
-        assert!(recent.get(records[9].id, t0).is_none(), "the oldest left");
-        assert!(recent.get(records[10].id, t0).is_some());
-        // Bytes: a few large results push the rest out.
-        let large = RECENT_FINAL_BYTES / 4;
-        let big: Vec<TaskRecord> = (0..4).map(|_| final_record(large)).collect();
-        for record in &big {
-            recent.insert(record, t0);
-        }
-        assert!(recent.bytes <= RECENT_FINAL_BYTES, "{} bytes", recent.bytes);
-        assert!(recent.get(big[3].id, t0).map(|r| r.output.len()) == Some(large));
-        assert!(recent.get(records.last().unwrap().id, t0).is_none());
-        // Age: past it, a record is not answered, and the next insert
-        // lets it go.
-        let later = t0 + RECENT_FINAL_AGE + Duration::from_millis(1);
-        assert!(recent.get(big[3].id, later).is_none());
-        let fresh = final_record(1);
-        recent.insert(&fresh, later);
-        assert_eq!(recent.len(), 1);
-        assert_eq!(recent.bytes, recent_bytes(&fresh));
-        // The same task again is one entry.
-        recent.insert(&fresh, later);
-        assert_eq!((recent.len(), recent.bytes), (1, recent_bytes(&fresh)));
-    }
-
-    #[test]
-    fn recent_finals_live_no_longer_than_the_retention() {
-        let t0 = Instant::now();
-        let mut recent = RecentFinals::new(Duration::from_secs(1));
-        let record = final_record(0);
-        recent.insert(&record, t0);
-        assert!(
-            recent
-                .get(record.id, t0 + Duration::from_millis(999))
-                .is_some()
-        );
-        assert!(
-            recent
-                .get(record.id, t0 + Duration::from_millis(1001))
-                .is_none()
-        );
     }
 }
