@@ -150,7 +150,9 @@ impl<K: TableKey, V> IdTable<K, V> {
     fn find(&self, key: Key) -> Option<u32> {
         let chunks = &self.chunks;
         self.index
-            .find(self.hasher.hash_one(key), |n| key_at(chunks, *n) == Some(key))
+            .find(self.hasher.hash_one(key), |n| {
+                key_at(chunks, *n) == Some(key)
+            })
             .copied()
     }
 
@@ -240,7 +242,8 @@ impl<K: TableKey, V> IdTable<K, V> {
             .ok()?;
         let (number, _) = entry.remove();
         let freed = Slot::Free { next: self.free };
-        let Slot::Taken { value, .. } = std::mem::replace(slot_mut(&mut self.chunks, number), freed)
+        let Slot::Taken { value, .. } =
+            std::mem::replace(slot_mut(&mut self.chunks, number), freed)
         else {
             return None;
         };

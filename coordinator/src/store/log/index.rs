@@ -13,8 +13,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use super::frame::{self, Key, Kind, Raw, TaskHead};
-use crate::id_table::IdTable;
 use super::fs::LogFile;
+use crate::id_table::IdTable;
 
 /// Where a record is: segment, offset in it, length.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -420,9 +420,18 @@ fn records_of_several_tasks_interleaved_in_one_commit_index_as_a_restart_reads_t
     let store = open_quiet(dir.path());
     assert_eq!(index_view(&store), running, "the index a restart rebuilds");
     let index = store.inner.read_index().expect("index");
-    assert_eq!(index.tasks.get(&a.as_u128()).map(|e| e.events.len()), Some(3));
-    assert_eq!(index.tasks.get(&b.as_u128()).map(|e| e.events.len()), Some(3));
-    assert_eq!(index.tasks.get(&c.as_u128()).map(|e| e.events.len()), Some(1));
+    assert_eq!(
+        index.tasks.get(&a.as_u128()).map(|e| e.events.len()),
+        Some(3)
+    );
+    assert_eq!(
+        index.tasks.get(&b.as_u128()).map(|e| e.events.len()),
+        Some(3)
+    );
+    assert_eq!(
+        index.tasks.get(&c.as_u128()).map(|e| e.events.len()),
+        Some(1)
+    );
     assert_eq!(index.finals.len(), 2, "a and b final, once each");
     let in_state = |state| {
         index
