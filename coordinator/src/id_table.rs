@@ -142,7 +142,7 @@ impl<K: TableKey, V> IdTable<K, V> {
     }
 
     /// True when it holds none.
-    #[allow(dead_code)] // used by the store's index and tests
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
@@ -260,7 +260,6 @@ impl<K: TableKey, V> IdTable<K, V> {
     }
 
     /// Every entry with its id, in no particular order.
-    #[allow(dead_code)] // used by the store's index and tests
     pub fn iter(&self) -> impl Iterator<Item = (K, &V)> {
         self.chunks.iter().flatten().filter_map(|slot| match slot {
             Slot::Taken { key, value } => Some((K::from_bits(key.bits()), value)),
