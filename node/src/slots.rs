@@ -24,11 +24,11 @@
 //! Generic over what the executor keeps per attempt: `C` stops a running
 //! attempt (kept while it runs), `W` is what starting it takes.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::fmt;
 use std::time::Duration;
 
-use crate::events::AttemptKey;
+use crate::events::{AttemptKey, AttemptMap};
 
 /// How long the coordinator takes to refill a freed credit (the node's
 /// `Finished` and `Credits`, a commit, the next `Assign`), with margin: the
@@ -118,7 +118,7 @@ pub(crate) struct Slots<C, W> {
     /// Credits this session granted that the coordinator has not used yet.
     window: u32,
     draining: bool,
-    running: HashMap<AttemptKey, Running<C>>,
+    running: AttemptMap<Running<C>>,
     /// Assigned, not started: FIFO, started as slots free.
     queued: VecDeque<Queued<C, W>>,
 }
@@ -134,7 +134,7 @@ impl<C: Clone, W> Slots<C, W> {
             queued_slots: 0,
             window: 0,
             draining: false,
-            running: HashMap::new(),
+            running: AttemptMap::default(),
             queued: VecDeque::new(),
         }
     }

@@ -11,12 +11,12 @@
 //! there. Plain state with `now` passed in: no timers, no locks, no I/O;
 //! the outbox sends.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::events::{AttemptKey, Event};
+use crate::events::{AttemptKey, AttemptMap, Event};
 
 /// Most attempts kept.
 const MAX_KEPT: usize = 10_000;
@@ -29,7 +29,7 @@ pub(crate) struct Redelivery {
     window: Duration,
     max: usize,
     max_bytes: usize,
-    entries: HashMap<AttemptKey, Entry>,
+    entries: AttemptMap<Entry>,
     /// Entries in the order they were sent, by `(seq, key)`; an entry that
     /// was replaced or forgotten leaves a stale item here, skipped later.
     order: VecDeque<(u64, AttemptKey)>,
@@ -55,7 +55,7 @@ impl Redelivery {
             window,
             max,
             max_bytes,
-            entries: HashMap::new(),
+            entries: AttemptMap::default(),
             order: VecDeque::new(),
             next_seq: 0,
             bytes: 0,

@@ -16,13 +16,13 @@
 //! or not listed in the next `Register`, is forgotten. Plain state with
 //! `now` passed in: no timers, no locks, no I/O; the outbox sends.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::time::Duration;
 
 use tokio::time::Instant;
 use tracing::warn;
 
-use crate::events::{AttemptKey, Event, EventBody};
+use crate::events::{AttemptKey, AttemptMap, Event, EventBody};
 
 /// Most payload bytes of sent output kept per node: the last 8 MiB.
 pub(crate) const MAX_KEPT_BYTES: usize = 8 * 1024 * 1024;
@@ -37,7 +37,7 @@ pub(crate) struct SentOutput {
     bytes: usize,
     /// Chunks kept, in all.
     count: usize,
-    attempts: HashMap<AttemptKey, Kept>,
+    attempts: AttemptMap<Kept>,
     /// Every kept chunk by `(number, attempt)`, oldest first: which to drop
     /// past the byte bound. An item whose chunk is gone is skipped.
     order: VecDeque<(u64, AttemptKey)>,
@@ -66,7 +66,7 @@ impl SentOutput {
             max_bytes,
             bytes: 0,
             count: 0,
-            attempts: HashMap::new(),
+            attempts: AttemptMap::default(),
             order: VecDeque::new(),
             finished: VecDeque::new(),
             next_number: 0,
