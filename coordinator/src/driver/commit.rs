@@ -23,8 +23,6 @@ use std::time::{Instant, SystemTime};
 
 use tokio::task::JoinHandle;
 
-use weft_proto::TaskId;
-
 use crate::metrics::Metrics;
 use crate::store::{Record, Store, StoreError};
 
@@ -35,7 +33,8 @@ pub(super) type Reply = Box<dyn FnOnce(Option<&StoreError>) + Send>;
 /// One batch applied to the scheduler: what to write, and what may leave
 /// once it is written.
 pub(super) struct Batch<H> {
-    /// The store writes, each task's record once (see [`coalesce`]).
+    /// The store writes, each task's record once (see
+    /// `scheduler::Effects::write_task`).
     pub records: Vec<Record>,
     /// Held until the commit returned.
     pub held: H,
@@ -196,45 +195,16 @@ async fn join(commit: &mut JoinHandle<Ran>) -> Ran {
     })
 }
 
-/// Keeps each task's record once per commit: its latest state, at the
-/// position of its first write (so it still precedes the task's events).
-/// Every event stays, in order.
-pub(super) fn coalesce(records: Vec<Record>) -> Vec<Record> {
-    let mut out: Vec<Record> = Vec::with_capacity(records.len());
-    let mut at: crate::IdMap<TaskId, usize> = crate::IdMap::default();
-    for record in records {
-        match record {
-            Record::Task(task) => match at.get(&task.id) {
-                Some(&index) => out[index] = Record::Task(task),
-                None => {
-                    at.insert(task.id, out.len());
-                    out.push(Record::Task(task));
-                }
-            },
-            other @ (Record::Event(_)
-            | Record::Secrets(..)
-            | Record::ForgetSecrets(_)
-            | Record::Schedule(_)
-            | Record::DeleteSchedule(_)
-            | Record::Limit(_)
-            | Record::DeleteLimit { .. }) => {
-                out.push(other);
-            }
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::Mutex;
     use std::time::UNIX_EPOCH;
 
-    use weft_proto::{Attempt, TaskSpec, TaskState};
+    use weft_proto::{Attempt, TaskId, TaskSpec, TaskState};
 
     use super::super::tests::{CommitVerdict, held_store};
     use super::*;
-    use crate::store::{EventBody, TaskEvent, TaskRecord};
+    use crate::store::TaskRecord;
 
     type Log = Arc<Mutex<Vec<String>>>;
 
@@ -367,45 +337,5 @@ mod tests {
             attempt: Attempt(1),
             ..TaskRecord::for_test(id, spec, state, UNIX_EPOCH)
         })
-    }
-
-    fn event(id: TaskId, seq: u64, state: TaskState) -> Record {
-        Record::Event(TaskEvent {
-            task_id: id,
-            seq,
-            attempt: Attempt(1),
-            time: UNIX_EPOCH,
-            body: EventBody::State {
-                state,
-                node_id: None,
-                node_name: None,
-                reason: String::new(),
-            },
-        })
-    }
-
-    #[test]
-    fn a_batch_writes_each_task_once_with_its_latest_state_before_its_events() {
-        let (a, b) = (TaskId::new(), TaskId::new());
-        let records = vec![
-            task(a, TaskState::Queued),
-            event(a, 0, TaskState::Queued),
-            task(b, TaskState::Running),
-            task(a, TaskState::Assigned),
-            event(a, 1, TaskState::Assigned),
-            event(b, 3, TaskState::Succeeded),
-            task(a, TaskState::Running),
-            event(a, 2, TaskState::Running),
-            task(b, TaskState::Succeeded),
-        ];
-        let expected = vec![
-            task(a, TaskState::Running),
-            event(a, 0, TaskState::Queued),
-            task(b, TaskState::Succeeded),
-            event(a, 1, TaskState::Assigned),
-            event(b, 3, TaskState::Succeeded),
-            event(a, 2, TaskState::Running),
-        ];
-        assert_eq!(coalesce(records), expected);
     }
 }

@@ -54,7 +54,7 @@ use crate::scheduler::{
     ClusterStats, Effects, NodeInfo, NodeOut, NodeRegistration, Now, Scheduler, SessionId,
 };
 use crate::store::{Store, StoreError};
-use commit::{Batch, Committed, Pipeline, Reply, Started, coalesce};
+use commit::{Batch, Committed, Pipeline, Reply, Started};
 #[cfg(test)]
 pub(crate) use inbox::CancelBatch;
 pub(crate) use inbox::{Command, Handle, InFlight, NodeTx, ToNode, Unapplied};
@@ -255,6 +255,7 @@ impl Driver {
             records,
             nodes,
             disconnect,
+            ..
         } = self.scheduler.take_effects(now);
         // Replies that read the scheduler read it now, as of this batch.
         replies.extend(reads.into_iter().map(|read| read(&self.scheduler)));
@@ -263,7 +264,7 @@ impl Driver {
         self.metrics.set_gauges(&self.scheduler.gauges());
         self.metrics.set_rate_tokens(self.scheduler.rate_tokens());
         Batch {
-            records: coalesce(records),
+            records,
             held: Held {
                 nodes,
                 disconnect,

@@ -183,12 +183,34 @@ pub struct NodeOut {
 /// then send to nodes, publish events, disconnect sessions.
 #[derive(Debug, Default)]
 pub struct Effects {
-    /// Store writes; the `Event` ones are also what watchers get.
+    /// Store writes; the `Event` ones are also what watchers get. A task
+    /// has at most one task record among them: its latest, at the place
+    /// of its first (before its events), see [`Effects::write_task`].
     pub records: Vec<Record>,
     /// Messages per node session.
     pub nodes: BTreeMap<SessionId, NodeOut>,
     /// Sessions whose streams must be closed (lost or replaced).
     pub disconnect: Vec<SessionId>,
+    /// Where each task's record is in `records`.
+    task_at: crate::IdMap<TaskId, usize>,
+}
+
+impl Effects {
+    /// Writes `record` with this batch: a task changed again within the
+    /// batch has its earlier record replaced where it stands, so the
+    /// commit writes each task once, with its latest state, before its
+    /// events (what a store needs: a task's record comes before events).
+    pub(crate) fn write_task(&mut self, record: TaskRecord) {
+        match self.task_at.entry(record.id) {
+            std::collections::hash_map::Entry::Occupied(at) => {
+                self.records[*at.get()] = Record::Task(record);
+            }
+            std::collections::hash_map::Entry::Vacant(at) => {
+                at.insert(self.records.len());
+                self.records.push(Record::Task(record));
+            }
+        }
+    }
 }
 
 /// One event a node reported about one attempt.
@@ -573,8 +595,7 @@ impl Scheduler {
             let task = LiveTask::new(live, class, now.wall);
             let created = task.created_nanos();
             self.out
-                .records
-                .push(Record::Task(task.record(id, Arc::clone(&spec), now.wall)));
+                .write_task(task.record(id, Arc::clone(&spec), now.wall));
             self.keep_secrets(id, secret_env);
             self.admit(id, task);
             self.counts[state_index(TaskState::Queued)] += 1;
@@ -661,8 +682,7 @@ impl Scheduler {
         let mut task = LiveTask::new(live, class, now.wall);
         task.state = TaskState::Pending;
         self.out
-            .records
-            .push(Record::Task(task.record(id, Arc::clone(&spec), now.wall)));
+            .write_task(task.record(id, Arc::clone(&spec), now.wall));
         self.keep_secrets(id, secret_env);
         self.admit(id, task);
         self.counts[state_index(TaskState::Pending)] += 1;

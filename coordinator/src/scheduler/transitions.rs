@@ -63,9 +63,7 @@ impl Scheduler {
             None => task.node(),
         };
         let spec = task.spec.to_spec(self.queue.example(task.class));
-        self.out
-            .records
-            .push(Record::Task(task.record(id, spec, wall)));
+        self.out.write_task(task.record(id, spec, wall));
         self.emit(
             id,
             EventBody::State {
@@ -146,7 +144,7 @@ impl Scheduler {
             || !record.spec.ref_name.is_empty()
             || !record.spec.after.is_empty())
         .then(|| (record.output.clone(), record.spec.ref_name.clone()));
-        self.out.records.push(Record::Task(record.clone()));
+        self.out.write_task(record.clone());
         self.out.records.push(Record::Event(TaskEvent {
             task_id: id,
             seq: task.next_seq,

@@ -230,3 +230,50 @@ fn cancels(effects: &Effects, session: SessionId) -> Vec<(TaskId, Attempt)> {
         .map(|o| o.cancel.iter().map(|c| (c.task_id, c.attempt)).collect())
         .unwrap_or_default()
 }
+
+fn task_record(id: TaskId, state: TaskState) -> crate::store::TaskRecord {
+    let spec = std::sync::Arc::new(TaskSpec::call("noop", "in"));
+    crate::store::TaskRecord {
+        attempt: Attempt(1),
+        ..crate::store::TaskRecord::for_test(id, spec, state, std::time::UNIX_EPOCH)
+    }
+}
+
+fn state_event(id: TaskId, seq: u64, state: TaskState) -> Record {
+    Record::Event(TaskEvent {
+        task_id: id,
+        seq,
+        attempt: Attempt(1),
+        time: std::time::UNIX_EPOCH,
+        body: EventBody::State {
+            state,
+            node_id: None,
+            node_name: None,
+            reason: String::new(),
+        },
+    })
+}
+
+#[test]
+fn a_batch_writes_each_task_once_with_its_latest_state_before_its_events() {
+    let (a, b) = (TaskId::new(), TaskId::new());
+    let mut out = Effects::default();
+    out.write_task(task_record(a, TaskState::Queued));
+    out.records.push(state_event(a, 0, TaskState::Queued));
+    out.write_task(task_record(b, TaskState::Running));
+    out.write_task(task_record(a, TaskState::Assigned));
+    out.records.push(state_event(a, 1, TaskState::Assigned));
+    out.records.push(state_event(b, 3, TaskState::Succeeded));
+    out.write_task(task_record(a, TaskState::Running));
+    out.records.push(state_event(a, 2, TaskState::Running));
+    out.write_task(task_record(b, TaskState::Succeeded));
+    let expected = vec![
+        Record::Task(task_record(a, TaskState::Running)),
+        state_event(a, 0, TaskState::Queued),
+        Record::Task(task_record(b, TaskState::Succeeded)),
+        state_event(a, 1, TaskState::Assigned),
+        state_event(b, 3, TaskState::Succeeded),
+        state_event(a, 2, TaskState::Running),
+    ];
+    assert_eq!(out.records, expected);
+}
