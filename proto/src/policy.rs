@@ -317,10 +317,11 @@ pub fn check_resource_name(field: &'static str, name: &str) -> Result<(), Conver
     }
 }
 
-/// Checks a resource map (a task's or a node's).
+/// Checks a resource map (a task's or a node's) and drops its zero
+/// amounts; takes the map, so a valid one is kept, not copied.
 pub fn check_resources(
     field: &'static str,
-    resources: &BTreeMap<String, u64>,
+    mut resources: BTreeMap<String, u64>,
 ) -> Result<BTreeMap<String, u64>, ConversionError> {
     if resources.len() > MAX_RESOURCES {
         return Err(invalid(
@@ -331,11 +332,8 @@ pub fn check_resources(
     for name in resources.keys() {
         check_resource_name(field, name)?;
     }
-    Ok(resources
-        .iter()
-        .filter(|(_, amount)| **amount > 0)
-        .map(|(k, v)| (k.clone(), *v))
-        .collect())
+    resources.retain(|_, amount| *amount > 0);
+    Ok(resources)
 }
 
 /// Parses one `name=amount` resource as the CLI takes it: a plain integer,

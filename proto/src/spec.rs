@@ -571,7 +571,7 @@ impl TryFrom<pb::TaskSpec> for TaskSpec {
                 units: used.units.max(1),
             });
         }
-        let resources = check_resources("resources", &spec.resources)?;
+        let resources = check_resources("resources", spec.resources)?;
         if spec.after.len() > MAX_DEPENDENCIES {
             return Err(invalid(
                 "after",

@@ -13,7 +13,8 @@ use tonic::Status;
 use weft_proto::convert::{duration_to_pb, timestamp};
 use weft_proto::limits::truncate_node_text;
 use weft_proto::{
-    Attempt, ExecPolicy, NodeId, Outcome, OutputStream, PROTOCOL_VERSION, TaskId, pb,
+    Attempt, ExecPolicy, NodeId, Outcome, OutputStream, PROTOCOL_VERSION, SecretEnv, TaskId,
+    TaskKind, TaskSpec, pb,
 };
 
 use crate::driver::ToNode;
@@ -50,7 +51,7 @@ pub(super) fn registration(register: pb::Register) -> Result<NodeRegistration, E
             }
         })
         .collect();
-    let resources = weft_proto::policy::check_resources("resources", &register.resources)?;
+    let resources = weft_proto::policy::check_resources("resources", register.resources)?;
     Ok(NodeRegistration {
         node_id,
         name,
@@ -223,12 +224,7 @@ fn split_assign(
 }
 
 fn assignment_to_pb(a: &Assignment, traced: bool) -> pb::Assignment {
-    let mut spec = pb::TaskSpec::from(&*a.spec);
-    // The one place secrets leave the coordinator: in the
-    // spec of the attempt's own Assign (proto/README.md).
-    if let Some(env) = &a.secret_env {
-        spec.secret_env = env.to_pb();
-    }
+    let spec = assigned_spec(&a.spec, a.secret_env.as_deref());
     let trace = crate::trace::attempt_context(a.task_id, a.attempt, a.spec.trace.as_ref(), traced);
     pb::Assignment {
         task_id: a.task_id.to_string(),
@@ -245,6 +241,40 @@ fn assignment_to_pb(a: &Assignment, traced: bool) -> pb::Assignment {
                 output: p.output.clone(),
             })
             .collect(),
+    }
+}
+
+/// The spec an `Assign` carries: what the attempt runs with (its kind,
+/// slots, timeout, attempts, name, resources and, for its own node alone,
+/// its secrets), not what only decided where and when it runs (labels,
+/// priority, fair key, concurrency key, rate limits, dependencies, start
+/// time, schedule timeout; `trace` is the `Assignment`'s own field). Built
+/// from a borrow, copying only what it sends (proto/README.md
+/// "Assignments").
+fn assigned_spec(spec: &TaskSpec, secret_env: Option<&SecretEnv>) -> pb::TaskSpec {
+    let kind = match &spec.kind {
+        TaskKind::Exec(exec) => pb::task_spec::Kind::Exec(pb::ExecSpec {
+            argv: exec.argv.clone(),
+            env: exec.env.clone(),
+            cwd: exec.cwd.clone().unwrap_or_default(),
+            stdin: exec.stdin.clone(),
+        }),
+        TaskKind::Call(call) => pb::task_spec::Kind::Call(pb::CallSpec {
+            handler: call.handler.clone(),
+            input: call.input.clone(),
+        }),
+    };
+    pb::TaskSpec {
+        kind: Some(kind),
+        slots: spec.slots,
+        timeout: spec.timeout.map(duration_to_pb),
+        max_attempts: spec.max_attempts,
+        name: spec.name.clone(),
+        // The one place secrets leave the coordinator: in the spec of the
+        // attempt's own Assign (proto/README.md).
+        secret_env: secret_env.map(SecretEnv::to_pb).unwrap_or_default(),
+        resources: spec.resources.clone(),
+        ..pb::TaskSpec::default()
     }
 }
 
@@ -396,6 +426,55 @@ mod tests {
         let spec = assign.tasks[0].spec.clone().map(TaskSpec::try_from);
         let spec = spec.and_then(Result::ok).expect("a valid spec");
         assert_eq!(spec.secret_env.get("API_KEY"), Some("s3cr3t"));
+    }
+
+    #[test]
+    fn an_assignment_carries_what_runs_the_attempt_and_none_of_the_queue_fields() {
+        use pb::coordinator_message::Body;
+        let parent = TaskId::new();
+        let spec = TaskSpec::call("noop", "in")
+            .slots(2)
+            .timeout(Duration::from_secs(9))
+            .max_attempts(4)
+            .name("job step")
+            .label("gpu", "1")
+            .resource("gpu", 1)
+            .priority(9)
+            .fair_key("team-a", 3)
+            .concurrency("user-42", 2, weft_proto::OverLimit::Queue)
+            .rate_limit("api", 2)
+            .after(parent)
+            .not_before(std::time::UNIX_EPOCH + Duration::from_secs(1_900_000_000))
+            .fail_if_infeasible();
+        let assign = body(ToNode::Assign(vec![Assignment {
+            task_id: TaskId::new(),
+            attempt: Attempt(1),
+            spec: Arc::new(spec.clone()),
+            secret_env: None,
+            parents: Vec::new(),
+        }]));
+        let Body::Assign(assign) = assign else {
+            panic!("not an Assign");
+        };
+        let sent = assign.tasks[0].spec.clone().expect("a spec");
+        let runs = TaskSpec::try_from(sent.clone()).expect("a valid spec");
+        assert_eq!(runs.kind, spec.kind);
+        assert_eq!(
+            (
+                runs.slots,
+                runs.timeout,
+                runs.max_attempts,
+                runs.name.as_str()
+            ),
+            (2, Some(Duration::from_secs(9)), 4, "job step")
+        );
+        assert_eq!(runs.resources, spec.resources);
+        // What only placed it is not sent: the wire fields are empty.
+        assert!(sent.labels.is_empty() && sent.fair_key.is_empty() && sent.r#ref.is_empty());
+        assert_eq!((sent.priority, sent.fair_weight), (0, 0));
+        assert!(sent.concurrency.is_none() && sent.rate_limits.is_empty());
+        assert!(sent.after.is_empty() && sent.not_before.is_none());
+        assert!(sent.trace.is_none() && !sent.fail_if_infeasible);
     }
 
     #[test]
