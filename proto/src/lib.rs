@@ -14,7 +14,8 @@
 //! - [`limits`]: message sizes and field limits (`SpecLimits`), shared
 //!   by the coordinator, nodes and clients.
 //! - [`node`]: `NodeInfo`, a node as the admin API shows it.
-//! - [`spec`]: the validated domain `TaskSpec` and its builders.
+//! - [`spec`]: the validated domain `TaskSpec` and its builders (and, in
+//!   `spec_wire`, its wire bytes written from a borrow).
 //! - [`policy`]: scheduling policy: priorities, fair keys, concurrency
 //!   keys, rate limits, resources, dependencies, named limits.
 //! - [`exec_policy`]: `ExecPolicy`, which exec tasks a node runs.
@@ -33,6 +34,7 @@ pub mod limits;
 pub mod node;
 pub mod policy;
 pub mod spec;
+mod spec_wire;
 pub mod state;
 pub mod tls;
 pub mod trace;

@@ -317,9 +317,7 @@ pub(crate) fn decode_task_with_spec(
 
 /// A task's spec as stored bytes (never its secrets).
 pub(crate) fn encode_spec(spec: &TaskSpec) -> Vec<u8> {
-    let mut pb = pb::TaskSpec::from(spec);
-    pb.secret_env.clear();
-    pb.stored()
+    spec.to_bytes_without_secrets(super::seal::CHECKSUM_LEN)
 }
 
 /// A task's spec from bytes of [`encode_spec`].
