@@ -178,10 +178,35 @@ impl<K: TableKey, V> IdTable<K, V> {
         }
     }
 
-    /// The entry of `id`, made with `make` if it has none.
-    pub fn get_or_insert_with(&mut self, id: K, make: impl FnOnce() -> V) -> &mut V {
+    /// Where the entry of `id` is: a slot number for
+    /// [`get_or_insert_at`](Self::get_or_insert_at), good until that
+    /// entry is removed.
+    pub fn slot_of(&self, id: &K) -> Option<u32> {
+        self.find(Key::of(*id))
+    }
+
+    /// The entry in slot `number` when it is `id`'s.
+    pub fn at(&self, number: u32, id: &K) -> Option<&V> {
+        let n = number as usize;
+        match self.chunks.get(n / CHUNK)?.get(n % CHUNK)? {
+            Slot::Taken { key, value } if *key == Key::of(*id) => Some(value),
+            _ => None,
+        }
+    }
+
+    /// The entry of `id`, made with `make` if it has none, looking first
+    /// in slot `hint` (from [`slot_of`](Self::slot_of)): an entry found
+    /// there needs no index probe. A stale hint (or `None`) only costs
+    /// the probe.
+    pub fn get_or_insert_at(
+        &mut self,
+        hint: Option<u32>,
+        id: K,
+        make: impl FnOnce() -> V,
+    ) -> &mut V {
         let key = Key::of(id);
-        let number = match self.find(key) {
+        let hinted = hint.filter(|n| self.at(*n, &id).is_some());
+        let number = match hinted.or_else(|| self.find(key)) {
             Some(number) => number,
             None => self.insert_new(key, make()),
         };
@@ -291,6 +316,28 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_slot_hint_finds_its_entry_and_a_stale_one_falls_back_to_the_index() {
+        let mut table: IdTable<u128, u32> = IdTable::new();
+        for id in 0..(CHUNK as u128 + 10) {
+            table.insert(id, id as u32);
+        }
+        let slot = table.slot_of(&5).expect("a slot");
+        assert_eq!(table.at(slot, &5), Some(&5));
+        assert_eq!(table.at(slot, &6), None, "a slot answers only its own id");
+        assert_eq!(table.at(u32::MAX - 1, &5), None, "past the slab");
+        *table.get_or_insert_at(Some(slot), 5, || 0) += 100;
+        assert_eq!(table.get(&5), Some(&105));
+        // The slot freed and taken by another id: the hint is stale.
+        table.remove(&5);
+        table.insert(99_999, 7);
+        assert_eq!(table.slot_of(&99_999), Some(slot));
+        assert_eq!(*table.get_or_insert_at(Some(slot), 5, || 42), 42);
+        assert_eq!((table.get(&5), table.get(&99_999)), (Some(&42), Some(&7)));
+        let other = table.slot_of(&6);
+        assert_eq!(*table.get_or_insert_at(other, 7, || 0), 7);
+    }
+
+    #[test]
     fn entries_are_found_by_id_after_inserts_and_removes_across_chunks() {
         let mut table: IdTable<TaskId, u32> = IdTable::new();
         let ids: Vec<TaskId> = (0..3 * CHUNK as u128 + 7).map(TaskId::from_u128).collect();
@@ -359,9 +406,13 @@ mod tests {
         assert_eq!(table.insert(id, 1), None);
         assert_eq!(table.insert(id, 2), Some(1));
         assert_eq!(table.len(), 1);
-        *table.get_or_insert_with(id, || 5) += 1;
+        *table.get_or_insert_at(None, id, || 5) += 1;
         assert_eq!(table.remove(&id), Some(3));
-        assert_eq!(*table.get_or_insert_with(id, || 5), 5, "made when absent");
+        assert_eq!(
+            *table.get_or_insert_at(None, id, || 5),
+            5,
+            "made when absent"
+        );
         assert_eq!(table.len(), 1);
     }
 }

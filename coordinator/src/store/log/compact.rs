@@ -151,7 +151,7 @@ impl Inner {
             writer.buf = buf;
             return Ok(());
         }
-        self.append(&mut writer, buf)
+        self.append(&mut writer, buf, &|_| None)
     }
 
     /// Removes a segment's file (then syncs the directory) and forgets it.

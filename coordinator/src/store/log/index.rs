@@ -154,7 +154,17 @@ impl Index {
     /// A task's records in a commit mostly follow each other (its record,
     /// then its events), so a run of records of one task finds its entry
     /// once, not once per record.
-    pub fn apply_frame(&mut self, seg: u32, off: u64, payload: &[u8]) -> Result<(), &'static str> {
+    ///
+    /// `hint` may say where a task's entry is (a slot of [`IdTable`],
+    /// looked up while the commit was encoded), so applying it needs no
+    /// second index probe; `None` is always right.
+    pub fn apply_frame(
+        &mut self,
+        seg: u32,
+        off: u64,
+        payload: &[u8],
+        hint: &dyn Fn(u128) -> Option<u32>,
+    ) -> Result<(), &'static str> {
         let mut run: Vec<(Raw<'_>, Loc)> = Vec::new();
         for entry in frame::records(payload) {
             let (at, raw) = entry?;
@@ -164,7 +174,7 @@ impl Index {
                 len: u32::try_from(raw.bytes.len()).map_err(|_| "a record past 4 GiB")?,
             };
             let Some(id) = task_part(&raw) else {
-                self.apply_run(&mut run)?;
+                self.apply_run(&mut run, hint)?;
                 self.apply(raw, loc)?;
                 continue;
             };
@@ -173,16 +183,20 @@ impl Index {
                 .and_then(|(r, _)| task_part(r))
                 .is_some_and(|r| r != id)
             {
-                self.apply_run(&mut run)?;
+                self.apply_run(&mut run, hint)?;
             }
             run.push((raw, loc));
         }
-        self.apply_run(&mut run)
+        self.apply_run(&mut run, hint)
     }
 
     /// Applies (and empties) `run`: records of one task, each a task
     /// record, its spec or an event, found with one lookup.
-    fn apply_run(&mut self, run: &mut Vec<(Raw<'_>, Loc)>) -> Result<(), &'static str> {
+    fn apply_run(
+        &mut self,
+        run: &mut Vec<(Raw<'_>, Loc)>,
+        hint: &dyn Fn(u128) -> Option<u32>,
+    ) -> Result<(), &'static str> {
         let Some(id) = run.first().and_then(|(raw, _)| task_part(raw)) else {
             return Ok(());
         };
@@ -193,7 +207,7 @@ impl Index {
             segments,
             ..
         } = self;
-        let entry = tasks.get_or_insert_with(id, || TaskEntry {
+        let entry = tasks.get_or_insert_at(hint(id), id, || TaskEntry {
             record: Loc::NONE,
             spec: Loc::NONE,
             head: TaskHead::NONE,

@@ -336,7 +336,14 @@ impl Inner {
     /// Appends the frame `buf` holds (its header reserved) and syncs it,
     /// then applies it to the index. Seals the active segment first when
     /// the frame would take it past the segment size.
-    fn append(&self, writer: &mut Writer, mut buf: Vec<u8>) -> Result<(), StoreError> {
+    /// `hint` says where the index keeps a task's entry, when known (see
+    /// `Index::apply_frame`).
+    fn append(
+        &self,
+        writer: &mut Writer,
+        mut buf: Vec<u8>,
+        hint: &dyn Fn(u128) -> Option<u32>,
+    ) -> Result<(), StoreError> {
         let len = buf.len() as u64;
         let limit = self.segment_bytes.load(Ordering::Relaxed);
         if (writer.len + len > limit || writer.len + len > u64::from(u32::MAX))
@@ -375,6 +382,7 @@ impl Inner {
                 writer.active,
                 at + FRAME_HEADER as u64,
                 &buf[FRAME_HEADER..],
+                hint,
             )
         };
         writer.buf = buf;
@@ -567,20 +575,27 @@ impl Inner {
     /// A commit's frame, checked against the index: events follow their
     /// task with no gap in seqs; a task changed several times is written
     /// once, as it ends up.
-    fn encode(index: &Index, records: &[Record], buf: &mut Vec<u8>) -> Result<(), StoreError> {
+    /// Answers, per task of the commit, what it looked up (its entry's
+    /// slot, for applying the commit without probing the index again).
+    fn encode(
+        index: &Index,
+        records: &[Record],
+        buf: &mut Vec<u8>,
+    ) -> Result<crate::IdMap<u128, Pending>, StoreError> {
         // Per task in this commit: its last record's position, and (once
-        // looked up, one index lookup per task) the seq of its next event
-        // and whether its spec is written.
+        // looked up, one index lookup per task) the seq of its next event,
+        // whether its spec is written, and where its entry is.
         let mut tasks: crate::IdMap<u128, Pending> = crate::IdMap::default();
         for (i, record) in records.iter().enumerate() {
             if let Record::Task(task) = record {
                 tasks.entry(task.id.as_u128()).or_default().last_record = Some(i);
             }
         }
-        let known = |key: &u128| {
+        let known = |key: &u128, slot: &mut Option<u32>| {
+            *slot = index.tasks.slot_of(key);
             index
                 .tasks
-                .get(key)
+                .at((*slot)?, key)
                 .filter(|e| !e.record.is_none())
                 .map(|e| (e.events.len() as u64, !e.spec.is_none()))
         };
@@ -589,9 +604,12 @@ impl Inner {
                 Record::Task(task) => {
                     let key = task.id.as_u128();
                     let pending = tasks.entry(key).or_default();
-                    let (_, spec_written) = *pending
-                        .known
-                        .get_or_insert_with(|| known(&key).unwrap_or((0, false)));
+                    let (_, spec_written) = match pending.known {
+                        Some(known) => known,
+                        None => *pending
+                            .known
+                            .insert(known(&key, &mut pending.slot).unwrap_or((0, false))),
+                    };
                     if pending.last_record == Some(i) {
                         // A task's spec never changes: written once, with
                         // its first record.
@@ -613,7 +631,7 @@ impl Inner {
                     let pending = tasks.entry(key).or_default();
                     let next = match pending.known {
                         Some((next, _)) => next,
-                        None => match known(&key) {
+                        None => match known(&key, &mut pending.slot) {
                             Some(found) => {
                                 pending.known = Some(found);
                                 found.0
@@ -673,7 +691,7 @@ impl Inner {
                 }
             }
         }
-        Ok(())
+        Ok(tasks)
     }
 
     /// Writes `records` as one synced frame.
@@ -685,12 +703,18 @@ impl Inner {
         let mut buf = std::mem::take(&mut writer.buf);
         buf.clear();
         buf.resize(FRAME_HEADER, 0);
-        let encoded = Self::encode(&*self.read_index()?, records, &mut buf);
-        if let Err(err) = encoded {
-            writer.buf = buf;
-            return Err(err);
-        }
-        self.append(&mut writer, buf)?;
+        let pending = match Self::encode(&*self.read_index()?, records, &mut buf) {
+            Ok(pending) => pending,
+            Err(err) => {
+                writer.buf = buf;
+                return Err(err);
+            }
+        };
+        // The writer's lock, held from the encoding to the applying, keeps
+        // every slot looked up where it was: only `append` changes entries.
+        self.append(&mut writer, buf, &|id| {
+            pending.get(&id).and_then(|p| p.slot)
+        })?;
         drop(writer);
         self.nudge_compaction();
         Ok(())
@@ -703,7 +727,7 @@ impl Inner {
         buf.clear();
         buf.resize(FRAME_HEADER, 0);
         fill(&mut buf);
-        self.append(&mut writer, buf)
+        self.append(&mut writer, buf, &|_| None)
     }
 
     /// Wakes the compaction thread when enough of the sealed segments'
@@ -743,6 +767,8 @@ struct Pending {
     /// Its next event's seq, and whether its spec is written (in the log
     /// or earlier in this commit), once looked up.
     known: Option<(u64, bool)>,
+    /// Where the index keeps its entry (when it has one), once looked up.
+    slot: Option<u32>,
 }
 
 /// Reads records forward through a window of a segment, so a restart
@@ -1053,7 +1079,7 @@ impl Store for LogStore {
         for (id, _) in &due {
             frame::put(&mut buf, Kind::Expired, Key::Id(*id), &[]);
         }
-        inner.append(&mut writer, buf)?;
+        inner.append(&mut writer, buf, &|_| None)?;
         drop(writer);
         inner.nudge_compaction();
         Ok(due.into_iter().map(|(_, state)| state).collect())

@@ -222,7 +222,7 @@ pub(super) fn recover(
             }
             last_seq = Some(seq);
             index
-                .apply_frame(no, at + FRAME_HEADER as u64, &payload)
+                .apply_frame(no, at + FRAME_HEADER as u64, &payload, &|_| None)
                 .map_err(|e| unreadable(format!("{name} at byte {at}: {e}")))?;
             at += (FRAME_HEADER + payload.len()) as u64;
         }
