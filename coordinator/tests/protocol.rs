@@ -505,6 +505,51 @@ async fn wait_many_streams_final_tasks_in_completion_order_and_ends() {
 }
 
 #[tokio::test]
+async fn results_of_one_commit_go_to_each_waiter_in_completion_order() {
+    let (c, node, tasks, ids) = assigned_with_one_final(4, "a", 3).await;
+    let open = |wanted: Vec<String>| {
+        let mut tasks = tasks.clone();
+        async move {
+            tasks
+                .wait_many(pb::WaitManyRequest {
+                    task_ids: wanted,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner()
+        }
+    };
+    let even = open(vec![ids[0].clone(), ids[2].clone()]).await;
+    let odd = open(vec![ids[1].clone()]).await;
+    // Finished out of submission order, in one message (so, mostly, one
+    // commit whose results go to both waiters).
+    node.events(vec![
+        finished_ok(&ids[2], 1),
+        finished_ok(&ids[1], 1),
+        finished_ok(&ids[0], 1),
+    ])
+    .await;
+    async fn ids_to_the_end(mut stream: tonic::Streaming<pb::Task>) -> Vec<String> {
+        let mut got = Vec::new();
+        while let Some(task) = tokio::time::timeout(DEADLINE, stream.message())
+            .await
+            .unwrap()
+            .unwrap()
+        {
+            got.push(task.id);
+        }
+        got
+    }
+    assert_eq!(
+        ids_to_the_end(even).await,
+        vec![ids[2].clone(), ids[0].clone()]
+    );
+    assert_eq!(ids_to_the_end(odd).await, vec![ids[1].clone()]);
+    c.shutdown(DEADLINE).await.unwrap();
+}
+
+#[tokio::test]
 async fn the_result_view_answers_final_records_without_their_spec() {
     // One final before the wait (read back from the store), one after (live).
     let (c, node, mut tasks, ids) = assigned_with_one_final(2, "a big input", 0).await;

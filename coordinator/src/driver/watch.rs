@@ -282,7 +282,10 @@ impl Watchers {
         if self.many.by_task.is_empty() {
             return;
         }
-        let mut batches: HashMap<u64, Vec<TaskRecord>> = HashMap::new();
+        // (waiter, final record) pairs, then one batch per waiter made at
+        // its size: a commit's results may go to many waiters (tasks that
+        // finish out of order, a few for each of many streams).
+        let mut finals: Vec<(u64, &TaskRecord)> = Vec::new();
         for record in records {
             let Record::Event(TaskEvent {
                 task_id,
@@ -297,13 +300,16 @@ impl Watchers {
             };
             for waiter in waiters {
                 if self.many.waiters.contains_key(&waiter) {
-                    batches
-                        .entry(waiter)
-                        .or_default()
-                        .push(TaskRecord::clone(task));
+                    finals.push((waiter, task));
                 }
             }
         }
+        // Stable: each waiter's records stay in commit order.
+        finals.sort_by_key(|(waiter, _)| *waiter);
+        let batches = finals.chunk_by(|a, b| a.0 == b.0).map(|group| {
+            let batch: Vec<TaskRecord> = group.iter().map(|(_, t)| TaskRecord::clone(t)).collect();
+            (group[0].0, batch)
+        });
         for (waiter, batch) in batches {
             let Some((tx, budget, pending)) = self.many.waiters.get_mut(&waiter) else {
                 continue;
