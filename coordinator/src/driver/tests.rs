@@ -749,7 +749,7 @@ async fn a_stalled_wait_many_stream_holds_at_most_its_budget_and_then_gets_every
     }
     h.applied().await;
     let pending = all.iter().copied().collect();
-    let mut feed = soon("WaitMany", wait_final(&handle, all.clone(), pending))
+    let mut feed = soon("WaitMany", wait_final(&handle, all.clone(), pending, false))
         .await
         .unwrap_or_else(|err| panic!("{err}"));
     #[allow(clippy::needless_range_loop)]

@@ -500,13 +500,17 @@ fn stop_live(live: &mut mpsc::Receiver<TaskEvent>, budget: &WatchBudget) {
 /// not know fails this call before anything is streamed; then a task
 /// spawned on the handle's tracker feeds the stream. What is queued
 /// towards the client is bounded by `--watch-buffer-bytes`, as a watch's.
+///
+/// `outcomes_only`: the caller reads only outcomes (`TASK_VIEW_RESULT`),
+/// so records read from the store may come without their spec.
 pub(crate) async fn wait_final(
     handle: &Handle,
     ids: Vec<TaskId>,
     pending: HashSet<TaskId>,
+    outcomes_only: bool,
 ) -> Result<FinalFeed, Error> {
     let budget = WatchBudget::new(handle.config.watch_buffer_bytes);
-    let (ready, live) = register_many(handle, ids, &budget).await?;
+    let (ready, live) = register_many(handle, ids, &budget, outcomes_only).await?;
     let (tx, rx) = mpsc::channel(WAIT_MANY_OUT);
     handle.tasks.spawn(feed_finals(
         handle.clone(),
@@ -515,6 +519,7 @@ pub(crate) async fn wait_final(
         live,
         Arc::clone(&budget),
         tx,
+        outcomes_only,
     ));
     Ok(FinalFeed { rx, budget })
 }
@@ -547,11 +552,13 @@ impl futures::Stream for FinalFeed {
 }
 
 /// Registers `ids` with the driver and reads the ones that were not
-/// live from the store. An id the store does not have is an error.
+/// live from the store (without their specs when `outcomes_only`). An id
+/// the store does not have is an error.
 async fn register_many(
     handle: &Handle,
     ids: Vec<TaskId>,
     budget: &Arc<WatchBudget>,
+    outcomes_only: bool,
 ) -> Result<(Vec<TaskRecord>, Option<FinalRx>), Error> {
     let budget = Arc::clone(budget);
     let WaitRegistration { not_live, live } = handle
@@ -562,10 +569,18 @@ async fn register_many(
     }
     let retention = handle.config.retention;
     let found = blocking(&handle.store, "reading tasks", move |store| {
-        not_live
+        let records = match outcomes_only {
+            true => store.task_outcomes(&not_live)?,
+            false => not_live
+                .iter()
+                .map(|id| store.task(*id))
+                .collect::<Result<Vec<_>, _>>()?,
+        };
+        Ok(records
             .into_iter()
-            .map(|id| store.task(id).map(|found| found.ok_or(id)))
-            .collect::<Result<Vec<_>, _>>()
+            .zip(not_live)
+            .map(|(record, id)| record.ok_or(id))
+            .collect::<Vec<_>>())
     })
     .await?;
     let records = found
@@ -591,6 +606,7 @@ async fn feed_finals(
     mut live: Option<FinalRx>,
     budget: Arc<WatchBudget>,
     out: mpsc::Sender<Result<TaskRecord, Error>>,
+    outcomes_only: bool,
 ) {
     // Whether the records in `ready` are counted already (from the feed).
     let mut counted = false;
@@ -647,7 +663,7 @@ async fn feed_finals(
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let ids: Vec<TaskId> = pending.iter().copied().collect();
-        match register_many(&handle, ids, &budget).await {
+        match register_many(&handle, ids, &budget, outcomes_only).await {
             Ok((records, rx)) => {
                 ready = records;
                 counted = false;

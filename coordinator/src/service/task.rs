@@ -309,7 +309,8 @@ impl TaskApi {
                 ids.push(id);
             }
         }
-        let finals = wait_final(&self.handle, ids, pending).await?;
+        let outcomes_only = request.view() == pb::TaskView::Result;
+        let finals = wait_final(&self.handle, ids, pending, outcomes_only).await?;
         let tasks: fn(Result<TaskRecord, Error>) -> Result<pb::Task, Status> = match request.view()
         {
             pb::TaskView::Result => |task| task.map(|t| task_result_pb(&t)).map_err(Status::from),

@@ -304,6 +304,15 @@ pub trait Store: Send + Sync + 'static {
     /// One task, with `next_seq` filled in.
     fn task(&self, id: TaskId) -> Result<Option<TaskRecord>, StoreError>;
 
+    /// Tasks `ids` (each `None` when unknown), in that order, for a
+    /// reader of their outcomes only (`TASK_VIEW_RESULT`): a record's
+    /// `spec` may be left out (an empty one in its place), so a store
+    /// can skip reading and decoding it. What `WaitMany` reads for tasks
+    /// that finished before it registered.
+    fn task_outcomes(&self, ids: &[TaskId]) -> Result<Vec<Option<TaskRecord>>, StoreError> {
+        ids.iter().map(|id| self.task(*id)).collect()
+    }
+
     /// Up to `limit` tasks, newest first, older than `before` if given,
     /// in `state` if given: [`list_page`](Store::list_page) with no other
     /// filter and no scan bound.

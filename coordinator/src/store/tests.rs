@@ -103,6 +103,58 @@ fn committed_tasks_and_events_read_back_with_next_seq() {
 }
 
 #[test]
+fn task_outcomes_answer_each_id_in_order_as_task_does_but_its_spec() {
+    both(|store| {
+        let all = ids(40);
+        // Finished over several commits, in an order other than the ids',
+        // with events between them in the log; some still running.
+        for (n, chunk) in all.chunks(7).rev().enumerate() {
+            let mut records = Vec::new();
+            for (i, id) in chunk.iter().enumerate() {
+                let state = match (n + i) % 3 {
+                    0 => TaskState::Running,
+                    1 => TaskState::Failed,
+                    _ => TaskState::Succeeded,
+                };
+                let mut task = record(*id, state, at(10 + (n * 7 + i) as u64));
+                task.output = Bytes::from(format!("out of {id}"));
+                records.push(Record::Task(task.clone()));
+                records.push(output(*id, 0));
+                if state.is_final() {
+                    records.push(finished(&task, 1));
+                }
+            }
+            store.commit(&records).unwrap();
+        }
+        let unknown = TaskId::new();
+        let mut asked: Vec<TaskId> = all.iter().copied().step_by(3).collect();
+        asked.extend(all.iter().rev().copied().take(9));
+        asked.insert(4, unknown);
+        let outcomes = store.task_outcomes(&asked).unwrap();
+        assert_eq!(outcomes.len(), asked.len());
+        for (id, outcome) in asked.iter().zip(&outcomes) {
+            let whole = store.task(*id).unwrap();
+            match (outcome, whole) {
+                (None, None) => assert_eq!(*id, unknown),
+                (Some(outcome), Some(whole)) => {
+                    assert_eq!(outcome.id, *id);
+                    assert_eq!(
+                        TaskRecord {
+                            spec: Arc::clone(&whole.spec),
+                            ..outcome.clone()
+                        },
+                        whole,
+                        "{id}"
+                    );
+                }
+                (outcome, whole) => panic!("{id}: {outcome:?} but task() says {whole:?}"),
+            }
+        }
+        assert!(store.task_outcomes(&[]).unwrap().is_empty());
+    });
+}
+
+#[test]
 fn a_commit_with_a_seq_gap_or_an_unknown_task_changes_nothing() {
     both(|store| {
         let [a, b] = ids(2)[..] else { unreachable!() };

@@ -495,6 +495,64 @@ impl Inner {
         Ok(Some(record))
     }
 
+    /// [`Store::task_outcomes`]: each task's record without its spec
+    /// (which is neither read nor decoded), read in file order, with one
+    /// read for records close together: tasks that just finished sit
+    /// near each other at the end of the log.
+    fn task_outcomes(&self, ids: &[TaskId]) -> Result<Vec<Option<TaskRecord>>, StoreError> {
+        // (position in `ids`, where its record is, its segment's file, next seq)
+        let mut found: Vec<(usize, Loc, Arc<dyn LogFile>, u64)> = Vec::with_capacity(ids.len());
+        {
+            let index = self.read_index()?;
+            for (n, id) in ids.iter().enumerate() {
+                let Some(entry) = index.tasks.get(&id.as_u128()) else {
+                    continue;
+                };
+                if entry.record.is_none() {
+                    continue;
+                }
+                let file = Self::file(&index, entry.record.seg)?;
+                found.push((n, entry.record, file, entry.events.len() as u64));
+            }
+        }
+        found.sort_by_key(|(_, loc, _, _)| (loc.seg, loc.off));
+        let no_spec = Arc::new(TaskSpec::call("", bytes::Bytes::new()));
+        let mut out: Vec<Option<TaskRecord>> = (0..ids.len()).map(|_| None).collect();
+        let mut i = 0;
+        while i < found.len() {
+            let (_, first, file, _) = &found[i];
+            let start = u64::from(first.off);
+            let mut stop = start + u64::from(first.len);
+            let mut end = i + 1;
+            while let Some((_, loc, _, _)) = found.get(end) {
+                let (off, len) = (u64::from(loc.off), u64::from(loc.len));
+                if loc.seg != first.seg
+                    || off > stop + OUTCOME_GAP
+                    || off + len - start > OUTCOME_SPAN
+                {
+                    break;
+                }
+                stop = stop.max(off + len);
+                end += 1;
+            }
+            let mut bytes = vec![0u8; (stop - start) as usize];
+            file.read_exact_at(&mut bytes, start)
+                .map_err(|e| io_error("reading records", &e))?;
+            for (n, loc, _, next_seq) in &found[i..end] {
+                let at = (u64::from(loc.off) - start) as usize;
+                let id = ids[*n];
+                let record = bytes[at..at + loc.len as usize].to_vec();
+                let body = body_of(record, *loc, Kind::Task, Key::Id(id.as_u128()))?;
+                let body = &body[TASK_HEAD.min(body.len())..];
+                let mut task = decode_task_with_spec(id, body, Arc::clone(&no_spec))?;
+                task.next_seq = *next_seq;
+                out[*n] = Some(task);
+            }
+            i = end;
+        }
+        Ok(out)
+    }
+
     /// A task's spec, from its record at `loc`.
     fn read_spec(
         &self,
@@ -781,6 +839,13 @@ struct Window {
     buf: Vec<u8>,
 }
 
+/// Bytes between two records that [`Inner::task_outcomes`] reads through
+/// rather than reading each record on its own.
+const OUTCOME_GAP: u64 = 16 << 10;
+
+/// Most bytes one read of [`Inner::task_outcomes`] takes.
+const OUTCOME_SPAN: u64 = 1 << 20;
+
 /// Bytes a [`Window`] reads at once.
 const LOAD_WINDOW: u64 = 4 << 20;
 
@@ -870,6 +935,10 @@ impl Store for LogStore {
 
     fn task(&self, id: TaskId) -> Result<Option<TaskRecord>, StoreError> {
         self.inner.task(id)
+    }
+
+    fn task_outcomes(&self, ids: &[TaskId]) -> Result<Vec<Option<TaskRecord>>, StoreError> {
+        self.inner.task_outcomes(ids)
     }
 
     fn list_page(&self, query: &ListQuery) -> Result<ListPage, StoreError> {

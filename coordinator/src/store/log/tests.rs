@@ -249,6 +249,39 @@ fn a_byte_changed_under_a_running_store_is_reported_when_read_never_served() {
 }
 
 #[test]
+fn a_changed_byte_in_a_task_record_fails_its_outcome_read_never_served() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = LogStore::open(dir.path()).expect("opens");
+    let ids = fill(&store, 6);
+    let [sound, rotten] = [ids[0], ids[2]];
+    for id in [sound, rotten] {
+        let done = TaskRecord {
+            error: format!("outcome of {id}"),
+            ..record(id, TaskState::Failed, 40)
+        };
+        store.commit(&[Record::Task(done)]).expect("finish");
+    }
+    let read = store.task_outcomes(&[sound, rotten]).expect("sound reads");
+    assert_eq!(read[1].as_ref().map(|t| t.state), Some(TaskState::Failed));
+    let segment = segments(dir.path()).pop().expect("a segment");
+    flip(
+        &segment,
+        find(&segment, format!("outcome of {rotten}").as_bytes()),
+    );
+    match store.task_outcomes(&[sound, rotten]) {
+        Err(err @ StoreError::Damaged { .. }) => {
+            assert!(err.to_string().contains(&rotten.to_string()), "{err}");
+        }
+        other => panic!("damage served: {other:?}"),
+    }
+    let alone = store.task_outcomes(&[sound]).expect("the sound one reads");
+    assert_eq!(
+        alone[0].as_ref().map(|t| t.error.as_str()),
+        Some(format!("outcome of {sound}").as_str())
+    );
+}
+
+#[test]
 fn compaction_keeps_exactly_the_current_records_and_frees_the_rest() {
     let dir = tempfile::tempdir().expect("temp dir");
     let store = open_quiet(dir.path());
