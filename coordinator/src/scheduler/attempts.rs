@@ -169,15 +169,12 @@ impl Scheduler {
             .insert(id, Attempt(attempt), Some(outcome), now.instant);
         let spec = task.spec.template(self.queue.example(task.class));
         let (max, slots, timeout) = (spec.max_attempts, spec.slots, spec.timeout);
-        let held = (!spec.resources.is_empty()).then(|| spec.resources.clone());
         let cancel = task.cancel_reason().map(str::to_owned);
         let node_ref = task.placement().map(|p| (p.node_id, p.node_name.clone()));
         if let Some(node) = self.nodes.get_mut(session) {
             node.running.remove(&id);
             node.used = node.used.saturating_sub(slots);
-            if let Some(held) = &held {
-                node.release_resources(held);
-            }
+            node.release_resources(&spec.resources);
             node.finished += 1;
         }
         if outcome == Outcome::Succeeded {
