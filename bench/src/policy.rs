@@ -22,7 +22,7 @@ use weft_proto::OverLimit;
 use crate::cluster::{Cluster, ClusterPlan};
 use crate::report::{Dag, Fairness};
 use crate::stats::median;
-use crate::workload::{Meter, check_noop, noop, run_all};
+use crate::workload::{Meter, Metered, check_noop, noop, run_all};
 
 /// The node resource every policy-mix task asks one unit of.
 pub const RESOURCE: &str = "cpu";
@@ -123,29 +123,36 @@ pub fn mixed(x: usize, fields: &[MixField]) -> TaskSpec {
     spec
 }
 
-/// One interleaved pair of runs: tasks/s of plain noops, then of mixed ones.
+/// One interleaved pair of runs: tasks/s of plain noops, then of mixed
+/// ones, each with what its meter saw (CPU of the client and the cluster).
 #[derive(Debug, Clone, Copy)]
 pub struct PairedRun {
     /// Plain noop tasks per second.
     pub plain_tps: f64,
     /// Policy-mix noop tasks per second.
     pub mixed_tps: f64,
+    /// The plain run's meter.
+    pub plain: Metered,
+    /// The mixed run's meter.
+    pub mixed: Metered,
 }
 
 /// `runs` × (submit `n` plain noops and wait; submit `n` mixed noops and
 /// wait), alternating which goes first so neither always runs on a warmer
-/// cluster; every result checked.
+/// cluster; every result checked. `cluster_cpu` reads the cluster's CPU
+/// seconds (`None` on an external cluster).
 pub async fn interleaved_throughput(
     client: &Client,
     n: usize,
     runs: usize,
     concurrency: usize,
     fields: &[MixField],
+    cluster_cpu: &dyn Fn() -> Option<f64>,
 ) -> anyhow::Result<Vec<PairedRun>> {
     let mut out = Vec::with_capacity(runs);
     for run in 0..runs {
-        let mut plain = 0.0;
-        let mut mix = 0.0;
+        let mut plain = (0.0, Metered::default());
+        let mut mix = (0.0, Metered::default());
         for first_mixed in [run % 2 == 1, run % 2 == 0] {
             let specs: Vec<TaskSpec> = (0..n)
                 .map(|x| {
@@ -156,19 +163,22 @@ pub async fn interleaved_throughput(
                     }
                 })
                 .collect();
-            let meter = Meter::start(None);
+            let meter = Meter::start(cluster_cpu());
             let tasks = run_all(client, specs, concurrency).await?;
-            let tps = n as f64 / meter.stop(None).wall.as_secs_f64();
+            let metered = meter.stop(cluster_cpu());
+            let tps = n as f64 / metered.wall.as_secs_f64();
             check_noop(&tasks, 0..n)?;
             if first_mixed {
-                mix = tps;
+                mix = (tps, metered);
             } else {
-                plain = tps;
+                plain = (tps, metered);
             }
         }
         out.push(PairedRun {
-            plain_tps: plain,
-            mixed_tps: mix,
+            plain_tps: plain.0,
+            mixed_tps: mix.0,
+            plain: plain.1,
+            mixed: mix.1,
         });
     }
     Ok(out)

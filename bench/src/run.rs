@@ -241,6 +241,7 @@ async fn cluster_steps(
                 plan.throughput_runs,
                 concurrency,
                 &fields,
+                &cluster_cpu,
             )
             .await
         }

@@ -104,6 +104,51 @@ pub struct PolicyMixFigures {
     pub plain_median: Option<f64>,
     /// Median of `mixed`.
     pub mixed_median: Option<f64>,
+    /// CPU of the plain runs.
+    pub plain_cpu: RunCpu,
+    /// CPU of the mixed runs.
+    pub mixed_cpu: RunCpu,
+}
+
+/// CPU of one kind of run of the policy-mix step, the median over its
+/// runs of each figure: whether the mixed tasks' extra time is work or
+/// waiting.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct RunCpu {
+    /// CPU µs per task of the bench process (the client).
+    pub client_us: Option<f64>,
+    /// CPU µs per task of the coordinator and nodes.
+    pub cluster_us: Option<f64>,
+    /// Client and cluster CPU together over the run's wall time, in % of
+    /// all the machine's cores: under 100, the machine had idle time.
+    pub busy_pct: Option<f64>,
+}
+
+impl RunCpu {
+    /// From the meters of runs of `n` tasks each, on `cpus` cores.
+    pub fn of<'a>(n: usize, cpus: usize, runs: impl Iterator<Item = &'a Metered>) -> RunCpu {
+        let runs: Vec<&Metered> = runs.collect();
+        let per_task = |cpu: Option<f64>| cpu.map(|s| s / n as f64 * 1e6);
+        let busy = |m: &Metered| {
+            let cpu = m.client_cpu? + m.cluster_cpu?;
+            let capacity = m.wall.as_secs_f64() * cpus as f64;
+            (capacity > 0.0).then(|| 100.0 * cpu / capacity)
+        };
+        let median = |pick: &dyn Fn(&Metered) -> Option<f64>| {
+            let all: Option<Vec<f64>> = runs.iter().map(|m| pick(m)).collect();
+            median_of(all?.into_iter())
+        };
+        RunCpu {
+            client_us: median(&|m| per_task(m.client_cpu)),
+            cluster_us: median(&|m| per_task(m.cluster_cpu)),
+            busy_pct: median(&busy),
+        }
+    }
+
+    /// Client and cluster CPU µs per task together.
+    pub fn total_us(&self) -> Option<f64> {
+        Some(self.client_us? + self.cluster_us?)
+    }
 }
 
 /// (e) startup.
@@ -276,6 +321,9 @@ impl Report {
         if let Some(t) = &self.throughput {
             all.extend(t.runs.iter().map(|(_, m)| m));
         }
+        if let Some(p) = &self.policy_mix {
+            all.extend(p.runs.iter().flat_map(|r| [&r.plain, &r.mixed]));
+        }
         if let Some((_, m)) = &self.latency {
             all.push(m);
         }
@@ -304,6 +352,8 @@ fn policy_mix(p: &PolicyMix) -> PolicyMixFigures {
         mixed_median: median_of(mixed.iter().copied()),
         plain,
         mixed,
+        plain_cpu: RunCpu::of(p.n, cpus(), p.runs.iter().map(|r| &r.plain)),
+        mixed_cpu: RunCpu::of(p.n, cpus(), p.runs.iter().map(|r| &r.mixed)),
     }
 }
 
@@ -355,6 +405,11 @@ fn scale<'a>(s: &'a Scale, floor: Option<&Floor>) -> ScaleFigures<'a> {
 }
 
 /// The worst of each noise reading over `runs`.
+/// The cores of this machine (where the bench and its cluster ran).
+fn cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
+}
+
 fn noise<'a>(runs: impl Iterator<Item = &'a Metered>) -> Noise {
     let runs: Vec<&Metered> = runs.collect();
     let worst = |pick: fn(&Metered) -> Option<f64>| -> Option<f64> {

@@ -12,7 +12,7 @@ use crate::args::Step;
 use crate::stats::round;
 
 use super::Report;
-use super::figures::{Measured, Noise, Outcome, ParallelFigures};
+use super::figures::{Measured, Noise, Outcome, ParallelFigures, RunCpu};
 
 impl Report {
     /// Every figure as one JSON document.
@@ -247,6 +247,8 @@ fn json_section(measured: &Measured<'_>) -> Value {
             "plain_median_tps": p.plain_median.map(|v| round(v, 1)),
             "mixed_median_tps": p.mixed_median.map(|v| round(v, 1)),
             "mixed_over_plain": p.plain_median.zip(p.mixed_median).map(|(a, b)| round(b / a, 3)),
+            "plain_cpu": run_cpu(&p.plain_cpu),
+            "mixed_cpu": run_cpu(&p.mixed_cpu),
         }),
         Measured::Dag(d) => {
             let pair = |v: Option<(f64, f64)>| {
@@ -375,6 +377,15 @@ fn jsonl_parts(measured: &Measured<'_>) -> (Value, Value, Value) {
 }
 
 /// The peers kit's per-run fields of a parallel step.
+/// One kind of policy-mix run's CPU.
+fn run_cpu(c: &RunCpu) -> Value {
+    json!({
+        "client_cpu_us_per_task": c.client_us.map(|v| round(v, 2)),
+        "cluster_cpu_us_per_task": c.cluster_us.map(|v| round(v, 2)),
+        "busy_pct": c.busy_pct.map(|v| round(v, 1)),
+    })
+}
+
 fn parallel_json(p: &ParallelFigures) -> Value {
     let mut v = json!({
         "runs": p.walls.iter().map(|w| round(*w, 3)).collect::<Vec<_>>(),

@@ -5,7 +5,7 @@
 use crate::args::Step;
 
 use super::Report;
-use super::figures::{Figure, Measured, Outcome};
+use super::figures::{Figure, Measured, Outcome, RunCpu};
 
 /// One table row: figure, Weft, floor, Weft / floor.
 type Row = [String; 4];
@@ -297,20 +297,40 @@ fn rows(figure: &Figure<'_>) -> Vec<Row> {
             ]
         }
         Measured::PolicyMix(p) => {
+            let run_cpu = |c: &RunCpu| {
+                format!(
+                    "{} / {} µs, busy {} %",
+                    opt(c.client_us, 1),
+                    opt(c.cluster_us, 0),
+                    opt(c.busy_pct, 0)
+                )
+            };
             let mixed = p.mixed_median.unwrap_or(0.0);
             let plain = p.plain_median.unwrap_or(0.0);
             let runs = |v: &[f64]| v.iter().map(|r| num(*r, 0)).collect::<Vec<_>>().join(", ");
-            vec![[
-                format!(
-                    "policy mix, {} noop with {}, tasks/s (median of {}, interleaved with plain)",
-                    p.n,
-                    p.fields,
-                    p.mixed.len()
-                ),
-                format!("{} ({})", num(mixed, 0), runs(&p.mixed)),
-                format!("{} plain ({})", num(plain, 0), runs(&p.plain)),
-                ratio(mixed, plain),
-            ]]
+            vec![
+                [
+                    format!(
+                        "policy mix, {} noop with {}, tasks/s (median of {}, interleaved with plain)",
+                        p.n,
+                        p.fields,
+                        p.mixed.len()
+                    ),
+                    format!("{} ({})", num(mixed, 0), runs(&p.mixed)),
+                    format!("{} plain ({})", num(plain, 0), runs(&p.plain)),
+                    ratio(mixed, plain),
+                ],
+                [
+                    "policy mix CPU per task: client / cluster, and busy (% of all cores)"
+                        .to_owned(),
+                    run_cpu(&p.mixed_cpu),
+                    format!("{} plain", run_cpu(&p.plain_cpu)),
+                    match (p.mixed_cpu.total_us(), p.plain_cpu.total_us()) {
+                        (Some(mixed), Some(plain)) => format!("{} CPU", ratio(mixed, plain)),
+                        _ => none(),
+                    },
+                ],
+            ]
         }
         Measured::Dag(d) => {
             let pair = |v: Option<(f64, f64)>| {

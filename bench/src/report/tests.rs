@@ -5,6 +5,7 @@ use std::time::{Duration, SystemTime};
 
 use serde_json::{Value, json};
 
+use super::figures::{Measured, Outcome, RunCpu};
 use super::table::{num, ratio};
 use super::*;
 
@@ -259,4 +260,67 @@ fn durability_figures_show_in_the_table_and_the_json() {
             .iter()
             .all(|rec| rec["metric"] != "durable")
     );
+}
+
+#[test]
+fn the_policy_mix_shows_each_kinds_cpu_per_task_and_how_busy_the_machine_was() {
+    let meter = |wall_ms: u64, client: f64, cluster: f64| Metered {
+        wall: Duration::from_millis(wall_ms),
+        client_cpu: Some(client),
+        cluster_cpu: Some(cluster),
+        ..metered(wall_ms)
+    };
+    let pair = |plain: Metered, mixed: Metered| crate::policy::PairedRun {
+        plain_tps: 1_000.0 / plain.wall.as_secs_f64(),
+        mixed_tps: 1_000.0 / mixed.wall.as_secs_f64(),
+        plain,
+        mixed,
+    };
+    let mut r = report();
+    r.policy_mix = Some(PolicyMix {
+        n: 1_000,
+        fields: crate::policy::MixField::ALL.to_vec(),
+        runs: vec![
+            // Plain: 5 + 30 µs a task, 35 ms of CPU in 25 ms on 2 cores.
+            pair(meter(25, 0.005, 0.030), meter(40, 0.006, 0.034)),
+            pair(meter(25, 0.005, 0.030), meter(40, 0.006, 0.034)),
+            pair(meter(20, 0.004, 0.026), meter(50, 0.007, 0.040)),
+        ],
+    });
+    let figures = r.figures();
+    let Some(Measured::PolicyMix(p)) = figures.iter().find_map(|f| match &f.outcome {
+        Outcome::Measured(m @ Measured::PolicyMix(_)) => Some(m.clone()),
+        _ => None,
+    }) else {
+        panic!("no policy-mix figures");
+    };
+    let close = |a: Option<f64>, b: f64| a.is_some_and(|a| (a - b).abs() < 1e-6);
+    assert!(close(p.plain_cpu.client_us, 5.0), "{:?}", p.plain_cpu);
+    assert!(close(p.plain_cpu.cluster_us, 30.0), "{:?}", p.plain_cpu);
+    assert!(close(p.mixed_cpu.cluster_us, 34.0), "{:?}", p.mixed_cpu);
+    // Busy: the CPU over the wall time of both cores, median per kind.
+    assert!(close(p.plain_cpu.busy_pct, 70.0), "{:?}", p.plain_cpu);
+    assert!(close(p.mixed_cpu.busy_pct, 50.0), "{:?}", p.mixed_cpu);
+    let table = r.table();
+    assert!(
+        table.contains("| 6.0 / 34 µs, busy 50 % | 5.0 / 30 µs, busy 70 % plain | 1.14× CPU |"),
+        "{table}"
+    );
+    let json = r.json();
+    assert_eq!(
+        json["policy_mix"]["mixed_cpu"]["cluster_cpu_us_per_task"],
+        json!(34.0)
+    );
+    assert_eq!(json["policy_mix"]["plain_cpu"]["busy_pct"], json!(70.0));
+    // A cluster the bench did not start has no CPU to read: no busy figure.
+    let unread = RunCpu::of(
+        1_000,
+        2,
+        [Metered {
+            cluster_cpu: None,
+            ..metered(10)
+        }]
+        .iter(),
+    );
+    assert_eq!((unread.cluster_us, unread.busy_pct), (None, None));
 }
