@@ -66,10 +66,20 @@ pub fn status_field_bytes(status: &str, field: &str) -> Option<u64> {
     }
 }
 
-/// `VmHWM` of process `pid` in bytes, Linux only.
+/// The peak resident set of process `pid` so far, in bytes, Linux only:
+/// `VmHWM`, or `VmRSS` where that is more. The kernel counts resident
+/// pages per CPU and sums them inexactly for the high-water mark, so a
+/// running multi-threaded process can show a `VmHWM` a little under its
+/// `VmRSS` of the same moment; the peak is never under the present.
 fn peak_rss_bytes(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status_field_bytes(&status, "VmHWM")
+    peak_of_status(&status)
+}
+
+/// `VmHWM`, or `VmRSS` where that is more, of a `/proc/<pid>/status` text.
+fn peak_of_status(status: &str) -> Option<u64> {
+    let hwm = status_field_bytes(status, "VmHWM")?;
+    Some(status_field_bytes(status, "VmRSS").map_or(hwm, |rss| rss.max(hwm)))
 }
 
 /// The `recovery` step: queue `n` noops on a durable coordinator with no
@@ -193,11 +203,22 @@ mod tests {
     }
 
     #[test]
+    fn the_peak_is_the_high_water_mark_and_never_under_the_present() {
+        let status = |hwm: u64, rss: u64| format!("VmHWM:\t{hwm} kB\nVmRSS:\t{rss} kB\n");
+        assert_eq!(peak_of_status(&status(900, 400)), Some(900 * 1024));
+        // The mark summed a little short of the present: the present.
+        assert_eq!(peak_of_status(&status(1000, 1004)), Some(1004 * 1024));
+        assert_eq!(peak_of_status("VmHWM:\t7 kB\n"), Some(7 * 1024));
+        assert_eq!(peak_of_status("VmRSS:\t7 kB\n"), None);
+    }
+
+    #[test]
     fn this_process_has_a_peak_resident_set_on_linux() {
         if cfg!(target_os = "linux") {
-            let peak = peak_rss_bytes(std::process::id()).unwrap();
+            // The present first: the peak read after it is at least it.
             let rss = weft_cluster::procfs::rss_bytes(std::process::id()).unwrap();
-            assert!(peak >= rss && rss > 0);
+            let peak = peak_rss_bytes(std::process::id()).unwrap();
+            assert!(peak >= rss && rss > 0, "peak {peak} B, resident {rss} B");
         }
     }
 }
