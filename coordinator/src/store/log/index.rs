@@ -241,7 +241,7 @@ impl Index {
                 (_, Key::Event(_, seq)) => {
                     let seq = usize::try_from(seq).map_err(|_| "an event seq past memory")?;
                     if entry.events.len() <= seq {
-                        entry.events.resize(seq + 1, Loc::NONE);
+                        grow_events(&mut entry.events, seq);
                     }
                     std::mem::replace(&mut entry.events[seq], loc)
                 }
@@ -420,6 +420,28 @@ fn task_part(raw: &Raw<'_>) -> Option<u128> {
 }
 
 /// The ids in state number `state` (the last set takes any larger number).
+/// Events a short task writes in all (queued, assigned, running, its
+/// final state, finished): what its list takes room for at once when its
+/// second event comes.
+const SHORT_TASK_EVENTS: usize = 5;
+
+/// Makes `events` long enough for event `seq`. A task waiting queued has
+/// one event, and a million of them may wait, so its list holds one slot
+/// (a `Vec` would take four); once it is assigned it takes room for a
+/// short task's whole life in one step, and only a task with more (output,
+/// retries) grows it further.
+fn grow_events(events: &mut Vec<Loc>, seq: usize) {
+    let want = seq + 1;
+    if events.capacity() < want {
+        let room = match seq {
+            0 => want,
+            _ => want.max(SHORT_TASK_EVENTS).max(events.capacity() * 2),
+        };
+        events.reserve_exact(room - events.len());
+    }
+    events.resize(want, Loc::NONE);
+}
+
 fn state_set(by_state: &mut [BTreeSet<u128>], state: u8) -> &mut BTreeSet<u128> {
     let last = by_state.len() - 1;
     &mut by_state[usize::from(state).min(last)]
@@ -436,5 +458,46 @@ fn dead(segments: &mut BTreeMap<u32, Segment>, loc: Loc) {
 fn alive(segments: &mut BTreeMap<u32, Segment>, loc: Loc) {
     if let Some(segment) = segments.get_mut(&loc.seg) {
         segment.live += u64::from(loc.len);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Loc, SHORT_TASK_EVENTS, grow_events};
+
+    fn at(off: u32) -> Loc {
+        Loc {
+            seg: 1,
+            off,
+            len: 8,
+        }
+    }
+
+    #[test]
+    fn a_queued_tasks_events_hold_one_slot_and_a_short_tasks_life_fits_one_growth() {
+        let mut events: Vec<Loc> = Vec::new();
+        grow_events(&mut events, 0);
+        events[0] = at(0);
+        assert_eq!(events.capacity(), 1, "a queued task's one event");
+        grow_events(&mut events, 1);
+        let room = events.capacity();
+        assert!(room >= SHORT_TASK_EVENTS, "{room}");
+        for seq in 1..SHORT_TASK_EVENTS {
+            if events.len() <= seq {
+                grow_events(&mut events, seq);
+            }
+            events[seq] = at(seq as u32);
+        }
+        assert_eq!(
+            events.capacity(),
+            room,
+            "no growth within a short task's life"
+        );
+        // Past it (output, retries) it doubles; a seq met out of order
+        // leaves the ones before it unseen.
+        grow_events(&mut events, 40);
+        assert_eq!(events.len(), 41);
+        assert!(events[SHORT_TASK_EVENTS..40].iter().all(|l| l.is_none()));
+        assert_eq!(events[3], at(3));
     }
 }
