@@ -178,6 +178,17 @@ impl<K: TableKey, V> IdTable<K, V> {
         }
     }
 
+    /// Looks up each of `ids` and drops what it found: with nothing
+    /// between them, lookups of entries far apart in memory (a batch of
+    /// tasks served out of order) wait for it side by side, so the
+    /// batch's work after finds them in cache instead of missing once per
+    /// task.
+    pub fn warm(&self, ids: impl Iterator<Item = K>) {
+        for id in ids {
+            std::hint::black_box(self.find(Key::of(id)));
+        }
+    }
+
     /// Where the entry of `id` is: a slot number for
     /// [`get_or_insert_at`](Self::get_or_insert_at), good until that
     /// entry is removed.

@@ -32,6 +32,7 @@ impl Scheduler {
                 return;
             }
         }
+        self.tasks.warm(events.iter().map(|e| e.task_id));
         for event in events {
             self.node_event(session, event, now);
         }

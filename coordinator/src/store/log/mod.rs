@@ -640,23 +640,39 @@ impl Inner {
         records: &[Record],
         buf: &mut Vec<u8>,
     ) -> Result<crate::IdMap<u128, Pending>, StoreError> {
-        // Per task in this commit: its last record's position, and (once
-        // looked up, one index lookup per task) the seq of its next event,
-        // whether its spec is written, and where its entry is.
+        // Per task in this commit: its last record's position, and (one
+        // index lookup per task) the seq of its next event, whether its
+        // spec is written, and where its entry is.
+        //
+        // Every task's entry is looked up first, in a loop that does
+        // little else: a queue served out of order finds its entries far
+        // apart (each lookup a cache miss), and lookups of different tasks
+        // side by side wait for memory together, where lookups between
+        // encodings would wait one after the other.
         let mut tasks: crate::IdMap<u128, Pending> = crate::IdMap::default();
         for (i, record) in records.iter().enumerate() {
-            if let Record::Task(task) = record {
-                tasks.entry(task.id.as_u128()).or_default().last_record = Some(i);
+            let (key, task) = match record {
+                Record::Task(task) => (task.id.as_u128(), true),
+                Record::Event(event) => (event.task_id.as_u128(), false),
+                _ => continue,
+            };
+            let pending = tasks.entry(key).or_insert_with(|| {
+                let slot = index.tasks.slot_of(&key);
+                let found = slot
+                    .and_then(|slot| index.tasks.at(slot, &key))
+                    .filter(|e| !e.record.is_none())
+                    .map(|e| (e.events.len() as u64, !e.spec.is_none()));
+                Pending {
+                    last_record: None,
+                    found,
+                    known: None,
+                    slot,
+                }
+            });
+            if task {
+                pending.last_record = Some(i);
             }
         }
-        let known = |key: &u128, slot: &mut Option<u32>| {
-            *slot = index.tasks.slot_of(key);
-            index
-                .tasks
-                .at((*slot)?, key)
-                .filter(|e| !e.record.is_none())
-                .map(|e| (e.events.len() as u64, !e.spec.is_none()))
-        };
         for (i, record) in records.iter().enumerate() {
             match record {
                 Record::Task(task) => {
@@ -664,9 +680,7 @@ impl Inner {
                     let pending = tasks.entry(key).or_default();
                     let (_, spec_written) = match pending.known {
                         Some(known) => known,
-                        None => *pending
-                            .known
-                            .insert(known(&key, &mut pending.slot).unwrap_or((0, false))),
+                        None => *pending.known.insert(pending.found.unwrap_or((0, false))),
                     };
                     if pending.last_record == Some(i) {
                         // A task's spec never changes: written once, with
@@ -689,7 +703,7 @@ impl Inner {
                     let pending = tasks.entry(key).or_default();
                     let next = match pending.known {
                         Some((next, _)) => next,
-                        None => match known(&key, &mut pending.slot) {
+                        None => match pending.found {
                             Some(found) => {
                                 pending.known = Some(found);
                                 found.0
@@ -822,8 +836,12 @@ impl Inner {
 struct Pending {
     /// Where its last task record is in the commit (the one written).
     last_record: Option<usize>,
-    /// Its next event's seq, and whether its spec is written (in the log
-    /// or earlier in this commit), once looked up.
+    /// Its next event's seq and whether its spec is written, as the index
+    /// had them before this commit (`None`: the index has no record of
+    /// it).
+    found: Option<(u64, bool)>,
+    /// The same as this commit's records so far go (from its first
+    /// record on).
     known: Option<(u64, bool)>,
     /// Where the index keeps its entry (when it has one), once looked up.
     slot: Option<u32>,
