@@ -627,12 +627,11 @@ fn check_env(field: &'static str, env: &BTreeMap<String, String>) -> Result<(), 
     Ok(())
 }
 
-/// The wire form, built from a borrow: what the coordinator sends with
-/// every assignment and writes with every task record, without first
-/// copying the whole spec only to take it apart.
-impl From<&TaskSpec> for pb::TaskSpec {
-    fn from(spec: &TaskSpec) -> Self {
-        let kind = match &spec.kind {
+/// What a task runs, in its wire form, built from a borrow (its input or
+/// stdin shared, not copied).
+impl From<&TaskKind> for pb::task_spec::Kind {
+    fn from(kind: &TaskKind) -> Self {
+        match kind {
             TaskKind::Exec(exec) => pb::task_spec::Kind::Exec(pb::ExecSpec {
                 argv: exec.argv.clone(),
                 env: exec.env.clone(),
@@ -643,9 +642,17 @@ impl From<&TaskSpec> for pb::TaskSpec {
                 handler: call.handler.clone(),
                 input: call.input.clone(),
             }),
-        };
+        }
+    }
+}
+
+/// The wire form, built from a borrow: what the coordinator sends with
+/// every assignment and writes with every task record, without first
+/// copying the whole spec only to take it apart.
+impl From<&TaskSpec> for pb::TaskSpec {
+    fn from(spec: &TaskSpec) -> Self {
         pb::TaskSpec {
-            kind: Some(kind),
+            kind: Some(pb::task_spec::Kind::from(&spec.kind)),
             slots: spec.slots,
             labels: spec.labels.clone(),
             timeout: spec.timeout.map(duration_to_pb),

@@ -14,7 +14,7 @@ use weft_proto::convert::{duration_to_pb, timestamp};
 use weft_proto::limits::truncate_node_text;
 use weft_proto::{
     Attempt, ExecPolicy, NodeId, Outcome, OutputStream, PROTOCOL_VERSION, SecretEnv, TaskId,
-    TaskKind, TaskSpec, pb,
+    TaskSpec, pb,
 };
 
 use crate::driver::ToNode;
@@ -252,20 +252,8 @@ fn assignment_to_pb(a: &Assignment, traced: bool) -> pb::Assignment {
 /// from a borrow, copying only what it sends (proto/README.md
 /// "Assignments").
 fn assigned_spec(spec: &TaskSpec, secret_env: Option<&SecretEnv>) -> pb::TaskSpec {
-    let kind = match &spec.kind {
-        TaskKind::Exec(exec) => pb::task_spec::Kind::Exec(pb::ExecSpec {
-            argv: exec.argv.clone(),
-            env: exec.env.clone(),
-            cwd: exec.cwd.clone().unwrap_or_default(),
-            stdin: exec.stdin.clone(),
-        }),
-        TaskKind::Call(call) => pb::task_spec::Kind::Call(pb::CallSpec {
-            handler: call.handler.clone(),
-            input: call.input.clone(),
-        }),
-    };
     pb::TaskSpec {
-        kind: Some(kind),
+        kind: Some(pb::task_spec::Kind::from(&spec.kind)),
         slots: spec.slots,
         timeout: spec.timeout.map(duration_to_pb),
         max_attempts: spec.max_attempts,
