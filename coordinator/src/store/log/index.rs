@@ -419,7 +419,6 @@ fn task_part(raw: &Raw<'_>) -> Option<u128> {
     }
 }
 
-/// The ids in state number `state` (the last set takes any larger number).
 /// Events a short task writes in all (queued, assigned, running, its
 /// final state, finished): what its list takes room for at once when its
 /// second event comes.
@@ -442,6 +441,7 @@ fn grow_events(events: &mut Vec<Loc>, seq: usize) {
     events.resize(want, Loc::NONE);
 }
 
+/// The ids in state number `state` (the last set takes any larger number).
 fn state_set(by_state: &mut [BTreeSet<u128>], state: u8) -> &mut BTreeSet<u128> {
     let last = by_state.len() - 1;
     &mut by_state[usize::from(state).min(last)]
