@@ -274,7 +274,9 @@ impl Report {
             Step::Floor => Measured::Floor(floor?),
             Step::Startup => Measured::Startup(startup(self.startup.as_ref()?)),
             Step::Throughput => Measured::Throughput(throughput(self.throughput.as_ref()?, floor)),
-            Step::PolicyMix => Measured::PolicyMix(policy_mix(self.policy_mix.as_ref()?)),
+            Step::PolicyMix => {
+                Measured::PolicyMix(policy_mix(self.policy_mix.as_ref()?, self.machine.cpus))
+            }
             Step::Latency => {
                 let (latency, metered) = self.latency.as_ref()?;
                 Measured::Latency(LatencyFigures {
@@ -337,7 +339,8 @@ impl Report {
     }
 }
 
-fn policy_mix(p: &PolicyMix) -> PolicyMixFigures {
+/// The policy-mix figures of runs on a machine of `cpus` cores.
+fn policy_mix(p: &PolicyMix, cpus: usize) -> PolicyMixFigures {
     let plain: Vec<f64> = p.runs.iter().map(|r| r.plain_tps).collect();
     let mixed: Vec<f64> = p.runs.iter().map(|r| r.mixed_tps).collect();
     PolicyMixFigures {
@@ -352,8 +355,8 @@ fn policy_mix(p: &PolicyMix) -> PolicyMixFigures {
         mixed_median: median_of(mixed.iter().copied()),
         plain,
         mixed,
-        plain_cpu: RunCpu::of(p.n, cpus(), p.runs.iter().map(|r| &r.plain)),
-        mixed_cpu: RunCpu::of(p.n, cpus(), p.runs.iter().map(|r| &r.mixed)),
+        plain_cpu: RunCpu::of(p.n, cpus, p.runs.iter().map(|r| &r.plain)),
+        mixed_cpu: RunCpu::of(p.n, cpus, p.runs.iter().map(|r| &r.mixed)),
     }
 }
 
@@ -405,11 +408,6 @@ fn scale<'a>(s: &'a Scale, floor: Option<&Floor>) -> ScaleFigures<'a> {
 }
 
 /// The worst of each noise reading over `runs`.
-/// The cores of this machine (where the bench and its cluster ran).
-fn cpus() -> usize {
-    std::thread::available_parallelism().map_or(1, usize::from)
-}
-
 fn noise<'a>(runs: impl Iterator<Item = &'a Metered>) -> Noise {
     let runs: Vec<&Metered> = runs.collect();
     let worst = |pick: fn(&Metered) -> Option<f64>| -> Option<f64> {

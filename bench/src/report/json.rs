@@ -376,7 +376,6 @@ fn jsonl_parts(measured: &Measured<'_>) -> (Value, Value, Value) {
     }
 }
 
-/// The peers kit's per-run fields of a parallel step.
 /// One kind of policy-mix run's CPU.
 fn run_cpu(c: &RunCpu) -> Value {
     json!({
@@ -386,6 +385,7 @@ fn run_cpu(c: &RunCpu) -> Value {
     })
 }
 
+/// The peers kit's per-run fields of a parallel step.
 fn parallel_json(p: &ParallelFigures) -> Value {
     let mut v = json!({
         "runs": p.walls.iter().map(|w| round(*w, 3)).collect::<Vec<_>>(),
