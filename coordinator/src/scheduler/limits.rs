@@ -63,7 +63,10 @@ impl Scheduler {
                     self.finalize(id, TaskState::Cancelled, reason, Bytes::new(), wall);
                     return;
                 }
-                (OverLimit::CancelOldest, Some(max)) => {
+                // At or under its limit nothing is in excess: the others
+                // are looked at (every live task of the key) only when
+                // one of them may have to go.
+                (OverLimit::CancelOldest, Some(max)) if entry.live.len() >= max as usize => {
                     entry.live.insert(id);
                     let name = entry.name.clone();
                     let others: Vec<TaskId> =

@@ -248,6 +248,34 @@ fn cancel_oldest_cancels_the_oldest_and_the_new_one_takes_its_slot() {
 }
 
 #[test]
+fn cancel_oldest_cancels_nothing_up_to_its_limit_and_one_standing_task_per_task_over_it() {
+    let mut h = Harness::new();
+    h.node(S1, reg("n1", 8), 8);
+    let spec = |name: &str| keyed(name, "k", 3, OverLimit::CancelOldest);
+    let ids = h.submit(vec![spec("a"), spec("b"), spec("c")]);
+    let e = h.effects();
+    assert!(
+        cancels(&e, S1).is_empty(),
+        "at its limit, nothing is cancelled"
+    );
+    let placed: Vec<TaskId> = assigned(&e, S1).into_iter().map(|(id, _)| id).collect();
+    assert_eq!(placed, ids);
+    let d = h.submit(vec![spec("d")])[0];
+    let e = h.effects();
+    assert_eq!(cancels(&e, S1), [(ids[0], Attempt(1))]);
+    // The first is still on its node, being cancelled: the next over the
+    // limit takes the oldest of those still standing.
+    let e5 = h.submit(vec![spec("e")])[0];
+    let e = h.effects();
+    assert_eq!(cancels(&e, S1), [(ids[1], Attempt(1))]);
+    h.finish(S1, ids[0], 1, Outcome::Cancelled);
+    h.finish(S1, ids[1], 1, Outcome::Cancelled);
+    let mut next = one(&mut h, S1);
+    next.sort();
+    assert_eq!(next, [d, e5]);
+}
+
+#[test]
 fn a_limit_set_by_an_admin_applies_to_a_key_without_a_max_and_a_spec_max_replaces_it() {
     let mut h = Harness::new();
     h.s.set_limit(Limit {
