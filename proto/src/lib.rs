@@ -59,7 +59,7 @@ pub use join::{JoinToken, JoinTokenError};
 pub use node::NodeInfo;
 pub use policy::{
     ConcurrencyLimit, Dependency, DependencyRule, Limit, LimitKind, OverLimit, RateLimit,
-    RateLimitUse,
+    RateLimitUse, Resources,
 };
 pub use spec::{CallSpec, ExecSpec, SecretEnv, TaskKind, TaskSpec};
 pub use state::{NodeState, Outcome, OutputStream, TASK_STATES, TaskState};

@@ -336,6 +336,87 @@ pub fn check_resources(
     Ok(resources)
 }
 
+/// The node resources a task holds while it runs: a map of names to
+/// amounts (none zero), read through `Deref` as a `BTreeMap`.
+///
+/// Shared, not copied: a spec cloned for each of its class's tasks (the
+/// coordinator rebuilds every assigned task's spec from its class) shares
+/// one map, and an empty map allocates nothing.
+#[derive(Clone, Default, PartialEq, Eq, Hash)]
+pub struct Resources(Option<std::sync::Arc<BTreeMap<String, u64>>>);
+
+/// What an empty [`Resources`] reads as.
+static NO_RESOURCES: BTreeMap<String, u64> = BTreeMap::new();
+
+impl Resources {
+    /// Holds `amount` of resource `name` (a zero amount takes it out).
+    pub fn insert(&mut self, name: impl Into<String>, amount: u64) {
+        let name = name.into();
+        if amount == 0 {
+            if let Some(map) = &mut self.0 {
+                std::sync::Arc::make_mut(map).remove(&name);
+                if map.is_empty() {
+                    self.0 = None;
+                }
+            }
+            return;
+        }
+        std::sync::Arc::make_mut(self.0.get_or_insert_default()).insert(name, amount);
+    }
+
+    /// The map, copied only when another spec shares it.
+    pub fn into_map(self) -> BTreeMap<String, u64> {
+        self.0
+            .map(std::sync::Arc::unwrap_or_clone)
+            .unwrap_or_default()
+    }
+}
+
+impl std::ops::Deref for Resources {
+    type Target = BTreeMap<String, u64>;
+
+    fn deref(&self) -> &BTreeMap<String, u64> {
+        self.0.as_deref().unwrap_or(&NO_RESOURCES)
+    }
+}
+
+impl From<BTreeMap<String, u64>> for Resources {
+    /// Zero amounts are dropped, as [`Resources::insert`] does.
+    fn from(mut map: BTreeMap<String, u64>) -> Resources {
+        map.retain(|_, amount| *amount > 0);
+        match map.is_empty() {
+            true => Resources(None),
+            false => Resources(Some(std::sync::Arc::new(map))),
+        }
+    }
+}
+
+impl<K: Into<String>, const N: usize> From<[(K, u64); N]> for Resources {
+    fn from(pairs: [(K, u64); N]) -> Resources {
+        Resources::from(
+            pairs
+                .into_iter()
+                .map(|(k, v)| (k.into(), v))
+                .collect::<BTreeMap<_, _>>(),
+        )
+    }
+}
+
+impl<'a> IntoIterator for &'a Resources {
+    type Item = (&'a String, &'a u64);
+    type IntoIter = std::collections::btree_map::Iter<'a, String, u64>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.iter()
+    }
+}
+
+impl fmt::Debug for Resources {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&**self, f)
+    }
+}
+
 /// Parses one `name=amount` resource as the CLI takes it: a plain integer,
 /// or with a size suffix (`k`, `M`, `G`, `T` for powers of 1000; `KiB`,
 /// `MiB`, `GiB`, `TiB` for powers of 1024; `B` optional).
@@ -532,6 +613,31 @@ fn invalid(field: &'static str, reason: &str) -> ConversionError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn resources_are_shared_by_clones_copied_on_change_and_never_hold_a_zero() {
+        let mut a = Resources::from([("gpu", 2), ("cpu", 0)]);
+        assert_eq!(a.len(), 1, "a zero amount is dropped");
+        let b = a.clone();
+        assert!(std::ptr::eq(&*a, &*b), "a clone shares the map");
+        a.insert("mem", 4);
+        assert_eq!(b.get("mem"), None, "a change leaves the clone as it was");
+        assert_eq!(a.get("mem"), Some(&4));
+        a.insert("mem", 0);
+        a.insert("gpu", 0);
+        assert!(a.is_empty());
+        assert_eq!(a, Resources::default(), "emptied, it equals a fresh one");
+        assert!(
+            std::ptr::eq(&*a, &*Resources::default()),
+            "an empty one holds no map of its own"
+        );
+        assert_eq!(
+            b.clone().into_map(),
+            BTreeMap::from([("gpu".to_owned(), 2)])
+        );
+        assert_eq!(format!("{b:?}"), r#"{"gpu": 2}"#);
+        assert_eq!((&b).into_iter().count(), 1);
+    }
 
     #[test]
     fn amounts_take_decimal_and_binary_suffixes() {

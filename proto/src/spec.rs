@@ -15,7 +15,8 @@ use crate::convert::{ConversionError, duration_from_pb, duration_to_pb, system_t
 use crate::pb;
 use crate::policy::{
     ConcurrencyLimit, DEFAULT_PRIORITY, Dependency, DependencyRule, MAX_DEPENDENCIES,
-    MAX_FAIR_WEIGHT, MAX_PRIORITY, MAX_RATE_LIMIT_USES, RateLimitUse, check_key, check_resources,
+    MAX_FAIR_WEIGHT, MAX_PRIORITY, MAX_RATE_LIMIT_USES, RateLimitUse, Resources, check_key,
+    check_resources,
 };
 use crate::trace::TraceContext;
 
@@ -60,7 +61,8 @@ pub struct TaskSpec {
     /// Units taken from named rate limits when assigned.
     pub rate_limits: Vec<RateLimitUse>,
     /// Node resources held while assigned or running (amounts > 0 only).
-    pub resources: BTreeMap<String, u64>,
+    /// Shared by clones of the spec (see [`Resources`]).
+    pub resources: Resources,
     /// The tasks it runs after; stored only as [`Dependency::Task`] (the
     /// coordinator resolves refs before anything is committed).
     pub after: Vec<Dependency>,
@@ -259,7 +261,7 @@ impl TaskSpec {
             fair_weight: 1,
             concurrency: None,
             rate_limits: Vec::new(),
-            resources: BTreeMap::new(),
+            resources: Resources::default(),
             after: Vec::new(),
             after_rule: DependencyRule::AllSucceeded,
             not_before: None,
@@ -389,7 +391,7 @@ impl TaskSpec {
 
     /// Holds `amount` of node resource `name` while it runs.
     pub fn resource(mut self, name: impl Into<String>, amount: u64) -> Self {
-        self.resources.insert(name.into(), amount);
+        self.resources.insert(name, amount);
         self
     }
 
@@ -571,7 +573,7 @@ impl TryFrom<pb::TaskSpec> for TaskSpec {
                 units: used.units.max(1),
             });
         }
-        let resources = check_resources("resources", spec.resources)?;
+        let resources = Resources::from(check_resources("resources", spec.resources)?);
         if spec.after.len() > MAX_DEPENDENCIES {
             return Err(invalid(
                 "after",
@@ -673,7 +675,7 @@ impl From<&TaskSpec> for pb::TaskSpec {
                     units: used.units,
                 })
                 .collect(),
-            resources: spec.resources.clone(),
+            resources: (*spec.resources).clone(),
             after: spec.after.iter().map(pb::Dependency::from).collect(),
             after_rule: i32::from(spec.after_rule),
             not_before: spec.not_before.map(timestamp),
@@ -722,7 +724,7 @@ impl From<TaskSpec> for pb::TaskSpec {
                     units: used.units,
                 })
                 .collect(),
-            resources: spec.resources,
+            resources: spec.resources.into_map(),
             after: spec.after.iter().map(pb::Dependency::from).collect(),
             after_rule: i32::from(spec.after_rule),
             not_before: spec.not_before.map(timestamp),

@@ -261,7 +261,7 @@ fn assigned_spec(spec: &TaskSpec, secret_env: Option<&SecretEnv>) -> pb::TaskSpe
         // The one place secrets leave the coordinator: in the spec of the
         // attempt's own Assign (proto/README.md).
         secret_env: secret_env.map(SecretEnv::to_pb).unwrap_or_default(),
-        resources: spec.resources.clone(),
+        resources: (*spec.resources).clone(),
         ..pb::TaskSpec::default()
     }
 }
