@@ -93,6 +93,10 @@ struct Inner {
     _lock: Option<std::fs::File>,
 }
 
+/// The most tasks the writer's per-commit table keeps room for between
+/// commits.
+const MAX_KEPT_PENDING: usize = 1 << 16;
+
 /// The appending end: one at a time.
 struct Writer {
     active: u32,
@@ -101,6 +105,9 @@ struct Writer {
     /// The number of the last frame written.
     seq: u64,
     buf: Vec<u8>,
+    /// The tasks of the commit being written (see `encode`), kept between
+    /// commits with its capacity.
+    pending: crate::IdMap<u128, Pending>,
     /// Set when a write's outcome on disk is unknown (a failed sync, a
     /// failed cut of a partial write): every later write is refused until
     /// a restart reads the log again.
@@ -633,13 +640,15 @@ impl Inner {
     /// A commit's frame, checked against the index: events follow their
     /// task with no gap in seqs; a task changed several times is written
     /// once, as it ends up.
-    /// Answers, per task of the commit, what it looked up (its entry's
-    /// slot, for applying the commit without probing the index again).
+    /// Fills `tasks` (emptied first) with what each task of the commit
+    /// looked up (its entry's slot, for applying the commit without probing
+    /// the index again).
     fn encode(
         index: &Index,
         records: &[Record],
         buf: &mut Vec<u8>,
-    ) -> Result<crate::IdMap<u128, Pending>, StoreError> {
+        tasks: &mut crate::IdMap<u128, Pending>,
+    ) -> Result<(), StoreError> {
         // Per task in this commit: its last record's position, and (one
         // index lookup per task) the seq of its next event, whether its
         // spec is written, and where its entry is.
@@ -649,7 +658,7 @@ impl Inner {
         // apart (each lookup a cache miss), and lookups of different tasks
         // side by side wait for memory together, where lookups between
         // encodings would wait one after the other.
-        let mut tasks: crate::IdMap<u128, Pending> = crate::IdMap::default();
+        tasks.clear();
         for (i, record) in records.iter().enumerate() {
             let (key, task) = match record {
                 Record::Task(task) => (task.id.as_u128(), true),
@@ -763,7 +772,7 @@ impl Inner {
                 }
             }
         }
-        Ok(tasks)
+        Ok(())
     }
 
     /// Writes `records` as one synced frame.
@@ -775,18 +784,24 @@ impl Inner {
         let mut buf = std::mem::take(&mut writer.buf);
         buf.clear();
         buf.resize(FRAME_HEADER, 0);
-        let pending = match Self::encode(&*self.read_index()?, records, &mut buf) {
-            Ok(pending) => pending,
-            Err(err) => {
-                writer.buf = buf;
-                return Err(err);
-            }
-        };
+        let mut pending = std::mem::take(&mut writer.pending);
+        if let Err(err) = Self::encode(&*self.read_index()?, records, &mut buf, &mut pending) {
+            writer.buf = buf;
+            writer.pending = pending;
+            return Err(err);
+        }
         // The writer's lock, held from the encoding to the applying, keeps
         // every slot looked up where it was: only `append` changes entries.
-        self.append(&mut writer, buf, &|id| {
+        let appended = self.append(&mut writer, buf, &|id| {
             pending.get(&id).and_then(|p| p.slot)
-        })?;
+        });
+        // Kept for the next commit, so its table is not grown again from
+        // empty; one much larger than a usual commit's is let go.
+        if pending.capacity() > MAX_KEPT_PENDING {
+            pending = crate::IdMap::default();
+        }
+        writer.pending = pending;
+        appended?;
         drop(writer);
         self.nudge_compaction();
         Ok(())

@@ -295,6 +295,7 @@ pub(super) fn recover(
             len,
             seq: last_seq.unwrap_or(0),
             buf: Vec::new(),
+            pending: Default::default(),
             broken: None,
         },
         store_id,
