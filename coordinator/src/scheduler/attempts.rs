@@ -67,14 +67,16 @@ impl Scheduler {
                 return;
             }
             if let NodeEventBody::Finished { outcome, .. } = &event.body
-                && self.recent.is_duplicate(id, event.attempt, *outcome)
+                && self
+                    .recent
+                    .is_duplicate(id, event.attempt, *outcome, now.instant)
             {
                 // A node redelivering a result we already recorded.
                 tracing::debug!(task_id = %id, attempt = event.attempt.0, "ignored a redelivered result");
                 return;
             }
             if let NodeEventBody::Output { .. } = &event.body
-                && self.recent.contains(id, event.attempt)
+                && self.recent.contains(id, event.attempt, now.instant)
             {
                 // Output sent again after a reconnect, ahead of its
                 // redelivered result: the attempt's output was all in

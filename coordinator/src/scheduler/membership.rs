@@ -121,7 +121,7 @@ impl Scheduler {
                         unstarted.push((id, attempt));
                     }
                 }
-                _ if self.recent.contains(id, attempt) => {}
+                _ if self.recent.contains(id, attempt, now.instant) => {}
                 _ => refused.push((id, attempt)),
             }
         }
