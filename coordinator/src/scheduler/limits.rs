@@ -50,12 +50,20 @@ impl Scheduler {
             self.queue.policy.fair[cp.fair as usize].weight = weight;
         }
         if let (Some((key, on_limit)), Some(conc)) = (cp.conc, &spec.concurrency) {
-            let entry = &mut self.queue.policy.conc[key as usize];
+            let key = key as usize;
+            let entry = &mut self.queue.policy.conc[key];
             if conc.max_running > 0 {
                 entry.max = Some(conc.max_running);
             }
-            match (on_limit, entry.max) {
-                (OverLimit::CancelNewest, Some(max)) if entry.live.len() >= max as usize => {
+            // Counted now, so that a cancel below (or any end) uncounts it
+            // as it does every task that left PENDING.
+            let at_limit = entry.max.filter(|max| entry.live >= *max as usize);
+            entry.live += 1;
+            if let Some(ids) = &mut entry.ids {
+                ids.insert(id);
+            }
+            match (on_limit, at_limit) {
+                (OverLimit::CancelNewest, Some(max)) => {
                     let reason = format!(
                         "concurrency key {} at its limit {max}: cancelled as the newest (cancel_newest)",
                         entry.name
@@ -64,13 +72,15 @@ impl Scheduler {
                     return;
                 }
                 // At or under its limit nothing is in excess: the others
-                // are looked at (every live task of the key) only when
-                // one of them may have to go.
-                (OverLimit::CancelOldest, Some(max)) if entry.live.len() >= max as usize => {
-                    entry.live.insert(id);
+                // are looked at only when one of them may have to go.
+                (OverLimit::CancelOldest, Some(max)) => {
                     let name = entry.name.clone();
-                    let others: Vec<TaskId> =
-                        entry.live.iter().copied().filter(|t| *t != id).collect();
+                    let others: Vec<TaskId> = self
+                        .conc_ids(key)
+                        .iter()
+                        .copied()
+                        .filter(|t| *t != id)
+                        .collect();
                     let mut standing: Vec<TaskId> = others
                         .into_iter()
                         .filter(|t| {
@@ -95,9 +105,7 @@ impl Scheduler {
                         self.cancel_at(old, &reason, wall);
                     }
                 }
-                _ => {
-                    entry.live.insert(id);
-                }
+                _ => {}
             }
         }
         if spec.fail_if_infeasible
@@ -147,6 +155,28 @@ impl Scheduler {
         }
     }
 
+    /// The live (counted) tasks of concurrency key `key`, from the set
+    /// it keeps once built; the first call builds it from the live tasks.
+    fn conc_ids(&mut self, key: usize) -> &crate::IdSet<TaskId> {
+        if self.queue.policy.conc[key].ids.is_none() {
+            let classes = &self.queue.classes;
+            let ids: crate::IdSet<TaskId> = self
+                .tasks
+                .iter()
+                .filter(|(_, task)| {
+                    task.state != TaskState::Pending
+                        && classes[task.class as usize]
+                            .policy
+                            .conc
+                            .is_some_and(|(k, _)| k as usize == key)
+                })
+                .map(|(id, _)| id)
+                .collect();
+            self.queue.policy.conc[key].ids = Some(ids);
+        }
+        self.queue.policy.conc[key].ids.get_or_insert_default()
+    }
+
     /// A task leaves ASSIGNED or RUNNING (an attempt ended however it
     /// did): its concurrency key's slot frees.
     pub(crate) fn policy_attempt_ended(&mut self, class: ClassId) {
@@ -156,11 +186,23 @@ impl Scheduler {
         }
     }
 
-    /// A task became final: its concurrency key forgets it.
-    pub(crate) fn policy_finalized(&mut self, id: TaskId, class: ClassId, was_out: bool) {
+    /// A task became final: its concurrency key forgets it (`counted`: it
+    /// had left PENDING, so the key counted it).
+    pub(crate) fn policy_finalized(
+        &mut self,
+        id: TaskId,
+        class: ClassId,
+        counted: bool,
+        was_out: bool,
+    ) {
         if let Some((key, _)) = self.queue.classes[class as usize].policy.conc {
             let entry = &mut self.queue.policy.conc[key as usize];
-            entry.live.remove(&id);
+            if counted {
+                entry.live = entry.live.saturating_sub(1);
+                if let Some(ids) = &mut entry.ids {
+                    ids.remove(&id);
+                }
+            }
             if was_out {
                 entry.running = entry.running.saturating_sub(1);
             }
@@ -168,12 +210,13 @@ impl Scheduler {
     }
 
     /// A live task restored from the store: its concurrency key counts it
-    /// (and, when it is on a node, its slot).
+    /// unless it is PENDING (`counted`), and, when it is on a node, its slot.
     pub(crate) fn policy_restored(
         &mut self,
         id: TaskId,
         class: ClassId,
         spec: &TaskSpec,
+        counted: bool,
         on_node: bool,
     ) {
         let cp = self.queue.classes[class as usize].policy;
@@ -182,7 +225,13 @@ impl Scheduler {
             if conc.max_running > 0 {
                 entry.max = Some(conc.max_running);
             }
-            entry.live.insert(id);
+            // A PENDING task is counted when it is queued (`policy_submitted`).
+            if counted {
+                entry.live += 1;
+                if let Some(ids) = &mut entry.ids {
+                    ids.insert(id);
+                }
+            }
             if on_node {
                 entry.running += 1;
             }

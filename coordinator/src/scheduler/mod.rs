@@ -495,7 +495,8 @@ impl Scheduler {
             && record.node_id.is_some();
         task.restore_attempts(record.attempts, on_node);
         if !self.queue.classes[class as usize].policy.plain {
-            self.policy_restored(record.id, class, &record.spec, on_node);
+            let counted = record.state != TaskState::Pending;
+            self.policy_restored(record.id, class, &record.spec, counted, on_node);
         }
         self.counts[state_index(record.state)] += 1;
         match (record.state, record.node_id) {

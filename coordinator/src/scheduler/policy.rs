@@ -87,10 +87,15 @@ pub(crate) struct ConcKey {
     pub max: Option<u32>,
     /// Its tasks assigned or running now.
     pub running: u32,
-    /// Its tasks not final (queued, assigned, running). A hash set: every
-    /// task of the key goes in and out once, in whatever order the policy
-    /// runs them, and only `cancel_oldest` needs them sorted (it sorts).
-    pub live: crate::IdSet<TaskId>,
+    /// How many of its tasks are queued, assigned or running (not
+    /// pending, not final): what its limit is held against.
+    pub live: usize,
+    /// Which tasks those are, kept only from the first time a
+    /// `cancel_oldest` task of the key finds it at its limit (it is built
+    /// then by one pass over the live tasks): only that rule needs them,
+    /// and a set kept for every key would cost a hash insert and remove
+    /// per task, in whatever order the policy runs them.
+    pub ids: Option<crate::IdSet<TaskId>>,
 }
 
 impl ConcKey {

@@ -128,7 +128,8 @@ impl Scheduler {
             self.queue.forget_head(task.class, id);
         }
         let was_out = matches!(task.state, TaskState::Assigned | TaskState::Running);
-        self.policy_finalized(id, task.class, was_out);
+        let counted = task.state != TaskState::Pending;
+        self.policy_finalized(id, task.class, counted, was_out);
         task.state = state;
         task.attempt_ended(wall, &error);
         let spec = task.spec.to_spec(self.queue.example(task.class));

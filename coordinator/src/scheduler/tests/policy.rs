@@ -276,6 +276,111 @@ fn cancel_oldest_cancels_nothing_up_to_its_limit_and_one_standing_task_per_task_
 }
 
 #[test]
+fn a_key_counts_its_tasks_from_queued_to_final_and_never_a_pending_one() {
+    let mut h = Harness::new();
+    let spec = |name: &str| keyed(name, "k", 2, OverLimit::CancelNewest);
+    let parent = h.submit(vec![call("parent")])[0];
+    // Pending behind its parent: not counted against the key.
+    let child = h.submit(vec![spec("child").after(parent)])[0];
+    let ids = h.submit(vec![spec("a"), spec("b")]);
+    h.effects();
+    assert_eq!(h.record(child).state, TaskState::Pending);
+    assert_eq!(
+        h.record(ids[1]).state,
+        TaskState::Queued,
+        "two queued: at its limit"
+    );
+    // Over the limit: cancelled as the newest, and not counted after.
+    let c = h.submit(vec![spec("c")])[0];
+    h.effects();
+    assert_eq!(h.record(c).state, TaskState::Cancelled);
+    // A pending task cancelled frees nothing; a queued one does.
+    h.s.cancel(child, "", h.now);
+    let d = h.submit(vec![spec("d")])[0];
+    h.effects();
+    assert_eq!(h.record(d).state, TaskState::Cancelled, "still two counted");
+    h.s.cancel(ids[0], "", h.now);
+    let e = h.submit(vec![spec("e")])[0];
+    h.effects();
+    assert_eq!(h.record(e).state, TaskState::Queued, "one freed, one taken");
+    let f = h.submit(vec![spec("f")])[0];
+    h.effects();
+    assert_eq!(h.record(f).state, TaskState::Cancelled);
+}
+
+#[test]
+fn a_pending_task_restored_is_counted_once_when_it_is_queued() {
+    let mut h = Harness::new();
+    let first = reg("n1", 1);
+    h.node(S1, first.clone(), 1);
+    let spec = |name: &str| keyed(name, "k", 1, OverLimit::CancelNewest);
+    let parent = h.submit(vec![call("parent")])[0];
+    let child = h.submit(vec![spec("child").after(parent)])[0];
+    assert_eq!(one(&mut h, S1), [parent]);
+    let mut back = h.restart(Duration::from_secs(1));
+    let mut again = first;
+    again.running = vec![(parent, Attempt(1))];
+    back.node(S1, again, 0);
+    back.effects();
+    // Nothing of the key is counted: a task under it is queued.
+    let other = back.submit(vec![spec("other")])[0];
+    back.effects();
+    assert_eq!(back.record(other).state, TaskState::Queued);
+    back.s.cancel(other, "", back.now);
+    back.effects();
+    // The parent's result releases the child: counted once, at its limit.
+    back.finish(S1, parent, 1, Outcome::Succeeded);
+    back.effects();
+    assert_eq!(back.record(child).state, TaskState::Queued);
+    let late = back.submit(vec![spec("late")])[0];
+    back.effects();
+    assert_eq!(back.record(late).state, TaskState::Cancelled);
+    // The child ends: the key is free again.
+    back.s.cancel(child, "", back.now);
+    back.effects();
+    let last = back.submit(vec![spec("last")])[0];
+    back.effects();
+    assert_eq!(back.record(last).state, TaskState::Queued);
+}
+
+#[test]
+fn cancel_oldest_on_a_key_first_used_without_it_finds_the_keys_earlier_tasks() {
+    let mut h = Harness::new();
+    h.node(S1, reg("n1", 8), 8);
+    // Two tasks under the key with the queue rule, one with another key.
+    let queued = h.submit(vec![
+        keyed("a", "k", 2, OverLimit::Queue),
+        keyed("b", "k", 2, OverLimit::Queue),
+        keyed("x", "other", 2, OverLimit::Queue),
+    ]);
+    h.effects();
+    // The first cancel_oldest task at the limit looks them up.
+    let c = h.submit(vec![keyed("c", "k", 2, OverLimit::CancelOldest)])[0];
+    let e = h.effects();
+    assert_eq!(cancels(&e, S1), [(queued[0], Attempt(1))]);
+    h.finish(S1, queued[0], 1, Outcome::Cancelled);
+    assert_eq!(one(&mut h, S1), [c]);
+    // Kept from then on: a finished task leaves it, a new one joins it.
+    h.finish(S1, queued[1], 1, Outcome::Succeeded);
+    let d = h.submit(vec![keyed("d", "k", 2, OverLimit::CancelOldest)])[0];
+    let e = h.effects();
+    assert!(
+        cancels(&e, S1).is_empty(),
+        "c and d: at the limit, not over it"
+    );
+    let f = h.submit(vec![keyed("f", "k", 2, OverLimit::CancelOldest)])[0];
+    let e = h.effects();
+    assert_eq!(cancels(&e, S1), [(c, Attempt(1))]);
+    assert_ne!(h.record(d).state, TaskState::Cancelled);
+    assert_ne!(h.record(f).state, TaskState::Cancelled);
+    assert_ne!(
+        h.record(queued[2]).state,
+        TaskState::Cancelled,
+        "another key"
+    );
+}
+
+#[test]
 fn a_limit_set_by_an_admin_applies_to_a_key_without_a_max_and_a_spec_max_replaces_it() {
     let mut h = Harness::new();
     h.s.set_limit(Limit {
