@@ -195,7 +195,26 @@ pub struct Effects {
     task_at: crate::IdMap<TaskId, usize>,
 }
 
+/// The most records (and tasks) a batch's effects are made room for ahead
+/// of time (a record is a few hundred bytes).
+const EFFECTS_ROOM_MAX: usize = 4096;
+
 impl Effects {
+    /// Effects with room for `records` records of `tasks` tasks, so a
+    /// batch the size of the last one fills them without growing them
+    /// (each growth copies every record so far, and a record is a few
+    /// hundred bytes).
+    fn with_room(records: usize, tasks: usize) -> Effects {
+        Effects {
+            records: Vec::with_capacity(records.min(EFFECTS_ROOM_MAX)),
+            task_at: crate::IdMap::with_capacity_and_hasher(
+                tasks.min(EFFECTS_ROOM_MAX),
+                Default::default(),
+            ),
+            ..Effects::default()
+        }
+    }
+
     /// Writes `record` with this batch: a task changed again within the
     /// batch has its earlier record replaced where it stands, so the
     /// commit writes each task once, with its latest state, before its
@@ -837,7 +856,9 @@ impl Scheduler {
         } else {
             self.cancels_ordered.clear();
         }
-        std::mem::take(&mut self.out)
+        // The next batch is made room for at this one's size.
+        let room = Effects::with_room(self.out.records.len(), self.out.task_at.len());
+        std::mem::replace(&mut self.out, room)
     }
 
     /// How long `spec` may wait for a connected node serving its handler:
