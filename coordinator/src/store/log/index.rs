@@ -46,7 +46,7 @@ pub(super) struct TaskEntry {
     pub spec: Loc,
     pub head: TaskHead,
     /// Its events, by seq.
-    pub events: Vec<Loc>,
+    pub events: Events,
     pub secrets: Option<Loc>,
 }
 
@@ -211,7 +211,7 @@ impl Index {
             record: Loc::NONE,
             spec: Loc::NONE,
             head: TaskHead::NONE,
-            events: Vec::new(),
+            events: Events::new(),
             secrets: None,
         });
         for (raw, loc) in run.drain(..) {
@@ -271,7 +271,7 @@ impl Index {
                                 record: Loc::NONE,
                                 spec: Loc::NONE,
                                 head: TaskHead::NONE,
-                                events: Vec::new(),
+                                events: Events::new(),
                                 secrets: Some(loc),
                             },
                         );
@@ -419,17 +419,22 @@ fn task_part(raw: &Raw<'_>) -> Option<u128> {
     }
 }
 
+/// A task's event locations, by seq: the first inline (a task waiting
+/// queued has one, and a million may wait), the rest on the heap. As big
+/// as a `Vec`, so a queued task's event costs no allocation, and its
+/// second event allocates once, without copying a first allocation.
+pub(super) type Events = smallvec::SmallVec<[Loc; 1]>;
+
 /// Events a short task writes in all (queued, assigned, running, its
 /// final state, finished): what its list takes room for at once when its
 /// second event comes.
 const SHORT_TASK_EVENTS: usize = 5;
 
 /// Makes `events` long enough for event `seq`. A task waiting queued has
-/// one event, and a million of them may wait, so its list holds one slot
-/// (a `Vec` would take four); once it is assigned it takes room for a
-/// short task's whole life in one step, and only a task with more (output,
+/// one event, held inline; once it is assigned it takes room for a short
+/// task's whole life in one step, and only a task with more (output,
 /// retries) grows it further.
-fn grow_events(events: &mut Vec<Loc>, seq: usize) {
+fn grow_events(events: &mut Events, seq: usize) {
     let want = seq + 1;
     if events.capacity() < want {
         let room = match seq {
@@ -463,7 +468,7 @@ fn alive(segments: &mut BTreeMap<u32, Segment>, loc: Loc) {
 
 #[cfg(test)]
 mod tests {
-    use super::{Loc, SHORT_TASK_EVENTS, grow_events};
+    use super::{Events, Loc, SHORT_TASK_EVENTS, grow_events};
 
     fn at(off: u32) -> Loc {
         Loc {
@@ -474,12 +479,23 @@ mod tests {
     }
 
     #[test]
-    fn a_queued_tasks_events_hold_one_slot_and_a_short_tasks_life_fits_one_growth() {
-        let mut events: Vec<Loc> = Vec::new();
+    fn a_queued_tasks_event_is_inline_and_a_short_tasks_life_fits_one_allocation() {
+        assert_eq!(
+            std::mem::size_of::<Events>(),
+            std::mem::size_of::<Vec<Loc>>(),
+            "no bigger than the Vec it replaced"
+        );
+        let mut events = Events::new();
         grow_events(&mut events, 0);
         events[0] = at(0);
-        assert_eq!(events.capacity(), 1, "a queued task's one event");
+        assert!(
+            !events.spilled(),
+            "a queued task's one event allocates nothing"
+        );
+        assert_eq!(events.capacity(), 1);
         grow_events(&mut events, 1);
+        assert!(events.spilled());
+        assert_eq!(events[0], at(0), "the inline event moved with the list");
         let room = events.capacity();
         assert!(room >= SHORT_TASK_EVENTS, "{room}");
         for seq in 1..SHORT_TASK_EVENTS {
