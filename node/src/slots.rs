@@ -121,6 +121,10 @@ pub(crate) struct Slots<C, W> {
     running: AttemptMap<Running<C>>,
     /// Assigned, not started: FIFO, started as slots free.
     queued: VecDeque<Queued<C, W>>,
+    /// The keys in `queued`, so a repeated assignment is found in one
+    /// probe however long the queue (a node's prefetch may hold a
+    /// thousand attempts).
+    queued_keys: AttemptMap<()>,
 }
 
 impl<C: Clone, W> Slots<C, W> {
@@ -136,6 +140,7 @@ impl<C: Clone, W> Slots<C, W> {
             draining: false,
             running: AttemptMap::default(),
             queued: VecDeque::new(),
+            queued_keys: AttemptMap::default(),
         }
     }
 
@@ -221,7 +226,7 @@ impl<C: Clone, W> Slots<C, W> {
     ) -> Taken<C, W> {
         self.consume_window(attempt.slots);
         let key = attempt.key;
-        if self.running.contains_key(&key) || self.queued.iter().any(|q| q.key == key) {
+        if self.running.contains_key(&key) || self.queued_keys.contains_key(&key) {
             return Err((Refusal::Duplicate, attempt));
         }
         if self.draining {
@@ -242,6 +247,7 @@ impl<C: Clone, W> Slots<C, W> {
             return Err((refusal, attempt));
         }
         self.queued_slots += attempt.slots;
+        self.queued_keys.insert(key, ());
         self.queued.push_back(attempt);
         Ok(self.start_queued())
     }
@@ -282,6 +288,7 @@ impl<C: Clone, W> Slots<C, W> {
 
     /// Takes a queued attempt off the queue (it never ran).
     pub(crate) fn dequeue(&mut self, key: AttemptKey) -> Option<Queued<C, W>> {
+        self.queued_keys.remove(&key)?;
         let index = self.queued.iter().position(|q| q.key == key)?;
         let queued = self.queued.remove(index)?;
         self.queued_slots = self.queued_slots.saturating_sub(queued.slots);
@@ -291,6 +298,7 @@ impl<C: Clone, W> Slots<C, W> {
     /// Empties the queue (its attempts never ran).
     pub(crate) fn take_queued(&mut self) -> Vec<Queued<C, W>> {
         self.queued_slots = 0;
+        self.queued_keys.clear();
         self.queued.drain(..).collect()
     }
 
@@ -306,6 +314,7 @@ impl<C: Clone, W> Slots<C, W> {
                 break;
             };
             self.queued_slots = self.queued_slots.saturating_sub(next.slots);
+            self.queued_keys.remove(&next.key);
             self.used += next.slots;
             self.running.insert(
                 next.key,
@@ -449,6 +458,36 @@ mod tests {
         take(&mut slots, a);
         assert_eq!(refusal(&mut slots, again), Refusal::Duplicate);
         assert_eq!(slots.take_grant(), None);
+    }
+
+    #[test]
+    fn a_queued_attempt_assigned_again_is_a_duplicate_until_it_leaves_the_queue() {
+        let mut slots = TestSlots::new(1, 4);
+        take(&mut slots, attempt(1, "running"));
+        let queued: Vec<_> = (0..3).map(|_| attempt(1, "queued")).collect();
+        let keys: Vec<AttemptKey> = queued.iter().map(|q| q.key).collect();
+        for q in queued {
+            assert!(take(&mut slots, q).is_empty());
+        }
+        let again = |key, label| Queued {
+            key,
+            ..attempt(1, label)
+        };
+        for key in &keys {
+            assert_eq!(
+                refusal(&mut slots, again(*key, "again")),
+                Refusal::Duplicate
+            );
+        }
+        // Dequeued (cancelled before it ran): no longer held, so taken.
+        assert!(slots.dequeue(keys[1]).is_some());
+        assert!(take(&mut slots, again(keys[1], "back")).is_empty());
+        assert_eq!(slots.queued(), 3);
+        // Drained: nothing is held any more but the running attempt.
+        let handed_back = slots.take_queued();
+        assert_eq!(labels(&handed_back), ["queued", "queued", "back"]);
+        assert!(take(&mut slots, again(keys[0], "after drain")).is_empty());
+        assert_eq!(slots.queued(), 1);
     }
 
     #[test]
