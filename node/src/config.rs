@@ -32,7 +32,7 @@ pub struct NodeConfig {
     /// more), so long tasks stay spread over the nodes. 0 disables; higher
     /// raises the throughput of short tasks at the cost of balance for long
     /// ones (a queued task waits for this node even if another frees up
-    /// first). Default: [`DEFAULT_PREFETCH_PER_SLOT`] per slot.
+    /// first). Default: [`default_prefetch`].
     pub prefetch: u32,
     /// Labels tasks can require.
     pub labels: BTreeMap<String, String>,
@@ -146,9 +146,24 @@ pub const DEFAULT_STATE_DIR: &str = "weft-node-state";
 /// Default prefetch per slot (see [`NodeConfig::prefetch`]).
 pub const DEFAULT_PREFETCH_PER_SLOT: u32 = 256;
 
-/// The default prefetch of a node with `slots` slots.
+/// The least default prefetch of a node, whatever its slots: for tasks
+/// of a few microseconds, what a node must hold to cover the refill is
+/// bound by what it can run per second, not by its slots. On a loaded
+/// machine the refill (the node's `Finished`, a commit, the next
+/// `Assign`) takes more than 10 ms, and a one-slot node holding 256
+/// noops ran dry between refills (BENCHMARKS.md, "A node's prefetch").
+/// It is also the coordinator's default cap (`--max-node-slots`), so a
+/// node of four slots or more held this much already.
+pub const DEFAULT_PREFETCH_MIN: u32 = 1024;
+
+/// The default prefetch of a node with `slots` slots:
+/// [`DEFAULT_PREFETCH_PER_SLOT`] per slot, at least [`DEFAULT_PREFETCH_MIN`].
+/// Only tasks short enough to need it fill it (see [`NodeConfig::prefetch`]).
 pub fn default_prefetch(slots: u32) -> u32 {
-    slots.max(1).saturating_mul(DEFAULT_PREFETCH_PER_SLOT)
+    slots
+        .max(1)
+        .saturating_mul(DEFAULT_PREFETCH_PER_SLOT)
+        .max(DEFAULT_PREFETCH_MIN)
 }
 
 /// Number of CPUs this process may use (at least 1).
@@ -175,5 +190,16 @@ mod tests {
         assert!(config.slots >= 1 && config.blocking_threads >= 1);
         assert!(!config.name.is_empty());
         assert!(config.reconnect_min <= config.reconnect_max);
+        assert_eq!(config.prefetch, default_prefetch(config.slots));
+    }
+
+    #[test]
+    fn the_default_prefetch_is_256_per_slot_and_never_under_1024() {
+        assert_eq!(default_prefetch(0), 1024);
+        assert_eq!(default_prefetch(1), 1024);
+        assert_eq!(default_prefetch(4), 1024);
+        assert_eq!(default_prefetch(5), 1280);
+        assert_eq!(default_prefetch(64), 16_384);
+        assert_eq!(default_prefetch(u32::MAX), u32::MAX);
     }
 }

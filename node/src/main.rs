@@ -107,7 +107,7 @@ struct Args {
     /// Counted in slots; never more than --slots run at once. This is a
     /// ceiling: the node holds only what covers ~10 ms of refill at the
     /// average task run time it sees (about one per slot for tasks of
-    /// 10 ms and more) [default: 256 per slot].
+    /// 10 ms and more) [default: 256 per slot, at least 1024].
     #[arg(long, env = "WEFT_NODE_PREFETCH", value_name = "N")]
     prefetch: Option<u32>,
 

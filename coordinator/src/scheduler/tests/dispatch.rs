@@ -42,7 +42,7 @@ fn a_grant_applied_before_its_finished_is_kept_until_the_slot_frees() {
     assert_eq!(assigned(&h.effects(), S1), [(ids[2], Attempt(1))]);
 }
 
-/// A node's default prefetch (256 per slot) may exceed `--max-node-slots`:
+/// A node's default prefetch (256 per slot, at least 1,024) may exceed `--max-node-slots`:
 /// the coordinator caps what it sends, not what it counts. Every credit the
 /// node granted is used in the end, without another grant, as the node
 /// expects (it grants again only once its window is used).

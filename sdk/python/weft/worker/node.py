@@ -69,8 +69,8 @@ class Worker:
     exec task it refuses; one assigned anyway is reported START_FAILED and
     never run.
 
-    ``prefetch`` (default ``$WEFT_NODE_PREFETCH``, else 256 per slot, as
-    ``weft-node --prefetch``): the most attempts, in slots, it holds queued
+    ``prefetch`` (default ``$WEFT_NODE_PREFETCH``, else 256 per slot; the
+    setting of ``weft-node --prefetch``): the most attempts, in slots, it holds queued
     beyond its slots, so the next task is already here when a slot frees
     (never more than ``slots`` run at once). It is a ceiling: the worker
     holds only what covers ~20 ms of refill at the average run time it has
