@@ -215,6 +215,14 @@ impl Effects {
         }
     }
 
+    /// Makes room for `tasks` new tasks, each a record and its first
+    /// event (a Submit of thousands would otherwise grow the vector and
+    /// the table step by step, each step copying every record so far).
+    fn reserve_new_tasks(&mut self, tasks: usize) {
+        self.records.reserve(tasks.saturating_mul(2));
+        self.task_at.reserve(tasks);
+    }
+
     /// Writes `record` with this batch: a task changed again within the
     /// batch has its earlier record replaced where it stands, so the
     /// commit writes each task once, with its latest state, before its
@@ -587,6 +595,7 @@ impl Scheduler {
         }
         graph::resolve(&mut batch)?;
         self.check_parents(&batch, known)?;
+        self.out.reserve_new_tasks(batch.len());
         let mut pending: Vec<TaskId> = Vec::new();
         let mut served: Vec<(ClassId, bool)> = Vec::new();
         for (id, mut spec) in batch {
