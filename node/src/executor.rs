@@ -308,14 +308,18 @@ impl Executor {
             let began = Instant::now();
             let inner = &executor.inner;
             inner.metrics.attempt_started();
-            let ran = attempt::run(
+            // Boxed: the attempt's future is large (it holds the state of
+            // every kind of work it may run), and this task's future is
+            // moved whole into the runtime at spawn; boxed, it is moved
+            // once, into its box, when the task first runs.
+            let ran = Box::pin(attempt::run(
                 &spec,
                 &parents,
                 &control,
                 &emit,
                 &inner.handlers,
                 inner.reaper.as_ref(),
-            );
+            ));
             let Some(done) = ran.await else {
                 debug!("attempt killed with the node; nothing reported");
                 return;
