@@ -143,6 +143,13 @@ impl SpecLimits {
     /// the field and the limit) for what no node could run, `TooLarge`
     /// for a spec that would not fit in an `Assign`.
     pub fn check(&self, spec: &pb::TaskSpec) -> Result<(), ConversionError> {
+        self.checked_len(spec).map(drop)
+    }
+
+    /// [`check`](Self::check), answering the spec's encoded length (what
+    /// the size limit was held against), so a caller that needs it does
+    /// not walk the spec again.
+    pub fn checked_len(&self, spec: &pb::TaskSpec) -> Result<usize, ConversionError> {
         if let Some(kind) = &spec.kind {
             match kind {
                 pb::task_spec::Kind::Exec(exec) => {
@@ -182,7 +189,7 @@ impl SpecLimits {
                 limit: self.max_spec_bytes,
             });
         }
-        Ok(())
+        Ok(size)
     }
 }
 

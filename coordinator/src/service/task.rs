@@ -19,7 +19,6 @@ use std::time::{Duration, Instant, SystemTime};
 
 use futures::stream::Map;
 use futures::{Stream, StreamExt};
-use prost::Message as _;
 use tonic::{Request, Response, Status};
 
 use weft_proto::limits::SpecLimits;
@@ -328,17 +327,22 @@ impl TaskApi {
     }
 
     /// Validates and submits `specs`, from a request of `bytes` bytes.
-    async fn submit_specs(
-        &self,
-        specs: Vec<pb::TaskSpec>,
-        bytes: usize,
-    ) -> Result<Vec<TaskId>, Error> {
+    /// Submits what a `Submit` or `Run` request carried: its task specs,
+    /// field 1 of either message, so the request's size is the sum of
+    /// theirs as that field (measured while their limits are checked, not
+    /// by walking the request again).
+    async fn submit_specs(&self, specs: Vec<pb::TaskSpec>) -> Result<Vec<TaskId>, Error> {
         let limits = self.handle.config.spec_limits();
+        let mut bytes = 0;
         let specs = specs
             .into_iter()
             .enumerate()
-            .map(|(index, spec)| validate_spec(&limits, index, spec))
-            .collect::<Result<Vec<_>, _>>()?;
+            .map(|(index, spec)| {
+                let (spec, len) = validate_spec(&limits, index, spec)?;
+                bytes += spec_field_len(len);
+                Ok(spec)
+            })
+            .collect::<Result<Vec<_>, Error>>()?;
         if specs.is_empty() {
             return Ok(Vec::new());
         }
@@ -429,6 +433,12 @@ impl TaskApi {
     }
 }
 
+/// The bytes a spec of encoded length `len` takes as field 1 of a
+/// `Submit` or `Run` request: its tag, its length, itself.
+fn spec_field_len(len: usize) -> usize {
+    prost::encoding::key_len(1) + prost::length_delimiter_len(len) + len
+}
+
 /// A submitted spec as the scheduler takes it: within this coordinator's
 /// limits, then well-formed. INVALID_ARGUMENT or RESOURCE_EXHAUSTED
 /// (too large), naming spec `index` and the field.
@@ -436,10 +446,10 @@ pub(crate) fn validate_spec(
     limits: &SpecLimits,
     index: usize,
     spec: pb::TaskSpec,
-) -> Result<TaskSpec, Error> {
+) -> Result<(TaskSpec, usize), Error> {
     limits
-        .check(&spec)
-        .and_then(|()| TaskSpec::try_from(spec))
+        .checked_len(&spec)
+        .and_then(|len| Ok((TaskSpec::try_from(spec)?, len)))
         .map_err(|source| Error::InvalidSpec { index, source })
 }
 
@@ -484,8 +494,7 @@ impl pb::task_service_server::TaskService for TaskApi {
         request: Request<pb::SubmitRequest>,
     ) -> Result<Response<pb::SubmitResponse>, Status> {
         auth::require(&request, Scope::Submit)?;
-        let bytes = request.get_ref().encoded_len();
-        let ids = self.submit_specs(request.into_inner().tasks, bytes).await?;
+        let ids = self.submit_specs(request.into_inner().tasks).await?;
         Ok(Response::new(pb::SubmitResponse {
             job_id: ids.first().map(TaskId::to_string).unwrap_or_default(),
             task_ids: ids.iter().map(TaskId::to_string).collect(),
@@ -642,11 +651,10 @@ impl pb::task_service_server::TaskService for TaskApi {
         auth::require(&request, Scope::Submit)?;
         // Before the submit: a Run refused here leaves no task behind.
         let place = self.streams.open(Client::of(&request))?;
-        let bytes = request.get_ref().encoded_len();
         let spec = request.into_inner().spec.ok_or(Error::InvalidArgument(
             weft_proto::ConversionError::MissingField("spec"),
         ))?;
-        let ids = self.submit_specs(vec![spec], bytes).await?;
+        let ids = self.submit_specs(vec![spec]).await?;
         let id = ids.first().copied().ok_or(Error::InvalidArgument(
             weft_proto::ConversionError::MissingField("spec"),
         ))?;
@@ -697,6 +705,39 @@ mod tests {
         assert!(
             message.starts_with("task 3: ") && message.contains("call.handler"),
             "{message}"
+        );
+    }
+
+    #[test]
+    fn a_submits_size_is_measured_from_its_specs_as_the_request_encodes() {
+        let specs: Vec<pb::TaskSpec> = [
+            TaskSpec::call("noop", ""),
+            TaskSpec::call("echo", vec![7u8; 300]),
+            TaskSpec::call("noop", "1")
+                .priority(7)
+                .fair_key("team-a", 2)
+                .concurrency("user-42", 3, weft_proto::OverLimit::Queue)
+                .resource("cpu", 2),
+        ]
+        .into_iter()
+        .map(pb::TaskSpec::from)
+        .collect();
+        let measured: usize = specs
+            .iter()
+            .enumerate()
+            .map(|(i, spec)| spec_field_len(validate_spec(&LIMITS, i, spec.clone()).unwrap().1))
+            .sum();
+        assert_eq!(
+            measured,
+            pb::SubmitRequest {
+                tasks: specs.clone()
+            }
+            .encoded_len()
+        );
+        let one = specs[2].clone();
+        assert_eq!(
+            spec_field_len(validate_spec(&LIMITS, 0, one.clone()).unwrap().1),
+            pb::RunRequest { spec: Some(one) }.encoded_len()
         );
     }
 
