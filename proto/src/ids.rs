@@ -49,8 +49,12 @@ macro_rules! ulid_id {
         }
 
         impl fmt::Display for $name {
+            /// Its 26 characters, padded as `f` asks: written at once,
+            /// not through a second formatting pass (ids are formatted for
+            /// every record, event and message that names a task).
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                fmt::Display::fmt(&self.0, f)
+                let mut buf = [0; ulid::ULID_LEN];
+                f.pad(self.0.array_to_str(&mut buf))
             }
         }
 
@@ -115,6 +119,20 @@ mod tests {
         let parsed: TaskId = id.to_string().parse().unwrap();
         assert_eq!(parsed, id);
         assert_eq!(TaskId::from_u128(id.as_u128()), id);
+    }
+
+    #[test]
+    fn an_id_prints_as_its_ulid_and_honours_width() {
+        let id = TaskId::from_u128(0x0193_7c3a_4d2e_11aa_bbcc_ddee_ff00_1122);
+        let ulid = ulid::Ulid(id.as_u128()).to_string();
+        assert_eq!(ulid.len(), 26);
+        assert_eq!(id.to_string(), ulid);
+        assert_eq!(NodeId::from_u128(id.as_u128()).to_string(), ulid);
+        assert_eq!(
+            format!("{id:>30}|{id:<28}|"),
+            format!("    {ulid}|{ulid}  |")
+        );
+        assert_eq!(format!("{:?}", id), format!("TaskId({ulid})"));
     }
 
     #[test]
