@@ -264,8 +264,8 @@ impl Outbox {
             if !sent_finished.is_empty() {
                 let now = Instant::now();
                 let mut redelivery = self.redelivery();
-                for (key, event) in sent_finished {
-                    redelivery.record(key, event, now);
+                for (_, event) in sent_finished {
+                    redelivery.record(event, now);
                 }
             }
         }

@@ -18,28 +18,34 @@ use tokio::time::Instant;
 
 use crate::events::{AttemptKey, AttemptMap, Event};
 
-/// Most attempts kept.
+/// Most results kept.
 const MAX_KEPT: usize = 10_000;
 /// Most payload bytes (outputs and error texts) kept.
 const MAX_KEPT_BYTES: usize = 64 * 1024 * 1024;
 
 /// The sent `Finished` events still within the redelivery window.
+///
+/// A queue in the order they were sent, and nothing else: keeping one
+/// costs a push and, once the window is full, a pop, with no table to
+/// look it up in (results stream at tens of thousands a second, and a
+/// node used to spend a twentieth of its CPU keeping such a table). Only
+/// the rare cases search the queue: a cancelled attempt (forgotten, out of
+/// at most `MAX_KEPT` entries), and an attempt sent again, whose earlier
+/// copy stays until it leaves the front and is left out of
+/// [`snapshot`](Self::snapshot).
 #[derive(Debug)]
 pub(crate) struct Redelivery {
     window: Duration,
     max: usize,
     max_bytes: usize,
-    entries: AttemptMap<Entry>,
-    /// Entries in the order they were sent, by `(seq, key)`; an entry that
-    /// was replaced or forgotten leaves a stale item here, skipped later.
-    order: VecDeque<(u64, AttemptKey)>,
-    next_seq: u64,
+    /// Sent results, oldest first.
+    kept: VecDeque<Kept>,
+    /// Payload bytes of `kept`.
     bytes: usize,
 }
 
 #[derive(Debug)]
-struct Entry {
-    seq: u64,
+struct Kept {
     sent_at: Instant,
     event: Event,
     bytes: usize,
@@ -55,79 +61,77 @@ impl Redelivery {
             window,
             max,
             max_bytes,
-            entries: AttemptMap::default(),
-            order: VecDeque::new(),
-            next_seq: 0,
+            kept: VecDeque::new(),
             bytes: 0,
         }
     }
 
     /// Keeps `event` (a `Finished`, sent at `now`) for the window.
-    pub(crate) fn record(&mut self, key: AttemptKey, event: Event, now: Instant) {
+    pub(crate) fn record(&mut self, event: Event, now: Instant) {
         if self.window.is_zero() {
             return;
         }
-        let seq = self.next_seq;
-        self.next_seq += 1;
         let bytes = event.body.payload_len();
-        let entry = Entry {
-            seq,
+        self.bytes += bytes;
+        self.kept.push_back(Kept {
             sent_at: now,
             event,
             bytes,
-        };
-        self.bytes += bytes;
-        if let Some(old) = self.entries.insert(key, entry) {
-            self.bytes -= old.bytes;
-        }
-        self.order.push_back((seq, key));
+        });
         self.prune(now);
-        if self.order.len() > 2 * self.entries.len() + 64 {
-            let entries = &self.entries;
-            self.order
-                .retain(|(seq, key)| entries.get(key).is_some_and(|e| e.seq == *seq));
-        }
     }
 
     /// Forgets an attempt the coordinator cancelled: it is stale there.
     pub(crate) fn forget(&mut self, key: AttemptKey) {
-        if let Some(old) = self.entries.remove(&key) {
-            self.bytes -= old.bytes;
+        if !self.kept.iter().any(|kept| kept.event.key() == key) {
+            return;
         }
+        let mut freed = 0;
+        self.kept.retain(|kept| {
+            let stale = kept.event.key() == key;
+            if stale {
+                freed += kept.bytes;
+            }
+            !stale
+        });
+        self.bytes -= freed;
     }
 
-    /// The events still within the window at `now`, in the order they were
-    /// first sent (sending them again does not extend the window).
+    /// The events still within the window at `now`, each attempt's latest
+    /// once, in the order those were sent (sending them again does not
+    /// extend the window).
     pub(crate) fn snapshot(&mut self, now: Instant) -> Vec<Event> {
         self.prune(now);
-        self.order
+        let mut seen: AttemptMap<()> = AttemptMap::default();
+        let mut latest: Vec<Event> = self
+            .kept
             .iter()
-            .filter_map(|(seq, key)| self.entries.get(key).filter(|e| e.seq == *seq))
-            .map(|entry| entry.event.clone())
-            .collect()
+            .rev()
+            .filter(|kept| seen.insert(kept.event.key(), ()).is_none())
+            .map(|kept| kept.event.clone())
+            .collect();
+        latest.reverse();
+        latest
     }
 
     /// Number of attempts kept.
     #[cfg(test)]
     fn len(&self) -> usize {
-        self.entries.len()
+        let keys: std::collections::HashSet<AttemptKey> =
+            self.kept.iter().map(|kept| kept.event.key()).collect();
+        keys.len()
     }
 
     /// Drops the oldest entries while they are past the window or over the
     /// limits.
     fn prune(&mut self, now: Instant) {
-        while let Some(&(seq, key)) = self.order.front() {
-            let live = self.entries.get(&key).filter(|e| e.seq == seq);
-            let Some(entry) = live else {
-                self.order.pop_front(); // stale item
-                continue;
-            };
-            let expired = now.saturating_duration_since(entry.sent_at) >= self.window;
-            if !expired && self.entries.len() <= self.max && self.bytes <= self.max_bytes {
+        while let Some(oldest) = self.kept.front() {
+            let expired = now.saturating_duration_since(oldest.sent_at) >= self.window;
+            if !expired && self.kept.len() <= self.max && self.bytes <= self.max_bytes {
                 break;
             }
-            self.order.pop_front();
-            self.forget(key);
+            self.bytes -= oldest.bytes;
+            self.kept.pop_front();
         }
     }
 }
@@ -142,10 +146,9 @@ mod tests {
 
     const SECOND: Duration = Duration::from_secs(1);
 
-    fn finished(error: &str) -> (AttemptKey, Event) {
-        let task_id = TaskId::new();
-        let event = Event {
-            task_id,
+    fn finished(error: &str) -> Event {
+        Event {
+            task_id: TaskId::new(),
             attempt: Attempt::FIRST,
             body: Body::Finished(Finished {
                 outcome: Outcome::Failed,
@@ -153,8 +156,7 @@ mod tests {
                 output: Bytes::new(),
                 error: error.to_owned(),
             }),
-        };
-        ((task_id, Attempt::FIRST), event)
+        }
     }
 
     fn errors(events: &[Event]) -> Vec<String> {
@@ -172,8 +174,8 @@ mod tests {
         let mut kept = Redelivery::new(60 * SECOND);
         let t0 = Instant::now();
         for (i, name) in ["a", "b", "c"].into_iter().enumerate() {
-            let (key, event) = finished(name);
-            kept.record(key, event, t0 + i as u32 * 10 * SECOND);
+            let event = finished(name);
+            kept.record(event, t0 + i as u32 * 10 * SECOND);
         }
         assert_eq!(errors(&kept.snapshot(t0 + 30 * SECOND)), ["a", "b", "c"]);
         assert_eq!(
@@ -193,10 +195,11 @@ mod tests {
     fn cancelled_attempts_are_forgotten() {
         let mut kept = Redelivery::new(60 * SECOND);
         let t0 = Instant::now();
-        let (stale, event) = finished("stale");
-        kept.record(stale, event, t0);
-        let (key, event) = finished("current");
-        kept.record(key, event, t0);
+        let event = finished("stale");
+        let stale = event.key();
+        kept.record(event, t0);
+        let event = finished("current");
+        kept.record(event, t0);
         kept.forget(stale);
         kept.forget((TaskId::new(), Attempt::FIRST)); // unknown: ignored
         assert_eq!(errors(&kept.snapshot(t0)), ["current"]);
@@ -207,14 +210,14 @@ mod tests {
         let t0 = Instant::now();
         let mut kept = Redelivery::with_limits(60 * SECOND, 2, 1000);
         for name in ["a", "b", "c"] {
-            let (key, event) = finished(name);
-            kept.record(key, event, t0);
+            let event = finished(name);
+            kept.record(event, t0);
         }
         assert_eq!(errors(&kept.snapshot(t0)), ["b", "c"]);
         let mut kept = Redelivery::with_limits(60 * SECOND, 100, 10);
         for name in ["aaaa", "bbbb", "cccc"] {
-            let (key, event) = finished(name);
-            kept.record(key, event, t0);
+            let event = finished(name);
+            kept.record(event, t0);
         }
         assert_eq!(errors(&kept.snapshot(t0)), ["bbbb", "cccc"]);
     }
@@ -223,16 +226,44 @@ mod tests {
     fn a_zero_window_keeps_nothing_and_a_repeated_attempt_is_kept_once() {
         let t0 = Instant::now();
         let mut kept = Redelivery::new(Duration::ZERO);
-        let (key, event) = finished("a");
-        kept.record(key, event, t0);
+        let event = finished("a");
+        kept.record(event, t0);
         assert!(kept.snapshot(t0).is_empty());
         let mut kept = Redelivery::new(60 * SECOND);
-        let (key, event) = finished("first");
-        kept.record(key, event.clone(), t0);
+        let event = finished("first");
+        kept.record(event.clone(), t0);
         let mut again = event;
-        again.body = finished("second").1.body;
-        kept.record(key, again, t0);
+        again.body = finished("second").body;
+        kept.record(again, t0);
         assert_eq!(errors(&kept.snapshot(t0)), ["second"]);
         assert_eq!(kept.len(), 1);
+    }
+
+    #[test]
+    fn an_attempt_sent_again_is_kept_at_its_latest_and_one_sent_after_its_cancel_is_kept() {
+        let t0 = Instant::now();
+        let mut kept = Redelivery::new(60 * SECOND);
+        let a = finished("a");
+        kept.record(a.clone(), t0);
+        kept.record(finished("b"), t0);
+        kept.record(a.clone(), t0 + SECOND);
+        assert_eq!(
+            errors(&kept.snapshot(t0 + SECOND)),
+            ["b", "a"],
+            "each attempt once, where it was last sent"
+        );
+        assert_eq!(kept.len(), 2);
+        kept.forget(a.key());
+        assert_eq!(errors(&kept.snapshot(t0 + SECOND)), ["b"]);
+        assert_eq!(kept.bytes, "b".len(), "every copy of a left with its bytes");
+        // The attempt's CANCELLED result, sent after the Cancel, is kept:
+        // the coordinator has not recorded it yet.
+        kept.record(a, t0 + 2 * SECOND);
+        assert_eq!(errors(&kept.snapshot(t0 + 2 * SECOND)), ["b", "a"]);
+        assert_eq!(
+            errors(&kept.snapshot(t0 + 61 * SECOND)),
+            ["a"],
+            "the window runs from each copy's own send"
+        );
     }
 }
