@@ -173,6 +173,21 @@ pub(super) struct Raw<'a> {
 
 /// Appends a record to `buf`; returns its offset in `buf` and its length.
 pub(super) fn put(buf: &mut Vec<u8>, kind: Kind, key: Key<'_>, body: &[&[u8]]) -> (usize, u32) {
+    put_with(buf, kind, key, |buf| {
+        for part in body {
+            buf.extend_from_slice(part);
+        }
+    })
+}
+
+/// [`put`] with a body `write` appends to `buf` itself, so an encoder
+/// writes it in place instead of into a vector of its own to be copied.
+pub(super) fn put_with(
+    buf: &mut Vec<u8>,
+    kind: Kind,
+    key: Key<'_>,
+    write: impl FnOnce(&mut Vec<u8>),
+) -> (usize, u32) {
     let start = buf.len();
     buf.push(kind as u8);
     buf.extend_from_slice(&[0; 8]);
@@ -196,9 +211,7 @@ pub(super) fn put(buf: &mut Vec<u8>, kind: Kind, key: Key<'_>, body: &[&[u8]]) -
             buf.extend_from_slice(&name.as_bytes()[..end]);
         }
     }
-    for part in body {
-        buf.extend_from_slice(part);
-    }
+    write(buf);
     let len = u32::try_from(buf.len() - data).unwrap_or(u32::MAX);
     let crc = crc32c::crc32c_append(crc32c::crc32c(&[kind as u8]), &buf[data..]);
     buf[start + 1..start + 5].copy_from_slice(&len.to_le_bytes());

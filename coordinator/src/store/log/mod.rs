@@ -44,7 +44,7 @@ use weft_proto::{SecretEnv, TaskId, TaskSpec, TaskState};
 
 use super::codec::{
     decode_event, decode_node_identity, decode_secrets, decode_spec, decode_task_with_spec,
-    decode_token, encode_event, encode_node_identity, encode_secrets, encode_spec,
+    decode_token, encode_event_into, encode_node_identity, encode_secrets, encode_spec,
     encode_task_without_spec, encode_token,
 };
 use super::engine::{ListPage, ListQuery, Store, StoreError, scan_page};
@@ -731,12 +731,9 @@ impl Inner {
                             event.task_id, event.seq, next
                         )));
                     }
-                    frame::put(
-                        buf,
-                        Kind::Event,
-                        Key::Event(key, event.seq),
-                        &[&encode_event(event)],
-                    );
+                    frame::put_with(buf, Kind::Event, Key::Event(key, event.seq), |buf| {
+                        encode_event_into(event, buf);
+                    });
                     pending.known = pending.known.map(|(_, spec)| (next + 1, spec));
                 }
                 Record::Secrets(id, env) => {
