@@ -177,8 +177,19 @@ impl Executor {
         }
     }
 
+    /// Keeps the count of attempts held up to date for [`wait_idle`],
+    /// waking its waiters only when the count reaches zero: what they
+    /// wait for. Every assignment and release changes the count, and
+    /// waking at each would take the channel's lock for nothing.
+    ///
+    /// [`wait_idle`]: Self::wait_idle
     fn publish_held(&self, slots: &Slots) {
-        self.inner.running_count.send_replace(slots.held());
+        let held = slots.held();
+        self.inner.running_count.send_if_modified(|count| {
+            let reached_zero = held == 0 && *count != 0;
+            *count = held;
+            reached_zero
+        });
     }
 
     /// The attempts holding slots or queued for one, sorted, for

@@ -351,6 +351,15 @@ async fn connected(
     let silence_check = tokio::time::sleep(silence);
     tokio::pin!(silence_check);
     let (drain_started, stop) = (ctx.drain.started(), ctx.drain.done());
+    // Made once, not at each turn of the loop: the loop turns for every
+    // batch of events, and a future made anew registers with its token or
+    // channel when first polled and unregisters when dropped, each under
+    // a lock.
+    let killed = ctx.kill.cancelled();
+    let draining = drain_started.cancelled();
+    let stopped = stop.cancelled();
+    let lease_lost = lease_expired_signal(&mut lease_expired);
+    tokio::pin!(killed, draining, stopped, lease_lost);
     // Renewal requests go out on this session when due; the answer comes
     // back through the reader (`handle`).
     let credentials = ctx.credentials.get().cloned();
@@ -359,14 +368,14 @@ async fn connected(
     loop {
         tokio::select! {
             biased;
-            () = ctx.kill.cancelled() => return SessionEnd::Killed,
-            () = drain_started.cancelled(), if !told_draining => {
+            () = &mut killed => return SessionEnd::Killed,
+            () = &mut draining, if !told_draining => {
                 told_draining = true;
                 if let Err(error) = outbox::send(out, codec::draining()).await {
                     return lost(error);
                 }
             }
-            () = stop.cancelled() => {
+            () = &mut stopped => {
                 // Everything already queued goes out before the stream closes.
                 while !events.is_empty() {
                     if let Err(error) = ctx.outbox.send_batch(out, events, None).await {
@@ -384,7 +393,7 @@ async fn connected(
             }
             // Ahead of the events: what the stopped attempts report waits
             // for the next session.
-            () = lease_expired_signal(&mut lease_expired) => {
+            () = &mut lease_lost => {
                 let silence = ctx.lease.overdue(Instant::now()).unwrap_or_default();
                 return lost(Error::LeaseExpired(silence));
             }

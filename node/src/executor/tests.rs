@@ -159,6 +159,33 @@ fn outcome(done: &Finished) -> Outcome {
 }
 
 #[tokio::test]
+async fn idle_is_reached_when_the_last_held_attempt_ends_and_not_before() {
+    let (executor, mut rx) = executor(2);
+    let (first, first_key) = assignment(TaskSpec::call("sleep", "1h"));
+    let (second, second_key) = assignment(TaskSpec::call("sleep", "1h"));
+    executor.assign(first);
+    executor.assign(second);
+    let idle = executor.wait_idle();
+    tokio::pin!(idle);
+    assert!(futures::poll!(&mut idle).is_pending(), "two attempts held");
+    executor.cancel(first_key, "test".into());
+    until_finished(&executor, &mut rx, first_key).await;
+    assert!(
+        futures::poll!(&mut idle).is_pending(),
+        "one attempt still held"
+    );
+    executor.cancel(second_key, "test".into());
+    until_finished(&executor, &mut rx, second_key).await;
+    tokio::time::timeout(Duration::from_secs(10), idle)
+        .await
+        .expect("idle once the last attempt is released");
+    // And at once when nothing is held.
+    tokio::time::timeout(Duration::from_secs(10), executor.wait_idle())
+        .await
+        .expect("idle already");
+}
+
+#[tokio::test]
 async fn call_runs_its_handler_and_returns_the_output() {
     let (executor, mut rx) = executor(1);
     let (wire, key) = assignment(TaskSpec::call("sha256", "abc"));
