@@ -18,6 +18,8 @@ use weft_proto::{
     Attempt, NodeId, Outcome, OutputStream, SecretEnv, TaskId, TaskSpec, TaskState, pb,
 };
 
+mod wire;
+
 use super::engine::StoreError;
 use super::record::{AttemptRecord, EventBody, NodeIdentityRecord, TaskEvent, TaskRecord};
 use crate::auth::{Scopes, TokenKind, TokenRecord};
@@ -288,7 +290,15 @@ pub(crate) fn decode_task(id: TaskId, bytes: &[u8]) -> Result<TaskRecord, StoreE
 /// each task's spec once, apart ([`encode_spec`]): a spec never changes
 /// after submit, while the record is written again at every change.
 pub(crate) fn encode_task_without_spec(record: &TaskRecord) -> Vec<u8> {
-    encode_stored_task(record, false)
+    let mut bytes = Vec::with_capacity(128 + super::seal::CHECKSUM_LEN);
+    encode_task_without_spec_into(record, &mut bytes);
+    bytes
+}
+
+/// Appends what [`encode_task_without_spec`] answers to `buf`, written
+/// field by field ([`wire`]).
+pub(crate) fn encode_task_without_spec_into(record: &TaskRecord, buf: &mut Vec<u8>) {
+    wire::stored_task(buf, record);
 }
 
 fn encode_stored_task(record: &TaskRecord, with_spec: bool) -> Vec<u8> {
@@ -418,82 +428,20 @@ pub(crate) fn encode_event(event: &TaskEvent) -> Vec<u8> {
 }
 
 /// Appends an event's stored bytes (what [`encode_event`] answers) to
-/// `buf`. A state change, three or four of every task's five events, is
-/// written field by field from the borrow, the bytes the generated
-/// encoder gives for its `pb::TaskEvent` (the tests hold them equal):
-/// no message is built, no node id or name copied into a string of its
-/// own, and no length walked twice.
+/// `buf`. A state change or a `finished` event, four of every task's five
+/// events, is written field by field ([`wire`]).
 pub(crate) fn encode_event_into(event: &TaskEvent, buf: &mut Vec<u8>) {
-    use prost::encoding::{WireType, encode_key, encode_varint, int32, int64, uint32, uint64};
-    let EventBody::State {
-        state,
-        node_id,
-        node_name,
-        reason,
-    } = &event.body
-    else {
-        event_pb(event, true).encode_raw(buf);
-        if let EventBody::Output {
-            chunk: Some(chunk), ..
-        } = event.body
-        {
-            // Appended as a field `pb::TaskEvent` does not have: protobuf
-            // merges concatenated messages, and older readers skip it.
-            StoredChunk { chunk: Some(chunk) }.encode_raw(buf);
-        }
+    if wire::event(buf, event) {
         return;
-    };
-    // Field 1, the task id, is the record's key: left out.
-    if event.seq != 0 {
-        uint64::encode(2, &event.seq, buf);
     }
-    if event.attempt.0 != 0 {
-        uint32::encode(3, &event.attempt.0, buf);
-    }
-    let time = timestamp(event.time);
-    let time_len = (if time.seconds != 0 {
-        int64::encoded_len(1, &time.seconds)
-    } else {
-        0
-    }) + (if time.nanos != 0 {
-        int32::encoded_len(2, &time.nanos)
-    } else {
-        0
-    });
-    encode_key(4, WireType::LengthDelimited, buf);
-    encode_varint(time_len as u64, buf);
-    if time.seconds != 0 {
-        int64::encode(1, &time.seconds, buf);
-    }
-    if time.nanos != 0 {
-        int32::encode(2, &time.nanos, buf);
-    }
-    let state = i32::from(*state);
-    let mut id_buf = [0; ulid::ULID_LEN];
-    let node_id = node_id.map_or("", |id| ulid::Ulid(id.as_u128()).array_to_str(&mut id_buf));
-    let node_name = node_name.as_deref().unwrap_or_default();
-    let text_len = |tag: u32, text: &str| match text.len() {
-        0 => 0,
-        len => prost::encoding::key_len(tag) + prost::length_delimiter_len(len) + len,
-    };
-    let body_len = (if state != 0 {
-        int32::encoded_len(1, &state)
-    } else {
-        0
-    }) + text_len(2, node_id)
-        + text_len(3, node_name)
-        + text_len(4, reason);
-    encode_key(5, WireType::LengthDelimited, buf);
-    encode_varint(body_len as u64, buf);
-    if state != 0 {
-        int32::encode(1, &state, buf);
-    }
-    for (tag, text) in [(2, node_id), (3, node_name), (4, reason.as_str())] {
-        if !text.is_empty() {
-            encode_key(tag, WireType::LengthDelimited, buf);
-            encode_varint(text.len() as u64, buf);
-            buf.extend_from_slice(text.as_bytes());
-        }
+    event_pb(event, true).encode_raw(buf);
+    if let EventBody::Output {
+        chunk: Some(chunk), ..
+    } = event.body
+    {
+        // Appended as a field `pb::TaskEvent` does not have: protobuf
+        // merges concatenated messages, and older readers skip it.
+        StoredChunk { chunk: Some(chunk) }.encode_raw(buf);
     }
 }
 
@@ -735,6 +683,136 @@ mod tests {
                 *node_name = None;
             }
             proptest::prop_assert_eq!(back, expected);
+        }
+    }
+
+    /// A record with every field drawn: what the property tests below
+    /// encode both ways.
+    fn any_record() -> impl proptest::strategy::Strategy<Value = TaskRecord> {
+        use proptest::prelude::*;
+        let time = any::<u64>().prop_map(|n| UNIX_EPOCH + Duration::from_nanos(n));
+        let text = "(.{0,12}|.{130,200})";
+        let attempt = (
+            1u32..4,
+            any::<u128>(),
+            "[a-z0-9]{0,8}",
+            time.clone(),
+            proptest::option::of(time.clone()),
+            proptest::option::of(time.clone()),
+            proptest::option::of(0..Outcome::ALL.len()),
+            proptest::option::of(any::<i32>()),
+            text,
+        )
+            .prop_map(
+                |(number, node, name, assigned, started, ended, outcome, exit, reason)| {
+                    AttemptRecord {
+                        number: Attempt(number),
+                        node_id: NodeId::from_u128(node),
+                        node_name: Arc::from(name),
+                        assigned_at: assigned,
+                        started_at: started,
+                        ended_at: ended,
+                        outcome: outcome.map(|i| Outcome::ALL[i]),
+                        exit_code: exit,
+                        reason,
+                    }
+                },
+            );
+        (
+            (
+                0..TaskState::ALL.len(),
+                0u32..4,
+                proptest::option::of(any::<u128>()),
+                proptest::option::of("[a-z0-9.-]{0,12}"),
+                proptest::option::of(any::<i32>()),
+                proptest::collection::vec(any::<u8>(), 0..300),
+                text,
+                text,
+            ),
+            (
+                time.clone(),
+                time,
+                any::<u32>(),
+                any::<u32>(),
+                any::<u64>(),
+                proptest::option::of(0..Outcome::ALL.len()),
+                proptest::collection::vec(attempt, 0..3),
+                proptest::option::of(any::<u128>()),
+                proptest::collection::vec((any::<u128>(), "[a-z0-9]{0,8}"), 0..3),
+            ),
+        )
+            .prop_map(
+                |(
+                    (state, attempt, node, name, exit, output, error, pending),
+                    (created, updated, failures, losses, next_seq, outcome, attempts, job, lost),
+                )| {
+                    let mut attempts: Vec<AttemptRecord> = attempts;
+                    // Now and then the latest attempt is the record's own,
+                    // which is stored without its node.
+                    if let (Some(node), Some(last)) = (node, attempts.last_mut())
+                        && failures % 2 == 0
+                    {
+                        last.number = Attempt(attempt);
+                        last.node_id = NodeId::from_u128(node);
+                    }
+                    TaskRecord {
+                        id: TaskId::new(),
+                        spec: Arc::new(TaskSpec::call("noop", "")),
+                        state: TaskState::ALL[state],
+                        attempt: Attempt(attempt),
+                        node_id: node.map(NodeId::from_u128),
+                        node_name: name.map(Arc::from),
+                        exit_code: exit,
+                        output: Bytes::from(output),
+                        error,
+                        pending_reason: pending,
+                        waiting_for: Vec::new(),
+                        job_id: job.map(TaskId::from_u128),
+                        failures,
+                        node_losses: losses,
+                        created_at: created,
+                        updated_at: updated,
+                        next_seq,
+                        last_outcome: outcome.map(|i| Outcome::ALL[i]),
+                        lost_nodes: lost
+                            .into_iter()
+                            .map(|(id, name)| (NodeId::from_u128(id), Arc::from(name)))
+                            .collect(),
+                        attempts,
+                    }
+                },
+            )
+    }
+
+    proptest::proptest! {
+        /// A task record written field by field is byte for byte what the
+        /// generated encoder writes for its stored message.
+        #[test]
+        fn a_task_record_is_stored_as_the_generated_encoder_writes_it(record in any_record()) {
+            proptest::prop_assert_eq!(
+                encode_task_without_spec(&record),
+                encode_stored_task(&record, false)
+            );
+        }
+
+        /// So is a `finished` event, and it reads back whole.
+        #[test]
+        fn a_finished_event_is_stored_as_the_generated_encoder_writes_it(
+            record in any_record(),
+            seq in proptest::prelude::any::<u64>(),
+        ) {
+            let event = TaskEvent {
+                task_id: record.id,
+                seq,
+                attempt: record.attempt,
+                time: record.updated_at,
+                body: EventBody::Finished(Box::new(TaskRecord {
+                    lost_nodes: Vec::new(),
+                    ..record.clone()
+                })),
+            };
+            let bytes = encode_event(&event);
+            proptest::prop_assert_eq!(&bytes, &event_pb(&event, true).encode_to_vec());
         }
     }
 

@@ -45,7 +45,7 @@ use weft_proto::{SecretEnv, TaskId, TaskSpec, TaskState};
 use super::codec::{
     decode_event, decode_node_identity, decode_secrets, decode_spec, decode_task_with_spec,
     decode_token, encode_event_into, encode_node_identity, encode_secrets, encode_spec,
-    encode_task_without_spec, encode_token,
+    encode_task_without_spec_into, encode_token,
 };
 use super::engine::{ListPage, ListQuery, Store, StoreError, scan_page};
 use super::record::{
@@ -699,12 +699,10 @@ impl Inner {
                             pending.known = pending.known.map(|(next, _)| (next, true));
                         }
                         let head = TaskHead::of(task).bytes();
-                        frame::put(
-                            buf,
-                            Kind::Task,
-                            Key::Id(key),
-                            &[&head, &encode_task_without_spec(task)],
-                        );
+                        frame::put_with(buf, Kind::Task, Key::Id(key), |buf| {
+                            buf.extend_from_slice(&head);
+                            encode_task_without_spec_into(task, buf);
+                        });
                     }
                 }
                 Record::Event(event) => {
