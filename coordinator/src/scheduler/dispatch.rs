@@ -110,8 +110,12 @@ impl Scheduler {
             task.attempt = 1;
         }
         let attempt = Attempt(task.attempt);
-        // From here on its records and the assignment share one whole spec.
-        let spec = task.spec.to_spec(self.queue.example(task.class));
+        // From here on its records and the assignment share one whole spec:
+        // the one its Submit's record holds when that is in this batch.
+        let spec = match self.out.spec_written(id) {
+            Some(spec) => spec,
+            None => task.spec.to_spec(self.queue.example(task.class)),
+        };
         task.spec = LiveSpec::Full(Arc::clone(&spec));
         node.credits -= spec.slots;
         node.used += spec.slots;

@@ -223,6 +223,16 @@ impl Effects {
         self.task_at.reserve(tasks);
     }
 
+    /// The whole spec of the record this batch writes for task `id`, if it
+    /// writes one (a task submitted and assigned in one batch): shared
+    /// rather than rebuilt from its class.
+    pub(crate) fn spec_written(&self, id: TaskId) -> Option<Arc<TaskSpec>> {
+        match self.records.get(*self.task_at.get(&id)?)? {
+            Record::Task(record) => Some(Arc::clone(&record.spec)),
+            _ => None,
+        }
+    }
+
     /// Writes `record` with this batch: a task changed again within the
     /// batch has its earlier record replaced where it stands, so the
     /// commit writes each task once, with its latest state, before its

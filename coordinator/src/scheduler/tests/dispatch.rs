@@ -345,3 +345,45 @@ fn free_slots_never_count_prefetch_credits() {
     let stats = h.s.stats();
     assert_eq!((stats.slots, stats.slots_free), (2, 1));
 }
+
+/// A task submitted and assigned in one batch is sent with the very spec
+/// its Submit's record holds (shared, not rebuilt from its class); one
+/// assigned in a later batch gets its spec rebuilt. Either way it is the
+/// spec submitted, input and policy included.
+#[test]
+fn an_assignment_in_its_submits_batch_shares_the_records_spec_and_later_ones_rebuild_it() {
+    let mut h = Harness::new();
+    h.node(S1, reg("n1", 4), 1);
+    let spec = |input: &'static str| {
+        TaskSpec::call("noop", input)
+            .priority(7)
+            .fair_key("team-a", 2)
+            .concurrency("user-42", 5, weft_proto::OverLimit::Queue)
+            .name("job")
+    };
+    let ids = h.submit(vec![spec("first"), spec("second")]);
+    let e = h.effects();
+    let sent = &e.nodes[&S1].assign;
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].task_id, ids[0]);
+    let written = e
+        .records
+        .iter()
+        .find_map(|r| match r {
+            Record::Task(t) if t.id == ids[0] => Some(t),
+            _ => None,
+        })
+        .expect("the first task's record");
+    assert_eq!(written.state, TaskState::Assigned);
+    assert!(Arc::ptr_eq(&sent[0].spec, &written.spec), "shared");
+    assert_eq!(*sent[0].spec, spec("first"));
+    h.s.credits(S1, 1, h.now);
+    let e = h.effects();
+    let sent = &e.nodes[&S1].assign;
+    assert_eq!(sent[0].task_id, ids[1]);
+    assert_eq!(
+        *sent[0].spec,
+        spec("second"),
+        "rebuilt from its class whole"
+    );
+}
