@@ -288,9 +288,9 @@ impl Drop for InFlight {
 }
 
 /// Final task records for a `WaitMany` waiter, one batch per commit.
-pub(crate) type FinalTx = mpsc::Sender<Vec<TaskRecord>>;
+pub(crate) type FinalTx = mpsc::Sender<Vec<Arc<TaskRecord>>>;
 /// Receiving half of [`FinalTx`].
-pub(crate) type FinalRx = mpsc::Receiver<Vec<TaskRecord>>;
+pub(crate) type FinalRx = mpsc::Receiver<Vec<Arc<TaskRecord>>>;
 
 /// The driver's answer to [`Command::WaitMany`].
 pub(crate) struct WaitRegistration {

@@ -285,7 +285,7 @@ impl Watchers {
         // (waiter, final record) pairs, then one batch per waiter made at
         // its size: a commit's results may go to many waiters (tasks that
         // finish out of order, a few for each of many streams).
-        let mut finals: Vec<(u64, &TaskRecord)> = Vec::new();
+        let mut finals: Vec<(u64, &Arc<TaskRecord>)> = Vec::new();
         for record in records {
             let Record::Event(TaskEvent {
                 task_id,
@@ -307,7 +307,8 @@ impl Watchers {
         // Stable: each waiter's records stay in commit order.
         finals.sort_by_key(|(waiter, _)| *waiter);
         let batches = finals.chunk_by(|a, b| a.0 == b.0).map(|group| {
-            let batch: Vec<TaskRecord> = group.iter().map(|(_, t)| TaskRecord::clone(t)).collect();
+            // Shared with the commit's records, not copied.
+            let batch: Vec<Arc<TaskRecord>> = group.iter().map(|(_, t)| Arc::clone(t)).collect();
             (group[0].0, batch)
         });
         for (waiter, batch) in batches {
@@ -316,7 +317,7 @@ impl Watchers {
             };
             *pending = pending.saturating_sub(batch.len());
             let done = *pending == 0;
-            let bytes = batch.iter().map(record_bytes).sum();
+            let bytes = batch.iter().map(|r| record_bytes(r)).sum();
             // Over its budget, full or closed: dropped from live, it
             // registers again for the rest and reads them from the store.
             let sent = budget.try_take(bytes) && {
@@ -527,7 +528,7 @@ pub(crate) async fn wait_final(
 /// The final records of one `WaitMany` stream as they leave towards its
 /// client: each one taken releases its bytes from the stream's budget.
 pub(crate) struct FinalFeed {
-    rx: mpsc::Receiver<Result<TaskRecord, Error>>,
+    rx: mpsc::Receiver<Result<Arc<TaskRecord>, Error>>,
     budget: Arc<WatchBudget>,
 }
 
@@ -540,7 +541,7 @@ impl FinalFeed {
 }
 
 impl futures::Stream for FinalFeed {
-    type Item = Result<TaskRecord, Error>;
+    type Item = Result<Arc<TaskRecord>, Error>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let item = std::task::ready!(self.rx.poll_recv(cx));
@@ -559,7 +560,7 @@ async fn register_many(
     ids: Vec<TaskId>,
     budget: &Arc<WatchBudget>,
     outcomes_only: bool,
-) -> Result<(Vec<TaskRecord>, Option<FinalRx>), Error> {
+) -> Result<(Vec<Arc<TaskRecord>>, Option<FinalRx>), Error> {
     let budget = Arc::clone(budget);
     let WaitRegistration { not_live, live } = handle
         .call(|reply| Command::WaitMany { ids, budget, reply })
@@ -585,7 +586,11 @@ async fn register_many(
     .await?;
     let records = found
         .into_iter()
-        .map(|found| found.map_err(|id| Error::missing_task(id, retention, SystemTime::now())))
+        .map(|found| {
+            found
+                .map(Arc::new)
+                .map_err(|id| Error::missing_task(id, retention, SystemTime::now()))
+        })
         .collect::<Result<Vec<_>, _>>()?;
     Ok((records, live))
 }
@@ -602,10 +607,10 @@ async fn register_many(
 async fn feed_finals(
     handle: Handle,
     mut pending: HashSet<TaskId>,
-    mut ready: Vec<TaskRecord>,
+    mut ready: Vec<Arc<TaskRecord>>,
     mut live: Option<FinalRx>,
     budget: Arc<WatchBudget>,
-    out: mpsc::Sender<Result<TaskRecord, Error>>,
+    out: mpsc::Sender<Result<Arc<TaskRecord>, Error>>,
     outcomes_only: bool,
 ) {
     // Whether the records in `ready` are counted already (from the feed).
@@ -623,7 +628,7 @@ async fn feed_finals(
                 if let Some(mut rx) = live.take() {
                     rx.close();
                     while let Ok(batch) = rx.try_recv() {
-                        budget.release(batch.iter().map(record_bytes).sum());
+                        budget.release(batch.iter().map(|r| record_bytes(r)).sum());
                     }
                 }
                 tokio::select! {

@@ -5,6 +5,7 @@
 //! per-state counters right and the attempt history (assigned, started,
 //! ended) that rides in those records.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -163,7 +164,7 @@ impl Scheduler {
             seq: task.next_seq + 1,
             attempt,
             time: wall,
-            body: EventBody::Finished(Box::new(record)),
+            body: EventBody::Finished(Arc::new(record)),
         }));
         // Nothing can need its secrets any more: gone from memory, and from
         // the store in the commit that makes the task final.

@@ -40,7 +40,7 @@ pub(crate) type EventStream =
 pub(crate) type TaskStream = Counted<FinalTasks>;
 /// One `WaitMany` call's final records, as the API sends them.
 pub(crate) type FinalTasks =
-    Map<FinalFeed, fn(Result<TaskRecord, Error>) -> Result<pb::Task, Status>>;
+    Map<FinalFeed, fn(Result<Arc<TaskRecord>, Error>) -> Result<pb::Task, Status>>;
 
 /// Largest `List` page.
 const MAX_LIST: u32 = 10_000;
@@ -310,7 +310,8 @@ impl TaskApi {
         }
         let outcomes_only = request.view() == pb::TaskView::Result;
         let finals = wait_final(&self.handle, ids, pending, outcomes_only).await?;
-        let tasks: fn(Result<TaskRecord, Error>) -> Result<pb::Task, Status> = match request.view()
+        let tasks: fn(Result<Arc<TaskRecord>, Error>) -> Result<pb::Task, Status> = match request
+            .view()
         {
             pb::TaskView::Result => |task| task.map(|t| task_result_pb(&t)).map_err(Status::from),
             pb::TaskView::Unspecified | pb::TaskView::Full => {

@@ -485,7 +485,7 @@ pub(crate) fn decode_event(
             message: p.message,
         },
         Body::Finished(task) => {
-            EventBody::Finished(Box::new(record_from_pb(task_id, task, Arc::clone(spec))?))
+            EventBody::Finished(Arc::new(record_from_pb(task_id, task, Arc::clone(spec))?))
         }
     };
     Ok(TaskEvent {
@@ -606,7 +606,7 @@ mod tests {
             seq: 7,
             attempt: Attempt(2),
             time: record.updated_at,
-            body: EventBody::Finished(Box::new(TaskRecord {
+            body: EventBody::Finished(Arc::new(TaskRecord {
                 lost_nodes: Vec::new(),
                 next_seq: 8,
                 ..record.clone()
@@ -806,7 +806,7 @@ mod tests {
                 seq,
                 attempt: record.attempt,
                 time: record.updated_at,
-                body: EventBody::Finished(Box::new(TaskRecord {
+                body: EventBody::Finished(Arc::new(TaskRecord {
                     lost_nodes: Vec::new(),
                     ..record.clone()
                 })),

@@ -123,7 +123,7 @@ fn fill(store: &dyn Store) -> Filled {
             records.push(event(
                 *id,
                 4,
-                EventBody::Finished(Box::new(TaskRecord {
+                EventBody::Finished(Arc::new(TaskRecord {
                     next_seq: 5,
                     ..record
                 })),

@@ -176,7 +176,7 @@ pub enum EventBody {
         message: String,
     },
     /// The task reached a final state; always the last event.
-    Finished(Box<TaskRecord>),
+    Finished(Arc<TaskRecord>),
 }
 
 impl EventBody {

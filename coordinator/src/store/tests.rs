@@ -47,7 +47,7 @@ fn finished(record: &TaskRecord, seq: u64) -> Record {
         seq,
         attempt: record.attempt,
         time: record.updated_at,
-        body: EventBody::Finished(Box::new(TaskRecord {
+        body: EventBody::Finished(Arc::new(TaskRecord {
             next_seq: seq + 1,
             ..record.clone()
         })),

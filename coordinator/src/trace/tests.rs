@@ -51,7 +51,7 @@ fn finished(id: TaskId, spec: &Arc<TaskSpec>, seq: u64, ms: u64) -> Vec<Record> 
             seq,
             attempt: Attempt(1),
             time: at(ms),
-            body: EventBody::Finished(Box::new(done)),
+            body: EventBody::Finished(Arc::new(done)),
         }),
     ]
 }

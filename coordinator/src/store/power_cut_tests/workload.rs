@@ -219,7 +219,7 @@ impl Writer {
         }
         r.next_seq = task.events.len() as u64 + 1;
         records.push(Record::Task(task.record.clone()));
-        let body = EventBody::Finished(Box::new(task.record.clone()));
+        let body = EventBody::Finished(Arc::new(task.record.clone()));
         let event = self.event(task, body);
         task.events.push(event.clone());
         records.push(Record::Event(event));
