@@ -765,7 +765,10 @@ async fn a_stalled_wait_many_stream_holds_at_most_its_budget_and_then_gets_every
     while let Some(task) = soon("the next task", futures::StreamExt::next(&mut feed)).await {
         let task = task.unwrap_or_else(|err| panic!("{err}"));
         assert!(feed.queued() <= limit, "{} bytes queued", feed.queued());
-        assert!(got.insert(task.id, task.output.clone()).is_none(), "a task twice");
+        assert!(
+            got.insert(task.id, task.output.clone()).is_none(),
+            "a task twice"
+        );
     }
     assert_eq!(got.len(), TASKS);
     for (n, id) in all.iter().enumerate() {
