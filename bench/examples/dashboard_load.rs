@@ -184,7 +184,7 @@ fn fill(dir: &Path, n: usize) -> anyhow::Result<()> {
                     chunk: Some(0),
                 },
             ));
-            batch.push(event(2, EventBody::Finished(Box::new(record))));
+            batch.push(event(2, EventBody::Finished(Arc::new(record))));
         } else {
             batch.push(Record::Task(record));
         }

@@ -252,7 +252,7 @@ impl Workload {
                             seq: 4,
                             attempt: Attempt(1),
                             time: wall,
-                            body: EventBody::Finished(Box::new(record)),
+                            body: EventBody::Finished(Arc::new(record)),
                         }));
                         self.specs[i] = None;
                     }
