@@ -620,7 +620,16 @@ impl Scheduler {
             let secret_env = std::mem::take(&mut spec.secret_env);
             // A queued task keeps only what its class's example lacks.
             let (live, spec) = match LiveSpec::compact(&spec, self.queue.example(class)) {
-                Some(live) => (live, Arc::new(spec)),
+                Some(live) => {
+                    // Its resources are its class's (the class compares
+                    // them): the example's map is shared instead, so the
+                    // node accounting and the records read one warm map,
+                    // and this task's own copy goes now.
+                    if !spec.resources.is_empty() {
+                        spec.resources = self.queue.example(class).resources.clone();
+                    }
+                    (live, Arc::new(spec))
+                }
                 None => LiveSpec::full(spec),
             };
             let is_served = match served.iter().find(|(c, _)| *c == class) {

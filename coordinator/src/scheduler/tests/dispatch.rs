@@ -387,3 +387,30 @@ fn an_assignment_in_its_submits_batch_shares_the_records_spec_and_later_ones_reb
         "rebuilt from its class whole"
     );
 }
+
+/// Tasks of one class share their class's resources map (the class
+/// compares them equal), whichever batch they are assigned in, so each
+/// task's own copy is let go at Submit.
+#[test]
+fn tasks_of_a_class_share_one_resources_map() {
+    let mut h = Harness::new();
+    let mut node = reg("n1", 4);
+    node.resources.insert("cpu".into(), 8);
+    h.node(S1, node, 2);
+    let spec = |input: &'static str| TaskSpec::call("noop", input).resource("cpu", 2);
+    let ids = h.submit(vec![spec("a"), spec("b"), spec("c")]);
+    let e = h.effects();
+    let sent = &e.nodes[&S1].assign;
+    assert_eq!(sent.len(), 2);
+    h.s.credits(S1, 1, h.now);
+    let later = h.effects();
+    let third = &later.nodes[&S1].assign[0];
+    assert_eq!(third.task_id, ids[2]);
+    for assignment in [&sent[1], third] {
+        assert_eq!(assignment.spec.resources.get("cpu"), Some(&2));
+        assert!(
+            std::ptr::eq(&*assignment.spec.resources, &*sent[0].spec.resources),
+            "one map"
+        );
+    }
+}
