@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
+use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt, stream};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -87,16 +88,40 @@ pub fn noop(x: usize) -> TaskSpec {
     TaskSpec::call("noop", x.to_string())
 }
 
+/// What the steps keep of a finished noop: its id (for errors) and its
+/// output (checked against its input).
+#[derive(Debug, Clone)]
+pub struct Output {
+    /// The task.
+    pub id: TaskId,
+    /// Its handler's return value.
+    pub output: Bytes,
+}
+
+impl Output {
+    fn of(task: Task) -> Output {
+        Output {
+            id: task.id,
+            output: task.output,
+        }
+    }
+}
+
 /// Submits `specs` (pipelined: chunks of `PIPELINE_CHUNK` through
 /// `submit_many` while earlier ones are already being waited on) and waits
 /// for every chunk's results through one `WaitMany` stream per chunk, at
-/// most `concurrency` open at once; answers the final tasks in submission
-/// order. Any task not SUCCEEDED is an error.
+/// most `concurrency` open at once; answers each task's output, in
+/// submission order. Any task not SUCCEEDED is an error.
+///
+/// Only ids and outputs are kept, each put in its place as it arrives
+/// (what a consumer of results does): keeping every whole record and
+/// putting it back in order would spend the cores the cluster shares with
+/// this process on copying records.
 pub async fn run_all(
     client: &Client,
     specs: Vec<TaskSpec>,
     concurrency: usize,
-) -> anyhow::Result<Vec<Task>> {
+) -> anyhow::Result<Vec<Output>> {
     let total = specs.len();
     let (tx, rx) = mpsc::channel::<Vec<TaskId>>(64);
     let submitter = async move {
@@ -110,23 +135,20 @@ pub async fn run_all(
         }
         anyhow::Ok(())
     };
-    // The results go straight into one vector sized for all of them: the
-    // bench process shares the cores with the cluster, so what it spends
-    // regrowing and copying a vector of results is taken from the figure.
     let waiter = ReceiverStream::new(rx)
-        .map(|ids| async move { wait_chunk(client, ids).await })
+        .map(|ids| async move { wait_chunk(client, ids, Output::of).await })
         .buffered(concurrency.max(1))
-        .try_fold(Vec::with_capacity(total), |mut tasks, chunk| async move {
-            tasks.extend(chunk);
-            Ok(tasks)
+        .try_fold(Vec::with_capacity(total), |mut outputs, chunk| async move {
+            outputs.extend(chunk);
+            Ok(outputs)
         });
-    let ((), tasks) = futures::try_join!(submitter, waiter)?;
+    let ((), outputs) = futures::try_join!(submitter, waiter)?;
     ensure!(
-        tasks.len() == total,
+        outputs.len() == total,
         "{} results for {total} tasks",
-        tasks.len()
+        outputs.len()
     );
-    Ok(tasks)
+    Ok(outputs)
 }
 
 /// Waits for tasks already submitted, one `WaitMany` stream per chunk of
@@ -139,19 +161,24 @@ pub async fn wait_ids(
 ) -> anyhow::Result<Vec<Task>> {
     let chunks: Vec<Vec<TaskId>> = ids.chunks(PIPELINE_CHUNK).map(<[TaskId]>::to_vec).collect();
     let done: Vec<Vec<Task>> = stream::iter(chunks)
-        .map(|ids| wait_chunk(client, ids))
+        .map(|ids| wait_chunk(client, ids, |task| task))
         .buffered(concurrency.max(1))
         .try_collect()
         .await?;
     Ok(done.into_iter().flatten().collect())
 }
 
-/// Waits for one chunk of tasks through `WaitMany`; answers them in the
-/// order of `ids`. Any task not SUCCEEDED is an error.
-async fn wait_chunk(client: &Client, ids: Vec<TaskId>) -> anyhow::Result<Vec<Task>> {
-    // Each result goes straight to its place: a task is moved once.
+/// Waits for one chunk of tasks through `WaitMany`; answers what `keep`
+/// takes of each, in the order of `ids`. Any task not SUCCEEDED is an
+/// error.
+async fn wait_chunk<T>(
+    client: &Client,
+    ids: Vec<TaskId>,
+    keep: impl Fn(Task) -> T,
+) -> anyhow::Result<Vec<T>> {
+    // Each result goes straight to its place: what is kept is moved once.
     let at: HashMap<TaskId, usize> = ids.iter().enumerate().map(|(i, id)| (*id, i)).collect();
-    let mut done: Vec<Option<Task>> = Vec::with_capacity(ids.len());
+    let mut done: Vec<Option<T>> = Vec::with_capacity(ids.len());
     done.resize_with(ids.len(), || None);
     let mut finals = client.wait_results(ids.clone());
     while let Some(task) = finals.next().await {
@@ -165,22 +192,22 @@ async fn wait_chunk(client: &Client, ids: Vec<TaskId>) -> anyhow::Result<Vec<Tas
                 task.id
             );
         };
-        done[i] = Some(task);
+        done[i] = Some(keep(task));
     }
     ids.iter()
         .zip(done)
-        .map(|(id, task)| task.with_context(|| format!("no result for task {id}")))
+        .map(|(id, kept)| kept.with_context(|| format!("no result for task {id}")))
         .collect()
 }
 
 /// Checks that the outputs are the inputs, in submission order.
-pub fn check_noop(tasks: &[Task], inputs: impl Iterator<Item = usize>) -> anyhow::Result<()> {
-    for (task, x) in tasks.iter().zip(inputs) {
-        if task.output[..] != *x.to_string().as_bytes() {
+pub fn check_noop(outputs: &[Output], inputs: impl Iterator<Item = usize>) -> anyhow::Result<()> {
+    for (done, x) in outputs.iter().zip(inputs) {
+        if done.output[..] != *x.to_string().as_bytes() {
             bail!(
                 "wrong result for noop({x}) (task {}): {:?}",
-                task.id,
-                String::from_utf8_lossy(&task.output)
+                done.id,
+                String::from_utf8_lossy(&done.output)
             );
         }
     }
@@ -300,4 +327,30 @@ pub async fn burn_single(client: &Client) -> anyhow::Result<f64> {
         times.push(once().await?);
     }
     crate::stats::median(&times).context("no burn samples")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn done(x: &str) -> Output {
+        Output {
+            id: TaskId::new(),
+            output: Bytes::copy_from_slice(x.as_bytes()),
+        }
+    }
+
+    #[test]
+    fn outputs_pass_the_check_only_when_each_is_its_own_input_in_order() {
+        let outputs = vec![done("0"), done("1"), done("2")];
+        check_noop(&outputs, 0..3).unwrap();
+
+        let swapped = vec![done("0"), done("2"), done("1")];
+        let bad = swapped[1].id;
+        let err = check_noop(&swapped, 0..3).unwrap_err().to_string();
+        assert!(
+            err.contains("noop(1)") && err.contains(&bad.to_string()),
+            "{err}"
+        );
+    }
 }
