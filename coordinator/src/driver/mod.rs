@@ -352,6 +352,8 @@ impl Driver {
                 commit: ran,
                 released: SystemTime::now(),
             });
+        } else {
+            self.scheduler.recycle_records(records);
         }
         for session in held.disconnect {
             if self.scheduler.is_revoked_session(session) {

@@ -199,18 +199,39 @@ pub struct Effects {
 /// of time (a record is a few hundred bytes).
 const EFFECTS_ROOM_MAX: usize = 4096;
 
+/// Record buffers of committed batches kept for the next batches (one
+/// prepared while one commits, and one spare).
+const SPARE_RECORD_BUFFERS: usize = 2;
+
+/// The largest record buffer kept for reuse (about 5 MiB); a larger one,
+/// grown by a burst, is given back.
+const SPARE_RECORDS_MAX: usize = 16 * 1024;
+
 impl Effects {
     /// Effects with room for `records` records of `tasks` tasks, so a
     /// batch the size of the last one fills them without growing them
     /// (each growth copies every record so far, and a record is a few
-    /// hundred bytes).
-    fn with_room(records: usize, tasks: usize) -> Effects {
+    /// hundred bytes). `buffer`, an emptied record buffer of a committed
+    /// batch, is used when there is one: its pages are already mapped.
+    fn with_room(
+        records: usize,
+        tasks: usize,
+        buffer: Option<Vec<Record>>,
+        mut task_at: crate::IdMap<TaskId, usize>,
+    ) -> Effects {
+        let mut buffer = buffer.unwrap_or_default();
+        buffer.reserve(records.min(EFFECTS_ROOM_MAX));
+        // Kept unless much larger than the last batch needed: spread over
+        // the room a burst once needed, its lookups would miss the cache.
+        if task_at.capacity() > 8 * tasks.max(1024) {
+            task_at = crate::IdMap::default();
+        } else {
+            task_at.clear();
+        }
+        task_at.reserve(tasks.min(EFFECTS_ROOM_MAX));
         Effects {
-            records: Vec::with_capacity(records.min(EFFECTS_ROOM_MAX)),
-            task_at: crate::IdMap::with_capacity_and_hasher(
-                tasks.min(EFFECTS_ROOM_MAX),
-                Default::default(),
-            ),
+            records: buffer,
+            task_at,
             ..Effects::default()
         }
     }
@@ -396,6 +417,8 @@ pub struct Scheduler {
     /// while no task uses them.
     graph: graph::Graph,
     out: Effects,
+    /// Emptied record buffers of committed batches (`recycle_records`).
+    spare_records: Vec<Vec<Record>>,
     /// Cron schedules (`cron`): empty unless some were created.
     schedules: cron::Schedules,
     /// What is observed per task as it happens (durations, how tasks end,
@@ -438,6 +461,7 @@ impl Scheduler {
             secrets: HashMap::new(),
             graph: graph::Graph::default(),
             out: Effects::default(),
+            spare_records: Vec::new(),
             schedules: cron::Schedules::default(),
             metrics: Arc::default(),
         }
@@ -884,9 +908,33 @@ impl Scheduler {
         } else {
             self.cancels_ordered.clear();
         }
-        // The next batch is made room for at this one's size.
-        let room = Effects::with_room(self.out.records.len(), self.out.task_at.len());
+        // The next batch is made room for at this one's size, in a buffer
+        // a committed batch gave back where there is one.
+        let task_at = std::mem::take(&mut self.out.task_at);
+        let room = Effects::with_room(
+            self.out.records.len(),
+            task_at.len(),
+            self.spare_records.pop(),
+            task_at,
+        );
         std::mem::replace(&mut self.out, room)
+    }
+
+    /// Takes back the record buffer of a committed batch (its records
+    /// released), emptied, for a later batch: a new buffer each batch
+    /// would have its pages mapped and grown again. One that a burst grew
+    /// past [`SPARE_RECORDS_MAX`], or that was mostly empty, is dropped.
+    pub fn recycle_records(&mut self, mut records: Vec<Record>) {
+        let capacity = records.capacity();
+        if capacity == 0
+            || capacity > SPARE_RECORDS_MAX
+            || (capacity > EFFECTS_ROOM_MAX && records.len() < capacity / 4)
+            || self.spare_records.len() >= SPARE_RECORD_BUFFERS
+        {
+            return;
+        }
+        records.clear();
+        self.spare_records.push(records);
     }
 
     /// How long `spec` may wait for a connected node serving its handler:

@@ -414,3 +414,36 @@ fn tasks_of_a_class_share_one_resources_map() {
         );
     }
 }
+
+/// A committed batch's record buffer, given back emptied, is what a later
+/// batch's records are written into (its pages are mapped already); one a
+/// burst grew far past a usual batch is let go, not kept.
+#[test]
+fn a_committed_batchs_record_buffer_holds_a_later_batchs_records_and_a_bursts_is_let_go() {
+    let mut h = Harness::new();
+    h.node(S1, reg("n1", 4), 1);
+    let mut committed = h.effects().records;
+    committed.reserve(1000);
+    let (kept, capacity) = (committed.as_ptr(), committed.capacity());
+    h.s.recycle_records(committed);
+    // The batch being built took its room before the buffer came back;
+    // the one after it is written into the buffer.
+    let _ = h.effects();
+    h.submit(vec![TaskSpec::call("noop", "x")]);
+    let e = h.effects();
+    assert_eq!(e.records.as_ptr(), kept);
+    assert_eq!(e.records.capacity(), capacity);
+    assert!(
+        !e.records.is_empty(),
+        "the batch's own records, none left over"
+    );
+    assert!(
+        e.records
+            .iter()
+            .all(|r| matches!(r, Record::Task(_) | Record::Event(_)))
+    );
+
+    h.s.recycle_records(Vec::with_capacity(100_000));
+    let _ = h.effects();
+    assert!(h.effects().records.capacity() < 100_000, "let go");
+}

@@ -205,13 +205,15 @@ fn split_assign(
         body: Some(pb::coordinator_message::Body::Assign(pb::Assign { tasks })),
     };
     let mut messages = Vec::new();
-    let mut tasks = Vec::new();
+    // Made room for what is left: one message, unless the limit splits it.
+    let mut tasks = Vec::with_capacity(assignments.len());
     let mut size = 0;
-    for assignment in assignments {
+    for (i, assignment) in assignments.iter().enumerate() {
         let assignment = assignment_to_pb(assignment, traced);
         let len = prost::encoding::message::encoded_len(1, &assignment);
         if !tasks.is_empty() && size + len > budget {
-            messages.push(message(std::mem::take(&mut tasks)));
+            let rest = Vec::with_capacity(assignments.len() - i);
+            messages.push(message(std::mem::replace(&mut tasks, rest)));
             size = 0;
         }
         size += len;
