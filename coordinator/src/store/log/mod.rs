@@ -97,6 +97,11 @@ struct Inner {
 /// commits.
 const MAX_KEPT_PENDING: usize = 1 << 16;
 
+/// Room for this many tasks the per-commit table always keeps (a table
+/// that size fits in a core's cache); above it, the table keeps only room
+/// the last commit used at least an eighth of.
+const KEPT_PENDING_FLOOR: usize = 1 << 10;
+
 /// The appending end: one at a time.
 struct Writer {
     active: u32,
@@ -791,9 +796,12 @@ impl Inner {
             pending.get(&id).and_then(|p| p.slot)
         });
         // Kept for the next commit, so its table is not grown again from
-        // empty; one much larger than a usual commit's is let go.
-        if pending.capacity() > MAX_KEPT_PENDING {
-            pending = crate::IdMap::default();
+        // empty; one much larger than a usual commit's is let go. So is
+        // one much larger than this commit needed: a commit's tasks are
+        // looked up in it three times each, and spread over the room a
+        // burst once needed, each lookup would be a cache miss.
+        if kept_room_too_large(pending.capacity(), pending.len()) {
+            pending = crate::IdMap::with_capacity_and_hasher(pending.len(), Default::default());
         }
         writer.pending = pending;
         appended?;
@@ -839,6 +847,12 @@ impl Inner {
             .map(|(name, loc, file)| self.read_body(&**file, *loc, kind, Key::Name(name)))
             .collect()
     }
+}
+
+/// Whether the per-commit table, with room for `capacity` tasks after a
+/// commit of `used`, is to be replaced by one the commit's size.
+fn kept_room_too_large(capacity: usize, used: usize) -> bool {
+    capacity > MAX_KEPT_PENDING || capacity > 8 * used.max(KEPT_PENDING_FLOOR)
 }
 
 /// A task's place in one commit being encoded (`LogStore::encode`).

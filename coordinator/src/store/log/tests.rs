@@ -528,3 +528,20 @@ fn opening_a_million_queued_tasks() {
     );
     assert_eq!(live, n);
 }
+
+/// The writer's per-commit table keeps its room between commits, unless
+/// that room is far more than the last commit used: a small table always,
+/// a burst's only while commits still fill an eighth of it, and never
+/// past its cap.
+#[test]
+fn the_per_commit_table_keeps_the_room_commits_use_and_lets_a_bursts_go() {
+    use super::{KEPT_PENDING_FLOOR, MAX_KEPT_PENDING, kept_room_too_large};
+    assert!(!kept_room_too_large(8 * KEPT_PENDING_FLOOR, 0));
+    assert!(!kept_room_too_large(1 << 15, (1 << 15) / 8));
+    assert!(kept_room_too_large(1 << 15, (1 << 15) / 8 - 1));
+    assert!(kept_room_too_large(8 * KEPT_PENDING_FLOOR + 1, 10));
+    assert!(kept_room_too_large(
+        2 * MAX_KEPT_PENDING,
+        2 * MAX_KEPT_PENDING
+    ));
+}
