@@ -31,8 +31,10 @@ use crate::reaper::Reaper;
 pub(crate) struct Assignment {
     /// The attempt to run.
     pub(crate) key: AttemptKey,
-    /// Its validated spec, or why it cannot start.
-    pub(crate) spec: Result<TaskSpec, InvalidSpec>,
+    /// Its validated spec (boxed: a spec is several hundred bytes, and the
+    /// attempt is moved from the decoder to the queue to its task), or why
+    /// it cannot start.
+    pub(crate) spec: Result<Box<TaskSpec>, InvalidSpec>,
     /// The results of the tasks it runs after, in `after` order.
     pub(crate) parents: Arc<[ParentResult]>,
 }

@@ -121,7 +121,7 @@ pub(crate) fn assignment(wire: pb::Assignment) -> Result<Assignment, ConversionE
     let spec = match wire.spec.map(TaskSpec::try_from) {
         Some(Ok(mut spec)) => {
             spec.trace = trace;
-            Ok(spec)
+            Ok(Box::new(spec))
         }
         Some(Err(err)) => Err(InvalidSpec {
             slots,

@@ -39,7 +39,7 @@ use crate::slots::{self, Refusal};
 
 /// What starting a queued attempt takes.
 struct Work {
-    spec: TaskSpec,
+    spec: Box<TaskSpec>,
     emit: Emitter,
     parents: Arc<[crate::handlers::ParentResult]>,
 }
