@@ -334,6 +334,39 @@ async fn handler_timeout_reports_timed_out() {
     assert_eq!(outcome(&done), Outcome::TimedOut);
 }
 
+/// An async handler that holds its thread without yielding (a mistake:
+/// such code belongs in a blocking handler) cannot hold its attempt past
+/// the timeout, nor turn a timed-out attempt into a success when it
+/// returns at last.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_async_handler_holding_its_thread_is_timed_out_on_time_not_reported_succeeded() {
+    let (tx, mut rx) = events::channel();
+    let mut registry = HandlerRegistry::with_builtins();
+    registry.register_async("hold", |_request| async {
+        std::thread::sleep(Duration::from_millis(1500));
+        Ok(bytes::Bytes::from_static(b"too late"))
+    });
+    let executor = Executor::new(
+        registry,
+        tx,
+        TaskTracker::new(),
+        CancellationToken::new(),
+        Arc::new(Lease::new(None)),
+        1,
+        0,
+    );
+    let (wire, key) = assignment(TaskSpec::call("hold", "").timeout(Duration::from_millis(100)));
+    let began = StdInstant::now();
+    executor.assign(wire);
+    let (_, done) = until_finished(&executor, &mut rx, key).await;
+    let took = began.elapsed();
+    assert_eq!(outcome(&done), Outcome::TimedOut);
+    assert!(
+        took < Duration::from_millis(1000),
+        "reported after {took:?}, not at its 100 ms timeout"
+    );
+}
+
 #[tokio::test]
 async fn cancel_stops_exactly_that_attempt() {
     let (executor, mut rx) = executor(2);

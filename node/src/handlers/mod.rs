@@ -3,7 +3,7 @@
 //!
 //! Because handlers are services, timeouts, concurrency limits and tracing
 //! are tower layers (`register_service`). Two helpers cover the common kinds:
-//! `register_async` (I/O-bound: run in the attempt's task) and `register_blocking`
+//! `register_async` (I/O-bound: a tokio task) and `register_blocking`
 //! (CPU-bound or blocking code: `spawn_blocking` on a pool bounded by the
 //! node's `blocking_threads`). Built-ins live in [`builtin`].
 //! This module runs handlers; it does not know about attempts, slots or
@@ -18,7 +18,6 @@ use std::future::Future;
 use std::sync::{Arc, RwLock};
 
 use bytes::Bytes;
-use futures::FutureExt as _;
 use tokio::sync::Semaphore;
 use tokio::task::{JoinError, JoinHandle};
 use tokio_util::sync::CancellationToken;
@@ -164,23 +163,20 @@ impl HandlerRegistry {
         self
     }
 
-    /// Registers an async (I/O-bound) handler: each call runs within its
-    /// attempt's own tokio task (no task of its own to spawn, schedule and
-    /// join for every attempt), dropped when the attempt is cancelled. A
-    /// panic in it is caught and fails the attempt, as in a task of its own.
+    /// Registers an async (I/O-bound) handler: each call runs as a tokio
+    /// task of its own, aborted when the attempt is cancelled. Apart from
+    /// its attempt's task, so the attempt's timeout, cancel and drain act
+    /// on time even while a call holds its thread without yielding (code
+    /// that blocks belongs in [`register_blocking`](Self::register_blocking),
+    /// but a mistake there must not outlive its timeout or report success).
     pub fn register_async<F, Fut>(&mut self, name: impl Into<String>, handler: F) -> &mut Self
     where
         F: Fn(HandlerRequest) -> Fut + Clone + Send + Sync + 'static,
         Fut: Future<Output = Result<Bytes, HandlerError>> + Send + 'static,
     {
         let service = tower::service_fn(move |request: HandlerRequest| {
-            // Unwind safety: a panicked call's future is dropped at once,
-            // and nothing it borrowed is used again.
-            let call = std::panic::AssertUnwindSafe(handler(request)).catch_unwind();
-            async move {
-                call.await
-                    .unwrap_or_else(|payload| Err(HandlerError::Panicked(panic_message(payload))))
-            }
+            let task = AbortOnDrop(tokio::spawn(handler(request)));
+            task.join()
         });
         self.register_service(name, service)
     }
