@@ -652,6 +652,9 @@ impl Scheduler {
                     if !spec.resources.is_empty() {
                         spec.resources = self.queue.example(class).resources.clone();
                     }
+                    // Its record's spec becomes the live task's when it is
+                    // assigned in this batch (`Effects::spec_written`).
+                    task::own_input(&mut spec);
                     (live, Arc::new(spec))
                 }
                 None => LiveSpec::full(spec),

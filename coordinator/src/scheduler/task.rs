@@ -87,13 +87,7 @@ impl LiveSpec {
     /// `spec` whole, with its bytes copied out of whatever buffer they
     /// share (see the type's docs).
     pub fn full(mut spec: TaskSpec) -> (LiveSpec, Arc<TaskSpec>) {
-        let bytes = match &mut spec.kind {
-            TaskKind::Call(call) => &mut call.input,
-            TaskKind::Exec(exec) => &mut exec.stdin,
-        };
-        if !bytes.is_empty() {
-            *bytes = Bytes::copy_from_slice(bytes);
-        }
+        own_input(&mut spec);
         let spec = Arc::new(spec);
         (LiveSpec::Full(Arc::clone(&spec)), spec)
     }
@@ -119,6 +113,19 @@ impl LiveSpec {
             call.input = Bytes::copy_from_slice(input);
         }
         Arc::new(spec)
+    }
+}
+
+/// Makes `spec`'s input (a call's input, a command's stdin) a copy of its
+/// own, so a spec that lives on (a live task's, an assignment's) does not
+/// keep the buffer of the request it was decoded from.
+pub(crate) fn own_input(spec: &mut TaskSpec) {
+    let bytes = match &mut spec.kind {
+        TaskKind::Call(call) => &mut call.input,
+        TaskKind::Exec(exec) => &mut exec.stdin,
+    };
+    if !bytes.is_empty() {
+        *bytes = Bytes::copy_from_slice(bytes);
     }
 }
 

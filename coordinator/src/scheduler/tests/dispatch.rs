@@ -447,3 +447,39 @@ fn a_committed_batchs_record_buffer_holds_a_later_batchs_records_and_a_bursts_is
     let _ = h.effects();
     assert!(h.effects().records.capacity() < 100_000, "let go");
 }
+
+/// A task assigned in its Submit's batch shares its record's spec, and
+/// that spec's input is a copy of its own: a decoded Submit's specs slice
+/// the request's buffer, which a long-lived task must not keep (a
+/// megabyte of request for ten bytes of input).
+#[test]
+fn a_task_assigned_in_its_submits_batch_keeps_no_part_of_the_request() {
+    let mut h = Harness::new();
+    h.node(S1, reg("n1", 4), 1);
+    let request = bytes::Bytes::from(vec![b'x'; 1 << 20]);
+    let buffer = request.as_ptr() as usize..request.as_ptr() as usize + request.len();
+    let specs = vec![
+        TaskSpec::call("noop", request.slice(0..10)),
+        TaskSpec::call("noop", request.slice(10..20)),
+    ];
+    drop(request);
+    let ids = h.submit(specs);
+    let e = h.effects();
+    assert_eq!(
+        e.nodes[&S1].assign[0].task_id, ids[0],
+        "assigned in its batch"
+    );
+    for id in &ids {
+        let live = h.s.tasks.get(id).expect("live");
+        let spec = live.spec.to_spec(h.s.queue.example(live.class));
+        let TaskKind::Call(call) = &spec.kind else {
+            panic!("a call")
+        };
+        assert_eq!(&call.input[..], &[b'x'; 10][..]);
+        let at = call.input.as_ptr() as usize;
+        assert!(
+            !buffer.contains(&at),
+            "task {id} keeps a slice of the request"
+        );
+    }
+}
