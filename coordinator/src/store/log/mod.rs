@@ -800,8 +800,8 @@ impl Inner {
         // one much larger than this commit needed: a commit's tasks are
         // looked up in it three times each, and spread over the room a
         // burst once needed, each lookup would be a cache miss.
-        if kept_room_too_large(pending.capacity(), pending.len()) {
-            pending = crate::IdMap::with_capacity_and_hasher(pending.len(), Default::default());
+        if let Some(room) = room_to_keep(pending.capacity(), pending.len()) {
+            pending = crate::IdMap::with_capacity_and_hasher(room, Default::default());
         }
         writer.pending = pending;
         appended?;
@@ -849,10 +849,14 @@ impl Inner {
     }
 }
 
-/// Whether the per-commit table, with room for `capacity` tasks after a
-/// commit of `used`, is to be replaced by one the commit's size.
-fn kept_room_too_large(capacity: usize, used: usize) -> bool {
-    capacity > MAX_KEPT_PENDING || capacity > 8 * used.max(KEPT_PENDING_FLOOR)
+/// The room the per-commit table is to be made again with, when its room
+/// for `capacity` tasks after a commit of `used` is too much to keep: the
+/// commit's size, or none past the cap. `None`: keep it as it is.
+fn room_to_keep(capacity: usize, used: usize) -> Option<usize> {
+    if capacity <= MAX_KEPT_PENDING && capacity <= 8 * used.max(KEPT_PENDING_FLOOR) {
+        return None;
+    }
+    Some(if used > MAX_KEPT_PENDING { 0 } else { used })
 }
 
 /// A task's place in one commit being encoded (`LogStore::encode`).
