@@ -199,6 +199,11 @@ impl Executor {
         self.slots().keys()
     }
 
+    /// Whether `key` is running or queued on this node.
+    pub(crate) fn holds(&self, key: AttemptKey) -> bool {
+        self.slots().holds(key)
+    }
+
     /// Number of attempts holding slots.
     pub(crate) fn running(&self) -> usize {
         self.slots().running()

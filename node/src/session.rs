@@ -504,8 +504,12 @@ fn handle(ctx: &NodeCtx, message: pb::CoordinatorMessage, now: Instant) -> Resul
         }
         Some(Inbound::Cancel(cancel)) => match codec::cancel(cancel) {
             Ok((key, reason)) => {
-                // Stale on the coordinator: never send its result again.
-                ctx.outbox.forget(key);
+                // Stale on the coordinator: never send its output or result
+                // again. An attempt still held here has sent no result (or
+                // one just now, which the coordinator ignores if it is sent
+                // again after a reconnect, as it does any stale result);
+                // only one that ended here before the Cancel has one kept.
+                ctx.outbox.forget(key, !ctx.executor.holds(key));
                 ctx.executor.cancel(key, reason);
             }
             Err(err) => warn!(error = %err, "Cancel with an invalid task id; ignored"),

@@ -161,6 +161,11 @@ impl<C: Clone, W> Slots<C, W> {
         self.running.len() + self.queued.len()
     }
 
+    /// Whether `key` is running or queued here.
+    pub(crate) fn holds(&self, key: AttemptKey) -> bool {
+        self.running.contains_key(&key) || self.queued_keys.contains_key(&key)
+    }
+
     /// Number of attempts holding slots.
     pub(crate) fn running(&self) -> usize {
         self.running.len()
@@ -371,6 +376,27 @@ mod tests {
             Ok(started) => panic!("taken: {:?}", labels(&started)),
             Err((refusal, _)) => refusal,
         }
+    }
+
+    /// An attempt is held from its assignment, queued or running, to its
+    /// release; a cancel asks this to know whether it may have sent its
+    /// result already.
+    #[test]
+    fn an_attempt_is_held_queued_or_running_until_its_release() {
+        let mut slots = TestSlots::new(1, 1);
+        let (a, b) = (attempt(1, "a"), attempt(1, "b"));
+        let (a_key, b_key) = (a.key, b.key);
+        assert!(!slots.holds(a_key));
+        assert_eq!(take(&mut slots, a), ["a"]);
+        assert!(take(&mut slots, b).is_empty(), "b waits for a's slot");
+        assert!(
+            slots.holds(a_key) && slots.holds(b_key),
+            "running and queued"
+        );
+        assert_eq!(labels(&slots.release(a_key)), ["b"]);
+        assert!(!slots.holds(a_key) && slots.holds(b_key));
+        assert!(slots.release(b_key).is_empty());
+        assert!(!slots.holds(b_key));
     }
 
     #[test]

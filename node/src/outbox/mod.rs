@@ -123,10 +123,15 @@ impl Outbox {
         self.redelivery().snapshot(now)
     }
 
-    /// Never sends the result of `key` again: the coordinator cancelled it,
-    /// so it is stale there.
-    pub(crate) fn forget(&self, key: AttemptKey) {
-        self.redelivery().forget(key);
+    /// Never sends the output of `key` again, nor its result when
+    /// `result_sent` (its result may have been sent): the coordinator
+    /// cancelled it, so it is stale there. Looking for a sent result
+    /// searches every result kept, so a cancel of an attempt still running
+    /// here (the usual case) leaves that out.
+    pub(crate) fn forget(&self, key: AttemptKey, result_sent: bool) {
+        if result_sent {
+            self.redelivery().forget(key);
+        }
         self.sent_output().forget(key);
     }
 

@@ -303,7 +303,7 @@ async fn output_sent_on_a_broken_stream_is_sent_again_in_order_before_results_an
     ctx.outbox.send_events(&out, first).await.unwrap();
     while out_rx.try_recv().is_ok() {}
     // The coordinator cancelled one attempt: stale there, never sent again.
-    ctx.outbox.forget((cancelled, Attempt::FIRST));
+    ctx.outbox.forget((cancelled, Attempt::FIRST), true);
     // The stream broke before this one went.
     drop(out_rx);
     let broke = ctx
