@@ -158,10 +158,20 @@ pub(crate) async fn run(
     match spec.timeout {
         None => work.await,
         Some(limit) => {
+            let deadline = tokio::time::Instant::now() + limit;
             tokio::pin!(work);
             tokio::select! {
-                result = &mut work => result,
-                () = tokio::time::sleep(limit) => {
+                result = &mut work => {
+                    // Work that held the thread past its deadline (an async
+                    // handler that blocks before its first wait) finished
+                    // late, not in time: it timed out.
+                    if result.is_some() && tokio::time::Instant::now() > deadline {
+                        control.stop(StopReason::TimedOut(limit));
+                        return stopped(control.reason());
+                    }
+                    result
+                }
+                () = tokio::time::sleep_until(deadline) => {
                     control.stop(StopReason::TimedOut(limit));
                     work.await
                 }

@@ -334,18 +334,9 @@ async fn handler_timeout_reports_timed_out() {
     assert_eq!(outcome(&done), Outcome::TimedOut);
 }
 
-/// An async handler that holds its thread without yielding (a mistake:
-/// such code belongs in a blocking handler) cannot hold its attempt past
-/// the timeout, nor turn a timed-out attempt into a success when it
-/// returns at last.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_async_handler_holding_its_thread_is_timed_out_on_time_not_reported_succeeded() {
-    let (tx, mut rx) = events::channel();
-    let mut registry = HandlerRegistry::with_builtins();
-    registry.register_async("hold", |_request| async {
-        std::thread::sleep(Duration::from_millis(1500));
-        Ok(bytes::Bytes::from_static(b"too late"))
-    });
+/// An executor on `registry`'s handlers, one slot.
+fn executor_on(registry: HandlerRegistry) -> (Executor, EventRx) {
+    let (tx, rx) = events::channel();
     let executor = Executor::new(
         registry,
         tx,
@@ -355,6 +346,21 @@ async fn an_async_handler_holding_its_thread_is_timed_out_on_time_not_reported_s
         1,
         0,
     );
+    (executor, rx)
+}
+
+/// An async handler that waits, then holds its thread without yielding (a
+/// mistake: such code belongs in a blocking handler), cannot hold its
+/// attempt past the timeout: once it waits it runs apart from the attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_async_handler_holding_its_thread_after_a_wait_is_timed_out_on_time() {
+    let mut registry = HandlerRegistry::with_builtins();
+    registry.register_async("hold", |_request| async {
+        tokio::task::yield_now().await;
+        std::thread::sleep(Duration::from_millis(1500));
+        Ok(bytes::Bytes::from_static(b"too late"))
+    });
+    let (executor, mut rx) = executor_on(registry);
     let (wire, key) = assignment(TaskSpec::call("hold", "").timeout(Duration::from_millis(100)));
     let began = StdInstant::now();
     executor.assign(wire);
@@ -365,6 +371,37 @@ async fn an_async_handler_holding_its_thread_is_timed_out_on_time_not_reported_s
         took < Duration::from_millis(1000),
         "reported after {took:?}, not at its 100 ms timeout"
     );
+}
+
+/// One that holds its thread before its first wait holds its attempt with
+/// it, but what it returns past its timeout is a timeout, never a success.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_async_handler_returning_past_its_timeout_is_timed_out_not_succeeded() {
+    let mut registry = HandlerRegistry::with_builtins();
+    registry.register_async("hold", |_request| async {
+        std::thread::sleep(Duration::from_millis(300));
+        Ok(bytes::Bytes::from_static(b"too late"))
+    });
+    let (executor, mut rx) = executor_on(registry);
+    let (wire, key) = assignment(TaskSpec::call("hold", "").timeout(Duration::from_millis(100)));
+    executor.assign(wire);
+    let (_, done) = until_finished(&executor, &mut rx, key).await;
+    assert_eq!(outcome(&done), Outcome::TimedOut, "{}", done.error);
+    assert!(done.output.is_empty());
+}
+
+/// A call done at once, run in its attempt's task, still has its panic
+/// caught and reported as the attempt's failure.
+#[tokio::test]
+async fn an_async_handler_panicking_at_once_fails_its_attempt() {
+    let mut registry = HandlerRegistry::with_builtins();
+    registry.register_async("boom", |_request| async { panic!("boom at once") });
+    let (executor, mut rx) = executor_on(registry);
+    let (wire, key) = assignment(TaskSpec::call("boom", ""));
+    executor.assign(wire);
+    let (_, done) = until_finished(&executor, &mut rx, key).await;
+    assert_eq!(outcome(&done), Outcome::Failed);
+    assert!(done.error.contains("boom at once"), "{}", done.error);
 }
 
 #[tokio::test]

@@ -163,21 +163,24 @@ impl HandlerRegistry {
         self
     }
 
-    /// Registers an async (I/O-bound) handler: each call runs as a tokio
-    /// task of its own, aborted when the attempt is cancelled. Apart from
-    /// its attempt's task, so the attempt's timeout, cancel and drain act
-    /// on time even while a call holds its thread without yielding (code
-    /// that blocks belongs in [`register_blocking`](Self::register_blocking),
-    /// but a mistake there must not outlive its timeout or report success).
+    /// Registers an async (I/O-bound) handler. Each call is polled first
+    /// in its attempt's own task: a call done at once (most are) costs no
+    /// task of its own to spawn, schedule and join. A call that waits goes
+    /// on as a tokio task of its own, aborted when the attempt is
+    /// cancelled, so the attempt's timeout, cancel and drain act on time
+    /// while it runs, even if it later holds its thread without yielding.
+    /// (Code that blocks belongs in
+    /// [`register_blocking`](Self::register_blocking); a call that blocks
+    /// before its first wait holds its attempt until it returns, and is
+    /// then reported timed out if its timeout passed.) A panic fails the
+    /// call either way.
     pub fn register_async<F, Fut>(&mut self, name: impl Into<String>, handler: F) -> &mut Self
     where
         F: Fn(HandlerRequest) -> Fut + Clone + Send + Sync + 'static,
         Fut: Future<Output = Result<Bytes, HandlerError>> + Send + 'static,
     {
-        let service = tower::service_fn(move |request: HandlerRequest| {
-            let task = AbortOnDrop(tokio::spawn(handler(request)));
-            task.join()
-        });
+        let service =
+            tower::service_fn(move |request: HandlerRequest| run_async_call(handler(request)));
         self.register_service(name, service)
     }
 
@@ -256,6 +259,33 @@ impl BlockingPool {
             .read()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .clone()
+    }
+}
+
+/// Runs an async handler's call: its first poll here, then, if it is not
+/// done, the rest as a task of its own (see
+/// [`HandlerRegistry::register_async`]).
+async fn run_async_call<Fut>(call: Fut) -> Result<Bytes, HandlerError>
+where
+    Fut: Future<Output = Result<Bytes, HandlerError>> + Send + 'static,
+{
+    // Boxed, so that once polled here it can still move into a task.
+    let mut call = Box::pin(call);
+    let first = std::future::poll_fn(|cx| {
+        // Unwind safety: a call that panicked is dropped at once, and
+        // nothing it borrowed is used again.
+        let polled =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| call.as_mut().poll(cx)));
+        std::task::Poll::Ready(match polled {
+            Ok(std::task::Poll::Ready(done)) => Some(done),
+            Ok(std::task::Poll::Pending) => None,
+            Err(payload) => Some(Err(HandlerError::Panicked(panic_message(payload)))),
+        })
+    })
+    .await;
+    match first {
+        Some(done) => done,
+        None => AbortOnDrop(tokio::spawn(call)).join().await,
     }
 }
 
