@@ -17,27 +17,36 @@ fn executor(slots: u32) -> (Executor, EventRx) {
 }
 
 fn executor_with_lease(slots: u32, lease: Arc<Lease>) -> (Executor, EventRx) {
+    built(HandlerRegistry::with_builtins(), lease, slots, 0)
+}
+
+fn prefetching(slots: u32, prefetch: u32) -> (Executor, EventRx) {
+    built(
+        HandlerRegistry::with_builtins(),
+        Arc::new(Lease::new(None)),
+        slots,
+        prefetch,
+    )
+}
+
+/// An executor on `registry`'s handlers, one slot.
+fn executor_on(registry: HandlerRegistry) -> (Executor, EventRx) {
+    built(registry, Arc::new(Lease::new(None)), 1, 0)
+}
+
+fn built(
+    registry: HandlerRegistry,
+    lease: Arc<Lease>,
+    slots: u32,
+    prefetch: u32,
+) -> (Executor, EventRx) {
     let (tx, rx) = events::channel();
     let executor = Executor::new(
-        HandlerRegistry::with_builtins(),
+        registry,
         tx,
         TaskTracker::new(),
         CancellationToken::new(),
         lease,
-        slots,
-        0,
-    );
-    (executor, rx)
-}
-
-fn prefetching(slots: u32, prefetch: u32) -> (Executor, EventRx) {
-    let (tx, rx) = events::channel();
-    let executor = Executor::new(
-        HandlerRegistry::with_builtins(),
-        tx,
-        TaskTracker::new(),
-        CancellationToken::new(),
-        Arc::new(Lease::new(None)),
         slots,
         prefetch,
     );
@@ -332,21 +341,6 @@ async fn handler_timeout_reports_timed_out() {
     executor.assign(wire);
     let (_, done) = until_finished(&executor, &mut rx, key).await;
     assert_eq!(outcome(&done), Outcome::TimedOut);
-}
-
-/// An executor on `registry`'s handlers, one slot.
-fn executor_on(registry: HandlerRegistry) -> (Executor, EventRx) {
-    let (tx, rx) = events::channel();
-    let executor = Executor::new(
-        registry,
-        tx,
-        TaskTracker::new(),
-        CancellationToken::new(),
-        Arc::new(Lease::new(None)),
-        1,
-        0,
-    );
-    (executor, rx)
 }
 
 /// An async handler that waits, then holds its thread without yielding (a
