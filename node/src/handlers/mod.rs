@@ -3,7 +3,8 @@
 //!
 //! Because handlers are services, timeouts, concurrency limits and tracing
 //! are tower layers (`register_service`). Two helpers cover the common kinds:
-//! `register_async` (I/O-bound: a tokio task) and `register_blocking`
+//! `register_async` (I/O-bound: polled in its attempt's task, then a tokio
+//! task of its own if it waits) and `register_blocking`
 //! (CPU-bound or blocking code: `spawn_blocking` on a pool bounded by the
 //! node's `blocking_threads`). Built-ins live in [`builtin`].
 //! This module runs handlers; it does not know about attempts, slots or
