@@ -238,6 +238,13 @@ impl Client {
             redial: None,
             tasks: TaskServiceClient::with_interceptor(channel.clone(), token.clone())
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
+            encoded: tonic::client::Grpc::new(
+                tonic::service::interceptor::InterceptedService::new(
+                    channel.clone(),
+                    token.clone(),
+                ),
+            )
+            .max_decoding_message_size(MAX_MESSAGE_BYTES),
             schedules:
                 weft_proto::pb::schedule_service_client::ScheduleServiceClient::with_interceptor(
                     channel.clone(),

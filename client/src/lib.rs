@@ -44,10 +44,14 @@ use std::time::Duration;
 
 use futures::{Stream, StreamExt, TryStreamExt};
 
+use bytes::Bytes;
+
+use weft_proto::SpecFields;
 use weft_proto::convert::duration_to_pb;
 use weft_proto::pb;
 use weft_proto::pb::admin_service_client::AdminServiceClient;
 use weft_proto::pb::task_service_client::TaskServiceClient;
+use weft_proto::wire::EncodedCodec;
 
 pub use error::Error;
 
@@ -114,6 +118,9 @@ pub struct Client {
     /// [`Client::follow`] dials them again after its stream broke.
     redial: Option<std::sync::Arc<connect::Redial>>,
     tasks: TaskServiceClient<AuthChannel>,
+    /// The same channel for calls whose requests are encoded here from
+    /// borrowed specs (`Submit`: see [`weft_proto::wire`]).
+    encoded: tonic::client::Grpc<AuthChannel>,
     admin: AdminServiceClient<AuthChannel>,
     schedules: pb::schedule_service_client::ScheduleServiceClient<AuthChannel>,
 }
@@ -126,7 +133,9 @@ impl Client {
 
     /// Submits one task and answers its id.
     pub async fn submit(&self, spec: TaskSpec) -> Result<TaskId, Error> {
-        let ids = self.submit_batch(vec![spec.into()]).await?;
+        let mut request = SubmitRequest::default();
+        request.push(&spec);
+        let ids = self.submit_batch(request).await?;
         ids.into_iter()
             .next()
             .ok_or(Error::Protocol(weft_proto::ConversionError::MissingField(
@@ -142,19 +151,19 @@ impl Client {
     pub async fn submit_many(&self, specs: Vec<TaskSpec>) -> Result<Vec<TaskId>, Error> {
         let budget = weft_proto::limits::max_spec_bytes(weft_proto::limits::MIN_MAX_MESSAGE_BYTES);
         let mut ids = Vec::with_capacity(specs.len());
-        let mut batch = Vec::new();
-        let mut size = 0;
-        for spec in specs {
-            let spec = pb::TaskSpec::from(spec);
-            let len = prost::encoding::message::encoded_len(1, &spec);
-            if !batch.is_empty() && (batch.len() == SUBMIT_BATCH || size + len > budget) {
+        let mut batch = SubmitRequest::default();
+        let mut spec_bytes = Vec::new();
+        for spec in &specs {
+            spec_bytes.clear();
+            spec.encode_fields(SpecFields::Submitted, &mut spec_bytes);
+            let len = weft_proto::wire::message_len(1, spec_bytes.len());
+            if batch.specs > 0 && (batch.specs == SUBMIT_BATCH || batch.bytes.len() + len > budget)
+            {
                 ids.extend(self.submit_batch(std::mem::take(&mut batch)).await?);
-                size = 0;
             }
-            size += len;
-            batch.push(spec);
+            batch.push_encoded(&spec_bytes);
         }
-        if !batch.is_empty() {
+        if batch.specs > 0 {
             ids.extend(self.submit_batch(batch).await?);
         }
         Ok(ids)
@@ -164,10 +173,12 @@ impl Client {
     /// tasks name each other by ref (`TaskSpec::ref_name`, `after_ref`).
     /// Answers the job id and every task's id in order.
     pub async fn submit_graph(&self, specs: Vec<TaskSpec>) -> Result<SubmitOutcome, Error> {
-        let tasks: Vec<pb::TaskSpec> = specs.into_iter().map(pb::TaskSpec::from).collect();
-        let sent = tasks.len();
-        let mut client = self.tasks.clone();
-        let answer = unary(client.submit(request(pb::SubmitRequest { tasks }))).await?;
+        let mut request = SubmitRequest::default();
+        for spec in &specs {
+            request.push(spec);
+        }
+        let sent = request.specs;
+        let answer = self.submit_call(request).await?;
         let task_ids = answer
             .task_ids
             .iter()
@@ -212,10 +223,9 @@ impl Client {
         self.list_filtered(&filter, u32::MAX).await
     }
 
-    async fn submit_batch(&self, tasks: Vec<pb::TaskSpec>) -> Result<Vec<TaskId>, Error> {
-        let sent = tasks.len();
-        let mut client = self.tasks.clone();
-        let answer = unary(client.submit(request(pb::SubmitRequest { tasks }))).await?;
+    async fn submit_batch(&self, request: SubmitRequest) -> Result<Vec<TaskId>, Error> {
+        let sent = request.specs;
+        let answer = self.submit_call(request).await?;
         if answer.task_ids.len() != sent {
             return Err(Error::Protocol(weft_proto::ConversionError::Invalid {
                 field: "task_ids",
@@ -227,6 +237,26 @@ impl Client {
             .iter()
             .map(|id| id.parse().map_err(Error::from))
             .collect()
+    }
+
+    /// One `Submit` call with a request encoded here.
+    async fn submit_call(&self, submit: SubmitRequest) -> Result<pb::SubmitResponse, Error> {
+        let mut grpc = self.encoded.clone();
+        let call = async move {
+            grpc.ready()
+                .await
+                .map_err(|err| tonic::Status::unavailable(format!("the channel failed: {err}")))?;
+            let mut call = request(Bytes::from(submit.bytes));
+            call.extensions_mut()
+                .insert(tonic::GrpcMethod::new("weft.v1.TaskService", "Submit"));
+            grpc.unary(
+                call,
+                http::uri::PathAndQuery::from_static("/weft.v1.TaskService/Submit"),
+                EncodedCodec::<pb::SubmitResponse>::default(),
+            )
+            .await
+        };
+        unary(call).await
     }
 
     /// One task's current record.
@@ -559,6 +589,30 @@ impl Client {
 }
 
 /// A unary request carrying the deadline, so the coordinator can give up too.
+/// A `SubmitRequest` written spec by spec (field 1, `tasks`, repeated)
+/// from borrowed specs: the bytes the generated encoder would write for
+/// `pb::SubmitRequest { tasks }`, without building a `pb::TaskSpec` each.
+#[derive(Default)]
+struct SubmitRequest {
+    bytes: Vec<u8>,
+    /// Specs written so far.
+    specs: usize,
+}
+
+impl SubmitRequest {
+    fn push(&mut self, spec: &TaskSpec) {
+        let mut spec_bytes = Vec::new();
+        spec.encode_fields(SpecFields::Submitted, &mut spec_bytes);
+        self.push_encoded(&spec_bytes);
+    }
+
+    /// A spec's bytes, as [`TaskSpec::encode_fields`] wrote them.
+    fn push_encoded(&mut self, spec_bytes: &[u8]) {
+        weft_proto::wire::put_message(1, spec_bytes, &mut self.bytes);
+        self.specs += 1;
+    }
+}
+
 fn request<T>(message: T) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
     request.set_timeout(UNARY_DEADLINE);

@@ -27,6 +27,8 @@ struct Scripted {
     script: Script,
     watches: Arc<Mutex<Vec<u64>>>,
     submits: Arc<Mutex<Vec<usize>>>,
+    /// Every spec submitted, as the server decoded it.
+    specs: Arc<Mutex<Vec<pb::TaskSpec>>>,
     wait_many: Arc<Mutex<Vec<usize>>>,
 }
 
@@ -79,8 +81,10 @@ impl TaskService for Scripted {
         &self,
         request: Request<pb::SubmitRequest>,
     ) -> Result<Response<pb::SubmitResponse>, Status> {
-        let n = request.into_inner().tasks.len();
+        let tasks = request.into_inner().tasks;
+        let n = tasks.len();
         self.submits.lock().unwrap().push(n);
+        self.specs.lock().unwrap().extend(tasks);
         let task_ids: Vec<String> = (0..n).map(|_| TaskId::new().to_string()).collect();
         Ok(Response::new(pb::SubmitResponse {
             job_id: task_ids.first().cloned().unwrap_or_default(),
@@ -327,6 +331,42 @@ async fn submit_many_sends_batches_of_at_most_the_batch_size() {
 }
 
 #[tokio::test]
+async fn every_field_of_a_submitted_spec_reaches_the_server_as_the_generated_encoder_sends_it() {
+    use weft_proto::policy::{DependencyRule, OverLimit};
+    let service = Scripted::default();
+    let client = serve(service.clone()).await;
+    let every = TaskSpec::call("resize", "input")
+        .slots(2)
+        .label("zone", "eu")
+        .timeout(Duration::from_secs(3))
+        .max_attempts(4)
+        .name("named")
+        .secret_env("API_KEY", "s3cr3t")
+        .priority(8)
+        .fair_key("team-a", 3)
+        .concurrency("user-1", 2, OverLimit::CancelNewest)
+        .rate_limit("api", 2)
+        .resource("cpu", 4)
+        .after(TaskId::new())
+        .after_rule(DependencyRule::AnyFailed)
+        .ref_name("a");
+    let exec = TaskSpec::exec(["sh", "-c", "true"])
+        .env("X", "1")
+        .stdin("in");
+    let specs = vec![every, exec, TaskSpec::call("noop", "")];
+    client.submit(specs[0].clone()).await.unwrap();
+    client.submit_many(specs.clone()).await.unwrap();
+    client.submit_graph(specs.clone()).await.unwrap();
+    let expected: Vec<pb::TaskSpec> = std::iter::once(&specs[0])
+        .chain(&specs)
+        .chain(&specs)
+        .map(pb::TaskSpec::from)
+        .collect();
+    assert_eq!(*service.specs.lock().unwrap(), expected);
+    assert_eq!(*service.submits.lock().unwrap(), vec![1, 3, 3]);
+}
+
+#[tokio::test]
 async fn submit_many_keeps_each_request_within_the_smallest_message_limit() {
     let service = Scripted::default();
     let client = serve(service.clone()).await;
@@ -474,7 +514,7 @@ async fn a_bare_host_and_port_connects_and_garbage_is_an_invalid_address() {
 }
 
 #[tokio::test]
-async fn the_plaintext_probe_carries_no_token_and_later_calls_do() {
+async fn the_plaintext_probe_carries_no_token_and_later_calls_and_submits_do() {
     let seen: Arc<Mutex<Vec<Option<String>>>> = Arc::default();
     let record = Arc::clone(&seen);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -501,10 +541,9 @@ async fn the_plaintext_probe_carries_no_token_and_later_calls_do() {
     // The probe (the one call made while connecting) had no token.
     assert_eq!(*seen.lock().unwrap(), vec![None]);
     let _ = client.get(TaskId::new()).await;
-    assert_eq!(
-        *seen.lock().unwrap(),
-        vec![None, Some("Bearer weft_id_secret".to_owned())]
-    );
+    client.submit(TaskSpec::call("noop", "")).await.unwrap();
+    let bearer = Some("Bearer weft_id_secret".to_owned());
+    assert_eq!(*seen.lock().unwrap(), vec![None, bearer.clone(), bearer]);
 }
 
 #[tokio::test]

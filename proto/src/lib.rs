@@ -24,6 +24,8 @@
 //! - [`trace`]: `TraceContext`, the W3C trace context a task runs under.
 //! - [`state`]: `TaskState`, `Outcome`, `OutputStream`, `NodeState` enums.
 //! - [`convert`]: `ConversionError` and time/duration helpers.
+//! - [`wire`]: a codec for messages encoded before they reach gRPC (a
+//!   client's `Submit`, the coordinator's `Assign`s written from borrows).
 
 pub mod address;
 pub mod convert;
@@ -38,6 +40,7 @@ mod spec_wire;
 pub mod state;
 pub mod tls;
 pub mod trace;
+pub mod wire;
 
 /// The encoded `FileDescriptorSet` of `weft.v1` (and what it imports), for
 /// gRPC server reflection: tools like `grpcurl` list and call the API
@@ -62,6 +65,7 @@ pub use policy::{
     RateLimitUse, Resources,
 };
 pub use spec::{CallSpec, ExecSpec, SecretEnv, TaskKind, TaskSpec};
+pub use spec_wire::SpecFields;
 pub use state::{NodeState, Outcome, OutputStream, TASK_STATES, TaskState};
 pub use trace::TraceContext;
 

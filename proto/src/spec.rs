@@ -119,6 +119,11 @@ impl SecretEnv {
         self.0.iter().map(|(k, v)| (k.as_str(), v.as_str()))
     }
 
+    /// The map itself, for encoding from a borrow (`spec_wire`).
+    pub(crate) fn map(&self) -> &BTreeMap<String, String> {
+        &self.0
+    }
+
     /// The wire form (for `TaskSpec.secret_env` and the store).
     pub fn to_pb(&self) -> BTreeMap<String, String> {
         self.0.clone()

@@ -1,8 +1,9 @@
 //! A spec's wire bytes written straight from a borrow: the bytes of
-//! `pb::TaskSpec::from(&spec)` with `secret_env` left out, without first
-//! copying every string, list and map of the spec into a `pb::TaskSpec`
-//! only to encode and drop it. The coordinator writes each submitted
-//! task's spec this way.
+//! `pb::TaskSpec::from(&spec)` (or of the fields a [`SpecFields`] names),
+//! without first copying every string, list and map of the spec into a
+//! `pb::TaskSpec` only to encode and drop it. The coordinator writes each
+//! submitted task's spec this way for its store and each assigned one for
+//! its node; a client writes its `Submit`s this way.
 //!
 //! The bytes are the generated encoder's, field by field in tag order
 //! (proto3: a field at its default is not written); the tests hold them
@@ -13,13 +14,39 @@ use prost::encoding::{bool as pbool, btree_map, bytes, int32, message, string, u
 use crate::convert::{duration_to_pb, timestamp};
 use crate::pb;
 use crate::policy::ConcurrencyLimit;
-use crate::spec::{TaskKind, TaskSpec};
+use crate::spec::{SecretEnv, TaskKind, TaskSpec};
+
+/// Which of a spec's fields go on the wire.
+#[derive(Clone, Copy, Debug)]
+pub enum SpecFields<'a> {
+    /// Every field but `secret_env`: what a store keeps, which never
+    /// holds secrets.
+    Stored,
+    /// Every field, `secret_env` included: what a client submits.
+    Submitted,
+    /// What an `Assignment` carries (proto/README.md "Assignments"): what
+    /// the attempt runs with (the kind, slots, timeout, attempts, name,
+    /// resources) and these secrets, the attempt's own; not what only
+    /// chose where and when it runs.
+    Assigned(Option<&'a SecretEnv>),
+}
 
 impl TaskSpec {
     /// Appends this spec's wire bytes (a `pb::TaskSpec`, without a
     /// length prefix) to `buf`, leaving out `secret_env`: what a store
     /// keeps, which never holds secrets.
     pub fn encode_without_secrets(&self, buf: &mut Vec<u8>) {
+        self.encode_fields(SpecFields::Stored, buf);
+    }
+
+    /// Appends the wire bytes of this spec's `fields` (a `pb::TaskSpec`
+    /// without a length prefix) to `buf`.
+    pub fn encode_fields(&self, fields: SpecFields<'_>, buf: &mut Vec<u8>) {
+        let (all, secrets) = match fields {
+            SpecFields::Stored => (true, None),
+            SpecFields::Submitted => (true, Some(&self.secret_env)),
+            SpecFields::Assigned(secrets) => (false, secrets),
+        };
         match &self.kind {
             TaskKind::Call(call) => {
                 let len = string_len(1, &call.handler) + bytes_len(2, &call.input);
@@ -45,15 +72,9 @@ impl TaskSpec {
         if self.slots != 0 {
             uint32::encode(3, &self.slots, buf);
         }
-        btree_map::encode(
-            string::encode,
-            string::encoded_len,
-            string::encode,
-            string::encoded_len,
-            4,
-            &self.labels,
-            buf,
-        );
+        if all {
+            string_map(4, &self.labels, buf);
+        }
         if let Some(timeout) = self.timeout {
             message::encode(5, &duration_to_pb(timeout), buf);
         }
@@ -63,7 +84,19 @@ impl TaskSpec {
         if !self.name.is_empty() {
             string::encode(7, &self.name, buf);
         }
-        // 8: secret_env, never written.
+        if let Some(secrets) = secrets {
+            string_map(8, secrets.map(), buf);
+        }
+        if all {
+            self.encode_placement(buf);
+        } else {
+            resources(&self.resources, buf);
+        }
+    }
+
+    /// Fields 9 to 21 but `resources` (16) among them: what decides where
+    /// and when the task runs.
+    fn encode_placement(&self, buf: &mut Vec<u8>) {
         if let Some(timeout) = self.schedule_timeout {
             message::encode(9, &duration_to_pb(timeout), buf);
         }
@@ -94,15 +127,7 @@ impl TaskSpec {
                 uint32::encode(2, &used.units, buf);
             }
         }
-        btree_map::encode(
-            string::encode,
-            string::encoded_len,
-            uint64::encode,
-            uint64::encoded_len,
-            16,
-            &self.resources,
-            buf,
-        );
+        resources(&self.resources, buf);
         for dependency in &self.after {
             message::encode(17, &pb::Dependency::from(dependency), buf);
         }
@@ -152,6 +177,32 @@ impl TaskSpec {
             + self.resources.keys().map(|k| k.len() + 16).sum::<usize>();
         kind + maps + self.name.len() + self.fair_key.len() + self.ref_name.len() + 96
     }
+}
+
+/// A `map<string, string>` field.
+fn string_map(tag: u32, map: &std::collections::BTreeMap<String, String>, buf: &mut Vec<u8>) {
+    btree_map::encode(
+        string::encode,
+        string::encoded_len,
+        string::encode,
+        string::encoded_len,
+        tag,
+        map,
+        buf,
+    );
+}
+
+/// The `resources` field (16).
+fn resources(resources: &std::collections::BTreeMap<String, u64>, buf: &mut Vec<u8>) {
+    btree_map::encode(
+        string::encode,
+        string::encoded_len,
+        uint64::encode,
+        uint64::encoded_len,
+        16,
+        resources,
+        buf,
+    );
 }
 
 fn encode_concurrency(tag: u32, limit: &ConcurrencyLimit, buf: &mut Vec<u8>) {
@@ -222,8 +273,8 @@ mod tests {
         spec.to_bytes_without_secrets(0)
     }
 
-    #[test]
-    fn a_spec_encodes_to_the_generated_bytes_without_its_secrets() {
+    /// A spec that sets every field, an exec spec, and plain ones.
+    fn every_kind() -> Vec<TaskSpec> {
         let mut every = TaskSpec::call("resize", "input bytes")
             .slots(3)
             .label("gpu", "1")
@@ -254,19 +305,57 @@ mod tests {
             .cwd("/tmp")
             .stdin("in")
             .concurrency("k", 0, OverLimit::Queue);
-        let specs = [
+        vec![
             TaskSpec::call("noop", ""),
             TaskSpec::call("noop", "7").priority(1),
             TaskSpec::exec(["true"]),
             exec,
             every,
-        ];
-        for spec in &specs {
+        ]
+    }
+
+    #[test]
+    fn a_spec_encodes_to_the_generated_bytes_without_its_secrets() {
+        for spec in &every_kind() {
             assert_eq!(ours(spec), generated(spec), "{spec:?}");
             let back = TaskSpec::try_from(pb::TaskSpec::decode(&ours(spec)[..]).unwrap()).unwrap();
             let mut expected = spec.clone();
             expected.secret_env = crate::spec::SecretEnv::new();
             assert_eq!(back, expected);
+        }
+    }
+
+    #[test]
+    fn a_submitted_spec_encodes_to_the_generated_bytes_secrets_and_all() {
+        for spec in &every_kind() {
+            let mut ours = Vec::new();
+            spec.encode_fields(SpecFields::Submitted, &mut ours);
+            assert_eq!(ours, pb::TaskSpec::from(spec).encode_to_vec(), "{spec:?}");
+            let back = TaskSpec::try_from(pb::TaskSpec::decode(&ours[..]).unwrap()).unwrap();
+            assert_eq!(&back, spec);
+        }
+    }
+
+    #[test]
+    fn an_assigned_spec_carries_what_runs_the_attempt_and_the_secrets_given() {
+        let mut secrets = crate::spec::SecretEnv::new();
+        secrets.insert("TOKEN", "t0k3n");
+        for spec in &every_kind() {
+            for given in [None, Some(&secrets)] {
+                let mut ours = Vec::new();
+                spec.encode_fields(SpecFields::Assigned(given), &mut ours);
+                let expected = pb::TaskSpec {
+                    kind: Some(pb::task_spec::Kind::from(&spec.kind)),
+                    slots: spec.slots,
+                    timeout: spec.timeout.map(duration_to_pb),
+                    max_attempts: spec.max_attempts,
+                    name: spec.name.clone(),
+                    secret_env: given.map(SecretEnv::to_pb).unwrap_or_default(),
+                    resources: (*spec.resources).clone(),
+                    ..pb::TaskSpec::default()
+                };
+                assert_eq!(ours, expected.encode_to_vec(), "{spec:?}");
+            }
         }
     }
 
