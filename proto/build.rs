@@ -29,5 +29,41 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // never reach a log through a stray `{:?}`.
         .skip_debug(["weft.v1.TaskSpec"])
         .compile_fds(fds)?;
+    encoded_node_service();
     Ok(())
+}
+
+/// `weft.v1.NodeService` once more, for the coordinator: the same routes
+/// and messages, but `Connect`'s outgoing messages are their wire bytes
+/// (`crate::wire::ConnectCodec`), so `Assign`s are written straight from
+/// the coordinator's own values. Clients and nodes use the generated
+/// service above.
+fn encoded_node_service() {
+    use tonic_build::manual::{Builder, Method, Service};
+    let connect = Method::builder()
+        .name("connect")
+        .route_name("Connect")
+        .input_type("crate::pb::NodeMessage")
+        .output_type("bytes::Bytes")
+        .codec_path("crate::wire::ConnectCodec")
+        .client_streaming()
+        .server_streaming()
+        .build();
+    let join = Method::builder()
+        .name("join")
+        .route_name("Join")
+        .input_type("crate::pb::JoinRequest")
+        .output_type("crate::pb::JoinResponse")
+        .codec_path("tonic_prost::ProstCodec")
+        .build();
+    let service = Service::builder()
+        .name("NodeService")
+        .package("weft.v1")
+        .method(connect)
+        .method(join)
+        .build();
+    Builder::new()
+        .build_client(false)
+        .build_transport(false)
+        .compile(&[service]);
 }

@@ -22,9 +22,9 @@ use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
 use weft_proto::pb::admin_service_server::AdminServiceServer;
-use weft_proto::pb::node_service_server::NodeServiceServer;
 use weft_proto::pb::schedule_service_server::ScheduleServiceServer;
 use weft_proto::pb::task_service_server::TaskServiceServer;
+use weft_proto::wire::node_service::node_service_server::NodeServiceServer;
 
 use std::sync::Arc;
 

@@ -9,6 +9,9 @@ use ulid::Ulid;
 
 use crate::convert::ConversionError;
 
+/// Characters in a task or node id on the wire.
+pub const ID_LEN: usize = ulid::ULID_LEN;
+
 macro_rules! ulid_id {
     ($(#[$doc:meta])* $name:ident, $what:literal) => {
         $(#[$doc])*
@@ -34,6 +37,11 @@ macro_rules! ulid_id {
             /// From a raw 128-bit number (store keys).
             pub fn from_u128(value: u128) -> Self {
                 Self(Ulid(value))
+            }
+
+            /// Its 26 characters, written into `buf` (no allocation).
+            pub fn to_str(self, buf: &mut [u8; ID_LEN]) -> &str {
+                self.0.array_to_str(buf)
             }
 
             /// Milliseconds since the Unix epoch at which the id was made.

@@ -13,6 +13,8 @@ use tonic::Status;
 use tonic::codec::{Codec, EncodeBuf, Encoder};
 use tonic_prost::ProstDecoder;
 
+use crate::pb;
+
 /// A codec whose outgoing messages are their wire bytes, and whose
 /// incoming ones are the prost message `D`.
 #[derive(Debug)]
@@ -37,6 +39,19 @@ impl<D: prost::Message + Default + Send + 'static> Codec for EncodedCodec<D> {
     fn decoder(&mut self) -> ProstDecoder<D> {
         ProstDecoder::default()
     }
+}
+
+/// `NodeService.Connect`'s codec on the coordinator: it sends each
+/// `CoordinatorMessage` as its wire bytes and reads `NodeMessage`s.
+pub type ConnectCodec = EncodedCodec<pb::NodeMessage>;
+
+/// `weft.v1.NodeService` with [`ConnectCodec`] for `Connect`: what the
+/// coordinator serves (the routes, messages and bytes of the generated
+/// `pb::node_service_server`, whose `Connect` stream yields
+/// `pb::CoordinatorMessage`s to encode instead).
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod node_service {
+    include!(concat!(env!("OUT_DIR"), "/weft.v1.NodeService.rs"));
 }
 
 /// Writes a message's bytes as they are.
@@ -71,7 +86,6 @@ mod tests {
     use prost::Message;
 
     use super::*;
-    use crate::pb;
 
     #[test]
     fn a_message_field_is_written_as_the_generated_encoder_writes_it() {

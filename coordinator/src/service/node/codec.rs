@@ -1,6 +1,13 @@
 //! The node stream's messages, both directions: `pb::NodeMessage` in,
 //! decoded to scheduler values (a validated [`NodeRegistration`], attempt
-//! events), and [`ToNode`] out, encoded as `pb::CoordinatorMessage`.
+//! events), and [`ToNode`] out, as the wire bytes of a
+//! `pb::CoordinatorMessage` (the stream's codec,
+//! `weft_proto::wire::ConnectCodec`, sends them as they are). An `Assign`,
+//! the one message sent per task, is written straight from the
+//! assignments, spec fields from a borrow (`TaskSpec::encode_fields`), so
+//! no generated message is built, encoded and dropped per task; the others
+//! are generated messages encoded here. The tests hold an `Assign`'s bytes
+//! equal to the generated encoder's.
 //!
 //! The one place that knows how the `Connect` stream looks on the wire;
 //! the driver hands domain values and never builds a `pb` message. Pure
@@ -8,13 +15,14 @@
 
 use std::collections::BTreeMap;
 
+use bytes::Bytes;
+use prost::Message;
 use tonic::Status;
 
 use weft_proto::convert::{duration_to_pb, timestamp};
 use weft_proto::limits::truncate_node_text;
 use weft_proto::{
-    Attempt, ExecPolicy, NodeId, Outcome, OutputStream, PROTOCOL_VERSION, SecretEnv, TaskId,
-    TaskSpec, pb,
+    Attempt, ExecPolicy, NodeId, Outcome, OutputStream, PROTOCOL_VERSION, TaskId, pb,
 };
 
 use crate::driver::ToNode;
@@ -148,9 +156,9 @@ fn node_events(events: pb::TaskEvents) -> Vec<NodeTaskEvent> {
         .collect()
 }
 
-/// Encodes a message for the node as it leaves on the stream: one message,
-/// except an `Assign`, which is split into as many as keep each within
-/// `max_message_size` (the node decodes up to
+/// Encodes a message for the node as it leaves on the stream, as its wire
+/// bytes: one message, except an `Assign`, which is split into as many as
+/// keep each within `max_message_size` (the node decodes up to
 /// `weft_proto::limits::MAX_MESSAGE_BYTES_CEILING`, at least that).
 ///
 /// `traced`: trace export is on, so each attempt's trace context names the
@@ -163,24 +171,27 @@ pub(super) fn encode(message: ToNode, max_message_size: usize, traced: bool) -> 
         // Each attempt its own `Cancel` (a reason is at most a few hundred
         // bytes, so each fits any limit).
         ToNode::Cancel(batch) => {
-            let cancels: Vec<pb::CoordinatorMessage> =
-                batch.orders.iter().map(cancel_to_pb).collect();
+            let cancels: Vec<Bytes> = batch
+                .orders
+                .iter()
+                .map(|order| cancel_to_pb(order).encode_to_vec().into())
+                .collect();
             Encoded::Many(cancels.into_iter())
         }
-        other => Encoded::One(Some(to_node(other))),
+        other => Encoded::One(Some(to_node(other).map(|m| m.encode_to_vec().into()))),
     }
 }
 
-/// What one [`ToNode`] becomes on the wire.
+/// What one [`ToNode`] becomes on the wire: `CoordinatorMessage`s' bytes.
 pub(super) enum Encoded {
     /// Any message but an `Assign` or `Cancel`.
-    One(Option<Result<pb::CoordinatorMessage, Status>>),
+    One(Option<Result<Bytes, Status>>),
     /// The `Assign` (or `Cancel`) messages of one batch.
-    Many(std::vec::IntoIter<pb::CoordinatorMessage>),
+    Many(std::vec::IntoIter<Bytes>),
 }
 
 impl Iterator for Encoded {
-    type Item = Result<pb::CoordinatorMessage, Status>;
+    type Item = Result<Bytes, Status>;
 
     fn next(&mut self) -> Option<Self::Item> {
         match self {
@@ -190,81 +201,101 @@ impl Iterator for Encoded {
     }
 }
 
+/// Room kept at the front of an `Assign` message for its own tag and
+/// length (`CoordinatorMessage.assign`): one byte of tag, at most five of
+/// length.
+const ASSIGN_HEAD: usize = 6;
+
 /// One batch of assignments as `Assign` messages of at most `max` bytes
-/// each, in order. Submit refuses a spec that could not fit alone (see
-/// `SpecLimits`), so every message holds at least one assignment within
-/// the limit; one from a store written under a larger limit is sent alone.
-fn split_assign(
-    assignments: &[Assignment],
-    max: usize,
-    traced: bool,
-) -> Vec<pb::CoordinatorMessage> {
+/// each, in order, written straight from the assignments (the bytes the
+/// generated encoder writes for `pb::CoordinatorMessage`s built of them,
+/// without building those). Submit refuses a spec that could not fit
+/// alone (see `SpecLimits`), so every message holds at least one
+/// assignment within the limit; one from a store written under a larger
+/// limit is sent alone.
+fn split_assign(assignments: &[Assignment], max: usize, traced: bool) -> Vec<Bytes> {
     // Room for the CoordinatorMessage's own tag and length around the Assign.
     let budget = max.saturating_sub(16);
-    let message = |tasks| pb::CoordinatorMessage {
-        body: Some(pb::coordinator_message::Body::Assign(pb::Assign { tasks })),
-    };
     let mut messages = Vec::new();
-    // Made room for what is left: one message, unless the limit splits it.
-    let mut tasks = Vec::with_capacity(assignments.len());
-    let mut size = 0;
-    for (i, assignment) in assignments.iter().enumerate() {
-        let assignment = assignment_to_pb(assignment, traced);
-        let len = prost::encoding::message::encoded_len(1, &assignment);
-        if !tasks.is_empty() && size + len > budget {
-            let rest = Vec::with_capacity(assignments.len() - i);
-            messages.push(message(std::mem::replace(&mut tasks, rest)));
-            size = 0;
+    let mut frame = AssignFrame::new();
+    let mut spec = Vec::new();
+    let mut assignment = Vec::new();
+    for a in assignments {
+        assignment.clear();
+        write_assignment(a, traced, &mut spec, &mut assignment);
+        let len = weft_proto::wire::message_len(1, assignment.len());
+        if frame.count > 0 && frame.len() + len > budget {
+            messages.push(std::mem::replace(&mut frame, AssignFrame::new()).finish());
         }
-        size += len;
-        tasks.push(assignment);
+        weft_proto::wire::put_message(1, &assignment, &mut frame.bytes);
+        frame.count += 1;
     }
-    if !tasks.is_empty() {
-        messages.push(message(tasks));
+    if frame.count > 0 {
+        messages.push(frame.finish());
     }
     messages
 }
 
-fn assignment_to_pb(a: &Assignment, traced: bool) -> pb::Assignment {
-    let spec = assigned_spec(&a.spec, a.secret_env.as_deref());
-    let trace = crate::trace::attempt_context(a.task_id, a.attempt, a.spec.trace.as_ref(), traced);
-    pb::Assignment {
-        task_id: a.task_id.to_string(),
-        attempt: a.attempt.0,
-        spec: Some(spec),
-        trace: trace.as_ref().map(weft_proto::TraceContext::to_pb),
-        parents: a
-            .parents
-            .iter()
-            .map(|p| pb::ParentResult {
-                task_id: p.task_id.to_string(),
-                r#ref: p.ref_name.clone(),
-                state: i32::from(p.state),
-                output: p.output.clone(),
-            })
-            .collect(),
+/// An `Assign` message being written: its assignments after
+/// [`ASSIGN_HEAD`] bytes of room for its head.
+struct AssignFrame {
+    bytes: Vec<u8>,
+    count: usize,
+}
+
+impl AssignFrame {
+    fn new() -> AssignFrame {
+        AssignFrame {
+            bytes: vec![0; ASSIGN_HEAD],
+            count: 0,
+        }
+    }
+
+    /// Bytes of the `Assign` written so far.
+    fn len(&self) -> usize {
+        self.bytes.len() - ASSIGN_HEAD
+    }
+
+    /// The whole `CoordinatorMessage`: its head written right before the
+    /// assignments, the room it did not need left off the front.
+    fn finish(mut self) -> Bytes {
+        let mut head = Vec::with_capacity(ASSIGN_HEAD);
+        prost::encoding::encode_key(2, prost::encoding::WireType::LengthDelimited, &mut head);
+        prost::encoding::encode_varint(self.len() as u64, &mut head);
+        let start = ASSIGN_HEAD - head.len();
+        self.bytes[start..ASSIGN_HEAD].copy_from_slice(&head);
+        Bytes::from(self.bytes).slice(start..)
     }
 }
 
-/// The spec an `Assign` carries: what the attempt runs with (its kind,
-/// slots, timeout, attempts, name, resources and, for its own node alone,
-/// its secrets), not what only decided where and when it runs (labels,
-/// priority, fair key, concurrency key, rate limits, dependencies, start
-/// time, schedule timeout; `trace` is the `Assignment`'s own field). Built
-/// from a borrow, copying only what it sends (proto/README.md
-/// "Assignments").
-fn assigned_spec(spec: &TaskSpec, secret_env: Option<&SecretEnv>) -> pb::TaskSpec {
-    pb::TaskSpec {
-        kind: Some(pb::task_spec::Kind::from(&spec.kind)),
-        slots: spec.slots,
-        timeout: spec.timeout.map(duration_to_pb),
-        max_attempts: spec.max_attempts,
-        name: spec.name.clone(),
-        // The one place secrets leave the coordinator: in the spec of the
-        // attempt's own Assign (proto/README.md).
-        secret_env: secret_env.map(SecretEnv::to_pb).unwrap_or_default(),
-        resources: (*spec.resources).clone(),
-        ..pb::TaskSpec::default()
+/// Writes one `Assignment`'s fields (without its own tag and length) into
+/// `out`; `spec` is room for its spec's bytes.
+fn write_assignment(a: &Assignment, traced: bool, spec: &mut Vec<u8>, out: &mut Vec<u8>) {
+    use prost::encoding::{message, uint32};
+    let mut id = [0; weft_proto::ids::ID_LEN];
+    // A string field is written as a message field is: tag, length, bytes.
+    weft_proto::wire::put_message(1, a.task_id.to_str(&mut id).as_bytes(), out);
+    if a.attempt.0 != 0 {
+        uint32::encode(2, &a.attempt.0, out);
+    }
+    spec.clear();
+    a.spec.encode_fields(
+        weft_proto::SpecFields::Assigned(a.secret_env.as_deref()),
+        spec,
+    );
+    weft_proto::wire::put_message(3, spec, out);
+    let trace = crate::trace::attempt_context(a.task_id, a.attempt, a.spec.trace.as_ref(), traced);
+    if let Some(trace) = trace {
+        message::encode(4, &trace.to_pb(), out);
+    }
+    for p in &a.parents {
+        let parent = pb::ParentResult {
+            task_id: p.task_id.to_string(),
+            r#ref: p.ref_name.clone(),
+            state: i32::from(p.state),
+            output: p.output.clone(),
+        };
+        message::encode(5, &parent, out);
     }
 }
 
@@ -296,13 +327,8 @@ fn to_node(message: ToNode) -> Result<pb::CoordinatorMessage, Status> {
             max_message_size: max_message_size as u64,
             start_timeout: Some(duration_to_pb(start_timeout)),
         }),
-        ToNode::Assign(assignments) => Body::Assign(pb::Assign {
-            // Not reached from `encode` (which splits an Assign itself).
-            tasks: assignments
-                .iter()
-                .map(|a| assignment_to_pb(a, false))
-                .collect(),
-        }),
+        // Not reached from `encode`, which writes an Assign itself.
+        ToNode::Assign(_) => Body::Heartbeat(pb::Heartbeat {}),
         ToNode::Cancel(batch) => match batch.orders.first().map(cancel_to_pb) {
             Some(pb::CoordinatorMessage { body: Some(body) }) => body,
             _ => Body::Heartbeat(pb::Heartbeat {}),
@@ -344,8 +370,120 @@ mod tests {
 
     fn body(message: ToNode) -> pb::coordinator_message::Body {
         match encode(message, limits::DEFAULT_MAX_MESSAGE_BYTES, false).next() {
-            Some(Ok(pb::CoordinatorMessage { body: Some(body) })) => body,
-            other => panic!("no body: {other:?}"),
+            Some(Ok(bytes)) => decoded(&bytes).body.expect("a body"),
+            other => panic!("no message: {other:?}"),
+        }
+    }
+
+    fn decoded(bytes: &[u8]) -> pb::CoordinatorMessage {
+        pb::CoordinatorMessage::decode(bytes).expect("a CoordinatorMessage")
+    }
+
+    /// What an `Assign` of `assignments` is as the generated messages
+    /// (the reference the written bytes are held to).
+    fn generated(assignments: &[Assignment], traced: bool) -> pb::CoordinatorMessage {
+        let tasks = assignments
+            .iter()
+            .map(|a| pb::Assignment {
+                task_id: a.task_id.to_string(),
+                attempt: a.attempt.0,
+                spec: Some(pb::TaskSpec {
+                    kind: Some(pb::task_spec::Kind::from(&a.spec.kind)),
+                    slots: a.spec.slots,
+                    timeout: a.spec.timeout.map(duration_to_pb),
+                    max_attempts: a.spec.max_attempts,
+                    name: a.spec.name.clone(),
+                    secret_env: a
+                        .secret_env
+                        .as_deref()
+                        .map(weft_proto::SecretEnv::to_pb)
+                        .unwrap_or_default(),
+                    resources: (*a.spec.resources).clone(),
+                    ..pb::TaskSpec::default()
+                }),
+                trace: crate::trace::attempt_context(
+                    a.task_id,
+                    a.attempt,
+                    a.spec.trace.as_ref(),
+                    traced,
+                )
+                .map(|t| t.to_pb()),
+                parents: a
+                    .parents
+                    .iter()
+                    .map(|p| pb::ParentResult {
+                        task_id: p.task_id.to_string(),
+                        r#ref: p.ref_name.clone(),
+                        state: i32::from(p.state),
+                        output: p.output.clone(),
+                    })
+                    .collect(),
+            })
+            .collect();
+        pb::CoordinatorMessage {
+            body: Some(pb::coordinator_message::Body::Assign(pb::Assign { tasks })),
+        }
+    }
+
+    #[test]
+    fn an_assign_is_written_as_the_generated_encoder_writes_it() {
+        use crate::scheduler::graph::ParentResult;
+        let mut secrets = weft_proto::SecretEnv::new();
+        secrets.insert("API_KEY", "s3cr3t");
+        let mut traced_spec = TaskSpec::call("noop", "in").resource("gpu", 2);
+        traced_spec.trace = Some(weft_proto::TraceContext::new([3; 16], [4; 8]));
+        let every = Assignment {
+            task_id: TaskId::new(),
+            attempt: Attempt(3),
+            spec: Arc::new(
+                TaskSpec::exec(["sh", "-c", "true"])
+                    .env("X", "1")
+                    .slots(2)
+                    .timeout(Duration::from_millis(1_500))
+                    .max_attempts(5)
+                    .name("step")
+                    .label("zone", "eu")
+                    .priority(9)
+                    .fair_key("team-a", 2)
+                    .resource("cpu", 4)
+                    .resource("mem", 1 << 33),
+            ),
+            secret_env: Some(Arc::new(secrets)),
+            parents: vec![
+                ParentResult {
+                    task_id: TaskId::new(),
+                    ref_name: "a".into(),
+                    state: weft_proto::TaskState::Succeeded,
+                    output: bytes::Bytes::from_static(b"out"),
+                },
+                ParentResult {
+                    task_id: TaskId::new(),
+                    ref_name: String::new(),
+                    state: weft_proto::TaskState::Failed,
+                    output: bytes::Bytes::new(),
+                },
+            ],
+        };
+        let batch = vec![
+            assignment(TaskSpec::call("noop", "")),
+            every,
+            assignment(traced_spec),
+            assignment(call_of_size(300)),
+        ];
+        for traced in [false, true] {
+            let sent: Vec<Bytes> = encode(
+                ToNode::Assign(batch.clone()),
+                limits::DEFAULT_MAX_MESSAGE_BYTES,
+                traced,
+            )
+            .collect::<Result<_, _>>()
+            .unwrap();
+            assert_eq!(sent.len(), 1);
+            assert_eq!(
+                sent[0][..],
+                generated(&batch, traced).encode_to_vec()[..],
+                "traced: {traced}"
+            );
         }
     }
 
@@ -604,7 +742,7 @@ mod tests {
             .chain([assignment(TaskSpec::call("small", ""))])
             .collect();
         let ids: Vec<String> = batch.iter().map(|a| a.task_id.to_string()).collect();
-        let messages: Vec<_> = encode(ToNode::Assign(batch), max, false)
+        let messages: Vec<Bytes> = encode(ToNode::Assign(batch.clone()), max, false)
             .collect::<Result<_, _>>()
             .unwrap();
         assert_eq!(
@@ -613,12 +751,13 @@ mod tests {
             "two per message, the small one with the last two"
         );
         let mut sent = Vec::new();
-        for message in &messages {
-            assert!(
-                message.encoded_len() <= max,
-                "{} > {max}",
-                message.encoded_len()
-            );
+        for (message, part) in messages
+            .iter()
+            .zip([&batch[0..2], &batch[2..4], &batch[4..]])
+        {
+            assert!(message.len() <= max, "{} > {max}", message.len());
+            assert_eq!(message[..], generated(part, false).encode_to_vec()[..]);
+            let message = decoded(message);
             let Some(pb::coordinator_message::Body::Assign(assign)) = &message.body else {
                 panic!("not an Assign");
             };
@@ -647,11 +786,8 @@ mod tests {
             let mut messages = encode(ToNode::Assign(vec![one]), max, false);
             let message = messages.next().unwrap().unwrap();
             assert!(messages.next().is_none());
-            assert!(
-                message.encoded_len() <= max,
-                "{} > {max}",
-                message.encoded_len()
-            );
+            assert!(message.len() <= max, "{} > {max}", message.len());
+            assert_eq!(decoded(&message).encoded_len(), message.len());
         }
     }
 

@@ -49,9 +49,10 @@ use renew::Renewal;
 /// and batched, so this only fills when the node stops reading.
 const SESSION_BUFFER: usize = 256;
 
-/// A session's outgoing messages, encoded as they leave (an `Assign` split
-/// to fit the message limit: [`codec::encode`]).
-type Outgoing = Pin<Box<dyn Stream<Item = Result<pb::CoordinatorMessage, Status>> + Send>>;
+/// A session's outgoing messages, encoded as they leave, as their wire
+/// bytes (an `Assign` written straight from the assignments and split to
+/// fit the message limit: [`codec::encode`]).
+type Outgoing = Pin<Box<dyn Stream<Item = Result<bytes::Bytes, Status>> + Send>>;
 
 /// The node API.
 pub(crate) struct NodeApi {
@@ -255,7 +256,7 @@ async fn send_heartbeats(tx: NodeTx, interval: std::time::Duration, token: Cance
 }
 
 #[tonic::async_trait]
-impl pb::node_service_server::NodeService for NodeApi {
+impl weft_proto::wire::node_service::node_service_server::NodeService for NodeApi {
     type ConnectStream = Outgoing;
 
     async fn connect(
