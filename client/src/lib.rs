@@ -133,9 +133,9 @@ impl Client {
 
     /// Submits one task and answers its id.
     pub async fn submit(&self, spec: TaskSpec) -> Result<TaskId, Error> {
-        let mut request = SubmitRequest::default();
-        request.push(&spec);
-        let ids = self.submit_batch(request).await?;
+        let ids = self
+            .submit_batch(SubmitRequest::of(std::slice::from_ref(&spec)))
+            .await?;
         ids.into_iter()
             .next()
             .ok_or(Error::Protocol(weft_proto::ConversionError::MissingField(
@@ -173,10 +173,7 @@ impl Client {
     /// tasks name each other by ref (`TaskSpec::ref_name`, `after_ref`).
     /// Answers the job id and every task's id in order.
     pub async fn submit_graph(&self, specs: Vec<TaskSpec>) -> Result<SubmitOutcome, Error> {
-        let mut request = SubmitRequest::default();
-        for spec in &specs {
-            request.push(spec);
-        }
+        let request = SubmitRequest::of(&specs);
         let sent = request.specs;
         let answer = self.submit_call(request).await?;
         let task_ids = answer
@@ -588,7 +585,6 @@ impl Client {
     }
 }
 
-/// A unary request carrying the deadline, so the coordinator can give up too.
 /// A `SubmitRequest` written spec by spec (field 1, `tasks`, repeated)
 /// from borrowed specs: the bytes the generated encoder would write for
 /// `pb::SubmitRequest { tasks }`, without building a `pb::TaskSpec` each.
@@ -600,10 +596,16 @@ struct SubmitRequest {
 }
 
 impl SubmitRequest {
-    fn push(&mut self, spec: &TaskSpec) {
-        let mut spec_bytes = Vec::new();
-        spec.encode_fields(SpecFields::Submitted, &mut spec_bytes);
-        self.push_encoded(&spec_bytes);
+    /// A request of `specs`, written one after another.
+    fn of(specs: &[TaskSpec]) -> SubmitRequest {
+        let mut request = SubmitRequest::default();
+        let mut scratch = Vec::new();
+        for spec in specs {
+            scratch.clear();
+            spec.encode_fields(SpecFields::Submitted, &mut scratch);
+            request.push_encoded(&scratch);
+        }
+        request
     }
 
     /// A spec's bytes, as [`TaskSpec::encode_fields`] wrote them.
@@ -613,6 +615,7 @@ impl SubmitRequest {
     }
 }
 
+/// A unary request carrying the deadline, so the coordinator can give up too.
 fn request<T>(message: T) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
     request.set_timeout(UNARY_DEADLINE);

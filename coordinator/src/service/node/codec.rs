@@ -178,7 +178,7 @@ pub(super) fn encode(message: ToNode, max_message_size: usize, traced: bool) -> 
                 .collect();
             Encoded::Many(cancels.into_iter())
         }
-        other => Encoded::One(Some(to_node(other).map(|m| m.encode_to_vec().into()))),
+        other => Encoded::One(Some(to_node(other))),
     }
 }
 
@@ -311,7 +311,7 @@ fn cancel_to_pb(cancel: &CancelOrder) -> pb::CoordinatorMessage {
 
 /// Encodes one message for the node (an `Assign` unsplit: [`encode`]
 /// splits; a batch of Cancels as its first: [`encode`] sends each).
-fn to_node(message: ToNode) -> Result<pb::CoordinatorMessage, Status> {
+fn to_node(message: ToNode) -> Result<Bytes, Status> {
     use pb::coordinator_message::Body;
     let body = match message {
         ToNode::Registered {
@@ -327,8 +327,13 @@ fn to_node(message: ToNode) -> Result<pb::CoordinatorMessage, Status> {
             max_message_size: max_message_size as u64,
             start_timeout: Some(duration_to_pb(start_timeout)),
         }),
-        // Not reached from `encode`, which writes an Assign itself.
-        ToNode::Assign(_) => Body::Heartbeat(pb::Heartbeat {}),
+        // Not reached from `encode`, which splits an Assign itself.
+        ToNode::Assign(assignments) => {
+            return Ok(split_assign(&assignments, usize::MAX, false)
+                .into_iter()
+                .next()
+                .unwrap_or_else(|| AssignFrame::new().finish()));
+        }
         ToNode::Cancel(batch) => match batch.orders.first().map(cancel_to_pb) {
             Some(pb::CoordinatorMessage { body: Some(body) }) => body,
             _ => Body::Heartbeat(pb::Heartbeat {}),
@@ -353,7 +358,9 @@ fn to_node(message: ToNode) -> Result<pb::CoordinatorMessage, Status> {
             ));
         }
     };
-    Ok(pb::CoordinatorMessage { body: Some(body) })
+    Ok(pb::CoordinatorMessage { body: Some(body) }
+        .encode_to_vec()
+        .into())
 }
 
 #[cfg(test)]
@@ -464,8 +471,12 @@ mod tests {
                 },
             ],
         };
+        let first = Assignment {
+            attempt: Attempt(0),
+            ..assignment(TaskSpec::call("noop", ""))
+        };
         let batch = vec![
-            assignment(TaskSpec::call("noop", "")),
+            first,
             every,
             assignment(traced_spec),
             assignment(call_of_size(300)),
