@@ -49,7 +49,7 @@ impl TaskSpec {
         };
         match &self.kind {
             TaskKind::Call(call) => {
-                let len = string_len(1, &call.handler) + bytes_len(2, &call.input);
+                let len = str_len(1, &call.handler) + bytes_len(2, &call.input);
                 prost::encoding::encode_key(2, prost::encoding::WireType::LengthDelimited, buf);
                 prost::encoding::encode_varint(len as u64, buf);
                 if !call.handler.is_empty() {
@@ -60,13 +60,26 @@ impl TaskSpec {
                 }
             }
             TaskKind::Exec(exec) => {
-                let exec = pb::ExecSpec {
-                    argv: exec.argv.clone(),
-                    env: exec.env.clone(),
-                    cwd: exec.cwd.clone().unwrap_or_default(),
-                    stdin: exec.stdin.clone(),
-                };
-                message::encode(1, &exec, buf);
+                let cwd = exec.cwd.as_deref().unwrap_or_default();
+                let len = string::encoded_len_repeated(1, &exec.argv)
+                    + btree_map::encoded_len(
+                        string::encoded_len,
+                        string::encoded_len,
+                        2,
+                        &exec.env,
+                    )
+                    + str_len(3, cwd)
+                    + bytes_len(4, &exec.stdin);
+                prost::encoding::encode_key(1, prost::encoding::WireType::LengthDelimited, buf);
+                prost::encoding::encode_varint(len as u64, buf);
+                string::encode_repeated(1, &exec.argv, buf);
+                string_map(2, &exec.env, buf);
+                if !cwd.is_empty() {
+                    crate::wire::put_message(3, cwd.as_bytes(), buf);
+                }
+                if !exec.stdin.is_empty() {
+                    bytes::encode(4, &exec.stdin, buf);
+                }
             }
         }
         if self.slots != 0 {
@@ -117,7 +130,7 @@ impl TaskSpec {
             encode_concurrency(14, limit, buf);
         }
         for used in &self.rate_limits {
-            let len = string_len(1, &used.name) + uint32_len(2, used.units);
+            let len = str_len(1, &used.name) + uint32_len(2, used.units);
             prost::encoding::encode_key(15, prost::encoding::WireType::LengthDelimited, buf);
             prost::encoding::encode_varint(len as u64, buf);
             if !used.name.is_empty() {
@@ -207,7 +220,7 @@ fn resources(resources: &std::collections::BTreeMap<String, u64>, buf: &mut Vec<
 
 fn encode_concurrency(tag: u32, limit: &ConcurrencyLimit, buf: &mut Vec<u8>) {
     let on_limit = i32::from(limit.on_limit);
-    let len = string_len(1, &limit.key)
+    let len = str_len(1, &limit.key)
         + uint32_len(2, limit.max_running)
         + if on_limit != 0 {
             int32::encoded_len(3, &on_limit)
@@ -227,11 +240,11 @@ fn encode_concurrency(tag: u32, limit: &ConcurrencyLimit, buf: &mut Vec<u8>) {
     }
 }
 
-/// A proto3 string field's length (nothing when empty).
-fn string_len(tag: u32, value: &String) -> usize {
+/// A proto3 string field's length, from a `&str` (nothing when empty).
+fn str_len(tag: u32, value: &str) -> usize {
     match value.is_empty() {
         true => 0,
-        false => string::encoded_len(tag, value),
+        false => crate::wire::message_len(tag, value.len()),
     }
 }
 
@@ -309,6 +322,8 @@ mod tests {
             TaskSpec::call("noop", ""),
             TaskSpec::call("noop", "7").priority(1),
             TaskSpec::exec(["true"]),
+            // Empty arguments and values are written.
+            TaskSpec::exec(["x", "", ""]).env("EMPTY", ""),
             exec,
             every,
         ]

@@ -289,13 +289,41 @@ fn write_assignment(a: &Assignment, traced: bool, spec: &mut Vec<u8>, out: &mut 
         message::encode(4, &trace.to_pb(), out);
     }
     for p in &a.parents {
-        let parent = pb::ParentResult {
-            task_id: p.task_id.to_string(),
-            r#ref: p.ref_name.clone(),
-            state: i32::from(p.state),
-            output: p.output.clone(),
+        write_parent(p, out);
+    }
+}
+
+/// Writes one `ParentResult` as `Assignment.parents` (field 5), tag and
+/// length first.
+fn write_parent(p: &crate::scheduler::graph::ParentResult, out: &mut Vec<u8>) {
+    use prost::encoding::{bytes, int32};
+    use weft_proto::wire::{message_len, put_message};
+    let state = i32::from(p.state);
+    let len = message_len(1, weft_proto::ids::ID_LEN)
+        + match p.ref_name.is_empty() {
+            true => 0,
+            false => message_len(2, p.ref_name.len()),
+        }
+        + match state {
+            0 => 0,
+            state => int32::encoded_len(3, &state),
+        }
+        + match p.output.is_empty() {
+            true => 0,
+            false => bytes::encoded_len(4, &p.output),
         };
-        message::encode(5, &parent, out);
+    prost::encoding::encode_key(5, prost::encoding::WireType::LengthDelimited, out);
+    prost::encoding::encode_varint(len as u64, out);
+    let mut id = [0; weft_proto::ids::ID_LEN];
+    put_message(1, p.task_id.to_str(&mut id).as_bytes(), out);
+    if !p.ref_name.is_empty() {
+        put_message(2, p.ref_name.as_bytes(), out);
+    }
+    if state != 0 {
+        int32::encode(3, &state, out);
+    }
+    if !p.output.is_empty() {
+        bytes::encode(4, &p.output, out);
     }
 }
 
