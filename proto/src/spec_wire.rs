@@ -240,20 +240,14 @@ fn encode_concurrency(tag: u32, limit: &ConcurrencyLimit, buf: &mut Vec<u8>) {
     }
 }
 
-/// A proto3 string field's length, from a `&str` (nothing when empty).
+/// A proto3 string field's length (nothing when empty).
 fn str_len(tag: u32, value: &str) -> usize {
-    match value.is_empty() {
-        true => 0,
-        false => crate::wire::message_len(tag, value.len()),
-    }
+    crate::wire::str_field_len(tag, value.as_bytes())
 }
 
 /// A proto3 bytes field's length (nothing when empty).
 fn bytes_len(tag: u32, value: &::bytes::Bytes) -> usize {
-    match value.is_empty() {
-        true => 0,
-        false => bytes::encoded_len(tag, value),
-    }
+    crate::wire::str_field_len(tag, value)
 }
 
 /// A proto3 uint32 field's length (nothing when zero).

@@ -81,6 +81,15 @@ pub fn message_len(tag: u32, len: usize) -> usize {
     key_len(tag) + encoded_len_varint(len as u64) + len
 }
 
+/// A proto3 string or bytes field's length, `value` its bytes:
+/// nothing when empty, as the generated encoder skips it.
+pub fn str_field_len(tag: u32, value: &[u8]) -> usize {
+    match value.is_empty() {
+        true => 0,
+        false => message_len(tag, value.len()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use prost::Message;

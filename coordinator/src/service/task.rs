@@ -340,7 +340,7 @@ impl TaskApi {
             .enumerate()
             .map(|(index, spec)| {
                 let (spec, len) = validate_spec(&limits, index, spec)?;
-                bytes += spec_field_len(len);
+                bytes += weft_proto::wire::message_len(1, len);
                 Ok(spec)
             })
             .collect::<Result<Vec<_>, Error>>()?;
@@ -432,12 +432,6 @@ impl TaskApi {
             _open: self.handle.metrics.open_stream(rpc),
         }
     }
-}
-
-/// The bytes a spec of encoded length `len` takes as field 1 of a
-/// `Submit` or `Run` request: its tag, its length, itself.
-fn spec_field_len(len: usize) -> usize {
-    prost::encoding::key_len(1) + prost::length_delimiter_len(len) + len
 }
 
 /// A submitted spec as the scheduler takes it: within this coordinator's
@@ -726,7 +720,9 @@ mod tests {
         let measured: usize = specs
             .iter()
             .enumerate()
-            .map(|(i, spec)| spec_field_len(validate_spec(&LIMITS, i, spec.clone()).unwrap().1))
+            .map(|(i, spec)| {
+                weft_proto::wire::message_len(1, validate_spec(&LIMITS, i, spec.clone()).unwrap().1)
+            })
             .sum();
         assert_eq!(
             measured,
@@ -737,7 +733,7 @@ mod tests {
         );
         let one = specs[2].clone();
         assert_eq!(
-            spec_field_len(validate_spec(&LIMITS, 0, one.clone()).unwrap().1),
+            weft_proto::wire::message_len(1, validate_spec(&LIMITS, 0, one.clone()).unwrap().1),
             pb::RunRequest { spec: Some(one) }.encoded_len()
         );
     }

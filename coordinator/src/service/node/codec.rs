@@ -297,21 +297,15 @@ fn write_assignment(a: &Assignment, traced: bool, spec: &mut Vec<u8>, out: &mut 
 /// length first.
 fn write_parent(p: &crate::scheduler::graph::ParentResult, out: &mut Vec<u8>) {
     use prost::encoding::{bytes, int32};
-    use weft_proto::wire::{message_len, put_message};
+    use weft_proto::wire::{message_len, put_message, str_field_len};
     let state = i32::from(p.state);
     let len = message_len(1, weft_proto::ids::ID_LEN)
-        + match p.ref_name.is_empty() {
-            true => 0,
-            false => message_len(2, p.ref_name.len()),
-        }
+        + str_field_len(2, p.ref_name.as_bytes())
         + match state {
             0 => 0,
             state => int32::encoded_len(3, &state),
         }
-        + match p.output.is_empty() {
-            true => 0,
-            false => bytes::encoded_len(4, &p.output),
-        };
+        + str_field_len(4, &p.output);
     prost::encoding::encode_key(5, prost::encoding::WireType::LengthDelimited, out);
     prost::encoding::encode_varint(len as u64, out);
     let mut id = [0; weft_proto::ids::ID_LEN];
