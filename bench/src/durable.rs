@@ -193,6 +193,14 @@ impl Durable {
         self.memory.p50_us + 2.0 * self.fdatasync.p50_us
     }
 
+    /// The bound with the overwrite probe instead of the append one:
+    /// in-memory p50 + 2 × overwrite fdatasync p50, µs. The log writes its
+    /// commits over zeros it wrote ahead, so this is the disk's limit for
+    /// its commits; the append bound is the issue's.
+    pub fn overwrite_bound_p50_us(&self) -> f64 {
+        self.memory.p50_us + 2.0 * self.fdatasync_overwrite.p50_us
+    }
+
     /// Durable p50 over [`Durable::bound_p50_us`] (≤ 1 meets the target).
     pub fn p50_over_bound(&self) -> f64 {
         self.durable.p50_us / self.bound_p50_us()

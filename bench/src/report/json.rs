@@ -173,6 +173,8 @@ fn json_section(measured: &Measured<'_>) -> Value {
                 "round_trip_durable_us": d.durable.json(),
                 "bound_p50_us": round(d.bound_p50_us(), 1),
                 "durable_p50_over_bound": round(d.p50_over_bound(), 3),
+                "overwrite_bound_p50_us": round(d.overwrite_bound_p50_us(), 1),
+                "durable_p50_over_overwrite_bound": round(d.durable.p50_us / d.overwrite_bound_p50_us(), 3),
                 "durable_p99_over_p50": round(d.p99_over_p50(), 3),
                 "tasks_stored": d.tasks_stored,
                 "data_dir_empty": dir(&d.dir_empty),

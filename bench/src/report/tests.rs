@@ -235,6 +235,10 @@ fn durability_figures_show_in_the_table_and_the_json() {
         ),
         "{table}"
     );
+    assert!(
+        table.contains("| 2,500 | in-memory p50 + 2 × overwrite fdatasync p50 = 1,100 | 2.27× |"),
+        "{table}"
+    );
     assert!(table.contains("| 6,000 | p50 2,500 | 2.40× |"), "{table}");
     assert!(table.contains("| 1,500 / 1,500 B |"), "{table}");
     assert!(
@@ -249,6 +253,7 @@ fn durability_figures_show_in_the_table_and_the_json() {
         "{table}"
     );
     assert_eq!(doc["durable"]["bound_p50_us"], 2_500.0);
+    assert_eq!(doc["durable"]["overwrite_bound_p50_us"], 1_100.0);
     assert_eq!(doc["durable"]["fdatasync_4k_overwrite_us"]["p50_us"], 300.0);
     assert_eq!(doc["durable"]["durable_p99_over_p50"], 2.4);
     assert_eq!(doc["durable"]["allocated_bytes_per_task"], 1_500.0);

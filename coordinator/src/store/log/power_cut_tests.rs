@@ -277,7 +277,7 @@ fn a_torn_commit_whose_data_holds_a_valid_frame_is_cut_off_not_called_damage() {
         drop(store);
         disk.cut(Survivors::None);
         let mut end = 0;
-        disk.on_platter_each(|_, image| end = image.len());
+        disk.on_platter_each(|_, image| end = super::tests::frames_end(image));
 
         let store = LogStore::open_on(Arc::new(disk.mount()), &label, None).unwrap();
         let mut next = acked.clone();

@@ -1,6 +1,11 @@
 //! Opening a log: every segment read once, in order, each frame's checksum
 //! checked and its records applied to a fresh index.
 //!
+//! A segment may end in zeros after its last frame: the active segment is
+//! kept written with zeros ahead of its end (`ZERO_AHEAD` in `mod.rs`).
+//! A frame that starts with zeros followed only by zeros to the end of the
+//! file is that unused rest, not damage, and stays for the writer.
+//!
 //! A commit is written whole, then synced, and the next one is written
 //! only after that sync returned; a segment is started only after the one
 //! before it was synced. So the only frame a crash can leave unfinished
@@ -78,6 +83,23 @@ impl<'f> Reader<'f> {
         Ok(Some((seq, payload.to_vec())))
     }
 
+    /// Whether every byte from `at` to the end of the file is zero.
+    fn zeros_to_end(&mut self, at: u64) -> std::io::Result<bool> {
+        const CHUNK: usize = 1 << 20;
+        let mut q = at;
+        while q < self.len {
+            let n = (self.len - q).min(CHUNK as u64) as usize;
+            let Some(bytes) = self.bytes(q, n)? else {
+                return Ok(false);
+            };
+            if bytes.iter().any(|b| *b != 0) {
+                return Ok(false);
+            }
+            q += n as u64;
+        }
+        Ok(true)
+    }
+
     /// Whether a valid frame of the log of store `salt`, numbered after
     /// `last`, starts anywhere after `at`: one written after the frame at
     /// `at` was synced, so that one was whole once.
@@ -126,7 +148,7 @@ pub(super) fn recover(
     let mut store_id: Option<u64> = None;
     // The number of the last frame read.
     let mut last_seq: Option<u64> = None;
-    let mut last: Option<(u32, Arc<dyn LogFile>, u64)> = None;
+    let mut last: Option<(u32, Arc<dyn LogFile>, u64, u64)> = None;
     let count = numbers.len();
     let started = std::time::Instant::now();
     for (i, &no) in numbers.iter().enumerate() {
@@ -135,7 +157,7 @@ pub(super) fn recover(
         let file = dir
             .open(&name)
             .map_err(|e| io_error("opening a segment", &e))?;
-        let file_len = file.len().map_err(|e| io_error("opening a segment", &e))?;
+        let mut file_len = file.len().map_err(|e| io_error("opening a segment", &e))?;
         let mut reader = Reader::new(&*file, file_len);
         let mut at = 0u64;
         let mut header_seen = false;
@@ -155,6 +177,12 @@ pub(super) fn recover(
                 .map_err(|e| io_error("reading the log", &e))?;
             let Some((seq, payload)) = frame else {
                 if at == file_len {
+                    break;
+                }
+                let unused = reader
+                    .zeros_to_end(at)
+                    .map_err(|e| io_error("reading the log", &e))?;
+                if unused {
                     break;
                 }
                 // A bad frame: an unfinished commit only at the very end.
@@ -177,6 +205,7 @@ pub(super) fn recover(
                 file.set_len(at)
                     .and_then(|()| file.sync_data())
                     .map_err(|e| io_error("cutting an unfinished commit", &e))?;
+                file_len = at;
                 break;
             };
             let first_in_segment = !header_seen;
@@ -253,14 +282,14 @@ pub(super) fn recover(
                 .map_err(|e| io_error("removing an unfinished segment", &e))?;
             continue;
         }
-        last = Some((no, file, at));
+        last = Some((no, file, at, file_len));
     }
     index.check().map_err(|(id, what)| StoreError::Damaged {
         table: "log",
         key: ulid::Ulid(id).to_string(),
         reason: what,
     })?;
-    let (store_id, (active, file, len)) = match (store_id, last) {
+    let (store_id, (active, file, len, end)) = match (store_id, last) {
         (Some(id), Some(last)) => (id, last),
         _ => {
             let Some(id) = create else {
@@ -277,7 +306,7 @@ pub(super) fn recover(
             index
                 .segments
                 .insert(no, Segment::new(Arc::clone(&file), len));
-            (id, (no, file, len))
+            (id, (no, file, len, len))
         }
     };
     tracing::debug!(
@@ -293,6 +322,7 @@ pub(super) fn recover(
             active,
             file,
             len,
+            end,
             seq: last_seq.unwrap_or(0),
             buf: Vec::new(),
             pending: Default::default(),

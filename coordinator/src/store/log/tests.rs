@@ -162,6 +162,20 @@ fn a_data_dir_whose_log_was_removed_is_refused_not_started_empty() {
     }
 }
 
+/// Where the frames of a segment's bytes end: the first offset at which
+/// no frame starts (zeros after it are the unused rest of the segment).
+pub(super) fn frames_end(bytes: &[u8]) -> usize {
+    let mut at = 0;
+    while let Some(header) = bytes.get(at..at + FRAME_HEADER) {
+        let (len, _, _) = frame::frame_header(header);
+        if len == 0 || at + FRAME_HEADER + len > bytes.len() {
+            break;
+        }
+        at += FRAME_HEADER + len;
+    }
+    at
+}
+
 #[test]
 fn an_unfinished_commit_at_the_end_is_cut_off_and_the_rest_kept() {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -171,17 +185,23 @@ fn an_unfinished_commit_at_the_end_is_cut_off_and_the_rest_kept() {
         view(&store)
     };
     let last = segments(dir.path()).pop().expect("a segment");
-    let len = std::fs::metadata(&last).expect("segment").len();
-    // Half a frame: a header that promises more than was written.
+    let mut bytes = std::fs::read(&last).expect("read");
+    let len = frames_end(&bytes);
+    // Half a frame where the next commit goes: a header that promises more
+    // than was written.
     let mut torn = Vec::new();
     torn.extend_from_slice(&4096u32.to_le_bytes());
     torn.extend_from_slice(&[0xab; 100]);
-    let mut bytes = std::fs::read(&last).expect("read");
-    bytes.extend_from_slice(&torn);
+    bytes.resize(bytes.len().max(len + torn.len()), 0);
+    bytes[len..len + torn.len()].copy_from_slice(&torn);
     std::fs::write(&last, &bytes).expect("write");
     let store = LogStore::open(dir.path()).expect("reopens past the torn tail");
     assert_eq!(view(&store), before);
-    assert_eq!(std::fs::metadata(&last).expect("segment").len(), len, "cut");
+    assert_eq!(
+        std::fs::metadata(&last).expect("segment").len(),
+        len as u64,
+        "cut"
+    );
     // And it appends where the torn frame was.
     let id = ids(1)[0];
     store
@@ -190,6 +210,74 @@ fn an_unfinished_commit_at_the_end_is_cut_off_and_the_rest_kept() {
     drop(store);
     let store = LogStore::open(dir.path()).expect("reopens");
     assert!(store.task(id).expect("read").is_some());
+}
+
+#[test]
+fn the_active_segment_is_kept_zeroed_ahead_so_commits_overwrite_and_a_reopen_keeps_the_zeros() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = LogStore::open(dir.path()).expect("opens");
+    fill(&store, 20);
+    let last = segments(dir.path()).pop().expect("a segment");
+    let bytes = std::fs::read(&last).expect("read");
+    let end = frames_end(&bytes);
+    // The first commit that reached the end of the file wrote zeros that
+    // far past itself; later ones went into them.
+    assert!(
+        bytes.len() > end && bytes.len() as u64 >= super::ZERO_AHEAD,
+        "{} bytes of file for {end} of frames: not zeroed ahead",
+        bytes.len()
+    );
+    assert!(bytes[end..].iter().all(|b| *b == 0), "the rest is zeros");
+    // A small commit goes into the zeros: the file does not grow.
+    let id = ids(1)[0];
+    store
+        .commit(&[Record::Task(record(id, TaskState::Queued, 5))])
+        .expect("commit");
+    let grown = std::fs::metadata(&last).expect("segment").len();
+    assert_eq!(grown, bytes.len() as u64, "a commit inside the zeros");
+    let before = view(&store);
+    drop(store);
+    // Reopening reads the zeros as the unused rest: nothing cut, nothing
+    // lost, and the next commit still goes after the last frame.
+    let store = LogStore::open(dir.path()).expect("reopens");
+    assert_eq!(view(&store), before);
+    assert_eq!(std::fs::metadata(&last).expect("segment").len(), grown);
+    let next = ids(1)[0];
+    store
+        .commit(&[Record::Task(record(next, TaskState::Queued, 6))])
+        .expect("commit after reopening");
+    drop(store);
+    let store = LogStore::open(dir.path()).expect("reopens again");
+    assert!(store.task(id).expect("read").is_some());
+    assert!(store.task(next).expect("read").is_some());
+}
+
+#[test]
+fn a_stray_byte_in_the_zeros_of_a_sealed_segment_refuses_the_start() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    {
+        let store = LogStore::open(dir.path()).expect("opens");
+        store.set_segment_bytes(4 << 10);
+        fill(&store, 40);
+    }
+    let all = segments(dir.path());
+    assert!(all.len() > 2, "{} segments", all.len());
+    // A sealed segment with zeros after its frames (a crash before the
+    // roll's cut landed), and one byte in them changed.
+    let sealed = &all[all.len() - 2];
+    let mut bytes = std::fs::read(sealed).expect("read");
+    let end = frames_end(&bytes);
+    assert_eq!(end, bytes.len(), "a sealed segment is cut to its frames");
+    bytes.resize(end + 8192, 0);
+    std::fs::write(sealed, &bytes).expect("write");
+    let store = LogStore::open(dir.path()).expect("zeros after a sealed segment's frames");
+    drop(store);
+    bytes[end + 5000] = 1;
+    std::fs::write(sealed, &bytes).expect("write");
+    match LogStore::open(dir.path()) {
+        Err(err @ StoreError::Damaged { .. }) => assert!(err.is_damage()),
+        other => panic!("not refused: {other:?}"),
+    }
 }
 
 /// The offset of the first byte of `needle` in the segment at `path`.
