@@ -20,8 +20,9 @@
 //!   systems), which costs about twice as long. Databases do the same with
 //!   their write-ahead logs.
 //! - Opening reads every segment once, in order, and rebuilds the index
-//!   (`recover.rs`); zeros after the last frame are the unused rest of a
-//!   segment; an unfinished commit at the end of the log (a crash before
+//!   (`recover.rs`); zeros after the last frame of the last segment are
+//!   its unused rest (a segment is cut to its frames, and synced, before
+//!   the next one is made); an unfinished commit at the end of the log (a crash before
 //!   its sync returned) is cut off, damage anywhere else refuses the
 //!   start.
 //! - Retention appends an expiry record per task; the bytes go when
@@ -430,15 +431,22 @@ impl Inner {
     /// synced and its name made durable before anything goes in it).
     fn roll(&self, writer: &mut Writer) -> Result<(), StoreError> {
         let no = writer.active + 1;
-        let (file, len) = create_segment(&*self.dir, no, self.store_id, writer.seq + 1)?;
-        // The sealed segment's zeros are of no use any more. Not synced:
-        // an opening reads zeros after a segment's last frame as its end,
-        // so a crash may leave them or not.
-        if writer.end > writer.len
-            && let Err(err) = writer.file.set_len(writer.len)
-        {
-            tracing::debug!(error = %err, "could not cut the zeros off a sealed log segment");
+        // The segment is cut to its frames, durably, before the next one
+        // exists: only the last segment may end in zeros, so zeros after
+        // the frames of any other (acknowledged frames lost to zeros) are
+        // damage, as any bad frame there is.
+        if writer.end > writer.len {
+            writer
+                .file
+                .set_len(writer.len)
+                .map_err(|e| io_error("sealing a segment", &e))?;
+            if let Err(err) = writer.file.sync_data() {
+                writer.broken = Some(format!("syncing a sealed segment: {err}"));
+                return Err(io_error("sealing a segment", &err));
+            }
+            writer.end = writer.len;
         }
+        let (file, len) = create_segment(&*self.dir, no, self.store_id, writer.seq + 1)?;
         let mut index = self.index.write().map_err(|_| StoreError::Poisoned)?;
         index
             .segments

@@ -1,10 +1,12 @@
 //! Opening a log: every segment read once, in order, each frame's checksum
 //! checked and its records applied to a fresh index.
 //!
-//! A segment may end in zeros after its last frame: the active segment is
-//! kept written with zeros ahead of its end (`ZERO_AHEAD` in `mod.rs`).
-//! A frame that starts with zeros followed only by zeros to the end of the
-//! file is that unused rest, not damage, and stays for the writer.
+//! The last segment may end in zeros after its last frame: the active
+//! segment is kept written with zeros ahead of its end (`ZERO_AHEAD` in
+//! `mod.rs`). There, a frame that starts with zeros followed only by zeros
+//! to the end of the file is that unused rest, not damage, and stays for
+//! the writer. Every other segment was cut to its frames and synced before
+//! the next one was made, so zeros there are a bad frame like any other.
 //!
 //! A commit is written whole, then synced, and the next one is written
 //! only after that sync returned; a segment is started only after the one
@@ -179,9 +181,10 @@ pub(super) fn recover(
                 if at == file_len {
                     break;
                 }
-                let unused = reader
-                    .zeros_to_end(at)
-                    .map_err(|e| io_error("reading the log", &e))?;
+                let unused = is_last
+                    && reader
+                        .zeros_to_end(at)
+                        .map_err(|e| io_error("reading the log", &e))?;
                 if unused {
                     break;
                 }

@@ -253,7 +253,7 @@ fn the_active_segment_is_kept_zeroed_ahead_so_commits_overwrite_and_a_reopen_kee
 }
 
 #[test]
-fn a_stray_byte_in_the_zeros_of_a_sealed_segment_refuses_the_start() {
+fn zeros_after_the_frames_of_a_sealed_segment_refuse_the_start() {
     let dir = tempfile::tempdir().expect("temp dir");
     {
         let store = LogStore::open(dir.path()).expect("opens");
@@ -262,21 +262,76 @@ fn a_stray_byte_in_the_zeros_of_a_sealed_segment_refuses_the_start() {
     }
     let all = segments(dir.path());
     assert!(all.len() > 2, "{} segments", all.len());
-    // A sealed segment with zeros after its frames (a crash before the
-    // roll's cut landed), and one byte in them changed.
+    // A roll cuts the segment to its frames before the next one is made.
     let sealed = &all[all.len() - 2];
     let mut bytes = std::fs::read(sealed).expect("read");
     let end = frames_end(&bytes);
     assert_eq!(end, bytes.len(), "a sealed segment is cut to its frames");
+    // Zeros after them (lost writes, a copy padded) are not an unused
+    // rest there, however clean they look.
     bytes.resize(end + 8192, 0);
-    std::fs::write(sealed, &bytes).expect("write");
-    let store = LogStore::open(dir.path()).expect("zeros after a sealed segment's frames");
-    drop(store);
-    bytes[end + 5000] = 1;
     std::fs::write(sealed, &bytes).expect("write");
     match LogStore::open(dir.path()) {
         Err(err @ StoreError::Damaged { .. }) => assert!(err.is_damage()),
         other => panic!("not refused: {other:?}"),
+    }
+}
+
+#[test]
+fn zeroed_acknowledged_frames_at_the_end_of_a_sealed_segment_refuse_the_start() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let tasks = ids(200);
+    {
+        let store = LogStore::open(dir.path()).expect("opens");
+        store.set_segment_bytes(4 << 10);
+        let queued: Vec<Record> = tasks
+            .iter()
+            .map(|id| Record::Task(record(*id, TaskState::Queued, 1)))
+            .collect();
+        store.commit(&queued).expect("submit");
+        // One commit per task: each frame of the later segments holds one
+        // task's only change since its submit.
+        for id in &tasks {
+            store
+                .commit(&[Record::Task(record(*id, TaskState::Running, 2))])
+                .expect("run");
+        }
+    }
+    let all = segments(dir.path());
+    assert!(all.len() > 3, "{} segments", all.len());
+    let sealed = &all[all.len() - 2];
+    let mut bytes = std::fs::read(sealed).expect("read");
+    assert_eq!(frames_end(&bytes), bytes.len(), "sealed, cut to its frames");
+    // The start of the segment's last frame (after the header frame).
+    let mut last = 0;
+    let mut at = 0;
+    while let Some(header) = bytes.get(at..at + FRAME_HEADER) {
+        let (len, _, _) = frame::frame_header(header);
+        if len == 0 || at + FRAME_HEADER + len > bytes.len() {
+            break;
+        }
+        last = at;
+        at += FRAME_HEADER + len;
+    }
+    assert!(last > 0, "a sealed segment with a frame after its header");
+    bytes[last..].fill(0);
+    std::fs::write(sealed, &bytes).expect("write");
+    match LogStore::open(dir.path()) {
+        Err(err @ StoreError::Damaged { .. }) => assert!(err.is_damage()),
+        Ok(store) => {
+            let stale: Vec<String> = tasks
+                .iter()
+                .filter_map(|id| {
+                    let task = store.task(*id).expect("read").expect("task");
+                    (task.state != TaskState::Running).then(|| format!("{id} {}", task.state))
+                })
+                .collect();
+            panic!(
+                "a sealed segment's acknowledged last frame zeroed, and the log opened; \
+                 acknowledged RUNNING, served as: {stale:?}"
+            );
+        }
+        Err(other) => panic!("not refused as damage: {other:?}"),
     }
 }
 
