@@ -53,10 +53,20 @@ impl UnderTest for LogStore {
 /// new disk gets a new log, a later open refuses an empty directory (as a
 /// data dir with its marker does).
 fn open_log(disk: &SimDisk, label: &Path, fresh: bool) -> Result<Box<dyn UnderTest>, String> {
+    open_log_with(disk, label, fresh, SEGMENT_BYTES)
+}
+
+/// [`open_log`] with segments of `segment_bytes`.
+fn open_log_with(
+    disk: &SimDisk,
+    label: &Path,
+    fresh: bool,
+    segment_bytes: u64,
+) -> Result<Box<dyn UnderTest>, String> {
     let dir = Arc::new(disk.mount());
     opened(|| {
         let store = LogStore::open_on(dir, label, fresh.then_some(STORE_ID))?;
-        store.set_segment_bytes(SEGMENT_BYTES);
+        store.set_segment_bytes(segment_bytes);
         Ok(store)
     })
 }
@@ -68,12 +78,7 @@ const WIDE_SEGMENT_BYTES: u64 = 320 << 10;
 
 /// The log store on `disk` with [`WIDE_SEGMENT_BYTES`] segments.
 fn open_wide_log(disk: &SimDisk, label: &Path, fresh: bool) -> Result<Box<dyn UnderTest>, String> {
-    let dir = Arc::new(disk.mount());
-    opened(|| {
-        let store = LogStore::open_on(dir, label, fresh.then_some(STORE_ID))?;
-        store.set_segment_bytes(WIDE_SEGMENT_BYTES);
-        Ok(store)
-    })
+    open_log_with(disk, label, fresh, WIDE_SEGMENT_BYTES)
 }
 
 /// The log store with wide segments: a commit that refills the zeros
