@@ -17,14 +17,14 @@
 //!   ([`ZERO_AHEAD`]), so that a commit overwrites blocks the file already
 //!   has and its sync flushes data only: syncing an append must also
 //!   commit the file's new size and blocks (a journal commit on most file
-//!   systems), which costs about twice as long. Databases do the same with
-//!   their write-ahead logs.
+//!   systems), which takes longer. Databases do the same with their
+//!   write-ahead logs.
 //! - Opening reads every segment once, in order, and rebuilds the index
 //!   (`recover.rs`); zeros after the last frame of the last segment are
 //!   its unused rest (a segment is cut to its frames, and synced, before
-//!   the next one is made); an unfinished commit at the end of the log (a crash before
-//!   its sync returned) is cut off, damage anywhere else refuses the
-//!   start.
+//!   the next one is made); an unfinished commit at the end of the log
+//!   (a crash before its sync returned) is cut off, damage anywhere else
+//!   refuses the start.
 //! - Retention appends an expiry record per task; the bytes go when
 //!   compaction (`compact.rs`) copies the oldest segment's still-current
 //!   records to the head and removes the file. A background thread does
@@ -391,8 +391,9 @@ impl Inner {
             return Err(io_error("writing a commit", &err));
         }
         writer.end = writer.end.max(at + len);
-        // The zeros only make later syncs cheaper: a commit never fails
-        // for them (a full disk), and zeros left half written are zeros.
+        // The zeros only make later syncs cheaper: failing to write them
+        // (a full disk) does not fail the commit, and zeros left half
+        // written are zeros.
         if let Some((from, to)) = zeros_ahead(at + len, writer.end, limit) {
             match write_zeros(&*writer.file, from, to) {
                 Ok(()) => writer.end = to,
