@@ -162,9 +162,11 @@ fn a_data_dir_whose_log_was_removed_is_refused_not_started_empty() {
     }
 }
 
-/// Where the frames of a segment's bytes end: the first offset at which
-/// no frame starts (zeros after it are the unused rest of the segment).
-pub(super) fn frames_end(bytes: &[u8]) -> usize {
+/// Where each frame of a segment's bytes starts, then where the frames
+/// end: the first offset at which no frame starts (zeros after it are the
+/// unused rest of the segment).
+fn frame_bounds(bytes: &[u8]) -> Vec<usize> {
+    let mut bounds = vec![0];
     let mut at = 0;
     while let Some(header) = bytes.get(at..at + FRAME_HEADER) {
         let (len, _, _) = frame::frame_header(header);
@@ -172,8 +174,14 @@ pub(super) fn frames_end(bytes: &[u8]) -> usize {
             break;
         }
         at += FRAME_HEADER + len;
+        bounds.push(at);
     }
-    at
+    bounds
+}
+
+/// Where the frames of a segment's bytes end (see [`frame_bounds`]).
+pub(super) fn frames_end(bytes: &[u8]) -> usize {
+    frame_bounds(bytes).last().copied().unwrap_or(0)
 }
 
 #[test]
@@ -303,16 +311,8 @@ fn zeroed_acknowledged_frames_at_the_end_of_a_sealed_segment_refuse_the_start() 
     let mut bytes = std::fs::read(sealed).expect("read");
     assert_eq!(frames_end(&bytes), bytes.len(), "sealed, cut to its frames");
     // The start of the segment's last frame (after the header frame).
-    let mut last = 0;
-    let mut at = 0;
-    while let Some(header) = bytes.get(at..at + FRAME_HEADER) {
-        let (len, _, _) = frame::frame_header(header);
-        if len == 0 || at + FRAME_HEADER + len > bytes.len() {
-            break;
-        }
-        last = at;
-        at += FRAME_HEADER + len;
-    }
+    let bounds = frame_bounds(&bytes);
+    let last = bounds.len().checked_sub(2).map_or(0, |i| bounds[i]);
     assert!(last > 0, "a sealed segment with a frame after its header");
     bytes[last..].fill(0);
     std::fs::write(sealed, &bytes).expect("write");
