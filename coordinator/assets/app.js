@@ -724,8 +724,17 @@
     let outputChars = 0;
     let outputAttempt = 0;
     let confirming = false;
+    // The seq after the newest event shown: a task snapshot whose next_seq
+    // is below it is older than what the page shows (a Cancel's answer
+    // that arrives after the stream said "cancelled") and does not take
+    // the page back; the refresh after the events brings a newer one.
+    let shownSeq = 0;
 
     function show(t) {
+      if (Number(t.next_seq) < shownSeq) {
+        renderActions();
+        return;
+      }
       task = t;
       const state = normState(t.state);
       title.textContent = t.name ? `${t.name}` : `Task ${t.id}`;
@@ -775,7 +784,8 @@
       attemptsBox.replaceChildren(...[].concat(timeline(list, task)));
     }
 
-    function onState(ev) {
+    function onState(ev, seq) {
+      if (seq) shownSeq = Math.max(shownSeq, seq + 1);
       const state = normState(ev.state);
       const n = Number(ev.attempt) || 0;
       const t = Date.parse(ev.time);
@@ -916,10 +926,12 @@
       for (const type of ['state', 'output', 'progress', 'finished']) {
         es.addEventListener(type, (msg) => {
           if (!pg.alive || es !== source) return;
-          const seq = Number(msg.lastEventId);
+          let seq = Number(msg.lastEventId);
           if (Number.isFinite(seq) && seq > 0) {
             if (seq <= lastSeq) return;
             lastSeq = seq;
+          } else {
+            seq = 0;
           }
           let data;
           try { data = JSON.parse(msg.data); } catch (_) { return; }
@@ -928,7 +940,7 @@
             es.close();
             on.status('ended', 'finished');
           }
-          on[type](data || {});
+          on[type](data || {}, seq);
         });
       }
       es.onerror = (ev) => {
