@@ -393,12 +393,14 @@ impl Inner {
         writer.end = writer.end.max(at + len);
         // The zeros only make later syncs cheaper: failing to write them
         // (a full disk) does not fail the commit, and zeros left half
-        // written are zeros.
+        // written are zeros. The file may now reach anywhere up to `to`,
+        // so `end` says `to` either way: a segment is cut back to its
+        // frames when it is sealed, and only the last may end in zeros.
         if let Some((from, to)) = zeros_ahead(at + len, writer.end, limit) {
-            match write_zeros(&*writer.file, from, to) {
-                Ok(()) => writer.end = to,
-                Err(err) => tracing::debug!(error = %err, "could not write zeros ahead of the log"),
+            if let Err(err) = write_zeros(&*writer.file, from, to) {
+                tracing::debug!(error = %err, "could not write zeros ahead of the log");
             }
+            writer.end = to;
         }
         if let Err(err) = writer.file.sync_data() {
             writer.broken = Some(format!("syncing: {err}"));
@@ -435,8 +437,13 @@ impl Inner {
         // The segment is cut to its frames, durably, before the next one
         // exists: only the last segment may end in zeros, so zeros after
         // the frames of any other (acknowledged frames lost to zeros) are
-        // damage, as any bad frame there is.
-        if writer.end > writer.len {
+        // damage, as any bad frame there is. The file's own length is
+        // asked too, so nothing the writer did not count stays behind.
+        let longer = writer
+            .file
+            .len()
+            .map_or(true, |on_disk| on_disk > writer.len);
+        if writer.end > writer.len || longer {
             writer
                 .file
                 .set_len(writer.len)

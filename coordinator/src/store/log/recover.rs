@@ -186,6 +186,9 @@ pub(super) fn recover(
                         .zeros_to_end(at)
                         .map_err(|e| io_error("reading the log", &e))?;
                 if unused {
+                    // A frame lost to zeros here would read the same: say
+                    // where the frames ended, for whoever looks into it.
+                    tracing::debug!(segment = %name, frames_end = at, zeros = file_len - at, "the log's last segment ends in zeros written ahead");
                     break;
                 }
                 // A bad frame: an unfinished commit only at the very end.

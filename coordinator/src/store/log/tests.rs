@@ -335,6 +335,121 @@ fn zeroed_acknowledged_frames_at_the_end_of_a_sealed_segment_refuse_the_start() 
     }
 }
 
+/// A directory on a disk that holds files of at most `cap` bytes: a write
+/// crossing it writes what fits, then fails as a full disk does.
+#[derive(Debug)]
+struct CappedDir {
+    inner: Arc<dyn super::fs::LogDir>,
+    cap: Arc<std::sync::atomic::AtomicU64>,
+}
+
+#[derive(Debug)]
+struct CappedFile {
+    inner: Arc<dyn super::fs::LogFile>,
+    cap: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl CappedDir {
+    fn wrap(&self, inner: Arc<dyn super::fs::LogFile>) -> Arc<dyn super::fs::LogFile> {
+        Arc::new(CappedFile {
+            inner,
+            cap: Arc::clone(&self.cap),
+        })
+    }
+}
+
+impl super::fs::LogDir for CappedDir {
+    fn list(&self) -> std::io::Result<Vec<String>> {
+        self.inner.list()
+    }
+    fn create(&self, name: &str) -> std::io::Result<Arc<dyn super::fs::LogFile>> {
+        Ok(self.wrap(self.inner.create(name)?))
+    }
+    fn open(&self, name: &str) -> std::io::Result<Arc<dyn super::fs::LogFile>> {
+        Ok(self.wrap(self.inner.open(name)?))
+    }
+    fn remove(&self, name: &str) -> std::io::Result<()> {
+        self.inner.remove(name)
+    }
+    fn sync(&self) -> std::io::Result<()> {
+        self.inner.sync()
+    }
+}
+
+impl super::fs::LogFile for CappedFile {
+    fn len(&self) -> std::io::Result<u64> {
+        self.inner.len()
+    }
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.inner.read_exact_at(buf, offset)
+    }
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        let cap = self.cap.load(std::sync::atomic::Ordering::SeqCst);
+        let fits = usize::try_from(cap.saturating_sub(offset)).unwrap_or(usize::MAX);
+        if fits >= buf.len() {
+            return self.inner.write_all_at(buf, offset);
+        }
+        self.inner.write_all_at(&buf[..fits], offset)?;
+        Err(std::io::Error::from_raw_os_error(nix::libc::ENOSPC))
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.inner.set_len(len)
+    }
+    fn sync_data(&self) -> std::io::Result<()> {
+        self.inner.sync_data()
+    }
+}
+
+#[test]
+fn zeros_cut_short_by_a_full_disk_are_cut_off_when_the_segment_is_sealed() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let log = dir.path().join(DIR_NAME);
+    std::fs::create_dir_all(&log).expect("log dir");
+    let cap = Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX));
+    let capped = Arc::new(CappedDir {
+        inner: Arc::new(super::fs::RealDir::new(&log)),
+        cap: Arc::clone(&cap),
+    });
+    let mut committed = Vec::new();
+    {
+        let store = LogStore::open_on(capped, &log, Some(1)).expect("opens");
+        store.set_segment_bytes(256 << 10);
+        // The disk fills up: the first commit's zeros stop at 250 KiB, and
+        // the commits go on into the zeros that were written.
+        cap.store(250 << 10, std::sync::atomic::Ordering::SeqCst);
+        while store.sizes().expect("sizes").0 < 240 << 10 {
+            let tasks = ids(8);
+            let queued: Vec<Record> = tasks
+                .iter()
+                .map(|id| Record::Task(record(*id, TaskState::Queued, 1)))
+                .collect();
+            store.commit(&queued).expect("a commit into the zeros");
+            committed.extend(tasks);
+        }
+        // Space comes back; a commit too big for the segment's rest seals it.
+        cap.store(u64::MAX, std::sync::atomic::Ordering::SeqCst);
+        let tasks = ids(200);
+        let queued: Vec<Record> = tasks
+            .iter()
+            .map(|id| Record::Task(record(*id, TaskState::Queued, 2)))
+            .collect();
+        store.commit(&queued).expect("a commit after the seal");
+        committed.extend(tasks);
+    }
+    let all = segments(dir.path());
+    assert!(all.len() >= 2, "no segment was sealed: {all:?}");
+    let sealed = std::fs::read(&all[all.len() - 2]).expect("read");
+    assert_eq!(
+        frames_end(&sealed),
+        sealed.len(),
+        "the sealed segment keeps zeros after its frames"
+    );
+    let store = LogStore::open(dir.path()).expect("every commit acknowledged, and the log opens");
+    for id in &committed {
+        assert!(store.task(*id).expect("read").is_some(), "{id} lost");
+    }
+}
+
 /// The offset of the first byte of `needle` in the segment at `path`.
 fn find(path: &std::path::Path, needle: &[u8]) -> usize {
     let bytes = std::fs::read(path).expect("read");
