@@ -40,9 +40,10 @@ pub enum Step {
     /// 100 late tasks behind a 100,000-task backlog at equal priority,
     /// with fair keys and without: the late submitter's share and time.
     Fairness,
-    /// In one run: fdatasync of a 4 KiB append beside the data dir, and
-    /// 2,000 noop round trips on the in-memory store and on the durable
-    /// one; then 20,000 noops and the data dir's bytes per task.
+    /// In one run: fdatasync of 4 KiB beside the data dir (appends,
+    /// overwrites, and overwrites paced half an in-memory round trip
+    /// apart), and 2,000 noop round trips on the in-memory store and on
+    /// the durable one; then 20,000 noops and the data dir's bytes per task.
     Durable,
     /// Waves of 5,000 noops for 120 s on a coordinator with `--retention
     /// 2s`: the data dir's size after each wave (does it stay bounded?).

@@ -206,6 +206,8 @@ fn durability_figures_show_in_the_table_and_the_json() {
     r.durable = Some(Durable {
         fdatasync: lat(1_000.0, 2_000.0),
         fdatasync_overwrite: lat(300.0, 600.0),
+        fdatasync_paced: lat(900.0, 1_800.0),
+        paced_gap: Duration::from_micros(250),
         memory: lat(500.0, 800.0),
         durable: lat(2_500.0, 6_000.0),
         tasks_stored: 10_000,
@@ -239,6 +241,19 @@ fn durability_figures_show_in_the_table_and_the_json() {
         table.contains("| 2,500 | in-memory p50 + 2 × overwrite fdatasync p50 = 1,100 | 2.27× |"),
         "{table}"
     );
+    assert!(
+        table.contains(
+            "| durable: the same overwrites, each after the disk idled 250 µs (half the in-memory \
+             round trip, as a round trip spaces its commits), p50 / p99 µs (2,000) | 900 / 1,800 |"
+        ),
+        "{table}"
+    );
+    assert!(
+        table.contains(
+            "| 2,500 | in-memory p50 + 2 × paced overwrite fdatasync p50 = 2,300 | 1.09× |"
+        ),
+        "{table}"
+    );
     assert!(table.contains("| 6,000 | p50 2,500 | 2.40× |"), "{table}");
     assert!(table.contains("| 1,500 / 1,500 B |"), "{table}");
     assert!(
@@ -255,6 +270,13 @@ fn durability_figures_show_in_the_table_and_the_json() {
     assert_eq!(doc["durable"]["bound_p50_us"], 2_500.0);
     assert_eq!(doc["durable"]["overwrite_bound_p50_us"], 1_100.0);
     assert_eq!(doc["durable"]["fdatasync_4k_overwrite_us"]["p50_us"], 300.0);
+    assert_eq!(
+        doc["durable"]["fdatasync_4k_overwrite_paced_us"]["p50_us"],
+        900.0
+    );
+    assert_eq!(doc["durable"]["paced_gap_us"], 250.0);
+    assert_eq!(doc["durable"]["paced_bound_p50_us"], 2_300.0);
+    assert_eq!(doc["durable"]["durable_p50_over_paced_bound"], 1.087);
     assert_eq!(doc["durable"]["durable_p99_over_p50"], 2.4);
     assert_eq!(doc["durable"]["allocated_bytes_per_task"], 1_500.0);
     assert_eq!(doc["retention"]["bounded"], true);
