@@ -699,20 +699,17 @@ fn open_and_load(
     scheduler.restore_next_chunks(loaded.next_chunks);
     scheduler.restore_schedules(loaded.schedules, now);
     scheduler.restore_limits(loaded.limits);
-    // Pending tasks' parents that ended before the restart: read back.
+    // Pending tasks' parents that ended before the restart: read back. A
+    // read that fails fails the start (a parent read as missing would
+    // fail its children for good).
     let mut lookup = |id| {
-        let record = store.task(id).ok().flatten()?;
-        record
-            .state
-            .is_final()
-            .then(|| scheduler::graph::ParentResult {
-                task_id: id,
-                ref_name: record.spec.ref_name.clone(),
-                state: record.state,
-                output: record.output.clone(),
-            })
+        store.task(id).map(|record| {
+            record
+                .as_ref()
+                .and_then(scheduler::graph::ParentResult::of_final)
+        })
     };
-    scheduler.finish_restore(&mut lookup, now);
+    scheduler.finish_restore(&mut lookup, now)?;
     let tokens = store.tokens()?;
     let identities = store.node_identities()?;
     Ok((store, scheduler, tokens, identities))

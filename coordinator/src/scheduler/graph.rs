@@ -80,6 +80,19 @@ pub struct ParentResult {
     pub output: Bytes,
 }
 
+impl ParentResult {
+    /// What a child restored after a restart is given of `record`, its
+    /// parent's stored record: `None` while the parent is not final.
+    pub fn of_final(record: &crate::store::TaskRecord) -> Option<ParentResult> {
+        record.state.is_final().then(|| ParentResult {
+            task_id: record.id,
+            ref_name: record.spec.ref_name.clone(),
+            state: record.state,
+            output: record.output.clone(),
+        })
+    }
+}
+
 /// What the Submit path read from the store about the existing tasks a
 /// Submit names in `after` (those the scheduler may not hold): per id,
 /// `Some` with its result when final, `None` when not final at the read.
@@ -662,15 +675,17 @@ impl Scheduler {
     /// the results of parents that ended before the restart through
     /// `lookup`), re-arms start times, and settles what was decided (a
     /// parent that ended just before the crash releases its children).
-    pub fn finish_restore(
+    ///
+    /// `lookup` answers `None` for a parent the store no longer has (it
+    /// counts as failed). A parent it could not read is an error, and
+    /// nothing is settled: a read that failed is not a parent that failed.
+    pub fn finish_restore<E>(
         &mut self,
-        lookup: &mut dyn FnMut(TaskId) -> Option<ParentResult>,
+        lookup: &mut dyn FnMut(TaskId) -> Result<Option<ParentResult>, E>,
         now: Now,
-    ) {
-        self.graph.clock = Some((now.instant, now.wall));
-        let restored = std::mem::take(&mut self.graph.restored);
+    ) -> Result<(), E> {
         let mut known = KnownParents::new();
-        for id in &restored {
+        for id in &self.graph.restored {
             let Some(task) = self.tasks.get(id) else {
                 continue;
             };
@@ -680,16 +695,19 @@ impl Scheduler {
                     && !self.tasks.contains_key(parent)
                     && !known.contains_key(parent)
                 {
-                    known.insert(*parent, lookup(*parent));
+                    known.insert(*parent, lookup(*parent)?);
                 }
             }
         }
+        self.graph.clock = Some((now.instant, now.wall));
+        let restored = std::mem::take(&mut self.graph.restored);
         for id in &restored {
             self.link(*id, &known);
         }
         for id in restored {
             self.settle(id, now.wall);
         }
+        Ok(())
     }
 }
 

@@ -427,6 +427,43 @@ fn a_pending_child_whose_parent_ended_before_the_restart_is_released_at_start() 
 }
 
 #[test]
+fn a_parent_that_cannot_be_read_at_start_fails_the_start_and_not_its_children() {
+    let mut h = Harness::new();
+    h.node(S1, reg("n1", 4), 2);
+    let ids = h
+        .submit_job(vec![
+            call("a"),
+            call("b"),
+            call("c").after_ref("a").after_ref("b"),
+        ])
+        .expect("submit");
+    // `a` ends; `b` still runs when the coordinator dies.
+    let sent = assigned(&h.effects(), S1);
+    assert_eq!(sent.len(), 2, "a and b are sent");
+    h.finish(S1, ids[0], 1, Outcome::Succeeded);
+    h.effects();
+    let failed = h.restart_reading(Duration::from_secs(1), &mut |_, id| {
+        Err(crate::store::StoreError::Backend {
+            op: "reading a task",
+            message: format!("connection lost reading {id}"),
+        })
+    });
+    match failed {
+        Err(crate::store::StoreError::Backend { message, .. }) => {
+            assert!(message.contains(&ids[0].to_string()), "{message}");
+        }
+        Err(other) => panic!("another error: {other:?}"),
+        Ok(h) => panic!(
+            "the start went on without `a`'s result; `c` is {:?}",
+            h.state(ids[2])
+        ),
+    }
+    // Read back, the same store releases nothing early and fails nothing.
+    let h = h.restart(Duration::from_secs(1));
+    assert_eq!(h.state(ids[2]), TaskState::Pending);
+}
+
+#[test]
 fn pending_tasks_count_against_max_queued() {
     let mut h = Harness::with(SchedulerConfig {
         max_queued: 2,

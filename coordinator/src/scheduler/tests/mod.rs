@@ -27,6 +27,13 @@ use weft_proto::{Attempt, NodeId, Outcome, OutputStream, TaskId, TaskSpec, TaskS
 use super::*;
 use crate::store::{EventBody, Record, TaskEvent};
 
+/// How a test restart reads a restored task's parent from the store.
+type ParentRead<'a> =
+    &'a mut dyn FnMut(
+        &crate::store::MemoryStore,
+        TaskId,
+    ) -> Result<Option<crate::store::TaskRecord>, crate::store::StoreError>;
+
 struct Harness {
     s: Scheduler,
     now: Now,
@@ -88,6 +95,19 @@ impl Harness {
     /// A coordinator restart: everything written so far goes through a
     /// store and is loaded into a fresh scheduler, `downtime` later.
     fn restart(&self, downtime: Duration) -> Harness {
+        self.restart_reading(downtime, &mut |store, id| {
+            crate::store::Store::task(store, id)
+        })
+        .expect("restart")
+    }
+
+    /// [`restart`](Self::restart), with the parents of restored pending
+    /// tasks read through `read`.
+    fn restart_reading(
+        &self,
+        downtime: Duration,
+        read: ParentRead<'_>,
+    ) -> Result<Harness, crate::store::StoreError> {
         let store = crate::store::MemoryStore::new();
         crate::store::Store::commit(&store, &self.records).expect("records commit");
         let loaded =
@@ -97,20 +117,15 @@ impl Harness {
         h.now.wall = self.now.wall + downtime;
         h.s.restore(loaded, h.now);
         let mut lookup = |id| {
-            let record = crate::store::Store::task(&store, id).ok().flatten()?;
-            record
-                .state
-                .is_final()
-                .then(|| crate::scheduler::graph::ParentResult {
-                    task_id: id,
-                    ref_name: record.spec.ref_name.clone(),
-                    state: record.state,
-                    output: record.output.clone(),
-                })
+            read(&store, id).map(|record| {
+                record
+                    .as_ref()
+                    .and_then(crate::scheduler::graph::ParentResult::of_final)
+            })
         };
-        h.s.finish_restore(&mut lookup, h.now);
+        h.s.finish_restore(&mut lookup, h.now)?;
         h.records = self.records.clone();
-        h
+        Ok(h)
     }
 
     /// The node on `session` is lost: its stream ends and it does not
