@@ -114,14 +114,18 @@ impl Scheduler {
     /// not started it: the node is told to cancel it, and the task is
     /// queued again as the next attempt, charged nothing.
     fn give_back_unstarted(&mut self, session: SessionId, id: TaskId, attempt: Attempt, now: Now) {
-        if self.unstarted_on(id, attempt) != Some(session)
-            || !self.take_back(id, attempt, &[TaskState::Assigned], now)
-        {
-            return;
-        }
         let Some(task) = self.tasks.get(&id) else {
             return;
         };
+        if self.unstarted_on(id, attempt) != Some(session)
+            || task.state != TaskState::Assigned
+            || task.attempt != attempt.0
+        {
+            return;
+        }
+        // The node's slot and resources come back whatever happens to the
+        // task: a task cancelled meanwhile ends here (`take_back`), and
+        // the node's own answer for it then counts for nothing.
         let example = self.queue.example(task.class);
         let slots = example.slots;
         let Some(node) = self.nodes.get_mut(session) else {
@@ -131,6 +135,9 @@ impl Scheduler {
         node.used = node.used.saturating_sub(slots);
         node.release_resources(&example.resources);
         let node_ref = (node.id(), Arc::clone(&node.name));
+        if !self.take_back(id, attempt, &[TaskState::Assigned], now) {
+            return;
+        }
         let timeout = self.config.start_timeout;
         self.attempts_not_started += 1;
         self.order_cancel(

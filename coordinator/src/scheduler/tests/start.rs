@@ -182,3 +182,42 @@ fn events_about_many_unknown_attempts_earn_one_cancel_per_attempt() {
     h.event(S1, unknown[0], 1, NodeEventBody::Started);
     assert_eq!(cancels(&h.effects(), S1), [(unknown[0], Attempt(1))]);
 }
+
+/// A cancel ordered for an attempt the node holds queued, and the start
+/// deadline passing before the node answers: the task ends CANCELLED
+/// there, and the node's slot, resources and entry come back although its
+/// late answer counts for nothing.
+#[test]
+fn a_cancelled_attempt_taken_back_at_its_start_deadline_frees_its_node_slot() {
+    let mut h = Harness::new();
+    let mut node = reg("n1", 2);
+    node.resources.insert("gpu".into(), 2);
+    h.node(S1, node, 2);
+    let ids = h.submit(vec![
+        TaskSpec::call("sleep", "a").resource("gpu", 1),
+        TaskSpec::call("sleep", "b").resource("gpu", 1),
+    ]);
+    assert_eq!(assigned(&h.effects(), S1).len(), 2);
+    let (a, b) = (ids[0], ids[1]);
+    h.event(S1, a, 1, NodeEventBody::Started); // busy: b is held queued
+    pass(&mut h, &[S1], Duration::from_secs(29));
+    h.s.cancel(b, "not needed", h.now);
+    assert_eq!(cancels(&h.effects(), S1), [(b, Attempt(1))]);
+    // The start deadline passes before the node's answer comes in.
+    pass(&mut h, &[S1], Duration::from_secs(2));
+    h.effects();
+    assert_eq!(h.record(b).state, TaskState::Cancelled);
+    h.finish(S1, b, 1, Outcome::Cancelled); // refused: stale
+    h.finish(S1, a, 1, Outcome::Succeeded);
+    h.s.credits(S1, 2, h.now);
+    h.effects();
+    let info = &h.s.nodes(h.now.instant)[0];
+    assert_eq!(info.running, vec![], "nothing runs on the node");
+    assert_eq!(info.slots_used, 0, "no slot is in use");
+    assert_eq!(info.resources_free["gpu"], 2, "no gpu is held");
+    let more = h.submit(vec![
+        TaskSpec::call("sleep", "c").resource("gpu", 1),
+        TaskSpec::call("sleep", "d").resource("gpu", 1),
+    ]);
+    assert_eq!(assigned(&h.effects(), S1).len(), more.len());
+}
