@@ -94,6 +94,7 @@ impl Scheduler {
         let name = std::sync::Arc::clone(&entry.name);
         let mut refused = Vec::new();
         let mut unstarted = Vec::new();
+        let mut cancelled = Vec::new();
         for (id, attempt) in running {
             let adoptable = self.tasks.get(&id).is_some_and(|t| {
                 matches!(t.state, TaskState::Assigned | TaskState::Running)
@@ -120,6 +121,11 @@ impl Scheduler {
                     if task.state == TaskState::Assigned {
                         unstarted.push((id, attempt));
                     }
+                    // Cancelled while its node was away: the order went
+                    // nowhere, so it goes now.
+                    if let Some(reason) = task.cancel_reason() {
+                        cancelled.push((id, attempt, reason.to_owned()));
+                    }
                 }
                 _ if self.recent.contains(id, attempt, now.instant) => {}
                 _ => refused.push((id, attempt)),
@@ -134,6 +140,9 @@ impl Scheduler {
         }
         for (id, attempt) in refused {
             self.order_cancel(session, id, attempt, "attempt is no longer current".into());
+        }
+        for (id, attempt, reason) in cancelled {
+            self.order_cancel(session, id, attempt, reason);
         }
         self.requeue_unclaimed(node_id, &name, now);
         if self.next_liveness_check.is_none() {

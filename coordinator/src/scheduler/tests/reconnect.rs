@@ -112,3 +112,69 @@ fn a_task_cancelled_while_its_node_is_away_ends_cancelled_at_once() {
     h.effects();
     assert_eq!(h.record(id).state, TaskState::Cancelled);
 }
+
+/// A cancel while the attempt's node is away (the reconnect grace) has no
+/// session to go to; the node that comes back and claims the attempt is
+/// told to stop it then.
+#[test]
+fn a_cancel_during_the_reconnect_grace_reaches_the_node_that_claims_the_attempt() {
+    let mut h = Harness::new();
+    let node = reg("n1", 1);
+    let node_id = node.node_id;
+    h.node(S1, node.clone(), 1);
+    let id = h.submit(vec![TaskSpec::call("sleep", "")])[0];
+    h.effects();
+    h.event(S1, id, 1, NodeEventBody::Started);
+    h.s.node_gone(S1, h.now);
+    h.effects();
+    assert!(h.s.cancel(id, "not needed", h.now));
+    h.effects();
+    h.advance(Duration::from_millis(100));
+    h.node(
+        S2,
+        NodeRegistration {
+            node_id,
+            running: vec![(id, Attempt(1))],
+            ..node
+        },
+        1,
+    );
+    let e = h.effects();
+    assert_eq!(
+        cancels(&e, S2),
+        [(id, Attempt(1))],
+        "the claimed attempt is told to stop"
+    );
+}
+
+/// The same after a coordinator restart: a cancel of a restored attempt
+/// whose node has not reconnected yet.
+#[test]
+fn a_cancel_during_the_restart_grace_reaches_the_node_that_claims_the_attempt() {
+    let mut h = Harness::new();
+    let node = reg("n1", 1);
+    let node_id = node.node_id;
+    h.node(S1, node.clone(), 1);
+    let id = h.submit(vec![TaskSpec::call("sleep", "")])[0];
+    h.effects();
+    h.event(S1, id, 1, NodeEventBody::Started);
+    h.effects();
+    let mut back = h.restart(Duration::from_secs(1));
+    assert!(back.s.cancel(id, "not needed", back.now));
+    back.effects();
+    back.node(
+        S2,
+        NodeRegistration {
+            node_id,
+            running: vec![(id, Attempt(1))],
+            ..node
+        },
+        1,
+    );
+    let e = back.effects();
+    assert_eq!(
+        cancels(&e, S2),
+        [(id, Attempt(1))],
+        "the claimed attempt is told to stop"
+    );
+}
