@@ -6,7 +6,9 @@
 //! Every session asks the server for TCP keepalives and a user timeout
 //! (`lease.rs` says why and how long): PostgreSQL then ends the session of
 //! a coordinator cut off from it, and so frees its coordinator lock,
-//! within a bounded time.
+//! within a bounded time. A session whose `synchronous_commit` is off
+//! turns it on: a commit is acknowledged only once it is on the server's
+//! disk.
 //!
 //! Nothing here retries a write: a call that met the loss fails, and a
 //! commit whose outcome is unknown (the connection lost mid-`COMMIT`)
@@ -65,14 +67,33 @@ impl Conn {
             target: target.0.clone(),
             message: describe(&err),
         })?;
+        let failed = |err: tokio_postgres::Error| StoreError::Database {
+            target: target.0.clone(),
+            message: describe(&err),
+        };
         // Per session (any user may set these; ignored on a Unix socket).
         client
             .batch_execute(&session_settings())
             .await
-            .map_err(|err| StoreError::Database {
-                target: target.0.clone(),
-                message: describe(&err),
-            })?;
+            .map_err(failed)?;
+        // What this coordinator acknowledges must be on the server's disk:
+        // with `synchronous_commit` off (a server, database or role
+        // setting), COMMIT answers before the write-ahead log is flushed,
+        // and a crash of the server loses it. Any other setting (`local`,
+        // `on`, the remote ones) waits for at least the local flush and is
+        // kept.
+        let sync: String = client
+            .query_one("SHOW synchronous_commit", &[])
+            .await
+            .map_err(failed)?
+            .get(0);
+        if sync == "off" {
+            client
+                .batch_execute("SET synchronous_commit = on")
+                .await
+                .map_err(failed)?;
+            tracing::warn!(database = %target.0, "synchronous_commit is off for this database; the coordinator's sessions set it to on, so that what it acknowledges survives a crash of the server");
+        }
         Ok(Conn {
             client,
             statements: Statements::default(),

@@ -173,6 +173,28 @@ fn with_client<T>(url: &str, query: impl AsyncFnOnce(tokio_postgres::Client) -> 
     })
 }
 
+/// Runs `sql` (statements, no rows) on the database at `url`. Blocks.
+pub fn execute(url: &str, sql: &str) {
+    with_client(url, async |client| {
+        client
+            .batch_execute(sql)
+            .await
+            .unwrap_or_else(|e| panic!("running {sql}: {e}"));
+    });
+}
+
+/// The value a new session on the database at `url` reads for `setting`.
+/// Blocks.
+pub fn show(url: &str, setting: &str) -> String {
+    with_client(url, async |client| {
+        let row = client
+            .query_one(&format!("SHOW {setting}"), &[])
+            .await
+            .unwrap_or_else(|e| panic!("showing {setting}: {e}"));
+        row.get::<_, String>(0)
+    })
+}
+
 /// How many sessions coordinators hold on the database at `url` (an
 /// active one holds two, a standby one). Blocks.
 pub fn coordinator_sessions(url: &str) -> usize {

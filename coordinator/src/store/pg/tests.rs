@@ -530,3 +530,54 @@ fn verify_full_encrypts_every_connection_and_refuses_a_server_of_another_ca() {
         "{err}"
     );
 }
+
+#[test]
+fn commits_wait_for_the_servers_disk_even_where_synchronous_commit_is_off() {
+    let url = testdb::database();
+    testdb::execute(
+        &url,
+        "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET synchronous_commit = off', \
+         current_database()); END $$",
+    );
+    assert_eq!(
+        testdb::show(&url, "synchronous_commit"),
+        "off",
+        "a new session reads off"
+    );
+    let store = PgStore::open(&url).expect("opens");
+    let setting = |conn: &Conn| {
+        store.run("showing a setting", async {
+            let row = conn
+                .client
+                .query_one("SHOW synchronous_commit", &[])
+                .await
+                .map_err(|e| backend("showing a setting", &e))?;
+            Ok(row.get::<_, String>(0))
+        })
+    };
+    let writer = store.writer().expect("the write session");
+    assert_eq!(setting(&writer).expect("shown"), "on", "the write session");
+    drop(writer);
+    let reader = store.reader().expect("the read session");
+    assert_eq!(setting(&reader).expect("shown"), "on", "the read session");
+    // A stronger setting is the operator's to keep.
+    testdb::execute(
+        &url,
+        "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET synchronous_commit = remote_apply', \
+         current_database()); END $$",
+    );
+    drop(store);
+    let store = PgStore::open(&url).expect("opens again");
+    let writer = store.writer().expect("the write session");
+    let shown = store
+        .run("showing a setting", async {
+            let row = writer
+                .client
+                .query_one("SHOW synchronous_commit", &[])
+                .await
+                .map_err(|e| backend("showing a setting", &e))?;
+            Ok(row.get::<_, String>(0))
+        })
+        .expect("shown");
+    assert_eq!(shown, "remote_apply");
+}
