@@ -89,7 +89,11 @@ impl Scheduler {
         }
         let node_id = reg.node_id;
         self.disconnected.remove(&node_id);
-        let running = reg.running.clone();
+        // Each attempt once, however often a node lists it: it holds one
+        // slot and one share of resources.
+        let mut running = reg.running.clone();
+        running.sort_unstable();
+        running.dedup();
         let mut entry = NodeEntry::new(reg, now.instant);
         let name = std::sync::Arc::clone(&entry.name);
         let mut refused = Vec::new();

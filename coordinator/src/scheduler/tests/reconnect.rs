@@ -178,3 +178,39 @@ fn a_cancel_during_the_restart_grace_reaches_the_node_that_claims_the_attempt() 
         "the claimed attempt is told to stop"
     );
 }
+
+#[test]
+fn an_attempt_a_node_lists_twice_when_it_comes_back_holds_one_slot() {
+    let mut h = Harness::new();
+    let node = reg("n1", 2);
+    let node_id = node.node_id;
+    h.node(S1, node.clone(), 2);
+    let id = h.submit(vec![TaskSpec::call("sleep", "")])[0];
+    h.effects();
+    h.event(S1, id, 1, NodeEventBody::Started);
+    h.s.node_gone(S1, h.now);
+    h.effects();
+    h.node(
+        S2,
+        NodeRegistration {
+            node_id,
+            running: vec![(id, Attempt(1)), (id, Attempt(1))],
+            ..node
+        },
+        2,
+    );
+    h.effects();
+    assert_eq!(
+        h.s.nodes(h.now.instant)[0].slots_used,
+        1,
+        "one attempt, one slot"
+    );
+    h.finish(S2, id, 1, Outcome::Succeeded);
+    h.effects();
+    assert_eq!(h.record(id).state, TaskState::Succeeded);
+    assert_eq!(
+        h.s.nodes(h.now.instant)[0].slots_used,
+        0,
+        "the slot came back"
+    );
+}
