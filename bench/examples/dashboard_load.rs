@@ -134,6 +134,7 @@ fn fill(dir: &Path, n: usize) -> anyhow::Result<()> {
                 _ => Outcome::Failed,
             }),
             lost_nodes: Vec::new(),
+            cancel_requested: None,
             // A finished task carries its one attempt, as a real one does.
             attempts: if finished {
                 vec![AttemptRecord {

@@ -185,6 +185,7 @@ impl Workload {
             next_seq,
             last_outcome: state.is_final().then_some(Outcome::Succeeded),
             lost_nodes: Vec::new(),
+            cancel_requested: None,
             attempts,
         }
     }

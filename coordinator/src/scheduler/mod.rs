@@ -555,6 +555,11 @@ impl Scheduler {
         let on_node = matches!(record.state, TaskState::Assigned | TaskState::Running)
             && record.node_id.is_some();
         task.restore_attempts(record.attempts, on_node);
+        // Cancelled by a client while on its node, before the restart:
+        // its node is told again once it claims the attempt.
+        if on_node && let Some(reason) = record.cancel_requested {
+            task.set_cancel(reason);
+        }
         if !self.queue.classes[class as usize].policy.plain {
             let counted = record.state != TaskState::Pending;
             self.policy_restored(record.id, class, &record.spec, counted, on_node);
@@ -786,9 +791,12 @@ impl Scheduler {
             TaskState::Assigned | TaskState::Running => {
                 if task.cancel_reason().is_none() {
                     task.set_cancel(reason.clone());
-                    if let Some(p) = task.placement() {
-                        let session = p.session;
-                        let attempt = Attempt(task.attempt);
+                    let placed = task.placement().map(|p| (p.session, Attempt(task.attempt)));
+                    // Written with the task's record: a restart before the
+                    // node's answer still ends the task cancelled.
+                    let spec = task.spec.to_spec(self.queue.example(task.class));
+                    self.out.write_task(task.record(id, spec, wall));
+                    if let Some((session, attempt)) = placed {
                         self.order_cancel(session, id, attempt, reason);
                     }
                 }

@@ -238,6 +238,10 @@ impl LiveTask {
             next_seq: self.next_seq,
             last_outcome: self.last_outcome,
             lost_nodes: self.lost_nodes().to_vec(),
+            // Only while it is out on a node: a final record has none.
+            cancel_requested: matches!(self.state, TaskState::Assigned | TaskState::Running)
+                .then(|| self.cancel_reason().map(str::to_owned))
+                .flatten(),
             attempts: self.attempts(),
         }
     }

@@ -199,6 +199,10 @@ struct StoredTask {
     task: Option<pb::Task>,
     #[prost(message, repeated, tag = "2")]
     lost_nodes: Vec<StoredNode>,
+    /// `TaskRecord::cancel_requested` (empty: none; a cancel's reason is
+    /// never empty).
+    #[prost(string, tag = "3")]
+    cancel_requested: String,
 }
 
 #[derive(Clone, PartialEq, Message)]
@@ -312,6 +316,7 @@ fn encode_stored_task(record: &TaskRecord, with_spec: bool) -> Vec<u8> {
                 node_name: name.to_string(),
             })
             .collect(),
+        cancel_requested: record.cancel_requested.clone().unwrap_or_default(),
     }
     .stored()
 }
@@ -366,6 +371,7 @@ fn decode_stored_task(
             Ok((id, Arc::from(n.node_name)))
         })
         .collect::<Result<_, StoreError>>()?;
+    record.cancel_requested = Some(stored.cancel_requested).filter(|r| !r.is_empty());
     Ok(record)
 }
 
@@ -416,6 +422,7 @@ fn record_from_pb(
         next_seq: task.next_seq,
         last_outcome: Outcome::try_from(task.last_outcome).ok(),
         lost_nodes: Vec::new(),
+        cancel_requested: None,
         attempts,
     })
 }
@@ -529,6 +536,7 @@ mod tests {
             next_seq: 0,
             last_outcome: Some(Outcome::Failed),
             lost_nodes: vec![(NodeId::new(), Arc::from("n0"))],
+            cancel_requested: Some("not needed".into()),
             attempts: vec![
                 AttemptRecord {
                     number: Attempt(1),
@@ -563,6 +571,7 @@ mod tests {
         let mut stored = StoredTask {
             task: Some(stored_task_pb(&record, true, true)),
             lost_nodes: Vec::new(),
+            cancel_requested: String::new(),
         };
         if let Some(task) = &mut stored.task {
             task.attempts.clear();
@@ -571,6 +580,7 @@ mod tests {
         let back = decode_task(record.id, &bytes).unwrap();
         record.attempts.clear();
         record.lost_nodes.clear();
+        record.cancel_requested = None;
         assert_eq!(back, record);
     }
 
@@ -608,6 +618,7 @@ mod tests {
             time: record.updated_at,
             body: EventBody::Finished(Arc::new(TaskRecord {
                 lost_nodes: Vec::new(),
+                cancel_requested: None,
                 next_seq: 8,
                 ..record.clone()
             })),
@@ -739,12 +750,24 @@ mod tests {
                 proptest::collection::vec(attempt, 0..3),
                 proptest::option::of(any::<u128>()),
                 proptest::collection::vec((any::<u128>(), "[a-z0-9]{0,8}"), 0..3),
+                proptest::option::of("(.{1,12}|.{130,200})"),
             ),
         )
             .prop_map(
                 |(
                     (state, attempt, node, name, exit, output, error, pending),
-                    (created, updated, failures, losses, next_seq, outcome, attempts, job, lost),
+                    (
+                        created,
+                        updated,
+                        failures,
+                        losses,
+                        next_seq,
+                        outcome,
+                        attempts,
+                        job,
+                        lost,
+                        cancel,
+                    ),
                 )| {
                     let mut attempts: Vec<AttemptRecord> = attempts;
                     // Now and then the latest attempt is the record's own,
@@ -778,6 +801,7 @@ mod tests {
                             .into_iter()
                             .map(|(id, name)| (NodeId::from_u128(id), Arc::from(name)))
                             .collect(),
+                        cancel_requested: cancel,
                         attempts,
                     }
                 },

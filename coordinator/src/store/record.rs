@@ -57,6 +57,11 @@ pub struct TaskRecord {
     /// first: the evidence for `--max-node-losses` (poison tasks), kept so
     /// a restart does not forget it.
     pub lost_nodes: Vec<(NodeId, Arc<str>)>,
+    /// A client's cancel of the attempt on a node, with its reason, while
+    /// the node has not answered yet: kept so that a restart still ends
+    /// the task cancelled instead of running it again. Stored, never
+    /// shown by `Get`.
+    pub cancel_requested: Option<String>,
     /// The task's attempts, oldest first, at most [`MAX_ATTEMPT_HISTORY`]
     /// (the latest); the last is the current one while the task is on a
     /// node. Empty in records written before attempt history was kept.
@@ -93,6 +98,7 @@ impl TaskRecord {
             updated_at: at,
             next_seq: 0,
             last_outcome: None,
+            cancel_requested: None,
             lost_nodes: Vec::new(),
             attempts: Vec::new(),
         }
@@ -188,6 +194,11 @@ impl EventBody {
 
 /// One write of a commit.
 #[derive(Clone, Debug, PartialEq)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "most records of a commit are task records, made and dropped a batch at a time: \
+              boxing them would add an allocation to each"
+)]
 pub enum Record {
     /// Insert or replace a task's record. A task's spec never changes after
     /// its first record: an engine may keep it once.

@@ -332,6 +332,19 @@ fn expire_deletes_old_final_tasks_with_their_events_a_bounded_number_at_a_time()
 }
 
 #[test]
+fn a_cancel_requested_of_a_running_task_is_kept_with_its_record() {
+    both(|store| {
+        let id = ids(1)[0];
+        let mut running = record(id, TaskState::Running, at(1));
+        running.cancel_requested = Some("not needed".into());
+        store.commit(&[Record::Task(running.clone())]).unwrap();
+        assert_eq!(store.task(id).unwrap(), Some(running.clone()));
+        let loaded = store.load(UNIX_EPOCH).unwrap();
+        assert_eq!(loaded.live, [running]);
+    });
+}
+
+#[test]
 fn the_redb_store_keeps_what_was_committed_across_reopening() {
     let dir = tempfile::tempdir().expect("temp dir");
     let id = ids(1)[0];

@@ -172,3 +172,39 @@ fn after_a_restart_output_chunks_sent_again_are_dropped_by_seq_and_a_gap_is_coun
     );
     assert_eq!(h.record(ids[0]).state, TaskState::Succeeded);
 }
+
+/// A client's cancel of a running task is written with its record: after
+/// a restart the node's (cancelled) result ends the task CANCELLED, not
+/// run again as a node-side cancel would be.
+#[test]
+fn a_cancel_of_a_running_task_survives_a_restart() {
+    let mut h = Harness::new();
+    let node = reg("n1", 1);
+    let node_id = node.node_id;
+    h.node(S1, node.clone(), 1);
+    let id = h.submit(vec![TaskSpec::call("sleep", "").max_attempts(3)])[0];
+    h.effects();
+    h.event(S1, id, 1, NodeEventBody::Started);
+    h.effects();
+    assert!(h.s.cancel(id, "not needed", h.now));
+    assert_eq!(cancels(&h.effects(), S1), [(id, Attempt(1))]);
+    // The coordinator restarts before the node's Cancelled result arrives.
+    let mut back = h.restart(Duration::from_secs(1));
+    back.node(
+        S1,
+        NodeRegistration {
+            node_id,
+            running: vec![(id, Attempt(1))],
+            ..node
+        },
+        1,
+    );
+    back.effects();
+    back.finish(S1, id, 1, Outcome::Cancelled);
+    back.effects();
+    let record = back.record(id);
+    assert_eq!(
+        (record.state, record.attempt),
+        (TaskState::Cancelled, Attempt(1))
+    );
+}

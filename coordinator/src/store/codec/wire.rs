@@ -147,6 +147,15 @@ pub(super) fn stored_task(buf: &mut Vec<u8>, record: &TaskRecord) {
             text(buf, 2, name.as_bytes());
         });
     }
+    text(
+        buf,
+        3,
+        record
+            .cancel_requested
+            .as_deref()
+            .unwrap_or_default()
+            .as_bytes(),
+    );
 }
 
 /// Appends a state or `finished` event as stored (no task id; a finished
