@@ -97,7 +97,11 @@ pub(crate) fn list_query(request: pb::ListRequest) -> Result<ListQuery, Error> {
                 "not a job id (the first task id of a Submit)",
             ));
         }
-        let end = TaskId::from_u128(crate::scheduler::graph::job_end(job).as_u128() + 1);
+        let end = TaskId::from_u128(
+            crate::scheduler::graph::job_end(job)
+                .as_u128()
+                .saturating_add(1),
+        );
         let after = match request.page_token.as_str() {
             "" => job,
             token => TaskId::from_u128(parse_task_id(token)?.as_u128().saturating_add(1)),
@@ -489,6 +493,7 @@ impl pb::task_service_server::TaskService for TaskApi {
         request: Request<pb::SubmitRequest>,
     ) -> Result<Response<pb::SubmitResponse>, Status> {
         auth::require(&request, Scope::Submit)?;
+        auth::require_for_specs(&request, &request.get_ref().tasks)?;
         let ids = self.submit_specs(request.into_inner().tasks).await?;
         Ok(Response::new(pb::SubmitResponse {
             job_id: ids.first().map(TaskId::to_string).unwrap_or_default(),
@@ -644,6 +649,7 @@ impl pb::task_service_server::TaskService for TaskApi {
         request: Request<pb::RunRequest>,
     ) -> Result<Response<Self::RunStream>, Status> {
         auth::require(&request, Scope::Submit)?;
+        auth::require_for_specs(&request, &request.get_ref().spec)?;
         // Before the submit: a Run refused here leaves no task behind.
         let place = self.streams.open(Client::of(&request))?;
         let spec = request.into_inner().spec.ok_or(Error::InvalidArgument(
@@ -674,6 +680,19 @@ mod tests {
         max_slots: 4,
         max_spec_bytes: 512,
     };
+
+    #[test]
+    fn a_job_id_at_the_top_of_the_id_space_lists_and_does_not_panic() {
+        // The last job id there is: its tasks' range ends at the top.
+        let job = "7ZZZZZZZZZZZZZZZZZZW000000";
+        let query = list_query(pb::ListRequest {
+            job: job.into(),
+            ..Default::default()
+        })
+        .expect("a job id");
+        assert_eq!(query.from.map(|id| id.to_string()).as_deref(), Some(job));
+        assert!(query.before.is_some_and(|b| Some(b) > query.from));
+    }
 
     #[test]
     fn too_large_is_resource_exhausted_and_malformed_invalid_argument() {
