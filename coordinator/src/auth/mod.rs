@@ -337,6 +337,25 @@ pub fn require<T>(request: &Request<T>, scope: Scope) -> Result<(), Status> {
     }
 }
 
+/// Checks what submitting `specs` needs beyond the `submit` scope: a spec
+/// whose concurrency key cancels the key's oldest tasks to make room
+/// (`OVER_LIMIT_CANCEL_OLDEST`) cancels tasks others may have submitted,
+/// so it needs the `cancel` scope too.
+pub fn require_for_specs<'a, T>(
+    request: &Request<T>,
+    specs: impl IntoIterator<Item = &'a weft_proto::pb::TaskSpec>,
+) -> Result<(), Status> {
+    let cancels = specs.into_iter().any(|spec| {
+        spec.concurrency
+            .as_ref()
+            .is_some_and(|limit| limit.on_limit == weft_proto::pb::OverLimit::CancelOldest as i32)
+    });
+    match cancels {
+        true => require(request, Scope::Cancel),
+        false => Ok(()),
+    }
+}
+
 /// Whether the request's [`Caller`] has `scope` (no caller: no).
 pub fn allows<T>(request: &Request<T>, scope: Scope) -> bool {
     request

@@ -243,3 +243,46 @@ fn join_tokens_join_until_used_up_expired_or_revoked_and_never_act_as_client_tok
         Err(JoinRefused::Revoked(record.id.clone()))
     );
 }
+
+#[test]
+fn a_spec_that_cancels_its_keys_oldest_tasks_needs_the_cancel_scope_too() {
+    use weft_proto::pb;
+    let request = |scopes: Scopes| {
+        let mut request = Request::new(());
+        request.extensions_mut().insert(Caller {
+            token_id: Some("t1".into()),
+            scopes,
+        });
+        request
+    };
+    let spec = |on_limit: pb::OverLimit| pb::TaskSpec {
+        concurrency: Some(pb::ConcurrencyLimit {
+            key: "user-42".into(),
+            max_running: 1,
+            on_limit: on_limit as i32,
+        }),
+        ..Default::default()
+    };
+    let submit = request(Scopes::of([Scope::Submit]));
+    let plain = pb::TaskSpec::default();
+    let cancels = spec(pb::OverLimit::CancelOldest);
+    for ok in [
+        vec![plain.clone()],
+        vec![
+            spec(pb::OverLimit::Queue),
+            spec(pb::OverLimit::CancelNewest),
+        ],
+    ] {
+        assert!(require_for_specs(&submit, &ok).is_ok(), "{ok:?}");
+    }
+    let refused = require_for_specs(&submit, &[plain, cancels.clone()]).unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+    assert!(
+        refused.message().contains("'cancel' scope"),
+        "{}",
+        refused.message()
+    );
+    let both = request(Scopes::of([Scope::Submit, Scope::Cancel]));
+    assert!(require_for_specs(&both, [&cancels]).is_ok());
+    assert!(require_for_specs(&request(Scopes::ADMIN), [&cancels]).is_ok());
+}

@@ -24,6 +24,14 @@ impl pb::schedule_service_server::ScheduleService for ScheduleApi {
         request: Request<pb::CreateScheduleRequest>,
     ) -> Result<Response<pb::CreateScheduleResponse>, Status> {
         auth::require(&request, Scope::Submit)?;
+        auth::require_for_specs(
+            &request,
+            request
+                .get_ref()
+                .spec
+                .iter()
+                .filter_map(|s| s.task.as_ref()),
+        )?;
         let spec = request.into_inner().spec.ok_or(Error::InvalidArgument(
             weft_proto::ConversionError::MissingField("spec"),
         ))?;
