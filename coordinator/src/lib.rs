@@ -380,6 +380,18 @@ pub async fn start_with(
     };
     let cancel = CancellationToken::new();
     let tasks = TaskTracker::new();
+    // The lease is kept from here on, through the load: a session idle
+    // for its coordinator too long (a long start after the load) is one a
+    // standby ends, and a start with no lease checks could go on without
+    // the database.
+    let failure: Arc<OnceLock<Failure>> = Arc::new(OnceLock::new());
+    if let Some(store) = &pg {
+        tasks.spawn(watch_lease(
+            Arc::clone(store),
+            Arc::clone(&failure),
+            cancel.clone(),
+        ));
+    }
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter
         .set_service_status("", ServingStatus::NotServing)
@@ -478,11 +490,16 @@ pub async fn start_with(
         driver.export_traces(export.clone());
         handle.trace = Some(export);
     }
-    let failure = driver.failure();
-    tasks.spawn(driver.run());
-    if let Some(store) = pg {
-        tasks.spawn(watch_lease(store, Arc::clone(&failure), cancel.clone()));
+    driver.share_failure(Arc::clone(&failure));
+    // Lost while starting: stop before serving anything.
+    if let (Some(Failure::LostDatabase(why)), Some(store)) = (failure.get(), &pg) {
+        cancel.cancel();
+        return Err(Error::Store(StoreError::LostDatabase {
+            target: store.target().to_owned(),
+            message: format!("while starting: {why}"),
+        }));
     }
+    tasks.spawn(driver.run());
     // One instance of each API, served by gRPC and called by HTTP.
     let task_api = Arc::new(service::task::TaskApi::new(handle.clone()));
     let admin_api = Arc::new(service::admin::AdminApi {

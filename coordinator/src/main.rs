@@ -602,6 +602,12 @@ async fn main() -> anyhow::Result<()> {
             );
             std::process::exit(weft_coordinator::EXIT_DAMAGED);
         }
+        Err(weft_coordinator::Error::Store(
+            err @ weft_coordinator::store::StoreError::LostDatabase { .. },
+        )) => {
+            tracing::error!("{err}; stopping, so that a standby may take over");
+            std::process::exit(weft_coordinator::EXIT_LOST_DATABASE);
+        }
         Err(err) => return Err(anyhow::Error::new(err).context("starting the coordinator")),
     };
     if let Some(path) = &args.addr_file {

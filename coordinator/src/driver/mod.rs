@@ -183,9 +183,11 @@ fn answer_committed<T: Send + 'static>(
 }
 
 impl Driver {
-    /// Where the driver says why it stopped by itself (a failed commit).
-    pub fn failure(&self) -> Arc<OnceLock<Failure>> {
-        Arc::clone(&self.failure)
+    /// Says why it stopped by itself (a failed commit) in `failure`, which
+    /// others (the database lease's watchdog, started before the driver)
+    /// may set too.
+    pub fn share_failure(&mut self, failure: Arc<OnceLock<Failure>>) {
+        self.failure = failure;
     }
 
     /// Hands every committed batch to `export` from now on.

@@ -190,7 +190,7 @@ impl Harness {
         let metrics = Arc::new(Metrics::default());
         scheduler.set_metrics(Arc::clone(metrics.tasks()));
         let cancel = CancellationToken::new();
-        let (driver, handle) = super::new(
+        let (mut driver, handle) = super::new(
             scheduler,
             store,
             Arc::new(config),
@@ -198,7 +198,8 @@ impl Harness {
             cancel.clone(),
             TaskTracker::new(),
         );
-        let failure = driver.failure();
+        let failure = Arc::new(std::sync::OnceLock::new());
+        driver.share_failure(Arc::clone(&failure));
         let run = tokio::spawn(driver.run());
         let session = handle.next_session();
         let (tx, mut node) = mpsc::channel(64);
