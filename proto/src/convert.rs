@@ -89,6 +89,19 @@ pub fn system_time(t: &prost_types::Timestamp) -> SystemTime {
     UNIX_EPOCH + Duration::new(secs, nanos)
 }
 
+/// `t` in RFC 3339 (UTC; whole seconds, or milliseconds with `millis`).
+/// A time after 9999-12-31, whose year RFC 3339 cannot write, is given as
+/// seconds since the Unix epoch instead (humantime's formatter would fail,
+/// and `to_string` panic).
+pub fn rfc3339(t: SystemTime, millis: bool) -> String {
+    const LATEST: Duration = Duration::from_secs(253_402_300_799);
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(since) if since > LATEST => format!("{}s after the Unix epoch", since.as_secs()),
+        _ if millis => humantime::format_rfc3339_millis(t).to_string(),
+        _ => humantime::format_rfc3339_seconds(t).to_string(),
+    }
+}
+
 /// Parses a human duration: `250ms`, `2s`, `1m30s`, `1h`. A bare number is
 /// seconds. Used by the CLI flags and the `sleep`/`spin` handlers.
 pub fn parse_duration(text: &str) -> Result<Duration, ConversionError> {

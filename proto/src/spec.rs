@@ -594,6 +594,14 @@ impl TryFrom<pb::TaskSpec> for TaskSpec {
         if !spec.r#ref.is_empty() {
             check_key("ref", &spec.r#ref)?;
         }
+        if let Some(at) = &spec.not_before
+            && at.seconds > LATEST_START_SECS
+        {
+            return Err(invalid(
+                "not_before",
+                "a start time after 9999-12-31T23:59:59Z; give a time in the next 8,000 years",
+            ));
+        }
         Ok(TaskSpec {
             priority,
             fair_key: spec.fair_key,
@@ -739,6 +747,11 @@ impl From<TaskSpec> for pb::TaskSpec {
     }
 }
 
+/// The latest start time a spec may ask for (`not_before`),
+/// 9999-12-31T23:59:59Z in seconds since the Unix epoch: times are shown
+/// in RFC 3339, whose years have four digits.
+const LATEST_START_SECS: i64 = 253_402_300_799;
+
 fn invalid(field: &'static str, reason: &str) -> ConversionError {
     ConversionError::Invalid {
         field,
@@ -749,6 +762,27 @@ fn invalid(field: &'static str, reason: &str) -> ConversionError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_start_time_past_the_year_9999_is_refused_and_the_last_second_taken() {
+        let at = |seconds| pb::TaskSpec {
+            kind: Some(pb::task_spec::Kind::Call(pb::CallSpec {
+                handler: "noop".into(),
+                input: Default::default(),
+            })),
+            not_before: Some(prost_types::Timestamp { seconds, nanos: 0 }),
+            ..Default::default()
+        };
+        let last = TaskSpec::try_from(at(LATEST_START_SECS)).expect("9999-12-31T23:59:59Z");
+        assert_eq!(
+            humantime::format_rfc3339_seconds(last.not_before.expect("a start time")).to_string(),
+            "9999-12-31T23:59:59Z"
+        );
+        for seconds in [LATEST_START_SECS + 1, i64::MAX] {
+            let err = TaskSpec::try_from(at(seconds)).expect_err("refused");
+            assert!(err.to_string().contains("not_before"), "{err}");
+        }
+    }
 
     #[test]
     fn spec_round_trips_through_the_wire_form() {

@@ -26,7 +26,7 @@ pub(crate) fn time(t: Option<&prost_types::Timestamp>) -> Value {
 
 /// A wall-clock time as RFC 3339 (UTC, milliseconds).
 pub(crate) fn rfc3339(t: SystemTime) -> String {
-    humantime::format_rfc3339_millis(t).to_string()
+    weft_proto::convert::rfc3339(t, true)
 }
 
 /// A task state's name in the contract (`queued`, `running`, ...).

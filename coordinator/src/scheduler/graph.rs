@@ -648,7 +648,7 @@ impl Scheduler {
         let spec = task.spec.template(self.queue.example(task.class));
         let at = spec
             .not_before
-            .map(|t| humantime::format_rfc3339_seconds(t).to_string());
+            .map(|t| weft_proto::convert::rfc3339(t, false));
         Some((Vec::new(), format!("not before {}", at.unwrap_or_default())))
     }
 
@@ -657,7 +657,7 @@ impl Scheduler {
         match (spec.after.len(), spec.not_before) {
             (0, Some(at)) => format!(
                 "pending: not before {}",
-                humantime::format_rfc3339_seconds(at)
+                weft_proto::convert::rfc3339(at, false)
             ),
             (n, _) => format!("pending: waiting for {n} tasks (rule {})", spec.after_rule),
         }

@@ -464,6 +464,27 @@ fn a_parent_that_cannot_be_read_at_start_fails_the_start_and_not_its_children() 
 }
 
 #[test]
+fn a_start_time_after_the_year_9999_is_shown_without_a_panic() {
+    // The API refuses such a time (`not_before`); one made in process must
+    // not take the scheduler down either.
+    let mut h = Harness::new();
+    let at = SystemTime::UNIX_EPOCH + Duration::from_secs(253_402_300_800);
+    let ids = h
+        .submit_job(vec![TaskSpec::call("noop", "").not_before(at)])
+        .expect("submit");
+    assert_eq!(h.state(ids[0]), TaskState::Pending);
+    h.effects();
+    let events = h.events(ids[0]);
+    let Some(EventBody::State { reason, .. }) = events.first().map(|e| &e.body) else {
+        panic!("no first state event: {events:?}");
+    };
+    assert!(
+        reason.contains("253402300800s after the Unix epoch"),
+        "{reason}"
+    );
+}
+
+#[test]
 fn pending_tasks_count_against_max_queued() {
     let mut h = Harness::with(SchedulerConfig {
         max_queued: 2,
