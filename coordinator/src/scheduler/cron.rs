@@ -165,14 +165,26 @@ impl ParsedSchedule {
         let mut spec = spec;
         spec.overlap = overlap.into();
         spec.catch_up = catch_up.into();
-        Ok(ParsedSchedule {
+        let parsed = ParsedSchedule {
             spec,
             cron,
             tz,
             task,
             overlap,
             catch_up,
-        })
+        };
+        // An expression no date matches (the 30th of February) would never
+        // fire, and every look for its next time searches for centuries.
+        if parsed.next_after(SystemTime::now()).is_none() {
+            return Err(invalid(
+                "spec.cron",
+                format!(
+                    "{:?} matches no date: it would never fire",
+                    parsed.spec.cron
+                ),
+            ));
+        }
+        Ok(parsed)
     }
 
     /// The first fire time after `t` (whole seconds), if any.

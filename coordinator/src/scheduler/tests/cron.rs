@@ -527,3 +527,27 @@ fn schedules_survive_the_durable_store() {
     let loaded = crate::store::Store::load(&store, SystemTime::UNIX_EPOCH).expect("loads");
     assert_eq!(loaded.schedules, [record]);
 }
+
+#[test]
+fn a_cron_that_matches_no_date_is_refused() {
+    for cron in ["0 0 30 2 *", "0 0 31 4 *", "* * 30 2 *", "0 0 31W 2 *"] {
+        let result = parse(spec(
+            "never",
+            cron,
+            pb::OverlapPolicy::Skip,
+            pb::CatchUp::One,
+        ));
+        match result {
+            Err(err) => assert!(err.to_string().contains("never fire"), "{err}"),
+            Ok(_) => panic!("{cron:?} matches no date but is accepted"),
+        }
+    }
+    // A date that comes once in four years is a date.
+    let leap = spec(
+        "leap",
+        "0 0 29 2 *",
+        pb::OverlapPolicy::Skip,
+        pb::CatchUp::One,
+    );
+    assert!(parse(leap).is_ok());
+}
