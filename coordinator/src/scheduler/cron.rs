@@ -42,7 +42,7 @@ use weft_proto::{ConversionError, TaskId, TaskKind, TaskSpec, pb};
 
 use super::{Now, Scheduler};
 use crate::error::Error;
-use crate::store::{Record, ScheduleRecord};
+use crate::store::ScheduleRecord;
 
 /// Most schedules a coordinator keeps.
 pub const MAX_SCHEDULES: usize = 10_000;
@@ -374,9 +374,7 @@ impl Scheduler {
             record,
             backlog: VecDeque::new(),
         };
-        self.out
-            .records
-            .push(Record::Schedule(Arc::new(entry.record.clone())));
+        self.out.write_schedule(Arc::new(entry.record.clone()));
         let view = entry.to_pb();
         tracing::info!(schedule = %name, cron = %entry.record.spec.cron, "schedule created");
         self.schedules.by_name.insert(name, entry);
@@ -411,9 +409,7 @@ impl Scheduler {
                 entry.record.since = now.wall;
                 entry.next = entry.parsed.as_ref().and_then(|p| p.next_after(now.wall));
             }
-            self.out
-                .records
-                .push(Record::Schedule(Arc::new(entry.record.clone())));
+            self.out.write_schedule(Arc::new(entry.record.clone()));
             tracing::info!(schedule = %name, paused, "schedule paused or resumed");
         }
         let view = entry.to_pb();
@@ -426,9 +422,7 @@ impl Scheduler {
         if self.schedules.by_name.remove(name).is_none() {
             return Err(Error::ScheduleNotFound(name.to_owned()));
         }
-        self.out
-            .records
-            .push(Record::DeleteSchedule(name.to_owned()));
+        self.out.delete_schedule(name);
         tracing::info!(schedule = %name, "schedule deleted");
         self.schedules.plan(now);
         Ok(())
@@ -575,9 +569,7 @@ impl Scheduler {
             }
             None => record.skipped += 1,
         }
-        self.out
-            .records
-            .push(Record::Schedule(Arc::new(record.clone())));
+        self.out.write_schedule(Arc::new(record.clone()));
     }
 }
 

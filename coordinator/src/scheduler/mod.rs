@@ -60,7 +60,7 @@ use weft_proto::{
 use crate::config::CoordinatorConfig;
 use crate::error::Error;
 use crate::metrics::TaskMetrics;
-use crate::store::{EventBody, FinalAttempt, Loaded, Record, TaskRecord};
+use crate::store::{EventBody, FinalAttempt, Loaded, Record, ScheduleRecord, TaskRecord};
 pub use gauges::Gauges;
 pub use limits::LimitStatus;
 use live::LiveTasks;
@@ -193,6 +193,9 @@ pub struct Effects {
     pub disconnect: Vec<SessionId>,
     /// Where each task's record is in `records`.
     task_at: crate::IdMap<TaskId, usize>,
+    /// Where each schedule's record is in `records` (none after a delete
+    /// of it in the batch).
+    schedule_at: HashMap<String, usize>,
 }
 
 /// The most records (and tasks) a batch's effects are made room for ahead
@@ -258,6 +261,27 @@ impl Effects {
     /// batch has its earlier record replaced where it stands, so the
     /// commit writes each task once, with its latest state, before its
     /// events (what a store needs: a task's record comes before events).
+    /// Writes schedule `record` with this batch: a schedule changed again
+    /// within the batch (a catch-up firing many times) has its earlier
+    /// record replaced where it stands, so the commit writes it once.
+    pub(crate) fn write_schedule(&mut self, record: Arc<ScheduleRecord>) {
+        match self.schedule_at.get(record.name()) {
+            Some(at) => self.records[*at] = Record::Schedule(record),
+            None => {
+                self.schedule_at
+                    .insert(record.name().to_owned(), self.records.len());
+                self.records.push(Record::Schedule(record));
+            }
+        }
+    }
+
+    /// Deletes schedule `name` with this batch; a record of it written
+    /// later in the batch comes after the delete.
+    pub(crate) fn delete_schedule(&mut self, name: &str) {
+        self.schedule_at.remove(name);
+        self.records.push(Record::DeleteSchedule(name.to_owned()));
+    }
+
     pub(crate) fn write_task(&mut self, record: TaskRecord) {
         match self.task_at.entry(record.id) {
             std::collections::hash_map::Entry::Occupied(at) => {

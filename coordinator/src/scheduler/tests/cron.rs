@@ -551,3 +551,50 @@ fn a_cron_that_matches_no_date_is_refused() {
     );
     assert!(parse(leap).is_ok());
 }
+
+/// A catch-up (ALL) of many fire times writes the schedule's record, which
+/// holds its task spec, once in its batch, not once per fire.
+#[test]
+fn a_catch_up_of_many_fires_writes_its_schedule_once_per_batch() {
+    let mut h = at_100_5();
+    every_second(&mut h, pb::OverlapPolicy::Queue, pb::CatchUp::All);
+    let mut h = h.restart(Duration::from_secs(5_000));
+    h.s.tick(h.now);
+    let batch = h.effects();
+    let copies = batch
+        .records
+        .iter()
+        .filter(|r| matches!(r, Record::Schedule(s) if s.name() == "tick"))
+        .count();
+    assert_eq!(copies, 1);
+}
+
+#[test]
+fn a_schedule_deleted_and_made_again_in_one_batch_is_written_after_its_delete() {
+    let mut h = at_100_5();
+    every_second(&mut h, pb::OverlapPolicy::Queue, pb::CatchUp::None);
+    let again = |h: &mut Harness| {
+        let parsed = parse(spec(
+            "tick",
+            "* * * * * *",
+            pb::OverlapPolicy::Queue,
+            pb::CatchUp::None,
+        ))
+        .expect("parses");
+        h.s.create_schedule(parsed, h.now).expect("created");
+    };
+    h.s.pause_schedule("tick", true, h.now).expect("paused");
+    h.s.delete_schedule("tick", h.now).expect("deleted");
+    again(&mut h);
+    let kinds: Vec<&str> = h
+        .effects()
+        .records
+        .iter()
+        .filter_map(|r| match r {
+            Record::Schedule(s) if s.name() == "tick" => Some("write"),
+            Record::DeleteSchedule(name) if name == "tick" => Some("delete"),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(kinds, ["write", "delete", "write"]);
+}
