@@ -486,22 +486,27 @@ impl Scheduler {
                 continue;
             };
             fires.extend(entry.backlog.drain(..).map(|t| (name.clone(), t)));
-            let mut due = Vec::new();
-            while let Some(next) = entry.next.filter(|n| *n <= now.wall) {
-                if due.len() > MAX_CATCH_UP {
-                    // Far behind (the clock jumped): start again from now.
-                    entry.next = parsed.next_after(now.wall);
-                    break;
-                }
-                due.push(next);
-                entry.next = parsed.next_after(next);
-            }
             // Woken late past several fire times: the older ones follow the
             // catch-up policy; the latest fires.
             let keep = match parsed.catch_up {
                 pb::CatchUp::All => MAX_CATCH_UP,
                 _ => 1,
             };
+            let mut due = Vec::new();
+            while let Some(next) = entry.next.filter(|n| *n <= now.wall) {
+                if due.len() > MAX_CATCH_UP {
+                    // Far behind (the clock jumped): the latest `keep` fire
+                    // times up to now, and on from now.
+                    let after = due
+                        .first()
+                        .map_or(next, |first| *first - Duration::from_secs(1));
+                    due = parsed.missed(after, now.wall, keep);
+                    entry.next = parsed.next_after(now.wall);
+                    break;
+                }
+                due.push(next);
+                entry.next = parsed.next_after(next);
+            }
             let skip = due.len().saturating_sub(keep);
             fires.extend(due.into_iter().skip(skip).map(|t| (name.clone(), t)));
         }

@@ -598,3 +598,29 @@ fn a_schedule_deleted_and_made_again_in_one_batch_is_written_after_its_delete() 
         .collect();
     assert_eq!(kinds, ["write", "delete", "write"]);
 }
+
+/// A running coordinator woken late past more than MAX_CATCH_UP fire times
+/// (a clock set forward, a long stall) fires the latest one, not the
+/// 1,001st oldest.
+#[test]
+fn woken_late_past_many_fire_times_fires_the_latest() {
+    let mut h = at_100_5();
+    every_second(&mut h, pb::OverlapPolicy::Queue, pb::CatchUp::One);
+    h.advance(Duration::from_secs(2_000)); // wall 2100.5 s
+    h.effects();
+    assert_eq!(fire_names(&h), ["tick@1970-01-01T00:35:00Z"]);
+}
+
+#[test]
+fn woken_late_past_many_fire_times_with_catch_up_all_fires_the_latest_ones() {
+    let mut h = at_100_5();
+    every_second(&mut h, pb::OverlapPolicy::Queue, pb::CatchUp::All);
+    h.advance(Duration::from_secs(2_000)); // wall 2100.5 s
+    h.effects();
+    let names = fire_names(&h);
+    assert_eq!(names.len(), MAX_CATCH_UP);
+    assert_eq!(
+        names.last().map(String::as_str),
+        Some("tick@1970-01-01T00:35:00Z")
+    );
+}
