@@ -611,12 +611,24 @@ impl Scheduler {
                     .iter()
                     .map(|p| match self.graph.results.get(p) {
                         Some(kept) => ParentResult::clone(&kept.result),
-                        None => ParentResult {
-                            task_id: *p,
-                            ref_name: String::new(),
-                            state: self.tasks.get(p).map_or(TaskState::Queued, |t| t.state),
-                            output: Bytes::new(),
-                        },
+                        // Still live (a rule that let the child go early):
+                        // its ref and state so far, no output yet.
+                        None => {
+                            let live = self.tasks.get(p);
+                            ParentResult {
+                                task_id: *p,
+                                ref_name: live
+                                    .map(|t| {
+                                        t.spec
+                                            .template(self.queue.example(t.class))
+                                            .ref_name
+                                            .clone()
+                                    })
+                                    .unwrap_or_default(),
+                                state: live.map_or(TaskState::Queued, |t| t.state),
+                                output: Bytes::new(),
+                            }
+                        }
                     })
                     .collect();
             }

@@ -569,3 +569,26 @@ fn a_released_call_no_node_serves_fails_after_the_schedule_timeout() {
         record.error
     );
 }
+
+/// A child released early (ANY_FAILED) is given its still-live parents
+/// with their refs, so `$WEFT_PARENTS/<ref>` names them as it names ended ones.
+#[test]
+fn an_early_released_child_gets_its_live_parents_ref() {
+    let mut h = Harness::new();
+    h.node(S1, reg("n1", 8), 8);
+    let ids = h
+        .submit_job(vec![
+            TaskSpec::call("noop", "").ref_name("a").max_attempts(1),
+            call("b"),
+            call("on_error")
+                .after_ref("a")
+                .after_ref("b")
+                .after_rule(DependencyRule::AnyFailed),
+        ])
+        .expect("submit");
+    let ran = assigned(&h.effects(), S1);
+    h.finish(S1, ids[0], ran[0].1.0, Outcome::Failed);
+    let effects = h.effects();
+    let parents = &effects.nodes[&S1].assign[0].parents;
+    assert_eq!(parents[1].ref_name, "b");
+}
