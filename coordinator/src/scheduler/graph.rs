@@ -160,9 +160,19 @@ pub(crate) struct Graph {
 }
 
 impl Graph {
-    /// True when no task uses dependencies or start times.
+    /// True when no task uses dependencies or start times (a live parent
+    /// whose children all ended still has its list of them until it ends).
     pub fn is_empty(&self) -> bool {
-        self.deps.is_empty() && self.timers.is_empty() && self.results.is_empty()
+        self.deps.is_empty()
+            && self.timers.is_empty()
+            && self.results.is_empty()
+            && self.children.is_empty()
+    }
+
+    /// Parents kept with their lists of children (tests).
+    #[cfg(test)]
+    pub fn parents_with_children(&self) -> usize {
+        self.children.len()
     }
 }
 

@@ -592,3 +592,20 @@ fn an_early_released_child_gets_its_live_parents_ref() {
     let parents = &effects.nodes[&S1].assign[0].parents;
     assert_eq!(parents[1].ref_name, "b");
 }
+
+/// A child that ended before its live parent leaves nothing of the graph
+/// behind once that parent ends too (its list of children went with it).
+#[test]
+fn a_cancelled_child_leaves_nothing_behind_once_its_parent_ends() {
+    let mut h = Harness::new();
+    h.node(S1, reg("n1", 4), 4);
+    let p = h.submit(vec![TaskSpec::call("noop", "")])[0];
+    let c = h
+        .submit_job(vec![TaskSpec::call("noop", "").after(p)])
+        .expect("submit")[0];
+    assert!(h.s.cancel(c, "", h.now));
+    assert_eq!(h.run_assigned(Outcome::Succeeded), vec![p]);
+    assert_eq!(h.s.live_tasks(), 0);
+    assert_eq!(h.s.graph.parents_with_children(), 0, "{:?}", h.s.graph);
+    assert!(h.s.graph.is_empty(), "left behind: {:?}", h.s.graph);
+}
