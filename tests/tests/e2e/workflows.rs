@@ -229,6 +229,21 @@ async fn weft_job_get_watch_and_cancel_with_a_graph_file() {
     assert!(cancelled.stdout.contains("2 cancelled"), "{cancelled}");
     let watched = cluster.weft(&["job", "watch", &job]).await;
     assert_eq!(watched.code, Some(130), "{watched}");
+    // A child written before the task it runs after ends cancelled too,
+    // not upstream_failed.
+    std::fs::write(
+        &file,
+        "- ref: child\n  exec: ['true']\n  after: [parent]\n- ref: parent\n  exec: [sleep, '30']\n",
+    )
+    .expect("write");
+    let out = cluster
+        .weft(&["submit", "-f", file.to_str().expect("path")])
+        .await;
+    let job = out.stdout.lines().next().expect("job line")["job ".len()..].to_owned();
+    let cancelled = cluster.weft(&["job", "cancel", &job]).await;
+    assert!(cancelled.stdout.contains("2 cancelled"), "{cancelled}");
+    let got = cluster.weft(&["job", "get", &job]).await;
+    assert!(got.stdout.contains("2 cancelled"), "{got}");
 
     // A bad file: line and column, nothing submitted.
     std::fs::write(&file, "- ref: a\n  exec: [true\n").expect("write");
