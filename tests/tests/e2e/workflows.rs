@@ -230,10 +230,11 @@ async fn weft_job_get_watch_and_cancel_with_a_graph_file() {
     let watched = cluster.weft(&["job", "watch", &job]).await;
     assert_eq!(watched.code, Some(130), "{watched}");
     // A child written before the task it runs after ends cancelled too,
-    // not upstream_failed.
+    // not upstream_failed (the parent waits for its start time, so its
+    // cancel ends it at once).
     std::fs::write(
         &file,
-        "- ref: child\n  exec: ['true']\n  after: [parent]\n- ref: parent\n  exec: [sleep, '30']\n",
+        "- ref: child\n  exec: ['true']\n  after: [parent]\n- ref: parent\n  exec: ['true']\n  delay: 1h\n",
     )
     .expect("write");
     let out = cluster
