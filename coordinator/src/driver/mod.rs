@@ -388,10 +388,7 @@ impl Driver {
                 reply,
             } => replies.push(self.submit(specs, &known, reply, now)),
             Command::CancelMany { ids, reason, reply } => {
-                let live = ids
-                    .into_iter()
-                    .filter(|id| self.scheduler.cancel(*id, &reason, now))
-                    .count();
+                let live = self.scheduler.cancel_many(&ids, &reason, now);
                 let live = u32::try_from(live).unwrap_or(u32::MAX);
                 replies.push(answer_committed(reply, Ok(live)));
             }

@@ -169,6 +169,41 @@ impl Graph {
             && self.children.is_empty()
     }
 
+    /// `ids` ordered so that a task comes after every one of `ids` that
+    /// waits for it (children before their parents, however they were
+    /// written in their Submit), else in the order given.
+    pub fn children_first(&self, ids: &[TaskId]) -> Vec<TaskId> {
+        let wanted: HashSet<TaskId> = ids.iter().copied().collect();
+        let mut placed: HashSet<TaskId> = HashSet::with_capacity(ids.len());
+        let mut order = Vec::with_capacity(ids.len());
+        for &root in ids {
+            if placed.contains(&root) {
+                continue;
+            }
+            // Depth first, each task placed after its children in `ids`.
+            let mut stack: Vec<(TaskId, usize)> = vec![(root, 0)];
+            placed.insert(root);
+            while let Some(&(id, next)) = stack.last() {
+                let children = self.children.get(&id).map_or(&[][..], Vec::as_slice);
+                match children.get(next) {
+                    Some(&child) => {
+                        if let Some(top) = stack.last_mut() {
+                            top.1 += 1;
+                        }
+                        if wanted.contains(&child) && placed.insert(child) {
+                            stack.push((child, 0));
+                        }
+                    }
+                    None => {
+                        order.push(id);
+                        stack.pop();
+                    }
+                }
+            }
+        }
+        order
+    }
+
     /// Parents kept with their lists of children (tests).
     #[cfg(test)]
     pub fn parents_with_children(&self) -> usize {

@@ -801,6 +801,18 @@ impl Scheduler {
         self.cancel_at(id, reason, now.wall)
     }
 
+    /// Cancels each of `ids` (a job's tasks) with `reason`: the tasks that
+    /// wait for others among them first, so they end CANCELLED themselves
+    /// rather than by their rule when a parent's cancel ends it at once.
+    /// Answers how many were not final yet.
+    pub fn cancel_many(&mut self, ids: &[TaskId], reason: &str, now: Now) -> usize {
+        let ordered = self.graph.children_first(ids);
+        ordered
+            .into_iter()
+            .filter(|id| self.cancel(*id, reason, now))
+            .count()
+    }
+
     /// [`cancel`](Self::cancel) with only the wall-clock time it needs.
     pub(crate) fn cancel_at(&mut self, id: TaskId, reason: &str, wall: SystemTime) -> bool {
         let Some(task) = self.tasks.get_mut(&id) else {

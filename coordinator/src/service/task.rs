@@ -465,17 +465,14 @@ impl pb::task_service_server::TaskService for TaskApi {
         if tasks.is_empty() || crate::scheduler::graph::job_of(job) != job {
             return Err(Error::JobNotFound(job).into());
         }
-        // The tasks that wait for others (PENDING) first, then the rest,
-        // newest first: children before the tasks they run after (a ref
-        // may point forward, to a task later in the Submit), so they end
-        // CANCELLED themselves rather than by their rule.
-        let live = tasks.iter().rev().filter(|(_, state)| !state.is_final());
-        let (pending, others): (Vec<_>, Vec<_>) =
-            live.partition(|(_, state)| *state == TaskState::Pending);
-        let ids: Vec<TaskId> = pending
-            .into_iter()
-            .chain(others)
-            .map(|(id, _)| id)
+        // Newest first; the scheduler puts children before the tasks they
+        // run after (a ref may point forward, to a task later in the
+        // Submit), so they end CANCELLED themselves rather than by their rule.
+        let ids: Vec<TaskId> = tasks
+            .iter()
+            .rev()
+            .filter(|(_, state)| !state.is_final())
+            .map(|(id, _)| *id)
             .collect();
         let reason = match request.reason.trim() {
             "" => format!("job {job} cancelled by client"),

@@ -609,3 +609,23 @@ fn a_cancelled_child_leaves_nothing_behind_once_its_parent_ends() {
     assert_eq!(h.s.graph.parents_with_children(), 0, "{:?}", h.s.graph);
     assert!(h.s.graph.is_empty(), "left behind: {:?}", h.s.graph);
 }
+
+#[test]
+fn cancelling_a_job_ends_children_written_before_their_parents_cancelled() {
+    let mut h = Harness::new();
+    let later = h.now.wall + Duration::from_secs(3_600);
+    // c after b after a, written child first; `a` waits for its start
+    // time, so its cancel ends it at once.
+    let ids = h
+        .submit_job(vec![
+            call("c").after_ref("b"),
+            call("b").after_ref("a"),
+            call("a").not_before(later),
+        ])
+        .expect("submit");
+    let newest_first: Vec<TaskId> = ids.iter().rev().copied().collect();
+    assert_eq!(h.s.cancel_many(&newest_first, "job cancelled", h.now), 3);
+    for id in &ids {
+        assert_eq!(h.state(*id), TaskState::Cancelled, "{id}");
+    }
+}
