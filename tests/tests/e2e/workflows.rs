@@ -191,6 +191,18 @@ async fn delay_and_at_hold_a_task_pending_until_its_time() {
     cluster.shutdown().await;
 }
 
+/// Writes `graph` to `file`, submits it with `weft submit -f`, and
+/// answers the job's id (the first line of the output: `job ID`).
+async fn submit_file(cluster: &TestCluster, file: &std::path::Path, graph: &str) -> String {
+    std::fs::write(file, graph).expect("write");
+    let out = cluster
+        .weft(&["submit", "-f", file.to_str().expect("path")])
+        .await;
+    assert_eq!(out.code, Some(0), "{out}");
+    let line = out.stdout.lines().next().expect("job line");
+    line.strip_prefix("job ").expect("job ID").to_owned()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn weft_job_get_watch_and_cancel_with_a_graph_file() {
     let cluster = TestCluster::builder().nodes(1).start().await;
@@ -216,15 +228,12 @@ async fn weft_job_get_watch_and_cancel_with_a_graph_file() {
     assert_eq!(listed.code, Some(0), "{listed}");
 
     // A long job, cancelled: the running task and the pending one.
-    std::fs::write(
+    let job = submit_file(
+        &cluster,
         &file,
         "- ref: slow\n  exec: [sleep, '30']\n- ref: after\n  exec: ['true']\n  after: [slow]\n",
     )
-    .expect("write");
-    let out = cluster
-        .weft(&["submit", "-f", file.to_str().expect("path")])
-        .await;
-    let job = out.stdout.lines().next().expect("job line")["job ".len()..].to_owned();
+    .await;
     let cancelled = cluster.weft(&["job", "cancel", &job]).await;
     assert!(cancelled.stdout.contains("2 cancelled"), "{cancelled}");
     let watched = cluster.weft(&["job", "watch", &job]).await;
@@ -232,15 +241,12 @@ async fn weft_job_get_watch_and_cancel_with_a_graph_file() {
     // A child written before the task it runs after ends cancelled too,
     // not upstream_failed (the parent waits for its start time, so its
     // cancel ends it at once).
-    std::fs::write(
+    let job = submit_file(
+        &cluster,
         &file,
         "- ref: child\n  exec: ['true']\n  after: [parent]\n- ref: parent\n  exec: ['true']\n  delay: 1h\n",
     )
-    .expect("write");
-    let out = cluster
-        .weft(&["submit", "-f", file.to_str().expect("path")])
-        .await;
-    let job = out.stdout.lines().next().expect("job line")["job ".len()..].to_owned();
+    .await;
     let cancelled = cluster.weft(&["job", "cancel", &job]).await;
     assert!(cancelled.stdout.contains("2 cancelled"), "{cancelled}");
     let got = cluster.weft(&["job", "get", &job]).await;

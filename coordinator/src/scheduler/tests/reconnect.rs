@@ -113,33 +113,47 @@ fn a_task_cancelled_while_its_node_is_away_ends_cancelled_at_once() {
     assert_eq!(h.record(id).state, TaskState::Cancelled);
 }
 
+/// A harness whose node `n1` (on S1, `slots` slots) runs one started
+/// `sleep` task: the node's registration and the task.
+fn one_running(slots: u32) -> (Harness, NodeRegistration, TaskId) {
+    let mut h = Harness::new();
+    let node = reg("n1", slots);
+    h.node(S1, node.clone(), slots);
+    let id = h.submit(vec![TaskSpec::call("sleep", "")])[0];
+    h.effects();
+    h.event(S1, id, 1, NodeEventBody::Started);
+    (h, node, id)
+}
+
+/// `node` registers again on S2, listing `running`: what it was told.
+fn comes_back(
+    h: &mut Harness,
+    node: &NodeRegistration,
+    running: Vec<(TaskId, Attempt)>,
+) -> Effects {
+    h.node(
+        S2,
+        NodeRegistration {
+            running,
+            ..node.clone()
+        },
+        node.slots,
+    );
+    h.effects()
+}
+
 /// A cancel while the attempt's node is away (the reconnect grace) has no
 /// session to go to; the node that comes back and claims the attempt is
 /// told to stop it then.
 #[test]
 fn a_cancel_during_the_reconnect_grace_reaches_the_node_that_claims_the_attempt() {
-    let mut h = Harness::new();
-    let node = reg("n1", 1);
-    let node_id = node.node_id;
-    h.node(S1, node.clone(), 1);
-    let id = h.submit(vec![TaskSpec::call("sleep", "")])[0];
-    h.effects();
-    h.event(S1, id, 1, NodeEventBody::Started);
+    let (mut h, node, id) = one_running(1);
     h.s.node_gone(S1, h.now);
     h.effects();
     assert!(h.s.cancel(id, "not needed", h.now));
     h.effects();
     h.advance(Duration::from_millis(100));
-    h.node(
-        S2,
-        NodeRegistration {
-            node_id,
-            running: vec![(id, Attempt(1))],
-            ..node
-        },
-        1,
-    );
-    let e = h.effects();
+    let e = comes_back(&mut h, &node, vec![(id, Attempt(1))]);
     assert_eq!(
         cancels(&e, S2),
         [(id, Attempt(1))],
@@ -151,27 +165,12 @@ fn a_cancel_during_the_reconnect_grace_reaches_the_node_that_claims_the_attempt(
 /// whose node has not reconnected yet.
 #[test]
 fn a_cancel_during_the_restart_grace_reaches_the_node_that_claims_the_attempt() {
-    let mut h = Harness::new();
-    let node = reg("n1", 1);
-    let node_id = node.node_id;
-    h.node(S1, node.clone(), 1);
-    let id = h.submit(vec![TaskSpec::call("sleep", "")])[0];
-    h.effects();
-    h.event(S1, id, 1, NodeEventBody::Started);
+    let (mut h, node, id) = one_running(1);
     h.effects();
     let mut back = h.restart(Duration::from_secs(1));
     assert!(back.s.cancel(id, "not needed", back.now));
     back.effects();
-    back.node(
-        S2,
-        NodeRegistration {
-            node_id,
-            running: vec![(id, Attempt(1))],
-            ..node
-        },
-        1,
-    );
-    let e = back.effects();
+    let e = comes_back(&mut back, &node, vec![(id, Attempt(1))]);
     assert_eq!(
         cancels(&e, S2),
         [(id, Attempt(1))],
@@ -181,25 +180,10 @@ fn a_cancel_during_the_restart_grace_reaches_the_node_that_claims_the_attempt() 
 
 #[test]
 fn an_attempt_a_node_lists_twice_when_it_comes_back_holds_one_slot() {
-    let mut h = Harness::new();
-    let node = reg("n1", 2);
-    let node_id = node.node_id;
-    h.node(S1, node.clone(), 2);
-    let id = h.submit(vec![TaskSpec::call("sleep", "")])[0];
-    h.effects();
-    h.event(S1, id, 1, NodeEventBody::Started);
+    let (mut h, node, id) = one_running(2);
     h.s.node_gone(S1, h.now);
     h.effects();
-    h.node(
-        S2,
-        NodeRegistration {
-            node_id,
-            running: vec![(id, Attempt(1)), (id, Attempt(1))],
-            ..node
-        },
-        2,
-    );
-    h.effects();
+    comes_back(&mut h, &node, vec![(id, Attempt(1)), (id, Attempt(1))]);
     assert_eq!(
         h.s.nodes(h.now.instant)[0].slots_used,
         1,
