@@ -56,6 +56,18 @@ fn call(name: &str) -> TaskSpec {
     TaskSpec::call("noop", "").ref_name(name)
 }
 
+/// `a` (one attempt) and `b`, and `on_error` after both with ANY_FAILED.
+fn on_error_job() -> Vec<TaskSpec> {
+    vec![
+        TaskSpec::call("noop", "").ref_name("a").max_attempts(1),
+        call("b"),
+        call("on_error")
+            .after_ref("a")
+            .after_ref("b")
+            .after_rule(DependencyRule::AnyFailed),
+    ]
+}
+
 #[test]
 fn a_child_is_pending_until_its_parent_succeeds_then_queued_and_given_its_output() {
     let mut h = Harness::new();
@@ -156,16 +168,7 @@ fn any_failed_is_skipped_when_all_succeeded_and_runs_when_one_failed() {
     assert_eq!(h.state(ids[2]), TaskState::Skipped);
     assert!(h.latest(ids[2]).error.contains("skipped"));
 
-    let ids = h
-        .submit_job(vec![
-            TaskSpec::call("noop", "").ref_name("a").max_attempts(1),
-            call("b"),
-            call("on_error")
-                .after_ref("a")
-                .after_ref("b")
-                .after_rule(DependencyRule::AnyFailed),
-        ])
-        .expect("submit");
+    let ids = h.submit_job(on_error_job()).expect("submit");
     let effects = h.effects();
     let ran = assigned(&effects, S1);
     h.finish(S1, ids[0], ran[0].1.0, Outcome::Failed);
@@ -576,16 +579,7 @@ fn a_released_call_no_node_serves_fails_after_the_schedule_timeout() {
 fn an_early_released_child_gets_its_live_parents_ref() {
     let mut h = Harness::new();
     h.node(S1, reg("n1", 8), 8);
-    let ids = h
-        .submit_job(vec![
-            TaskSpec::call("noop", "").ref_name("a").max_attempts(1),
-            call("b"),
-            call("on_error")
-                .after_ref("a")
-                .after_ref("b")
-                .after_rule(DependencyRule::AnyFailed),
-        ])
-        .expect("submit");
+    let ids = h.submit_job(on_error_job()).expect("submit");
     let ran = assigned(&h.effects(), S1);
     h.finish(S1, ids[0], ran[0].1.0, Outcome::Failed);
     let effects = h.effects();
