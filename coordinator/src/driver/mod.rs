@@ -216,6 +216,16 @@ impl Driver {
             tokio::select! {
                 biased;
                 _ = self.cancel.cancelled() => break,
+                // Before the inbox: under a steady load the inbox is never
+                // empty when polled, and a sweep after it would never run.
+                // A sweep puts the next one at least 10 ms ahead, so it
+                // cannot starve the inbox in turn.
+                _ = sleep_until(self.retention.next_sweep()) => {
+                    if self.await_commit().await {
+                        self.retention.sweep(&self.store, &mut self.scheduler).await;
+                    }
+                    continue;
+                }
                 received = self.inbox.recv_many(&mut commands, max_batch) => {
                     if received == 0 {
                         break;
@@ -226,12 +236,6 @@ impl Driver {
                     continue;
                 }
                 _ = sleep_until(wake) => {}
-                _ = sleep_until(self.retention.next_sweep()) => {
-                    if self.await_commit().await {
-                        self.retention.sweep(&self.store, &mut self.scheduler).await;
-                    }
-                    continue;
-                }
             }
             let batch = self.prepare(&mut commands);
             if !self.start_commit(batch).await {
