@@ -27,7 +27,7 @@ use tokio_util::task::TaskTracker;
 
 use weft_proto::{Attempt, NodeId, TaskId, TaskSpec, TaskState};
 
-use super::watch::{WatchBudget, event_bytes, page_len};
+use super::watch::{SWEEP_AFTER, WatchBudget, event_bytes, page_len};
 use super::{Command, Handle, ToNode, follow, wait_final};
 use crate::Failure;
 use crate::config::CoordinatorConfig;
@@ -182,9 +182,18 @@ impl Harness {
     /// writes nothing, so no commit is involved).
     async fn start(store: Arc<dyn Store>) -> Harness {
         let config = CoordinatorConfig {
-            heartbeat_timeout: Duration::from_secs(600),
             retention: Duration::ZERO,
             ..CoordinatorConfig::default()
+        };
+        Harness::start_with(store, config).await
+    }
+
+    /// [`Harness::start`] with `config` (but no node loss within the
+    /// test).
+    async fn start_with(store: Arc<dyn Store>, config: CoordinatorConfig) -> Harness {
+        let config = CoordinatorConfig {
+            heartbeat_timeout: Duration::from_secs(600),
+            ..config
         };
         let mut scheduler = Scheduler::new((&config).into());
         let metrics = Arc::new(Metrics::default());
@@ -776,5 +785,178 @@ async fn a_stalled_wait_many_stream_holds_at_most_its_budget_and_then_gets_every
         assert!(got[id] == result(n), "task {n}'s result");
     }
     assert_eq!(feed.queued(), 0);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_quiet_task_watched_and_left_again_and_again_keeps_one_watcher() {
+    let h = Harness::start(Arc::new(MemoryStore::new())).await;
+    // Queued, and no credits: no event will come for it.
+    let id = ids(soon("Submit", h.submit("quiet")).await)[0];
+    let budget = WatchBudget::new(usize::MAX);
+    for _ in 0..3 * SWEEP_AFTER {
+        drop(h.watch_within(id, Arc::clone(&budget)).await);
+    }
+    h.applied().await;
+    // Each watcher holds the budget: the test's and the latest one's.
+    assert_eq!(Arc::strong_count(&budget), 2);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn watchers_of_quiet_tasks_whose_clients_left_are_forgotten() {
+    let h = Harness::start(Arc::new(MemoryStore::new())).await;
+    let mut quiet = Vec::new();
+    for n in 0..3 * SWEEP_AFTER {
+        quiet.extend(ids(soon("Submit", h.submit(&n.to_string())).await));
+    }
+    let budget = WatchBudget::new(usize::MAX);
+    for id in &quiet {
+        drop(h.watch_within(*id, Arc::clone(&budget)).await);
+    }
+    h.applied().await;
+    // Three times the sweep's threshold registered, each gone at once:
+    // at most one threshold's worth is still held.
+    let held = Arc::strong_count(&budget) - 1;
+    assert!(held <= SWEEP_AFTER + 1, "{held} gone watchers held");
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_wait_many_whose_client_left_is_forgotten_before_its_tasks_end() {
+    let h = Harness::start(Arc::new(MemoryStore::new())).await;
+    let mut quiet = Vec::new();
+    for n in 0..2 * SWEEP_AFTER {
+        quiet.extend(ids(soon("Submit", h.submit(&n.to_string())).await));
+    }
+    let register = |ids: Vec<TaskId>, budget: &Arc<WatchBudget>| {
+        let (reply, rx) = oneshot::channel();
+        h.send(Command::WaitMany {
+            ids,
+            budget: Arc::clone(budget),
+            reply,
+        });
+        rx
+    };
+    let gone = WatchBudget::new(usize::MAX);
+    let registration = soon("WaitMany", register(quiet.clone(), &gone))
+        .await
+        .unwrap_or_else(|_| panic!("the driver stopped"));
+    assert!(registration.live.is_some() && registration.not_live.is_empty());
+    drop(registration);
+    assert_eq!(
+        Arc::strong_count(&gone),
+        2,
+        "registered while its client is there"
+    );
+    // The next registration finds the first one's client gone.
+    let next = WatchBudget::new(usize::MAX);
+    let kept = soon("WaitMany", register(vec![quiet[0]], &next))
+        .await
+        .unwrap_or_else(|_| panic!("the driver stopped"));
+    assert_eq!(Arc::strong_count(&gone), 1, "the gone waiter is forgotten");
+    assert_eq!(Arc::strong_count(&next), 2, "the new one is kept");
+    drop(kept);
+    h.stop().await;
+}
+
+/// The memory store, but each commit takes a millisecond (the driver's
+/// next batch gathers meanwhile), and retention sweeps are counted.
+struct SlowCommits {
+    memory: MemoryStore,
+    sweeps: tokio::sync::watch::Sender<usize>,
+}
+
+impl Store for SlowCommits {
+    fn commit(&self, records: &[Record]) -> Result<(), StoreError> {
+        std::thread::sleep(Duration::from_millis(1));
+        self.memory.commit(records)
+    }
+
+    fn task(&self, id: TaskId) -> Result<Option<TaskRecord>, StoreError> {
+        self.memory.task(id)
+    }
+
+    fn list_page(
+        &self,
+        query: &crate::store::ListQuery,
+    ) -> Result<crate::store::ListPage, StoreError> {
+        self.memory.list_page(query)
+    }
+
+    fn events(&self, id: TaskId, from: u64, limit: usize) -> Result<Vec<TaskEvent>, StoreError> {
+        self.memory.events(id, from, limit)
+    }
+
+    fn load(&self, since: SystemTime) -> Result<Loaded, StoreError> {
+        self.memory.load(since)
+    }
+
+    fn expire(&self, before: SystemTime, limit: usize) -> Result<Vec<TaskState>, StoreError> {
+        self.sweeps.send_modify(|n| *n += 1);
+        self.memory.expire(before, limit)
+    }
+
+    fn tokens(&self) -> Result<Vec<crate::auth::TokenRecord>, StoreError> {
+        self.memory.tokens()
+    }
+
+    fn put_token(&self, token: &crate::auth::TokenRecord) -> Result<(), StoreError> {
+        self.memory.put_token(token)
+    }
+
+    fn node_identities(&self) -> Result<Vec<crate::store::NodeIdentityRecord>, StoreError> {
+        self.memory.node_identities()
+    }
+
+    fn put_node_identity(
+        &self,
+        identity: &crate::store::NodeIdentityRecord,
+        token: Option<&crate::auth::TokenRecord>,
+    ) -> Result<(), StoreError> {
+        self.memory.put_node_identity(identity, token)
+    }
+}
+
+/// Not on the current thread: the gRPC services fill the inbox from other
+/// threads while the driver works, as here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_sweeps_go_on_while_commands_keep_coming() {
+    let (sweeps, mut swept) = tokio::sync::watch::channel(0);
+    let store = Arc::new(SlowCommits {
+        memory: MemoryStore::new(),
+        sweeps,
+    });
+    // Sweeps due every 10 ms; one command per batch, so the inbox (room
+    // for 256) is never empty once the Submits below fill it.
+    let config = CoordinatorConfig {
+        retention: Duration::from_millis(100),
+        max_batch: 1,
+        ..CoordinatorConfig::default()
+    };
+    let h = Harness::start_with(store, config).await;
+    let at_start = *swept.borrow_and_update();
+    let inbox = h.handle.inbox.clone();
+    let flood = tokio::spawn(async move {
+        for n in 0u64.. {
+            let (reply, _answer) = oneshot::channel();
+            let specs = vec![TaskSpec::call("noop", n.to_string())];
+            if inbox.send(Command::Submit { specs, reply }).await.is_err() {
+                break;
+            }
+        }
+    });
+    let later = tokio::time::timeout(
+        Duration::from_secs(10),
+        swept.wait_for(|n| *n >= at_start + 10),
+    )
+    .await
+    .is_ok_and(|seen| seen.is_ok());
+    flood.abort();
+    assert!(
+        later,
+        "{} sweeps in 10 s of Submits",
+        *swept.borrow() - at_start
+    );
     h.stop().await;
 }

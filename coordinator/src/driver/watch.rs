@@ -70,7 +70,38 @@ struct ManyWaiters {
     /// ids are not final yet (it is forgotten at 0).
     waiters: HashMap<u64, (FinalTx, Arc<WatchBudget>, usize)>,
     by_task: crate::IdMap<TaskId, Vec<u64>>,
+    /// Entries of `by_task` added since the last [`ManyWaiters::sweep`],
+    /// and how many were left after it.
+    added: usize,
+    kept: usize,
 }
+
+impl ManyWaiters {
+    /// Forgets the waiters whose stream has gone (the client left, or the
+    /// stream registered again after being dropped for lagging) and their
+    /// ids' entries, once the entries added since the last sweep outnumber
+    /// those it kept: a sweep's cost is shared by the entries that made it
+    /// due. Without it, a waiter gone for good would stay until each of
+    /// its tasks ends, which for a queued task may be never.
+    fn sweep_if_due(&mut self) {
+        if self.added <= self.kept.max(SWEEP_AFTER) {
+            return;
+        }
+        self.waiters.retain(|_, (tx, ..)| !tx.is_closed());
+        let waiters = &self.waiters;
+        self.by_task.retain(|_, ws| {
+            ws.retain(|w| waiters.contains_key(w));
+            !ws.is_empty()
+        });
+        self.kept = self.by_task.values().map(Vec::len).sum();
+        self.added = 0;
+    }
+}
+
+/// Registrations (live watchers, or `WaitMany` ids) after which the
+/// driver looks for those whose stream has gone, at least: more when more
+/// were still in use at the last look.
+pub(super) const SWEEP_AFTER: usize = 1_024;
 
 /// The bytes of events queued towards one watch stream: in the driver's
 /// live feed and in the stream's queue towards the client, together. The
@@ -182,8 +213,14 @@ impl LiveWatcher {
 
 /// The driver's side: who gets the events of each commit.
 pub(super) struct Watchers {
-    /// Live watchers per task.
+    /// Live watchers per task. A watcher whose stream has gone (the client
+    /// left) is forgotten at its task's next event, or by a sweep
+    /// ([`Watchers::watch`]) if that event is long in coming.
     live: crate::IdMap<TaskId, Vec<LiveWatcher>>,
+    /// Live watchers registered since the last sweep, and how many the
+    /// sweep kept.
+    added: usize,
+    kept: usize,
     many: ManyWaiters,
     /// Events a live watcher may have queued before it counts as lagging.
     buffer: usize,
@@ -194,6 +231,8 @@ impl Watchers {
     pub fn new(buffer: usize) -> Self {
         Watchers {
             live: crate::IdMap::default(),
+            added: 0,
+            kept: 0,
             many: ManyWaiters::default(),
             buffer: buffer.max(16),
         }
@@ -211,16 +250,37 @@ impl Watchers {
         reply: oneshot::Sender<Result<Option<mpsc::Receiver<TaskEvent>>, Error>>,
     ) -> Reply {
         let rx = scheduler.is_live(id).then(|| {
+            self.sweep_if_due();
             let (tx, rx) = mpsc::channel(self.buffer);
-            self.live
-                .entry(id)
-                .or_default()
-                .push(LiveWatcher { tx, budget });
+            let watchers = self.live.entry(id).or_default();
+            // Watched again and again while quiet (a client polling with a
+            // deadline): those gone are forgotten here.
+            watchers.retain(|w| !w.tx.is_closed());
+            watchers.push(LiveWatcher { tx, budget });
+            self.added += 1;
             rx
         });
         Box::new(move |_| {
             let _ = reply.send(Ok(rx));
         })
+    }
+
+    /// Forgets the live watchers whose stream has gone, once more were
+    /// registered since the last look than it kept (at least
+    /// [`SWEEP_AFTER`]): the look's cost is shared by the registrations
+    /// that made it due. Without it, a watcher of a quiet task (queued with
+    /// no node for it, waiting on its parents) would stay until the task's
+    /// next event, however many came and went meanwhile.
+    fn sweep_if_due(&mut self) {
+        if self.added <= self.kept.max(SWEEP_AFTER) {
+            return;
+        }
+        self.live.retain(|_, ws| {
+            ws.retain(|w| !w.tx.is_closed());
+            !ws.is_empty()
+        });
+        self.kept = self.live.values().map(Vec::len).sum();
+        self.added = 0;
     }
 
     /// [`Command::WaitMany`]: registers one waiter for the live ids among
@@ -235,10 +295,12 @@ impl Watchers {
         let (live, not_live): (Vec<TaskId>, Vec<TaskId>) =
             ids.into_iter().partition(|id| scheduler.is_live(*id));
         let rx = (!live.is_empty()).then(|| {
+            self.many.sweep_if_due();
             let (tx, rx) = mpsc::channel(WAIT_MANY_BUFFER);
             let waiter = self.many.next;
             self.many.next += 1;
             self.many.waiters.insert(waiter, (tx, budget, live.len()));
+            self.many.added += live.len();
             for id in live {
                 self.many.by_task.entry(id).or_default().push(waiter);
             }
