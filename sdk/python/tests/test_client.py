@@ -317,6 +317,73 @@ def _refused_url() -> str:
     return f"http://127.0.0.1:{port}"
 
 
+@pytest.fixture
+def tls_server():
+    """The scripted TaskService over TLS, its certificate from a throw-away
+    CA: ``(url, ca)``, where ``ca.pin`` pins it."""
+    from weft.testing import TestCA
+
+    ca = TestCA()
+    srv = grpc.server(futures.ThreadPoolExecutor(8))
+    task_pb2_grpc.add_TaskServiceServicer_to_server(Tasks(), srv)
+    port = srv.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials([ca.serving()]))
+    srv.start()
+    yield f"https://127.0.0.1:{port}", ca
+    srv.stop(0)
+
+
+@pytest.fixture
+def ca_fetches(monkeypatch):
+    """Fetches of a pinned CA, recorded by target; the first ``refuse`` of
+    them fail as with the coordinator down (connection refused)."""
+    import weft._channel as channel
+
+    monkeypatch.delenv("WEFT_CA", raising=False)
+    monkeypatch.delenv("WEFT_CA_PIN", raising=False)
+    fetches = _Fetches()
+    fetch = channel.fetch_pinned_ca
+
+    def recorded(target, pin, timeout=5.0):
+        fetches.append(target)
+        if len(fetches) <= fetches.refuse:
+            raise ConnectionRefusedError(111, "Connection refused")
+        return fetch(target, pin, timeout)
+
+    monkeypatch.setattr(channel, "fetch_pinned_ca", recorded)
+    return fetches
+
+
+class _Fetches(list):
+    refuse = 0
+
+
+async def test_the_asyncio_client_fetches_a_pinned_ca_again_after_a_failed_fetch(tls_server, ca_fetches):
+    url, ca = tls_server
+    ca_fetches.refuse = 1
+    async with weft.aio.Client(url, ca_pin=ca.pin) as client:
+        with pytest.raises(weft.Unavailable, match="cannot fetch the CA .* Connection refused"):
+            await client.submit_call("echo", b"x")
+        assert await client.submit_call("echo", b"x") == "T0", "the second call reaches the coordinator"
+    assert len(ca_fetches) == 2
+
+    # A wait resumes after a failed fetch as after a lost connection.
+    ca_fetches[:], ca_fetches.refuse = [], 2
+    async with weft.aio.Client(url, ca_pin=ca.pin) as client:
+        assert sorted([t.id async for t in client.wait_many(["A", "B"], timeout=10)]) == ["A", "B"]
+    assert len(ca_fetches) == 3
+
+
+async def test_a_wrong_pin_fails_every_call_of_the_asyncio_client_and_is_checked_again_each_time(tls_server, ca_fetches):
+    from weft._channel import PinMismatch
+
+    url, _ = tls_server
+    async with weft.aio.Client(url, ca_pin="sha256:" + "ab" * 32) as client:
+        for _ in range(2):
+            with pytest.raises(PinMismatch, match="is not the one the CA pin"):
+                await client.submit_call("echo", b"x")
+    assert len(ca_fetches) == 2, "a failed fetch is not kept: the next call fetches again"
+
+
 def test_several_addresses_are_checked_and_the_first_that_answers_is_used(server):
     import time
 

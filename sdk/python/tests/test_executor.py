@@ -186,6 +186,90 @@ def test_futures_cancelled_before_they_were_sent_leave_the_executor_working():
     asyncio.run(body())
 
 
+class _SlowSubmits:
+    """A stand-in for ``weft.aio.Client`` whose Submit is slow: the coordinator commits the
+    tasks at once and answers 0.2 s later, so a Submit abandoned meanwhile leaves committed
+    tasks behind. Records the Cancels; nothing ever finishes."""
+
+    def __init__(self) -> None:
+        self.committed: list = []
+        self.cancelled: list = []
+        self.closed = False
+
+    async def submit_many(self, specs):
+        ids = [f"t{len(self.committed) + i}" for i in range(len(specs))]
+        self.committed += ids
+        await asyncio.sleep(0.2)
+        return ids
+
+    async def _wait_many_records(self, task_ids, timeout=None, results_only=False):
+        await asyncio.Event().wait()
+        yield  # never reached: an async generator
+
+    async def cancel(self, task_id, reason=""):
+        self.cancelled.append(task_id)
+
+    async def close(self):
+        self.closed = True
+
+
+def test_shutdown_cancelling_futures_cancels_the_tasks_of_a_submit_on_its_way(monkeypatch):
+    client = _SlowSubmits()
+    monkeypatch.setattr(weft.aio, "Client", lambda *args, **kwargs: client)
+    ex = weft.Executor("http://127.0.0.1:1")
+    futures = [ex.submit(math.factorial, n) for n in range(3)]
+    poll(lambda: client.committed, what="the Submit to be committed")
+    ex.shutdown(cancel_futures=True)
+    assert all(future.cancelled() for future in futures)
+    assert sorted(client.cancelled) == sorted(client.committed) == ["t0", "t1", "t2"]
+    assert client.closed
+
+    async def body() -> None:
+        client = _SlowSubmits()
+        ex = weft.aio.Executor(client=client)
+        futures = [ex.submit(math.factorial, n) for n in range(3)]
+        while not client.committed:
+            await asyncio.sleep(0.001)
+        await ex.shutdown(cancel_futures=True)
+        assert all(future.cancelled() for future in futures)
+        assert sorted(client.cancelled) == sorted(client.committed) == ["t0", "t1", "t2"]
+
+    asyncio.run(body())
+
+
+def _shuts_down(ex, **options) -> bool:
+    """Whether ``ex.shutdown(wait=True, **options)`` returns within 10 s (run on a thread, so a
+    hang fails the test instead of blocking it)."""
+    import threading
+
+    closing = threading.Thread(target=ex.shutdown, kwargs=options, daemon=True)
+    closing.start()
+    closing.join(10)
+    return not closing.is_alive()
+
+
+def test_futures_fail_when_the_channel_cannot_open_and_shutdown_returns(monkeypatch):
+    from test_client import _refused_url
+    from weft._channel import PinMismatch
+    from weft.testing import FakeCoordinator
+
+    monkeypatch.delenv("WEFT_CA", raising=False)
+    # The pinned CA cannot be fetched: the coordinator is down.
+    ex = weft.Executor(_refused_url().replace("http://", "https://"), ca_pin="sha256:" + "0" * 64)
+    futures = [ex.submit(math.factorial, n) for n in range(3)]
+    for future in futures:
+        with pytest.raises(weft.Unavailable, match="cannot fetch the CA"):
+            future.result(timeout=10)
+    assert _shuts_down(ex), "shutdown(wait=True) hung"
+
+    # A coordinator the pin does not name.
+    with FakeCoordinator(tls=True) as fake:
+        ex = weft.Executor(fake.url, ca_pin="sha256:" + "0" * 64)
+        with pytest.raises(PinMismatch):
+            ex.submit(math.factorial, 3).result(timeout=10)
+        assert _shuts_down(ex), "shutdown(wait=True) hung"
+
+
 def test_a_json_codec_decodes_the_input_and_encodes_the_result():
     worker = weft.Worker("http://127.0.0.1:1", slots=1)
     h = worker.register("s", exec_funcs.json_sum, "process", codec="json")

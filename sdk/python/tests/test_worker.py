@@ -345,6 +345,32 @@ def test_asyncio_handler_that_swallows_cancel_is_still_reported_cancelled(fake, 
     assert time.monotonic() - sent < 1.0
 
 
+async def _returns_when_cancelled(data):
+    try:
+        await asyncio.sleep(30)
+    except asyncio.CancelledError:
+        return b"partial"  # swallows the cancel and returns at once
+    return b"done"
+
+
+def test_asyncio_handler_that_returns_when_cancelled_is_reported_cancelled_not_succeeded(fake, run_worker):
+    _, session = run_worker(slots=1, setup=lambda w: w.register("quick", _returns_when_cancelled, "asyncio"))
+    session.assign(("q", 1, call_spec("quick")))
+    session.events("q", 1, until="started")
+    session.cancel("q", 1)
+    finished = session.events("q", 1)[-1].finished
+    assert finished.outcome == common_pb2.OUTCOME_CANCELLED, common_pb2.Outcome.Name(finished.outcome)
+    assert finished.output == b"", "a stopped attempt reports no output"
+
+
+def test_asyncio_handler_that_returns_when_it_times_out_is_reported_timed_out(fake, run_worker):
+    _, session = run_worker(slots=1, setup=lambda w: w.register("quick", _returns_when_cancelled, "asyncio"))
+    session.assign(("t", 1, call_spec("quick", timeout=0.3)))
+    finished = session.events("t", 1)[-1].finished
+    assert finished.outcome == common_pb2.OUTCOME_TIMED_OUT, common_pb2.Outcome.Name(finished.outcome)
+    assert "timed out after 0.3s" in finished.error
+
+
 def test_output_chunks_are_split_and_numbered(fake, run_worker):
     async def big(data, ctx):
         ctx.output(b"x" * (weft.worker.CHUNK_LIMIT * 2 + 10))

@@ -25,6 +25,8 @@ from typing import List, Optional, Tuple
 
 import grpc
 
+from . import errors
+
 #: Where clients and workers look when given no URL.
 DEFAULT_COORDINATOR = "https://127.0.0.1:7070"
 
@@ -222,7 +224,10 @@ def root_certificates(target: str, ca_file: Optional[str], ca_pin: Optional[str]
     (else ``$WEFT_CA_PIN``): with a file, the file must match the pin;
     without one, the CA is taken from the chain the coordinator sends, if
     a certificate in it matches the pin (:func:`fetch_pinned_ca`). Raises
-    ValueError when neither is given or they disagree.
+    ValueError when neither is given or they disagree (:class:`PinMismatch`
+    when the coordinator sends no certificate with the pin), and
+    :class:`weft.Unavailable` when the coordinator to fetch it from cannot
+    be reached.
     """
     ca_file = ca_file or os.environ.get("WEFT_CA") or None
     ca_pin = ca_pin or os.environ.get("WEFT_CA_PIN") or None
@@ -237,7 +242,11 @@ def root_certificates(target: str, ca_file: Optional[str], ca_pin: Optional[str]
             raise ValueError(f"the CA file {ca_file} does not match the CA pin {ca_pin}")
         return pem
     if digest:
-        return fetch_pinned_ca(target, ca_pin)
+        try:
+            return fetch_pinned_ca(target, ca_pin)
+        except OSError as e:  # refused, unreachable, a failed handshake: as a call to it would be
+            raise errors.Unavailable(f"cannot fetch the CA from the coordinator at {target} to check it "
+                                     f"against the CA pin: {e}") from e
     raise ValueError(f"the coordinator at https://{target} serves TLS: pass the cluster's ca.pem "
                      "(ca_file= / WEFT_CA) or its pin (ca_pin= / WEFT_CA_PIN); for a coordinator "
                      "started with --insecure, use http://HOST:PORT")
@@ -488,11 +497,20 @@ class _LazyChannel:
         self._opening: Optional[asyncio.Future] = None
 
     async def channel(self) -> grpc.aio.Channel:
-        """The channel, opened once whoever asks first."""
+        """The channel, opened once whoever asks first. An opening that
+        failed (the coordinator down, a wrong pin) raises to the calls
+        that waited on it and is not kept: the next call opens again."""
         if self._channel is None:
             if self._opening is None:
                 self._opening = asyncio.ensure_future(self._open_channel())
-            self._channel = await asyncio.shield(self._opening)
+            opening = self._opening
+            try:
+                channel = await asyncio.shield(opening)
+            except Exception:
+                if self._opening is opening:
+                    self._opening = None
+                raise
+            self._channel = channel
         return self._channel
 
     def unary_unary(self, method, *args, **kwargs):

@@ -252,6 +252,9 @@ class Client:
                     raise error from None
                 await asyncio.sleep(0.2)  # the coordinator went away: resume for the rest
                 _remaining(deadline)
+            except errors.Unavailable:
+                await asyncio.sleep(0.2)  # the channel did not open (a pinned CA not fetched): again
+                _remaining(deadline)
             finally:
                 call.cancel()
 

@@ -402,7 +402,7 @@ class _Core:
     async def _submit(self, batch: List[_Request]) -> None:
         try:
             ids = await self.client.submit_many([r.spec for r in batch])
-        except errors.WeftError as e:
+        except Exception as e:  # noqa: BLE001 - any failure (a channel that did not open too) is the futures'
             for request in batch:
                 request.batch = None
                 _settle(request.future, error=e)
@@ -433,7 +433,7 @@ class _Core:
                 else:
                     value, error = _outcome(request, Task.from_pb(record))
                 _settle(request.future, value, error)
-        except errors.WeftError as e:
+        except Exception as e:  # noqa: BLE001 - whatever ends the wait is the error of the futures left
             for request in by_id.values():
                 _settle(request.future, error=e)
 
@@ -454,9 +454,16 @@ class _Core:
                 log.warning("cancelling task %s: %s", task_id, e)
 
     async def close(self, cancel_grace: float = 10.0) -> None:
-        """Lets the cancels in flight end (up to ``cancel_grace``), stops everything, closes the client."""
+        """Lets the Submits and then the cancels in flight end (up to ``cancel_grace`` in all),
+        stops everything, closes the client."""
+        end = self.loop.time() + cancel_grace
+        if self.submitting:
+            # A Submit abandoned here may be committed all the same, its tasks then running
+            # with nobody to cancel them: once it answers, it cancels the tasks of the
+            # futures cancelled meanwhile (shutdown(cancel_futures=True)).
+            await asyncio.wait(list(self.submitting), timeout=cancel_grace)
         if self.cancelling:
-            await asyncio.wait(list(self.cancelling), timeout=cancel_grace)
+            await asyncio.wait(list(self.cancelling), timeout=max(0.0, end - self.loop.time()))
         self.pump.cancel()
         for task in list(self.tasks):
             task.cancel()

@@ -706,7 +706,12 @@ class Attempts:
         try:
             if kind == "call":
                 output = await self._run_call(attempt)
-                self.finish(attempt, SUCCEEDED, output=output)
+                if attempt.stop_reason is not None:
+                    # A handler that swallowed its cancel and returned: it
+                    # was stopped (cancelled, timed out), not successful.
+                    self._report_stopped(attempt)
+                else:
+                    self.finish(attempt, SUCCEEDED, output=output)
             elif kind == "exec":
                 await self._run_exec(attempt)
             else:
