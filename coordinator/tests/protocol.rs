@@ -405,6 +405,41 @@ async fn bad_requests_get_the_right_codes() {
     c.shutdown(DEADLINE).await.unwrap();
 }
 
+#[tokio::test]
+async fn durations_past_any_clock_are_refused_and_the_coordinator_serves_on() {
+    let c = coordinator(CoordinatorConfig::default()).await;
+    // Connected, serving `noop` only: a call for another handler waits up
+    // to its schedule timeout for a node that serves it.
+    let _node = connect(c.url(), In::Register(register("n1", 1)))
+        .await
+        .unwrap();
+    let mut tasks = TaskServiceClient::new(channel(c.url()).await);
+    let huge = Some(prost_types::Duration {
+        seconds: i64::MAX,
+        nanos: 0,
+    });
+    let mut schedule_timeout = pb::TaskSpec::from(TaskSpec::call("nobody-serves-this", ""));
+    schedule_timeout.schedule_timeout = huge;
+    let mut timeout = pb::TaskSpec::from(TaskSpec::call("noop", ""));
+    timeout.timeout = huge;
+    for (spec, field) in [(schedule_timeout, "schedule_timeout"), (timeout, "timeout")] {
+        let err = tasks
+            .submit(pb::SubmitRequest { tasks: vec![spec] })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert!(err.message().contains(field), "{}", err.message());
+    }
+    let id = submit(&mut tasks, vec![TaskSpec::call("noop", "")])
+        .await
+        .remove(0);
+    assert_eq!(
+        get(&mut tasks, &id).await.state,
+        i32::from(TaskState::Queued)
+    );
+    c.shutdown(DEADLINE).await.unwrap();
+}
+
 /// A coordinator, a node of 4 slots that was assigned `n` calls of
 /// `input`, and the ids; task `done` has finished (and its record says
 /// so): what the `WaitMany` tests start from.

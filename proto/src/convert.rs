@@ -56,7 +56,13 @@ pub fn duration_to_pb(d: Duration) -> prost_types::Duration {
     }
 }
 
-/// A protobuf duration as a `std` one; negative or malformed durations are refused.
+/// The longest duration any field takes: 100 years (of 365.25 days). No
+/// timeout, grace or lifetime needs more, and every one of them can be
+/// added to a clock's reading without overflowing it.
+pub const MAX_DURATION_SECS: i64 = 100 * 31_557_600;
+
+/// A protobuf duration as a `std` one; negative or malformed durations, and
+/// those over [`MAX_DURATION_SECS`], are refused.
 pub fn duration_from_pb(
     field: &'static str,
     d: &prost_types::Duration,
@@ -67,6 +73,15 @@ pub fn duration_from_pb(
             reason: format!(
                 "negative or malformed duration {}s {}ns",
                 d.seconds, d.nanos
+            ),
+        });
+    }
+    if d.seconds > MAX_DURATION_SECS {
+        return Err(ConversionError::Invalid {
+            field,
+            reason: format!(
+                "{}s is longer than 100 years ({MAX_DURATION_SECS}s), the most any duration may be",
+                d.seconds
             ),
         });
     }
@@ -141,5 +156,22 @@ mod tests {
         assert!(duration_from_pb("timeout", &d).is_err());
         let back = duration_from_pb("timeout", &duration_to_pb(Duration::from_millis(1500)));
         assert_eq!(back.unwrap(), Duration::from_millis(1500));
+    }
+
+    #[test]
+    fn a_duration_past_a_hundred_years_is_refused_naming_its_field() {
+        let secs = |seconds| prost_types::Duration {
+            seconds,
+            nanos: 999_999_999,
+        };
+        let longest = duration_from_pb("ttl", &secs(MAX_DURATION_SECS)).expect("100 years");
+        assert!(std::time::Instant::now().checked_add(longest).is_some());
+        for seconds in [MAX_DURATION_SECS + 1, i64::MAX] {
+            let err = duration_from_pb("ttl", &secs(seconds)).expect_err("refused");
+            assert!(
+                err.to_string().contains("ttl") && err.to_string().contains("100 years"),
+                "{err}"
+            );
+        }
     }
 }

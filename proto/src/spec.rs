@@ -785,6 +785,32 @@ mod tests {
     }
 
     #[test]
+    fn a_timeout_or_schedule_timeout_past_a_hundred_years_is_refused() {
+        let huge = Some(prost_types::Duration {
+            seconds: i64::MAX,
+            nanos: 0,
+        });
+        let call = Some(pb::task_spec::Kind::Call(pb::CallSpec {
+            handler: "noop".into(),
+            input: Default::default(),
+        }));
+        let timeout = pb::TaskSpec {
+            kind: call.clone(),
+            timeout: huge,
+            ..Default::default()
+        };
+        let schedule_timeout = pb::TaskSpec {
+            kind: call,
+            schedule_timeout: huge,
+            ..Default::default()
+        };
+        for (spec, field) in [(timeout, "timeout"), (schedule_timeout, "schedule_timeout")] {
+            let err = TaskSpec::try_from(spec).expect_err("refused");
+            assert!(err.to_string().contains(field), "{err}");
+        }
+    }
+
+    #[test]
     fn spec_round_trips_through_the_wire_form() {
         let spec = TaskSpec::exec(["sh", "-c", "echo hi"])
             .slots(2)
