@@ -8,6 +8,7 @@
 
 use bytes::Bytes;
 
+use weft_proto::limits::MAX_OUTPUT_CHUNK;
 use weft_proto::{Attempt, NodeId, Outcome, TaskId, TaskState};
 
 use super::registry::SessionId;
@@ -123,6 +124,22 @@ impl Scheduler {
                 }
                 task.set_next_chunk(seq + 1);
                 let chunk = Some(seq);
+                // A chunk over the size readers plan for (a worker may send
+                // up to a whole message) is stored as several events of
+                // its number, so every event a watch reads is bounded.
+                let mut data = data;
+                while data.len() > MAX_OUTPUT_CHUNK {
+                    let piece = data.split_to(MAX_OUTPUT_CHUNK);
+                    self.emit(
+                        id,
+                        EventBody::Output {
+                            stream,
+                            data: piece,
+                            chunk,
+                        },
+                        now.wall,
+                    );
+                }
                 self.emit(
                     id,
                     EventBody::Output {

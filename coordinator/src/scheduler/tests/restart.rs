@@ -208,3 +208,69 @@ fn a_cancel_of_a_running_task_survives_a_restart() {
         (TaskState::Cancelled, Attempt(1))
     );
 }
+
+#[test]
+fn a_chunk_larger_than_readers_plan_for_is_stored_in_pieces_of_its_number() {
+    let (mut h, first, ids) = one_running_one_queued();
+    let max = weft_proto::limits::MAX_OUTPUT_CHUNK;
+    let big: Vec<u8> = (0..3 * max + 10).map(|n| (n % 251) as u8).collect();
+    h.event(
+        S1,
+        ids[0],
+        1,
+        NodeEventBody::Output {
+            stream: OutputStream::Stdout,
+            data: Bytes::from(big.clone()),
+            seq: 0,
+        },
+    );
+    h.effects();
+    let pieces = |h: &Harness| -> Vec<(usize, Option<u64>)> {
+        h.events(ids[0])
+            .iter()
+            .filter_map(|e| match &e.body {
+                EventBody::Output { data, chunk, .. } => Some((data.len(), *chunk)),
+                _ => None,
+            })
+            .collect()
+    };
+    assert_eq!(
+        pieces(&h),
+        [
+            (max, Some(0)),
+            (max, Some(0)),
+            (max, Some(0)),
+            (10, Some(0))
+        ]
+    );
+    let stored: Vec<u8> = h
+        .events(ids[0])
+        .iter()
+        .filter_map(|e| match &e.body {
+            EventBody::Output { data, .. } => Some(data.to_vec()),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    assert_eq!(stored, big, "every byte, in order");
+    // After a restart the node sends the chunk again, then the next: the
+    // big one is known by its number and not stored twice.
+    let mut h = h.restart(Duration::from_secs(1));
+    let mut again = first;
+    again.running = vec![(ids[0], Attempt(1))];
+    h.node(S2, again, 0);
+    h.event(
+        S2,
+        ids[0],
+        1,
+        NodeEventBody::Output {
+            stream: OutputStream::Stdout,
+            data: Bytes::from(big),
+            seq: 0,
+        },
+    );
+    h.event(S2, ids[0], 1, line(1));
+    h.effects();
+    assert_eq!(pieces(&h).len(), 5);
+    assert_eq!(h.s.stats().output_chunks_missed, 0);
+}
