@@ -137,17 +137,24 @@ pub(crate) async fn run(
                     let _ = control.pgid.set(pgid);
                 })
                 .await;
+                // Only a process that ended on its own left a result: a
+                // stopped one (timed out, cancelled, drained) reports why
+                // it was stopped, whatever is in `$WEFT_OUTPUT`.
+                let ended = matches!(end, ExecEnd::Exited(_) | ExecEnd::Signaled(_));
                 let mut done = exec_finished(end, control)?;
-                // Bounded by the largest message a coordinator takes; the
-                // outbox fails a result too large for the one it has.
-                let limit = weft_proto::limits::max_spec_bytes(
-                    weft_proto::limits::MAX_MESSAGE_BYTES_CEILING,
-                );
-                match dir.read_output(limit) {
-                    Ok(output) => done.output = output,
-                    Err(error) => {
-                        done.outcome = Outcome::Failed;
-                        done.error = error;
+                if ended {
+                    // Bounded by the largest message a coordinator takes;
+                    // the outbox fails a result too large for the one it
+                    // has.
+                    let limit = weft_proto::limits::max_spec_bytes(
+                        weft_proto::limits::MAX_MESSAGE_BYTES_CEILING,
+                    );
+                    match dir.read_output(limit).await {
+                        Ok(output) => done.output = output,
+                        Err(error) => {
+                            done.outcome = Outcome::Failed;
+                            done.error = error;
+                        }
                     }
                 }
                 Some(done)
@@ -155,10 +162,14 @@ pub(crate) async fn run(
             TaskKind::Call(call) => run_call(call, spec, parents, emit, control, handlers).await,
         }
     };
-    match spec.timeout {
+    // A timeout too large to add to the clock (i64::MAX seconds is a
+    // valid spec) is no deadline at all.
+    let deadline = spec
+        .timeout
+        .and_then(|limit| Some((limit, tokio::time::Instant::now().checked_add(limit)?)));
+    match deadline {
         None => work.await,
-        Some(limit) => {
-            let deadline = tokio::time::Instant::now() + limit;
+        Some((limit, deadline)) => {
             tokio::pin!(work);
             tokio::select! {
                 result = &mut work => {

@@ -29,6 +29,10 @@ use crate::handlers::ParentResult;
 /// Heartbeat settings used when `Registered` leaves them unset.
 const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
 const DEFAULT_HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The most either heartbeat setting is taken to be: far past any sane
+/// one, and small enough to add to the clock (a coordinator's mistake
+/// must not panic the node).
+const MAX_HEARTBEAT_SETTING: Duration = Duration::from_secs(24 * 3600);
 
 /// What `Registered` settles for the session.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -74,7 +78,7 @@ pub(crate) fn register(
 }
 
 /// Decodes `Registered`; unset (or zero) heartbeat settings take their
-/// defaults.
+/// defaults, and ones over a day are held to a day.
 pub(crate) fn registered(wire: pb::Registered) -> Result<Registered, Error> {
     let node_id = wire
         .node_id
@@ -102,6 +106,7 @@ fn heartbeat_setting(value: Option<&prost_types::Duration>, default: Duration) -
         .and_then(|d| duration_from_pb("heartbeat", d).ok())
         .filter(|d| !d.is_zero())
         .unwrap_or(default)
+        .min(MAX_HEARTBEAT_SETTING)
 }
 
 /// Decodes one assignment. Only an invalid task id fails (nothing can be
@@ -329,6 +334,42 @@ mod tests {
             }
         );
         assert!(registered(pb::Registered::default()).is_err());
+    }
+
+    /// Heartbeat settings past a day (a coordinator's mistake) are held to
+    /// a day, and none, however large, keeps the node from adding them to
+    /// its clock.
+    #[test]
+    fn registered_holds_huge_heartbeat_settings_to_a_day() {
+        let day = Duration::from_secs(24 * 3600);
+        let terms = |seconds| {
+            let setting = prost_types::Duration {
+                seconds,
+                nanos: 999_999_999,
+            };
+            registered(pb::Registered {
+                node_id: NodeId::new().to_string(),
+                heartbeat_interval: Some(setting),
+                heartbeat_timeout: Some(setting),
+                ..pb::Registered::default()
+            })
+            .unwrap()
+        };
+        let ten_years = terms(10 * 365 * 24 * 3600);
+        assert_eq!(
+            (ten_years.heartbeat_interval, ten_years.heartbeat_timeout),
+            (day, day)
+        );
+        let most = terms(i64::MAX);
+        assert!(most.heartbeat_interval <= day && most.heartbeat_timeout <= day);
+        let now = tokio::time::Instant::now();
+        let lease = crate::lease::Lease::new(None);
+        lease.begin(
+            ten_years.heartbeat_timeout,
+            ten_years.heartbeat_interval,
+            now,
+        );
+        assert_eq!(lease.next_check(now), now + day);
     }
 
     #[test]

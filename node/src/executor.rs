@@ -17,10 +17,12 @@
 //! races the lease's expiry is refused rather than started on a node the
 //! coordinator already gave up on.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::FutureExt as _;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -31,7 +33,7 @@ use weft_proto::{ExecPolicy, Outcome, TaskKind, TaskSpec};
 
 use crate::attempt::{self, Assignment, AttemptControl, StopReason};
 use crate::events::{AttemptKey, Emitter, EventTx, Finished};
-use crate::handlers::HandlerRegistry;
+use crate::handlers::{HandlerRegistry, panic_message};
 use crate::lease::{self, Lease};
 use crate::metrics::NodeMetrics;
 use crate::reaper::Reaper;
@@ -240,6 +242,21 @@ impl Executor {
     pub(crate) fn assign(&self, assignment: Assignment) {
         let Assignment { key, spec, parents } = assignment;
         let (task_id, attempt) = key;
+        // A repeat of an attempt held here is a duplicate whatever its
+        // spec: refusing it would report (and free the slots of) the
+        // attempt that runs.
+        {
+            let mut slots = self.slots();
+            if slots.holds(key) {
+                let wanted = spec
+                    .as_ref()
+                    .map_or_else(|invalid| invalid.slots, |spec| spec.slots);
+                slots.consume_window(wanted);
+                drop(slots);
+                warn!(%task_id, %attempt, "duplicate assignment; ignored");
+                return;
+            }
+        }
         let emit = Emitter::new(self.inner.events.clone(), task_id, attempt);
         let spec = match spec {
             Ok(spec) => spec,
@@ -336,9 +353,20 @@ impl Executor {
                 &inner.handlers,
                 inner.reaper.as_ref(),
             ));
-            let Some(done) = ran.await else {
-                debug!("attempt killed with the node; nothing reported");
-                return;
+            // A panic anywhere in the attempt still ends it: its group is
+            // killed and it reports a failure, which frees its slot.
+            let done = match AssertUnwindSafe(ran).catch_unwind().await {
+                Ok(Some(done)) => done,
+                Ok(None) => {
+                    debug!("attempt killed with the node; nothing reported");
+                    return;
+                }
+                Err(payload) => {
+                    control.kill_group();
+                    let error = format!("attempt panicked: {}", panic_message(payload));
+                    warn!(%error, "attempt panicked");
+                    attempt::finished(Outcome::Failed, None, Bytes::new(), error)
+                }
             };
             executor.record_run_time(began.elapsed());
             inner.metrics.attempt_finished(done.outcome);

@@ -164,8 +164,16 @@ impl Lease {
     /// do).
     pub(crate) fn next_check(&self, now: Instant) -> Instant {
         match *self.term() {
+            // Checked: a lease too long to add to the clock (`--lease`)
+            // is checked every interval only.
             Some(term) if !term.expired => {
-                (term.last_heard + term.length).min(now + term.check_every)
+                let periodic = now
+                    .checked_add(term.check_every)
+                    .unwrap_or(now + IDLE_CHECK);
+                match term.last_heard.checked_add(term.length) {
+                    Some(deadline) => deadline.min(periodic),
+                    None => periodic,
+                }
             }
             _ => now + IDLE_CHECK,
         }

@@ -11,10 +11,11 @@
 
 use std::fmt::Write as _;
 use std::io::Read as _;
-use std::os::unix::fs::DirBuilderExt as _;
+use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
+use nix::libc;
 
 use weft_proto::{Attempt, TaskId};
 
@@ -117,18 +118,37 @@ impl AttemptDir {
     }
 
     /// What the process left in `$WEFT_OUTPUT` (empty when it wrote
-    /// nothing), at most `limit` bytes; `Err` says why not.
-    pub(crate) fn read_output(&self, limit: usize) -> Result<Bytes, String> {
-        read_bounded(&self.output(), limit)
+    /// nothing), at most `limit` bytes; `Err` says why not. Read on a
+    /// blocking thread, never on the runtime's.
+    pub(crate) async fn read_output(&self, limit: usize) -> Result<Bytes, String> {
+        let path = self.output();
+        tokio::task::spawn_blocking(move || read_bounded(&path, limit))
+            .await
+            .unwrap_or_else(|err| Err(format!("reading ${OUTPUT_ENV}: {err}")))
     }
 }
 
+/// Reads the regular file at `path`, at most `limit` bytes. The task
+/// chose what is there: a FIFO (whose open would wait for a writer
+/// forever), a device or a link elsewhere is refused without being read.
 fn read_bounded(path: &Path, limit: usize) -> Result<Bytes, String> {
-    let file = match std::fs::File::open(path) {
+    let not_regular = || format!("${OUTPUT_ENV} is not a regular file");
+    let opened = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
+        .open(path);
+    let file = match opened {
         Ok(file) => file,
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(Bytes::new()),
+        // O_NOFOLLOW's answer for a symbolic link.
+        Err(err) if err.raw_os_error() == Some(libc::ELOOP) => return Err(not_regular()),
         Err(err) => return Err(format!("reading ${OUTPUT_ENV}: {err}")),
     };
+    match file.metadata() {
+        Ok(meta) if meta.is_file() => {}
+        Ok(_) => return Err(not_regular()),
+        Err(err) => return Err(format!("reading ${OUTPUT_ENV}: {err}")),
+    }
     let mut data = Vec::new();
     let cap = u64::try_from(limit).unwrap_or(u64::MAX).saturating_add(1);
     file.take(cap)
@@ -187,14 +207,40 @@ mod tests {
         assert!(!root.exists(), "removed with the attempt");
     }
 
-    #[test]
-    fn the_output_file_is_read_within_the_limit() {
+    #[tokio::test]
+    async fn the_output_file_is_read_within_the_limit() {
         let dir = AttemptDir::create(TaskId::new(), Attempt(1), &[]).expect("dir");
-        assert_eq!(dir.read_output(10).unwrap(), Bytes::new());
+        assert_eq!(dir.read_output(10).await.unwrap(), Bytes::new());
         std::fs::write(dir.output(), b"result").unwrap();
-        assert_eq!(&dir.read_output(10).unwrap()[..], b"result");
-        let err = dir.read_output(3).unwrap_err();
+        assert_eq!(&dir.read_output(10).await.unwrap()[..], b"result");
+        let err = dir.read_output(3).await.unwrap_err();
         assert!(err.contains("larger than 3 bytes"), "{err}");
+    }
+
+    /// Whatever the task left at `$WEFT_OUTPUT` instead of a file, reading
+    /// it answers at once: a FIFO with no writer is not waited on, and a
+    /// link to another file is not followed.
+    #[test]
+    fn an_output_that_is_not_a_regular_file_is_refused_at_once() {
+        let outside = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(outside.path(), b"not the task's").unwrap();
+        for what in ["a FIFO", "a directory", "a symbolic link"] {
+            let dir = AttemptDir::create(TaskId::new(), Attempt(1), &[]).expect("dir");
+            let path = dir.output();
+            match what {
+                "a FIFO" => {
+                    let made = std::process::Command::new("mkfifo")
+                        .arg(&path)
+                        .status()
+                        .unwrap();
+                    assert!(made.success());
+                }
+                "a directory" => std::fs::create_dir(&path).unwrap(),
+                _ => std::os::unix::fs::symlink(outside.path(), &path).unwrap(),
+            }
+            let err = read_bounded(&path, 1024).unwrap_err();
+            assert_eq!(err, "$WEFT_OUTPUT is not a regular file", "{what}");
+        }
     }
 
     #[test]

@@ -134,8 +134,27 @@ pub(crate) async fn run(
         reaper.watch(pid);
     }
     on_spawn(pid);
-    emit.started(pid).await;
+    // `Started` may wait on a full event channel (a slow or partitioned
+    // stream); a cancel (timeout, drain, lease expiry) must not.
+    tokio::select! {
+        biased;
+        () = cancel.cancelled() => {
+            stop(&mut child, pid, reaper).await;
+            return ExecEnd::Stopped;
+        }
+        _ = emit.started(pid) => {}
+    }
     supervise(&mut child, pid, spec, emit, cancel, reaper).await
+}
+
+/// Kills the group `pgid` led by `child`, reaps the child, and tells
+/// `reaper` the group is gone.
+async fn stop(child: &mut Child, pgid: u32, reaper: Option<&Reaper>) {
+    kill_group(pgid);
+    reap(child).await;
+    if let Some(reaper) = reaper {
+        reaper.forget(pgid);
+    }
 }
 
 async fn supervise(
@@ -165,11 +184,7 @@ async fn supervise(
         tokio::select! {
             biased;
             () = cancel.cancelled() => {
-                kill_group(pgid);
-                reap(child).await;
-                if let Some(reaper) = reaper {
-                    reaper.forget(pgid);
-                }
+                stop(child, pgid, reaper).await;
                 pipes.drain(emit, cancel).await;
                 return ExecEnd::Stopped;
             }
@@ -580,6 +595,36 @@ pub(crate) mod tests {
             .unwrap();
         assert_eq!(end, ExecEnd::Stopped);
         assert_gone_soon(grandchild).await;
+    }
+
+    /// Cancelling does not wait for `Started` to find room: with the event
+    /// channel full (a slow or partitioned stream), the child is still
+    /// killed at once.
+    #[tokio::test]
+    async fn cancel_stops_a_child_whose_started_waits_on_a_full_event_channel() {
+        let (tx, _rx) = tokio::sync::mpsc::channel(1);
+        let emit = Emitter::new(tx, TaskId::new(), Attempt::FIRST);
+        assert!(emit.progress(0.0, "fills the channel").await);
+        let cancel = CancellationToken::new();
+        let (pid_tx, pid_rx) = tokio::sync::oneshot::channel();
+        let task = {
+            let cancel = cancel.clone();
+            tokio::spawn(async move {
+                let s = spec(&["sleep", "100"]);
+                run(&s, (&SecretEnv::new(), None), &emit, &cancel, None, |pid| {
+                    let _ = pid_tx.send(pid);
+                })
+                .await
+            })
+        };
+        let pid = pid_rx.await.expect("the child started");
+        cancel.cancel();
+        let end = tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("cancel acts while Started waits")
+            .unwrap();
+        assert_eq!(end, ExecEnd::Stopped);
+        assert_gone_soon(pid).await;
     }
 
     #[tokio::test]

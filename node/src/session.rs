@@ -18,8 +18,9 @@
 //! Two things make that safe. The lease (`lease.rs`, watched by
 //! `lease_watchdog.rs`): a message read after the lease ran out is not
 //! acted on, and the session ends. And redelivery (`outbox/redelivery.rs`,
-//! `outbox/resend.rs`): `Finished` events and output chunks sent to a
-//! coordinator that then crashed are sent again after re-registering. This module decides nothing about slots or
+//! `outbox/resend.rs`): `Finished` events, and the `Started` and output
+//! chunks of listed attempts, sent to a coordinator that then crashed
+//! are sent again after re-registering. This module decides nothing about slots or
 //! attempts: it forwards to the executor.
 
 use std::sync::{Arc, OnceLock};
@@ -232,7 +233,8 @@ pub(crate) async fn run(
     // as finished here gets its result.
     let redeliver = ctx.outbox.redeliverable(now);
     let listed = ctx.outbox.listed(&redeliver);
-    // The output those attempts sent on earlier streams, sent again too.
+    // The Started and output those attempts sent on earlier streams, sent
+    // again too.
     let resend = ctx.outbox.resendable(&listed, now);
     let running = listed.len();
     let register = codec::register(

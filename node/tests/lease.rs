@@ -71,22 +71,26 @@ async fn attempt_keeps_running_across_a_coordinator_restart_within_the_lease() {
         }]
     );
     assert!(!process_is_gone(pid), "the same process still runs");
-    // What the first stream took is sent again first: the coordinator may
-    // have died before recording it (it drops a chunk it has, by seq).
+    // What the first stream took is sent again first, the attempt's
+    // Started (the same process's: sent again, not restarted) ahead of its
+    // output: the coordinator may have died before recording them (it
+    // ignores a Started of an attempt it has running, and drops a chunk it
+    // has, by seq).
     let Some(Outbound::Events(again)) = conn.next().await else {
-        panic!("expected the kept output first");
+        panic!("expected the kept Started and output first");
     };
-    let resent: Vec<(u64, String)> = again
+    let resent: Vec<String> = again
         .events
         .into_iter()
         .map(|event| match event.body {
+            Some(EventBody::Started(started)) => format!("started {}", started.pid),
             Some(EventBody::Output(chunk)) => {
-                (chunk.seq, String::from_utf8_lossy(&chunk.data).into_owned())
+                format!("{} {}", chunk.seq, String::from_utf8_lossy(&chunk.data))
             }
             other => panic!("unexpected {other:?}"),
         })
         .collect();
-    assert_eq!(resent, [(0, "before\n".to_owned())]);
+    assert_eq!(resent, [format!("started {pid}"), "0 before\n".to_owned()]);
     assert_eq!(conn.credits().await, 1, "the attempt still holds its slot");
     touch(&after);
     let (chunks, done) = output_until_finished(&mut conn, ids[0]).await;

@@ -41,6 +41,11 @@ async fn running_attempts_survive_a_reconnect_and_are_reported() {
             attempt: 1
         }]
     );
+    assert_eq!(
+        conn.started_again().await,
+        [(ids[0].to_string(), 0)],
+        "its Started is sent again: the coordinator may have lost it"
+    );
     assert_eq!(conn.credits().await, 1, "only the free slot is granted");
     assert_eq!(node.registered(WAIT).await, Some(second_id));
     let (_, done) = conn.until_finished(ids[0]).await;
@@ -261,6 +266,11 @@ async fn a_node_with_several_coordinators_moves_to_the_next_at_once_with_its_att
             attempt: 1
         }],
         "the running attempt is listed to the coordinator that took over"
+    );
+    assert_eq!(
+        conn.started_again().await,
+        [(ids[0].to_string(), 0)],
+        "and its Started is sent to it"
     );
     conn.credits().await;
     let (_, done) = conn.until_finished(ids[0]).await;

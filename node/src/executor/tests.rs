@@ -516,3 +516,102 @@ async fn lease_expiry_stops_running_attempts_and_refuses_new_ones() {
     assert!(done.error.starts_with("lease expired"), "{}", done.error);
     assert_eq!(executor.running(), 0);
 }
+
+/// A timeout too large to add to the clock means no deadline: the attempt
+/// runs, reports, and frees its slot. (The wire refuses such a timeout
+/// already; the executor does not count on it.)
+#[tokio::test]
+async fn a_timeout_too_large_for_the_clock_runs_without_a_deadline() {
+    let (executor, mut rx) = executor(1);
+    let key = (TaskId::new(), Attempt::FIRST);
+    let spec = TaskSpec::call("noop", "x").timeout(Duration::MAX);
+    executor.assign(Assignment {
+        key,
+        spec: Ok(Box::new(spec)),
+        parents: Arc::from([]),
+    });
+    let (seen, done) = until_finished(&executor, &mut rx, key).await;
+    assert!(matches!(seen[0].body, Body::Started { .. }), "{seen:?}");
+    assert_eq!(outcome(&done), Outcome::Succeeded, "{}", done.error);
+    assert_eq!(executor.running(), 0, "the slot is free");
+}
+
+/// A task that makes `$WEFT_OUTPUT` a FIFO (or anything but a file) fails
+/// saying so; reading it never blocks the node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_output_that_is_not_a_regular_file_fails_the_attempt_without_blocking() {
+    let (executor, mut rx) = executor(1);
+    let (wire, key) = assignment(TaskSpec::exec(["sh", "-c", r#"mkfifo "$WEFT_OUTPUT""#]));
+    executor.assign(wire);
+    let (_, done) = until_finished(&executor, &mut rx, key).await;
+    assert_eq!(outcome(&done), Outcome::Failed);
+    assert!(
+        done.error.contains("$WEFT_OUTPUT is not a regular file"),
+        "{}",
+        done.error
+    );
+    assert_eq!(executor.running(), 0);
+}
+
+/// A stopped attempt's `$WEFT_OUTPUT` is not read: what is there cannot
+/// turn a timeout (retried as such) into a failure.
+#[tokio::test]
+async fn a_timed_out_exec_task_is_timed_out_whatever_its_output_file_is() {
+    let (executor, mut rx) = executor(1);
+    let spec = TaskSpec::exec(["sh", "-c", r#"mkdir "$WEFT_OUTPUT"; sleep 100"#])
+        .timeout(Duration::from_millis(200));
+    let (wire, key) = assignment(spec);
+    executor.assign(wire);
+    let (_, done) = until_finished(&executor, &mut rx, key).await;
+    assert_eq!(outcome(&done), Outcome::TimedOut, "{}", done.error);
+    assert!(done.output.is_empty());
+}
+
+/// An `Assign` repeating an attempt the node holds is a duplicate even
+/// when it could not start (no spec, or refused by the exec policy): the
+/// running attempt keeps its slot and reports nothing for it.
+#[tokio::test]
+async fn a_repeated_assignment_that_cannot_start_leaves_the_running_attempt_alone() {
+    for policy in [ExecPolicy::Allow, ExecPolicy::Deny] {
+        let (executor, mut rx) = executor(2);
+        let executor = executor.with_exec(policy);
+        let (wire, key) = assignment(TaskSpec::call("sleep", "1h"));
+        let task_id = key.0.to_string();
+        executor.assign(wire);
+        let repeats = [
+            pb::Assignment {
+                task_id: task_id.clone(),
+                attempt: 1,
+                spec: None,
+                trace: None,
+                parents: Vec::new(),
+            },
+            pb::Assignment {
+                task_id,
+                attempt: 1,
+                spec: Some(TaskSpec::exec(["true"]).into()),
+                trace: None,
+                parents: Vec::new(),
+            },
+        ];
+        for repeat in repeats {
+            executor.assign(decoded(repeat));
+        }
+        assert_eq!(executor.running(), 1);
+        // A later assignment's events come after anything reported for
+        // the repeats: none is the running attempt's Finished.
+        let (later, later_key) = assignment(TaskSpec::call("noop", ""));
+        executor.assign(later);
+        let (seen, done) = until_finished(&executor, &mut rx, later_key).await;
+        assert_eq!(outcome(&done), Outcome::Succeeded);
+        assert!(
+            seen.iter().all(|e| !(e.key() == key && e.is_finished())),
+            "{seen:?}"
+        );
+        assert_eq!(executor.running(), 1, "still running");
+        assert!(executor.holds(key));
+        executor.cancel(key, String::new());
+        let (_, done) = until_finished(&executor, &mut rx, key).await;
+        assert_eq!(outcome(&done), Outcome::Cancelled);
+    }
+}

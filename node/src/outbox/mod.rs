@@ -2,15 +2,16 @@
 //! channel into `TaskEvents` batches, the unsent buffer (events whose batch
 //! the broken stream did not take), the redelivery window
 //! ([`redelivery`]: sent `Finished` events kept to send again after a
-//! reconnect), the sent output ([`resend`]: output chunks kept to send
-//! again after a reconnect), and credit grants.
+//! reconnect), the sent output ([`resend`]: `Started` events and output
+//! chunks kept to send again after a reconnect), and credit grants.
 //!
 //! Two orders are kept here. Within a session, an attempt's slots are
 //! released when its `Finished` is put in a batch, so the `Credits` that
 //! follow come after the `Finished` they answer. After `Registered`,
-//! [`Outbox::resume`] sends the kept output first (an attempt's chunks
-//! before its result), then the redelivered results, then what the last
-//! stream broke on, then the free credits.
+//! [`Outbox::resume`] sends the kept `Started` and output first (an
+//! attempt's `Started`, then its chunks, before its result), then the
+//! redelivered results, then what the last stream broke on, then the free
+//! credits.
 //!
 //! The session owns the stream and decides when to send; this module does
 //! not dial, read, or know about heartbeats and the lease. It holds events
@@ -135,9 +136,12 @@ impl Outbox {
         self.sent_output().forget(key);
     }
 
-    /// The output chunks to send again after the next `Registered`, as of
-    /// `now`: those kept of the attempts `listed` in `Register` (sorted),
-    /// each attempt's in seq order. The coordinator drops the ones it has.
+    /// The `Started` events and output chunks to send again after the
+    /// next `Registered`, as of `now`: those kept of the attempts `listed`
+    /// in `Register` (sorted), each attempt's `Started` (while its result
+    /// is unsent), then its chunks in seq order. The coordinator ignores a
+    /// `Started` of an attempt it has running, and drops the chunks it
+    /// has.
     pub(crate) fn resendable(&self, listed: &[AttemptKey], now: Instant) -> Vec<Event> {
         self.sent_output().resend(listed, now)
     }
@@ -165,13 +169,14 @@ impl Outbox {
         running
     }
 
-    /// Right after `Registered`, in this order: the output chunks sent on
-    /// an earlier stream (`resend`: the coordinator may have died before
-    /// recording them; each before its attempt's result and newer output),
-    /// the results of an earlier session (`redeliver`: listed attempts that
-    /// no longer run stop counting against the slots once their `Finished`
-    /// is in), then what the last stream broke on (before anything newer),
-    /// then the free slots as credits.
+    /// Right after `Registered`, in this order: the `Started` and output
+    /// chunks sent on an earlier stream (`resend`: the coordinator may have
+    /// died before recording them, or the stream broke with them; each
+    /// attempt's `Started` first, then its chunks, before its result and
+    /// newer output), the results of an earlier session (`redeliver`:
+    /// listed attempts that no longer run stop counting against the slots
+    /// once their `Finished` is in), then what the last stream broke on
+    /// (before anything newer), then the free slots as credits.
     pub(crate) async fn resume(
         &self,
         out: &Out,
@@ -237,7 +242,7 @@ impl Outbox {
             let mut sent_finished = Vec::new();
             let mut sent_output = Vec::new();
             for event in &chunk {
-                if let EventBody::Output { .. } = event.body {
+                if let EventBody::Started { .. } | EventBody::Output { .. } = event.body {
                     // A clone shares the bytes.
                     sent_output.push(event.clone());
                 }
@@ -320,7 +325,8 @@ async fn send_again(out: &Out, events: Vec<Event>) -> Result<(), Error> {
 /// `event` as it may be sent to a coordinator taking messages of `limit`
 /// bytes: its texts cut to `limits::MAX_NODE_TEXT_BYTES` (what the
 /// coordinator stores of them), and a `Finished` whose output would not
-/// fit even alone in a message replaced by a failure that says so. Output
+/// fit even alone in a message sent without it: a success as a failure
+/// that says so, any other outcome as it is. Output
 /// chunks are small already (`Emitter::output` splits them).
 fn fit(mut event: Event, limit: usize) -> Event {
     match &mut event.body {
@@ -330,11 +336,16 @@ fn fit(mut event: Event, limit: usize) -> Event {
             // Ids, tags and lengths around the payload take far less than
             // the envelope reserve; counted, not encoded (no copy).
             if done.output.len() + done.error.len() > limits::max_spec_bytes(limit) {
-                done.error = format!(
-                    "the result is {} bytes; the coordinator takes at most {limit} in one message (--max-message-size)",
-                    done.output.len()
-                );
-                done.outcome = Outcome::Failed;
+                // Only a success is turned into a failure: any other
+                // outcome (a timeout is retried as one) keeps its own,
+                // without the output.
+                if done.outcome == Outcome::Succeeded {
+                    done.error = format!(
+                        "the result is {} bytes; the coordinator takes at most {limit} in one message (--max-message-size)",
+                        done.output.len()
+                    );
+                    done.outcome = Outcome::Failed;
+                }
                 done.output = bytes::Bytes::new();
             }
         }
@@ -455,5 +466,27 @@ mod tests {
         assert_eq!(done.outcome, Outcome::Succeeded);
         assert!(done.error.len() <= limits::MAX_NODE_TEXT_BYTES);
         assert!(done.error.ends_with(limits::TRUNCATED_MARKER));
+    }
+
+    /// Only a success turns into a failure for its size: a timeout or a
+    /// cancel keeps its outcome (a timeout is retried as one), without
+    /// the output.
+    #[test]
+    fn a_result_too_large_that_did_not_succeed_keeps_its_outcome_without_the_output() {
+        let limit = limits::MIN_MAX_MESSAGE_BYTES;
+        for outcome in [Outcome::TimedOut, Outcome::Cancelled, Outcome::Failed] {
+            let mut event = finished(limit, 0);
+            if let EventBody::Finished(done) = &mut event.body {
+                done.outcome = outcome;
+                done.error = "timed out after 1s".into();
+            }
+            let EventBody::Finished(done) = fit(event, limit).body else {
+                panic!("not finished");
+            };
+            assert_eq!(
+                (done.outcome, done.output.len(), done.error.as_str()),
+                (outcome, 0, "timed out after 1s")
+            );
+        }
     }
 }

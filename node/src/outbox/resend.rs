@@ -1,5 +1,5 @@
-//! Output chunks kept after they were sent, to send again after a
-//! reconnect.
+//! `Started` events and output chunks kept after they were sent, to send
+//! again after a reconnect.
 //!
 //! A coordinator may crash after reading a chunk and before recording it;
 //! nobody acknowledged it, so without this it is lost for good (`weft
@@ -10,8 +10,17 @@
 //! coordinator drops a chunk whose seq it already has (it restores the
 //! next seq it expects from its store), so this repeats nothing.
 //!
-//! Bounded in bytes ([`MAX_KEPT_BYTES`] per node): past it the oldest
-//! chunks go first, with a warning once per attempt (the coordinator then
+//! The same goes for an attempt's `Started`, kept until its `Finished` is
+//! sent and sent again first of all its events: one lost with a broken
+//! stream (or with a coordinator that died before recording it) leaves
+//! the attempt waiting to start there, and taken back after the start
+//! timeout from a node that runs it. A coordinator that has the attempt
+//! running already ignores the repeat. Only a `Started` that was sent is
+//! kept, so one still waiting to be sent is never sent twice.
+//!
+//! Bounded in bytes ([`MAX_KEPT_BYTES`] per node, counting output only;
+//! a `Started` is never dropped for room): past it the oldest chunks go
+//! first, with a warning once per attempt (the coordinator then
 //! counts a gap if it missed them). An attempt the coordinator cancelled,
 //! or not listed in the next `Register`, is forgotten. Plain state with
 //! `now` passed in: no timers, no locks, no I/O; the outbox sends.
@@ -48,6 +57,8 @@ pub(crate) struct SentOutput {
 
 #[derive(Debug, Default)]
 struct Kept {
+    /// The attempt's `Started`, until its `Finished` is sent.
+    started: Option<Event>,
     /// `(number, chunk)` in seq order.
     chunks: VecDeque<(u64, Event)>,
     /// Older chunks were dropped past the byte bound (warned once).
@@ -73,10 +84,16 @@ impl SentOutput {
         }
     }
 
-    /// Keeps `event` if it is an output chunk (it was just sent).
+    /// Keeps `event` if it is a `Started` or an output chunk (it was just
+    /// sent).
     pub(crate) fn record(&mut self, event: &Event) {
-        let EventBody::Output { data, .. } = &event.body else {
-            return;
+        let data = match &event.body {
+            EventBody::Output { data, .. } => data,
+            EventBody::Started { .. } => {
+                self.attempts.entry(event.key()).or_default().started = Some(event.clone());
+                return;
+            }
+            EventBody::Progress { .. } | EventBody::Finished(_) => return,
         };
         let number = self.next_number;
         self.next_number += 1;
@@ -105,10 +122,16 @@ impl SentOutput {
     }
 
     /// The `Finished` of `key` was sent at `now`: its chunks stay for the
-    /// window, like the result.
+    /// window, like the result; its `Started` goes (sent again after the
+    /// result, it would name an attempt the coordinator has ended).
     pub(crate) fn finished(&mut self, key: AttemptKey, now: Instant) {
-        if self.attempts.contains_key(&key) {
-            self.finished.push_back((now, key));
+        if let Some(kept) = self.attempts.get_mut(&key) {
+            kept.started = None;
+            if kept.chunks.is_empty() {
+                self.forget(key);
+            } else {
+                self.finished.push_back((now, key));
+            }
         }
         self.prune(now);
     }
@@ -129,9 +152,10 @@ impl SentOutput {
         }
     }
 
-    /// The chunks to send again on a new session, at `now`: only those of
+    /// The events to send again on a new session, at `now`: only those of
     /// `listed` (the attempts the new `Register` lists; the rest are
-    /// forgotten), each attempt's in seq order.
+    /// forgotten), attempt by attempt: its `Started`, then its chunks in
+    /// seq order.
     pub(crate) fn resend(&mut self, listed: &[AttemptKey], now: Instant) -> Vec<Event> {
         self.prune(now);
         let stale: Vec<AttemptKey> = self
@@ -146,7 +170,11 @@ impl SentOutput {
         let mut keys: Vec<&AttemptKey> = self.attempts.keys().collect();
         keys.sort_unstable();
         keys.into_iter()
-            .flat_map(|key| self.attempts[key].chunks.iter().map(|(_, e)| e.clone()))
+            .flat_map(|key| {
+                let kept = &self.attempts[key];
+                let chunks = kept.chunks.iter().map(|(_, e)| e);
+                kept.started.iter().chain(chunks).cloned()
+            })
             .collect()
     }
 
@@ -293,6 +321,39 @@ mod tests {
         assert!(kept.order.len() <= 2 * kept.count + 64 + 1);
         assert_eq!((kept.count, kept.bytes()), (1, 4));
         assert_eq!(seqs(&kept.resend(&[long], Instant::now())), [(long, 0)]);
+    }
+
+    fn started(key: AttemptKey, pid: u32) -> Event {
+        Event {
+            task_id: key.0,
+            attempt: key.1,
+            body: EventBody::Started { pid },
+        }
+    }
+
+    #[test]
+    fn a_sent_started_goes_first_of_its_attempt_until_its_result_is_sent() {
+        let (a, b) = ((TaskId::new(), Attempt(1)), (TaskId::new(), Attempt(1)));
+        let mut kept = SentOutput::with_limit(60 * SECOND, 4);
+        let t0 = Instant::now();
+        kept.record(&started(a, 7));
+        kept.record(&chunk(a, 0, "aaaa"));
+        kept.record(&started(b, 8));
+        kept.record(&chunk(a, 1, "aaaa"));
+        let listed = sorted(vec![a, b]);
+        let again = kept.resend(&listed, t0);
+        let of_a: Vec<_> = again.iter().filter(|e| e.key() == a).collect();
+        assert_eq!(
+            of_a,
+            [&started(a, 7), &chunk(a, 1, "aaaa")],
+            "first, and never dropped for room"
+        );
+        assert!(again.contains(&started(b, 8)));
+        // Once its result is sent, only its chunks are kept (for the
+        // window); an attempt with none is forgotten.
+        kept.finished(a, t0);
+        kept.finished(b, t0);
+        assert_eq!(kept.resend(&listed, t0), [chunk(a, 1, "aaaa")]);
     }
 
     #[test]

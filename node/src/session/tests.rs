@@ -266,6 +266,7 @@ fn sent(messages: Vec<pb::NodeMessage>) -> Vec<String> {
                     let what = match event.body {
                         Some(Body::Output(chunk)) => format!("chunk {}", chunk.seq),
                         Some(Body::Finished(_)) => "finished".to_owned(),
+                        Some(Body::Started(_)) => "started".to_owned(),
                         other => format!("{other:?}"),
                     };
                     out.push(format!("{} {what}", &event.task_id[20..]));
@@ -349,4 +350,50 @@ async fn output_sent_on_a_broken_stream_is_sent_again_in_order_before_results_an
     let again = ctx.outbox.resendable(&listed, later);
     assert_eq!(again.len(), 4, "the running attempt's chunks 0..=3 only");
     assert!(again.iter().all(|e| e.task_id == running));
+}
+
+/// A `Started` lost with a broken stream (or read by a coordinator that
+/// died before recording it) is sent again after re-registering, ahead of
+/// the attempt's other events: a coordinator still waiting for it would
+/// otherwise take back an attempt that runs.
+#[tokio::test(start_paused = true)]
+async fn a_running_attempts_started_is_sent_again_first_in_the_next_session() {
+    let (ctx, mut rx) = node_ctx(
+        NodeConfig::new("http://unused"),
+        HandlerRegistry::with_builtins(),
+    );
+    let running = running_one(&ctx);
+    let started = rx.recv().await.expect("the attempt starts");
+    assert_eq!(
+        (started.task_id, &started.body),
+        (running, &EventBody::Started { pid: 0 })
+    );
+    // Sent on the first stream; the coordinator read it, then died.
+    let (out, mut out_rx) = mpsc::channel(16);
+    let first = vec![started, chunk_event(running, 0)];
+    ctx.outbox.send_events(&out, first).await.unwrap();
+    while out_rx.try_recv().is_ok() {}
+    drop(out_rx);
+
+    // The next session, as `run` and `connected` do it.
+    let now = Instant::now();
+    let redeliver = ctx.outbox.redeliverable(now);
+    let listed = ctx.outbox.listed(&redeliver);
+    let resend = ctx.outbox.resendable(&listed, now);
+    let (out, mut out_rx) = mpsc::channel(16);
+    ctx.outbox.resume(&out, resend, redeliver).await.unwrap();
+    drop(out);
+    let mut messages = Vec::new();
+    while let Some(message) = out_rx.recv().await {
+        messages.push(message);
+    }
+    let r = &running.to_string()[20..];
+    assert_eq!(
+        sent(messages),
+        [
+            format!("{r} started"),
+            format!("{r} chunk 0"),
+            "credits".to_owned()
+        ]
+    );
 }

@@ -189,6 +189,22 @@ impl Conn {
         (register, node_id)
     }
 
+    /// The `Started` a node sends again right after `Registered`, one per
+    /// listed attempt that runs: `(task id, pid)` in order.
+    pub async fn started_again(&mut self) -> Vec<(String, u32)> {
+        let Some(Outbound::Events(batch)) = self.next().await else {
+            panic!("expected the Started of the running attempts");
+        };
+        batch
+            .events
+            .into_iter()
+            .map(|event| match event.body {
+                Some(EventBody::Started(started)) => (event.task_id, started.pid),
+                other => panic!("expected Started, got {other:?}"),
+            })
+            .collect()
+    }
+
     pub async fn credits(&mut self) -> u32 {
         match self.next().await {
             Some(Outbound::Credits(credits)) => credits.grant,
