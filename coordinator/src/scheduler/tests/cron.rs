@@ -624,3 +624,112 @@ fn woken_late_past_many_fire_times_with_catch_up_all_fires_the_latest_ones() {
         Some("tick@1970-01-01T00:35:00Z")
     );
 }
+
+/// A Paris schedule `name` firing at `cron`, tasks queued on overlap.
+fn in_paris(h: &mut Harness, name: &str, cron: &str, catch_up: pb::CatchUp) {
+    let parsed = parse(pb::ScheduleSpec {
+        time_zone: "Europe/Paris".into(),
+        ..spec(name, cron, pb::OverlapPolicy::Queue, catch_up)
+    })
+    .expect("parses");
+    h.s.create_schedule(parsed, h.now).expect("created");
+    h.effects();
+}
+
+fn utc(text: &str) -> SystemTime {
+    humantime::parse_rfc3339(text).expect("an RFC 3339 time")
+}
+
+/// Moves the harness's clocks on to `text` (ticking once) and takes the
+/// effects.
+fn until(h: &mut Harness, text: &str) {
+    let by = utc(text).duration_since(h.now.wall).expect("forward");
+    h.advance(by);
+    h.effects();
+}
+
+/// A coordinator down from now until `text`; the restart's first tick.
+fn restarted_at(h: &Harness, text: &str) -> Harness {
+    let down = utc(text).duration_since(h.now.wall).expect("forward");
+    let mut h = h.restart(down);
+    h.s.tick(h.now);
+    h.effects();
+    h
+}
+
+#[test]
+fn a_time_in_the_spring_forward_gap_fires_once_after_it_even_if_restarted_just_before() {
+    // 2027-03-28 in Paris: 02:00 CET became 03:00 CEST, so there was no
+    // 02:30; it fires at 03:00 CEST (01:00 UTC).
+    let mut h = Harness::new();
+    h.now.wall = utc("2027-03-27T01:00:00Z");
+    in_paris(&mut h, "nightly", "30 2 * * *", pb::CatchUp::One);
+    until(&mut h, "2027-03-27T01:30:00.5Z");
+    // Down for the day, back half a second before the gap ends.
+    let mut h = restarted_at(&h, "2027-03-28T00:59:59.5Z");
+    until(&mut h, "2027-03-28T01:00:00.5Z");
+    until(&mut h, "2027-03-28T03:00:00Z");
+    until(&mut h, "2027-03-29T00:30:00.5Z");
+    assert_eq!(
+        fire_names(&h),
+        [
+            "nightly@2027-03-27T01:30:00Z",
+            "nightly@2027-03-28T01:00:00Z",
+            "nightly@2027-03-29T00:30:00Z"
+        ]
+    );
+}
+
+#[test]
+fn a_restart_in_the_repeated_hour_with_catch_up_none_fires_nothing_it_missed() {
+    // 2027-10-31 in Paris: 03:00 CEST became 02:00 CET; 02:30 came twice,
+    // at 00:30 and 01:30 UTC. A fixed time fires at the first.
+    let mut h = Harness::new();
+    h.now.wall = utc("2027-10-30T00:00:00Z");
+    in_paris(&mut h, "nightly", "30 2 * * *", pb::CatchUp::None);
+    until(&mut h, "2027-10-30T00:30:00.5Z");
+    // Down over the first 02:30, back in the repeated hour.
+    let mut h = restarted_at(&h, "2027-10-31T01:10:00Z");
+    until(&mut h, "2027-10-31T01:30:00.5Z");
+    until(&mut h, "2027-10-31T12:00:00Z");
+    until(&mut h, "2027-11-01T01:30:00.5Z");
+    assert_eq!(
+        fire_names(&h),
+        [
+            "nightly@2027-10-30T00:30:00Z",
+            "nightly@2027-11-01T01:30:00Z"
+        ]
+    );
+}
+
+#[test]
+fn a_schedule_every_half_hour_fires_every_half_hour_through_the_repeated_hour_once_each() {
+    let mut h = Harness::new();
+    h.now.wall = utc("2027-10-30T23:50:00Z");
+    in_paris(&mut h, "often", "*/30 * * * *", pb::CatchUp::All);
+    for (n, text) in [
+        "2027-10-31T00:00:00.5Z",
+        "2027-10-31T00:30:00.5Z",
+        "2027-10-31T01:00:00.5Z",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        until(&mut h, text);
+        assert_eq!(fired(&h).len(), n + 1, "{text}");
+    }
+    // A restart in the repeated hour neither fires again nor skips.
+    let mut h = restarted_at(&h, "2027-10-31T01:10:00Z");
+    until(&mut h, "2027-10-31T01:30:00.5Z");
+    until(&mut h, "2027-10-31T02:00:00.5Z");
+    assert_eq!(
+        fire_names(&h),
+        [
+            "often@2027-10-31T00:00:00Z",
+            "often@2027-10-31T00:30:00Z",
+            "often@2027-10-31T01:00:00Z",
+            "often@2027-10-31T01:30:00Z",
+            "often@2027-10-31T02:00:00Z"
+        ]
+    );
+}
