@@ -109,7 +109,7 @@ async fn read_session(
     session: SessionId,
     mut inbound: Streaming<pb::NodeMessage>,
     token: CancellationToken,
-    renewal: Renewal,
+    mut renewal: Renewal,
 ) {
     let max = handle.config.max_message_size;
     let limit = BACKLOG_MESSAGES.saturating_mul(max);
@@ -291,9 +291,9 @@ impl weft_proto::wire::node_service::node_service_server::NodeService for NodeAp
         let (tx, rx) = mpsc::channel(SESSION_BUFFER);
         let token = self.handle.cancel.child_token();
         let heartbeat_tx = tx.clone();
-        let renewal = Renewal {
-            tx: tx.clone(),
-            certified: certified.and_then(|(node_id, _)| {
+        let renewal = Renewal::new(
+            tx.clone(),
+            certified.and_then(|(node_id, _)| {
                 let tls = Arc::clone(self.tls.as_ref()?);
                 Some(renew::Certified {
                     node_id,
@@ -302,7 +302,7 @@ impl weft_proto::wire::node_service::node_service_server::NodeService for NodeAp
                     lifetime: self.handle.config.node_cert_lifetime,
                 })
             }),
-        };
+        );
         let session_token = token.clone();
         self.handle
             .call(|reply| Command::Register {

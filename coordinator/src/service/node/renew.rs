@@ -4,7 +4,7 @@
 //! signing is the CA's business and touches no scheduler state.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::error::TrySendError;
 
@@ -12,15 +12,38 @@ use weft_proto::NodeId;
 
 use crate::driver::{NodeTx, ToNode};
 use crate::identity::Identities;
+use crate::listener::backoff::Throttle;
 use crate::tls::ServerTls;
 
 /// What a session needs to answer renewals.
 pub(super) struct Renewal {
     /// The session's outgoing stream.
-    pub tx: NodeTx,
+    tx: NodeTx,
     /// The certified node, when the session was authenticated by a node
     /// certificate; `None`: nothing to renew.
-    pub certified: Option<Certified>,
+    certified: Option<Certified>,
+    /// When this session last had a certificate signed.
+    last_signed: Option<Instant>,
+    /// Refusals are logged at most once per 5 s (a node may ask in a loop).
+    refusals: Throttle,
+}
+
+/// How long a session waits between two signed renewals: a twentieth of
+/// the certificates' lifetime, 1 s to 60 s. A node renews at 2/3 of a
+/// certificate's life and retries a failure after a tenth of what is
+/// left, so only a node asking in a loop meets it (each answer is a
+/// signature, on the session's reader).
+fn renewal_gap(lifetime: Duration) -> Duration {
+    (lifetime / 20).clamp(Duration::from_secs(1), Duration::from_secs(60))
+}
+
+/// `Some(wait)` when a renewal at `now` comes too soon after the one
+/// signed at `last`, for certificates of `lifetime`.
+fn too_soon(last: Option<Instant>, now: Instant, lifetime: Duration) -> Option<Duration> {
+    let since = now.saturating_duration_since(last?);
+    renewal_gap(lifetime)
+        .checked_sub(since)
+        .filter(|wait| !wait.is_zero())
 }
 
 /// A session authenticated by a node certificate.
@@ -36,17 +59,42 @@ pub(super) struct Certified {
 }
 
 impl Renewal {
+    /// Answers the renewals of the session whose outgoing stream is `tx`.
+    pub fn new(tx: NodeTx, certified: Option<Certified>) -> Renewal {
+        Renewal {
+            tx,
+            certified,
+            last_signed: None,
+            refusals: Throttle::new(Duration::from_secs(5)),
+        }
+    }
+
     /// Answers one `RenewCertificate`: the new chain, or why not.
-    pub fn answer(&self, csr_der: &[u8]) {
+    pub fn answer(&mut self, csr_der: &[u8]) {
+        let now = Instant::now();
         let answer = match &self.certified {
             None => Err(
                 "this session is not authenticated by a node certificate, so there is none to renew (the coordinator does not authenticate nodes)"
                     .to_owned(),
             ),
-            Some(certified) => certified.renew(csr_der),
+            Some(certified) => match too_soon(self.last_signed, now, certified.lifetime) {
+                Some(wait) => Err(format!(
+                    "a certificate was renewed on this session less than {:?} ago; ask again in {wait:?}",
+                    renewal_gap(certified.lifetime)
+                )),
+                None => {
+                    let renewed = certified.renew(csr_der);
+                    if renewed.is_ok() {
+                        self.last_signed = Some(now);
+                    }
+                    renewed
+                }
+            },
         };
-        if let Err(err) = &answer {
-            tracing::info!(error = %err, "refused a certificate renewal");
+        if let Err(err) = &answer
+            && let Some(refused) = self.refusals.hit(now)
+        {
+            tracing::info!(error = %err, refused, "refused a certificate renewal");
         }
         if let Err(TrySendError::Full(_)) = self.tx.try_send(ToNode::Certificate(answer)) {
             // A node that does not read its stream gets its session ended
@@ -76,5 +124,30 @@ impl Certified {
             .map_err(|err| err.to_string())?;
         tracing::info!(node_id = %self.node_id, "renewed a node certificate");
         Ok((cert.chain_pem, cert.not_after))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_session_gets_one_signed_renewal_per_twentieth_of_the_lifetime_within_1_to_60_s() {
+        let start = Instant::now();
+        let day = Duration::from_secs(24 * 3600);
+        assert_eq!(too_soon(None, start, day), None, "the first is signed");
+        let signed = Some(start);
+        let at = |secs| start + Duration::from_secs(secs);
+        assert_eq!(too_soon(signed, at(1), day), Some(Duration::from_secs(59)));
+        assert_eq!(too_soon(signed, at(59), day), Some(Duration::from_secs(1)));
+        assert_eq!(too_soon(signed, at(60), day), None);
+        // Short lifetimes (tests, a cautious operator) keep renewing.
+        let minute = Duration::from_secs(60);
+        assert_eq!(
+            too_soon(signed, at(2), minute),
+            Some(Duration::from_secs(1))
+        );
+        assert_eq!(too_soon(signed, at(3), minute), None);
+        assert_eq!(too_soon(signed, at(1), Duration::from_secs(5)), None);
     }
 }
