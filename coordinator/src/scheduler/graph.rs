@@ -145,6 +145,9 @@ pub(crate) struct Graph {
     children: HashMap<TaskId, Vec<TaskId>>,
     results: HashMap<TaskId, Kept>,
     timers: BinaryHeap<Reverse<(SystemTime, TaskId)>>,
+    /// PENDING tasks that ended (cancelled, upstream failed) since
+    /// `timers` was last rid of theirs ([`Scheduler::pending_ended`]).
+    ended_pending: usize,
     /// Parents that ended and whose children are still to be told.
     work: Vec<(TaskId, TaskState, Vec<TaskId>)>,
     cascading: bool,
@@ -578,6 +581,23 @@ impl Scheduler {
         self.graph.cascading = false;
     }
 
+    /// Counts a PENDING task that ended without being released. Once as
+    /// many ended as half the timers, the timers of tasks no longer
+    /// pending are dropped (a cost shared by the tasks that ended): a
+    /// start time far ahead, cancelled, is not kept until it comes, nor
+    /// does it keep the graph's work on for every task meanwhile.
+    pub(crate) fn pending_ended(&mut self) {
+        self.graph.ended_pending += 1;
+        if self.graph.ended_pending * 2 < self.graph.timers.len() {
+            return;
+        }
+        let tasks = &self.tasks;
+        self.graph.timers.retain(|Reverse((_, id))| {
+            tasks.get(id).is_some_and(|t| t.state == TaskState::Pending)
+        });
+        self.graph.ended_pending = 0;
+    }
+
     /// Releases PENDING tasks whose start time came.
     pub(crate) fn graph_tick(&mut self, now: Now) {
         self.graph.clock = Some((now.instant, now.wall));
@@ -632,6 +652,12 @@ impl Scheduler {
             let spec = task.spec.to_spec(self.queue.example(class));
             self.policy_submitted(id, class, &spec, wall);
         }
+    }
+
+    /// Start times held (tests).
+    #[cfg(test)]
+    pub(crate) fn graph_timers(&self) -> usize {
+        self.graph.timers.len()
     }
 
     /// When the earliest start time comes, as an instant.

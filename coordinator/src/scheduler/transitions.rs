@@ -130,6 +130,9 @@ impl Scheduler {
         }
         let was_out = matches!(task.state, TaskState::Assigned | TaskState::Running);
         let counted = task.state != TaskState::Pending;
+        if !counted {
+            self.pending_ended();
+        }
         self.policy_finalized(id, task.class, counted, was_out);
         task.state = state;
         task.attempt_ended(wall, &error);

@@ -266,6 +266,28 @@ fn not_before_holds_a_task_pending_until_its_time() {
 }
 
 #[test]
+fn cancelled_start_times_far_ahead_are_not_kept_until_they_come() {
+    let mut h = Harness::new();
+    let far = h.now.wall + Duration::from_secs(365 * 24 * 3600);
+    let specs = (0..100)
+        .map(|n| TaskSpec::call("noop", n.to_string()).not_before(far))
+        .collect();
+    let ids = h.submit_job(specs).expect("submit");
+    let kept = h.submit_job(vec![TaskSpec::call("noop", "kept").not_before(far)]);
+    let kept = kept.expect("submit")[0];
+    for id in &ids {
+        assert!(h.s.cancel(*id, "", h.now));
+    }
+    h.effects();
+    // The one still pending keeps its start time; the cancelled ones are
+    // gone with their tasks.
+    assert_eq!(h.s.graph_timers(), 1);
+    assert!(h.s.cancel(kept, "", h.now));
+    assert_eq!(h.s.graph_timers(), 0);
+    assert_eq!(h.s.graph_wakeup(), None);
+}
+
+#[test]
 fn a_past_not_before_queues_at_once() {
     let mut h = Harness::new();
     h.now.wall += Duration::from_secs(100);
