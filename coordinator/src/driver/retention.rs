@@ -49,8 +49,10 @@ impl Retention {
             self.next = Some(Instant::now() + sweep_interval(retention));
             return;
         };
+        // Parents a live child still needs are kept, whatever their age.
+        let keep = scheduler.kept_parents();
         let removed = blocking(store, "expiring", move |store| {
-            store.expire(cutoff, SWEEP_LIMIT)
+            store.expire(cutoff, SWEEP_LIMIT, &keep)
         })
         .await;
         let next = match removed {

@@ -141,8 +141,13 @@ impl Store for HeldStore {
         self.memory.load(since)
     }
 
-    fn expire(&self, before: SystemTime, limit: usize) -> Result<Vec<TaskState>, StoreError> {
-        self.memory.expire(before, limit)
+    fn expire(
+        &self,
+        before: SystemTime,
+        limit: usize,
+        keep: &[TaskId],
+    ) -> Result<Vec<TaskState>, StoreError> {
+        self.memory.expire(before, limit, keep)
     }
 
     fn tokens(&self) -> Result<Vec<crate::auth::TokenRecord>, StoreError> {
@@ -892,9 +897,14 @@ impl Store for SlowCommits {
         self.memory.load(since)
     }
 
-    fn expire(&self, before: SystemTime, limit: usize) -> Result<Vec<TaskState>, StoreError> {
+    fn expire(
+        &self,
+        before: SystemTime,
+        limit: usize,
+        keep: &[TaskId],
+    ) -> Result<Vec<TaskState>, StoreError> {
         self.sweeps.send_modify(|n| *n += 1);
-        self.memory.expire(before, limit)
+        self.memory.expire(before, limit, keep)
     }
 
     fn tokens(&self) -> Result<Vec<crate::auth::TokenRecord>, StoreError> {

@@ -654,6 +654,13 @@ impl Scheduler {
         }
     }
 
+    /// Finished tasks whose results live children will be given (they are
+    /// read back from the store at a restart): retention must keep them
+    /// however old they are.
+    pub(crate) fn kept_parents(&self) -> Vec<TaskId> {
+        self.graph.results.keys().copied().collect()
+    }
+
     /// Start times held (tests).
     #[cfg(test)]
     pub(crate) fn graph_timers(&self) -> usize {

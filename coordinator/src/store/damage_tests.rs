@@ -143,10 +143,16 @@ fn a_damaged_final_task_past_its_retention_is_deleted_and_sweeps_go_on() {
 
     // The damaged record goes (its state read from the index), the sweep
     // commits, and the next one deletes what comes after it.
-    assert_eq!(store.expire(later, 10).unwrap(), [TaskState::Succeeded]);
+    assert_eq!(
+        store.expire(later, 10, &[]).unwrap(),
+        [TaskState::Succeeded]
+    );
     assert!(store.task(done.id).unwrap().is_none());
     let much_later = newer.updated_at + Duration::from_secs(60);
-    assert_eq!(store.expire(much_later, 10).unwrap(), [TaskState::Failed]);
+    assert_eq!(
+        store.expire(much_later, 10, &[]).unwrap(),
+        [TaskState::Failed]
+    );
     // The index no longer names it either, and listing works again.
     assert!(
         store
@@ -187,7 +193,7 @@ fn a_retention_entry_that_does_not_match_its_task_deletes_nothing() {
     let store = RedbStore::open(dir.path()).unwrap();
     // Due: both wrong entries, not the finished task's own.
     let before_done = done.updated_at - Duration::from_millis(1);
-    assert_eq!(store.expire(before_done, 10).unwrap(), []);
+    assert_eq!(store.expire(before_done, 10, &[]).unwrap(), []);
     assert_eq!(
         store.task(queued.id).unwrap().map(|t| t.state),
         Some(TaskState::Queued)
@@ -200,7 +206,10 @@ fn a_retention_entry_that_does_not_match_its_task_deletes_nothing() {
     );
     // Its own entry still retires it when it is due.
     let later = done.updated_at + Duration::from_secs(60);
-    assert_eq!(store.expire(later, 10).unwrap(), [TaskState::Succeeded]);
+    assert_eq!(
+        store.expire(later, 10, &[]).unwrap(),
+        [TaskState::Succeeded]
+    );
     assert!(store.task(done.id).unwrap().is_none());
 }
 

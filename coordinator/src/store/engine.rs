@@ -379,12 +379,14 @@ pub trait Store: Send + Sync + 'static {
 
     /// Deletes up to `limit` final tasks whose record last changed before
     /// `finished_before`, with their events (and secrets, should any be
-    /// left), atomically. Returns the states
-    /// of the deleted tasks (so counters can follow).
+    /// left), atomically, but none of `keep` (finished parents whose
+    /// results a pending child still needs, whatever their age). Returns
+    /// the states of the deleted tasks (so counters can follow).
     fn expire(
         &self,
         finished_before: SystemTime,
         limit: usize,
+        keep: &[TaskId],
     ) -> Result<Vec<TaskState>, StoreError>;
 
     /// Every token record (client tokens, later node join tokens): the

@@ -294,11 +294,14 @@ impl Store for MemoryStore {
         &self,
         finished_before: SystemTime,
         limit: usize,
+        keep: &[TaskId],
     ) -> Result<Vec<TaskState>, StoreError> {
+        let keep = super::KeepSet::new(keep);
         let mut inner = self.inner.write().map_err(|_| StoreError::Poisoned)?;
         let due: Vec<(SystemTime, TaskId)> = inner
             .final_by_time
             .range(..(finished_before, TaskId::from_u128(0)))
+            .filter(|(_, id)| !keep.holds(*id))
             .take(limit)
             .copied()
             .collect();

@@ -39,6 +39,8 @@
 //!   `power_cut_tests` cuts power under the redb store with it, and
 //!   `log/power_cut_tests.rs` under the log store.
 
+use weft_proto::TaskId;
+
 pub(crate) mod codec;
 #[cfg(test)]
 mod damage_tests;
@@ -79,3 +81,26 @@ pub use record::{
 pub use redb::RedbStore;
 pub use schedule::ScheduleRecord;
 pub(crate) use schedule::{decode_schedule, encode_schedule};
+
+/// The ids [`Store::expire`] must keep, looked up as it walks its due
+/// tasks: a hash set when there are more than a few.
+pub(crate) struct KeepSet<'a> {
+    few: &'a [TaskId],
+    many: Option<crate::IdSet<TaskId>>,
+}
+
+impl<'a> KeepSet<'a> {
+    pub(crate) fn new(keep: &'a [TaskId]) -> KeepSet<'a> {
+        KeepSet {
+            few: keep,
+            many: (keep.len() > 8).then(|| keep.iter().copied().collect()),
+        }
+    }
+
+    pub(crate) fn holds(&self, id: TaskId) -> bool {
+        match &self.many {
+            Some(many) => many.contains(&id),
+            None => self.few.contains(&id),
+        }
+    }
+}

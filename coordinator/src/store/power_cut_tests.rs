@@ -187,7 +187,7 @@ pub(super) fn replay(engine: &Engine, seed: u64, tally: &mut Tally) -> Result<()
                 let (before, limit, want, next) = writer.expire(&acked);
                 tally.expiries += 1;
                 changes = !want.is_empty();
-                let expired = store.expire(before, limit).and_then(|mut states| {
+                let expired = store.expire(before, limit, &[]).and_then(|mut states| {
                     states.sort_by_key(|s| i32::from(*s));
                     if states == want {
                         tally.expired += states.len() as u64;

@@ -318,16 +318,45 @@ fn expire_deletes_old_final_tasks_with_their_events_a_bounded_number_at_a_time()
         store
             .commit(&[Record::Task(record(ids[3], TaskState::Running, at(0)))])
             .unwrap();
-        assert_eq!(store.expire(at(100), 2).unwrap(), [TaskState::Succeeded; 2]);
+        assert_eq!(
+            store.expire(at(100), 2, &[]).unwrap(),
+            [TaskState::Succeeded; 2]
+        );
         assert!(store.task(ids[0]).unwrap().is_none());
         assert!(store.events(ids[0], 0, 10).unwrap().is_empty());
         assert!(store.task(ids[2]).unwrap().is_some());
-        assert_eq!(store.expire(at(100), 2).unwrap(), [TaskState::Succeeded]);
-        assert!(store.expire(at(100), 2).unwrap().is_empty());
+        assert_eq!(
+            store.expire(at(100), 2, &[]).unwrap(),
+            [TaskState::Succeeded]
+        );
+        assert!(store.expire(at(100), 2, &[]).unwrap().is_empty());
         assert!(store.task(ids[3]).unwrap().is_some());
         let loaded = store.load(UNIX_EPOCH).unwrap();
         assert!(loaded.final_counts.is_empty(), "{:?}", loaded.final_counts);
         assert_eq!(loaded.live.len(), 1);
+    });
+}
+
+#[test]
+fn expire_keeps_the_tasks_it_is_told_to_however_old() {
+    both(|store| {
+        let ids = ids(12);
+        for (i, id) in ids.iter().enumerate() {
+            let done = record(*id, TaskState::Succeeded, at(i as u64));
+            store
+                .commit(&[Record::Task(done.clone()), finished(&done, 0)])
+                .unwrap();
+        }
+        // The oldest, and more than a few (a set, not a list, looks them up).
+        let keep: Vec<TaskId> = ids.iter().step_by(2).copied().collect();
+        assert_eq!(store.expire(at(100), 3, &keep).unwrap().len(), 3);
+        assert_eq!(store.expire(at(100), 100, &keep).unwrap().len(), 3);
+        for (i, id) in ids.iter().enumerate() {
+            assert_eq!(store.task(*id).unwrap().is_some(), i % 2 == 0, "task {i}");
+        }
+        // Kept no longer: they go at the next sweep.
+        assert_eq!(store.expire(at(100), 100, &[]).unwrap().len(), 6);
+        assert!(store.load(UNIX_EPOCH).unwrap().final_counts.is_empty());
     });
 }
 
@@ -428,7 +457,7 @@ fn secrets_are_kept_apart_from_the_record_and_gone_once_the_task_is_final() {
         // Retention takes whatever a final task left.
         let gone = record(b, TaskState::Cancelled, at(6));
         store.commit(&[Record::Task(gone)]).unwrap();
-        assert_eq!(store.expire(at(100), 10).unwrap().len(), 2);
+        assert_eq!(store.expire(at(100), 10, &[]).unwrap().len(), 2);
         assert!(stored_secrets(store).is_empty());
     });
 }

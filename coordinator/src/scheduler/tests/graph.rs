@@ -105,6 +105,40 @@ fn a_child_is_pending_until_its_parent_succeeds_then_queued_and_given_its_output
 }
 
 #[test]
+fn a_finished_parent_is_kept_from_retention_while_a_child_waits_on_another() {
+    let mut h = Harness::new();
+    h.node(S1, reg("n1", 1), 1);
+    let ids = h
+        .submit_job(vec![
+            call("quick"),
+            call("slow"),
+            call("join").after_ref("quick").after_ref("slow"),
+        ])
+        .expect("submit");
+    let (quick, slow, join) = (ids[0], ids[1], ids[2]);
+    assert_eq!(h.run_assigned(Outcome::Succeeded), vec![quick]);
+    assert_eq!(h.state(join), TaskState::Pending);
+    assert_eq!(h.s.kept_parents(), [quick]);
+    // Retention past `quick`'s end, as the driver's sweep asks it.
+    let store = crate::store::MemoryStore::new();
+    crate::store::Store::commit(&store, &h.records).expect("commit");
+    let past = h.now.wall + Duration::from_secs(3600);
+    let expired = crate::store::Store::expire(&store, past, 100, &h.s.kept_parents());
+    assert!(expired.expect("expire").is_empty());
+    assert!(
+        crate::store::Store::task(&store, quick)
+            .expect("read")
+            .is_some()
+    );
+    // Once the child has ended, nothing holds `quick` back.
+    h.s.credits(S1, 1, h.now);
+    assert_eq!(h.run_assigned(Outcome::Succeeded), vec![slow]);
+    h.s.credits(S1, 1, h.now);
+    assert_eq!(h.run_assigned(Outcome::Succeeded), vec![join]);
+    assert!(h.s.kept_parents().is_empty());
+}
+
+#[test]
 fn all_succeeded_ends_upstream_failed_and_cascades_down_the_graph() {
     let mut h = Harness::new();
     h.node(S1, reg("n1", 4), 4);

@@ -1241,7 +1241,9 @@ impl Store for LogStore {
         &self,
         finished_before: SystemTime,
         limit: usize,
+        keep: &[TaskId],
     ) -> Result<Vec<TaskState>, StoreError> {
+        let keep = super::KeepSet::new(keep);
         let inner = &self.inner;
         let mut writer = inner.lock_writer()?;
         let due: Vec<(u128, TaskState)> = {
@@ -1249,6 +1251,7 @@ impl Store for LogStore {
             index
                 .finals
                 .range(..(frame::millis(finished_before), 0))
+                .filter(|(_, id)| !keep.holds(TaskId::from_u128(*id)))
                 .take(limit)
                 .filter_map(|(_, id)| {
                     let state = index.tasks.get(id)?.head.task_state()?;

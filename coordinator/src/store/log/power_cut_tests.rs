@@ -372,7 +372,7 @@ fn log_due_for_compaction(disk: &SimDisk, label: &Path, seed: u64) -> (LogStore,
         model = next;
         for _ in 0..3 {
             let (before, limit, _, next) = writer.expire(&model);
-            store.expire(before, limit).unwrap();
+            store.expire(before, limit, &[]).unwrap();
             model = next;
         }
     }

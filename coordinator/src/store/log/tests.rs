@@ -546,7 +546,7 @@ fn compaction_keeps_exactly_the_current_records_and_frees_the_rest() {
     store.set_segment_bytes(16 * 1024);
     let ids = fill(&store, 400);
     // Half of the finished ones go at retention.
-    let expired = store.expire(at(10 + 200), usize::MAX).expect("expire");
+    let expired = store.expire(at(10 + 200), usize::MAX, &[]).expect("expire");
     assert_eq!(expired.len(), 100);
     let before = view(&store);
     let (bytes_before, live) = store.sizes().expect("sizes");
@@ -581,7 +581,7 @@ fn expired_tasks_stay_gone_after_compaction_and_reopening() {
         let store = open_quiet(dir.path());
         store.set_segment_bytes(4 * 1024);
         let ids = fill(&store, 100);
-        store.expire(at(1_000), usize::MAX).expect("expire");
+        store.expire(at(1_000), usize::MAX, &[]).expect("expire");
         // Compact only some: the expiries' segments stay behind older ones.
         for _ in 0..3 {
             store.compact_step().expect("compact");

@@ -561,8 +561,10 @@ impl Store for PgStore {
         &self,
         finished_before: SystemTime,
         limit: usize,
+        keep: &[TaskId],
     ) -> Result<Vec<TaskState>, StoreError> {
         let op = "expiring tasks";
+        let keep: Vec<Uuid> = keep.iter().map(|id| Uuid::from(*id)).collect();
         let writer = self.writer()?;
         self.run(op, async {
             let rows = writer
@@ -571,13 +573,14 @@ impl Store for PgStore {
                     "WITH gone AS (
                         DELETE FROM tasks WHERE id IN (
                             SELECT id FROM tasks WHERE finished_at < $1
+                                AND NOT (id = ANY($3))
                             ORDER BY finished_at, id LIMIT $2)
                         RETURNING id, state, finished_at),
                      events AS (DELETE FROM events e USING gone WHERE e.task_id = gone.id),
                      specs AS (DELETE FROM task_specs s USING gone WHERE s.id = gone.id),
                      secrets AS (DELETE FROM task_secrets x USING gone WHERE x.id = gone.id)
                      SELECT state FROM gone ORDER BY finished_at, id",
-                    &[&finished_before, &clamp(limit as u64)],
+                    &[&finished_before, &clamp(limit as u64), &keep],
                 )
                 .await?;
             rows.iter().map(|row| state_of(row.get(0))).collect()

@@ -628,16 +628,23 @@ impl Store for RedbStore {
         &self,
         finished_before: SystemTime,
         limit: usize,
+        keep: &[TaskId],
     ) -> Result<Vec<TaskState>, StoreError> {
         let op = "expiring tasks";
+        let keep = super::KeepSet::new(keep);
         let txn = self.write_txn()?;
         let result = (|| {
             let mut by_time = txn.open_table(FINAL_BY_TIME).or_backend(op)?;
             let due: Vec<(u64, u128)> = by_time
                 .range(..(millis(finished_before), 0))
                 .or_backend(op)?
-                .take(limit)
                 .map(|entry| entry.map(|(k, _)| k.value()).or_backend(op))
+                .filter(|entry| {
+                    entry
+                        .as_ref()
+                        .map_or(true, |(_, id)| !keep.holds(TaskId::from_u128(*id)))
+                })
+                .take(limit)
                 .collect::<Result<_, _>>()?;
             if due.is_empty() {
                 return Ok(Vec::new());
