@@ -18,6 +18,7 @@ use crate::store::blocking;
 use crate::tls::ServerTls;
 
 /// The operator API.
+#[derive(Clone)]
 pub(crate) struct AdminApi {
     pub handle: Handle,
     /// The tokens the edge checks; the token rpcs write through it.
@@ -263,18 +264,24 @@ impl pb::admin_service_server::AdminService for AdminApi {
     ) -> Result<Response<pb::RevokeTokenResponse>, Status> {
         auth::require(&request, Scope::Admin)?;
         let id = request.into_inner().id;
-        let _writer = self.tokens.write.lock().await;
-        let mut record = self
-            .tokens
-            .get(id.trim())
-            .ok_or_else(|| Status::not_found(format!("no token with id '{id}'")))?;
-        if record.revoked.is_none() {
-            record.revoked = Some(SystemTime::now());
-            self.put_token(record.clone()).await?;
-            tracing::info!(token_id = %record.id, "token revoked");
-        }
-        Ok(Response::new(pb::RevokeTokenResponse {
-            info: Some(token_info(&record)),
-        }))
+        // To its end whatever the caller does: a revocation stored is also
+        // refused by the edge at once, not only after a restart.
+        let api = self.clone();
+        super::to_completion(async move {
+            let _writer = api.tokens.write.lock().await;
+            let mut record = api
+                .tokens
+                .get(id.trim())
+                .ok_or_else(|| Status::not_found(format!("no token with id '{id}'")))?;
+            if record.revoked.is_none() {
+                record.revoked = Some(SystemTime::now());
+                api.put_token(record.clone()).await?;
+                tracing::info!(token_id = %record.id, "token revoked");
+            }
+            Ok(Response::new(pb::RevokeTokenResponse {
+                info: Some(token_info(&record)),
+            }))
+        })
+        .await
     }
 }

@@ -101,11 +101,18 @@ pub(super) async fn create_join_token(
 
 /// `RevokeNode`: finds the node (a joined identity, else a connected
 /// node), stores it as revoked, then has the driver bar it, close its
-/// session and requeue its attempts.
+/// session and requeue its attempts. Runs to its end even if the caller
+/// goes away (Ctrl-C, its deadline): a revocation stored is also refused
+/// in memory and by the driver.
 pub(super) async fn revoke_node(
     api: &AdminApi,
     selector: &str,
 ) -> Result<pb::RevokeNodeResponse, Status> {
+    let (api, selector) = (api.clone(), selector.to_owned());
+    crate::service::to_completion(async move { revoke_now(&api, &selector).await }).await
+}
+
+async fn revoke_now(api: &AdminApi, selector: &str) -> Result<pb::RevokeNodeResponse, Status> {
     let selector = selector.trim();
     let _writer = api.identities.write.lock().await;
     let now = SystemTime::now();

@@ -39,11 +39,18 @@ pub(crate) fn no_node_auth(config: &crate::CoordinatorConfig) -> Option<Status> 
     None
 }
 
-/// See the module docs.
+/// See the module docs. Runs to its end even if the node goes away (its
+/// join timeout, a dropped connection): a join stored is also in memory,
+/// so the name is held and the token's use counted.
 pub(super) async fn join(
     api: &NodeApi,
     request: pb::JoinRequest,
 ) -> Result<pb::JoinResponse, Status> {
+    let api = api.clone();
+    crate::service::to_completion(async move { join_now(&api, request).await }).await
+}
+
+async fn join_now(api: &NodeApi, request: pb::JoinRequest) -> Result<pb::JoinResponse, Status> {
     let config = &api.handle.config;
     if let Some(refusal) = no_node_auth(config) {
         return Err(refusal);

@@ -55,6 +55,7 @@ const SESSION_BUFFER: usize = 256;
 type Outgoing = Pin<Box<dyn Stream<Item = Result<bytes::Bytes, Status>> + Send>>;
 
 /// The node API.
+#[derive(Clone)]
 pub(crate) struct NodeApi {
     pub handle: Handle,
     /// Join tokens (`Join` checks and counts them).
