@@ -139,8 +139,10 @@
   function when(iso) {
     const t = Date.parse(iso);
     if (!iso || Number.isNaN(t)) return h('span', { class: 'muted' }, '—');
+    // Past ("2 min ago") or to come (a schedule's next fire, a start time).
+    const since = (Date.now() - t) / 1000;
     return h('time', { datetime: iso, title: new Date(t).toLocaleString() },
-      `${ago((Date.now() - t) / 1000)} ago`);
+      since >= 0 ? `${ago(since)} ago` : `in ${ago(-since)}`);
   }
 
   function clock(t) {
@@ -858,11 +860,16 @@
     }
 
     function onProgress(ev) {
-      const fraction = Number(ev.fraction);
+      // A negative fraction (or none) means "amount unknown": a bar with no
+      // value (indeterminate) and no percentage.
+      const fraction = ev.fraction === null || ev.fraction === undefined ? NaN : Number(ev.fraction);
+      const known = Number.isFinite(fraction) && fraction >= 0;
+      const done = known ? Math.min(1, fraction) : 0;
       progressBox.hidden = false;
       progressBox.replaceChildren(
-        h('progress', { max: 1, value: Number.isFinite(fraction) ? Math.min(1, Math.max(0, fraction)) : 0 }),
-        h('div', { class: 'muted' }, `${Number.isFinite(fraction) ? Math.round(fraction * 100) : 0} %`, ev.message ? ` · ${ev.message}` : ''));
+        known ? h('progress', { max: 1, value: done }) : h('progress', {}),
+        h('div', { class: 'muted' }, known ? `${Math.round(done * 100)} %` : 'working',
+          ev.message ? ` · ${ev.message}` : ''));
     }
 
     function onFinished(ev) {

@@ -639,6 +639,7 @@ fn start_http(
         ),
         series,
         secure: tls.is_some(),
+        cookie: http::session::cookie_name(addr.port()),
         cancel: cancel.clone(),
         // `/metrics`: the registry's text, rendered at each scrape.
         metrics: Some({

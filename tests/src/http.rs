@@ -126,6 +126,14 @@ fn parse_event(block: &str) -> Option<SseEvent> {
 }
 
 impl HttpClient {
+    /// The port it talks to.
+    pub fn port(&self) -> u16 {
+        self.authority
+            .rsplit_once(':')
+            .and_then(|(_, port)| port.parse().ok())
+            .unwrap_or_else(|| panic!("no port in {}", self.authority))
+    }
+
     /// A client of `url` (`http://` or `https://HOST:PORT`), trusting
     /// `ca_file` for `https://`.
     pub fn new(url: &str, ca_file: Option<&Path>) -> HttpClient {

@@ -59,9 +59,39 @@ fn from_seq(headers: &HeaderMap, query: Option<&str>) -> Result<u64, ApiError> {
     }
 }
 
+/// Output bytes turned into text event by event: a character split
+/// between two pieces of one attempt's stream (a node reads its pipes in
+/// pieces of any size) is held back and sent whole with the next piece,
+/// not shown as two replacement characters. A piece held when the stream
+/// breaks is lost to the page (it resumes after the event that held it):
+/// at most one character.
+#[derive(Default)]
+struct Utf8Joiner {
+    /// The start of a character, per (attempt, stream).
+    held: std::collections::HashMap<(u32, i32), Vec<u8>>,
+}
+
+impl Utf8Joiner {
+    fn text(&mut self, attempt: u32, stream: i32, data: &[u8]) -> String {
+        let mut bytes = self.held.remove(&(attempt, stream)).unwrap_or_default();
+        bytes.extend_from_slice(data);
+        let tail = bytes.split_off(bytes.len() - json::incomplete_tail(&bytes));
+        if !tail.is_empty() {
+            self.held.insert((attempt, stream), tail);
+        }
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+}
+
 /// One task event as an SSE event.
-fn sse_event(event: &pb::TaskEvent) -> Event {
-    let (name, data) = json::event(event);
+fn sse_event(event: &pb::TaskEvent, joiner: &mut Utf8Joiner) -> Event {
+    let (name, data) = match &event.body {
+        Some(pb::task_event::Body::Output(output)) => {
+            let text = joiner.text(event.attempt, output.stream, &output.data);
+            ("output", json::output_event(event, output, text))
+        }
+        _ => json::event(event),
+    };
     Event::default()
         .id(event.seq.to_string())
         .event(name)
@@ -107,9 +137,10 @@ pub(super) async fn events(
         .into_inner();
     // An error ends the stream with an `error` event saying why (the
     // browser reconnects from the last id it had).
+    let mut joiner = Utf8Joiner::default();
     let events = feed
-        .map(|item| match item {
-            Ok(event) => sse_event(&event),
+        .map(move |item| match item {
+            Ok(event) => sse_event(&event, &mut joiner),
             Err(status) => Event::default()
                 .event("error")
                 .data(serde_json::json!({ "error": status.message() }).to_string()),
@@ -129,6 +160,24 @@ pub(super) async fn events(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_character_split_between_two_pieces_of_output_is_sent_whole() {
+        let mut joiner = Utf8Joiner::default();
+        let euro = "€".as_bytes();
+        assert_eq!(joiner.text(1, 1, &[b'a', euro[0], euro[1]]), "a");
+        // Another stream and another attempt keep their own.
+        assert_eq!(joiner.text(1, 2, b"err"), "err");
+        assert_eq!(joiner.text(2, 1, "é".as_bytes()), "é");
+        assert_eq!(joiner.text(1, 1, &[euro[2], b'b']), "€b");
+        // A four-byte character over three pieces.
+        let crab = "🦀".as_bytes();
+        assert_eq!(joiner.text(1, 1, &crab[..1]), "");
+        assert_eq!(joiner.text(1, 1, &crab[1..3]), "");
+        assert_eq!(joiner.text(1, 1, &crab[3..]), "🦀");
+        // Bytes that are not UTF-8 are shown replaced, not held.
+        assert_eq!(joiner.text(1, 1, &[0xFF, b'x', 0x80]), "\u{FFFD}x\u{FFFD}");
+    }
 
     #[test]
     fn last_event_id_resumes_after_it_and_wins_over_the_query() {

@@ -87,8 +87,30 @@ fn string_map(map: &BTreeMap<String, String>) -> Value {
 /// of it (cut at a character boundary).
 fn lossy(bytes: &[u8], max: usize) -> (String, bool) {
     let cut = bytes.len() > max;
-    let text = String::from_utf8_lossy(&bytes[..bytes.len().min(max)]).into_owned();
-    (text, cut)
+    let mut kept = &bytes[..bytes.len().min(max)];
+    if cut {
+        kept = &kept[..kept.len() - incomplete_tail(kept)];
+    }
+    (String::from_utf8_lossy(kept).into_owned(), cut)
+}
+
+/// How many bytes at the end of `bytes` begin a UTF-8 character that is not
+/// complete yet (0 to 3): what a split between two pieces of output leaves.
+pub(crate) fn incomplete_tail(bytes: &[u8]) -> usize {
+    for back in 1..=bytes.len().min(3) {
+        let byte = bytes[bytes.len() - back];
+        if byte & 0b1100_0000 == 0b1000_0000 {
+            continue; // a continuation byte: its lead is further back
+        }
+        let needs = match byte {
+            0xC2..=0xDF => 2,
+            0xE0..=0xEF => 3,
+            0xF0..=0xF4 => 4,
+            _ => return 0, // ASCII, or not a lead byte: nothing to wait for
+        };
+        return if back < needs { back } else { 0 };
+    }
+    0
 }
 
 /// A task as the contract's Task object.
@@ -337,6 +359,16 @@ pub(crate) fn node(node: &pb::NodeInfo) -> Value {
 }
 
 /// One task event as an SSE event's name and data.
+/// An output event's JSON, its bytes given as `text`.
+pub(crate) fn output_event(event: &pb::TaskEvent, output: &pb::TaskOutput, text: String) -> Value {
+    json!({
+        "stream": if output.stream == i32::from(pb::OutputStream::Stderr) { "stderr" } else { "stdout" },
+        "text": text,
+        "attempt": event.attempt,
+        "time": time(event.time.as_ref()),
+    })
+}
+
 pub(crate) fn event(event: &pb::TaskEvent) -> (&'static str, Value) {
     let time = time(event.time.as_ref());
     match &event.body {
@@ -353,12 +385,11 @@ pub(crate) fn event(event: &pb::TaskEvent) -> (&'static str, Value) {
         ),
         Some(pb::task_event::Body::Output(output)) => (
             "output",
-            json!({
-                "stream": if output.stream == i32::from(pb::OutputStream::Stderr) { "stderr" } else { "stdout" },
-                "text": String::from_utf8_lossy(&output.data),
-                "attempt": event.attempt,
-                "time": time,
-            }),
+            output_event(
+                event,
+                output,
+                String::from_utf8_lossy(&output.data).into_owned(),
+            ),
         ),
         Some(pb::task_event::Body::Progress(progress)) => (
             "progress",
@@ -377,6 +408,18 @@ pub(crate) fn event(event: &pb::TaskEvent) -> (&'static str, Value) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_result_cut_at_its_limit_is_cut_between_characters() {
+        assert_eq!(lossy("€€".as_bytes(), 4), ("€".to_owned(), true));
+        assert_eq!(lossy("€€".as_bytes(), 6), ("€€".to_owned(), false));
+        assert_eq!(lossy(b"abc", 2), ("ab".to_owned(), true));
+        assert_eq!(
+            incomplete_tail(&[0xFF, 0xFF]),
+            0,
+            "not UTF-8: nothing to wait for"
+        );
+    }
 
     #[test]
     fn every_state_name_reads_back() {

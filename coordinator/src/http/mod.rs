@@ -92,6 +92,9 @@ pub(crate) struct App {
     pub series: Arc<Series>,
     /// Served over TLS: the session cookie is `Secure`.
     pub secure: bool,
+    /// The session cookie's name ([`session::cookie_name`]): one per port,
+    /// since browsers share a host's cookies between its ports.
+    pub cookie: String,
     /// Ends event streams at shutdown.
     pub cancel: CancellationToken,
     /// What `GET /metrics` answers (OpenMetrics text), `read` scope;
@@ -207,7 +210,7 @@ impl App {
             .get_all(header::COOKIE)
             .iter()
             .filter_map(|v| v.to_str().ok())
-            .find_map(|v| session::cookie(v, session::COOKIE))
+            .find_map(|v| session::cookie(v, &self.cookie))
             .filter(|id| !id.is_empty())
     }
 
@@ -217,11 +220,11 @@ impl App {
         match id {
             Some(id) => format!(
                 "{}={id}; HttpOnly; SameSite=Strict; Path=/{secure}",
-                session::COOKIE
+                self.cookie
             ),
             None => format!(
                 "{}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0{secure}",
-                session::COOKIE
+                self.cookie
             ),
         }
     }

@@ -23,8 +23,14 @@ pub(crate) const MAX_SESSIONS: usize = 1024;
 /// A session with no request for this long has ended.
 pub(crate) const SESSION_IDLE: Duration = Duration::from_secs(8 * 60 * 60);
 
-/// The cookie's name.
-pub(crate) const COOKIE: &str = "weft_session";
+/// The session cookie's name for a dashboard served on `port`:
+/// `weft_session_PORT`. Browsers keep one set of cookies per host, whatever
+/// the port, so two coordinators on one host (7080 and 7081) with one name
+/// would log each other out at every login and each receive the other's
+/// session id.
+pub(crate) fn cookie_name(port: u16) -> String {
+    format!("weft_session_{port}")
+}
 
 /// Every open session.
 #[derive(Debug)]
@@ -157,9 +163,19 @@ mod tests {
 
     #[test]
     fn cookies_are_found_by_name() {
-        assert_eq!(cookie("a=1; weft_session=xyz; b=2", COOKIE), Some("xyz"));
-        assert_eq!(cookie("weft_session=", COOKIE), Some(""));
-        assert_eq!(cookie("other=1", COOKIE), None);
-        assert_eq!(cookie("garbage", COOKIE), None);
+        let name = cookie_name(7080);
+        assert_eq!(name, "weft_session_7080");
+        assert_eq!(
+            cookie("a=1; weft_session_7080=xyz; b=2", &name),
+            Some("xyz")
+        );
+        assert_eq!(cookie("weft_session_7080=", &name), Some(""));
+        assert_eq!(
+            cookie("weft_session_7081=abc", &name),
+            None,
+            "another port's"
+        );
+        assert_eq!(cookie("other=1", &name), None);
+        assert_eq!(cookie("garbage", &name), None);
     }
 }

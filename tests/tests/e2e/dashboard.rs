@@ -103,6 +103,18 @@ async fn the_dashboard_works_in_a_real_browser() {
         TaskState::Failed
     );
 
+    // A schedule whose next fire is months ahead, at most (never within
+    // the test): the overview says when it comes.
+    client
+        .create_schedule(weft_proto::pb::ScheduleSpec {
+            name: "new-year".into(),
+            cron: "0 0 1 1 *".into(),
+            task: Some(TaskSpec::exec(["true"]).into()),
+            ..Default::default()
+        })
+        .await
+        .expect("create a schedule");
+
     a_bad_token_is_refused(&browser, &http).await;
     log_in(&browser, &http, &cluster.admin_token()).await;
     the_overview_shows_the_nodes_and_counts(&browser).await;
@@ -212,6 +224,13 @@ async fn the_overview_shows_the_nodes_and_counts(browser: &Browser) {
         labels.contains("zone=a") && labels.contains("zone=b"),
         "{labels}"
     );
+    // A time to come reads "in ...", not "... ago".
+    browser
+        .wait_until(
+            "the schedule's next fire to be shown as to come",
+            "const t = document.querySelector('#schedules-table time')?.textContent || '';              return t.startsWith('in ') && !t.includes('ago');",
+        )
+        .await;
     assert!(browser.text("#card-slots").await.contains("of 8"));
     assert_eq!(
         browser.count(".chart").await,

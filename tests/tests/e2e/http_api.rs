@@ -21,6 +21,11 @@ fn http(cluster: &TestCluster) -> HttpClient {
 }
 
 /// Logs in with `token`; answers the session cookie (`name=value`).
+/// The session cookie's name: `weft_session_PORT`, the dashboard's port.
+fn session_cookie(http: &HttpClient) -> String {
+    format!("weft_session_{}", http.port())
+}
+
 async fn login(http: &HttpClient, token: &str) -> String {
     let body = json!({ "token": token }).to_string().into_bytes();
     let answer = http
@@ -121,7 +126,8 @@ async fn without_a_working_token_the_api_answers_401_and_the_pages_load() {
         assert_eq!(http.get(path, "garbage").await.status, 401, "{path}");
         let forged = format!("weft_0123456789abcdef_{}", "x".repeat(43));
         assert_eq!(http.get(path, &forged).await.status, 401, "{path}");
-        let cookie = "weft_session=not-a-session";
+        let cookie = format!("{}=not-a-session", session_cookie(&http));
+        let cookie = cookie.as_str();
         let stale = http.request("GET", path, &[("cookie", cookie)], None).await;
         assert_eq!(stale.status, 401, "{path}");
     }
@@ -163,8 +169,9 @@ async fn a_login_cookie_works_until_logout() {
         json!(["read", "submit", "cancel", "admin"])
     );
     let set = answer.header("set-cookie");
+    let named = format!("{}=", session_cookie(&http));
     for attribute in [
-        "weft_session=",
+        named.as_str(),
         "HttpOnly",
         "SameSite=Strict",
         "Path=/",
@@ -516,6 +523,40 @@ async fn the_events_stream_gives_history_then_live_output_and_resumes_exactly() 
         .await;
     let again = events_until(&mut from, |e| e.event == "finished").await;
     assert_eq!(again, after);
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_character_printed_in_two_writes_reaches_the_events_stream_whole() {
+    let cluster = TestCluster::builder().nodes(1).start().await;
+    let http = http(&cluster);
+    let client = cluster.client().await;
+    let cookie = login(&http, &cluster.admin_token()).await;
+    let go = cluster.dir().join("go");
+    // "a€b", the euro sign's three bytes split over two writes with a wait
+    // between, so the node reads (and sends) them as two pieces.
+    let split = TaskSpec::exec([
+        "sh",
+        "-c",
+        r#"printf 'a\342\202'; while [ ! -e "$1" ]; do sleep 0.02; done; printf '\254b'"#,
+        "sh",
+        &go.display().to_string(),
+    ]);
+    let id = client.submit(split).await.expect("submit");
+    let path = format!("/api/tasks/{id}/events");
+    let mut stream = http.events(&path, &[("cookie", &cookie)]).await;
+    // The first piece's whole characters arrive while the task waits.
+    let before = events_until(&mut stream, |e| is_output(e, "a")).await;
+    std::fs::write(&go, b"").unwrap();
+    let after = events_until(&mut stream, |e| e.event == "finished").await;
+    let pieces: Vec<String> = before
+        .iter()
+        .chain(&after)
+        .filter(|e| e.event == "output")
+        .map(|e| e.data["text"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    // Two pieces, the split character sent whole with the second.
+    assert_eq!(pieces, ["a", "€b"]);
     cluster.shutdown().await;
 }
 
