@@ -10,16 +10,18 @@
 //!
 //! With several coordinator addresses they are tried in order, the next
 //! at once, as sessions do (`reconnect::Rotation`). A coordinator that
-//! cannot be reached (not started yet, restarting) is tried again with
-//! the sessions' backoff; a refusal is final, with a
-//! message that says what to do ([`Error::JoinRefused`]).
+//! cannot be reached (not started yet, restarting, closing the connection
+//! mid-handshake, a certificate outside its dates here) is tried again
+//! with the sessions' backoff; a refusal, or a chain that is not the
+//! token's CA, is final, with a message that says what to do
+//! ([`Error::JoinRefused`], `untrusted_is_final`).
 
 use std::time::{Duration, SystemTime};
 
 use tracing::{info, warn};
 
 use weft_proto::pb::node_service_client::NodeServiceClient;
-use weft_proto::tls::{Trust, ca_pin};
+use weft_proto::tls::{HandshakeError, HandshakeFailure, Trust, ca_pin};
 use weft_proto::{CoordinatorAddr, JoinToken, NodeId, pb};
 
 use crate::error::Error;
@@ -31,42 +33,32 @@ use crate::session::{self, NodeCtx};
 /// How long the coordinator may take to answer `Join`.
 const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Joins with `token` as `ctx.config.name`, at `ctx.config.coordinators`,
-/// and saves the identity in the state dir (if any). `Ok(None)`: the node
-/// was drained or killed before it could join.
-/// A dial whose TLS handshake refused the coordinator (its chain does
-/// not hold the token's CA, or it does not speak TLS) as a final error:
-/// the token names another cluster, or something else answers at its
-/// address, and asking again would only send the same. Unreachable
-/// coordinators stay retryable.
+/// A dial whose TLS handshake found the coordinator's chain is not the
+/// token's CA ([`HandshakeFailure::Untrusted`]) as a final error: the
+/// token names another cluster, or something else answers at its
+/// address, and asking again would only get the same chain. Every other
+/// failure (unreachable, closed during the handshake, a certificate
+/// outside its dates, not TLS yet) stays retryable.
 fn untrusted_is_final(error: Error) -> Error {
-    let Error::Connect {
-        url,
-        reason,
-        source,
-    } = error
-    else {
-        return error;
-    };
-    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&source);
-    while let Some(current) = cause {
-        if current
-            .downcast_ref::<std::io::Error>()
-            .is_some_and(|io| io.kind() == std::io::ErrorKind::PermissionDenied)
+    match &error {
+        Error::Connect {
+            url,
+            reason,
+            source,
+        } if HandshakeError::find(source)
+            .is_some_and(|found| found.failure == HandshakeFailure::Untrusted) =>
         {
-            return Error::Identity(format!(
+            Error::Identity(format!(
                 "not joining {url}: {reason} (the join token's CA pin is not this coordinator's; check the token and its address)"
-            ));
+            ))
         }
-        cause = current.source();
-    }
-    Error::Connect {
-        url,
-        reason,
-        source,
+        _ => error,
     }
 }
 
+/// Joins with `token` as `ctx.config.name`, at `ctx.config.coordinators`,
+/// and saves the identity in the state dir (if any). `Ok(None)`: the node
+/// was drained or killed before it could join.
 pub(crate) async fn join(ctx: &NodeCtx, token: &JoinToken) -> Result<Option<Credentials>, Error> {
     let store = ctx.config.state_dir.clone().map(StateDir::new);
     // A state dir that cannot be written fails now, not after the token
@@ -305,5 +297,107 @@ mod tests {
         ] {
             assert!(refused(status).is_fatal());
         }
+    }
+
+    /// Dials `https://127.0.0.1:{port}` trusting `trust` as `join` does,
+    /// and answers the error it ends with.
+    async fn dial_error(port: u16, trust: &Trust) -> Error {
+        let address = CoordinatorAddr::parse(&format!("https://127.0.0.1:{port}")).unwrap();
+        let (url, connector) = weft_proto::tls::dial_plan(&address, Some(trust)).unwrap();
+        session::dial(url, connector)
+            .await
+            .map_err(untrusted_is_final)
+            .expect_err("the dial fails")
+    }
+
+    /// A local listener that reads one connection's ClientHello (one TLS
+    /// record) and closes it: a coordinator stopping, a proxy dropping.
+    async fn closes_during_the_handshake() -> (u16, tokio::task::JoinHandle<()>) {
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = tokio::spawn(async move {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            let mut header = [0; 5];
+            tcp.read_exact(&mut header).await.unwrap();
+            assert_eq!(header[0], 22, "a handshake record");
+            let mut hello = vec![0; usize::from(u16::from_be_bytes([header[3], header[4]]))];
+            tcp.read_exact(&mut hello).await.unwrap();
+        });
+        (port, server)
+    }
+
+    /// A local TLS server for one connection presenting a leaf for
+    /// 127.0.0.1 signed by `issuer`, valid from `not_before` for an hour.
+    async fn serves_a_certificate(
+        issuer: &rcgen::Issuer<'static, rcgen::KeyPair>,
+        ca_pem: &str,
+        not_before: time::OffsetDateTime,
+    ) -> (u16, tokio::task::JoinHandle<()>) {
+        use rustls::pki_types::pem::PemObject;
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap();
+        params.not_before = not_before;
+        params.not_after = not_before + Duration::from_secs(3600);
+        let leaf = params.signed_by(&key, issuer).unwrap();
+        let chain = vec![
+            leaf.der().clone(),
+            rustls::pki_types::CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap(),
+        ];
+        let private =
+            rustls::pki_types::PrivateKeyDer::from_pem_slice(key.serialize_pem().as_bytes())
+                .unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(weft_proto::tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(chain, private)
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let _refused_by_the_client = acceptor.accept(tcp).await;
+        });
+        (port, server)
+    }
+
+    #[tokio::test]
+    async fn a_coordinator_closing_during_the_handshake_is_dialed_again() {
+        let (_, trust, _) = ca();
+        let (port, server) = closes_during_the_handshake().await;
+        let error = dial_error(port, &trust).await;
+        server.await.unwrap();
+        assert!(matches!(error, Error::Connect { .. }), "{error}");
+        assert!(!error.is_fatal(), "{error}");
+    }
+
+    #[tokio::test]
+    async fn a_coordinator_whose_certificate_is_not_valid_yet_is_dialed_again() {
+        let (ca_pem, trust, issuer) = ca();
+        let tomorrow = time::OffsetDateTime::now_utc() + Duration::from_secs(24 * 3600);
+        let (port, server) = serves_a_certificate(&issuer, &ca_pem, tomorrow).await;
+        let error = dial_error(port, &trust).await;
+        server.await.unwrap();
+        assert!(error.to_string().contains("not valid yet"), "{error}");
+        assert!(!error.is_fatal(), "{error}");
+    }
+
+    #[tokio::test]
+    async fn a_coordinator_of_another_ca_than_the_pinned_one_is_final() {
+        let (_, trust, _) = ca();
+        let (other_pem, _, other_issuer) = ca();
+        let now = time::OffsetDateTime::now_utc() - Duration::from_secs(60);
+        let (port, server) = serves_a_certificate(&other_issuer, &other_pem, now).await;
+        let error = dial_error(port, &trust).await;
+        server.await.unwrap();
+        assert!(
+            error
+                .to_string()
+                .contains("the join token's CA pin is not this coordinator's"),
+            "{error}"
+        );
+        assert!(error.is_fatal(), "{error}");
     }
 }

@@ -10,12 +10,17 @@
 //! its attempts go on untouched. A refusal, an answer that does not fit
 //! the key, a failed save, or no answer at all: logged, and tried again at
 //! a tenth of the remaining time, at least a second later ([`retry_at`]).
+//! The keys of the last few requests are kept ([`PENDING_KEYS`]): near
+//! expiry requests go out every second, and an answer that comes after
+//! the next request (a congested session) is still taken, while it
+//! cannot spoil the answer to that next one either.
 //!
 //! The timing is plain functions of `now`; `Credentials` holds the state.
 //! This module never touches the stream: the session asks for a request
 //! when due and hands over the answer (`session.rs`, encoded by
 //! `codec.rs`).
 
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
@@ -32,6 +37,10 @@ use crate::join::key_and_request;
 /// after one (a certificate whose 2/3 point is already past must not make
 /// the node renew in a loop).
 pub(crate) const MIN_WAIT: Duration = Duration::from_secs(1);
+
+/// How many requests' keys are kept for their answers: the newest, and
+/// the ones before it whose answers may still be on the way.
+pub(crate) const PENDING_KEYS: usize = 4;
 
 /// When to renew a certificate: at 2/3 of its lifetime.
 pub(crate) fn renew_at(validity: Validity) -> SystemTime {
@@ -72,8 +81,9 @@ struct State {
     /// When to send the next request (or, one being out, when to give up
     /// waiting for its answer and send another).
     next: SystemTime,
-    /// The new key of the request in flight: the answer must certify it.
-    pending: Option<rcgen::KeyPair>,
+    /// The new keys of the requests in flight, oldest first, at most
+    /// [`PENDING_KEYS`]: an answer must certify one of them.
+    pending: VecDeque<rcgen::KeyPair>,
 }
 
 impl std::fmt::Debug for Credentials {
@@ -104,7 +114,7 @@ impl Credentials {
             state: Mutex::new(State {
                 validity,
                 next: renew_at(validity),
-                pending: None,
+                pending: VecDeque::new(),
             }),
         })
     }
@@ -143,10 +153,12 @@ impl Credentials {
             return None;
         }
         state.next = retry_at(now, state.validity.not_after);
-        state.pending = None;
         Some(match key_and_request(&self.name) {
             Ok((key, csr)) => {
-                state.pending = Some(key);
+                if state.pending.len() == PENDING_KEYS {
+                    state.pending.pop_front();
+                }
+                state.pending.push_back(key);
                 Ok(csr)
             }
             Err(err) => Err(err.to_string()),
@@ -180,20 +192,32 @@ impl Credentials {
         }
     }
 
-    /// Checks that `chain_pem` certifies the pending key, saves both, and
-    /// makes them the ones the next dials present.
+    /// Checks that `chain_pem` certifies one of the pending keys, saves
+    /// both, and makes them the ones the next dials present. That key and
+    /// older ones are then no longer pending (their answers would be
+    /// older); newer ones stay, and nothing changes on failure, so a
+    /// stale or foreign answer never costs the one in flight.
     fn install(
         &self,
         state: &mut State,
         chain_pem: &str,
         now: SystemTime,
     ) -> Result<Validity, String> {
-        let key = state
-            .pending
-            .take()
-            .ok_or("a certificate this node did not ask for (or asked for again since)")?;
-        let validity = leaf_validity(chain_pem, key.public_key_raw())?;
-        let key_pem = key.serialize_pem();
+        let mut refusal =
+            String::from("a certificate this node did not ask for (or already installed)");
+        let mut found = None;
+        for (index, key) in state.pending.iter().enumerate().rev() {
+            match leaf_validity(chain_pem, key.public_key_raw()) {
+                Ok(validity) => {
+                    found = Some((index, validity));
+                    break;
+                }
+                Err(err) if index + 1 == state.pending.len() => refusal = err,
+                Err(_) => {}
+            }
+        }
+        let (index, validity) = found.ok_or(refusal)?;
+        let key_pem = state.pending[index].serialize_pem();
         if let Some(store) = &self.store {
             store
                 .save_certificate(&key_pem, chain_pem)
@@ -202,6 +226,7 @@ impl Credentials {
         self.client
             .set_pem(chain_pem, &key_pem)
             .map_err(|err| err.to_string())?;
+        state.pending.drain(..=index);
         state.validity = validity;
         state.next = next_renewal(now, validity);
         Ok(validity)
@@ -289,8 +314,21 @@ mod tests {
         let ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
         let issuer = rcgen::Issuer::new(ca, ca_key);
         let state = credentials.state();
-        let key = state.pending.as_ref().expect("a request in flight");
+        let key = state.pending.back().expect("a request in flight");
         leaf(key, &issuer, lifetime)
+    }
+
+    /// The validity of the leaf of `chain`, whatever key it certifies.
+    fn validity_of(chain: &str) -> Validity {
+        let (_, pem) = x509_parser::pem::parse_x509_pem(chain.as_bytes()).unwrap();
+        let public = pem
+            .parse_x509()
+            .unwrap()
+            .public_key()
+            .subject_public_key
+            .data
+            .to_vec();
+        leaf_validity(chain, &public).unwrap()
     }
 
     #[test]
@@ -337,5 +375,52 @@ mod tests {
         credentials.answer(Ok(foreign), later);
         assert_eq!(credentials.not_after(), validity.not_after, "unchanged");
         assert_eq!(credentials.next_at(), retry_at(later, validity.not_after));
+    }
+
+    #[test]
+    fn late_answers_to_earlier_requests_are_taken_and_a_foreign_one_spoils_none() {
+        let (credentials, validity) = credentials(Duration::from_secs(3000), None);
+        let due = renew_at(validity);
+        credentials.request(due).unwrap().unwrap();
+        let first = answer_for(&credentials, Duration::from_secs(5000));
+        let again = credentials.next_at();
+        credentials.request(again).unwrap().unwrap();
+        let second = answer_for(&credentials, Duration::from_secs(6000));
+        let (first_validity, second_validity) = (validity_of(&first), validity_of(&second));
+        assert_ne!(first_validity.not_after, second_validity.not_after);
+
+        // An answer for no key of this node's: refused, both still pending.
+        let (_, foreign, _) = issued(Duration::from_secs(6000));
+        credentials.answer(Ok(foreign), again);
+        assert_eq!(credentials.not_after(), validity.not_after, "unchanged");
+        // The answer to the first request, after the second went out.
+        credentials.answer(Ok(first.clone()), again);
+        assert_eq!(credentials.not_after(), first_validity.not_after);
+        // The answer to the second is taken too.
+        let later = again + SECOND;
+        credentials.answer(Ok(second), later);
+        assert_eq!(credentials.not_after(), second_validity.not_after);
+        assert_eq!(credentials.next_at(), next_renewal(later, second_validity));
+        // The first again: its key is gone, nothing changes.
+        credentials.answer(Ok(first), later);
+        assert_eq!(credentials.not_after(), second_validity.not_after);
+    }
+
+    #[test]
+    fn only_the_last_few_requests_keys_are_kept() {
+        let (credentials, validity) = credentials(Duration::from_secs(3000), None);
+        let mut now = renew_at(validity);
+        let mut answers = Vec::new();
+        for _ in 0..=PENDING_KEYS {
+            credentials.request(now).unwrap().unwrap();
+            answers.push(answer_for(&credentials, Duration::from_secs(5000)));
+            now = credentials.next_at();
+        }
+        let oldest = answers.remove(0);
+        credentials.answer(Ok(oldest), now);
+        assert_eq!(credentials.not_after(), validity.not_after, "forgotten");
+        let newest = answers.pop().unwrap();
+        credentials.answer(Ok(newest.clone()), now);
+        assert_eq!(credentials.not_after(), validity_of(&newest).not_after);
     }
 }

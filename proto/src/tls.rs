@@ -17,7 +17,8 @@
 //!   the pin is refused.
 //!
 //! Ring is the only crypto provider. Handshake failures are turned into
-//! messages that say what to pass instead (see [`TlsConnector`]).
+//! messages that say what to pass instead, with why as a value
+//! ([`HandshakeError`], see [`TlsConnector`]).
 
 use std::fmt;
 use std::future::Future;
@@ -536,51 +537,133 @@ pub fn plaintext_hint(addr: &crate::CoordinatorAddr) -> String {
     )
 }
 
-/// A handshake error as a message that says what to do.
+/// Why a TLS handshake with a coordinator failed, for callers that decide
+/// on it (a join gives up on [`HandshakeFailure::Untrusted`] alone).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HandshakeFailure {
+    /// The coordinator's chain is not the trusted CA's: an unknown
+    /// issuer, a bad signature, or no certificate matching the pin.
+    /// Asking again gets the same chain.
+    Untrusted,
+    /// The certificate does not name the host dialed.
+    WrongName,
+    /// The certificate is outside its dates here (expired, or not valid
+    /// yet): a clock, or a certificate being renewed.
+    Dates,
+    /// The peer answered with something that is not TLS.
+    NotTls,
+    /// The connection closed during the handshake (a coordinator
+    /// stopping, a proxy dropping it, or one serving plaintext).
+    Closed,
+    /// Any other refusal of rustls'.
+    Other,
+}
+
+/// A failed handshake as [`TlsConnector`] reports it: the io error it
+/// answers carries this, with a message that says what to do.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct HandshakeError {
+    /// Why, as a value.
+    pub failure: HandshakeFailure,
+    /// What to do, in words (the error's `Display`).
+    message: String,
+}
+
+impl HandshakeError {
+    /// The handshake error somewhere in `error`'s chain of sources (as
+    /// tonic and hyper wrap the connector's io error), if any.
+    pub fn find<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a HandshakeError> {
+        let mut cause = Some(error);
+        while let Some(current) = cause {
+            if let Some(found) = current.downcast_ref::<HandshakeError>() {
+                return Some(found);
+            }
+            // An io error's `source()` skips the error it wraps.
+            if let Some(found) = current
+                .downcast_ref::<io::Error>()
+                .and_then(io::Error::get_ref)
+                .and_then(|inner| inner.downcast_ref::<HandshakeError>())
+            {
+                return Some(found);
+            }
+            cause = current.source();
+        }
+        None
+    }
+}
+
+/// A handshake error as a message that says what to do, carried in a
+/// [`HandshakeError`] (the io error keeps its kind).
 fn explain(err: io::Error, trust: &Trust, host: &str, port: u16) -> io::Error {
     let rustls_error = err
         .get_ref()
         .and_then(|inner| inner.downcast_ref::<rustls::Error>())
         .cloned();
-    let message = match rustls_error {
+    let (failure, message) = match rustls_error {
         Some(rustls::Error::InvalidCertificate(CertificateError::NotValidForName))
         | Some(rustls::Error::InvalidCertificate(CertificateError::NotValidForNameContext {
             ..
-        })) => format!(
-            "the coordinator's certificate does not name '{host}': dial a name it was \
-             started with, or restart it with --advertise {host}"
+        })) => (
+            HandshakeFailure::WrongName,
+            format!(
+                "the coordinator's certificate does not name '{host}': dial a name it was \
+                 started with, or restart it with --advertise {host}"
+            ),
         ),
         Some(rustls::Error::InvalidCertificate(
             CertificateError::Expired | CertificateError::ExpiredContext { .. },
-        )) => {
-            "the coordinator's certificate has expired (is this machine's clock right?)".to_owned()
-        }
-        Some(rustls::Error::InvalidCertificate(_)) => match trust {
-            Trust::CaFile(path) => format!(
-                "the coordinator's certificate is not signed by the CA in {}: pass the \
-                 cluster's ca.pem (--ca-file / WEFT_CA) or its pin (--ca-pin / WEFT_CA_PIN)",
-                path.display()
-            ),
-            Trust::Pin(_) => format!(
-                "the coordinator's certificate chain does not match {}: pass the pin the \
-                 coordinator printed (--ca-pin / WEFT_CA_PIN) or its ca.pem (--ca-file / WEFT_CA)",
-                trust.describe()
-            ),
-        },
-        Some(rustls::Error::InvalidMessage(_)) => {
+        )) => (
+            HandshakeFailure::Dates,
+            "the coordinator's certificate has expired (is this machine's clock right?)".to_owned(),
+        ),
+        Some(rustls::Error::InvalidCertificate(
+            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. },
+        )) => (
+            HandshakeFailure::Dates,
+            "the coordinator's certificate is not valid yet (is this machine's clock right?)"
+                .to_owned(),
+        ),
+        Some(rustls::Error::InvalidCertificate(
+            CertificateError::UnknownIssuer
+            | CertificateError::BadSignature
+            | CertificateError::ApplicationVerificationFailure,
+        )) => (
+            HandshakeFailure::Untrusted,
+            match trust {
+                Trust::CaFile(path) => format!(
+                    "the coordinator's certificate is not signed by the CA in {}: pass the \
+                     cluster's ca.pem (--ca-file / WEFT_CA) or its pin (--ca-pin / WEFT_CA_PIN)",
+                    path.display()
+                ),
+                Trust::Pin(_) => format!(
+                    "the coordinator's certificate chain does not match {}: pass the pin the \
+                     coordinator printed (--ca-pin / WEFT_CA_PIN) or its ca.pem (--ca-file / WEFT_CA)",
+                    trust.describe()
+                ),
+            },
+        ),
+        Some(rustls::Error::InvalidMessage(_)) => (
+            HandshakeFailure::NotTls,
             format!(
                 "the coordinator at {host}:{port} does not speak TLS: if it was started \
                  with --insecure, dial http://{host}:{port}"
-            )
-        }
-        Some(other) => format!("TLS handshake with the coordinator failed: {other}"),
-        None if err.kind() == io::ErrorKind::UnexpectedEof => format!(
-            "the coordinator at {host}:{port} closed the connection during the TLS handshake \
-             (is it started with --insecure? then dial http://{host}:{port})"
+            ),
+        ),
+        Some(other) => (
+            HandshakeFailure::Other,
+            format!("TLS handshake with the coordinator failed: {other}"),
+        ),
+        None if err.kind() == io::ErrorKind::UnexpectedEof => (
+            HandshakeFailure::Closed,
+            format!(
+                "the coordinator at {host}:{port} closed the connection during the TLS handshake \
+                 (is it started with --insecure? then dial http://{host}:{port})"
+            ),
         ),
         None => return err,
     };
-    io::Error::new(io::ErrorKind::PermissionDenied, message)
+    io::Error::new(err.kind(), HandshakeError { failure, message })
 }
 
 impl tower_service::Service<http::Uri> for TlsConnector {

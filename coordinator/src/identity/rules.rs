@@ -12,8 +12,11 @@ use crate::store::NodeIdentityRecord;
 /// Longest node name, in bytes.
 pub const MAX_NAME_BYTES: usize = 128;
 
-/// A node name: 1 to 128 bytes of letters, digits, `.`, `-` and `_`.
-/// The error names the field and the rule (`INVALID_ARGUMENT`).
+/// A node name: 1 to 128 bytes of letters, digits, `.`, `-` and `_`,
+/// that is not a node id (admins select a node by id or name, an id
+/// first: a name that is another node's id would make `weft nodes revoke
+/// NAME` revoke that node). The error names the field and the rule
+/// (`INVALID_ARGUMENT`).
 pub fn validate_name(name: &str) -> Result<(), String> {
     if name.is_empty() {
         return Err(
@@ -33,6 +36,11 @@ pub fn validate_name(name: &str) -> Result<(), String> {
     {
         return Err(format!(
             "name: {bad:?} is not allowed (only letters, digits, '.', '-', '_')"
+        ));
+    }
+    if name.parse::<NodeId>().is_ok() {
+        return Err(format!(
+            "name: '{name}' is a node id, which admins could mistake for another node's; choose a name that is not one"
         ));
     }
     Ok(())

@@ -28,6 +28,18 @@ fn node_names_are_short_plain_words() {
 }
 
 #[test]
+fn a_node_id_is_no_name_so_selectors_cannot_mistake_one_node_for_another() {
+    let id = NodeId::new().to_string();
+    for taken in [id.clone(), id.to_lowercase()] {
+        let err = validate_name(&taken).unwrap_err();
+        assert!(err.starts_with("name: "), "{err}");
+        assert!(err.contains("node id"), "{err}");
+    }
+    // 26 characters that are no id are still a name.
+    assert_eq!(validate_name("gpu-node-with-26-chars-abc"), Ok(()));
+}
+
+#[test]
 fn a_name_is_held_by_the_identity_not_revoked_and_selectors_find_ids_and_names() {
     let old = NodeIdentityRecord {
         revoked: Some(SystemTime::UNIX_EPOCH),

@@ -178,6 +178,10 @@ async fn join_refuses_used_up_expired_revoked_and_client_tokens_and_bad_names() 
     let err = join(&good, "no spaces").await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().starts_with("name"), "{}", err.message());
+    // Another node's id as a name: selectors would find that node.
+    let err = join(&good, &first.node_id).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("is a node id"), "{}", err.message());
     let (key, _) = key_and_csr();
     let err = join_with(&good, "ok-name", key, b"not a csr".to_vec())
         .await
