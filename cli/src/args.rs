@@ -19,7 +19,8 @@ use weft_client::Trust;
 /// `weft list`'s filters.
 #[derive(clap::Args, Debug, Clone, PartialEq)]
 pub struct ListArgs {
-    /// Only tasks in this state (queued, assigned, running, succeeded, failed, cancelled, timed_out).
+    /// Only tasks in this state (pending, queued, assigned, running,
+    /// succeeded, failed, cancelled, timed_out, upstream_failed, skipped).
     #[arg(long, value_parser = parse_task_state, value_name = "STATE")]
     pub state: Option<TaskState>,
     /// Only tasks with this label, as KEY=VALUE (repeatable; all must match).
@@ -167,13 +168,51 @@ impl Args {
 /// Parses the process's command line (exiting on a usage error like
 /// `Args::parse`) and notes whether `--coordinator` was given.
 pub fn parse() -> Args {
-    let matches = Args::command().get_matches();
-    let mut args = Args::from_arg_matches(&matches).unwrap_or_else(|err| err.exit());
+    parse_from(std::env::args_os()).unwrap_or_else(|err| err.exit())
+}
+
+/// [`parse`] of `argv`: also refuses what clap cannot say by itself (a
+/// task flag with `submit -f`).
+pub fn parse_from<I, T>(argv: I) -> Result<Args, clap::Error>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let mut command = Args::command();
+    let matches = command.try_get_matches_from_mut(argv)?;
+    let mut args = Args::from_arg_matches(&matches).map_err(|err| err.format(&mut command))?;
     args.coordinator_given = matches!(
         matches.value_source("coordinator"),
         Some(ValueSource::CommandLine | ValueSource::EnvVariable)
     );
-    args
+    if let Some(("submit", submit)) = matches.subcommand()
+        && submit.contains_id("file")
+        && submit.value_source("file").is_some()
+        && let Some(flag) = task_flag_given(submit)
+    {
+        return Err(command.error(
+            clap::error::ErrorKind::ArgumentConflict,
+            format!(
+                "{flag} cannot be used with -f FILE: the file gives each task its settings (as keys: priority, timeout, labels, ...)"
+            ),
+        ));
+    }
+    Ok(args)
+}
+
+/// The first task or policy flag given on the command line (not from the
+/// environment, nor a default), as `--name`. The trace flags are not
+/// counted: they continue the caller's trace, which a file cannot say,
+/// and apply to each of its tasks.
+fn task_flag_given(matches: &clap::ArgMatches) -> Option<String> {
+    let opts = <TaskOpts as clap::Args>::augment_args(clap::Command::new("opts"));
+    opts.get_arguments()
+        .filter(|arg| !matches!(arg.get_id().as_str(), "traceparent" | "tracestate"))
+        .find(|arg| matches.value_source(arg.get_id().as_str()) == Some(ValueSource::CommandLine))
+        .map(|arg| match arg.get_long() {
+            Some(long) => format!("--{long}"),
+            None => arg.get_id().to_string(),
+        })
 }
 
 /// The `weft` subcommands.
@@ -251,8 +290,9 @@ pub enum Command {
     /// Resumes after a dropped connection (on the next of several
     /// --coordinator addresses after a failover); exits with the task's code like `run`.
     /// Each state line on stderr ends in its event's seq (`attempt 1, seq 4`);
-    /// `--from-seq` takes one to show only what came from there on.
-    /// Ctrl-C stops watching (exit 3; the task keeps running) and prints the
+    /// `--from-seq` takes one to show only what came from there on; past
+    /// the last event of a task that has ended, it is a usage error (exit
+    /// 2) that says the task's last seq. Ctrl-C stops watching (exit 3; the task keeps running) and prints the
     /// `--from-seq` to resume from.
     #[command(after_help = exit::EXIT_CODES_HELP)]
     Watch {
@@ -336,8 +376,9 @@ pub enum Command {
     /// ~/.config/weft/context.json). Precedence: flags, then environment
     /// (WEFT_COORDINATOR, WEFT_TOKEN), then this context; its token and
     /// CA are used only for its own coordinator. The token is
-    /// checked against the coordinator before it is saved; it is the global
-    /// --token (or --token-file's, or $WEFT_TOKEN).
+    /// checked against the coordinator before it is saved (any scope
+    /// passes; an unknown, revoked or expired token exits 77); it is the
+    /// global --token (or --token-file's, or $WEFT_TOKEN).
     Login {
         /// Coordinator address (HOST:PORT or http(s)://HOST:PORT).
         url: String,
@@ -356,7 +397,8 @@ pub enum Command {
     Map {
         /// Tasks in flight at once (default: the cluster's free slots, at
         /// least 1 and at most 512: each is a stream, and a coordinator lets
-        /// one client hold 1,024 at once by default).
+        /// one client hold 1,024 at once by default; 16 when the token
+        /// lacks the read scope to learn them).
         #[arg(short = 'j', long = "jobs", value_name = "N")]
         jobs: Option<usize>,
         /// Print outputs in input order (default: completion order).
@@ -561,6 +603,72 @@ mod tests {
                 "{bad:?}: {err}"
             );
         }
+    }
+
+    #[test]
+    fn submit_with_a_file_refuses_task_flags_naming_the_flag() {
+        for (flag, value) in [
+            ("--priority", "3"),
+            ("--timeout", "5s"),
+            ("--label", "zone=eu"),
+            ("--max-attempts", "2"),
+            ("--slots", "2"),
+            ("--rate-limit", "api"),
+            ("--fail-if-infeasible", ""),
+        ] {
+            let mut argv = vec!["weft", "submit", "-f", "g.yaml", flag];
+            if !value.is_empty() {
+                argv.push(value);
+            }
+            let err = parse_from(&argv).expect_err(flag);
+            assert_eq!(err.exit_code(), i32::from(exit::USAGE), "{flag}");
+            let text = err.to_string();
+            assert!(
+                text.contains(&format!("{flag} cannot be used with -f FILE")),
+                "{text}"
+            );
+        }
+        // The file alone, and the trace to continue, are fine; without -f
+        // the flags are the task's.
+        for argv in [
+            &["weft", "submit", "-f", "g.yaml"][..],
+            &["weft", "submit", "-f", "g.yaml", "--traceparent", "00-x"],
+            &["weft", "submit", "--priority", "3", "--", "true"],
+        ] {
+            parse_from(argv).unwrap_or_else(|err| panic!("{argv:?}: {err}"));
+        }
+    }
+
+    #[test]
+    fn list_state_help_names_every_state_it_accepts() {
+        let mut command = Args::command();
+        let help = command
+            .find_subcommand_mut("list")
+            .expect("list")
+            .render_long_help()
+            .to_string();
+        for state in TaskState::ALL {
+            let name = state.as_str();
+            assert!(help.contains(name), "{name} missing from: {help}");
+            assert!(parse_task_state(name).is_ok(), "{name}");
+        }
+    }
+
+    #[test]
+    fn a_duration_flag_past_a_hundred_years_is_a_usage_error_not_a_panic() {
+        for flag in ["--timeout", "--schedule-timeout"] {
+            for value in ["1e20", "1e19", "300000000000y"] {
+                let err = Args::try_parse_from(["weft", "run", flag, value, "--", "true"])
+                    .expect_err(value);
+                assert_eq!(err.exit_code(), i32::from(exit::USAGE), "{flag} {value}");
+                assert!(err.to_string().contains("at most 100 years"), "{err}");
+            }
+        }
+        let err = Args::try_parse_from(["weft", "submit", "--delay", "1e19", "--", "true"])
+            .expect_err("delay");
+        assert_eq!(err.exit_code(), i32::from(exit::USAGE));
+        let err = Args::try_parse_from(["weft", "top", "--interval", "1e20"]).expect_err("top");
+        assert_eq!(err.exit_code(), i32::from(exit::USAGE));
     }
 
     #[test]

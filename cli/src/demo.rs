@@ -25,7 +25,7 @@ use weft_proto::{OutputStream, TaskState};
 use crate::exit;
 use crate::local;
 use crate::output::{OutputFormat, short_duration, task_json};
-use crate::stream::{LastAttemptOutput, Seen, drive, write_stderr};
+use crate::stream::{Events, LastAttemptOutput, Seen, drive, write_stderr};
 
 /// A finished demo task with its collected stdout.
 struct Ran {
@@ -319,7 +319,7 @@ async fn run_collecting(
     let stream = client.run(spec).await?;
     let mut stdout = LastAttemptOutput::default();
     let mut seen = Seen::default();
-    let task = drive(client, stream, &mut seen, &mut |event| {
+    let task = drive(client, Events::Once(stream), &mut seen, &mut |event| {
         if let EventBody::Output { stream, data } = &event.body {
             match stream {
                 OutputStream::Stdout => stdout.push(event.attempt, data),

@@ -50,7 +50,8 @@ Exit codes (task codes from run, call, wait, watch; map exits 1 if any task fail
   3    Ctrl-C stopped `watch` before the task finished (the task goes on)
   4    the task never ran: a task it runs after failed (upstream_failed)
   5    the task never ran, by its rule: skipped (--after-rule any_failed)
-  130  the task was cancelled (Ctrl-C on run or call cancels it)";
+  130  the task was cancelled (Ctrl-C on run or call cancels it; 69 instead when
+       no coordinator took the cancel: run `weft cancel ID` later)";
 
 /// The exit code for a task in its final state (or [`FAILURE`] if it is not
 /// final, which a caller should not ask).

@@ -12,6 +12,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use weft_client::{Client, SubmitOutcome, Task, TaskSpec};
+use weft_proto::policy::{MAX_FAIR_WEIGHT, MAX_PRIORITY, MIN_PRIORITY};
 use weft_proto::{DependencyRule, TaskId, TaskState};
 
 use crate::exit::{self, UsageError};
@@ -62,7 +63,7 @@ impl DepOpts {
     }
 
     /// `spec` with these settings.
-    pub fn apply(&self, mut spec: TaskSpec) -> TaskSpec {
+    pub fn apply(&self, mut spec: TaskSpec) -> Result<TaskSpec, UsageError> {
         for id in &self.after {
             spec = spec.after(*id);
         }
@@ -76,10 +77,21 @@ impl DepOpts {
             spec = spec.not_before(at);
         }
         if let Some(delay) = self.delay {
-            spec = spec.not_before(SystemTime::now() + delay);
+            spec = spec
+                .not_before(after_now(delay).ok_or_else(|| UsageError(too_far("--delay", delay)))?);
         }
-        spec
+        Ok(spec)
     }
+}
+
+/// Now plus `delay`, or `None` past what the clock can hold. (A parsed
+/// duration is at most 100 years, so this is a safety net.)
+fn after_now(delay: Duration) -> Option<SystemTime> {
+    SystemTime::now().checked_add(delay)
+}
+
+fn too_far(what: &str, delay: Duration) -> String {
+    format!("{what} {delay:?} is further ahead than the clock can hold")
 }
 
 fn parse_rule(text: &str) -> Result<DependencyRule, String> {
@@ -264,7 +276,24 @@ fn file_spec(i: usize, t: &FileTask) -> Result<TaskSpec, String> {
             }
             TaskSpec::exec(argv.clone())
         }
-        (None, Some(handler)) => TaskSpec::call(handler, t.input.clone().unwrap_or_default()),
+        (None, Some(handler)) => {
+            // What only a process has: a call's handler gets `input`.
+            for (field, set) in [
+                ("stdin", t.stdin.is_some()),
+                ("env", !t.env.is_empty()),
+                ("cwd", t.cwd.is_some()),
+            ] {
+                if set {
+                    return Err(task_error(
+                        i,
+                        t,
+                        field,
+                        "only for `exec` tasks (call: input)",
+                    ));
+                }
+            }
+            TaskSpec::call(handler, t.input.clone().unwrap_or_default())
+        }
         (Some(_), Some(_)) => {
             return Err(task_error(i, t, "exec", "give `exec` or `call`, not both"));
         }
@@ -322,7 +351,12 @@ fn file_spec(i: usize, t: &FileTask) -> Result<TaskSpec, String> {
         (Some(at), None) => {
             spec = spec.not_before(parse_at(at).map_err(|e| task_error(i, t, "at", e))?)
         }
-        (None, Some(d)) => spec = spec.not_before(SystemTime::now() + duration(i, t, "delay", d)?),
+        (None, Some(d)) => {
+            let delay = duration(i, t, "delay", d)?;
+            let at = after_now(delay)
+                .ok_or_else(|| task_error(i, t, "delay", too_far("delay", delay)))?;
+            spec = spec.not_before(at);
+        }
         (None, None) => {}
     }
     Ok(spec)
@@ -343,6 +377,29 @@ fn file_policy(i: usize, t: &FileTask) -> Result<PolicyOpts, String> {
     }
     if t.fair_key.is_none() && t.fair_weight.is_some() {
         return Err(fail("fair_weight", "needs `fair_key`".into()));
+    }
+    // The ranges the flags take (see PolicyOpts).
+    if let Some(p) = t.priority
+        && !(MIN_PRIORITY..=MAX_PRIORITY).contains(&p)
+    {
+        return Err(fail(
+            "priority",
+            format!("{p} is not in {MIN_PRIORITY}..={MAX_PRIORITY}"),
+        ));
+    }
+    if let Some(w) = t.fair_weight
+        && !(1..=MAX_FAIR_WEIGHT).contains(&w)
+    {
+        return Err(fail(
+            "fair_weight",
+            format!("{w} is not in 1..={MAX_FAIR_WEIGHT}"),
+        ));
+    }
+    if t.max_concurrent == Some(0) {
+        return Err(fail(
+            "max_concurrent",
+            "0 is not in 1.. (at least 1)".into(),
+        ));
     }
     let on_limit = t
         .on_limit
@@ -418,9 +475,17 @@ pub fn print_submitted(format: OutputFormat, outcome: &SubmitOutcome, refs: &[St
     }
 }
 
-/// `weft submit -f FILE`.
-pub async fn submit_file(client: &Client, format: OutputFormat, path: &Path) -> anyhow::Result<u8> {
-    let specs = read_graph(path)?;
+/// `weft submit -f FILE`; each task continues `trace` if given.
+pub async fn submit_file(
+    client: &Client,
+    format: OutputFormat,
+    path: &Path,
+    trace: Option<weft_proto::TraceContext>,
+) -> anyhow::Result<u8> {
+    let mut specs = read_graph(path)?;
+    if let Some(trace) = trace {
+        specs = specs.into_iter().map(|s| s.trace(trace.clone())).collect();
+    }
     let refs: Vec<String> = specs.iter().map(|s| s.ref_name.clone()).collect();
     let outcome = client.submit_graph(specs).await?;
     print_submitted(format, &outcome, &refs);
@@ -508,7 +573,7 @@ async fn get(client: &Client, format: OutputFormat, job: TaskId) -> anyhow::Resu
         OutputFormat::Text => {
             let summary: Vec<String> = counts.iter().map(|(s, n)| format!("{n} {s}")).collect();
             println!("job {job}: {} tasks: {}", tasks.len(), summary.join(", "));
-            print!("{}", tasks_table(&tasks, SystemTime::now()));
+            println!("{}", tasks_table(&tasks, SystemTime::now()));
         }
         OutputFormat::Json => {
             let by_state: serde_json::Map<String, serde_json::Value> = counts
@@ -624,6 +689,38 @@ mod tests {
                 "- call: echo\n  fair_weight: 2\n",
                 "`fair_weight`: needs `fair_key`",
             ),
+            (
+                "- call: echo\n  priority: 0\n",
+                "`priority`: 0 is not in 1..=9",
+            ),
+            ("- call: echo\n  priority: 10\n", "`priority`: 10 is not in"),
+            (
+                "- call: echo\n  fair_key: k\n  fair_weight: 0\n",
+                "`fair_weight`: 0 is not in 1..=1000",
+            ),
+            (
+                "- call: echo\n  fair_key: k\n  fair_weight: 1001\n",
+                "`fair_weight`: 1001 is not in",
+            ),
+            (
+                "- call: echo\n  concurrency_key: k\n  max_concurrent: 0\n",
+                "`max_concurrent`: 0 is not in 1..",
+            ),
+            (
+                "- call: echo\n  stdin: x\n",
+                "`stdin`: only for `exec` tasks",
+            ),
+            (
+                "- call: echo\n  env: {A: b}\n",
+                "`env`: only for `exec` tasks",
+            ),
+            (
+                "- call: echo\n  cwd: /tmp\n",
+                "`cwd`: only for `exec` tasks",
+            ),
+            ("- call: echo\n  delay: '1e19'\n", "`delay`:"),
+            ("- call: echo\n  delay: '1e20'\n", "`delay`:"),
+            ("- call: echo\n  timeout: 1e20\n", "`timeout`:"),
         ] {
             let (_d, path) = write("bad.yaml", text);
             let err = read_graph(&path).unwrap_err().0;

@@ -6,6 +6,7 @@
 
 use std::io::IsTerminal;
 
+use anyhow::Context;
 use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tokio::io::AsyncBufReadExt;
@@ -16,7 +17,9 @@ use weft_proto::{OutputStream, TaskState};
 use crate::exit;
 use crate::opts::TaskOpts;
 use crate::output::{OutputFormat, task_json};
-use crate::stream::{LastAttemptOutput, Seen, drive, failure_line, write_stderr, write_stdout};
+use crate::stream::{
+    Events, LastAttemptOutput, Seen, drive, failure_line, write_stderr, write_stdout,
+};
 
 /// The placeholder replaced by each input line.
 pub const PLACEHOLDER: &str = "{}";
@@ -49,6 +52,38 @@ struct Done {
 /// (`--max-streams-per-client`).
 const MAX_DEFAULT_JOBS: usize = 512;
 
+/// How many tasks `weft map` runs at once without `-j` when its token may
+/// not read the cluster's free slots (map itself needs only `submit`).
+const FALLBACK_JOBS: usize = 16;
+
+/// Without `-j`: as many tasks as the cluster has free slots (all its
+/// slots when none is free), at most [`MAX_DEFAULT_JOBS`]. A token without
+/// the `read` scope gets [`FALLBACK_JOBS`], said on stderr.
+async fn default_jobs(client: &Client) -> Result<usize, weft_client::Error> {
+    let info = match client.cluster_info().await {
+        Ok(info) => info,
+        Err(weft_client::Error::Other {
+            code: tonic::Code::PermissionDenied,
+            ..
+        }) => {
+            let jobs = FALLBACK_JOBS.clamp(1, MAX_DEFAULT_JOBS);
+            eprintln!(
+                "weft: map: the token may not read the cluster's free slots (scope read); running {jobs} at once (-j N to choose)"
+            );
+            return Ok(jobs);
+        }
+        Err(err) => return Err(err),
+    };
+    let free = if info.slots_free > 0 {
+        info.slots_free
+    } else {
+        info.slots
+    };
+    Ok(usize::try_from(free)
+        .unwrap_or(1)
+        .clamp(1, MAX_DEFAULT_JOBS))
+}
+
 /// What each line becomes.
 pub enum Work {
     /// A run of this command template ([`substitute`]).
@@ -72,22 +107,15 @@ pub async fn run(
         return Ok(exit::SUCCESS);
     }
     let stdin = match &opts.stdin_file {
-        Some(path) => Some(std::fs::read(path)?),
+        Some(path) => Some(
+            std::fs::read(path)
+                .with_context(|| format!("reading --stdin-file {}", path.display()))?,
+        ),
         None => None,
     };
     let jobs = match jobs {
         Some(n) => n.max(1),
-        None => {
-            let info = client.cluster_info().await?;
-            let free = if info.slots_free > 0 {
-                info.slots_free
-            } else {
-                info.slots
-            };
-            usize::try_from(free)
-                .unwrap_or(1)
-                .clamp(1, MAX_DEFAULT_JOBS)
-        }
+        None => default_jobs(client).await?,
     };
     let bar = progress_bar(lines.len() as u64);
     let total = lines.len();
@@ -172,7 +200,7 @@ async fn run_one(
         Err(err) => Err(err),
         Ok(stream) => {
             let mut seen = Seen::default();
-            drive(client, stream, &mut seen, &mut |event| {
+            drive(client, Events::Once(stream), &mut seen, &mut |event| {
                 if let EventBody::Output { stream, data } = &event.body {
                     match stream {
                         OutputStream::Stdout => stdout.push(event.attempt, data),

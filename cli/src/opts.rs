@@ -132,7 +132,7 @@ impl TaskOpts {
 
     /// The trace to continue (`--traceparent`/`TRACEPARENT`), if valid; a
     /// malformed one is said once on stderr and ignored.
-    fn trace(&self) -> Option<TraceContext> {
+    pub fn trace(&self) -> Option<TraceContext> {
         let traceparent = self.traceparent.as_deref().filter(|t| !t.is_empty())?;
         let tracestate = self.tracestate.as_deref().unwrap_or("");
         match TraceContext::parse(traceparent, tracestate) {

@@ -65,7 +65,11 @@ async fn dispatch(args: Args) -> anyhow::Result<u8> {
                         )
                         .into())
                     }
-                    Some(path) => crate::job::submit_file(&client, format, path).await,
+                    // Task flags were refused with -f when parsed; the
+                    // trace to continue (TRACEPARENT) goes to every task.
+                    Some(path) => {
+                        crate::job::submit_file(&client, format, path, opts.trace()).await
+                    }
                     None => task::submit(&client, format, &opts, &deps, call, command).await,
                 },
                 Command::Job(command) => crate::job::run(&client, format, command).await,

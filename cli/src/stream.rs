@@ -37,16 +37,31 @@ pub struct Seen {
     pub next_seq: u64,
 }
 
-/// Reads `stream` to the final event, handing each event to `sink` once,
-/// and answers the final task. If the stream breaks after the task's id is
-/// known, it resumes with [`Client::follow`] (for [`CLI_RESUME_WINDOW`]).
+/// A task's event stream, and who resumes it when it breaks.
+pub enum Events {
+    /// From `Run` or `Watch`: [`drive`] resumes it once it breaks, with
+    /// [`Client::follow`] (for [`CLI_RESUME_WINDOW`]).
+    Once(EventStream),
+    /// From [`Client::follow`], which resumes by itself within its window:
+    /// [`drive`] ends with its error, since resuming again would add a
+    /// second window to the one the command documents.
+    Followed(EventStream),
+}
+
+/// Reads `events` to the final event, handing each event to `sink` once,
+/// and answers the final task. An [`Events::Once`] stream that breaks
+/// after the task's id is known is resumed with [`Client::follow`] (for
+/// [`CLI_RESUME_WINDOW`]).
 pub async fn drive(
     client: &Client,
-    mut stream: EventStream,
+    events: Events,
     seen: &mut Seen,
     sink: &mut (dyn FnMut(&TaskEvent) + Send),
 ) -> Result<Task, Error> {
-    let mut resumed = false;
+    let (mut stream, mut resumed) = match events {
+        Events::Once(stream) => (stream, false),
+        Events::Followed(stream) => (stream, true),
+    };
     loop {
         let broken = match stream.next().await {
             Some(Ok(event)) => {
@@ -76,12 +91,12 @@ pub async fn drive(
 }
 
 /// Follows `stream` to the end, printing with `printer`, and answers the
-/// exit code. On Ctrl-C: if `owns_task`, cancels the task, waits a moment
-/// for its final event, and answers 130; otherwise stops watching, says
-/// the `--from-seq` to resume from, and answers [`exit::INTERRUPTED`].
+/// exit code. On Ctrl-C: if `owns_task`, cancels the task and answers as
+/// [`cancel_interrupted`] says; otherwise stops watching, says the
+/// `--from-seq` to resume from, and answers [`exit::INTERRUPTED`].
 pub async fn follow_to_end(
     client: &Client,
-    stream: EventStream,
+    stream: Events,
     printer: &mut Printer,
     owns_task: bool,
 ) -> anyhow::Result<u8> {
@@ -140,27 +155,93 @@ pub async fn follow_to_end(
                 return Ok(exit::CANCELLED);
             };
             eprintln!("weft: interrupted; cancelling task {id}");
-            match client.cancel(id).await {
-                Ok(_) | Err(Error::FailedPrecondition(_)) => {}
-                Err(err) => eprintln!("weft: warning: could not cancel task {id}: {err}"),
+            let interrupt = async {
+                let _ = tokio::signal::ctrl_c().await;
+            };
+            Ok(cancel_interrupted(client, id, &mut seen, printer, CANCEL_WAIT, interrupt).await)
+        }
+    }
+}
+
+/// After Ctrl-C on a command that owns task `id`: cancels it and waits up
+/// to `wait` for its final event, and answers the exit code. The cancel
+/// goes through whichever coordinator serves now: on UNAVAILABLE it is
+/// sent again after [`Client::redial`] (a cancel is idempotent) until
+/// `wait` has passed. 130 only when the cancel was taken or the task ended
+/// cancelled; a task that ended otherwise first exits with its own code;
+/// one that could not be cancelled exits as the error says (69 when no
+/// coordinator answered), with the `weft cancel` to run later on stderr.
+/// `interrupt` (a second Ctrl-C) stops waiting.
+async fn cancel_interrupted(
+    client: &Client,
+    id: TaskId,
+    seen: &mut Seen,
+    printer: &mut Printer,
+    wait: Duration,
+    interrupt: impl std::future::Future<Output = ()>,
+) -> u8 {
+    tokio::pin!(interrupt);
+    let cancelled = tokio::select! {
+        result = cancel_through_any(client, id, wait) => result,
+        () = &mut interrupt => Err(Error::Unavailable(
+            "interrupted again before a coordinator took the cancel".into(),
+        )),
+    };
+    let through = match cancelled {
+        Ok(through) => through,
+        Err(err) => {
+            eprintln!(
+                "weft: error: could not cancel task {id}; it may still be running (to cancel it: weft cancel {id}): {err}"
+            );
+            return exit::for_error(&err.into());
+        }
+    };
+    let rest = Events::Followed(through.follow(id, seen.next_seq, wait));
+    let mut sink = |event: &TaskEvent| printer.event(event);
+    let settle = tokio::time::timeout(wait, drive(&through, rest, seen, &mut sink));
+    tokio::select! {
+        result = settle => {
+            // It may have finished before the cancel landed.
+            if let Ok(Ok(task)) = result
+                && task.state != TaskState::Cancelled
+            {
+                printer.finished(&task);
+                return exit::for_task(&task);
             }
-            let rest = client.follow(id, seen.next_seq, CANCEL_WAIT);
-            let mut sink = |event: &TaskEvent| printer.event(event);
-            let settle =
-                tokio::time::timeout(CANCEL_WAIT, drive(client, rest, &mut seen, &mut sink));
-            tokio::select! {
-                result = settle => {
-                    // It may have finished before the cancel landed.
-                    if let Ok(Ok(task)) = result
-                        && task.state != TaskState::Cancelled
-                    {
-                        printer.finished(&task);
-                        return Ok(exit::for_task(&task));
-                    }
-                }
-                _ = tokio::signal::ctrl_c() => {}
+        }
+        () = &mut interrupt => {}
+    }
+    exit::CANCELLED
+}
+
+/// Cancels task `id` through `client`, and while no coordinator answers,
+/// through whichever of its addresses serves now ([`Client::redial`]),
+/// for up to `wait`. Answers the client whose coordinator took the cancel
+/// (or said the task had already ended).
+async fn cancel_through_any(client: &Client, id: TaskId, wait: Duration) -> Result<Client, Error> {
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut through = client.clone();
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let tried = tokio::time::timeout_at(deadline, through.cancel(id)).await;
+        let err = match tried {
+            Ok(Ok(_) | Err(Error::FailedPrecondition(_))) => return Ok(through),
+            Ok(Err(err)) if err.is_unavailable() => err,
+            Ok(Err(err)) => return Err(err),
+            Err(_) => {
+                return Err(Error::Unavailable(format!(
+                    "no coordinator took the cancel within {wait:?}"
+                )));
             }
-            Ok(exit::CANCELLED)
+        };
+        if tokio::time::Instant::now() + backoff >= deadline {
+            return Err(err);
+        }
+        tracing::debug!(task_id = %id, error = %err, "cancel not taken; dialing again");
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(1));
+        if let Ok(Ok(next)) = tokio::time::timeout_at(deadline, client.redial()).await {
+            through = next;
         }
     }
 }
@@ -465,6 +546,60 @@ mod tests {
             line.ends_with(" failed on n1 (attempt 1, exit code 3)"),
             "{line}"
         );
+    }
+
+    /// A client whose coordinator never answers (nothing listens on port 1).
+    fn unreachable_client() -> Client {
+        let url = "http://127.0.0.1:1";
+        let channel = tonic::transport::Channel::from_static(url).connect_lazy();
+        Client::from_channel(url, channel)
+    }
+
+    #[tokio::test]
+    async fn a_followed_stream_that_gave_up_is_not_resumed_for_a_second_window() {
+        let client = unreachable_client();
+        let running = TaskEvent {
+            seq: 0,
+            ..event(TaskState::Running, 1)
+        };
+        let gave_up = Error::Unavailable("could not resume within 30s".into());
+        let events: EventStream = Box::pin(futures::stream::iter([Ok(running), Err(gave_up)]));
+        let mut seen = Seen::default();
+        let ended = tokio::time::timeout(
+            Duration::from_secs(5),
+            drive(&client, Events::Followed(events), &mut seen, &mut |_| {}),
+        )
+        .await
+        .expect("the follow's error ends it at once, not after another window");
+        assert!(
+            matches!(&ended, Err(Error::Unavailable(m)) if m.contains("within 30s")),
+            "{ended:?}"
+        );
+        assert_eq!(seen.next_seq, 1);
+    }
+
+    #[tokio::test]
+    async fn a_cancel_no_coordinator_took_exits_unavailable_not_cancelled() {
+        let client = unreachable_client();
+        let id = TaskId::new();
+        let mut seen = Seen {
+            id: Some(id),
+            next_seq: 3,
+        };
+        let mut printer = Printer::new(OutputFormat::Text, false, true);
+        let wait = Duration::from_millis(600);
+        let started = std::time::Instant::now();
+        let code = cancel_interrupted(
+            &client,
+            id,
+            &mut seen,
+            &mut printer,
+            wait,
+            std::future::pending(),
+        )
+        .await;
+        assert_eq!(code, exit::UNAVAILABLE);
+        assert!(started.elapsed() < wait * 3, "{:?}", started.elapsed());
     }
 
     #[test]

@@ -16,7 +16,7 @@ use crate::args::ListArgs;
 use crate::exit::{self, UsageError};
 use crate::opts::TaskOpts;
 use crate::output::{OutputFormat, task_json, task_text, tasks_table};
-use crate::stream::{CLI_RESUME_WINDOW, Printer, drive, follow_to_end, write_stdout};
+use crate::stream::{CLI_RESUME_WINDOW, Events, Printer, drive, follow_to_end, write_stdout};
 
 /// `weft run -- CMD ARGS...`.
 pub async fn run(
@@ -26,7 +26,7 @@ pub async fn run(
     command: Vec<String>,
 ) -> anyhow::Result<u8> {
     let spec = opts.apply(TaskSpec::exec(command))?;
-    let stream = client.run(spec).await?;
+    let stream = Events::Once(client.run(spec).await?);
     let mut printer = Printer::new(format, false, true);
     follow_to_end(client, stream, &mut printer, true).await
 }
@@ -41,7 +41,7 @@ pub async fn call(
 ) -> anyhow::Result<u8> {
     let input = read_input(input).await?;
     let spec = opts.apply(TaskSpec::call(handler, input))?;
-    let stream = client.run(spec).await?;
+    let stream = Events::Once(client.run(spec).await?);
     let mut printer = Printer::new(format, false, true);
     follow_to_end(client, stream, &mut printer, true).await
 }
@@ -74,7 +74,7 @@ pub async fn submit(
         }
         None => TaskSpec::exec(command),
     };
-    let spec = deps.apply(opts.apply(spec)?);
+    let spec = deps.apply(opts.apply(spec)?)?;
     let id = client.submit(spec).await?;
     match format {
         OutputFormat::Text => println!("{id}"),
@@ -97,14 +97,14 @@ pub async fn watch(
     id: TaskId,
     from_seq: u64,
 ) -> anyhow::Result<u8> {
-    let stream = client.follow(id, from_seq, CLI_RESUME_WINDOW);
+    let stream = Events::Followed(client.follow(id, from_seq, CLI_RESUME_WINDOW));
     let mut printer = Printer::new(format, true, false);
     follow_to_end(client, stream, &mut printer, false).await
 }
 
 /// `weft wait ID`: prints the final task, exits with its code.
 pub async fn wait(client: &Client, format: OutputFormat, id: TaskId) -> anyhow::Result<u8> {
-    let stream = client.follow(id, 0, CLI_RESUME_WINDOW);
+    let stream = Events::Followed(client.follow(id, 0, CLI_RESUME_WINDOW));
     let mut seen = Default::default();
     let task = drive(client, stream, &mut seen, &mut |_| {}).await?;
     print_task(format, &task);
@@ -123,7 +123,7 @@ pub async fn cancel(client: &Client, format: OutputFormat, id: TaskId) -> anyhow
         .await
         .with_context(|| format!("cancelling task {id}"))?;
     if !task.state.is_final() {
-        let rest = client.follow(id, task.next_seq, CANCEL_SETTLE);
+        let rest = Events::Followed(client.follow(id, task.next_seq, CANCEL_SETTLE));
         let mut seen = Default::default();
         let mut ignore = |_: &weft_client::TaskEvent| {};
         let settle = drive(client, rest, &mut seen, &mut ignore);

@@ -387,8 +387,8 @@ async fn list(client: &Client, format: OutputFormat) -> anyhow::Result<u8> {
 }
 
 /// `weft login URL --token T [--ca-file F | --ca-pin sha256:..]`: checks
-/// the token against the coordinator (`ClusterInfo`, scope read), then
-/// saves the context.
+/// the token against the coordinator (`ClusterInfo`: a token it knows
+/// passes, whatever its scopes), then saves the context.
 pub async fn login(
     url: String,
     token: Option<String>,
@@ -401,10 +401,20 @@ pub async fn login(
         .into());
     };
     let client = Client::connect_secure(&url, trust.as_ref(), Some(&token)).await?;
-    client
-        .cluster_info()
-        .await
-        .with_context(|| format!("checking the token against {url}"))?;
+    match client.cluster_info().await {
+        // PERMISSION_DENIED: the coordinator knows the token, which only
+        // lacks the `read` scope (a submit-only token): valid to save.
+        Ok(_)
+        | Err(weft_client::Error::Other {
+            code: tonic::Code::PermissionDenied,
+            ..
+        }) => {}
+        Err(err) => {
+            return Err(
+                anyhow::Error::new(err).context(format!("checking the token against {url}"))
+            );
+        }
+    }
     let path = context_path()
         .ok_or_else(|| anyhow::anyhow!("no place for the context: set XDG_CONFIG_HOME or HOME"))?;
     let ca_pin = trust.as_ref().and_then(weft_client::Trust::pin_text);

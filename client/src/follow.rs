@@ -18,7 +18,9 @@ impl Client {
     /// restarted, the connection dropped) it watches again from the last
     /// seen `seq + 1`, for up to `resume_window` of failing tries in a row,
     /// then yields [`Error::Unavailable`] and ends. Errors that retrying
-    /// cannot fix (NotFound, ...) end it at once. A client connected with
+    /// cannot fix (NotFound, ...) end it at once, as does a `from_seq`
+    /// past the last event of a task that has ended
+    /// ([`Error::InvalidArgument`]: nothing will come). A client connected with
     /// several addresses ([`Client::connect_any`]) dials through them
     /// again ([`Client::redial`]) before each try after a break, so the
     /// watch goes on at whichever coordinator serves now. Events are never
@@ -121,8 +123,15 @@ impl Follow {
                 }
                 None => {
                     // Ended without the final event: the coordinator closed
-                    // the stream (shutting down). Resume like after an error.
+                    // the stream (shutting down), or the task had ended
+                    // before the seq asked for (nothing is left to send).
                     self.inner = None;
+                    if let Some(err) =
+                        Follow::past_the_end(&self.client, self.id, self.next_seq).await
+                    {
+                        self.done = true;
+                        return Some((Err(err), self));
+                    }
                     let err = Error::Unavailable(format!(
                         "the coordinator at {} closed the watch of task {}",
                         self.client.url, self.id
@@ -133,6 +142,20 @@ impl Follow {
                 }
             }
         }
+    }
+
+    /// When the task has ended and its last event came before the seq to
+    /// watch from, the error that says so (retrying cannot help). `None`
+    /// otherwise, also when the task cannot be read now.
+    /// (A free function of what it reads: `Follow` is not `Sync`.)
+    async fn past_the_end(client: &Client, id: TaskId, from_seq: u64) -> Option<Error> {
+        let task = client.get(id).await.ok()?;
+        (task.state.is_final() && task.next_seq <= from_seq).then(|| {
+            Error::InvalidArgument(format!(
+                "task {id} ended at seq {}; there is nothing from seq {from_seq} (watch from an earlier seq, or see it with get)",
+                task.next_seq.saturating_sub(1),
+            ))
+        })
     }
 
     /// Records a failed try. Answers the error to yield when it is final

@@ -44,6 +44,9 @@ enum Script {
     BreakThenStop,
     /// Every one finishes the task.
     Finish,
+    /// The task ended with its event seq 2 (`next_seq` 3): every watch
+    /// ends with no event, as for a from_seq past its end.
+    EndedAtSeq2,
 }
 
 fn state_event(id: &str, seq: u64, state: TaskState) -> pb::TaskEvent {
@@ -96,7 +99,20 @@ impl TaskService for Scripted {
         &self,
         _request: Request<pb::GetRequest>,
     ) -> Result<Response<pb::GetResponse>, Status> {
-        Err(Status::not_found("no such task"))
+        match self.script {
+            Script::EndedAtSeq2 => Ok(Response::new(pb::GetResponse {
+                task: Some(pb::Task {
+                    id: self.id.clone(),
+                    state: TaskState::Succeeded.into(),
+                    attempt: 1,
+                    next_seq: 3,
+                    ..Default::default()
+                }),
+            })),
+            Script::BreakFirst | Script::BreakThenStop | Script::Finish => {
+                Err(Status::not_found("no such task"))
+            }
+        }
     }
 
     async fn list(
@@ -124,6 +140,9 @@ impl TaskService for Scripted {
             Script::BreakThenStop if first => true,
             Script::BreakThenStop => return Err(Status::unavailable("not serving")),
             Script::Finish => false,
+            Script::EndedAtSeq2 => {
+                return Ok(Response::new(Box::pin(futures::stream::empty())));
+            }
         };
         let events: Vec<EventResult> = if first {
             vec![
@@ -296,6 +315,34 @@ async fn follow_moves_to_the_next_coordinator_and_resumes_after_the_last_event()
     assert_eq!(*second.watches.lock().unwrap(), vec![2]);
     // Unary calls stay where the client connected.
     assert_eq!(client.url(), a);
+}
+
+#[tokio::test]
+async fn follow_from_past_the_end_of_a_finished_task_says_so_at_once() {
+    use futures::StreamExt;
+    let id = TaskId::new();
+    let service = Scripted {
+        id: id.to_string(),
+        script: Script::EndedAtSeq2,
+        ..Default::default()
+    };
+    let client = serve(service.clone()).await;
+    for from_seq in [3, 9] {
+        let events = client.follow(id, from_seq, Duration::from_secs(30));
+        let items = tokio::time::timeout(Duration::from_secs(5), events.collect::<Vec<_>>())
+            .await
+            .expect("ends at once, not after the resume window");
+        let [Err(err)] = &items[..] else {
+            panic!("one error: {items:?}");
+        };
+        assert!(matches!(err, Error::InvalidArgument(_)), "{err:?}");
+        assert!(!err.is_retryable());
+        let message = err.to_string();
+        assert!(
+            message.contains("ended at seq 2") && message.contains(&format!("from seq {from_seq}")),
+            "{message}"
+        );
+    }
 }
 
 #[tokio::test]

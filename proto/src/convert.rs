@@ -118,20 +118,36 @@ pub fn rfc3339(t: SystemTime, millis: bool) -> String {
 }
 
 /// Parses a human duration: `250ms`, `2s`, `1m30s`, `1h`. A bare number is
-/// seconds. Used by the CLI flags and the `sleep`/`spin` handlers.
+/// seconds. Used by the CLI flags and the `sleep`/`spin` handlers. Longer
+/// than [`MAX_DURATION_SECS`] (100 years) is refused, as the coordinator
+/// refuses it: such a duration cannot be added to a clock's reading.
 pub fn parse_duration(text: &str) -> Result<Duration, ConversionError> {
     let text = text.trim();
-    if let Ok(secs) = text.parse::<f64>()
-        && secs.is_finite()
-        && secs >= 0.0
-    {
-        return Ok(Duration::from_secs_f64(secs));
+    let too_long = || ConversionError::Invalid {
+        field: "duration",
+        reason: format!(
+            "{:?} is longer than 100 years; a duration is at most 100 years",
+            text.chars().take(64).collect::<String>()
+        ),
+    };
+    let duration = match text.parse::<f64>() {
+        // `from_secs_f64` would panic past u64::MAX seconds.
+        Ok(secs) if secs.is_finite() && secs >= 0.0 => {
+            Duration::try_from_secs_f64(secs).map_err(|_| too_long())?
+        }
+        _ => humantime::parse_duration(text).map_err(|err| match err {
+            humantime::DurationError::NumberOverflow => too_long(),
+            _ => ConversionError::InvalidValue {
+                what: "duration",
+                value: text.chars().take(64).collect(),
+                expected: "a duration such as 250ms, 2s, 1m30s".to_owned(),
+            },
+        })?,
+    };
+    if duration > Duration::from_secs(MAX_DURATION_SECS as u64) {
+        return Err(too_long());
     }
-    humantime::parse_duration(text).map_err(|_| ConversionError::InvalidValue {
-        what: "duration",
-        value: text.chars().take(64).collect(),
-        expected: "a duration such as 250ms, 2s, 1m30s".to_owned(),
-    })
+    Ok(duration)
 }
 
 #[cfg(test)]
@@ -145,6 +161,26 @@ mod tests {
         assert_eq!(parse_duration("1.5").unwrap(), Duration::from_millis(1500));
         assert!(parse_duration("soon").is_err());
         assert!(parse_duration("-1").is_err());
+    }
+
+    #[test]
+    fn a_parsed_duration_past_a_hundred_years_is_refused_not_a_panic() {
+        let longest = format!("{MAX_DURATION_SECS}");
+        assert_eq!(
+            parse_duration(&longest).unwrap(),
+            Duration::from_secs(MAX_DURATION_SECS as u64)
+        );
+        for text in [
+            "1e20",
+            "1e19",
+            "300000000000y",
+            "101y",
+            "3155760001",
+            "99999999999999999999999y",
+        ] {
+            let err = parse_duration(text).expect_err(text).to_string();
+            assert!(err.contains("at most 100 years"), "{text}: {err}");
+        }
     }
 
     #[test]

@@ -228,7 +228,9 @@ impl Dial {
     }
 
     /// Polls every `interval` (the first right after the start's), dialling
-    /// again while there is no connection, until `out` is closed.
+    /// again while there is no connection or the coordinator polled is
+    /// unavailable (so a failover to another of several addresses is
+    /// followed), until `out` is closed.
     async fn poll_loop(
         self,
         mut client: Option<Client>,
@@ -255,8 +257,16 @@ impl Dial {
                 }
             }
             let Some(connected) = &client else { continue };
-            let poll = self.poll(connected).await.map_err(|err| err.to_string());
-            if out.send(poll).await.is_err() {
+            let poll = self.poll(connected).await;
+            if let Err(Error::Unavailable(_)) = &poll {
+                // The coordinator went away: with several addresses,
+                // another may serve now. Dial through them again (from the
+                // next one) before the next poll; a channel only ever
+                // dials its own address.
+                let redialed = tokio::time::timeout(self.deadline, connected.redial()).await;
+                client = redialed.ok().and_then(Result::ok);
+            }
+            if out.send(poll.map_err(|err| err.to_string())).await.is_err() {
                 return;
             }
         }

@@ -213,6 +213,70 @@ async fn a_node_follows_a_coordinator_that_moved_and_its_running_attempt_is_adop
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_on_weft_run_after_a_failover_cancels_the_task_at_the_new_coordinator() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+
+    let Movable {
+        cluster,
+        standby,
+        first,
+        second,
+        node,
+        client,
+    } = movable("interrupted").await;
+    // Never told to go on: it runs until cancelled.
+    let script = waits_for(&cluster.dir().join("never"));
+    let mut run = tokio::process::Command::new(weft_tests::process::bin_path("weft"))
+        .args(["run", "--", "sh", "-c", &script])
+        .env("WEFT_COORDINATOR", format!("{first},{second}"))
+        .env("WEFT_TOKEN", cluster.admin_token())
+        .env("WEFT_CA", cluster.ca_file().expect("a TLS cluster"))
+        .env("XDG_CONFIG_HOME", "/nonexistent/weft-test-config")
+        .env_remove("RUST_LOG")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("starting weft run");
+    let mut stdout = BufReader::new(run.stdout.take().expect("stdout")).lines();
+    let before = tokio::time::timeout(default_timeout(), stdout.next_line())
+        .await
+        .expect("the task's first output in time")
+        .expect("reading stdout");
+    assert_eq!(before.as_deref(), Some("before"));
+    let id = wait_for(default_timeout(), || {
+        let client = client.clone();
+        async move {
+            let running = client.list(Some(TaskState::Running), 10).await.ok()?;
+            running.first().map(|task| task.id)
+        }
+    })
+    .await
+    .expect("the task of `weft run` runs");
+
+    // The coordinator `weft run` connected to dies; another serves at the
+    // second address, with the node and its running attempt.
+    cluster.crash_and_move_coordinator(standby).await;
+    let client = cluster.client().await;
+    wait_for_node(&client, "interrupted").await;
+    cluster.wait_for_running(id).await;
+    let pid = nix::unistd::Pid::from_raw(run.id().expect("pid") as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).expect("SIGINT");
+    let out = tokio::time::timeout(default_timeout(), run.wait_with_output())
+        .await
+        .expect("weft run exits after Ctrl-C")
+        .expect("wait");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    // The cancel reached the coordinator that serves now: the task ends.
+    let done = cluster.wait_for_final(id).await;
+    assert_eq!(done.state, TaskState::Cancelled, "{done:?} {stderr}");
+    node.terminate(default_timeout()).await.expect("stopping");
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn weft_run_given_two_addresses_prints_the_whole_output_once_across_a_failover() {
     let Movable {
         cluster,

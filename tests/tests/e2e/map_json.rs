@@ -56,3 +56,20 @@ async fn map_with_json_output_prints_one_object_per_line_with_its_task_and_stdou
     assert_eq!(object["stdout"], "", "{out}");
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn map_with_a_missing_stdin_file_names_the_flag_and_the_file() {
+    let cluster = TestCluster::builder().nodes(1).start().await;
+    let missing = cluster.dir().join("missing.txt");
+    let missing = missing.to_str().expect("path");
+    let out = cluster
+        .weft_with_stdin(&["map", "--stdin-file", missing, "--", "cat"], b"a\n")
+        .await;
+    assert_eq!(out.code, Some(1), "{out}");
+    assert!(
+        out.stderr
+            .contains(&format!("reading --stdin-file {missing}")),
+        "{out}"
+    );
+    cluster.shutdown().await;
+}

@@ -451,6 +451,55 @@ async fn weft_login_saves_a_private_context_that_later_commands_use() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_submit_only_token_maps_without_jobs_and_logs_in() {
+    let cluster = TestCluster::builder().nodes(1).slots(2).start().await;
+    let token = cluster.scoped_token(&["submit"]).await;
+    // `map` needs only submit: without -j it cannot read the free slots,
+    // so it says so and runs a fixed number at once.
+    let mapped = weft_tests::cli::run_weft(
+        &cluster.url(),
+        Some(&token),
+        &["map", "--call", "echo"],
+        Some(b"alpha\nbeta\n"),
+    )
+    .await;
+    assert_eq!(mapped.code, Some(0), "{mapped}");
+    let mut lines: Vec<&str> = mapped.stdout.lines().collect();
+    lines.sort_unstable();
+    assert_eq!(lines, ["alpha", "beta"], "{mapped}");
+    assert!(mapped.stderr.contains("scope read"), "{mapped}");
+    assert!(mapped.stderr.contains("-j N"), "{mapped}");
+
+    // `login` saves a token the coordinator knows, whatever its scopes.
+    let config = cluster.dir().join("config");
+    let config_env = [("XDG_CONFIG_HOME", config.to_str().unwrap())];
+    let ca = cluster
+        .ca_file()
+        .expect("a TLS cluster")
+        .display()
+        .to_string();
+    let login = weft_tests::cli::run_weft_env(
+        "",
+        None,
+        &config_env,
+        &["login", &cluster.url(), "--token", &token, "--ca-file", &ca],
+        None,
+    )
+    .await;
+    assert_eq!(login.code, Some(0), "{login}");
+    let context = config.join("weft").join("context.json");
+    let saved = std::fs::read_to_string(&context).expect("the context is saved");
+    assert!(saved.contains(&token), "{saved}");
+    // The saved token submits; reading still needs `read` (exit 77).
+    let submitted =
+        weft_tests::cli::run_weft_env("", None, &config_env, &["submit", "--", "true"], None).await;
+    assert_eq!(submitted.code, Some(0), "{submitted}");
+    let listed = weft_tests::cli::run_weft_env("", None, &config_env, &["list"], None).await;
+    assert_eq!(listed.code, Some(77), "{listed}");
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_admin_token_file_is_private_and_no_secret_is_in_the_store_file() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");

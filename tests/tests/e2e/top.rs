@@ -1,7 +1,8 @@
 //! `weft top`: the real binary in a pseudo-terminal, its screen read back
 //! through a terminal emulator (`vt100`), the way a user sees it: the
 //! nodes and counts appear, q quits with 0 and gives the terminal back; a
-//! coordinator that is down is an error on screen, not an exit; a refused
+//! coordinator that is down is an error on screen, not an exit; one that
+//! moved to the second of two addresses is followed; a refused
 //! token at the first poll and a stdout that is no terminal are errors.
 
 use std::io::{Read, Write};
@@ -210,6 +211,38 @@ async fn weft_top_shows_an_unreachable_coordinator_and_keeps_polling() {
         .await;
     // Esc quits too.
     top.press("\x1b");
+    assert_eq!(top.exit_code().await, 0, "{}", top.text());
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weft_top_given_two_addresses_follows_the_coordinator_that_took_over() {
+    let cluster = TestCluster::builder()
+        .processes()
+        .durable()
+        .nodes(0)
+        .start()
+        .await;
+    let standby = weft_tests::spare_addr();
+    let both = format!("{},{}", cluster.url(), cluster.url_at(standby));
+    let mut top = Pty::spawn(
+        &both,
+        &cluster.admin_token(),
+        cluster.ca_file(),
+        &["top", "--interval", "100ms"],
+    );
+    let queued = |count: u64| format!("{:<9} {count}", "queued");
+    top.wait_for_text(&[&queued(0), "0 nodes connected"]).await;
+    cluster.crash_and_move_coordinator(standby).await;
+    // A task queued (no node runs it) at the coordinator that took over:
+    // on screen only if `top` polls that one now.
+    let client = cluster.client().await;
+    client
+        .submit(TaskSpec::exec(["true"]))
+        .await
+        .expect("submit after the move");
+    top.wait_for_text(&[&queued(1)]).await;
+    top.press("q");
     assert_eq!(top.exit_code().await, 0, "{}", top.text());
     cluster.shutdown().await;
 }

@@ -224,6 +224,28 @@ async fn weft_job_get_watch_and_cancel_with_a_graph_file() {
     assert_eq!(watched.stdout.lines().count(), 2, "{watched}");
     let got = cluster.weft(&["job", "get", &job]).await;
     assert!(got.stdout.contains("2 succeeded"), "{got}");
+    assert!(
+        got.stdout.ends_with("\n"),
+        "the table's last line ends: {got}"
+    );
+    // A task flag with -f is refused, not silently dropped: the file says
+    // each task's settings.
+    let flagged = cluster
+        .weft(&[
+            "submit",
+            "-f",
+            file.to_str().expect("path"),
+            "--priority",
+            "9",
+        ])
+        .await;
+    assert_eq!(flagged.code, Some(2), "{flagged}");
+    assert!(
+        flagged
+            .stderr
+            .contains("--priority cannot be used with -f FILE"),
+        "{flagged}"
+    );
     let listed = cluster.weft(&["list", "--job", &job]).await;
     assert_eq!(listed.code, Some(0), "{listed}");
 
