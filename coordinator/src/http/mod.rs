@@ -36,7 +36,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, Request};
+use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -263,9 +263,48 @@ pub(crate) fn router(app: Arc<App>) -> Router {
         .route("/api/schedules", get(api::schedules))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such page or API route") })
         .layer(axum::middleware::from_fn(csrf))
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&app),
+            host_check,
+        ))
         .layer(axum::middleware::map_response(assets::security_headers))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(app)
+}
+
+/// Without tokens (`--no-auth`, loopback only) the dashboard has no login,
+/// so a page the browser loads from anywhere could drive it by DNS
+/// rebinding: a name of its own that resolves to 127.0.0.1 makes its
+/// scripts same-origin with the dashboard. So without tokens only a request
+/// naming the dashboard by an IP address or `localhost` is served (421
+/// otherwise). With tokens a rebound page has no session, and any name is
+/// served.
+async fn host_check(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
+    if app.tokens.is_none() {
+        let named = request
+            .uri()
+            .authority()
+            .map(|a| a.host().to_owned())
+            .or_else(|| {
+                let host = request.headers().get(header::HOST)?.to_str().ok()?;
+                let authority: axum::http::uri::Authority = host.parse().ok()?;
+                Some(authority.host().to_owned())
+            });
+        if !named.as_deref().is_some_and(local_name) {
+            return ApiError::new(
+                StatusCode::MISDIRECTED_REQUEST,
+                "without tokens (--no-auth) the dashboard answers only to an IP address or localhost (open http://127.0.0.1:PORT/)",
+            )
+            .into_response();
+        }
+    }
+    next.run(request).await
+}
+
+/// A host as a request names it that cannot be someone else's DNS name.
+fn local_name(host: &str) -> bool {
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    bare.eq_ignore_ascii_case("localhost") || bare.parse::<std::net::IpAddr>().is_ok()
 }
 
 /// Every POST carries `X-Weft-Csrf: 1`, else 403: a form or a script of
@@ -391,5 +430,32 @@ async fn serve_connections<S, IO>(
                 tracing::debug!(error = %err, "an HTTP connection ended with an error");
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod host_tests {
+    use super::local_name;
+
+    #[test]
+    fn only_addresses_and_localhost_are_local_names() {
+        for host in [
+            "127.0.0.1",
+            "[::1]",
+            "::1",
+            "localhost",
+            "LOCALHOST",
+            "10.0.0.7",
+        ] {
+            assert!(local_name(host), "{host}");
+        }
+        for host in [
+            "evil.example",
+            "localhost.evil.example",
+            "127.0.0.1.nip.io",
+            "",
+        ] {
+            assert!(!local_name(host), "{host}");
+        }
     }
 }
