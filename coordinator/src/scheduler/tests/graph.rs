@@ -17,9 +17,8 @@ impl Harness {
         specs: Vec<TaskSpec>,
         known: &KnownParents,
     ) -> Result<Vec<TaskId>, Error> {
-        let mut last = 0;
         let fresh = self.ids.generate().expect("ulid").0;
-        let ids = submit_ids(fresh, &mut last, specs.len());
+        let ids = submit_ids(fresh, &mut self.last_job, specs.len());
         let batch = ids.iter().copied().zip(specs).collect();
         self.s.submit_graph(batch, known, self.now).map(|()| ids)
     }

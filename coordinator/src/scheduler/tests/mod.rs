@@ -39,6 +39,9 @@ struct Harness {
     now: Now,
     records: Vec<Record>,
     ids: ulid::Generator,
+    /// The latest job's id: each Submit's ids follow it, as the service's
+    /// do (two Submits within a millisecond must not share ids).
+    last_job: u128,
 }
 
 const S1: SessionId = SessionId(1);
@@ -89,6 +92,7 @@ impl Harness {
             },
             records: Vec::new(),
             ids: ulid::Generator::new(),
+            last_job: 0,
         }
     }
 
@@ -113,6 +117,7 @@ impl Harness {
         let loaded =
             crate::store::Store::load(&store, SystemTime::UNIX_EPOCH).expect("store loads");
         let mut h = Harness::with(self.s.config.clone());
+        h.last_job = self.last_job;
         h.now.instant = self.now.instant + downtime;
         h.now.wall = self.now.wall + downtime;
         h.s.restore(loaded, h.now);
