@@ -102,6 +102,14 @@ pub(super) fn from_node(message: pb::NodeMessage) -> FromNode {
     }
 }
 
+/// When "dropping node events with a bad task id" was last logged.
+static BAD_TASK_IDS: std::sync::LazyLock<std::sync::Mutex<crate::listener::backoff::Throttle>> =
+    std::sync::LazyLock::new(|| {
+        std::sync::Mutex::new(crate::listener::backoff::Throttle::new(
+            std::time::Duration::from_secs(10),
+        ))
+    });
+
 /// A node's event batch as domain events; malformed entries are dropped.
 fn node_events(events: pb::TaskEvents) -> Vec<NodeTaskEvent> {
     use pb::node_task_event::Body;
@@ -110,7 +118,16 @@ fn node_events(events: pb::TaskEvents) -> Vec<NodeTaskEvent> {
         .into_iter()
         .filter_map(|event| {
             let Ok(task_id) = event.task_id.parse::<TaskId>() else {
-                tracing::warn!(task_id = %event.task_id, "dropping node event with a bad task id");
+                // A node may send these in a loop: logged at most every 10 s,
+                // with how many came meanwhile.
+                let due = BAD_TASK_IDS
+                    .lock()
+                    .ok()
+                    .and_then(|mut throttle| throttle.hit(std::time::Instant::now()));
+                if let Some(dropped) = due {
+                    let task_id = event.task_id.chars().take(64).collect::<String>();
+                    tracing::warn!(%task_id, dropped, "dropping node events with a bad task id");
+                }
                 return None;
             };
             let body = match event.body? {
