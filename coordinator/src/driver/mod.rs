@@ -267,8 +267,9 @@ impl Driver {
         replies.extend(reads.into_iter().map(|read| read(&self.scheduler)));
         // Once per batch, before its commit: a reply that leaves after the
         // commit finds the metrics already counting its batch.
-        self.metrics.set_gauges(&self.scheduler.gauges());
-        self.metrics.set_rate_tokens(self.scheduler.rate_tokens());
+        self.metrics.set_gauges(&self.scheduler.gauges(now.instant));
+        self.metrics
+            .set_rate_tokens(self.scheduler.rate_tokens(now.instant));
         Batch {
             records,
             held: Held {

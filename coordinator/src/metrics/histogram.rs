@@ -1,5 +1,6 @@
-//! A histogram of plain atomics: `observe` is two relaxed `fetch_add`s and
-//! a search of a short fixed bucket list, no lock and no allocation (the
+//! A histogram of plain atomics: `observe` is a relaxed `fetch_add`, one
+//! compare-and-swap (the sum) and a search of a short fixed bucket list, no
+//! lock and no allocation (the
 //! `prometheus-client` histogram takes a lock per observation, which the
 //! driver's hot path must not).
 //!
@@ -52,7 +53,10 @@ pub struct Histogram {
     limits: Box<[u64]>,
     /// One count per bound, and the last for `+Inf`.
     buckets: Box<[AtomicU64]>,
-    /// Sum of the observed values, in the observed unit.
+    /// Sum of the observed values, in the observed unit: the bits of an
+    /// `f64`, which does not wrap (a `u64` of nanoseconds wraps after 584
+    /// years of observed time, which millions of tasks that each waited an
+    /// hour reach) and stays exact while it is under 2^53.
     sum: AtomicU64,
     /// Base units per observed unit (1e-9 for nanoseconds).
     scale: f64,
@@ -78,7 +82,7 @@ impl Histogram {
             // more than a rounding.
             limits: bounds.iter().map(|b| (b / scale).round() as u64).collect(),
             buckets: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
-            sum: AtomicU64::new(0),
+            sum: AtomicU64::new(0.0f64.to_bits()),
             scale,
         }
     }
@@ -89,7 +93,13 @@ impl Histogram {
         if let Some(bucket) = self.buckets.get(index) {
             bucket.fetch_add(1, Ordering::Relaxed);
         }
-        self.sum.fetch_add(value, Ordering::Relaxed);
+        // Mostly uncontended (the driver observes most): one try,
+        // rarely more.
+        let _ = self
+            .sum
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |bits| {
+                Some((f64::from_bits(bits) + value as f64).to_bits())
+            });
     }
 
     /// Counts one duration (for histograms made with [`seconds`](Self::seconds)).
@@ -104,7 +114,7 @@ impl Histogram {
 
     /// Sum of the observations so far, in the base unit.
     pub fn sum(&self) -> f64 {
-        self.sum.load(Ordering::Relaxed) as f64 * self.scale
+        f64::from_bits(self.sum.load(Ordering::Relaxed)) * self.scale
     }
 }
 
@@ -146,6 +156,17 @@ mod tests {
         assert_eq!(counts, [1, 1, 1]);
         assert_eq!(h.count(), 3);
         assert!((h.sum() - 1.002001).abs() < 1e-9);
+    }
+
+    #[test]
+    fn the_sum_does_not_wrap() {
+        let h = Histogram::seconds(LATENCY_SECONDS);
+        for _ in 0..3 {
+            h.observe(u64::MAX / 2);
+        }
+        // 3 × 9.2e9 s: past the 584 years a u64 of nanoseconds holds.
+        assert!(h.sum() > 2.7e10, "{}", h.sum());
+        assert_eq!(h.count(), 3);
     }
 
     #[test]

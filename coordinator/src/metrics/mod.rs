@@ -78,11 +78,11 @@ pub enum WatchRpc {
 
 const STREAMS: [&str; 3] = ["watch", "run", "wait_many"];
 
-/// What the scheduler observes per task as it happens: relaxed atomic adds,
+/// What the scheduler observes per task as it happens: relaxed atomics,
 /// no lock, no allocation.
 #[derive(Debug)]
 pub struct TaskMetrics {
-    /// From submit to the first attempt's start.
+    /// From submit to the task's first start (of whichever attempt).
     pub submit_to_start: Histogram,
     /// From an attempt's start to its end, as its node reported it.
     pub run: Histogram,

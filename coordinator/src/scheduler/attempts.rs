@@ -97,7 +97,10 @@ impl Scheduler {
         match event.body {
             NodeEventBody::Started => {
                 if task.state == TaskState::Assigned {
-                    if task.attempt == 1 {
+                    // The task's first start: an earlier attempt may have
+                    // been taken back unstarted (start timeout, its node
+                    // lost or drained while it was assigned).
+                    if !task.started_before() {
                         let waited = now.wall.duration_since(task.created_at());
                         self.metrics
                             .submit_to_start

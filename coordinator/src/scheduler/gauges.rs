@@ -5,11 +5,12 @@
 //! A plain read: no allocation, a walk over the connected nodes and over
 //! the head of each class's ready queue (the same heads dispatch looks at).
 
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 
 use weft_proto::TaskState;
 
 use super::Scheduler;
+use super::policy::Bucket;
 use super::task::state_index;
 
 /// How far into a class's ready queue [`Scheduler::gauges`] looks past
@@ -61,7 +62,7 @@ pub struct Gauges {
 
 impl Scheduler {
     /// The counts the metrics show. See the module docs.
-    pub fn gauges(&self) -> Gauges {
+    pub fn gauges(&self, now: Instant) -> Gauges {
         let mut gauges = Gauges {
             tasks: self.counts,
             node_losses: self.nodes_lost,
@@ -86,7 +87,7 @@ impl Scheduler {
             gauges.slots_free = gauges.slots_free.saturating_add(node.free_slots());
         }
         if self.counts[state_index(TaskState::Queued)] > 0 {
-            self.policy_gauges(&mut gauges.policy);
+            self.policy_gauges(now, &mut gauges.policy);
         }
         if self.counts[state_index(TaskState::Queued)] > 0 {
             gauges.oldest_ready = self
@@ -112,7 +113,7 @@ impl Scheduler {
     /// dispatch drops it): no allocation, one pass over the active classes, and
     /// over the connected nodes only for a class that asks for resources
     /// and only until one node has them free.
-    fn policy_gauges(&self, out: &mut crate::metrics::PolicyGauges) {
+    fn policy_gauges(&self, now: Instant, out: &mut crate::metrics::PolicyGauges) {
         let policy = &self.queue.policy;
         for c in self.queue.active() {
             let class = &self.queue.classes[c as usize];
@@ -135,7 +136,7 @@ impl Scheduler {
                 policy
                     .rates
                     .get(&used.name)
-                    .is_none_or(|bucket| bucket.tokens < f64::from(used.units.max(1)))
+                    .is_none_or(|bucket| tokens_at(bucket, now) < f64::from(used.units.max(1)))
             }) {
                 out.waiting_rate_limit += ready;
             }
@@ -147,13 +148,24 @@ impl Scheduler {
         }
     }
 
-    /// Whole tokens in every rate limit's bucket as of its last refill, by
-    /// name (for the metrics; no allocation).
-    pub fn rate_tokens(&self) -> impl Iterator<Item = (&str, u64)> {
-        self.queue
-            .policy
-            .rates
-            .iter()
-            .map(|(name, bucket)| (name.as_str(), bucket.tokens.max(0.0).floor() as u64))
+    /// Whole tokens in every rate limit's bucket at `now`, by name (for the
+    /// metrics; no allocation).
+    pub fn rate_tokens(&self, now: Instant) -> impl Iterator<Item = (&str, u64)> {
+        self.queue.policy.rates.iter().map(move |(name, bucket)| {
+            (
+                name.as_str(),
+                tokens_at(bucket, now).max(0.0).floor() as u64,
+            )
+        })
     }
+}
+
+/// The tokens in `bucket` at `now`, as `limits` reads them: a bucket is
+/// refilled only when dispatch asks it for tokens, so its stored count is
+/// as of that refill and a drained bucket no task asks again would read
+/// empty for ever.
+fn tokens_at(bucket: &Bucket, now: Instant) -> f64 {
+    let mut bucket = bucket.clone();
+    bucket.refill(now);
+    bucket.tokens
 }

@@ -318,6 +318,21 @@ impl LiveTask {
         extra.ended.push(attempt);
     }
 
+    /// Whether an earlier attempt started (its node said so). Also true
+    /// when the history no longer holds attempt 1 (dropped past
+    /// [`MAX_ATTEMPT_HISTORY`], or restored from a record written before
+    /// history was kept): a start that cannot be told first is not.
+    pub fn started_before(&self) -> bool {
+        if self.attempt <= 1 {
+            return false;
+        }
+        let Some(extra) = &self.extra else {
+            return true;
+        };
+        extra.ended.first().is_none_or(|first| first.number.0 != 1)
+            || extra.ended.iter().any(|a| a.started_at.is_some())
+    }
+
     /// Puts back the attempt history of a restored record: its open last
     /// attempt (if the task is still on that node) as the current one.
     pub fn restore_attempts(&mut self, mut attempts: Vec<AttemptRecord>, on_node: bool) {

@@ -352,26 +352,26 @@ impl TaskApi {
             return Ok(Vec::new());
         }
         self.handle.metrics.observe_submit(specs.len(), bytes);
-        if specs
+        // Traced: the `submit` spans run from here to the acknowledgement.
+        let received = SystemTime::now();
+        let contexts: Option<Vec<_>> = self
+            .handle
+            .trace
+            .as_ref()
+            .map(|_| specs.iter().map(|spec| spec.trace.clone()).collect());
+        let ids = if specs
             .iter()
             .any(|s| !s.after.is_empty() || s.not_before.is_some())
         {
-            return super::jobs::submit_graph(&self.handle, specs).await;
-        }
-        let Some(trace) = &self.handle.trace else {
-            return self
-                .handle
+            super::jobs::submit_graph(&self.handle, specs).await?
+        } else {
+            self.handle
                 .call(|reply| Command::Submit { specs, reply })
-                .await?;
+                .await??
         };
-        // Traced: the `submit` spans run from here to the acknowledgement.
-        let received = SystemTime::now();
-        let contexts: Vec<_> = specs.iter().map(|spec| spec.trace.clone()).collect();
-        let ids = self
-            .handle
-            .call(|reply| Command::Submit { specs, reply })
-            .await??;
-        trace.submitted(ids.iter().copied().zip(contexts).collect(), received);
+        if let (Some(trace), Some(contexts)) = (&self.handle.trace, contexts) {
+            trace.submitted(ids.iter().copied().zip(contexts).collect(), received);
+        }
         Ok(ids)
     }
 

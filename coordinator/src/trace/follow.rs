@@ -9,7 +9,9 @@
 //! The spans of a task (all in its trace, see `super::trace_of`):
 //! - `task` (the root): submitted until its result was durable;
 //! - `submit` (made by the service, `Follower::submitted`) and its child
-//!   `commit`, the store commit that made the submit durable;
+//!   `commit`, the store commit that made the submit durable; a task no
+//!   Submit made (a cron fire) has no `submit`, and its `commit` is the
+//!   root's child;
 //! - `queued` per attempt: queued until assigned;
 //! - `attempt N`: assigned until it ended (node, outcome, exit code);
 //! - `result`: the final state recorded until that commit returned.
@@ -18,7 +20,7 @@
 //! start when this coordinator first saw the task, marked so.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -56,10 +58,31 @@ struct Followed {
     /// First seen by this coordinator (stands in for times it missed).
     seen: SystemTime,
     queued_since: Option<SystemTime>,
+    /// Its Submit's timing arrived: its `commit` span is the `submit`
+    /// span's child.
+    submitted: bool,
+    /// The commit that made it durable, while no Submit's timing has
+    /// arrived for it: exported under `submit` when one does, else under
+    /// the root when the task ends.
+    commit: Option<Commit>,
     attempt: Option<Running>,
     last_outcome: Option<Outcome>,
     exit_code: Option<i32>,
 }
+
+/// When the store commit that wrote a task first ran, and how many records
+/// it wrote.
+#[derive(Clone, Copy)]
+struct Commit {
+    times: (SystemTime, SystemTime),
+    records: usize,
+}
+
+/// How many Submit timings that came before their task's first batch are
+/// kept. A task that ended before its Submit's timing came, or whose batch
+/// the trace task dropped, never takes its id out: past this the set is
+/// cleared (the tasks still waiting get their `commit` under their root).
+const EARLY_SUBMITS: usize = 1 << 16;
 
 /// The attempt on a node.
 struct Running {
@@ -73,6 +96,9 @@ struct Running {
 /// Per-task span state of live tasks, and the scope spans are made under.
 pub(crate) struct Follower {
     tasks: HashMap<TaskId, Followed>,
+    /// Tasks whose Submit's timing came before the batch that wrote them
+    /// (the driver answers a Submit before it hands the batch here).
+    early: HashSet<TaskId>,
     scope: InstrumentationScope,
 }
 
@@ -80,6 +106,7 @@ impl Default for Follower {
     fn default() -> Self {
         Follower {
             tasks: HashMap::new(),
+            early: HashSet::new(),
             scope: InstrumentationScope::builder("weft-coordinator")
                 .with_version(env!("CARGO_PKG_VERSION"))
                 .build(),
@@ -89,9 +116,10 @@ impl Default for Follower {
 
 impl Follower {
     /// The `submit` spans of one Submit request: `received` until the
-    /// commit was acknowledged (`acked`), one per task.
+    /// commit was acknowledged (`acked`), one per task, and the `commit`
+    /// spans under them of the tasks whose batch came already.
     pub fn submitted(
-        &self,
+        &mut self,
         tasks: &[(TaskId, Option<TraceContext>)],
         received: SystemTime,
         acked: SystemTime,
@@ -114,6 +142,20 @@ impl Follower {
                 ],
                 Status::Unset,
             ));
+            match self.tasks.get_mut(id) {
+                Some(f) => {
+                    f.submitted = true;
+                    if let Some(commit) = f.commit.take() {
+                        out.push(self.commit_span(*id, SpanOf::Submit, commit));
+                    }
+                }
+                None => {
+                    if self.early.len() >= EARLY_SUBMITS {
+                        self.early.clear();
+                    }
+                    self.early.insert(*id);
+                }
+            }
         }
     }
 
@@ -130,17 +172,16 @@ impl Follower {
                     let id = event.task_id;
                     match event.body {
                         EventBody::State { state, .. } if event.seq == 0 => {
-                            debug_assert_eq!(state, TaskState::Queued);
-                            followed.queued_since = Some(event.time);
-                            if let (Some(commit), true) = (batch.commit, followed.sampled) {
-                                out.push(self.span_of(
-                                    id,
-                                    SpanOf::Commit,
-                                    SpanOf::Submit,
-                                    "commit",
-                                    commit,
-                                    vec![KeyValue::new("weft.commit.records", records as i64)],
-                                ));
+                            // First seen: queued, or pending (its later
+                            // Queued event starts its queued time).
+                            followed.queued_since =
+                                (state == TaskState::Queued).then_some(event.time);
+                            if let (Some(times), true) = (batch.commit, followed.sampled) {
+                                let commit = Commit { times, records };
+                                match followed.submitted {
+                                    true => out.push(self.commit_span(id, SpanOf::Submit, commit)),
+                                    false => followed.commit = Some(commit),
+                                }
                             }
                         }
                         EventBody::State {
@@ -233,6 +274,8 @@ impl Follower {
                 created: task.created_at,
                 seen: now,
                 queued_since: None,
+                submitted: self.early.remove(&task.id),
+                commit: None,
                 attempt: None,
                 last_outcome: None,
                 exit_code: None,
@@ -265,6 +308,10 @@ impl Follower {
             });
         }
         self.end_attempt(task.id, at, None, out);
+        if let Some(commit) = self.tasks.get_mut(&task.id).and_then(|f| f.commit.take()) {
+            // No Submit timed it (a cron fire, or its timing was dropped).
+            out.push(self.commit_span(task.id, SpanOf::Task, commit));
+        }
         let Some(f) = self.tasks.remove(&task.id) else {
             return;
         };
@@ -378,6 +425,18 @@ impl Follower {
                 Status::Ok
             },
         ));
+    }
+
+    /// The `commit` span of task `id` under its `parent` span.
+    fn commit_span(&self, id: TaskId, parent: SpanOf, commit: Commit) -> SpanData {
+        self.span_of(
+            id,
+            SpanOf::Commit,
+            parent,
+            "commit",
+            commit.times,
+            vec![KeyValue::new("weft.commit.records", commit.records as i64)],
+        )
     }
 
     /// A span of task `id` under its `parent` span.

@@ -106,9 +106,14 @@ fn a_task_life_makes_its_spans_under_its_root() {
     let mut follower = Follower::default();
     let id = TaskId::new();
     let spec = Arc::new(TaskSpec::call("noop", ""));
-    let spans = life(&mut follower, id, &spec);
+    let mut spans = Vec::new();
+    follower.submitted(&[(id, None)], at(0), at(3), &mut spans);
+    spans.extend(life(&mut follower, id, &spec));
     let names: Vec<&str> = spans.iter().map(|s| s.name.as_ref()).collect();
-    assert_eq!(names, ["commit", "queued", "attempt 1", "result", "task"]);
+    assert_eq!(
+        names,
+        ["submit", "commit", "queued", "attempt 1", "result", "task"]
+    );
     let root = named(&spans, "task");
     assert_eq!(root.parent_span_id, SpanId::INVALID);
     assert_eq!(
@@ -118,7 +123,7 @@ fn a_task_life_makes_its_spans_under_its_root() {
     );
     assert_eq!((root.start_time, root.end_time), (at(0), at(52)));
     let root_id = SpanId::from_bytes(span_id(id, SpanOf::Task));
-    for name in ["queued", "attempt 1", "result"] {
+    for name in ["submit", "queued", "attempt 1", "result"] {
         assert_eq!(named(&spans, name).parent_span_id, root_id, "{name}");
     }
     let attempt = named(&spans, "attempt 1");
@@ -200,4 +205,99 @@ fn without_export_an_attempt_runs_under_the_clients_context_or_none() {
     let exported = attempt_context(id, Attempt(2), Some(&client), true).expect("a context");
     assert_eq!(exported.trace_id, client.trace_id);
     assert_eq!(exported.parent_id, span_id(id, SpanOf::Attempt(Attempt(2))));
+}
+
+#[test]
+fn a_pending_tasks_queued_time_starts_at_its_queued_event() {
+    let mut follower = Follower::default();
+    let id = TaskId::new();
+    let spec = Arc::new(TaskSpec::call("noop", ""));
+    let mut spans = Vec::new();
+    // Submitted PENDING (it runs after another task), queued at 100 ms.
+    let pending = record(id, &spec, TaskState::Pending, 0);
+    follower.commit(
+        batch(
+            vec![
+                Record::Task(pending),
+                state(id, 0, 0, 0, TaskState::Pending),
+            ],
+            2,
+        ),
+        &mut spans,
+    );
+    let queued = record(id, &spec, TaskState::Queued, 0);
+    follower.commit(
+        batch(
+            vec![
+                Record::Task(queued),
+                state(id, 1, 0, 100, TaskState::Queued),
+            ],
+            101,
+        ),
+        &mut spans,
+    );
+    let assigned = record(id, &spec, TaskState::Assigned, 1);
+    follower.commit(
+        batch(
+            vec![
+                Record::Task(assigned),
+                state(id, 2, 1, 110, TaskState::Assigned),
+            ],
+            111,
+        ),
+        &mut spans,
+    );
+    follower.commit(batch(finished(id, &spec, 3, 150), 152), &mut spans);
+    let queued = named(&spans, "queued");
+    assert_eq!((queued.start_time, queued.end_time), (at(100), at(110)));
+    assert_eq!(follower.live(), 0);
+}
+
+#[test]
+fn the_commit_span_is_under_the_submit_span_whichever_arrives_first() {
+    let spec = Arc::new(TaskSpec::call("noop", ""));
+    for submit_first in [false, true] {
+        let mut follower = Follower::default();
+        let id = TaskId::new();
+        let mut spans = Vec::new();
+        if submit_first {
+            follower.submitted(&[(id, None)], at(0), at(3), &mut spans);
+        }
+        let queued = record(id, &spec, TaskState::Queued, 0);
+        follower.commit(
+            batch(
+                vec![Record::Task(queued), state(id, 0, 0, 0, TaskState::Queued)],
+                2,
+            ),
+            &mut spans,
+        );
+        if !submit_first {
+            follower.submitted(&[(id, None)], at(0), at(3), &mut spans);
+        }
+        follower.commit(batch(finished(id, &spec, 1, 50), 52), &mut spans);
+        let submit = named(&spans, "submit");
+        assert_eq!(
+            submit.parent_span_id,
+            SpanId::from_bytes(span_id(id, SpanOf::Task))
+        );
+        assert_eq!(
+            named(&spans, "commit").parent_span_id,
+            submit.span_context.span_id(),
+            "submit first: {submit_first}"
+        );
+    }
+}
+
+#[test]
+fn a_task_without_a_submit_has_its_commit_span_under_its_root() {
+    // A cron fire: the scheduler submits it, no Submit request times it.
+    let mut follower = Follower::default();
+    let id = TaskId::new();
+    let spec = Arc::new(TaskSpec::call("noop", ""));
+    let spans = life(&mut follower, id, &spec);
+    assert!(spans.iter().all(|s| s.name != "submit"));
+    assert_eq!(
+        named(&spans, "commit").parent_span_id,
+        SpanId::from_bytes(span_id(id, SpanOf::Task))
+    );
 }

@@ -335,3 +335,31 @@ async fn the_cli_continues_the_trace_in_traceparent() {
     );
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graph_submit_exports_a_submit_span_over_each_tasks_commit() {
+    let receiver = OtlpReceiver::start().await;
+    let cluster = TestCluster::builder()
+        .nodes(1)
+        .otlp_endpoint(receiver.url())
+        .start()
+        .await;
+    let client = cluster.client().await;
+    // The child is submitted PENDING: its first event is not QUEUED.
+    let submitted = client
+        .submit_graph(vec![
+            TaskSpec::exec(["true"]).ref_name("parent"),
+            TaskSpec::exec(["true"]).after_ref("parent"),
+        ])
+        .await
+        .expect("submit");
+    for id in submitted.task_ids {
+        assert_eq!(cluster.wait_for_final(id).await.state, TaskState::Succeeded);
+        let spans = receiver.wait_for_task(&id.to_string()).await;
+        let submit = one(&spans, "submit");
+        assert_eq!(submit.parent_span_id, one(&spans, "task").span_id);
+        assert_eq!(one(&spans, "commit").parent_span_id, submit.span_id);
+        one(&spans, "queued");
+    }
+    cluster.shutdown().await;
+}

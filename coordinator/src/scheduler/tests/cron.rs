@@ -127,7 +127,7 @@ fn each_fire_time_submits_one_task_carrying_its_fire_time() {
     assert_eq!(exec.env["WEFT_SCHEDULE"], "tick");
     let record = schedule(&h, "tick");
     assert_eq!((record.fired, record.skipped), (2, 0));
-    assert_eq!(h.s.gauges().schedule_fires, 2);
+    assert_eq!(h.s.gauges(h.now.instant).schedule_fires, 2);
     assert_eq!(record.last_fire, Some(secs(102)));
     // Each fired task is its own job.
     assert!(
@@ -151,7 +151,10 @@ fn overlap_skip_records_the_fire_as_skipped_while_the_previous_task_is_live() {
     assert_eq!((record.fired, record.skipped), (1, 2));
     assert_eq!(record.last_fire, Some(secs(103)));
     assert_eq!(
-        (h.s.gauges().schedule_fires, h.s.gauges().schedule_skips),
+        (
+            h.s.gauges(h.now.instant).schedule_fires,
+            h.s.gauges(h.now.instant).schedule_skips
+        ),
         (1, 2)
     );
     // Once it is final, the next fire submits again.

@@ -20,7 +20,7 @@ fn ready_tasks_are_counted_per_priority() {
         call("c"),
         call("d").priority(1),
     ]);
-    let g = h.s.gauges().policy;
+    let g = h.s.gauges(h.now.instant).policy;
     assert_eq!(g.ready_by_priority, [1, 0, 0, 0, 1, 0, 0, 0, 2]);
     assert_eq!(
         (
@@ -51,14 +51,43 @@ fn tasks_held_back_by_a_key_a_rate_or_resources_are_counted_without_keys() {
         call("g").resource("gpu", 1),
     ]);
     let _ = h.effects();
-    let g = h.s.gauges().policy;
+    let g = h.s.gauges(h.now.instant).policy;
     assert_eq!(g.waiting_concurrency, 1, "{g:?}");
     assert_eq!(g.waiting_rate_limit, 1, "{g:?}");
     assert_eq!(g.waiting_resources, 1, "{g:?}");
     assert_eq!(g.ready_by_priority[4], 3, "{g:?}");
     let tokens: Vec<(String, u64)> =
-        h.s.rate_tokens()
+        h.s.rate_tokens(h.now.instant)
             .map(|(name, n)| (name.to_owned(), n))
             .collect();
     assert_eq!(tokens, [("api".to_owned(), 0)]);
+}
+
+#[test]
+fn rate_gauges_read_the_bucket_refilled_to_now() {
+    let mut h = Harness::new();
+    h.s.set_limit(Limit {
+        name: "api".into(),
+        kind: LimitKind::Rate(RateLimit::new(10, Duration::from_secs(1), 10).expect("a rate")),
+    });
+    // Ten credits for eleven tasks: ten drain the bucket, the eleventh
+    // waits for a slot, and nothing dispatched later refills the bucket.
+    h.node(S1, reg("n1", 10), 10);
+    h.submit(
+        (0..11)
+            .map(|i| call(&i.to_string()).rate_limit("api", 1))
+            .collect(),
+    );
+    assert_eq!(assigned(&h.effects(), S1).len(), 10);
+    let tokens =
+        |h: &Harness| -> Vec<u64> { h.s.rate_tokens(h.now.instant).map(|(_, n)| n).collect() };
+    assert_eq!(tokens(&h), [0]);
+    assert_eq!(h.s.gauges(h.now.instant).policy.waiting_rate_limit, 1);
+
+    h.advance(Duration::from_secs(2));
+    let available = h.s.limits(h.now.instant)[0].available;
+    assert_eq!(available, 10);
+    assert_eq!(tokens(&h), [available]);
+    let g = h.s.gauges(h.now.instant).policy;
+    assert_eq!(g.waiting_rate_limit, 0, "{g:?}");
 }

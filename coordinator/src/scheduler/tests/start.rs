@@ -221,3 +221,37 @@ fn a_cancelled_attempt_taken_back_at_its_start_deadline_frees_its_node_slot() {
     ]);
     assert_eq!(assigned(&h.effects(), S1).len(), more.len());
 }
+
+#[test]
+fn submit_to_start_is_observed_at_a_tasks_first_start_whichever_attempt() {
+    let mut h = Harness::new();
+    let busy = NodeRegistration {
+        prefetch: 1,
+        ..reg("busy", 1)
+    };
+    h.node(S1, busy, 2);
+    let ids = h.submit(vec![
+        TaskSpec::call("sleep", ""),
+        TaskSpec::call("noop", "").max_attempts(2),
+    ]);
+    assert_eq!(assigned(&h.effects(), S1).len(), 2);
+    h.event(S1, ids[0], 1, NodeEventBody::Started);
+    let observed = |h: &Harness| h.s.metrics.submit_to_start.count();
+    assert_eq!(observed(&h), 1);
+    // Attempt 1 of the second task is taken back unstarted; attempt 2
+    // starts elsewhere: its task's first start.
+    pass(&mut h, &[S1], TIMEOUT + Duration::from_secs(1));
+    h.node(S2, reg("free", 1), 1);
+    assert_eq!(assigned(&h.effects(), S2), [(ids[1], Attempt(2))]);
+    h.event(S2, ids[1], 2, NodeEventBody::Started);
+    assert_eq!(observed(&h), 2);
+    // A retry after an attempt that started is no first start.
+    h.finish(S2, ids[1], 2, Outcome::Failed);
+    h.s.credits(S2, 1, h.now);
+    pass(&mut h, &[S1, S2], Duration::from_secs(1));
+    assert_eq!(assigned(&h.effects(), S2), [(ids[1], Attempt(3))]);
+    h.event(S2, ids[1], 3, NodeEventBody::Started);
+    h.effects();
+    assert_eq!(h.record(ids[1]).state, TaskState::Running);
+    assert_eq!(observed(&h), 2);
+}
