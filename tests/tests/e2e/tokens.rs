@@ -376,25 +376,35 @@ async fn token_commands_work_end_to_end_and_refusals_exit_77() {
     cluster.shutdown().await;
 }
 
+/// `weft login` to `cluster` with `token` and its CA file, the context
+/// saved under the config home `env` names.
+async fn weft_login(
+    cluster: &TestCluster,
+    token: &str,
+    env: &[(&str, &str)],
+) -> weft_tests::cli::CliOutput {
+    let ca = cluster
+        .ca_file()
+        .expect("a TLS cluster")
+        .display()
+        .to_string();
+    weft_tests::cli::run_weft_env(
+        "",
+        None,
+        env,
+        &["login", &cluster.url(), "--token", token, "--ca-file", &ca],
+        None,
+    )
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn weft_login_saves_a_private_context_that_later_commands_use() {
     let cluster = TestCluster::builder().nodes(1).start().await;
     let token = cluster.scoped_token(&["read"]).await;
     let config = cluster.dir().join("config");
     let config_env = [("XDG_CONFIG_HOME", config.to_str().unwrap())];
-    let ca = cluster
-        .ca_file()
-        .expect("a TLS cluster")
-        .display()
-        .to_string();
-    let login = weft_tests::cli::run_weft_env(
-        "",
-        None,
-        &config_env,
-        &["login", &cluster.url(), "--token", &token, "--ca-file", &ca],
-        None,
-    )
-    .await;
+    let login = weft_login(&cluster, &token, &config_env).await;
     assert_eq!(login.code, Some(0), "{login}");
     let context = config.join("weft").join("context.json");
     #[cfg(unix)]
@@ -418,21 +428,7 @@ async fn weft_login_saves_a_private_context_that_later_commands_use() {
     .await;
     assert_eq!(flagged.code, Some(77), "{flagged}");
     // A bad token is not saved.
-    let bad = weft_tests::cli::run_weft_env(
-        "",
-        None,
-        &config_env,
-        &[
-            "login",
-            &cluster.url(),
-            "--token",
-            "weft_nope",
-            "--ca-file",
-            &ca,
-        ],
-        None,
-    )
-    .await;
+    let bad = weft_login(&cluster, "weft_nope", &config_env).await;
     assert_eq!(bad.code, Some(77), "{bad}");
     assert!(std::fs::read_to_string(&context).unwrap().contains(&token));
     // Another coordinator gets neither the saved token nor its CA: a login
@@ -473,19 +469,7 @@ async fn a_submit_only_token_maps_without_jobs_and_logs_in() {
     // `login` saves a token the coordinator knows, whatever its scopes.
     let config = cluster.dir().join("config");
     let config_env = [("XDG_CONFIG_HOME", config.to_str().unwrap())];
-    let ca = cluster
-        .ca_file()
-        .expect("a TLS cluster")
-        .display()
-        .to_string();
-    let login = weft_tests::cli::run_weft_env(
-        "",
-        None,
-        &config_env,
-        &["login", &cluster.url(), "--token", &token, "--ca-file", &ca],
-        None,
-    )
-    .await;
+    let login = weft_login(&cluster, &token, &config_env).await;
     assert_eq!(login.code, Some(0), "{login}");
     let context = config.join("weft").join("context.json");
     let saved = std::fs::read_to_string(&context).expect("the context is saved");
