@@ -1020,7 +1020,10 @@ impl Scheduler {
             let Some(task) = self.tasks.get(&id) else {
                 continue;
             };
-            if task.state != TaskState::Queued {
+            // Assigned once (a node served it then): it waits under its
+            // retry policy, as any task whose node was lost. With no node
+            // connected at all it waits too, as at submit.
+            if task.state != TaskState::Queued || task.attempt > 0 || self.nodes.is_empty() {
                 continue;
             }
             let spec = task.spec.template(self.queue.example(task.class));

@@ -193,6 +193,35 @@ fn a_call_no_connected_node_serves_waits_for_one_up_to_the_schedule_timeout() {
 }
 
 #[test]
+fn a_call_a_node_took_then_lost_waits_under_its_retry_policy_not_the_schedule_timeout() {
+    let mut h = Harness::new();
+    h.node(S1, reg("n1", 2), 2);
+    let id = h.submit(vec![TaskSpec::call("late", "")])[0];
+    h.effects();
+    let worker = NodeRegistration {
+        handlers: vec!["late".into()],
+        ..reg("worker", 1)
+    };
+    h.node(S2, worker, 1);
+    assert_eq!(assigned(&h.effects(), S2), [(id, Attempt(1))]);
+    h.event(S2, id, 1, NodeEventBody::Started);
+    h.effects();
+    // Its node goes and does not come back; past the schedule timeout no
+    // connected node serves `late` again.
+    h.s.node_gone(S2, h.now);
+    for _ in 0..70 {
+        h.s.heartbeat(S1, h.now);
+        h.advance(Duration::from_secs(1));
+    }
+    h.effects();
+    let record = h.record(id);
+    assert_eq!(
+        (record.state, record.attempt),
+        (TaskState::Queued, Attempt(2))
+    );
+}
+
+#[test]
 fn a_call_may_set_its_own_schedule_timeout_or_wait_forever() {
     let mut h = Harness::new();
     h.node(S1, reg("n1", 2), 2);
