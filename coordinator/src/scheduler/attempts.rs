@@ -111,6 +111,13 @@ impl Scheduler {
             }
             NodeEventBody::Output { stream, data, seq } => {
                 let next = task.next_chunk();
+                // Counting from 0 with no gaps, no node gets to the last
+                // number: one sent is a broken node's, and taking it would
+                // leave no next number to tell a repeat by.
+                if seq == u64::MAX {
+                    tracing::debug!(task_id = %id, "dropped an output chunk numbered u64::MAX");
+                    return;
+                }
                 if seq < next {
                     return; // a chunk we already have (resent after a reconnect)
                 }
@@ -122,10 +129,12 @@ impl Scheduler {
                     // seq is stored with it, so a restart still knows the
                     // next one expected.
                     let missing = seq - next;
-                    self.output_chunks_missed += missing;
+                    self.output_chunks_missed = self.output_chunks_missed.saturating_add(missing);
                     tracing::warn!(task_id = %id, attempt = event.attempt.0, missing, first = next, "output chunks missing; the node no longer had them");
                 }
-                task.set_next_chunk(seq + 1);
+                // A seq is the node's to choose: the last one possible
+                // takes no next.
+                task.set_next_chunk(seq.saturating_add(1));
                 let chunk = Some(seq);
                 // A chunk over the size readers plan for (a worker may send
                 // up to a whole message) is stored as several events of

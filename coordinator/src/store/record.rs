@@ -265,7 +265,7 @@ pub fn next_chunk(attempt: Attempt, newest_first: impl IntoIterator<Item = TaskE
         }
         if let EventBody::Output { chunk, .. } = event.body {
             match chunk {
-                Some(chunk) => return chunk + 1 + unnumbered,
+                Some(chunk) => return chunk.saturating_add(1).saturating_add(unnumbered),
                 None => unnumbered += 1,
             }
         }

@@ -274,3 +274,28 @@ fn a_chunk_larger_than_readers_plan_for_is_stored_in_pieces_of_its_number() {
     assert_eq!(pieces(&h).len(), 5);
     assert_eq!(h.s.stats().output_chunks_missed, 0);
 }
+
+#[test]
+fn chunk_numbers_at_the_top_of_their_range_are_taken_once_and_never_wrap() {
+    let (mut h, first, ids) = one_running_one_queued();
+    let at = |seq: u64| NodeEventBody::Output {
+        stream: OutputStream::Stdout,
+        data: Bytes::from(format!("at-{}\n", u64::MAX - seq)),
+        seq,
+    };
+    h.event(S1, ids[0], 1, line(0));
+    h.event(S1, ids[0], 1, at(u64::MAX - 1));
+    h.event(S1, ids[0], 1, at(u64::MAX - 1));
+    // The last number: no node counting from 0 gets there; dropped.
+    h.event(S1, ids[0], 1, at(u64::MAX));
+    h.effects();
+    assert_eq!(output_lines(&h, ids[0]), ["line-0", "at-1"]);
+    // Restored, the attempt's next chunk is still past the last one taken.
+    let mut h = h.restart(Duration::from_secs(1));
+    let mut again = first;
+    again.running = vec![(ids[0], Attempt(1))];
+    h.node(S2, again, 0);
+    h.event(S2, ids[0], 1, at(u64::MAX - 1));
+    h.effects();
+    assert_eq!(output_lines(&h, ids[0]), ["line-0", "at-1"]);
+}
