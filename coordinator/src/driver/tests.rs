@@ -48,6 +48,57 @@ async fn soon<T>(what: &str, future: impl Future<Output = T>) -> T {
     }
 }
 
+/// The `Store` methods a test store hands to its `memory: MemoryStore`
+/// as they are: the reads, and the token and node identity records.
+macro_rules! forward_to_memory {
+    (reads) => {
+        fn task(&self, id: TaskId) -> Result<Option<TaskRecord>, StoreError> {
+            self.memory.task(id)
+        }
+
+        fn list_page(
+            &self,
+            query: &crate::store::ListQuery,
+        ) -> Result<crate::store::ListPage, StoreError> {
+            self.memory.list_page(query)
+        }
+
+        fn events(
+            &self,
+            id: TaskId,
+            from: u64,
+            limit: usize,
+        ) -> Result<Vec<TaskEvent>, StoreError> {
+            self.memory.events(id, from, limit)
+        }
+
+        fn load(&self, since: SystemTime) -> Result<Loaded, StoreError> {
+            self.memory.load(since)
+        }
+    };
+    (identities) => {
+        fn tokens(&self) -> Result<Vec<crate::auth::TokenRecord>, StoreError> {
+            self.memory.tokens()
+        }
+
+        fn put_token(&self, token: &crate::auth::TokenRecord) -> Result<(), StoreError> {
+            self.memory.put_token(token)
+        }
+
+        fn node_identities(&self) -> Result<Vec<crate::store::NodeIdentityRecord>, StoreError> {
+            self.memory.node_identities()
+        }
+
+        fn put_node_identity(
+            &self,
+            identity: &crate::store::NodeIdentityRecord,
+            token: Option<&crate::auth::TokenRecord>,
+        ) -> Result<(), StoreError> {
+            self.memory.put_node_identity(identity, token)
+        }
+    };
+}
+
 /// How a held commit ends.
 pub(super) enum CommitVerdict {
     Commit,
@@ -122,24 +173,7 @@ impl Store for HeldStore {
         }
     }
 
-    fn task(&self, id: TaskId) -> Result<Option<TaskRecord>, StoreError> {
-        self.memory.task(id)
-    }
-
-    fn list_page(
-        &self,
-        query: &crate::store::ListQuery,
-    ) -> Result<crate::store::ListPage, StoreError> {
-        self.memory.list_page(query)
-    }
-
-    fn events(&self, id: TaskId, from: u64, limit: usize) -> Result<Vec<TaskEvent>, StoreError> {
-        self.memory.events(id, from, limit)
-    }
-
-    fn load(&self, since: SystemTime) -> Result<Loaded, StoreError> {
-        self.memory.load(since)
-    }
+    forward_to_memory!(reads);
 
     fn expire(
         &self,
@@ -150,25 +184,7 @@ impl Store for HeldStore {
         self.memory.expire(before, limit, keep)
     }
 
-    fn tokens(&self) -> Result<Vec<crate::auth::TokenRecord>, StoreError> {
-        self.memory.tokens()
-    }
-
-    fn put_token(&self, token: &crate::auth::TokenRecord) -> Result<(), StoreError> {
-        self.memory.put_token(token)
-    }
-
-    fn node_identities(&self) -> Result<Vec<crate::store::NodeIdentityRecord>, StoreError> {
-        self.memory.node_identities()
-    }
-
-    fn put_node_identity(
-        &self,
-        identity: &crate::store::NodeIdentityRecord,
-        token: Option<&crate::auth::TokenRecord>,
-    ) -> Result<(), StoreError> {
-        self.memory.put_node_identity(identity, token)
-    }
+    forward_to_memory!(identities);
 }
 
 /// A driver running on `store`, and one node connected to it.
@@ -878,24 +894,7 @@ impl Store for SlowCommits {
         self.memory.commit(records)
     }
 
-    fn task(&self, id: TaskId) -> Result<Option<TaskRecord>, StoreError> {
-        self.memory.task(id)
-    }
-
-    fn list_page(
-        &self,
-        query: &crate::store::ListQuery,
-    ) -> Result<crate::store::ListPage, StoreError> {
-        self.memory.list_page(query)
-    }
-
-    fn events(&self, id: TaskId, from: u64, limit: usize) -> Result<Vec<TaskEvent>, StoreError> {
-        self.memory.events(id, from, limit)
-    }
-
-    fn load(&self, since: SystemTime) -> Result<Loaded, StoreError> {
-        self.memory.load(since)
-    }
+    forward_to_memory!(reads);
 
     fn expire(
         &self,
@@ -907,25 +906,7 @@ impl Store for SlowCommits {
         self.memory.expire(before, limit, keep)
     }
 
-    fn tokens(&self) -> Result<Vec<crate::auth::TokenRecord>, StoreError> {
-        self.memory.tokens()
-    }
-
-    fn put_token(&self, token: &crate::auth::TokenRecord) -> Result<(), StoreError> {
-        self.memory.put_token(token)
-    }
-
-    fn node_identities(&self) -> Result<Vec<crate::store::NodeIdentityRecord>, StoreError> {
-        self.memory.node_identities()
-    }
-
-    fn put_node_identity(
-        &self,
-        identity: &crate::store::NodeIdentityRecord,
-        token: Option<&crate::auth::TokenRecord>,
-    ) -> Result<(), StoreError> {
-        self.memory.put_node_identity(identity, token)
-    }
+    forward_to_memory!(identities);
 }
 
 /// Not on the current thread: the gRPC services fill the inbox from other
