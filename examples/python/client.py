@@ -2,7 +2,12 @@
 """A Weft client in Python: run a shell command on some node, call handlers.
 
     pip install ./sdk/python
-    python examples/python/client.py --coordinator http://127.0.0.1:7070
+    export WEFT_CA=$PWD/weft-data/ca.pem           # the coordinator's CA
+    export WEFT_TOKEN="$(cat weft-data/admin.token)"
+    python examples/python/client.py --coordinator 127.0.0.1:7070
+
+For a coordinator started with --insecure: --coordinator http://HOST:PORT
+(and no WEFT_CA).
 
 Shows the blocking API (submit, stream output, wait, cancel, list nodes) and
 the asyncio API (`async for event in client.watch(id)`).
@@ -59,7 +64,8 @@ async def with_asyncio(url: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="Weft Python client example")
-    parser.add_argument("--coordinator", default=os.environ.get("WEFT_COORDINATOR", "http://127.0.0.1:7070"))
+    parser.add_argument("--coordinator", default=os.environ.get("WEFT_COORDINATOR", "127.0.0.1:7070"),
+                        help="HOST:PORT (TLS, trusting $WEFT_CA), or http://HOST:PORT for an --insecure coordinator")
     args = parser.parse_args()
     try:
         blocking(args.coordinator)
