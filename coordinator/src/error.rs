@@ -206,8 +206,9 @@ impl From<Error> for Status {
 
 /// A store failure as a client is told it: a failed commit (full disk,
 /// I/O error) is `UNAVAILABLE` with the reason (nothing of the request was
-/// acknowledged; the coordinator stops and is restarted); damage is
-/// `DATA_LOSS` naming the record; the rest is internal.
+/// acknowledged; the coordinator stops and is restarted), and so is a
+/// database that cannot be reached for now; damage is `DATA_LOSS` naming
+/// the record; the rest is internal.
 fn store_status(err: &StoreError) -> Status {
     match err {
         StoreError::DiskFull { op, message } => {
@@ -220,6 +221,12 @@ fn store_status(err: &StoreError) -> Status {
             tracing::error!(error = %err, "store failure");
             Status::unavailable(format!(
                 "{err}; this request was not acknowledged; this coordinator is stopping: retry on another one"
+            ))
+        }
+        StoreError::Unreachable { .. } => {
+            tracing::error!(error = %err, "store failure");
+            Status::unavailable(format!(
+                "{err}; this request was not acknowledged; retry later"
             ))
         }
         StoreError::Backend { .. } => {
@@ -322,5 +329,25 @@ mod tests {
             Error::missing_task(id, Duration::ZERO, later),
             Error::TaskNotFound(_)
         ));
+    }
+
+    #[test]
+    fn an_unreachable_database_is_unavailable_and_a_refused_one_internal() {
+        let unreachable = Status::from(Error::Store(StoreError::Unreachable {
+            target: "postgresql://weft@127.0.0.1:5432/weft".into(),
+            message: "error connecting to server: Connection refused (os error 111)".into(),
+        }));
+        assert_eq!(unreachable.code(), tonic::Code::Unavailable);
+        assert!(
+            unreachable.message().contains("cannot be reached")
+                && unreachable.message().contains("retry later"),
+            "{}",
+            unreachable.message()
+        );
+        let refused = Status::from(Error::Store(StoreError::Database {
+            target: "postgresql://weft@127.0.0.1:5432/weft".into(),
+            message: "FATAL (28P01): password authentication failed".into(),
+        }));
+        assert_eq!(refused.code(), tonic::Code::Internal);
     }
 }

@@ -84,6 +84,23 @@ pub const MAX_ENV_ENTRIES: usize = 1024;
 /// Most entries of `exec.argv`.
 pub const MAX_ARGV_ENTRIES: usize = 4096;
 
+/// Longest reason a client gives a `Cancel` or a `CancelJob`, in bytes:
+/// it is kept in the record and the final event of every task it cancels
+/// (a job's may be many), and sent to their nodes.
+pub const MAX_CANCEL_REASON_BYTES: usize = 1024;
+
+/// Checks a `Cancel`'s or `CancelJob`'s `reason`: at most
+/// [`MAX_CANCEL_REASON_BYTES`].
+pub fn check_cancel_reason(reason: &str) -> Result<(), ConversionError> {
+    if reason.len() > MAX_CANCEL_REASON_BYTES {
+        return Err(ConversionError::Invalid {
+            field: "reason",
+            reason: format!("{} bytes; at most {MAX_CANCEL_REASON_BYTES}", reason.len()),
+        });
+    }
+    Ok(())
+}
+
 /// Longest node name in a `Register`, in bytes (a joined node's name
 /// follows the stricter rule of `Join`; this bounds one under `--no-auth`).
 pub const MAX_NODE_NAME_BYTES: usize = 128;

@@ -81,8 +81,7 @@ pub(crate) fn list_query(request: pb::ListRequest) -> Result<ListQuery, Error> {
     // Task ids are ULIDs: their top 48 bits are the millisecond they were
     // made, so a time bound is an id bound (`until` takes its whole
     // millisecond).
-    if let Some(until) = until {
-        let end = TaskId::from_u128(u128::from(until.saturating_add(1)) << 80);
+    if let Some(end) = until.and_then(first_id_after) {
         before = Some(before.map_or(end, |b| b.min(end)));
     }
     let mut from = since.map(|ms| TaskId::from_u128(u128::from(ms) << 80));
@@ -107,9 +106,7 @@ pub(crate) fn list_query(request: pb::ListRequest) -> Result<ListQuery, Error> {
             token => TaskId::from_u128(parse_task_id(token)?.as_u128().saturating_add(1)),
         };
         from = Some(from.map_or(after, |f| f.max(after)));
-        before = Some(until.map_or(end, |u| {
-            end.min(TaskId::from_u128(u128::from(u.saturating_add(1)) << 80))
-        }));
+        before = Some(until.and_then(first_id_after).map_or(end, |u| end.min(u)));
     }
     let query = ListQuery {
         state,
@@ -121,8 +118,18 @@ pub(crate) fn list_query(request: pb::ListRequest) -> Result<ListQuery, Error> {
         limit,
         scan: MAX_LIST_SCAN,
         ascending,
+        // The `List` handler bounds it by its --max-message-size.
+        budget: usize::MAX,
     };
     Ok(query)
+}
+
+/// The first task id made after millisecond `ms`: the exclusive id bound
+/// of `until`. `None` after the last millisecond ids can hold (its next
+/// would not fit in 48 bits): no bound.
+fn first_id_after(ms: u64) -> Option<TaskId> {
+    let next = u128::from(ms) + 1;
+    (next < 1 << 48).then(|| TaskId::from_u128(next << 80))
 }
 
 /// A filter's time as milliseconds since the Unix epoch (ULIDs hold 48
@@ -461,8 +468,17 @@ impl pb::task_service_server::TaskService for TaskApi {
         auth::require(&request, Scope::Cancel)?;
         let request = request.into_inner();
         let job = parse_task_id(&request.job_id)?;
+        // Before the job's tasks are read: as List's job filter answers.
+        if crate::scheduler::graph::job_of(job) != job {
+            return Err(Error::from(ConversionError::Invalid {
+                field: "job_id",
+                reason: "not a job id (the first task id of a Submit)".to_owned(),
+            })
+            .into());
+        }
+        weft_proto::limits::check_cancel_reason(&request.reason).map_err(Error::from)?;
         let tasks = super::jobs::job_tasks(&self.handle, job).await?;
-        if tasks.is_empty() || crate::scheduler::graph::job_of(job) != job {
+        if tasks.is_empty() {
             return Err(Error::JobNotFound(job).into());
         }
         // Newest first; the scheduler puts children before the tasks they
@@ -521,7 +537,14 @@ impl pb::task_service_server::TaskService for TaskApi {
     ) -> Result<Response<pb::ListResponse>, Status> {
         auth::require(&request, Scope::Read)?;
         let request = request.into_inner();
-        let query = list_query(request)?;
+        let budget = self.handle.config.max_message_size;
+        // The store stops reading records at about the message size (by
+        // an estimate of each task's encoded size), so a page of large
+        // tasks never loads `limit` of them only to send a few.
+        let query = ListQuery {
+            budget,
+            ..list_query(request)?
+        };
         let page = blocking(&self.handle.store, "listing tasks", move |store| {
             store.list_page(&query)
         })
@@ -530,9 +553,10 @@ impl pb::task_service_server::TaskService for TaskApi {
         let (mut records, resume) = (page.tasks, page.resume);
         self.with_pending(&mut records).await?;
         // A page ends early where the next task would take the answer past
-        // --max-message-size (it always holds one task): the client goes on
-        // from the page token as after a full page.
-        let budget = self.handle.config.max_message_size;
+        // --max-message-size (it always holds one task), by the exact
+        // encoding this time (the store's cut was by an estimate, without
+        // what `with_pending` added): the client goes on from the page
+        // token as after a full page.
         let mut tasks = Vec::with_capacity(records.len());
         let mut size = 0;
         for record in &records {
@@ -583,6 +607,7 @@ impl pb::task_service_server::TaskService for TaskApi {
         let can_read = auth::allows(&request, Scope::Read);
         let request = request.into_inner();
         let id = parse_task_id(&request.task_id)?;
+        weft_proto::limits::check_cancel_reason(&request.reason).map_err(Error::from)?;
         let reason = request.reason;
         let live = self
             .handle
@@ -696,6 +721,40 @@ mod tests {
     }
 
     #[test]
+    fn until_at_the_largest_accepted_time_lists_every_task_up_to_it() {
+        use crate::store::{MemoryStore, Record, Store};
+
+        let last_ms: i64 = (1 << 48) - 1;
+        let until = prost_types::Timestamp {
+            seconds: last_ms / 1000,
+            nanos: i32::try_from(last_ms % 1000).unwrap() * 1_000_000,
+        };
+        let job = crate::scheduler::graph::job_of(TaskId::new());
+        let spec = Arc::new(TaskSpec::call("noop", ""));
+        let store = MemoryStore::new();
+        store
+            .commit(&[Record::Task(TaskRecord::for_test(
+                job,
+                spec,
+                TaskState::Queued,
+                SystemTime::now(),
+            ))])
+            .unwrap();
+        // Newest first, and a job's tasks oldest first.
+        for job_filter in [String::new(), job.to_string()] {
+            let query = list_query(pb::ListRequest {
+                until: Some(until),
+                job: job_filter.clone(),
+                ..Default::default()
+            })
+            .expect("the largest time is accepted");
+            let page = store.list_page(&query).unwrap();
+            let listed: Vec<TaskId> = page.tasks.iter().map(|t| t.id).collect();
+            assert_eq!(listed, [job], "job filter {job_filter:?}");
+        }
+    }
+
+    #[test]
     fn too_large_is_resource_exhausted_and_malformed_invalid_argument() {
         let code = |spec: TaskSpec| {
             validate_spec(&LIMITS, 3, pb::TaskSpec::from(spec))
@@ -797,5 +856,171 @@ mod tests {
                 );
             }
         }
+    }
+
+    use pb::task_service_server::TaskService as _;
+
+    /// The API over a running driver with the memory store and no node
+    /// (what is submitted stays queued); `stop` ends the driver.
+    struct Running {
+        api: TaskApi,
+        cancel: tokio_util::sync::CancellationToken,
+        run: tokio::task::JoinHandle<()>,
+    }
+
+    impl Running {
+        fn start() -> Running {
+            let config = crate::config::CoordinatorConfig::default();
+            let mut scheduler = crate::scheduler::Scheduler::new((&config).into());
+            let metrics = Arc::new(crate::metrics::Metrics::default());
+            scheduler.set_metrics(Arc::clone(metrics.tasks()));
+            let cancel = tokio_util::sync::CancellationToken::new();
+            let (driver, handle) = crate::driver::new(
+                scheduler,
+                Arc::new(crate::store::MemoryStore::new()),
+                Arc::new(config),
+                metrics,
+                cancel.clone(),
+                tokio_util::task::TaskTracker::new(),
+            );
+            let run = tokio::spawn(driver.run());
+            Running {
+                api: TaskApi::new(handle),
+                cancel,
+                run,
+            }
+        }
+
+        /// Submits `n` tasks in one Submit: its job id and task ids.
+        async fn submit(&self, n: usize) -> pb::SubmitResponse {
+            let spec = pb::TaskSpec::from(TaskSpec::call("noop", ""));
+            self.api
+                .submit(admin(pb::SubmitRequest {
+                    tasks: vec![spec; n],
+                }))
+                .await
+                .unwrap_or_else(|err| panic!("{err}"))
+                .into_inner()
+        }
+
+        async fn state(&self, id: &str) -> i32 {
+            let task = self
+                .api
+                .get(admin(pb::GetRequest {
+                    task_id: id.to_owned(),
+                }))
+                .await
+                .unwrap_or_else(|err| panic!("{err}"))
+                .into_inner()
+                .task;
+            task.map(|t| t.state).unwrap_or_default()
+        }
+
+        async fn stop(self) {
+            self.cancel.cancel();
+            self.run.await.unwrap_or_else(|err| panic!("{err}"));
+        }
+    }
+
+    /// `message` as the edge passes it on for an admin caller.
+    fn admin<T>(message: T) -> Request<T> {
+        let mut request = Request::new(message);
+        request.extensions_mut().insert(Caller {
+            token_id: None,
+            scopes: crate::auth::Scopes::ADMIN,
+        });
+        request
+    }
+
+    #[tokio::test]
+    async fn a_cancel_reason_past_its_limit_is_invalid_argument_and_cancels_nothing() {
+        use weft_proto::limits::MAX_CANCEL_REASON_BYTES;
+
+        let running = Running::start();
+        let job = running.submit(2).await;
+        let long = "x".repeat(MAX_CANCEL_REASON_BYTES + 1);
+        let refused = [
+            running
+                .api
+                .cancel(admin(pb::CancelRequest {
+                    task_id: job.task_ids[0].clone(),
+                    reason: long.clone(),
+                }))
+                .await
+                .map(drop),
+            running
+                .api
+                .cancel_job(admin(pb::CancelJobRequest {
+                    job_id: job.job_id.clone(),
+                    reason: long,
+                }))
+                .await
+                .map(drop),
+        ];
+        for refused in refused {
+            let status = refused.expect_err("a reason past the limit");
+            assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+            assert!(
+                status.message().contains("`reason`")
+                    && status
+                        .message()
+                        .contains(&MAX_CANCEL_REASON_BYTES.to_string()),
+                "{}",
+                status.message()
+            );
+        }
+        for id in &job.task_ids {
+            assert_eq!(running.state(id).await, i32::from(TaskState::Queued));
+        }
+        // At the limit it is taken, and kept whole.
+        let longest = "y".repeat(MAX_CANCEL_REASON_BYTES);
+        let task = running
+            .api
+            .cancel(admin(pb::CancelRequest {
+                task_id: job.task_ids[0].clone(),
+                reason: longest.clone(),
+            }))
+            .await
+            .unwrap_or_else(|err| panic!("{err}"))
+            .into_inner()
+            .task
+            .unwrap_or_default();
+        assert_eq!(task.state, i32::from(TaskState::Cancelled));
+        assert_eq!(task.error, longest);
+        running.stop().await;
+    }
+
+    #[tokio::test]
+    async fn cancel_job_naming_a_task_that_is_not_a_job_is_invalid_argument_and_cancels_nothing() {
+        let running = Running::start();
+        let job = running.submit(2).await;
+        let status = running
+            .api
+            .cancel_job(admin(pb::CancelJobRequest {
+                job_id: job.task_ids[1].clone(),
+                reason: String::new(),
+            }))
+            .await
+            .expect_err("the second task's id is not a job id");
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(
+            status.message().contains("job_id") && status.message().contains("not a job id"),
+            "{}",
+            status.message()
+        );
+        for id in &job.task_ids {
+            assert_eq!(running.state(id).await, i32::from(TaskState::Queued));
+        }
+        let answer = running
+            .api
+            .cancel_job(admin(pb::CancelJobRequest {
+                job_id: job.job_id.clone(),
+                reason: String::new(),
+            }))
+            .await
+            .unwrap_or_else(|err| panic!("{err}"))
+            .into_inner();
+        assert_eq!((answer.cancelled, answer.already_final), (2, 0));
+        running.stop().await;
     }
 }

@@ -18,7 +18,10 @@ use weft_proto::{
     Attempt, NodeId, Outcome, OutputStream, SecretEnv, TaskId, TaskSpec, TaskState, pb,
 };
 
+mod size;
 mod wire;
+
+pub(crate) use size::task_wire_bytes;
 
 use super::engine::StoreError;
 use super::record::{AttemptRecord, EventBody, NodeIdentityRecord, TaskEvent, TaskRecord};

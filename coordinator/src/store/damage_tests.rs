@@ -373,7 +373,60 @@ fn a_store_written_before_checksums_opens_and_is_upgraded_once() {
     let db = Database::open(dir.path().join(STORE_FILE)).unwrap();
     let txn = db.begin_read().unwrap();
     let schema = txn.open_table(META).unwrap().get("schema").unwrap();
-    assert_eq!(schema.map(|v| v.value()), Some(3));
+    assert_eq!(schema.map(|v| v.value()), Some(4));
+}
+
+const LIMITS: TableDefinition<&str, &[u8]> = TableDefinition::new("limits");
+
+fn rate_limit() -> weft_proto::policy::Limit {
+    weft_proto::policy::Limit {
+        name: "api".into(),
+        kind: weft_proto::policy::LimitKind::Rate("10/s".parse().unwrap()),
+    }
+}
+
+#[test]
+fn a_damaged_limit_is_reported_as_damage() {
+    let dir = tempfile::tempdir().unwrap();
+    RedbStore::open(dir.path())
+        .unwrap()
+        .commit(&[Record::Limit(rate_limit())])
+        .unwrap();
+    {
+        let db = Database::open(dir.path().join(STORE_FILE)).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(LIMITS)
+            .unwrap()
+            .insert("rate/api", &b"\xff\xfe garbage"[..])
+            .unwrap();
+        txn.commit().unwrap();
+    }
+    let store = RedbStore::open(dir.path()).unwrap();
+    let err = store.load(UNIX_EPOCH).unwrap_err();
+    assert!(err.is_damage(), "{err}");
+    assert!(err.to_string().contains("limits"), "{err}");
+}
+
+#[test]
+fn limits_written_before_they_had_checksums_still_load() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(RedbStore::open(dir.path()).unwrap());
+    {
+        // What a schema-3 coordinator wrote: a limit without checksum.
+        let db = Database::open(dir.path().join(STORE_FILE)).unwrap();
+        let txn = db.begin_write().unwrap();
+        let body = prost::Message::encode_to_vec(&weft_proto::pb::Limit::from(&rate_limit()));
+        txn.open_table(LIMITS)
+            .unwrap()
+            .insert("rate/api", body.as_slice())
+            .unwrap();
+        txn.open_table(META).unwrap().insert("schema", 3).unwrap();
+        txn.commit().unwrap();
+    }
+    for _ in 0..2 {
+        let store = RedbStore::open(dir.path()).expect("a schema-3 store opens");
+        assert_eq!(store.load(UNIX_EPOCH).unwrap().limits, [rate_limit()]);
+    }
 }
 
 /// Flips one byte in the middle of event `seq` of task `id`.

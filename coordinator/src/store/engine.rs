@@ -6,6 +6,7 @@ use std::time::SystemTime;
 
 use weft_proto::{SecretEnv, TaskId, TaskState};
 
+use super::codec::task_wire_bytes;
 use super::record::{Loaded, NodeIdentityRecord, Record, TaskEvent, TaskRecord};
 use crate::auth::TokenRecord;
 
@@ -34,6 +35,12 @@ pub struct ListQuery {
     /// Oldest first (a job's tasks), instead of newest first; the page's
     /// `resume` is then the last id given, and the next page starts after it.
     pub ascending: bool,
+    /// At most about this many bytes of records on the page, by their
+    /// estimated wire size (`codec::task_wire_bytes`): the scan stops before a
+    /// record that would go past it (but a page always holds one), so a
+    /// page of large tasks never reads `limit` of them. `List` passes its
+    /// `--max-message-size`.
+    pub budget: usize,
 }
 
 impl Default for ListQuery {
@@ -48,20 +55,26 @@ impl Default for ListQuery {
             limit: 100,
             scan: usize::MAX,
             ascending: false,
+            budget: usize::MAX,
         }
     }
 }
 
 impl ListQuery {
-    /// Whether `record` passes the filters checked per record (labels,
-    /// name, node); state and id bounds are the engine's ranges.
+    /// Whether `record` passes the filters checked per record (state,
+    /// labels, name, node); id bounds are the engine's ranges. The state
+    /// is the engine's range too, but checked again on the record read: an
+    /// engine that reads records after letting its state index go (the
+    /// log) may read one that has moved to another state since.
     pub fn matches(&self, record: &TaskRecord) -> bool {
         let labels = &record.spec.labels;
         let node_is =
             |id: &weft_proto::NodeId, name: &str| name == self.node || id.to_string() == self.node;
-        self.labels
-            .iter()
-            .all(|(k, v)| labels.get(k).is_some_and(|have| have == v))
+        self.state.is_none_or(|state| record.state == state)
+            && self
+                .labels
+                .iter()
+                .all(|(k, v)| labels.get(k).is_some_and(|have| have == v))
             && (self.name.is_empty() || record.spec.name.contains(&self.name))
             && (self.node.is_empty()
                 || record
@@ -85,15 +98,21 @@ impl ListQuery {
 pub struct ListPage {
     /// The tasks found, newest first.
     pub tasks: Vec<TaskRecord>,
-    /// Where a next page carries on (pass as `before`): the last task
-    /// examined, when the scan stopped at `limit` or `scan` before the end
+    /// Where a next page carries on (pass as `before`, or past it as
+    /// `from` when ascending): the last task examined and not left out,
+    /// when the scan stopped at `limit`, `scan` or `budget` before the end
     /// of its range; `None` when nothing older is left to examine.
     pub resume: Option<TaskId>,
 }
 
-/// Walks ids newest first, reading each with `read` (which answers the
-/// record only if it matches), until `query.limit` tasks are found or
-/// `query.scan` ids were examined. The one loop every engine's list shares.
+/// Walks ids in the query's order, reading each with `read` (which
+/// answers the record only if it matches), until `query.limit` tasks are
+/// found, `query.scan` ids were examined, or the next record would take
+/// the page past `query.budget`. The one loop every engine's list shares.
+///
+/// The record found past the budget was read, but is left for the next
+/// page (`resume` is the id before it): a page reads at most its budget
+/// plus one record.
 pub(crate) fn scan_page(
     ids: impl Iterator<Item = Result<TaskId, StoreError>>,
     query: &ListQuery,
@@ -101,16 +120,23 @@ pub(crate) fn scan_page(
 ) -> Result<ListPage, StoreError> {
     let mut page = ListPage::default();
     let mut last = None;
+    let mut bytes = 0usize;
     for (examined, id) in ids.enumerate() {
-        if page.tasks.len() >= query.limit || examined >= query.scan {
+        if page.tasks.len() >= query.limit || examined >= query.scan || bytes >= query.budget {
             page.resume = last;
             return Ok(page);
         }
         let id = id?;
-        last = Some(id);
         if let Some(record) = read(id)? {
+            let size = task_wire_bytes(&record);
+            if !page.tasks.is_empty() && bytes.saturating_add(size) > query.budget {
+                page.resume = last;
+                return Ok(page);
+            }
+            bytes = bytes.saturating_add(size);
             page.tasks.push(record);
         }
+        last = Some(id);
     }
     Ok(page)
 }
@@ -141,11 +167,22 @@ pub enum StoreError {
         /// What went wrong.
         message: String,
     },
-    /// The database (`--database-url`) could not be reached, refused the
-    /// login, or holds a schema this coordinator cannot use: refused at
-    /// start. `target` never holds a password.
+    /// The database (`--database-url`) refused the login or the URL, or
+    /// holds a schema this coordinator cannot use: refused at start.
+    /// `target` never holds a password.
     #[error("database {target}: {message}")]
     Database {
+        /// Where it is: hosts, ports, database and user.
+        target: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// The database (`--database-url`) cannot be reached: the connection
+    /// was refused, timed out or broke (the server is down or restarting,
+    /// a network blip). Safe to retry later: the next call connects again.
+    /// `target` never holds a password.
+    #[error("database {target} cannot be reached: {message}")]
+    Unreachable {
         /// Where it is: hosts, ports, database and user.
         target: String,
         /// What went wrong.
@@ -249,6 +286,7 @@ impl StoreError {
             | StoreError::Locked(_)
             | StoreError::Open { .. }
             | StoreError::Database { .. }
+            | StoreError::Unreachable { .. }
             | StoreError::LostDatabase { .. }
             | StoreError::Backend { .. }
             | StoreError::DiskFull { .. } => false,
@@ -332,7 +370,8 @@ pub trait Store: Send + Sync + 'static {
     }
 
     /// A page of the tasks `query` asks for, newest first: up to
-    /// `query.limit` of them, examining at most `query.scan` records (see
+    /// `query.limit` of them, examining at most `query.scan` records and
+    /// reading about `query.budget` bytes of them (see
     /// [`ListPage::resume`]).
     fn list_page(&self, query: &ListQuery) -> Result<ListPage, StoreError>;
 

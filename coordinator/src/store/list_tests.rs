@@ -250,6 +250,68 @@ fn a_filtered_list_examines_at_most_the_scan_bound_and_resumes_where_it_stopped(
 }
 
 #[test]
+fn a_state_filtered_list_counts_only_tasks_in_that_state_against_the_scan_bound() {
+    both(|store| {
+        // Three running tasks, then ten newer ones that succeeded.
+        let running: Vec<TaskId> = (1..=3).map(|i| id_at(i * 10, 2)).collect();
+        for id in &running {
+            let task = record(
+                *id,
+                TaskState::Running,
+                TaskSpec::call("noop", ""),
+                Vec::new(),
+            );
+            store.commit(&[Record::Task(task)]).unwrap();
+        }
+        for i in 1..=10 {
+            let id = id_at(1000 + i * 10, 2);
+            let task = record(
+                id,
+                TaskState::Succeeded,
+                TaskSpec::call("noop", ""),
+                Vec::new(),
+            );
+            store.commit(&[Record::Task(task)]).unwrap();
+        }
+        let query = ListQuery {
+            state: Some(TaskState::Running),
+            scan: 5,
+            limit: 10,
+            ..ListQuery::default()
+        };
+        assert_eq!(
+            listed(store, &query),
+            (vec![running[2], running[1], running[0]], None)
+        );
+    });
+}
+
+#[test]
+fn a_record_read_in_another_state_than_the_listed_one_does_not_match() {
+    // The log takes ids from its state index, then reads each record
+    // after letting the index go: a commit in between may have moved the
+    // task to another state, and the record read says so.
+    let id = id_at(10, 3);
+    let queued = record(
+        id,
+        TaskState::Queued,
+        TaskSpec::call("noop", ""),
+        Vec::new(),
+    );
+    let running = ListQuery {
+        state: Some(TaskState::Running),
+        ..ListQuery::default()
+    };
+    assert!(!running.matches(&queued));
+    let queued_only = ListQuery {
+        state: Some(TaskState::Queued),
+        ..ListQuery::default()
+    };
+    assert!(queued_only.matches(&queued));
+    assert!(ListQuery::default().matches(&queued));
+}
+
+#[test]
 fn the_attempt_history_survives_reopening_the_redb_store() {
     let dir = tempfile::tempdir().expect("temp dir");
     let id = id_at(1000, 1);
@@ -364,5 +426,78 @@ fn an_unfiltered_list_pages_through_tasks_of_every_state_in_id_order_both_ways()
             }
             assert_eq!(found, expected, "ascending: {ascending}");
         }
+    });
+}
+
+#[test]
+fn a_page_of_large_tasks_stops_at_its_byte_budget_and_resumes_after_its_last_task_both_ways() {
+    use bytes::Bytes;
+
+    use super::codec::task_wire_bytes;
+
+    both(|store| {
+        // 50 tasks with outputs of 16 to 112 KiB.
+        let ids: Vec<TaskId> = (1..=50).map(|i| id_at(i * 10, 9)).collect();
+        let mut size = std::collections::HashMap::new();
+        for (i, id) in ids.iter().enumerate() {
+            let spec = TaskSpec::call("noop", "");
+            let task = TaskRecord {
+                output: Bytes::from(vec![i as u8; (16 + (i % 7) * 16) << 10]),
+                ..record(*id, TaskState::Succeeded, spec, Vec::new())
+            };
+            size.insert(*id, task_wire_bytes(&task));
+            store.commit(&[Record::Task(task)]).unwrap();
+        }
+        // About four tasks' worth a page.
+        let budget = 256 << 10;
+        for ascending in [false, true] {
+            let mut expected = ids.clone();
+            if !ascending {
+                expected.reverse();
+            }
+            let mut query = ListQuery {
+                limit: 10_000,
+                budget,
+                ascending,
+                ..ListQuery::default()
+            };
+            let mut found: Vec<TaskId> = Vec::new();
+            let mut pages = 0;
+            loop {
+                let (page, resume) = listed(store, &query);
+                pages += 1;
+                let bytes: usize = page.iter().map(|id| size[id]).sum();
+                assert!(!page.is_empty(), "a page holds at least one task");
+                assert!(
+                    bytes <= budget,
+                    "page {pages} holds {} tasks, {bytes} bytes, over the budget {budget}",
+                    page.len()
+                );
+                found.extend(&page);
+                let Some(resume) = resume else { break };
+                // Full: the next task would not have fit.
+                assert_eq!(
+                    resume,
+                    *found.last().unwrap(),
+                    "resumes after its last task"
+                );
+                let next = expected[found.len()];
+                assert!(bytes + size[&next] > budget, "page {pages} stopped early");
+                match ascending {
+                    // `from` is inclusive: the next page starts after it.
+                    true => query.from = Some(TaskId::from_u128(resume.as_u128() + 1)),
+                    false => query.before = Some(resume),
+                }
+                assert!(pages <= ids.len(), "the pages do not end");
+            }
+            assert!(pages >= 10, "{pages} pages for 50 tasks of 16 to 112 KiB");
+            assert_eq!(found, expected, "every task once, ascending: {ascending}");
+        }
+        // A budget below one task still answers one.
+        let tiny = ListQuery {
+            budget: 1,
+            ..ListQuery::default()
+        };
+        assert_eq!(listed(store, &tiny), (vec![ids[49]], Some(ids[49])));
     });
 }

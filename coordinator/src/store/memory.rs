@@ -25,6 +25,10 @@ pub struct MemoryStore {
 #[derive(Debug, Default)]
 struct Inner {
     tasks: BTreeMap<TaskId, Entry>,
+    /// Task ids by state: a state-filtered list walks only its state's
+    /// tasks, so only they count against its scan bound (as in the
+    /// durable stores' state indexes).
+    by_state: HashMap<TaskState, BTreeSet<TaskId>>,
     /// Final tasks by when they became final, for retention.
     final_by_time: BTreeSet<(SystemTime, TaskId)>,
     /// Secret environments of tasks not yet final, apart from the records
@@ -96,6 +100,7 @@ impl Store for MemoryStore {
         let mut inner = self.inner.write().map_err(|_| StoreError::Poisoned)?;
         let Inner {
             tasks,
+            by_state,
             final_by_time,
             secrets,
             schedules,
@@ -133,8 +138,15 @@ impl Store for MemoryStore {
                     }
                     *next += 1;
                 }
-                Record::Secrets(..)
-                | Record::ForgetSecrets(_)
+                // A task's secrets come with or after its first record.
+                Record::Secrets(id, _) => {
+                    if !pending.contains_key(id) && !tasks.contains_key(id) {
+                        return Err(StoreError::Inconsistent(format!(
+                            "secrets for unknown task {id}"
+                        )));
+                    }
+                }
+                Record::ForgetSecrets(_)
                 | Record::Schedule(_)
                 | Record::DeleteSchedule(_)
                 | Record::Limit(_)
@@ -144,13 +156,17 @@ impl Store for MemoryStore {
         for record in records {
             match record {
                 Record::Task(task) => {
-                    if task.state.is_final() {
-                        final_by_time.insert((task.updated_at, task.id));
-                    }
+                    // The old record's index entries go before the new
+                    // one's are made: they may be the same (a final task
+                    // written again unchanged).
                     match tasks.get_mut(&task.id) {
                         Some(entry) => {
-                            if entry.record.state.is_final() {
-                                final_by_time.remove(&(entry.record.updated_at, task.id));
+                            let old = &entry.record;
+                            if old.state.is_final() {
+                                final_by_time.remove(&(old.updated_at, task.id));
+                            }
+                            if let Some(ids) = by_state.get_mut(&old.state) {
+                                ids.remove(&task.id);
                             }
                             entry.record = task.clone();
                         }
@@ -164,6 +180,10 @@ impl Store for MemoryStore {
                             );
                         }
                     }
+                    if task.state.is_final() {
+                        final_by_time.insert((task.updated_at, task.id));
+                    }
+                    by_state.entry(task.state).or_default().insert(task.id);
                 }
                 Record::Event(event) => {
                     if let Some(entry) = tasks.get_mut(&event.task_id) {
@@ -209,15 +229,20 @@ impl Store for MemoryStore {
         {
             return Ok(ListPage::default());
         }
-        let range = tasks.range((from, before)).map(|(id, _)| Ok(*id));
+        let range: Box<dyn DoubleEndedIterator<Item = TaskId>> = match query.state {
+            Some(state) => match inner.by_state.get(&state) {
+                Some(ids) => Box::new(ids.range((from, before)).copied()),
+                None => return Ok(ListPage::default()),
+            },
+            None => Box::new(tasks.range((from, before)).map(|(id, _)| *id)),
+        };
         let ids: Box<dyn Iterator<Item = Result<TaskId, StoreError>>> = match query.ascending {
-            true => Box::new(range),
-            false => Box::new(range.rev()),
+            true => Box::new(range.map(Ok)),
+            false => Box::new(range.rev().map(Ok)),
         };
         scan_page(ids, query, |id| {
             Ok(tasks
                 .get(&id)
-                .filter(|e| query.state.is_none_or(|s| e.record.state == s))
                 .filter(|e| query.matches(&e.record))
                 .map(with_seq))
         })
@@ -309,6 +334,9 @@ impl Store for MemoryStore {
         for key in due {
             inner.final_by_time.remove(&key);
             if let Some(entry) = inner.tasks.remove(&key.1) {
+                if let Some(ids) = inner.by_state.get_mut(&entry.record.state) {
+                    ids.remove(&key.1);
+                }
                 removed.push(entry.record.state);
             }
             // Gone when the task became final; never outlives it.

@@ -36,6 +36,9 @@ pub const MIGRATED_FILE: &str = "weft.redb.migrated";
 
 /// Tasks read per list page.
 const TASK_PAGE: usize = 512;
+/// About the most bytes of task records read per list page: a page of
+/// large tasks holds fewer than [`TASK_PAGE`].
+const TASK_PAGE_BYTES: usize = 64 << 20;
 /// Events read per page of one task's history.
 const EVENT_PAGE: usize = 1024;
 /// A batch is committed once it holds this many records...
@@ -306,6 +309,7 @@ pub fn copy_store(from: &dyn Store, to: &dyn Store) -> Result<Copied, StoreError
     let mut query = ListQuery {
         limit: TASK_PAGE,
         ascending: true,
+        budget: TASK_PAGE_BYTES,
         ..ListQuery::default()
     };
     // A damaged task record met while listing: the tasks before it are

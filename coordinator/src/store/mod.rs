@@ -19,8 +19,9 @@
 //! - `engine` — the [`Store`] trait every engine implements,
 //!   [`StoreError`], [`ListQuery`]/[`ListPage`] (a bounded, filtered
 //!   list scan), and the blocking-pool helper.
-//! - `codec` — records <-> protobuf bytes, and a record's wire form for
-//!   the services.
+//! - `codec` — records <-> protobuf bytes, a record's wire form for the
+//!   services, and its size estimated without encoding it (a list page's
+//!   byte budget).
 //! - [`redb`] — [`RedbStore`], the older durable store (one file), read
 //!   when a data dir is moved to the log.
 //! - `seal` — the checksum every value the durable store writes ends in,

@@ -8,7 +8,8 @@
 //! [`StoreError::Damaged`], naming the table and the key.
 //!
 //! Stores written before checksums (schema 1) are rewritten once, when
-//! first opened by this version: see [`migrate`]. This file knows nothing of
+//! first opened by this version: see [`migrate`]; so are the limits of a
+//! store written before they had checksums (schema 3). This file knows nothing of
 //! what the values mean; `codec.rs` does.
 
 use std::borrow::Borrow;
@@ -94,7 +95,7 @@ const MIGRATE_STEP: usize = if cfg!(test) { 3 } else { 4096 };
 
 /// Rewrites every value of `table` (written without checksums) with its
 /// checksum, inside `txn`: the one-time upgrade of a schema-1 store. Keys
-/// are `Copy` (ids, (id, seq)); see [`migrate_tokens`] for the one table
+/// are `Copy` (ids, (id, seq)); see [`migrate_named`] for the tables
 /// keyed by strings. Returns how many values were rewritten.
 pub(super) fn migrate<K>(
     txn: &WriteTransaction,
@@ -143,8 +144,9 @@ where
     }
 }
 
-/// [`migrate`] for the tokens table (few values, keyed by token id).
-pub(super) fn migrate_tokens(
+/// [`migrate`] for a table of few values keyed by strings (tokens by id,
+/// limits by "kind/name").
+pub(super) fn migrate_named(
     txn: &WriteTransaction,
     table: TableDefinition<&'static str, &'static [u8]>,
 ) -> Result<u64, StoreError> {

@@ -463,6 +463,83 @@ fn secrets_are_kept_apart_from_the_record_and_gone_once_the_task_is_final() {
 }
 
 #[test]
+fn secrets_of_a_task_neither_stored_nor_written_before_them_refuse_the_commit() {
+    both(|store| {
+        let [known, fresh, unknown] = ids(3)[..] else {
+            unreachable!()
+        };
+        let queued = |id| record(id, TaskState::Queued, at(1));
+        store.commit(&[Record::Task(queued(known))]).unwrap();
+        // Secrets of a task no record names, or named only after them:
+        // refused, as an event of an unknown task is, and nothing of the
+        // commit is kept.
+        for refused in [
+            vec![
+                Record::Task(queued(fresh)),
+                Record::Secrets(unknown, secret("orphan")),
+            ],
+            vec![
+                Record::Secrets(fresh, secret("too early")),
+                Record::Task(queued(fresh)),
+            ],
+        ] {
+            let err = store.commit(&refused).unwrap_err();
+            assert!(matches!(err, StoreError::Inconsistent(_)), "{err}");
+            assert!(store.task(fresh).unwrap().is_none());
+            assert!(store.task(unknown).unwrap().is_none());
+        }
+        // The store goes on: a stored task, or one written earlier in the
+        // same commit, takes its secrets.
+        store
+            .commit(&[
+                Record::Secrets(known, secret("value-k")),
+                Record::Task(queued(fresh)),
+                Record::Secrets(fresh, secret("value-f")),
+            ])
+            .unwrap();
+        let mut expected = vec![
+            (known, Some("value-k".to_owned())),
+            (fresh, Some("value-f".to_owned())),
+        ];
+        expected.sort_by_key(|(id, _)| *id);
+        assert_eq!(stored_secrets(store), expected);
+        assert_eq!(store.load(UNIX_EPOCH).unwrap().live.len(), 2);
+    });
+}
+
+#[test]
+fn a_log_store_that_refused_orphan_secrets_opens_again() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let unknown = ids(1)[0];
+    {
+        let store = LogStore::open(dir.path()).unwrap();
+        let err = store
+            .commit(&[Record::Secrets(unknown, secret("orphan"))])
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Inconsistent(_)), "{err}");
+    }
+    let store = LogStore::open(dir.path()).expect("the log opens again");
+    assert!(store.task(unknown).unwrap().is_none());
+    assert!(store.load(UNIX_EPOCH).unwrap().secrets.is_empty());
+}
+
+#[test]
+fn a_final_task_written_again_unchanged_is_still_expired() {
+    both(|store| {
+        let id = ids(1)[0];
+        let done = record(id, TaskState::Succeeded, at(5));
+        store.commit(&[Record::Task(done.clone())]).unwrap();
+        // Written again with the same time (a commit that repeats it).
+        store.commit(&[Record::Task(done)]).unwrap();
+        assert_eq!(
+            store.expire(at(100), 10, &[]).unwrap(),
+            [TaskState::Succeeded]
+        );
+        assert!(store.task(id).unwrap().is_none());
+    });
+}
+
+#[test]
 fn the_redb_store_keeps_secrets_of_live_tasks_across_reopening() {
     let dir = tempfile::tempdir().expect("temp dir");
     let id = ids(1)[0];

@@ -712,6 +712,7 @@ impl Inner {
             let (key, task) = match record {
                 Record::Task(task) => (task.id.as_u128(), true),
                 Record::Event(event) => (event.task_id.as_u128(), false),
+                Record::Secrets(id, _) => (id.as_u128(), false),
                 _ => continue,
             };
             let pending = tasks.entry(key).or_insert_with(|| {
@@ -784,6 +785,16 @@ impl Inner {
                     pending.known = pending.known.map(|(_, spec)| (next + 1, spec));
                 }
                 Record::Secrets(id, env) => {
+                    // Of a task stored, or written earlier in this commit
+                    // (`known`): secrets without their task's record would
+                    // be an entry the index cannot read, and refused as
+                    // damage when the log is next opened.
+                    let pending = tasks.entry(id.as_u128()).or_default();
+                    if pending.known.is_none() && pending.found.is_none() {
+                        return Err(StoreError::Inconsistent(format!(
+                            "secrets for unknown task {id}"
+                        )));
+                    }
                     frame::put(
                         buf,
                         Kind::Secrets,
@@ -1112,6 +1123,8 @@ impl Store for LogStore {
             }
             chunk.pop_front().map(|id| Ok(TaskId::from_u128(id)))
         });
+        // Read after the index was let go: the record may have left the
+        // query's state meanwhile, which `matches` checks.
         scan_page(ids, query, |id| {
             Ok(self.inner.task(id)?.filter(|record| query.matches(record)))
         })

@@ -2,8 +2,9 @@
 //!
 //! The commit is checked as the log checks it before anything is written:
 //! the touched tasks' rows are locked and their `next_seq` read, and an
-//! event for an unknown task or with a seq gap refuses the whole commit
-//! ([`StoreError::Inconsistent`], rolled back, nothing changed). Then each
+//! event or secrets for an unknown task, or an event with a seq gap,
+//! refuses the whole commit ([`StoreError::Inconsistent`], rolled back,
+//! nothing changed). Then each
 //! kind of row is written by one statement over arrays (`unnest`), all
 //! sent at once on the connection (pipelined), and committed. A task
 //! changed several times in one commit is written once, as it ends up;
@@ -82,10 +83,16 @@ fn plan<'r>(records: &'r [Record], known: &HashMap<u128, u64>) -> Result<Writes<
                     encode_event(event),
                 ));
             }
+            // Of a task stored or written earlier in this commit, as an
+            // event's: never a row with no task.
             Record::Secrets(id, env) => {
-                writes
-                    .secrets
-                    .insert(id.as_u128(), Some(encode_secrets(env)));
+                let key = id.as_u128();
+                if !next.contains_key(&key) && !known.contains_key(&key) {
+                    return Err(StoreError::Inconsistent(format!(
+                        "secrets for unknown task {id}"
+                    )));
+                }
+                writes.secrets.insert(key, Some(encode_secrets(env)));
             }
             Record::ForgetSecrets(id) => {
                 writes.secrets.insert(id.as_u128(), None);
@@ -145,6 +152,7 @@ pub(super) async fn commit(conn: &mut Conn, records: &[Record]) -> Result<(), St
         .filter_map(|record| match record {
             Record::Task(task) => Some(Uuid::from(task.id)),
             Record::Event(event) => Some(Uuid::from(event.task_id)),
+            Record::Secrets(id, _) => Some(Uuid::from(*id)),
             _ => None,
         })
         .collect();

@@ -13,7 +13,7 @@
 //! Nothing here retries a write: a call that met the loss fails, and a
 //! commit whose outcome is unknown (the connection lost mid-`COMMIT`)
 //! stops the coordinator as before. Only the next call reconnects; while
-//! the server is down, that fails with [`StoreError::Database`].
+//! the server is down, that fails with [`StoreError::Unreachable`].
 
 use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
@@ -22,7 +22,7 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Config, GenericClient, NoTls, Row, Statement};
 
 use super::lease::{KEEPALIVE_COUNT, KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, SESSION_DEADLINE};
-use super::{Target, backend, describe};
+use super::{Target, backend, connect_failed};
 use crate::store::StoreError;
 
 /// Where and how connections are opened: the driver's configuration, and
@@ -63,14 +63,8 @@ impl Conn {
             Some(tls) => connect_with(&connect.config, tls.clone()).await,
             None => connect_with(&connect.config, NoTls).await,
         }
-        .map_err(|err| StoreError::Database {
-            target: target.0.clone(),
-            message: describe(&err),
-        })?;
-        let failed = |err: tokio_postgres::Error| StoreError::Database {
-            target: target.0.clone(),
-            message: describe(&err),
-        };
+        .map_err(|err| connect_failed(target, &err))?;
+        let failed = |err: tokio_postgres::Error| connect_failed(target, &err);
         // Per session (any user may set these; ignored on a Unix socket).
         client
             .batch_execute(&session_settings())

@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::conn::{Conn, Connect};
 use super::lease::{CHECK_EVERY, LEASE, Lease, SILENT_AFTER, Verdict};
-use super::{COORDINATOR_LOCK, PgStore, Target, describe};
+use super::{COORDINATOR_LOCK, PgStore, Target, connect_failed};
 use crate::store::StoreError;
 
 /// How often a standby tries the coordinator lock: about the delay from
@@ -146,10 +146,7 @@ async fn try_lock(conn: &Conn, target: &Target) -> Result<bool, StoreError> {
         .client
         .query_one("SELECT pg_try_advisory_lock($1)", &[&COORDINATOR_LOCK])
         .await
-        .map_err(|err| StoreError::Database {
-            target: target.0.clone(),
-            message: describe(&err),
-        })?;
+        .map_err(|err| connect_failed(target, &err))?;
     Ok(row.get::<_, bool>(0))
 }
 

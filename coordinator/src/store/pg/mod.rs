@@ -37,7 +37,7 @@
 //! that met the loss is tried once more on the new one; a write never is:
 //! a failed commit (its outcome may be unknown) loses the database as a
 //! lost write session does. While the server is down, reads fail with
-//! [`StoreError::Database`].
+//! [`StoreError::Unreachable`] (clients are told to retry later).
 //!
 //! Layout: `hold.rs` (taking the lock, as a standby if need be; the
 //! lease checks and watchdog), `lease.rs` (the lease and its timings),
@@ -61,7 +61,7 @@ mod tests;
 mod tls;
 mod types;
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::ops::{Deref, DerefMut};
@@ -76,7 +76,7 @@ use weft_proto::{Attempt, Outcome, SecretEnv, TaskId, TaskState};
 
 use super::codec::{
     decode_event, decode_node_identity, decode_secrets, decode_spec, decode_task_with_spec,
-    decode_token, encode_node_identity, encode_token,
+    decode_token, encode_node_identity, encode_token, task_wire_bytes,
 };
 use super::engine::{ListPage, ListQuery, Store, StoreError, scan_page};
 use super::record::{
@@ -104,7 +104,7 @@ const COORDINATOR_LOCK: i64 = 0x0077_6566_7463_7264;
 
 /// Live tasks a restart's load fetches at a time.
 const LOAD_BATCH: i32 = 1000;
-/// Tasks a list page reads at a time.
+/// Task ids (with their sizes) a list page reads at a time.
 const LIST_BATCH: i64 = 256;
 
 /// Tasks, events and the rest in PostgreSQL. See the module docs.
@@ -181,6 +181,62 @@ fn describe(err: &tokio_postgres::Error) -> String {
     text
 }
 
+/// A connection that could not be opened or set up, as a store error:
+/// [`StoreError::Unreachable`] when the server could not be reached or
+/// would not take connections for now (see [`is_unreachable`]), worth
+/// trying again later; [`StoreError::Database`] when it refused this
+/// coordinator (the login, the database, TLS), which a retry does not mend.
+pub(super) fn connect_failed(target: &Target, err: &tokio_postgres::Error) -> StoreError {
+    let (target, message) = (target.0.clone(), describe(err));
+    if is_unreachable(err) {
+        StoreError::Unreachable { target, message }
+    } else {
+        StoreError::Database { target, message }
+    }
+}
+
+/// Whether `err` says the server is not there for now: the connection
+/// closed, or the socket failed (refused, reset, timed out: the driver's
+/// own error kinds are private, so its cause is looked at), or the server
+/// answered that it takes no connections now (starting up, shutting down,
+/// too many connections, a connection exception).
+fn is_unreachable(err: &tokio_postgres::Error) -> bool {
+    use std::io::ErrorKind;
+    use tokio_postgres::error::SqlState;
+
+    if err.is_closed() {
+        return true;
+    }
+    if let Some(code) = err.code() {
+        return code.code().starts_with("08")
+            || [
+                SqlState::ADMIN_SHUTDOWN,
+                SqlState::CRASH_SHUTDOWN,
+                SqlState::CANNOT_CONNECT_NOW,
+                SqlState::TOO_MANY_CONNECTIONS,
+            ]
+            .contains(code);
+    }
+    std::error::Error::source(err)
+        .and_then(|cause| cause.downcast_ref::<std::io::Error>())
+        .is_some_and(|io| {
+            matches!(
+                io.kind(),
+                ErrorKind::ConnectionRefused
+                    | ErrorKind::ConnectionReset
+                    | ErrorKind::ConnectionAborted
+                    | ErrorKind::NotConnected
+                    | ErrorKind::BrokenPipe
+                    | ErrorKind::TimedOut
+                    | ErrorKind::UnexpectedEof
+                    | ErrorKind::HostUnreachable
+                    | ErrorKind::NetworkUnreachable
+                    | ErrorKind::NetworkDown
+                    | ErrorKind::AddrNotAvailable
+            )
+        })
+}
+
 /// A driver error as a store error: a full disk on the server is
 /// [`StoreError::DiskFull`], anything else [`StoreError::Backend`].
 pub(super) fn backend(op: &'static str, err: &tokio_postgres::Error) -> StoreError {
@@ -197,9 +253,9 @@ impl PgStore {
     /// Connects to the database at `url` (a `postgresql://` URL or
     /// `key=value` pairs, as libpq takes them), takes it (waiting as a
     /// standby, however long, while another coordinator holds it) and
-    /// brings its schema up to date. An unreachable server, a refused
-    /// login or a schema from a newer coordinator is
-    /// [`StoreError::Database`].
+    /// brings its schema up to date. An unreachable server is
+    /// [`StoreError::Unreachable`]; a refused login or a schema from a
+    /// newer coordinator is [`StoreError::Database`].
     pub fn open(url: &str) -> Result<PgStore, StoreError> {
         let never = CancellationToken::new();
         Ok(Self::open_until(url, &never)?.expect("only a cancelled open answers None"))
@@ -337,15 +393,17 @@ impl PgStore {
             .block_on(fut)
     }
 
-    /// Up to [`LIST_BATCH`] tasks of `query`'s state in `[from, before)`,
+    /// Up to [`LIST_BATCH`] ids of `query`'s state in `[from, before)`,
     /// in the query's order, past `cursor` (the last id of the batch
-    /// before).
-    fn list_batch(
+    /// before), each with its stored size (record and spec): read without
+    /// the rows themselves, which [`list_rows`](Self::list_rows) fetches
+    /// as many at a time as the page's budget has room for.
+    fn list_sizes(
         &self,
         query: &ListQuery,
         (from, before): (u128, u128),
         cursor: Option<u128>,
-    ) -> Result<Vec<TaskRecord>, StoreError> {
+    ) -> Result<Vec<(TaskId, usize)>, StoreError> {
         let op = "listing tasks";
         let (after, lo, hi, order) = match (query.ascending, cursor) {
             (true, Some(c)) => (">", c, before, "ASC"),
@@ -354,10 +412,16 @@ impl PgStore {
             (false, None) => (">=", from, before, "DESC"),
         };
         let state = query.state.map(state_number);
+        // `octet_length` of a bytea reads its size, not its (TOASTed) bytes.
         let sql = format!(
-            "SELECT t.id, t.record, t.next_seq, s.spec FROM tasks t JOIN task_specs s ON s.id = t.id
+            "SELECT t.id, octet_length(t.record)::int8 + octet_length(s.spec)
+             FROM tasks t JOIN task_specs s ON s.id = t.id
              WHERE t.id {after} $1 AND t.id < $2 {} ORDER BY t.id {order} LIMIT $3",
-            if state.is_some() { "AND t.state = $4" } else { "" }
+            if state.is_some() {
+                "AND t.state = $4"
+            } else {
+                ""
+            }
         );
         let (lo, hi) = (Uuid(lo), Uuid(hi));
         let mut params: Vec<&(dyn ToSql + Sync)> = vec![&lo, &hi, &LIST_BATCH];
@@ -367,6 +431,33 @@ impl PgStore {
         let (sql, params) = (&sql, &params);
         self.read(op, |reader| async move {
             let rows = reader.query(op, sql, params).await?;
+            Ok(rows
+                .iter()
+                .map(|row| {
+                    let size = row.get::<_, i64>(1);
+                    (
+                        row.get::<_, Uuid>(0).task(),
+                        usize::try_from(size).unwrap_or(0),
+                    )
+                })
+                .collect())
+        })
+    }
+
+    /// The tasks `ids` (those still there), in no order.
+    fn list_rows(&self, ids: &[TaskId]) -> Result<Vec<TaskRecord>, StoreError> {
+        let op = "listing tasks";
+        let keys: Vec<Uuid> = ids.iter().map(|id| Uuid::from(*id)).collect();
+        let keys = &keys;
+        self.read(op, |reader| async move {
+            let rows = reader
+                .query(
+                    op,
+                    "SELECT t.id, t.record, t.next_seq, s.spec
+                     FROM tasks t JOIN task_specs s ON s.id = t.id WHERE t.id = ANY($1)",
+                    &[keys],
+                )
+                .await?;
             rows.iter()
                 .map(|row| {
                     task_of(
@@ -379,6 +470,22 @@ impl PgStore {
                 .collect()
         })
     }
+}
+
+/// Takes from the front of `sized` the ids whose sizes add up to at most
+/// `room` bytes, and always one (a page holds at least one task).
+fn take_fitting(sized: &mut VecDeque<(TaskId, usize)>, room: usize) -> Vec<TaskId> {
+    let mut taken = Vec::new();
+    let mut bytes = 0usize;
+    while let Some(&(id, size)) = sized.front() {
+        bytes = bytes.saturating_add(size);
+        if !taken.is_empty() && bytes > room {
+            break;
+        }
+        taken.push(id);
+        sized.pop_front();
+    }
+    taken
 }
 
 /// The write connection, held: there is one while the guard lives.
@@ -487,36 +594,58 @@ impl Store for PgStore {
         if from >= before {
             return Ok(ListPage::default());
         }
-        // Rows are read a batch at a time, in the page's order;
-        // `scan_page` decides how far to go and takes each record read.
+        // Ids are read a batch at a time, in the page's order, with their
+        // rows' sizes; the rows then a chunk at a time, as many as what is
+        // left of the page's budget has room for (at least one), so a page
+        // of large tasks never fetches a batch of them. `scan_page` decides
+        // how far to go and takes each record read.
         let read: RefCell<HashMap<TaskId, TaskRecord>> = RefCell::new(HashMap::new());
-        let mut batch: VecDeque<TaskId> = VecDeque::new();
+        let spent = Cell::new(0usize);
+        let mut sized: VecDeque<(TaskId, usize)> = VecDeque::new();
+        let mut fetched: VecDeque<TaskId> = VecDeque::new();
         let mut cursor = None;
         let mut done = false;
         let ids = std::iter::from_fn(|| {
-            if batch.is_empty() && !done {
-                match self.list_batch(query, (from, before), cursor) {
-                    Ok(tasks) => {
-                        done = tasks.len() < LIST_BATCH as usize;
-                        for task in tasks {
-                            cursor = Some(task.id.as_u128());
-                            batch.push_back(task.id);
-                            read.borrow_mut().insert(task.id, task);
+            if fetched.is_empty() {
+                if sized.is_empty() && !done {
+                    match self.list_sizes(query, (from, before), cursor) {
+                        Ok(batch) => {
+                            done = batch.len() < LIST_BATCH as usize;
+                            cursor = batch.last().map(|(id, _)| id.as_u128()).or(cursor);
+                            sized.extend(batch);
+                        }
+                        Err(err) => {
+                            done = true;
+                            return Some(Err(err));
                         }
                     }
-                    Err(err) => {
-                        done = true;
-                        return Some(Err(err));
+                }
+                let room = query.budget.saturating_sub(spent.get());
+                let chunk = take_fitting(&mut sized, room);
+                if !chunk.is_empty() {
+                    match self.list_rows(&chunk) {
+                        Ok(tasks) => {
+                            let mut read = read.borrow_mut();
+                            read.extend(tasks.into_iter().map(|task| (task.id, task)));
+                            // An id whose row went meanwhile reads as no match.
+                            fetched.extend(chunk);
+                        }
+                        Err(err) => {
+                            (done, sized) = (true, VecDeque::new());
+                            return Some(Err(err));
+                        }
                     }
                 }
             }
-            batch.pop_front().map(Ok)
+            fetched.pop_front().map(Ok)
         });
         scan_page(ids, query, |id| {
-            Ok(read
-                .borrow_mut()
-                .remove(&id)
-                .filter(|task| query.matches(task)))
+            let task = read.borrow_mut().remove(&id);
+            let task = task.filter(|task| query.matches(task));
+            if let Some(task) = &task {
+                spent.set(spent.get().saturating_add(task_wire_bytes(task)));
+            }
+            Ok(task)
         })
     }
 
@@ -530,20 +659,21 @@ impl Store for PgStore {
         self.read(op, |reader| async move {
             let key = Uuid::from(id);
             let params: [&(dyn ToSql + Sync); 3] = [&key, &clamp(from_seq), &clamp(limit as u64)];
-            let rows = reader.query(op, READ_EVENTS, &params).await?;
-            if rows.is_empty() {
+            let Some(row) = reader.query_opt(op, READ_EVENTS, &params).await? else {
+                return Ok(Vec::new());
+            };
+            let bodies: Vec<&[u8]> = row.get(1);
+            if bodies.is_empty() {
                 return Ok(Vec::new());
             }
             // The spec goes back into a `finished` event's record.
-            let spec = reader
-                .query_opt(op, "SELECT spec FROM task_specs WHERE id = $1", &[&key])
-                .await?
-                .ok_or_else(|| {
-                    StoreError::Inconsistent(format!("events of {id} without its spec"))
-                })?;
-            let spec = decode_spec(spec.get(0))?;
-            rows.iter()
-                .map(|row| decode_event(id, row.get(0), &spec))
+            let spec = row.get::<_, Option<&[u8]>>(0).ok_or_else(|| {
+                StoreError::Inconsistent(format!("events of {id} without its spec"))
+            })?;
+            let spec = decode_spec(spec)?;
+            bodies
+                .iter()
+                .map(|body| decode_event(id, body, &spec))
                 .collect()
         })
     }
@@ -661,8 +791,10 @@ impl Store for PgStore {
 const READ_TASK: &str = "SELECT t.record, t.next_seq, s.spec
     FROM tasks t JOIN task_specs s ON s.id = t.id WHERE t.id = $1";
 
-const READ_EVENTS: &str =
-    "SELECT body FROM events WHERE task_id = $1 AND seq >= $2 ORDER BY seq LIMIT $3";
+/// A task's spec and events, in one statement so that both come from one
+/// snapshot: read apart, retention could delete the task between them.
+const READ_EVENTS: &str = "SELECT (SELECT spec FROM task_specs WHERE id = $1),
+    ARRAY(SELECT body FROM events WHERE task_id = $1 AND seq >= $2 ORDER BY seq LIMIT $3)";
 
 const PUT_TOKEN: &str = "INSERT INTO tokens (id, record) VALUES ($1, $2)
     ON CONFLICT (id) DO UPDATE SET record = EXCLUDED.record";

@@ -318,7 +318,7 @@ fn an_unreachable_server_or_a_bad_url_is_a_clear_error() {
         .port();
     let err =
         PgStore::open(&format!("postgresql://weft:secret@127.0.0.1:{port}/weft")).unwrap_err();
-    assert!(matches!(err, StoreError::Database { .. }), "{err}");
+    assert!(matches!(err, StoreError::Unreachable { .. }), "{err}");
     let text = err.to_string();
     assert!(text.contains(&format!("127.0.0.1:{port}/weft")), "{text}");
     assert!(!text.contains("secret"), "no password in errors: {text}");
@@ -337,6 +337,8 @@ fn an_unreachable_server_or_a_bad_url_is_a_clear_error() {
     let missing = format!("{}_missing", url);
     let err = PgStore::open(&missing).unwrap_err();
     assert!(err.to_string().contains("does not exist"), "{err}");
+    // Refused by a server that answered: no retry mends it.
+    assert!(matches!(err, StoreError::Database { .. }), "{err}");
 }
 
 #[test]
@@ -388,12 +390,15 @@ fn a_restarted_server_loses_the_active_its_database_and_reads_reconnect() {
     // nothing panics.
     server.stop();
     let err = store.task(id).unwrap_err();
-    assert!(matches!(err, StoreError::Database { .. }), "{err}");
+    assert!(matches!(err, StoreError::Unreachable { .. }), "{err}");
+    // A client is told to retry later, not that the coordinator broke.
+    let status = tonic::Status::from(crate::Error::Store(err));
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
     let err = store.commit(&[progress(id, 1)]).unwrap_err();
     assert!(matches!(err, StoreError::LostDatabase { .. }), "{err}");
     assert!(matches!(
         store.tokens().unwrap_err(),
-        StoreError::Database { .. }
+        StoreError::Unreachable { .. }
     ));
 
     // Up again: reads reconnect, and a coordinator started again (a new
@@ -421,8 +426,8 @@ fn statements_are_prepared_once_per_connection() {
         store.events(id, 0, 10).unwrap();
     }
     let reader = store.reader().unwrap();
-    // Reading a task, its events and its spec.
-    assert_eq!(reader.statements.len(), 3);
+    // Reading a task, and its events with its spec.
+    assert_eq!(reader.statements.len(), 2);
     let writer = store.writer().unwrap();
     // The lock, task rows, specs, next_seq, events.
     assert_eq!(writer.statements.len(), 5);
@@ -580,4 +585,79 @@ fn commits_wait_for_the_servers_disk_even_where_synchronous_commit_is_off() {
         })
         .expect("shown");
     assert_eq!(shown, "remote_apply");
+}
+
+#[test]
+fn events_read_while_retention_deletes_the_task_are_all_there_or_none() {
+    let url = testdb::database();
+    let store = PgStore::open(&url).unwrap();
+    let id = TaskId::new();
+    store
+        .commit(&[
+            Record::Task(record(id, TaskState::Succeeded)),
+            progress(id, 0),
+            progress(id, 1),
+        ])
+        .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (mut side, connection) = rt
+        .block_on(tokio_postgres::connect(&url, tokio_postgres::NoTls))
+        .unwrap();
+    rt.spawn(connection);
+    // Another session holds the specs table: a read of the task's events
+    // waits for it wherever it needs the spec.
+    let tx = rt.block_on(side.transaction()).unwrap();
+    rt.block_on(tx.batch_execute("LOCK TABLE task_specs IN ACCESS EXCLUSIVE MODE"))
+        .unwrap();
+    std::thread::scope(|scope| {
+        let read = scope.spawn(|| store.events(id, 0, 10));
+        // Polled, not slept for: the read waits for the lock.
+        let waiting = "SELECT count(*) FROM pg_locks
+            WHERE NOT granted AND relation = 'task_specs'::regclass";
+        while rt
+            .block_on(tx.query_one(waiting, &[]))
+            .unwrap()
+            .get::<_, i64>(0)
+            == 0
+        {
+            assert!(!read.is_finished(), "the read did not wait for the lock");
+            std::thread::yield_now();
+        }
+        // Retention deletes the task meanwhile, as `expire` does.
+        for delete in [
+            "DELETE FROM events WHERE task_id = $1",
+            "DELETE FROM task_specs WHERE id = $1",
+            "DELETE FROM tasks WHERE id = $1",
+        ] {
+            rt.block_on(tx.execute(delete, &[&Uuid::from(id)])).unwrap();
+        }
+        rt.block_on(tx.commit()).unwrap();
+        let events = read.join().unwrap().expect("a consistent read");
+        assert!(
+            events.is_empty() || events.len() == 2,
+            "events of one snapshot: {events:?}"
+        );
+    });
+}
+
+#[test]
+fn a_list_fetches_rows_only_as_far_as_the_budget_has_room() {
+    let ids: Vec<TaskId> = (0..5).map(|_| TaskId::new()).collect();
+    let sized = || -> VecDeque<(TaskId, usize)> {
+        ids.iter().copied().zip([100, 100, 100, 500, 100]).collect()
+    };
+    let mut left = sized();
+    assert_eq!(take_fitting(&mut left, 250), ids[..2]);
+    assert_eq!(
+        take_fitting(&mut left, 250),
+        ids[2..3],
+        "the 500 does not fit"
+    );
+    assert_eq!(take_fitting(&mut left, 0), ids[3..4], "always one");
+    assert_eq!(take_fitting(&mut left, usize::MAX), ids[4..]);
+    assert!(take_fitting(&mut left, usize::MAX).is_empty());
+    assert_eq!(take_fitting(&mut sized(), usize::MAX), ids);
 }

@@ -206,16 +206,20 @@ pub(super) fn read_limits(
     let mut limits = Vec::new();
     for entry in table.iter().or_backend(op)? {
         let (key, value) = entry.or_backend(op)?;
-        let decoded = <weft_proto::pb::Limit as prost::Message>::decode(value.value())
+        let key = key.value();
+        let bytes = unseal("limits", SealKey::Name(key), value.value())?;
+        let decoded = <weft_proto::pb::Limit as prost::Message>::decode(bytes)
             .ok()
             .and_then(|pb| weft_proto::policy::Limit::try_from(pb).ok());
         match decoded {
             Some(limit) => limits.push(limit),
+            // Its checksum matched: written so by a coordinator, not
+            // damaged on disk; still a record that cannot be served.
             None => {
-                return Err(StoreError::Inconsistent(format!(
-                    "limit {} cannot be read",
-                    key.value()
-                )));
+                return Err(StoreError::Corrupt {
+                    what: "limit",
+                    message: format!("{key} cannot be read"),
+                });
             }
         }
     }

@@ -19,9 +19,10 @@
 //!   the secret), written synchronously by the token rpcs.
 //! - `secrets`, `node_identities`: see the constants below.
 //!
-//! Every value of `tasks`, `events`, `secrets`, `tokens` and
-//! `node_identities` ends in a checksum of its key and bytes (`seal.rs`),
-//! checked on every read: damage is [`StoreError::Damaged`], never served.
+//! Every value of `tasks`, `events`, `secrets`, `tokens`,
+//! `node_identities`, `schedules` and `limits` ends in a checksum of its
+//! key and bytes (`seal.rs`), checked on every read: damage is
+//! [`StoreError::Damaged`], never served.
 //!
 //! Layout: this file has the tables, writes and reads; `open` opening (the
 //! marker, the schema and its upgrade, damaged files); `load` what a
@@ -67,7 +68,8 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const SECRETS: TableDefinition<u128, &[u8]> = TableDefinition::new("secrets");
 /// Token records by id: hashes of secrets only.
 const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
-/// Named limits (`SetLimit`) by "kind/name": the `Limit` message.
+/// Named limits (`SetLimit`) by "kind/name": the `Limit` message, sealed
+/// (since schema 4).
 const LIMITS: TableDefinition<&str, &[u8]> = TableDefinition::new("limits");
 /// Node identities (joined or revoked nodes) by node id.
 const NODE_IDENTITIES: TableDefinition<u128, &[u8]> = TableDefinition::new("node_identities");
@@ -82,8 +84,10 @@ const SCHEDULES: TableDefinition<&str, &[u8]> = TableDefinition::new("schedules"
 /// ends in its checksum (`seal.rs`); a schema-1 store is upgraded to it
 /// once, when opened. 3: `state_counts` is keyed by every state's number
 /// (schema 2 folded states 8 to 10 onto 0 to 2); an older store's counts
-/// are recounted from `tasks_by_state` once, when opened.
-const SCHEMA_VERSION: u64 = 3;
+/// are recounted from `tasks_by_state` once, when opened. 4: every value
+/// of `limits` ends in its checksum too; an older store's limits are
+/// sealed once, when opened.
+const SCHEMA_VERSION: u64 = 4;
 /// The meta key of the store's random id, which the data dir's marker
 /// file repeats (`marker.rs`).
 const STORE_ID: &str = "store_id";
@@ -265,7 +269,15 @@ impl RedbStore {
                 // Rare (only tasks that carry secrets): the table is opened
                 // for these records alone.
                 Record::Secrets(id, env) => {
-                    let value = seal(SealKey::Id(id.as_u128()), encode_secrets(env));
+                    // Of a task stored or written earlier in this commit
+                    // (which `next_seq` has), as an event's.
+                    let key = id.as_u128();
+                    if !next_seq.contains_key(&key) && tasks.get(key).or_backend(op)?.is_none() {
+                        return Err(StoreError::Inconsistent(format!(
+                            "secrets for unknown task {id}"
+                        )));
+                    }
+                    let value = seal(SealKey::Id(key), encode_secrets(env));
                     txn.open_table(SECRETS)
                         .or_backend(op)?
                         .insert(id.as_u128(), value.as_slice())
@@ -295,7 +307,10 @@ impl RedbStore {
                 // Rare admin acts: the table is opened for these alone.
                 Record::Limit(limit) => {
                     let key = format!("{}/{}", limit.kind.as_str(), limit.name);
-                    let value = prost::Message::encode_to_vec(&weft_proto::pb::Limit::from(limit));
+                    let value = seal(
+                        SealKey::Name(&key),
+                        prost::Message::encode_to_vec(&weft_proto::pb::Limit::from(limit)),
+                    );
                     txn.open_table(LIMITS)
                         .or_backend(op)?
                         .insert(key.as_str(), value.as_slice())

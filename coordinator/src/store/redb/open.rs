@@ -9,10 +9,10 @@ use redb::{Database, DatabaseError, ReadableTable, WriteTransaction};
 
 use super::super::engine::StoreError;
 use super::super::marker;
-use super::super::seal::{SealKey, migrate, migrate_tokens};
+use super::super::seal::{SealKey, migrate, migrate_named};
 use super::{
-    BY_STATE, COUNTS, DEFAULT_CACHE_SIZE, EVENTS, FILE_NAME, FINAL_BY_TIME, META, NODE_IDENTITIES,
-    OrBackend, RedbStore, SCHEMA_VERSION, SECRETS, STORE_ID, TASKS, TOKENS,
+    BY_STATE, COUNTS, DEFAULT_CACHE_SIZE, EVENTS, FILE_NAME, FINAL_BY_TIME, LIMITS, META,
+    NODE_IDENTITIES, OrBackend, RedbStore, SCHEMA_VERSION, SECRETS, STORE_ID, TASKS, TOKENS,
 };
 
 /// Makes `dir` private (0700: it holds the secrets table and maybe the
@@ -178,7 +178,12 @@ impl RedbStore {
                     if old < 2 {
                         add_checksums(&txn, old, &self.path)?;
                     }
-                    recount(&txn, old, &self.path)?;
+                    if old < 3 {
+                        recount(&txn, old, &self.path)?;
+                    }
+                    if old < 4 {
+                        seal_limits(&txn, old, &self.path)?;
+                    }
                     txn.open_table(META)
                         .or_backend("writing schema")?
                         .insert("schema", SCHEMA_VERSION)
@@ -277,6 +282,22 @@ fn recount(txn: &WriteTransaction, from: u64, path: &Path) -> Result<(), StoreEr
     Ok(())
 }
 
+/// The one-time upgrade of a store whose limits have no checksums
+/// (schema `from`, before 4): each rewritten with its checksum, in the
+/// transaction that then records the new schema. A store made before
+/// limits were kept gets an empty table.
+fn seal_limits(txn: &WriteTransaction, from: u64, path: &Path) -> Result<(), StoreError> {
+    let limits = migrate_named(txn, LIMITS)?;
+    tracing::info!(
+        path = %path.display(),
+        from,
+        to = SCHEMA_VERSION,
+        limits,
+        "upgraded the store: every limit now carries a checksum"
+    );
+    Ok(())
+}
+
 /// The one-time upgrade of a store written before checksums (schema
 /// `from`): every value rewritten with its checksum, in the transaction
 /// that then records the new schema.
@@ -285,7 +306,7 @@ fn add_checksums(txn: &WriteTransaction, from: u64, path: &Path) -> Result<(), S
     let events = migrate(txn, EVENTS, |(id, seq)| SealKey::Event(id, seq))?;
     let secrets = migrate(txn, SECRETS, SealKey::Id)?;
     let identities = migrate(txn, NODE_IDENTITIES, SealKey::Id)?;
-    let tokens = migrate_tokens(txn, TOKENS)?;
+    let tokens = migrate_named(txn, TOKENS)?;
     tracing::info!(
         path = %path.display(),
         from,
