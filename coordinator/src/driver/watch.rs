@@ -25,7 +25,13 @@
 //! tasks finalize, their final records go to each waiter as one batch per
 //! commit. A waiter whose (bounded) channel is full is dropped, never
 //! waited for; it registers again for the ids it still lacks and reads the
-//! final ones from the store.
+//! final ones from the store. The records of tasks already final when a
+//! stream registers are read a piece at a time, each as large as its
+//! budget has room for: the stream keeps their ids, not their records, so
+//! a stalled one holds about its budget however many of its tasks are
+//! final. The first registration checks that the store has every one of
+//! them (read and dropped a chunk at a time), so an unknown id still
+//! fails the call before anything is streamed.
 //!
 //! Domain values only: the service turns them into `pb` as they leave.
 
@@ -45,7 +51,12 @@ use super::commit::Reply;
 use super::inbox::{Command, FinalRx, FinalTx, Handle, WaitRegistration};
 use crate::error::Error;
 use crate::scheduler::Scheduler;
-use crate::store::{EventBody, Record, TaskEvent, TaskRecord, blocking};
+use crate::store::{EventBody, Record, Store, TaskEvent, TaskRecord, blocking};
+
+/// Most ids of a `WaitMany` stream's already-final tasks read from the
+/// store in one call (fewer when the stream's room holds fewer at their
+/// size): enough that the log store reads neighbouring records together.
+const READ_CHUNK: usize = 64;
 
 /// Batches a `WaitMany` waiter may have queued before it counts as lagging.
 const WAIT_MANY_BUFFER: usize = 256;
@@ -159,6 +170,12 @@ impl WatchBudget {
     #[cfg(test)]
     pub(super) fn queued(&self) -> usize {
         self.queued.load(Ordering::Acquire)
+    }
+
+    /// Bytes it may count now before it is full.
+    fn room(&self) -> usize {
+        self.limit
+            .saturating_sub(self.queued.load(Ordering::Acquire))
     }
 }
 
@@ -573,16 +590,18 @@ pub(crate) async fn wait_final(
     outcomes_only: bool,
 ) -> Result<FinalFeed, Error> {
     let budget = WatchBudget::new(handle.config.watch_buffer_bytes);
-    let (ready, live) = register_many(handle, ids, &budget, outcomes_only).await?;
+    let (not_live, live) = register_many(handle, ids, &budget).await?;
+    let (unread, ready) =
+        first_piece(handle, Unread::new(not_live, outcomes_only), &budget).await?;
     let (tx, rx) = mpsc::channel(WAIT_MANY_OUT);
     handle.tasks.spawn(feed_finals(
         handle.clone(),
         pending,
         ready,
+        unread,
         live,
         Arc::clone(&budget),
         tx,
-        outcomes_only,
     ));
     Ok(FinalFeed { rx, budget })
 }
@@ -614,52 +633,175 @@ impl futures::Stream for FinalFeed {
     }
 }
 
-/// Registers `ids` with the driver and reads the ones that were not
-/// live from the store (without their specs when `outcomes_only`). An id
-/// the store does not have is an error.
+/// Registers `ids` with the driver: answers the ones that were not live
+/// (final, or unknown, in the store) and the live feed of the others.
 async fn register_many(
     handle: &Handle,
     ids: Vec<TaskId>,
     budget: &Arc<WatchBudget>,
-    outcomes_only: bool,
-) -> Result<(Vec<Arc<TaskRecord>>, Option<FinalRx>), Error> {
+) -> Result<(Vec<TaskId>, Option<FinalRx>), Error> {
     let budget = Arc::clone(budget);
     let WaitRegistration { not_live, live } = handle
         .call(|reply| Command::WaitMany { ids, budget, reply })
         .await?;
-    if not_live.is_empty() {
-        return Ok((Vec::new(), live));
-    }
-    let retention = handle.config.retention;
-    let found = blocking(&handle.store, "reading tasks", move |store| {
-        let records = match outcomes_only {
-            true => store.task_outcomes(&not_live)?,
-            false => not_live
-                .iter()
-                .map(|id| store.task(*id))
-                .collect::<Result<Vec<_>, _>>()?,
-        };
-        Ok(records
-            .into_iter()
-            .zip(not_live)
-            .map(|(record, id)| record.ok_or(id))
-            .collect::<Vec<_>>())
-    })
-    .await?;
-    let records = found
-        .into_iter()
-        .map(|found| {
-            found
-                .map(Arc::new)
-                .map_err(|id| Error::missing_task(id, retention, SystemTime::now()))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok((records, live))
+    Ok((not_live, live))
 }
 
-/// Feeds one `WaitMany` call: the already-final records first, then the
-/// live ones as they finalize. Dropped by the driver for lagging (or over
-/// its budget), it registers again for the ids still missing.
+/// The ids of a `WaitMany` stream's tasks that were not live when it
+/// registered, whose final records are read from the store a piece at a
+/// time, as the stream has room for them: never all at once.
+#[derive(Default)]
+struct Unread {
+    ids: Vec<TaskId>,
+    /// Where the next piece starts.
+    next: usize,
+    /// The stream sends outcomes only (`TASK_VIEW_RESULT`): records are
+    /// read without their specs.
+    outcomes_only: bool,
+    /// Bytes and number of the records read so far: their mean sizes the
+    /// next chunk.
+    read_bytes: usize,
+    read_count: usize,
+}
+
+impl Unread {
+    fn new(ids: Vec<TaskId>, outcomes_only: bool) -> Unread {
+        Unread {
+            ids,
+            next: 0,
+            outcomes_only,
+            read_bytes: 0,
+            read_count: 0,
+        }
+    }
+
+    /// Names `ids` instead (the stream registered again), read as before.
+    fn reset(&mut self, ids: Vec<TaskId>) {
+        self.ids = ids;
+        self.next = 0;
+    }
+
+    fn is_empty(&self) -> bool {
+        self.next >= self.ids.len()
+    }
+
+    /// The next records until they come to `room` bytes: at least one,
+    /// and the last may take them past `room`. Read a chunk of ids at a
+    /// time (outcomes in one store call per chunk, so the log store reads
+    /// neighbours together), as many as `room` holds at the size of the
+    /// records read so far (one at first, at most [`READ_CHUNK`]): what a
+    /// read holds for a moment stays about `room`. Records read past
+    /// `room` are dropped and read again with the next piece. An id the
+    /// store does not have is an error.
+    fn read(
+        &mut self,
+        store: &dyn Store,
+        room: usize,
+        retention: Duration,
+    ) -> Result<Vec<Arc<TaskRecord>>, Error> {
+        let mut piece = Vec::new();
+        let mut bytes = 0;
+        while !self.is_empty() && (bytes < room || piece.is_empty()) {
+            let each = match (self.read_bytes, self.read_count) {
+                (_, 0) => 1,
+                (total, count) => (total / count).max(1),
+            };
+            let fits = room.saturating_sub(bytes) / each;
+            let end = (self.next + fits.clamp(1, READ_CHUNK)).min(self.ids.len());
+            let chunk = &self.ids[self.next..end];
+            let records = match self.outcomes_only {
+                true => store.task_outcomes(chunk)?,
+                false => chunk
+                    .iter()
+                    .map(|id| store.task(*id))
+                    .collect::<Result<Vec<_>, _>>()?,
+            };
+            for (record, &id) in records.into_iter().zip(chunk) {
+                if bytes >= room && !piece.is_empty() {
+                    break;
+                }
+                let record =
+                    record.ok_or_else(|| Error::missing_task(id, retention, SystemTime::now()))?;
+                let size = record_bytes(&record);
+                self.next += 1;
+                self.read_bytes += size;
+                self.read_count += 1;
+                bytes += size;
+                piece.push(Arc::new(record));
+            }
+        }
+        Ok(piece)
+    }
+
+    /// The first piece ([`read`](Self::read), but within `room` unless it
+    /// is one record: what took it past is read again later), then every
+    /// other id checked to be in the store, read and dropped a chunk at a
+    /// time, each chunk about what `room` holds at the size of the records
+    /// read so far.
+    fn first(
+        &mut self,
+        store: &dyn Store,
+        room: usize,
+        retention: Duration,
+    ) -> Result<Vec<Arc<TaskRecord>>, Error> {
+        let mut piece = self.read(store, room, retention)?;
+        if piece.len() > 1 && piece.iter().map(|r| record_bytes(r)).sum::<usize>() > room {
+            piece.pop();
+            self.next -= 1;
+        }
+        let each = (self.read_bytes / self.read_count.max(1)).max(1);
+        let per_read = (room / each).clamp(1, READ_CHUNK);
+        for chunk in self.ids[self.next..].chunks(per_read) {
+            // Without their specs, whatever the view: only whether they are there.
+            let found = store.task_outcomes(chunk)?;
+            if let Some((_, id)) = found.iter().zip(chunk).find(|(r, _)| r.is_none()) {
+                return Err(Error::missing_task(*id, retention, SystemTime::now()));
+            }
+        }
+        Ok(piece)
+    }
+}
+
+/// The first piece of the records `unread` names, as much as `budget` has
+/// room for, after checking that the store has every one: an unknown id
+/// fails the call before anything is streamed.
+async fn first_piece(
+    handle: &Handle,
+    mut unread: Unread,
+    budget: &WatchBudget,
+) -> Result<(Unread, Vec<Arc<TaskRecord>>), Error> {
+    if unread.is_empty() {
+        return Ok((unread, Vec::new()));
+    }
+    let (room, retention) = (budget.room(), handle.config.retention);
+    let (unread, piece) = blocking(&handle.store, "reading tasks", move |store| {
+        let piece = unread.first(store, room, retention);
+        Ok((unread, piece))
+    })
+    .await?;
+    Ok((unread, piece?))
+}
+
+/// The next piece of the records `unread` names, as much as `budget` has
+/// room for now (one record when it has none: it waits for room).
+async fn next_piece(
+    handle: &Handle,
+    mut unread: Unread,
+    budget: &WatchBudget,
+) -> Result<(Unread, Vec<Arc<TaskRecord>>), Error> {
+    let (room, retention) = (budget.room(), handle.config.retention);
+    let (unread, piece) = blocking(&handle.store, "reading tasks", move |store| {
+        let piece = unread.read(store, room, retention);
+        Ok((unread, piece))
+    })
+    .await?;
+    Ok((unread, piece?))
+}
+
+/// Feeds one `WaitMany` call: the already-final records first (`ready`,
+/// then the rest of `unread`, a piece at a time), then the live ones as
+/// they finalize. Dropped by the driver for lagging (or over its budget),
+/// it registers again for the ids still missing.
 ///
 /// Records from the live feed were counted by the driver; those read from
 /// the store are counted here before they are queued. When one must wait
@@ -670,10 +812,10 @@ async fn feed_finals(
     handle: Handle,
     mut pending: HashSet<TaskId>,
     mut ready: Vec<Arc<TaskRecord>>,
+    mut unread: Unread,
     mut live: Option<FinalRx>,
     budget: Arc<WatchBudget>,
     out: mpsc::Sender<Result<Arc<TaskRecord>, Error>>,
-    outcomes_only: bool,
 ) {
     // Whether the records in `ready` are counted already (from the feed).
     let mut counted = false;
@@ -707,6 +849,21 @@ async fn feed_finals(
         if pending.is_empty() {
             return;
         }
+        if !unread.is_empty() {
+            let unread_now = std::mem::take(&mut unread);
+            match next_piece(&handle, unread_now, &budget).await {
+                Ok((rest, piece)) => {
+                    unread = rest;
+                    ready = piece;
+                    counted = false;
+                    continue;
+                }
+                Err(err) => {
+                    let _ = out.send(Err(err)).await;
+                    return;
+                }
+            }
+        }
         if let Some(rx) = live.as_mut() {
             let batch = tokio::select! {
                 _ = handle.cancel.cancelled() => return,
@@ -730,10 +887,9 @@ async fn feed_finals(
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let ids: Vec<TaskId> = pending.iter().copied().collect();
-        match register_many(&handle, ids, &budget, outcomes_only).await {
-            Ok((records, rx)) => {
-                ready = records;
-                counted = false;
+        match register_many(&handle, ids, &budget).await {
+            Ok((not_live, rx)) => {
+                unread.reset(not_live);
                 live = rx;
             }
             Err(err) => {

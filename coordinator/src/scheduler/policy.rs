@@ -42,6 +42,9 @@
 //!   `SetLimit`, else none); each end of an attempt frees its slot.
 //! - Rate limits are token buckets refilled by `Now`; a class waits while
 //!   one of its buckets lacks units and `next_wakeup` includes the refill.
+//!   A class taking more units than a bucket's burst can never have them:
+//!   it waits, saying so, with no wakeup, until `SetLimit` changes the
+//!   bucket.
 //! - Resources are held on the node from assignment to the attempt's end.
 
 use std::collections::{BTreeMap, HashMap};
@@ -133,16 +136,21 @@ impl Bucket {
         self.at = Some(now);
     }
 
-    /// How long until `units` are in the bucket (zero: now). Refill first.
-    pub fn wait_for(&self, units: u32) -> Duration {
+    /// How long until `units` are in the bucket (zero: now), or `None`
+    /// when they never will be: the bucket holds at most its burst, and
+    /// that is fewer. Refill first.
+    pub fn wait_for(&self, units: u32) -> Option<Duration> {
+        if units > self.rate.burst {
+            return None;
+        }
         let missing = f64::from(units) - self.tokens;
         if missing <= 1e-9 {
-            return Duration::ZERO;
+            return Some(Duration::ZERO);
         }
         let per_sec = f64::from(self.rate.units) / self.rate.period.as_secs_f64();
         // Rounded up to the next millisecond, so the wakeup finds them.
         let ms = (missing / per_sec * 1000.0).ceil().max(1.0);
-        Duration::from_millis(ms as u64)
+        Some(Duration::from_millis(ms as u64))
     }
 }
 
@@ -322,18 +330,23 @@ impl Policy {
     }
 
     /// True when every rate limit `spec` names has its units at `now`;
-    /// else records when it will (for `next_wakeup`).
+    /// else records when it will (for `next_wakeup`). Units past a
+    /// bucket's burst never come: nothing is recorded for them, and only
+    /// a `SetLimit` (which dispatches again) can change that.
     pub fn rates_allow(&mut self, spec: &TaskSpec, now: Instant) -> bool {
         for used in &spec.rate_limits {
             let Some(bucket) = self.rates.get_mut(&used.name) else {
                 return false;
             };
             bucket.refill(now);
-            let wait = bucket.wait_for(used.units);
-            if !wait.is_zero() {
-                let at = now + wait;
-                self.rate_wakeup = Some(self.rate_wakeup.map_or(at, |w| w.min(at)));
-                return false;
+            match bucket.wait_for(used.units) {
+                Some(wait) if wait.is_zero() => {}
+                Some(wait) => {
+                    let at = now + wait;
+                    self.rate_wakeup = Some(self.rate_wakeup.map_or(at, |w| w.min(at)));
+                    return false;
+                }
+                None => return false,
             }
         }
         true
@@ -371,9 +384,22 @@ impl Policy {
             if let Some(now) = self.last_dispatch {
                 bucket.refill(now);
             }
-            let wait = bucket.wait_for(used.units);
-            if !wait.is_zero() {
-                return Some(format!("rate limit {}: next units in {wait:?}", used.name));
+            match bucket.wait_for(used.units) {
+                Some(wait) if wait.is_zero() => {}
+                Some(wait) => {
+                    return Some(format!("rate limit {}: next units in {wait:?}", used.name));
+                }
+                None => {
+                    let burst = bucket.rate.burst;
+                    return Some(format!(
+                        "rate limit {} holds at most {burst} unit{} (its burst) and this task takes {}: it can never run until the burst is raised (weft limit set {} RATE --burst {})",
+                        used.name,
+                        if burst == 1 { "" } else { "s" },
+                        used.units,
+                        used.name,
+                        used.units
+                    ));
+                }
             }
         }
         None

@@ -436,6 +436,44 @@ fn a_rate_limit_paces_assignments_and_wakes_the_scheduler_for_the_refill() {
 }
 
 #[test]
+fn a_task_taking_more_units_than_its_limits_burst_waits_saying_so_without_waking_until_the_burst_is_raised()
+ {
+    let mut h = Harness::new();
+    let rate = |burst| LimitKind::Rate(RateLimit::new(1, Duration::from_millis(1), burst).unwrap());
+    h.s.set_limit(Limit {
+        name: "api".into(),
+        kind: rate(1),
+    });
+    let id = h.submit(vec![rated("big", "api", 2)])[0];
+    h.node(S1, reg("n1", 8), 8);
+    assert!(one(&mut h, S1).is_empty());
+    // 10 s of an idle node, woken only when the scheduler asks to be: the
+    // bucket never holds 2 units, so nothing it waits for is due.
+    let end = h.now.instant + Duration::from_secs(10);
+    let mut wakeups = 0;
+    while let Some(at) = h.s.next_wakeup().filter(|at| *at <= end) {
+        wakeups += 1;
+        assert!(wakeups <= 100, "woken again and again for the rate");
+        h.advance(at.saturating_duration_since(h.now.instant));
+        h.s.heartbeat(S1, h.now);
+        assert!(one(&mut h, S1).is_empty());
+    }
+    let reason = h.s.pending_reason(id).unwrap();
+    assert!(
+        reason.contains("rate limit api holds at most 1 unit")
+            && reason.contains("takes 2")
+            && reason.contains("never"),
+        "{reason}"
+    );
+    // Raising the burst lets it run.
+    h.s.set_limit(Limit {
+        name: "api".into(),
+        kind: rate(2),
+    });
+    assert_eq!(one(&mut h, S1), [id]);
+}
+
+#[test]
 fn a_task_naming_a_limit_not_set_waits_saying_so_until_it_is_set() {
     let mut h = Harness::new();
     let id = h.submit(vec![rated("t", "nope", 1)])[0];
