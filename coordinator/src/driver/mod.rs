@@ -251,12 +251,18 @@ impl Driver {
     /// what it produced: the records to commit and the effects they hold.
     fn prepare(&mut self, commands: &mut Vec<Command>) -> Batch<Held> {
         let now = now();
-        self.scheduler.tick(now);
         let mut replies: Vec<Reply> = Vec::new();
         let mut reads: Vec<BatchRead> = Vec::new();
         for command in commands.drain(..) {
             self.apply(command, now, &mut replies, &mut reads);
         }
+        // After the commands, not before: they may have waited in the inbox
+        // (a slow commit, a long sweep), and a node's heartbeat or `Started`
+        // among them is news as of `now`. Ticking first would find every
+        // node silent past the heartbeat timeout, or its attempts unstarted
+        // past the start timeout, with the proof in hand. What the tick makes
+        // ready is still dispatched in this batch (`take_effects`).
+        self.scheduler.tick(now);
         let Effects {
             records,
             nodes,

@@ -27,7 +27,7 @@ use tokio_util::task::TaskTracker;
 
 use weft_proto::{Attempt, NodeId, TaskId, TaskSpec, TaskState};
 
-use super::watch::{SWEEP_AFTER, WatchBudget, event_bytes, page_len};
+use super::watch::{SWEEP_AFTER, WatchBudget, event_bytes, page_len, record_bytes};
 use super::{Command, Handle, ToNode, follow, wait_final};
 use crate::Failure;
 use crate::config::CoordinatorConfig;
@@ -216,6 +216,12 @@ impl Harness {
             heartbeat_timeout: Duration::from_secs(600),
             ..config
         };
+        Harness::start_as_given(store, config).await
+    }
+
+    /// [`Harness::start`] with `config` as it is (its heartbeat timeout
+    /// included).
+    async fn start_as_given(store: Arc<dyn Store>, config: CoordinatorConfig) -> Harness {
         let mut scheduler = Scheduler::new((&config).into());
         let metrics = Arc::new(Metrics::default());
         scheduler.set_metrics(Arc::clone(metrics.tasks()));
@@ -809,6 +815,165 @@ async fn a_stalled_wait_many_stream_holds_at_most_its_budget_and_then_gets_every
     h.stop().await;
 }
 
+/// The memory store, knowing how many bytes of the task records it handed
+/// out are still held somewhere (as a watch budget counts them): each
+/// record gets a spec of its own, whose `Arc` says when its last copy is
+/// gone.
+#[derive(Default)]
+struct HeldReads {
+    memory: MemoryStore,
+    handed: Mutex<Vec<(std::sync::Weak<TaskSpec>, usize)>>,
+}
+
+impl HeldReads {
+    fn held(&self) -> usize {
+        let handed = self.handed.lock().unwrap_or_else(|e| e.into_inner());
+        handed
+            .iter()
+            .filter(|(spec, _)| spec.strong_count() > 0)
+            .map(|(_, bytes)| bytes)
+            .sum()
+    }
+}
+
+impl Store for HeldReads {
+    fn commit(&self, records: &[Record]) -> Result<(), StoreError> {
+        self.memory.commit(records)
+    }
+
+    fn task(&self, id: TaskId) -> Result<Option<TaskRecord>, StoreError> {
+        let Some(mut record) = self.memory.task(id)? else {
+            return Ok(None);
+        };
+        let spec = Arc::new(TaskSpec::clone(&record.spec));
+        let mut handed = self.handed.lock().map_err(|_| StoreError::Poisoned)?;
+        handed.push((Arc::downgrade(&spec), record_bytes(&record)));
+        record.spec = spec;
+        Ok(Some(record))
+    }
+
+    fn task_outcomes(&self, ids: &[TaskId]) -> Result<Vec<Option<TaskRecord>>, StoreError> {
+        ids.iter().map(|id| self.task(*id)).collect()
+    }
+
+    fn list_page(
+        &self,
+        query: &crate::store::ListQuery,
+    ) -> Result<crate::store::ListPage, StoreError> {
+        self.memory.list_page(query)
+    }
+
+    fn events(&self, id: TaskId, from: u64, limit: usize) -> Result<Vec<TaskEvent>, StoreError> {
+        self.memory.events(id, from, limit)
+    }
+
+    fn load(&self, since: SystemTime) -> Result<Loaded, StoreError> {
+        self.memory.load(since)
+    }
+
+    fn expire(
+        &self,
+        before: SystemTime,
+        limit: usize,
+        keep: &[TaskId],
+    ) -> Result<Vec<TaskState>, StoreError> {
+        self.memory.expire(before, limit, keep)
+    }
+
+    forward_to_memory!(identities);
+}
+
+#[tokio::test]
+async fn a_stalled_wait_many_stream_of_tasks_already_final_holds_at_most_its_budget_of_them() {
+    const TASKS: usize = 40;
+    for outcomes_only in [false, true] {
+        let store = Arc::new(HeldReads::default());
+        let mut h = Harness::start(Arc::clone(&store) as Arc<dyn Store>).await;
+        let limit = 64 << 10;
+        let mut handle = h.handle.clone();
+        handle.config = Arc::new(CoordinatorConfig {
+            watch_buffer_bytes: limit,
+            ..CoordinatorConfig::clone(&h.handle.config)
+        });
+        // Every task final before the call; each result 16 KiB (40 of
+        // them: 10 times the budget).
+        let result = |n: usize| {
+            let mut output = format!("{n:04}").into_bytes();
+            output.resize(16 << 10, b'.');
+            bytes::Bytes::from(output)
+        };
+        let mut all = Vec::new();
+        for n in 0..TASKS {
+            all.extend(ids(soon("Submit", h.submit(&n.to_string())).await));
+            h.credits(1);
+            assert_eq!(assigned(h.next_message().await), [all[n]]);
+            h.node_event(all[n], NodeEventBody::Started);
+            h.node_event(
+                all[n],
+                NodeEventBody::Finished {
+                    outcome: weft_proto::Outcome::Succeeded,
+                    exit_code: Some(0),
+                    output: result(n),
+                    error: String::new(),
+                },
+            );
+        }
+        h.applied().await;
+        // Read a piece at a time, yet checked whole: an unknown id past
+        // the first piece fails the call.
+        let unknown = TaskId::new();
+        let with_unknown: Vec<TaskId> = all.iter().copied().chain([unknown]).collect();
+        let pending = with_unknown.iter().copied().collect();
+        match soon(
+            "WaitMany",
+            wait_final(&handle, with_unknown, pending, outcomes_only),
+        )
+        .await
+        {
+            Err(Error::TaskNotFound(id)) => assert_eq!(id, unknown),
+            Err(err) => panic!("{err}"),
+            Ok(_) => panic!("an unknown id is not found"),
+        }
+        let pending = all.iter().copied().collect();
+        let mut feed = soon(
+            "WaitMany",
+            wait_final(&handle, all.clone(), pending, outcomes_only),
+        )
+        .await
+        .unwrap_or_else(|err| panic!("{err}"));
+        // The client takes nothing until the stream has queued what its
+        // budget takes.
+        let one = 128 + (16 << 10);
+        soon("the budget to fill", async {
+            while feed.queued() + one <= limit {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await;
+        let held = store.held();
+        assert!(
+            held <= limit + one,
+            "{held} bytes of records held by a stream of budget {limit} (view: outcomes only {outcomes_only})"
+        );
+        let mut got = std::collections::HashMap::new();
+        while let Some(task) = soon("the next task", futures::StreamExt::next(&mut feed)).await {
+            let task = task.unwrap_or_else(|err| panic!("{err}"));
+            assert!(
+                got.insert(task.id, task.output.clone()).is_none(),
+                "a task twice"
+            );
+            drop(task);
+            assert!(store.held() <= limit + one, "{} bytes held", store.held());
+        }
+        assert_eq!(got.len(), TASKS);
+        for (n, id) in all.iter().enumerate() {
+            assert!(got[id] == result(n), "task {n}'s result");
+        }
+        assert_eq!(feed.queued(), 0);
+        h.stop().await;
+    }
+}
+
 #[tokio::test]
 async fn a_quiet_task_watched_and_left_again_and_again_keeps_one_watcher() {
     let h = Harness::start(Arc::new(MemoryStore::new())).await;
@@ -949,5 +1114,82 @@ async fn retention_sweeps_go_on_while_commands_keep_coming() {
         "{} sweeps in 10 s of Submits",
         *swept.borrow() - at_start
     );
+    h.stop().await;
+}
+
+/// The memory store, but its first commit takes `slow` (a slow disk,
+/// once).
+struct OneSlowCommit {
+    memory: MemoryStore,
+    slow: Duration,
+    slowed: std::sync::atomic::AtomicBool,
+}
+
+impl Store for OneSlowCommit {
+    fn commit(&self, records: &[Record]) -> Result<(), StoreError> {
+        if !self.slowed.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            std::thread::sleep(self.slow);
+        }
+        self.memory.commit(records)
+    }
+
+    forward_to_memory!(reads);
+
+    fn expire(
+        &self,
+        before: SystemTime,
+        limit: usize,
+        keep: &[TaskId],
+    ) -> Result<Vec<TaskState>, StoreError> {
+        self.memory.expire(before, limit, keep)
+    }
+
+    forward_to_memory!(identities);
+}
+
+/// A node whose heartbeats waited in the inbox while a commit took longer
+/// than the heartbeat timeout was heard from: the batch that holds them is
+/// applied before the liveness check runs.
+#[tokio::test]
+async fn a_commit_slower_than_the_heartbeat_timeout_loses_no_node_that_kept_sending() {
+    let timeout = Duration::from_millis(200);
+    let store = Arc::new(OneSlowCommit {
+        memory: MemoryStore::new(),
+        slow: timeout * 4,
+        slowed: std::sync::atomic::AtomicBool::new(false),
+    });
+    let config = CoordinatorConfig {
+        retention: Duration::ZERO,
+        heartbeat_interval: timeout / 10,
+        heartbeat_timeout: timeout,
+        ..CoordinatorConfig::default()
+    };
+    let mut h = Harness::start_as_given(store, config).await;
+    // The node keeps sending, as a live node does, all along: the slow
+    // commit holds the driver back, not the node.
+    let inbox = h.handle.inbox.clone();
+    let session = h.session;
+    let beating = tokio::spawn(async move {
+        let mut every = tokio::time::interval(timeout / 10);
+        loop {
+            every.tick().await;
+            if inbox.send(Command::Heartbeat { session }).await.is_err() {
+                break;
+            }
+        }
+    });
+    h.credits(1);
+    // Its commit is the slow one.
+    let id = ids(soon("Submit", h.submit("a")).await)[0];
+    assert_eq!(assigned(h.next_message().await), [id]);
+    // Read after the batch that held the heartbeats sent meanwhile.
+    let (reply, info) = oneshot::channel();
+    h.send(Command::ClusterInfo { reply });
+    let (stats, _) = soon("ClusterInfo", info)
+        .await
+        .unwrap_or_else(|_| panic!("the driver stopped"));
+    beating.abort();
+    assert_eq!((stats.nodes, stats.nodes_lost), (1, 0));
+    assert!(h.node.try_recv().is_err(), "nothing more for the node");
     h.stop().await;
 }

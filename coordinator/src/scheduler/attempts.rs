@@ -16,6 +16,26 @@ use super::retry::Verdict;
 use super::{NodeEventBody, NodeTaskEvent, Now, Scheduler};
 use crate::store::EventBody;
 
+impl NodeTaskEvent {
+    /// An event whose task id, as the node sent it, could not be read.
+    /// It names the nil ULID, which no task has (every task id carries the
+    /// time it was made), so fencing refuses and counts it like any event
+    /// for an attempt that is not current; no `Cancel` answers it, as none
+    /// could name the id the node sent. Its body is never looked at.
+    pub(crate) fn unreadable(attempt: Attempt) -> NodeTaskEvent {
+        NodeTaskEvent {
+            task_id: TaskId::from_u128(0),
+            attempt,
+            body: NodeEventBody::Started,
+        }
+    }
+
+    /// Whether this is an [`unreadable`](Self::unreadable) event.
+    fn is_unreadable(&self) -> bool {
+        self.task_id.as_u128() == 0
+    }
+}
+
 impl Scheduler {
     /// A batch of attempt events from a node, in order.
     pub fn node_events(&mut self, session: SessionId, events: Vec<NodeTaskEvent>, now: Now) {
@@ -40,6 +60,12 @@ impl Scheduler {
     }
 
     fn node_event(&mut self, session: SessionId, event: NodeTaskEvent, now: Now) {
+        if event.is_unreadable() {
+            // Not current, as no task has its id; a Cancel could only name
+            // an id the node never sent, so none goes.
+            self.stale_events_refused += 1;
+            return;
+        }
         let id = event.task_id;
         let Some(task) = self
             .tasks

@@ -64,27 +64,44 @@ impl Scheduler {
     /// (it is about to redeliver those). Attempts restored on this node id
     /// that it does not report are requeued at once: it does not run them.
     /// If the node id was already connected on another session, that
-    /// session is replaced (its unreported attempts are lost).
+    /// session is replaced: of its attempts the node does not report, those
+    /// it had started are lost with it (charged as a node loss), those it
+    /// never started are requeued at no cost (their `Assign` never reached
+    /// the node), as when the old stream ends before the node comes back.
+    /// A node draining on the old session still drains on the new one, and
+    /// is sent `Drain` again (with its own default grace).
     pub fn register_node(&mut self, session: SessionId, reg: NodeRegistration, now: Now) {
         let reported: HashSet<(TaskId, Attempt)> = reg.running.iter().copied().collect();
+        let mut drained = false;
         if let Some(old) = self.nodes.session_of(reg.node_id)
             && old != session
             && let Some(entry) = self.nodes.remove(old)
         {
             tracing::info!(node_id = %entry.id(), node_name = %entry.name, "node reconnected; replacing its old session");
             self.out.disconnect.push(old);
-            let mut lost: Vec<(TaskId, Attempt)> = entry
+            drained = entry.draining;
+            let mut unreported: Vec<(TaskId, Attempt)> = entry
                 .running
                 .iter()
                 .map(|(t, a)| (*t, *a))
                 .filter(|r| !reported.contains(r))
                 .collect();
-            lost.sort();
-            if !lost.is_empty() {
-                self.nodes_lost += 1;
+            unreported.sort();
+            let mut ran = false;
+            for (id, attempt) in unreported {
+                let started = self
+                    .tasks
+                    .get(&id)
+                    .is_some_and(|t| t.state == TaskState::Running && t.attempt == attempt.0);
+                if started {
+                    ran = true;
+                    self.lose_attempt(id, attempt, &entry.name, entry.id(), now);
+                } else {
+                    self.requeue_undelivered(id, attempt, &entry.name, entry.id(), now);
+                }
             }
-            for (id, attempt) in lost {
-                self.lose_attempt(id, attempt, &entry.name, entry.id(), now);
+            if ran {
+                self.nodes_lost += 1;
             }
         }
         let node_id = reg.node_id;
@@ -134,6 +151,12 @@ impl Scheduler {
                 _ if self.recent.contains(id, attempt, now.instant) => {}
                 _ => refused.push((id, attempt)),
             }
+        }
+        if drained {
+            // An operator's drain is about the node, not one stream of it.
+            entry.draining = true;
+            self.out.nodes.entry(session).or_default().drain = Some(None);
+            tracing::info!(node_id = %node_id, node_name = %entry.name, "node reconnected while draining; it drains on");
         }
         tracing::info!(node_id = %node_id, node_name = %entry.name, slots = entry.slots, adopted = entry.running.len(), "node registered");
         self.nodes.insert(session, entry);
@@ -254,16 +277,20 @@ impl Scheduler {
     /// heartbeat timeout by default) after it last heard from the
     /// coordinator, which the grace does not outlast by default. An
     /// attempt a client cancelled meanwhile ends `cancelled` at once. A
-    /// draining node, or one holding nothing, is gone at once (quietly
-    /// when it had drained).
+    /// node holding nothing leaves quietly: nothing to requeue, nothing
+    /// lost (`nodes_lost` does not count it). A draining node holding
+    /// attempts is lost at once.
     pub fn node_gone(&mut self, session: SessionId, now: Now) {
         // Nothing more comes from a session whose stream ended.
         self.revoked_sessions.remove(&session);
-        let holds = self
-            .nodes
-            .get(session)
-            .is_some_and(|n| !n.draining && !n.running.is_empty());
-        if !holds {
+        let Some(node) = self.nodes.get(session) else {
+            return;
+        };
+        if node.running.is_empty() {
+            self.node_left(session);
+            return;
+        }
+        if node.draining {
             self.lose_node(session, "stream ended", now);
             return;
         }
@@ -344,7 +371,7 @@ impl Scheduler {
     pub fn revoke_node(&mut self, node_id: NodeId, now: Now) -> (bool, u32) {
         self.revoked.insert(node_id);
         let Some(session) = self.nodes.session_of(node_id) else {
-            return (false, 0);
+            return (false, self.revoke_away(node_id, now));
         };
         let running: Vec<TaskId> = self
             .nodes
@@ -364,6 +391,50 @@ impl Scheduler {
         (true, u32::try_from(requeued).unwrap_or(u32::MAX))
     }
 
+    /// [`revoke_node`](Self::revoke_node) of a node not connected: the
+    /// attempts that wait for it (its stream ended within the reconnect
+    /// grace, or they were restored after a coordinator restart) go back to
+    /// the queue now, by the node-lost path as when it is connected, rather
+    /// than wait out a grace for a node that may not come back. Counted as
+    /// a lost node when it was within its reconnect grace (as the grace's
+    /// end would have). Answers how many were requeued.
+    fn revoke_away(&mut self, node_id: NodeId, now: Now) -> u32 {
+        let within_grace = self.disconnected.remove(&node_id);
+        let mut held: Vec<(TaskId, Attempt, std::sync::Arc<str>)> = Vec::new();
+        self.orphans.retain(|(id, _)| {
+            let waiting = self.tasks.get(id).and_then(|t| {
+                let p = t.placement()?;
+                (p.session.is_placeholder() && p.node_id == node_id)
+                    .then(|| (*id, Attempt(t.attempt), std::sync::Arc::clone(&p.node_name)))
+            });
+            match waiting {
+                Some(attempt) => {
+                    held.push(attempt);
+                    false
+                }
+                None => true,
+            }
+        });
+        held.sort();
+        held.dedup();
+        if let Some((name, _)) = &within_grace {
+            self.nodes_lost += 1;
+            tracing::warn!(node_id = %node_id, node_name = %name, attempts = held.len(), why = "revoked by an admin", "node lost");
+        }
+        let mut requeued = 0u32;
+        for (id, attempt, name) in held {
+            self.lose_attempt(id, attempt, &name, node_id, now);
+            if self
+                .tasks
+                .get(&id)
+                .is_some_and(|t| t.state == TaskState::Queued)
+            {
+                requeued = requeued.saturating_add(1);
+            }
+        }
+        requeued
+    }
+
     /// Whether `session` is a revoked node's (closed by `revoke_node`,
     /// its stream not yet ended).
     pub fn is_revoked_session(&self, session: SessionId) -> bool {
@@ -374,6 +445,23 @@ impl Scheduler {
     /// register.
     pub fn restore_revoked(&mut self, ids: impl IntoIterator<Item = NodeId>) {
         self.revoked.extend(ids);
+    }
+
+    /// The node on `session` left holding nothing (its stream ended): it
+    /// is forgotten, not lost.
+    fn node_left(&mut self, session: SessionId) {
+        let Some(entry) = self.nodes.remove(session) else {
+            return;
+        };
+        self.out.disconnect.push(session);
+        if entry.draining {
+            tracing::info!(node_id = %entry.id(), node_name = %entry.name, "drained node left");
+        } else {
+            tracing::info!(node_id = %entry.id(), node_name = %entry.name, "node's stream ended; it held nothing");
+        }
+        if self.nodes.is_empty() {
+            self.next_liveness_check = None;
+        }
     }
 
     /// Declares the node on `session` lost and requeues its attempts.

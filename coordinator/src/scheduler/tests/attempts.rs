@@ -304,3 +304,17 @@ fn tasks_finished_counts_final_states_only_and_retention_never_lowers_it() {
         stats.tasks
     );
 }
+
+#[test]
+fn an_event_whose_task_id_could_not_be_read_is_refused_and_counted_without_a_cancel() {
+    let mut h = Harness::new();
+    h.node(S1, reg("n1", 1), 1);
+    h.effects();
+    let unreadable = NodeTaskEvent::unreadable(Attempt(1));
+    h.s.node_events(S1, vec![unreadable], h.now);
+    let e = h.effects();
+    assert_eq!(h.s.stats().stale_events_refused, 1);
+    // A Cancel could not name it: the node never sent a readable id.
+    assert!(cancels(&e, S1).is_empty());
+    assert!(e.disconnect.is_empty(), "the session goes on");
+}

@@ -221,3 +221,106 @@ fn a_node_gets_at_most_its_slots_plus_a_prefetch_capped_at_the_limit() {
         "granting again adds nothing"
     );
 }
+
+#[test]
+fn a_reconnect_replacing_an_open_session_requeues_what_it_never_started_at_no_cost() {
+    let mut h = Harness::new();
+    let node = reg("n1", 2);
+    h.node(S1, node.clone(), 2);
+    let ids = h.submit(vec![
+        TaskSpec::call("noop", "").max_attempts(2),
+        TaskSpec::call("noop", "").max_attempts(1),
+    ]);
+    let (started, unstarted) = (ids[0], ids[1]);
+    assert_eq!(assigned(&h.effects(), S1).len(), 2);
+    h.event(S1, started, 1, NodeEventBody::Started);
+    h.effects();
+    // Back on a new stream before the old one ended, listing neither.
+    h.s.register_node(S2, node, h.now);
+    let e = h.effects();
+    assert_eq!(e.disconnect, [S1]);
+    // Never started: its Assign never reached the node; no charge, as
+    // when the old stream ends first (`requeue_unclaimed`).
+    let record = h.record(unstarted);
+    assert_eq!(
+        (record.state, record.attempt, record.node_losses),
+        (TaskState::Queued, Attempt(2), 0)
+    );
+    // Started: a run lost with its node.
+    let record = h.record(started);
+    assert_eq!(
+        (record.state, record.attempt, record.node_losses),
+        (TaskState::Queued, Attempt(2), 1)
+    );
+    assert_eq!(h.s.stats().nodes_lost, 1);
+}
+
+#[test]
+fn a_reconnect_replacing_an_open_session_with_nothing_started_loses_no_node() {
+    let mut h = Harness::new();
+    let node = reg("n1", 1);
+    h.node(S1, node.clone(), 1);
+    let id = h.submit(vec![TaskSpec::call("noop", "").max_attempts(1)])[0];
+    assert_eq!(assigned(&h.effects(), S1), [(id, Attempt(1))]);
+    h.s.register_node(S2, node, h.now);
+    h.effects();
+    assert_eq!(h.record(id).state, TaskState::Queued, "not failed");
+    assert_eq!(h.s.stats().nodes_lost, 0);
+}
+
+#[test]
+fn an_operators_drain_outlives_a_reconnect_of_the_same_node() {
+    let mut h = Harness::new();
+    let node = reg("n1", 2);
+    h.node(S1, node.clone(), 2);
+    h.s.drain_node("n1", Some(Duration::from_secs(3)), h.now.instant)
+        .unwrap();
+    h.effects();
+    // The node comes back on a new stream before the old one ended.
+    h.node(S2, node, 2);
+    h.submit(vec![TaskSpec::call("noop", "")]);
+    let e = h.effects();
+    assert!(assigned(&e, S2).is_empty(), "no new work");
+    // The new session is told again (the node may never have heard it).
+    assert_eq!(e.nodes.get(&S2).and_then(|o| o.drain), Some(None));
+    let nodes = h.s.nodes(h.now.instant);
+    assert_eq!(nodes.len(), 1);
+    assert_eq!(nodes[0].state, weft_proto::NodeState::Draining);
+}
+
+#[test]
+fn revoking_a_node_whose_stream_ended_requeues_its_attempts_at_once() {
+    let mut h = Harness::new();
+    let node_id = h.node(S1, reg("n1", 1), 1);
+    let id = h.submit(vec![TaskSpec::call("noop", "")])[0];
+    assert_eq!(assigned(&h.effects(), S1), [(id, Attempt(1))]);
+    h.event(S1, id, 1, NodeEventBody::Started);
+    h.effects();
+    // Its stream ended: its attempt waits the reconnect grace for it.
+    h.s.node_gone(S1, h.now);
+    h.effects();
+    assert_eq!(h.s.revoke_node(node_id, h.now), (false, 1));
+    h.effects();
+    let record = h.record(id);
+    assert_eq!(
+        (record.state, record.attempt),
+        (TaskState::Queued, Attempt(2))
+    );
+    assert_eq!(h.s.stats().nodes_lost, 1);
+    // The grace ending later counts it no second time.
+    h.advance(Duration::from_secs(2));
+    h.effects();
+    assert_eq!(h.s.stats().nodes_lost, 1);
+    assert_eq!(h.record(id).attempt, Attempt(2));
+}
+
+#[test]
+fn a_stream_that_ends_with_nothing_held_is_not_a_lost_node() {
+    let mut h = Harness::new();
+    h.node(S1, reg("n1", 1), 1);
+    h.s.node_gone(S1, h.now);
+    let e = h.effects();
+    assert_eq!(e.disconnect, [S1]);
+    assert!(h.s.nodes(h.now.instant).is_empty());
+    assert_eq!(h.s.stats().nodes_lost, 0);
+}

@@ -110,7 +110,9 @@ static BAD_TASK_IDS: std::sync::LazyLock<std::sync::Mutex<crate::listener::backo
         ))
     });
 
-/// A node's event batch as domain events; malformed entries are dropped.
+/// A node's event batch as domain events. One whose task id cannot be read
+/// goes on as [`NodeTaskEvent::unreadable`], for the scheduler to refuse and
+/// count as stale (no `Cancel` can name it); one without a body is dropped.
 fn node_events(events: pb::TaskEvents) -> Vec<NodeTaskEvent> {
     use pb::node_task_event::Body;
     events
@@ -124,11 +126,11 @@ fn node_events(events: pb::TaskEvents) -> Vec<NodeTaskEvent> {
                     .lock()
                     .ok()
                     .and_then(|mut throttle| throttle.hit(std::time::Instant::now()));
-                if let Some(dropped) = due {
+                if let Some(refused) = due {
                     let task_id = event.task_id.chars().take(64).collect::<String>();
-                    tracing::warn!(%task_id, dropped, "dropping node events with a bad task id");
+                    tracing::warn!(%task_id, refused, "refusing node events with a bad task id");
                 }
-                return None;
+                return Some(NodeTaskEvent::unreadable(Attempt(event.attempt)));
             };
             let body = match event.body? {
                 Body::Started(_) => NodeEventBody::Started,
@@ -140,7 +142,7 @@ fn node_events(events: pb::TaskEvents) -> Vec<NodeTaskEvent> {
                 Body::Progress(mut p) => {
                     truncate_node_text(&mut p.message);
                     NodeEventBody::Progress {
-                        fraction: p.fraction,
+                        fraction: progress_fraction(p.fraction),
                         message: p.message,
                     }
                 }
@@ -171,6 +173,16 @@ fn node_events(events: pb::TaskEvents) -> Vec<NodeTaskEvent> {
             })
         })
         .collect()
+}
+
+/// A node's `Progress.fraction` as watchers get it: 0 to 1, or -1 when
+/// unknown (any negative). Past 1 (infinity too) is 1; NaN is unknown
+/// (JSON has no NaN).
+fn progress_fraction(fraction: f64) -> f64 {
+    match fraction {
+        f if f.is_nan() || f < 0.0 => -1.0,
+        f => f.min(1.0),
+    }
 }
 
 /// Encodes a message for the node as it leaves on the stream, as its wire
@@ -697,8 +709,9 @@ mod tests {
         }
     }
 
+    /// Refused and counted as stale by the scheduler, not dropped unseen.
     #[test]
-    fn an_event_with_a_bad_task_id_is_dropped_and_the_rest_kept() {
+    fn an_event_with_a_bad_task_id_goes_on_as_unreadable_and_the_rest_are_kept() {
         let started = |task_id: String| pb::NodeTaskEvent {
             task_id,
             attempt: 1,
@@ -715,11 +728,14 @@ mod tests {
         };
         assert_eq!(
             events,
-            [NodeTaskEvent {
-                task_id: id,
-                attempt: Attempt(1),
-                body: NodeEventBody::Started,
-            }]
+            [
+                NodeTaskEvent::unreadable(Attempt(1)),
+                NodeTaskEvent {
+                    task_id: id,
+                    attempt: Attempt(1),
+                    body: NodeEventBody::Started,
+                }
+            ]
         );
     }
 
@@ -900,6 +916,48 @@ mod tests {
             if let Ok(events) = pb::TaskEvents::decode(bytes.as_slice()) {
                 let _ = node_events(events);
             }
+        }
+    }
+
+    #[test]
+    fn a_progress_fraction_past_its_range_reaches_watchers_within_it() {
+        let id = TaskId::new();
+        for (sent, seen) in [
+            (0.0, 0.0),
+            (0.25, 0.25),
+            (1.0, 1.0),
+            (1.5, 1.0),
+            (f64::INFINITY, 1.0),
+            (-1.0, -1.0),
+            (-0.5, -1.0),
+            (f64::NEG_INFINITY, -1.0),
+            (f64::NAN, -1.0),
+        ] {
+            let message = pb::NodeMessage {
+                body: Some(pb::node_message::Body::Events(pb::TaskEvents {
+                    events: vec![pb::NodeTaskEvent {
+                        task_id: id.to_string(),
+                        attempt: 1,
+                        body: Some(pb::node_task_event::Body::Progress(pb::Progress {
+                            fraction: sent,
+                            message: "half".into(),
+                        })),
+                    }],
+                })),
+            };
+            let FromNode::Events(events) = from_node(message) else {
+                panic!("not events");
+            };
+            let [
+                NodeTaskEvent {
+                    body: NodeEventBody::Progress { fraction, .. },
+                    ..
+                },
+            ] = events.as_slice()
+            else {
+                panic!("not one progress event: {events:?}");
+            };
+            assert_eq!(*fraction, seen, "sent {sent}");
         }
     }
 }

@@ -14,22 +14,23 @@
 //! `Heartbeat` every interval. Outgoing messages go through a bounded
 //! channel of domain values, encoded as they leave ([`codec`] owns the
 //! wire form in both directions); the session's token ends both tasks when
-//! the driver drops it.
+//! the driver drops it, and the outgoing stream too ([`outgoing`]), at
+//! once, whether or not the node still reads it.
 
 mod backlog;
 mod codec;
 mod identity;
 mod join;
 pub(crate) use join::no_node_auth;
+mod outgoing;
 mod renew;
 
 use std::pin::Pin;
 use std::sync::Arc;
 
-use futures::{Stream, StreamExt};
+use futures::Stream;
 use prost::Message;
 use tokio::sync::mpsc::{self, OwnedPermit, error::TrySendError};
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -305,6 +306,8 @@ impl weft_proto::wire::node_service::node_service_server::NodeService for NodeAp
             }),
         );
         let session_token = token.clone();
+        // The outgoing stream ends when the session closes, read or not.
+        let token_for_stream = token.clone();
         self.handle
             .call(|reply| Command::Register {
                 session,
@@ -328,8 +331,8 @@ impl weft_proto::wire::node_service::node_service_server::NodeService for NodeAp
         ));
         let max = self.handle.config.max_message_size;
         let traced = self.handle.trace.is_some();
-        let outgoing = ReceiverStream::new(rx)
-            .flat_map(move |message| futures::stream::iter(codec::encode(message, max, traced)));
+        let (outgoing, closer) = outgoing::outgoing(rx, token_for_stream, max, traced);
+        self.handle.tasks.spawn(closer);
         Ok(Response::new(Box::pin(outgoing)))
     }
 
