@@ -55,8 +55,8 @@ pub async fn revoke(client: &Client, format: OutputFormat, node: &str) -> anyhow
         .await
         .with_context(|| format!("revoking node {node}"))?;
     match format {
-        OutputFormat::Text => eprintln!(
-            "weft: node {} ({}) revoked{}; its certificate is refused from now on",
+        OutputFormat::Text => println!(
+            "node {} ({}) revoked{}; its certificate is refused from now on",
             answer.name,
             answer.node_id,
             if answer.was_connected {

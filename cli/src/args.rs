@@ -39,8 +39,8 @@ pub struct ListArgs {
     /// Only tasks submitted at or before TIME (as for --since).
     #[arg(long, value_parser = parse_time_arg, value_name = "TIME")]
     pub until: Option<SystemTime>,
-    /// At most this many.
-    #[arg(long, default_value_t = 50, value_name = "N")]
+    /// At most this many (1 or more).
+    #[arg(long, default_value_t = 50, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub limit: u32,
     /// Only the tasks of this job (oldest first; what `weft submit -f` prints).
     #[arg(long, value_parser = crate::opts::parse_task_id, value_name = "JOB")]
@@ -130,9 +130,9 @@ pub struct Args {
     )]
     pub ca_pin: Option<Trust>,
     /// Client token (`weft_<id>_<secret>`), sent as `authorization: Bearer`
-    /// on every call. Default: $WEFT_TOKEN, then the context saved by
-    /// `weft login`.
-    #[arg(long, global = true, value_name = "TOKEN")]
+    /// on every call; an empty one is a usage error. Default: $WEFT_TOKEN,
+    /// then the context saved by `weft login`.
+    #[arg(long, global = true, value_name = "TOKEN", value_parser = parse_token_flag)]
     pub token: Option<String>,
     /// File holding the client token (e.g. DATA_DIR/admin.token on the
     /// coordinator's machine). --token wins over it; it wins over $WEFT_TOKEN.
@@ -149,6 +149,16 @@ pub struct Args {
     /// starts its own cluster unless it is set).
     #[arg(skip)]
     pub coordinator_given: bool,
+}
+
+/// Parses `--token`: anything but nothing (an empty value, say from an
+/// unset shell variable, must not fall back to another token unnoticed).
+/// The value is never echoed.
+fn parse_token_flag(text: &str) -> Result<String, String> {
+    match text.trim() {
+        "" => Err("--token is empty: pass a token, or leave --token out to use --token-file, $WEFT_TOKEN or the `weft login` context".to_owned()),
+        token => Ok(token.to_owned()),
+    }
 }
 
 fn parse_pin(text: &str) -> Result<Trust, String> {
@@ -469,6 +479,16 @@ pub enum Command {
     },
 }
 
+/// Parses `weft token create --ttl`: a duration, not zero (a token born
+/// expired would be refused by every call).
+fn parse_ttl(text: &str) -> Result<Duration, String> {
+    let ttl = parse_duration_arg(text)?;
+    if ttl.is_zero() {
+        return Err("must be more than 0 (e.g. 1h); leave --ttl out for the default".to_owned());
+    }
+    Ok(ttl)
+}
+
 /// `weft nodes ...`.
 #[derive(Subcommand, Debug)]
 pub enum NodesCommand {
@@ -514,9 +534,9 @@ pub enum TokenCommand {
         /// A name for people, shown by `weft token list`.
         #[arg(long, default_value = "", value_name = "NAME")]
         name: String,
-        /// Lifetime (e.g. 1h, 30d); default: no expiry for client tokens,
-        /// 1h for join tokens.
-        #[arg(long, value_parser = parse_duration_arg, value_name = "DURATION")]
+        /// Lifetime, more than 0 (e.g. 1h, 30d); default: no expiry for
+        /// client tokens, 1h for join tokens.
+        #[arg(long, value_parser = parse_ttl, value_name = "DURATION")]
         ttl: Option<Duration>,
         /// Join tokens: how many nodes may join with it (default 1; 0: no
         /// limit).
@@ -689,6 +709,38 @@ mod tests {
             Args::try_parse_from(["weft", "run", "--label", "gpu", "--", "true"]).unwrap_err();
         assert_eq!(err.exit_code(), i32::from(exit::USAGE));
         assert!(err.to_string().contains("KEY=VALUE"), "{err}");
+    }
+
+    #[test]
+    fn a_zero_token_ttl_or_list_limit_is_a_usage_error() {
+        for argv in [
+            &["weft", "token", "create", "--scope", "read", "--ttl", "0s"][..],
+            &["weft", "token", "create", "--role", "node", "--ttl", "0ms"],
+            &["weft", "list", "--limit", "0"],
+        ] {
+            let err = parse_from(argv).expect_err(&argv.join(" "));
+            assert_eq!(err.exit_code(), i32::from(exit::USAGE), "{argv:?}: {err}");
+        }
+        let err = parse_from(["weft", "token", "create", "--scope", "read", "--ttl", "0s"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("more than 0"), "{err}");
+        let Command::List(list) = parse_from(["weft", "list", "--limit", "1"])
+            .unwrap()
+            .command
+        else {
+            panic!("not list")
+        };
+        assert_eq!(list.limit, 1);
+    }
+
+    #[test]
+    fn an_empty_token_flag_is_a_usage_error_not_a_fallback() {
+        for empty in ["", "  "] {
+            let err = parse_from(["weft", "--token", empty, "info"]).expect_err("empty token");
+            assert_eq!(err.exit_code(), i32::from(exit::USAGE), "{err}");
+            assert!(err.to_string().contains("--token is empty"), "{err}");
+        }
     }
 
     #[test]

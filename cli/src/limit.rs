@@ -23,8 +23,9 @@ pub enum LimitCommand {
         /// UNITS/PERIOD: 100/s, 10/m, 5/h, 3/500ms.
         #[arg(value_parser = parse_rate, required_unless_present = "max_concurrent", conflicts_with = "max_concurrent")]
         rate: Option<RateLimit>,
-        /// Most units the bucket holds (default: the rate's units).
-        #[arg(long, value_name = "N", requires = "rate")]
+        /// Most units the bucket holds, 1 or more (default: the rate's
+        /// units).
+        #[arg(long, value_name = "N", requires = "rate", value_parser = clap::value_parser!(u32).range(1..))]
         burst: Option<u32>,
         /// Most tasks of the concurrency key NAME assigned or running at once.
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
@@ -79,9 +80,7 @@ pub async fn run(
             let limit = Limit { name, kind };
             client.set_limit(&limit).await?;
             match format {
-                OutputFormat::Text => {
-                    eprintln!("weft: limit {} set: {}", limit.name, setting(&limit))
-                }
+                OutputFormat::Text => println!("limit {} set: {}", limit.name, setting(&limit)),
                 OutputFormat::Json => println!(
                     "{}",
                     json!({"name": limit.name, "kind": limit.kind.as_str(), "setting": setting(&limit)})
@@ -104,7 +103,7 @@ pub async fn run(
                 .delete_limit(&name, kind.as_deref().unwrap_or(""))
                 .await?;
             if format == OutputFormat::Text {
-                eprintln!("weft: limit {name} deleted");
+                println!("limit {name} deleted");
             } else {
                 println!("{}", json!({"name": name, "deleted": true}));
             }
@@ -197,5 +196,16 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("UNITS/PERIOD"), "{err}");
+    }
+
+    #[test]
+    fn a_zero_burst_is_a_usage_error_not_the_rates_units() {
+        let err = Cli::try_parse_from(["x", "set", "api", "100/s", "--burst", "0"]).unwrap_err();
+        assert_eq!(err.exit_code(), i32::from(exit::USAGE), "{err}");
+        let cli = Cli::try_parse_from(["x", "set", "api", "100/s", "--burst", "1"]).unwrap();
+        let LimitCommand::Set { burst, .. } = cli.command else {
+            panic!()
+        };
+        assert_eq!(burst, Some(1));
     }
 }

@@ -261,7 +261,7 @@ pub async fn run(
                 .await
                 .with_context(|| format!("revoking token {id}"))?;
             match format {
-                OutputFormat::Text => eprintln!("weft: token {} revoked", info.id),
+                OutputFormat::Text => println!("token {} revoked", info.id),
                 OutputFormat::Json => println!("{}", token_json(&info)),
             }
             Ok(exit::SUCCESS)

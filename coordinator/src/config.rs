@@ -186,7 +186,66 @@ pub const DEFAULT_MAX_STREAMS_PER_CLIENT: usize = 1024;
 /// machine's cores, far below what would pull in the whole queue.
 pub const DEFAULT_MAX_NODE_SLOTS: u32 = 1024;
 
+/// A setting that cannot work, found by [`CoordinatorConfig::check`]
+/// (named by the binary's flags, which is how people set them).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// A zero heartbeat interval: every session's heartbeat timer needs a
+    /// period.
+    #[error("--heartbeat-interval must be more than 0 (e.g. 1s)")]
+    ZeroHeartbeatInterval,
+    /// A heartbeat timeout under twice the interval: an idle node, heard
+    /// from only by its heartbeats, would be declared lost between two of
+    /// them (or after one late one).
+    #[error(
+        "--heartbeat-timeout {timeout:?} must be at least twice --heartbeat-interval {interval:?} \
+         (at least {:?}), or idle nodes are declared lost between their heartbeats: raise the \
+         timeout or shorten the interval",
+        .interval.saturating_mul(2)
+    )]
+    HeartbeatTimeoutTooShort {
+        /// The heartbeat interval.
+        interval: Duration,
+        /// The heartbeat timeout.
+        timeout: Duration,
+    },
+    /// A first retry delay longer than the longest one.
+    #[error(
+        "--retry-backoff {base:?} is above --retry-backoff-max {max:?}: the first retry delay \
+         cannot exceed the longest; lower --retry-backoff or raise --retry-backoff-max"
+    )]
+    RetryBackoffAboveMax {
+        /// The first retry delay.
+        base: Duration,
+        /// The longest retry delay.
+        max: Duration,
+    },
+}
+
 impl CoordinatorConfig {
+    /// Refuses settings that cannot work: a zero heartbeat interval, a
+    /// heartbeat timeout under twice the interval (the rule: a node may
+    /// miss one heartbeat, never be lost while idle), a first retry delay
+    /// above the longest. The binary checks this at start (exit 2).
+    pub fn check(&self) -> Result<(), ConfigError> {
+        if self.heartbeat_interval.is_zero() {
+            return Err(ConfigError::ZeroHeartbeatInterval);
+        }
+        if self.heartbeat_timeout < self.heartbeat_interval.saturating_mul(2) {
+            return Err(ConfigError::HeartbeatTimeoutTooShort {
+                interval: self.heartbeat_interval,
+                timeout: self.heartbeat_timeout,
+            });
+        }
+        if self.retry_backoff_base > self.retry_backoff_max {
+            return Err(ConfigError::RetryBackoffAboveMax {
+                base: self.retry_backoff_base,
+                max: self.retry_backoff_max,
+            });
+        }
+        Ok(())
+    }
+
     /// The restart grace in effect (see [`restart_grace`](Self::restart_grace)).
     pub fn restart_grace(&self) -> Duration {
         self.restart_grace

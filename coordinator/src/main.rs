@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Parser, ValueEnum};
+use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
 use tracing_subscriber::EnvFilter;
 
 use weft_coordinator::CoordinatorConfig;
@@ -38,9 +38,11 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 #[derive(Debug, Parser)]
 #[command(name = "weft-coordinator", version)]
 struct Args {
-    /// Address to listen on. Port 0 picks a free port (see --addr-file).
-    #[arg(long, env = "WEFT_LISTEN", default_value = "127.0.0.1:7070")]
-    listen: String,
+    /// Address to listen on, as IP:PORT (checked before anything else,
+    /// a standby's wait for the database included). Port 0 picks a free
+    /// port (see --addr-file).
+    #[arg(long, env = "WEFT_LISTEN", value_name = "IP:PORT", default_value = "127.0.0.1:7070", value_parser = parse_listen)]
+    listen: std::net::SocketAddr,
 
     /// Write the bound `host:port` to this file once listening.
     #[arg(long)]
@@ -62,11 +64,14 @@ struct Args {
     #[arg(long, value_name = "PATH")]
     http_addr_file: Option<PathBuf>,
 
-    /// How often the coordinator and each node send heartbeats.
+    /// How often the coordinator and each node send heartbeats (more
+    /// than 0).
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     heartbeat_interval: Duration,
 
-    /// Silence after which a node is declared lost and its tasks requeued.
+    /// Silence after which a node is declared lost and its tasks requeued:
+    /// at least twice --heartbeat-interval, so an idle node may miss one
+    /// heartbeat.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     heartbeat_timeout: Duration,
 
@@ -281,11 +286,12 @@ struct Args {
     #[arg(long, default_value = "64MiB", value_parser = parse_size)]
     store_cache_size: usize,
 
-    /// First retry delay after a failed attempt; doubles per attempt.
+    /// First retry delay after a failed attempt; doubles per attempt. At
+    /// most --retry-backoff-max.
     #[arg(long, default_value = "100ms", value_parser = parse_duration)]
     retry_backoff: Duration,
 
-    /// Longest retry delay.
+    /// Longest retry delay (at least --retry-backoff).
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     retry_backoff_max: Duration,
 
@@ -295,14 +301,15 @@ struct Args {
 
     /// Where the admin token is written on first start (no token stored
     /// yet), mode 0600. Default: DATA_DIR/admin.token; with --in-memory a
-    /// fresh private temp dir (the path is logged).
+    /// fresh private temp dir (the path is logged). Not with --no-auth.
     #[arg(long, env = "WEFT_ADMIN_TOKEN_FILE", value_name = "FILE")]
     admin_token_file: Option<PathBuf>,
 
     /// Turns client tokens off: every client is admin without a token.
     /// Only for experiments on a machine nobody else reaches: refused
     /// unless the listen address is loopback; logs a warning at every
-    /// start.
+    /// start. Nodes are not authenticated either, so --admin-token-file
+    /// and --node-cert-lifetime are refused beside it.
     #[arg(long)]
     no_auth: bool,
 
@@ -312,15 +319,17 @@ struct Args {
 
     /// Serve plaintext gRPC instead of TLS: anyone who reaches the port can
     /// read and forge all traffic. Logs a warning at every start. Clients
-    /// then dial http://HOST:PORT.
+    /// then dial http://HOST:PORT. The TLS flags (--pki-dir, --advertise,
+    /// --node-cert-lifetime, --ca-seal-key-file) are refused beside it.
     #[arg(long, env = "WEFT_INSECURE")]
     insecure: bool,
 
     /// Another name clients and nodes dial this coordinator by (a DNS name
-    /// or an IP address), added to its serving certificate; repeatable.
+    /// or an IP address, without port or scheme), added to its serving
+    /// certificate; repeatable.
     /// The listen address, the host name, and (when listening on loopback
     /// or on every address) localhost, 127.0.0.1 and ::1 are always in it.
-    #[arg(long, value_name = "NAME")]
+    #[arg(long, value_name = "NAME", value_parser = parse_advertise)]
     advertise: Vec<String>,
 
     /// Directory of the cluster CA (ca.pem, ca.key) [default: the data dir;
@@ -347,8 +356,9 @@ struct Args {
 
     /// Lifetime of each node certificate (issued when a node joins;
     /// nodes renew theirs over their session at 2/3 of it). A node away
-    /// for longer than this must join again with a new token.
-    #[arg(long, default_value = "7d", value_parser = parse_duration)]
+    /// for longer than this must join again with a new token. At least
+    /// 1m.
+    #[arg(long, default_value = "7d", value_parser = parse_node_cert_lifetime)]
     node_cert_lifetime: Duration,
 }
 
@@ -452,6 +462,48 @@ fn parse_start_timeout(text: &str) -> Result<Duration, String> {
     Ok(timeout)
 }
 
+/// Parses `--listen`: `IP:PORT` (a host name would be resolved only at
+/// bind time, after a standby's wait for the database).
+fn parse_listen(text: &str) -> Result<std::net::SocketAddr, String> {
+    text.trim().parse().map_err(|_| {
+        "expected an IP:PORT address (e.g. 127.0.0.1:7070, 0.0.0.0:7070, [::]:7070), not a host name".to_owned()
+    })
+}
+
+/// Parses an `--advertise` name: a DNS name or an IP address (an IPv6
+/// one may be in brackets), never with a port or a scheme; what the
+/// serving certificate can name and a join token can point nodes at.
+fn parse_advertise(text: &str) -> Result<String, String> {
+    let name = text.trim();
+    let bare = name.trim_start_matches('[').trim_end_matches(']');
+    let valid = !bare.is_empty()
+        && (bare.parse::<std::net::IpAddr>().is_ok()
+            || (bare == name && rustls_pki_types::DnsName::try_from(bare).is_ok()));
+    if !valid {
+        return Err(
+            "expected a DNS name or IP address, without port or scheme (e.g. weft.example.com, 10.0.0.5)"
+                .to_owned(),
+        );
+    }
+    Ok(name.to_owned())
+}
+
+/// The shortest `--node-cert-lifetime`: a node renews at 2/3 of it over
+/// its session, so seconds would keep it renewing.
+const MIN_NODE_CERT_LIFETIME: Duration = Duration::from_secs(60);
+
+/// Parses `--node-cert-lifetime`: at least [`MIN_NODE_CERT_LIFETIME`].
+fn parse_node_cert_lifetime(text: &str) -> Result<Duration, String> {
+    let lifetime = parse_duration(text).map_err(|err| err.to_string())?;
+    if lifetime < MIN_NODE_CERT_LIFETIME {
+        return Err(
+            "too short: a node certificate lives at least 1m (nodes renew theirs at 2/3 of it)"
+                .to_owned(),
+        );
+    }
+    Ok(lifetime)
+}
+
 /// Parses `--handshake-timeout`: a duration, not zero.
 fn parse_handshake_timeout(text: &str) -> Result<Duration, String> {
     let timeout = parse_duration(text).map_err(|err| err.to_string())?;
@@ -542,9 +594,86 @@ async fn signal() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Parses `argv` as [`Args`], then refuses what clap cannot say by
+/// itself: flags that contradict each other or that another flag makes
+/// moot. Every refusal is a usage error (exit 2) naming the flags.
+fn try_parse_args<I, T>(argv: I) -> Result<Args, clap::Error>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let mut command = Args::command();
+    let matches = command.try_get_matches_from_mut(argv)?;
+    let args = Args::from_arg_matches(&matches).map_err(|err| err.format(&mut command))?;
+    if let Some(conflict) = moot_flag(&command, &args, &matches) {
+        return Err(command.error(clap::error::ErrorKind::ArgumentConflict, conflict));
+    }
+    CoordinatorConfig::from(&args)
+        .check()
+        .map_err(|err| command.error(clap::error::ErrorKind::ValueValidation, err))?;
+    Ok(args)
+}
+
+/// The first flag given (on the command line or in its environment
+/// variable) that another flag makes moot, as the message that names
+/// both: silently ignoring it would leave its author believing it took.
+fn moot_flag(command: &clap::Command, args: &Args, matches: &clap::ArgMatches) -> Option<String> {
+    use clap::parser::ValueSource;
+    // A flag's name as its author wrote it: the env var when it came
+    // from there.
+    let given = |id: &str| -> Option<String> {
+        let arg = command.get_arguments().find(|arg| arg.get_id() == id)?;
+        let long = format!("--{}", arg.get_long().unwrap_or(id));
+        match matches.value_source(id)? {
+            ValueSource::CommandLine => Some(long),
+            ValueSource::EnvVariable => Some(format!(
+                "{} ({long})",
+                arg.get_env()
+                    .map_or_else(String::new, |env| env.to_string_lossy().into_owned())
+            )),
+            _ => None,
+        }
+    };
+    let moot: [(bool, &str, &[&str], &str); 3] = [
+        (
+            args.in_memory,
+            "in_memory",
+            &["data_dir"],
+            "the store is kept in memory, so nothing would be written there",
+        ),
+        (
+            args.no_auth,
+            "no_auth",
+            &["admin_token_file", "node_cert_lifetime"],
+            "no client tokens and no node certificates are issued without authentication",
+        ),
+        (
+            args.insecure,
+            "insecure",
+            &[
+                "pki_dir",
+                "advertise",
+                "node_cert_lifetime",
+                "cert_lifetime",
+                "ca_seal_key_file",
+            ],
+            "plaintext has no CA, serving certificate or node certificates",
+        ),
+    ];
+    moot.into_iter()
+        .filter(|(on, ..)| *on)
+        .find_map(|(_, flag, ids, why)| {
+            let other = ids.iter().find_map(|id| given(id))?;
+            let flag = given(flag).unwrap_or_else(|| format!("--{}", flag.replace('_', "-")));
+            Some(format!(
+                "{other} cannot be used with {flag}: {why}; drop one of them"
+            ))
+        })
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    let args = try_parse_args(std::env::args_os()).unwrap_or_else(|err| err.exit());
     init_tracing(args.log_format);
     if args.insecure {
         tracing::warn!(
@@ -572,7 +701,7 @@ async fn main() -> anyhow::Result<()> {
         }
         None => None,
     };
-    let listener = tokio::net::TcpListener::bind(&args.listen)
+    let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding coordinator listener on {}", args.listen))?;
     let addr = listener.local_addr().context("reading the bound address")?;
@@ -647,7 +776,15 @@ async fn main() -> anyhow::Result<()> {
 mod tests {
     use clap::{CommandFactory, Parser};
 
-    use super::{Args, parse_size};
+    use super::{Args, parse_size, try_parse_args};
+
+    /// The usage error (exit 2) `args` get, as text.
+    fn refused(args: &[&str]) -> String {
+        let err = try_parse_args([&["weft-coordinator"], args].concat())
+            .expect_err(&format!("{args:?} accepted"));
+        assert_eq!(err.exit_code(), 2, "{args:?}: {err}");
+        err.to_string()
+    }
 
     #[test]
     fn the_dashboard_listens_on_7080_by_default_and_off_turns_it_off() {
@@ -888,5 +1025,190 @@ mod tests {
         assert_eq!(super::parse_message_size("16MiB"), Ok(16 << 20));
         assert!(super::parse_message_size("1KiB").is_err());
         assert!(super::parse_message_size("65MiB").is_err());
+    }
+
+    #[test]
+    fn a_zero_heartbeat_interval_or_a_timeout_under_twice_it_is_refused() {
+        let err = refused(&["--heartbeat-interval", "0s"]);
+        assert!(err.contains("--heartbeat-interval"), "{err}");
+        for (interval, timeout) in [("1s", "1s"), ("5s", "5s"), ("3s", "5s"), ("1s", "1999ms")] {
+            let err = refused(&[
+                "--heartbeat-interval",
+                interval,
+                "--heartbeat-timeout",
+                timeout,
+            ]);
+            assert!(
+                err.contains("--heartbeat-timeout")
+                    && err.contains("--heartbeat-interval")
+                    && err.contains("twice"),
+                "{interval} {timeout}: {err}"
+            );
+        }
+        let err = refused(&["--heartbeat-interval", "10s"]);
+        assert!(
+            err.contains("at least 20s"),
+            "against the default timeout: {err}"
+        );
+        // What the test harness and the fault labs run with.
+        for (interval, timeout) in [("100ms", "3000ms"), ("250ms", "2s"), ("1s", "2s")] {
+            try_parse_args([
+                "weft-coordinator",
+                "--heartbeat-interval",
+                interval,
+                "--heartbeat-timeout",
+                timeout,
+            ])
+            .unwrap_or_else(|err| panic!("{interval} {timeout}: {err}"));
+        }
+    }
+
+    #[test]
+    fn the_listen_address_is_checked_before_anything_else() {
+        for bad in [
+            "localhost",
+            "127.0.0.1",
+            "127.0.0.1:70000",
+            "",
+            "http://0.0.0.0:7070",
+        ] {
+            let err = refused(&["--listen", bad]);
+            assert!(err.contains("IP:PORT"), "{bad}: {err}");
+        }
+        let args = try_parse_args(["weft-coordinator", "--listen", "[::1]:0"]).unwrap();
+        assert_eq!(args.listen.to_string(), "[::1]:0");
+    }
+
+    #[test]
+    fn advertised_names_are_bare_dns_names_or_ip_addresses() {
+        for bad in [
+            "weft.example:7070",
+            "10.0.0.1:7070",
+            "https://weft.example",
+            "",
+            " ",
+            "wéft.example",
+            "[::1]:7070",
+            "a b",
+        ] {
+            let err = refused(&["--in-memory", "--advertise", bad]);
+            assert!(
+                err.contains("expected a DNS name or IP address, without port or scheme"),
+                "{bad:?}: {err}"
+            );
+        }
+        let args = try_parse_args([
+            "weft-coordinator",
+            "--advertise",
+            "weft.example",
+            "--advertise",
+            "10.0.0.1",
+            "--advertise",
+            "::1",
+            "--advertise",
+            "[fd00::5]",
+            "--advertise",
+            "node_7.lan",
+        ])
+        .unwrap();
+        assert_eq!(
+            args.advertise,
+            ["weft.example", "10.0.0.1", "::1", "[fd00::5]", "node_7.lan"]
+        );
+    }
+
+    #[test]
+    fn flags_another_flag_makes_moot_are_refused_naming_both() {
+        for (line, flags) in [
+            (
+                &["--in-memory", "--data-dir", "d"][..],
+                ["--in-memory", "--data-dir"],
+            ),
+            (
+                &["--no-auth", "--admin-token-file", "t"],
+                ["--no-auth", "--admin-token-file"],
+            ),
+            (
+                &["--no-auth", "--node-cert-lifetime", "1h"],
+                ["--no-auth", "--node-cert-lifetime"],
+            ),
+            (
+                &["--insecure", "--pki-dir", "p"],
+                ["--insecure", "--pki-dir"],
+            ),
+            (
+                &["--insecure", "--advertise", "a.example"],
+                ["--insecure", "--advertise"],
+            ),
+            (
+                &["--insecure", "--node-cert-lifetime", "1h"],
+                ["--insecure", "--node-cert-lifetime"],
+            ),
+            (
+                &["--insecure", "--cert-lifetime", "1h"],
+                ["--insecure", "--cert-lifetime"],
+            ),
+            (
+                &[
+                    "--insecure",
+                    "--database-url",
+                    "postgresql://db/weft",
+                    "--ca-seal-key-file",
+                    "k",
+                ],
+                ["--insecure", "--ca-seal-key-file"],
+            ),
+            (
+                &["--in-memory", "--database-url", "postgresql://db/weft"],
+                ["--in-memory", "--database-url"],
+            ),
+        ] {
+            let err = refused(line);
+            assert!(
+                err.contains(flags[0]) && err.contains(flags[1]),
+                "{line:?}: {err}"
+            );
+        }
+        // What the harness, the fault labs and the bench pass.
+        for line in [
+            &["--in-memory", "--pki-dir", "p", "--admin-token-file", "t"][..],
+            &["--insecure", "--in-memory", "--admin-token-file", "t"],
+            &["--data-dir", "d", "--insecure", "--no-auth"],
+            &[
+                "--data-dir",
+                "d",
+                "--database-url",
+                "postgresql://db/weft",
+                "--advertise",
+                "w",
+            ],
+        ] {
+            try_parse_args([&["weft-coordinator"], line].concat())
+                .unwrap_or_else(|err| panic!("{line:?}: {err}"));
+        }
+    }
+
+    #[test]
+    fn a_retry_backoff_above_its_max_is_refused_naming_both() {
+        let err = refused(&["--retry-backoff", "20s"]);
+        assert!(
+            err.contains("--retry-backoff 20s") && err.contains("--retry-backoff-max 10s"),
+            "{err}"
+        );
+        let err = refused(&["--retry-backoff-max", "50ms"]);
+        assert!(err.contains("--retry-backoff-max 50ms"), "{err}");
+        let args =
+            try_parse_args(["weft-coordinator", "--retry-backoff", "10s"]).expect("equal is fine");
+        assert_eq!(args.retry_backoff, args.retry_backoff_max);
+    }
+
+    #[test]
+    fn a_node_certificate_lifetime_under_a_minute_is_refused() {
+        for short in ["0s", "1s", "59s"] {
+            let err = refused(&["--node-cert-lifetime", short]);
+            assert!(err.contains("at least 1m"), "{short}: {err}");
+        }
+        let args = try_parse_args(["weft-coordinator", "--node-cert-lifetime", "1m"]).unwrap();
+        assert_eq!(args.node_cert_lifetime, std::time::Duration::from_secs(60));
     }
 }

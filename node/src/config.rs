@@ -47,14 +47,19 @@ pub struct NodeConfig {
     pub reconnect_min: Duration,
     /// Longest reconnect delay.
     pub reconnect_max: Duration,
-    /// Threads for blocking handlers (default: number of CPUs). At least 1.
+    /// Threads for blocking handlers (default: number of CPUs). At least 1;
+    /// `weft-node` takes 1 to [`MAX_BLOCKING_THREADS`] and sizes its
+    /// runtime's blocking pool to match ([`runtime_blocking_threads`]).
     pub blocking_threads: usize,
     /// How long running attempts may go on while nothing is heard from the
     /// coordinator. Past it the coordinator has declared this node lost and
     /// given its attempts to other nodes, so the node stops them itself
     /// rather than run a task twice. `None`: the `heartbeat_timeout` the
     /// coordinator sent in `Registered` (the silence after which it gives
-    /// up on this node).
+    /// up on this node). A lease under twice the coordinator's heartbeat
+    /// interval (zero included) stops the node at registration with
+    /// [`Error::LeaseTooShort`](crate::Error::LeaseTooShort): it would run
+    /// out between heartbeats.
     pub lease: Option<Duration>,
     /// How long a sent `Finished` event is kept to be sent again after a
     /// reconnect, in case the coordinator crashed before recording it
@@ -164,6 +169,22 @@ pub fn default_prefetch(slots: u32) -> u32 {
         .max(1)
         .saturating_mul(DEFAULT_PREFETCH_PER_SLOT)
         .max(DEFAULT_PREFETCH_MIN)
+}
+
+/// The most `--blocking-threads` `weft-node` takes: far above what
+/// CPU-bound handlers use, far below what the machine could run.
+pub const MAX_BLOCKING_THREADS: u16 = 1024;
+
+/// Blocking threads a node's runtime keeps for everything but blocking
+/// handlers (files, parents' outputs, the `sleep` built-in): tokio's
+/// default pool.
+pub const OTHER_BLOCKING_THREADS: usize = 512;
+
+/// The blocking pool a runtime needs to run `blocking_threads` blocking
+/// handler calls at once beside its other blocking work (tokio's default
+/// of 512 would cap the handlers, and they would starve the rest).
+pub fn runtime_blocking_threads(blocking_threads: usize) -> usize {
+    OTHER_BLOCKING_THREADS.saturating_add(blocking_threads)
 }
 
 /// Number of CPUs this process may use (at least 1).

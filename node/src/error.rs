@@ -103,6 +103,23 @@ pub enum Error {
         /// The state dir, or `(memory)`.
         state_dir: String,
     },
+    /// The node's lease (`--lease`) is under twice the heartbeat interval
+    /// the coordinator registered it with: it would run out between two
+    /// heartbeats and stop every attempt. Fatal: registering again meets
+    /// the same heartbeats.
+    #[error(
+        "--lease {lease:?} is too short for this coordinator, which sends a heartbeat every \
+         {interval:?}: the lease would run out between heartbeats and stop every attempt as if \
+         the coordinator were unreachable; use --lease {:?} or more (twice its heartbeat \
+         interval), or leave --lease unset to use its heartbeat timeout",
+        .interval.saturating_mul(2)
+    )]
+    LeaseTooShort {
+        /// The lease configured.
+        lease: Duration,
+        /// The coordinator's heartbeat interval.
+        interval: Duration,
+    },
     /// The coordinator broke a rule of the protocol (e.g. its first message
     /// was not `Registered`).
     #[error("protocol violation by the coordinator: {0}")]
@@ -142,7 +159,8 @@ impl Error {
             | Error::Identity(_)
             | Error::State(_)
             | Error::NameMismatch { .. }
-            | Error::CertificateExpired { .. } => true,
+            | Error::CertificateExpired { .. }
+            | Error::LeaseTooShort { .. } => true,
             Error::Connect { .. }
             | Error::Refused(_)
             | Error::Protocol(_)

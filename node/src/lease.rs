@@ -18,6 +18,8 @@ use std::time::Duration;
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
+use crate::error::Error;
+
 /// How often to check while no lease runs (before the first registration,
 /// and after an expiry until the next one).
 const IDLE_CHECK: Duration = Duration::from_secs(1);
@@ -26,6 +28,8 @@ const IDLE_CHECK: Duration = Duration::from_secs(1);
 #[derive(Debug)]
 pub(crate) struct Lease {
     /// `NodeConfig.lease`; `None` uses the coordinator's heartbeat timeout.
+    /// A configured one must be at least twice the coordinator's heartbeat
+    /// interval ([`Lease::fits`]).
     configured: Option<Duration>,
     term: Mutex<Option<Term>>,
     /// `true` once the current term has expired: ends the session.
@@ -59,7 +63,7 @@ impl Term {
 impl Lease {
     pub(crate) fn new(configured: Option<Duration>) -> Self {
         Lease {
-            configured: configured.filter(|lease| !lease.is_zero()),
+            configured,
             term: Mutex::new(None),
             expired: watch::Sender::new(false),
             begun: Notify::new(),
@@ -71,6 +75,26 @@ impl Lease {
         self.term
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Whether the configured lease can be renewed by a coordinator that
+    /// sends a heartbeat every `heartbeat_interval`: it must last at least
+    /// two intervals (one heartbeat may come late or be lost), or it would
+    /// run out between heartbeats and stop every attempt as if the
+    /// coordinator were unreachable. Asked at each registration, before
+    /// [`Lease::begin`]; the error is fatal (registering again meets the
+    /// same heartbeats). The coordinator's own heartbeat timeout (no
+    /// `--lease`) is its business: it checks that one at its start.
+    pub(crate) fn fits(&self, heartbeat_interval: Duration) -> Result<(), Error> {
+        match self.configured {
+            Some(lease) if lease < heartbeat_interval.saturating_mul(2) => {
+                Err(Error::LeaseTooShort {
+                    lease,
+                    interval: heartbeat_interval,
+                })
+            }
+            _ => Ok(()),
+        }
     }
 
     /// A session registered at `now`: a fresh lease of the configured
@@ -259,10 +283,30 @@ mod tests {
         lease.begin(5 * SECOND, SECOND, t0);
         assert_eq!(lease.length(), Some(2 * SECOND));
         assert_eq!(lease.check(t0 + 2 * SECOND), Some(2 * SECOND));
-        assert_eq!(
-            Lease::new(Some(Duration::ZERO)).configured,
-            None,
-            "zero means unset"
+    }
+
+    #[test]
+    fn a_configured_lease_must_outlast_two_heartbeat_intervals() {
+        let ms = Duration::from_millis;
+        assert!(
+            Lease::new(None).fits(10 * SECOND).is_ok(),
+            "the coordinator's timeout"
+        );
+        assert!(Lease::new(Some(2 * SECOND)).fits(SECOND).is_ok());
+        assert!(Lease::new(Some(ms(300))).fits(ms(50)).is_ok());
+        for (lease, interval) in [(SECOND, SECOND), (ms(1999), SECOND), (ms(300), SECOND)] {
+            let err = Lease::new(Some(lease)).fits(interval).unwrap_err();
+            assert!(err.is_fatal(), "{err}");
+            assert!(
+                err.to_string()
+                    .contains(&format!("use --lease {:?} or more", interval * 2)),
+                "{err}"
+            );
+        }
+        let zero = Lease::new(Some(Duration::ZERO)).fits(SECOND).unwrap_err();
+        assert!(
+            zero.to_string().starts_with("--lease 0ns is too short"),
+            "{zero}"
         );
     }
 

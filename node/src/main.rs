@@ -8,7 +8,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Parser, ValueEnum};
+use clap::error::ErrorKind;
+use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info};
 use tracing_subscriber::EnvFilter;
@@ -119,14 +120,16 @@ struct Args {
     #[arg(long)]
     name: Option<String>,
 
-    /// A label tasks can require, as key=value. Repeatable.
+    /// A label tasks can require, as key=value. Repeatable; a key given
+    /// twice with two values is refused.
     #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
     labels: Vec<(String, String)>,
 
     /// A numeric resource this node offers beyond slots, as name=amount
     /// (`cpu=8`, `gpu=2`, `mem=32GiB`; k/M/G/T and KiB/MiB/GiB/TiB
-    /// suffixes). Repeatable; custom names allowed (a-z 0-9 _ . -). Tasks
-    /// that ask for resources are placed only where that much is free.
+    /// suffixes). Repeatable (a name given twice with two amounts is
+    /// refused); custom names allowed (a-z 0-9 _ . -). Tasks that ask for
+    /// resources are placed only where that much is free.
     #[arg(long = "resource", value_name = "NAME=AMOUNT", value_parser = parse_resource)]
     resources: Vec<(String, u64)>,
 
@@ -137,9 +140,11 @@ struct Args {
 
     /// How long running attempts may continue while the coordinator is
     /// unreachable; after that they are stopped because the coordinator will
-    /// have given them to another node (e.g. 5s) [default: the coordinator's
-    /// heartbeat timeout].
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    /// have given them to another node (e.g. 5s). More than 0, and at least
+    /// twice the coordinator's heartbeat interval, or the node stops at
+    /// registration (exit 1) naming the least that works [default: the
+    /// coordinator's heartbeat timeout].
+    #[arg(long, value_name = "DURATION", value_parser = parse_lease)]
     lease: Option<Duration>,
 
     /// Whether this node runs exec tasks (shell commands anyone who may
@@ -158,8 +163,13 @@ struct Args {
     #[arg(long, env = "WEFT_EXEC_ALLOW", value_name = "PROGRAM", value_delimiter = ',', value_parser = parse_program)]
     exec_allow: Vec<String>,
 
-    /// Threads for blocking handlers [default: number of CPUs].
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    /// Threads for blocking handlers, 1 to 1024 (the runtime's blocking
+    /// pool grows to match) [default: number of CPUs].
+    #[arg(
+        long,
+        value_name = "N",
+        value_parser = clap::value_parser!(u64).range(1..=u64::from(weft_node::config::MAX_BLOCKING_THREADS))
+    )]
     blocking_threads: Option<u64>,
 
     /// The cluster CA's certificate (the coordinator's ca.pem): the node
@@ -304,6 +314,7 @@ impl TryFrom<Args> for NodeConfig {
             config.name = name;
         }
         if let Some(threads) = args.blocking_threads {
+            // At most MAX_BLOCKING_THREADS: fits.
             config.blocking_threads = usize::try_from(threads).unwrap_or(usize::MAX);
         }
         config.labels = args.labels.into_iter().collect::<BTreeMap<_, _>>();
@@ -331,6 +342,19 @@ fn parse_pin(text: &str) -> Result<Trust, String> {
 
 fn parse_resource(text: &str) -> Result<(String, u64), String> {
     weft_proto::policy::parse_resource(text).map_err(|e| e.to_string())
+}
+
+/// Parses `--lease`: a duration, not zero (leave the flag out for the
+/// coordinator's heartbeat timeout).
+fn parse_lease(text: &str) -> Result<Duration, String> {
+    let lease = parse_duration(text)?;
+    if lease.is_zero() {
+        return Err(
+            "must be more than 0 (e.g. 5s); leave --lease out to use the coordinator's heartbeat timeout"
+                .to_owned(),
+        );
+    }
+    Ok(lease)
 }
 
 fn parse_label(text: &str) -> Result<(String, String), String> {
@@ -367,14 +391,85 @@ fn init_tracing(format: LogFormat) {
     }
 }
 
+/// Parses `argv` as [`Args`], then refuses what clap cannot say by
+/// itself: a `--label` key or `--resource` name given twice with two
+/// values (which one would the node offer?). A usage error (exit 2).
+fn check_usage<I, T>(argv: I) -> Result<Args, clap::Error>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let mut command = Args::command();
+    let matches = command.try_get_matches_from_mut(argv)?;
+    let args = Args::from_arg_matches(&matches).map_err(|err| err.format(&mut command))?;
+    // The values as given (a resource's `32GiB`, not its bytes), in the
+    // order of the parsed ones.
+    let given = |id: &str| -> Vec<String> {
+        matches
+            .get_raw(id)
+            .into_iter()
+            .flatten()
+            .map(|text| text.to_string_lossy().trim().to_owned())
+            .collect()
+    };
+    let labels = args.labels.iter().map(|(k, v)| (k.as_str(), v));
+    let resources = args.resources.iter().map(|(k, v)| (k.as_str(), v));
+    let twice = given_twice("--label", "label", labels.zip(given("labels")))
+        .or_else(|| given_twice("--resource", "resource", resources.zip(given("resources"))));
+    match twice {
+        Some(message) => Err(command.error(ErrorKind::ArgumentConflict, message)),
+        None => Ok(args),
+    }
+}
+
+/// The first key given twice with two values, as the message that names
+/// both; the same pair twice is harmless.
+fn given_twice<'a, V: PartialEq + 'a>(
+    flag: &str,
+    what: &str,
+    values: impl Iterator<Item = ((&'a str, &'a V), String)>,
+) -> Option<String> {
+    let mut seen: BTreeMap<&str, (&V, String)> = BTreeMap::new();
+    for ((key, value), text) in values {
+        match seen.get(key) {
+            Some((first, first_text)) if *first != value => {
+                return Some(format!(
+                    "{flag} {first_text} and {flag} {text}: a node offers one value per {what}; give it once"
+                ));
+            }
+            Some(_) => {}
+            None => {
+                seen.insert(key, (value, text));
+            }
+        }
+    }
+    None
+}
+
+/// The node's runtime, its blocking pool sized for `blocking_threads`
+/// blocking handler calls at once beside its other blocking work.
+fn runtime(blocking_threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .max_blocking_threads(weft_node::config::runtime_blocking_threads(
+            blocking_threads,
+        ))
+        .build()
+}
+
 fn main() -> ExitCode {
     // The node's reaper is this same executable (see weft_node::reaper).
     if let Some(code) = weft_node::reaper::run_if_reaper() {
         return code;
     }
-    let args = Args::parse();
+    let args = check_usage(std::env::args_os()).unwrap_or_else(|err| err.exit());
     init_tracing(args.log_format);
-    let runtime = match tokio::runtime::Runtime::new() {
+    let blocking_threads = args
+        .blocking_threads
+        .map_or_else(weft_node::config::cpu_count, |threads| {
+            usize::try_from(threads).unwrap_or(usize::MAX)
+        });
+    let runtime = match runtime(blocking_threads) {
         Ok(runtime) => runtime,
         Err(err) => {
             error!("starting the runtime: {err}");
@@ -696,6 +791,92 @@ mod tests {
         assert!(
             help.contains("--prefetch <N>") && help.contains("0 disables"),
             "{help}"
+        );
+    }
+}
+
+#[cfg(test)]
+mod limit_tests {
+    use super::*;
+
+    #[test]
+    fn a_zero_lease_is_a_usage_error() {
+        for zero in ["0s", "0ms"] {
+            let err = Args::try_parse_from(["weft-node", "--lease", zero]).unwrap_err();
+            assert_eq!(err.exit_code(), 2, "{err}");
+            assert!(err.to_string().contains("more than 0"), "{err}");
+        }
+        let args = Args::try_parse_from(["weft-node", "--lease", "2s"]).unwrap();
+        assert_eq!(args.lease, Some(Duration::from_secs(2)));
+    }
+
+    #[test]
+    fn blocking_threads_past_the_documented_most_are_a_usage_error_not_a_panic() {
+        for huge in ["1025", "4294967296", "18446744073709551615"] {
+            let err = Args::try_parse_from(["weft-node", "--blocking-threads", huge]).unwrap_err();
+            assert_eq!(err.exit_code(), 2, "{huge}: {err}");
+            assert!(err.to_string().contains("1..=1024"), "{huge}: {err}");
+        }
+        let args = Args::try_parse_from(["weft-node", "--blocking-threads", "1024"]).unwrap();
+        assert_eq!(NodeConfig::try_from(args).unwrap().blocking_threads, 1024);
+    }
+
+    #[test]
+    fn the_runtime_runs_as_many_blocking_handler_calls_at_once_as_asked_past_tokios_512() {
+        use std::sync::{Arc, Condvar, Mutex};
+
+        let threads = 600;
+        let runtime = super::runtime(threads).expect("runtime");
+        // Every call holds its thread until all of them run at once.
+        let gate = Arc::new((Mutex::new((0usize, false)), Condvar::new()));
+        for _ in 0..threads {
+            let gate = gate.clone();
+            runtime.spawn_blocking(move || {
+                let (lock, ready) = &*gate;
+                let mut state = lock.lock().unwrap();
+                state.0 += 1;
+                ready.notify_all();
+                while !state.1 {
+                    state = ready.wait(state).unwrap();
+                }
+            });
+        }
+        let (lock, ready) = &*gate;
+        let (mut state, _) = ready
+            .wait_timeout_while(lock.lock().unwrap(), Duration::from_secs(30), |s| {
+                s.0 < threads
+            })
+            .unwrap();
+        let running = state.0;
+        state.1 = true;
+        ready.notify_all();
+        drop(state);
+        runtime.shutdown_timeout(Duration::from_secs(10));
+        assert_eq!(running, threads, "blocking calls running at once");
+    }
+
+    #[test]
+    fn a_label_or_resource_given_twice_with_two_values_is_a_usage_error_naming_it() {
+        let err = check_usage(["weft-node", "--label", "zone=a", "--label", "zone=b"]).unwrap_err();
+        assert_eq!(err.exit_code(), 2, "{err}");
+        assert!(
+            err.to_string()
+                .contains("--label zone=a and --label zone=b"),
+            "{err}"
+        );
+        let err =
+            check_usage(["weft-node", "--resource", "gpu=2", "--resource", "gpu=4"]).unwrap_err();
+        assert_eq!(err.exit_code(), 2, "{err}");
+        assert!(
+            err.to_string()
+                .contains("--resource gpu=2 and --resource gpu=4"),
+            "{err}"
+        );
+        // The same pair twice says nothing new: taken.
+        let args = check_usage(["weft-node", "--label", "zone=a", "--label", "zone=a"]).unwrap();
+        assert_eq!(
+            NodeConfig::try_from(args).unwrap().labels,
+            BTreeMap::from([("zone".to_owned(), "a".to_owned())])
         );
     }
 }

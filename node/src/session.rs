@@ -294,6 +294,9 @@ pub(crate) async fn run(
     // The previous lease, if one runs, is judged before the new one starts.
     let now = Instant::now();
     ctx.check_lease(now);
+    if let Err(error) = ctx.lease.fits(interval) {
+        return SessionEnd::Fatal(error);
+    }
     ctx.lease.begin(silence, interval, now);
     *previous = Some(node_id);
     info!(

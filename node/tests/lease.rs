@@ -144,7 +144,8 @@ async fn silent_coordinator_past_the_lease_gets_the_attempt_killed_and_reported_
     // ...and reports the attempt on the next session, where the coordinator
     // fences it.
     let mut again = next_conn(&mut conns).await;
-    let (register, _) = again.accept(SECOND, 20 * SECOND).await;
+    // Heartbeats within the 300 ms lease, which must outlast two.
+    let (register, _) = again.accept(Duration::from_millis(50), 20 * SECOND).await;
     assert_eq!(register.previous_node_id, first_id.to_string());
     assert_eq!(register.running.len(), 1, "its Finished is not sent yet");
     let (_, done) = again.until_finished(ids[0]).await;
@@ -214,7 +215,7 @@ async fn a_node_resumed_after_a_pause_past_its_lease_kills_its_attempts_at_once(
         resumed.elapsed()
     );
     let mut again = next_conn(&mut conns).await;
-    again.accept(SECOND, 60 * SECOND).await;
+    again.accept(Duration::from_millis(50), 60 * SECOND).await;
     let (_, done) = again.until_finished(ids[0]).await;
     assert_eq!(outcome(&done), Outcome::Cancelled);
     assert!(
@@ -225,4 +226,30 @@ async fn a_node_resumed_after_a_pause_past_its_lease_kills_its_attempts_at_once(
     );
     heartbeats.abort();
     child.kill().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_lease_the_coordinators_heartbeats_cannot_renew_stops_the_node_saying_what_works() {
+    let (url, mut conns) = fake_coordinator().await;
+    let mut config = config(&url, 1);
+    config.lease = Some(SECOND);
+    let mut node = weft_node::start(config, HandlerRegistry::with_builtins());
+    let mut conn = next_conn(&mut conns).await;
+    // Heartbeats every second: a 1 s lease would run out between two.
+    conn.accept(SECOND, 20 * SECOND).await;
+    let err = tokio::time::timeout(WAIT, node.wait())
+        .await
+        .expect("the node stops")
+        .unwrap_err();
+    let message = err.to_string();
+    assert!(
+        message.contains("--lease 1s is too short")
+            && message.contains("every 1s")
+            && message.contains("--lease 2s or more"),
+        "{message}"
+    );
+    assert!(
+        conns.try_recv().is_err(),
+        "no reconnect: it would meet the same"
+    );
 }

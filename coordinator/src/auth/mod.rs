@@ -251,7 +251,8 @@ fn random_bytes<const N: usize>() -> Result<[u8; N], Status> {
 }
 
 /// Makes a new client token: its record (to store) and the token string
-/// (to show once).
+/// (to show once). A zero `ttl` is INVALID_ARGUMENT (a token born
+/// expired), as is one whose expiry overflows.
 pub fn new_token(
     name: &str,
     scopes: Scopes,
@@ -260,6 +261,12 @@ pub fn new_token(
 ) -> Result<(TokenRecord, String), Status> {
     let expires = match ttl {
         None => None,
+        // A token born expired is refused by every call: surely a mistake.
+        Some(ttl) if ttl.is_zero() => {
+            return Err(Status::invalid_argument(
+                "ttl: must be more than 0 (e.g. 1h); leave it unset for a token that never expires",
+            ));
+        }
         Some(ttl) => Some(now.checked_add(ttl).ok_or_else(|| {
             Status::invalid_argument(format!(
                 "ttl: {}s is too long (its expiry overflows)",

@@ -128,6 +128,21 @@ fn a_ttl_whose_expiry_overflows_is_invalid_not_forever() {
 }
 
 #[test]
+fn a_zero_ttl_is_invalid_not_a_token_born_expired() {
+    for err in [
+        new_token("t", Scopes::ADMIN, Some(Duration::ZERO), now()).unwrap_err(),
+        new_join_token("n", Some(Duration::ZERO), 1, now()).unwrap_err(),
+    ] {
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(
+            err.message().contains("ttl") && err.message().contains("more than 0"),
+            "{}",
+            err.message()
+        );
+    }
+}
+
+#[test]
 fn an_upper_case_id_authenticates_as_its_lower_case_record() {
     let (record, token) = new_token("t", Scopes::ADMIN, None, now()).unwrap();
     let (id, secret) = parse_token(&token).unwrap();

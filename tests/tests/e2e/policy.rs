@@ -377,6 +377,13 @@ async fn the_cli_sets_policy_flags_and_manages_limits() {
         .await;
     let out = cluster.weft(&["limit", "set", "api", "50/s"]).await;
     assert_eq!(out.code, Some(0), "{out}");
+    // The result on stdout, like every command's.
+    assert_eq!(out.stdout.trim(), "limit api set: 50/s", "{out}");
+    assert!(!out.stderr.contains("api"), "{out}");
+    let out = cluster
+        .weft(&["limit", "set", "api", "50/s", "--burst", "0"])
+        .await;
+    assert_eq!(out.code, Some(2), "--burst 0 is refused: {out}");
     let out = cluster
         .weft(&[
             "run",
@@ -413,6 +420,8 @@ async fn the_cli_sets_policy_flags_and_manages_limits() {
     assert_eq!(out.code, Some(2), "{out}");
     let out = cluster.weft(&["limit", "delete", "api"]).await;
     assert_eq!(out.code, Some(0), "{out}");
+    assert_eq!(out.stdout.trim(), "limit api deleted", "{out}");
+    assert!(!out.stderr.contains("api"), "{out}");
     let out = cluster.weft(&["limit", "delete", "api"]).await;
     assert_ne!(out.code, Some(0), "{out}");
     assert!(out.stderr.contains("not found"), "{out}");

@@ -553,3 +553,66 @@ fn token_secret(token: &str) -> &str {
         .map(|(_, secret)| secret)
         .expect("a weft_<id>_<secret> token")
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zero_ttl_is_refused_by_the_cli_and_by_the_coordinator() {
+    let cluster = TestCluster::builder().nodes(0).start().await;
+    for role in ["client", "node"] {
+        let mut argv = vec!["token", "create", "--role", role, "--ttl", "0s"];
+        if role == "client" {
+            argv.extend(["--scope", "read"]);
+        }
+        let out = cluster.weft(&argv).await;
+        assert_eq!(out.code, Some(2), "{out}");
+        assert!(out.stdout.is_empty(), "no token printed: {out}");
+        assert!(out.stderr.contains("more than 0"), "{out}");
+    }
+    let mut admin = cluster.raw_admin(Some(&cluster.admin_token())).await;
+    for (role, scopes) in [("client", vec!["read".to_owned()]), ("node", vec![])] {
+        let err = admin
+            .create_token(pb::CreateTokenRequest {
+                role: role.into(),
+                scopes,
+                ttl: Some(prost_types::Duration::default()),
+                ..Default::default()
+            })
+            .await
+            .expect_err("a token born expired");
+        assert_eq!(err.code(), Code::InvalidArgument, "{role}: {err:?}");
+        assert!(err.message().contains("ttl"), "{role}: {}", err.message());
+    }
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_a_token_or_a_node_prints_the_result_on_stdout() {
+    let cluster = TestCluster::builder().nodes(1).start().await;
+    cluster.wait_for_nodes(1).await;
+    let created = cluster
+        .weft(&[
+            "token", "create", "--scope", "read", "--name", "gone", "-o", "json",
+        ])
+        .await;
+    assert_eq!(created.code, Some(0), "{created}");
+    let created: serde_json::Value = serde_json::from_str(&created.stdout).expect("json");
+    let id = created["id"].as_str().expect("id").to_owned();
+
+    let revoked = cluster.weft(&["token", "revoke", &id]).await;
+    assert_eq!(revoked.code, Some(0), "{revoked}");
+    assert_eq!(
+        revoked.stdout.trim(),
+        format!("token {id} revoked"),
+        "{revoked}"
+    );
+    assert!(!revoked.stderr.contains("revoked"), "{revoked}");
+
+    let name = cluster.node_names()[0].clone();
+    let revoked = cluster.weft(&["nodes", "revoke", &name]).await;
+    assert_eq!(revoked.code, Some(0), "{revoked}");
+    assert!(
+        revoked.stdout.starts_with(&format!("node {name} (")) && revoked.stdout.contains("revoked"),
+        "{revoked}"
+    );
+    assert!(!revoked.stderr.contains("revoked"), "{revoked}");
+    cluster.shutdown().await;
+}
