@@ -226,7 +226,8 @@ impl CoordinatorConfig {
     /// Refuses settings that cannot work: a zero heartbeat interval, a
     /// heartbeat timeout under twice the interval (the rule: a node may
     /// miss one heartbeat, never be lost while idle), a first retry delay
-    /// above the longest. The binary checks this at start (exit 2).
+    /// above the longest. The binary checks this at start (exit 2), and
+    /// [`start`](crate::start) refuses such a configuration.
     pub fn check(&self) -> Result<(), ConfigError> {
         if self.heartbeat_interval.is_zero() {
             return Err(ConfigError::ZeroHeartbeatInterval);

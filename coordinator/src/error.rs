@@ -116,6 +116,10 @@ pub enum Error {
     /// The store failed (or could not be opened: see [`StoreError`]).
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The configuration breaks a rule between its values (see
+    /// [`CoordinatorConfig::check`](crate::config::CoordinatorConfig::check)).
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
     /// The listener could not report its address.
     #[error("listener address: {0}")]
     Listener(#[source] std::io::Error),
@@ -191,6 +195,7 @@ impl From<Error> for Status {
             Error::ShuttingDown | Error::ParentsMoved => Status::unavailable(err.to_string()),
             Error::Store(store) => store_status(store),
             Error::Listener(_)
+            | Error::Config(_)
             | Error::Tls(_)
             | Error::HttpListen { .. }
             | Error::NoAuthNotLoopback(_)

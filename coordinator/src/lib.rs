@@ -323,6 +323,7 @@ pub async fn start_with(
     listener: TcpListener,
     database: Option<Database>,
 ) -> Result<RunningCoordinator, Error> {
+    config.check()?;
     let database = match (database, &config.database_url) {
         (Some(database), _) => Some(database),
         (None, Some(url)) => take_database(url, &CancellationToken::new()).await?,

@@ -105,6 +105,26 @@ async fn cluster(admin: &mut AdminServiceClient<Channel>) -> pb::ClusterInfoResp
 }
 
 #[tokio::test]
+async fn a_program_starting_a_coordinator_whose_heartbeats_cannot_keep_nodes_is_refused() {
+    // What the binary refuses as flags, a program embedding the
+    // coordinator is refused too, before anything is served.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let config = CoordinatorConfig {
+        auth: false,
+        heartbeat_interval: Duration::from_secs(2),
+        heartbeat_timeout: Duration::from_secs(3),
+        ..CoordinatorConfig::default()
+    };
+    match weft_coordinator::start(config, listener).await {
+        Err(weft_coordinator::Error::Config(err)) => {
+            assert!(err.to_string().contains("--heartbeat-timeout"), "{err}");
+        }
+        Err(err) => panic!("refused for another reason: {err}"),
+        Ok(_) => panic!("a heartbeat timeout under twice the interval was served"),
+    }
+}
+
+#[tokio::test]
 async fn node_is_assigned_within_its_credits_and_its_result_is_recorded() {
     let c = coordinator(CoordinatorConfig::default()).await;
     let mut node = connect(c.url(), In::Register(register("n1", 2)))

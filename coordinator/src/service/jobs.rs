@@ -74,6 +74,10 @@ async fn read_parents(handle: &Handle, ids: Vec<TaskId>) -> Result<KnownParents,
     Ok(known)
 }
 
+/// Bytes of task records one page of [`job_tasks`] reads at most (and
+/// one record more).
+const JOB_PAGE_BYTES: usize = 4 << 20;
+
 /// Every task id of `job` with its state, oldest first (paged through the
 /// store: a job's ids are one contiguous range).
 pub(crate) async fn job_tasks(
@@ -89,6 +93,9 @@ pub(crate) async fn job_tasks(
                 graph::job_end(job).as_u128().saturating_add(1),
             )),
             limit: 10_000,
+            // Only ids and states are kept: whole records are read a few
+            // MiB at a time, however large their outputs.
+            budget: JOB_PAGE_BYTES,
             ascending: true,
             ..ListQuery::default()
         };
