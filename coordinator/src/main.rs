@@ -38,10 +38,10 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 #[derive(Debug, Parser)]
 #[command(name = "weft-coordinator", version)]
 struct Args {
-    /// Address to listen on, as IP:PORT (checked before anything else,
-    /// a standby's wait for the database included). Port 0 picks a free
+    /// Address to listen on, as IP:PORT or HOST:PORT (checked before
+    /// anything else, a standby's wait for the database included). Port 0 picks a free
     /// port (see --addr-file).
-    #[arg(long, env = "WEFT_LISTEN", value_name = "IP:PORT", default_value = "127.0.0.1:7070", value_parser = parse_listen)]
+    #[arg(long, env = "WEFT_LISTEN", value_name = "HOST:PORT", default_value = "127.0.0.1:7070", value_parser = parse_listen)]
     listen: std::net::SocketAddr,
 
     /// Write the bound `host:port` to this file once listening.
@@ -317,6 +317,11 @@ struct Args {
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
 
+    /// Settings from the environment that a flag makes moot (logged as
+    /// warnings once logging is up; the same given as flags are refused).
+    #[arg(skip)]
+    moot_in_env: Vec<String>,
+
     /// Serve plaintext gRPC instead of TLS: anyone who reaches the port can
     /// read and forge all traffic. Logs a warning at every start. Clients
     /// then dial http://HOST:PORT. The TLS flags (--pki-dir, --advertise,
@@ -462,12 +467,22 @@ fn parse_start_timeout(text: &str) -> Result<Duration, String> {
     Ok(timeout)
 }
 
-/// Parses `--listen`: `IP:PORT` (a host name would be resolved only at
-/// bind time, after a standby's wait for the database).
+/// Parses `--listen`: `IP:PORT`, or `HOST:PORT` resolved now (its first
+/// address), so that a bad one is said at start, not after a standby's
+/// wait for the database.
 fn parse_listen(text: &str) -> Result<std::net::SocketAddr, String> {
-    text.trim().parse().map_err(|_| {
-        "expected an IP:PORT address (e.g. 127.0.0.1:7070, 0.0.0.0:7070, [::]:7070), not a host name".to_owned()
-    })
+    use std::net::ToSocketAddrs;
+    let text = text.trim();
+    if let Ok(addr) = text.parse() {
+        return Ok(addr);
+    }
+    let expected = "expected IP:PORT or HOST:PORT (e.g. 127.0.0.1:7070, 0.0.0.0:7070, [::]:7070, localhost:7070)";
+    match text.to_socket_addrs() {
+        Ok(mut addrs) => addrs
+            .next()
+            .ok_or_else(|| format!("{text} resolves to no address; {expected}")),
+        Err(err) => Err(format!("cannot use {text:?} ({err}): {expected}")),
+    }
 }
 
 /// Parses an `--advertise` name: a DNS name or an IP address (an IPv6
@@ -488,16 +503,16 @@ fn parse_advertise(text: &str) -> Result<String, String> {
     Ok(name.to_owned())
 }
 
-/// The shortest `--node-cert-lifetime`: a node renews at 2/3 of it over
-/// its session, so seconds would keep it renewing.
-const MIN_NODE_CERT_LIFETIME: Duration = Duration::from_secs(60);
+/// The shortest `--node-cert-lifetime`: a node renews at 2/3 of it, and
+/// a session may renew at most once a second.
+const MIN_NODE_CERT_LIFETIME: Duration = Duration::from_secs(1);
 
 /// Parses `--node-cert-lifetime`: at least [`MIN_NODE_CERT_LIFETIME`].
 fn parse_node_cert_lifetime(text: &str) -> Result<Duration, String> {
     let lifetime = parse_duration(text).map_err(|err| err.to_string())?;
     if lifetime < MIN_NODE_CERT_LIFETIME {
         return Err(
-            "too short: a node certificate lives at least 1m (nodes renew theirs at 2/3 of it)"
+            "too short: a node certificate lives at least 1s (nodes renew theirs at 2/3 of it)"
                 .to_owned(),
         );
     }
@@ -604,32 +619,43 @@ where
 {
     let mut command = Args::command();
     let matches = command.try_get_matches_from_mut(argv)?;
-    let args = Args::from_arg_matches(&matches).map_err(|err| err.format(&mut command))?;
-    if let Some(conflict) = moot_flag(&command, &args, &matches) {
+    let mut args = Args::from_arg_matches(&matches).map_err(|err| err.format(&mut command))?;
+    let (refused, in_env) = moot_flags(&command, &args, &matches);
+    if let Some(conflict) = refused {
         return Err(command.error(clap::error::ErrorKind::ArgumentConflict, conflict));
     }
+    args.moot_in_env = in_env;
     CoordinatorConfig::from(&args)
         .check()
         .map_err(|err| command.error(clap::error::ErrorKind::ValueValidation, err))?;
     Ok(args)
 }
 
-/// The first flag given (on the command line or in its environment
-/// variable) that another flag makes moot, as the message that names
-/// both: silently ignoring it would leave its author believing it took.
-fn moot_flag(command: &clap::Command, args: &Args, matches: &clap::ArgMatches) -> Option<String> {
+/// Settings another flag makes moot, each as the message that names
+/// both: the first given on the command line (refused: silently ignoring
+/// it would leave its author believing it took), and those set in the
+/// environment (warned about: an image or a service file may set them for
+/// every run, and a flag then says what this run does).
+fn moot_flags(
+    command: &clap::Command,
+    args: &Args,
+    matches: &clap::ArgMatches,
+) -> (Option<String>, Vec<String>) {
     use clap::parser::ValueSource;
-    // A flag's name as its author wrote it: the env var when it came
-    // from there.
-    let given = |id: &str| -> Option<String> {
+    // A flag's name as its author wrote it (the env var when it came from
+    // there), and whether it came from the environment.
+    let given = |id: &str| -> Option<(String, bool)> {
         let arg = command.get_arguments().find(|arg| arg.get_id() == id)?;
         let long = format!("--{}", arg.get_long().unwrap_or(id));
         match matches.value_source(id)? {
-            ValueSource::CommandLine => Some(long),
-            ValueSource::EnvVariable => Some(format!(
-                "{} ({long})",
-                arg.get_env()
-                    .map_or_else(String::new, |env| env.to_string_lossy().into_owned())
+            ValueSource::CommandLine => Some((long, false)),
+            ValueSource::EnvVariable => Some((
+                format!(
+                    "{} ({long})",
+                    arg.get_env()
+                        .map_or_else(String::new, |env| env.to_string_lossy().into_owned())
+                ),
+                true,
             )),
             _ => None,
         }
@@ -660,21 +686,31 @@ fn moot_flag(command: &clap::Command, args: &Args, matches: &clap::ArgMatches) -
             "plaintext has no CA, serving certificate or node certificates",
         ),
     ];
-    moot.into_iter()
-        .filter(|(on, ..)| *on)
-        .find_map(|(_, flag, ids, why)| {
-            let other = ids.iter().find_map(|id| given(id))?;
-            let flag = given(flag).unwrap_or_else(|| format!("--{}", flag.replace('_', "-")));
-            Some(format!(
-                "{other} cannot be used with {flag}: {why}; drop one of them"
-            ))
-        })
+    let mut refused = None;
+    let mut in_env = Vec::new();
+    for (_, flag, ids, why) in moot.into_iter().filter(|(on, ..)| *on) {
+        let flag =
+            given(flag).map_or_else(|| format!("--{}", flag.replace('_', "-")), |(name, _)| name);
+        for (other, from_env) in ids.iter().filter_map(|id| given(id)) {
+            if from_env {
+                in_env.push(format!("{other} is ignored with {flag}: {why}"));
+            } else if refused.is_none() {
+                refused = Some(format!(
+                    "{other} cannot be used with {flag}: {why}; drop one of them"
+                ));
+            }
+        }
+    }
+    (refused, in_env)
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = try_parse_args(std::env::args_os()).unwrap_or_else(|err| err.exit());
     init_tracing(args.log_format);
+    for moot in &args.moot_in_env {
+        tracing::warn!("{moot}");
+    }
     if args.insecure {
         tracing::warn!(
             "--insecure: serving plaintext; anyone who reaches {} can read and forge all traffic, and nodes are not authenticated (any process can register as a node)",
@@ -1077,6 +1113,8 @@ mod tests {
         }
         let args = try_parse_args(["weft-coordinator", "--listen", "[::1]:0"]).unwrap();
         assert_eq!(args.listen.to_string(), "[::1]:0");
+        let args = try_parse_args(["weft-coordinator", "--listen", "localhost:7070"]).unwrap();
+        assert!(args.listen.ip().is_loopback() && args.listen.port() == 7070);
     }
 
     #[test]
@@ -1203,12 +1241,12 @@ mod tests {
     }
 
     #[test]
-    fn a_node_certificate_lifetime_under_a_minute_is_refused() {
-        for short in ["0s", "1s", "59s"] {
+    fn a_node_certificate_lifetime_under_a_second_is_refused() {
+        for short in ["0s", "999ms"] {
             let err = refused(&["--node-cert-lifetime", short]);
-            assert!(err.contains("at least 1m"), "{short}: {err}");
+            assert!(err.contains("at least 1s"), "{short}: {err}");
         }
-        let args = try_parse_args(["weft-coordinator", "--node-cert-lifetime", "1m"]).unwrap();
-        assert_eq!(args.node_cert_lifetime, std::time::Duration::from_secs(60));
+        let args = try_parse_args(["weft-coordinator", "--node-cert-lifetime", "3s"]).unwrap();
+        assert_eq!(args.node_cert_lifetime, std::time::Duration::from_secs(3));
     }
 }

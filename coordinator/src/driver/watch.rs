@@ -30,8 +30,8 @@
 //! budget has room for: the stream keeps their ids, not their records, so
 //! a stalled one holds about its budget however many of its tasks are
 //! final. The first registration checks that the store has every one of
-//! them (read and dropped a chunk at a time), so an unknown id still
-//! fails the call before anything is streamed.
+//! them (from its index, where it has one), so an unknown id still fails
+//! the call before anything is streamed.
 //!
 //! Domain values only: the service turns them into `pb` as they leave.
 
@@ -702,11 +702,12 @@ impl Unread {
         let mut piece = Vec::new();
         let mut bytes = 0;
         while !self.is_empty() && (bytes < room || piece.is_empty()) {
-            let each = match (self.read_bytes, self.read_count) {
+            // One record first; then as many as the room left holds at
+            // the mean size read so far.
+            let fits = match (self.read_bytes, self.read_count) {
                 (_, 0) => 1,
-                (total, count) => (total / count).max(1),
+                (total, count) => room.saturating_sub(bytes) / (total / count).max(1),
             };
-            let fits = room.saturating_sub(bytes) / each;
             let end = (self.next + fits.clamp(1, READ_CHUNK)).min(self.ids.len());
             let chunk = &self.ids[self.next..end];
             let records = match self.outcomes_only {
@@ -735,9 +736,8 @@ impl Unread {
 
     /// The first piece ([`read`](Self::read), but within `room` unless it
     /// is one record: what took it past is read again later), then every
-    /// other id checked to be in the store, read and dropped a chunk at a
-    /// time, each chunk about what `room` holds at the size of the records
-    /// read so far.
+    /// other id checked to be in the store ([`Store::has_tasks`]: from an
+    /// index, without reading the records).
     fn first(
         &mut self,
         store: &dyn Store,
@@ -749,14 +749,10 @@ impl Unread {
             piece.pop();
             self.next -= 1;
         }
-        let each = (self.read_bytes / self.read_count.max(1)).max(1);
-        let per_read = (room / each).clamp(1, READ_CHUNK);
-        for chunk in self.ids[self.next..].chunks(per_read) {
-            // Without their specs, whatever the view: only whether they are there.
-            let found = store.task_outcomes(chunk)?;
-            if let Some((_, id)) = found.iter().zip(chunk).find(|(r, _)| r.is_none()) {
-                return Err(Error::missing_task(*id, retention, SystemTime::now()));
-            }
+        let rest = &self.ids[self.next..];
+        let has = store.has_tasks(rest)?;
+        if let Some((id, _)) = rest.iter().zip(has).find(|(_, has)| !has) {
+            return Err(Error::missing_task(*id, retention, SystemTime::now()));
         }
         Ok(piece)
     }

@@ -370,8 +370,13 @@ impl Scheduler {
     /// connected and how many of its attempts were requeued.
     pub fn revoke_node(&mut self, node_id: NodeId, now: Now) -> (bool, u32) {
         self.revoked.insert(node_id);
+        // A node away (its stream ended within the reconnect grace, or
+        // restored after a restart) may still be running its attempts
+        // until its lease runs out: they go back to the queue when its
+        // grace ends, as for any node that does not come back (a revoked
+        // one cannot), never while it may still run them.
         let Some(session) = self.nodes.session_of(node_id) else {
-            return (false, self.revoke_away(node_id, now));
+            return (false, 0);
         };
         let running: Vec<TaskId> = self
             .nodes
@@ -389,50 +394,6 @@ impl Scheduler {
             })
             .count();
         (true, u32::try_from(requeued).unwrap_or(u32::MAX))
-    }
-
-    /// [`revoke_node`](Self::revoke_node) of a node not connected: the
-    /// attempts that wait for it (its stream ended within the reconnect
-    /// grace, or they were restored after a coordinator restart) go back to
-    /// the queue now, by the node-lost path as when it is connected, rather
-    /// than wait out a grace for a node that may not come back. Counted as
-    /// a lost node when it was within its reconnect grace (as the grace's
-    /// end would have). Answers how many were requeued.
-    fn revoke_away(&mut self, node_id: NodeId, now: Now) -> u32 {
-        let within_grace = self.disconnected.remove(&node_id);
-        let mut held: Vec<(TaskId, Attempt, std::sync::Arc<str>)> = Vec::new();
-        self.orphans.retain(|(id, _)| {
-            let waiting = self.tasks.get(id).and_then(|t| {
-                let p = t.placement()?;
-                (p.session.is_placeholder() && p.node_id == node_id)
-                    .then(|| (*id, Attempt(t.attempt), std::sync::Arc::clone(&p.node_name)))
-            });
-            match waiting {
-                Some(attempt) => {
-                    held.push(attempt);
-                    false
-                }
-                None => true,
-            }
-        });
-        held.sort();
-        held.dedup();
-        if let Some((name, _)) = &within_grace {
-            self.nodes_lost += 1;
-            tracing::warn!(node_id = %node_id, node_name = %name, attempts = held.len(), why = "revoked by an admin", "node lost");
-        }
-        let mut requeued = 0u32;
-        for (id, attempt, name) in held {
-            self.lose_attempt(id, attempt, &name, node_id, now);
-            if self
-                .tasks
-                .get(&id)
-                .is_some_and(|t| t.state == TaskState::Queued)
-            {
-                requeued = requeued.saturating_add(1);
-            }
-        }
-        requeued
     }
 
     /// Whether `session` is a revoked node's (closed by `revoke_node`,

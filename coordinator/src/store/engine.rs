@@ -351,6 +351,17 @@ pub trait Store: Send + Sync + 'static {
         ids.iter().map(|id| self.task(*id)).collect()
     }
 
+    /// Whether the store has a record of each of `ids`, in that order:
+    /// [`task`](Store::task) is `Some`. A store with an index answers
+    /// from it without reading the records.
+    fn has_tasks(&self, ids: &[TaskId]) -> Result<Vec<bool>, StoreError> {
+        Ok(self
+            .task_outcomes(ids)?
+            .iter()
+            .map(Option::is_some)
+            .collect())
+    }
+
     /// Up to `limit` tasks, newest first, older than `before` if given,
     /// in `state` if given: [`list_page`](Store::list_page) with no other
     /// filter and no scan bound.

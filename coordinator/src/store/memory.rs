@@ -219,6 +219,11 @@ impl Store for MemoryStore {
         Ok(tasks.get(&id).map(with_seq))
     }
 
+    fn has_tasks(&self, ids: &[TaskId]) -> Result<Vec<bool>, StoreError> {
+        let inner = self.inner.read().map_err(|_| StoreError::Poisoned)?;
+        Ok(ids.iter().map(|id| inner.tasks.contains_key(id)).collect())
+    }
+
     fn list_page(&self, query: &ListQuery) -> Result<ListPage, StoreError> {
         let inner = self.inner.read().map_err(|_| StoreError::Poisoned)?;
         let tasks = &inner.tasks;

@@ -132,6 +132,12 @@ fn task_outcomes_answer_each_id_in_order_as_task_does_but_its_spec() {
         asked.insert(4, unknown);
         let outcomes = store.task_outcomes(&asked).unwrap();
         assert_eq!(outcomes.len(), asked.len());
+        let has: Vec<bool> = asked.iter().map(|id| *id != unknown).collect();
+        assert_eq!(
+            store.has_tasks(&asked).unwrap(),
+            has,
+            "has_tasks as task() says"
+        );
         for (id, outcome) in asked.iter().zip(&outcomes) {
             let whole = store.task(*id).unwrap();
             match (outcome, whole) {

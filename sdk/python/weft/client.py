@@ -478,7 +478,9 @@ class Client:
 
     def cancel_job(self, job_id: str, reason: str = "") -> JobCancelled:
         """Cancels every task of the job not final yet (PENDING ones at once; tasks that run
-        after them end by their rules). :class:`weft.NotFound` for a job with no tasks left."""
+        after them end by their rules). :class:`weft.NotFound` for a job with no tasks left;
+        :class:`weft.InvalidArgument` for a task id that is not a job id (the first task id
+        of a submission); a reason over 1 KiB is refused the same way."""
         request = task_pb2.CancelJobRequest(job_id=_job_id(job_id), reason=reason)
         response = self._unary(self._tasks.CancelJob, request)
         return JobCancelled(cancelled=response.cancelled, already_final=response.already_final)

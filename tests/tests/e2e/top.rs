@@ -24,6 +24,8 @@ struct Pty {
     child: Box<dyn Child + Send + Sync>,
     screen: Arc<Mutex<vt100::Parser>>,
     keys: Box<dyn Write + Send>,
+    /// The reader met the end of the terminal's output.
+    read_all: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Pty {
@@ -59,6 +61,8 @@ impl Pty {
         let keys = pair.master.take_writer().expect("pty writer");
         let screen = Arc::new(Mutex::new(vt100::Parser::new(ROWS, COLS, 0)));
         let parser = Arc::clone(&screen);
+        let read_all = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reader_done = Arc::clone(&read_all);
         // The master must stay open while the child runs; the thread keeps it.
         let master = pair.master;
         std::thread::spawn(move || {
@@ -73,11 +77,13 @@ impl Pty {
                     .unwrap_or_else(|p| p.into_inner())
                     .process(&buf[..n]);
             }
+            reader_done.store(true, std::sync::atomic::Ordering::Release);
         });
         Pty {
             child,
             screen,
             keys,
+            read_all,
         }
     }
 
@@ -119,6 +125,13 @@ impl Pty {
             let _ = self.child.kill();
             panic!("weft still running:\n{}", self.text());
         }
+        // Everything it wrote is on screen once the reader met the end of
+        // the terminal's output (the exit closes it).
+        let read = wait_until(default_timeout(), async || {
+            self.read_all.load(std::sync::atomic::Ordering::Acquire)
+        })
+        .await;
+        assert!(read.is_ok(), "the terminal's output never ended");
         status.map_or(u32::MAX, |s| s.exit_code())
     }
 

@@ -1069,6 +1069,19 @@ impl Store for LogStore {
         self.inner.task_outcomes(ids)
     }
 
+    fn has_tasks(&self, ids: &[TaskId]) -> Result<Vec<bool>, StoreError> {
+        let index = self.inner.read_index()?;
+        Ok(ids
+            .iter()
+            .map(|id| {
+                index
+                    .tasks
+                    .get(&id.as_u128())
+                    .is_some_and(|entry| !entry.record.is_none())
+            })
+            .collect())
+    }
+
     fn list_page(&self, query: &ListQuery) -> Result<ListPage, StoreError> {
         let before = query.before.map_or(u128::MAX, TaskId::as_u128);
         let from = query.from.map_or(0, TaskId::as_u128);
