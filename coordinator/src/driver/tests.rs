@@ -76,6 +76,16 @@ macro_rules! forward_to_memory {
             self.memory.load(since)
         }
     };
+    (expire) => {
+        fn expire(
+            &self,
+            before: SystemTime,
+            limit: usize,
+            keep: &[TaskId],
+        ) -> Result<Vec<TaskState>, StoreError> {
+            self.memory.expire(before, limit, keep)
+        }
+    };
     (identities) => {
         fn tokens(&self) -> Result<Vec<crate::auth::TokenRecord>, StoreError> {
             self.memory.tokens()
@@ -175,14 +185,7 @@ impl Store for HeldStore {
 
     forward_to_memory!(reads);
 
-    fn expire(
-        &self,
-        before: SystemTime,
-        limit: usize,
-        keep: &[TaskId],
-    ) -> Result<Vec<TaskState>, StoreError> {
-        self.memory.expire(before, limit, keep)
-    }
+    forward_to_memory!(expire);
 
     forward_to_memory!(identities);
 }
@@ -871,14 +874,7 @@ impl Store for HeldReads {
         self.memory.load(since)
     }
 
-    fn expire(
-        &self,
-        before: SystemTime,
-        limit: usize,
-        keep: &[TaskId],
-    ) -> Result<Vec<TaskState>, StoreError> {
-        self.memory.expire(before, limit, keep)
-    }
+    forward_to_memory!(expire);
 
     forward_to_memory!(identities);
 }
@@ -1135,14 +1131,7 @@ impl Store for OneSlowCommit {
 
     forward_to_memory!(reads);
 
-    fn expire(
-        &self,
-        before: SystemTime,
-        limit: usize,
-        keep: &[TaskId],
-    ) -> Result<Vec<TaskState>, StoreError> {
-        self.memory.expire(before, limit, keep)
-    }
+    forward_to_memory!(expire);
 
     forward_to_memory!(identities);
 }
