@@ -279,10 +279,13 @@ impl Scheduler {
                 };
                 self.finalize(id, TaskState::TimedOut, error, Bytes::new(), now.wall);
             }
-            Outcome::Cancelled if !started => {
+            Outcome::Cancelled if !started && free_requeues(task) < MAX_FREE_REQUEUES => {
                 // Handed back before it ran (a draining node returns what it
                 // held queued): neither a failure nor a lost run, so it costs
                 // no attempt; it only takes a new attempt number (fencing).
+                // Past MAX_FREE_REQUEUES, a hand-back counts as below: a
+                // node that hands every assignment back cannot bounce a
+                // task forever.
                 let name = node_ref
                     .as_ref()
                     .map_or_else(|| "?".to_owned(), |(_, n)| n.to_string());
@@ -293,9 +296,9 @@ impl Scheduler {
                 self.requeue(id, None, node_ref, reason, now);
             }
             Outcome::Cancelled => {
-                // Not asked for by a client: the node drained past its grace.
-                // That is the node's doing, not the task's, so it counts like
-                // a node loss.
+                // Not asked for by a client: the node drained past its grace
+                // (or kept handing the task back unstarted). That is the
+                // node's doing, not the task's, so it counts like a node loss.
                 let name = node_ref
                     .as_ref()
                     .map_or_else(|| "?".to_owned(), |(_, n)| n.to_string());
@@ -399,4 +402,17 @@ impl Scheduler {
         }
         true
     }
+}
+
+/// Attempts a task may be handed back unstarted (or requeued unsent) at
+/// no cost, over its life; after them each hand-back counts as a node
+/// loss against its `max_attempts`.
+pub(crate) const MAX_FREE_REQUEUES: u32 = 16;
+
+/// How many of `task`'s attempts ended at no cost: numbers it took that
+/// neither a failure nor a node loss accounts for.
+fn free_requeues(task: &super::task::LiveTask) -> u32 {
+    task.attempt
+        .saturating_sub(1)
+        .saturating_sub(task.failures.saturating_add(task.node_losses))
 }

@@ -197,6 +197,43 @@ fn node_cancelled_attempt_without_client_cancel_is_requeued() {
     );
 }
 
+/// A node that hands every assignment back unstarted (not draining: a
+/// faulty worker) bounces a task free of charge only so many times; then
+/// each hand-back counts as a node loss, and the task ends.
+#[test]
+fn a_task_handed_back_unstarted_again_and_again_ends_failed_after_its_free_requeues() {
+    use crate::scheduler::attempts::MAX_FREE_REQUEUES;
+    let mut h = Harness::new();
+    h.node(S1, reg("n1", 1), 1);
+    let id = h.submit(vec![TaskSpec::call("noop", "").max_attempts(2)])[0];
+    h.effects();
+    let mut rounds = 0u32;
+    while h.record(id).state == TaskState::Queued || h.record(id).state == TaskState::Assigned {
+        rounds += 1;
+        assert!(
+            rounds <= 10 * MAX_FREE_REQUEUES,
+            "still bouncing after {rounds} rounds"
+        );
+        let attempt = h.record(id).attempt.0;
+        h.finish(S1, id, attempt, Outcome::Cancelled);
+        h.s.credits(S1, 1, h.now);
+        h.effects();
+    }
+    let record = h.record(id);
+    assert_eq!(record.state, TaskState::Failed, "{record:?}");
+    assert_eq!(
+        rounds,
+        MAX_FREE_REQUEUES + 2,
+        "free hand-backs, then its two attempts"
+    );
+    assert_eq!(record.node_losses, 2);
+    assert!(
+        record.error.contains("no attempts left"),
+        "{}",
+        record.error
+    );
+}
+
 #[test]
 fn an_attempt_handed_back_unstarted_is_requeued_without_spending_an_attempt() {
     let mut h = Harness::new();

@@ -167,10 +167,11 @@ fn the_history_and_the_running_attempt_survive_a_restart() {
 fn the_history_keeps_the_latest_attempts_only() {
     let mut h = Harness::new();
     h.node(S1, reg("n1", 1), 1);
-    let id = h.submit(vec![TaskSpec::call("noop", "")])[0];
-    h.effects();
-    // Handed back unstarted costs the task nothing but an attempt number.
+    // Handed back unstarted costs the task an attempt number (and, past
+    // its free hand-backs, a node loss: it has attempts enough for them).
     let total = MAX_ATTEMPT_HISTORY as u32 + 20;
+    let id = h.submit(vec![TaskSpec::call("noop", "").max_attempts(total)])[0];
+    h.effects();
     for attempt in 1..total {
         h.finish(S1, id, attempt, Outcome::Cancelled);
         h.s.credits(S1, 1, h.now);
