@@ -406,6 +406,16 @@ fn succeeded() -> NodeEventBody {
     }
 }
 
+/// A process that exited 0 with `output` as its result.
+fn exited_ok_with(output: bytes::Bytes) -> NodeEventBody {
+    NodeEventBody::Finished {
+        outcome: weft_proto::Outcome::Succeeded,
+        exit_code: Some(0),
+        output,
+        error: String::new(),
+    }
+}
+
 #[tokio::test]
 async fn with_the_memory_store_whatever_leaves_is_already_stored() {
     let store = Arc::new(MemoryStore::new());
@@ -771,15 +781,7 @@ async fn a_stalled_wait_many_stream_holds_at_most_its_budget_and_then_gets_every
     };
     let finish = |h: &mut Harness, n: usize| {
         h.node_event(all[n], NodeEventBody::Started);
-        h.node_event(
-            all[n],
-            NodeEventBody::Finished {
-                outcome: weft_proto::Outcome::Succeeded,
-                exit_code: Some(0),
-                output: result(n),
-                error: String::new(),
-            },
-        );
+        h.node_event(all[n], exited_ok_with(result(n)));
     };
     #[allow(clippy::needless_range_loop)]
     for n in 0..TASKS / 2 {
@@ -904,15 +906,7 @@ async fn a_stalled_wait_many_stream_of_tasks_already_final_holds_at_most_its_bud
             h.credits(1);
             assert_eq!(assigned(h.next_message().await), [all[n]]);
             h.node_event(all[n], NodeEventBody::Started);
-            h.node_event(
-                all[n],
-                NodeEventBody::Finished {
-                    outcome: weft_proto::Outcome::Succeeded,
-                    exit_code: Some(0),
-                    output: result(n),
-                    error: String::new(),
-                },
-            );
+            h.node_event(all[n], exited_ok_with(result(n)));
         }
         h.applied().await;
         // Read a piece at a time, yet checked whole: an unknown id past
