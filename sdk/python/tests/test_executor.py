@@ -13,13 +13,16 @@ import math
 import os
 import pickle
 import sys
+import threading
 from pathlib import Path
 
+import grpc
 import pytest
 
 import exec_funcs
 import weft
 import weft.aio
+from weft._proto import common_pb2, task_pb2, task_pb2_grpc
 from weft.executor import encode_call, encode_chunk
 from weft.worker.handlers import HandlerError, StartFailed
 from weft.worker.pickled import HANDLER, handler, run_pickled
@@ -85,6 +88,26 @@ def test_the_worker_refuses_a_global_outside_the_allowed_modules_before_running_
     with pytest.raises(StartFailed, match="not a payload"):
         run_pickled(b"not a pickle", allowed=ALLOWED)
     assert not proof.exists(), "nothing ran"
+
+
+def test_pickled_refuses_a_global_imported_into_an_allowed_module(tmp_path):
+    import pickled_imports
+
+    allowed = ("pickled_imports",)
+    proof = tmp_path / "written"
+    with pytest.raises(StartFailed, match="defined in posix"):
+        run_pickled(global_payload("pickled_imports", "getcwd", "x"), allowed=allowed)
+    with pytest.raises(StartFailed, match="defined in pathlib"):
+        run_pickled(global_payload("pickled_imports", "Path", str(proof)), allowed=allowed)
+    # Path.write_text(proof, "x"), through the allowed module: a call built from the global.
+    write = f"cpickled_imports\nPath.write_text\n(S{str(proof)!r}\nS'x'\ntR.".encode()
+    with pytest.raises(StartFailed, match="defined in pathlib"):
+        run_pickled(write, allowed=allowed)
+    assert not proof.exists(), "nothing ran"
+    # What the module defines itself is still callable, and so are C functions of an allowed module.
+    assert pickle.loads(run_pickled(encode_call(pickled_imports.own, (3,), {}), allowed=allowed)) == 3
+    assert pickle.loads(run_pickled(encode_call(math.factorial, (5,), {}), allowed=ALLOWED)) == 120
+    assert pickle.loads(run_pickled(encode_call(exec_funcs.Oops, ("x",), {}), allowed=ALLOWED)).args == ("x",)
 
 
 def test_the_function_s_exception_fails_the_call_with_its_traceback_and_the_pickled_exception():
@@ -237,6 +260,124 @@ def test_shutdown_cancelling_futures_cancels_the_tasks_of_a_submit_on_its_way(mo
     asyncio.run(body())
 
 
+class _GatedResults:
+    """A stand-in for ``weft.aio.Client``: Submit answers at once (ids t0, t1, ... in
+    submission order); task ``tN`` succeeds once ``release(N)`` is called."""
+
+    def __init__(self) -> None:
+        self.gates: dict = {}
+        self.count = 0
+        self.loop = None
+        #: Results as a chunk's (a list of one), for map.
+        self.chunks = False
+
+    def _gate(self, task_id: str) -> asyncio.Event:
+        return self.gates.setdefault(task_id, asyncio.Event())
+
+    async def submit_many(self, specs):
+        self.loop = asyncio.get_running_loop()
+        ids = [f"t{self.count + i}" for i in range(len(specs))]
+        self.count += len(specs)
+        return ids
+
+    async def _wait_many_records(self, task_ids, timeout=None, results_only=False):
+        for task_id in task_ids:
+            await self._gate(task_id).wait()
+            result = [task_id] if self.chunks else task_id
+            yield task_pb2.Task(id=task_id, state=common_pb2.TASK_STATE_SUCCEEDED, output=pickle.dumps(result))
+
+    def release(self, number: int) -> None:
+        self.loop.call_soon_threadsafe(lambda: self._gate(f"t{number}").set())
+
+    async def cancel(self, task_id, reason=""):
+        pass
+
+    async def close(self):
+        pass
+
+
+def test_result_inside_a_done_callback_does_not_hang(monkeypatch):
+    client = _GatedResults()
+    monkeypatch.setattr(weft.aio, "Client", lambda *args, **kwargs: client)
+    ex = weft.Executor("http://127.0.0.1:1")
+    first, second = ex.submit(math.factorial, 1), ex.submit(math.factorial, 2)
+    seen = {}
+
+    def waits_for_second(future) -> None:
+        try:
+            # Without a guard this blocks the one thread that could settle `second`.
+            seen["result"] = second.result(timeout=5)
+        except BaseException as e:  # noqa: BLE001
+            seen["result"] = e
+        if isinstance(seen["result"], RuntimeError):
+            try:
+                ex.shutdown(wait=True)
+            except BaseException as e:  # noqa: BLE001
+                seen["shutdown"] = e
+        seen["done"] = True
+
+    first.add_done_callback(waits_for_second)
+    poll(lambda: client.count == 2, what="both submitted")
+    client.release(0)
+    poll(lambda: seen.get("done"), what="the callback ran")
+    assert isinstance(seen["result"], RuntimeError) and "done-callback" in str(seen["result"]), seen
+    assert isinstance(seen.get("shutdown"), RuntimeError), seen
+    # The executor goes on: the other future settles, and a plain wait still works.
+    client.release(1)
+    assert second.result(timeout=10) == "t1" and first.result(timeout=10) == "t0"
+    ex.shutdown(wait=True)
+
+
+def test_async_map_submits_at_call():
+    async def body() -> None:
+        client = _GatedResults()
+        client.chunks = True
+        ex = weft.aio.Executor(client=client)
+        with pytest.raises(TypeError):
+            ex.map(lambda x: x, [1])  # checked at the call, not at the first iteration
+        results = ex.map(math.factorial, [1, 2, 3])
+        for _ in range(1000):
+            if client.count == 3:
+                break
+            await asyncio.sleep(0.001)
+        assert client.count == 3, "submitted before the first iteration"
+        for n in range(3):
+            client.release(n)
+        assert [r async for r in results] == ["t0", "t1", "t2"]
+        await ex.shutdown()
+
+    asyncio.run(body())
+
+
+def test_cancel_racing_shutdown_without_waiting_never_raises(monkeypatch):
+    monkeypatch.setattr(weft.aio, "Client", lambda *args, **kwargs: _GatedResults())
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads interleave as often as they can
+    errors = []
+    try:
+        for _ in range(30):
+            ex = weft.Executor("http://127.0.0.1:1")
+            futures = [ex.submit(math.factorial, n) for n in range(50)]
+
+            def cancel_all() -> None:
+                for future in futures:
+                    try:
+                        future.cancel()
+                    except BaseException as e:  # noqa: BLE001
+                        errors.append(e)
+
+            cancellers = [threading.Thread(target=cancel_all) for _ in range(4)]
+            for thread in cancellers:
+                thread.start()
+            ex.shutdown(wait=False)
+            for thread in cancellers:
+                thread.join(10)
+            ex.shutdown(wait=True)
+    finally:
+        sys.setswitchinterval(interval)
+    assert errors == []
+
+
 def _shuts_down(ex, **options) -> bool:
     """Whether ``ex.shutdown(wait=True, **options)`` returns within 10 s (run on a thread, so a
     hang fails the test instead of blocking it)."""
@@ -268,6 +409,64 @@ def test_futures_fail_when_the_channel_cannot_open_and_shutdown_returns(monkeypa
         with pytest.raises(PinMismatch):
             ex.submit(math.factorial, 3).result(timeout=10)
         assert _shuts_down(ex), "shutdown(wait=True) hung"
+
+
+class _SmallMessages(task_pb2_grpc.TaskServiceServicer):
+    """A TaskService taking messages of at most 1 MiB, as a coordinator started with
+    ``--max-message-size 1MiB``; each task succeeds at once (a one-call chunk answering its input's length)."""
+
+    LIMIT = 1024 * 1024
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.inputs: dict = {}
+        self.submits: list = []
+
+    def Submit(self, request, context):
+        if request.ByteSize() > self.LIMIT:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"message of {request.ByteSize()} bytes")
+        with self.lock:
+            self.submits.append(len(request.tasks))
+            ids = []
+            for spec in request.tasks:
+                ids.append(f"T{len(self.inputs)}")
+                self.inputs[ids[-1]] = spec.call.input
+        return task_pb2.SubmitResponse(task_ids=ids)
+
+    def WaitMany(self, request, context):
+        for task_id in request.task_ids:
+            yield task_pb2.Task(id=task_id, state=common_pb2.TASK_STATE_SUCCEEDED,
+                                output=pickle.dumps([len(self.inputs[task_id])]))
+
+
+@pytest.fixture
+def small_messages():
+    server = grpc.server(concurrent.futures.ThreadPoolExecutor(8))
+    tasks = _SmallMessages()
+    task_pb2_grpc.add_TaskServiceServicer_to_server(tasks, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield f"http://127.0.0.1:{port}", tasks
+    server.stop(0)
+
+
+def test_executor_splits_submits_by_bytes(monkeypatch, small_messages):
+    import weft.client
+
+    url, tasks = small_messages
+    # Within the fake's limit, as the default is within the coordinator's default limit.
+    monkeypatch.setattr(weft.client, "SUBMIT_BATCH_BYTES", 768 * 1024)
+    items = [b"x" * 4096] * 1000  # ~4 MiB of pickled calls: far fewer than SUBMIT_BATCH
+    with weft.Executor(url) as ex:
+        results = list(ex.map(exec_funcs.noop, items, timeout=30))
+    assert len(results) == len(items)
+    assert len(tasks.submits) >= 5 and sum(tasks.submits) == len(items), tasks.submits
+    # Client.map's requests are cut the same way.
+    from weft.client import _call_requests
+
+    requests = list(_call_requests("h", items, {}))
+    assert len(requests) >= 5 and sum(len(r.tasks) for r in requests) == len(items)
+    assert all(r.ByteSize() <= 768 * 1024 for r in requests), [r.ByteSize() for r in requests]
 
 
 def test_a_json_codec_decodes_the_input_and_encodes_the_result():

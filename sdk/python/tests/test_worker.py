@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import threading
 import time
 
@@ -18,7 +19,7 @@ NODE_U = new_ulid()
 NODE_S = new_ulid()
 
 import handlers
-from conftest import check_parallel
+from conftest import check_parallel, poll
 
 
 class RunningWorker:
@@ -302,6 +303,103 @@ def test_cancelled_thread_handler_reports_at_once_but_keeps_its_slot_until_it_re
     # Exactly one Finished.
     finished = [e for r in session.of_kind("events") for e in r.message.events.events if e.WhichOneof("body") == "finished"]
     assert len(finished) == 1
+
+
+def test_started_sent_before_the_coordinator_went_away_is_sent_again_first(fake, run_worker):
+    release = threading.Event()
+
+    def held(data, ctx):
+        ctx.output(b"before\n")
+        release.wait(10)
+        return b"done"
+
+    def setup(w):
+        w.register("held", held, "thread")
+
+    _, session = run_worker(slots=1, setup=setup)
+    try:
+        session.assign(("s", 1, call_spec("held")))
+        assert [e.WhichOneof("body") for e in session.events("s", 1, until="output")] == ["started", "output"]
+        session.close()  # the stream breaks (a coordinator that may not have recorded the Started)
+        again = fake.accept(timeout=10)
+        register = again.recv(timeout=5, skip_heartbeats=False).register
+        assert ("s", 1) in {(r.task_id, r.attempt) for r in register.running}
+        again.registered(NODE_U)
+        first = again.expect("events").events.events[0]
+        assert (first.task_id, first.attempt, first.WhichOneof("body")) == ("s", 1, "started"), first
+        release.set()
+        kinds = [e.WhichOneof("body") for e in again.events("s", 1)]
+        assert kinds == ["started", "output", "finished"], kinds
+    finally:
+        release.set()
+    assert fake.ledger.violations == []
+
+
+def test_exec_output_while_disconnected_is_bounded(fake, run_worker, tmp_path):
+    from weft._proto import node_pb2
+    from weft.worker.outbox import CHUNK_LIMIT, QUEUED_OUTPUT_MAX_BYTES
+
+    total = 8 * QUEUED_OUTPUT_MAX_BYTES
+    go, marker = tmp_path / "go", tmp_path / "wrote everything"
+    script = (f"import os, sys, time\nwhile not os.path.exists({str(go)!r}): time.sleep(0.01)\n"
+              f"for _ in range({total // CHUNK_LIMIT}): sys.stdout.buffer.write(b'y' * {CHUNK_LIMIT})\n"
+              f"sys.stdout.flush()\nopen({str(marker)!r}, 'w').close()\n")
+    rw, session = run_worker(slots=1, exec="allow")
+    outbox = rw.worker._outbox
+
+    def queued_output() -> int:
+        return sum(len(e.output.data) for e in list(outbox.queue)
+                   if isinstance(e, node_pb2.NodeTaskEvent) and e.WhichOneof("body") == "output")
+
+    session.assign(("yes", 1, weft.exec_spec([sys.executable, "-c", script])))
+    pid = session.events("yes", 1, until="started")[0].started.pid
+    session.close()  # from now on no coordinator takes what the worker sends
+    again = fake.accept(timeout=10)
+    assert again.recv(timeout=5, skip_heartbeats=False).WhichOneof("body") == "register"
+    go.touch()
+    poll(lambda: queued_output() >= QUEUED_OUTPUT_MAX_BYTES, what="the output queued up to its bound")
+
+    def child_blocked_writing() -> bool:
+        try:
+            with open(f"/proc/{pid}/wchan") as f:
+                return "pipe_write" in f.read()
+        except OSError:
+            return False
+
+    # The pump stops reading: the child fills its pipe and waits there (it would have
+    # written everything and ended, all of it queued, without the bound).
+    poll(lambda: child_blocked_writing() or marker.exists(), what="the child blocked writing (or done)")
+    assert not marker.exists(), f"the child wrote all of it: {queued_output()} bytes queued"
+    assert queued_output() < QUEUED_OUTPUT_MAX_BYTES + CHUNK_LIMIT
+    # Once a coordinator takes it, everything comes through, in order.
+    again.registered(NODE_U)
+    events = again.events("yes", 1, timeout=60)
+    assert events[-1].finished.outcome == common_pb2.OUTCOME_SUCCEEDED, events[-1]
+    assert sum(len(e.output.data) for e in events if e.WhichOneof("body") == "output") == total
+    assert fake.ledger.violations == []
+
+
+def test_async_handler_calling_sys_exit_fails_the_attempt_not_the_worker(fake, run_worker):
+    async def quits(data):
+        sys.exit(3)
+
+    async def interrupted(data):
+        raise KeyboardInterrupt()
+
+    def setup(w):
+        w.register("quits", quits, "asyncio")
+        w.register("interrupted", interrupted, "asyncio")
+        w.register("echo", lambda data: data, "thread")
+
+    rw, session = run_worker(slots=1, setup=setup)
+    session.assign(("q", 1, call_spec("quits")))
+    done = session.events("q", 1)[-1].finished
+    assert done.outcome == common_pb2.OUTCOME_FAILED and done.error.startswith("SystemExit: 3"), done
+    session.assign(("k", 1, call_spec("interrupted")))
+    assert session.events("k", 1)[-1].finished.outcome == common_pb2.OUTCOME_FAILED
+    session.assign(("e", 1, call_spec("echo", b"still here")))
+    assert session.events("e", 1)[-1].finished.output == b"still here"
+    assert rw.thread.is_alive() and rw.error is None
 
 
 def test_cooperative_thread_handler_stops_on_cancel(fake, run_worker):

@@ -48,6 +48,10 @@ class Gate:
             self.runs[data] = self.runs.get(data, 0) + 1
         return data
 
+    def say(self, data: bytes, ctx) -> bytes:
+        ctx.output(data)
+        return data
+
 
 @pytest.fixture
 def gated(fake, tmp_path):
@@ -61,6 +65,7 @@ def gated(fake, tmp_path):
                              state_dir=str(tmp_path / f"state-{len(running)}"), **options)
         worker.register("block", gate.block, "thread")
         worker.register("count", gate.count, "thread")
+        worker.register("say", gate.say, "thread")
         rw = RunningWorker(worker)
         running.append(rw)
         session = fake.accept(timeout=10)
@@ -176,6 +181,36 @@ def test_a_drain_returns_queued_attempts_at_once_and_finishes_the_running_one(ga
     assert not rw.thread.is_alive() and rw.error is None
     assert session.credits_granted() == granted, "a draining worker grants nothing"
     assert b"q1" not in gate.runs and b"q2" not in gate.runs
+
+
+def test_a_thread_handlers_output_precedes_its_finished_when_calls_end_while_the_loop_is_busy(gated):
+    rw, session, gate = gated(slots=1, prefetch=4)
+    session.wait_for(lambda: session.credits_granted() >= 6, what="credits beyond the slot")
+    session.assign(("x", 1, call_spec("block")), ("y", 1, call_spec("say", b"from y")))
+    session.events("x", 1, until="started")
+    threads = rw.worker._attempts.threads
+    # "y" waits ahead on the threads: the thread that ends "x" begins it at once.
+    poll(lambda: any(item[2].task_id == "y" for item in list(threads.ahead)), what="y handed down ahead")
+    stalled, release = threading.Event(), threading.Event()
+
+    def stall() -> None:
+        stalled.set()
+        release.wait(30)
+
+    rw.loop.call_soon_threadsafe(stall)
+    assert stalled.wait(10)
+    try:
+        gate.open.set()  # "x" ends, then "y" runs, sends its output and ends, all while the loop waits
+        poll(lambda: any(item[0] is not None and item[0].task_id == "y" for item in list(threads._done)),
+             what="y's end handed to the loop")
+    finally:
+        release.set()
+    events = session.events("y", 1)
+    kinds = [e.WhichOneof("body") for e in events]
+    assert "output" in kinds, kinds
+    assert kinds.index("output") < kinds.index("finished"), kinds
+    assert b"".join(e.output.data for e in events if e.WhichOneof("body") == "output") == b"from y"
+    assert session.ledger.violations == []
 
 
 def test_prefetch_zero_never_grants_beyond_the_slots(gated):

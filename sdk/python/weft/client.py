@@ -58,6 +58,14 @@ UNARY_TIMEOUT = 30.0
 WAIT_MANY_BATCH = 30_000
 #: Specs per ``Submit`` in :meth:`Client.map` (each ``Submit`` is all or nothing).
 SUBMIT_BATCH = 5_000
+#: Encoded bytes of specs per ``Submit`` in :meth:`Client.map` and :class:`weft.Executor`:
+#: a quarter of the coordinator's default ``--max-message-size`` (16 MiB), so large inputs
+#: split into more requests rather than fail whole batches with RESOURCE_EXHAUSTED. A
+#: single spec larger than this goes alone.
+SUBMIT_BATCH_BYTES = 4 * 1024 * 1024
+#: Room a spec takes in a ``SubmitRequest`` beyond its own bytes, and an input beyond its
+#: length in a spec (a tag and a length prefix each), counted generously.
+_SPEC_OVERHEAD = 16
 
 InputLike = Union[bytes, str, None]
 
@@ -104,23 +112,31 @@ _SUCCEEDED = common_pb2.TASK_STATE_SUCCEEDED
 
 
 def _call_requests(handler: str, inputs: Iterable[InputLike], options: dict) -> Iterator[task_pb2.SubmitRequest]:
-    """``map``'s Submit requests, :data:`SUBMIT_BATCH` calls each: every call a copy of one
-    spec made by :func:`call_spec` with its own input set, which costs a quarter of a
-    ``call_spec`` per input (the client's CPU per task bounds ``map`` on a small machine)."""
+    """``map``'s Submit requests, :data:`SUBMIT_BATCH` calls or :data:`SUBMIT_BATCH_BYTES`
+    each, whichever comes first: every call a copy of one spec made by :func:`call_spec`
+    with its own input set, which costs a quarter of a ``call_spec`` per input (the
+    client's CPU per task bounds ``map`` on a small machine)."""
     if "json" in options:
         raise TypeError("map's inputs are the calls' inputs: json= does not apply (encode each input, "
                         "e.g. json.dumps(value).encode())")
     template = call_spec(handler, b"", **options)
     # Every input is checked before the first Submit: a bad one submits nothing.
     payloads = [_to_bytes(data) for data in inputs]
-    request = task_pb2.SubmitRequest()
+    base = template.ByteSize() + 2 * _SPEC_OVERHEAD
+    budget = SUBMIT_BATCH_BYTES
+    request, size = task_pb2.SubmitRequest(), 0
     for data in payloads:
+        spec_size = base + len(data)
+        if request.tasks and size + spec_size > budget:
+            yield request
+            request, size = task_pb2.SubmitRequest(), 0
         spec = request.tasks.add()
         spec.CopyFrom(template)
         spec.call.input = data
+        size += spec_size
         if len(request.tasks) == SUBMIT_BATCH:
             yield request
-            request = task_pb2.SubmitRequest()
+            request, size = task_pb2.SubmitRequest(), 0
     if request.tasks:
         yield request
 

@@ -74,6 +74,7 @@ import types
 from typing import Any, AsyncIterator, Callable, Deque, Iterable, Iterator, List, Optional, Set, Tuple, Union
 
 from . import errors
+from . import client as _client
 from .client import SUBMIT_BATCH
 from .models import Task, TaskState, call_spec
 from ._proto import common_pb2
@@ -341,11 +342,18 @@ class _Core:
             self.kicked = False
             while self.queue:
                 batch: List[_Request] = []
+                # Bytes as well as specs: a Submit past the coordinator's message limit fails whole.
+                size, budget = 0, _client.SUBMIT_BATCH_BYTES
                 while self.queue and len(batch) < SUBMIT_BATCH:
                     request = self.queue[0]
                     if request.after is not None and not request.future.done():
                         if not self._link(request, batch):
                             break  # a parent's Submit is on its way: send this batch, wait for its id
+                    if not request.future.done():
+                        spec_size = request.spec.ByteSize() + _client._SPEC_OVERHEAD
+                        if batch and size + spec_size > budget:
+                            break  # full: it opens the next batch
+                        size += spec_size
                     self.queue.popleft()
                     if not request.future.done():  # cancelled before it was sent: never submitted
                         batch.append(request)
@@ -588,13 +596,39 @@ class Future(concurrent.futures.Future):
         """The task's id, once the Submit that carried it returned (None before)."""
         return self._request.task_id if self._request is not None else None
 
+    def result(self, timeout: Optional[float] = None) -> Any:
+        """As :meth:`concurrent.futures.Future.result`; a RuntimeError, not a hang, when
+        waited for in a done-callback (see :meth:`_check_wait`)."""
+        self._check_wait("result")
+        return super().result(timeout)
+
+    def exception(self, timeout: Optional[float] = None) -> Optional[BaseException]:
+        """As :meth:`concurrent.futures.Future.exception`; a RuntimeError, not a hang, when
+        waited for in a done-callback (see :meth:`_check_wait`)."""
+        self._check_wait("exception")
+        return super().exception(timeout)
+
+    def _check_wait(self, what: str) -> None:
+        """Done-callbacks run on the executor's connection thread, the one thread that settles
+        its futures: one waiting there for a future not done would wait for ever."""
+        owner = self._owner
+        if owner is not None and not self.done() and owner._on_loop_thread():
+            raise RuntimeError(f"Future.{what}() of a future not done, called in a done-callback (on the "
+                               "executor's connection thread, which settles the futures): it would never return; "
+                               "wait in another thread, or chain with add_done_callback")
+
     def cancel(self) -> bool:
         """Cancels the future and its Weft task, queued or running; False if already done."""
-        if not super().cancel():
-            return False
-        # What a local pool's worker does when it picks a cancelled future up:
-        # wait() and as_completed() count it done only once notified.
-        self.set_running_or_notify_cancel()
+        # Under the future's (reentrant) lock: of cancels from several threads, or one after
+        # another, only the first notifies (a second notify raises) and cancels the task.
+        with self._condition:
+            if self.cancelled():
+                return True
+            if not super().cancel():
+                return False
+            # What a local pool's worker does when it picks a cancelled future up:
+            # wait() and as_completed() count it done only once notified.
+            self.set_running_or_notify_cancel()
         if self._on_cancel is not None and self._request is not None:
             self._on_cancel(self._request)
         return True
@@ -663,8 +697,11 @@ class Executor(concurrent.futures.Executor):
         return future
 
     def _cancel(self, request: _Request) -> None:
-        if not self._closed:
-            self._loop.call_soon_threadsafe(self._core.cancel, request)
+        # Checked and called under the lock: ``_close`` marks the executor closed under it
+        # before the loop closes, so a cancel racing shutdown never calls into a closed loop.
+        with self._lock:
+            if not self._closed:
+                self._loop.call_soon_threadsafe(self._core.cancel, request)
 
     def submit(self, fn: Work, /, *args: Any, **kwargs: Any) -> Future:
         """Runs ``fn(*args, **kwargs)`` on a worker (or calls the handler named ``fn`` with
@@ -704,6 +741,9 @@ class Executor(concurrent.futures.Executor):
         task, running ones too (a local pool cancels only those not started). ``wait`` waits
         for the futures to finish and closes the connection; without it the connection closes
         in the background once they have."""
+        if wait and self._on_loop_thread():
+            raise RuntimeError("shutdown(wait=True) called in a done-callback (on the executor's connection "
+                               "thread, which it would wait for): call shutdown(wait=False) there")
         with self._lock:
             self._shutdown = True
             pending = list(self._futures)
@@ -719,6 +759,10 @@ class Executor(concurrent.futures.Executor):
                 self._close()
 
             threading.Thread(target=close_later, name="weft-executor-close", daemon=True).start()
+
+    def _on_loop_thread(self) -> bool:
+        """Whether this runs on the connection's thread (in a future's done-callback)."""
+        return threading.current_thread() is self._thread
 
     def _close(self) -> None:
         with self._lock:
@@ -761,6 +805,27 @@ class AsyncFuture(asyncio.Future):
     def task_id(self) -> Optional[str]:
         """The task's id, once the Submit that carried it returned (None before)."""
         return self._request.task_id if self._request is not None else None
+
+
+async def _results_in_order(futures: List["AsyncFuture"], end: Optional[float], chunked: bool) -> AsyncIterator[Any]:
+    """:meth:`AsyncExecutor.map`'s results: as ``_yield_in_order``, awaiting."""
+    futures.reverse()  # pop from the end: the caller's order
+    try:
+        while futures:
+            future = futures[-1]
+            if end is None:
+                result = await asyncio.shield(future)
+            else:
+                result = await asyncio.wait_for(asyncio.shield(future), max(0.0, end - time.monotonic()))
+            futures.pop()
+            if chunked:
+                for item in result:
+                    yield item
+            else:
+                yield result
+    finally:
+        for future in futures:
+            future.cancel()
 
 
 class AsyncExecutor:
@@ -837,33 +902,18 @@ class AsyncExecutor:
         spec, decode, after = self._options.call(fn, args, kwargs, self)
         return self._put(spec, decode, after)
 
-    async def map(
+    def map(
         self, fn: Work, *iterables: Iterable, timeout: Optional[float] = None, chunksize: int = 1,
     ) -> AsyncIterator[Any]:
-        """``async for result in ex.map(fn, items, chunksize=k)``: as :meth:`Executor.map`."""
+        """``async for result in ex.map(fn, items, chunksize=k)``: as :meth:`Executor.map`,
+        every call checked and submitted when ``map`` is called, not at the first iteration."""
         _check_map(fn, iterables, chunksize)
         end = None if timeout is None else time.monotonic() + timeout
         if isinstance(fn, str):
             futures = [self.submit(fn, item) for item in iterables[0]]
         else:
             futures = [self._put(*self._options.chunk(fn, chunk)) for chunk in _chunks(iterables, chunksize)]
-        futures.reverse()
-        try:
-            while futures:
-                future = futures[-1]
-                if end is None:
-                    result = await asyncio.shield(future)
-                else:
-                    result = await asyncio.wait_for(asyncio.shield(future), max(0.0, end - time.monotonic()))
-                futures.pop()
-                if isinstance(fn, str):
-                    yield result
-                else:
-                    for item in result:
-                        yield item
-        finally:
-            for future in futures:
-                future.cancel()
+        return _results_in_order(futures, end, chunked=not isinstance(fn, str))
 
     as_completed = staticmethod(asyncio.as_completed)
 

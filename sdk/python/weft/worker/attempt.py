@@ -127,10 +127,14 @@ class Context(TracedContext):
             raise asyncio.CancelledError()
 
     def output(self, data: Union[bytes, str], stream: str = "stdout") -> None:
-        """Sends a chunk of output (``stream`` is ``"stdout"`` or ``"stderr"``)."""
+        """Sends a chunk of output (``stream`` is ``"stdout"`` or ``"stderr"``).
+
+        On a thread handler's thread it waits while the output not yet sent
+        is at its bound (a coordinator out of reach), as a process writing
+        to a full pipe does."""
         if isinstance(data, str):
             data = data.encode()
-        self._call(self._attempts.output, self._attempt, bytes(data), stream)
+        self._call(self._attempts.output, self._attempt, bytes(data), stream, wait_room=True)
 
     def print(self, *args: Any, sep: str = " ", end: str = "\n", stream: str = "stdout") -> None:
         """Like ``print``, into the task's output."""
@@ -140,7 +144,7 @@ class Context(TracedContext):
         """Reports progress: ``fraction`` in 0..1 (negative when unknown)."""
         self._call(self._attempts.progress, self._attempt, float(fraction), str(message))
 
-    def _call(self, fn, *args) -> None:
+    def _call(self, fn, *args, wait_room: bool = False) -> None:
         loop = self._attempts.loop
         if loop is None:
             return
@@ -150,6 +154,14 @@ class Context(TracedContext):
             running = None
         if running is loop:
             fn(*args)
+            return
+        if wait_room:
+            self._attempts.outbox.wait_room(self._cancel)
+        threads = self._attempts.threads
+        if self.kind == "thread" and threads is not None:
+            # The way the call's end goes too: its output is on the loop
+            # before its Finished (a callback of its own could come after).
+            threads.post(fn, *args)
         else:
             loop.call_soon_threadsafe(fn, *args)
 
@@ -160,7 +172,8 @@ class HandlerThreads:
     handed down in advance. A thread that ends a call begins the next one
     from ``ahead`` at once, in the slot the ended call held, without waiting
     for the loop (so at most ``size`` calls run at once, each in a slot).
-    What ended goes back to the loop through a list drained in one callback,
+    What ended goes back to the loop through a list drained in one callback
+    (with what handlers send meanwhile, so a call's output precedes its end),
     saying which call the thread began next: a burst of short calls costs
     the loop one wake-up, and a thread runs several of them in one turn at
     the interpreter lock (``concurrent.futures`` costs a future, a lock and
@@ -211,6 +224,18 @@ class HandlerThreads:
             self.ahead.clear()
         return items
 
+    def post(self, fn: Callable, *args) -> None:
+        """Runs ``fn(*args)`` on the loop, in order with the ends of calls
+        posted after it (a handler's output and progress come before its end)."""
+        with self._lock:
+            first = not self._done
+            self._done.append((None, fn, args))
+        if first:
+            try:
+                self._loop.call_soon_threadsafe(self._drain)
+            except RuntimeError:  # the loop closed: the worker stopped
+                pass
+
     def _serve(self) -> None:
         calls, lock, done_list, ahead, monotonic = self._calls, self._lock, self._done, self.ahead, time.monotonic
         while True:
@@ -242,7 +267,11 @@ class HandlerThreads:
             batch = self._done[:]
             self._done.clear()
         began = self.began
-        for attempt, done, ok, value, took, following in batch:
+        for item in batch:
+            if item[0] is None:  # posted by a handler (``post``)
+                item[1](*item[2])
+                continue
+            attempt, done, ok, value, took, following = item
             if following is not None:
                 # First, so it takes over the slot the ended call frees.
                 began(following)
@@ -723,7 +752,8 @@ class Attempts:
         except PoolCallError as e:
             outcome = common_pb2.OUTCOME_START_FAILED if e.type_name == "StartFailed" else common_pb2.OUTCOME_FAILED
             self.finish(attempt, outcome, error=with_traceback(e.message, e.traceback))
-        except Exception as e:  # noqa: BLE001 - a handler's failure is the attempt's
+        except (Exception, SystemExit, KeyboardInterrupt) as e:  # noqa: BLE001 - a handler's failure is the attempt's
+            # sys.exit() in a handler ends the attempt, not the worker's loop (as on a thread).
             if attempt.stop_reason is not None:
                 self._report_stopped(attempt)
             else:
@@ -783,6 +813,7 @@ class Attempts:
                 secret_env=attempt.spec.secret_env,
                 trace=attempt.spec.trace if attempt.spec.HasField("trace") else None,
                 weft_env=files.env(),
+                room=self.outbox.room,
             )
             # Read whenever it ran to its end, as weft-node reads it (a failed run's too).
             output = (files.output() if attempt.stop_reason is None else None) or b""

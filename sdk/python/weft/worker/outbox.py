@@ -11,6 +11,19 @@ coordinator that crashed before recording it gets it again after the next
 ``SENT_OUTPUT_MAX_BYTES``, oldest dropped first): after the next
 ``Registered`` those of the listed attempts go out again, in seq order,
 ahead of their results; the coordinator drops the ones it has by seq.
+Each sent ``Started`` is kept too, until its attempt's ``Finished`` is sent,
+and goes out again first of its attempt's events (as weft-node's
+``outbox/resend.rs``): one lost with a broken stream would leave the
+attempt waiting to start at the coordinator, and taken back from this
+worker after the start timeout while it runs. Only a sent one is kept, so
+one still queued is never sent twice.
+
+Output and progress waiting to be sent are bounded (``QUEUED_OUTPUT_MAX_*``,
+as weft-node bounds its event channel): past the bound exec tasks' pipes
+are not read (their children block writing) and thread handlers'
+``ctx.output`` waits, so a worker cut off from its coordinator does not
+buffer without end. ``Started``, ``Finished`` and control messages never
+wait.
 
 Plain state plus one ``asyncio.Event`` to wake the sender. It does not own
 the stream (``session.py`` pulls from it), the attempts (``attempt.py``
@@ -23,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import threading
 import time
 from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
 
@@ -55,6 +69,13 @@ REDELIVER_MAX = 10_000
 REDELIVER_MAX_BYTES = 64 * 1024 * 1024
 #: Most output bytes kept to send again after a reconnect (like weft-node).
 SENT_OUTPUT_MAX_BYTES = 8 * 1024 * 1024
+
+#: Most bytes of output, and most output and progress events, queued to be
+#: sent: producers wait past either (weft-node's ``EVENT_BUFFER`` is 4096).
+QUEUED_OUTPUT_MAX_BYTES = 4 * 1024 * 1024
+QUEUED_OUTPUT_MAX_EVENTS = 4096
+#: The kinds of event that count against that bound (and wait for room).
+BOUNDED = ("output", "progress")
 
 #: Queued by a drain after the last event: the stream half-closes there.
 CLOSE = object()
@@ -108,6 +129,13 @@ class Outbox:
 
     def __init__(self) -> None:
         self.queue: Deque[Any] = collections.deque()
+        # Output and progress in the queue (``QUEUED_OUTPUT_MAX_*``): bytes of output, events.
+        self.queued_output_bytes = 0
+        self.queued_output_events = 0
+        #: Set while there is room for more output (thread handlers wait on it).
+        self.room_open = threading.Event()
+        self.room_open.set()
+        self._room: Optional[asyncio.Event] = None  # the same, for the loop
         # Sent Finished events within the redelivery window: key -> (sent at, event), oldest first.
         self.redeliver: "collections.OrderedDict[Key, Tuple[float, node_pb2.NodeTaskEvent]]" = collections.OrderedDict()
         self.redeliver_bytes = 0
@@ -117,6 +145,8 @@ class Outbox:
         self.sent_order: Deque[Tuple[Key, int]] = collections.deque()
         self.sent_output_bytes = 0
         self.sent_output_count = 0
+        # Sent Started events of attempts whose Finished is not sent yet (never dropped for room).
+        self.sent_started: Dict[Key, node_pb2.NodeTaskEvent] = {}
         # Attempts whose Finished was sent, with when: their output goes with the window.
         self.sent_finished: Deque[Tuple[float, Key]] = collections.deque()
         self.truncated: Set[Key] = set()
@@ -134,6 +164,9 @@ class Outbox:
     def start(self) -> None:
         """Creates the wake-up event on the running loop (``Worker.serve``)."""
         self.ready = asyncio.Event()
+        self._room = asyncio.Event()
+        if self.has_room():
+            self._room.set()
 
     def wake(self) -> None:
         """Wakes the session's sender (cheap when it is awake already)."""
@@ -151,14 +184,59 @@ class Outbox:
         self.wake()
 
     def event(self, task_id: str, attempt: int, **body) -> None:
-        """Queues an event about (task_id, attempt); it waits for a session."""
-        self.queue.append(node_pb2.NodeTaskEvent(task_id=task_id, attempt=attempt, **body))
+        """Queues an event about (task_id, attempt); it waits for a session.
+        Output and progress are queued even past the bound: producers that
+        can wait ask :meth:`room` or :meth:`wait_room` first."""
+        event = node_pb2.NodeTaskEvent(task_id=task_id, attempt=attempt, **body)
+        self.queue.append(event)
+        if "output" in body or "progress" in body:
+            self._count(event, 1)
         self.wake()
 
     def push(self, event: node_pb2.NodeTaskEvent) -> None:
         """Queues a built event; it waits for a session."""
         self.queue.append(event)
+        if event.WhichOneof("body") in BOUNDED:
+            self._count(event, 1)
         self.wake()
+
+    # -- the bound on queued output ------------------------------------------
+
+    def has_room(self) -> bool:
+        """Whether queued output and progress are within their bound."""
+        return (self.queued_output_bytes < QUEUED_OUTPUT_MAX_BYTES
+                and self.queued_output_events < QUEUED_OUTPUT_MAX_EVENTS)
+
+    async def room(self) -> None:
+        """Waits (on the loop) until there is room for more output."""
+        while not self.has_room() and self._room is not None:
+            await self._room.wait()
+
+    def wait_room(self, give_up: threading.Event) -> None:
+        """Waits (on another thread) until there is room for more output,
+        or ``give_up`` is set (the attempt was stopped)."""
+        while not self.room_open.wait(0.05):
+            if give_up.is_set():
+                return
+
+    def _count(self, event: node_pb2.NodeTaskEvent, sign: int) -> None:
+        if event.WhichOneof("body") == "output":
+            self.queued_output_bytes += sign * len(event.output.data)
+        self.queued_output_events += sign
+        self._update_room()
+
+    def _update_room(self) -> None:
+        has_room = self.has_room()
+        if has_room == self.room_open.is_set():
+            return
+        if has_room:
+            self.room_open.set()
+            if self._room is not None:
+                self._room.set()
+        else:
+            self.room_open.clear()
+            if self._room is not None:
+                self._room.clear()
 
     def close(self) -> None:
         """Queues the end of the stream after what is queued (a drain)."""
@@ -197,18 +275,30 @@ class Outbox:
         return redeliver, keys
 
     def resendable(self, listed: Set[Key]) -> List[node_pb2.NodeTaskEvent]:
-        """The output chunks to send again after Registered: those kept of the
-        attempts ``listed`` in Register (the others are forgotten), each
-        attempt's in seq order. Call after :meth:`begin_session`."""
+        """The Started events and output chunks to send again after
+        Registered: those kept of the attempts ``listed`` in Register (the
+        others are forgotten), each attempt's Started first, then its chunks
+        in seq order. Call after :meth:`begin_session`."""
         for key in [k for k in self.sent_output if k not in listed]:
             self._forget_output(key)
-        return [event for key in sorted(self.sent_output) for event in self.sent_output[key]]
+        for key in [k for k in self.sent_started if k not in listed]:
+            del self.sent_started[key]
+        resend = []
+        for key in sorted(set(self.sent_output) | set(self.sent_started)):
+            started = self.sent_started.get(key)
+            if started is not None:
+                resend.append(started)
+            resend.extend(self.sent_output.get(key, ()))
+        return resend
 
     def resend_first(self, events: List[node_pb2.NodeTaskEvent]) -> None:
         """Puts ``events`` (from :meth:`begin_session`) at the head of the
         queue; credits wait until they are taken."""
         self.queue.extendleft(reversed(events))
         self.resending = len(events)
+        for event in events:
+            if event.WhichOneof("body") in BOUNDED:
+                self._count(event, 1)
 
     def control_first(self, message: node_pb2.NodeMessage) -> None:
         """Puts a control message at the head of the queue."""
@@ -242,10 +332,15 @@ class Outbox:
         now = time.monotonic()
         for event in batch:
             kind = event.WhichOneof("body")
+            if kind in BOUNDED:
+                self._count(event, -1)
             if kind == "output":
                 self._keep_output(event)
+            elif kind == "started":
+                self.sent_started[(event.task_id, event.attempt)] = event
             elif kind == "finished":
                 key = (event.task_id, event.attempt)
+                self.sent_started.pop(key, None)
                 finished_sent(key)
                 if key not in self.redeliver:
                     self.redeliver[key] = (now, event)
@@ -262,6 +357,7 @@ class Outbox:
         forgotten = self.redeliver.pop(key, None)
         if forgotten is not None:
             self.redeliver_bytes -= payload_bytes(forgotten[1])
+        self.sent_started.pop(key, None)
         self._forget_output(key)
 
     def prune(self, now: float) -> None:

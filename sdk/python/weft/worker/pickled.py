@@ -176,9 +176,11 @@ class RestrictedUnpickler(pickle.Unpickler):
     """Unpickles only globals of the allowed modules (and :data:`SAFE_GLOBALS`).
 
     A dotted name (``Class.method``) is followed one attribute at a time and
-    refused if it passes through a module (``mypkg.os.system``) or a dunder
-    attribute (``f.__globals__``), so an allowed module cannot be used as a
-    door to the modules it imports.
+    refused if it passes through a module (``mypkg.os.system``), a dunder
+    attribute (``f.__globals__``) or anything defined outside the allowed
+    modules (``mypkg.run`` after ``from subprocess import run`` in
+    ``mypkg``: see :func:`home`), so an allowed module cannot be used as a
+    door to the modules it imports or what it imports from them.
     """
 
     #: Globals found already, by (allowed modules, module, name): a pool
@@ -215,10 +217,33 @@ class RestrictedUnpickler(pickle.Unpickler):
             if isinstance(obj, types.ModuleType):
                 raise StartFailed(f"{HANDLER}: global '{module}.{name}' refused: it names a module, reached through "
                               f"'{module}'; allow that module itself")
+            where = home(obj)
+            if where is None or not allowed(where, self.allow_modules):
+                raise StartFailed(f"{HANDLER}: global '{module}.{name}' refused: '{part}' is defined in "
+                                  f"{where or 'no module'}, not in an allowed module (imported into '{module}')")
         return obj
 
     def persistent_load(self, pid: Any) -> Any:
         raise StartFailed(f"{HANDLER}: persistent ids are not allowed")
+
+
+def home(obj: Any) -> Any:
+    """The name of the module ``obj`` was defined in, as far as it tells; None when it does not
+    say (an instance of a built-in type, a C method bound to an object)."""
+    objclass = getattr(obj, "__objclass__", None)
+    if isinstance(objclass, type):  # a C method or slot of a class (``str.join``)
+        return objclass.__module__
+    if isinstance(obj, types.BuiltinFunctionType):
+        owner = obj.__self__
+        if isinstance(owner, types.ModuleType):  # a C function: the module it is bound to (``math.factorial``)
+            return owner.__name__
+        if isinstance(owner, type):  # a C class method (``dict.fromkeys``)
+            return owner.__module__
+        return None  # a C method of an object
+    if isinstance(obj, types.MethodType):  # a Python method bound to its class or an object
+        return home(obj.__func__)
+    module = getattr(obj, "__module__", None)
+    return module if isinstance(module, str) else None
 
 
 def refusal(module: str, name: str) -> str:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from typing import Callable, Mapping, Optional
+from typing import Awaitable, Callable, Mapping, Optional
 
 from .._proto import common_pb2
 from .handlers import StartFailed
@@ -29,6 +29,7 @@ async def run_exec(
     secret_env: Optional[Mapping[str, str]] = None,
     trace: Optional[common_pb2.TraceContext] = None,
     weft_env: Optional[Mapping[str, str]] = None,
+    room: Optional[Callable[[], Awaitable[None]]] = None,
 ) -> int:
     """Runs ``spec`` to its end and answers its return code (negative: the
     signal that killed it). ``set_kill`` receives the hard stop (SIGKILL to
@@ -36,7 +37,10 @@ async def run_exec(
     output as it comes. Raises :class:`StartFailed` if it cannot start; on
     cancellation kills the group, waits for the child and re-raises.
     ``weft_env``: ``$WEFT_PARENTS``/``$WEFT_OUTPUT`` (``parents.py``), set
-    after the task's env (the node's, not the submitter's to choose)."""
+    after the task's env (the node's, not the submitter's to choose).
+    ``room()`` is awaited before each read: while the output sent so far
+    waits for a coordinator, the pipes are not read and the child blocks
+    writing (the outbox's bound)."""
     if not spec.argv:
         raise StartFailed("exec task with an empty argv")
     env = dict(os.environ)
@@ -78,6 +82,8 @@ async def run_exec(
 
     async def pump(reader: asyncio.StreamReader, stream: str) -> None:
         while True:
+            if room is not None:
+                await room()
             chunk = await reader.read(CHUNK_LIMIT)
             if not chunk:
                 return

@@ -75,7 +75,7 @@ class Session:
         self.closing = False
         self.dropped = False  # this side cancelled the call
         self.redeliver: List[node_pb2.NodeTaskEvent] = []  # listed in Register, sent after Registered
-        self.resend: List[node_pb2.NodeTaskEvent] = []  # kept output of listed attempts, sent first
+        self.resend: List[node_pb2.NodeTaskEvent] = []  # kept Started and output of listed attempts, sent first
         # Renewal: when to ask (Unix time), and the new key of the request
         # in flight (None when none is).
         self.renew_at = 0.0
@@ -146,7 +146,7 @@ class Sessions:
         # window (sent again right after Registered, before any credits).
         session.redeliver, keys = outbox.begin_session()
         keys.update(a.key for a in self._attempts.table.values() if not a.finished_sent)
-        # Output those attempts sent on earlier streams goes out again first.
+        # The Started and output those attempts sent on earlier streams go out again first.
         session.resend = outbox.resendable(keys)
         running = [node_pb2.AttemptRef(task_id=t, attempt=n) for t, n in sorted(keys)]
         exec_mode, exec_allow = worker.exec_policy.register_fields()
