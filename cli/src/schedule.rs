@@ -21,7 +21,8 @@ pub enum Overlap {
     Skip,
     /// Submitted anyway: the tasks run side by side or queue.
     Queue,
-    /// The previous fire's task is cancelled, then this one submitted.
+    /// The previous fire's task is cancelled and this one submitted (with a
+    /// full queue the fire is skipped and a running task goes on).
     CancelRunning,
 }
 
@@ -67,7 +68,8 @@ pub enum ScheduleCommand {
         #[arg(long, value_enum, default_value_t = CatchUp::One)]
         catch_up: CatchUp,
         /// Task settings (as `weft submit`; --secret-env is refused: a
-        /// schedule's spec is readable by `weft schedule list`).
+        /// schedule's spec is readable by `weft schedule list`; the trace,
+        /// --traceparent or TRACEPARENT, is not kept: each fire starts its own).
         #[command(flatten)]
         opts: TaskOpts,
         /// Each fire calls this handler; the argument after it is its input (`-`: stdin).
@@ -144,7 +146,10 @@ pub async fn run(
                 }
                 None => TaskSpec::exec(command),
             };
-            let task = opts.apply(task)?;
+            let mut task = opts.apply(task)?;
+            // The shell's TRACEPARENT is this command's trace, not every
+            // fire's for months: each fire starts a trace of its own.
+            task.trace = None;
             let spec = pb::ScheduleSpec {
                 name,
                 cron,

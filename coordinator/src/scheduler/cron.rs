@@ -11,7 +11,8 @@
 //!   was created or last resumed: `since`) is never fired again.
 //! - **Overlap** (the previous fire's task is not final): SKIP records the
 //!   fire as skipped; QUEUE submits anyway; CANCEL_RUNNING cancels the
-//!   previous task, then submits.
+//!   previous task and submits (one on a node is cancelled only once this
+//!   fire's task is queued, so a full queue leaves it running).
 //! - **Catch-up** (fire times that passed while the coordinator was down,
 //!   computed at start from `last_fire`): NONE fires none of them, ONE the
 //!   latest, ALL every one, oldest first, at most [`MAX_CATCH_UP`] (the
@@ -26,23 +27,30 @@
 //! Each fired task carries its fire time: its name is `NAME@FIRE_TIME`
 //! (the task's own name, or the schedule's, then the fire time in RFC 3339,
 //! UTC), and an exec task gets `WEFT_SCHEDULE` and `WEFT_FIRE_TIME` in its
-//! environment.
+//! environment. Create checks the task as a fire builds it, so a spec at a
+//! limit is refused then rather than at every fire. A schedule's task spec
+//! keeps no trace context: each fire starts a trace of its own.
+//!
+//! Fire times in a zone, daylight-saving changes included: [`times`].
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use chrono::{DateTime, SecondsFormat, Utc};
-use croner::Cron;
 use croner::parser::{CronParser, Seconds, Year};
 
 use weft_proto::convert::timestamp;
 use weft_proto::limits::SpecLimits;
-use weft_proto::{ConversionError, TaskId, TaskKind, TaskSpec, pb};
+use weft_proto::{ConversionError, TaskId, TaskKind, TaskSpec, TaskState, pb};
 
 use super::{Now, Scheduler};
 use crate::error::Error;
 use crate::store::ScheduleRecord;
+
+mod times;
+
+use times::{FireTimes, floor_second};
 
 /// Most schedules a coordinator keeps.
 pub const MAX_SCHEDULES: usize = 10_000;
@@ -53,14 +61,22 @@ pub const MAX_CATCH_UP: usize = 1_000;
 const MAX_SLEEP: Duration = Duration::from_secs(60);
 /// The longest schedule name.
 const MAX_NAME: usize = 128;
+/// The longest cron expression and time zone name, in bytes.
+const MAX_CRON_BYTES: usize = 256;
+/// The most bytes a schedule's task spec takes (encoded): every schedule's
+/// spec is kept in memory and listed to readers.
+pub const MAX_SCHEDULE_TASK_BYTES: usize = 64 * 1024;
+/// The most bytes of a refused value an error message quotes.
+const QUOTED_BYTES: usize = 64;
+/// What each fire of an exec task sets in its environment.
+const FIRE_ENV: [&str; 2] = ["WEFT_SCHEDULE", "WEFT_FIRE_TIME"];
 
 /// A schedule's spec, checked: what the rules read.
 #[derive(Clone, Debug)]
 pub struct ParsedSchedule {
     /// The spec as created (what is stored and listed).
     pub spec: pb::ScheduleSpec,
-    cron: Cron,
-    tz: chrono_tz::Tz,
+    times: FireTimes,
     task: TaskSpec,
     overlap: pb::OverlapPolicy,
     catch_up: pb::CatchUp,
@@ -71,6 +87,19 @@ fn invalid(field: &'static str, reason: impl Into<String>) -> Error {
         field,
         reason: reason.into(),
     })
+}
+
+/// `value` quoted for an error message: at most [`QUOTED_BYTES`] of it, so
+/// an over-long value does not come back whole in the answer.
+fn quoted(value: &str) -> String {
+    if value.len() <= QUOTED_BYTES {
+        return format!("{value:?}");
+    }
+    let mut end = QUOTED_BYTES;
+    while !value.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{:?}... ({} bytes)", &value[..end], value.len())
 }
 
 /// The cron parser: five fields, or six with seconds first; no years.
@@ -84,11 +113,18 @@ fn parser() -> CronParser {
 impl ParsedSchedule {
     /// Checks a `CreateSchedule` spec: INVALID_ARGUMENT naming the field
     /// (`spec.name`, `spec.cron` with the parser's reason, `spec.time_zone`,
-    /// `spec.task` checked as Submit checks a task, `spec.overlap`,
-    /// `spec.catch_up`).
+    /// `spec.task` checked as Submit checks a task, and as each fire builds
+    /// it, `spec.overlap`, `spec.catch_up`). A refused value is quoted cut
+    /// to its first [`QUOTED_BYTES`].
     /// `limits`: Submit's (`None` on restart: the stored spec was checked
-    /// when created).
+    /// when created, and a rule added since must not stop it firing).
     pub fn parse(spec: pb::ScheduleSpec, limits: Option<&SpecLimits>) -> Result<Self, Error> {
+        let mut spec = spec;
+        // A trace context in a schedule would make every fire, for months,
+        // part of the one trace its creator was in: each fire starts its own.
+        if let Some(task) = &mut spec.task {
+            task.trace = None;
+        }
         let name = spec.name.as_str();
         if name.is_empty()
             || name.len() > MAX_NAME
@@ -98,15 +134,31 @@ impl ParsedSchedule {
         {
             return Err(invalid(
                 "spec.name",
-                format!("{name:?}: 1 to {MAX_NAME} characters of A-Z a-z 0-9 _ . : -"),
+                format!(
+                    "{}: 1 to {MAX_NAME} characters of A-Z a-z 0-9 _ . : -",
+                    quoted(name)
+                ),
             ));
+        }
+        if limits.is_some() {
+            for (field, value) in [
+                ("spec.cron", &spec.cron),
+                ("spec.time_zone", &spec.time_zone),
+            ] {
+                if value.len() > MAX_CRON_BYTES {
+                    return Err(invalid(
+                        field,
+                        format!("{}: at most {MAX_CRON_BYTES} bytes", quoted(value)),
+                    ));
+                }
+            }
         }
         let cron = parser().parse(spec.cron.trim()).map_err(|err| {
             invalid(
                 "spec.cron",
                 format!(
-                    "{:?}: {err} (five fields: minute hour day-of-month month day-of-week, or six with seconds first)",
-                    spec.cron
+                    "{}: {err} (five fields: minute hour day-of-month month day-of-week, or six with seconds first)",
+                    quoted(&spec.cron)
                 ),
             )
         })?;
@@ -115,7 +167,10 @@ impl ParsedSchedule {
             zone => zone.parse::<chrono_tz::Tz>().map_err(|_| {
                 invalid(
                     "spec.time_zone",
-                    format!("{zone:?} is not an IANA time zone (e.g. Europe/Paris, UTC)"),
+                    format!(
+                        "{} is not an IANA time zone (e.g. Europe/Paris, UTC)",
+                        quoted(zone)
+                    ),
                 )
             })?,
         };
@@ -145,6 +200,9 @@ impl ParsedSchedule {
                 "a schedule keeps its task spec where readers see it; give secrets to the nodes instead",
             ));
         }
+        if let Some(limits) = limits {
+            check_task(&task, limits)?;
+        }
         let task = limits
             .map_or(Ok(()), |limits| limits.check(&task))
             .and_then(|()| TaskSpec::try_from(task))
@@ -152,6 +210,20 @@ impl ParsedSchedule {
                 too_large @ ConversionError::TooLarge { .. } => Error::InvalidArgument(too_large),
                 other => invalid("spec.task", other.to_string()),
             })?;
+        if let Some(limits) = limits {
+            // What each fire submits: a longer name, two more variables.
+            let fired = fired_spec(&task, &spec.name, &fire_time_text(SystemTime::UNIX_EPOCH));
+            limits.check(&fired.into()).map_err(|err| {
+                invalid(
+                    "spec.task",
+                    format!(
+                        "{err}, once a fire adds `@FIRE_TIME` ({} bytes) to the task's name and {} to an exec task's environment",
+                        1 + fire_time_text(SystemTime::UNIX_EPOCH).len(),
+                        FIRE_ENV.join(" and ")
+                    ),
+                )
+            })?;
+        }
         let overlap = match pb::OverlapPolicy::try_from(spec.overlap) {
             Ok(pb::OverlapPolicy::Unspecified) => pb::OverlapPolicy::Skip,
             Ok(policy) => policy,
@@ -162,13 +234,11 @@ impl ParsedSchedule {
             Ok(policy) => policy,
             Err(_) => return Err(invalid("spec.catch_up", "NONE, ONE or ALL")),
         };
-        let mut spec = spec;
         spec.overlap = overlap.into();
         spec.catch_up = catch_up.into();
         let parsed = ParsedSchedule {
             spec,
-            cron,
-            tz,
+            times: FireTimes::new(cron, tz),
             task,
             overlap,
             catch_up,
@@ -179,8 +249,8 @@ impl ParsedSchedule {
             return Err(invalid(
                 "spec.cron",
                 format!(
-                    "{:?} matches no date: it would never fire",
-                    parsed.spec.cron
+                    "{} matches no date: it would never fire",
+                    quoted(&parsed.spec.cron)
                 ),
             ));
         }
@@ -189,20 +259,12 @@ impl ParsedSchedule {
 
     /// The first fire time after `t` (whole seconds), if any.
     fn next_after(&self, t: SystemTime) -> Option<SystemTime> {
-        let from = DateTime::<Utc>::from(floor_second(t)).with_timezone(&self.tz);
-        self.cron
-            .find_next_occurrence(&from, false)
-            .ok()
-            .map(|next| SystemTime::from(next.with_timezone(&Utc)))
+        self.times.next_after(t)
     }
 
     /// The latest fire time before `t` (whole seconds), if any.
     fn previous_before(&self, t: SystemTime) -> Option<SystemTime> {
-        let from = DateTime::<Utc>::from(floor_second(t)).with_timezone(&self.tz);
-        self.cron
-            .find_previous_occurrence(&from, false)
-            .ok()
-            .map(|prev| SystemTime::from(prev.with_timezone(&Utc)))
+        self.times.previous_before(t)
     }
 
     /// Fire times after `after` up to `now` included, oldest first: the
@@ -224,9 +286,33 @@ impl ParsedSchedule {
     }
 }
 
-fn floor_second(t: SystemTime) -> SystemTime {
-    let since = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
-    SystemTime::UNIX_EPOCH + Duration::from_secs(since.as_secs())
+/// What create checks of a schedule's task beyond Submit's checks: its
+/// size, and no variable of its own where a fire sets one.
+fn check_task(task: &pb::TaskSpec, limits: &SpecLimits) -> Result<(), Error> {
+    let size = prost::Message::encoded_len(task);
+    let max = MAX_SCHEDULE_TASK_BYTES.min(limits.max_spec_bytes);
+    if size > max {
+        return Err(invalid(
+            "spec.task",
+            format!("{size} bytes; a schedule's task takes at most {max}"),
+        ));
+    }
+    let set_by_fire = match &task.kind {
+        Some(pb::task_spec::Kind::Exec(exec)) => {
+            FIRE_ENV.iter().find(|name| exec.env.contains_key(**name))
+        }
+        _ => None,
+    };
+    if let Some(name) = set_by_fire {
+        return Err(invalid(
+            "spec.task.exec.env",
+            format!(
+                "{name} is set by each fire ({}); give the variable another name",
+                FIRE_ENV.join(", ")
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// A fire time as fired tasks carry it: RFC 3339, UTC, whole seconds.
@@ -534,29 +620,43 @@ impl Scheduler {
             .last_task
             .filter(|id| self.tasks.contains_key(id));
         let when = fire_time_text(at);
-        let submit = match (parsed.overlap, previous) {
+        let (submit, replaces) = match (parsed.overlap, previous) {
             (pb::OverlapPolicy::Skip, Some(previous)) => {
                 tracing::info!(schedule = %name, fire = %when, running = %previous, "fire skipped: the previous fire's task is not final (overlap SKIP)");
-                false
+                (false, None)
             }
-            (pb::OverlapPolicy::CancelRunning, Some(previous)) => {
-                let reason =
-                    format!("cancelled by schedule {name}: its fire at {when} replaces it");
-                self.cancel(previous, &reason, now);
-                true
+            (pb::OverlapPolicy::CancelRunning, Some(previous)) => (true, Some(previous)),
+            _ => (true, None),
+        };
+        let cancel = |scheduler: &mut Scheduler, previous: TaskId| {
+            let reason = format!("cancelled by schedule {name}: its fire at {when} replaces it");
+            scheduler.cancel(previous, &reason, now);
+        };
+        // A queued task ends at cancel, making room for this fire's; one on
+        // a node stays live (and counts in the queue) until its node
+        // reports, so it is cancelled only once this fire's task is queued:
+        // a full queue then skips the fire and leaves it running.
+        let replaces = match replaces {
+            Some(previous) if self.is_placed(previous) => Some(previous),
+            Some(previous) => {
+                cancel(self, previous);
+                None
             }
-            _ => true,
+            None => None,
         };
         let mut submitted = None;
         if submit {
             let id = self.schedules.new_id(now);
-            let spec = fired_spec(&parsed, name, &when);
+            let spec = fired_spec(&parsed.task, name, &when);
             match self.submit(vec![(id, spec)], now) {
                 Ok(()) => submitted = Some(id),
                 Err(err) => {
                     tracing::warn!(schedule = %name, fire = %when, error = %err, "fire skipped: its task could not be queued");
                 }
             }
+        }
+        if let (Some(previous), Some(_)) = (replaces, submitted) {
+            cancel(self, previous);
         }
         match submitted {
             Some(_) => self.schedules.fires += 1,
@@ -578,10 +678,20 @@ impl Scheduler {
     }
 }
 
-/// The task one fire submits: the schedule's, named `NAME@FIRE_TIME`, and
-/// for exec, with `WEFT_SCHEDULE` and `WEFT_FIRE_TIME` in its environment.
-fn fired_spec(parsed: &ParsedSchedule, schedule: &str, when: &str) -> TaskSpec {
-    let mut spec = parsed.task.clone();
+impl Scheduler {
+    /// Whether a live task is on a node (assigned or running): a cancel
+    /// leaves it live until the node reports.
+    fn is_placed(&self, id: TaskId) -> bool {
+        self.tasks
+            .get(&id)
+            .is_some_and(|task| matches!(task.state, TaskState::Assigned | TaskState::Running))
+    }
+}
+
+/// The task one fire submits: the schedule's `task`, named
+/// `NAME@FIRE_TIME`, and for exec, with [`FIRE_ENV`] in its environment.
+fn fired_spec(task: &TaskSpec, schedule: &str, when: &str) -> TaskSpec {
+    let mut spec = task.clone();
     let base = if spec.name.is_empty() {
         schedule
     } else {
@@ -589,8 +699,9 @@ fn fired_spec(parsed: &ParsedSchedule, schedule: &str, when: &str) -> TaskSpec {
     };
     spec.name = format!("{base}@{when}");
     if let TaskKind::Exec(exec) = &mut spec.kind {
-        exec.env.insert("WEFT_SCHEDULE".into(), schedule.into());
-        exec.env.insert("WEFT_FIRE_TIME".into(), when.into());
+        let [schedule_var, fire_time_var] = FIRE_ENV;
+        exec.env.insert(schedule_var.into(), schedule.into());
+        exec.env.insert(fire_time_var.into(), when.into());
     }
     spec
 }

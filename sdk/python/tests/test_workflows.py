@@ -143,6 +143,14 @@ def test_limits_and_schedules_are_checked_before_they_are_sent():
         schedule_spec("n", "* * * * *", weft.exec_spec(["x"], after=["t"]))
 
 
+def test_a_schedule_may_use_a_cron_nickname():
+    for nickname in ("@hourly", "@daily", " @weekly ", "@yearly"):
+        assert schedule_spec("n", nickname, weft.exec_spec(["x"])).cron == nickname
+    for bad in ("@", "@daily extra", "daily"):
+        with pytest.raises(ValueError, match="five fields"):
+            schedule_spec("n", bad, weft.exec_spec(["x"]))
+
+
 def test_the_new_states_are_final_and_their_errors_say_so():
     assert not weft.TaskState.PENDING.is_final
     assert weft.TaskState.UPSTREAM_FAILED.is_final and weft.TaskState.SKIPPED.is_final

@@ -236,9 +236,11 @@ def schedule_spec(name: str, cron: str, task: common_pb2.TaskSpec, time_zone: st
                   catch_up: str = "one") -> schedule_pb2.ScheduleSpec:
     """A checked ``ScheduleSpec`` (the cron expression and time zone are the coordinator's to check)."""
     check_key("name", name)
-    if not isinstance(cron, str) or len(cron.split()) not in (5, 6):
+    # A nickname (`@daily`, `@hourly`, ...) is one word; the coordinator says which it knows.
+    nickname = isinstance(cron, str) and cron.strip().startswith("@") and cron.strip()[1:].isalpha()
+    if not isinstance(cron, str) or not (nickname or len(cron.split()) in (5, 6)):
         raise ValueError(f"cron {cron!r} must have five fields (minute hour day-of-month month day-of-week), "
-                         "or six with seconds first")
+                         "or six with seconds first, or be a nickname such as @daily")
     if not isinstance(task, common_pb2.TaskSpec):
         raise TypeError(f"a schedule's task is a task spec (weft.call_spec / weft.exec_spec), not {type(task).__name__}")
     if task.ref or len(task.after) or task.HasField("not_before"):

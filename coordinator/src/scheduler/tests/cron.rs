@@ -736,3 +736,250 @@ fn a_schedule_every_half_hour_fires_every_half_hour_through_the_repeated_hour_on
         ]
     );
 }
+
+#[test]
+fn cancel_running_with_a_full_queue_keeps_the_running_task() {
+    let mut config = config();
+    config.max_queued = 1;
+    let mut h = Harness::with(config);
+    h.now.wall = SystemTime::UNIX_EPOCH + Duration::from_millis(100_500);
+    h.node(S1, reg("n1", 1), 1);
+    every_second(&mut h, pb::OverlapPolicy::CancelRunning, pb::CatchUp::One);
+    h.advance(Duration::from_secs(1));
+    h.effects();
+    let (first, _) = fired(&h)[0];
+    h.event(S1, first, 1, NodeEventBody::Started);
+    // The running task fills the queue: the fire cannot submit, so it
+    // must not cancel either.
+    h.advance(Duration::from_secs(1));
+    let e = h.effects();
+    assert!(
+        cancels(&e, S1).is_empty(),
+        "the running task is left running"
+    );
+    assert_eq!(fired(&h).len(), 1);
+    assert_eq!(h.record(first).state, TaskState::Running);
+    let record = schedule(&h, "tick");
+    assert_eq!((record.fired, record.skipped), (1, 1));
+    assert_eq!(record.last_task, Some(first));
+}
+
+#[test]
+fn cancel_running_cancels_a_queued_previous_task_to_make_room() {
+    let mut config = config();
+    config.max_queued = 1;
+    let mut h = Harness::with(config);
+    h.now.wall = SystemTime::UNIX_EPOCH + Duration::from_millis(100_500);
+    every_second(&mut h, pb::OverlapPolicy::CancelRunning, pb::CatchUp::One);
+    // No node: the first fire's task stays queued, filling the queue.
+    h.advance(Duration::from_secs(1));
+    h.effects();
+    h.advance(Duration::from_secs(1));
+    h.effects();
+    let tasks = fired(&h);
+    assert_eq!(tasks.len(), 2);
+    assert_eq!(h.record(tasks[0].0).state, TaskState::Cancelled);
+    assert_eq!(schedule(&h, "tick").last_task, Some(tasks[1].0));
+}
+
+#[test]
+fn a_fire_whose_batch_was_not_committed_with_catch_up_none_is_not_fired_after_the_restart() {
+    let mut h = at_100_5();
+    every_second(&mut h, pb::OverlapPolicy::Queue, pb::CatchUp::None);
+    h.advance(Duration::from_millis(500));
+    // The batch with the 101 s fire is lost: with catch-up NONE it is one
+    // of the missed fire times, and none of those fire.
+    let _ = h.s.take_effects(h.now);
+    let mut h = h.restart(Duration::from_millis(200));
+    h.s.tick(h.now);
+    h.effects();
+    assert!(fired(&h).is_empty());
+    h.advance(Duration::from_millis(800));
+    h.effects();
+    assert_eq!(fire_names(&h), ["tick@1970-01-01T00:01:42Z"]);
+}
+
+#[test]
+fn a_list_of_fixed_hours_fires_once_in_the_repeated_hour() {
+    // 2027-10-31 in Paris: 02:30 came at 00:30 UTC (CEST) and again at
+    // 01:30 UTC (CET); 14:30 CET is 13:30 UTC.
+    let mut h = Harness::new();
+    h.now.wall = utc("2027-10-30T13:00:00Z");
+    in_paris(&mut h, "twice", "30 2,14 * * *", pb::CatchUp::One);
+    until(&mut h, "2027-10-31T00:30:00.5Z");
+    until(&mut h, "2027-10-31T01:30:00.5Z");
+    until(&mut h, "2027-10-31T13:30:00.5Z");
+    assert_eq!(
+        fire_names(&h),
+        ["twice@2027-10-31T00:30:00Z", "twice@2027-10-31T13:30:00Z"]
+    );
+}
+
+#[test]
+fn a_list_of_fixed_hours_fires_once_after_the_spring_gap() {
+    // 2027-03-28 in Paris: no 02:00 to 02:59; 03:00 CEST is 01:00 UTC.
+    let mut h = Harness::new();
+    h.now.wall = utc("2027-03-27T14:00:00Z");
+    in_paris(&mut h, "twice", "30 2,14 * * *", pb::CatchUp::One);
+    in_paris(&mut h, "halves", "0,30 2 * * *", pb::CatchUp::One);
+    until(&mut h, "2027-03-28T00:59:59.5Z");
+    assert!(fired(&h).is_empty());
+    until(&mut h, "2027-03-28T01:00:00.5Z");
+    until(&mut h, "2027-03-28T12:30:00.5Z");
+    assert_eq!(
+        fire_names(&h),
+        [
+            "halves@2027-03-28T01:00:00Z",
+            "twice@2027-03-28T01:00:00Z",
+            "twice@2027-03-28T12:30:00Z"
+        ]
+    );
+}
+
+#[test]
+fn a_restart_in_the_repeated_hour_catches_up_a_listed_fixed_hour_once() {
+    let mut h = Harness::new();
+    h.now.wall = utc("2027-10-30T13:00:00Z");
+    in_paris(&mut h, "twice", "30 2,14 * * *", pb::CatchUp::One);
+    // Down over the first 02:30 (00:30 UTC), back in the repeated hour:
+    // the missed fire is caught up, and the second 02:30 does not fire.
+    let mut h = restarted_at(&h, "2027-10-31T01:10:00Z");
+    assert_eq!(fire_names(&h), ["twice@2027-10-31T00:30:00Z"]);
+    until(&mut h, "2027-10-31T01:30:00.5Z");
+    until(&mut h, "2027-10-31T13:30:00.5Z");
+    assert_eq!(
+        fire_names(&h),
+        ["twice@2027-10-31T00:30:00Z", "twice@2027-10-31T13:30:00Z"]
+    );
+}
+
+#[test]
+fn a_task_name_at_the_limit_is_refused_for_a_schedule() {
+    let base = || spec("ok", "0 3 * * *", pb::OverlapPolicy::Skip, pb::CatchUp::One);
+    let named = TaskSpec::exec(["true"]).name("n".repeat(weft_proto::limits::MAX_TASK_NAME_BYTES));
+    let err = parse(pb::ScheduleSpec {
+        task: Some(named.into()),
+        ..base()
+    })
+    .expect_err("each fire's name would be over the limit");
+    let status = tonic::Status::from(err);
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(
+        status.message().contains("spec.task"),
+        "{}",
+        status.message()
+    );
+    assert!(status.message().contains("`name`"), "{}", status.message());
+    let mut full = TaskSpec::exec(["true"]);
+    for n in 0..weft_proto::limits::MAX_ENV_ENTRIES {
+        full = full.env(format!("V{n}"), "");
+    }
+    let err = parse(pb::ScheduleSpec {
+        task: Some(full.into()),
+        ..base()
+    })
+    .expect_err("each fire's environment would be over the limit");
+    assert!(message(err).contains("exec.env"));
+}
+
+#[test]
+fn a_task_setting_a_variable_each_fire_sets_is_refused() {
+    for name in ["WEFT_SCHEDULE", "WEFT_FIRE_TIME"] {
+        let err = parse(pb::ScheduleSpec {
+            task: Some(TaskSpec::exec(["true"]).env(name, "mine").into()),
+            ..spec("ok", "0 3 * * *", pb::OverlapPolicy::Skip, pb::CatchUp::One)
+        })
+        .expect_err("a variable the fire overwrites");
+        let status = tonic::Status::from(err);
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert!(status.message().contains("spec.task.exec.env"));
+        assert!(status.message().contains(name), "{}", status.message());
+    }
+}
+
+#[test]
+fn a_schedule_task_over_its_size_cap_is_refused() {
+    let big = TaskSpec::exec([
+        "echo",
+        &"x".repeat(crate::scheduler::cron::MAX_SCHEDULE_TASK_BYTES),
+    ]);
+    let err = parse(pb::ScheduleSpec {
+        task: Some(big.into()),
+        ..spec("ok", "0 3 * * *", pb::OverlapPolicy::Skip, pb::CatchUp::One)
+    })
+    .expect_err("over the cap");
+    let status = tonic::Status::from(err);
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(
+        status.message().contains("spec.task"),
+        "{}",
+        status.message()
+    );
+}
+
+#[test]
+fn an_over_long_cron_or_name_is_refused_with_a_short_message() {
+    let base = || spec("ok", "0 3 * * *", pb::OverlapPolicy::Skip, pb::CatchUp::One);
+    let long = "1".repeat(10 << 20);
+    for (field, spec) in [
+        (
+            "spec.cron",
+            pb::ScheduleSpec {
+                cron: long.clone(),
+                ..base()
+            },
+        ),
+        (
+            "spec.time_zone",
+            pb::ScheduleSpec {
+                time_zone: long.clone(),
+                ..base()
+            },
+        ),
+        (
+            "spec.name",
+            pb::ScheduleSpec {
+                name: long.clone(),
+                ..base()
+            },
+        ),
+    ] {
+        let status = tonic::Status::from(parse(spec).expect_err("too long"));
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert!(status.message().contains(field), "{}", status.message());
+        assert!(
+            status.message().len() < 1024,
+            "{field}: {} bytes",
+            status.message().len()
+        );
+    }
+}
+
+#[test]
+fn a_schedule_created_with_a_trace_fires_tasks_outside_it() {
+    let trace = weft_proto::TraceContext::new([7; 16], [9; 8]);
+    let mut h = at_100_5();
+    let parsed = parse(pb::ScheduleSpec {
+        task: Some(TaskSpec::exec(["true"]).trace(trace).into()),
+        ..spec(
+            "tick",
+            "* * * * * *",
+            pb::OverlapPolicy::Queue,
+            pb::CatchUp::One,
+        )
+    })
+    .expect("parses");
+    assert!(parsed.spec.task.as_ref().is_some_and(|t| t.trace.is_none()));
+    h.s.create_schedule(parsed, h.now).expect("created");
+    h.effects();
+    assert!(
+        schedule(&h, "tick")
+            .spec
+            .task
+            .is_some_and(|t| t.trace.is_none())
+    );
+    h.advance(Duration::from_secs(1));
+    h.effects();
+    let (id, _) = fired(&h)[0];
+    assert_eq!(h.record(id).spec.trace, None);
+}
