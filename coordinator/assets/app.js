@@ -594,6 +594,7 @@
       state: params.get('state') || '',
       label: params.get('label') || '',
       name: params.get('name') || '',
+      node: params.get('node') || '',
     };
     // `#/tasks?limit=N` picks the page size (1 to 500; the server caps it too).
     const limit = Math.min(500, Math.max(1, Number(params.get('limit')) || PAGE_SIZE));
@@ -603,10 +604,12 @@
       STATES.map((s) => h('option', { value: s, selected: s === filters.state }, s.replace('_', ' '))));
     const labelInput = h('input', { id: 'filter-label', name: 'label', placeholder: 'key=value', value: filters.label, size: 16 });
     const nameInput = h('input', { id: 'filter-name', name: 'name', placeholder: 'part of a name', value: filters.name, size: 16 });
+    const nodeInput = h('input', { id: 'filter-node', name: 'node', placeholder: 'node name or id', value: filters.node, size: 16 });
     const filterForm = h('form', { class: 'filters', id: 'task-filters' },
       h('label', { class: 'field' }, 'State', stateSelect),
       h('label', { class: 'field' }, 'Label', labelInput),
       h('label', { class: 'field' }, 'Name', nameInput),
+      h('label', { class: 'field' }, 'Node', nodeInput),
       h('button', { type: 'submit', id: 'filter-apply' }, 'Filter'),
       h('button', { type: 'button', class: 'secondary', id: 'filter-clear', onclick: () => { location.hash = '#/tasks'; } }, 'Clear'));
     filterForm.addEventListener('submit', (ev) => {
@@ -615,6 +618,7 @@
       if (stateSelect.value) q.set('state', stateSelect.value);
       if (labelInput.value.trim()) q.set('label', labelInput.value.trim());
       if (nameInput.value.trim()) q.set('name', nameInput.value.trim());
+      if (nodeInput.value.trim()) q.set('node', nodeInput.value.trim());
       if (limit !== PAGE_SIZE) q.set('limit', String(limit));
       const next = q.toString() ? `#/tasks?${q}` : '#/tasks';
       if (location.hash === next) load(''); else location.hash = next;
@@ -643,6 +647,7 @@
       if (filters.state) q.set('state', filters.state);
       if (filters.label) q.set('label', filters.label);
       if (filters.name) q.set('name', filters.name);
+      if (filters.node) q.set('node', filters.node);
       q.set('limit', String(limit));
       if (token) q.set('page_token', token);
       try {
@@ -673,7 +678,7 @@
   function tasksTable(tasks, filters) {
     if (tasks.length === 0) {
       if (filters.job) return empty('This page of the job has no tasks.');
-      const filtered = filters.state || filters.label || filters.name;
+      const filtered = filters.state || filters.label || filters.name || filters.node;
       return empty(filtered ? 'No tasks match these filters.' : 'No tasks yet. Submit one with `weft submit -- echo hello`.');
     }
     const rows = tasks.map((t) => {
@@ -909,9 +914,9 @@
   // resumes right after the last event seen; when the server refuses a
   // reconnect (EventSource then gives up) this retries with ?from_seq.
   // Events at or below the last seq seen are dropped, so a resume never
-  // shows a line twice.
+  // shows a line twice. Seqs start at 0: -1 is "none seen yet".
   function follow(pg, id, on) {
-    let lastSeq = 0;
+    let lastSeq = -1;
     let finished = false;
     let source = null;
     let failures = 0;
@@ -919,7 +924,7 @@
     pg.onEnd(() => { if (source) source.close(); });
 
     function connect() {
-      const from = lastSeq ? `?from_seq=${lastSeq + 1}` : '';
+      const from = lastSeq >= 0 ? `?from_seq=${lastSeq + 1}` : '';
       source = new EventSource(`/api/tasks/${encodeURIComponent(id)}/events${from}`);
       const es = source;
       es.onopen = () => {
@@ -933,8 +938,9 @@
       for (const type of ['state', 'output', 'progress', 'finished']) {
         es.addEventListener(type, (msg) => {
           if (!pg.alive || es !== source) return;
-          let seq = Number(msg.lastEventId);
-          if (Number.isFinite(seq) && seq > 0) {
+          // Every event the server sends has its seq as its id.
+          let seq = msg.lastEventId === '' ? NaN : Number(msg.lastEventId);
+          if (Number.isInteger(seq) && seq >= 0) {
             if (seq <= lastSeq) return;
             lastSeq = seq;
           } else {
@@ -993,9 +999,7 @@
 
   function taskFields(t) {
     const env = Object.entries(t.env || {});
-    const secrets = Array.isArray(t.secret_env_keys) ? t.secret_env_keys : [];
-    const envRows = env.map(([k, v]) => h('div', { class: 'mono' }, `${k}=${v}`))
-      .concat(secrets.map((k) => h('div', { class: 'mono' }, `${k}=`, h('span', { class: 'muted' }, '(secret, not shown)'))));
+    const envRows = env.map(([k, v]) => h('div', { class: 'mono' }, `${k}=${v}`));
     const kind = t.kind || (t.handler ? 'call' : 'exec');
     return fields([
       ['Id', h('span', { class: 'mono' }, t.id)],

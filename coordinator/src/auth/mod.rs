@@ -469,16 +469,23 @@ impl tonic::service::Interceptor for Authenticator {
                     .ok_or(AuthError::Missing)?
                     .to_str()
                     .map_err(|_| AuthError::Invalid)?;
-                let token = token
-                    .strip_prefix("Bearer ")
-                    .or_else(|| token.strip_prefix("bearer "))
-                    .ok_or(AuthError::Invalid)?;
+                let token = bearer_token(token).ok_or(AuthError::Invalid)?;
                 index.authenticate(token, SystemTime::now())?
             }
         };
         request.extensions_mut().insert(caller);
         Ok(request)
     }
+}
+
+/// The token of an `Authorization` value `Bearer TOKEN`. The scheme is
+/// matched whatever its case (HTTP's auth schemes are case-insensitive:
+/// `BEARER x` is `Bearer x`); `None` for another scheme or none.
+pub(crate) fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim_start_matches(' '))
 }
 
 /// The admin token's file name in the data dir.

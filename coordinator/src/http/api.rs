@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::Bytes;
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
@@ -17,7 +17,7 @@ use weft_proto::pb;
 use weft_proto::pb::admin_service_server::AdminService;
 use weft_proto::pb::task_service_server::TaskService;
 
-use super::{ApiError, App, grpc_request, json as to_json};
+use super::{ApiError, App, PathId, grpc_request, json as to_json};
 use crate::auth::{Caller, Scopes};
 
 /// A task list page's size when none is asked for.
@@ -29,7 +29,7 @@ const MAX_PAGE: u32 = 500;
 const MAX_NODE_RUNNING: usize = 1024;
 
 /// A 200 answer with `value` as JSON, never cached.
-fn ok(value: Value) -> Response {
+pub(super) fn ok(value: Value) -> Response {
     (
         [
             (header::CONTENT_TYPE, "application/json"),
@@ -57,11 +57,15 @@ fn me_json(app: &App, caller: &Caller) -> Value {
 
 /// `POST /api/login` `{"token": "..."}`: a session cookie for a working
 /// client token.
-pub(super) async fn login(State(app): State<Arc<App>>, body: Bytes) -> Result<Response, ApiError> {
+pub(super) async fn login(
+    State(app): State<Arc<App>>,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Response, ApiError> {
     #[derive(serde::Deserialize)]
     struct Login {
         token: String,
     }
+    let body = body?;
     let login: Login = serde_json::from_slice(&body).map_err(|err| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -76,7 +80,11 @@ pub(super) async fn login(State(app): State<Arc<App>>, body: Bytes) -> Result<Re
     let caller = index.authenticate(&login.token, std::time::SystemTime::now())?;
     let id = app
         .sessions
-        .open(login.token.trim(), Instant::now())
+        .open(
+            caller.token_id.as_deref().unwrap_or_default(),
+            login.token.trim(),
+            Instant::now(),
+        )
         .ok_or_else(|| {
             ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -200,7 +208,7 @@ async fn find_node(app: &App, caller: &Caller, id: &str) -> Result<pb::NodeInfo,
 pub(super) async fn node(
     State(app): State<Arc<App>>,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    PathId(id): PathId,
 ) -> Result<Response, ApiError> {
     let caller = app.caller(&headers)?;
     let node = find_node(&app, &caller, &id).await?;
@@ -221,8 +229,7 @@ pub(super) async fn node(
             "name": task.spec.as_ref().map(|s| s.name.clone()).unwrap_or_default(),
             "attempt": attempt.attempt,
             "state": to_json::state_name(task.state),
-            // The task's last state change: its start, while it runs.
-            "started_at": to_json::time(task.updated_at.as_ref()),
+            "started_at": attempt_started_at(&task, attempt.attempt),
         }));
     }
     Ok(ok(
@@ -230,11 +237,22 @@ pub(super) async fn node(
     ))
 }
 
+/// When attempt `number` of `task` started (its history's entry of that
+/// number); null while it has not (assigned, not yet started) or when the
+/// record has no history of it.
+fn attempt_started_at(task: &pb::Task, number: u32) -> Value {
+    task.attempts
+        .iter()
+        .rev()
+        .find(|a| a.number == number)
+        .map_or(Value::Null, |a| to_json::time(a.started_at.as_ref()))
+}
+
 /// `POST /api/nodes/{id}/drain` (admin).
 pub(super) async fn drain(
     State(app): State<Arc<App>>,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    PathId(id): PathId,
 ) -> Result<Response, ApiError> {
     let caller = app.caller(&headers)?;
     let request = pb::DrainNodeRequest {
@@ -255,7 +273,7 @@ pub(super) async fn drain(
 pub(super) async fn revoke(
     State(app): State<Arc<App>>,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    PathId(id): PathId,
 ) -> Result<Response, ApiError> {
     let caller = app.caller(&headers)?;
     let answer = app
@@ -307,15 +325,7 @@ fn list_request(query: Option<&str>) -> Result<pb::ListRequest, ApiError> {
                 })?;
                 request.state = i32::from(state);
             }
-            "limit" => {
-                let limit: u32 = value.parse().map_err(|_| {
-                    ApiError::new(
-                        StatusCode::BAD_REQUEST,
-                        format!("limit: {value:?} is not a number (1 to {MAX_PAGE})"),
-                    )
-                })?;
-                request.limit = limit.clamp(1, MAX_PAGE);
-            }
+            "limit" => request.limit = parse_limit(&value)?,
             "page_token" => request.page_token = value,
             "label" | "name" | "node" | "job" if value.is_empty() => {}
             // `label=k=v`, repeatable: every one must match.
@@ -344,6 +354,37 @@ fn list_request(query: Option<&str>) -> Result<pb::ListRequest, ApiError> {
     Ok(request)
 }
 
+/// The `ListRequest` of job `job`'s page: only `limit` and `page_token`
+/// are read from the query; the task list's filters (state, label, name,
+/// node) are not the job page's, so a link carrying them still finds the
+/// job. 400 for a bad limit.
+pub(super) fn job_request(job: &str, query: Option<&str>) -> Result<pb::ListRequest, ApiError> {
+    let mut request = pb::ListRequest {
+        job: job.to_owned(),
+        limit: DEFAULT_PAGE,
+        ..Default::default()
+    };
+    for (key, value) in query_pairs(query) {
+        match key.as_str() {
+            "limit" => request.limit = parse_limit(&value)?,
+            "page_token" => request.page_token = value,
+            _ => {}
+        }
+    }
+    Ok(request)
+}
+
+/// A page size as asked for, within 1 to [`MAX_PAGE`]; 400 for no number.
+fn parse_limit(value: &str) -> Result<u32, ApiError> {
+    let limit: u32 = value.parse().map_err(|_| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("limit: {value:?} is not a number (1 to {MAX_PAGE})"),
+        )
+    })?;
+    Ok(limit.clamp(1, MAX_PAGE))
+}
+
 /// `GET /api/tasks?state=&label=&name=&node=&job=&limit=&page_token=`: a
 /// page, newest first (a job's tasks oldest first), through `TaskService.List`.
 pub(super) async fn tasks(
@@ -368,7 +409,7 @@ pub(super) async fn tasks(
 pub(super) async fn task(
     State(app): State<Arc<App>>,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    PathId(id): PathId,
 ) -> Result<Response, ApiError> {
     let caller = app.caller(&headers)?;
     let task = app
@@ -385,7 +426,7 @@ pub(super) async fn task(
 pub(super) async fn cancel(
     State(app): State<Arc<App>>,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    PathId(id): PathId,
 ) -> Result<Response, ApiError> {
     let caller = app.caller(&headers)?;
     let request = pb::CancelRequest {
@@ -402,77 +443,11 @@ pub(super) async fn cancel(
     Ok(ok(json!({ "task": to_json::task(&task) })))
 }
 
-/// Most tasks of a job counted by state on its page (pages of
-/// [`MAX_PAGE`] through `TaskService.List`); a bigger job says its counts
-/// are partial.
-const MAX_JOB_COUNTED: usize = 20_000;
-
-/// `GET /api/jobs/{id}?limit=&page_token=`: the job's tasks (a page, oldest
-/// first) and their counts per state, through `TaskService.List` with
-/// `job`; 404 for an unknown job (no task).
-pub(super) async fn job(
-    State(app): State<Arc<App>>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-    RawQuery(query): RawQuery,
-) -> Result<Response, ApiError> {
-    let caller = app.caller(&headers)?;
-    let mut request = list_request(query.as_deref())?;
-    request.job = id.clone();
-    request.state = 0;
-    let page = app
-        .tasks
-        .list(grpc_request(&caller, request))
-        .await?
-        .into_inner();
-    if page.tasks.is_empty() && page.next_page_token.is_empty() {
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            format!("no job {id:?} (no task has that job id)"),
-        ));
-    }
-    // The counts: every task of the job, read page by page.
-    let mut counts = serde_json::Map::new();
-    let mut counted = 0;
-    let mut token = String::new();
-    loop {
-        let request = pb::ListRequest {
-            job: id.clone(),
-            limit: MAX_PAGE,
-            page_token: token,
-            ..Default::default()
-        };
-        let part = app
-            .tasks
-            .list(grpc_request(&caller, request))
-            .await?
-            .into_inner();
-        for task in &part.tasks {
-            let name = to_json::state_name(task.state);
-            let n = counts.get(name).and_then(Value::as_u64).unwrap_or(0);
-            counts.insert(name.to_owned(), json!(n + 1));
-        }
-        counted += part.tasks.len();
-        token = part.next_page_token;
-        if token.is_empty() || counted >= MAX_JOB_COUNTED {
-            break;
-        }
-    }
-    Ok(ok(json!({
-        "job_id": id,
-        "counts": counts,
-        "counted": counted,
-        "counts_complete": token.is_empty(),
-        "tasks": page.tasks.iter().map(to_json::task).collect::<Vec<_>>(),
-        "next_page_token": page.next_page_token,
-    })))
-}
-
 /// `POST /api/jobs/{id}/cancel` (cancel scope): `TaskService.CancelJob`.
 pub(super) async fn cancel_job(
     State(app): State<Arc<App>>,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    PathId(id): PathId,
 ) -> Result<Response, ApiError> {
     let caller = app.caller(&headers)?;
     let request = pb::CancelJobRequest {
@@ -544,6 +519,62 @@ mod tests {
             let err = list_request(Some(bad)).unwrap_err();
             assert_eq!(err.status, StatusCode::BAD_REQUEST, "{bad}");
         }
+    }
+
+    #[test]
+    fn node_page_started_at_is_the_attempt_start() {
+        let at = |seconds| prost_types::Timestamp { seconds, nanos: 0 };
+        let task = pb::Task {
+            attempt: 2,
+            // Its last change came after the start (a progress update,
+            // a cancel asked for): not the start.
+            updated_at: Some(at(2_000)),
+            attempts: vec![
+                pb::Attempt {
+                    number: 1,
+                    started_at: Some(at(1_000)),
+                    ended_at: Some(at(1_100)),
+                    ..Default::default()
+                },
+                pb::Attempt {
+                    number: 2,
+                    started_at: Some(at(1_500)),
+                    ..Default::default()
+                },
+                pb::Attempt {
+                    number: 3,
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        };
+        assert_eq!(
+            attempt_started_at(&task, 2),
+            to_json::time(Some(&at(1_500)))
+        );
+        assert_eq!(attempt_started_at(&task, 3), Value::Null, "not started");
+        assert_eq!(attempt_started_at(&task, 4), Value::Null, "no history");
+    }
+
+    #[test]
+    fn a_job_request_reads_only_limit_and_page_token() {
+        let request = job_request(
+            "J1",
+            Some("name=zzz&node=n9&label=k=v&state=running&limit=7&page_token=T"),
+        )
+        .unwrap();
+        assert_eq!(
+            request,
+            pb::ListRequest {
+                job: "J1".to_owned(),
+                limit: 7,
+                page_token: "T".to_owned(),
+                ..Default::default()
+            }
+        );
+        // Not even a filter the task list would refuse is read.
+        assert!(job_request("J1", Some("state=sleeping&label=bad")).is_ok());
+        assert!(job_request("J1", Some("limit=many")).is_err());
     }
 
     #[test]

@@ -3,11 +3,10 @@
 //! answer carries (a strict CSP: no inline script or style, nothing from
 //! another origin).
 
-use axum::extract::Path;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
-use super::ApiError;
+use super::{ApiError, PathId};
 
 include!(concat!(env!("OUT_DIR"), "/assets.rs"));
 
@@ -59,7 +58,7 @@ pub(super) async fn index() -> Response {
 }
 
 /// `GET /assets/{file}`.
-pub(super) async fn asset(Path(name): Path<String>) -> Response {
+pub(super) async fn asset(PathId(name): PathId) -> Response {
     serve(&name)
 }
 

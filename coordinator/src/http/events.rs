@@ -14,7 +14,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -24,7 +24,7 @@ use weft_proto::pb;
 use weft_proto::pb::task_service_server::TaskService;
 
 use super::api::query_pairs;
-use super::{ApiError, App, grpc_request, json};
+use super::{ApiError, App, PathId, grpc_request, json};
 
 /// A comment line this often keeps proxies and browsers from timing an
 /// idle stream out.
@@ -102,7 +102,7 @@ fn sse_event(event: &pb::TaskEvent, joiner: &mut Utf8Joiner) -> Event {
 pub(super) async fn events(
     State(app): State<Arc<App>>,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    PathId(id): PathId,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     let caller = app.caller(&headers)?;

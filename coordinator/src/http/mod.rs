@@ -18,17 +18,21 @@
 //! header, and translates to JSON ([`json`]). Nothing here decides about
 //! tasks or nodes.
 //!
-//! Layout: [`api`] (the routes' handlers), [`events`] (a task's events as
-//! Server-Sent Events), [`assets`] (the embedded pages, security headers),
-//! [`json`] (the contract's objects), [`series`] (the overview's charts),
-//! [`session`] (login sessions).
+//! Layout: [`api`] (the routes' handlers), [`jobs`] (a job's page and its
+//! counts per state), [`events`] (a task's events as Server-Sent Events),
+//! [`assets`] (the embedded pages, security headers), [`json`] (the
+//! contract's objects), [`series`] (the overview's charts), [`session`]
+//! (login sessions); `tests` (the routes over a running driver).
 
 mod api;
 mod assets;
 mod events;
+mod jobs;
 pub(crate) mod json;
 pub(crate) mod series;
 pub(crate) mod session;
+#[cfg(test)]
+mod tests;
 
 use std::io;
 use std::net::SocketAddr;
@@ -133,6 +137,37 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// A request axum's own extractors refused (a path segment that is not
+/// UTF-8 once decoded, a body past [`MAX_BODY`]): its status, as JSON.
+impl From<axum::extract::rejection::PathRejection> for ApiError {
+    fn from(rejection: axum::extract::rejection::PathRejection) -> ApiError {
+        ApiError::new(rejection.status(), rejection.body_text())
+    }
+}
+
+impl From<axum::extract::rejection::BytesRejection> for ApiError {
+    fn from(rejection: axum::extract::rejection::BytesRejection) -> ApiError {
+        ApiError::new(rejection.status(), rejection.body_text())
+    }
+}
+
+/// A route's `{id}`, percent-decoded: axum's `Path` with its refusal as
+/// an [`ApiError`] (JSON, like every other error).
+pub(crate) struct PathId(pub String);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for PathId {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<PathId, ApiError> {
+        let axum::extract::Path(id) =
+            axum::extract::Path::<String>::from_request_parts(parts, state).await?;
+        Ok(PathId(id))
+    }
+}
+
 impl From<AuthError> for ApiError {
     fn from(err: AuthError) -> ApiError {
         ApiError::new(StatusCode::UNAUTHORIZED, err.to_string())
@@ -175,10 +210,7 @@ impl App {
             let token = value
                 .to_str()
                 .ok()
-                .and_then(|v| {
-                    v.strip_prefix("Bearer ")
-                        .or_else(|| v.strip_prefix("bearer "))
-                })
+                .and_then(crate::auth::bearer_token)
                 .ok_or(AuthError::Invalid)?;
             return Ok(index.authenticate(token, SystemTime::now())?);
         }
@@ -257,11 +289,18 @@ pub(crate) fn router(app: Arc<App>) -> Router {
         .route("/api/tasks/{id}", get(api::task))
         .route("/api/tasks/{id}/cancel", post(api::cancel))
         .route("/api/tasks/{id}/events", get(events::events))
-        .route("/api/jobs/{id}", get(api::job))
+        .route("/api/jobs/{id}", get(jobs::job))
         .route("/api/jobs/{id}/cancel", post(api::cancel_job))
         .route("/api/limits", get(api::limits))
         .route("/api/schedules", get(api::schedules))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such page or API route") })
+        // After every route: it applies to the routes above it.
+        .method_not_allowed_fallback(|method: Method| async move {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!("this route does not answer {method}"),
+            )
+        })
         .layer(axum::middleware::from_fn(csrf))
         .layer(axum::middleware::from_fn_with_state(
             Arc::clone(&app),

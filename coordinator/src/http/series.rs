@@ -3,19 +3,22 @@
 //! or not anyone watches.
 //!
 //! Each sample is one `ClusterInfo` read of counts the scheduler already
-//! keeps (tasks per state): nothing per task, nothing on the hot path.
-//! Throughput is the growth of the finished count between two samples
-//! (a retention sweep can shrink that count; a sample then says 0).
+//! keeps (tasks queued, tasks finished since start): nothing per task,
+//! nothing on the hot path. Throughput is the growth of
+//! `ClusterStats::tasks_finished` between two samples over the time that
+//! really passed between them: that count only grows (a retention sweep
+//! lowers the tasks per state, never it), and a late tick is no burst.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
 use weft_proto::TaskState;
 
 use crate::driver::{Command, Handle};
+use crate::scheduler::ClusterStats;
 
 /// How often a sample is taken.
 pub(crate) const INTERVAL: Duration = Duration::from_secs(5);
@@ -26,8 +29,26 @@ pub(crate) const SAMPLES: usize = 180;
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct Sample {
     queue_depth: u64,
-    /// Tasks in a final state, in all.
+    /// Tasks made final since the coordinator started (monotonic).
     finished: u64,
+    /// When it was taken.
+    at: Instant,
+}
+
+impl Sample {
+    /// The sample of `stats`, read at `at`.
+    fn of(stats: &ClusterStats, at: Instant) -> Sample {
+        Sample {
+            queue_depth: stats
+                .tasks
+                .iter()
+                .filter(|(state, _)| *state == TaskState::Queued)
+                .map(|(_, n)| *n)
+                .sum(),
+            finished: stats.tasks_finished,
+            at,
+        }
+    }
 }
 
 /// The ring of samples, oldest first.
@@ -50,11 +71,17 @@ impl Series {
     pub(crate) fn read(&self) -> (Vec<u64>, Vec<f64>) {
         let samples = self.samples.lock().unwrap_or_else(|e| e.into_inner());
         let depth = samples.iter().map(|s| s.queue_depth).collect();
-        let secs = INTERVAL.as_secs_f64();
         let throughput = samples
             .iter()
             .zip(samples.iter().skip(1))
-            .map(|(a, b)| b.finished.saturating_sub(a.finished) as f64 / secs)
+            .map(|(a, b)| {
+                let secs = b.at.saturating_duration_since(a.at).as_secs_f64();
+                if secs > 0.0 {
+                    b.finished.saturating_sub(a.finished) as f64 / secs
+                } else {
+                    0.0
+                }
+            })
             .collect();
         (depth, throughput)
     }
@@ -76,18 +103,7 @@ impl Series {
             else {
                 return;
             };
-            let count = |wanted: fn(TaskState) -> bool| {
-                stats
-                    .tasks
-                    .iter()
-                    .filter(|(state, _)| wanted(*state))
-                    .map(|(_, n)| *n)
-                    .sum::<u64>()
-            };
-            self.push(Sample {
-                queue_depth: count(|s| s == TaskState::Queued),
-                finished: count(TaskState::is_final),
-            });
+            self.push(Sample::of(&stats, Instant::now()));
         }
     }
 }
@@ -99,10 +115,12 @@ mod tests {
     #[test]
     fn the_ring_keeps_the_last_samples_and_throughput_is_per_second() {
         let series = Series::default();
+        let t0 = Instant::now();
         for i in 0..(SAMPLES as u64 + 10) {
             series.push(Sample {
                 queue_depth: i,
                 finished: i * 10,
+                at: t0 + INTERVAL * i as u32,
             });
         }
         let (depth, throughput) = series.read();
@@ -110,11 +128,29 @@ mod tests {
         assert_eq!(depth[0], 10, "the oldest went");
         assert_eq!(throughput.len(), SAMPLES - 1);
         assert!(throughput.iter().all(|t| (*t - 2.0).abs() < 1e-9));
-        // A sweep shrinking the count is no negative throughput.
-        series.push(Sample {
-            queue_depth: 0,
-            finished: 0,
-        });
-        assert_eq!(series.read().1.last(), Some(&0.0));
+    }
+
+    #[test]
+    fn throughput_ignores_retention_sweeps() {
+        let config = crate::config::CoordinatorConfig::default();
+        let mut stats = crate::scheduler::Scheduler::new((&config).into()).stats();
+        let set = |stats: &mut ClusterStats, state: TaskState, n: u64| {
+            for (s, count) in &mut stats.tasks {
+                if *s == state {
+                    *count = n;
+                }
+            }
+        };
+        let series = Series::default();
+        let t0 = Instant::now();
+        set(&mut stats, TaskState::Succeeded, 100);
+        stats.tasks_finished = 100;
+        series.push(Sample::of(&stats, t0));
+        // 50 more finished, and a sweep took 120 of the succeeded away;
+        // the tick came late: 10 s after the last, not 5.
+        set(&mut stats, TaskState::Succeeded, 30);
+        stats.tasks_finished = 150;
+        series.push(Sample::of(&stats, t0 + Duration::from_secs(10)));
+        assert_eq!(series.read().1, vec![5.0]);
     }
 }

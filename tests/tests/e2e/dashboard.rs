@@ -278,8 +278,13 @@ async fn the_tasks_page_lists_filters_and_pages(
     browser.click("#filter-apply").await;
     wait_rows(browser, json!([broken])).await;
 
-    // By label and by name: only the matching task, and no error.
-    for (field, value) in [("#filter-label", "team=web"), ("#filter-name", "greet")] {
+    // By label, by name and by node (greet's label sends it to node-0):
+    // only the matching task, and no error.
+    for (field, value) in [
+        ("#filter-label", "team=web"),
+        ("#filter-name", "greet"),
+        ("#filter-node", "node-0"),
+    ] {
         browser.goto(&format!("{http}/#/tasks")).await;
         browser.wait_for("#tasks-table").await;
         browser.fill(field, value).await;
@@ -299,6 +304,19 @@ async fn the_tasks_page_lists_filters_and_pages(
             _ => panic!("filtering by {value}: {outcome}"),
         }
     }
+
+    // The node filter from the address, as a link gives it.
+    browser.goto(&format!("{http}/#/tasks?node=node-1")).await;
+    wait_rows(browser, json!([broken])).await;
+    assert_eq!(
+        browser
+            .wait_until(
+                "the node field filled from the address",
+                "const v = document.getElementById('filter-node').value; return v ? v : null;",
+            )
+            .await,
+        json!("node-1")
+    );
 
     // Pages of one: next, then back.
     browser.goto(&format!("{http}/#/tasks?limit=1")).await;
