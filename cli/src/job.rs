@@ -2,7 +2,7 @@
 //! flags `--after/--after-rule/--ref/--at/--delay`, graph files (`weft
 //! submit -f graph.yaml|json`), and `weft job get|watch|cancel`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -62,8 +62,14 @@ impl DepOpts {
             || self.delay.is_some()
     }
 
-    /// `spec` with these settings.
+    /// `spec` with these settings; --after-rule without --after is a
+    /// usage error (it would be ignored).
     pub fn apply(&self, mut spec: TaskSpec) -> Result<TaskSpec, UsageError> {
+        if self.after_rule.is_some() && self.after.is_empty() {
+            return Err(UsageError(
+                "--after-rule needs --after: the rule is about the tasks it runs after".into(),
+            ));
+        }
         for id in &self.after {
             spec = spec.after(*id);
         }
@@ -252,10 +258,14 @@ pub fn read_graph(path: &Path) -> Result<Vec<TaskSpec>, UsageError> {
     if tasks.is_empty() {
         return Err(UsageError(format!("{}: no tasks", path.display())));
     }
+    // An `after` entry is one of these refs first, else a task id.
+    let refs: HashSet<&str> = tasks.iter().filter_map(|t| t.ref_name.as_deref()).collect();
     tasks
         .iter()
         .enumerate()
-        .map(|(i, t)| file_spec(i, t).map_err(|e| UsageError(format!("{}: {e}", path.display()))))
+        .map(|(i, t)| {
+            file_spec(i, t, &refs).map_err(|e| UsageError(format!("{}: {e}", path.display())))
+        })
         .collect()
 }
 
@@ -263,7 +273,8 @@ fn duration(index: usize, task: &FileTask, field: &str, text: &str) -> Result<Du
     parse_duration_arg(text).map_err(|e| task_error(index, task, field, e))
 }
 
-fn file_spec(i: usize, t: &FileTask) -> Result<TaskSpec, String> {
+/// Task `i` of a graph file whose tasks have `refs`.
+fn file_spec(i: usize, t: &FileTask, refs: &HashSet<&str>) -> Result<TaskSpec, String> {
     let mut spec = match (&t.exec, &t.call) {
         (Some(argv), None) if !argv.is_empty() => {
             if t.input.is_some() {
@@ -311,9 +322,12 @@ fn file_spec(i: usize, t: &FileTask) -> Result<TaskSpec, String> {
     }
     for dep in &t.after {
         spec = match dep.parse::<TaskId>() {
-            Ok(id) => spec.after(id),
-            Err(_) => spec.after_ref(dep),
+            Ok(id) if !refs.contains(dep.as_str()) => spec.after(id),
+            _ => spec.after_ref(dep),
         };
+    }
+    if t.after_rule.is_some() && t.after.is_empty() {
+        return Err(task_error(i, t, "after_rule", "needs `after`"));
     }
     if let Some(rule) = &t.after_rule {
         spec = spec.after_rule(parse_rule(rule).map_err(|e| task_error(i, t, "after_rule", e))?);
@@ -726,6 +740,50 @@ mod tests {
             let err = read_graph(&path).unwrap_err().0;
             assert!(err.contains(&format!("task 0: {key}")), "{err}");
         }
+    }
+
+    #[test]
+    fn a_ref_that_looks_like_a_task_id_is_the_files_own_task() {
+        let (own, other) = (TaskId::new().to_string(), TaskId::new());
+        let (_d, path) = write(
+            "g.yaml",
+            &format!(
+                "- ref: {own}\n  exec: ['true']\n- exec: ['true']\n  after: ['{own}', '{other}']\n"
+            ),
+        );
+        let specs = read_graph(&path).expect("reads");
+        assert_eq!(
+            specs[1].after,
+            vec![
+                weft_proto::Dependency::Ref(own),
+                weft_proto::Dependency::Task(other),
+            ]
+        );
+    }
+
+    #[test]
+    fn after_rule_without_after_is_a_usage_error() {
+        let (_d, path) = write(
+            "g.yaml",
+            "- ref: a\n  exec: ['true']\n  after_rule: any_failed\n",
+        );
+        let err = read_graph(&path).unwrap_err().0;
+        assert!(
+            err.contains("task 0 (ref 'a'): `after_rule`: needs `after`"),
+            "{err}"
+        );
+        let flags = DepOpts {
+            after_rule: Some(DependencyRule::AnyFailed),
+            ..DepOpts::default()
+        };
+        let err = flags.apply(TaskSpec::exec(["true"])).unwrap_err().0;
+        assert!(err.contains("--after-rule needs --after"), "{err}");
+        let flags = DepOpts {
+            after: vec![TaskId::new()],
+            ..flags
+        };
+        let spec = flags.apply(TaskSpec::exec(["true"])).expect("applies");
+        assert_eq!(spec.after_rule, DependencyRule::AnyFailed);
     }
 
     #[test]

@@ -1,8 +1,8 @@
 //! What an exec attempt is given of the tasks it runs after, and where it
 //! may leave its own result: a private directory per attempt holding
 //! `parents/` (`$WEFT_PARENTS`: one file per parent, named by its ref or
-//! else its id, with its output, and `index.json` listing them in `after`
-//! order) and `output` (`$WEFT_OUTPUT`: what the process writes there is
+//! else its id, a repeated name suffixed `.2`, `.3`, with its output, and
+//! `index.json` listing them in `after` order) and `output` (`$WEFT_OUTPUT`: what the process writes there is
 //! read when it exits and reported as the task's output). The directory is
 //! removed with the attempt. The contract is proto/README.md's
 //! "Dependencies".
@@ -33,14 +33,44 @@ pub(crate) struct AttemptDir {
     root: PathBuf,
 }
 
-/// The file a parent's output is written to: its ref, or its id when it
-/// has none (or one that is not a plain file name).
-pub(crate) fn file_name(parent: &ParentResult) -> String {
-    match parent.ref_name.as_str() {
-        "" | "." | ".." | "index.json" => parent.task_id.to_string(),
-        name if name.contains('/') => parent.task_id.to_string(),
-        name => name.to_owned(),
-    }
+/// The parents' index in `$WEFT_PARENTS`, never a parent's file.
+const INDEX: &str = "index.json";
+
+/// A name made only of `A-Z a-z 0-9 _ . : -`, the characters a parent's
+/// file name may hold.
+fn is_safe_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'))
+}
+
+/// The files the parents' outputs are written to, in order: each one's
+/// ref, or its id when it has none or one that is not a safe name (see
+/// [`is_safe_name`]; `.`, `..` and `index.json` are not); a name taken by
+/// an earlier parent gets `.2`, `.3`, ... (the first free). The Python
+/// worker's rule (`weft/worker/parents.py`), so tasks move between
+/// workers unchanged.
+pub(crate) fn file_names(parents: &[ParentResult]) -> Vec<String> {
+    let mut taken: std::collections::HashSet<String> = std::collections::HashSet::new();
+    parents
+        .iter()
+        .map(|parent| {
+            let base = match parent.ref_name.as_str() {
+                "." | ".." | INDEX => parent.task_id.to_string(),
+                name if is_safe_name(name) => name.to_owned(),
+                _ => parent.task_id.to_string(),
+            };
+            let mut name = base.clone();
+            let mut n = 1;
+            while taken.contains(&name) || name == INDEX {
+                n += 1;
+                name = format!("{base}.{n}");
+            }
+            taken.insert(name.clone());
+            name
+        })
+        .collect()
 }
 
 fn json_str(out: &mut String, text: &str) {
@@ -58,10 +88,11 @@ fn json_str(out: &mut String, text: &str) {
     out.push('"');
 }
 
-/// `index.json`: `[{"task_id", "ref", "state", "file"}, ...]` in order.
-pub(crate) fn index_json(parents: &[ParentResult]) -> String {
+/// `index.json`: `[{"task_id", "ref", "state", "file"}, ...]` in order,
+/// `names` the parents' files ([`file_names`]).
+fn index_json(parents: &[ParentResult], names: &[String]) -> String {
     let mut out = String::from("[");
-    for (i, p) in parents.iter().enumerate() {
+    for (i, (p, name)) in parents.iter().zip(names).enumerate() {
         if i > 0 {
             out.push(',');
         }
@@ -72,7 +103,7 @@ pub(crate) fn index_json(parents: &[ParentResult]) -> String {
         out.push_str(",\"state\":");
         json_str(&mut out, p.state.as_str());
         out.push_str(",\"file\":");
-        json_str(&mut out, &file_name(p));
+        json_str(&mut out, name);
         out.push('}');
     }
     out.push_str("]\n");
@@ -100,10 +131,11 @@ impl AttemptDir {
         std::fs::DirBuilder::new()
             .mode(0o700)
             .create(&parents_dir)?;
-        for parent in parents {
-            std::fs::write(parents_dir.join(file_name(parent)), &parent.output)?;
+        let names = file_names(parents);
+        for (parent, name) in parents.iter().zip(&names) {
+            std::fs::write(parents_dir.join(name), &parent.output)?;
         }
-        std::fs::write(parents_dir.join("index.json"), index_json(parents))?;
+        std::fs::write(parents_dir.join(INDEX), index_json(parents, &names))?;
         Ok(dir)
     }
 
@@ -245,8 +277,35 @@ mod tests {
 
     #[test]
     fn odd_refs_fall_back_to_the_id() {
-        let p = parent("..", "");
-        assert_eq!(file_name(&p), p.task_id.to_string());
-        assert_eq!(file_name(&parent("a.b:c", "")), "a.b:c");
+        let names = |p: &ParentResult| file_names(std::slice::from_ref(p)).remove(0);
+        for odd in ["", ".", "..", "index.json", "a/b", "sp ace", "é"] {
+            let p = parent(odd, "");
+            assert_eq!(names(&p), p.task_id.to_string(), "{odd:?}");
+        }
+        assert_eq!(names(&parent("a.b:c-d_E9", "")), "a.b:c-d_E9");
+    }
+
+    /// Two parents of one ref (from different Submits) each keep their
+    /// output: the later ones are suffixed `.2`, `.3`, as the Python
+    /// worker names them, and the index lists each file once.
+    #[test]
+    fn parents_with_the_same_ref_get_distinct_files() {
+        let parents = [
+            parent("build", "first"),
+            parent("build", "second"),
+            parent("build.2", "third"),
+            parent("build", "fourth"),
+        ];
+        let dir = AttemptDir::create(TaskId::new(), Attempt(1), &parents).expect("dir");
+        let names = file_names(&parents);
+        assert_eq!(names, ["build", "build.2", "build.2.2", "build.3"]);
+        for (name, p) in names.iter().zip(&parents) {
+            assert_eq!(std::fs::read(dir.parents().join(name)).unwrap(), p.output);
+        }
+        let index = std::fs::read_to_string(dir.parents().join("index.json")).unwrap();
+        for name in &names {
+            let file = format!("\"file\":\"{name}\"");
+            assert_eq!(index.matches(&file).count(), 1, "{file} in {index}");
+        }
     }
 }

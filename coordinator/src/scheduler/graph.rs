@@ -21,6 +21,14 @@
 //! may end theirs: the cascade runs from a work list, never by recursion,
 //! so a 10,000-deep chain is as safe as a wide one.
 //!
+//! A child's assignment carries its parents' outputs, and an assignment
+//! is sent in one message (`--max-message-size`): Submit holds each spec
+//! within it, but only a release can add up a child's spec and its
+//! parents' results. A child whose total does not fit ends FAILED when it
+//! would be released (`release`; also a queued child restored under a
+//! smaller limit), rather than be sent a message its node refuses (which
+//! would end the session and requeue it, forever).
+//!
 //! Job ids: every task of one Submit shares the id's high 96 bits (the
 //! ULID's time and most of its randomness); the low 32 number the task
 //! within its Submit, the first being 0. So a task's job is its id with
@@ -34,6 +42,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 
+use weft_proto::limits::max_spec_bytes;
+use weft_proto::wire::message_len;
 use weft_proto::{ConversionError, Dependency, DependencyRule, TaskId, TaskSpec, TaskState};
 
 use super::queue::ClassId;
@@ -91,6 +101,23 @@ impl ParentResult {
             output: record.output.clone(),
         })
     }
+}
+
+/// Bytes one parent's result takes in an assignment (`Assignment.parents`,
+/// tag and length included), its output `output` bytes long.
+fn result_wire_len(ref_name: &str, output: usize) -> usize {
+    let id = message_len(1, weft_proto::ids::ID_LEN);
+    let ref_name = match ref_name.len() {
+        0 => 0,
+        n => message_len(2, n),
+    };
+    // The state: a tag and a one-byte value (every state is below 128).
+    let state = 2;
+    let output = match output {
+        0 => 0,
+        n => message_len(4, n),
+    };
+    message_len(5, id + ref_name + state + output)
 }
 
 /// What the Submit path read from the store about the existing tasks a
@@ -378,13 +405,23 @@ impl Scheduler {
         Ok(())
     }
 
-    /// After the Submit's tasks are in the table as PENDING: links them to
-    /// their parents and releases (or ends) those whose rule is decided.
-    pub(crate) fn link_pending(&mut self, pending: Vec<TaskId>, known: &KnownParents, now: Now) {
+    /// After the Submit's tasks are in the table, its PENDING ones among
+    /// them: links those to their parents. Runs before anything of the
+    /// Submit may end (its queued tasks' policy hooks), so a parent that
+    /// ends at once finds its children and keeps its result for them.
+    pub(crate) fn link_pending(&mut self, pending: &[TaskId], known: &KnownParents, now: Now) {
+        if pending.is_empty() {
+            return;
+        }
         self.graph.clock = Some((now.instant, now.wall));
-        for id in &pending {
+        for id in pending {
             self.link(*id, known);
         }
+    }
+
+    /// After [`link_pending`](Self::link_pending) and the policy hooks:
+    /// releases (or ends) the Submit's PENDING tasks whose rule is decided.
+    pub(crate) fn settle_pending(&mut self, pending: Vec<TaskId>, now: Now) {
         for id in pending {
             self.settle(id, now.wall);
         }
@@ -626,7 +663,13 @@ impl Scheduler {
     /// submit is.
     /// A call no connected node serves says so, and fails after its
     /// schedule timeout, as at submit.
+    /// A child whose spec and parents' results pass what one message to a
+    /// node holds ends FAILED instead (see the module docs).
     fn release(&mut self, id: TaskId, class: ClassId, reason: String, wall: SystemTime) {
+        if let Some(error) = self.oversized(id) {
+            self.finalize(id, TaskState::Failed, error, Bytes::new(), wall);
+            return;
+        }
         let unserved = self.tasks.get(&id).and_then(|task| {
             let spec = task.spec.template(self.queue.example(class));
             (!self.is_served(spec))
@@ -654,6 +697,40 @@ impl Scheduler {
         }
     }
 
+    /// Why child `id` cannot be sent its spec and its parents' results in
+    /// one message to a node, or `None` when they fit (or it has no
+    /// parents). Parents still live count without output (they have none
+    /// yet). Encodes the spec once: paid only by a child being released.
+    fn oversized(&self, id: TaskId) -> Option<String> {
+        let deps = self.graph.deps.get(&id)?;
+        let task = self.tasks.get(&id)?;
+        let mut outputs = 0usize;
+        let mut results = 0usize;
+        for parent in deps.parents.iter() {
+            results += match self.graph.results.get(parent) {
+                Some(kept) => {
+                    outputs += kept.result.output.len();
+                    result_wire_len(&kept.result.ref_name, kept.result.output.len())
+                }
+                None => result_wire_len("", 0),
+            };
+        }
+        let spec = task.spec.to_spec(self.queue.example(task.class));
+        let mut bytes = Vec::new();
+        let secrets = self.secrets.get(&id).map(Arc::as_ref);
+        spec.encode_fields(weft_proto::SpecFields::Assigned(secrets), &mut bytes);
+        let total = bytes.len().saturating_add(results);
+        let limit = max_spec_bytes(self.config.max_message_size);
+        (total > limit).then(|| {
+            format!(
+                "its parents' outputs total {outputs} bytes; at most {limit} reach a task in one \
+                 message, its spec and its parents' ids and refs included ({total} here; \
+                 --max-message-size {})",
+                self.config.max_message_size
+            )
+        })
+    }
+
     /// Finished tasks whose results live children will be given (they are
     /// read back from the store at a restart): retention must keep them
     /// however old they are.
@@ -675,15 +752,26 @@ impl Scheduler {
     }
 
     /// Fills in the parents of this batch's assignments.
+    ///
+    /// A child released before all its parents ended (ANY_FAILED,
+    /// ANY_SUCCEEDED) was checked against the message limit with the
+    /// outputs known then; of a parent that ended later, a later attempt
+    /// is given the output only while it fits (its state and ref always),
+    /// so no assignment passes the limit.
     pub(crate) fn attach_parents(&mut self) {
         if self.graph.deps.is_empty() {
             return;
         }
+        let limit = max_spec_bytes(self.config.max_message_size);
         for out in self.out.nodes.values_mut() {
             for a in &mut out.assign {
                 let Some(deps) = self.graph.deps.get(&a.task_id) else {
                     continue;
                 };
+                let early = matches!(
+                    deps.rule,
+                    DependencyRule::AnyFailed | DependencyRule::AnySucceeded
+                );
                 a.parents = deps
                     .parents
                     .iter()
@@ -709,6 +797,14 @@ impl Scheduler {
                         }
                     })
                     .collect();
+                if early {
+                    let mut spec = Vec::new();
+                    a.spec.encode_fields(
+                        weft_proto::SpecFields::Assigned(a.secret_env.as_deref()),
+                        &mut spec,
+                    );
+                    fit_outputs(a.task_id, &mut a.parents, limit.saturating_sub(spec.len()));
+                }
             }
         }
     }
@@ -795,9 +891,35 @@ impl Scheduler {
             self.link(*id, &known);
         }
         for id in restored {
+            // Released before the restart: checked then, but perhaps
+            // under a larger --max-message-size.
+            if self.tasks.get(&id).map(|t| t.state) == Some(TaskState::Queued)
+                && let Some(error) = self.oversized(id)
+            {
+                self.finalize(id, TaskState::Failed, error, Bytes::new(), now.wall);
+                continue;
+            }
             self.settle(id, now.wall);
         }
         Ok(())
+    }
+}
+
+/// Leaves out of `parents` the outputs that pass `room` bytes, in order,
+/// keeping every parent's state and ref.
+fn fit_outputs(child: TaskId, parents: &mut [ParentResult], room: usize) {
+    let mut used: usize = parents
+        .iter()
+        .map(|p| result_wire_len(&p.ref_name, 0))
+        .sum();
+    for p in parents.iter_mut() {
+        let more = result_wire_len(&p.ref_name, p.output.len()) - result_wire_len(&p.ref_name, 0);
+        if used.saturating_add(more) > room {
+            tracing::warn!(task_id = %child, parent = %p.task_id, bytes = p.output.len(), "a parent's output left out of an assignment: it would pass --max-message-size");
+            p.output = Bytes::new();
+        } else {
+            used += more;
+        }
     }
 }
 

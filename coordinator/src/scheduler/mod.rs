@@ -120,6 +120,10 @@ pub struct SchedulerConfig {
     /// One level of effective priority per this much a queued task has
     /// waited (zero: strict priority order). See `policy.rs`.
     pub priority_aging: Duration,
+    /// The largest message sent to a node (`--max-message-size`): a
+    /// child whose spec and parents' results would not fit one `Assign`
+    /// fails when released (`graph.rs`).
+    pub max_message_size: usize,
 }
 
 impl From<&CoordinatorConfig> for SchedulerConfig {
@@ -136,6 +140,7 @@ impl From<&CoordinatorConfig> for SchedulerConfig {
             start_timeout: config.start_timeout,
             schedule_timeout: config.schedule_timeout,
             priority_aging: config.priority_aging,
+            max_message_size: config.max_message_size,
         }
     }
 }
@@ -661,6 +666,12 @@ impl Scheduler {
         self.out.reserve_new_tasks(batch.len());
         let mut pending: Vec<TaskId> = Vec::new();
         let mut served: Vec<(ClassId, bool)> = Vec::new();
+        // Policy hooks of queued tasks, run once the pending ones are
+        // linked: a hook may end a task at once (cancel_newest,
+        // cancel_oldest, fail_if_infeasible), and a child of this Submit
+        // must already be among its children to be given its state and
+        // ref.
+        let mut hooks: Vec<(TaskId, ClassId, Arc<TaskSpec>)> = Vec::new();
         for (id, mut spec) in batch {
             if Self::starts_pending(&spec, now.wall) {
                 self.submit_pending(id, spec, now);
@@ -718,7 +729,7 @@ impl Scheduler {
             );
             self.queue.push_ready(class, id, created);
             if !self.queue.classes[class as usize].policy.plain {
-                self.policy_submitted(id, class, &spec, now.wall);
+                hooks.push((id, class, Arc::clone(&spec)));
             }
             let wait = self.schedule_timeout(&spec);
             if !is_served && !wait.is_zero() {
@@ -729,9 +740,11 @@ impl Scheduler {
                 self.unplaceable.push(std::cmp::Reverse((deadline, id)));
             }
         }
-        if !pending.is_empty() {
-            self.link_pending(pending, known, now);
+        self.link_pending(&pending, known, now);
+        for (id, class, spec) in hooks {
+            self.policy_submitted(id, class, &spec, now.wall);
         }
+        self.settle_pending(pending, now);
         Ok(())
     }
 

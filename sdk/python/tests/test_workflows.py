@@ -100,14 +100,37 @@ def test_a_bad_option_is_a_value_error_naming_it_before_anything_is_sent(options
     client.close()
 
 
+#: A task id (a ULID) of a task outside the graph.
+EXISTING = "01J5Z3K4M5N6P7Q8R9S0T1V2W3"
+
+
+def test_a_graph_after_that_is_neither_a_ref_nor_a_task_id_is_a_value_error_naming_it():
+    for typo in ["fetchh", "01J5Z3K4M5N6P7Q8R9S0T1V2W", "81J5Z3K4M5N6P7Q8R9S0T1V2W3", "01J5Z3K4M5N6P7Q8R9S0T1V2WU"]:
+        with pytest.raises(ValueError, match=f"tasks\\[1\\].after names {typo!r}, which is neither a ref of the graph nor a task id"):
+            graph_request([weft.call_spec("fetch", ref="fetch"), weft.call_spec("count", after=[typo])])
+    # A task id in either case is one (ULIDs are case-insensitive).
+    request = graph_request([weft.call_spec("count", after=[EXISTING.lower()])])
+    assert [d.task_id for d in request.tasks[0].after] == [EXISTING.lower()]
+
+
+def test_after_a_job_waits_for_every_task_of_the_job():
+    job = weft.Job(id="t0", task_ids=["t0", "t1", "t2"], by_ref={"a": "t0"})
+    spec = weft.call_spec("report", after=[job])
+    assert [d.task_id for d in spec.after] == ["t0", "t1", "t2"]
+    # Beside one of its own tasks, each task is named once.
+    spec = weft.call_spec("report", after=["t1", job, "other"])
+    assert [d.task_id for d in spec.after] == ["t1", "t0", "t2", "other"]
+    with pytest.raises(ValueError, match="twice"):
+        weft.call_spec("report", after=[job, job])
+
+
 def test_a_graph_names_its_tasks_by_ref_and_refuses_a_dangling_or_repeated_one():
     request = graph_request([
         weft.call_spec("fetch", ref="fetch"),
         weft.exec_spec(["train"], ref="train", after=["fetch"]),
-        weft.call_spec("report", after=[weft.Ref("fetch"), "train", "an-existing-task-id"], after_rule="all_finished"),
+        weft.call_spec("report", after=[weft.Ref("fetch"), "train", EXISTING], after_rule="all_finished"),
     ])
-    assert [(d.task_id, d.ref) for d in request.tasks[2].after] == [("", "fetch"), ("", "train"),
-                                                                    ("an-existing-task-id", "")]
+    assert [(d.task_id, d.ref) for d in request.tasks[2].after] == [("", "fetch"), ("", "train"), (EXISTING, "")]
     assert [(d.task_id, d.ref) for d in request.tasks[1].after] == [("", "fetch")]
     with pytest.raises(ValueError, match="no task of the graph"):
         graph_request([weft.call_spec("a", after=[weft.Ref("missing")])])

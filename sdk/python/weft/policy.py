@@ -138,7 +138,8 @@ def _enum(field: str, value: Any, names: Mapping[str, int]) -> int:
 
 def task_id_of(value: Any, field: str = "after") -> str:
     """The task id of a dependency: a str id, a :class:`weft.Task`, a :class:`weft.Job` (its
-    first task), or anything with a ``task_id`` (a submitted executor future)."""
+    first task; ``after=`` names each of a job's tasks, see :func:`apply_policy`), or anything
+    with a ``task_id`` (a submitted executor future)."""
     if isinstance(value, str):
         task_id = value
     elif hasattr(value, "task_id"):
@@ -196,8 +197,9 @@ def apply_policy(
       ``"cancel_oldest"``).
     - ``rate_limits``: ``{"api": 1}`` (name -> units) or ``["api"]`` (one unit each).
     - ``resources``: ``{"gpu": 1, "mem": "2GiB"}``.
-    - ``after``: task ids, :class:`weft.Task`\\ s, submitted futures, or :class:`Ref`\\ s
-      (a graph's refs); ``after_rule``: ``"all_succeeded"`` (default), ``"all_finished"``,
+    - ``after``: task ids, :class:`weft.Task`\\ s, :class:`weft.Job`\\ s (each of the job's
+      tasks, so it runs after the whole job), submitted futures, or :class:`Ref`\\ s (a
+      graph's refs); ``after_rule``: ``"all_succeeded"`` (default), ``"all_finished"``,
       ``"any_failed"``, ``"any_succeeded"``.
     - ``not_before``: a datetime (naive means UTC), or ``delay``: a duration from now
       (seconds, ``timedelta``, ``"10m"``); not both.
@@ -260,22 +262,46 @@ def _rate_limits(spec: common_pb2.TaskSpec, rate_limits: Any) -> None:
         spec.rate_limits.add(name=name, units=_int_in(f"rate_limits[{name!r}]", units, 1, _U32))
 
 
+def _job_task_ids(item: Any) -> Optional[List[str]]:
+    """A :class:`weft.Job`'s task ids (None for anything else). Told by its fields, as
+    ``weft.workflow`` imports this module."""
+    task_ids = getattr(item, "task_ids", None)
+    if isinstance(task_ids, list) and isinstance(getattr(item, "by_ref", None), dict):
+        return task_ids
+    return None
+
+
 def _after(spec: common_pb2.TaskSpec, after: Iterable[Any]) -> None:
     if isinstance(after, (str, bytes)) or not hasattr(after, "__iter__"):
         after = [after]
     seen = set()
+    # What a job named (one of its tasks also named on its own is named once), and the jobs.
+    by_job, jobs = set(), set()
     for item in after:
-        if isinstance(item, Ref):
-            key = ("ref", check_key("after", str(item)))
+        job_ids = None if isinstance(item, (str, Ref)) else _job_task_ids(item)
+        if job_ids is not None:
+            if not job_ids:
+                raise ValueError(f"after: job {task_id_of(item)!r} has no tasks")
+            if item.id in jobs:
+                raise ValueError(f"after names job {item.id!r} twice")
+            jobs.add(item.id)
+            keys = [("task_id", task_id) for task_id in job_ids]
+        elif isinstance(item, Ref):
+            keys = [("ref", check_key("after", str(item)))]
         else:
-            key = ("task_id", task_id_of(item))
-        if key in seen:
-            raise ValueError(f"after names {key[1]!r} twice")
-        seen.add(key)
-        if len(seen) > AFTER_MAX:
-            raise ValueError(f"after: at most {AFTER_MAX} tasks")
-        dependency = spec.after.add()
-        setattr(dependency, key[0], key[1])
+            keys = [("task_id", task_id_of(item))]
+        for key in keys:
+            if key in seen:
+                if job_ids is not None or key in by_job:
+                    continue
+                raise ValueError(f"after names {key[1]!r} twice")
+            seen.add(key)
+            if job_ids is not None:
+                by_job.add(key)
+            if len(seen) > AFTER_MAX:
+                raise ValueError(f"after: at most {AFTER_MAX} tasks")
+            dependency = spec.after.add()
+            setattr(dependency, key[0], key[1])
 
 
 #: The option names :func:`apply_policy` takes.

@@ -7,6 +7,7 @@ blocking and asyncio clients share them).
 from __future__ import annotations
 
 import datetime as _dt
+import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Union
 
@@ -15,6 +16,8 @@ from .models import DurationLike, Task, TaskState, _time, duration_from_pb, dura
 from .policy import Ref, check_key  # noqa: F401 - Ref is part of this module's interface
 
 _U32 = 2**32 - 1
+#: A task id: a ULID, 26 characters of Crockford base32 (either case), the first at most 7.
+_TASK_ID = re.compile(r"[0-7][0-9A-HJKMNP-TV-Z]{25}", re.IGNORECASE)
 
 # -- graphs and jobs ----------------------------------------------------------
 
@@ -22,9 +25,10 @@ _U32 = 2**32 - 1
 def graph_request(specs: Iterable[common_pb2.TaskSpec]) -> task_pb2.SubmitRequest:
     """One ``SubmitRequest`` of a whole graph: every spec as given, except that an ``after``
     entry naming another spec's ``ref`` (a plain string given as ``after=["fetch"]``)
-    becomes a dependency by ref. Refs must be unique; a dependency on a ref no spec has
-    is a ValueError (the coordinator also refuses cycles and dangling refs, committing
-    nothing)."""
+    becomes a dependency by ref. Refs must be unique; a dependency on a ref no spec has,
+    or a plain string that is neither a ref of the graph nor a task id (a ULID: 26
+    characters of Crockford base32), is a ValueError naming it (the coordinator also
+    refuses cycles and dangling refs, committing nothing)."""
     request = task_pb2.SubmitRequest()
     for spec in specs:
         if not isinstance(spec, common_pb2.TaskSpec):
@@ -45,6 +49,11 @@ def graph_request(specs: Iterable[common_pb2.TaskSpec]) -> task_pb2.SubmitReques
                 name = dependency.task_id
                 dependency.ClearField("task_id")
                 dependency.ref = name
+            elif dependency.task_id and not _TASK_ID.fullmatch(dependency.task_id):
+                raise ValueError(
+                    f"tasks[{index}].after names {dependency.task_id!r}, which is neither a ref of the graph "
+                    f"nor a task id"
+                )
             if dependency.ref and dependency.ref not in refs:
                 raise ValueError(f"tasks[{index}].after names ref {dependency.ref!r}, which no task of the graph has")
             if dependency.ref and dependency.ref == spec.ref:

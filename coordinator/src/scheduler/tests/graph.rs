@@ -678,3 +678,203 @@ fn cancelling_a_job_ends_children_written_before_their_parents_cancelled() {
         assert_eq!(h.state(*id), TaskState::Cancelled, "{id}");
     }
 }
+
+impl Harness {
+    /// Ends `id`'s attempt on `session` as SUCCEEDED with `output`.
+    fn succeed_with(&mut self, session: SessionId, id: TaskId, attempt: Attempt, output: Bytes) {
+        self.event(
+            session,
+            id,
+            attempt.0,
+            NodeEventBody::Finished {
+                outcome: Outcome::Succeeded,
+                exit_code: None,
+                output,
+                error: String::new(),
+            },
+        );
+    }
+}
+
+/// A message limit of 64 KiB: 63 KiB reach a task (the rest is kept for
+/// the message around it).
+fn small_messages() -> SchedulerConfig {
+    SchedulerConfig {
+        max_message_size: 64 * 1024,
+        ..config()
+    }
+}
+
+#[test]
+fn a_child_whose_parents_outputs_pass_the_message_limit_fails_saying_so() {
+    let mut h = Harness::with(small_messages());
+    h.node(S1, reg("n1", 8), 8);
+    let ids = h
+        .submit_job(vec![
+            call("p1"),
+            call("p2"),
+            call("p3"),
+            call("small"),
+            call("over").after_ref("p1").after_ref("p2").after_ref("p3"),
+            call("under")
+                .after_ref("p1")
+                .after_ref("p2")
+                .after_ref("small"),
+            call("grandchild").after_ref("over"),
+        ])
+        .expect("submit");
+    let (over, under, grandchild) = (ids[4], ids[5], ids[6]);
+    let ran = assigned(&h.effects(), S1);
+    assert_eq!(ran.len(), 4, "the parents run");
+    for (id, attempt) in ran {
+        let size = if id == ids[3] { 4_000 } else { 30_000 };
+        h.succeed_with(S1, id, attempt, Bytes::from(vec![b'x'; size]));
+    }
+    let effects = h.effects();
+    // 60,000 bytes and 4,000 more with their ids and refs fit in 63 KiB.
+    assert_eq!(assigned(&effects, S1), vec![(under, Attempt(1))]);
+    let given: usize = effects.nodes[&S1].assign[0]
+        .parents
+        .iter()
+        .map(|p| p.output.len())
+        .sum();
+    assert_eq!(given, 64_000);
+    // 90,000 bytes do not: FAILED, never QUEUED nor sent, saying why.
+    let record = h.record(over);
+    assert_eq!(record.state, TaskState::Failed);
+    assert_eq!(h.states(over), vec![TaskState::Pending, TaskState::Failed]);
+    assert!(
+        record
+            .error
+            .starts_with("its parents' outputs total 90000 bytes; at most 64512 reach a task"),
+        "{}",
+        record.error
+    );
+    assert!(
+        record.error.contains("--max-message-size"),
+        "{}",
+        record.error
+    );
+    assert_eq!(h.state(grandchild), TaskState::UpstreamFailed);
+}
+
+#[test]
+fn a_queued_child_restored_under_a_smaller_message_limit_fails_saying_so() {
+    let mut h = Harness::new();
+    // Two credits: the parents take them, so the child is queued, not
+    // sent, at the restart.
+    h.node(S1, reg("n1", 4), 2);
+    let ids = h
+        .submit_job(vec![
+            call("p1"),
+            call("p2"),
+            call("child").after_ref("p1").after_ref("p2"),
+        ])
+        .expect("submit");
+    for (id, attempt) in assigned(&h.effects(), S1) {
+        h.succeed_with(S1, id, attempt, Bytes::from(vec![b'x'; 40_000]));
+    }
+    h.effects();
+    assert_eq!(h.state(ids[2]), TaskState::Queued);
+    h.s.config.max_message_size = 64 * 1024;
+    let mut h = h.restart(Duration::from_secs(1));
+    h.node(S1, reg("n1", 4), 4);
+    let effects = h.effects();
+    assert!(assigned(&effects, S1).is_empty());
+    let record = h.latest(ids[2]);
+    assert_eq!(record.state, TaskState::Failed);
+    assert!(
+        record
+            .error
+            .starts_with("its parents' outputs total 80000 bytes; at most 64512 reach a task"),
+        "{}",
+        record.error
+    );
+}
+
+/// The parent (by its id) that `child`'s first assignment on S1 is given.
+fn given_parent(h: &mut Harness, child: TaskId) -> crate::scheduler::graph::ParentResult {
+    let effects = h.effects();
+    let assign = &effects.nodes[&S1].assign;
+    let a = assign
+        .iter()
+        .find(|a| a.task_id == child)
+        .expect("the child is assigned");
+    a.parents[0].clone()
+}
+
+#[test]
+fn a_parent_ended_at_submit_gives_its_child_its_real_state_and_ref() {
+    let keyed = |name: &str, on_limit| {
+        let mut spec = call(name);
+        spec.concurrency = Some(weft_proto::policy::ConcurrencyLimit {
+            key: "k".into(),
+            max_running: 1,
+            on_limit,
+        });
+        spec
+    };
+
+    // Infeasible at submit (no node has a gpu), failed at once.
+    let mut h = Harness::new();
+    h.node(S1, reg("n1", 4), 4);
+    let ids = h
+        .submit_job(vec![
+            call("a").resource("gpu", 1).fail_if_infeasible(),
+            call("b")
+                .after_ref("a")
+                .after_rule(DependencyRule::AnyFailed),
+        ])
+        .expect("submit");
+    assert_eq!(h.state(ids[0]), TaskState::Failed);
+    let parent = given_parent(&mut h, ids[1]);
+    assert_eq!(
+        (parent.task_id, parent.ref_name.as_str(), parent.state),
+        (ids[0], "a", TaskState::Failed)
+    );
+
+    // Cancelled as the newest of its concurrency key at submit.
+    let mut h = Harness::new();
+    h.submit(vec![keyed(
+        "first",
+        weft_proto::policy::OverLimit::CancelNewest,
+    )]);
+    let ids = h
+        .submit_job(vec![
+            keyed("a", weft_proto::policy::OverLimit::CancelNewest),
+            call("b")
+                .after_ref("a")
+                .after_rule(DependencyRule::AllFinished),
+        ])
+        .expect("submit");
+    assert_eq!(h.state(ids[0]), TaskState::Cancelled);
+    h.node(S1, reg("n1", 4), 4);
+    let parent = given_parent(&mut h, ids[1]);
+    assert_eq!(
+        (parent.task_id, parent.ref_name.as_str(), parent.state),
+        (ids[0], "a", TaskState::Cancelled)
+    );
+
+    // An older queued parent cancelled as the oldest by a task of the
+    // Submit that names it.
+    let mut h = Harness::new();
+    let older = h.submit(vec![keyed(
+        "older",
+        weft_proto::policy::OverLimit::CancelOldest,
+    )])[0];
+    let ids = h
+        .submit_job(vec![
+            keyed("newer", weft_proto::policy::OverLimit::CancelOldest),
+            call("b")
+                .after(older)
+                .after_rule(DependencyRule::AllFinished),
+        ])
+        .expect("submit");
+    assert_eq!(h.state(older), TaskState::Cancelled);
+    h.node(S1, reg("n1", 4), 4);
+    let parent = given_parent(&mut h, ids[1]);
+    assert_eq!(
+        (parent.task_id, parent.ref_name.as_str(), parent.state),
+        (older, "older", TaskState::Cancelled)
+    );
+}

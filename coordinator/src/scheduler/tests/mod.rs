@@ -60,6 +60,7 @@ fn config() -> SchedulerConfig {
         start_timeout: Duration::from_secs(30),
         schedule_timeout: Duration::from_secs(60),
         priority_aging: Duration::ZERO,
+        max_message_size: weft_proto::limits::DEFAULT_MAX_MESSAGE_BYTES,
     }
 }
 

@@ -239,7 +239,9 @@ const ASSIGN_HEAD: usize = 6;
 /// each, in order, written straight from the assignments (the bytes the
 /// generated encoder writes for `pb::CoordinatorMessage`s built of them,
 /// without building those). Submit refuses a spec that could not fit
-/// alone (see `SpecLimits`), so every message holds at least one
+/// alone (see `SpecLimits`), and a child whose spec and parents' results
+/// together could not ends FAILED instead of being released
+/// (`scheduler/graph.rs`), so every message holds at least one
 /// assignment within the limit; one from a store written under a larger
 /// limit is sent alone.
 fn split_assign(assignments: &[Assignment], max: usize, traced: bool) -> Vec<Bytes> {
