@@ -97,6 +97,12 @@ impl Step {
         )
     }
 
+    /// Whether the step runs on the one cluster the run shares (or on
+    /// none: the floor), rather than starting clusters of its own.
+    pub(crate) fn runs_on_shared_cluster(self) -> bool {
+        self == Step::Floor || self.needs_cluster()
+    }
+
     /// The step's name on the command line.
     pub fn name(self) -> &'static str {
         match self {
@@ -178,9 +184,52 @@ pub struct BenchArgs {
     pub memory_store: bool,
     /// Keep the bench's coordinator's store in PostgreSQL at URL (passed to
     /// it as `--database-url`; its data dir still holds the TLS files and
-    /// the admin token). The bench never creates or empties the database.
+    /// the admin token). The bench never creates or empties the database:
+    /// give it an empty one. Only with `--only` and steps that share the
+    /// one cluster (floor, throughput, policy-mix, latency, sleep, burn);
+    /// every other step starts clusters of its own, which one database
+    /// cannot serve in turn.
     #[arg(long, value_name = "URL", conflicts_with = "memory_store")]
     pub database_url: Option<String>,
+}
+
+impl BenchArgs {
+    /// The steps this run takes (`--only`, else all), in the order they run.
+    pub fn steps(&self) -> Vec<Step> {
+        Step::ALL
+            .into_iter()
+            .filter(|s| self.only.is_empty() || self.only.contains(s))
+            .collect()
+    }
+
+    /// Why these flags cannot make a run, if they cannot: `--database-url`
+    /// with a step that starts clusters of its own (a second coordinator on
+    /// a database that already holds tokens writes no admin token, and
+    /// tasks would carry over from step to step).
+    pub fn refusal(&self) -> Option<String> {
+        self.database_url.as_ref()?;
+        let own: Vec<&str> = self
+            .steps()
+            .into_iter()
+            .filter(|s| !s.runs_on_shared_cluster())
+            .map(Step::name)
+            .collect();
+        if own.is_empty() {
+            return None;
+        }
+        let shared: Vec<&str> = Step::ALL
+            .into_iter()
+            .filter(|s| s.runs_on_shared_cluster())
+            .map(Step::name)
+            .collect();
+        Some(format!(
+            "--database-url serves one cluster, and these steps start clusters of their own: {}; \
+             with --database-url, choose among {} (e.g. --only {})",
+            own.join(", "),
+            shared.join(", "),
+            shared.join(",")
+        ))
+    }
 }
 
 /// The counts of one run: the protocol's, or scaled down by `--quick`.
@@ -322,4 +371,65 @@ impl Plan {
 /// Parses a duration flag (`500ms`, `2s`, `1m`).
 fn parse_duration_arg(text: &str) -> Result<Duration, String> {
     parse_duration(text).map_err(|err| err.to_string())
+}
+
+/// `weft bench`'s flags from `argv` (without the command name), for tests.
+#[cfg(test)]
+pub(crate) fn parse(argv: &[&str]) -> BenchArgs {
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        bench: BenchArgs,
+    }
+    Cli::try_parse_from(std::iter::once("bench").chain(argv.iter().copied()))
+        .expect("flags parse")
+        .bench
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn database_url_with_multi_cluster_steps_is_refused() {
+        let all = parse(&["--database-url", "postgresql://h/db"]);
+        let why = all.refusal().expect("all steps with --database-url");
+        for step in [
+            "startup",
+            "scale",
+            "many-nodes",
+            "dag",
+            "fairness",
+            "durable",
+            "retention",
+            "recovery",
+        ] {
+            assert!(why.contains(step), "{step}: {why}");
+        }
+        let one = parse(&[
+            "--database-url",
+            "postgresql://h/db",
+            "--only",
+            "latency,durable",
+        ]);
+        let why = one.refusal().expect("durable with --database-url");
+        assert!(
+            why.contains("durable") && why.contains("--only floor,throughput"),
+            "{why}"
+        );
+    }
+
+    #[test]
+    fn database_url_with_shared_cluster_steps_only_is_accepted() {
+        let args = parse(&[
+            "--database-url",
+            "postgresql://h/db",
+            "--only",
+            "floor,throughput,policy-mix,latency,sleep,burn",
+        ]);
+        assert_eq!(args.refusal(), None);
+        assert_eq!(parse(&[]).refusal(), None);
+    }
 }

@@ -45,6 +45,52 @@ pub struct ClusterPlan {
     pub node_args: Vec<String>,
     /// More `weft-coordinator` flags (the retention step's `--retention`).
     pub coordinator_args: Vec<String>,
+    /// `--database-url` of a durable coordinator (the store in
+    /// PostgreSQL). Only the run's shared cluster has one: an in-memory
+    /// coordinator never gets it (`--in-memory` would conflict), and the
+    /// steps that start clusters of their own run without it.
+    pub database_url: Option<String>,
+}
+
+impl ClusterPlan {
+    /// This plan without a database: for a step that starts clusters of
+    /// its own (one database cannot serve them in turn).
+    pub fn without_database(&self) -> ClusterPlan {
+        ClusterPlan {
+            database_url: None,
+            ..self.clone()
+        }
+    }
+
+    /// The coordinator's flags for a cluster in `dir`.
+    fn coordinator_flags(&self, dir: &std::path::Path) -> Vec<String> {
+        let path = |name: &str| dir.join(name).display().to_string();
+        let mut args = vec![
+            "--listen".to_owned(),
+            "127.0.0.1:0".to_owned(),
+            "--addr-file".to_owned(),
+            path("coordinator.addr"),
+            "--admin-token-file".to_owned(),
+            path("admin.token"),
+        ];
+        if self.durable {
+            args.extend(["--data-dir".to_owned(), path("data")]);
+            if let Some(url) = &self.database_url {
+                args.extend(["--database-url".to_owned(), url.clone()]);
+            }
+        } else {
+            // Without a flag the coordinator would open its default durable
+            // store; say explicitly that this run keeps nothing.
+            args.push("--in-memory".to_owned());
+        }
+        if self.insecure {
+            args.push("--insecure".to_owned());
+        } else {
+            args.extend(["--pki-dir".to_owned(), path("pki")]);
+        }
+        args.extend(self.coordinator_args.iter().cloned());
+        args
+    }
 }
 
 /// A coordinator (durable store under a temp dir) and its nodes, as real
@@ -109,32 +155,9 @@ impl Cluster {
             .tempdir()
             .context("creating the bench temp dir")?;
         let addr_file = dir.path().join("coordinator.addr");
-        let data_dir = dir.path().join("data");
         let token_file = dir.path().join("admin.token");
-        let mut args = vec![
-            "--listen".to_owned(),
-            "127.0.0.1:0".to_owned(),
-            "--addr-file".to_owned(),
-            addr_file.display().to_string(),
-            "--admin-token-file".to_owned(),
-            token_file.display().to_string(),
-        ];
-        if plan.durable {
-            args.push("--data-dir".to_owned());
-            args.push(data_dir.display().to_string());
-        } else {
-            // Without a flag the coordinator would open its default durable
-            // store; say explicitly that this run keeps nothing.
-            args.push("--in-memory".to_owned());
-        }
         let pki_dir = dir.path().join("pki");
-        if plan.insecure {
-            args.push("--insecure".to_owned());
-        } else {
-            args.push("--pki-dir".to_owned());
-            args.push(pki_dir.display().to_string());
-        }
-        args.extend(plan.coordinator_args.iter().cloned());
+        let args = plan.coordinator_flags(dir.path());
         let respawn = Spawn::new(coordinator_bin, dir.path(), "coordinator")
             .args(args)
             .log_filter(&plan.log_filter);
@@ -151,10 +174,19 @@ impl Cluster {
                 Some(Trust::CaFile(pki_dir.join("ca.pem"))),
             )
         };
-        // Written before the coordinator listens (first start).
-        let token = std::fs::read_to_string(&token_file)
-            .ok()
-            .map(|t| t.trim().to_owned());
+        // Written before the coordinator listens, when its store holds no
+        // token yet; without one the bench's client is refused everything.
+        let Ok(token) = std::fs::read_to_string(&token_file) else {
+            anyhow::bail!(
+                "the coordinator wrote no admin token: its store already holds tokens{}",
+                match &plan.database_url {
+                    Some(_) =>
+                        " (the --database-url database was used before; the bench needs an empty one)",
+                    None => "",
+                }
+            );
+        };
+        let token = Some(token.trim().to_owned());
         let mut cluster = Cluster {
             url,
             trust,
@@ -320,5 +352,47 @@ async fn kill(child: ChildProcess) {
     let label = child.label().to_owned();
     if let Err(err) = child.kill().await {
         tracing::debug!(label = %label, error = %err, "kill failed (already gone?)");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(durable: bool) -> ClusterPlan {
+        ClusterPlan {
+            nodes: 2,
+            slots: 1,
+            log_filter: "warn".to_owned(),
+            durable,
+            insecure: false,
+            node_args: Vec::new(),
+            coordinator_args: Vec::new(),
+            database_url: Some("postgresql://h/db".to_owned()),
+        }
+    }
+
+    #[test]
+    fn an_in_memory_coordinator_never_gets_the_database_url() {
+        let args = plan(false).coordinator_flags(std::path::Path::new("/d"));
+        assert!(args.contains(&"--in-memory".to_owned()), "{args:?}");
+        assert!(!args.iter().any(|a| a.contains("database")), "{args:?}");
+    }
+
+    #[test]
+    fn a_durable_coordinator_gets_the_database_url_unless_planned_without() {
+        let with = plan(true).coordinator_flags(std::path::Path::new("/d"));
+        assert!(
+            with.windows(2)
+                .any(|w| w == ["--database-url", "postgresql://h/db"])
+        );
+        assert!(!with.contains(&"--in-memory".to_owned()), "{with:?}");
+        let without = plan(true)
+            .without_database()
+            .coordinator_flags(std::path::Path::new("/d"));
+        assert!(
+            !without.iter().any(|a| a.contains("database")),
+            "{without:?}"
+        );
     }
 }

@@ -16,6 +16,18 @@ use crate::{swarm, workload};
 /// How long nodes (real or simulated) may take to register.
 pub(crate) const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// How long the simulated nodes' join token is valid.
+const JOIN_TTL: Duration = Duration::from_secs(10 * 60);
+
+/// Connections the many-nodes step's client side needs beside one per
+/// simulated node (the bench's client, the swarm's joining channel).
+const CLIENT_CONNECTIONS: usize = 16;
+
+/// Uses of the swarm's join token: one per simulated node.
+fn join_uses(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
 /// (e): `runs` cold launches, each timed from just before spawning the
 /// coordinator to the first noop result at the client. The last cluster
 /// (and its client) is kept.
@@ -109,19 +121,38 @@ pub async fn many_nodes(
     n: usize,
     window: Duration,
 ) -> anyhow::Result<ManyNodes> {
-    let plan = ClusterPlan {
+    let mut plan = ClusterPlan {
         nodes: 0,
         ..base.clone()
     };
+    // With TLS every simulated node has a connection of its own (its
+    // certificate is the connection's), all from 127.0.0.1.
+    plan.coordinator_args.extend([
+        "--max-connections-per-ip".to_owned(),
+        (n + CLIENT_CONNECTIONS).to_string(),
+    ]);
     let cluster = Cluster::start(&plan).await?;
     let client = cluster.client().await?;
     let pid = cluster
         .coordinator
         .pid()
         .context("the coordinator exited")?;
+    // A coordinator with TLS authenticates nodes: they join first (not
+    // timed; joining is not what an idle node costs).
+    let join = match &cluster.trust {
+        Some(_) => Some(
+            client
+                .create_join_token("weft bench swarm", Some(JOIN_TTL), join_uses(n), "")
+                .await
+                .context("creating a join token for the simulated nodes")?
+                .0,
+        ),
+        None => None,
+    };
     let rss_before = procfs::rss_bytes(pid);
     let t0 = Instant::now();
-    let mut swarm = swarm::Swarm::connect(&cluster.url, n, cluster.trust.as_ref()).await?;
+    let mut swarm =
+        swarm::Swarm::connect(&cluster.url, n, cluster.trust.as_ref(), join.as_deref()).await?;
     wait_nodes_ready(&client, n, READY_TIMEOUT).await?;
     let connect_s = t0.elapsed().as_secs_f64();
     let rss_idle_start = procfs::rss_bytes(pid);
@@ -147,4 +178,46 @@ pub async fn many_nodes(
         connected_after,
         streams_alive: alive,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The bench's default cluster: TLS, admin token, durable store.
+    fn tls_plan() -> ClusterPlan {
+        ClusterPlan {
+            nodes: 2,
+            slots: 1,
+            log_filter: "warn".to_owned(),
+            durable: true,
+            insecure: false,
+            node_args: Vec::new(),
+            coordinator_args: Vec::new(),
+            database_url: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn many_nodes_registers_every_simulated_node_with_tls_and_auth() {
+        Cluster::check_binaries().expect("run `cargo build --bins` first");
+        let nodes = 5;
+        let m = many_nodes(&tls_plan(), nodes, Duration::from_millis(50))
+            .await
+            .expect("the many-nodes step");
+        assert_eq!((m.connected_after, m.streams_alive), (nodes, nodes));
+    }
+
+    #[tokio::test]
+    async fn many_nodes_registers_every_simulated_node_in_plaintext() {
+        Cluster::check_binaries().expect("run `cargo build --bins` first");
+        let plan = ClusterPlan {
+            insecure: true,
+            ..tls_plan()
+        };
+        let m = many_nodes(&plan, 3, Duration::from_millis(50))
+            .await
+            .expect("the many-nodes step");
+        assert_eq!((m.connected_after, m.streams_alive), (3, 3));
+    }
 }

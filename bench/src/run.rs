@@ -1,9 +1,14 @@
 //! One `weft bench` run: which steps, on which cluster (the bench's own
 //! processes, or `--coordinator`), in which order, each failure recorded
-//! in the [`Report`] rather than ending the run. The steps' own work is
-//! in [`crate::own_processes`] and [`crate::workload`].
+//! in the [`Report`] rather than ending the run (a cluster that cannot
+//! start or whose nodes never get ready fails the steps it was for; the
+//! figures measured so far are kept). Steps that cannot run against
+//! `--coordinator` are recorded as skipped, which is no failure. The
+//! steps' own work is in [`crate::own_processes`] and [`crate::workload`].
 
 use std::time::SystemTime;
+
+use anyhow::bail;
 
 use weft_client::Client;
 use weft_cluster::wait_nodes_ready;
@@ -12,7 +17,7 @@ use crate::args::{BenchArgs, Plan, Step};
 use crate::cluster::{Cluster, ClusterPlan};
 use crate::machine::Machine;
 use crate::own_processes;
-use crate::report::{Burn, Parallel, PolicyMix, Report, Startup, StepError, Throughput};
+use crate::report::{Burn, Parallel, PolicyMix, Report, Startup, Throughput};
 use crate::{durable, floor, recovery, workload};
 
 /// Slots per node and nodes in the protocol's cluster.
@@ -21,18 +26,20 @@ const SLOTS: u32 = 1;
 
 /// Runs the steps `args` asks for and answers what they measured; a step
 /// that fails is recorded in the report (the run goes on). `external` is
-/// the `--coordinator` URL when the user gave one.
+/// the `--coordinator` URL when the user gave one. Fails before measuring
+/// anything when the flags cannot make a run ([`BenchArgs::refusal`]) or
+/// the binaries are missing.
 pub async fn run(
     args: &BenchArgs,
     external: Option<String>,
     token: Option<String>,
 ) -> anyhow::Result<Report> {
+    if let Some(why) = args.refusal() {
+        bail!(why);
+    }
     let plan = Plan::from_args(args);
     let started = SystemTime::now();
-    let steps: Vec<Step> = Step::ALL
-        .into_iter()
-        .filter(|s| args.only.is_empty() || args.only.contains(s))
-        .collect();
+    let steps = args.steps();
     let mut report = Report::new(
         Machine::detect(),
         started,
@@ -48,24 +55,9 @@ pub async fn run(
         // Fail before measuring anything when the binaries are missing.
         Cluster::check_binaries()?;
     }
-    let cluster_plan = ClusterPlan {
-        nodes: NODES,
-        slots: SLOTS,
-        log_filter: args.child_log.clone(),
-        durable: !args.memory_store,
-        insecure: args.insecure,
-        // The policy mix asks for a resource: the nodes declare plenty.
-        node_args: if steps.contains(&Step::PolicyMix) {
-            crate::policy::node_resource_args()
-        } else {
-            Vec::new()
-        },
-        coordinator_args: args
-            .database_url
-            .iter()
-            .flat_map(|url| ["--database-url".to_owned(), url.clone()])
-            .collect(),
-    };
+    let cluster_plan = cluster_plan(args, &steps);
+    // The steps that start clusters of their own never share a database.
+    let own_plan = cluster_plan.without_database();
 
     if steps.contains(&Step::Floor) {
         progress("floor: raw tonic round trips and stream");
@@ -77,10 +69,7 @@ pub async fn run(
 
     for step in &steps {
         if external.is_some() && step.needs_own_processes() {
-            report.errors.push(StepError {
-                step: *step,
-                error: "skipped: needs its own processes (not with --coordinator)".to_owned(),
-            });
+            report.skip(*step, "needs its own processes (not with --coordinator)");
         }
     }
 
@@ -98,23 +87,34 @@ pub async fn run(
             Err(err) => report.fail(Step::Startup, &err),
         }
     }
-    if steps.iter().any(|s| s.needs_cluster()) && client.is_none() {
-        match &external {
-            Some(url) => {
-                client =
-                    Some(Client::connect_secure(url, args.trust.as_ref(), token.as_deref()).await?)
-            }
-            None => {
-                let started = Cluster::start(&cluster_plan).await?;
-                client = Some(started.client().await?);
-                cluster = Some(started);
-            }
+    let cluster_steps_wanted: Vec<Step> = steps
+        .iter()
+        .copied()
+        .filter(|s| s.needs_cluster())
+        .collect();
+    if !cluster_steps_wanted.is_empty() && client.is_none() {
+        let connected = match &external {
+            Some(url) => Client::connect_secure(url, args.trust.as_ref(), token.as_deref())
+                .await
+                .map_err(anyhow::Error::from),
+            None => match Cluster::start(&cluster_plan).await {
+                Ok(started) => {
+                    let connected = started.client().await;
+                    cluster = Some(started);
+                    connected
+                }
+                Err(err) => Err(err),
+            },
+        };
+        match connected {
+            Ok(connected) => client = Some(connected),
+            Err(err) => fail_all(&mut report, &cluster_steps_wanted, &err),
         }
     }
     if let Some(client) = &client
-        && steps.iter().any(|s| s.needs_cluster())
+        && !cluster_steps_wanted.is_empty()
     {
-        cluster_steps(client, cluster.as_ref(), &steps, &plan, args, &mut report).await?;
+        cluster_steps(client, cluster.as_ref(), &steps, &plan, args, &mut report).await;
     }
     if let Some(cluster) = cluster.take() {
         cluster.stop().await;
@@ -127,7 +127,7 @@ pub async fn run(
                 "scale: {} tasks queued on a coordinator with no node",
                 plan.scale_tasks
             ));
-            match own_processes::scale(&cluster_plan, plan.scale_tasks).await {
+            match own_processes::scale(&own_plan, plan.scale_tasks).await {
                 Ok(s) => report.scale = Some(s),
                 Err(err) => report.fail(Step::Scale, &err),
             }
@@ -137,7 +137,7 @@ pub async fn run(
                 "many-nodes: {} simulated nodes, {:?} idle window",
                 plan.sim_nodes, plan.idle_window
             ));
-            match own_processes::many_nodes(&cluster_plan, plan.sim_nodes, plan.idle_window).await {
+            match own_processes::many_nodes(&own_plan, plan.sim_nodes, plan.idle_window).await {
                 Ok(m) => report.many_nodes = Some(m),
                 Err(err) => report.fail(Step::ManyNodes, &err),
             }
@@ -149,7 +149,7 @@ pub async fn run(
                 "dag: {} levels × ({} + join) tasks in one Submit",
                 plan.dag_levels, plan.dag_width
             ));
-            match crate::policy::dag(&cluster_plan, plan.dag_levels, plan.dag_width).await {
+            match crate::policy::dag(&own_plan, plan.dag_levels, plan.dag_width).await {
                 Ok(d) => report.dag = Some(d),
                 Err(err) => report.fail(Step::Dag, &err),
             }
@@ -160,8 +160,7 @@ pub async fn run(
                 plan.fair_late, plan.fair_backlog
             ));
             let result =
-                crate::policy::fairness_step(&cluster_plan, plan.fair_backlog, plan.fair_late)
-                    .await;
+                crate::policy::fairness_step(&own_plan, plan.fair_backlog, plan.fair_late).await;
             match result {
                 Ok(f) => report.fairness = Some(f),
                 Err(err) => report.fail(Step::Fairness, &err),
@@ -169,13 +168,48 @@ pub async fn run(
         }
     }
     if own {
-        durability_steps(&cluster_plan, &steps, &plan, args, &mut report).await;
+        durability_steps(&own_plan, &steps, &plan, args, &mut report).await;
     }
     report.finished = Some(SystemTime::now());
     Ok(report)
 }
 
-/// Steps (a) to (d) on the two-node cluster.
+/// The bench's own cluster: [`NODES`] nodes of [`SLOTS`] slots, TLS
+/// unless `--insecure`, the store `--memory-store` or `--database-url`
+/// asks for; nodes declare the policy mix's resource when it runs.
+fn cluster_plan(args: &BenchArgs, steps: &[Step]) -> ClusterPlan {
+    ClusterPlan {
+        nodes: NODES,
+        slots: SLOTS,
+        log_filter: args.child_log.clone(),
+        durable: !args.memory_store,
+        insecure: args.insecure,
+        // The policy mix asks for a resource: the nodes declare plenty.
+        node_args: if steps.contains(&Step::PolicyMix) {
+            crate::policy::node_resource_args()
+        } else {
+            Vec::new()
+        },
+        coordinator_args: Vec::new(),
+        database_url: args.database_url.clone(),
+    }
+}
+
+/// Records `err` as the failure of every step in `steps`.
+fn fail_all(report: &mut Report, steps: &[Step], err: &anyhow::Error) {
+    for step in steps {
+        report.fail(*step, err);
+    }
+}
+
+/// The slots the sleep and burn steps' ideal times divide by: the
+/// cluster's, as it reports them (at least 1).
+fn ideal_slots(reported: u32) -> f64 {
+    f64::from(reported.max(1))
+}
+
+/// Steps (a) to (d) on the two-node cluster (or `--coordinator`'s). A
+/// cluster whose nodes never get ready fails them all.
 async fn cluster_steps(
     client: &Client,
     cluster: Option<&Cluster>,
@@ -183,16 +217,33 @@ async fn cluster_steps(
     plan: &Plan,
     args: &BenchArgs,
     report: &mut Report,
-) -> anyhow::Result<()> {
-    wait_nodes_ready(client, NODES, own_processes::READY_TIMEOUT).await?;
-    let info = client.cluster_info().await?;
-    if info.slots != NODES as u32 * SLOTS {
+) {
+    // The bench's own cluster has NODES nodes; an external one at least one.
+    let want_nodes = if cluster.is_some() { NODES } else { 1 };
+    let ready = async {
+        wait_nodes_ready(client, want_nodes, own_processes::READY_TIMEOUT).await?;
+        anyhow::Ok(client.cluster_info().await?)
+    };
+    let info = match ready.await {
+        Ok(info) => info,
+        Err(err) => {
+            let wanted: Vec<Step> = steps
+                .iter()
+                .copied()
+                .filter(|s| s.needs_cluster())
+                .collect();
+            fail_all(report, &wanted, &err);
+            return;
+        }
+    };
+    if cluster.is_some() && info.slots != NODES as u32 * SLOTS {
         eprintln!(
             "weft bench: warning: the cluster has {} slots; the protocol wants {}",
             info.slots,
             NODES as u32 * SLOTS
         );
     }
+    let slots = ideal_slots(info.slots);
     let cluster_cpu = || cluster.and_then(Cluster::cpu_seconds);
     let concurrency = args.wait_concurrency;
 
@@ -269,7 +320,7 @@ async fn cluster_steps(
     }
     if steps.contains(&Step::Sleep) {
         progress(&format!("sleep: {} × sleep 50ms", plan.sleep_n));
-        let ideal = plan.sleep_n as f64 * 0.05 / (NODES as f64 * SLOTS as f64);
+        let ideal = plan.sleep_n as f64 * 0.05 / slots;
         match workload::parallel(
             client,
             "sleep",
@@ -292,7 +343,6 @@ async fn cluster_steps(
     }
     if steps.contains(&Step::Burn) {
         progress(&format!("burn: {} × spin 100ms", plan.burn_n));
-        let slots = (NODES as f64) * SLOTS as f64;
         let result = async {
             let t1 = workload::burn_single(client).await?;
             let runs = workload::parallel(
@@ -320,7 +370,6 @@ async fn cluster_steps(
             Err(err) => report.fail(Step::Burn, &err),
         }
     }
-    Ok(())
 }
 
 /// The durable-latency, retention and recovery steps (their own clusters).
@@ -395,7 +444,55 @@ fn redact_password(url: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::redact_password;
+    use super::*;
+    use crate::args::parse;
+
+    /// A loopback port nothing listens on: connecting is refused at once.
+    const NOBODY: &str = "http://127.0.0.1:1";
+
+    #[test]
+    fn steps_with_clusters_of_their_own_never_get_the_database_url() {
+        let args = parse(&["--database-url", "postgresql://h/db", "--only", "latency"]);
+        let shared = cluster_plan(&args, &args.steps());
+        assert_eq!(shared.database_url.as_deref(), Some("postgresql://h/db"));
+        // What scale, many-nodes, dag, fairness, durable, retention and
+        // recovery are given (and what durable's in-memory half derives).
+        let own = shared.without_database();
+        assert_eq!(own.database_url, None);
+        assert!(!own.coordinator_args.iter().any(|a| a.contains("database")));
+    }
+
+    #[test]
+    fn ideal_times_divide_by_the_slots_the_cluster_reports() {
+        assert_eq!(ideal_slots(8), 8.0);
+        assert_eq!(ideal_slots(0), 1.0);
+    }
+
+    #[tokio::test]
+    async fn skipped_steps_do_not_fail_a_run_against_a_coordinator() {
+        let args = parse(&["--only", "scale,recovery"]);
+        let report = run(&args, Some(NOBODY.to_owned()), None).await.unwrap();
+        assert!(!report.failed(), "{:?}", report.errors);
+        assert!(report.skip_reason(Step::Scale).is_some());
+        assert!(report.skip_reason(Step::Recovery).is_some());
+    }
+
+    #[tokio::test]
+    async fn a_cluster_that_cannot_be_reached_fails_its_steps_and_the_run_goes_on() {
+        let args = parse(&["--only", "latency,burn,scale"]);
+        let report = run(&args, Some(NOBODY.to_owned()), None).await.unwrap();
+        assert!(report.error_of(Step::Latency).is_some());
+        assert!(report.error_of(Step::Burn).is_some());
+        assert!(report.skip_reason(Step::Scale).is_some());
+        assert!(report.finished.is_some());
+    }
+
+    #[tokio::test]
+    async fn database_url_with_startup_is_refused_before_anything_runs() {
+        let args = parse(&["--database-url", "postgresql://h/db", "--only", "startup"]);
+        let err = run(&args, None, None).await.unwrap_err();
+        assert!(err.to_string().contains("startup"), "{err}");
+    }
 
     #[test]
     fn a_database_password_never_reaches_the_report() {

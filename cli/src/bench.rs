@@ -1,13 +1,20 @@
-//! `weft bench`: runs [`weft_bench::run`] (interruptible by Ctrl-C, which
-//! drops and so kills the bench's cluster), prints the report as the table
-//! or `--output json`, appends the results.jsonl lines if asked, and
-//! answers exit 1 if a step failed. Measuring is `weft_bench`'s job.
+//! `weft bench`: runs [`weft_bench::run`] (interruptible by Ctrl-C,
+//! SIGTERM or SIGHUP, any of which drops and so kills the bench's cluster
+//! and removes its temp dir), prints the report as the table or `--output
+//! json`, appends the results.jsonl lines if asked, and answers exit 1 if
+//! a step failed (a skipped step is no failure). Measuring is
+//! `weft_bench`'s job.
+//!
+//! The children are not given `PR_SET_PDEATHSIG`: setting it needs
+//! `pre_exec`, which is `unsafe`, and the workspace forbids unsafe code.
+//! A `weft bench` killed with SIGKILL therefore leaves its cluster behind;
+//! every signal it can catch stops the cluster first.
 
 use anyhow::{Context, bail};
 
 use weft_bench::BenchArgs;
 
-use crate::exit;
+use crate::exit::{self, UsageError};
 use crate::output::OutputFormat;
 
 /// `weft bench`. `external` is the `--coordinator` URL when the user gave
@@ -19,9 +26,12 @@ pub async fn run(
     token: Option<String>,
     format: OutputFormat,
 ) -> anyhow::Result<u8> {
+    if let Some(why) = args.refusal() {
+        return Err(UsageError(why).into());
+    }
     let report = tokio::select! {
         report = weft_bench::run(&args, external, token) => report?,
-        _ = tokio::signal::ctrl_c() => bail!("interrupted; the cluster was stopped"),
+        signal = stop_signal() => bail!("interrupted by {signal}; the cluster was stopped"),
     };
     match format {
         OutputFormat::Text => println!("{}", report.table()),
@@ -33,9 +43,137 @@ pub async fn run(
             .with_context(|| format!("appending to {}", path.display()))?;
         eprintln!("weft bench: appended results to {}", path.display());
     }
-    Ok(if report.errors.is_empty() {
-        exit::SUCCESS
-    } else {
+    Ok(if report.failed() {
         exit::FAILURE
+    } else {
+        exit::SUCCESS
     })
+}
+
+/// Resolves with the signal's name on SIGINT (Ctrl-C), SIGTERM or SIGHUP
+/// (the terminal closed): each must stop the bench's cluster, which the
+/// default action (exit without unwinding) would leave running.
+pub(crate) async fn stop_signal() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::hangup()),
+    ) else {
+        let _ = tokio::signal::ctrl_c().await;
+        return "SIGINT";
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => "SIGINT",
+        _ = term.recv() => "SIGTERM",
+        _ = hup.recv() => "SIGHUP",
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::path::{Path, PathBuf};
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    /// `weft` (as built: `cargo build --bins`), with none of this
+    /// process's `WEFT_*` variables and `TMPDIR` set to `tmp`.
+    pub(crate) fn weft_command(tmp: &Path) -> Command {
+        let weft = weft_cluster::bin_path("weft").expect("run `cargo build --bins` first");
+        let mut command = Command::new(weft);
+        for (name, _) in std::env::vars_os() {
+            if name.to_string_lossy().starts_with("WEFT_") {
+                command.env_remove(name);
+            }
+        }
+        command
+            .env("TMPDIR", tmp)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        command
+    }
+
+    /// Sends `signal` (`-TERM`, `-INT`) to process `pid`.
+    pub(crate) fn send(signal: &str, pid: u32) {
+        let sent = Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+    }
+
+    /// Polls `check` every 20 ms until it answers `Some`, for up to `limit`.
+    pub(crate) fn wait_for<T>(limit: Duration, mut check: impl FnMut() -> Option<T>) -> Option<T> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(found) = check() {
+                return Some(found);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Processes whose working directory is under `dir` (the bench's
+    /// children run in their cluster's temp dir).
+    fn processes_in(dir: &Path) -> Vec<u32> {
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return Vec::new();
+        };
+        entries
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|pid| {
+                alive(*pid)
+                    && std::fs::read_link(format!("/proc/{pid}/cwd"))
+                        .is_ok_and(|cwd| cwd.starts_with(dir))
+            })
+            .collect()
+    }
+
+    /// Whether process `pid` exists and is not a zombie.
+    fn alive(pid: u32) -> bool {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+            let state = stat.rsplit(')').next().unwrap_or("").trim_start();
+            !state.starts_with('Z')
+        })
+    }
+
+    /// The bench's `weft-bench-*` temp dir under `tmp`, once its
+    /// coordinator wrote its address (the cluster is up).
+    fn started_cluster(tmp: &Path) -> Option<PathBuf> {
+        std::fs::read_dir(tmp)
+            .ok()?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .find(|p| p.join("coordinator.addr").is_file())
+    }
+
+    #[test]
+    fn sigterm_to_bench_kills_its_cluster() {
+        let tmp = tempfile::tempdir().unwrap();
+        // The idle window keeps the cluster (a coordinator) up until signalled.
+        let mut bench = weft_command(tmp.path())
+            .args(["bench", "--only", "many-nodes", "--sim-nodes", "2"])
+            .args(["--idle-window", "120s"])
+            .spawn()
+            .unwrap();
+        let cluster = wait_for(Duration::from_secs(60), || started_cluster(tmp.path()));
+        let Some(cluster) = cluster else {
+            let _ = bench.kill();
+            panic!("the bench started no cluster");
+        };
+        let children = wait_for(Duration::from_secs(30), || {
+            Some(processes_in(&cluster)).filter(|p| !p.is_empty())
+        })
+        .expect("the coordinator");
+        send("-TERM", bench.id());
+        let status = bench.wait().unwrap();
+        assert!(!status.success(), "{status}");
+        let gone = wait_for(Duration::from_secs(10), || {
+            children.iter().all(|pid| !alive(*pid)).then_some(())
+        });
+        assert!(gone.is_some(), "still running: {children:?}");
+        let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().collect();
+        assert!(left.is_empty(), "left in TMPDIR: {left:?}");
+    }
 }

@@ -22,6 +22,7 @@ use weft_client::{Client, Error, EventBody, Task, TaskEvent, TaskSpec};
 use weft_cluster::wait_nodes_ready;
 use weft_proto::{OutputStream, TaskState};
 
+use crate::bench::stop_signal;
 use crate::exit;
 use crate::local;
 use crate::output::{OutputFormat, short_duration, task_json};
@@ -58,15 +59,44 @@ impl Say {
     }
 }
 
-/// `weft demo [--nodes N] [--slots S]`.
+/// `weft demo [--nodes N] [--slots S]`. A stop signal (Ctrl-C, SIGTERM,
+/// SIGHUP) at any point, start-up included, stops the cluster and removes
+/// the temp dirs; the demo then exits 1.
 pub async fn run(nodes: usize, slots: u32, format: OutputFormat) -> anyhow::Result<u8> {
+    local::check_slots(Some(slots))?;
+    // Listening before anything is made that a signal must not leave behind.
+    let stop = stop_signal();
+    tokio::pin!(stop);
+    // Polled once now, so the handlers are installed before anything a
+    // signal must not leave behind exists (a signal so early ends it).
+    if let std::task::Poll::Ready(signal) = futures::poll!(stop.as_mut()) {
+        anyhow::bail!("stopped by {signal}");
+    }
+    let token_dir = tempfile::Builder::new().prefix("weft-demo-").tempdir()?;
+    tokio::select! {
+        code = demo(nodes, slots, format, token_dir.path()) => code,
+        signal = &mut stop => {
+            // The cluster and the workload's dirs went with `demo`;
+            // `token_dir` goes on return.
+            eprintln!("demo: {signal}; the cluster was stopped");
+            Ok(exit::FAILURE)
+        }
+    }
+}
+
+/// The demo proper, on a cluster whose identities live in `token_dir`.
+async fn demo(
+    nodes: usize,
+    slots: u32,
+    format: OutputFormat,
+    token_dir: &std::path::Path,
+) -> anyhow::Result<u8> {
     let say = Say {
         json: format == OutputFormat::Json,
     };
     let nodes = nodes.max(1);
     let listener = TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))).await?;
-    let token_dir = tempfile::Builder::new().prefix("weft-demo-").tempdir()?;
-    let cluster = local::start(listener, nodes, Some(slots), token_dir.path()).await?;
+    let cluster = local::start(listener, nodes, Some(slots), token_dir).await?;
     let url = cluster.url();
     say.line(
         || format!("demo: local cluster at {url}: {nodes} nodes x {slots} slots"),
@@ -443,6 +473,28 @@ fn summary(say: Say, checks: &[Check], tasks: &[Task], elapsed: Duration) -> u8 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bench::tests::{send, wait_for, weft_command};
+
+    #[test]
+    fn ctrl_c_during_startup_leaves_no_temp_dirs() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut demo = weft_command(tmp.path()).arg("demo").spawn().unwrap();
+        // The demo's dir, then the CA's (made while the cluster starts).
+        let started = wait_for(Duration::from_secs(30), || {
+            let names: Vec<String> = std::fs::read_dir(tmp.path())
+                .ok()?
+                .filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .collect();
+            let has = |prefix: &str| names.iter().any(|n| n.starts_with(prefix));
+            (has("weft-demo-") && has("weft-pki-")).then_some(())
+        });
+        send("-INT", demo.id());
+        let status = demo.wait().unwrap();
+        assert!(started.is_some(), "the demo made no dirs ({status})");
+        assert_eq!(status.code(), Some(i32::from(exit::FAILURE)), "{status}");
+        let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().collect();
+        assert!(left.is_empty(), "left in TMPDIR: {left:?}");
+    }
 
     #[test]
     fn a_tasks_stderr_is_labelled_with_its_tag() {

@@ -2,6 +2,11 @@
 //! on `weft_cluster`'s [`LocalCluster`]; [`start`] is also what `weft demo`
 //! runs its workload on. Both wait for the nodes with
 //! [`weft_cluster::wait_nodes_ready`].
+//!
+//! The stop signals (Ctrl-C, SIGTERM, SIGHUP) are listened for before the
+//! cluster starts: one during start-up stops it there, so the temp dirs
+//! (admin token, node identities, the CA's key) are removed, never left
+//! behind by the signal's default action.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -14,7 +19,8 @@ use weft_cluster::{LocalCluster, wait_nodes_ready};
 use weft_coordinator::CoordinatorConfig;
 use weft_coordinator::tls::TlsConfig;
 
-use crate::exit;
+use crate::bench::stop_signal;
+use crate::exit::{self, UsageError};
 use crate::output::OutputFormat;
 
 /// How long nodes may take to register before `local` warns and `demo` fails.
@@ -89,7 +95,7 @@ pub async fn start(
         config.join_token = Some(token.clone());
         config.state_dir = Some(token_dir.join(format!("local-{i}")));
         if let Some(slots) = slots {
-            config.slots = slots.max(1);
+            config.slots = slots;
         }
         config.reconnect_min = Duration::from_millis(50);
         cluster.add_node(config);
@@ -125,19 +131,43 @@ pub async fn run(
     slots: Option<u32>,
     format: OutputFormat,
 ) -> anyhow::Result<u8> {
+    check_slots(slots)?;
+    // Listening from here on: a signal during start-up stops it.
+    let stop = stop_signal();
+    tokio::pin!(stop);
+    // Polled once now, so the handlers are installed before anything a
+    // signal must not leave behind exists (a signal so early ends it).
+    if let std::task::Poll::Ready(signal) = futures::poll!(stop.as_mut()) {
+        anyhow::bail!("stopped by {signal}");
+    }
     let listener = bind(listen).await?;
     // Private (0700), removed when `weft local` exits.
     let token_dir = tempfile::Builder::new()
         .prefix("weft-local-")
         .tempdir()
         .context("creating a dir for the admin token")?;
-    let cluster = start(listener, nodes, slots, token_dir.path()).await?;
+    let starting = async {
+        let cluster = start(listener, nodes, slots, token_dir.path()).await?;
+        let token = cluster.admin_token();
+        let client =
+            Client::connect_secure(&cluster.url(), cluster.trust().as_ref(), token.as_deref())
+                .await?;
+        if let Err(err) = wait_nodes_ready(&client, cluster.node_count(), READY_TIMEOUT).await {
+            eprintln!("weft: warning: {:#}", anyhow::Error::new(err));
+        }
+        anyhow::Ok(cluster)
+    };
+    let cluster = tokio::select! {
+        cluster = starting => cluster?,
+        signal = &mut stop => {
+            // The half-started cluster was dropped (and so stopped) with
+            // `starting`; `token_dir` goes on return.
+            eprintln!("weft local: {signal} during start-up; stopped");
+            return Ok(exit::SUCCESS);
+        }
+    };
     let url = cluster.url();
     let token = cluster.admin_token();
-    let client = Client::connect_secure(&url, cluster.trust().as_ref(), token.as_deref()).await?;
-    if let Err(err) = wait_nodes_ready(&client, cluster.node_count(), READY_TIMEOUT).await {
-        eprintln!("weft: warning: {:#}", anyhow::Error::new(err));
-    }
     match format {
         OutputFormat::Text => print_exports(&cluster, &url, nodes, slots, token.as_deref()),
         OutputFormat::Json => println!(
@@ -154,13 +184,24 @@ pub async fn run(
     }
     // Seen at once by a reader of a pipe.
     std::io::Write::flush(&mut std::io::stdout())?;
-    shutdown_signal().await;
+    stop.await;
     eprintln!("weft local: shutting down (Ctrl-C again to exit at once)");
     tokio::select! {
         () = cluster.shutdown(SHUTDOWN_GRACE) => {}
-        () = shutdown_signal() => eprintln!("weft local: exiting at once"),
+        // Dropping the shutdown drops the cluster: every node's handle
+        // kills what still runs (handlers see their cancel token), so the
+        // runtime is not kept waiting by a blocking handler.
+        _ = stop_signal() => eprintln!("weft local: exiting at once"),
     }
     Ok(exit::SUCCESS)
+}
+
+/// `--slots 0` is refused: a node has at least one slot.
+pub(crate) fn check_slots(slots: Option<u32>) -> Result<(), UsageError> {
+    match slots {
+        Some(0) => Err(UsageError("--slots must be at least 1".to_owned())),
+        _ => Ok(()),
+    }
 }
 
 /// The text form: a line for a person, then `export` lines for another terminal.
@@ -201,18 +242,14 @@ fn print_exports(
     }
 }
 
-/// Resolves on Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        if let Ok(mut term) = signal(SignalKind::terminate()) {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            return;
-        }
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_slots_is_refused() {
+        assert!(check_slots(Some(0)).is_err());
+        assert!(check_slots(Some(1)).is_ok());
+        assert!(check_slots(None).is_ok());
     }
-    let _ = tokio::signal::ctrl_c().await;
 }

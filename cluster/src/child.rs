@@ -5,8 +5,17 @@
 //! relative to its cwd stays out of the source tree), sends stdout and
 //! stderr to `<dir>/<label>.log`, reads no stdin, and is started with
 //! `kill_on_drop(true)`, so an error or a failing test never leaves a
-//! coordinator or node running behind it. Which binary and which flags is
-//! the caller's business; this file only starts, signals and reaps.
+//! coordinator or node running behind it. It inherits none of this
+//! process's `WEFT_*` variables: a user's `WEFT_DATABASE_URL`, `WEFT_CA`
+//! and the like are for their own cluster, and the flags the caller
+//! passes say everything the child is to use. Which binary and which
+//! flags is the caller's business; this file only starts, signals and
+//! reaps.
+//!
+//! Children get no `PR_SET_PDEATHSIG`: setting it between fork and exec
+//! needs `pre_exec`, which is `unsafe`, and the workspace forbids unsafe
+//! code. A parent killed with SIGKILL leaves its children behind; callers
+//! stop them on every signal they can catch.
 
 use std::ffi::OsString;
 use std::fs::File;
@@ -107,6 +116,9 @@ impl Spawn {
         let log_filter = self
             .log_filter
             .unwrap_or_else(|| std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_owned()));
+        for name in weft_variables(std::env::vars_os()) {
+            cmd.env_remove(name);
+        }
         cmd.args(&self.args)
             .current_dir(&self.dir)
             .stdin(Stdio::null())
@@ -126,6 +138,14 @@ impl Spawn {
             child,
         })
     }
+}
+
+/// The names of the `WEFT_*` variables among `vars` (what a child must
+/// not inherit).
+fn weft_variables(vars: impl Iterator<Item = (OsString, OsString)>) -> Vec<OsString> {
+    vars.map(|(name, _)| name)
+        .filter(|name| name.as_encoded_bytes().starts_with(b"WEFT_"))
+        .collect()
 }
 
 /// One running child and the file it logs to. Dropping it kills it.
@@ -232,6 +252,37 @@ mod tests {
         assert_eq!(child.log_tail(2), "two\ndebug");
         let err = child.check_alive().unwrap_err();
         assert!(err.to_string().starts_with("echoer exited"), "{err}");
+    }
+
+    #[test]
+    fn a_child_inherits_no_weft_variable() {
+        let vars = [
+            ("WEFT_DATABASE_URL", "postgresql://h/db"),
+            ("WEFT_CA", "/ca.pem"),
+            ("PATH", "/bin"),
+            ("RUST_LOG", "info"),
+            ("MY_WEFT_X", "1"),
+        ]
+        .map(|(k, v)| (OsString::from(k), OsString::from(v)));
+        assert_eq!(
+            weft_variables(vars.into_iter()),
+            [
+                OsString::from("WEFT_DATABASE_URL"),
+                OsString::from("WEFT_CA")
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_childs_environment_keeps_what_spawn_sets() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = Spawn::new("/bin/sh", dir.path(), "env")
+            .args(["-c", "env | grep -c '^WEFT_'; echo $NO_COLOR $RUST_LOG"])
+            .log_filter("debug")
+            .spawn()
+            .unwrap();
+        child.wait().await.unwrap();
+        assert_eq!(child.log_text(), "0\n1 debug\n");
     }
 
     #[tokio::test]

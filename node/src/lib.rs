@@ -223,9 +223,13 @@ impl RunningNode {
     /// sent), let running attempts finish within `grace`, cancel and report
     /// the rest, close the stream, stop. If that takes more than `grace`
     /// plus a margin, the node is killed and this answers `DrainTimedOut`.
+    ///
+    /// `main` stays in the handle until the drain is done: a drain future
+    /// dropped part-way (a second Ctrl-C) drops the handle with it, whose
+    /// `Drop` then kills what still runs.
     pub async fn drain(mut self, grace: Duration) -> Result<(), Error> {
         self.ctx.request_drain(grace);
-        let Some(main) = self.main.take() else {
+        let Some(main) = self.main.as_mut() else {
             return Ok(());
         };
         let limit = grace + DRAIN_MARGIN;
@@ -238,6 +242,7 @@ impl RunningNode {
                 Err(Error::DrainTimedOut(limit))
             }
         };
+        self.main = None;
         self.tasks.close();
         let _ = tokio::time::timeout(KILL_WAIT, self.tasks.wait()).await;
         result

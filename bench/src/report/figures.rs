@@ -22,13 +22,15 @@ pub struct Figure<'a> {
     pub outcome: Outcome<'a>,
 }
 
-/// A step's figures, or the one-line error of a failed or skipped step.
+/// A step's figures, or why a failed or skipped step has none.
 #[derive(Debug, Clone)]
 pub enum Outcome<'a> {
     /// The step ran.
     Measured(Measured<'a>),
-    /// The step failed or was skipped: why.
+    /// The step failed: why.
     Failed(&'a str),
+    /// The step was not taken: why.
+    Skipped(&'a str),
 }
 
 /// The figures of one step that ran.
@@ -241,15 +243,18 @@ pub struct ManyNodesFigures<'a> {
 }
 
 impl Report {
-    /// Every step that ran or failed, in run order ([`Step::ALL`]); a
-    /// step with neither a result nor an error is left out.
+    /// Every step that ran, failed or was skipped, in run order
+    /// ([`Step::ALL`]); a step with none of these is left out.
     pub fn figures(&self) -> Vec<Figure<'_>> {
         Step::ALL
             .into_iter()
             .filter_map(|step| {
                 let outcome = match self.measured(step) {
                     Some(measured) => Outcome::Measured(measured),
-                    None => Outcome::Failed(self.error_of(step)?),
+                    None => match self.error_of(step) {
+                        Some(error) => Outcome::Failed(error),
+                        None => Outcome::Skipped(self.skip_reason(step)?),
+                    },
                 };
                 Some(Figure { step, outcome })
             })

@@ -23,6 +23,11 @@ impl Report {
             .iter()
             .map(|e| (e.step.name().to_owned(), Value::from(e.error.clone())))
             .collect();
+        let skipped: Map<String, Value> = self
+            .skipped
+            .iter()
+            .map(|e| (e.step.name().to_owned(), Value::from(e.error.clone())))
+            .collect();
         let mut doc = json!({
             "weft_version": env!("CARGO_PKG_VERSION"),
             "run_id": self.run_id,
@@ -38,6 +43,7 @@ impl Report {
                 "os": m.os,
             },
             "errors": errors,
+            "skipped": skipped,
         });
         // Every step has its key; null where it did not run.
         for step in Step::ALL {
@@ -86,6 +92,8 @@ impl Report {
                 continue;
             };
             out.push(match &figure.outcome {
+                // Nothing measured and nothing failed: no record.
+                Outcome::Skipped(_) => continue,
                 Outcome::Failed(error) => record(
                     metric,
                     Value::Null,

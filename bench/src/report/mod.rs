@@ -200,7 +200,7 @@ impl ManyNodes {
     }
 }
 
-/// A step that failed or was skipped.
+/// A step that failed, or one that was skipped (see [`Report::skipped`]).
 #[derive(Debug, Clone)]
 pub struct StepError {
     /// Which step.
@@ -257,8 +257,11 @@ pub struct Report {
     pub retention: Option<crate::durable::RetentionRun>,
     /// Recovery step.
     pub recovery: Option<crate::recovery::Recovery>,
-    /// Failed or skipped steps.
+    /// Failed steps (the run exits 1 if there is one).
     pub errors: Vec<StepError>,
+    /// Steps not taken, and why (not failures: e.g. a step that needs its
+    /// own processes, with `--coordinator`).
+    pub skipped: Vec<StepError>,
 }
 
 impl Report {
@@ -294,7 +297,30 @@ impl Report {
             retention: None,
             recovery: None,
             errors: Vec::new(),
+            skipped: Vec::new(),
         }
+    }
+
+    /// Records a step not taken, and why (no failure).
+    pub fn skip(&mut self, step: Step, why: &str) {
+        eprintln!("weft bench: {} skipped: {why}", step.name());
+        self.skipped.push(StepError {
+            step,
+            error: why.to_owned(),
+        });
+    }
+
+    /// Why `step` was skipped, if it was.
+    pub fn skip_reason(&self, step: Step) -> Option<&str> {
+        self.skipped
+            .iter()
+            .find(|e| e.step == step)
+            .map(|e| e.error.as_str())
+    }
+
+    /// Whether any step failed (skipped ones do not count).
+    pub fn failed(&self) -> bool {
+        !self.errors.is_empty()
     }
 
     /// Records a failed step (and says so on stderr at once).

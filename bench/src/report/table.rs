@@ -76,10 +76,8 @@ impl Report {
                  (CPU used by other processes on this host; ≈0 for a clean run)"
             ));
         }
-        for e in &self.errors {
-            if e.error.starts_with("skipped") {
-                out.push(format!("{}: {}", e.step.name(), e.error));
-            }
+        for e in &self.skipped {
+            out.push(format!("{}: skipped: {}", e.step.name(), e.error));
         }
         out.join("\n")
     }
@@ -105,10 +103,10 @@ fn row_order(step: Step) -> u8 {
     }
 }
 
-/// The short name of a step's failure row (`None`: the step has no row).
-fn failure_label(step: Step) -> Option<&'static str> {
-    Some(match step {
-        Step::Floor => return None,
+/// The short name of a step's row when it failed or was skipped.
+fn failure_label(step: Step) -> &'static str {
+    match step {
+        Step::Floor => "floor (raw tonic)",
         Step::Throughput => "(a) throughput",
         Step::PolicyMix => "policy mix",
         Step::Latency => "(b) latency",
@@ -122,7 +120,7 @@ fn failure_label(step: Step) -> Option<&'static str> {
         Step::Durable => "durable latency",
         Step::Retention => "retention",
         Step::Recovery => "recovery",
-    })
+    }
 }
 
 /// The table rows of one figure.
@@ -130,10 +128,12 @@ fn rows(figure: &Figure<'_>) -> Vec<Row> {
     let none = || "—".to_owned();
     let measured = match &figure.outcome {
         Outcome::Failed(err) => {
-            return failure_label(figure.step)
-                .map(|what| [what.to_owned(), failed(err), none(), none()])
-                .into_iter()
-                .collect();
+            let what = failure_label(figure.step).to_owned();
+            return vec![[what, failed(err), none(), none()]];
+        }
+        Outcome::Skipped(why) => {
+            let what = failure_label(figure.step).to_owned();
+            return vec![[what, format!("skipped: {why}"), none(), none()]];
         }
         Outcome::Measured(measured) => measured,
     };

@@ -163,26 +163,58 @@ fn the_figures_list_each_step_once_in_run_order_with_its_result_or_error() {
 fn a_skipped_step_shows_its_reason_in_every_rendering() {
     let mut r = report();
     r.external = Some("http://10.0.0.1:7070".into());
-    r.errors.push(StepError {
-        step: Step::Scale,
-        error: "skipped: needs its own processes (not with --coordinator)".into(),
-    });
+    r.skip(
+        Step::Scale,
+        "needs its own processes (not with --coordinator)",
+    );
     let table = r.table();
     assert!(
-        table.contains("| scale | failed: skipped: needs its own"),
+        table.contains("| scale | skipped: needs its own processes"),
         "{table}"
     );
+    assert!(!table.contains("failed: skipped"), "{table}");
     assert!(table.ends_with("scale: skipped: needs its own processes (not with --coordinator)"));
     let doc = r.json();
     assert_eq!(doc["scale"], Value::Null);
+    assert_eq!(doc["errors"]["scale"], Value::Null);
     assert!(
-        doc["errors"]["scale"]
+        doc["skipped"]["scale"]
             .as_str()
             .unwrap()
-            .starts_with("skipped")
+            .starts_with("needs its own processes")
     );
     // Not a protocol metric: no results.jsonl record.
     assert!(r.jsonl_records().iter().all(|rec| rec["metric"] != "scale"));
+}
+
+#[test]
+fn skipped_steps_do_not_fail_the_run() {
+    let machine = report().machine;
+    let mut r = Report::new(machine, SystemTime::UNIX_EPOCH, None, false, None);
+    for step in [Step::Startup, Step::Scale, Step::Recovery] {
+        r.skip(step, "needs its own processes (not with --coordinator)");
+    }
+    assert!(!r.failed());
+    assert!(
+        r.jsonl_records()
+            .iter()
+            .all(|rec| rec.get("error").is_none() && rec["detail"].get("error").is_none()),
+        "{:?}",
+        r.jsonl_records()
+    );
+    r.fail(Step::Burn, &anyhow::anyhow!("boom"));
+    assert!(r.failed());
+}
+
+#[test]
+fn a_failed_floor_shows_in_the_table() {
+    let mut r = report();
+    r.fail(Step::Floor, &anyhow::anyhow!("binding the fake service"));
+    let table = r.table();
+    assert!(
+        table.contains("| floor (raw tonic) | failed: binding the fake service | — | — |"),
+        "{table}"
+    );
 }
 
 #[test]
