@@ -187,6 +187,11 @@ pub(crate) struct Graph {
     /// their schedule timeout: their deadline is set at the batch's end
     /// (`take_effects` has the instant), as for a call queued at submit.
     pub(crate) unserved: Vec<(TaskId, Duration)>,
+    /// While a Submit with PENDING tasks is applied: the results of tasks
+    /// that ended during it (a queued task's policy hook may end it, or
+    /// an older task, at once), for its PENDING tasks, linked after, to
+    /// find their parents' real state and ref.
+    ended_in_submit: Option<HashMap<TaskId, Arc<ParentResult>>>,
 }
 
 impl Graph {
@@ -380,12 +385,15 @@ impl Scheduler {
         batch: &[(TaskId, TaskSpec)],
         known: &KnownParents,
     ) -> Result<(), Error> {
-        let own: HashSet<TaskId> = batch.iter().map(|(id, _)| *id).collect();
+        // The Submit's own ids, gathered only once a task names a task
+        // by id: a batch without dependencies pays nothing per task.
+        let mut own: Option<HashSet<TaskId>> = None;
         for (index, (_, spec)) in batch.iter().enumerate() {
             for dep in &spec.after {
                 let Dependency::Task(parent) = dep else {
                     continue;
                 };
+                let own = own.get_or_insert_with(|| batch.iter().map(|(id, _)| *id).collect());
                 if own.contains(parent) || self.tasks.contains_key(parent) {
                     continue;
                 }
@@ -411,12 +419,20 @@ impl Scheduler {
     /// ends at once finds its children and keeps its result for them.
     pub(crate) fn link_pending(&mut self, pending: &[TaskId], known: &KnownParents, now: Now) {
         if pending.is_empty() {
+            self.graph.ended_in_submit = None;
             return;
         }
         self.graph.clock = Some((now.instant, now.wall));
         for id in pending {
             self.link(*id, known);
         }
+        self.graph.ended_in_submit = None;
+    }
+
+    /// A Submit with PENDING tasks begins: the results of tasks that end
+    /// before [`link_pending`](Self::link_pending) are kept for it.
+    pub(crate) fn keep_results_ended_in_submit(&mut self) {
+        self.graph.ended_in_submit = Some(HashMap::new());
     }
 
     /// After [`link_pending`](Self::link_pending) and the policy hooks:
@@ -465,8 +481,10 @@ impl Scheduler {
                     Arc::clone(&kept.result)
                 }
                 None => {
-                    let result = match known.get(&parent) {
-                        Some(Some(result)) => result.clone(),
+                    let ended = self.graph.ended_in_submit.as_ref();
+                    let result = match (ended.and_then(|e| e.get(&parent)), known.get(&parent)) {
+                        (Some(result), _) => ParentResult::clone(result),
+                        (None, Some(Some(result))) => result.clone(),
                         // Gone from the store (retention), or never seen:
                         // it cannot be waited for, so it counts as failed.
                         _ => ParentResult {
@@ -568,6 +586,15 @@ impl Scheduler {
         ref_name: &str,
         wall: SystemTime,
     ) {
+        if let Some(ended) = &mut self.graph.ended_in_submit {
+            let result = ParentResult {
+                task_id: id,
+                ref_name: ref_name.to_owned(),
+                state,
+                output: output.clone(),
+            };
+            ended.insert(id, Arc::new(result));
+        }
         if let Some(deps) = self.graph.deps.remove(&id) {
             for parent in deps.parents.iter() {
                 if let Some(kept) = self.graph.results.get_mut(parent) {

@@ -666,12 +666,16 @@ impl Scheduler {
         self.out.reserve_new_tasks(batch.len());
         let mut pending: Vec<TaskId> = Vec::new();
         let mut served: Vec<(ClassId, bool)> = Vec::new();
-        // Policy hooks of queued tasks, run once the pending ones are
-        // linked: a hook may end a task at once (cancel_newest,
-        // cancel_oldest, fail_if_infeasible), and a child of this Submit
-        // must already be among its children to be given its state and
-        // ref.
-        let mut hooks: Vec<(TaskId, ClassId, Arc<TaskSpec>)> = Vec::new();
+        // A queued task's policy hook may end a task at once
+        // (cancel_newest, cancel_oldest, fail_if_infeasible) before this
+        // Submit's PENDING tasks are linked: what ended is kept for them,
+        // so a child is given its parent's real state and ref.
+        if batch
+            .iter()
+            .any(|(_, spec)| Self::starts_pending(spec, now.wall))
+        {
+            self.keep_results_ended_in_submit();
+        }
         for (id, mut spec) in batch {
             if Self::starts_pending(&spec, now.wall) {
                 self.submit_pending(id, spec, now);
@@ -729,7 +733,7 @@ impl Scheduler {
             );
             self.queue.push_ready(class, id, created);
             if !self.queue.classes[class as usize].policy.plain {
-                hooks.push((id, class, Arc::clone(&spec)));
+                self.policy_submitted(id, class, &spec, now.wall);
             }
             let wait = self.schedule_timeout(&spec);
             if !is_served && !wait.is_zero() {
@@ -741,9 +745,6 @@ impl Scheduler {
             }
         }
         self.link_pending(&pending, known, now);
-        for (id, class, spec) in hooks {
-            self.policy_submitted(id, class, &spec, now.wall);
-        }
         self.settle_pending(pending, now);
         Ok(())
     }

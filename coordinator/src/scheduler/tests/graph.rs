@@ -878,3 +878,46 @@ fn a_parent_ended_at_submit_gives_its_child_its_real_state_and_ref() {
         (older, "older", TaskState::Cancelled)
     );
 }
+
+#[test]
+fn a_submit_of_several_tasks_into_a_cancel_oldest_key_keeps_its_newest_even_with_a_child_among_them()
+ {
+    let keyed = |name: &str| {
+        let mut spec = call(name);
+        spec.concurrency = Some(weft_proto::policy::ConcurrencyLimit {
+            key: "k".into(),
+            max_running: 1,
+            on_limit: weft_proto::policy::OverLimit::CancelOldest,
+        });
+        spec
+    };
+    let mut h = Harness::new();
+    let older = h.submit(vec![keyed("older")])[0];
+    let ids = h
+        .submit_job(vec![
+            keyed("t1"),
+            keyed("t2"),
+            keyed("t3"),
+            call("child")
+                .after_ref("t1")
+                .after_rule(DependencyRule::AllFinished),
+        ])
+        .expect("submit");
+    // Each task of the key, as it is submitted, cancels the oldest in
+    // excess: the newest stands, whatever else the Submit holds.
+    for id in [older, ids[0], ids[1]] {
+        assert_eq!(h.state(id), TaskState::Cancelled, "{id}");
+    }
+    assert_eq!(h.state(ids[2]), TaskState::Queued);
+    // The key counts the one task it has: another newer one cancels it
+    // and stands alone.
+    let newest = h.submit(vec![keyed("t4")])[0];
+    assert_eq!(h.state(ids[2]), TaskState::Cancelled);
+    assert_eq!(h.state(newest), TaskState::Queued);
+    h.node(S1, reg("n1", 4), 4);
+    let parent = given_parent(&mut h, ids[3]);
+    assert_eq!(
+        (parent.task_id, parent.ref_name.as_str(), parent.state),
+        (ids[0], "t1", TaskState::Cancelled)
+    );
+}
