@@ -102,9 +102,13 @@ pub(crate) enum Command {
         parsed: Box<crate::scheduler::cron::ParsedSchedule>,
         reply: oneshot::Sender<Result<weft_proto::pb::Schedule, Error>>,
     },
-    /// Every cron schedule, read at the end of the batch.
+    /// A page of cron schedules by name, after `after` (`None`: from the
+    /// first), at most `limit` and `LIST_PAGE_BYTES`; read at the end of
+    /// the batch.
     ListSchedules {
-        reply: oneshot::Sender<Vec<weft_proto::pb::Schedule>>,
+        after: Option<String>,
+        limit: usize,
+        reply: oneshot::Sender<crate::scheduler::cron::SchedulePage>,
     },
     /// Pauses (true) or resumes a schedule; answered once committed.
     PauseSchedule {

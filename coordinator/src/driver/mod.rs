@@ -411,9 +411,18 @@ impl Driver {
                 let result = self.scheduler.create_schedule(*parsed, now);
                 replies.push(answer_committed(reply, result));
             }
-            Command::ListSchedules { reply } => {
+            Command::ListSchedules {
+                after,
+                limit,
+                reply,
+            } => {
                 reads.push(Box::new(move |scheduler| {
-                    answer(reply, scheduler.list_schedules())
+                    let page = scheduler.list_schedules(
+                        after.as_deref(),
+                        limit,
+                        crate::scheduler::cron::LIST_PAGE_BYTES,
+                    );
+                    answer(reply, page)
                 }));
             }
             Command::PauseSchedule {

@@ -483,22 +483,37 @@ pub(super) async fn limits(
     })))
 }
 
-/// `GET /api/schedules`: `ScheduleService.ListSchedules` (read-only here).
+/// `GET /api/schedules`: `ScheduleService.ListSchedules` (read-only here),
+/// every schedule: the pages are followed here, each turned into JSON (which
+/// leaves out the task spec) before the next is read, up to
+/// `MAX_SCHEDULES`, so the dashboard needs no paging.
 pub(super) async fn schedules(
     State(app): State<Arc<App>>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     use pb::schedule_service_server::ScheduleService;
     let caller = app.caller(&headers)?;
-    let schedules = app
-        .schedules
-        .list_schedules(grpc_request(&caller, pb::ListSchedulesRequest {}))
-        .await?
-        .into_inner()
-        .schedules;
-    Ok(ok(json!({
-        "schedules": schedules.iter().map(to_json::schedule).collect::<Vec<_>>(),
-    })))
+    let mut schedules = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let request = pb::ListSchedulesRequest {
+            page_token,
+            ..Default::default()
+        };
+        let page = app
+            .schedules
+            .list_schedules(grpc_request(&caller, request))
+            .await?
+            .into_inner();
+        schedules.extend(page.schedules.iter().map(to_json::schedule));
+        if page.next_page_token.is_empty()
+            || schedules.len() >= crate::scheduler::cron::MAX_SCHEDULES
+        {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    Ok(ok(json!({ "schedules": schedules })))
 }
 
 #[cfg(test)]

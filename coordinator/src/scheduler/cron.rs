@@ -34,6 +34,7 @@
 //! Fire times in a zone, daylight-saving changes included: [`times`].
 
 use std::collections::{BTreeMap, VecDeque};
+use std::ops::Bound;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -66,6 +67,11 @@ const MAX_CRON_BYTES: usize = 256;
 /// The most bytes a schedule's task spec takes (encoded): every schedule's
 /// spec is kept in memory and listed to readers.
 pub const MAX_SCHEDULE_TASK_BYTES: usize = 64 * 1024;
+/// The most bytes of schedules one `ListSchedules` page holds, encoded: a
+/// quarter of gRPC's default 4 MiB decode limit (and the smallest
+/// `--max-message-size`), so any client decodes a page, where every
+/// schedule at once may take 10,000 x 64 KiB.
+pub const LIST_PAGE_BYTES: usize = 1024 * 1024;
 /// The most bytes of a refused value an error message quotes.
 const QUOTED_BYTES: usize = 64;
 /// What each fire of an exec task sets in its environment.
@@ -125,21 +131,7 @@ impl ParsedSchedule {
         if let Some(task) = &mut spec.task {
             task.trace = None;
         }
-        let name = spec.name.as_str();
-        if name.is_empty()
-            || name.len() > MAX_NAME
-            || !name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"_.:-".contains(&b))
-        {
-            return Err(invalid(
-                "spec.name",
-                format!(
-                    "{}: 1 to {MAX_NAME} characters of A-Z a-z 0-9 _ . : -",
-                    quoted(name)
-                ),
-            ));
-        }
+        check_name("spec.name", &spec.name)?;
         if limits.is_some() {
             for (field, value) in [
                 ("spec.cron", &spec.cron),
@@ -315,9 +307,39 @@ fn check_task(task: &pb::TaskSpec, limits: &SpecLimits) -> Result<(), Error> {
     Ok(())
 }
 
+/// A schedule name's rule: 1 to [`MAX_NAME`] characters of
+/// `[A-Za-z0-9_.:-]`; INVALID_ARGUMENT naming `field` otherwise. Also
+/// what a `ListSchedules` page token (a name) must be.
+pub(crate) fn check_name(field: &'static str, name: &str) -> Result<(), Error> {
+    if name.is_empty()
+        || name.len() > MAX_NAME
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.:-".contains(&b))
+    {
+        return Err(invalid(
+            field,
+            format!(
+                "{}: 1 to {MAX_NAME} characters of A-Z a-z 0-9 _ . : -",
+                quoted(name)
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// A fire time as fired tasks carry it: RFC 3339, UTC, whole seconds.
 pub fn fire_time_text(t: SystemTime) -> String {
     DateTime::<Utc>::from(t).to_rfc3339_opts(SecondsFormat::Secs, true)
+}
+
+/// One `ListSchedules` page ([`Scheduler::list_schedules`]).
+#[derive(Debug, Default)]
+pub struct SchedulePage {
+    /// By name.
+    pub schedules: Vec<pb::Schedule>,
+    /// The last listed schedule's name when more follow it; `None`: no more.
+    pub next: Option<String>,
 }
 
 /// One schedule in the scheduler.
@@ -468,9 +490,49 @@ impl Scheduler {
         Ok(view)
     }
 
-    /// Every schedule, by name.
-    pub fn list_schedules(&self) -> Vec<pb::Schedule> {
-        self.schedules.by_name.values().map(Entry::to_pb).collect()
+    /// A page of schedules by name, from the first after `after` (`None`:
+    /// from the first): at most `limit`, and stopping before the one that
+    /// would take the page past `max_bytes` encoded, but never empty while
+    /// one is left.
+    pub fn list_schedules(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+        max_bytes: usize,
+    ) -> SchedulePage {
+        let from = match after {
+            Some(name) => Bound::Excluded(name),
+            None => Bound::Unbounded,
+        };
+        let mut rest = self
+            .schedules
+            .by_name
+            .range::<str, _>((from, Bound::Unbounded))
+            .peekable();
+        let mut page = SchedulePage::default();
+        let mut bytes = 0;
+        while let Some((_, entry)) = rest.peek() {
+            if page.schedules.len() >= limit.max(1) {
+                break;
+            }
+            let schedule = entry.to_pb();
+            // As a `repeated Schedule` field entry: tag, length, message.
+            let size = prost::encoding::message::encoded_len(1, &schedule);
+            if !page.schedules.is_empty() && bytes + size > max_bytes {
+                break;
+            }
+            bytes += size;
+            page.schedules.push(schedule);
+            rest.next();
+        }
+        if rest.peek().is_some() {
+            page.next = page
+                .schedules
+                .last()
+                .and_then(|s| s.spec.as_ref())
+                .map(|spec| spec.name.clone());
+        }
+        page
     }
 
     /// Pauses or resumes a schedule. A resumed one fires next at the first

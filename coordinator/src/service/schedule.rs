@@ -1,7 +1,8 @@
 //! `ScheduleService`: cron schedules. Create, pause and delete need the
 //! `submit` scope (a schedule submits tasks); list needs `read`. Specs are
 //! checked here (cron, zone, task as Submit checks one) and the rest is the
-//! scheduler's (`scheduler::cron`), through the driver.
+//! scheduler's (`scheduler::cron`), through the driver. List answers a page
+//! at a time (`cron::LIST_PAGE_BYTES`), its token the page's last name.
 
 use tonic::{Request, Response, Status};
 
@@ -10,7 +11,7 @@ use weft_proto::pb;
 use crate::auth::{self, Scope};
 use crate::driver::{Command, Handle};
 use crate::error::Error;
-use crate::scheduler::cron::ParsedSchedule;
+use crate::scheduler::cron::{self, ParsedSchedule};
 
 /// The service; holds the driver's handle.
 pub(crate) struct ScheduleApi {
@@ -51,11 +52,32 @@ impl pb::schedule_service_server::ScheduleService for ScheduleApi {
         request: Request<pb::ListSchedulesRequest>,
     ) -> Result<Response<pb::ListSchedulesResponse>, Status> {
         auth::require(&request, Scope::Read)?;
-        let schedules = self
+        let pb::ListSchedulesRequest { page_token, limit } = request.into_inner();
+        // The token is the last name of the page before: checked as a name,
+        // so a garbled one is refused rather than read as "from there on".
+        let after = match page_token.as_str() {
+            "" => None,
+            _ => {
+                cron::check_name("page_token", &page_token)?;
+                Some(page_token)
+            }
+        };
+        let limit = match limit {
+            0 => usize::MAX,
+            n => usize::try_from(n).unwrap_or(usize::MAX),
+        };
+        let page = self
             .handle
-            .call(|reply| Command::ListSchedules { reply })
+            .call(|reply| Command::ListSchedules {
+                after,
+                limit,
+                reply,
+            })
             .await?;
-        Ok(Response::new(pb::ListSchedulesResponse { schedules }))
+        Ok(Response::new(pb::ListSchedulesResponse {
+            schedules: page.schedules,
+            next_page_token: page.next.unwrap_or_default(),
+        }))
     }
 
     async fn pause_schedule(

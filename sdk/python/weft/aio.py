@@ -45,6 +45,7 @@ from .models import (
     duration_to_pb,
     exec_spec,
     list_request,
+    next_schedule_token,
     parse_duration,
 )
 from .tracing import traced
@@ -337,9 +338,17 @@ class Client:
         return Schedule.from_pb(response.schedule)
 
     async def list_schedules(self) -> List[Schedule]:
-        """Every schedule, by name."""
-        response = await self._unary(self._schedules.ListSchedules, schedule_pb2.ListSchedulesRequest())
-        return [Schedule.from_pb(s) for s in response.schedules]
+        """Every schedule, by name, following the coordinator's pages; see
+        :meth:`weft.Client.list_schedules`."""
+        schedules: List[Schedule] = []
+        token = ""
+        while True:
+            request = schedule_pb2.ListSchedulesRequest(page_token=token)
+            page = await self._unary(self._schedules.ListSchedules, request)
+            schedules.extend(Schedule.from_pb(s) for s in page.schedules)
+            token = next_schedule_token(token, page.next_page_token)
+            if not token:
+                return schedules
 
     async def pause_schedule(self, name: str, paused: bool = True) -> Schedule:
         """Pauses (or with ``paused=False`` resumes) a schedule."""

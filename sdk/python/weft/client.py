@@ -36,6 +36,7 @@ from .models import (
     duration_to_pb,
     exec_spec,
     list_request,
+    next_schedule_token,
     parse_duration,
 )
 from .tracing import traced
@@ -538,9 +539,18 @@ class Client:
         return Schedule.from_pb(response.schedule)
 
     def list_schedules(self) -> List[Schedule]:
-        """Every schedule, by name."""
-        response = self._unary(self._schedules.ListSchedules, schedule_pb2.ListSchedulesRequest())
-        return [Schedule.from_pb(s) for s in response.schedules]
+        """Every schedule, by name. The coordinator answers a page at a time (about 1 MiB:
+        each page's ``next_page_token`` is the name of its last schedule); this follows
+        the pages to the last."""
+        schedules: List[Schedule] = []
+        token = ""
+        while True:
+            request = schedule_pb2.ListSchedulesRequest(page_token=token)
+            page = self._unary(self._schedules.ListSchedules, request)
+            schedules.extend(Schedule.from_pb(s) for s in page.schedules)
+            token = next_schedule_token(token, page.next_page_token)
+            if not token:
+                return schedules
 
     def pause_schedule(self, name: str, paused: bool = True) -> Schedule:
         """Pauses (or with ``paused=False`` resumes) a schedule; fire times passed while

@@ -143,6 +143,16 @@ def list_request(
     return request
 
 
+def next_schedule_token(token: str, next_token: str) -> str:
+    """The ``page_token`` of the ``ListSchedules`` call after the one sent with ``token``
+    that answered ``next_token`` (empty: that was the last page). Tokens are schedule
+    names, each page's after the one before: one that does not move on would page
+    forever, so it is an error."""
+    if next_token and next_token <= token:
+        raise RuntimeError(f"ListSchedules answered page token {next_token!r} after {token!r}")
+    return next_token
+
+
 def _absolute_time(value: TimeLike) -> _dt.datetime:
     if isinstance(value, _dt.datetime):
         if value.tzinfo is None:

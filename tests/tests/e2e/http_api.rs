@@ -929,3 +929,38 @@ async fn schedules_show_through_the_api_to_a_read_token() {
     assert_eq!(anonymous.status, 401);
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_schedules_api_lists_every_page() {
+    let cluster = TestCluster::builder().nodes(0).start().await;
+    let http = http(&cluster);
+    let client = cluster.client().await;
+    // Near the 64 KiB cap each: more than one 1 MiB ListSchedules page.
+    let input = vec![b'x'; 60 * 1024];
+    let names: Vec<String> = (0..25).map(|i| format!("s{i:02}")).collect();
+    for name in &names {
+        let spec = weft_proto::pb::ScheduleSpec {
+            name: name.clone(),
+            cron: "0 3 * * *".into(),
+            task: Some(TaskSpec::call("echo", input.clone()).into()),
+            ..Default::default()
+        };
+        client
+            .create_schedule(spec)
+            .await
+            .expect("create a schedule");
+    }
+    let first = client.list_schedules_page("", 0).await.expect("a page");
+    assert!(!first.next_page_token.is_empty(), "more than one page");
+    let answer = http.get("/api/schedules", &cluster.admin_token()).await;
+    assert_eq!(answer.status, 200, "{}", answer.json());
+    let all = answer.json();
+    let listed: Vec<&str> = all["schedules"]
+        .as_array()
+        .expect("a list")
+        .iter()
+        .map(|s| s["name"].as_str().expect("a name"))
+        .collect();
+    assert_eq!(listed, names);
+    cluster.shutdown().await;
+}

@@ -296,3 +296,94 @@ async fn a_schedule_fires_each_time_exactly_once_across_a_coordinator_kill_9() {
     }
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schedules_past_one_page_are_listed_a_page_at_a_time_and_all_by_the_client() {
+    let cluster = TestCluster::builder().nodes(0).start().await;
+    let client = cluster.client().await;
+    // Near the 64 KiB cap each: about 17 to a 1 MiB page, so three pages.
+    let input = vec![b'x'; 60 * 1024];
+    let mut names: Vec<String> = (0..40).map(|i| format!("big-{i:02}")).collect();
+    names.reverse(); // created out of name order: listed by name
+    for name in &names {
+        client
+            .create_schedule(pb::ScheduleSpec {
+                name: name.clone(),
+                cron: "0 0 1 1 *".into(),
+                task: Some(weft_proto::TaskSpec::call("echo", input.clone()).into()),
+                ..pb::ScheduleSpec::default()
+            })
+            .await
+            .expect("create schedule");
+    }
+    names.sort();
+    let name_of = |s: &pb::Schedule| s.spec.as_ref().map_or(String::new(), |s| s.name.clone());
+
+    // Page by page: in name order, no gaps or repeats, each page within
+    // the budget, the last with no next_page_token.
+    let mut paged = Vec::new();
+    let mut token = String::new();
+    let mut pages = 0;
+    loop {
+        let page = client.list_schedules_page(&token, 0).await.expect("a page");
+        pages += 1;
+        assert!(!page.schedules.is_empty(), "page {pages} is empty");
+        assert!(
+            prost::Message::encoded_len(&page) <= 1024 * 1024 + 1024,
+            "page {pages}: {} bytes",
+            prost::Message::encoded_len(&page)
+        );
+        paged.extend(page.schedules.iter().map(name_of));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        assert_eq!(page.next_page_token, *paged.last().expect("listed"));
+        token = page.next_page_token;
+    }
+    assert!(pages >= 3, "{pages} pages");
+    assert_eq!(paged, names);
+
+    // `limit` bounds a page too.
+    let two = client
+        .list_schedules_page("big-05", 2)
+        .await
+        .expect("a page");
+    let listed: Vec<String> = two.schedules.iter().map(name_of).collect();
+    assert_eq!(
+        (listed, two.next_page_token.as_str()),
+        (vec!["big-06".to_owned(), "big-07".to_owned()], "big-07")
+    );
+
+    // The client and the CLI follow the pages: every schedule.
+    let all: Vec<String> = client
+        .list_schedules()
+        .await
+        .expect("list schedules")
+        .iter()
+        .map(name_of)
+        .collect();
+    assert_eq!(all, names);
+    let json = cluster.weft(&["schedule", "list", "-o", "json"]).await;
+    assert_eq!(json.code, Some(0), "{json}");
+    let listed: serde_json::Value = serde_json::from_str(&json.stdout).expect("JSON");
+    let listed: Vec<&str> = listed
+        .as_array()
+        .expect("an array")
+        .iter()
+        .map(|s| s["name"].as_str().expect("a name"))
+        .collect();
+    assert_eq!(listed, names);
+
+    // A token that is not a schedule name is refused.
+    for bad in ["not a name", "a/b"] {
+        let err = client
+            .list_schedules_page(bad, 0)
+            .await
+            .expect_err("a bad page token");
+        assert!(
+            matches!(err, weft_client::Error::InvalidArgument(ref m) if m.contains("page_token")),
+            "{bad:?}: {err:?}"
+        );
+    }
+    cluster.shutdown().await;
+}

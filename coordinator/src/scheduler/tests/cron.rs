@@ -7,7 +7,7 @@ use weft_proto::limits::SpecLimits;
 use weft_proto::{TaskKind, pb};
 
 use super::*;
-use crate::scheduler::cron::{MAX_CATCH_UP, ParsedSchedule};
+use crate::scheduler::cron::{LIST_PAGE_BYTES, MAX_CATCH_UP, ParsedSchedule};
 use crate::store::ScheduleRecord;
 
 const LIMITS: SpecLimits = SpecLimits {
@@ -363,7 +363,11 @@ fn names_are_unique_and_unknown_names_are_not_found() {
     ));
     h.s.delete_schedule("tick", h.now).expect("deleted");
     h.effects();
-    assert!(h.s.list_schedules().is_empty());
+    assert!(
+        h.s.list_schedules(None, usize::MAX, LIST_PAGE_BYTES)
+            .schedules
+            .is_empty()
+    );
     assert_eq!(h.s.next_wakeup(), None);
     assert!(matches!(h.records.last(), Some(Record::DeleteSchedule(name)) if name == "tick"));
     // Deleted: it fires no more, and stays deleted after a restart.
@@ -371,7 +375,11 @@ fn names_are_unique_and_unknown_names_are_not_found() {
     h.effects();
     assert!(fired(&h).is_empty());
     let h = h.restart(Duration::from_secs(1));
-    assert!(h.s.list_schedules().is_empty());
+    assert!(
+        h.s.list_schedules(None, usize::MAX, LIST_PAGE_BYTES)
+            .schedules
+            .is_empty()
+    );
 }
 
 fn message(err: Error) -> String {
@@ -982,4 +990,88 @@ fn a_schedule_created_with_a_trace_fires_tasks_outside_it() {
     h.effects();
     let (id, _) = fired(&h)[0];
     assert_eq!(h.record(id).spec.trace, None);
+}
+
+/// Every page from the first, following `next`: each page's names.
+fn pages(h: &Harness, limit: usize, max_bytes: usize) -> Vec<Vec<String>> {
+    let mut pages = Vec::new();
+    let mut after = None;
+    loop {
+        let page = h.s.list_schedules(after.as_deref(), limit, max_bytes);
+        pages.push(
+            page.schedules
+                .iter()
+                .map(|s| s.spec.as_ref().expect("listed with its spec").name.clone())
+                .collect(),
+        );
+        match page.next {
+            Some(next) => after = Some(next),
+            None => return pages,
+        }
+    }
+}
+
+#[test]
+fn schedules_are_listed_by_name_a_page_at_a_time() {
+    let mut h = at_100_5();
+    // Created out of name order: pages come by name.
+    for i in (0..25).rev() {
+        let parsed = parse(spec(
+            &format!("s{i:02}"),
+            "* * * * * *",
+            pb::OverlapPolicy::Skip,
+            pb::CatchUp::One,
+        ))
+        .expect("parses");
+        h.s.create_schedule(parsed, h.now).expect("created");
+    }
+    let all: Vec<String> = (0..25).map(|i| format!("s{i:02}")).collect();
+    let whole = h.s.list_schedules(None, usize::MAX, LIST_PAGE_BYTES);
+    assert_eq!((whole.schedules.len(), whole.next), (25, None));
+    // A budget that holds three schedules (same-sized here) and a half.
+    let one = prost::encoding::message::encoded_len(1, &whole.schedules[0]);
+    let by_bytes = pages(&h, usize::MAX, 3 * one + one / 2);
+    assert_eq!(by_bytes.len(), 9, "{by_bytes:?}");
+    assert!(by_bytes[..8].iter().all(|page| page.len() == 3));
+    assert_eq!(by_bytes.concat(), all, "in name order, no gaps or repeats");
+    // A budget below one schedule still lists one a page; `limit` bounds too.
+    assert_eq!(pages(&h, usize::MAX, 1).concat(), all);
+    assert_eq!(pages(&h, usize::MAX, 1).len(), 25);
+    let by_count = pages(&h, 10, LIST_PAGE_BYTES);
+    assert_eq!(
+        by_count.iter().map(Vec::len).collect::<Vec<_>>(),
+        [10, 10, 5]
+    );
+    assert_eq!(by_count.concat(), all);
+    // A token whose schedule was deleted since resumes at the next name; one
+    // past the last name is an empty last page.
+    h.s.delete_schedule("s10", h.now).expect("deleted");
+    let page = h.s.list_schedules(Some("s10"), 2, LIST_PAGE_BYTES);
+    let names: Vec<&str> = page
+        .schedules
+        .iter()
+        .map(|s| s.spec.as_ref().map_or("", |s| s.name.as_str()))
+        .collect();
+    assert_eq!(
+        (names, page.next.as_deref()),
+        (vec!["s11", "s12"], Some("s12"))
+    );
+    let end = h.s.list_schedules(Some("zz"), usize::MAX, LIST_PAGE_BYTES);
+    assert!(end.schedules.is_empty() && end.next.is_none());
+}
+
+#[test]
+fn a_page_token_must_be_a_schedule_name() {
+    use crate::scheduler::cron::check_name;
+    assert!(check_name("page_token", "s-01:a.b_c").is_ok());
+    for bad in ["", "has space", "slash/", &"x".repeat(129)] {
+        let err = check_name("page_token", bad).expect_err(bad);
+        let status = tonic::Status::from(err);
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{bad:?}");
+        assert!(
+            status.message().contains("page_token"),
+            "{}",
+            status.message()
+        );
+    }
 }
