@@ -110,6 +110,53 @@ def test_pickled_refuses_a_global_imported_into_an_allowed_module(tmp_path):
     assert pickle.loads(run_pickled(encode_call(exec_funcs.Oops, ("x",), {}), allowed=ALLOWED)).args == ("x",)
 
 
+def _unbound_c_function(c_function, module: str):
+    """``c_function`` (a C function of a module) made again bound to no object (``__self__``
+    None, as Cython makes with binding=False): ``PyCFunction_NewEx(its PyMethodDef, NULL, module)``."""
+    import ctypes
+
+    # A PyCFunctionObject: the object header, then the pointer to its PyMethodDef.
+    ml = ctypes.c_void_p.from_address(id(c_function) + object.__basicsize__).value
+    new = ctypes.pythonapi.PyCFunction_NewEx
+    new.restype, new.argtypes = ctypes.py_object, [ctypes.c_void_p, ctypes.c_void_p, ctypes.py_object]
+    return new(ml, None, module)
+
+
+def test_pickled_takes_a_c_function_bound_to_nothing_by_its_module(monkeypatch):
+    import pickled_imports
+
+    fn = _unbound_c_function(math.factorial, "pickled_imports")
+    assert fn.__self__ is None and fn.__module__ == "pickled_imports" and fn(5) == 120
+    monkeypatch.setattr(pickled_imports, "factorial", fn, raising=False)
+    payload = pickle.dumps((1, "call", fn, (5,), {}))
+    assert b"pickled_imports" in payload, "pickle names it by its __module__"
+    assert pickle.loads(run_pickled(payload, allowed=("pickled_imports",))) == 120
+    # Its __module__ is what counts: one naming another module is refused through this one.
+    monkeypatch.setattr(pickled_imports, "imported", _unbound_c_function(math.factorial, "elsewhere"), raising=False)
+    with pytest.raises(StartFailed, match="defined in elsewhere"):
+        run_pickled(global_payload("pickled_imports", "imported", "x"), allowed=("pickled_imports",))
+
+
+def test_an_object_naming_no_module_counts_as_its_types_package_only_when_reached_through_it(monkeypatch):
+    import itertools
+
+    import pickled_imports
+    from weft.worker.pickled import home, loads
+
+    # Like numpy.add before numpy 2.2: no __module__ of its own; its type's is "itertools".
+    counter = itertools.count(7)
+    assert not hasattr(counter, "__module__")
+    assert home(counter, "itertools") == "itertools" and home(counter, "itertools.sub") == "itertools"
+    assert home(counter, "pickled_imports") is None and home(counter) is None
+    # Reached through its type's package, allowed: taken (numpy.add with numpy allowed).
+    monkeypatch.setattr(itertools, "weft_test_counter", counter, raising=False)
+    assert loads(b"citertools\nweft_test_counter\n.", ("itertools",)) is counter
+    # Imported into an allowed module from elsewhere: refused.
+    monkeypatch.setattr(pickled_imports, "counter", counter, raising=False)
+    with pytest.raises(StartFailed, match="defined in no module"):
+        loads(b"cpickled_imports\ncounter\n.", ("pickled_imports",))
+
+
 def test_the_function_s_exception_fails_the_call_with_its_traceback_and_the_pickled_exception():
     with pytest.raises(HandlerError) as failed:
         run_pickled(encode_call(exec_funcs.fail, ("boom",), {}), allowed=ALLOWED)
@@ -270,12 +317,16 @@ class _GatedResults:
         self.loop = None
         #: Results as a chunk's (a list of one), for map.
         self.chunks = False
+        #: The specs submitted, and the task ids cancelled, in order.
+        self.specs: list = []
+        self.cancelled: list = []
 
     def _gate(self, task_id: str) -> asyncio.Event:
         return self.gates.setdefault(task_id, asyncio.Event())
 
     async def submit_many(self, specs):
         self.loop = asyncio.get_running_loop()
+        self.specs += specs
         ids = [f"t{self.count + i}" for i in range(len(specs))]
         self.count += len(specs)
         return ids
@@ -290,7 +341,7 @@ class _GatedResults:
         self.loop.call_soon_threadsafe(lambda: self._gate(f"t{number}").set())
 
     async def cancel(self, task_id, reason=""):
-        pass
+        self.cancelled.append(task_id)
 
     async def close(self):
         pass
@@ -304,6 +355,10 @@ def test_result_inside_a_done_callback_does_not_hang(monkeypatch):
     seen = {}
 
     def waits_for_second(future) -> None:
+        try:
+            second.result(timeout=0)  # a poll waits for nothing: it times out as anywhere
+        except BaseException as e:  # noqa: BLE001
+            seen["poll"] = e
         try:
             # Without a guard this blocks the one thread that could settle `second`.
             seen["result"] = second.result(timeout=5)
@@ -321,6 +376,7 @@ def test_result_inside_a_done_callback_does_not_hang(monkeypatch):
     client.release(0)
     poll(lambda: seen.get("done"), what="the callback ran")
     assert isinstance(seen["result"], RuntimeError) and "done-callback" in str(seen["result"]), seen
+    assert isinstance(seen["poll"], concurrent.futures.TimeoutError), seen
     assert isinstance(seen.get("shutdown"), RuntimeError), seen
     # The executor goes on: the other future settles, and a plain wait still works.
     client.release(1)
@@ -347,6 +403,101 @@ def test_async_map_submits_at_call():
         await ex.shutdown()
 
     asyncio.run(body())
+
+
+def test_closing_an_async_map_before_iterating_cancels_its_tasks():
+    async def body() -> None:
+        client = _GatedResults()
+        client.chunks = True
+        ex = weft.aio.Executor(client=client)
+        results = ex.map(math.factorial, range(3))
+        futures = list(ex._futures)
+        for _ in range(1000):
+            if all(f.task_id is not None for f in futures):
+                break
+            await asyncio.sleep(0.001)
+        assert len(futures) == 3 and all(f.task_id is not None for f in futures), "submitted"
+        await results.aclose()
+        assert all(f.cancelled() for f in futures)
+        for _ in range(1000):
+            if len(client.cancelled) == 3:
+                break
+            await asyncio.sleep(0.001)
+        assert sorted(client.cancelled) == ["t0", "t1", "t2"]
+        assert [r async for r in results] == [], "closed: nothing more"
+        await ex.shutdown()
+
+    asyncio.run(body())
+
+
+def test_an_async_map_that_fails_cancels_the_rest_and_ends():
+    async def body() -> None:
+        client = _GatedResults()
+        ex = weft.aio.Executor(client=client)
+        results = ex.map("h", [b"a", b"b", b"c"])
+        futures = sorted(ex._futures, key=lambda f: f._request.spec.call.input)
+        futures[0].set_exception(ValueError("first failed"))
+        with pytest.raises(ValueError, match="first failed"):
+            await results.__anext__()
+        assert futures[1].cancelled() and futures[2].cancelled()
+        assert [r async for r in results] == []
+        await ex.shutdown()
+
+    asyncio.run(body())
+
+
+def test_an_executor_runs_after_each_task_of_a_job_as_call_spec_does():
+    job = weft.Job(id="01J5Z3K4M5N6P7Q8R9S0T1V2W3", task_ids=["01J5Z3K4M5N6P7Q8R9S0T1V2W3", "01J5Z3K4M5N6P7Q8R9S0T1V2W4"])
+    t0, t1 = job.task_ids
+    assert [d.task_id for d in weft.call_spec("h", after=job).after] == [t0, t1]
+
+    async def body() -> None:
+        client = _GatedResults()
+        ex = weft.aio.Executor(client=client)
+        futures = [ex.submit("h", b"x", after=job), ex.submit(math.factorial, 3, after=[job, t1, "other"])]
+        for _ in range(1000):
+            if len(client.specs) == 2:
+                break
+            await asyncio.sleep(0.001)
+        lone, listed = client.specs
+        assert [d.task_id for d in lone.after] == [t0, t1]
+        assert [d.task_id for d in listed.after] == [t0, t1, "other"]
+        for future in futures:
+            future.cancel()
+        await ex.shutdown()
+
+    asyncio.run(body())
+
+
+def test_cancel_runs_done_callbacks_outside_the_futures_lock():
+    from weft.executor import Future
+
+    a, b = Future(), Future()
+    entered, go = threading.Event(), threading.Event()
+    touched = []
+
+    def touches_b(future) -> None:
+        entered.set()
+        go.wait(10)
+        touched.append(b.done())  # takes b's lock
+
+    a.add_done_callback(touches_b)
+    canceller = threading.Thread(target=a.cancel)
+    canceller.start()
+    assert entered.wait(10)
+    try:
+        # What concurrent.futures.wait([a, b]) does in another thread: b's lock, then a's.
+        with b._condition:
+            got = a._condition.acquire(timeout=2)
+            if got:
+                a._condition.release()
+    finally:
+        go.set()
+    canceller.join(10)
+    assert got, "a's callback ran holding a's lock"
+    assert touched == [False] and a.cancelled()
+    done, _ = concurrent.futures.wait([a], timeout=0)
+    assert done == {a}, "wait() counts it done (notified)"
 
 
 def test_cancel_racing_shutdown_without_waiting_never_raises(monkeypatch):

@@ -383,23 +383,30 @@ def test_async_handler_calling_sys_exit_fails_the_attempt_not_the_worker(fake, r
     async def quits(data):
         sys.exit(3)
 
-    async def interrupted(data):
-        raise KeyboardInterrupt()
-
     def setup(w):
         w.register("quits", quits, "asyncio")
-        w.register("interrupted", interrupted, "asyncio")
         w.register("echo", lambda data: data, "thread")
 
     rw, session = run_worker(slots=1, setup=setup)
     session.assign(("q", 1, call_spec("quits")))
     done = session.events("q", 1)[-1].finished
     assert done.outcome == common_pb2.OUTCOME_FAILED and done.error.startswith("SystemExit: 3"), done
-    session.assign(("k", 1, call_spec("interrupted")))
-    assert session.events("k", 1)[-1].finished.outcome == common_pb2.OUTCOME_FAILED
     session.assign(("e", 1, call_spec("echo", b"still here")))
     assert session.events("e", 1)[-1].finished.output == b"still here"
     assert rw.thread.is_alive() and rw.error is None
+
+
+def test_a_keyboard_interrupt_in_an_async_handler_stops_the_worker(fake, run_worker):
+    async def interrupted(data):
+        raise KeyboardInterrupt()
+
+    def setup(w):
+        w.register("interrupted", interrupted, "asyncio")
+
+    rw, session = run_worker(slots=1, setup=setup)
+    session.assign(("k", 1, call_spec("interrupted")))
+    rw.thread.join(10)
+    assert not rw.thread.is_alive() and isinstance(rw.error, KeyboardInterrupt), rw.error
 
 
 def test_cooperative_thread_handler_stops_on_cancel(fake, run_worker):

@@ -5,6 +5,7 @@ the package's shape (no import cycle between its modules)."""
 from __future__ import annotations
 
 import ast
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -237,3 +238,70 @@ def test_the_installed_demo_worker_names_itself_in_its_usage(tmp_path):
     run = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert run.returncode == 0, run
     assert run.stdout.startswith("usage: weft-py-worker"), run.stdout
+
+
+def test_a_posted_call_that_raises_does_not_drop_the_rest_of_its_batch():
+    from weft.worker.attempt import HandlerThreads
+
+    loop = asyncio.new_event_loop()
+    threads = HandlerThreads(1, loop)
+    ran = []
+
+    def raises() -> None:
+        raise UnicodeEncodeError("utf-8", "\udcff", 0, 1, "surrogates not allowed")
+
+    try:
+        # Posted while the loop does not run: one batch, drained in one callback.
+        threads.post(raises)
+        threads.post(ran.append, "after")
+        loop.run_until_complete(asyncio.sleep(0))
+        assert ran == ["after"]
+    finally:
+        threads.shutdown()
+        loop.close()
+
+
+def test_progress_while_cut_off_keeps_the_queue_within_its_bound_and_the_latest_progress():
+    from weft.worker.outbox import QUEUED_OUTPUT_MAX_EVENTS
+
+    outbox = Outbox()  # no session: nothing is taken
+    calls = 100_000
+    for i in range(calls):
+        outbox.event("t", 1, progress=node_pb2.Progress(fraction=i / calls, message=f"step {i}"))
+    assert len(outbox.queue) <= QUEUED_OUTPUT_MAX_EVENTS
+    # Past the bound another attempt's first progress is queued, its later ones replace it.
+    outbox.event("u", 1, progress=node_pb2.Progress(fraction=0.1))
+    outbox.event("u", 1, progress=node_pb2.Progress(fraction=0.2))
+    assert len(outbox.queue) <= QUEUED_OUTPUT_MAX_EVENTS + 1
+    sent = []
+    while outbox.queue:
+        sent += outbox.take(lambda key: None).events.events
+    latest = {}
+    for event in sent:
+        latest[event.task_id] = event.progress
+    assert latest["t"].message == f"step {calls - 1}" and latest["u"].fraction == 0.2
+    assert outbox.queued_output_events == 0 and outbox.queued_progress == {}
+    # With room again, progress queues one event per call.
+    outbox.event("t", 1, progress=node_pb2.Progress(fraction=0.5))
+    outbox.event("t", 1, progress=node_pb2.Progress(fraction=0.6))
+    assert len(outbox.queue) == 2
+
+
+def test_waiting_for_room_returns_at_once_for_a_stopped_attempt():
+    import threading
+
+    class NoRoom:
+        """A room that never opens, counting how often it was waited on."""
+
+        waits = 0
+
+        def wait(self, timeout=None):
+            NoRoom.waits += 1
+            return False
+
+    outbox = Outbox()
+    outbox.room_open = NoRoom()
+    stopped = threading.Event()
+    stopped.set()
+    outbox.wait_room(stopped)
+    assert NoRoom.waits == 0, "a stopped attempt does not wait for room first"

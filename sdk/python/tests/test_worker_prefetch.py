@@ -52,6 +52,13 @@ class Gate:
         ctx.output(data)
         return data
 
+    def odd_progress(self, data: bytes, ctx) -> bytes:
+        ctx.progress(0.1, "\udcff")  # a lone surrogate: what an undecodable file name becomes
+        return b"ok"
+
+    def odd_failure(self, data: bytes) -> bytes:
+        raise ValueError("no such file: \udcff")
+
 
 @pytest.fixture
 def gated(fake, tmp_path):
@@ -66,6 +73,8 @@ def gated(fake, tmp_path):
         worker.register("block", gate.block, "thread")
         worker.register("count", gate.count, "thread")
         worker.register("say", gate.say, "thread")
+        worker.register("odd_progress", gate.odd_progress, "thread")
+        worker.register("odd_failure", gate.odd_failure, "thread")
         rw = RunningWorker(worker)
         running.append(rw)
         session = fake.accept(timeout=10)
@@ -210,6 +219,48 @@ def test_a_thread_handlers_output_precedes_its_finished_when_calls_end_while_the
     assert "output" in kinds, kinds
     assert kinds.index("output") < kinds.index("finished"), kinds
     assert b"".join(e.output.data for e in events if e.WhichOneof("body") == "output") == b"from y"
+    assert session.ledger.violations == []
+
+
+def test_a_progress_message_that_utf8_cannot_carry_neither_loses_nor_fails_the_calls_ending_with_it(gated):
+    rw, session, gate = gated(slots=1, prefetch=4)
+    session.wait_for(lambda: session.credits_granted() >= 6, what="credits beyond the slot")
+    session.assign(("x", 1, call_spec("block")), ("y", 1, call_spec("odd_progress")))
+    session.events("x", 1, until="started")
+    threads = rw.worker._attempts.threads
+    poll(lambda: any(item[2].task_id == "y" for item in list(threads.ahead)), what="y handed down ahead")
+    stalled, release = threading.Event(), threading.Event()
+
+    def stall() -> None:
+        stalled.set()
+        release.wait(30)
+
+    rw.loop.call_soon_threadsafe(stall)
+    assert stalled.wait(10)
+    try:
+        gate.open.set()  # "x" ends, "y" sends its progress and ends: one batch for the loop
+        poll(lambda: any(item[0] is not None and item[0].task_id == "y" for item in list(threads._done)),
+             what="y's end handed to the loop")
+    finally:
+        release.set()
+    assert session.events("x", 1)[-1].finished.outcome == common_pb2.OUTCOME_SUCCEEDED
+    events = session.events("y", 1)
+    assert events[-1].finished.outcome == common_pb2.OUTCOME_SUCCEEDED, events[-1]
+    assert [e.progress.message for e in events if e.WhichOneof("body") == "progress"] == ["\ufffd"]
+    # Both slots came back: the worker runs the next call.
+    session.assign(("z", 1, call_spec("count", b"z")))
+    assert session.events("z", 1)[-1].finished.outcome == common_pb2.OUTCOME_SUCCEEDED
+    assert session.ledger.violations == []
+
+
+def test_an_exception_whose_message_utf8_cannot_carry_fails_the_attempt_with_a_readable_error(gated):
+    _, session, _ = gated(slots=1, prefetch=4)
+    session.assign(("f", 1, call_spec("odd_failure")))
+    done = session.events("f", 1)[-1].finished
+    assert done.outcome == common_pb2.OUTCOME_FAILED, done
+    assert done.error.startswith("ValueError: no such file: \ufffd"), done.error
+    session.assign(("z", 1, call_spec("count", b"z")))
+    assert session.events("z", 1)[-1].finished.outcome == common_pb2.OUTCOME_SUCCEEDED
     assert session.ledger.violations == []
 
 

@@ -113,6 +113,28 @@ def test_a_graph_after_that_is_neither_a_ref_nor_a_task_id_is_a_value_error_nami
     assert [d.task_id for d in request.tasks[0].after] == [EXISTING.lower()]
 
 
+def test_a_task_id_in_a_graph_is_read_as_the_coordinator_reads_it():
+    # Ignoring case is ASCII only: the Kelvin sign and the long s are no K and S.
+    for lookalike in [EXISTING[:-2] + "\u212a" + EXISTING[-1], EXISTING[:-2] + "\u017f" + EXISTING[-1]]:
+        with pytest.raises(ValueError, match="neither a ref of the graph nor a task id"):
+            graph_request([weft.call_spec("count", after=[lookalike])])
+    # Surrounding whitespace is trimmed there (TaskId::from_str), so it is no typo here.
+    request = graph_request([weft.call_spec("count", after=[f" {EXISTING}\n"])])
+    assert [d.task_id.strip() for d in request.tasks[0].after] == [EXISTING]
+
+
+def test_a_job_too_large_to_run_after_is_refused_naming_the_job_and_its_size():
+    from weft.policy import AFTER_MAX
+
+    big = weft.Job(id="big0", task_ids=[f"big{i}" for i in range(AFTER_MAX + 1)])
+    with pytest.raises(ValueError, match=f"at most {AFTER_MAX} tasks, and job 'big0' has {AFTER_MAX + 1}"):
+        weft.call_spec("report", after=big)
+    # One that fits alone, past the limit with what was named before it: named too.
+    fits = weft.Job(id="fit0", task_ids=[f"fit{i}" for i in range(AFTER_MAX)])
+    with pytest.raises(ValueError, match=f"job 'fit0' has {AFTER_MAX}"):
+        weft.call_spec("report", after=["other", fits])
+
+
 def test_after_a_job_waits_for_every_task_of_the_job():
     job = weft.Job(id="t0", task_ids=["t0", "t1", "t2"], by_ref={"a": "t0"})
     spec = weft.call_spec("report", after=[job])
@@ -219,6 +241,18 @@ def test_an_exec_task_finds_its_parents_in_files_and_leaves_its_output_in_one():
     finally:
         files.remove()
     assert not root.exists(), "the files go with the attempt"
+
+
+def test_ten_thousand_parents_of_one_ref_get_the_first_free_names_in_linear_time():
+    from weft.worker.parents import _Names
+
+    parents = [ParentResult(f"p{i}", "build", "succeeded", b"") for i in range(10_000)]
+    parents.insert(1, ParentResult("lit", "build.3", "succeeded", b""))
+    names = _Names()
+    given = [names.name(p) for p in parents]
+    assert given[:5] == ["build", "build.3", "build.2", "build.4", "build.5"], "as weft-node names them"
+    assert given[-1] == "build.10001" and len(set(given)) == len(given)
+    assert names.probes <= 2 * len(given) + 1, f"{names.probes} tries for {len(given)} names"
 
 
 def test_a_pickled_call_gets_its_parents_results_in_place_of_its_futures():

@@ -38,7 +38,8 @@ decode it) in that argument's place when the task runs. Nothing waits
 here: the child is submitted at once, PENDING until its parents succeed; a
 parent that fails makes the child end UPSTREAM_FAILED without running, and
 its future raise :class:`weft.UpstreamFailed`. ``after=[future, task_id,
-...]`` orders without passing data. Only calls of Python functions take
+job, ...]`` orders without passing data (a :class:`weft.Job`: each of its
+tasks, as :func:`weft.call_spec` reads it). Only calls of Python functions take
 futures as arguments; a handler by name takes its input as bytes (run it
 ``after=[future]`` and read ``ctx.parents`` in the handler).
 
@@ -71,6 +72,9 @@ import sys
 import threading
 import time
 import types
+from concurrent.futures._base import (
+    CANCELLED as _CANCELLED, CANCELLED_AND_NOTIFIED as _CANCELLED_AND_NOTIFIED, FINISHED as _FINISHED, RUNNING as _RUNNING,
+)
 from typing import Any, AsyncIterator, Callable, Deque, Iterable, Iterator, List, Optional, Set, Tuple, Union
 
 from . import errors
@@ -78,7 +82,7 @@ from . import client as _client
 from .client import SUBMIT_BATCH
 from .models import Task, TaskState, call_spec
 from ._proto import common_pb2
-from .policy import task_id_of
+from .policy import AFTER_MAX, _job_task_ids, after_items, task_id_of, too_many_after
 from .worker.pickled import EXCEPTION_MARKER, FORMAT, HANDLER, Parent
 
 log = logging.getLogger("weft.executor")
@@ -173,6 +177,26 @@ class _Parents:
             self.index[key] = len(self.items)
             self.items.append(item)
         return self.index[key]
+
+    def add_after(self, after: Any) -> None:
+        """Adds what ``after=`` names, as :func:`weft.call_spec` reads it: one item or several;
+        a :class:`weft.Job` names each of its tasks."""
+        if after is None:
+            return
+        # An asyncio future is iterable (``await``): one item all the same.
+        for item in [after] if _is_future(after) else after_items(after):
+            job_ids = None if isinstance(item, str) or _is_future(item) else _job_task_ids(item)
+            if job_ids is None:
+                self.add(item)
+                if len(self.items) > AFTER_MAX:
+                    raise too_many_after()
+                continue
+            if not job_ids:
+                raise ValueError(f"after: job {task_id_of(item)!r} has no tasks")
+            for task_id in job_ids:
+                self.add(task_id)
+            if len(self.items) > AFTER_MAX:
+                raise too_many_after(item, len(job_ids))
 
     def marker(self, value: Any) -> Any:
         """``value`` with a future replaced by its marker (itself otherwise)."""
@@ -552,8 +576,7 @@ class _Options:
                                     f"after=[future] and read the parent's result from ctx.parents")
                 args = tuple(parents.substitute(a) for a in args)
                 kwargs = {k: parents.substitute(v) for k, v in kwargs.items()}
-            for item in ([after] if _is_future(after) or isinstance(after, str) else after or ()):
-                parents.add(item)
+            parents.add_after(after)
         if isinstance(fn, str):
             if kwargs or len(args) > 1:
                 raise TypeError(f"the handler {fn!r} takes one input: submit({fn!r}, input)")
@@ -599,18 +622,21 @@ class Future(concurrent.futures.Future):
     def result(self, timeout: Optional[float] = None) -> Any:
         """As :meth:`concurrent.futures.Future.result`; a RuntimeError, not a hang, when
         waited for in a done-callback (see :meth:`_check_wait`)."""
-        self._check_wait("result")
+        self._check_wait("result", timeout)
         return super().result(timeout)
 
     def exception(self, timeout: Optional[float] = None) -> Optional[BaseException]:
         """As :meth:`concurrent.futures.Future.exception`; a RuntimeError, not a hang, when
         waited for in a done-callback (see :meth:`_check_wait`)."""
-        self._check_wait("exception")
+        self._check_wait("exception", timeout)
         return super().exception(timeout)
 
-    def _check_wait(self, what: str) -> None:
+    def _check_wait(self, what: str, timeout: Optional[float]) -> None:
         """Done-callbacks run on the executor's connection thread, the one thread that settles
-        its futures: one waiting there for a future not done would wait for ever."""
+        its futures: one waiting there for a future not done would wait for ever. A call that
+        does not wait (``timeout`` 0 or less: a poll) raises TimeoutError as usual."""
+        if timeout is not None and timeout <= 0:
+            return
         owner = self._owner
         if owner is not None and not self.done() and owner._on_loop_thread():
             raise RuntimeError(f"Future.{what}() of a future not done, called in a done-callback (on the "
@@ -619,16 +645,22 @@ class Future(concurrent.futures.Future):
 
     def cancel(self) -> bool:
         """Cancels the future and its Weft task, queued or running; False if already done."""
-        # Under the future's (reentrant) lock: of cancels from several threads, or one after
-        # another, only the first notifies (a second notify raises) and cancels the task.
+        # The state changes under the future's lock: of cancels from several threads, or one
+        # after another, only the first notifies and cancels the task. The done-callbacks run
+        # outside it, as the standard library runs them: one touching another future would
+        # otherwise deadlock against a thread holding that one's lock and waiting for this
+        # one's (concurrent.futures.wait takes them all).
         with self._condition:
-            if self.cancelled():
+            if self._state in (_CANCELLED, _CANCELLED_AND_NOTIFIED):
                 return True
-            if not super().cancel():
+            if self._state in (_RUNNING, _FINISHED):
                 return False
+            self._state = _CANCELLED
+            self._condition.notify_all()
             # What a local pool's worker does when it picks a cancelled future up:
             # wait() and as_completed() count it done only once notified.
             self.set_running_or_notify_cancel()
+        self._invoke_callbacks()
         if self._on_cancel is not None and self._request is not None:
             self._on_cancel(self._request)
         return True
@@ -709,7 +741,8 @@ class Executor(concurrent.futures.Executor):
         one of ``__main__``, unpicklable arguments) is a TypeError here.
 
         A future of this executor among the arguments (see the module) runs the call after
-        its task, with its result in its place. The keywords ``after`` (futures, task ids),
+        its task, with its result in its place. The keywords ``after`` (futures, task ids,
+        :class:`weft.Job`\\ s: each of the job's tasks; one of them alone or a list),
         ``after_rule``, ``priority``, ``fair_key`` and ``resources`` are the task's
         (:func:`weft.call_spec`), not passed to ``fn``."""
         spec, decode, after = self._options.call(fn, args, kwargs, self)
@@ -807,25 +840,72 @@ class AsyncFuture(asyncio.Future):
         return self._request.task_id if self._request is not None else None
 
 
-async def _results_in_order(futures: List["AsyncFuture"], end: Optional[float], chunked: bool) -> AsyncIterator[Any]:
-    """:meth:`AsyncExecutor.map`'s results: as ``_yield_in_order``, awaiting."""
-    futures.reverse()  # pop from the end: the caller's order
-    try:
-        while futures:
-            future = futures[-1]
-            if end is None:
-                result = await asyncio.shield(future)
-            else:
-                result = await asyncio.wait_for(asyncio.shield(future), max(0.0, end - time.monotonic()))
-            futures.pop()
-            if chunked:
-                for item in result:
-                    yield item
-            else:
-                yield result
-    finally:
+class _MapResults:
+    """:meth:`AsyncExecutor.map`'s results, in order: an async iterator (``async for``) whose
+    :meth:`aclose` cancels the tasks not done yet, before the first iteration too (the
+    calls are submitted when ``map`` is called; an async generator runs no ``finally`` when
+    closed before it started). A failure, a timeout or the loop's cancel while waiting
+    cancels the rest as well, and ends the iteration."""
+
+    def __init__(self, futures: List["AsyncFuture"], end: Optional[float], chunked: bool):
+        futures.reverse()  # pop from the end: the caller's order
+        self._futures = futures
+        self._end = end
+        self._chunked = chunked
+        #: A chunk's results not yet given.
+        self._items: Deque[Any] = collections.deque()
+        self._iterated = False
+
+    def __aiter__(self) -> "_MapResults":
+        return self
+
+    async def __anext__(self) -> Any:
+        self._iterated = True
+        while not self._items:
+            if not self._futures:
+                raise StopAsyncIteration
+            future = self._futures[-1]
+            try:
+                if self._end is None:
+                    result = await asyncio.shield(future)
+                else:
+                    result = await asyncio.wait_for(asyncio.shield(future), max(0.0, self._end - time.monotonic()))
+            except BaseException:
+                self._cancel_rest()
+                raise
+            self._futures.pop()
+            if not self._chunked:
+                return result
+            self._items.extend(result)
+        return self._items.popleft()
+
+    async def aclose(self) -> None:
+        """Stops the iteration: cancels the futures not done yet, and their tasks."""
+        self._cancel_rest()
+
+    def _cancel_rest(self) -> None:
+        futures, self._futures = self._futures, []
+        self._items.clear()
         for future in futures:
             future.cancel()
+
+    def __del__(self) -> None:
+        # Dropped after it was iterated, unfinished (as the async generator it replaces was
+        # finalized, and as concurrent.futures' map does): the rest is cancelled, on the
+        # futures' loop (this may run on any thread). Never iterated: the tasks run on.
+        futures = self._futures
+        if futures and self._iterated:
+            loop = futures[0].get_loop()
+            if not loop.is_closed():
+                try:
+                    loop.call_soon_threadsafe(_cancel_all, futures)
+                except RuntimeError:  # closed meanwhile
+                    pass
+
+
+def _cancel_all(futures: List["AsyncFuture"]) -> None:
+    for future in futures:
+        future.cancel()
 
 
 class AsyncExecutor:
@@ -906,14 +986,16 @@ class AsyncExecutor:
         self, fn: Work, *iterables: Iterable, timeout: Optional[float] = None, chunksize: int = 1,
     ) -> AsyncIterator[Any]:
         """``async for result in ex.map(fn, items, chunksize=k)``: as :meth:`Executor.map`,
-        every call checked and submitted when ``map`` is called, not at the first iteration."""
+        every call checked and submitted when ``map`` is called, not at the first iteration.
+        ``aclose()`` on what it returns (or leaving an ``async with contextlib.aclosing(...)``)
+        cancels the tasks not done yet, whether or not it was iterated."""
         _check_map(fn, iterables, chunksize)
         end = None if timeout is None else time.monotonic() + timeout
         if isinstance(fn, str):
             futures = [self.submit(fn, item) for item in iterables[0]]
         else:
             futures = [self._put(*self._options.chunk(fn, chunk)) for chunk in _chunks(iterables, chunksize)]
-        return _results_in_order(futures, end, chunked=not isinstance(fn, str))
+        return _MapResults(futures, end, chunked=not isinstance(fn, str))
 
     as_completed = staticmethod(asyncio.as_completed)
 

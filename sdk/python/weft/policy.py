@@ -271,13 +271,28 @@ def _job_task_ids(item: Any) -> Optional[List[str]]:
     return None
 
 
-def _after(spec: common_pb2.TaskSpec, after: Iterable[Any]) -> None:
+def after_items(after: Any) -> List[Any]:
+    """``after`` as a list of its items: a lone item (a task id, a Task, a Job, a future) is
+    one, not iterated (a Job would be by its refs)."""
     if isinstance(after, (str, bytes)) or not hasattr(after, "__iter__"):
-        after = [after]
+        return [after]
+    return list(after)
+
+
+def too_many_after(job: Any = None, size: int = 0) -> ValueError:
+    """The error of an ``after`` past :data:`AFTER_MAX` tasks; when a job (of ``size`` tasks)
+    took it there, naming the job and its size."""
+    if job is None:
+        return ValueError(f"after: at most {AFTER_MAX} tasks")
+    return ValueError(f"after: at most {AFTER_MAX} tasks, and job {task_id_of(job)!r} has {size} "
+                      "(naming a job names each of its tasks)")
+
+
+def _after(spec: common_pb2.TaskSpec, after: Iterable[Any]) -> None:
     seen = set()
     # What a job named (one of its tasks also named on its own is named once), and the jobs.
     by_job, jobs = set(), set()
-    for item in after:
+    for item in after_items(after):
         job_ids = None if isinstance(item, (str, Ref)) else _job_task_ids(item)
         if job_ids is not None:
             if not job_ids:
@@ -299,7 +314,7 @@ def _after(spec: common_pb2.TaskSpec, after: Iterable[Any]) -> None:
             if job_ids is not None:
                 by_job.add(key)
             if len(seen) > AFTER_MAX:
-                raise ValueError(f"after: at most {AFTER_MAX} tasks")
+                raise too_many_after(item, len(job_ids)) if job_ids is not None else too_many_after()
             dependency = spec.after.add()
             setattr(dependency, key[0], key[1])
 

@@ -17,7 +17,8 @@ from .policy import Ref, check_key  # noqa: F401 - Ref is part of this module's 
 
 _U32 = 2**32 - 1
 #: A task id: a ULID, 26 characters of Crockford base32 (either case), the first at most 7.
-_TASK_ID = re.compile(r"[0-7][0-9A-HJKMNP-TV-Z]{25}", re.IGNORECASE)
+#: ASCII: ignoring case must not take the Kelvin sign for K or the long s for S.
+_TASK_ID = re.compile(r"[0-7][0-9A-HJKMNP-TV-Z]{25}", re.ASCII | re.IGNORECASE)
 
 # -- graphs and jobs ----------------------------------------------------------
 
@@ -49,7 +50,8 @@ def graph_request(specs: Iterable[common_pb2.TaskSpec]) -> task_pb2.SubmitReques
                 name = dependency.task_id
                 dependency.ClearField("task_id")
                 dependency.ref = name
-            elif dependency.task_id and not _TASK_ID.fullmatch(dependency.task_id):
+            # A task id stripped, as the coordinator reads one (TaskId::from_str trims).
+            elif dependency.task_id and not _TASK_ID.fullmatch(dependency.task_id.strip()):
                 raise ValueError(
                     f"tasks[{index}].after names {dependency.task_id!r}, which is neither a ref of the graph "
                     f"nor a task id"

@@ -27,7 +27,7 @@ from ..tracing import TracedContext
 from .exec_policy import ExecPolicy
 from .handlers import Handlers, StartFailed, error_text, to_output, with_traceback
 from .lease import Lease, expired_message
-from .outbox import CHUNK_LIMIT, Outbox
+from .outbox import CHUNK_LIMIT, Outbox, sendable
 from .parents import ExecFiles, ParentResult, parents_of
 from .pickled import HANDLER as PICKLE_HANDLER, with_parents
 from .process import run_exec
@@ -268,16 +268,21 @@ class HandlerThreads:
             self._done.clear()
         began = self.began
         for item in batch:
-            if item[0] is None:  # posted by a handler (``post``)
-                item[1](*item[2])
-                continue
-            attempt, done, ok, value, took, following = item
-            if following is not None:
-                # First, so it takes over the slot the ended call frees.
-                began(following)
-            # Its own run time, not the wait for a thread or the loop: what prefetch follows.
-            attempt.ran_for = took
-            done(attempt, ok, value)
+            # One item that raises must not drop the rest: another call's end among them
+            # would never be reported, its attempt never finish and its slots never return.
+            try:
+                if item[0] is None:  # posted by a handler (``post``)
+                    item[1](*item[2])
+                    continue
+                attempt, done, ok, value, took, following = item
+                if following is not None:
+                    # First, so it takes over the slot the ended call frees.
+                    began(following)
+                # Its own run time, not the wait for a thread or the loop: what prefetch follows.
+                attempt.ran_for = took
+                done(attempt, ok, value)
+            except Exception:  # noqa: BLE001 - logged; the batch goes on
+                log.exception("handing a thread handler's call back to the loop failed")
 
     def shutdown(self) -> None:
         """Lets the threads end once their current call returns (they are daemons)."""
@@ -374,7 +379,7 @@ class Attempts:
         """Sends progress, until the attempt has finished."""
         if not attempt.finished:
             self._started(attempt)
-            self._event(attempt, progress=node_pb2.Progress(fraction=fraction, message=message))
+            self._event(attempt, progress=node_pb2.Progress(fraction=fraction, message=sendable(message)))
 
     def finish(self, attempt: Attempt, outcome: int, *, output: bytes = b"", error: str = "", exit_code: Optional[int] = None) -> None:
         """Queues the attempt's one Finished (later calls do nothing)."""
@@ -389,7 +394,7 @@ class Attempts:
         if output:
             finished.output = output
         if error:
-            finished.error = error
+            finished.error = sendable(error)
         if exit_code is not None:
             finished.exit_code = exit_code
         if outcome != SUCCEEDED and log.isEnabledFor(logging.DEBUG):
@@ -752,12 +757,17 @@ class Attempts:
         except PoolCallError as e:
             outcome = common_pb2.OUTCOME_START_FAILED if e.type_name == "StartFailed" else common_pb2.OUTCOME_FAILED
             self.finish(attempt, outcome, error=with_traceback(e.message, e.traceback))
-        except (Exception, SystemExit, KeyboardInterrupt) as e:  # noqa: BLE001 - a handler's failure is the attempt's
+        except (Exception, SystemExit) as e:  # noqa: BLE001 - a handler's failure is the attempt's
             # sys.exit() in a handler ends the attempt, not the worker's loop (as on a thread).
             if attempt.stop_reason is not None:
                 self._report_stopped(attempt)
             else:
                 self.finish(attempt, common_pb2.OUTCOME_FAILED, error=error_text(e))
+        except KeyboardInterrupt:
+            # Ctrl-C stops the worker, as anywhere else on its loop: the attempt is
+            # reported (if a stream still takes it), the interrupt goes on.
+            self.finish(attempt, common_pb2.OUTCOME_FAILED, error="KeyboardInterrupt: the worker was interrupted")
+            raise
         finally:
             if not attempt.finished:  # defensive: exactly one Finished per attempt
                 self.finish(attempt, common_pb2.OUTCOME_FAILED, error="attempt ended without a result")

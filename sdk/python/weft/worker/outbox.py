@@ -18,12 +18,16 @@ attempt waiting to start at the coordinator, and taken back from this
 worker after the start timeout while it runs. Only a sent one is kept, so
 one still queued is never sent twice.
 
-Output and progress waiting to be sent are bounded (``QUEUED_OUTPUT_MAX_*``,
-as weft-node bounds its event channel): past the bound exec tasks' pipes
-are not read (their children block writing) and thread handlers'
-``ctx.output`` waits, so a worker cut off from its coordinator does not
-buffer without end. ``Started``, ``Finished`` and control messages never
-wait.
+Output and progress waiting to be sent have a bound (``QUEUED_OUTPUT_MAX_*``,
+as weft-node bounds its event channel), so a worker cut off from its
+coordinator does not buffer without end. Past it: exec tasks' pipes are not
+read (their children block writing), thread handlers' ``ctx.output`` waits,
+and progress is coalesced (a new one replaces its attempt's progress still
+queued, so past the bound each attempt has at most one queued). What cannot
+wait is queued past the bound: output of asyncio handlers' ``ctx.output``
+and of process handlers (the pool's pipe is read whatever the room), and
+an attempt's first progress. ``Started``, ``Finished`` and control messages
+never wait.
 
 Plain state plus one ``asyncio.Event`` to wake the sender. It does not own
 the stream (``session.py`` pulls from it), the attempts (``attempt.py``
@@ -36,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import re
 import threading
 import time
 from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
@@ -82,6 +87,24 @@ CLOSE = object()
 
 #: An attempt's key: (task_id, attempt).
 Key = Tuple[str, int]
+
+
+def sendable(text: str) -> str:
+    """``text`` as UTF-8 can carry it: a lone surrogate (an undecodable byte of a file name or
+    of a process's output, as Python keeps it) becomes U+FFFD, so building the message never
+    raises UnicodeEncodeError (a progress message or an error text from any handler)."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:  # the bytes surrogateescape kept, decoded again: valid sequences come back whole
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:  # a surrogate no decoder made
+        return _SURROGATE.sub("\ufffd", text)
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def cut_text(text: str) -> str:
@@ -132,6 +155,9 @@ class Outbox:
         # Output and progress in the queue (``QUEUED_OUTPUT_MAX_*``): bytes of output, events.
         self.queued_output_bytes = 0
         self.queued_output_events = 0
+        # The last progress queued (not yet taken) per attempt: past the bound a new one
+        # replaces it instead of queueing another.
+        self.queued_progress: Dict[Key, node_pb2.NodeTaskEvent] = {}
         #: Set while there is room for more output (thread handlers wait on it).
         self.room_open = threading.Event()
         self.room_open.set()
@@ -185,11 +211,22 @@ class Outbox:
 
     def event(self, task_id: str, attempt: int, **body) -> None:
         """Queues an event about (task_id, attempt); it waits for a session.
-        Output and progress are queued even past the bound: producers that
-        can wait ask :meth:`room` or :meth:`wait_room` first."""
+        Output is queued even past the bound (producers that can wait ask
+        :meth:`room` or :meth:`wait_room` first); progress past it replaces
+        the attempt's progress still queued, if it has one."""
+        progress = body.get("progress")
+        if progress is not None:
+            key = (task_id, attempt)
+            queued = self.queued_progress.get(key)
+            if queued is not None and not self.has_room():
+                queued.progress.CopyFrom(progress)
+                return
         event = node_pb2.NodeTaskEvent(task_id=task_id, attempt=attempt, **body)
         self.queue.append(event)
-        if "output" in body or "progress" in body:
+        if progress is not None:
+            self.queued_progress[key] = event
+            self._count(event, 1)
+        elif "output" in body:
             self._count(event, 1)
         self.wake()
 
@@ -214,10 +251,10 @@ class Outbox:
 
     def wait_room(self, give_up: threading.Event) -> None:
         """Waits (on another thread) until there is room for more output,
-        or ``give_up`` is set (the attempt was stopped)."""
-        while not self.room_open.wait(0.05):
-            if give_up.is_set():
-                return
+        or ``give_up`` is set (the attempt was stopped: looked at first, so a stopped
+        attempt never waits)."""
+        while not give_up.is_set() and not self.room_open.wait(0.05):
+            pass
 
     def _count(self, event: node_pb2.NodeTaskEvent, sign: int) -> None:
         if event.WhichOneof("body") == "output":
@@ -334,7 +371,11 @@ class Outbox:
             kind = event.WhichOneof("body")
             if kind in BOUNDED:
                 self._count(event, -1)
-            if kind == "output":
+            if kind == "progress":
+                key = (event.task_id, event.attempt)
+                if self.queued_progress.get(key) is event:
+                    del self.queued_progress[key]
+            elif kind == "output":
                 self._keep_output(event)
             elif kind == "started":
                 self.sent_started[(event.task_id, event.attempt)] = event

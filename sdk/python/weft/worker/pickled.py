@@ -217,7 +217,7 @@ class RestrictedUnpickler(pickle.Unpickler):
             if isinstance(obj, types.ModuleType):
                 raise StartFailed(f"{HANDLER}: global '{module}.{name}' refused: it names a module, reached through "
                               f"'{module}'; allow that module itself")
-            where = home(obj)
+            where = home(obj, module)
             if where is None or not allowed(where, self.allow_modules):
                 raise StartFailed(f"{HANDLER}: global '{module}.{name}' refused: '{part}' is defined in "
                                   f"{where or 'no module'}, not in an allowed module (imported into '{module}')")
@@ -227,9 +227,14 @@ class RestrictedUnpickler(pickle.Unpickler):
         raise StartFailed(f"{HANDLER}: persistent ids are not allowed")
 
 
-def home(obj: Any) -> Any:
+def home(obj: Any, through: str = "") -> Any:
     """The name of the module ``obj`` was defined in, as far as it tells; None when it does not
-    say (an instance of a built-in type, a C method bound to an object)."""
+    say (an instance of a built-in type, a C method bound to an object).
+
+    ``through``: the module the name was reached through. An object that says nothing of its
+    module (``__module__``: numpy's ufuncs before numpy 2.2) counts as its type's module's when
+    that is the package it was reached through (``numpy.add``): an instance of a package's
+    own type, not one imported into an allowed module from elsewhere."""
     objclass = getattr(obj, "__objclass__", None)
     if isinstance(objclass, type):  # a C method or slot of a class (``str.join``)
         return objclass.__module__
@@ -239,10 +244,19 @@ def home(obj: Any) -> Any:
             return owner.__name__
         if isinstance(owner, type):  # a C class method (``dict.fromkeys``)
             return owner.__module__
-        return None  # a C method of an object
+        if owner is not None:
+            return None  # a C method of an object
+        # A C function bound to nothing (Cython's with binding=False): its ``__module__``,
+        # what pickle itself writes for it.
     if isinstance(obj, types.MethodType):  # a Python method bound to its class or an object
         return home(obj.__func__)
-    module = getattr(obj, "__module__", None)
+    try:
+        module = obj.__module__
+    except AttributeError:
+        kind = getattr(type(obj), "__module__", None)
+        if isinstance(kind, str) and through and kind.split(".")[0] == through.split(".")[0]:
+            return kind
+        return None
     return module if isinstance(module, str) else None
 
 
