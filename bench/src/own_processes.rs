@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
+use anyhow::{Context, ensure};
 
 use weft_client::Client;
 use weft_cluster::{procfs, wait_nodes_ready};
@@ -114,6 +114,29 @@ pub(crate) async fn queue_noops(
     Ok(t0.elapsed().as_secs_f64())
 }
 
+/// Descriptors a process of the many-nodes step needs beside one per
+/// simulated node: the coordinator keeps `--max-connections` 128 below its
+/// limit, plus its store, logs and listeners.
+const FILES_BESIDES_NODES: usize = 256;
+
+/// Raises this process's soft limit of open files to at least `need`
+/// (children inherit it), up to the hard limit; an error naming `ulimit -n`
+/// when the hard limit is lower.
+fn open_files_for(need: usize) -> anyhow::Result<()> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let need = need as u64;
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).context("reading the open-file limit")?;
+    if soft >= need {
+        return Ok(());
+    }
+    ensure!(
+        hard >= need,
+        "the many-nodes step needs {need} open files per process and the hard limit is {hard}: \
+         raise it (ulimit -Hn) or pass fewer --sim-nodes"
+    );
+    setrlimit(Resource::RLIMIT_NOFILE, need, hard).context("raising the open-file limit")
+}
+
 /// The many-nodes step: `n` simulated nodes registered and heartbeating;
 /// coordinator memory and CPU over an idle `window`.
 pub async fn many_nodes(
@@ -125,6 +148,9 @@ pub async fn many_nodes(
         nodes: 0,
         ..base.clone()
     };
+    // A descriptor per simulated node here and in the coordinator (which
+    // starts with this process's limit and sizes `--max-connections` by it).
+    open_files_for(n + CLIENT_CONNECTIONS + FILES_BESIDES_NODES)?;
     // With TLS every simulated node has a connection of its own (its
     // certificate is the connection's), all from 127.0.0.1.
     plan.coordinator_args.extend([
@@ -183,6 +209,27 @@ pub async fn many_nodes(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_soft_open_file_limit_below_the_swarm_is_raised_up_to_the_hard_one() {
+        use nix::sys::resource::{Resource, getrlimit, setrlimit};
+        let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+        if hard < 4096 {
+            eprintln!("skipped: the hard open-file limit is {hard}");
+            return;
+        }
+        // As under `ulimit -Sn 1024`, where 1,000 simulated nodes did not fit.
+        setrlimit(Resource::RLIMIT_NOFILE, 1024, hard).unwrap();
+        let raised = open_files_for(1_000 + CLIENT_CONNECTIONS + FILES_BESIDES_NODES);
+        let now = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+        setrlimit(Resource::RLIMIT_NOFILE, soft, hard).unwrap();
+        raised.unwrap();
+        assert_eq!(now, (1_272, hard));
+        if let Some(over) = usize::try_from(hard).ok().and_then(|h| h.checked_add(1)) {
+            let err = open_files_for(over).unwrap_err();
+            assert!(err.to_string().contains("ulimit -Hn"), "{err}");
+        }
+    }
 
     /// The bench's default cluster: TLS, admin token, durable store.
     fn tls_plan() -> ClusterPlan {

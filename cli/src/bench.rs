@@ -52,21 +52,53 @@ pub async fn run(
 
 /// Resolves with the signal's name on SIGINT (Ctrl-C), SIGTERM or SIGHUP
 /// (the terminal closed): each must stop the bench's cluster, which the
-/// default action (exit without unwinding) would leave running.
+/// default action (exit without unwinding) would leave running. SIGHUP
+/// only when it was not ignored at start (`nohup`): a handler would undo
+/// that, and the children would no longer inherit it.
 pub(crate) async fn stop_signal() -> &'static str {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut hup)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::hangup()),
-    ) else {
+    let hup = match hangup_ignored() {
+        true => None,
+        false => signal(SignalKind::hangup()).ok(),
+    };
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
         let _ = tokio::signal::ctrl_c().await;
         return "SIGINT";
+    };
+    let hangup = async move {
+        match hup {
+            Some(mut hup) => hup.recv().await,
+            None => std::future::pending().await,
+        }
     };
     tokio::select! {
         _ = tokio::signal::ctrl_c() => "SIGINT",
         _ = term.recv() => "SIGTERM",
-        _ = hup.recv() => "SIGHUP",
+        _ = hangup => "SIGHUP",
     }
+}
+
+/// True when this process ignores SIGHUP (as under `nohup`), read from
+/// the ignored-signal mask in `/proc/self/status`.
+fn hangup_ignored() -> bool {
+    std::fs::read_to_string("/proc/self/status").is_ok_and(|status| sighup_in_mask(&status))
+}
+
+/// Whether the `SigIgn:` line of a `/proc/PID/status` text has SIGHUP
+/// (signal 1, the mask's lowest bit).
+fn sighup_in_mask(status: &str) -> bool {
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("SigIgn:"))
+        .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+        .is_some_and(|mask| mask & 1 == 1)
+}
+
+/// A line on stderr that never panics: after a hang-up the terminal is
+/// gone, and the cluster must still be stopped.
+pub(crate) fn note(line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
 }
 
 #[cfg(test)]
@@ -146,6 +178,55 @@ pub(crate) mod tests {
             .ok()?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .find(|p| p.join("coordinator.addr").is_file())
+    }
+
+    #[test]
+    fn only_an_ignored_sighup_is_seen_in_the_mask() {
+        let status =
+            |mask: &str| format!("Name:\tweft\nSigBlk:\t0000000000000001\nSigIgn:\t{mask}\n");
+        assert!(super::sighup_in_mask(&status("0000000000000001")));
+        assert!(super::sighup_in_mask(&status("0000000000001003")));
+        assert!(!super::sighup_in_mask(&status("0000000000001000")));
+        assert!(!super::sighup_in_mask("Name:\tweft\n"));
+    }
+
+    #[test]
+    fn weft_local_under_nohup_outlives_a_hangup_and_stops_on_ctrl_c() {
+        use std::io::BufRead;
+        let tmp = tempfile::tempdir().unwrap();
+        let weft = weft_cluster::bin_path("weft").expect("run `cargo build --bins` first");
+        // As `nohup` starts it: SIGHUP ignored.
+        let program = weft_command(tmp.path());
+        let mut shell = Command::new("/bin/sh");
+        for (name, value) in program.get_envs() {
+            match value {
+                Some(value) => shell.env(name, value),
+                None => shell.env_remove(name),
+            };
+        }
+        let mut local = shell
+            .env("WEFT_BIN", weft)
+            .args([
+                "-c",
+                "trap '' HUP; exec \"$WEFT_BIN\" local --nodes 1 -o json",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut ready = String::new();
+        std::io::BufReader::new(local.stdout.take().unwrap())
+            .read_line(&mut ready)
+            .unwrap();
+        assert!(ready.contains("\"coordinator\""), "{ready}");
+        send("-HUP", local.id());
+        // A handled SIGHUP would shut it down at once; nothing to wait on
+        // but time for a signal that must have no effect.
+        let exited = wait_for(Duration::from_secs(1), || local.try_wait().unwrap());
+        assert!(exited.is_none(), "exited on SIGHUP: {exited:?}");
+        send("-INT", local.id());
+        let status = local.wait().unwrap();
+        assert!(status.success(), "{status}");
     }
 
     #[test]

@@ -22,7 +22,7 @@ use weft_client::{Client, Error, EventBody, Task, TaskEvent, TaskSpec};
 use weft_cluster::wait_nodes_ready;
 use weft_proto::{OutputStream, TaskState};
 
-use crate::bench::stop_signal;
+use crate::bench::{note, stop_signal};
 use crate::exit;
 use crate::local;
 use crate::output::{OutputFormat, short_duration, task_json};
@@ -78,7 +78,7 @@ pub async fn run(nodes: usize, slots: u32, format: OutputFormat) -> anyhow::Resu
         signal = &mut stop => {
             // The cluster and the workload's dirs went with `demo`;
             // `token_dir` goes on return.
-            eprintln!("demo: {signal}; the cluster was stopped");
+            note(format_args!("demo: {signal}; the cluster was stopped"));
             Ok(exit::FAILURE)
         }
     }

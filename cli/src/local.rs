@@ -19,7 +19,7 @@ use weft_cluster::{LocalCluster, wait_nodes_ready};
 use weft_coordinator::CoordinatorConfig;
 use weft_coordinator::tls::TlsConfig;
 
-use crate::bench::stop_signal;
+use crate::bench::{note, stop_signal};
 use crate::exit::{self, UsageError};
 use crate::output::OutputFormat;
 
@@ -162,8 +162,8 @@ pub async fn run(
         signal = &mut stop => {
             // The half-started cluster was dropped (and so stopped) with
             // `starting`; `token_dir` goes on return.
-            eprintln!("weft local: {signal} during start-up; stopped");
-            return Ok(exit::SUCCESS);
+            note(format_args!("weft local: {signal} during start-up; stopped"));
+            return Ok(exit::FAILURE);
         }
     };
     let url = cluster.url();
@@ -185,13 +185,15 @@ pub async fn run(
     // Seen at once by a reader of a pipe.
     std::io::Write::flush(&mut std::io::stdout())?;
     stop.await;
-    eprintln!("weft local: shutting down (Ctrl-C again to exit at once)");
+    note(format_args!(
+        "weft local: shutting down (Ctrl-C again to exit at once)"
+    ));
     tokio::select! {
         () = cluster.shutdown(SHUTDOWN_GRACE) => {}
         // Dropping the shutdown drops the cluster: every node's handle
         // kills what still runs (handlers see their cancel token), so the
         // runtime is not kept waiting by a blocking handler.
-        _ = stop_signal() => eprintln!("weft local: exiting at once"),
+        _ = stop_signal() => note(format_args!("weft local: exiting at once")),
     }
     Ok(exit::SUCCESS)
 }
