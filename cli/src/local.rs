@@ -4,7 +4,7 @@
 //! [`weft_cluster::wait_nodes_ready`].
 //!
 //! The stop signals (Ctrl-C, SIGTERM, SIGHUP) are listened for before the
-//! cluster starts: one during start-up stops it there, so the temp dirs
+//! cluster starts: one during start-up stops it there (exit 1), so the temp dirs
 //! (admin token, node identities, the CA's key) are removed, never left
 //! behind by the signal's default action.
 

@@ -152,8 +152,8 @@ pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Default of [`CoordinatorConfig::max_connections_per_ip`]: far above
 /// what one host's nodes and clients need (a node holds one connection,
-/// a client one per channel; `weft bench` runs 1,000 simulated nodes over
-/// 10), far below the descriptor limit.
+/// a client one per channel; `weft bench`'s 1,000 simulated nodes, a TLS
+/// connection each, raise it with the flag), far below the descriptor limit.
 pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 128;
 
 /// Default of [`CoordinatorConfig::max_streams_per_connection`]: a node
