@@ -9,6 +9,7 @@
 //!
 //! Plain files and std only; no runtime, no coordinator.
 
+use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
 use std::io::Read as _;
 use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
@@ -52,7 +53,17 @@ fn is_safe_name(name: &str) -> bool {
 /// worker's rule (`weft/worker/parents.py`), so tasks move between
 /// workers unchanged.
 pub(crate) fn file_names(parents: &[ParentResult]) -> Vec<String> {
-    let mut taken: std::collections::HashSet<String> = std::collections::HashSet::new();
+    file_names_probing(parents, &mut 0)
+}
+
+/// [`file_names`], counting in `probes` the names it tried. Each base
+/// name's search goes on from the suffix after the one it last gave: the
+/// names it passed were taken then, and names are never given back, so the
+/// first free one is the same as a search from `.2` would find. So
+/// 10,000 parents of one ref take O(n) tries, not O(n²).
+fn file_names_probing(parents: &[ParentResult], probes: &mut usize) -> Vec<String> {
+    let mut taken: HashSet<String> = HashSet::with_capacity(parents.len());
+    let mut next: HashMap<String, u64> = HashMap::new();
     parents
         .iter()
         .map(|parent| {
@@ -61,12 +72,21 @@ pub(crate) fn file_names(parents: &[ParentResult]) -> Vec<String> {
                 name if is_safe_name(name) => name.to_owned(),
                 _ => parent.task_id.to_string(),
             };
-            let mut name = base.clone();
-            let mut n = 1;
-            while taken.contains(&name) || name == INDEX {
-                n += 1;
-                name = format!("{base}.{n}");
+            *probes += 1;
+            if !taken.contains(&base) && base != INDEX {
+                taken.insert(base.clone());
+                return base;
             }
+            let mut n = next.get(&base).copied().unwrap_or(2);
+            let name = loop {
+                *probes += 1;
+                let name = format!("{base}.{n}");
+                if !taken.contains(&name) && name != INDEX {
+                    break name;
+                }
+                n += 1;
+            };
+            next.insert(base, n + 1);
             taken.insert(name.clone());
             name
         })
@@ -307,5 +327,28 @@ mod tests {
             let file = format!("\"file\":\"{name}\"");
             assert_eq!(index.matches(&file).count(), 1, "{file} in {index}");
         }
+    }
+
+    /// Many parents of one ref get the names the first-free search gives
+    /// (a literal `build.2` still skipped), each name found in a bounded
+    /// number of tries rather than one per earlier parent of that ref.
+    #[test]
+    fn ten_thousand_parents_of_one_ref_are_named_in_linear_time() {
+        let mut parents: Vec<ParentResult> = (0..10_000).map(|_| parent("build", "")).collect();
+        parents.insert(1, parent("build.3", ""));
+        let mut probes = 0;
+        let names = file_names_probing(&parents, &mut probes);
+        assert_eq!(
+            &names[..5],
+            ["build", "build.3", "build.2", "build.4", "build.5"]
+        );
+        assert_eq!(names.last().map(String::as_str), Some("build.10001"));
+        let distinct: HashSet<&String> = names.iter().collect();
+        assert_eq!(distinct.len(), names.len());
+        assert!(
+            probes <= 2 * names.len() + 1,
+            "{probes} tries for {} names",
+            names.len()
+        );
     }
 }

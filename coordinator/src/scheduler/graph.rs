@@ -137,6 +137,15 @@ struct Deps {
     first_failed: Option<TaskId>,
     /// Its rule was met (it is queued, or waits only for its start time).
     met: bool,
+    /// Released before all its parents ended (ANY_FAILED, ANY_SUCCEEDED):
+    /// per parent, in order, the state it had at the release when it was
+    /// live then (`None`: it had ended). Such a parent's output, once it
+    /// ends, was not checked at the release: it is given only while it
+    /// fits, else the parent is given as it was then (see
+    /// [`Scheduler::attach_parents`]). After a restart the release is not
+    /// known: a parent final at the restore is `Some(QUEUED)` (its output
+    /// given only while it fits), a live one has its state then.
+    at_release: Option<Box<[Option<TaskState>]>>,
 }
 
 impl Deps {
@@ -468,7 +477,9 @@ impl Scheduler {
             failed: 0,
             first_failed: None,
             met: task.state != TaskState::Pending,
+            at_release: None,
         };
+        let restored_early = deps.met && is_early(deps.rule);
         for i in 0..deps.parents.len() {
             let parent = deps.parents[i];
             if self.tasks.contains_key(&parent) {
@@ -506,6 +517,14 @@ impl Scheduler {
                 }
             };
             count(&mut deps, parent, result.state);
+        }
+        if restored_early {
+            deps.at_release = Some(
+                deps.parents
+                    .iter()
+                    .map(|p| Some(self.tasks.get(p).map_or(TaskState::Queued, |t| t.state)))
+                    .collect(),
+            );
         }
         self.graph.deps.insert(id, deps);
     }
@@ -697,6 +716,7 @@ impl Scheduler {
             self.finalize(id, TaskState::Failed, error, Bytes::new(), wall);
             return;
         }
+        self.note_live_parents(id);
         let unserved = self.tasks.get(&id).and_then(|task| {
             let spec = task.spec.template(self.queue.example(class));
             (!self.is_served(spec))
@@ -724,22 +744,57 @@ impl Scheduler {
         }
     }
 
+    /// Early release (ANY_FAILED, ANY_SUCCEEDED) with parents still live:
+    /// notes each one's state now ([`Deps::at_release`]).
+    fn note_live_parents(&mut self, id: TaskId) {
+        let Some(deps) = self.graph.deps.get(&id) else {
+            return;
+        };
+        if !is_early(deps.rule) || deps.parents.iter().all(|p| !self.tasks.contains_key(p)) {
+            return;
+        }
+        let states: Box<[Option<TaskState>]> = deps
+            .parents
+            .iter()
+            .map(|p| self.tasks.get(p).map(|t| t.state))
+            .collect();
+        if let Some(deps) = self.graph.deps.get_mut(&id) {
+            deps.at_release = Some(states);
+        }
+    }
+
+    /// The ref of live task `id` ("" when it has none or is not live).
+    fn live_ref(&self, id: TaskId) -> &str {
+        self.tasks.get(&id).map_or("", |t| {
+            t.spec
+                .template(self.queue.example(t.class))
+                .ref_name
+                .as_str()
+        })
+    }
+
     /// Why child `id` cannot be sent its spec and its parents' results in
     /// one message to a node, or `None` when they fit (or it has no
-    /// parents). Parents still live count without output (they have none
-    /// yet). Encodes the spec once: paid only by a child being released.
-    fn oversized(&self, id: TaskId) -> Option<String> {
+    /// parents). Each parent counts with its id, ref and state; its output
+    /// too when it must be given: a parent still live has none yet, and
+    /// one that ended after an early release is given its output only
+    /// while it fits ([`Deps::at_release`]). What is counted here is what
+    /// every assignment of the child takes at least. Encodes the spec
+    /// once: paid only by a child being released or requeued.
+    pub(super) fn oversized(&self, id: TaskId) -> Option<String> {
         let deps = self.graph.deps.get(&id)?;
         let task = self.tasks.get(&id)?;
         let mut outputs = 0usize;
         let mut results = 0usize;
-        for parent in deps.parents.iter() {
+        for (i, parent) in deps.parents.iter().enumerate() {
+            let late = deps.at_release.as_ref().is_some_and(|s| s[i].is_some());
             results += match self.graph.results.get(parent) {
-                Some(kept) => {
+                Some(kept) if !late => {
                     outputs += kept.result.output.len();
                     result_wire_len(&kept.result.ref_name, kept.result.output.len())
                 }
-                None => result_wire_len("", 0),
+                Some(kept) => result_wire_len(&kept.result.ref_name, 0),
+                None => result_wire_len(self.live_ref(*parent), 0),
             };
         }
         let spec = task.spec.to_spec(self.queue.example(task.class));
@@ -756,6 +811,21 @@ impl Scheduler {
                 self.config.max_message_size
             )
         })
+    }
+
+    /// Hook from `requeue`: a child about to be queued again whose spec
+    /// and parents' results no longer fit one message (restored after a
+    /// restart under a smaller --max-message-size, its node gone) ends
+    /// FAILED instead. Answers whether it did.
+    pub(super) fn fail_if_oversized(&mut self, id: TaskId, wall: SystemTime) -> bool {
+        if self.graph.deps.is_empty() {
+            return false;
+        }
+        let Some(error) = self.oversized(id) else {
+            return false;
+        };
+        self.finalize(id, TaskState::Failed, error, Bytes::new(), wall);
+        true
     }
 
     /// Finished tasks whose results live children will be given (they are
@@ -782,9 +852,12 @@ impl Scheduler {
     ///
     /// A child released before all its parents ended (ANY_FAILED,
     /// ANY_SUCCEEDED) was checked against the message limit with the
-    /// outputs known then; of a parent that ended later, a later attempt
-    /// is given the output only while it fits (its state and ref always),
-    /// so no assignment passes the limit.
+    /// outputs known then. A parent that ended since is given final with
+    /// its output while that fits, in order; else as it was at the
+    /// release (its state then, no output): never final with its output
+    /// left out, which would read as an empty output. What is left was
+    /// counted by the check at the release (or at a requeue, or at a
+    /// restore), so no assignment passes the limit.
     pub(crate) fn attach_parents(&mut self) {
         if self.graph.deps.is_empty() {
             return;
@@ -795,10 +868,6 @@ impl Scheduler {
                 let Some(deps) = self.graph.deps.get(&a.task_id) else {
                     continue;
                 };
-                let early = matches!(
-                    deps.rule,
-                    DependencyRule::AnyFailed | DependencyRule::AnySucceeded
-                );
                 a.parents = deps
                     .parents
                     .iter()
@@ -824,13 +893,14 @@ impl Scheduler {
                         }
                     })
                     .collect();
-                if early {
+                if let Some(at_release) = &deps.at_release {
                     let mut spec = Vec::new();
                     a.spec.encode_fields(
                         weft_proto::SpecFields::Assigned(a.secret_env.as_deref()),
                         &mut spec,
                     );
-                    fit_outputs(a.task_id, &mut a.parents, limit.saturating_sub(spec.len()));
+                    let room = limit.saturating_sub(spec.len());
+                    fit_outputs(a.task_id, &mut a.parents, at_release, room);
                 }
             }
         }
@@ -919,7 +989,8 @@ impl Scheduler {
         }
         for id in restored {
             // Released before the restart: checked then, but perhaps
-            // under a larger --max-message-size.
+            // under a larger --max-message-size. (One assigned then is
+            // checked if its node does not come back: `requeue`.)
             if self.tasks.get(&id).map(|t| t.state) == Some(TaskState::Queued)
                 && let Some(error) = self.oversized(id)
             {
@@ -932,17 +1003,51 @@ impl Scheduler {
     }
 }
 
-/// Leaves out of `parents` the outputs that pass `room` bytes, in order,
-/// keeping every parent's state and ref.
-fn fit_outputs(child: TaskId, parents: &mut [ParentResult], room: usize) {
+/// Whether a child of `rule` may be released before all its parents end.
+fn is_early(rule: DependencyRule) -> bool {
+    matches!(
+        rule,
+        DependencyRule::AnyFailed | DependencyRule::AnySucceeded
+    )
+}
+
+/// Of the parents that ended after the child's release (`at_release`
+/// holds their state then), gives each final one's output while it fits
+/// in `room` bytes, in order, and turns the others back into what they
+/// were at the release: not final, no output. Outputs of parents that
+/// had ended at the release are always given (the release counted them).
+fn fit_outputs(
+    child: TaskId,
+    parents: &mut [ParentResult],
+    at_release: &[Option<TaskState>],
+    room: usize,
+) {
+    let late = |i: usize, p: &ParentResult| {
+        p.state.is_final() && at_release.get(i).copied().flatten().is_some()
+    };
     let mut used: usize = parents
         .iter()
-        .map(|p| result_wire_len(&p.ref_name, 0))
+        .enumerate()
+        .map(|(i, p)| match late(i, p) {
+            true => result_wire_len(&p.ref_name, 0),
+            false => result_wire_len(&p.ref_name, p.output.len()),
+        })
         .sum();
-    for p in parents.iter_mut() {
+    if used > room {
+        // Not reached: every release, requeue and restore checks this.
+        tracing::error!(task_id = %child, bytes = used, room, "an assignment passes --max-message-size even without its parents' later outputs");
+    }
+    for (i, p) in parents.iter_mut().enumerate() {
+        let Some(then) = at_release.get(i).copied().flatten() else {
+            continue;
+        };
+        if !p.state.is_final() {
+            continue;
+        }
         let more = result_wire_len(&p.ref_name, p.output.len()) - result_wire_len(&p.ref_name, 0);
         if used.saturating_add(more) > room {
-            tracing::warn!(task_id = %child, parent = %p.task_id, bytes = p.output.len(), "a parent's output left out of an assignment: it would pass --max-message-size");
+            tracing::warn!(task_id = %child, parent = %p.task_id, bytes = p.output.len(), "a parent that ended after its child's release is given as it was then: its output would pass --max-message-size");
+            p.state = then;
             p.output = Bytes::new();
         } else {
             used += more;

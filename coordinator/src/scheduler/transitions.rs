@@ -87,6 +87,10 @@ impl Scheduler {
         reason: String,
         now: Now,
     ) {
+        // A child that no longer fits one message (`graph.rs`) fails.
+        if self.fail_if_oversized(id, now.wall) {
+            return;
+        }
         let Some(task) = self.tasks.get_mut(&id) else {
             return;
         };

@@ -69,16 +69,35 @@ def parents_of(assignment) -> List[ParentResult]:
     return [ParentResult(p.task_id, p.ref, state_name(p.state), bytes(p.output)) for p in assignment.parents]
 
 
-def _file_name(parent: ParentResult, taken: set) -> str:
-    name = parent.ref or parent.task_id
-    if not _SAFE_NAME.fullmatch(name) or name in (".", "..", INDEX):
-        name = parent.task_id if _SAFE_NAME.fullmatch(parent.task_id) else "parent"
-    base, n = name, 1
-    while name in taken or name == INDEX:
-        n += 1
-        name = f"{base}.{n}"
-    taken.add(name)
-    return name
+class _Names:
+    """The parents' file names of one attempt, given out in order: a name taken by an earlier
+    parent gets ``.2``, ``.3``, ... (the first free), as weft-node names them. Each base's search
+    goes on from the suffix after the one it last gave (those passed were taken, and names are
+    never given back), so many parents of one ref take O(n) tries, not O(n**2)."""
+
+    def __init__(self):
+        self.taken: set = set()
+        self.next: dict = {}
+        #: Names tried so far (tests).
+        self.probes = 0
+
+    def name(self, parent: ParentResult) -> str:
+        name = parent.ref or parent.task_id
+        if not _SAFE_NAME.fullmatch(name) or name in (".", "..", INDEX):
+            name = parent.task_id if _SAFE_NAME.fullmatch(parent.task_id) else "parent"
+        base = name
+        self.probes += 1
+        if name in self.taken or name == INDEX:
+            n = self.next.get(base, 2)
+            while True:
+                self.probes += 1
+                name = f"{base}.{n}"
+                if name not in self.taken and name != INDEX:
+                    break
+                n += 1
+            self.next[base] = n + 1
+        self.taken.add(name)
+        return name
 
 
 class ExecFiles:
@@ -89,9 +108,9 @@ class ExecFiles:
         try:
             self.parents_dir = os.path.join(self.root, "parents")
             os.mkdir(self.parents_dir, 0o700)
-            index, taken = [], set()
+            index, names = [], _Names()
             for parent in parents:
-                name = _file_name(parent, taken)
+                name = names.name(parent)
                 with open(os.path.join(self.parents_dir, name), "wb") as f:
                     f.write(parent.output)
                 index.append({"task_id": parent.task_id, "ref": parent.ref, "state": parent.state, "file": name})
