@@ -211,6 +211,9 @@ impl Graph {
             && self.timers.is_empty()
             && self.results.is_empty()
             && self.children.is_empty()
+            // A Submit with PENDING tasks is being applied: a task that
+            // ends now may be one of their parents.
+            && self.ended_in_submit.is_none()
     }
 
     /// `ids` ordered so that a task comes after every one of `ids` that
@@ -527,6 +530,63 @@ impl Scheduler {
             );
         }
         self.graph.deps.insert(id, deps);
+        if restored_early {
+            self.restore_release(id);
+        }
+    }
+
+    /// A restored early child (`any_succeeded`, `any_failed`, released
+    /// before the restart): when it was released is not stored, so its
+    /// parents already final count as ended before it (their outputs
+    /// given) while they fit one message with its spec, those that meet
+    /// its rule first; the rest are given as not ended yet. When not one
+    /// parent that meets its rule fits, all count as ended before it, and
+    /// the size check fails the child saying so rather than run it
+    /// seeing none.
+    fn restore_release(&mut self, id: TaskId) {
+        let Some((total, _, limit)) = self.assignment_bytes(id) else {
+            return;
+        };
+        let Some(deps) = self.graph.deps.get_mut(&id) else {
+            return;
+        };
+        let rule = deps.rule;
+        let Some(at_release) = deps.at_release.as_mut() else {
+            return;
+        };
+        let meets = |state: TaskState| match rule {
+            DependencyRule::AnySucceeded => state == TaskState::Succeeded,
+            _ => state != TaskState::Succeeded,
+        };
+        let mut room = limit.saturating_sub(total);
+        let mut met = false;
+        let mut any_meets = false;
+        for first in [true, false] {
+            for (i, parent) in deps.parents.iter().enumerate() {
+                let Some(kept) = self.graph.results.get(parent) else {
+                    continue; // live: not ended, whatever fits
+                };
+                let result = &kept.result;
+                if meets(result.state) != first {
+                    continue;
+                }
+                any_meets |= first;
+                let extra = result_wire_len(&result.ref_name, result.output.len())
+                    - result_wire_len(&result.ref_name, 0);
+                if extra <= room {
+                    room -= extra;
+                    at_release[i] = None;
+                    met |= first;
+                }
+            }
+        }
+        if any_meets && !met {
+            for (i, parent) in deps.parents.iter().enumerate() {
+                if self.graph.results.contains_key(parent) {
+                    at_release[i] = None;
+                }
+            }
+        }
     }
 
     /// Moves a PENDING task on if it can: QUEUED when its rule is met and
@@ -782,6 +842,21 @@ impl Scheduler {
     /// every assignment of the child takes at least. Encodes the spec
     /// once: paid only by a child being released or requeued.
     pub(super) fn oversized(&self, id: TaskId) -> Option<String> {
+        let (total, outputs, limit) = self.assignment_bytes(id)?;
+        (total > limit).then(|| {
+            format!(
+                "its parents' outputs total {outputs} bytes; at most {limit} reach a task in one \
+                 message, its spec and its parents' ids and refs included ({total} here; \
+                 --max-message-size {})",
+                self.config.max_message_size
+            )
+        })
+    }
+
+    /// What [`oversized`](Self::oversized) counts: the least bytes any
+    /// assignment of child `id` takes, the parents' outputs among them,
+    /// and the most one message to a node holds for a task.
+    fn assignment_bytes(&self, id: TaskId) -> Option<(usize, usize, usize)> {
         let deps = self.graph.deps.get(&id)?;
         let task = self.tasks.get(&id)?;
         let mut outputs = 0usize;
@@ -803,14 +878,7 @@ impl Scheduler {
         spec.encode_fields(weft_proto::SpecFields::Assigned(secrets), &mut bytes);
         let total = bytes.len().saturating_add(results);
         let limit = max_spec_bytes(self.config.max_message_size);
-        (total > limit).then(|| {
-            format!(
-                "its parents' outputs total {outputs} bytes; at most {limit} reach a task in one \
-                 message, its spec and its parents' ids and refs included ({total} here; \
-                 --max-message-size {})",
-                self.config.max_message_size
-            )
-        })
+        Some((total, outputs, limit))
     }
 
     /// Hook from `requeue`: a child about to be queued again whose spec

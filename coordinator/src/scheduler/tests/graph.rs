@@ -1084,3 +1084,101 @@ fn an_early_child_queued_at_a_restart_is_not_failed_for_a_parent_that_ended_afte
     assert_eq!(parents[0].output.len(), 1_000);
     assert!(!parents[1].state.is_final() && parents[1].output.is_empty());
 }
+
+#[test]
+fn an_early_child_restored_under_a_smaller_limit_with_no_parent_that_meets_its_rule_fitting_fails_saying_so()
+ {
+    let mut h = Harness::new();
+    h.node(S1, reg("n1", 4), 2);
+    let ids = h
+        .submit_job(vec![
+            call("a"),
+            call("b"),
+            call("c")
+                .after_ref("a")
+                .after_ref("b")
+                .after_rule(DependencyRule::AnySucceeded),
+        ])
+        .expect("submit");
+    for (id, attempt) in assigned(&h.effects(), S1) {
+        h.succeed_with(S1, id, attempt, Bytes::from(vec![b'x'; 100_000]));
+    }
+    h.effects();
+    assert_eq!(h.state(ids[2]), TaskState::Queued);
+    h.s.config.max_message_size = 64 * 1024;
+    let mut h = h.restart(Duration::from_secs(1));
+    h.node(S1, reg("n1", 4), 4);
+    let effects = h.effects();
+    // Not run seeing neither success: failed, saying why.
+    assert!(assigned(&effects, S1).is_empty());
+    let record = h.latest(ids[2]);
+    assert_eq!(record.state, TaskState::Failed);
+    assert!(
+        record
+            .error
+            .starts_with("its parents' outputs total 200000 bytes"),
+        "{}",
+        record.error
+    );
+}
+
+#[test]
+fn an_early_child_restored_is_given_every_final_parents_output_that_fits() {
+    let mut h = Harness::with(small_messages());
+    h.node(S1, reg("n1", 8), 2);
+    let ids = h
+        .submit_job(vec![
+            call("a"),
+            call("b"),
+            call("c")
+                .after_ref("a")
+                .after_ref("b")
+                .after_rule(DependencyRule::AnySucceeded),
+        ])
+        .expect("submit");
+    h.effects();
+    h.succeed_with(S1, ids[0], Attempt(1), Bytes::from(vec![b'x'; 1_000]));
+    h.effects();
+    h.succeed_with(S1, ids[1], Attempt(1), Bytes::from(vec![b'y'; 2_000]));
+    h.effects();
+    let mut h = h.restart(Duration::from_secs(1));
+    h.node(S1, reg("n1", 8), 1);
+    let effects = h.effects();
+    assert_eq!(assigned(&effects, S1), vec![(ids[2], Attempt(1))]);
+    let parents = &effects.nodes[&S1].assign[0].parents;
+    let given: Vec<_> = parents.iter().map(|p| (p.state, p.output.len())).collect();
+    assert_eq!(
+        given,
+        [(TaskState::Succeeded, 1_000), (TaskState::Succeeded, 2_000)]
+    );
+}
+
+#[test]
+fn an_older_parent_without_a_ref_cancelled_during_its_childs_submit_is_given_cancelled() {
+    let keyed = |mut spec: TaskSpec| {
+        spec.concurrency = Some(weft_proto::policy::ConcurrencyLimit {
+            key: "k".into(),
+            max_running: 1,
+            on_limit: weft_proto::policy::OverLimit::CancelOldest,
+        });
+        spec
+    };
+    let mut h = Harness::new();
+    // No ref and no dependency anywhere yet: the graph is empty.
+    let older = h.submit(vec![keyed(TaskSpec::call("noop", ""))])[0];
+    let ids = h
+        .submit_job(vec![
+            keyed(call("newer")),
+            call("b")
+                .after(older)
+                .after_rule(DependencyRule::AllFinished),
+        ])
+        .expect("submit");
+    assert_eq!(h.state(older), TaskState::Cancelled);
+    h.node(S1, reg("n1", 4), 4);
+    let parent = given_parent(&mut h, ids[1]);
+    assert_eq!(
+        (parent.task_id, parent.state),
+        (older, TaskState::Cancelled)
+    );
+}
