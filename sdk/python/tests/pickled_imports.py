@@ -7,3 +7,14 @@ from pathlib import Path  # noqa: F401
 
 def own(x):
     return x
+
+
+class Proxy:
+    """Forwards every attribute to what it wraps, ``__module__`` too (its class's is this
+    module's): wrapping what has none, it says nothing of its module."""
+
+    def __init__(self, target):
+        object.__setattr__(self, "_target", target)
+
+    def __getattribute__(self, name):
+        return getattr(object.__getattribute__(self, "_target"), name)

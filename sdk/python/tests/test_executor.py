@@ -157,6 +157,21 @@ def test_an_object_naming_no_module_counts_as_its_types_package_only_when_reache
         loads(b"cpickled_imports\ncounter\n.", ("pickled_imports",))
 
 
+def test_an_object_hiding_its_module_is_refused_though_its_type_is_of_an_allowed_module(monkeypatch):
+    import itertools
+
+    import pickled_imports
+    from weft.worker.pickled import home, loads
+
+    # Its type says "pickled_imports", its __module__ forwards to a counter that has none.
+    proxy = pickled_imports.Proxy(itertools.count(7))
+    assert type(proxy).__module__ == "pickled_imports" and not hasattr(proxy, "__module__")
+    assert home(proxy, "pickled_imports") is None
+    monkeypatch.setattr(pickled_imports, "proxied", proxy, raising=False)
+    with pytest.raises(StartFailed, match="defined in no module"):
+        loads(b"cpickled_imports\nproxied\n.", ("pickled_imports",))
+
+
 def test_the_function_s_exception_fails_the_call_with_its_traceback_and_the_pickled_exception():
     with pytest.raises(HandlerError) as failed:
         run_pickled(encode_call(exec_funcs.fail, ("boom",), {}), allowed=ALLOWED)
@@ -446,6 +461,31 @@ def test_an_async_map_that_fails_cancels_the_rest_and_ends():
     asyncio.run(body())
 
 
+def test_two_readers_of_one_async_map_neither_duplicate_nor_drop():
+    async def body() -> None:
+        client = _GatedResults()
+        client.chunks = True
+        ex = weft.aio.Executor(client=client)
+        results = ex.map(math.factorial, [1, 2])
+        first = asyncio.ensure_future(results.__anext__())
+        second = asyncio.ensure_future(results.__anext__())
+        for _ in range(1000):
+            if client.count == 2:
+                break
+            await asyncio.sleep(0.001)
+        assert client.count == 2, "submitted"
+        client.release(0)
+        client.release(1)
+        got = await asyncio.gather(first, second, return_exceptions=True)
+        got += [r async for r in results]
+        refused = [r for r in got if isinstance(r, RuntimeError)]
+        assert len(refused) == 1 and "already running" in str(refused[0]), got
+        assert [r for r in got if not isinstance(r, BaseException)] == ["t0", "t1"], got
+        await ex.shutdown()
+
+    asyncio.run(body())
+
+
 def test_an_executor_runs_after_each_task_of_a_job_as_call_spec_does():
     job = weft.Job(id="01J5Z3K4M5N6P7Q8R9S0T1V2W3", task_ids=["01J5Z3K4M5N6P7Q8R9S0T1V2W3", "01J5Z3K4M5N6P7Q8R9S0T1V2W4"])
     t0, t1 = job.task_ids
@@ -465,6 +505,31 @@ def test_an_executor_runs_after_each_task_of_a_job_as_call_spec_does():
         for future in futures:
             future.cancel()
         await ex.shutdown()
+
+    asyncio.run(body())
+
+
+def test_call_spec_after_an_asyncio_future_names_its_task_done_or_not():
+    from types import SimpleNamespace
+
+    from weft.executor import AsyncFuture
+
+    task_id = "01J5Z3K4M5N6P7Q8R9S0T1V2W3"
+
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        pending, done = AsyncFuture(loop=loop), AsyncFuture(loop=loop)
+        for future in (pending, done):
+            future._request = SimpleNamespace(task_id=task_id)
+        done.set_result("out")
+        for future in (done, pending):
+            assert [d.task_id for d in weft.call_spec("h", after=future).after] == [task_id]
+        # A future that names no task is refused, not dropped.
+        plain = loop.create_future()
+        plain.set_result(None)
+        with pytest.raises(ValueError, match="not a task id"):
+            weft.call_spec("h", after=plain)
+        pending.cancel()
 
     asyncio.run(body())
 

@@ -409,6 +409,34 @@ def test_a_keyboard_interrupt_in_an_async_handler_stops_the_worker(fake, run_wor
     assert not rw.thread.is_alive() and isinstance(rw.error, KeyboardInterrupt), rw.error
 
 
+def test_a_keyboard_interrupt_in_an_async_handler_starts_nothing_queued_behind_it(fake, run_worker):
+    began = threading.Event()
+
+    async def interrupted(data):
+        raise KeyboardInterrupt()
+
+    def setup(w):
+        w.register("interrupted", interrupted, "asyncio")
+        w.register("echo", lambda data: data, "thread")
+        w.register("marks", lambda data: began.set(), "thread")
+
+    rw, session = run_worker(slots=1, prefetch=1, setup=setup)
+    # One attempt that ended turns prefetch on: the worker takes one queued behind a running one.
+    session.assign(("warm", 1, call_spec("echo", b"w")))
+    assert outcome(session.events("warm", 1)) == common_pb2.OUTCOME_SUCCEEDED
+    session.wait_for(lambda: session.credits_granted() >= 3, what="a credit for the slot and one for prefetch")
+    session.assign(("k", 1, call_spec("interrupted")), ("m", 1, call_spec("marks")))
+    rw.thread.join(10)
+    assert not rw.thread.is_alive() and isinstance(rw.error, KeyboardInterrupt), rw.error
+    # Whatever the interrupt handed to the handler threads runs before they take their end.
+    threads = rw.worker._attempts.threads
+    threads.shutdown()
+    for thread in threads._threads:
+        thread.join(10)
+        assert not thread.is_alive()
+    assert not began.is_set(), "the queued attempt began on a worker going down"
+
+
 def test_cooperative_thread_handler_stops_on_cancel(fake, run_worker):
     stopped = threading.Event()
 

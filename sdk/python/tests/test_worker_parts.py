@@ -261,6 +261,41 @@ def test_a_posted_call_that_raises_does_not_drop_the_rest_of_its_batch():
         loop.close()
 
 
+def test_a_call_whose_prefetched_follower_fails_to_begin_still_finishes():
+    import threading
+    from types import SimpleNamespace
+
+    from weft.worker.attempt import HandlerThreads
+
+    loop = asyncio.new_event_loop()
+    threads = HandlerThreads(1, loop)
+    first, following = SimpleNamespace(ran_for=None), SimpleNamespace(ran_for=None)
+    ended = {}
+    last = loop.create_future()
+
+    def done(attempt, ok, value) -> None:
+        ended[value] = ok
+        if attempt is following:  # drained in order: the first call's end came before
+            last.set_result(None)
+
+    def began(attempt) -> None:
+        raise RuntimeError("begin failed")
+
+    threads.began = began
+    gate = threading.Event()
+    try:
+        # The follower is handed down ahead before the first call ends: the thread begins it next.
+        threads.submit(lambda: gate.wait(10) and "first", (), first, done)
+        threads.put_ahead(lambda: "following", (), following, done)
+        gate.set()
+        loop.run_until_complete(asyncio.wait_for(last, 10))
+        assert ended == {"first": True, "following": True}
+        assert first.ran_for is not None
+    finally:
+        threads.shutdown()
+        loop.close()
+
+
 def test_progress_while_cut_off_keeps_the_queue_within_its_bound_and_the_latest_progress():
     from weft.worker.outbox import QUEUED_OUTPUT_MAX_EVENTS
 

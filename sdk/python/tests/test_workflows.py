@@ -121,6 +121,12 @@ def test_a_task_id_in_a_graph_is_read_as_the_coordinator_reads_it():
     # Surrounding whitespace is trimmed there (TaskId::from_str), so it is no typo here.
     request = graph_request([weft.call_spec("count", after=[f" {EXISTING}\n"])])
     assert [d.task_id.strip() for d in request.tasks[0].after] == [EXISTING]
+    # Unicode White_Space (str::trim) only: the separators str.strip() also takes are kept there.
+    request = graph_request([weft.call_spec("count", after=[f"\u3000\x85{EXISTING}\u2029"])])
+    assert len(request.tasks[0].after) == 1
+    for separator in "\x1c\x1d\x1e\x1f":
+        with pytest.raises(ValueError, match="neither a ref of the graph nor a task id"):
+            graph_request([weft.call_spec("count", after=[separator + EXISTING])])
 
 
 def test_a_job_too_large_to_run_after_is_refused_naming_the_job_and_its_size():

@@ -855,11 +855,23 @@ class _MapResults:
         #: A chunk's results not yet given.
         self._items: Deque[Any] = collections.deque()
         self._iterated = False
+        #: An ``__anext__`` is waiting: a second one at once is refused, as an async
+        #: generator's is (both would wait for the same future, and give its result twice).
+        self._running = False
 
     def __aiter__(self) -> "_MapResults":
         return self
 
     async def __anext__(self) -> Any:
+        if self._running:
+            raise RuntimeError("anext(): asynchronous generator is already running")
+        self._running = True
+        try:
+            return await self._next()
+        finally:
+            self._running = False
+
+    async def _next(self) -> Any:
         self._iterated = True
         while not self._items:
             if not self._futures:
@@ -873,7 +885,8 @@ class _MapResults:
             except BaseException:
                 self._cancel_rest()
                 raise
-            self._futures.pop()
+            if self._futures and self._futures[-1] is future:  # else aclose() took it meanwhile
+                self._futures.pop()
             if not self._chunked:
                 return result
             self._items.extend(result)

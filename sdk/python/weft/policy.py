@@ -16,6 +16,8 @@ the clients take the same options:
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import datetime as _dt
 import re
 from typing import Any, Iterable, List, Mapping, Optional, Sequence, Union
@@ -273,8 +275,9 @@ def _job_task_ids(item: Any) -> Optional[List[str]]:
 
 def after_items(after: Any) -> List[Any]:
     """``after`` as a list of its items: a lone item (a task id, a Task, a Job, a future) is
-    one, not iterated (a Job would be by its refs)."""
-    if isinstance(after, (str, bytes)) or not hasattr(after, "__iter__"):
+    one, not iterated (a Job would be by its refs; an asyncio future, by ``await``: nothing
+    when done, an error when not)."""
+    if isinstance(after, (str, bytes, asyncio.Future, concurrent.futures.Future)) or not hasattr(after, "__iter__"):
         return [after]
     return list(after)
 

@@ -19,6 +19,9 @@ _U32 = 2**32 - 1
 #: A task id: a ULID, 26 characters of Crockford base32 (either case), the first at most 7.
 #: ASCII: ignoring case must not take the Kelvin sign for K or the long s for S.
 _TASK_ID = re.compile(r"[0-7][0-9A-HJKMNP-TV-Z]{25}", re.ASCII | re.IGNORECASE)
+#: What Rust's ``str::trim`` takes off (Unicode White_Space, ``char::is_whitespace``):
+#: ``str.strip()`` also takes the separators U+001C-U+001F, which the coordinator keeps.
+_WHITE_SPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200B))) + "\u2028\u2029\u202f\u205f\u3000"
 
 # -- graphs and jobs ----------------------------------------------------------
 
@@ -51,7 +54,7 @@ def graph_request(specs: Iterable[common_pb2.TaskSpec]) -> task_pb2.SubmitReques
                 dependency.ClearField("task_id")
                 dependency.ref = name
             # A task id stripped, as the coordinator reads one (TaskId::from_str trims).
-            elif dependency.task_id and not _TASK_ID.fullmatch(dependency.task_id.strip()):
+            elif dependency.task_id and not _TASK_ID.fullmatch(dependency.task_id.strip(_WHITE_SPACE)):
                 raise ValueError(
                     f"tasks[{index}].after names {dependency.task_id!r}, which is neither a ref of the graph "
                     f"nor a task id"

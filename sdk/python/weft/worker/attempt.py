@@ -276,8 +276,12 @@ class HandlerThreads:
                     continue
                 attempt, done, ok, value, took, following = item
                 if following is not None:
-                    # First, so it takes over the slot the ended call frees.
-                    began(following)
+                    # First, so it takes over the slot the ended call frees; on its own, so
+                    # the ended call is reported even if this raises.
+                    try:
+                        began(following)
+                    except Exception:  # noqa: BLE001 - logged; the ended call still finishes
+                        log.exception("beginning a thread handler's prefetched call on the loop failed")
                 # Its own run time, not the wait for a thread or the loop: what prefetch follows.
                 attempt.ran_for = took
                 done(attempt, ok, value)
@@ -764,8 +768,12 @@ class Attempts:
             else:
                 self.finish(attempt, common_pb2.OUTCOME_FAILED, error=error_text(e))
         except KeyboardInterrupt:
-            # Ctrl-C stops the worker, as anywhere else on its loop: the attempt is
-            # reported (if a stream still takes it), the interrupt goes on.
+            # Ctrl-C stops the worker, as anywhere else on its loop: the interrupt goes on.
+            # Draining first, so the slot this frees starts nothing (a prefetched thread
+            # call would begin user code only to be killed at exit, and be run again
+            # elsewhere) and the queued attempts are handed back. Their Finished and this
+            # one are queued, but likely never sent: the interrupt stops the loop.
+            self.set_draining()
             self.finish(attempt, common_pb2.OUTCOME_FAILED, error="KeyboardInterrupt: the worker was interrupted")
             raise
         finally:

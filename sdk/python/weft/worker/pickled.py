@@ -46,6 +46,7 @@ from __future__ import annotations
 import base64
 import functools
 import importlib
+import inspect
 import io
 import pickle
 import traceback
@@ -227,6 +228,9 @@ class RestrictedUnpickler(pickle.Unpickler):
         raise StartFailed(f"{HANDLER}: persistent ids are not allowed")
 
 
+_MISSING = object()
+
+
 def home(obj: Any, through: str = "") -> Any:
     """The name of the module ``obj`` was defined in, as far as it tells; None when it does not
     say (an instance of a built-in type, a C method bound to an object).
@@ -253,6 +257,8 @@ def home(obj: Any, through: str = "") -> Any:
     try:
         module = obj.__module__
     except AttributeError:
+        if inspect.getattr_static(obj, "__module__", _MISSING) is not _MISSING:
+            return None  # it has one, and hides it (a proxy forwarding to what has none): it says nothing
         kind = getattr(type(obj), "__module__", None)
         if isinstance(kind, str) and through and kind.split(".")[0] == through.split(".")[0]:
             return kind
