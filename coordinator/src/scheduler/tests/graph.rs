@@ -696,6 +696,16 @@ impl Harness {
     }
 }
 
+/// Parents `a` and `b` and child `c` after both with `rule`, in one job.
+fn two_parents_and_a_child(h: &mut Harness, rule: DependencyRule) -> Vec<TaskId> {
+    h.submit_job(vec![
+        call("a"),
+        call("b"),
+        call("c").after_ref("a").after_ref("b").after_rule(rule),
+    ])
+    .expect("submit")
+}
+
 /// A message limit of 64 KiB: 63 KiB reach a task (the rest is kept for
 /// the message around it).
 fn small_messages() -> SchedulerConfig {
@@ -764,13 +774,7 @@ fn a_queued_child_restored_under_a_smaller_message_limit_fails_saying_so() {
     // Two credits: the parents take them, so the child is queued, not
     // sent, at the restart.
     h.node(S1, reg("n1", 4), 2);
-    let ids = h
-        .submit_job(vec![
-            call("p1"),
-            call("p2"),
-            call("child").after_ref("p1").after_ref("p2"),
-        ])
-        .expect("submit");
+    let ids = two_parents_and_a_child(&mut h, DependencyRule::AllSucceeded);
     for (id, attempt) in assigned(&h.effects(), S1) {
         h.succeed_with(S1, id, attempt, Bytes::from(vec![b'x'; 40_000]));
     }
@@ -929,16 +933,7 @@ fn a_submit_of_several_tasks_into_a_cancel_oldest_key_keeps_its_newest_even_with
 fn early_child_given(b_output: usize) -> Vec<crate::scheduler::graph::ParentResult> {
     let mut h = Harness::with(small_messages());
     h.node(S1, reg("n1", 8), 2);
-    let ids = h
-        .submit_job(vec![
-            call("a"),
-            call("b"),
-            call("c")
-                .after_ref("a")
-                .after_ref("b")
-                .after_rule(DependencyRule::AnySucceeded),
-        ])
-        .expect("submit");
+    let ids = two_parents_and_a_child(&mut h, DependencyRule::AnySucceeded);
     let (a, b, c) = (ids[0], ids[1], ids[2]);
     assert_eq!(assigned(&h.effects(), S1).len(), 2);
     h.event(S1, b, 1, NodeEventBody::Started);
@@ -1016,13 +1011,7 @@ fn an_early_child_whose_live_parents_refs_pass_the_message_limit_fails_at_releas
 fn a_running_child_requeued_after_a_restart_under_a_smaller_message_limit_fails_saying_so() {
     let mut h = Harness::new();
     h.node(S1, reg("n1", 4), 2);
-    let ids = h
-        .submit_job(vec![
-            call("p1"),
-            call("p2"),
-            call("child").after_ref("p1").after_ref("p2"),
-        ])
-        .expect("submit");
+    let ids = two_parents_and_a_child(&mut h, DependencyRule::AllSucceeded);
     for (id, attempt) in assigned(&h.effects(), S1) {
         h.succeed_with(S1, id, attempt, Bytes::from(vec![b'x'; 40_000]));
     }
@@ -1060,16 +1049,7 @@ fn a_running_child_requeued_after_a_restart_under_a_smaller_message_limit_fails_
 fn an_early_child_queued_at_a_restart_is_not_failed_for_a_parent_that_ended_after_its_release() {
     let mut h = Harness::with(small_messages());
     h.node(S1, reg("n1", 8), 2);
-    let ids = h
-        .submit_job(vec![
-            call("a"),
-            call("b"),
-            call("c")
-                .after_ref("a")
-                .after_ref("b")
-                .after_rule(DependencyRule::AnySucceeded),
-        ])
-        .expect("submit");
+    let ids = two_parents_and_a_child(&mut h, DependencyRule::AnySucceeded);
     h.effects();
     h.succeed_with(S1, ids[0], Attempt(1), Bytes::from(vec![b'x'; 1_000]));
     h.effects();
@@ -1090,16 +1070,7 @@ fn an_early_child_restored_under_a_smaller_limit_with_no_parent_that_meets_its_r
  {
     let mut h = Harness::new();
     h.node(S1, reg("n1", 4), 2);
-    let ids = h
-        .submit_job(vec![
-            call("a"),
-            call("b"),
-            call("c")
-                .after_ref("a")
-                .after_ref("b")
-                .after_rule(DependencyRule::AnySucceeded),
-        ])
-        .expect("submit");
+    let ids = two_parents_and_a_child(&mut h, DependencyRule::AnySucceeded);
     for (id, attempt) in assigned(&h.effects(), S1) {
         h.succeed_with(S1, id, attempt, Bytes::from(vec![b'x'; 100_000]));
     }
@@ -1126,16 +1097,7 @@ fn an_early_child_restored_under_a_smaller_limit_with_no_parent_that_meets_its_r
 fn an_early_child_restored_is_given_every_final_parents_output_that_fits() {
     let mut h = Harness::with(small_messages());
     h.node(S1, reg("n1", 8), 2);
-    let ids = h
-        .submit_job(vec![
-            call("a"),
-            call("b"),
-            call("c")
-                .after_ref("a")
-                .after_ref("b")
-                .after_rule(DependencyRule::AnySucceeded),
-        ])
-        .expect("submit");
+    let ids = two_parents_and_a_child(&mut h, DependencyRule::AnySucceeded);
     h.effects();
     h.succeed_with(S1, ids[0], Attempt(1), Bytes::from(vec![b'x'; 1_000]));
     h.effects();
