@@ -400,7 +400,10 @@ pub enum Command {
     /// line is appended as the last argument (like xargs). With `--call
     /// HANDLER`, each line is the input of one call of HANDLER instead, and
     /// each call's result is printed. Blank lines are skipped. Each task's
-    /// stdout is printed when it finishes; exits 1 if any task failed.
+    /// stdout is printed when it finishes; exits 1 if any task failed (69
+    /// when a line could not reach a coordinator). When stdout closes (`|
+    /// head`), it submits no more lines, cancels what it started, and
+    /// exits 141.
     /// With `--output json`, one JSON object per task instead, on its own
     /// line as it finishes: `{"line", "stdout", "task"}` (the task as `weft
     /// get -o json` shows it), or `{"line", "error"}` when it could not run.
@@ -408,7 +411,7 @@ pub enum Command {
         /// Tasks in flight at once (default: the cluster's free slots, at
         /// least 1 and at most 512: each is a stream, and a coordinator lets
         /// one client hold 1,024 at once by default; 16 when the token
-        /// lacks the read scope to learn them).
+        /// lacks the read scope to learn them). At most 1,024.
         #[arg(short = 'j', long = "jobs", value_name = "N")]
         jobs: Option<usize>,
         /// Print outputs in input order (default: completion order).

@@ -25,6 +25,9 @@ pub const TIMED_OUT: u8 = 124;
 pub const START_FAILED: u8 = 127;
 /// The task was cancelled (also: Ctrl-C cancelled it).
 pub const CANCELLED: u8 = 130;
+/// Stdout's reader went away (`| head`), as a tool killed by SIGPIPE
+/// ends; `run`, `call` and `map` cancel the tasks they submitted first.
+pub const CLOSED_PIPE: u8 = 141;
 /// Ctrl-C stopped `watch` before the task finished; the task goes on.
 pub const INTERRUPTED: u8 = 3;
 /// The task never ran: a task it runs after did not end as its rule needs
@@ -36,7 +39,8 @@ pub const SKIPPED: u8 = 5;
 
 /// The exit code table, as shown after `weft --help`.
 pub const EXIT_CODES_HELP: &str = "\
-Exit codes (task codes from run, call, wait, watch; map exits 1 if any task failed):
+Exit codes (task codes from run, call, wait, watch; map exits 1 if any task failed,
+69 if one could not be run or followed because no coordinator answered):
   0    the task succeeded
   N    the task's process exited with code N
   1    the task failed without an exit code (signal, handler error), or another error
@@ -51,7 +55,9 @@ Exit codes (task codes from run, call, wait, watch; map exits 1 if any task fail
   4    the task never ran: a task it runs after failed (upstream_failed)
   5    the task never ran, by its rule: skipped (--after-rule any_failed)
   130  the task was cancelled (Ctrl-C on run or call cancels it; 69 instead when
-       no coordinator took the cancel: run `weft cancel ID` later)";
+       no coordinator took the cancel: run `weft cancel ID` later)
+  141  stdout was closed (`| head`): run, call and map cancel their tasks first,
+       watch just stops (the task goes on)";
 
 /// The exit code for a task in its final state (or [`FAILURE`] if it is not
 /// final, which a caller should not ask).

@@ -426,6 +426,8 @@ pub fn cluster_text(info: &ClusterInfo) -> String {
 }
 
 /// An event as one JSON object (a line of `run`/`watch --output json`).
+/// An output chunk's `data` is UTF-8 (lossy: a character split across
+/// chunks, or binary output, is damaged), `data_base64` its exact bytes.
 pub fn event_json(event: &TaskEvent) -> Value {
     let mut value = json!({
         "task_id": event.task_id.to_string(),
@@ -442,6 +444,7 @@ pub fn event_json(event: &TaskEvent) -> Value {
             "type": "output",
             "stream": stream.as_str(),
             "data": String::from_utf8_lossy(data),
+            "data_base64": base64::engine::general_purpose::STANDARD.encode(data),
         }),
         EventBody::Progress { fraction, message } => {
             json!({"type": "progress", "fraction": fraction, "message": message})
@@ -454,10 +457,39 @@ pub fn event_json(event: &TaskEvent) -> Value {
     value
 }
 
+/// `text` safe to show on a terminal: control characters (newlines,
+/// ESC starting a terminal escape) written as Rust escapes (`\n`,
+/// `\u{1b}`). Names, argv and labels come from whoever submitted the
+/// task, and must not move the cursor or retitle the reader's terminal.
+pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return text.into();
+    }
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect::<String>()
+        .into()
+}
+
 /// A plain table with a header row; columns padded to their widest cell.
+/// Cells are shown [`printable`]: one line per row, no terminal escapes.
 pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|row| {
+            row.iter()
+                .map(|cell| printable(cell).into_owned())
+                .collect()
+        })
+        .collect();
     let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
-    for row in rows {
+    for row in &rows {
         for (width, cell) in widths.iter_mut().zip(row) {
             *width = (*width).max(cell.chars().count());
         }
@@ -527,6 +559,8 @@ pub fn shell_words(argv: &[String]) -> String {
 #[cfg(test)]
 mod tests {
     use bytes::Bytes;
+
+    use weft_proto::OutputStream;
 
     use weft_proto::{Attempt, NodeId, TaskId, TaskSpec, TaskState};
 
@@ -674,5 +708,41 @@ mod tests {
     fn shell_words_quote_what_a_shell_would_split() {
         let argv = vec!["sh".to_owned(), "-c".to_owned(), "echo it's".to_owned()];
         assert_eq!(shell_words(&argv), r"sh -c 'echo it'\''s'");
+    }
+
+    #[test]
+    fn output_events_carry_their_exact_bytes_in_base64() {
+        let chunk = |data: &'static [u8]| TaskEvent {
+            task_id: TaskId::new(),
+            seq: 1,
+            attempt: Attempt(1),
+            body: EventBody::Output {
+                stream: OutputStream::Stdout,
+                data: Bytes::from_static(data),
+            },
+        };
+        let mut bytes = Vec::new();
+        for data in [&b"\xe2\x82"[..], b"\xac"] {
+            let value = event_json(&chunk(data));
+            let encoded = value["data_base64"].as_str().expect("data_base64");
+            bytes.extend(
+                base64::engine::general_purpose::STANDARD
+                    .decode(encoded)
+                    .expect("base64"),
+            );
+        }
+        assert_eq!(String::from_utf8(bytes).expect("utf-8"), "€");
+    }
+
+    #[test]
+    fn control_characters_in_a_task_are_escaped_in_tables() {
+        let task = Task {
+            spec: Some(TaskSpec::exec(["a\nb", "\x1b]0;pwn\x07"])),
+            ..failed_task()
+        };
+        let table = tasks_table(&[task], SystemTime::UNIX_EPOCH);
+        assert_eq!(table.lines().count(), 2, "{table}");
+        assert!(!table.contains('\x1b'), "{table}");
+        assert!(table.contains("a\\nb \\u{1b}]0;pwn\\u{7}"), "{table}");
     }
 }

@@ -1,9 +1,10 @@
 //! Following one task's events to its end, for `run`, `call`, `watch` and
 //! `map`: [`drive`] resumes a broken stream from the last seq + 1, and
 //! [`Printer`] writes output chunks to stdout/stderr as they come. Ctrl-C
-//! handling ([`follow_to_end`]) cancels the task when the command owns it.
+//! handling ([`follow_to_end`]) cancels the task when the command owns it,
+//! and so does stdout's reader going away (`weft run -- yes | head -1`).
 
-use std::io::{IsTerminal, Write};
+use std::io::{self, IsTerminal, Write};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -31,10 +32,42 @@ const CANCEL_WAIT: Duration = Duration::from_secs(5);
 /// [`drive`] future so it survives that future being dropped (Ctrl-C).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Seen {
-    /// The task, once its first event came.
+    /// The task, once its first event came (or from the start, for
+    /// `watch`).
     pub id: Option<TaskId>,
     /// Where to resume: the seq after the last event handled.
     pub next_seq: u64,
+}
+
+impl Seen {
+    /// A watch of task `id` that starts at `from_seq`: known before any
+    /// event comes, so stopping at once still says where to resume.
+    pub fn resuming(id: TaskId, from_seq: u64) -> Self {
+        Seen {
+            id: Some(id),
+            next_seq: from_seq,
+        }
+    }
+}
+
+/// What a sink says after handling an event: go on, or stop following
+/// (stdout's reader is gone).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use]
+pub enum Flow {
+    /// Keep following.
+    Continue,
+    /// Stop following: nothing more can be printed.
+    Stop,
+}
+
+/// How [`drive_until`] ended without an error.
+#[derive(Debug)]
+pub enum Driven {
+    /// The task ended: its final state.
+    Finished(Box<Task>),
+    /// The sink said [`Flow::Stop`] before the task ended.
+    Stopped,
 }
 
 /// A task's event stream, and who resumes it when it breaks.
@@ -58,6 +91,23 @@ pub async fn drive(
     seen: &mut Seen,
     sink: &mut (dyn FnMut(&TaskEvent) + Send),
 ) -> Result<Task, Error> {
+    let mut sink = |event: &TaskEvent| {
+        sink(event);
+        Flow::Continue
+    };
+    match drive_until(client, events, seen, &mut sink).await? {
+        Driven::Finished(task) => Ok(*task),
+        Driven::Stopped => unreachable!("a sink that always continues never stops the drive"),
+    }
+}
+
+/// [`drive`], with a sink that may stop following early ([`Flow::Stop`]).
+pub async fn drive_until(
+    client: &Client,
+    events: Events,
+    seen: &mut Seen,
+    sink: &mut (dyn FnMut(&TaskEvent) -> Flow + Send),
+) -> Result<Driven, Error> {
     let (mut stream, mut resumed) = match events {
         Events::Once(stream) => (stream, false),
         Events::Followed(stream) => (stream, true),
@@ -70,9 +120,12 @@ pub async fn drive(
                     continue;
                 }
                 seen.next_seq = event.seq + 1;
-                sink(&event);
+                let flow = sink(&event);
                 if let EventBody::Finished(task) = event.body {
-                    return Ok(task);
+                    return Ok(Driven::Finished(Box::new(task)));
+                }
+                if flow == Flow::Stop {
+                    return Ok(Driven::Stopped);
                 }
                 continue;
             }
@@ -91,16 +144,20 @@ pub async fn drive(
 }
 
 /// Follows `stream` to the end, printing with `printer`, and answers the
-/// exit code. On Ctrl-C: if `owns_task`, cancels the task and answers as
-/// [`cancel_interrupted`] says; otherwise stops watching, says the
-/// `--from-seq` to resume from, and answers [`exit::INTERRUPTED`].
+/// exit code. `seen` is what is known before the first event ([`Seen`]'s
+/// default for a task just submitted). On Ctrl-C: if `owns_task`, cancels
+/// the task and answers as [`cancel_interrupted`] says; otherwise stops
+/// watching, says the `--from-seq` to resume from, and answers
+/// [`exit::INTERRUPTED`]. When stdout's reader goes away, stops following
+/// and answers [`exit::CLOSED_PIPE`], after cancelling the task if
+/// `owns_task` ([`reader_gone`]).
 pub async fn follow_to_end(
     client: &Client,
     stream: Events,
+    mut seen: Seen,
     printer: &mut Printer,
     owns_task: bool,
 ) -> anyhow::Result<u8> {
-    let mut seen = Seen::default();
     // The latest (id, state), for the "still waiting" hint; shared with the
     // sink because `seen` is borrowed by the drive future.
     let latest: Mutex<Option<(TaskId, TaskState)>> = Mutex::new(None);
@@ -111,9 +168,9 @@ pub async fn follow_to_end(
             {
                 *latest = Some((event.task_id, *state));
             }
-            printer.event(event);
+            printer.event(event)
         };
-        let driving = drive(client, stream, &mut seen, &mut sink);
+        let driving = drive_until(client, stream, &mut seen, &mut sink);
         tokio::pin!(driving);
         let hint = tokio::time::sleep(PENDING_HINT_AFTER);
         tokio::pin!(hint);
@@ -133,20 +190,18 @@ pub async fn follow_to_end(
         }
     };
     match outcome {
-        Some(Ok(task)) => {
+        Some(Ok(Driven::Finished(task))) => {
             printer.finished(&task);
             Ok(exit::for_task(&task))
+        }
+        Some(Ok(Driven::Stopped)) => {
+            let owned = seen.id.filter(|_| owns_task);
+            Ok(reader_gone(client, owned).await)
         }
         Some(Err(err)) => Err(err.into()),
         None if !owns_task => {
             // Only the watch stops; say so, and where to pick it up again.
-            match seen.id {
-                Some(id) => eprintln!(
-                    "weft: stopped watching task {id}; it goes on (resume: weft watch {id} --from-seq {})",
-                    seen.next_seq
-                ),
-                None => eprintln!("weft: stopped watching; the task goes on"),
-            }
+            eprintln!("{}", stopped_watching_line(&seen));
             Ok(exit::INTERRUPTED)
         }
         None => {
@@ -159,6 +214,41 @@ pub async fn follow_to_end(
                 let _ = tokio::signal::ctrl_c().await;
             };
             Ok(cancel_interrupted(client, id, &mut seen, printer, CANCEL_WAIT, interrupt).await)
+        }
+    }
+}
+
+/// What `watch` says on stderr when Ctrl-C stops it: the task goes on,
+/// and the `--from-seq` to pick the watch up again.
+fn stopped_watching_line(seen: &Seen) -> String {
+    match seen.id {
+        Some(id) => format!(
+            "weft: stopped watching task {id}; it goes on (resume: weft watch {id} --from-seq {})",
+            seen.next_seq
+        ),
+        None => "weft: stopped watching; the task goes on".to_owned(),
+    }
+}
+
+/// Once stdout's reader is gone (`| head`): cancels `owned`, the task the
+/// command submitted, since nobody reads what it prints, and answers
+/// [`exit::CLOSED_PIPE`], as a tool killed by SIGPIPE ends. A task that
+/// could not be cancelled exits as the error says, with the `weft cancel`
+/// to run later on stderr. A watched task (`None`) just goes on.
+pub(crate) async fn reader_gone(client: &Client, owned: Option<TaskId>) -> u8 {
+    let Some(id) = owned else {
+        return exit::CLOSED_PIPE;
+    };
+    match cancel_through_any(client, id, CANCEL_WAIT).await {
+        Ok(_) => {
+            eprintln!("weft: stdout was closed; cancelled task {id}");
+            exit::CLOSED_PIPE
+        }
+        Err(err) => {
+            eprintln!(
+                "weft: error: stdout was closed, but could not cancel task {id}; it may still be running (to cancel it: weft cancel {id}): {err}"
+            );
+            exit::for_error(&err.into())
         }
     }
 }
@@ -197,7 +287,11 @@ async fn cancel_interrupted(
         }
     };
     let rest = Events::Followed(through.follow(id, seen.next_seq, wait));
-    let mut sink = |event: &TaskEvent| printer.event(event);
+    // Printed while it lasts; a reader gone now changes nothing, as the
+    // task is being cancelled already.
+    let mut sink = |event: &TaskEvent| {
+        let _ = printer.event(event);
+    };
     let settle = tokio::time::timeout(wait, drive(&through, rest, seen, &mut sink));
     tokio::select! {
         result = settle => {
@@ -218,7 +312,11 @@ async fn cancel_interrupted(
 /// through whichever of its addresses serves now ([`Client::redial`]),
 /// for up to `wait`. Answers the client whose coordinator took the cancel
 /// (or said the task had already ended).
-async fn cancel_through_any(client: &Client, id: TaskId, wait: Duration) -> Result<Client, Error> {
+pub(crate) async fn cancel_through_any(
+    client: &Client,
+    id: TaskId,
+    wait: Duration,
+) -> Result<Client, Error> {
     let deadline = tokio::time::Instant::now() + wait;
     let mut through = client.clone();
     let mut backoff = Duration::from_millis(100);
@@ -258,9 +356,10 @@ async fn pending_hint(client: &Client, id: TaskId) {
 
 /// Writes a followed task's events: output chunks to stdout/stderr as they
 /// come (text), or one JSON object per event (json).
-#[derive(Debug)]
 pub struct Printer {
     format: OutputFormat,
+    /// Where results go: stdout, but for tests.
+    out: Box<dyn Write + Send>,
     /// Print every state change on stderr (`watch`), not just requeues.
     verbose: bool,
     /// Print the handler's returned output at the end (`call`, `run`).
@@ -281,6 +380,7 @@ impl Printer {
     pub fn new(format: OutputFormat, verbose: bool, print_result: bool) -> Self {
         Printer {
             format,
+            out: Box::new(io::stdout()),
             verbose,
             print_result,
             streamed: Vec::new(),
@@ -313,17 +413,28 @@ impl Printer {
             && self.streamed == task.output.as_ref()
     }
 
-    /// Handles one event.
-    pub fn event(&mut self, event: &TaskEvent) {
-        if self.format == OutputFormat::Json {
-            write_stdout(format!("{}\n", event_json(event)).as_bytes());
-            return;
-        }
+    /// Writes `data` to the printer's stdout and flushes.
+    fn write(&mut self, data: &[u8]) -> io::Result<()> {
+        write_flushed(&mut self.out, data)
+    }
+
+    /// Handles one event, and says [`Flow::Stop`] once stdout's reader is
+    /// gone (other write errors are ignored, as before).
+    pub fn event(&mut self, event: &TaskEvent) -> Flow {
+        let written = if self.format == OutputFormat::Json {
+            self.write(format!("{}\n", event_json(event)).as_bytes())
+        } else {
+            self.text_event(event)
+        };
+        flow_after(&written)
+    }
+
+    fn text_event(&mut self, event: &TaskEvent) -> io::Result<()> {
         match &event.body {
             EventBody::Output { stream, data } => match stream {
                 OutputStream::Stdout => {
-                    write_stdout(data);
                     self.keep_streamed(event.attempt.0, data);
+                    return self.write(data);
                 }
                 OutputStream::Stderr => write_stderr(data),
             },
@@ -357,6 +468,7 @@ impl Printer {
             }
             EventBody::Finished(_) => {}
         }
+        Ok(())
     }
 
     /// Handles the final task (after its `Finished` event).
@@ -366,11 +478,12 @@ impl Printer {
         }
         if self.print_result && !task.output.is_empty() {
             // Printed already if it only repeats what was streamed.
+            // The task has ended: a reader gone now has nothing to stop.
             if !self.repeats_stream(task) {
-                write_stdout(&task.output);
+                let _ = self.write(&task.output);
             }
             if std::io::stdout().is_terminal() && !task.output.ends_with(b"\n") {
-                write_stdout(b"\n");
+                let _ = self.write(b"\n");
             }
         }
         if let Some(line) = failure_line(task) {
@@ -464,10 +577,24 @@ impl LastAttemptOutput {
     }
 }
 
-/// Writes to stdout and flushes, ignoring a closed pipe (`| head`).
-pub fn write_stdout(data: &[u8]) {
-    let mut out = std::io::stdout().lock();
-    let _ = out.write_all(data).and_then(|()| out.flush());
+/// Whether to go on after a write to stdout: not once its reader is gone
+/// (`| head`). Other errors are ignored, as they always were.
+pub fn flow_after(written: &io::Result<()>) -> Flow {
+    match written {
+        Err(err) if err.kind() == io::ErrorKind::BrokenPipe => Flow::Stop,
+        Ok(()) | Err(_) => Flow::Continue,
+    }
+}
+
+/// Writes to stdout and flushes. A closed pipe (`| head`) is
+/// [`io::ErrorKind::BrokenPipe`]: the caller decides whether to stop.
+pub fn write_stdout(data: &[u8]) -> io::Result<()> {
+    write_flushed(&mut io::stdout().lock(), data)
+}
+
+fn write_flushed(out: &mut dyn Write, data: &[u8]) -> io::Result<()> {
+    out.write_all(data)?;
+    out.flush()
 }
 
 /// Writes to stderr, ignoring errors.
@@ -600,6 +727,69 @@ mod tests {
         .await;
         assert_eq!(code, exit::UNAVAILABLE);
         assert!(started.elapsed() < wait * 3, "{:?}", started.elapsed());
+    }
+
+    /// Stdout whose reader is gone (`| head` exited).
+    struct ClosedPipe;
+
+    impl Write for ClosedPipe {
+        fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+            Err(io::ErrorKind::BrokenPipe.into())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Err(io::ErrorKind::BrokenPipe.into())
+        }
+    }
+
+    fn output(data: &'static [u8]) -> TaskEvent {
+        TaskEvent {
+            body: EventBody::Output {
+                stream: OutputStream::Stdout,
+                data: bytes::Bytes::from_static(data),
+            },
+            ..event(TaskState::Running, 1)
+        }
+    }
+
+    #[test]
+    fn the_printer_says_stop_once_stdouts_reader_is_gone() {
+        for format in [OutputFormat::Text, OutputFormat::Json] {
+            let mut printer = Printer::new(format, false, true);
+            printer.out = Box::new(ClosedPipe);
+            assert_eq!(printer.event(&output(b"y\n")), Flow::Stop, "{format:?}");
+        }
+        let mut printer = Printer::new(OutputFormat::Text, false, true);
+        printer.out = Box::new(Vec::new());
+        assert_eq!(printer.event(&output(b"y\n")), Flow::Continue);
+    }
+
+    #[tokio::test]
+    async fn a_stop_from_the_sink_ends_the_drive_before_the_task_ends() {
+        let client = unreachable_client();
+        let events: EventStream = Box::pin(
+            futures::stream::iter([Ok(output(b"a")), Ok(output(b"b"))])
+                .chain(futures::stream::pending()),
+        );
+        let mut seen = Seen::default();
+        let mut sink = |_: &TaskEvent| Flow::Stop;
+        let ended = tokio::time::timeout(
+            Duration::from_secs(5),
+            drive_until(&client, Events::Once(events), &mut seen, &mut sink),
+        )
+        .await
+        .expect("a stop ends the drive at once");
+        assert!(matches!(ended, Ok(Driven::Stopped)), "{ended:?}");
+        assert_eq!(seen.next_seq, 8);
+    }
+
+    #[test]
+    fn a_watch_stopped_before_any_event_says_where_to_resume() {
+        let id = TaskId::new();
+        let line = stopped_watching_line(&Seen::resuming(id, 42));
+        assert!(
+            line.ends_with(&format!("(resume: weft watch {id} --from-seq 42)")),
+            "{line}"
+        );
     }
 
     #[test]

@@ -16,7 +16,7 @@ use crate::args::ListArgs;
 use crate::exit::{self, UsageError};
 use crate::opts::TaskOpts;
 use crate::output::{OutputFormat, task_json, task_text, tasks_table};
-use crate::stream::{CLI_RESUME_WINDOW, Events, Printer, drive, follow_to_end, write_stdout};
+use crate::stream::{CLI_RESUME_WINDOW, Events, Printer, Seen, drive, follow_to_end, write_stdout};
 
 /// `weft run -- CMD ARGS...`.
 pub async fn run(
@@ -28,7 +28,7 @@ pub async fn run(
     let spec = opts.apply(TaskSpec::exec(command))?;
     let stream = Events::Once(client.run(spec).await?);
     let mut printer = Printer::new(format, false, true);
-    follow_to_end(client, stream, &mut printer, true).await
+    follow_to_end(client, stream, Seen::default(), &mut printer, true).await
 }
 
 /// `weft call HANDLER [INPUT]`.
@@ -43,7 +43,7 @@ pub async fn call(
     let spec = opts.apply(TaskSpec::call(handler, input))?;
     let stream = Events::Once(client.run(spec).await?);
     let mut printer = Printer::new(format, false, true);
-    follow_to_end(client, stream, &mut printer, true).await
+    follow_to_end(client, stream, Seen::default(), &mut printer, true).await
 }
 
 /// `weft submit -- CMD ARGS...` or `weft submit --call HANDLER [INPUT]`.
@@ -99,7 +99,14 @@ pub async fn watch(
 ) -> anyhow::Result<u8> {
     let stream = Events::Followed(client.follow(id, from_seq, CLI_RESUME_WINDOW));
     let mut printer = Printer::new(format, true, false);
-    follow_to_end(client, stream, &mut printer, false).await
+    follow_to_end(
+        client,
+        stream,
+        Seen::resuming(id, from_seq),
+        &mut printer,
+        false,
+    )
+    .await
 }
 
 /// `weft wait ID`: prints the final task, exits with its code.
@@ -198,7 +205,8 @@ fn print_task(format: OutputFormat, task: &weft_client::Task) {
         OutputFormat::Text => task_text(task),
         OutputFormat::Json => task_json(task).to_string(),
     };
-    write_stdout(format!("{text}\n").as_bytes());
+    // One write, nothing after it: a reader gone (`| head`) loses nothing.
+    let _ = write_stdout(format!("{text}\n").as_bytes());
 }
 
 /// A call's input: the argument's bytes, stdin for `-`, empty for none.

@@ -17,7 +17,7 @@ use ratatui::widgets::{Block, Cell, Paragraph, RenderDirection, Row, Sparkline, 
 use weft_proto::{NodeInfo, NodeState, TaskState};
 
 use super::model::{CURRENT_WINDOW, Top};
-use crate::output::short_duration;
+use crate::output::{printable, short_duration};
 
 /// The screen's parts.
 struct Areas {
@@ -256,7 +256,7 @@ fn nodes(frame: &mut Frame, area: Rect, top: &Top) {
     let name_width = top
         .nodes
         .iter()
-        .map(|n| n.name.chars().count())
+        .map(|n| printable(&n.name).chars().count())
         .max()
         .unwrap_or(0)
         .clamp(4, 32) as u16;
@@ -290,14 +290,16 @@ fn node_row(node: &NodeInfo) -> Row<'static> {
         NodeState::Draining => Style::new().fg(Color::Yellow),
     };
     Row::new(vec![
-        ratatui::widgets::Cell::from(node.name.clone()),
+        // Names and labels are shown escaped: they must not write
+        // terminal escapes into the admin's screen.
+        ratatui::widgets::Cell::from(printable(&node.name).into_owned()),
         ratatui::widgets::Cell::from(node.state.to_string()).style(state),
         format!("{}/{}", node.slots_used, node.slots).into(),
         node.slots_free.to_string().into(),
         node.running.len().to_string().into(),
         short_duration(node.last_heartbeat_age).into(),
-        or_dash(labels).into(),
-        or_dash(handlers.join(",")).into(),
+        or_dash(printable(&labels).into_owned()).into(),
+        or_dash(printable(&handlers.join(",")).into_owned()).into(),
     ])
 }
 
@@ -488,5 +490,13 @@ mod tests {
         assert_eq!(top.scroll, 0);
         top.scroll_to_end(false, page);
         assert_eq!(top.scroll, 32);
+    }
+
+    #[test]
+    fn control_characters_in_node_names_are_shown_escaped() {
+        let top = polled(vec![node("n\x1b]0;pwn\x07", NodeState::Ready, 0, 0)]);
+        let text = screen(&top, 120, 30);
+        assert!(!text.contains('\x1b'), "{text}");
+        assert!(text.contains("n\\u{1b}]0;pwn\\u{7}"), "{text}");
     }
 }
