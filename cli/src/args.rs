@@ -399,8 +399,10 @@ pub enum Command {
     /// Every `{}` in the arguments is replaced by the line; with no `{}`, the
     /// line is appended as the last argument (like xargs). With `--call
     /// HANDLER`, each line is the input of one call of HANDLER instead, and
-    /// each call's result is printed. Blank lines are skipped. Each task's
-    /// stdout is printed when it finishes; exits 1 if any task failed (69
+    /// each call's result is printed. Tasks start as lines arrive (stdin is
+    /// read only as fast as tasks start). Blank lines are skipped; with a
+    /// command, a line that is not UTF-8 fails on its own (a call takes its
+    /// bytes as they are). Each task's stdout is printed when it finishes; exits 1 if any task failed (69
     /// when a line could not reach a coordinator). When stdout closes (`|
     /// head`), it submits no more lines, cancels what it started, and
     /// exits 141.

@@ -4,7 +4,9 @@
 //! stderr; a progress bar shows on stderr when stderr is a terminal.
 //! [`substitute`] is the xargs-like templating; [`limited`] keeps N in
 //! flight, in either order. Once stdout's reader is gone (`| head`), map
-//! submits no more and cancels the tasks in flight.
+//! submits no more and cancels the tasks in flight. Stdin is read as the
+//! limiter pulls lines ([`read_lines`]), so tasks start as lines arrive
+//! (`tail -f log | weft map ...`) and only a line or so is read ahead.
 
 use std::collections::{BTreeMap, HashSet};
 use std::future::Future;
@@ -15,7 +17,7 @@ use anyhow::Context;
 use futures::stream::BoxStream;
 use futures::{Stream, StreamExt};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use tokio::io::AsyncBufReadExt;
+use tokio::io::{AsyncBufRead, AsyncBufReadExt};
 
 use weft_client::{Client, EventBody, Task, TaskSpec};
 use weft_proto::{OutputStream, TaskId, TaskState};
@@ -46,12 +48,38 @@ pub fn substitute(template: &[String], line: &str) -> Vec<String> {
     }
 }
 
-/// One finished line: its input, the final task (or why it could not be
-/// followed), and its collected stdout.
+/// One finished line: its input (shown lossily when it is not UTF-8), the
+/// final task (or why it could not run or be followed), and its collected
+/// stdout.
 struct Done {
     line: String,
-    result: Result<Task, weft_client::Error>,
+    result: Result<Task, LineError>,
     stdout: Vec<u8>,
+}
+
+/// Why one line has no final task. Each fails only its own line.
+#[derive(Debug, thiserror::Error)]
+enum LineError {
+    /// The line is not UTF-8, so it cannot be a command's argument (a
+    /// `--call` takes its bytes as they are).
+    #[error(
+        "the line is not valid UTF-8 (at byte {}), so it cannot be an argument; `--call` takes any bytes",
+        .0.valid_up_to()
+    )]
+    NotUtf8(std::str::Utf8Error),
+    /// Submitting or following its task failed.
+    #[error(transparent)]
+    Client(#[from] weft_client::Error),
+}
+
+impl LineError {
+    /// No coordinator answered (so `map` exits 69).
+    fn is_unavailable(&self) -> bool {
+        match self {
+            LineError::NotUtf8(_) => false,
+            LineError::Client(err) => err.is_unavailable(),
+        }
+    }
 }
 
 /// Most tasks `weft map` runs at once unless `-j` says: each is a `Run`
@@ -123,8 +151,29 @@ pub async fn run(
     keep_order: bool,
     work: Work,
 ) -> anyhow::Result<u8> {
-    let lines = read_lines().await?;
-    if lines.is_empty() {
+    // Stdin's first error ends the input; it is said once the lines read
+    // before it have run.
+    let read_error = Mutex::new(None);
+    let lines = read_lines(tokio::io::BufReader::new(tokio::io::stdin()))
+        .filter_map(|line| {
+            futures::future::ready(match line {
+                Ok(line) => Some(line),
+                Err(err) => {
+                    if let Ok(mut slot) = read_error.lock() {
+                        *slot = Some(err);
+                    }
+                    None
+                }
+            })
+        })
+        .peekable();
+    let mut lines = std::pin::pin!(lines);
+    // Waits for the first line (not for EOF), so empty input needs no
+    // coordinator.
+    if lines.as_mut().peek().await.is_none() {
+        if let Some(err) = take_read_error(&read_error) {
+            return Err(err).context("reading the lines of stdin");
+        }
         eprintln!("weft: map: no input lines on stdin");
         return Ok(exit::SUCCESS);
     }
@@ -139,22 +188,31 @@ pub async fn run(
         Some(n) => jobs_given(n)?,
         None => default_jobs(client).await?,
     };
-    let bar = progress_bar(lines.len() as u64);
-    let total = lines.len();
+    // Its length grows as lines are read.
+    let bar = progress_bar();
+    let mut total = 0;
     let bar_for_tasks = bar.clone();
     let work = &work;
     // The tasks submitted and not yet ended, to cancel once stdout's
     // reader is gone.
     let in_flight = Mutex::new(HashSet::new());
     let in_flight_ref = &in_flight;
-    let tasks = futures::stream::iter(lines).map(|line| {
-        let (spec, call) = match work {
-            Work::Exec(template) => (TaskSpec::exec(substitute(template, &line)), false),
-            Work::Call(handler) => (TaskSpec::call(handler.clone(), line.clone()), true),
-        };
-        let spec = opts.apply_with_stdin(spec, stdin.clone());
+    let tasks = lines.map(|line| {
+        bar_for_tasks.inc_length(1);
+        let shown = String::from_utf8_lossy(&line).into_owned();
+        let call = matches!(work, Work::Call(_));
+        let spec = spec_for(work, line).map(|spec| opts.apply_with_stdin(spec, stdin.clone()));
         let bar = bar_for_tasks.clone();
-        async move { run_one(client, spec, line, call, bar, in_flight_ref).await }
+        async move {
+            match spec {
+                Ok(spec) => run_one(client, spec, shown, call, bar, in_flight_ref).await,
+                Err(err) => Done {
+                    line: shown,
+                    result: Err(err),
+                    stdout: Vec::new(),
+                },
+            }
+        }
     });
     let mut finished = limited(tasks, jobs, keep_order);
     let mut failures = Vec::new();
@@ -179,6 +237,7 @@ pub async fn run(
             return Ok(cancel_in_flight(client, ids).await);
         }
         bar.inc(1);
+        total += 1;
         match done.result {
             Ok(task) if task.state == TaskState::Succeeded => {}
             Ok(task) => failures.push(format!(
@@ -192,19 +251,45 @@ pub async fn run(
             }
         }
     }
+    drop(finished);
     bar.finish_and_clear();
+    if !failures.is_empty() {
+        eprintln!("weft: map: {} of {total} tasks failed:", failures.len());
+        for failure in &failures {
+            eprintln!("  {failure}");
+        }
+    }
+    if let Some(err) = take_read_error(&read_error) {
+        return Err(err).context(format!(
+            "reading the lines of stdin (the {total} lines before it ran)"
+        ));
+    }
     if failures.is_empty() {
         return Ok(exit::SUCCESS);
-    }
-    eprintln!("weft: map: {} of {total} tasks failed:", failures.len());
-    for failure in &failures {
-        eprintln!("  {failure}");
     }
     Ok(if unreachable {
         exit::UNAVAILABLE
     } else {
         exit::FAILURE
     })
+}
+
+/// The task for one input `line` of `work`: an exec needs it as UTF-8
+/// text (a line that is not fails on its own); a call takes its bytes as
+/// they are.
+fn spec_for(work: &Work, line: Vec<u8>) -> Result<TaskSpec, LineError> {
+    match work {
+        Work::Exec(template) => {
+            let line = std::str::from_utf8(&line).map_err(LineError::NotUtf8)?;
+            Ok(TaskSpec::exec(substitute(template, line)))
+        }
+        Work::Call(handler) => Ok(TaskSpec::call(handler.clone(), line)),
+    }
+}
+
+/// The error that ended stdin, if one did.
+fn take_read_error(slot: &Mutex<Option<std::io::Error>>) -> Option<std::io::Error> {
+    slot.lock().ok().and_then(|mut slot| slot.take())
 }
 
 /// Runs `tasks` with at most `jobs` in flight, yielding each result as it
@@ -333,30 +418,51 @@ async fn run_one(
     };
     Done {
         line,
-        result,
+        result: result.map_err(LineError::from),
         stdout,
     }
 }
 
-/// Non-blank lines of stdin, without their line endings.
-async fn read_lines() -> anyhow::Result<Vec<String>> {
-    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
-    let mut all = Vec::new();
-    while let Some(line) = lines.next_line().await? {
-        let line = line.trim_end_matches('\r');
-        if !line.trim().is_empty() {
-            all.push(line.to_owned());
+/// The non-blank lines of `input` as bytes, without their line endings
+/// (`\n`, and any `\r` before it), each as soon as it is read: a line is
+/// read only when the stream is polled, so the reader runs no further
+/// ahead than its consumer. Bytes are kept as they are (not every line is
+/// UTF-8); a line is blank when it is UTF-8 and only whitespace. The first
+/// read error is the last item.
+fn read_lines<R>(input: R) -> impl Stream<Item = std::io::Result<Vec<u8>>> + Send
+where
+    R: AsyncBufRead + Unpin + Send,
+{
+    futures::stream::unfold(Some(input), |input| async move {
+        let mut input = input?;
+        loop {
+            let mut line = Vec::new();
+            match input.read_until(b'\n', &mut line).await {
+                Ok(0) => return None,
+                Ok(_) => {}
+                Err(err) => return Some((Err(err), None)),
+            }
+            if line.last() == Some(&b'\n') {
+                line.pop();
+            }
+            while line.last() == Some(&b'\r') {
+                line.pop();
+            }
+            let blank = std::str::from_utf8(&line).is_ok_and(|text| text.trim().is_empty());
+            if !blank {
+                return Some((Ok(line), Some(input)));
+            }
         }
-    }
-    Ok(all)
+    })
 }
 
-/// A progress bar on stderr, hidden unless stderr is a terminal.
-fn progress_bar(len: u64) -> ProgressBar {
+/// A progress bar on stderr, hidden unless stderr is a terminal. Its
+/// length starts at 0 and grows as lines are read.
+fn progress_bar() -> ProgressBar {
     if !std::io::stderr().is_terminal() {
         return ProgressBar::hidden();
     }
-    let bar = ProgressBar::with_draw_target(Some(len), ProgressDrawTarget::stderr());
+    let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
     if let Ok(style) =
         ProgressStyle::with_template("{bar:40} {pos}/{len} tasks  {elapsed_precise}  eta {eta}")
     {
@@ -367,6 +473,8 @@ fn progress_bar(len: u64) -> ProgressBar {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use futures::FutureExt;
 
     use super::*;
@@ -409,6 +517,66 @@ mod tests {
         release.send(()).expect("the slow task waits");
         let order: Vec<i32> = futures::executor::block_on(results.collect());
         assert_eq!(order, (0..20).collect::<Vec<_>>());
+    }
+
+    /// The lines `input` reads, as the stream gives them.
+    async fn lines_of(input: &'static [u8]) -> Vec<Vec<u8>> {
+        read_lines(input)
+            .map(|line| line.expect("reading from memory"))
+            .collect()
+            .await
+    }
+
+    #[tokio::test]
+    async fn a_line_that_is_not_utf8_fails_only_its_own_exec_and_is_a_calls_input_as_is() {
+        let lines = lines_of(b"ok\ncaf\xe9\nfine\n").await;
+        assert_eq!(lines, [&b"ok"[..], b"caf\xe9", b"fine"]);
+        let exec = Work::Exec(argv(&["echo"]));
+        let specs: Vec<_> = lines
+            .iter()
+            .map(|line| spec_for(&exec, line.clone()))
+            .collect();
+        assert!(specs[0].is_ok() && specs[2].is_ok(), "{specs:?}");
+        let err = specs[1].as_ref().expect_err("not UTF-8");
+        assert!(matches!(err, LineError::NotUtf8(_)), "{err:?}");
+        assert!(err.to_string().contains("at byte 3"), "{err}");
+        let call = Work::Call("echo".into());
+        let spec = spec_for(&call, lines[1].clone()).expect("a call takes any bytes");
+        assert_eq!(spec, TaskSpec::call("echo", &b"caf\xe9"[..]));
+    }
+
+    #[tokio::test]
+    async fn blank_lines_are_skipped_and_line_endings_dropped_as_before() {
+        let lines = lines_of(b"a\r\n \t\n\r\n\nb c\r\r\n\xe2\x80\x83\nlast\r").await;
+        assert_eq!(lines, [&b"a"[..], b"b c", b"last"]);
+    }
+
+    #[tokio::test]
+    async fn the_first_line_starts_its_task_before_stdin_ends() {
+        use tokio::io::AsyncWriteExt;
+
+        // A pipe that has one line in it and stays open (`tail -f`).
+        let (mut writer, reader) = tokio::io::duplex(64);
+        writer.write_all(b"first\n").await.expect("in memory");
+        let (started, mut starts) = tokio::sync::mpsc::unbounded_channel();
+        let tasks = read_lines(tokio::io::BufReader::new(reader)).map(|line| {
+            let started = started.clone();
+            async move {
+                let _ = started.send(line.expect("reading from memory"));
+                futures::future::pending::<()>().await
+            }
+        });
+        let mut results = limited(tasks, 4, false);
+        let first = tokio::time::timeout(Duration::from_secs(5), async {
+            tokio::select! {
+                _ = results.next() => panic!("no task ends"),
+                first = starts.recv() => first,
+            }
+        })
+        .await
+        .expect("the first task starts while stdin is still open");
+        assert_eq!(first.as_deref(), Some(&b"first"[..]));
+        drop(writer);
     }
 
     #[test]

@@ -1,16 +1,21 @@
 //! Following one task's events to its end, for `run`, `call`, `watch` and
 //! `map`: [`drive`] resumes a broken stream from the last seq + 1, and
 //! [`Printer`] writes output chunks to stdout/stderr as they come. Ctrl-C
-//! handling ([`follow_to_end`]) cancels the task when the command owns it,
-//! and so does stdout's reader going away (`weft run -- yes | head -1`).
+//! handling ([`follow_to_end`], [`run_to_end`]) cancels the task when the
+//! command owns it, and so does stdout's reader going away (`weft run --
+//! yes | head -1`).
 
+use std::future::Future;
 use std::io::{self, IsTerminal, Write};
+use std::pin::Pin;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{Stream, StreamExt};
+use tokio::time::Instant;
 
-use weft_client::{Client, Error, EventBody, EventStream, Task, TaskEvent};
+use weft_client::{Client, Error, EventBody, EventStream, Task, TaskEvent, TaskSpec};
 use weft_proto::{Attempt, OutputStream, TaskId, TaskState};
 
 use crate::exit;
@@ -27,6 +32,26 @@ const PENDING_HINT_AFTER: Duration = Duration::from_secs(2);
 
 /// How long to wait for a cancelled task's final event after Ctrl-C.
 const CANCEL_WAIT: Duration = Duration::from_secs(5);
+
+/// How long, after a Ctrl-C that came before the task's id, `run`/`call`
+/// wait to learn it (Run's answer, then the first event) to cancel it.
+const ID_WAIT: Duration = Duration::from_secs(2);
+
+/// Ctrl-C presses, one item each.
+pub type Interrupts = Pin<Box<dyn Stream<Item = ()> + Send>>;
+
+/// Ctrl-C presses as [`Interrupts`]. The handler is installed on the first
+/// poll; from then on Ctrl-C no longer ends the process. Where none can be
+/// installed, no press ever comes.
+fn ctrl_c_presses() -> Interrupts {
+    futures::stream::unfold((), |()| async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+        Some(((), ()))
+    })
+    .boxed()
+}
 
 /// What a command has learned of the task it follows. Kept outside the
 /// [`drive`] future so it survives that future being dropped (Ctrl-C).
@@ -158,9 +183,128 @@ pub async fn follow_to_end(
     printer: &mut Printer,
     owns_task: bool,
 ) -> anyhow::Result<u8> {
+    let mut interrupts = ctrl_c_presses();
+    let follow = Follow {
+        owns_task,
+        interrupted: None,
+        cancel_wait: CANCEL_WAIT,
+    };
+    follow_with(client, stream, &mut seen, printer, &mut interrupts, follow).await
+}
+
+/// `run`/`call`: submits `spec` with `Run` and follows the task it owns to
+/// the end, as [`follow_to_end`] does. Ctrl-C is listened for before Run is
+/// sent, since the coordinator commits the task before it answers: a
+/// Ctrl-C while Run is in flight, or before the first event, waits up to
+/// [`ID_WAIT`] to learn the task's id and then cancels it.
+pub async fn run_to_end(
+    client: &Client,
+    spec: TaskSpec,
+    printer: &mut Printer,
+) -> anyhow::Result<u8> {
+    let mut interrupts = ctrl_c_presses();
+    // The first poll installs the handler, so a Ctrl-C from here on
+    // reaches this command instead of ending the process.
+    if futures::poll!(interrupts.next()).is_ready() {
+        eprintln!("weft: interrupted before the task was submitted");
+        return Ok(exit::CANCELLED);
+    }
+    submit_and_follow(
+        client,
+        client.run(spec),
+        printer,
+        &mut interrupts,
+        CANCEL_WAIT,
+    )
+    .await
+}
+
+/// [`run_to_end`] with its `Run` call, Ctrl-C presses and cancel wait
+/// given (for tests).
+async fn submit_and_follow(
+    client: &Client,
+    run: impl Future<Output = Result<EventStream, Error>>,
+    printer: &mut Printer,
+    interrupts: &mut Interrupts,
+    cancel_wait: Duration,
+) -> anyhow::Result<u8> {
+    tokio::pin!(run);
+    let mut interrupted = None;
+    let stream = tokio::select! {
+        result = &mut run => result?,
+        Some(()) = interrupts.next() => {
+            // Run answers only once the task is committed, so the answer
+            // may yet name a task to cancel: wait for it, a while.
+            let deadline = Instant::now() + ID_WAIT;
+            interrupted = Some(deadline);
+            let answered = tokio::select! {
+                answered = tokio::time::timeout_at(deadline, &mut run) => answered.ok(),
+                Some(()) = interrupts.next() => None,
+            };
+            match answered {
+                Some(result) => result?,
+                None => {
+                    eprintln!(
+                        "weft: interrupted before the coordinator answered; the task may or may not have been submitted (see `weft list`)"
+                    );
+                    return Ok(exit::CANCELLED);
+                }
+            }
+        }
+    };
+    let follow = Follow {
+        owns_task: true,
+        interrupted,
+        cancel_wait,
+    };
+    let mut seen = Seen::default();
+    follow_with(
+        client,
+        Events::Once(stream),
+        &mut seen,
+        printer,
+        interrupts,
+        follow,
+    )
+    .await
+}
+
+/// How [`follow_with`] follows a task.
+struct Follow {
+    /// The command submitted the task: Ctrl-C cancels it.
+    owns_task: bool,
+    /// A Ctrl-C came already (while Run was in flight): by this deadline
+    /// the task's id is learned from its first event, or it is not
+    /// cancelled.
+    interrupted: Option<Instant>,
+    /// How long a cancel after Ctrl-C waits ([`cancel_interrupted`]).
+    cancel_wait: Duration,
+}
+
+/// [`follow_to_end`], with its Ctrl-C presses given (for tests). A Ctrl-C
+/// before the first event of a task the command owns waits up to
+/// [`ID_WAIT`] for that event, whose id is the task to cancel.
+async fn follow_with(
+    client: &Client,
+    stream: Events,
+    seen: &mut Seen,
+    printer: &mut Printer,
+    interrupts: &mut Interrupts,
+    follow: Follow,
+) -> anyhow::Result<u8> {
+    let Follow {
+        owns_task,
+        mut interrupted,
+        cancel_wait,
+    } = follow;
     // The latest (id, state), for the "still waiting" hint; shared with the
     // sink because `seen` is borrowed by the drive future.
     let latest: Mutex<Option<(TaskId, TaskState)>> = Mutex::new(None);
+    // Whether the task's id is known (as `seen.id`, borrowed by the drive).
+    let id_known = AtomicBool::new(seen.id.is_some());
+    // Ctrl-C came before the id: the first event stops the drive, and its
+    // id is the task to cancel.
+    let awaiting_id = AtomicBool::new(interrupted.is_some());
     let outcome = {
         let mut sink = |event: &TaskEvent| {
             if let EventBody::State { state, .. } = &event.body
@@ -168,17 +312,34 @@ pub async fn follow_to_end(
             {
                 *latest = Some((event.task_id, *state));
             }
-            printer.event(event)
+            id_known.store(true, Ordering::Relaxed);
+            let flow = printer.event(event);
+            if awaiting_id.load(Ordering::Relaxed) {
+                Flow::Stop
+            } else {
+                flow
+            }
         };
-        let driving = drive_until(client, stream, &mut seen, &mut sink);
+        let driving = drive_until(client, stream, seen, &mut sink);
         tokio::pin!(driving);
         let hint = tokio::time::sleep(PENDING_HINT_AFTER);
         tokio::pin!(hint);
         let mut hinted = false;
+        let id_wait = tokio::time::sleep_until(interrupted.unwrap_or_else(Instant::now));
+        tokio::pin!(id_wait);
         loop {
             tokio::select! {
                 result = &mut driving => break Some(result),
-                _ = tokio::signal::ctrl_c() => break None,
+                Some(()) = interrupts.next() => {
+                    if !owns_task || interrupted.is_some() || id_known.load(Ordering::Relaxed) {
+                        break None;
+                    }
+                    let deadline = Instant::now() + ID_WAIT;
+                    interrupted = Some(deadline);
+                    id_wait.as_mut().reset(deadline);
+                    awaiting_id.store(true, Ordering::Relaxed);
+                }
+                () = &mut id_wait, if interrupted.is_some() => break None,
                 () = &mut hint, if !hinted => {
                     hinted = true;
                     let queued = latest.lock().ok().and_then(|l| *l);
@@ -188,6 +349,11 @@ pub async fn follow_to_end(
                 }
             }
         }
+    };
+    let outcome = match outcome {
+        // Stopped to cancel, not because stdout's reader is gone.
+        Some(Ok(Driven::Stopped)) if awaiting_id.load(Ordering::Relaxed) => None,
+        outcome => outcome,
     };
     match outcome {
         Some(Ok(Driven::Finished(task))) => {
@@ -201,19 +367,23 @@ pub async fn follow_to_end(
         Some(Err(err)) => Err(err.into()),
         None if !owns_task => {
             // Only the watch stops; say so, and where to pick it up again.
-            eprintln!("{}", stopped_watching_line(&seen));
+            eprintln!("{}", stopped_watching_line(seen));
             Ok(exit::INTERRUPTED)
         }
         None => {
             let Some(id) = seen.id else {
-                eprintln!("weft: interrupted before the task was submitted");
-                return Ok(exit::CANCELLED);
+                // Run answered, so the task was submitted; which one did
+                // not come in time (or Ctrl-C came again).
+                eprintln!(
+                    "weft: interrupted before the task's id came (waited up to {ID_WAIT:?}); it was submitted and may still run (find it with `weft list`, then `weft cancel ID`)"
+                );
+                return Ok(exit::UNAVAILABLE);
             };
             eprintln!("weft: interrupted; cancelling task {id}");
             let interrupt = async {
-                let _ = tokio::signal::ctrl_c().await;
+                let _ = interrupts.next().await;
             };
-            Ok(cancel_interrupted(client, id, &mut seen, printer, CANCEL_WAIT, interrupt).await)
+            Ok(cancel_interrupted(client, id, seen, printer, cancel_wait, interrupt).await)
         }
     }
 }
@@ -780,6 +950,102 @@ mod tests {
         .expect("a stop ends the drive at once");
         assert!(matches!(ended, Ok(Driven::Stopped)), "{ended:?}");
         assert_eq!(seen.next_seq, 8);
+    }
+
+    /// Ctrl-C presses: one, which lets `then` go on, and no more.
+    fn one_press_then(then: futures::channel::oneshot::Sender<()>) -> Interrupts {
+        Box::pin(
+            futures::stream::once(async move {
+                let _ = then.send(());
+            })
+            .chain(futures::stream::pending()),
+        )
+    }
+
+    /// Text output into memory.
+    fn quiet_printer() -> Printer {
+        let mut printer = Printer::new(OutputFormat::Text, false, true);
+        printer.out = Box::new(Vec::new());
+        printer
+    }
+
+    fn queued(id: TaskId) -> TaskEvent {
+        TaskEvent {
+            task_id: id,
+            seq: 0,
+            ..event(TaskState::Queued, 0)
+        }
+    }
+
+    #[tokio::test]
+    async fn ctrl_c_before_the_first_event_waits_for_it_and_cancels_that_task() {
+        let client = unreachable_client();
+        let id = TaskId::new();
+        let (pressed, first_event) = futures::channel::oneshot::channel();
+        // Run has answered; the first event comes only after Ctrl-C.
+        let events: EventStream = Box::pin(
+            futures::stream::once(async move {
+                let _ = first_event.await;
+                Ok(queued(id))
+            })
+            .chain(futures::stream::pending()),
+        );
+        let mut interrupts = one_press_then(pressed);
+        let mut seen = Seen::default();
+        let mut printer = quiet_printer();
+        let follow = Follow {
+            owns_task: true,
+            interrupted: None,
+            cancel_wait: Duration::from_millis(600),
+        };
+        let code = tokio::time::timeout(
+            Duration::from_secs(10),
+            follow_with(
+                &client,
+                Events::Once(events),
+                &mut seen,
+                &mut printer,
+                &mut interrupts,
+                follow,
+            ),
+        )
+        .await
+        .expect("the cancel gives up within its wait")
+        .expect("no stream error");
+        // The cancel of that task went to a coordinator that never answers.
+        assert_eq!((seen.id, code), (Some(id), exit::UNAVAILABLE));
+    }
+
+    #[tokio::test]
+    async fn ctrl_c_while_run_is_in_flight_waits_for_its_answer_and_cancels_that_task() {
+        let client = unreachable_client();
+        let id = TaskId::new();
+        let (pressed, answer) = futures::channel::oneshot::channel();
+        // Run answers only after Ctrl-C.
+        let run = async move {
+            let _ = answer.await;
+            let events: EventStream =
+                Box::pin(futures::stream::iter([Ok(queued(id))]).chain(futures::stream::pending()));
+            Ok(events)
+        };
+        let mut interrupts = one_press_then(pressed);
+        let mut printer = quiet_printer();
+        let code = tokio::time::timeout(
+            Duration::from_secs(10),
+            submit_and_follow(
+                &client,
+                run,
+                &mut printer,
+                &mut interrupts,
+                Duration::from_millis(600),
+            ),
+        )
+        .await
+        .expect("the cancel gives up within its wait")
+        .expect("no stream error");
+        // Not 130 "before the task was submitted": the cancel of that task
+        // went to a coordinator that never answers.
+        assert_eq!(code, exit::UNAVAILABLE);
     }
 
     #[test]

@@ -16,7 +16,9 @@ use crate::args::ListArgs;
 use crate::exit::{self, UsageError};
 use crate::opts::TaskOpts;
 use crate::output::{OutputFormat, task_json, task_text, tasks_table};
-use crate::stream::{CLI_RESUME_WINDOW, Events, Printer, Seen, drive, follow_to_end, write_stdout};
+use crate::stream::{
+    CLI_RESUME_WINDOW, Events, Printer, Seen, drive, follow_to_end, run_to_end, write_stdout,
+};
 
 /// `weft run -- CMD ARGS...`.
 pub async fn run(
@@ -26,9 +28,8 @@ pub async fn run(
     command: Vec<String>,
 ) -> anyhow::Result<u8> {
     let spec = opts.apply(TaskSpec::exec(command))?;
-    let stream = Events::Once(client.run(spec).await?);
     let mut printer = Printer::new(format, false, true);
-    follow_to_end(client, stream, Seen::default(), &mut printer, true).await
+    run_to_end(client, spec, &mut printer).await
 }
 
 /// `weft call HANDLER [INPUT]`.
@@ -41,9 +42,8 @@ pub async fn call(
 ) -> anyhow::Result<u8> {
     let input = read_input(input).await?;
     let spec = opts.apply(TaskSpec::call(handler, input))?;
-    let stream = Events::Once(client.run(spec).await?);
     let mut printer = Printer::new(format, false, true);
-    follow_to_end(client, stream, Seen::default(), &mut printer, true).await
+    run_to_end(client, spec, &mut printer).await
 }
 
 /// `weft submit -- CMD ARGS...` or `weft submit --call HANDLER [INPUT]`.
