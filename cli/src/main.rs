@@ -60,7 +60,14 @@ fn main() -> ExitCode {
     }
     quiet_on_broken_pipe();
     match tokio::runtime::Runtime::new() {
-        Ok(runtime) => runtime.block_on(start()),
+        Ok(runtime) => {
+            let code = runtime.block_on(start());
+            // A read of stdin still waiting (`weft map` whose stdout closed
+            // before its input ended) runs on a blocking thread that cannot
+            // be cancelled: dropping the runtime would wait for it.
+            runtime.shutdown_timeout(std::time::Duration::from_millis(250));
+            code
+        }
         Err(err) => {
             eprintln!("weft: cannot start the runtime: {err}");
             ExitCode::FAILURE

@@ -296,7 +296,9 @@ fn take_read_error(slot: &Mutex<Option<std::io::Error>>) -> Option<std::io::Erro
 /// finishes, or with `keep_order` in input order. Either way a finished
 /// task frees its place at once: in input order, results wait in a reorder
 /// buffer (not in the in-flight set, as `buffered` keeps them), so one slow
-/// task does not hold the others back to one at a time.
+/// task does not hold the others back to one at a time; a task starts only
+/// within [`ORDER_WINDOW`] × `jobs` of the oldest not yet yielded, so the
+/// results held (and stdin read ahead) behind a slow one stay bounded.
 fn limited<'a, F>(
     tasks: impl Stream<Item = F> + Send + 'a,
     jobs: usize,
@@ -306,28 +308,50 @@ where
     F: Future + Send + 'a,
     F::Output: Send + 'a,
 {
+    use futures::stream::FuturesUnordered;
+    use std::task::Poll;
+
     if !keep_order {
         return tasks.buffer_unordered(jobs).boxed();
     }
-    tasks
-        .enumerate()
-        .map(|(index, task)| async move { (index, task.await) })
-        .buffer_unordered(jobs)
-        .scan(
-            (0, BTreeMap::new()),
-            |(next, waiting): &mut (usize, BTreeMap<usize, F::Output>), (index, result)| {
-                waiting.insert(index, result);
-                let mut ready = Vec::new();
-                while let Some(result) = waiting.remove(next) {
-                    ready.push(result);
-                    *next += 1;
+    let jobs = jobs.max(1);
+    let window = jobs.saturating_mul(ORDER_WINDOW);
+    let mut tasks = tasks.boxed().fuse();
+    let mut running = FuturesUnordered::new();
+    let mut waiting: BTreeMap<usize, F::Output> = BTreeMap::new();
+    let (mut started, mut next) = (0usize, 0usize);
+    futures::stream::poll_fn(move |cx| {
+        loop {
+            if let Some(result) = waiting.remove(&next) {
+                next += 1;
+                return Poll::Ready(Some(result));
+            }
+            while running.len() < jobs && started < next + window && !tasks.is_done() {
+                match tasks.poll_next_unpin(cx) {
+                    Poll::Ready(Some(task)) => {
+                        let index = started;
+                        started += 1;
+                        running.push(async move { (index, task.await) });
+                    }
+                    Poll::Ready(None) | Poll::Pending => break,
                 }
-                futures::future::ready(Some(futures::stream::iter(ready)))
-            },
-        )
-        .flatten()
-        .boxed()
+            }
+            match running.poll_next_unpin(cx) {
+                Poll::Ready(Some((index, result))) => {
+                    waiting.insert(index, result);
+                }
+                // Nothing in flight: the end, or waiting for a line.
+                Poll::Ready(None) if tasks.is_done() => return Poll::Ready(None),
+                Poll::Ready(None) | Poll::Pending => return Poll::Pending,
+            }
+        }
+    })
+    .boxed()
 }
+
+/// How many times `-j` tasks `--keep-order` may start past the oldest
+/// still running (their results wait to be printed in order).
+const ORDER_WINDOW: usize = 4;
 
 /// Once stdout's reader is gone: cancels `ids`, the tasks in flight, and
 /// answers [`exit::CLOSED_PIPE`], or as the first error says when one
@@ -510,10 +534,10 @@ mod tests {
             }
         });
         let mut results = limited(tasks, 4, true);
-        // One poll runs everything but the slow first task, which holds
-        // back only the printing.
+        // One poll runs all it may but the slow first task, which holds
+        // back the printing and, past its window, further starts.
         assert_eq!(results.next().now_or_never(), None);
-        assert_eq!(started.load(Ordering::SeqCst), 20);
+        assert_eq!(started.load(Ordering::SeqCst), 4 * ORDER_WINDOW);
         release.send(()).expect("the slow task waits");
         let order: Vec<i32> = futures::executor::block_on(results.collect());
         assert_eq!(order, (0..20).collect::<Vec<_>>());
