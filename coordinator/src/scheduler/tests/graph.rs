@@ -706,6 +706,12 @@ fn two_parents_and_a_child(h: &mut Harness, rule: DependencyRule) -> Vec<TaskId>
     .expect("submit")
 }
 
+/// Asserts `record` ended FAILED with an error starting `reason`.
+fn failed_saying(record: &crate::store::TaskRecord, reason: &str) {
+    assert_eq!(record.state, TaskState::Failed);
+    assert!(record.error.starts_with(reason), "{}", record.error);
+}
+
 /// A message limit of 64 KiB: 63 KiB reach a task (the rest is kept for
 /// the message around it).
 fn small_messages() -> SchedulerConfig {
@@ -751,15 +757,11 @@ fn a_child_whose_parents_outputs_pass_the_message_limit_fails_saying_so() {
     assert_eq!(given, 64_000);
     // 90,000 bytes do not: FAILED, never QUEUED nor sent, saying why.
     let record = h.record(over);
-    assert_eq!(record.state, TaskState::Failed);
-    assert_eq!(h.states(over), vec![TaskState::Pending, TaskState::Failed]);
-    assert!(
-        record
-            .error
-            .starts_with("its parents' outputs total 90000 bytes; at most 64512 reach a task"),
-        "{}",
-        record.error
+    failed_saying(
+        &record,
+        "its parents' outputs total 90000 bytes; at most 64512 reach a task",
     );
+    assert_eq!(h.states(over), vec![TaskState::Pending, TaskState::Failed]);
     assert!(
         record.error.contains("--max-message-size"),
         "{}",
@@ -785,14 +787,9 @@ fn a_queued_child_restored_under_a_smaller_message_limit_fails_saying_so() {
     h.node(S1, reg("n1", 4), 4);
     let effects = h.effects();
     assert!(assigned(&effects, S1).is_empty());
-    let record = h.latest(ids[2]);
-    assert_eq!(record.state, TaskState::Failed);
-    assert!(
-        record
-            .error
-            .starts_with("its parents' outputs total 80000 bytes; at most 64512 reach a task"),
-        "{}",
-        record.error
+    failed_saying(
+        &h.latest(ids[2]),
+        "its parents' outputs total 80000 bytes; at most 64512 reach a task",
     );
 }
 
@@ -996,14 +993,9 @@ fn an_early_child_whose_live_parents_refs_pass_the_message_limit_fails_at_releas
     h.s.credits(S1, 1, h.now);
     let effects = h.effects();
     assert!(!assigned(&effects, S1).contains(&(child, Attempt(1))));
-    let record = h.record(child);
-    assert_eq!(record.state, TaskState::Failed);
-    assert!(
-        record
-            .error
-            .starts_with("its parents' outputs total 1 bytes; at most 64512 reach a task"),
-        "{}",
-        record.error
+    failed_saying(
+        &h.record(child),
+        "its parents' outputs total 1 bytes; at most 64512 reach a task",
     );
 }
 
@@ -1031,14 +1023,9 @@ fn a_running_child_requeued_after_a_restart_under_a_smaller_message_limit_fails_
         let effects = h.effects();
         assert!(assigned(&effects, S2).is_empty());
     }
-    let record = h.latest(ids[2]);
-    assert_eq!(record.state, TaskState::Failed);
-    assert!(
-        record
-            .error
-            .starts_with("its parents' outputs total 80000 bytes; at most 64512 reach a task"),
-        "{}",
-        record.error
+    failed_saying(
+        &h.latest(ids[2]),
+        "its parents' outputs total 80000 bytes; at most 64512 reach a task",
     );
 }
 
@@ -1082,15 +1069,7 @@ fn an_early_child_restored_under_a_smaller_limit_with_no_parent_that_meets_its_r
     let effects = h.effects();
     // Not run seeing neither success: failed, saying why.
     assert!(assigned(&effects, S1).is_empty());
-    let record = h.latest(ids[2]);
-    assert_eq!(record.state, TaskState::Failed);
-    assert!(
-        record
-            .error
-            .starts_with("its parents' outputs total 200000 bytes"),
-        "{}",
-        record.error
-    );
+    failed_saying(&h.latest(ids[2]), "its parents' outputs total 200000 bytes");
 }
 
 #[test]
