@@ -5,7 +5,9 @@
 //! transport failures that tonic reports as `UNKNOWN`/`INTERNAL` with an h2
 //! or transport message (the coordinator went away mid-stream) count as
 //! [`Error::Unavailable`], so callers only have to check one variant to know
-//! "the connection is gone, try again later".
+//! "the connection is gone, try again later". A `RESOURCE_EXHAUSTED` or
+//! `OUT_OF_RANGE` that refuses a message for its size is
+//! [`Error::TooLarge`] (not retryable), not load.
 
 use tonic::{Code, Status};
 
@@ -27,9 +29,17 @@ pub enum Error {
     /// The task or node does not exist. Not retryable.
     #[error("not found: {0}")]
     NotFound(String),
-    /// The queue is full. Retryable after a pause: nothing was committed.
+    /// The coordinator is at a limit of load: its queue is full, or this
+    /// client has as many streams open as it may. Retryable after a pause:
+    /// nothing was committed.
     #[error("coordinator is overloaded: {0}")]
     ResourceExhausted(String),
+    /// A spec or request is larger than a message may be (the
+    /// coordinator's `--max-message-size`, or this client's own limit).
+    /// Not retryable: the same request is refused the same way; split the
+    /// work or make it smaller. Nothing was committed.
+    #[error("too large: {0}")]
+    TooLarge(String),
     /// The request does not fit the current state (e.g. cancelling a task
     /// that already finished). Not retryable as is.
     #[error("{0}")]
@@ -84,6 +94,9 @@ impl Error {
         let message = status.message().to_owned();
         match status.code() {
             Code::Unavailable => Error::Unavailable(format!("coordinator unavailable: {message}")),
+            Code::ResourceExhausted | Code::OutOfRange if is_too_large(&message) => {
+                Error::TooLarge(message)
+            }
             Code::InvalidArgument | Code::OutOfRange => Error::InvalidArgument(message),
             Code::NotFound => Error::NotFound(message),
             Code::ResourceExhausted => Error::ResourceExhausted(message),
@@ -110,6 +123,7 @@ impl Error {
             | Error::Cancelled(_) => true,
             Error::InvalidArgument(_)
             | Error::NotFound(_)
+            | Error::TooLarge(_)
             | Error::FailedPrecondition(_)
             | Error::Internal(_)
             | Error::InvalidAddress(_)
@@ -139,6 +153,15 @@ impl From<Status> for Error {
     fn from(status: Status) -> Self {
         Error::from_status(&status)
     }
+}
+
+/// The messages of a refusal for size: the coordinator's for a spec or
+/// request over `--max-message-size` (it names the flag), and tonic's own
+/// encoder's and decoder's (`OUT_OF_RANGE` where this client refuses,
+/// `RESOURCE_EXHAUSTED` as the coordinator answers). Any other
+/// `RESOURCE_EXHAUSTED` (a full queue, too many streams) is load.
+fn is_too_large(message: &str) -> bool {
+    message.contains("--max-message-size") || message.contains("message length too large")
 }
 
 /// Messages tonic gives a broken connection when it reports it as
@@ -230,6 +253,45 @@ mod tests {
         assert!(!Error::from(Status::not_found("x")).is_retryable());
         assert!(!Error::from(Status::failed_precondition("x")).is_retryable());
         assert!(!Error::from(Status::internal("x")).is_retryable());
+    }
+
+    #[test]
+    fn a_message_over_the_size_limit_is_too_large_and_not_retryable() {
+        let cases = [
+            // The coordinator's ConversionError::TooLarge.
+            Status::resource_exhausted(
+                "task 0: spec is 2000 bytes; this coordinator takes at most 1000 (--max-message-size)",
+            ),
+            // tonic's decoder on the coordinator, as the coordinator answers it.
+            Status::resource_exhausted(
+                "Error, decoded message length too large: found 9 bytes, the limit is: 8 bytes",
+            ),
+            // tonic's encoder or decoder in this client.
+            Status::out_of_range(
+                "Error, encoded message length too large: found 9 bytes, the limit is: 8 bytes",
+            ),
+            Status::out_of_range(
+                "Error, decoded message length too large: found 9 bytes, the limit is: 8 bytes",
+            ),
+        ];
+        for status in cases {
+            let err = Error::from(status);
+            assert!(matches!(err, Error::TooLarge(_)), "{err:?}");
+            assert!(!err.is_retryable(), "{err:?}");
+        }
+        // Load is still load.
+        let full = Error::from(Status::resource_exhausted(
+            "queue full: 3 tasks not final, at most 3",
+        ));
+        assert!(matches!(full, Error::ResourceExhausted(_)), "{full:?}");
+        assert!(full.is_retryable());
+        let streams = Error::from(Status::resource_exhausted(
+            "too many streams: token a1 already has 2 Watch, Run and WaitMany streams open, the most one client may (--max-streams-per-client 2)",
+        ));
+        assert!(
+            matches!(streams, Error::ResourceExhausted(_)),
+            "{streams:?}"
+        );
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 
-use weft_proto::TaskId;
+use weft_proto::{ConversionError, TaskId};
 
 use crate::error::Error;
 use crate::types::TaskEvent;
@@ -17,7 +17,10 @@ impl Client {
     /// Like [`Client::watch`], but when the stream breaks (the coordinator
     /// restarted, the connection dropped) it watches again from the last
     /// seen `seq + 1`, for up to `resume_window` of failing tries in a row,
-    /// then yields [`Error::Unavailable`] and ends. Errors that retrying
+    /// then yields [`Error::Unavailable`] and ends. A watch that stayed open
+    /// a while before it broke (a quiet task, a long sleep) starts a new
+    /// run of tries, so each break gets the whole window; one that breaks
+    /// as soon as it opens does not. Errors that retrying
     /// cannot fix (NotFound, ...) end it at once, as does a `from_seq`
     /// past the last event of a task that has ended
     /// ([`Error::InvalidArgument`]: nothing will come). A client connected with
@@ -25,7 +28,8 @@ impl Client {
     /// again ([`Client::redial`]) before each try after a break, so the
     /// watch goes on at whichever coordinator serves now. Events are never
     /// yielded twice nor skipped: each try starts after the last one
-    /// yielded.
+    /// yielded. An event whose seq leaves no next one (`u64::MAX`) ends it
+    /// with [`Error::Protocol`].
     pub fn follow(&self, id: TaskId, from_seq: u64, resume_window: Duration) -> EventStream {
         let state = Follow {
             client: self.clone(),
@@ -34,6 +38,7 @@ impl Client {
             inner: None,
             resume_window,
             failing_since: None,
+            opened_at: None,
             backoff: FOLLOW_BACKOFF_MIN,
             done: false,
             broken: false,
@@ -44,6 +49,10 @@ impl Client {
 
 const FOLLOW_BACKOFF_MIN: Duration = Duration::from_millis(100);
 const FOLLOW_BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// A watch open at least this long before it broke was healthy: its break
+/// starts a new run of tries. Shorter, and a coordinator that takes the
+/// watch and fails it at once would be retried without end.
+const FOLLOW_HEALTHY_AFTER: Duration = FOLLOW_BACKOFF_MAX;
 
 /// The state of a [`Client::follow`] stream.
 struct Follow {
@@ -55,6 +64,8 @@ struct Follow {
     resume_window: Duration,
     /// Start of the current run of failed tries; `None` while healthy.
     failing_since: Option<Instant>,
+    /// When the open watch (`inner`) was opened.
+    opened_at: Option<Instant>,
     backoff: Duration,
     done: bool,
     /// The last stream or try failed: with several addresses, dial
@@ -95,7 +106,10 @@ impl Follow {
             let inner = match &mut self.inner {
                 Some(inner) => inner,
                 None => match self.client.watch(self.id, self.next_seq).await {
-                    Ok(stream) => self.inner.insert(stream),
+                    Ok(stream) => {
+                        self.opened_at = Some(Instant::now());
+                        self.inner.insert(stream)
+                    }
                     Err(err) => {
                         if let Some(err) = self.failed(err).await {
                             return Some((Err(err), self));
@@ -109,7 +123,20 @@ impl Follow {
                     if event.seq < self.next_seq {
                         continue; // replayed after a resume; already yielded
                     }
-                    self.next_seq = event.seq + 1;
+                    let Some(next_seq) = event.seq.checked_add(1) else {
+                        self.done = true;
+                        return Some((
+                            Err(Error::Protocol(ConversionError::Invalid {
+                                field: "seq",
+                                reason: format!(
+                                    "event seq {} of task {} leaves no next seq",
+                                    event.seq, self.id
+                                ),
+                            })),
+                            self,
+                        ));
+                    };
+                    self.next_seq = next_seq;
                     self.failing_since = None;
                     self.backoff = FOLLOW_BACKOFF_MIN;
                     self.done = event.finished().is_some();
@@ -163,6 +190,14 @@ impl Follow {
     /// sleeps the backoff and answers `None` (try again).
     async fn failed(&mut self, err: Error) -> Option<Error> {
         self.broken = true;
+        if let Some(opened) = self.opened_at.take()
+            && opened.elapsed() >= FOLLOW_HEALTHY_AFTER
+        {
+            // The watch that broke had been healthy: this break is the
+            // first of a new run, not one more of an old one.
+            self.failing_since = None;
+            self.backoff = FOLLOW_BACKOFF_MIN;
+        }
         let since = *self.failing_since.get_or_insert_with(Instant::now);
         if !err.is_retryable() {
             self.done = true;

@@ -47,7 +47,17 @@ enum Script {
     /// The task ended with its event seq 2 (`next_seq` 3): every watch
     /// ends with no event, as for a from_seq past its end.
     EndedAtSeq2,
+    /// The first breaks after two events; the second sends nothing for
+    /// [`QUIET`] (a quiet task) and breaks; later ones finish the task.
+    BreakThenQuietThenBreak,
+    /// Every one is taken and breaks at once, with no event.
+    BreakAtOnce,
+    /// Every one sends an event of seq `u64::MAX` (a coordinator's bug).
+    SeqAtMax,
 }
+
+/// How long [`Script::BreakThenQuietThenBreak`]'s second watch stays open.
+const QUIET: Duration = Duration::from_millis(1500);
 
 fn state_event(id: &str, seq: u64, state: TaskState) -> pb::TaskEvent {
     pb::TaskEvent {
@@ -109,9 +119,12 @@ impl TaskService for Scripted {
                     ..Default::default()
                 }),
             })),
-            Script::BreakFirst | Script::BreakThenStop | Script::Finish => {
-                Err(Status::not_found("no such task"))
-            }
+            Script::BreakFirst
+            | Script::BreakThenStop
+            | Script::Finish
+            | Script::BreakThenQuietThenBreak
+            | Script::BreakAtOnce
+            | Script::SeqAtMax => Err(Status::not_found("no such task")),
         }
     }
 
@@ -129,13 +142,29 @@ impl TaskService for Scripted {
         request: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         let from_seq = request.into_inner().from_seq;
-        let first = {
+        let (first, nth) = {
             let mut watches = self.watches.lock().unwrap();
             watches.push(from_seq);
-            watches.len() == 1
+            (watches.len() == 1, watches.len())
         };
         let id = self.id.clone();
         let first = match self.script {
+            Script::BreakThenQuietThenBreak if nth == 2 => {
+                let quiet = futures::stream::once(async {
+                    tokio::time::sleep(QUIET).await;
+                    Err(Status::unavailable("coordinator restarting"))
+                });
+                return Ok(Response::new(Box::pin(quiet)));
+            }
+            Script::BreakThenQuietThenBreak => first,
+            Script::BreakAtOnce => {
+                let broken = futures::stream::iter([Err(Status::unavailable("restarting"))]);
+                return Ok(Response::new(Box::pin(broken)));
+            }
+            Script::SeqAtMax => {
+                let events = [Ok(state_event(&id, u64::MAX, TaskState::Running))];
+                return Ok(Response::new(Box::pin(futures::stream::iter(events))));
+            }
             Script::BreakFirst => first,
             Script::BreakThenStop if first => true,
             Script::BreakThenStop => return Err(Status::unavailable("not serving")),
@@ -343,6 +372,77 @@ async fn follow_from_past_the_end_of_a_finished_task_says_so_at_once() {
             "{message}"
         );
     }
+}
+
+#[tokio::test]
+async fn follow_resumes_a_second_break_after_a_watch_that_stayed_open_longer_than_the_window() {
+    use futures::StreamExt;
+    let id = TaskId::new();
+    let service = Scripted {
+        id: id.to_string(),
+        script: Script::BreakThenQuietThenBreak,
+        ..Default::default()
+    };
+    let client = serve(service.clone()).await;
+    // The window is shorter than the quiet watch: the second break comes
+    // long after the first, and must not count as the same run of tries.
+    let window = Duration::from_millis(500);
+    assert!(QUIET > window);
+    let events = client.follow(id, 0, window);
+    let seqs: Vec<u64> = tokio::time::timeout(Duration::from_secs(10), events.collect::<Vec<_>>())
+        .await
+        .expect("followed to the end")
+        .into_iter()
+        .map(|event| event.expect("no error").seq)
+        .collect();
+    assert_eq!(seqs, [0, 1, 2]);
+    assert_eq!(*service.watches.lock().unwrap(), vec![0, 2, 2]);
+}
+
+#[tokio::test]
+async fn follow_of_a_coordinator_that_breaks_every_watch_at_once_gives_up_after_the_window() {
+    use futures::StreamExt;
+    let id = TaskId::new();
+    let service = Scripted {
+        id: id.to_string(),
+        script: Script::BreakAtOnce,
+        ..Default::default()
+    };
+    let client = serve(service.clone()).await;
+    let started = std::time::Instant::now();
+    let events = client.follow(id, 0, Duration::from_millis(500));
+    let items = tokio::time::timeout(Duration::from_secs(10), events.collect::<Vec<_>>())
+        .await
+        .expect("gives up");
+    let [Err(err)] = &items[..] else {
+        panic!("one error: {items:?}");
+    };
+    assert!(err.is_unavailable(), "{err:?}");
+    assert!(err.to_string().contains("could not resume"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    assert!(service.watches.lock().unwrap().len() > 1, "it did retry");
+}
+
+#[tokio::test]
+async fn follow_ends_with_a_protocol_error_on_an_event_of_the_last_seq() {
+    use futures::StreamExt;
+    let id = TaskId::new();
+    let service = Scripted {
+        id: id.to_string(),
+        script: Script::SeqAtMax,
+        ..Default::default()
+    };
+    let client = serve(service.clone()).await;
+    let events = client.follow(id, 0, Duration::from_secs(10));
+    let items = tokio::time::timeout(Duration::from_secs(5), events.collect::<Vec<_>>())
+        .await
+        .expect("ends at once");
+    let [Err(err)] = &items[..] else {
+        panic!("one error: {items:?}");
+    };
+    assert!(matches!(err, Error::Protocol(_)), "{err:?}");
+    assert!(!err.is_retryable());
+    assert_eq!(*service.watches.lock().unwrap(), vec![0], "no replay");
 }
 
 #[tokio::test]

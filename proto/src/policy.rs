@@ -128,7 +128,7 @@ impl FromStr for DependencyRule {
             .find(|r| r.as_str() == wanted)
             .ok_or_else(|| ConversionError::InvalidValue {
                 what: "dependency rule",
-                value: s.to_owned(),
+                value: shown(s),
                 expected: DependencyRule::ALL
                     .iter()
                     .map(|r| r.as_str())
@@ -187,7 +187,7 @@ impl FromStr for OverLimit {
             "cancel_oldest" => Ok(OverLimit::CancelOldest),
             _ => Err(ConversionError::InvalidValue {
                 what: "over-limit policy",
-                value: s.to_owned(),
+                value: shown(s),
                 expected: "queue, cancel_newest, cancel_oldest".into(),
             }),
         }
@@ -247,7 +247,7 @@ impl TryFrom<pb::Dependency> for Dependency {
             (false, true) => Ok(Dependency::Task(dep.task_id.parse().map_err(|_| {
                 invalid(
                     "after.task_id",
-                    &format!("'{}' is not a task id", dep.task_id),
+                    &format!("'{}' is not a task id", shown(&dep.task_id)),
                 )
             })?)),
             (true, false) => {
@@ -311,7 +311,8 @@ pub fn check_resource_name(field: &'static str, name: &str) -> Result<(), Conver
         false => Err(invalid(
             field,
             &format!(
-                "resource name '{name}' must be 1 to {MAX_RESOURCE_NAME_BYTES} of a-z 0-9 _ . -"
+                "resource name '{}' must be 1 to {MAX_RESOURCE_NAME_BYTES} of a-z 0-9 _ . -",
+                shown(name)
             ),
         )),
     }
@@ -424,7 +425,10 @@ pub fn parse_resource(text: &str) -> Result<(String, u64), ConversionError> {
     let Some((name, amount)) = text.split_once('=') else {
         return Err(invalid(
             "resource",
-            &format!("'{text}' is not name=amount (e.g. cpu=8, mem=32GiB)"),
+            &format!(
+                "'{}' is not name=amount (e.g. cpu=8, mem=32GiB)",
+                shown(text)
+            ),
         ));
     };
     let name = name.trim();
@@ -441,7 +445,7 @@ pub fn parse_amount(text: &str) -> Result<u64, ConversionError> {
     let bad = || {
         invalid(
             "resource",
-            &format!("'{text}' is not an amount (e.g. 8, 500M, 32GiB)"),
+            &format!("'{}' is not an amount (e.g. 8, 500M, 32GiB)", shown(text)),
         )
     };
     let value: u64 = digits.parse().map_err(|_| bad())?;
@@ -541,7 +545,10 @@ impl FromStr for RateLimit {
         let bad = || {
             invalid(
                 "rate",
-                &format!("'{s}' is not a rate: UNITS/PERIOD, e.g. 100/s, 10/m, 3/500ms"),
+                &format!(
+                    "'{}' is not a rate: UNITS/PERIOD, e.g. 100/s, 10/m, 3/500ms",
+                    shown(s)
+                ),
             )
         };
         let (units, per) = s.trim().split_once('/').ok_or_else(bad)?;
@@ -603,6 +610,19 @@ impl From<&Limit> for pb::Limit {
     }
 }
 
+/// Most characters of a peer's or user's text an error message repeats.
+const SHOWN_CHARS: usize = 64;
+
+/// `text` as an error message repeats it: at most [`SHOWN_CHARS`]
+/// characters (cut on a character boundary), then `…` if there was more.
+/// The text can be as long as the message that carried it.
+fn shown(text: &str) -> String {
+    match text.char_indices().nth(SHOWN_CHARS) {
+        Some((at, _)) => format!("{}…", &text[..at]),
+        None => text.to_owned(),
+    }
+}
+
 fn invalid(field: &'static str, reason: &str) -> ConversionError {
     ConversionError::Invalid {
         field,
@@ -613,6 +633,35 @@ fn invalid(field: &'static str, reason: &str) -> ConversionError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_long_name_or_id_is_cut_short_in_the_error_that_repeats_it() {
+        let long = "é".repeat(10_000);
+        let errors = [
+            check_resource_name("resources", &long).unwrap_err(),
+            Dependency::try_from(pb::Dependency {
+                task_id: long.clone(),
+                r#ref: String::new(),
+            })
+            .unwrap_err(),
+            long.parse::<DependencyRule>().unwrap_err(),
+            long.parse::<OverLimit>().unwrap_err(),
+            long.parse::<RateLimit>().unwrap_err(),
+            parse_resource(&long).unwrap_err(),
+            parse_amount(&long).unwrap_err(),
+        ];
+        for err in errors {
+            let message = err.to_string();
+            assert!(message.len() < 400, "{} bytes: {message}", message.len());
+            assert!(
+                message.contains(&format!("{}…", "é".repeat(SHOWN_CHARS))),
+                "{message}"
+            );
+        }
+        // Short text is repeated whole.
+        let err = check_resource_name("resources", "GPU").unwrap_err();
+        assert!(err.to_string().contains("'GPU' must"), "{err}");
+    }
 
     #[test]
     fn resources_are_shared_by_clones_copied_on_change_and_never_hold_a_zero() {

@@ -314,7 +314,9 @@ impl TaskSpec {
         self
     }
 
-    /// Kills the attempt after `timeout`.
+    /// Kills the attempt after `timeout`. Not set: no limit. Zero is not
+    /// "no limit": the coordinator refuses such a spec at submit
+    /// (`INVALID_ARGUMENT` naming `timeout`), so leave it unset instead.
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = Some(timeout);
         self

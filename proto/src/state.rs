@@ -67,13 +67,25 @@ macro_rules! domain_enum {
             }
         }
 
+        /// The wire value: 0 (unspecified) is a missing field; a value
+        /// this side does not know (from a newer peer, or garbage) is an
+        /// invalid value that names it. Both are `INVALID_ARGUMENT`.
         impl TryFrom<i32> for $name {
             type Error = ConversionError;
 
             fn try_from(value: i32) -> Result<Self, Self::Error> {
                 match pb::$pb::try_from(value) {
                     $(Ok(pb::$pb::$variant) => Ok($name::$variant),)+
-                    _ => Err(ConversionError::MissingField($what)),
+                    Ok(pb::$pb::Unspecified) => Err(ConversionError::MissingField($what)),
+                    Err(_) => Err(ConversionError::InvalidValue {
+                        what: $what,
+                        value: value.to_string(),
+                        expected: $name::ALL
+                            .iter()
+                            .map(|v| format!("{} ({})", v.as_str(), i32::from(*v)))
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                    }),
                 }
             }
         }
@@ -186,6 +198,34 @@ mod tests {
 
     #[test]
     fn unspecified_state_is_refused() {
-        assert!(TaskState::try_from(0).is_err());
+        assert_eq!(
+            TaskState::try_from(0),
+            Err(ConversionError::MissingField("task state"))
+        );
+    }
+
+    #[test]
+    fn an_unknown_wire_value_is_an_invalid_value_naming_it_not_a_missing_field() {
+        fn check<T: TryFrom<i32, Error = ConversionError> + fmt::Debug>(what: &str) {
+            for value in [99, -1, i32::MAX] {
+                let err = T::try_from(value).unwrap_err();
+                let ConversionError::InvalidValue {
+                    what: said,
+                    value: named,
+                    ..
+                } = &err
+                else {
+                    panic!("{what} {value}: {err:?}");
+                };
+                assert_eq!((*said, named.as_str()), (what, &*value.to_string()));
+                assert!(err.to_string().contains(&value.to_string()), "{err}");
+            }
+        }
+        check::<TaskState>("task state");
+        check::<Outcome>("outcome");
+        check::<OutputStream>("output stream");
+        check::<NodeState>("node state");
+        let err = Outcome::try_from(99).unwrap_err().to_string();
+        assert!(err.contains("succeeded (1)"), "{err}");
     }
 }

@@ -43,13 +43,13 @@ async fn limited_cluster_without_nodes() -> TestCluster {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_spec_just_over_the_limit_is_resource_exhausted_and_one_just_under_runs() {
+async fn a_spec_just_over_the_limit_is_too_large_and_one_just_under_runs() {
     let cluster = TestCluster::builder().max_message_size(LIMIT).start().await;
     let client = cluster.client().await;
     let largest = max_spec_bytes(LIMIT);
 
     let over = client.submit(call_of_size(largest + 1)).await;
-    let Err(Error::ResourceExhausted(message)) = over else {
+    let Err(Error::TooLarge(message)) = over else {
         panic!("a spec over the limit: {over:?}");
     };
     for named in [
