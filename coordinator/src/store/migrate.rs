@@ -13,6 +13,14 @@
 //! copy is made in `log.migrating/`, renamed to `log/` only once complete
 //! and synced) or the finished log; the next start redoes or finishes it.
 //! `weft.redb` is kept, renamed `weft.redb.migrated`.
+//!
+//! A failed move leaves `weft.redb` as the coordinator that wrote it can
+//! open it: a store of an older schema is upgraded in a copy of it
+//! (`weft.redb.upgrading`), never in place. Before the log is put in place,
+//! `weft.redb.copied` records `weft.redb`'s length and modification time;
+//! a start that finds the log and `weft.redb` both finishes the move only
+//! if they are unchanged, so what an older coordinator wrote to
+//! `weft.redb` meanwhile is never thrown away unseen.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -33,6 +41,12 @@ pub const LOG_DIR: &str = super::log::DIR_NAME;
 pub const MIGRATING_DIR: &str = "log.migrating";
 /// What `weft.redb` is renamed to once its store was moved to the log.
 pub const MIGRATED_FILE: &str = "weft.redb.migrated";
+/// The copy of an older schema's `weft.redb` that a move upgrades and
+/// reads, removed once the move ends.
+pub const UPGRADING_FILE: &str = "weft.redb.upgrading";
+/// What `weft.redb` was (its length and modification time) when the log
+/// was copied from it; written before the log is put in place.
+pub const COPIED_FILE: &str = "weft.redb.copied";
 
 /// Tasks read per list page.
 const TASK_PAGE: usize = 512;
@@ -76,6 +90,7 @@ pub fn open_data_dir_with_cache(
             } else {
                 // A move stopped after the log was in place, before
                 // weft.redb was renamed.
+                check_unchanged(dir)?;
                 tracing::info!(
                     data_dir = %dir.display(),
                     "finishing an earlier move of the store to the log"
@@ -99,17 +114,30 @@ fn migrate(dir: &Path, redb_cache: usize) -> Result<(), StoreError> {
     );
     // Opened first: its lock keeps a second coordinator out of the whole
     // move, so none removes the other's log.migrating/ under it.
-    let from = RedbStore::open_with_cache(dir, redb_cache)?;
-    remove_dir_all_if_present(&migrating)?;
-    let id = match marker::read(&dir.join(marker::FILE_NAME))? {
-        Some(id) => id,
-        None => random_id(dir)?,
+    let upgrading = dir.join(UPGRADING_FILE);
+    let opened = RedbStore::open_to_move(dir, redb_cache, &upgrading);
+    let (from, held) = match opened {
+        Ok(opened) => opened,
+        Err(err) => {
+            remove_file_if_present(&upgrading);
+            return Err(err);
+        }
     };
-    let to = LogStore::open_dir(&migrating, Some(id))?;
-    let copied = copy_store(&from, &to);
-    // The log's lock is dropped before its dir is renamed; redb's is held
-    // until weft.redb is renamed too.
-    drop(to);
+    if held.is_some() {
+        tracing::info!(
+            path = %upgrading.display(),
+            "weft.redb is of an older schema: reading an upgraded copy of it, weft.redb left as it is"
+        );
+    }
+    let copied = copy_to_log(dir, &from, &migrating);
+    let from = match held {
+        Some(held) => {
+            drop(from);
+            remove_file_if_present(&upgrading);
+            held
+        }
+        None => from,
+    };
     let copied = match copied {
         Ok(copied) => copied,
         Err(err) => {
@@ -130,8 +158,18 @@ fn migrate(dir: &Path, redb_cache: usize) -> Result<(), StoreError> {
     let log_dir = dir.join(LOG_DIR);
     remove_empty_log(&log_dir)?;
     std::fs::rename(&migrating, &log_dir).map_err(io("renaming log.migrating to log"))?;
-    sync_dir(dir).map_err(io("syncing the data dir"))?;
-    retire_redb(dir)?;
+    let retired = sync_dir(dir)
+        .map_err(io("syncing the data dir"))
+        .and_then(|()| retire_redb(dir));
+    if let Err(err) = retired {
+        // Closing weft.redb writes to it: recorded again, so the next start
+        // does not take that for an older coordinator's writes.
+        drop(from);
+        if let Err(again) = record_copied(dir) {
+            tracing::warn!(error = %again, "recording weft.redb after a failed move");
+        }
+        return Err(err);
+    }
     drop(from);
     tracing::info!(
         data_dir = %dir.display(),
@@ -149,6 +187,22 @@ fn migrate(dir: &Path, redb_cache: usize) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Copies `from` into a new log in `migrating` (an earlier try's thrown
+/// away first), then records `weft.redb` as copied.
+fn copy_to_log(dir: &Path, from: &RedbStore, migrating: &Path) -> Result<Copied, StoreError> {
+    remove_dir_all_if_present(migrating)?;
+    let id = match marker::read(&dir.join(marker::FILE_NAME))? {
+        Some(id) => id,
+        None => random_id(dir)?,
+    };
+    // The log's lock is dropped (with `to`) before its dir is renamed;
+    // redb's is held until weft.redb is renamed too.
+    let to = LogStore::open_dir(migrating, Some(id))?;
+    let copied = copy_store(from, &to)?;
+    record_copied(dir)?;
+    Ok(copied)
+}
+
 /// Renames `weft.redb` to `weft.redb.migrated` (the log holds the store
 /// now) and syncs the data dir.
 fn retire_redb(dir: &Path) -> Result<(), StoreError> {
@@ -159,11 +213,77 @@ fn retire_redb(dir: &Path) -> Result<(), StoreError> {
     };
     std::fs::rename(dir.join(redb::FILE_NAME), &kept).map_err(fail)?;
     sync_dir(dir).map_err(fail)?;
+    remove_file_if_present(&dir.join(COPIED_FILE));
+    remove_file_if_present(&dir.join(UPGRADING_FILE));
     tracing::info!(
         path = %kept.display(),
         "the old redb store is kept; it may be deleted once the cluster is checked"
     );
     Ok(())
+}
+
+/// `weft.redb`'s length and modification time (in ns since the epoch):
+/// what any commit to it changes.
+fn fingerprint(dir: &Path) -> Result<String, StoreError> {
+    let path = dir.join(redb::FILE_NAME);
+    let meta = std::fs::metadata(&path).map_err(|err| open_error(&path, err))?;
+    let modified = meta
+        .modified()
+        .map_err(|err| open_error(&path, err))?
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    Ok(format!("length {} modified {modified}\n", meta.len()))
+}
+
+/// Writes (and syncs) [`COPIED_FILE`]: `weft.redb` as the log was copied
+/// from it.
+pub(crate) fn record_copied(dir: &Path) -> Result<(), StoreError> {
+    let path = dir.join(COPIED_FILE);
+    let write = || -> std::io::Result<()> {
+        let fingerprint = fingerprint(dir).map_err(std::io::Error::other)?;
+        let mut file = std::fs::File::create(&path)?;
+        std::io::Write::write_all(&mut file, fingerprint.as_bytes())?;
+        file.sync_all()?;
+        sync_dir(dir)
+    };
+    write().map_err(|err| open_error(&path, err))
+}
+
+/// Refuses to retire a `weft.redb` changed since the log beside it was
+/// copied from it (an older coordinator started in between wrote to it).
+/// A log without the record is taken as copied from what is there.
+fn check_unchanged(dir: &Path) -> Result<(), StoreError> {
+    let path = dir.join(COPIED_FILE);
+    let recorded = match std::fs::read_to_string(&path) {
+        Ok(recorded) => recorded,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(err) => return Err(open_error(&path, err)),
+    };
+    if recorded == fingerprint(dir)? {
+        return Ok(());
+    }
+    Err(StoreError::Open {
+        path: dir.to_owned(),
+        message: format!(
+            "{redb} changed after it was copied to {LOG_DIR}/ (an older coordinator ran on this data dir \
+             during the move?), so the log may lack what was written to it. To move {redb} again, \
+             remove {LOG_DIR}/ and {COPIED_FILE}; to keep the log as it is, rename {redb} to {MIGRATED_FILE}",
+            redb = redb::FILE_NAME,
+        ),
+    })
+}
+
+/// Removes `path` if it is there; a failure is only logged (it is left
+/// for the next move to overwrite).
+fn remove_file_if_present(path: &Path) {
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+        Err(err) => {
+            tracing::warn!(path = %path.display(), error = %err, "removing a file left by the move")
+        }
+    }
 }
 
 /// Removes `log_dir`, which holds no segment, if it is there: a start

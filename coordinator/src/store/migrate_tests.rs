@@ -2,7 +2,8 @@
 //! secrets, tokens, node identities, schedules and limits reads back the
 //! same through the `Store` trait after the copy. `open_data_dir`: a redb
 //! data dir is moved to the log once, and a crashed move is redone or
-//! finished.
+//! finished; a failed move leaves `weft.redb` as it was, and a `weft.redb`
+//! written to after its copy is not retired.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -15,7 +16,10 @@ use weft_proto::{
 };
 
 use super::log::LogStore;
-use super::migrate::{Copied, LOG_DIR, MIGRATED_FILE, MIGRATING_DIR, copy_store, open_data_dir};
+use super::migrate::{
+    COPIED_FILE, Copied, LOG_DIR, MIGRATED_FILE, MIGRATING_DIR, UPGRADING_FILE, copy_store,
+    open_data_dir, record_copied,
+};
 use super::*;
 use crate::auth::{Scope, Scopes, new_join_token, new_token};
 
@@ -493,17 +497,24 @@ fn a_copy_left_by_a_crashed_move_is_thrown_away_and_the_move_redone() {
     assert_moved(dir.path(), id);
 }
 
+/// What a move that stopped after the log was in place leaves: the log,
+/// `weft.redb` and the record of it as copied.
+fn stop_with_the_log_in_place(dir: &Path, id: u64) {
+    {
+        let redb = RedbStore::open(dir).expect("store opens");
+        let log = LogStore::open_dir(&dir.join(LOG_DIR), Some(id)).expect("log opens");
+        copy_store(&redb, &log).expect("copy");
+    }
+    record_copied(dir).expect("recorded");
+}
+
 #[test]
 fn a_move_that_stopped_after_the_log_was_in_place_opens_the_log() {
     let dir = tempfile::tempdir().expect("temp dir");
     let expected = redb_data_dir(dir.path());
     let id = store_id(dir.path());
     // The log renamed into place, weft.redb not yet renamed.
-    {
-        let redb = RedbStore::open(dir.path()).expect("store opens");
-        let log = LogStore::open_dir(&dir.path().join(LOG_DIR), Some(id)).expect("log opens");
-        copy_store(&redb, &log).expect("copy");
-    }
+    stop_with_the_log_in_place(dir.path(), id);
 
     let store = open_data_dir(dir.path()).expect("opens the log");
     assert_same(&expected, &*store);
@@ -548,4 +559,142 @@ fn an_empty_log_dir_left_by_a_refused_start_does_not_stop_the_move() {
     assert_same(&expected, &*store);
     drop(store);
     assert_moved(dir.path(), id);
+}
+
+const META: ::redb::TableDefinition<&str, u64> = ::redb::TableDefinition::new("meta");
+const TASKS: ::redb::TableDefinition<u128, &[u8]> = ::redb::TableDefinition::new("tasks");
+
+fn redb_schema(file: &Path) -> Option<u64> {
+    use ::redb::ReadableDatabase;
+    let db = ::redb::Database::open(file).expect("redb opens");
+    let txn = db.begin_read().expect("read");
+    let meta = txn.open_table(META).expect("meta");
+    meta.get("schema").expect("get").map(|v| v.value())
+}
+
+#[test]
+fn a_failed_move_leaves_weft_redb_of_an_older_schema_as_it_was() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join(redb::FILE_NAME);
+    let id = ids(1)[0];
+    {
+        let store = RedbStore::open(dir.path()).expect("store opens");
+        let spec = Arc::new(TaskSpec::call("noop", "old"));
+        let record = TaskRecord::for_test(id, spec, TaskState::Queued, at(1));
+        store.commit(&[Record::Task(record)]).expect("commit");
+    }
+    {
+        // What a schema-3 coordinator left (no limits to seal).
+        let db = ::redb::Database::open(&file).expect("redb opens");
+        let txn = db.begin_write().expect("write");
+        txn.open_table(META)
+            .expect("meta")
+            .insert("schema", 3)
+            .expect("insert");
+        txn.commit().expect("commit");
+    }
+    // The move fails: its copy cannot be made where a file is in the way.
+    let migrating = dir.path().join(MIGRATING_DIR);
+    std::fs::write(&migrating, b"in the way").expect("write");
+    assert!(open_data_dir(dir.path()).is_err(), "the move succeeded");
+    assert_eq!(redb_schema(&file), Some(3), "weft.redb was upgraded");
+    assert!(!dir.path().join(UPGRADING_FILE).exists(), "the copy left");
+    assert!(!dir.path().join(LOG_DIR).exists(), "a log left");
+
+    std::fs::remove_file(&migrating).expect("remove");
+    let store = open_data_dir(dir.path()).expect("opens, moving the store");
+    assert!(
+        store.task(id).expect("task").is_some(),
+        "the task not moved"
+    );
+    drop(store);
+    assert!(!dir.path().join(UPGRADING_FILE).exists(), "the copy left");
+    assert_eq!(redb_schema(&dir.path().join(MIGRATED_FILE)), Some(3));
+}
+
+#[test]
+fn a_finished_task_that_cannot_be_decoded_is_left_out_of_the_copy() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let all = ids(3);
+    {
+        let store = RedbStore::open(dir.path()).expect("store opens");
+        let records: Vec<Record> = all
+            .iter()
+            .map(|id| {
+                let spec = Arc::new(TaskSpec::call("noop", "x"));
+                Record::Task(TaskRecord::for_test(*id, spec, TaskState::Succeeded, at(1)))
+            })
+            .collect();
+        store.commit(&records).expect("commit");
+    }
+    {
+        // Its checksum matches: written so, not damaged on disk.
+        let db = ::redb::Database::open(dir.path().join(redb::FILE_NAME)).expect("redb opens");
+        let txn = db.begin_write().expect("write");
+        let key = all[1].as_u128();
+        let value = seal::seal(seal::SealKey::Id(key), b"\xff\xfe garbage".to_vec());
+        txn.open_table(TASKS)
+            .expect("tasks")
+            .insert(key, value.as_slice())
+            .expect("insert");
+        txn.commit().expect("commit");
+    }
+    let from = RedbStore::open(dir.path()).expect("store opens");
+    let to = MemoryStore::new();
+    let copied = copy_store(&from, &to).expect("the copy goes on past the task");
+    assert_eq!((copied.tasks, copied.damaged), (2, 1));
+    assert!(to.task(all[0]).expect("task").is_some());
+    assert!(to.task(all[1]).expect("task").is_none());
+    assert!(to.task(all[2]).expect("task").is_some());
+}
+
+#[test]
+fn a_weft_redb_written_to_after_its_copy_is_not_retired() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    redb_data_dir(dir.path());
+    let id = store_id(dir.path());
+    stop_with_the_log_in_place(dir.path(), id);
+    // An older coordinator started next, and wrote to weft.redb.
+    std::thread::sleep(Duration::from_millis(20));
+    let later = ids(1)[0];
+    {
+        let store = RedbStore::open(dir.path()).expect("store opens");
+        let spec = Arc::new(TaskSpec::call("noop", "later"));
+        let record = TaskRecord::for_test(later, spec, TaskState::Queued, at(9));
+        store.commit(&[Record::Task(record)]).expect("commit");
+    }
+    let err = open_data_dir(dir.path())
+        .err()
+        .expect("a changed weft.redb retired");
+    assert!(err.to_string().contains("changed after"), "{err}");
+    assert!(
+        dir.path().join(redb::FILE_NAME).exists(),
+        "weft.redb retired"
+    );
+    assert!(dir.path().join(COPIED_FILE).exists());
+}
+
+#[test]
+fn a_redb_store_of_a_newer_schema_is_refused_as_newer() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    {
+        // A newer coordinator's tables need not be of today's types.
+        let db = ::redb::Database::create(dir.path().join(redb::FILE_NAME)).expect("redb");
+        let txn = db.begin_write().expect("write");
+        let newer: ::redb::TableDefinition<u64, u64> = ::redb::TableDefinition::new("tasks");
+        txn.open_table(newer)
+            .expect("tasks")
+            .insert(1, 1)
+            .expect("insert");
+        txn.open_table(META)
+            .expect("meta")
+            .insert("schema", 99)
+            .expect("insert");
+        txn.commit().expect("commit");
+    }
+    let err = open_data_dir(dir.path())
+        .err()
+        .expect("a newer store opened");
+    assert!(err.to_string().contains("newer coordinator"), "{err}");
+    assert_eq!(redb_schema(&dir.path().join(redb::FILE_NAME)), Some(99));
 }

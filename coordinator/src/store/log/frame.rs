@@ -200,8 +200,15 @@ pub(super) fn put_with(
             buf.extend_from_slice(&seq.to_le_bytes());
         }
         Key::Name(name) => {
-            // Names are bounded far below 64 KiB by the services; a longer
-            // one is cut at a char boundary rather than corrupting the frame.
+            // Names are bounded far below 64 KiB by the services (256
+            // bytes at most); a longer one is a bug of the caller. Cut at a
+            // char boundary rather than corrupting the frame, it could
+            // overwrite another name sharing its first 64 KiB.
+            debug_assert!(
+                name.len() <= usize::from(u16::MAX),
+                "a record's name of {} bytes, over 64 KiB",
+                name.len()
+            );
             let mut end = name.len().min(usize::from(u16::MAX));
             while !name.is_char_boundary(end) {
                 end -= 1;

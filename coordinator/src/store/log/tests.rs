@@ -811,3 +811,13 @@ fn the_per_commit_table_keeps_the_room_commits_use_and_lets_a_bursts_go() {
         Some(MAX_KEPT_PENDING)
     );
 }
+
+#[test]
+#[cfg(debug_assertions)]
+#[should_panic(expected = "over 64 KiB")]
+fn a_name_over_64_kib_is_refused_not_cut() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = LogStore::open(dir.path()).expect("opens");
+    let name = "a".repeat(usize::from(u16::MAX) + 1);
+    let _ = store.commit(&[Record::DeleteSchedule(name)]);
+}

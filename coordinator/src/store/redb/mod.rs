@@ -529,7 +529,17 @@ impl Store for RedbStore {
                 return Ok(None);
             };
             let key = SealKey::Id(id.as_u128());
-            let mut record = decode_task(id, unseal("tasks", key, bytes.value())?)?;
+            // A record that passes its checksum but cannot be decoded is
+            // named, like one that fails it, so a reader can pass over it.
+            let mut record =
+                decode_task(id, unseal("tasks", key, bytes.value())?).map_err(|err| match err {
+                    StoreError::Corrupt { .. } => StoreError::Damaged {
+                        table: "tasks",
+                        key: id.to_string(),
+                        reason: "the record cannot be decoded",
+                    },
+                    err => err,
+                })?;
             if !query.matches(&record) {
                 return Ok(None);
             }

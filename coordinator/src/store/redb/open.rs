@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use redb::{Database, DatabaseError, ReadableTable, WriteTransaction};
+use redb::{Database, DatabaseError, ReadableDatabase, ReadableTable, WriteTransaction};
 
 use super::super::engine::StoreError;
 use super::super::marker;
@@ -55,6 +55,61 @@ impl RedbStore {
     /// Like [`open`](Self::open), with a page cache of at most `cache_size`
     /// bytes.
     pub fn open_with_cache(dir: &Path, cache_size: usize) -> Result<RedbStore, StoreError> {
+        let (store, expected, marker_path) = Self::open_file(dir, cache_size)?;
+        store.init_and_mark(dir, expected, &marker_path)?;
+        Ok(store)
+    }
+
+    /// Opens the store of `dir` to be moved to the log, leaving
+    /// `weft.redb` as the coordinator that wrote it can still open it,
+    /// should the move fail. A store of this code's schema opens as with
+    /// [`open_with_cache`](Self::open_with_cache). An older one is copied to
+    /// `scratch`, and that copy upgraded and returned first, with
+    /// `weft.redb` open second: its lock held, never written.
+    pub fn open_to_move(
+        dir: &Path,
+        cache_size: usize,
+        scratch: &Path,
+    ) -> Result<(RedbStore, Option<RedbStore>), StoreError> {
+        let (store, expected, marker_path) = Self::open_file(dir, cache_size)?;
+        match store.schema()? {
+            Some(v) if v >= SCHEMA_VERSION => {
+                // Current, or newer (refused by `init` unwritten).
+                store.init_and_mark(dir, expected, &marker_path)?;
+                return Ok((store, None));
+            }
+            Some(_) | None => {}
+        }
+        let open_err = |message: String| StoreError::Open {
+            path: scratch.to_owned(),
+            message,
+        };
+        std::fs::copy(&store.path, scratch)
+            .map_err(|e| open_err(format!("copying {FILE_NAME} to upgrade it: {e}")))?;
+        let db = match Database::builder()
+            .set_cache_size(cache_size)
+            .create(scratch)
+        {
+            Ok(db) => db,
+            Err(err) => return Err(open_err(err.to_string())),
+        };
+        let copy = RedbStore {
+            db,
+            path: scratch.to_owned(),
+        };
+        // No marker is written: the copy's id is weft.redb's, or made up
+        // for the copy alone when weft.redb has none.
+        copy.init(expected, &marker_path)?;
+        Ok((copy, Some(store)))
+    }
+
+    /// Opens `weft.redb` in `dir` (taking its lock), refusing a missing or
+    /// empty one where the marker says a store existed; also answers the
+    /// marker's id and path. Writes nothing to the store.
+    fn open_file(
+        dir: &Path,
+        cache_size: usize,
+    ) -> Result<(RedbStore, Option<u64>, std::path::PathBuf), StoreError> {
         let open_err = |message: String| StoreError::Open {
             path: dir.to_owned(),
             message,
@@ -90,14 +145,38 @@ impl RedbStore {
             }
             Err(err) => return Err(open_err(err.to_string())),
         };
-        let store = RedbStore { db, path };
-        let id = store.init(expected, &marker_path)?;
+        Ok((RedbStore { db, path }, expected, marker_path))
+    }
+
+    /// [`init`](Self::init), then the marker written when there was none.
+    fn init_and_mark(
+        &self,
+        dir: &Path,
+        expected: Option<u64>,
+        marker_path: &Path,
+    ) -> Result<(), StoreError> {
+        let id = self.init(expected, marker_path)?;
         if expected.is_none() {
             // After the store's first commit, so a crash in between only
             // leaves a store whose marker is written at the next start.
-            marker::write(&marker_path, id).map_err(|e| open_err(e.to_string()))?;
+            marker::write(marker_path, id).map_err(|e| StoreError::Open {
+                path: dir.to_owned(),
+                message: e.to_string(),
+            })?;
         }
-        Ok(store)
+        Ok(())
+    }
+
+    /// The schema version the store records; none in a file never set up.
+    fn schema(&self) -> Result<Option<u64>, StoreError> {
+        let op = "reading schema";
+        let txn = self.db.begin_read().or_backend(op)?;
+        let meta = match txn.open_table(META) {
+            Ok(meta) => meta,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(err) => return Err(err).or_backend(op),
+        };
+        Ok(meta.get("schema").or_backend(op)?.map(|v| v.value()))
     }
 
     /// Opens (or creates) a store on `backend` instead of a file in a data
@@ -139,8 +218,16 @@ impl RedbStore {
     /// that is refused.
     fn init(&self, expected: Option<u64>, marker_path: &Path) -> Result<u64, StoreError> {
         let txn = self.write_txn()?;
-        let id = self.check_id(&txn, expected, marker_path);
-        let id = match id {
+        // The schema first: a newer store's tables may not be of the types
+        // opened below.
+        let found = match self.check_schema(&txn) {
+            Ok(found) => found,
+            Err(err) => {
+                let _ = txn.abort();
+                return Err(err);
+            }
+        };
+        let id = match self.check_id(&txn, expected, marker_path) {
             Ok(id) => id,
             Err(err) => {
                 let _ = txn.abort();
@@ -158,23 +245,9 @@ impl RedbStore {
             txn.open_table(TOKENS).or_backend("creating tables")?;
             txn.open_table(NODE_IDENTITIES)
                 .or_backend("creating tables")?;
-            let mut meta = txn.open_table(META).or_backend("creating tables")?;
-            let found = meta
-                .get("schema")
-                .or_backend("reading schema")?
-                .map(|v| v.value());
             match found {
-                Some(v) if v > SCHEMA_VERSION => {
-                    return Err(StoreError::Open {
-                        path: self.path.clone(),
-                        message: format!(
-                            "written by a newer coordinator (schema {v}; this one reads {SCHEMA_VERSION})"
-                        ),
-                    });
-                }
                 Some(SCHEMA_VERSION) => {}
                 Some(old) => {
-                    drop(meta);
                     if old < 2 {
                         add_checksums(&txn, old, &self.path)?;
                     }
@@ -190,13 +263,34 @@ impl RedbStore {
                         .or_backend("writing schema")?;
                 }
                 None => {
-                    meta.insert("schema", SCHEMA_VERSION)
+                    txn.open_table(META)
+                        .or_backend("writing schema")?
+                        .insert("schema", SCHEMA_VERSION)
                         .or_backend("writing schema")?;
                 }
             }
         }
         txn.commit().or_backend("creating tables")?;
         Ok(id)
+    }
+
+    /// The schema version the store records (none in a new store); a
+    /// newer one than this code's is refused.
+    fn check_schema(&self, txn: &WriteTransaction) -> Result<Option<u64>, StoreError> {
+        let meta = txn.open_table(META).or_backend("reading schema")?;
+        let found = meta
+            .get("schema")
+            .or_backend("reading schema")?
+            .map(|v| v.value());
+        match found {
+            Some(v) if v > SCHEMA_VERSION => Err(StoreError::Open {
+                path: self.path.clone(),
+                message: format!(
+                    "written by a newer coordinator (schema {v}; this one reads {SCHEMA_VERSION})"
+                ),
+            }),
+            found => Ok(found),
+        }
     }
 
     /// The store's id, checked against the marker's: a store without one
