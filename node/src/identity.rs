@@ -10,6 +10,9 @@
 //! The dir is 0700 and every file 0600, written atomically (a temp file,
 //! synced, then renamed). `node.conf` is written last: a dir without it
 //! holds no identity (a join that crashed half way is simply done again).
+//! A join saves its key before it asks, and a join done again asks with
+//! the key it finds (the coordinator answers the same join twice with the
+//! same node id, so an answer lost to a crash does not lock the node out).
 //! A key file group or others may read is refused, naming the fix.
 //!
 //! A missing dir is made 0700 (missing parents as usual). An existing one
@@ -307,7 +310,8 @@ impl StateDir {
 
     /// Saves a whole identity (after a join): the dir made 0700 if missing
     /// (an existing one must be private), the key, the chain and the CA,
-    /// then `node.conf` last.
+    /// then `node.conf` last, and syncs the dir so that the renames
+    /// survive a crash.
     pub fn save(&self, stored: &Stored) -> Result<(), StateError> {
         self.make_dir()?;
         self.save_certificate(&stored.key_pem, &stored.chain_pem)?;
@@ -317,7 +321,36 @@ impl StateDir {
             name: stored.name.clone(),
             coordinator: stored.coordinator.clone(),
         };
-        write_private(&self.path.join(CONF_FILE), conf.format().as_bytes())
+        write_private(&self.path.join(CONF_FILE), conf.format().as_bytes())?;
+        self.sync_dir();
+        Ok(())
+    }
+
+    /// The key saved here (`node.key`), for a join to ask with: the one a
+    /// join that did not finish left (no `node.conf`), or an expired
+    /// identity's. `None`: there is none. A key group or others may read
+    /// is refused, as by `load`.
+    pub fn saved_key(&self) -> Result<Option<String>, StateError> {
+        let path = self.path.join(KEY_FILE);
+        let Some(pem) = read_if_there(&path)? else {
+            return Ok(None);
+        };
+        self.check_private()?;
+        check_key_mode(&path)?;
+        public_key_of(&pem).map_err(|why| StateError::Damaged {
+            path,
+            why: format!("not a private key ({why})"),
+        })?;
+        Ok(Some(pem))
+    }
+
+    /// Saves the key a join is about to ask with as `node.key` (durably),
+    /// before the join is sent: see [`Self::saved_key`].
+    pub fn save_join_key(&self, key_pem: &str) -> Result<(), StateError> {
+        self.make_dir()?;
+        write_private(&self.path.join(KEY_FILE), key_pem.as_bytes())?;
+        self.sync_dir();
+        Ok(())
     }
 
     /// Replaces the key and the chain (after a renewal) as a pair: both

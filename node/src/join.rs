@@ -80,7 +80,13 @@ pub(crate) async fn join(ctx: &NodeCtx, token: &JoinToken) -> Result<Option<Cred
     if plans.is_empty() {
         return Err(Error::from(weft_proto::AddressError(String::new())));
     }
-    let (key, csr_der) = key_and_request(&ctx.config.name)?;
+    // One key for every try, and for a join asked again after a restart:
+    // the coordinator answers a repeated join (same token, name and key)
+    // with the node id it gave the first time, so an answer that was lost
+    // (a timeout, a dropped connection, a crash before `node.conf`) does
+    // not lock the node out.
+    let key = join_key(store.as_ref())?;
+    let csr_der = request_for(&key, &ctx.config.name)?;
     let request = pb::JoinRequest {
         token: token.credential.clone(),
         name: ctx.config.name.clone(),
@@ -147,15 +153,45 @@ pub(crate) async fn join(ctx: &NodeCtx, token: &JoinToken) -> Result<Option<Cred
 /// A new key and a certificate request signed with it (its subject names
 /// `name`; the coordinator ignores it and names the node id).
 pub(crate) fn key_and_request(name: &str) -> Result<(rcgen::KeyPair, Vec<u8>), Error> {
-    let made = rcgen::KeyPair::generate().and_then(|key| {
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    let key = new_key()?;
+    let csr = request_for(&key, name)?;
+    Ok((key, csr))
+}
+
+fn new_key() -> Result<rcgen::KeyPair, Error> {
+    rcgen::KeyPair::generate().map_err(|err| Error::Identity(format!("making a key: {err}")))
+}
+
+/// A certificate request signed with `key` (its subject names `name`).
+fn request_for(key: &rcgen::KeyPair, name: &str) -> Result<Vec<u8>, Error> {
+    let made = rcgen::CertificateParams::new(Vec::<String>::new()).and_then(|mut params| {
         params
             .distinguished_name
             .push(rcgen::DnType::CommonName, name);
-        let csr = params.serialize_request(&key)?;
-        Ok((key, csr.der().to_vec()))
+        Ok(params.serialize_request(key)?.der().to_vec())
     });
-    made.map_err(|err| Error::Identity(format!("making a key and a certificate request: {err}")))
+    made.map_err(|err| Error::Identity(format!("making a certificate request: {err}")))
+}
+
+/// The key to join with: the one in the state dir (a join that did not
+/// finish left it, or an expired identity's), else a new one, saved there before it is sent (so that a
+/// node stopped while it waits for the answer asks again with it).
+/// Without a state dir: a new one, kept for this process's tries.
+fn join_key(store: Option<&StateDir>) -> Result<rcgen::KeyPair, Error> {
+    let Some(store) = store else {
+        return new_key();
+    };
+    if let Some(pem) = store.saved_key()? {
+        return rcgen::KeyPair::from_pem(&pem).map_err(|err| {
+            Error::Identity(format!(
+                "the key {} left by an earlier join: {err}",
+                store.path().join(crate::identity::KEY_FILE).display()
+            ))
+        });
+    }
+    let key = new_key()?;
+    store.save_join_key(&key.serialize_pem())?;
+    Ok(key)
 }
 
 /// The error for a status `Join` was answered with: retried when the
@@ -189,9 +225,27 @@ pub(crate) fn accept(
         .node_id
         .parse::<NodeId>()
         .map_err(|err| bad(format!("node id '{}': {err}", response.node_id)))?;
-    let (_, ca) = x509_parser::pem::parse_x509_pem(response.ca_pem.as_bytes())
-        .map_err(|err| bad(format!("no CA certificate: {err}")))?;
-    let sent = Trust::pin(&ca_pin(&ca.contents)).map_err(|err| bad(err.to_string()))?;
+    // Exactly one certificate, the pinned one: whatever `ca.pem` holds is
+    // trusted. It is saved re-encoded from its DER, so nothing else in the
+    // text (another block, a header another parser would read otherwise)
+    // reaches the file.
+    let blocks = x509_parser::pem::Pem::iter_from_buffer(response.ca_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|err| bad(format!("its CA certificate does not parse: {err}")))?;
+    let [block] = blocks.as_slice() else {
+        return Err(bad(format!(
+            "{} PEM blocks where the cluster CA's certificate alone was expected",
+            blocks.len()
+        )));
+    };
+    if block.label != "CERTIFICATE" {
+        return Err(bad(format!(
+            "a {} where the cluster CA's certificate was expected",
+            block.label
+        )));
+    }
+    let ca = &block.contents;
+    let sent = Trust::pin(&ca_pin(ca)).map_err(|err| bad(err.to_string()))?;
     if &sent != trust {
         return Err(bad(format!(
             "its CA is not the one the join token pins ({})",
@@ -209,9 +263,37 @@ pub(crate) fn accept(
         coordinator,
         key_pem: key.serialize_pem(),
         chain_pem: response.certificate_chain_pem,
-        ca_pem: response.ca_pem,
+        ca_pem: pem_certificate(ca),
     };
     Ok((stored, validity))
+}
+
+/// `der` as a PEM certificate (standard base64, 64 characters a line).
+fn pem_certificate(der: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut text = Vec::with_capacity(der.len().div_ceil(3) * 4);
+    for chunk in der.chunks(3) {
+        let bytes = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = u32::from_be_bytes([0, bytes[0], bytes[1], bytes[2]]);
+        for i in 0..4 {
+            text.push(if i <= chunk.len() {
+                ALPHABET[(n >> (18 - 6 * i)) as usize & 63]
+            } else {
+                b'='
+            });
+        }
+    }
+    let mut pem = String::from("-----BEGIN CERTIFICATE-----\n");
+    for line in text.chunks(64) {
+        pem.push_str(&String::from_utf8_lossy(line));
+        pem.push('\n');
+    }
+    pem.push_str("-----END CERTIFICATE-----\n");
+    pem
 }
 
 #[cfg(test)]
@@ -258,7 +340,17 @@ mod tests {
             ("n1", "https://c:1")
         );
         assert_eq!(stored.chain_pem, answer.certificate_chain_pem);
-        assert_eq!(stored.ca_pem, ca_pem);
+        let der = |pem: &str| {
+            x509_parser::pem::parse_x509_pem(pem.as_bytes())
+                .unwrap()
+                .1
+                .contents
+        };
+        assert_eq!(der(&stored.ca_pem), der(&ca_pem));
+        assert_eq!(
+            stored.ca_pem.replace("\r\n", "\n"),
+            ca_pem.replace("\r\n", "\n")
+        );
         assert_eq!(stored.key_pem, key.serialize_pem());
         assert!(validity.not_after > SystemTime::now());
     }
@@ -283,6 +375,52 @@ mod tests {
 
         let nameless = response("nope", &key, &ca_pem, &issuer);
         assert!(accept(nameless, &key, &trust, "n1", "c".into()).is_err());
+    }
+
+    #[test]
+    fn an_answer_whose_ca_pem_holds_more_than_the_pinned_ca_is_refused() {
+        let (ca_pem, trust, issuer) = ca();
+        let (other_pem, _, _) = ca();
+        let (key, _) = key_and_request("n1").unwrap();
+        let id = NodeId::new().to_string();
+        for extra in [
+            format!("{ca_pem}{other_pem}"),
+            format!("{other_pem}{ca_pem}"),
+            format!("{ca_pem}{ca_pem}"),
+            String::new(),
+        ] {
+            let mut answer = response(&id, &key, &ca_pem, &issuer);
+            answer.ca_pem = extra;
+            let err = accept(answer, &key, &trust, "n1", "c".into()).unwrap_err();
+            assert!(
+                err.to_string()
+                    .contains("the cluster CA's certificate alone"),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_join_asks_with_the_key_saved_in_the_state_dir() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = StateDir::new(tmp.path().join("state"));
+        // The first join saves its key before asking; asked again (a
+        // restart while it waited), it asks with the same key.
+        let first = join_key(Some(&store)).unwrap();
+        let again = join_key(Some(&store)).unwrap();
+        assert_eq!(first.public_key_raw(), again.public_key_raw());
+        // A crash between the key and node.conf: the saved key again.
+        let (ca_pem, _, issuer) = ca();
+        let chain = crate::identity::tests::leaf(&first, &issuer, Duration::from_secs(60));
+        store
+            .save_certificate(&first.serialize_pem(), &(chain + &ca_pem))
+            .unwrap();
+        assert_eq!(store.load().unwrap(), None);
+        let after_crash = join_key(Some(&store)).unwrap();
+        assert_eq!(after_crash.public_key_raw(), first.public_key_raw());
+        // Without a state dir, a new key.
+        let none = join_key(None).unwrap();
+        assert_ne!(none.public_key_raw(), first.public_key_raw());
     }
 
     #[test]

@@ -9,7 +9,8 @@
 //!
 //! Layout:
 //! - this file — the index.
-//! - [`rules`] — the plain rules: node names, and what a `Connect` with a
+//! - [`rules`] — the plain rules: node names, the node id a join gets
+//!   (which tells a repeated join), and what a `Connect` with a
 //!   certificate may claim.
 
 pub mod rules;
@@ -23,7 +24,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use weft_proto::NodeId;
 
 use crate::store::NodeIdentityRecord;
-pub use rules::{ConnectRefusal, admit_connect, validate_name};
+pub use rules::{ConnectRefusal, admit_connect, join_node_id, repeats_join, validate_name};
 
 /// Every node identity by node id. See the module docs.
 #[derive(Debug, Default)]

@@ -1,9 +1,12 @@
 //! The rules of node identity, as plain functions: what a node name may
-//! be, and what a node presenting a certificate may claim in its
-//! `Register`. No I/O, no state; the services call them and send the
+//! be, which node id a join gets (and so whether a join repeats an
+//! earlier one), and what a node presenting a certificate may claim in
+//! its `Register`. No I/O, no state; the services call them and send the
 //! refusal's status.
 
+use sha2::{Digest, Sha256};
 use tonic::Status;
+use ulid::Ulid;
 
 use weft_proto::NodeId;
 
@@ -11,6 +14,55 @@ use crate::store::NodeIdentityRecord;
 
 /// Longest node name, in bytes.
 pub const MAX_NAME_BYTES: usize = 128;
+
+/// The low 80 bits of a node id made by a join: the first 80 bits of
+/// SHA-256 over the join's token id, name and public key (each
+/// length-prefixed, so that no two joins' inputs run together).
+fn join_bits(token_id: &str, name: &str, public_key: &[u8]) -> u128 {
+    let mut hash = Sha256::new();
+    hash.update(b"weft node join v1\0");
+    for part in [token_id.as_bytes(), name.as_bytes(), public_key] {
+        hash.update((part.len() as u64).to_be_bytes());
+        hash.update(part);
+    }
+    let digest = hash.finalize();
+    let mut bits = [0u8; 16];
+    bits[6..].copy_from_slice(&digest[..10]);
+    u128::from_be_bytes(bits)
+}
+
+/// The node id a join with token `token_id`, as `name`, for the public
+/// key `public_key` (the request's DER SubjectPublicKeyInfo) gets when
+/// made at `at_ms` (milliseconds since the Unix epoch): a ULID with that
+/// time whose 80 other bits are a hash of the three. So the id itself
+/// records which token, name and key made it, and a join repeated (its
+/// answer was lost: a timeout, a dropped connection, a crash before the
+/// node saved it) is recognised by [`repeats_join`] with nothing more
+/// stored, across coordinator restarts too.
+pub fn join_node_id(at_ms: u64, token_id: &str, name: &str, public_key: &[u8]) -> NodeId {
+    NodeId::from_ulid(Ulid::from_parts(
+        at_ms,
+        join_bits(token_id, name, public_key),
+    ))
+}
+
+/// Whether a join with token `token_id`, as `name`, for `public_key`
+/// repeats the one that made `record`: same token, same name, and the
+/// id [`join_node_id`] gave it. A join by the same token and name with
+/// another key is not a repeat (it could take the name over). A revoked
+/// record is never repeated.
+pub fn repeats_join(
+    record: &NodeIdentityRecord,
+    token_id: &str,
+    name: &str,
+    public_key: &[u8],
+) -> bool {
+    record.revoked.is_none()
+        && !record.token_id.is_empty()
+        && record.token_id == token_id
+        && record.name == name
+        && record.id == join_node_id(record.id.timestamp_ms(), token_id, name, public_key)
+}
 
 /// A node name: 1 to 128 bytes of letters, digits, `.`, `-` and `_`,
 /// that is not a node id (admins select a node by id or name, an id

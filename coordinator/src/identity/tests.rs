@@ -108,3 +108,35 @@ fn a_certified_node_registers_only_as_itself_with_its_joined_name() {
     assert!(none.message().contains("weft token create --role node"));
     assert!(none.message().contains("weft-node --join TOKEN"));
 }
+
+#[test]
+fn a_join_id_names_its_time_and_is_repeated_only_by_the_same_token_name_and_key() {
+    let at = 1_700_000_000_123;
+    let id = join_node_id(at, "tok1", "gpu-1", b"key-a");
+    assert_eq!(id.timestamp_ms(), at);
+    assert_eq!(id, join_node_id(at, "tok1", "gpu-1", b"key-a"));
+    let joined = NodeIdentityRecord {
+        id,
+        name: "gpu-1".into(),
+        created: SystemTime::UNIX_EPOCH + Duration::from_millis(at),
+        token_id: "tok1".into(),
+        revoked: None,
+    };
+    assert!(rules::repeats_join(&joined, "tok1", "gpu-1", b"key-a"));
+    assert!(!rules::repeats_join(&joined, "tok1", "gpu-1", b"key-b"));
+    assert!(!rules::repeats_join(&joined, "tok2", "gpu-1", b"key-a"));
+    assert!(!rules::repeats_join(&joined, "tok1", "gpu-2", b"key-a"));
+    // Parts do not run together.
+    assert_ne!(id, join_node_id(at, "tok1g", "pu-1", b"key-a"));
+    let revoked = NodeIdentityRecord {
+        revoked: Some(joined.created),
+        ..joined.clone()
+    };
+    assert!(!rules::repeats_join(&revoked, "tok1", "gpu-1", b"key-a"));
+    // An id not made by a join (a random one) is never repeated.
+    let random = NodeIdentityRecord {
+        id: NodeId::new(),
+        ..joined
+    };
+    assert!(!rules::repeats_join(&random, "tok1", "gpu-1", b"key-a"));
+}

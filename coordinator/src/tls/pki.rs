@@ -60,6 +60,24 @@ pub enum PkiError {
     /// rustls refused a key.
     #[error("loading the serving key: {0}")]
     Key(#[from] rustls::Error),
+    /// The PKI dir holds one of `ca.pem` and `ca.key` without the other.
+    /// Making a new CA over it would silently invalidate every node
+    /// certificate and every CA pin handed out, so the start is refused.
+    #[error(
+        "{} is there but {} is missing: restore {} from a backup; or, to start a new cluster CA \
+         (every node certificate and CA pin of the old one stops working: nodes join again with \
+         new tokens), remove {} too",
+        .present.display(),
+        .missing.display(),
+        .missing.display(),
+        .present.display()
+    )]
+    HalfCa {
+        /// The file that is there.
+        present: PathBuf,
+        /// The file that is not.
+        missing: PathBuf,
+    },
 }
 
 fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> PkiError + 'a {
@@ -113,7 +131,8 @@ pub fn private_dir(dir: &Path) -> Result<(), PkiError> {
         .map_err(io_err("setting 0700 on", dir))
 }
 
-/// Writes `bytes` to `path` as 0600, through a temp file and a rename.
+/// Writes `bytes` to `path` as 0600, through a temp file and a rename,
+/// then syncs the dir so that the rename itself survives a crash.
 fn write_private(path: &Path, bytes: &[u8]) -> Result<(), PkiError> {
     let tmp = path.with_extension("tmp");
     let _ = std::fs::remove_file(&tmp);
@@ -125,7 +144,14 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<(), PkiError> {
         .map_err(io_err("creating", &tmp))?;
     file.write_all(bytes).map_err(io_err("writing", &tmp))?;
     file.sync_all().map_err(io_err("syncing", &tmp))?;
-    std::fs::rename(&tmp, path).map_err(io_err("renaming to", path))
+    std::fs::rename(&tmp, path).map_err(io_err("renaming to", path))?;
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    std::fs::File::open(dir)
+        .and_then(|dir| dir.sync_all())
+        .map_err(io_err("syncing", dir))
 }
 
 /// Refuses a `ca.pem` whose public key is not `key`'s (the two files were
@@ -157,43 +183,66 @@ fn check_ca_key_matches(
 
 impl Ca {
     /// Loads the CA from `dir`, or makes one there (dir 0700, files 0600)
-    /// if it has none. Answers the CA and whether it was made now.
+    /// if it has neither `ca.pem` nor `ca.key`. Answers the CA and whether
+    /// it was made now. One of the two without the other is refused
+    /// ([`PkiError::HalfCa`]): a new CA would replace the one every node
+    /// and client trusts. (A coordinator on PostgreSQL writes only
+    /// `ca.pem` here, its key staying in the database, and never comes
+    /// through here for it; the same dir used later without the database
+    /// is refused for the same reason.)
     pub fn load_or_create(dir: &Path) -> Result<(Ca, bool), PkiError> {
         private_dir(dir)?;
         let cert_path = dir.join(CA_CERT_FILE);
         let key_path = dir.join(CA_KEY_FILE);
-        if cert_path.exists() && key_path.exists() {
-            let cert_pem =
-                std::fs::read_to_string(&cert_path).map_err(io_err("reading", &cert_path))?;
-            {
-                let mode = std::fs::metadata(&key_path)
-                    .map_err(io_err("reading", &key_path))?
-                    .permissions()
-                    .mode();
-                if mode & 0o077 != 0 {
-                    return Err(PkiError::Io {
-                        what: "checking",
-                        path: key_path.clone(),
-                        source: std::io::Error::other(format!(
-                            "the CA key has mode {:o}: group or others may read it; make it 0600 (chmod 600) and consider the CA compromised if others could read it",
-                            mode & 0o777
-                        )),
-                    });
-                }
+        let exists = |path: &Path| path.try_exists().map_err(io_err("checking for", path));
+        match (exists(&cert_path)?, exists(&key_path)?) {
+            (true, true) => {}
+            (false, false) => {
+                let (ca, key_pem) = Ca::generate(cert_path)?;
+                // The key first: nothing can have trusted a certificate
+                // whose key was never saved. A crash between the two
+                // leaves the key alone, which the next start refuses
+                // (removing it makes the new CA then).
+                write_private(&key_path, key_pem.as_bytes())?;
+                write_private(&ca.cert_path, ca.pem().as_bytes())?;
+                return Ok((ca, true));
             }
-            let key_pem =
-                std::fs::read_to_string(&key_path).map_err(io_err("reading", &key_path))?;
-            return Ok((
-                Ca::from_pems(&cert_pem, &key_pem, cert_path, &key_path)?,
-                false,
-            ));
+            (true, false) => {
+                return Err(PkiError::HalfCa {
+                    present: cert_path,
+                    missing: key_path,
+                });
+            }
+            (false, true) => {
+                return Err(PkiError::HalfCa {
+                    present: key_path,
+                    missing: cert_path,
+                });
+            }
         }
-        let (ca, key_pem) = Ca::generate(cert_path)?;
-        // The key first: a crash between the two leaves no certificate
-        // without its key (and a key alone is replaced on the next start).
-        write_private(&key_path, key_pem.as_bytes())?;
-        write_private(&ca.cert_path, ca.pem().as_bytes())?;
-        Ok((ca, true))
+        let cert_pem =
+            std::fs::read_to_string(&cert_path).map_err(io_err("reading", &cert_path))?;
+        {
+            let mode = std::fs::metadata(&key_path)
+                .map_err(io_err("reading", &key_path))?
+                .permissions()
+                .mode();
+            if mode & 0o077 != 0 {
+                return Err(PkiError::Io {
+                    what: "checking",
+                    path: key_path.clone(),
+                    source: std::io::Error::other(format!(
+                        "the CA key has mode {:o}: group or others may read it; make it 0600 (chmod 600) and consider the CA compromised if others could read it",
+                        mode & 0o777
+                    )),
+                });
+            }
+        }
+        let key_pem = std::fs::read_to_string(&key_path).map_err(io_err("reading", &key_path))?;
+        Ok((
+            Ca::from_pems(&cert_pem, &key_pem, cert_path, &key_path)?,
+            false,
+        ))
     }
 
     /// The CA of `cert_pem` and `key_pem` (read from `key_from`, as errors
@@ -449,6 +498,49 @@ mod tests {
         std::fs::copy(b.join(CA_CERT_FILE), a.join(CA_CERT_FILE)).unwrap();
         let err = Ca::load_or_create(&a).unwrap_err().to_string();
         assert!(err.contains("public key"), "{err}");
+    }
+
+    #[test]
+    fn one_of_ca_pem_and_ca_key_alone_is_refused_naming_the_missing_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("pki");
+        let (ca, _) = Ca::load_or_create(&dir).unwrap();
+        let (cert, key) = (dir.join(CA_CERT_FILE), dir.join(CA_KEY_FILE));
+        let kept_key = std::fs::read(&key).unwrap();
+
+        // The key lost (or a PostgreSQL coordinator's dir, which holds
+        // only ca.pem): no new CA over the one everybody trusts.
+        std::fs::remove_file(&key).unwrap();
+        let err = Ca::load_or_create(&dir).unwrap_err();
+        assert!(matches!(err, PkiError::HalfCa { .. }), "{err}");
+        let message = err.to_string();
+        assert!(
+            message.contains(&format!("{} is missing", key.display()))
+                && message.contains("restore")
+                && message.contains("remove"),
+            "{message}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(&cert).unwrap(),
+            ca.pem(),
+            "ca.pem untouched"
+        );
+
+        // The certificate lost.
+        std::fs::write(&key, &kept_key).unwrap();
+        std::fs::remove_file(&cert).unwrap();
+        let message = Ca::load_or_create(&dir).unwrap_err().to_string();
+        assert!(
+            message.contains(&format!("{} is missing", cert.display())),
+            "{message}"
+        );
+        assert_eq!(std::fs::read(&key).unwrap(), kept_key, "ca.key untouched");
+
+        // Both gone: a new CA, as on a first start.
+        std::fs::remove_file(&key).unwrap();
+        let (new, created) = Ca::load_or_create(&dir).unwrap();
+        assert!(created);
+        assert_ne!(new.pin(), ca.pin());
     }
 
     #[test]

@@ -9,10 +9,11 @@
 //! of what it may no longer do must live as long as the CA that signed it.
 
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 
 use weft_proto::NodeId;
+use weft_proto::ids::ID_LEN;
 
 use super::pki::PkiError;
 
@@ -53,7 +54,10 @@ pub fn load(dir: &Path) -> Result<Vec<NodeId>, PkiError> {
     Ok(ids)
 }
 
-/// Appends `id` to `dir`'s revocation list and syncs it.
+/// Appends `id` to `dir`'s revocation list and syncs it (and the dir,
+/// when the file is new). After a line an earlier append left half
+/// written (a crash, a full disk), the id goes on a line of its own: on
+/// the torn line it would be skipped with it.
 pub fn append(dir: &Path, id: NodeId) -> Result<(), PkiError> {
     let path = dir.join(REVOKED_FILE);
     let io = |what: &'static str| {
@@ -61,14 +65,37 @@ pub fn append(dir: &Path, id: NodeId) -> Result<(), PkiError> {
         move |source| PkiError::Io { what, path, source }
     };
     let mut file = std::fs::OpenOptions::new()
+        .read(true)
         .create(true)
         .append(true)
         .mode(0o600)
         .open(&path)
         .map_err(io("opening"))?;
-    file.write_all(format!("{id}\n").as_bytes())
-        .map_err(io("writing"))?;
-    file.sync_all().map_err(io("syncing"))
+    let len = file.metadata().map_err(io("reading"))?.len();
+    let mut line = String::with_capacity(ID_LEN + 2);
+    if len > 0 {
+        let mut last = [0u8; 1];
+        file.read_exact_at(&mut last, len - 1)
+            .map_err(io("reading"))?;
+        if last[0] != b'\n' {
+            line.push('\n');
+        }
+    }
+    line.push_str(&id.to_string());
+    line.push('\n');
+    file.write_all(line.as_bytes()).map_err(io("writing"))?;
+    file.sync_all().map_err(io("syncing"))?;
+    if len == 0 {
+        // A new file's name is durable once its dir is synced.
+        std::fs::File::open(dir)
+            .and_then(|dir| dir.sync_all())
+            .map_err(|source| PkiError::Io {
+                what: "syncing",
+                path: dir.to_owned(),
+                source,
+            })?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -91,5 +118,18 @@ mod tests {
         assert_eq!(load(dir.path()).unwrap(), [a, b]);
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
+    }
+    #[test]
+    fn an_id_appended_after_a_torn_line_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (NodeId::new(), NodeId::new());
+        append(dir.path(), a).unwrap();
+        let path = dir.path().join(REVOKED_FILE);
+        let mut text = std::fs::read_to_string(&path).unwrap();
+        // An append cut short: half an id, no newline.
+        text.push_str(&NodeId::new().to_string()[..10]);
+        std::fs::write(&path, text).unwrap();
+        append(dir.path(), b).unwrap();
+        assert_eq!(load(dir.path()).unwrap(), [a, b]);
     }
 }

@@ -236,6 +236,78 @@ async fn a_duplicate_join_name_is_refused_until_its_holder_is_revoked() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_asked_again_with_the_same_key_gets_the_same_node_id_and_no_second_use() {
+    let cluster = TestCluster::builder().nodes(0).durable().start().await;
+    let mut admin = admin(&cluster).await;
+    // One use: the answer to the first join was lost (the node timed
+    // out, the connection dropped, it crashed before saving it).
+    let (once, _) = join_token(&mut admin, 1, None).await;
+    let (key_pem, csr_der) = key_and_csr();
+    let first = join_with(&once, "retry-1", key_pem.clone(), csr_der.clone())
+        .await
+        .expect("the first join");
+    let again = join_with(&once, "retry-1", key_pem.clone(), csr_der.clone())
+        .await
+        .expect("the same join asked again");
+    assert_eq!(again.node_id, first.node_id);
+    assert_eq!(common_name(&leaf_of(&again.chain_pem)), first.node_id);
+    let tokens = admin
+        .list_tokens(pb::ListTokensRequest {})
+        .await
+        .expect("list tokens")
+        .into_inner()
+        .tokens;
+    let used: Vec<_> = tokens
+        .iter()
+        .filter(|t| t.role == "node")
+        .map(|t| (t.uses, t.used))
+        .collect();
+    assert_eq!(used, [(1, 1)], "one use counted");
+    // Its certificate works.
+    let node = FakeNode::connect_as(
+        &cluster.url(),
+        again.identity(),
+        register("retry-1", 1, &[]),
+    )
+    .await
+    .expect("the repeated join's certificate connects");
+    assert_eq!(node.node_id, first.node_id);
+
+    // Another key may not take the name with the same token, nor ask a
+    // new name with a used-up token.
+    let err = join(&once, "retry-1").await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    let (many, _) = join_token(&mut admin, 0, None).await;
+    let err = join(&many, "retry-1").await.unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+    // The same key with another token: not a repeat.
+    let err = join_with(&many, "retry-1", key_pem.clone(), csr_der.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+
+    // Still a repeat after a coordinator restart; not once revoked.
+    drop(node);
+    cluster.restart_coordinator().await;
+    let after = join_with(&once, "retry-1", key_pem.clone(), csr_der.clone())
+        .await
+        .expect("asked again after a restart");
+    assert_eq!(after.node_id, first.node_id);
+    let mut admin = self::admin(&cluster).await;
+    admin
+        .revoke_node(pb::RevokeNodeRequest {
+            node: "retry-1".into(),
+        })
+        .await
+        .expect("revoke");
+    let err = join_with(&once, "retry-1", key_pem, csr_der)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_without_a_certificate_or_with_another_cas_is_refused() {
     let cluster = secure_cluster().await;
     let err = open_raw(
