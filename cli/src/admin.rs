@@ -6,9 +6,10 @@ use std::time::Duration;
 use anyhow::Context;
 
 use weft_client::Client;
+use weft_proto::NodeInfo;
 
 use crate::exit;
-use crate::output::{OutputFormat, cluster_json, cluster_text, node_json, nodes_table};
+use crate::output::{OutputFormat, cluster_json, cluster_text, node_json, nodes_table, printable};
 
 /// `weft nodes`.
 pub async fn nodes(client: &Client, format: OutputFormat) -> anyhow::Result<u8> {
@@ -36,16 +37,22 @@ pub async fn drain(
         .await
         .with_context(|| format!("draining node {node}"))?;
     match format {
-        OutputFormat::Text => println!(
-            "node {} ({}) {}, {} running",
-            info.name,
-            info.id,
-            info.state,
-            info.running.len()
-        ),
+        OutputFormat::Text => println!("{}", drain_text(&info)),
         OutputFormat::Json => println!("{}", node_json(&info)),
     }
     Ok(exit::SUCCESS)
+}
+
+/// What `weft drain` says in text: the node's name [`printable`] (a node
+/// names itself).
+fn drain_text(info: &NodeInfo) -> String {
+    format!(
+        "node {} ({}) {}, {} running",
+        printable(&info.name),
+        info.id,
+        info.state,
+        info.running.len()
+    )
 }
 
 /// `weft nodes revoke NODE`.
@@ -57,7 +64,7 @@ pub async fn revoke(client: &Client, format: OutputFormat, node: &str) -> anyhow
     match format {
         OutputFormat::Text => println!(
             "node {} ({}) revoked{}; its certificate is refused from now on",
-            answer.name,
+            printable(&answer.name),
             answer.node_id,
             if answer.was_connected {
                 format!(
@@ -89,4 +96,33 @@ pub async fn info(client: &Client, format: OutputFormat) -> anyhow::Result<u8> {
         OutputFormat::Json => println!("{}", cluster_json(&info)),
     }
     Ok(exit::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use weft_proto::{NodeId, NodeState};
+
+    use super::*;
+
+    #[test]
+    fn a_drained_node_name_is_shown_escaped() {
+        let info = NodeInfo {
+            resources: Default::default(),
+            resources_free: Default::default(),
+            id: NodeId::new(),
+            name: "n\x1b]0;pwn\x07".into(),
+            labels: Default::default(),
+            slots: 4,
+            slots_used: 0,
+            slots_free: 4,
+            running: Vec::new(),
+            last_heartbeat_age: Duration::ZERO,
+            state: NodeState::Draining,
+            handlers: Vec::new(),
+            finished: 0,
+        };
+        let text = drain_text(&info);
+        assert!(!text.contains('\x1b'), "{text}");
+        assert!(text.starts_with("node n\\u{1b}]0;pwn\\u{7} ("), "{text}");
+    }
 }

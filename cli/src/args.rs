@@ -58,6 +58,20 @@ pub fn parse_time_arg(text: &str) -> Result<SystemTime, String> {
             .checked_sub(ago)
             .ok_or_else(|| format!("{text:?} ago is before 1970"));
     }
+    rfc3339_or(text, expected)
+}
+
+/// Parses an RFC 3339 time (`Z` or a `±HH:MM` offset; a bare date-time is
+/// UTC), and nothing else (`--at` refuses a duration).
+pub fn parse_rfc3339_arg(text: &str) -> Result<SystemTime, String> {
+    rfc3339_or(
+        text.trim(),
+        "expected an RFC 3339 time (2026-05-01T12:00:00Z)",
+    )
+}
+
+/// An RFC 3339 time, or an error that says what was `expected`.
+fn rfc3339_or(text: &str, expected: &str) -> Result<SystemTime, String> {
     // humantime reads UTC only: take a numeric offset off and apply it.
     let (local, offset) = match text
         .len()

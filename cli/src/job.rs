@@ -18,7 +18,7 @@ use weft_proto::{DependencyRule, TaskId, TaskState};
 use crate::exit::{self, UsageError};
 use crate::opts::{parse_duration_arg, parse_task_id};
 use crate::output::OutputFormat;
-use crate::output::{task_json, tasks_table};
+use crate::output::{printable, task_json, tasks_table};
 use crate::policy_opts::{OnLimit, PolicyOpts, parse_fair_key, parse_rate_use};
 
 /// What a task waits for before it runs (`weft submit`).
@@ -39,7 +39,11 @@ pub struct DepOpts {
     pub ref_name: Option<String>,
     /// Not before this time: RFC 3339 (2026-05-01T12:00:00Z, or with a
     /// ±HH:MM offset), or HH:MM[:SS] in local time (today, or tomorrow if
-    /// that time has passed). The task is PENDING until then.
+    /// that time has passed), with the UTC offset of that day and hour (a
+    /// DST change in between is followed; a time the change skips, like
+    /// 02:30 on a spring-forward night, is 03:30, and a repeated one is
+    /// its first). Not a duration: that is --delay. The task is PENDING
+    /// until then.
     #[arg(long, value_name = "TIME", value_parser = parse_at, conflicts_with = "delay")]
     pub at: Option<SystemTime>,
     /// Not before this long from now (e.g. 30s, 10m, 2h).
@@ -108,62 +112,70 @@ fn parse_rule(text: &str) -> Result<DependencyRule, String> {
         .map_err(|err| err.to_string())
 }
 
-/// `--at`: RFC 3339, or HH:MM[:SS] local (today, else tomorrow).
+/// `--at`: RFC 3339, or HH:MM[:SS] local (today, else tomorrow). A
+/// duration is refused: a time from now is `--delay`.
 pub fn parse_at(text: &str) -> Result<SystemTime, String> {
     let text = text.trim();
-    if text.contains('T') || text.contains(' ') && text.len() > 8 {
-        return crate::args::parse_time_arg(text);
+    let expected =
+        || format!("{text:?}: expected RFC 3339 (2026-05-01T12:00:00Z) or HH:MM[:SS] (e.g. 14:30)");
+    if !text.is_empty() && text.chars().all(|c| c.is_ascii_digit() || c == ':') {
+        let clock = parse_clock(text).ok_or_else(expected)?;
+        return next_at(&chrono::Local, chrono::Utc::now(), clock)
+            .ok_or_else(|| format!("{text:?}: no such local time today or tomorrow"));
     }
-    let parts: Vec<&str> = text.split(':').collect();
-    let field = |s: &str, max: u64| -> Result<u64, String> {
-        s.parse::<u64>()
-            .ok()
-            .filter(|v| *v <= max && s.len() == 2)
-            .ok_or_else(|| format!("{text:?}: expected RFC 3339 or HH:MM[:SS] (e.g. 14:30)"))
-    };
-    let (h, m, s) = match parts.as_slice() {
-        [h, m] => (field(h, 23)?, field(m, 59)?, 0),
-        [h, m, s] => (field(h, 23)?, field(m, 59)?, field(s, 59)?),
-        _ => {
-            return Err(format!(
-                "{text:?}: expected RFC 3339 or HH:MM[:SS] (e.g. 14:30)"
-            ));
-        }
-    };
-    let now = SystemTime::now();
-    let offset = local_offset_secs();
-    let since = now
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_err(|_| "the clock is before 1970".to_owned())?
-        .as_secs() as i64;
-    let local_now = since + offset;
-    let midnight = local_now - local_now.rem_euclid(86_400);
-    let mut at = midnight + (h * 3600 + m * 60 + s) as i64;
-    if at <= local_now {
-        at += 86_400;
+    if let Ok(delay) = humantime::parse_duration(text) {
+        let delay = humantime::format_duration(delay)
+            .to_string()
+            .replace(' ', "");
+        return Err(format!(
+            "{text:?} is a duration: --at takes a time (RFC 3339, or HH:MM[:SS] local); \
+             for a start this long from now use --delay {delay}"
+        ));
     }
-    let utc = u64::try_from(at - offset).map_err(|_| "before 1970".to_owned())?;
-    Ok(SystemTime::UNIX_EPOCH + Duration::from_secs(utc))
+    crate::args::parse_rfc3339_arg(text).map_err(|_| expected())
 }
 
-/// The local time zone's offset from UTC now, in seconds (`date +%z`;
-/// UTC when that cannot be read).
-fn local_offset_secs() -> i64 {
-    let out = std::process::Command::new("date").arg("+%z").output();
-    let Ok(out) = out else { return 0 };
-    let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    let (sign, digits) = match text.split_at_checked(1) {
-        Some(("+", d)) => (1, d),
-        Some(("-", d)) => (-1, d),
-        _ => return 0,
-    };
-    match (digits.get(0..2), digits.get(2..4)) {
-        (Some(h), Some(m)) => match (h.parse::<i64>(), m.parse::<i64>()) {
-            (Ok(h), Ok(m)) => sign * (h * 3600 + m * 60),
-            _ => 0,
-        },
-        _ => 0,
+/// `HH:MM` or `HH:MM:SS`, two digits each.
+fn parse_clock(text: &str) -> Option<chrono::NaiveTime> {
+    let field = |s: &str| (s.len() == 2).then(|| s.parse::<u32>().ok())?;
+    match text.split(':').collect::<Vec<_>>().as_slice() {
+        [h, m] => chrono::NaiveTime::from_hms_opt(field(h)?, field(m)?, 0),
+        [h, m, s] => chrono::NaiveTime::from_hms_opt(field(h)?, field(m)?, field(s)?),
+        _ => None,
     }
+}
+
+/// The first instant after `now` whose time of day in `tz` is `clock`:
+/// today's date there, else tomorrow's, each with the UTC offset `tz` has
+/// at that time (not the offset now: a DST change may lie between). A time
+/// a change skips (02:30 on a spring-forward night) is read with the
+/// offset before the change (03:30 summer time); one a change repeats is
+/// its first occurrence.
+fn next_at<Tz: chrono::TimeZone>(
+    tz: &Tz,
+    now: chrono::DateTime<chrono::Utc>,
+    clock: chrono::NaiveTime,
+) -> Option<SystemTime> {
+    use chrono::offset::{LocalResult, Offset};
+
+    let today = now.with_timezone(tz).date_naive();
+    let resolve = |local: chrono::NaiveDateTime| match tz.from_local_datetime(&local) {
+        LocalResult::Single(at) | LocalResult::Ambiguous(at, _) => {
+            Some(at.with_timezone(&chrono::Utc))
+        }
+        LocalResult::None => {
+            let before = tz
+                .offset_from_utc_datetime(&(local - chrono::TimeDelta::days(1)))
+                .fix()
+                .local_minus_utc();
+            Some((local - chrono::TimeDelta::seconds(before.into())).and_utc())
+        }
+    };
+    [today, today.succ_opt()?]
+        .into_iter()
+        .filter_map(|date| resolve(date.and_time(clock)))
+        .find(|at| *at > now)
+        .map(SystemTime::from)
 }
 
 /// One task of a graph file. Every key `weft submit` has as a flag.
@@ -615,27 +627,50 @@ async fn watch(client: &Client, format: OutputFormat, job: TaskId) -> anyhow::Re
     while let Some(task) = stream.next().await {
         let task = task?;
         match format {
-            OutputFormat::Text => {
-                let what = task.spec.as_ref().map(|s| s.summary()).unwrap_or_default();
-                let error = match task.error.as_str() {
-                    "" => String::new(),
-                    e => format!(": {e}"),
-                };
-                println!("{} {} {what}{error}", task.id, task.state);
-            }
+            OutputFormat::Text => println!("{}", watch_line(&task)),
             OutputFormat::Json => println!("{}", task_json(&task)),
         }
         if let Some(i) = order.get(&task.id) {
             ended[*i] = Some(task);
         }
     }
-    let code = ended
+    watch_exit_code(job, &ended)
+}
+
+/// One line of `weft job watch` in text: the task's summary and error
+/// [`printable`] (they come from whoever submitted it).
+fn watch_line(task: &Task) -> String {
+    let what = task.spec.as_ref().map(|s| s.summary()).unwrap_or_default();
+    let error = match task.error.as_str() {
+        "" => String::new(),
+        e => format!(": {e}"),
+    };
+    format!(
+        "{} {} {}",
+        task.id,
+        task.state,
+        printable(&format!("{what}{error}"))
+    )
+}
+
+/// The exit code of `weft job watch`: the first task's that did not
+/// succeed. A stream that ended before every task was reported is an
+/// error (exit 69): the job's outcome is not known.
+fn watch_exit_code(job: TaskId, ended: &[Option<Task>]) -> anyhow::Result<u8> {
+    let missing = ended.iter().filter(|task| task.is_none()).count();
+    if missing > 0 {
+        return Err(weft_client::Error::Unavailable(format!(
+            "the coordinator ended the stream before {missing} tasks of the job finished; \
+             run `weft job watch {job}` again"
+        ))
+        .into());
+    }
+    Ok(ended
         .iter()
         .flatten()
         .map(exit::for_task)
         .find(|code| *code != exit::SUCCESS)
-        .unwrap_or(exit::SUCCESS);
-    Ok(code)
+        .unwrap_or(exit::SUCCESS))
 }
 
 #[cfg(test)]
@@ -834,5 +869,143 @@ mod tests {
         assert!(ahead <= Duration::from_secs(86_400));
         assert!(parse_at("25:00").is_err());
         assert!(parse_at("noon").is_err());
+    }
+
+    #[test]
+    fn at_refuses_a_duration_and_points_to_delay() {
+        for text in ["10 minutes", "10m", "1h 30m"] {
+            let err = parse_at(text).expect_err(text);
+            assert!(
+                err.contains("is a duration") && err.contains("--delay"),
+                "{err}"
+            );
+        }
+        assert!(parse_at("10 minutes").unwrap_err().ends_with("--delay 10m"));
+        assert!(parse_at("1h 30m").unwrap_err().ends_with("--delay 1h30m"));
+        let offset = parse_at("2030-01-01T02:00:00+02:00").expect("offset");
+        assert_eq!(
+            offset,
+            SystemTime::UNIX_EPOCH + Duration::from_secs(1_893_456_000)
+        );
+    }
+
+    #[test]
+    fn a_clock_time_tomorrow_takes_tomorrows_utc_offset() {
+        use chrono::TimeZone;
+        use chrono_tz::Europe::Berlin;
+
+        let utc = |text: &str| chrono::DateTime::parse_from_rfc3339(text).unwrap().to_utc();
+        let at = |now: &str, clock: &str| {
+            let clock = parse_clock(clock).expect("clock");
+            chrono::DateTime::<chrono::Utc>::from(next_at(&Berlin, utc(now), clock).expect("at"))
+        };
+        // 22:00 summer time on the eve of the change: noon tomorrow is
+        // winter time (+01:00), 11:00Z, not 10:00Z.
+        assert_eq!(
+            at("2026-10-24T20:00:00Z", "12:00"),
+            utc("2026-10-25T11:00:00Z")
+        );
+        // Later today: today's offset.
+        assert_eq!(
+            at("2026-10-24T08:00:00Z", "12:00"),
+            utc("2026-10-24T10:00:00Z")
+        );
+        // 02:30 happens twice on the night of the change: the first.
+        assert_eq!(
+            at("2026-10-24T20:00:00Z", "02:30"),
+            utc("2026-10-25T00:30:00Z")
+        );
+        // 02:30 does not happen on the spring night: 03:30 summer time.
+        assert_eq!(
+            at("2026-03-28T20:00:00Z", "02:30"),
+            utc("2026-03-29T01:30:00Z")
+        );
+        // The past today: tomorrow.
+        assert_eq!(
+            at("2026-07-01T12:00:00Z", "09:15:30"),
+            utc("2026-07-02T07:15:30Z")
+        );
+        assert_eq!(
+            Berlin
+                .offset_from_utc_datetime(&utc("2026-07-01T00:00:00Z").naive_utc())
+                .to_string(),
+            "CEST"
+        );
+    }
+
+    #[test]
+    fn clock_times_are_two_digits_a_field() {
+        assert_eq!(
+            parse_clock("09:05"),
+            chrono::NaiveTime::from_hms_opt(9, 5, 0)
+        );
+        assert_eq!(
+            parse_clock("23:59:59"),
+            chrono::NaiveTime::from_hms_opt(23, 59, 59)
+        );
+        for bad in [
+            "9:05",
+            "24:00",
+            "12:60",
+            "12:00:60",
+            "12",
+            "12:00:00:00",
+            "::",
+        ] {
+            assert_eq!(parse_clock(bad), None, "{bad}");
+        }
+    }
+
+    fn ended(state: TaskState) -> Task {
+        Task {
+            id: TaskId::new(),
+            spec: Some(TaskSpec::exec(["echo", "\x1b]0;pwn\x07"])),
+            state,
+            attempt: weft_proto::Attempt(1),
+            node_id: None,
+            node_name: None,
+            exit_code: None,
+            output: Default::default(),
+            error: "boom\x1b[2J".into(),
+            pending_reason: String::new(),
+            failures: 0,
+            node_losses: 0,
+            created_at: None,
+            updated_at: None,
+            next_seq: 0,
+            last_outcome: None,
+            attempts: Vec::new(),
+            job_id: None,
+            waiting_for: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn watch_fails_when_the_stream_ends_before_every_task() {
+        let job = TaskId::new();
+        let done = Some(ended(TaskState::Succeeded));
+        assert_eq!(
+            watch_exit_code(job, std::slice::from_ref(&done)).unwrap(),
+            exit::SUCCESS
+        );
+        let cancelled = Some(ended(TaskState::Cancelled));
+        assert_eq!(
+            watch_exit_code(job, &[done.clone(), cancelled]).unwrap(),
+            exit::CANCELLED
+        );
+        let err = watch_exit_code(job, &[done, None, None]).unwrap_err();
+        assert_eq!(exit::for_error(&err), exit::UNAVAILABLE);
+        assert!(
+            err.to_string()
+                .contains("before 2 tasks of the job finished"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn watch_lines_escape_control_characters() {
+        let line = watch_line(&ended(TaskState::Failed));
+        assert!(!line.contains('\x1b') && !line.contains('\x07'), "{line}");
+        assert!(line.ends_with(": boom\\u{1b}[2J"), "{line}");
     }
 }

@@ -178,13 +178,15 @@ pub fn task_text(task: &Task) -> String {
     ];
     if let Some(spec) = &task.spec {
         if !spec.name.is_empty() {
-            lines.push(format!("name:          {}", spec.name));
+            lines.push(format!("name:          {}", printable(&spec.name)));
         }
         match &spec.kind {
             TaskKind::Exec(exec) => {
                 lines.push(format!("command:       {}", shell_words(&exec.argv)))
             }
-            TaskKind::Call(call) => lines.push(format!("handler:       {}", call.handler)),
+            TaskKind::Call(call) => {
+                lines.push(format!("handler:       {}", printable(&call.handler)))
+            }
         }
         lines.push(format!(
             "attempt:       {} of {}",
@@ -198,7 +200,7 @@ pub fn task_text(task: &Task) -> String {
     }
     if let Some(spec) = task.spec.as_ref() {
         if !spec.ref_name.is_empty() {
-            lines.push(format!("ref:           {}", spec.ref_name));
+            lines.push(format!("ref:           {}", printable(&spec.ref_name)));
         }
         if !spec.after.is_empty() {
             lines.push(format!(
@@ -213,16 +215,19 @@ pub fn task_text(task: &Task) -> String {
         lines.push(format!("waiting for:   {}", ids.join(", ")));
     }
     if let Some(node) = &task.node_name {
-        lines.push(format!("node:          {node}"));
+        lines.push(format!("node:          {}", printable(node)));
     }
     if let Some(code) = task.exit_code {
         lines.push(format!("exit code:     {code}"));
     }
     if !task.error.is_empty() {
-        lines.push(format!("error:         {}", task.error));
+        lines.push(format!("error:         {}", printable(&task.error)));
     }
     if !task.pending_reason.is_empty() {
-        lines.push(format!("waiting:       {}", task.pending_reason));
+        lines.push(format!(
+            "waiting:       {}",
+            printable(&task.pending_reason)
+        ));
     }
     if task.failures > 0 || task.node_losses > 0 {
         lines.push(format!(
@@ -535,19 +540,21 @@ pub fn short_duration(d: Duration) -> String {
 }
 
 fn rfc3339(t: SystemTime) -> String {
-    humantime::format_rfc3339_millis(t).to_string()
+    weft_proto::convert::rfc3339(t, true)
 }
 
-/// Arguments joined for display, quoting the ones a shell would split.
+/// Arguments joined for display, quoting the ones a shell would split,
+/// each [`printable`].
 pub fn shell_words(argv: &[String]) -> String {
     argv.iter()
+        .map(|arg| printable(arg))
         .map(|arg| {
             if !arg.is_empty()
                 && arg
                     .chars()
                     .all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c))
             {
-                arg.clone()
+                arg.into_owned()
             } else {
                 format!("'{}'", arg.replace('\'', r"'\''"))
             }
@@ -744,5 +751,32 @@ mod tests {
         assert_eq!(table.lines().count(), 2, "{table}");
         assert!(!table.contains('\x1b'), "{table}");
         assert!(table.contains("a\\nb \\u{1b}]0;pwn\\u{7}"), "{table}");
+    }
+
+    #[test]
+    fn control_characters_in_a_task_are_escaped_in_its_detail() {
+        let pwn = "\x1b]0;pwn\x07";
+        let mut spec = TaskSpec::exec(["echo", pwn]);
+        spec.name = format!("name{pwn}");
+        spec.ref_name = format!("ref{pwn}");
+        let task = Task {
+            spec: Some(spec),
+            node_name: Some(format!("node{pwn}")),
+            error: format!("error{pwn}"),
+            pending_reason: format!("waiting{pwn}"),
+            ..failed_task()
+        };
+        let text = task_text(&task);
+        assert!(!text.contains('\x1b') && !text.contains('\x07'), "{text}");
+        for field in ["name", "ref", "node", "error", "waiting"] {
+            assert!(text.contains(&format!("{field}\\u{{1b}}]0;pwn")), "{text}");
+        }
+        assert!(text.contains("echo '\\u{1b}]0;pwn\\u{7}'"), "{text}");
+    }
+
+    #[test]
+    fn a_time_past_the_year_9999_is_shown_not_a_panic() {
+        let far = SystemTime::UNIX_EPOCH + Duration::from_secs(300_000_000_000);
+        assert_eq!(rfc3339(far), "300000000000s after the Unix epoch");
     }
 }

@@ -133,10 +133,15 @@ fn completions(shell: clap_complete::Shell) -> anyhow::Result<u8> {
 /// environment > the `weft login` context. The context's token and CA
 /// belong to the context's coordinator: they are used only when the
 /// command dials that coordinator (for `weft login URL`, when URL is it).
+/// `weft local` and `weft demo` start their own cluster and dial no other:
+/// they read no token or CA (a stale `WEFT_TOKEN_FILE` must not stop them).
 fn credentials(
     args: &Args,
     context: token::Context,
 ) -> anyhow::Result<(String, Option<weft_client::Trust>, Option<String>)> {
+    if let Command::Local { .. } | Command::Demo { .. } = args.command {
+        return Ok((args.coordinator.clone(), None, None));
+    }
     let url = match (&context.coordinator, args.coordinator_given) {
         (Some(saved), false) => saved.clone(),
         _ => args.coordinator.clone(),
@@ -250,6 +255,19 @@ mod tests {
         let line = ["weft", "--coordinator", "a.test:7070", "info"];
         let (_, _, token) = credentials(&args(&line, true), context()).unwrap();
         assert_eq!(token, None, "one of the list is another context");
+    }
+
+    #[test]
+    fn local_and_demo_read_no_token_file() {
+        let missing = "/nonexistent/weft-token";
+        for command in ["local", "demo"] {
+            let line = ["weft", "--token-file", missing, command];
+            let (_, trust, token) = credentials(&args(&line, false), saved()).unwrap();
+            assert_eq!((token, trust.is_none()), (None, true), "{command}");
+        }
+        let line = ["weft", "--token-file", missing, "info"];
+        let err = credentials(&args(&line, false), saved()).unwrap_err();
+        assert!(err.to_string().contains("token file"), "{err}");
     }
 
     #[test]

@@ -6,12 +6,12 @@ use clap::{Subcommand, ValueEnum};
 use serde_json::{Value, json};
 
 use weft_client::{Client, TaskSpec};
-use weft_proto::convert::system_time;
+use weft_proto::convert::{rfc3339, system_time};
 use weft_proto::pb;
 
 use crate::exit::{self, UsageError};
 use crate::opts::TaskOpts;
-use crate::output::{OutputFormat, table};
+use crate::output::{OutputFormat, printable, table};
 use crate::task::read_input;
 
 /// What a fire does while the previous fire's task is not final.
@@ -209,14 +209,14 @@ fn print_one(format: OutputFormat, schedule: &pb::Schedule, what: &str) {
         OutputFormat::Text => {
             let name = schedule.spec.as_ref().map_or("", |s| s.name.as_str());
             let next = time_cell(schedule.next_fire.as_ref());
-            println!("schedule {name} {what}; next fire: {next}");
+            println!("schedule {} {what}; next fire: {next}", printable(name));
         }
         OutputFormat::Json => println!("{}", schedule_json(schedule)),
     }
 }
 
 fn time_text(t: Option<&prost_types::Timestamp>) -> Option<String> {
-    t.map(|t| humantime::format_rfc3339_seconds(system_time(t)).to_string())
+    t.map(|t| rfc3339(system_time(t), false))
 }
 
 fn time_cell(t: Option<&prost_types::Timestamp>) -> String {
@@ -307,4 +307,19 @@ pub fn schedules_table(schedules: &[pb::Schedule]) -> String {
         ],
         &rows,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fire_time_past_the_year_9999_is_shown_not_a_panic() {
+        let far = prost_types::Timestamp {
+            seconds: 300_000_000_000,
+            nanos: 0,
+        };
+        assert_eq!(time_cell(Some(&far)), "300000000000s after the Unix epoch");
+        assert_eq!(time_cell(None), "-");
+    }
 }

@@ -9,13 +9,13 @@ use bytes::Bytes;
 use serde_json::json;
 use tokio::io::AsyncReadExt;
 
-use weft_client::{Client, ListFilter, TaskSpec};
+use weft_client::{Client, ListFilter, Task, TaskSpec};
 use weft_proto::TaskId;
 
 use crate::args::ListArgs;
 use crate::exit::{self, UsageError};
 use crate::opts::TaskOpts;
-use crate::output::{OutputFormat, task_json, task_text, tasks_table};
+use crate::output::{OutputFormat, printable, task_json, task_text, tasks_table};
 use crate::stream::{
     CLI_RESUME_WINDOW, Events, Printer, Seen, drive, follow_to_end, run_to_end, write_stdout,
 };
@@ -140,14 +140,7 @@ pub async fn cancel(client: &Client, format: OutputFormat, id: TaskId) -> anyhow
     }
     let requested = !task.state.is_final();
     match format {
-        OutputFormat::Text if requested => println!(
-            "task {id}: cancel requested; {} is stopping it (still {})",
-            task.node_name
-                .as_deref()
-                .map(|n| format!("node {n}"))
-                .unwrap_or_else(|| "its node".to_owned()),
-            task.state
-        ),
+        OutputFormat::Text if requested => println!("{}", cancel_requested_text(&task)),
         OutputFormat::Text => println!("task {id} {}", task.state),
         OutputFormat::Json => {
             let mut json = task_json(&task);
@@ -156,6 +149,20 @@ pub async fn cancel(client: &Client, format: OutputFormat, id: TaskId) -> anyhow
         }
     }
     Ok(exit::SUCCESS)
+}
+
+/// What `weft cancel` says of a task still stopping: its node's name
+/// [`printable`] (a node names itself).
+fn cancel_requested_text(task: &Task) -> String {
+    format!(
+        "task {}: cancel requested; {} is stopping it (still {})",
+        task.id,
+        task.node_name
+            .as_deref()
+            .map(|n| format!("node {}", printable(n)))
+            .unwrap_or_else(|| "its node".to_owned()),
+        task.state
+    )
 }
 
 /// How long `weft cancel` waits for a running task's node to stop it.
@@ -222,5 +229,43 @@ pub(crate) async fn read_input(input: Option<String>) -> anyhow::Result<Bytes> {
             Ok(buf.into())
         }
         Some(text) => Ok(Bytes::from(text.to_owned())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use weft_proto::{Attempt, TaskState};
+
+    use super::*;
+
+    #[test]
+    fn the_node_stopping_a_cancelled_task_is_named_escaped() {
+        let task = Task {
+            id: TaskId::new(),
+            spec: None,
+            state: TaskState::Running,
+            attempt: Attempt(1),
+            node_id: None,
+            node_name: Some("n\x1b]0;pwn\x07".into()),
+            exit_code: None,
+            output: Bytes::new(),
+            error: String::new(),
+            pending_reason: String::new(),
+            failures: 0,
+            node_losses: 0,
+            created_at: None,
+            updated_at: None,
+            next_seq: 0,
+            last_outcome: None,
+            attempts: Vec::new(),
+            job_id: None,
+            waiting_for: Vec::new(),
+        };
+        let text = cancel_requested_text(&task);
+        assert!(!text.contains('\x1b'), "{text}");
+        assert!(
+            text.contains("node n\\u{1b}]0;pwn\\u{7} is stopping it (still running)"),
+            "{text}"
+        );
     }
 }

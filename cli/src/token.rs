@@ -172,7 +172,7 @@ fn when(t: Option<&prost_types::Timestamp>) -> String {
         None => "-".to_owned(),
         Some(t) => {
             let at = weft_proto::convert::system_time(t);
-            humantime::format_rfc3339_seconds(at).to_string()
+            weft_proto::convert::rfc3339(at, false)
         }
     }
 }
@@ -441,6 +441,17 @@ pub async fn login(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_expiry_past_the_year_9999_is_shown_not_a_panic() {
+        let far = prost_types::Timestamp {
+            seconds: 300_000_000_000,
+            nanos: 0,
+        };
+        assert_eq!(when(Some(&far)), "300000000000s after the Unix epoch");
+        let epoch = prost_types::Timestamp::default();
+        assert_eq!(when(Some(&epoch)), "1970-01-01T00:00:00Z");
+    }
 
     #[test]
     fn flag_wins_over_file_and_context() {

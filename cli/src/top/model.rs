@@ -12,6 +12,11 @@ use weft_proto::NodeInfo;
 
 /// How far back the throughput history goes.
 pub const HISTORY: Duration = Duration::from_secs(5 * 60);
+/// How much less than the wall time between two answers the
+/// coordinator's uptime may grow before `weft top` takes it for another
+/// process (a restart or a failover): answers come back late by up to a
+/// poll's latency.
+pub const UPTIME_SLACK: Duration = Duration::from_secs(5);
 /// The window "the current rate" is taken over: long enough to smooth a
 /// poll that came late, short enough to follow a change within seconds.
 pub const CURRENT_WINDOW: Duration = Duration::from_secs(10);
@@ -66,12 +71,18 @@ impl Top {
     pub fn update(&mut self, poll: Result<Poll, String>, now: Instant) {
         match poll {
             Ok(Poll { info, mut nodes }) => {
-                // A coordinator that started again counts from 0 again.
-                let restarted = self
-                    .info
-                    .as_ref()
-                    .is_some_and(|old| info.uptime < old.uptime);
-                if restarted {
+                // A coordinator that started again counts from 0 again,
+                // and one answering after failed polls may be another
+                // process (a failover) with a counter of its own: either
+                // way the old samples do not compare with the new one.
+                let restarted = match (&self.info, self.updated) {
+                    (Some(old), Some(then)) => {
+                        let wall = now.saturating_duration_since(then);
+                        info.uptime.saturating_sub(old.uptime) + UPTIME_SLACK < wall
+                    }
+                    _ => false,
+                };
+                if restarted || self.error.is_some() {
                     self.throughput = Throughput::default();
                 }
                 self.throughput.record(now, info.tasks_finished);
@@ -144,7 +155,8 @@ fn split_digits(text: &str) -> (&str, &str) {
 }
 
 /// The cluster's finished-task counter (`ClusterInfo.tasks_finished`)
-/// sampled at each poll, for the last [`HISTORY`].
+/// sampled at each poll, for the last [`HISTORY`], and always the two
+/// newest samples (an interval may be longer than the history).
 #[derive(Debug, Default)]
 pub struct Throughput {
     samples: VecDeque<(Instant, u64)>,
@@ -162,10 +174,13 @@ impl Throughput {
             self.samples.clear();
         }
         self.samples.push_back((now, finished));
+        // The front goes only once the sample after it covers the history
+        // on its own: the newest is never dropped, so neither is the one
+        // before it.
         while self
             .samples
-            .front()
-            .is_some_and(|(at, _)| now.duration_since(*at) > HISTORY)
+            .get(1)
+            .is_some_and(|(at, _)| now.duration_since(*at) >= HISTORY)
         {
             self.samples.pop_front();
         }
@@ -259,5 +274,67 @@ mod tests {
         }
         assert_eq!(tp.span(), HISTORY);
         assert_eq!(tp.rates().len(), 300);
+    }
+
+    #[test]
+    fn polls_further_apart_than_the_history_still_give_a_rate() {
+        let t0 = Instant::now();
+        let every = Duration::from_secs(6 * 60);
+        let mut tp = Throughput::default();
+        tp.record(t0, 0);
+        tp.record(t0 + every, 720);
+        assert_eq!(tp.current(), Some(2.0));
+        tp.record(t0 + 2 * every, 1440);
+        assert_eq!(tp.rates(), [2.0]);
+        assert_eq!(tp.span(), every);
+    }
+
+    fn info(finished: u64, uptime: Duration) -> ClusterInfo {
+        ClusterInfo {
+            version: "9.9.9".into(),
+            nodes: 0,
+            slots: 0,
+            slots_free: 0,
+            tasks: Vec::new(),
+            uptime,
+            stale_events_refused: 0,
+            nodes_lost: 0,
+            revoked_node_refusals: 0,
+            foreign_events_refused: 0,
+            attempts_not_started: 0,
+            reclaimed_attempts: 0,
+            tasks_finished: finished,
+        }
+    }
+
+    fn poll(finished: u64, uptime_s: u64) -> Result<Poll, String> {
+        Ok(Poll {
+            info: info(finished, Duration::from_secs(uptime_s)),
+            nodes: Vec::new(),
+        })
+    }
+
+    #[test]
+    fn the_history_starts_over_after_failed_polls_or_a_younger_coordinator() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut top = Top::new("http://a.test:7070".into(), Duration::from_secs(1));
+        top.update(poll(100, 1000), at(0));
+        top.update(poll(110, 1001), at(1));
+        assert_eq!(top.throughput.current(), Some(10.0));
+        // An outage, then another coordinator with a higher count and an
+        // uptime that grew as much as the wall time.
+        top.update(Err("cannot reach coordinator".into()), at(2));
+        top.update(poll(5000, 1002), at(2));
+        assert_eq!(top.throughput.current(), None);
+        top.update(poll(5010, 1003), at(3));
+        assert_eq!(top.throughput.current(), Some(10.0));
+        // No failed poll seen, but the uptime grew 2 s in 60: another
+        // process answers now.
+        top.update(poll(9000, 1005), at(63));
+        assert_eq!(top.throughput.current(), None);
+        // A late answer within the slack is the same coordinator.
+        top.update(poll(9040, 1007), at(67));
+        assert_eq!(top.throughput.current(), Some(10.0));
     }
 }
