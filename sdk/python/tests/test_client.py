@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 from concurrent import futures
 
@@ -481,3 +482,386 @@ async def test_a_worker_opens_its_channel_off_its_event_loop(server, slow_probe)
         await channel.close()
     assert list(response.task_ids) == ["T0"]
     assert slow_probe == [False] and loop.ticks >= 20, (slow_probe, loop.ticks)
+
+
+# -- waits through an unreachable coordinator, timeouts, map's cleanup -------
+
+
+class _Scripted(task_pb2_grpc.TaskServiceServicer):
+    """A TaskService whose calls the test scripts one by one: ``script[name]`` is a list of
+    what each call does in turn (the last repeats): a response, a status code to abort with,
+    or a function of the request and context."""
+
+    def __init__(self, **script):
+        self.script = script
+        self.calls = {}
+
+    def _next(self, name, request, context):
+        n = self.calls.get(name, 0)
+        self.calls[name] = n + 1
+        steps = self.script[name]
+        step = steps[min(n, len(steps) - 1)]
+        if isinstance(step, grpc.StatusCode):
+            context.abort(step, f"{name} scripted to fail")
+        return step(request, context) if callable(step) else step
+
+    def Get(self, request, context):
+        return self._next("Get", request, context)
+
+    def Watch(self, request, context):
+        yield from self._next("Watch", request, context)
+
+    def WaitMany(self, request, context):
+        yield from self._next("WaitMany", request, context)
+
+
+@contextlib.contextmanager
+def _serving(servicer):
+    srv = grpc.server(futures.ThreadPoolExecutor(8))
+    task_pb2_grpc.add_TaskServiceServicer_to_server(servicer, srv)
+    port = srv.add_insecure_port("127.0.0.1:0")
+    srv.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.stop(0)
+
+
+def _got(state, **fields):
+    return task_pb2.GetResponse(task=_task("T0", state, **fields))
+
+
+def _restarting():
+    """A coordinator restarting while a wait follows T0: the watch breaks, the Get after it
+    finds nobody, the next finds T0 done."""
+    return _Scripted(
+        Get=[_got(common_pb2.TASK_STATE_RUNNING), grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAVAILABLE,
+             _got(common_pb2.TASK_STATE_SUCCEEDED, output=b"done")],
+        Watch=[grpc.StatusCode.UNAVAILABLE],
+    )
+
+
+def test_wait_goes_on_when_the_get_after_a_broken_watch_is_unavailable_too():
+    with _serving(_restarting()) as url, weft.Client(url) as client:
+        assert client.wait("T0", timeout=10).output == b"done"
+
+    async def scenario():
+        with _serving(_restarting()) as url:
+            async with weft.aio.Client(url) as client:
+                assert (await client.wait("T0", timeout=10)).output == b"done"
+
+    asyncio.run(scenario())
+
+
+@pytest.fixture
+def short_resume_window(monkeypatch):
+    import weft.client
+
+    monkeypatch.setattr(weft.client, "RESUME_WINDOW", 0.5, raising=False)
+
+
+def test_waits_give_up_after_the_resume_window_without_a_success(short_resume_window):
+    import time
+
+    url = _refused_url()
+    with weft.Client(url) as client:
+        for wait in (lambda: client.wait("T0"), lambda: list(client.wait_many(["A"], timeout=4))):
+            started = time.monotonic()
+            with pytest.raises(weft.Unavailable):
+                wait()
+            assert time.monotonic() - started < 3
+
+    async def scenario():
+        async with weft.aio.Client(url) as client:
+            for wait in (client.wait("T0"), _drain(client.wait_many(["A"], timeout=4))):
+                started = time.monotonic()
+                with pytest.raises(weft.Unavailable):
+                    await wait
+                assert time.monotonic() - started < 3
+
+    asyncio.run(scenario())
+
+
+async def _drain(iterator):
+    return [item async for item in iterator]
+
+
+def test_a_wait_many_that_gets_through_between_breaks_goes_on(monkeypatch):
+    import weft.client
+
+    monkeypatch.setattr(weft.client, "RESUME_WINDOW", 0.05, raising=False)
+
+    def one_then_break(request, context):
+        yield _task(request.task_ids[0], common_pb2.TASK_STATE_SUCCEEDED)
+        context.abort(grpc.StatusCode.UNAVAILABLE, "coordinator restarting")
+
+    with _serving(_Scripted(WaitMany=[one_then_break])) as url, weft.Client(url) as client:
+        assert [t.id for t in client.wait_many(["A", "B", "C", "D"], timeout=10)] == ["A", "B", "C", "D"]
+
+
+async def test_a_failed_ca_fetch_ends_an_asyncio_wait_after_the_resume_window(tls_server, ca_fetches, short_resume_window):
+    import time
+
+    url, ca = tls_server
+    ca_fetches.refuse = 1_000_000
+    async with weft.aio.Client(url, ca_pin=ca.pin) as client:
+        started = time.monotonic()
+        with pytest.raises(weft.Unavailable, match="cannot fetch the CA"):
+            await _drain(client.wait_many(["A"], timeout=4))
+        assert time.monotonic() - started < 3
+    assert len(ca_fetches) > 1, "fetched again within the window"
+
+
+def _slow_get(request, context):
+    import time
+
+    time.sleep(2)
+    return _got(common_pb2.TASK_STATE_RUNNING)
+
+
+def test_a_wait_timeout_bounds_its_get_and_a_zero_timeout_is_no_time():
+    import time
+
+    with _serving(_Scripted(Get=[_slow_get])) as url, weft.Client(url) as client:
+        started = time.monotonic()
+        with pytest.raises(weft.DeadlineExceeded):
+            client.wait("T0", timeout=0.3)
+        assert time.monotonic() - started < 1.5
+        started = time.monotonic()
+        with pytest.raises(weft.DeadlineExceeded):
+            client._unary(client._tasks.Get, task_pb2.GetRequest(task_id="T0"), timeout=0)
+        assert time.monotonic() - started < 1
+
+    async def scenario():
+        with _serving(_Scripted(Get=[_slow_get])) as url:
+            async with weft.aio.Client(url) as client:
+                started = time.monotonic()
+                with pytest.raises(weft.DeadlineExceeded):
+                    await client.wait("T0", timeout=0.3)
+                assert time.monotonic() - started < 1.5
+
+    asyncio.run(scenario())
+
+
+def test_a_wait_with_a_zero_timeout_answers_a_task_already_final():
+    def final_get(request, context):
+        return _got(common_pb2.TASK_STATE_SUCCEEDED)
+
+    with _serving(_Scripted(Get=[final_get])) as url, weft.Client(url) as client:
+        assert client.wait("T0", timeout=0).state == weft.TaskState.SUCCEEDED
+
+    async def scenario():
+        with _serving(_Scripted(Get=[final_get])) as url:
+            async with weft.aio.Client(url) as client:
+                assert (await client.wait("T0", timeout=0)).state == weft.TaskState.SUCCEEDED
+
+    asyncio.run(scenario())
+
+
+class _MapTasks(task_pb2_grpc.TaskServiceServicer):
+    """Submits numbered by job (``J<k>-<i>``, job ``J<k>-0``), the ``refuse``-th refused;
+    waits that answer the first task, then ``second`` for the next, then nothing more."""
+
+    def __init__(self, second=common_pb2.TASK_STATE_FAILED, refuse=0):
+        self.second, self.refuse = second, refuse
+        self.submits, self.cancelled_jobs = 0, []
+
+    def Submit(self, request, context):
+        self.submits += 1
+        if self.submits == self.refuse:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full")
+        job = self.submits - 1
+        ids = [f"J{job}-{i}" for i in range(len(request.tasks))]
+        return task_pb2.SubmitResponse(task_ids=ids, job_id=ids[0])
+
+    def WaitMany(self, request, context):
+        import time
+
+        ids = list(request.task_ids)
+        yield _task(ids[0], common_pb2.TASK_STATE_SUCCEEDED, output=b"first")
+        if len(ids) > 1:
+            yield _task(ids[1], self.second, output=b"second")
+        while len(ids) > 2 and context.is_active():  # the rest never end
+            time.sleep(0.02)
+
+    def CancelJob(self, request, context):
+        self.cancelled_jobs.append(request.job_id)
+        return task_pb2.CancelJobResponse(cancelled=1)
+
+
+def test_map_cancels_the_calls_it_did_not_yield_when_it_stops_early(monkeypatch):
+    import weft.client
+
+    tasks = _MapTasks()
+    with _serving(tasks) as url, weft.Client(url) as client:
+        results = client.map("echo", [b"a", b"b", b"c"])
+        assert next(results) == b"first"
+        with pytest.raises(weft.TaskFailed):
+            next(results)
+        assert tasks.cancelled_jobs == ["J0-0"], "a failed call: the rest cancelled"
+
+        tasks.cancelled_jobs.clear()
+        results = client.map("echo", [b"a", b"b", b"c"])
+        assert next(results) == b"first"
+        results.close()
+        assert tasks.cancelled_jobs == ["J1-0"], "closed early: the rest cancelled"
+
+        tasks.cancelled_jobs.clear()
+        tasks.second = common_pb2.TASK_STATE_SUCCEEDED
+        assert list(client.map("echo", [b"a", b"b"])) == [b"first", b"second"]
+        assert tasks.cancelled_jobs == [], "all read: nothing to cancel"
+
+    # A Submit refused after one went through: what did go through is cancelled.
+    monkeypatch.setattr(weft.client, "SUBMIT_BATCH", 2)
+    tasks = _MapTasks(refuse=2)
+    with _serving(tasks) as url, weft.Client(url) as client:
+        with pytest.raises(weft.ResourceExhausted):
+            list(client.map("echo", [b"a", b"b", b"c"]))
+        assert tasks.cancelled_jobs == ["J0-0"]
+    monkeypatch.undo()
+
+    async def scenario():
+        tasks = _MapTasks()
+        with _serving(tasks) as url:
+            async with weft.aio.Client(url) as client:
+                with pytest.raises(weft.TaskFailed):
+                    await _drain(client.map("echo", [b"a", b"b", b"c"]))
+                assert tasks.cancelled_jobs == ["J0-0"]
+                results = client.map("echo", [b"a", b"b", b"c"])
+                assert await results.__anext__() == b"first"
+                await results.aclose()
+                assert tasks.cancelled_jobs == ["J0-0", "J1-0"]
+
+    asyncio.run(scenario())
+
+
+def test_durations_carry_a_rounded_up_fraction_into_the_seconds():
+    from weft.models import duration_to_pb
+
+    for value, (seconds, nanos) in [(2.9999999999, (3, 0)), (1.5, (1, 500_000_000)), (0, (0, 0)),
+                                    (dt.timedelta(microseconds=999_999), (0, 999_999_000))]:
+        pb = duration_to_pb(value)
+        assert (pb.seconds, pb.nanos) == (seconds, nanos), value
+    for negative in (-1, "-2s", dt.timedelta(seconds=-1)):
+        with pytest.raises(ValueError):
+            duration_to_pb(negative)
+
+
+def test_the_sync_client_checks_every_address_of_a_list_when_made(tls_server, ca_fetches):
+    # The first address (TLS, pinned) answers; the second is plaintext, which a pin rules out.
+    url, ca = tls_server
+    for make in (weft.Client, weft.aio.Client):
+        with pytest.raises(ValueError, match="http://127.0.0.1:9 is plaintext, but a CA or pin was given"):
+            make(f"{url},http://127.0.0.1:9", ca_pin=ca.pin)
+    assert ca_fetches == [], "refused before anything was dialled"
+
+
+def test_the_token_comes_from_weft_token_file_as_the_cli_reads_it(monkeypatch, tmp_path):
+    from weft._channel import client_token
+
+    path = tmp_path / "admin.token"
+    path.write_text("  weft_file_secret\n")
+    monkeypatch.setenv("WEFT_TOKEN", "weft_env_secret")
+    monkeypatch.setenv("WEFT_TOKEN_FILE", str(path))
+    assert client_token(None) == "weft_file_secret", "the file wins over $WEFT_TOKEN"
+    assert client_token(" weft_arg ") == "weft_arg", "an argument wins over both"
+    monkeypatch.setenv("WEFT_TOKEN_FILE", "")
+    assert client_token(None) == "weft_env_secret"
+
+    missing = tmp_path / "nope.token"
+    monkeypatch.setenv("WEFT_TOKEN_FILE", str(missing))
+    with pytest.raises(ValueError, match=f"cannot read the client token file {missing}"):
+        weft.Client("http://127.0.0.1:9")
+    path.write_text("\n")
+    monkeypatch.setenv("WEFT_TOKEN_FILE", str(path))
+    with pytest.raises(ValueError, match=f"the client token file {path} .* is empty"):
+        weft.aio.Client("http://127.0.0.1:9")
+
+
+def test_pin_mismatch_is_exported_and_a_weft_error():
+    assert issubclass(weft.PinMismatch, weft.WeftError) and issubclass(weft.PinMismatch, ValueError)
+    from weft._channel import PinMismatch
+
+    assert PinMismatch is weft.PinMismatch
+
+
+# -- the asyncio client's lazily opened channel --------------------------------
+
+
+class _FakeChannel:
+    def __init__(self):
+        self.closed = False
+
+    async def close(self, grace=None):
+        self.closed = True
+
+
+def _opener(*outcomes, delay=0.1):
+    """An ``open_channel`` for :class:`_LazyChannel`: each opening takes ``delay`` and ends
+    as the next of ``outcomes`` (an exception raises); ``.opened`` counts them."""
+
+    async def open_channel():
+        open_channel.opened += 1
+        await asyncio.sleep(delay)
+        outcome = outcomes[min(open_channel.opened, len(outcomes)) - 1]
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    open_channel.opened = 0
+    return open_channel
+
+
+async def _cancelled_first_caller(lazy):
+    first = asyncio.ensure_future(lazy.channel())
+    await asyncio.sleep(0.02)
+    first.cancel()
+    await asyncio.sleep(0.2)  # the opening ends meanwhile, with nobody waiting
+
+
+async def test_a_lazy_channel_keeps_what_an_orphaned_opening_opened_and_closes_it():
+    from weft._channel import _LazyChannel
+
+    channel = _FakeChannel()
+    lazy = _LazyChannel(_opener(channel))
+    await _cancelled_first_caller(lazy)
+    assert await lazy.channel() is channel
+    await lazy.close()
+    assert channel.closed
+
+    channel = _FakeChannel()
+    lazy = _LazyChannel(_opener(channel))
+    await _cancelled_first_caller(lazy)
+    await lazy.close()
+    assert channel.closed, "closed though no call ever got it"
+
+
+async def test_a_lazy_channel_forgets_an_orphaned_failed_opening():
+    from weft._channel import _LazyChannel
+
+    channel = _FakeChannel()
+    lazy = _LazyChannel(_opener(weft.Unavailable("coordinator down"), channel))
+    await _cancelled_first_caller(lazy)
+    assert await lazy.channel() is channel, "opened again, not the stale error"
+
+
+async def test_a_closed_lazy_channel_refuses_calls_and_opens_nothing():
+    from weft._channel import _LazyChannel
+
+    opener = _opener(_FakeChannel())
+    lazy = _LazyChannel(opener)
+    await lazy.close()
+    with pytest.raises(grpc.aio.UsageError, match="closed"):
+        await lazy.channel()
+    assert opener.opened == 0
+
+    # Closed while opening: the opening is cancelled, and nothing is left open.
+    channel = _FakeChannel()
+    lazy = _LazyChannel(_opener(channel))
+    waiting = asyncio.ensure_future(lazy.channel())
+    await asyncio.sleep(0.02)
+    await lazy.close()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    await asyncio.sleep(0.2)
+    assert not channel.closed and lazy._channel is None

@@ -12,6 +12,7 @@ The generated ``weft.v1`` stubs live in ``weft._proto`` (``node_pb2``,
 ``task_pb2``, ... and their ``*_pb2_grpc`` services).
 """
 
+from ._channel import PinMismatch
 from .client import Client
 from .executor import AsyncExecutor, Executor, RemoteTraceback
 from .errors import (
@@ -57,7 +58,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AlreadyExists", "AsyncExecutor", "Attempt", "Cancelled", "Client", "ClusterInfo", "Context", "DeadlineExceeded", "Executor",
     "FailedPrecondition", "HandlerError", "Internal", "InvalidArgument", "Job", "JobCancelled", "LimitInfo", "NodeInfo",
-    "NodeState", "NotFound", "OutputStream", "PROTOCOL_VERSION", "ParentResult", "PermissionDenied", "Ref",
+    "NodeState", "NotFound", "OutputStream", "PROTOCOL_VERSION", "ParentResult", "PermissionDenied", "PinMismatch", "Ref",
     "RemoteTraceback", "ResourceExhausted", "Schedule", "Task", "TaskCancelled", "TaskEvent", "TaskFailed",
     "TaskSkipped", "TaskState", "TaskTimedOut", "Unauthenticated", "Unavailable", "Unimplemented", "UpstreamFailed",
     "WeftError", "Worker", "call_spec", "exec_spec", "parse_duration", "parse_label",

@@ -185,10 +185,11 @@ def _unverified_chain(tls: ssl.SSLSocket) -> List[bytes]:
     return [cert.public_bytes(_ssl.ENCODING_DER) for cert in sslobj.get_unverified_chain() or ()]
 
 
-class PinMismatch(ValueError):
+class PinMismatch(errors.WeftError, ValueError):
     """The coordinator's certificate chain holds no certificate with the
     expected pin: it is not the cluster's coordinator (or the pin is
-    wrong). Nothing was sent to it."""
+    wrong). Nothing was sent to it. A :class:`weft.WeftError`, and a
+    ValueError as a malformed pin is."""
 
 
 def fetch_pinned_ca(target: str, pin: str, timeout: float = 5.0) -> bytes:
@@ -257,10 +258,30 @@ def _credentials(target: str, ca_file: Optional[str], ca_pin: Optional[str]) -> 
 
 
 def client_token(token: str | None) -> Optional[str]:
-    """``token``, else ``$WEFT_TOKEN``, else None (surrounding blanks dropped)."""
-    value = token if token is not None else os.environ.get("WEFT_TOKEN")
+    """The client token, in the CLI's order (``cli/src/token.rs``):
+    ``token`` when given (even empty: then none), else the contents of
+    ``$WEFT_TOKEN_FILE``, else ``$WEFT_TOKEN``, else None; surrounding
+    blanks dropped. Raises ValueError naming the file when
+    ``$WEFT_TOKEN_FILE`` cannot be read or holds nothing."""
+    if token is not None:
+        value = token
+    elif os.environ.get("WEFT_TOKEN_FILE"):
+        value = _read_token_file(os.environ["WEFT_TOKEN_FILE"])
+    else:
+        value = os.environ.get("WEFT_TOKEN")
     value = (value or "").strip()
     return value or None
+
+
+def _read_token_file(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            token = f.read().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read the client token file {path} ($WEFT_TOKEN_FILE): {e}") from None
+    if not token:
+        raise ValueError(f"the client token file {path} ($WEFT_TOKEN_FILE) is empty")
+    return token
 
 
 def _with_token(metadata, token: str):
@@ -371,7 +392,17 @@ def _check_plaintext(url: str, target: str, token: Optional[str], ca_file: Optio
                          "(ca_file= / WEFT_CA, ca_pin= / WEFT_CA_PIN) for a coordinator started with --insecure")
     if token:
         warnings.warn(f"sending the client token over plaintext {url}: anyone on the path can read it; "
-                      "dial https:// with the cluster CA", PlaintextTokenWarning, stacklevel=4)
+                      "dial https:// with the cluster CA", PlaintextTokenWarning, stacklevel=5)
+
+
+def _check_addresses(url: str, token: Optional[str], ca_file: Optional[str], ca_pin: Optional[str]) -> None:
+    """Checks what needs no network in every address of ``url``: its form
+    (:func:`parse_addresses`) and, for ``http://``, the plaintext rules
+    (:func:`_check_plaintext`), whichever address is dialled later."""
+    for address in parse_addresses(url):
+        target, secure = parse_target(address)
+        if not secure:
+            _check_plaintext(address, target, token, ca_file, ca_pin)
 
 
 def sync_channel(url: str | None, token: str | None = None, ca_file: Optional[str] = None,
@@ -381,13 +412,14 @@ def sync_channel(url: str | None, token: str | None = None, ca_file: Optional[st
     :func:`root_certificates`), plaintext for ``http://`` (where a CA or pin
     is refused and a token warned about: see :func:`_check_plaintext`);
     with a ``token``, every call carries it as ``authorization: Bearer``
-    metadata. Several comma-separated addresses: the first that accepts a
-    connection (:func:`first_reachable`); calls are not sent again to
-    another one."""
-    url = _pick(coordinator_url(url))
+    metadata. Several comma-separated addresses: each checked first (as
+    :func:`_check_addresses`), then the first that accepts a connection
+    (:func:`first_reachable`); calls are not sent again to another one."""
+    url = coordinator_url(url)
+    # Every address is checked before any is probed, as the asyncio client does.
+    _check_addresses(url, token, ca_file, ca_pin)
+    url = _pick(url)
     target, secure = parse_target(url)
-    if not secure:
-        _check_plaintext(url, target, token, ca_file, ca_pin)
     if secure:
         channel = grpc.secure_channel(target, _credentials(target, ca_file, ca_pin), options=_OPTIONS)
     else:
@@ -434,10 +466,7 @@ def _resolve_later(url: str, token: Optional[str], ca_file: Optional[str], ca_pi
     now what needs no network (the addresses, the plaintext rules) and
     answers the blocking rest, the address to dial and the CA to trust, as
     a function for a worker thread."""
-    for address in parse_addresses(url):
-        target, secure = parse_target(address)
-        if not secure:
-            _check_plaintext(address, target, token, ca_file, ca_pin)
+    _check_addresses(url, token, ca_file, ca_pin)
 
     def resolve() -> Tuple[str, Optional[bytes]]:
         picked = _pick(url)
@@ -489,29 +518,43 @@ class _LazyChannel:
     (a coroutine): the stubs built on it keep their methods, each unary
     call awaits the opening, each streaming call opens on its first
     message. Only what the SDK's stubs and calls use: the four kinds of
-    methods, ``close``."""
+    methods, ``close``.
+
+    The opening is a task of its own, shared by the calls that wait on it:
+    a caller cancelled meanwhile does not cancel it, and its outcome is
+    taken by a done-callback (:meth:`_opened`), so a channel it opens is
+    kept (and closed by :meth:`close`) whoever still waits on it."""
 
     def __init__(self, open_channel):
         self._open_channel = open_channel
         self._channel: Optional[grpc.aio.Channel] = None
         self._opening: Optional[asyncio.Future] = None
+        self._closed = False
 
     async def channel(self) -> grpc.aio.Channel:
         """The channel, opened once whoever asks first. An opening that
         failed (the coordinator down, a wrong pin) raises to the calls
-        that waited on it and is not kept: the next call opens again."""
-        if self._channel is None:
-            if self._opening is None:
-                self._opening = asyncio.ensure_future(self._open_channel())
-            opening = self._opening
-            try:
-                channel = await asyncio.shield(opening)
-            except Exception:
-                if self._opening is opening:
-                    self._opening = None
-                raise
-            self._channel = channel
-        return self._channel
+        that waited on it and is not kept: the next call opens again.
+        After :meth:`close`, raises ``grpc.aio.UsageError``."""
+        if self._closed:
+            raise grpc.aio.UsageError("the channel is closed: this client was closed")
+        if self._channel is not None:
+            return self._channel
+        if self._opening is None:
+            opening = asyncio.ensure_future(self._open_channel())
+            opening.add_done_callback(self._opened)
+            self._opening = opening
+        return await asyncio.shield(self._opening)
+
+    def _opened(self, opening: asyncio.Future) -> None:
+        """Takes an opening's outcome: its channel is kept, its failure
+        forgotten (it was raised to whoever waited). An opening no longer
+        current was cancelled or taken by :meth:`close`."""
+        if self._opening is not opening:
+            return
+        self._opening = None
+        if not opening.cancelled() and opening.exception() is None:
+            self._channel = opening.result()
 
     def unary_unary(self, method, *args, **kwargs):
         async def call(request, **options):
@@ -534,10 +577,19 @@ class _LazyChannel:
             self, "stream_stream", method, args, kwargs, requests, options)
 
     async def close(self, grace: Optional[float] = None) -> None:
-        if self._channel is not None:
-            await self._channel.close(grace)
-        elif self._opening is not None:
-            self._opening.cancel()
+        """Closes the channel, one an opening finished with included (its
+        done-callback may not have run yet), or cancels the opening under
+        way. Later calls raise ``grpc.aio.UsageError``."""
+        self._closed = True
+        channel, self._channel = self._channel, None
+        opening, self._opening = self._opening, None
+        if channel is None and opening is not None:
+            if not opening.done():
+                opening.cancel()
+            elif not opening.cancelled() and opening.exception() is None:
+                channel = opening.result()
+        if channel is not None:
+            await channel.close(grace)
 
     async def __aenter__(self):
         return self

@@ -19,9 +19,11 @@ from . import errors
 from ._channel import client_token, lazy_aio_channel
 from ._proto import admin_pb2, admin_pb2_grpc, common_pb2, schedule_pb2, schedule_pb2_grpc, task_pb2, task_pb2_grpc
 from .client import (
+    MAP_CANCEL_REASON,
     SUBMIT_BATCH,
     UNARY_TIMEOUT,
     InputLike,
+    _Resume,
     _deadline,
     _distinct,
     _InOrder,
@@ -30,6 +32,8 @@ from .client import (
     _open_wait,
     _call_requests,
     _remaining,
+    _unary_timeout,
+    _unread,
     _wait_many_batch,
 )
 from .models import (
@@ -96,7 +100,7 @@ class Client:
 
     async def _unary(self, method, request, timeout: Optional[float] = None):
         try:
-            return await method(request, timeout=timeout or UNARY_TIMEOUT)
+            return await method(request, timeout=UNARY_TIMEOUT if timeout is None else timeout)
         except grpc.RpcError as e:
             raise errors.from_rpc_error(e) from None
 
@@ -153,7 +157,10 @@ class Client:
 
     async def get(self, task_id: str) -> Task:
         """A task's current record."""
-        response = await self._unary(self._tasks.Get, task_pb2.GetRequest(task_id=task_id))
+        return await self._get(task_id)
+
+    async def _get(self, task_id: str, timeout: Optional[float] = None) -> Task:
+        response = await self._unary(self._tasks.Get, task_pb2.GetRequest(task_id=task_id), timeout)
         return Task.from_pb(response.task)
 
     async def list(
@@ -209,18 +216,29 @@ class Client:
         return self._stream(self._tasks.Run(task_pb2.RunRequest(spec=spec)))
 
     async def wait(self, task_id: str, timeout: Optional[DurationLike] = None) -> Task:
-        """Until the task reaches a final state; DeadlineExceeded after ``timeout``."""
+        """Until the task reaches a final state; DeadlineExceeded after ``timeout``, Unavailable
+        after failing tries for the resume window (see :meth:`weft.Client.wait`)."""
         deadline = _deadline(timeout)
+        resume = _Resume()
+        first = True
         while True:
-            task = await self.get(task_id)
-            if task.is_final:
-                return task
+            resume.opened()
             try:
+                task = await self._get(task_id, _unary_timeout(deadline, first))
+                first = False
+                resume.ok()
+                if task.is_final:
+                    return task
                 async for event in self.watch(task_id, task.next_seq, timeout=_remaining(deadline)):
+                    resume.ok()
                     if event.kind == "finished" and event.task is not None:
                         return event.task
             except errors.Unavailable:
-                await asyncio.sleep(0.2)
+                # The coordinator went away, or the channel did not open (a pinned CA not fetched).
+                pause = resume.failed(deadline)
+                if pause is None:
+                    raise
+                await asyncio.sleep(pause)
             _remaining(deadline)
 
     async def wait_many(self, task_ids: Iterable[str], timeout: Optional[DurationLike] = None) -> AsyncIterator[Task]:
@@ -235,26 +253,31 @@ class Client:
         """:meth:`wait_many`'s records as they come (``weft.Executor`` reads a
         pickled result straight from one)."""
         deadline = _deadline(timeout)
+        resume = _Resume()
         pending = _distinct(task_ids)
         left = set(pending)
         while left:
             batches = self._wait_batches
+            resume.opened()
             call = _open_wait(self._tasks, _wait_many_batch(pending, left), batches, _remaining(deadline), results_only)
             try:
-                async for message in call:
-                    for record in _new_records(message, batches, left):
-                        yield record
-            except grpc.RpcError as e:
-                if batches and e.code() == grpc.StatusCode.UNIMPLEMENTED:
-                    self._wait_batches = False  # an older coordinator: one record per message
-                    continue
-                error = errors.from_rpc_error(e)
-                if not isinstance(error, errors.Unavailable):
+                try:
+                    async for message in call:
+                        resume.ok()
+                        for record in _new_records(message, batches, left):
+                            yield record
+                except grpc.RpcError as e:
+                    if batches and e.code() == grpc.StatusCode.UNIMPLEMENTED:
+                        self._wait_batches = False  # an older coordinator: one record per message
+                        continue
+                    raise errors.from_rpc_error(e) from None
+            except errors.Unavailable as error:
+                # The coordinator went away, or the channel did not open (a pinned CA not
+                # fetched): resume for the rest, within the window.
+                pause = resume.failed(deadline)
+                if pause is None:
                     raise error from None
-                await asyncio.sleep(0.2)  # the coordinator went away: resume for the rest
-                _remaining(deadline)
-            except errors.Unavailable:
-                await asyncio.sleep(0.2)  # the channel did not open (a pinned CA not fetched): again
+                await asyncio.sleep(pause)
                 _remaining(deadline)
             finally:
                 call.cancel()
@@ -271,15 +294,40 @@ class Client:
         timeout: Optional[DurationLike] = None,
         **options,
     ) -> AsyncIterator[bytes]:
-        """``async for result in client.map(handler, inputs)``: results in input order (see
+        """``async for result in client.map(handler, inputs)``: results in input order; the
+        calls not yielded are cancelled when it stops early, ``aclose()`` included (see
         :meth:`weft.Client.map`)."""
         ids: List[str] = []
-        for request in _call_requests(handler, inputs, options):
-            ids.extend((await self._unary(self._tasks.Submit, request)).task_ids)
-        order = _InOrder(ids)
-        async for record in self._wait_many_records(ids, timeout, results_only=True):
-            for result in order.add(record):
-                yield result
+        jobs: List[Tuple[str, int]] = []
+        order: Optional[_InOrder] = None
+        try:
+            for request in _call_requests(handler, inputs, options):
+                response = await self._unary(self._tasks.Submit, request)
+                ids.extend(response.task_ids)
+                jobs.append((response.job_id or response.task_ids[0], len(ids)))
+            order = _InOrder(ids)
+            async for record in self._wait_many_records(ids, timeout, results_only=True):
+                for result in order.add(record):
+                    yield result
+        finally:
+            for job_id, unread in _unread(ids, jobs, order):
+                await self._cancel_unread(job_id, unread)
+
+    async def _cancel_unread(self, job_id: str, unread: List[str]) -> None:
+        """Cancels what ``map`` did not yield of one ``Submit`` (see
+        :meth:`weft.Client._cancel_unread`); errors are dropped."""
+        try:
+            try:
+                request = task_pb2.CancelJobRequest(job_id=job_id, reason=MAP_CANCEL_REASON)
+                await self._unary(self._tasks.CancelJob, request)
+            except errors.Unimplemented:
+                for task_id in unread:
+                    try:
+                        await self.cancel(task_id, MAP_CANCEL_REASON)
+                    except errors.FailedPrecondition:
+                        pass  # final already
+        except errors.WeftError:
+            pass
 
     async def cancel(self, task_id: str, reason: str = "") -> Task:
         """Cancels a task; returns it as recorded after the cancel."""

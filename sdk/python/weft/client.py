@@ -163,6 +163,25 @@ def _new_records(message, batches: bool, left: set) -> List[task_pb2.Task]:
     return fresh
 
 
+#: The reason recorded on the tasks :meth:`Client.map` cancels when it stops early.
+MAP_CANCEL_REASON = "cancelled by weft map: its results were no longer read"
+
+
+def _unread(ids: List[str], jobs: List[Tuple[str, int]], order: Optional["_InOrder"]) -> List[Tuple[str, List[str]]]:
+    """What ``map`` submitted and did not yield, per ``Submit``: ``(job id, task ids)`` for
+    each job (``jobs``: its id and where its tasks end in ``ids``) with a task at or past
+    the first result not yielded, less the tasks already known final."""
+    first = order.next if order is not None else 0
+    final = order.done if order is not None else {}
+    unread, start = [], 0
+    for job_id, end in jobs:
+        left = [task_id for task_id in ids[max(start, first):end] if task_id not in final]
+        if left:
+            unread.append((job_id, left))
+        start = end
+    return unread
+
+
 def _job_id(job: Any) -> str:
     """A job id from a str or a :class:`weft.Job`."""
     if isinstance(job, Job):
@@ -185,6 +204,70 @@ def _remaining(deadline: Optional[float]) -> Optional[float]:
     return left
 
 
+#: The least time a wait's first look at its task gets, so that ``wait(id, timeout=0)``
+#: still answers a task already final (as ``Future.result(timeout=0)`` does).
+FIRST_LOOK_MIN = 1.0
+
+
+def _unary_timeout(deadline: Optional[float], first: bool = False) -> float:
+    """The deadline of one unary call within a wait: what is left of it, at most
+    :data:`UNARY_TIMEOUT` (DeadlineExceeded when nothing is); the ``first`` look at the task
+    gets at least :data:`FIRST_LOOK_MIN`."""
+    if first and deadline is not None:
+        left = max(deadline - time.monotonic(), FIRST_LOOK_MIN)
+        return min(left, UNARY_TIMEOUT)
+    left = _remaining(deadline)
+    return UNARY_TIMEOUT if left is None else min(left, UNARY_TIMEOUT)
+
+
+#: How long a wait (``wait``, ``wait_many``, ``as_completed``, ``map``, ``wait_job``) goes on
+#: trying again while the coordinator cannot be reached: a run of failed tries this long, with
+#: no try between them that got through, ends it with the last :class:`weft.Unavailable`
+#: (``RESUME_WINDOW`` of the Rust client). A wait's ``timeout`` ends it sooner.
+RESUME_WINDOW = 30.0
+#: The pause before the first try again; it doubles up to :data:`RESUME_BACKOFF_MAX`.
+RESUME_BACKOFF_MIN = 0.1
+RESUME_BACKOFF_MAX = 1.0
+
+
+class _Resume:
+    """The rule of a wait that tries again after :class:`weft.Unavailable` (as ``Follow`` in
+    ``client/src/follow.rs``): pauses doubling from :data:`RESUME_BACKOFF_MIN` to
+    :data:`RESUME_BACKOFF_MAX`, until :data:`RESUME_WINDOW` has passed since the first failed
+    try of a run. A try that got data (:meth:`ok`), or stayed open at least
+    :data:`RESUME_BACKOFF_MAX` before it broke, ends the run. No sleeping here: the sync and
+    asyncio clients share it and sleep each their own way."""
+
+    def __init__(self):
+        self._failing_since: Optional[float] = None
+        self._opened_at: Optional[float] = None
+        self._backoff = RESUME_BACKOFF_MIN
+
+    def opened(self) -> None:
+        """A try starts."""
+        self._opened_at = time.monotonic()
+
+    def ok(self) -> None:
+        """The try got data: the coordinator is there."""
+        self._failing_since = None
+        self._backoff = RESUME_BACKOFF_MIN
+
+    def failed(self, deadline: Optional[float]) -> Optional[float]:
+        """A try failed UNAVAILABLE: the pause before the next (cut short at ``deadline``), or
+        None when the window is spent and the wait should raise the error."""
+        now = time.monotonic()
+        opened, self._opened_at = self._opened_at, None
+        if opened is not None and now - opened >= RESUME_BACKOFF_MAX:
+            self.ok()  # it had been healthy: this break starts a new run
+        if self._failing_since is None:
+            self._failing_since = now
+        if now - self._failing_since >= RESUME_WINDOW:
+            return None
+        pause = self._backoff
+        self._backoff = min(self._backoff * 2, RESUME_BACKOFF_MAX)
+        return pause if deadline is None else max(0.0, min(pause, deadline - now))
+
+
 class Client:
     """A connection to a coordinator's TaskService and AdminService.
 
@@ -197,7 +280,8 @@ class Client:
     taken from the chain the coordinator sends; with a file it checks the file); with ``http://`` a CA or
     pin (given or from the environment) raises ValueError, and a token
     warns :class:`weft._channel.PlaintextTokenWarning`. ``token`` is a client
-    token (default: ``$WEFT_TOKEN``), sent as ``authorization: Bearer``
+    token (default: the contents of ``$WEFT_TOKEN_FILE``, else ``$WEFT_TOKEN``),
+    sent as ``authorization: Bearer``
     metadata on every call; without a valid one calls raise
     :class:`weft.Unauthenticated`, and with one lacking the call's scope
     :class:`weft.PermissionDenied`. The channel connects
@@ -233,7 +317,7 @@ class Client:
 
     def _unary(self, method, request, timeout: Optional[float] = None):
         try:
-            return method(request, timeout=timeout or UNARY_TIMEOUT)
+            return method(request, timeout=UNARY_TIMEOUT if timeout is None else timeout)
         except grpc.RpcError as e:
             raise errors.from_rpc_error(e) from None
 
@@ -307,7 +391,10 @@ class Client:
 
     def get(self, task_id: str) -> Task:
         """A task's current record; :class:`weft.NotFound` for an unknown id."""
-        return Task.from_pb(self._unary(self._tasks.Get, task_pb2.GetRequest(task_id=task_id)).task)
+        return self._get(task_id)
+
+    def _get(self, task_id: str, timeout: Optional[float] = None) -> Task:
+        return Task.from_pb(self._unary(self._tasks.Get, task_pb2.GetRequest(task_id=task_id), timeout).task)
 
     def list(
         self,
@@ -377,20 +464,32 @@ class Client:
     def wait(self, task_id: str, timeout: Optional[DurationLike] = None) -> Task:
         """Blocks until the task reaches a final state and returns it.
 
-        Raises :class:`weft.DeadlineExceeded` (a ``TimeoutError``) after ``timeout``.
+        Raises :class:`weft.DeadlineExceeded` (a ``TimeoutError``) after ``timeout``, which
+        bounds every call it makes, except that its first look at the task gets at least
+        :data:`FIRST_LOOK_MIN` (so ``timeout=0`` answers a task already final). While the coordinator cannot be reached it tries again
+        (:data:`RESUME_WINDOW`), then raises :class:`weft.Unavailable`.
         """
         deadline = _deadline(timeout)
+        resume = _Resume()
+        first = True
         while True:
-            task = self.get(task_id)
-            if task.is_final:
-                return task
+            resume.opened()
             try:
+                task = self._get(task_id, _unary_timeout(deadline, first))
+                first = False
+                resume.ok()
+                if task.is_final:
+                    return task
                 for event in self.watch(task_id, task.next_seq, timeout=_remaining(deadline)):
+                    resume.ok()
                     if event.kind == "finished" and event.task is not None:
                         return event.task
             except errors.Unavailable:
-                # The coordinator went away mid-watch; retry until the deadline.
-                time.sleep(0.2)
+                # The coordinator went away (restarting, or a standby taking over): again.
+                pause = resume.failed(deadline)
+                if pause is None:
+                    raise
+                time.sleep(pause)
             _remaining(deadline)
 
     def wait_many(self, task_ids: Iterable[str], timeout: Optional[DurationLike] = None) -> Iterator[Task]:
@@ -398,7 +497,8 @@ class Client:
         completion order; ends when all are. One stream (``WaitMany``) per
         :data:`WAIT_MANY_BATCH` ids, not one per task. :class:`weft.NotFound` for an unknown id
         (before anything is yielded); :class:`weft.DeadlineExceeded` after ``timeout`` for the
-        whole wait; a dropped connection is resumed for the tasks still missing.
+        whole wait; a dropped connection is resumed for the tasks still missing, for up to
+        :data:`RESUME_WINDOW` of failed tries in a row (then :class:`weft.Unavailable`).
         """
         for record in self._wait_many_records(task_ids, timeout):
             yield Task.from_pb(record)
@@ -410,13 +510,16 @@ class Client:
         over ``WaitManyBatches`` (the records ready together in one message: a Python client's
         cost is per message), or ``WaitMany`` from a coordinator without it."""
         deadline = _deadline(timeout)
+        resume = _Resume()
         pending = _distinct(task_ids)
         left = set(pending)
         while left:
             batches = self._wait_batches
+            resume.opened()
             call = _open_wait(self._tasks, _wait_many_batch(pending, left), batches, _remaining(deadline), results_only)
             try:
                 for message in call:
+                    resume.ok()
                     for record in _new_records(message, batches, left):
                         yield record
             except grpc.RpcError as e:
@@ -424,9 +527,10 @@ class Client:
                     self._wait_batches = False  # an older coordinator: one record per message
                     continue
                 error = errors.from_rpc_error(e)
-                if not isinstance(error, errors.Unavailable):
+                pause = resume.failed(deadline) if isinstance(error, errors.Unavailable) else None
+                if pause is None:
                     raise error from None
-                time.sleep(0.2)  # the coordinator went away: resume for the rest
+                time.sleep(pause)  # the coordinator went away: resume for the rest
                 _remaining(deadline)
             finally:
                 call.cancel()
@@ -450,13 +554,43 @@ class Client:
         :meth:`wait_many`. Raises :class:`weft.TaskFailed` (or ``TaskCancelled``/``TaskTimedOut``)
         at the first failed call in input order; :class:`weft.DeadlineExceeded` after ``timeout``.
         Options as :func:`weft.call_spec`.
+
+        As :meth:`concurrent.futures.Executor.map`, the calls whose results were not yielded
+        are cancelled when it stops early: an error (a failed call, a refused ``Submit``
+        after others went through, a timeout) or the caller leaving the iteration (``break``,
+        ``close()``).
         """
         ids: List[str] = []
-        for request in _call_requests(handler, inputs, options):
-            ids.extend(self._unary(self._tasks.Submit, request).task_ids)
-        order = _InOrder(ids)
-        for record in self._wait_many_records(ids, timeout, results_only=True):
-            yield from order.add(record)
+        jobs: List[Tuple[str, int]] = []
+        order: Optional[_InOrder] = None
+        try:
+            for request in _call_requests(handler, inputs, options):
+                response = self._unary(self._tasks.Submit, request)
+                ids.extend(response.task_ids)
+                jobs.append((response.job_id or response.task_ids[0], len(ids)))
+            order = _InOrder(ids)
+            for record in self._wait_many_records(ids, timeout, results_only=True):
+                yield from order.add(record)
+        finally:
+            for job_id, unread in _unread(ids, jobs, order):
+                self._cancel_unread(job_id, unread)
+
+    def _cancel_unread(self, job_id: str, unread: List[str]) -> None:
+        """Cancels what ``map`` submitted in one ``Submit`` (the job ``job_id``) and did not
+        yield: the whole job (the tasks yielded are final already), or each of ``unread`` on
+        a coordinator without ``CancelJob``. Errors are dropped: the caller is on its way
+        out, with an error of its own perhaps."""
+        try:
+            try:
+                self._unary(self._tasks.CancelJob, task_pb2.CancelJobRequest(job_id=job_id, reason=MAP_CANCEL_REASON))
+            except errors.Unimplemented:
+                for task_id in unread:
+                    try:
+                        self.cancel(task_id, MAP_CANCEL_REASON)
+                    except errors.FailedPrecondition:
+                        pass  # final already
+        except errors.WeftError:
+            pass
 
     def cancel(self, task_id: str, reason: str = "") -> Task:
         """Cancels a task; returns it as recorded after the cancel.

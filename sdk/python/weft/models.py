@@ -192,10 +192,14 @@ def parse_duration(value: DurationLike) -> float:
 
 
 def duration_to_pb(value: DurationLike) -> duration_pb2.Duration:
-    """A ``google.protobuf.Duration`` from anything :func:`parse_duration` takes."""
+    """A ``google.protobuf.Duration`` from anything :func:`parse_duration` takes
+    (ValueError on a negative one), to the nearest nanosecond."""
     seconds = parse_duration(value)
     whole = int(seconds)
-    return duration_pb2.Duration(seconds=whole, nanos=int(round((seconds - whole) * 1e9)))
+    nanos = int(round((seconds - whole) * 1e9))
+    if nanos >= 1_000_000_000:  # a fraction that rounds up to the next second (2.9999999999)
+        whole, nanos = whole + 1, nanos - 1_000_000_000
+    return duration_pb2.Duration(seconds=whole, nanos=nanos)
 
 
 def duration_from_pb(value: duration_pb2.Duration) -> float:
