@@ -42,7 +42,7 @@ pub struct DepOpts {
     /// that time has passed), with the UTC offset of that day and hour (a
     /// DST change in between is followed; a time the change skips, like
     /// 02:30 on a spring-forward night, is 03:30, and a repeated one is
-    /// its first). Not a duration: that is --delay. The task is PENDING
+    /// the first still to come). Not a duration: that is --delay. The task is PENDING
     /// until then.
     #[arg(long, value_name = "TIME", value_parser = parse_at, conflicts_with = "delay")]
     pub at: Option<SystemTime>,
@@ -115,21 +115,43 @@ fn parse_rule(text: &str) -> Result<DependencyRule, String> {
 /// `--at`: RFC 3339, or HH:MM[:SS] local (today, else tomorrow). A
 /// duration is refused: a time from now is `--delay`.
 pub fn parse_at(text: &str) -> Result<SystemTime, String> {
+    parse_start(text, StartForm::Flag)
+}
+
+/// Where a start time was written, so a refused duration is pointed to the
+/// right form of `delay`.
+#[derive(Clone, Copy, Debug)]
+enum StartForm {
+    /// `--at` (use `--delay 10m`).
+    Flag,
+    /// A graph file's `at:` (use `delay: 10m`).
+    FileKey,
+}
+
+/// [`parse_at`] for `--at` or a graph file's `at:`.
+fn parse_start(text: &str, form: StartForm) -> Result<SystemTime, String> {
     let text = text.trim();
     let expected =
         || format!("{text:?}: expected RFC 3339 (2026-05-01T12:00:00Z) or HH:MM[:SS] (e.g. 14:30)");
-    if !text.is_empty() && text.chars().all(|c| c.is_ascii_digit() || c == ':') {
+    // A bare number is seconds to `--delay`, not a time of day.
+    let seconds = text.parse::<u64>().ok().map(Duration::from_secs);
+    if seconds.is_none() && !text.is_empty() && text.chars().all(|c| c.is_ascii_digit() || c == ':')
+    {
         let clock = parse_clock(text).ok_or_else(expected)?;
         return next_at(&chrono::Local, chrono::Utc::now(), clock)
             .ok_or_else(|| format!("{text:?}: no such local time today or tomorrow"));
     }
-    if let Ok(delay) = humantime::parse_duration(text) {
+    if let Some(delay) = seconds.or_else(|| humantime::parse_duration(text).ok()) {
         let delay = humantime::format_duration(delay)
             .to_string()
             .replace(' ', "");
+        let (at, delay) = match form {
+            StartForm::Flag => ("--at", format!("--delay {delay}")),
+            StartForm::FileKey => ("`at`", format!("`delay: {delay}`")),
+        };
         return Err(format!(
-            "{text:?} is a duration: --at takes a time (RFC 3339, or HH:MM[:SS] local); \
-             for a start this long from now use --delay {delay}"
+            "{text:?} is a duration: {at} takes a time (RFC 3339, or HH:MM[:SS] local); \
+             for a start this long from now use {delay}"
         ));
     }
     crate::args::parse_rfc3339_arg(text).map_err(|_| expected())
@@ -150,7 +172,8 @@ fn parse_clock(text: &str) -> Option<chrono::NaiveTime> {
 /// at that time (not the offset now: a DST change may lie between). A time
 /// a change skips (02:30 on a spring-forward night) is read with the
 /// offset before the change (03:30 summer time); one a change repeats is
-/// its first occurrence.
+/// its first occurrence still after `now` (the second, once the first has
+/// passed).
 fn next_at<Tz: chrono::TimeZone>(
     tz: &Tz,
     now: chrono::DateTime<chrono::Utc>,
@@ -159,21 +182,21 @@ fn next_at<Tz: chrono::TimeZone>(
     use chrono::offset::{LocalResult, Offset};
 
     let today = now.with_timezone(tz).date_naive();
+    let utc = |at: chrono::DateTime<Tz>| at.with_timezone(&chrono::Utc);
     let resolve = |local: chrono::NaiveDateTime| match tz.from_local_datetime(&local) {
-        LocalResult::Single(at) | LocalResult::Ambiguous(at, _) => {
-            Some(at.with_timezone(&chrono::Utc))
-        }
+        LocalResult::Single(at) => vec![utc(at)],
+        LocalResult::Ambiguous(first, second) => vec![utc(first), utc(second)],
         LocalResult::None => {
             let before = tz
                 .offset_from_utc_datetime(&(local - chrono::TimeDelta::days(1)))
                 .fix()
                 .local_minus_utc();
-            Some((local - chrono::TimeDelta::seconds(before.into())).and_utc())
+            vec![(local - chrono::TimeDelta::seconds(before.into())).and_utc()]
         }
     };
     [today, today.succ_opt()?]
         .into_iter()
-        .filter_map(|date| resolve(date.and_time(clock)))
+        .flat_map(|date| resolve(date.and_time(clock)))
         .find(|at| *at > now)
         .map(SystemTime::from)
 }
@@ -375,7 +398,9 @@ fn file_spec(i: usize, t: &FileTask, refs: &HashSet<&str>) -> Result<TaskSpec, S
     match (&t.at, &t.delay) {
         (Some(_), Some(_)) => return Err(task_error(i, t, "at", "give `at` or `delay`, not both")),
         (Some(at), None) => {
-            spec = spec.not_before(parse_at(at).map_err(|e| task_error(i, t, "at", e))?)
+            spec = spec.not_before(
+                parse_start(at, StartForm::FileKey).map_err(|e| task_error(i, t, "at", e))?,
+            )
         }
         (None, Some(d)) => {
             let delay = duration(i, t, "delay", d)?;
@@ -531,7 +556,11 @@ pub enum JobCommand {
     /// Follow a job until every task is final, printing each task as it
     /// ends. Exits 0 when all succeeded, else with the code of the first
     /// task (oldest first) that did not, as `weft wait` would for it
-    /// (e.g. 4 upstream_failed, 5 skipped, 130 cancelled).
+    /// (e.g. 4 upstream_failed, 5 skipped, 130 cancelled). Exits 69 when
+    /// the coordinator ends the stream before every task finished, unless
+    /// a task already seen did not succeed: the job has failed, and that
+    /// task's code is the exit code (of the first such task seen, oldest
+    /// first).
     #[command(after_help = exit::EXIT_CODES_HELP)]
     Watch {
         /// The job id.
@@ -624,8 +653,15 @@ async fn watch(client: &Client, format: OutputFormat, job: TaskId) -> anyhow::Re
     let order: HashMap<TaskId, usize> = tasks.iter().enumerate().map(|(i, t)| (t.id, i)).collect();
     let mut ended: Vec<Option<Task>> = vec![None; tasks.len()];
     let mut stream = client.wait_many(tasks.iter().map(|t| t.id).collect());
+    let mut cut = None;
     while let Some(task) = stream.next().await {
-        let task = task?;
+        let task = match task {
+            Ok(task) => task,
+            Err(err) => {
+                cut = Some(err);
+                break;
+            }
+        };
         match format {
             OutputFormat::Text => println!("{}", watch_line(&task)),
             OutputFormat::Json => println!("{}", task_json(&task)),
@@ -634,7 +670,7 @@ async fn watch(client: &Client, format: OutputFormat, job: TaskId) -> anyhow::Re
             ended[*i] = Some(task);
         }
     }
-    watch_exit_code(job, &ended)
+    watch_exit_code(job, &ended, cut)
 }
 
 /// One line of `weft job watch` in text: the task's summary and error
@@ -654,23 +690,38 @@ fn watch_line(task: &Task) -> String {
 }
 
 /// The exit code of `weft job watch`: the first task's that did not
-/// succeed. A stream that ended before every task was reported is an
-/// error (exit 69): the job's outcome is not known.
-fn watch_exit_code(job: TaskId, ended: &[Option<Task>]) -> anyhow::Result<u8> {
+/// succeed. A stream that ended (or broke, `cut`) before every task was
+/// reported is an error (exit 69 when the coordinator went away): the
+/// job's outcome is not known. Unless a task seen did not succeed: then
+/// the job failed whatever the rest do, and that task's code is kept
+/// (with a warning that the watch was cut short).
+fn watch_exit_code(
+    job: TaskId,
+    ended: &[Option<Task>],
+    cut: Option<weft_client::Error>,
+) -> anyhow::Result<u8> {
     let missing = ended.iter().filter(|task| task.is_none()).count();
-    if missing > 0 {
-        return Err(weft_client::Error::Unavailable(format!(
-            "the coordinator ended the stream before {missing} tasks of the job finished; \
-             run `weft job watch {job}` again"
-        ))
-        .into());
-    }
-    Ok(ended
+    let failed = ended
         .iter()
         .flatten()
         .map(exit::for_task)
-        .find(|code| *code != exit::SUCCESS)
-        .unwrap_or(exit::SUCCESS))
+        .find(|code| *code != exit::SUCCESS);
+    let cause = match (cut, missing) {
+        (None, 0) => return Ok(failed.unwrap_or(exit::SUCCESS)),
+        (Some(err), _) => anyhow::Error::from(err),
+        (None, _) => weft_client::Error::Unavailable(format!(
+            "the coordinator ended the stream before {missing} tasks of the job finished; \
+             run `weft job watch {job}` again"
+        ))
+        .into(),
+    };
+    match failed {
+        Some(code) => {
+            eprintln!("weft: warning: {cause}; a task of the job did not succeed already");
+            Ok(code)
+        }
+        None => Err(cause),
+    }
 }
 
 #[cfg(test)]
@@ -866,7 +917,8 @@ mod tests {
         );
         let soon = parse_at("12:30").expect("clock");
         let ahead = soon.duration_since(SystemTime::now()).expect("future");
-        assert!(ahead <= Duration::from_secs(86_400));
+        // Within a day, or a day and the hour a fall-back repeats.
+        assert!(ahead <= Duration::from_secs(25 * 3_600), "{ahead:?}");
         assert!(parse_at("25:00").is_err());
         assert!(parse_at("noon").is_err());
     }
@@ -882,6 +934,12 @@ mod tests {
         }
         assert!(parse_at("10 minutes").unwrap_err().ends_with("--delay 10m"));
         assert!(parse_at("1h 30m").unwrap_err().ends_with("--delay 1h30m"));
+        // A bare number is seconds, not a time of day.
+        let err = parse_at("30").unwrap_err();
+        assert!(
+            err.contains("is a duration") && err.ends_with("--delay 30s"),
+            "{err}"
+        );
         let offset = parse_at("2030-01-01T02:00:00+02:00").expect("offset");
         assert_eq!(
             offset,
@@ -914,6 +972,16 @@ mod tests {
         assert_eq!(
             at("2026-10-24T20:00:00Z", "02:30"),
             utc("2026-10-25T00:30:00Z")
+        );
+        // At 02:10 winter time, past the first 02:40: the second, today.
+        assert_eq!(
+            at("2026-10-25T01:10:00Z", "02:40"),
+            utc("2026-10-25T01:40:00Z")
+        );
+        // Before the first 02:40 (02:10 summer time): the first.
+        assert_eq!(
+            at("2026-10-25T00:10:00Z", "02:40"),
+            utc("2026-10-25T00:40:00Z")
         );
         // 02:30 does not happen on the spring night: 03:30 summer time.
         assert_eq!(
@@ -985,21 +1053,51 @@ mod tests {
         let job = TaskId::new();
         let done = Some(ended(TaskState::Succeeded));
         assert_eq!(
-            watch_exit_code(job, std::slice::from_ref(&done)).unwrap(),
+            watch_exit_code(job, std::slice::from_ref(&done), None).unwrap(),
             exit::SUCCESS
         );
         let cancelled = Some(ended(TaskState::Cancelled));
         assert_eq!(
-            watch_exit_code(job, &[done.clone(), cancelled]).unwrap(),
+            watch_exit_code(job, &[done.clone(), cancelled], None).unwrap(),
             exit::CANCELLED
         );
-        let err = watch_exit_code(job, &[done, None, None]).unwrap_err();
+        let err = watch_exit_code(job, &[done.clone(), None, None], None).unwrap_err();
         assert_eq!(exit::for_error(&err), exit::UNAVAILABLE);
         assert!(
             err.to_string()
                 .contains("before 2 tasks of the job finished"),
             "{err}"
         );
+        let lost = weft_client::Error::Unavailable("connection lost".into());
+        let err = watch_exit_code(job, &[done, None], Some(lost)).unwrap_err();
+        assert_eq!(exit::for_error(&err), exit::UNAVAILABLE);
+    }
+
+    #[test]
+    fn a_watch_cut_short_after_a_failure_exits_with_the_failures_code() {
+        let job = TaskId::new();
+        let done = Some(ended(TaskState::Succeeded));
+        let cancelled = Some(ended(TaskState::Cancelled));
+        assert_eq!(
+            watch_exit_code(job, &[done.clone(), None, cancelled.clone()], None).unwrap(),
+            exit::CANCELLED
+        );
+        let lost = weft_client::Error::Unavailable("connection lost".into());
+        assert_eq!(
+            watch_exit_code(job, &[None, done, cancelled], Some(lost)).unwrap(),
+            exit::CANCELLED
+        );
+    }
+
+    #[test]
+    fn a_duration_in_a_graph_files_at_points_to_its_delay_key() {
+        let (_d, path) = write("g.yaml", "- exec: [sh]\n  at: 10m\n");
+        let err = read_graph(&path).unwrap_err().0;
+        assert!(err.contains("use `delay: 10m`"), "{err}");
+        assert!(!err.contains("--delay"), "{err}");
+        let (_d, path) = write("g.yaml", "- exec: [sh]\n  at: '30'\n");
+        let err = read_graph(&path).unwrap_err().0;
+        assert!(err.contains("use `delay: 30s`"), "{err}");
     }
 
     #[test]

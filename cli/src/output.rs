@@ -170,6 +170,10 @@ pub fn task_duration(task: &Task, now: SystemTime) -> Option<Duration> {
     Some(until.duration_since(since).unwrap_or_default())
 }
 
+/// Where [`task_text`]'s values start: a value of several lines (an error
+/// with its traceback) goes on at this column.
+const DETAIL_INDENT: &str = "               ";
+
 /// A task as a readable block of `key: value` lines.
 pub fn task_text(task: &Task) -> String {
     let mut lines = vec![
@@ -221,7 +225,10 @@ pub fn task_text(task: &Task) -> String {
         lines.push(format!("exit code:     {code}"));
     }
     if !task.error.is_empty() {
-        lines.push(format!("error:         {}", printable(&task.error)));
+        lines.push(format!(
+            "error:         {}",
+            printable_lines(&task.error, DETAIL_INDENT)
+        ));
     }
     if !task.pending_reason.is_empty() {
         lines.push(format!(
@@ -482,6 +489,30 @@ pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
         .into()
 }
 
+/// `text` of several lines (a handler's error: `Type: message`, a blank
+/// line, its traceback) safe to show where a value may span lines: each
+/// line [`printable`] on its own, tabs kept; lines after the first start
+/// with `indent` (blank ones stay empty); trailing line ends dropped. For
+/// a one-line place (a table cell, a `job watch` line) use [`printable`].
+pub fn printable_lines(text: &str, indent: &str) -> String {
+    text.trim_end_matches(['\n', '\r'])
+        .split('\n')
+        .map(|line| {
+            let line = line.strip_suffix('\r').unwrap_or(line);
+            line.split('\t')
+                .map(printable)
+                .collect::<Vec<_>>()
+                .join("\t")
+        })
+        .enumerate()
+        .map(|(i, line)| match (i, line.is_empty()) {
+            (0, _) | (_, true) => line,
+            _ => format!("{indent}{line}"),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// A plain table with a header row; columns padded to their widest cell.
 /// Cells are shown [`printable`]: one line per row, no terminal escapes.
 pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
@@ -543,24 +574,49 @@ fn rfc3339(t: SystemTime) -> String {
     weft_proto::convert::rfc3339(t, true)
 }
 
-/// Arguments joined for display, quoting the ones a shell would split,
-/// each [`printable`].
+/// Arguments joined for display as a shell would take them back: bare
+/// when nothing in them is special, else in single quotes, or, for one
+/// with control characters (a newline in `sh -c` script), as bash's
+/// `$'...'` with those escaped, so the line pastes as the same command and
+/// moves no cursor.
 pub fn shell_words(argv: &[String]) -> String {
     argv.iter()
-        .map(|arg| printable(arg))
         .map(|arg| {
-            if !arg.is_empty()
+            if arg.chars().any(char::is_control) {
+                ansi_c_quoted(arg)
+            } else if !arg.is_empty()
                 && arg
                     .chars()
                     .all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c))
             {
-                arg.into_owned()
+                arg.clone()
             } else {
                 format!("'{}'", arg.replace('\'', r"'\''"))
             }
         })
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// `arg` as bash's ANSI-C quoting: `$'...'` with `\\`, `\'`, `\n`,
+/// `\t`, `\r` and other control characters as `\xHH` (a C1 one, past
+/// 0xff in no byte, as `\uHHHH`); other Unicode as it is.
+fn ansi_c_quoted(arg: &str) -> String {
+    let mut out = String::from("$'");
+    for c in arg.chars() {
+        match c {
+            '\\' => out.push_str(r"\\"),
+            '\'' => out.push_str(r"\'"),
+            '\n' => out.push_str(r"\n"),
+            '\t' => out.push_str(r"\t"),
+            '\r' => out.push_str(r"\r"),
+            c if c.is_ascii_control() => out.push_str(&format!("\\x{:02x}", u32::from(c))),
+            c if c.is_control() => out.push_str(&format!("\\u{:04x}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    out.push('\'');
+    out
 }
 
 #[cfg(test)]
@@ -771,7 +827,44 @@ mod tests {
         for field in ["name", "ref", "node", "error", "waiting"] {
             assert!(text.contains(&format!("{field}\\u{{1b}}]0;pwn")), "{text}");
         }
-        assert!(text.contains("echo '\\u{1b}]0;pwn\\u{7}'"), "{text}");
+        assert!(text.contains(r"echo $'\x1b]0;pwn\x07'"), "{text}");
+    }
+
+    #[test]
+    fn a_multi_line_error_keeps_its_lines_in_the_detail() {
+        let task = Task {
+            error: "ValueError: bad\x1b[2J input\n\nTraceback (most recent call last):\n\
+                    \tFile \"h.py\", line 3\n"
+                .into(),
+            ..failed_task()
+        };
+        let text = task_text(&task);
+        let pad = " ".repeat(15);
+        let expected = format!(
+            "error:         ValueError: bad\\u{{1b}}[2J input\n\n\
+             {pad}Traceback (most recent call last):\n{pad}\tFile \"h.py\", line 3\n"
+        );
+        assert!(text.contains(&expected), "{text}");
+        // One line where one line is the form.
+        let table = tasks_table(&[task], SystemTime::UNIX_EPOCH);
+        assert_eq!(table.lines().count(), 2, "{table}");
+    }
+
+    #[test]
+    fn an_argument_with_control_characters_is_shown_ansi_c_quoted() {
+        let argv = |args: &[&str]| args.iter().map(|a| a.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            shell_words(&argv(&["sh", "-c", "set -e\ncurl x"])),
+            r"sh -c $'set -e\ncurl x'"
+        );
+        assert_eq!(
+            shell_words(&argv(&["printf", "it's\t\\\r\x1b[0m\u{85}é"])),
+            r"printf $'it\'s\t\\\r\x1b[0m\u0085é'"
+        );
+        assert_eq!(
+            shell_words(&argv(&["echo", "a b", "", "x=1", "it's", "é"])),
+            r"echo 'a b' '' x=1 'it'\''s' 'é'"
+        );
     }
 
     #[test]

@@ -19,7 +19,7 @@ use weft_client::{Client, Error, EventBody, EventStream, Task, TaskEvent, TaskSp
 use weft_proto::{Attempt, OutputStream, TaskId, TaskState};
 
 use crate::exit;
-use crate::output::{OutputFormat, event_json};
+use crate::output::{OutputFormat, event_json, printable, printable_lines};
 
 /// How long a CLI command keeps trying to resume a watch whose connection
 /// dropped before it exits 69: longer than a standby takes over from a
@@ -520,8 +520,14 @@ async fn pending_hint(client: &Client, id: TaskId) {
         && task.state == TaskState::Queued
         && !task.pending_reason.is_empty()
     {
-        eprintln!("weft: task {id} is waiting: {}", task.pending_reason);
+        eprintln!("{}", pending_line(id, &task.pending_reason));
     }
+}
+
+/// What [`pending_hint`] prints: the reason [`printable`] (it may name a
+/// label or concurrency key whoever submitted the task chose).
+fn pending_line(id: TaskId, reason: &str) -> String {
+    format!("weft: task {id} is waiting: {}", printable(reason))
 }
 
 /// Writes a followed task's events: output chunks to stdout/stderr as they
@@ -618,7 +624,7 @@ impl Printer {
                 // handler): said at once, not after the usual hint delay.
                 let waiting = *state == TaskState::Queued && reason.starts_with("waiting:");
                 if (requeued || waiting) && !self.verbose {
-                    eprintln!("weft: task {}: {reason}", event.task_id);
+                    eprintln!("weft: task {}: {}", event.task_id, printable(reason));
                 } else if self.verbose && !state.is_final() {
                     // The final state is said once, by `finished`.
                     eprintln!(
@@ -630,9 +636,10 @@ impl Printer {
             EventBody::Progress { fraction, message } => {
                 if self.verbose {
                     eprintln!(
-                        "weft: task {} progress {:.0}% {message}",
+                        "weft: task {} progress {:.0}% {}",
                         event.task_id,
-                        fraction * 100.0
+                        fraction * 100.0,
+                        printable(message)
                     );
                 }
             }
@@ -667,16 +674,17 @@ impl Printer {
 
 /// A state change as `watch` prints it on stderr: the node only while the
 /// task is on one (a queued task is on none, even if it ran before), and
-/// the event's seq, which `watch --from-seq` resumes from.
+/// the event's seq, which `watch --from-seq` resumes from. One line: the
+/// node's name and the reason [`printable`].
 fn state_line(event: &TaskEvent, state: TaskState, node: Option<&str>, reason: &str) -> String {
     let node = match (state, node) {
         (TaskState::Queued, _) | (_, None) => String::new(),
-        (_, Some(node)) => format!(" on {node}"),
+        (_, Some(node)) => format!(" on {}", printable(node)),
     };
     let reason = if reason.is_empty() {
         String::new()
     } else {
-        format!(": {reason}")
+        format!(": {}", printable(reason))
     };
     format!(
         "weft: task {} {state}{node} (attempt {}, seq {}){reason}",
@@ -684,7 +692,9 @@ fn state_line(event: &TaskEvent, state: TaskState, node: Option<&str>, reason: &
     )
 }
 
-/// The stderr line for a task that did not succeed (`None` if it did).
+/// The stderr line for a task that did not succeed (`None` if it did):
+/// the node's name [`printable`]; the error too, but line by line, so a
+/// handler's traceback still reads as one ([`printable_lines`]).
 pub fn failure_line(task: &Task) -> Option<String> {
     let what = match task.state {
         TaskState::Succeeded => return None,
@@ -699,7 +709,7 @@ pub fn failure_line(task: &Task) -> Option<String> {
     };
     let mut line = format!("weft: task {} {what}", task.id);
     if let Some(node) = &task.node_name {
-        line.push_str(&format!(" on {node}"));
+        line.push_str(&format!(" on {}", printable(node)));
     }
     // What the coordinator's error already says (`exited with code 3
     // (attempt 1 of 1)`) is not said twice.
@@ -716,7 +726,7 @@ pub fn failure_line(task: &Task) -> Option<String> {
         line.push_str(&format!(" ({})", details.join(", ")));
     }
     if !task.error.is_empty() {
-        line.push_str(&format!(": {}", task.error));
+        line.push_str(&format!(": {}", printable_lines(&task.error, "  ")));
     }
     Some(line)
 }
@@ -841,6 +851,65 @@ mod tests {
         let line = failure_line(&bare).expect("failed");
         assert!(
             line.ends_with(" failed on n1 (attempt 1, exit code 3)"),
+            "{line}"
+        );
+    }
+
+    #[test]
+    fn state_and_pending_lines_escape_names_and_reasons() {
+        let pwn = "\x1b]0;pwn\x07";
+        let running = event(TaskState::Running, 1);
+        let line = state_line(
+            &running,
+            TaskState::Running,
+            Some(&format!("n{pwn}")),
+            &format!("r{pwn}\nx"),
+        );
+        assert!(!line.contains(['\x1b', '\x07', '\n']), "{line}");
+        assert!(
+            line.contains(" running on n\\u{1b}]0;pwn\\u{7} (attempt 1, seq 7): r\\u{1b}"),
+            "{line}"
+        );
+        assert!(line.ends_with("\\u{7}\\nx"), "{line}");
+        let line = pending_line(TaskId::new(), &format!("concurrency key k{pwn}\nx"));
+        assert!(
+            line.ends_with(" is waiting: concurrency key k\\u{1b}]0;pwn\\u{7}\\nx"),
+            "{line}"
+        );
+    }
+
+    #[test]
+    fn the_failure_line_escapes_the_node_and_keeps_a_tracebacks_lines() {
+        let task = Task {
+            id: TaskId::new(),
+            spec: None,
+            state: TaskState::Failed,
+            attempt: Attempt(1),
+            node_id: None,
+            node_name: Some("n\x1b[2J".into()),
+            exit_code: None,
+            output: bytes::Bytes::new(),
+            error: "KeyError: 'x\x1b[2J'\n\nTraceback (most recent call last):\n  \
+                    File \"h.py\"\n"
+                .into(),
+            pending_reason: String::new(),
+            failures: 1,
+            node_losses: 0,
+            created_at: None,
+            updated_at: None,
+            next_seq: 0,
+            last_outcome: None,
+            attempts: Vec::new(),
+            job_id: None,
+            waiting_for: Vec::new(),
+        };
+        let line = failure_line(&task).expect("failed");
+        assert!(!line.contains('\x1b'), "{line}");
+        assert!(
+            line.ends_with(
+                " failed on n\\u{1b}[2J (attempt 1): KeyError: 'x\\u{1b}[2J'\n\n  \
+                 Traceback (most recent call last):\n    File \"h.py\""
+            ),
             "{line}"
         );
     }

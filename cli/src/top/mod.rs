@@ -35,6 +35,12 @@ pub const MAX_INTERVAL: Duration = Duration::from_secs(600);
 /// How long one poll may take before it counts as failed (longer if the
 /// interval is).
 const POLL_DEADLINE: Duration = Duration::from_secs(5);
+/// How long one poll may take at `interval`: [`POLL_DEADLINE`], or the
+/// interval when longer.
+pub fn poll_deadline(interval: Duration) -> Duration {
+    POLL_DEADLINE.max(interval)
+}
+
 /// How often the screen is drawn again between polls, so ages move on.
 const REDRAW: Duration = Duration::from_secs(1);
 
@@ -77,7 +83,7 @@ pub async fn run(
         url,
         trust,
         token,
-        deadline: POLL_DEADLINE.max(interval),
+        deadline: poll_deadline(interval),
     };
     // The first poll decides: a token or TLS setup that will never work
     // ends here with the usual error and exit code; a coordinator that is

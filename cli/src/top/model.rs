@@ -14,8 +14,9 @@ use weft_proto::NodeInfo;
 pub const HISTORY: Duration = Duration::from_secs(5 * 60);
 /// How much less than the wall time between two answers the
 /// coordinator's uptime may grow before `weft top` takes it for another
-/// process (a restart or a failover): answers come back late by up to a
-/// poll's latency.
+/// process (a restart or a failover), at least: answers come back late by
+/// up to a poll's deadline, so the slack is that when it is longer
+/// ([`Top::uptime_slack`]).
 pub const UPTIME_SLACK: Duration = Duration::from_secs(5);
 /// The window "the current rate" is taken over: long enough to smooth a
 /// poll that came late, short enough to follow a change within seconds.
@@ -72,17 +73,24 @@ impl Top {
         match poll {
             Ok(Poll { info, mut nodes }) => {
                 // A coordinator that started again counts from 0 again,
-                // and one answering after failed polls may be another
-                // process (a failover) with a counter of its own: either
-                // way the old samples do not compare with the new one.
+                // and one answering after an outage may be another process
+                // (a failover) with a counter of its own: either way the
+                // old samples do not compare with the new one. Such a one
+                // is known by its uptime: lower than before, or grown less
+                // than the wall time since the last answer (less the
+                // slack: each answer may come a poll's deadline late). A
+                // counter that went down starts the history over too
+                // ([`Throughput::record`]). Failed polls in between alone
+                // do not: a coordinator that was slow is the same one.
                 let restarted = match (&self.info, self.updated) {
                     (Some(old), Some(then)) => {
                         let wall = now.saturating_duration_since(then);
-                        info.uptime.saturating_sub(old.uptime) + UPTIME_SLACK < wall
+                        info.uptime < old.uptime
+                            || (info.uptime - old.uptime) + self.uptime_slack() < wall
                     }
                     _ => false,
                 };
-                if restarted || self.error.is_some() {
+                if restarted {
                     self.throughput = Throughput::default();
                 }
                 self.throughput.record(now, info.tasks_finished);
@@ -94,6 +102,12 @@ impl Top {
             }
             Err(error) => self.error = Some(error),
         }
+    }
+
+    /// How much less than the wall time between answers the uptime may
+    /// grow: [`UPTIME_SLACK`], or a poll's deadline when longer.
+    pub fn uptime_slack(&self) -> Duration {
+        UPTIME_SLACK.max(super::poll_deadline(self.interval))
     }
 
     /// Moves the node table by `delta` rows, `page` of them visible: never
@@ -315,26 +329,54 @@ mod tests {
     }
 
     #[test]
-    fn the_history_starts_over_after_failed_polls_or_a_younger_coordinator() {
+    fn the_history_starts_over_for_a_younger_coordinator() {
         let t0 = Instant::now();
         let at = |s: u64| t0 + Duration::from_secs(s);
         let mut top = Top::new("http://a.test:7070".into(), Duration::from_secs(1));
         top.update(poll(100, 1000), at(0));
         top.update(poll(110, 1001), at(1));
         assert_eq!(top.throughput.current(), Some(10.0));
-        // An outage, then another coordinator with a higher count and an
-        // uptime that grew as much as the wall time.
+        // An outage, then another coordinator whose uptime grew less than
+        // the wall time.
         top.update(Err("cannot reach coordinator".into()), at(2));
-        top.update(poll(5000, 1002), at(2));
+        top.update(poll(5000, 1001), at(8));
         assert_eq!(top.throughput.current(), None);
-        top.update(poll(5010, 1003), at(3));
+        top.update(poll(5010, 1002), at(9));
         assert_eq!(top.throughput.current(), Some(10.0));
         // No failed poll seen, but the uptime grew 2 s in 60: another
         // process answers now.
-        top.update(poll(9000, 1005), at(63));
+        top.update(poll(9000, 1004), at(69));
         assert_eq!(top.throughput.current(), None);
         // A late answer within the slack is the same coordinator.
-        top.update(poll(9040, 1007), at(67));
+        top.update(poll(9040, 1006), at(73));
         assert_eq!(top.throughput.current(), Some(10.0));
+        // Restarted between two polls: its uptime went down, however
+        // little wall time passed.
+        top.update(poll(9050, 1), at(74));
+        assert_eq!(top.throughput.current(), None);
+    }
+
+    #[test]
+    fn a_slow_coordinator_keeps_its_history() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let every = Duration::from_secs(30);
+        let mut top = Top::new("http://a.test:7070".into(), every);
+        // Answered at once, then 20 s late (within a 30 s deadline).
+        top.update(poll(0, 1000), at(0));
+        top.update(poll(300, 1030), at(50));
+        assert_eq!(top.throughput.current(), Some(6.0));
+        // A poll that timed out, then the same coordinator again: its
+        // uptime kept up with the wall time, its counter went up.
+        top.update(
+            Err("no answer from the coordinator within 30s".into()),
+            at(90),
+        );
+        top.update(poll(1200, 1120), at(120));
+        assert_eq!(top.throughput.rates(), [6.0, 900.0 / 70.0]);
+        // After the outage the counter went down: another process.
+        top.update(Err("cannot reach coordinator".into()), at(150));
+        top.update(poll(10, 1180), at(180));
+        assert_eq!(top.throughput.current(), None);
     }
 }
