@@ -10,7 +10,8 @@ pub const SUCCESS: u8 = 0;
 /// The task failed without an exit code (signal, handler error), or the
 /// command failed for another reason.
 pub const FAILURE: u8 = 1;
-/// Bad usage: a malformed flag, id or spec.
+/// Bad usage: a malformed flag, id or spec, or a spec or request too
+/// large to send.
 pub const USAGE: u8 = 2;
 /// The coordinator is unreachable, or the connection to it was lost.
 pub const UNAVAILABLE: u8 = 69;
@@ -44,7 +45,7 @@ Exit codes (task codes from run, call, wait, watch; map exits 1 if any task fail
   0    the task succeeded
   N    the task's process exited with code N
   1    the task failed without an exit code (signal, handler error), or another error
-  2    usage error (bad flag, id, or task spec)
+  2    usage error (bad flag, id, or task spec; a spec or request too large to send)
   69   coordinator unreachable, or the connection to it was lost
   77   permission denied: no valid token (pass --token / WEFT_TOKEN / --token-file),
        or the token lacks the scope the command needs
@@ -115,6 +116,9 @@ pub fn for_error(err: &anyhow::Error) -> u8 {
         }) => NO_PERMISSION,
         Some(
             Error::InvalidArgument(_)
+            // Too large for a message (the coordinator's or this client's
+            // limit): bad input, refused the same way every time.
+            | Error::TooLarge(_)
             | Error::InvalidAddress(_)
             | Error::InvalidUrl { .. }
             | Error::Tls(_),
@@ -249,6 +253,11 @@ mod tests {
         assert_eq!(for_error(&context), UNAVAILABLE);
         let bad = anyhow::Error::new(Error::InvalidArgument("bad spec".into()));
         assert_eq!(for_error(&bad), USAGE);
+        let large = Error::TooLarge("spec is 9 bytes, past the limit of 8".into());
+        assert_eq!(
+            for_error(&anyhow::Error::new(large).context("submitting")),
+            USAGE
+        );
         assert_eq!(for_error(&anyhow::anyhow!("other")), FAILURE);
         assert_eq!(for_error(&UsageError("two inputs".into()).into()), USAGE);
         let address = weft_proto::CoordinatorAddr::parse("x").unwrap_err();

@@ -17,10 +17,13 @@ impl Client {
     /// Like [`Client::watch`], but when the stream breaks (the coordinator
     /// restarted, the connection dropped) it watches again from the last
     /// seen `seq + 1`, for up to `resume_window` of failing tries in a row,
-    /// then yields [`Error::Unavailable`] and ends. A watch that stayed open
-    /// a while before it broke (a quiet task, a long sleep) starts a new
-    /// run of tries, so each break gets the whole window; one that breaks
-    /// as soon as it opens does not. Errors that retrying
+    /// then yields [`Error::Unavailable`] and ends. A break starts a new
+    /// run of tries, with the whole window, only after a watch that
+    /// yielded an event or stayed open at least the window (a quiet task, a
+    /// long sleep); a watch that breaks sooner with nothing yielded (one
+    /// that breaks as soon as it opens, a proxy that cuts every stream
+    /// after a second or two) is one more try of the same run, so such
+    /// breaks end it after the window. Errors that retrying
     /// cannot fix (NotFound, ...) end it at once, as does a `from_seq`
     /// past the last event of a task that has ended
     /// ([`Error::InvalidArgument`]: nothing will come). A client connected with
@@ -49,9 +52,11 @@ impl Client {
 
 const FOLLOW_BACKOFF_MIN: Duration = Duration::from_millis(100);
 const FOLLOW_BACKOFF_MAX: Duration = Duration::from_secs(1);
-/// A watch open at least this long before it broke was healthy: its break
-/// starts a new run of tries. Shorter, and a coordinator that takes the
-/// watch and fails it at once would be retried without end.
+/// The least time a watch with no event must have stayed open for its
+/// break to start a new run of tries; the window, when longer, is the
+/// bar. Shorter, and a coordinator that takes the watch and fails it at
+/// once would be retried without end; a bar under the window, and so would
+/// one (or a proxy) that fails every watch after a little longer.
 const FOLLOW_HEALTHY_AFTER: Duration = FOLLOW_BACKOFF_MAX;
 
 /// The state of a [`Client::follow`] stream.
@@ -190,11 +195,13 @@ impl Follow {
     /// sleeps the backoff and answers `None` (try again).
     async fn failed(&mut self, err: Error) -> Option<Error> {
         self.broken = true;
+        // (A watch that yielded an event has already ended the run.)
         if let Some(opened) = self.opened_at.take()
-            && opened.elapsed() >= FOLLOW_HEALTHY_AFTER
+            && opened.elapsed() >= self.resume_window.max(FOLLOW_HEALTHY_AFTER)
         {
-            // The watch that broke had been healthy: this break is the
-            // first of a new run, not one more of an old one.
+            // The watch that broke had stayed open longer than the window:
+            // this break is the first of a new run, not one more of an
+            // old one.
             self.failing_since = None;
             self.backoff = FOLLOW_BACKOFF_MIN;
         }

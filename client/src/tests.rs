@@ -52,12 +52,18 @@ enum Script {
     BreakThenQuietThenBreak,
     /// Every one is taken and breaks at once, with no event.
     BreakAtOnce,
+    /// Every one is taken, sends nothing for [`SHORT_LIVED`] and breaks
+    /// (as behind a proxy that cuts every stream after a second or so).
+    BreakAfterAWhile,
     /// Every one sends an event of seq `u64::MAX` (a coordinator's bug).
     SeqAtMax,
 }
 
 /// How long [`Script::BreakThenQuietThenBreak`]'s second watch stays open.
 const QUIET: Duration = Duration::from_millis(1500);
+
+/// How long each of [`Script::BreakAfterAWhile`]'s watches stays open.
+const SHORT_LIVED: Duration = Duration::from_millis(1200);
 
 fn state_event(id: &str, seq: u64, state: TaskState) -> pb::TaskEvent {
     pb::TaskEvent {
@@ -124,6 +130,7 @@ impl TaskService for Scripted {
             | Script::Finish
             | Script::BreakThenQuietThenBreak
             | Script::BreakAtOnce
+            | Script::BreakAfterAWhile
             | Script::SeqAtMax => Err(Status::not_found("no such task")),
         }
     }
@@ -159,6 +166,13 @@ impl TaskService for Scripted {
             Script::BreakThenQuietThenBreak => first,
             Script::BreakAtOnce => {
                 let broken = futures::stream::iter([Err(Status::unavailable("restarting"))]);
+                return Ok(Response::new(Box::pin(broken)));
+            }
+            Script::BreakAfterAWhile => {
+                let broken = futures::stream::once(async {
+                    tokio::time::sleep(SHORT_LIVED).await;
+                    Err(Status::unavailable("stream timeout"))
+                });
                 return Ok(Response::new(Box::pin(broken)));
             }
             Script::SeqAtMax => {
@@ -420,6 +434,40 @@ async fn follow_of_a_coordinator_that_breaks_every_watch_at_once_gives_up_after_
     assert!(err.is_unavailable(), "{err:?}");
     assert!(err.to_string().contains("could not resume"), "{err}");
     assert!(started.elapsed() < Duration::from_secs(3));
+    assert!(service.watches.lock().unwrap().len() > 1, "it did retry");
+}
+
+#[tokio::test]
+async fn follow_of_watches_that_each_break_with_no_event_before_the_window_gives_up_after_it() {
+    use futures::StreamExt;
+    let id = TaskId::new();
+    let service = Scripted {
+        id: id.to_string(),
+        script: Script::BreakAfterAWhile,
+        ..Default::default()
+    };
+    let client = serve(service.clone()).await;
+    // Each watch stays open past a second but less than the window: no
+    // break may start a new run of tries.
+    let window = Duration::from_secs(2);
+    assert!(SHORT_LIVED < window);
+    let started = std::time::Instant::now();
+    let events = client.follow(id, 0, window);
+    let items = tokio::time::timeout(Duration::from_secs(15), events.collect::<Vec<_>>())
+        .await
+        .expect("gives up");
+    let [Err(err)] = &items[..] else {
+        panic!("one error: {items:?}");
+    };
+    assert!(err.is_unavailable(), "{err:?}");
+    assert!(err.to_string().contains("could not resume"), "{err}");
+    // The first break starts the run; it ends at the first break past
+    // the window, about two watches later.
+    assert!(
+        started.elapsed() < window + SHORT_LIVED * 3,
+        "{:?}",
+        started.elapsed()
+    );
     assert!(service.watches.lock().unwrap().len() > 1, "it did retry");
 }
 

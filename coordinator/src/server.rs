@@ -195,12 +195,31 @@ pub(crate) async fn serve(
 /// (no Weft handler answers either): OUT_OF_RANGE (past the decode limit)
 /// becomes RESOURCE_EXHAUSTED, and INTERNAL for bytes that do not decode
 /// as the message becomes INVALID_ARGUMENT. The message (the size found
-/// and the limit; what did not decode) is kept. Unary answers carry the
+/// and the limit; what did not decode) is kept; to a request too large it
+/// adds that the limit is `--max-message-size`, so every too-large answer
+/// names the flag, as a spec too large does. Unary answers carry the
 /// status in their headers, which is where tonic puts a refused request's.
 fn client_codes<B>(mut response: http::Response<B>) -> http::Response<B> {
     let headers = response.headers_mut();
     let code = match headers.get("grpc-status").map(|code| code.as_bytes()) {
-        Some(b"11") => "8",
+        Some(b"11") => {
+            if let Some(status) = tonic::Status::from_header_map(headers)
+                && status
+                    .message()
+                    .starts_with("Error, decoded message length too large")
+            {
+                let named = tonic::Status::resource_exhausted(format!(
+                    "{} (the coordinator's --max-message-size)",
+                    status.message()
+                ));
+                // Writes grpc-status and grpc-message only; a message of
+                // tonic's and ours is a valid header value.
+                if named.add_header(headers).is_ok() {
+                    return response;
+                }
+            }
+            "8"
+        }
         Some(b"13")
             if headers.get("grpc-message").is_some_and(|message| {
                 message
@@ -234,7 +253,10 @@ mod tests {
             "Error, decoded message length too large: found 9 bytes, the limit is: 8 bytes";
         assert_eq!(
             rewritten(Status::out_of_range(too_large)),
-            (Code::ResourceExhausted, too_large.to_owned())
+            (
+                Code::ResourceExhausted,
+                format!("{too_large} (the coordinator's --max-message-size)")
+            )
         );
         let garbage = "failed to decode Protobuf message: invalid wire type value: 7";
         assert_eq!(

@@ -237,9 +237,15 @@ fn fingerprint(dir: &Path) -> Result<String, StoreError> {
 }
 
 /// Writes (and syncs) [`COPIED_FILE`]: `weft.redb` as the log was copied
-/// from it.
+/// from it. `weft.redb` is synced first, so the length and modification
+/// time recorded are the ones a start after a power cut finds, not ones
+/// still in the page cache.
 pub(crate) fn record_copied(dir: &Path) -> Result<(), StoreError> {
     let path = dir.join(COPIED_FILE);
+    let redb_file = dir.join(redb::FILE_NAME);
+    std::fs::File::open(&redb_file)
+        .and_then(|file| file.sync_all())
+        .map_err(|err| open_error(&redb_file, err))?;
     let write = || -> std::io::Result<()> {
         let fingerprint = fingerprint(dir).map_err(std::io::Error::other)?;
         let mut file = std::fs::File::create(&path)?;
@@ -263,12 +269,20 @@ fn check_unchanged(dir: &Path) -> Result<(), StoreError> {
     if recorded == fingerprint(dir)? {
         return Ok(());
     }
+    // Left only by a move that could not remove it; a move again
+    // overwrites it, keeping the log leaves it for good.
+    let upgrading = if exists(&dir.join(UPGRADING_FILE))? {
+        format!(" and {UPGRADING_FILE}")
+    } else {
+        String::new()
+    };
     Err(StoreError::Open {
         path: dir.to_owned(),
         message: format!(
             "{redb} changed after it was copied to {LOG_DIR}/ (an older coordinator ran on this data dir \
              during the move?), so the log may lack what was written to it. To move {redb} again, \
-             remove {LOG_DIR}/ and {COPIED_FILE}; to keep the log as it is, rename {redb} to {MIGRATED_FILE}",
+             remove {LOG_DIR}/ and {COPIED_FILE}; to keep the log as it is, rename {redb} to {MIGRATED_FILE} \
+             and remove {COPIED_FILE}{upgrading}",
             redb = redb::FILE_NAME,
         ),
     })

@@ -430,7 +430,7 @@ fn store_id(dir: &Path) -> u64 {
 }
 
 /// Asserts `dir` holds the moved store: the log with the redb store's id,
-/// `weft.redb` renamed, no copy in progress.
+/// `weft.redb` renamed, no copy in progress nor any file of one.
 fn assert_moved(dir: &Path, id: u64) {
     assert!(!dir.join(redb::FILE_NAME).exists(), "weft.redb still there");
     assert!(
@@ -438,6 +438,11 @@ fn assert_moved(dir: &Path, id: u64) {
         "weft.redb.migrated missing"
     );
     assert!(!dir.join(MIGRATING_DIR).exists(), "log.migrating left");
+    assert!(
+        !dir.join(UPGRADING_FILE).exists(),
+        "weft.redb.upgrading left"
+    );
+    assert!(!dir.join(COPIED_FILE).exists(), "weft.redb.copied left");
     assert_eq!(store_id(dir), id, "the marker changed");
     let log = LogStore::open_dir(&dir.join(LOG_DIR), None).expect("the log opens");
     assert_eq!(log.store_id(), id, "the log has another id");
@@ -490,6 +495,8 @@ fn a_copy_left_by_a_crashed_move_is_thrown_away_and_the_move_redone() {
         partial.commit(&[Record::Task(stray)]).expect("commit");
     }
     std::fs::write(migrating.join("junk"), b"junk").expect("write");
+    // And an upgraded copy that try could not remove.
+    std::fs::write(dir.path().join(UPGRADING_FILE), b"left").expect("write");
 
     let store = open_data_dir(dir.path()).expect("opens, moving the store again");
     assert_same(&expected, &*store);
@@ -667,11 +674,44 @@ fn a_weft_redb_written_to_after_its_copy_is_not_retired() {
         .err()
         .expect("a changed weft.redb retired");
     assert!(err.to_string().contains("changed after"), "{err}");
+    // Keeping the log: what to rename and what to remove.
+    let keep = format!("rename weft.redb to {MIGRATED_FILE} and remove {COPIED_FILE}");
+    assert!(err.to_string().contains(&keep), "{err}");
+    assert!(!err.to_string().contains(UPGRADING_FILE), "{err}");
     assert!(
         dir.path().join(redb::FILE_NAME).exists(),
         "weft.redb retired"
     );
     assert!(dir.path().join(COPIED_FILE).exists());
+
+    // An upgraded copy a move could not remove is named too.
+    std::fs::write(dir.path().join(UPGRADING_FILE), b"left").expect("write");
+    let err = open_data_dir(dir.path())
+        .err()
+        .expect("a changed weft.redb retired");
+    let keep = format!("remove {COPIED_FILE} and {UPGRADING_FILE}");
+    assert!(err.to_string().contains(&keep), "{err}");
+}
+
+#[test]
+fn a_move_that_crashed_after_recording_weft_redb_while_open_finishes_at_the_next_start() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let expected = redb_data_dir(dir.path());
+    let id = store_id(dir.path());
+    // As the move does: recorded while weft.redb is still open, then the
+    // process dies (no close writes to weft.redb).
+    let redb = RedbStore::open(dir.path()).expect("store opens");
+    {
+        let log = LogStore::open_dir(&dir.path().join(LOG_DIR), Some(id)).expect("log opens");
+        copy_store(&redb, &log).expect("copy");
+    }
+    record_copied(dir.path()).expect("recorded");
+    std::mem::forget(redb);
+
+    let store = open_data_dir(dir.path()).expect("finishes the move, no refusal");
+    assert_same(&expected, &*store);
+    drop(store);
+    assert_moved(dir.path(), id);
 }
 
 #[test]

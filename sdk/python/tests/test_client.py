@@ -599,6 +599,38 @@ def test_a_wait_many_that_gets_through_between_breaks_goes_on(monkeypatch):
         assert [t.id for t in client.wait_many(["A", "B", "C", "D"], timeout=10)] == ["A", "B", "C", "D"]
 
 
+def test_waits_whose_streams_each_break_with_nothing_before_the_window_give_up_after_it(monkeypatch):
+    import time
+
+    import weft.client
+
+    # Each stream stays open longer than the longest pause but less than the window: no break
+    # may start a new run of tries.
+    monkeypatch.setattr(weft.client, "RESUME_WINDOW", 0.6, raising=False)
+    monkeypatch.setattr(weft.client, "RESUME_BACKOFF_MAX", 0.2, raising=False)
+
+    def nothing_then_break(request, context):
+        time.sleep(0.3)
+        context.abort(grpc.StatusCode.UNAVAILABLE, "stream timeout")
+        yield  # a generator: the stream opens, then breaks
+
+    with _serving(_Scripted(WaitMany=[nothing_then_break])) as url:
+        with weft.Client(url) as client:
+            started = time.monotonic()
+            with pytest.raises(weft.Unavailable):
+                list(client.wait_many(["A"], timeout=8))
+            assert time.monotonic() - started < 4
+
+        async def scenario():
+            async with weft.aio.Client(url) as client:
+                started = time.monotonic()
+                with pytest.raises(weft.Unavailable):
+                    await _drain(client.wait_many(["A"], timeout=8))
+                assert time.monotonic() - started < 4
+
+        asyncio.run(scenario())
+
+
 async def test_a_failed_ca_fetch_ends_an_asyncio_wait_after_the_resume_window(tls_server, ca_fetches, short_resume_window):
     import time
 

@@ -234,8 +234,10 @@ class _Resume:
     """The rule of a wait that tries again after :class:`weft.Unavailable` (as ``Follow`` in
     ``client/src/follow.rs``): pauses doubling from :data:`RESUME_BACKOFF_MIN` to
     :data:`RESUME_BACKOFF_MAX`, until :data:`RESUME_WINDOW` has passed since the first failed
-    try of a run. A try that got data (:meth:`ok`), or stayed open at least
-    :data:`RESUME_BACKOFF_MAX` before it broke, ends the run. No sleeping here: the sync and
+    try of a run. A try that got data (:meth:`ok`), or stayed open at least the window (and at
+    least :data:`RESUME_BACKOFF_MAX`) before it broke, ends the run; one that broke sooner with
+    nothing (a coordinator or proxy that cuts every stream after a second or two) is one more
+    failed try of it, so such breaks raise after the window. No sleeping here: the sync and
     asyncio clients share it and sleep each their own way."""
 
     def __init__(self):
@@ -257,8 +259,8 @@ class _Resume:
         None when the window is spent and the wait should raise the error."""
         now = time.monotonic()
         opened, self._opened_at = self._opened_at, None
-        if opened is not None and now - opened >= RESUME_BACKOFF_MAX:
-            self.ok()  # it had been healthy: this break starts a new run
+        if opened is not None and now - opened >= max(RESUME_WINDOW, RESUME_BACKOFF_MAX):
+            self.ok()  # it stayed open longer than the window: this break starts a new run
         if self._failing_since is None:
             self._failing_since = now
         if now - self._failing_since >= RESUME_WINDOW:
