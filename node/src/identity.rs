@@ -10,9 +10,14 @@
 //! The dir is 0700 and every file 0600, written atomically (a temp file,
 //! synced, then renamed). `node.conf` is written last: a dir without it
 //! holds no identity (a join that crashed half way is simply done again).
-//! A join saves its key before it asks, and a join done again asks with
-//! the key it finds (the coordinator answers the same join twice with the
-//! same node id, so an answer lost to a crash does not lock the node out).
+//! A join saves its key before it asks, and a join done again while no
+//! `node.conf` is there asks with the key it finds (the coordinator
+//! answers the same join again with the same node id for a while, so an
+//! answer lost to a crash does not lock the node out). A join over an
+//! identity (`node.conf` there: an expired one) never reuses its key: a
+//! new one is written as `node.key.new`, `node.conf` removed, then the
+//! key renamed over `node.key`; a dir without `node.conf` whose
+//! `node.key.new` is there asks with that one (and finishes the rename).
 //! A key file group or others may read is refused, naming the fix.
 //!
 //! A missing dir is made 0700 (missing parents as usual). An existing one
@@ -326,31 +331,67 @@ impl StateDir {
         Ok(())
     }
 
-    /// The key saved here (`node.key`), for a join to ask with: the one a
-    /// join that did not finish left (no `node.conf`), or an expired
-    /// identity's. `None`: there is none. A key group or others may read
-    /// is refused, as by `load`.
+    /// The key saved here for a join to ask with: the one a join that did
+    /// not finish left, which only a dir without `node.conf` holds (the key
+    /// of an identity, expired or revoked, is never asked with again).
+    /// `node.key.new` first, when there (a [`Self::save_join_key`] cut
+    /// short after it removed `node.conf`: its rename is finished), else
+    /// `node.key`. `None`: there is none. A key group or others may read is
+    /// refused, as by `load`.
     pub fn saved_key(&self) -> Result<Option<String>, StateError> {
-        let path = self.path.join(KEY_FILE);
-        let Some(pem) = read_if_there(&path)? else {
+        if self.has_conf()? {
             return Ok(None);
+        }
+        let path = self.path.join(KEY_FILE);
+        let new = pending(&path);
+        let (from, pem) = match read_if_there(&new)? {
+            Some(pem) => (new.clone(), pem),
+            None => match read_if_there(&path)? {
+                Some(pem) => (path.clone(), pem),
+                None => return Ok(None),
+            },
         };
         self.check_private()?;
-        check_key_mode(&path)?;
+        check_key_mode(&from)?;
         public_key_of(&pem).map_err(|why| StateError::Damaged {
-            path,
+            path: from.clone(),
             why: format!("not a private key ({why})"),
         })?;
+        if from == new {
+            rename(&new, &path)?;
+            self.sync_dir();
+        }
         Ok(Some(pem))
     }
 
     /// Saves the key a join is about to ask with as `node.key` (durably),
-    /// before the join is sent: see [`Self::saved_key`].
+    /// before the join is sent: see [`Self::saved_key`]. Over an identity
+    /// (`node.conf` there) crash-safely: the key is written whole as
+    /// `node.key.new`, `node.conf` removed, then the key renamed into
+    /// place, each step synced. A crash before `node.conf` is gone leaves
+    /// the old identity (`load` drops the stray `node.key.new`, and the
+    /// next join makes a new key again); after, `saved_key` finds the new
+    /// key.
     pub fn save_join_key(&self, key_pem: &str) -> Result<(), StateError> {
         self.make_dir()?;
-        write_private(&self.path.join(KEY_FILE), key_pem.as_bytes())?;
+        let path = self.path.join(KEY_FILE);
+        let new = pending(&path);
+        write_private(&new, key_pem.as_bytes())?;
+        self.sync_dir();
+        let conf = self.path.join(CONF_FILE);
+        if self.has_conf()? {
+            std::fs::remove_file(&conf).map_err(io_err("removing", &conf))?;
+            self.sync_dir();
+        }
+        rename(&new, &path)?;
         self.sync_dir();
         Ok(())
+    }
+
+    /// Whether `node.conf` is there (an identity, maybe expired).
+    fn has_conf(&self) -> Result<bool, StateError> {
+        let conf = self.path.join(CONF_FILE);
+        conf.try_exists().map_err(io_err("checking for", &conf))
     }
 
     /// Replaces the key and the chain (after a renewal) as a pair: both
@@ -918,6 +959,43 @@ pub(crate) mod tests {
                 "{point}: the stale .new files removed"
             );
         }
+    }
+
+    #[test]
+    fn the_key_of_an_identity_is_never_a_join_key_and_a_replacement_cut_short_is_safe() {
+        let tmp = tempfile::tempdir().unwrap();
+        let state = StateDir::new(tmp.path().join("state"));
+        let identity = stored();
+        state.save(&identity).unwrap();
+        // An identity (expired or revoked): its key is no join key.
+        assert_eq!(state.saved_key().unwrap(), None);
+        let key = state.path().join(KEY_FILE);
+        let new_key = rcgen::KeyPair::generate().unwrap().serialize_pem();
+
+        // Cut short before node.conf was removed: the old identity,
+        // whole, the stray new key dropped; still no join key.
+        write_private(&pending(&key), new_key.as_bytes()).unwrap();
+        let (loaded, _) = state.load().unwrap().expect("the old identity");
+        assert_eq!(loaded, identity);
+        assert!(!pending(&key).exists());
+        assert_eq!(state.saved_key().unwrap(), None);
+
+        // Cut short after node.conf was removed: the new key is the join
+        // key, its rename finished.
+        write_private(&pending(&key), new_key.as_bytes()).unwrap();
+        std::fs::remove_file(state.path().join(CONF_FILE)).unwrap();
+        assert_eq!(state.saved_key().unwrap(), Some(new_key.clone()));
+        assert_eq!(std::fs::read_to_string(&key).unwrap(), new_key);
+        assert!(!pending(&key).exists());
+        assert_eq!(mode(&key), 0o600);
+
+        // Whole: node.conf gone, the new key in node.key.
+        state.save(&identity).unwrap();
+        let newer = rcgen::KeyPair::generate().unwrap().serialize_pem();
+        state.save_join_key(&newer).unwrap();
+        assert!(!state.path().join(CONF_FILE).exists());
+        assert_eq!(state.saved_key().unwrap(), Some(newer));
+        assert_eq!(state.load().unwrap(), None);
     }
 
     #[test]

@@ -173,10 +173,12 @@ fn request_for(key: &rcgen::KeyPair, name: &str) -> Result<Vec<u8>, Error> {
     made.map_err(|err| Error::Identity(format!("making a certificate request: {err}")))
 }
 
-/// The key to join with: the one in the state dir (a join that did not
-/// finish left it, or an expired identity's), else a new one, saved there before it is sent (so that a
-/// node stopped while it waits for the answer asks again with it).
-/// Without a state dir: a new one, kept for this process's tries.
+/// The key to join with: the one a join that did not finish left in the
+/// state dir (no `node.conf` there), else a new one, saved there before
+/// it is sent (so that a node stopped while it waits for the answer asks
+/// again with it), replacing the key of an identity there (expired or
+/// revoked: its key may have been exposed, and is never certified
+/// again). Without a state dir: a new one, kept for this process's tries.
 fn join_key(store: Option<&StateDir>) -> Result<rcgen::KeyPair, Error> {
     let Some(store) = store else {
         return new_key();
@@ -421,6 +423,36 @@ mod tests {
         // Without a state dir, a new key.
         let none = join_key(None).unwrap();
         assert_ne!(none.public_key_raw(), first.public_key_raw());
+    }
+
+    #[test]
+    fn a_join_over_an_identity_asks_with_a_new_key_saved_in_its_place() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = StateDir::new(tmp.path().join("state"));
+        // An identity whose certificate expired (or was revoked).
+        let (key_pem, chain_pem, ca_pem) = crate::identity::tests::issued(Duration::from_secs(60));
+        let old = rcgen::KeyPair::from_pem(&key_pem).unwrap();
+        let stored = crate::identity::Stored {
+            node_id: weft_proto::NodeId::new(),
+            name: "gpu-1".into(),
+            coordinator: "https://127.0.0.1:7070".into(),
+            key_pem,
+            chain_pem,
+            ca_pem,
+        };
+        store.save(&stored).unwrap();
+        assert!(store.load().unwrap().is_some());
+        let fresh = join_key(Some(&store)).unwrap();
+        assert_ne!(fresh.public_key_raw(), old.public_key_raw());
+        // Saved in node.key, node.conf gone: asked again, the same one.
+        let key_file = store.path().join(crate::identity::KEY_FILE);
+        assert_eq!(
+            std::fs::read_to_string(&key_file).unwrap(),
+            fresh.serialize_pem()
+        );
+        assert_eq!(store.load().unwrap(), None);
+        let again = join_key(Some(&store)).unwrap();
+        assert_eq!(again.public_key_raw(), fresh.public_key_raw());
     }
 
     #[test]

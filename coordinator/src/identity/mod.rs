@@ -5,7 +5,10 @@
 //! `RevokeNode` check, built from the store at start and written through
 //! (store first, then the index) by `Join` and `RevokeNode`, which hold
 //! [`Identities::write`] so joins are serialized (a join token's uses are
-//! never exceeded, two joins never take one name).
+//! never exceeded, two joins never take one name). It also notes, in
+//! memory only, which nodes connected with their certificate since this
+//! coordinator started: a join is repeated only for a node that has not
+//! (`rules::REPEAT_WINDOW`).
 //!
 //! Layout:
 //! - this file — the index.
@@ -17,14 +20,18 @@ pub mod rules;
 #[cfg(test)]
 mod tests;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::RwLock;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::SystemTime;
 
 use weft_proto::NodeId;
 
 use crate::store::NodeIdentityRecord;
-pub use rules::{ConnectRefusal, admit_connect, join_node_id, repeats_join, validate_name};
+pub use rules::{
+    ConnectRefusal, REPEAT_WINDOW, admit_connect, join_node_id, may_repeat, repeats_join,
+    validate_name,
+};
 
 /// Every node identity by node id. See the module docs.
 #[derive(Debug, Default)]
@@ -35,6 +42,10 @@ pub struct Identities {
     /// Connects and renewals of revoked nodes refused here, at the edge
     /// (the scheduler counts the rest of `revoked_node_refusals`).
     refusals: AtomicU64,
+    /// Nodes that connected with their certificate since this coordinator
+    /// started: their joins are no longer repeated. Not stored: after a
+    /// restart [`REPEAT_WINDOW`] alone bounds repeats.
+    connected: RwLock<HashSet<NodeId>>,
 }
 
 impl Identities {
@@ -121,6 +132,38 @@ impl Identities {
                 .map(|r| r.id)
                 .collect()
         })
+    }
+
+    /// Notes that node `id` connected with its certificate: its join is
+    /// no longer repeated (see [`Identities::repeatable`]).
+    pub fn note_connected(&self, id: NodeId) {
+        match self.connected.write() {
+            Ok(mut connected) => connected.insert(id),
+            Err(poisoned) => poisoned.into_inner().insert(id),
+        };
+    }
+
+    /// Whether node `id` connected since this coordinator started.
+    pub fn connected(&self, id: NodeId) -> bool {
+        match self.connected.read() {
+            Ok(connected) => connected.contains(&id),
+            Err(poisoned) => poisoned.into_inner().contains(&id),
+        }
+    }
+
+    /// The holder of `name` whose join, with token `token_id`, may still
+    /// be repeated at `now` (the key aside: [`repeats_join`] checks it):
+    /// made by that token, not revoked, within [`REPEAT_WINDOW`] of its
+    /// join, and not connected yet. Read-only: what lets a join with a
+    /// used-up token wait for the writers' locks at all.
+    pub fn repeatable(
+        &self,
+        name: &str,
+        token_id: &str,
+        now: SystemTime,
+    ) -> Option<NodeIdentityRecord> {
+        self.holder(name)
+            .filter(|holder| may_repeat(holder, token_id, name, now) && !self.connected(holder.id))
     }
 
     /// Counts a refused Connect or renewal of a revoked node.

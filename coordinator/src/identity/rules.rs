@@ -1,8 +1,10 @@
 //! The rules of node identity, as plain functions: what a node name may
 //! be, which node id a join gets (and so whether a join repeats an
 //! earlier one), and what a node presenting a certificate may claim in
-//! its `Register`. No I/O, no state; the services call them and send the
-//! refusal's status.
+//! its `Register`. No I/O, no state, no clock (the time is an argument);
+//! the services call them and send the refusal's status.
+
+use std::time::{Duration, SystemTime};
 
 use sha2::{Digest, Sha256};
 use tonic::Status;
@@ -14,6 +16,14 @@ use crate::store::NodeIdentityRecord;
 
 /// Longest node name, in bytes.
 pub const MAX_NAME_BYTES: usize = 128;
+
+/// How long after a join (the time its node id carries) the join may be
+/// repeated: long enough for a node whose answer was lost to ask again
+/// (its join timeout, a restart), short enough that the join token and
+/// the key it joined with do not stay a way to get certificates for the
+/// node long after (its key rotates at each renewal). Until the node
+/// first connects, too: see `Identities::connected`.
+pub const REPEAT_WINDOW: Duration = Duration::from_secs(10 * 60);
 
 /// The low 80 bits of a node id made by a join: the first 80 bits of
 /// SHA-256 over the join's token id, name and public key (each
@@ -47,21 +57,45 @@ pub fn join_node_id(at_ms: u64, token_id: &str, name: &str, public_key: &[u8]) -
 }
 
 /// Whether a join with token `token_id`, as `name`, for `public_key`
-/// repeats the one that made `record`: same token, same name, and the
-/// id [`join_node_id`] gave it. A join by the same token and name with
-/// another key is not a repeat (it could take the name over). A revoked
-/// record is never repeated.
+/// at `now` repeats the one that made `record`: same token, same name,
+/// the id [`join_node_id`] gave it, and within [`REPEAT_WINDOW`] of that
+/// join ([`within_repeat_window`]). A join by the same token and name
+/// with another key is not a repeat (it could take the name over). A
+/// revoked record is never repeated.
 pub fn repeats_join(
     record: &NodeIdentityRecord,
     token_id: &str,
     name: &str,
     public_key: &[u8],
+    now: SystemTime,
+) -> bool {
+    may_repeat(record, token_id, name, now)
+        && record.id == join_node_id(record.id.timestamp_ms(), token_id, name, public_key)
+}
+
+/// What [`repeats_join`] asks but the key: `record` was made by a join
+/// with token `token_id` as `name`, is not revoked, and was made within
+/// [`REPEAT_WINDOW`] of `now`. What a join with a used-up token must
+/// show before it may wait for the writers' locks.
+pub fn may_repeat(
+    record: &NodeIdentityRecord,
+    token_id: &str,
+    name: &str,
+    now: SystemTime,
 ) -> bool {
     record.revoked.is_none()
         && !record.token_id.is_empty()
         && record.token_id == token_id
         && record.name == name
-        && record.id == join_node_id(record.id.timestamp_ms(), token_id, name, public_key)
+        && within_repeat_window(record.id, now)
+}
+
+/// Whether `now` is within [`REPEAT_WINDOW`] of the join time node id
+/// `id` carries (a clock that went back counts as within).
+pub fn within_repeat_window(id: NodeId, now: SystemTime) -> bool {
+    let joined = SystemTime::UNIX_EPOCH + Duration::from_millis(id.timestamp_ms());
+    now.duration_since(joined)
+        .map_or(true, |since| since < REPEAT_WINDOW)
 }
 
 /// A node name: 1 to 128 bytes of letters, digits, `.`, `-` and `_`,

@@ -122,21 +122,83 @@ fn a_join_id_names_its_time_and_is_repeated_only_by_the_same_token_name_and_key(
         token_id: "tok1".into(),
         revoked: None,
     };
-    assert!(rules::repeats_join(&joined, "tok1", "gpu-1", b"key-a"));
-    assert!(!rules::repeats_join(&joined, "tok1", "gpu-1", b"key-b"));
-    assert!(!rules::repeats_join(&joined, "tok2", "gpu-1", b"key-a"));
-    assert!(!rules::repeats_join(&joined, "tok1", "gpu-2", b"key-a"));
+    let now = joined.created + Duration::from_secs(1);
+    assert!(rules::repeats_join(&joined, "tok1", "gpu-1", b"key-a", now));
+    assert!(!rules::repeats_join(
+        &joined, "tok1", "gpu-1", b"key-b", now
+    ));
+    assert!(!rules::repeats_join(
+        &joined, "tok2", "gpu-1", b"key-a", now
+    ));
+    assert!(!rules::repeats_join(
+        &joined, "tok1", "gpu-2", b"key-a", now
+    ));
     // Parts do not run together.
     assert_ne!(id, join_node_id(at, "tok1g", "pu-1", b"key-a"));
     let revoked = NodeIdentityRecord {
         revoked: Some(joined.created),
         ..joined.clone()
     };
-    assert!(!rules::repeats_join(&revoked, "tok1", "gpu-1", b"key-a"));
+    assert!(!rules::repeats_join(
+        &revoked, "tok1", "gpu-1", b"key-a", now
+    ));
     // An id not made by a join (a random one) is never repeated.
     let random = NodeIdentityRecord {
         id: NodeId::new(),
         ..joined
     };
-    assert!(!rules::repeats_join(&random, "tok1", "gpu-1", b"key-a"));
+    assert!(!rules::repeats_join(
+        &random, "tok1", "gpu-1", b"key-a", now
+    ));
+}
+
+#[test]
+fn a_join_is_repeated_only_within_ten_minutes_of_it() {
+    let at = 1_700_000_000_123;
+    let joined = NodeIdentityRecord {
+        id: join_node_id(at, "tok1", "gpu-1", b"key-a"),
+        name: "gpu-1".into(),
+        created: SystemTime::UNIX_EPOCH + Duration::from_millis(at),
+        token_id: "tok1".into(),
+        revoked: None,
+    };
+    assert_eq!(REPEAT_WINDOW, Duration::from_secs(600));
+    let after = |d: Duration| joined.created + d;
+    let repeats = |now| rules::repeats_join(&joined, "tok1", "gpu-1", b"key-a", now);
+    assert!(repeats(joined.created));
+    assert!(repeats(after(Duration::from_secs(599))));
+    assert!(!repeats(after(REPEAT_WINDOW)));
+    assert!(!repeats(after(Duration::from_secs(24 * 3600))));
+    // A clock set back since the join: still within.
+    assert!(repeats(joined.created - Duration::from_secs(5)));
+}
+
+#[test]
+fn a_join_is_repeatable_until_its_node_connects_and_only_for_its_token() {
+    let now = SystemTime::now();
+    let at = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let joined = NodeIdentityRecord {
+        id: join_node_id(at, "tok1", "gpu-1", b"key-a"),
+        name: "gpu-1".into(),
+        created: now,
+        token_id: "tok1".into(),
+        revoked: None,
+    };
+    let index = Identities::new(vec![joined.clone()]);
+    assert_eq!(index.repeatable("gpu-1", "tok1", now), Some(joined.clone()));
+    assert_eq!(
+        index.repeatable("gpu-1", "tok2", now),
+        None,
+        "another token"
+    );
+    assert_eq!(index.repeatable("gpu-2", "tok1", now), None, "another name");
+    let later = now + REPEAT_WINDOW;
+    assert_eq!(index.repeatable("gpu-1", "tok1", later), None, "too late");
+    assert!(!index.connected(joined.id));
+    index.note_connected(joined.id);
+    assert!(index.connected(joined.id));
+    assert_eq!(index.repeatable("gpu-1", "tok1", now), None, "connected");
 }

@@ -4,6 +4,8 @@
 //! Files in the PKI dir (the data dir by default; 0700):
 //! - `ca.pem`: the CA certificate (0600) — what clients and nodes trust.
 //! - `ca.key`: the CA private key (0600). Never sent anywhere; read only here.
+//! - `ca.key.new`, `ca.pem.new`: the two while a first start makes them
+//!   (see [`Ca::load_or_create`]).
 //!
 //! The serving certificate is not stored: each start issues a fresh one,
 //! and [`Ca::issue_server`] issues the next before the current expires.
@@ -64,12 +66,14 @@ pub enum PkiError {
     /// Making a new CA over it would silently invalidate every node
     /// certificate and every CA pin handed out, so the start is refused.
     #[error(
-        "{} is there but {} is missing: restore {} from a backup; or, to start a new cluster CA \
-         (every node certificate and CA pin of the old one stops working: nodes join again with \
-         new tokens), remove {} too",
+        "{} is there but {} is missing: restore {} from a backup; if this cluster never served \
+         (its first start was cut short), nothing trusts this CA yet: remove {} to make a new one; \
+         otherwise, to start a new cluster CA (every node certificate and CA pin of the old one \
+         stops working: nodes join again with new tokens), remove {} too",
         .present.display(),
         .missing.display(),
         .missing.display(),
+        .present.display(),
         .present.display()
     )]
     HalfCa {
@@ -134,7 +138,22 @@ pub fn private_dir(dir: &Path) -> Result<(), PkiError> {
 /// Writes `bytes` to `path` as 0600, through a temp file and a rename,
 /// then syncs the dir so that the rename itself survives a crash.
 fn write_private(path: &Path, bytes: &[u8]) -> Result<(), PkiError> {
-    let tmp = path.with_extension("tmp");
+    let tmp = write_temp(path, bytes)?;
+    rename_synced(&tmp, path)
+}
+
+/// The temp file `path` is written as before it is renamed into place:
+/// `ca.pem.new`, `ca.key.new`.
+fn pending(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".new");
+    PathBuf::from(name)
+}
+
+/// Writes `bytes` whole to `path`'s temp file ([`pending`]), 0600 and
+/// synced, replacing one left by an earlier try; answers its path.
+fn write_temp(path: &Path, bytes: &[u8]) -> Result<PathBuf, PkiError> {
+    let tmp = pending(path);
     let _ = std::fs::remove_file(&tmp);
     let mut file = std::fs::OpenOptions::new()
         .write(true)
@@ -144,8 +163,14 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<(), PkiError> {
         .map_err(io_err("creating", &tmp))?;
     file.write_all(bytes).map_err(io_err("writing", &tmp))?;
     file.sync_all().map_err(io_err("syncing", &tmp))?;
-    std::fs::rename(&tmp, path).map_err(io_err("renaming to", path))?;
-    let dir = match path.parent() {
+    Ok(tmp)
+}
+
+/// Renames `from` to `to` and syncs the dir, so that the rename survives
+/// a crash.
+fn rename_synced(from: &Path, to: &Path) -> Result<(), PkiError> {
+    std::fs::rename(from, to).map_err(io_err("renaming to", to))?;
+    let dir = match to.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir,
         _ => Path::new("."),
     };
@@ -190,6 +215,13 @@ impl Ca {
     /// `ca.pem` here, its key staying in the database, and never comes
     /// through here for it; the same dir used later without the database
     /// is refused for the same reason.)
+    ///
+    /// Making one is crash-safe: both files are written whole as temp
+    /// files (`ca.key.new`, `ca.pem.new`, synced), then the key is renamed
+    /// into place and the certificate last. A start that finds the key
+    /// alone with `ca.pem.new` beside it (a first start cut short between
+    /// the renames) finishes the rename; the key alone without it is
+    /// refused, the message saying what to do in either case.
     pub fn load_or_create(dir: &Path) -> Result<(Ca, bool), PkiError> {
         private_dir(dir)?;
         let cert_path = dir.join(CA_CERT_FILE);
@@ -199,12 +231,13 @@ impl Ca {
             (true, true) => {}
             (false, false) => {
                 let (ca, key_pem) = Ca::generate(cert_path)?;
+                let key_tmp = write_temp(&key_path, key_pem.as_bytes())?;
+                let cert_tmp = write_temp(&ca.cert_path, ca.pem().as_bytes())?;
                 // The key first: nothing can have trusted a certificate
-                // whose key was never saved. A crash between the two
-                // leaves the key alone, which the next start refuses
-                // (removing it makes the new CA then).
-                write_private(&key_path, key_pem.as_bytes())?;
-                write_private(&ca.cert_path, ca.pem().as_bytes())?;
+                // whose key was never saved, and a start that finds the
+                // key with `ca.pem.new` beside it finishes the rename.
+                rename_synced(&key_tmp, &key_path)?;
+                rename_synced(&cert_tmp, &ca.cert_path)?;
                 return Ok((ca, true));
             }
             (true, false) => {
@@ -214,10 +247,18 @@ impl Ca {
                 });
             }
             (false, true) => {
-                return Err(PkiError::HalfCa {
-                    present: key_path,
-                    missing: cert_path,
-                });
+                let cert_tmp = pending(&cert_path);
+                if !exists(&cert_tmp)? {
+                    return Err(PkiError::HalfCa {
+                        present: key_path,
+                        missing: cert_path,
+                    });
+                }
+                // A first start cut short after the key's rename: the
+                // certificate is whole (written and synced before it);
+                // checked against the key below, like any ca.pem.
+                tracing::warn!(path = %cert_path.display(), "finishing the CA an interrupted first start made");
+                rename_synced(&cert_tmp, &cert_path)?;
             }
         }
         let cert_pem =
@@ -541,6 +582,55 @@ mod tests {
         let (new, created) = Ca::load_or_create(&dir).unwrap();
         assert!(created);
         assert_ne!(new.pin(), ca.pin());
+    }
+
+    #[test]
+    fn a_first_start_cut_short_after_the_key_is_finished_or_refused_saying_what_to_do() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("pki");
+        let (ca, _) = Ca::load_or_create(&dir).unwrap();
+        let (cert, key) = (dir.join(CA_CERT_FILE), dir.join(CA_KEY_FILE));
+        assert!(!pending(&cert).exists() && !pending(&key).exists());
+
+        // Cut short between the key's rename and the certificate's: the
+        // certificate is still the temp file. The next start finishes.
+        std::fs::rename(&cert, pending(&cert)).unwrap();
+        let (again, created) = Ca::load_or_create(&dir).unwrap();
+        assert!(!created);
+        assert_eq!(again.pin(), ca.pin());
+        assert_eq!(std::fs::read_to_string(&cert).unwrap(), ca.pem());
+        assert_eq!(mode(&cert), 0o600);
+        assert!(!pending(&cert).exists());
+
+        // The key alone, no temp certificate: refused, saying that a
+        // cluster that never served may remove the key.
+        std::fs::remove_file(&cert).unwrap();
+        let message = Ca::load_or_create(&dir).unwrap_err().to_string();
+        assert!(
+            message.contains("never served")
+                && message.contains(&format!("remove {} to make a new one", key.display())),
+            "{message}"
+        );
+        std::fs::remove_file(&key).unwrap();
+        let (new, created) = Ca::load_or_create(&dir).unwrap();
+        assert!(created);
+        assert_ne!(new.pin(), ca.pin());
+    }
+
+    #[test]
+    fn a_first_start_cut_short_before_the_key_makes_a_new_ca() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("pki");
+        private_dir(&dir).unwrap();
+        let (cert, key) = (dir.join(CA_CERT_FILE), dir.join(CA_KEY_FILE));
+        // Temp files of a try that never renamed anything (one torn).
+        std::fs::write(pending(&key), b"torn").unwrap();
+        std::fs::write(pending(&cert), b"torn").unwrap();
+        let (ca, created) = Ca::load_or_create(&dir).unwrap();
+        assert!(created);
+        assert_eq!(std::fs::read_to_string(&cert).unwrap(), ca.pem());
+        assert!(!pending(&cert).exists() && !pending(&key).exists());
+        assert_eq!(Ca::load_or_create(&dir).unwrap().0.pin(), ca.pin());
     }
 
     #[test]

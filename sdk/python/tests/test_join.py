@@ -336,3 +336,56 @@ def test_renewal_is_due_at_two_thirds_of_the_lifetime_and_retried_at_a_tenth_of_
     assert ident.renew_delay(1000.0, 1300.0, 1250.0) == 0.0
     assert ident.retry_delay(1300.0, 1200.0) == pytest.approx(10.0)
     assert ident.retry_delay(1300.0, 1299.0) == 1.0, "at least a second"
+
+
+# -- the join key ----------------------------------------------------------------
+
+
+def _public(pem: bytes) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    return serialization.load_pem_private_key(pem, password=None).public_key().public_bytes(*spki)
+
+
+def test_a_join_asked_again_after_its_answer_was_lost_asks_with_the_key_it_saved(fake, tmp_path):
+    state = tmp_path / "state"
+    # The first try saved its key, then its answer was lost (a crash).
+    key_pem, _ = ident.join_key_and_csr(str(state), "py-1")
+    assert (state / "node.key").read_bytes() == key_pem and mode(state / "node.key") == 0o600
+    assert ident.load(str(state)) is None
+    joined = join(JoinToken.parse(fake.join_token()), "py-1", str(state))
+    assert joined.key_pem == key_pem
+    leaf = x509.load_pem_x509_certificate(joined.chain_pem)
+    from cryptography.hazmat.primitives import serialization
+    assert leaf.public_key().public_bytes(serialization.Encoding.DER,
+                                          serialization.PublicFormat.SubjectPublicKeyInfo) == _public(key_pem)
+
+
+def test_a_join_over_an_identity_asks_with_a_new_key_never_the_old_one(fake, tmp_path):
+    state = tmp_path / "state"
+    first = join(JoinToken.parse(fake.join_token()), "py-1", str(state))
+    assert ident.saved_join_key(str(state)) is None, "an identity's key is no join key"
+    again = join(JoinToken.parse(fake.join_token()), "py-1", str(state))
+    assert _public(again.key_pem) != _public(first.key_pem)
+    assert ident.load(str(state)) == again
+
+
+def test_a_join_key_replacing_an_identitys_cut_short_leaves_the_old_identity_or_the_new_key(fake, tmp_path):
+    state = tmp_path / "state"
+    old = join(JoinToken.parse(fake.join_token()), "py-1", str(state))
+    new_key = ident.new_key_and_csr("py-1")[0]
+    # Cut short before node.conf was removed: the old identity, whole.
+    ident._write_atomic(str(state), "node.key.new", new_key)
+    assert ident.load(str(state)) == old
+    assert not (state / "node.key.new").exists()
+    assert ident.saved_join_key(str(state)) is None
+    # Cut short after: the new key is the join key, its rename finished.
+    ident._write_atomic(str(state), "node.key.new", new_key)
+    (state / "node.conf").unlink()
+    assert ident.saved_join_key(str(state)) == new_key
+    assert (state / "node.key").read_bytes() == new_key and not (state / "node.key.new").exists()
+    # Whole, as weft-node leaves it: node.conf gone, the key in node.key.
+    ident.save(str(state), old)
+    ident.save_join_key(str(state), new_key)
+    assert sorted(os.listdir(state)) == ["ca.pem", "node.key", "node.pem"]
+    assert ident.saved_join_key(str(state)) == new_key

@@ -272,6 +272,12 @@ async fn a_join_asked_again_with_the_same_key_gets_the_same_node_id_and_no_secon
     .await
     .expect("the repeated join's certificate connects");
     assert_eq!(node.node_id, first.node_id);
+    // Once its node connected, the join is not repeated any more: the
+    // used-up token is refused.
+    let err = join_with(&once, "retry-1", key_pem.clone(), csr_der.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
 
     // Another key may not take the name with the same token, nor ask a
     // new name with a used-up token.
@@ -707,5 +713,90 @@ async fn a_coordinator_that_lost_its_store_but_kept_its_ca_still_refuses_revoked
     assert_eq!(node.node_id, kept.node_id);
     let nodes = cluster.wait_for_nodes(1).await;
     assert_eq!(nodes[0].name, "kept");
+    cluster.shutdown().await;
+}
+
+/// `csr_der` with every copy of the public key `from` (DER
+/// SubjectPublicKeyInfo) replaced by `to` (as long): a request naming
+/// `to`'s key whose signature is still `from`'s key's.
+fn with_public_key(csr_der: &[u8], from: &[u8], to: &[u8]) -> Vec<u8> {
+    assert_eq!(from.len(), to.len(), "keys of one kind");
+    let at = csr_der
+        .windows(from.len())
+        .position(|window| window == from)
+        .expect("the request holds its key");
+    let mut forged = csr_der.to_vec();
+    forged[at..at + to.len()].copy_from_slice(to);
+    forged
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_join_needs_the_key_the_token_still_trusted_and_gets_no_certificate_otherwise() {
+    use rcgen::PublicKeyData;
+    let cluster = secure_cluster().await;
+    let mut admin = admin(&cluster).await;
+
+    // The holder's public key, signed by another key: a bad request, no
+    // certificate, however much it looks like a repeat.
+    let (once, _) = join_token(&mut admin, 1, None).await;
+    let (key_pem, csr_der) = key_and_csr();
+    let first = join_with(&once, "rep-1", key_pem.clone(), csr_der.clone())
+        .await
+        .expect("the first join");
+    let holder_key = rcgen::KeyPair::from_pem(&key_pem).unwrap();
+    let (other_pem, other_csr) = key_and_csr();
+    let other_key = rcgen::KeyPair::from_pem(&other_pem).unwrap();
+    let forged = with_public_key(
+        &other_csr,
+        &other_key.subject_public_key_info(),
+        &holder_key.subject_public_key_info(),
+    );
+    let err = join_with(&once, "rep-1", other_pem, forged)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    // The true repeat is still answered.
+    let again = join_with(&once, "rep-1", key_pem, csr_der)
+        .await
+        .expect("the repeat");
+    assert_eq!(again.node_id, first.node_id);
+
+    // A revoked token repeats nothing, though the identity it made stands.
+    let (revoked, revoked_info) = join_token(&mut admin, 1, None).await;
+    let (key_pem, csr_der) = key_and_csr();
+    join_with(&revoked, "rep-2", key_pem.clone(), csr_der.clone())
+        .await
+        .expect("the first join");
+    admin
+        .revoke_token(pb::RevokeTokenRequest {
+            id: revoked_info.id.clone(),
+        })
+        .await
+        .expect("revoke the token");
+    let err = join_with(&revoked, "rep-2", key_pem, csr_der)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    assert!(err.message().contains("revoked"), "{}", err.message());
+
+    // Nor does an expired one.
+    let (short, _) = join_token(&mut admin, 1, Some(Duration::from_secs(1))).await;
+    let (key_pem, csr_der) = key_and_csr();
+    join_with(&short, "rep-3", key_pem.clone(), csr_der.clone())
+        .await
+        .expect("the first join");
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    let err = join_with(&short, "rep-3", key_pem, csr_der)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    assert!(err.message().contains("expired"), "{}", err.message());
+
+    // Both identities stand: their names are still held.
+    let (many, _) = join_token(&mut admin, 0, None).await;
+    for name in ["rep-2", "rep-3"] {
+        let err = join(&many, name).await.unwrap_err();
+        assert_eq!(err.code(), Code::AlreadyExists, "{name}: {err:?}");
+    }
     cluster.shutdown().await;
 }

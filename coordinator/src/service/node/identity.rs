@@ -78,12 +78,15 @@ impl NodeApi {
             &register.previous_node_id,
             &register.name,
         );
-        admitted.map_err(|refusal| {
+        let (id, name) = admitted.map_err(|refusal| {
             if matches!(refusal, ConnectRefusal::Revoked(_)) {
                 self.identities.count_refusal();
             }
             tracing::info!(reason = %refusal, "refused a node's Connect");
-            refusal.into()
-        })
+            Status::from(refusal)
+        })?;
+        // It has its certificate: its join is not to be repeated.
+        self.identities.note_connected(id);
+        Ok((id, name))
     }
 }

@@ -10,13 +10,19 @@
 //! identity index's and the token index's writer locks throughout, so
 //! concurrent joins never exceed a token's uses or share a name.
 //!
-//! A join is idempotent: one repeating an earlier join (same token, same
-//! name, same key; `identity::repeats_join`) whose identity is still
-//! trusted is answered with a fresh certificate for the node id it got,
-//! counting no use, even when the token's uses are all taken. A node
-//! whose answer was lost (its timeout, a dropped connection, a crash
-//! before it saved it) asks again with the same key and is not locked
-//! out; another key asking for the name is still refused.
+//! A join is idempotent for a while: one repeating an earlier join (same
+//! token, same name, same key; `identity::repeats_join`) within
+//! `identity::REPEAT_WINDOW` (10 minutes) of it, whose identity is still
+//! trusted and whose node has not connected with its certificate yet
+//! (`Identities::connected`), is answered with a fresh certificate for
+//! the node id it got, counting no use, even when the token's uses are
+//! all taken. A node whose answer was lost (its timeout, a dropped
+//! connection, a crash before it saved it) asks again with the same key
+//! and is not locked out; another key asking for the name is still
+//! refused. After the window, or once the node connected, the token and
+//! the key it joined with get nothing more: the node renews its
+//! certificate over its session, or an admin revokes it and it joins
+//! anew.
 
 use std::time::SystemTime;
 
@@ -78,10 +84,15 @@ async fn join_now(api: &NodeApi, request: pb::JoinRequest) -> Result<pb::JoinRes
     };
     // The credential first, without the writers' locks: a caller without
     // one never queues ahead of a revocation. Checked again under them
-    // (its uses may have run out meanwhile). A used-up token may still
-    // repeat a join it made.
+    // (its uses may have run out meanwhile). A used-up token gets to the
+    // locks only to repeat a join it made that may still be repeated.
     match api.tokens.check_join(&request.token, SystemTime::now()) {
-        Ok(_) | Err(JoinRefused::UsedUp { .. }) => {}
+        Ok(_) => {}
+        Err(JoinRefused::UsedUp { ref id, .. })
+            if api
+                .identities
+                .repeatable(&request.name, id, SystemTime::now())
+                .is_some() => {}
         Err(refusal) => return Err(refused(refusal)),
     }
     let _joins = api.identities.write.lock().await;
@@ -107,7 +118,8 @@ async fn join_now(api: &NodeApi, request: pb::JoinRequest) -> Result<pb::JoinRes
     let public_key = requested_key(&request.csr_der);
     let holder = api.identities.holder(&request.name);
     if let (Ok(()), Ok(key), Some(holder)) = (&name_ok, &public_key, &holder)
-        && repeats_join(holder, &token.id, &request.name, key)
+        && repeats_join(holder, &token.id, &request.name, key, now)
+        && !api.identities.connected(holder.id)
     {
         let cert = issue(api, tls, &request, holder.id)?;
         tracing::info!(node_id = %holder.id, node_name = %holder.name, token_id = %token.id, "node joined again with the same key: answered with its node id");

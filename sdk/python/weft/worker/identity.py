@@ -15,6 +15,15 @@ and others nothing, else saving to it or loading from it is refused.
 - ``node.conf``: lines ``node_id=...``, ``name=...``, ``coordinator=...``
   (the address from the join token).
 
+A join saves its key before it asks, and a join done again while no
+``node.conf`` is there asks with the key it finds (the coordinator answers
+the same join again with the same node id for a while, so an answer lost
+to a crash does not lock the worker out). A join over an identity
+(``node.conf`` there: an expired one) never reuses its key: a new one is
+written as ``node.key.new``, ``node.conf`` removed, then the key renamed
+over ``node.key``; a dir without ``node.conf`` whose ``node.key.new`` is
+there asks with that one (and finishes the rename). As ``weft-node`` does.
+
 A renewal replaces the key and the chain as a pair: ``node.key.new`` and
 ``node.pem.new`` are written first, then renamed over ``node.key``, then
 ``node.pem``. :func:`load` completes a renewal a crash cut short: it takes
@@ -133,6 +142,85 @@ def new_key_and_csr(name: str) -> Tuple[bytes, bytes]:
     key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                 serialization.NoEncryption())
     return key_pem, csr.public_bytes(serialization.Encoding.DER)
+
+
+def csr_for(key_pem: bytes, name: str) -> bytes:
+    """A PKCS#10 request (DER) signed with ``key_pem`` (PEM), as
+    :func:`new_key_and_csr` makes one."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.x509.oid import NameOID
+
+    key = serialization.load_pem_private_key(key_pem, password=None)
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .sign(key, hashes.SHA256())
+    )
+    return csr.public_bytes(serialization.Encoding.DER)
+
+
+def saved_join_key(state_dir: str) -> Optional[bytes]:
+    """The key a join that did not finish left in ``state_dir``, to ask with
+    again: only a dir without ``node.conf`` holds one (the key of an
+    identity, expired or revoked, is never asked with again).
+    ``node.key.new`` first, when there (a :func:`save_join_key` cut short
+    after it removed ``node.conf``: its rename is finished), else
+    ``node.key``. None: there is none. A key others may read, or one that
+    does not parse, is a ValueError."""
+    from cryptography.hazmat.primitives import serialization
+
+    if os.path.exists(os.path.join(state_dir, CONF_FILE)):
+        return None
+    path = os.path.join(state_dir, KEY_FILE)
+    new = path + PENDING_SUFFIX
+    source, key_pem = new, _read_if_there(new)
+    if key_pem is None:
+        source, key_pem = path, _read_if_there(path)
+    if key_pem is None:
+        return None
+    check_state_dir(state_dir)
+    _check_key_mode(source)
+    try:
+        serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError):
+        raise ValueError(f"{source} is damaged: not a private key; remove it to join with a new one") from None
+    if source == new:
+        os.replace(new, path)
+        _fsync_dir(state_dir)
+    return key_pem
+
+
+def save_join_key(state_dir: str, key_pem: bytes) -> None:
+    """Saves the key a join is about to ask with as ``node.key`` (durably),
+    before the join is sent: see :func:`saved_join_key`. Over an identity
+    (``node.conf`` there) crash-safely: the key is written whole as
+    ``node.key.new``, ``node.conf`` removed, then the key renamed into
+    place. A crash before ``node.conf`` is gone leaves the old identity
+    (:func:`load` drops the stray ``node.key.new``); after, the new key is
+    the one asked with."""
+    _ensure_dir(state_dir)
+    path = os.path.join(state_dir, KEY_FILE)
+    _write_atomic(state_dir, KEY_FILE + PENDING_SUFFIX, key_pem)
+    _fsync_dir(state_dir)
+    conf = os.path.join(state_dir, CONF_FILE)
+    if os.path.exists(conf):
+        os.unlink(conf)
+        _fsync_dir(state_dir)
+    os.replace(path + PENDING_SUFFIX, path)
+    _fsync_dir(state_dir)
+
+
+def join_key_and_csr(state_dir: str, name: str) -> Tuple[bytes, bytes]:
+    """The key to join with and a request signed with it: the one a join
+    that did not finish left (:func:`saved_join_key`), else a new one,
+    saved before it is sent (:func:`save_join_key`)."""
+    key_pem = saved_join_key(state_dir)
+    if key_pem is None:
+        key_pem, csr_der = new_key_and_csr(name)
+        save_join_key(state_dir, key_pem)
+        return key_pem, csr_der
+    return key_pem, csr_for(key_pem, name)
 
 
 def check_chain(chain_pem: bytes, key_pem: bytes, node_id: Optional[str] = None) -> None:

@@ -20,14 +20,14 @@ import binascii
 import re
 import secrets
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import grpc
 
 from .. import errors
 from .._channel import _OPTIONS, _pem_certificates, _pin_digest, ca_pin, fetch_pinned_ca, parse_address
 from .._proto import node_pb2, node_pb2_grpc
-from .identity import Identity, check_chain, check_name, check_state_dir, new_key_and_csr, save
+from .identity import Identity, check_chain, check_name, check_state_dir, join_key_and_csr, save
 
 #: The prefix of every join token.
 JOIN_PREFIX = "weftjoin_"
@@ -144,16 +144,23 @@ def join(token: JoinToken, name: str, state_dir: str, addresses: Optional[Sequen
         except OSError as e:  # refused (a standby), down: the next one
             unreachable = e
             continue
-        return _join_at(target, ca_pem, token, name, state_dir, ",".join(candidates))
+        # The key is saved before it is sent (once the pin matched): a
+        # join asked again (an answer lost to a timeout or a crash) asks
+        # with the same key and gets its node id back
+        # (``identity.saved_join_key``).
+        key = join_key_and_csr(state_dir, name)
+        return _join_at(target, ca_pem, token, name, state_dir, ",".join(candidates), key)
     assert unreachable is not None
     raise unreachable
 
 
-def _join_at(target: str, ca_pem: bytes, token: JoinToken, name: str, state_dir: str, keep: str) -> Identity:
+def _join_at(target: str, ca_pem: bytes, token: JoinToken, name: str, state_dir: str, keep: str,
+             key: Tuple[bytes, bytes]) -> Identity:
     """Sends ``Join`` to the coordinator at ``target``, whose CA
-    ``ca_pem`` matched the token's pin, and saves the identity with the
+    ``ca_pem`` matched the token's pin, asking with ``key`` (the key's PEM
+    and a request signed with it), and saves the identity with the
     addresses ``keep``."""
-    key_pem, csr_der = new_key_and_csr(name)
+    key_pem, csr_der = key
     channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=ca_pem), options=_OPTIONS)
     try:
         stub = node_pb2_grpc.NodeServiceStub(channel)
