@@ -470,9 +470,10 @@ pub fn event_json(event: &TaskEvent) -> Value {
 }
 
 /// `text` safe to show on a terminal: control characters (newlines,
-/// ESC starting a terminal escape) written as Rust escapes (`\n`,
-/// `\u{1b}`). Names, argv and labels come from whoever submitted the
-/// task, and must not move the cursor or retitle the reader's terminal.
+/// ESC starting a terminal escape, NUL) written as Rust escapes (`\n`,
+/// `\u{1b}`, `\u{0}`). Names, argv and labels come from whoever
+/// submitted the task, and must not move the cursor or retitle the
+/// reader's terminal.
 pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
     if !text.chars().any(char::is_control) {
         return text.into();
@@ -578,7 +579,8 @@ fn rfc3339(t: SystemTime) -> String {
 /// when nothing in them is special, else in single quotes, or, for one
 /// with control characters (a newline in `sh -c` script), as bash's
 /// `$'...'` with those escaped, so the line pastes as the same command and
-/// moves no cursor.
+/// moves no cursor. Not an argument with a NUL in it: no shell passes one
+/// on (bash cuts `$'a\x00b'` to `a`); it is shown as `\x00` all the same.
 pub fn shell_words(argv: &[String]) -> String {
     argv.iter()
         .map(|arg| {
@@ -600,7 +602,9 @@ pub fn shell_words(argv: &[String]) -> String {
 
 /// `arg` as bash's ANSI-C quoting: `$'...'` with `\\`, `\'`, `\n`,
 /// `\t`, `\r` and other control characters as `\xHH` (a C1 one, past
-/// 0xff in no byte, as `\uHHHH`); other Unicode as it is.
+/// 0xff in no byte, as `\uHHHH`); other Unicode as it is. A NUL is shown
+/// as `\x00` but does not paste back: bash ends the word there, as an
+/// argument's C string ends there anyway.
 fn ansi_c_quoted(arg: &str) -> String {
     let mut out = String::from("$'");
     for c in arg.chars() {
@@ -807,6 +811,7 @@ mod tests {
         assert_eq!(table.lines().count(), 2, "{table}");
         assert!(!table.contains('\x1b'), "{table}");
         assert!(table.contains("a\\nb \\u{1b}]0;pwn\\u{7}"), "{table}");
+        assert_eq!(printable("a\0b"), r"a\u{0}b");
     }
 
     #[test]
@@ -861,6 +866,8 @@ mod tests {
             shell_words(&argv(&["printf", "it's\t\\\r\x1b[0m\u{85}é"])),
             r"printf $'it\'s\t\\\r\x1b[0m\u0085é'"
         );
+        // Shown, though a shell would cut the argument at the NUL.
+        assert_eq!(shell_words(&argv(&["echo", "a\0b"])), r"echo $'a\x00b'");
         assert_eq!(
             shell_words(&argv(&["echo", "a b", "", "x=1", "it's", "é"])),
             r"echo 'a b' '' x=1 'it'\''s' 'é'"

@@ -12,12 +12,13 @@ use weft_proto::NodeInfo;
 
 /// How far back the throughput history goes.
 pub const HISTORY: Duration = Duration::from_secs(5 * 60);
-/// How much less than the wall time between two answers the
-/// coordinator's uptime may grow before `weft top` takes it for another
-/// process (a restart or a failover), at least: answers come back late by
-/// up to a poll's deadline, so the slack is that when it is longer
-/// ([`Top::uptime_slack`]).
-pub const UPTIME_SLACK: Duration = Duration::from_secs(5);
+/// How far the coordinator's start, as seen from here, may move between
+/// two answers before `weft top` takes the answer for another process's (a
+/// restart or a failover), at least: the start is taken as the time an
+/// answer came less the uptime in it, and an answer comes back up to a
+/// poll's deadline late, so the slack is that when it is longer
+/// ([`Top::start_slack`]).
+pub const START_SLACK: Duration = Duration::from_secs(5);
 /// The window "the current rate" is taken over: long enough to smooth a
 /// poll that came late, short enough to follow a change within seconds.
 pub const CURRENT_WINDOW: Duration = Duration::from_secs(10);
@@ -76,17 +77,24 @@ impl Top {
                 // and one answering after an outage may be another process
                 // (a failover) with a counter of its own: either way the
                 // old samples do not compare with the new one. Such a one
-                // is known by its uptime: lower than before, or grown less
-                // than the wall time since the last answer (less the
-                // slack: each answer may come a poll's deadline late). A
-                // counter that went down starts the history over too
-                // ([`Throughput::record`]). Failed polls in between alone
-                // do not: a coordinator that was slow is the same one.
+                // is known by its start (the time of the answer less its
+                // uptime): the same process gives the same start, give or
+                // take the slack (an answer may come a poll's deadline
+                // late); another started earlier or later. Its uptime
+                // alone would not tell: a standby that has run longer than
+                // the process before it has a larger uptime, and a larger
+                // counter. A counter that went down starts the history
+                // over too ([`Throughput::record`]). Failed polls in
+                // between alone do not: a coordinator that was slow is the
+                // same one.
                 let restarted = match (&self.info, self.updated) {
                     (Some(old), Some(then)) => {
+                        // (now - uptime) - (then - old uptime), unsigned
+                        // and without an `Instant` before the clock's
+                        // origin.
                         let wall = now.saturating_duration_since(then);
-                        info.uptime < old.uptime
-                            || (info.uptime - old.uptime) + self.uptime_slack() < wall
+                        let moved = wall.saturating_add(old.uptime).abs_diff(info.uptime);
+                        moved > self.start_slack()
                     }
                     _ => false,
                 };
@@ -104,10 +112,10 @@ impl Top {
         }
     }
 
-    /// How much less than the wall time between answers the uptime may
-    /// grow: [`UPTIME_SLACK`], or a poll's deadline when longer.
-    pub fn uptime_slack(&self) -> Duration {
-        UPTIME_SLACK.max(super::poll_deadline(self.interval))
+    /// How far the coordinator's start may move between answers from the
+    /// same process: [`START_SLACK`], or a poll's deadline when longer.
+    pub fn start_slack(&self) -> Duration {
+        START_SLACK.max(super::poll_deadline(self.interval))
     }
 
     /// Moves the node table by `delta` rows, `page` of them visible: never
@@ -354,6 +362,33 @@ mod tests {
         // little wall time passed.
         top.update(poll(9050, 1), at(74));
         assert_eq!(top.throughput.current(), None);
+    }
+
+    #[test]
+    fn the_history_starts_over_for_an_older_coordinator() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut top = Top::new("http://a.test:7070".into(), Duration::from_secs(1));
+        top.update(poll(100, 1000), at(0));
+        top.update(poll(110, 1001), at(1));
+        assert_eq!(top.throughput.current(), Some(10.0));
+        // An outage, then a standby that has run for a day takes over: a
+        // larger uptime and a larger counter of its own, no spike of
+        // 4890 tasks in 7 s.
+        top.update(Err("cannot reach coordinator".into()), at(2));
+        top.update(poll(5000, 90_000), at(8));
+        assert_eq!(top.throughput.current(), None);
+        top.update(poll(5010, 90_001), at(9));
+        assert_eq!(top.throughput.current(), Some(10.0));
+        // No failed poll seen, and an older one yet answers at the next
+        // tick.
+        top.update(poll(9000, 200_000), at(10));
+        assert_eq!(top.throughput.current(), None);
+        // An answer 4 s late, then one on time: within the slack, the
+        // same coordinator.
+        top.update(poll(9040, 200_000), at(14));
+        top.update(poll(9050, 200_005), at(15));
+        assert_eq!(top.throughput.rates(), [10.0, 10.0]);
     }
 
     #[test]
