@@ -514,6 +514,9 @@ class _Scripted(task_pb2_grpc.TaskServiceServicer):
     def WaitMany(self, request, context):
         yield from self._next("WaitMany", request, context)
 
+    def List(self, request, context):
+        return self._next("List", request, context)
+
 
 @contextlib.contextmanager
 def _serving(servicer):
@@ -558,6 +561,51 @@ def short_resume_window(monkeypatch):
     import weft.client
 
     monkeypatch.setattr(weft.client, "RESUME_WINDOW", 0.5, raising=False)
+
+
+def test_a_wait_whose_every_watch_breaks_at_once_gives_up_after_the_window_though_its_gets_answer(
+        short_resume_window):
+    import time
+
+    def scripted():
+        return _Scripted(Get=[_got(common_pb2.TASK_STATE_RUNNING)], Watch=[grpc.StatusCode.UNAVAILABLE])
+
+    servicer = scripted()
+    with _serving(servicer) as url, weft.Client(url) as client:
+        started = time.monotonic()
+        with pytest.raises(weft.Unavailable):
+            client.wait("T0", timeout=5)
+        assert time.monotonic() - started < 3
+    assert servicer.calls["Get"] > 1, "tried again within the window"
+
+    async def scenario():
+        with _serving(scripted()) as url:
+            async with weft.aio.Client(url) as client:
+                started = time.monotonic()
+                with pytest.raises(weft.Unavailable):
+                    await client.wait("T0", timeout=5)
+                assert time.monotonic() - started < 3
+
+    asyncio.run(scenario())
+
+
+def test_wait_job_goes_on_when_its_first_look_at_the_job_is_unavailable():
+    def scripted():
+        def done(request, context):
+            yield _task("J0", common_pb2.TASK_STATE_SUCCEEDED, job_id="J0", output=b"done")
+
+        listed = task_pb2.ListResponse(tasks=[_task("J0", common_pb2.TASK_STATE_RUNNING, job_id="J0")])
+        return _Scripted(List=[grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAVAILABLE, listed], WaitMany=[done])
+
+    with _serving(scripted()) as url, weft.Client(url) as client:
+        assert [t.output for t in client.wait_job("J0", timeout=10).tasks] == [b"done"]
+
+    async def scenario():
+        with _serving(scripted()) as url:
+            async with weft.aio.Client(url) as client:
+                assert [t.output for t in (await client.wait_job("J0", timeout=10)).tasks] == [b"done"]
+
+    asyncio.run(scenario())
 
 
 def test_waits_give_up_after_the_resume_window_without_a_success(short_resume_window):
@@ -694,9 +742,12 @@ class _MapTasks(task_pb2_grpc.TaskServiceServicer):
     """Submits numbered by job (``J<k>-<i>``, job ``J<k>-0``), the ``refuse``-th refused;
     waits that answer the first task, then ``second`` for the next, then nothing more."""
 
-    def __init__(self, second=common_pb2.TASK_STATE_FAILED, refuse=0):
+    def __init__(self, second=common_pb2.TASK_STATE_FAILED, refuse=0, cancel_job=None):
         self.second, self.refuse = second, refuse
         self.submits, self.cancelled_jobs = 0, []
+        #: What CancelJob does before it answers (a function of the context), if anything.
+        self.cancel_job = cancel_job
+        self.cancels = 0
 
     def Submit(self, request, context):
         self.submits += 1
@@ -718,7 +769,16 @@ class _MapTasks(task_pb2_grpc.TaskServiceServicer):
 
     def CancelJob(self, request, context):
         self.cancelled_jobs.append(request.job_id)
+        if self.cancel_job is not None:
+            self.cancel_job(context)
         return task_pb2.CancelJobResponse(cancelled=1)
+
+    def Cancel(self, request, context):
+        import time
+
+        self.cancels += 1
+        time.sleep(1)
+        context.abort(grpc.StatusCode.FAILED_PRECONDITION, "final already")
 
 
 def test_map_cancels_the_calls_it_did_not_yield_when_it_stops_early(monkeypatch):
@@ -763,6 +823,91 @@ def test_map_cancels_the_calls_it_did_not_yield_when_it_stops_early(monkeypatch)
                 assert await results.__anext__() == b"first"
                 await results.aclose()
                 assert tasks.cancelled_jobs == ["J0-0", "J1-0"]
+
+    asyncio.run(scenario())
+
+
+def test_closing_the_client_cancels_what_open_maps_did_not_yield(caplog):
+    tasks = _MapTasks()
+    with _serving(tasks) as url:
+        with weft.Client(url) as client:
+            results = client.map("echo", [b"a", b"b", b"c"])
+            assert next(results) == b"first"
+        assert tasks.cancelled_jobs == ["J0-0"], "cancelled by close"
+        results.close()
+        assert tasks.cancelled_jobs == ["J0-0"], "once"
+
+        # A channel closed under the map: its cleanup logs, never raises.
+        channel = grpc.insecure_channel(url.removeprefix("http://"))
+        results = weft.Client(channel=channel).map("echo", [b"a", b"b", b"c"])
+        assert next(results) == b"first"
+        channel.close()
+        results.close()
+        assert "uncancelled" in caplog.text
+
+    async def scenario():
+        tasks = _MapTasks()
+        errors = []
+        asyncio.get_running_loop().set_exception_handler(lambda loop, context: errors.append(context))
+        with _serving(tasks) as url:
+            async with weft.aio.Client(url) as client:
+                async for result in client.map("echo", [b"a", b"b", b"c"]):
+                    assert result == b"first"
+                    break
+            await asyncio.sleep(0.2)  # the generator's own aclose runs meanwhile, on a closed channel
+        assert tasks.cancelled_jobs == ["J0-0"]
+        assert errors == []
+
+    asyncio.run(scenario())
+
+
+def test_maps_cleanup_is_bounded_by_its_budget_and_stops_at_the_first_unavailable(monkeypatch):
+    import time
+
+    import weft.client
+
+    monkeypatch.setattr(weft.client, "SUBMIT_BATCH", 1)
+    monkeypatch.setattr(weft.client, "MAP_CANCEL_BUDGET", 0.5, raising=False)
+    inputs = [b"a", b"b", b"c", b"d"]
+
+    def slow(context):
+        time.sleep(2)
+
+    def unavailable(context):
+        context.abort(grpc.StatusCode.UNAVAILABLE, "coordinator restarting")
+
+    def unimplemented(context):
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "no CancelJob")
+
+    for cancel_job in (slow, unimplemented):
+        tasks = _MapTasks(cancel_job=cancel_job)
+        with _serving(tasks) as url, weft.Client(url) as client:
+            started = time.monotonic()
+            with pytest.raises(weft.TaskFailed):
+                list(client.map("echo", inputs))
+            assert time.monotonic() - started < 1.5, cancel_job.__name__
+            assert tasks.cancels <= 1
+
+    tasks = _MapTasks(cancel_job=unavailable)
+    with _serving(tasks) as url, weft.Client(url) as client:
+        with pytest.raises(weft.TaskFailed):
+            list(client.map("echo", inputs))
+    assert tasks.cancelled_jobs == ["J2-0"], "stopped at the first Unavailable"
+
+    async def scenario():
+        # The map's task cancelled while it cancels: TaskFailed stays the error raised.
+        tasks = _MapTasks(cancel_job=slow)
+        with _serving(tasks) as url:
+            async with weft.aio.Client(url) as client:
+                started = time.monotonic()
+                consumer = asyncio.ensure_future(_drain(client.map("echo", inputs)))
+                while not tasks.cancelled_jobs:
+                    await asyncio.sleep(0.01)
+                consumer.cancel()
+                with pytest.raises(weft.TaskFailed):
+                    await consumer
+                await asyncio.sleep(0.6)
+                assert time.monotonic() - started < 1.5
 
     asyncio.run(scenario())
 
@@ -893,7 +1038,7 @@ async def test_a_closed_lazy_channel_refuses_calls_and_opens_nothing():
     waiting = asyncio.ensure_future(lazy.channel())
     await asyncio.sleep(0.02)
     await lazy.close()
-    with pytest.raises(asyncio.CancelledError):
-        await waiting
+    with pytest.raises(grpc.aio.UsageError, match="closed"):
+        await waiting  # as a call after close(): this caller was not cancelled
     await asyncio.sleep(0.2)
     assert not channel.closed and lazy._channel is None

@@ -535,7 +535,8 @@ class _LazyChannel:
         """The channel, opened once whoever asks first. An opening that
         failed (the coordinator down, a wrong pin) raises to the calls
         that waited on it and is not kept: the next call opens again.
-        After :meth:`close`, raises ``grpc.aio.UsageError``."""
+        After :meth:`close`, raises ``grpc.aio.UsageError``, as do the calls
+        that waited on the opening it cancelled."""
         if self._closed:
             raise grpc.aio.UsageError("the channel is closed: this client was closed")
         if self._channel is not None:
@@ -544,7 +545,18 @@ class _LazyChannel:
             opening = asyncio.ensure_future(self._open_channel())
             opening.add_done_callback(self._opened)
             self._opening = opening
-        return await asyncio.shield(self._opening)
+        opening = self._opening
+        try:
+            return await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            # The opening cancelled by close(), not this caller: it gets what a call
+            # after close() gets. A caller cancelled itself is cancelled still.
+            # (Task.cancelling is Python 3.11+; on 3.10 a caller cancelled at that very
+            # moment gets UsageError too.)
+            cancelling = getattr(asyncio.current_task(), "cancelling", lambda: 0)
+            if self._closed and opening.cancelled() and not cancelling():
+                raise grpc.aio.UsageError("the channel is closed: this client was closed") from None
+            raise
 
     def _opened(self, opening: asyncio.Future) -> None:
         """Takes an opening's outcome: its channel is kept, its failure

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import asyncio
+import weakref
 from typing import Any, AsyncIterator, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import grpc
@@ -19,6 +20,7 @@ from . import errors
 from ._channel import client_token, lazy_aio_channel
 from ._proto import admin_pb2, admin_pb2_grpc, common_pb2, schedule_pb2, schedule_pb2_grpc, task_pb2, task_pb2_grpc
 from .client import (
+    _CLEANUP_STOPS,
     MAP_CANCEL_REASON,
     SUBMIT_BATCH,
     UNARY_TIMEOUT,
@@ -27,14 +29,17 @@ from .client import (
     _deadline,
     _distinct,
     _InOrder,
+    _cleanup_deadline,
+    _cleanup_timeout,
     _job_id,
+    _MapRun,
     _new_records,
     _open_wait,
     _call_requests,
     _remaining,
     _unary_timeout,
-    _unread,
     _wait_many_batch,
+    log,
 )
 from .models import (
     ClusterInfo,
@@ -87,9 +92,18 @@ class Client:
         self._wait_batches = True
         self._admin = admin_pb2_grpc.AdminServiceStub(self._channel)
         self._schedules = schedule_pb2_grpc.ScheduleServiceStub(self._channel)
+        #: The maps still open, cancelled by :meth:`close` (see :class:`weft.Client`).
+        self._maps: "weakref.WeakSet[_MapRun]" = weakref.WeakSet()
+        #: Cleanups that outlived a map cancelled while it ran them (strong references,
+        #: so that the event loop does not drop them half done).
+        self._cleanups: set = set()
 
     async def close(self) -> None:
-        """Closes the channel."""
+        """Cancels the calls that open :meth:`map` iterators did not yield, then closes the
+        channel: an ``async for`` left with ``break`` finalises its generator only later."""
+        unread = [job for run in list(self._maps) for job in run.take_unread()]
+        if unread:
+            await self._cancel_unread(unread)
         await self._channel.close()
 
     async def __aenter__(self) -> "Client":
@@ -226,9 +240,11 @@ class Client:
             try:
                 task = await self._get(task_id, _unary_timeout(deadline, first))
                 first = False
-                resume.ok()
+                # Not resume.ok(): only a watch event, or a watch open the window, ends a run of
+                # failed tries (see weft.Client.wait).
                 if task.is_final:
                     return task
+                resume.opened()
                 async for event in self.watch(task_id, task.next_seq, timeout=_remaining(deadline)):
                     resume.ok()
                     if event.kind == "finished" and event.task is not None:
@@ -297,37 +313,62 @@ class Client:
         """``async for result in client.map(handler, inputs)``: results in input order; the
         calls not yielded are cancelled when it stops early, ``aclose()`` included (see
         :meth:`weft.Client.map`)."""
-        ids: List[str] = []
-        jobs: List[Tuple[str, int]] = []
-        order: Optional[_InOrder] = None
+        run = _MapRun()
+        self._maps.add(run)
         try:
             for request in _call_requests(handler, inputs, options):
                 response = await self._unary(self._tasks.Submit, request)
-                ids.extend(response.task_ids)
-                jobs.append((response.job_id or response.task_ids[0], len(ids)))
-            order = _InOrder(ids)
-            async for record in self._wait_many_records(ids, timeout, results_only=True):
-                for result in order.add(record):
+                run.ids.extend(response.task_ids)
+                run.jobs.append((response.job_id or response.task_ids[0], len(run.ids)))
+            run.order = _InOrder(run.ids)
+            async for record in self._wait_many_records(run.ids, timeout, results_only=True):
+                for result in run.order.add(record):
                     yield result
-        finally:
-            for job_id, unread in _unread(ids, jobs, order):
-                await self._cancel_unread(job_id, unread)
+        except BaseException as error:  # GeneratorExit (aclose) and CancelledError included
+            self._maps.discard(run)
+            unread = run.take_unread()
+            if unread:
+                await self._cancel_unread_for(unread, error)
+            raise
+        self._maps.discard(run)
 
-    async def _cancel_unread(self, job_id: str, unread: List[str]) -> None:
-        """Cancels what ``map`` did not yield of one ``Submit`` (see
-        :meth:`weft.Client._cancel_unread`); errors are dropped."""
+    async def _cancel_unread_for(self, unread: List[Tuple[str, List[str]]], error: BaseException) -> None:
+        """:meth:`_cancel_unread` on ``map``'s way out with ``error``, in a task of its own:
+        should the map's task be cancelled meanwhile, the cleanup goes on (within its
+        budget), and ``error`` stays the one raised rather than that CancelledError (but a
+        cancelled ``aclose()`` raises it: its caller is the one cancelled)."""
+        cleanup = asyncio.ensure_future(self._cancel_unread(unread))
+        self._cleanups.add(cleanup)
+        cleanup.add_done_callback(self._cleanups.discard)
         try:
-            try:
-                request = task_pb2.CancelJobRequest(job_id=job_id, reason=MAP_CANCEL_REASON)
-                await self._unary(self._tasks.CancelJob, request)
-            except errors.Unimplemented:
-                for task_id in unread:
+            await asyncio.shield(cleanup)
+        except asyncio.CancelledError:
+            if isinstance(error, GeneratorExit):
+                raise
+
+    async def _cancel_unread(self, unread: List[Tuple[str, List[str]]]) -> None:
+        """Cancels what ``map`` did not yield, within :data:`weft.client.MAP_CANCEL_BUDGET`
+        (see :meth:`weft.Client._cancel_unread`); errors are logged, never raised."""
+        deadline = _cleanup_deadline()
+        try:
+            for job_id, task_ids in unread:
+                try:
                     try:
-                        await self.cancel(task_id, MAP_CANCEL_REASON)
-                    except errors.FailedPrecondition:
-                        pass  # final already
-        except errors.WeftError:
-            pass
+                        request = task_pb2.CancelJobRequest(job_id=job_id, reason=MAP_CANCEL_REASON)
+                        await self._unary(self._tasks.CancelJob, request, _cleanup_timeout(deadline))
+                    except errors.Unimplemented:
+                        for task_id in task_ids:
+                            try:
+                                request = task_pb2.CancelRequest(task_id=task_id, reason=MAP_CANCEL_REASON)
+                                await self._unary(self._tasks.Cancel, request, _cleanup_timeout(deadline))
+                            except errors.FailedPrecondition:
+                                pass  # final already
+                except _CLEANUP_STOPS:
+                    raise
+                except errors.WeftError as error:
+                    log.debug("map could not cancel job %s: %s", job_id, error)
+        except Exception as error:  # a closed channel raises grpc.aio.UsageError
+            log.warning("map left %d job(s) of calls it did not yield uncancelled: %s", len(unread), error)
 
     async def cancel(self, task_id: str, reason: str = "") -> Task:
         """Cancels a task; returns it as recorded after the cancel."""
@@ -350,9 +391,23 @@ class Client:
         return job_from_tasks(job_id, tasks)
 
     async def wait_job(self, job_id: str, timeout: Optional[DurationLike] = None) -> Job:
-        """Waits until every task of the job is final; returns the job with its final records."""
-        job = await self.job(job_id)
-        final = {task.id: task async for task in self.wait_many(job.task_ids, timeout)}
+        """Waits until every task of the job is final; returns the job with its final records
+        (through a coordinator restart, its first look at the job included: see
+        :meth:`weft.Client.wait_job`)."""
+        deadline = _deadline(timeout)
+        resume = _Resume()
+        while True:
+            resume.opened()
+            try:
+                job = await self.job(job_id)
+                break
+            except errors.Unavailable:
+                pause = resume.failed(deadline)
+                if pause is None:
+                    raise
+                await asyncio.sleep(pause)
+            _remaining(deadline)
+        final = {task.id: task async for task in self.wait_many(job.task_ids, _remaining(deadline))}
         return job_from_tasks(job.id, [final.get(task.id, task) for task in job.tasks])
 
     async def cancel_job(self, job_id: str, reason: str = "") -> JobCancelled:

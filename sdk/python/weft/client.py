@@ -14,7 +14,9 @@ not succeed. The asyncio twin is :class:`weft.aio.Client`.
 
 from __future__ import annotations
 
+import logging
 import time
+import weakref
 from typing import Any, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import grpc
@@ -165,6 +167,52 @@ def _new_records(message, batches: bool, left: set) -> List[task_pb2.Task]:
 
 #: The reason recorded on the tasks :meth:`Client.map` cancels when it stops early.
 MAP_CANCEL_REASON = "cancelled by weft map: its results were no longer read"
+#: The most time, in seconds, ``map`` spends cancelling what it did not yield, all its
+#: ``Submit``s together: its caller is on its way out, and a coordinator that does not
+#: answer must not hold it there.
+MAP_CANCEL_BUDGET = 5.0
+
+log = logging.getLogger("weft.client")
+
+
+class _MapRun:
+    """What one ``map`` submitted (``ids``; ``jobs``: each ``Submit``'s job id and where its
+    tasks end in ``ids``) and has yielded (``order``). The map's generator holds it; its
+    client keeps it in a weak set, so that closing the client cancels an open map's calls
+    before the channel goes, whoever finalises the generator later."""
+
+    def __init__(self):
+        self.ids: List[str] = []
+        self.jobs: List[Tuple[str, int]] = []
+        self.order: Optional[_InOrder] = None
+        self._taken = False
+
+    def take_unread(self) -> List[Tuple[str, List[str]]]:
+        """What to cancel (:func:`_unread`), once: a second taker (the generator's own
+        cleanup after the client's close took it) gets nothing."""
+        if self._taken:
+            return []
+        self._taken = True
+        return _unread(self.ids, self.jobs, self.order)
+
+
+def _cleanup_deadline() -> float:
+    """When ``map``'s cleanup, starting now, must end (:data:`MAP_CANCEL_BUDGET`)."""
+    return time.monotonic() + MAP_CANCEL_BUDGET
+
+
+def _cleanup_timeout(deadline: float) -> float:
+    """The deadline of one cancelling call of ``map``'s cleanup: what is left of its
+    :data:`MAP_CANCEL_BUDGET` (DeadlineExceeded when nothing is)."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise errors.DeadlineExceeded("map's cleanup spent its time cancelling")
+    return min(left, UNARY_TIMEOUT)
+
+
+#: The errors that end ``map``'s cleanup at once: the coordinator is not answering, or the
+#: budget is spent; the calls left are not cancelled.
+_CLEANUP_STOPS = (errors.Unavailable, errors.DeadlineExceeded)
 
 
 def _unread(ids: List[str], jobs: List[Tuple[str, int]], order: Optional["_InOrder"]) -> List[Tuple[str, List[str]]]:
@@ -306,9 +354,16 @@ class Client:
         self._wait_batches = True
         self._admin = admin_pb2_grpc.AdminServiceStub(self._channel)
         self._schedules = schedule_pb2_grpc.ScheduleServiceStub(self._channel)
+        #: The maps still open, cancelled by :meth:`close` (weak: a map dropped unread is
+        #: cleaned up by its own generator).
+        self._maps: "weakref.WeakSet[_MapRun]" = weakref.WeakSet()
 
     def close(self) -> None:
-        """Closes the channel."""
+        """Cancels the calls that open :meth:`map` iterators did not yield, then closes the
+        channel."""
+        unread = [job for run in list(self._maps) for job in run.take_unread()]
+        if unread:
+            self._cancel_unread(unread)
         self._channel.close()
 
     def __enter__(self) -> "Client":
@@ -479,9 +534,12 @@ class Client:
             try:
                 task = self._get(task_id, _unary_timeout(deadline, first))
                 first = False
-                resume.ok()
+                # A Get that got through does not end a run of failed tries: a coordinator
+                # (or proxy) that answers it and breaks every watch at once would go on
+                # forever. Only a watch event, or a watch open the window, does (_Resume).
                 if task.is_final:
                     return task
+                resume.opened()
                 for event in self.watch(task_id, task.next_seq, timeout=_remaining(deadline)):
                     resume.ok()
                     if event.kind == "finished" and event.task is not None:
@@ -562,37 +620,48 @@ class Client:
         after others went through, a timeout) or the caller leaving the iteration (``break``,
         ``close()``).
         """
-        ids: List[str] = []
-        jobs: List[Tuple[str, int]] = []
-        order: Optional[_InOrder] = None
+        run = _MapRun()
+        self._maps.add(run)
         try:
             for request in _call_requests(handler, inputs, options):
                 response = self._unary(self._tasks.Submit, request)
-                ids.extend(response.task_ids)
-                jobs.append((response.job_id or response.task_ids[0], len(ids)))
-            order = _InOrder(ids)
-            for record in self._wait_many_records(ids, timeout, results_only=True):
-                yield from order.add(record)
+                run.ids.extend(response.task_ids)
+                run.jobs.append((response.job_id or response.task_ids[0], len(run.ids)))
+            run.order = _InOrder(run.ids)
+            for record in self._wait_many_records(run.ids, timeout, results_only=True):
+                yield from run.order.add(record)
         finally:
-            for job_id, unread in _unread(ids, jobs, order):
-                self._cancel_unread(job_id, unread)
+            self._maps.discard(run)
+            unread = run.take_unread()
+            if unread:
+                self._cancel_unread(unread)
 
-    def _cancel_unread(self, job_id: str, unread: List[str]) -> None:
-        """Cancels what ``map`` submitted in one ``Submit`` (the job ``job_id``) and did not
-        yield: the whole job (the tasks yielded are final already), or each of ``unread`` on
-        a coordinator without ``CancelJob``. Errors are dropped: the caller is on its way
-        out, with an error of its own perhaps."""
+    def _cancel_unread(self, unread: List[Tuple[str, List[str]]]) -> None:
+        """Cancels what ``map`` submitted and did not yield (:func:`_unread`): each job
+        whole (the tasks yielded are final already), or each task on a coordinator without
+        ``CancelJob``, within :data:`MAP_CANCEL_BUDGET` in all. It stops at the first
+        Unavailable or DeadlineExceeded; errors are logged, never raised: the caller is on
+        its way out, with an error of its own perhaps (and the channel may be closed)."""
+        deadline = _cleanup_deadline()
         try:
-            try:
-                self._unary(self._tasks.CancelJob, task_pb2.CancelJobRequest(job_id=job_id, reason=MAP_CANCEL_REASON))
-            except errors.Unimplemented:
-                for task_id in unread:
+            for job_id, task_ids in unread:
+                try:
                     try:
-                        self.cancel(task_id, MAP_CANCEL_REASON)
-                    except errors.FailedPrecondition:
-                        pass  # final already
-        except errors.WeftError:
-            pass
+                        request = task_pb2.CancelJobRequest(job_id=job_id, reason=MAP_CANCEL_REASON)
+                        self._unary(self._tasks.CancelJob, request, _cleanup_timeout(deadline))
+                    except errors.Unimplemented:
+                        for task_id in task_ids:
+                            try:
+                                request = task_pb2.CancelRequest(task_id=task_id, reason=MAP_CANCEL_REASON)
+                                self._unary(self._tasks.Cancel, request, _cleanup_timeout(deadline))
+                            except errors.FailedPrecondition:
+                                pass  # final already
+                except _CLEANUP_STOPS:
+                    raise
+                except errors.WeftError as error:
+                    log.debug("map could not cancel job %s: %s", job_id, error)
+        except Exception as error:  # a closed channel raises ValueError or grpc.aio.UsageError
+            log.warning("map left %d job(s) of calls it did not yield uncancelled: %s", len(unread), error)
 
     def cancel(self, task_id: str, reason: str = "") -> Task:
         """Cancels a task; returns it as recorded after the cancel.
@@ -624,9 +693,25 @@ class Client:
         return job_from_tasks(job_id, tasks)
 
     def wait_job(self, job_id: str, timeout: Optional[DurationLike] = None) -> Job:
-        """Waits until every task of the job is final; returns the job with its final records."""
-        job = self.job(job_id)
-        final = {task.id: task for task in self.wait_many(job.task_ids, timeout)}
+        """Waits until every task of the job is final; returns the job with its final records.
+        Its first look at the job (:meth:`job`) and the wait after it go on through a
+        coordinator restart, as :meth:`wait_many` does (:data:`RESUME_WINDOW`); ``timeout``
+        bounds the whole."""
+        deadline = _deadline(timeout)
+        resume = _Resume()
+        while True:
+            resume.opened()
+            try:
+                job = self.job(job_id)
+                break
+            except errors.Unavailable:
+                # As the wait that follows: the coordinator restarting does not end it.
+                pause = resume.failed(deadline)
+                if pause is None:
+                    raise
+                time.sleep(pause)
+            _remaining(deadline)
+        final = {task.id: task for task in self.wait_many(job.task_ids, _remaining(deadline))}
         return job_from_tasks(job.id, [final.get(task.id, task) for task in job.tasks])
 
     def cancel_job(self, job_id: str, reason: str = "") -> JobCancelled:
