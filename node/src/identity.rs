@@ -6,18 +6,29 @@
 //! - `node.pem`: its certificate chain, PEM, the node's certificate first.
 //! - `ca.pem`: the cluster CA, PEM: what the node trusts the coordinator by.
 //! - `node.conf`: `key=value` lines: `node_id`, `name`, `coordinator`.
+//! - `node.join.key`: the key a join asks with, PKCS#8 PEM, while the join
+//!   is under way (saved before it is sent, removed once its answer is
+//!   saved).
 //!
 //! The dir is 0700 and every file 0600, written atomically (a temp file,
-//! synced, then renamed). `node.conf` is written last: a dir without it
-//! holds no identity (a join that crashed half way is simply done again).
-//! A join saves its key before it asks, and a join done again while no
-//! `node.conf` is there asks with the key it finds (the coordinator
-//! answers the same join again with the same node id for a while, so an
-//! answer lost to a crash does not lock the node out). A join over an
-//! identity (`node.conf` there: an expired one) never reuses its key: a
-//! new one is written as `node.key.new`, `node.conf` removed, then the
-//! key renamed over `node.key`; a dir without `node.conf` whose
-//! `node.key.new` is there asks with that one (and finishes the rename).
+//! synced, then renamed, the dir synced). A dir without `node.conf` holds
+//! no identity (a join that crashed half way is simply done again).
+//!
+//! A join saves its key as `node.join.key` before it asks, and a join
+//! done again asks with the key it finds there (the coordinator answers
+//! the same join again with the same node id for a while, so an answer
+//! lost to a crash does not lock the node out). That key is always a new
+//! one, never the key of an identity (an expired or revoked identity's
+//! key may have been exposed, and is never certified again), and an
+//! identity in the dir is left as it is until an answer arrives: a join
+//! refused, or never answered, over an identity that only looked expired
+//! (the clock ahead) leaves the node its identity. The answer is saved
+//! whole: `node.key.new`, `node.pem.new` and `ca.pem.new` first, then
+//! `node.conf` (the commit: the node id it names says which certificate
+//! is the identity's), then the renames, then `node.join.key` removed.
+//! `load` finishes a save cut short after its `node.conf`, and drops the
+//! `.new` files of one cut short before (the old identity stays, and the
+//! join key with it, to ask again with).
 //! A key file group or others may read is refused, naming the fix.
 //!
 //! A missing dir is made 0700 (missing parents as usual). An existing one
@@ -28,9 +39,9 @@
 //! A renewal replaces the key and the chain as a pair: both are written as
 //! `node.key.new` and `node.pem.new` first, then renamed over `node.key`,
 //! then `node.pem`. A crash part way leaves a pair `load` completes: it
-//! takes the newest chain whose key is at hand (`node.pem.new`, else
-//! `node.pem`; with `node.key.new`, else `node.key`), finishes the renames
-//! and removes `.new` files left over.
+//! takes the newest chain naming no other node than `node.conf` whose key
+//! is at hand (`node.pem.new`, else `node.pem`; with `node.key.new`, else
+//! `node.key`), finishes the renames and removes `.new` files left over.
 //!
 //! Files and parsing only: when to join or renew is decided elsewhere
 //! (`lib.rs`, `join.rs`, `renewal.rs`).
@@ -50,8 +61,10 @@ pub const CHAIN_FILE: &str = "node.pem";
 pub const CA_FILE: &str = "ca.pem";
 /// The settings file's name.
 pub const CONF_FILE: &str = "node.conf";
-/// Appended to `node.key` and `node.pem` for a renewed pair not yet in
-/// place.
+/// The file of the key a join under way asks with.
+pub const JOIN_KEY_FILE: &str = "node.join.key";
+/// Appended to `node.key`, `node.pem` and `ca.pem` for a renewed pair or
+/// a join's answer not yet in place.
 pub const PENDING_SUFFIX: &str = ".new";
 
 /// Why the state dir could not be read or written. The message names the
@@ -281,7 +294,9 @@ impl StateDir {
     /// The identity kept here, if any: `None` when there is no `node.conf`
     /// (no dir, an empty one, or a join that did not finish). Then the dir
     /// must be private, the key readable by nobody else and matching the
-    /// certificate (a renewal cut short is finished first).
+    /// certificate (a renewal or a join's save cut short is finished
+    /// first, or its `.new` files dropped when `node.conf` names the old
+    /// identity).
     pub fn load(&self) -> Result<Option<(Stored, Validity)>, StateError> {
         let conf_path = self.path.join(CONF_FILE);
         let conf = match std::fs::read_to_string(&conf_path) {
@@ -300,8 +315,9 @@ impl StateDir {
             path: conf_path,
             why,
         })?;
-        let (key_pem, chain_pem, validity) = self.settle_pair()?;
-        let ca_pem = read(&self.ca_file())?;
+        let (key_pem, chain_pem, validity) = self.settle_pair(conf.node_id)?;
+        let ca_pem = self.settle_ca(&chain_pem)?;
+        self.drop_used_join_key(&key_pem)?;
         let stored = Stored {
             node_id: conf.node_id,
             name: conf.name,
@@ -313,14 +329,37 @@ impl StateDir {
         Ok(Some((stored, validity)))
     }
 
-    /// Saves a whole identity (after a join): the dir made 0700 if missing
-    /// (an existing one must be private), the key, the chain and the CA,
-    /// then `node.conf` last, and syncs the dir so that the renames
-    /// survive a crash.
+    /// Saves a whole identity (after a join), crash-safely over one there
+    /// (see the module doc): the dir made 0700 if missing (an existing one
+    /// must be private); the key, the chain and the CA written as `.new`
+    /// files; `node.conf`, the commit; the renames; then `node.join.key`
+    /// removed. Each step synced, so that a crash leaves either the old
+    /// identity (and the join key) or the new one.
     pub fn save(&self, stored: &Stored) -> Result<(), StateError> {
         self.make_dir()?;
-        self.save_certificate(&stored.key_pem, &stored.chain_pem)?;
-        write_private(&self.ca_file(), stored.ca_pem.as_bytes())?;
+        self.stage(stored)?;
+        self.write_conf(stored)?;
+        let (key, chain, ca) = (
+            self.path.join(KEY_FILE),
+            self.path.join(CHAIN_FILE),
+            self.ca_file(),
+        );
+        for path in [&key, &chain, &ca] {
+            rename(&pending(path), path)?;
+        }
+        self.sync_dir();
+        self.remove_join_key()
+    }
+
+    /// The first step of [`Self::save`]: `node.key.new`, `node.pem.new`
+    /// and `ca.pem.new`, each whole, their names durable.
+    fn stage(&self, stored: &Stored) -> Result<(), StateError> {
+        write_private(&pending(&self.ca_file()), stored.ca_pem.as_bytes())?;
+        self.write_pending(&stored.key_pem, &stored.chain_pem)
+    }
+
+    /// The commit of [`Self::save`]: `node.conf`, made durable.
+    fn write_conf(&self, stored: &Stored) -> Result<(), StateError> {
         let conf = NodeConf {
             node_id: stored.node_id,
             name: stored.name.clone(),
@@ -331,61 +370,89 @@ impl StateDir {
         Ok(())
     }
 
-    /// The key saved here for a join to ask with: the one a join that did
-    /// not finish left, which only a dir without `node.conf` holds (the key
-    /// of an identity, expired or revoked, is never asked with again).
-    /// `node.key.new` first, when there (a [`Self::save_join_key`] cut
-    /// short after it removed `node.conf`: its rename is finished), else
-    /// `node.key`. `None`: there is none. A key group or others may read is
-    /// refused, as by `load`.
+    /// The key a join under way asks with ([`JOIN_KEY_FILE`], saved by
+    /// [`Self::save_join_key`]), whether or not an identity is there: a
+    /// join asked again (its answer lost, or refused for now) asks with
+    /// the same key. `None`: there is none, or it is the identity's own
+    /// key now (a save cut short before it removed the file: removed
+    /// now; the key of an identity is never asked with again). A key
+    /// group or others may read is refused, as by `load`.
     pub fn saved_key(&self) -> Result<Option<String>, StateError> {
-        if self.has_conf()? {
+        let path = self.path.join(JOIN_KEY_FILE);
+        let Some(pem) = read_if_there(&path)? else {
             return Ok(None);
-        }
-        let path = self.path.join(KEY_FILE);
-        let new = pending(&path);
-        let (from, pem) = match read_if_there(&new)? {
-            Some(pem) => (new.clone(), pem),
-            None => match read_if_there(&path)? {
-                Some(pem) => (path.clone(), pem),
-                None => return Ok(None),
-            },
         };
         self.check_private()?;
-        check_key_mode(&from)?;
+        check_key_mode(&path)?;
         public_key_of(&pem).map_err(|why| StateError::Damaged {
-            path: from.clone(),
+            path: path.clone(),
             why: format!("not a private key ({why})"),
         })?;
-        if from == new {
-            rename(&new, &path)?;
-            self.sync_dir();
+        if self.has_conf()?
+            && let Some(key_pem) = read_if_there(&self.path.join(KEY_FILE))?
+            && same_key(&key_pem, &pem)
+        {
+            self.remove_join_key()?;
+            return Ok(None);
         }
         Ok(Some(pem))
     }
 
-    /// Saves the key a join is about to ask with as `node.key` (durably),
-    /// before the join is sent: see [`Self::saved_key`]. Over an identity
-    /// (`node.conf` there) crash-safely: the key is written whole as
-    /// `node.key.new`, `node.conf` removed, then the key renamed into
-    /// place, each step synced. A crash before `node.conf` is gone leaves
-    /// the old identity (`load` drops the stray `node.key.new`, and the
-    /// next join makes a new key again); after, `saved_key` finds the new
-    /// key.
+    /// Saves the key a join is about to ask with as [`JOIN_KEY_FILE`]
+    /// (durably), before the join is sent: see [`Self::saved_key`]. An
+    /// identity there is not touched: it is replaced only by the answer
+    /// ([`Self::save`]).
     pub fn save_join_key(&self, key_pem: &str) -> Result<(), StateError> {
         self.make_dir()?;
-        let path = self.path.join(KEY_FILE);
-        let new = pending(&path);
-        write_private(&new, key_pem.as_bytes())?;
-        self.sync_dir();
-        let conf = self.path.join(CONF_FILE);
-        if self.has_conf()? {
-            std::fs::remove_file(&conf).map_err(io_err("removing", &conf))?;
-            self.sync_dir();
-        }
-        rename(&new, &path)?;
+        write_private(&self.path.join(JOIN_KEY_FILE), key_pem.as_bytes())?;
         self.sync_dir();
         Ok(())
+    }
+
+    /// Removes [`JOIN_KEY_FILE`] (durably), if there.
+    fn remove_join_key(&self) -> Result<(), StateError> {
+        let path = self.path.join(JOIN_KEY_FILE);
+        match std::fs::remove_file(&path) {
+            Ok(()) => self.sync_dir(),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(StateError::Io {
+                    what: "removing",
+                    path,
+                    source,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes the join key if it is `key_pem`, the identity's: a save cut
+    /// short after its `node.conf` left it.
+    fn drop_used_join_key(&self, key_pem: &str) -> Result<(), StateError> {
+        let path = self.path.join(JOIN_KEY_FILE);
+        if read_if_there(&path)?.is_some_and(|pem| same_key(&pem, key_pem)) {
+            self.remove_join_key()?;
+        }
+        Ok(())
+    }
+
+    /// The CA that goes with `chain_pem`, left in place as `ca.pem`:
+    /// `ca.pem.new` when it issued the chain (a join's save cut short after
+    /// its `node.conf`: renamed into place), else `ca.pem` (a `ca.pem.new`
+    /// left by a save cut short before is removed).
+    fn settle_ca(&self, chain_pem: &str) -> Result<String, StateError> {
+        let path = self.ca_file();
+        let new = pending(&path);
+        if let Some(ca_pem) = read_if_there(&new)? {
+            if issued_by(chain_pem, &ca_pem) {
+                rename(&new, &path)?;
+                self.sync_dir();
+                return Ok(ca_pem);
+            }
+            std::fs::remove_file(&new).map_err(io_err("removing", &new))?;
+            self.sync_dir();
+        }
+        read(&path)
     }
 
     /// Whether `node.conf` is there (an identity, maybe expired).
@@ -418,32 +485,39 @@ impl StateDir {
 
     /// The key and chain that belong together, with the chain's validity,
     /// left in place as `node.key` and `node.pem`: the newest chain
-    /// (`node.pem.new`, else `node.pem`) whose key is there (`node.key.new`,
-    /// else `node.key`). A renewal cut short is finished, and `.new` files
-    /// left over are removed. No such pair: `Damaged`, as before a renewal.
-    fn settle_pair(&self) -> Result<(String, String, Validity), StateError> {
+    /// (`node.pem.new`, else `node.pem`) naming no other node than
+    /// `node_id` whose key is there (`node.key.new`, else `node.key`). A
+    /// renewal or a join's save cut short is finished, and `.new` files
+    /// left over are removed (those of a join's answer whose `node.conf`
+    /// was not written name another node). No such pair: `Damaged`, as
+    /// before a renewal.
+    fn settle_pair(&self, node_id: NodeId) -> Result<(String, String, Validity), StateError> {
         let key_path = self.path.join(KEY_FILE);
         let chain_path = self.path.join(CHAIN_FILE);
         let (key_new, chain_new) = (pending(&key_path), pending(&chain_path));
-        check_key_mode(&key_path)?;
-        let key_pem = read(&key_path)?;
-        let chain_pem = read(&chain_path)?;
+        // A first join's save cut short after its `node.conf` has only the
+        // `.new` files.
+        let key_pem = read_if_there(&key_path)?;
+        if key_pem.is_some() {
+            check_key_mode(&key_path)?;
+        }
+        let chain_pem = read_if_there(&chain_path)?;
         let new_key_pem = read_if_there(&key_new)?;
         if new_key_pem.is_some() {
             check_key_mode(&key_new)?;
         }
         let new_chain_pem = read_if_there(&chain_new)?;
         let keys: Vec<(bool, &String, Vec<u8>)> =
-            [(true, new_key_pem.as_ref()), (false, Some(&key_pem))]
+            [(true, new_key_pem.as_ref()), (false, key_pem.as_ref())]
                 .into_iter()
                 .filter_map(|(new, pem)| {
                     let pem = pem?;
                     public_key_of(pem).ok().map(|public| (new, pem, public))
                 })
                 .collect();
-        let chains = [(true, new_chain_pem.as_ref()), (false, Some(&chain_pem))];
+        let chains = [(true, new_chain_pem.as_ref()), (false, chain_pem.as_ref())];
         let chosen = chains.into_iter().find_map(|(chain_is_new, chain)| {
-            let chain = chain?;
+            let chain = chain.filter(|chain| !names_another_node(chain, node_id))?;
             keys.iter().find_map(|(key_is_new, key, public)| {
                 let validity = leaf_validity(chain, public).ok()?;
                 Some((
@@ -457,12 +531,17 @@ impl StateDir {
         });
         let Some((key_is_new, key, chain_is_new, chain, validity)) = chosen else {
             // Nothing matches: say what is wrong with the pair in place.
+            let key_pem = key_pem.map_or_else(|| read(&key_path), Ok)?;
+            let chain_pem = chain_pem.map_or_else(|| read(&chain_path), Ok)?;
             let public_key = public_key_of(&key_pem).map_err(|why| StateError::Damaged {
                 path: key_path.clone(),
                 why: format!("not a private key ({why})"),
             })?;
             let why = match leaf_validity(&chain_pem, &public_key) {
                 Err(why) => why,
+                Ok(_) if names_another_node(&chain_pem, node_id) => {
+                    format!("the certificate names another node than {CONF_FILE}'s {node_id}")
+                }
                 Ok(_) => "no certificate matches the key".to_owned(),
             };
             return Err(StateError::Damaged {
@@ -594,6 +673,44 @@ fn check_key_mode(path: &Path) -> Result<(), StateError> {
         });
     }
     Ok(())
+}
+
+/// Whether two PEM private keys are the same key.
+fn same_key(a: &str, b: &str) -> bool {
+    matches!((public_key_of(a), public_key_of(b)), (Ok(a), Ok(b)) if a == b)
+}
+
+/// Whether the first certificate of `chain_pem` names a node other than
+/// `node_id` (its common name, as the coordinator issues it): the answer
+/// to a join whose `node.conf` was not written.
+fn names_another_node(chain_pem: &str, node_id: NodeId) -> bool {
+    let Ok((_, pem)) = x509_parser::pem::parse_x509_pem(chain_pem.as_bytes()) else {
+        return false;
+    };
+    let Ok(cert) = pem.parse_x509() else {
+        return false;
+    };
+    cert.subject()
+        .iter_common_name()
+        .filter_map(|name| name.as_str().ok()?.parse::<NodeId>().ok())
+        .any(|named| named != node_id)
+}
+
+/// Whether the first certificate of `chain_pem` is signed by the
+/// certificate in `ca_pem`.
+fn issued_by(chain_pem: &str, ca_pem: &str) -> bool {
+    let parse = |text: &str| {
+        x509_parser::pem::parse_x509_pem(text.as_bytes())
+            .ok()
+            .map(|(_, pem)| pem)
+    };
+    let (Some(leaf), Some(ca)) = (parse(chain_pem), parse(ca_pem)) else {
+        return false;
+    };
+    let (Ok(leaf), Ok(ca)) = (leaf.parse_x509(), ca.parse_x509()) else {
+        return false;
+    };
+    leaf.verify_signature(Some(ca.public_key())).is_ok()
 }
 
 /// `path` with [`PENDING_SUFFIX`]: where its renewed version waits.
@@ -961,41 +1078,150 @@ pub(crate) mod tests {
         }
     }
 
+    /// An identity as a coordinator issues it: its certificate names its
+    /// node id, signed by a CA of its own.
+    fn joined(name: &str) -> Stored {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
+        let issuer = rcgen::Issuer::new(ca, ca_key);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let node_id = NodeId::new();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, node_id.to_string());
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now;
+        params.not_after = now + Duration::from_secs(3600);
+        let leaf = params.signed_by(&key, &issuer).unwrap().pem();
+        Stored {
+            node_id,
+            name: name.into(),
+            coordinator: "https://10.0.0.5:7070".into(),
+            key_pem: key.serialize_pem(),
+            chain_pem: leaf + &ca_pem,
+            ca_pem,
+        }
+    }
+
+    /// The files of the dir and what they hold.
+    fn contents(state: &StateDir) -> Vec<(String, String)> {
+        names_in(state.path())
+            .into_iter()
+            .map(|name| {
+                let text = std::fs::read_to_string(state.path().join(&name)).unwrap();
+                (name, text)
+            })
+            .collect()
+    }
+
     #[test]
-    fn the_key_of_an_identity_is_never_a_join_key_and_a_replacement_cut_short_is_safe() {
+    fn a_join_key_is_kept_beside_an_identity_which_stays_as_it_was() {
         let tmp = tempfile::tempdir().unwrap();
         let state = StateDir::new(tmp.path().join("state"));
-        let identity = stored();
+        let identity = joined("n1");
         state.save(&identity).unwrap();
-        // An identity (expired or revoked): its key is no join key.
+        // An identity's key is no join key.
         assert_eq!(state.saved_key().unwrap(), None);
-        let key = state.path().join(KEY_FILE);
-        let new_key = rcgen::KeyPair::generate().unwrap().serialize_pem();
-
-        // Cut short before node.conf was removed: the old identity,
-        // whole, the stray new key dropped; still no join key.
-        write_private(&pending(&key), new_key.as_bytes()).unwrap();
-        let (loaded, _) = state.load().unwrap().expect("the old identity");
-        assert_eq!(loaded, identity);
-        assert!(!pending(&key).exists());
-        assert_eq!(state.saved_key().unwrap(), None);
-
-        // Cut short after node.conf was removed: the new key is the join
-        // key, its rename finished.
-        write_private(&pending(&key), new_key.as_bytes()).unwrap();
+        let before = contents(&state);
+        // A join over it (its certificate looked expired) saves a new key
+        // beside it; the join is refused, or its answer lost: the
+        // identity is as it was, and the key is asked with again.
+        let key = rcgen::KeyPair::generate().unwrap().serialize_pem();
+        state.save_join_key(&key).unwrap();
+        let mut expected = before.clone();
+        expected.push((JOIN_KEY_FILE.to_owned(), key.clone()));
+        expected.sort();
+        assert_eq!(contents(&state), expected);
+        assert_eq!(mode(&state.path().join(JOIN_KEY_FILE)), 0o600);
+        assert_eq!(state.load().unwrap().unwrap().0, identity);
+        assert_eq!(contents(&state), expected, "load leaves both");
+        assert_eq!(state.saved_key().unwrap(), Some(key.clone()));
+        // Without node.conf too.
         std::fs::remove_file(state.path().join(CONF_FILE)).unwrap();
-        assert_eq!(state.saved_key().unwrap(), Some(new_key.clone()));
-        assert_eq!(std::fs::read_to_string(&key).unwrap(), new_key);
-        assert!(!pending(&key).exists());
-        assert_eq!(mode(&key), 0o600);
+        assert_eq!(state.saved_key().unwrap(), Some(key.clone()));
+        // Others may read it: refused, naming the fix.
+        let path = state.path().join(JOIN_KEY_FILE);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = state.saved_key().unwrap_err();
+        assert!(matches!(err, StateError::KeyReadable { mode: 0o644, .. }));
+    }
 
-        // Whole: node.conf gone, the new key in node.key.
-        state.save(&identity).unwrap();
-        let newer = rcgen::KeyPair::generate().unwrap().serialize_pem();
-        state.save_join_key(&newer).unwrap();
-        assert!(!state.path().join(CONF_FILE).exists());
-        assert_eq!(state.saved_key().unwrap(), Some(newer));
-        assert_eq!(state.load().unwrap(), None);
+    #[test]
+    fn a_join_answer_saved_over_an_identity_replaces_it_whole_and_its_join_key_goes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let state = StateDir::new(tmp.path().join("state"));
+        let old = joined("n1");
+        state.save(&old).unwrap();
+        let new = joined("n1");
+        state.save_join_key(&new.key_pem).unwrap();
+        state.save(&new).unwrap();
+        assert_eq!(state.load().unwrap().unwrap().0, new);
+        assert_eq!(
+            names_in(state.path()),
+            [CA_FILE, CONF_FILE, KEY_FILE, CHAIN_FILE]
+        );
+        assert_eq!(state.saved_key().unwrap(), None);
+    }
+
+    #[test]
+    fn a_join_answer_whose_save_was_cut_short_leaves_the_old_identity_and_the_key_or_the_new_one() {
+        // Cut short before node.conf: the old identity, whole; the answer's
+        // .new files dropped; the join key kept, to ask again with.
+        for first in [false, true] {
+            let tmp = tempfile::tempdir().unwrap();
+            let state = StateDir::new(tmp.path().join("state"));
+            let old = joined("n1");
+            if !first {
+                state.save(&old).unwrap();
+            }
+            let new = joined("n1");
+            state.save_join_key(&new.key_pem).unwrap();
+            state.stage(&new).unwrap();
+            if first {
+                assert_eq!(state.load().unwrap(), None, "no node.conf yet");
+            } else {
+                let before = contents(&state);
+                assert_eq!(state.load().unwrap().unwrap().0, old);
+                let left: Vec<_> = before
+                    .into_iter()
+                    .filter(|(name, _)| !name.ends_with(PENDING_SUFFIX))
+                    .collect();
+                assert_eq!(contents(&state), left, "the old files, as they were");
+            }
+            assert_eq!(state.saved_key().unwrap(), Some(new.key_pem.clone()));
+
+            // Cut short after node.conf (the renames not done): the new
+            // identity, its renames finished and its join key removed.
+            state.stage(&new).unwrap();
+            state.write_conf(&new).unwrap();
+            assert_eq!(state.load().unwrap().unwrap().0, new, "first: {first}");
+            assert_eq!(
+                names_in(state.path()),
+                [CA_FILE, CONF_FILE, KEY_FILE, CHAIN_FILE],
+                "first: {first}"
+            );
+            assert_eq!(state.saved_key().unwrap(), None);
+        }
+    }
+
+    #[test]
+    fn a_join_key_left_by_a_save_cut_short_after_the_renames_is_never_asked_with() {
+        let tmp = tempfile::tempdir().unwrap();
+        let state = StateDir::new(tmp.path().join("state"));
+        state.save(&joined("n1")).unwrap();
+        let new = joined("n1");
+        state.save(&new).unwrap();
+        // The crash: node.join.key not removed yet.
+        state.save_join_key(&new.key_pem).unwrap();
+        assert_eq!(state.saved_key().unwrap(), None, "the identity's key");
+        assert!(!state.path().join(JOIN_KEY_FILE).exists());
+        state.save_join_key(&new.key_pem).unwrap();
+        assert_eq!(state.load().unwrap().unwrap().0, new);
+        assert!(!state.path().join(JOIN_KEY_FILE).exists(), "load drops it");
     }
 
     #[test]

@@ -174,11 +174,13 @@ fn request_for(key: &rcgen::KeyPair, name: &str) -> Result<Vec<u8>, Error> {
 }
 
 /// The key to join with: the one a join that did not finish left in the
-/// state dir (no `node.conf` there), else a new one, saved there before
-/// it is sent (so that a node stopped while it waits for the answer asks
-/// again with it), replacing the key of an identity there (expired or
-/// revoked: its key may have been exposed, and is never certified
-/// again). Without a state dir: a new one, kept for this process's tries.
+/// state dir (`node.join.key`: its answer was lost, or it was refused),
+/// else a new one, saved there before it is sent (so that a node stopped
+/// while it waits for the answer asks again with it). Never the key of an
+/// identity there (expired or revoked: its key may have been exposed, and
+/// is never certified again), and that identity is left as it is until
+/// an answer replaces it: a refused join leaves the node the identity it
+/// had. Without a state dir: a new one, kept for this process's tries.
 fn join_key(store: Option<&StateDir>) -> Result<rcgen::KeyPair, Error> {
     let Some(store) = store else {
         return new_key();
@@ -187,7 +189,7 @@ fn join_key(store: Option<&StateDir>) -> Result<rcgen::KeyPair, Error> {
         return rcgen::KeyPair::from_pem(&pem).map_err(|err| {
             Error::Identity(format!(
                 "the key {} left by an earlier join: {err}",
-                store.path().join(crate::identity::KEY_FILE).display()
+                store.path().join(crate::identity::JOIN_KEY_FILE).display()
             ))
         });
     }
@@ -426,10 +428,10 @@ mod tests {
     }
 
     #[test]
-    fn a_join_over_an_identity_asks_with_a_new_key_saved_in_its_place() {
+    fn a_join_over_an_identity_asks_with_a_new_key_saved_beside_it_and_an_answer_replaces_it() {
         let tmp = tempfile::tempdir().unwrap();
         let store = StateDir::new(tmp.path().join("state"));
-        // An identity whose certificate expired (or was revoked).
+        // An identity whose certificate looks expired (or was revoked).
         let (key_pem, chain_pem, ca_pem) = crate::identity::tests::issued(Duration::from_secs(60));
         let old = rcgen::KeyPair::from_pem(&key_pem).unwrap();
         let stored = crate::identity::Stored {
@@ -441,18 +443,32 @@ mod tests {
             ca_pem,
         };
         store.save(&stored).unwrap();
-        assert!(store.load().unwrap().is_some());
+        let read = |name: &str| std::fs::read_to_string(store.path().join(name)).unwrap();
+        let (conf, key) = (
+            read(crate::identity::CONF_FILE),
+            read(crate::identity::KEY_FILE),
+        );
         let fresh = join_key(Some(&store)).unwrap();
         assert_ne!(fresh.public_key_raw(), old.public_key_raw());
-        // Saved in node.key, node.conf gone: asked again, the same one.
-        let key_file = store.path().join(crate::identity::KEY_FILE);
-        assert_eq!(
-            std::fs::read_to_string(&key_file).unwrap(),
-            fresh.serialize_pem()
-        );
-        assert_eq!(store.load().unwrap(), None);
+        assert_eq!(read(crate::identity::JOIN_KEY_FILE), fresh.serialize_pem());
+        // Refused, or its answer lost: the identity is as it was (the
+        // clock put right, the node goes on with it), and a join asked
+        // again asks with the same new key.
+        assert_eq!(read(crate::identity::CONF_FILE), conf);
+        assert_eq!(read(crate::identity::KEY_FILE), key);
+        assert_eq!(store.load().unwrap().unwrap().0, stored);
         let again = join_key(Some(&store)).unwrap();
         assert_eq!(again.public_key_raw(), fresh.public_key_raw());
+        // The answer replaces the identity, and the join key goes.
+        let (ca_pem, trust, issuer) = ca();
+        let id = NodeId::new();
+        let answer = response(&id.to_string(), &again, &ca_pem, &issuer);
+        let (joined, _) = accept(answer, &again, &trust, "gpu-1", "https://c:1".into()).unwrap();
+        store.save(&joined).unwrap();
+        assert_eq!(store.load().unwrap().unwrap().0, joined);
+        assert!(!store.path().join(crate::identity::JOIN_KEY_FILE).exists());
+        let next = join_key(Some(&store)).unwrap();
+        assert_ne!(next.public_key_raw(), again.public_key_raw());
     }
 
     #[test]

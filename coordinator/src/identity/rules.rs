@@ -91,11 +91,17 @@ pub fn may_repeat(
 }
 
 /// Whether `now` is within [`REPEAT_WINDOW`] of the join time node id
-/// `id` carries (a clock that went back counts as within).
+/// `id` carries, either way: a join time ahead of `now` (a clock that
+/// went back, or was ahead at the join and was put right) counts as
+/// within only up to [`REPEAT_WINDOW`] ahead, so a join is not
+/// repeatable for as long as the clock was wrong.
 pub fn within_repeat_window(id: NodeId, now: SystemTime) -> bool {
     let joined = SystemTime::UNIX_EPOCH + Duration::from_millis(id.timestamp_ms());
-    now.duration_since(joined)
-        .map_or(true, |since| since < REPEAT_WINDOW)
+    let apart = match now.duration_since(joined) {
+        Ok(since) => since,
+        Err(ahead) => ahead.duration(),
+    };
+    apart < REPEAT_WINDOW
 }
 
 /// A node name: 1 to 128 bytes of letters, digits, `.`, `-` and `_`,

@@ -174,6 +174,29 @@ fn a_join_is_repeated_only_within_ten_minutes_of_it() {
 }
 
 #[test]
+fn a_join_time_ahead_of_the_clock_is_within_the_window_only_up_to_ten_minutes_ahead() {
+    // A coordinator whose clock was ahead at the join, put right since:
+    // the join is not repeatable for as long as the clock was wrong.
+    let joined = SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_123);
+    let id = join_node_id(1_700_000_000_123, "tok1", "gpu-1", b"key-a");
+    let before = |d: Duration| joined - d;
+    assert!(rules::within_repeat_window(
+        id,
+        before(Duration::from_secs(1))
+    ));
+    assert!(rules::within_repeat_window(
+        id,
+        before(Duration::from_secs(599))
+    ));
+    assert!(!rules::within_repeat_window(id, before(REPEAT_WINDOW)));
+    assert!(!rules::within_repeat_window(
+        id,
+        before(Duration::from_secs(24 * 3600))
+    ));
+    assert!(rules::within_repeat_window(id, joined));
+}
+
+#[test]
 fn a_join_is_repeatable_until_its_node_connects_and_only_for_its_token() {
     let now = SystemTime::now();
     let at = now

@@ -351,10 +351,11 @@ def test_a_join_asked_again_after_its_answer_was_lost_asks_with_the_key_it_saved
     state = tmp_path / "state"
     # The first try saved its key, then its answer was lost (a crash).
     key_pem, _ = ident.join_key_and_csr(str(state), "py-1")
-    assert (state / "node.key").read_bytes() == key_pem and mode(state / "node.key") == 0o600
+    assert (state / "node.join.key").read_bytes() == key_pem and mode(state / "node.join.key") == 0o600
     assert ident.load(str(state)) is None
     joined = join(JoinToken.parse(fake.join_token()), "py-1", str(state))
     assert joined.key_pem == key_pem
+    assert sorted(os.listdir(state)) == ["ca.pem", "node.conf", "node.key", "node.pem"], "the join key removed"
     leaf = x509.load_pem_x509_certificate(joined.chain_pem)
     from cryptography.hazmat.primitives import serialization
     assert leaf.public_key().public_bytes(serialization.Encoding.DER,
@@ -370,22 +371,54 @@ def test_a_join_over_an_identity_asks_with_a_new_key_never_the_old_one(fake, tmp
     assert ident.load(str(state)) == again
 
 
-def test_a_join_key_replacing_an_identitys_cut_short_leaves_the_old_identity_or_the_new_key(fake, tmp_path):
+def test_a_refused_join_over_an_identity_leaves_it_as_it_was_and_asks_again_with_the_same_key(fake, tmp_path):
     state = tmp_path / "state"
     old = join(JoinToken.parse(fake.join_token()), "py-1", str(state))
-    new_key = ident.new_key_and_csr("py-1")[0]
-    # Cut short before node.conf was removed: the old identity, whole.
-    ident._write_atomic(str(state), "node.key.new", new_key)
+    before = {name: (state / name).read_bytes() for name in os.listdir(state)}
+    # Its certificate looked expired (the clock ahead): a join over it with
+    # a token the coordinator refuses.
+    spent = JoinToken.parse(fake.join_token())
+    refused = JoinToken(spent.address, spent.ca_pin, new_credential())
+    with pytest.raises(weft.WeftError):
+        join(refused, "py-1", str(state))
+    key_pem = (state / "node.join.key").read_bytes()
+    assert _public(key_pem) != _public(old.key_pem)
+    assert {name: (state / name).read_bytes() for name in before} == before, "node.conf and node.key as they were"
     assert ident.load(str(state)) == old
-    assert not (state / "node.key.new").exists()
-    assert ident.saved_join_key(str(state)) is None
-    # Cut short after: the new key is the join key, its rename finished.
-    ident._write_atomic(str(state), "node.key.new", new_key)
-    (state / "node.conf").unlink()
-    assert ident.saved_join_key(str(state)) == new_key
-    assert (state / "node.key").read_bytes() == new_key and not (state / "node.key.new").exists()
-    # Whole, as weft-node leaves it: node.conf gone, the key in node.key.
-    ident.save(str(state), old)
-    ident.save_join_key(str(state), new_key)
-    assert sorted(os.listdir(state)) == ["ca.pem", "node.key", "node.pem"]
-    assert ident.saved_join_key(str(state)) == new_key
+    # Asked again: the same new key, whether or not node.conf is there.
+    with pytest.raises(weft.WeftError):
+        join(refused, "py-1", str(state))
+    asked = [x509.load_der_x509_csr(r.csr_der).public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo) for r in fake.join_requests[-2:]]
+    assert asked == [_public(key_pem)] * 2
+    assert ident.saved_join_key(str(state)) == key_pem
+    again = join(JoinToken.parse(fake.join_token()), "py-1", str(state))
+    assert again.key_pem == key_pem and ident.load(str(state)) == again
+    assert not (state / "node.join.key").exists()
+
+
+def test_a_join_answer_whose_save_was_cut_short_leaves_the_old_identity_and_the_key_or_the_new_one(fake, tmp_path):
+    state = str(tmp_path / "state")
+    old = join(JoinToken.parse(fake.join_token()), "py-1", state)
+    before = {name: open(os.path.join(state, name), "rb").read() for name in os.listdir(state)}
+    key_pem, _ = ident.join_key_and_csr(state, "py-1")
+    key = serialization.load_pem_private_key(key_pem, password=None)
+    node_id = new_ulid()
+    cert = fake.ca.node(key.public_key(), node_id, 3600).public_bytes(serialization.Encoding.PEM)
+    new = ident.Identity(node_id, "py-1", old.coordinator, key_pem, cert + fake.ca.pem, fake.ca.pem)
+    # Cut short before node.conf: the old identity, whole; the join key kept.
+    ident._stage(state, new)
+    assert ident.load(state) == old
+    assert {name: open(os.path.join(state, name), "rb").read() for name in before} == before
+    assert sorted(os.listdir(state)) == sorted([*before, "node.join.key"]), "the answer's .new files dropped"
+    assert ident.saved_join_key(state) == key_pem
+    # Cut short after node.conf: the new identity, completed, the join key gone.
+    ident._stage(state, new)
+    ident._write_conf(state, new)
+    assert ident.load(state) == new
+    assert sorted(os.listdir(state)) == ["ca.pem", "node.conf", "node.key", "node.pem"]
+    # Cut short after the renames (node.join.key not removed yet): never asked with again.
+    ident.save_join_key(state, key_pem)
+    assert ident.saved_join_key(state) is None and not os.path.exists(os.path.join(state, "node.join.key"))
+    ident.save_join_key(state, key_pem)
+    assert ident.load(state) == new and not os.path.exists(os.path.join(state, "node.join.key"))

@@ -13,22 +13,31 @@ and others nothing, else saving to it or loading from it is refused.
 - ``node.pem``: the certificate chain, PEM, the node's certificate first;
 - ``ca.pem``: the cluster CA, PEM (the trust anchor for the coordinator);
 - ``node.conf``: lines ``node_id=...``, ``name=...``, ``coordinator=...``
-  (the address from the join token).
+  (the address from the join token);
+- ``node.join.key``: the key a join asks with, PKCS#8 PEM, while the join is
+  under way (saved before it is sent, removed once its answer is saved).
 
-A join saves its key before it asks, and a join done again while no
-``node.conf`` is there asks with the key it finds (the coordinator answers
-the same join again with the same node id for a while, so an answer lost
-to a crash does not lock the worker out). A join over an identity
-(``node.conf`` there: an expired one) never reuses its key: a new one is
-written as ``node.key.new``, ``node.conf`` removed, then the key renamed
-over ``node.key``; a dir without ``node.conf`` whose ``node.key.new`` is
-there asks with that one (and finishes the rename). As ``weft-node`` does.
+A join saves its key as ``node.join.key`` before it asks, and a join done
+again asks with the key it finds there (the coordinator answers the same
+join again with the same node id for a while, so an answer lost to a crash
+does not lock the worker out). That key is always a new one, never the key
+of an identity (an expired or revoked identity's key may have been
+exposed), and an identity in the dir is left as it is until an answer
+arrives: a join refused, or never answered, over an identity that only
+looked expired (the clock ahead) leaves the worker its identity. The answer
+is saved whole: ``node.key.new``, ``node.pem.new`` and ``ca.pem.new``
+first, then ``node.conf`` (the commit: the node id it names says which
+certificate is the identity's), then the renames, then ``node.join.key``
+removed. :func:`load` finishes a save cut short after its ``node.conf``,
+and drops the ``.new`` files of one cut short before (the old identity
+stays, and the join key with it). As ``weft-node`` does.
 
 A renewal replaces the key and the chain as a pair: ``node.key.new`` and
 ``node.pem.new`` are written first, then renamed over ``node.key``, then
 ``node.pem``. :func:`load` completes a renewal a crash cut short: it takes
-the newest chain whose key is at hand (``node.pem.new``, else ``node.pem``;
-with ``node.key.new``, else ``node.key``), finishes the renames and removes
+the newest chain whose key is at hand naming the node of ``node.conf``
+(``node.pem.new``, else ``node.pem``; with ``node.key.new``, else
+``node.key``), finishes the renames and removes
 ``.new`` files left over.
 
 Plain code and files: no sockets, no event loop. Joining is ``join.py``'s,
@@ -51,7 +60,9 @@ KEY_FILE = "node.key"
 CHAIN_FILE = "node.pem"
 CA_FILE = "ca.pem"
 CONF_FILE = "node.conf"
-#: Appended to ``node.key`` and ``node.pem`` for a renewed pair not yet in place.
+#: The key a join under way asks with.
+JOIN_KEY_FILE = "node.join.key"
+#: Appended to ``node.key``, ``node.pem`` and ``ca.pem`` for a renewed pair or a join's answer not yet in place.
 PENDING_SUFFIX = ".new"
 
 #: Node names: 1 to 128 bytes of letters, digits, '.', '-', '_'.
@@ -161,54 +172,60 @@ def csr_for(key_pem: bytes, name: str) -> bytes:
 
 
 def saved_join_key(state_dir: str) -> Optional[bytes]:
-    """The key a join that did not finish left in ``state_dir``, to ask with
-    again: only a dir without ``node.conf`` holds one (the key of an
-    identity, expired or revoked, is never asked with again).
-    ``node.key.new`` first, when there (a :func:`save_join_key` cut short
-    after it removed ``node.conf``: its rename is finished), else
-    ``node.key``. None: there is none. A key others may read, or one that
-    does not parse, is a ValueError."""
+    """The key a join under way asks with (``node.join.key``, saved by
+    :func:`save_join_key`), whether or not an identity is there: a join
+    asked again (its answer lost, or refused for now) asks with the same
+    key. None: there is none, or it is the identity's own key now (a save
+    cut short before it removed the file: removed now; the key of an
+    identity is never asked with again). A key others may read, or one
+    that does not parse, is a ValueError."""
     from cryptography.hazmat.primitives import serialization
 
-    if os.path.exists(os.path.join(state_dir, CONF_FILE)):
-        return None
-    path = os.path.join(state_dir, KEY_FILE)
-    new = path + PENDING_SUFFIX
-    source, key_pem = new, _read_if_there(new)
-    if key_pem is None:
-        source, key_pem = path, _read_if_there(path)
+    path = os.path.join(state_dir, JOIN_KEY_FILE)
+    key_pem = _read_if_there(path)
     if key_pem is None:
         return None
     check_state_dir(state_dir)
-    _check_key_mode(source)
+    _check_key_mode(path)
     try:
         serialization.load_pem_private_key(key_pem, password=None)
     except (ValueError, TypeError):
-        raise ValueError(f"{source} is damaged: not a private key; remove it to join with a new one") from None
-    if source == new:
-        os.replace(new, path)
-        _fsync_dir(state_dir)
+        raise ValueError(f"{path} is damaged: not a private key; remove it to join with a new one") from None
+    if os.path.exists(os.path.join(state_dir, CONF_FILE)):
+        in_place = _read_if_there(os.path.join(state_dir, KEY_FILE))
+        if in_place is not None and _same_key(in_place, key_pem):
+            _remove_join_key(state_dir)
+            return None
     return key_pem
 
 
 def save_join_key(state_dir: str, key_pem: bytes) -> None:
-    """Saves the key a join is about to ask with as ``node.key`` (durably),
-    before the join is sent: see :func:`saved_join_key`. Over an identity
-    (``node.conf`` there) crash-safely: the key is written whole as
-    ``node.key.new``, ``node.conf`` removed, then the key renamed into
-    place. A crash before ``node.conf`` is gone leaves the old identity
-    (:func:`load` drops the stray ``node.key.new``); after, the new key is
-    the one asked with."""
+    """Saves the key a join is about to ask with as ``node.join.key``
+    (durably), before the join is sent: see :func:`saved_join_key`. An
+    identity there is not touched: only the answer replaces it
+    (:func:`save`)."""
     _ensure_dir(state_dir)
-    path = os.path.join(state_dir, KEY_FILE)
-    _write_atomic(state_dir, KEY_FILE + PENDING_SUFFIX, key_pem)
+    _write_atomic(state_dir, JOIN_KEY_FILE, key_pem)
     _fsync_dir(state_dir)
-    conf = os.path.join(state_dir, CONF_FILE)
-    if os.path.exists(conf):
-        os.unlink(conf)
-        _fsync_dir(state_dir)
-    os.replace(path + PENDING_SUFFIX, path)
+
+
+def _remove_join_key(state_dir: str) -> None:
+    try:
+        os.unlink(os.path.join(state_dir, JOIN_KEY_FILE))
+    except FileNotFoundError:
+        return
     _fsync_dir(state_dir)
+
+
+def _same_key(a: bytes, b: bytes) -> bool:
+    from cryptography.hazmat.primitives import serialization
+
+    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    try:
+        return (serialization.load_pem_private_key(a, password=None).public_key().public_bytes(*spki)
+                == serialization.load_pem_private_key(b, password=None).public_key().public_bytes(*spki))
+    except (ValueError, TypeError):
+        return False
 
 
 def join_key_and_csr(state_dir: str, name: str) -> Tuple[bytes, bytes]:
@@ -348,14 +365,33 @@ def _save_pair(state_dir: str, key_pem: bytes, chain_pem: bytes) -> None:
 
 
 def save(state_dir: str, identity: Identity) -> None:
-    """Writes the whole identity; ``node.conf`` last, so a dir with a
-    ``node.conf`` always holds a complete identity. The dir is made 0700
-    if missing; an existing one must be private (:class:`StateDirUnusable`)."""
+    """Writes the whole identity (after a join), crash-safely over one there:
+    the key, the chain and the CA as ``.new`` files; ``node.conf``, the
+    commit; the renames; then ``node.join.key`` removed. A crash leaves
+    either the old identity (and the join key) or the new one, which
+    :func:`load` completes. The dir is made 0700 if missing; an existing
+    one must be private (:class:`StateDirUnusable`)."""
     _ensure_dir(state_dir)
-    _save_pair(state_dir, identity.key_pem, identity.chain_pem)
-    _write_atomic(state_dir, CA_FILE, identity.ca_pem)
+    _stage(state_dir, identity)
+    _write_conf(state_dir, identity)
+    for name in (KEY_FILE, CHAIN_FILE, CA_FILE):
+        os.replace(os.path.join(state_dir, name + PENDING_SUFFIX), os.path.join(state_dir, name))
+    _fsync_dir(state_dir)
+    _remove_join_key(state_dir)
+
+
+def _stage(state_dir: str, identity: Identity) -> None:
+    """The first step of :func:`save`: ``ca.pem.new``, ``node.key.new`` and
+    ``node.pem.new``, each whole, their names durable."""
+    _write_atomic(state_dir, CA_FILE + PENDING_SUFFIX, identity.ca_pem)
+    _write_pending(state_dir, identity.key_pem, identity.chain_pem)
+
+
+def _write_conf(state_dir: str, identity: Identity) -> None:
+    """The commit of :func:`save`: ``node.conf``, made durable."""
     conf = f"node_id={identity.node_id}\nname={identity.name}\ncoordinator={identity.coordinator}\n"
     _write_atomic(state_dir, CONF_FILE, conf.encode())
+    _fsync_dir(state_dir)
 
 
 def save_renewed(state_dir: str, identity: Identity) -> None:
@@ -392,24 +428,33 @@ def _matches(chain_pem: bytes, key_pem: bytes, node_id: str) -> bool:
     return True
 
 
-def _settle_pair(state_dir: str, node_id: str, key_pem: bytes, chain_pem: bytes) -> Tuple[bytes, bytes]:
+def _settle_pair(state_dir: str, node_id: str, key_pem: Optional[bytes],
+                 chain_pem: Optional[bytes]) -> Tuple[bytes, bytes]:
     """The key and chain that belong together, left in place as ``node.key``
-    and ``node.pem``: the newest chain (``node.pem.new``, else ``node.pem``)
-    whose key is there (``node.key.new``, else ``node.key``); a renewal cut
-    short is finished and ``.new`` files left over are removed. Without a
-    ``.new`` file, or when nothing matches: the pair in place, as it is."""
+    and ``node.pem``: the newest chain naming ``node_id`` (``node.pem.new``,
+    else ``node.pem``) whose key is there (``node.key.new``, else
+    ``node.key``); a renewal or a join's save cut short is finished and
+    ``.new`` files left over are removed (those of a join's answer whose
+    ``node.conf`` was not written name another node). Without a ``.new``
+    file, or when nothing matches: the pair in place, as it is (ValueError
+    when one of it is missing)."""
     key_path, chain_path = os.path.join(state_dir, KEY_FILE), os.path.join(state_dir, CHAIN_FILE)
     key_new, chain_new = key_path + PENDING_SUFFIX, chain_path + PENDING_SUFFIX
     new_key, new_chain = _read_if_there(key_new), _read_if_there(chain_new)
-    if new_key is None and new_chain is None:
-        return key_pem, chain_pem
-    if new_key is not None:
-        _check_key_mode(key_new)
-    keys = [(True, k) for k in [new_key] if k is not None] + [(False, key_pem)]
-    chains = [(True, c) for c in [new_chain] if c is not None] + [(False, chain_pem)]
-    chosen = next(((kn, k, cn, c) for cn, c in chains for kn, k in keys if _matches(c, k, node_id)), None)
+    chosen = None
+    if new_key is not None or new_chain is not None:
+        if new_key is not None:
+            _check_key_mode(key_new)
+        keys = [(new, k) for new, k in ((True, new_key), (False, key_pem)) if k is not None]
+        chains = [(new, c) for new, c in ((True, new_chain), (False, chain_pem)) if c is not None]
+        chosen = next(((kn, k, cn, c) for cn, c in chains for kn, k in keys if _matches(c, k, node_id)), None)
     if chosen is None:
-        return key_pem, chain_pem  # load names what is wrong with the pair in place
+        # load names what is wrong with the pair in place
+        for name, data in ((KEY_FILE, key_pem), (CHAIN_FILE, chain_pem)):
+            if data is None:
+                raise ValueError(f"the state dir {state_dir} has node.conf but no {name}: remove it and join "
+                                 "again with a new token")
+        return key_pem, chain_pem
     key_is_new, key, chain_is_new, chain = chosen
     for new, there, src, dst in ((key_is_new, new_key is not None, key_new, key_path),
                                  (chain_is_new, new_chain is not None, chain_new, chain_path)):
@@ -419,6 +464,39 @@ def _settle_pair(state_dir: str, node_id: str, key_pem: bytes, chain_pem: bytes)
             os.unlink(src)
     _fsync_dir(state_dir)
     return key, chain
+
+
+def _issued_by(chain_pem: bytes, ca_pem: bytes) -> bool:
+    """Whether the first certificate of ``chain_pem`` is signed by ``ca_pem``'s."""
+    from cryptography import x509
+
+    try:
+        leaf = x509.load_pem_x509_certificate(chain_pem)
+        leaf.verify_directly_issued_by(x509.load_pem_x509_certificate(ca_pem))
+    except Exception:  # does not parse, or not its issuer
+        return False
+    return True
+
+
+def _settle_ca(state_dir: str, chain_pem: bytes, ca_pem: Optional[bytes]) -> bytes:
+    """The CA that goes with ``chain_pem``, left in place as ``ca.pem``:
+    ``ca.pem.new`` when it issued the chain (a join's save cut short after
+    its ``node.conf``: renamed into place), else ``ca.pem`` (a ``ca.pem.new``
+    left by a save cut short before is removed)."""
+    path = os.path.join(state_dir, CA_FILE)
+    new = path + PENDING_SUFFIX
+    new_ca = _read_if_there(new)
+    if new_ca is not None:
+        if _issued_by(chain_pem, new_ca):
+            os.replace(new, path)
+            _fsync_dir(state_dir)
+            return new_ca
+        os.unlink(new)
+        _fsync_dir(state_dir)
+    if ca_pem is None:
+        raise ValueError(f"the state dir {state_dir} has node.conf but no {CA_FILE}: remove it and join again "
+                         "with a new token")
+    return ca_pem
 
 
 def load(state_dir: str) -> Optional[Identity]:
@@ -445,17 +523,14 @@ def load(state_dir: str) -> Optional[Identity]:
         raise ValueError(f"{conf_path} lacks {', '.join(missing)}: the state dir is damaged; "
                          "remove it and join again with a new token")
     _check_key_mode(os.path.join(state_dir, KEY_FILE))
-    files = {}
-    for name in (KEY_FILE, CHAIN_FILE, CA_FILE):
-        try:
-            with open(os.path.join(state_dir, name), "rb") as f:
-                files[name] = f.read()
-        except FileNotFoundError:
-            raise ValueError(f"the state dir {state_dir} has node.conf but no {name}: remove it and join "
-                             "again with a new token") from None
+    # A first join's save cut short after its node.conf has only the .new files.
+    files = {name: _read_if_there(os.path.join(state_dir, name)) for name in (KEY_FILE, CHAIN_FILE, CA_FILE)}
     key_pem, chain_pem = _settle_pair(state_dir, values["node_id"], files[KEY_FILE], files[CHAIN_FILE])
-    identity = Identity(values["node_id"], values["name"], values["coordinator"], key_pem, chain_pem,
-                        files[CA_FILE])
+    ca_pem = _settle_ca(state_dir, chain_pem, files[CA_FILE])
+    join_key = _read_if_there(os.path.join(state_dir, JOIN_KEY_FILE))
+    if join_key is not None and _same_key(join_key, key_pem):
+        _remove_join_key(state_dir)  # left by a save cut short after its node.conf
+    identity = Identity(values["node_id"], values["name"], values["coordinator"], key_pem, chain_pem, ca_pem)
     try:
         check_chain(identity.chain_pem, identity.key_pem, identity.node_id)
     except ValueError as e:
