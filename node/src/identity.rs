@@ -9,15 +9,21 @@
 //! - `node.join.key`: the key a join asks with, PKCS#8 PEM, while the join
 //!   is under way (saved before it is sent, removed once its answer is
 //!   saved).
+//! - `node.join`: what that key was saved for, `key=value` lines: `token`
+//!   (the join token's id) and `name`. Written after the key, removed with
+//!   it.
 //!
 //! The dir is 0700 and every file 0600, written atomically (a temp file,
 //! synced, then renamed, the dir synced). A dir without `node.conf` holds
 //! no identity (a join that crashed half way is simply done again).
 //!
 //! A join saves its key as `node.join.key` before it asks, and a join
-//! done again asks with the key it finds there (the coordinator answers
-//! the same join again with the same node id for a while, so an answer
-//! lost to a crash does not lock the node out). That key is always a new
+//! done again with the same token and name asks with the key it finds
+//! there (the coordinator answers the same join again with the same node
+//! id for a while, so an answer lost to a crash does not lock the node
+//! out). A join with another token or name, or a key without a
+//! `node.join` naming both, gets a new key: a key is never asked with
+//! under a token or name other than its own. That key is always a new
 //! one, never the key of an identity (an expired or revoked identity's
 //! key may have been exposed, and is never certified again), and an
 //! identity in the dir is left as it is until an answer arrives: a join
@@ -63,6 +69,9 @@ pub const CA_FILE: &str = "ca.pem";
 pub const CONF_FILE: &str = "node.conf";
 /// The file of the key a join under way asks with.
 pub const JOIN_KEY_FILE: &str = "node.join.key";
+/// The file saying what the join key was saved for: the token's id and
+/// the name.
+pub const JOIN_FILE: &str = "node.join";
 /// Appended to `node.key`, `node.pem` and `ca.pem` for a renewed pair or
 /// a join's answer not yet in place.
 pub const PENDING_SUFFIX: &str = ".new";
@@ -366,22 +375,24 @@ impl StateDir {
             coordinator: stored.coordinator.clone(),
         };
         write_private(&self.path.join(CONF_FILE), conf.format().as_bytes())?;
-        self.sync_dir();
-        Ok(())
+        self.sync_dir_or_fail()
     }
 
-    /// The key a join under way asks with ([`JOIN_KEY_FILE`], saved by
-    /// [`Self::save_join_key`]), whether or not an identity is there: a
-    /// join asked again (its answer lost, or refused for now) asks with
-    /// the same key. `None`: there is none, or it is the identity's own
-    /// key now (a save cut short before it removed the file: removed
-    /// now; the key of an identity is never asked with again). A key
-    /// group or others may read is refused, as by `load`.
-    pub fn saved_key(&self) -> Result<Option<String>, StateError> {
+    /// The key a join under way with the token `token_id` as `name` asks
+    /// with ([`JOIN_KEY_FILE`], saved by [`Self::save_join_key`]),
+    /// whether or not an identity is there: a join asked again (its answer
+    /// lost, or refused for now) asks with the same key. `None`: there is
+    /// none, it was saved for another token or name (or [`JOIN_FILE`]
+    /// does not say), or it is the identity's own key now (a save cut
+    /// short before it removed the file: removed now; the key of an
+    /// identity is never asked with again). A key group or others may
+    /// read is refused, as by `load`.
+    pub fn saved_key(&self, token_id: &str, name: &str) -> Result<Option<String>, StateError> {
         let path = self.path.join(JOIN_KEY_FILE);
         let Some(pem) = read_if_there(&path)? else {
             return Ok(None);
         };
+
         self.check_private()?;
         check_key_mode(&path)?;
         public_key_of(&pem).map_err(|why| StateError::Damaged {
@@ -395,33 +406,55 @@ impl StateDir {
             self.remove_join_key()?;
             return Ok(None);
         }
+        let saved_for = read_if_there(&self.path.join(JOIN_FILE))?;
+        if saved_for.as_deref() != Some(join_record(token_id, name).as_str()) {
+            return Ok(None);
+        }
         Ok(Some(pem))
     }
 
-    /// Saves the key a join is about to ask with as [`JOIN_KEY_FILE`]
-    /// (durably), before the join is sent: see [`Self::saved_key`]. An
-    /// identity there is not touched: it is replaced only by the answer
-    /// ([`Self::save`]).
-    pub fn save_join_key(&self, key_pem: &str) -> Result<(), StateError> {
+    /// Saves the key a join with the token `token_id` as `name` is about
+    /// to ask with as [`JOIN_KEY_FILE`], then what it is for as
+    /// [`JOIN_FILE`] (durably), before the join is sent: see
+    /// [`Self::saved_key`]. The key first: a crash between the two leaves
+    /// a new key, never sent, under an older `node.join`, never a key
+    /// that was sent under the new one. An identity there is not touched:
+    /// it is replaced only by the answer ([`Self::save`]).
+    pub fn save_join_key(
+        &self,
+        key_pem: &str,
+        token_id: &str,
+        name: &str,
+    ) -> Result<(), StateError> {
         self.make_dir()?;
         write_private(&self.path.join(JOIN_KEY_FILE), key_pem.as_bytes())?;
+        write_private(
+            &self.path.join(JOIN_FILE),
+            join_record(token_id, name).as_bytes(),
+        )?;
         self.sync_dir();
         Ok(())
     }
 
-    /// Removes [`JOIN_KEY_FILE`] (durably), if there.
+    /// Removes [`JOIN_KEY_FILE`], then [`JOIN_FILE`] (durably), if there.
     fn remove_join_key(&self) -> Result<(), StateError> {
-        let path = self.path.join(JOIN_KEY_FILE);
-        match std::fs::remove_file(&path) {
-            Ok(()) => self.sync_dir(),
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
-            Err(source) => {
-                return Err(StateError::Io {
-                    what: "removing",
-                    path,
-                    source,
-                });
+        let mut removed = false;
+        for name in [JOIN_KEY_FILE, JOIN_FILE] {
+            let path = self.path.join(name);
+            match std::fs::remove_file(&path) {
+                Ok(()) => removed = true,
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => {
+                    return Err(StateError::Io {
+                        what: "removing",
+                        path,
+                        source,
+                    });
+                }
             }
+        }
+        if removed {
+            self.sync_dir();
         }
         Ok(())
     }
@@ -479,8 +512,7 @@ impl StateDir {
     fn write_pending(&self, key_pem: &str, chain_pem: &str) -> Result<(), StateError> {
         write_private(&pending(&self.path.join(KEY_FILE)), key_pem.as_bytes())?;
         write_private(&pending(&self.path.join(CHAIN_FILE)), chain_pem.as_bytes())?;
-        self.sync_dir();
-        Ok(())
+        self.sync_dir_or_fail()
     }
 
     /// The key and chain that belong together, with the chain's validity,
@@ -624,12 +656,34 @@ impl StateDir {
         Ok(())
     }
 
-    /// Makes the renames durable; a failure only loses durability.
+    /// Makes the renames durable; a failure only loses durability (used
+    /// where nothing later relies on them being on disk).
     fn sync_dir(&self) {
-        if let Ok(dir) = std::fs::File::open(&self.path) {
-            let _ = dir.sync_all();
-        }
+        let _ = self.sync_dir_or_fail();
     }
+
+    /// Makes the renames durable, or fails: used where a later step
+    /// relies on them being on disk (a save's `.new` files before its
+    /// `node.conf`, `node.conf` before the renames over the old identity).
+    fn sync_dir_or_fail(&self) -> Result<(), StateError> {
+        #[cfg(test)]
+        if tests::FAIL_DIR_SYNC.with(std::cell::Cell::get) {
+            return Err(StateError::Io {
+                what: "syncing",
+                path: self.path.clone(),
+                source: std::io::Error::other("injected failure"),
+            });
+        }
+        std::fs::File::open(&self.path)
+            .and_then(|dir| dir.sync_all())
+            .map_err(io_err("syncing", &self.path))
+    }
+}
+
+/// What [`JOIN_FILE`] holds for a join with the token `token_id` as
+/// `name`.
+fn join_record(token_id: &str, name: &str) -> String {
+    format!("token={token_id}\nname={name}\n")
 }
 
 fn io_err<'a>(
@@ -751,6 +805,14 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    /// The id of the join token the tests' joins are made with.
+    const TOKEN: &str = "0123456789abcdef";
+
+    thread_local! {
+        /// Set by a test: every strict dir sync fails on this thread.
+        pub(crate) static FAIL_DIR_SYNC: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
 
     /// A CA, and a node certificate it signed for a fresh key, valid for
     /// `lifetime` from now: (key PEM, chain PEM, CA PEM).
@@ -1078,9 +1140,21 @@ pub(crate) mod tests {
         }
     }
 
+    /// [`StateDir::save`] of `stored` cut short after its `node.conf` and
+    /// its first `renamed` renames (the key, then the chain, then the CA).
+    pub(crate) fn save_cut_after(state: &StateDir, stored: &Stored, renamed: usize) {
+        state.make_dir().unwrap();
+        state.stage(stored).unwrap();
+        state.write_conf(stored).unwrap();
+        for name in [KEY_FILE, CHAIN_FILE, CA_FILE].into_iter().take(renamed) {
+            let path = state.path().join(name);
+            rename(&pending(&path), &path).unwrap();
+        }
+    }
+
     /// An identity as a coordinator issues it: its certificate names its
     /// node id, signed by a CA of its own.
-    fn joined(name: &str) -> Stored {
+    pub(crate) fn joined(name: &str) -> Stored {
         let ca_key = rcgen::KeyPair::generate().unwrap();
         let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
         ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
@@ -1125,29 +1199,75 @@ pub(crate) mod tests {
         let identity = joined("n1");
         state.save(&identity).unwrap();
         // An identity's key is no join key.
-        assert_eq!(state.saved_key().unwrap(), None);
+        assert_eq!(state.saved_key(TOKEN, "n1").unwrap(), None);
         let before = contents(&state);
         // A join over it (its certificate looked expired) saves a new key
         // beside it; the join is refused, or its answer lost: the
         // identity is as it was, and the key is asked with again.
         let key = rcgen::KeyPair::generate().unwrap().serialize_pem();
-        state.save_join_key(&key).unwrap();
+        state.save_join_key(&key, TOKEN, "n1").unwrap();
         let mut expected = before.clone();
         expected.push((JOIN_KEY_FILE.to_owned(), key.clone()));
+        expected.push((JOIN_FILE.to_owned(), join_record(TOKEN, "n1")));
         expected.sort();
         assert_eq!(contents(&state), expected);
         assert_eq!(mode(&state.path().join(JOIN_KEY_FILE)), 0o600);
         assert_eq!(state.load().unwrap().unwrap().0, identity);
         assert_eq!(contents(&state), expected, "load leaves both");
-        assert_eq!(state.saved_key().unwrap(), Some(key.clone()));
+        assert_eq!(state.saved_key(TOKEN, "n1").unwrap(), Some(key.clone()));
         // Without node.conf too.
         std::fs::remove_file(state.path().join(CONF_FILE)).unwrap();
-        assert_eq!(state.saved_key().unwrap(), Some(key.clone()));
+        assert_eq!(state.saved_key(TOKEN, "n1").unwrap(), Some(key.clone()));
         // Others may read it: refused, naming the fix.
         let path = state.path().join(JOIN_KEY_FILE);
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
-        let err = state.saved_key().unwrap_err();
+        let err = state.saved_key(TOKEN, "n1").unwrap_err();
         assert!(matches!(err, StateError::KeyReadable { mode: 0o644, .. }));
+    }
+
+    #[test]
+    fn a_join_key_is_asked_with_only_under_the_token_and_name_it_was_saved_for() {
+        let tmp = tempfile::tempdir().unwrap();
+        let state = StateDir::new(tmp.path().join("state"));
+        state.save(&joined("n1")).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap().serialize_pem();
+        state.save_join_key(&key, TOKEN, "n1").unwrap();
+        assert_eq!(state.saved_key(TOKEN, "n1").unwrap(), Some(key.clone()));
+        assert_eq!(state.saved_key("fedcba9876543210", "n1").unwrap(), None);
+        assert_eq!(state.saved_key(TOKEN, "n2").unwrap(), None);
+        // A key without node.join (a crash before it was written) is
+        // asked with under no token.
+        std::fs::remove_file(state.path().join(JOIN_FILE)).unwrap();
+        assert_eq!(state.saved_key(TOKEN, "n1").unwrap(), None);
+        // Saved again for another token: that token only.
+        state.save_join_key(&key, "fedcba9876543210", "n1").unwrap();
+        assert_eq!(state.saved_key(TOKEN, "n1").unwrap(), None);
+        assert_eq!(
+            state.saved_key("fedcba9876543210", "n1").unwrap(),
+            Some(key)
+        );
+    }
+
+    #[test]
+    fn a_save_whose_dir_sync_fails_fails_and_commits_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let state = StateDir::new(tmp.path().join("state"));
+        let old = joined("n1");
+        state.save(&old).unwrap();
+        let new = joined("n1");
+        state.save_join_key(&new.key_pem, TOKEN, "n1").unwrap();
+        FAIL_DIR_SYNC.with(|fail| fail.set(true));
+        let err = state.save(&new).unwrap_err();
+        FAIL_DIR_SYNC.with(|fail| fail.set(false));
+        assert!(err.to_string().starts_with("syncing "), "{err}");
+        assert_eq!(state.load().unwrap().unwrap().0, old, "not committed");
+        assert_eq!(
+            state.saved_key(TOKEN, "n1").unwrap(),
+            Some(new.key_pem.clone()),
+            "the join key kept, to ask again with"
+        );
+        state.save(&new).unwrap();
+        assert_eq!(state.load().unwrap().unwrap().0, new);
     }
 
     #[test]
@@ -1157,14 +1277,14 @@ pub(crate) mod tests {
         let old = joined("n1");
         state.save(&old).unwrap();
         let new = joined("n1");
-        state.save_join_key(&new.key_pem).unwrap();
+        state.save_join_key(&new.key_pem, TOKEN, "n1").unwrap();
         state.save(&new).unwrap();
         assert_eq!(state.load().unwrap().unwrap().0, new);
         assert_eq!(
             names_in(state.path()),
             [CA_FILE, CONF_FILE, KEY_FILE, CHAIN_FILE]
         );
-        assert_eq!(state.saved_key().unwrap(), None);
+        assert_eq!(state.saved_key(TOKEN, "n1").unwrap(), None);
     }
 
     #[test]
@@ -1179,7 +1299,7 @@ pub(crate) mod tests {
                 state.save(&old).unwrap();
             }
             let new = joined("n1");
-            state.save_join_key(&new.key_pem).unwrap();
+            state.save_join_key(&new.key_pem, TOKEN, "n1").unwrap();
             state.stage(&new).unwrap();
             if first {
                 assert_eq!(state.load().unwrap(), None, "no node.conf yet");
@@ -1192,7 +1312,10 @@ pub(crate) mod tests {
                     .collect();
                 assert_eq!(contents(&state), left, "the old files, as they were");
             }
-            assert_eq!(state.saved_key().unwrap(), Some(new.key_pem.clone()));
+            assert_eq!(
+                state.saved_key(TOKEN, "n1").unwrap(),
+                Some(new.key_pem.clone())
+            );
 
             // Cut short after node.conf (the renames not done): the new
             // identity, its renames finished and its join key removed.
@@ -1204,7 +1327,7 @@ pub(crate) mod tests {
                 [CA_FILE, CONF_FILE, KEY_FILE, CHAIN_FILE],
                 "first: {first}"
             );
-            assert_eq!(state.saved_key().unwrap(), None);
+            assert_eq!(state.saved_key(TOKEN, "n1").unwrap(), None);
         }
     }
 
@@ -1216,10 +1339,14 @@ pub(crate) mod tests {
         let new = joined("n1");
         state.save(&new).unwrap();
         // The crash: node.join.key not removed yet.
-        state.save_join_key(&new.key_pem).unwrap();
-        assert_eq!(state.saved_key().unwrap(), None, "the identity's key");
+        state.save_join_key(&new.key_pem, TOKEN, "n1").unwrap();
+        assert_eq!(
+            state.saved_key(TOKEN, "n1").unwrap(),
+            None,
+            "the identity's key"
+        );
         assert!(!state.path().join(JOIN_KEY_FILE).exists());
-        state.save_join_key(&new.key_pem).unwrap();
+        state.save_join_key(&new.key_pem, TOKEN, "n1").unwrap();
         assert_eq!(state.load().unwrap().unwrap().0, new);
         assert!(!state.path().join(JOIN_KEY_FILE).exists(), "load drops it");
     }

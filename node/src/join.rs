@@ -80,12 +80,13 @@ pub(crate) async fn join(ctx: &NodeCtx, token: &JoinToken) -> Result<Option<Cred
     if plans.is_empty() {
         return Err(Error::from(weft_proto::AddressError(String::new())));
     }
-    // One key for every try, and for a join asked again after a restart:
-    // the coordinator answers a repeated join (same token, name and key)
+    // One key for every try, and for a join asked again after a restart
+    // with the same token and name: the coordinator answers a repeated
+    // join (same token, name and key)
     // with the node id it gave the first time, so an answer that was lost
     // (a timeout, a dropped connection, a crash before `node.conf`) does
     // not lock the node out.
-    let key = join_key(store.as_ref())?;
+    let key = join_key(store.as_ref(), token.id(), &ctx.config.name)?;
     let csr_der = request_for(&key, &ctx.config.name)?;
     let request = pb::JoinRequest {
         token: token.credential.clone(),
@@ -173,19 +174,22 @@ fn request_for(key: &rcgen::KeyPair, name: &str) -> Result<Vec<u8>, Error> {
     made.map_err(|err| Error::Identity(format!("making a certificate request: {err}")))
 }
 
-/// The key to join with: the one a join that did not finish left in the
-/// state dir (`node.join.key`: its answer was lost, or it was refused),
-/// else a new one, saved there before it is sent (so that a node stopped
-/// while it waits for the answer asks again with it). Never the key of an
+/// The key to join with the token `token_id` as `name`: the one a join
+/// with the same token and name that did not finish left in the state dir
+/// (`node.join.key`, saved for them as `node.join` says: its answer was
+/// lost, or it was refused), else a new one, saved there with what it is
+/// for before it is sent (so that a node stopped while it waits for the
+/// answer asks again with it). A key saved for another token or name is
+/// never asked with (it is replaced). Never the key of an
 /// identity there (expired or revoked: its key may have been exposed, and
 /// is never certified again), and that identity is left as it is until
 /// an answer replaces it: a refused join leaves the node the identity it
 /// had. Without a state dir: a new one, kept for this process's tries.
-fn join_key(store: Option<&StateDir>) -> Result<rcgen::KeyPair, Error> {
+fn join_key(store: Option<&StateDir>, token_id: &str, name: &str) -> Result<rcgen::KeyPair, Error> {
     let Some(store) = store else {
         return new_key();
     };
-    if let Some(pem) = store.saved_key()? {
+    if let Some(pem) = store.saved_key(token_id, name)? {
         return rcgen::KeyPair::from_pem(&pem).map_err(|err| {
             Error::Identity(format!(
                 "the key {} left by an earlier join: {err}",
@@ -194,7 +198,7 @@ fn join_key(store: Option<&StateDir>) -> Result<rcgen::KeyPair, Error> {
         });
     }
     let key = new_key()?;
-    store.save_join_key(&key.serialize_pem())?;
+    store.save_join_key(&key.serialize_pem(), token_id, name)?;
     Ok(key)
 }
 
@@ -304,6 +308,10 @@ fn pem_certificate(der: &[u8]) -> String {
 mod tests {
     use super::*;
 
+    /// The ids of the join tokens the tests' joins are made with.
+    const TOKEN: &str = "0123456789abcdef";
+    const OTHER_TOKEN: &str = "fedcba9876543210";
+
     /// A CA; answers its PEM, its pin as a trust, and its issuer.
     fn ca() -> (String, Trust, rcgen::Issuer<'static, rcgen::KeyPair>) {
         let key = rcgen::KeyPair::generate().unwrap();
@@ -410,21 +418,71 @@ mod tests {
         let store = StateDir::new(tmp.path().join("state"));
         // The first join saves its key before asking; asked again (a
         // restart while it waited), it asks with the same key.
-        let first = join_key(Some(&store)).unwrap();
-        let again = join_key(Some(&store)).unwrap();
+        let first = join_key(Some(&store), TOKEN, "n1").unwrap();
+        let again = join_key(Some(&store), TOKEN, "n1").unwrap();
         assert_eq!(first.public_key_raw(), again.public_key_raw());
-        // A crash between the key and node.conf: the saved key again.
-        let (ca_pem, _, issuer) = ca();
-        let chain = crate::identity::tests::leaf(&first, &issuer, Duration::from_secs(60));
-        store
-            .save_certificate(&first.serialize_pem(), &(chain + &ca_pem))
-            .unwrap();
-        assert_eq!(store.load().unwrap(), None);
-        let after_crash = join_key(Some(&store)).unwrap();
-        assert_eq!(after_crash.public_key_raw(), first.public_key_raw());
         // Without a state dir, a new key.
-        let none = join_key(None).unwrap();
+        let none = join_key(None, TOKEN, "n1").unwrap();
         assert_ne!(none.public_key_raw(), first.public_key_raw());
+        // Another token, or another name: a new key, saved for it; the
+        // old one is never asked with again.
+        let other_token = join_key(Some(&store), OTHER_TOKEN, "n1").unwrap();
+        assert_ne!(other_token.public_key_raw(), first.public_key_raw());
+        let other_name = join_key(Some(&store), OTHER_TOKEN, "n2").unwrap();
+        assert_ne!(other_name.public_key_raw(), other_token.public_key_raw());
+        let back = join_key(Some(&store), TOKEN, "n1").unwrap();
+        assert_ne!(back.public_key_raw(), first.public_key_raw());
+        assert_ne!(back.public_key_raw(), other_name.public_key_raw());
+    }
+
+    #[test]
+    fn a_join_answer_whose_save_was_cut_between_its_renames_loads_the_new_identity() {
+        use crate::identity::{CA_FILE, CHAIN_FILE, CONF_FILE, KEY_FILE};
+        // Cut after node.conf: the key renamed but not the chain, or the
+        // chain but not the CA; over an identity or as the first join.
+        for renamed in [1, 2] {
+            for over_identity in [false, true] {
+                let point = format!("{renamed} renamed, over an identity: {over_identity}");
+                let tmp = tempfile::tempdir().unwrap();
+                let store = StateDir::new(tmp.path().join("state"));
+                if over_identity {
+                    store
+                        .save(&crate::identity::tests::joined("gpu-1"))
+                        .unwrap();
+                }
+                let key = join_key(Some(&store), TOKEN, "gpu-1").unwrap();
+                let (ca_pem, trust, issuer) = ca();
+                let answer = response(&NodeId::new().to_string(), &key, &ca_pem, &issuer);
+                let (joined, _) =
+                    accept(answer, &key, &trust, "gpu-1", "https://c:1".into()).unwrap();
+                crate::identity::tests::save_cut_after(&store, &joined, renamed);
+                let (loaded, validity) = store.load().unwrap().expect(&point);
+                assert_eq!(loaded, joined, "{point}");
+                assert_eq!(
+                    leaf_validity(&loaded.chain_pem, key.public_key_raw()),
+                    Ok(validity),
+                    "{point}: the key and the certificate match"
+                );
+                let read = |name: &str| std::fs::read_to_string(store.path().join(name)).unwrap();
+                assert_eq!(
+                    [read(KEY_FILE), read(CHAIN_FILE), read(CA_FILE)],
+                    [joined.key_pem, joined.chain_pem, joined.ca_pem],
+                    "{point}: in place"
+                );
+                let mut names: Vec<_> = std::fs::read_dir(store.path())
+                    .unwrap()
+                    .map(|e| e.unwrap().file_name().into_string().unwrap())
+                    .collect();
+                names.sort();
+                assert_eq!(
+                    names,
+                    [CA_FILE, CONF_FILE, KEY_FILE, CHAIN_FILE],
+                    "{point}: no .new file or join key left"
+                );
+                let next = join_key(Some(&store), TOKEN, "gpu-1").unwrap();
+                assert_ne!(next.public_key_raw(), key.public_key_raw(), "{point}");
+            }
+        }
     }
 
     #[test]
@@ -448,7 +506,7 @@ mod tests {
             read(crate::identity::CONF_FILE),
             read(crate::identity::KEY_FILE),
         );
-        let fresh = join_key(Some(&store)).unwrap();
+        let fresh = join_key(Some(&store), TOKEN, "gpu-1").unwrap();
         assert_ne!(fresh.public_key_raw(), old.public_key_raw());
         assert_eq!(read(crate::identity::JOIN_KEY_FILE), fresh.serialize_pem());
         // Refused, or its answer lost: the identity is as it was (the
@@ -457,7 +515,7 @@ mod tests {
         assert_eq!(read(crate::identity::CONF_FILE), conf);
         assert_eq!(read(crate::identity::KEY_FILE), key);
         assert_eq!(store.load().unwrap().unwrap().0, stored);
-        let again = join_key(Some(&store)).unwrap();
+        let again = join_key(Some(&store), TOKEN, "gpu-1").unwrap();
         assert_eq!(again.public_key_raw(), fresh.public_key_raw());
         // The answer replaces the identity, and the join key goes.
         let (ca_pem, trust, issuer) = ca();
@@ -467,7 +525,7 @@ mod tests {
         store.save(&joined).unwrap();
         assert_eq!(store.load().unwrap().unwrap().0, joined);
         assert!(!store.path().join(crate::identity::JOIN_KEY_FILE).exists());
-        let next = join_key(Some(&store)).unwrap();
+        let next = join_key(Some(&store), TOKEN, "gpu-1").unwrap();
         assert_ne!(next.public_key_raw(), again.public_key_raw());
     }
 

@@ -24,6 +24,7 @@ from weft.worker.join import JOIN_PREFIX, JoinToken, JoinTokenError, join, new_c
 
 PIN = "sha256:" + "ab" * 32
 CREDENTIAL = "0123456789abcdef_" + "s" * 43
+TOKEN_ID = "0123456789abcdef"
 
 
 def mode(path) -> int:
@@ -350,10 +351,12 @@ def _public(pem: bytes) -> bytes:
 def test_a_join_asked_again_after_its_answer_was_lost_asks_with_the_key_it_saved(fake, tmp_path):
     state = tmp_path / "state"
     # The first try saved its key, then its answer was lost (a crash).
-    key_pem, _ = ident.join_key_and_csr(str(state), "py-1")
+    token = JoinToken.parse(fake.join_token())
+    key_pem, _ = ident.join_key_and_csr(str(state), token.id, "py-1")
     assert (state / "node.join.key").read_bytes() == key_pem and mode(state / "node.join.key") == 0o600
+    assert mode(state / "node.join") == 0o600
     assert ident.load(str(state)) is None
-    joined = join(JoinToken.parse(fake.join_token()), "py-1", str(state))
+    joined = join(token, "py-1", str(state))
     assert joined.key_pem == key_pem
     assert sorted(os.listdir(state)) == ["ca.pem", "node.conf", "node.key", "node.pem"], "the join key removed"
     leaf = x509.load_pem_x509_certificate(joined.chain_pem)
@@ -365,7 +368,8 @@ def test_a_join_asked_again_after_its_answer_was_lost_asks_with_the_key_it_saved
 def test_a_join_over_an_identity_asks_with_a_new_key_never_the_old_one(fake, tmp_path):
     state = tmp_path / "state"
     first = join(JoinToken.parse(fake.join_token()), "py-1", str(state))
-    assert ident.saved_join_key(str(state)) is None, "an identity's key is no join key"
+    assert ident.saved_join_key(str(state), TOKEN_ID, "py-1") is None, \
+        "an identity's key is no join key"
     again = join(JoinToken.parse(fake.join_token()), "py-1", str(state))
     assert _public(again.key_pem) != _public(first.key_pem)
     assert ident.load(str(state)) == again
@@ -391,17 +395,22 @@ def test_a_refused_join_over_an_identity_leaves_it_as_it_was_and_asks_again_with
     asked = [x509.load_der_x509_csr(r.csr_der).public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo) for r in fake.join_requests[-2:]]
     assert asked == [_public(key_pem)] * 2
-    assert ident.saved_join_key(str(state)) == key_pem
+    assert ident.saved_join_key(str(state), refused.id, "py-1") == key_pem
+    # Another token, or another name: never that key.
+    assert ident.saved_join_key(str(state), refused.id, "py-2") is None
     again = join(JoinToken.parse(fake.join_token()), "py-1", str(state))
-    assert again.key_pem == key_pem and ident.load(str(state)) == again
-    assert not (state / "node.join.key").exists()
+    assert _public(again.key_pem) != _public(key_pem) and ident.load(str(state)) == again
+    asked = x509.load_der_x509_csr(fake.join_requests[-1].csr_der).public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    assert asked == _public(again.key_pem)
+    assert sorted(os.listdir(state)) == ["ca.pem", "node.conf", "node.key", "node.pem"]
 
 
 def test_a_join_answer_whose_save_was_cut_short_leaves_the_old_identity_and_the_key_or_the_new_one(fake, tmp_path):
     state = str(tmp_path / "state")
     old = join(JoinToken.parse(fake.join_token()), "py-1", state)
     before = {name: open(os.path.join(state, name), "rb").read() for name in os.listdir(state)}
-    key_pem, _ = ident.join_key_and_csr(state, "py-1")
+    key_pem, _ = ident.join_key_and_csr(state, TOKEN_ID, "py-1")
     key = serialization.load_pem_private_key(key_pem, password=None)
     node_id = new_ulid()
     cert = fake.ca.node(key.public_key(), node_id, 3600).public_bytes(serialization.Encoding.PEM)
@@ -410,15 +419,87 @@ def test_a_join_answer_whose_save_was_cut_short_leaves_the_old_identity_and_the_
     ident._stage(state, new)
     assert ident.load(state) == old
     assert {name: open(os.path.join(state, name), "rb").read() for name in before} == before
-    assert sorted(os.listdir(state)) == sorted([*before, "node.join.key"]), "the answer's .new files dropped"
-    assert ident.saved_join_key(state) == key_pem
+    assert sorted(os.listdir(state)) == sorted([*before, "node.join.key", "node.join"]), \
+        "the answer's .new files dropped"
+    assert ident.saved_join_key(state, TOKEN_ID, "py-1") == key_pem
     # Cut short after node.conf: the new identity, completed, the join key gone.
     ident._stage(state, new)
     ident._write_conf(state, new)
     assert ident.load(state) == new
     assert sorted(os.listdir(state)) == ["ca.pem", "node.conf", "node.key", "node.pem"]
     # Cut short after the renames (node.join.key not removed yet): never asked with again.
-    ident.save_join_key(state, key_pem)
-    assert ident.saved_join_key(state) is None and not os.path.exists(os.path.join(state, "node.join.key"))
-    ident.save_join_key(state, key_pem)
+    ident.save_join_key(state, key_pem, TOKEN_ID, "py-1")
+    assert ident.saved_join_key(state, TOKEN_ID, "py-1") is None
+    assert not os.path.exists(os.path.join(state, "node.join.key"))
+    ident.save_join_key(state, key_pem, TOKEN_ID, "py-1")
     assert ident.load(state) == new and not os.path.exists(os.path.join(state, "node.join.key"))
+
+
+def _answer(fake, key_pem: bytes, coordinator: str) -> ident.Identity:
+    """An answer to a join asking with ``key_pem``, as the coordinator issues it."""
+    key = serialization.load_pem_private_key(key_pem, password=None)
+    node_id = new_ulid()
+    cert = fake.ca.node(key.public_key(), node_id, 3600).public_bytes(serialization.Encoding.PEM)
+    return ident.Identity(node_id, "py-1", coordinator, key_pem, cert + fake.ca.pem, fake.ca.pem)
+
+
+@pytest.mark.parametrize("renamed", [1, 2], ids=["key renamed, not the chain", "chain renamed, not the CA"])
+@pytest.mark.parametrize("over_identity", [False, True], ids=["first join", "over an identity"])
+def test_a_join_answer_whose_save_was_cut_between_its_renames_loads_the_new_identity(fake, tmp_path, renamed,
+                                                                                      over_identity):
+    state = str(tmp_path / "state")
+    if over_identity:
+        join(JoinToken.parse(fake.join_token()), "py-1", state)
+    key_pem, _ = ident.join_key_and_csr(state, TOKEN_ID, "py-1")
+    new = _answer(fake, key_pem, "127.0.0.1:1")
+    # save's order: the .new files, node.conf, then the renames (key, chain, CA), cut after `renamed`.
+    ident._ensure_dir(state)
+    ident._stage(state, new)
+    ident._write_conf(state, new)
+    for name in (ident.KEY_FILE, ident.CHAIN_FILE, ident.CA_FILE)[:renamed]:
+        os.replace(os.path.join(state, name + ident.PENDING_SUFFIX), os.path.join(state, name))
+    loaded = ident.load(state)
+    assert loaded == new
+    ident.check_chain(loaded.chain_pem, loaded.key_pem, loaded.node_id)
+    for name, data in ((ident.KEY_FILE, new.key_pem), (ident.CHAIN_FILE, new.chain_pem), (ident.CA_FILE, new.ca_pem)):
+        assert open(os.path.join(state, name), "rb").read() == data, name
+    assert sorted(os.listdir(state)) == ["ca.pem", "node.conf", "node.key", "node.pem"], "no .new file or join key left"
+    again, _ = ident.join_key_and_csr(state, TOKEN_ID, "py-1")
+    assert _public(again) != _public(key_pem)
+
+
+def test_a_save_whose_dir_sync_fails_fails_and_commits_nothing(fake, tmp_path, monkeypatch):
+    state = str(tmp_path / "state")
+    old = join(JoinToken.parse(fake.join_token()), "py-1", state)
+    key_pem, _ = ident.join_key_and_csr(state, TOKEN_ID, "py-1")
+    new = _answer(fake, key_pem, old.coordinator)
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(5, "injected failure")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(OSError):
+        ident.save(state, new)
+    monkeypatch.undo()
+    assert ident.load(state) == old, "not committed"
+    assert ident.saved_join_key(state, TOKEN_ID, "py-1") == key_pem, "the join key kept, to ask again with"
+    ident.save(state, new)
+    assert ident.load(state) == new
+
+
+def test_a_join_key_is_asked_with_only_under_the_token_and_name_it_was_saved_for(tmp_path):
+    state = str(tmp_path / "state")
+    key_pem, _ = ident.join_key_and_csr(state, TOKEN_ID, "py-1")
+    assert ident.join_key_and_csr(state, TOKEN_ID, "py-1")[0] == key_pem
+    assert ident.saved_join_key(state, "fedcba9876543210", "py-1") is None
+    assert ident.saved_join_key(state, TOKEN_ID, "py-2") is None
+    # A key without node.join (a crash before it was written): under no token.
+    os.unlink(os.path.join(state, "node.join"))
+    assert ident.saved_join_key(state, TOKEN_ID, "py-1") is None
+    other, _ = ident.join_key_and_csr(state, "fedcba9876543210", "py-1")
+    assert _public(other) != _public(key_pem)
+    assert ident.saved_join_key(state, "fedcba9876543210", "py-1") == other
+    assert ident.saved_join_key(state, TOKEN_ID, "py-1") is None

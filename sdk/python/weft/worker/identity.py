@@ -15,12 +15,16 @@ and others nothing, else saving to it or loading from it is refused.
 - ``node.conf``: lines ``node_id=...``, ``name=...``, ``coordinator=...``
   (the address from the join token);
 - ``node.join.key``: the key a join asks with, PKCS#8 PEM, while the join is
-  under way (saved before it is sent, removed once its answer is saved).
+  under way (saved before it is sent, removed once its answer is saved);
+- ``node.join``: what that key was saved for, lines ``token=...`` (the join
+  token's id) and ``name=...``; written after the key, removed with it.
 
 A join saves its key as ``node.join.key`` before it asks, and a join done
-again asks with the key it finds there (the coordinator answers the same
-join again with the same node id for a while, so an answer lost to a crash
-does not lock the worker out). That key is always a new one, never the key
+again with the same token and name asks with the key it finds there (the
+coordinator answers the same join again with the same node id for a while,
+so an answer lost to a crash does not lock the worker out). A join with
+another token or name, or a key without a ``node.join`` naming both, gets a
+new key. That key is always a new one, never the key
 of an identity (an expired or revoked identity's key may have been
 exposed), and an identity in the dir is left as it is until an answer
 arrives: a join refused, or never answered, over an identity that only
@@ -62,6 +66,8 @@ CA_FILE = "ca.pem"
 CONF_FILE = "node.conf"
 #: The key a join under way asks with.
 JOIN_KEY_FILE = "node.join.key"
+#: What that key was saved for: ``token=`` (the join token's id) and ``name=`` lines.
+JOIN_FILE = "node.join"
 #: Appended to ``node.key``, ``node.pem`` and ``ca.pem`` for a renewed pair or a join's answer not yet in place.
 PENDING_SUFFIX = ".new"
 
@@ -171,14 +177,20 @@ def csr_for(key_pem: bytes, name: str) -> bytes:
     return csr.public_bytes(serialization.Encoding.DER)
 
 
-def saved_join_key(state_dir: str) -> Optional[bytes]:
-    """The key a join under way asks with (``node.join.key``, saved by
-    :func:`save_join_key`), whether or not an identity is there: a join
-    asked again (its answer lost, or refused for now) asks with the same
-    key. None: there is none, or it is the identity's own key now (a save
-    cut short before it removed the file: removed now; the key of an
-    identity is never asked with again). A key others may read, or one
-    that does not parse, is a ValueError."""
+def _join_record(token_id: str, name: str) -> bytes:
+    """What ``node.join`` holds for a join with the token ``token_id`` as ``name``."""
+    return f"token={token_id}\nname={name}\n".encode()
+
+
+def saved_join_key(state_dir: str, token_id: str, name: str) -> Optional[bytes]:
+    """The key a join under way with the token ``token_id`` as ``name`` asks
+    with (``node.join.key``, saved by :func:`save_join_key`), whether or not
+    an identity is there: a join asked again (its answer lost, or refused
+    for now) asks with the same key. None: there is none, it was saved for
+    another token or name (or ``node.join`` does not say), or it is the
+    identity's own key now (a save cut short before it removed the file:
+    removed now; the key of an identity is never asked with again). A key
+    others may read, or one that does not parse, is a ValueError."""
     from cryptography.hazmat.primitives import serialization
 
     path = os.path.join(state_dir, JOIN_KEY_FILE)
@@ -196,25 +208,36 @@ def saved_join_key(state_dir: str) -> Optional[bytes]:
         if in_place is not None and _same_key(in_place, key_pem):
             _remove_join_key(state_dir)
             return None
+    if _read_if_there(os.path.join(state_dir, JOIN_FILE)) != _join_record(token_id, name):
+        return None
     return key_pem
 
 
-def save_join_key(state_dir: str, key_pem: bytes) -> None:
-    """Saves the key a join is about to ask with as ``node.join.key``
-    (durably), before the join is sent: see :func:`saved_join_key`. An
+def save_join_key(state_dir: str, key_pem: bytes, token_id: str, name: str) -> None:
+    """Saves the key a join with the token ``token_id`` as ``name`` is about
+    to ask with as ``node.join.key``, then what it is for as ``node.join``
+    (durably), before the join is sent: see :func:`saved_join_key`. The key
+    first: a crash between the two leaves a new key, never sent, under an
+    older ``node.join``, never a key that was sent under the new one. An
     identity there is not touched: only the answer replaces it
     (:func:`save`)."""
     _ensure_dir(state_dir)
     _write_atomic(state_dir, JOIN_KEY_FILE, key_pem)
+    _write_atomic(state_dir, JOIN_FILE, _join_record(token_id, name))
     _fsync_dir(state_dir)
 
 
 def _remove_join_key(state_dir: str) -> None:
-    try:
-        os.unlink(os.path.join(state_dir, JOIN_KEY_FILE))
-    except FileNotFoundError:
-        return
-    _fsync_dir(state_dir)
+    """Removes ``node.join.key``, then ``node.join`` (durably), if there."""
+    removed = False
+    for name in (JOIN_KEY_FILE, JOIN_FILE):
+        try:
+            os.unlink(os.path.join(state_dir, name))
+            removed = True
+        except FileNotFoundError:
+            pass
+    if removed:
+        _fsync_dir(state_dir)
 
 
 def _same_key(a: bytes, b: bytes) -> bool:
@@ -228,14 +251,15 @@ def _same_key(a: bytes, b: bytes) -> bool:
         return False
 
 
-def join_key_and_csr(state_dir: str, name: str) -> Tuple[bytes, bytes]:
-    """The key to join with and a request signed with it: the one a join
-    that did not finish left (:func:`saved_join_key`), else a new one,
-    saved before it is sent (:func:`save_join_key`)."""
-    key_pem = saved_join_key(state_dir)
+def join_key_and_csr(state_dir: str, token_id: str, name: str) -> Tuple[bytes, bytes]:
+    """The key to join with the token ``token_id`` as ``name`` and a request
+    signed with it: the one a join with the same token and name that did
+    not finish left (:func:`saved_join_key`), else a new one, saved with
+    what it is for before it is sent (:func:`save_join_key`)."""
+    key_pem = saved_join_key(state_dir, token_id, name)
     if key_pem is None:
         key_pem, csr_der = new_key_and_csr(name)
-        save_join_key(state_dir, key_pem)
+        save_join_key(state_dir, key_pem, token_id, name)
         return key_pem, csr_der
     return key_pem, csr_for(key_pem, name)
 
@@ -283,15 +307,22 @@ def _write_atomic(directory: str, name: str, data: bytes) -> None:
 
 
 def _fsync_dir(directory: str) -> None:
-    """Makes renames in ``directory`` durable; a failure only loses durability."""
+    """Makes renames in ``directory`` durable; a failure only loses
+    durability (used where nothing later relies on them being on disk)."""
     try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
+        _fsync_dir_or_fail(directory)
     except OSError:
         pass
+
+
+def _fsync_dir_or_fail(directory: str) -> None:
+    """Makes renames in ``directory`` durable, or raises OSError: used where
+    a later step relies on them being on disk (a save's ``.new`` files
+    before its ``node.conf``, ``node.conf`` before the renames over the old
+    identity)."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
     finally:
         os.close(fd)
 
@@ -354,7 +385,7 @@ def _write_pending(state_dir: str, key_pem: bytes, chain_pem: bytes) -> None:
     their names durable: the first half of :func:`save_renewed`."""
     _write_atomic(state_dir, KEY_FILE + PENDING_SUFFIX, key_pem)
     _write_atomic(state_dir, CHAIN_FILE + PENDING_SUFFIX, chain_pem)
-    _fsync_dir(state_dir)
+    _fsync_dir_or_fail(state_dir)
 
 
 def _save_pair(state_dir: str, key_pem: bytes, chain_pem: bytes) -> None:
@@ -391,7 +422,7 @@ def _write_conf(state_dir: str, identity: Identity) -> None:
     """The commit of :func:`save`: ``node.conf``, made durable."""
     conf = f"node_id={identity.node_id}\nname={identity.name}\ncoordinator={identity.coordinator}\n"
     _write_atomic(state_dir, CONF_FILE, conf.encode())
-    _fsync_dir(state_dir)
+    _fsync_dir_or_fail(state_dir)
 
 
 def save_renewed(state_dir: str, identity: Identity) -> None:

@@ -145,11 +145,12 @@ def join(token: JoinToken, name: str, state_dir: str, addresses: Optional[Sequen
             unreachable = e
             continue
         # The key is saved as node.join.key before it is sent (once the
-        # pin matched): a join asked again (an answer lost to a timeout or
-        # a crash) asks with the same key and gets its node id back
+        # pin matched), node.join saying for which token and name: a join
+        # asked again with them (an answer lost to a timeout or a crash)
+        # asks with the same key and gets its node id back
         # (``identity.saved_join_key``). An identity in the state dir is
         # replaced only by the answer: a refused join leaves it as it was.
-        key = join_key_and_csr(state_dir, name)
+        key = join_key_and_csr(state_dir, token.id, name)
         return _join_at(target, ca_pem, token, name, state_dir, ",".join(candidates), key)
     assert unreachable is not None
     raise unreachable
