@@ -56,10 +56,10 @@ pub enum Error {
         retention: Duration,
     },
     /// No connected node with that id or name.
-    #[error("node {0:?} not found")]
+    #[error("node {} not found", quoted(.0))]
     NodeNotFound(String),
     /// No limit of that name (and kind).
-    #[error("limit {0:?} not found")]
+    #[error("limit {} not found", quoted(.0))]
     LimitNotFound(String),
     /// The node was revoked by an admin (`weft nodes revoke`). Final: it
     /// must not reconnect.
@@ -95,10 +95,10 @@ pub enum Error {
         state: TaskState,
     },
     /// No cron schedule by that name. Not retryable.
-    #[error("schedule {0:?} not found")]
+    #[error("schedule {} not found", quoted(.0))]
     ScheduleNotFound(String),
     /// A cron schedule by that name exists already.
-    #[error("schedule {0:?} exists already; delete it first or choose another name")]
+    #[error("schedule {} exists already; delete it first or choose another name", quoted(.0))]
     ScheduleExists(String),
     /// As many schedules as the coordinator keeps exist already.
     #[error("too many schedules: at most {max}")]
@@ -272,6 +272,34 @@ impl Error {
     }
 }
 
+/// Most characters of a name a caller sent that an error echoes back.
+pub(crate) const ECHO_CHARS: usize = 64;
+
+/// A name a caller sent, quoted, cut to [`ECHO_CHARS`] characters (`...`
+/// after the quotes when cut): an error never echoes a request's field
+/// whole, however long it is.
+pub(crate) fn quoted(name: &str) -> String {
+    let cut = name.chars().take(ECHO_CHARS).collect::<String>();
+    if cut.len() < name.len() {
+        format!("{cut:?}...")
+    } else {
+        format!("{cut:?}")
+    }
+}
+
+/// Most characters of a message built from a caller's input that is
+/// passed on whole (one that quotes what it refuses).
+const MESSAGE_CHARS: usize = 256;
+
+/// `message` cut to [`MESSAGE_CHARS`] characters, ending in `...` when cut.
+pub(crate) fn cut(message: &str) -> String {
+    let mut cut = message.chars().take(MESSAGE_CHARS).collect::<String>();
+    if cut.len() < message.len() {
+        cut.push_str("...");
+    }
+    cut
+}
+
 /// `24h`, `90m`, `30s`, `250ms`: the largest whole unit, as flags are written.
 fn short_duration(d: Duration) -> String {
     let secs = d.as_secs();
@@ -314,6 +342,25 @@ mod tests {
             damaged.message().contains("table tasks, key 01J"),
             "{}",
             damaged.message()
+        );
+    }
+
+    #[test]
+    fn a_long_name_not_found_is_echoed_cut() {
+        let long = "é".repeat(1024 * 1024);
+        for err in [
+            Error::ScheduleNotFound(long.clone()),
+            Error::ScheduleExists(long.clone()),
+            Error::NodeNotFound(long.clone()),
+            Error::LimitNotFound(long.clone()),
+        ] {
+            let message = err.to_string();
+            assert!(message.len() < 200, "{} bytes", message.len());
+            assert!(message.contains(&format!("{:?}...", "é".repeat(ECHO_CHARS))));
+        }
+        assert_eq!(
+            Error::ScheduleNotFound("nightly".into()).to_string(),
+            "schedule \"nightly\" not found"
         );
     }
 

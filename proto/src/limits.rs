@@ -107,6 +107,35 @@ pub const MAX_NODE_NAME_BYTES: usize = 128;
 /// Most handlers one node may list in its `Register`.
 pub const MAX_NODE_HANDLERS: usize = 4096;
 
+/// Most recently finished results a node keeps to send again after a
+/// reconnect; it lists each of them in `Register.running`.
+pub const MAX_NODE_RESULTS_KEPT: usize = 10_000;
+
+/// Most entries of a node's `Register.running` that a coordinator with
+/// `--max-node-slots` `max_node_slots` takes: what a node may hold
+/// assigned at once (its slots and a prefetch capped at that limit, so
+/// twice it) and the finished results it keeps to send again
+/// ([`MAX_NODE_RESULTS_KEPT`]).
+pub fn max_register_running(max_node_slots: u32) -> usize {
+    usize::try_from(max_node_slots)
+        .unwrap_or(usize::MAX)
+        .saturating_mul(2)
+        .saturating_add(MAX_NODE_RESULTS_KEPT)
+}
+
+/// Checks a `Register`'s `running`: at most
+/// [`max_register_running`]`(max_node_slots)` entries.
+pub fn check_register_running(
+    register: &pb::Register,
+    max_node_slots: u32,
+) -> Result<(), ConversionError> {
+    count(
+        "running",
+        register.running.len(),
+        max_register_running(max_node_slots),
+    )
+}
+
 /// Checks what a node's `Register` declares and the coordinator keeps
 /// (its name is written into the record of every task it runs): the name,
 /// labels and handler names within their limits and without NUL.

@@ -16,6 +16,16 @@ use super::retry::Verdict;
 use super::{NodeEventBody, NodeTaskEvent, Now, Scheduler};
 use crate::store::EventBody;
 
+/// When "refused events for an attempt leased to another node" was last
+/// logged (a logging rule only: the refusals are all counted, and `now`
+/// is the scheduler's).
+static FOREIGN_EVENTS: std::sync::LazyLock<std::sync::Mutex<crate::listener::backoff::Throttle>> =
+    std::sync::LazyLock::new(|| {
+        std::sync::Mutex::new(crate::listener::backoff::Throttle::new(
+            std::time::Duration::from_secs(10),
+        ))
+    });
+
 impl NodeTaskEvent {
     /// An event whose task id, as the node sent it, could not be read.
     /// It names the nil ULID, which no task has (every task id carries the
@@ -84,7 +94,15 @@ impl Scheduler {
                 // own session, and counted apart as well.
                 self.stale_events_refused += 1;
                 self.foreign_events_refused += 1;
-                tracing::warn!(task_id = %id, attempt = event.attempt.0, session = session.0, "refused an event for an attempt leased to another node");
+                // A node may send these in a flood: logged at most every
+                // 10 s, with how many came meanwhile (all are counted).
+                let due = FOREIGN_EVENTS
+                    .lock()
+                    .ok()
+                    .and_then(|mut throttle| throttle.hit(now.instant));
+                if let Some(refused) = due {
+                    tracing::warn!(task_id = %id, attempt = event.attempt.0, session = session.0, refused, "refused events for an attempt leased to another node");
+                }
                 self.order_cancel(
                     session,
                     id,

@@ -256,7 +256,10 @@ impl Scheduler {
                 return Err(Error::InvalidArgument(
                     weft_proto::ConversionError::Invalid {
                         field: "kind",
-                        reason: format!("'{other}' is not rate or concurrency"),
+                        reason: format!(
+                            "{} is not rate or concurrency",
+                            crate::error::quoted(other)
+                        ),
                     },
                 ));
             }

@@ -217,7 +217,8 @@ impl pb::admin_service_server::AdminService for AdminApi {
             }
             other => {
                 return Err(Status::invalid_argument(format!(
-                    "role: unknown role '{other}' (known: client, node)"
+                    "role: unknown role {} (known: client, node)",
+                    crate::error::quoted(other)
                 )));
             }
         }
@@ -226,8 +227,9 @@ impl pb::admin_service_server::AdminService for AdminApi {
                 "uses, join_address: only for join tokens (role node)",
             ));
         }
-        let scopes = Scopes::parse_list(&request.scopes)
-            .map_err(|err| Status::invalid_argument(format!("scopes: {err}")))?;
+        let scopes = Scopes::parse_list(&request.scopes).map_err(|err| {
+            Status::invalid_argument(format!("scopes: {}", crate::error::cut(&err)))
+        })?;
         let ttl = request
             .ttl
             .as_ref()
@@ -269,10 +271,9 @@ impl pb::admin_service_server::AdminService for AdminApi {
         let api = self.clone();
         super::to_completion(async move {
             let _writer = api.tokens.write.lock().await;
-            let mut record = api
-                .tokens
-                .get(id.trim())
-                .ok_or_else(|| Status::not_found(format!("no token with id '{id}'")))?;
+            let mut record = api.tokens.get(id.trim()).ok_or_else(|| {
+                Status::not_found(format!("no token with id {}", crate::error::quoted(&id)))
+            })?;
             if record.revoked.is_none() {
                 record.revoked = Some(SystemTime::now());
                 api.put_token(record.clone()).await?;

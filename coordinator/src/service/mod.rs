@@ -10,7 +10,7 @@ mod node_admin;
 pub(crate) mod schedule;
 pub(crate) mod task;
 
-use weft_proto::{TaskId, TaskState};
+use weft_proto::{ConversionError, TaskId, TaskState, pb};
 
 use crate::error::Error;
 pub(crate) use crate::store::codec::{event_to_pb, task_result_pb, task_to_pb};
@@ -41,6 +41,18 @@ pub(crate) fn state_filter(value: i32) -> Result<Option<TaskState>, Error> {
     TaskState::try_from(value).map(Some).map_err(Error::from)
 }
 
+/// A `view`: one of `TaskView`'s values (`UNSPECIFIED` as `FULL`); a
+/// number it does not have is refused, not read as the default.
+pub(crate) fn task_view(value: i32) -> Result<pb::TaskView, Error> {
+    pb::TaskView::try_from(value).map_err(|_| {
+        Error::from(ConversionError::InvalidValue {
+            what: "view",
+            value: value.to_string(),
+            expected: "TASK_VIEW_UNSPECIFIED (0), TASK_VIEW_FULL (1), TASK_VIEW_RESULT (2)".into(),
+        })
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
@@ -48,7 +60,19 @@ mod tests {
 
     use tokio::sync::oneshot;
 
-    use super::to_completion;
+    use super::{task_view, to_completion};
+    use weft_proto::pb;
+
+    #[test]
+    fn an_unknown_view_is_refused_and_unspecified_is_full() {
+        assert_eq!(task_view(0).unwrap(), pb::TaskView::Unspecified);
+        assert_eq!(task_view(2).unwrap(), pb::TaskView::Result);
+        for bad in [3, -1, i32::MAX] {
+            let status = tonic::Status::from(task_view(bad).unwrap_err());
+            assert_eq!(status.code(), tonic::Code::InvalidArgument);
+            assert!(status.message().contains("view"), "{}", status.message());
+        }
+    }
 
     #[tokio::test]
     async fn work_run_to_completion_finishes_when_its_caller_goes_away() {

@@ -31,7 +31,12 @@ pub(crate) fn join_address(
     let asked = asked.trim();
     if !asked.is_empty() {
         CoordinatorAddr::parse(asked)
-            .map_err(|err| Status::invalid_argument(format!("join_address: {err}")))?;
+            .map_err(|err| {
+                Status::invalid_argument(format!(
+                    "join_address: invalid coordinator address {}: expected HOST:PORT or http(s)://HOST:PORT",
+                    crate::error::quoted(&err.0)
+                ))
+            })?;
         return Ok(asked.to_owned());
     }
     if let Some(name) = advertise.iter().map(|a| a.trim()).find(|a| !a.is_empty()) {

@@ -1,7 +1,9 @@
 //! `ScheduleService`: cron schedules. Create, pause and delete need the
 //! `submit` scope (a schedule submits tasks); list needs `read`. Specs are
 //! checked here (cron, zone, task as Submit checks one) and the rest is the
-//! scheduler's (`scheduler::cron`), through the driver. List answers a page
+//! scheduler's (`scheduler::cron`), through the driver. A name to pause
+//! or delete is checked as a name first (INVALID_ARGUMENT, cut, for one no
+//! schedule could have). List answers a page
 //! at a time (`cron::LIST_PAGE_BYTES`), its token the page's last name.
 
 use tonic::{Request, Response, Status};
@@ -86,6 +88,8 @@ impl pb::schedule_service_server::ScheduleService for ScheduleApi {
     ) -> Result<Response<pb::PauseScheduleResponse>, Status> {
         auth::require(&request, Scope::Submit)?;
         let pb::PauseScheduleRequest { name, paused } = request.into_inner();
+        // A name no schedule can have is refused as such, not looked up.
+        cron::check_name("name", &name)?;
         let schedule = self
             .handle
             .call(|reply| Command::PauseSchedule {
@@ -105,6 +109,7 @@ impl pb::schedule_service_server::ScheduleService for ScheduleApi {
     ) -> Result<Response<pb::DeleteScheduleResponse>, Status> {
         auth::require(&request, Scope::Submit)?;
         let name = request.into_inner().name;
+        cron::check_name("name", &name)?;
         self.handle
             .call(|reply| Command::DeleteSchedule { name, reply })
             .await??;

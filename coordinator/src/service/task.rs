@@ -319,11 +319,10 @@ impl TaskApi {
                 ids.push(id);
             }
         }
-        let outcomes_only = request.view() == pb::TaskView::Result;
+        let view = super::task_view(request.view)?;
+        let outcomes_only = view == pb::TaskView::Result;
         let finals = wait_final(&self.handle, ids, pending, outcomes_only).await?;
-        let tasks: fn(Result<Arc<TaskRecord>, Error>) -> Result<pb::Task, Status> = match request
-            .view()
-        {
+        let tasks: fn(Result<Arc<TaskRecord>, Error>) -> Result<pb::Task, Status> = match view {
             pb::TaskView::Result => |task| task.map(|t| task_result_pb(&t)).map_err(Status::from),
             pb::TaskView::Unspecified | pb::TaskView::Full => {
                 |task| task.map(|t| task_to_pb(&t)).map_err(Status::from)

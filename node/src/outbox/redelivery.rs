@@ -19,7 +19,7 @@ use tokio::time::Instant;
 use crate::events::{AttemptKey, AttemptMap, Event};
 
 /// Most results kept.
-const MAX_KEPT: usize = 10_000;
+const MAX_KEPT: usize = weft_proto::limits::MAX_NODE_RESULTS_KEPT;
 /// Most payload bytes (outputs and error texts) kept.
 const MAX_KEPT_BYTES: usize = 64 * 1024 * 1024;
 

@@ -210,6 +210,25 @@ fn a_register_is_held_to_the_name_label_and_handler_limits() {
     assert!(check_register(&many).is_err());
 }
 
+#[test]
+fn a_register_lists_at_most_twice_the_slot_limit_and_the_kept_results_as_running() {
+    let max = 4;
+    let limit = 2 * 4 + MAX_NODE_RESULTS_KEPT;
+    assert_eq!(max_register_running(max), limit);
+    let running = |n: usize| pb::Register {
+        running: vec![pb::AttemptRef::default(); n],
+        ..pb::Register::default()
+    };
+    assert_eq!(check_register_running(&running(limit), max), Ok(()));
+    let err = check_register_running(&running(limit + 1), max)
+        .expect_err("over the limit")
+        .to_string();
+    assert!(err.contains("running"), "{err}");
+    assert!(err.contains(&limit.to_string()), "{err}");
+    // No overflow at the largest setting.
+    assert!(max_register_running(u32::MAX) > u32::MAX as usize);
+}
+
 fn text_field() -> impl Strategy<Value = String> + Clone {
     prop_oneof![
         "[a-z=\\x00 ]{0,8}",

@@ -387,3 +387,40 @@ async fn schedules_past_one_page_are_listed_a_page_at_a_time_and_all_by_the_clie
     }
     cluster.shutdown().await;
 }
+
+/// A name no schedule could have is refused as such by `PauseSchedule`
+/// (pause and resume) and `DeleteSchedule`, however long; an unknown
+/// well-formed one is NOT_FOUND, and neither answer echoes more than 64
+/// characters of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pausing_or_deleting_a_malformed_name_is_invalid_argument_and_echoes_it_cut() {
+    let cluster = TestCluster::builder().nodes(0).start().await;
+    let client = cluster.client().await;
+    let long = "x".repeat(1024 * 1024);
+    for bad in ["not a name", "a/b", "", long.as_str()] {
+        for err in [
+            client.pause_schedule(bad, true).await.map(drop),
+            client.pause_schedule(bad, false).await.map(drop),
+            client.delete_schedule(bad).await,
+        ] {
+            let err = err.expect_err("a malformed name");
+            assert!(
+                matches!(err, weft_client::Error::InvalidArgument(ref m) if m.contains("name") && m.len() < 400),
+                "{:?}: {err:?}",
+                bad.get(..16)
+            );
+        }
+    }
+    let unknown = "y".repeat(128);
+    for err in [
+        client.pause_schedule(&unknown, true).await.map(drop),
+        client.delete_schedule(&unknown).await,
+    ] {
+        let err = err.expect_err("an unknown name");
+        assert!(
+            matches!(err, weft_client::Error::NotFound(ref m) if m.contains(&"y".repeat(64)) && !m.contains(&"y".repeat(65))),
+            "{err:?}"
+        );
+    }
+    cluster.shutdown().await;
+}

@@ -29,8 +29,12 @@ use crate::driver::ToNode;
 use crate::error::Error;
 use crate::scheduler::{Assignment, CancelOrder, NodeEventBody, NodeRegistration, NodeTaskEvent};
 
-/// A node's `Register`, validated.
-pub(super) fn registration(register: pb::Register) -> Result<NodeRegistration, Error> {
+/// A node's `Register`, validated; `max_node_slots` (`--max-node-slots`)
+/// bounds how many attempts it may list as running.
+pub(super) fn registration(
+    register: pb::Register,
+    max_node_slots: u32,
+) -> Result<NodeRegistration, Error> {
     if register.protocol_version != PROTOCOL_VERSION as i32 {
         return Err(Error::ProtocolVersion(register.protocol_version));
     }
@@ -38,6 +42,7 @@ pub(super) fn registration(register: pb::Register) -> Result<NodeRegistration, E
         return Err(Error::BadRegistration("slots must be at least 1"));
     }
     weft_proto::limits::check_register(&register)?;
+    weft_proto::limits::check_register_running(&register, max_node_slots)?;
     let node_id = register
         .previous_node_id
         .parse::<NodeId>()
@@ -48,17 +53,29 @@ pub(super) fn registration(register: pb::Register) -> Result<NodeRegistration, E
     } else {
         register.name
     };
+    let mut bad = 0;
     let running = register
         .running
         .iter()
         .filter_map(|r| match r.task_id.parse::<TaskId>() {
             Ok(id) => Some((id, Attempt(r.attempt))),
-            Err(err) => {
-                tracing::warn!(node_name = %name, error = %err, "ignoring a running attempt with a bad task id");
+            Err(_) => {
+                bad += 1;
                 None
             }
         })
         .collect();
+    if bad > 0 {
+        // A node may reconnect in a loop: logged at most every 10 s, with
+        // how many came meanwhile.
+        let due = BAD_RUNNING_IDS
+            .lock()
+            .ok()
+            .and_then(|mut throttle| throttle.hit_by(std::time::Instant::now(), bad));
+        if let Some(ignored) = due {
+            tracing::warn!(node_name = %name, ignored, "ignoring running attempts with a bad task id");
+        }
+    }
     let resources = weft_proto::policy::check_resources("resources", register.resources)?;
     Ok(NodeRegistration {
         node_id,
@@ -101,6 +118,14 @@ pub(super) fn from_node(message: pb::NodeMessage) -> FromNode {
         Some(Body::RenewCertificate(renew)) => FromNode::RenewCertificate(renew.csr_der.to_vec()),
     }
 }
+
+/// When "ignoring running attempts with a bad task id" was last logged.
+static BAD_RUNNING_IDS: std::sync::LazyLock<std::sync::Mutex<crate::listener::backoff::Throttle>> =
+    std::sync::LazyLock::new(|| {
+        std::sync::Mutex::new(crate::listener::backoff::Throttle::new(
+            std::time::Duration::from_secs(10),
+        ))
+    });
 
 /// When "dropping node events with a bad task id" was last logged.
 static BAD_TASK_IDS: std::sync::LazyLock<std::sync::Mutex<crate::listener::backoff::Throttle>> =
@@ -677,7 +702,7 @@ mod tests {
             ..pb::Register::default()
         };
         assert!(matches!(
-            registration(register),
+            registration(register, 8),
             Err(Error::ProtocolVersion(_))
         ));
     }
@@ -691,24 +716,52 @@ mod tests {
             exec_allow: exec_allow.iter().map(|p| (*p).to_owned()).collect(),
             ..pb::Register::default()
         };
-        let old = registration(register(pb::ExecPolicy::Unspecified, &[])).unwrap();
+        let old = registration(register(pb::ExecPolicy::Unspecified, &[]), 8).unwrap();
         assert_eq!(old.exec, ExecPolicy::Allow);
-        let deny = registration(register(pb::ExecPolicy::Deny, &[])).unwrap();
+        let deny = registration(register(pb::ExecPolicy::Deny, &[]), 8).unwrap();
         assert_eq!(deny.exec, ExecPolicy::Deny);
-        let listed = registration(register(pb::ExecPolicy::AllowList, &["echo"])).unwrap();
+        let listed = registration(register(pb::ExecPolicy::AllowList, &["echo"]), 8).unwrap();
         assert!(listed.exec.allows_program("echo") && !listed.exec.allows_program("sh"));
         for bad in [
             register(pb::ExecPolicy::AllowList, &[]),
             register(pb::ExecPolicy::AllowList, &["bin/x"]),
             register(pb::ExecPolicy::Deny, &["echo"]),
         ] {
-            let err = registration(bad).unwrap_err();
+            let err = registration(bad, 8).unwrap_err();
             assert!(err.to_string().contains("exec_allow"), "{err}");
             assert_eq!(
                 tonic::Status::from(err).code(),
                 tonic::Code::InvalidArgument
             );
         }
+    }
+
+    /// A node lists at most what it may hold and the results it keeps;
+    /// more is refused naming the field, before any entry is read.
+    #[test]
+    fn a_register_listing_too_many_running_attempts_is_refused() {
+        let max = 4;
+        let register = |n: usize| pb::Register {
+            protocol_version: PROTOCOL_VERSION as i32,
+            slots: 1,
+            running: vec![
+                pb::AttemptRef {
+                    task_id: "not a task id".into(),
+                    attempt: 1,
+                };
+                n
+            ],
+            ..pb::Register::default()
+        };
+        let limit = limits::max_register_running(max);
+        let fine = registration(register(limit), max).expect("at the limit");
+        assert!(fine.running.is_empty(), "bad task ids are ignored");
+        let err = registration(register(limit + 1), max).unwrap_err();
+        assert!(err.to_string().contains("running"), "{err}");
+        assert_eq!(
+            tonic::Status::from(err).code(),
+            tonic::Code::InvalidArgument
+        );
     }
 
     /// Refused and counted as stale by the scheduler, not dropped unseen.
@@ -905,7 +958,7 @@ mod tests {
             if let Ok(message) = pb::NodeMessage::decode(bytes.as_slice()) {
                 match message.body {
                     Some(pb::node_message::Body::Register(register)) => {
-                        let _ = registration(register);
+                        let _ = registration(register, 8);
                     }
                     _ => {
                         let _ = from_node(message);
@@ -913,7 +966,7 @@ mod tests {
                 }
             }
             if let Ok(register) = pb::Register::decode(bytes.as_slice()) {
-                let _ = registration(register);
+                let _ = registration(register, 8);
             }
             if let Ok(events) = pb::TaskEvents::decode(bytes.as_slice()) {
                 let _ = node_events(events);

@@ -283,7 +283,7 @@ impl weft_proto::wire::node_service::node_service_server::NodeService for NodeAp
             true => Some(self.certified(peer_certs.as_deref(), &register)?),
             false => None,
         };
-        let mut registration = codec::registration(register)?;
+        let mut registration = codec::registration(register, self.handle.config.max_node_slots)?;
         if let Some((node_id, name)) = &certified {
             registration.node_id = *node_id;
             registration.name.clone_from(name);
@@ -308,31 +308,41 @@ impl weft_proto::wire::node_service::node_service_server::NodeService for NodeAp
         let session_token = token.clone();
         // The outgoing stream ends when the session closes, read or not.
         let token_for_stream = token.clone();
-        self.handle
-            .call(|reply| Command::Register {
+        // To its end whatever the node does: once the driver has the
+        // session (and the attempts the node reports), only its reader
+        // reports it gone, so the reader is started even if the node hangs
+        // up meanwhile (its stream then ends at once, and the node's
+        // attempts and name are freed, not held until it times out).
+        let handle = self.handle.clone();
+        let outgoing = crate::service::to_completion(async move {
+            handle
+                .call(|reply| Command::Register {
+                    session,
+                    registration,
+                    tx,
+                    token: session_token,
+                    reply,
+                })
+                .await??;
+            tracing::debug!(%node_id, %node_name, session = session.0, "session open");
+            let interval = handle.config.heartbeat_interval;
+            handle
+                .tasks
+                .spawn(send_heartbeats(heartbeat_tx, interval, token.clone()));
+            handle.tasks.spawn(read_session(
+                handle.clone(),
                 session,
-                registration,
-                tx,
-                token: session_token,
-                reply,
-            })
-            .await??;
-        tracing::debug!(%node_id, %node_name, session = session.0, "session open");
-        let interval = self.handle.config.heartbeat_interval;
-        self.handle
-            .tasks
-            .spawn(send_heartbeats(heartbeat_tx, interval, token.clone()));
-        self.handle.tasks.spawn(read_session(
-            self.handle.clone(),
-            session,
-            inbound,
-            token,
-            renewal,
-        ));
-        let max = self.handle.config.max_message_size;
-        let traced = self.handle.trace.is_some();
-        let (outgoing, closer) = outgoing::outgoing(rx, token_for_stream, max, traced);
-        self.handle.tasks.spawn(closer);
+                inbound,
+                token,
+                renewal,
+            ));
+            let max = handle.config.max_message_size;
+            let traced = handle.trace.is_some();
+            let (outgoing, closer) = outgoing::outgoing(rx, token_for_stream, max, traced);
+            handle.tasks.spawn(closer);
+            Ok(outgoing)
+        })
+        .await?;
         Ok(Response::new(Box::pin(outgoing)))
     }
 
