@@ -79,11 +79,14 @@ pub async fn sha256(request: HandlerRequest) -> Result<Bytes, HandlerError> {
     Ok(Bytes::from(hex::encode(Sha256::digest(&request.input))))
 }
 
-/// Fails with its input as the error message.
+/// Fails with its input as the error message (with no input, saying it
+/// was asked to fail).
 pub async fn fail(request: HandlerRequest) -> Result<Bytes, HandlerError> {
-    Err(HandlerError::Failed(
-        String::from_utf8_lossy(&request.input).into_owned(),
-    ))
+    let message = match request.input.is_empty() {
+        true => "the fail handler fails as asked (give it an input to choose the message)".into(),
+        false => String::from_utf8_lossy(&request.input).into_owned(),
+    };
+    Err(HandlerError::Failed(message))
 }
 
 /// Burns CPU for the duration in its input (`100ms`), checking for
@@ -178,6 +181,12 @@ mod tests {
             call("fail", "on purpose").await.unwrap_err().to_string(),
             "on purpose"
         );
+    }
+
+    #[tokio::test]
+    async fn fail_without_input_says_it_failed_as_asked() {
+        let message = call("fail", "").await.unwrap_err().to_string();
+        assert!(message.contains("fails as asked"), "{message}");
     }
 
     #[tokio::test]
