@@ -12,8 +12,9 @@
 //! Hosts: `fab-h1` coordinator, `fab-h2`..`fab-h4` nodes, `fab-h5` client;
 //! for the scenarios with several coordinators, `fab-h6` PostgreSQL and
 //! `fab-h7`, `fab-h8` more coordinators.
-//! Lab namespace names are global, so scenarios take [`LAB_LOCK`] and never
-//! overlap. Nothing here may run without root: the outer run skips (and
+//! Lab namespace names are global, so scenarios take [`LAB_LOCK`] and the
+//! lab's lock file ([`LAB_LOCK_FILE`]) and never overlap, within one test
+//! process or across several (`cargo nextest` runs each test in its own). Nothing here may run without root: the outer run skips (and
 //! passes) with a `skipped: ...` line on stderr where it is not root, the
 //! script is missing, or `netns-lab.sh up` fails.
 
@@ -43,6 +44,10 @@ const SCENARIO_LIMIT: Duration = Duration::from_secs(300);
 
 /// Serializes scenarios in this process: the lab's names are global.
 static LAB_LOCK: Mutex<()> = Mutex::new(());
+
+/// Serializes scenarios across processes: an exclusive lock on this file
+/// is held for as long as a scenario has the lab.
+const LAB_LOCK_FILE: &str = "/tmp/weft-fault-lab.lock";
 
 /// The inner run's panic message, repeated after the host logs (which
 /// follow it and can push it out of a CI log's tail).
@@ -202,6 +207,14 @@ where
         bin_path(bin);
     }
     let _serial = LAB_LOCK.lock().unwrap_or_else(PoisonError::into_inner);
+    // Closing the file (at the end of this function) lets the lock go.
+    let _lab_file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(LAB_LOCK_FILE)
+        .and_then(|file| file.lock().map(|()| file))
+        .unwrap_or_else(|err| panic!("locking {LAB_LOCK_FILE}: {err}"));
     let lab = match Lab::up() {
         Ok(lab) => lab,
         Err(why) => {
