@@ -133,14 +133,15 @@ pub struct Args {
     #[arg(long, global = true, env = "WEFT_CA", value_name = "FILE")]
     pub ca_file: Option<PathBuf>,
     /// The cluster CA's pin (sha256:HEX, logged by the coordinator at
-    /// start), instead of --ca-file.
+    /// start), instead of --ca-file. Given on the command line, either
+    /// wins over the other's environment variable (--ca-pin over $WEFT_CA);
+    /// both on the command line, or both in the environment, is a usage error.
     #[arg(
         long,
         global = true,
         env = "WEFT_CA_PIN",
         value_name = "PIN",
-        value_parser = parse_pin,
-        conflicts_with = "ca_file"
+        value_parser = parse_pin
     )]
     pub ca_pin: Option<Trust>,
     /// Client token (`weft_<id>_<secret>`), sent as `authorization: Bearer`
@@ -196,7 +197,8 @@ pub fn parse() -> Args {
 }
 
 /// [`parse`] of `argv`: also refuses what clap cannot say by itself (a
-/// task flag with `submit -f`).
+/// task flag with `submit -f`, a label or weight given twice), and lets a
+/// CA flag win over the other CA's environment variable.
 pub fn parse_from<I, T>(argv: I) -> Result<Args, clap::Error>
 where
     I: IntoIterator<Item = T>,
@@ -209,6 +211,27 @@ where
         matches.value_source("coordinator"),
         Some(ValueSource::CommandLine | ValueSource::EnvVariable)
     );
+    let conflict = |message: String| {
+        command
+            .clone()
+            .error(clap::error::ErrorKind::ArgumentConflict, message)
+    };
+    let (keep_file, keep_pin) = ca_sources(
+        matches.value_source("ca_file"),
+        matches.value_source("ca_pin"),
+    )
+    .map_err(conflict)?;
+    if !keep_file {
+        args.ca_file = None;
+    }
+    if !keep_pin {
+        args.ca_pin = None;
+    }
+    if let Some(task) = task_matches(&matches)
+        && let Some(message) = task_flag_given_twice(task)
+    {
+        return Err(conflict(message));
+    }
     if let Some(("submit", submit)) = matches.subcommand()
         && submit.contains_id("file")
         && submit.value_source("file").is_some()
@@ -222,6 +245,108 @@ where
         ));
     }
     Ok(args)
+}
+
+/// Which of --ca-file and --ca-pin to keep, given where each came from:
+/// what the user typed wins over what the shell exported; two typed, or
+/// two exported, cannot both be right.
+fn ca_sources(file: Option<ValueSource>, pin: Option<ValueSource>) -> Result<(bool, bool), String> {
+    use ValueSource::CommandLine;
+    match (file, pin) {
+        (Some(CommandLine), Some(CommandLine)) => {
+            Err("--ca-file and --ca-pin both say which CA to trust: give one".to_owned())
+        }
+        (Some(CommandLine), Some(_)) => Ok((true, false)),
+        (Some(_), Some(CommandLine)) => Ok((false, true)),
+        (Some(_), Some(_)) => Err(
+            "$WEFT_CA and $WEFT_CA_PIN are both set: unset one, or choose with --ca-file or --ca-pin"
+                .to_owned(),
+        ),
+        (file, pin) => Ok((file.is_some(), pin.is_some())),
+    }
+}
+
+/// The matches of the subcommand that makes tasks from [`TaskOpts`], if
+/// that is the one given.
+fn task_matches(matches: &clap::ArgMatches) -> Option<&clap::ArgMatches> {
+    match matches.subcommand()? {
+        ("run" | "call" | "submit" | "map", task) => Some(task),
+        ("schedule", schedule) => match schedule.subcommand()? {
+            ("create", task) => Some(task),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// A task flag given twice with two values, as the message that names
+/// both: a label or resource with two values (the same pair twice is
+/// harmless), or the fair key's weight both in `--fair-key KEY:WEIGHT`
+/// and in `--fair-weight`.
+fn task_flag_given_twice(matches: &clap::ArgMatches) -> Option<String> {
+    let given = |id: &str| -> Vec<String> {
+        matches
+            .get_raw(id)
+            .into_iter()
+            .flatten()
+            .map(|text| text.to_string_lossy().into_owned())
+            .collect()
+    };
+    let labels = matches.get_many::<(String, String)>("labels");
+    let labels = labels.into_iter().flatten().map(|(k, v)| (k.as_str(), v));
+    let resources = matches.get_many::<(String, u64)>("resources");
+    let resources = resources
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| (k.as_str(), v));
+    if let Some(message) = given_twice(
+        "--label",
+        "a task requires one value per label",
+        labels.zip(given("labels")),
+    )
+    .or_else(|| {
+        given_twice(
+            "--resource",
+            "a task holds one amount per resource",
+            resources.zip(given("resources")),
+        )
+    }) {
+        return Some(message);
+    }
+    match (
+        matches.get_one::<(String, Option<u32>)>("fair_key"),
+        matches.get_one::<u32>("fair_weight"),
+    ) {
+        (Some((key, Some(_))), Some(weight)) => Some(format!(
+            "--fair-key {} and --fair-weight {weight} both give the fair key's weight: give it once (--fair-key {key}:{weight}, or --fair-key {key} --fair-weight {weight})",
+            given("fair_key").join("")
+        )),
+        _ => None,
+    }
+}
+
+/// The first key given twice with two values, as the message that names
+/// both and says `why` one is kept.
+fn given_twice<'a, V: PartialEq + 'a>(
+    flag: &str,
+    why: &str,
+    values: impl Iterator<Item = ((&'a str, &'a V), String)>,
+) -> Option<String> {
+    let mut seen: std::collections::BTreeMap<&str, (&V, String)> = Default::default();
+    for ((key, value), text) in values {
+        match seen.get(key) {
+            Some((first, first_text)) if *first != value => {
+                return Some(format!(
+                    "{flag} {first_text} and {flag} {text}: {why}; give it once"
+                ));
+            }
+            Some(_) => {}
+            None => {
+                seen.insert(key, (value, text));
+            }
+        }
+    }
+    None
 }
 
 /// The first task or policy flag given on the command line (not from the
@@ -253,12 +378,7 @@ pub enum Command {
         #[command(flatten)]
         opts: TaskOpts,
         /// The command and its arguments (after `--`).
-        #[arg(
-            required = true,
-            trailing_var_arg = true,
-            allow_hyphen_values = true,
-            value_name = "CMD"
-        )]
+        #[arg(required = true, trailing_var_arg = true, value_name = "CMD")]
         command: Vec<String>,
     },
     /// Call a handler on a node; stream its output, print what it returns.
@@ -293,11 +413,7 @@ pub enum Command {
         #[arg(long, value_name = "HANDLER")]
         call: Option<String>,
         /// The command and its arguments, or the call's input with `--call`.
-        #[arg(
-            trailing_var_arg = true,
-            allow_hyphen_values = true,
-            value_name = "CMD"
-        )]
+        #[arg(trailing_var_arg = true, value_name = "CMD")]
         command: Vec<String>,
     },
     /// Show a job (the tasks of one Submit), follow it, or cancel it.
@@ -445,7 +561,6 @@ pub enum Command {
         #[arg(
             required_unless_present = "call",
             trailing_var_arg = true,
-            allow_hyphen_values = true,
             value_name = "CMD"
         )]
         command: Vec<String>,
@@ -720,6 +835,156 @@ mod tests {
         };
         assert_eq!(opts.slots, Some(2));
         assert_eq!(command, ["sh", "-c", "exit 3"]);
+    }
+
+    /// The command of a parsed run, submit, map or schedule create.
+    fn trailing_command(args: Args) -> Vec<String> {
+        match args.command {
+            Command::Run { command, .. }
+            | Command::Submit { command, .. }
+            | Command::Map { command, .. } => command,
+            Command::Schedule(crate::schedule::ScheduleCommand::Create { command, .. }) => command,
+            other => panic!("no trailing command: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_unknown_flag_before_the_command_is_a_usage_error_not_the_command() {
+        for head in [
+            &["weft", "run"][..],
+            &["weft", "-o", "json", "run"],
+            &["weft", "submit"],
+            &["weft", "map"],
+            &["weft", "schedule", "create", "n", "--cron", "* * * * *"],
+        ] {
+            for (bad, rest) in [
+                (&["--bogus"][..], &["--", "true"][..]),
+                (&["--tiemout", "5s"], &["--", "echo", "hi"]),
+                (&["--bogus"], &["true"]),
+            ] {
+                let argv = [head, bad, rest].concat();
+                let err = parse_from(&argv).expect_err(&argv.join(" "));
+                assert_eq!(err.exit_code(), i32::from(exit::USAGE), "{argv:?}: {err}");
+                let text = err.to_string();
+                assert!(
+                    text.contains(&format!("unexpected argument '{}'", bad[0])),
+                    "{argv:?}: {text}"
+                );
+            }
+        }
+        let err = parse_from(["weft", "run", "--tiemout", "5s", "--", "true"]).unwrap_err();
+        assert!(err.to_string().contains("--timeout"), "{err}");
+    }
+
+    #[test]
+    fn everything_after_the_double_dash_or_the_first_word_is_the_commands() {
+        for head in [
+            &["weft", "run", "--timeout", "5s"][..],
+            &["weft", "submit", "--timeout", "5s"],
+            &["weft", "map", "--timeout", "5s"],
+            &["weft", "schedule", "create", "n", "--cron", "* * * * *"],
+        ] {
+            for (rest, command) in [
+                (&["--", "ls", "-la"][..], &["ls", "-la"][..]),
+                (&["ls", "-la"], &["ls", "-la"]),
+                (&["--", "--bogus", "--", "x"], &["--bogus", "--", "x"]),
+                (
+                    &["sh", "-c", "x", "--timeout", "1s"],
+                    &["sh", "-c", "x", "--timeout", "1s"],
+                ),
+                (&["--", "-"], &["-"]),
+            ] {
+                let argv = [head, rest].concat();
+                let args = parse_from(&argv).unwrap_or_else(|err| panic!("{argv:?}: {err}"));
+                assert_eq!(trailing_command(args), command, "{argv:?}");
+            }
+        }
+        let args = parse_from(["weft", "submit", "--call", "echo", "-"]).unwrap();
+        assert_eq!(trailing_command(args), ["-"]);
+    }
+
+    #[test]
+    fn a_ca_flag_wins_over_the_other_cas_environment_variable() {
+        use ValueSource::{CommandLine, EnvVariable};
+        // --ca-pin with $WEFT_CA exported, and --ca-file with $WEFT_CA_PIN.
+        assert_eq!(
+            ca_sources(Some(EnvVariable), Some(CommandLine)),
+            Ok((false, true))
+        );
+        assert_eq!(
+            ca_sources(Some(CommandLine), Some(EnvVariable)),
+            Ok((true, false))
+        );
+        assert_eq!(ca_sources(Some(EnvVariable), None), Ok((true, false)));
+        assert_eq!(ca_sources(None, Some(CommandLine)), Ok((false, true)));
+        assert_eq!(ca_sources(None, None), Ok((false, false)));
+        let both = ca_sources(Some(EnvVariable), Some(EnvVariable)).unwrap_err();
+        assert!(both.contains("$WEFT_CA and $WEFT_CA_PIN"), "{both}");
+        let pin = format!("sha256:{}", "ab".repeat(32));
+        let args = parse_from(["weft", "--ca-pin", &pin, "info"]).unwrap();
+        assert!(args.ca_pin.is_some());
+        let err = parse_from(["weft", "--ca-file", "/ca.pem", "--ca-pin", &pin, "info"])
+            .expect_err("both");
+        assert_eq!(err.exit_code(), i32::from(exit::USAGE), "{err}");
+        assert!(err.to_string().contains("give one"), "{err}");
+    }
+
+    #[test]
+    fn a_label_resource_or_fair_weight_given_twice_is_a_usage_error_naming_both() {
+        for head in [
+            &["weft", "run"][..],
+            &["weft", "submit"],
+            &["weft", "map"],
+            &["weft", "schedule", "create", "n", "--cron", "* * * * *"],
+        ] {
+            for (flags, names) in [
+                (
+                    &["--label", "a=1", "--label", "a=2"][..],
+                    "--label a=1 and --label a=2",
+                ),
+                (
+                    &["--resource", "gpu=1", "--resource", "gpu=2"],
+                    "--resource gpu=1 and --resource gpu=2",
+                ),
+                (
+                    &["--fair-key", "team-a:3", "--fair-weight", "5"],
+                    "--fair-key team-a:3 and --fair-weight 5",
+                ),
+            ] {
+                let argv = [head, flags, &["--", "true"]].concat();
+                let err = parse_from(&argv).expect_err(&argv.join(" "));
+                assert_eq!(err.exit_code(), i32::from(exit::USAGE), "{argv:?}: {err}");
+                assert!(err.to_string().contains(names), "{argv:?}: {err}");
+            }
+        }
+        let err = parse_from(["weft", "call", "--label", "a=1", "--label", "a=2", "echo"])
+            .expect_err("call");
+        assert!(
+            err.to_string().contains("--label a=1 and --label a=2"),
+            "{err}"
+        );
+        // The same pair twice, two keys, or the weight said once, are fine.
+        for argv in [
+            &[
+                "weft", "run", "--label", "a=1", "--label", "a=1", "--", "true",
+            ][..],
+            &[
+                "weft", "run", "--label", "a=1", "--label", "b=1", "--", "true",
+            ],
+            &["weft", "submit", "--fair-key", "team-a:3", "--", "true"],
+            &[
+                "weft",
+                "submit",
+                "--fair-key",
+                "team-a",
+                "--fair-weight",
+                "5",
+                "--",
+                "true",
+            ],
+        ] {
+            parse_from(argv).unwrap_or_else(|err| panic!("{argv:?}: {err}"));
+        }
     }
 
     #[test]

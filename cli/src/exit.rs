@@ -10,8 +10,9 @@ pub const SUCCESS: u8 = 0;
 /// The task failed without an exit code (signal, handler error), or the
 /// command failed for another reason.
 pub const FAILURE: u8 = 1;
-/// Bad usage: a malformed flag, id or spec, or a spec or request too
-/// large to send.
+/// Bad usage: a malformed flag, id or spec, a spec or request too large
+/// to send, or TLS settings that cannot work (no CA, or a coordinator
+/// certificate the given CA or pin does not verify).
 pub const USAGE: u8 = 2;
 /// The coordinator is unreachable, or the connection to it was lost.
 pub const UNAVAILABLE: u8 = 69;
@@ -45,7 +46,8 @@ Exit codes (task codes from run, call, wait, watch; map exits 1 if any task fail
   0    the task succeeded
   N    the task's process exited with code N
   1    the task failed without an exit code (signal, handler error), or another error
-  2    usage error (bad flag, id, or task spec; a spec or request too large to send)
+  2    usage error (bad flag, id, or task spec; a spec or request too large to send;
+       no CA for https://, or a coordinator certificate the CA or pin does not verify)
   69   coordinator unreachable, or the connection to it was lost
   77   permission denied: no valid token (pass --token / WEFT_TOKEN / --token-file),
        or the token lacks the scope the command needs
@@ -109,6 +111,7 @@ pub fn for_error(err: &anyhow::Error) -> u8 {
         return USAGE;
     }
     match err.chain().find_map(|cause| cause.downcast_ref::<Error>()) {
+        Some(Error::Unavailable(message)) if is_untrusted_certificate(message) => USAGE,
         Some(Error::Unavailable(_)) => UNAVAILABLE,
         Some(Error::Other {
             code: tonic::Code::Unauthenticated | tonic::Code::PermissionDenied,
@@ -125,6 +128,22 @@ pub fn for_error(err: &anyhow::Error) -> u8 {
         ) => USAGE,
         Some(_) | None => FAILURE,
     }
+}
+
+/// True when a connect failed because the coordinator's certificate does
+/// not verify against the CA file or pin given, or does not name the host
+/// dialed: the settings are wrong, and dialing again will not help. The
+/// client reports the handshake as UNAVAILABLE, in the words
+/// `weft_proto::tls` explains these failures with (its `HandshakeFailure`
+/// `Untrusted` and `WrongName`).
+fn is_untrusted_certificate(message: &str) -> bool {
+    [
+        "the coordinator's certificate is not signed by the CA in ",
+        "the coordinator's certificate chain does not match ",
+        "the coordinator's certificate does not name ",
+    ]
+    .iter()
+    .any(|needle| message.contains(needle))
 }
 
 /// The coordinator records why an attempt could not start in the task's
@@ -262,5 +281,32 @@ mod tests {
         assert_eq!(for_error(&UsageError("two inputs".into()).into()), USAGE);
         let address = weft_proto::CoordinatorAddr::parse("x").unwrap_err();
         assert_eq!(for_error(&Error::InvalidAddress(address).into()), USAGE);
+    }
+
+    #[test]
+    fn a_certificate_the_ca_or_pin_does_not_verify_is_a_usage_error_not_unreachable() {
+        let refused = |why: &str| {
+            anyhow::Error::new(Error::Unavailable(format!(
+                "cannot reach coordinator at https://10.0.0.1:7070: {why}"
+            )))
+        };
+        let wrong_ca = refused(
+            "the coordinator's certificate is not signed by the CA in /tmp/other.pem: pass the cluster's ca.pem (--ca-file / WEFT_CA) or its pin (--ca-pin / WEFT_CA_PIN)",
+        );
+        assert_eq!(for_error(&wrong_ca), USAGE);
+        let wrong_pin = refused(
+            "the coordinator's certificate chain does not match the CA pin sha256:00: pass the pin the coordinator printed (--ca-pin / WEFT_CA_PIN) or its ca.pem (--ca-file / WEFT_CA)",
+        );
+        assert_eq!(for_error(&wrong_pin), USAGE);
+        let no_ca = anyhow::Error::new(Error::Tls("no CA for https://".into()));
+        assert_eq!(for_error(&no_ca), USAGE);
+        // Down, or not answering the handshake: still unreachable.
+        assert_eq!(for_error(&refused("connection refused")), UNAVAILABLE);
+        assert_eq!(
+            for_error(&refused(
+                "the coordinator at 10.0.0.1:7070 closed the connection during the TLS handshake"
+            )),
+            UNAVAILABLE
+        );
     }
 }

@@ -26,8 +26,8 @@ use crate::exit::{self, UsageError};
 use crate::opts::TaskOpts;
 use crate::output::{OutputFormat, task_json};
 use crate::stream::{
-    Events, Flow, LastAttemptOutput, Seen, drive, failure_line, flow_after, write_stderr,
-    write_stdout,
+    Events, Flow, LastAttemptOutput, Seen, drive, failure_line, flow_after, stdout_closed,
+    write_stderr, write_stdout,
 };
 
 /// The placeholder replaced by each input line.
@@ -217,15 +217,29 @@ pub async fn run(
     let mut finished = limited(tasks, jobs, keep_order);
     let mut failures = Vec::new();
     let mut unreachable = false;
-    while let Some(done) = finished.next().await {
-        let written = match format {
-            OutputFormat::Text => bar.suspend(|| write_stdout(&done.stdout)),
-            OutputFormat::Json => {
-                let line = format!("{}\n", done_json(&done));
-                bar.suspend(|| write_stdout(line.as_bytes()))
-            }
+    // Stdout's reader may go away while no line is being printed.
+    let mut closed = stdout_closed();
+    loop {
+        let next = tokio::select! {
+            done = finished.next() => Ok(done),
+            // Stdout's reader is gone: stop as a failed write would.
+            () = &mut closed => Err(std::io::Error::from(std::io::ErrorKind::BrokenPipe)),
         };
-        if flow_after(&written) == Flow::Stop {
+        let (done, written) = match next {
+            Ok(None) => break,
+            Ok(Some(done)) => {
+                let written = match format {
+                    OutputFormat::Text => bar.suspend(|| write_stdout(&done.stdout)),
+                    OutputFormat::Json => {
+                        let line = format!("{}\n", done_json(&done));
+                        bar.suspend(|| write_stdout(line.as_bytes()))
+                    }
+                };
+                (Some(done), written)
+            }
+            Err(gone) => (None, Err(gone)),
+        };
+        let (Some(done), Flow::Continue) = (done, flow_after(&written)) else {
             // Dropping the stream submits no more lines and stops
             // following the tasks in flight, which are then cancelled.
             drop(finished);
@@ -235,7 +249,7 @@ pub async fn run(
                 Err(_) => Vec::new(),
             };
             return Ok(cancel_in_flight(client, ids).await);
-        }
+        };
         bar.inc(1);
         total += 1;
         match done.result {

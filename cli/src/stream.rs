@@ -53,6 +53,52 @@ fn ctrl_c_presses() -> Interrupts {
     .boxed()
 }
 
+/// Resolves once stdout's reader goes away, without waiting for a write to
+/// fail with EPIPE: `weft run -- sh -c 'echo x; sleep 600' | head -1` ends
+/// when `head` does, not ten minutes later. Only for a pipe, whose write
+/// end the kernel reports as in error (POLLERR) once no reader is left; on
+/// a terminal, a file, a socket, or where stdout cannot be watched, it
+/// never resolves (a failed write still says so, [`flow_after`]).
+pub fn stdout_closed() -> Closed {
+    match watch_stdout_pipe() {
+        Some(watch) => watch,
+        None => Box::pin(std::future::pending()),
+    }
+}
+
+#[cfg(unix)]
+fn watch_stdout_pipe() -> Option<Closed> {
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::FileTypeExt;
+    use tokio::io::Interest;
+    use tokio::net::unix::pipe;
+
+    // A second descriptor of the same pipe, only registered to learn of its
+    // errors: never written through, and never switched to non-blocking,
+    // which would change stdout itself.
+    let fd = io::stdout().as_fd().try_clone_to_owned().ok()?;
+    let file = std::fs::File::from(fd);
+    if !file.metadata().ok()?.file_type().is_fifo() {
+        return None;
+    }
+    let sender = pipe::Sender::from_file_unchecked(file).ok()?;
+    Some(Box::pin(async move {
+        loop {
+            match sender.ready(Interest::ERROR).await {
+                Ok(ready) if ready.is_error() => return,
+                // Woken without an error (a spurious wake): look again soon.
+                Ok(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                Err(_) => std::future::pending::<()>().await,
+            }
+        }
+    }))
+}
+
+#[cfg(not(unix))]
+fn watch_stdout_pipe() -> Option<Closed> {
+    None
+}
+
 /// What a command has learned of the task it follows. Kept outside the
 /// [`drive`] future so it survives that future being dropped (Ctrl-C).
 #[derive(Debug, Default, Clone, Copy)]
@@ -188,6 +234,7 @@ pub async fn follow_to_end(
         owns_task,
         interrupted: None,
         cancel_wait: CANCEL_WAIT,
+        stdout_closed: stdout_closed(),
     };
     follow_with(client, stream, &mut seen, printer, &mut interrupts, follow).await
 }
@@ -256,6 +303,7 @@ async fn submit_and_follow(
         owns_task: true,
         interrupted,
         cancel_wait,
+        stdout_closed: stdout_closed(),
     };
     let mut seen = Seen::default();
     follow_with(
@@ -279,7 +327,12 @@ struct Follow {
     interrupted: Option<Instant>,
     /// How long a cancel after Ctrl-C waits ([`cancel_interrupted`]).
     cancel_wait: Duration,
+    /// Resolves once stdout's reader is gone ([`stdout_closed`]).
+    stdout_closed: Closed,
 }
+
+/// A future that resolves once stdout's reader is gone.
+type Closed = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// [`follow_to_end`], with its Ctrl-C presses given (for tests). A Ctrl-C
 /// before the first event of a task the command owns waits up to
@@ -296,7 +349,10 @@ async fn follow_with(
         owns_task,
         mut interrupted,
         cancel_wait,
+        stdout_closed: mut closed,
     } = follow;
+    // Stdout's reader went away before the drive noticed it by a write.
+    let mut reader_left = false;
     // The latest (id, state), for the "still waiting" hint; shared with the
     // sink because `seen` is borrowed by the drive future.
     let latest: Mutex<Option<(TaskId, TaskState)>> = Mutex::new(None);
@@ -339,6 +395,19 @@ async fn follow_with(
                     id_wait.as_mut().reset(deadline);
                     awaiting_id.store(true, Ordering::Relaxed);
                 }
+                () = &mut closed, if !reader_left => {
+                    reader_left = true;
+                    if !owns_task || id_known.load(Ordering::Relaxed) {
+                        break Some(Ok(Driven::Stopped));
+                    }
+                    // The task to cancel is named by its first event.
+                    if interrupted.is_none() {
+                        let deadline = Instant::now() + ID_WAIT;
+                        interrupted = Some(deadline);
+                        id_wait.as_mut().reset(deadline);
+                    }
+                    awaiting_id.store(true, Ordering::Relaxed);
+                }
                 () = &mut id_wait, if interrupted.is_some() => break None,
                 () = &mut hint, if !hinted => {
                     hinted = true;
@@ -351,8 +420,9 @@ async fn follow_with(
         }
     };
     let outcome = match outcome {
-        // Stopped to cancel, not because stdout's reader is gone.
-        Some(Ok(Driven::Stopped)) if awaiting_id.load(Ordering::Relaxed) => None,
+        // Stopped to cancel after Ctrl-C, not because stdout's reader is
+        // gone.
+        Some(Ok(Driven::Stopped)) if awaiting_id.load(Ordering::Relaxed) && !reader_left => None,
         outcome => outcome,
     };
     match outcome {
@@ -365,6 +435,13 @@ async fn follow_with(
             Ok(reader_gone(client, owned).await)
         }
         Some(Err(err)) => Err(err.into()),
+        None if reader_left && seen.id.is_none() => {
+            eprintln!(
+                "weft: stdout was closed before the task's id came (waited up to {ID_WAIT:?}); it was submitted and may still run (find it with `weft list`, then `weft cancel ID`)"
+            );
+            Ok(exit::CLOSED_PIPE)
+        }
+        None if reader_left => Ok(reader_gone(client, seen.id.filter(|_| owns_task)).await),
         None if !owns_task => {
             // Only the watch stops; say so, and where to pick it up again.
             eprintln!("{}", stopped_watching_line(seen));
@@ -402,16 +479,25 @@ fn stopped_watching_line(seen: &Seen) -> String {
 
 /// Once stdout's reader is gone (`| head`): cancels `owned`, the task the
 /// command submitted, since nobody reads what it prints, and answers
-/// [`exit::CLOSED_PIPE`], as a tool killed by SIGPIPE ends. A task that
-/// could not be cancelled exits as the error says, with the `weft cancel`
-/// to run later on stderr. A watched task (`None`) just goes on.
+/// [`exit::CLOSED_PIPE`], as a tool killed by SIGPIPE ends. Says
+/// "cancelled" only when the coordinator took the cancel; a task that had
+/// ended already is named with its final state. A task that could not be
+/// cancelled exits as the error says, with the `weft cancel` to run later
+/// on stderr. A watched task (`None`) just goes on.
 pub(crate) async fn reader_gone(client: &Client, owned: Option<TaskId>) -> u8 {
     let Some(id) = owned else {
         return exit::CLOSED_PIPE;
     };
     match cancel_through_any(client, id, CANCEL_WAIT).await {
-        Ok(_) => {
+        Ok((_, Cancel::Taken)) => {
             eprintln!("weft: stdout was closed; cancelled task {id}");
+            exit::CLOSED_PIPE
+        }
+        Ok((through, Cancel::AlreadyFinal)) => {
+            eprintln!(
+                "{}",
+                already_ended_line(id, final_state(&through, id).await)
+            );
             exit::CLOSED_PIPE
         }
         Err(err) => {
@@ -420,6 +506,28 @@ pub(crate) async fn reader_gone(client: &Client, owned: Option<TaskId>) -> u8 {
             );
             exit::for_error(&err.into())
         }
+    }
+}
+
+/// The state of task `id`, which the coordinator said had ended, if it
+/// answers soon.
+async fn final_state(client: &Client, id: TaskId) -> Option<TaskState> {
+    let got = tokio::time::timeout(Duration::from_secs(2), client.get(id)).await;
+    match got {
+        Ok(Ok(task)) if task.state.is_final() => Some(task.state),
+        _ => None,
+    }
+}
+
+/// What [`reader_gone`] says of a task that had ended before its cancel.
+fn already_ended_line(id: TaskId, state: Option<TaskState>) -> String {
+    match state {
+        Some(state) => {
+            format!(
+                "weft: stdout was closed; task {id} had already ended ({state}), nothing to cancel"
+            )
+        }
+        None => format!("weft: stdout was closed; task {id} had already ended, nothing to cancel"),
     }
 }
 
@@ -448,7 +556,7 @@ async fn cancel_interrupted(
         )),
     };
     let through = match cancelled {
-        Ok(through) => through,
+        Ok((through, _)) => through,
         Err(err) => {
             eprintln!(
                 "weft: error: could not cancel task {id}; it may still be running (to cancel it: weft cancel {id}): {err}"
@@ -481,19 +589,21 @@ async fn cancel_interrupted(
 /// Cancels task `id` through `client`, and while no coordinator answers,
 /// through whichever of its addresses serves now ([`Client::redial`]),
 /// for up to `wait`. Answers the client whose coordinator took the cancel
-/// (or said the task had already ended).
+/// (or said the task had already ended), and which of the two it was.
 pub(crate) async fn cancel_through_any(
     client: &Client,
     id: TaskId,
     wait: Duration,
-) -> Result<Client, Error> {
+) -> Result<(Client, Cancel), Error> {
     let deadline = tokio::time::Instant::now() + wait;
     let mut through = client.clone();
     let mut backoff = Duration::from_millis(100);
     loop {
         let tried = tokio::time::timeout_at(deadline, through.cancel(id)).await;
         let err = match tried {
-            Ok(Ok(_) | Err(Error::FailedPrecondition(_))) => return Ok(through),
+            Ok(Ok(_)) => return Ok((through, Cancel::Taken)),
+            // The only FAILED_PRECONDITION Cancel answers: the task is final.
+            Ok(Err(Error::FailedPrecondition(_))) => return Ok((through, Cancel::AlreadyFinal)),
             Ok(Err(err)) if err.is_unavailable() => err,
             Ok(Err(err)) => return Err(err),
             Err(_) => {
@@ -512,6 +622,15 @@ pub(crate) async fn cancel_through_any(
             through = next;
         }
     }
+}
+
+/// What a coordinator answered to a cancel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Cancel {
+    /// It took the cancel: the task was not final.
+    Taken,
+    /// The task had already ended; nothing was cancelled.
+    AlreadyFinal,
 }
 
 /// Prints why a queued task is still waiting, if the coordinator says.
@@ -1066,6 +1185,7 @@ mod tests {
             owns_task: true,
             interrupted: None,
             cancel_wait: Duration::from_millis(600),
+            stdout_closed: Box::pin(std::future::pending()),
         };
         let code = tokio::time::timeout(
             Duration::from_secs(10),
@@ -1115,6 +1235,82 @@ mod tests {
         // Not 130 "before the task was submitted": the cancel of that task
         // went to a coordinator that never answers.
         assert_eq!(code, exit::UNAVAILABLE);
+    }
+
+    /// Stdout's reader goes away after `after`, with nothing written.
+    fn closed_after(after: Duration) -> Closed {
+        Box::pin(tokio::time::sleep(after))
+    }
+
+    /// Follows `events` with stdout closing after 100 ms: the exit code,
+    /// and what was learned of the task.
+    async fn follow_until_closed(events: EventStream, owns_task: bool) -> (u8, Seen) {
+        let client = unreachable_client();
+        let mut interrupts: Interrupts = Box::pin(futures::stream::pending());
+        let mut seen = Seen::default();
+        let mut printer = quiet_printer();
+        let follow = Follow {
+            owns_task,
+            interrupted: None,
+            cancel_wait: Duration::from_millis(600),
+            stdout_closed: closed_after(Duration::from_millis(100)),
+        };
+        let code = tokio::time::timeout(
+            Duration::from_secs(20),
+            follow_with(
+                &client,
+                Events::Once(events),
+                &mut seen,
+                &mut printer,
+                &mut interrupts,
+                follow,
+            ),
+        )
+        .await
+        .expect("a closed stdout ends the follow without a write")
+        .expect("no stream error");
+        (code, seen)
+    }
+
+    #[tokio::test]
+    async fn stdout_closing_while_a_task_prints_nothing_cancels_it() {
+        let id = TaskId::new();
+        let events: EventStream =
+            Box::pin(futures::stream::iter([Ok(queued(id))]).chain(futures::stream::pending()));
+        let (code, seen) = follow_until_closed(events, true).await;
+        // The cancel of that task went to a coordinator that never answers.
+        assert_eq!((seen.id, code), (Some(id), exit::UNAVAILABLE));
+    }
+
+    #[tokio::test]
+    async fn stdout_closing_before_the_first_event_waits_for_it_and_cancels_that_task() {
+        let id = TaskId::new();
+        let events: EventStream = Box::pin(
+            futures::stream::once(async move {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                Ok(queued(id))
+            })
+            .chain(futures::stream::pending()),
+        );
+        let (code, seen) = follow_until_closed(events, true).await;
+        assert_eq!((seen.id, code), (Some(id), exit::UNAVAILABLE));
+    }
+
+    #[tokio::test]
+    async fn stdout_closing_stops_a_watch_and_leaves_the_task_alone() {
+        let id = TaskId::new();
+        let events: EventStream =
+            Box::pin(futures::stream::iter([Ok(queued(id))]).chain(futures::stream::pending()));
+        let (code, _) = follow_until_closed(events, false).await;
+        assert_eq!(code, exit::CLOSED_PIPE);
+    }
+
+    #[test]
+    fn a_task_that_ended_before_its_cancel_is_not_said_to_be_cancelled() {
+        let id = TaskId::new();
+        let line = already_ended_line(id, Some(TaskState::Succeeded));
+        assert!(!line.contains("cancelled task"), "{line}");
+        assert!(line.contains("had already ended (succeeded)"), "{line}");
     }
 
     #[test]

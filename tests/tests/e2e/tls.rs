@@ -392,3 +392,53 @@ async fn the_coordinator_binary_logs_its_ca_and_pin_and_warns_when_insecure() {
         let _ = child.terminate(default_timeout()).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ca_flag_wins_over_the_other_cas_environment_variable() {
+    let cluster = TestCluster::builder().nodes(1).start().await;
+    let url = cluster.url();
+    let ca = cluster
+        .ca_file()
+        .expect("a TLS cluster")
+        .display()
+        .to_string();
+    let pin = pin_of(cluster.ca_file().expect("a TLS cluster"));
+    let wrong = other_ca(cluster.dir());
+    let (wrong_pin, wrong) = (pin_of(&wrong), wrong.display().to_string());
+    let token = cluster.admin_token();
+    let weft = |env: Vec<(&'static str, String)>, args: Vec<&str>| {
+        let env: Vec<(&'static str, String)> = env;
+        let mut argv = vec![
+            "--coordinator".to_owned(),
+            url.clone(),
+            "--token".to_owned(),
+        ];
+        argv.push(token.clone());
+        argv.extend(args.into_iter().map(str::to_owned));
+        argv.push("nodes".to_owned());
+        async move {
+            let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+            weft_tests::cli::run_weft_env("https://unregistered", None, &env, &argv, None).await
+        }
+    };
+    // README's quick start exports WEFT_CA, then `weft login ... --ca-pin`:
+    // the flag is what is used (the exported file is another cluster's).
+    let out = weft(vec![("WEFT_CA", wrong.clone())], vec!["--ca-pin", &pin]).await;
+    assert_eq!(out.code, Some(0), "{out}");
+    let out = weft(
+        vec![("WEFT_CA_PIN", wrong_pin.clone())],
+        vec!["--ca-file", &ca],
+    )
+    .await;
+    assert_eq!(out.code, Some(0), "{out}");
+    // Both typed, or both exported: a usage error.
+    let out = weft(vec![], vec!["--ca-file", &ca, "--ca-pin", &pin]).await;
+    assert_eq!(out.code, Some(2), "{out}");
+    assert!(out.stderr.contains("give one"), "{out}");
+    let both = vec![("WEFT_CA", ca.clone()), ("WEFT_CA_PIN", pin.clone())];
+    let out = weft(both, vec![]).await;
+    assert_eq!(out.code, Some(2), "{out}");
+    assert!(out.stderr.contains("$WEFT_CA and $WEFT_CA_PIN"), "{out}");
+    cluster.shutdown().await;
+}
