@@ -394,7 +394,10 @@ pub enum Command {
         opts: TaskOpts,
         /// Handler name (built-ins: noop, echo, sleep, sha256, fail, spin).
         handler: String,
-        /// Input bytes; `-` reads them from stdin; none is empty input.
+        /// Input bytes; `-` reads them from stdin; none is empty input (an
+        /// input starting with `-` goes after `--`; a negative number may
+        /// stand as it is).
+        #[arg(allow_negative_numbers = true)]
         input: Option<String>,
     },
     /// Submit a task and print only its id (`--call HANDLER [INPUT]`, or `-- CMD ARGS...`).
@@ -412,8 +415,14 @@ pub enum Command {
         /// Submit a call of this handler; the argument after it is its input (`-`: stdin).
         #[arg(long, value_name = "HANDLER")]
         call: Option<String>,
-        /// The command and its arguments, or the call's input with `--call`.
-        #[arg(trailing_var_arg = true, value_name = "CMD")]
+        /// The command and its arguments, or the call's input with `--call`
+        /// (an input starting with `-` goes after `--`, a negative number
+        /// may stand as it is).
+        #[arg(
+            trailing_var_arg = true,
+            allow_negative_numbers = true,
+            value_name = "CMD"
+        )]
         command: Vec<String>,
     },
     /// Show a job (the tasks of one Submit), follow it, or cancel it.
@@ -901,6 +910,29 @@ mod tests {
         }
         let args = parse_from(["weft", "submit", "--call", "echo", "-"]).unwrap();
         assert_eq!(trailing_command(args), ["-"]);
+        // A negative number is a call's input, not a flag.
+        let args = parse_from(["weft", "submit", "--call", "square", "-5"]).unwrap();
+        assert_eq!(trailing_command(args), ["-5"]);
+        let args = parse_from([
+            "weft",
+            "schedule",
+            "create",
+            "n",
+            "--cron",
+            "* * * * *",
+            "--call",
+            "square",
+            "-5",
+        ])
+        .unwrap();
+        assert_eq!(trailing_command(args), ["-5"]);
+        let Command::Call { input, .. } = parse_from(["weft", "call", "square", "-5"])
+            .unwrap()
+            .command
+        else {
+            panic!("a call");
+        };
+        assert_eq!(input.as_deref(), Some("-5"));
     }
 
     #[test]

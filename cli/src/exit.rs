@@ -135,15 +135,27 @@ pub fn for_error(err: &anyhow::Error) -> u8 {
 /// dialed: the settings are wrong, and dialing again will not help. The
 /// client reports the handshake as UNAVAILABLE, in the words
 /// `weft_proto::tls` explains these failures with (its `HandshakeFailure`
-/// `Untrusted` and `WrongName`).
+/// `Untrusted` and `WrongName`). With several addresses, every one must
+/// have failed that way: one coordinator down among them is unreachable.
 fn is_untrusted_certificate(message: &str) -> bool {
-    [
-        "the coordinator's certificate is not signed by the CA in ",
-        "the coordinator's certificate chain does not match ",
-        "the coordinator's certificate does not name ",
-    ]
-    .iter()
-    .any(|needle| message.contains(needle))
+    let untrusted = |text: &str| {
+        [
+            "the coordinator's certificate is not signed by the CA in ",
+            "the coordinator's certificate chain does not match ",
+            "the coordinator's certificate does not name ",
+        ]
+        .iter()
+        .any(|needle| text.contains(needle))
+    };
+    // Each address's failure begins with these words (`weft_client`).
+    let mut failures = message
+        .split("cannot reach coordinator at ")
+        .skip(1)
+        .peekable();
+    match failures.peek() {
+        Some(_) => failures.all(untrusted),
+        None => untrusted(message),
+    }
 }
 
 /// The coordinator records why an attempt could not start in the task's
@@ -306,6 +318,27 @@ mod tests {
             for_error(&refused(
                 "the coordinator at 10.0.0.1:7070 closed the connection during the TLS handshake"
             )),
+            UNAVAILABLE
+        );
+        // Several addresses: a usage error only when every one refused
+        // the certificate; one down among them is unreachable.
+        let several = |parts: &[&str]| {
+            let all: Vec<String> = parts
+                .iter()
+                .enumerate()
+                .map(|(i, why)| {
+                    format!("cannot reach coordinator at https://10.0.0.{i}:7070: {why}")
+                })
+                .collect();
+            anyhow::Error::new(Error::Unavailable(format!(
+                "no coordinator answered: {}",
+                all.join("; ")
+            )))
+        };
+        let untrusted = "the coordinator's certificate does not name 10.0.0.1";
+        assert_eq!(for_error(&several(&[untrusted, untrusted])), USAGE);
+        assert_eq!(
+            for_error(&several(&[untrusted, "connection refused"])),
             UNAVAILABLE
         );
     }

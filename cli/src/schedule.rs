@@ -76,7 +76,11 @@ pub enum ScheduleCommand {
         #[arg(long, value_name = "HANDLER")]
         call: Option<String>,
         /// The command and its arguments, or the call's input with `--call`.
-        #[arg(trailing_var_arg = true, value_name = "CMD")]
+        #[arg(
+            trailing_var_arg = true,
+            allow_negative_numbers = true,
+            value_name = "CMD"
+        )]
         command: Vec<String>,
     },
     /// List the schedules: next and last fire, last task, fires and skips. Needs scope read.

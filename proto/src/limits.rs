@@ -112,14 +112,16 @@ pub const MAX_NODE_HANDLERS: usize = 4096;
 pub const MAX_NODE_RESULTS_KEPT: usize = 10_000;
 
 /// Most entries of a node's `Register.running` that a coordinator with
-/// `--max-node-slots` `max_node_slots` takes: what a node may hold
-/// assigned at once (its slots and a prefetch capped at that limit, so
-/// twice it) and the finished results it keeps to send again
-/// ([`MAX_NODE_RESULTS_KEPT`]).
+/// `--max-node-slots` `max_node_slots` takes: twice what a node may hold
+/// assigned at once (its slots and a prefetch capped at that limit: the
+/// attempts it runs, and as many ended whose results were not sent yet)
+/// and the finished results it keeps to send again
+/// ([`MAX_NODE_RESULTS_KEPT`]). A node refused here stops, so the bound
+/// is loose: it only keeps a peer from listing without end.
 pub fn max_register_running(max_node_slots: u32) -> usize {
     usize::try_from(max_node_slots)
         .unwrap_or(usize::MAX)
-        .saturating_mul(2)
+        .saturating_mul(4)
         .saturating_add(MAX_NODE_RESULTS_KEPT)
 }
 

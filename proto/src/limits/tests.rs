@@ -211,9 +211,9 @@ fn a_register_is_held_to_the_name_label_and_handler_limits() {
 }
 
 #[test]
-fn a_register_lists_at_most_twice_the_slot_limit_and_the_kept_results_as_running() {
+fn a_register_lists_at_most_four_times_the_slot_limit_and_the_kept_results_as_running() {
     let max = 4;
-    let limit = 2 * 4 + MAX_NODE_RESULTS_KEPT;
+    let limit = 4 * 4 + MAX_NODE_RESULTS_KEPT;
     assert_eq!(max_register_running(max), limit);
     let running = |n: usize| pb::Register {
         running: vec![pb::AttemptRef::default(); n],
