@@ -181,34 +181,10 @@ fn lost_with_node(task: &Task) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use bytes::Bytes;
-
-    use weft_proto::{Attempt, TaskId};
-
     use super::*;
 
     fn task(state: TaskState) -> Task {
-        Task {
-            id: TaskId::new(),
-            spec: None,
-            state,
-            attempt: Attempt(1),
-            node_id: None,
-            node_name: None,
-            exit_code: None,
-            output: Bytes::new(),
-            error: String::new(),
-            pending_reason: String::new(),
-            failures: 0,
-            node_losses: 0,
-            created_at: None,
-            updated_at: None,
-            next_seq: 0,
-            last_outcome: None,
-            attempts: Vec::new(),
-            job_id: None,
-            waiting_for: Vec::new(),
-        }
+        crate::testing::task(state)
     }
 
     #[test]

@@ -1026,25 +1026,9 @@ mod tests {
 
     fn ended(state: TaskState) -> Task {
         Task {
-            id: TaskId::new(),
             spec: Some(TaskSpec::exec(["echo", "\x1b]0;pwn\x07"])),
-            state,
-            attempt: weft_proto::Attempt(1),
-            node_id: None,
-            node_name: None,
-            exit_code: None,
-            output: Default::default(),
             error: "boom\x1b[2J".into(),
-            pending_reason: String::new(),
-            failures: 0,
-            node_losses: 0,
-            created_at: None,
-            updated_at: None,
-            next_seq: 0,
-            last_outcome: None,
-            attempts: Vec::new(),
-            job_id: None,
-            waiting_for: Vec::new(),
+            ..crate::testing::task(state)
         }
     }
 

@@ -38,6 +38,8 @@ mod run;
 mod schedule;
 mod stream;
 mod task;
+#[cfg(test)]
+mod testing;
 mod token;
 mod top;
 

@@ -938,25 +938,11 @@ mod tests {
     #[test]
     fn the_failure_line_says_the_attempt_and_exit_code_once() {
         let task = Task {
-            id: TaskId::new(),
-            spec: None,
-            state: TaskState::Failed,
-            attempt: Attempt(1),
-            node_id: None,
             node_name: Some("n1".into()),
             exit_code: Some(3),
-            output: bytes::Bytes::new(),
             error: "exited with code 3 (attempt 1 of 1)".into(),
-            pending_reason: String::new(),
             failures: 1,
-            node_losses: 0,
-            created_at: None,
-            updated_at: None,
-            next_seq: 0,
-            last_outcome: None,
-            attempts: Vec::new(),
-            job_id: None,
-            waiting_for: Vec::new(),
+            ..crate::testing::task(TaskState::Failed)
         };
         let line = failure_line(&task).expect("failed");
         assert!(
@@ -1000,27 +986,12 @@ mod tests {
     #[test]
     fn the_failure_line_escapes_the_node_and_keeps_a_tracebacks_lines() {
         let task = Task {
-            id: TaskId::new(),
-            spec: None,
-            state: TaskState::Failed,
-            attempt: Attempt(1),
-            node_id: None,
             node_name: Some("n\x1b[2J".into()),
-            exit_code: None,
-            output: bytes::Bytes::new(),
             error: "KeyError: 'x\x1b[2J'\n\nTraceback (most recent call last):\n  \
                     File \"h.py\"\n"
                 .into(),
-            pending_reason: String::new(),
             failures: 1,
-            node_losses: 0,
-            created_at: None,
-            updated_at: None,
-            next_seq: 0,
-            last_outcome: None,
-            attempts: Vec::new(),
-            job_id: None,
-            waiting_for: Vec::new(),
+            ..crate::testing::task(TaskState::Failed)
         };
         let line = failure_line(&task).expect("failed");
         assert!(!line.contains('\x1b'), "{line}");

@@ -234,32 +234,15 @@ pub(crate) async fn read_input(input: Option<String>) -> anyhow::Result<Bytes> {
 
 #[cfg(test)]
 mod tests {
-    use weft_proto::{Attempt, TaskState};
+    use weft_proto::TaskState;
 
     use super::*;
 
     #[test]
     fn the_node_stopping_a_cancelled_task_is_named_escaped() {
         let task = Task {
-            id: TaskId::new(),
-            spec: None,
-            state: TaskState::Running,
-            attempt: Attempt(1),
-            node_id: None,
             node_name: Some("n\x1b]0;pwn\x07".into()),
-            exit_code: None,
-            output: Bytes::new(),
-            error: String::new(),
-            pending_reason: String::new(),
-            failures: 0,
-            node_losses: 0,
-            created_at: None,
-            updated_at: None,
-            next_seq: 0,
-            last_outcome: None,
-            attempts: Vec::new(),
-            job_id: None,
-            waiting_for: Vec::new(),
+            ..crate::testing::task(TaskState::Running)
         };
         let text = cancel_requested_text(&task);
         assert!(!text.contains('\x1b'), "{text}");
