@@ -49,6 +49,33 @@ pub enum NodeCertError {
 
 /// The public key of a PKCS#10 request whose self-signature verifies.
 fn requested_key(csr_der: &[u8]) -> Result<SubjectPublicKeyInfo, NodeCertError> {
+    let csr = verified_request(csr_der)?;
+    SubjectPublicKeyInfo::from_der(csr.certification_request_info.subject_pki.raw)
+        .map_err(|err| NodeCertError::BadRequest(format!("unsupported key: {err}")))
+}
+
+/// The public key (DER SubjectPublicKeyInfo) a PKCS#10 request asks for,
+/// as its bytes: what tells one key from another. Its signature is not
+/// checked here: issuing a certificate checks it.
+pub fn request_key_der(csr_der: &[u8]) -> Result<Vec<u8>, NodeCertError> {
+    let csr = parsed_request(csr_der)?;
+    Ok(csr.certification_request_info.subject_pki.raw.to_vec())
+}
+
+/// A PKCS#10 request of at most [`MAX_CSR_BYTES`], nothing after it,
+/// signed by its own key.
+fn verified_request(csr_der: &[u8]) -> Result<X509CertificationRequest<'_>, NodeCertError> {
+    let csr = parsed_request(csr_der)?;
+    csr.verify_signature().map_err(|err| {
+        NodeCertError::BadRequest(format!(
+            "the request's signature does not verify with its own key: {err}"
+        ))
+    })?;
+    Ok(csr)
+}
+
+/// A PKCS#10 request of at most [`MAX_CSR_BYTES`], nothing after it.
+fn parsed_request(csr_der: &[u8]) -> Result<X509CertificationRequest<'_>, NodeCertError> {
     let bad = |why: String| NodeCertError::BadRequest(why);
     if csr_der.is_empty() {
         return Err(bad("empty; send a PKCS#10 certificate request (DER)".into()));
@@ -64,13 +91,7 @@ fn requested_key(csr_der: &[u8]) -> Result<SubjectPublicKeyInfo, NodeCertError> 
     if !rest.is_empty() {
         return Err(bad("trailing bytes after the certificate request".into()));
     }
-    csr.verify_signature().map_err(|err| {
-        bad(format!(
-            "the request's signature does not verify with its own key: {err}"
-        ))
-    })?;
-    SubjectPublicKeyInfo::from_der(csr.certification_request_info.subject_pki.raw)
-        .map_err(|err| bad(format!("unsupported key: {err}")))
+    Ok(csr)
 }
 
 /// `cert_der` as PEM.

@@ -28,8 +28,6 @@ use std::time::SystemTime;
 
 use tonic::Status;
 
-use x509_parser::prelude::{FromDer, X509CertificationRequest};
-
 use weft_proto::convert::timestamp;
 use weft_proto::{NodeId, pb};
 
@@ -38,7 +36,7 @@ use crate::auth::{JoinRefused, TokenRecord};
 use crate::error::Error;
 use crate::identity::{join_node_id, repeats_join, validate_name};
 use crate::store::{NodeIdentityRecord, blocking};
-use crate::tls::node_cert::{MAX_CSR_BYTES, NodeCertError};
+use crate::tls::node_cert::{NodeCertError, request_key_der};
 
 /// Why a coordinator that does not authenticate nodes refuses `Join`
 /// (and join tokens), with what to do instead.
@@ -189,19 +187,7 @@ async fn join_now(api: &NodeApi, request: pb::JoinRequest) -> Result<pb::JoinRes
 /// asks for: what tells a repeated join. Its signature is checked when
 /// the certificate is issued, before any answer.
 fn requested_key(csr_der: &[u8]) -> Result<Vec<u8>, Status> {
-    let bad = |why: String| Status::invalid_argument(format!("csr_der: {why}"));
-    if csr_der.is_empty() {
-        return Err(bad("empty; send a PKCS#10 certificate request (DER)".into()));
-    }
-    if csr_der.len() > MAX_CSR_BYTES {
-        return Err(bad(format!(
-            "{} bytes, more than the {MAX_CSR_BYTES} a certificate request may have",
-            csr_der.len()
-        )));
-    }
-    let (_, csr) = X509CertificationRequest::from_der(csr_der)
-        .map_err(|err| bad(format!("not a PKCS#10 certificate request (DER): {err}")))?;
-    Ok(csr.certification_request_info.subject_pki.raw.to_vec())
+    request_key_der(csr_der).map_err(|err| Status::invalid_argument(err.to_string()))
 }
 
 /// The certificate of node `node_id` for the request's key.
